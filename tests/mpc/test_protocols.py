@@ -1,0 +1,79 @@
+"""Beaver products and truncation on raw share dicts, against plain torch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from veil.mpc.beaver import beaver_conv2d, beaver_matmul, beaver_mul
+from veil.mpc.opening import count_openings, reconstruct
+from veil.mpc.providers import LocalDealer
+from veil.mpc.sharing import split
+from veil.mpc.truncation import truncate_secureml, truncate_shares, truncate_with_pairs
+
+
+def shared(x, parties, gen=None):
+    return dict(zip(parties, split(x, len(parties), gen)))
+
+
+def test_beaver_mul_broadcast_one_round(parties, dealer):
+    x, y = torch.randint(-1000, 1000, (3, 1)), torch.randint(-1000, 1000, (1, 4))
+    with count_openings() as stats:
+        z = beaver_mul(shared(x, parties), shared(y, parties), dealer)
+    assert torch.equal(reconstruct(z), x * y)
+    n = len(parties)
+    assert stats.rounds == 1
+    assert stats.elements == (x.numel() + y.numel()) * n * (n - 1)
+
+
+def test_beaver_mul_wraps_like_ring(parties, dealer):
+    x = torch.randint(-(2**62), 2**62, (50,))
+    y = torch.randint(-(2**62), 2**62, (50,))
+    assert torch.equal(reconstruct(beaver_mul(shared(x, parties), shared(y, parties), dealer)), x * y)
+
+
+def test_beaver_matmul(parties, dealer):
+    x, y = torch.randint(-100, 100, (2, 5, 3)), torch.randint(-100, 100, (2, 3, 4))
+    assert torch.equal(reconstruct(beaver_matmul(shared(x, parties), shared(y, parties), dealer)), x @ y)
+
+
+def test_beaver_conv2d(parties, dealer):
+    x, w = torch.randint(-100, 100, (2, 3, 7, 7)), torch.randint(-100, 100, (4, 3, 3, 3))
+    z = beaver_conv2d(shared(x, parties), shared(w, parties), dealer, stride=2, padding=1)
+    assert torch.equal(reconstruct(z), F.conv2d(x, w, stride=2, padding=1))
+
+
+def test_mismatched_parties_rejected(dealer):
+    x = shared(torch.arange(3), ("a", "b"))
+    y = shared(torch.arange(3), ("a", "c"))
+    with pytest.raises(ValueError, match="different parties"):
+        beaver_mul(x, y, dealer)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.integers(-(2**40), 2**40), min_size=1, max_size=16),
+    divisor=st.sampled_from([2**16, 1000, 7, 2]),
+    n=st.sampled_from([2, 3, 4]),
+    seed=st.integers(0, 2**32),
+)
+def test_truncation_error_below_one(values, divisor, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.tensor(values)
+    parties = [f"p{i}" for i in range(n)]
+    z = reconstruct(truncate_shares(shared(x, parties, gen), divisor, LocalDealer(seed=seed)))
+    assert (z.double() - x.double() / divisor).abs().max() <= 1.0
+
+
+def test_truncation_methods(gen):
+    x = torch.randint(-(2**40), 2**40, (1000,))
+    two = shared(x, ("a", "b"), gen)
+    assert (reconstruct(truncate_secureml(two, 2**16)) - x // 2**16).abs().max() <= 1
+    three = shared(x, ("a", "b", "c"), gen)
+    with count_openings() as stats:
+        z_shares = truncate_with_pairs(three, 2**16, LocalDealer(seed=3))
+    z = reconstruct(z_shares)
+    assert (z - x // 2**16).abs().max() <= 1 and stats.rounds == 1
+    with pytest.raises(ValueError):
+        truncate_secureml(three, 4)

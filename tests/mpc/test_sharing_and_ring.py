@@ -1,0 +1,51 @@
+"""Ring sampling, splitting, opening and ring convolution."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from veil.mpc import ring
+from veil.mpc.errors import NotEncodedError
+from veil.mpc.opening import count_openings, reconstruct
+from veil.mpc.sharing import split
+
+
+def test_random_ring_covers_both_halves(gen):
+    for g in (gen, None):
+        r = ring.random_ring((4000,), g)
+        assert r.dtype == torch.int64
+        # about half negative; the top bit is uniform
+        assert 1700 < int((r < 0).sum()) < 2300
+        assert int(r.abs().max()) > 2**62
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_split_reconstructs(n, gen):
+    x = torch.randint(-(2**62), 2**62, (7, 3))
+    shares = split(x, n, gen)
+    assert len(shares) == n
+    assert torch.equal(reconstruct(dict(enumerate(shares))), x)
+
+
+def test_split_rejects_floats():
+    with pytest.raises(NotEncodedError, match="fix_precision"):
+        split(torch.randn(3), 2)
+
+
+def test_open_counts_rounds():
+    shares = dict(enumerate(split(torch.arange(6), 3)))
+    with count_openings() as stats:
+        reconstruct(shares)
+    assert stats.rounds == 1 and stats.elements == 6 * 3 * 2 and stats.bytes == 8 * 36
+
+
+@pytest.mark.parametrize("stride,padding,dilation,groups", [(1, 0, 1, 1), (2, 1, 1, 1), (1, 2, 2, 1), (1, 1, 1, 2)])
+def test_conv2d_fallback_matches_native(gen, stride, padding, dilation, groups):
+    x = ring.random_ring((2, 4, 9, 8), gen)
+    w = ring.random_ring((6, 4 // groups, 3, 3), gen)
+    fallback = ring._conv2d_unfold(x, w, stride, padding, dilation, groups)
+    expected = ring.conv2d(x, w, stride, padding, dilation, groups)
+    assert torch.equal(fallback, expected)
+    small_x, small_w = torch.randint(-50, 50, (2, 4, 9, 8)), torch.randint(-50, 50, (6, 4 // groups, 3, 3))
+    ref = F.conv2d(small_x.double(), small_w.double(), None, stride, padding, dilation, groups)
+    assert torch.equal(ring._conv2d_unfold(small_x, small_w, stride, padding, dilation, groups), ref.long())

@@ -1,0 +1,42 @@
+"""Command line: ``veil demo`` (and, as other subsystems land, ``veil worker``, ``veil bench``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str, help_: str, configure: Callable[[argparse.ArgumentParser], None] = lambda p: None):
+    def deco(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = (help_, configure, fn)
+        return fn
+
+    return deco
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--out", default="demo-out", help="folder for the training-curve plot")
+
+
+@command("demo", "train on Boston Housing held by two data owners, through pointers", _demo_args)
+def _demo(args: argparse.Namespace) -> int:
+    from veil.demo import run_demo
+
+    return run_demo(epochs=args.epochs, out_dir=args.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="veil", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_, configure, _) in COMMANDS.items():
+        configure(sub.add_parser(name, help=help_))
+    args = parser.parse_args(argv)
+    return COMMANDS[args.command][2](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Exceptions raised by veil, and the registry used to re-raise remote errors locally.
+
+A worker never lets an exception escape while handling a message: it replies with
+the exception's registered name and message, and the caller raises the same class
+here. Only names in ``REMOTE_ERRORS`` cross the wire, so a reply cannot make the
+caller instantiate arbitrary classes.
+"""
+
+from __future__ import annotations
+
+
+class VeilError(Exception):
+    """Base class of every error veil raises on purpose."""
+
+
+class SerializationError(VeilError):
+    """Bytes that are not a valid veil message (malformed, truncated, hostile)."""
+
+
+class VersionMismatchError(SerializationError):
+    """A message written in a wire-format version this worker does not speak."""
+
+
+class OperationNotAllowedError(VeilError):
+    """The operation is not in the worker's allowlist."""
+
+
+class ObjectNotFoundError(VeilError):
+    """No object with the requested id on the worker (freed, never sent, or guessed)."""
+
+
+class PermissionDeniedError(VeilError):
+    """The data owner's rules forbid this request (e.g. ``.get()`` of a private tensor)."""
+
+
+class WorkerMismatchError(VeilError):
+    """An operation mixes pointers to objects that live on different workers."""
+
+
+class WorkerNotFoundError(VeilError):
+    """A worker id that this worker does not know how to reach."""
+
+
+class RemoteExecutionError(VeilError):
+    """The allowlisted operation itself failed on the worker (bad shapes, dtypes, ...)."""
+
+
+class RevealError(VeilError):
+    """A local operation would need the remote value (e.g. ``bool(ptr)``); use ``.get()``."""
+
+
+class ConnectionLostError(VeilError):
+    """The connection to a remote worker failed or timed out."""
+
+
+class BudgetExceededError(PermissionDeniedError):
+    """A privacy budget would be exceeded by the request."""
+
+
+#: Errors a worker may report by name. Anything else is reported as RemoteExecutionError.
+REMOTE_ERRORS: dict[str, type[VeilError]] = {
+    cls.__name__: cls
+    for cls in (
+        VeilError,
+        SerializationError,
+        VersionMismatchError,
+        OperationNotAllowedError,
+        ObjectNotFoundError,
+        PermissionDeniedError,
+        WorkerMismatchError,
+        WorkerNotFoundError,
+        RemoteExecutionError,
+        RevealError,
+        ConnectionLostError,
+        BudgetExceededError,
+    )
+}
+
+
+def register_remote_error(cls: type[VeilError]) -> type[VeilError]:
+    """Lets a subsystem (DP, SMPC, HE) add an error class that may cross the wire."""
+    if not issubclass(cls, VeilError):
+        raise TypeError(f"{cls!r} must derive from VeilError to cross the wire")
+    REMOTE_ERRORS[cls.__name__] = cls
+    return cls
+
+
+def error_from_reply(name: str, message: str) -> VeilError:
+    """Builds the local exception for an error reply (unknown names stay generic)."""
+    cls = REMOTE_ERRORS.get(name, RemoteExecutionError)
+    return cls(message)

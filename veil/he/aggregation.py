@@ -1,0 +1,174 @@
+"""Encrypted aggregation of model updates for federated learning.
+
+Flow: each client calls :func:`encrypt_update` with the key holder's public
+key (Paillier) or public context (CKKS); the aggregator, which holds no
+secret key, calls :func:`aggregate_encrypted`; only the key holder can call
+:func:`decrypt_update`, and it sees nothing but the (weighted) sum.
+
+Every tensor is flattened before encryption so CKKS packs it densely (a
+weight matrix would otherwise take one ciphertext per row); shapes travel
+alongside in the clear, as they are not secret.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from veil.he import _wire_checks as chk
+from veil.he import wire
+from veil.he.api import encrypt
+from veil.he.errors import ShapeMismatchError, WireFormatError
+
+
+@dataclass
+class EncryptedUpdate:
+    """A client's (or the aggregate's) model update, encrypted tensor by tensor.
+
+    Attributes:
+        tensors: parameter name -> flattened encrypted tensor.
+        shapes: parameter name -> original shape.
+        dtypes: parameter name -> original dtype.
+        weight: total weight folded into ``tensors`` (1 per unweighted client,
+            or the sum of the weights given to :func:`aggregate_encrypted`).
+    """
+
+    tensors: dict[str, Any]
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    weight: float = 1.0
+
+
+def encrypt_update(
+    update: Mapping[str, torch.Tensor],
+    *,
+    protocol: str = "ckks",
+    public_key: Any = None,
+    context: Any = None,
+    precision: float | None = None,
+) -> EncryptedUpdate:
+    """Encrypt a model update (``name -> tensor``, e.g. a state dict delta).
+
+    Args:
+        update: the plaintext update.
+        protocol: ``"ckks"`` (needs ``context``, public is enough) or
+            ``"paillier"`` (needs ``public_key``).
+        precision: Paillier float precision (see :mod:`veil.he.paillier`).
+    """
+    kwargs: dict[str, Any]
+    if protocol == "ckks":
+        kwargs = {"context": context}
+    elif protocol == "paillier":
+        kwargs = {"public_key": public_key, "precision": precision}
+    else:
+        raise ValueError(f"unknown HE protocol {protocol!r} for aggregation")
+    tensors, shapes, dtypes = {}, {}, {}
+    for name, t in update.items():
+        t = t.detach().cpu()
+        # Aggregates are averages, so integer updates are encrypted as floats.
+        flat = t.reshape(-1) if t.is_floating_point() else t.reshape(-1).to(torch.get_default_dtype())
+        tensors[name] = encrypt(flat, protocol=protocol, **kwargs)
+        shapes[name] = tuple(t.shape)
+        dtypes[name] = flat.dtype
+    return EncryptedUpdate(tensors, shapes, dtypes, 1.0)
+
+
+def aggregate_encrypted(
+    updates: Sequence[EncryptedUpdate], weights: Sequence[float] | None = None
+) -> EncryptedUpdate:
+    """Sum encrypted updates, optionally weighted (e.g. by client sample counts).
+
+    Needs no secret key. Weights are public plaintexts; for CKKS a weighted
+    sum spends one multiplication level.
+
+    Raises:
+        ShapeMismatchError: updates disagree on parameter names or shapes.
+        veil.he.errors.KeyMismatchError: updates are under different keys (from the backend).
+    """
+    if not updates:
+        raise ValueError("aggregate_encrypted needs at least one update")
+    if weights is not None and len(weights) != len(updates):
+        raise ValueError(f"got {len(weights)} weights for {len(updates)} updates")
+    first = updates[0]
+    for u in updates[1:]:
+        if u.shapes != first.shapes:
+            raise ShapeMismatchError("updates disagree on parameter names or shapes")
+    total: dict[str, Any] = {}
+    for i, u in enumerate(updates):
+        w = None if weights is None else weights[i]
+        for name, t in u.tensors.items():
+            term = t if w is None else t * w
+            total[name] = term if name not in total else total[name] + term
+    # Inputs may be partial aggregates that already carry a folded weight.
+    if weights is None:
+        weight = float(sum(u.weight for u in updates))
+    else:
+        weight = float(sum(float(w) * u.weight for w, u in zip(weights, updates)))
+    return EncryptedUpdate(total, dict(first.shapes), dict(first.dtypes), weight)
+
+
+def decrypt_update(
+    aggregate: EncryptedUpdate, key: Any = None, *, average: bool = True
+) -> dict[str, torch.Tensor]:
+    """Decrypt an aggregate (key holder only).
+
+    Args:
+        aggregate: output of :func:`aggregate_encrypted`.
+        key: Paillier private key, or a CKKS context holding the secret key
+            (``None`` uses the CKKS tensors' own context).
+        average: divide by the aggregate's total weight (FedAvg); else return the sum.
+    """
+    out = {}
+    for name, t in aggregate.tensors.items():
+        plain = t.decrypt(key) if key is not None else t.decrypt()
+        plain = plain.to(torch.float64)
+        if average:
+            plain = plain / aggregate.weight
+        out[name] = plain.to(aggregate.dtypes.get(name, torch.float32)).reshape(aggregate.shapes[name])
+    return out
+
+
+def update_to_wire(u: EncryptedUpdate) -> dict:
+    """Msgpack-native form of an :class:`EncryptedUpdate`."""
+    return {
+        "he": "update",
+        "v": chk.WIRE_VERSION,
+        "weight": float(u.weight),
+        "params": [
+            {"name": n, "shape": list(u.shapes[n]), "dtype": chk.dtype_name(u.dtypes[n]), "data": wire.encode(t)}
+            for n, t in u.tensors.items()
+        ],
+    }
+
+
+def update_from_wire(d: dict, **options: Any) -> EncryptedUpdate:
+    """Inverse of :func:`update_to_wire`; ``options`` as for :func:`veil.he.wire.decode`."""
+    if not isinstance(d, dict) or d.get("he") != "update" or d.get("v") != chk.WIRE_VERSION:
+        raise WireFormatError("not an encrypted-update wire dict")
+    weight = chk.field(d, "weight", (float, int))
+    tensors, shapes, dtypes = {}, {}, {}
+    for p in chk.field(d, "params", list):
+        if not isinstance(p, dict):
+            raise WireFormatError("update params must be dicts")
+        name = chk.field(p, "name", str)
+        shapes[name], dtypes[name] = chk.shape(p), chk.dtype(p)
+        tensors[name] = wire.decode(chk.field(p, "data", dict), **options)
+        numel = 1
+        for s in shapes[name]:
+            numel *= s
+        if tuple(tensors[name].shape) != (numel,):
+            raise WireFormatError(f"parameter {name!r}: ciphertext count does not match its shape")
+    return EncryptedUpdate(tensors, shapes, dtypes, float(weight))
+
+
+__all__ = [
+    "EncryptedUpdate",
+    "aggregate_encrypted",
+    "decrypt_update",
+    "encrypt_update",
+    "update_from_wire",
+    "update_to_wire",
+]

@@ -1,0 +1,105 @@
+"""Wire format of CKKS contexts and tensors (TenSEAL's own serialization, no pickle).
+
+Context (public parts only; the secret key never goes on the wire)::
+
+    {"he": "ckks", "kind": "context", "v": 1, "data": <tenseal bytes>}
+
+Tensor::
+
+    {"he": "ckks", "kind": "tensor", "v": 1, "key_id": <32 bytes>,
+     "shape": [...], "dtype": "float32", "segments": [<tenseal bytes>, ...]}
+
+A tensor is loaded against a context: the one passed to
+:func:`tensor_from_wire`, else one this process received with
+:func:`context_from_wire` (looked up by ``key_id``). Contexts learned from
+the wire are public, so a worker can compute on what it receives but not
+decrypt it.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import tenseal as ts
+
+from veil.he import _wire_checks as chk
+from veil.he.ckks import CKKSContext, CKKSTensor, _tenseal_errors
+from veil.he.errors import HEError, KeyMismatchError, WireFormatError
+
+BACKEND = "ckks"
+
+# key_id -> public context received from the wire (weak: dropped with its last user).
+_received: weakref.WeakValueDictionary[bytes, CKKSContext] = weakref.WeakValueDictionary()
+_received_lock = threading.Lock()
+
+
+def context_to_wire(ctx: CKKSContext) -> dict:
+    """Public context (keys for encryption, relinearization, rotations; no secret key)."""
+    return {"he": BACKEND, "kind": "context", "v": chk.WIRE_VERSION, "data": ctx.serialize(secret_key=False)}
+
+
+def context_from_wire(d: dict) -> CKKSContext:
+    """Load a public context and remember it for later tensors with its ``key_id``."""
+    chk.header(d, BACKEND, "context")
+    data = chk.field(d, "data", bytes)
+    try:
+        ctx = CKKSContext.from_bytes(data)
+    except HEError as exc:
+        raise WireFormatError(f"invalid CKKS context bytes: {exc}") from exc
+    if ctx.has_secret_key:
+        # We never send secret keys; refuse to hold one that arrived anyway.
+        ctx = ctx.public()
+    with _received_lock:
+        _received[ctx.key_id] = ctx
+    return ctx
+
+
+def tensor_to_wire(t: CKKSTensor) -> dict:
+    return {
+        "he": BACKEND,
+        "kind": "tensor",
+        "v": chk.WIRE_VERSION,
+        "key_id": t.context.key_id,
+        "shape": list(t.shape),
+        "dtype": chk.dtype_name(t.dtype),
+        "segments": [s.serialize() for s in t.segments],
+    }
+
+
+def tensor_from_wire(d: dict, context: CKKSContext | None = None) -> CKKSTensor:
+    """Rebuild a :class:`CKKSTensor` under ``context`` (or a context received earlier).
+
+    Raises:
+        WireFormatError: malformed dict, unknown context, or invalid ciphertext bytes.
+        KeyMismatchError: ``context`` is not the one the tensor was encrypted under.
+    """
+    chk.header(d, BACKEND, "tensor")
+    key_id = chk.field(d, "key_id", bytes)
+    shape, dtype = chk.shape(d), chk.dtype(d)
+    numel = 1
+    for s in shape:
+        numel *= s
+    blobs = chk.field(d, "segments", list)
+    if len(blobs) > max(numel, 1) or not all(isinstance(b, bytes) for b in blobs):
+        raise WireFormatError("CKKS 'segments' must be a list of at most numel byte strings")
+    if context is None:
+        with _received_lock:
+            context = _received.get(key_id)
+        if context is None:
+            raise WireFormatError("CKKS tensor refers to a context this process has not received")
+    elif not isinstance(context, CKKSContext):
+        raise TypeError("context must be a veil CKKSContext")
+    if context.key_id != key_id:
+        raise KeyMismatchError("the received CKKS tensor was encrypted under another context")
+    segments = []
+    try:
+        with _tenseal_errors("ciphertext deserialization"):
+            for b in blobs:
+                segments.append(ts.ckks_vector_from(context.raw, b))
+    except HEError as exc:
+        raise WireFormatError(f"invalid CKKS ciphertext bytes: {exc}") from exc
+    sizes = [s.size() for s in segments]
+    if sum(sizes) != numel or any(sz > context.slots or sz < 1 for sz in sizes):
+        raise WireFormatError("CKKS segment sizes do not add up to the tensor's shape")
+    return CKKSTensor(context, segments, shape, dtype)

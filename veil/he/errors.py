@@ -1,0 +1,49 @@
+"""Exceptions raised by the homomorphic-encryption layer.
+
+Every class derives from :class:`HEError`; the ones about bad input also derive
+from :class:`ValueError` (or :class:`TypeError`) so that generic callers, such
+as the core's deserializer, can catch them without importing this module.
+Messages name what is wrong but never include key material or plaintexts.
+"""
+
+from __future__ import annotations
+
+
+class HEError(Exception):
+    """Base class of every error raised by ``veil.he``."""
+
+
+class WrongKeyError(HEError, ValueError):
+    """A ciphertext was decrypted with a key (or context) it was not made under."""
+
+
+class KeyMismatchError(HEError, ValueError):
+    """Two ciphertexts under different keys or contexts were combined."""
+
+
+class MissingSecretKeyError(HEError, ValueError):
+    """Decryption was asked of a party that holds no secret key."""
+
+
+class UnsupportedOperationError(HEError, TypeError):
+    """The scheme cannot compute this operation (e.g. Paillier ciphertext x ciphertext)."""
+
+
+class DepthExhaustedError(HEError, ArithmeticError):
+    """A CKKS ciphertext has no multiplicative levels (or scale) left for this operation."""
+
+
+class EncodingOverflowError(HEError, OverflowError):
+    """A value does not fit in the plaintext space (too large for the key or the dtype)."""
+
+
+class ShapeMismatchError(HEError, ValueError):
+    """Operands have shapes or ciphertext layouts that cannot be combined."""
+
+
+class WireFormatError(HEError, ValueError):
+    """A wire dictionary is malformed, of an unknown kind, or fails validation."""
+
+
+class CKKSOperationError(HEError, RuntimeError):
+    """TenSEAL refused a CKKS operation for a reason other than exhausted depth."""

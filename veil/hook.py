@@ -1,0 +1,73 @@
+"""TorchHook: adds veil's verbs to torch classes. It replaces nothing.
+
+Every attachment is listed in ``ATTACHMENTS`` (class, name, function); attaching
+refuses any name torch already defines, so native behaviour (including
+``torch.jit.script`` and ``torch.compile``) is untouched. Extensions (SMPC, HE,
+federated datasets) add entries with :func:`register_attachment` before the hook
+is created.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from veil import api, module_api
+from veil.workers.registry import HookContext, set_default_hook_context
+
+#: (class, attribute name, function). Explicit: one line per verb.
+ATTACHMENTS: list[tuple[type, str, Callable[..., Any]]] = [
+    (torch.Tensor, "send", api.send),
+    (torch.Tensor, "tag", api.tag),
+    (torch.Tensor, "describe", api.describe),
+    (torch.Tensor, "private_tensor", api.private_tensor),
+    (nn.Module, "send", api.send),
+    (nn.Module, "get", module_api.get_module),
+    (nn.Module, "copy", module_api.copy_module),
+    (nn.Module, "move", module_api.move_module),
+]
+
+#: attributes veil itself attached (so that a second hook is a no-op, not a conflict)
+_ATTACHED: dict[tuple[type, str], Callable[..., Any]] = {}
+
+
+def register_attachment(cls: type, name: str, func: Callable[..., Any]) -> None:
+    """Adds a verb (e.g. ``fix_precision``) to be attached by TorchHook."""
+    ATTACHMENTS.append((cls, name, func))
+    if _ATTACHED:  # a hook already exists: attach now
+        _attach(cls, name, func)
+
+
+def _attach(cls: type, name: str, func: Callable[..., Any]) -> None:
+    key = (cls, name)
+    if key in _ATTACHED:
+        return
+    if hasattr(cls, name):
+        raise RuntimeError(f"{cls.__qualname__}.{name} exists in torch; veil never replaces native attributes")
+    setattr(cls, name, func)
+    _ATTACHED[key] = func
+
+
+class TorchHook(HookContext):
+    """``hook = sy.TorchHook(torch)``: attaches veil's methods and holds the worker registry.
+
+    Args:
+        torch_module: the ``torch`` module (kept for PySyft compatibility).
+        local_worker: the worker that owns the user's pointers (default: a
+            VirtualWorker named ``"me"``).
+    """
+
+    def __init__(self, torch_module: Any = torch, local_worker: Any = None, **_ignored: Any) -> None:
+        super().__init__()
+        if torch_module is not torch:
+            raise ValueError("TorchHook expects the torch module")
+        self.torch = torch_module
+        for cls, name, func in ATTACHMENTS:
+            _attach(cls, name, func)
+        if local_worker is not None:
+            self._local_worker = local_worker
+            self.register_worker(local_worker)
+        set_default_hook_context(self)
+        _ = self.local_worker  # create "me" now so it is in the registry

@@ -1,0 +1,318 @@
+"""The only module that knows veil's wire format.
+
+A message is a msgpack array ``[version, type, sender, deletes, *fields]``.
+Values that msgpack does not know natively travel as msgpack *ext* types with a
+code from ``EXT_CODES``; tensors are ``[dtype name, shape, requires_grad, raw
+little-endian bytes]``. Decoding never runs code: no pickle, no ``torch.load``;
+dtypes come from a fixed table, shapes and byte lengths are checked before any
+allocation, and every failure becomes a :class:`SerializationError`.
+
+Extensions (pointers, HE ciphertexts, shared tensors) register an encoder for
+their Python type and a decoder for their ext code with :func:`register_ext`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import msgpack
+import torch
+
+from veil.exceptions import SerializationError, VersionMismatchError
+from veil.messaging.messages import FIELD_NAMES, MESSAGE_TYPES, Descriptor, ObjectRef, StoredObject
+
+WIRE_VERSION = 1
+MAX_DIMS = 64
+
+if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for
+    raise ImportError("veil's wire format assumes a little-endian host")
+
+DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "complex64": torch.complex64,
+    "complex128": torch.complex128,
+    "uint8": torch.uint8,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+class EXT_CODES:
+    TENSOR = 1
+    POINTER = 2
+    REF = 3
+    SLICE = 4
+    ELLIPSIS = 5
+    DTYPE = 6
+    TUPLE = 7
+    DEVICE = 8
+    SIZE = 9
+    DESCRIPTOR = 10
+    STORED_OBJECT = 11
+    # 20..39: extensions (HE ciphertexts, shared tensors, plans)
+
+
+@dataclass
+class DecodeContext:
+    """What decoding needs from the receiving side (to rebuild pointers it will own)."""
+
+    make_pointer: Callable[..., Any] | None = None
+
+
+# ------------------------------------------------------------------ tensors
+
+
+def encode_tensor(t: torch.Tensor) -> bytes:
+    """A dense CPU tensor as ``[dtype, shape, requires_grad, raw bytes]``."""
+    if t.layout != torch.strided:
+        raise SerializationError(f"cannot serialize a {t.layout} tensor (only dense tensors)")
+    if t.dtype not in DTYPE_NAMES:
+        raise SerializationError(f"cannot serialize dtype {t.dtype}")
+    data = t.detach()
+    if data.device.type != "cpu":
+        data = data.cpu()
+    data = data.contiguous()
+    raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""
+    return msgpack.packb([DTYPE_NAMES[t.dtype], list(t.shape), bool(t.requires_grad), raw])
+
+
+def tensor_spec(dtype_name: Any, shape: Any) -> tuple[torch.dtype, list[int]]:
+    """Validates a (dtype name, shape) pair from the wire."""
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        raise SerializationError(f"unknown tensor dtype {dtype_name!r}")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS:
+        raise SerializationError(f"tensor shape must be a list of at most {MAX_DIMS} sizes")
+    for d in shape:
+        if type(d) is not int or d < 0:
+            raise SerializationError(f"invalid tensor dimension {d!r} in shape {shape!r}")
+    return DTYPES[dtype_name], shape
+
+
+def decode_tensor(payload: bytes) -> torch.Tensor:
+    fields_ = msgpack.unpackb(payload, raw=False)
+    if not isinstance(fields_, list) or len(fields_) != 4:
+        raise SerializationError("tensor payload must be [dtype, shape, requires_grad, bytes]")
+    dtype_name, shape, requires_grad, raw = fields_
+    dtype, shape = tensor_spec(dtype_name, shape)
+    if not isinstance(raw, bytes) or not isinstance(requires_grad, bool):
+        raise SerializationError("tensor payload has a wrong field type")
+    numel = math.prod(shape)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(raw) != numel * itemsize:
+        raise SerializationError(
+            f"tensor of shape {shape} and dtype {dtype_name} needs {numel * itemsize} bytes, got {len(raw)}"
+        )
+    if numel == 0:
+        t = torch.empty(shape, dtype=dtype)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
+    if requires_grad:
+        if not (t.is_floating_point() or t.is_complex()):
+            raise SerializationError(f"requires_grad is only valid for float tensors, not {dtype_name}")
+        t.requires_grad_(True)
+    return t
+
+
+# ----------------------------------------------------------- ext registry
+
+Encoder = Callable[[Any], tuple[int, bytes]]
+Decoder = Callable[[bytes, DecodeContext], Any]
+
+_ENCODERS: dict[type, Encoder] = {}
+_DECODERS: dict[int, Decoder] = {}
+
+
+def register_ext(code: int, types: tuple[type, ...], encode: Callable[[Any], bytes], decode: Decoder) -> None:
+    """Teaches the wire format a new type (explicit registry, one entry per type)."""
+    if code in _DECODERS:
+        raise ValueError(f"ext code {code} is already registered")
+    _DECODERS[code] = decode
+    for tp in types:
+        _ENCODERS[tp] = lambda obj, _c=code, _e=encode: (_c, _e(obj))
+
+
+def _pack(value: Any) -> bytes:
+    return msgpack.packb(value, default=_default, strict_types=True, use_bin_type=True)
+
+
+def _unpack(payload: bytes, ctx: DecodeContext) -> Any:
+    return msgpack.unpackb(
+        payload, raw=False, strict_map_key=False, ext_hook=lambda c, d: _ext_hook(c, d, ctx)
+    )
+
+
+def _default(obj: Any) -> msgpack.ExtType:
+    encoder = _ENCODERS.get(type(obj))
+    if encoder is None:
+        for tp, enc in _ENCODERS.items():  # subclasses (nn.Parameter, namedtuples)
+            if isinstance(obj, tp):
+                encoder = enc
+                break
+    if encoder is None:
+        raise SerializationError(f"cannot serialize object of type {type(obj).__name__}")
+    code, payload = encoder(obj)
+    return msgpack.ExtType(code, payload)
+
+
+_CTX_SENTINEL = DecodeContext()
+
+
+def _ext_hook(code: int, data: bytes, ctx: DecodeContext) -> Any:
+    decoder = _DECODERS.get(code)
+    if decoder is None:
+        raise SerializationError(f"unknown ext type code {code}")
+    return decoder(data, ctx)
+
+
+def _list_payload(data: bytes, ctx: DecodeContext, n: int | None = None) -> list:
+    value = _unpack(data, ctx)
+    if not isinstance(value, list) or (n is not None and len(value) != n):
+        raise SerializationError("malformed ext payload")
+    return value
+
+
+def _decode_slice(data: bytes, ctx: DecodeContext) -> slice:
+    parts = _list_payload(data, ctx, 3)
+    for p in parts:
+        if p is not None and type(p) is not int:
+            raise SerializationError(f"slice bounds must be int or None, got {p!r}")
+    return slice(*parts)
+
+
+def _decode_ref(data: bytes, ctx: DecodeContext) -> ObjectRef:
+    value = _unpack(data, ctx)
+    if type(value) is not int:
+        raise SerializationError("object reference must be an integer id")
+    return ObjectRef(value)
+
+
+def _decode_dtype(data: bytes, ctx: DecodeContext) -> torch.dtype:
+    name = _unpack(data, ctx)
+    if name not in DTYPES:
+        raise SerializationError(f"unknown dtype {name!r}")
+    return DTYPES[name]
+
+
+def _decode_device(data: bytes, ctx: DecodeContext) -> torch.device:
+    name = _unpack(data, ctx)
+    if name not in ("cpu", "meta"):
+        raise SerializationError(f"device {name!r} not accepted")
+    return torch.device(name)
+
+
+def _decode_size(data: bytes, ctx: DecodeContext) -> torch.Size:
+    dims = _list_payload(data, ctx)
+    if not all(type(d) is int for d in dims):
+        raise SerializationError("torch.Size must hold integers")
+    return torch.Size(dims)
+
+
+def _decode_descriptor(data: bytes, ctx: DecodeContext) -> Descriptor:
+    oid, shape, dtype, rg, tags, desc = _list_payload(data, ctx, 6)
+    tensor_spec(dtype, list(shape) if isinstance(shape, (list, tuple)) else shape)
+    return Descriptor(oid, tuple(shape), dtype, bool(rg), tuple(tags), desc)
+
+
+def _decode_stored(data: bytes, ctx: DecodeContext) -> StoredObject:
+    oid, obj, tags, desc, allowed = _list_payload(data, ctx, 5)
+    if type(oid) is not int or not isinstance(tags, list) or not isinstance(desc, str):
+        raise SerializationError("malformed stored object")
+    if allowed is not None and not (isinstance(allowed, list) and all(isinstance(u, str) for u in allowed)):
+        raise SerializationError("allowed_users must be a list of user ids")
+    return StoredObject(oid, obj, tuple(tags), desc, tuple(allowed) if allowed is not None else None)
+
+
+register_ext(EXT_CODES.TENSOR, (torch.Tensor,), encode_tensor, lambda d, ctx: decode_tensor(d))
+register_ext(EXT_CODES.REF, (ObjectRef,), lambda r: _pack(r.id), _decode_ref)
+register_ext(EXT_CODES.SLICE, (slice,), lambda s: _pack([s.start, s.stop, s.step]), _decode_slice)
+register_ext(EXT_CODES.ELLIPSIS, (type(Ellipsis),), lambda e: b"", lambda d, ctx: Ellipsis)
+register_ext(EXT_CODES.DTYPE, (torch.dtype,), lambda dt: _pack(DTYPE_NAMES[dt]), _decode_dtype)
+register_ext(EXT_CODES.SIZE, (torch.Size,), lambda s: _pack(list(s)), _decode_size)
+register_ext(EXT_CODES.TUPLE, (tuple,), lambda t: _pack(list(t)), lambda d, ctx: tuple(_list_payload(d, ctx)))
+register_ext(EXT_CODES.DEVICE, (torch.device,), lambda dev: _pack(str(dev.type)), _decode_device)
+register_ext(
+    EXT_CODES.DESCRIPTOR,
+    (Descriptor,),
+    lambda x: _pack([x.id, list(x.shape), x.dtype, x.requires_grad, list(x.tags), x.description]),
+    _decode_descriptor,
+)
+register_ext(
+    EXT_CODES.STORED_OBJECT,
+    (StoredObject,),
+    lambda s: _pack(
+        [s.id, s.obj, list(s.tags), s.description, None if s.allowed_users is None else list(s.allowed_users)]
+    ),
+    _decode_stored,
+)
+# Order matters for isinstance fallback: torch.Size before tuple.
+_ENCODERS = {torch.Size: _ENCODERS.pop(torch.Size), **_ENCODERS}
+
+
+# --------------------------------------------------------------- messages
+
+
+def serialize(msg: Any, sender: str = "", deletes: list[int] | None = None) -> bytes:
+    """Encodes a message dataclass (with piggybacked pointer deletions)."""
+    cls = type(msg)
+    names = FIELD_NAMES.get(cls)
+    if names is None:
+        raise SerializationError(f"{cls.__name__} is not a registered message type")
+    try:
+        return _pack([WIRE_VERSION, cls.TYPE, sender, deletes or [], *[getattr(msg, n) for n in names]])
+    except SerializationError:
+        raise
+    except (TypeError, ValueError, OverflowError) as e:
+        raise SerializationError(f"cannot serialize {cls.__name__}: {e}") from e
+
+
+def deserialize(data: bytes, ctx: DecodeContext | None = None) -> tuple[Any, str, list[int]]:
+    """Decodes bytes into ``(message, sender, deletes)``; any failure is a SerializationError."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise SerializationError(f"expected bytes, got {type(data).__name__}")
+    try:
+        value = _unpack(data, ctx or _CTX_SENTINEL)
+    except SerializationError:
+        raise
+    except Exception as e:  # msgpack raises many types on hostile input; normalize them
+        raise SerializationError(f"malformed message: {type(e).__name__}: {e}") from e
+    if not isinstance(value, list) or len(value) < 4:
+        raise SerializationError("a message must be an array [version, type, sender, deletes, ...]")
+    version, type_code, sender, deletes, *field_values = value
+    if version != WIRE_VERSION:
+        raise VersionMismatchError(f"wire-format version {version!r} is not supported (this worker speaks {WIRE_VERSION})")
+    cls = MESSAGE_TYPES.get(type_code) if type(type_code) is int else None
+    if cls is None:
+        raise SerializationError(f"unknown message type {type_code!r}")
+    names = FIELD_NAMES[cls]
+    if len(field_values) != len(names):
+        raise SerializationError(f"{cls.__name__} takes {len(names)} fields, got {len(field_values)}")
+    if not isinstance(sender, str) or not isinstance(deletes, list) or not all(type(i) is int for i in deletes):
+        raise SerializationError("message sender must be a string and deletes a list of ids")
+    return cls(*field_values), sender, deletes
+
+
+def encode_value(value: Any) -> bytes:
+    """Encodes a bare value (tests, plans, persistence)."""
+    return _pack(value)
+
+
+def decode_value(data: bytes, ctx: DecodeContext | None = None) -> Any:
+    try:
+        return _unpack(data, ctx or _CTX_SENTINEL)
+    except SerializationError:
+        raise
+    except Exception as e:
+        raise SerializationError(f"malformed value: {type(e).__name__}: {e}") from e

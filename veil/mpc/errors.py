@@ -1,0 +1,44 @@
+"""Exceptions raised by veil's secure-computation layers.
+
+Each exception names *what* is wrong so that a user mixing incompatible
+tensors gets an actionable message instead of a silent wrong answer.
+"""
+
+
+class MPCError(Exception):
+    """Base class for errors raised by :mod:`veil.mpc` and the tensor chain."""
+
+
+class EncodingOverflowError(MPCError, OverflowError):
+    """A value (or an intermediate product) does not fit the Z/2^64 ring.
+
+    Raised by encoding and by plaintext fixed-precision arithmetic, where the
+    magnitudes are visible. On secret-shared values the magnitudes are hidden,
+    so only the documented safe ranges protect the computation.
+    """
+
+
+class ShareMismatchError(MPCError, ValueError):
+    """Two shared tensors are split among different parties or providers."""
+
+
+class NotEncodedError(MPCError, ValueError):
+    """A floating-point value was used where a ring (integer) value is needed.
+
+    Secret sharing works over the integers mod 2^64; floats must first be
+    encoded with ``fix_precision``. (A ValueError, not a TypeError: torch's
+    binary operators turn a TypeError into ``NotImplemented`` and the message
+    would be lost.)
+    """
+
+
+class PrecisionMismatchError(MPCError, ValueError):
+    """Two fixed-precision tensors use different bases or fractional precisions."""
+
+
+class UnsupportedOperationError(MPCError, NotImplementedError):
+    """No rule says how to run this torch operation on this tensor type."""
+
+
+class ProviderError(MPCError, ValueError):
+    """A crypto provider was asked for material it cannot produce."""

@@ -1,0 +1,53 @@
+"""The interface of sources of correlated randomness (crypto providers).
+
+A provider is a party that deals correlated secret-shared randomness and sees
+no data. Returned shares are handles supporting torch ops: plain tensors for
+an in-process dealer, pointers to the parties' workers for a remote one.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Hashable, Mapping, Sequence
+
+import torch
+
+PartyShares = Mapping[Hashable, tuple]
+
+
+class Provider(abc.ABC):
+    """Deals correlated randomness for the protocols in :mod:`veil.mpc`."""
+
+    @abc.abstractmethod
+    def beaver_triples(
+        self,
+        op: str,
+        shape_a: Sequence[int],
+        shape_b: Sequence[int],
+        parties: Sequence[Hashable],
+        **op_kwargs,
+    ) -> Mapping[Hashable, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Deals a Beaver triple ``c = op(a, b)`` for a bilinear op.
+
+        Args:
+            op: A name in :data:`veil.mpc.ring.BILINEAR_OPS` ("mul", "matmul",
+                "mm", "bmm", "conv2d").
+            shape_a: Shape of the left operand.
+            shape_b: Shape of the right operand.
+            parties: Party ids, in share order.
+            **op_kwargs: Extra arguments of ``op`` (e.g. conv stride/padding).
+
+        Returns:
+            party -> (a_i, b_i, c_i), additive shares of uniform ``a``, ``b``
+            and of ``c = op(a, b)``.
+        """
+
+    @abc.abstractmethod
+    def truncation_pairs(
+        self, shape: Sequence[int], divisor: int, parties: Sequence[Hashable]
+    ) -> Mapping[Hashable, tuple[torch.Tensor, torch.Tensor]]:
+        """Deals shares of ``(r, floor(r / divisor))`` for uniform ``r``.
+
+        Returns:
+            party -> (r_i, q_i) with sum r_i = r and sum q_i = floor(r/divisor).
+        """

@@ -1,0 +1,58 @@
+"""An in-process trusted dealer, for tests and single-process simulation."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Hashable, Optional, Sequence
+
+import torch
+
+from veil.mpc.providers.base import Provider
+from veil.mpc.ring import bilinear, random_ring
+from veil.mpc.sharing import split
+
+
+class LocalDealer(Provider):
+    """Generates correlated randomness in the current process.
+
+    Whoever runs the dealer could learn everything, so it stands in for a
+    separate crypto-provider party only in tests and simulations.
+
+    Args:
+        seed: Seed for reproducible runs. If None, the generator is seeded
+            from ``secrets.randbits`` (OS entropy). torch's generator is a
+            Mersenne Twister, not a cryptographic PRG.
+        name: Label used in reprs and error messages.
+    """
+
+    def __init__(self, seed: Optional[int] = None, name: str = "local_dealer") -> None:
+        self.name = name
+        self._generator = torch.Generator()
+        self._generator.manual_seed(secrets.randbits(63) if seed is None else seed)
+        self.dealt = {"beaver": 0, "truncation": 0}
+
+    def __repr__(self) -> str:
+        return f"LocalDealer(name={self.name!r})"
+
+    def _split(self, value: torch.Tensor, parties: Sequence[Hashable]) -> list[torch.Tensor]:
+        return split(value, len(parties), self._generator)
+
+    def beaver_triples(self, op, shape_a, shape_b, parties, **op_kwargs):
+        fn = bilinear(op)
+        a = random_ring(shape_a, self._generator)
+        b = random_ring(shape_b, self._generator)
+        c = fn(a, b, **op_kwargs)
+        self.dealt["beaver"] += 1
+        triples = zip(self._split(a, parties), self._split(b, parties), self._split(c, parties))
+        return dict(zip(parties, triples))
+
+    def truncation_pairs(self, shape, divisor, parties):
+        if divisor <= 0:
+            raise ValueError(f"divisor must be positive, got {divisor}")
+        r = random_ring(shape, self._generator)
+        q = torch.div(r, divisor, rounding_mode="floor")
+        self.dealt["truncation"] += 1
+        return dict(zip(parties, zip(self._split(r, parties), self._split(q, parties))))
+
+
+__all__ = ["LocalDealer"]

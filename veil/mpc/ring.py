@@ -1,0 +1,112 @@
+"""The ring Z/2^64, stored as ``torch.int64``.
+
+torch's int64 arithmetic wraps around on overflow (two's complement), which
+is exactly arithmetic modulo 2^64 with the signed representatives
+``[-2^63, 2^63)``. Every secret share and every fixed-point value lives here.
+
+All helpers below use ordinary torch operations only, so that they also run
+unchanged on remote tensors (pointers) that forward torch ops to a worker.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+RING_BITS = 64
+RING_SIZE = 1 << RING_BITS
+INT64_MIN = -(1 << 63)
+INT64_MAX = (1 << 63) - 1
+DTYPE = torch.int64
+
+
+def random_ring(shape: Sequence[int], generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Samples a tensor uniformly from Z/2^64.
+
+    Args:
+        shape: Output shape.
+        generator: If given, a seeded ``torch.Generator`` (reproducible, but
+            Mersenne Twister is not a cryptographic PRG: tests only). If None,
+            the bytes come from ``os.urandom``, the operating system's CSPRNG.
+
+    Returns:
+        An int64 tensor whose entries are uniform over all 2^64 values.
+    """
+    shape = tuple(int(s) for s in shape)
+    if generator is not None:
+        # from=INT64_MIN with to=None selects torch's full 64-bit range sampler.
+        return torch.empty(shape, dtype=DTYPE).random_(INT64_MIN, None, generator=generator)
+    numel = 1
+    for s in shape:
+        numel *= s
+    if numel == 0:
+        return torch.empty(shape, dtype=DTYPE)
+    raw = bytearray(os.urandom(8 * numel))
+    return torch.frombuffer(raw, dtype=DTYPE).reshape(shape)
+
+
+def wrap_int(value: int) -> int:
+    """Maps a Python integer to its signed representative in Z/2^64."""
+    return (int(value) - INT64_MIN) % RING_SIZE + INT64_MIN
+
+
+def _conv2d_unfold(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups) -> torch.Tensor:
+    """int64 conv2d from padding, ``Tensor.unfold`` and matmul.
+
+    Used only where the installed torch has no integer convolution kernel
+    (older releases); every op here exists for int64 on CPU.
+    """
+    stride, padding, dilation = (_pair(v) for v in (stride, padding, dilation))
+    x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    n, c_in, h, wd = x.shape
+    c_out, c_per_group, kh, kw = w.shape
+    span_h, span_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
+    # patches: (n, c_in, out_h, out_w, span_h, span_w), then keep dilated taps.
+    patches = x.unfold(2, span_h, stride[0]).unfold(3, span_w, stride[1])
+    patches = patches[..., :: dilation[0], :: dilation[1]]
+    out_h, out_w = patches.shape[2], patches.shape[3]
+    patches = patches.reshape(n, groups, c_per_group, out_h, out_w, kh * kw)
+    patches = patches.permute(0, 1, 3, 4, 2, 5).reshape(n, groups, out_h * out_w, c_per_group * kh * kw)
+    kernels = w.reshape(groups, c_out // groups, c_per_group * kh * kw).transpose(1, 2)
+    out = torch.matmul(patches, kernels.unsqueeze(0))  # (n, groups, L, c_out/groups)
+    return out.permute(0, 1, 3, 2).reshape(n, c_out, out_h, out_w)
+
+
+def _pair(v) -> tuple:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def conv2d(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
+    """2-D convolution in Z/2^64 (no bias).
+
+    Recent torch builds convolve int64 on CPU natively with wrap-around; for
+    older ones an unfold+matmul fallback gives the identical ring result.
+    """
+    try:
+        return F.conv2d(x, w, None, stride, padding, dilation, groups)
+    except (RuntimeError, NotImplementedError) as exc:
+        if "Long" not in str(exc) and "not implemented" not in str(exc):
+            raise
+        return _conv2d_unfold(x, w, stride, padding, dilation, groups)
+
+
+# Bilinear ops op(a, b) usable with Beaver triples: op(a + a', b) = op(a, b) +
+# op(a', b) and likewise in b. The names are the ``op`` argument of providers.
+BILINEAR_OPS: dict[str, Callable[..., torch.Tensor]] = {
+    "mul": torch.mul,
+    "matmul": torch.matmul,
+    "mm": torch.mm,
+    "bmm": torch.bmm,
+    "conv2d": conv2d,
+}
+
+
+def bilinear(op: str) -> Callable[..., torch.Tensor]:
+    """Returns the ring implementation of a bilinear op by name."""
+    try:
+        return BILINEAR_OPS[op]
+    except KeyError:
+        raise KeyError(f"unknown bilinear op {op!r}; known: {sorted(BILINEAR_OPS)}") from None

@@ -1,0 +1,175 @@
+"""AdditiveSharingTensor: a value split into additive shares mod 2^64.
+
+``x = sum_i x_i (mod 2^64)``, each share ``x_i`` held by one party. The
+wrapper is a ``torch.Tensor`` subclass (dtype int64, shape of ``x``) that
+intercepts aten ops in ``__torch_dispatch__`` and follows
+:data:`veil.tensors.rules.additive.ADDITIVE_RULES`.
+
+Shares are *handles supporting torch ops*: plain int64 tensors in-process, or
+remote pointers. The code only ever applies torch ops to a share, never reads
+it, except through :func:`veil.mpc.opening.reconstruct` / ``open_values``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from veil.mpc.errors import NotEncodedError, ShareMismatchError
+from veil.mpc.opening import reconstruct
+from veil.mpc.providers.base import Provider
+from veil.mpc.sharing import split
+from veil.mpc.truncation import truncate_shares
+from veil.tensors._dispatch import dispatch
+from veil.tensors.rules.additive import ADDITIVE_RULES
+
+
+def party_id(party: Any) -> Hashable:
+    """The key of a party in a share dict: a worker's ``id``, else itself."""
+    return getattr(party, "id", party)
+
+
+class AdditiveSharingTensor(torch.Tensor):
+    """Additive secret shares of an int64 tensor.
+
+    Attributes:
+        child: Ordered dict party id -> share (int64 tensor or remote handle).
+        crypto_provider: The :class:`~veil.mpc.providers.base.Provider`
+            dealing correlated randomness for products and truncation.
+    """
+
+    child: dict
+    crypto_provider: Provider
+
+    @staticmethod
+    def __new__(cls, shares: Mapping[Hashable, torch.Tensor], crypto_provider: Optional[Provider]):
+        if len(shares) < 2:
+            raise ValueError(f"an AdditiveSharingTensor needs at least 2 shares, got {len(shares)}")
+        first = next(iter(shares.values()))
+        for pid, s in shares.items():
+            if s.dtype != torch.int64:
+                raise NotEncodedError(f"share of party {pid!r} has dtype {s.dtype}, expected torch.int64")
+            if tuple(s.shape) != tuple(first.shape):
+                raise ShareMismatchError(f"share shapes differ: {tuple(first.shape)} vs {tuple(s.shape)} ({pid!r})")
+        out = torch.Tensor._make_wrapper_subclass(
+            cls, first.shape, strides=first.stride(), dtype=torch.int64, device=first.device, requires_grad=False
+        )
+        out.child = dict(shares)
+        out.crypto_provider = crypto_provider
+        return out
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        return dispatch(cls, ADDITIVE_RULES, func, args, kwargs or {})
+
+    def __repr__(self) -> str:
+        # Never print shares: they are secrets of their holders.
+        return (
+            f"AdditiveSharingTensor(shape={tuple(self.shape)}, parties={list(self.parties)}, "
+            f"crypto_provider={self.crypto_provider!r})"
+        )
+
+    @property
+    def parties(self) -> tuple:
+        """Party ids, in share order (party 0 adds public terms)."""
+        return tuple(self.child.keys())
+
+    def get(self) -> torch.Tensor:
+        """Reconstructs the shared value (an int64 tensor)."""
+        return reconstruct(self.child)
+
+    def truncate(self, divisor: int) -> "AdditiveSharingTensor":
+        """Shares of ``self / divisor`` (see :mod:`veil.mpc.truncation`)."""
+        return type(self)(truncate_shares(self.child, divisor, self.crypto_provider), self.crypto_provider)
+
+    def _veil_assign(self, other: "AdditiveSharingTensor") -> None:
+        self.child = dict(other.child)
+        self.crypto_provider = other.crypto_provider
+
+    @classmethod
+    def from_public(cls, value: torch.Tensor, like: "AdditiveSharingTensor") -> "AdditiveSharingTensor":
+        """Trivial sharing of a public int64 value: party 0 holds it, others 0.
+
+        The zeros are made from the other parties' own shares (``new_zeros``),
+        so remote parties create them locally.
+        """
+        value = torch.as_tensor(value, dtype=torch.int64)
+        shares = {}
+        for i, (pid, s) in enumerate(like.child.items()):
+            zeros = s.new_zeros(tuple(value.shape))
+            shares[pid] = zeros + value if i == 0 else zeros
+        return cls(shares, like.crypto_provider)
+
+    @classmethod
+    def _veil_check_compatible(cls, tensors: Sequence["AdditiveSharingTensor"]) -> tuple:
+        """Checks shared operands agree on parties and provider.
+
+        Raises:
+            ShareMismatchError: Naming the differing parties or providers.
+        """
+        first = tensors[0]
+        for t in tensors[1:]:
+            if t.parties != first.parties:
+                raise ShareMismatchError(
+                    f"cannot combine tensors shared among {list(first.parties)} and {list(t.parties)}"
+                )
+            if t.crypto_provider is not first.crypto_provider:
+                raise ShareMismatchError(
+                    f"cannot combine tensors with different crypto providers: "
+                    f"{first.crypto_provider!r} vs {t.crypto_provider!r}"
+                )
+        return first.parties, first.crypto_provider
+
+    @classmethod
+    def _veil_apply_local(cls, func: Callable, args: tuple, kwargs: dict) -> Any:
+        """Runs ``func`` on each party's share and re-assembles the outputs."""
+        shared = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, cls)]
+        parties, provider = cls._veil_check_compatible(shared)
+        per_party = {}
+        for p in parties:
+            unwrap = lambda a: a.child[p] if isinstance(a, cls) else a  # noqa: E731
+            per_party[p] = tree_flatten(func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs)))
+        leaves, spec = per_party[parties[0]]
+        out = [
+            cls({p: per_party[p][0][k] for p in parties}, provider) if isinstance(leaf, torch.Tensor) else leaf
+            for k, leaf in enumerate(leaves)
+        ]
+        return tree_unflatten(out, spec)
+
+
+def share(
+    tensor: torch.Tensor,
+    parties: Sequence[Any],
+    crypto_provider: Provider,
+    generator: Optional[torch.Generator] = None,
+    place: Optional[Callable[[torch.Tensor, Any], torch.Tensor]] = None,
+) -> AdditiveSharingTensor:
+    """Secret-shares an integer tensor among parties.
+
+    Args:
+        tensor: An integer tensor (floats must be ``fix_precision``-ed first).
+        parties: Party ids or workers (keys become ``party.id`` if present).
+        crypto_provider: Provider for the protocols run on the result.
+        generator: Optional seeded generator (tests); default OS randomness.
+        place: Optional ``place(share, party) -> handle`` that moves each share
+            to its party (e.g. ``lambda s, w: s.send(w)``); default keeps it.
+
+    Raises:
+        NotEncodedError: If ``tensor`` is floating point.
+        ValueError: If fewer than two distinct parties are given.
+    """
+    if isinstance(tensor, AdditiveSharingTensor):
+        raise TypeError("tensor is already secret-shared")
+    ids = [party_id(p) for p in parties]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"parties must be distinct, got {ids}")
+    if crypto_provider is None:
+        raise ValueError("share() needs a crypto_provider for multiplication and truncation")
+    pieces = split(tensor.detach(), len(ids), generator)
+    if place is not None:
+        pieces = [place(s, p) for s, p in zip(pieces, parties)]
+    return AdditiveSharingTensor(dict(zip(ids, pieces)), crypto_provider)

@@ -1,0 +1,176 @@
+"""FixedPrecisionTensor: real numbers encoded as integers of Z/2^64.
+
+The wrapper looks like a floating-point tensor to PyTorch (its ``dtype`` is
+the original float dtype, so autograd accepts ``requires_grad=True``) while
+its ``.child`` holds the encoded integers: a plain int64 tensor, or an
+:class:`~veil.tensors.additive.AdditiveSharingTensor` after ``.share(...)``.
+Ops are intercepted at the aten level (``__torch_dispatch__``) and follow
+:data:`veil.tensors.rules.fixed_precision.FIXED_PRECISION_RULES`, so
+PyTorch's autograd differentiates through fixed-point (and shared) values.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from veil.mpc.encoding import FixedPointEncoding, decode, encode, make_encoding
+from veil.mpc.errors import NotEncodedError, PrecisionMismatchError
+from veil.mpc.providers.base import Provider
+from veil.tensors._dispatch import dispatch
+from veil.tensors.additive import AdditiveSharingTensor
+from veil.tensors.additive import share as share_int
+from veil.tensors.rules.common import is_float_public
+from veil.tensors.rules.fixed_precision import FIXED_PRECISION_RULES
+
+
+class FixedPrecisionTensor(torch.Tensor):
+    """A real tensor in fixed-point encoding.
+
+    Attributes:
+        child: The encoded int64 values (plain tensor or shared tensor).
+        encoding: Base and fractional precision of the encoding.
+    """
+
+    child: torch.Tensor
+    encoding: FixedPointEncoding
+
+    @staticmethod
+    def __new__(
+        cls,
+        child: torch.Tensor,
+        encoding: FixedPointEncoding,
+        dtype: torch.dtype = torch.float32,
+        requires_grad: bool = False,
+    ):
+        if child.dtype != torch.int64:
+            raise NotEncodedError(f"the child of a FixedPrecisionTensor must be int64, got {child.dtype}")
+        if not dtype.is_floating_point:
+            raise TypeError(f"a FixedPrecisionTensor stands for a float tensor, got dtype {dtype}")
+        out = torch.Tensor._make_wrapper_subclass(
+            cls, child.shape, strides=child.stride(), dtype=dtype, device=child.device, requires_grad=requires_grad
+        )
+        out.child = child
+        out.encoding = encoding
+        return out
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        return dispatch(cls, FIXED_PRECISION_RULES, func, args, kwargs or {})
+
+    def __repr__(self) -> str:
+        enc = f"base={self.encoding.base}, precision_fractional={self.encoding.precision_fractional}"
+        if self.is_shared:
+            return f"FixedPrecisionTensor({enc}, child={self.child!r})"
+        return f"FixedPrecisionTensor({enc}, value={self.float_precision()})"
+
+    @property
+    def is_shared(self) -> bool:
+        """Whether the encoded values are secret-shared."""
+        return isinstance(self.child, AdditiveSharingTensor)
+
+    def share(
+        self,
+        *parties: Any,
+        crypto_provider: Provider,
+        generator: Optional[torch.Generator] = None,
+        place: Optional[Callable] = None,
+    ) -> "FixedPrecisionTensor":
+        """Secret-shares the encoded values; the result keeps ``requires_grad``.
+
+        See :func:`veil.tensors.additive.share` for the arguments.
+        """
+        if self.is_shared:
+            raise TypeError("this FixedPrecisionTensor is already shared")
+        child = share_int(self.child, parties, crypto_provider, generator=generator, place=place)
+        return type(self)(child, self.encoding, self.dtype, requires_grad=self.requires_grad)
+
+    def get(self) -> "FixedPrecisionTensor":
+        """Reconstructs shared encoded values (a plain-child fixed-precision tensor)."""
+        if not self.is_shared:
+            return self
+        return type(self)(self.child.get(), self.encoding, self.dtype, requires_grad=self.requires_grad)
+
+    def float_precision(self) -> torch.Tensor:
+        """Decodes to a plain float tensor (not differentiable)."""
+        return float_precision(self)
+
+    # PySyft 0.2 spellings.
+    float_prec = float_precision
+
+    def _veil_assign(self, other: "FixedPrecisionTensor") -> None:
+        self.child = other.child
+        self.encoding = other.encoding
+
+    @classmethod
+    def _veil_check_compatible(cls, tensors: Sequence["FixedPrecisionTensor"]) -> FixedPointEncoding:
+        """Raises PrecisionMismatchError unless all tensors share one encoding."""
+        first = tensors[0].encoding
+        for t in tensors[1:]:
+            if t.encoding != first:
+                raise PrecisionMismatchError(f"cannot combine fixed-precision tensors with {first} and {t.encoding}")
+        return first
+
+    @classmethod
+    def _veil_apply_local(cls, func: Callable, args: tuple, kwargs: dict) -> Any:
+        """Runs ``func`` on the encoded children and rewraps tensor outputs."""
+        leaves = tree_flatten((args, kwargs))[0]
+        fixed = [a for a in leaves if isinstance(a, cls)]
+        encoding = cls._veil_check_compatible(fixed)
+        if any(is_float_public(a) and isinstance(a, torch.Tensor) for a in leaves):
+            raise NotEncodedError(f"{func}: mixing fixed-precision and float tensors; fix_precision() the float one")
+        unwrap = lambda a: a.child if isinstance(a, cls) else a  # noqa: E731
+        out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+        dtype = fixed[0].dtype
+        flat, spec = tree_flatten(out)
+        flat = [cls(o, encoding, dtype) if isinstance(o, torch.Tensor) else o for o in flat]
+        return tree_unflatten(flat, spec)
+
+
+def fix_precision(
+    tensor: torch.Tensor,
+    precision_fractional: Optional[int] = None,
+    base: int = 2,
+    requires_grad: Optional[bool] = None,
+) -> FixedPrecisionTensor:
+    """Encodes a real tensor in fixed precision.
+
+    Args:
+        tensor: The values (any real dtype; ints are encoded as reals).
+        precision_fractional: Fractional digits; default 16 for base 2 and 3
+            for base 10 (PySyft's encoding).
+        base: Radix of the scale.
+        requires_grad: Whether the result is an autograd leaf requiring
+            gradients; defaults to ``tensor.requires_grad``.
+
+    Raises:
+        EncodingOverflowError: If a value is out of range or not finite.
+    """
+    if isinstance(tensor, FixedPrecisionTensor):
+        raise TypeError("tensor is already in fixed precision")
+    encoding = make_encoding(precision_fractional, base)
+    dtype = tensor.dtype if tensor.dtype.is_floating_point else torch.get_default_dtype()
+    grad = tensor.requires_grad if requires_grad is None else requires_grad
+    return FixedPrecisionTensor(encode(tensor, encoding), encoding, dtype, requires_grad=grad)
+
+
+def float_precision(tensor: FixedPrecisionTensor) -> torch.Tensor:
+    """Decodes a fixed-precision tensor to plain floats.
+
+    Raises:
+        TypeError: If the values are still secret-shared (call ``.get()``).
+    """
+    if not isinstance(tensor, FixedPrecisionTensor):
+        raise TypeError(f"expected a FixedPrecisionTensor, got {type(tensor).__name__}")
+    if tensor.is_shared:
+        raise TypeError("values are secret-shared: call .get() before float_precision()")
+    return decode(tensor.child, tensor.encoding, tensor.dtype)
+
+
+# PySyft 0.2 spellings.
+fix_prec = fix_precision
+float_prec = float_precision

@@ -1,0 +1,204 @@
+"""PointerTensor: a local stand-in for a tensor that lives on another worker.
+
+It is a ``torch.Tensor`` wrapper subclass with no data: shape, dtype and
+requires_grad are real (so ``p.shape`` needs no round trip), and every torch
+operation reaching ``__torch_function__`` becomes one command message to the
+worker. The worker keeps the autograd graph, so ``loss.backward()`` is one
+command and ``p.grad`` is a pointer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import torch
+
+from veil.exceptions import RevealError, SerializationError
+from veil.ids import new_id
+from veil.messaging import serde
+
+if TYPE_CHECKING:
+    from veil.workers.base import BaseWorker
+
+
+class PointerTensor(torch.Tensor):
+    """Pointer to ``id_at_location`` on ``location``, owned by ``owner``.
+
+    Attributes:
+        location: the worker holding the data.
+        id_at_location: the (unguessable) id of the object there.
+        owner: the worker this pointer belongs to (the local worker, or another
+            worker for pointer-to-pointer chains); it sends the commands.
+        id: this pointer's own id (for display).
+        garbage_collect_data: free the remote object when this pointer dies.
+    """
+
+    location: "BaseWorker"
+    id_at_location: int
+    owner: "BaseWorker"
+
+    @staticmethod
+    def __new__(
+        cls,
+        location: "BaseWorker",
+        id_at_location: int,
+        owner: "BaseWorker",
+        shape: tuple | torch.Size,
+        dtype: torch.dtype,
+        requires_grad: bool = False,
+        garbage_collect_data: bool = True,
+        tags: tuple = (),
+        description: str = "",
+    ) -> "PointerTensor":
+        r = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, requires_grad=requires_grad, device="cpu")
+        d = r.__dict__
+        d["location"] = location
+        d["id_at_location"] = id_at_location
+        d["owner"] = owner
+        d["id"] = new_id()
+        d["garbage_collect_data"] = garbage_collect_data
+        d["tags"] = tuple(tags)
+        d["description"] = description
+        d["_freed"] = False
+        return r
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # everything happens in __new__
+        pass
+
+    # ----------------------------------------------------------- interception
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        from veil.tensors import remote_ops
+
+        return remote_ops.handle(func, args, kwargs or {})
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        raise RevealError(
+            f"{func} reached a PointerTensor below the torch-function layer: a pointer has no local data"
+        )
+
+    # ----------------------------------------------------------- lifecycle
+
+    def __del__(self) -> None:
+        d = self.__dict__
+        if d.get("garbage_collect_data") and not d.get("_freed", True):
+            try:
+                d["owner"].schedule_delete(d["location"], d["id_at_location"])
+            except Exception:  # interpreter shutdown: nothing left to free
+                pass
+
+    def __repr__(self, *args: Any, **kwargs: Any) -> str:
+        d = self.__dict__
+        return f"[PointerTensor | {d['owner'].id}:{d['id']} -> {d['location'].id}:{d['id_at_location']}]"
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return repr(self)
+
+    def __reduce_ex__(self, proto: Any) -> Any:
+        raise TypeError("PointerTensor cannot be pickled; veil serializes pointers in its own wire format")
+
+    def __deepcopy__(self, memo: dict) -> "PointerTensor":
+        return self.copy()
+
+    # ----------------------------------------------------------- user API
+
+    def get(self, user: str | None = None, delete: bool = True) -> Any:
+        """Brings the value back (and frees it remotely unless the owner protects it)."""
+        from veil.messaging.messages import GetObjectsMessage
+
+        reply = self.owner.send_msg(GetObjectsMessage([self.id_at_location], delete, user), self.location)
+        if delete:
+            self.__dict__["_freed"] = True
+        return reply.objects[0]
+
+    def copy(self) -> "PointerTensor":
+        """A new pointer to a remote copy (same worker, no autograd history)."""
+        from veil.messaging.allowlist import ALLOWLIST
+        from veil.tensors import remote_ops
+
+        return remote_ops.call(ALLOWLIST.by_name("veil.copy"), (self,), {})
+
+    def move(self, destination: "BaseWorker", user: str | None = None) -> "PointerTensor":
+        """Moves the data straight from its worker to ``destination`` (not through here)."""
+        from veil.messaging.messages import MoveMessage
+
+        new = new_id()
+        self.owner.send_msg(MoveMessage([self.id_at_location], destination.id, [new], user), self.location)
+        self.__dict__["_freed"] = True
+        return PointerTensor(
+            location=destination, id_at_location=new, owner=self.owner, shape=self.shape, dtype=self.dtype,
+            requires_grad=self.requires_grad, garbage_collect_data=self.garbage_collect_data,
+            tags=self.tags, description=self.description,
+        )
+
+    def remote_get(self) -> "PointerTensor":
+        """For a pointer to a pointer: the middle worker fetches the value (one level up)."""
+        from veil.messaging.messages import RemoteGetMessage
+
+        self.owner.send_msg(RemoteGetMessage(self.id_at_location), self.location)
+        return self
+
+    def send(self, *workers: "BaseWorker", **kwargs: Any) -> "PointerTensor":
+        """Sends the pointer itself: the result is a pointer to a pointer."""
+        from veil.api import send
+
+        return send(self, *workers, **kwargs)
+
+    def tag(self, *tags: str) -> "PointerTensor":
+        self.__dict__["tags"] = tuple(dict.fromkeys(self.tags + tags))
+        return self
+
+    def describe(self, description: str) -> "PointerTensor":
+        self.__dict__["description"] = description
+        return self
+
+    def mark_freed(self) -> None:
+        """The remote object is gone (or owned elsewhere): never delete it from here."""
+        self.__dict__["_freed"] = True
+
+
+@dataclass
+class PointerWire:
+    """A pointer as it travels: the receiver builds a PointerTensor it owns."""
+
+    location_id: str
+    id_at_location: int
+    shape: tuple
+    dtype: torch.dtype
+    requires_grad: bool
+    garbage_collect_data: bool
+
+    @staticmethod
+    def of(ptr: PointerTensor, garbage_collect_data: bool | None = None) -> "PointerWire":
+        gc = ptr.garbage_collect_data if garbage_collect_data is None else garbage_collect_data
+        return PointerWire(ptr.location.id, ptr.id_at_location, tuple(ptr.shape), ptr.dtype, ptr.requires_grad, gc)
+
+
+def _encode_pointer(p: Any) -> bytes:
+    w = p if isinstance(p, PointerWire) else PointerWire.of(p)
+    return msgpack.packb(
+        [w.location_id, w.id_at_location, list(w.shape), serde.DTYPE_NAMES[w.dtype], w.requires_grad,
+         w.garbage_collect_data]
+    )
+
+
+def _decode_pointer(data: bytes, ctx: serde.DecodeContext) -> PointerTensor:
+    fields_ = msgpack.unpackb(data, raw=False)
+    if not isinstance(fields_, list) or len(fields_) != 6:
+        raise SerializationError("malformed pointer")
+    location_id, oid, shape, dtype_name, rg, gc = fields_
+    dtype, shape = serde.tensor_spec(dtype_name, shape)
+    if not isinstance(location_id, str) or type(oid) is not int or not isinstance(rg, bool) or not isinstance(gc, bool):
+        raise SerializationError("malformed pointer fields")
+    if ctx.make_pointer is None:
+        raise SerializationError("a pointer arrived where no worker can own it")
+    return ctx.make_pointer(location_id, oid, shape, dtype, rg, gc)
+
+
+serde.register_ext(serde.EXT_CODES.POINTER, (PointerTensor, PointerWire), _encode_pointer, _decode_pointer)

@@ -1,0 +1,204 @@
+"""What happens when torch calls ``PointerTensor.__torch_function__``.
+
+Three outcomes, decided by tables rather than op-specific code:
+- metadata the wrapper already knows (shape, dtype, dim, ...) is answered locally;
+- ops that would need the remote value locally (``bool(p)``, ``p.item()``) raise;
+- everything else must be allowlisted and becomes one CommandMessage. Result
+  shapes come from running the op on meta tensors; when that is impossible
+  (data-dependent shapes) the worker chooses the ids and describes the results.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from veil.exceptions import RevealError, WorkerMismatchError
+from veil.ids import new_id
+from veil.messaging.allowlist import ALLOWLIST, INFER, NO_RESULT, Op
+from veil.messaging.messages import CommandMessage, Descriptor, ObjectRef, ResultReply
+from veil.messaging.serde import DTYPES
+from veil.tensors.pointer import PointerTensor
+from veil.tensors.tree import leaves, map_structure
+
+_T = torch.Tensor
+
+
+def _local(func: Any, args: tuple, kwargs: dict) -> Any:
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **kwargs)
+
+
+def _reveal(func: Any, args: tuple, kwargs: dict) -> Any:
+    name = getattr(func, "__name__", str(func))
+    raise RevealError(f"{name} needs the value of a remote tensor; call .get() first (if the owner allows it)")
+
+
+def _none(func: Any, args: tuple, kwargs: dict) -> Any:
+    return None
+
+
+def _len(func: Any, args: tuple, kwargs: dict) -> int:
+    shape = args[0].shape
+    if not shape:
+        raise TypeError("len() of a 0-d tensor")
+    return shape[0]
+
+
+def _iter(func: Any, args: tuple, kwargs: dict) -> Any:
+    return iter(args[0].unbind(0))
+
+
+def _requires_grad_(func: Any, args: tuple, kwargs: dict) -> Any:
+    ptr = args[0]
+    flag = args[1] if len(args) > 1 else kwargs.get("requires_grad", True)
+    call(ALLOWLIST.by_name("Tensor.requires_grad_"), (ptr, flag), {})
+    _local(_T.requires_grad_, (ptr, flag), {})
+    return ptr
+
+
+def _set_requires_grad(func: Any, args: tuple, kwargs: dict) -> None:
+    _requires_grad_(func, (args[0], bool(args[1])), {})
+
+
+#: ops answered without contacting the worker
+LOCAL_HANDLERS: dict[Any, Callable[[Any, tuple, dict], Any]] = {
+    _T.shape.__get__: _local,
+    _T.dtype.__get__: _local,
+    _T.device.__get__: _local,
+    _T.requires_grad.__get__: _local,
+    _T.is_leaf.__get__: _local,
+    _T.ndim.__get__: _local,
+    _T.layout.__get__: _local,
+    _T.is_sparse.__get__: _local,
+    _T.is_quantized.__get__: _local,
+    _T.is_meta.__get__: _local,
+    _T.is_cuda.__get__: _local,
+    _T.is_nested.__get__: _local,
+    _T.dim: _local,
+    _T.size: _local,
+    _T.numel: _local,
+    _T.nelement: _local,
+    _T.element_size: _local,
+    _T.is_floating_point: _local,
+    _T.is_complex: _local,
+    _T.is_contiguous: _local,
+    _T.stride: _local,
+    _T.grad_fn.__get__: _none,
+    _T.__len__: _len,
+    _T.__iter__: _iter,
+    _T.requires_grad_: _requires_grad_,
+    _T.requires_grad.__set__: _set_requires_grad,
+    _T.__bool__: _reveal,
+    _T.item: _reveal,
+    _T.tolist: _reveal,
+    _T.numpy: _reveal,
+    _T.__int__: _reveal,
+    _T.__float__: _reveal,
+    _T.__index__: _reveal,
+    _T.__array__: _reveal,
+    _T.data_ptr: _reveal,
+}
+
+
+def handle(func: Any, args: tuple, kwargs: dict) -> Any:
+    local = LOCAL_HANDLERS.get(func)
+    if local is not None:
+        return local(func, args, kwargs)
+    return call(ALLOWLIST.by_func(func), args, kwargs)
+
+
+def _find_location(args: tuple, kwargs: dict) -> tuple[PointerTensor, list[PointerTensor]]:
+    ptrs = leaves((args, kwargs), PointerTensor)
+    first = ptrs[0]
+    for p in ptrs[1:]:
+        if p.location is not first.location:
+            raise WorkerMismatchError(
+                f"operation mixes objects on different workers: {first.id_at_location} on "
+                f"{first.location.id!r} and {p.id_at_location} on {p.location.id!r}; .move() one of them first"
+            )
+    return first, ptrs
+
+
+def _to_wire(args: Any) -> Any:
+    return map_structure(args, lambda t: ObjectRef(t.id_at_location) if type(t) is PointerTensor else t)
+
+
+_META_CACHE_LIMIT = 4096
+
+
+def _meta_of(t: torch.Tensor) -> torch.Tensor:
+    if type(t) is PointerTensor:
+        return torch.empty(t.shape, dtype=t.dtype, device="meta", requires_grad=t.requires_grad)
+    return t.detach().to("meta").requires_grad_(t.requires_grad)
+
+
+def _infer(op: Op, args: tuple, kwargs: dict) -> tuple[Any, dict[int, torch.Tensor]] | None:
+    """Runs the op on meta tensors; returns (result, meta id -> original) or None."""
+    originals: dict[int, torch.Tensor] = {}
+
+    def to_meta(t: torch.Tensor) -> torch.Tensor:
+        meta = _meta_of(t)
+        originals[id(meta)] = t
+        return meta
+
+    memo: dict[int, torch.Tensor] = {}
+
+    def shared(t: torch.Tensor) -> torch.Tensor:  # the same pointer twice -> the same meta
+        key = id(t)
+        if key not in memo:
+            memo[key] = to_meta(t)
+        return memo[key]
+
+    try:
+        margs = map_structure(args, shared)
+        mkwargs = map_structure(kwargs, shared)
+        result = op.func(*margs, **mkwargs)
+    except Exception:
+        return None
+    return result, originals
+
+
+def call(op: Op, args: tuple, kwargs: dict) -> Any:
+    """Runs an allowlisted op on the worker holding the pointers among ``args``."""
+    first, _ = _find_location(args, kwargs)
+    owner, location = first.owner, first.location
+    wire_args, wire_kwargs = _to_wire(args), _to_wire(kwargs)
+    grad = torch.is_grad_enabled()
+    if op.shapes == NO_RESULT:
+        owner.send_msg(CommandMessage(op.name, wire_args, wire_kwargs, [], grad), location)
+        return None
+    inferred = _infer(op, args, kwargs) if op.shapes == INFER else None
+    if inferred is None:
+        reply = owner.send_msg(CommandMessage(op.name, wire_args, wire_kwargs, None, grad), location)
+        return _from_descriptors(reply, args, kwargs, owner, location)
+    meta_result, originals = inferred
+    return_ids: list[int] = []
+    made: list[Any] = []
+    for meta in leaves(meta_result):
+        original = originals.get(id(meta))
+        if original is not None:  # in-place op: the result is an input
+            return_ids.append(0)
+            made.append(original)
+        else:
+            oid = new_id()
+            return_ids.append(oid)
+            made.append(
+                PointerTensor(location, oid, owner, meta.shape, meta.dtype, meta.requires_grad)
+            )
+    owner.send_msg(CommandMessage(op.name, wire_args, wire_kwargs, return_ids, grad), location)
+    it = iter(made)
+    return map_structure(meta_result, lambda _: next(it))
+
+
+def _from_descriptors(reply: Any, args: tuple, kwargs: dict, owner: Any, location: Any) -> Any:
+    assert isinstance(reply, ResultReply)
+    inputs = {p.id_at_location: p for p in leaves((args, kwargs), PointerTensor)}
+
+    def build(d: Descriptor) -> Any:
+        if d.id in inputs:
+            return inputs[d.id]
+        return PointerTensor(location, d.id, owner, d.shape, DTYPES[d.dtype], d.requires_grad)
+
+    return map_structure(reply.result, build, leaf=Descriptor)

@@ -1,0 +1,273 @@
+"""Rule table of :class:`~veil.tensors.fixed_precision.FixedPrecisionTensor`.
+
+Structural and additive ops act on the encoded children directly; public
+operands are encoded first; products are followed by truncation (division
+by the scale), which is local for plaintext children and a protocol for
+shared ones (:meth:`AdditiveSharingTensor.truncate`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from veil.mpc.encoding import FixedPointEncoding, check_no_wrap, encode, encode_scalar
+from veil.mpc.encoding import truncate as truncate_plain
+from veil.mpc.errors import UnsupportedOperationError
+from veil.mpc.ring import conv2d as ring_conv2d
+from veil.tensors._dispatch import RuleTable
+from veil.tensors.additive import AdditiveSharingTensor
+from veil.tensors.rules.common import INPLACE_TO_OUTOFPLACE, STRUCTURAL_OPS, run_inplace, scalar_value
+
+aten = torch.ops.aten
+
+FIXED_PRECISION_RULES = RuleTable("FixedPrecisionTensor")
+FIXED_PRECISION_RULES.local(*STRUCTURAL_OPS, aten.cat.default, aten.stack.default)
+
+
+def _is_shared(child: torch.Tensor) -> bool:
+    return isinstance(child, AdditiveSharingTensor)
+
+
+def truncate(child: torch.Tensor, divisor: int) -> torch.Tensor:
+    """Divides encoded values by a public integer (protocol if shared)."""
+    if _is_shared(child):
+        return child.truncate(divisor)
+    return truncate_plain(child, divisor)
+
+
+def _encode_public(value: Any, encoding: FixedPointEncoding) -> Any:
+    """Encodes a public Python number or plain tensor."""
+    value = scalar_value(value)
+    if isinstance(value, torch.Tensor):
+        return encode(value, encoding)
+    return encode_scalar(value, encoding)
+
+
+def _children(cls, args) -> tuple[list, FixedPointEncoding, torch.dtype]:
+    """Encoded children of operands (public ones encoded) + common metadata."""
+    fixed = [a for a in args if isinstance(a, cls)]
+    encoding = cls._veil_check_compatible(fixed)
+    children = [a.child if isinstance(a, cls) else _encode_public(a, encoding) for a in args]
+    return children, encoding, fixed[0].dtype
+
+
+def _guard(children: list, estimate_fn, what: str) -> None:
+    """Plaintext only: refuses a product whose exact value would wrap."""
+    if any(_is_shared(c) or not isinstance(c, torch.Tensor) for c in children):
+        return
+    check_no_wrap(estimate_fn(*[c.to(torch.float64).abs() for c in children]), what)
+
+
+@FIXED_PRECISION_RULES.handler(aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar)
+def _add_sub(cls, func, args, kwargs):
+    x, y = args[0], args[1]
+    alpha = scalar_value(kwargs.get("alpha", 1))
+    if alpha != 1:
+        y = aten.mul.Tensor(y, alpha) if isinstance(y, cls) else scalar_value(y) * alpha
+    (xc, yc), encoding, dtype = _children(cls, (x, y))
+    op = aten.sub.Tensor if func in (aten.sub.Tensor, aten.sub.Scalar) else aten.add.Tensor
+    return cls(op(xc, yc), encoding, dtype)
+
+
+@FIXED_PRECISION_RULES.handler(aten.rsub.Scalar, aten.rsub.Tensor)
+def _rsub(cls, func, args, kwargs):
+    return _add_sub(cls, aten.sub.Tensor, (args[1], args[0]), kwargs)
+
+
+def _is_public_integer(value: Any) -> bool:
+    value = scalar_value(value)
+    if isinstance(value, (bool, int)):
+        return True
+    return isinstance(value, torch.Tensor) and type(value) is torch.Tensor and not value.dtype.is_floating_point
+
+
+def mul(cls, x, y):
+    """Fixed-point product; public integers multiply exactly (no truncation)."""
+    for a, b in ((x, y), (y, x)):
+        if isinstance(a, cls) and _is_public_integer(b):
+            b = scalar_value(b)
+            b = b.to(torch.int64) if isinstance(b, torch.Tensor) else int(b)
+            _guard([a.child, b] if isinstance(b, torch.Tensor) else [a.child], lambda u, *v: u * (v[0] if v else abs(b)), "mul")
+            return cls(aten.mul.Tensor(a.child, b), a.encoding, a.dtype)
+    (xc, yc), encoding, dtype = _children(cls, (x, y))
+    _guard([xc, yc], torch.mul, "fixed-precision mul")
+    return cls(truncate(aten.mul.Tensor(xc, yc), encoding.scale), encoding, dtype)
+
+
+@FIXED_PRECISION_RULES.handler(aten.mul.Tensor, aten.mul.Scalar)
+def _mul(cls, func, args, kwargs):
+    return mul(cls, args[0], args[1])
+
+
+@FIXED_PRECISION_RULES.handler(aten.div.Tensor, aten.div.Scalar)
+def _div(cls, func, args, kwargs):
+    x, y = args[0], scalar_value(args[1])
+    if not isinstance(x, cls) or isinstance(y, cls):
+        raise UnsupportedOperationError(
+            "division by a fixed-precision tensor needs veil.mpc.functions.reciprocal (approximate)"
+        )
+    if isinstance(y, int) and not isinstance(y, bool) and y != 0:
+        out = cls(truncate(x.child, abs(y)), x.encoding, x.dtype)  # exact-ish: error <= 1 ulp
+        return aten.neg.default(out) if y < 0 else out
+    reciprocal = 1.0 / y if not isinstance(y, torch.Tensor) else torch.reciprocal(y.to(torch.float64))
+    return mul(cls, x, reciprocal)
+
+
+_MATMUL_OPS = (aten.mm.default, aten.bmm.default, aten.mv.default, aten.dot.default)
+
+
+@FIXED_PRECISION_RULES.handler(*_MATMUL_OPS)
+def _matmul(cls, func, args, kwargs):
+    (xc, yc), encoding, dtype = _children(cls, args[:2])
+    _guard([xc, yc], func, str(func))
+    return cls(truncate(func(xc, yc), encoding.scale), encoding, dtype)
+
+
+@FIXED_PRECISION_RULES.handler(aten.addmm.default)
+def _addmm(cls, func, args, kwargs):
+    bias, a, b = args[:3]
+    product = aten.mm.default(a, b)
+    if kwargs.get("alpha", 1) != 1:
+        product = aten.mul.Tensor(product, kwargs["alpha"])
+    if kwargs.get("beta", 1) != 1:
+        bias = aten.mul.Tensor(bias, kwargs["beta"])
+    return aten.add.Tensor(product, bias)
+
+
+@FIXED_PRECISION_RULES.handler(aten.convolution.default)
+def _convolution(cls, func, args, kwargs):
+    x, w, bias, stride, padding, dilation, transposed, output_padding, groups = args
+    if transposed or len(x.shape) != 4:
+        raise UnsupportedOperationError("only 2-D, non-transposed convolution is implemented in fixed precision")
+    (xc, wc), encoding, dtype = _children(cls, (x, w))
+    conv_kwargs = dict(stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation), groups=groups)
+    if _is_shared(xc) or _is_shared(wc):
+        out = func(xc, wc, None, stride, padding, dilation, transposed, output_padding, groups)
+    else:
+        _guard([xc, wc], lambda u, v: torch.nn.functional.conv2d(u, v, None, **conv_kwargs), "conv2d")
+        out = ring_conv2d(xc, wc, **conv_kwargs)
+    out = cls(truncate(out, encoding.scale), encoding, dtype)
+    if bias is not None:
+        out = aten.add.Tensor(out, aten.view.default(bias, [1, -1, 1, 1]))
+    return out
+
+
+@FIXED_PRECISION_RULES.handler(aten.mean.default, aten.mean.dim)
+def _mean(cls, func, args, kwargs):
+    x = args[0]
+    dims = args[1] if len(args) > 1 else kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    if func is aten.mean.default or not dims:
+        total, count = aten.sum.default(x), x.numel()
+    else:
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        total = aten.sum.dim_IntList(x, dims, keepdim)
+        count = math.prod(x.shape[d] for d in dims)
+    return cls(truncate(total.child, count), x.encoding, x.dtype)
+
+
+@FIXED_PRECISION_RULES.handler(aten.pow.Tensor_Scalar)
+def _pow(cls, func, args, kwargs):
+    x, k = args[0], scalar_value(args[1])
+    if not (isinstance(k, int) or (isinstance(k, float) and k.is_integer())) or k < 0:
+        raise UnsupportedOperationError(f"fixed-precision pow supports non-negative integer exponents, got {k}")
+    k = int(k)
+    if k == 0:
+        return aten.ones_like.default(x)
+    result, base = None, x
+    while k:  # square-and-multiply: O(log k) products
+        if k & 1:
+            result = base if result is None else mul(cls, result, base)
+        k >>= 1
+        if k:
+            base = mul(cls, base, base)
+    return result
+
+
+@FIXED_PRECISION_RULES.handler(
+    aten.ones_like.default, aten.full_like.default, aten.new_ones.default, aten.new_full.default,
+    aten.empty_like.default, aten.new_empty.default, aten.fill.Scalar,
+)
+def _constant(cls, func, args, kwargs):
+    x = args[0]
+    if func in (aten.new_ones.default, aten.new_full.default, aten.new_empty.default):
+        ones = aten.new_ones.default(x.child, list(args[1]))
+    else:
+        ones = aten.ones_like.default(x.child)
+    value = {aten.full_like.default: 1, aten.fill.Scalar: 1, aten.new_full.default: 2}.get(func)
+    value = scalar_value(args[value]) if value is not None else 1
+    if func in (aten.empty_like.default, aten.new_empty.default):
+        value = 0
+    return cls(aten.mul.Tensor(ones, encode_scalar(value, x.encoding)), x.encoding, x.dtype)
+
+
+_COMPARISONS = (aten.gt.Tensor, aten.gt.Scalar, aten.lt.Tensor, aten.lt.Scalar, aten.ge.Tensor,
+                aten.ge.Scalar, aten.le.Tensor, aten.le.Scalar, aten.eq.Tensor, aten.eq.Scalar)
+
+
+@FIXED_PRECISION_RULES.handler(*_COMPARISONS)
+def _compare(cls, func, args, kwargs):
+    children, _, _ = _children(cls, args[:2])
+    if any(_is_shared(c) for c in children):
+        raise UnsupportedOperationError(f"{func} on secret-shared values needs a private comparison protocol")
+    return func(*children)  # a public plain bool tensor
+
+
+@FIXED_PRECISION_RULES.handler(aten.avg_pool2d.default)
+def _avg_pool2d(cls, func, args, kwargs):
+    names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+    opts = dict(zip(names, args[1:]), **kwargs)
+    kh, kw = _pair(opts["kernel_size"])
+    sh, sw = _pair(opts.get("stride") or (kh, kw))
+    ph, pw = _pair(opts.get("padding", 0))
+    if opts.get("ceil_mode") or (ph or pw) and not opts.get("count_include_pad", True):
+        raise UnsupportedOperationError("avg_pool2d with ceil_mode or count_include_pad=False")
+    x = args[0]
+    child = aten.constant_pad_nd.default(x.child, [pw, pw, ph, ph], 0) if ph or pw else x.child
+    windows = aten.unfold.default(aten.unfold.default(child, -2, kh, sh), -2, kw, sw)
+    total = aten.sum.dim_IntList(windows, [-2, -1])
+    return cls(truncate(total, opts.get("divisor_override") or kh * kw), x.encoding, x.dtype)
+
+
+def _pair(v) -> tuple:
+    return (v, v) if isinstance(v, int) else tuple(v) * (2 if len(v) == 1 else 1)
+
+
+@FIXED_PRECISION_RULES.handler(aten.constant_pad_nd.default)
+def _pad(cls, func, args, kwargs):
+    value = args[2] if len(args) > 2 else kwargs.get("value", 0)
+    x = args[0]
+    if value != 0:
+        raise UnsupportedOperationError("padding a fixed-precision tensor with a non-zero constant")
+    return cls(func(x.child, args[1]), x.encoding, x.dtype)
+
+
+@FIXED_PRECISION_RULES.handler(aten._to_copy.default)
+def _to_copy(cls, func, args, kwargs):
+    x = args[0]
+    dtype = kwargs.get("dtype") or x.dtype
+    device = kwargs.get("device")
+    if not dtype.is_floating_point or (device is not None and torch.device(device) != x.device):
+        raise UnsupportedOperationError(f"cannot convert a FixedPrecisionTensor to dtype={dtype}, device={device}")
+    return cls(x.child, x.encoding, dtype)
+
+
+@FIXED_PRECISION_RULES.handler(aten.copy_.default)
+def _copy(cls, func, args, kwargs):
+    target, source = args[0], args[1]
+    (child,), encoding, dtype = _children(cls, (source,)) if isinstance(source, cls) else ([_encode_public(source, target.encoding)], target.encoding, target.dtype)
+    target._veil_assign(cls(aten.expand.default(child, list(target.shape)), target.encoding, target.dtype))
+    return target
+
+
+@FIXED_PRECISION_RULES.handler(aten.is_same_size.default)
+def _same_size(cls, func, args, kwargs):
+    return tuple(args[0].shape) == tuple(args[1].shape)
+
+
+@FIXED_PRECISION_RULES.handler(*INPLACE_TO_OUTOFPLACE)
+def _inplace(cls, func, args, kwargs):
+    return run_inplace(cls, func, args, kwargs)

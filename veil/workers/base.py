@@ -1,0 +1,373 @@
+"""BaseWorker: the data owner's agent. Holds objects, executes allowlisted messages.
+
+Two roles live in one class, as in PySyft: a worker *serves* requests
+(``_recv_msg``: bytes in, bytes out, never raises) and *sends* requests on behalf
+of the pointers it owns (``send_msg``). A VirtualWorker serves in-process; a
+network client worker overrides ``_recv_msg`` to forward the bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from veil.exceptions import (
+    ObjectNotFoundError,
+    PermissionDeniedError,
+    RemoteExecutionError,
+    SerializationError,
+    VeilError,
+    WorkerNotFoundError,
+    error_from_reply,
+)
+from veil.messaging import messages as m
+from veil.messaging.allowlist import ALLOWLIST, NO_RESULT
+from veil.messaging.serde import DecodeContext, deserialize, serialize
+from veil.tensors.tree import leaves, map_structure
+from veil.workers.stats import TransportStats
+from veil.workers.store import Entry, ObjectStore
+
+if TYPE_CHECKING:
+    from veil.hook import TorchHook
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[["BaseWorker", Any, str], Any]
+#: message type -> handler; extensions add theirs with register_handler
+HANDLERS: dict[type, Handler] = {}
+
+
+def register_handler(msg_type: type) -> Callable[[Handler], Handler]:
+    def deco(fn: Handler) -> Handler:
+        if msg_type in HANDLERS:
+            raise ValueError(f"{msg_type.__name__} already has a handler")
+        HANDLERS[msg_type] = fn
+        return fn
+
+    return deco
+
+
+class BaseWorker:
+    """Object store + message execution + the client side of the pointers it owns.
+
+    Args:
+        hook: the TorchHook whose worker registry this worker joins (None: the default one).
+        id: the worker's name (``"alice"``).
+        data: tensors the data owner loads at start (tagged through ``x.tag(...)``).
+    """
+
+    def __init__(self, hook: "TorchHook | None" = None, id: str | None = None, data: tuple = (), **_ignored: Any):
+        from veil.workers.registry import default_hook_context
+
+        self.hook = hook if hook is not None else default_hook_context()
+        if id is None:
+            from veil.ids import new_id
+
+            id = f"worker-{new_id():x}"
+        if not isinstance(id, str):
+            raise TypeError(f"worker id must be a string, got {type(id).__name__}")
+        self.id = id
+        self.store = ObjectStore(id)
+        self.stats = TransportStats()
+        self._pending_deletes: dict[str, tuple["BaseWorker", list[int]]] = {}
+        self._decode_ctx = DecodeContext(make_pointer=self._make_pointer)
+        self.hook.register_worker(self)
+        for tensor in data:
+            self.load(tensor)
+
+    # ------------------------------------------------------------ owner API
+
+    def load(
+        self,
+        obj: Any,
+        tags: tuple | list = (),
+        description: str = "",
+        private: bool = False,
+        allowed_users: tuple | list | None = None,
+    ) -> int:
+        """Stores the data owner's own object (never deletable by clients); returns its id."""
+        from veil.ids import new_id
+
+        oid = new_id()
+        tags = tuple(tags) or tuple(getattr(obj, "tags", ()) or ())
+        description = description or getattr(obj, "description", "") or ""
+        if allowed_users is None and not private:
+            allowed_users = getattr(obj, "allowed_users", None)
+        elif private and allowed_users is None:
+            allowed_users = ()
+        self.store.put(
+            oid, obj, tags=tags, description=description, created_by=self.id, protected=True,
+            allowed_users=None if allowed_users is None else tuple(allowed_users),
+        )
+        return oid
+
+    @property
+    def _objects(self) -> dict[int, Any]:
+        """What the worker holds, id -> object (read-only snapshot, PySyft's ``_objects``)."""
+        return self.store.objects()
+
+    def search(self, query: list[str] | str) -> list:
+        """Pointers (owned by the local worker) to objects tagged with every query term."""
+        from veil.api import search
+
+        return search(self, query)
+
+    def clear_objects(self) -> "BaseWorker":
+        """Frees every client object; the owner's loaded data stays."""
+        self.store.clear()
+        return self
+
+    # ------------------------------------------------------- sending side
+
+    def send_msg(self, msg: Any, location: "BaseWorker") -> Any:
+        """Sends a request to ``location`` and returns its reply, raising remote errors here."""
+        pending = self._pending_deletes.pop(location.id, None)
+        data = serialize(msg, sender=self.id, deletes=pending[1] if pending else None)
+        reply_bytes = location._recv_msg(data)
+        self.stats.record(len(data), len(reply_bytes))
+        reply, _, _ = deserialize(reply_bytes, self._decode_ctx)
+        if type(reply) is m.ErrorReply:
+            raise error_from_reply(reply.error, reply.message)
+        return reply
+
+    def schedule_delete(self, location: "BaseWorker", oid: int) -> None:
+        """Queues a remote deletion; it rides on the next message to that worker.
+
+        Called from pointer finalizers, which must never send (they can run in the
+        middle of another message).
+        """
+        entry = self._pending_deletes.get(location.id)
+        if entry is None:
+            entry = self._pending_deletes.setdefault(location.id, (location, []))
+        entry[1].append(oid)
+
+    def flush_deletes(self) -> None:
+        """Sends queued deletions now (e.g. before measuring a worker's store)."""
+        for loc_id in list(self._pending_deletes):
+            pending = self._pending_deletes.pop(loc_id, None)
+            if pending and pending[1]:
+                self.send_msg(m.DeleteMessage(pending[1]), pending[0])
+
+    def resolve_worker(self, worker_id: str) -> "BaseWorker":
+        worker = self.hook.workers.get(worker_id)
+        if worker is None:
+            raise WorkerNotFoundError(f"worker {self.id!r} does not know how to reach worker {worker_id!r}")
+        return worker
+
+    def _make_pointer(self, location_id: str, id_at_location: int, shape: list, dtype: torch.dtype,
+                      requires_grad: bool, garbage_collect_data: bool) -> Any:
+        from veil.tensors.pointer import PointerTensor
+
+        return PointerTensor(
+            location=self.resolve_worker(location_id), id_at_location=id_at_location, owner=self,
+            shape=shape, dtype=dtype, requires_grad=requires_grad, garbage_collect_data=garbage_collect_data,
+        )
+
+    # ------------------------------------------------------- serving side
+
+    def _recv_msg(self, data: bytes) -> bytes:
+        """Handles one serialized request; always answers, never raises."""
+        try:
+            msg, sender, deletes = deserialize(data, self._decode_ctx)
+            for oid in deletes:
+                self.store.discard(oid)
+            reply = self._handle(msg, sender)
+        except VeilError as e:
+            reply = m.ErrorReply(type(e).__name__, str(e))
+        except Exception as e:  # a failing torch op must not take the worker down
+            reply = m.ErrorReply("RemoteExecutionError", f"{type(e).__name__}: {e}")
+        try:
+            return serialize(reply, sender=self.id)
+        except VeilError as e:
+            return serialize(m.ErrorReply(type(e).__name__, str(e)), sender=self.id)
+
+    def _handle(self, msg: Any, sender: str) -> Any:
+        handler = HANDLERS.get(type(msg))
+        if handler is None:
+            raise SerializationError(f"worker {self.id!r} does not accept {type(msg).__name__} requests")
+        return handler(self, msg, sender)
+
+    def _check_get(self, entry: Entry, oid: int, user: str) -> None:
+        if entry.allowed_users is not None and user not in entry.allowed_users:
+            raise PermissionDeniedError(
+                f"object {oid} on worker {self.id!r} is private: user {user!r} may not retrieve it "
+                f"(allowed: {list(entry.allowed_users)}); compute on it through pointers instead"
+            )
+
+    def _resolve(self, value: Any, inputs: dict[int, int]) -> Any:
+        """Replaces ObjectRefs in arguments with stored objects, remembering their ids."""
+        tp = type(value)
+        if tp is m.ObjectRef:
+            obj = self.store.get(value.id)
+            inputs[id(obj)] = value.id
+            return obj
+        if tp is tuple or tp is list:
+            return tp(self._resolve(v, inputs) for v in value)
+        if tp is dict:
+            return {k: self._resolve(v, inputs) for k, v in value.items()}
+        return value
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} id:{self.id} #objects:{len(self.store)}>"
+
+
+# ------------------------------------------------------------------ handlers
+
+
+@register_handler(m.CommandMessage)
+def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> Any:
+    op = ALLOWLIST.by_name(msg.op)
+    inputs: dict[int, int] = {}
+    if not isinstance(msg.args, (list, tuple)) or not isinstance(msg.kwargs, dict):
+        raise SerializationError("command args must be a tuple and kwargs a map")
+    args = worker._resolve(tuple(msg.args), inputs)
+    kwargs = worker._resolve(msg.kwargs, inputs)
+    if not all(isinstance(k, str) for k in kwargs):
+        raise SerializationError("command keyword names must be strings")
+    try:
+        with torch.set_grad_enabled(bool(msg.grad_enabled)):
+            result = op.func(worker, *args, **kwargs) if op.worker_function else op.func(*args, **kwargs)
+    except VeilError:
+        raise
+    except Exception as e:
+        raise RemoteExecutionError(f"{op.name} failed on worker {worker.id!r}: {type(e).__name__}: {e}") from e
+    if op.shapes == NO_RESULT or msg.return_ids == []:
+        return m.OkReply()
+    if msg.return_ids is None:
+        return m.ResultReply(_describe_results(worker, result, inputs, sender))
+    results = leaves(result)
+    ids = msg.return_ids
+    if not isinstance(ids, list) or len(ids) != len(results):
+        raise RemoteExecutionError(
+            f"{op.name} returned {len(results)} tensors but the caller expected {len(ids) if isinstance(ids, list) else ids!r}"
+        )
+    for oid, tensor in zip(ids, results):
+        if oid != 0:  # 0: the result is one of the inputs (in-place op), already stored
+            worker.store.put(oid, tensor, created_by=sender)
+    return m.OkReply()
+
+
+def _describe_results(worker: BaseWorker, result: Any, inputs: dict[int, int], sender: str) -> Any:
+    from veil.ids import new_id
+    from veil.messaging.serde import DTYPE_NAMES
+
+    def describe(t: torch.Tensor) -> m.Descriptor:
+        oid = inputs.get(id(t))
+        if oid is None:
+            oid = new_id()
+            worker.store.put(oid, t, created_by=sender)
+        return m.Descriptor(oid, tuple(t.shape), DTYPE_NAMES[t.dtype], bool(t.requires_grad))
+
+    out = map_structure(result, describe)
+    for leaf in leaves(out, object):
+        if not isinstance(leaf, (m.Descriptor, type(None))) and not isinstance(leaf, (tuple, list, dict)):
+            raise RemoteExecutionError("remote operations may only return tensors (use .get() to read values)")
+    return out
+
+
+@register_handler(m.ObjectMessage)
+def _handle_objects(worker: BaseWorker, msg: m.ObjectMessage, sender: str) -> Any:
+    if not isinstance(msg.objects, list) or not all(type(o) is m.StoredObject for o in msg.objects):
+        raise SerializationError("ObjectMessage.objects must be a list of stored objects")
+    for so in msg.objects:
+        if not isinstance(so.obj, torch.Tensor):
+            raise SerializationError(f"cannot store an object of type {type(so.obj).__name__}")
+    for so in msg.objects:
+        worker.store.put(
+            so.id, so.obj, tags=so.tags, description=so.description,
+            allowed_users=so.allowed_users, created_by=sender,
+        )
+    return m.OkReply()
+
+
+@register_handler(m.GetObjectsMessage)
+def _handle_get(worker: BaseWorker, msg: m.GetObjectsMessage, sender: str) -> Any:
+    from veil.tensors.pointer import PointerTensor, PointerWire
+
+    user = msg.user if isinstance(msg.user, str) and msg.user else sender
+    if not isinstance(msg.ids, list):
+        raise SerializationError("GetObjectsMessage.ids must be a list")
+    entries = [worker.store.entry(oid) for oid in msg.ids]
+    for oid, entry in zip(msg.ids, entries):
+        worker._check_get(entry, oid, user)
+    out = []
+    for oid, entry in zip(msg.ids, entries):
+        obj = entry.obj
+        taken = msg.delete and not entry.protected
+        if isinstance(obj, PointerTensor):
+            # the requester takes over the remote object only when we let go of it
+            out.append(PointerWire.of(obj, garbage_collect_data=taken and obj.garbage_collect_data))
+            if taken:
+                obj.garbage_collect_data = False
+        else:
+            out.append(obj)
+        if taken:
+            worker.store.discard(oid)
+    return m.ObjectsReply(out)
+
+
+@register_handler(m.DeleteMessage)
+def _handle_delete(worker: BaseWorker, msg: m.DeleteMessage, sender: str) -> Any:
+    if not isinstance(msg.ids, list):
+        raise SerializationError("DeleteMessage.ids must be a list")
+    for oid in msg.ids:
+        worker.store.discard(oid)
+    return m.OkReply()
+
+
+def _describe_entry(oid: int, entry: Entry) -> m.Descriptor:
+    from veil.messaging.serde import DTYPE_NAMES
+
+    t = entry.obj
+    return m.Descriptor(oid, tuple(t.shape), DTYPE_NAMES[t.dtype], bool(t.requires_grad), entry.tags, entry.description)
+
+
+@register_handler(m.SearchMessage)
+def _handle_search(worker: BaseWorker, msg: m.SearchMessage, sender: str) -> Any:
+    if not isinstance(msg.query, list) or not all(isinstance(q, str) for q in msg.query):
+        raise SerializationError("search query must be a list of strings")
+    found = []
+    for oid, entry in worker.store.items():
+        if isinstance(entry.obj, torch.Tensor) and all(q in entry.tags for q in msg.query):
+            found.append(_describe_entry(oid, entry))
+    return m.DescriptorsReply(found)
+
+
+@register_handler(m.ListObjectsMessage)
+def _handle_list(worker: BaseWorker, msg: m.ListObjectsMessage, sender: str) -> Any:
+    # Only the sender's own objects: listing others' ids would hand out capabilities.
+    mine = [_describe_entry(oid, e) for oid, e in worker.store.items() if e.created_by == sender]
+    return m.DescriptorsReply(mine)
+
+
+@register_handler(m.MoveMessage)
+def _handle_move(worker: BaseWorker, msg: m.MoveMessage, sender: str) -> Any:
+    if not isinstance(msg.ids, list) or not isinstance(msg.new_ids, list) or len(msg.ids) != len(msg.new_ids):
+        raise SerializationError("MoveMessage needs lists of ids and new ids of equal length")
+    destination = worker.resolve_worker(msg.destination)
+    user = msg.user if isinstance(msg.user, str) and msg.user else sender
+    entries = [worker.store.entry(oid) for oid in msg.ids]
+    for oid, entry in zip(msg.ids, entries):
+        worker._check_get(entry, oid, user)
+        if not isinstance(entry.obj, torch.Tensor):
+            raise SerializationError(f"object {oid} cannot be moved")
+    objects = [
+        m.StoredObject(new, e.obj, e.tags, e.description, e.allowed_users) for new, e in zip(msg.new_ids, entries)
+    ]
+    worker.send_msg(m.ObjectMessage(objects), destination)
+    for oid in msg.ids:
+        worker.store.discard(oid)  # owner-protected data is copied, never taken
+    return m.OkReply()
+
+
+@register_handler(m.RemoteGetMessage)
+def _handle_remote_get(worker: BaseWorker, msg: m.RemoteGetMessage, sender: str) -> Any:
+    from veil.tensors.pointer import PointerTensor
+
+    entry = worker.store.entry(msg.id)
+    if not isinstance(entry.obj, PointerTensor):
+        raise ObjectNotFoundError(f"object {msg.id} on worker {worker.id!r} is not a pointer; nothing to remote_get")
+    entry.obj = entry.obj.get()
+    return m.OkReply()
