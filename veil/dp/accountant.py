@@ -12,6 +12,7 @@ self-composition instead of composing step by step.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import dp_accounting
@@ -131,14 +132,32 @@ def find_noise_multiplier(
     if not 0 < target_delta < 1:
         raise PrivacyParameterError(f"target_delta must be in (0, 1), got {target_delta}")
     _check_step(1.0, sample_rate)
-    sigma = dp_accounting.calibrate_dp_mechanism(
-        ACCOUNTANT_FACTORIES[mechanism],
-        lambda s: sgm_event(s, sample_rate, steps),
-        target_epsilon,
-        target_delta,
-        bracket_interval=dp_accounting.LowerEndpointAndGuess(1e-2, 1.0),
-        tol=tol,
-    )
+    def search(mech: str, bracket) -> float:
+        return dp_accounting.calibrate_dp_mechanism(
+            ACCOUNTANT_FACTORIES[mech],
+            lambda s: sgm_event(s, sample_rate, steps),
+            target_epsilon,
+            target_delta,
+            bracket_interval=bracket,
+            tol=tol,
+        )
+
+    # RDP is cheap at any sigma; PLD at very small sigma needs huge FFTs (tens
+    # of GiB). RDP's epsilon upper-bounds PLD's in practice, so the RDP answer
+    # is a safe upper end of the PLD bracket and half of it a safe lower end.
+    # dp_accounting warns (via absl) for every fractional RDP order it drops
+    # at small sigma; the bound stays valid, so keep the search quiet.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        sigma = search("rdp", dp_accounting.LowerEndpointAndGuess(0.1, 1.0))
+    finally:
+        absl_logger.setLevel(level)
+    if mechanism != "rdp":
+        lower = max(0.5 * sigma, 0.3)
+        if epsilon_for(lower, sample_rate, steps, target_delta, mechanism) > target_epsilon:
+            sigma = search(mechanism, dp_accounting.ExplicitBracketInterval(lower, sigma))
     # Brent returns a point within tol of the optimum, possibly on the wrong
     # side of it; step up until the target is met so the guarantee holds.
     while epsilon_for(sigma, sample_rate, steps, target_delta, mechanism) > target_epsilon:

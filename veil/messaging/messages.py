@@ -62,6 +62,10 @@ class CommandMessage:
     return_ids: list | None = None
     grad_enabled: bool = True
 
+    def __post_init__(self) -> None:
+        if type(self.args) is list:  # arrives as an array (see serde.serialize)
+            self.args = tuple(self.args)
+
 
 @dataclass
 class ObjectMessage:

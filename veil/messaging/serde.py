@@ -193,10 +193,9 @@ def _decode_slice(data: bytes, ctx: DecodeContext) -> slice:
 
 
 def _decode_ref(data: bytes, ctx: DecodeContext) -> ObjectRef:
-    value = _unpack(data, ctx)
-    if type(value) is not int:
-        raise SerializationError("object reference must be an integer id")
-    return ObjectRef(value)
+    if len(data) != 8:
+        raise SerializationError("object reference must be an 8-byte id")
+    return ObjectRef(int.from_bytes(data, "little"))
 
 
 def _decode_dtype(data: bytes, ctx: DecodeContext) -> torch.dtype:
@@ -236,7 +235,8 @@ def _decode_stored(data: bytes, ctx: DecodeContext) -> StoredObject:
 
 
 register_ext(EXT_CODES.TENSOR, (torch.Tensor,), encode_tensor, lambda d, ctx: decode_tensor(d))
-register_ext(EXT_CODES.REF, (ObjectRef,), lambda r: _pack(r.id), _decode_ref)
+# ids are the most frequent value on the wire: fixed 8 bytes, no nested msgpack
+register_ext(EXT_CODES.REF, (ObjectRef,), lambda r: r.id.to_bytes(8, "little"), _decode_ref)
 register_ext(EXT_CODES.SLICE, (slice,), lambda s: _pack([s.start, s.stop, s.step]), _decode_slice)
 register_ext(EXT_CODES.ELLIPSIS, (type(Ellipsis),), lambda e: b"", lambda d, ctx: Ellipsis)
 register_ext(EXT_CODES.DTYPE, (torch.dtype,), lambda dt: _pack(DTYPE_NAMES[dt]), _decode_dtype)
@@ -271,7 +271,9 @@ def serialize(msg: Any, sender: str = "", deletes: list[int] | None = None) -> b
     if names is None:
         raise SerializationError(f"{cls.__name__} is not a registered message type")
     try:
-        return _pack([WIRE_VERSION, cls.TYPE, sender, deletes or [], *[getattr(msg, n) for n in names]])
+        # Top-level tuples (command args) travel as plain arrays; handlers accept both.
+        values = [v if type(v) is not tuple else list(v) for v in (getattr(msg, n) for n in names)]
+        return _pack([WIRE_VERSION, cls.TYPE, sender, deletes or [], *values])
     except SerializationError:
         raise
     except (TypeError, ValueError, OverflowError) as e:

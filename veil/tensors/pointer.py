@@ -62,6 +62,9 @@ class PointerTensor(torch.Tensor):
         d["tags"] = tuple(tags)
         d["description"] = description
         d["_freed"] = False
+        # (shape, dtype, requires_grad) as plain Python values: reading them through
+        # the tensor properties would re-enter __torch_function__ on every op.
+        d["_meta"] = (tuple(shape), dtype, requires_grad)
         return r
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:  # everything happens in __new__
@@ -71,9 +74,7 @@ class PointerTensor(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        from veil.tensors import remote_ops
-
-        return remote_ops.handle(func, args, kwargs or {})
+        return _handle(func, args, kwargs or {})
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -161,6 +162,15 @@ class PointerTensor(torch.Tensor):
     def mark_freed(self) -> None:
         """The remote object is gone (or owned elsewhere): never delete it from here."""
         self.__dict__["_freed"] = True
+
+
+def _handle(func: Any, args: tuple, kwargs: dict) -> Any:
+    # Bound on first use: remote_ops imports this module.
+    global _handle
+    from veil.tensors.remote_ops import handle
+
+    _handle = handle
+    return handle(func, args, kwargs)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from veil.ids import new_id
 from veil.messaging.allowlist import ALLOWLIST, INFER, NO_RESULT, Op
 from veil.messaging.messages import CommandMessage, Descriptor, ObjectRef, ResultReply
 from veil.messaging.serde import DTYPES
+from veil.tensors import shape_inference
 from veil.tensors.pointer import PointerTensor
 from veil.tensors.tree import leaves, map_structure
 
@@ -55,11 +56,32 @@ def _requires_grad_(func: Any, args: tuple, kwargs: dict) -> Any:
     flag = args[1] if len(args) > 1 else kwargs.get("requires_grad", True)
     call(ALLOWLIST.by_name("Tensor.requires_grad_"), (ptr, flag), {})
     _local(_T.requires_grad_, (ptr, flag), {})
+    shape, dtype, _ = ptr.__dict__["_meta"]
+    ptr.__dict__["_meta"] = (shape, dtype, bool(flag))
     return ptr
 
 
 def _set_requires_grad(func: Any, args: tuple, kwargs: dict) -> None:
     _requires_grad_(func, (args[0], bool(args[1])), {})
+
+
+def _get_grad(func: Any, args: tuple, kwargs: dict) -> Any:
+    """``p.grad``: asks the worker once per backward, then answers from a cache."""
+    ptr = args[0]
+    epoch = ptr.owner.grad_epoch(ptr.location)
+    cached = ptr.__dict__.get("_grad_cache")
+    if cached is not None and cached[0] == epoch:
+        return cached[1]
+    grad = call(ALLOWLIST.by_name("Tensor.grad.__get__"), (ptr,), {})
+    ptr.__dict__["_grad_cache"] = (epoch, grad)
+    return grad
+
+
+def _set_grad(func: Any, args: tuple, kwargs: dict) -> None:
+    ptr, value = args
+    call(ALLOWLIST.by_name("Tensor.grad.__set__"), (ptr, value), {})
+    if value is None or type(value) is PointerTensor:
+        ptr.__dict__["_grad_cache"] = (ptr.owner.grad_epoch(ptr.location), value)
 
 
 #: ops answered without contacting the worker
@@ -86,6 +108,8 @@ LOCAL_HANDLERS: dict[Any, Callable[[Any, tuple, dict], Any]] = {
     _T.is_contiguous: _local,
     _T.stride: _local,
     _T.grad_fn.__get__: _none,
+    _T.grad.__get__: _get_grad,
+    _T.grad.__set__: _set_grad,
     _T.__len__: _len,
     _T.__iter__: _iter,
     _T.requires_grad_: _requires_grad_,
@@ -109,87 +133,69 @@ def handle(func: Any, args: tuple, kwargs: dict) -> Any:
     return call(ALLOWLIST.by_func(func), args, kwargs)
 
 
-def _find_location(args: tuple, kwargs: dict) -> tuple[PointerTensor, list[PointerTensor]]:
-    ptrs = leaves((args, kwargs), PointerTensor)
-    first = ptrs[0]
-    for p in ptrs[1:]:
-        if p.location is not first.location:
-            raise WorkerMismatchError(
-                f"operation mixes objects on different workers: {first.id_at_location} on "
-                f"{first.location.id!r} and {p.id_at_location} on {p.location.id!r}; .move() one of them first"
-            )
-    return first, ptrs
+def _location_of(tensors: list[torch.Tensor]) -> PointerTensor:
+    """The first pointer; every other pointer must live on the same worker."""
+    first = None
+    for t in tensors:
+        if type(t) is PointerTensor:
+            if first is None:
+                first = t
+            elif t.location is not first.location:
+                raise WorkerMismatchError(
+                    f"operation mixes objects on different workers: {first.id_at_location} on "
+                    f"{first.location.id!r} and {t.id_at_location} on {t.location.id!r}; .move() one of them first"
+                )
+    if first is None:
+        raise TypeError("no PointerTensor among the arguments")
+    return first
 
 
-def _to_wire(args: Any) -> Any:
-    return map_structure(args, lambda t: ObjectRef(t.id_at_location) if type(t) is PointerTensor else t)
+def _to_wire(value: Any) -> Any:
+    tp = type(value)
+    if tp is PointerTensor:
+        return ObjectRef(value.id_at_location)
+    if tp is tuple or tp is list:
+        return tp(_to_wire(v) for v in value)
+    if tp is dict:
+        return {k: _to_wire(v) for k, v in value.items()}
+    return value
 
 
-_META_CACHE_LIMIT = 4096
-
-
-def _meta_of(t: torch.Tensor) -> torch.Tensor:
-    if type(t) is PointerTensor:
-        return torch.empty(t.shape, dtype=t.dtype, device="meta", requires_grad=t.requires_grad)
-    return t.detach().to("meta").requires_grad_(t.requires_grad)
-
-
-def _infer(op: Op, args: tuple, kwargs: dict) -> tuple[Any, dict[int, torch.Tensor]] | None:
-    """Runs the op on meta tensors; returns (result, meta id -> original) or None."""
-    originals: dict[int, torch.Tensor] = {}
-
-    def to_meta(t: torch.Tensor) -> torch.Tensor:
-        meta = _meta_of(t)
-        originals[id(meta)] = t
-        return meta
-
-    memo: dict[int, torch.Tensor] = {}
-
-    def shared(t: torch.Tensor) -> torch.Tensor:  # the same pointer twice -> the same meta
-        key = id(t)
-        if key not in memo:
-            memo[key] = to_meta(t)
-        return memo[key]
-
-    try:
-        margs = map_structure(args, shared)
-        mkwargs = map_structure(kwargs, shared)
-        result = op.func(*margs, **mkwargs)
-    except Exception:
-        return None
-    return result, originals
+#: ops after which cached ``.grad`` pointers of that worker may be stale
+_GRAD_CHANGING = frozenset({"Tensor.backward"})  # a grad set updates only its own cache
 
 
 def call(op: Op, args: tuple, kwargs: dict) -> Any:
     """Runs an allowlisted op on the worker holding the pointers among ``args``."""
-    first, _ = _find_location(args, kwargs)
+    tensors, key = shape_inference.collect(args, kwargs)
+    first = _location_of(tensors)
     owner, location = first.owner, first.location
     wire_args, wire_kwargs = _to_wire(args), _to_wire(kwargs)
     grad = torch.is_grad_enabled()
+    if op.worker_function or op.name in _GRAD_CHANGING:
+        owner.bump_grad_epoch(location)
     if op.shapes == NO_RESULT:
         owner.send_msg(CommandMessage(op.name, wire_args, wire_kwargs, [], grad), location)
         return None
-    inferred = _infer(op, args, kwargs) if op.shapes == INFER else None
-    if inferred is None:
+    template = shape_inference.infer(op, args, kwargs, tensors, key) if op.shapes == INFER else None
+    if template is None:
         reply = owner.send_msg(CommandMessage(op.name, wire_args, wire_kwargs, None, grad), location)
         return _from_descriptors(reply, args, kwargs, owner, location)
-    meta_result, originals = inferred
     return_ids: list[int] = []
     made: list[Any] = []
-    for meta in leaves(meta_result):
-        original = originals.get(id(meta))
-        if original is not None:  # in-place op: the result is an input
+    for spec in template.specs:
+        if spec[0] == shape_inference.ALIAS:  # in-place op: the result is an input
             return_ids.append(0)
-            made.append(original)
+            made.append(tensors[spec[1]])
         else:
             oid = new_id()
             return_ids.append(oid)
-            made.append(
-                PointerTensor(location, oid, owner, meta.shape, meta.dtype, meta.requires_grad)
-            )
+            made.append(PointerTensor(location, oid, owner, spec[1], spec[2], spec[3]))
     owner.send_msg(CommandMessage(op.name, wire_args, wire_kwargs, return_ids, grad), location)
+    if isinstance(template.structure, torch.Tensor):
+        return made[0]
     it = iter(made)
-    return map_structure(meta_result, lambda _: next(it))
+    return map_structure(template.structure, lambda _: next(it))
 
 
 def _from_descriptors(reply: Any, args: tuple, kwargs: dict, owner: Any, location: Any) -> Any:

@@ -72,6 +72,7 @@ class BaseWorker:
         self.store = ObjectStore(id)
         self.stats = TransportStats()
         self._pending_deletes: dict[str, tuple["BaseWorker", list[int]]] = {}
+        self._grad_epochs: dict[str, int] = {}
         self._decode_ctx = DecodeContext(make_pointer=self._make_pointer)
         self.hook.register_worker(self)
         for tensor in data:
@@ -142,6 +143,13 @@ class BaseWorker:
         if entry is None:
             entry = self._pending_deletes.setdefault(location.id, (location, []))
         entry[1].append(oid)
+
+    def grad_epoch(self, location: "BaseWorker") -> int:
+        """Changes whenever remote ``.grad`` attributes on ``location`` may have changed."""
+        return self._grad_epochs.get(location.id, 0)
+
+    def bump_grad_epoch(self, location: "BaseWorker") -> None:
+        self._grad_epochs[location.id] = self._grad_epochs.get(location.id, 0) + 1
 
     def flush_deletes(self) -> None:
         """Sends queued deletions now (e.g. before measuring a worker's store)."""

@@ -1,0 +1,125 @@
+"""One DP-SGD epoch vs one ordinary epoch on a small CNN (MNIST 5k, batch 256).
+
+Prints veil's slowdown ratio (DP epoch time / non-private epoch time) and, in
+the same run, Opacus's ratio on the same model and data. If Opacus is not
+importable the script tries ``pip install opacus`` into this interpreter
+(torch already satisfies its requirements, so nothing large is pulled).
+
+Run: ``python bench/bench_dp_sgd.py [--epochs 3]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from veil.datasets import load_mnist_5k
+from veil.dp import PrivacyEngine
+
+BATCH, SIGMA, C, LR = 256, 1.1, 1.0, 0.5
+
+
+def make_cnn() -> nn.Module:
+    """The small convolutional network commonly used for DP MNIST."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 8, stride=2, padding=3), nn.Tanh(), nn.MaxPool2d(2, 1),
+        nn.Conv2d(16, 32, 4, stride=2), nn.Tanh(), nn.MaxPool2d(2, 1),
+        nn.Flatten(), nn.Linear(32 * 4 * 4, 32), nn.Tanh(), nn.Linear(32, 10),
+    )
+
+
+def run_epoch(model, opt, loader) -> float:
+    start = time.perf_counter()
+    for x, y in loader:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return time.perf_counter() - start
+
+
+def time_epochs(setup, epochs: int) -> float:
+    """Median epoch time, after one warm-up epoch."""
+    model, opt, loader = setup()
+    run_epoch(model, opt, loader)
+    return statistics.median(run_epoch(model, opt, loader) for _ in range(epochs))
+
+
+def accuracy(model, x, y) -> float:
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def import_opacus():
+    try:
+        import opacus  # noqa: F401
+    except ImportError:
+        print("opacus not installed; trying `pip install opacus` ...", flush=True)
+        res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "opacus"], capture_output=True, text=True)
+        if res.returncode != 0:
+            return None
+    try:
+        import opacus
+        return opacus
+    except ImportError:
+        return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per variant (median reported)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_mnist_5k()
+    ds = TensorDataset(data["x_train"], data["y_train"])
+
+    def plain():
+        torch.manual_seed(0)
+        model = make_cnn()
+        return model, torch.optim.SGD(model.parameters(), lr=LR), DataLoader(ds, batch_size=BATCH, shuffle=True)
+
+    def veil_dp():
+        torch.manual_seed(0)
+        model = make_cnn()
+        engine = PrivacyEngine(accountant="pld")
+        return engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+                                   data_loader=DataLoader(ds, batch_size=BATCH), noise_multiplier=SIGMA,
+                                   max_grad_norm=C, poisson_sampling=True)
+
+    t_plain = time_epochs(plain, args.epochs)
+    t_veil = time_epochs(veil_dp, args.epochs)
+    print(f"non-private epoch: {t_plain:.3f} s")
+    print(f"veil DP-SGD epoch: {t_veil:.3f} s   ratio {t_veil / t_plain:.2f}x")
+
+    opacus = import_opacus()
+    if opacus is None:
+        print("opacus unavailable")
+        return
+
+    def opacus_dp():
+        torch.manual_seed(0)
+        model = make_cnn()
+        engine = opacus.PrivacyEngine(accountant="prv")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+                                       data_loader=DataLoader(ds, batch_size=BATCH), noise_multiplier=SIGMA,
+                                       max_grad_norm=C, poisson_sampling=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t_opacus = time_epochs(opacus_dp, args.epochs)
+    print(f"opacus {opacus.__version__} DP-SGD epoch: {t_opacus:.3f} s   ratio {t_opacus / t_plain:.2f}x")
+    print(f"veil ratio / opacus ratio = {t_veil / t_opacus:.2f} (<= 1 means veil is at least as fast)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Result shapes of remote ops, computed locally on meta tensors and cached.
+
+Running an op on meta tensors goes through torch's Python decompositions and
+costs tens of microseconds; training loops repeat the same ops on the same
+shapes, so results are cached by a signature of the call (op, grad mode, and
+for each argument its shape/dtype/requires_grad or value). The cached template
+says, for each tensor result, either "new tensor of this shape" or "alias of
+input k" (in-place ops). Failures are cached too: data-dependent ops then go
+straight to the worker-describes path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from veil.messaging.allowlist import Op
+from veil.tensors.pointer import PointerTensor
+from veil.tensors.tree import leaves
+
+CACHE_LIMIT = 8192
+NEW, ALIAS = 0, 1
+
+
+@dataclass(frozen=True)
+class Template:
+    structure: Any  # the meta result: its containers give the result's structure
+    specs: tuple  # per tensor leaf: (ALIAS, k) or (NEW, shape, dtype, requires_grad)
+
+
+_cache: dict[Any, Template | None] = {}
+
+
+class _Unhashable(Exception):
+    pass
+
+
+def _sig(value: Any, tensors: list, seen: dict[int, int]) -> Any:
+    tp = type(value)
+    if tp is PointerTensor:
+        k = seen.get(id(value))
+        if k is None:
+            k = seen[id(value)] = len(tensors)
+            tensors.append(value)
+        return ("P", k, value.__dict__["_meta"])
+    if isinstance(value, torch.Tensor):
+        k = seen.get(id(value))
+        if k is None:
+            k = seen[id(value)] = len(tensors)
+            tensors.append(value)
+        return ("T", k, tuple(value.shape), value.dtype, value.requires_grad)
+    if tp is tuple or tp is list:
+        return (tp is tuple, tuple(_sig(v, tensors, seen) for v in value))
+    if tp is dict:
+        return ("D", tuple((k, _sig(v, tensors, seen)) for k, v in value.items()))
+    if tp is slice:
+        return ("S", _sig(value.start, tensors, seen), _sig(value.stop, tensors, seen), _sig(value.step, tensors, seen))
+    if tp in (int, float, bool, str, type(None), type(Ellipsis), torch.dtype, torch.Size, torch.device):
+        return (tp, value)  # the type matters: 1, 1.0 and True promote differently
+    raise _Unhashable
+
+
+def collect(args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], Any]:
+    """All distinct tensors in the call (pointers and local ones) and a cache key (or None)."""
+    tensors: list[torch.Tensor] = []
+    seen: dict[int, int] = {}
+    try:
+        key = (_sig(args, tensors, seen), _sig(kwargs, tensors, seen))
+    except _Unhashable:
+        tensors = _distinct(leaves((args, kwargs)))
+        key = None
+    return tensors, key
+
+
+def _distinct(items: list) -> list:
+    out, seen = [], set()
+    for t in items:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def _meta_of(t: torch.Tensor) -> torch.Tensor:
+    if type(t) is PointerTensor:
+        shape, dtype, requires_grad = t.__dict__["_meta"]
+        return torch.empty(shape, dtype=dtype, device="meta", requires_grad=requires_grad)
+    return t.detach().to("meta").requires_grad_(t.requires_grad)
+
+
+def _replace(value: Any, metas: dict[int, torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return metas[id(value)]
+    tp = type(value)
+    if tp is tuple or tp is list:
+        return tp(_replace(v, metas) for v in value)
+    if tp is dict:
+        return {k: _replace(v, metas) for k, v in value.items()}
+    return value
+
+
+def infer(op: Op, args: tuple, kwargs: dict, tensors: list[torch.Tensor], key: Any) -> Template | None:
+    """The result template of ``op(*args, **kwargs)``, or None when meta tensors can't tell."""
+    full_key = None
+    if key is not None:
+        full_key = (op.name, torch.is_grad_enabled(), key)
+        if full_key in _cache:
+            return _cache[full_key]
+    template = _run_meta(op, args, kwargs, tensors)
+    if full_key is not None:
+        if len(_cache) >= CACHE_LIMIT:
+            _cache.clear()
+        _cache[full_key] = template
+    return template
+
+
+def _run_meta(op: Op, args: tuple, kwargs: dict, tensors: list[torch.Tensor]) -> Template | None:
+    metas = {id(t): _meta_of(t) for t in tensors}
+    index_of_meta = {id(metas[id(t)]): k for k, t in enumerate(tensors)}
+    try:
+        result = op.func(*_replace(args, metas), **_replace(kwargs, metas))
+    except Exception:
+        return None
+    specs = []
+    for leaf in leaves(result):
+        k = index_of_meta.get(id(leaf))
+        if k is not None:
+            specs.append((ALIAS, k))
+        else:
+            specs.append((NEW, tuple(leaf.shape), leaf.dtype, leaf.requires_grad))
+    return Template(result, tuple(specs))
+
+
+def clear_cache() -> None:
+    _cache.clear()
