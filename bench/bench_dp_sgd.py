@@ -45,13 +45,6 @@ def run_epoch(model, opt, loader) -> float:
     return time.perf_counter() - start
 
 
-def time_epochs(setup, epochs: int) -> float:
-    """Median epoch time, after one warm-up epoch."""
-    model, opt, loader = setup()
-    run_epoch(model, opt, loader)
-    return statistics.median(run_epoch(model, opt, loader) for _ in range(epochs))
-
-
 def accuracy(model, x, y) -> float:
     with torch.no_grad():
         return (model(x).argmax(1) == y).float().mean().item()
@@ -74,7 +67,7 @@ def import_opacus():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per variant (median reported)")
+    parser.add_argument("--epochs", type=int, default=5, help="timed epochs per variant (median reported)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -94,32 +87,42 @@ def main() -> None:
                                    data_loader=DataLoader(ds, batch_size=BATCH), noise_multiplier=SIGMA,
                                    max_grad_norm=C, poisson_sampling=True)
 
-    t_plain = time_epochs(plain, args.epochs)
-    t_veil = time_epochs(veil_dp, args.epochs)
-    print(f"non-private epoch: {t_plain:.3f} s")
-    print(f"veil DP-SGD epoch: {t_veil:.3f} s   ratio {t_veil / t_plain:.2f}x")
-
     opacus = import_opacus()
-    if opacus is None:
-        print("opacus unavailable")
-        return
 
     def opacus_dp():
         torch.manual_seed(0)
         model = make_cnn()
         engine = opacus.PrivacyEngine(accountant="prv")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
-                                       data_loader=DataLoader(ds, batch_size=BATCH), noise_multiplier=SIGMA,
-                                       max_grad_norm=C, poisson_sampling=True)
+        return engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+                                   data_loader=DataLoader(ds, batch_size=BATCH), noise_multiplier=SIGMA,
+                                   max_grad_norm=C, poisson_sampling=True)
 
+    variants = {"non-private": plain, "veil": veil_dp}
+    if opacus is not None:
+        variants["opacus"] = opacus_dp
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t_opacus = time_epochs(opacus_dp, args.epochs)
-    print(f"opacus {opacus.__version__} DP-SGD epoch: {t_opacus:.3f} s   ratio {t_opacus / t_plain:.2f}x")
-    print(f"veil ratio / opacus ratio = {t_veil / t_opacus:.2f} (<= 1 means veil is at least as fast)")
-
+        setups = {name: make() for name, make in variants.items()}
+        for name, (model, opt, loader) in setups.items():  # warm-up epoch each
+            run_epoch(model, opt, loader)
+        # Interleave the variants round by round so that drift in machine
+        # speed (shared VM) affects all of them alike; report medians.
+        times: dict[str, list[float]] = {name: [] for name in setups}
+        for _ in range(args.epochs):
+            for name, (model, opt, loader) in setups.items():
+                times[name].append(run_epoch(model, opt, loader))
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    base = med["non-private"]
+    print(f"non-private epoch: {base:.3f} s")
+    print(f"veil DP-SGD epoch: {med['veil']:.3f} s   ratio {med['veil'] / base:.2f}x")
+    if opacus is None:
+        print("opacus unavailable")
+        return
+    print(f"opacus {opacus.__version__} DP-SGD epoch: {med['opacus']:.3f} s   ratio {med['opacus'] / base:.2f}x")
+    print(f"veil ratio / opacus ratio = {med['veil'] / med['opacus']:.2f} (<= 1 means veil is at least as fast)")
+    x_test, y_test = data["x_test"], data["y_test"]
+    print("test accuracy after warm-up + timed epochs: "
+          + ", ".join(f"{n} {accuracy(setups[n][0], x_test, y_test):.3f}" for n in setups))
 
 if __name__ == "__main__":
     main()

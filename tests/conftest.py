@@ -1,6 +1,12 @@
 """Shared fixtures. Core scenarios take ``workers`` so they run against every worker kind.
 
-``WORKER_KINDS`` lists the kinds; the network-worker suite adds "websocket".
+``WORKER_KINDS`` lists the kinds. "websocket": one ``veil worker`` process per
+name (alice, bob, charlie), started once per test session on loopback and peered
+with each other; each test gets new client connections (a new session, freed
+when the test closes it). The test client presents three tokens: a data
+scientist's (user "scientist"), user "hospital"'s (so ``.get(user="hospital")``
+is an authenticated claim, as the virtual worker's is by construction) and the
+owner's admin token (so ``alice._objects`` and ``alice.load`` work as the owner's view).
 """
 
 from __future__ import annotations
@@ -12,7 +18,15 @@ import torch
 
 import veil as sy
 
-WORKER_KINDS = ["virtual"]
+WORKER_KINDS = ["virtual", "websocket"]
+
+WS_NAMES = ("alice", "bob", "charlie")
+WS_TOKENS = {
+    "scientist": "test-scientist-token",
+    "hospital": "test-hospital-token",
+    "admin": "test-admin-token",
+    "peer": "test-peer-token",
+}
 
 
 @pytest.fixture(scope="session")
@@ -20,11 +34,47 @@ def hook():
     return sy.TorchHook(torch)
 
 
-def _make_virtual(hook, name):
+def _make_virtual(hook, name, request):
     return sy.VirtualWorker(hook, id=name)
 
 
-WORKER_FACTORIES = {"virtual": _make_virtual}
+def websocket_server_args(name: str, ports: dict) -> list[str]:
+    """``veil worker`` arguments for one test server, peered with the other names."""
+    t = WS_TOKENS
+    args = ["--token", t["scientist"], "--user", f"hospital={t['hospital']}", "--admin-token", t["admin"]]
+    for other, port in ports.items():
+        if other != name:
+            args += ["--peer", f"{other}=127.0.0.1:{port}", "--peer-token", f"{other}={t['peer']}",
+                     "--accept-peer", f"{other}={t['peer']}"]
+    return args
+
+
+@pytest.fixture(scope="session")
+def websocket_servers():
+    """name -> WorkerProcess for alice, bob and charlie; stopped at the end (even after failures)."""
+    from veil.workers.websocket_launcher import free_port, start_worker
+
+    ports = {n: free_port() for n in WS_NAMES}
+    procs = {}
+    try:
+        for n in WS_NAMES:
+            procs[n] = start_worker(n, websocket_server_args(n, ports), port=ports[n])
+        yield procs
+    finally:
+        for p in procs.values():
+            p.stop()
+
+
+def _make_websocket(hook, name, request):
+    servers = request.getfixturevalue("websocket_servers")
+    t = WS_TOKENS
+    return sy.WebsocketClientWorker(
+        hook, id=name, host="127.0.0.1", port=servers[name].port, token=t["scientist"],
+        extra_tokens=[t["hospital"], t["admin"]], timeout=60,
+    )
+
+
+WORKER_FACTORIES = {"virtual": _make_virtual, "websocket": _make_websocket}
 
 
 @pytest.fixture(params=WORKER_KINDS)
@@ -34,7 +84,7 @@ def make_worker(request, hook):
     factory = WORKER_FACTORIES[request.param]
 
     def make(name):
-        w = factory(hook, name)
+        w = factory(hook, name, request)
         made.append(w)
         return w
 

@@ -3,21 +3,44 @@
 Public API re-exports only; nothing is defined here.
 """
 
-from veil import exceptions
+from veil import exceptions, federated, plans  # importing registers their wire types and worker functions
 from veil.api import describe, get, list_objects, private_tensor, search, send, tag
 from veil.hook import TorchHook
+from veil.federated import BaseDataset, FederatedDataLoader, FederatedDataset
 from veil.module_api import copy_module, get_module, move_module, send_module
+from veil.plans import Plan, func2plan, training_plan
+from veil.mpc.providers import LocalDealer, WorkerDealer
+from veil.tensors.additive import AdditiveSharingTensor
+from veil.tensors.fixed_precision import FixedPrecisionTensor, fix_precision, float_precision
 from veil.tensors.pointer import PointerTensor
 from veil.workers.base import BaseWorker
 from veil.workers.virtual import VirtualWorker
+from veil.workers.websocket_client import WebsocketClientWorker
+from veil.workers.websocket_server import WebsocketServerWorker
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BaseDataset",
+    "FederatedDataLoader",
+    "FederatedDataset",
+    "Plan",
+    "federated",
+    "func2plan",
+    "plans",
+    "training_plan",
+    "AdditiveSharingTensor",
+    "FixedPrecisionTensor",
+    "LocalDealer",
+    "WorkerDealer",
+    "fix_precision",
+    "float_precision",
     "BaseWorker",
     "PointerTensor",
     "TorchHook",
     "VirtualWorker",
+    "WebsocketClientWorker",
+    "WebsocketServerWorker",
     "copy_module",
     "describe",
     "exceptions",

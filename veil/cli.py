@@ -29,6 +29,19 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(epochs=args.epochs, out_dir=args.out)
 
 
+def _worker_args(p: argparse.ArgumentParser) -> None:
+    from veil.workers.websocket_cli import configure
+
+    configure(p)
+
+
+@command("worker", "serve this machine's data as a network worker (websockets)", _worker_args)
+def _worker(args: argparse.Namespace) -> int:
+    from veil.workers.websocket_cli import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="veil", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -15,7 +15,15 @@ import torch
 from torch import nn
 
 from veil import api, module_api
+from veil.mpc import module as mpc_module
+from veil.mpc import tensor_api as mpc_tensor_api
 from veil.workers.registry import HookContext, set_default_hook_context
+
+def _federate(dataset: Any, workers: Any) -> Any:
+    from veil.federated import federate
+
+    return federate(dataset, workers)
+
 
 #: (class, attribute name, function). Explicit: one line per verb.
 ATTACHMENTS: list[tuple[type, str, Callable[..., Any]]] = [
@@ -27,6 +35,19 @@ ATTACHMENTS: list[tuple[type, str, Callable[..., Any]]] = [
     (nn.Module, "get", module_api.get_module),
     (nn.Module, "copy", module_api.copy_module),
     (nn.Module, "move", module_api.move_module),
+    (torch.utils.data.Dataset, "federate", _federate),
+    # SMPC (veil.mpc): encode, secret-share, decode. torch has none of these names
+    # (nn.Module has share_memory, not share; Tensor has share_memory_).
+    (torch.Tensor, "fix_precision", mpc_tensor_api.fix_precision),
+    (torch.Tensor, "fix_prec", mpc_tensor_api.fix_precision),
+    (torch.Tensor, "float_precision", mpc_tensor_api.float_precision),
+    (torch.Tensor, "float_prec", mpc_tensor_api.float_precision),
+    (torch.Tensor, "share", mpc_tensor_api.share),
+    (nn.Module, "fix_precision", mpc_module.fix_precision_module),
+    (nn.Module, "fix_prec", mpc_module.fix_precision_module),
+    (nn.Module, "share", mpc_module.share_module),
+    (nn.Module, "float_precision", mpc_module.float_precision_module),
+    (nn.Module, "float_prec", mpc_module.float_precision_module),
 ]
 
 #: attributes veil itself attached (so that a second hook is a no-op, not a conflict)

@@ -62,7 +62,12 @@ def load_pima(standardize: bool = True) -> dict[str, torch.Tensor]:
 
 
 def load_mnist_5k(scale: bool = True) -> dict[str, torch.Tensor]:
-    """A 5,000-image MNIST subset; the last 1,000 rows are the test set.
+    """A 5,000-image MNIST subset split 4,000 train / 1,000 test.
+
+    The bundled file is sorted by label (500 images per digit), so "the last
+    1,000 rows" would be a test set of 8s and 9s only. Instead the last 100
+    rows of each digit are held out: deterministic, and both sets are balanced.
+    Training rows stay ordered by digit: shuffle before training.
 
     Returns:
         dict with ``x_train [4000, 1, 28, 28]``, ``y_train [4000]`` (int64),
@@ -75,7 +80,12 @@ def load_mnist_5k(scale: bool = True) -> dict[str, torch.Tensor]:
     if scale:
         x = x / 255.0
     y = data[:, 784].long()
-    return {"x_train": x[:4000], "y_train": y[:4000], "x_test": x[4000:], "y_test": y[4000:]}
+    test = torch.zeros(len(y), dtype=torch.bool)
+    for digit in y.unique():
+        rows = (y == digit).nonzero().flatten()
+        test[rows[-len(rows) // 5 :]] = True
+    train = ~test
+    return {"x_train": x[train], "y_train": y[train], "x_test": x[test], "y_test": y[test]}
 
 
 def train_test_split(

@@ -1,7 +1,10 @@
 """Differential privacy for veil: DP-SGD, accounting, federated DP, budgets, queries, PATE."""
 
+from veil.dp import pate, queries
 from veil.dp.accountant import Accountant, epsilon_for, find_noise_multiplier
+from veil.dp.budget import BudgetLedger
 from veil.dp.engine import PrivacyEngine
+from veil.dp.federated import DPDataOwner, FederatedDPResult, train_federated_dp
 from veil.dp.errors import (
     BatchNormNotPrivateError,
     BudgetExceededError,
@@ -13,10 +16,22 @@ from veil.dp.errors import (
 )
 from veil.dp.optimizer import DPOptimizer, make_generator
 from veil.dp.per_sample import GradSampleModule, fix_module, validate
+from veil.dp.queries import DPResult, dp_count, dp_histogram, dp_mean, dp_sum
 from veil.dp.sampling import DPDataLoader, PoissonBatchSampler
 
 __all__ = [
     "Accountant",
+    "BudgetLedger",
+    "DPDataOwner",
+    "DPResult",
+    "FederatedDPResult",
+    "dp_count",
+    "dp_histogram",
+    "dp_mean",
+    "dp_sum",
+    "pate",
+    "queries",
+    "train_federated_dp",
     "BatchNormNotPrivateError",
     "BudgetExceededError",
     "DPDataLoader",

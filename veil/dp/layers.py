@@ -2,7 +2,8 @@
 
 A rule receives the layer, the inputs it was called with (batch first) and
 the gradient of the loss with respect to each of its outputs, and returns
-``{parameter name: per-sample gradient [B, *param.shape]}``. Rules for
+``{parameter name: per-sample gradient [B, *param.shape]}`` as fresh tensors
+(the caller rescales them in place). Rules for
 Linear, convolutions, Embedding and the norms use closed forms (one einsum);
 recurrent layers use a per-sample vector-Jacobian product (correct for any
 layer, slower).
@@ -55,7 +56,12 @@ def _conv(layer: nn.Module, inputs: Sequence, grads: Sequence) -> Grads:
     b = a.shape[0]
     one_d = isinstance(layer, nn.Conv1d)
     pad = _conv_padding(layer, a.shape[2:])
-    if any(pad):
+    symmetric = all(pad[i] == pad[i + 1] for i in range(0, len(pad), 2))
+    unfold_pad: tuple[int, ...] = (0, 0)
+    if any(pad) and layer.padding_mode == "zeros" and symmetric and not one_d:
+        # Let unfold pad (no extra copy of the input).
+        unfold_pad = (pad[2], pad[0])
+    elif any(pad):
         mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
         a = F.pad(a, pad, mode=mode)
     if one_d:  # a 1-D convolution is a 2-D one of height 1
@@ -63,7 +69,7 @@ def _conv(layer: nn.Module, inputs: Sequence, grads: Sequence) -> Grads:
         kernel, dil, stride = (1, layer.kernel_size[0]), (1, layer.dilation[0]), (1, layer.stride[0])
     else:
         kernel, dil, stride = layer.kernel_size, layer.dilation, layer.stride
-    cols = F.unfold(a, kernel, dilation=dil, stride=stride)  # [B, C_in*k, L]
+    cols = F.unfold(a, kernel, dilation=dil, padding=unfold_pad, stride=stride)  # [B, C_in*k, L]
     groups, c_out = layer.groups, layer.out_channels
     cols = cols.reshape(b, groups, -1, cols.shape[-1])
     g2 = g.reshape(b, groups, c_out // groups, -1)
@@ -96,7 +102,7 @@ def _layer_norm(layer: nn.LayerNorm, inputs: Sequence, grads: Sequence) -> Grads
     if layer.weight is not None:
         out["weight"] = (g * normed).sum(reduce) if reduce else g * normed
     if getattr(layer, "bias", None) is not None:
-        out["bias"] = g.sum(reduce) if reduce else g
+        out["bias"] = g.sum(reduce) if reduce else g.clone()
     return out
 
 
@@ -108,7 +114,7 @@ def _group_norm(layer: nn.GroupNorm, inputs: Sequence, grads: Sequence) -> Grads
     if layer.weight is not None:
         out["weight"] = (g * normed).sum(reduce) if reduce else g * normed
     if layer.bias is not None:
-        out["bias"] = g.sum(reduce) if reduce else g
+        out["bias"] = g.sum(reduce) if reduce else g.clone()
     return out
 
 

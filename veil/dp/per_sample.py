@@ -81,8 +81,8 @@ class GradSampleModule(nn.Module):
         loss_reduction: ``"mean"`` if the loss averages over the batch (the
             per-sample gradients are then rescaled by the batch size so that
             each is the gradient of that sample's own loss) or ``"sum"``.
-        batch_first: the batch is dimension 0 of the inputs (recurrent
-            layers follow their own ``batch_first``).
+            Inputs are batch-first, except recurrent layers, which follow
+            their own ``batch_first``.
     """
 
     def __init__(self, module: nn.Module, loss_reduction: str = "mean") -> None:
@@ -154,7 +154,7 @@ class GradSampleModule(nn.Module):
             if not param.requires_grad:
                 continue
             if self.loss_reduction == "mean":
-                gs = gs * gs.shape[0]
+                gs.mul_(gs.shape[0])  # rules return fresh tensors
             # A layer called several times in one pass (shared weights)
             # contributes the sum of its calls, as autograd does for .grad.
             prev = getattr(param, "grad_sample", None)

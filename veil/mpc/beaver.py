@@ -26,15 +26,35 @@ from typing import Hashable, Mapping
 
 import torch
 
-from veil.mpc.opening import open_values
+from veil.mpc.party import open_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
 from veil.mpc.ring import bilinear
 
 Shares = Mapping[Hashable, torch.Tensor]
 
 
+@party_function("beaver_mask", openable=True)
+def _mask(x_i: torch.Tensor, y_i: torch.Tensor, a_i: torch.Tensor, b_i: torch.Tensor) -> tuple:
+    """A party's shares of ``e = x - a`` and ``f = y - b`` (uniformly masked)."""
+    return x_i - a_i, y_i - b_i
+
+
+@party_function("beaver_combine")
+def _combine(a_i, b_i, c_i, e, f, op: str, first: bool, op_kwargs: dict) -> torch.Tensor:
+    """``z_i = c_i + op(e, b_i) + op(a_i, f)`` (+ ``op(e, f)`` for party 0)."""
+    fn = bilinear(op)
+    z_i = c_i + fn(e, b_i, **op_kwargs) + fn(a_i, f, **op_kwargs)
+    if first:
+        z_i = z_i + fn(e, f, **op_kwargs)  # the public term, added once
+    return z_i
+
+
 def beaver_op(x: Shares, y: Shares, op: str, provider: Provider, **op_kwargs) -> dict:
     """Computes shares of ``op(x, y)`` for secret-shared ``x`` and ``y``.
+
+    Each party runs two steps: ``beaver_mask`` (opened: one message per
+    party, the protocol's single round) and ``beaver_combine`` (local to the
+    party: one command message for a remote share).
 
     Args:
         x: party -> share of the left operand.
@@ -49,20 +69,14 @@ def beaver_op(x: Shares, y: Shares, op: str, provider: Provider, **op_kwargs) ->
     parties = list(x.keys())
     if list(y.keys()) != parties:
         raise ValueError(f"operands are shared among different parties: {parties} vs {list(y.keys())}")
-    fn = bilinear(op)
+    bilinear(op)  # fail early on an unknown op
     first_x, first_y = x[parties[0]], y[parties[0]]
     triples = provider.beaver_triples(op, tuple(first_x.shape), tuple(first_y.shape), parties, **op_kwargs)
-    e_shares = {p: x[p] - triples[p][0] for p in parties}
-    f_shares = {p: y[p] - triples[p][1] for p in parties}
-    e, f = open_values(e_shares, f_shares)  # the protocol's single round
-    out = {}
-    for i, p in enumerate(parties):
-        a_i, b_i, c_i = triples[p]
-        z_i = c_i + fn(e, b_i, **op_kwargs) + fn(a_i, f, **op_kwargs)
-        if i == 0:
-            z_i = z_i + fn(e, f, **op_kwargs)  # the public term, added once
-        out[p] = z_i
-    return out
+    e, f = open_parties("beaver_mask", {p: (x[p], y[p], triples[p][0], triples[p][1]) for p in parties})
+    return {
+        p: run_party("beaver_combine", *triples[p], e, f, op=op, first=(i == 0), op_kwargs=dict(op_kwargs))
+        for i, p in enumerate(parties)
+    }
 
 
 def beaver_mul(x: Shares, y: Shares, provider: Provider) -> dict:

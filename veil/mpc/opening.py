@@ -16,11 +16,33 @@ from typing import Callable, Iterator, Mapping
 import torch
 
 _FETCHERS: dict[type, Callable[[object], torch.Tensor]] = {}
+#: handle type -> fetch of many handles at once (e.g. one message per worker)
+_BATCH_FETCHERS: dict[type, Callable[[list], list]] = {}
 
 
 def register_fetcher(handle_type: type, fetch_fn: Callable[[object], torch.Tensor]) -> None:
     """Declares how to bring a share of ``handle_type`` to the local process."""
     _FETCHERS[handle_type] = fetch_fn
+
+
+def register_batch_fetcher(handle_type: type, fetch_many: Callable[[list], list]) -> None:
+    """Declares how to bring many shares of ``handle_type`` here at once."""
+    _BATCH_FETCHERS[handle_type] = fetch_many
+
+
+def fetch_all(shares: list) -> list[torch.Tensor]:
+    """Fetches shares, batching handle types that have a batch fetcher."""
+    out: list = list(shares)
+    groups: dict[type, list[int]] = {}
+    for k, s in enumerate(shares):
+        if type(s) in _BATCH_FETCHERS:
+            groups.setdefault(type(s), []).append(k)
+        else:
+            out[k] = fetch(s)
+    for tp, idx in groups.items():
+        for k, value in zip(idx, _BATCH_FETCHERS[tp]([shares[k] for k in idx])):
+            out[k] = value
+    return out
 
 
 def fetch(share: object) -> torch.Tensor:
@@ -83,15 +105,22 @@ def open_values(*share_maps: Mapping[object, object]) -> list[torch.Tensor]:
     """
     opened = []
     elements = 0
+    flat = fetch_all([s for shares in share_maps for s in shares.values()])
+    pos = 0
     for shares in share_maps:
-        values = [fetch(s) for s in shares.values()]
+        values, pos = flat[pos : pos + len(shares)], pos + len(shares)
         total = values[0]
         for v in values[1:]:
             total = total + v  # int64 addition wraps: sum mod 2^64
         opened.append(total)
         n = len(values)
         elements += n * (n - 1) * total.numel()
+    record_opening(elements)
+    return opened
+
+
+def record_opening(elements: int) -> None:
+    """Counts one opening round of ``elements`` ring elements sent."""
     for stats in _ACTIVE:
         stats.rounds += 1
         stats.elements += elements
-    return opened

@@ -30,10 +30,30 @@ from typing import Hashable, Mapping
 
 import torch
 
-from veil.mpc.opening import open_values
+from veil.mpc.party import open_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
 
 Shares = Mapping[Hashable, torch.Tensor]
+
+
+@party_function("trunc_local")
+def _trunc_local(x_i: torch.Tensor, divisor: int, negate: bool) -> torch.Tensor:
+    """``floor(x_i / d)``, or ``-floor(-x_i / d)`` for the second party."""
+    if negate:
+        return -torch.div(-x_i, divisor, rounding_mode="floor")
+    return torch.div(x_i, divisor, rounding_mode="floor")
+
+
+@party_function("trunc_mask", openable=True)
+def _trunc_mask(x_i: torch.Tensor, r_i: torch.Tensor) -> tuple:
+    """A party's share of ``c = x + r`` (uniformly masked)."""
+    return (x_i + r_i,)
+
+
+@party_function("trunc_finish")
+def _trunc_finish(c: torch.Tensor, q_i: torch.Tensor, divisor: int, first: bool) -> torch.Tensor:
+    z = -q_i
+    return z + torch.div(c, divisor, rounding_mode="floor") if first else z
 
 
 def truncate_secureml(shares: Shares, divisor: int) -> dict:
@@ -41,11 +61,7 @@ def truncate_secureml(shares: Shares, divisor: int) -> dict:
     parties = list(shares.keys())
     if len(parties) != 2:
         raise ValueError(f"SecureML local truncation needs exactly 2 parties, got {len(parties)}")
-    p0, p1 = parties
-    return {
-        p0: torch.div(shares[p0], divisor, rounding_mode="floor"),
-        p1: -torch.div(-shares[p1], divisor, rounding_mode="floor"),
-    }
+    return {p: run_party("trunc_local", shares[p], divisor=divisor, negate=(i == 1)) for i, p in enumerate(parties)}
 
 
 def truncate_with_pairs(shares: Shares, divisor: int, provider: Provider) -> dict:
@@ -53,13 +69,10 @@ def truncate_with_pairs(shares: Shares, divisor: int, provider: Provider) -> dic
     parties = list(shares.keys())
     shape = tuple(shares[parties[0]].shape)
     pairs = provider.truncation_pairs(shape, divisor, parties)
-    (c,) = open_values({p: shares[p] + pairs[p][0] for p in parties})
-    c_div = torch.div(c, divisor, rounding_mode="floor")
-    out = {}
-    for i, p in enumerate(parties):
-        z = -pairs[p][1]
-        out[p] = z + c_div if i == 0 else z
-    return out
+    (c,) = open_parties("trunc_mask", {p: (shares[p], pairs[p][0]) for p in parties})
+    return {
+        p: run_party("trunc_finish", c, pairs[p][1], divisor=divisor, first=(i == 0)) for i, p in enumerate(parties)
+    }
 
 
 def truncate_shares(shares: Shares, divisor: int, provider: Provider) -> dict:

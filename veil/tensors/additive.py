@@ -100,7 +100,7 @@ class AdditiveSharingTensor(torch.Tensor):
         value = torch.as_tensor(value, dtype=torch.int64)
         shares = {}
         for i, (pid, s) in enumerate(like.child.items()):
-            zeros = s.new_zeros(tuple(value.shape))
+            zeros = torch.ops.aten.new_zeros.default(s, list(value.shape))
             shares[pid] = zeros + value if i == 0 else zeros
         return cls(shares, like.crypto_provider)
 
@@ -153,10 +153,13 @@ def share(
     Args:
         tensor: An integer tensor (floats must be ``fix_precision``-ed first).
         parties: Party ids or workers (keys become ``party.id`` if present).
-        crypto_provider: Provider for the protocols run on the result.
+        crypto_provider: Provider for the protocols run on the result, or a
+            crypto-provider *worker* (dealing through a WorkerDealer).
         generator: Optional seeded generator (tests); default OS randomness.
         place: Optional ``place(share, party) -> handle`` that moves each share
-            to its party (e.g. ``lambda s, w: s.send(w)``); default keeps it.
+            to its party (e.g. ``lambda s, w: s.send(w)``). Default: when all
+            parties are workers, seeded shares are placed on them
+            (:mod:`veil.mpc.remote_sharing`); otherwise shares stay local.
 
     Raises:
         NotEncodedError: If ``tensor`` is floating point.
@@ -169,6 +172,13 @@ def share(
         raise ValueError(f"parties must be distinct, got {ids}")
     if crypto_provider is None:
         raise ValueError("share() needs a crypto_provider for multiplication and truncation")
+    from veil.mpc.remote_sharing import is_worker, resolve_provider, share_on_workers
+
+    crypto_provider = resolve_provider(crypto_provider, parties)
+    if place is None and generator is None and all(is_worker(p) for p in parties):
+        split(tensor.detach()[:0], 2)  # same dtype checks as the local path
+        pieces = share_on_workers(tensor, parties)
+        return AdditiveSharingTensor(dict(zip(ids, pieces)), crypto_provider)
     pieces = split(tensor.detach(), len(ids), generator)
     if place is not None:
         pieces = [place(s, p) for s, p in zip(pieces, parties)]

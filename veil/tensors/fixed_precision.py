@@ -79,15 +79,18 @@ class FixedPrecisionTensor(torch.Tensor):
         crypto_provider: Provider,
         generator: Optional[torch.Generator] = None,
         place: Optional[Callable] = None,
+        requires_grad: Optional[bool] = None,
     ) -> "FixedPrecisionTensor":
-        """Secret-shares the encoded values; the result keeps ``requires_grad``.
+        """Secret-shares the encoded values.
 
-        See :func:`veil.tensors.additive.share` for the arguments.
+        See :func:`veil.tensors.additive.share` for the arguments;
+        ``requires_grad`` defaults to this tensor's.
         """
         if self.is_shared:
             raise TypeError("this FixedPrecisionTensor is already shared")
         child = share_int(self.child, parties, crypto_provider, generator=generator, place=place)
-        return type(self)(child, self.encoding, self.dtype, requires_grad=self.requires_grad)
+        grad = self.requires_grad if requires_grad is None else requires_grad
+        return type(self)(child, self.encoding, self.dtype, requires_grad=grad)
 
     def get(self) -> "FixedPrecisionTensor":
         """Reconstructs shared encoded values (a plain-child fixed-precision tensor)."""

@@ -165,11 +165,18 @@ def _to_wire(value: Any) -> Any:
 _GRAD_CHANGING = frozenset({"Tensor.backward"})  # a grad set updates only its own cache
 
 
-def call(op: Op, args: tuple, kwargs: dict) -> Any:
-    """Runs an allowlisted op on the worker holding the pointers among ``args``."""
+def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
+    """Runs an allowlisted op on the worker holding the pointers among ``args``.
+
+    ``location`` names the worker explicitly, for worker functions whose
+    arguments hold no pointer; the local worker then sends the command.
+    """
     tensors, key = shape_inference.collect(args, kwargs)
-    first = _location_of(tensors)
-    owner, location = first.owner, first.location
+    if location is None:
+        first = _location_of(tensors)
+        owner, location = first.owner, first.location
+    else:
+        owner = location.hook.local_worker
     wire_args, wire_kwargs = _to_wire(args), _to_wire(kwargs)
     grad = torch.is_grad_enabled()
     if op.worker_function or op.name in _GRAD_CHANGING:

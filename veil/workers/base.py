@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Handler = Callable[["BaseWorker", Any, str], Any]
+#: what an ObjectMessage may store besides tensors (plans register themselves)
+STORABLE_TYPES: list[type] = [torch.Tensor]
+#: checks run on an arriving object before it is stored (e.g. a plan's ops vs the allowlist)
+STORE_VALIDATORS: dict[type, Callable[[Any], None]] = {}
 #: message type -> handler; extensions add theirs with register_handler
 HANDLERS: dict[type, Handler] = {}
 
@@ -280,8 +284,11 @@ def _handle_objects(worker: BaseWorker, msg: m.ObjectMessage, sender: str) -> An
     if not isinstance(msg.objects, list) or not all(type(o) is m.StoredObject for o in msg.objects):
         raise SerializationError("ObjectMessage.objects must be a list of stored objects")
     for so in msg.objects:
-        if not isinstance(so.obj, torch.Tensor):
+        if not isinstance(so.obj, tuple(STORABLE_TYPES)):
             raise SerializationError(f"cannot store an object of type {type(so.obj).__name__}")
+        validate = STORE_VALIDATORS.get(type(so.obj))
+        if validate is not None:
+            validate(so.obj)
     for so in msg.objects:
         worker.store.put(
             so.id, so.obj, tags=so.tags, description=so.description,
@@ -354,13 +361,14 @@ def _handle_list(worker: BaseWorker, msg: m.ListObjectsMessage, sender: str) -> 
 def _handle_move(worker: BaseWorker, msg: m.MoveMessage, sender: str) -> Any:
     if not isinstance(msg.ids, list) or not isinstance(msg.new_ids, list) or len(msg.ids) != len(msg.new_ids):
         raise SerializationError("MoveMessage needs lists of ids and new ids of equal length")
-    destination = worker.resolve_worker(msg.destination)
     user = msg.user if isinstance(msg.user, str) and msg.user else sender
     entries = [worker.store.entry(oid) for oid in msg.ids]
     for oid, entry in zip(msg.ids, entries):
         worker._check_get(entry, oid, user)
         if not isinstance(entry.obj, torch.Tensor):
             raise SerializationError(f"object {oid} cannot be moved")
+    # Refusals first: whether the destination is reachable must not matter to a refused move.
+    destination = worker.resolve_worker(msg.destination)
     objects = [
         m.StoredObject(new, e.obj, e.tags, e.description, e.allowed_users) for new, e in zip(msg.new_ids, entries)
     ]

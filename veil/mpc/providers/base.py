@@ -12,6 +12,8 @@ from typing import Hashable, Mapping, Sequence
 
 import torch
 
+from veil.mpc.errors import ProviderError
+
 PartyShares = Mapping[Hashable, tuple]
 
 
@@ -51,3 +53,16 @@ class Provider(abc.ABC):
         Returns:
             party -> (r_i, q_i) with sum r_i = r and sum q_i = floor(r/divisor).
         """
+
+    def comparison_masks(
+        self, shape: Sequence[int], n_extra: int, parties: Sequence[Hashable]
+    ) -> Mapping[Hashable, tuple]:
+        """Deals the material of one private comparison (see :mod:`veil.mpc.material`).
+
+        Returns:
+            party -> ``(a_0..a_k, m, a_0*m, u, a_0*u .. a_k*u)`` shares.
+
+        Raises:
+            ProviderError: If this provider cannot deal comparison material.
+        """
+        raise ProviderError(f"{self!r} does not deal comparison material")

@@ -7,6 +7,7 @@ from typing import Hashable, Optional, Sequence
 
 import torch
 
+from veil.mpc.material import recipe
 from veil.mpc.providers.base import Provider
 from veil.mpc.ring import bilinear, random_ring
 from veil.mpc.sharing import split
@@ -29,7 +30,7 @@ class LocalDealer(Provider):
         self.name = name
         self._generator = torch.Generator()
         self._generator.manual_seed(secrets.randbits(63) if seed is None else seed)
-        self.dealt = {"beaver": 0, "truncation": 0}
+        self.dealt = {"beaver": 0, "truncation": 0, "comparison": 0}
 
     def __repr__(self) -> str:
         return f"LocalDealer(name={self.name!r})"
@@ -53,6 +54,14 @@ class LocalDealer(Provider):
         q = torch.div(r, divisor, rounding_mode="floor")
         self.dealt["truncation"] += 1
         return dict(zip(parties, zip(self._split(r, parties), self._split(q, parties))))
+
+    def comparison_masks(self, shape, n_extra, parties):
+        uniform_shapes, _, derive = recipe("comparison", (tuple(shape), n_extra))
+        uniform = [random_ring(s, self._generator) for s in uniform_shapes]
+        fields = uniform + derive(uniform, self._generator)
+        self.dealt["comparison"] += 1
+        per_field = [self._split(v, parties) for v in fields]
+        return {p: tuple(f[i] for f in per_field) for i, p in enumerate(parties)}
 
 
 __all__ = ["LocalDealer"]

@@ -204,18 +204,6 @@ def _constant(cls, func, args, kwargs):
     return cls(aten.mul.Tensor(ones, encode_scalar(value, x.encoding)), x.encoding, x.dtype)
 
 
-_COMPARISONS = (aten.gt.Tensor, aten.gt.Scalar, aten.lt.Tensor, aten.lt.Scalar, aten.ge.Tensor,
-                aten.ge.Scalar, aten.le.Tensor, aten.le.Scalar, aten.eq.Tensor, aten.eq.Scalar)
-
-
-@FIXED_PRECISION_RULES.handler(*_COMPARISONS)
-def _compare(cls, func, args, kwargs):
-    children, _, _ = _children(cls, args[:2])
-    if any(_is_shared(c) for c in children):
-        raise UnsupportedOperationError(f"{func} on secret-shared values needs a private comparison protocol")
-    return func(*children)  # a public plain bool tensor
-
-
 @FIXED_PRECISION_RULES.handler(aten.avg_pool2d.default)
 def _avg_pool2d(cls, func, args, kwargs):
     names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
@@ -271,3 +259,7 @@ def _same_size(cls, func, args, kwargs):
 @FIXED_PRECISION_RULES.handler(*INPLACE_TO_OUTOFPLACE)
 def _inplace(cls, func, args, kwargs):
     return run_inplace(cls, func, args, kwargs)
+
+
+# Comparisons, ReLU, max/argmax and max-pooling live in their own rule module.
+from veil.tensors.rules import comparison as _comparison_rules  # noqa: E402,F401

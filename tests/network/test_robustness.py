@@ -1,0 +1,91 @@
+"""Lost servers, restarts, timeouts, oversized and malformed messages."""
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+from websockets.exceptions import ConnectionClosed
+
+from veil.exceptions import ConnectionLostError, SerializationError
+from veil.messaging import messages as m
+from veil.messaging.serde import deserialize, serialize
+from veil.workers.websocket_auth import handshake_headers
+from veil.workers.websocket_transport import BlockingConnection
+
+from conftest import TOKEN, base_args
+
+
+def test_server_gone_then_restarted(spawn, connect):
+    wp = spawn("alice", base_args())
+    alice = connect(wp)
+    p = torch.tensor([1.0]).send(alice)
+    wp.kill()
+    t = time.monotonic()
+    with pytest.raises(ConnectionLostError, match="alice"):
+        (p + 1).get()
+    with pytest.raises(ConnectionLostError, match="cannot reach worker 'alice'"):
+        torch.tensor([1.0]).send(alice)
+    assert time.monotonic() - t < 5  # no hang
+    spawn("alice", base_args(), port=wp.port)  # a restart on the same address
+    q = torch.tensor([2.0]).send(alice)  # reconnects by itself (a new session)
+    assert torch.equal((q * 2).get(), torch.tensor([4.0]))
+    with pytest.raises(Exception, match="not found"):
+        p.get()  # objects of the old session died with the old process
+    p.mark_freed()
+
+
+def test_silent_server_times_out(spawn, connect):
+    wp = spawn("alice", base_args())
+    alice = connect(wp, timeout=1.0)
+    p = torch.tensor([1.0]).send(alice)
+    os.kill(wp.pid, signal.SIGSTOP)
+    try:
+        t = time.monotonic()
+        with pytest.raises(ConnectionLostError, match="did not answer within 1.0 s"):
+            (p + 1).get()
+        assert time.monotonic() - t < 3
+    finally:
+        os.kill(wp.pid, signal.SIGCONT)
+    assert torch.equal(torch.tensor([3.0]).send(alice).get(), torch.tensor([3.0]))
+
+
+def test_oversized_messages(spawn, connect):
+    wp = spawn("alice", base_args(["--max-message-mb", "1"]))
+    alice = connect(wp)
+    bystander = connect(wp)
+    q = torch.tensor([5.0]).send(bystander)
+    with pytest.raises(SerializationError, match="exceeds worker 'alice'.s limit of 1048576 bytes"):
+        torch.zeros(2**19).send(alice)  # 2 MiB, refused before sending
+    raw = BlockingConnection(f"ws://127.0.0.1:{wp.port}", handshake_headers(TOKEN))
+    raw.send(b"\x00" * (2 * 2**20))  # a client that ignores the advertised limit is disconnected
+    with pytest.raises((ConnectionClosed, OSError)):  # close code 1009, or a reset mid-upload
+        raw.recv(5)
+    raw.close()
+    assert torch.equal((q + 1).get(), torch.tensor([6.0]))  # others keep being served
+    assert torch.equal(torch.ones(10).send(alice).get(), torch.ones(10))
+
+
+def test_malformed_truncated_and_text_frames_get_error_replies(spawn):
+    wp = spawn("alice", base_args())
+    conn = BlockingConnection(f"ws://127.0.0.1:{wp.port}", handshake_headers(TOKEN))
+    good = serialize(m.ObjectMessage([m.StoredObject(77, torch.arange(4.0))]), sender="me")
+    for junk in (b"", b"\xc1", good[:-3], good[:10], b"\x95" + b"\xff" * 50, serialize(m.OkReply())):
+        conn.send(junk)
+        reply, _, _ = deserialize(conn.recv(5))
+        assert isinstance(reply, m.ErrorReply), junk
+    conn.protocol.send_text(b"hello")
+    conn._flush()
+    reply, _, _ = deserialize(conn.recv(5))
+    assert reply.error == "SerializationError" and "text frames" in reply.message
+    conn.send(good)
+    assert isinstance(deserialize(conn.recv(5))[0], m.OkReply)
+    conn.close()
+
+
+def test_sigterm_shuts_down_cleanly(spawn):
+    wp = spawn("alice", base_args())
+    assert wp.stop() == 0
+    time.sleep(0.1)
+    assert any("stopped" in line for line in wp.output)

@@ -1,0 +1,234 @@
+"""Federated DP-SGD: data owners release only sanitized gradients.
+
+Setting of "Private federated learning" (McMahan et al. 2018, "Learning
+Differentially Private Recurrent Language Models"; and the DP-SGD of Abadi
+et al. 2016 run across data owners): at each step the data scientist picks
+one owner at random; that owner Poisson-samples a lot of its own records,
+clips every per-sample gradient, sums them, adds Gaussian noise with *its
+own* noise multiplier and returns the result. Raw data and unclipped
+gradients never leave the owner.
+
+:class:`DPDataOwner` is the owner's side. It holds no network code: a worker
+exposes :meth:`DPDataOwner.sanitized_gradient` through an allowlisted worker
+function. :func:`train_federated_dp` is the data scientist's side.
+
+Privacy accounting is per owner (the owners' data are disjoint, so the
+overall guarantee is the worst owner's): each release by an owner is one
+Poisson-subsampled Gaussian step on that owner's data at the owner's sample
+rate. The random choice of owner would amplify privacy further; it is not
+credited, so the reported epsilon is conservative.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from veil.dp.accountant import Accountant, epsilon_for
+from veil.dp.errors import BudgetExceededError, NoiseTooLowError, PrivacyParameterError
+from veil.dp.optimizer import clip_factors, make_generator, per_sample_norms
+from veil.dp.per_sample import GradSampleModule
+
+# A loss that maps (model output, target) to one loss per sample (reduction="none").
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@functools.lru_cache(maxsize=256)
+def max_releases(noise_multiplier: float, sample_rate: float, epsilon: float, delta: float, mechanism: str) -> int:
+    """Largest number of identical steps whose epsilon stays within ``epsilon``.
+
+    Cached: owners repeat the same (sigma, q, budget), and each accountant
+    call costs up to a second with PLD.
+    """
+    if epsilon_for(noise_multiplier, sample_rate, 1, delta, mechanism) > epsilon:
+        return 0
+    lo, hi = 1, 2
+    while epsilon_for(noise_multiplier, sample_rate, hi, delta, mechanism) <= epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1 << 24:
+            return hi
+    while hi - lo > 1:  # invariant: lo fits, hi does not
+        mid = (lo + hi) // 2
+        if epsilon_for(noise_multiplier, sample_rate, mid, delta, mechanism) <= epsilon:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+class DPDataOwner:
+    """A data owner that answers gradient requests with DP-sanitized gradients.
+
+    Args:
+        data: the owner's inputs (first dim = records).
+        target: the owner's labels / targets.
+        max_grad_norm: per-record clipping bound C (the owner's choice).
+        noise_multiplier: the smallest sigma this owner accepts; requests may
+            ask for more noise, never less.
+        budget: optional ``(epsilon, delta)``; a release that would take the
+            owner past it is refused with :class:`BudgetExceededError`.
+        accountant: ``"pld"`` or ``"rdp"``, for the owner's own ledger.
+        generator: randomness for sampling and noise (OS-seeded by default).
+    """
+
+    def __init__(self, data: torch.Tensor, target: torch.Tensor, max_grad_norm: float, noise_multiplier: float,
+                 budget: Optional[tuple[float, float]] = None, accountant: str = "pld",
+                 generator: Optional[torch.Generator] = None) -> None:
+        if len(data) != len(target):
+            raise ValueError(f"data has {len(data)} records but target has {len(target)}")
+        if not max_grad_norm > 0:
+            raise PrivacyParameterError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        if not noise_multiplier > 0:
+            raise PrivacyParameterError(f"a data owner needs noise_multiplier > 0, got {noise_multiplier}")
+        self._data, self._target = data, target
+        self.max_grad_norm = float(max_grad_norm)
+        self.noise_multiplier = float(noise_multiplier)
+        self.budget = budget
+        self.accountant = Accountant(accountant)
+        self._generator = generator if generator is not None else make_generator()
+
+    def __len__(self) -> int:
+        # The record count is treated as public, as in DP-SGD's normalisation.
+        return len(self._data)
+
+    def epsilon(self, delta: float) -> float:
+        """Privacy this owner has spent so far (its own ledger)."""
+        return self.accountant.get_epsilon(delta)
+
+    def _check_budget(self, sigma: float, q: float) -> None:
+        if self.budget is None:
+            return
+        eps, delta = self.budget
+        hist = self.accountant.history
+        if not hist or (len(hist) == 1 and hist[0][:2] == [sigma, q]):
+            allowed = max_releases(sigma, q, eps, delta, self.accountant.mechanism)
+            done = hist[0][2] if hist else 0
+            if done + 1 <= allowed:
+                return
+        else:
+            trial = Accountant.from_state_dict(self.accountant.state_dict())
+            trial.step(sigma, q)
+            if trial.get_epsilon(delta) <= eps:
+                return
+        raise BudgetExceededError(
+            f"data owner refuses: one more release (sigma={sigma}, q={q}) would exceed its budget "
+            f"epsilon={eps}, delta={delta}")
+
+    def sanitized_gradient(self, model: nn.Module, params: Mapping[str, torch.Tensor], loss_fn: LossFn,
+                           sample_rate: float, noise_multiplier: Optional[float] = None) -> dict[str, torch.Tensor]:
+        """Computes one DP-SGD gradient on a Poisson sample of this owner's data.
+
+        Args:
+            model: the architecture (its own weights are ignored; a copy is used).
+            params: parameter values by name (``model.state_dict()`` style).
+            loss_fn: per-sample loss, ``loss_fn(output, target) -> [B]``.
+            sample_rate: q, the probability of each record joining the lot.
+            noise_multiplier: requested sigma; defaults to (and may not be
+                below) the owner's.
+
+        Returns:
+            ``{name: (sum of clipped per-sample gradients + N(0, (sigma C)^2)) / (q n)}``.
+
+        Raises:
+            NoiseTooLowError: the request asks for less noise than the owner allows.
+            BudgetExceededError: the owner's budget would be exceeded (nothing released).
+        """
+        sigma = self.noise_multiplier if noise_multiplier is None else float(noise_multiplier)
+        if sigma < self.noise_multiplier:
+            raise NoiseTooLowError(
+                f"requested noise_multiplier {sigma} is below this owner's minimum {self.noise_multiplier}")
+        if not 0 < sample_rate <= 1:
+            raise PrivacyParameterError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        self._check_budget(sigma, sample_rate)
+        # Charge before computing anything that could be released.
+        self.accountant.step(sigma, sample_rate)
+
+        local = copy.deepcopy(model)
+        local.load_state_dict(dict(params), strict=False)
+        gsm = GradSampleModule(local, loss_reduction="sum")
+        mask = torch.rand(len(self._data), generator=self._generator) < sample_rate
+        x, y = self._data[mask], self._target[mask]
+        trainable = [(n, p) for n, p in local.named_parameters() if p.requires_grad]
+        summed = {n: torch.zeros_like(p) for n, p in trainable}
+        if len(x) > 0:
+            losses = loss_fn(gsm(x), y)
+            losses.sum().backward()
+            samples = [p.grad_sample for _, p in trainable]
+            factors = clip_factors(per_sample_norms(samples), self.max_grad_norm)
+            for (n, _), gs in zip(trainable, samples):
+                summed[n] = torch.einsum("b,b...->...", factors, gs)
+        gsm.remove_hooks()
+        std = sigma * self.max_grad_norm
+        expected = sample_rate * len(self._data)
+        return {n: (g + torch.normal(0.0, std, g.shape, generator=self._generator)) / expected
+                for n, g in summed.items()}
+
+
+@dataclass
+class FederatedDPResult:
+    """What :func:`train_federated_dp` returns besides the trained model."""
+
+    steps: int = 0
+    releases: list[int] = field(default_factory=list)  # per owner
+    epsilons: list[float] = field(default_factory=list)  # per owner, at ``delta``
+    exhausted: list[bool] = field(default_factory=list)
+
+    @property
+    def epsilon(self) -> float:
+        """The guarantee for every record: the worst owner's epsilon."""
+        return max(self.epsilons) if self.epsilons else 0.0
+
+
+def train_federated_dp(model: nn.Module, owners: Sequence[DPDataOwner], loss_fn: LossFn, *, steps: int,
+                       sample_rate: float, optimizer: torch.optim.Optimizer, delta: float,
+                       noise_multiplier: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                       progress: Optional[Callable[[int], None]] = None) -> FederatedDPResult:
+    """The data scientist's loop: each step, one random owner, one sanitized gradient.
+
+    Owners whose budget is spent refuse (:class:`BudgetExceededError`) and are
+    not asked again; training ends early when every owner is exhausted.
+
+    Args:
+        model: trained in place.
+        owners: the data owners (or proxies with the same method).
+        loss_fn: per-sample loss ``(output, target) -> [B]``.
+        steps: number of updates to attempt.
+        sample_rate: q requested from the chosen owner.
+        optimizer: applies the returned gradients to ``model``.
+        delta: delta at which epsilons are reported.
+        noise_multiplier: requested sigma (None: each owner's own).
+        generator: owner choice randomness (OS-seeded by default).
+        progress: called with the step index after each step (e.g. tqdm.update).
+    """
+    gen = generator if generator is not None else make_generator()
+    active = list(range(len(owners)))
+    result = FederatedDPResult(releases=[0] * len(owners), exhausted=[False] * len(owners))
+    for step in range(steps):
+        if not active:
+            break
+        k = active[int(torch.randint(len(active), (1,), generator=gen))]
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        try:
+            grads = owners[k].sanitized_gradient(model, params, loss_fn, sample_rate, noise_multiplier)
+        except BudgetExceededError:
+            active.remove(k)
+            result.exhausted[k] = True
+            continue
+        optimizer.zero_grad()
+        for n, p in model.named_parameters():
+            if n in grads:
+                p.grad = grads[n]
+        optimizer.step()
+        result.steps += 1
+        result.releases[k] += 1
+        if progress is not None:
+            progress(step)
+    result.epsilons = [o.epsilon(delta) for o in owners]
+    return result
+
+

@@ -1,0 +1,223 @@
+"""PATE: noisy aggregation of teacher votes, and its privacy analysis.
+
+Aggregators (Papernot et al. 2017, "Semi-supervised Knowledge Transfer for
+Deep Learning from Private Training Data"; Papernot et al. 2018, "Scalable
+Private Learning with PATE", Sec. 4):
+
+* LNMax: ``argmax_j (n_j + Lap(1/gamma))``.
+* GNMax: ``argmax_j (n_j + N(0, sigma^2))``.
+* Confident-GNMax (2018, Alg. 1): answer with GNMax(sigma2) only if
+  ``max_j n_j + N(0, sigma1^2) >= threshold``; otherwise abstain (-1).
+
+Analysis. One teacher changing its vote moves two counts by one, so the
+count vector has L1 sensitivity 2 and L2 sensitivity sqrt(2).
+
+* Data-independent: LNMax is (2 gamma, 0)-DP per query; GNMax is
+  (lambda, lambda / sigma^2)-RDP (2018, Prop. 8). Both are composed with
+  ``dp_accounting`` (a Laplace / Gaussian event of the equivalent noise
+  multiplier).
+* Data-dependent (2018, Thm. 6 / Prop. 7 with the GNMax bound on
+  ``q = Pr[answer != plurality]`` of Prop. 10): when the teachers agree
+  strongly, each answer costs far less than the data-independent bound.
+  Caution: this epsilon depends on the private votes, so it is not itself
+  differentially private (the paper releases it through smooth
+  sensitivity, which is not implemented here). Use it to evaluate, not to
+  publish.
+
+RDP is converted to (epsilon, delta) with ``dp_accounting``'s conversion.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import dp_accounting
+import numpy as np
+import torch
+from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
+from scipy import special
+
+from veil.dp.errors import PrivacyParameterError
+from veil.dp.optimizer import make_generator
+
+# RDP orders searched for the tightest conversion (the data-dependent bound
+# is typically minimised at large orders under strong consensus).
+DEFAULT_ORDERS: np.ndarray = np.concatenate([np.linspace(1.1, 10.9, 99), np.arange(11, 201), [256, 512, 1024]])
+
+
+def vote_counts(teacher_preds: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-example vote histograms.
+
+    Args:
+        teacher_preds: ``[num_teachers, num_examples]`` predicted labels.
+        num_classes: number of labels.
+
+    Returns:
+        ``[num_examples, num_classes]`` counts (float64).
+    """
+    preds = torch.as_tensor(teacher_preds).long()
+    if preds.dim() != 2:
+        raise ValueError(f"teacher_preds must be [teachers, examples], got shape {tuple(preds.shape)}")
+    counts = torch.zeros(preds.shape[1], num_classes, dtype=torch.float64)
+    counts.scatter_add_(1, preds.t(), torch.ones(preds.t().shape, dtype=torch.float64))
+    return counts
+
+
+def _laplace(shape, scale: float, gen: torch.Generator) -> torch.Tensor:
+    u = (torch.rand(shape, generator=gen, dtype=torch.float64) - 0.5).clamp(-0.5 + 1e-16, 0.5 - 1e-16)
+    return -scale * torch.sign(u) * torch.log1p(-2 * u.abs())
+
+
+def lnmax(counts: torch.Tensor, gamma: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """LNMax labels: ``argmax(counts + Lap(1/gamma))`` per row."""
+    if not gamma > 0:
+        raise PrivacyParameterError(f"gamma must be > 0, got {gamma}")
+    gen = generator if generator is not None else make_generator()
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    return (counts + _laplace(counts.shape, 1.0 / gamma, gen)).argmax(-1)
+
+
+def gnmax(counts: torch.Tensor, sigma: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """GNMax labels: ``argmax(counts + N(0, sigma^2))`` per row."""
+    if not sigma > 0:
+        raise PrivacyParameterError(f"sigma must be > 0, got {sigma}")
+    gen = generator if generator is not None else make_generator()
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    return (counts + sigma * torch.randn(counts.shape, generator=gen, dtype=torch.float64)).argmax(-1)
+
+
+def confident_gnmax(counts: torch.Tensor, threshold: float, sigma1: float, sigma2: float,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Confident-GNMax labels; -1 where the noisy plurality is below ``threshold``."""
+    if not (sigma1 > 0 and sigma2 > 0):
+        raise PrivacyParameterError(f"sigma1 and sigma2 must be > 0, got {sigma1}, {sigma2}")
+    gen = generator if generator is not None else make_generator()
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    noisy_max = counts.max(-1).values + sigma1 * torch.randn(counts.shape[:-1], generator=gen, dtype=torch.float64)
+    labels = gnmax(counts, sigma2, gen)
+    return torch.where(noisy_max >= threshold, labels, torch.full_like(labels, -1))
+
+
+# ---- analysis ----------------------------------------------------------------------------
+
+def _epsilon_from_rdp(rdp: np.ndarray, orders: np.ndarray, delta: float) -> float:
+    eps, _ = rdp_lib.compute_epsilon(orders, rdp, delta)
+    return float(eps)
+
+
+def gnmax_log_q(counts: np.ndarray, sigma: float) -> float:
+    """log of the 2018 paper's Prop. 10 bound on Pr[GNMax != plurality].
+
+    ``q <= sum_{i != i*} Pr[N(0, 2 sigma^2) > n_{i*} - n_i]``, capped at
+    ``1 - 1/num_classes`` (the bound is only useful below that).
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    top = int(np.argmax(counts))
+    gaps = counts[top] - np.delete(counts, top)
+    # Pr[N(0, 2 sigma^2) > g] = Phi(-g / (sqrt(2) sigma)), in logs for tiny q.
+    log_terms = special.log_ndtr(-gaps / (math.sqrt(2) * sigma))
+    return float(min(special.logsumexp(log_terms), math.log(1 - 1 / len(counts))))
+
+
+def _log1mexp(x: float) -> float:
+    """log(1 - exp(x)) for x < 0, stably."""
+    return math.log(-math.expm1(x)) if x > -0.693 else math.log1p(-math.exp(x))
+
+
+def gnmax_rdp_data_dependent(log_q: float, sigma: float, orders: np.ndarray) -> np.ndarray:
+    """RDP of one GNMax answer given ``q`` (2018, Thm. 6 / Prop. 7), never above lambda / sigma^2.
+
+    Prop. 7 uses two higher orders mu1 = mu2 + 1 and mu2 = sigma sqrt(log 1/q)
+    (the choice of the paper's analysis) at which the data-independent RDP
+    eps_k = mu_k / sigma^2 holds; it applies to orders lambda <= mu1 when
+    ``q e^{eps2} < 1`` and q is below the threshold in its hypothesis.
+    """
+    orders = np.asarray(orders, dtype=np.float64)
+    data_independent = orders / sigma**2
+    if log_q >= 0:
+        return data_independent
+    mu2 = sigma * math.sqrt(-log_q)
+    mu1 = mu2 + 1
+    eps1, eps2 = mu1 / sigma**2, mu2 / sigma**2
+    applies = (orders <= mu1) & (mu2 > 1)
+    # Hypotheses of Prop. 7: q <= e^{(mu2-1) eps2} / (mu1/(mu1-1) * mu2/(mu2-1))^mu2, and q e^{eps2} < 1.
+    log_q_max = (mu2 - 1) * eps2 - mu2 * (math.log(mu1 / (mu1 - 1)) + math.log(mu2 / (mu2 - 1))) if mu2 > 1 else -np.inf
+    if not applies.any() or log_q > log_q_max or log_q + eps2 >= 0:
+        return data_independent
+    log_1mq = _log1mexp(log_q)
+    # A = (1-q) / (1 - (q e^{eps2})^{(mu2-1)/mu2});  B = e^{eps1} / q^{1/(mu1-1)}
+    log_a = log_1mq - _log1mexp((log_q + eps2) * (1 - 1 / mu2))
+    log_b = eps1 - log_q / (mu1 - 1)
+    lam = orders[applies]
+    log_s = np.logaddexp(log_1mq + (lam - 1) * log_a, log_q + (lam - 1) * log_b)
+    out = data_independent.copy()
+    out[applies] = np.minimum(data_independent[applies], log_s / (lam - 1))
+    return out
+
+
+def gnmax_epsilon_data_independent(num_queries: int, sigma: float, delta: float,
+                                   orders: Optional[Sequence[float]] = None) -> float:
+    """(epsilon at delta) of ``num_queries`` GNMax answers, whatever the votes.
+
+    GNMax's RDP lambda/sigma^2 is that of a Gaussian event with noise
+    multiplier sigma/sqrt(2) (sensitivity sqrt(2)); dp_accounting composes it.
+    """
+    acc = rdp_lib.RdpAccountant(list(DEFAULT_ORDERS if orders is None else orders))
+    acc.compose(dp_accounting.GaussianDpEvent(sigma / math.sqrt(2)), num_queries)
+    return float(acc.get_epsilon(delta))
+
+
+def lnmax_epsilon(num_queries: int, gamma: float, delta: float = 0.0) -> float:
+    """(epsilon at delta) of ``num_queries`` LNMax answers (data-independent).
+
+    Per query LNMax is (2 gamma, 0)-DP; a Laplace event with noise multiplier
+    1/(2 gamma) (scale 1/gamma over sensitivity 2) lets dp_accounting's PLD
+    compose them. With ``delta=0`` this is basic composition, ``2 gamma Q``.
+    """
+    if delta == 0:
+        return 2 * gamma * num_queries
+    from dp_accounting import pld
+    acc = pld.PLDAccountant()
+    acc.compose(dp_accounting.LaplaceDpEvent(1 / (2 * gamma)), num_queries)
+    return float(min(acc.get_epsilon(delta), 2 * gamma * num_queries))
+
+
+def gnmax_epsilon_data_dependent(teacher_preds: torch.Tensor, query_indices: Sequence[int], num_classes: int,
+                                 sigma: float, delta: float,
+                                 orders: Optional[Sequence[float]] = None) -> float:
+    """Data-dependent (epsilon at delta) of GNMax answers to the queried examples.
+
+    Args:
+        teacher_preds: ``[num_teachers, num_examples]`` teachers' labels.
+        query_indices: indices of the examples the student asked about.
+        num_classes: number of labels.
+        sigma: GNMax noise std.
+        delta: target delta.
+
+    Not DP to release as is (see module docstring).
+    """
+    orders = np.asarray(DEFAULT_ORDERS if orders is None else orders, dtype=np.float64)
+    counts = vote_counts(teacher_preds, num_classes).numpy()
+    total = np.zeros_like(orders)
+    for i in query_indices:
+        total += gnmax_rdp_data_dependent(gnmax_log_q(counts[int(i)], sigma), sigma, orders)
+    return _epsilon_from_rdp(total, orders, delta)
+
+
+def confident_gnmax_epsilon(teacher_preds: torch.Tensor, query_indices: Sequence[int], answered: Sequence[bool],
+                            num_classes: int, sigma1: float, sigma2: float, delta: float,
+                            orders: Optional[Sequence[float]] = None) -> float:
+    """(epsilon at delta) of Confident-GNMax on the queried examples.
+
+    Every query pays for the threshold check, a Gaussian on the plurality
+    count (sensitivity 1: RDP lambda / (2 sigma1^2), data-independent); the
+    answered ones also pay GNMax(sigma2)'s data-dependent RDP.
+    """
+    orders = np.asarray(DEFAULT_ORDERS if orders is None else orders, dtype=np.float64)
+    counts = vote_counts(teacher_preds, num_classes).numpy()
+    total = len(query_indices) * orders / (2 * sigma1**2)
+    for i, ans in zip(query_indices, answered):
+        if ans:
+            total = total + gnmax_rdp_data_dependent(gnmax_log_q(counts[int(i)], sigma2), sigma2, orders)
+    return _epsilon_from_rdp(total, orders, delta)

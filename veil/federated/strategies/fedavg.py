@@ -1,0 +1,51 @@
+"""FedAvg (McMahan et al., 2017) and FedProx (Li et al., 2020)."""
+
+from __future__ import annotations
+
+import torch
+
+from veil.federated.strategies.base import ClientUpdate, Strategy, server_step, weighted_average
+
+
+class FedAvg(Strategy):
+    """Average client weights, weighted by their number of samples.
+
+    Args:
+        server_lr: step size on the averaged update (Reddi et al., 2021,
+            "Adaptive Federated Optimization"). 1.0 is McMahan et al.'s FedAvg.
+            With K clients and small client learning rates, averaging divides
+            each round's progress by about K; ``server_lr="clients"`` uses K,
+            which makes one round roughly one sequential pass over all data.
+    """
+
+    name = "fedavg"
+
+    def __init__(self, server_lr: float | str = 1.0):
+        if server_lr != "clients" and not (isinstance(server_lr, (int, float)) and server_lr > 0):
+            raise ValueError("server_lr must be a positive number or 'clients'")
+        self.server_lr = server_lr
+
+    def _lr(self, n_clients: int) -> float:
+        return float(n_clients) if self.server_lr == "clients" else float(self.server_lr)
+
+    def aggregate(self, updates: list[ClientUpdate], global_state: list[torch.Tensor]) -> list[torch.Tensor]:
+        average = weighted_average([u.state for u in updates], [u.num_samples for u in updates])
+        return server_step(average, global_state, self._lr(len(updates)))
+
+    def apply_secure(self, average: list[torch.Tensor], global_state: list[torch.Tensor], n_clients: int) -> list:
+        return server_step(average, global_state, self._lr(n_clients))
+
+
+class FedProx(FedAvg):
+    """FedAvg whose clients add mu/2 * ||w - w_global||^2 to their loss (robust to non-IID data)."""
+
+    name = "fedprox"
+
+    def __init__(self, mu: float = 0.01, server_lr: float | str = 1.0):
+        if mu <= 0:
+            raise ValueError("FedProx needs mu > 0 (mu = 0 is FedAvg)")
+        super().__init__(server_lr)
+        self.mu = mu
+
+    def client_config(self, round_index: int) -> dict:
+        return {"prox_mu": self.mu}

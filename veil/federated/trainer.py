@@ -1,0 +1,195 @@
+"""Federated training rounds: send weights, train remotely with a plan, aggregate.
+
+Per round and client: load the global weights into the client's plan state (1
+message), run ``local_epochs`` of the training plan over the client's data (1
+message), then either fetch the new weights (1 message) or take part in secure
+aggregation. A client that fails is dropped from the round with a warning; the
+round goes on while at least ``min_workers`` clients succeed.
+"""
+
+from __future__ import annotations
+
+import secrets
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from veil.exceptions import VeilError
+from veil.federated import secure_agg
+from veil.federated.dataset import FederatedDataset
+from veil.federated.strategies import ClientUpdate, FedAvg, Strategy
+from veil.plans import training_plan
+from veil.plans.plan import _module_state
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    clients: list
+    train_loss: float
+    eval_loss: float | None = None
+    dropped: list = field(default_factory=list)
+
+
+@dataclass
+class TrainingHistory:
+    rounds: list = field(default_factory=list)
+
+    def table(self) -> str:
+        lines = [f"{'round':>5} {'clients':>7} {'train loss':>11} {'eval loss':>10} dropped"]
+        for r in self.rounds:
+            ev = f"{r.eval_loss:10.3f}" if r.eval_loss is not None else f"{'-':>10}"
+            lines.append(f"{r.round:>5} {len(r.clients):>7} {r.train_loss:11.3f} {ev} {','.join(r.dropped) or '-'}")
+        return "\n".join(lines)
+
+    def plot(self, path: str, title: str = "federated training") -> str:
+        import os
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        xs = [r.round for r in self.rounds]
+        ax.plot(xs, [r.train_loss for r in self.rounds], label="train (clients' mean)")
+        if any(r.eval_loss is not None for r in self.rounds):
+            ax.plot(xs, [r.eval_loss for r in self.rounds], label="evaluation")
+        ax.set_xlabel("round")
+        ax.set_ylabel("loss")
+        ax.set_title(title)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def _trainable(model: nn.Module) -> list[bool]:
+    return [t.requires_grad for _, _, t in _module_state(model)]
+
+
+def train(
+    model: nn.Module,
+    federated_dataset: FederatedDataset,
+    rounds: int = 10,
+    local_epochs: int = 1,
+    lr: float = 0.01,
+    batch_size: int = 8,
+    loss_fn: Callable[..., torch.Tensor] = F.mse_loss,
+    strategy: Strategy | None = None,
+    secure_aggregation: bool = False,
+    min_workers: int = 1,
+    eval_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    progress: bool = True,
+    steps_per_round: int | None = None,
+    seed: int | None = None,
+) -> TrainingHistory:
+    """Federated training of ``model`` (updated in place) over the datasets' workers.
+
+    Args:
+        strategy: FedAvg (default) or FedProx(mu) or any Strategy.
+        secure_aggregation: the coordinator sees only the weighted sum of the
+            clients' weights (additive sharing between the clients).
+        min_workers: fewest clients that must finish a round.
+        eval_data: ``(x, y)`` evaluated locally with ``loss_fn`` after each round.
+        steps_per_round: at most this many local batches per client and round
+            (partial-epoch rounds: more frequent averaging for the same data budget).
+        seed: makes the clients' shuffling reproducible (tests, benchmarks).
+    """
+    strategy = strategy or FedAvg()
+    history = TrainingHistory()
+    plans: dict[str, Any] = {}
+    prox_mu = strategy.client_config(0).get("prox_mu", 0.0)
+    first = next(iter(federated_dataset.datasets.values()))
+    args_shape = [(-1, *first.data.shape[1:]), (-1, *first.targets.shape[1:])]
+    plan = training_plan(model, loss_fn, lr, args_shape=args_shape,
+                         args_dtype=[first.data.dtype, first.targets.dtype], prox_mu=prox_mu)
+    global_state = [t.detach().clone() for t in plan.state_tensors()]
+    trainable = _trainable(model)
+    bar = tqdm(range(1, rounds + 1), desc=f"{strategy.name} rounds", unit="round", disable=not progress)
+    for r in bar:
+        updates: list[ClientUpdate] = []
+        done: dict[str, Any] = {}
+        dropped: list[str] = []
+        extra = [g for g, tr in zip(global_state, trainable) if tr] if prox_mu else []
+        for wid, ds in federated_dataset.datasets.items():
+            try:
+                if wid not in plans:
+                    plans[wid] = plan.send(ds.location)
+                pp = plans[wid]
+                pp.load_state(global_state)
+                client_seed = None if seed is None else seed * 1_000_003 + r * 1009 + len(updates)
+                losses = pp.fit(ds.data, ds.targets, batch_size=batch_size, epochs=local_epochs, extra=extra,
+                                max_batches=steps_per_round, seed=client_seed)
+                mean_loss = float(losses.mean().get()) if losses.shape[0] else float("nan")
+                state = None if secure_aggregation else pp.get_state()
+                updates.append(ClientUpdate(wid, state, len(ds), mean_loss))
+                done[wid] = pp
+            except (VeilError, ConnectionError, OSError) as e:
+                warnings.warn(f"round {r}: worker {wid!r} dropped out ({type(e).__name__}: {e})", stacklevel=2)
+                plans.pop(wid, None)
+                dropped.append(wid)
+        if secure_aggregation and updates:
+            updates, global_candidate = _secure_round(updates, done, dropped, r)
+        else:
+            global_candidate = None
+        if len(updates) < min_workers:
+            raise RuntimeError(f"round {r}: only {len(updates)} workers finished, {min_workers} required")
+        if global_candidate is not None:
+            global_state = strategy.apply_secure(global_candidate, global_state, len(updates))
+        else:
+            global_state = strategy.aggregate(updates, global_state)
+        total = sum(u.num_samples for u in updates)
+        train_loss = sum(u.mean_loss * u.num_samples for u in updates) / total
+        eval_loss = _evaluate(model, global_state, eval_data, loss_fn)
+        history.rounds.append(RoundRecord(r, [u.worker_id for u in updates], train_loss, eval_loss, dropped))
+        bar.set_postfix(train=f"{train_loss:.3f}", eval=f"{eval_loss:.3f}" if eval_loss is not None else "-")
+    _load(model, global_state)
+    return history
+
+
+def _secure_round(updates: list[ClientUpdate], done: dict, dropped: list, r: int) -> tuple[list, list]:
+    """Secure sum of n_k/N * state_k; clients failing mid-protocol are dropped and the sum redone."""
+    while updates:
+        total = sum(u.num_samples for u in updates)
+        pointers = {u.worker_id: done[u.worker_id].state for u in updates}
+        weights = {u.worker_id: u.num_samples / total for u in updates}
+        tag = secrets.randbits(62)
+        try:
+            return updates, secure_agg.secure_sum(pointers, weights, tag)
+        except (VeilError, ConnectionError, OSError) as e:
+            secure_agg.discard_round(pointers, tag)
+            alive = []
+            for u in updates:
+                try:
+                    done[u.worker_id].state[0].location.hook.local_worker.flush_deletes()
+                    _ = done[u.worker_id].get_state()  # reachable?
+                    alive.append(u)
+                except (VeilError, ConnectionError, OSError):
+                    dropped.append(u.worker_id)
+            warnings.warn(f"round {r}: secure aggregation restarted without {dropped} ({e})", stacklevel=3)
+            if len(alive) == len(updates):
+                raise
+            updates = alive
+    return [], []
+
+
+def _load(model: nn.Module, state: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for (_, _, t), v in zip(_module_state(model), state):
+            t.copy_(v)
+
+
+def _evaluate(model: nn.Module, state: list, eval_data: Any, loss_fn: Callable) -> float | None:
+    if eval_data is None:
+        return None
+    _load(model, state)
+    with torch.no_grad():
+        return float(loss_fn(model(eval_data[0]), eval_data[1]))

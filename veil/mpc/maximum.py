@@ -1,0 +1,133 @@
+"""Comparisons, ReLU, max/argmax and max-pooling of shared integer tensors.
+
+Everything is built on :func:`veil.mpc.comparison.sign_select` (2 rounds)
+and on local (structural) ops of :class:`AdditiveSharingTensor`:
+
+* ``x > y``, ``<``, ``>=``, ``<=``: one sign test of ``x - y`` (``+1`` for
+  the non-strict ones, exact on ring integers): 2 rounds.
+* ``x == y``: the sign tests of ``x - y`` and ``y - x`` batched in one
+  protocol run: 2 rounds.
+* ``relu``: 2 rounds (the product by the bit comes with the bit).
+* ``max``/``argmax`` over ``n`` entries: a tournament of ``ceil(log2 n)``
+  levels of 2 rounds; the winner's index rides along as an extra product of
+  the same bit (argmax returns the first maximal index, like torch).
+* ``max_pool2d``: the windows gathered locally (``unfold``), then ``max``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from veil.mpc.comparison import sign_select
+from veil.mpc.errors import UnsupportedOperationError
+from veil.tensors.additive import AdditiveSharingTensor as AST
+
+aten = torch.ops.aten
+
+
+def _wrap(shares: dict, like: AST) -> AST:
+    return AST(shares, like.crypto_provider)
+
+
+def positive_bit(d: AST) -> AST:
+    """Shares of ``[d > 0]`` (0/1 integers)."""
+    bits, _ = sign_select(d.child, [], d.crypto_provider)
+    return _wrap(bits, d)
+
+
+def relu(x: AST) -> AST:
+    """Shares of ``max(x, 0)``."""
+    _, (prod,) = sign_select(x.child, [], x.crypto_provider)
+    return _wrap(prod, x)
+
+
+def compare(name: str, x, y) -> AST:
+    """Shares of the 0/1 result of ``x <name> y`` (gt, lt, ge, le, eq, ne)."""
+    d = aten.sub.Tensor(x, y)
+    if not isinstance(d, AST):
+        raise TypeError("compare needs at least one shared operand")
+    if name == "gt":
+        return positive_bit(d)
+    if name == "lt":
+        return positive_bit(aten.neg.default(d))
+    if name == "ge":
+        return positive_bit(aten.add.Tensor(d, 1))
+    if name == "le":
+        return positive_bit(aten.add.Tensor(aten.neg.default(d), 1))
+    if name in ("eq", "ne"):
+        both = positive_bit(aten.stack.default([d, aten.neg.default(d)]))
+        differ = aten.add.Tensor(aten.select.int(both, 0, 0), aten.select.int(both, 0, 1))
+        return differ if name == "ne" else aten.rsub.Scalar(differ, 1)
+    raise UnsupportedOperationError(f"unknown comparison {name!r}")
+
+
+def max_last(x: AST, with_index: bool) -> tuple[AST, Optional[AST]]:
+    """Max (and first argmax) over the last dimension, which is removed."""
+    n = x.shape[-1]
+    if n == 0:
+        raise ValueError("max of an empty dimension")
+    index = None
+    if with_index:
+        index = AST.from_public(torch.arange(n, dtype=torch.int64).expand(tuple(x.shape)), x)
+    while n > 1:
+        h = n // 2
+        a, b = aten.narrow.default(x, -1, 0, h), aten.narrow.default(x, -1, h, h)
+        diff = aten.sub.Tensor(a, b)
+        extras = []
+        if index is not None:
+            ia, ib = aten.narrow.default(index, -1, 0, h), aten.narrow.default(index, -1, h, h)
+            extras = [aten.sub.Tensor(ia, ib).child]
+        # bit = [a >= b] = [a - b + 1 > 0]: ties keep the first index, like torch.
+        bits, prods = sign_select(aten.add.Tensor(diff, 1).child, extras, x.crypto_provider)
+        # (a - b + 1) * bit - bit = (a - b) * bit
+        x_new = aten.add.Tensor(b, aten.sub.Tensor(_wrap(prods[0], x), _wrap(bits, x)))
+        if index is not None:
+            idx_new = aten.add.Tensor(ib, _wrap(prods[1], x))
+        if n % 2:
+            x_new = aten.cat.default([x_new, aten.narrow.default(x, -1, 2 * h, 1)], -1)
+            if index is not None:
+                idx_new = aten.cat.default([idx_new, aten.narrow.default(index, -1, 2 * h, 1)], -1)
+        x, n = x_new, h + n % 2
+        if index is not None:
+            index = idx_new
+    x = aten.select.int(x, -1, 0)
+    return x, (aten.select.int(index, -1, 0) if index is not None else None)
+
+
+def max_dim(x: AST, dim: Optional[int], keepdim: bool, with_index: bool) -> tuple[AST, Optional[AST]]:
+    """torch.max / argmax semantics over ``dim`` (None: all entries, flattened)."""
+    if dim is None:
+        values, index = max_last(aten.view.default(x, [-1]), with_index)
+        if keepdim:
+            shape = [1] * x.dim()
+            values = aten.view.default(values, shape)
+            index = aten.view.default(index, shape) if index is not None else None
+        return values, index
+    dim = dim % x.dim()
+    moved = aten.movedim.int(x, dim, -1) if dim != x.dim() - 1 else x
+    values, index = max_last(moved, with_index)
+    if keepdim:
+        values = aten.unsqueeze.default(values, dim)
+        index = aten.unsqueeze.default(index, dim) if index is not None else None
+    return values, index
+
+
+def max_pool2d(x: AST, kernel_size, stride, padding, dilation, ceil_mode) -> AST:
+    """2-D max pooling of a shared (N, C, H, W) or (C, H, W) tensor."""
+    kh, kw = _pair(kernel_size)
+    sh, sw = _pair(stride) if stride else (kh, kw)
+    if any(_pair(padding)) or _pair(dilation) != (1, 1) or ceil_mode:
+        raise UnsupportedOperationError("shared max_pool2d supports padding=0, dilation=1, ceil_mode=False")
+    windows = aten.unfold.default(aten.unfold.default(x, -2, kh, sh), -2, kw, sw)
+    shape = list(windows.shape[:-2]) + [kh * kw]
+    values, _ = max_last(aten.reshape.default(aten.clone.default(windows), shape), with_index=False)
+    return values
+
+
+def _pair(v) -> tuple:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(v)
+    return v * 2 if len(v) == 1 else v

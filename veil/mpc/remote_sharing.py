@@ -1,0 +1,95 @@
+"""Placing shares on workers, and resolving ``crypto_provider=worker``.
+
+``share_on_workers`` splits a value among worker parties with seeded shares:
+parties ``0 .. n-2`` each receive a 32-byte seed and derive their share with
+the PRG (:mod:`veil.mpc.prg`); only the last party receives a tensor,
+``x - sum(PRG(seed_i))``. The data owner sends 1 tensor instead of ``n``
+(half the bytes for 2 parties). The orchestrator never keeps a share: it
+holds one pointer per party.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from veil.ids import new_id
+from veil.messaging import messages as m
+from veil.messaging.allowlist import register_worker_function
+from veil.mpc.errors import MPCError
+from veil.mpc.prg import expand, new_seed
+from veil.mpc.providers.base import Provider
+from veil.mpc.providers.worker_dealer import dealer_for
+from veil.mpc.ring import DTYPE
+from veil.tensors.pointer import PointerTensor
+from veil.workers.base import BaseWorker
+
+PRG_SHARE = "veil.mpc.prg_share"
+_LABEL = "share"
+
+
+def _prg_share(worker: Any, seed: torch.Tensor, shape: list) -> torch.Tensor:
+    """Runs on a party: its share, derived from a seed the data owner sent."""
+    return expand(bytes(seed.to(torch.uint8).tolist()), _LABEL, shape)
+
+
+register_worker_function(PRG_SHARE, _prg_share)
+
+
+def is_worker(value: Any) -> bool:
+    """True for a veil worker (as opposed to a party id for local simulation)."""
+    return isinstance(value, BaseWorker)
+
+
+def local_worker_of(workers: Sequence[Any]) -> Any:
+    """The orchestrator's worker: the hook's local worker."""
+    return workers[0].hook.local_worker
+
+
+def share_on_workers(value: torch.Tensor, workers: Sequence[Any], seeded: bool = True) -> list[PointerTensor]:
+    """Splits an int64 tensor among workers; returns one pointer per party.
+
+    Args:
+        value: The encoded (int64) tensor.
+        workers: Distinct worker parties, in share order.
+        seeded: Seeded shares (default) or every share sent in full.
+    """
+    owner = local_worker_of(workers)
+    if any(w is owner for w in workers):
+        raise MPCError("the local worker cannot hold a share; share among remote workers")
+    value = value.detach().to(DTYPE)
+    shape = list(value.shape)
+    pointers, last = [], value
+    for w in workers[:-1]:
+        oid = new_id()
+        if seeded:
+            seed = new_seed()
+            wire_seed = torch.frombuffer(bytearray(seed), dtype=torch.uint8)
+            owner.send_msg(m.CommandMessage(PRG_SHARE, (wire_seed, shape), {}, [oid], False), w)
+            last = last - expand(seed, _LABEL, shape)
+        else:
+            from veil.mpc.ring import random_ring
+
+            piece = random_ring(shape)
+            owner.send_msg(m.ObjectMessage([m.StoredObject(oid, piece)]), w)
+            last = last - piece
+        pointers.append(PointerTensor(w, oid, owner, tuple(shape), DTYPE))
+    oid = new_id()
+    owner.send_msg(m.ObjectMessage([m.StoredObject(oid, last)]), workers[-1])
+    pointers.append(PointerTensor(workers[-1], oid, owner, tuple(shape), DTYPE))
+    return pointers
+
+
+def resolve_provider(crypto_provider: Any, parties: Sequence[Any]) -> Provider:
+    """A Provider for ``crypto_provider``: itself, or the dealer of a worker.
+
+    Raises:
+        MPCError: If the provider worker is also a party (it would see shares
+            of the triples it dealt and of the data).
+    """
+    if not is_worker(crypto_provider):
+        return crypto_provider
+    if any(p is crypto_provider for p in parties):
+        raise MPCError(f"crypto provider {crypto_provider.id!r} cannot also be a party")
+    return dealer_for(crypto_provider, local_worker_of([crypto_provider]))

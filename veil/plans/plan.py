@@ -1,0 +1,151 @@
+"""Plans: functions and models traced into op lists that a worker runs in one message.
+
+- ``@sy.func2plan(args_shape=[(-1, 13)])`` traces a tensor function.
+- ``sy.Plan(model)`` traces a module's forward pass with its parameters as state.
+- ``sy.training_plan(model, loss_fn, lr)`` traces one forward/loss/backward/SGD
+  step; ``plan_ptr.fit(data, target, batch_size, epochs)`` runs whole local
+  epochs on the worker in a single message.
+
+A plan travels as data (``PlanSpec``), never as code.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from veil.plans import interpreter
+from veil.plans.ops import PlanSpec
+from veil.plans.trace import TraceTensor, trace
+from veil.tensors.pointer import PointerTensor
+from veil.tensors.tree import leaves
+
+
+def _examples(args_shape: list, dtypes: list | None) -> tuple:
+    dtypes = dtypes or [torch.float32] * len(args_shape)
+    return tuple(torch.zeros([1 if d == -1 else d for d in shape], dtype=dt) for shape, dt in zip(args_shape, dtypes))
+
+
+def _module_state(module: nn.Module) -> list[tuple[dict, str, torch.Tensor]]:
+    from veil.module_api import _slots
+
+    return _slots(module)
+
+
+class Plan:
+    """A traced computation. Build it (``plan.build(*examples)``), run it locally, or send it.
+
+    Args:
+        fn: a function of tensors (for ``func2plan``), or None with ``module``.
+        module: an nn.Module whose forward is traced; its parameters/buffers are the state.
+        args_shape: example input shapes (-1 = any batch size); builds at once.
+        name: for messages and errors.
+    """
+
+    def __init__(self, fn: Callable[..., Any] | nn.Module | None = None, module: nn.Module | None = None,
+                 args_shape: list | None = None, args_dtype: list | None = None, name: str | None = None,
+                 step: Callable[..., Any] | None = None):
+        if isinstance(fn, nn.Module):
+            module, fn = fn, None
+        self.fn = fn
+        self.module = module
+        self._step = step  # custom traced body (training plans): step(module_copy, *inputs)
+        self.name = name or getattr(fn, "__name__", None) or type(module).__name__
+        self.spec: PlanSpec | None = None
+        self._compiled: interpreter.CompiledPlan | None = None
+        if args_shape is not None:
+            self.build(*_examples(args_shape, args_dtype))
+
+    # ------------------------------------------------------------- building
+
+    @property
+    def is_built(self) -> bool:
+        return self.spec is not None
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return [t for _, _, t in _module_state(self.module)] if self.module is not None else []
+
+    def build(self, *example_args: torch.Tensor) -> "Plan":
+        """Traces the computation once on the given example tensors."""
+        if self.module is None:
+            self.spec = trace(self.fn, example_args, [], self.name)
+        else:
+            twin = copy.deepcopy(self.module)
+            slots = _module_state(twin)
+            state = [t.detach().clone().requires_grad_(t.requires_grad) for _, _, t in slots]
+
+            def bind(wrapped: list[TraceTensor], *inputs: TraceTensor) -> Any:
+                for (table, name, _), w in zip(slots, wrapped):
+                    table[name] = w
+                body = self._step or (lambda m, *xs: m(*xs))
+                return body(twin, *inputs)
+
+            self.spec = trace(None, example_args, state, self.name, bind_state=bind)
+        self._compiled = interpreter.compile_plan(self.spec)
+        return self
+
+    # ------------------------------------------------------------- running
+
+    def __call__(self, *args: torch.Tensor) -> Any:
+        if not self.is_built:
+            self.build(*args)
+        if leaves(args, PointerTensor):
+            raise TypeError(f"plan {self.name!r} got pointers: send it first (plan.send(worker)) and call the pointer")
+        return interpreter.run(self._compiled, list(args), self.state_tensors())
+
+    def send(self, worker: Any) -> "Any":
+        """Stores the plan and its state on ``worker``; returns a PlanPointer."""
+        from veil.plans.remote import send_plan
+
+        if not self.is_built:
+            raise RuntimeError(f"plan {self.name!r} is not built: call plan.build(*example_args) first")
+        return send_plan(self, worker)
+
+    def __repr__(self) -> str:
+        n = len(self.spec.ops) if self.spec else 0
+        return f"<Plan {self.name} built={self.is_built} ops={n}>"
+
+
+def func2plan(args_shape: list | None = None, args_dtype: list | None = None) -> Callable[[Callable], Plan]:
+    """Decorator: ``@sy.func2plan(args_shape=[(-1, 13)])`` turns a tensor function into a Plan."""
+
+    def deco(fn: Callable[..., Any]) -> Plan:
+        return Plan(fn, args_shape=args_shape, args_dtype=args_dtype)
+
+    return deco
+
+
+def training_plan(model: nn.Module, loss_fn: Callable[..., torch.Tensor], lr: float,
+                  args_shape: list | None = None, args_dtype: list | None = None, prox_mu: float = 0.0) -> Plan:
+    """One SGD step as a plan: forward, loss, backward, ``p -= lr * p.grad``, clear grads.
+
+    Inputs: ``(data, target)``, plus the global parameters when ``prox_mu > 0``
+    (FedProx's proximal term mu/2 * ||w - w_global||^2). Output: the batch loss.
+    """
+    trainable = [t.requires_grad for _, _, t in _module_state(model)]
+
+    def step(m: nn.Module, data: torch.Tensor, target: torch.Tensor, *global_params: torch.Tensor) -> torch.Tensor:
+        state = [t for _, _, t in _module_state(m)]
+        loss = loss_fn(m(data), target)
+        if prox_mu:
+            params = [s for s, tr in zip(state, trainable) if tr]
+            prox = sum(((p - g) ** 2).sum() for p, g in zip(params, global_params))
+            loss = loss + prox * (prox_mu / 2)
+        loss.backward()
+        with torch.no_grad():
+            for s, tr in zip(state, trainable):
+                if tr:
+                    s.sub_(s.grad * lr)
+                    s.grad = None
+        return loss.detach()
+
+    plan = Plan(module=model, name=f"train_{type(model).__name__}", step=step)
+    if args_shape is not None:
+        examples = _examples(args_shape, args_dtype)
+        if prox_mu:
+            examples += tuple(t.detach().clone() for t, tr in zip(plan.state_tensors(), trainable) if tr)
+        plan.build(*examples)
+    return plan

@@ -1,0 +1,146 @@
+"""Plans on workers: storage, validation on arrival, and the worker functions that run them.
+
+Worker functions (allowlisted, run with the worker as first argument):
+- ``veil.plan.run(plan, inputs, state)``: one execution.
+- ``veil.plan.fit(plan, data, target, state, batch_size, epochs, shuffle, drop_last, extra)``:
+  whole local epochs in one message; returns the per-batch losses.
+- ``veil.plan.load_state(state, values)``: overwrite the state in place (FedAvg rounds).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import torch
+
+from veil.exceptions import RemoteExecutionError
+from veil.ids import new_id
+from veil.messaging.allowlist import ALLOWLIST, register_worker_function
+from veil.messaging.messages import GetObjectsMessage, ObjectMessage, StoredObject
+from veil.plans import interpreter
+from veil.plans.ops import PlanSpec
+from veil.tensors import remote_ops
+from veil.tensors.pointer import PointerTensor
+from veil.workers import base
+
+
+def _compiled(spec: PlanSpec) -> interpreter.CompiledPlan:
+    compiled = spec.__dict__.get("_compiled")
+    if compiled is None:
+        compiled = spec.__dict__["_compiled"] = interpreter.compile_plan(spec)
+    return compiled
+
+
+def _validate(spec: PlanSpec) -> None:
+    _compiled(spec)  # raises OperationNotAllowedError / SerializationError before storing
+
+
+base.STORABLE_TYPES.append(PlanSpec)
+base.STORE_VALIDATORS[PlanSpec] = _validate
+
+
+def _run(worker: Any, spec: PlanSpec, inputs: list, state: list) -> Any:
+    return interpreter.run(_compiled(spec), list(inputs), list(state))
+
+
+def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, state: list, batch_size: int,
+         epochs: int = 1, shuffle: bool = True, drop_last: bool = False, extra: list | None = None,
+         max_batches: int | None = None, seed: int | None = None) -> torch.Tensor:
+    if type(batch_size) is not int or batch_size < 1 or type(epochs) is not int or not 0 < epochs <= 10_000:
+        raise RemoteExecutionError("fit needs a positive integer batch_size and 1..10000 epochs")
+    if len(data) != len(target):
+        raise RemoteExecutionError(f"fit: data has {len(data)} rows but target has {len(target)}")
+    compiled = _compiled(spec)
+    state, extra = list(state), list(extra or [])
+    if max_batches is not None and (type(max_batches) is not int or max_batches < 1):
+        raise RemoteExecutionError("fit: max_batches must be a positive integer")
+    gen = torch.Generator().manual_seed(seed if type(seed) is int else secrets.randbits(63))
+    n = len(data)
+    losses = []
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen) if shuffle else None
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            if drop_last and stop - start < batch_size:
+                break
+            if order is None:
+                xb, yb = data[start:stop], target[start:stop]
+            else:
+                idx = order[start:stop]
+                xb, yb = data[idx], target[idx]
+            losses.append(interpreter.run(compiled, [xb, yb, *extra], state))
+            if max_batches is not None and len(losses) >= max_batches:
+                break
+    if not losses:
+        return torch.zeros(0)
+    return torch.stack([l.reshape(()) for l in losses]).detach()
+
+
+def _load_state(worker: Any, state: list, values: list) -> None:
+    if len(state) != len(values):
+        raise RemoteExecutionError(f"load_state: {len(values)} values for {len(state)} state tensors")
+    with torch.no_grad():
+        for s, v in zip(state, values):
+            if s.shape != v.shape:
+                raise RemoteExecutionError(f"load_state: shape {tuple(v.shape)} does not fit {tuple(s.shape)}")
+            s.copy_(v)
+
+
+register_worker_function("veil.plan.run", _run)
+register_worker_function("veil.plan.fit", _fit)
+register_worker_function("veil.plan.load_state", _load_state, shapes="none")
+
+
+class PlanPointer:
+    """A plan stored on a worker, with pointers to its state (parameters)."""
+
+    def __init__(self, location: Any, owner: Any, plan_id: int, state: list[PointerTensor], name: str):
+        self.location, self.owner, self.id_at_location = location, owner, plan_id
+        self.state = state
+        self.name = name
+        # A pointer-shaped handle to the plan object, so it can be a command argument.
+        self._handle = PointerTensor(location, plan_id, owner, (), torch.float32)
+
+    def __call__(self, *args: Any) -> Any:
+        return remote_ops.call(ALLOWLIST.by_name("veil.plan.run"), (self._handle, list(args), self.state), {})
+
+    def fit(self, data: PointerTensor, target: PointerTensor, batch_size: int, epochs: int = 1,
+            shuffle: bool = True, drop_last: bool = False, extra: list | None = None,
+            max_batches: int | None = None, seed: int | None = None) -> PointerTensor:
+        """Runs whole epochs of the (training) plan over remote data in one message; returns batch losses.
+
+        ``max_batches`` stops early (partial-epoch rounds); ``seed`` makes the shuffling reproducible.
+        """
+        return remote_ops.call(
+            ALLOWLIST.by_name("veil.plan.fit"),
+            (self._handle, data, target, self.state, batch_size, epochs, shuffle, drop_last, list(extra or []),
+             max_batches, seed),
+            {},
+        )
+
+    def load_state(self, values: list[torch.Tensor]) -> None:
+        remote_ops.call(ALLOWLIST.by_name("veil.plan.load_state"), (self.state, list(values)), {},
+                        location=self.location)
+
+    def get_state(self) -> list[torch.Tensor]:
+        """Copies of the state tensors (they stay on the worker)."""
+        reply = self.owner.send_msg(GetObjectsMessage([p.id_at_location for p in self.state], delete=False),
+                                    self.location)
+        return [t.detach() for t in reply.objects]
+
+    def __repr__(self) -> str:
+        return f"[PlanPointer {self.name} | {self.owner.id} -> {self.location.id}:{self.id_at_location}]"
+
+
+def send_plan(plan: Any, worker: Any) -> PlanPointer:
+    owner = worker.hook.local_worker
+    plan_id = new_id()
+    state = plan.state_tensors()
+    state_ids = [new_id() for _ in state]
+    objects = [StoredObject(plan_id, plan.spec)] + [
+        StoredObject(i, t.detach().clone().requires_grad_(t.requires_grad)) for i, t in zip(state_ids, state)
+    ]
+    owner.send_msg(ObjectMessage(objects), worker)
+    pointers = [PointerTensor(worker, i, owner, t.shape, t.dtype, t.requires_grad) for i, t in zip(state_ids, state)]
+    return PlanPointer(worker, owner, plan_id, pointers, plan.name)

@@ -1,0 +1,116 @@
+"""Tracing: run a function once on real example tensors and record its torch ops.
+
+Arguments and state are wrapped in :class:`TraceTensor` (a wrapper subclass
+holding the real tensor). Every torch call that reaches ``__torch_function__``
+runs for real on the unwrapped values — so autograd, ``backward()`` and
+``.grad`` behave exactly as in eager mode — and is appended to the plan as an
+allowlisted op over slots. Only allowlisted ops can be traced.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from veil.exceptions import OperationNotAllowedError
+from veil.messaging.allowlist import ALLOWLIST
+from veil.plans.ops import PlanOp, PlanSpec, SlotRef
+from veil.tensors.tree import leaves, map_structure
+
+_T = torch.Tensor
+#: metadata answered from the wrapper itself, not recorded
+_LOCAL = {
+    _T.shape.__get__, _T.dtype.__get__, _T.device.__get__, _T.requires_grad.__get__, _T.is_leaf.__get__,
+    _T.ndim.__get__, _T.layout.__get__, _T.dim, _T.size, _T.numel, _T.is_floating_point, _T.__len__,
+    _T.is_sparse.__get__, _T.is_quantized.__get__, _T.is_meta.__get__, _T.is_nested.__get__, _T.element_size,
+    _T.is_contiguous, _T.stride, _T.is_complex,
+}
+
+
+class TraceTensor(torch.Tensor):
+    """A real tensor in disguise that records what is done to it."""
+
+    @staticmethod
+    def __new__(cls, elem: torch.Tensor, slot: int, tracer: "Tracer") -> "TraceTensor":
+        r = torch.Tensor._make_wrapper_subclass(
+            cls, elem.shape, dtype=elem.dtype, requires_grad=elem.requires_grad, device=elem.device
+        )
+        r.__dict__.update(elem=elem, slot=slot, tracer=tracer)
+        return r
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __repr__(self, *args: Any, **kwargs: Any) -> str:
+        return f"TraceTensor(slot={self.__dict__['slot']}, shape={tuple(self.__dict__['elem'].shape)})"
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _LOCAL:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        tracer = leaves((args, kwargs), TraceTensor)[0].__dict__["tracer"]
+        return tracer.record(func, args, kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        raise RuntimeError(f"{func} reached TraceTensor below the torch-function layer")
+
+
+class Tracer:
+    def __init__(self) -> None:
+        self.ops: list[PlanOp] = []
+        self.n_slots = 0
+
+    def new_slot(self) -> int:
+        self.n_slots += 1
+        return self.n_slots - 1
+
+    def wrap(self, t: torch.Tensor) -> TraceTensor:
+        return TraceTensor(t, self.new_slot(), self)
+
+    def record(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        try:
+            op = ALLOWLIST.by_func(func)
+        except OperationNotAllowedError as e:
+            raise OperationNotAllowedError(f"cannot trace into a plan: {e}") from None
+        if op.worker_function:
+            raise OperationNotAllowedError(f"{op.name} cannot be part of a plan")
+        to_slot = lambda t: SlotRef(t.__dict__["slot"]) if type(t) is TraceTensor else t.detach().clone()
+        wire_args, wire_kwargs = map_structure(args, to_slot), map_structure(kwargs, to_slot)
+        unwrap = lambda t: t.__dict__["elem"] if type(t) is TraceTensor else t
+        real_args, real_kwargs = map_structure(args, unwrap), map_structure(kwargs, unwrap)
+        result = op.func(*real_args, **real_kwargs)
+        by_elem = {id(t.__dict__["elem"]): t for t in leaves((args, kwargs), TraceTensor)}
+        out_slots: list[int] = []
+
+        def rewrap(t: torch.Tensor) -> TraceTensor:
+            existing = by_elem.get(id(t))
+            if existing is not None:  # in-place op: same slot, same wrapper
+                out_slots.append(existing.__dict__["slot"])
+                return existing
+            w = self.wrap(t)
+            out_slots.append(w.__dict__["slot"])
+            return w
+
+        wrapped = map_structure(result, rewrap)
+        self.ops.append(PlanOp(op.name, wire_args, wire_kwargs, out_slots, torch.is_grad_enabled()))
+        return wrapped
+
+
+def trace(fn: Callable[..., Any], example_args: tuple, state: list[torch.Tensor], name: str,
+          bind_state: Callable[[list[TraceTensor]], Any] | None = None) -> PlanSpec:
+    """Traces ``fn(*args)`` (with ``state`` bound through ``bind_state``) into a PlanSpec."""
+    tracer = Tracer()
+    inputs = [tracer.wrap(a) for a in example_args]
+    state_wrapped = [tracer.wrap(s) for s in state]
+    if bind_state is not None:
+        out = bind_state(state_wrapped, *inputs)
+    else:
+        out = fn(*inputs)
+    outputs = map_structure(out, lambda t: SlotRef(t.__dict__["slot"]), leaf=TraceTensor)
+    if leaves(outputs, torch.Tensor):
+        raise ValueError(f"plan {name!r} returns a tensor that does not come from its inputs or state")
+    return PlanSpec(name, len(inputs), len(state_wrapped), tracer.n_slots, tracer.ops, outputs)

@@ -1,0 +1,130 @@
+"""Rules for order-dependent ops: comparisons, ReLU, max/argmax, max-pooling.
+
+Plaintext fixed-precision tensors compare their encoded integers directly
+(order is preserved by the encoding). Shared tensors run the private
+comparison protocol through :mod:`veil.mpc.maximum` (2 rounds per
+comparison; see :mod:`veil.mpc.comparison` for its cost and limits).
+Comparison results of fixed-precision tensors are fixed-precision 0/1 (as
+PySyft 0.2); of shared integer tensors, shared 0/1 integers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from veil.mpc import maximum
+from veil.tensors.additive import AdditiveSharingTensor
+from veil.tensors.rules.additive import ADDITIVE_RULES, public_int
+from veil.tensors.rules.fixed_precision import FIXED_PRECISION_RULES, _children
+from veil.tensors.rules.common import scalar_value
+
+aten = torch.ops.aten
+
+COMPARISONS = (
+    aten.gt.Tensor, aten.gt.Scalar, aten.lt.Tensor, aten.lt.Scalar, aten.ge.Tensor, aten.ge.Scalar,
+    aten.le.Tensor, aten.le.Scalar, aten.eq.Tensor, aten.eq.Scalar, aten.ne.Tensor, aten.ne.Scalar,
+)
+MAX_OPS = (aten.max.default, aten.max.dim, aten.argmax.default)
+POOL_OPS = (aten.max_pool2d_with_indices.default, aten.max_pool2d.default)
+
+
+def _shared(value) -> bool:
+    return isinstance(value, AdditiveSharingTensor)
+
+
+def _public(value):
+    return value if _shared(value) else public_int(value, "comparison")
+
+
+# ------------------------------------------------------------ shared integers
+
+
+@ADDITIVE_RULES.handler(*COMPARISONS)
+def _ast_compare(cls, func, args, kwargs):
+    return maximum.compare(func.overloadpacket.__name__, _public(args[0]), _public(args[1]))
+
+
+@ADDITIVE_RULES.handler(aten.relu.default)
+def _ast_relu(cls, func, args, kwargs):
+    return maximum.relu(args[0])
+
+
+def _max_args(func, args, kwargs):
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    return (None, False) if func is aten.max.default else (dim, keepdim)
+
+
+@ADDITIVE_RULES.handler(*MAX_OPS)
+def _ast_max(cls, func, args, kwargs):
+    dim, keepdim = _max_args(func, args, kwargs)
+    values, index = maximum.max_dim(args[0], dim, keepdim, with_index=func is not aten.max.default)
+    if func is aten.max.default:
+        return values
+    return index if func is aten.argmax.default else (values, index)
+
+
+def _pool_args(args, kwargs):
+    names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+    opts = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, **dict(zip(names, args[1:])), **kwargs}
+    return [opts[n] for n in names]
+
+
+@ADDITIVE_RULES.handler(*POOL_OPS)
+def _ast_pool(cls, func, args, kwargs):
+    values = maximum.max_pool2d(args[0], *_pool_args(args, kwargs))
+    if func is aten.max_pool2d.default:
+        return values
+    return values, torch.zeros(tuple(values.shape), dtype=torch.int64)  # indices are not computed
+
+
+# ------------------------------------------------------------ fixed precision
+
+
+@FIXED_PRECISION_RULES.handler(*COMPARISONS)
+def _fp_compare(cls, func, args, kwargs):
+    children, encoding, dtype = _children(cls, [scalar_value(a) for a in args[:2]])
+    if not any(_shared(c) for c in children):
+        return func(*children)  # public operands: a public bool tensor
+    bits = maximum.compare(func.overloadpacket.__name__, *children)
+    return cls(aten.mul.Tensor(bits, encoding.scale), encoding, dtype)
+
+
+@FIXED_PRECISION_RULES.handler(aten.relu.default)
+def _fp_relu(cls, func, args, kwargs):
+    x = args[0]
+    child = maximum.relu(x.child) if _shared(x.child) else torch.relu(x.child)
+    return cls(child, x.encoding, x.dtype)
+
+
+@FIXED_PRECISION_RULES.handler(*MAX_OPS)
+def _fp_max(cls, func, args, kwargs):
+    x = args[0]
+    dim, keepdim = _max_args(func, args, kwargs)
+    if not _shared(x.child):
+        rest = [dim, keepdim] if func is not aten.max.default and dim is not None else []
+        out = func(x.child, *rest)
+        if func is aten.argmax.default:
+            return out
+        if func is aten.max.default:
+            return cls(out, x.encoding, x.dtype)
+        return cls(out[0], x.encoding, x.dtype), out[1]
+    values, index = maximum.max_dim(x.child, dim, keepdim, with_index=func is not aten.max.default)
+    if func is aten.argmax.default:
+        return index
+    values = cls(values, x.encoding, x.dtype)
+    return values if func is aten.max.default else (values, index)
+
+
+@FIXED_PRECISION_RULES.handler(*POOL_OPS)
+def _fp_pool(cls, func, args, kwargs):
+    x = args[0]
+    opts = _pool_args(args, kwargs)
+    if _shared(x.child):
+        values = maximum.max_pool2d(x.child, *opts)
+        indices = torch.zeros(tuple(values.shape), dtype=torch.int64)  # not computed on shares
+    else:
+        values, indices = aten.max_pool2d_with_indices.default(x.child.to(torch.float64), *opts)
+        values = values.to(torch.int64)  # exact: |encoded| < 2^53 for pooled activations
+    out = cls(values, x.encoding, x.dtype)
+    return out if func is aten.max_pool2d.default else (out, indices)

@@ -1,0 +1,152 @@
+"""What a data owner's worker must not lose across restarts, in one SQLite file.
+
+Three tables:
+
+- ``audit``: every request that moves data out (get, move, remote_get) and every
+  refusal, with who asked (the authenticated principal and session) and the
+  outcome. Never holds tokens or tensor values.
+- ``kv``: a generic ``(namespace, key) -> bytes`` table for owner state (the DP
+  privacy-budget ledger keeps its balances here).
+- ``ledger``: an append-only list of ``(namespace, key, amount, note)`` entries
+  (spent budgets), summed with :meth:`OwnerDB.ledger_total`.
+
+Datasets themselves are *not* stored: they are reloaded from their declared
+sources at every start.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    worker TEXT NOT NULL,
+    action TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    session TEXT NOT NULL,
+    object_ids TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS kv (
+    namespace TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value BLOB NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (namespace, key)
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    namespace TEXT NOT NULL,
+    key TEXT NOT NULL,
+    amount REAL NOT NULL,
+    note TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_by_key ON ledger (namespace, key);
+"""
+
+
+class OwnerDB:
+    """The worker's durable state. Thread-safe (one connection behind a lock).
+
+    Args:
+        path: the SQLite file, or ``":memory:"`` for a worker that keeps nothing.
+    """
+
+    FILENAME = "veil-worker.sqlite3"
+
+    def __init__(self, path: str | Path = ":memory:") -> None:
+        self.path = str(path)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        if self.path != ":memory:":
+            # WAL + NORMAL: an audit row survives a process crash; a power cut may lose the last few.
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    @classmethod
+    def in_dir(cls, data_dir: str | Path | None) -> "OwnerDB":
+        """The database under ``data_dir`` (created), or an in-memory one when None."""
+        if data_dir is None:
+            return cls(":memory:")
+        folder = Path(data_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        return cls(folder / cls.FILENAME)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ------------------------------------------------------------- audit
+
+    def audit(self, worker: str, action: str, principal: str, session: str, object_ids: list | tuple = (),
+              outcome: str = "allowed", detail: str = "") -> None:
+        """Appends one audit record (``outcome`` is "allowed" or "refused")."""
+        ids = json.dumps([i for i in object_ids if type(i) is int][:1000])
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO audit (ts, worker, action, principal, session, object_ids, outcome, detail)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (time.time(), worker, action, principal, session, ids, outcome, detail[:500]),
+            )
+
+    def audit_entries(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """The most recent ``limit`` records, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, ts, worker, action, principal, session, object_ids, outcome, detail"
+                " FROM audit ORDER BY seq DESC LIMIT ?", (limit,),
+            ).fetchall()
+        names = ("seq", "ts", "worker", "action", "principal", "session", "object_ids", "outcome", "detail")
+        out = [dict(zip(names, r)) for r in reversed(rows)]
+        for r in out:
+            r["object_ids"] = json.loads(r["object_ids"])
+        return out
+
+    # ---------------------------------------------------------- key-value
+
+    def kv_put(self, namespace: str, key: str, value: bytes) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO kv (namespace, key, value, updated) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT(namespace, key) DO UPDATE SET value = excluded.value, updated = excluded.updated",
+                (namespace, key, bytes(value), time.time()),
+            )
+
+    def kv_get(self, namespace: str, key: str, default: bytes | None = None) -> bytes | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM kv WHERE namespace = ? AND key = ?", (namespace, key)).fetchone()
+        return default if row is None else bytes(row[0])
+
+    def kv_delete(self, namespace: str, key: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM kv WHERE namespace = ? AND key = ?", (namespace, key))
+
+    def kv_keys(self, namespace: str) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT key FROM kv WHERE namespace = ? ORDER BY key", (namespace,))]
+
+    # ------------------------------------------------------------- ledger
+
+    def ledger_append(self, namespace: str, key: str, amount: float, note: str = "") -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO ledger (ts, namespace, key, amount, note) VALUES (?, ?, ?, ?, ?)",
+                (time.time(), namespace, key, float(amount), note),
+            )
+
+    def ledger_total(self, namespace: str, key: str) -> float:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE namespace = ? AND key = ?", (namespace, key)
+            ).fetchone()
+        return float(row[0])

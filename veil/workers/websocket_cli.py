@@ -1,0 +1,189 @@
+"""``veil worker``: run a data owner's network worker from the command line.
+
+Example::
+
+    veil worker --id alice --port 8777 --data-dir ./alice-state \\
+        --dataset boston=boston.csv:target=MEDV --tags "#boston,#housing" \\
+        --allow hospital=#target
+
+Datasets are loaded as the owner's *private* objects (data and target tensors,
+tagged ``#<name>``, ``#data`` / ``#target`` and ``--tags``): anyone connected can
+find them with ``search`` and compute on them, nobody can ``.get()`` them except
+users named by an ``--allow USER=TAG`` rule for a tag the object carries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import ssl
+import sys
+from pathlib import Path
+
+import torch
+
+from veil.workers.persistence import OwnerDB
+from veil.workers.websocket_auth import TokenTable, new_token
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--id", required=True, help="the worker's name (clients use the same id)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8777, help="TCP port (0: any free port)")
+    p.add_argument("--token", default=None,
+                   help="data scientists' access token (default: $VEIL_TOKEN, else a new one is printed)")
+    p.add_argument("--token-user", default="scientist", help="user name of --token holders (for --allow rules)")
+    p.add_argument("--user", action="append", default=[], metavar="NAME=TOKEN",
+                   help="another data scientist with their own token (repeatable)")
+    p.add_argument("--admin-token", default=os.environ.get("VEIL_ADMIN_TOKEN"),
+                   help="the owner's token: owner view of the store (default: $VEIL_ADMIN_TOKEN)")
+    p.add_argument("--dataset", action="append", default=[], metavar="NAME=PATH[:target=COLUMN]",
+                   help="CSV file to serve as private data (repeatable); reloaded at every start")
+    p.add_argument("--tags", default="", help="comma-separated tags added to every dataset tensor")
+    p.add_argument("--allow", action="append", default=[], metavar="USER=TAG",
+                   help="user USER may .get() dataset tensors tagged TAG (repeatable; default: nobody)")
+    p.add_argument("--peer", action="append", default=[], metavar="NAME=HOST:PORT",
+                   help="another worker this one may send objects to (moves, pointer chains)")
+    p.add_argument("--peer-token", action="append", default=[], metavar="NAME=TOKEN",
+                   help="token this worker presents to peer NAME (default: $VEIL_PEER_TOKEN)")
+    p.add_argument("--accept-peer", action="append", default=[], metavar="NAME=TOKEN",
+                   help="token peer worker NAME presents to this one (repeatable)")
+    p.add_argument("--data-dir", default=None, help="folder for the audit log and owner state (SQLite)")
+    p.add_argument("--max-message-mb", type=float, default=256, help="largest accepted request, in MiB")
+    p.add_argument("--cert", default=None, help="TLS certificate (PEM) to serve wss://")
+    p.add_argument("--key", default=None, help="TLS private key (PEM)")
+
+
+def _pair(spec: str, flag: str) -> tuple[str, str]:
+    name, sep, value = spec.partition("=")
+    if not sep or not name or not value:
+        raise SystemExit(f"veil worker: {flag} expects NAME=VALUE, got {spec!r}")
+    return name, value
+
+
+def parse_dataset(spec: str) -> tuple[str, Path, str | None]:
+    """``NAME=PATH[:target=COLUMN]`` -> (name, path, target column or None)."""
+    name, rest = _pair(spec, "--dataset")
+    path, sep, target = rest.rpartition(":target=")
+    if not sep:
+        path, target = rest, None
+    return name, Path(path), target
+
+
+def read_csv(path: Path, target: str | None) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    """A numeric CSV with a header row -> (features float32, target [n, 1] or None, feature names)."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except OSError as e:
+        raise SystemExit(f"veil worker: cannot read dataset {path}: {e.strerror}") from None
+    if len(rows) < 2:
+        raise SystemExit(f"veil worker: dataset {path} needs a header row and at least one data row")
+    header, body = rows[0], [r for r in rows[1:] if r]
+    try:
+        values = torch.tensor([[float(v) for v in r] for r in body], dtype=torch.float32)
+    except ValueError as e:
+        raise SystemExit(f"veil worker: dataset {path} has a non-numeric value: {e}") from None
+    if target is None:
+        return values, None, header
+    if target not in header:
+        raise SystemExit(f"veil worker: dataset {path} has no column {target!r} (columns: {', '.join(header)})")
+    t = header.index(target)
+    keep = [i for i in range(len(header)) if i != t]
+    return values[:, keep], values[:, t:t + 1], [header[i] for i in keep]
+
+
+def load_datasets(worker, specs: list[str], tags: list[str], allow: list[tuple[str, str]]) -> list[str]:
+    """Loads every ``--dataset`` as private owner data; returns one summary line per tensor."""
+    lines = []
+    for spec in specs:
+        name, path, target = parse_dataset(spec)
+        data, labels, columns = read_csv(path, target)
+        for kind, tensor in (("data", data), ("target", labels)):
+            if tensor is None:
+                continue
+            obj_tags = tuple(dict.fromkeys([f"#{name}", *tags, f"#{kind}"]))
+            allowed = tuple(sorted({user for user, tag in allow if tag in obj_tags}))
+            worker.load(tensor, tags=obj_tags, description=f"{name} {kind}: {path.name}", private=True,
+                        allowed_users=allowed)
+            lines.append(f"  {name} {kind} {list(tensor.shape)} tags={' '.join(obj_tags)} "
+                         f"get allowed for: {', '.join(allowed) or 'nobody'}")
+    return lines
+
+
+def _token_table(args: argparse.Namespace) -> tuple[TokenTable, str | None]:
+    table = TokenTable()
+    token, generated = args.token or os.environ.get("VEIL_TOKEN"), None
+    if not token:
+        token = generated = new_token()
+    table.add(token, args.token_user, "scientist")
+    for spec in args.user:
+        table.add(*reversed(_pair(spec, "--user")), "scientist")
+    for spec in args.accept_peer:
+        name, tok = _pair(spec, "--accept-peer")
+        table.add(tok, name, "peer")
+    if args.admin_token:
+        table.add(args.admin_token, "owner", "admin")
+    return table, generated
+
+
+def _peers(args: argparse.Namespace, hook) -> list:
+    from veil.workers.websocket_client import WebsocketClientWorker
+
+    tokens = dict(_pair(s, "--peer-token") for s in args.peer_token)
+    peers = []
+    for spec in args.peer:
+        name, address = _pair(spec, "--peer")
+        secure = address.startswith("wss://")
+        host, _, port = address.split("://")[-1].rpartition(":")
+        token = tokens.get(name) or os.environ.get("VEIL_PEER_TOKEN")
+        if not token or not port.isdigit():
+            raise SystemExit(f"veil worker: peer {name!r} needs HOST:PORT and a --peer-token {name}=TOKEN")
+        peers.append(WebsocketClientWorker(hook, id=name, host=host, port=int(port), token=token,
+                                           secure=secure, lazy=True))
+    return peers
+
+
+def run(args: argparse.Namespace) -> int:
+    """Builds the worker from the parsed arguments and serves until Ctrl-C / SIGTERM."""
+    import veil as sy
+    from veil.workers.websocket_server import WebsocketServerWorker
+
+    hook = sy.TorchHook(torch)
+    tokens, generated = _token_table(args)
+    ssl_context = None
+    if args.cert or args.key:
+        if not (args.cert and args.key):
+            raise SystemExit("veil worker: TLS needs both --cert and --key")
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(args.cert, args.key)
+    worker = WebsocketServerWorker(
+        hook, id=args.id, host=args.host, port=args.port, tokens=tokens, db=OwnerDB.in_dir(args.data_dir),
+        max_message=int(args.max_message_mb * 2**20), ssl_context=ssl_context,
+    )
+    for peer in _peers(args, hook):
+        worker.add_peer(peer)
+    tags = [t.strip() for t in args.tags.split(",") if t.strip()]
+    allow = [_pair(s, "--allow") for s in args.allow]
+    summary = load_datasets(worker, args.dataset, tags, allow)
+
+    def ready(w: WebsocketServerWorker) -> None:
+        # The "listening on" line comes last: scripts may treat it as "ready, all printed".
+        if generated:  # shown once to the owner who started it; never written to a log
+            print(f"access token (user {args.token_user!r}): {generated}", flush=True)
+        for line in summary:
+            print(line, flush=True)
+        if worker.peers:
+            print(f"  peers: {', '.join(worker.peers)}", flush=True)
+        print(f"veil worker {w.id!r} listening on {w.url}", flush=True)
+
+    worker.serve_forever(on_ready=ready)
+    print(f"veil worker {args.id!r} stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m veil.workers.websocket_cli`
+    parser = argparse.ArgumentParser(prog="veil worker")
+    configure(parser)
+    sys.exit(run(parser.parse_args()))

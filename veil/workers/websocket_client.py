@@ -1,0 +1,184 @@
+"""WebsocketClientWorker: a remote worker, used exactly like a VirtualWorker.
+
+The worker's ``_recv_msg`` forwards the already-serialized request over a
+websocket and returns the reply bytes, so everything above it (pointers, send,
+get, move, modules) is unchanged. The connection is blocking and needs no event
+loop (``websocket_transport``), so it works from plain scripts and from Jupyter
+(where an asyncio loop is already running in the main thread).
+
+Failures are explicit: a server that is gone, restarted or silent past
+``timeout`` raises :class:`ConnectionLostError` (never a hang); the next request
+reconnects (a new session: objects of the old one are gone on the server).
+"""
+
+from __future__ import annotations
+
+import os
+import ssl as ssl_module
+import threading
+from typing import TYPE_CHECKING, Any
+
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from veil.exceptions import ConnectionLostError, PermissionDeniedError, SerializationError
+from veil.workers.base import BaseWorker
+from veil.workers.websocket_admin import AdminLoadMessage, RemoteObjectsView
+from veil.workers.websocket_auth import handshake_headers
+from veil.workers.websocket_transport import BlockingConnection
+
+if TYPE_CHECKING:
+    from veil.hook import TorchHook
+
+MAX_SIZE_HEADER = "X-Veil-Max-Message"
+DEFAULT_CLIENT_MAX_MESSAGE = 1 << 30  # replies up to 1 GiB (a 100 MB tensor is fine)
+
+
+class WebsocketClientWorker(BaseWorker):
+    """A worker served by ``veil worker`` (a :class:`WebsocketServerWorker`) elsewhere.
+
+    Args:
+        hook: the TorchHook whose registry this worker joins.
+        id: the remote worker's name (must match the server's ``--id``).
+        host: server host name.
+        port: server port.
+        token: access token (default: the ``VEIL_TOKEN`` environment variable).
+        extra_tokens: more tokens presented on the same connection (e.g. another
+            user's, to ``.get(user=...)`` as that user, or the owner's admin token).
+        secure: use TLS (``wss://``).
+        cafile: CA bundle or self-signed certificate to trust for TLS.
+        timeout: seconds to wait for each reply before raising ConnectionLostError.
+        connect_timeout: seconds to wait for the connection and handshake.
+        lazy: connect on first use instead of now (servers use this for peers).
+    """
+
+    def __init__(
+        self,
+        hook: "TorchHook | None" = None,
+        id: str | None = None,
+        host: str = "localhost",
+        port: int = 8777,
+        token: str | None = None,
+        *,
+        extra_tokens: tuple | list = (),
+        secure: bool = False,
+        cafile: str | None = None,
+        timeout: float = 120.0,
+        connect_timeout: float = 10.0,
+        max_message: int = DEFAULT_CLIENT_MAX_MESSAGE,
+        lazy: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(hook, id=id, **kwargs)
+        token = token if token is not None else os.environ.get("VEIL_TOKEN")
+        if not token:
+            raise PermissionDeniedError(
+                f"no access token for worker {self.id!r}: pass token=... or set VEIL_TOKEN"
+            )
+        self.host, self.port = host, int(port)
+        self.url = f"{'wss' if secure else 'ws'}://{host}:{self.port}"
+        self.timeout, self.connect_timeout, self.max_message = timeout, connect_timeout, max_message
+        self._headers = handshake_headers(token, tuple(extra_tokens))
+        self._ssl = None
+        if secure:
+            self._ssl = ssl_module.create_default_context(cafile=cafile)
+        self._conn: BlockingConnection | None = None
+        self._server_max: int | None = None
+        self._lock = threading.Lock()  # one request in flight per connection keeps replies in order
+        if not lazy:
+            with self._lock:
+                self._connect()
+
+    # ----------------------------------------------------------- connection
+
+    def _connect(self) -> BlockingConnection:
+        try:
+            conn = BlockingConnection(self.url, self._headers, self._ssl, self.connect_timeout, self.max_message)
+        except InvalidStatus as e:
+            status = e.response.status_code
+            if status == 401:
+                raise PermissionDeniedError(f"worker {self.id!r} at {self.url} refused the access token") from None
+            raise ConnectionLostError(f"worker {self.id!r} at {self.url} refused the connection (HTTP {status})") from None
+        except (OSError, TimeoutError, InvalidHandshake) as e:
+            raise ConnectionLostError(f"cannot reach worker {self.id!r} at {self.url}: {type(e).__name__}: {e}") from None
+        header = conn.response.headers.get(MAX_SIZE_HEADER)
+        self._server_max = int(header) if header and header.isdigit() else None
+        self._conn = conn
+        return conn
+
+    def connect(self) -> "WebsocketClientWorker":
+        """(Re)opens the connection now; otherwise it happens on the next request."""
+        with self._lock:
+            self._drop()
+            self._connect()
+        return self
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # already broken: nothing more to release
+                pass
+
+    def close(self) -> None:
+        """Closes the connection; the server frees every object this session created."""
+        with self._lock:
+            self._drop()
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    def __del__(self) -> None:
+        try:
+            self._drop()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------- transport
+
+    def _recv_msg(self, data: bytes) -> bytes:
+        """Forwards one serialized request and returns the serialized reply."""
+        with self._lock:
+            conn = self._conn if self._conn is not None else self._connect()
+            if self._server_max is not None and len(data) > self._server_max:
+                raise SerializationError(
+                    f"message of {len(data)} bytes exceeds worker {self.id!r}'s limit of {self._server_max} bytes"
+                )
+            try:
+                conn.send(data)
+                reply = conn.recv(timeout=self.timeout)
+            except TimeoutError:
+                self._drop()  # a late reply would answer the wrong request: start over
+                raise ConnectionLostError(
+                    f"worker {self.id!r} at {self.url} did not answer within {self.timeout} s"
+                ) from None
+            except ConnectionClosed as e:
+                self._drop()
+                raise ConnectionLostError(f"connection to worker {self.id!r} at {self.url} was lost: {e}") from None
+            except OSError as e:
+                self._drop()
+                raise ConnectionLostError(f"connection to worker {self.id!r} at {self.url} failed: {e}") from None
+        if not isinstance(reply, bytes):
+            raise SerializationError(f"worker {self.id!r} answered with a text frame")
+        return reply
+
+    # ------------------------------------------------------------- owner view
+
+    @property
+    def _objects(self) -> RemoteObjectsView:
+        """The server's store, id -> object (needs the owner's admin token among the tokens)."""
+        return RemoteObjectsView(self)
+
+    def load(self, obj: Any, tags: tuple | list = (), description: str = "", private: bool = False,
+             allowed_users: tuple | list | None = None) -> int:
+        """Loads owner data on the server (needs the admin token); returns its id."""
+        tags = list(tags) or list(getattr(obj, "tags", ()) or ())
+        description = description or getattr(obj, "description", "") or ""
+        allowed = None if allowed_users is None else list(allowed_users)
+        msg = AdminLoadMessage(obj, tags, description, private, allowed)
+        return self.hook.local_worker.send_msg(msg, self).objects[0]
+
+    def __repr__(self) -> str:
+        state = "connected" if self._conn is not None else "disconnected"
+        return f"<WebsocketClientWorker id:{self.id} {self.url} {state}>"

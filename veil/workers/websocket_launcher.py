@@ -1,0 +1,84 @@
+"""Starts ``veil worker`` processes on loopback (tests, benchmarks, local simulations)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class WorkerProcess:
+    """A running ``veil worker`` subprocess; :meth:`stop` ends it (SIGTERM, then SIGKILL)."""
+
+    id: str
+    proc: subprocess.Popen
+    port: int = 0
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def start_worker(worker_id: str, args: list[str] = (), port: int = 0, env: dict | None = None,
+                 ready_timeout: float = 60.0) -> WorkerProcess:
+    """Runs ``veil worker --id worker_id --port port *args`` and waits until it listens.
+
+    Raises:
+        RuntimeError: the process exited or did not report readiness in time
+            (its output is in the message).
+    """
+    cmd = [sys.executable, "-m", "veil.cli", "worker", "--id", worker_id, "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+    wp = WorkerProcess(worker_id, proc)
+    ready = threading.Event()
+
+    def drain() -> None:  # keeps the pipe from filling up, and spots the ready line
+        for line in proc.stdout:
+            wp.output.append(line.rstrip("\n"))
+            if "listening on" in line and not ready.is_set():
+                wp.port = int(line.rsplit(":", 1)[1])
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    deadline = time.monotonic() + ready_timeout
+    while not ready.wait(0.05):
+        if time.monotonic() > deadline:
+            break
+    if not wp.port:
+        wp.kill()
+        raise RuntimeError(f"veil worker {worker_id!r} did not start:\n" + "\n".join(wp.output[-30:]))
+    return wp

@@ -1,0 +1,128 @@
+"""A blocking websocket connection for request/reply clients, on websockets' sans-I/O protocol.
+
+Why not ``websockets.sync.client``: it reads on a background thread and hands
+each message to the caller through a queue, a thread hop per reply that costs
+more than the rest of a small remote op. A request/reply client has exactly one
+message in flight, so the calling thread can read its reply from the socket
+itself. The websocket protocol (handshake, framing, masking, ping/pong, close)
+is still entirely the websockets library's; this file only moves bytes.
+It needs no event loop, so it works the same from scripts and from Jupyter.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl as ssl_module
+from typing import Any
+
+from websockets.client import ClientProtocol
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidHandshake
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Response
+from websockets.uri import parse_uri
+
+_READ_CHUNK = 1 << 20
+
+
+class BlockingConnection:
+    """One websocket connection, used by one thread at a time (callers hold a lock).
+
+    Args:
+        url: ``ws://host:port`` or ``wss://host:port``.
+        headers: extra handshake headers (authentication).
+        ssl_context: TLS context for ``wss://``.
+        open_timeout: seconds for TCP connect + TLS + handshake.
+        max_size: largest message accepted from the server, in bytes.
+
+    Raises:
+        InvalidHandshake: the server refused the handshake (``InvalidStatus`` has the HTTP status).
+        OSError: the server cannot be reached (``TimeoutError`` on timeout).
+    """
+
+    def __init__(self, url: str, headers: dict[str, str], ssl_context: "ssl_module.SSLContext | None" = None,
+                 open_timeout: float = 10.0, max_size: int | None = None) -> None:
+        uri = parse_uri(url)
+        self.protocol = ClientProtocol(uri, max_size=max_size)
+        sock = socket.create_connection((uri.host, uri.port), timeout=open_timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small requests must not wait for Nagle
+            if uri.secure:
+                context = ssl_context or ssl_module.create_default_context()
+                sock = context.wrap_socket(sock, server_hostname=uri.host)
+            self.sock = sock
+            request = self.protocol.connect()
+            request.headers.update(headers)
+            self.protocol.send_request(request)
+            self._flush()
+            self.response = self._await_handshake()
+        except BaseException:
+            sock.close()
+            raise
+        self._parts: list[bytes] = []
+
+    def _flush(self) -> None:
+        for chunk in self.protocol.data_to_send():
+            if chunk:
+                self.sock.sendall(chunk)
+
+    def _feed(self) -> list[Any]:
+        data = self.sock.recv(_READ_CHUNK)
+        if data:
+            self.protocol.receive_data(data)
+        else:
+            self.protocol.receive_eof()
+        events = self.protocol.events_received()
+        self._flush()  # pongs and close acknowledgements
+        return events
+
+    def _await_handshake(self) -> Response:
+        while True:
+            for event in self._feed():
+                if isinstance(event, Response):
+                    if self.protocol.handshake_exc is not None:
+                        raise self.protocol.handshake_exc
+                    return event
+            if self.protocol.handshake_exc is not None:
+                raise self.protocol.handshake_exc
+            if self.protocol.close_expected() or self.protocol.state.name == "CLOSED":
+                raise InvalidHandshake("connection closed during the opening handshake")
+
+    def send(self, data: bytes) -> None:
+        """Sends one binary message."""
+        self.protocol.send_binary(data)
+        self._flush()
+
+    def recv(self, timeout: float | None) -> bytes | str:
+        """Blocks until the next whole message arrives (``TimeoutError`` after ``timeout`` s)."""
+        self.sock.settimeout(timeout)
+        while True:
+            for event in self._feed():
+                if not isinstance(event, Frame):
+                    continue
+                if event.opcode in (Opcode.BINARY, Opcode.TEXT, Opcode.CONT):
+                    if event.opcode is not Opcode.CONT:
+                        self._parts = []
+                        self._text = event.opcode is Opcode.TEXT
+                    self._parts.append(event.data)
+                    if event.fin:
+                        data = b"".join(self._parts) if len(self._parts) > 1 else bytes(self._parts[0])
+                        self._parts = []
+                        return data.decode() if self._text else data
+            state = self.protocol.state.name
+            if state == "CLOSED":
+                raise self.protocol.close_exc
+            if state == "CLOSING":  # the peer sent its close frame: nothing more will come
+                rcvd, sent = self.protocol.close_rcvd, self.protocol.close_sent
+                raise ConnectionClosedError(rcvd, sent, True if rcvd is not None and sent is not None else None)
+
+    def close(self) -> None:
+        """Sends a close frame (best effort) and closes the socket."""
+        try:
+            if self.protocol.state.name == "OPEN":
+                self.protocol.send_close()
+                self.sock.settimeout(0.5)
+                self._flush()
+        except (OSError, ConnectionClosed):
+            pass
+        finally:
+            self.sock.close()
