@@ -3,7 +3,7 @@
 Public API re-exports only; nothing is defined here.
 """
 
-from veil import exceptions, federated, plans  # importing registers their wire types and worker functions
+from veil import exceptions, federated, he, plans  # importing registers their wire types and worker functions
 from veil.api import describe, get, list_objects, private_tensor, search, send, tag
 from veil.hook import TorchHook
 from veil.federated import BaseDataset, FederatedDataLoader, FederatedDataset
@@ -26,6 +26,7 @@ __all__ = [
     "FederatedDataset",
     "Plan",
     "federated",
+    "he",
     "func2plan",
     "plans",
     "training_plan",

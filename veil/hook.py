@@ -19,6 +19,12 @@ from veil.mpc import module as mpc_module
 from veil.mpc import tensor_api as mpc_tensor_api
 from veil.workers.registry import HookContext, set_default_hook_context
 
+def _encrypt(tensor: torch.Tensor, protocol: str = "paillier", **kwargs: Any) -> Any:
+    from veil.he import encrypt
+
+    return encrypt(tensor, protocol=protocol, **kwargs)
+
+
 def _federate(dataset: Any, workers: Any) -> Any:
     from veil.federated import federate
 
@@ -36,6 +42,7 @@ ATTACHMENTS: list[tuple[type, str, Callable[..., Any]]] = [
     (nn.Module, "copy", module_api.copy_module),
     (nn.Module, "move", module_api.move_module),
     (torch.utils.data.Dataset, "federate", _federate),
+    (torch.Tensor, "encrypt", _encrypt),
     # SMPC (veil.mpc): encode, secret-share, decode. torch has none of these names
     # (nn.Module has share_memory, not share; Tensor has share_memory_).
     (torch.Tensor, "fix_precision", mpc_tensor_api.fix_precision),

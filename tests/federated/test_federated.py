@@ -188,3 +188,21 @@ def test_dropout_completes_round_with_the_others(hook, boston):
         warnings.simplefilter("ignore")
         with pytest.raises(RuntimeError, match="2 required"):
             fl.train(_mlp(), fed, rounds=1, lr=0.001, min_workers=2, progress=False)
+
+
+def test_fedavg_with_encrypted_aggregation_matches_plain(hook, boston):
+    from veil.federated.he_agg import EncryptedAggregation
+
+    xtr, ytr, xte, yte = boston
+    workers = [sy.VirtualWorker(hook, id=f"he_fl_{i}") for i in range(3)]
+    fed = fl.federate(torch.utils.data.TensorDataset(xtr, ytr), workers)
+    ctx = sy.he.ckks.context(poly_modulus_degree=8192, coeff_mod_bit_sizes=[60, 40, 40, 60], global_scale=2**40)
+    plain, enc = _mlp(), _mlp()
+    fl.train(plain, fed, rounds=2, lr=0.001, progress=False, seed=3)
+    me = hook.local_worker
+    fl.train(enc, fed, rounds=2, lr=0.001, progress=False, seed=3, encrypted_aggregation=EncryptedAggregation(context=ctx))
+    for a, b in zip(plain.parameters(), enc.parameters()):
+        assert torch.allclose(a, b, atol=1e-4)
+    # the workers hold only public contexts (what crossed the wire); none can decrypt
+    stored = [o for w in workers for o in w._objects.values() if type(o).__name__ == "CKKSContext"]
+    assert len(stored) == 3 and not any(c.has_secret_key for c in stored)

@@ -90,6 +90,7 @@ def train(
     progress: bool = True,
     steps_per_round: int | None = None,
     seed: int | None = None,
+    encrypted_aggregation: Any = None,
 ) -> TrainingHistory:
     """Federated training of ``model`` (updated in place) over the datasets' workers.
 
@@ -102,7 +103,12 @@ def train(
         steps_per_round: at most this many local batches per client and round
             (partial-epoch rounds: more frequent averaging for the same data budget).
         seed: makes the clients' shuffling reproducible (tests, benchmarks).
+        encrypted_aggregation: a ``federated.he_agg.EncryptedAggregation``: clients
+            encrypt their updates under the coordinator's key, one client adds the
+            ciphertexts, the coordinator decrypts only the sum.
     """
+    if secure_aggregation and encrypted_aggregation is not None:
+        raise ValueError("choose secure_aggregation or encrypted_aggregation, not both")
     strategy = strategy or FedAvg()
     history = TrainingHistory()
     plans: dict[str, Any] = {}
@@ -129,7 +135,8 @@ def train(
                 losses = pp.fit(ds.data, ds.targets, batch_size=batch_size, epochs=local_epochs, extra=extra,
                                 max_batches=steps_per_round, seed=client_seed)
                 mean_loss = float(losses.mean().get()) if losses.shape[0] else float("nan")
-                state = None if secure_aggregation else pp.get_state()
+                hidden = secure_aggregation or encrypted_aggregation is not None
+                state = None if hidden else pp.get_state()
                 updates.append(ClientUpdate(wid, state, len(ds), mean_loss))
                 done[wid] = pp
             except (VeilError, ConnectionError, OSError) as e:
@@ -138,6 +145,12 @@ def train(
                 dropped.append(wid)
         if secure_aggregation and updates:
             updates, global_candidate = _secure_round(updates, done, dropped, r)
+        elif encrypted_aggregation is not None and updates:
+            total = sum(u.num_samples for u in updates)
+            global_candidate = encrypted_aggregation.aggregate(
+                {u.worker_id: done[u.worker_id].state for u in updates},
+                {u.worker_id: u.num_samples / total for u in updates},
+            )
         else:
             global_candidate = None
         if len(updates) < min_workers:

@@ -16,6 +16,8 @@ from veil.he.api import encrypt
 from veil.he.backends import BACKENDS, Backend
 from veil.he.ckks import CKKSContext, CKKSTensor
 from veil.he.paillier import PaillierTensor
+from veil.he import remote  # noqa: E402  registers ciphertexts with the wire format and workers
+from veil.he.remote import HEPointer
 
 __all__ = [
     "BACKENDS",

@@ -300,6 +300,12 @@ class CKKSTensor:
     __matmul__ = mm
 
     # ------------------------------------------------------------- decryption
+    def send(self, worker):
+        """Stores this ciphertext on ``worker`` and returns an HEPointer (see veil.he.remote)."""
+        from veil.he.remote import send_encrypted
+
+        return send_encrypted(self, worker)
+
     def decrypt(self, key: CKKSContext | None = None) -> torch.Tensor:
         """Decrypt to a torch tensor of this shape.
 

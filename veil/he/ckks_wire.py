@@ -34,6 +34,12 @@ _received: weakref.WeakValueDictionary[bytes, CKKSContext] = weakref.WeakValueDi
 _received_lock = threading.Lock()
 
 
+def remember(ctx: CKKSContext) -> None:
+    """Registers a local context so that tensors coming back under it decode against it."""
+    with _received_lock:
+        _received[ctx.key_id] = ctx
+
+
 def context_to_wire(ctx: CKKSContext) -> dict:
     """Public context (keys for encryption, relinearization, rotations; no secret key)."""
     return {"he": BACKEND, "kind": "context", "v": chk.WIRE_VERSION, "data": ctx.serialize(secret_key=False)}
@@ -51,6 +57,11 @@ def context_from_wire(d: dict) -> CKKSContext:
         # We never send secret keys; refuse to hold one that arrived anyway.
         ctx = ctx.public()
     with _received_lock:
+        known = _received.get(ctx.key_id)
+        if known is not None and known.has_secret_key:
+            # The key owner lives in this process (in-process simulation): keep its
+            # context, so tensors coming back decode against the secret key.
+            return known
         _received[ctx.key_id] = ctx
     return ctx
 

@@ -299,6 +299,12 @@ class PaillierTensor:
         return [int(c) for c in self._ct.ravel()]
 
     # ------------------------------------------------------------- decryption
+    def send(self, worker):
+        """Stores this ciphertext on ``worker`` and returns an HEPointer (see veil.he.remote)."""
+        from veil.he.remote import send_encrypted
+
+        return send_encrypted(self, worker)
+
     def decrypt(self, private_key: PrivateKey | None = None) -> torch.Tensor:
         """Decrypt into a torch tensor of :attr:`dtype` and this tensor's shape.
 

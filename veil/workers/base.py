@@ -365,7 +365,7 @@ def _handle_move(worker: BaseWorker, msg: m.MoveMessage, sender: str) -> Any:
     entries = [worker.store.entry(oid) for oid in msg.ids]
     for oid, entry in zip(msg.ids, entries):
         worker._check_get(entry, oid, user)
-        if not isinstance(entry.obj, torch.Tensor):
+        if not isinstance(entry.obj, tuple(STORABLE_TYPES)):
             raise SerializationError(f"object {oid} cannot be moved")
     # Refusals first: whether the destination is reachable must not matter to a refused move.
     destination = worker.resolve_worker(msg.destination)

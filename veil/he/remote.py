@@ -1,0 +1,147 @@
+"""Encrypted tensors on workers: wire type, storage, and pointers to ciphertexts.
+
+A worker can hold and compute on ciphertexts it cannot decrypt: ``enc.send(w)``
+stores the ciphertext (and, for CKKS, the *public* context first, in the same
+message); the returned :class:`HEPointer` supports the scheme's operations,
+each one allowlisted worker function call; ``.get()`` brings the ciphertext
+back to its owner, who decrypts it locally.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import phe
+
+from veil.exceptions import RemoteExecutionError
+from veil.he import ckks_wire, wire
+from veil.he.ckks import CKKSContext, CKKSTensor
+from veil.he.errors import HEError
+from veil.he.paillier import PaillierTensor
+from veil.ids import new_id
+from veil.messaging import serde
+from veil.messaging.allowlist import ALLOWLIST, register_worker_function
+from veil.messaging.messages import GetObjectsMessage, ObjectMessage, ObjectRef, StoredObject
+from veil.tensors import remote_ops
+from veil.workers import base
+
+HE_EXT = 30
+HE_TYPES = (PaillierTensor, CKKSTensor, CKKSContext, phe.PaillierPublicKey)
+
+
+def _decode(data: bytes, ctx: serde.DecodeContext) -> Any:
+    try:
+        return wire.decode(serde.decode_value(data, ctx))
+    except HEError as e:
+        raise serde.SerializationError(f"invalid encrypted object: {e}") from e
+
+
+serde.register_ext(HE_EXT, HE_TYPES, lambda obj: serde.encode_value(wire.encode(obj)), _decode)
+base.STORABLE_TYPES.extend([PaillierTensor, CKKSTensor, CKKSContext])
+
+#: what an HEPointer may ask a worker to do with ciphertexts (by name, never getattr on a string)
+_OPS = {
+    "add": lambda a, b: a + b,
+    "sub": lambda a, b: a - b,
+    "rsub": lambda a, b: b - a,
+    "mul": lambda a, b: a * b,
+    "neg": lambda a, b: -a,
+    "sum": lambda a, b: a.sum(),
+    "dot": lambda a, b: a.dot(b),
+    "mm": lambda a, b: a.mm(b),
+}
+
+
+def _he_op(worker: Any, name: str, a: Any, b: Any, out_id: int) -> None:
+    op = _OPS.get(name)
+    if op is None:
+        raise RemoteExecutionError(f"encrypted operation {name!r} is not supported")
+    if not isinstance(a, (PaillierTensor, CKKSTensor)):
+        raise RemoteExecutionError(f"{name}: left operand is not a ciphertext")
+    try:
+        result = op(a, b)
+    except HEError as e:
+        raise RemoteExecutionError(f"encrypted {name} refused: {type(e).__name__}: {e}") from e
+    worker.store.put(out_id, result)
+
+
+register_worker_function("veil.he.op", _he_op, shapes="none")
+
+
+class HEPointer:
+    """Pointer to a ciphertext on a worker; operations run there and return new HEPointers."""
+
+    def __init__(self, location: Any, owner: Any, id_at_location: int, kind: str, shape: tuple):
+        self.location, self.owner, self.id_at_location = location, owner, id_at_location
+        self.kind, self.shape = kind, tuple(shape)
+        self._freed = False
+
+    def _apply(self, name: str, other: Any = None) -> "HEPointer":
+        if isinstance(other, HEPointer):
+            if other.location is not self.location:
+                raise ValueError(f"ciphertexts on {self.location.id!r} and {other.location.id!r}: move one first")
+            other = ObjectRef(other.id_at_location)
+        out = new_id()
+        remote_ops.call(ALLOWLIST.by_name("veil.he.op"), (name, ObjectRef(self.id_at_location), other, out), {},
+                        location=self.location)
+        return HEPointer(self.location, self.owner, out, self.kind, self.shape)
+
+    def __add__(self, other: Any) -> "HEPointer":
+        return self._apply("add", other)
+
+    __radd__ = __add__
+
+    def __sub__(self, other: Any) -> "HEPointer":
+        return self._apply("sub", other)
+
+    def __rsub__(self, other: Any) -> "HEPointer":
+        return self._apply("rsub", other)
+
+    def __mul__(self, other: Any) -> "HEPointer":
+        return self._apply("mul", other)
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> "HEPointer":
+        return self._apply("neg")
+
+    def sum(self) -> "HEPointer":
+        return self._apply("sum")
+
+    def dot(self, other: Any) -> "HEPointer":
+        return self._apply("dot", other)
+
+    def mm(self, other: Any) -> "HEPointer":
+        return self._apply("mm", other)
+
+    __matmul__ = mm
+
+    def get(self) -> Any:
+        """The ciphertext, back with its owner (who decrypts it locally)."""
+        reply = self.owner.send_msg(GetObjectsMessage([self.id_at_location]), self.location)
+        self._freed = True
+        return reply.objects[0]
+
+    def __del__(self) -> None:
+        if not self._freed:
+            try:
+                self.owner.schedule_delete(self.location, self.id_at_location)
+            except Exception:
+                pass
+
+    def __repr__(self) -> str:
+        return f"[HEPointer {self.kind} {self.shape} | {self.owner.id} -> {self.location.id}:{self.id_at_location}]"
+
+
+def send_encrypted(obj: PaillierTensor | CKKSTensor, worker: Any) -> HEPointer:
+    """Stores a ciphertext on ``worker`` (CKKS: with its public context; no secret key ever leaves)."""
+    owner = worker.hook.local_worker
+    oid = new_id()
+    objects = [StoredObject(oid, obj)]
+    if isinstance(obj, CKKSTensor):
+        ckks_wire.remember(obj.context)  # so that .get() decodes against our own (secret) context
+        objects.insert(0, StoredObject(new_id(), obj.context.public()))
+    owner.send_msg(ObjectMessage(objects), worker)
+    kind = "ckks" if isinstance(obj, CKKSTensor) else "paillier"
+    return HEPointer(worker, owner, oid, kind, tuple(obj.shape))
+
