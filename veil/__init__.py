@@ -3,7 +3,7 @@
 Public API re-exports only; nothing is defined here.
 """
 
-from veil import exceptions, federated, he, plans  # importing registers their wire types and worker functions
+from veil import dp, exceptions, federated, he, plans  # importing registers their wire types and worker functions
 from veil.api import describe, get, list_objects, private_tensor, search, send, tag
 from veil.hook import TorchHook
 from veil.federated import BaseDataset, FederatedDataLoader, FederatedDataset
@@ -25,6 +25,7 @@ __all__ = [
     "FederatedDataLoader",
     "FederatedDataset",
     "Plan",
+    "dp",
     "federated",
     "he",
     "func2plan",

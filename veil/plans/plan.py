@@ -26,7 +26,8 @@ from veil.tensors.tree import leaves
 
 def _examples(args_shape: list, dtypes: list | None) -> tuple:
     dtypes = dtypes or [torch.float32] * len(args_shape)
-    return tuple(torch.zeros([1 if d == -1 else d for d in shape], dtype=dt) for shape, dt in zip(args_shape, dtypes))
+    # -1 (any batch size) traces with 2 rows: batch statistics (std, var) are defined for 2.
+    return tuple(torch.zeros([2 if d == -1 else d for d in shape], dtype=dt) for shape, dt in zip(args_shape, dtypes))
 
 
 def _module_state(module: nn.Module) -> list[tuple[dict, str, torch.Tensor]]:

@@ -199,7 +199,19 @@ class BaseWorker:
         handler = HANDLERS.get(type(msg))
         if handler is None:
             raise SerializationError(f"worker {self.id!r} does not accept {type(msg).__name__} requests")
-        return handler(self, msg, sender)
+        previous, self._requester = getattr(self, "_requester", None), sender
+        try:
+            return handler(self, msg, sender)
+        finally:
+            self._requester = previous
+
+    def requesting_user(self) -> str | None:
+        """Who sent the request being handled (for worker functions: budgets, audit).
+
+        On an in-process worker this is the sender's claimed id; a network
+        server overrides it with the authenticated user.
+        """
+        return getattr(self, "_requester", None)
 
     def _check_get(self, entry: Entry, oid: int, user: str) -> None:
         if entry.allowed_users is not None and user not in entry.allowed_users:

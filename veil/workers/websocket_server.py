@@ -132,6 +132,10 @@ class WebsocketServerWorker(BaseWorker):
         finally:
             self._local.session = None
 
+    def requesting_user(self) -> str | None:
+        session = self.current_session()
+        return session.user if session is not None else super().requesting_user()
+
     def _handle(self, msg: Any, sender: str) -> Any:
         session = self.current_session()
         if session is None:  # in-process use (owner scripts, tests): plain worker semantics
