@@ -28,12 +28,10 @@ from veil.datasets import load_boston, train_test_split
 from veil.workers.websocket_launcher import free_port, start_worker
 from veil.workers.websocket_transport import BlockingConnection
 
+sys.path.insert(0, __import__("os").path.dirname(__file__))
+from bench_core import _mlp, train_pure  # noqa: E402  (same model and baseline as the core benchmark)
+
 TOKEN = "bench-network-token"
-
-
-def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(13, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 1))
 
 
 def _best_of(fn, repeat: int = 5, number: int = 1000) -> float:
@@ -105,18 +103,6 @@ def bench_throughput(net: sy.WebsocketClientWorker, mb: int) -> None:
     print(f"   .get()           {size / t_get:8.0f} MB/s  ({t_get:.2f} s)")
     print(f"   raw websockets echo baseline {echo_rate:8.0f} MB/s per direction  ({t_echo:.2f} s round trip)")
     print(f"   ratio: send {(size / t_send) / echo_rate:.2f}, get {(size / t_get) / echo_rate:.2f} of raw websockets")
-
-
-def train_pure(x, y, epochs, batch):
-    model = _mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.001)
-    t = time.perf_counter()
-    for _ in range(epochs):
-        for i in range(0, len(x), batch):
-            opt.zero_grad()
-            F.mse_loss(model(x[i:i + batch]), y[i:i + batch]).backward()
-            opt.step()
-    return time.perf_counter() - t, model
 
 
 def train_network(worker, x, y, epochs, batch):

@@ -10,6 +10,7 @@ from veil.federated import BaseDataset, FederatedDataLoader, FederatedDataset
 from veil.module_api import copy_module, get_module, move_module, send_module
 from veil.plans import Plan, func2plan, training_plan
 from veil.mpc.providers import LocalDealer, WorkerDealer
+from veil.mpc import remote_sharing as _remote_sharing  # noqa: F401  (network workers need its share worker function)
 from veil.tensors.additive import AdditiveSharingTensor
 from veil.tensors.fixed_precision import FixedPrecisionTensor, fix_precision, float_precision
 from veil.tensors.pointer import PointerTensor
@@ -17,6 +18,8 @@ from veil.workers.base import BaseWorker
 from veil.workers.virtual import VirtualWorker
 from veil.workers.websocket_client import WebsocketClientWorker
 from veil.workers.websocket_server import WebsocketServerWorker
+from veil import serving  # noqa: E402  (registers the serving wire type on every worker)
+from veil.serving import Cluster, ModelClient, NetworkWorker
 
 __version__ = "0.1.0"
 
@@ -55,4 +58,8 @@ __all__ = [
     "send",
     "send_module",
     "tag",
+    "serving",
+    "Cluster",
+    "ModelClient",
+    "NetworkWorker",
 ]

@@ -16,6 +16,7 @@ from torch import nn
 
 from veil import api, module_api
 from veil.mpc import module as mpc_module
+from veil.mpc import optim as mpc_optim
 from veil.mpc import tensor_api as mpc_tensor_api
 from veil.workers.registry import HookContext, set_default_hook_context
 
@@ -29,6 +30,29 @@ def _federate(dataset: Any, workers: Any) -> Any:
     from veil.federated import federate
 
     return federate(dataset, workers)
+
+
+def _share_module(module: nn.Module, *parties: Any, **kwargs: Any) -> nn.Module:
+    # ``model.share(cluster)`` (encrypted serving) or ``model.share(alice, bob, crypto_provider=cp)``.
+    from veil.serving.cluster import Cluster
+
+    if len(parties) == 1 and isinstance(parties[0], Cluster):
+        from veil.serving.service import share_on_cluster
+
+        return share_on_cluster(module, parties[0], **kwargs)
+    return mpc_module.share_module(module, *parties, **kwargs)
+
+
+def _serve_module(module: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+    from veil.serving.service import serve_model
+
+    return serve_model(module, *args, **kwargs)
+
+
+def _stop_module(module: nn.Module) -> nn.Module:
+    from veil.serving.service import stop_model
+
+    return stop_model(module)
 
 
 #: (class, attribute name, function). Explicit: one line per verb.
@@ -52,9 +76,13 @@ ATTACHMENTS: list[tuple[type, str, Callable[..., Any]]] = [
     (torch.Tensor, "share", mpc_tensor_api.share),
     (nn.Module, "fix_precision", mpc_module.fix_precision_module),
     (nn.Module, "fix_prec", mpc_module.fix_precision_module),
-    (nn.Module, "share", mpc_module.share_module),
+    (nn.Module, "share", _share_module),
+    (nn.Module, "serve", _serve_module),  # encrypted model serving (veil.serving)
+    (nn.Module, "stop", _stop_module),
     (nn.Module, "float_precision", mpc_module.float_precision_module),
     (nn.Module, "float_prec", mpc_module.float_precision_module),
+    (torch.optim.Optimizer, "fix_precision", mpc_optim.fix_precision_optimizer),
+    (torch.optim.Optimizer, "fix_prec", mpc_optim.fix_precision_optimizer),
 ]
 
 #: attributes veil itself attached (so that a second hook is a no-op, not a conflict)

@@ -6,22 +6,26 @@ import sys
 import torch
 
 import veil as sy
-from veil.hook import ATTACHMENTS
 
 
 def test_hook_only_adds_names_torch_lacks():
+    # A fresh process: importing veil attaches nothing; TorchHook adds only new names.
     code = (
         "import torch, torch.nn as nn\n"
-        "names = [(c, n) for c, n in [" + ",".join(f"({c.__module__}.{c.__qualname__}, {n!r})"
-                                           .replace("torch._tensor.", "torch.").replace("torch.nn.modules.module.", "nn.")
-                                           for c, n, _ in ATTACHMENTS) + "] if hasattr(c, n)]\n"
-        "assert not names, names\n"
-        "before = {k: id(v) for k, v in vars(torch.Tensor).items()}\n"
-        "import veil as sy; sy.TorchHook(torch)\n"
-        "after = {k: id(v) for k, v in vars(torch.Tensor).items()}\n"
-        "changed = [k for k in before if after[k] != before[k]]\n"
-        "assert not changed, changed\n"
-        "print('ok')\n"
+        "import veil as sy\n"
+        "from veil.hook import ATTACHMENTS\n"
+        "clash = [f'{c.__qualname__}.{n}' for c, n, _ in ATTACHMENTS if hasattr(c, n)]\n"
+        "assert not clash, clash\n"
+        "classes = {c for c, _, _ in ATTACHMENTS}\n"
+        "before = {c: {k: id(v) for k, v in vars(c).items()} for c in classes}\n"
+        "sy.TorchHook(torch)\n"
+        "for c in classes:\n"
+        "    after = {k: id(v) for k, v in vars(c).items()}\n"
+        "    changed = [k for k in before[c] if after[k] != before[c][k]]\n"
+        "    assert not changed, (c, changed)\n"
+        "    added = set(after) - set(before[c])\n"
+        "    assert added == {n for cc, n, _ in ATTACHMENTS if cc is c}, (c, added)\n"
+        "print('ok', len(ATTACHMENTS))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr

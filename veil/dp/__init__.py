@@ -1,6 +1,6 @@
 """Differential privacy for veil: DP-SGD, accounting, federated DP, budgets, queries, PATE."""
 
-from veil.dp import pate, queries
+from veil.dp import pate, queries, worker_functions  # worker_functions: registers the DP worker functions
 from veil.dp.accountant import Accountant, epsilon_for, find_noise_multiplier
 from veil.dp.budget import BudgetLedger
 from veil.dp.engine import PrivacyEngine
@@ -17,7 +17,9 @@ from veil.dp.errors import (
 from veil.dp.optimizer import DPOptimizer, make_generator
 from veil.dp.per_sample import GradSampleModule, fix_module, validate
 from veil.dp.queries import DPResult, dp_count, dp_histogram, dp_mean, dp_sum
+from veil.dp.remote import RemoteDPOwner, remaining_budget, remote_query, train_remote_dp
 from veil.dp.sampling import DPDataLoader, PoissonBatchSampler
+from veil.dp.worker_owner import WorkerDP, dp_settings, enable_dp
 
 __all__ = [
     "Accountant",
@@ -25,6 +27,13 @@ __all__ = [
     "DPDataOwner",
     "DPResult",
     "FederatedDPResult",
+    "RemoteDPOwner",
+    "WorkerDP",
+    "dp_settings",
+    "enable_dp",
+    "remaining_budget",
+    "remote_query",
+    "train_remote_dp",
     "dp_count",
     "dp_histogram",
     "dp_mean",

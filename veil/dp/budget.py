@@ -13,11 +13,14 @@ mix of mechanisms; tighter accounting of a training run belongs in
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Union
 
+from veil.dp.accountant import Accountant
 from veil.dp.errors import BudgetExceededError, PrivacyParameterError, UnknownUserError
 
 _SCHEMA = """
@@ -33,6 +36,13 @@ CREATE TABLE IF NOT EXISTS charges (
     delta REAL NOT NULL,
     reason TEXT NOT NULL,
     at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS training (
+    user TEXT NOT NULL,
+    delta REAL NOT NULL,
+    state TEXT NOT NULL,
+    epsilon REAL NOT NULL,
+    PRIMARY KEY (user, delta)
 );
 """
 
@@ -50,12 +60,17 @@ class BudgetLedger:
     def __init__(self, path: Union[str, Path]) -> None:
         self.path = str(path)
         # isolation_level=None: transactions are begun explicitly below.
-        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
-        self._db.executescript(_SCHEMA)
+        # A network worker serves requests from a thread pool: one connection
+        # shared behind a lock (sqlite3 objects are not thread-safe on their own).
+        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0, check_same_thread=False)
+        self._lock = threading.RLock()
+        with self._lock:
+            self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
         """Closes the database file."""
-        self._db.close()
+        with self._lock:
+            self._db.close()
 
     def __enter__(self) -> "BudgetLedger":
         return self
@@ -73,11 +88,12 @@ class BudgetLedger:
     def set_budget(self, user: str, epsilon: float, delta: float) -> None:
         """Sets (or replaces) the user's total budget; past charges still count."""
         self._check(epsilon, delta)
-        self._db.execute(
-            "INSERT INTO budgets(user, epsilon, delta) VALUES (?, ?, ?) "
-            "ON CONFLICT(user) DO UPDATE SET epsilon = excluded.epsilon, delta = excluded.delta",
-            (user, float(epsilon), float(delta)),
-        )
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO budgets(user, epsilon, delta) VALUES (?, ?, ?) "
+                "ON CONFLICT(user) DO UPDATE SET epsilon = excluded.epsilon, delta = excluded.delta",
+                (user, float(epsilon), float(delta)),
+            )
 
     def _spent(self, user: str) -> tuple[float, float]:
         row = self._db.execute(
@@ -105,32 +121,84 @@ class BudgetLedger:
             UnknownUserError: the user has no budget.
         """
         self._check(epsilon, delta)
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            total_eps, total_delta = self._budget(user)
-            spent_eps, spent_delta = self._spent(user)
-            if spent_eps + epsilon > total_eps + _SLACK or spent_delta + delta > total_delta + _SLACK:
-                raise BudgetExceededError(
-                    f"charge of (epsilon={epsilon}, delta={delta}) for {reason!r} refused: user {user!r} has "
-                    f"(epsilon={total_eps - spent_eps:.6g}, delta={total_delta - spent_delta:.3g}) left "
-                    f"of (epsilon={total_eps}, delta={total_delta})")
-            self._db.execute(
-                "INSERT INTO charges(user, epsilon, delta, reason, at) VALUES (?, ?, ?, ?, ?)",
-                (user, float(epsilon), float(delta), reason, time.time()),
-            )
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                left = self._charge_in_transaction(user, epsilon, delta, reason)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return left
+
+    def _charge_in_transaction(self, user: str, epsilon: float, delta: float, reason: str) -> tuple[float, float]:
+        total_eps, total_delta = self._budget(user)
+        spent_eps, spent_delta = self._spent(user)
+        if spent_eps + epsilon > total_eps + _SLACK or spent_delta + delta > total_delta + _SLACK:
+            raise BudgetExceededError(
+                f"charge of (epsilon={epsilon:.6g}, delta={delta:.3g}) for {reason!r} refused: user {user!r} has "
+                f"(epsilon={total_eps - spent_eps:.6g}, delta={total_delta - spent_delta:.3g}) left "
+                f"of (epsilon={total_eps}, delta={total_delta})")
+        self._db.execute(
+            "INSERT INTO charges(user, epsilon, delta, reason, at) VALUES (?, ?, ?, ?, ?)",
+            (user, float(epsilon), float(delta), reason, time.time()),
+        )
         return total_eps - spent_eps - epsilon, total_delta - spent_delta - delta
+
+    def charge_training_step(self, user: str, noise_multiplier: float, sample_rate: float, delta: float,
+                             mechanism: str = "rdp", reason: str = "DP-SGD step") -> tuple[float, float]:
+        """Charges one Poisson-subsampled Gaussian release of a training run.
+
+        Training steps are composed with an accountant (far tighter than
+        adding up per-step epsilons): the user's steps are kept, per training
+        ``delta``, as an :class:`~veil.dp.Accountant` history in this file, and
+        each step is charged the *increase* of the accountant's epsilon at
+        ``delta``. The increases add up to the accountant's epsilon of all the
+        user's steps, and ``delta`` itself is charged once, with the first
+        step; training and any other charges then compose by basic composition.
+
+        Returns:
+            The remaining ``(epsilon, delta)`` after the charge.
+
+        Raises:
+            BudgetExceededError: the step does not fit; nothing is recorded.
+        """
+        self._check(0.0, delta)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT state, epsilon FROM training WHERE user = ? AND delta = ?",
+                                       (user, float(delta))).fetchone()
+                acc = Accountant.from_state_dict(json.loads(row[0])) if row else Accountant(mechanism)
+                before = float(row[1]) if row else 0.0
+                acc.step(noise_multiplier, sample_rate)
+                after = max(acc.get_epsilon(delta), before)  # never a negative charge
+                left = self._charge_in_transaction(user, after - before, 0.0 if row else float(delta),
+                                                   f"{reason} (sigma={noise_multiplier:.4g}, q={sample_rate:.4g})")
+                self._db.execute(
+                    "INSERT INTO training(user, delta, state, epsilon) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(user, delta) DO UPDATE SET state = excluded.state, epsilon = excluded.epsilon",
+                    (user, float(delta), json.dumps(acc.state_dict()), after))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return left
 
     def remaining(self, user: str) -> tuple[float, float]:
         """The user's unspent ``(epsilon, delta)``."""
-        total_eps, total_delta = self._budget(user)
-        spent_eps, spent_delta = self._spent(user)
+        with self._lock:
+            total_eps, total_delta = self._budget(user)
+            spent_eps, spent_delta = self._spent(user)
         return total_eps - spent_eps, total_delta - spent_delta
+
+    def spent(self, user: str) -> tuple[float, float]:
+        """The user's spent ``(epsilon, delta)`` (zero for a user without charges)."""
+        with self._lock:
+            return self._spent(user)
 
     def history(self, user: str) -> list[tuple[float, float, str, float]]:
         """The user's charges, oldest first: ``(epsilon, delta, reason, unix time)``."""
-        return [tuple(r) for r in self._db.execute(
-            "SELECT epsilon, delta, reason, at FROM charges WHERE user = ? ORDER BY id", (user,))]
+        with self._lock:
+            return [tuple(r) for r in self._db.execute(
+                "SELECT epsilon, delta, reason, at FROM charges WHERE user = ? ORDER BY id", (user,))]

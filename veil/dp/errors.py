@@ -1,13 +1,32 @@
 """Exceptions raised by :mod:`veil.dp`.
 
-Every error names what is wrong and, where there is one, the fix.
+Every error names what is wrong and, where there is one, the fix. They all
+derive from :class:`veil.exceptions.VeilError` and are registered with
+:func:`veil.exceptions.register_remote_error`, so a data owner's worker can
+refuse a request and the data scientist sees the same class locally.
+
+:class:`BudgetExceededError` is *the* class of :mod:`veil.exceptions` (one
+class for the whole code base): it is a ``PermissionDeniedError``, because a
+spent budget is the owner's rule refusing a request.
 """
 
 from __future__ import annotations
 
+from veil.exceptions import BudgetExceededError, PermissionDeniedError, VeilError, register_remote_error
 
-class DPError(Exception):
-    """Base class of all differential-privacy errors in veil."""
+__all__ = [
+    "BatchNormNotPrivateError",
+    "BudgetExceededError",
+    "DPError",
+    "NoiseTooLowError",
+    "PrivacyParameterError",
+    "UnknownUserError",
+    "UnsupportedModuleError",
+]
+
+
+class DPError(VeilError):
+    """Base class of the differential-privacy errors defined here."""
 
 
 class UnsupportedModuleError(DPError):
@@ -21,17 +40,18 @@ class BatchNormNotPrivateError(UnsupportedModuleError):
     """
 
 
-class NoiseTooLowError(DPError):
+class NoiseTooLowError(DPError, PermissionDeniedError):
     """A caller asked for less noise than the data owner's setting allows."""
 
 
-class BudgetExceededError(DPError):
-    """A privacy charge would take a user past their (epsilon, delta) budget."""
-
-
-class UnknownUserError(DPError):
-    """The budget ledger has no budget for the user (call ``set_budget`` first)."""
+class UnknownUserError(DPError, BudgetExceededError):
+    """The budget ledger has no budget for the user (a budget of zero: every charge is refused)."""
 
 
 class PrivacyParameterError(DPError, ValueError):
     """An epsilon, delta, noise multiplier, sample rate or bound is out of range."""
+
+
+for _cls in (DPError, UnsupportedModuleError, BatchNormNotPrivateError, NoiseTooLowError, UnknownUserError,
+             PrivacyParameterError):
+    register_remote_error(_cls)

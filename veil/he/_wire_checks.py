@@ -8,25 +8,16 @@ from __future__ import annotations
 
 import torch
 
+from veil.messaging.serde import DTYPES as _WIRE_DTYPES
+
 from veil.he.errors import WireFormatError
 
 WIRE_VERSION = 1
 MAX_NDIM = 32
 MAX_NUMEL = 2**31
 
-# dtypes a decrypted tensor may take; names are what str(dtype) gives minus "torch.".
-DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "uint8": torch.uint8,
-    "int8": torch.int8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "bool": torch.bool,
-}
+# dtypes a decrypted tensor may take: the wire format's table, less the complex ones.
+DTYPES: dict[str, torch.dtype] = {k: v for k, v in _WIRE_DTYPES.items() if not v.is_complex}
 
 
 def dtype_name(dtype: torch.dtype) -> str:

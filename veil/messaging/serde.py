@@ -84,7 +84,9 @@ def encode_tensor(t: torch.Tensor) -> bytes:
         data = data.cpu()
     data = data.contiguous()
     raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""
-    return msgpack.packb([DTYPE_NAMES[t.dtype], list(t.shape), bool(t.requires_grad), raw])
+    # Autograd history never travels: a leaf keeps requires_grad (parameters),
+    # a computed result (e.g. a fetched loss) arrives as plain data.
+    return msgpack.packb([DTYPE_NAMES[t.dtype], list(t.shape), bool(t.requires_grad and t.is_leaf), raw])
 
 
 def tensor_spec(dtype_name: Any, shape: Any) -> tuple[torch.dtype, list[int]]:

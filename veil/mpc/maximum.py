@@ -39,8 +39,17 @@ def positive_bit(d: AST) -> AST:
 
 def relu(x: AST) -> AST:
     """Shares of ``max(x, 0)``."""
-    _, (prod,) = sign_select(x.child, [], x.crypto_provider)
-    return _wrap(prod, x)
+    return relu_with_bit(x)[0]
+
+
+def relu_with_bit(x: AST) -> tuple[AST, AST]:
+    """Shares of ``max(x, 0)`` and of the bit ``[x > 0]`` (same 2 rounds).
+
+    The bit is ReLU's derivative: keeping it lets the backward pass multiply
+    by it (1 Beaver round) instead of running a second comparison.
+    """
+    bits, (prod,) = sign_select(x.child, [], x.crypto_provider)
+    return _wrap(prod, x), _wrap(bits, x)
 
 
 def compare(name: str, x, y) -> AST:

@@ -119,6 +119,12 @@ class BaseWorker:
 
         return search(self, query)
 
+    def enable_dp(self, datasets: Any = (), **settings: Any) -> Any:
+        """Owner-side differential privacy on this worker; see :func:`veil.dp.enable_dp`."""
+        from veil.dp.worker_owner import enable_dp
+
+        return enable_dp(self, datasets, **settings)
+
     def clear_objects(self) -> "BaseWorker":
         """Frees every client object; the owner's loaded data stays."""
         self.store.clear()

@@ -4,12 +4,16 @@ Example::
 
     veil worker --id alice --port 8777 --data-dir ./alice-state \\
         --dataset boston=boston.csv:target=MEDV --tags "#boston,#housing" \\
-        --allow hospital=#target
+        --allow hospital=#target \\
+        --dp-clip 1.0 --dp-noise 1.1 --budget scientist=3.0,1e-5
 
 Datasets are loaded as the owner's *private* objects (data and target tensors,
 tagged ``#<name>``, ``#data`` / ``#target`` and ``--tags``): anyone connected can
 find them with ``search`` and compute on them, nobody can ``.get()`` them except
 users named by an ``--allow USER=TAG`` rule for a tag the object carries.
+With ``--dp-clip``/``--dp-noise`` the datasets are open to owner-side DP
+training (``veil.dp.train_remote_dp``); ``--budget`` gives each data scientist a
+privacy budget for DP training and queries, kept under ``--data-dir``.
 """
 
 from __future__ import annotations
@@ -51,6 +55,13 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="token peer worker NAME presents to this one (repeatable)")
     p.add_argument("--data-dir", default=None, help="folder for the audit log and owner state (SQLite)")
     p.add_argument("--max-message-mb", type=float, default=256, help="largest accepted request, in MiB")
+    p.add_argument("--dp-clip", type=float, default=None, metavar="C",
+                   help="open the --dataset files to DP training: per-record gradient clipping bound")
+    p.add_argument("--dp-noise", type=float, default=None, metavar="SIGMA",
+                   help="the least noise multiplier DP training requests may use (with --dp-clip)")
+    p.add_argument("--dp-delta", type=float, default=1e-5, help="delta at which DP training is accounted")
+    p.add_argument("--budget", action="append", default=[], metavar="USER=EPS,DELTA",
+                   help="privacy budget of data scientist USER (repeatable); kept under --data-dir")
     p.add_argument("--cert", default=None, help="TLS certificate (PEM) to serve wss://")
     p.add_argument("--key", default=None, help="TLS private key (PEM)")
 
@@ -112,6 +123,29 @@ def load_datasets(worker, specs: list[str], tags: list[str], allow: list[tuple[s
     return lines
 
 
+def enable_dp_from_args(worker, args: argparse.Namespace) -> str | None:
+    """Applies the --dp-* and --budget flags; returns a summary line (None when DP is off)."""
+    if args.dp_clip is None and args.dp_noise is None and not args.budget:
+        return None
+    budgets = {}
+    for spec in args.budget:
+        user, value = _pair(spec, "--budget")
+        try:
+            eps, delta = (float(v) for v in value.split(","))
+        except ValueError:
+            raise SystemExit(f"veil worker: --budget expects USER=EPS,DELTA, got {spec!r}") from None
+        budgets[user] = (eps, delta)
+    names = [parse_dataset(s)[0] for s in args.dataset] if args.dp_clip is not None else []
+    try:
+        worker.enable_dp(names, max_grad_norm=args.dp_clip, noise_multiplier=args.dp_noise, budgets=budgets,
+                         delta=args.dp_delta)
+    except ValueError as e:  # PrivacyParameterError is a ValueError
+        raise SystemExit(f"veil worker: {e}") from None
+    training = f"C={args.dp_clip} sigma>={args.dp_noise} on {', '.join(names) or 'no dataset'}" \
+        if args.dp_clip is not None else "off"
+    return f"  differential privacy: training {training}; budgets for {', '.join(budgets) or 'nobody'}"
+
+
 def _token_table(args: argparse.Namespace) -> tuple[TokenTable, str | None]:
     table = TokenTable()
     token, generated = args.token or os.environ.get("VEIL_TOKEN"), None
@@ -167,6 +201,9 @@ def run(args: argparse.Namespace) -> int:
     tags = [t.strip() for t in args.tags.split(",") if t.strip()]
     allow = [_pair(s, "--allow") for s in args.allow]
     summary = load_datasets(worker, args.dataset, tags, allow)
+    dp_line = enable_dp_from_args(worker, args)
+    if dp_line:
+        summary.append(dp_line)
 
     def ready(w: WebsocketServerWorker) -> None:
         # The "listening on" line comes last: scripts may treat it as "ready, all printed".

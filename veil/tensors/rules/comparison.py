@@ -15,7 +15,7 @@ import torch
 from veil.mpc import maximum
 from veil.tensors.additive import AdditiveSharingTensor
 from veil.tensors.rules.additive import ADDITIVE_RULES, public_int
-from veil.tensors.rules.fixed_precision import FIXED_PRECISION_RULES, _children
+from veil.tensors.rules.fixed_precision import CARRIED_ATTRS, FIXED_PRECISION_RULES, _children
 from veil.tensors.rules.common import scalar_value
 
 aten = torch.ops.aten
@@ -90,11 +90,36 @@ def _fp_compare(cls, func, args, kwargs):
     return cls(aten.mul.Tensor(bits, encoding.scale), encoding, dtype)
 
 
+#: Attribute of a shared ReLU output holding the shared bit ``[x > 0]``.
+RELU_BIT_ATTR = "_veil_relu_bit"
+CARRIED_ATTRS.append(RELU_BIT_ATTR)
+
+
 @FIXED_PRECISION_RULES.handler(aten.relu.default)
 def _fp_relu(cls, func, args, kwargs):
     x = args[0]
-    child = maximum.relu(x.child) if _shared(x.child) else torch.relu(x.child)
-    return cls(child, x.encoding, x.dtype)
+    if not _shared(x.child):
+        return cls(torch.relu(x.child), x.encoding, x.dtype)
+    child, bit = maximum.relu_with_bit(x.child)
+    out = cls(child, x.encoding, x.dtype)
+    # Autograd saves this very output for threshold_backward: the bit rides
+    # along so that the backward pass needs no second comparison.
+    setattr(out, RELU_BIT_ATTR, bit)
+    return out
+
+
+@FIXED_PRECISION_RULES.handler(aten.threshold_backward.default)
+def _fp_threshold_backward(cls, func, args, kwargs):
+    """ReLU's backward: ``grad * [output > threshold]``."""
+    grad, output, threshold = args[0], args[1], scalar_value(args[2])
+    bit = getattr(output, RELU_BIT_ATTR, None) if threshold == 0 else None
+    if bit is None:
+        if not _shared(output.child):
+            mask = output.child > _children(cls, [output, threshold])[0][1]
+            return cls(aten.mul.Tensor(grad.child, mask.to(torch.int64)), grad.encoding, grad.dtype)
+        bit = maximum.compare("gt", *_children(cls, [output, threshold])[0])
+    # A 0/1 integer factor: an exact product, no truncation.
+    return cls(aten.mul.Tensor(grad.child, bit), grad.encoding, grad.dtype)
 
 
 @FIXED_PRECISION_RULES.handler(*MAX_OPS)

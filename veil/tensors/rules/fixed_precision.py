@@ -24,7 +24,22 @@ from veil.tensors.rules.common import INPLACE_TO_OUTOFPLACE, STRUCTURAL_OPS, run
 aten = torch.ops.aten
 
 FIXED_PRECISION_RULES = RuleTable("FixedPrecisionTensor")
-FIXED_PRECISION_RULES.local(*STRUCTURAL_OPS, aten.cat.default, aten.stack.default)
+_ALIASES = (aten.detach.default, aten.alias.default)
+FIXED_PRECISION_RULES.local(*[op for op in STRUCTURAL_OPS if op not in _ALIASES], aten.cat.default, aten.stack.default)
+
+#: Side values that aliases of a tensor keep (e.g. ReLU's derivative bit,
+#: which must survive autograd saving a detached alias of ReLU's output).
+CARRIED_ATTRS: list[str] = []
+
+
+@FIXED_PRECISION_RULES.handler(*_ALIASES)
+def _alias(cls, func, args, kwargs):
+    x = args[0]
+    out = cls(func(x.child), x.encoding, x.dtype)
+    for name in CARRIED_ATTRS:
+        if hasattr(x, name):
+            setattr(out, name, getattr(x, name))
+    return out
 
 
 def _is_shared(child: torch.Tensor) -> bool:
@@ -263,3 +278,4 @@ def _inplace(cls, func, args, kwargs):
 
 # Comparisons, ReLU, max/argmax and max-pooling live in their own rule module.
 from veil.tensors.rules import comparison as _comparison_rules  # noqa: E402,F401
+from veil.tensors.rules import losses as _loss_rules  # noqa: E402,F401

@@ -1,0 +1,178 @@
+"""The data owner's DP settings on a worker: sanitizer policy, datasets and budget ledger.
+
+The owner configures a worker once (``worker.enable_dp(...)`` or the
+``veil worker --dp-clip/--dp-noise/--budget`` flags); the worker functions in
+:mod:`veil.dp.worker_functions` read these settings for every request and
+nothing a data scientist sends can change them. Settings are kept in an
+explicit registry keyed by worker, so the worker classes need no DP fields.
+
+The budget ledger is a :class:`veil.dp.BudgetLedger`. On a network worker
+started with ``--data-dir`` it is the file ``veil-dp-budget.sqlite3`` next to
+the worker's own database, so spent budgets survive restarts; elsewhere it
+lives in memory unless ``ledger_path`` is given.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+
+from veil.dp.budget import BudgetLedger
+from veil.dp.errors import PrivacyParameterError
+from veil.dp.optimizer import make_generator
+from veil.exceptions import PermissionDeniedError
+
+LEDGER_FILENAME = "veil-dp-budget.sqlite3"
+
+
+@dataclass
+class DPDataset:
+    """One dataset the owner lets data scientists train on privately."""
+
+    data: torch.Tensor
+    target: torch.Tensor
+
+
+@dataclass
+class WorkerDP:
+    """A worker's DP settings (the data owner's, never the requester's).
+
+    Attributes:
+        max_grad_norm: per-record clipping bound C.
+        noise_multiplier: the least sigma the owner accepts; requests may add more.
+        delta: delta at which training releases are accounted and charged.
+        accountant: ``"rdp"`` (fast step-by-step charging) or ``"pld"``.
+        max_sample_rate: the largest lot sampling rate q a request may ask for.
+        ledger: per-user (epsilon, delta) budgets and charges.
+        datasets: name -> data/target that DP training may use.
+    """
+
+    ledger: BudgetLedger
+    max_grad_norm: Optional[float] = None
+    noise_multiplier: Optional[float] = None
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    max_sample_rate: float = 1.0
+    datasets: dict[str, DPDataset] = field(default_factory=dict)
+    generator: torch.Generator = field(default_factory=make_generator)
+    # One release at a time: the generator and the ledger's accountant state are shared.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def training_enabled(self) -> bool:
+        return self.max_grad_norm is not None and self.noise_multiplier is not None
+
+    def set_budget(self, user: str, epsilon: float, delta: float) -> "WorkerDP":
+        """Sets (or replaces) ``user``'s total budget; past charges still count."""
+        self.ledger.set_budget(user, epsilon, delta)
+        return self
+
+    def remaining(self, user: str) -> tuple[float, float]:
+        """``user``'s unspent (epsilon, delta)."""
+        return self.ledger.remaining(user)
+
+    def dataset(self, name: object) -> DPDataset:
+        ds = self.datasets.get(name) if isinstance(name, str) else None
+        if ds is None:
+            raise PermissionDeniedError(
+                f"dataset {name!r} is not open to DP training on this worker (open: {sorted(self.datasets)})")
+        return ds
+
+
+# worker -> its DP settings (weak: a dropped worker takes its settings along).
+_SETTINGS: "weakref.WeakKeyDictionary[Any, WorkerDP]" = weakref.WeakKeyDictionary()
+
+
+def dp_settings(worker: Any) -> WorkerDP:
+    """The worker's DP settings; refuses if the owner never enabled DP there."""
+    settings = _SETTINGS.get(worker)
+    if settings is None:
+        raise PermissionDeniedError(
+            f"worker {worker.id!r} has no differential-privacy settings: its owner must call "
+            "worker.enable_dp(...) (or start `veil worker` with --dp-clip/--dp-noise/--budget)")
+    return settings
+
+
+def _ledger_path(worker: Any, ledger_path: Union[str, Path, None]) -> str:
+    if ledger_path is not None:
+        return str(ledger_path)
+    db_path = getattr(getattr(worker, "db", None), "path", ":memory:")
+    return ":memory:" if db_path == ":memory:" else str(Path(db_path).parent / LEDGER_FILENAME)
+
+
+def _find_tagged(worker: Any, name: str) -> DPDataset:
+    tag = name if name.startswith("#") else f"#{name}"
+    found: dict[str, torch.Tensor] = {}
+    for _, entry in worker.store.items():
+        if entry.protected and isinstance(entry.obj, torch.Tensor) and tag in entry.tags:
+            for kind in ("#data", "#target"):
+                if kind in entry.tags:
+                    found[kind] = entry.obj
+    if len(found) != 2:
+        raise ValueError(f"worker {worker.id!r} holds no owner tensors tagged {tag} with #data and #target")
+    return DPDataset(found["#data"], found["#target"])
+
+
+def _datasets(worker: Any, spec: Union[str, Sequence[str], Mapping[str, tuple]]) -> dict[str, DPDataset]:
+    if isinstance(spec, str):
+        spec = [spec]
+    if isinstance(spec, Mapping):
+        out = {}
+        for name, (data, target) in spec.items():
+            if len(data) != len(target):
+                raise ValueError(f"dataset {name!r}: {len(data)} records but {len(target)} targets")
+            out[name] = DPDataset(data, target)
+        return out
+    return {s.lstrip("#"): _find_tagged(worker, s) for s in spec}
+
+
+def enable_dp(worker: Any, datasets: Union[str, Sequence[str], Mapping[str, tuple]] = (), *,
+              max_grad_norm: Optional[float] = None, noise_multiplier: Optional[float] = None,
+              budgets: Optional[Mapping[str, tuple[float, float]]] = None, delta: float = 1e-5,
+              accountant: str = "rdp", max_sample_rate: float = 1.0,
+              ledger_path: Union[str, Path, None] = None) -> WorkerDP:
+    """Turns on owner-side differential privacy on ``worker``.
+
+    Args:
+        worker: the data owner's worker (virtual or network server).
+        datasets: what DP training may use: dataset names / tags (the owner
+            tensors tagged ``#name`` and ``#data`` / ``#target``, as ``veil
+            worker --dataset`` loads them) or ``{name: (data, target)}``.
+        max_grad_norm: per-record clipping bound C (needed for training).
+        noise_multiplier: the owner's sigma; requests for less are refused.
+        budgets: ``{user: (epsilon, delta)}`` per data scientist. Users without
+            a budget are refused every private release.
+        delta: delta at which training steps are accounted (<= each user's delta).
+        accountant: ``"rdp"`` or ``"pld"``.
+        max_sample_rate: the largest lot sampling rate a request may use.
+        ledger_path: SQLite file of the budget ledger (default: next to the
+            worker's database when it has one on disk, else in memory).
+
+    Returns:
+        The settings object (``.set_budget(user, eps, delta)``, ``.remaining(user)``).
+    """
+    if (max_grad_norm is None) != (noise_multiplier is None):
+        raise PrivacyParameterError("DP training needs both max_grad_norm and noise_multiplier (or neither)")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise PrivacyParameterError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+    if noise_multiplier is not None and not noise_multiplier > 0:
+        raise PrivacyParameterError(f"the owner's noise_multiplier must be > 0, got {noise_multiplier}")
+    if not 0 < delta < 1:
+        raise PrivacyParameterError(f"delta must be in (0, 1), got {delta}")
+    if not 0 < max_sample_rate <= 1:
+        raise PrivacyParameterError(f"max_sample_rate must be in (0, 1], got {max_sample_rate}")
+    previous = _SETTINGS.get(worker)
+    ledger = previous.ledger if previous is not None and ledger_path is None else \
+        BudgetLedger(_ledger_path(worker, ledger_path))
+    settings = WorkerDP(ledger, None if max_grad_norm is None else float(max_grad_norm),
+                        None if noise_multiplier is None else float(noise_multiplier), float(delta), accountant,
+                        float(max_sample_rate), _datasets(worker, datasets))
+    for user, (eps, dlt) in (budgets or {}).items():
+        settings.set_budget(user, eps, dlt)
+    _SETTINGS[worker] = settings
+    return settings

@@ -1,0 +1,36 @@
+"""Encrypted model serving: a model secret-shared on a cluster answers private queries.
+
+* :mod:`~veil.serving.cluster` — ``NetworkWorker``, ``Cluster`` (auto-managed worker processes, tokens)
+* :mod:`~veil.serving.service` — the owner's side (``model.share(cluster)``, ``model.serve()``)
+* :mod:`~veil.serving.client` — ``ModelClient`` (shares inputs, reconstructs outputs)
+* :mod:`~veil.serving.protocol` — the workers' request queues (one message type)
+* :mod:`~veil.serving.keras_convert`, :mod:`~veil.serving.model_file` — Keras models, saved models
+"""
+
+from veil.serving import protocol  # noqa: F401  (registers the wire type and handler in every process)
+from veil.serving.client import ModelClient
+from veil.serving.cluster import Cluster, NetworkWorker
+from veil.serving.errors import (
+    ModelConversionError,
+    RequestFailedError,
+    ServiceClosedError,
+    ServingError,
+    WorkerUnavailableError,
+)
+from veil.serving.service import ModelService, serve_model, service_of, share_on_cluster, stop_model
+
+__all__ = [
+    "Cluster",
+    "ModelClient",
+    "ModelConversionError",
+    "ModelService",
+    "NetworkWorker",
+    "RequestFailedError",
+    "ServiceClosedError",
+    "ServingError",
+    "WorkerUnavailableError",
+    "serve_model",
+    "service_of",
+    "share_on_cluster",
+    "stop_model",
+]

@@ -1,0 +1,136 @@
+"""The client's side: share an input, collect output shares, reconstruct locally.
+
+The client encodes its input in the service's fixed-point encoding, splits
+it into one additive share per party (uniformly random ring elements that
+sum to the encoded input) and submits share *i* to party *i* only. It then
+polls every party for its output share; only the client ever holds all of
+them, so only it learns the prediction. A missing, failed or unreachable
+party makes the query raise — a partial set of shares is never decoded.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Optional
+
+import torch
+
+from veil.exceptions import ConnectionLostError, VeilError
+from veil.ids import new_id
+from veil.mpc.encoding import decode, encode, make_encoding
+from veil.mpc.sharing import split
+from veil.serving import protocol
+from veil.serving.cluster import Cluster
+from veil.serving.errors import ServingError, WorkerUnavailableError
+from veil.serving.service import DEFAULT_SERVICE, default_hook
+
+
+class ModelClient:
+    """Queries a model served on a cluster.
+
+    Args:
+        hook: A TorchHook (default: the process's).
+        timeout: Seconds a query may wait for its result.
+    """
+
+    def __init__(self, hook: Any = None, timeout: float = 120.0) -> None:
+        self.hook = hook or default_hook()
+        self.timeout = timeout
+        self.parties: list[Any] = []
+        self.service = DEFAULT_SERVICE
+        self.info: dict = {}
+
+    def connect_to_model(self, batch_input_shape: tuple, batch_output_shape: tuple,
+                         cluster: Cluster | str | os.PathLike, token: Optional[str] = None,
+                         name: str = DEFAULT_SERVICE) -> "ModelClient":
+        """Connects to the cluster's parties and checks the model's shapes.
+
+        Args:
+            batch_input_shape: The input shape the client will send (batch first).
+            batch_output_shape: The output shape it expects.
+            cluster: A :class:`Cluster` or the path of a cluster file (``Cluster.save``).
+            token: The client token (default: the one in the cluster / file).
+            name: The service name.
+
+        Raises:
+            ServingError: Shapes differ from the served model's, or no such service.
+            WorkerUnavailableError: A party cannot be reached.
+        """
+        if not isinstance(cluster, Cluster):
+            cluster = Cluster.load(cluster, client_token=token)
+        token = token or cluster.client_token
+        self.close()
+        self.parties = cluster.connect(self.hook, token, cluster.parties, timeout=self.timeout)
+        self.service = name
+        infos = [self._call(w, "info")[0] for w in self.parties]
+        if any(i != infos[0] for i in infos):
+            raise ServingError("the cluster's parties describe the service differently")
+        self.info = infos[0]
+        if list(batch_input_shape[1:]) != self.info["input_shape"][1:]:
+            raise ServingError(f"the model takes inputs of shape {self.info['input_shape']}, "
+                               f"not {list(batch_input_shape)}")
+        if list(batch_output_shape[1:]) != self.info["output_shape"][1:]:
+            raise ServingError(f"the model returns outputs of shape {self.info['output_shape']}, "
+                               f"not {list(batch_output_shape)}")
+        if [w.id for w in self.parties] != self.info["parties"]:
+            raise ServingError("the cluster file lists other parties than the service")
+        return self
+
+    def query_model(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's output for ``x`` (batch first); nobody else sees ``x`` or the result.
+
+        Raises:
+            RequestFailedError: The cluster could not compute it.
+            ServiceClosedError: The owner stopped serving.
+            WorkerUnavailableError: A party cannot be reached.
+            TimeoutError: No result within ``timeout`` seconds.
+        """
+        return self.result(self.submit(x))
+
+    def submit(self, x: torch.Tensor) -> int:
+        """Sends the shares of ``x``; returns the request id for :meth:`result` (pipelining)."""
+        if not self.parties:
+            raise ServingError("call connect_to_model first")
+        if x.dim() == len(self.info["input_shape"]) - 1:
+            x = x.unsqueeze(0)
+        if list(x.shape[1:]) != self.info["input_shape"][1:]:
+            raise ServingError(f"input shape {list(x.shape)} does not fit the model's {self.info['input_shape']}")
+        encoding = make_encoding(self.info["precision_fractional"], self.info["base"])
+        shares = split(encode(x.detach().float(), encoding), len(self.parties))
+        rid = new_id()
+        for w, share in zip(self.parties, shares):
+            self._call(w, "submit", rid, share)
+        return rid
+
+    def result(self, rid: int) -> torch.Tensor:
+        """Waits for request ``rid``'s output shares and reconstructs the output."""
+        encoding = make_encoding(self.info["precision_fractional"], self.info["base"])
+        got: dict[str, torch.Tensor] = {}
+        deadline, delay = time.monotonic() + self.timeout, 0.002
+        while len(got) < len(self.parties):
+            for w in self.parties:
+                if w.id not in got:
+                    reply = self._call(w, "fetch", rid)
+                    if reply:
+                        got[w.id] = reply[0]
+            if len(got) == len(self.parties):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no result within {self.timeout:.0f} s (is the model being served?)")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.05)
+        total = sum(got.values(), torch.zeros_like(next(iter(got.values()))))  # int64 wraps mod 2^64
+        return decode(total, encoding)
+
+    def close(self) -> None:
+        for w in self.parties:
+            w.close()
+        self.parties = []
+
+    def _call(self, worker: Any, action: str, *args: Any) -> list:
+        try:
+            return protocol.call(self.hook.local_worker, worker, action, self.service, *args)
+        except (ConnectionLostError, OSError) as e:
+            raise WorkerUnavailableError(f"cluster worker {worker.id!r} is unreachable: the query failed "
+                                         f"and no result was produced") from e

@@ -1,0 +1,181 @@
+"""A cluster of network workers that holds a secret-shared model.
+
+``Cluster(NetworkWorker("localhost:4000"), NetworkWorker("localhost:4001"),
+NetworkWorker("localhost:4002"), auto_managed=True)``: with ``auto_managed``,
+:meth:`Cluster.start` launches the ``veil worker`` processes itself, peered
+with each other, with fresh tokens. Without it, the workers are already
+running and the owner passes the tokens they were started with.
+
+Roles: unless ``crypto_provider=`` names one more worker, the **last** worker
+of the cluster is the crypto provider (it deals Beaver triples and masks
+straight to the others) and the others are the share-holding parties — the
+three-server set-up of TF Encrypted's Pond. Security is semi-honest with no
+two workers colluding.
+
+Tokens: the owner's token (opens and runs services), the clients' token
+(submit and fetch only) and the peer token (worker to worker). The cluster
+file written by :meth:`Cluster.save` holds addresses and the *client* token
+only, for handing to clients.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from veil.serving.errors import ServingError, WorkerUnavailableError
+
+OWNER_USER = "model-owner"
+CLIENT_USER = "client"
+
+
+@dataclass
+class NetworkWorker:
+    """Where one cluster worker listens: ``"host:port"`` (and optionally its id)."""
+
+    address: str
+    id: Optional[str] = None
+
+    @property
+    def host(self) -> str:
+        return self.address.rpartition(":")[0] or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        port = self.address.rpartition(":")[2]
+        if not port.isdigit():
+            raise ValueError(f"worker address must be HOST:PORT, got {self.address!r}")
+        return int(port)
+
+
+class Cluster:
+    """Network workers that jointly hold a model.
+
+    Args:
+        *workers: Parties first; the last one is the crypto provider unless
+            ``crypto_provider`` is given.
+        crypto_provider: A separate dealer worker (then every positional worker is a party).
+        auto_managed: :meth:`start` launches the worker processes (loopback).
+        owner_token: The model owner's token (generated when auto-managed).
+        client_token: Clients' token (generated when auto-managed).
+        peer_token: Worker-to-worker token (generated when auto-managed).
+    """
+
+    def __init__(self, *workers: NetworkWorker, crypto_provider: Optional[NetworkWorker] = None,
+                 auto_managed: bool = False, owner_token: Optional[str] = None,
+                 client_token: Optional[str] = None, peer_token: Optional[str] = None) -> None:
+        everyone = [*workers, *([crypto_provider] if crypto_provider else [])]
+        if len(everyone) < 3:
+            raise ValueError("a cluster needs at least two parties and a crypto provider (three workers)")
+        for i, w in enumerate(everyone):
+            w.id = w.id or (f"server{i}" if w is not everyone[-1] else "crypto_provider")
+        if len({w.id for w in everyone}) != len(everyone):
+            raise ValueError("cluster workers need distinct ids")
+        self.parties: list[NetworkWorker] = everyone[:-1]
+        self.crypto_provider: NetworkWorker = everyone[-1]
+        self.auto_managed = auto_managed
+        new = secrets.token_urlsafe
+        self.owner_token = owner_token or (new(24) if auto_managed else None)
+        self.client_token = client_token or (new(24) if auto_managed else None)
+        self.peer_token = peer_token or (new(24) if auto_managed else None)
+        self._processes: list[Any] = []
+        self._connections: dict[str, Any] = {}
+
+    @property
+    def workers(self) -> list[NetworkWorker]:
+        return [*self.parties, self.crypto_provider]
+
+    # ------------------------------------------------------------ processes
+
+    def worker_args(self, w: NetworkWorker) -> list[str]:
+        """``veil worker`` arguments for ``w`` (tokens, peers); used by :meth:`start`."""
+        args = ["--host", w.host, "--token", self.owner_token, "--token-user", OWNER_USER,
+                "--user", f"{CLIENT_USER}={self.client_token}"]
+        for other in self.workers:
+            if other is not w:
+                args += ["--peer", f"{other.id}={other.address}", "--peer-token", f"{other.id}={self.peer_token}",
+                         "--accept-peer", f"{other.id}={self.peer_token}"]
+        return args
+
+    def start(self) -> "Cluster":
+        """Launches the worker processes (auto-managed clusters only); returns self."""
+        if not self.auto_managed:
+            return self
+        from veil.workers.websocket_launcher import start_worker
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        # In parallel: each process spends seconds importing torch before it listens.
+        with ThreadPoolExecutor(len(self.workers)) as pool:
+            futures = [pool.submit(start_worker, w.id, self.worker_args(w), port=w.port) for w in self.workers]
+        errors = []
+        for f in futures:
+            try:
+                self._processes.append(f.result())
+            except Exception as e:  # keep the ones that did start so stop() ends them
+                errors.append(e)
+        if errors:
+            self.stop()
+            raise errors[0]
+        return self
+
+    def stop(self) -> None:
+        """Closes connections and stops the processes this cluster started."""
+        for conn in self._connections.values():
+            conn.close()
+        self._connections.clear()
+        for proc in self._processes:
+            proc.stop()
+        self._processes.clear()
+
+    def process(self, worker_id: str) -> Any:
+        """The :class:`~veil.workers.websocket_launcher.WorkerProcess` of an auto-managed worker."""
+        return next(p for p in self._processes if p.id == worker_id)
+
+    # ------------------------------------------------------------ connections
+
+    def connect(self, hook: Any, token: str, workers: Optional[list[NetworkWorker]] = None,
+                timeout: float = 120.0) -> list[Any]:
+        """Client connections (``WebsocketClientWorker``) to ``workers`` (default: all)."""
+        from veil.workers.websocket_client import WebsocketClientWorker
+
+        if not token:
+            raise ServingError("connecting to the cluster needs a token")
+        out = []
+        for w in workers if workers is not None else self.workers:
+            try:
+                out.append(WebsocketClientWorker(hook, id=w.id, host=w.host, port=w.port, token=token,
+                                                 timeout=timeout))
+            except OSError as e:
+                raise WorkerUnavailableError(f"cannot reach cluster worker {w.id!r} at {w.address}: {e}") from e
+        return out
+
+    # ------------------------------------------------------------ hand-off to clients
+
+    def describe(self, include_client_token: bool = True) -> dict:
+        """Addresses (and the client token) a client needs; never the owner's token."""
+        desc = {"parties": [[w.id, w.address] for w in self.parties],
+                "crypto_provider": [self.crypto_provider.id, self.crypto_provider.address]}
+        if include_client_token:
+            desc["client_token"] = self.client_token
+        return desc
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Writes the cluster file for clients (owner-only permissions: it holds a token)."""
+        path = Path(path)
+        path.write_text(json.dumps(self.describe(), indent=2))
+        path.chmod(0o600)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, client_token: Optional[str] = None) -> "Cluster":
+        """A client's view of a cluster from :meth:`save`'s file (the token may come separately)."""
+        desc = json.loads(Path(path).read_text())
+        parties = [NetworkWorker(addr, id=wid) for wid, addr in desc["parties"]]
+        cp_id, cp_addr = desc["crypto_provider"]
+        return cls(*parties, crypto_provider=NetworkWorker(cp_addr, id=cp_id),
+                   client_token=client_token or desc.get("client_token"))

@@ -1,0 +1,28 @@
+"""Errors of the model-serving layer; the ones raised on workers may cross the wire."""
+
+from __future__ import annotations
+
+from veil.exceptions import VeilError, register_remote_error
+
+
+@register_remote_error
+class ServingError(VeilError):
+    """A serving request could not be handled (unknown service, bad shape, ...)."""
+
+
+@register_remote_error
+class ServiceClosedError(ServingError):
+    """The model owner stopped the service (``model.stop()`` or ``num_requests`` reached)."""
+
+
+@register_remote_error
+class RequestFailedError(ServingError):
+    """The cluster could not compute this request; no result will ever be delivered."""
+
+
+class WorkerUnavailableError(ServingError):
+    """A cluster worker could not be reached; queries fail rather than answer wrongly."""
+
+
+class ModelConversionError(ServingError):
+    """A model (Keras layer, saved file) cannot be turned into a servable torch module."""

@@ -1,0 +1,239 @@
+"""The worker side of model serving: a request queue per service, one message type.
+
+Each party worker of a cluster holds, per service name, a small queue:
+
+* a client *submits* its share of an input under a request id it chose
+  (random, 64 bits) — the worker records which session submitted it;
+* the model owner lists *pending* ids, *claims* a batch of them (the worker
+  concatenates the shares and stores them as an object of the owner's
+  session, which the owner then computes on through pointers), and
+  *responds* with its share of the outputs (split back per request);
+* the submitting session, and only it, *fetches* its output share.
+
+Neither side ever receives another party's share: the owner only names
+objects (ids), the client only gets shares of its own outputs, and each
+worker sees one uniformly random share of inputs and weights.
+
+All actions travel as one :class:`ServingMessage`; :data:`ACTIONS` is the
+explicit table of what a worker will do, and who may ask (owner or client).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from veil.messaging import messages as m
+from veil.serving.errors import RequestFailedError, ServiceClosedError, ServingError
+from veil.workers.base import register_handler
+
+#: most requests a service queues before refusing new ones (memory bound per worker)
+MAX_PENDING = 1024
+
+
+@dataclass
+class ServingMessage:
+    """One serving action (see :data:`ACTIONS`) on service ``service``."""
+
+    TYPE: ClassVar[int] = 70
+    action: str = ""
+    service: str = ""
+    args: list = field(default_factory=list)
+
+
+m.register_message(ServingMessage)
+
+
+@dataclass
+class _Service:
+    owner: str  # authenticated user that opened it
+    clients: tuple  # users allowed to submit
+    info: dict  # public description: shapes, encoding, parties
+    pending: "OrderedDict[int, tuple[str, torch.Tensor]]" = field(default_factory=OrderedDict)
+    outputs: dict = field(default_factory=dict)  # request id -> (session, share or error message)
+    claimed: dict = field(default_factory=dict)  # request id -> submitting session
+    closed: bool = False
+
+
+#: worker -> service name -> state (weak: an in-process worker's services go with it)
+_SERVICES: "weakref.WeakKeyDictionary[Any, dict[str, _Service]]" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def _who(worker: Any, sender: str) -> tuple[str, str]:
+    """(user, session) of the request: authenticated on network workers, claimed in-process."""
+    current = getattr(worker, "current_session", None)
+    session = current() if current is not None else None
+    if session is not None:
+        return session.user, session.id
+    return sender, sender
+
+
+def _service(worker: Any, name: str) -> _Service:
+    svc = _SERVICES.get(worker, {}).get(name)
+    if svc is None:
+        raise ServingError(f"worker {worker.id!r} serves no model named {name!r}")
+    return svc
+
+
+def _request_ids(values: Any) -> list[int]:
+    if not isinstance(values, (list, tuple)) or not all(type(v) is int for v in values):
+        raise ServingError("request ids must be a list of integers")
+    return list(values)
+
+
+# ----------------------------------------------------------------- owner actions
+
+
+def _open(worker: Any, name: str, user: str, session: str, args: list) -> list:
+    clients, info = args
+    if not isinstance(clients, (list, tuple)) or not all(isinstance(c, str) for c in clients) or not isinstance(info, dict):
+        raise ServingError("open expects [clients, info]")
+    services = _SERVICES.setdefault(worker, {})
+    old = services.get(name)
+    if old is not None and not old.closed and old.owner != user:
+        raise ServingError(f"service {name!r} on worker {worker.id!r} belongs to another user")
+    services[name] = _Service(owner=user, clients=tuple(clients), info=info)
+    return []
+
+
+def _pending(worker: Any, name: str, user: str, session: str, args: list) -> list:
+    return list(_owned(worker, name, user).pending)
+
+
+def _claim(worker: Any, name: str, user: str, session: str, args: list) -> list:
+    rids, oid = _request_ids(args[0]), args[1]
+    svc = _owned(worker, name, user)
+    missing = [r for r in rids if r not in svc.pending]
+    if missing or not rids:
+        raise ServingError(f"worker {worker.id!r} has no pending request {missing[:1]}")
+    taken = [svc.pending.pop(r) for r in rids]
+    for r, (sub, _) in zip(rids, taken):
+        svc.claimed[r] = sub
+    # One object for the whole batch: the owner's model runs once for all of them.
+    worker.store.put(oid, torch.cat([share for _, share in taken]), created_by=session)
+    return [int(share.shape[0]) for _, share in taken]
+
+
+def _respond(worker: Any, name: str, user: str, session: str, args: list) -> list:
+    rids, sizes, ref = _request_ids(args[0]), args[1], args[2]
+    svc = _owned(worker, name, user)
+    if type(ref) is not m.ObjectRef:
+        raise ServingError("respond expects an object reference to the output share")
+    out = worker.store.get(ref.id)
+    if not isinstance(out, torch.Tensor) or out.dtype != torch.int64 or sum(sizes) != out.shape[0]:
+        raise ServingError("the output share does not match the claimed requests")
+    for r, piece in zip(rids, torch.split(out, sizes)):
+        sub = svc.claimed.pop(r, None)
+        if sub is not None:
+            svc.outputs[r] = (sub, piece.clone())
+    worker.store.discard(ref.id)  # the owner keeps no handle on output shares
+    return []
+
+
+def _fail(worker: Any, name: str, user: str, session: str, args: list) -> list:
+    rids, message = _request_ids(args[0]), str(args[1])
+    svc = _owned(worker, name, user)
+    for r in rids:
+        sub = svc.claimed.pop(r, None)
+        if sub is None and r in svc.pending:
+            sub = svc.pending.pop(r)[0]
+        if sub is not None:
+            svc.outputs[r] = (sub, message)
+    return []
+
+
+def _close(worker: Any, name: str, user: str, session: str, args: list) -> list:
+    svc = _owned(worker, name, user)
+    svc.closed = True
+    for r in list(svc.pending):  # queued but never computed: tell their clients
+        svc.outputs[r] = (svc.pending.pop(r)[0], "the model owner stopped the service")
+    return []
+
+
+def _owned(worker: Any, name: str, user: str) -> _Service:
+    svc = _service(worker, name)
+    if svc.owner != user:
+        raise ServingError(f"only the owner of service {name!r} may do this")
+    return svc
+
+
+# ----------------------------------------------------------------- client actions
+
+
+def _info(worker: Any, name: str, user: str, session: str, args: list) -> list:
+    svc = _client_service(worker, name, user)
+    return [svc.info]
+
+
+def _submit(worker: Any, name: str, user: str, session: str, args: list) -> list:
+    rid, share = args
+    svc = _client_service(worker, name, user)
+    if svc.closed:
+        raise ServiceClosedError(f"the model {name!r} is no longer served")
+    shape = svc.info.get("input_shape", [])
+    if (type(rid) is not int or not isinstance(share, torch.Tensor) or share.dtype != torch.int64
+            or list(share.shape[1:]) != list(shape[1:]) or share.dim() == 0):
+        raise ServingError(f"a request needs an int64 share of shape [batch, {', '.join(map(str, shape[1:]))}]")
+    if rid in svc.pending or rid in svc.claimed or rid in svc.outputs:
+        raise ServingError("request id already in use")
+    if len(svc.pending) >= MAX_PENDING:
+        raise ServingError(f"service {name!r} is busy ({MAX_PENDING} requests queued); retry later")
+    svc.pending[rid] = (session, share)
+    return []
+
+
+def _fetch(worker: Any, name: str, user: str, session: str, args: list) -> list:
+    rid = args[0]
+    svc = _client_service(worker, name, user)
+    entry = svc.outputs.get(rid)
+    if entry is None or entry[0] != session:  # another session's request reads as not ready
+        if svc.closed and rid not in svc.claimed:
+            raise ServiceClosedError(f"the model {name!r} is no longer served")
+        return []
+    del svc.outputs[rid]
+    if isinstance(entry[1], str):
+        raise RequestFailedError(f"request failed on worker {worker.id!r}: {entry[1]}")
+    return [entry[1]]
+
+
+def _client_service(worker: Any, name: str, user: str) -> _Service:
+    svc = _service(worker, name)
+    if user not in svc.clients:
+        raise ServingError(f"user {user!r} may not query model {name!r}")
+    return svc
+
+
+#: action -> handler(worker, service, user, session, args) -> reply objects
+ACTIONS: dict[str, Callable[..., list]] = {
+    "open": _open,
+    "pending": _pending,
+    "claim": _claim,
+    "respond": _respond,
+    "fail": _fail,
+    "close": _close,
+    "info": _info,
+    "submit": _submit,
+    "fetch": _fetch,
+}
+
+
+@register_handler(ServingMessage)
+def _handle_serving(worker: Any, msg: ServingMessage, sender: str) -> Any:
+    handler = ACTIONS.get(msg.action) if isinstance(msg.action, str) else None
+    if handler is None or not isinstance(msg.service, str) or not isinstance(msg.args, (list, tuple)):
+        raise ServingError(f"unknown serving action {msg.action!r}")
+    user, session = _who(worker, sender)
+    with _LOCK:  # servers handle one request at a time today; the lock keeps that assumption local
+        return m.ObjectsReply(handler(worker, msg.service, user, session, list(msg.args)))
+
+
+def call(local: Any, worker: Any, action: str, service: str, *args: Any) -> list:
+    """Sends one serving action from ``local`` to ``worker``; returns the reply's objects."""
+    reply = local.send_msg(ServingMessage(action, service, list(args)), worker)
+    return list(reply.objects)

@@ -1,0 +1,242 @@
+"""The model owner's side: share a model on a cluster, answer requests, stop.
+
+``model.share(cluster)`` encodes the model in fixed precision and
+secret-shares it on the cluster's parties (the crypto provider deals the
+multiplication material). ``model.serve(num_requests=...)`` then loops:
+list the requests pending on every party, claim a batch of them (each party
+concatenates its input shares into one object of this session), run the
+model on the shared batch through pointers, and hand each party's output
+share back to the queue for the requesting client. The owner's process holds
+only pointers: it never sees inputs, outputs or weight shares.
+
+A failure while computing a batch (a worker gone, a protocol error) marks
+that batch's requests failed on every reachable party, so clients get a
+:class:`~veil.serving.errors.RequestFailedError` instead of waiting or
+receiving a wrong answer; an unreachable worker also stops the service.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from veil.exceptions import ConnectionLostError, VeilError
+from veil.ids import new_id
+from veil.mpc.module import fix_precision_module, share_module
+from veil.serving import protocol
+from veil.serving.cluster import CLIENT_USER, Cluster
+from veil.serving.errors import ServingError, WorkerUnavailableError
+
+DEFAULT_SERVICE = "model"
+
+
+class ModelService:
+    """A model secret-shared on a cluster, and the loop that serves it.
+
+    Args:
+        model: A torch module built from the SMPC layer set (see ``veil.mpc.module``).
+        cluster: A started :class:`~veil.serving.cluster.Cluster`.
+        input_shape: One request's input shape, batch dimension first (e.g. ``(1, 1, 28, 28)``).
+        name: Service name (several models may share a cluster).
+        max_batch: Most requests computed together.
+        clients: Users allowed to query (default: the cluster's client user).
+    """
+
+    def __init__(self, model: nn.Module, cluster: Cluster, input_shape: tuple, name: str = DEFAULT_SERVICE,
+                 max_batch: int = 16, clients: tuple = (CLIENT_USER,), hook: Any = None) -> None:
+        self.hook = hook or default_hook()
+        self.model, self.cluster, self.name, self.max_batch = model.eval(), cluster, name, max_batch
+        self.input_shape = tuple(input_shape)
+        self.connections = cluster.connect(self.hook, cluster.owner_token)
+        self.parties = self.connections[:-1]
+        self.provider = self.connections[-1]
+        self.served = 0
+        self.error: Optional[BaseException] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        with torch.no_grad():  # output shape from a plaintext dry run on zeros, before encoding
+            self.output_shape = tuple(model(torch.zeros(self.input_shape)).shape)
+        fix_precision_module(model)
+        share_module(model, *self.parties, crypto_provider=self.provider)
+        self.encoding = next(p for p in model.parameters()).encoding
+        self.crypto = next(p for p in model.parameters()).child.crypto_provider
+        info = {"input_shape": list(self.input_shape), "output_shape": list(self.output_shape),
+                "base": self.encoding.base, "precision_fractional": self.encoding.precision_fractional,
+                "parties": [w.id for w in self.parties]}
+        self._broadcast("open", list(clients), info)
+
+    # ------------------------------------------------------------ loop
+
+    def serve(self, num_requests: Optional[int] = None, background: bool = False,
+              poll_interval: float = 0.01) -> "ModelService":
+        """Answers requests until ``num_requests`` were served or :meth:`stop` is called.
+
+        Args:
+            num_requests: Stop (and close the service) after this many; None: until stopped.
+            background: Serve from a thread and return at once.
+            poll_interval: Seconds between polls when no request is pending.
+
+        Raises:
+            WorkerUnavailableError: A worker could not be reached (foreground only;
+                in the background the error is kept in :attr:`error`).
+        """
+        if background:
+            self._thread = threading.Thread(target=self._run, args=(num_requests, poll_interval),
+                                            name=f"veil-serve-{self.name}", daemon=True)
+            self._thread.start()
+            return self
+        self._run(num_requests, poll_interval, raise_errors=True)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stops serving and closes the service on the workers (queued requests fail)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        self._close()
+
+    def _run(self, num_requests: Optional[int], poll_interval: float, raise_errors: bool = False) -> None:
+        try:
+            while not self._stop.is_set() and (num_requests is None or self.served < num_requests):
+                left = None if num_requests is None else num_requests - self.served
+                if not self.step(min(self.max_batch, left or self.max_batch)):
+                    time.sleep(poll_interval)
+        except BaseException as e:
+            self.error = e
+            if raise_errors:
+                raise
+        finally:
+            self._close()
+
+    def step(self, max_batch: int) -> int:
+        """Serves at most ``max_batch`` pending requests; returns how many."""
+        ready = None
+        for w in self.parties:  # a request is ready once every party has its share
+            ids = self._call(w, "pending")
+            ready = [r for r in ids if ready is None or r in ready]
+        rids = (ready or [])[:max_batch]
+        if not rids:
+            return 0
+        try:
+            self._compute(rids)
+        except (ConnectionLostError, OSError, WorkerUnavailableError) as e:
+            self._fail(rids, "a cluster worker became unreachable")
+            raise WorkerUnavailableError(f"serving stopped: a cluster worker is unreachable ({e})") from e
+        except VeilError as e:
+            self._fail(rids, f"{type(e).__name__} while computing")
+            raise
+        self.served += len(rids)
+        return len(rids)
+
+    def _compute(self, rids: list[int]) -> None:
+        from veil.tensors.additive import AdditiveSharingTensor
+        from veil.tensors.fixed_precision import FixedPrecisionTensor
+        from veil.tensors.pointer import PointerTensor
+
+        shares, sizes = {}, None
+        for w in self.parties:
+            oid = new_id()
+            got = self._call(w, "claim", rids, oid)
+            if sizes is not None and got != sizes:
+                raise ServingError("parties disagree on the requests' batch sizes")
+            sizes = got
+            shape = (sum(sizes), *self.input_shape[1:])
+            shares[w.id] = PointerTensor(w, oid, self.hook.local_worker, torch.Size(shape), torch.int64)
+        x = FixedPrecisionTensor(AdditiveSharingTensor(shares, self.crypto), self.encoding)
+        with torch.no_grad():
+            out = self.model(x)
+        for w in self.parties:
+            ptr = out.child.child[w.id]
+            self._call(w, "respond", rids, sizes, _ref(ptr))
+
+    # ------------------------------------------------------------ helpers
+
+    def _call(self, worker: Any, action: str, *args: Any) -> list:
+        return protocol.call(self.hook.local_worker, worker, action, self.name, *args)
+
+    def _broadcast(self, action: str, *args: Any) -> None:
+        for w in self.parties:
+            self._call(w, action, *args)
+
+    def _fail(self, rids: list[int], message: str) -> None:
+        for w in self.parties:
+            try:
+                self._call(w, "fail", rids, message)
+            except (VeilError, OSError):  # that worker is the one that failed: its clients see it gone
+                pass
+
+    def _close(self) -> None:
+        for w in self.parties:
+            try:
+                self._call(w, "close")
+            except (VeilError, OSError):
+                pass
+
+
+def _ref(ptr: Any) -> Any:
+    from veil.messaging import messages as m
+
+    return m.ObjectRef(ptr.id_at_location)
+
+
+def default_hook() -> Any:
+    """The process's TorchHook (one is made if the program has none yet)."""
+    from veil.hook import TorchHook
+    from veil.workers.registry import default_hook_context
+
+    ctx = default_hook_context()
+    return ctx if isinstance(ctx, TorchHook) else TorchHook(torch)
+
+
+#: served modules -> their service (weak: a dropped model takes its service handle along)
+_SERVICES: "weakref.WeakKeyDictionary[nn.Module, ModelService]" = weakref.WeakKeyDictionary()
+
+
+def share_on_cluster(model: nn.Module, cluster: Cluster, input_shape: Optional[tuple] = None,
+                     **options: Any) -> nn.Module:
+    """``model.share(cluster)``: secret-shares ``model`` on the cluster for serving.
+
+    Args:
+        input_shape: One request's input shape (default: guessed from the first
+            layer for Linear/Conv2d models with batch size 1).
+    """
+    if input_shape is None:
+        input_shape = guess_input_shape(model)
+    _SERVICES[model] = ModelService(model, cluster, input_shape, **options)
+    return model
+
+
+def service_of(model: nn.Module) -> ModelService:
+    service = _SERVICES.get(model)
+    if service is None:
+        raise ServingError("this model is not shared on a cluster: call model.share(cluster) first")
+    return service
+
+
+def serve_model(model: nn.Module, num_requests: Optional[int] = None, background: bool = False,
+                **options: Any) -> nn.Module:
+    """``model.serve(...)``: see :meth:`ModelService.serve`."""
+    service_of(model).serve(num_requests, background=background, **options)
+    return model
+
+
+def stop_model(model: nn.Module) -> nn.Module:
+    """``model.stop()``: stops serving; the model's shares stay on the cluster until it is dropped."""
+    service_of(model).stop()
+    return model
+
+
+def guess_input_shape(model: nn.Module) -> tuple:
+    """A batch-1 input shape from the first layer, or an error asking for ``input_shape=``."""
+    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
+    shape = getattr(model, "veil_input_shape", None)
+    if shape is not None:
+        return tuple(shape)
+    if isinstance(first, nn.Linear):
+        return (1, first.in_features)
+    raise ServingError("cannot guess the model's input shape: pass model.share(cluster, input_shape=(1, ...))")
