@@ -1,9 +1,12 @@
 """SMPC benchmark: shared ops over VirtualWorkers vs plain PyTorch, same run.
 
-Run: .venv/bin/python bench/bench_mpc.py [--parties 2] [--repeat 3] [--unseeded]
+Run: .venv/bin/python bench/bench_mpc.py [--parties 2] [--repeat 3] [--unseeded] [--skip-ops] [--skip-models]
 
 Ops: elementwise mul of 1e6 fixed-point values, 256x256 @ 256x256 matmul,
-ReLU on 1e5 values. For each: best-of wall time (dealing by the crypto
+ReLU on 1e5 values. Models (second table): private inference of the MNIST
+CNN of tests/mpc/test_private_cnn_accuracy.py at batch 1 and 64, and one
+encrypted SGD step (forward, MSE backward, update) of a 784-128-128-10 MLP
+at batch 128. For each: best-of wall time (dealing by the crypto
 provider included: the dealer runs in-process), plain torch time, opening
 rounds, and bytes per party: what the orchestrator sent to / received from
 each party (commands + openings relayed through it) and what the crypto
@@ -17,6 +20,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import veil as sy
 from veil.mpc.opening import count_openings
@@ -32,11 +36,63 @@ def _time(fn, repeat: int) -> float:
     return best
 
 
+def _mnist_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3), nn.AvgPool2d(2), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.AvgPool2d(2), nn.ReLU(),
+        nn.Conv2d(32, 64, 3), nn.AvgPool2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(64, 10),
+    ).eval()
+
+
+def _models(parties, cp, me, repeat: int) -> None:
+    """Latency, rounds and bytes per party of whole-model workloads."""
+    n = len(parties)
+
+    def sh(t, **kw):
+        return t.fix_precision().share(*parties, crypto_provider=cp, **kw)
+
+    cnn = _mnist_cnn().fix_precision().share(*parties, crypto_provider=cp)
+    mlp = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    mlp.fix_precision().share(*parties, crypto_provider=cp, requires_grad=True)
+    opt = torch.optim.SGD(mlp.parameters(), lr=0.1).fix_precision()
+    xb, yb = sh(torch.rand(128, 784)), sh(F.one_hot(torch.randint(0, 10, (128,)), 10).float())
+
+    def sgd_step():
+        opt.zero_grad()
+        F.mse_loss(mlp(xb), yb).backward()
+        opt.step()
+
+    def infer(x):
+        with torch.no_grad():
+            return cnn(x)
+
+    cases = [
+        ("CNN inference batch 1", lambda: infer(sh(torch.rand(1, 1, 28, 28)))),
+        ("CNN inference batch 64", lambda: infer(sh(torch.rand(64, 1, 28, 28)))),
+        ("MLP SGD step batch 128", sgd_step),
+    ]
+    print()
+    print("| workload | veil s | rounds | orch->party B | party->orch B | cp->party B | msgs/party |")
+    print("|---|---|---|---|---|---|---|")
+    for name, fn in cases:
+        s0 = (me.stats.snapshot(), cp.stats.snapshot())
+        with count_openings() as openings:
+            fn()
+        s1 = (me.stats.snapshot(), cp.stats.snapshot())
+        t = _time(fn, repeat)
+        to_party = (s1[0]["bytes_sent"] - s0[0]["bytes_sent"]) / n
+        from_party = (s1[0]["bytes_received"] - s0[0]["bytes_received"]) / n
+        cp_sent = (s1[1]["bytes_sent"] - s0[1]["bytes_sent"]) / n
+        msgs = (s1[0]["messages"] - s0[0]["messages"]) / n
+        print(f"| {name} | {t:.3f} | {openings.rounds} | {to_party:,.0f} | {from_party:,.0f} | {cp_sent:,.0f} | {msgs:.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parties", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--unseeded", action="store_true", help="send every share instead of seeds")
+    ap.add_argument("--skip-ops", action="store_true")
+    ap.add_argument("--skip-models", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
     hook = sy.TorchHook(torch)
@@ -60,6 +116,8 @@ def main() -> None:
         ("relu 1e5", (sh(r),), lambda x: F.relu(x), (r,)),
     ]
     print(f"parties={args.parties} seeded={not args.unseeded} torch={torch.__version__}")
+    if args.skip_ops:
+        cases = []
     print("| op | veil s | torch s | ratio | rounds | orch->party B | party->orch B | cp->party B | msgs/party | max err |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, shared, fn, plain in cases:
@@ -77,6 +135,8 @@ def main() -> None:
         msgs = (s1[0]["messages"] - s0[0]["messages"]) / n
         print(f"| {name} | {t_veil:.3f} | {t_plain:.5f} | {t_veil / t_plain:.0f}x | {openings.rounds} | "
               f"{to_party:,.0f} | {from_party:,.0f} | {cp_sent:,.0f} | {msgs:.1f} | {err:.1e} |")
+    if not args.skip_models:
+        _models(parties, cp, me, args.repeat)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,19 @@ def _worker(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    from veil.serving.cli import configure
+
+    configure(p)
+
+
+@command("serve", "serve a saved model (.pt, .keras, .h5) secret-shared on a cluster of workers", _serve_args)
+def _serve(args: argparse.Namespace) -> int:
+    from veil.serving.cli import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="veil", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

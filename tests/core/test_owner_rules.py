@@ -103,3 +103,27 @@ def test_unknown_wire_version_refused(alice):
     data = msgpack.packb([99, 4, "me", [], []])
     reply, _, _ = deserialize(alice._recv_msg(data))
     assert reply.error == "VersionMismatchError" and "99" in reply.message
+
+
+def test_owner_data_cannot_be_modified_through_pointers(alice):
+    original = torch.arange(6.0).view(2, 3)
+    oid = alice.load(original.clone(), tags=("#ledger",))
+    (ptr,) = sy.search(alice, "#ledger")
+    attempts = [
+        lambda: ptr.add_(1),
+        lambda: ptr.__setitem__(0, 0.0),
+        lambda: ptr.zero_(),
+        lambda: torch.add(ptr, 1, out=ptr),
+        lambda: ptr.mul_(0),
+        lambda: torch.nn.functional.relu(ptr, inplace=True),
+    ]
+    for attempt in attempts:
+        with pytest.raises(PermissionDeniedError, match="modify data the owner"):
+            attempt()
+    # views are copies: writing to them cannot reach the owner's tensor
+    view = ptr[0:1]
+    view.mul_(0)
+    det = ptr.detach()
+    det.fill_(-1)
+    assert torch.equal(alice._objects[oid], original)
+    assert torch.equal(view.get(), torch.zeros(1, 3)) and torch.equal((ptr * 1).get(), original)

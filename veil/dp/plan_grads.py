@@ -9,8 +9,10 @@ so each record is run through the plan *alone* (a batch of one). Whatever ops
 the plan contains, one record's gradient cannot depend on another record,
 which is what the clipping bound (and so the privacy proof) needs.
 
-Plans whose ops have no vmap batching rule fall back to one ``torch.func.grad``
-call per record (same result, slower).
+Small lots (up to 32 records) skip vmap and differentiate record by record
+with plain autograd, which is much faster for small models on CPU; plans
+whose ops have no vmap batching rule fall back to one ``torch.func.grad``
+call per record. All three give the same per-record gradients.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ LOSSES: dict[str, Loss] = {
     "cross_entropy": _cross_entropy,
     "bce_with_logits": _bce_with_logits,
 }
+
+# Lots up to this size are differentiated record by record (see per_sample_gradients).
+_LOOP_MAX = 32
 
 # Ops that would make a "forward pass" do something else (train, touch .grad).
 _FORBIDDEN = frozenset({"Tensor.backward", "Tensor.grad.__get__", "Tensor.grad.__set__"})
@@ -100,8 +105,22 @@ def per_sample_gradients(plan: interpreter.CompiledPlan, state: Sequence[torch.T
         return loss(out, yi.unsqueeze(0))
 
     params = tuple(frozen[i] for i in train_idx)
+    # The worker runs commands under the caller's grad mode; gradients need it on.
+    with torch.enable_grad():
+        return _gradients(one, params, x, y)
+
+
+def _gradients(one: Callable, params: tuple, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
     if len(x) == 0:
         return [p.new_zeros((0, *p.shape)) for p in params]
+    if len(x) <= _LOOP_MAX:
+        # Small lots (the common DP-SGD case): plain autograd per record is ~10x
+        # faster than vmap's batched backward on CPU for small models.
+        leaves_ = [p.detach().requires_grad_(True) for p in params]
+        rows = [torch.autograd.grad(one(tuple(leaves_), x[i], y[i]), leaves_, allow_unused=True)
+                for i in range(len(x))]
+        return [torch.stack([torch.zeros_like(p) if r[k] is None else r[k] for r in rows])
+                for k, p in enumerate(params)]
     try:
         return list(vmap(grad(one), in_dims=(None, 0, 0))(params, x, y))
     except PrivacyParameterError:

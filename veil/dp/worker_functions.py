@@ -72,9 +72,11 @@ def _sanitized_gradient(worker: Any, plan: Any, dataset: str, params: list, trai
         mask = torch.rand(len(ds.data), generator=settings.generator) < q
         x, y = ds.data[mask], ds.target[mask]
         samples = per_sample_gradients(compiled, [p.detach() for p in params], trainable, x, y, loss_fn)
-        flat = torch.cat([g.reshape(len(x), -1) for g in samples], dim=1) if samples else torch.zeros(len(x), 0)
+        flat = torch.cat([g.reshape(len(x), g.shape[1:].numel()) for g in samples], dim=1)
         # Each record's whole gradient (all parameters together) is clipped to C.
-        clipped_sum = torch.einsum("b,bd->d", clip_factors(per_sample_norms([flat]), c), flat)
+        # An empty lot still gets the noise: skipping it would reveal the empty lot.
+        clipped_sum = torch.einsum("b,bd->d", clip_factors(per_sample_norms([flat]), c), flat) if len(x) \
+            else flat.sum(0)
         noise = torch.normal(0.0, sigma * c, clipped_sum.shape, generator=settings.generator)
         released = (clipped_sum + noise) / (q * len(ds.data))
         # Charge before release: if the budget refuses, the result is dropped here.

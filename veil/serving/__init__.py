@@ -17,6 +17,8 @@ from veil.serving.errors import (
     ServingError,
     WorkerUnavailableError,
 )
+from veil.serving.model_file import load_model, save_model
+from veil.serving.keras_convert import keras_to_torch, load_keras
 from veil.serving.service import ModelService, serve_model, service_of, share_on_cluster, stop_model
 
 __all__ = [
@@ -33,4 +35,8 @@ __all__ = [
     "service_of",
     "share_on_cluster",
     "stop_model",
+    "keras_to_torch",
+    "load_keras",
+    "load_model",
+    "save_model",
 ]

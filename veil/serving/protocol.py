@@ -58,6 +58,7 @@ class _Service:
     outputs: dict = field(default_factory=dict)  # request id -> (session, share or error message)
     claimed: dict = field(default_factory=dict)  # request id -> submitting session
     closed: bool = False
+    reason: str = "the model owner stopped the service"
 
 
 #: worker -> service name -> state (weak: an in-process worker's services go with it)
@@ -151,8 +152,10 @@ def _fail(worker: Any, name: str, user: str, session: str, args: list) -> list:
 def _close(worker: Any, name: str, user: str, session: str, args: list) -> list:
     svc = _owned(worker, name, user)
     svc.closed = True
+    if args and isinstance(args[0], str):
+        svc.reason = args[0]
     for r in list(svc.pending):  # queued but never computed: tell their clients
-        svc.outputs[r] = (svc.pending.pop(r)[0], "the model owner stopped the service")
+        svc.outputs[r] = (svc.pending.pop(r)[0], svc.reason)
     return []
 
 
@@ -175,7 +178,7 @@ def _submit(worker: Any, name: str, user: str, session: str, args: list) -> list
     rid, share = args
     svc = _client_service(worker, name, user)
     if svc.closed:
-        raise ServiceClosedError(f"the model {name!r} is no longer served")
+        raise ServiceClosedError(f"the model {name!r} is no longer served: {svc.reason}")
     shape = svc.info.get("input_shape", [])
     if (type(rid) is not int or not isinstance(share, torch.Tensor) or share.dtype != torch.int64
             or list(share.shape[1:]) != list(shape[1:]) or share.dim() == 0):
@@ -194,7 +197,7 @@ def _fetch(worker: Any, name: str, user: str, session: str, args: list) -> list:
     entry = svc.outputs.get(rid)
     if entry is None or entry[0] != session:  # another session's request reads as not ready
         if svc.closed and rid not in svc.claimed:
-            raise ServiceClosedError(f"the model {name!r} is no longer served")
+            raise ServiceClosedError(f"the model {name!r} is no longer served: {svc.reason}")
         return []
     del svc.outputs[rid]
     if isinstance(entry[1], str):

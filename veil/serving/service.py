@@ -58,6 +58,7 @@ class ModelService:
         self.served = 0
         self.error: Optional[BaseException] = None
         self._stop = threading.Event()
+        self._closed = False
         self._thread: Optional[threading.Thread] = None
         with torch.no_grad():  # output shape from a plaintext dry run on zeros, before encoding
             self.output_shape = tuple(model(torch.zeros(self.input_shape)).shape)
@@ -108,6 +109,7 @@ class ModelService:
                     time.sleep(poll_interval)
         except BaseException as e:
             self.error = e
+            self._close(f"serving stopped after an error ({type(e).__name__})")
             if raise_errors:
                 raise
         finally:
@@ -170,10 +172,13 @@ class ModelService:
             except (VeilError, OSError):  # that worker is the one that failed: its clients see it gone
                 pass
 
-    def _close(self) -> None:
+    def _close(self, reason: str = "the model owner stopped the service") -> None:
+        if self._closed:
+            return
+        self._closed = True
         for w in self.parties:
             try:
-                self._call(w, "close")
+                self._call(w, "close", reason)
             except (VeilError, OSError):
                 pass
 

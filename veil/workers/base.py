@@ -26,6 +26,7 @@ from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST, NO_RESULT
 from veil.messaging.serde import DecodeContext, deserialize, serialize
 from veil.tensors.tree import leaves, map_structure
+from veil.workers import owner_guard
 from veil.workers.stats import TransportStats
 from veil.workers.store import Entry, ObjectStore
 
@@ -256,6 +257,13 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
     kwargs = worker._resolve(msg.kwargs, inputs)
     if not all(isinstance(k, str) for k in kwargs):
         raise SerializationError("command keyword names must be strings")
+    protected = owner_guard.protected_storages([worker.store.entry(oid) for oid in inputs.values()])
+    if protected:
+        if op.worker_function:
+            args = owner_guard.copy_protected_args(args, protected)
+            kwargs = owner_guard.copy_protected_args(kwargs, protected)
+        else:
+            owner_guard.check_writes(op.name, op.func, args, kwargs, protected, worker.id)
     try:
         with torch.set_grad_enabled(bool(msg.grad_enabled)):
             result = op.func(worker, *args, **kwargs) if op.worker_function else op.func(*args, **kwargs)
@@ -263,6 +271,8 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
         raise
     except Exception as e:
         raise RemoteExecutionError(f"{op.name} failed on worker {worker.id!r}: {type(e).__name__}: {e}") from e
+    if protected and not op.worker_function:
+        result = owner_guard.copy_aliases(result, protected)
     if op.shapes == NO_RESULT or msg.return_ids == []:
         return m.OkReply()
     if msg.return_ids is None:

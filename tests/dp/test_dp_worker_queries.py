@@ -1,0 +1,61 @@
+"""DP queries on data held by a worker: noise scale, charge before release, refusal when spent."""
+
+import math
+
+import pytest
+import torch
+
+import veil as sy
+from veil.dp import BudgetExceededError, PrivacyParameterError
+from veil.dp.queries import gaussian_sigma
+
+
+def _owner(hook, name, budget=(float("inf"), 0.5)):
+    w = sy.VirtualWorker(hook, id=name)
+    values = torch.linspace(0, 10, 200).reshape(200, 1)
+    w.load(values, tags=("#ages",), private=True)
+    w.enable_dp(budgets={"me": budget})
+    (ptr,) = w.search(["#ages"])
+    return w, ptr, values
+
+
+def test_laplace_count_noise_scale_and_charge(hook):
+    w, ptr, values = _owner(hook, "dpq_count")
+    draws = torch.tensor([float(sy.dp.remote_query(ptr, "count", epsilon=0.5).value) for _ in range(300)])
+    assert draws.mean().item() == pytest.approx(200, abs=0.5)
+    assert draws.std().item() == pytest.approx(math.sqrt(2) * 2.0, rel=0.12)  # Laplace(b = 1/eps)
+    assert sy.dp.remaining_budget(w, spent=True)[0] == pytest.approx(300 * 0.5)
+
+
+def test_gaussian_mean_and_histogram_report_their_cost(hook):
+    w, ptr, values = _owner(hook, "dpq_gauss")
+    r = sy.dp.remote_query(ptr, "sum", epsilon=1.0, delta=1e-5, mechanism="gaussian", bounds=(0, 10))
+    assert (r.epsilon, r.delta) == (1.0, 1e-5)
+    assert r.noise_scale == pytest.approx(gaussian_sigma(10.0, 1.0, 1e-5))
+    m = sy.dp.remote_query(ptr, "mean", epsilon=50.0, bounds=(0, 10))
+    assert m.value.item() == pytest.approx(values.mean().item(), abs=0.5)
+    h = sy.dp.remote_query(ptr, "histogram", epsilon=50.0, bounds=(0, 10), bins=4)
+    assert h.value.shape == (4,) and h.value.sum().item() == pytest.approx(200, abs=2)
+    spent = sy.dp.remaining_budget(w, spent=True)
+    assert spent == pytest.approx((101.0, 1e-5))
+
+
+def test_query_refused_when_budget_is_spent_and_nothing_released(hook):
+    w, ptr, _ = _owner(hook, "dpq_spent", budget=(1.0, 0.0))
+    sy.dp.remote_query(ptr, "count", epsilon=0.6)
+    objects_before = len(w._objects)
+    with pytest.raises(BudgetExceededError, match="user 'me' has \\(epsilon=0.4 left|refused"):
+        sy.dp.remote_query(ptr, "count", epsilon=0.6)
+    assert len(w._objects) == objects_before  # no result was stored for the refused query
+    with pytest.raises(BudgetExceededError):  # delta budget is 0: Gaussian queries are refused
+        sy.dp.remote_query(ptr, "count", epsilon=0.1, delta=1e-6, mechanism="gaussian")
+    assert sy.dp.remaining_budget(w) == pytest.approx((0.4, 0.0))
+
+
+def test_queries_need_bounds_and_known_names(hook):
+    w, ptr, _ = _owner(hook, "dpq_bad")
+    with pytest.raises(PrivacyParameterError, match="bounds"):
+        sy.dp.remote_query(ptr, "mean", epsilon=1.0)
+    with pytest.raises(PrivacyParameterError, match="unknown DP query"):
+        sy.dp.remote_query(ptr, "max", epsilon=1.0)
+    assert sy.dp.remaining_budget(w, spent=True) == (0.0, 0.0)

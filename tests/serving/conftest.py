@@ -1,0 +1,76 @@
+"""Fixtures for serving tests: an auto-managed three-worker cluster on loopback, small models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import veil as sy
+from veil.datasets import load_mnist_5k
+from veil.workers.registry import HookContext
+from veil.workers.websocket_launcher import free_port
+
+
+def new_cluster() -> sy.Cluster:
+    return sy.Cluster(*[sy.NetworkWorker(f"127.0.0.1:{free_port()}") for _ in range(3)], auto_managed=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(hook):
+    """A started cluster (two parties + crypto provider) shared by a test module."""
+    c = new_cluster().start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def client_for():
+    """``client_for(cluster, in_shape, out_shape, name=..., token=...)``: a ModelClient with its own hook context.
+
+    Its own context stands for another process: its connections never mix with the owner's.
+    """
+    made = []
+
+    def make(cluster, in_shape, out_shape, **kwargs):
+        client = sy.ModelClient(hook=HookContext(), timeout=kwargs.pop("timeout", 60))
+        made.append(client)
+        return client.connect_to_model(in_shape, out_shape, cluster, **kwargs)
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def mnist_cnn() -> nn.Sequential:
+    """The three-party example's CNN: conv 16 - avgpool - relu - conv 32 - ... - dense 10."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.AvgPool2d(2), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.AvgPool2d(2), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1), nn.AvgPool2d(2), nn.ReLU(),
+        nn.Flatten(), nn.Linear(64 * 3 * 3, 10),
+    )
+
+
+def train_briefly(model: nn.Module, data: dict, steps: int = 60, batch: int = 64, seed: int = 0) -> nn.Module:
+    """A few Adam steps on shuffled rows (the bundled train rows are ordered by digit)."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    perm = torch.randperm(len(data["y_train"]))
+    for i in range(steps):
+        idx = perm[(i * batch) % len(perm):][:batch]
+        loss = nn.functional.cross_entropy(model(data["x_train"][idx]), data["y_train"][idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_mnist_5k()
+
+
+@pytest.fixture(scope="module")
+def trained_cnn(mnist):
+    return train_briefly(mnist_cnn(), mnist)

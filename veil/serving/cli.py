@@ -1,0 +1,84 @@
+"""``veil serve``: serve a saved model on a cluster without writing Python.
+
+Examples::
+
+    # start three local workers itself, write the file clients connect with, serve 100 queries
+    veil serve mnist.pt --auto 4000,4001,4002 --cluster-file cluster.json --num-requests 100
+
+    # workers already running (started with the owner's and the clients' tokens)
+    VEIL_OWNER_TOKEN=... veil serve model.keras --worker h1:4000 --worker h2:4000 --worker h3:4000 \\
+        --client-token ... --cluster-file cluster.json
+
+The model file is the owner's own: ``.pt`` from ``veil.serving.save_model``
+(loaded with ``torch.load(weights_only=True)``) or ``.keras`` / ``.h5``
+(Keras safe mode). The cluster file holds addresses and the *client* token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="saved model: .pt (veil.serving.save_model), .keras or .h5")
+    p.add_argument("--auto", metavar="PORTS", default=None,
+                   help="start local workers on these comma-separated ports (last one: crypto provider)")
+    p.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
+                   help="an already running cluster worker (repeatable; the last one deals crypto material)")
+    p.add_argument("--owner-token", default=os.environ.get("VEIL_OWNER_TOKEN"),
+                   help="the workers' owner token (default: $VEIL_OWNER_TOKEN; generated with --auto)")
+    p.add_argument("--client-token", default=os.environ.get("VEIL_CLIENT_TOKEN"),
+                   help="the clients' token (default: $VEIL_CLIENT_TOKEN; generated with --auto)")
+    p.add_argument("--peer-token", default=os.environ.get("VEIL_PEER_TOKEN"), help="worker-to-worker token (--auto)")
+    p.add_argument("--cluster-file", default="cluster.json", help="where to write the clients' cluster file")
+    p.add_argument("--num-requests", type=int, default=None, help="stop after this many queries (default: never)")
+    p.add_argument("--max-batch", type=int, default=16, help="most queries computed together")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Loads the model, shares it on the cluster, writes the cluster file and serves."""
+    import torch
+
+    from veil.hook import TorchHook
+    from veil.serving.cluster import Cluster, NetworkWorker
+    from veil.serving.model_file import load_model
+    from veil.serving.service import ModelService
+
+    if bool(args.auto) == bool(args.worker):
+        raise SystemExit("veil serve: give either --auto PORTS or --worker HOST:PORT (three or more)")
+    model = load_model(args.model)
+    if args.auto:
+        workers = [NetworkWorker(f"127.0.0.1:{p.strip()}") for p in args.auto.split(",")]
+    else:
+        workers = [NetworkWorker(a) for a in args.worker]
+        if not (args.owner_token and args.client_token):
+            raise SystemExit("veil serve: running workers need --owner-token and --client-token")
+    cluster = Cluster(*workers, auto_managed=bool(args.auto), owner_token=args.owner_token,
+                      client_token=args.client_token, peer_token=args.peer_token)
+    hook = TorchHook(torch)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    try:
+        cluster.start()
+        service = ModelService(model, cluster, model.veil_input_shape, max_batch=args.max_batch, hook=hook)
+        cluster.save(args.cluster_file)
+        # The ready line comes last (scripts wait for it); it names no token.
+        print(f"veil serve: model {os.path.basename(args.model)} input {list(service.input_shape)} "
+              f"output {list(service.output_shape)} on {len(cluster.parties)} parties; "
+              f"cluster file {args.cluster_file}; serving", flush=True)
+        service.serve(args.num_requests, background=True)
+        while service._thread.is_alive() and not stopping.wait(0.2):
+            pass
+        service.stop()
+        if service.error is not None:
+            print(f"veil serve: stopped: {service.error}", flush=True)
+            return 1
+        print(f"veil serve: stopped after {service.served} queries", flush=True)
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        cluster.stop()
