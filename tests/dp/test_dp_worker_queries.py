@@ -59,3 +59,24 @@ def test_queries_need_bounds_and_known_names(hook):
     with pytest.raises(PrivacyParameterError, match="unknown DP query"):
         sy.dp.remote_query(ptr, "max", epsilon=1.0)
     assert sy.dp.remaining_budget(w, spent=True) == (0.0, 0.0)
+
+
+def test_dp_datasets_refuse_plain_arithmetic(hook):
+    """Under the owner's DP policy, pointers to the data answer only DP releases."""
+    import pytest as _pytest
+
+    import veil as sy
+    from veil.exceptions import PermissionDeniedError
+
+    w = sy.VirtualWorker(hook, id="dp_only_owner")
+    x, y = torch.randn(20, 3), torch.randn(20, 1)
+    w.load(x, tags=("#clinic", "#data"), private=True)
+    w.load(y, tags=("#clinic", "#target"), private=True)
+    w.enable_dp("clinic", max_grad_norm=1.0, noise_multiplier=1.0, budgets={"me": (5.0, 1e-5)})
+    data, target = w.search(["#clinic", "#data"])[0], w.search(["#clinic", "#target"])[0]
+    with _pytest.raises(PermissionDeniedError, match="differential-privacy"):
+        (data * 1).get()
+    with _pytest.raises(PermissionDeniedError, match="differential-privacy"):
+        target.sum()
+    noisy = sy.dp.remote_query(target, "count", epsilon=0.5)
+    assert abs(noisy.value - 20) < 40  # the DP query still works

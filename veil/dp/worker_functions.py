@@ -30,6 +30,7 @@ from veil.dp.queries import QUERIES
 from veil.dp.worker_owner import dp_settings
 from veil.exceptions import PermissionDeniedError
 from veil.messaging.allowlist import register_worker_function
+from veil.workers import owner_guard
 
 
 def _user(worker: Any) -> str:
@@ -123,3 +124,4 @@ def _budget(worker: Any) -> torch.Tensor:
 register_worker_function("veil.dp.sanitized_gradient", _sanitized_gradient)
 register_worker_function("veil.dp.query", _query)
 register_worker_function("veil.dp.budget", _budget)
+owner_guard.DP_RELEASES.update({"veil.dp.sanitized_gradient", "veil.dp.query", "veil.dp.budget"})

@@ -175,4 +175,17 @@ def enable_dp(worker: Any, datasets: Union[str, Sequence[str], Mapping[str, tupl
     for user, (eps, dlt) in (budgets or {}).items():
         settings.set_budget(user, eps, dlt)
     _SETTINGS[worker] = settings
+    _mark_dp_only(worker, settings.datasets.values())
     return settings
+
+
+def _mark_dp_only(worker: Any, datasets: Any) -> None:
+    """Stored tensors of DP datasets answer only DP releases from now on.
+
+    Otherwise ``(data * 1)`` through a pointer would hand the data scientist a
+    result computed from raw records, and the noise would protect nothing.
+    """
+    tensors = {id(t) for ds in datasets for t in (ds.data, ds.target)}
+    for _, entry in worker.store.items():
+        if id(entry.obj) in tensors:
+            entry.meta["dp_only"] = True

@@ -257,7 +257,9 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
     kwargs = worker._resolve(msg.kwargs, inputs)
     if not all(isinstance(k, str) for k in kwargs):
         raise SerializationError("command keyword names must be strings")
-    protected = owner_guard.protected_storages([worker.store.entry(oid) for oid in inputs.values()])
+    entries = [worker.store.entry(oid) for oid in inputs.values()]
+    owner_guard.check_dp_only(op.name, entries, worker.id)
+    protected = owner_guard.protected_storages(entries)
     if protected:
         if op.worker_function:
             args = owner_guard.copy_protected_args(args, protected)

@@ -37,6 +37,19 @@ def _storage(t: torch.Tensor) -> int | None:
     return ptr or None
 
 
+#: worker functions that release only differentially private results (DP registers them)
+DP_RELEASES: set[str] = set()
+
+
+def check_dp_only(op_name: str, entries: list, worker_id: str) -> None:
+    """Data the owner put under DP answers only DP releases (no raw arithmetic through pointers)."""
+    if op_name not in DP_RELEASES and any(e.meta.get("dp_only") for e in entries):
+        raise PermissionDeniedError(
+            f"{op_name} refused: this data on worker {worker_id!r} is under the owner's differential-privacy "
+            f"policy and answers only {sorted(DP_RELEASES)}"
+        )
+
+
 def protected_storages(entries: list) -> set[int]:
     """Storage addresses of the protected tensors among a command's inputs."""
     out = set()
