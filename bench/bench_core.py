@@ -56,7 +56,9 @@ def train_pure(x, y, epochs, batch):
     return time.perf_counter() - t, model
 
 
-def train_pointers(workers, x, y, epochs, batch):
+def train_pointers(workers, x, y, epochs, batch, pipelining=False):
+    for w in workers:
+        w.pipelining = pipelining
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.001)
     half = len(x) // 2
@@ -75,7 +77,10 @@ def train_pointers(workers, x, y, epochs, batch):
                 opt.step()
                 steps += 1
             model.get()
-    return time.perf_counter() - t, model, me.stats.snapshot(), steps
+    elapsed = time.perf_counter() - t
+    for w in workers:
+        w.pipelining = False
+    return elapsed, model, me.stats.snapshot(), steps
 
 
 def main() -> None:
@@ -102,6 +107,11 @@ def main() -> None:
           f"(reference framework: 46x)")
     print(f"  per step: {stats['messages'] / steps:.1f} messages, "
           f"{stats['bytes_sent'] / steps:.0f} B sent, {stats['bytes_received'] / steps:.0f} B received")
+    t_pipe, m_pipe, pstats, _ = train_pointers(workers, x_train, y_train, args.epochs, args.batch, pipelining=True)
+    with torch.no_grad():
+        mse_pipe = F.mse_loss(m_pipe(x_test), y_test).item()
+    print(f"  veil pointer loop, pipelined {t_pipe:7.2f} s   test MSE {mse_pipe:6.2f}   ratio {t_pipe / t_pure:5.1f}x, "
+          f"{pstats['messages'] / steps:.1f} messages per step")
 
 
 if __name__ == "__main__":

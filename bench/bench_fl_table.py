@@ -87,6 +87,8 @@ def main() -> None:
     virtual = [sy.VirtualWorker(hook, id="table_a"), sy.VirtualWorker(hook, id="table_b")]
     t, m, _, _ = train_pointers(virtual, xtr, ytr, args.epochs, args.batch)
     add("veil virtual, per-batch pointer loop", t, m)
+    t, m, _, _ = train_pointers(virtual, xtr, ytr, args.epochs, args.batch, pipelining=True)
+    add("veil virtual, pointer loop, pipelined", t, m)
     train_fedavg(virtual, xtr, ytr, 1, args.batch)  # warm-up: tracing, caches
     t, m = train_fedavg(virtual, xtr, ytr, args.epochs, args.batch)
     add("veil virtual, training plans + FedAvg", t, m)
@@ -99,6 +101,8 @@ def main() -> None:
             procs, net = _network_workers(hook, 2)
             t, m, _, _ = train_pointers(net, xtr, ytr, args.epochs, args.batch)
             add("veil network, per-batch pointer loop", t, m)
+            t, m, _, _ = train_pointers(net, xtr, ytr, args.epochs, args.batch, pipelining=True)
+            add("veil network, pointer loop, pipelined", t, m)
             t, m = train_fedavg(net, xtr, ytr, args.epochs, args.batch)
             add("veil network, training plans + FedAvg", t, m)
         except Exception as e:  # report, keep the rest of the table

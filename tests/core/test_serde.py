@@ -69,8 +69,8 @@ def test_values_roundtrip_exactly(v):
        st.lists(st.integers(0, 2**64 - 1), max_size=3), st.booleans())
 def test_command_messages_roundtrip(op, arg, kwargs, ids, grad):
     msg = m.CommandMessage(op, (arg,), kwargs, ids, grad)
-    back, sender, deletes = deserialize(serialize(msg, sender="me", deletes=[5]))
-    assert sender == "me" and deletes == [5]
+    back, sender, prelude = deserialize(serialize(msg, sender="me", prelude=[5]))
+    assert sender == "me" and prelude == [5]
     assert back.op == op and back.return_ids == ids and back.grad_enabled == grad
     assert _same(back.args, (arg,)) and _same(back.kwargs, kwargs)
 

@@ -8,17 +8,7 @@ import torch
 import veil as sy
 from veil.workers.websocket_launcher import start_worker
 
-TOKEN = "net-scientist-token"
-OTHER = "net-other-scientist-token"
-HOSPITAL = "net-hospital-token"
-ADMIN = "net-admin-token"
-PEER = "net-peer-token"
-BOSTON = str(__import__("pathlib").Path(sy.__file__).parent / "datasets" / "data" / "boston_housing.csv")
-
-
-def base_args(extra: list[str] = ()) -> list[str]:
-    return ["--token", TOKEN, "--user", f"other={OTHER}", "--user", f"hospital={HOSPITAL}",
-            "--admin-token", ADMIN, *extra]
+from network_helpers import ADMIN, BOSTON, HOSPITAL, OTHER, PEER, TOKEN, base_args, tensor_eq  # noqa: F401
 
 
 @pytest.fixture
@@ -60,7 +50,3 @@ def connect(hook):
     yield make
     for c in made:
         c.close()
-
-
-def tensor_eq(a, b) -> bool:
-    return torch.equal(a, b)

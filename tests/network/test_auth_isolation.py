@@ -9,7 +9,7 @@ from veil.messaging import messages as m
 from veil.workers.websocket_admin import AdminObjectsMessage
 from veil.workers.websocket_transport import BlockingConnection
 
-from conftest import ADMIN, HOSPITAL, OTHER, TOKEN
+from network_helpers import ADMIN, HOSPITAL, OTHER, TOKEN
 
 
 def test_wrong_or_missing_token_is_refused_before_any_message(owner_server, connect):

@@ -12,7 +12,7 @@ from veil.messaging.serde import deserialize, serialize
 from veil.workers.websocket_auth import handshake_headers
 from veil.workers.websocket_transport import BlockingConnection
 
-from conftest import OTHER, TOKEN, base_args
+from network_helpers import OTHER, TOKEN, base_args
 
 
 def _corpus() -> list[bytes]:
@@ -32,7 +32,7 @@ def _corpus() -> list[bytes]:
         m.RemoteGetMessage(1001),
         m.ListObjectsMessage(),
     ]
-    return [serialize(msg, sender="me", deletes=[5]) for msg in msgs]
+    return [serialize(msg, sender="me", prelude=[5]) for msg in msgs]
 
 
 def _mutate(rng: random.Random, corpus: list[bytes]) -> bytes:

@@ -12,7 +12,7 @@ from veil.messaging import messages as m
 from veil.workers.persistence import OwnerDB
 from veil.workers.websocket_launcher import free_port
 
-from conftest import OTHER, PEER, TOKEN, base_args
+from network_helpers import OTHER, PEER, TOKEN, base_args
 
 
 @pytest.fixture

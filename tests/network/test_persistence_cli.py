@@ -9,7 +9,7 @@ from veil.exceptions import PermissionDeniedError
 from veil.workers.persistence import OwnerDB
 from veil.workers.websocket_cli import parse_dataset, read_csv
 
-from conftest import BOSTON, HOSPITAL, TOKEN, base_args
+from network_helpers import BOSTON, HOSPITAL, TOKEN, base_args
 
 
 def test_owner_db_kv_ledger_and_audit_survive_reopen(tmp_path):

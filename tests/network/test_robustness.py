@@ -14,7 +14,7 @@ from veil.messaging.serde import deserialize, serialize
 from veil.workers.websocket_auth import handshake_headers
 from veil.workers.websocket_transport import BlockingConnection
 
-from conftest import TOKEN, base_args
+from network_helpers import TOKEN, base_args
 
 
 def test_server_gone_then_restarted(spawn, connect):

@@ -12,6 +12,8 @@ import veil as sy
 from veil.serving import ServiceClosedError, ServingError
 from veil.exceptions import VeilError
 
+from serving_helpers import client_for, cluster, mnist, trained_cnn  # noqa: F401  (fixtures)
+
 
 def _serve(model, cluster, name, input_shape, **share_kw):
     model.share(cluster, input_shape=input_shape, name=name, **share_kw)

@@ -8,7 +8,7 @@ from torch import nn
 
 from veil.serving import ServingError
 
-from conftest import new_cluster
+from serving_helpers import client_for, new_cluster  # noqa: F401  (fixtures)
 
 
 def test_party_failure_makes_queries_fail_clearly(hook, client_for):

@@ -1,6 +1,8 @@
 """The only module that knows veil's wire format.
 
-A message is a msgpack array ``[version, type, sender, deletes, *fields]``.
+A message is a msgpack array ``[version, type, sender, prelude, *fields]``; the
+prelude is what the receiver does first, in order: an integer frees an object
+(pointer garbage collection), an array runs a deferred command (pipelining).
 Values that msgpack does not know natively travel as msgpack *ext* types with a
 code from ``EXT_CODES``; tensors are ``[dtype name, shape, requires_grad, raw
 little-endian bytes]``. Decoding never runs code: no pickle, no ``torch.load``;
@@ -23,7 +25,7 @@ import msgpack
 import torch
 
 from veil.exceptions import SerializationError, VersionMismatchError
-from veil.messaging.messages import FIELD_NAMES, MESSAGE_TYPES, Descriptor, ObjectRef, StoredObject
+from veil.messaging.messages import FIELD_NAMES, MESSAGE_TYPES, CommandMessage, Descriptor, ObjectRef, StoredObject
 
 WIRE_VERSION = 1
 MAX_DIMS = 64
@@ -266,8 +268,8 @@ _ENCODERS = {torch.Size: _ENCODERS.pop(torch.Size), **_ENCODERS}
 # --------------------------------------------------------------- messages
 
 
-def serialize(msg: Any, sender: str = "", deletes: list[int] | None = None) -> bytes:
-    """Encodes a message dataclass (with piggybacked pointer deletions)."""
+def serialize(msg: Any, sender: str = "", prelude: list | None = None) -> bytes:
+    """Encodes a message dataclass, with its prelude (deletions and deferred commands)."""
     cls = type(msg)
     names = FIELD_NAMES.get(cls)
     if names is None:
@@ -275,7 +277,7 @@ def serialize(msg: Any, sender: str = "", deletes: list[int] | None = None) -> b
     try:
         # Top-level tuples (command args) travel as plain arrays; handlers accept both.
         values = [v if type(v) is not tuple else list(v) for v in (getattr(msg, n) for n in names)]
-        return _pack([WIRE_VERSION, cls.TYPE, sender, deletes or [], *values])
+        return _pack([WIRE_VERSION, cls.TYPE, sender, prelude or [], *values])
     except SerializationError:
         raise
     except (TypeError, ValueError, OverflowError) as e:
@@ -283,7 +285,7 @@ def serialize(msg: Any, sender: str = "", deletes: list[int] | None = None) -> b
 
 
 def deserialize(data: bytes, ctx: DecodeContext | None = None) -> tuple[Any, str, list[int]]:
-    """Decodes bytes into ``(message, sender, deletes)``; any failure is a SerializationError."""
+    """Decodes bytes into ``(message, sender, prelude)``; any failure is a SerializationError."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise SerializationError(f"expected bytes, got {type(data).__name__}")
     try:
@@ -293,8 +295,8 @@ def deserialize(data: bytes, ctx: DecodeContext | None = None) -> tuple[Any, str
     except Exception as e:  # msgpack raises many types on hostile input; normalize them
         raise SerializationError(f"malformed message: {type(e).__name__}: {e}") from e
     if not isinstance(value, list) or len(value) < 4:
-        raise SerializationError("a message must be an array [version, type, sender, deletes, ...]")
-    version, type_code, sender, deletes, *field_values = value
+        raise SerializationError("a message must be an array [version, type, sender, prelude, ...]")
+    version, type_code, sender, prelude, *field_values = value
     if version != WIRE_VERSION:
         raise VersionMismatchError(f"wire-format version {version!r} is not supported (this worker speaks {WIRE_VERSION})")
     cls = MESSAGE_TYPES.get(type_code) if type(type_code) is int else None
@@ -303,9 +305,12 @@ def deserialize(data: bytes, ctx: DecodeContext | None = None) -> tuple[Any, str
     names = FIELD_NAMES[cls]
     if len(field_values) != len(names):
         raise SerializationError(f"{cls.__name__} takes {len(names)} fields, got {len(field_values)}")
-    if not isinstance(sender, str) or not isinstance(deletes, list) or not all(type(i) is int for i in deletes):
-        raise SerializationError("message sender must be a string and deletes a list of ids")
-    return cls(*field_values), sender, deletes
+    if not isinstance(sender, str) or not isinstance(prelude, list):
+        raise SerializationError("message sender must be a string and its prelude a list")
+    for item in prelude:
+        if type(item) is not int and not (isinstance(item, list) and len(item) == len(FIELD_NAMES[CommandMessage])):
+            raise SerializationError("a prelude holds object ids to free and deferred commands")
+    return cls(*field_values), sender, prelude
 
 
 def encode_value(value: Any) -> bytes:

@@ -42,3 +42,7 @@ class UnsupportedOperationError(MPCError, NotImplementedError):
 
 class ProviderError(MPCError, ValueError):
     """A crypto provider was asked for material it cannot produce."""
+
+
+class MacCheckError(MPCError, RuntimeError):
+    """A SPDZ MAC check failed: some party's shares were tampered with (active security)."""

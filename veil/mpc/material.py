@@ -13,6 +13,9 @@ one party). Items are returned to protocols as a tuple
   a_k*u)`` with ``m = t * r`` for a uniform sign ``t`` and a log-uniform
   blinding factor ``r >= 1``, and ``u = (1 + t) / 2``; see
   :mod:`veil.mpc.comparison`.
+* ``beaver_mac`` ``(key_id, op, shape_a, shape_b, op_kwargs)``: an
+  authenticated triple ``(a, b, c, alpha*a, alpha*b, alpha*c)`` under the
+  MAC key registered as ``key_id`` at this provider (:mod:`veil.mpc.mac`).
 """
 
 from __future__ import annotations
@@ -66,7 +69,35 @@ def _comparison(spec) -> tuple[list, list, Derive]:
     return [shape] * (n_extra + 1), [shape] * (n_extra + 4), derive
 
 
-RECIPES: dict[str, Callable] = {"beaver": _beaver, "truncation": _truncation, "comparison": _comparison}
+#: key id -> SPDZ MAC key, held by the crypto provider's process only
+#: (filled by ``register_mac_key``; parties never call a recipe's derive).
+MAC_KEYS: dict[str, torch.Tensor] = {}
+
+
+def register_mac_key(key_id: str, alpha: torch.Tensor) -> None:
+    """Stores a MAC key at the provider (see :mod:`veil.mpc.mac`)."""
+    if not isinstance(key_id, str) or not isinstance(alpha, torch.Tensor) or alpha.dtype != DTYPE or alpha.dim():
+        raise ProviderError("a MAC key is a string id and a 0-dim int64 tensor")
+    MAC_KEYS[key_id] = alpha.clone()
+
+
+def _beaver_mac(spec) -> tuple[list, list, Derive]:
+    key_id, op, shape_a, shape_b, op_kwargs = spec
+    shapes_u, shapes_d, derive_c = _beaver((op, shape_a, shape_b, op_kwargs))
+
+    def derive(u: list, g: torch.Generator) -> list:
+        alpha = MAC_KEYS.get(key_id)
+        if alpha is None:
+            raise ProviderError(f"unknown MAC key {key_id!r} at this crypto provider")
+        c = derive_c(u, g)[0]
+        return [c, alpha * u[0], alpha * u[1], alpha * c]
+
+    return shapes_u, shapes_d + [shapes_u[0], shapes_u[1], shapes_d[0]], derive
+
+
+RECIPES: dict[str, Callable] = {
+    "beaver": _beaver, "truncation": _truncation, "comparison": _comparison, "beaver_mac": _beaver_mac,
+}
 
 
 def recipe(kind: str, spec) -> tuple[list, list, Derive]:

@@ -17,13 +17,15 @@ from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from veil.mpc.errors import NotEncodedError, ShareMismatchError
+from veil.mpc import mac
+from veil.mpc.errors import NotEncodedError, ShareMismatchError, UnsupportedOperationError
 from veil.mpc.opening import reconstruct
 from veil.mpc.providers.base import Provider
 from veil.mpc.sharing import split
 from veil.mpc.truncation import truncate_shares
 from veil.tensors._dispatch import dispatch
 from veil.tensors.rules.additive import ADDITIVE_RULES
+from veil.tensors.rules.common import STRUCTURAL_OPS
 
 
 def party_id(party: Any) -> Hashable:
@@ -42,6 +44,9 @@ class AdditiveSharingTensor(torch.Tensor):
 
     child: dict
     crypto_provider: Provider
+    #: With active security (:mod:`veil.mpc.mac`): shares of ``alpha * x`` and the key.
+    mac: Optional["AdditiveSharingTensor"] = None
+    mac_key: Any = None
 
     @staticmethod
     def __new__(cls, shares: Mapping[Hashable, torch.Tensor], crypto_provider: Optional[Provider]):
@@ -64,7 +69,10 @@ class AdditiveSharingTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        return dispatch(cls, ADDITIVE_RULES, func, args, kwargs or {})
+        kwargs = kwargs or {}
+        if any(isinstance(a, cls) and a.mac is not None for a in tree_flatten((args, kwargs))[0]):
+            return mac.dispatch(cls, func, args, kwargs, STRUCTURAL_OPS)  # keeps MACs or refuses
+        return dispatch(cls, ADDITIVE_RULES, func, args, kwargs)
 
     def __repr__(self) -> str:
         # Never print shares: they are secrets of their holders.
@@ -79,16 +87,28 @@ class AdditiveSharingTensor(torch.Tensor):
         return tuple(self.child.keys())
 
     def get(self) -> torch.Tensor:
-        """Reconstructs the shared value (an int64 tensor)."""
+        """Reconstructs the shared value (an int64 tensor).
+
+        Raises:
+            MacCheckError: With active security, if a MAC check fails.
+        """
+        if self.mac is not None:
+            return mac.reconstruct_checked(self)
         return reconstruct(self.child)
 
     def truncate(self, divisor: int) -> "AdditiveSharingTensor":
         """Shares of ``self / divisor`` (see :mod:`veil.mpc.truncation`)."""
+        if self.mac is not None:
+            raise UnsupportedOperationError(
+                "truncation (fixed-point products, division) is not available with active_security=True: "
+                "authenticated truncation pairs are not dealt yet"
+            )
         return type(self)(truncate_shares(self.child, divisor, self.crypto_provider), self.crypto_provider)
 
     def _veil_assign(self, other: "AdditiveSharingTensor") -> None:
         self.child = dict(other.child)
         self.crypto_provider = other.crypto_provider
+        self.mac, self.mac_key = other.mac, other.mac_key
 
     @classmethod
     def from_public(cls, value: torch.Tensor, like: "AdditiveSharingTensor") -> "AdditiveSharingTensor":
@@ -147,6 +167,7 @@ def share(
     crypto_provider: Provider,
     generator: Optional[torch.Generator] = None,
     place: Optional[Callable[[torch.Tensor, Any], torch.Tensor]] = None,
+    active_security: bool = False,
 ) -> AdditiveSharingTensor:
     """Secret-shares an integer tensor among parties.
 
@@ -160,6 +181,9 @@ def share(
             to its party (e.g. ``lambda s, w: s.send(w)``). Default: when all
             parties are workers, seeded shares are placed on them
             (:mod:`veil.mpc.remote_sharing`); otherwise shares stay local.
+        active_security: Also share SPDZ MACs of the values, so that every
+            opening is checked and tampering aborts the computation
+            (:mod:`veil.mpc.mac`; linear ops and products only).
 
     Raises:
         NotEncodedError: If ``tensor`` is floating point.
@@ -178,8 +202,13 @@ def share(
     if place is None and generator is None and all(is_worker(p) for p in parties):
         split(tensor.detach()[:0], 2)  # same dtype checks as the local path
         pieces = share_on_workers(tensor, parties)
-        return AdditiveSharingTensor(dict(zip(ids, pieces)), crypto_provider)
-    pieces = split(tensor.detach(), len(ids), generator)
-    if place is not None:
-        pieces = [place(s, p) for s, p in zip(pieces, parties)]
-    return AdditiveSharingTensor(dict(zip(ids, pieces)), crypto_provider)
+    else:
+        pieces = split(tensor.detach(), len(ids), generator)
+        if place is not None:
+            pieces = [place(s, p) for s, p in zip(pieces, parties)]
+    out = AdditiveSharingTensor(dict(zip(ids, pieces)), crypto_provider)
+    if active_security:
+        if place is not None or generator is not None:
+            raise ValueError("active_security=True places shares itself: drop place= and generator=")
+        mac.authenticate(out, tensor, parties)
+    return out

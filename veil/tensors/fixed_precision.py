@@ -80,6 +80,7 @@ class FixedPrecisionTensor(torch.Tensor):
         generator: Optional[torch.Generator] = None,
         place: Optional[Callable] = None,
         requires_grad: Optional[bool] = None,
+        active_security: bool = False,
     ) -> "FixedPrecisionTensor":
         """Secret-shares the encoded values.
 
@@ -88,7 +89,8 @@ class FixedPrecisionTensor(torch.Tensor):
         """
         if self.is_shared:
             raise TypeError("this FixedPrecisionTensor is already shared")
-        child = share_int(self.child, parties, crypto_provider, generator=generator, place=place)
+        child = share_int(self.child, parties, crypto_provider, generator=generator, place=place,
+                          active_security=active_security)
         grad = self.requires_grad if requires_grad is None else requires_grad
         return type(self)(child, self.encoding, self.dtype, requires_grad=grad)
 

@@ -181,8 +181,10 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
     grad = torch.is_grad_enabled()
     if op.worker_function or op.name in _GRAD_CHANGING:
         owner.bump_grad_epoch(location)
+    pipelined = getattr(location, "pipelining", False) and not op.worker_function
     if op.shapes == NO_RESULT:
-        owner.send_msg(CommandMessage(op.name, wire_args, wire_kwargs, [], grad), location)
+        msg = CommandMessage(op.name, wire_args, wire_kwargs, [], grad)
+        owner.defer_command(location, msg) if pipelined else owner.send_msg(msg, location)
         return None
     template = shape_inference.infer(op, args, kwargs, tensors, key) if op.shapes == INFER else None
     if template is None:
@@ -198,7 +200,8 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
             oid = new_id()
             return_ids.append(oid)
             made.append(PointerTensor(location, oid, owner, spec[1], spec[2], spec[3]))
-    owner.send_msg(CommandMessage(op.name, wire_args, wire_kwargs, return_ids, grad), location)
+    msg = CommandMessage(op.name, wire_args, wire_kwargs, return_ids, grad)
+    owner.defer_command(location, msg) if pipelined else owner.send_msg(msg, location)
     if isinstance(template.structure, torch.Tensor):
         return made[0]
     it = iter(made)

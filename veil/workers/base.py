@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Handler = Callable[["BaseWorker", Any, str], Any]
+#: deferred commands queued for one worker before they are sent without waiting for more
+PRELUDE_LIMIT = 512
 #: what an ObjectMessage may store besides tensors (plans register themselves)
 STORABLE_TYPES: list[type] = [torch.Tensor]
 #: checks run on an arriving object before it is stored (e.g. a plan's ops vs the allowlist)
@@ -63,7 +65,8 @@ class BaseWorker:
         data: tensors the data owner loads at start (tagged through ``x.tag(...)``).
     """
 
-    def __init__(self, hook: "TorchHook | None" = None, id: str | None = None, data: tuple = (), **_ignored: Any):
+    def __init__(self, hook: "TorchHook | None" = None, id: str | None = None, data: tuple = (),
+                 pipelining: bool = False, **_ignored: Any):
         from veil.workers.registry import default_hook_context
 
         self.hook = hook if hook is not None else default_hook_context()
@@ -76,7 +79,11 @@ class BaseWorker:
         self.id = id
         self.store = ObjectStore(id)
         self.stats = TransportStats()
-        self._pending_deletes: dict[str, tuple["BaseWorker", list[int]]] = {}
+        # Per destination: what rides on the next message there, in order
+        # (ids to free, deferred commands). See serde's "prelude".
+        self._pending_deletes: dict[str, tuple["BaseWorker", list]] = {}
+        #: as a destination: callers may defer commands whose results they name themselves
+        self.pipelining = pipelining
         self._grad_epochs: dict[str, int] = {}
         self._decode_ctx = DecodeContext(make_pointer=self._make_pointer)
         self.hook.register_worker(self)
@@ -136,7 +143,7 @@ class BaseWorker:
     def send_msg(self, msg: Any, location: "BaseWorker") -> Any:
         """Sends a request to ``location`` and returns its reply, raising remote errors here."""
         pending = self._pending_deletes.pop(location.id, None)
-        data = serialize(msg, sender=self.id, deletes=pending[1] if pending else None)
+        data = serialize(msg, sender=self.id, prelude=pending[1] if pending else None)
         reply_bytes = location._recv_msg(data)
         self.stats.record(len(data), len(reply_bytes))
         reply, _, _ = deserialize(reply_bytes, self._decode_ctx)
@@ -155,6 +162,19 @@ class BaseWorker:
             entry = self._pending_deletes.setdefault(location.id, (location, []))
         entry[1].append(oid)
 
+    def defer_command(self, location: "BaseWorker", msg: m.CommandMessage) -> None:
+        """Pipelining: the command rides on the next message to ``location``.
+
+        Only for commands that need no reply (results under ids the caller chose).
+        An error surfaces at the next synchronous call to that worker.
+        """
+        entry = self._pending_deletes.get(location.id)
+        if entry is None:
+            entry = self._pending_deletes.setdefault(location.id, (location, []))
+        entry[1].append([msg.op, list(msg.args), msg.kwargs, msg.return_ids, msg.grad_enabled])
+        if len(entry[1]) >= PRELUDE_LIMIT:
+            self.flush_deletes()
+
     def grad_epoch(self, location: "BaseWorker") -> int:
         """Changes whenever remote ``.grad`` attributes on ``location`` may have changed."""
         return self._grad_epochs.get(location.id, 0)
@@ -163,11 +183,12 @@ class BaseWorker:
         self._grad_epochs[location.id] = self._grad_epochs.get(location.id, 0) + 1
 
     def flush_deletes(self) -> None:
-        """Sends queued deletions now (e.g. before measuring a worker's store)."""
+        """Sends queued deletions and deferred commands now (raises a deferred command's error)."""
         for loc_id in list(self._pending_deletes):
-            pending = self._pending_deletes.pop(loc_id, None)
+            pending = self._pending_deletes.get(loc_id)
             if pending and pending[1]:
-                self.send_msg(m.DeleteMessage(pending[1]), pending[0])
+                # an empty DeleteMessage carries the prelude (send_msg takes it from the queue)
+                self.send_msg(m.DeleteMessage([]), pending[0])
 
     def resolve_worker(self, worker_id: str) -> "BaseWorker":
         worker = self.hook.workers.get(worker_id)
@@ -189,9 +210,8 @@ class BaseWorker:
     def _recv_msg(self, data: bytes) -> bytes:
         """Handles one serialized request; always answers, never raises."""
         try:
-            msg, sender, deletes = deserialize(data, self._decode_ctx)
-            for oid in deletes:
-                self.store.discard(oid)
+            msg, sender, prelude = deserialize(data, self._decode_ctx)
+            self._run_prelude(prelude, sender)
             reply = self._handle(msg, sender)
         except VeilError as e:
             reply = m.ErrorReply(type(e).__name__, str(e))
@@ -201,6 +221,17 @@ class BaseWorker:
             return serialize(reply, sender=self.id)
         except VeilError as e:
             return serialize(m.ErrorReply(type(e).__name__, str(e)), sender=self.id)
+
+    def _run_prelude(self, prelude: list, sender: str) -> None:
+        for item in prelude:
+            if type(item) is int:
+                self.store.discard(item)
+                continue
+            cmd = m.CommandMessage(*item)
+            try:
+                self._handle(cmd, sender)
+            except VeilError as e:
+                raise type(e)(f"deferred command {cmd.op!r} failed: {e}") from e
 
     def _handle(self, msg: Any, sender: str) -> Any:
         handler = HANDLERS.get(type(msg))

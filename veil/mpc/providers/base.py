@@ -66,3 +66,21 @@ class Provider(abc.ABC):
             ProviderError: If this provider cannot deal comparison material.
         """
         raise ProviderError(f"{self!r} does not deal comparison material")
+
+    def register_mac_key(self, key_id: str, alpha: torch.Tensor) -> None:
+        """Gives the provider a SPDZ MAC key (see :mod:`veil.mpc.mac`).
+
+        Raises:
+            ProviderError: If this provider cannot deal authenticated material.
+        """
+        raise ProviderError(f"{self!r} does not deal authenticated (active security) material")
+
+    def authenticated_triples(
+        self, key_id: str, op: str, shape_a: Sequence[int], shape_b: Sequence[int], parties: Sequence[Hashable]
+    ) -> Mapping[Hashable, tuple]:
+        """Deals an authenticated Beaver triple under a registered MAC key.
+
+        Returns:
+            party -> ``(a_i, b_i, c_i, (alpha*a)_i, (alpha*b)_i, (alpha*c)_i)``.
+        """
+        raise ProviderError(f"{self!r} does not deal authenticated (active security) material")

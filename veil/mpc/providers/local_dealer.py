@@ -7,7 +7,7 @@ from typing import Hashable, Optional, Sequence
 
 import torch
 
-from veil.mpc.material import recipe
+from veil.mpc.material import recipe, register_mac_key
 from veil.mpc.providers.base import Provider
 from veil.mpc.ring import bilinear, random_ring
 from veil.mpc.sharing import split
@@ -60,6 +60,18 @@ class LocalDealer(Provider):
         uniform = [random_ring(s, self._generator) for s in uniform_shapes]
         fields = uniform + derive(uniform, self._generator)
         self.dealt["comparison"] += 1
+        per_field = [self._split(v, parties) for v in fields]
+        return {p: tuple(f[i] for f in per_field) for i, p in enumerate(parties)}
+
+    def register_mac_key(self, key_id, alpha):
+        register_mac_key(key_id, alpha)
+
+    def authenticated_triples(self, key_id, op, shape_a, shape_b, parties):
+        spec = (key_id, op, tuple(shape_a), tuple(shape_b), {})
+        uniform_shapes, _, derive = recipe("beaver_mac", spec)
+        uniform = [random_ring(s, self._generator) for s in uniform_shapes]
+        fields = uniform + derive(uniform, self._generator)
+        self.dealt["beaver"] += 1
         per_field = [self._split(v, parties) for v in fields]
         return {p: tuple(f[i] for f in per_field) for i, p in enumerate(parties)}
 

@@ -30,7 +30,7 @@ import torch
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.allowlist import NO_RESULT, register_worker_function
-from veil.mpc.material import dealer_generator, recipe
+from veil.mpc.material import dealer_generator, recipe, register_mac_key
 from veil.mpc.prg import expand, new_seed
 from veil.mpc.providers.base import Provider
 from veil.mpc.ring import DTYPE, random_ring
@@ -38,6 +38,7 @@ from veil.mpc.sharing import split
 from veil.tensors.pointer import PointerTensor
 
 DEAL = "veil.mpc.deal"
+MAC_KEY = "veil.mpc.register_mac_key"
 EXPAND = "veil.mpc.expand_material"
 
 
@@ -111,6 +112,7 @@ def _expand_material(worker: Any, seed: torch.Tensor, kind: str, spec: Any, coun
 
 register_worker_function(DEAL, _deal, shapes=NO_RESULT)
 register_worker_function(EXPAND, _expand_material)
+register_worker_function(MAC_KEY, lambda worker, key_id, alpha: register_mac_key(key_id, alpha), shapes=NO_RESULT)
 
 
 class WorkerDealer(Provider):
@@ -174,6 +176,13 @@ class WorkerDealer(Provider):
 
     def comparison_masks(self, shape, n_extra, parties):
         return self._take("comparison", (tuple(shape), int(n_extra)), parties)
+
+    def register_mac_key(self, key_id, alpha):
+        # Orchestrator -> provider only: the key never goes to a party.
+        self.owner.send_msg(m.CommandMessage(MAC_KEY, (key_id, alpha), {}, [], False), self.worker)
+
+    def authenticated_triples(self, key_id, op, shape_a, shape_b, parties):
+        return self._take("beaver_mac", (key_id, op, tuple(shape_a), tuple(shape_b), {}), parties)
 
 
 _DEALERS: dict[tuple[int, int], tuple[Any, Any, WorkerDealer]] = {}

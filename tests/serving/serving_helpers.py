@@ -1,4 +1,4 @@
-"""Fixtures for serving tests: an auto-managed three-worker cluster on loopback, small models."""
+"""Helpers shared by serving tests and bench/bench_serving.py (a unique module name: no clash with other conftests)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,33 @@ from veil.workers.websocket_launcher import free_port
 
 def new_cluster() -> sy.Cluster:
     return sy.Cluster(*[sy.NetworkWorker(f"127.0.0.1:{free_port()}") for _ in range(3)], auto_managed=True)
+
+
+def mnist_cnn() -> nn.Sequential:
+    """The three-party example's CNN: conv 16 - avgpool - relu - conv 32 - ... - dense 10."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.AvgPool2d(2), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.AvgPool2d(2), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1), nn.AvgPool2d(2), nn.ReLU(),
+        nn.Flatten(), nn.Linear(64 * 3 * 3, 10),
+    )
+
+
+def train_briefly(model: nn.Module, data: dict, steps: int = 60, batch: int = 64, seed: int = 0) -> nn.Module:
+    """A few Adam steps on shuffled rows (the bundled train rows are ordered by digit)."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    perm = torch.randperm(len(data["y_train"]))
+    for i in range(steps):
+        idx = perm[(i * batch) % len(perm):][:batch]
+        loss = nn.functional.cross_entropy(model(data["x_train"][idx]), data["y_train"][idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+# ------------------------------------------------------------------ fixtures (imported by the test modules)
 
 
 @pytest.fixture(scope="module")
@@ -40,30 +67,6 @@ def client_for():
     yield make
     for c in made:
         c.close()
-
-
-def mnist_cnn() -> nn.Sequential:
-    """The three-party example's CNN: conv 16 - avgpool - relu - conv 32 - ... - dense 10."""
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.AvgPool2d(2), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.AvgPool2d(2), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1), nn.AvgPool2d(2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(64 * 3 * 3, 10),
-    )
-
-
-def train_briefly(model: nn.Module, data: dict, steps: int = 60, batch: int = 64, seed: int = 0) -> nn.Module:
-    """A few Adam steps on shuffled rows (the bundled train rows are ordered by digit)."""
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    perm = torch.randperm(len(data["y_train"]))
-    for i in range(steps):
-        idx = perm[(i * batch) % len(perm):][:batch]
-        loss = nn.functional.cross_entropy(model(data["x_train"][idx]), data["y_train"][idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
