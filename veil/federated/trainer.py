@@ -62,7 +62,8 @@ class TrainingHistory:
         if any(r.eval_loss is not None for r in self.rounds):
             ax.plot(xs, [r.eval_loss for r in self.rounds], label="evaluation")
         ax.set_xlabel("round")
-        ax.set_ylabel("loss")
+        ax.set_ylabel("loss (log scale)")
+        ax.set_yscale("log")
         ax.set_title(title)
         ax.legend()
         fig.tight_layout()
