@@ -53,7 +53,7 @@ def test_pt_round_trip_and_refuses_pickled_code(tmp_path):
     loaded = load_model(tmp_path / "m.pt")
     x = torch.randn(2, 1, 28, 28)
     assert torch.equal(loaded(x), model(x))
-    torch.save(model, tmp_path / "whole.pt")  # a pickled module: weights_only loading refuses it
+    torch.save(model, tmp_path / "whole.pt")  # a pickled module is not a veil model file
     with pytest.raises(ModelConversionError):
         load_model(tmp_path / "whole.pt")
 

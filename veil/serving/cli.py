@@ -10,7 +10,7 @@ Examples::
         --client-token ... --cluster-file cluster.json
 
 The model file is the owner's own: ``.pt`` from ``veil.serving.save_model``
-(loaded with ``torch.load(weights_only=True)``) or ``.keras`` / ``.h5``
+(veil's msgpack model format: nothing is unpickled) or ``.keras`` / ``.h5``
 (Keras safe mode). The cluster file holds addresses and the *client* token.
 """
 

@@ -2,10 +2,11 @@
 
 A ``.pt`` file written by :func:`save_model` is a plain dict —
 ``{"format": "veil-model/1", "input_shape": [...], "layers": [[name, {args}], ...],
-"state_dict": {...}}`` — read back with ``torch.load(weights_only=True)``, which
-refuses pickled code: only tensors and primitive containers load. The
-architecture is rebuilt from :data:`LAYERS` (layer name -> class and the
-constructor arguments it records), never from names found in the file.
+"state_dict": {...}}`` — in veil's own msgpack format (``veil.messaging.serde``),
+so loading never unpickles anything: a pickled file (``torch.save(model)``)
+is simply not a veil model file. The architecture is rebuilt from
+:data:`LAYERS` (layer name -> class and the constructor arguments it
+records), never from names found in the file.
 ``.keras`` / ``.h5`` files load through Keras in safe mode
 (:func:`veil.serving.keras_convert.load_keras`).
 """
@@ -19,6 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from veil.messaging import serde
 from veil.serving.errors import ModelConversionError
 from veil.serving.keras_convert import ChannelsLastToFirst, load_keras
 
@@ -71,8 +73,9 @@ def architecture(model: nn.Sequential) -> list:
 def save_model(model: nn.Sequential, path: str | os.PathLike, input_shape: tuple) -> Path:
     """Writes ``model`` (architecture + weights) and one request's ``input_shape`` to ``path``."""
     path = Path(path)
-    torch.save({"format": FORMAT, "input_shape": list(input_shape), "layers": architecture(model),
-                "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}}, path)
+    saved = {"format": FORMAT, "input_shape": list(input_shape), "layers": architecture(model),
+             "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    path.write_bytes(serde.encode_value(saved))
     return path
 
 
@@ -105,9 +108,9 @@ def load_model(path: str | os.PathLike) -> nn.Sequential:
     if path.suffix not in (".pt", ".pth"):
         raise ModelConversionError(f"{path.name}: expected a .pt (veil save_model), .keras or .h5 file")
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+        saved = serde.decode_value(path.read_bytes())  # msgpack + raw tensors: nothing is executed
     except Exception as e:
-        raise ModelConversionError(f"cannot load {path.name} as a weights-only torch file: {e}") from e
+        raise ModelConversionError(f"cannot read {path.name} as a veil model file: {e}") from e
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise ModelConversionError(f"{path.name} was not written by veil.serving.save_model")
     model = build(saved["layers"])
