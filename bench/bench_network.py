@@ -29,27 +29,17 @@ from veil.workers.websocket_launcher import free_port, start_worker
 from veil.workers.websocket_transport import BlockingConnection
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
-from bench_core import _mlp, train_pure  # noqa: E402  (same model and baseline as the core benchmark)
+from bench_core import _best_of, _mlp, train_pure  # noqa: E402  (same model, timer and baseline as the core benchmark)
 
 TOKEN = "bench-network-token"
-
-
-def _best_of(fn, repeat: int = 5, number: int = 1000) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        for _ in range(number):
-            fn()
-        best = min(best, (time.perf_counter() - t) / number)
-    return best
 
 
 def bench_latency(net: sy.WebsocketClientWorker, virtual: sy.VirtualWorker) -> None:
     a = torch.randn(8, 13)
     pn, pv = a.send(net), a.send(virtual)
     plain = _best_of(lambda: a + a, number=5000)
-    v = _best_of(lambda: pv + pv)
-    n = _best_of(lambda: pn + pn)
+    v = _best_of(lambda: pv + pv, number=1000)
+    n = _best_of(lambda: pn + pn, number=1000)
     print("1. round-trip latency of a remote op (8x13 add, best of 5 x 1000)")
     print(f"   plain torch      {plain * 1e6:8.2f} us")
     print(f"   VirtualWorker    {v * 1e6:8.1f} us   {v / plain:6.0f}x torch")
