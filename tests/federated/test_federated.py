@@ -105,38 +105,41 @@ def _splits(xtr, ytr, n, iid):
     return list(zip(torch.tensor_split(xtr[order], n), torch.tensor_split(ytr[order], n)))
 
 
-SEEDS = (0, 1, 2)
-
-
-# The issue's bar is 1.10 everywhere. 10 clients currently reach about 1.2x in
-# 30 epochs IID and 1.2x-1.5x non-IID (seed-dependent); the bound tracks where we are.
-TOLERANCE = {2: 1.10, 10: 1.50}
+FED_SEEDS, CENTRAL_SEEDS = range(5), range(20)
+CENTRAL_BATCH, CENTRAL_LR, EPOCHS = 8, 0.001, 10
 
 
 @pytest.mark.parametrize("n_workers,iid", [(2, True), (2, False), (10, True), (10, False)])
 def test_fedavg_close_to_centralized(hook, boston, n_workers, iid):
-    """Same data budget (30 epochs, batch 8, lr 0.001), mean test MSE over 3 seeds.
+    """Within 10% of centralized SGD (batch 8, lr 0.001, 10 epochs), in mean test MSE.
 
-    One local step per round with server_lr = number of clients (FedSGD-like
-    FedAvg): plain averaging of full local epochs divides each round's progress
-    by the number of clients (see FedAvg's docstring).
+    A round's clients all start from the same weights, so a round over K
+    clients of batch B acts like one SGD step on K*B samples: to match a
+    centralized run with batch 8, each client takes one step on
+    B = max(1, 8 // K) samples (FedSGD) with the per-sample learning rate kept
+    (client lr = 0.001 * B / 8, server_lr = K). FedAvg's default (batch 8 per
+    client, plain averaging) lands at 1.2x (IID) to 1.5x (non-IID) instead.
+    Seeds matter: test MSEs spread by ~15% between seeds (a 20-seed simulation
+    gives ratios 0.96-1.03), so the bound compares means: federated over 5
+    seeds, centralized (cheap) over 20.
     """
     xtr, ytr, xte, yte = boston
-    epochs = 30
     splits = _splits(xtr, ytr, n_workers, iid)
     workers = [sy.VirtualWorker(hook, id=f"fl{n_workers}{iid}_{i}") for i in range(n_workers)]
     fed = fl.FederatedDataset(fl.BaseDataset(x, y).send(w) for (x, y), w in zip(splits, workers))
-    rounds = epochs * -(-len(splits[0][0]) // 8)
-    fed_mse, central = [], []
-    for seed in SEEDS:
+    batch = max(1, CENTRAL_BATCH // n_workers)
+    rounds = EPOCHS * -(-max(len(x) for x, _ in splits) // batch)
+    fed_mse = []
+    for seed in FED_SEEDS:
         torch.manual_seed(seed)
         model = nn.Sequential(nn.Linear(13, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 1))
-        fl.train(model, fed, rounds=rounds, lr=0.001, batch_size=8, steps_per_round=1,
-                 strategy=fl.FedAvg(server_lr="clients"), progress=False, seed=seed)
+        fl.train(model, fed, rounds=rounds, lr=CENTRAL_LR * batch / CENTRAL_BATCH, batch_size=batch,
+                 steps_per_round=1, strategy=fl.FedAvg(server_lr="clients"), progress=False, seed=seed)
         with torch.no_grad():
             fed_mse.append(F.mse_loss(model(xte), yte).item())
-        central.append(_centralized_mse(xtr, ytr, xte, yte, epochs, seed))
-    assert sum(fed_mse) <= TOLERANCE[n_workers] * sum(central), (fed_mse, central)
+    central = [_centralized_mse(xtr, ytr, xte, yte, EPOCHS, seed) for seed in CENTRAL_SEEDS]
+    fed_mean, central_mean = sum(fed_mse) / len(fed_mse), sum(central) / len(central)
+    assert fed_mean <= 1.10 * central_mean, (fed_mse, central_mean)
 
 
 def test_secure_aggregation_equals_plain_average_and_hides_updates(hook):
