@@ -118,3 +118,10 @@ def test_no_pickle_anywhere_in_the_wire_path():
     for path in list((root / "messaging").glob("*.py")) + list((root / "workers").glob("*.py")):
         text = path.read_text()
         assert "import pickle" not in text and "torch.load(" not in text and "pickle.loads" not in text, path
+
+
+def test_broadcast_tensors_with_zero_strides_serialize():
+    # a size-1 tensor expanded from a scalar keeps stride 0 even after .contiguous()
+    for t in (torch.tensor(3.5).expand(1), torch.arange(3.0).unsqueeze(1).expand(3, 4), torch.ones(2).expand(5, 2)):
+        back = decode_value(encode_value(t))
+        assert torch.equal(back, t)

@@ -84,8 +84,10 @@ def encode_tensor(t: torch.Tensor) -> bytes:
     data = t.detach()
     if data.device.type != "cpu":
         data = data.cpu()
-    data = data.contiguous()
-    raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""
+    flat = data.reshape(-1)
+    if flat.numel() and flat.stride(0) != 1:  # e.g. a broadcast size-1 tensor keeps stride 0
+        flat = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)
+    raw = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
     # Autograd history never travels: a leaf keeps requires_grad (parameters),
     # a computed result (e.g. a fetched loss) arrives as plain data.
     return msgpack.packb([DTYPE_NAMES[t.dtype], list(t.shape), bool(t.requires_grad and t.is_leaf), raw])
