@@ -60,7 +60,7 @@ def _network_workers(hook, n):
     from veil.workers.websocket_launcher import start_worker
 
     token = secrets.token_urlsafe(16)
-    procs = [start_worker(f"net{i}", ["--token", token]) for i in range(n)]
+    procs = [start_worker(f"net{i}", [f"--token={token}"]) for i in range(n)]
     clients = [sy.WebsocketClientWorker(hook, id=p.id, host="127.0.0.1", port=p.port, token=token) for p in procs]
     return procs, clients
 

@@ -98,3 +98,17 @@ def test_mnist_200_images_match_plaintext(cluster, client_for, trained_cnn, mnis
     finally:
         trained_cnn.stop()
     assert (got == expected).float().mean() >= 0.99
+
+
+def test_cluster_passes_tokens_that_start_with_a_dash():
+    # token_urlsafe can start with "-": "--token -abc" would read it as an option
+    import argparse
+
+    from veil.workers.websocket_cli import configure
+
+    cluster = sy.Cluster(*(sy.NetworkWorker(f"127.0.0.1:{9000 + i}") for i in range(3)),
+                         owner_token="-starts-with-dash")
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    args = parser.parse_args(["--id", "w0", *cluster.worker_args(cluster.workers[0])])
+    assert args.token == "-starts-with-dash"

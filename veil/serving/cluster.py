@@ -93,7 +93,7 @@ class Cluster:
 
     def worker_args(self, w: NetworkWorker) -> list[str]:
         """``veil worker`` arguments for ``w`` (tokens, peers); used by :meth:`start`."""
-        args = ["--host", w.host, "--token", self.owner_token, "--token-user", OWNER_USER,
+        args = ["--host", w.host, f"--token={self.owner_token}", "--token-user", OWNER_USER,
                 "--user", f"{CLIENT_USER}={self.client_token}"]
         for other in self.workers:
             if other is not w:
