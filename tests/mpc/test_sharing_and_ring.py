@@ -49,3 +49,21 @@ def test_conv2d_fallback_matches_native(gen, stride, padding, dilation, groups):
     small_x, small_w = torch.randint(-50, 50, (2, 4, 9, 8)), torch.randint(-50, 50, (6, 4 // groups, 3, 3))
     ref = F.conv2d(small_x.double(), small_w.double(), None, stride, padding, dilation, groups)
     assert torch.equal(ring._conv2d_unfold(small_x, small_w, stride, padding, dilation, groups), ref.long())
+
+
+def test_prg_expansion_is_deterministic_per_label_and_looks_uniform():
+    from veil.mpc.prg import SEED_BYTES, expand, new_seed
+
+    seed = new_seed()
+    a = expand(seed, "0/1", (1000, 10))
+    assert a.dtype == torch.int64 and a.shape == (1000, 10)
+    assert torch.equal(a, expand(seed, "0/1", (1000, 10)))  # the party and the dealer agree
+    assert torch.equal(expand(seed, "0/1", (5,)), a.flatten()[:5])  # a prefix of the same stream
+    assert not torch.equal(a, expand(seed, "0/2", (1000, 10)))  # labels give other streams
+    assert not torch.equal(a, expand(new_seed(), "0/1", (1000, 10)))
+    bits = torch.stack([(a >> i) & 1 for i in range(64)]).double()
+    assert abs(bits.mean().item() - 0.5) < 0.01  # 640k bits: 0.5 +- 0.0006 (1 sigma)
+    assert (a < 0).any() and (a > 0).any()
+    with pytest.raises(ValueError, match="seed"):
+        expand(b"short", "0/1", (3,))
+    assert expand(seed, "x", (0, 4)).shape == (0, 4) and len(seed) == SEED_BYTES
