@@ -16,6 +16,7 @@ provider sent to each party. Ring elements are 8 bytes.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
@@ -43,47 +44,98 @@ def _mnist_cnn() -> nn.Module:
     ).eval()
 
 
-def _models(parties, cp, me, repeat: int) -> None:
-    """Latency, rounds and bytes per party of whole-model workloads."""
-    n = len(parties)
+def model_cases(parties, cp) -> list:
+    """[(name, veil callable, plain-torch callable)] of the whole-model workloads (bench_crypten reuses them)."""
 
     def sh(t, **kw):
         return t.fix_precision().share(*parties, crypto_provider=cp, **kw)
 
-    cnn = _mnist_cnn().fix_precision().share(*parties, crypto_provider=cp)
-    mlp = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    plain_cnn = _mnist_cnn()
+    cnn = copy.deepcopy(plain_cnn).fix_precision().share(*parties, crypto_provider=cp)
+    plain_mlp = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    mlp = copy.deepcopy(plain_mlp)
     mlp.fix_precision().share(*parties, crypto_provider=cp, requires_grad=True)
     opt = torch.optim.SGD(mlp.parameters(), lr=0.1).fix_precision()
-    xb, yb = sh(torch.rand(128, 784)), sh(F.one_hot(torch.randint(0, 10, (128,)), 10).float())
+    plain_opt = torch.optim.SGD(plain_mlp.parameters(), lr=0.1)
+    x, y = torch.rand(128, 784), F.one_hot(torch.randint(0, 10, (128,)), 10).float()
+    xb, yb = sh(x), sh(y)
+    x1, x64 = torch.rand(1, 1, 28, 28), torch.rand(64, 1, 28, 28)
 
-    def sgd_step():
-        opt.zero_grad()
-        F.mse_loss(mlp(xb), yb).backward()
-        opt.step()
+    def sgd_step(model, optimizer, xs, ys):
+        optimizer.zero_grad()
+        F.mse_loss(model(xs), ys).backward()
+        optimizer.step()
 
-    def infer(x):
+    def infer(model, x):
         with torch.no_grad():
-            return cnn(x)
+            return model(x)
 
-    cases = [
-        ("CNN inference batch 1", lambda: infer(sh(torch.rand(1, 1, 28, 28)))),
-        ("CNN inference batch 64", lambda: infer(sh(torch.rand(64, 1, 28, 28)))),
-        ("MLP SGD step batch 128", sgd_step),
+    return [
+        ("CNN inference batch 1", lambda: infer(cnn, sh(x1)), lambda: infer(plain_cnn, x1)),
+        ("CNN inference batch 64", lambda: infer(cnn, sh(x64)), lambda: infer(plain_cnn, x64)),
+        ("MLP SGD step batch 128", lambda: sgd_step(mlp, opt, xb, yb), lambda: sgd_step(plain_mlp, plain_opt, x, y)),
     ]
+
+
+def op_cases(parties, cp) -> list:
+    """[(name, shared args, fn, plain args)] of the single-op workloads (bench_crypten reuses them)."""
+    a, b = torch.randn(1_000_000), torch.randn(1_000_000)
+    m1, m2 = torch.randn(256, 256), torch.randn(256, 256)
+    r = torch.randn(100_000)
+
+    def sh(t):
+        return t.fix_precision().share(*parties, crypto_provider=cp)
+
+    return [
+        ("mul 1e6", (sh(a), sh(b)), lambda x, y: x * y, (a, b)),
+        ("matmul 256^3", (sh(m1), sh(m2)), lambda x, y: x @ y, (m1, m2)),
+        ("relu 1e5", (sh(r),), lambda x: F.relu(x), (r,)),
+    ]
+
+
+def traffic(fn, me, cp, n: int):
+    """Calls ``fn`` once; returns (its result, opening rounds, bytes and messages per party).
+
+    Bytes per party: orchestrator -> party, party -> orchestrator (what ``me``
+    sent and received, over ``n`` parties) and crypto provider -> party
+    (``cp``'s sends; None for a provider whose counters are not in this process).
+    """
+    s0 = (me.stats.snapshot(), cp.stats.snapshot() if cp is not None else None)
+    with count_openings() as openings:
+        out = fn()
+    s1 = (me.stats.snapshot(), cp.stats.snapshot() if cp is not None else None)
+    return out, {
+        "rounds": openings.rounds,
+        "to_party": (s1[0]["bytes_sent"] - s0[0]["bytes_sent"]) / n,
+        "from_party": (s1[0]["bytes_received"] - s0[0]["bytes_received"]) / n,
+        "cp_sent": (s1[1]["bytes_sent"] - s0[1]["bytes_sent"]) / n if cp is not None else None,
+        "msgs": (s1[0]["messages"] - s0[0]["messages"]) / n,
+    }
+
+
+def virtual_setup(n_parties: int = 2, seeded: bool = True, hook=None):
+    """(hook, me, parties, cp): VirtualWorker parties and crypto provider, fresh dealing per call."""
+    hook = hook or sy.TorchHook(torch)
+    me = hook.local_worker
+    parties = [sy.VirtualWorker(hook, id=f"p{i}") for i in range(n_parties)]
+    cp = sy.VirtualWorker(hook, id="crypto_provider")
+    dealer = dealer_for(cp, me)
+    dealer.seeded = seeded
+    dealer.max_batch = 1  # time a fresh triple every call (dealing is part of the cost)
+    return hook, me, parties, cp
+
+
+def _models(parties, cp, me, repeat: int) -> None:
+    """Latency, rounds and bytes per party of whole-model workloads."""
+    n = len(parties)
     print()
     print("| workload | veil s | rounds | orch->party B | party->orch B | cp->party B | msgs/party |")
     print("|---|---|---|---|---|---|---|")
-    for name, fn in cases:
-        s0 = (me.stats.snapshot(), cp.stats.snapshot())
-        with count_openings() as openings:
-            fn()
-        s1 = (me.stats.snapshot(), cp.stats.snapshot())
-        t = _time(fn, repeat)
-        to_party = (s1[0]["bytes_sent"] - s0[0]["bytes_sent"]) / n
-        from_party = (s1[0]["bytes_received"] - s0[0]["bytes_received"]) / n
-        cp_sent = (s1[1]["bytes_sent"] - s0[1]["bytes_sent"]) / n
-        msgs = (s1[0]["messages"] - s0[0]["messages"]) / n
-        print(f"| {name} | {t:.3f} | {openings.rounds} | {to_party:,.0f} | {from_party:,.0f} | {cp_sent:,.0f} | {msgs:.1f} |")
+    for name, fn, _plain in model_cases(parties, cp):
+        _, t = traffic(fn, me, cp, n)
+        best = _time(fn, repeat)
+        print(f"| {name} | {best:.3f} | {t['rounds']} | {t['to_party']:,.0f} | {t['from_party']:,.0f} | "
+              f"{t['cp_sent']:,.0f} | {t['msgs']:.1f} |")
 
 
 def main() -> None:
@@ -95,26 +147,8 @@ def main() -> None:
     ap.add_argument("--skip-models", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
-    hook = sy.TorchHook(torch)
-    me = hook.local_worker
-    parties = [sy.VirtualWorker(hook, id=f"p{i}") for i in range(args.parties)]
-    cp = sy.VirtualWorker(hook, id="crypto_provider")
-    dealer = dealer_for(cp, me)
-    dealer.seeded = not args.unseeded
-    dealer.max_batch = 1  # time a fresh triple every call (dealing is part of the cost)
-
-    a, b = torch.randn(1_000_000), torch.randn(1_000_000)
-    m1, m2 = torch.randn(256, 256), torch.randn(256, 256)
-    r = torch.randn(100_000)
-
-    def sh(t):
-        return t.fix_precision().share(*parties, crypto_provider=cp)
-
-    cases = [
-        ("mul 1e6", (sh(a), sh(b)), lambda x, y: x * y, (a, b)),
-        ("matmul 256^3", (sh(m1), sh(m2)), lambda x, y: x @ y, (m1, m2)),
-        ("relu 1e5", (sh(r),), lambda x: F.relu(x), (r,)),
-    ]
+    hook, me, parties, cp = virtual_setup(args.parties, seeded=not args.unseeded)
+    cases = op_cases(parties, cp)
     print(f"parties={args.parties} seeded={not args.unseeded} torch={torch.__version__}")
     if args.skip_ops:
         cases = []
@@ -122,19 +156,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, shared, fn, plain in cases:
         t_plain = _time(lambda: fn(*plain), max(args.repeat, 5))
-        s0 = (me.stats.snapshot(), cp.stats.snapshot())
-        with count_openings() as openings:
-            out = fn(*shared)
-        s1 = (me.stats.snapshot(), cp.stats.snapshot())
+        out, t = traffic(lambda: fn(*shared), me, cp, args.parties)
         t_veil = _time(lambda: fn(*shared), args.repeat)
         err = float((out.get().float_precision() - fn(*plain)).abs().max())
-        n = args.parties
-        to_party = (s1[0]["bytes_sent"] - s0[0]["bytes_sent"]) / n
-        from_party = (s1[0]["bytes_received"] - s0[0]["bytes_received"]) / n
-        cp_sent = (s1[1]["bytes_sent"] - s0[1]["bytes_sent"]) / n
-        msgs = (s1[0]["messages"] - s0[0]["messages"]) / n
-        print(f"| {name} | {t_veil:.3f} | {t_plain:.5f} | {t_veil / t_plain:.0f}x | {openings.rounds} | "
-              f"{to_party:,.0f} | {from_party:,.0f} | {cp_sent:,.0f} | {msgs:.1f} | {err:.1e} |")
+        print(f"| {name} | {t_veil:.3f} | {t_plain:.5f} | {t_veil / t_plain:.0f}x | {t['rounds']} | "
+              f"{t['to_party']:,.0f} | {t['from_party']:,.0f} | {t['cp_sent']:,.0f} | {t['msgs']:.1f} | {err:.1e} |")
     if not args.skip_models:
         _models(parties, cp, me, args.repeat)
 
