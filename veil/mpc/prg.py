@@ -2,8 +2,8 @@
 
 A party that knows a 32-byte seed can derive a long uniform tensor from it
 locally, so a dealer (or data owner) sends the seed instead of the tensor.
-The expansion is AES-256 in counter mode (OpenSSL through ``cryptography``,
-AES-NI where the CPU has it) under the key SHA-256(seed | label), read as
+The expansion is AES-128 in counter mode (OpenSSL through ``cryptography``,
+AES-NI where the CPU has it) under a key cut from SHA-256(seed | label), read as
 little-endian int64: a cryptographic PRG, unlike torch's Mersenne Twister.
 It runs at ~1.5 GB/s here, 3-4x SHAKE-256 (which veil used before), so
 seeding costs little even in-process.
@@ -46,6 +46,8 @@ def expand(seed: bytes, label: str, shape: Sequence[int]) -> torch.Tensor:
     numel = math.prod(shape)
     if numel == 0:
         return torch.empty(shape, dtype=DTYPE)
-    key = hashlib.sha256(bytes(seed) + b"|" + label.encode()).digest()  # one independent stream per label
-    raw = bytearray(Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(8 * numel)))
-    return torch.frombuffer(raw, dtype=DTYPE).reshape(shape)
+    # one independent stream per label; AES-128 (10 rounds) is 1.4x faster than AES-256 at 128-bit security
+    key = hashlib.sha256(bytes(seed) + b"|" + label.encode()).digest()[:16]
+    raw = bytearray(8 * numel + 15)  # update_into wants block_size - 1 spare bytes
+    Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update_into(bytes(8 * numel), raw)
+    return torch.frombuffer(raw, dtype=torch.uint8)[: 8 * numel].view(DTYPE).reshape(shape)
