@@ -1,7 +1,7 @@
 """Shared fixtures. Core scenarios take ``workers`` so they run against every worker kind.
 
 ``WORKER_KINDS`` lists the kinds. "websocket": one ``veil worker`` process per
-name (alice, bob, charlie), started once per test session on loopback and peered
+name (alice, bob, charlie, dave), started once per test session on loopback and peered
 with each other; each test gets new client connections (a new session, freed
 when the test closes it). The test client presents three tokens: a data
 scientist's (user "scientist"), user "hospital"'s (so ``.get(user="hospital")``
@@ -20,7 +20,7 @@ import veil as sy
 
 WORKER_KINDS = ["virtual", "websocket"]
 
-WS_NAMES = ("alice", "bob", "charlie")
+WS_NAMES = ("alice", "bob", "charlie", "dave")  # dave: the crypto provider of the SMPC tests
 WS_TOKENS = {
     "scientist": "test-scientist-token",
     "hospital": "test-hospital-token",
@@ -51,14 +51,36 @@ def websocket_server_args(name: str, ports: dict) -> list[str]:
 
 @pytest.fixture(scope="session")
 def websocket_servers():
-    """name -> WorkerProcess for alice, bob and charlie; stopped at the end (even after failures)."""
+    """name -> WorkerProcess for alice, bob, charlie and dave; stopped at the end (even after failures).
+
+    Ports are picked before the servers start (each is told its peers'
+    addresses), so another process may take one meanwhile: the servers start
+    together, and on a failure all of them restart on fresh ports (3 tries).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from veil.workers.websocket_launcher import free_port, start_worker
 
-    ports = {n: free_port() for n in WS_NAMES}
-    procs = {}
+    procs: dict = {}
     try:
-        for n in WS_NAMES:
-            procs[n] = start_worker(n, websocket_server_args(n, ports), port=ports[n])
+        for attempt in range(3):
+            ports = {n: free_port() for n in WS_NAMES}
+            with ThreadPoolExecutor(len(WS_NAMES)) as pool:
+                futures = {n: pool.submit(start_worker, n, websocket_server_args(n, ports), port=ports[n])
+                           for n in WS_NAMES}
+            errors = []
+            for n, f in futures.items():
+                try:
+                    procs[n] = f.result()
+                except RuntimeError as e:
+                    errors.append(e)
+            if not errors:
+                break
+            for p in procs.values():
+                p.stop()
+            procs.clear()
+            if attempt == 2:
+                raise errors[0]
         yield procs
     finally:
         for p in procs.values():

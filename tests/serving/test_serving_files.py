@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import veil as sy
+from veil.exceptions import VeilError
 from veil.serving import ModelConversionError, load_model, save_model
 from veil.workers.registry import HookContext
 from veil.workers.websocket_launcher import free_port
@@ -75,7 +76,11 @@ def test_veil_serve_cli_end_to_end(tmp_path, mnist):
         client = sy.ModelClient(hook=HookContext(), timeout=60)
         client.connect_to_model((1, 1, 28, 28), (1, 10), str(cluster_file))
         images = mnist["x_test"][:2]
-        out = torch.cat([client.query_model(images[i:i + 1]) for i in range(2)])
+        try:
+            out = torch.cat([client.query_model(images[i:i + 1]) for i in range(2)])
+        except VeilError:
+            proc.kill()
+            raise AssertionError("query failed; veil serve printed:\n" + proc.stdout.read()[-3000:]) from None
         client.close()
         assert torch.equal(out.argmax(1), model(images).argmax(1))
         assert proc.wait(60) == 0  # --num-requests 2 reached: the command ends by itself

@@ -1,33 +1,49 @@
-"""Private comparison: shares of ``[d > 0]`` and of ``d * [d > 0]`` (ReLU).
+"""Private comparison: shares of ``[d > 0]`` and of ``v * [d > 0]`` (ReLU, max).
 
-Protocol (dealer-assisted, multiplicatively blinded sign; one protocol per
-file, selected in :data:`COMPARISON_PROTOCOLS`). The dealer deals, per entry,
-a uniform mask ``a``, a blinding factor ``m = t * r`` (``t`` a uniform sign,
-``r >= 1`` log-uniform below ``2^COMPARISON_BLIND_BITS``), ``u = (1 + t)/2``
-and shares of ``a*m`` and ``a*u`` (see :mod:`veil.mpc.material`):
+Protocol (function secret sharing, in the style of AriaNN, Ryffel et al.,
+PETS 2022; one protocol per file, selected in :data:`COMPARISON_PROTOCOLS`).
+Let ``m = COMPARISON_BITS``, ``x = d - 1`` (so ``[d > 0] = [x >= 0]``) and
+``v_0 = d, v_1, ..`` the values to multiply by the bit. The dealer draws
+uniform masks ``r_j`` and deals additive shares of ``r_j``, ``R_hi`` and
+``r_j * R_hi`` plus a DCF key pair (:mod:`veil.mpc.fss`; material in
+:mod:`veil.mpc.fss.material`):
 
-1. **Round 1.** Open ``e = d - a`` (uniform: reveals nothing). Every party
-   now holds shares of ``w*m`` with ``w = 2d - 1`` (odd, so never 0) as
-   ``2(e*m_i + (a*m)_i) - m_i``, and of ``d*u`` as ``e*u_i + (a*u)_i``.
-2. **Round 2.** Open ``z = w*m``. ``sign(z) = sign(d) * t`` is a uniform sign
-   to everyone but the dealer, who sees no opening.
-3. Locally: if ``z > 0`` then ``[d > 0] = u`` and ``d*[d > 0] = d*u``, else
-   ``[d > 0] = 1 - u`` and ``d*[d > 0] = d - d*u``.
+1. **Round 1 (the only one).** Open ``v_j + r_j`` for every ``j`` (uniform:
+   reveals nothing). ``x̂ = v_0 + r_0 - 1 = x + r_0``.
+2. Locally, with ``X = x̂ mod 2^m`` split into its top bit ``X_hi`` and low
+   bits ``X_lo`` (likewise ``R_hi``, ``R_lo`` for ``r_0``), the sign bit of
+   ``x`` is ``X_hi xor R_hi xor c`` with the borrow ``c = [X_lo < R_lo]``, so
+   with ``σ = 1 - 2 X_hi``::
 
-Cost per compared entry: **2 rounds**, 2 ring elements sent per party to
-each other party (16 bytes), plus ``1 + k`` more for ``k`` extra products by
-the same bit (used by argmax); the dealer sends ``5 + 2k`` ring elements per
-party per entry (fewer when seeded). So ReLU and ``> < >= <= ==`` take 2
-rounds, ``max`` over ``n`` entries ``2 * ceil(log2 n)`` rounds.
+       b = [x >= 0] = (1 - X_hi) - σ R_hi - σ (1 - 2 R_hi) c
+       r_j b = r_j (1 - X_hi) - σ (r_j R_hi) - σ r_j (1 - 2 R_hi) c
 
-Security (read before use): the sign of ``d`` is hidden, but the opened
-``|z| = |2d - 1| * r`` reveals ``log2 |d|`` up to a uniform offset in
-``[0, COMPARISON_BLIND_BITS)``: a *blurred magnitude* leak, which is weaker
-than the simulation security of function secret sharing (AriaNN, Ryffel et
-al. 2020, 1 round) or of bitwise protocols (CrypTen, ~log2(64) rounds).
-Correctness needs ``|2d - 1| * r < 2^63``, i.e. ``|d| < 2^(62 - 20)`` in the
-ring: ``|x| < 2^26`` at 16 fractional bits; larger differences silently give
-wrong bits. Both are documented limits of this protocol, not of the API.
+   The two key holders evaluate the DCF at ``X_lo`` to get shares of
+   ``c * (1 - 2 R_hi) * (1, r_0, r_1, ..)``; then ``v_j b = (v_j + r_j) b -
+   r_j b`` (public times shared is local).
+
+Cost per compared entry, for ``p`` values multiplied by the bit (``p = 0``:
+the bit alone, for ``> < >= <= ==``; 1 for ReLU and max; 2 for argmax):
+**1 round**; each party sends ``8 max(p, 1)`` bytes to each other party
+(ReLU: 8 bytes). The dealer sends each party ``8 (max(p, 1) + 1 + p)`` bytes
+of additive shares (fewer when seeded) and each of the two key holders a DCF
+key of ``16 + n (16 + 8K) + 16 + 8K`` bytes with ``n = m - 1 = 39`` levels and
+``K = 1 + p`` payload words: 976 bytes for a comparison, 1,296 for ReLU. So
+ReLU and comparisons take 1 round, ``max`` over ``n`` entries
+``ceil(log2 n)`` rounds. Compute: the dealer runs 8 fixed-key AES blocks per
+entry and level, each key holder 2.
+
+Security: simulation-secure against a semi-honest party that does not
+collude with the dealer: every opened value is uniformly masked, a DCF key
+alone is pseudo-random (PRG: fixed-key AES), and the rest are additive
+shares. With more than two parties, the DCF keys go to the first two parties
+and every party holds additive shares of the rest: the comparison is then as
+strong as its two key holders (parties 0 and 1 together learn the bit's
+inputs; no other coalition learns anything).
+
+Range: exact for ``|d| < 2^(m-1)`` in the ring, i.e. ``|x| < 2^23`` at 16
+fractional bits for a difference ``x``; larger differences give wrong bits
+silently. This is a documented limit of the protocol, not of the API.
 """
 
 from __future__ import annotations
@@ -36,61 +52,91 @@ from typing import Callable, Hashable, Mapping, Sequence
 
 import torch
 
+from veil.mpc.fss import dcf
+from veil.mpc.fss.material import COMPARISON_BITS, DCF_BITS, check_fields, n_additive, n_masks, split_bits
 from veil.mpc.party import open_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
 
 Shares = Mapping[Hashable, torch.Tensor]
 
-
-@party_function("cmp_mask", openable=True)
-def _cmp_mask(values: list, masks: list) -> tuple:
-    """Shares of ``v_j - a_j`` (uniformly masked)."""
-    return tuple(v - a for v, a in zip(values, masks))
+__all__ = ["COMPARISON_BITS", "COMPARISON_PROTOCOLS", "sign_select"]
 
 
-@party_function("cmp_blind", openable=True)
-def _cmp_blind(e0: torch.Tensor, m_i: torch.Tensor, am_i: torch.Tensor) -> tuple:
-    """A share of ``z = (2d - 1) * m`` from the opened ``e0 = d - a_0``."""
-    return (2 * (e0 * m_i + am_i) - m_i,)
+@party_function("fss_mask", openable=True)
+def _fss_mask(values: list, masks: list) -> tuple:
+    """Shares of ``v_j + r_j`` (uniformly masked)."""
+    return tuple(v + r for v, r in zip(values, masks))
 
 
-@party_function("cmp_select")
-def _cmp_select(positive, es: list, u_i, aus: list, values: list, first: bool) -> tuple:
-    """Shares of the bit ``[d > 0]`` and of ``v_j * [d > 0]`` for each ``v_j``."""
-    bit = torch.where(positive, u_i, (1 if first else 0) - u_i)
-    prods = [e * u_i + au for e, au in zip(es, aus)]  # shares of v_j * u
-    return (bit, *[torch.where(positive, y, v - y) for y, v in zip(prods, values)])
+@party_function("fss_select")
+def _fss_select(opened: list, material: list, n_values: int, role: int, first: bool) -> tuple:
+    """Shares of ``[d > 0]`` and of ``v_j [d > 0]`` from the opened ``v_j + r_j``.
+
+    Args:
+        opened: The public ``v_j + r_j`` (``v_0 = d``; just ``d + r_0`` for the bit alone).
+        material: This party's fields (:mod:`veil.mpc.fss.material`).
+        n_values: Values multiplied by the bit (0: the bit alone).
+        role: 0 or 1 for the DCF key holders, -1 for the other parties.
+        first: Whether this party adds the public constants (party 0).
+    """
+    if type(n_values) is not int or n_values < 0 or not isinstance(opened, list) or len(opened) != n_masks(n_values):
+        raise ValueError("fss_select needs max(n_values, 1) opened values")
+    if role not in (-1, 0, 1) or not isinstance(first, bool):
+        raise ValueError("fss_select needs role in (-1, 0, 1) and a boolean first")
+    check_fields(material, opened[0].shape, n_values, holds_key=role >= 0)
+    masks = material[:n_values]
+    r_hi, masks_hi = material[len(opened)], material[len(opened) + 1: n_additive(n_values)]
+    x_hi, x_lo = split_bits(opened[0] - 1)
+    shape = tuple(x_lo.shape)
+    if role < 0:
+        c = torch.zeros(shape + (1 + n_values,), dtype=x_lo.dtype, device=x_lo.device)
+    elif x_lo.is_meta:  # run_party infers output shapes on meta tensors
+        c = torch.empty(shape + (1 + n_values,), dtype=x_lo.dtype, device="meta")
+    else:
+        key = dcf.DCFKey(*material[n_additive(n_values):])
+        c = dcf.evaluate(role, key, x_lo.reshape(-1), DCF_BITS).view(shape + (1 + n_values,))
+    sigma = 1 - 2 * x_hi
+    low = 1 - x_hi
+    bit = -sigma * (r_hi + c[..., 0])
+    if first:
+        bit = bit + low
+    products = []
+    for j, (v_hat, r, r_hi_j) in enumerate(zip(opened, masks, masks_hi)):
+        r_bit = low * r - sigma * (r_hi_j + c[..., 1 + j])
+        products.append(v_hat * bit - r_bit)
+    return (bit, *products)
 
 
-def sign_select(d: Shares, extras: Sequence[Shares], provider: Provider) -> tuple[dict, list[dict]]:
+def sign_select(d: Shares, extras: Sequence[Shares], provider: Provider,
+                products: bool = True) -> tuple[dict, list[dict]]:
     """Shares of ``[d > 0]`` and of ``v * [d > 0]`` for ``v`` in ``(d, *extras)``.
 
     Args:
         d: party -> share of the (integer ring) values compared with 0.
         extras: More shared tensors of ``d``'s shape to multiply by the bit.
         provider: Deals the comparison material.
+        products: False for the bit alone (no extras; a smaller DCF key).
 
     Returns:
         ``(bits, products)``: party -> bit share, and one party -> share map
-        per value in ``(d, *extras)``.
+        per value in ``(d, *extras)`` (none when ``products`` is False).
     """
+    if not products and extras:
+        raise ValueError("extras are multiplied by the bit: they need products=True")
     parties = list(d.keys())
-    k = len(extras)
+    n_values = 1 + len(extras) if products else 0
     shape = tuple(d[parties[0]].shape)
-    material = provider.comparison_masks(shape, k, parties)
+    material = provider.comparison_keys(shape, n_values, parties)
     values = {p: [d[p]] + [w[p] for w in extras] for p in parties}
-    parts = {p: (mat[: k + 1], mat[k + 1], mat[k + 2], mat[k + 3], list(mat[k + 4 :])) for p, mat in material.items()}
-    es = open_parties("cmp_mask", {p: (values[p], list(parts[p][0])) for p in parties})
-    (z,) = open_parties("cmp_blind", {p: (es[0], parts[p][1], parts[p][2]) for p in parties})
-    positive = z > 0
+    opened = open_parties("fss_mask", {p: (values[p], list(material[p][:n_masks(n_values)])) for p in parties})
     outs = {
-        p: run_party("cmp_select", positive, es, parts[p][3], parts[p][4], values[p], first=(i == 0))
+        p: run_party("fss_select", opened, list(material[p]), n_values=n_values, role=i if i < 2 else -1,
+                     first=i == 0)
         for i, p in enumerate(parties)
     }
     bits = {p: outs[p][0] for p in parties}
-    products = [{p: outs[p][1 + j] for p in parties} for j in range(k + 1)]
-    return bits, products
+    return bits, [{p: outs[p][1 + j] for p in parties} for j in range(n_values)]
 
 
 #: name -> sign_select implementation (one protocol per file)
-COMPARISON_PROTOCOLS: dict[str, Callable] = {"blinded_sign": sign_select}
+COMPARISON_PROTOCOLS: dict[str, Callable] = {"fss": sign_select}

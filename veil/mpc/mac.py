@@ -4,24 +4,43 @@
 ``x`` *and* ``alpha * x`` (its MAC) under a global MAC key ``alpha`` [SPDZ,
 Damgard et al. 2012]. ``alpha`` is drawn by the orchestrator (the verifier:
 it already sees every opened value) and given to the crypto provider, which
-needs it to authenticate Beaver triples; the parties hold only additive
-shares of ``alpha`` and of every MAC, so a party that changes its share of a
-value by ``delta`` must also change its MAC share by ``alpha * delta``, which
-it cannot compute.
+needs it to authenticate Beaver triples and truncation pairs; the parties
+hold only additive shares of ``alpha`` and of every MAC, so a party that
+changes its share of a value by ``delta`` must also change its MAC share by
+``alpha * delta``, which it cannot compute.
 
-* Linear ops (every structural op, ``+``, ``-``, ``neg``, ``sum``) act on
-  values and MACs alike; a public constant ``c`` is added by party 0 to the
-  value and by every party as ``c * alpha_i`` to the MAC; products by public
-  integers scale both.
-* Products of two shared tensors (``mul``, ``mm``, ``bmm``) use authenticated
-  triples ``(a, b, c, alpha*a, alpha*b, alpha*c)``; the opened ``e = x - a``
-  and ``f = y - b`` are recorded with their MACs.
+* Linear ops (every structural op, ``+``, ``-``, ``neg``, ``sum``, ``cat``,
+  zero padding, convolution by a public kernel) act on values and MACs
+  alike; a public constant ``c`` is added by party 0 to the value and by
+  every party as ``c * alpha_i`` to the MAC; products by public integers
+  scale both.
+* Products of two shared tensors (``mul``, ``mm``, ``bmm``, ``mv``/``dot``,
+  ``conv2d``) use authenticated triples ``(a, b, c, alpha*a, alpha*b,
+  alpha*c)``; the opened ``e = x - a`` and ``f = y - b`` are recorded with
+  their MACs.
+* Truncation (division by a public integer ``d``: every fixed-point product,
+  ``mean``, ``x / 3``) uses authenticated pairs ``(r, q = floor(r/d),
+  alpha*r, alpha*q)`` for any number of parties (SecureML's local
+  truncation cannot carry MACs): the parties open ``c = x + r`` (recorded
+  with its MAC ``mac(x) + alpha*r``), then ``z = floor(c/d) - q`` and
+  ``mac(z) = alpha_i * floor(c/d) - (alpha*q)_i``; see :func:`truncate`.
+  The result is ``floor(x/d)`` or ``floor(x/d) + 1`` (one ulp, as without
+  MACs) except with probability ``|x| / 2^64`` per entry. One round, also
+  for 2 parties (where the unauthenticated protocol needs none).
+  Hence fixed-point ``*``, ``@``, ``nn.Linear``, ``conv2d``, ``avg_pool2d``,
+  ``mean``, division by public values and the product-only approximations
+  of :mod:`veil.mpc.functions` (``exp``, ``reciprocal``, ``sigmoid``, ...)
+  run authenticated, and so does ``model.fix_precision().share(...,
+  active_security=True)`` inference of a model built from such layers.
 * Every opening is checked, batched: before ``.get()`` reveals a result, the
   pending openings and the result are verified in **one round**: with fresh
   public coefficients ``r`` (a 32-byte seed expanded by each party), each
-  party sends ``gamma_i = sum_j <r_j, mac_i(v_j)>`` and the verifier checks
-  ``sum_i gamma_i == alpha * sum_j <r_j, v_j>``; otherwise
-  :class:`~veil.mpc.errors.MacCheckError` is raised and nothing is returned.
+  party sends, for every opened ``v_j``, ``gamma_ij = <r_j, mac_i(v_j)>``
+  (one ring element per opening) and the verifier checks
+  ``sum_i gamma_ij == alpha * <r_j, v_j>`` for every ``j``; otherwise
+  :class:`~veil.mpc.errors.MacCheckError` is raised, naming the openings
+  that failed (``Beaver mask e = x - a (mm)``, ``truncation mask c = x +
+  r``, ``output``), and nothing is returned.
 
 Limits (read before use):
 
@@ -30,11 +49,16 @@ Limits (read before use):
   ``2^(v - 64)`` where ``2^v`` is the largest power of two dividing
   ``delta``; a change of the top bit only (``delta = 2^63``) is caught with
   probability 1/2 per check. Any error in the low 32 bits is caught except
-  with probability below ``2^-32``.
-* Truncation (fixed-point products), comparisons, ReLU and max are refused
-  on authenticated tensors (:class:`UnsupportedOperationError`): they need
-  authenticated truncation pairs and comparison material, not implemented.
-  Fixed-point tensors may be authenticated for linear work only.
+  with probability below ``2^-32``. Truncation makes the escaping errors
+  matter more: an error ``2^v`` in ``c`` that escapes becomes ``2^v / d``
+  in the result (e.g. ``2^48`` escapes with probability ``2^-16`` and is
+  ``2^32 * 2^-16 = 65536.0`` after a fixed-point product at 16 fractional
+  bits).
+* Comparisons, ReLU, max/argmax and max-pooling are refused on
+  authenticated tensors (:class:`UnsupportedOperationError`, raised by
+  :func:`refuse`): they would need authenticated comparison material
+  (verifiable FSS keys or authenticated bit decompositions), not dealt.
+  ``x / y`` for a shared ``y`` is refused as without MACs.
 * The crypto provider and the orchestrator know ``alpha``: as in
   trusted-dealer SPDZ, they must not collude with a party.
 """
@@ -43,11 +67,12 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from veil.mpc import truncation as _truncation  # noqa: F401  (registers trunc_mask / trunc_finish)
 from veil.mpc.errors import MacCheckError, ShareMismatchError, UnsupportedOperationError
 from veil.mpc.party import open_parties, party_function, run_party
 from veil.mpc.prg import expand, new_seed
@@ -138,7 +163,29 @@ def _public_times_alpha(key: MacKey, c: Any) -> Any:
 
 
 _ADD_SUB = (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar)
-_PRODUCTS = {aten.mul.Tensor: "mul", aten.mul.Scalar: "mul", aten.mm.default: "mm", aten.bmm.default: "bmm"}
+_PRODUCTS = {
+    aten.mul.Tensor: "mul", aten.mul.Scalar: "mul", aten.mm.default: "mm", aten.bmm.default: "bmm",
+    aten.mv.default: "matmul", aten.dot.default: "matmul",
+}
+_FLOOR_DIV = (aten.div.Tensor_mode, aten.div.Scalar_mode, aten.floor_divide.default, aten.floor_divide.Scalar)
+_PUBLIC_CONSTANTS = (aten.ones_like.default, aten.full_like.default, aten.new_ones.default, aten.new_full.default)
+
+
+def _authenticated_public(cls: type, public: torch.Tensor, like: Any, key: MacKey) -> Any:
+    """A public int64 tensor as an authenticated sharing (party 0 holds it)."""
+    value = cls.from_public(public, _strip(like, cls))
+    return _wrap(cls, value, _public_times_alpha(key, public), key)
+
+
+def _linear(cls: type, func: Any, args: Any, kwargs: dict, key: MacKey) -> Any:
+    """``func`` linear in its shared arguments: applied to values and MACs alike."""
+    flat_args, spec = tree_flatten(args)
+    values = func(*tree_unflatten([_strip(a, cls) for a in flat_args], spec), **kwargs)
+    macs = func(*tree_unflatten([a.mac if isinstance(a, cls) else a for a in flat_args], spec), **kwargs)
+    v_flat, v_spec = tree_flatten(values)
+    m_flat = tree_flatten(macs)[0]
+    out = [_wrap(cls, v, m, key) if isinstance(v, cls) else v for v, m in zip(v_flat, m_flat)]
+    return tree_unflatten(out, v_spec)
 
 
 def dispatch(cls: type, func: Any, args: tuple, kwargs: dict, local_ops: Sequence[Any]) -> Any:
@@ -147,19 +194,27 @@ def dispatch(cls: type, func: Any, args: tuple, kwargs: dict, local_ops: Sequenc
     Raises:
         UnsupportedOperationError: For ops that would lose authentication.
     """
+    from veil.tensors.rules.additive import public_int
     from veil.tensors.rules.common import scalar_value
 
     key = _key(cls, (args, kwargs))
     stripped = tuple(_strip(a, cls) for a in args)
     if func in local_ops or func.overloadpacket in local_ops:
         # Structural ops are linear in the shares; public tensor operands are indices.
-        flat_args, spec = tree_flatten(args)
-        values = func(*tree_unflatten([_strip(a, cls) for a in flat_args], spec), **kwargs)
-        macs = func(*tree_unflatten([a.mac if isinstance(a, cls) else a for a in flat_args], spec), **kwargs)
-        v_flat, v_spec = tree_flatten(values)
-        m_flat = tree_flatten(macs)[0]
-        out = [_wrap(cls, v, m, key) if isinstance(v, cls) else v for v, m in zip(v_flat, m_flat)]
-        return tree_unflatten(out, v_spec)
+        return _linear(cls, func, args, kwargs, key)
+    if func in (aten.cat.default, aten.stack.default):
+        like = next(t for t in args[0] if isinstance(t, cls))
+        tensors = [t if isinstance(t, cls) else _authenticated_public(cls, public_int(t, str(func)), like, key)
+                   for t in args[0]]
+        return _linear(cls, func, (tensors,) + tuple(args[1:]), kwargs, key)
+    pad_value = args[2] if len(args) > 2 else kwargs.get("value", 0)
+    if func is aten.constant_pad_nd.default and scalar_value(pad_value) == 0:  # zero padding is linear
+        return _linear(cls, func, args[:2], {}, key)
+    if func in _PUBLIC_CONSTANTS:
+        plain = torch.zeros(tuple(args[0].shape), dtype=DTYPE)
+        public = func(plain, *[public_int(a, str(func)) if not isinstance(a, (list, tuple)) else a
+                               for a in args[1:]], dtype=DTYPE)
+        return _authenticated_public(cls, public, args[0], key)
     if func in _ADD_SUB and scalar_value(kwargs.get("alpha", 1)) == 1:
         x, y = args[0], scalar_value(args[1])
         value = func(*stripped)
@@ -167,6 +222,17 @@ def dispatch(cls: type, func: Any, args: tuple, kwargs: dict, local_ops: Sequenc
             return _wrap(cls, value, func(x.mac, y.mac), key)
         if isinstance(x, cls):  # x +- c: every party adds c * alpha_i to its MAC share
             return _wrap(cls, value, func(x.mac, _public_times_alpha(key, y)), key)
+        if isinstance(y, cls):  # c +- y
+            return _wrap(cls, value, func(_public_times_alpha(key, public_int(x, str(func))), y.mac), key)
+    if func in _FLOOR_DIV and isinstance(args[0], cls) and not isinstance(args[1], cls):
+        mode = kwargs.get("rounding_mode", "floor" if func.overloadpacket is aten.floor_divide else None)
+        d = scalar_value(args[1])
+        if mode in ("floor", "trunc") and not isinstance(d, torch.Tensor):
+            d = int(public_int(d, str(func)))
+            if d > 0:
+                return truncate(args[0], d)
+    if func is aten.convolution.default:
+        return _convolution(cls, args, key)
     if func in (aten.rsub.Scalar, aten.rsub.Tensor) and not isinstance(args[1], cls):
         value = func(*stripped)
         return _wrap(cls, value, aten.sub.Tensor(_public_times_alpha(key, scalar_value(args[1])), args[0].mac), key)
@@ -185,36 +251,103 @@ def dispatch(cls: type, func: Any, args: tuple, kwargs: dict, local_ops: Sequenc
                 return _wrap(cls, value, func(*macs), key)
     raise UnsupportedOperationError(
         f"{func} is not available on authenticated shares (active_security=True): only linear ops, products by "
-        "public integers and Beaver products (mul, mm, bmm) keep SPDZ MACs; truncation and comparisons need "
-        "authenticated material that veil does not deal yet"
+        "public integers, Beaver products (mul, mm, bmm, matmul, conv2d) and truncation (fixed-point products, "
+        "division by a public integer) keep SPDZ MACs; comparisons, ReLU and max would need authenticated "
+        "comparison material that veil does not deal"
     )
 
 
-def _beaver(cls: type, x: Any, y: Any, op: str, key: MacKey) -> Any:
+def _convolution(cls: type, args: tuple, key: MacKey) -> Any:
+    """2-D convolution: Beaver (both shared) or linear (one public operand), then the bias."""
+    x, w, bias, stride, padding, dilation, transposed, output_padding, groups = args
+    if transposed or len(x.shape) != 4:
+        raise UnsupportedOperationError("only 2-D, non-transposed convolution is implemented on shared tensors")
+    if isinstance(x, cls) and isinstance(w, cls):
+        conv_kwargs = dict(stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation), groups=groups)
+        out = _beaver(cls, x, w, "conv2d", key, conv_kwargs)
+    else:
+        rest = (None, stride, padding, dilation, transposed, output_padding, groups)
+        out = _linear(cls, aten.convolution.default, (x, w) + rest, {}, key)
+    if bias is not None:
+        out = aten.add.Tensor(out, aten.view.default(bias, [1, -1, 1, 1]))
+    return out
+
+
+def _beaver(cls: type, x: Any, y: Any, op: str, key: MacKey, op_kwargs: Optional[dict] = None) -> Any:
     """Authenticated Beaver product: shares and MAC shares of ``op(x, y)``."""
+    op_kwargs = dict(op_kwargs or {})
+    cls._veil_check_compatible((_strip(x, cls), _strip(y, cls)))
     parties = list(x.child)
     provider = x.crypto_provider
     shape_x, shape_y = tuple(x.shape), tuple(y.shape)
-    tri = provider.authenticated_triples(key.key_id, op, shape_x, shape_y, parties)
+    tri = provider.authenticated_triples(key.key_id, op, shape_x, shape_y, parties, **op_kwargs)
     e, f = open_parties("beaver_mask", {p: (x.child[p], y.child[p], tri[p][0], tri[p][1]) for p in parties})
-    z = {p: run_party("beaver_combine", *tri[p][:3], e, f, op=op, first=(i == 0), op_kwargs={})
+    z = {p: run_party("beaver_combine", *tri[p][:3], e, f, op=op, first=(i == 0), op_kwargs=op_kwargs)
          for i, p in enumerate(parties)}
-    mz = {p: run_party("beaver_combine", *tri[p][3:], e, f, op=op, first=False, op_kwargs={}) for p in parties}
+    mz = {p: run_party("beaver_combine", *tri[p][3:], e, f, op=op, first=False, op_kwargs=op_kwargs)
+          for p in parties}
     # alpha * op(e, f), the public term's MAC, from the parties' key shares.
-    mac = aten.add.Tensor(cls(mz, provider), _public_times_alpha(key, bilinear(op)(e, f)))
-    key.pending.append((e, aten.sub.Tensor(x.mac, cls({p: tri[p][3] for p in parties}, provider))))
-    key.pending.append((f, aten.sub.Tensor(y.mac, cls({p: tri[p][4] for p in parties}, provider))))
+    mac = aten.add.Tensor(cls(mz, provider), _public_times_alpha(key, bilinear(op)(e, f, **op_kwargs)))
+    key.pending.append((f"Beaver mask e = x - a ({op})", e,
+                        aten.sub.Tensor(x.mac, cls({p: tri[p][3] for p in parties}, provider))))
+    key.pending.append((f"Beaver mask f = y - b ({op})", f,
+                        aten.sub.Tensor(y.mac, cls({p: tri[p][4] for p in parties}, provider))))
     return _wrap(cls, cls(z, provider), mac, key)
+
+
+def truncate(value: Any, divisor: int) -> Any:
+    """Authenticated truncation: shares and MAC shares of ``value / divisor``.
+
+    The dealt-pair protocol of :mod:`veil.mpc.truncation` for any number of
+    parties (SecureML's local truncation cannot carry MACs): the provider
+    deals ``(r, q = floor(r/d), alpha*r, alpha*q)``; the parties open
+    ``c = x + r`` (recorded, with its MAC ``mac(x) + alpha*r``, for the
+    batched check) and set ``z = floor(c/d) - q`` (party 0 adds the public
+    term) and ``mac(z) = alpha_i * floor(c/d) - (alpha*q)_i``. ``z`` is
+    ``floor(x/d)`` or ``floor(x/d) + 1`` unless ``x + r`` wraps, which happens
+    with probability ``|x| / 2^64`` per entry (the error bound of the
+    unauthenticated protocol).
+
+    Args:
+        value: An authenticated AdditiveSharingTensor.
+        divisor: A public positive integer.
+    """
+    if int(divisor) != divisor or divisor <= 0:
+        raise ValueError(f"divisor must be a positive integer, got {divisor!r}")
+    divisor = int(divisor)
+    if divisor == 1:
+        return value
+    cls, key, provider = type(value), value.mac_key, value.crypto_provider
+    parties = list(value.child)
+    pairs = provider.authenticated_truncation_pairs(key.key_id, tuple(value.shape), divisor, parties)
+    (c,) = open_parties("trunc_mask", {p: (value.child[p], pairs[p][0]) for p in parties})
+    z = {p: run_party("trunc_finish", c, pairs[p][1], divisor=divisor, first=(i == 0)) for i, p in enumerate(parties)}
+    public = torch.div(c, divisor, rounding_mode="floor")
+    mac = aten.sub.Tensor(_public_times_alpha(key, public), cls({p: pairs[p][3] for p in parties}, provider))
+    key.pending.append(("truncation mask c = x + r", c,
+                        aten.add.Tensor(value.mac, cls({p: pairs[p][2] for p in parties}, provider))))
+    return _wrap(cls, cls(z, provider), mac, key)
+
+
+def refuse(value: Any, what: str) -> None:
+    """Raises for a protocol step that cannot keep ``value``'s MACs.
+
+    Raises:
+        UnsupportedOperationError: If ``value`` is authenticated.
+    """
+    if is_authenticated(value):
+        raise UnsupportedOperationError(
+            f"{what} is not available on authenticated shares (active_security=True): it needs authenticated "
+            "comparison material (e.g. verifiable function-secret-sharing keys), which veil does not deal"
+        )
 
 
 @party_function("mac_gamma", openable=True)
 def _mac_gamma(seed: torch.Tensor, macs: list) -> tuple:
-    """A party's ``sum_j <r_j, mac_i(v_j)>`` for coefficients ``r`` from ``seed``."""
+    """A party's ``<r_j, mac_i(v_j)>`` for each item ``j``, coefficients ``r`` from ``seed``."""
     seed_bytes = bytes(seed.to(torch.uint8).tolist())
-    total = torch.zeros((), dtype=DTYPE)
-    for j, mac in enumerate(macs):
-        total = total + (expand(seed_bytes, f"mac/{j}", mac.shape) * mac).sum()
-    return (total,)
+    gammas = [(expand(seed_bytes, f"mac/{j}", mac.shape) * mac).sum() for j, mac in enumerate(macs)]
+    return (torch.stack(gammas) if gammas else torch.zeros(0, dtype=DTYPE),)
 
 
 def check(key: MacKey, extra: Sequence[tuple] = ()) -> None:
@@ -222,10 +355,11 @@ def check(key: MacKey, extra: Sequence[tuple] = ()) -> None:
 
     Args:
         key: The MAC key whose pending openings to check.
-        extra: More ``(opened value, shared MAC)`` pairs (e.g. an output).
+        extra: More ``(label, opened value, shared MAC)`` items (e.g. an output).
 
     Raises:
-        MacCheckError: If a share or MAC was tampered with.
+        MacCheckError: If a share or MAC was tampered with; the message names
+            the openings whose check failed.
     """
     items = list(key.pending) + list(extra)
     key.pending.clear()
@@ -233,16 +367,22 @@ def check(key: MacKey, extra: Sequence[tuple] = ()) -> None:
         return
     seed = new_seed()
     seed_t = torch.frombuffer(bytearray(seed), dtype=torch.uint8)
-    parties = list(items[0][1].child)
-    (gamma,) = open_parties("mac_gamma", {p: (seed_t, [mac.child[p] for _, mac in items]) for p in parties})
-    expected = torch.zeros((), dtype=DTYPE)
-    for j, (value, mac) in enumerate(items):
+    parties = list(items[0][2].child)
+    (gamma,) = open_parties("mac_gamma", {p: (seed_t, [mac.child[p] for _, _, mac in items]) for p in parties})
+    expected = []
+    for j, (_, value, mac) in enumerate(items):
         value = torch.as_tensor(value, dtype=DTYPE).expand(tuple(mac.shape))
-        expected = expected + (expand(seed, f"mac/{j}", mac.shape) * value).sum()
-    if not torch.equal(gamma, expected * key.alpha):
+        expected.append((expand(seed, f"mac/{j}", mac.shape) * value).sum())
+    expected = torch.stack(expected) * key.alpha
+    if tuple(gamma.shape) != tuple(expected.shape):
+        raise MacCheckError("SPDZ MAC check failed: a party answered the check with the wrong number of values")
+    failed = [items[j][0] for j in torch.nonzero(gamma != expected).flatten().tolist()]
+    if failed:
+        names = "; ".join(dict.fromkeys(failed))
         raise MacCheckError(
-            f"SPDZ MAC check failed on {len(items)} opened value(s): a share or a MAC share was modified by a "
-            "party (or the parties hold inconsistent material); the computation was aborted and no result revealed"
+            f"SPDZ MAC check failed on {len(failed)} of {len(items)} opened value(s) ({names}): a share or a MAC "
+            "share was modified by a party (or the parties hold inconsistent material); the computation was "
+            "aborted and no result revealed"
         )
 
 
@@ -251,5 +391,5 @@ def reconstruct_checked(value: Any) -> torch.Tensor:
     from veil.mpc.opening import reconstruct
 
     plain = reconstruct(value.child)
-    check(value.mac_key, [(plain, value.mac)])
+    check(value.mac_key, [("output", plain, value.mac)])
     return plain

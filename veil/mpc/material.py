@@ -9,13 +9,14 @@ one party). Items are returned to protocols as a tuple
 * ``beaver`` ``(op, shape_a, shape_b, op_kwargs)``: ``(a, b, c = op(a, b))``
   [Beaver 1991].
 * ``truncation`` ``(shape, divisor)``: ``(r, floor(r / divisor))`` (ABY3).
-* ``comparison`` ``(shape, n_extra)``: ``(a_0..a_k, m, a_0*m, u, a_0*u ..
-  a_k*u)`` with ``m = t * r`` for a uniform sign ``t`` and a log-uniform
-  blinding factor ``r >= 1``, and ``u = (1 + t) / 2``; see
-  :mod:`veil.mpc.comparison`.
 * ``beaver_mac`` ``(key_id, op, shape_a, shape_b, op_kwargs)``: an
   authenticated triple ``(a, b, c, alpha*a, alpha*b, alpha*c)`` under the
   MAC key registered as ``key_id`` at this provider (:mod:`veil.mpc.mac`).
+* ``truncation_mac`` ``(key_id, shape, divisor)``: an authenticated
+  truncation pair ``(r, q = floor(r / divisor), alpha*r, alpha*q)``.
+
+Comparison material (masks and DCF keys) is not a recipe: see
+:mod:`veil.mpc.fss.material`.
 """
 
 from __future__ import annotations
@@ -27,9 +28,6 @@ import torch
 
 from veil.mpc.errors import ProviderError
 from veil.mpc.ring import DTYPE, bilinear
-
-#: bits of the comparison's multiplicative blinding factor r in [1, 2^BITS)
-COMPARISON_BLIND_BITS = 20
 
 Shape = tuple
 Derive = Callable[[list, torch.Generator], list]
@@ -53,20 +51,6 @@ def _truncation(spec) -> tuple[list, list, Derive]:
     if divisor <= 0:
         raise ProviderError(f"truncation divisor must be positive, got {divisor}")
     return [shape], [shape], lambda u, g: [torch.div(u[0], divisor, rounding_mode="floor")]
-
-
-def _comparison(spec) -> tuple[list, list, Derive]:
-    shape, n_extra = _shape(spec[0]), int(spec[1])
-
-    def derive(u: list, g: torch.Generator) -> list:
-        t = torch.randint(0, 2, shape, generator=g, dtype=DTYPE) * 2 - 1
-        exponent = torch.rand(shape, generator=g, dtype=torch.float64) * COMPARISON_BLIND_BITS
-        r = torch.floor(torch.exp2(exponent)).to(DTYPE).clamp_(min=1)
-        m = t * r
-        half = (1 + t) // 2
-        return [m, u[0] * m, half] + [a * half for a in u]
-
-    return [shape] * (n_extra + 1), [shape] * (n_extra + 4), derive
 
 
 #: key id -> SPDZ MAC key, held by the crypto provider's process only
@@ -95,8 +79,23 @@ def _beaver_mac(spec) -> tuple[list, list, Derive]:
     return shapes_u, shapes_d + [shapes_u[0], shapes_u[1], shapes_d[0]], derive
 
 
+def _truncation_mac(spec) -> tuple[list, list, Derive]:
+    key_id, shape, divisor = spec
+    shapes_u, shapes_d, derive_q = _truncation((shape, divisor))
+
+    def derive(u: list, g: torch.Generator) -> list:
+        alpha = MAC_KEYS.get(key_id)
+        if alpha is None:
+            raise ProviderError(f"unknown MAC key {key_id!r} at this crypto provider")
+        q = derive_q(u, g)[0]
+        return [q, alpha * u[0], alpha * q]
+
+    return shapes_u, shapes_d + [shapes_u[0], shapes_d[0]], derive
+
+
 RECIPES: dict[str, Callable] = {
-    "beaver": _beaver, "truncation": _truncation, "comparison": _comparison, "beaver_mac": _beaver_mac,
+    "beaver": _beaver, "truncation": _truncation, "beaver_mac": _beaver_mac,
+    "truncation_mac": _truncation_mac,
 }
 
 

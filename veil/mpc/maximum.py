@@ -1,15 +1,15 @@
 """Comparisons, ReLU, max/argmax and max-pooling of shared integer tensors.
 
-Everything is built on :func:`veil.mpc.comparison.sign_select` (2 rounds)
+Everything is built on :func:`veil.mpc.comparison.sign_select` (1 round)
 and on local (structural) ops of :class:`AdditiveSharingTensor`:
 
 * ``x > y``, ``<``, ``>=``, ``<=``: one sign test of ``x - y`` (``+1`` for
-  the non-strict ones, exact on ring integers): 2 rounds.
+  the non-strict ones, exact on ring integers): 1 round.
 * ``x == y``: the sign tests of ``x - y`` and ``y - x`` batched in one
-  protocol run: 2 rounds.
-* ``relu``: 2 rounds (the product by the bit comes with the bit).
+  protocol run: 1 round.
+* ``relu``: 1 round (the product by the bit comes with the bit).
 * ``max``/``argmax`` over ``n`` entries: a tournament of ``ceil(log2 n)``
-  levels of 2 rounds; the winner's index rides along as an extra product of
+  levels of 1 round; the winner's index rides along as an extra product of
   the same bit (argmax returns the first maximal index, like torch).
 * ``max_pool2d``: the windows gathered locally (``unfold``), then ``max``.
 """
@@ -22,6 +22,7 @@ import torch
 
 from veil.mpc.comparison import sign_select
 from veil.mpc.errors import UnsupportedOperationError
+from veil.mpc.mac import refuse
 from veil.tensors.additive import AdditiveSharingTensor as AST
 
 aten = torch.ops.aten
@@ -33,7 +34,8 @@ def _wrap(shares: dict, like: AST) -> AST:
 
 def positive_bit(d: AST) -> AST:
     """Shares of ``[d > 0]`` (0/1 integers)."""
-    bits, _ = sign_select(d.child, [], d.crypto_provider)
+    refuse(d, "a comparison")
+    bits, _ = sign_select(d.child, [], d.crypto_provider, products=False)
     return _wrap(bits, d)
 
 
@@ -43,11 +45,12 @@ def relu(x: AST) -> AST:
 
 
 def relu_with_bit(x: AST) -> tuple[AST, AST]:
-    """Shares of ``max(x, 0)`` and of the bit ``[x > 0]`` (same 2 rounds).
+    """Shares of ``max(x, 0)`` and of the bit ``[x > 0]`` (same 1 round).
 
     The bit is ReLU's derivative: keeping it lets the backward pass multiply
     by it (1 Beaver round) instead of running a second comparison.
     """
+    refuse(x, "ReLU")
     bits, (prod,) = sign_select(x.child, [], x.crypto_provider)
     return _wrap(prod, x), _wrap(bits, x)
 
@@ -74,6 +77,7 @@ def compare(name: str, x, y) -> AST:
 
 def max_last(x: AST, with_index: bool) -> tuple[AST, Optional[AST]]:
     """Max (and first argmax) over the last dimension, which is removed."""
+    refuse(x, "max / argmax / max-pooling")
     n = x.shape[-1]
     if n == 0:
         raise ValueError("max of an empty dimension")

@@ -21,7 +21,9 @@ methods, each a standard one:
   round, one ring element per entry per party to each other party.
 
 Local truncation is wrong for three or more parties (the share sum wraps
-with constant probability), hence the switch.
+with constant probability), hence the switch. With active security
+(:func:`veil.mpc.mac.truncate`) the dealt-pair method runs for any number of
+parties, with authenticated pairs: local truncation cannot carry MACs.
 """
 
 from __future__ import annotations

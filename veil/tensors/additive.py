@@ -18,7 +18,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from veil.mpc import mac
-from veil.mpc.errors import NotEncodedError, ShareMismatchError, UnsupportedOperationError
+from veil.mpc.errors import NotEncodedError, ShareMismatchError
 from veil.mpc.opening import reconstruct
 from veil.mpc.providers.base import Provider
 from veil.mpc.sharing import split
@@ -97,12 +97,13 @@ class AdditiveSharingTensor(torch.Tensor):
         return reconstruct(self.child)
 
     def truncate(self, divisor: int) -> "AdditiveSharingTensor":
-        """Shares of ``self / divisor`` (see :mod:`veil.mpc.truncation`)."""
+        """Shares of ``self / divisor`` (see :mod:`veil.mpc.truncation`).
+
+        With active security, authenticated truncation pairs keep the MACs
+        (:func:`veil.mpc.mac.truncate`).
+        """
         if self.mac is not None:
-            raise UnsupportedOperationError(
-                "truncation (fixed-point products, division) is not available with active_security=True: "
-                "authenticated truncation pairs are not dealt yet"
-            )
+            return mac.truncate(self, divisor)
         return type(self)(truncate_shares(self.child, divisor, self.crypto_provider), self.crypto_provider)
 
     def _veil_assign(self, other: "AdditiveSharingTensor") -> None:
@@ -183,7 +184,8 @@ def share(
             (:mod:`veil.mpc.remote_sharing`); otherwise shares stay local.
         active_security: Also share SPDZ MACs of the values, so that every
             opening is checked and tampering aborts the computation
-            (:mod:`veil.mpc.mac`; linear ops and products only).
+            (:mod:`veil.mpc.mac`; linear ops, products and truncation, so
+            fixed-point arithmetic too; no comparisons).
 
     Raises:
         NotEncodedError: If ``tensor`` is floating point.

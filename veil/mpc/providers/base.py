@@ -54,13 +54,20 @@ class Provider(abc.ABC):
             party -> (r_i, q_i) with sum r_i = r and sum q_i = floor(r/divisor).
         """
 
-    def comparison_masks(
-        self, shape: Sequence[int], n_extra: int, parties: Sequence[Hashable]
+    def comparison_keys(
+        self, shape: Sequence[int], n_values: int, parties: Sequence[Hashable]
     ) -> Mapping[Hashable, tuple]:
-        """Deals the material of one private comparison (see :mod:`veil.mpc.material`).
+        """Deals the material of one private comparison (:mod:`veil.mpc.fss.material`).
+
+        Args:
+            shape: Shape of the compared tensor.
+            n_values: How many values are multiplied by the comparison bit
+                (0: the bit alone, which takes a smaller key).
+            parties: Party ids, in share order (the first two get DCF keys).
 
         Returns:
-            party -> ``(a_0..a_k, m, a_0*m, u, a_0*u .. a_k*u)`` shares.
+            party -> shares of ``(r_0.., R_hi, r_0*R_hi..)``, followed for the
+            first two parties by their DCF key's 5 tensors.
 
         Raises:
             ProviderError: If this provider cannot deal comparison material.
@@ -76,11 +83,23 @@ class Provider(abc.ABC):
         raise ProviderError(f"{self!r} does not deal authenticated (active security) material")
 
     def authenticated_triples(
-        self, key_id: str, op: str, shape_a: Sequence[int], shape_b: Sequence[int], parties: Sequence[Hashable]
+        self, key_id: str, op: str, shape_a: Sequence[int], shape_b: Sequence[int], parties: Sequence[Hashable],
+        **op_kwargs,
     ) -> Mapping[Hashable, tuple]:
         """Deals an authenticated Beaver triple under a registered MAC key.
 
         Returns:
             party -> ``(a_i, b_i, c_i, (alpha*a)_i, (alpha*b)_i, (alpha*c)_i)``.
+        """
+        raise ProviderError(f"{self!r} does not deal authenticated (active security) material")
+
+    def authenticated_truncation_pairs(
+        self, key_id: str, shape: Sequence[int], divisor: int, parties: Sequence[Hashable]
+    ) -> Mapping[Hashable, tuple]:
+        """Deals an authenticated truncation pair under a registered MAC key.
+
+        Returns:
+            party -> ``(r_i, q_i, (alpha*r)_i, (alpha*q)_i)`` with
+            ``q = floor(r / divisor)`` for uniform ``r``.
         """
         raise ProviderError(f"{self!r} does not deal authenticated (active security) material")

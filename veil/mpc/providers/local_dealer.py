@@ -7,6 +7,7 @@ from typing import Hashable, Optional, Sequence
 
 import torch
 
+from veil.mpc.fss import material as fss_material
 from veil.mpc.material import recipe, register_mac_key
 from veil.mpc.providers.base import Provider
 from veil.mpc.ring import bilinear, random_ring
@@ -55,23 +56,30 @@ class LocalDealer(Provider):
         self.dealt["truncation"] += 1
         return dict(zip(parties, zip(self._split(r, parties), self._split(q, parties))))
 
-    def comparison_masks(self, shape, n_extra, parties):
-        uniform_shapes, _, derive = recipe("comparison", (tuple(shape), n_extra))
-        uniform = [random_ring(s, self._generator) for s in uniform_shapes]
-        fields = uniform + derive(uniform, self._generator)
+    def comparison_keys(self, shape, n_values, parties):
+        masks = [random_ring(shape, self._generator) for _ in range(fss_material.n_masks(int(n_values)))]
+        derived, keys = fss_material.derive(masks, int(n_values), self._generator)
         self.dealt["comparison"] += 1
-        per_field = [self._split(v, parties) for v in fields]
-        return {p: tuple(f[i] for f in per_field) for i, p in enumerate(parties)}
+        per_field = [self._split(v, parties) for v in masks + derived]
+        return {p: tuple(f[i] for f in per_field) + (tuple(keys[i]) if i < 2 else ())
+                for i, p in enumerate(parties)}
 
     def register_mac_key(self, key_id, alpha):
         register_mac_key(key_id, alpha)
 
-    def authenticated_triples(self, key_id, op, shape_a, shape_b, parties):
-        spec = (key_id, op, tuple(shape_a), tuple(shape_b), {})
-        uniform_shapes, _, derive = recipe("beaver_mac", spec)
+    def authenticated_triples(self, key_id, op, shape_a, shape_b, parties, **op_kwargs):
+        spec = (key_id, op, tuple(shape_a), tuple(shape_b), dict(sorted(op_kwargs.items())))
+        self.dealt["beaver"] += 1
+        return self._deal_recipe("beaver_mac", spec, parties)
+
+    def authenticated_truncation_pairs(self, key_id, shape, divisor, parties):
+        self.dealt["truncation"] += 1
+        return self._deal_recipe("truncation_mac", (key_id, tuple(shape), int(divisor)), parties)
+
+    def _deal_recipe(self, kind, spec, parties):
+        uniform_shapes, _, derive = recipe(kind, spec)
         uniform = [random_ring(s, self._generator) for s in uniform_shapes]
         fields = uniform + derive(uniform, self._generator)
-        self.dealt["beaver"] += 1
         per_field = [self._split(v, parties) for v in fields]
         return {p: tuple(f[i] for f in per_field) for i, p in enumerate(parties)}
 

@@ -1,7 +1,7 @@
 """A crypto provider that is a worker: it deals straight to the parties.
 
 The orchestrator asks the provider worker for ``count`` items of one kind
-(Beaver triples for an op and shapes, truncation pairs, comparison masks) in
+(Beaver triples for an op and shapes, truncation pairs, comparison keys) in
 **one command message**, naming the object ids each party will store them
 under. The provider generates the items and sends each party its shares
 **directly** (worker to worker, ``worker.send_msg``); the orchestrator only
@@ -18,6 +18,9 @@ Bulk: a request for a key (kind + shapes) deals ``batch`` items; the spares
 are kept (as pointers) for the next requests of the same key. ``batch``
 starts at 1 and doubles per request of the same key up to ``max_batch``,
 capped by ``max_elements`` ring elements per party and request.
+
+Comparison material (masks and FSS keys, which are not a recipe) goes
+through its own pair of worker functions, :mod:`veil.mpc.providers.fss_dealing`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.allowlist import NO_RESULT, register_worker_function
 from veil.mpc.material import dealer_generator, recipe, register_mac_key
+from veil.mpc.fss import material as fss_material
 from veil.mpc.prg import expand, new_seed
+from veil.mpc.providers.fss_dealing import DEAL_COMPARISON
 from veil.mpc.providers.base import Provider
 from veil.mpc.ring import DTYPE, random_ring
 from veil.mpc.sharing import split
@@ -148,19 +153,25 @@ class WorkerDealer(Provider):
         return spare.popleft()
 
     def _request(self, key, kind: str, spec: Any, parties: list, spare: deque) -> None:
-        uniform_shapes, derived_shapes, _ = recipe(kind, spec)
-        shapes = uniform_shapes + derived_shapes
-        per_item = max(1, sum(int(torch.Size(s).numel()) for s in shapes))
+        if kind == "comparison":  # FSS keys: not a recipe (fss_dealing.py)
+            op = DEAL_COMPARISON
+            party_shapes = [fss_material.field_shapes(spec[0], spec[1], i < 2) for i in range(len(parties))]
+        else:
+            op = DEAL
+            uniform_shapes, derived_shapes, _ = recipe(kind, spec)
+            party_shapes = [uniform_shapes + derived_shapes] * len(parties)
+        per_item = max(1, max(sum(int(torch.Size(s).numel()) for s in shapes) for shapes in party_shapes))
         count = max(1, min(self._next_batch.get(key, 1), self.max_elements // per_item))
         self._next_batch[key] = min(2 * count, self.max_batch)
-        ids = [[new_id() for _ in range(count * len(shapes))] for _ in parties]
-        self.owner.send_msg(m.CommandMessage(DEAL, (kind, spec, parties, ids, count, self.seeded), {}, [], False),
-                            self.worker)
+        ids = [[new_id() for _ in range(count * len(shapes))] for shapes in party_shapes]
+        args = (spec, parties, ids, count, self.seeded) if op == DEAL_COMPARISON else (kind, spec, parties, ids, count,
+                                                                                      self.seeded)
+        self.owner.send_msg(m.CommandMessage(op, args, {}, [], False), self.worker)
         self.requests += 1
         locations = [self.owner.resolve_worker(p) for p in parties]
         for k in range(count):
             item = {}
-            for p, loc, pids in zip(parties, locations, ids):
+            for p, loc, pids, shapes in zip(parties, locations, ids, party_shapes):
                 item[p] = tuple(
                     PointerTensor(loc, pids[k * len(shapes) + j], self.owner, shape, DTYPE)
                     for j, shape in enumerate(shapes)
@@ -174,15 +185,19 @@ class WorkerDealer(Provider):
     def truncation_pairs(self, shape, divisor, parties):
         return self._take("truncation", (tuple(shape), int(divisor)), parties)
 
-    def comparison_masks(self, shape, n_extra, parties):
-        return self._take("comparison", (tuple(shape), int(n_extra)), parties)
+    def comparison_keys(self, shape, n_values, parties):
+        return self._take("comparison", (tuple(int(s) for s in shape), int(n_values)), parties)
 
     def register_mac_key(self, key_id, alpha):
         # Orchestrator -> provider only: the key never goes to a party.
         self.owner.send_msg(m.CommandMessage(MAC_KEY, (key_id, alpha), {}, [], False), self.worker)
 
-    def authenticated_triples(self, key_id, op, shape_a, shape_b, parties):
-        return self._take("beaver_mac", (key_id, op, tuple(shape_a), tuple(shape_b), {}), parties)
+    def authenticated_triples(self, key_id, op, shape_a, shape_b, parties, **op_kwargs):
+        spec = (key_id, op, tuple(shape_a), tuple(shape_b), dict(sorted(op_kwargs.items())))
+        return self._take("beaver_mac", spec, parties)
+
+    def authenticated_truncation_pairs(self, key_id, shape, divisor, parties):
+        return self._take("truncation_mac", (key_id, tuple(shape), int(divisor)), parties)
 
 
 _DEALERS: dict[tuple[int, int], tuple[Any, Any, WorkerDealer]] = {}

@@ -2,7 +2,7 @@
 
 Plaintext fixed-precision tensors compare their encoded integers directly
 (order is preserved by the encoding). Shared tensors run the private
-comparison protocol through :mod:`veil.mpc.maximum` (2 rounds per
+comparison protocol through :mod:`veil.mpc.maximum` (1 round per
 comparison; see :mod:`veil.mpc.comparison` for its cost and limits).
 Comparison results of fixed-precision tensors are fixed-precision 0/1 (as
 PySyft 0.2); of shared integer tensors, shared 0/1 integers.

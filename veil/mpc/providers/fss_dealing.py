@@ -1,0 +1,136 @@
+"""Dealing FSS comparison material from a crypto-provider worker to the parties.
+
+Two worker functions (the orchestrator never sees masks or keys):
+
+* ``veil.mpc.deal_comparison`` runs on the provider: it draws the masks,
+  derives the other additive fields and the DCF keys
+  (:mod:`veil.mpc.fss.material`) and sends each party its part directly,
+  worker to worker, in one message.
+* ``veil.mpc.receive_comparison`` runs on each party: it checks every field
+  (types, shapes, dtypes) and stores them under the ids the orchestrator
+  chose. Seeded dealing: the party derives its shares of the masks (and, but
+  for the last party, of the derived fields) from a 32-byte seed, as for the
+  other recipes (:mod:`veil.mpc.providers.worker_dealer`); the DCF keys are
+  always sent (both keys share their correction words, so no seed can stand
+  in for them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from veil.messaging import messages as m
+from veil.messaging.allowlist import NO_RESULT, register_worker_function
+from veil.mpc.errors import ProviderError
+from veil.mpc.fss import material as fss
+from veil.mpc.prg import SEED_BYTES, expand, new_seed
+from veil.mpc.ring import random_ring
+from veil.mpc.sharing import split
+
+DEAL_COMPARISON = "veil.mpc.deal_comparison"
+RECEIVE_COMPARISON = "veil.mpc.receive_comparison"
+#: most values multiplied by one comparison bit (argmax uses 2; 0 = the bit alone)
+MAX_VALUES = 16
+
+
+def check_spec(spec: Any, count: Any) -> tuple[tuple, int]:
+    """``(shape, n_values)`` from the wire, or ProviderError."""
+    if not isinstance(spec, (tuple, list)) or len(spec) != 2:
+        raise ProviderError("comparison spec must be (shape, n_values)")
+    shape, n_values = spec
+    if not isinstance(shape, (tuple, list)) or not all(type(s) is int and s >= 0 for s in shape):
+        raise ProviderError(f"comparison shape must be a tuple of sizes, got {shape!r}")
+    if type(n_values) is not int or not 0 <= n_values <= MAX_VALUES:
+        raise ProviderError(f"comparison n_values must be an int in [0, {MAX_VALUES}], got {n_values!r}")
+    if type(count) is not int or count < 1:
+        raise ProviderError(f"comparison item count must be a positive int, got {count!r}")
+    return tuple(shape), n_values
+
+
+def _label(item: int, field: int) -> str:
+    return f"cmp/{item}/{field}"
+
+
+def _deal_comparison(worker: Any, spec: Any, party_ids: list, ids: list, count: int, seeded: bool) -> None:
+    """Runs on the provider: ``count`` items, each party's part sent straight to it."""
+    shape, n_values = check_spec(spec, count)
+    n = len(party_ids)
+    if n < 2 or not isinstance(ids, list) or len(ids) != n:
+        raise ProviderError("comparison dealing needs >= 2 parties and one id list per party")
+    parties = [worker.resolve_worker(pid) for pid in party_ids]
+    seeds = [new_seed() for _ in parties] if seeded else None
+    n_masks = fss.n_masks(n_values)
+    shares: list[list] = [[] for _ in parties]  # explicit additive shares (or last party's corrections)
+    keys: list[list] = [[], []]
+    for k in range(count):
+        if seeded:
+            masks = [_sum(expand(s, _label(k, j), shape) for s in seeds) for j in range(n_masks)]
+        else:
+            masks = [random_ring(shape) for _ in range(n_masks)]
+        derived, key_pair = fss.derive(masks, n_values)
+        for b in (0, 1):
+            keys[b].extend(key_pair[b])
+        if seeded:
+            for j, value in enumerate(derived):
+                others = [expand(s, _label(k, n_masks + j), shape) for s in seeds[:-1]]
+                shares[-1].append(value - _sum(others))
+            continue
+        for value in masks + derived:
+            for i, share in enumerate(split(value, n)):
+                shares[i].append(share)
+    for i, party in enumerate(parties):
+        seed = torch.frombuffer(bytearray(seeds[i]), dtype=torch.uint8) if seeded else None
+        args = (list(shape), n_values, count, seed, shares[i], keys[i] if i < 2 else [])
+        worker.send_msg(m.CommandMessage(RECEIVE_COMPARISON, args, {}, list(ids[i]), False), party)
+
+
+def _sum(tensors) -> torch.Tensor:
+    total = None
+    for t in tensors:
+        total = t if total is None else total + t
+    return total
+
+
+def _receive_comparison(worker: Any, shape: Any, n_values: Any, count: Any, seed: Any, shares: Any,
+                        keys: Any) -> list:
+    """Runs on a party: checks and returns its fields (stored under the command's ids)."""
+    shape, n_values = check_spec((shape, n_values), count)
+    if not isinstance(shares, list) or not isinstance(keys, list):
+        raise ProviderError("comparison shares and keys must be lists of tensors")
+    n_add, n_masks = fss.n_additive(n_values), fss.n_masks(n_values)
+    n_key = len(fss.field_shapes(shape, n_values, True)) - n_add
+    holds_key = bool(keys)
+    if holds_key and len(keys) != count * n_key:
+        raise ProviderError(f"expected {count * n_key} DCF key tensors, got {len(keys)}")
+    if seed is not None:
+        if not isinstance(seed, torch.Tensor) or seed.dtype != torch.uint8 or tuple(seed.shape) != (SEED_BYTES,):
+            raise ProviderError(f"a comparison seed must be a uint8 tensor of {SEED_BYTES} bytes")
+        n_fix = count * (n_add - n_masks)
+        if len(shares) not in (0, n_fix):
+            raise ProviderError(f"expected 0 or {n_fix} corrections, got {len(shares)}")
+        seed_bytes = bytes(seed.tolist())
+    elif len(shares) != count * n_add:
+        raise ProviderError(f"expected {count * n_add} comparison shares, got {len(shares)}")
+    out: list = []
+    fixes = iter(shares)
+    for k in range(count):
+        if seed is None:
+            item = shares[k * n_add:(k + 1) * n_add]
+        else:
+            item = [expand(seed_bytes, _label(k, j), shape) for j in range(n_masks)]
+            item += [next(fixes) if shares else expand(seed_bytes, _label(k, j), shape)
+                     for j in range(n_masks, n_add)]
+        if holds_key:
+            item = list(item) + keys[k * n_key:(k + 1) * n_key]
+        try:
+            fss.check_fields(item, shape, n_values, holds_key)
+        except ValueError as e:
+            raise ProviderError(f"received comparison material is malformed: {e}") from None
+        out.extend(item)
+    return out
+
+
+register_worker_function(DEAL_COMPARISON, _deal_comparison, shapes=NO_RESULT)
+register_worker_function(RECEIVE_COMPARISON, _receive_comparison)
