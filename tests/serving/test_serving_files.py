@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -77,7 +78,10 @@ def test_veil_serve_cli_end_to_end(tmp_path, mnist):
         client.connect_to_model((1, 1, 28, 28), (1, 10), str(cluster_file))
         images = mnist["x_test"][:2]
         try:
-            out = torch.cat([client.query_model(images[i:i + 1]) for i in range(2)])
+            out = [client.query_model(images[:1])]
+            rid = client.submit(images[1:2])
+            time.sleep(3)  # the 2nd (last) query is computed meanwhile: serve must wait for its fetch
+            out = torch.cat(out + [client.result(rid)])
         except VeilError:
             proc.kill()
             raise AssertionError("query failed; veil serve printed:\n" + proc.stdout.read()[-3000:]) from None

@@ -36,6 +36,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster-file", default="cluster.json", help="where to write the clients' cluster file")
     p.add_argument("--num-requests", type=int, default=None, help="stop after this many queries (default: never)")
     p.add_argument("--max-batch", type=int, default=16, help="most queries computed together")
+    p.add_argument("--fetch-timeout", type=float, default=30.0,
+                   help="seconds to wait, once done, for clients to fetch their last outputs")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         while service._thread.is_alive() and not stopping.wait(0.2):
             pass
         service.stop()
+        if not stopping.is_set():  # the last clients still fetch their outputs from the parties
+            service.wait_fetched(timeout=args.fetch_timeout)
         if service.error is not None:
             print(f"veil serve: stopped: {service.error}", flush=True)
             return 1

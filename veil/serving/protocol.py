@@ -159,6 +159,11 @@ def _close(worker: Any, name: str, user: str, session: str, args: list) -> list:
     return []
 
 
+def _unfetched(worker: Any, name: str, user: str, session: str, args: list) -> list:
+    """How many computed outputs wait for their client (the owner waits for 0 before shutting down)."""
+    return [len(_owned(worker, name, user).outputs)]
+
+
 def _owned(worker: Any, name: str, user: str) -> _Service:
     svc = _service(worker, name)
     if svc.owner != user:
@@ -220,6 +225,7 @@ ACTIONS: dict[str, Callable[..., list]] = {
     "respond": _respond,
     "fail": _fail,
     "close": _close,
+    "unfetched": _unfetched,
     "info": _info,
     "submit": _submit,
     "fetch": _fetch,

@@ -101,6 +101,24 @@ class ModelService:
             self._thread.join(timeout)
         self._close()
 
+    def wait_fetched(self, timeout: float = 30.0, poll_interval: float = 0.05) -> bool:
+        """Waits until clients fetched every computed output (before the cluster shuts down).
+
+        Returns:
+            True if nothing is left to fetch, False after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                left = sum(self._call(w, "unfetched")[0] for w in self.parties)
+            except (VeilError, OSError):
+                return False
+            if left == 0:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(poll_interval)
+
     def _run(self, num_requests: Optional[int], poll_interval: float, raise_errors: bool = False) -> None:
         try:
             while not self._stop.is_set() and (num_requests is None or self.served < num_requests):
