@@ -87,6 +87,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import veil as sy  # noqa: E402
+from bench_mpc import _time as _best  # noqa: E402
 from bench_mpc import model_cases, op_cases, traffic, virtual_setup  # noqa: E402
 from veil.mpc.providers.worker_dealer import dealer_for  # noqa: E402
 
@@ -234,15 +235,6 @@ def run_crypten(python: Path, repeat: int, skip_models: bool, provider: str, thr
 
 
 # ------------------------------------------------------------------ veil and torch
-
-
-def _best(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _best_plain(fn) -> float:
