@@ -125,3 +125,26 @@ def test_broadcast_tensors_with_zero_strides_serialize():
     for t in (torch.tensor(3.5).expand(1), torch.arange(3.0).unsqueeze(1).expand(3, 4), torch.ones(2).expand(5, 2)):
         back = decode_value(encode_value(t))
         assert torch.equal(back, t)
+
+
+@pytest.mark.parametrize("t", [torch.arange(5.0), torch.zeros(0, 3), torch.randint(0, 9, (300,)),
+                               torch.randn(70000), torch.tensor(3.5), torch.ones(3, dtype=torch.bool)])
+def test_tensor_payload_is_msgpacks_own_four_array(t):
+    # encode_tensor joins the bytes itself (faster); the wire format must not change
+    from veil.messaging.serde import DTYPE_NAMES, decode_tensor, encode_tensor
+
+    flat = t.reshape(-1)
+    raw = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    assert encode_tensor(t) == msgpack.packb([DTYPE_NAMES[t.dtype], list(t.shape), False, raw])
+    assert torch.equal(decode_tensor(encode_tensor(t)), t)
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x94", b"\x93\xa3f32\x90\xc2",
+                                     b"\x94\xa3f32\x91\x02\xc2\xc4\x08" + bytes(4),
+                                     b"\x94\xa3f32\x91\x01\xc2\xc4\x04" + bytes(4) + b"x",
+                                     b"\x94\xa3f32\x91\x01\xc2\xa4abcd"])
+def test_malformed_tensor_payloads_are_refused(payload):
+    from veil.messaging.serde import decode_tensor
+
+    with pytest.raises(SerializationError):
+        decode_tensor(payload)

@@ -87,11 +87,47 @@ def encode_tensor(t: torch.Tensor) -> bytes:
     flat = data.reshape(-1)
     if flat.numel() and flat.stride(0) != 1:  # e.g. a broadcast size-1 tensor keeps stride 0
         flat = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)
-    # a memoryview is packed straight from the tensor's memory (no .tobytes() copy; ~4x faster)
-    raw = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b""
     # Autograd history never travels: a leaf keeps requires_grad (parameters),
     # a computed result (e.g. a fetched loss) arrives as plain data.
-    return msgpack.packb([DTYPE_NAMES[t.dtype], list(t.shape), bool(t.requires_grad and t.is_leaf), raw])
+    head = msgpack.packb([DTYPE_NAMES[t.dtype], list(t.shape), bool(t.requires_grad and t.is_leaf)])
+    if not flat.numel():
+        return msgpack.packb([DTYPE_NAMES[t.dtype], list(t.shape), bool(t.requires_grad and t.is_leaf), b""])
+    # The same bytes as packing the 4-array, joined straight from the tensor's
+    # memory: one copy instead of msgpack's buffer growth (~2x faster for MBs).
+    raw = memoryview(flat.view(torch.uint8).numpy())
+    return b"".join((b"\x94", head[1:], _bin_header(raw.nbytes), raw))
+
+
+def _bin_header(n: int) -> bytes:
+    """msgpack's header of a bin of ``n`` bytes (bin 8/16/32)."""
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+#: the tensor payload's 4-array header, dtype name, shape and flag fit in this many bytes
+_HEAD_BYTES = 64 + 9 * MAX_DIMS
+
+
+def _split_tensor_payload(payload: bytes) -> tuple[list, memoryview]:
+    """``([dtype, shape, requires_grad], raw bytes view)`` without copying the raw bytes."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=_HEAD_BYTES + 16)
+    unpacker.feed(payload[: _HEAD_BYTES + 5])
+    if unpacker.read_array_header() != 4:
+        raise SerializationError("tensor payload must be [dtype, shape, requires_grad, bytes]")
+    head = [unpacker.unpack() for _ in range(3)]
+    at = unpacker.tell()
+    kind = payload[at] if at < len(payload) else None
+    width = {0xC4: 1, 0xC5: 2, 0xC6: 4}.get(kind)
+    if width is None:
+        raise SerializationError("tensor payload has a wrong field type")
+    n = int.from_bytes(payload[at + 1: at + 1 + width], "big")
+    start = at + 1 + width
+    if start + n != len(payload):
+        raise SerializationError("tensor payload length does not match its data")
+    return head, memoryview(payload)[start:]
 
 
 def tensor_spec(dtype_name: Any, shape: Any) -> tuple[torch.dtype, list[int]]:
@@ -107,12 +143,14 @@ def tensor_spec(dtype_name: Any, shape: Any) -> tuple[torch.dtype, list[int]]:
 
 
 def decode_tensor(payload: bytes) -> torch.Tensor:
-    fields_ = msgpack.unpackb(payload, raw=False)
-    if not isinstance(fields_, list) or len(fields_) != 4:
-        raise SerializationError("tensor payload must be [dtype, shape, requires_grad, bytes]")
-    dtype_name, shape, requires_grad, raw = fields_
+    try:
+        (dtype_name, shape, requires_grad), raw = _split_tensor_payload(payload)
+    except SerializationError:
+        raise
+    except Exception as e:  # msgpack raises many types on hostile input; normalize them
+        raise SerializationError(f"malformed tensor payload: {type(e).__name__}: {e}") from e
     dtype, shape = tensor_spec(dtype_name, shape)
-    if not isinstance(raw, bytes) or not isinstance(requires_grad, bool):
+    if not isinstance(requires_grad, bool):
         raise SerializationError("tensor payload has a wrong field type")
     numel = math.prod(shape)
     itemsize = torch.empty((), dtype=dtype).element_size()
