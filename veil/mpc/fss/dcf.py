@@ -19,7 +19,8 @@ seed differs between the two keys. Size per entry: ``16 + n(16 + 8K) + 16 +
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -92,10 +93,8 @@ def gen(alpha: torch.Tensor, beta: torch.Tensor, n_bits: int,
     vcw = torch.empty((n_bits, n_entries, k), dtype=DTYPE)
     tcw = torch.zeros((2, n_entries), dtype=DTYPE)
     leaf = torch.empty((n_entries, k), dtype=DTYPE)
-    for lo in range(0, n_entries, CHUNK):
-        hi = min(lo + CHUNK, n_entries)
-        _gen_chunk(alpha[lo:hi], beta[lo:hi], n_bits, roots[:, lo:hi], scw[:, lo:hi], vcw[:, lo:hi],
-                   tcw[:, lo:hi], leaf[lo:hi])
+    _over_chunks(n_entries, lambda lo, hi: _gen_chunk(alpha[lo:hi], beta[lo:hi], n_bits, roots[:, lo:hi],
+                                                       scw[:, lo:hi], vcw[:, lo:hi], tcw[:, lo:hi], leaf[lo:hi]))
     # The keys share their correction tensors (read-only for evaluators): no copy of the bulk.
     return DCFKey(roots[0], scw, vcw, tcw, leaf), DCFKey(roots[1], scw, vcw, tcw, leaf)
 
@@ -147,11 +146,29 @@ def evaluate(b: int, key: DCFKey, x: torch.Tensor, n_bits: int) -> torch.Tensor:
     """Party ``b``'s (0 or 1) shares of ``beta * [x < alpha]`` for (N,) inputs ``x``: (N, K)."""
     _check(n_bits)
     out = torch.empty(tuple(key.leaf.shape), dtype=DTYPE)
-    for lo in range(0, x.shape[0], CHUNK):
-        hi = min(lo + CHUNK, x.shape[0])
+    def run(lo: int, hi: int) -> None:
         part = DCFKey(key.seed[lo:hi], key.scw[:, lo:hi], key.vcw[:, lo:hi], key.tcw[:, lo:hi], key.leaf[lo:hi])
         out[lo:hi] = _eval_chunk(b, part, x[lo:hi], n_bits)
+
+    _over_chunks(x.shape[0], run)
     return out
+
+
+def _over_chunks(n: int, fn: Callable[[int, int], None]) -> None:
+    """Runs ``fn(lo, hi)`` over chunks of ``CHUNK`` entries, on torch's intra-op thread count.
+
+    Chunks write disjoint slices, and torch's small elementwise ops and
+    OpenSSL's AES release the GIL, so threads overlap where one chunk's ops are
+    too small for torch to parallelize by itself.
+    """
+    spans = [(lo, min(lo + CHUNK, n)) for lo in range(0, n, CHUNK)]
+    threads = min(torch.get_num_threads(), len(spans))
+    if threads <= 1:
+        for lo, hi in spans:
+            fn(lo, hi)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda span: fn(*span), spans))
 
 
 def _eval_chunk(b: int, key: DCFKey, x: torch.Tensor, n_bits: int) -> torch.Tensor:
