@@ -99,6 +99,21 @@ def _make_websocket(hook, name, request):
 WORKER_FACTORIES = {"virtual": _make_virtual, "websocket": _make_websocket}
 
 
+@pytest.fixture
+def connect_websocket(request, hook):
+    """Returns ``connect(name) -> WebsocketClientWorker`` to a session server; closed after the test."""
+    made = []
+
+    def connect(name):
+        w = _make_websocket(hook, name, request)
+        made.append(w)
+        return w
+
+    yield connect
+    for w in made:
+        w.close()
+
+
 @pytest.fixture(params=WORKER_KINDS)
 def make_worker(request, hook):
     """Returns ``factory(name) -> worker`` for the parametrized kind; cleans up after."""

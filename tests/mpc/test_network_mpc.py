@@ -18,22 +18,11 @@ from test_remote_ops import (  # noqa: F401  (collected here with the fixtures b
 )
 
 
-def _connect(request, hook, name):
-    import veil as sy
-
-    servers = request.getfixturevalue("websocket_servers")
-    tokens = ("test-scientist-token", "test-hospital-token", "test-admin-token")
-    w = sy.WebsocketClientWorker(hook, id=name, host="127.0.0.1", port=servers[name].port, token=tokens[0],
-                                 extra_tokens=list(tokens[1:]), timeout=60)
-    request.addfinalizer(w.close)
-    return w
-
-
 @pytest.fixture(params=[2, 3], ids=["2party", "3party"])
-def parties(request, hook):
-    return [_connect(request, hook, n) for n in ("alice", "bob", "charlie")[: request.param]]
+def parties(request, connect_websocket):
+    return [connect_websocket(n) for n in ("alice", "bob", "charlie")[: request.param]]
 
 
 @pytest.fixture
-def cp(request, hook):
-    return _connect(request, hook, "dave")
+def cp(connect_websocket):
+    return connect_websocket("dave")
