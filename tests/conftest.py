@@ -99,26 +99,9 @@ def _make_websocket(hook, name, request):
 WORKER_FACTORIES = {"virtual": _make_virtual, "websocket": _make_websocket}
 
 
-@pytest.fixture
-def connect_websocket(request, hook):
-    """Returns ``connect(name) -> WebsocketClientWorker`` to a session server; closed after the test."""
+def _closing_factory(factory, hook, request):
+    """Yields ``make(name) -> worker`` built by ``factory``; closes what it made afterwards."""
     made = []
-
-    def connect(name):
-        w = _make_websocket(hook, name, request)
-        made.append(w)
-        return w
-
-    yield connect
-    for w in made:
-        w.close()
-
-
-@pytest.fixture(params=WORKER_KINDS)
-def make_worker(request, hook):
-    """Returns ``factory(name) -> worker`` for the parametrized kind; cleans up after."""
-    made = []
-    factory = WORKER_FACTORIES[request.param]
 
     def make(name):
         w = factory(hook, name, request)
@@ -130,6 +113,18 @@ def make_worker(request, hook):
         close = getattr(w, "close", None)
         if close is not None:
             close()
+
+
+@pytest.fixture
+def connect_websocket(request, hook):
+    """Returns ``connect(name) -> WebsocketClientWorker`` to a session server; closed after the test."""
+    yield from _closing_factory(_make_websocket, hook, request)
+
+
+@pytest.fixture(params=WORKER_KINDS)
+def make_worker(request, hook):
+    """Returns ``factory(name) -> worker`` for the parametrized kind; cleans up after."""
+    yield from _closing_factory(WORKER_FACTORIES[request.param], hook, request)
 
 
 @pytest.fixture
