@@ -90,11 +90,9 @@ def encode_tensor(t: torch.Tensor) -> bytes:
     # Autograd history never travels: a leaf keeps requires_grad (parameters),
     # a computed result (e.g. a fetched loss) arrives as plain data.
     head = msgpack.packb([DTYPE_NAMES[t.dtype], list(t.shape), bool(t.requires_grad and t.is_leaf)])
-    if not flat.numel():
-        return msgpack.packb([DTYPE_NAMES[t.dtype], list(t.shape), bool(t.requires_grad and t.is_leaf), b""])
     # The same bytes as packing the 4-array, joined straight from the tensor's
     # memory: one copy instead of msgpack's buffer growth (~2x faster for MBs).
-    raw = memoryview(flat.view(torch.uint8).numpy())
+    raw = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
     return b"".join((b"\x94", head[1:], _bin_header(raw.nbytes), raw))
 
 
