@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -29,6 +30,10 @@ from veil.messaging.messages import FIELD_NAMES, MESSAGE_TYPES, CommandMessage, 
 
 WIRE_VERSION = 1
 MAX_DIMS = 64
+#: how deeply ext payloads may nest (a tuple in a tuple in ...). Each level is a
+#: nested call into msgpack's C unpacker; a few hundred overflow the C stack
+#: (SIGSEGV) long before Python's recursion limit, so the limit is checked here.
+MAX_EXT_DEPTH = 32
 
 if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for
     raise ImportError("veil's wire format assumes a little-endian host")
@@ -187,14 +192,33 @@ def register_ext(code: int, types: tuple[type, ...], encode: Callable[[Any], byt
         _ENCODERS[tp] = lambda obj, _c=code, _e=encode: (_c, _e(obj))
 
 
+_depth = threading.local()  # ext nesting of the decode running on this thread
+_pack_depth = threading.local()  # and of the encode
+
+
 def _pack(value: Any) -> bytes:
-    return msgpack.packb(value, default=_default, strict_types=True, use_bin_type=True)
+    # The same depth limit as decoding: whatever encodes also decodes.
+    level = getattr(_pack_depth, "level", 0)
+    if level >= MAX_EXT_DEPTH:
+        raise SerializationError(f"value nested deeper than {MAX_EXT_DEPTH} levels")
+    _pack_depth.level = level + 1
+    try:
+        return msgpack.packb(value, default=_default, strict_types=True, use_bin_type=True)
+    finally:
+        _pack_depth.level = level
 
 
 def _unpack(payload: bytes, ctx: DecodeContext) -> Any:
-    return msgpack.unpackb(
-        payload, raw=False, strict_map_key=False, ext_hook=lambda c, d: _ext_hook(c, d, ctx)
-    )
+    level = getattr(_depth, "level", 0)
+    if level >= MAX_EXT_DEPTH:
+        raise SerializationError(f"value nested deeper than {MAX_EXT_DEPTH} levels")
+    _depth.level = level + 1
+    try:
+        return msgpack.unpackb(
+            payload, raw=False, strict_map_key=False, ext_hook=lambda c, d: _ext_hook(c, d, ctx)
+        )
+    finally:
+        _depth.level = level
 
 
 def _default(obj: Any) -> msgpack.ExtType:
