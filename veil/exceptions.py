@@ -57,6 +57,23 @@ class BudgetExceededError(PermissionDeniedError):
     """A privacy budget would be exceeded by the request."""
 
 
+class ProtectedDataError(RemoteExecutionError):
+    """An operation failed while computing on the owner's protected data.
+
+    The client sees only which operation failed: the original error text may
+    quote values (an out-of-range index, a shape built from data), so it goes to
+    the data owner's log instead.
+    """
+
+
+class CommandTimeoutError(VeilError):
+    """A command ran past the worker's per-command time limit (``veil worker --max-command-seconds``)."""
+
+
+class CommandCancelledError(CommandTimeoutError):
+    """A command was stopped because the session that sent it disconnected."""
+
+
 #: Errors a worker may report by name. Anything else is reported as RemoteExecutionError.
 REMOTE_ERRORS: dict[str, type[VeilError]] = {
     cls.__name__: cls
@@ -73,16 +90,37 @@ REMOTE_ERRORS: dict[str, type[VeilError]] = {
         RevealError,
         ConnectionLostError,
         BudgetExceededError,
+        ProtectedDataError,
+        CommandTimeoutError,
+        CommandCancelledError,
     )
 }
+
+
+def wire_name(cls: type[BaseException]) -> str:
+    """The name an error class travels under (``cls.wire_name`` where two subsystems share a class name)."""
+    return cls.__dict__.get("wire_name") or cls.__name__
 
 
 def register_remote_error(cls: type[VeilError]) -> type[VeilError]:
     """Lets a subsystem (DP, SMPC, HE) add an error class that may cross the wire."""
     if not issubclass(cls, VeilError):
         raise TypeError(f"{cls!r} must derive from VeilError to cross the wire")
-    REMOTE_ERRORS[cls.__name__] = cls
+    name = wire_name(cls)
+    known = REMOTE_ERRORS.get(name)
+    if known is not None and known is not cls:
+        raise ValueError(f"two error classes travel as {name!r}: {known!r} and {cls!r} (give one a wire_name)")
+    REMOTE_ERRORS[name] = cls
     return cls
+
+
+def error_reply_fields(exc: BaseException) -> tuple[str, str]:
+    """(wire name, message) of an error a worker reports; unregistered classes report as their nearest registered base."""
+    for cls in type(exc).__mro__:
+        name = wire_name(cls)
+        if REMOTE_ERRORS.get(name) is cls:
+            return name, str(exc)
+    return "RemoteExecutionError", f"{type(exc).__name__}: {exc}"
 
 
 def error_from_reply(name: str, message: str) -> VeilError:

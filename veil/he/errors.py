@@ -9,7 +9,10 @@ Messages name what is wrong but never include key material or plaintexts.
 from __future__ import annotations
 
 
-class HEError(Exception):
+from veil.exceptions import VeilError, register_remote_error
+
+
+class HEError(VeilError):
     """Base class of every error raised by ``veil.he``."""
 
 
@@ -47,3 +50,11 @@ class WireFormatError(HEError, ValueError):
 
 class CKKSOperationError(HEError, RuntimeError):
     """TenSEAL refused a CKKS operation for a reason other than exhausted depth."""
+
+
+# MPC has classes of the same names: the HE ones travel under an "HE" prefix.
+EncodingOverflowError.wire_name = "HEEncodingOverflowError"
+UnsupportedOperationError.wire_name = "HEUnsupportedOperationError"
+for _cls in (HEError, WrongKeyError, KeyMismatchError, MissingSecretKeyError, UnsupportedOperationError,
+             DepthExhaustedError, EncodingOverflowError, ShapeMismatchError, WireFormatError, CKKSOperationError):
+    register_remote_error(_cls)

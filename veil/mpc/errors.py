@@ -2,10 +2,14 @@
 
 Each exception names *what* is wrong so that a user mixing incompatible
 tensors gets an actionable message instead of a silent wrong answer.
+Every class derives from :class:`veil.exceptions.VeilError` and is registered to
+cross the wire, so a remote party's refusal arrives as the same class.
 """
 
+from veil.exceptions import VeilError, register_remote_error
 
-class MPCError(Exception):
+
+class MPCError(VeilError):
     """Base class for errors raised by :mod:`veil.mpc` and the tensor chain."""
 
 
@@ -46,3 +50,11 @@ class ProviderError(MPCError, ValueError):
 
 class MacCheckError(MPCError, RuntimeError):
     """A SPDZ MAC check failed: some party's shares were tampered with (active security)."""
+
+
+# HE has classes of the same names: the MPC ones travel under an "MPC" prefix.
+EncodingOverflowError.wire_name = "MPCEncodingOverflowError"
+UnsupportedOperationError.wire_name = "MPCUnsupportedOperationError"
+for _cls in (MPCError, EncodingOverflowError, ShareMismatchError, NotEncodedError, PrecisionMismatchError,
+             UnsupportedOperationError, ProviderError, MacCheckError):
+    register_remote_error(_cls)

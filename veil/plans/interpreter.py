@@ -16,6 +16,7 @@ from veil.exceptions import OperationNotAllowedError, RemoteExecutionError, Seri
 from veil.messaging.allowlist import ALLOWLIST
 from veil.plans.ops import PlanSpec, SlotRef
 from veil.tensors.tree import leaves
+from veil.workers import cancellation
 
 
 def _has_slots(value: Any) -> bool:
@@ -74,6 +75,7 @@ def run(plan: CompiledPlan, inputs: list, state: list) -> Any:
             f"plan {spec.name!r} takes {spec.n_inputs} inputs and {spec.n_state} state tensors, "
             f"got {len(inputs)} and {len(state)}"
         )
+    cancellation.check()  # a worker's per-command deadline / disconnect (once per execution: per batch in fit)
     slots: list = [None] * spec.n_slots
     slots[: spec.n_inputs] = inputs
     slots[spec.n_inputs : spec.n_inputs + spec.n_state] = state

@@ -22,7 +22,7 @@ from veil.plans import interpreter
 from veil.plans.ops import PlanSpec
 from veil.tensors import remote_ops
 from veil.tensors.pointer import PointerTensor
-from veil.workers import base
+from veil.workers import base, cancellation
 
 
 def _compiled(spec: PlanSpec) -> interpreter.CompiledPlan:
@@ -69,6 +69,7 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
             else:
                 idx = order[start:stop]
                 xb, yb = data[idx], target[idx]
+            cancellation.checkpoint()  # deadline, disconnect, and other sessions' turn between batches
             losses.append(interpreter.run(compiled, [xb, yb, *extra], state))
             if max_batches is not None and len(losses) >= max_batches:
                 break

@@ -21,6 +21,7 @@ from veil.exceptions import (
     VeilError,
     WorkerNotFoundError,
     error_from_reply,
+    error_reply_fields,
 )
 from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST, NO_RESULT
@@ -213,14 +214,12 @@ class BaseWorker:
             msg, sender, prelude = deserialize(data, self._decode_ctx)
             self._run_prelude(prelude, sender)
             reply = self._handle(msg, sender)
-        except VeilError as e:
-            reply = m.ErrorReply(type(e).__name__, str(e))
         except Exception as e:  # a failing torch op must not take the worker down
-            reply = m.ErrorReply("RemoteExecutionError", f"{type(e).__name__}: {e}")
+            reply = m.ErrorReply(*error_reply_fields(e))
         try:
             return serialize(reply, sender=self.id)
-        except VeilError as e:
-            return serialize(m.ErrorReply(type(e).__name__, str(e)), sender=self.id)
+        except Exception as e:  # a result that cannot be encoded is an error reply, not a dropped connection
+            return serialize(m.ErrorReply(*error_reply_fields(e)), sender=self.id)
 
     def _run_prelude(self, prelude: list, sender: str) -> None:
         for item in prelude:
@@ -297,13 +296,13 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
             kwargs = owner_guard.copy_protected_args(kwargs, protected)
         else:
             owner_guard.check_writes(op.name, op.func, args, kwargs, protected, worker.id)
+    # schema-checked writes for torch ops (worker functions got copies); errors on owner data carry no values
+    guarded = set() if op.worker_function else protected
     try:
-        with torch.set_grad_enabled(bool(msg.grad_enabled)):
+        with torch.set_grad_enabled(bool(msg.grad_enabled)), owner_guard.refuse_writes(op.name, guarded, worker.id):
             result = op.func(worker, *args, **kwargs) if op.worker_function else op.func(*args, **kwargs)
-    except VeilError:
-        raise
     except Exception as e:
-        raise RemoteExecutionError(f"{op.name} failed on worker {worker.id!r}: {type(e).__name__}: {e}") from e
+        raise owner_guard.client_error(op.name, e, protected, worker.id) from e
     if protected and not op.worker_function:
         result = owner_guard.copy_aliases(result, protected)
     if op.shapes == NO_RESULT or msg.return_ids == []:

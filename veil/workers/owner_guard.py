@@ -1,25 +1,52 @@
 """Keeps clients from writing to the data the owner loaded (``worker.load``, datasets).
 
-Clients may compute on owner data but must never change it. Three rules, applied
+Clients may compute on owner data but must never change it. Four rules, applied
 only to commands that touch protected tensors:
-1. writes are refused: in-place methods (``add_``, ``__setitem__``, ``__iadd__``...),
-   ``out=`` arguments and ``inplace=True`` functional calls whose target shares
-   storage with owner data;
-2. results that alias owner storage (views: slices, ``detach``, ``view``...) are
+1. writes are refused by the operator's own schema: the op runs under
+   :func:`refuse_writes`, a TorchDispatchMode that sees every ATen op the call
+   decomposes into and refuses any whose schema marks an argument as written
+   (``Tensor(a!)``) when that argument shares storage with owner data, whatever
+   position the argument came in (``F.embedding(..., weight=owner, max_norm=1)``,
+   ``out=``, in-place methods, ``inplace=True``). A few ATen ops write without
+   saying so in their schema (batch norm's running statistics); they are listed
+   in :data:`UNDECLARED_WRITES`. ``set_`` with an owner source is refused too (it
+   would make a client tensor alias owner storage);
+2. property setters (``.grad``, ``.data``, ``requires_grad``) are refused when the
+   owner's tensor is the target *or* the value (``own.grad = owner`` would give
+   the client a writable alias); cheap name rules (:func:`check_writes`) refuse
+   the obvious in-place calls before anything runs;
+3. results that alias owner storage (views: slices, ``detach``, ``view``...) are
    stored as copies, so later writes to them cannot reach the owner's tensor;
-3. worker functions (plans, DP, aggregation) receive copies of owner tensors.
+4. worker functions (plans, DP, aggregation) receive copies of owner tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from veil.exceptions import PermissionDeniedError
+from veil.exceptions import (
+    CommandTimeoutError,
+    ObjectNotFoundError,
+    OperationNotAllowedError,
+    PermissionDeniedError,
+    ProtectedDataError,
+    RemoteExecutionError,
+    SerializationError,
+    VeilError,
+    WorkerMismatchError,
+    WorkerNotFoundError,
+)
 from veil.tensors.tree import leaves, map_structure
+
+#: the data owner's log: full text of errors clients only see as ProtectedDataError
+owner_log = logging.getLogger("veil.owner")
 
 _IN_PLACE_DUNDERS = frozenset(
     {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__",
@@ -55,9 +82,11 @@ def protected_storages(entries: list) -> set[int]:
     out = set()
     for entry in entries:
         if entry.protected:
-            key = _storage(entry.obj)
-            if key is not None:
-                out.add(key)
+            # the owner's gradient is the owner's too (``owner.grad`` must not be a writable alias)
+            for t in (entry.obj, getattr(entry.obj, "grad", None) if isinstance(entry.obj, torch.Tensor) else None):
+                key = _storage(t)
+                if key is not None:
+                    out.add(key)
     return out
 
 
@@ -88,19 +117,96 @@ def _inplace_flag(func: Callable, args: tuple, kwargs: dict) -> bool:
         return False
 
 
+def _refuse(op_name: str, worker_id: str) -> PermissionDeniedError:
+    return PermissionDeniedError(
+        f"{op_name} would modify data the owner of worker {worker_id!r} loaded; "
+        f"compute on a copy instead (e.g. ptr.copy())"
+    )
+
+
 def check_writes(op_name: str, func: Callable, args: tuple, kwargs: dict, protected: set[int], worker_id: str) -> None:
-    """Raises if the op would write into owner storage."""
+    """Raises if the op would write into owner storage (name rules, before the op runs).
+
+    The schema rules of :func:`refuse_writes` apply while it runs; these catch
+    what no ATen schema describes (property setters, ``requires_grad_``).
+    """
     targets: list = []
-    if args and (_writes_first_argument(op_name) or _inplace_flag(func, args, kwargs)):
+    if op_name.endswith(".__set__"):
+        # target or value: ``own.grad = owner`` would hand out a writable alias of owner data
+        targets.extend(leaves((args, kwargs)))
+    elif args and (_writes_first_argument(op_name) or _inplace_flag(func, args, kwargs)):
         targets.append(args[0])
     if "out" in kwargs:
         targets.extend(leaves(kwargs["out"]))
     for t in targets:
         if _storage(t) in protected:
-            raise PermissionDeniedError(
-                f"{op_name} would modify data the owner of worker {worker_id!r} loaded; "
-                f"compute on a copy instead (e.g. ptr.copy())"
-            )
+            raise _refuse(op_name, worker_id)
+
+
+#: ATen ops that write arguments their schema does not mark as written
+#: (``native_batch_norm`` updates ``running_mean``/``running_var`` in training mode).
+UNDECLARED_WRITES: dict[str, tuple[str, ...]] = {
+    "aten::native_batch_norm": ("running_mean", "running_var"),
+    "aten::_batch_norm_impl_index": ("running_mean", "running_var"),
+    "aten::batch_norm": ("running_mean", "running_var"),
+    "aten::cudnn_batch_norm": ("running_mean", "running_var"),
+    "aten::miopen_batch_norm": ("running_mean", "running_var"),
+    "aten::instance_norm": ("running_mean", "running_var"),
+    "aten::rrelu_with_noise": ("noise",),
+}
+#: ATen ops that make their first argument alias another argument's storage
+ALIASING_SETTERS = frozenset({"aten::set_", "aten::set"})
+
+
+@lru_cache(maxsize=4096)
+def _written_positions(func: Any) -> tuple[tuple[int, str], ...]:
+    """(position, name) of every argument the op writes, from its schema (and the lies above)."""
+    schema = func._schema
+    undeclared = UNDECLARED_WRITES.get(schema.name, ())
+    every = schema.name in ALIASING_SETTERS
+    return tuple(
+        (i, a.name) for i, a in enumerate(schema.arguments)
+        if every or (a.alias_info is not None and a.alias_info.is_write) or a.name in undeclared
+    )
+
+
+def _storage_key(value: Any) -> int | None:
+    if isinstance(value, torch.Tensor):
+        return _storage(value)
+    if isinstance(value, torch.UntypedStorage):
+        return value.data_ptr() or None
+    if isinstance(value, torch.TypedStorage):
+        return value.data_ptr() or None
+    return None
+
+
+class _WriteRefusal(TorchDispatchMode):
+    """Refuses every ATen op whose schema writes an argument stored in ``protected``."""
+
+    def __init__(self, op_name: str, protected: set[int], worker_id: str) -> None:
+        super().__init__()
+        self.op_name, self.protected, self.worker_id = op_name, protected, worker_id
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        for pos, name in _written_positions(func):
+            value = args[pos] if pos < len(args) else kwargs.get(name)
+            if value is None:
+                continue
+            for leaf in value if isinstance(value, (list, tuple)) else (value,):
+                if _storage_key(leaf) in self.protected:
+                    raise _refuse(f"{self.op_name} ({func._schema.name} writes {name!r})", self.worker_id)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def refuse_writes(op_name: str, protected: set[int], worker_id: str) -> Iterator[None]:
+    """Runs the enclosed op with writes into ``protected`` storage refused (no-op when empty)."""
+    if not protected:
+        yield
+        return
+    with _WriteRefusal(op_name, protected, worker_id):
+        yield
 
 
 def copy_aliases(result: Any, protected: set[int]) -> Any:
@@ -111,3 +217,29 @@ def copy_aliases(result: Any, protected: set[int]) -> Any:
 def copy_protected_args(value: Any, protected: set[int]) -> Any:
     """Worker functions get copies of owner tensors (they only need to read them)."""
     return map_structure(value, lambda t: t.detach().clone() if _storage(t) in protected else t)
+
+
+#: errors about the request itself (policy, names, limits): their text is veil's own, never data
+_POLICY_ERRORS = (PermissionDeniedError, OperationNotAllowedError, SerializationError, ObjectNotFoundError,
+                  WorkerNotFoundError, WorkerMismatchError, CommandTimeoutError)
+
+
+def client_error(op_name: str, error: BaseException, protected: set[int], worker_id: str) -> VeilError:
+    """The error a client gets for a failed op: no values from protected data ever.
+
+    Without protected inputs: the error as before (veil errors unchanged, others
+    wrapped in RemoteExecutionError with their text). With protected inputs,
+    anything but a policy error becomes a :class:`ProtectedDataError` naming only
+    the op; the full text goes to the owner's log (``veil.owner``).
+    """
+    if isinstance(error, _POLICY_ERRORS):
+        return error
+    if not protected:
+        if isinstance(error, VeilError):
+            return error
+        return RemoteExecutionError(f"{op_name} failed on worker {worker_id!r}: {type(error).__name__}: {error}")
+    owner_log.warning("worker %s: %s failed on protected data: %s: %s", worker_id, op_name,
+                      type(error).__name__, error)
+    return ProtectedDataError(
+        f"operation {op_name} failed on protected data of worker {worker_id!r} (details are in the owner's log)"
+    )

@@ -138,3 +138,51 @@ def authenticate(table: TokenTable, tokens: list[str]) -> Session:
             raise PermissionDeniedError("unknown access token")
         principals.append(principal)
     return Session(tuple(dict.fromkeys(principals)))
+
+
+class RefusalLog:
+    """Audits refused unauthenticated connections in aggregate (no log flooding).
+
+    Per window of ``window`` seconds the first ``burst`` refusals get a row each;
+    the rest are counted per source address and written as one summary row
+    ("N more refused connects from ADDR") when the window closes (:meth:`flush_due`,
+    which the server calls periodically, or :meth:`flush` at shutdown). An
+    attacker hammering the port thus adds at most ``burst`` + one row per source
+    per window, instead of one row per attempt.
+    """
+
+    def __init__(self, db, worker_id: str, window: float = 10.0, burst: int = 5) -> None:
+        import threading
+        import time
+
+        self._db, self._worker_id, self.window, self.burst = db, worker_id, window, burst
+        self._clock = time.monotonic
+        self._lock = threading.Lock()
+        self._window_start = self._clock()
+        self._written = 0
+        self._suppressed: dict[str, int] = {}
+
+    def refused(self, source: str, reason: str) -> None:
+        self.flush_due()
+        with self._lock:
+            if self._written < self.burst:
+                self._written += 1
+                write = True
+            else:
+                self._suppressed[source] = self._suppressed.get(source, 0) + 1
+                write = False
+        if write:
+            self._db.audit(self._worker_id, "connect", "?", "-", (), "refused", f"from {source}: {reason}")
+
+    def flush_due(self) -> None:
+        """Closes the window if it is over (writes its summary rows)."""
+        if self._clock() - self._window_start >= self.window:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            suppressed, self._suppressed = self._suppressed, {}
+            self._window_start, self._written = self._clock(), 0
+        for source, n in sorted(suppressed.items()):
+            self._db.audit(self._worker_id, "connect", "?", "-", (), "refused",
+                           f"{n} more refused connects from {source} (aggregated over {self.window:g} s)")

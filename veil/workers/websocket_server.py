@@ -1,11 +1,19 @@
 """WebsocketServerWorker: a data owner's worker served over websockets (asyncio).
 
 Each connection is authenticated in the opening handshake (see
-``websocket_auth``) and becomes a session. Requests from all sessions are
-handled one at a time on a single handler thread: the store needs no locks,
-torch ops do not compete for the 2 CPU cores they would share anyway, and the
-asyncio loop stays free to read, refuse and answer other connections while an
-operation runs.
+``websocket_auth``) and becomes a session. Each session's requests run on a
+handler thread of their own, but one request at a time holds the worker (a
+:class:`~veil.workers.cancellation.FairLock`): the store needs no locks and torch
+ops do not compete for the 2 CPU cores they would share anyway. Long commands
+(plan ``fit``) hand the worker to waiting sessions between batches, stop at
+their per-command deadline (``max_command_seconds``) and are cancelled when
+their session disconnects. The asyncio loop stays free to read, refuse and
+answer other connections while an operation runs.
+
+Resources an attacker could pin are bounded: handshake slots are released on
+every path (a request without ``Upgrade`` used to keep its slot forever), and
+refused unauthenticated connections are audited in aggregate (:class:`RefusalLog`),
+not one row each.
 
 Per request the server
 - replaces the envelope's claimed sender with the session id (so ``created_by``
@@ -22,6 +30,7 @@ import asyncio
 import logging
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Callable
@@ -29,12 +38,13 @@ from typing import TYPE_CHECKING, Any, Callable
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from veil.exceptions import PermissionDeniedError, WorkerNotFoundError
+from veil.exceptions import PermissionDeniedError, WorkerNotFoundError, error_reply_fields
 from veil.messaging import messages as m
 from veil.messaging.serde import serialize
+from veil.workers import cancellation
 from veil.workers.base import BaseWorker
 from veil.workers.persistence import OwnerDB
-from veil.workers.websocket_auth import Session, TokenTable, authenticate, tokens_from_headers
+from veil.workers.websocket_auth import RefusalLog, Session, TokenTable, authenticate, tokens_from_headers
 from veil.workers.websocket_client import MAX_SIZE_HEADER
 
 if TYPE_CHECKING:
@@ -46,6 +56,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE = 256 * 2**20
 DEFAULT_MAX_CONNECTIONS = 64
+#: per-command time limit (seconds) unless the owner sets one; None or 0: no limit
+DEFAULT_MAX_COMMAND_SECONDS = 600.0
+#: the websockets opening-handshake timeout; a handshake slot older than this is stale
+OPEN_TIMEOUT = 10.0
 
 #: requests that move data out of the worker -> audit action name
 OUTBOUND: dict[type, str] = {m.GetObjectsMessage: "get", m.MoveMessage: "move", m.RemoteGetMessage: "remote_get"}
@@ -72,6 +86,8 @@ class WebsocketServerWorker(BaseWorker):
             connection with code 1009 (clients check the advertised limit first).
         ssl_context: serve TLS (``wss://``) when given.
         max_connections: further connections are refused with HTTP 503.
+        max_command_seconds: per-command time limit; long commands check it
+            between batches and fail with ``CommandTimeoutError`` (None/0: no limit).
     """
 
     def __init__(
@@ -86,6 +102,7 @@ class WebsocketServerWorker(BaseWorker):
         max_message: int = DEFAULT_MAX_MESSAGE,
         ssl_context: "ssl.SSLContext | None" = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_command_seconds: float | None = DEFAULT_MAX_COMMAND_SECONDS,
         **kwargs: Any,
     ) -> None:
         super().__init__(hook, id=id, **kwargs)
@@ -97,9 +114,17 @@ class WebsocketServerWorker(BaseWorker):
         self.peers: dict[str, BaseWorker] = {}
         self.bound_port: int | None = None
         self.sessions: dict[str, Session] = {}
-        self._handshakes: dict[ServerConnection, Session] = {}
+        if max_command_seconds is not None and max_command_seconds < 0:
+            raise ValueError("max_command_seconds must be positive (or 0/None for no limit)")
+        self.max_command_seconds = max_command_seconds or None
+        # connection -> (session, when its handshake was accepted); released on every path
+        self._handshakes: dict[ServerConnection, tuple[Session, float]] = {}
         self._local = threading.local()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"veil-{self.id}")
+        # one thread per session in flight (plus the end-of-session cleanups); one request holds the worker
+        self._executor = ThreadPoolExecutor(max_workers=max_connections + 4, thread_name_prefix=f"veil-{self.id}")
+        self._turn = cancellation.FairLock()
+        self._running: set[cancellation.CancelToken] = set()
+        self.refusals = RefusalLog(self.db, self.id)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Future | None = None
 
@@ -123,14 +148,22 @@ class WebsocketServerWorker(BaseWorker):
         """The session whose request is being handled on this thread (None outside requests)."""
         return getattr(self._local, "session", None)
 
-    def serve_bytes(self, data: bytes, session: Session) -> bytes:
-        """Handles one request of ``session``; always returns reply bytes."""
-        self._local.session = session
-        try:
-            with self.store.viewing(session.viewer):
-                return self._recv_msg(data)
-        finally:
-            self._local.session = None
+    def serve_bytes(self, data: bytes, session: Session, token: cancellation.CancelToken | None = None) -> bytes:
+        """Handles one request of ``session`` when it is its turn; always returns reply bytes."""
+        token = token if token is not None else cancellation.CancelToken(seconds=self.max_command_seconds)
+        with self._turn:
+            token.start()
+            self._running.add(token)
+            self._local.session = session
+            try:
+                with self.store.viewing(session.viewer), cancellation.running(token, self._turn.yield_turn):
+                    return self._recv_msg(data)
+            except Exception as e:  # never drop the connection over one reply (was: close 1011)
+                log.exception("worker %s: request of session %s failed outside the handlers", self.id, session.id)
+                return serialize(m.ErrorReply(*error_reply_fields(e)), sender=self.id)
+            finally:
+                self._local.session = None
+                self._running.discard(token)
 
     def requesting_user(self) -> str | None:
         session = self.current_session()
@@ -165,42 +198,74 @@ class WebsocketServerWorker(BaseWorker):
     def end_session(self, session: Session) -> int:
         """Frees everything the session created; returns how many objects were freed."""
         self.sessions.pop(session.id, None)
-        return self.store.drop_created_by(session.id)
+        with self._turn:
+            return self.store.drop_created_by(session.id)
 
     # ------------------------------------------------------------ handshake
 
+    def _release_stale_handshakes(self) -> None:
+        """Frees slots of handshakes that will never become sessions (closed, or past the open timeout)."""
+        now = time.monotonic()
+        for connection, (_, since) in list(self._handshakes.items()):
+            if now - since > OPEN_TIMEOUT or connection.state.name == "CLOSED":
+                self._handshakes.pop(connection, None)
+
     def _check_handshake(self, connection: ServerConnection, request: Any) -> Any:
+        self._release_stale_handshakes()
         if len(self.sessions) + len(self._handshakes) >= self.max_connections:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
         try:
             session = authenticate(self.tokens, tokens_from_headers(request.headers))
         except PermissionDeniedError as e:
             peer = connection.remote_address[0] if connection.remote_address else "?"
-            self.db.audit(self.id, "connect", "?", "-", (), "refused", f"from {peer}: {e}")
+            self.refusals.refused(peer, str(e))
             return connection.respond(HTTPStatus.UNAUTHORIZED, "access token required\n")
-        self._handshakes[connection] = session
+        self._handshakes[connection] = (session, time.monotonic())
         return None
 
     def _add_headers(self, connection: ServerConnection, request: Any, response: Any) -> Any:
+        if response.status_code != HTTPStatus.SWITCHING_PROTOCOLS:
+            # refused after authentication (e.g. no Upgrade header): the slot is free again
+            self._handshakes.pop(connection, None)
         response.headers[MAX_SIZE_HEADER] = str(self.max_message)
         return response
 
     async def _on_connection(self, ws: ServerConnection) -> None:
-        session = self._handshakes.pop(ws)
+        pending = self._handshakes.pop(ws, None)
+        if pending is None:  # released as stale meanwhile: re-authentication would be needed
+            await ws.close(1013, "handshake slot expired")
+            return
+        session = pending[0]
         self.sessions[session.id] = session
         loop = asyncio.get_running_loop()
+        closed = asyncio.ensure_future(ws.wait_closed())
         try:
             async for data in ws:
                 if isinstance(data, str):
                     reply = serialize(m.ErrorReply("SerializationError", "text frames are not accepted; send binary"),
                                       sender=self.id)
                 else:
-                    reply = await loop.run_in_executor(self._executor, self.serve_bytes, data, session)
+                    reply = await self._run_request(loop, data, session, closed)
+                    if reply is None:
+                        break
                 await ws.send(reply)
         except ConnectionClosed:
             pass  # the client went away (or sent an oversized frame): free its objects below
         finally:
+            closed.cancel()
             await loop.run_in_executor(self._executor, self.end_session, session)
+
+    async def _run_request(self, loop: asyncio.AbstractEventLoop, data: bytes, session: Session,
+                           closed: asyncio.Future) -> bytes | None:
+        """Runs one request; cancels it if the connection closes first (then returns None)."""
+        token = cancellation.CancelToken(seconds=self.max_command_seconds)
+        work = loop.run_in_executor(self._executor, self.serve_bytes, data, session, token)
+        await asyncio.wait((work, closed), return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            token.cancel(f"session {session.id} disconnected")
+            await asyncio.wait((work,))  # it stops at its next checkpoint; its objects are freed after
+            return None
+        return work.result()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -215,18 +280,31 @@ class WebsocketServerWorker(BaseWorker):
         async with serve(
             self._on_connection, self.host, self.port, process_request=self._check_handshake,
             process_response=self._add_headers, max_size=self.max_message, max_queue=4, compression=None,
-            ssl=self.ssl_context, open_timeout=10, ping_interval=30, ping_timeout=60, close_timeout=2,
+            ssl=self.ssl_context, open_timeout=OPEN_TIMEOUT, ping_interval=30, ping_timeout=60, close_timeout=2,
         ) as server:
             self.bound_port = next(iter(server.sockets)).getsockname()[1]
+            flusher = asyncio.ensure_future(self._flush_refusals())
             if on_ready is not None:
                 on_ready(self)
             await self._stop
+            flusher.cancel()
+            for token in list(self._running):
+                token.cancel("the worker is stopping")
         self._executor.shutdown(wait=True)
+        self.refusals.flush()
         for peer in self.peers.values():
             close = getattr(peer, "close", None)
             if close is not None:
                 close()
         self.db.close()
+
+    async def _flush_refusals(self) -> None:
+        while True:
+            await asyncio.sleep(self.refusals.window)
+            try:
+                self.refusals.flush_due()
+            except Exception:
+                log.exception("worker %s: could not write the audit log", self.id)
 
     def serve_forever(self, on_ready: Callable[["WebsocketServerWorker"], None] | None = None,
                       handle_signals: bool = True) -> None:
