@@ -1,8 +1,13 @@
-"""Command line: ``veil demo`` (and, as other subsystems land, ``veil worker``, ``veil bench``)."""
+"""Command line: ``veil demo``, ``veil worker`` (serve data) and ``veil serve`` (serve a model).
+
+Input errors (bad flags, short tokens, unreadable files, a port in use) print one
+line and exit with status 2; set VEIL_TRACEBACK=1 to see the full traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable
 
@@ -61,7 +66,27 @@ def main(argv: list[str] | None = None) -> int:
     for name, (help_, configure, _) in COMMANDS.items():
         configure(sub.add_parser(name, help=help_))
     args = parser.parse_args(argv)
-    return COMMANDS[args.command][2](args)
+    return run_command(f"veil {args.command}", COMMANDS[args.command][2], args)
+
+
+#: what a command raises for bad input or environment; reported in one line
+INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError, LookupError, OverflowError)
+
+
+def run_command(prog: str, fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Runs a command; input errors become one line on stderr and exit status 2 (no traceback)."""
+    from veil.exceptions import VeilError
+
+    try:
+        return fn(args)
+    except (VeilError, *INPUT_ERRORS) as e:
+        if os.environ.get("VEIL_TRACEBACK") == "1":
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

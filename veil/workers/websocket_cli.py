@@ -224,6 +224,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m veil.workers.websocket_cli`
+    from veil.cli import run_command
+
     parser = argparse.ArgumentParser(prog="veil worker")
     configure(parser)
-    sys.exit(run(parser.parse_args()))
+    sys.exit(run_command("veil worker", run, parser.parse_args()))
