@@ -143,31 +143,41 @@ def check_writes(op_name: str, func: Callable, args: tuple, kwargs: dict, protec
             raise _refuse(op_name, worker_id)
 
 
-#: ATen ops that write arguments their schema does not mark as written
-#: (``native_batch_norm`` updates ``running_mean``/``running_var`` in training mode).
-UNDECLARED_WRITES: dict[str, tuple[str, ...]] = {
-    "aten::native_batch_norm": ("running_mean", "running_var"),
-    "aten::_batch_norm_impl_index": ("running_mean", "running_var"),
-    "aten::batch_norm": ("running_mean", "running_var"),
-    "aten::cudnn_batch_norm": ("running_mean", "running_var"),
-    "aten::miopen_batch_norm": ("running_mean", "running_var"),
-    "aten::instance_norm": ("running_mean", "running_var"),
-    "aten::rrelu_with_noise": ("noise",),
+#: ATen ops that write arguments their schema does not mark as written, and the flag
+#: argument that makes them write (``native_batch_norm`` updates ``running_mean`` and
+#: ``running_var`` in training mode only).
+UNDECLARED_WRITES: dict[str, tuple[tuple[str, ...], str]] = {
+    "aten::native_batch_norm": (("running_mean", "running_var"), "training"),
+    "aten::_batch_norm_impl_index": (("running_mean", "running_var"), "training"),
+    "aten::batch_norm": (("running_mean", "running_var"), "training"),
+    "aten::cudnn_batch_norm": (("running_mean", "running_var"), "training"),
+    "aten::miopen_batch_norm": (("running_mean", "running_var"), "training"),
+    "aten::instance_norm": (("running_mean", "running_var"), "use_input_stats"),
+    "aten::rrelu_with_noise": (("noise",), "training"),
 }
 #: ATen ops that make their first argument alias another argument's storage
 ALIASING_SETTERS = frozenset({"aten::set_", "aten::set"})
 
 
 @lru_cache(maxsize=4096)
-def _written_positions(func: Any) -> tuple[tuple[int, str], ...]:
-    """(position, name) of every argument the op writes, from its schema (and the lies above)."""
+def _written_positions(func: Any) -> tuple[tuple[int, str, int], ...]:
+    """(position, name, flag position or -1) of every argument the op may write, from its schema.
+
+    A flag position >= 0 means the write happens only when that argument is true
+    (the undeclared writes above); -1: the schema says the argument is written.
+    """
     schema = func._schema
-    undeclared = UNDECLARED_WRITES.get(schema.name, ())
+    names = [a.name for a in schema.arguments]
+    undeclared, flag = UNDECLARED_WRITES.get(schema.name, ((), ""))
+    flag_pos = names.index(flag) if flag in names else -1
     every = schema.name in ALIASING_SETTERS
-    return tuple(
-        (i, a.name) for i, a in enumerate(schema.arguments)
-        if every or (a.alias_info is not None and a.alias_info.is_write) or a.name in undeclared
-    )
+    out = []
+    for i, a in enumerate(schema.arguments):
+        if every or (a.alias_info is not None and a.alias_info.is_write):
+            out.append((i, a.name, -1))
+        elif a.name in undeclared:
+            out.append((i, a.name, flag_pos))
+    return tuple(out)
 
 
 def _storage_key(value: Any) -> int | None:
@@ -189,10 +199,15 @@ class _WriteRefusal(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        for pos, name in _written_positions(func):
+        for pos, name, flag_pos in _written_positions(func):
             value = args[pos] if pos < len(args) else kwargs.get(name)
             if value is None:
                 continue
+            if flag_pos >= 0:
+                flag_name = func._schema.arguments[flag_pos].name
+                flag = args[flag_pos] if flag_pos < len(args) else kwargs.get(flag_name, True)
+                if flag is False:
+                    continue
             for leaf in value if isinstance(value, (list, tuple)) else (value,):
                 if _storage_key(leaf) in self.protected:
                     raise _refuse(f"{self.op_name} ({func._schema.name} writes {name!r})", self.worker_id)
