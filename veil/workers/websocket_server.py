@@ -264,6 +264,7 @@ class WebsocketServerWorker(BaseWorker):
         if not work.done():
             token.cancel(f"session {session.id} disconnected")
             await asyncio.wait((work,))  # it stops at its next checkpoint; its objects are freed after
+            log.warning("worker %s: session %s disconnected; its running command was cancelled", self.id, session.id)
             return None
         return work.result()
 

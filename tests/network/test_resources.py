@@ -1,0 +1,174 @@
+"""Resources an attacker could pin on a running ``veil worker``: each finding of issue 12, reproduced.
+
+Handshake slots, long commands (other sessions keep being served, a deadline,
+cancellation on disconnect), replies that cannot be encoded, deep nesting,
+log flooding and CLI input errors.
+"""
+
+import http.client
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import msgpack
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import veil as sy
+from veil.exceptions import CommandTimeoutError, RemoteExecutionError, SerializationError
+from veil.messaging import messages as m
+from veil.messaging.serde import EXT_CODES, deserialize, serialize
+from veil.plans import training_plan
+from veil.workers.persistence import OwnerDB
+from veil.workers.websocket_auth import handshake_headers
+from veil.workers.websocket_transport import BlockingConnection
+
+from network_helpers import TOKEN, base_args
+
+
+def _http_get(port: int, headers: dict) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/", headers=headers)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def _plan_and_data(worker, rows: int = 400):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(13, 8), nn.ReLU(), nn.Linear(8, 1))
+    plan = training_plan(model, F.mse_loss, lr=0.01, args_shape=[(-1, 13), (-1, 1)])
+    return plan.send(worker), torch.randn(rows, 13).send(worker), torch.randn(rows, 1).send(worker)
+
+
+def test_requests_without_upgrade_do_not_leak_handshake_slots(spawn, connect):
+    wp = spawn("alice", base_args())
+    statuses = {_http_get(wp.port, handshake_headers(TOKEN)) for _ in range(80)}  # > 64 slots
+    assert 503 not in statuses and all(s >= 400 for s in statuses)
+    alice = connect(wp)  # immediately: no waiting for slots to expire
+    assert torch.equal((torch.tensor([1.0, 2.0]).send(alice) * 3).get(), torch.tensor([3.0, 6.0]))
+
+
+def test_unencodable_result_is_an_error_reply_not_a_closed_connection(spawn):
+    wp = spawn("alice", base_args())
+    conn = BlockingConnection(f"ws://127.0.0.1:{wp.port}", handshake_headers(TOKEN))
+    try:
+        # a meta tensor is stored fine but its bytes cannot be read back
+        conn.send(serialize(m.CommandMessage("torch.zeros", (3,), {"device": torch.device("meta")}, [4242])))
+        assert type(deserialize(conn.recv(30))[0]) is m.OkReply
+        conn.send(serialize(m.GetObjectsMessage([4242], False, None)))
+        reply = deserialize(conn.recv(30))[0]
+        assert type(reply) is m.ErrorReply
+        # the same connection keeps working
+        conn.send(serialize(m.ObjectMessage([m.StoredObject(77, torch.ones(2))])))
+        assert type(deserialize(conn.recv(30))[0]) is m.OkReply
+    finally:
+        conn.close()
+
+
+def test_deeply_nested_frame_is_refused_and_worker_survives(spawn, connect):
+    wp = spawn("alice", base_args())
+    inner = msgpack.packb([])
+    for _ in range(300):
+        inner = msgpack.packb([msgpack.ExtType(EXT_CODES.TUPLE, inner)])
+    frame = msgpack.packb([1, 1, "x", [], "torch.add", [msgpack.ExtType(EXT_CODES.TUPLE, inner)], {}, None, False])
+    conn = BlockingConnection(f"ws://127.0.0.1:{wp.port}", handshake_headers(TOKEN))
+    try:
+        conn.send(frame)
+        reply = deserialize(conn.recv(30))[0]
+        assert type(reply) is m.ErrorReply and reply.error == "SerializationError"
+    finally:
+        conn.close()
+    assert wp.alive()
+    assert (torch.ones(2).send(connect(wp)) + 1).get().tolist() == [2.0, 2.0]
+
+
+def test_command_time_limit(spawn, connect):
+    wp = spawn("alice", base_args(["--max-command-seconds", "1.5"]))
+    alice = connect(wp)
+    plan, x, y = _plan_and_data(alice)
+    with pytest.raises(CommandTimeoutError, match="max-command-seconds"):
+        plan.fit(x, y, batch_size=8, epochs=10_000)
+    assert plan.fit(x, y, batch_size=8, epochs=1).get().shape == (50,)  # still serves, plan intact
+
+
+_ATTACKER = textwrap.dedent("""
+    import sys, torch, torch.nn.functional as F
+    from torch import nn
+    import veil as sy
+    from veil.plans import training_plan
+    hook = sy.TorchHook(torch)
+    w = sy.WebsocketClientWorker(hook, id="alice", host="127.0.0.1", port=int(sys.argv[1]), token=sys.argv[2],
+                                 timeout=600)
+    model = nn.Sequential(nn.Linear(13, 8), nn.ReLU(), nn.Linear(8, 1))
+    plan = training_plan(model, F.mse_loss, lr=0.01, args_shape=[(-1, 13), (-1, 1)]).send(w)
+    x, y = torch.randn(400, 13).send(w), torch.randn(400, 1).send(w)
+    print("fitting", flush=True)
+    plan.fit(x, y, batch_size=8, epochs=10_000)
+    print("finished", flush=True)
+""")
+
+
+def _wait_for(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def test_long_fit_does_not_block_others_and_stops_when_its_session_leaves(spawn, connect):
+    wp = spawn("alice", base_args())
+    attacker = subprocess.Popen([sys.executable, "-c", _ATTACKER, str(wp.port), TOKEN],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert attacker.stdout.readline().strip() == "fitting"
+        time.sleep(1.0)  # the fit is running now
+        victim = connect(wp)
+        x = torch.arange(5.0).send(victim)
+        for i in range(5):  # answered while the 500,000-batch fit is still running
+            assert torch.equal((x * i).get(), torch.arange(5.0) * i)
+        assert attacker.poll() is None
+    finally:
+        attacker.kill()
+        attacker.wait(10)
+    assert _wait_for(lambda: any("cancelled" in line for line in wp.output), 60), wp.output[-10:]
+    assert (torch.ones(3).send(connect(wp)) * 2).get().tolist() == [2.0, 2.0, 2.0]
+
+
+def test_refused_connections_are_audited_in_aggregate(spawn, tmp_path):
+    wp = spawn("alice", base_args(["--data-dir", str(tmp_path)]))
+    for _ in range(120):
+        assert _http_get(wp.port, handshake_headers("not-a-valid-token")) == 401
+    assert wp.stop() == 0
+    rows = [r for r in OwnerDB.in_dir(tmp_path).audit_entries() if r["action"] == "connect"]
+    assert len(rows) <= 10, len(rows)
+    singles = [r for r in rows if "more refused" not in r["detail"]]
+    summaries = [r for r in rows if "more refused" in r["detail"]]
+    counted = len(singles) + sum(int(r["detail"].split()[0]) for r in summaries)
+    assert counted == 120  # nothing hidden: every refusal is counted
+
+
+@pytest.mark.parametrize("argv", [
+    ["worker", "--id", "a", "--token", "short"],
+    ["worker", "--id", "a", "--token", "long-enough-token", "--port", "99999"],
+    ["worker", "--id", "a", "--token", "long-enough-token", "--cert", "/nonexistent.pem", "--key", "/x"],
+    ["worker", "--id", "a", "--token", "long-enough-token", "--max-command-seconds", "-1"],
+    ["serve", "/nonexistent-model.pt", "--auto", "1,2,3"],
+])
+def test_cli_input_errors_are_one_line(argv):
+    out = subprocess.run([sys.executable, "-m", "veil.cli", *argv], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr + out.stdout
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_cli_help_does_not_promise_future_subcommands():
+    out = subprocess.run([sys.executable, "-m", "veil.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "land" not in out.stdout and "worker" in out.stdout
