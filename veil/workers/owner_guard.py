@@ -253,7 +253,7 @@ def client_error(op_name: str, error: BaseException, protected: set[int], worker
         if isinstance(error, VeilError):
             return error
         return RemoteExecutionError(f"{op_name} failed on worker {worker_id!r}: {type(error).__name__}: {error}")
-    owner_log.warning("worker %s: %s failed on protected data: %s: %s", worker_id, op_name,
+    owner_log.info("worker %s: %s failed on protected data: %s: %s", worker_id, op_name,
                       type(error).__name__, error)
     return ProtectedDataError(
         f"operation {op_name} failed on protected data of worker {worker_id!r} (details are in the owner's log)"

@@ -1,0 +1,130 @@
+"""Taint fuzzer (short deterministic run): random requests of every kind never leak owner sentinels.
+
+See taint_fuzz.py for the engine. Holes still open on this branch (being closed by
+the reference-monitor work) are tracked as expected failures naming the hole; the
+holes this branch closes (values in error text, direct gets) and owner-data
+integrity are asserted strictly. The long run is bench/bench_taint_fuzzer.py.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import veil as sy
+import veil.dp  # noqa: F401  (registers DP worker functions)
+import veil.he  # noqa: F401
+import veil.mpc  # noqa: F401  (registers OpenMessage and the protocol steps)
+import veil.plans  # noqa: F401
+import veil.serving  # noqa: F401  (registers ServingMessage)
+from veil.messaging import messages as m
+from veil.messaging.serde import deserialize
+
+sys.path.insert(0, str(Path(__file__).parent))
+from taint_fuzz import (  # noqa: E402
+    PRIVATE_F64,
+    REQUEST_TYPES,
+    NetworkTarget,
+    VirtualTarget,
+    bit_identical,
+    run_fuzz,
+    sentinel_patterns,
+)
+
+#: holes the reference-monitor branch closes (capabilities, one monitor for every handler)
+MONITOR_HOLES = ("derived-reveal", "mpc-open", "peer-deputy", "serving", "derived-error")
+OPEN_HOLES_REASON = ("open holes fixed on the monitor branch: derived-reveal (results computed from owner data "
+                     "are revealable: reveal_to capabilities), mpc-open (OpenMessage resolves owner ids without "
+                     "the monitor), peer-deputy (remote get/move with the worker's rights)")
+
+
+@pytest.fixture(scope="module")
+def hook():
+    return sy.TorchHook(torch)
+
+
+@pytest.fixture(scope="module")
+def virtual_run(hook):
+    target = VirtualTarget(hook)
+    before = target.owner_tensors()
+    report = run_fuzz(target, 4000, seed=12)
+    return target, before, report
+
+
+@pytest.fixture(scope="module")
+def network_run(tmp_path_factory):
+    target = NetworkTarget(tmp_path_factory.mktemp("fuzz"))
+    try:
+        before = target.owner_tensors()
+        report = run_fuzz(target, 1500, seed=34)
+        yield target, before, report
+    finally:
+        target.close()
+
+
+def _unexpected(report):
+    return [leak for leak in report.leaks if not leak.hole.startswith(MONITOR_HOLES)]
+
+
+def test_generator_covers_every_request_type_and_principal(virtual_run):
+    _, _, report = virtual_run
+    assert report.messages >= 3500
+    names = {t.__name__ for t in REQUEST_TYPES}
+    assert {"CommandMessage", "OpenMessage", "ServingMessage", "AdminObjectsMessage", "MoveMessage"} <= names
+
+
+def test_sentinel_scan_detects_a_plain_copy():
+    """The detector itself: a reply holding the owner's bytes is caught (a test that can fail)."""
+    from veil.messaging.serde import serialize
+
+    raw = serialize(m.ObjectsReply([PRIVATE_F64.clone()]))
+    assert any(p in raw for p in sentinel_patterns())
+    raw = serialize(m.ErrorReply("RemoteExecutionError", f"index {int(PRIVATE_F64[0])} is out of bounds"))
+    assert any(p in raw for p in sentinel_patterns())
+
+
+@pytest.mark.parametrize("kind", ["virtual", "network"])
+def test_no_leak_through_closed_holes_owner_data_intact_worker_serves(kind, request):
+    target, before, report = request.getfixturevalue(f"{kind}_run")
+    assert _unexpected(report) == []
+    assert bit_identical(before, target.owner_tensors()) == []
+    assert target.serves()
+
+
+@pytest.mark.xfail(strict=False, reason=OPEN_HOLES_REASON)
+@pytest.mark.parametrize("kind", ["virtual", "network"])
+def test_no_leak_at_all(kind, request):
+    _, _, report = request.getfixturevalue(f"{kind}_run")
+    assert report.leaks == []
+
+
+@pytest.mark.xfail(strict=False, reason="derived-reveal: a copy of private owner data is revealable by its "
+                                        "creator (needs reveal_to capabilities, monitor branch)")
+def test_hole_derived_reveal(hook):
+    target = VirtualTarget(hook)
+    ref = m.ObjectRef(target.owner_ids["private_f64"])
+    target.send("scientist", m.CommandMessage("torch.clone", [ref], {}, [5]))
+    raw = target.send("scientist", m.GetObjectsMessage([5], False, None))
+    assert not any(p in raw for p in sentinel_patterns())
+
+
+@pytest.mark.xfail(strict=False, reason="mpc-open: OpenMessage('beaver_mask') returns private owner data "
+                                        "(no monitor check on openings, monitor branch)")
+def test_hole_mpc_open(hook):
+    from veil.mpc.party import OpenMessage
+
+    target = VirtualTarget(hook)
+    ref = m.ObjectRef(target.owner_ids["private_f64"])
+    raw = target.send("scientist", OpenMessage("beaver_mask", (ref, ref, 0, 0), {}))
+    assert not any(p in raw for p in sentinel_patterns())
+
+
+def test_error_on_private_data_names_only_the_op(hook):
+    target = VirtualTarget(hook)
+    ref = m.ObjectRef(target.owner_ids["private_i64"])
+    idx = torch.arange(3)
+    raw = target.send("scientist", m.CommandMessage("torch.index_select", [idx, 0, ref], {}, None))
+    reply = deserialize(raw)[0]
+    assert type(reply) is m.ErrorReply and reply.error == "ProtectedDataError"
+    assert not any(p in raw for p in sentinel_patterns())
