@@ -9,7 +9,6 @@ import http.client
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import msgpack
@@ -18,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import veil as sy
-from veil.exceptions import CommandTimeoutError, RemoteExecutionError, SerializationError
+from veil.exceptions import CommandTimeoutError
 from veil.messaging import messages as m
 from veil.messaging.serde import EXT_CODES, deserialize, serialize
 from veil.plans import training_plan

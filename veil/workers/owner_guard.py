@@ -26,7 +26,7 @@ import contextlib
 import inspect
 import logging
 from functools import lru_cache
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -214,14 +214,15 @@ class _WriteRefusal(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-@contextlib.contextmanager
-def refuse_writes(op_name: str, protected: set[int], worker_id: str) -> Iterator[None]:
-    """Runs the enclosed op with writes into ``protected`` storage refused (no-op when empty)."""
+_NO_GUARD = contextlib.nullcontext()
+
+
+def refuse_writes(op_name: str, protected: set[int], worker_id: str) -> contextlib.AbstractContextManager:
+    """A context in which writes into ``protected`` storage are refused (a shared no-op when empty:
+    commands on the client's own data pay nothing)."""
     if not protected:
-        yield
-        return
-    with _WriteRefusal(op_name, protected, worker_id):
-        yield
+        return _NO_GUARD
+    return _WriteRefusal(op_name, protected, worker_id)
 
 
 def copy_aliases(result: Any, protected: set[int]) -> Any:
