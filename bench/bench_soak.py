@@ -1,6 +1,6 @@
 """Soak / DoS bench: clients' latency on a `veil worker`, quiet vs. under attack.
 
-    .venv/bin/python bench/bench_soak.py [--clients 20] [--ops 150]
+    .venv/bin/python bench/bench_soak.py [--clients 20] [--ops 100]
 
 Phase 1 (quiet): N client connections each run M ops (``(x + i).get()``: one
 command and one get, 2 round trips) against one ``veil worker`` process.
@@ -146,7 +146,7 @@ def attacker(port: int, stop_file: str) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=20)
-    p.add_argument("--ops", type=int, default=150, help="ops per client per phase")
+    p.add_argument("--ops", type=int, default=100, help="ops per client per phase")
     p.add_argument("--attacker", nargs=2, metavar=("PORT", "STOP_FILE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.attacker:
