@@ -84,16 +84,32 @@ def checkpoint() -> None:
 
 
 class FairLock:
-    """A mutex handed to waiters in arrival order (``threading.Lock`` is not fair).
+    """A mutex handed over in arrival order, where long commands give way to short ones.
 
     The server holds it while a request runs, so the store sees one request at a
-    time; :meth:`yield_turn` hands it to the next waiter and queues the holder behind.
+    time (``threading.Lock`` is not fair, so waiters are queued explicitly). A
+    long command calls :meth:`yield_turn` between batches: it hands the lock to
+    the waiting requests and queues itself in a *background* queue, served when
+    no ordinary request waits, or once it has waited ``max_background_wait``
+    seconds (so it still progresses, and still reaches its deadline, under load).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_background_wait: float = 0.1) -> None:
+        self.max_background_wait = max_background_wait
         self._mutex = threading.Lock()
         self._held = False
         self._waiters: deque[threading.Event] = deque()
+        self._background: deque[tuple[threading.Event, float]] = deque()
+
+    def _next(self) -> threading.Event | None:
+        """Who gets the lock now (called with the mutex held)."""
+        if self._background and (
+            not self._waiters or time.monotonic() - self._background[0][1] > self.max_background_wait
+        ):
+            return self._background.popleft()[0]
+        if self._waiters:
+            return self._waiters.popleft()
+        return None
 
     def acquire(self) -> None:
         with self._mutex:
@@ -102,22 +118,26 @@ class FairLock:
                 return
             turn = threading.Event()
             self._waiters.append(turn)
-        turn.wait()  # release() handed the lock over: it is ours, still marked held
+        turn.wait()  # the releaser handed the lock over: it is ours, still marked held
 
     def release(self) -> None:
         with self._mutex:
-            if self._waiters:
-                self._waiters.popleft().set()
+            turn = self._next()
+            if turn is not None:
+                turn.set()
             else:
                 self._held = False
 
     def yield_turn(self) -> None:
-        """Lets everyone already waiting run first (no-op when nobody waits)."""
+        """Lets the waiting requests run first (no-op when nobody waits); returns holding the lock."""
         with self._mutex:
             if not self._waiters:
                 return
-        self.release()
-        self.acquire()
+            mine = threading.Event()
+            self._background.append((mine, time.monotonic()))
+            turn = self._next()
+            turn.set()  # never ours: an ordinary request waits, and ours has not waited yet
+        mine.wait()
 
     def __enter__(self) -> "FairLock":
         self.acquire()

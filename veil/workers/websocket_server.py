@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +61,8 @@ DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_MAX_COMMAND_SECONDS = 600.0
 #: the websockets opening-handshake timeout; a handshake slot older than this is stale
 OPEN_TIMEOUT = 10.0
+#: GIL switch interval while serving (seconds; Python's default is 0.005)
+SWITCH_INTERVAL = 0.0005
 
 #: requests that move data out of the worker -> audit action name
 OUTBOUND: dict[type, str] = {m.GetObjectsMessage: "get", m.MoveMessage: "move", m.RemoteGetMessage: "remote_get"}
@@ -275,6 +278,10 @@ class WebsocketServerWorker(BaseWorker):
         """Serves until :meth:`stop` (or SIGINT/SIGTERM when ``handle_signals``)."""
         self._loop = asyncio.get_running_loop()
         self._stop = self._loop.create_future()
+        # A long command is a CPU-bound thread: with Python's default 5 ms GIL switch
+        # interval every frame the event loop reads, and every handoff to another
+        # session's thread, waits up to 5 ms behind it. 0.5 ms keeps others responsive.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         if handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._loop.add_signal_handler(sig, self.stop)
