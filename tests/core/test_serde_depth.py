@@ -99,3 +99,19 @@ def test_deep_nesting_does_not_crash_a_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
     assert "survived" in out.stdout
+
+
+def test_client_decoding_a_hostile_reply_fails_cleanly():
+    """A worker (or a man in the middle) answering with deep nesting: the client raises, it does not crash."""
+    import torch
+
+    import veil as sy
+
+    hook = sy.TorchHook(torch)
+    me = sy.VirtualWorker(hook, id="depth-client")
+    hostile = sy.VirtualWorker(hook, id="depth-hostile")
+    reply = msgpack.packb([1, m.ObjectsReply.TYPE, "depth-hostile", [],
+                           [msgpack.ExtType(EXT_CODES.TUPLE, nested_tuple_payload(400))]])
+    hostile._recv_msg = lambda data: reply
+    with pytest.raises(SerializationError, match="nested deeper"):
+        me.send_msg(m.GetObjectsMessage([1]), hostile)
