@@ -192,8 +192,11 @@ class Cluster:
     def save(self, path: str | os.PathLike) -> Path:
         """Writes the cluster file for clients (owner-only permissions: it holds a token)."""
         path = Path(path)
-        path.write_text(json.dumps(self.describe(), indent=2))
-        path.chmod(0o600)
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(self.describe(), indent=2))
+        os.replace(tmp, path)  # a client waiting for the file never reads half of it
         return path
 
     @classmethod

@@ -87,6 +87,13 @@ class ModelService:
         self._broadcast("open", list(clients), info)
         cluster.services.append(self)  # cluster.stop() stops this service first
 
+    def holds_only_pointers(self) -> bool:
+        """True when the owner's process keeps no share of the model: every weight is
+        fixed precision -> additive sharing -> one PointerTensor per party."""
+        from veil.tensors.pointer import PointerTensor
+
+        return all(all(type(s) is PointerTensor for s in p.child.child.values()) for p in self.model.parameters())
+
     # ------------------------------------------------------------ loop
 
     def serve(self, num_requests: Optional[int] = None, background: bool = False,

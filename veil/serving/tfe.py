@@ -116,7 +116,9 @@ class TFEWorker(NetworkWorker):
             self._client = None
 
     def __repr__(self) -> str:
-        return f"<TFEWorker {self.address or 'client'}{' auto-managed' if self.auto_managed else ''}>"
+        if not self.address:
+            return "<TFEWorker client>"
+        return f"<TFEWorker {self.address}{' auto-managed' if self.auto_managed else ''}>"
 
 
 class TFECluster(Cluster):
