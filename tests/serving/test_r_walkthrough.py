@@ -43,7 +43,9 @@ def _r_env(tmp_path: Path) -> dict:
 
 
 def _plaintext_predictions(model_file: Path) -> torch.Tensor:
-    keras = pytest.importorskip("keras")
+    from veil.serving.keras_convert import import_keras
+
+    keras = import_keras()  # the torch backend, as in owner.R
     model = keras.saving.load_model(model_file, compile=False, safe_mode=True)
     x = load_mnist_5k(scale=False)["x_test"][[0, 100, 200]].reshape(3, 28, 28, 1) / 255  # client.R's picks
     return torch.as_tensor(model.predict(x.numpy(), verbose=0))

@@ -24,7 +24,8 @@ from veil.serving import protocol
 from veil.serving.cluster import Cluster
 from veil.serving.errors import ServingError, WorkerUnavailableError
 from veil.serving.inputs import as_shape, as_tensor
-from veil.serving.service import DEFAULT_SERVICE, default_hook
+from veil.serving.service import DEFAULT_SERVICE
+from veil.workers.registry import HookContext
 
 #: where a client finds the client token when neither the cluster nor the call names one
 CLIENT_TOKEN_ENV = "VEIL_CLIENT_TOKEN"
@@ -34,12 +35,14 @@ class ModelClient:
     """Queries a model served on a cluster.
 
     Args:
-        hook: A TorchHook (default: the process's).
+        hook: A hook context for the connections (default: a private one).
         timeout: Seconds a query may wait for its result.
     """
 
     def __init__(self, hook: Any = None, timeout: float = 120.0) -> None:
-        self.hook = hook or default_hook()
+        # Its own registry by default: the client's connections must not replace the workers an
+        # owner in the same process (a notebook, a test) resolves its pointers with.
+        self.hook = hook or HookContext()
         self.timeout = timeout
         self.parties: list[Any] = []
         self.service = DEFAULT_SERVICE

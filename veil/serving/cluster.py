@@ -129,7 +129,8 @@ class Cluster:
 
         # In parallel: each process spends seconds importing torch before it listens.
         with ThreadPoolExecutor(len(self.workers)) as pool:
-            futures = [pool.submit(start_worker, w.id, self.worker_args(w), port=w.port) for w in self.workers]
+            futures = [pool.submit(start_worker, w.id, self.worker_args(w), port=w.port, ready_timeout=180)
+                       for w in self.workers]
         errors = []
         for f in futures:
             try:
