@@ -122,6 +122,7 @@ class BlockingConnection:
         Returns:
             False once the connection is closed (the server gave up on it, or the socket broke).
         """
+        previous = self.sock.gettimeout()  # a later send must not inherit the short poll timeout
         try:
             while select.select([self.sock], [], [], 0)[0]:
                 self.sock.settimeout(1.0)
@@ -130,6 +131,11 @@ class BlockingConnection:
                     return False
         except (OSError, ConnectionClosed):  # TimeoutError is an OSError
             return False
+        finally:
+            try:
+                self.sock.settimeout(previous)
+            except OSError:
+                pass
         return self.protocol.state.name == "OPEN"
 
     def close(self) -> None:
