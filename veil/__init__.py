@@ -20,6 +20,7 @@ from veil.workers.websocket_client import WebsocketClientWorker
 from veil.workers.websocket_server import WebsocketServerWorker
 from veil import serving  # noqa: E402  (registers the serving wire type on every worker)
 from veil.serving import Cluster, ModelClient, NetworkWorker
+from veil.serving import KerasHook, TFECluster, TFEWorker  # PySyft 0.2's serving names
 
 __version__ = "0.1.0"
 
@@ -62,4 +63,7 @@ __all__ = [
     "Cluster",
     "ModelClient",
     "NetworkWorker",
+    "KerasHook",
+    "TFECluster",
+    "TFEWorker",
 ]

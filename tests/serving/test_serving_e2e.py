@@ -10,7 +10,7 @@ from torch import nn
 
 import veil as sy
 from veil.serving import ServiceClosedError, ServingError
-from veil.exceptions import VeilError
+from veil.exceptions import PermissionDeniedError, VeilError
 
 from serving_helpers import client_for, cluster, mnist, trained_cnn  # noqa: F401  (fixtures)
 
@@ -101,7 +101,7 @@ def test_client_cannot_act_as_owner_or_read_other_requests(cluster, client_for):
         b = client_for(cluster, (1, 3), (1, 2), name="isolation")
         rid = a.submit(torch.ones(1, 3))
         party = b.parties[0]
-        with pytest.raises(ServingError, match="only the owner"):
+        with pytest.raises(PermissionDeniedError, match="client token may only submit"):
             protocol.call(b.hook.local_worker, party, "pending", "isolation")
         a.result(rid)  # a gets its answer ...
         rid2 = a.submit(torch.ones(1, 3))

@@ -5,7 +5,9 @@ Examples::
     # start three local workers itself, write the file clients connect with, serve 100 queries
     veil serve mnist.pt --auto 4000,4001,4002 --cluster-file cluster.json --num-requests 100
 
-    # workers already running (started with the owner's and the clients' tokens)
+    # workers already running: parties started with --token OWNER_TOKEN --token-user model-owner
+    # --client client=CLIENT_TOKEN (submit/fetch only), the crypto provider with --token and --peer
+    # entries for the parties, which accept it with --accept-peer
     VEIL_OWNER_TOKEN=... veil serve model.keras --worker h1:4000 --worker h2:4000 --worker h3:4000 \\
         --client-token ... --cluster-file cluster.json
 
@@ -74,9 +76,8 @@ def run(args: argparse.Namespace) -> int:
         service.serve(args.num_requests, background=True)
         while service._thread.is_alive() and not stopping.wait(0.2):
             pass
-        service.stop()
-        if not stopping.is_set():  # the last clients still fetch their outputs from the parties
-            service.wait_fetched(timeout=args.fetch_timeout)
+        # stop() waits (bounded) while the last clients fetch their outputs; not on SIGTERM
+        service.stop(timeout=0.0 if stopping.is_set() else args.fetch_timeout)
         if service.error is not None:
             print(f"veil serve: stopped: {service.error}", flush=True)
             return 1

@@ -23,19 +23,26 @@ from veil.mpc.sharing import split
 from veil.serving import protocol
 from veil.serving.cluster import Cluster
 from veil.serving.errors import ServingError, WorkerUnavailableError
-from veil.serving.service import DEFAULT_SERVICE, default_hook
+from veil.serving.inputs import as_shape, as_tensor
+from veil.serving.service import DEFAULT_SERVICE
+from veil.workers.registry import HookContext
+
+#: where a client finds the client token when neither the cluster nor the call names one
+CLIENT_TOKEN_ENV = "VEIL_CLIENT_TOKEN"
 
 
 class ModelClient:
     """Queries a model served on a cluster.
 
     Args:
-        hook: A TorchHook (default: the process's).
+        hook: A hook context for the connections (default: a private one).
         timeout: Seconds a query may wait for its result.
     """
 
     def __init__(self, hook: Any = None, timeout: float = 120.0) -> None:
-        self.hook = hook or default_hook()
+        # Its own registry by default: the client's connections must not replace the workers an
+        # owner in the same process (a notebook, a test) resolves its pointers with.
+        self.hook = hook or HookContext()
         self.timeout = timeout
         self.parties: list[Any] = []
         self.service = DEFAULT_SERVICE
@@ -47,19 +54,26 @@ class ModelClient:
         """Connects to the cluster's parties and checks the model's shapes.
 
         Args:
-            batch_input_shape: The input shape the client will send (batch first).
+            batch_input_shape: The input shape the client will send (batch first;
+                a tuple, ``torch.Size``, numpy array or R vector such as ``c(1, 28, 28, 1)``).
             batch_output_shape: The output shape it expects.
             cluster: A :class:`Cluster` or the path of a cluster file (``Cluster.save``).
-            token: The client token (default: the one in the cluster / file).
+            token: The client token (default: the one in the cluster / file, else
+                ``$VEIL_CLIENT_TOKEN``).
             name: The service name.
 
         Raises:
             ServingError: Shapes differ from the served model's, or no such service.
             WorkerUnavailableError: A party cannot be reached.
         """
+        batch_input_shape = as_shape(batch_input_shape, "input_shape")
+        batch_output_shape = as_shape(batch_output_shape, "output_shape")
         if not isinstance(cluster, Cluster):
             cluster = Cluster.load(cluster, client_token=token)
-        token = token or cluster.client_token
+        token = token or cluster.client_token or os.environ.get(CLIENT_TOKEN_ENV)
+        if not token:
+            raise ServingError("no client token: pass token=..., use the owner's cluster file, "
+                               f"or set {CLIENT_TOKEN_ENV}")
         self.close()
         self.parties = cluster.connect(self.hook, token, cluster.parties, timeout=self.timeout)
         self.service = name
@@ -77,8 +91,11 @@ class ModelClient:
             raise ServingError("the cluster file lists other parties than the service")
         return self
 
-    def query_model(self, x: torch.Tensor) -> torch.Tensor:
+    def query_model(self, x: Any) -> torch.Tensor:
         """The model's output for ``x`` (batch first); nobody else sees ``x`` or the result.
+
+        ``x`` may be a torch tensor, a numpy array or an R array (see
+        :mod:`veil.serving.inputs` for the layout).
 
         Raises:
             RequestFailedError: The cluster could not compute it.
@@ -88,14 +105,16 @@ class ModelClient:
         """
         return self.result(self.submit(x))
 
-    def submit(self, x: torch.Tensor) -> int:
+    def submit(self, x: Any) -> int:
         """Sends the shares of ``x``; returns the request id for :meth:`result` (pipelining)."""
         if not self.parties:
             raise ServingError("call connect_to_model first")
+        x = as_tensor(x)
         if x.dim() == len(self.info["input_shape"]) - 1:
             x = x.unsqueeze(0)
         if list(x.shape[1:]) != self.info["input_shape"][1:]:
-            raise ServingError(f"input shape {list(x.shape)} does not fit the model's {self.info['input_shape']}")
+            raise ServingError(f"input shape {list(x.shape)} does not fit the model's {self.info['input_shape']} "
+                               f"(from R: reticulate::array_reshape(x, c({', '.join(map(str, self.info['input_shape']))})))")
         encoding = make_encoding(self.info["precision_fractional"], self.info["base"])
         shares = split(encode(x.detach().float(), encoding), len(self.parties))
         rid = new_id()

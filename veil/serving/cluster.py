@@ -12,14 +12,23 @@ straight to the others) and the others are the share-holding parties — the
 three-server set-up of TF Encrypted's Pond. Security is semi-honest with no
 two workers colluding.
 
-Tokens: the owner's token (opens and runs services), the clients' token
-(submit and fetch only) and the peer token (worker to worker). The cluster
-file written by :meth:`Cluster.save` holds addresses and the *client* token
-only, for handing to clients.
+Tokens and roles (least privilege, enforced by every worker):
+
+* the owner's token (``scientist`` role): opens and runs services, computes on shares;
+* the clients' token (``client`` role): accepted by the parties only, and there
+  it may only submit queries and fetch its own results (no commands, no
+  worker functions, no other serving action; the crypto provider refuses it);
+* peer tokens (``peer`` role), one per worker, derived from the cluster's peer
+  secret: only the crypto provider is a peer of the parties, and a peer may
+  only hand objects off (deal material), never read or name other objects.
+
+The cluster file written by :meth:`Cluster.save` holds addresses and the
+*client* token only, for handing to clients.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -82,8 +91,10 @@ class Cluster:
         self.owner_token = owner_token or (new(24) if auto_managed else None)
         self.client_token = client_token or (new(24) if auto_managed else None)
         self.peer_token = peer_token or (new(24) if auto_managed else None)
+        self.ping_interval = 30.0  # auto-managed workers' keepalive (seconds); clients answer pings while idle
         self._processes: list[Any] = []
         self._connections: dict[str, Any] = {}
+        self.services: list[Any] = []  # ModelServices shared on this cluster (stopped by stop())
 
     @property
     def workers(self) -> list[NetworkWorker]:
@@ -91,14 +102,21 @@ class Cluster:
 
     # ------------------------------------------------------------ processes
 
+    def peer_token_of(self, w: NetworkWorker) -> str:
+        """The token worker ``w`` presents to its peers (one per worker, so each peer is told apart)."""
+        digest = hashlib.sha256(f"veil-peer:{w.id}:{self.peer_token}".encode()).digest()
+        return digest.hex()[:43]
+
     def worker_args(self, w: NetworkWorker) -> list[str]:
-        """``veil worker`` arguments for ``w`` (tokens, peers); used by :meth:`start`."""
+        """``veil worker`` arguments for ``w`` (tokens, roles, peers); used by :meth:`start`."""
         args = ["--host", w.host, f"--token={self.owner_token}", "--token-user", OWNER_USER,
-                "--user", f"{CLIENT_USER}={self.client_token}"]
-        for other in self.workers:
-            if other is not w:
-                args += ["--peer", f"{other.id}={other.address}", "--peer-token", f"{other.id}={self.peer_token}",
-                         "--accept-peer", f"{other.id}={self.peer_token}"]
+                f"--ping-interval={self.ping_interval}"]
+        cp = self.crypto_provider
+        if w is cp:  # deals to every party; clients and peers have nothing to do here
+            for party in self.parties:
+                args += ["--peer", f"{party.id}={party.address}", f"--peer-token={party.id}={self.peer_token_of(cp)}"]
+        else:  # clients submit and fetch here; only the crypto provider hands material off
+            args += [f"--client={CLIENT_USER}={self.client_token}", f"--accept-peer={cp.id}={self.peer_token_of(cp)}"]
         return args
 
     def start(self) -> "Cluster":
@@ -111,7 +129,8 @@ class Cluster:
 
         # In parallel: each process spends seconds importing torch before it listens.
         with ThreadPoolExecutor(len(self.workers)) as pool:
-            futures = [pool.submit(start_worker, w.id, self.worker_args(w), port=w.port) for w in self.workers]
+            futures = [pool.submit(start_worker, w.id, self.worker_args(w), port=w.port, ready_timeout=180)
+                       for w in self.workers]
         errors = []
         for f in futures:
             try:
@@ -124,7 +143,14 @@ class Cluster:
         return self
 
     def stop(self) -> None:
-        """Closes connections and stops the processes this cluster started."""
+        """Stops the services shared on it (waiting, bounded, for their clients' last fetches),
+        closes connections and stops the processes this cluster started."""
+        services, self.services = self.services, []
+        for service in services:
+            try:
+                service.stop()
+            except Exception:  # the processes still go down
+                pass
         for conn in self._connections.values():
             conn.close()
         self._connections.clear()
@@ -167,8 +193,11 @@ class Cluster:
     def save(self, path: str | os.PathLike) -> Path:
         """Writes the cluster file for clients (owner-only permissions: it holds a token)."""
         path = Path(path)
-        path.write_text(json.dumps(self.describe(), indent=2))
-        path.chmod(0o600)
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(self.describe(), indent=2))
+        os.replace(tmp, path)  # a client waiting for the file never reads half of it
         return path
 
     @classmethod

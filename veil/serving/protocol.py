@@ -10,12 +10,20 @@ Each party worker of a cluster holds, per service name, a small queue:
   *responds* with its share of the outputs (split back per request);
 * the submitting session, and only it, *fetches* its output share.
 
+Fairness and bounds: one session may hold at most :data:`MAX_PER_SESSION`
+requests (queued, being computed or waiting to be fetched), the service at most
+:data:`MAX_PENDING` queued ones, and a session's requests and results are
+dropped when its connection closes (:func:`drop_session`), so an attacker who
+leaves leaves nothing behind. A request is described to the owner with its
+batch size, so a request whose shares disagree between parties fails alone.
+
 Neither side ever receives another party's share: the owner only names
 objects (ids), the client only gets shares of its own outputs, and each
 worker sees one uniformly random share of inputs and weights.
 
 All actions travel as one :class:`ServingMessage`; :data:`ACTIONS` is the
-explicit table of what a worker will do, and who may ask (owner or client).
+explicit table of what a worker will do; :data:`CLIENT_ACTIONS` are the only
+ones a ``client`` token may send (``websocket_auth.CLIENT_REQUESTS``).
 """
 
 from __future__ import annotations
@@ -31,9 +39,12 @@ import torch
 from veil.messaging import messages as m
 from veil.serving.errors import RequestFailedError, ServiceClosedError, ServingError
 from veil.workers.base import register_handler
+from veil.workers.websocket_auth import CLIENT_REQUESTS, SESSION_END_HANDLERS
 
 #: most requests a service queues before refusing new ones (memory bound per worker)
 MAX_PENDING = 1024
+#: most requests one session may have in a service (queued, computing or unfetched)
+MAX_PER_SESSION = 32
 
 
 @dataclass
@@ -104,7 +115,8 @@ def _open(worker: Any, name: str, user: str, session: str, args: list) -> list:
 
 
 def _pending(worker: Any, name: str, user: str, session: str, args: list) -> list:
-    return list(_owned(worker, name, user).pending)
+    """[[request id, batch size], ...]: the owner computes only requests whose parties agree."""
+    return [[r, int(share.shape[0])] for r, (_, share) in _owned(worker, name, user).pending.items()]
 
 
 def _claim(worker: Any, name: str, user: str, session: str, args: list) -> list:
@@ -149,6 +161,20 @@ def _fail(worker: Any, name: str, user: str, session: str, args: list) -> list:
     return []
 
 
+def drop_session(worker: Any, session: str) -> None:
+    """A closed connection: its queued requests, requests in flight and unfetched results go."""
+    with _LOCK:
+        for svc in _SERVICES.get(worker, {}).values():
+            for table in (svc.pending, svc.outputs):
+                for r in [r for r, entry in table.items() if entry[0] == session]:
+                    del table[r]
+            for r in [r for r, sub in svc.claimed.items() if sub == session]:
+                del svc.claimed[r]  # its output share is discarded when the owner responds
+
+
+SESSION_END_HANDLERS.append(drop_session)
+
+
 def _close(worker: Any, name: str, user: str, session: str, args: list) -> list:
     svc = _owned(worker, name, user)
     svc.closed = True
@@ -161,7 +187,7 @@ def _close(worker: Any, name: str, user: str, session: str, args: list) -> list:
 
 def _unfetched(worker: Any, name: str, user: str, session: str, args: list) -> list:
     """How many computed outputs wait for their client (the owner waits for 0 before shutting down)."""
-    return [len(_owned(worker, name, user).outputs)]
+    return [sum(1 for _, out in _owned(worker, name, user).outputs.values() if isinstance(out, torch.Tensor))]
 
 
 def _owned(worker: Any, name: str, user: str) -> _Service:
@@ -190,6 +216,12 @@ def _submit(worker: Any, name: str, user: str, session: str, args: list) -> list
         raise ServingError(f"a request needs an int64 share of shape [batch, {', '.join(map(str, shape[1:]))}]")
     if rid in svc.pending or rid in svc.claimed or rid in svc.outputs:
         raise ServingError("request id already in use")
+    mine = (sum(1 for sub, _ in svc.pending.values() if sub == session)
+            + sum(1 for sub in svc.claimed.values() if sub == session)
+            + sum(1 for sub, _ in svc.outputs.values() if sub == session))
+    if mine >= MAX_PER_SESSION:
+        raise ServingError(f"this connection already has {MAX_PER_SESSION} requests in service {name!r}; "
+                           f"fetch their results first")
     if len(svc.pending) >= MAX_PENDING:
         raise ServingError(f"service {name!r} is busy ({MAX_PENDING} requests queued); retry later")
     svc.pending[rid] = (session, share)
@@ -230,6 +262,9 @@ ACTIONS: dict[str, Callable[..., list]] = {
     "submit": _submit,
     "fetch": _fetch,
 }
+#: the actions a ``client`` token may send (everything else needs the owner's token)
+CLIENT_ACTIONS = frozenset({"info", "submit", "fetch"})
+CLIENT_REQUESTS[ServingMessage] = lambda msg: isinstance(msg.action, str) and msg.action in CLIENT_ACTIONS
 
 
 @register_handler(ServingMessage)

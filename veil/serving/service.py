@@ -9,10 +9,16 @@ model on the shared batch through pointers, and hand each party's output
 share back to the queue for the requesting client. The owner's process holds
 only pointers: it never sees inputs, outputs or weight shares.
 
-A failure while computing a batch (a worker gone, a protocol error) marks
-that batch's requests failed on every reachable party, so clients get a
+A failure while computing a batch (a protocol error) marks that batch's
+requests failed on every reachable party, so clients get a
 :class:`~veil.serving.errors.RequestFailedError` instead of waiting or
-receiving a wrong answer; an unreachable worker also stops the service.
+receiving a wrong answer, and serving goes on; only an unreachable worker
+stops the service. A malformed request fails alone: one whose shares differ in
+batch size between parties, or that reached only some parties and stayed
+incomplete for ``partial_timeout`` seconds, is failed before any batch is
+claimed. :meth:`ModelService.stop` waits (bounded) until clients fetched the
+results already computed, so ``model.serve(num_requests=3); model.stop()``
+lets the third client finish.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from veil.mpc.module import fix_precision_module, share_module
 from veil.serving import protocol
 from veil.serving.cluster import CLIENT_USER, Cluster
 from veil.serving.errors import ServingError, WorkerUnavailableError
+from veil.serving.inputs import as_count, as_shape
 
 DEFAULT_SERVICE = "model"
 
@@ -45,13 +52,21 @@ class ModelService:
         name: Service name (several models may share a cluster).
         max_batch: Most requests computed together.
         clients: Users allowed to query (default: the cluster's client user).
+        partial_timeout: Seconds a request may stay submitted to only some
+            parties before it is failed (a client that died mid-submit, or an attacker).
     """
 
     def __init__(self, model: nn.Module, cluster: Cluster, input_shape: tuple, name: str = DEFAULT_SERVICE,
-                 max_batch: int = 16, clients: tuple = (CLIENT_USER,), hook: Any = None) -> None:
+                 max_batch: int = 16, clients: tuple = (CLIENT_USER,), hook: Any = None,
+                 partial_timeout: float = 30.0) -> None:
         self.hook = hook or default_hook()
-        self.model, self.cluster, self.name, self.max_batch = model.eval(), cluster, name, max_batch
-        self.input_shape = tuple(input_shape)
+        self.model, self.cluster, self.name = model.eval(), cluster, name
+        self.max_batch = as_count(max_batch, "max_batch")
+        self.input_shape = as_shape(input_shape, "input_shape")
+        self.partial_timeout = partial_timeout
+        self.failed_requests = 0  # malformed or failed requests (each failed alone)
+        self._partial: dict[int, float] = {}  # request id -> when first seen on only some parties
+        self._stopped = False
         self.connections = cluster.connect(self.hook, cluster.owner_token)
         self.parties = self.connections[:-1]
         self.provider = self.connections[-1]
@@ -70,6 +85,14 @@ class ModelService:
                 "base": self.encoding.base, "precision_fractional": self.encoding.precision_fractional,
                 "parties": [w.id for w in self.parties]}
         self._broadcast("open", list(clients), info)
+        cluster.services.append(self)  # cluster.stop() stops this service first
+
+    def holds_only_pointers(self) -> bool:
+        """True when the owner's process keeps no share of the model: every weight is
+        fixed precision -> additive sharing -> one PointerTensor per party."""
+        from veil.tensors.pointer import PointerTensor
+
+        return all(all(type(s) is PointerTensor for s in p.child.child.values()) for p in self.model.parameters())
 
     # ------------------------------------------------------------ loop
 
@@ -86,6 +109,7 @@ class ModelService:
             WorkerUnavailableError: A worker could not be reached (foreground only;
                 in the background the error is kept in :attr:`error`).
         """
+        num_requests = as_count(num_requests, "num_requests")
         if background:
             self._thread = threading.Thread(target=self._run, args=(num_requests, poll_interval),
                                             name=f"veil-serve-{self.name}", daemon=True)
@@ -95,11 +119,20 @@ class ModelService:
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stops serving and closes the service on the workers (queued requests fail)."""
+        """Stops serving, closes the service (queued requests fail) and waits for outstanding fetches.
+
+        Args:
+            timeout: Most seconds to wait for the serving thread, and then for
+                clients to fetch the results already computed.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
         self._close()
+        self.wait_fetched(timeout)
 
     def wait_fetched(self, timeout: float = 30.0, poll_interval: float = 0.05) -> bool:
         """Waits until clients fetched every computed output (before the cluster shuts down).
@@ -135,11 +168,14 @@ class ModelService:
 
     def step(self, max_batch: int) -> int:
         """Serves at most ``max_batch`` pending requests; returns how many."""
-        ready = None
-        for w in self.parties:  # a request is ready once every party has its share
-            ids = self._call(w, "pending")
-            ready = [r for r in ids if ready is None or r in ready]
-        rids = (ready or [])[:max_batch]
+        sizes: dict[int, list[int]] = {}
+        for w in self.parties:  # a request is ready once every party has its share, of one batch size
+            for rid, size in self._call(w, "pending"):
+                sizes.setdefault(rid, []).append(size)
+        n = len(self.parties)
+        complete = {r: s for r, s in sizes.items() if len(s) == n}
+        self._fail_malformed(sizes, complete)
+        rids = [r for r, s in complete.items() if len(set(s)) == 1][:max_batch]
         if not rids:
             return 0
         try:
@@ -147,11 +183,31 @@ class ModelService:
         except (ConnectionLostError, OSError, WorkerUnavailableError) as e:
             self._fail(rids, "a cluster worker became unreachable")
             raise WorkerUnavailableError(f"serving stopped: a cluster worker is unreachable ({e})") from e
-        except VeilError as e:
+        except VeilError as e:  # this batch fails; the service goes on
             self._fail(rids, f"{type(e).__name__} while computing")
-            raise
+            self.failed_requests += len(rids)
+            return 0
         self.served += len(rids)
         return len(rids)
+
+    def _fail_malformed(self, sizes: dict, complete: dict) -> None:
+        """Fails requests whose parties disagree on the batch size, or that stayed on only some parties."""
+        now = time.monotonic()
+        bad = [r for r, s in complete.items() if len(set(s)) > 1]
+        for r in list(self._partial):
+            if r not in sizes or r in complete:
+                del self._partial[r]
+        for r in sizes:
+            if r not in complete:
+                self._partial.setdefault(r, now)
+        stale = [r for r, since in self._partial.items() if now - since > self.partial_timeout]
+        if bad:
+            self._fail(bad, "the request's shares differ in batch size between parties")
+        if stale:
+            self._fail(stale, f"the request reached only some parties within {self.partial_timeout:.0f} s")
+            for r in stale:
+                del self._partial[r]
+        self.failed_requests += len(bad) + len(stale)
 
     def _compute(self, rids: list[int]) -> None:
         from veil.tensors.additive import AdditiveSharingTensor
@@ -224,14 +280,27 @@ def share_on_cluster(model: nn.Module, cluster: Cluster, input_shape: Optional[t
                      **options: Any) -> nn.Module:
     """``model.share(cluster)``: secret-shares ``model`` on the cluster for serving.
 
+    A Keras 3 model (``keras.Model``) is converted first (``keras_to_torch``);
+    the Keras model then stands for its service (``.serve()``, ``.stop()``).
+
     Args:
         input_shape: One request's input shape (default: guessed from the first
-            layer for Linear/Conv2d models with batch size 1).
+            layer for Linear/Conv2d models with batch size 1, or the Keras input).
     """
+    input_shape = as_shape(input_shape, "input_shape")
+    module = model
+    if _is_keras(model):
+        from veil.serving.keras_convert import keras_to_torch
+
+        module = keras_to_torch(model)
     if input_shape is None:
-        input_shape = guess_input_shape(model)
-    _SERVICES[model] = ModelService(model, cluster, input_shape, **options)
+        input_shape = guess_input_shape(module)
+    _SERVICES[model] = ModelService(module, cluster, input_shape, **options)
     return model
+
+
+def _is_keras(model: Any) -> bool:
+    return any(c.__module__.startswith("keras.") and c.__name__ == "Model" for c in type(model).__mro__)
 
 
 def service_of(model: nn.Module) -> ModelService:

@@ -7,10 +7,16 @@ before any message is read. Each token names a *principal* with a *role*:
 
 - ``scientist``: a data scientist; computes, ``.get()`` s what the owner's rules allow.
 - ``peer``: another worker the owner trusts for worker-to-worker moves and
-  pointer chains; it may name any client object (by its unguessable id) and the
-  objects it stores can be claimed by whoever names them.
+  dealt material; the objects it stores can be claimed by whoever names them.
 - ``admin``: the data owner (owner view of the store, loading data); it does not
   bypass ``.get()`` rules.
+- ``client``: a serving client (``veil.serving``): it may only send the requests
+  registered in :data:`CLIENT_REQUESTS` (submit a query, fetch its own result).
+
+Roles are least-privilege (:func:`check_request`): a ``peer`` only *hands off*
+objects to this worker (stores them, runs the delivery functions in
+:data:`PEER_COMMANDS`, frees its own deliveries); it can neither read nor name
+other sessions' objects, so a peer cannot act as a confused deputy.
 
 The connection becomes a :class:`Session` with a fresh random id; objects it
 creates are recorded under that id, which is what isolates clients and what is
@@ -20,13 +26,16 @@ freed when the connection closes.
 from __future__ import annotations
 
 import hmac
+import logging
 import secrets
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from veil.exceptions import PermissionDeniedError
+from veil.messaging import messages as m
 from veil.workers.store import Viewer
 
-ROLES = ("scientist", "peer", "admin")
+ROLES = ("scientist", "peer", "admin", "client")
 AUTH_HEADER = "Authorization"
 EXTRA_TOKENS_HEADER = "X-Veil-Tokens"
 MAX_TOKENS_PER_CONNECTION = 8
@@ -111,8 +120,8 @@ class Session:
 
     @property
     def viewer(self) -> Viewer:
-        peer = self.has_role("peer")
-        return Viewer(self.id, sees_all=peer, hands_off=peer)
+        # A peer names only what it handed off itself (no sees_all: no confused deputy).
+        return Viewer(self.id, sees_all=False, hands_off=self.has_role("peer"))
 
     def claim_user(self, claimed: object) -> str:
         """The identity a get/move acts as: a claimed user must be one this connection proved."""
@@ -186,3 +195,62 @@ class RefusalLog:
         for source, n in sorted(suppressed.items()):
             self._db.audit(self._worker_id, "connect", "?", "-", (), "refused",
                            f"{n} more refused connects from {source} (aggregated over {self.window:g} s)")
+# ------------------------------------------------------------------ least privilege per role
+
+#: roles whose requests are limited only by the worker's own rules (allowlist, owner rules)
+FULL_ROLES = frozenset({"scientist", "admin"})
+
+#: what a ``client`` may send: message type -> predicate on the message (veil.serving registers
+#: its submit/fetch actions); anything else is refused before it reaches a handler
+CLIENT_REQUESTS: dict[type, Callable[[Any], bool]] = {}
+
+#: worker functions a ``peer`` may run here: deliveries that only store what the peer hands over
+#: (dealt MPC material, secure-aggregation shares). Register new ones with :func:`register_peer_command`.
+PEER_COMMANDS: set[str] = {"veil.mpc.expand_material", "veil.mpc.receive_comparison", "veil.secagg.deposit"}
+
+
+def register_peer_command(name: str) -> None:
+    """Lets peer workers run worker function ``name`` (it must only store what the peer sends)."""
+    PEER_COMMANDS.add(name)
+
+
+def _peer_may(msg: Any) -> bool:
+    tp = type(msg)
+    if tp is m.ObjectMessage or tp is m.DeleteMessage:  # hand-offs, and freeing its own hand-offs
+        return True
+    return tp is m.CommandMessage and isinstance(msg.op, str) and msg.op in PEER_COMMANDS
+
+
+def _client_may(msg: Any) -> bool:
+    allowed = CLIENT_REQUESTS.get(type(msg))
+    return allowed is not None and bool(allowed(msg))
+
+
+def check_request(session: Session, msg: Any) -> None:
+    """Refuses (PermissionDeniedError) a request none of the session's roles covers."""
+    roles = {p.role for p in session.principals}
+    if roles & FULL_ROLES:
+        return
+    if "peer" in roles and _peer_may(msg):
+        return
+    if "client" in roles and _client_may(msg):
+        return
+    what = type(msg).__name__
+    if "client" in roles:
+        raise PermissionDeniedError(f"a client token may only submit queries and fetch results, not send {what}")
+    raise PermissionDeniedError(f"a peer connection may only hand off objects to this worker, not send {what}")
+
+
+# ------------------------------------------------------------------ session lifecycle
+
+#: called as ``handler(worker, session_id)`` when a connection closes (e.g. serving drops that
+#: client's queued requests); a failing handler is logged and never blocks the others
+SESSION_END_HANDLERS: list[Callable[[Any, str], None]] = []
+
+
+def run_session_end_handlers(worker: Any, session_id: str) -> None:
+    for handler in SESSION_END_HANDLERS:
+        try:
+            handler(worker, session_id)
+        except Exception:  # cleanup of one subsystem must not leak the session's objects
+            logging.getLogger(__name__).exception("session-end handler %r failed", handler)

@@ -40,6 +40,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-user", default="scientist", help="user name of --token holders (for --allow rules)")
     p.add_argument("--user", action="append", default=[], metavar="NAME=TOKEN",
                    help="another data scientist with their own token (repeatable)")
+    p.add_argument("--client", action="append", default=[], metavar="NAME=TOKEN",
+                   help="a serving client's token: it may only submit queries and fetch its results (repeatable)")
+    p.add_argument("--ping-interval", type=float, default=30.0,
+                   help="seconds between keepalive pings; clients silent for twice that are disconnected")
     p.add_argument("--admin-token", default=os.environ.get("VEIL_ADMIN_TOKEN"),
                    help="the owner's token: owner view of the store (default: $VEIL_ADMIN_TOKEN)")
     p.add_argument("--dataset", action="append", default=[], metavar="NAME=PATH[:target=COLUMN]",
@@ -156,6 +160,8 @@ def _token_table(args: argparse.Namespace) -> tuple[TokenTable, str | None]:
     table.add(token, args.token_user, "scientist")
     for spec in args.user:
         table.add(*reversed(_pair(spec, "--user")), "scientist")
+    for spec in args.client:
+        table.add(*reversed(_pair(spec, "--client")), "client")
     for spec in args.accept_peer:
         name, tok = _pair(spec, "--accept-peer")
         table.add(tok, name, "peer")
@@ -198,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
         hook, id=args.id, host=args.host, port=args.port, tokens=tokens, db=OwnerDB.in_dir(args.data_dir),
         max_message=int(args.max_message_mb * 2**20), ssl_context=ssl_context,
         max_command_seconds=args.max_command_seconds,
+        ping_interval=args.ping_interval,
     )
     for peer in _peers(args, hook):
         worker.add_peer(peer)

@@ -9,6 +9,11 @@ loop (``websocket_transport``), so it works from plain scripts and from Jupyter
 Failures are explicit: a server that is gone, restarted or silent past
 ``timeout`` raises :class:`ConnectionLostError` (never a hang); the next request
 reconnects (a new session: objects of the old one are gone on the server).
+
+Idle connections stay open: one keepalive thread per process answers the
+server's pings on connections nobody is using (``KEEPALIVE_INTERVAL``). A
+``lazy`` connection (a worker's peer connection, which holds no session state)
+that the server closed anyway is reopened silently on its next request.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import os
 import ssl as ssl_module
 import threading
+import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -30,6 +37,8 @@ if TYPE_CHECKING:
     from veil.hook import TorchHook
 
 MAX_SIZE_HEADER = "X-Veil-Max-Message"
+#: seconds between keepalive polls of idle connections (servers ping every 30 s by default)
+KEEPALIVE_INTERVAL = 1.0
 DEFAULT_CLIENT_MAX_MESSAGE = 1 << 30  # replies up to 1 GiB (a 100 MB tensor is fine)
 
 
@@ -84,6 +93,9 @@ class WebsocketClientWorker(BaseWorker):
         self._conn: BlockingConnection | None = None
         self._server_max: int | None = None
         self._lock = threading.Lock()  # one request in flight per connection keeps replies in order
+        self._lazy = lazy
+        self._lost_while_idle = False
+        _watch(self)
         if not lazy:
             with self._lock:
                 self._connect()
@@ -137,9 +149,25 @@ class WebsocketClientWorker(BaseWorker):
 
     # ------------------------------------------------------------- transport
 
+    def _keepalive(self) -> None:
+        """Answers pings on an idle connection (never waits for a request in flight)."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            if self._conn is not None and not self._conn.poll():
+                self._drop()
+                self._lost_while_idle = True
+        finally:
+            self._lock.release()
+
     def _recv_msg(self, data: bytes) -> bytes:
         """Forwards one serialized request and returns the serialized reply."""
         with self._lock:
+            if self._lost_while_idle:
+                self._lost_while_idle = False
+                if not self._lazy:  # the old session's objects are gone on the server: say so
+                    raise ConnectionLostError(f"worker {self.id!r} at {self.url} closed the idle connection; "
+                                              f"objects of that session are gone (the next request reconnects)")
             conn = self._conn if self._conn is not None else self._connect()
             if self._server_max is not None and len(data) > self._server_max:
                 raise SerializationError(
@@ -182,3 +210,32 @@ class WebsocketClientWorker(BaseWorker):
     def __repr__(self) -> str:
         state = "connected" if self._conn is not None else "disconnected"
         return f"<WebsocketClientWorker id:{self.id} {self.url} {state}>"
+
+
+# ------------------------------------------------------------------ keepalive
+
+_WATCHED: "weakref.WeakSet[WebsocketClientWorker]" = weakref.WeakSet()
+_WATCH_LOCK = threading.Lock()
+_watcher: threading.Thread | None = None
+
+
+def _watch(worker: WebsocketClientWorker) -> None:
+    global _watcher
+    with _WATCH_LOCK:
+        _WATCHED.add(worker)
+        if _watcher is None or not _watcher.is_alive():
+            _watcher = threading.Thread(target=_keepalive_loop, name="veil-keepalive", daemon=True)
+            _watcher.start()
+
+
+def _keepalive_loop() -> None:
+    while True:
+        time.sleep(KEEPALIVE_INTERVAL)
+        with _WATCH_LOCK:
+            workers = list(_WATCHED)
+        for w in workers:
+            try:
+                w._keepalive()
+            except Exception:  # a broken connection is found again by its next request
+                pass
+        del workers

@@ -45,7 +45,8 @@ from veil.messaging.serde import serialize
 from veil.workers import cancellation
 from veil.workers.base import BaseWorker
 from veil.workers.persistence import OwnerDB
-from veil.workers.websocket_auth import RefusalLog, Session, TokenTable, authenticate, tokens_from_headers
+from veil.workers.websocket_auth import (RefusalLog, Session, TokenTable, authenticate, check_request,
+                                         run_session_end_handlers, tokens_from_headers)
 from veil.workers.websocket_client import MAX_SIZE_HEADER
 
 if TYPE_CHECKING:
@@ -91,6 +92,8 @@ class WebsocketServerWorker(BaseWorker):
         max_connections: further connections are refused with HTTP 503.
         max_command_seconds: per-command time limit; long commands check it
             between batches and fail with ``CommandTimeoutError`` (None/0: no limit).
+        ping_interval: seconds between keepalive pings; a client that does not
+            answer within twice that is disconnected (veil clients answer while idle).
     """
 
     def __init__(
@@ -106,6 +109,7 @@ class WebsocketServerWorker(BaseWorker):
         ssl_context: "ssl.SSLContext | None" = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_command_seconds: float | None = DEFAULT_MAX_COMMAND_SECONDS,
+        ping_interval: float = 30.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(hook, id=id, **kwargs)
@@ -114,6 +118,7 @@ class WebsocketServerWorker(BaseWorker):
         self.host, self.port, self.tokens = host, port, tokens
         self.db = db if db is not None else OwnerDB()
         self.max_message, self.ssl_context, self.max_connections = max_message, ssl_context, max_connections
+        self.ping_interval = ping_interval
         self.peers: dict[str, BaseWorker] = {}
         self.bound_port: int | None = None
         self.sessions: dict[str, Session] = {}
@@ -179,6 +184,7 @@ class WebsocketServerWorker(BaseWorker):
         action = OUTBOUND.get(type(msg))
         principal = session.user
         try:
+            check_request(session, msg)  # least privilege per role (client, peer)
             if action in ("get", "move"):
                 principal = msg.user = session.claim_user(msg.user)
             reply = super()._handle(msg, session.id)
@@ -202,6 +208,7 @@ class WebsocketServerWorker(BaseWorker):
         """Frees everything the session created; returns how many objects were freed."""
         self.sessions.pop(session.id, None)
         with self._turn:
+            run_session_end_handlers(self, session.id)
             return self.store.drop_created_by(session.id)
 
     # ------------------------------------------------------------ handshake
@@ -288,7 +295,8 @@ class WebsocketServerWorker(BaseWorker):
         async with serve(
             self._on_connection, self.host, self.port, process_request=self._check_handshake,
             process_response=self._add_headers, max_size=self.max_message, max_queue=4, compression=None,
-            ssl=self.ssl_context, open_timeout=OPEN_TIMEOUT, ping_interval=30, ping_timeout=60, close_timeout=2,
+            ssl=self.ssl_context, open_timeout=OPEN_TIMEOUT, ping_interval=self.ping_interval,
+            ping_timeout=2 * self.ping_interval, close_timeout=2,
         ) as server:
             self.bound_port = next(iter(server.sockets)).getsockname()[1]
             flusher = asyncio.ensure_future(self._flush_refusals())

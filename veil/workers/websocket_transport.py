@@ -11,6 +11,7 @@ It needs no event loop, so it works the same from scripts and from Jupyter.
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl as ssl_module
 from typing import Any
@@ -114,6 +115,28 @@ class BlockingConnection:
             if state == "CLOSING":  # the peer sent its close frame: nothing more will come
                 rcvd, sent = self.protocol.close_rcvd, self.protocol.close_sent
                 raise ConnectionClosedError(rcvd, sent, True if rcvd is not None and sent is not None else None)
+
+    def poll(self) -> bool:
+        """Handles frames that arrived while idle (answers the server's keepalive pings).
+
+        Returns:
+            False once the connection is closed (the server gave up on it, or the socket broke).
+        """
+        previous = self.sock.gettimeout()  # a later send must not inherit the short poll timeout
+        try:
+            while select.select([self.sock], [], [], 0)[0]:
+                self.sock.settimeout(1.0)
+                self._feed()  # the protocol queues a pong per ping; _feed sends it
+                if self.protocol.state.name != "OPEN":
+                    return False
+        except (OSError, ConnectionClosed):  # TimeoutError is an OSError
+            return False
+        finally:
+            try:
+                self.sock.settimeout(previous)
+            except OSError:
+                pass
+        return self.protocol.state.name == "OPEN"
 
     def close(self) -> None:
         """Sends a close frame (best effort) and closes the socket."""
