@@ -113,10 +113,17 @@ class PointerTensor(torch.Tensor):
         """Brings the value back (and frees it remotely unless the owner protects it)."""
         from veil.messaging.messages import GetObjectsMessage
 
+        # PySyft's ``x.get().grad``: point at the remote grad first (nothing is released yet) ...
+        grad_ptr = self.grad if self.__dict__["_meta"][2] else None
         reply = self.owner.send_msg(GetObjectsMessage([self.id_at_location], delete, user), self.location)
         if delete:
             self.__dict__["_freed"] = True
-        return reply.objects[0]
+        value = reply.objects[0]
+        # ... and fetch it only once the value itself was released to us (same get rules apply).
+        if type(grad_ptr) is PointerTensor and type(value) in (torch.Tensor, torch.nn.Parameter) and value.is_leaf:
+            value.grad = grad_ptr.get(user=user)
+            self.__dict__.pop("_grad_cache", None)  # that grad pointer is spent
+        return value
 
     def copy(self) -> "PointerTensor":
         """A new pointer to a remote copy (same worker, no autograd history)."""
