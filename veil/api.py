@@ -29,8 +29,12 @@ def send(obj: Any, *workers: "BaseWorker", garbage_collect_data: bool = True) ->
         workers: exactly one destination worker.
         garbage_collect_data: free the remote copy when the pointer is garbage collected.
     """
+    if len(workers) > 1 and isinstance(obj, torch.Tensor) and not isinstance(obj, PointerTensor):
+        from veil.compat.multi_pointer import MultiPointer  # PySyft's x.send(bob, alice)
+
+        return MultiPointer.send(obj, workers, garbage_collect_data=garbage_collect_data)
     if len(workers) != 1:
-        raise ValueError(f"send() takes exactly one worker, got {len(workers)}")
+        raise ValueError(f"send() takes exactly one worker (or several for a plain tensor), got {len(workers)}")
     worker = workers[0]
     if isinstance(obj, torch.nn.Module):
         from veil.module_api import send_module

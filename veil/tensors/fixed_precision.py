@@ -76,7 +76,7 @@ class FixedPrecisionTensor(torch.Tensor):
     def share(
         self,
         *parties: Any,
-        crypto_provider: Provider,
+        crypto_provider: Optional[Provider] = None,
         generator: Optional[torch.Generator] = None,
         place: Optional[Callable] = None,
         requires_grad: Optional[bool] = None,

@@ -94,7 +94,16 @@ class PointerTensor(torch.Tensor):
 
     def __repr__(self, *args: Any, **kwargs: Any) -> str:
         d = self.__dict__
-        return f"[PointerTensor | {d['owner'].id}:{d['id']} -> {d['location'].id}:{d['id_at_location']}]"
+        head = f"[PointerTensor | {d['owner'].id}:{d['id']} -> {d['location'].id}:{d['id_at_location']}]"
+        if not d["tags"] and not d["description"]:
+            return head
+        lines = [head]  # PySyft 0.2's layout for tagged/described pointers
+        if d["tags"]:
+            lines.append("\tTags: " + " ".join(d["tags"]))
+        lines.append(f"\tShape: {torch.Size(d['_meta'][0])}")
+        if d["description"]:
+            lines.append(f"\tDescription: {d['description']}")
+        return "\n".join(lines)
 
     __str__ = __repr__
 
@@ -164,6 +173,11 @@ class PointerTensor(torch.Tensor):
 
     def describe(self, description: str) -> "PointerTensor":
         self.__dict__["description"] = description
+        return self
+
+    @property
+    def child(self) -> "PointerTensor":
+        """PySyft 0.2's ``x.child`` (wrapper -> pointer): in veil the pointer is its own wrapper."""
         return self
 
     def mark_freed(self) -> None:

@@ -406,7 +406,10 @@ def _handle_search(worker: BaseWorker, msg: m.SearchMessage, sender: str) -> Any
         raise SerializationError("search query must be a list of strings")
     found = []
     for oid, entry in worker.store.items():
-        if isinstance(entry.obj, torch.Tensor) and all(q in entry.tags for q in msg.query):
+        # PySyft 0.2: each term matches a tag, the object's id, or a substring of its description
+        if isinstance(entry.obj, torch.Tensor) and all(
+            q in entry.tags or q == str(oid) or (q and q in (entry.description or "")) for q in msg.query
+        ):
             found.append(_describe_entry(oid, entry))
     return m.DescriptorsReply(found)
 
