@@ -18,6 +18,7 @@ from veil.workers.base import BaseWorker
 from veil.workers.virtual import VirtualWorker
 from veil.workers.websocket_client import WebsocketClientWorker
 from veil.workers.websocket_server import WebsocketServerWorker
+from veil.compat import remote_fixed_precision as _remote_fixed_precision  # noqa: F401  (its worker functions)
 from veil import serving  # noqa: E402  (registers the serving wire type on every worker)
 from veil.serving import Cluster, ModelClient, NetworkWorker
 

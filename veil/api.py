@@ -42,6 +42,12 @@ def send(obj: Any, *workers: "BaseWorker", garbage_collect_data: bool = True) ->
         return send_module(obj, worker)
     if not isinstance(obj, torch.Tensor):
         raise TypeError(f"cannot send an object of type {type(obj).__name__}")
+    from veil.tensors.fixed_precision import FixedPrecisionTensor
+
+    if isinstance(obj, FixedPrecisionTensor):  # PySyft's x.fix_precision().send(w)
+        from veil.compat.remote_fixed_precision import send_fixed_precision
+
+        return send_fixed_precision(obj, worker, garbage_collect_data=garbage_collect_data)
     owner = _owner_for(obj, worker)
     oid = new_id()
     tags = tuple(getattr(obj, "tags", ()) or ())

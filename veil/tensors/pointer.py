@@ -175,6 +175,20 @@ class PointerTensor(torch.Tensor):
         self.__dict__["description"] = description
         return self
 
+    def fix_precision(self, *args: Any, **kwargs: Any) -> Any:
+        """PySyft's ``ptr.fix_precision()``: the worker encodes its own values (nothing comes back)."""
+        from veil.compat.remote_fixed_precision import fix_precision_remote
+
+        return fix_precision_remote(self, *args, **kwargs)
+
+    fix_prec = fix_precision
+
+    def share(self, *parties: Any, crypto_provider: Any = None, **kwargs: Any) -> Any:
+        """PySyft's ``ptr.share(bob, alice)`` for integer values: the worker shares its own values."""
+        from veil.compat.remote_fixed_precision import SharedPointer, share_remote
+
+        return SharedPointer(share_remote(self, parties, crypto_provider))
+
     @property
     def child(self) -> "PointerTensor":
         """PySyft 0.2's ``x.child`` (wrapper -> pointer): in veil the pointer is its own wrapper."""
