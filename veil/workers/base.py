@@ -74,6 +74,8 @@ class BaseWorker:
             from veil.ids import new_id
 
             id = f"worker-{new_id():x}"
+        if type(id) is int:  # PySyft allowed integer worker ids
+            id = str(id)
         if not isinstance(id, str):
             raise TypeError(f"worker id must be a string, got {type(id).__name__}")
         self.id = id
@@ -126,6 +128,29 @@ class BaseWorker:
         from veil.api import search
 
         return search(self, query)
+
+    # PySyft 0.2 spellings (veil/compat/workers.py)
+    def list_objects(self) -> list:
+        from veil.compat.workers import list_objects
+        return list_objects(self)
+
+    def objects_count(self) -> int:
+        return len(self.list_objects())
+
+    list_objects_remote, objects_count_remote = list_objects, objects_count
+
+    def add_worker(self, worker: "BaseWorker") -> "BaseWorker":
+        from veil.compat.workers import add_worker
+        return add_worker(self, worker)
+
+    def add_workers(self, workers: list) -> "BaseWorker":
+        for w in workers:
+            self.add_worker(w)
+        return self
+
+    def request_search(self, query: list[str] | str, location: "BaseWorker" = None) -> list:
+        from veil.compat.workers import request_search
+        return request_search(self, query, location)
 
     def enable_dp(self, datasets: Any = (), **settings: Any) -> Any:
         """Owner-side differential privacy on this worker; see :func:`veil.dp.enable_dp`."""
