@@ -1,0 +1,18 @@
+"""Virtual workers for the PySyft-compatibility tests (fresh ones per test)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+import veil as sy
+
+_n = itertools.count()
+
+
+@pytest.fixture
+def ws(hook):
+    """bob, alice, james: the names of PySyft's tutorials (unique ids per test)."""
+    k = next(_n)
+    return tuple(sy.VirtualWorker(hook, id=f"{name}{k}") for name in ("bob", "alice", "james"))
