@@ -31,7 +31,7 @@ for epoch in range(2 if SHORT else 10):
         d, t = data[wid][0], target[wid][0]
         model.send(d.location)
         opt.zero_grad()
-        loss = ((model(d).view(-1) - t / 10) ** 2).mean()
+        loss = ((model(d).view(-1) - t.view(-1) / 10) ** 2).mean()
         loss.backward()
         opt.step()
         model.get()

@@ -56,5 +56,5 @@ def _warn_once() -> None:
         "The dealer of Beaver triples must be neither a party nor the data owner (whoever deals them and "
         "sees the opened values can recover the secrets); in a deployment pass crypto_provider=<independent worker>.",
         DefaultCryptoProviderWarning,
-        stacklevel=4,
+        stacklevel=5,  # the user's share() call
     )
