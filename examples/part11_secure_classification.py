@@ -22,6 +22,8 @@ crypto_provider = sy.VirtualWorker(hook, id="crypto_provider")
 
 mnist = load_mnist_5k()
 x_train, y_train = mnist["x_train"].view(-1, 784), mnist["y_train"]
+if SHORT:
+    x_train, y_train = x_train[::4], y_train[::4]  # 1,000 images, every digit
 x_test, y_test = mnist["x_test"].view(-1, 784), mnist["y_test"]
 
 # 1. Public training (plain PyTorch).
