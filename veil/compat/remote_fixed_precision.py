@@ -68,10 +68,11 @@ def _share_own(worker: Any, oid: int, party_ids: list, share_ids: list) -> None:
         pieces.append(piece)
         last = last - piece
     pieces.append(last)
-    user = worker.requesting_user()
+    # the requester's own share here is stored as the command handler stores results (created by the sender)
+    creator = getattr(worker, "_requester", None)
     for dest, sid, piece in zip(destinations, share_ids, pieces):
         if dest is None:
-            worker.store.put(sid, piece, created_by=user)
+            worker.store.put(sid, piece, created_by=creator)
         else:
             worker.send_msg(m.ObjectMessage([m.StoredObject(sid, piece)]), dest)
 
