@@ -126,3 +126,16 @@ def test_fixed_precision_pysyft_encoding_and_mismatch_explains(ws):
     assert torch.allclose(enc.float_precision(), torch.tensor([1.25, -0.5, 2.0], dtype=torch.float64))
     with pytest.raises(PrecisionMismatchError, match="encode both alike"):
         enc + torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64).fix_precision()
+
+
+def test_pysyft_encoding_on_a_shared_model_matches_torch(ws):
+    bob, alice, james = ws
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    ref = model(x).detach()
+    model.fix_precision(base=10, precision_fractional=3).share(bob, alice, crypto_provider=james)
+    data = x.fix_precision(base=10, precision_fractional=3).share(bob, alice, crypto_provider=james)
+    out = model(data).get()
+    assert out.encoding.base == 10 and out.encoding.precision_fractional == 3
+    assert torch.allclose(out.float_precision(), ref, atol=1e-2)  # 3 decimal digits per operand
