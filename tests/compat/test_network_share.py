@@ -22,7 +22,7 @@ def peered_workers():
         for name, other in (("bob", "alice"), ("alice", "bob")):
             args = ["--token", TOKEN, "--user", f"other={OTHER}", "--peer", f"{other}=127.0.0.1:{ports[other]}",
                     "--peer-token", f"{other}={PEER}", "--accept-peer", f"{other}={PEER}"]
-            procs.append(start_worker(name, args, port=ports[name]))
+            procs.append(start_worker(name, args, port=ports[name], ready_timeout=180))  # slow CI machines
         yield procs
     finally:
         for p in procs:

@@ -29,9 +29,11 @@ def test_share_without_crypto_provider_uses_a_dedicated_worker_and_warns_once(ho
     assert provider.id == cp.DEFAULT_PROVIDER_ID and provider not in (bob, alice, hook.local_worker)
 
 
-def test_local_worker_names(hook):
+def test_local_worker_names():
+    hook = sy.TorchHook(torch)  # the most recent hook is the current one
     assert sy.local_worker is hook.local_worker
     assert sy.hook.local_worker is hook.local_worker
+    assert sy.local_worker.id == "me"
 
 
 OPTIMIZERS = [
