@@ -147,3 +147,19 @@ def test_share_own_rejects_malformed_requests(ws):
                         location=bob)
     assert len(alice._objects) == 0
     assert torch.equal(ptr.get(), torch.tensor([1, 2]))
+
+
+def test_dp_only_data_can_be_neither_encoded_nor_shared(hook, ws):
+    _, alice, james = ws
+    owner = sy.VirtualWorker(hook, id=f"dp_owner_{alice.id}")
+    x = torch.randint(0, 100, (20, 3))
+    oid = owner.load(x.clone(), tags=("#clinic", "#data"), private=True)
+    owner.load(torch.randn(20, 1), tags=("#clinic", "#target"), private=True)
+    owner.enable_dp("clinic", max_grad_norm=1.0, noise_multiplier=1.0, budgets={"me": (5.0, 1e-5)})
+    (data,) = owner.search(["#clinic", "#data"])
+    with pytest.raises(PermissionDeniedError, match="differential-privacy"):
+        data.fix_precision()
+    with pytest.raises(PermissionDeniedError, match="differential-privacy"):
+        data.share(alice, james, crypto_provider=sy.LocalDealer())
+    assert len(alice._objects) == 0 and len(james._objects) == 0
+    assert torch.equal(owner._objects[oid], x)
