@@ -26,6 +26,7 @@ from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST, NO_RESULT
 from veil.messaging.serde import DecodeContext, deserialize, serialize
 from veil.tensors.tree import leaves, map_structure
+from veil.compat.workers import PySyftWorkerMethods
 from veil.workers import owner_guard
 from veil.workers.stats import TransportStats
 from veil.workers.store import Entry, ObjectStore
@@ -56,7 +57,7 @@ def register_handler(msg_type: type) -> Callable[[Handler], Handler]:
     return deco
 
 
-class BaseWorker:
+class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worker, request_search
     """Object store + message execution + the client side of the pointers it owns.
 
     Args:
@@ -128,29 +129,6 @@ class BaseWorker:
         from veil.api import search
 
         return search(self, query)
-
-    # PySyft 0.2 spellings (veil/compat/workers.py)
-    def list_objects(self) -> list:
-        from veil.compat.workers import list_objects
-        return list_objects(self)
-
-    def objects_count(self) -> int:
-        return len(self.list_objects())
-
-    list_objects_remote, objects_count_remote = list_objects, objects_count
-
-    def add_worker(self, worker: "BaseWorker") -> "BaseWorker":
-        from veil.compat.workers import add_worker
-        return add_worker(self, worker)
-
-    def add_workers(self, workers: list) -> "BaseWorker":
-        for w in workers:
-            self.add_worker(w)
-        return self
-
-    def request_search(self, query: list[str] | str, location: "BaseWorker" = None) -> list:
-        from veil.compat.workers import request_search
-        return request_search(self, query, location)
 
     def enable_dp(self, datasets: Any = (), **settings: Any) -> Any:
         """Owner-side differential privacy on this worker; see :func:`veil.dp.enable_dp`."""
