@@ -18,9 +18,26 @@ from veil.workers.base import BaseWorker
 from veil.workers.virtual import VirtualWorker
 from veil.workers.websocket_client import WebsocketClientWorker
 from veil.workers.websocket_server import WebsocketServerWorker
+from veil.compat import remote_fixed_precision as _remote_fixed_precision  # noqa: F401  (its worker functions)
 from veil import serving  # noqa: E402  (registers the serving wire type on every worker)
 from veil.serving import Cluster, ModelClient, NetworkWorker
 from veil.serving import KerasHook, TFECluster, TFEWorker  # PySyft 0.2's serving names
+# PySyft 0.2 names (veil/compat): paths and spellings PySyft users know
+from veil import compat, frameworks, grid  # noqa: E402
+from veil.compat.grid import PrivateGridNetwork
+from veil.compat.protocol import Protocol
+from veil.compat.sandbox import create_sandbox
+from veil.workers.websocket_auth import TokenTable, new_token
+
+
+def __getattr__(name: str):
+    # ``sy.local_worker``: the current hook's local worker (created on first use).
+    if name == "local_worker":
+        from veil.workers.registry import default_hook_context
+
+        return default_hook_context().local_worker
+    raise AttributeError(f"module 'veil' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 
@@ -66,4 +83,12 @@ __all__ = [
     "KerasHook",
     "TFECluster",
     "TFEWorker",
+    "compat",
+    "frameworks",
+    "grid",
+    "PrivateGridNetwork",
+    "Protocol",
+    "create_sandbox",
+    "TokenTable",
+    "new_token",
 ]

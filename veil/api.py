@@ -29,8 +29,12 @@ def send(obj: Any, *workers: "BaseWorker", garbage_collect_data: bool = True) ->
         workers: exactly one destination worker.
         garbage_collect_data: free the remote copy when the pointer is garbage collected.
     """
+    if len(workers) > 1 and isinstance(obj, torch.Tensor) and not isinstance(obj, PointerTensor):
+        from veil.compat.multi_pointer import MultiPointer  # PySyft's x.send(bob, alice)
+
+        return MultiPointer.send(obj, workers, garbage_collect_data=garbage_collect_data)
     if len(workers) != 1:
-        raise ValueError(f"send() takes exactly one worker, got {len(workers)}")
+        raise ValueError(f"send() takes exactly one worker (or several for a plain tensor), got {len(workers)}")
     worker = workers[0]
     if isinstance(obj, torch.nn.Module):
         from veil.module_api import send_module
@@ -38,6 +42,12 @@ def send(obj: Any, *workers: "BaseWorker", garbage_collect_data: bool = True) ->
         return send_module(obj, worker)
     if not isinstance(obj, torch.Tensor):
         raise TypeError(f"cannot send an object of type {type(obj).__name__}")
+    from veil.tensors.fixed_precision import FixedPrecisionTensor
+
+    if isinstance(obj, FixedPrecisionTensor):  # PySyft's x.fix_precision().send(w)
+        from veil.compat.remote_fixed_precision import send_fixed_precision
+
+        return send_fixed_precision(obj, worker, garbage_collect_data=garbage_collect_data)
     owner = _owner_for(obj, worker)
     oid = new_id()
     tags = tuple(getattr(obj, "tags", ()) or ())

@@ -127,3 +127,12 @@ class TorchHook(HookContext):
             self.register_worker(local_worker)
         set_default_hook_context(self)
         _ = self.local_worker  # create "me" now so it is in the registry
+
+
+def __getattr__(name: str) -> Any:
+    # ``sy.hook.local_worker`` (PySyft 0.2's tutorials): ``sy.hook`` is this module here.
+    if name == "local_worker":
+        from veil.workers.registry import default_hook_context
+
+        return default_hook_context().local_worker
+    raise AttributeError(f"module 'veil.hook' has no attribute {name!r}")

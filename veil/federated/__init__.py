@@ -1,6 +1,6 @@
 """Federated learning: federated datasets and loaders, strategies, secure aggregation, training rounds."""
 
-from veil.federated import he_agg, secure_agg
+from veil.federated import floptimizer, he_agg, secure_agg  # floptimizer: PySyft's sy.federated.floptimizer
 from veil.federated.dataloader import FederatedDataLoader
 from veil.federated.dataset import BaseDataset, FederatedDataset, federate
 from veil.federated.strategies import STRATEGIES, ClientUpdate, FedAvg, FedProx, Strategy, weighted_average

@@ -71,7 +71,8 @@ NO_RESULT_METHODS = ("backward",)
 
 
 def _get_grad(t: torch.Tensor) -> torch.Tensor | None:
-    return t.grad
+    # non-leaf tensors have no .grad (torch would only warn): answer None quietly
+    return t.grad if t.is_leaf or t.retains_grad else None
 
 
 def _set_grad(t: torch.Tensor, value: torch.Tensor | None) -> None:

@@ -87,7 +87,7 @@ def fix_precision_module(module: nn.Module, precision_fractional: Optional[int] 
     return module
 
 
-def share_module(module: nn.Module, *parties: Any, crypto_provider: Any, requires_grad: bool = False,
+def share_module(module: nn.Module, *parties: Any, crypto_provider: Any = None, requires_grad: bool = False,
                  **options: Any) -> nn.Module:
     """Secret-shares every encoded parameter and buffer (in place).
 

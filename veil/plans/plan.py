@@ -54,7 +54,9 @@ class Plan:
         self.fn = fn
         self.module = module
         self._step = step  # custom traced body (training plans): step(module_copy, *inputs)
-        self.name = name or getattr(fn, "__name__", None) or type(module).__name__
+        self._fixed_state: list[torch.Tensor] = []  # state of a plan fetched back with plan_ptr.get()
+        subclassed = fn is None and module is None and type(self).forward is not Plan.forward
+        self.name = name or getattr(fn, "__name__", None) or type(module if not subclassed else self).__name__
         self.spec: PlanSpec | None = None
         self._compiled: interpreter.CompiledPlan | None = None
         if args_shape is not None:
@@ -66,11 +68,35 @@ class Plan:
     def is_built(self) -> bool:
         return self.spec is not None
 
+    def forward(self, *args: Any) -> Any:
+        """Override in a subclass (PySyft's ``class Net(sy.Plan)``); layers set in ``__init__`` are the state."""
+        raise NotImplementedError
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for t in self.state_tensors() if t.requires_grad]
+
     def state_tensors(self) -> list[torch.Tensor]:
-        return [t for _, _, t in _module_state(self.module)] if self.module is not None else []
+        self._adopt_subclass_layers()
+        if self.module is None:
+            return list(self._fixed_state)
+        return [t for _, _, t in _module_state(self.module)]
+
+    def _adopt_subclass_layers(self) -> None:
+        # ``class Net(sy.Plan)``: the layers assigned in __init__ become a module whose forward is Net.forward.
+        if self.module is None and self.fn is None and type(self).forward is not Plan.forward:
+            self.module = _SubclassModule(self)
+
+    @classmethod
+    def from_spec(cls, spec: PlanSpec, state: list[torch.Tensor], name: str) -> "Plan":
+        """A built plan from its op list and state values (``plan_ptr.get()``)."""
+        plan = Plan(name=name)
+        plan.spec, plan._compiled = spec, interpreter.compile_plan(spec)
+        plan._fixed_state = list(state)
+        return plan
 
     def build(self, *example_args: torch.Tensor) -> "Plan":
         """Traces the computation once on the given example tensors."""
+        self._adopt_subclass_layers()
         if self.module is None:
             self.spec = trace(self.fn, example_args, [], self.name)
         else:
@@ -110,10 +136,57 @@ class Plan:
         return f"<Plan {self.name} built={self.is_built} ops={n}>"
 
 
-def func2plan(args_shape: list | None = None, args_dtype: list | None = None) -> Callable[[Callable], Plan]:
-    """Decorator: ``@sy.func2plan(args_shape=[(-1, 13)])`` turns a tensor function into a Plan."""
+class _SubclassModule(nn.Module):
+    """The layers of a ``sy.Plan`` subclass, as a module whose forward is the subclass's."""
+
+    def __init__(self, plan: Plan) -> None:
+        super().__init__()
+        self._plan_forward = type(plan).forward
+        for name, value in vars(plan).items():
+            if isinstance(value, nn.Module):
+                self.add_module(name, value)
+            elif isinstance(value, nn.Parameter):
+                self.register_parameter(name, value)
+
+    def forward(self, *args: Any) -> Any:
+        return self._plan_forward(self, *args)
+
+
+class PlanState:
+    """PySyft's plan ``state``: ``state.read()`` gives the state tensors inside the traced function."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self._module = module
+
+    def read(self) -> list[torch.Tensor]:
+        return [self._module._buffers[f"s{i}"] for i in range(len(self._module._buffers))]
+
+
+class _StateModule(nn.Module):
+    """Holds ``func2plan(state=...)`` tensors as buffers, so plans trace them as state."""
+
+    def __init__(self, fn: Callable[..., Any], state: tuple) -> None:
+        super().__init__()
+        self._fn = fn
+        for i, t in enumerate(state):
+            self.register_buffer(f"s{i}", t.detach().clone())
+
+    def forward(self, *args: Any) -> Any:
+        return self._fn(*args, PlanState(self))
+
+
+def func2plan(args_shape: list | None = None, args_dtype: list | None = None,
+              state: tuple | list | None = None) -> Callable[[Callable], Plan]:
+    """Decorator: ``@sy.func2plan(args_shape=[(-1, 13)])`` turns a tensor function into a Plan.
+
+    With ``state=(t1, t2)`` the function is called as ``fn(*args, state)`` and
+    reads its tensors with ``state.read()`` (they travel with the plan).
+    """
 
     def deco(fn: Callable[..., Any]) -> Plan:
+        if state is not None:
+            return Plan(_StateModule(fn, tuple(state)), args_shape=args_shape, args_dtype=args_dtype,
+                        name=fn.__name__)
         return Plan(fn, args_shape=args_shape, args_dtype=args_dtype)
 
     return deco

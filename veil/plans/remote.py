@@ -124,6 +124,17 @@ class PlanPointer:
         remote_ops.call(ALLOWLIST.by_name("veil.plan.load_state"), (self.state, list(values)), {},
                         location=self.location)
 
+    def get(self) -> Any:
+        """Brings the plan back (its op list and state values) and frees it on the worker."""
+        from veil.plans.plan import Plan
+
+        ids = [self.id_at_location] + [p.id_at_location for p in self.state]
+        reply = self.owner.send_msg(GetObjectsMessage(ids, delete=True), self.location)
+        spec, *state = reply.objects
+        for p in self.state + [self._handle]:
+            p.mark_freed()
+        return Plan.from_spec(spec, [t.detach() for t in state], self.name)
+
     def get_state(self) -> list[torch.Tensor]:
         """Copies of the state tensors (they stay on the worker)."""
         reply = self.owner.send_msg(GetObjectsMessage([p.id_at_location for p in self.state], delete=False),

@@ -196,8 +196,10 @@ def share(
     ids = [party_id(p) for p in parties]
     if len(set(ids)) != len(ids):
         raise ValueError(f"parties must be distinct, got {ids}")
-    if crypto_provider is None:
-        raise ValueError("share() needs a crypto_provider for multiplication and truncation")
+    if crypto_provider is None:  # PySyft's spelling: a dedicated in-process dealer, with a one-time warning
+        from veil.compat.crypto_provider import default_crypto_provider
+
+        crypto_provider = default_crypto_provider(parties)
     from veil.mpc.remote_sharing import is_worker, resolve_provider, share_on_workers
 
     crypto_provider = resolve_provider(crypto_provider, parties)

@@ -76,7 +76,7 @@ class FixedPrecisionTensor(torch.Tensor):
     def share(
         self,
         *parties: Any,
-        crypto_provider: Provider,
+        crypto_provider: Optional[Provider] = None,
         generator: Optional[torch.Generator] = None,
         place: Optional[Callable] = None,
         requires_grad: Optional[bool] = None,
@@ -117,7 +117,12 @@ class FixedPrecisionTensor(torch.Tensor):
         first = tensors[0].encoding
         for t in tensors[1:]:
             if t.encoding != first:
-                raise PrecisionMismatchError(f"cannot combine fixed-precision tensors with {first} and {t.encoding}")
+                raise PrecisionMismatchError(
+                    f"cannot combine fixed-precision tensors with {first} and {t.encoding}: encode both alike, "
+                    f"e.g. fix_precision(base={first.base}, precision_fractional={first.precision_fractional}) "
+                    "(precision_fractional counts base-`base` digits; veil's default is base=2, 16 bits; "
+                    "PySyft 0.2's was base=10, 3 digits)"
+                )
         return first
 
     @classmethod

@@ -94,7 +94,16 @@ class PointerTensor(torch.Tensor):
 
     def __repr__(self, *args: Any, **kwargs: Any) -> str:
         d = self.__dict__
-        return f"[PointerTensor | {d['owner'].id}:{d['id']} -> {d['location'].id}:{d['id_at_location']}]"
+        head = f"[PointerTensor | {d['owner'].id}:{d['id']} -> {d['location'].id}:{d['id_at_location']}]"
+        if not d["tags"] and not d["description"]:
+            return head
+        lines = [head]  # PySyft 0.2's layout for tagged/described pointers
+        if d["tags"]:
+            lines.append("\tTags: " + " ".join(d["tags"]))
+        lines.append(f"\tShape: {torch.Size(d['_meta'][0])}")
+        if d["description"]:
+            lines.append(f"\tDescription: {d['description']}")
+        return "\n".join(lines)
 
     __str__ = __repr__
 
@@ -113,10 +122,17 @@ class PointerTensor(torch.Tensor):
         """Brings the value back (and frees it remotely unless the owner protects it)."""
         from veil.messaging.messages import GetObjectsMessage
 
+        # PySyft's ``x.get().grad``: point at the remote grad first (nothing is released yet) ...
+        grad_ptr = self.grad if self.__dict__["_meta"][2] else None
         reply = self.owner.send_msg(GetObjectsMessage([self.id_at_location], delete, user), self.location)
         if delete:
             self.__dict__["_freed"] = True
-        return reply.objects[0]
+        value = reply.objects[0]
+        # ... and fetch it only once the value itself was released to us (same get rules apply).
+        if type(grad_ptr) is PointerTensor and type(value) in (torch.Tensor, torch.nn.Parameter) and value.is_leaf:
+            value.grad = grad_ptr.get(user=user)
+            self.__dict__.pop("_grad_cache", None)  # that grad pointer is spent
+        return value
 
     def copy(self) -> "PointerTensor":
         """A new pointer to a remote copy (same worker, no autograd history)."""
@@ -157,6 +173,25 @@ class PointerTensor(torch.Tensor):
 
     def describe(self, description: str) -> "PointerTensor":
         self.__dict__["description"] = description
+        return self
+
+    def fix_precision(self, *args: Any, **kwargs: Any) -> Any:
+        """PySyft's ``ptr.fix_precision()``: the worker encodes its own values (nothing comes back)."""
+        from veil.compat.remote_fixed_precision import fix_precision_remote
+
+        return fix_precision_remote(self, *args, **kwargs)
+
+    fix_prec = fix_precision
+
+    def share(self, *parties: Any, crypto_provider: Any = None, **kwargs: Any) -> Any:
+        """PySyft's ``ptr.share(bob, alice)`` for integer values: the worker shares its own values."""
+        from veil.compat.remote_fixed_precision import SharedPointer, share_remote
+
+        return SharedPointer(share_remote(self, parties, crypto_provider))
+
+    @property
+    def child(self) -> "PointerTensor":
+        """PySyft 0.2's ``x.child`` (wrapper -> pointer): in veil the pointer is its own wrapper."""
         return self
 
     def mark_freed(self) -> None:

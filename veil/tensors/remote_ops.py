@@ -36,6 +36,13 @@ def _reveal(func: Any, args: tuple, kwargs: dict) -> Any:
     raise RevealError(f"{name} needs the value of a remote tensor; call .get() first (if the owner allows it)")
 
 
+def _identity_if_real(func: Any, args: tuple, kwargs: dict) -> Any:
+    """``conj()`` of a real tensor is the tensor itself (optimizers call it on every step)."""
+    if args[0].dtype.is_complex:
+        raise TypeError("complex remote tensors are not supported")
+    return args[0]
+
+
 def _none(func: Any, args: tuple, kwargs: dict) -> Any:
     return None
 
@@ -106,6 +113,14 @@ LOCAL_HANDLERS: dict[Any, Callable[[Any, tuple, dict], Any]] = {
     _T.is_floating_point: _local,
     _T.is_complex: _local,
     _T.is_contiguous: _local,
+    # function forms of the same metadata (torch.optim's Adam, RMSprop... ask torch.is_complex(p))
+    torch.is_complex: _local,
+    torch.is_floating_point: _local,
+    torch.is_nonzero: _reveal,
+    _T.is_conj: _local,
+    _T.is_neg: _local,
+    _T.conj: _identity_if_real,
+    torch.conj: _identity_if_real,
     _T.stride: _local,
     _T.grad_fn.__get__: _none,
     _T.grad.__get__: _get_grad,
@@ -171,6 +186,8 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
     ``location`` names the worker explicitly, for worker functions whose
     arguments hold no pointer; the local worker then sends the command.
     """
+    if kwargs.get("memory_format") is torch.preserve_format:  # the default of every *_like op and clone
+        kwargs = {k: v for k, v in kwargs.items() if k != "memory_format"}
     tensors, key = shape_inference.collect(args, kwargs)
     if location is None:
         first = _location_of(tensors)

@@ -27,6 +27,7 @@ from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST, NO_RESULT
 from veil.messaging.serde import DecodeContext, deserialize, serialize
 from veil.tensors.tree import leaves, map_structure
+from veil.compat.workers import PySyftWorkerMethods
 from veil.workers import owner_guard
 from veil.workers.stats import TransportStats
 from veil.workers.store import Entry, ObjectStore
@@ -57,7 +58,7 @@ def register_handler(msg_type: type) -> Callable[[Handler], Handler]:
     return deco
 
 
-class BaseWorker:
+class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worker, request_search
     """Object store + message execution + the client side of the pointers it owns.
 
     Args:
@@ -75,6 +76,8 @@ class BaseWorker:
             from veil.ids import new_id
 
             id = f"worker-{new_id():x}"
+        if type(id) is int:  # PySyft allowed integer worker ids
+            id = str(id)
         if not isinstance(id, str):
             raise TypeError(f"worker id must be a string, got {type(id).__name__}")
         self.id = id
@@ -405,7 +408,10 @@ def _handle_search(worker: BaseWorker, msg: m.SearchMessage, sender: str) -> Any
         raise SerializationError("search query must be a list of strings")
     found = []
     for oid, entry in worker.store.items():
-        if isinstance(entry.obj, torch.Tensor) and all(q in entry.tags for q in msg.query):
+        # PySyft 0.2: each term matches a tag, the object's id, or a substring of its description
+        if isinstance(entry.obj, torch.Tensor) and all(
+            q in entry.tags or q == str(oid) or (q and q in (entry.description or "")) for q in msg.query
+        ):
             found.append(_describe_entry(oid, entry))
     return m.DescriptorsReply(found)
 

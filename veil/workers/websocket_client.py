@@ -81,7 +81,8 @@ class WebsocketClientWorker(BaseWorker):
         token = token if token is not None else os.environ.get("VEIL_TOKEN")
         if not token:
             raise PermissionDeniedError(
-                f"no access token for worker {self.id!r}: pass token=... or set VEIL_TOKEN"
+                f"no access token for worker {self.id!r}: pass token=... or set VEIL_TOKEN "
+                "(veil workers always authenticate; the worker's owner issues tokens)"
             )
         self.host, self.port = host, int(port)
         self.url = f"{'wss' if secure else 'ws'}://{host}:{self.port}"

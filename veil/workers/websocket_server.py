@@ -114,7 +114,11 @@ class WebsocketServerWorker(BaseWorker):
     ) -> None:
         super().__init__(hook, id=id, **kwargs)
         if tokens is None or len(tokens) == 0:
-            raise ValueError(f"worker {self.id!r} needs at least one access token to serve")
+            raise ValueError(
+                f"worker {self.id!r} needs at least one access token to serve (veil never serves unauthenticated, "
+                "unlike PySyft 0.2): tokens = sy.TokenTable(); tokens.add(sy.new_token(), 'alice'); "
+                "WebsocketServerWorker(..., tokens=tokens), and clients pass token=... or set VEIL_TOKEN"
+            )
         self.host, self.port, self.tokens = host, port, tokens
         self.db = db if db is not None else OwnerDB()
         self.max_message, self.ssl_context, self.max_connections = max_message, ssl_context, max_connections
@@ -326,6 +330,10 @@ class WebsocketServerWorker(BaseWorker):
                       handle_signals: bool = True) -> None:
         """Blocking :meth:`serve_async` (the ``veil worker`` command)."""
         asyncio.run(self.serve_async(on_ready, handle_signals))
+
+    def start(self) -> None:
+        """PySyft's ``server.start()``: serves until stopped (blocking, like :meth:`serve_forever`)."""
+        self.serve_forever()
 
     def stop(self) -> None:
         """Stops serving (thread-safe); open connections are closed, their objects freed."""
