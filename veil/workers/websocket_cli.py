@@ -54,6 +54,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accept-peer", action="append", default=[], metavar="NAME=TOKEN",
                    help="token peer worker NAME presents to this one (repeatable)")
     p.add_argument("--data-dir", default=None, help="folder for the audit log and owner state (SQLite)")
+    p.add_argument("--db", default=os.environ.get("VEIL_DB"), metavar="postgresql://...",
+                   help="keep the audit log, privacy ledger and owner state in PostgreSQL instead of --data-dir "
+                        "(shared by all of one owner's worker processes; default: $VEIL_DB)")
     p.add_argument("--max-message-mb", type=float, default=256, help="largest accepted request, in MiB")
     p.add_argument("--dp-clip", type=float, default=None, metavar="C",
                    help="open the --dataset files to DP training: per-record gradient clipping bound")
@@ -179,6 +182,15 @@ def _peers(args: argparse.Namespace, hook) -> list:
     return peers
 
 
+def _owner_db(args: argparse.Namespace) -> OwnerDB:
+    if args.db and args.data_dir:
+        raise SystemExit("veil worker: choose --db or --data-dir for the owner state, not both")
+    try:
+        return OwnerDB.in_dir(args.data_dir, db=args.db)
+    except (ValueError, ConnectionError) as e:
+        raise SystemExit(f"veil worker: {e}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Builds the worker from the parsed arguments and serves until Ctrl-C / SIGTERM."""
     import veil as sy
@@ -193,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(args.cert, args.key)
     worker = WebsocketServerWorker(
-        hook, id=args.id, host=args.host, port=args.port, tokens=tokens, db=OwnerDB.in_dir(args.data_dir),
+        hook, id=args.id, host=args.host, port=args.port, tokens=tokens, db=_owner_db(args),
         max_message=int(args.max_message_mb * 2**20), ssl_context=ssl_context,
     )
     for peer in _peers(args, hook):
