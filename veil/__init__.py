@@ -63,3 +63,12 @@ __all__ = [
     "ModelClient",
     "NetworkWorker",
 ]
+
+
+def __getattr__(name: str):
+    # `sy.ray` is imported on first use: Ray is a large import that most programs never need.
+    if name == "ray":
+        import importlib
+
+        return importlib.import_module("veil.ray")
+    raise AttributeError(f"module 'veil' has no attribute {name!r}")
