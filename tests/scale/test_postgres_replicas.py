@@ -83,6 +83,7 @@ def replicas(pg_url):
 
 def test_replicas_share_one_budget_and_survive_a_kill_mid_charge(replicas):
     url, procs = replicas
+    assert any("owner state: postgresql://veil@" in line for line in procs[0].output)
     _slow_charges(url)
     # --- 8 scientists (ana and ben, one session on each replica each) race until refused
     clients = [_client(i % 4, procs[i % 4].port, "ana" if i < 4 else "ben") for i in range(8)]

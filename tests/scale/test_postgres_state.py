@@ -138,3 +138,13 @@ def test_four_processes_never_overspend_a_shared_budget(pg_url):
     assert spent <= budget + 1e-9
     assert spent > budget - amount - 1e-9  # used up: no charge was refused while it still fitted
     assert len(history) == round(spent / amount)
+
+
+def test_worker_cli_refuses_an_unreachable_db_without_printing_its_password():
+    from veil.cli import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["worker", "--id", "x", "--token", "t" * 20, "--db", "postgresql://owner:pw-s3cret@127.0.0.1:1/db"])
+    assert "pw-s3cret" not in str(err.value) and "cannot connect" in str(err.value)
+    with pytest.raises(SystemExit, match="not both"):
+        main(["worker", "--id", "x", "--db", "postgresql://h/db", "--data-dir", "/tmp/x"])

@@ -213,6 +213,10 @@ def run(args: argparse.Namespace) -> int:
     tags = [t.strip() for t in args.tags.split(",") if t.strip()]
     allow = [_pair(s, "--allow") for s in args.allow]
     summary = load_datasets(worker, args.dataset, tags, allow)
+    if args.db:  # the password, if the URL has one, is never printed
+        from veil.workers.database import redact
+
+        summary.append(f"  owner state: {redact(args.db)} (audit log, privacy ledger, key-value)")
     dp_line = enable_dp_from_args(worker, args)
     if dp_line:
         summary.append(dp_line)
