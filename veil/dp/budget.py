@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS charges (
     reason TEXT NOT NULL,
     at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS charges_by_user ON charges ("user");
 CREATE TABLE IF NOT EXISTS training (
     "user" TEXT NOT NULL,
     delta REAL NOT NULL,
