@@ -75,8 +75,10 @@ def shutdown() -> None:
 class RayClientWorker(BaseWorker):
     """The coordinator's handle on one client hosted in a Ray actor (used like any worker)."""
 
-    def __init__(self, hook: Any, id: str, actor: Any, **kwargs: Any) -> None:
-        super().__init__(hook, id=id, **kwargs)
+    def __init__(self, hook: Any, id: str, actor: Any, pipelining: bool = True, **kwargs: Any) -> None:
+        # Pipelining: commands whose result ids the caller names (e.g. fl.train's losses.mean())
+        # ride on the next message instead of costing an actor round trip of their own.
+        super().__init__(hook, id=id, pipelining=pipelining, **kwargs)
         self.actor = actor
 
     def _recv_msg(self, data: bytes) -> bytes:
