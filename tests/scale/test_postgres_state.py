@@ -148,3 +148,14 @@ def test_worker_cli_refuses_an_unreachable_db_without_printing_its_password():
     assert "pw-s3cret" not in str(err.value) and "cannot connect" in str(err.value)
     with pytest.raises(SystemExit, match="not both"):
         main(["worker", "--id", "x", "--db", "postgresql://h/db", "--data-dir", "/tmp/x"])
+
+
+def test_literal_percent_and_question_mark_free_sql_on_both_engines(pg_url, tmp_path):
+    for location in (pg_url, str(tmp_path / "x.sqlite3")):
+        db = Database(location)
+        db.executescript("CREATE TABLE IF NOT EXISTS names (n TEXT NOT NULL);")
+        for n in ("50%", "abc", "a%c"):
+            db.execute("INSERT INTO names (n) VALUES (?)", (n,))
+        rows = db.execute("SELECT n FROM names WHERE n LIKE '%\\%%' ESCAPE '\\' ORDER BY n").fetchall()
+        assert [r[0] for r in rows] == ["50%", "a%c"], location
+        db.close()

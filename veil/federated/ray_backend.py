@@ -75,16 +75,17 @@ def shutdown() -> None:
 class RayClientWorker(BaseWorker):
     """The coordinator's handle on one client hosted in a Ray actor (used like any worker)."""
 
-    def __init__(self, hook: Any, id: str, actor: Any, pipelining: bool = True, **kwargs: Any) -> None:
+    def __init__(self, hook: Any, id: str, actor: Any, pipelining: bool = True, timeout: float = 600.0,
+                 **kwargs: Any) -> None:
         # Pipelining: commands whose result ids the caller names (e.g. fl.train's losses.mean())
         # ride on the next message instead of costing an actor round trip of their own.
         super().__init__(hook, id=id, pipelining=pipelining, **kwargs)
-        self.actor = actor
+        self.actor, self.timeout = actor, timeout  # a hung actor raises ConnectionLostError, never hangs
 
     def _recv_msg(self, data: bytes) -> bytes:
         ray = _ray()
         try:
-            return ray.get(self.actor.recv.remote(self.id, data))
+            return ray.get(self.actor.recv.remote(self.id, data), timeout=self.timeout)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError,
                 ray.exceptions.GetTimeoutError) as e:
             raise ConnectionLostError(f"client {self.id!r} (Ray actor) failed: {type(e).__name__}: {e}") from None

@@ -99,7 +99,8 @@ class Database:
         return conn
 
     def _sql(self, sql: str) -> str:
-        return sql.replace("?", "%s") if self.dialect == "postgresql" else sql
+        # psycopg reads % as a placeholder prefix: a literal % (e.g. in LIKE) is doubled first.
+        return sql.replace("%", "%%").replace("?", "%s") if self.dialect == "postgresql" else sql
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """Runs one statement; returns a cursor (``fetchone``, ``fetchall``, iteration)."""
