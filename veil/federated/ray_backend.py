@@ -46,21 +46,23 @@ def _ray() -> Any:
 
 
 def init(address: str | None = None, num_cpus: int | None = None, **ray_kwargs: Any) -> Any:
-    """Connects to Ray: the cluster at ``address`` / ``$VEIL_RAY_ADDRESS``, else a small local one.
+    """Connects to Ray: the cluster at ``address`` / ``$VEIL_RAY_ADDRESS`` / ``$RAY_ADDRESS``, else a
+    new small local one.
 
     Does nothing if Ray is already initialized in this process. Returns the ``ray`` module.
     """
     ray = _ray()
     if ray.is_initialized():
         return ray
-    address = address or os.environ.get("VEIL_RAY_ADDRESS")
+    address = address or os.environ.get("VEIL_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS")
     # Ray's workers import veil as this process does (an editable install or PYTHONPATH).
     env = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}} if os.environ.get("PYTHONPATH") else None
     kwargs: dict[str, Any] = {"log_to_driver": False, "runtime_env": env, **ray_kwargs}
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+        # address="local": always a new local Ray, never a stale cluster a past `ray start` left on record.
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
                  object_store_memory=LOCAL_OBJECT_STORE_BYTES, **kwargs)
     return ray
 
