@@ -1,19 +1,35 @@
-"""FedAvg with many simulated clients on one machine: time per round and memory.
+"""FedAvg with many simulated clients: time per round and memory, in process or on Ray (vs Flower).
 
-Run: .venv/bin/python bench/bench_fl_scale.py [--clients 1000] [--rounds 3]
+Run:
+    .venv/bin/python bench/bench_fl_scale.py [--clients 1000] [--rounds 3]            # in process (default)
+    .venv/bin/python bench/bench_fl_scale.py --backend ray --clients 1000 [--flower]  # Ray actors, + Flower
 
-Each client is a VirtualWorker holding a slice of Boston Housing (resampled
-with replacement so that every client has --rows rows) and a training plan for
-a linear model. Memory is the process's resident set size (psutil), before the
-clients exist and at the end. Baseline: the same number of client updates as
-plain PyTorch loops in the same process.
+In process: each client is a VirtualWorker in this process holding a slice of
+Boston Housing (resampled with replacement so that every client has --rows
+rows) and a training plan for a linear model. Baseline: the same number of
+client updates as plain PyTorch loops in the same process.
+
+``--backend ray``: the clients live in Ray actors (``sy.ray.federated_clients``,
+many virtual clients per actor; each actor builds its clients' data itself,
+so the coordinator never holds it). Reported: set-up, time of each round
+(round 1 includes sending the plan), the coordinator's resident memory, each
+actor's, and bytes the coordinator sent/received per client and round.
+``--flower``: Flower's simulation engine (``flwr[simulation]``, its own venv
+under .bench-venvs/flwr, made on first use) runs the same model, split
+(bench/fl_scale_data.py), rounds, batch size, learning rate and client count
+in the same run, after veil's Ray has been shut down; the ratio is printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import psutil
 import torch
@@ -24,14 +40,17 @@ from tqdm import tqdm
 import veil as sy
 from veil import federated as fl
 from veil.datasets import load_boston
+from veil.federated.strategies import FedAvg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fl_scale_data  # noqa: E402  (bench/: the split shared with the Flower side)
+
+ROOT = Path(__file__).resolve().parent.parent
+FLWR_VENV = ROOT / ".bench-venvs" / "flwr"
+FLWR_SPECS = ["torch==2.13.0", "flwr[simulation]>=1.20,<2", "psutil>=5.9,<8"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--clients", type=int, default=1000)
-    parser.add_argument("--rows", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+def run_in_process(args: argparse.Namespace) -> None:
     proc = psutil.Process()
     hook = sy.TorchHook(torch)
     x, y, _ = load_boston()
@@ -70,6 +89,152 @@ def main() -> None:
     print(f"  memory: {rss0 / 2**20:.0f} MiB before clients, {rss1 / 2**20:.0f} MiB after "
           f"({(rss1 - rss0) / 2**10 / args.clients:.1f} KiB per client)")
     print(f"  last round: train loss {hist.rounds[-1].train_loss:.2f} over {len(hist.rounds[-1].clients)} clients")
+
+
+class TimedFedAvg(FedAvg):
+    """FedAvg that notes when each round's aggregation happens (per-round times without changing fl.train)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.marks: list[float] = []
+
+    def aggregate(self, updates, global_state):
+        out = super().aggregate(updates, global_state)
+        self.marks.append(time.perf_counter())
+        return out
+
+
+def run_ray(args: argparse.Namespace) -> dict:
+    import ray
+
+    import veil.ray as vray
+
+    proc = psutil.Process()
+    t = time.perf_counter()
+    vray.init(address=args.address, num_cpus=args.num_cpus)
+    ray_start = time.perf_counter() - t
+    ray.cloudpickle.register_pickle_by_value(fl_scale_data)  # the actors build the data from this module
+    hook = sy.TorchHook(torch)
+    # Warm-up: the first traced plan imports torch's tracing machinery (~100 MiB, once per process);
+    # memory "before clients" is taken after it so that the per-client figure is per client.
+    warm = sy.VirtualWorker(hook, id="warmup")
+    fl.train(nn.Linear(13, 1), fl.FederatedDataset([fl.BaseDataset(*fl_scale_data.client_data(0)).send(warm)]),
+             rounds=1, progress=False)
+    bare = ray.remote(vray.ClientHost).options(num_cpus=0).remote()  # an actor with no clients: the baseline
+    bare_rss = ray.get(bare.stats.remote())["rss"]
+    ray.kill(bare)
+    gc.collect()
+    rss0 = proc.memory_info().rss
+    t = time.perf_counter()
+    clients = vray.federated_clients(num_clients=args.clients, actors=args.actors, hook=hook,
+                                     make_dataset=_ClientData(args.rows))
+    fed = clients.federated_dataset()
+    setup = time.perf_counter() - t
+    rss_setup = proc.memory_info().rss
+    strategy = TimedFedAvg()
+    stats = hook.local_worker.stats
+    stats.reset()
+    model = nn.Linear(13, 1)
+    t = time.perf_counter()
+    hist = fl.train(model, fed, rounds=args.rounds, lr=0.001, batch_size=8, strategy=strategy, progress=False)
+    total = time.perf_counter() - t
+    rounds = [m - p for p, m in zip([t] + strategy.marks[:-1], strategy.marks)]
+    wire = stats.snapshot()
+    gc.collect()
+    rss1 = proc.memory_info().rss
+    actor_stats = clients.actor_stats()
+    clients.shutdown()
+    vray.shutdown()
+    per_actor = [(s["rss"] - bare_rss) / max(1, s["clients"]) for s in actor_stats]
+    out = {
+        "backend": "veil-ray", "clients": args.clients, "actors": len(actor_stats), "ray_start_s": ray_start,
+        "setup_s": setup, "rounds_s": rounds, "total_s": total,
+        "coordinator_rss_mib": {"before": rss0 / 2**20, "after_setup": rss_setup / 2**20, "end": rss1 / 2**20},
+        "actor_rss_mib": [s["rss"] / 2**20 for s in actor_stats], "bare_actor_rss_mib": bare_rss / 2**20,
+        "actor_kib_per_client": sum(per_actor) / len(per_actor) / 2**10,
+        "bytes_per_client_round": (wire["bytes_sent"] + wire["bytes_received"]) / args.clients / args.rounds,
+        "messages_per_client_round": wire["messages"] / args.clients / args.rounds,
+        "train_loss": hist.rounds[-1].train_loss,
+    }
+    return out
+
+
+class _ClientData:
+    """make_dataset for the actors (a picklable callable: client i -> its rows)."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+
+    def __call__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return fl_scale_data.client_data(i, self.rows)
+
+
+def ensure_flwr_venv() -> Path:
+    python = FLWR_VENV / "bin" / "python"
+    if python.exists() and subprocess.run([str(python), "-c", "import flwr, torch, ray"],
+                                          capture_output=True).returncode == 0:
+        return python
+    print(f"[flower venv] setting up {FLWR_VENV} (minutes; needs the package index)", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(FLWR_VENV)], check=True)
+    for spec in FLWR_SPECS:  # torch first: the CPU wheel, before flwr could pull another
+        subprocess.run([str(python), "-m", "pip", "install", "-q", spec], check=True)
+    return python
+
+
+def run_flower(args: argparse.Namespace) -> dict:
+    python = ensure_flwr_venv()
+    cmd = [str(python), str(ROOT / "bench" / "flower_sim.py"), "--clients", str(args.clients), "--rows",
+           str(args.rows), "--rounds", str(args.rounds), "--num-cpus", str(args.num_cpus or os.cpu_count())]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={k: v for k, v in os.environ.items()
+                                                                   if k != "PYTHONPATH"})
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"Flower simulation failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def _report(r: dict) -> None:
+    later = r["rounds_s"][1:] or r["rounds_s"]
+    print(f"  {r['backend']}: start {r.get('ray_start_s', 0):.1f} s, set-up {r['setup_s']:.1f} s, rounds "
+          + ", ".join(f"{s:.2f}" for s in r["rounds_s"]) + f" s (mean after the first: {sum(later) / len(later):.2f} s)")
+    mem = r["coordinator_rss_mib"]
+    print(f"    coordinator memory: {mem['before']:.0f} MiB before clients, {mem['after_setup']:.0f} after set-up, "
+          f"{mem['end']:.0f} at the end ({(mem['end'] - mem['before']) * 1024 / r['clients']:.1f} KiB per client)")
+    if "actor_kib_per_client" in r:
+        print(f"    actors: {', '.join(f'{m:.0f}' for m in r['actor_rss_mib'])} MiB (bare actor "
+              f"{r['bare_actor_rss_mib']:.0f} MiB; {r['actor_kib_per_client']:.1f} KiB per client); "
+              f"{r['bytes_per_client_round'] / 1024:.2f} KiB and {r['messages_per_client_round']:.1f} messages "
+              "per client and round through the coordinator")
+    print(f"    last round train loss {r['train_loss']:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backend", choices=["inprocess", "ray"], default="inprocess")
+    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--actors", type=int, default=None, help="Ray actors (default: the CPUs)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    parser.add_argument("--address", default=None, help="a Ray cluster (default: $VEIL_RAY_ADDRESS, else local)")
+    parser.add_argument("--flower", action="store_true", help="also run Flower's simulation (same run)")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args()
+    if args.backend == "inprocess":
+        run_in_process(args)
+        return
+    results = [run_ray(args)]
+    if args.flower:
+        results.append(run_flower(args))
+    print(f"\n{args.clients} clients x {args.rows} rows, linear model, {args.rounds} FedAvg rounds, "
+          f"{os.cpu_count()} CPUs")
+    for r in results:
+        _report(r)
+    if len(results) == 2:
+        v, f = (sum(r["rounds_s"][1:] or r["rounds_s"]) / len(r["rounds_s"][1:] or r["rounds_s"]) for r in results)
+        print(f"  round time veil / Flower: {v / f:.2f}x (after the first round)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

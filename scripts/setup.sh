@@ -3,6 +3,14 @@
 # torch==2.13.0 (CPU) goes in first: any other torch spec would pull GBs of CUDA wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# PostgreSQL server binaries (Debian's package): tests/scale starts a throwaway server with initdb/pg_ctl.
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    else
+        echo "setup.sh: PostgreSQL binaries missing (apt-get install postgresql); tests/scale will fail" >&2
+    fi
+fi
 PY="${PYTHON:-python3}"
 VENV=.venv
 STAMP="$VENV/.veil-installed"

@@ -36,6 +36,11 @@ def __getattr__(name: str):
         from veil.workers.registry import default_hook_context
 
         return default_hook_context().local_worker
+    # ``sy.ray`` is imported on first use: Ray is a large import that most programs never need.
+    if name == "ray":
+        import importlib
+
+        return importlib.import_module("veil.ray")
     raise AttributeError(f"module 'veil' has no attribute {name!r}")
 
 
@@ -92,3 +97,4 @@ __all__ = [
     "TokenTable",
     "new_token",
 ]
+

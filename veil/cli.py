@@ -47,6 +47,19 @@ def _worker(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _db_args(p: argparse.ArgumentParser) -> None:
+    from veil.workers.db_migrate import configure
+
+    configure(p)
+
+
+@command("db", "owner state in PostgreSQL: `veil db migrate --from DATA_DIR --to postgresql://...`", _db_args)
+def _db(args: argparse.Namespace) -> int:
+    from veil.workers.db_migrate import run
+
+    return run(args)
+
+
 def _serve_args(p: argparse.ArgumentParser) -> None:
     from veil.serving.cli import configure
 

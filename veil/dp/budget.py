@@ -1,4 +1,4 @@
-"""A data owner's per-user privacy budget ledger, persisted in SQLite.
+"""A data owner's per-user privacy budget ledger, persisted in SQLite or PostgreSQL.
 
 Contract: **charge before release**. A worker computes a private result, then
 calls :meth:`BudgetLedger.charge` with the result's (epsilon, delta) cost, and
@@ -9,40 +9,46 @@ releasing can only waste budget, never leak an uncharged result.
 Composition is basic (epsilons and deltas add up), which is valid for any
 mix of mechanisms; tighter accounting of a training run belongs in
 :class:`veil.dp.Accountant`, whose final (epsilon, delta) is then charged here.
+
+Several worker processes of one owner may share one ledger (a SQLite file, or
+a ``postgresql://`` URL for replicas on several machines): every charge reads
+the spent total and inserts under one lock (SQLite ``BEGIN IMMEDIATE``, or the
+user's ``budgets`` row ``SELECT ... FOR UPDATE`` on PostgreSQL), so two
+processes cannot both spend the last of a budget.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 from pathlib import Path
 from typing import Union
 
 from veil.dp.accountant import Accountant
 from veil.dp.errors import BudgetExceededError, PrivacyParameterError, UnknownUserError
+from veil.workers.database import Database
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS budgets (
-    user TEXT PRIMARY KEY,
+    "user" TEXT PRIMARY KEY,
     epsilon REAL NOT NULL,
     delta REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS charges (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    user TEXT NOT NULL REFERENCES budgets(user),
+    "user" TEXT NOT NULL REFERENCES budgets("user"),
     epsilon REAL NOT NULL,
     delta REAL NOT NULL,
     reason TEXT NOT NULL,
     at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS charges_by_user ON charges ("user");
 CREATE TABLE IF NOT EXISTS training (
-    user TEXT NOT NULL,
+    "user" TEXT NOT NULL,
     delta REAL NOT NULL,
     state TEXT NOT NULL,
     epsilon REAL NOT NULL,
-    PRIMARY KEY (user, delta)
+    PRIMARY KEY ("user", delta)
 );
 """
 
@@ -54,16 +60,16 @@ class BudgetLedger:
     """Per-user (epsilon, delta) budgets and the charges made against them.
 
     Args:
-        path: SQLite file (created if absent); ``":memory:"`` for a throwaway ledger.
+        path: SQLite file (created if absent); ``":memory:"`` for a throwaway ledger; or a
+            ``postgresql://`` URL (shared by the owner's worker processes).
     """
 
     def __init__(self, path: Union[str, Path]) -> None:
         self.path = str(path)
-        # isolation_level=None: transactions are begun explicitly below.
         # A network worker serves requests from a thread pool: one connection
-        # shared behind a lock (sqlite3 objects are not thread-safe on their own).
-        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0, check_same_thread=False)
-        self._lock = threading.RLock()
+        # shared behind a (re-entrant) lock; transactions are begun explicitly below.
+        self._db = Database(self.path, timeout=30.0)
+        self._lock = self._db.lock
         with self._lock:
             self._db.executescript(_SCHEMA)
 
@@ -90,19 +96,22 @@ class BudgetLedger:
         self._check(epsilon, delta)
         with self._lock:
             self._db.execute(
-                "INSERT INTO budgets(user, epsilon, delta) VALUES (?, ?, ?) "
-                "ON CONFLICT(user) DO UPDATE SET epsilon = excluded.epsilon, delta = excluded.delta",
+                'INSERT INTO budgets("user", epsilon, delta) VALUES (?, ?, ?) '
+                'ON CONFLICT("user") DO UPDATE SET epsilon = excluded.epsilon, delta = excluded.delta',
                 (user, float(epsilon), float(delta)),
             )
 
     def _spent(self, user: str) -> tuple[float, float]:
         row = self._db.execute(
-            "SELECT COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0) FROM charges WHERE user = ?", (user,)
+            'SELECT COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0) FROM charges WHERE "user" = ?', (user,)
         ).fetchone()
         return float(row[0]), float(row[1])
 
-    def _budget(self, user: str) -> tuple[float, float]:
-        row = self._db.execute("SELECT epsilon, delta FROM budgets WHERE user = ?", (user,)).fetchone()
+    def _budget(self, user: str, lock: bool = False) -> tuple[float, float]:
+        # lock=True (inside a charge): the user's row stays locked until commit, so concurrent
+        # charges of the same user from other processes queue here (PostgreSQL; SQLite locks the file).
+        row = self._db.execute('SELECT epsilon, delta FROM budgets WHERE "user" = ?'
+                               + (self._db.for_update if lock else ""), (user,)).fetchone()
         if row is None:
             raise UnknownUserError(f"no privacy budget for user {user!r}; call set_budget first")
         return float(row[0]), float(row[1])
@@ -110,8 +119,8 @@ class BudgetLedger:
     def charge(self, user: str, epsilon: float, delta: float, reason: str) -> tuple[float, float]:
         """Atomically records a charge, or refuses it if it would exceed the budget.
 
-        The check and the insert run in one ``BEGIN IMMEDIATE`` transaction, so
-        two processes sharing the file cannot both spend the last of a budget.
+        The check and the insert run in one write transaction holding the user's
+        lock, so two processes sharing the ledger cannot both spend the last of a budget.
 
         Returns:
             The remaining ``(epsilon, delta)`` after the charge.
@@ -121,18 +130,12 @@ class BudgetLedger:
             UnknownUserError: the user has no budget.
         """
         self._check(epsilon, delta)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                left = self._charge_in_transaction(user, epsilon, delta, reason)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._db.write_transaction():
+            left = self._charge_in_transaction(user, epsilon, delta, reason)
         return left
 
     def _charge_in_transaction(self, user: str, epsilon: float, delta: float, reason: str) -> tuple[float, float]:
-        total_eps, total_delta = self._budget(user)
+        total_eps, total_delta = self._budget(user, lock=True)
         spent_eps, spent_delta = self._spent(user)
         if spent_eps + epsilon > total_eps + _SLACK or spent_delta + delta > total_delta + _SLACK:
             raise BudgetExceededError(
@@ -140,7 +143,7 @@ class BudgetLedger:
                 f"(epsilon={total_eps - spent_eps:.6g}, delta={total_delta - spent_delta:.3g}) left "
                 f"of (epsilon={total_eps}, delta={total_delta})")
         self._db.execute(
-            "INSERT INTO charges(user, epsilon, delta, reason, at) VALUES (?, ?, ?, ?, ?)",
+            'INSERT INTO charges("user", epsilon, delta, reason, at) VALUES (?, ?, ?, ?, ?)',
             (user, float(epsilon), float(delta), reason, time.time()),
         )
         return total_eps - spent_eps - epsilon, total_delta - spent_delta - delta
@@ -164,25 +167,20 @@ class BudgetLedger:
             BudgetExceededError: the step does not fit; nothing is recorded.
         """
         self._check(0.0, delta)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._db.execute("SELECT state, epsilon FROM training WHERE user = ? AND delta = ?",
-                                       (user, float(delta))).fetchone()
-                acc = Accountant.from_state_dict(json.loads(row[0])) if row else Accountant(mechanism)
-                before = float(row[1]) if row else 0.0
-                acc.step(noise_multiplier, sample_rate)
-                after = max(acc.get_epsilon(delta), before)  # never a negative charge
-                left = self._charge_in_transaction(user, after - before, 0.0 if row else float(delta),
-                                                   f"{reason} (sigma={noise_multiplier:.4g}, q={sample_rate:.4g})")
-                self._db.execute(
-                    "INSERT INTO training(user, delta, state, epsilon) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT(user, delta) DO UPDATE SET state = excluded.state, epsilon = excluded.epsilon",
-                    (user, float(delta), json.dumps(acc.state_dict()), after))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._db.write_transaction():
+            self._budget(user, lock=True)  # lock first: the training state is read-modify-written too
+            row = self._db.execute('SELECT state, epsilon FROM training WHERE "user" = ? AND delta = ?',
+                                   (user, float(delta))).fetchone()
+            acc = Accountant.from_state_dict(json.loads(row[0])) if row else Accountant(mechanism)
+            before = float(row[1]) if row else 0.0
+            acc.step(noise_multiplier, sample_rate)
+            after = max(acc.get_epsilon(delta), before)  # never a negative charge
+            left = self._charge_in_transaction(user, after - before, 0.0 if row else float(delta),
+                                               f"{reason} (sigma={noise_multiplier:.4g}, q={sample_rate:.4g})")
+            self._db.execute(
+                'INSERT INTO training("user", delta, state, epsilon) VALUES (?, ?, ?, ?) '
+                'ON CONFLICT("user", delta) DO UPDATE SET state = excluded.state, epsilon = excluded.epsilon',
+                (user, float(delta), json.dumps(acc.state_dict()), after))
         return left
 
     def remaining(self, user: str) -> tuple[float, float]:
@@ -201,4 +199,4 @@ class BudgetLedger:
         """The user's charges, oldest first: ``(epsilon, delta, reason, unix time)``."""
         with self._lock:
             return [tuple(r) for r in self._db.execute(
-                "SELECT epsilon, delta, reason, at FROM charges WHERE user = ? ORDER BY id", (user,))]
+                'SELECT epsilon, delta, reason, at FROM charges WHERE "user" = ? ORDER BY id', (user,))]

@@ -8,8 +8,9 @@ explicit registry keyed by worker, so the worker classes need no DP fields.
 
 The budget ledger is a :class:`veil.dp.BudgetLedger`. On a network worker
 started with ``--data-dir`` it is the file ``veil-dp-budget.sqlite3`` next to
-the worker's own database, so spent budgets survive restarts; elsewhere it
-lives in memory unless ``ledger_path`` is given.
+the worker's own database, so spent budgets survive restarts; with ``--db
+postgresql://...`` it is in that database (shared by the owner's replicas);
+elsewhere it lives in memory unless ``ledger_path`` is given.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from veil.dp.budget import BudgetLedger
 from veil.dp.errors import PrivacyParameterError
 from veil.dp.optimizer import make_generator
 from veil.exceptions import PermissionDeniedError
+from veil.workers.database import is_database_url
 
 LEDGER_FILENAME = "veil-dp-budget.sqlite3"
 
@@ -102,6 +104,8 @@ def _ledger_path(worker: Any, ledger_path: Union[str, Path, None]) -> str:
     if ledger_path is not None:
         return str(ledger_path)
     db_path = getattr(getattr(worker, "db", None), "path", ":memory:")
+    if is_database_url(db_path):  # PostgreSQL: the ledger's tables sit beside the worker's own
+        return db_path
     return ":memory:" if db_path == ":memory:" else str(Path(db_path).parent / LEDGER_FILENAME)
 
 

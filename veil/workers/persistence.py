@@ -1,4 +1,4 @@
-"""What a data owner's worker must not lose across restarts, in one SQLite file.
+"""What a data owner's worker must not lose across restarts: one SQLite file, or PostgreSQL.
 
 Three tables:
 
@@ -12,16 +12,20 @@ Three tables:
 
 Datasets themselves are *not* stored: they are reloaded from their declared
 sources at every start.
+
+With a ``postgresql://`` URL instead of a file, several worker processes of one
+owner (replicas) share these tables: audit rows and ledger entries from all of
+them land in the same place (the ``worker`` column tells them apart).
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from veil.workers.database import Database, is_database_url
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -58,24 +62,25 @@ class OwnerDB:
     """The worker's durable state. Thread-safe (one connection behind a lock).
 
     Args:
-        path: the SQLite file, or ``":memory:"`` for a worker that keeps nothing.
+        path: the SQLite file, ``":memory:"`` for a worker that keeps nothing, or a
+            ``postgresql://`` URL (shared by all the owner's worker processes).
     """
 
     FILENAME = "veil-worker.sqlite3"
 
     def __init__(self, path: str | Path = ":memory:") -> None:
         self.path = str(path)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        if self.path != ":memory:":
-            # WAL + NORMAL: an audit row survives a process crash; a power cut may lose the last few.
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = Database(self.path)
+        self._lock = self._db.lock
         self._db.executescript(_SCHEMA)
 
     @classmethod
-    def in_dir(cls, data_dir: str | Path | None) -> "OwnerDB":
-        """The database under ``data_dir`` (created), or an in-memory one when None."""
+    def in_dir(cls, data_dir: str | Path | None, db: str | None = None) -> "OwnerDB":
+        """The database at URL ``db`` if given, else under ``data_dir`` (created), else in memory."""
+        if db is not None:
+            if not is_database_url(db):
+                raise ValueError(f"--db expects a postgresql:// URL, got {db!r}")
+            return cls(db)
         if data_dir is None:
             return cls(":memory:")
         folder = Path(data_dir)

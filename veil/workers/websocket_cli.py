@@ -58,6 +58,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accept-peer", action="append", default=[], metavar="NAME=TOKEN",
                    help="token peer worker NAME presents to this one (repeatable)")
     p.add_argument("--data-dir", default=None, help="folder for the audit log and owner state (SQLite)")
+    p.add_argument("--db", default=os.environ.get("VEIL_DB"), metavar="postgresql://...",
+                   help="keep the audit log, privacy ledger and owner state in PostgreSQL instead of --data-dir "
+                        "(shared by all of one owner's worker processes; default: $VEIL_DB)")
     p.add_argument("--max-message-mb", type=float, default=256, help="largest accepted request, in MiB")
     p.add_argument("--max-command-seconds", type=float, default=600.0, metavar="S",
                    help="per-command time limit; long commands (plan fit) stop past it (0: no limit)")
@@ -187,6 +190,15 @@ def _peers(args: argparse.Namespace, hook) -> list:
     return peers
 
 
+def _owner_db(args: argparse.Namespace) -> OwnerDB:
+    if args.db and args.data_dir:
+        raise SystemExit("veil worker: choose --db or --data-dir for the owner state, not both")
+    try:
+        return OwnerDB.in_dir(args.data_dir, db=args.db)
+    except (ValueError, ConnectionError) as e:
+        raise SystemExit(f"veil worker: {e}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Builds the worker from the parsed arguments and serves until Ctrl-C / SIGTERM."""
     import veil as sy
@@ -201,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(args.cert, args.key)
     worker = WebsocketServerWorker(
-        hook, id=args.id, host=args.host, port=args.port, tokens=tokens, db=OwnerDB.in_dir(args.data_dir),
+        hook, id=args.id, host=args.host, port=args.port, tokens=tokens, db=_owner_db(args),
         max_message=int(args.max_message_mb * 2**20), ssl_context=ssl_context,
         max_command_seconds=args.max_command_seconds,
         ping_interval=args.ping_interval,
@@ -211,6 +223,10 @@ def run(args: argparse.Namespace) -> int:
     tags = [t.strip() for t in args.tags.split(",") if t.strip()]
     allow = [_pair(s, "--allow") for s in args.allow]
     summary = load_datasets(worker, args.dataset, tags, allow)
+    if args.db:  # the password, if the URL has one, is never printed
+        from veil.workers.database import redact
+
+        summary.append(f"  owner state: {redact(args.db)} (audit log, privacy ledger, key-value)")
     dp_line = enable_dp_from_args(worker, args)
     if dp_line:
         summary.append(dp_line)

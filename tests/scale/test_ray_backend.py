@@ -1,0 +1,121 @@
+"""Federated clients in a real local Ray: fl.train over Ray actors gives the weights it gives over
+VirtualWorkers; the actors' clients are ordinary veil workers (allowlist, private data, bad frames)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import veil as sy
+from veil.exceptions import PermissionDeniedError
+from veil.federated import trainer as fl
+from veil.federated.strategies import FedProx
+from veil.messaging.messages import ErrorReply
+from veil.messaging.serde import deserialize
+
+N_CLIENTS = 200
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = sy.ray.init(num_cpus=2)
+    yield ray
+    sy.ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def actors(ray_local, hook):
+    """Two client-host actors shared by the tests (starting an actor costs seconds: it imports torch)."""
+    first = sy.ray.federated_clients(num_clients=2, make_dataset=lambda i: (torch.zeros(1, 3), torch.zeros(1, 1)),
+                                     actors=2, hook=hook, prefix="warmup")
+    yield first.actors
+    first.shutdown()
+
+
+def _parts(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.tensor([[1.5], [-2.0], [0.5]])
+    out = []
+    for _ in range(n):
+        x = torch.randn(12, 3, generator=g)
+        out.append((x, x @ w + 0.1 * torch.randn(12, 1, generator=g)))
+    return out
+
+
+def _train(fed, rounds=2, **kw) -> torch.nn.Linear:
+    torch.manual_seed(7)
+    model = torch.nn.Linear(3, 1)
+    fl.train(model, fed, rounds=rounds, lr=0.05, batch_size=4, seed=3, progress=False, **kw)
+    return model
+
+
+def test_200_clients_on_two_shared_actors_match_virtual_workers(hook, actors):
+    parts = _parts(N_CLIENTS)
+    clients = sy.ray.federated_clients(parts, actors=actors, hook=hook, prefix="rc")
+    try:
+        assert len(clients.actors) == 2 and len(clients) == N_CLIENTS
+        stats = clients.actor_stats()
+        assert sorted(s["clients"] for s in stats) == [N_CLIENTS // 2 + 1] * 2  # virtual clients (+ warm-up's)
+        on_ray = _train(clients.federated_dataset(), strategy=FedProx(0.01))
+        virtual = [sy.VirtualWorker(hook, id=f"vc{i}") for i in range(N_CLIENTS)]
+        fed = sy.FederatedDataset(sy.BaseDataset(x, y).send(w) for (x, y), w in zip(parts, virtual))
+        in_process = _train(fed, strategy=FedProx(0.01))
+        torch.testing.assert_close(on_ray.weight, in_process.weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(on_ray.bias, in_process.bias, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(on_ray.weight, torch.nn.Linear(3, 1).weight)  # it trained
+        # state persisted between rounds: each client still holds its data, plan and state
+        assert all(s["objects"] >= 3 * s["clients"] for s in clients.actor_stats())
+    finally:
+        clients.shutdown()
+
+
+def test_secure_aggregation_across_actors(hook, actors):
+    clients = sy.ray.federated_clients(_parts(5, seed=1), actors=actors, hook=hook, prefix="sa")
+    try:
+        plain = _train(clients.federated_dataset(), rounds=1)
+        secure = _train(clients.federated_dataset(), rounds=1, secure_aggregation=True)
+        torch.testing.assert_close(secure.weight, plain.weight, atol=1e-5, rtol=0)  # shares crossed actors
+        torch.testing.assert_close(secure.bias, plain.bias, atol=1e-5, rtol=0)
+    finally:
+        clients.shutdown()
+
+
+def test_owner_side_dp_on_actor_clients(hook, actors):
+    dp = {"max_grad_norm": 1.0, "noise_multiplier": 2.0, "budgets": {"me": (10.0, 1e-4)}}
+    clients = sy.ray.federated_clients(_parts(2, seed=2), actors=actors, hook=hook, prefix="dp", dp=dp)
+    try:
+        # raw (non-private) training on DP data is refused by every client's owner policy
+        with pytest.warns(UserWarning, match="differential-privacy policy"), \
+                pytest.raises(RuntimeError, match="only 0 workers finished"):
+            _train(clients.federated_dataset(), rounds=1)
+        model = torch.nn.Linear(3, 1)
+        sy.dp.train_remote_dp(model, list(clients), "data", torch.zeros(2, 3), steps=3, sample_rate=0.2,
+                              optimizer=torch.optim.SGD(model.parameters(), lr=0.1), delta=1e-5)
+        spent = [sy.dp.remaining_budget(c, spent=True)[0] for c in clients]
+        assert sum(spent) > 0 and all(0 <= s < 10.0 for s in spent)  # charged on the clients' own ledgers
+        count = sy.dp.remote_query(clients.targets[1], "count", epsilon=0.5)
+        assert count.epsilon == 0.5
+        with pytest.raises(sy.exceptions.BudgetExceededError):
+            sy.dp.remote_query(clients.targets[1], "count", epsilon=20.0)
+    finally:
+        clients.shutdown()
+
+
+def test_actor_clients_refuse_like_any_worker(hook, actors):
+    clients = sy.ray.federated_clients(num_clients=3, make_dataset=lambda i: (torch.full((4, 2), float(i)),
+                                                                           torch.zeros(4, 1)),
+                                       actors=actors[:1], hook=hook, prefix="adv")
+    try:
+        with pytest.raises(PermissionDeniedError, match="private"):
+            clients.data[2].get()
+        total = (clients.data[2] * 2).sum().get()  # computing through pointers is allowed
+        assert float(total) == 2 * 2 * 8
+        for frame in (b"", b"\x00garbage", b"\x93\x01\x02"):  # hostile raw frames: a clear error, no crash
+            reply, _, _ = deserialize(clients[1]._recv_msg(frame), hook.local_worker._decode_ctx)
+            assert type(reply) is ErrorReply and reply.message
+        assert float((clients.data[1] + 1).sum().get()) == 8 * 2  # still serving
+        stranger = sy.ray.RayClientWorker(hook, "nobody-here", clients.actors[0])
+        with pytest.raises(sy.exceptions.WorkerNotFoundError):
+            sy.send(torch.ones(1), stranger)
+    finally:
+        clients.shutdown()

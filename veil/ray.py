@@ -1,0 +1,5 @@
+"""``sy.ray``: federated clients in Ray actors (see :mod:`veil.federated.ray_backend`)."""
+
+from veil.federated.ray_backend import ClientHost, RayClients, RayClientWorker, federated_clients, init, shutdown
+
+__all__ = ["ClientHost", "RayClients", "RayClientWorker", "federated_clients", "init", "shutdown"]

@@ -1,0 +1,106 @@
+"""``veil db migrate --from DATA_DIR --to postgresql://...``: an owner's SQLite state into PostgreSQL.
+
+Copies both files a worker keeps under ``--data-dir`` (``veil-worker.sqlite3``:
+audit log, key-value state, ledger entries; ``veil-dp-budget.sqlite3``: privacy
+budgets, charges, training accountants) row for row, ids included, in one
+PostgreSQL transaction: either everything lands or nothing does. It refuses a
+target whose tables already hold rows (no silent merge of two histories), and
+never modifies the source files. Afterwards start the workers with ``--db URL``
+instead of ``--data-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+from pathlib import Path
+
+from veil.workers.database import Database, is_database_url, redact
+
+# file -> [(table, columns, identity column or None)]; the schemas are the owners' modules'.
+_TABLES = {
+    "veil-worker.sqlite3": [
+        ("audit", ["seq", "ts", "worker", "action", "principal", "session", "object_ids", "outcome", "detail"], "seq"),
+        ("kv", ["namespace", "key", "value", "updated"], None),
+        ("ledger", ["seq", "ts", "namespace", "key", "amount", "note"], "seq"),
+    ],
+    "veil-dp-budget.sqlite3": [
+        ("budgets", ["user", "epsilon", "delta"], None),
+        ("charges", ["id", "user", "epsilon", "delta", "reason", "at"], "id"),
+        ("training", ["user", "delta", "state", "epsilon"], None),
+    ],
+}
+
+
+def _create_schemas(url: str) -> None:
+    """Creates the target tables through the same classes the workers use."""
+    from veil.dp.budget import BudgetLedger
+    from veil.workers.persistence import OwnerDB
+
+    OwnerDB(url).close()
+    BudgetLedger(url).close()
+
+
+def migrate(data_dir: str | Path, url: str) -> dict[str, int]:
+    """Copies the SQLite state under ``data_dir`` into the database at ``url``; returns rows per table.
+
+    Raises:
+        ValueError: not a PostgreSQL URL, no state under ``data_dir``, or target tables not empty.
+    """
+    if not is_database_url(url):
+        raise ValueError(f"--to expects a postgresql:// URL, got {url!r}")
+    folder = Path(data_dir)
+    present = [name for name in _TABLES if (folder / name).is_file()]
+    if not present:
+        raise ValueError(f"no veil worker state in {folder} (expected {' or '.join(_TABLES)})")
+    _create_schemas(url)
+    db = Database(url)
+    counts: dict[str, int] = {}
+    try:
+        with db.write_transaction():
+            for name in present:
+                source = sqlite3.connect(f"file:{folder / name}?mode=ro", uri=True)
+                try:
+                    for table, columns, identity in _TABLES[name]:
+                        counts[table] = _copy_table(source, db, table, columns, identity)
+                finally:
+                    source.close()
+    finally:
+        db.close()
+    return counts
+
+
+def _copy_table(source: sqlite3.Connection, db: Database, table: str, columns: list[str],
+                identity: str | None) -> int:
+    if db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]:
+        raise ValueError(f"table {table!r} in the target database already holds rows: migrate into an empty database")
+    try:
+        rows = source.execute(f"SELECT {', '.join(columns)} FROM {table}").fetchall()
+    except sqlite3.OperationalError:  # a file from a version without this table
+        return 0
+    quoted = ", ".join(f'"{c}"' for c in columns)
+    marks = ", ".join("?" for _ in columns)
+    for row in rows:
+        db.execute(f"INSERT INTO {table} ({quoted}) VALUES ({marks})",
+                   tuple(bytes(v) if isinstance(v, memoryview) else v for v in row))
+    if identity is not None and rows:  # new rows continue after the copied ids
+        db.execute(f"SELECT setval(pg_get_serial_sequence('{table}', '{identity}'), "
+                   f"(SELECT MAX({identity}) FROM {table}))")
+    return len(rows)
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="db_command", required=True)
+    m = sub.add_parser("migrate", help="copy a worker's SQLite --data-dir state into PostgreSQL")
+    m.add_argument("--from", dest="source", required=True, help="the worker's --data-dir")
+    m.add_argument("--to", dest="target", required=True, help="postgresql://... (an empty database)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        counts = migrate(args.source, args.target)
+    except (ValueError, ConnectionError) as e:
+        raise SystemExit(f"veil db migrate: {e}") from None
+    print(f"migrated {args.source} -> {redact(args.target)}: "
+          + ", ".join(f"{table} {n}" for table, n in counts.items()), flush=True)
+    return 0
