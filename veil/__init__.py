@@ -19,6 +19,8 @@ from veil.workers.virtual import VirtualWorker
 from veil.workers.websocket_client import WebsocketClientWorker
 from veil.workers.websocket_server import WebsocketServerWorker
 from veil import serving  # noqa: E402  (registers the serving wire type on every worker)
+from veil import governance  # noqa: E402  (registers the review-before-release messages)
+from veil.governance import requests
 from veil.serving import Cluster, ModelClient, NetworkWorker
 
 __version__ = "0.1.0"
@@ -49,6 +51,8 @@ __all__ = [
     "copy_module",
     "describe",
     "exceptions",
+    "governance",
+    "requests",
     "get",
     "get_module",
     "list_objects",

@@ -57,6 +57,24 @@ class BudgetExceededError(PermissionDeniedError):
     """A privacy budget would be exceeded by the request."""
 
 
+class ReviewPendingError(PermissionDeniedError):
+    """The object derives from data under the owner's review policy: a release request waits for the owner.
+
+    The message names the request id (``req-...``); ``ptr.get(wait=SECONDS)`` waits for the decision.
+    """
+
+    @property
+    def request_id(self) -> str | None:
+        import re
+
+        found = re.search(r"req-[0-9a-f]+", str(self))
+        return found.group(0) if found else None
+
+
+class RequestDeniedError(PermissionDeniedError):
+    """The data owner denied the release request (the message carries the owner's words)."""
+
+
 #: Errors a worker may report by name. Anything else is reported as RemoteExecutionError.
 REMOTE_ERRORS: dict[str, type[VeilError]] = {
     cls.__name__: cls
@@ -73,6 +91,8 @@ REMOTE_ERRORS: dict[str, type[VeilError]] = {
         RevealError,
         ConnectionLostError,
         BudgetExceededError,
+        ReviewPendingError,
+        RequestDeniedError,
     )
 }
 
