@@ -55,6 +55,19 @@ def _serve(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _requests_args(p: argparse.ArgumentParser) -> None:
+    from veil.governance.cli import configure
+
+    configure(p)
+
+
+@command("requests", "the owner's review queue: list, show, approve or deny release requests", _requests_args)
+def _requests(args: argparse.Namespace) -> int:
+    from veil.governance.cli import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="veil", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Callable
@@ -98,6 +99,8 @@ class WebsocketServerWorker(BaseWorker):
         self.bound_port: int | None = None
         self.sessions: dict[str, Session] = {}
         self._handshakes: dict[ServerConnection, Session] = {}
+        #: open connections by session id, and when they opened (the owner console lists and closes them)
+        self._connections: dict[str, tuple[ServerConnection, float]] = {}
         self._local = threading.local()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"veil-{self.id}")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -188,6 +191,7 @@ class WebsocketServerWorker(BaseWorker):
     async def _on_connection(self, ws: ServerConnection) -> None:
         session = self._handshakes.pop(ws)
         self.sessions[session.id] = session
+        self._connections[session.id] = (ws, time.time())
         loop = asyncio.get_running_loop()
         try:
             async for data in ws:
@@ -200,7 +204,19 @@ class WebsocketServerWorker(BaseWorker):
         except ConnectionClosed:
             pass  # the client went away (or sent an oversized frame): free its objects below
         finally:
+            self._connections.pop(session.id, None)
             await loop.run_in_executor(self._executor, self.end_session, session)
+
+    def disconnect(self, session_id: str, by: str = "owner") -> bool:
+        """Owner: closes one client's connection (its objects are freed); thread-safe. False if not connected."""
+        found = self._connections.get(session_id)
+        if found is None or self._loop is None:
+            return False
+        session = self.sessions.get(session_id)
+        self._audit("disconnect", by, session or Session((), id=session_id), [], "allowed",
+                    f"owner closed session {session_id} of {session.user if session else '?'}")
+        asyncio.run_coroutine_threadsafe(found[0].close(4000, "disconnected by the data owner"), self._loop)
+        return True
 
     # ------------------------------------------------------------ lifecycle
 
