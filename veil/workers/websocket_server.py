@@ -215,7 +215,11 @@ class WebsocketServerWorker(BaseWorker):
         session = self.sessions.get(session_id)
         self._audit("disconnect", by, session or Session((), id=session_id), [], "allowed",
                     f"owner closed session {session_id} of {session.user if session else '?'}")
-        asyncio.run_coroutine_threadsafe(found[0].close(4000, "disconnected by the data owner"), self._loop)
+        closing = asyncio.run_coroutine_threadsafe(found[0].close(4000, "disconnected by the data owner"), self._loop)
+        try:
+            closing.result(timeout=5)
+        except Exception:  # a client that does not answer the close is dropped by the close timeout
+            pass
         return True
 
     # ------------------------------------------------------------ lifecycle
