@@ -20,10 +20,16 @@ def command(name: str, help_: str, configure: Callable[[argparse.ArgumentParser]
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--out", default="demo-out", help="folder for the training-curve plot")
+    p.add_argument("--review", action="store_true",
+                   help="only the data-owner review demo: a release request approved, another denied")
 
 
 @command("demo", "train on Boston Housing held by two data owners, through pointers", _demo_args)
 def _demo(args: argparse.Namespace) -> int:
+    if args.review:
+        from veil.governance.demo import run_review_demo
+
+        return run_review_demo()
     from veil.demo import run_demo
 
     return run_demo(epochs=args.epochs, out_dir=args.out)
