@@ -18,23 +18,42 @@ from conftest import ADMIN, BOSTON, OTHER, PEER, TOKEN, run_cli, worker_args
 DATA, TARGET, _ = read_csv(__import__("pathlib").Path(BOSTON), "MEDV")
 
 
-def _data(client):
-    return client.search(["#boston", "#data"])[0]
+@pytest.fixture(scope="module")
+def shared():
+    """alice serves boston under review, the same file as #open (open) and #dpo (dp-only); peered with bob."""
+    from veil.workers.websocket_launcher import start_worker
+
+    bob_wp = start_worker("bob", ["--token", TOKEN, "--accept-peer", f"alice={PEER}"])
+    try:
+        wp = start_worker("alice", worker_args("review", [
+            "--dataset", f"open={BOSTON}:target=MEDV", "--dataset", f"dpo={BOSTON}:target=MEDV",
+            "--policy", "open=open", "--policy", "dpo=dp-only",
+            "--peer", f"bob=127.0.0.1:{bob_wp.port}", "--peer-token", f"bob={PEER}"]))
+    except BaseException:
+        bob_wp.kill()
+        raise
+    yield wp, bob_wp
+    wp.kill()
+    bob_wp.kill()
 
 
-def test_open_policy_releases_derived_results(spawn, connect):
-    alice = connect(spawn("alice", worker_args("open")))
-    assert torch.allclose(_data(alice).mean(dim=0).get(), DATA.mean(dim=0))
+def _data(client, name: str = "boston"):
+    return client.search([f"#{name}", "#data"])[0]
 
 
-def test_dp_only_policy_refuses_raw_arithmetic(spawn, connect):
-    alice = connect(spawn("alice", worker_args("dp-only")))
+def test_open_policy_releases_derived_results(shared, connect):
+    alice = connect(shared[0])
+    assert torch.allclose(_data(alice, "open").mean(dim=0).get(), DATA.mean(dim=0))
+
+
+def test_dp_only_policy_refuses_raw_arithmetic(shared, connect):
+    alice = connect(shared[0])
     with pytest.raises(PermissionDeniedError, match="differential-privacy"):
-        _data(alice) * 1
+        _data(alice, "dpo") * 1
     assert torch.equal(torch.ones(2).send(alice).get(), torch.ones(2))  # still serves
 
 
-def test_review_approve_from_the_cli_while_get_waits(spawn, connect, tmp_path):
+def test_review_approve_from_the_cli_while_get_waits(spawn, connect, tmp_path, capsys):
     wp = spawn("alice", worker_args("review", ["--data-dir", str(tmp_path)]))
     alice = connect(wp)
     means = _data(alice).mean(dim=0)
@@ -47,12 +66,16 @@ def test_review_approve_from_the_cli_while_get_waits(spawn, connect, tmp_path):
     other = connect(wp, token=OTHER, id="alice")
     assert sy.requests(other) == []  # nobody sees another scientist's requests
 
-    listed = run_cli("requests", "list", "--worker", f"127.0.0.1:{wp.port}", "--admin-token", ADMIN)
-    assert listed.returncode == 0 and rid in listed.stdout and "pending" in listed.stdout
-    shown = run_cli("requests", "show", rid, "--worker", f"127.0.0.1:{wp.port}", "--admin-token", ADMIN)
-    assert shown.returncode == 0, shown.stderr
-    assert "dataset: #boston #data" in shown.stdout and "Tensor.mean(d1, dim=0)" in shown.stdout
-    assert "preview" in shown.stdout and "column means for the report" in shown.stdout
+    from veil.cli import main
+
+    where = ["--worker", f"127.0.0.1:{wp.port}", "--admin-token", ADMIN]
+    assert main(["requests", "list", *where]) == 0
+    listed = capsys.readouterr().out
+    assert rid in listed and "pending" in listed
+    assert main(["requests", "show", rid, *where]) == 0
+    shown = capsys.readouterr().out
+    assert "dataset: #boston #data" in shown and "Tensor.mean(d1, dim=0)" in shown
+    assert "preview" in shown and "column means for the report" in shown
 
     got = {}
 
@@ -75,13 +98,13 @@ def test_review_approve_from_the_cli_while_get_waits(spawn, connect, tmp_path):
     other.close()
     wp.stop()
     wp2 = spawn("alice", worker_args("review", ["--data-dir", str(tmp_path)]))
-    listed = run_cli("requests", "list", "--state", "released", "--worker", f"127.0.0.1:{wp2.port}",
-                     "--admin-token", ADMIN)
-    assert rid in listed.stdout, listed.stdout + listed.stderr
+    assert main(["requests", "list", "--state", "released", "--worker", f"127.0.0.1:{wp2.port}",
+                 "--admin-token", ADMIN]) == 0
+    assert rid in capsys.readouterr().out
 
 
-def test_review_deny_reaches_the_scientist_with_the_message(spawn, connect):
-    wp = spawn("alice", worker_args("review"))
+def test_review_deny_reaches_the_scientist_with_the_message(shared, connect):
+    wp = shared[0]
     alice = connect(wp)
     raw = _data(alice).copy()
     with pytest.raises(ReviewPendingError) as info:
@@ -93,20 +116,28 @@ def test_review_deny_reaches_the_scientist_with_the_message(spawn, connect):
         raw.get(wait=5)
 
 
-def test_cli_errors_are_one_line(spawn):
-    wp = spawn("alice", worker_args("review"))
-    for token, expected in (("wrong-admin-token", "PermissionDeniedError"), (TOKEN, "admin token")):
-        r = run_cli("requests", "list", "--worker", f"127.0.0.1:{wp.port}", "--admin-token", token)
-        assert r.returncode == 1 and expected in r.stderr and "Traceback" not in r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1
-    r = run_cli("requests", "approve", "--worker", f"127.0.0.1:{wp.port}", "--admin-token", ADMIN)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    r = run_cli("requests", "approve", "req-0000", "--worker", f"127.0.0.1:{wp.port}", "--admin-token", ADMIN)
-    assert r.returncode == 1 and "no release request" in r.stderr
+def test_cli_errors_are_one_line(shared, capsys):
+    from veil.cli import main
+
+    wp = shared[0]
+    r = run_cli("requests", "list", "--worker", f"127.0.0.1:{wp.port}", "--admin-token", "wrong-admin-token")
+    assert r.returncode == 1 and "PermissionDeniedError" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "wrong-admin-token" not in r.stderr
+    where = ["--worker", f"127.0.0.1:{wp.port}"]
+    for argv, code, expected in (
+        (["list", *where, "--admin-token", TOKEN], 1, "admin token"),  # a scientist's token
+        (["approve", *where, "--admin-token", ADMIN], 2, "needs a request id"),
+        (["approve", "req-0000", *where, "--admin-token", ADMIN], 1, "no release request"),
+        (["list", "--worker", "nowhere", "--admin-token", ADMIN], 2, "HOST:PORT"),
+        (["list", *where], 2, "--admin-token"),
+    ):
+        assert main(["requests", *argv]) == code
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_scientist_cannot_decide_requests(spawn, connect, hook):
-    wp = spawn("alice", worker_args("review"))
+def test_scientist_cannot_decide_requests(shared, connect, hook):
+    wp = shared[0]
     alice = connect(wp)
     with pytest.raises(ReviewPendingError) as info:
         (_data(alice) * 1).get()
@@ -116,26 +147,9 @@ def test_scientist_cannot_decide_requests(spawn, connect, hook):
         (_data(alice) * 1).get()
 
 
-@pytest.fixture(scope="module")
-def peered_review_workers():
-    """alice (boston under review) peered with bob: one pair for all the leak-path tests."""
-    from veil.workers.websocket_launcher import start_worker
-
-    bob_wp = start_worker("bob", ["--token", TOKEN, "--accept-peer", f"alice={PEER}"])
-    try:
-        wp = start_worker("alice", worker_args("review", ["--peer", f"bob=127.0.0.1:{bob_wp.port}",
-                                                          "--peer-token", f"bob={PEER}"]))
-    except BaseException:
-        bob_wp.kill()
-        raise
-    yield wp, bob_wp
-    wp.kill()
-    bob_wp.kill()
-
-
 @pytest.mark.parametrize("path", ["get", "mul", "copy", "plan", "inplace", "move"])
-def test_review_no_network_path_leaks_without_approval(peered_review_workers, connect, path):
-    wp, bob_wp = peered_review_workers
+def test_review_no_network_path_leaks_without_approval(shared, connect, path):
+    wp, bob_wp = shared
     alice, bob = connect(wp), connect(bob_wp)
     x = _data(alice)
     with pytest.raises(PermissionDeniedError) as info:  # review pending, or the raw data's own private rule
