@@ -186,3 +186,15 @@ def test_decisions_are_audited(owner):
 
     actions = [(r["action"], r["outcome"]) for r in governance(owner).db.audit_entries()]
     assert ("request", "pending") in actions and ("approve", "allowed") in actions and ("release", "allowed") in actions
+
+
+def test_switching_to_review_covers_what_was_computed_before(hook):
+    w = sy.VirtualWorker(hook, id="gov-switch")
+    w.load(SECRET.clone(), tags=("#clinic",), policy="open")
+    before = _data(w) * 2  # computed while nothing was tracked
+    own = torch.ones(3).send(w)
+    w.set_policy("#clinic", "review")
+    rid = _pending(before.get)
+    assert w.release_requests.get(rid).graph[w.release_requests.get(rid).root]["label"].startswith("computed before")
+    _pending(own.get)  # conservative: anything that existed at the switch may derive from the data
+    assert torch.equal(torch.ones(2).send(w).get(), torch.ones(2))  # new own tensors are free

@@ -25,12 +25,35 @@ def apply_policy(worker: Any, oid: int, policy: str) -> None:
         raise ObjectNotFoundError(f"worker {worker.id!r} has no owner dataset {oid!r}")
     state = governance(worker)
     with state.lock:
+        if policy == "review" and not state.tracking:
+            _start_tracking(worker, oid)
+            state.tracking = True
         state.policies[oid] = policy
         if policy == "dp-only":
             entry.meta["dp_only"] = True
         else:
             entry.meta.pop("dp_only", None)
         entry.meta["policy"] = policy
+
+
+def _start_tracking(worker: Any, source: int) -> None:
+    """Provenance was not recorded until now: whatever clients already hold may derive from ``source``.
+
+    Conservative: every client tensor that exists at this moment is treated as derived from it.
+    """
+    import torch
+
+    from veil.governance.provenance import GRAPH, PROVENANCE, ROOT
+
+    for oid, entry in list(worker.store._entries.items()):
+        if entry.protected or not isinstance(entry.obj, torch.Tensor):
+            continue
+        nid = f"pre-{oid:x}"
+        entry.meta[PROVENANCE] = frozenset(entry.meta.get(PROVENANCE, frozenset())) | {source}
+        entry.meta[GRAPH] = {nid: {"op": "input", "label": "computed before review was enabled",
+                                   "shape": list(entry.obj.shape), "dtype": str(entry.obj.dtype).replace("torch.", ""),
+                                   "inputs": []}}
+        entry.meta[ROOT] = nid
 
 
 def set_policy(worker: Any, name_or_tag: Any, policy: str, by: str = "owner") -> list[int]:

@@ -172,6 +172,10 @@ class ReviewQueue:
         db_execute(self.db, "UPDATE release_requests SET reason = ? WHERE id = ?", (str(reason)[:2000], request_id))
 
     def _decide(self, request_id: str, state: str, by: str, message: str) -> ReleaseRequest:
+        with governance(self.worker).lock:
+            return self._decide_locked(request_id, state, by, message)
+
+    def _decide_locked(self, request_id: str, state: str, by: str, message: str) -> ReleaseRequest:
         req = self.get(request_id)
         if req.state != "pending":
             raise PermissionDeniedError(f"request {request_id} is already {req.state}")

@@ -30,6 +30,8 @@ class Governance:
 
     db: OwnerDB
     policies: dict[int, str] = field(default_factory=dict)
+    #: provenance is recorded once any dataset has been under review (never switched off again)
+    tracking: bool = False
     lock: threading.RLock = field(default_factory=threading.RLock)
 
 
@@ -58,6 +60,12 @@ def check_policy(policy: object) -> str:
     if policy not in POLICIES:
         raise ValueError(f"unknown data policy {policy!r}; expected one of {', '.join(POLICIES)}")
     return policy  # type: ignore[return-value]
+
+
+def tracking(worker: Any) -> bool:
+    """Whether the worker records provenance (cheap check on every command)."""
+    state = _STATE.get(worker)
+    return state is not None and state.tracking
 
 
 def policy_of(worker: Any, source_id: int) -> str:

@@ -330,7 +330,7 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
         result = owner_guard.copy_aliases(result, protected)
     # --- governance (#16) provenance hunk; the reference monitor (#12) replaces it with its own
     lineage = None
-    if entries:
+    if entries and _tracking(worker):
         from veil.governance import provenance
 
         by_id = {oid: e for oid, e in zip(inputs.values(), entries)}
@@ -421,6 +421,15 @@ def _handle_get(worker: BaseWorker, msg: m.GetObjectsMessage, sender: str) -> An
         if taken:
             worker.store.discard(oid)
     return m.ObjectsReply(out)
+
+
+def _tracking(worker: BaseWorker) -> bool:
+    """Governance (#16): whether the worker records provenance (bound on first use: import cycle)."""
+    global _tracking
+    from veil.governance.state import tracking
+
+    _tracking = tracking
+    return tracking(worker)
 
 
 def _governance_release(worker: BaseWorker, ids: list, entries: list, user: str, purpose: str) -> None:

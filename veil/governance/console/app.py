@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -139,7 +140,7 @@ def build_app(worker: Any, allowed_hosts: list[str]) -> Any:
 
     @page()
     async def datasets(request: Request, session: ConsoleSession) -> Response:
-        rows = views.on_worker(worker, views.datasets, worker)
+        rows = await run_in_threadpool(views.on_worker, worker, views.datasets, worker)
         return render(request, session, "datasets.html", rows=rows, nav="datasets",
                       changed=request.query_params.get("changed"))
 
@@ -153,7 +154,7 @@ def build_app(worker: Any, allowed_hosts: list[str]) -> Any:
         policy = form.get("policy", "")
         if policy not in POLICIES:
             return PlainTextResponse("unknown policy\n", status_code=400)
-        views.on_worker(worker, set_policy, worker, oid, policy, session.user)
+        await run_in_threadpool(views.on_worker, worker, set_policy, worker, oid, policy, session.user)
         return RedirectResponse(f"/datasets?changed={oid}", status_code=303)
 
     @page()
@@ -168,7 +169,7 @@ def build_app(worker: Any, allowed_hosts: list[str]) -> Any:
     async def request_detail(request: Request, session: ConsoleSession) -> Response:
         queue = ReviewQueue(worker)
         req = queue.get(request.path_params["rid"])
-        preview = views.on_worker(worker, queue.preview, req.id)
+        preview = await run_in_threadpool(views.on_worker, worker, queue.preview, req.id)
         return render(request, session, "request.html", req=req, preview=preview, nav="requests",
                       svg=graph_svg(req.graph, req.root), lines=render_graph(req.graph, req.root))
 
@@ -187,7 +188,7 @@ def build_app(worker: Any, allowed_hosts: list[str]) -> Any:
 
     @page()
     async def budgets(request: Request, session: ConsoleSession) -> Response:
-        rows = views.on_worker(worker, views.budgets, worker)
+        rows = await run_in_threadpool(views.on_worker, worker, views.budgets, worker)
         for r in rows:
             r["svg"] = budget_svg(r["points"], r["epsilon"])
         return render(request, session, "budgets.html", rows=rows, nav="budgets")
@@ -206,7 +207,7 @@ def build_app(worker: Any, allowed_hosts: list[str]) -> Any:
 
     @page()
     async def sessions(request: Request, session: ConsoleSession) -> Response:
-        rows = views.on_worker(worker, views.sessions, worker)
+        rows = await run_in_threadpool(views.on_worker, worker, views.sessions, worker)
         return render(request, session, "sessions.html", rows=rows, nav="sessions",
                       gone=request.query_params.get("disconnected"))
 
@@ -214,7 +215,7 @@ def build_app(worker: Any, allowed_hosts: list[str]) -> Any:
     async def disconnect(request: Request, session: ConsoleSession) -> Response:
         sid = request.path_params["sid"]
         close = getattr(worker, "disconnect", None)
-        if close is None or not close(sid, by=session.user):
+        if close is None or not await run_in_threadpool(close, sid, session.user):
             return render(request, session, "error.html", message=f"no connected session {sid}")
         return RedirectResponse(f"/sessions?disconnected={sid}", status_code=303)
 
