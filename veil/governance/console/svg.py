@@ -62,7 +62,7 @@ def budget_svg(points: list, total: float, width: int = 520, height: int = 160) 
         return Markup("")
     now = time.time()
     xs = [p[0] for p in points] or [now]
-    t0, t1 = min(xs), max(max(xs), min(xs) + 1)
+    t0, t1 = min(xs), max(now, min(xs) + 1)
     top = max(total, max((p[1] for p in points), default=0)) * 1.1
 
     def sx(t: float) -> float:
