@@ -175,3 +175,30 @@ def test_review_no_network_path_leaks_without_approval(shared, connect, path):
         assert isinstance(info.value, ReviewPendingError)
     assert torch.equal(torch.ones(3).send(alice).get(), torch.ones(3))  # the worker still serves
     assert torch.equal(torch.ones(3).send(bob).get(), torch.ones(3))
+
+
+def test_hostile_scientist_cannot_reach_others_requests_or_policies(shared, connect, hook):
+    from veil.governance.wire import AdminPolicyMessage, ListRequestsMessage, RequestReleaseMessage
+    from veil.exceptions import ObjectNotFoundError
+
+    wp = shared[0]
+    alice, other = connect(wp), connect(wp, token=OTHER, id="alice")
+    mine = _data(alice) * 3
+    with pytest.raises(ReviewPendingError):
+        mine.get()
+    me = hook.local_worker
+    # another session can neither name my object nor file/see requests for it, nor pose as me
+    with pytest.raises(ObjectNotFoundError):
+        me.send_msg(RequestReleaseMessage(mine.id_at_location, "mine now"), other)
+    with pytest.raises(PermissionDeniedError, match="did not authenticate"):
+        me.send_msg(ListRequestsMessage("scientist"), other)
+    assert sy.requests(other) == []
+    # policies are the owner's alone
+    with pytest.raises(PermissionDeniedError, match="admin token"):
+        me.send_msg(AdminPolicyMessage("#boston", "open"), alice)
+    with pytest.raises(ReviewPendingError):
+        mine.get()
+    admin = connect(wp, token=ADMIN, id="alice")
+    with pytest.raises(sy.exceptions.SerializationError, match="unknown data policy"):
+        me.send_msg(AdminPolicyMessage("#boston", "anything-goes"), admin)
+    assert torch.equal(torch.ones(2).send(alice).get(), torch.ones(2))  # still serves
