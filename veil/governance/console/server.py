@@ -16,7 +16,12 @@ class ConsoleServer:
         from veil.governance.console.app import build_app
 
         self.worker, self.host, self.port = worker, host, port
-        hosts = ["127.0.0.1", "localhost", "[::1]", host] if host in ("127.0.0.1", "localhost", "::1") else [host]
+        if host in ("0.0.0.0", "::", ""):  # exposed on purpose on every interface: any Host header
+            hosts = ["*"]
+        elif host in ("127.0.0.1", "localhost", "::1"):  # loopback: refuse other Host headers (DNS rebinding)
+            hosts = ["127.0.0.1", "localhost", host]
+        else:
+            hosts = [host]
         self.app = build_app(worker, hosts)
         config = uvicorn.Config(self.app, host=host, port=port, log_level="warning", access_log=False,
                                 lifespan="off", server_header=False)
