@@ -11,6 +11,12 @@ if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb 
         echo "setup.sh: PostgreSQL binaries missing (apt-get install postgresql); tests/scale will fail" >&2
     fi
 fi
+# Headless Chromium for the owner-console browser tests (tests/governance/test_console_browser.py).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
+    (DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 \
+        || (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1)) \
+        || echo "setup: could not install chromium; the console browser tests will be skipped" >&2
+fi
 PY="${PYTHON:-python3}"
 VENV=.venv
 STAMP="$VENV/.veil-installed"

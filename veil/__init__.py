@@ -20,6 +20,8 @@ from veil.workers.websocket_client import WebsocketClientWorker
 from veil.workers.websocket_server import WebsocketServerWorker
 from veil.compat import remote_fixed_precision as _remote_fixed_precision  # noqa: F401  (its worker functions)
 from veil import serving  # noqa: E402  (registers the serving wire type on every worker)
+from veil import governance  # noqa: E402  (registers the review-before-release messages)
+from veil.governance import requests
 from veil.serving import Cluster, ModelClient, NetworkWorker
 from veil.serving import KerasHook, TFECluster, TFEWorker  # PySyft 0.2's serving names
 # PySyft 0.2 names (veil/compat): paths and spellings PySyft users know
@@ -72,6 +74,8 @@ __all__ = [
     "copy_module",
     "describe",
     "exceptions",
+    "governance",
+    "requests",
     "get",
     "get_module",
     "list_objects",

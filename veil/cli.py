@@ -25,10 +25,16 @@ def command(name: str, help_: str, configure: Callable[[argparse.ArgumentParser]
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--out", default="demo-out", help="folder for the training-curve plot")
+    p.add_argument("--review", action="store_true",
+                   help="only the data-owner review demo: a release request approved, another denied")
 
 
 @command("demo", "train on Boston Housing held by two data owners, through pointers", _demo_args)
 def _demo(args: argparse.Namespace) -> int:
+    if args.review:
+        from veil.governance.demo import run_review_demo
+
+        return run_review_demo()
     from veil.demo import run_demo
 
     return run_demo(epochs=args.epochs, out_dir=args.out)
@@ -69,6 +75,19 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 @command("serve", "serve a saved model (.pt, .keras, .h5) secret-shared on a cluster of workers", _serve_args)
 def _serve(args: argparse.Namespace) -> int:
     from veil.serving.cli import run
+
+    return run(args)
+
+
+def _requests_args(p: argparse.ArgumentParser) -> None:
+    from veil.governance.cli import configure
+
+    configure(p)
+
+
+@command("requests", "the owner's review queue: list, show, approve or deny release requests", _requests_args)
+def _requests(args: argparse.Namespace) -> int:
+    from veil.governance.cli import run
 
     return run(args)
 

@@ -72,6 +72,22 @@ class CommandTimeoutError(VeilError):
 
 class CommandCancelledError(CommandTimeoutError):
     """A command was stopped because the session that sent it disconnected."""
+class ReviewPendingError(PermissionDeniedError):
+    """The object derives from data under the owner's review policy: a release request waits for the owner.
+
+    The message names the request id (``req-...``); ``ptr.get(wait=SECONDS)`` waits for the decision.
+    """
+
+    @property
+    def request_id(self) -> str | None:
+        import re
+
+        found = re.search(r"req-[0-9a-f]+", str(self))
+        return found.group(0) if found else None
+
+
+class RequestDeniedError(PermissionDeniedError):
+    """The data owner denied the release request (the message carries the owner's words)."""
 
 
 #: Errors a worker may report by name. Anything else is reported as RemoteExecutionError.
@@ -93,6 +109,8 @@ REMOTE_ERRORS: dict[str, type[VeilError]] = {
         ProtectedDataError,
         CommandTimeoutError,
         CommandCancelledError,
+        ReviewPendingError,
+        RequestDeniedError,
     )
 }
 

@@ -118,13 +118,26 @@ class PointerTensor(torch.Tensor):
 
     # ----------------------------------------------------------- user API
 
-    def get(self, user: str | None = None, delete: bool = True) -> Any:
-        """Brings the value back (and frees it remotely unless the owner protects it)."""
+    def get(self, user: str | None = None, delete: bool = True, wait: float | None = None) -> Any:
+        """Brings the value back (and frees it remotely unless the owner protects it).
+
+        ``wait``: for data under the owner's review policy, wait up to this many seconds
+        for the owner's decision instead of raising ReviewPendingError at once.
+        """
         from veil.messaging.messages import GetObjectsMessage
 
         # PySyft's ``x.get().grad``: point at the remote grad first (nothing is released yet) ...
         grad_ptr = self.grad if self.__dict__["_meta"][2] else None
-        reply = self.owner.send_msg(GetObjectsMessage([self.id_at_location], delete, user), self.location)
+
+        def fetch() -> Any:
+            return self.owner.send_msg(GetObjectsMessage([self.id_at_location], delete, user), self.location)
+
+        if wait:
+            from veil.governance.client import get_waiting
+
+            reply = get_waiting(fetch, wait)
+        else:
+            reply = fetch()
         if delete:
             self.__dict__["_freed"] = True
         value = reply.objects[0]
@@ -133,6 +146,12 @@ class PointerTensor(torch.Tensor):
             value.grad = grad_ptr.get(user=user)
             self.__dict__.pop("_grad_cache", None)  # that grad pointer is spent
         return value
+
+    def request(self, reason: str = "") -> dict:
+        """Asks the data owner to release this (review-policy) object; returns the request's state."""
+        from veil.governance.client import request
+
+        return request(self, reason)
 
     def copy(self) -> "PointerTensor":
         """A new pointer to a remote copy (same worker, no autograd history)."""

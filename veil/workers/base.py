@@ -103,8 +103,13 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
         description: str = "",
         private: bool = False,
         allowed_users: tuple | list | None = None,
+        policy: str | None = None,
     ) -> int:
-        """Stores the data owner's own object (never deletable by clients); returns its id."""
+        """Stores the data owner's own object (never deletable by clients); returns its id.
+
+        ``policy``: ``"open"`` (derived results may be fetched), ``"review"`` (each release of a
+        derived object waits for the owner's approval) or ``"dp-only"``; see :mod:`veil.governance`.
+        """
         from veil.ids import new_id
 
         oid = new_id()
@@ -118,7 +123,24 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
             oid, obj, tags=tags, description=description, created_by=self.id, protected=True,
             allowed_users=None if allowed_users is None else tuple(allowed_users),
         )
+        if policy is not None:
+            from veil.governance.policy import apply_policy
+
+            apply_policy(self, oid, policy)
         return oid
+
+    def set_policy(self, name_or_tag: Any, policy: str) -> list[int]:
+        """Owner: changes the data policy of loaded objects (by id, tag or dataset name) at run time."""
+        from veil.governance.policy import set_policy
+
+        return set_policy(self, name_or_tag, policy)
+
+    @property
+    def release_requests(self) -> Any:
+        """Owner: the review queue (``.pending()``, ``.approve(id)``, ``.deny(id, message)``)."""
+        from veil.governance.requests import ReviewQueue
+
+        return ReviewQueue(self)
 
     @property
     def _objects(self) -> dict[int, Any]:
@@ -308,10 +330,19 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
         raise owner_guard.client_error(op.name, e, protected, worker.id) from e
     if protected and not op.worker_function:
         result = owner_guard.copy_aliases(result, protected)
+    # --- governance (#16) provenance hunk; the reference monitor (#12) replaces it with its own
+    lineage = None
+    if entries and _tracking(worker):
+        from veil.governance import provenance
+
+        by_id = {oid: e for oid, e in zip(inputs.values(), entries)}
+        lineage = provenance.lineage_of(op.name, args, inputs, by_id, kwargs)
+        provenance.taint_writes(worker, lineage, op, args, kwargs, by_id, sender)
+    # --- end governance hunk
     if op.shapes == NO_RESULT or msg.return_ids == []:
         return m.OkReply()
     if msg.return_ids is None:
-        return m.ResultReply(_describe_results(worker, result, inputs, sender))
+        return m.ResultReply(_describe_results(worker, result, inputs, sender, lineage))
     results = leaves(result)
     ids = msg.return_ids
     if not isinstance(ids, list) or len(ids) != len(results):
@@ -321,10 +352,13 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
     for oid, tensor in zip(ids, results):
         if oid != 0:  # 0: the result is one of the inputs (in-place op), already stored
             worker.store.put(oid, tensor, created_by=sender)
+            if lineage is not None:  # governance (#16)
+                provenance.stamp(worker.store.entry(oid), lineage, tensor)
     return m.OkReply()
 
 
-def _describe_results(worker: BaseWorker, result: Any, inputs: dict[int, int], sender: str) -> Any:
+def _describe_results(worker: BaseWorker, result: Any, inputs: dict[int, int], sender: str,
+                      lineage: Any = None) -> Any:
     from veil.ids import new_id
     from veil.messaging.serde import DTYPE_NAMES
 
@@ -333,6 +367,10 @@ def _describe_results(worker: BaseWorker, result: Any, inputs: dict[int, int], s
         if oid is None:
             oid = new_id()
             worker.store.put(oid, t, created_by=sender)
+            if lineage is not None:  # governance (#16)
+                from veil.governance.provenance import stamp
+
+                stamp(worker.store.entry(oid), lineage, t)
         return m.Descriptor(oid, tuple(t.shape), DTYPE_NAMES[t.dtype], bool(t.requires_grad))
 
     out = map_structure(result, describe)
@@ -370,6 +408,7 @@ def _handle_get(worker: BaseWorker, msg: m.GetObjectsMessage, sender: str) -> An
     entries = [worker.store.entry(oid) for oid in msg.ids]
     for oid, entry in zip(msg.ids, entries):
         worker._check_get(entry, oid, user)
+    _governance_release(worker, msg.ids, entries, user, "get")
     out = []
     for oid, entry in zip(msg.ids, entries):
         obj = entry.obj
@@ -384,6 +423,24 @@ def _handle_get(worker: BaseWorker, msg: m.GetObjectsMessage, sender: str) -> An
         if taken:
             worker.store.discard(oid)
     return m.ObjectsReply(out)
+
+
+def _tracking(worker: BaseWorker) -> bool:
+    """Governance (#16): whether the worker records provenance (bound on first use: import cycle)."""
+    global _tracking
+    from veil.governance.state import tracking
+
+    _tracking = tracking
+    return tracking(worker)
+
+
+def _governance_release(worker: BaseWorker, ids: list, entries: list, user: str, purpose: str) -> None:
+    """Governance (#16): objects derived from ``review`` data leave only with the owner's approval."""
+    from veil.governance.release import enforce_all
+
+    current = getattr(worker, "current_session", None)
+    session = current() if current is not None else None
+    enforce_all(worker, ids, entries, user, session.id if session is not None else "-", purpose)
 
 
 @register_handler(m.DeleteMessage)
@@ -433,6 +490,7 @@ def _handle_move(worker: BaseWorker, msg: m.MoveMessage, sender: str) -> Any:
         worker._check_get(entry, oid, user)
         if not isinstance(entry.obj, tuple(STORABLE_TYPES)):
             raise SerializationError(f"object {oid} cannot be moved")
+    _governance_release(worker, msg.ids, entries, user, "move")
     # Refusals first: whether the destination is reachable must not matter to a refused move.
     destination = worker.resolve_worker(msg.destination)
     objects = [

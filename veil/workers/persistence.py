@@ -155,3 +155,41 @@ class OwnerDB:
                 "SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE namespace = ? AND key = ?", (namespace, key)
             ).fetchone()
         return float(row[0])
+
+
+# ------------------------------------------------- release requests (governance, issue #16)
+# Kept apart from _SCHEMA so a database adapter (e.g. PostgreSQL) can apply it as its own migration.
+
+RELEASE_REQUESTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS release_requests (
+    id TEXT PRIMARY KEY,
+    ts REAL NOT NULL,
+    worker TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    session TEXT NOT NULL,
+    object_id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    shape TEXT NOT NULL,
+    dtype TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    sources TEXT NOT NULL,
+    graph TEXT NOT NULL,
+    state TEXT NOT NULL,
+    message TEXT NOT NULL,
+    decided_ts REAL,
+    decided_by TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS release_requests_by_object ON release_requests (object_id, principal);
+"""
+
+
+def add_release_requests_table(db: OwnerDB) -> None:
+    """Migration: the owner's review queue (``veil.governance.requests``). Idempotent."""
+    with db._lock:
+        db._db.executescript(RELEASE_REQUESTS_SCHEMA)
+
+
+def db_execute(db: OwnerDB, sql: str, params: tuple = ()) -> list[tuple]:
+    """Runs one statement under the database lock; returns the rows (``?`` placeholders)."""
+    with db._lock:
+        return db._db.execute(sql, params).fetchall()

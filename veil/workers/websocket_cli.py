@@ -71,6 +71,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp-delta", type=float, default=1e-5, help="delta at which DP training is accounted")
     p.add_argument("--budget", action="append", default=[], metavar="USER=EPS,DELTA",
                    help="privacy budget of data scientist USER (repeatable); kept under --data-dir")
+    p.add_argument("--policy", action="append", default=[], metavar="POLICY|NAME=POLICY",
+                   help="data policy of the --dataset files: open (derived results may be fetched), review "
+                        "(each release of a derived result waits for the owner's approval) or dp-only; "
+                        "NAME=POLICY for one dataset (repeatable; default: open)")
+    p.add_argument("--console-port", type=int, default=None, metavar="PORT",
+                   help="serve the owner's web console on this port (admin token login; 0: any free port)")
+    p.add_argument("--console-host", default="127.0.0.1", help="interface of the console (default: loopback only)")
     p.add_argument("--cert", default=None, help="TLS certificate (PEM) to serve wss://")
     p.add_argument("--key", default=None, help="TLS private key (PEM)")
 
@@ -114,11 +121,32 @@ def read_csv(path: Path, target: str | None) -> tuple[torch.Tensor, torch.Tensor
     return values[:, keep], values[:, t:t + 1], [header[i] for i in keep]
 
 
-def load_datasets(worker, specs: list[str], tags: list[str], allow: list[tuple[str, str]]) -> list[str]:
+def parse_policies(specs: list[str], names: list[str]) -> dict[str, str]:
+    """``--policy review`` / ``--policy NAME=review`` -> dataset name -> policy."""
+    from veil.governance.state import POLICIES
+
+    default, per_name = "open", {}
+    for spec in specs:
+        name, sep, policy = spec.rpartition("=")
+        if policy not in POLICIES:
+            raise SystemExit(f"veil worker: --policy expects one of {', '.join(POLICIES)} (or NAME=POLICY), "
+                             f"got {spec!r}")
+        if not sep:
+            default = policy
+        elif name not in names:
+            raise SystemExit(f"veil worker: --policy {spec!r} names no --dataset (datasets: {', '.join(names)})")
+        else:
+            per_name[name] = policy
+    return {n: per_name.get(n, default) for n in names}
+
+
+def load_datasets(worker, specs: list[str], tags: list[str], allow: list[tuple[str, str]],
+                  policies: dict[str, str] | None = None) -> list[str]:
     """Loads every ``--dataset`` as private owner data; returns one summary line per tensor."""
     lines = []
     for spec in specs:
         name, path, target = parse_dataset(spec)
+        policy = (policies or {}).get(name, "open")
         data, labels, columns = read_csv(path, target)
         for kind, tensor in (("data", data), ("target", labels)):
             if tensor is None:
@@ -126,9 +154,9 @@ def load_datasets(worker, specs: list[str], tags: list[str], allow: list[tuple[s
             obj_tags = tuple(dict.fromkeys([f"#{name}", *tags, f"#{kind}"]))
             allowed = tuple(sorted({user for user, tag in allow if tag in obj_tags}))
             worker.load(tensor, tags=obj_tags, description=f"{name} {kind}: {path.name}", private=True,
-                        allowed_users=allowed)
+                        allowed_users=allowed, policy=policy)
             lines.append(f"  {name} {kind} {list(tensor.shape)} tags={' '.join(obj_tags)} "
-                         f"get allowed for: {', '.join(allowed) or 'nobody'}")
+                         f"get allowed for: {', '.join(allowed) or 'nobody'}; policy {policy}")
     return lines
 
 
@@ -222,7 +250,8 @@ def run(args: argparse.Namespace) -> int:
         worker.add_peer(peer)
     tags = [t.strip() for t in args.tags.split(",") if t.strip()]
     allow = [_pair(s, "--allow") for s in args.allow]
-    summary = load_datasets(worker, args.dataset, tags, allow)
+    policies = parse_policies(args.policy, [parse_dataset(s)[0] for s in args.dataset])
+    summary = load_datasets(worker, args.dataset, tags, allow, policies)
     if args.db:  # the password, if the URL has one, is never printed
         from veil.workers.database import redact
 
@@ -231,7 +260,18 @@ def run(args: argparse.Namespace) -> int:
     if dp_line:
         summary.append(dp_line)
 
+    console = None
+    if args.console_port is not None:
+        if not args.admin_token:
+            raise SystemExit("veil worker: --console-port needs --admin-token (the console's login)")
+        from veil.governance.console.server import ConsoleServer
+
+        console = ConsoleServer(worker, host=args.console_host, port=args.console_port)
+
     def ready(w: WebsocketServerWorker) -> None:
+        if console is not None:
+            console.start()
+            summary.append(f"  owner console on {console.url} (log in with the admin token)")
         # The "listening on" line comes last: scripts may treat it as "ready, all printed".
         if generated:  # shown once to the owner who started it; never written to a log
             print(f"access token (user {args.token_user!r}): {generated}", flush=True)
@@ -241,7 +281,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"  peers: {', '.join(worker.peers)}", flush=True)
         print(f"veil worker {w.id!r} listening on {w.url}", flush=True)
 
-    worker.serve_forever(on_ready=ready)
+    try:
+        worker.serve_forever(on_ready=ready)
+    finally:
+        if console is not None:
+            console.stop()
     print(f"veil worker {args.id!r} stopped", flush=True)
     return 0
 

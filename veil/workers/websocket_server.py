@@ -131,6 +131,8 @@ class WebsocketServerWorker(BaseWorker):
         self.max_command_seconds = max_command_seconds or None
         # connection -> (session, when its handshake was accepted); released on every path
         self._handshakes: dict[ServerConnection, tuple[Session, float]] = {}
+        #: open connections by session id, and when they opened (the owner console lists and closes them)
+        self._connections: dict[str, tuple[ServerConnection, float]] = {}
         self._local = threading.local()
         # one thread per session in flight (plus the end-of-session cleanups); one request holds the worker
         self._executor = ThreadPoolExecutor(max_workers=max_connections + 4, thread_name_prefix=f"veil-{self.id}")
@@ -251,6 +253,7 @@ class WebsocketServerWorker(BaseWorker):
             return
         session = pending[0]
         self.sessions[session.id] = session
+        self._connections[session.id] = (ws, time.time())
         loop = asyncio.get_running_loop()
         closed = asyncio.ensure_future(ws.wait_closed())
         try:
@@ -267,6 +270,7 @@ class WebsocketServerWorker(BaseWorker):
             pass  # the client went away (or sent an oversized frame): free its objects below
         finally:
             closed.cancel()
+            self._connections.pop(session.id, None)
             await loop.run_in_executor(self._executor, self.end_session, session)
 
     async def _run_request(self, loop: asyncio.AbstractEventLoop, data: bytes, session: Session,
@@ -281,6 +285,21 @@ class WebsocketServerWorker(BaseWorker):
             log.warning("worker %s: session %s disconnected; its running command was cancelled", self.id, session.id)
             return None
         return work.result()
+
+    def disconnect(self, session_id: str, by: str = "owner") -> bool:
+        """Owner: closes one client's connection (its objects are freed); thread-safe. False if not connected."""
+        found = self._connections.get(session_id)
+        if found is None or self._loop is None:
+            return False
+        session = self.sessions.get(session_id)
+        self._audit("disconnect", by, session or Session((), id=session_id), [], "allowed",
+                    f"owner closed session {session_id} of {session.user if session else '?'}")
+        closing = asyncio.run_coroutine_threadsafe(found[0].close(4000, "disconnected by the data owner"), self._loop)
+        try:
+            closing.result(timeout=5)
+        except Exception:  # a client that does not answer the close is dropped by the close timeout
+            pass
+        return True
 
     # ------------------------------------------------------------ lifecycle
 

@@ -1,0 +1,100 @@
+"""``veil requests list|show|approve|deny``: the owner's review queue from the terminal.
+
+Example::
+
+    veil requests list --worker 127.0.0.1:8777 --admin-token $VEIL_ADMIN_TOKEN
+    veil requests show req-1a2b... --worker 127.0.0.1:8777
+    veil requests approve req-1a2b... --worker 127.0.0.1:8777
+    veil requests deny req-1a2b... --message "too close to raw records" --worker 127.0.0.1:8777
+
+Errors are one line (no tracebacks); the exit status is 1 for a refused or failed
+request and 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("list", "show", "approve", "deny"))
+    p.add_argument("request_id", nargs="?", default=None, help="the request (show, approve, deny)")
+    p.add_argument("--worker", required=True, metavar="HOST:PORT", help="the worker (ws:// or wss:// optional)")
+    p.add_argument("--admin-token", default=os.environ.get("VEIL_ADMIN_TOKEN"),
+                   help="the owner's admin token (default: $VEIL_ADMIN_TOKEN)")
+    p.add_argument("--state", default=None, choices=("pending", "approved", "denied", "released"),
+                   help="list only requests in this state")
+    p.add_argument("--message", default="", help="the owner's message (deny: shown to the scientist)")
+    p.add_argument("--cafile", default=None, help="CA bundle / self-signed certificate for wss://")
+
+
+def _fail(text: str, code: int = 1) -> int:
+    print(f"veil requests: {text}", file=sys.stderr)
+    return code
+
+
+def _when(ts: Any) -> str:
+    return "-" if not ts else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def print_request(r: dict) -> None:
+    from veil.governance.graphtext import render_graph
+
+    print(f"request  {r['id']}  [{r['state']}]")
+    print(f"user     {r['principal']} (session {r['session']})  filed {_when(r['ts'])}")
+    print(f"object   {r['object_id']}  shape {r['shape']} {r['dtype']}")
+    print(f"reason   {r['reason'] or '(none given)'}")
+    if r.get("decided_ts"):
+        print(f"decided  {_when(r['decided_ts'])} by {r['decided_by']}" + (f": {r['message']}" if r['message'] else ""))
+    if "preview" in r:
+        print(f"preview  {r['preview']}")
+    print("computation:")
+    for line in render_graph(r["graph"], r["root"]):
+        print(f"  {line}")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    import veil as sy
+    from veil.exceptions import VeilError
+    from veil.governance.wire import AdminRequestsMessage
+
+    if not args.admin_token:
+        return _fail("needs --admin-token (or $VEIL_ADMIN_TOKEN)", 2)
+    if args.action != "list" and not args.request_id:
+        return _fail(f"{args.action} needs a request id (see `veil requests list`)", 2)
+    address = args.worker
+    secure = address.startswith("wss://")
+    host, _, port = address.split("://")[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return _fail(f"--worker expects HOST:PORT, got {address!r}", 2)
+    try:
+        hook = sy.TorchHook(torch)
+        client = sy.WebsocketClientWorker(hook, id=f"requests-cli-{os.getpid()}", host=host, port=int(port),
+                                          token=args.admin_token, secure=secure, cafile=args.cafile, timeout=30)
+        try:
+            msg = AdminRequestsMessage(args.action, args.request_id, args.message, args.state)
+            found = hook.local_worker.send_msg(msg, client).objects
+        finally:
+            client.close()
+    except (VeilError, OSError) as e:
+        return _fail(f"{type(e).__name__}: {e}".splitlines()[0])
+    if args.action == "list":
+        if not found:
+            print("no requests" + (f" in state {args.state}" if args.state else ""))
+        for r in found:
+            reason = (r["reason"] or "-").replace("\n", " ")[:50]
+            print(f"{r['id']}  {r['state']:<8}  {r['principal']:<12}  {_when(r['ts'])}  "
+                  f"{str(r['shape']):<12} {r['dtype']:<8}  {reason}")
+        return 0
+    if args.action == "show":
+        print_request(found[0])
+        return 0
+    r = found[0]
+    print(f"{r['id']} {r['state']} for {r['principal']}" + (f": {r['message']}" if r["message"] else ""))
+    return 0

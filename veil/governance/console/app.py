@@ -1,0 +1,244 @@
+"""The console's routes (Starlette). Pages render on the server; forms POST with a CSRF token."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from veil.exceptions import VeilError
+from veil.governance.console import views
+from veil.governance.console.auth import COOKIE, LOGIN_COOKIE, ConsoleAuth, ConsoleSession
+from veil.governance.console.svg import budget_svg, graph_svg
+from veil.governance.graphtext import render_graph
+from veil.governance.policy import set_policy
+from veil.governance.requests import STATES, ReviewQueue
+from veil.governance.state import POLICIES
+
+HERE = Path(__file__).parent
+SECURITY_HEADERS = {
+    "content-security-policy": "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:; "
+                               "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "same-origin",  # no-referrer would make browsers send "Origin: null"
+    "cache-control": "no-store",
+}
+
+Handler = Callable[[Request, ConsoleSession], Awaitable[Response]]
+
+
+class SecurityHeaders:
+    """Adds the headers above to every response (ASGI middleware)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.decode().lower() not in SECURITY_HEADERS]
+                headers += [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def build_app(worker: Any, allowed_hosts: list[str]) -> Any:
+    auth = ConsoleAuth(worker)
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.globals.update(ago=views.ago, policies=POLICIES, states=STATES)
+    templates.env.filters["fmt_time"] = lambda ts: "-" if not ts else time.strftime("%Y-%m-%d %H:%M:%S",
+                                                                                     time.localtime(ts))
+
+    def render(request: Request, session: ConsoleSession | None, name: str, **ctx: Any) -> Response:
+        pending = 0
+        if session is not None:
+            pending = len(ReviewQueue(worker).pending())
+        return templates.TemplateResponse(request, name, {"worker": worker, "session": session,
+                                                          "pending_count": pending, **ctx})
+
+    def same_origin(request: Request) -> bool:
+        origin = request.headers.get("origin")
+        if origin is None:  # not a browser form post; the CSRF token still has to match
+            return True
+        return origin == f"{request.url.scheme}://{request.headers.get('host', '')}"
+
+    def page(method_post: bool = False) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
+        def deco(fn: Handler) -> Callable[[Request], Awaitable[Response]]:
+            async def endpoint(request: Request) -> Response:
+                session = auth.session(request.cookies.get(COOKIE))
+                if session is None:
+                    if method_post:
+                        return PlainTextResponse("log in first\n", status_code=403)
+                    return RedirectResponse("/login", status_code=303)
+                if method_post:
+                    form = await request.form()
+                    if not same_origin(request) or not auth.csrf_ok(session, form.get("csrf")):
+                        return PlainTextResponse("cross-site request refused\n", status_code=403)
+                    request.state.form = form
+                try:
+                    return await fn(request, session)
+                except VeilError as e:
+                    return render(request, session, "error.html", message=str(e))
+            return endpoint
+        return deco
+
+    # ------------------------------------------------------------ login
+
+    async def login_form(request: Request) -> Response:
+        import secrets
+
+        token = secrets.token_urlsafe(24)
+        resp = render(request, None, "login.html", login_csrf=token, failed=request.query_params.get("failed"))
+        resp.set_cookie(LOGIN_COOKIE, token, httponly=True, samesite="strict", path="/login",
+                        secure=request.url.scheme == "https")
+        return resp
+
+    async def login(request: Request) -> Response:
+        form = await request.form()
+        cookie = request.cookies.get(LOGIN_COOKIE, "")
+        field = form.get("login_csrf", "")
+        import hmac
+
+        if not same_origin(request) or not cookie or not isinstance(field, str) or \
+                not hmac.compare_digest(cookie.encode(), field.encode()):
+            return PlainTextResponse("cross-site request refused\n", status_code=403)
+        token = form.get("token", "")
+        made = auth.login(token if isinstance(token, str) else "")
+        if made is None:
+            return RedirectResponse("/login?failed=1", status_code=303)
+        sid, _ = made
+        resp = RedirectResponse("/requests", status_code=303)
+        resp.set_cookie(COOKIE, sid, httponly=True, samesite="strict", path="/", secure=request.url.scheme == "https")
+        resp.delete_cookie(LOGIN_COOKIE, path="/login")
+        return resp
+
+    @page(method_post=True)
+    async def logout(request: Request, session: ConsoleSession) -> Response:
+        auth.logout(request.cookies.get(COOKIE))
+        resp = RedirectResponse("/login", status_code=303)
+        resp.delete_cookie(COOKIE, path="/")
+        return resp
+
+    # ------------------------------------------------------------ pages
+
+    async def home(request: Request) -> Response:
+        return RedirectResponse("/requests", status_code=303)
+
+    @page()
+    async def datasets(request: Request, session: ConsoleSession) -> Response:
+        rows = await run_in_threadpool(views.on_worker, worker, views.datasets, worker)
+        return render(request, session, "datasets.html", rows=rows, nav="datasets",
+                      changed=request.query_params.get("changed"))
+
+    @page(method_post=True)
+    async def change_policy(request: Request, session: ConsoleSession) -> Response:
+        form = request.state.form
+        try:
+            oid = int(form.get("id", ""))
+        except ValueError:
+            return PlainTextResponse("bad dataset id\n", status_code=400)
+        policy = form.get("policy", "")
+        if policy not in POLICIES:
+            return PlainTextResponse("unknown policy\n", status_code=400)
+        await run_in_threadpool(views.on_worker, worker, set_policy, worker, oid, policy, session.user)
+        return RedirectResponse(f"/datasets?changed={oid}", status_code=303)
+
+    @page()
+    async def requests_list(request: Request, session: ConsoleSession) -> Response:
+        state = request.query_params.get("state", "pending")
+        if state not in STATES and state != "all":
+            state = "pending"
+        rows = ReviewQueue(worker).list(None if state == "all" else state)
+        return render(request, session, "requests.html", rows=rows, state=state, nav="requests")
+
+    @page()
+    async def request_detail(request: Request, session: ConsoleSession) -> Response:
+        queue = ReviewQueue(worker)
+        req = queue.get(request.path_params["rid"])
+        preview = await run_in_threadpool(views.on_worker, worker, queue.preview, req.id)
+        return render(request, session, "request.html", req=req, preview=preview, nav="requests",
+                      svg=graph_svg(req.graph, req.root), lines=render_graph(req.graph, req.root))
+
+    @page(method_post=True)
+    async def decide(request: Request, session: ConsoleSession) -> Response:
+        rid, action = request.path_params["rid"], request.path_params["action"]
+        message = str(request.state.form.get("message", ""))[:2000]
+        queue = ReviewQueue(worker)
+        if action == "approve":
+            queue.approve(rid, by=session.user, message=message)
+        elif action == "deny":
+            queue.deny(rid, message, by=session.user)
+        else:
+            return PlainTextResponse("unknown action\n", status_code=404)
+        return RedirectResponse(f"/requests/{rid}", status_code=303)
+
+    @page()
+    async def budgets(request: Request, session: ConsoleSession) -> Response:
+        rows = await run_in_threadpool(views.on_worker, worker, views.budgets, worker)
+        for r in rows:
+            r["svg"] = budget_svg(r["points"], r["epsilon"])
+        return render(request, session, "budgets.html", rows=rows, nav="budgets")
+
+    @page()
+    async def audit(request: Request, session: ConsoleSession) -> Response:
+        q = request.query_params
+        since_min = q.get("since", "")
+        since = time.time() - float(since_min) * 60 if since_min.replace(".", "", 1).isdigit() else None
+        filters = {"user": q.get("user", ""), "action": q.get("action", ""), "outcome": q.get("outcome", ""),
+                   "since": since_min, "q": q.get("q", "")}
+        rows = views.audit_search(worker, filters["user"], filters["action"], filters["outcome"], since,
+                                  filters["q"])
+        return render(request, session, "audit.html", rows=rows, filters=filters, nav="audit",
+                      choices=views.audit_choices(worker))
+
+    @page()
+    async def sessions(request: Request, session: ConsoleSession) -> Response:
+        rows = await run_in_threadpool(views.on_worker, worker, views.sessions, worker)
+        return render(request, session, "sessions.html", rows=rows, nav="sessions",
+                      gone=request.query_params.get("disconnected"))
+
+    @page(method_post=True)
+    async def disconnect(request: Request, session: ConsoleSession) -> Response:
+        sid = request.path_params["sid"]
+        close = getattr(worker, "disconnect", None)
+        if close is None or not await run_in_threadpool(close, sid, session.user):
+            return render(request, session, "error.html", message=f"no connected session {sid}")
+        return RedirectResponse(f"/sessions?disconnected={sid}", status_code=303)
+
+    routes = [
+        Route("/", home),
+        Route("/login", login_form, methods=["GET"]),
+        Route("/login", login, methods=["POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        Route("/datasets", datasets),
+        Route("/datasets/policy", change_policy, methods=["POST"]),
+        Route("/requests", requests_list),
+        Route("/requests/{rid:str}", request_detail),
+        Route("/requests/{rid:str}/{action:str}", decide, methods=["POST"]),
+        Route("/budgets", budgets),
+        Route("/audit", audit),
+        Route("/sessions", sessions),
+        Route("/sessions/{sid:str}/disconnect", disconnect, methods=["POST"]),
+        Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
+    ]
+    from starlette.middleware import Middleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    return Starlette(routes=routes, middleware=[
+        Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts),  # no DNS rebinding onto loopback
+        Middleware(SecurityHeaders),
+    ])

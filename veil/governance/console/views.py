@@ -1,0 +1,117 @@
+"""What the console pages show, gathered from the worker (read on the worker's handler thread)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from veil.governance.policy import owner_sources
+from veil.governance.provenance import sources_of
+from veil.governance.state import governance, policy_of
+from veil.workers.persistence import db_execute
+
+
+def on_worker(worker: Any, fn: Any, *args: Any) -> Any:
+    """Runs ``fn`` where the worker handles requests (no race with a command touching the store)."""
+    executor = getattr(worker, "_executor", None)
+    if executor is None:
+        return fn(*args)
+    return executor.submit(fn, *args).result(timeout=60)
+
+
+def datasets(worker: Any) -> list[dict]:
+    rows = []
+    for oid, e in owner_sources(worker):
+        t = e.obj
+        derived = sum(1 for x in worker.store._entries.values() if not x.protected and oid in sources_of(0, x))
+        rows.append({
+            "id": oid, "tags": list(e.tags), "description": e.description,
+            "shape": list(t.shape) if isinstance(t, torch.Tensor) else [],
+            "dtype": str(t.dtype).replace("torch.", "") if isinstance(t, torch.Tensor) else type(t).__name__,
+            "policy": policy_of(worker, oid),
+            "getters": "nobody" if e.allowed_users == () else "anyone holding the id" if e.allowed_users is None
+            else ", ".join(e.allowed_users),
+            "derived": derived,
+        })
+    return rows
+
+
+def sessions(worker: Any) -> list[dict]:
+    out = []
+    for sid, s in list(getattr(worker, "sessions", {}).items()):
+        objs = [e.obj for e in worker.store._entries.values() if e.created_by == sid]
+        nbytes = sum(t.element_size() * t.numel() for t in objs if isinstance(t, torch.Tensor))
+        out.append({"id": sid, "user": s.user, "roles": sorted({p.role for p in s.principals}),
+                    "principals": [p.name for p in s.principals], "objects": len(objs), "bytes": nbytes,
+                    "since": getattr(worker, "_connections", {}).get(sid, (None, None))[1]})
+    return out
+
+
+def audit_search(worker: Any, user: str = "", action: str = "", outcome: str = "", since: float | None = None,
+                 text: str = "", limit: int = 200) -> list[dict]:
+    """Audit rows, newest first, filtered (all filters optional; ``text`` searches the detail)."""
+    clauses, params = [], []
+    if user:
+        clauses.append("principal = ?")
+        params.append(user)
+    if action:
+        clauses.append("action = ?")
+        params.append(action)
+    if outcome:
+        clauses.append("outcome = ?")
+        params.append(outcome)
+    if since is not None:
+        clauses.append("ts >= ?")
+        params.append(float(since))
+    if text:
+        clauses.append("(detail LIKE ? ESCAPE '\\' OR object_ids LIKE ? ESCAPE '\\')")
+        like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        params += [like, like]
+    where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+    rows = db_execute(governance(worker).db,
+                      f"SELECT seq, ts, action, principal, session, object_ids, outcome, detail FROM audit {where}"
+                      f" ORDER BY seq DESC LIMIT ?", (*params, int(limit)))
+    names = ("seq", "ts", "action", "principal", "session", "object_ids", "outcome", "detail")
+    return [dict(zip(names, r)) for r in rows]
+
+
+def audit_choices(worker: Any) -> dict[str, list[str]]:
+    db = governance(worker).db
+    return {col: [r[0] for r in db_execute(db, f"SELECT DISTINCT {col} FROM audit ORDER BY {col} LIMIT 200")]
+            for col in ("principal", "action", "outcome")}
+
+
+def budgets(worker: Any) -> list[dict]:
+    """Each user's DP budget: total, spent, left, and the cumulative epsilon over time."""
+    from veil.dp.worker_owner import _SETTINGS
+
+    settings = _SETTINGS.get(worker)
+    if settings is None:
+        return []
+    ledger = settings.ledger
+    with ledger._lock:
+        users = [tuple(r) for r in ledger._db.execute("SELECT user, epsilon, delta FROM budgets ORDER BY user")]
+    out = []
+    for user, eps, delta in users:
+        spent_eps, spent_delta = ledger.spent(user)
+        running, points = 0.0, []
+        for e, _d, reason, at in ledger.history(user):
+            running += e
+            points.append((at, running, reason))
+        out.append({"user": user, "epsilon": eps, "delta": delta, "spent_epsilon": spent_eps,
+                    "spent_delta": spent_delta, "left_epsilon": eps - spent_eps, "left_delta": delta - spent_delta,
+                    "points": points})
+    return out
+
+
+def ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    s = max(0, time.time() - ts)
+    if s < 60:
+        return f"{int(s)} s ago"
+    if s < 3600:
+        return f"{int(s // 60)} min ago"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))

@@ -1,0 +1,110 @@
+"""The one release decision: may this object leave the worker for this user now?
+
+``decide(worker, oid, entry, user)`` is called by every handler that lets a value
+out (get and move today; the reference monitor of issue #12 calls it for its
+release purposes). It reads provenance from ``entry.meta`` (see
+:func:`veil.governance.provenance.sources_of`) and the owner's policy of each
+source; only the ``review`` policy makes a difference here (``dp-only`` data is
+already refused to every non-DP op by the DP guard, ``open`` is as before).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Union
+
+from veil.exceptions import RequestDeniedError, ReviewPendingError
+from veil.governance.provenance import sources_of
+from veil.governance.requests import ReviewQueue, digest
+from veil.governance.state import _STATE, audit, governance
+
+
+@dataclass(frozen=True)
+class Allow:
+    request_id: str | None = None  # the approval consumed, when there was one
+
+
+@dataclass(frozen=True)
+class Pending:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Denied:
+    request_id: str
+    message: str
+
+
+Decision = Union[Allow, Pending, Denied]
+ALLOW = Allow()
+
+
+def needs_review(worker: Any, oid: int, entry: Any, user: str) -> bool:
+    """Whether releasing ``entry`` to ``user`` needs the owner's approval."""
+    state = _STATE.get(worker)
+    if state is None or "review" not in state.policies.values():
+        return False  # fast path: no dataset on this worker is under review
+    sources = sources_of(oid, entry)
+    if not any(state.policies.get(s) == "review" for s in sources):
+        return False
+    # The owner's explicit grant on the dataset itself (allowed_users) stands.
+    return not (sources == {oid} and entry.protected and entry.allowed_users is not None
+                and user in entry.allowed_users)
+
+
+def decide(worker: Any, oid: int, entry: Any, user: str, session: str = "-", reason: str | None = None,
+           consume: bool = True) -> Decision:
+    """Allow, or the pending/denied request that stands in the way (filing one when there is none).
+
+    ``consume``: an approval lets the object go once; a get that is allowed uses it up.
+    """
+    if not needs_review(worker, oid, entry, user):
+        return ALLOW
+    with governance(worker).lock:
+        queue = ReviewQueue(worker)
+        req = queue.latest_for(oid, user)
+        current = digest(entry.obj)
+        if req is not None and req.digest == current:
+            if req.state == "pending":
+                if reason:
+                    queue.update_reason(req.id, reason)
+                return Pending(req.id)
+            if req.state == "denied":
+                return Denied(req.id, req.message)
+            if req.state == "approved":
+                if consume:
+                    queue.mark_released(req.id)
+                    audit(worker, "release", user, session, [oid], "allowed", f"{req.id} approved by {req.decided_by}")
+                return Allow(req.id)
+        # none yet, the last one was used up, or the value changed since: a new request
+        return Pending(queue.file(oid, entry, user, session, reason or "").id)
+
+
+def enforce(worker: Any, oid: int, entry: Any, user: str, session: str = "-", purpose: str = "get") -> None:
+    """Raises ReviewPendingError / RequestDeniedError unless ``decide`` allows the release."""
+    decision = decide(worker, oid, entry, user, session)
+    if isinstance(decision, Pending):
+        raise ReviewPendingError(
+            f"object {oid} on worker {worker.id!r} derives from data under the owner's review policy: "
+            f"release request {decision.request_id} is pending the owner's approval "
+            f"(wait with .get(wait=SECONDS); see sy.requests(worker))"
+        )
+    if isinstance(decision, Denied):
+        raise RequestDeniedError(
+            f"the data owner of worker {worker.id!r} denied release request {decision.request_id}: {decision.message}"
+        )
+
+
+def enforce_all(worker: Any, ids: list, entries: list, user: str, session: str = "-", purpose: str = "get") -> None:
+    """``enforce`` for a batch; approvals are consumed only when every object may go."""
+    if _STATE.get(worker) is None:
+        return
+    blocked = [(oid, e) for oid, e in zip(ids, entries) if needs_review(worker, oid, e, user)]
+    if not blocked:
+        return
+    for oid, entry in blocked:  # first pass files/looks up without using approvals up
+        decision = decide(worker, oid, entry, user, session, consume=False)
+        if not isinstance(decision, Allow):
+            enforce(worker, oid, entry, user, session, purpose)
+    for oid, entry in blocked:
+        enforce(worker, oid, entry, user, session, purpose)

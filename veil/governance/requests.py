@@ -1,0 +1,200 @@
+"""The review queue: release requests for objects derived from ``review`` datasets.
+
+A request names one object and one user. Its life: ``pending`` -> ``approved`` ->
+``released`` (the approved object went out once), or ``pending`` -> ``denied``.
+A request also records the digest of the value it was filed for, so an approval
+releases exactly that value: an object changed after filing needs a new request.
+Everything persists in the owner's database (table ``release_requests``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from veil.exceptions import ObjectNotFoundError, PermissionDeniedError
+from veil.governance.state import audit, governance
+from veil.workers.persistence import db_execute
+
+STATES = ("pending", "approved", "denied", "released")
+_COLUMNS = ("id", "ts", "worker", "principal", "session", "object_id", "reason", "shape", "dtype", "digest",
+            "sources", "graph", "state", "message", "decided_ts", "decided_by")
+
+
+@dataclass
+class ReleaseRequest:
+    """One request as the owner sees it (``to_user()`` is the scientist's view)."""
+
+    id: str
+    ts: float
+    worker: str
+    principal: str
+    session: str
+    object_id: int
+    reason: str
+    shape: list
+    dtype: str
+    digest: str
+    sources: list
+    graph: dict
+    state: str = "pending"
+    message: str = ""
+    decided_ts: float | None = None
+    decided_by: str = ""
+    root: str = field(default="")
+
+    def to_user(self) -> dict:
+        """What the requester may see: no graph internals, no preview, no owner ids."""
+        return {"id": self.id, "state": self.state, "reason": self.reason, "shape": list(self.shape),
+                "dtype": self.dtype, "created": self.ts, "decided": self.decided_ts, "message": self.message}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def digest(obj: Any) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes (what was asked for is what is released)."""
+    h = hashlib.sha256()
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(str(t.dtype).encode() + repr(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    else:
+        h.update(type(obj).__name__.encode())
+    return h.hexdigest()
+
+
+def preview(obj: Any, limit: int = 12) -> str:
+    """A few values for the owner's eyes only."""
+    if not isinstance(obj, torch.Tensor):
+        return f"<{type(obj).__name__}>"
+    flat = obj.detach().reshape(-1)
+    head = ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in flat[:limit].tolist())
+    more = f", ... ({flat.numel()} values)" if flat.numel() > limit else ""
+    stats = ""
+    if flat.numel() and obj.is_floating_point():
+        f = flat.float()
+        stats = f"  min {f.min().item():.4g} max {f.max().item():.4g} mean {f.mean().item():.4g}"
+    return f"[{head}{more}]{stats}"
+
+
+class ReviewQueue:
+    """The worker's release requests (one instance per call; state lives in the database)."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self.db = governance(worker).db
+
+    # ----------------------------------------------------------- reading
+
+    def _rows(self, where: str = "", params: tuple = (), limit: int = 500) -> list[ReleaseRequest]:
+        rows = db_execute(self.db, f"SELECT {', '.join(_COLUMNS)} FROM release_requests {where} "
+                                   f"ORDER BY ts DESC LIMIT ?", (*params, int(limit)))
+        out = []
+        for r in rows:
+            d = dict(zip(_COLUMNS, r))
+            d["object_id"] = int(d["object_id"])
+            d["shape"] = json.loads(d["shape"])
+            d["sources"] = json.loads(d["sources"])
+            graph = json.loads(d["graph"])
+            d["root"] = graph.pop("__root__", "")
+            d["graph"] = graph
+            out.append(ReleaseRequest(**d))
+        return out
+
+    def list(self, state: str | None = None, principal: str | None = None, limit: int = 500) -> list[ReleaseRequest]:
+        """Requests, newest first, optionally of one state and/or one user."""
+        clauses, params = [], []
+        if state:
+            clauses.append("state = ?")
+            params.append(state)
+        if principal:
+            clauses.append("principal = ?")
+            params.append(principal)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        return self._rows(where, tuple(params), limit)
+
+    def pending(self) -> list[ReleaseRequest]:
+        return self.list("pending")
+
+    def get(self, request_id: str) -> ReleaseRequest:
+        found = self._rows("WHERE id = ?", (str(request_id),), 1) if isinstance(request_id, str) else []
+        if not found:
+            raise ObjectNotFoundError(f"no release request {request_id!r} on worker {self.worker.id!r}")
+        return found[0]
+
+    def latest_for(self, object_id: int, principal: str) -> ReleaseRequest | None:
+        found = self._rows("WHERE object_id = ? AND principal = ?", (str(object_id), principal), 1)
+        return found[0] if found else None
+
+    def preview(self, request_id: str) -> str:
+        """The requested value, abbreviated (owner only); notes when the object is gone or changed."""
+        req = self.get(request_id)
+        entry = self.worker.store._entries.get(req.object_id)
+        if entry is None:
+            return "(the object is gone: the scientist freed it or disconnected)"
+        changed = "" if digest(entry.obj) == req.digest else "  (CHANGED since the request was filed)"
+        return preview(entry.obj) + changed
+
+    # ----------------------------------------------------------- writing
+
+    def file(self, object_id: int, entry: Any, principal: str, session: str, reason: str = "") -> ReleaseRequest:
+        """Files a new pending request for ``entry`` (the caller decided it needs one)."""
+        from veil.governance.provenance import GRAPH, ROOT, sources_of
+
+        obj = entry.obj
+        graph = dict(entry.meta.get(GRAPH) or {})
+        req = ReleaseRequest(
+            id=f"req-{secrets.token_hex(8)}", ts=time.time(), worker=self.worker.id, principal=principal,
+            session=session, object_id=object_id, reason=str(reason)[:2000],
+            shape=list(obj.shape) if isinstance(obj, torch.Tensor) else [],
+            dtype=str(obj.dtype).replace("torch.", "") if isinstance(obj, torch.Tensor) else type(obj).__name__,
+            digest=digest(obj), sources=[str(s) for s in sorted(sources_of(object_id, entry))], graph=graph,
+            root=entry.meta.get(ROOT, ""),
+        )
+        stored_graph = dict(graph, __root__=req.root)
+        db_execute(self.db, f"INSERT INTO release_requests ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * 16)})", (
+            req.id, req.ts, req.worker, req.principal, req.session, str(req.object_id), req.reason,
+            json.dumps(req.shape), req.dtype, req.digest, json.dumps(req.sources), json.dumps(stored_graph),
+            req.state, req.message, None, "",
+        ))
+        audit(self.worker, "request", principal, session, [object_id], "pending",
+              f"{req.id} shape={req.shape} reason={req.reason[:200]!r}")
+        return req
+
+    def update_reason(self, request_id: str, reason: str) -> None:
+        db_execute(self.db, "UPDATE release_requests SET reason = ? WHERE id = ?", (str(reason)[:2000], request_id))
+
+    def _decide(self, request_id: str, state: str, by: str, message: str) -> ReleaseRequest:
+        with governance(self.worker).lock:
+            return self._decide_locked(request_id, state, by, message)
+
+    def _decide_locked(self, request_id: str, state: str, by: str, message: str) -> ReleaseRequest:
+        req = self.get(request_id)
+        if req.state != "pending":
+            raise PermissionDeniedError(f"request {request_id} is already {req.state}")
+        db_execute(self.db, "UPDATE release_requests SET state = ?, message = ?, decided_ts = ?, decided_by = ?"
+                            " WHERE id = ? AND state = 'pending'", (state, str(message)[:2000], time.time(), by,
+                                                                    request_id))
+        audit(self.worker, "approve" if state == "approved" else "deny", by, "-", [req.object_id],
+              "allowed" if state == "approved" else "refused",
+              f"{request_id} for {req.principal}" + (f": {message[:200]}" if message else ""))
+        return self.get(request_id)
+
+    def approve(self, request_id: str, by: str = "owner", message: str = "") -> ReleaseRequest:
+        """Lets exactly that object go once to that user (the next get/move of it)."""
+        return self._decide(request_id, "approved", by, message)
+
+    def deny(self, request_id: str, message: str = "", by: str = "owner") -> ReleaseRequest:
+        """Refuses the release; the scientist's get raises RequestDeniedError with ``message``."""
+        return self._decide(request_id, "denied", by, message or "denied by the data owner")
+
+    def mark_released(self, request_id: str) -> None:
+        db_execute(self.db, "UPDATE release_requests SET state = 'released' WHERE id = ? AND state = 'approved'",
+                   (request_id,))
