@@ -18,8 +18,10 @@ __all__ = [
     "BatchNormNotPrivateError",
     "BudgetExceededError",
     "DPError",
+    "DPReleaseError",
     "NoiseTooLowError",
     "PrivacyParameterError",
+    "ReplayedRequestError",
     "UnknownUserError",
     "UnsupportedModuleError",
 ]
@@ -52,6 +54,17 @@ class PrivacyParameterError(DPError, ValueError):
     """An epsilon, delta, noise multiplier, sample rate or bound is out of range."""
 
 
-for _cls in (DPError, UnsupportedModuleError, BatchNormNotPrivateError, NoiseTooLowError, UnknownUserError,
+class DPReleaseError(DPError):
+    """A release failed on protected data. Deliberately value-free: the
+    request was charged as if it had succeeded and the detail is only in the
+    data owner's log (``veil.dp.owner``), so neither the error text nor
+    error-vs-success depends on a record for free."""
+
+
+class ReplayedRequestError(DPError, PermissionDeniedError):
+    """A DP release with this request id was already charged (and released once)."""
+
+
+for _cls in (DPError, DPReleaseError, ReplayedRequestError, UnsupportedModuleError, BatchNormNotPrivateError, NoiseTooLowError, UnknownUserError,
              PrivacyParameterError):
     register_remote_error(_cls)
