@@ -83,7 +83,7 @@ def _sanitized_gradient(worker: Any, plan: Any, dataset: str, params: list, trai
     # Dry run on a dummy record of the public shape: a plan that cannot run at
     # all is refused here, in the clear and free, before any owner value is read.
     try:
-        per_sample_gradients(compiled, state, trainable, _dummy(ds.data), _dummy(ds.target), loss_fn)
+        per_sample_gradients(compiled, state, trainable, _dummy(ds.data), _dummy(ds.target), loss_fn, strict=True)
     except PrivacyParameterError:
         raise
     except Exception as e:  # noqa: BLE001 - any error on a dummy input is the plan's own fault

@@ -51,7 +51,7 @@ class WorkerDP:
         datasets: name -> data/target that DP training may use.
         max_bins: the most histogram bins a query may ask for (caps the work).
         hide_count: the exact record count of the DP datasets is private:
-            pointers to them report an unknown first dimension (-1) and the
+            pointers to them report a first dimension of 0 (unknown) and the
             count is only released through a charged ``dp_count``.
     """
 
@@ -159,7 +159,7 @@ def enable_dp(worker: Any, datasets: Union[str, Sequence[str], Mapping[str, tupl
             worker's database when it has one on disk, else in memory).
         max_bins: the most bins a DP histogram may ask for (the owner's cap on work).
         hide_count: keep the exact record count of the DP datasets private:
-            their pointers report the first dimension as -1 (unknown), and
+            their pointers report the first dimension as 0 (unknown), and
             the count is released only by a charged DP count. Without it the
             shape a pointer reports reveals the exact count.
 
@@ -202,5 +202,5 @@ def _mark_dp_only(worker: Any, datasets: Any, hide_count: bool = False) -> None:
     for _, entry in worker.store.items():
         if id(entry.obj) in tensors:
             entry.meta["dp_only"] = True
-            if hide_count:
-                entry.meta["hide_count"] = True  # read by the shape descriptors (veil.workers.base)
+        if hide_count and (entry.protected or id(entry.obj) in tensors):
+            entry.meta["hide_count"] = True  # read by the shape descriptors (veil.workers.base)

@@ -399,7 +399,7 @@ def _describe_entry(oid: int, entry: Entry) -> m.Descriptor:
     t = entry.obj
     shape = tuple(t.shape)
     if entry.meta.get("hide_count") and shape:
-        shape = (-1, *shape[1:])  # the owner keeps the record count private (enable_dp(hide_count=True))
+        shape = (0, *shape[1:])  # record count kept private (enable_dp(hide_count=True)): reported as 0
     return m.Descriptor(oid, shape, DTYPE_NAMES[t.dtype], bool(t.requires_grad), entry.tags, entry.description)
 
 
