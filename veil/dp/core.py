@@ -98,7 +98,8 @@ def gaussian_noise(shape: Sequence[int], std: float, dtype: torch.dtype = torch.
 
 def poisson_mask(n: int, sample_rate: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Each of ``n`` records joins the lot independently with probability ``sample_rate``."""
-    u = torch.rand(n, generator=generator, dtype=torch.float64) if generator is not None else secure_uniform(n)
+    # A seeded (test / benchmark) generator keeps torch's float32 stream, so seeded runs reproduce.
+    u = torch.rand(n, generator=generator) if generator is not None else secure_uniform(n)
     return u < sample_rate
 
 
