@@ -77,3 +77,11 @@ def test_nan_rows_are_dropped_data_independently(bad):
     g = torch.tensor([[0.3, 0.0, 0.0], [bad, 1.0, 1.0]])
     out = core.clipped_sum([g], 1.0, like)[0]
     torch.testing.assert_close(out, torch.tensor([0.3, 0.0, 0.0]))  # the bad row contributes exactly zero
+
+
+@pytest.mark.parametrize("constant_time", [True, False])
+def test_local_and_worker_clipping_sanitize_alike(constant_time):
+    g = torch.tensor([[3.0, 4.0], [float("nan"), 0.0]])
+    sums, norms = core.clip_and_sum([g], 1.0, [torch.zeros(2)], constant_time=constant_time)
+    torch.testing.assert_close(sums[0], torch.tensor([0.6, 0.8]))
+    assert norms[0] == 5.0 and not torch.isfinite(norms[1])
