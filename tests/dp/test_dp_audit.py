@@ -85,3 +85,21 @@ def test_local_and_worker_clipping_sanitize_alike(constant_time):
     sums, norms = core.clip_and_sum([g], 1.0, [torch.zeros(2)], constant_time=constant_time)
     torch.testing.assert_close(sums[0], torch.tensor([0.6, 0.8]))
     assert norms[0] == 5.0 and not torch.isfinite(norms[1])
+
+
+def test_unseeded_dp_sgd_noise_is_cryptographic_and_has_std_sigma_c_over_b():
+    from veil.dp import DPOptimizer
+
+    net = torch.nn.Linear(200, 20)
+    opt = DPOptimizer(torch.optim.SGD(net.parameters(), lr=0.0), noise_multiplier=1.5, max_grad_norm=2.0,
+                      expected_batch_size=4.0)
+    for p in net.parameters():
+        p.grad_sample = torch.zeros(3, *p.shape)
+    opt.pre_step()
+    noise = torch.cat([p.grad.flatten() for p in net.parameters()])
+    assert noise.std().item() == pytest.approx(1.5 * 2.0 / 4.0, rel=0.05)  # 4020 draws: SE 1.1%
+    assert noise.mean().abs().item() < 0.05
+    for p in net.parameters():
+        p.grad_sample = torch.zeros(3, *p.shape)
+    opt.pre_step()
+    assert not torch.equal(noise, torch.cat([p.grad.flatten() for p in net.parameters()]))  # fresh key per step

@@ -109,8 +109,17 @@ class DPOptimizer:
     def add_noise(self) -> None:
         """Stage 2: ``grad = summed clipped gradient + N(0, (sigma*C)^2)``."""
         std = self.noise_multiplier * self.max_grad_norm
-        for p in self.params:
-            p.grad = (p.summed_grad + core.gaussian_noise(p.shape, std, p.dtype, p.device, self.generator)).detach()
+        params = self.params
+        if self.generator is not None or len({(p.dtype, p.device) for p in params}) != 1:
+            for p in params:
+                p.grad = (p.summed_grad + core.gaussian_noise(p.shape, std, p.dtype, p.device, self.generator)).detach()
+            return
+        # One keystream for the whole model per step (the per-call setup dominates for small tensors).
+        noise = core.gaussian_noise((sum(p.numel() for p in params),), std, params[0].dtype, params[0].device)
+        offset = 0
+        for p in params:
+            p.grad = (p.summed_grad + noise[offset:offset + p.numel()].view_as(p)).detach()
+            offset += p.numel()
 
     def scale_grad(self) -> None:
         """Stage 3: divides by the expected batch size (not the realised one)."""
