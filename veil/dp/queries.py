@@ -12,6 +12,12 @@ is (epsilon, 0)-DP for L1 sensitivity. The Gaussian mechanism's noise is
 calibrated exactly for the L2 sensitivity with ``dp_accounting`` (the
 analytic Gaussian mechanism of Balle & Wang 2018), which is valid for every
 epsilon and less noisy than the classic ``sqrt(2 ln(1.25/delta)) / epsilon``.
+
+The noise itself comes from OpenDP (:mod:`veil.dp.core`): floating-point-safe
+samplers over the OS CSPRNG, the discrete Laplace (geometric) for counts.
+NaN/inf inputs are mapped into the bounds before clipping, so one record
+cannot turn a release into NaN. ``generator`` arguments are accepted for the
+old signature and ignored (query noise is never seeded).
 """
 
 from __future__ import annotations

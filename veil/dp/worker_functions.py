@@ -1,19 +1,24 @@
 """The allowlisted worker functions through which data scientists use owner-side DP.
 
-- ``veil.dp.sanitized_gradient(plan, dataset, params, trainable, loss, sample_rate, noise_multiplier)``:
-  one DP-SGD release: Poisson-sample the owner's records, per-record
-  gradients of the plan's loss, clip each to the owner's C, sum, add
-  N(0, (sigma C)^2) with the owner's sigma (or more), divide by q n, return
-  the result as one flat tensor.
-- ``veil.dp.query(x, name, epsilon, delta, mechanism, lower, upper, bins)``: a noisy count,
-  sum, mean or histogram of a tensor on the worker; returns (value, [epsilon, delta, noise scale]).
+- ``veil.dp.sanitized_gradient(plan, dataset, params, trainable, loss, sample_rate, noise_multiplier,
+  request_id)``: one DP-SGD release through :func:`veil.dp.core.privatize`:
+  Poisson-sample the owner's records, per-record gradients of the plan's loss
+  (a record the plan fails on, or whose gradient is NaN/inf, contributes
+  zero), clip each to the owner's C, sum, add N(0, (sigma C)^2) with the
+  owner's sigma (or more), divide by q n, return one flat tensor.
+- ``veil.dp.query(x, name, epsilon, delta, mechanism, lower, upper, bins, request_id)``: a noisy
+  count, sum, mean or histogram of a tensor on the worker (OpenDP noise); returns
+  (value, [epsilon, delta, noise scale]).
 - ``veil.dp.budget()``: the requester's [epsilon left, delta left, epsilon spent, delta spent].
 
-Every release is charged to ``worker.requesting_user()`` in the owner's
-ledger *before* it is returned; a refused charge discards the result and
-raises :class:`~veil.exceptions.BudgetExceededError`. Only the sanitized
-gradient or the noisy answer leaves the worker: the lot, the per-record
-gradients and the exact aggregates stay local variables of these functions.
+Order of every release: validate the parameters (and dry-run a plan on a zero
+record of the public shape), then charge ``worker.requesting_user()`` in the
+owner's ledger (refused: :class:`~veil.exceptions.BudgetExceededError`; a
+repeated ``request_id``: :class:`~veil.dp.errors.ReplayedRequestError`),
+then compute. Errors before the charge speak only of parameters and public
+shapes; a failure after it is the value-free
+:class:`~veil.dp.errors.DPReleaseError` (detail in the owner's log). Only the
+sanitized gradient or the noisy answer leaves the worker.
 """
 
 from __future__ import annotations
