@@ -63,7 +63,8 @@ def test_the_audit_catches_a_histogram_charged_for_one_column_of_a_13_column_rec
     eps = 0.5
     d, d2 = torch.zeros(5, 13), torch.cat([torch.zeros(5, 13), torch.full((1, 13), 9.0)])
     # what the old code did: noise for sensitivity 1 on the flattened histogram
-    old = lambda x: float(torch.histc(x.flatten(), 2, 0, 10)[1] + core.laplace_mechanism(torch.zeros(1), 1 / eps))  # noqa: E731
+    def old(x):
+        return float(torch.histc(x.flatten(), 2, 0, 10)[1] + core.laplace_mechanism(torch.zeros(1), 1 / eps))
     lb_old = epsilon_lower_bound(np.array([old(d) for _ in range(RUNS)]), np.array([old(d2) for _ in range(RUNS)]))
     assert lb_old > eps  # the under-charge is caught
     new = lambda x: float(dp_histogram(x, 2, 0.0, 10.0, eps).value[1])  # noqa: E731

@@ -121,7 +121,8 @@ def test_a_client_never_reveals_both_masks_of_anyone(hook):
     workers, _, _, inputs = _clients(hook, "sa_both", n=3)
     tag = 99
     ids = [w.id for w in workers]
-    call = lambda name, args, w: remote_ops.call(ALLOWLIST.by_name(f"veil.secagg.{name}"), args, {}, location=w)  # noqa: E731
+    def call(name, args, w):
+        return remote_ops.call(ALLOWLIST.by_name(f"veil.secagg.{name}"), args, {}, location=w)
     pks = torch.stack([call("advertise", (tag, 3, 2), w).get() for w in workers])
     for w in workers:
         call("share_keys", (tag, ids, pks), w)

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from veil.dp.accountant import Accountant, epsilon_for
-from veil.dp.errors import BudgetExceededError, NoiseTooLowError, PrivacyParameterError
+from veil.dp.errors import BudgetExceededError, PrivacyParameterError
 from veil.dp import core
 from veil.dp.core import make_generator
 from veil.dp.per_sample import GradSampleModule
