@@ -10,7 +10,14 @@ from __future__ import annotations
 
 
 class VeilError(Exception):
-    """Base class of every error veil raises on purpose."""
+    """Base class of every error veil raises on purpose.
+
+    ``value_free``: the message is veil's own text about the request (parameters,
+    budgets), never a quote of protected values, so it may reach a client even
+    when the failing call touched the owner's data (see ``owner_guard.client_error``).
+    """
+
+    value_free: bool = False
 
 
 class SerializationError(VeilError):

@@ -57,13 +57,20 @@ def _draws(fn, n=4000):
     return torch.stack([fn(gen).value for _ in range(n)])
 
 
+def _discrete_laplace_std(scale):
+    # Counts get the discrete Laplace (two-sided geometric): Var = 2 e^(-1/b) / (1 - e^(-1/b))^2.
+    a = math.exp(-1 / scale)
+    return math.sqrt(2 * a) / (1 - a)
+
+
 def test_laplace_count_has_scale_one_over_epsilon():
     x = torch.zeros(50, 3)
     eps = 0.5
     vals = _draws(lambda g: dp_count(x, eps, generator=g))
     # Laplace(b): std = sqrt(2) b, mean = true count.
     assert vals.mean().item() == pytest.approx(50, abs=0.15)
-    assert vals.std().item() == pytest.approx(math.sqrt(2) / eps, rel=0.05)
+    assert vals.std().item() == pytest.approx(_discrete_laplace_std(1 / eps), rel=0.05)
+    assert torch.equal(vals, vals.round())  # integer noise on an integer count
 
 
 def test_gaussian_sum_uses_clipping_bound_and_analytic_sigma():
@@ -88,6 +95,6 @@ def test_mean_and_histogram():
     assert h.value.shape == (5,)
     assert h.noise_scale == 1.0  # sensitivity 1 / epsilon 1
     vals = _draws(lambda g: dp_histogram(x, 5, 0.0, 10.0, 2.0, generator=g), n=2000)
-    assert vals.std(0).mean().item() == pytest.approx(math.sqrt(2) / 2.0, rel=0.06)
+    assert vals.std(0).mean().item() == pytest.approx(_discrete_laplace_std(1 / 2.0), rel=0.06)
     true = torch.histc(x, 5, 0, 10).double()
     torch.testing.assert_close(vals.mean(0), true, atol=0.1, rtol=0)

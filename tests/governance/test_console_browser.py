@@ -20,7 +20,7 @@ from veil.dp.remote import remote_query
 from veil.exceptions import RequestDeniedError, ReviewPendingError
 from veil.workers.websocket_cli import read_csv
 
-from conftest import ADMIN, BOSTON, OTHER, TOKEN, console_url, worker_args
+from governance_helpers import ADMIN, BOSTON, OTHER, TOKEN, console_url, worker_args
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DATA, TARGET, _ = read_csv(Path(BOSTON), "MEDV")

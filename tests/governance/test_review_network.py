@@ -13,7 +13,7 @@ from veil.governance.wire import AdminRequestsMessage
 from veil.plans import func2plan
 from veil.workers.websocket_cli import read_csv
 
-from conftest import ADMIN, BOSTON, OTHER, PEER, TOKEN, run_cli, worker_args
+from governance_helpers import ADMIN, BOSTON, OTHER, PEER, TOKEN, run_cli, worker_args
 
 DATA, TARGET, _ = read_csv(__import__("pathlib").Path(BOSTON), "MEDV")
 

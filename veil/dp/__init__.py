@@ -1,6 +1,6 @@
 """Differential privacy for veil: DP-SGD, accounting, federated DP, budgets, queries, PATE."""
 
-from veil.dp import pate, queries, worker_functions  # worker_functions: registers the DP worker functions
+from veil.dp import audit, core, pate, queries, worker_functions  # worker_functions: registers the DP worker functions
 from veil.dp.accountant import Accountant, epsilon_for, find_noise_multiplier
 from veil.dp.budget import BudgetLedger
 from veil.dp.engine import PrivacyEngine
@@ -9,8 +9,10 @@ from veil.dp.errors import (
     BatchNormNotPrivateError,
     BudgetExceededError,
     DPError,
+    DPReleaseError,
     NoiseTooLowError,
     PrivacyParameterError,
+    ReplayedRequestError,
     UnknownUserError,
     UnsupportedModuleError,
 )
@@ -45,6 +47,10 @@ __all__ = [
     "BudgetExceededError",
     "DPDataLoader",
     "DPError",
+    "DPReleaseError",
+    "ReplayedRequestError",
+    "audit",
+    "core",
     "DPOptimizer",
     "GradSampleModule",
     "NoiseTooLowError",

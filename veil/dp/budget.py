@@ -22,10 +22,10 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from veil.dp.accountant import Accountant
-from veil.dp.errors import BudgetExceededError, PrivacyParameterError, UnknownUserError
+from veil.dp.errors import BudgetExceededError, PrivacyParameterError, ReplayedRequestError, UnknownUserError
 from veil.workers.database import Database
 
 _SCHEMA = """
@@ -43,6 +43,11 @@ CREATE TABLE IF NOT EXISTS charges (
     at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS charges_by_user ON charges ("user");
+CREATE TABLE IF NOT EXISTS requests (
+    "user" TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    PRIMARY KEY ("user", request_id)
+);
 CREATE TABLE IF NOT EXISTS training (
     "user" TEXT NOT NULL,
     delta REAL NOT NULL,
@@ -116,7 +121,19 @@ class BudgetLedger:
             raise UnknownUserError(f"no privacy budget for user {user!r}; call set_budget first")
         return float(row[0]), float(row[1])
 
-    def charge(self, user: str, epsilon: float, delta: float, reason: str) -> tuple[float, float]:
+    def _remember_request(self, user: str, request_id: Optional[str]) -> None:
+        """Replay protection (in the charge's transaction): one charge, one release per request id."""
+        if request_id is None:
+            return
+        if self._db.execute('SELECT 1 FROM requests WHERE "user" = ? AND request_id = ?',
+                            (user, request_id)).fetchone() is not None:
+            raise ReplayedRequestError(
+                f"request {request_id!r} of user {user!r} was already charged and answered; a replayed "
+                "release is refused (send a new request id for a new release)")
+        self._db.execute('INSERT INTO requests("user", request_id) VALUES (?, ?)', (user, request_id))
+
+    def charge(self, user: str, epsilon: float, delta: float, reason: str,
+               request_id: Optional[str] = None) -> tuple[float, float]:
         """Atomically records a charge, or refuses it if it would exceed the budget.
 
         The check and the insert run in one write transaction holding the user's
@@ -128,9 +145,12 @@ class BudgetLedger:
         Raises:
             BudgetExceededError: the charge does not fit; nothing is recorded.
             UnknownUserError: the user has no budget.
+            ReplayedRequestError: ``request_id`` was already charged.
         """
         self._check(epsilon, delta)
         with self._db.write_transaction():
+            self._budget(user, lock=True)  # lock first: replayed ids are checked under the user's lock
+            self._remember_request(user, request_id)
             left = self._charge_in_transaction(user, epsilon, delta, reason)
         return left
 
@@ -149,7 +169,8 @@ class BudgetLedger:
         return total_eps - spent_eps - epsilon, total_delta - spent_delta - delta
 
     def charge_training_step(self, user: str, noise_multiplier: float, sample_rate: float, delta: float,
-                             mechanism: str = "rdp", reason: str = "DP-SGD step") -> tuple[float, float]:
+                             mechanism: str = "rdp", reason: str = "DP-SGD step",
+                             request_id: Optional[str] = None) -> tuple[float, float]:
         """Charges one Poisson-subsampled Gaussian release of a training run.
 
         Training steps are composed with an accountant (far tighter than
@@ -169,6 +190,7 @@ class BudgetLedger:
         self._check(0.0, delta)
         with self._db.write_transaction():
             self._budget(user, lock=True)  # lock first: the training state is read-modify-written too
+            self._remember_request(user, request_id)
             row = self._db.execute('SELECT state, epsilon FROM training WHERE "user" = ? AND delta = ?',
                                    (user, float(delta))).fetchone()
             acc = Accountant.from_state_dict(json.loads(row[0])) if row else Accountant(mechanism)

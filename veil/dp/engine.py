@@ -37,8 +37,9 @@ class PrivacyEngine:
         self.accountant = Accountant(accountant)
         self.seed = seed
 
-    def _generator(self, offset: int) -> torch.Generator:
-        return make_generator(None if self.seed is None else self.seed + offset)
+    def _generator(self, offset: int) -> Optional[torch.Generator]:
+        # None: sampling and noise use veil.dp.core's cryptographic samplers.
+        return None if self.seed is None else make_generator(self.seed + offset)
 
     def make_private(
         self,
@@ -74,6 +75,7 @@ class PrivacyEngine:
         else:
             warnings.warn("poisson_sampling=False: the reported epsilon assumes Poisson sampling", stacklevel=2)
         gsm = module if isinstance(module, GradSampleModule) else GradSampleModule(module, loss_reduction)
+        # Unseeded engines draw the noise from the cryptographic sampler (generator None).
         dp_opt = DPOptimizer(optimizer, noise_multiplier, max_grad_norm, expected_batch_size, self._generator(0))
 
         def record(opt: DPOptimizer) -> None:

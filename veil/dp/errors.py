@@ -18,15 +18,23 @@ __all__ = [
     "BatchNormNotPrivateError",
     "BudgetExceededError",
     "DPError",
+    "DPReleaseError",
     "NoiseTooLowError",
     "PrivacyParameterError",
+    "ReplayedRequestError",
     "UnknownUserError",
     "UnsupportedModuleError",
 ]
 
 
 class DPError(VeilError):
-    """Base class of the differential-privacy errors defined here."""
+    """Base class of the differential-privacy errors defined here.
+
+    Value-free: the DP core words these itself (parameters, budgets, a generic
+    DPReleaseError for failures on data), so they pass the owner guard unchanged.
+    """
+
+    value_free = True
 
 
 class UnsupportedModuleError(DPError):
@@ -52,6 +60,17 @@ class PrivacyParameterError(DPError, ValueError):
     """An epsilon, delta, noise multiplier, sample rate or bound is out of range."""
 
 
-for _cls in (DPError, UnsupportedModuleError, BatchNormNotPrivateError, NoiseTooLowError, UnknownUserError,
+class DPReleaseError(DPError):
+    """A release failed on protected data. Deliberately value-free: the
+    request was charged as if it had succeeded and the detail is only in the
+    data owner's log (``veil.dp.owner``), so neither the error text nor
+    error-vs-success depends on a record for free."""
+
+
+class ReplayedRequestError(DPError, PermissionDeniedError):
+    """A DP release with this request id was already charged (and released once)."""
+
+
+for _cls in (DPError, DPReleaseError, ReplayedRequestError, UnsupportedModuleError, BatchNormNotPrivateError, NoiseTooLowError, UnknownUserError,
              PrivacyParameterError):
     register_remote_error(_cls)

@@ -30,8 +30,9 @@ import torch
 import torch.nn as nn
 
 from veil.dp.accountant import Accountant, epsilon_for
-from veil.dp.errors import BudgetExceededError, NoiseTooLowError, PrivacyParameterError
-from veil.dp.optimizer import clip_factors, make_generator, per_sample_norms
+from veil.dp.errors import BudgetExceededError, PrivacyParameterError
+from veil.dp import core
+from veil.dp.core import make_generator
 from veil.dp.per_sample import GradSampleModule
 
 # A loss that maps (model output, target) to one loss per sample (reduction="none").
@@ -90,7 +91,7 @@ class DPDataOwner:
         self.noise_multiplier = float(noise_multiplier)
         self.budget = budget
         self.accountant = Accountant(accountant)
-        self._generator = generator if generator is not None else make_generator()
+        self._generator = generator  # None: cryptographic sampling and noise (veil.dp.core)
 
     def __len__(self) -> int:
         # The record count is treated as public, as in DP-SGD's normalisation.
@@ -138,11 +139,8 @@ class DPDataOwner:
             NoiseTooLowError: the request asks for less noise than the owner allows.
             BudgetExceededError: the owner's budget would be exceeded (nothing released).
         """
-        sigma = self.noise_multiplier if noise_multiplier is None else float(noise_multiplier)
-        if sigma < self.noise_multiplier:
-            raise NoiseTooLowError(
-                f"requested noise_multiplier {sigma} is below this owner's minimum {self.noise_multiplier}")
-        if not 0 < sample_rate <= 1:
+        sigma = core.check_noise(noise_multiplier, self.noise_multiplier, "this data owner")
+        if type(sample_rate) not in (int, float) or not 0 < sample_rate <= 1:
             raise PrivacyParameterError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self._check_budget(sigma, sample_rate)
         # Charge before computing anything that could be released.
@@ -150,23 +148,22 @@ class DPDataOwner:
 
         local = copy.deepcopy(model)
         local.load_state_dict(dict(params), strict=False)
-        gsm = GradSampleModule(local, loss_reduction="sum")
-        mask = torch.rand(len(self._data), generator=self._generator) < sample_rate
-        x, y = self._data[mask], self._target[mask]
         trainable = [(n, p) for n, p in local.named_parameters() if p.requires_grad]
-        summed = {n: torch.zeros_like(p) for n, p in trainable}
-        if len(x) > 0:
-            losses = loss_fn(gsm(x), y)
-            losses.sum().backward()
-            samples = [p.grad_sample for _, p in trainable]
-            factors = clip_factors(per_sample_norms(samples), self.max_grad_norm)
-            for (n, _), gs in zip(trainable, samples):
-                summed[n] = torch.einsum("b,b...->...", factors, gs)
-        gsm.remove_hooks()
-        std = sigma * self.max_grad_norm
-        expected = sample_rate * len(self._data)
-        return {n: (g + torch.normal(0.0, std, g.shape, generator=self._generator)) / expected
-                for n, g in summed.items()}
+        gsm = GradSampleModule(local, loss_reduction="sum")
+        try:
+            mask = core.poisson_mask(len(self._data), sample_rate, self._generator)
+            x, y = self._data[mask], self._target[mask]
+            samples: list = [None] * len(trainable)
+            if len(x) > 0:
+                loss_fn(gsm(x), y).sum().backward()
+                samples = [p.grad_sample for _, p in trainable]
+            released = core.privatize(samples, [p for _, p in trainable], self.max_grad_norm, sigma,
+                                      sample_rate * len(self._data), generator=self._generator)
+        except Exception as e:  # the model or loss failed on the data: charged, value-free error
+            raise core.generic_failure("sanitized_gradient", e) from None
+        finally:
+            gsm.remove_hooks()
+        return {n: g for (n, _), g in zip(trainable, released)}
 
 
 @dataclass

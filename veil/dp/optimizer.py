@@ -10,36 +10,16 @@ sampling the real batch size is itself private, so it must not be used).
 
 from __future__ import annotations
 
-import secrets
 from typing import Callable, Optional
 
 import torch
 from torch.optim import Optimizer
 
+from veil.dp import core
+from veil.dp.core import clip_factors, make_generator, per_sample_norms  # re-exported: the one implementation
 from veil.dp.errors import PrivacyParameterError
 
-
-def make_generator(seed: Optional[int] = None, device: str | torch.device = "cpu") -> torch.Generator:
-    """A torch generator seeded from OS entropy (``secrets``) unless ``seed`` is given.
-
-    Pass a seed only in tests: a known seed makes the noise predictable and
-    removes the privacy guarantee.
-    """
-    gen = torch.Generator(device=device)
-    gen.manual_seed(secrets.randbits(63) if seed is None else seed)
-    return gen
-
-
-def per_sample_norms(grad_samples: list[torch.Tensor]) -> torch.Tensor:
-    """Norm of each sample's gradient flattened across all parameters ([B])."""
-    per_param = torch.stack([g.reshape(g.shape[0], -1).norm(2, dim=1) for g in grad_samples], dim=1)
-    return per_param.norm(2, dim=1)
-
-
-def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-    """Per-sample multipliers ``min(1, C / norm)`` that bring every norm to at most C."""
-    # The tiny epsilon avoids 0/0 for an all-zero gradient (factor is then 1).
-    return (max_grad_norm / (norms + 1e-12)).clamp(max=1.0)
+__all__ = ["DPOptimizer", "clip_factors", "make_generator", "per_sample_norms"]
 
 
 class DPOptimizer:
@@ -55,7 +35,8 @@ class DPOptimizer:
         noise_multiplier: sigma; noise std is ``noise_multiplier * max_grad_norm``.
         max_grad_norm: C, the per-sample clipping bound.
         expected_batch_size: divisor of the noisy sum (sample rate x dataset size).
-        generator: noise source; defaults to :func:`make_generator` (OS entropy).
+        generator: a seeded noise source for tests only; by default the noise
+            is cryptographic (:func:`veil.dp.core.gaussian_noise`).
     """
 
     def __init__(
@@ -76,7 +57,7 @@ class DPOptimizer:
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)
         self.expected_batch_size = float(expected_batch_size)
-        self.generator = generator if generator is not None else make_generator()
+        self.generator = generator
         # Called after every completed step (the engine's accountant listens here).
         self.step_hooks: list[Callable[["DPOptimizer"], None]] = []
 
@@ -109,30 +90,36 @@ class DPOptimizer:
 
     # -- the stages ------------------------------------------------------------------------
     def clip_and_accumulate(self) -> torch.Tensor:
-        """Stage 1: clips each sample's gradient to norm <= C and sums them.
+        """Stage 1: sanitizes and clips each sample's gradient to norm <= C, and sums them.
+
+        Samples with a non-finite gradient contribute zero (see :mod:`veil.dp.core`).
 
         Returns:
             The per-sample norms before clipping ([B]; empty for an empty batch).
         """
         params = self.params
-        with_samples = [p for p in params if getattr(p, "grad_sample", None) is not None]
-        if not with_samples or with_samples[0].grad_sample.shape[0] == 0:
-            for p in params:
-                p.summed_grad = torch.zeros_like(p)
-            return torch.zeros(0)
-        norms = per_sample_norms([p.grad_sample for p in with_samples])
-        factors = clip_factors(norms, self.max_grad_norm)
-        for p in params:
-            gs = getattr(p, "grad_sample", None)
-            p.summed_grad = torch.zeros_like(p) if gs is None else torch.einsum("b,b...->...", factors.to(gs.dtype), gs)
+        samples = [getattr(p, "grad_sample", None) for p in params]
+        # constant_time=False: a local run is not timed by an adversary; skip the
+        # sanitizing pass when every sample is finite.
+        sums, norms = core.clip_and_sum(samples, self.max_grad_norm, params, constant_time=False)
+        for p, s in zip(params, sums):
+            p.summed_grad = s
         return norms
 
     def add_noise(self) -> None:
         """Stage 2: ``grad = summed clipped gradient + N(0, (sigma*C)^2)``."""
         std = self.noise_multiplier * self.max_grad_norm
-        for p in self.params:
-            noise = torch.normal(0.0, std, p.shape, generator=self.generator, device=p.device, dtype=p.dtype) if std > 0 else 0.0
-            p.grad = (p.summed_grad + noise).detach()
+        params = self.params
+        if self.generator is not None or len({(p.dtype, p.device) for p in params}) != 1:
+            for p in params:
+                p.grad = (p.summed_grad + core.gaussian_noise(p.shape, std, p.dtype, p.device, self.generator)).detach()
+            return
+        # One keystream for the whole model per step (the per-call setup dominates for small tensors).
+        noise = core.gaussian_noise((sum(p.numel() for p in params),), std, params[0].dtype, params[0].device)
+        offset = 0
+        for p in params:
+            p.grad = (p.summed_grad + noise[offset:offset + p.numel()].view_as(p)).detach()
+            offset += p.numel()
 
     def scale_grad(self) -> None:
         """Stage 3: divides by the expected batch size (not the realised one)."""

@@ -39,7 +39,7 @@ from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 from scipy import special
 
 from veil.dp.errors import PrivacyParameterError
-from veil.dp.optimizer import make_generator
+from veil.dp import core
 
 # RDP orders searched for the tightest conversion (the data-dependent bound
 # is typically minimised at large orders under strong consensus).
@@ -64,27 +64,25 @@ def vote_counts(teacher_preds: torch.Tensor, num_classes: int) -> torch.Tensor:
     return counts
 
 
-def _laplace(shape, scale: float, gen: torch.Generator) -> torch.Tensor:
-    u = (torch.rand(shape, generator=gen, dtype=torch.float64) - 0.5).clamp(-0.5 + 1e-16, 0.5 - 1e-16)
-    return -scale * torch.sign(u) * torch.log1p(-2 * u.abs())
-
-
 def lnmax(counts: torch.Tensor, gamma: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """LNMax labels: ``argmax(counts + Lap(1/gamma))`` per row."""
+    """LNMax labels: ``argmax(counts + Lap(1/gamma))`` per row.
+
+    The Laplace noise is OpenDP's floating-point-safe sampler over the OS
+    CSPRNG (``generator`` is accepted for the old signature and ignored).
+    """
     if not gamma > 0:
         raise PrivacyParameterError(f"gamma must be > 0, got {gamma}")
-    gen = generator if generator is not None else make_generator()
+    del generator
     counts = torch.as_tensor(counts, dtype=torch.float64)
-    return (counts + _laplace(counts.shape, 1.0 / gamma, gen)).argmax(-1)
+    return core.laplace_mechanism(counts, 1.0 / gamma).argmax(-1)
 
 
 def gnmax(counts: torch.Tensor, sigma: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """GNMax labels: ``argmax(counts + N(0, sigma^2))`` per row."""
     if not sigma > 0:
         raise PrivacyParameterError(f"sigma must be > 0, got {sigma}")
-    gen = generator if generator is not None else make_generator()
     counts = torch.as_tensor(counts, dtype=torch.float64)
-    return (counts + sigma * torch.randn(counts.shape, generator=gen, dtype=torch.float64)).argmax(-1)
+    return (counts + core.gaussian_noise(counts.shape, sigma, torch.float64, generator=generator)).argmax(-1)
 
 
 def confident_gnmax(counts: torch.Tensor, threshold: float, sigma1: float, sigma2: float,
@@ -92,10 +90,10 @@ def confident_gnmax(counts: torch.Tensor, threshold: float, sigma1: float, sigma
     """Confident-GNMax labels; -1 where the noisy plurality is below ``threshold``."""
     if not (sigma1 > 0 and sigma2 > 0):
         raise PrivacyParameterError(f"sigma1 and sigma2 must be > 0, got {sigma1}, {sigma2}")
-    gen = generator if generator is not None else make_generator()
     counts = torch.as_tensor(counts, dtype=torch.float64)
-    noisy_max = counts.max(-1).values + sigma1 * torch.randn(counts.shape[:-1], generator=gen, dtype=torch.float64)
-    labels = gnmax(counts, sigma2, gen)
+    noisy_max = counts.max(-1).values + core.gaussian_noise(counts.shape[:-1], sigma1, torch.float64,
+                                                            generator=generator)
+    labels = gnmax(counts, sigma2, generator)
     return torch.where(noisy_max >= threshold, labels, torch.full_like(labels, -1))
 
 

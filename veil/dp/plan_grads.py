@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
+from veil.dp.core import OWNER_LOG
 from veil.dp.errors import PrivacyParameterError
 from veil.plans import interpreter
 from veil.plans.ops import PlanSpec
@@ -86,8 +87,11 @@ def check_forward_plan(spec: PlanSpec, n_state: int) -> interpreter.CompiledPlan
 
 
 def per_sample_gradients(plan: interpreter.CompiledPlan, state: Sequence[torch.Tensor], trainable: Sequence[bool],
-                         x: torch.Tensor, y: torch.Tensor, loss: Loss) -> list[torch.Tensor]:
+                         x: torch.Tensor, y: torch.Tensor, loss: Loss, strict: bool = False) -> list[torch.Tensor]:
     """Gradients of ``loss(plan(x_i), y_i)`` w.r.t. the trainable state, one per record.
+
+    A record the plan fails on contributes zeros, unless ``strict`` (the dry
+    run on a dummy record, whose error may be shown to the requester).
 
     Returns:
         One tensor ``[B, *param.shape]`` per trainable state tensor, in order.
@@ -107,25 +111,42 @@ def per_sample_gradients(plan: interpreter.CompiledPlan, state: Sequence[torch.T
     params = tuple(frozen[i] for i in train_idx)
     # The worker runs commands under the caller's grad mode; gradients need it on.
     with torch.enable_grad():
-        return _gradients(one, params, x, y)
+        return _gradients(one, params, x, y, strict)
 
 
-def _gradients(one: Callable, params: tuple, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+def _one_record(one: Callable, leaves_: list, xi: torch.Tensor, yi: torch.Tensor, strict: bool) -> list:
+    """One record's gradient; a record the plan fails on contributes zeros.
+
+    Like a NaN gradient (see :mod:`veil.dp.core`), a failure is a property of
+    that record alone, so replacing it by zero is a per-record map and the
+    release stays DP: neither the error text nor the fact of an error leaves
+    the worker. The owner's log notes that it happened, never the value.
+    """
+    try:
+        row = torch.autograd.grad(one(tuple(leaves_), xi, yi), leaves_, allow_unused=True)
+    except PrivacyParameterError:
+        raise  # about the plan's structure (checked on the dummy input too), not the data
+    except Exception as e:
+        if strict:
+            raise  # noqa: BLE001 - any failure on a record is sanitized the same way
+        OWNER_LOG.info("a DP gradient plan failed on one protected record (%s); it contributes zero",
+                       type(e).__name__)
+        return [torch.zeros_like(p) for p in leaves_]
+    return [torch.zeros_like(p) if r is None else r for r, p in zip(row, leaves_)]
+
+
+def _gradients(one: Callable, params: tuple, x: torch.Tensor, y: torch.Tensor, strict: bool) -> list[torch.Tensor]:
     if len(x) == 0:
         return [p.new_zeros((0, *p.shape)) for p in params]
-    if len(x) <= _LOOP_MAX:
-        # Small lots (the common DP-SGD case): plain autograd per record is ~10x
-        # faster than vmap's batched backward on CPU for small models.
-        leaves_ = [p.detach().requires_grad_(True) for p in params]
-        rows = [torch.autograd.grad(one(tuple(leaves_), x[i], y[i]), leaves_, allow_unused=True)
-                for i in range(len(x))]
-        return [torch.stack([torch.zeros_like(p) if r[k] is None else r[k] for r in rows])
-                for k, p in enumerate(params)]
-    try:
-        return list(vmap(grad(one), in_dims=(None, 0, 0))(params, x, y))
-    except PrivacyParameterError:
-        raise
-    except Exception:
-        # No batching rule for some op: same gradients, one record at a time.
-        rows = [grad(one)(params, x[i], y[i]) for i in range(len(x))]
-        return [torch.stack([r[k] for r in rows]) for k in range(len(params))]
+    leaves_ = [p.detach().requires_grad_(True) for p in params]
+    if len(x) > _LOOP_MAX:
+        try:
+            return list(vmap(grad(one), in_dims=(None, 0, 0))(params, x, y))
+        except PrivacyParameterError:
+            raise
+        except Exception:  # noqa: BLE001
+            pass  # no batching rule for some op, or a record fails: record by record below
+    # Small lots (the common DP-SGD case): plain autograd per record is ~10x
+    # faster than vmap's batched backward on CPU for small models.
+    rows = [_one_record(one, leaves_, x[i], y[i], strict) for i in range(len(x))]
+    return [torch.stack([r[k] for r in rows]) for k in range(len(params))]

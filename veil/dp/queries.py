@@ -12,10 +12,17 @@ is (epsilon, 0)-DP for L1 sensitivity. The Gaussian mechanism's noise is
 calibrated exactly for the L2 sensitivity with ``dp_accounting`` (the
 analytic Gaussian mechanism of Balle & Wang 2018), which is valid for every
 epsilon and less noisy than the classic ``sqrt(2 ln(1.25/delta)) / epsilon``.
+
+The noise itself comes from OpenDP (:mod:`veil.dp.core`): floating-point-safe
+samplers over the OS CSPRNG, the discrete Laplace (geometric) for counts.
+NaN/inf inputs are mapped into the bounds before clipping, so one record
+cannot turn a release into NaN. ``generator`` arguments are accepted for the
+old signature and ignored (query noise is never seeded).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -23,8 +30,8 @@ from typing import Callable, Optional
 import dp_accounting
 import torch
 
+from veil.dp import core
 from veil.dp.errors import PrivacyParameterError
-from veil.dp.optimizer import make_generator
 
 
 @dataclass(frozen=True)
@@ -38,47 +45,59 @@ class DPResult:
     noise_scale: float  # Laplace scale b, or Gaussian standard deviation
 
 
+@functools.lru_cache(maxsize=1024)
 def gaussian_sigma(sensitivity: float, epsilon: float, delta: float) -> float:
-    """Noise std of an (epsilon, delta)-DP Gaussian mechanism for an L2 sensitivity."""
+    """Noise std of an (epsilon, delta)-DP Gaussian mechanism for an L2 sensitivity (cached: a search)."""
     # The analytic calibration (dp_accounting) is exact for every epsilon and
     # never noisier than the classic sqrt(2 ln(1.25/delta)) bound.
     return sensitivity * dp_accounting.get_sigma_gaussian(epsilon, delta)
 
 
-def _laplace(shape, scale: float, gen: torch.Generator) -> torch.Tensor:
-    # Inverse-CDF sampling from a uniform in (-1/2, 1/2).
-    u = torch.rand(shape, generator=gen, dtype=torch.float64) - 0.5
-    u = u.clamp(-0.5 + 1e-16, 0.5 - 1e-16)
-    return -scale * torch.sign(u) * torch.log1p(-2 * u.abs())
+def _check(epsilon: float, delta: float, mechanism: str) -> None:
+    core.check_epsilon(epsilon)
+    if mechanism == "laplace":
+        if delta != 0:
+            raise PrivacyParameterError(f"the Laplace mechanism is (epsilon, 0)-DP; pass delta=0, got {delta}")
+    elif mechanism == "gaussian":
+        if type(delta) not in (int, float) or not 0 < delta < 1:
+            raise PrivacyParameterError(f"the Gaussian mechanism needs delta in (0, 1), got {delta}")
+    else:
+        raise PrivacyParameterError(f"unknown mechanism {mechanism!r}; choose 'laplace' or 'gaussian'")
 
 
 def _noisy(value: torch.Tensor, l1: float, l2: float, epsilon: float, delta: float, mechanism: str,
-           generator: Optional[torch.Generator]) -> DPResult:
-    if not epsilon > 0:
-        raise PrivacyParameterError(f"epsilon must be > 0, got {epsilon}")
-    gen = generator if generator is not None else make_generator()
+           integer: bool = False) -> DPResult:
+    _check(epsilon, delta, mechanism)
     value = value.to(torch.float64)
     if mechanism == "laplace":
         scale = l1 / epsilon
-        return DPResult(value + _laplace(value.shape, scale, gen), epsilon, 0.0, mechanism, scale)
-    if mechanism == "gaussian":
-        if not 0 < delta < 1:
-            raise PrivacyParameterError(f"the Gaussian mechanism needs delta in (0, 1), got {delta}")
-        sigma = gaussian_sigma(l2, epsilon, delta)
-        noise = torch.randn(value.shape, generator=gen, dtype=torch.float64) * sigma
-        return DPResult(value + noise, epsilon, delta, mechanism, sigma)
-    raise ValueError(f"unknown mechanism {mechanism!r}; choose 'laplace' or 'gaussian'")
+        return DPResult(core.laplace_mechanism(value, scale, integer), epsilon, 0.0, mechanism, scale)
+    sigma = gaussian_sigma(l2, epsilon, delta)
+    return DPResult(core.gaussian_mechanism(value, sigma), epsilon, delta, mechanism, sigma)
 
 
 def _bounds(lower: float, upper: float) -> None:
-    if not lower < upper:
-        raise PrivacyParameterError(f"need lower < upper, got [{lower}, {upper}]")
+    if not (math.isfinite(lower) and math.isfinite(upper) and lower < upper):
+        raise PrivacyParameterError(f"need finite lower < upper, got [{lower}, {upper}]")
+
+
+def _clamped(x: torch.Tensor, lower: float, upper: float) -> torch.Tensor:
+    # NaN / inf entries are mapped into the bounds data-independently (NaN to
+    # lower), so a release is never NaN because of one record.
+    x = torch.nan_to_num(x.to(torch.float64), nan=lower, posinf=upper, neginf=lower)
+    return x.clamp(lower, upper)
+
+
+def _warn_generator(generator: Optional[torch.Generator]) -> None:
+    # Kept for the old signature: query noise is OpenDP's (OS CSPRNG), never seeded.
+    del generator
 
 
 def dp_count(x: torch.Tensor, epsilon: float, delta: float = 0.0, mechanism: str = "laplace",
              generator: Optional[torch.Generator] = None) -> DPResult:
-    """Noisy number of records (rows of ``x``); sensitivity 1."""
-    return _noisy(torch.tensor(float(len(x))), 1.0, 1.0, epsilon, delta, mechanism, generator)
+    """Noisy number of records (rows of ``x``); sensitivity 1 (geometric noise for Laplace)."""
+    _warn_generator(generator)
+    return _noisy(torch.tensor(float(len(x))), 1.0, 1.0, epsilon, delta, mechanism, integer=True)
 
 
 def dp_sum(x: torch.Tensor, lower: float, upper: float, epsilon: float, delta: float = 0.0,
@@ -89,11 +108,12 @@ def dp_sum(x: torch.Tensor, lower: float, upper: float, epsilon: float, delta: f
     ``max(|lower|, |upper|)`` per coordinate; for vector records the L1 and L2
     sensitivities scale with the dimension accordingly.
     """
+    _warn_generator(generator)
     _bounds(lower, upper)
-    x = x.to(torch.float64).clamp(lower, upper)
+    x = _clamped(x, lower, upper)
     per = max(abs(lower), abs(upper))
     d = x.shape[1:].numel()  # coordinates per record (1 for scalars)
-    return _noisy(x.sum(0), per * d, per * math.sqrt(d), epsilon, delta, mechanism, generator)
+    return _noisy(x.sum(0), per * d, per * math.sqrt(d), epsilon, delta, mechanism)
 
 
 def dp_mean(x: torch.Tensor, lower: float, upper: float, epsilon: float, delta: float = 0.0,
@@ -104,26 +124,48 @@ def dp_mean(x: torch.Tensor, lower: float, upper: float, epsilon: float, delta: 
     them (basic composition), so the record count is not assumed public.
     The result is clamped back into the bounds (post-processing).
     """
+    _check(epsilon, delta, mechanism)
     half_e, half_d = epsilon / 2, delta / 2
-    s = dp_sum(x, lower, upper, half_e, half_d, mechanism, generator)
-    c = dp_count(x, half_e, half_d, mechanism, generator)
+    s = dp_sum(x, lower, upper, half_e, half_d, mechanism)
+    c = dp_count(x, half_e, half_d, mechanism)
     mean = (s.value / c.value.clamp(min=1.0)).clamp(lower, upper)
     return DPResult(mean, epsilon, delta, mechanism, s.noise_scale)
 
 
 def dp_histogram(x: torch.Tensor, bins: int, lower: float, upper: float, epsilon: float, delta: float = 0.0,
                  mechanism: str = "laplace", generator: Optional[torch.Generator] = None) -> DPResult:
-    """Noisy counts of ``bins`` equal-width bins over ``[lower, upper]``.
+    """Noisy counts of ``bins`` equal-width bins over ``[lower, upper]`` of all values of all records.
 
-    One record falls in exactly one bin (values outside are clipped into the
-    edge bins), so adding or removing it changes one count by 1: L1 and L2
-    sensitivity 1. Negative noisy counts are left as they are (unbiased).
+    A record of d values (``x[i]`` has ``d`` entries) adds d to the counts,
+    possibly all to one bin: L1 and L2 sensitivity d (1 for scalar records).
+    Values outside are clipped into the edge bins; NaN goes to the first bin.
+    Negative noisy counts are left as they are (unbiased).
     """
+    _warn_generator(generator)
     _bounds(lower, upper)
-    if bins < 1:
-        raise PrivacyParameterError(f"bins must be >= 1, got {bins}")
-    counts = torch.histc(x.to(torch.float64).clamp(lower, upper).flatten(), bins=bins, min=lower, max=upper)
-    return _noisy(counts, 1.0, 1.0, epsilon, delta, mechanism, generator)
+    if type(bins) is not int or bins < 1:
+        raise PrivacyParameterError(f"bins must be an integer >= 1, got {bins!r}")
+    _check(epsilon, delta, mechanism)
+    d = float(x.shape[1:].numel())
+    counts = torch.histc(_clamped(x, lower, upper).flatten(), bins=bins, min=lower, max=upper)
+    return _noisy(counts, d, d, epsilon, delta, mechanism, integer=(mechanism == "laplace"))
+
+
+def query_cost(name: str, shape: torch.Size, epsilon: float, delta: float = 0.0, mechanism: str = "laplace",
+               lower: Optional[float] = None, upper: Optional[float] = None, bins: Optional[int] = None
+               ) -> tuple[float, float]:
+    """(epsilon, delta) a query will be charged, checked from its parameters alone (no data).
+
+    Lets a worker validate and charge *before* touching the data.
+    """
+    _check(epsilon, delta, mechanism)
+    if name != "count":
+        _bounds(lower, upper)
+    if name == "histogram" and (type(bins) is not int or bins < 1):
+        raise PrivacyParameterError(f"bins must be an integer >= 1, got {bins!r}")
+    if len(shape) == 0:
+        raise PrivacyParameterError("a DP query needs records: a tensor with a first (record) dimension")
+    return float(epsilon), float(delta) if mechanism == "gaussian" else 0.0
 
 
 # name -> query, for workers that expose queries by name (an explicit registry).

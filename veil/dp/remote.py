@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import secrets
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -27,6 +28,11 @@ from veil.messaging.messages import GetObjectsMessage, ObjectMessage, StoredObje
 from veil.plans.plan import Plan, _module_state
 from veil.tensors import remote_ops
 from veil.tensors.pointer import PointerTensor
+
+
+def _request_id() -> str:
+    """A fresh id per release: the owner's ledger charges and answers each id once (replays are refused)."""
+    return secrets.token_hex(16)
 
 
 def _fetch(pointers: Sequence[PointerTensor]) -> list[torch.Tensor]:
@@ -76,7 +82,7 @@ class RemoteDPOwner:
         ptr = remote_ops.call(
             ALLOWLIST.by_name("veil.dp.sanitized_gradient"),
             (self._plan, self.dataset, [t.detach() for t in state], trainable, self.loss, float(sample_rate),
-             None if noise_multiplier is None else float(noise_multiplier)),
+             None if noise_multiplier is None else float(noise_multiplier), _request_id()),
             {}, location=self.worker)
         flat = ptr.get()
         names = {id(p): n for n, p in model.named_parameters()}
@@ -122,7 +128,7 @@ def remote_query(ptr: PointerTensor, name: str, epsilon: float, delta: float = 0
     value, cost = remote_ops.call(
         ALLOWLIST.by_name("veil.dp.query"),
         (ptr, name, float(epsilon), float(delta), mechanism,
-         None if lower is None else float(lower), None if upper is None else float(upper), bins), {})
+         None if lower is None else float(lower), None if upper is None else float(upper), bins, _request_id()), {})
     value, cost = _fetch([value, cost])
     return DPResult(value, float(cost[0]), float(cost[1]), mechanism, float(cost[2]))
 

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from veil.dp.errors import PrivacyParameterError
-from veil.dp.optimizer import make_generator
+from veil.dp import core
 
 
 class PoissonBatchSampler(Sampler[list[int]]):
@@ -23,7 +23,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
         num_samples: dataset size.
         sample_rate: q in (0, 1].
         steps: batches per epoch (default ``round(1 / q)``, one expected pass).
-        generator: randomness; OS-seeded by default.
+        generator: seeded randomness for tests; by default the cryptographic sampler.
     """
 
     def __init__(self, num_samples: int, sample_rate: float, steps: Optional[int] = None,
@@ -33,14 +33,14 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.num_samples = num_samples
         self.sample_rate = sample_rate
         self.steps = steps if steps is not None else max(1, round(1 / sample_rate))
-        self.generator = generator if generator is not None else make_generator()
+        self.generator = generator  # None: veil.dp.core.poisson_mask's cryptographic uniforms
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.steps):
-            mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+            mask = core.poisson_mask(self.num_samples, self.sample_rate, self.generator)
             yield mask.nonzero().flatten().tolist()
 
 

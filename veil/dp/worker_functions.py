@@ -1,19 +1,24 @@
 """The allowlisted worker functions through which data scientists use owner-side DP.
 
-- ``veil.dp.sanitized_gradient(plan, dataset, params, trainable, loss, sample_rate, noise_multiplier)``:
-  one DP-SGD release: Poisson-sample the owner's records, per-record
-  gradients of the plan's loss, clip each to the owner's C, sum, add
-  N(0, (sigma C)^2) with the owner's sigma (or more), divide by q n, return
-  the result as one flat tensor.
-- ``veil.dp.query(x, name, epsilon, delta, mechanism, lower, upper, bins)``: a noisy count,
-  sum, mean or histogram of a tensor on the worker; returns (value, [epsilon, delta, noise scale]).
+- ``veil.dp.sanitized_gradient(plan, dataset, params, trainable, loss, sample_rate, noise_multiplier,
+  request_id)``: one DP-SGD release through :func:`veil.dp.core.privatize`:
+  Poisson-sample the owner's records, per-record gradients of the plan's loss
+  (a record the plan fails on, or whose gradient is NaN/inf, contributes
+  zero), clip each to the owner's C, sum, add N(0, (sigma C)^2) with the
+  owner's sigma (or more), divide by q n, return one flat tensor.
+- ``veil.dp.query(x, name, epsilon, delta, mechanism, lower, upper, bins, request_id)``: a noisy
+  count, sum, mean or histogram of a tensor on the worker (OpenDP noise); returns
+  (value, [epsilon, delta, noise scale]).
 - ``veil.dp.budget()``: the requester's [epsilon left, delta left, epsilon spent, delta spent].
 
-Every release is charged to ``worker.requesting_user()`` in the owner's
-ledger *before* it is returned; a refused charge discards the result and
-raises :class:`~veil.exceptions.BudgetExceededError`. Only the sanitized
-gradient or the noisy answer leaves the worker: the lot, the per-record
-gradients and the exact aggregates stay local variables of these functions.
+Order of every release: validate the parameters (and dry-run a plan on a zero
+record of the public shape), then charge ``worker.requesting_user()`` in the
+owner's ledger (refused: :class:`~veil.exceptions.BudgetExceededError`; a
+repeated ``request_id``: :class:`~veil.dp.errors.ReplayedRequestError`),
+then compute. Errors before the charge speak only of parameters and public
+shapes; a failure after it is the value-free
+:class:`~veil.dp.errors.DPReleaseError` (detail in the owner's log). Only the
+sanitized gradient or the noisy answer leaves the worker.
 """
 
 from __future__ import annotations
@@ -23,10 +28,10 @@ from typing import Any, Optional
 
 import torch
 
-from veil.dp.errors import NoiseTooLowError, PrivacyParameterError
-from veil.dp.optimizer import clip_factors, per_sample_norms
+from veil.dp import core
+from veil.dp.errors import PrivacyParameterError
 from veil.dp.plan_grads import check_forward_plan, loss_by_name, per_sample_gradients
-from veil.dp.queries import QUERIES
+from veil.dp.queries import QUERIES, query_cost
 from veil.dp.worker_owner import dp_settings
 from veil.exceptions import PermissionDeniedError
 from veil.messaging.allowlist import register_worker_function
@@ -46,8 +51,22 @@ def _number(value: Any, name: str) -> float:
     return float(value)
 
 
+def _request_id(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 8 <= len(value) <= 128:
+        raise PrivacyParameterError("request_id must be a string of 8 to 128 characters")
+    return value
+
+
+def _dummy(t: torch.Tensor) -> torch.Tensor:
+    """One record of the public shape and dtype, all zeros (no owner value in it)."""
+    return torch.zeros((1, *t.shape[1:]), dtype=t.dtype)
+
+
 def _sanitized_gradient(worker: Any, plan: Any, dataset: str, params: list, trainable: list, loss: str,
-                        sample_rate: float, noise_multiplier: Optional[float] = None) -> torch.Tensor:
+                        sample_rate: float, noise_multiplier: Optional[float] = None,
+                        request_id: Optional[str] = None) -> torch.Tensor:
     settings = dp_settings(worker)
     if not settings.training_enabled:
         raise PermissionDeniedError(f"worker {worker.id!r} does not offer DP training (no --dp-clip/--dp-noise)")
@@ -55,11 +74,7 @@ def _sanitized_gradient(worker: Any, plan: Any, dataset: str, params: list, trai
     q = _number(sample_rate, "sample_rate")
     if not 0 < q <= settings.max_sample_rate:
         raise PrivacyParameterError(f"sample_rate must be in (0, {settings.max_sample_rate}], got {sample_rate}")
-    sigma = settings.noise_multiplier if noise_multiplier is None else _number(noise_multiplier, "noise_multiplier")
-    if sigma < settings.noise_multiplier:
-        raise NoiseTooLowError(
-            f"requested noise_multiplier {sigma} is below the minimum {settings.noise_multiplier} set by the "
-            f"owner of worker {worker.id!r}; ask for at least that (or leave it unset)")
+    sigma = core.check_noise(noise_multiplier, settings.noise_multiplier, f"the owner of worker {worker.id!r}")
     if not isinstance(params, (list, tuple)) or not all(isinstance(p, torch.Tensor) for p in params):
         raise PrivacyParameterError("params must be a list of tensors (the plan's state, in order)")
     if not isinstance(trainable, (list, tuple)) or len(trainable) != len(params) or \
@@ -67,48 +82,66 @@ def _sanitized_gradient(worker: Any, plan: Any, dataset: str, params: list, trai
         raise PrivacyParameterError("trainable must be one bool per parameter")
     compiled = check_forward_plan(plan, len(params))
     loss_fn = loss_by_name(loss)
+    rid = _request_id(request_id)
     user = _user(worker)
+    state = [p.detach() for p in params]
+    # Dry run on a dummy record of the public shape: a plan that cannot run at
+    # all is refused here, in the clear and free, before any owner value is read.
+    try:
+        per_sample_gradients(compiled, state, trainable, _dummy(ds.data), _dummy(ds.target), loss_fn, strict=True)
+    except PrivacyParameterError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any error on a dummy input is the plan's own fault
+        raise PrivacyParameterError(f"the plan fails on a dummy input of the dataset's public shape: "
+                                    f"{type(e).__name__}: {e}") from None
     c = settings.max_grad_norm
     with settings.lock:
-        mask = torch.rand(len(ds.data), generator=settings.generator) < q
-        x, y = ds.data[mask], ds.target[mask]
-        samples = per_sample_gradients(compiled, [p.detach() for p in params], trainable, x, y, loss_fn)
-        flat = torch.cat([g.reshape(len(x), g.shape[1:].numel()) for g in samples], dim=1)
-        # Each record's whole gradient (all parameters together) is clipped to C.
-        # An empty lot still gets the noise: skipping it would reveal the empty lot.
-        clipped_sum = torch.einsum("b,bd->d", clip_factors(per_sample_norms([flat]), c), flat) if len(x) \
-            else flat.sum(0)
-        noise = torch.normal(0.0, sigma * c, clipped_sum.shape, generator=settings.generator)
-        released = (clipped_sum + noise) / (q * len(ds.data))
-        # Charge before release: if the budget refuses, the result is dropped here.
+        # Charge first (before any work on the data): a failure below stays charged.
         settings.ledger.charge_training_step(user, sigma, q, settings.delta, settings.accountant,
-                                             reason=f"DP-SGD on {worker.id}/{dataset}")
-    return released.detach()
+                                             reason=f"DP-SGD on {worker.id}/{dataset}", request_id=rid)
+        try:
+            mask = core.poisson_mask(len(ds.data), q)
+            x, y = ds.data[mask], ds.target[mask]
+            like = [p for p, t in zip(state, trainable) if t]
+            samples = per_sample_gradients(compiled, state, trainable, x, y, loss_fn)
+            released = core.privatize(samples, like, c, sigma, q * len(ds.data))
+            flat = torch.cat([g.reshape(-1) for g in released]) if released else torch.zeros(0)
+        except Exception as e:  # noqa: BLE001
+            raise core.generic_failure(f"DP-SGD on {worker.id}/{dataset}", e) from None
+    return flat.detach()
 
 
 def _query(worker: Any, x: Any, name: str, epsilon: float, delta: float = 0.0, mechanism: str = "laplace",
-           lower: Optional[float] = None, upper: Optional[float] = None, bins: Optional[int] = None) -> tuple:
+           lower: Optional[float] = None, upper: Optional[float] = None, bins: Optional[int] = None,
+           request_id: Optional[str] = None) -> tuple:
     settings = dp_settings(worker)
     query = QUERIES.get(name) if isinstance(name, str) else None
     if query is None:
         raise PrivacyParameterError(f"unknown DP query {name!r}; choose one of {sorted(QUERIES)}")
     if not isinstance(x, torch.Tensor):
         raise PrivacyParameterError("a DP query runs on a tensor held by the worker (pass its pointer)")
-    eps, dlt = _number(epsilon, "epsilon"), _number(delta, "delta")
-    kwargs: dict[str, Any] = {"epsilon": eps, "delta": dlt, "mechanism": mechanism,
-                              "generator": settings.generator}
+    eps, dlt = core.check_epsilon(epsilon), _number(delta, "delta")
+    kwargs: dict[str, Any] = {"epsilon": eps, "delta": dlt, "mechanism": mechanism}
     if name != "count":
         if lower is None or upper is None:
             raise PrivacyParameterError(f"a DP {name} needs bounds=(lower, upper): they fix its sensitivity")
         kwargs.update(lower=_number(lower, "lower"), upper=_number(upper, "upper"))
     if name == "histogram":
-        if type(bins) is not int:
-            raise PrivacyParameterError(f"a DP histogram needs an integer number of bins, got {bins!r}")
+        if type(bins) is not int or not 1 <= bins <= settings.max_bins:
+            raise PrivacyParameterError(
+                f"a DP histogram needs an integer number of bins in [1, {settings.max_bins}] (the owner's "
+                f"limit), got {bins!r}")
         kwargs["bins"] = bins
+    rid = _request_id(request_id)
+    # Validates the mechanism / bounds / delta on the public shape only: nothing is computed yet.
+    cost_eps, cost_delta = query_cost(name, x.shape, **kwargs)
     with settings.lock:
-        result = query(x.detach(), **kwargs)
-        settings.ledger.charge(_user(worker), result.epsilon, result.delta,
-                               f"DP {name} ({result.mechanism}) on {worker.id}")
+        settings.ledger.charge(_user(worker), cost_eps, cost_delta, f"DP {name} ({mechanism}) on {worker.id}",
+                               request_id=rid)
+        try:
+            result = query(x.detach(), **kwargs)
+        except Exception as e:  # noqa: BLE001
+            raise core.generic_failure(f"DP {name} on {worker.id}", e) from None
     cost = torch.tensor([result.epsilon, result.delta, result.noise_scale], dtype=torch.float64)
     return result.value.detach(), cost
 

@@ -25,7 +25,6 @@ import torch
 
 from veil.dp.budget import BudgetLedger
 from veil.dp.errors import PrivacyParameterError
-from veil.dp.optimizer import make_generator
 from veil.exceptions import PermissionDeniedError
 from veil.workers.database import is_database_url
 
@@ -52,6 +51,10 @@ class WorkerDP:
         max_sample_rate: the largest lot sampling rate q a request may ask for.
         ledger: per-user (epsilon, delta) budgets and charges.
         datasets: name -> data/target that DP training may use.
+        max_bins: the most histogram bins a query may ask for (caps the work).
+        hide_count: the exact record count of the DP datasets is private:
+            pointers to them report a first dimension of 0 (unknown) and the
+            count is only released through a charged ``dp_count``.
     """
 
     ledger: BudgetLedger
@@ -61,8 +64,9 @@ class WorkerDP:
     accountant: str = "rdp"
     max_sample_rate: float = 1.0
     datasets: dict[str, DPDataset] = field(default_factory=dict)
-    generator: torch.Generator = field(default_factory=make_generator)
-    # One release at a time: the generator and the ledger's accountant state are shared.
+    max_bins: int = 10_000
+    hide_count: bool = False
+    # One release at a time: the ledger's accountant state is shared.
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -139,7 +143,8 @@ def enable_dp(worker: Any, datasets: Union[str, Sequence[str], Mapping[str, tupl
               max_grad_norm: Optional[float] = None, noise_multiplier: Optional[float] = None,
               budgets: Optional[Mapping[str, tuple[float, float]]] = None, delta: float = 1e-5,
               accountant: str = "rdp", max_sample_rate: float = 1.0,
-              ledger_path: Union[str, Path, None] = None) -> WorkerDP:
+              ledger_path: Union[str, Path, None] = None, max_bins: int = 10_000,
+              hide_count: bool = False) -> WorkerDP:
     """Turns on owner-side differential privacy on ``worker``.
 
     Args:
@@ -156,6 +161,11 @@ def enable_dp(worker: Any, datasets: Union[str, Sequence[str], Mapping[str, tupl
         max_sample_rate: the largest lot sampling rate a request may use.
         ledger_path: SQLite file of the budget ledger (default: next to the
             worker's database when it has one on disk, else in memory).
+        max_bins: the most bins a DP histogram may ask for (the owner's cap on work).
+        hide_count: keep the exact record count of the DP datasets private:
+            their pointers report the first dimension as 0 (unknown), and
+            the count is released only by a charged DP count. Without it the
+            shape a pointer reports reveals the exact count.
 
     Returns:
         The settings object (``.set_budget(user, eps, delta)``, ``.remaining(user)``).
@@ -168,6 +178,8 @@ def enable_dp(worker: Any, datasets: Union[str, Sequence[str], Mapping[str, tupl
         raise PrivacyParameterError(f"the owner's noise_multiplier must be > 0, got {noise_multiplier}")
     if not 0 < delta < 1:
         raise PrivacyParameterError(f"delta must be in (0, 1), got {delta}")
+    if type(max_bins) is not int or max_bins < 1:
+        raise PrivacyParameterError(f"max_bins must be an integer >= 1, got {max_bins!r}")
     if not 0 < max_sample_rate <= 1:
         raise PrivacyParameterError(f"max_sample_rate must be in (0, 1], got {max_sample_rate}")
     previous = _SETTINGS.get(worker)
@@ -175,15 +187,16 @@ def enable_dp(worker: Any, datasets: Union[str, Sequence[str], Mapping[str, tupl
         BudgetLedger(_ledger_path(worker, ledger_path))
     settings = WorkerDP(ledger, None if max_grad_norm is None else float(max_grad_norm),
                         None if noise_multiplier is None else float(noise_multiplier), float(delta), accountant,
-                        float(max_sample_rate), _datasets(worker, datasets))
+                        float(max_sample_rate), _datasets(worker, datasets), max_bins=max_bins,
+                        hide_count=bool(hide_count))
     for user, (eps, dlt) in (budgets or {}).items():
         settings.set_budget(user, eps, dlt)
     _SETTINGS[worker] = settings
-    _mark_dp_only(worker, settings.datasets.values())
+    _mark_dp_only(worker, settings.datasets.values(), settings.hide_count)
     return settings
 
 
-def _mark_dp_only(worker: Any, datasets: Any) -> None:
+def _mark_dp_only(worker: Any, datasets: Any, hide_count: bool = False) -> None:
     """Stored tensors of DP datasets answer only DP releases from now on.
 
     Otherwise ``(data * 1)`` through a pointer would hand the data scientist a
@@ -193,3 +206,5 @@ def _mark_dp_only(worker: Any, datasets: Any) -> None:
     for _, entry in worker.store.items():
         if id(entry.obj) in tensors:
             entry.meta["dp_only"] = True
+        if hide_count and (entry.protected or id(entry.obj) in tensors):
+            entry.meta["hide_count"] = True  # read by the shape descriptors (veil.workers.base)

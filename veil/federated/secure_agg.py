@@ -1,113 +1,325 @@
-"""Secure aggregation: the coordinator learns only the sum of the clients' updates.
+"""Secure aggregation with dropout recovery: the coordinator learns only the sum.
 
-Each client encodes its weighted update in fixed point (Z/2^64, 24 fractional
-bits), splits it into one additive share per participant, keeps one and sends
-the others straight to the other clients (worker to worker). Shares land in a
-per-round inbox outside the object store, so nobody can search, read or
-compute on them through pointers. Each client then returns the sum of the
-shares it holds: every such partial sum is uniformly random on its own, and
-their total is the sum of the updates. One round of client-to-client messages,
-one message per client to the coordinator.
+The protocol of Bonawitz et al. 2017 ("Practical Secure Aggregation for
+Privacy-Preserving Machine Learning", CCS), honest-but-curious version, with
+the Shamir shares sent client to client (workers reach each other directly)
+instead of encrypted through the server. Per round, with ``threshold`` t:
 
-Security: honest-but-curious coordinator and clients, no collusion of all but
-one client; integrity against malicious clients is out of scope.
+0. ``advertise``: each client draws an X25519 key pair and a self-mask seed
+   b_u; it returns its public key.
+1. ``share_keys``: the coordinator sends everyone the public keys of U1 (the
+   clients that advertised). Each client Shamir-shares its private key and
+   b_u (t of |U1|) and deposits one share of each with every peer. U2: the
+   clients for which this stage succeeded.
+2. ``masked_input``: each client of U2 returns
+   ``y_u = x_u + PRG(b_u) + sum_{v in U2, v != u} +-PRG(s_uv)`` in Z/2^64, with
+   ``s_uv`` from X25519(sk_u, pk_v) (+ if u < v, - otherwise): uniformly random
+   on its own. x_u is ``[w_u * update_u, w_u, w_u * mean loss_u]`` in fixed
+   point, so weights and losses are aggregated the same way. U3: the clients
+   whose y_u arrived.
+3. ``unmask``: each client of U3 returns its shares of b_u for u in U3 and of
+   sk_v for v in U2 \\ U3 (dropped after sharing). A client answers once per
+   round and never for the same client in both lists, so the coordinator can
+   never learn both masks of anyone. With t answers the coordinator removes
+   the self-masks of U3 and the pair masks the dropped clients left behind.
+
+Any t clients may die at any stage (at least t of U3 must answer); no
+individual update ever leaves a client unmasked, and nothing in the recovery
+path reads a client's state. Round state lives outside the object store (no
+pointer reaches it) and is deleted after ``unmask`` or ``discard``.
+
+Security: honest-but-curious coordinator and clients, fewer than t colluding;
+integrity against malicious parties (signatures, consistency checks of
+SecAgg's malicious variant) is out of scope.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 
-from veil.exceptions import RemoteExecutionError
+from veil.exceptions import RemoteExecutionError, VeilError
+from veil.federated import secagg_crypto as sc
 from veil.messaging.allowlist import ALLOWLIST, register_worker_function
 from veil.messaging.messages import CommandMessage
 from veil.mpc.encoding import decode, encode, make_encoding
-from veil.mpc.ring import random_ring
 from veil.tensors import remote_ops
 
 ENCODING = make_encoding(24)
+STAGES = ("advertise", "share_keys", "masked_input", "unmask")
+_FAILURES = (VeilError, ConnectionError, OSError)
 
 
-def _inbox(worker: Any) -> dict:
-    return worker.__dict__.setdefault("_secagg_inbox", {})
+class SecureAggregationError(RemoteExecutionError):
+    """Too few clients survived a secure-aggregation round to recover the sum."""
 
 
-def _share_update(worker: Any, state: list, weight: float, peers: list, tag: int) -> None:
-    """Client side: encode weight * state, keep one share, send one to each peer."""
-    flat = torch.cat([s.detach().reshape(-1).to(torch.float64) for s in state]) * float(weight)
-    encoded = encode(flat, ENCODING)
-    others = [random_ring(encoded.shape) for _ in peers]
-    own = encoded.clone()
-    for share in others:
-        own -= share  # int64 arithmetic wraps: exactly Z/2^64
-    for peer_id, share in zip(peers, others):
-        peer = worker.resolve_worker(peer_id)
-        worker.send_msg(CommandMessage("veil.secagg.deposit", (share, tag), {}, [], False), peer)
-    _inbox(worker).setdefault(tag, []).append(own)
+# -- client side ----------------------------------------------------------------------------------
+
+@dataclass
+class _Round:
+    threshold: int
+    n: int
+    private: bytes
+    public: bytes
+    self_seed: bytes
+    ids: list = field(default_factory=list)  # U1, in share order (x = index + 1)
+    publics: dict = field(default_factory=dict)
+    held: dict = field(default_factory=dict)  # peer id -> (share of its sk, share of its b)
+    masked_with: Optional[list] = None  # U2, once the masked input was sent
 
 
-def _deposit(worker: Any, share: torch.Tensor, tag: int) -> None:
-    if share.dtype != torch.int64:
-        raise RemoteExecutionError("secure-aggregation shares are int64 ring elements")
-    _inbox(worker).setdefault(tag, []).append(share)
+def _rounds(worker: Any) -> dict:
+    return worker.__dict__.setdefault("_secagg_rounds", {})
 
 
-def _partial_sum(worker: Any, tag: int, expected: int) -> torch.Tensor:
-    """Sum of the shares held for this round; refuses until every participant's share arrived."""
-    shares = _inbox(worker).get(tag, [])
-    if len(shares) != expected:
-        raise RemoteExecutionError(f"secure aggregation round {tag}: {len(shares)} of {expected} shares arrived")
-    del _inbox(worker)[tag]
-    total = torch.zeros_like(shares[0])
-    for s in shares:
-        total += s
+def _round(worker: Any, tag: Any) -> _Round:
+    state = _rounds(worker).get(tag) if type(tag) is int else None
+    if state is None:
+        raise RemoteExecutionError(f"no secure-aggregation round {tag!r} on worker {worker.id!r}")
+    return state
+
+
+def _id_list(ids: Any, name: str) -> list:
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids) or len(set(ids)) != len(ids):
+        raise RemoteExecutionError(f"{name} must be a list of distinct worker ids")
+    return ids
+
+
+def _advertise(worker: Any, tag: int, n: int, threshold: int) -> torch.Tensor:
+    if type(tag) is not int or tag in _rounds(worker):
+        raise RemoteExecutionError(f"secure-aggregation round {tag!r} is not fresh on worker {worker.id!r}")
+    if type(n) is not int or type(threshold) is not int or not 2 <= threshold <= n:
+        raise RemoteExecutionError(f"need 2 <= threshold <= n, got threshold={threshold!r}, n={n!r}")
+    key = sc.new_private_key()
+    _rounds(worker)[tag] = _Round(threshold, n, sc.private_bytes(key), sc.public_bytes(key), secrets.token_bytes(32))
+    return sc.bytes_tensor(sc.public_bytes(key))
+
+
+def _share_keys(worker: Any, tag: int, ids: list, publics: torch.Tensor) -> None:
+    state = _round(worker, tag)
+    ids = _id_list(ids, "ids")
+    if state.ids or worker.id not in ids or not state.threshold <= len(ids) <= state.n:
+        raise RemoteExecutionError("share_keys: a fresh round needs this worker in at least threshold ids")
+    if not isinstance(publics, torch.Tensor) or publics.shape != (len(ids), 32):
+        raise RemoteExecutionError("share_keys: one 32-byte public key per id")
+    state.publics = {i: sc.tensor_bytes(row) for i, row in zip(ids, publics)}
+    if state.publics[worker.id] != state.public:
+        raise RemoteExecutionError("share_keys: this worker's public key was not forwarded faithfully")
+    state.ids = list(ids)
+    sk_shares = sc.share(state.private, len(ids), state.threshold)
+    b_shares = sc.share(state.self_seed, len(ids), state.threshold)
+    for peer_id, sk_s, b_s in zip(ids, sk_shares, b_shares):
+        shares = (sc.to_tensor([sk_s]), sc.to_tensor([b_s]))
+        if peer_id == worker.id:
+            state.held[peer_id] = shares
+            continue
+        try:
+            peer = worker.resolve_worker(peer_id)
+            worker.send_msg(CommandMessage("veil.secagg.deposit", (tag, worker.id, *shares), {}, [], False), peer)
+        except _FAILURES:
+            pass  # that peer is gone: it will lack shares and drop out at masked_input
+
+
+def _deposit(worker: Any, tag: int, sender: str, sk_share: torch.Tensor, b_share: torch.Tensor) -> None:
+    state = _round(worker, tag)
+    if not isinstance(sender, str) or sender in state.held or (state.ids and sender not in state.ids):
+        raise RemoteExecutionError("deposit: unknown or repeated sender for this round")
+    sc.from_tensor(sk_share), sc.from_tensor(b_share)  # validates the format
+    state.held[sender] = (sk_share.clone(), b_share.clone())
+
+
+def _mask(state: _Round, me: str, others: list, n: int, tag: int) -> torch.Tensor:
+    total = sc.expand(state.self_seed, n)
+    for v in others:
+        pair = sc.expand(sc.pair_seed(state.private, state.publics[v], tag), n)
+        total = total + pair if me < v else total - pair  # int64 wraps: Z/2^64
     return total
 
 
+def _masked_input(worker: Any, tag: int, survivors: list, state_tensors: list, weight: float,
+                  losses: Optional[torch.Tensor] = None) -> torch.Tensor:
+    state = _round(worker, tag)
+    survivors = _id_list(survivors, "survivors")
+    if state.masked_with is not None or worker.id not in survivors or not set(survivors) <= set(state.ids) \
+            or len(survivors) < state.threshold or not all(v in state.held for v in survivors):
+        raise RemoteExecutionError("masked_input: refused (sent before, or shares missing from a survivor)")
+    if type(weight) not in (int, float) or not all(isinstance(t, torch.Tensor) for t in state_tensors):
+        raise RemoteExecutionError("masked_input: state tensors and a numeric weight expected")
+    loss = 0.0
+    if isinstance(losses, torch.Tensor) and losses.numel():
+        loss = float(losses.detach().to(torch.float64).mean())
+    flat = torch.cat([s.detach().reshape(-1).to(torch.float64) for s in state_tensors]) * float(weight)
+    x = torch.cat([flat, torch.tensor([float(weight), float(weight) * loss], dtype=torch.float64)])
+    encoded = encode(x, ENCODING)
+    state.masked_with = list(survivors)
+    return encoded + _mask(state, worker.id, [v for v in survivors if v != worker.id], encoded.numel(), tag)
+
+
+def _unmask(worker: Any, tag: int, survivors: list, dropped: list) -> tuple:
+    state = _round(worker, tag)
+    survivors, dropped = _id_list(survivors, "survivors"), _id_list(dropped, "dropped")
+    masked = state.masked_with
+    if masked is None or worker.id not in survivors or set(survivors) & set(dropped) \
+            or set(survivors) | set(dropped) != set(masked) or len(survivors) < state.threshold:
+        raise RemoteExecutionError("unmask: refused (inconsistent survivor and dropout sets)")
+    del _rounds(worker)[tag]  # answered once: nothing of this round remains to be asked for
+    b_rows = [state.held[u][1] for u in survivors]
+    sk_rows = [state.held[v][0] for v in dropped]
+    empty = torch.zeros(0, sc.SHARE_BYTES, dtype=torch.int64)
+    return (torch.cat(b_rows) if b_rows else empty, torch.cat(sk_rows) if sk_rows else empty)
+
+
 def _discard(worker: Any, tag: int) -> None:
-    _inbox(worker).pop(tag, None)
+    _rounds(worker).pop(tag, None)
 
 
-register_worker_function("veil.secagg.share", _share_update, shapes="none")
+register_worker_function("veil.secagg.advertise", _advertise)
+register_worker_function("veil.secagg.share_keys", _share_keys, shapes="none")
 register_worker_function("veil.secagg.deposit", _deposit, shapes="none")
-register_worker_function("veil.secagg.partial_sum", _partial_sum)
+register_worker_function("veil.secagg.masked_input", _masked_input)
+register_worker_function("veil.secagg.unmask", _unmask)
 register_worker_function("veil.secagg.discard", _discard, shapes="none")
 
 
-def secure_sum(state_pointers: dict[str, list], weights: dict[str, float], tag: int) -> list[torch.Tensor]:
-    """Sum over clients of weight * state, seen by the caller only as a total.
+# -- coordinator side -------------------------------------------------------------------------------
+
+@dataclass
+class ClientInput:
+    """What one client contributes: pointers to its state (all on its worker), a weight, its losses."""
+
+    location: Any
+    state: list
+    weight: float
+    losses: Any = None  # pointer to the client's training losses, aggregated as weight * mean
+
+
+@dataclass
+class SecAggResult:
+    survivors: list  # clients whose update is in the sum (U3)
+    dropped: list
+    total: list  # sum over survivors of weight * state, per state tensor
+    weight_sum: float
+    loss_sum: float  # sum over survivors of weight * mean loss
+
+    def average(self) -> list:
+        return [t / self.weight_sum for t in self.total]
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.weight_sum
+
+
+def _call(name: str, args: tuple, location: Any) -> Any:
+    return remote_ops.call(ALLOWLIST.by_name(name), args, {}, location=location)
+
+
+def _fetch(result: Any) -> Any:
+    if isinstance(result, (tuple, list)):
+        return type(result)(r.get() for r in result)
+    return result.get()
+
+
+def secure_aggregate(inputs: dict[str, ClientInput], tag: int, threshold: Optional[int] = None,
+                     before_stage: Optional[Callable[[str], None]] = None) -> SecAggResult:
+    """Runs one secure-aggregation round; clients failing at any stage are dropped.
 
     Args:
-        state_pointers: worker id -> pointers to that client's state tensors (all on that worker).
-        weights: worker id -> weight of its update.
-        tag: a fresh round identifier.
+        inputs: worker id -> that client's contribution.
+        tag: a fresh, unguessable round identifier.
+        threshold: t, the clients needed to recover (default: a majority, at least 2).
+        before_stage: called with each stage's name before it runs (tests kill clients there).
+
+    Raises:
+        SecureAggregationError: fewer than t clients survived; nothing was recovered.
     """
-    ids = list(state_pointers)
-    shapes = [p.shape for p in state_pointers[ids[0]]]
-    for wid in ids:
-        peers = [p for p in ids if p != wid]
-        state = state_pointers[wid]
-        remote_ops.call(ALLOWLIST.by_name("veil.secagg.share"), (state, weights[wid], peers, tag), {})
-    total = None
-    for wid in ids:
-        location = state_pointers[wid][0].location
-        ptr = remote_ops.call(ALLOWLIST.by_name("veil.secagg.partial_sum"), (tag, len(ids)), {}, location=location)
-        part = ptr.get()
-        total = part if total is None else total + part
+    ids = list(inputs)
+    n = len(ids)
+    t = threshold if threshold is not None else max(2, n // 2 + 1)
+    if not 2 <= t <= n:
+        raise SecureAggregationError(f"secure aggregation needs 2 <= threshold <= clients, got t={t}, n={n}")
+    shapes = [tuple(p.shape) for p in inputs[ids[0]].state]
+    length = sum(int(torch.Size(s).numel()) for s in shapes) + 2
+    hook = before_stage or (lambda stage: None)
+
+    def stage(name: str, members: list, args_for: Callable[[str], tuple], fetch: bool) -> dict:
+        hook(name)
+        out = {}
+        for wid in members:
+            try:
+                r = _call(f"veil.secagg.{name}", args_for(wid), inputs[wid].location)
+                out[wid] = _fetch(r) if fetch else None
+            except _FAILURES:
+                continue
+        if len(out) < t:
+            _discard_all(inputs, tag)
+            raise SecureAggregationError(
+                f"secure aggregation round {tag}: {len(out)} clients finished {name}, {t} needed; nothing recovered")
+        return out
+
+    publics = stage("advertise", ids, lambda w: (tag, n, t), True)
+    u1 = list(publics)
+    table = torch.stack([publics[w] for w in u1])
+    u2 = list(stage("share_keys", u1, lambda w: (tag, u1, table), False))
+    masked = stage("masked_input", u2, lambda w: (tag, u2, inputs[w].state, float(inputs[w].weight),
+                                                  inputs[w].losses), True)
+    u3 = list(masked)
+    gone = [v for v in u2 if v not in masked]
+    answers = stage("unmask", u3, lambda w: (tag, u3, gone), True)
+    total = _recover(masked, answers, u1, u3, gone, {w: sc.tensor_bytes(publics[w]) for w in u1}, t, length, tag)
     flat = decode(total, ENCODING, dtype=torch.float64)
     out, offset = [], 0
-    for shape, p in zip(shapes, state_pointers[ids[0]]):
-        n = int(torch.Size(shape).numel())
-        out.append(flat[offset : offset + n].reshape(shape).to(p.dtype))
-        offset += n
-    return out
+    for shape, p in zip(shapes, inputs[ids[0]].state):
+        k = int(torch.Size(shape).numel())
+        out.append(flat[offset:offset + k].reshape(shape).to(p.dtype))
+        offset += k
+    return SecAggResult(u3, [w for w in ids if w not in masked], out, float(flat[-2]), float(flat[-1]))
+
+
+def _recover(masked: dict, answers: dict, u1: list, u3: list, gone: list, publics: dict, t: int, length: int,
+             tag: int) -> torch.Tensor:
+    """Sum of the masked inputs minus the self-masks of U3 and the pair masks left by the dropped."""
+    responders = list(answers)[:t]
+    x_of = {w: u1.index(w) + 1 for w in u1}
+
+    def secret(row: int, which: int) -> bytes:
+        return sc.reconstruct({x_of[r]: sc.from_tensor(answers[r][which][row:row + 1])[0] for r in responders})
+
+    total = torch.zeros(length, dtype=torch.int64)
+    for y in masked.values():
+        total = total + y
+    for i, _u in enumerate(u3):
+        total = total - sc.expand(secret(i, 0), length)
+    for j, v in enumerate(gone):
+        sk_v = secret(j, 1)
+        for u in u3:
+            pair = sc.expand(sc.pair_seed(sk_v, publics[u], tag), length)
+            total = total - pair if u < v else total + pair  # u's mask held +pair when u < v
+    return total
+
+
+def _discard_all(inputs: dict, tag: int) -> None:
+    for ci in inputs.values():
+        try:
+            _call("veil.secagg.discard", (tag,), ci.location)
+        except _FAILURES:
+            pass
+
+
+def secure_sum(state_pointers: dict[str, list], weights: dict[str, float], tag: int,
+               threshold: Optional[int] = None) -> list[torch.Tensor]:
+    """Sum over clients of weight * state, seen by the caller only as a total (see :func:`secure_aggregate`)."""
+    inputs = {w: ClientInput(ptrs[0].location, ptrs, weights[w]) for w, ptrs in state_pointers.items()}
+    return secure_aggregate(inputs, tag, threshold).total
 
 
 def discard_round(state_pointers: dict[str, list], tag: int) -> None:
-    """Drops a failed round's shares on the clients that are still reachable."""
-    for wid, state in state_pointers.items():
-        try:
-            remote_ops.call(ALLOWLIST.by_name("veil.secagg.discard"), (tag,), {}, location=state[0].location)
-        except Exception:
-            pass
+    """Drops a failed round's state on the clients that are still reachable."""
+    _discard_all({w: ClientInput(p[0].location, p, 0.0) for w, p in state_pointers.items()}, tag)
+
+
+__all__ = ["ClientInput", "SecAggResult", "SecureAggregationError", "STAGES", "discard_round", "secure_aggregate",
+           "secure_sum"]

@@ -92,6 +92,7 @@ def train(
     steps_per_round: int | None = None,
     seed: int | None = None,
     encrypted_aggregation: Any = None,
+    client_metrics: bool = False,
 ) -> TrainingHistory:
     """Federated training of ``model`` (updated in place) over the datasets' workers.
 
@@ -107,6 +108,10 @@ def train(
         encrypted_aggregation: a ``federated.he_agg.EncryptedAggregation``: clients
             encrypt their updates under the coordinator's key, one client adds the
             ciphertexts, the coordinator decrypts only the sum.
+        client_metrics: with secure or encrypted aggregation, also fetch each
+            client's mean loss in the clear (opt-in: it is a function of that
+            client's data). Otherwise secure aggregation sums the losses masked,
+            and with encrypted aggregation the round's train loss is NaN.
     """
     if secure_aggregation and encrypted_aggregation is not None:
         raise ValueError("choose secure_aggregation or encrypted_aggregation, not both")
@@ -124,6 +129,7 @@ def train(
     for r in bar:
         updates: list[ClientUpdate] = []
         done: dict[str, Any] = {}
+        loss_ptrs: dict[str, Any] = {}
         dropped: list[str] = []
         extra = [g for g, tr in zip(global_state, trainable) if tr] if prox_mu else []
         for wid, ds in federated_dataset.datasets.items():
@@ -135,8 +141,12 @@ def train(
                 client_seed = None if seed is None else seed * 1_000_003 + r * 1009 + len(updates)
                 losses = pp.fit(ds.data, ds.targets, batch_size=batch_size, epochs=local_epochs, extra=extra,
                                 max_batches=steps_per_round, seed=client_seed)
-                mean_loss = float(losses.mean().get()) if losses.shape[0] else float("nan")
                 hidden = secure_aggregation or encrypted_aggregation is not None
+                if hidden and not client_metrics:
+                    # A client's own loss is not sent in the clear; secure aggregation sums it masked.
+                    mean_loss, loss_ptrs[wid] = float("nan"), losses
+                else:
+                    mean_loss = float(losses.mean().get()) if losses.shape[0] else float("nan")
                 state = None if hidden else pp.get_state()
                 updates.append(ClientUpdate(wid, state, len(ds), mean_loss))
                 done[wid] = pp
@@ -144,8 +154,9 @@ def train(
                 warnings.warn(f"round {r}: worker {wid!r} dropped out ({type(e).__name__}: {e})", stacklevel=2)
                 plans.pop(wid, None)
                 dropped.append(wid)
+        secure_loss = None
         if secure_aggregation and updates:
-            updates, global_candidate = _secure_round(updates, done, dropped, r)
+            updates, global_candidate, secure_loss = _secure_round(updates, done, loss_ptrs, dropped, r)
         elif encrypted_aggregation is not None and updates:
             total = sum(u.num_samples for u in updates)
             global_candidate = encrypted_aggregation.aggregate(
@@ -161,7 +172,8 @@ def train(
         else:
             global_state = strategy.aggregate(updates, global_state)
         total = sum(u.num_samples for u in updates)
-        train_loss = sum(u.mean_loss * u.num_samples for u in updates) / total
+        train_loss = secure_loss if secure_loss is not None else \
+            sum(u.mean_loss * u.num_samples for u in updates) / total
         eval_loss = _evaluate(model, global_state, eval_data, loss_fn)
         history.rounds.append(RoundRecord(r, [u.worker_id for u in updates], train_loss, eval_loss, dropped))
         bar.set_postfix(train=f"{train_loss:.3f}", eval=f"{eval_loss:.3f}" if eval_loss is not None else "-")
@@ -169,30 +181,28 @@ def train(
     return history
 
 
-def _secure_round(updates: list[ClientUpdate], done: dict, dropped: list, r: int) -> tuple[list, list]:
-    """Secure sum of n_k/N * state_k; clients failing mid-protocol are dropped and the sum redone."""
-    while updates:
-        total = sum(u.num_samples for u in updates)
-        pointers = {u.worker_id: done[u.worker_id].state for u in updates}
-        weights = {u.worker_id: u.num_samples / total for u in updates}
-        tag = secrets.randbits(62)
-        try:
-            return updates, secure_agg.secure_sum(pointers, weights, tag)
-        except (VeilError, ConnectionError, OSError) as e:
-            secure_agg.discard_round(pointers, tag)
-            alive = []
-            for u in updates:
-                try:
-                    done[u.worker_id].state[0].location.hook.local_worker.flush_deletes()
-                    _ = done[u.worker_id].get_state()  # reachable?
-                    alive.append(u)
-                except (VeilError, ConnectionError, OSError):
-                    dropped.append(u.worker_id)
-            warnings.warn(f"round {r}: secure aggregation restarted without {dropped} ({e})", stacklevel=3)
-            if len(alive) == len(updates):
-                raise
-            updates = alive
-    return [], []
+def _secure_round(updates: list[ClientUpdate], done: dict, loss_ptrs: dict, dropped: list,
+                  r: int) -> tuple[list, list, float | None]:
+    """Secure sum of n_k * state_k, n_k and n_k * loss_k (Bonawitz et al. 2017, with dropout recovery).
+
+    Clients that die at any protocol stage are dropped; the survivors'
+    weighted average is recovered without any state leaving a client in the clear.
+    """
+    inputs = {u.worker_id: secure_agg.ClientInput(done[u.worker_id].state[0].location, done[u.worker_id].state,
+                                                  float(u.num_samples), loss_ptrs.get(u.worker_id))
+              for u in updates}
+    try:
+        result = secure_agg.secure_aggregate(inputs, secrets.randbits(62))
+    except secure_agg.SecureAggregationError as e:
+        warnings.warn(f"round {r}: secure aggregation failed ({e})", stacklevel=3)
+        dropped.extend(u.worker_id for u in updates)
+        return [], [], None
+    if result.dropped:
+        dropped.extend(result.dropped)
+        warnings.warn(f"round {r}: secure aggregation completed without {result.dropped}", stacklevel=3)
+    survivors = [u for u in updates if u.worker_id in result.survivors]
+    mean_loss = result.mean_loss if all(u.worker_id in loss_ptrs for u in survivors) else None
+    return survivors, result.average(), mean_loss
 
 
 def _load(model: nn.Module, state: list[torch.Tensor]) -> None:

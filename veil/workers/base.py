@@ -456,7 +456,10 @@ def _describe_entry(oid: int, entry: Entry) -> m.Descriptor:
     from veil.messaging.serde import DTYPE_NAMES
 
     t = entry.obj
-    return m.Descriptor(oid, tuple(t.shape), DTYPE_NAMES[t.dtype], bool(t.requires_grad), entry.tags, entry.description)
+    shape = tuple(t.shape)
+    if entry.meta.get("hide_count") and shape:
+        shape = (0, *shape[1:])  # record count kept private (enable_dp(hide_count=True)): reported as 0
+    return m.Descriptor(oid, shape, DTYPE_NAMES[t.dtype], bool(t.requires_grad), entry.tags, entry.description)
 
 
 @register_handler(m.SearchMessage)

@@ -23,11 +23,14 @@ _TABLES = {
         ("audit", ["seq", "ts", "worker", "action", "principal", "session", "object_ids", "outcome", "detail"], "seq"),
         ("kv", ["namespace", "key", "value", "updated"], None),
         ("ledger", ["seq", "ts", "namespace", "key", "amount", "note"], "seq"),
+        ("release_requests", ["id", "ts", "worker", "principal", "session", "object_id", "reason", "shape", "dtype",
+                              "digest", "sources", "graph", "state", "message", "decided_ts", "decided_by"], None),
     ],
     "veil-dp-budget.sqlite3": [
         ("budgets", ["user", "epsilon", "delta"], None),
         ("charges", ["id", "user", "epsilon", "delta", "reason", "at"], "id"),
         ("training", ["user", "delta", "state", "epsilon"], None),
+        ("requests", ["user", "request_id"], None),  # DP replay protection
     ],
 }
 
@@ -37,7 +40,11 @@ def _create_schemas(url: str) -> None:
     from veil.dp.budget import BudgetLedger
     from veil.workers.persistence import OwnerDB
 
-    OwnerDB(url).close()
+    from veil.workers.persistence import add_release_requests_table
+
+    owner = OwnerDB(url)
+    add_release_requests_table(owner)  # the review queue (veil.governance)
+    owner.close()
     BudgetLedger(url).close()
 
 

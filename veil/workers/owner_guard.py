@@ -248,7 +248,7 @@ def client_error(op_name: str, error: BaseException, protected: set[int], worker
     anything but a policy error becomes a :class:`ProtectedDataError` naming only
     the op; the full text goes to the owner's log (``veil.owner``).
     """
-    if isinstance(error, _POLICY_ERRORS):
+    if isinstance(error, _POLICY_ERRORS) or (isinstance(error, VeilError) and error.value_free):
         return error
     if not protected:
         if isinstance(error, VeilError):

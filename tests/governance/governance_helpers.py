@@ -1,0 +1,35 @@
+"""Constants and helpers of the governance tests (a module of its own: several conftest.py exist)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import veil as sy
+from veil.workers.websocket_launcher import start_worker
+
+TOKEN = "gov-scientist-token"
+OTHER = "gov-other-token"
+ADMIN = "gov-admin-token"
+PEER = "gov-peer-token"
+BOSTON = str(__import__("pathlib").Path(sy.__file__).parent / "datasets" / "data" / "boston_housing.csv")
+
+
+def worker_args(policy: str, extra: list[str] = ()) -> list[str]:
+    return ["--token", TOKEN, "--user", f"other={OTHER}", "--admin-token", ADMIN,
+            "--dataset", f"boston={BOSTON}:target=MEDV", "--policy", policy, *extra]
+
+
+def console_url(wp) -> str:
+    for line in wp.output:
+        if "owner console on " in line:
+            return line.split("owner console on ", 1)[1].split()[0]
+    raise AssertionError("no console line in:\n" + "\n".join(wp.output))
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "veil.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "VEIL_ADMIN_TOKEN": ""})
+
+

@@ -1,0 +1,254 @@
+"""The one DP core: sanitize -> clip -> noise -> scale, and the vetted noise samplers.
+
+Every gradient release in veil (local DP-SGD in :class:`veil.dp.DPOptimizer`,
+owner-side federated DP in :class:`veil.dp.DPDataOwner`, the worker function
+``veil.dp.sanitized_gradient``) goes through :func:`privatize`; every query
+release (count, sum, mean, histogram, PATE's LNMax) draws its noise from
+:func:`laplace_mechanism` / :func:`gaussian_mechanism`. A fix lands once.
+
+Per-sample sanitization (why a requester cannot shape the release): the
+requester chooses the model / plan, so a per-sample gradient may be NaN or
+infinite for a chosen record (``w * sqrt(C - CRIM)``). Such a row is replaced
+by zeros *before* clipping. The rule looks at that record's gradient only, so
+it is one more per-record map whose output has norm <= C: the sensitivity, and
+the proof, are unchanged, and the release is finite whatever the plan does.
+How many rows were replaced is never released (Opacus-style sanitization).
+
+Randomness. Query noise comes from OpenDP (floating-point-safe discretized
+Laplace / Gaussian samplers over the OS CSPRNG; Mironov 2012 shows why the
+textbook inverse-CDF Laplace on doubles is not DP). DP-SGD adds model-sized
+Gaussian noise every step, where OpenDP's exact sampler costs ~90 us per
+coordinate (9 s for 1e5 parameters), so :func:`gaussian_noise` draws it by
+Box-Muller from a ChaCha20 keystream keyed with 256 fresh bits from
+``os.urandom`` per call (a cryptographic source, ~10 ns per coordinate).
+Box-Muller on doubles is not an exact sampler: the residual floating-point
+leakage is the one Opacus' ``secure_mode`` also accepts; the noise is summed
+in float64 and rounded to the parameter dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import secrets
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+from veil.dp.errors import DPReleaseError, NoiseTooLowError, PrivacyParameterError
+
+#: The owner's log: what a failed release really failed on (never sent to the requester).
+OWNER_LOG = logging.getLogger("veil.dp.owner")
+
+#: Epsilons outside this range are refused: tiny ones overflow the noise scale
+#: (epsilon = 5e-324 gives an infinite scale, i.e. an inf release at ~0 cost),
+#: huge ones are no privacy at all.
+MIN_EPSILON, MAX_EPSILON = 1e-6, 1e3
+
+
+def make_generator(seed: Optional[int] = None, device: str | torch.device = "cpu") -> torch.Generator:
+    """A torch generator seeded from OS entropy (``secrets``) unless ``seed`` is given.
+
+    Used for data shuffling and, when a caller passes one explicitly (tests),
+    reproducible noise. Releases made without a generator use the
+    cryptographic samplers of this module instead.
+    """
+    gen = torch.Generator(device=device)
+    gen.manual_seed(secrets.randbits(63) if seed is None else seed)
+    return gen
+
+
+# -- cryptographic randomness for big tensors -----------------------------------------------
+
+def _keystream(nbytes: int) -> bytes:
+    cipher = Cipher(algorithms.ChaCha20(os.urandom(32), os.urandom(16)), mode=None).encryptor()
+    return cipher.update(bytes(nbytes))
+
+
+def secure_uniform(n: int) -> torch.Tensor:
+    """``n`` float64 uniforms in (0, 1) (53 random bits each) from a fresh ChaCha20 key."""
+    words = np.frombuffer(_keystream(8 * n), dtype=np.uint64)
+    return torch.from_numpy(((words >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53)
+
+
+def secure_normal(n: int) -> torch.Tensor:
+    """``n`` float64 standard normals (Box-Muller over :func:`secure_uniform`)."""
+    m = (n + 1) // 2
+    u = secure_uniform(2 * m)
+    radius = torch.sqrt(-2.0 * torch.log(u[:m]))
+    angle = (2.0 * math.pi) * u[m:]
+    return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:n]
+
+
+def gaussian_noise(shape: Sequence[int], std: float, dtype: torch.dtype = torch.float32, device=None,
+                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """N(0, std^2) noise; cryptographic unless a (test) ``generator`` is given."""
+    shape = torch.Size(shape)
+    if std == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    if generator is not None:
+        return torch.normal(0.0, std, shape, generator=generator, dtype=dtype, device=generator.device)\
+            .to(device if device is not None else generator.device)
+    return (secure_normal(shape.numel()) * std).reshape(shape).to(dtype=dtype, device=device)
+
+
+def poisson_mask(n: int, sample_rate: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Each of ``n`` records joins the lot independently with probability ``sample_rate``."""
+    # A seeded (test / benchmark) generator keeps torch's float32 stream, so seeded runs reproduce.
+    u = torch.rand(n, generator=generator) if generator is not None else secure_uniform(n)
+    return u < sample_rate
+
+
+# -- the gradient path ------------------------------------------------------------------------
+
+def per_sample_norms(grad_samples: list[torch.Tensor]) -> torch.Tensor:
+    """Norm of each sample's gradient flattened across all parameters ([B])."""
+    per_param = torch.stack([g.reshape(g.shape[0], -1).norm(2, dim=1) for g in grad_samples], dim=1)
+    return per_param.norm(2, dim=1)
+
+
+def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """Per-sample multipliers ``min(1, C / norm)``; 0 for a non-finite norm (a sanitized row)."""
+    # The tiny epsilon avoids 0/0 for an all-zero gradient (factor is then 1).
+    factors = (max_grad_norm / (norms + 1e-12)).clamp(max=1.0)
+    return torch.where(torch.isfinite(norms), factors, torch.zeros_like(factors))
+
+
+def clip_and_sum(grad_samples: list[Optional[torch.Tensor]], max_grad_norm: float,
+                 like: Sequence[torch.Tensor], constant_time: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Sanitizes and clips each sample's whole gradient to norm <= C, then sums over samples.
+
+    Args:
+        grad_samples: per parameter, ``[B, *shape]`` or ``None`` (no samples reached it).
+        like: the parameters (shapes / dtypes of the sums).
+        constant_time: sanitize every row even when all are finite. Releases a
+            requester can time (worker releases) need it: an extra pass only
+            when a bad record is in the lot would time its membership. Local
+            DP-SGD (nobody times it) skips the pass when nothing is bad.
+
+    Returns:
+        The clipped sums, and the per-sample norms before clipping ([B]).
+
+    A sample whose gradient has a NaN or infinite entry (or whose norm
+    overflows) contributes exactly zero: its factor is 0 and its entries are
+    zeroed first, since ``0 * nan`` is still NaN.
+    """
+    present = [g for g in grad_samples if g is not None]
+    if not present or present[0].shape[0] == 0:
+        return [torch.zeros_like(p) for p in like], torch.zeros(0)
+    norms = per_sample_norms(present)
+    factors = clip_factors(norms, max_grad_norm)
+    sanitize = constant_time or not bool(torch.isfinite(norms).all())
+    out = []
+    for g, p in zip(grad_samples, like):
+        if g is None:
+            out.append(torch.zeros_like(p))
+            continue
+        if sanitize:
+            g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+        out.append(torch.einsum("b,b...->...", factors.to(g.dtype), g))
+    return out, norms
+
+
+def clipped_sum(grad_samples: list[Optional[torch.Tensor]], max_grad_norm: float,
+                like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The clipped, sanitized sum of :func:`clip_and_sum` (constant-time variant)."""
+    return clip_and_sum(grad_samples, max_grad_norm, like)[0]
+
+
+def check_noise(requested: Optional[float], minimum: float, where: str) -> float:
+    """The sigma to use: the owner's minimum unless more was requested; less is refused."""
+    if requested is None:
+        return float(minimum)
+    if type(requested) not in (int, float) or not math.isfinite(requested):
+        raise PrivacyParameterError(f"noise_multiplier must be a finite number, got {requested!r}")
+    if requested < minimum:
+        raise NoiseTooLowError(
+            f"requested noise_multiplier {requested} is below the minimum {minimum} set by {where}; "
+            "ask for at least that (or leave it unset)")
+    return float(requested)
+
+
+def privatize(grad_samples: list[Optional[torch.Tensor]], like: Sequence[torch.Tensor], max_grad_norm: float,
+              noise_multiplier: float, divisor: float, charge: Optional[Callable[[], None]] = None,
+              generator: Optional[torch.Generator] = None) -> list[torch.Tensor]:
+    """The DP-SGD release: ``(sum_i clip_C(sanitize(g_i)) + N(0, (sigma C)^2)) / divisor``.
+
+    ``divisor`` is the *expected* lot size (q n), never the realised one. The
+    noise is added even to an empty lot (skipping it would reveal the empty
+    lot). ``charge`` runs after the value is computed and before it is
+    returned: if it raises (budget spent), nothing is released.
+    """
+    sums = clipped_sum(grad_samples, max_grad_norm, like)
+    std = noise_multiplier * max_grad_norm
+    out = [((s + gaussian_noise(s.shape, std, s.dtype, s.device, generator)) / divisor).detach() for s in sums]
+    if charge is not None:
+        charge()
+    return out
+
+
+# -- query mechanisms (OpenDP) ------------------------------------------------------------------
+
+def check_epsilon(epsilon: object) -> float:
+    """Refuses NaN, infinite and degenerate epsilons (see :data:`MIN_EPSILON`)."""
+    if type(epsilon) not in (int, float) or not MIN_EPSILON <= epsilon <= MAX_EPSILON:
+        raise PrivacyParameterError(
+            f"epsilon must be a number in [{MIN_EPSILON}, {MAX_EPSILON}], got {epsilon!r}")
+    return float(epsilon)
+
+
+def _opendp():
+    import opendp.prelude as dp
+
+    dp.enable_features("contrib")  # the float samplers are vetted; "contrib" marks non-proof-reviewed constructors
+    return dp
+
+
+@functools.lru_cache(maxsize=256)
+def _measurement(kind: str, integer: bool, scale: float):
+    """An OpenDP vector measurement (built once per kind and scale: construction costs milliseconds)."""
+    dp = _opendp()
+    T = int if integer else float
+    atom = dp.atom_domain(T=int) if integer else dp.atom_domain(T=float, nan=False)
+    metric = dp.l1_distance(T=T) if kind == "laplace" else dp.l2_distance(T=T)
+    space = dp.vector_domain(atom), metric
+    return space >> (dp.m.then_laplace(scale=scale) if kind == "laplace" else dp.m.then_gaussian(scale=scale))
+
+
+def _release(values: torch.Tensor, scale: float, kind: str, integer: bool) -> torch.Tensor:
+    if not (math.isfinite(scale) and scale > 0):
+        raise PrivacyParameterError(f"noise scale must be finite and > 0, got {scale}")
+    flat = values.detach().reshape(-1).to(torch.float64)
+    if flat.numel() == 0:
+        return values.detach().to(torch.float64)
+    if not bool(torch.isfinite(flat).all()):
+        raise PrivacyParameterError("a DP release needs finite values before noise (clip to bounds first)")
+    data = [int(v) for v in flat.round().tolist()] if integer else flat.tolist()
+    noisy = torch.tensor(_measurement(kind, integer, float(scale))(data), dtype=torch.float64)
+    return noisy.reshape(values.shape)
+
+
+def laplace_mechanism(values: torch.Tensor, scale: float, integer: bool = False) -> torch.Tensor:
+    """``values + Lap(scale)`` per coordinate with OpenDP's exact sampler.
+
+    ``integer=True`` (counts): the discrete Laplace (two-sided geometric) on
+    integers, epsilon = L1 / scale as for the continuous one.
+    """
+    return _release(values, scale, "laplace", integer)
+
+
+def gaussian_mechanism(values: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``values + N(0, sigma^2)`` per coordinate with OpenDP's floating-point-safe sampler."""
+    return _release(values, sigma, "gaussian", False)
+
+
+def generic_failure(where: str, error: BaseException) -> DPReleaseError:
+    """Logs what really failed for the owner; returns the requester's value-free error."""
+    OWNER_LOG.warning("DP release %s failed on protected data: %s: %s", where, type(error).__name__, error)
+    return DPReleaseError(
+        f"{where} failed while computing on protected data; the request was charged as if it had succeeded "
+        "and nothing was released (the data owner's log has the detail)")
