@@ -7,8 +7,9 @@ before any message is read. Each token names a *principal* with a *role*:
 
 - ``scientist``: a data scientist; computes, ``.get()`` s what the owner's rules allow.
 - ``peer``: another worker the owner trusts for worker-to-worker moves and
-  pointer chains; it may name any client object (by its unguessable id) and the
-  objects it stores can be claimed by whoever names them.
+  dealing: the objects it stores can be claimed by whoever names them
+  (hand-offs), and what it deals may be dealer material. It names only its own
+  objects and hand-offs, like any session (no confused deputy).
 - ``admin``: the data owner (owner view of the store, loading data); it does not
   bypass ``.get()`` rules.
 
@@ -24,7 +25,6 @@ import secrets
 from dataclasses import dataclass, field
 
 from veil.exceptions import PermissionDeniedError
-from veil.workers.store import Viewer
 
 ROLES = ("scientist", "peer", "admin")
 AUTH_HEADER = "Authorization"
@@ -109,10 +109,8 @@ class Session:
     def has_role(self, role: str) -> bool:
         return any(p.role == role for p in self.principals)
 
-    @property
-    def viewer(self) -> Viewer:
-        peer = self.has_role("peer")
-        return Viewer(self.id, sees_all=peer, hands_off=peer)
+    #: the monitor's Principal for this session (built once by the server)
+    principal: object = field(default=None, compare=False, repr=False)
 
     def claim_user(self, claimed: object) -> str:
         """The identity a get/move acts as: a claimed user must be one this connection proved."""

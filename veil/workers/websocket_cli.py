@@ -55,6 +55,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="token peer worker NAME presents to this one (repeatable)")
     p.add_argument("--data-dir", default=None, help="folder for the audit log and owner state (SQLite)")
     p.add_argument("--max-message-mb", type=float, default=256, help="largest accepted request, in MiB")
+    p.add_argument("--max-session-mb", type=float, default=None,
+                   help="most memory one client session may hold on this worker, in MiB (default: no limit)")
     p.add_argument("--dp-clip", type=float, default=None, metavar="C",
                    help="open the --dataset files to DP training: per-record gradient clipping bound")
     p.add_argument("--dp-noise", type=float, default=None, metavar="SIGMA",
@@ -195,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
     worker = WebsocketServerWorker(
         hook, id=args.id, host=args.host, port=args.port, tokens=tokens, db=OwnerDB.in_dir(args.data_dir),
         max_message=int(args.max_message_mb * 2**20), ssl_context=ssl_context,
+        max_session_bytes=None if args.max_session_mb is None else int(args.max_session_mb * 2**20),
     )
     for peer in _peers(args, hook):
         worker.add_peer(peer)

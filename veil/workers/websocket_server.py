@@ -10,10 +10,12 @@ operation runs.
 Per request the server
 - replaces the envelope's claimed sender with the session id (so ``created_by``
   is the authenticated session, never a name the client chose),
-- scopes the store to what the session may name (its own objects, the owner's
-  shared data, hand-offs), and
+- hands the reference monitor (``veil/workers/monitor.py``) a Principal for
+  the session: the monitor scopes names to the session's namespace (its own
+  objects, the owner's shared data, hand-offs), applies the owner's rules and
+  writes every release and refusal to this worker's audit log (OwnerDB), and
 - checks any claimed ``user`` of a get/move against the principals the
-  connection proved, then writes every get, move and refusal to the audit log.
+  connection proved.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from veil.exceptions import PermissionDeniedError, WorkerNotFoundError
 from veil.messaging import messages as m
 from veil.messaging.serde import serialize
 from veil.workers.base import BaseWorker
+from veil.workers.monitor import Principal
 from veil.workers.persistence import OwnerDB
 from veil.workers.websocket_auth import Session, TokenTable, authenticate, tokens_from_headers
 from veil.workers.websocket_client import MAX_SIZE_HEADER
@@ -93,6 +96,7 @@ class WebsocketServerWorker(BaseWorker):
             raise ValueError(f"worker {self.id!r} needs at least one access token to serve")
         self.host, self.port, self.tokens = host, port, tokens
         self.db = db if db is not None else OwnerDB()
+        self.monitor.audit_sink = self._audit_row  # audit rows go to the owner's durable log
         self.max_message, self.ssl_context, self.max_connections = max_message, ssl_context, max_connections
         self.peers: dict[str, BaseWorker] = {}
         self.bound_port: int | None = None
@@ -127,10 +131,24 @@ class WebsocketServerWorker(BaseWorker):
         """Handles one request of ``session``; always returns reply bytes."""
         self._local.session = session
         try:
-            with self.store.viewing(session.viewer):
-                return self._recv_msg(data)
+            return self._recv_msg(data)
         finally:
             self._local.session = None
+
+    def principal(self, sender: str) -> Principal:
+        """The authenticated session (the claimed sender is ignored); plain worker semantics in-process."""
+        session = self.current_session()
+        if session is None:
+            return super().principal(sender)
+        principal = session.principal
+        if principal is None:
+            principal = session.principal = Principal(
+                session.id, session.user, namespace=session.id,
+                roles=frozenset(p.role for p in session.principals), isolated=True)
+        return principal
+
+    def _audit_row(self, action: str, principal: Principal, ids: list, outcome: str, detail: str) -> None:
+        self._audit(action, principal.user, principal.session, ids, outcome, detail)
 
     def requesting_user(self) -> str | None:
         session = self.current_session()
@@ -145,18 +163,15 @@ class WebsocketServerWorker(BaseWorker):
         try:
             if action in ("get", "move"):
                 principal = msg.user = session.claim_user(msg.user)
-            reply = super()._handle(msg, session.id)
+            return super()._handle(msg, session.id)
         except PermissionDeniedError as e:
-            self._audit(action or type(msg).__name__, principal, session, _ids_of(msg), "refused", str(e))
+            if not getattr(e, "audited", False):  # the monitor wrote its own refusals
+                self._audit(action or type(msg).__name__, principal, session.id, _ids_of(msg), "refused", str(e))
             raise
-        if action is not None:
-            detail = f"to {msg.destination}" if action == "move" else ""
-            self._audit(action, principal, session, _ids_of(msg), "allowed", detail)
-        return reply
 
-    def _audit(self, action: str, principal: str, session: Session, ids: list, outcome: str, detail: str) -> None:
+    def _audit(self, action: str, principal: str, session: str, ids: list, outcome: str, detail: str) -> None:
         try:
-            self.db.audit(self.id, action, principal, session.id, ids, outcome, detail)
+            self.db.audit(self.id, action, principal, session, ids, outcome, detail)
         except Exception:  # a full disk must not turn a refusal into an allowed request
             log.exception("worker %s: could not write the audit log", self.id)
             if outcome == "allowed":
@@ -165,7 +180,7 @@ class WebsocketServerWorker(BaseWorker):
     def end_session(self, session: Session) -> int:
         """Frees everything the session created; returns how many objects were freed."""
         self.sessions.pop(session.id, None)
-        return self.store.drop_created_by(session.id)
+        return self.monitor.end_session(session.id)
 
     # ------------------------------------------------------------ handshake
 
