@@ -118,8 +118,10 @@ def _claim(worker: Any, name: str, user: str, session: str, args: list) -> list:
     for r, (sub, _) in zip(rids, taken):
         svc.claimed[r] = sub
     # One object for the whole batch: the owner's model runs once for all of them.
+    clients = tuple(sorted({sub for sub, _ in taken}))  # only they may reveal the inputs and what derives from them
     worker.monitor.store(worker.principal(session), oid, torch.cat([share for _, share in taken]), kind=Kind.SHARE,
-                         reveal_to=tuple(sorted({sub for sub, _ in taken})))  # only the clients may reveal it
+                         reveal_to=clients)
+    worker.monitor.taint(worker.principal(session), clients)
     return [int(share.shape[0]) for _, share in taken]
 
 
@@ -136,6 +138,8 @@ def _respond(worker: Any, name: str, user: str, session: str, args: list) -> lis
         if sub is not None:
             svc.outputs[r] = (sub, piece.clone())
     worker.monitor.discard(worker.principal(session), ref.id)  # the owner keeps no handle on output shares
+    if not svc.claimed:
+        worker.monitor.untaint(worker.principal(session))
     return []
 
 
@@ -148,6 +152,8 @@ def _fail(worker: Any, name: str, user: str, session: str, args: list) -> list:
             sub = svc.pending.pop(r)[0]
         if sub is not None:
             svc.outputs[r] = (sub, message)
+    if not svc.claimed:
+        worker.monitor.untaint(worker.principal(session))
     return []
 
 

@@ -168,6 +168,7 @@ class ReferenceMonitor:
         self.audit_log: deque = deque(maxlen=AUDIT_LOG_SIZE)
         self.audit_sink: Callable[[str, Principal, list, str, str], None] = self._audit_in_memory
         self._local = threading.local()
+        self._taints: dict[str, tuple] = {}  # namespace -> reveal_to every new object of it gets
 
     # ------------------------------------------------------------- audit
 
@@ -263,6 +264,20 @@ class ReferenceMonitor:
         self.audit("release", principal, [oid], "allowed", f"to {len(recipients)} recipient(s)")
         return entry
 
+    def taint(self, principal: Principal, reveal_to: tuple) -> None:
+        """From now on, everything ``principal``'s session stores is revealable only to ``reveal_to``.
+
+        Openings hand a protocol's intermediate values back as plain tensors, so
+        capabilities cannot follow them; a session computing on inputs protected
+        for someone else (a serving batch) is tainted as a whole until
+        :meth:`untaint`.
+        """
+        current = self._taints.get(principal.namespace)
+        self._taints[principal.namespace] = tuple(sorted(set(reveal_to) | set(current or ())))
+
+    def untaint(self, principal: Principal) -> None:
+        self._taints.pop(principal.namespace, None)
+
     def may_reveal(self, principal: Principal, entry: Entry) -> bool:
         """Whether ``principal`` could .get() ``entry`` (no audit row)."""
         try:
@@ -342,7 +357,7 @@ class ReferenceMonitor:
     def store(self, principal: Principal, oid: Any, obj: Any, *, sources: Iterable[Entry] = (),
               op_name: str | None = None, kind: str | None = None, reveal_to: tuple | None = None,
               tags: tuple = (), description: str = "", allowed_users: tuple | None = None,
-              hand_off: bool = False) -> Entry:
+              hand_off: bool | None = None) -> Entry:
         """Stores a client object under ``oid`` in the principal's namespace, with derived capabilities.
 
         Raises:
@@ -352,6 +367,8 @@ class ReferenceMonitor:
         if type(oid) is not int or oid <= 0:
             raise VeilError(f"object id must be a positive integer, got {oid!r}")
         ns = principal.namespace
+        if hand_off is None:  # what a peer worker stores is for whoever names the id first
+            hand_off = principal.isolated and principal.is_peer
         if self._store.has(self.__key, ns, oid):
             raise PermissionDeniedError(f"object id {oid} is already in use on worker {self.worker_id!r}")
         sources = list(sources)
@@ -368,6 +385,9 @@ class ReferenceMonitor:
             kind = derived_kind(sources, op_name, principal)
         if reveal_to is None:
             reveal_to = strictest_reveal_to(sources)
+        taint = self._taints.get(ns) if kind == Kind.SHARE else None
+        if taint is not None:  # a share computed while the session holds others' protected inputs
+            reveal_to = taint if reveal_to is None else tuple(sorted(set(reveal_to) & set(taint)))
         provenance = frozenset().union(*(e.provenance for e in sources)) if sources else frozenset()
         entry = Entry(obj, tags=tuple(tags), description=description, allowed_users=allowed_users,
                       created_by=principal.session, reveal_to=reveal_to, kind=kind, provenance=provenance,
@@ -377,12 +397,11 @@ class ReferenceMonitor:
 
     def store_objects(self, principal: Principal, objects: list) -> None:
         """ObjectMessage: client-sent objects; dealt material when a dealer tags it; peer hand-offs."""
-        hand_off = principal.isolated and principal.is_peer
         for so in objects:
             dealt = DEALER_TAG in so.tags and principal.may_deal
             self.store(principal, so.id, so.obj, kind=Kind.DEALER if dealt else Kind.CLIENT,
                        tags=tuple(t for t in so.tags if t != DEALER_TAG), description=so.description,
-                       allowed_users=so.allowed_users, hand_off=hand_off)
+                       allowed_users=so.allowed_users)
 
     def store_output(self, oid: int, obj: Any) -> Entry:
         """For worker functions that store a result under an id they were given (HE ops, encrypted
@@ -421,6 +440,7 @@ class ReferenceMonitor:
 
     def end_session(self, namespace: str) -> int:
         """Frees everything a session stored (disconnect); returns how many objects."""
+        self._taints.pop(namespace, None)
         return self._store.drop_namespace(self.__key, namespace)
 
     def session_bytes(self, namespace: str) -> int:
