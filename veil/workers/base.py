@@ -80,6 +80,7 @@ class BaseWorker:
         self.id = id
         #: the only door to this worker's objects (see veil/workers/monitor.py)
         self.monitor = ReferenceMonitor(id, max_session_bytes=max_session_bytes)
+        self._principals: dict[str, Principal] = {}
         self.stats = TransportStats()
         # Per destination: what rides on the next message there, in order
         # (ids to free, deferred commands). See serde's "prelude".
@@ -253,7 +254,12 @@ class BaseWorker:
 
     def principal(self, sender: str) -> Principal:
         """Who sent the request being handled, for the monitor (network servers: the session)."""
-        return Principal(sender, sender)
+        principal = self._principals.get(sender)
+        if principal is None:
+            if len(self._principals) > 1024:  # claimed names are unbounded: keep the cache small
+                self._principals.clear()
+            principal = self._principals[sender] = Principal(sender, sender)
+        return principal
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} id:{self.id} #objects:{len(self.monitor)}>"
