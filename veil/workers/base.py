@@ -322,8 +322,12 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
         else:
             owner_guard.check_writes(op.name, op.func, args, kwargs, protected, worker.id)
     try:
-        with torch.set_grad_enabled(bool(msg.grad_enabled)), monitor.running(principal, entries, op.name):
-            result = op.func(worker, *args, **kwargs) if op.worker_function else op.func(*args, **kwargs)
+        with torch.set_grad_enabled(bool(msg.grad_enabled)):
+            if op.worker_function:  # it may store outputs itself (monitor.store_output): tell it who asked
+                with monitor.running(principal, entries, op.name):
+                    result = op.func(worker, *args, **kwargs)
+            else:
+                result = op.func(*args, **kwargs)
     except VeilError as e:
         if purpose is Purpose.DP_RELEASE:
             monitor.audit("dp_release", principal, list(found), "refused", f"{op.name}: {e}")

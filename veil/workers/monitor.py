@@ -117,6 +117,9 @@ class Principal:
         return not self.isolated or self.is_peer
 
 
+_EMPTY: frozenset = frozenset()
+
+
 def _nbytes(obj: Any) -> int:
     """Bytes a stored object holds (plain tensors; pointers and other wrappers count 0)."""
     if type(obj) is torch.Tensor or type(obj) is torch.nn.Parameter:
@@ -138,17 +141,18 @@ def strictest_reveal_to(sources: Iterable[Entry]) -> tuple | None:
 
 def derived_kind(sources: Iterable[Entry], op_name: str | None, principal: Principal) -> str:
     """Kind of a result: dealer outputs (from a dealer), protocol shares, or tainted by its inputs."""
-    kinds = {e.kind for e in sources}
     if op_name is not None:
         if op_name in DEALER_OUTPUTS and principal.may_deal:
             return Kind.DEALER
         if op_name.startswith(PROTOCOL_PREFIXES):
             return Kind.SHARE
-    if Kind.DEALER in kinds:
-        return Kind.DEALER  # plain ops on dealer material stay dealer material: never revealable
-    if Kind.SHARE in kinds:
-        return Kind.SHARE
-    return Kind.CLIENT
+    kind = Kind.CLIENT
+    for e in sources:
+        if e.kind == Kind.DEALER:
+            return Kind.DEALER  # plain ops on dealer material stay dealer material: never revealable
+        if e.kind == Kind.SHARE:
+            kind = Kind.SHARE
+    return kind
 
 
 class ReferenceMonitor:
@@ -372,7 +376,7 @@ class ReferenceMonitor:
         if self._store.has(self.__key, ns, oid):
             raise PermissionDeniedError(f"object id {oid} is already in use on worker {self.worker_id!r}")
         sources = list(sources)
-        nbytes = _nbytes(obj)
+        nbytes = _nbytes(obj) if ns != SHARED_NS else 0  # sessions are charged; in-process has none
         if self.max_session_bytes is not None and ns != SHARED_NS:
             used = self._store.usage.get(ns, 0)
             if used + nbytes > self.max_session_bytes:
@@ -388,7 +392,10 @@ class ReferenceMonitor:
         taint = self._taints.get(ns) if kind == Kind.SHARE else None
         if taint is not None:  # a share computed while the session holds others' protected inputs
             reveal_to = taint if reveal_to is None else tuple(sorted(set(reveal_to) & set(taint)))
-        provenance = frozenset().union(*(e.provenance for e in sources)) if sources else frozenset()
+        provenance = _EMPTY
+        for e in sources:
+            if e.provenance and not e.provenance <= provenance:
+                provenance = provenance | e.provenance
         entry = Entry(obj, tags=tuple(tags), description=description, allowed_users=allowed_users,
                       created_by=principal.session, reveal_to=reveal_to, kind=kind, provenance=provenance,
                       nbytes=nbytes)
