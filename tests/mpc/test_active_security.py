@@ -48,7 +48,7 @@ def test_local_dealer_authenticated_product():
 
 def _tamper(worker, share, delta=1):
     """Adds ``delta`` to a share directly in the worker's object store."""
-    worker.store.get(share.id_at_location).add_(delta)
+    worker._objects[share.id_at_location].add_(delta)
 
 
 def test_tampered_output_share_aborts(net):

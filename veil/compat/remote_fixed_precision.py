@@ -54,9 +54,16 @@ def _share_own(worker: Any, oid: int, party_ids: list, share_ids: list) -> None:
             or len(party_ids) < 2 or len(set(party_ids)) != len(party_ids)
             or not all(isinstance(p, str) for p in party_ids) or not all(type(i) is int for i in share_ids)):
         raise ValueError("share needs at least two distinct party ids and one new id per party")
-    entry = worker.store.entry(oid)
+    from veil.workers.base import _governance_release
+    from veil.workers.monitor import Purpose
+
+    # The parties get what the requester could get: the monitor's release rules (private, DP-only,
+    # capabilities) and the owner's review policy apply as to a .get().
+    user = worker.requesting_user()
+    principal = worker.principal(getattr(worker, "_requester", None)).acting_as(user)
+    entry = worker.monitor.resolve(principal, oid, Purpose.REVEAL, "secret-shared by its worker (share_own)")
     owner_guard.check_dp_only(SHARE_OWN, [entry], worker.id)
-    worker._check_get(entry, oid, worker.requesting_user())  # the parties get what the requester could get
+    _governance_release(worker, [oid], [entry], user, "share")
     value = entry.obj
     if not isinstance(value, torch.Tensor) or value.dtype != torch.int64:
         raise NotEncodedError("only int64 (encoded) values can be secret-shared: call fix_precision() first")
@@ -68,11 +75,10 @@ def _share_own(worker: Any, oid: int, party_ids: list, share_ids: list) -> None:
         pieces.append(piece)
         last = last - piece
     pieces.append(last)
-    # the requester's own share here is stored as the command handler stores results (created by the sender)
-    creator = getattr(worker, "_requester", None)
+    # the requester's own share here is stored as the command handler stores results (its namespace)
     for dest, sid, piece in zip(destinations, share_ids, pieces):
         if dest is None:
-            worker.store.put(sid, piece, created_by=creator)
+            worker.monitor.store(principal, sid, piece, sources=[entry], op_name=SHARE_OWN)
         else:
             worker.send_msg(m.ObjectMessage([m.StoredObject(sid, piece)]), dest)
 

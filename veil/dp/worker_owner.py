@@ -116,7 +116,7 @@ def _ledger_path(worker: Any, ledger_path: Union[str, Path, None]) -> str:
 def _find_tagged(worker: Any, name: str) -> DPDataset:
     tag = name if name.startswith("#") else f"#{name}"
     found: dict[str, torch.Tensor] = {}
-    for _, entry in worker.store.items():
+    for _, entry in worker.monitor.owner_entries():
         if entry.protected and isinstance(entry.obj, torch.Tensor) and tag in entry.tags:
             for kind in ("#data", "#target"):
                 if kind in entry.tags:
@@ -203,7 +203,7 @@ def _mark_dp_only(worker: Any, datasets: Any, hide_count: bool = False) -> None:
     result computed from raw records, and the noise would protect nothing.
     """
     tensors = {id(t) for ds in datasets for t in (ds.data, ds.target)}
-    for _, entry in worker.store.items():
+    for _, entry in worker.monitor.owner_entries():
         if id(entry.obj) in tensors:
             entry.meta["dp_only"] = True
         if hide_count and (entry.protected or id(entry.obj) in tensors):

@@ -34,7 +34,7 @@ def _encrypt_state(worker: Any, state: list, weight: float, key: Any, out_id: in
         enc = encrypt(flat, protocol="paillier", public_key=key)
     else:
         raise TypeError("encrypted aggregation needs a CKKS context or a Paillier public key")
-    worker.store.put(out_id, enc)
+    worker.monitor.store_output(out_id, enc)
 
 
 register_worker_function("veil.fl.encrypt_state", _encrypt_state, shapes="none")

@@ -153,7 +153,7 @@ class ClientHost:
         import psutil
 
         return {"clients": len(self.clients), "rss": psutil.Process().memory_info().rss,
-                "objects": sum(len(w.store.objects()) for w in self.clients.values())}
+                "objects": sum(len(w.monitor) for w in self.clients.values())}
 
 
 class _HostedWorker(BaseWorker):

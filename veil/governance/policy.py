@@ -14,13 +14,13 @@ from veil.governance.state import audit, check_policy, governance, policy_of
 
 def owner_sources(worker: Any) -> list[tuple[int, Any]]:
     """(id, entry) of every object the owner loaded (the possible provenance sources)."""
-    return [(oid, e) for oid, e in worker.store._entries.items() if e.protected]
+    return [(oid, e) for oid, e in worker.monitor.owner_entries() if e.protected]
 
 
 def apply_policy(worker: Any, oid: int, policy: str) -> None:
     """Sets the policy of one loaded object (``dp-only`` also marks it for the DP guard)."""
     check_policy(policy)
-    entry = worker.store._entries.get(oid)
+    entry = dict(worker.monitor.owner_entries()).get(oid)
     if entry is None or not entry.protected:
         raise ObjectNotFoundError(f"worker {worker.id!r} has no owner dataset {oid!r}")
     state = governance(worker)
@@ -45,7 +45,7 @@ def _start_tracking(worker: Any, source: int) -> None:
 
     from veil.governance.provenance import GRAPH, PROVENANCE, ROOT
 
-    for oid, entry in list(worker.store._entries.items()):
+    for oid, entry in list(worker.monitor.owner_entries()):
         if entry.protected or not isinstance(entry.obj, torch.Tensor):
             continue
         nid = f"pre-{oid:x}"

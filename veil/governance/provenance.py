@@ -195,9 +195,9 @@ def taint_writes(worker: Any, lineage: Lineage | None, op: Any, args: tuple, kwa
         written = [e.obj for e in entries.values() if not e.protected]
     elif "backward" in name or name.endswith("autograd.grad"):
         # gradients accumulate into every leaf of the graph: all of the sender's tensors may change
-        written = [e.obj for _, e in worker.store._entries.items()
+        written = [e.obj for _, e in worker.monitor.owner_entries()
                    if e.created_by == sender and not e.protected and isinstance(e.obj, torch.Tensor)]
-        written += [e.obj.grad for e in list(worker.store._entries.values())
+        written += [e.obj.grad for e in [e for _, e in worker.monitor.owner_entries()]
                     if isinstance(e.obj, torch.Tensor) and e.obj.is_leaf and e.obj.grad is not None
                     and e.created_by == sender]
     else:
@@ -209,7 +209,7 @@ def taint_writes(worker: Any, lineage: Lineage | None, op: Any, args: tuple, kwa
     ids = {id(t) for t in written}
     if not storages and not ids:
         return
-    for _, entry in list(worker.store._entries.items()):
+    for _, entry in list(worker.monitor.owner_entries()):
         if entry.protected or not isinstance(entry.obj, torch.Tensor):
             continue
         grad = entry.obj.grad if entry.obj.is_leaf else None

@@ -136,7 +136,7 @@ class ReviewQueue:
     def preview(self, request_id: str) -> str:
         """The requested value, abbreviated (owner only); notes when the object is gone or changed."""
         req = self.get(request_id)
-        entry = self.worker.store._entries.get(req.object_id)
+        entry = dict(self.worker.monitor.owner_entries()).get(req.object_id)
         if entry is None:
             return "(the object is gone: the scientist freed it or disconnected)"
         changed = "" if digest(entry.obj) == req.digest else "  (CHANGED since the request was filed)"

@@ -85,8 +85,11 @@ def _handle_request_release(worker: BaseWorker, msg: RequestReleaseMessage, send
     if type(msg.id) is not int or not isinstance(msg.reason, str):
         raise SerializationError("RequestReleaseMessage needs an object id and a reason string")
     user, session = _user(worker, msg.user, sender)
-    entry = worker.store.entry(msg.id)
-    worker._check_get(entry, msg.id, user)
+    from veil.workers.monitor import Purpose
+
+    # the same rules as .get() (who may name it, who may reveal it), checked by the reference monitor
+    entry = worker.monitor.resolve(worker.principal(sender).acting_as(user), msg.id, Purpose.REVEAL,
+                                   "release request filed")
     if not needs_review(worker, msg.id, entry, user):
         return m.ObjectsReply([{"id": None, "state": "not needed", "reason": msg.reason}])
     decision = decide(worker, msg.id, entry, user, session, reason=msg.reason or None, consume=False)

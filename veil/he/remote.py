@@ -62,7 +62,7 @@ def _he_op(worker: Any, name: str, a: Any, b: Any, out_id: int) -> None:
         result = op(a, b)
     except HEError as e:
         raise RemoteExecutionError(f"encrypted {name} refused: {type(e).__name__}: {e}") from e
-    worker.store.put(out_id, result)
+    worker.monitor.store_output(out_id, result)
 
 
 register_worker_function("veil.he.op", _he_op, shapes="none")

@@ -82,8 +82,7 @@ def _handle_open(worker: Any, msg: OpenMessage, sender: str) -> Any:
         raise MPCError(f"{msg.name!r} is not an openable protocol step")
     if not isinstance(msg.kwargs, dict) or not all(isinstance(k, str) for k in msg.kwargs):
         raise MPCError("OpenMessage kwargs must be a map with string keys")
-    args = worker._resolve(tuple(msg.args), {})
-    kwargs = worker._resolve(msg.kwargs, {})
+    args, kwargs = worker.monitor.opening(worker.principal(sender), msg.name, tuple(msg.args), msg.kwargs)
     with torch.no_grad():
         out = PARTY_FUNCTIONS[msg.name](*args, **kwargs)
     outputs = list(out) if isinstance(out, (tuple, list)) else [out]

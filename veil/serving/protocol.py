@@ -40,6 +40,7 @@ from veil.messaging import messages as m
 from veil.serving.errors import RequestFailedError, ServiceClosedError, ServingError
 from veil.workers.base import register_handler
 from veil.workers.websocket_auth import CLIENT_REQUESTS, SESSION_END_HANDLERS
+from veil.workers.monitor import Kind
 
 #: most requests a service queues before refusing new ones (memory bound per worker)
 MAX_PENDING = 1024
@@ -129,7 +130,10 @@ def _claim(worker: Any, name: str, user: str, session: str, args: list) -> list:
     for r, (sub, _) in zip(rids, taken):
         svc.claimed[r] = sub
     # One object for the whole batch: the owner's model runs once for all of them.
-    worker.store.put(oid, torch.cat([share for _, share in taken]), created_by=session)
+    clients = tuple(sorted({sub for sub, _ in taken}))  # only they may reveal the inputs and what derives from them
+    worker.monitor.store(worker.principal(session), oid, torch.cat([share for _, share in taken]), kind=Kind.SHARE,
+                         reveal_to=clients)
+    worker.monitor.taint(worker.principal(session), clients)
     return [int(share.shape[0]) for _, share in taken]
 
 
@@ -138,14 +142,16 @@ def _respond(worker: Any, name: str, user: str, session: str, args: list) -> lis
     svc = _owned(worker, name, user)
     if type(ref) is not m.ObjectRef:
         raise ServingError("respond expects an object reference to the output share")
-    out = worker.store.get(ref.id)
+    out = worker.monitor.release_output(worker.principal(session), ref, [svc.claimed.get(r) for r in rids]).obj
     if not isinstance(out, torch.Tensor) or out.dtype != torch.int64 or sum(sizes) != out.shape[0]:
         raise ServingError("the output share does not match the claimed requests")
     for r, piece in zip(rids, torch.split(out, sizes)):
         sub = svc.claimed.pop(r, None)
         if sub is not None:
             svc.outputs[r] = (sub, piece.clone())
-    worker.store.discard(ref.id)  # the owner keeps no handle on output shares
+    worker.monitor.discard(worker.principal(session), ref.id)  # the owner keeps no handle on output shares
+    if not svc.claimed:
+        worker.monitor.untaint(worker.principal(session))
     return []
 
 
@@ -158,6 +164,8 @@ def _fail(worker: Any, name: str, user: str, session: str, args: list) -> list:
             sub = svc.pending.pop(r)[0]
         if sub is not None:
             svc.outputs[r] = (sub, message)
+    if not svc.claimed:
+        worker.monitor.untaint(worker.principal(session))
     return []
 
 

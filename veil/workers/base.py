@@ -30,7 +30,8 @@ from veil.tensors.tree import leaves, map_structure
 from veil.compat.workers import PySyftWorkerMethods
 from veil.workers import owner_guard
 from veil.workers.stats import TransportStats
-from veil.workers.store import Entry, ObjectStore
+from veil.workers.monitor import Principal, Purpose, ReferenceMonitor
+from veil.workers.store import Entry
 
 if TYPE_CHECKING:
     from veil.hook import TorchHook
@@ -68,7 +69,7 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
     """
 
     def __init__(self, hook: "TorchHook | None" = None, id: str | None = None, data: tuple = (),
-                 pipelining: bool = False, **_ignored: Any):
+                 pipelining: bool = False, max_session_bytes: int | None = None, **_ignored: Any):
         from veil.workers.registry import default_hook_context
 
         self.hook = hook if hook is not None else default_hook_context()
@@ -81,7 +82,9 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
         if not isinstance(id, str):
             raise TypeError(f"worker id must be a string, got {type(id).__name__}")
         self.id = id
-        self.store = ObjectStore(id)
+        #: the only door to this worker's objects (see veil/workers/monitor.py)
+        self.monitor = ReferenceMonitor(id, max_session_bytes=max_session_bytes)
+        self._principals: dict[str, Principal] = {}
         self.stats = TransportStats()
         # Per destination: what rides on the next message there, in order
         # (ids to free, deferred commands). See serde's "prelude".
@@ -119,10 +122,8 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
             allowed_users = getattr(obj, "allowed_users", None)
         elif private and allowed_users is None:
             allowed_users = ()
-        self.store.put(
-            oid, obj, tags=tags, description=description, created_by=self.id, protected=True,
-            allowed_users=None if allowed_users is None else tuple(allowed_users),
-        )
+        self.monitor.owner_load(oid, obj, tags, description, None if allowed_users is None else tuple(allowed_users),
+                                owner=self.id)
         if policy is not None:
             from veil.governance.policy import apply_policy
 
@@ -145,7 +146,7 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
     @property
     def _objects(self) -> dict[int, Any]:
         """What the worker holds, id -> object (read-only snapshot, PySyft's ``_objects``)."""
-        return self.store.objects()
+        return self.monitor.owner_objects()
 
     def search(self, query: list[str] | str) -> list:
         """Pointers (owned by the local worker) to objects tagged with every query term."""
@@ -161,7 +162,7 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
 
     def clear_objects(self) -> "BaseWorker":
         """Frees every client object; the owner's loaded data stays."""
-        self.store.clear()
+        self.monitor.owner_clear()
         return self
 
     # ------------------------------------------------------- sending side
@@ -249,7 +250,7 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
     def _run_prelude(self, prelude: list, sender: str) -> None:
         for item in prelude:
             if type(item) is int:
-                self.store.discard(item)
+                self.monitor.discard(self.principal(sender), item)
                 continue
             cmd = m.CommandMessage(*item)
             try:
@@ -275,45 +276,68 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
         """
         return getattr(self, "_requester", None)
 
-    def _check_get(self, entry: Entry, oid: int, user: str) -> None:
-        if entry.allowed_users is not None and user not in entry.allowed_users:
-            raise PermissionDeniedError(
-                f"object {oid} on worker {self.id!r} is private: user {user!r} may not retrieve it "
-                f"(allowed: {list(entry.allowed_users)}); compute on it through pointers instead"
-            )
-
-    def _resolve(self, value: Any, inputs: dict[int, int]) -> Any:
-        """Replaces ObjectRefs in arguments with stored objects, remembering their ids."""
-        tp = type(value)
-        if tp is m.ObjectRef:
-            obj = self.store.get(value.id)
-            inputs[id(obj)] = value.id
-            return obj
-        if tp is tuple or tp is list:
-            return tp(self._resolve(v, inputs) for v in value)
-        if tp is dict:
-            return {k: self._resolve(v, inputs) for k, v in value.items()}
-        return value
+    def principal(self, sender: str) -> Principal:
+        """Who sent the request being handled, for the monitor (network servers: the session)."""
+        principal = self._principals.get(sender)
+        if principal is None:
+            if len(self._principals) > 1024:  # claimed names are unbounded: keep the cache small
+                self._principals.clear()
+            principal = self._principals[sender] = Principal(sender, sender)
+        return principal
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} id:{self.id} #objects:{len(self.store)}>"
+        return f"<{type(self).__name__} id:{self.id} #objects:{len(self.monitor)}>"
 
 
 # ------------------------------------------------------------------ handlers
 
 
+def _purpose_of(op: Any) -> Purpose:
+    if op.name in owner_guard.DP_RELEASES:
+        return Purpose.DP_RELEASE
+    if op.worker_function and op.name.startswith("veil.mpc."):
+        return Purpose.PROTOCOL_STEP
+    return Purpose.COMPUTE
+
+
+def _is_stored_pointer(obj: Any) -> bool:
+    from veil.tensors.pointer import PointerTensor
+
+    return isinstance(obj, PointerTensor)
+
+
+def _refuse_deputy(worker: BaseWorker, principal: Principal, oid: int, action: str) -> None:
+    """A stored pointer would act on another worker with this worker's (peer) rights: refused on network
+    workers, where the requester's own rights there cannot be checked."""
+    error = PermissionDeniedError(
+        f"object {oid} on worker {worker.id!r} is a pointer to another worker; the worker will not act there "
+        "for a client with its own rights (use a pointer to that worker directly)")
+    worker.monitor.audit(action, principal, [oid], "refused", str(error))
+    raise error
+
+
 @register_handler(m.CommandMessage)
 def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> Any:
     op = ALLOWLIST.by_name(msg.op)
-    inputs: dict[int, int] = {}
     if not isinstance(msg.args, (list, tuple)) or not isinstance(msg.kwargs, dict):
         raise SerializationError("command args must be a tuple and kwargs a map")
-    args = worker._resolve(tuple(msg.args), inputs)
-    kwargs = worker._resolve(msg.kwargs, inputs)
+    monitor, principal, purpose = worker.monitor, worker.principal(sender), _purpose_of(op)
+    found: dict[int, Entry] = {}
+    args = monitor.resolve_args(principal, tuple(msg.args), purpose, found)
+    kwargs = monitor.resolve_args(principal, msg.kwargs, purpose, found)
     if not all(isinstance(k, str) for k in kwargs):
         raise SerializationError("command keyword names must be strings")
-    entries = [worker.store.entry(oid) for oid in inputs.values()]
-    owner_guard.check_dp_only(op.name, entries, worker.id)
+    entries = list(found.values())
+    inputs = {id(e.obj): oid for oid, e in found.items()}
+    if principal.isolated:
+        for oid, e in found.items():
+            if _is_stored_pointer(e.obj):
+                _refuse_deputy(worker, principal, oid, "compute")
+    try:
+        owner_guard.check_dp_only(op.name, entries, worker.id)
+    except PermissionDeniedError as e:
+        monitor.audit(purpose.value, principal, list(found), "refused", f"{op.name}: {e}")
+        raise
     protected = owner_guard.protected_storages(entries)
     if protected:
         if op.worker_function:
@@ -325,24 +349,33 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
     guarded = set() if op.worker_function else protected
     try:
         with torch.set_grad_enabled(bool(msg.grad_enabled)), owner_guard.refuse_writes(op.name, guarded, worker.id):
-            result = op.func(worker, *args, **kwargs) if op.worker_function else op.func(*args, **kwargs)
+            if op.worker_function:  # it may store outputs itself (monitor.store_output): tell it who asked
+                with monitor.running(principal, entries, op.name):
+                    result = op.func(worker, *args, **kwargs)
+            else:
+                result = op.func(*args, **kwargs)
     except Exception as e:
+        if purpose is Purpose.DP_RELEASE:
+            monitor.audit("dp_release", principal, list(found), "refused",
+                          f"{op.name}: {e}" if isinstance(e, VeilError) else f"{op.name}: {type(e).__name__}")
         raise owner_guard.client_error(op.name, e, protected, worker.id) from e
+    if purpose is Purpose.DP_RELEASE:
+        monitor.audit("dp_release", principal, list(found), "allowed", op.name)
     if protected and not op.worker_function:
         result = owner_guard.copy_aliases(result, protected)
-    # --- governance (#16) provenance hunk; the reference monitor (#12) replaces it with its own
+    # Governance (#16): once a dataset is under review, results also carry the op graph the owner
+    # reviews (entry.meta), and objects the op wrote are re-stamped; the monitor's Entry.provenance
+    # (the set of source datasets) is recorded by monitor.store either way.
     lineage = None
     if entries and _tracking(worker):
         from veil.governance import provenance
 
-        by_id = {oid: e for oid, e in zip(inputs.values(), entries)}
-        lineage = provenance.lineage_of(op.name, args, inputs, by_id, kwargs)
-        provenance.taint_writes(worker, lineage, op, args, kwargs, by_id, sender)
-    # --- end governance hunk
+        lineage = provenance.lineage_of(op.name, args, inputs, found, kwargs)
+        provenance.taint_writes(worker, lineage, op, args, kwargs, found, sender)
     if op.shapes == NO_RESULT or msg.return_ids == []:
         return m.OkReply()
     if msg.return_ids is None:
-        return m.ResultReply(_describe_results(worker, result, inputs, sender, lineage))
+        return m.ResultReply(_describe_results(worker, principal, result, inputs, entries, op.name, lineage))
     results = leaves(result)
     ids = msg.return_ids
     if not isinstance(ids, list) or len(ids) != len(results):
@@ -351,14 +384,14 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
         )
     for oid, tensor in zip(ids, results):
         if oid != 0:  # 0: the result is one of the inputs (in-place op), already stored
-            worker.store.put(oid, tensor, created_by=sender)
+            stored = monitor.store(principal, oid, tensor, sources=entries, op_name=op.name)
             if lineage is not None:  # governance (#16)
-                provenance.stamp(worker.store.entry(oid), lineage, tensor)
+                provenance.stamp(stored, lineage, tensor)
     return m.OkReply()
 
 
-def _describe_results(worker: BaseWorker, result: Any, inputs: dict[int, int], sender: str,
-                      lineage: Any = None) -> Any:
+def _describe_results(worker: BaseWorker, principal: Principal, result: Any, inputs: dict[int, int],
+                      entries: list, op_name: str, lineage: Any = None) -> Any:
     from veil.ids import new_id
     from veil.messaging.serde import DTYPE_NAMES
 
@@ -366,11 +399,11 @@ def _describe_results(worker: BaseWorker, result: Any, inputs: dict[int, int], s
         oid = inputs.get(id(t))
         if oid is None:
             oid = new_id()
-            worker.store.put(oid, t, created_by=sender)
+            stored = worker.monitor.store(principal, oid, t, sources=entries, op_name=op_name)
             if lineage is not None:  # governance (#16)
                 from veil.governance.provenance import stamp
 
-                stamp(worker.store.entry(oid), lineage, t)
+                stamp(stored, lineage, t)
         return m.Descriptor(oid, tuple(t.shape), DTYPE_NAMES[t.dtype], bool(t.requires_grad))
 
     out = map_structure(result, describe)
@@ -390,25 +423,23 @@ def _handle_objects(worker: BaseWorker, msg: m.ObjectMessage, sender: str) -> An
         validate = STORE_VALIDATORS.get(type(so.obj))
         if validate is not None:
             validate(so.obj)
-    for so in msg.objects:
-        worker.store.put(
-            so.id, so.obj, tags=so.tags, description=so.description,
-            allowed_users=so.allowed_users, created_by=sender,
-        )
+    worker.monitor.store_objects(worker.principal(sender), msg.objects)
     return m.OkReply()
+
+
+def _claimed_user(msg: Any, sender: str) -> str:
+    return msg.user if isinstance(msg.user, str) and msg.user else sender
 
 
 @register_handler(m.GetObjectsMessage)
 def _handle_get(worker: BaseWorker, msg: m.GetObjectsMessage, sender: str) -> Any:
     from veil.tensors.pointer import PointerTensor, PointerWire
 
-    user = msg.user if isinstance(msg.user, str) and msg.user else sender
     if not isinstance(msg.ids, list):
         raise SerializationError("GetObjectsMessage.ids must be a list")
-    entries = [worker.store.entry(oid) for oid in msg.ids]
-    for oid, entry in zip(msg.ids, entries):
-        worker._check_get(entry, oid, user)
-    _governance_release(worker, msg.ids, entries, user, "get")
+    principal = worker.principal(sender).acting_as(_claimed_user(msg, sender))
+    entries = [worker.monitor.resolve(principal, oid, Purpose.REVEAL) for oid in msg.ids]
+    _governance_release(worker, msg.ids, entries, principal.user, "get")
     out = []
     for oid, entry in zip(msg.ids, entries):
         obj = entry.obj
@@ -421,7 +452,7 @@ def _handle_get(worker: BaseWorker, msg: m.GetObjectsMessage, sender: str) -> An
         else:
             out.append(obj)
         if taken:
-            worker.store.discard(oid)
+            worker.monitor.discard(principal, oid)
     return m.ObjectsReply(out)
 
 
@@ -447,8 +478,9 @@ def _governance_release(worker: BaseWorker, ids: list, entries: list, user: str,
 def _handle_delete(worker: BaseWorker, msg: m.DeleteMessage, sender: str) -> Any:
     if not isinstance(msg.ids, list):
         raise SerializationError("DeleteMessage.ids must be a list")
+    principal = worker.principal(sender)
     for oid in msg.ids:
-        worker.store.discard(oid)
+        worker.monitor.discard(principal, oid)
     return m.OkReply()
 
 
@@ -467,7 +499,7 @@ def _handle_search(worker: BaseWorker, msg: m.SearchMessage, sender: str) -> Any
     if not isinstance(msg.query, list) or not all(isinstance(q, str) for q in msg.query):
         raise SerializationError("search query must be a list of strings")
     found = []
-    for oid, entry in worker.store.items():
+    for oid, entry in worker.monitor.owned_entries(worker.principal(sender)):
         # PySyft 0.2: each term matches a tag, the object's id, or a substring of its description
         if isinstance(entry.obj, torch.Tensor) and all(
             q in entry.tags or q == str(oid) or (q and q in (entry.description or "")) for q in msg.query
@@ -479,7 +511,9 @@ def _handle_search(worker: BaseWorker, msg: m.SearchMessage, sender: str) -> Any
 @register_handler(m.ListObjectsMessage)
 def _handle_list(worker: BaseWorker, msg: m.ListObjectsMessage, sender: str) -> Any:
     # Only the sender's own objects: listing others' ids would hand out capabilities.
-    mine = [_describe_entry(oid, e) for oid, e in worker.store.items() if e.created_by == sender]
+    principal = worker.principal(sender)
+    mine = [_describe_entry(oid, e) for oid, e in worker.monitor.owned_entries(principal)
+            if e.created_by == principal.session]
     return m.DescriptorsReply(mine)
 
 
@@ -487,13 +521,13 @@ def _handle_list(worker: BaseWorker, msg: m.ListObjectsMessage, sender: str) -> 
 def _handle_move(worker: BaseWorker, msg: m.MoveMessage, sender: str) -> Any:
     if not isinstance(msg.ids, list) or not isinstance(msg.new_ids, list) or len(msg.ids) != len(msg.new_ids):
         raise SerializationError("MoveMessage needs lists of ids and new ids of equal length")
-    user = msg.user if isinstance(msg.user, str) and msg.user else sender
-    entries = [worker.store.entry(oid) for oid in msg.ids]
+    principal = worker.principal(sender).acting_as(_claimed_user(msg, sender))
+    detail = f"to {msg.destination}" if isinstance(msg.destination, str) else ""
+    entries = [worker.monitor.resolve(principal, oid, Purpose.MOVE, detail) for oid in msg.ids]
     for oid, entry in zip(msg.ids, entries):
-        worker._check_get(entry, oid, user)
         if not isinstance(entry.obj, tuple(STORABLE_TYPES)):
             raise SerializationError(f"object {oid} cannot be moved")
-    _governance_release(worker, msg.ids, entries, user, "move")
+    _governance_release(worker, msg.ids, entries, principal.user, "move")
     # Refusals first: whether the destination is reachable must not matter to a refused move.
     destination = worker.resolve_worker(msg.destination)
     objects = [
@@ -501,7 +535,7 @@ def _handle_move(worker: BaseWorker, msg: m.MoveMessage, sender: str) -> Any:
     ]
     worker.send_msg(m.ObjectMessage(objects), destination)
     for oid in msg.ids:
-        worker.store.discard(oid)  # owner-protected data is copied, never taken
+        worker.monitor.discard(principal, oid)  # owner-protected data is copied, never taken
     return m.OkReply()
 
 
@@ -509,8 +543,11 @@ def _handle_move(worker: BaseWorker, msg: m.MoveMessage, sender: str) -> Any:
 def _handle_remote_get(worker: BaseWorker, msg: m.RemoteGetMessage, sender: str) -> Any:
     from veil.tensors.pointer import PointerTensor
 
-    entry = worker.store.entry(msg.id)
+    principal = worker.principal(sender)
+    entry = worker.monitor.resolve(principal, msg.id, Purpose.HAND_OFF)
     if not isinstance(entry.obj, PointerTensor):
         raise ObjectNotFoundError(f"object {msg.id} on worker {worker.id!r} is not a pointer; nothing to remote_get")
-    entry.obj = entry.obj.get()
+    if principal.isolated:
+        _refuse_deputy(worker, principal, msg.id, "remote_get")
+    worker.monitor.replace(principal, msg.id, entry.obj.get())
     return m.OkReply()

@@ -1,134 +1,164 @@
-"""A worker's object store: objects by id, with the data owner's metadata."""
+"""A worker's object store: objects by id, in one namespace per session, with their capabilities.
+
+Only the worker's reference monitor (:mod:`veil.workers.monitor`) may call it:
+every method takes the monitor's private :class:`StoreKey` first and refuses
+anything else, so a handler that tries to read or write objects on its own
+fails loudly instead of bypassing the owner's rules.
+"""
 
 from __future__ import annotations
 
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
-from veil.exceptions import ObjectNotFoundError, PermissionDeniedError, VeilError
+from veil.exceptions import PermissionDeniedError
+
+#: the namespace of the data owner's objects and of in-process workers (no sessions)
+SHARED_NS = ""
+
+
+class Kind:
+    """What an object is, which decides how it may ever be revealed (``Entry.kind``)."""
+
+    OWNER = "owner"  # loaded by the data owner (protected)
+    CLIENT = "client"  # stored or computed by a client
+    SHARE = "share"  # a party's share of a secret-shared value (output of a protocol step)
+    DEALER = "dealer"  # correlated randomness (triples, truncation pairs, FSS keys, masks): never revealed
+
+    ALL = ("owner", "client", "share", "dealer")
 
 
 @dataclass
 class Entry:
+    """One stored object and its capabilities.
+
+    Attributes:
+        allowed_users: users who may ``.get()`` it (None: anyone who may name it).
+        protected: the data owner's object: clients can never delete, replace or take it.
+        created_by: the namespace (session id) it lives in.
+        reveal_to: sessions or users it may be revealed to (None: no restriction beyond
+            ``allowed_users``; ``()``: nobody).
+        kind: one of :class:`Kind`.
+        provenance: ids of the owner datasets (``worker.load`` ids) it derives from.
+        nbytes: bytes charged to its session's quota.
+    """
+
     obj: Any
     tags: tuple = ()
     description: str = ""
-    allowed_users: tuple | None = None  # who may .get() it; None = anyone who holds the id
-    protected: bool = False  # loaded by the data owner: clients can never delete or take it
+    allowed_users: tuple | None = None
+    protected: bool = False
     created_by: str = ""
     meta: dict = field(default_factory=dict)
+    reveal_to: tuple | None = None
+    kind: str = Kind.CLIENT
+    provenance: frozenset = frozenset()
+    nbytes: int = 0
 
 
-@dataclass(frozen=True)
-class Viewer:
-    """Who is naming objects right now (network servers set one per request).
+class StoreKey:
+    """The capability that opens an ObjectStore; only a ReferenceMonitor creates one."""
 
-    Attributes:
-        name: the requester's session id; it matches ``Entry.created_by``.
-        sees_all: may name any client object (trusted peer workers acting on
-            ids that data scientists handed them).
-        hands_off: objects this requester stores may be claimed by the first
-            other requester that names their (unguessable) id (``.move`` from a
-            peer worker: the data scientist chose the id and holds the pointer).
-    """
-
-    name: str
-    sees_all: bool = False
-    hands_off: bool = False
+    __slots__ = ()
 
 
 class ObjectStore:
-    """Id -> Entry; ids come from callers but can never overwrite an existing object.
+    """(namespace, id) -> Entry. Ids never overwrite an existing object of the same namespace.
 
-    Without a viewer (in-process workers) every id is visible. Inside
-    :meth:`viewing`, a requester sees owner-protected objects, its own objects
-    and hand-off objects (which it then claims); anything else reads as absent,
-    so one client can neither name nor probe another's objects.
+    Namespaces make other sessions' ids invisible: a session storing under an id
+    another session uses gets no "already in use" answer (no existence oracle).
+    Hand-off objects (stored by a peer worker for whoever names the id first) are
+    indexed by id so the claimant can find them.
     """
 
-    def __init__(self, worker_id: str) -> None:
+    def __init__(self, worker_id: str, key: StoreKey) -> None:
         self.worker_id = worker_id
-        self._entries: dict[int, Entry] = {}
-        self._local = threading.local()  # the viewer is per handling thread
+        self._key = key
+        self._spaces: dict[str, dict[int, Entry]] = {SHARED_NS: {}}
+        self._hand_offs: dict[int, str] = {}  # id -> namespace of an unclaimed hand-off
+        self.usage: dict[str, int] = {}  # namespace -> bytes held
 
-    @contextmanager
-    def viewing(self, viewer: Viewer | None) -> Iterator[None]:
-        """Scopes lookups to what ``viewer`` may name (restores the previous viewer after)."""
-        previous = getattr(self._local, "viewer", None)
-        self._local.viewer = viewer
-        try:
-            yield
-        finally:
-            self._local.viewer = previous
-
-    def _visible(self, entry: Entry) -> bool:
-        viewer = getattr(self._local, "viewer", None)
-        if viewer is None or entry.protected or entry.created_by == viewer.name or viewer.sees_all:
-            return True
-        if entry.meta.get("hand_off"):
-            entry.created_by = viewer.name  # claimed: from now on it is this requester's object
-            entry.meta.pop("hand_off")
-            return True
-        return False
+    def _check(self, key: StoreKey) -> None:
+        if key is not self._key:
+            raise PermissionDeniedError(f"the object store of worker {self.worker_id!r} answers only its monitor")
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return sum(len(s) for s in self._spaces.values())
 
-    def __contains__(self, oid: int) -> bool:
-        return oid in self._entries
-
-    def put(self, oid: int, obj: Any, **meta: Any) -> None:
-        if type(oid) is not int or oid <= 0:
-            raise VeilError(f"object id must be a positive integer, got {oid!r}")
-        if oid in self._entries:
-            raise PermissionDeniedError(f"object id {oid} is already in use on worker {self.worker_id!r}")
-        entry = Entry(obj, **meta)
-        viewer = getattr(self._local, "viewer", None)
-        if viewer is not None and viewer.hands_off and not entry.protected:
-            entry.meta["hand_off"] = True
-        self._entries[oid] = entry
-
-    def replace(self, oid: int, obj: Any) -> None:
-        self.entry(oid).obj = obj
-
-    def entry(self, oid: Any) -> Entry:
-        entry = self._entries.get(oid) if type(oid) is int else None
-        if entry is None or not self._visible(entry):
-            raise ObjectNotFoundError(f"object {oid!r} not found on worker {self.worker_id!r}")
+    def lookup(self, key: StoreKey, ns: str, oid: Any) -> Entry | None:
+        self._check(key)
+        space = self._spaces.get(ns)
+        entry = space.get(oid) if space is not None else None
+        if entry is None and ns != SHARED_NS:
+            entry = self._spaces[SHARED_NS].get(oid)
         return entry
 
-    def get(self, oid: Any) -> Any:
-        return self.entry(oid).obj
+    def has(self, key: StoreKey, ns: str, oid: int) -> bool:
+        """Whether ``oid`` is taken in ``ns`` or among the shared (owner) objects."""
+        self._check(key)
+        space = self._spaces.get(ns)
+        return (space is not None and oid in space) or oid in self._spaces[SHARED_NS]
 
-    def discard(self, oid: int) -> bool:
-        """Deletes a client object; owner-protected objects and unknown ids are left alone."""
-        entry = self._entries.get(oid)
-        if entry is None or entry.protected or not self._visible(entry):
-            return False
-        del self._entries[oid]
-        return True
+    def put(self, key: StoreKey, ns: str, oid: int, entry: Entry, hand_off: bool = False) -> None:
+        self._check(key)
+        entry.created_by = entry.created_by or ns
+        self._spaces.setdefault(ns, {})[oid] = entry
+        self.usage[ns] = self.usage.get(ns, 0) + entry.nbytes
+        if hand_off:
+            self._hand_offs[oid] = ns
 
-    def items(self) -> Iterator[tuple[int, Entry]]:
-        """Entries the current viewer owns or the data owner shares (all without a viewer)."""
-        viewer = getattr(self._local, "viewer", None)
-        if viewer is None:
-            return iter(list(self._entries.items()))
-        return iter([(k, e) for k, e in self._entries.items() if e.protected or e.created_by == viewer.name])
+    def claim(self, key: StoreKey, ns: str, oid: Any) -> Entry | None:
+        """Moves an unclaimed hand-off ``oid`` into ``ns`` (the first session that names it)."""
+        self._check(key)
+        src = self._hand_offs.get(oid) if type(oid) is int else None
+        if src is None or src == ns:
+            return None
+        space = self._spaces.get(src, {})
+        entry = space.pop(oid, None)
+        del self._hand_offs[oid]
+        if entry is None:
+            return None
+        self.usage[src] = self.usage.get(src, 0) - entry.nbytes
+        entry.created_by = ns
+        self.put(key, ns, oid, entry)
+        return entry
 
-    def drop_created_by(self, name: str) -> int:
-        """Frees every client object ``name`` created (a disconnected session); returns how many."""
-        gone = [oid for oid, e in self._entries.items() if e.created_by == name and not e.protected]
-        for oid in gone:
-            del self._entries[oid]
-        return len(gone)
+    def remove(self, key: StoreKey, ns: str, oid: int) -> Entry | None:
+        self._check(key)
+        space = self._spaces.get(ns)
+        entry = space.pop(oid, None) if space is not None else None
+        if entry is not None:
+            self.usage[ns] = self.usage.get(ns, 0) - entry.nbytes
+            self._hand_offs.pop(oid, None)
+        return entry
 
-    def objects(self) -> Mapping[int, Any]:
-        """Read-only id -> object view (what PySyft users know as ``worker._objects``)."""
-        return {oid: e.obj for oid, e in self._entries.items()}
+    def entries(self, key: StoreKey, ns: str | None) -> Iterator[tuple[int, Entry]]:
+        """The entries of ``ns`` plus the shared ones (every entry when ``ns`` is None)."""
+        self._check(key)
+        if ns is None:
+            return iter([(oid, e) for space in self._spaces.values() for oid, e in space.items()])
+        out = list(self._spaces[SHARED_NS].items())
+        if ns != SHARED_NS:
+            out += list(self._spaces.get(ns, {}).items())
+        return iter(out)
 
-    def clear(self) -> None:
+    def drop_namespace(self, key: StoreKey, ns: str) -> int:
+        """Frees every object of ``ns`` (a disconnected session); returns how many."""
+        self._check(key)
+        if ns == SHARED_NS:
+            return 0
+        space = self._spaces.pop(ns, {})
+        self.usage.pop(ns, None)
+        for oid in space:
+            if self._hand_offs.get(oid) == ns:
+                del self._hand_offs[oid]
+        return len(space)
+
+    def clear_clients(self, key: StoreKey) -> None:
         """Frees every client object (owner-protected data stays)."""
-        for oid in [oid for oid, e in self._entries.items() if not e.protected]:
-            del self._entries[oid]
+        self._check(key)
+        shared = self._spaces[SHARED_NS]
+        for oid in [oid for oid, e in shared.items() if not e.protected]:
+            self.remove(key, SHARED_NS, oid)
+        for ns in [ns for ns in self._spaces if ns != SHARED_NS]:
+            self.drop_namespace(key, ns)

@@ -63,7 +63,7 @@ def _handle_admin_objects(worker: BaseWorker, msg: AdminObjectsMessage, sender: 
     from veil.tensors.pointer import PointerTensor, PointerWire
 
     _require_admin(worker)
-    objects = worker.store.objects()
+    objects = worker.monitor.owner_objects()
     if msg.ids is None:
         return m.ObjectsReply(list(objects))
     if not isinstance(msg.ids, list):

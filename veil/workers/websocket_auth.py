@@ -7,7 +7,9 @@ before any message is read. Each token names a *principal* with a *role*:
 
 - ``scientist``: a data scientist; computes, ``.get()`` s what the owner's rules allow.
 - ``peer``: another worker the owner trusts for worker-to-worker moves and
-  dealt material; the objects it stores can be claimed by whoever names them.
+  dealing: the objects it stores can be claimed by whoever names them
+  (hand-offs), and what it deals may be dealer material. It names only its own
+  objects and hand-offs, like any session (no confused deputy).
 - ``admin``: the data owner (owner view of the store, loading data); it does not
   bypass ``.get()`` rules.
 - ``client``: a serving client (``veil.serving``): it may only send the requests
@@ -33,7 +35,6 @@ from typing import Any, Callable
 
 from veil.exceptions import PermissionDeniedError
 from veil.messaging import messages as m
-from veil.workers.store import Viewer
 
 ROLES = ("scientist", "peer", "admin", "client")
 AUTH_HEADER = "Authorization"
@@ -118,10 +119,8 @@ class Session:
     def has_role(self, role: str) -> bool:
         return any(p.role == role for p in self.principals)
 
-    @property
-    def viewer(self) -> Viewer:
-        # A peer names only what it handed off itself (no sees_all: no confused deputy).
-        return Viewer(self.id, sees_all=False, hands_off=self.has_role("peer"))
+    #: the monitor's Principal for this session (built once by the server)
+    principal: object = field(default=None, compare=False, repr=False)
 
     def claim_user(self, claimed: object) -> str:
         """The identity a get/move acts as: a claimed user must be one this connection proved."""

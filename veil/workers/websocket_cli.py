@@ -64,6 +64,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-message-mb", type=float, default=256, help="largest accepted request, in MiB")
     p.add_argument("--max-command-seconds", type=float, default=600.0, metavar="S",
                    help="per-command time limit; long commands (plan fit) stop past it (0: no limit)")
+    p.add_argument("--max-session-mb", type=float, default=None,
+                   help="most memory one client session may hold on this worker, in MiB (default: no limit)")
     p.add_argument("--dp-clip", type=float, default=None, metavar="C",
                    help="open the --dataset files to DP training: per-record gradient clipping bound")
     p.add_argument("--dp-noise", type=float, default=None, metavar="SIGMA",
@@ -245,6 +247,7 @@ def run(args: argparse.Namespace) -> int:
         max_message=int(args.max_message_mb * 2**20), ssl_context=ssl_context,
         max_command_seconds=args.max_command_seconds,
         ping_interval=args.ping_interval,
+        max_session_bytes=None if args.max_session_mb is None else int(args.max_session_mb * 2**20),
     )
     for peer in _peers(args, hook):
         worker.add_peer(peer)

@@ -18,10 +18,12 @@ not one row each.
 Per request the server
 - replaces the envelope's claimed sender with the session id (so ``created_by``
   is the authenticated session, never a name the client chose),
-- scopes the store to what the session may name (its own objects, the owner's
-  shared data, hand-offs), and
+- hands the reference monitor (``veil/workers/monitor.py``) a Principal for
+  the session: the monitor scopes names to the session's namespace (its own
+  objects, the owner's shared data, hand-offs), applies the owner's rules and
+  writes every release and refusal to this worker's audit log (OwnerDB), and
 - checks any claimed ``user`` of a get/move against the principals the
-  connection proved, then writes every get, move and refusal to the audit log.
+  connection proved.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from veil.messaging import messages as m
 from veil.messaging.serde import serialize
 from veil.workers import cancellation
 from veil.workers.base import BaseWorker
+from veil.workers.monitor import Principal
 from veil.workers.persistence import OwnerDB
 from veil.workers.websocket_auth import (RefusalLog, Session, TokenTable, authenticate, check_request,
                                          run_session_end_handlers, tokens_from_headers)
@@ -121,6 +124,7 @@ class WebsocketServerWorker(BaseWorker):
             )
         self.host, self.port, self.tokens = host, port, tokens
         self.db = db if db is not None else OwnerDB()
+        self.monitor.audit_sink = self._audit_row  # audit rows go to the owner's durable log
         self.max_message, self.ssl_context, self.max_connections = max_message, ssl_context, max_connections
         self.ping_interval = ping_interval
         self.peers: dict[str, BaseWorker] = {}
@@ -170,7 +174,7 @@ class WebsocketServerWorker(BaseWorker):
             self._running.add(token)
             self._local.session = session
             try:
-                with self.store.viewing(session.viewer), cancellation.running(token, self._turn.yield_turn):
+                with cancellation.running(token, self._turn.yield_turn):
                     return self._recv_msg(data)
             except Exception as e:  # never drop the connection over one reply (was: close 1011)
                 log.exception("worker %s: request of session %s failed outside the handlers", self.id, session.id)
@@ -178,6 +182,21 @@ class WebsocketServerWorker(BaseWorker):
             finally:
                 self._local.session = None
                 self._running.discard(token)
+
+    def principal(self, sender: str) -> Principal:
+        """The authenticated session (the claimed sender is ignored); plain worker semantics in-process."""
+        session = self.current_session()
+        if session is None:
+            return super().principal(sender)
+        principal = session.principal
+        if principal is None:
+            principal = session.principal = Principal(
+                session.id, session.user, namespace=session.id,
+                roles=frozenset(p.role for p in session.principals), isolated=True)
+        return principal
+
+    def _audit_row(self, action: str, principal: Principal, ids: list, outcome: str, detail: str) -> None:
+        self._audit(action, principal.user, principal.session, ids, outcome, detail)
 
     def requesting_user(self) -> str | None:
         session = self.current_session()
@@ -193,18 +212,15 @@ class WebsocketServerWorker(BaseWorker):
             check_request(session, msg)  # least privilege per role (client, peer)
             if action in ("get", "move"):
                 principal = msg.user = session.claim_user(msg.user)
-            reply = super()._handle(msg, session.id)
+            return super()._handle(msg, session.id)
         except PermissionDeniedError as e:
-            self._audit(action or type(msg).__name__, principal, session, _ids_of(msg), "refused", str(e))
+            if not getattr(e, "audited", False):  # the monitor wrote its own refusals
+                self._audit(action or type(msg).__name__, principal, session.id, _ids_of(msg), "refused", str(e))
             raise
-        if action is not None:
-            detail = f"to {msg.destination}" if action == "move" else ""
-            self._audit(action, principal, session, _ids_of(msg), "allowed", detail)
-        return reply
 
-    def _audit(self, action: str, principal: str, session: Session, ids: list, outcome: str, detail: str) -> None:
+    def _audit(self, action: str, principal: str, session: str, ids: list, outcome: str, detail: str) -> None:
         try:
-            self.db.audit(self.id, action, principal, session.id, ids, outcome, detail)
+            self.db.audit(self.id, action, principal, session, ids, outcome, detail)
         except Exception:  # a full disk must not turn a refusal into an allowed request
             log.exception("worker %s: could not write the audit log", self.id)
             if outcome == "allowed":
@@ -215,7 +231,7 @@ class WebsocketServerWorker(BaseWorker):
         self.sessions.pop(session.id, None)
         with self._turn:
             run_session_end_handlers(self, session.id)
-            return self.store.drop_created_by(session.id)
+            return self.monitor.end_session(session.id)
 
     # ------------------------------------------------------------ handshake
 
@@ -292,7 +308,7 @@ class WebsocketServerWorker(BaseWorker):
         if found is None or self._loop is None:
             return False
         session = self.sessions.get(session_id)
-        self._audit("disconnect", by, session or Session((), id=session_id), [], "allowed",
+        self._audit("disconnect", by, session_id, [], "allowed",
                     f"owner closed session {session_id} of {session.user if session else '?'}")
         closing = asyncio.run_coroutine_threadsafe(found[0].close(4000, "disconnected by the data owner"), self._loop)
         try:

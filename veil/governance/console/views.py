@@ -25,7 +25,7 @@ def datasets(worker: Any) -> list[dict]:
     rows = []
     for oid, e in owner_sources(worker):
         t = e.obj
-        derived = sum(1 for x in worker.store._entries.values() if not x.protected and oid in sources_of(0, x))
+        derived = sum(1 for x in (e for _, e in worker.monitor.owner_entries()) if not x.protected and oid in sources_of(0, x))
         rows.append({
             "id": oid, "tags": list(e.tags), "description": e.description,
             "shape": list(t.shape) if isinstance(t, torch.Tensor) else [],
@@ -41,7 +41,7 @@ def datasets(worker: Any) -> list[dict]:
 def sessions(worker: Any) -> list[dict]:
     out = []
     for sid, s in list(getattr(worker, "sessions", {}).items()):
-        objs = [e.obj for e in worker.store._entries.values() if e.created_by == sid]
+        objs = [e.obj for e in (e for _, e in worker.monitor.owner_entries()) if e.created_by == sid]
         nbytes = sum(t.element_size() * t.numel() for t in objs if isinstance(t, torch.Tensor))
         out.append({"id": sid, "user": s.user, "roles": sorted({p.role for p in s.principals}),
                     "principals": [p.name for p in s.principals], "objects": len(objs), "bytes": nbytes,

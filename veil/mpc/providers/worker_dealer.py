@@ -41,6 +41,7 @@ from veil.mpc.providers.base import Provider
 from veil.mpc.ring import DTYPE, random_ring
 from veil.mpc.sharing import split
 from veil.tensors.pointer import PointerTensor
+from veil.workers.monitor import DEALER_TAG
 
 DEAL = "veil.mpc.deal"
 MAC_KEY = "veil.mpc.register_mac_key"
@@ -87,7 +88,7 @@ def _deal(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, count: 
             for i, share in enumerate(split(value, n)):
                 per_party[i].append(share)
     for i, party in enumerate(parties):
-        objects = [m.StoredObject(oid, t) for oid, t in zip(ids[i], per_party[i])]
+        objects = [m.StoredObject(oid, t, (DEALER_TAG,)) for oid, t in zip(ids[i], per_party[i])]  # never revealable
         worker.send_msg(m.ObjectMessage(objects), party)
 
 
