@@ -87,7 +87,7 @@ def test_scientist_text_is_escaped_and_headers_are_strict(world):
 def test_policy_change_and_audit_filter(world):
     w, _, _, client = world
     _login(client, ADMIN)
-    oid = next(oid for oid, e in w.store._entries.items() if e.protected)
+    oid = next(oid for oid, e in w.monitor.owner_entries() if e.protected)
     csrf = _csrf(client, "/datasets")
     assert client.post("/datasets/policy", data={"csrf": csrf, "id": str(oid), "policy": "bogus"}).status_code == 400
     assert client.post("/datasets/policy", data={"csrf": csrf, "id": str(oid), "policy": "open"}).status_code == 303

@@ -99,7 +99,7 @@ def test_nothing_secret_dependent_leaves_without_approval(hook, seed):
                     f"{x} vs {y}")
                 released += 1
     for (owner, _, _), secret in zip(worlds, secrets):
-        src = next(e for e in owner.store._entries.values() if e.protected)
+        src = next(e for e in (e for _, e in owner.monitor.owner_entries()) if e.protected)
         assert torch.equal(src.obj, secret)  # nothing the owner stored changed
         assert torch.equal((torch.ones(2) * 3).send(owner).get(), torch.ones(2) * 3)  # still serves
     assert released >= 0

@@ -161,8 +161,8 @@ def test_no_path_releases_derived_data_without_approval(owner, other, path):
 
     with pytest.raises(ReviewPendingError):
         attempt()
-    assert torch.equal(owner.store._entries[next(iter(
-        oid for oid, e in owner.store._entries.items() if e.protected))].obj, SECRET)  # owner data unchanged
+    assert torch.equal(dict(owner.monitor.owner_entries())[next(iter(
+        oid for oid, e in owner.monitor.owner_entries() if e.protected))].obj, SECRET)  # owner data unchanged
     assert torch.equal((torch.ones(2) * 3).send(owner).get(), torch.ones(2) * 3)  # still serves
 
 

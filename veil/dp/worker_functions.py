@@ -117,7 +117,8 @@ def _query(worker: Any, x: Any, name: str, epsilon: float, delta: float = 0.0, m
     settings = dp_settings(worker)
     query = QUERIES.get(name) if isinstance(name, str) else None
     if query is None:
-        raise PrivacyParameterError(f"unknown DP query {name!r}; choose one of {sorted(QUERIES)}")
+        shown = repr(name) if isinstance(name, str) else f"of type {type(name).__name__}"
+        raise PrivacyParameterError(f"unknown DP query {shown}; choose one of {sorted(QUERIES)}")
     if not isinstance(x, torch.Tensor):
         raise PrivacyParameterError("a DP query runs on a tensor held by the worker (pass its pointer)")
     eps, dlt = core.check_epsilon(epsilon), _number(delta, "delta")

@@ -41,7 +41,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from veil.exceptions import RemoteExecutionError, VeilError
+from veil.exceptions import RemoteExecutionError, VeilError, register_remote_error
 from veil.federated import secagg_crypto as sc
 from veil.messaging.allowlist import ALLOWLIST, register_worker_function
 from veil.messaging.messages import CommandMessage
@@ -55,6 +55,9 @@ _FAILURES = (VeilError, ConnectionError, OSError)
 
 class SecureAggregationError(RemoteExecutionError):
     """Too few clients survived a secure-aggregation round to recover the sum."""
+
+
+register_remote_error(SecureAggregationError)
 
 
 # -- client side ----------------------------------------------------------------------------------

@@ -240,6 +240,12 @@ _POLICY_ERRORS = (PermissionDeniedError, OperationNotAllowedError, Serialization
                   WorkerNotFoundError, WorkerMismatchError, CommandTimeoutError)
 
 
+def _quotes_a_tensor(text: str) -> bool:
+    # A value-free error may still echo an argument it refused; owner data arrives only as
+    # stored objects (tensors), so a tensor repr in the text means it quoted one.
+    return "tensor(" in text or "Parameter containing" in text
+
+
 def client_error(op_name: str, error: BaseException, protected: set[int], worker_id: str) -> VeilError:
     """The error a client gets for a failed op: no values from protected data ever.
 
@@ -248,7 +254,8 @@ def client_error(op_name: str, error: BaseException, protected: set[int], worker
     anything but a policy error becomes a :class:`ProtectedDataError` naming only
     the op; the full text goes to the owner's log (``veil.owner``).
     """
-    if isinstance(error, _POLICY_ERRORS) or (isinstance(error, VeilError) and error.value_free):
+    if isinstance(error, _POLICY_ERRORS) or (isinstance(error, VeilError) and error.value_free
+                                             and not _quotes_a_tensor(str(error))):
         return error
     if not protected:
         if isinstance(error, VeilError):
