@@ -315,17 +315,26 @@ def truncate(value: Any, divisor: int) -> Any:
     if int(divisor) != divisor or divisor <= 0:
         raise ValueError(f"divisor must be a positive integer, got {divisor!r}")
     divisor = int(divisor)
-    if divisor == 1:
-        return value
+    if divisor == 1:  # a copy: opening the result must not free the operand's shares
+        return _linear(type(value), aten.clone.default, (value,), {}, value.mac_key)
     cls, key, provider = type(value), value.mac_key, value.crypto_provider
     parties = list(value.child)
     pairs = provider.authenticated_truncation_pairs(key.key_id, tuple(value.shape), divisor, parties)
-    (c,) = open_parties("trunc_mask", {p: (value.child[p], pairs[p][0]) for p in parties})
-    z = {p: run_party("trunc_finish", c, pairs[p][1], divisor=divisor, first=(i == 0)) for i, p in enumerate(parties)}
-    public = torch.div(c, divisor, rounding_mode="floor")
-    mac = aten.sub.Tensor(_public_times_alpha(key, public), cls({p: pairs[p][3] for p in parties}, provider))
-    key.pending.append(("truncation mask c = x + r", c,
-                        aten.add.Tensor(value.mac, cls({p: pairs[p][2] for p in parties}, provider))))
+    shift = _truncation.shift_for(divisor)
+    (c,) = open_parties("trunc_mask", {p: (value.child[p], pairs[p][0], shift if i == 0 else 0)
+                                       for i, p in enumerate(parties)})
+    z = {p: run_party("trunc_finish", c, pairs[p][1], pairs[p][2], divisor=divisor, first=(i == 0))
+         for i, p in enumerate(parties)}
+    # mac(z) = alpha (floor(c/d) - K/d) + (1 - c_hi) (alpha g) - (alpha q)
+    public = _truncation.floor_div_unsigned(c, divisor) - shift // divisor
+    wrap = 1 - _truncation.top_bit(c)
+    mac = aten.add.Tensor(
+        aten.sub.Tensor(_public_times_alpha(key, public), cls({p: pairs[p][4] for p in parties}, provider)),
+        aten.mul.Tensor(cls({p: pairs[p][5] for p in parties}, provider), wrap),
+    )
+    shifted_mac = aten.add.Tensor(value.mac, _public_times_alpha(key, torch.tensor(shift, dtype=DTYPE)))
+    key.pending.append(("truncation mask c = x + r",
+                        c, aten.add.Tensor(shifted_mac, cls({p: pairs[p][3] for p in parties}, provider))))
     return _wrap(cls, cls(z, provider), mac, key)
 
 

@@ -68,12 +68,16 @@ def _add_sub(cls, func, args, kwargs):
 
 
 def _add_public(cls, x, public):
-    """Shares of ``x + public``: party 0 adds it, the others broadcast."""
+    """Shares of ``x + public``: party 0 adds it, the others copy their share.
+
+    The copy matters: a result must never hold the operand's share objects,
+    because opening a result (``.get()``) frees remote shares, which would
+    break ``x`` after ``(x + 3).get()``.
+    """
     shape = torch.broadcast_shapes(tuple(x.shape), tuple(public.shape) if isinstance(public, torch.Tensor) else ())
     x = _broadcast(cls, x, shape)
-    parties = x.parties
-    shares = dict(x.child)
-    shares[parties[0]] = shares[parties[0]] + public
+    first = x.parties[0]
+    shares = {p: s + public if p == first else aten.clone.default(s) for p, s in x.child.items()}
     return cls(shares, x.crypto_provider)
 
 
