@@ -19,14 +19,13 @@ changes its share of a value by ``delta`` must also change its MAC share by
   alpha*c)``; the opened ``e = x - a`` and ``f = y - b`` are recorded with
   their MACs.
 * Truncation (division by a public integer ``d``: every fixed-point product,
-  ``mean``, ``x / 3``) uses authenticated pairs ``(r, q = floor(r/d),
-  alpha*r, alpha*q)`` for any number of parties (SecureML's local
-  truncation cannot carry MACs): the parties open ``c = x + r`` (recorded
-  with its MAC ``mac(x) + alpha*r``), then ``z = floor(c/d) - q`` and
-  ``mac(z) = alpha_i * floor(c/d) - (alpha*q)_i``; see :func:`truncate`.
-  The result is ``floor(x/d)`` or ``floor(x/d) + 1`` (one ulp, as without
-  MACs) except with probability ``|x| / 2^64`` per entry. One round, also
-  for 2 parties (where the unauthenticated protocol needs none).
+  ``mean``, ``x / 3``) uses authenticated pairs ``(r, q, g, alpha*r,
+  alpha*q, alpha*g)`` (:mod:`veil.mpc.truncation`): the parties open
+  ``c = x + K + r`` (recorded with its MAC ``mac(x) + alpha*K + alpha*r``),
+  then ``z = floor(c/d) - K/d - q + (1 - c_hi) g`` and ``mac(z) = alpha_i
+  (floor(c/d) - K/d) - (alpha*q)_i + (1 - c_hi) (alpha*g)_i``; see
+  :func:`truncate`. The result is ``floor(x/d)`` or ``floor(x/d) + 1`` for
+  every ``|x| <= 2^62 - d``, with no failure probability. One round.
   Hence fixed-point ``*``, ``@``, ``nn.Linear``, ``conv2d``, ``avg_pool2d``,
   ``mean``, division by public values and the product-only approximations
   of :mod:`veil.mpc.functions` (``exp``, ``reciprocal``, ``sigmoid``, ...)
@@ -44,16 +43,21 @@ changes its share of a value by ``delta`` must also change its MAC share by
 
 Limits (read before use):
 
-* The ring is Z/2^64, not SPDZ2k's Z/2^(64+s) [Cramer et al. 2018]: an
-  additive error ``delta`` escapes detection with probability
-  ``2^(v - 64)`` where ``2^v`` is the largest power of two dividing
-  ``delta``; a change of the top bit only (``delta = 2^63``) is caught with
-  probability 1/2 per check. Any error in the low 32 bits is caught except
-  with probability below ``2^-32``. Truncation makes the escaping errors
-  matter more: an error ``2^v`` in ``c`` that escapes becomes ``2^v / d``
-  in the result (e.g. ``2^48`` escapes with probability ``2^-16`` and is
-  ``2^32 * 2^-16 = 65536.0`` after a fixed-point product at 16 fractional
-  bits).
+* **The bound is weak for high-bit errors.** The ring is Z/2^64, not
+  SPDZ2k's Z/2^(64+s) [Cramer et al. 2018]. An additive error ``delta =
+  2^v * odd`` in a share (with any MAC adjustment the cheater picks) passes
+  one check with probability exactly ``(k + 2) / 2^(k + 1)``, ``k = 64 - v``,
+  over the uniform key and check coefficients: 0.75 for a top-bit error
+  (``v = 63``), 0.5 for ``v = 62``, below ``2^-24`` for ``v <= 32``, below
+  ``2^-40`` only for ``v <= 17``. The key is fixed per (provider, parties)
+  for the process, so a cheater that guesses the low ``k`` bits of ``alpha``
+  right (probability ``2^-k``; e.g. "alpha is even" for the top bit) escapes
+  every later check of such errors too. ``tests/mpc/test_mac_escape.py``
+  measures these rates for errors in shares, triples, truncation pairs and
+  openings. A ``2^-40`` bound for every error needs SPDZ2k (shares and MACs
+  in Z/2^(64+40)), which veil does not implement. Truncation makes the
+  escaping errors matter more: an error ``2^v`` in ``c`` becomes ``2^v / d``
+  in the result.
 * Comparisons, ReLU, max/argmax and max-pooling are refused on
   authenticated tensors (:class:`UnsupportedOperationError`, raised by
   :func:`refuse`): they would need authenticated comparison material
@@ -298,15 +302,11 @@ def _beaver(cls: type, x: Any, y: Any, op: str, key: MacKey, op_kwargs: Optional
 def truncate(value: Any, divisor: int) -> Any:
     """Authenticated truncation: shares and MAC shares of ``value / divisor``.
 
-    The dealt-pair protocol of :mod:`veil.mpc.truncation` for any number of
-    parties (SecureML's local truncation cannot carry MACs): the provider
-    deals ``(r, q = floor(r/d), alpha*r, alpha*q)``; the parties open
-    ``c = x + r`` (recorded, with its MAC ``mac(x) + alpha*r``, for the
-    batched check) and set ``z = floor(c/d) - q`` (party 0 adds the public
-    term) and ``mac(z) = alpha_i * floor(c/d) - (alpha*q)_i``. ``z`` is
-    ``floor(x/d)`` or ``floor(x/d) + 1`` unless ``x + r`` wraps, which happens
-    with probability ``|x| / 2^64`` per entry (the error bound of the
-    unauthenticated protocol).
+    The dealt-pair protocol of :mod:`veil.mpc.truncation` with every field
+    authenticated: the opened ``c = x + K + r`` is recorded with its MAC for
+    the batched check, and ``z``'s MAC follows from the public ``c`` and the
+    MAC shares of ``q`` and ``g``. ``z`` is ``floor(x/d)`` or ``floor(x/d) +
+    1`` for every ``|x| <= 2^62 - d`` (no failure probability).
 
     Args:
         value: An authenticated AdditiveSharingTensor.
