@@ -78,6 +78,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from veil.mpc import truncation as _truncation  # noqa: F401  (registers trunc_mask / trunc_finish)
 from veil.mpc.errors import MacCheckError, ShareMismatchError, UnsupportedOperationError
+from veil.mpc.op_classes import BILINEAR_RING_OP, OpClass, classify, ops_of
 from veil.mpc.party import open_parties, party_function, run_party
 from veil.mpc.prg import expand, new_seed
 from veil.mpc.ring import DTYPE, bilinear
@@ -166,13 +167,17 @@ def _public_times_alpha(key: MacKey, c: Any) -> Any:
     return aten.mul.Tensor(key.alpha_shares, c.to(DTYPE))
 
 
+# What each op does to MACs follows its class in the one op table (veil.mpc.op_classes).
 _ADD_SUB = (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar)
-_PRODUCTS = {
-    aten.mul.Tensor: "mul", aten.mul.Scalar: "mul", aten.mm.default: "mm", aten.bmm.default: "bmm",
-    aten.mv.default: "matmul", aten.dot.default: "matmul",
-}
 _FLOOR_DIV = (aten.div.Tensor_mode, aten.div.Scalar_mode, aten.floor_divide.default, aten.floor_divide.Scalar)
-_PUBLIC_CONSTANTS = (aten.ones_like.default, aten.full_like.default, aten.new_ones.default, aten.new_full.default)
+_PUBLIC_CONSTANTS = ops_of(OpClass.PUBLIC_CONSTANT)
+
+
+def _product_op(func: Any) -> Optional[str]:
+    """The Beaver ring op of a bilinear aten op (convolution has its own path)."""
+    if classify(func) is not OpClass.BILINEAR or func is aten.convolution.default:
+        return None
+    return BILINEAR_RING_OP[func.overloadpacket.__name__]
 
 
 def _authenticated_public(cls: type, public: torch.Tensor, like: Any, key: MacKey) -> Any:
@@ -198,6 +203,7 @@ def dispatch(cls: type, func: Any, args: tuple, kwargs: dict, local_ops: Sequenc
     Raises:
         UnsupportedOperationError: For ops that would lose authentication.
     """
+    from veil.tensors._dispatch import decompose
     from veil.tensors.rules.additive import public_int
     from veil.tensors.rules.common import scalar_value
 
@@ -237,13 +243,11 @@ def dispatch(cls: type, func: Any, args: tuple, kwargs: dict, local_ops: Sequenc
                 return truncate(args[0], d)
     if func is aten.convolution.default:
         return _convolution(cls, args, key)
-    if func in (aten.rsub.Scalar, aten.rsub.Tensor) and not isinstance(args[1], cls):
-        value = func(*stripped)
-        return _wrap(cls, value, aten.sub.Tensor(_public_times_alpha(key, scalar_value(args[1])), args[0].mac), key)
-    if func in _PRODUCTS:
+    product = _product_op(func)
+    if product is not None:
         x, y = args[0], scalar_value(args[1])
         if isinstance(x, cls) and isinstance(y, cls):
-            return _beaver(cls, x, y, _PRODUCTS[func], key)
+            return _beaver(cls, x, y, product, key)
         for a, b in ((x, y), (y, x)):
             if isinstance(a, cls) and not isinstance(b, cls):
                 b = b if not isinstance(b, torch.Tensor) or not b.dtype.is_floating_point else None
@@ -253,6 +257,10 @@ def dispatch(cls: type, func: Any, args: tuple, kwargs: dict, local_ops: Sequenc
                 value = func(*[_strip(o, cls) for o in ordered])
                 macs = [o.mac if isinstance(o, cls) else o for o in ordered]
                 return _wrap(cls, value, func(*macs), key)
+    if classify(func) is not OpClass.COMPARISON:  # composite ops (addmm, rsub, ...): decomposed, MACs kept
+        decomposed = decompose(func, args, kwargs)
+        if decomposed is not NotImplemented:
+            return decomposed
     raise UnsupportedOperationError(
         f"{func} is not available on authenticated shares (active_security=True): only linear ops, products by "
         "public integers, Beaver products (mul, mm, bmm, matmul, conv2d) and truncation (fixed-point products, "

@@ -81,11 +81,6 @@ def _add_public(cls, x, public):
     return cls(shares, x.crypto_provider)
 
 
-@ADDITIVE_RULES.handler(aten.rsub.Scalar, aten.rsub.Tensor)
-def _rsub(cls, func, args, kwargs):
-    return _add_sub(cls, aten.sub.Tensor, (args[1], args[0]), kwargs)
-
-
 def _bilinear(cls, func, x, y, op: str, **op_kwargs):
     """Shared (x) shared -> Beaver; shared (x) public -> local on each share."""
     if isinstance(x, cls) and isinstance(y, cls):
@@ -107,14 +102,6 @@ _MATMUL_NAMES = {aten.mm.default: "mm", aten.bmm.default: "bmm", aten.mv.default
 @ADDITIVE_RULES.handler(*_MATMUL_NAMES)
 def _matmul(cls, func, args, kwargs):
     return _bilinear(cls, func, args[0], args[1], _MATMUL_NAMES[func])
-
-
-@ADDITIVE_RULES.handler(aten.addmm.default)
-def _addmm(cls, func, args, kwargs):
-    bias, a, b = args[:3]
-    if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1:
-        raise UnsupportedOperationError("addmm with beta/alpha != 1 on shared tensors")
-    return aten.add.Tensor(aten.mm.default(a, b), bias)
 
 
 def _conv_public_local(cls, x, w, **conv_kwargs):
