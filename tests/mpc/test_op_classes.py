@@ -63,3 +63,20 @@ def test_composite_ops_keep_macs():
     assert torch.equal(Z.get(), torch.addmm(yi[:2], xi, yi, beta=2))
     R = 5 - X
     assert R.mac is not None and torch.equal(R.get(), 5 - xi)
+
+
+def test_communicator_counts_rounds_and_bytes_per_party(hook):
+    import veil as sy
+    from veil.mpc.communicator import communicate
+
+    parties = [sy.VirtualWorker(hook, id=n) for n in ("ca", "cb", "cc")]
+    cp = sy.VirtualWorker(hook, id="comm_cp")
+    x = torch.randint(-5, 5, (10,)).share(*parties, crypto_provider=cp)
+    y = torch.randint(-5, 5, (10,)).share(*parties, crypto_provider=cp)
+    with communicate(parties, cp) as comm:
+        x * y
+    assert comm.rounds == 1
+    # each party sends its shares of e and f (10 entries each) to the 2 others
+    assert comm.opened_bytes == {p.id: 8 * 2 * 20 for p in parties}
+    assert comm.dealer_sent > 0 and set(comm.sent) == {p.id for p in parties}
+    assert comm.as_dict()["rounds"] == 1
