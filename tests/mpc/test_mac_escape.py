@@ -120,3 +120,14 @@ def test_every_bit_position(place):
     trials = int(os.environ.get("VEIL_MAC_TRIALS", "30"))
     for v in range(64):
         _assert_rate(place, v, trials)
+
+
+def test_new_session_draws_a_fresh_key():
+    dealer = LocalDealer(seed=9)
+    first = mac.key_for(dealer, PARTIES)
+    assert mac.key_for(dealer, PARTIES) is first
+    mac.new_session()
+    second = mac.key_for(dealer, PARTIES)
+    assert second is not first and second.key_id != first.key_id
+    x = share(X, PARTIES, dealer, active_security=True)
+    assert torch.equal((x * 2 + 1).get(), X * 2 + 1)

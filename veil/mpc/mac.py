@@ -52,7 +52,8 @@ Limits (read before use):
   ``2^-40`` only for ``v <= 17``. The key is fixed per (provider, parties)
   for the process, so a cheater that guesses the low ``k`` bits of ``alpha``
   right (probability ``2^-k``; e.g. "alpha is even" for the top bit) escapes
-  every later check of such errors too. ``tests/mpc/test_mac_escape.py``
+  every later check of such errors too, until :func:`new_session` draws a
+  fresh key. ``tests/mpc/test_mac_escape.py``
   measures these rates for errors in shares, triples, truncation pairs and
   openings. A ``2^-40`` bound for every error needs SPDZ2k (shares and MACs
   in Z/2^(64+40)), which veil does not implement. Truncation makes the
@@ -124,6 +125,13 @@ def key_for(provider: Any, parties: Sequence[Any]) -> MacKey:
     provider.register_mac_key(key.key_id, alpha)
     _KEYS[(id(provider), ids)] = (provider, key)
     return key
+
+
+def new_session() -> None:
+    """Forgets every MAC key: the next ``share(..., active_security=True)``
+    deals a fresh ``alpha`` (tensors authenticated before cannot be combined
+    with later ones). Limits how long one guessed key stays useful."""
+    _KEYS.clear()
 
 
 def authenticate(value: Any, plain: torch.Tensor, parties: Sequence[Any]) -> Any:
