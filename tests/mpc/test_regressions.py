@@ -126,3 +126,26 @@ def test_refresh_local_and_fixed_precision(dealer):
     y = x.refresh()
     assert all(not torch.equal(x.child.child[p], y.child.child[p]) for p in ("a", "b", "c"))
     assert torch.allclose(y.get().float_precision(), t) and torch.allclose(x.get().float_precision(), t)
+
+
+# ---- hostile calls of the changed truncation steps: clear errors, worker keeps serving
+
+
+def test_truncation_steps_refuse_malformed_arguments(hook):
+    from veil.exceptions import VeilError
+    from veil.mpc.party import OpenMessage
+
+    alice = sy.VirtualWorker(hook, id="alice")
+    bob = sy.VirtualWorker(hook, id="bob")
+    me = hook.local_worker
+    x = torch.tensor([5, 6]).share(alice, bob, crypto_provider=sy.VirtualWorker(hook, id="crypto_provider"))
+    share = x.child["alice"]
+    for bad_shift in ("2", 1.5, [1]):
+        with pytest.raises((VeilError, ValueError, TypeError)):
+            me.send_msg(OpenMessage("trunc_mask", (share, share, bad_shift), {}), alice)
+    with pytest.raises((VeilError, ValueError, TypeError)):
+        me.send_msg(OpenMessage("trunc_finish", (share, share, share), {"divisor": 1, "first": True}), alice)
+    # trunc_finish is not openable: its output (a share) never comes back in an opening
+    with pytest.raises(VeilError, match="not an openable"):
+        me.send_msg(OpenMessage("trunc_finish", (share, share, share), {"divisor": 4, "first": True}), alice)
+    assert torch.equal(x.get(), torch.tensor([5, 6]))  # nothing changed, the workers still serve
