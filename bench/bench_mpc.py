@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import veil as sy
-from veil.mpc.opening import count_openings
+from veil.mpc.communicator import communicate
 from veil.mpc.providers.worker_dealer import dealer_for
 
 
@@ -102,11 +102,12 @@ def traffic(fn, me, cp, n: int):
     (``cp``'s sends; None for a provider whose counters are not in this process).
     """
     s0 = (me.stats.snapshot(), cp.stats.snapshot() if cp is not None else None)
-    with count_openings() as openings:
+    with communicate() as comm:  # veil.mpc.communicator: rounds and opened bytes per party
         out = fn()
     s1 = (me.stats.snapshot(), cp.stats.snapshot() if cp is not None else None)
     return out, {
-        "rounds": openings.rounds,
+        "rounds": comm.rounds,
+        "opened": comm.as_dict()["opened_bytes_per_party"] or 0,
         "to_party": (s1[0]["bytes_sent"] - s0[0]["bytes_sent"]) / n,
         "from_party": (s1[0]["bytes_received"] - s0[0]["bytes_received"]) / n,
         "cp_sent": (s1[1]["bytes_sent"] - s0[1]["bytes_sent"]) / n if cp is not None else None,
@@ -147,13 +148,13 @@ def _models(parties, cp, me, repeat: int) -> None:
     """Latency, rounds and bytes per party of whole-model workloads."""
     n = len(parties)
     print()
-    print("| workload | veil s | rounds | orch->party B | party->orch B | cp->party B | msgs/party |")
-    print("|---|---|---|---|---|---|---|")
+    print("| workload | veil s | rounds | opened B/party | orch->party B | party->orch B | cp->party B | msgs/party |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, fn, _plain in model_cases(parties, cp):
         _, t = traffic(fn, me, cp, n)
         best = _time(fn, repeat)
-        print(f"| {name} | {best:.3f} | {t['rounds']} | {t['to_party']:,.0f} | {t['from_party']:,.0f} | "
-              f"{t['cp_sent']:,.0f} | {t['msgs']:.1f} |")
+        print(f"| {name} | {best:.3f} | {t['rounds']} | {t['opened']:,.0f} | {t['to_party']:,.0f} | "
+              f"{t['from_party']:,.0f} | {t['cp_sent']:,.0f} | {t['msgs']:.1f} |")
 
 
 def main() -> None:
@@ -170,9 +171,9 @@ def main() -> None:
     print(f"parties={args.parties} seeded={not args.unseeded} torch={torch.__version__}")
     if args.skip_ops:
         cases = []
-    print("| op | veil s | online s | torch s | ratio | rounds | orch->party B | party->orch B | cp->party B "
-          "| msgs/party | max err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| op | veil s | online s | torch s | ratio | rounds | opened B/party | orch->party B | party->orch B "
+          "| cp->party B | msgs/party | max err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, shared, fn, plain in cases:
         t_plain = _time(lambda: fn(*plain), max(args.repeat, 5))
         out, t = traffic(lambda: fn(*shared), me, cp, args.parties)
@@ -180,7 +181,7 @@ def main() -> None:
         t_online = online_time(lambda: fn(*shared), cp, me, args.repeat)
         err = float((out.get().float_precision() - fn(*plain)).abs().max())
         print(f"| {name} | {t_veil:.3f} | {t_online:.3f} | {t_plain:.5f} | {t_veil / t_plain:.0f}x | {t['rounds']} | "
-              f"{t['to_party']:,.0f} | {t['from_party']:,.0f} | {t['cp_sent']:,.0f} | {t['msgs']:.1f} | {err:.1e} |")
+              f"{t['opened']:,.0f} | {t['to_party']:,.0f} | {t['from_party']:,.0f} | {t['cp_sent']:,.0f} | {t['msgs']:.1f} | {err:.1e} |")
     if not args.skip_models:
         _models(parties, cp, me, args.repeat)
 

@@ -251,8 +251,8 @@ def test_tampered_truncation_material_aborts():
 
     def bad(*args):
         pairs = real(*args)
-        r, q, ar, aq = pairs["b"]
-        pairs["b"] = (r, q, ar, aq + 1)
+        r, q, g, ar, aq, ag = pairs["b"]
+        pairs["b"] = (r, q, g, ar, aq + 1, ag)
         return pairs
 
     dealer.authenticated_truncation_pairs = bad

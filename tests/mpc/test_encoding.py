@@ -62,7 +62,7 @@ def test_defaults():
 def test_overflow_is_clear():
     enc = make_encoding()
     with pytest.raises(EncodingOverflowError, match="encodable range"):
-        encode(torch.tensor([2.0**48]), enc)
+        encode(torch.tensor([2.0**46]), enc)  # the bound: |x| * scale < 2^62
     with pytest.raises(OverflowError):
         encode_scalar(1e30, enc)
     with pytest.raises(EncodingOverflowError, match="NaN"):

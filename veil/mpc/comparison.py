@@ -27,8 +27,8 @@ the bit alone, for ``> < >= <= ==``; 1 for ReLU and max; 2 for argmax):
 **1 round**; each party sends ``8 max(p, 1)`` bytes to each other party
 (ReLU: 8 bytes). The dealer sends each party ``8 (max(p, 1) + 1 + p)`` bytes
 of additive shares (fewer when seeded) and each of the two key holders a DCF
-key of ``16 + n (16 + 8K) + 16 + 8K`` bytes with ``n = m - 1 = 39`` levels and
-``K = 1 + p`` payload words: 976 bytes for a comparison, 1,296 for ReLU. So
+key of ``16 + n (16 + 8K) + 16 + 8K`` bytes with ``n = m - 1 = 63`` levels and
+``K = 1 + p`` payload words: 1,552 bytes for a comparison, 2,064 for ReLU. So
 ReLU and comparisons take 1 round, ``max`` over ``n`` entries
 ``ceil(log2 n)`` rounds. Compute: the dealer runs 8 fixed-key AES blocks per
 entry and level, each key holder 2.
@@ -41,9 +41,10 @@ and every party holds additive shares of the rest: the comparison is then as
 strong as its two key holders (parties 0 and 1 together learn the bit's
 inputs; no other coalition learns anything).
 
-Range: exact for ``|d| < 2^(m-1)`` in the ring, i.e. ``|x| < 2^23`` at 16
-fractional bits for a difference ``x``; larger differences give wrong bits
-silently. This is a documented limit of the protocol, not of the API.
+Range: ``m = 64``, so the bit is the ring's own sign bit of ``d - 1``: exact
+for every ``d`` in Z/2^64 except ``d = -2^63`` (where ``d - 1`` wraps). Any
+two encoded values differ by less than ``2^63`` (:mod:`veil.mpc.encoding`),
+so ``x > y``, ``x == y``, ... are exact for all encodable operands.
 """
 
 from __future__ import annotations

@@ -9,10 +9,19 @@ A real ``x`` is represented by the integer ``round(x * s)`` mod 2^64, stored as
 * ``base=10`` with 3 fractional digits reproduces PySyft 0.2's encoding
   (``s = 1000``).
 
-Encodable range: ``|x| * s < 2^63`` (``|x| < 2^47`` by default). Products are
-the real constraint: the product of two encoded values carries scale ``s^2``
-and must not wrap before truncation, so ``|x * y| < 2^63 / s^2`` (``2^31`` by
-default). Plaintext fixed-precision tensors check this; shared ones cannot.
+Safe range (what the protocols support, and what the encoder enforces):
+
+* Encoded values: ``|x| * s < 2^62`` (``|x| < 2^46`` by default), checked by
+  :func:`encode`. Then any difference of two encoded values stays below
+  ``2^63`` in magnitude, so comparisons (exact over the whole ring, see
+  :mod:`veil.mpc.comparison`) are exact for every pair of encoded values.
+* Values being truncated (a product before its division by ``s``, a sum
+  before ``mean``): ``|v| <= 2^62 - d`` in the ring, i.e. ``|x * y| <
+  (2^62 - s) / s^2`` (``~2^30`` by default); in this range shared truncation
+  is exact to one ulp with no failure probability
+  (:mod:`veil.mpc.truncation`). Plaintext fixed-precision tensors check it;
+  shared ones cannot (nothing reveals magnitudes), so staying in range is
+  the caller's contract, as in every fixed-point MPC framework.
 
 Decoding is exact for negative numbers: an encoded ``v`` is split as
 ``v = q*s + r`` with ``q = floor(v / s)`` and ``0 <= r < s`` (floor division
@@ -30,14 +39,16 @@ from typing import Optional, Union
 import torch
 
 from veil.mpc.errors import EncodingOverflowError
-from veil.mpc.ring import DTYPE, INT64_MAX
+from veil.mpc.ring import DTYPE
 
 Number = Union[int, float]
 
 # Default fractional precision per base: 16 bits (CrypTen) or 3 digits (PySyft).
 DEFAULT_PRECISION: dict[int, int] = {2: 16, 10: 3}
 
-_TWO_63 = float(2**63)
+#: encoded magnitudes stay below this (see the module docstring)
+ENCODING_BOUND = 1 << 62
+_BOUND = float(ENCODING_BOUND)
 
 
 @dataclass(frozen=True)
@@ -74,13 +85,13 @@ class FixedPointEncoding:
 
     @property
     def max_abs(self) -> float:
-        """Largest magnitude that can be encoded without wrapping."""
-        return INT64_MAX / self.scale
+        """Magnitudes below this are encodable (``2^62 / scale``)."""
+        return ENCODING_BOUND / self.scale
 
     @property
     def max_abs_product(self) -> float:
-        """Largest ``|x*y|`` whose untruncated product fits the ring."""
-        return INT64_MAX / self.scale**2
+        """``|x*y|`` below this truncates exactly after a shared product."""
+        return (ENCODING_BOUND - self.scale) / self.scale**2
 
 
 def make_encoding(precision_fractional: Optional[int] = None, base: int = 2) -> FixedPointEncoding:
@@ -108,7 +119,7 @@ def check_encodable(x: torch.Tensor, encoding: FixedPointEncoding) -> None:
     if not bool(torch.isfinite(xd).all()):
         raise EncodingOverflowError("cannot encode NaN or infinite values in fixed precision")
     largest = float(xd.abs().max())
-    if round(largest * encoding.scale) >= _TWO_63:
+    if round(largest * encoding.scale) >= _BOUND:
         raise EncodingOverflowError(
             f"value of magnitude {largest:.6g} exceeds the encodable range |x| < "
             f"{encoding.max_abs:.6g} for base={encoding.base}, "
@@ -139,7 +150,7 @@ def encode_scalar(x: Number, encoding: FixedPointEncoding) -> int:
         if not math.isfinite(x):
             raise EncodingOverflowError("cannot encode NaN or infinite values in fixed precision")
         value = round(x * encoding.scale)
-    if not -(2**63) <= value <= INT64_MAX:
+    if not -ENCODING_BOUND < value < ENCODING_BOUND:
         raise EncodingOverflowError(
             f"scalar {x!r} exceeds the encodable range |x| < {encoding.max_abs:.6g}"
         )
@@ -191,7 +202,7 @@ def mul_error_bound(x_abs: float, y_abs: float, encoding: FixedPointEncoding, tr
 
 
 def check_no_wrap(estimate: torch.Tensor, what: str) -> None:
-    """Raises if a float64 estimate of an integer result leaves the ring.
+    """Raises if a float64 estimate of an integer result leaves the safe range.
 
     Plaintext fixed-precision ops compute the same op on ``|a|`` and ``|b|`` in
     float64 to bound the integer result before it silently wraps.
@@ -202,8 +213,8 @@ def check_no_wrap(estimate: torch.Tensor, what: str) -> None:
     if estimate.numel() == 0:
         return
     largest = float(estimate.abs().max())
-    if not largest < _TWO_63:
+    if not largest < _BOUND:
         raise EncodingOverflowError(
-            f"{what}: intermediate magnitude ~2^{math.log2(largest):.1f} overflows the 64-bit ring; "
+            f"{what}: intermediate magnitude ~2^{math.log2(largest):.1f} overflows the safe range 2^62; "
             "reduce input magnitudes or precision_fractional"
         )

@@ -19,14 +19,13 @@ changes its share of a value by ``delta`` must also change its MAC share by
   alpha*c)``; the opened ``e = x - a`` and ``f = y - b`` are recorded with
   their MACs.
 * Truncation (division by a public integer ``d``: every fixed-point product,
-  ``mean``, ``x / 3``) uses authenticated pairs ``(r, q = floor(r/d),
-  alpha*r, alpha*q)`` for any number of parties (SecureML's local
-  truncation cannot carry MACs): the parties open ``c = x + r`` (recorded
-  with its MAC ``mac(x) + alpha*r``), then ``z = floor(c/d) - q`` and
-  ``mac(z) = alpha_i * floor(c/d) - (alpha*q)_i``; see :func:`truncate`.
-  The result is ``floor(x/d)`` or ``floor(x/d) + 1`` (one ulp, as without
-  MACs) except with probability ``|x| / 2^64`` per entry. One round, also
-  for 2 parties (where the unauthenticated protocol needs none).
+  ``mean``, ``x / 3``) uses authenticated pairs ``(r, q, g, alpha*r,
+  alpha*q, alpha*g)`` (:mod:`veil.mpc.truncation`): the parties open
+  ``c = x + K + r`` (recorded with its MAC ``mac(x) + alpha*K + alpha*r``),
+  then ``z = floor(c/d) - K/d - q + (1 - c_hi) g`` and ``mac(z) = alpha_i
+  (floor(c/d) - K/d) - (alpha*q)_i + (1 - c_hi) (alpha*g)_i``; see
+  :func:`truncate`. The result is ``floor(x/d)`` or ``floor(x/d) + 1`` for
+  every ``|x| <= 2^62 - d``, with no failure probability. One round.
   Hence fixed-point ``*``, ``@``, ``nn.Linear``, ``conv2d``, ``avg_pool2d``,
   ``mean``, division by public values and the product-only approximations
   of :mod:`veil.mpc.functions` (``exp``, ``reciprocal``, ``sigmoid``, ...)
@@ -44,16 +43,22 @@ changes its share of a value by ``delta`` must also change its MAC share by
 
 Limits (read before use):
 
-* The ring is Z/2^64, not SPDZ2k's Z/2^(64+s) [Cramer et al. 2018]: an
-  additive error ``delta`` escapes detection with probability
-  ``2^(v - 64)`` where ``2^v`` is the largest power of two dividing
-  ``delta``; a change of the top bit only (``delta = 2^63``) is caught with
-  probability 1/2 per check. Any error in the low 32 bits is caught except
-  with probability below ``2^-32``. Truncation makes the escaping errors
-  matter more: an error ``2^v`` in ``c`` that escapes becomes ``2^v / d``
-  in the result (e.g. ``2^48`` escapes with probability ``2^-16`` and is
-  ``2^32 * 2^-16 = 65536.0`` after a fixed-point product at 16 fractional
-  bits).
+* **The bound is weak for high-bit errors.** The ring is Z/2^64, not
+  SPDZ2k's Z/2^(64+s) [Cramer et al. 2018]. An additive error ``delta =
+  2^v * odd`` in a share (with any MAC adjustment the cheater picks) passes
+  one check with probability exactly ``(k + 2) / 2^(k + 1)``, ``k = 64 - v``,
+  over the uniform key and check coefficients: 0.75 for a top-bit error
+  (``v = 63``), 0.5 for ``v = 62``, below ``2^-24`` for ``v <= 32``, below
+  ``2^-40`` only for ``v <= 17``. The key is fixed per (provider, parties)
+  for the process, so a cheater that guesses the low ``k`` bits of ``alpha``
+  right (probability ``2^-k``; e.g. "alpha is even" for the top bit) escapes
+  every later check of such errors too, until :func:`new_session` draws a
+  fresh key. ``tests/mpc/test_mac_escape.py``
+  measures these rates for errors in shares, triples, truncation pairs and
+  openings. A ``2^-40`` bound for every error needs SPDZ2k (shares and MACs
+  in Z/2^(64+40)), which veil does not implement. Truncation makes the
+  escaping errors matter more: an error ``2^v`` in ``c`` becomes ``2^v / d``
+  in the result.
 * Comparisons, ReLU, max/argmax and max-pooling are refused on
   authenticated tensors (:class:`UnsupportedOperationError`, raised by
   :func:`refuse`): they would need authenticated comparison material
@@ -74,6 +79,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from veil.mpc import truncation as _truncation  # noqa: F401  (registers trunc_mask / trunc_finish)
 from veil.mpc.errors import MacCheckError, ShareMismatchError, UnsupportedOperationError
+from veil.mpc.op_classes import BILINEAR_RING_OP, OpClass, classify, ops_of
 from veil.mpc.party import open_parties, party_function, run_party
 from veil.mpc.prg import expand, new_seed
 from veil.mpc.ring import DTYPE, bilinear
@@ -121,6 +127,13 @@ def key_for(provider: Any, parties: Sequence[Any]) -> MacKey:
     return key
 
 
+def new_session() -> None:
+    """Forgets every MAC key: the next ``share(..., active_security=True)``
+    deals a fresh ``alpha`` (tensors authenticated before cannot be combined
+    with later ones). Limits how long one guessed key stays useful."""
+    _KEYS.clear()
+
+
 def authenticate(value: Any, plain: torch.Tensor, parties: Sequence[Any]) -> Any:
     """Attaches MAC shares of ``alpha * plain`` to the shared ``value``."""
     from veil.tensors.additive import share
@@ -162,13 +175,17 @@ def _public_times_alpha(key: MacKey, c: Any) -> Any:
     return aten.mul.Tensor(key.alpha_shares, c.to(DTYPE))
 
 
+# What each op does to MACs follows its class in the one op table (veil.mpc.op_classes).
 _ADD_SUB = (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar)
-_PRODUCTS = {
-    aten.mul.Tensor: "mul", aten.mul.Scalar: "mul", aten.mm.default: "mm", aten.bmm.default: "bmm",
-    aten.mv.default: "matmul", aten.dot.default: "matmul",
-}
 _FLOOR_DIV = (aten.div.Tensor_mode, aten.div.Scalar_mode, aten.floor_divide.default, aten.floor_divide.Scalar)
-_PUBLIC_CONSTANTS = (aten.ones_like.default, aten.full_like.default, aten.new_ones.default, aten.new_full.default)
+_PUBLIC_CONSTANTS = ops_of(OpClass.PUBLIC_CONSTANT)
+
+
+def _product_op(func: Any) -> Optional[str]:
+    """The Beaver ring op of a bilinear aten op (convolution has its own path)."""
+    if classify(func) is not OpClass.BILINEAR or func is aten.convolution.default:
+        return None
+    return BILINEAR_RING_OP[func.overloadpacket.__name__]
 
 
 def _authenticated_public(cls: type, public: torch.Tensor, like: Any, key: MacKey) -> Any:
@@ -194,6 +211,7 @@ def dispatch(cls: type, func: Any, args: tuple, kwargs: dict, local_ops: Sequenc
     Raises:
         UnsupportedOperationError: For ops that would lose authentication.
     """
+    from veil.tensors._dispatch import decompose
     from veil.tensors.rules.additive import public_int
     from veil.tensors.rules.common import scalar_value
 
@@ -233,13 +251,11 @@ def dispatch(cls: type, func: Any, args: tuple, kwargs: dict, local_ops: Sequenc
                 return truncate(args[0], d)
     if func is aten.convolution.default:
         return _convolution(cls, args, key)
-    if func in (aten.rsub.Scalar, aten.rsub.Tensor) and not isinstance(args[1], cls):
-        value = func(*stripped)
-        return _wrap(cls, value, aten.sub.Tensor(_public_times_alpha(key, scalar_value(args[1])), args[0].mac), key)
-    if func in _PRODUCTS:
+    product = _product_op(func)
+    if product is not None:
         x, y = args[0], scalar_value(args[1])
         if isinstance(x, cls) and isinstance(y, cls):
-            return _beaver(cls, x, y, _PRODUCTS[func], key)
+            return _beaver(cls, x, y, product, key)
         for a, b in ((x, y), (y, x)):
             if isinstance(a, cls) and not isinstance(b, cls):
                 b = b if not isinstance(b, torch.Tensor) or not b.dtype.is_floating_point else None
@@ -249,6 +265,10 @@ def dispatch(cls: type, func: Any, args: tuple, kwargs: dict, local_ops: Sequenc
                 value = func(*[_strip(o, cls) for o in ordered])
                 macs = [o.mac if isinstance(o, cls) else o for o in ordered]
                 return _wrap(cls, value, func(*macs), key)
+    if classify(func) is not OpClass.COMPARISON:  # composite ops (addmm, rsub, ...): decomposed, MACs kept
+        decomposed = decompose(func, args, kwargs)
+        if decomposed is not NotImplemented:
+            return decomposed
     raise UnsupportedOperationError(
         f"{func} is not available on authenticated shares (active_security=True): only linear ops, products by "
         "public integers, Beaver products (mul, mm, bmm, matmul, conv2d) and truncation (fixed-point products, "
@@ -298,15 +318,11 @@ def _beaver(cls: type, x: Any, y: Any, op: str, key: MacKey, op_kwargs: Optional
 def truncate(value: Any, divisor: int) -> Any:
     """Authenticated truncation: shares and MAC shares of ``value / divisor``.
 
-    The dealt-pair protocol of :mod:`veil.mpc.truncation` for any number of
-    parties (SecureML's local truncation cannot carry MACs): the provider
-    deals ``(r, q = floor(r/d), alpha*r, alpha*q)``; the parties open
-    ``c = x + r`` (recorded, with its MAC ``mac(x) + alpha*r``, for the
-    batched check) and set ``z = floor(c/d) - q`` (party 0 adds the public
-    term) and ``mac(z) = alpha_i * floor(c/d) - (alpha*q)_i``. ``z`` is
-    ``floor(x/d)`` or ``floor(x/d) + 1`` unless ``x + r`` wraps, which happens
-    with probability ``|x| / 2^64`` per entry (the error bound of the
-    unauthenticated protocol).
+    The dealt-pair protocol of :mod:`veil.mpc.truncation` with every field
+    authenticated: the opened ``c = x + K + r`` is recorded with its MAC for
+    the batched check, and ``z``'s MAC follows from the public ``c`` and the
+    MAC shares of ``q`` and ``g``. ``z`` is ``floor(x/d)`` or ``floor(x/d) +
+    1`` for every ``|x| <= 2^62 - d`` (no failure probability).
 
     Args:
         value: An authenticated AdditiveSharingTensor.
@@ -315,17 +331,26 @@ def truncate(value: Any, divisor: int) -> Any:
     if int(divisor) != divisor or divisor <= 0:
         raise ValueError(f"divisor must be a positive integer, got {divisor!r}")
     divisor = int(divisor)
-    if divisor == 1:
-        return value
+    if divisor == 1:  # a copy: opening the result must not free the operand's shares
+        return _linear(type(value), aten.clone.default, (value,), {}, value.mac_key)
     cls, key, provider = type(value), value.mac_key, value.crypto_provider
     parties = list(value.child)
     pairs = provider.authenticated_truncation_pairs(key.key_id, tuple(value.shape), divisor, parties)
-    (c,) = open_parties("trunc_mask", {p: (value.child[p], pairs[p][0]) for p in parties})
-    z = {p: run_party("trunc_finish", c, pairs[p][1], divisor=divisor, first=(i == 0)) for i, p in enumerate(parties)}
-    public = torch.div(c, divisor, rounding_mode="floor")
-    mac = aten.sub.Tensor(_public_times_alpha(key, public), cls({p: pairs[p][3] for p in parties}, provider))
-    key.pending.append(("truncation mask c = x + r", c,
-                        aten.add.Tensor(value.mac, cls({p: pairs[p][2] for p in parties}, provider))))
+    shift = _truncation.shift_for(divisor)
+    (c,) = open_parties("trunc_mask", {p: (value.child[p], pairs[p][0], shift if i == 0 else 0)
+                                       for i, p in enumerate(parties)})
+    z = {p: run_party("trunc_finish", c, pairs[p][1], pairs[p][2], divisor=divisor, first=(i == 0))
+         for i, p in enumerate(parties)}
+    # mac(z) = alpha (floor(c/d) - K/d) + (1 - c_hi) (alpha g) - (alpha q)
+    public = _truncation.floor_div_unsigned(c, divisor) - shift // divisor
+    wrap = 1 - _truncation.top_bit(c)
+    mac = aten.add.Tensor(
+        aten.sub.Tensor(_public_times_alpha(key, public), cls({p: pairs[p][4] for p in parties}, provider)),
+        aten.mul.Tensor(cls({p: pairs[p][5] for p in parties}, provider), wrap),
+    )
+    shifted_mac = aten.add.Tensor(value.mac, _public_times_alpha(key, torch.tensor(shift, dtype=DTYPE)))
+    key.pending.append(("truncation mask c = x + r",
+                        c, aten.add.Tensor(shifted_mac, cls({p: pairs[p][3] for p in parties}, provider))))
     return _wrap(cls, cls(z, provider), mac, key)
 
 

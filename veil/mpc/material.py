@@ -8,12 +8,14 @@ one party). Items are returned to protocols as a tuple
 
 * ``beaver`` ``(op, shape_a, shape_b, op_kwargs)``: ``(a, b, c = op(a, b))``
   [Beaver 1991].
-* ``truncation`` ``(shape, divisor)``: ``(r, floor(r / divisor))`` (ABY3).
+* ``truncation`` ``(shape, divisor)``: ``(r, floor(r / divisor), g)`` with
+  ``r`` read unsigned and ``g`` its wrap correction (:mod:`veil.mpc.truncation`).
+* ``zero`` ``(shape,)``: ``(0,)``, fresh random shares of zero (``refresh``).
 * ``beaver_mac`` ``(key_id, op, shape_a, shape_b, op_kwargs)``: an
   authenticated triple ``(a, b, c, alpha*a, alpha*b, alpha*c)`` under the
   MAC key registered as ``key_id`` at this provider (:mod:`veil.mpc.mac`).
 * ``truncation_mac`` ``(key_id, shape, divisor)``: an authenticated
-  truncation pair ``(r, q = floor(r / divisor), alpha*r, alpha*q)``.
+  truncation pair ``(r, q, g, alpha*r, alpha*q, alpha*g)``.
 
 Comparison material (masks and DCF keys) is not a recipe: see
 :mod:`veil.mpc.fss.material`.
@@ -47,10 +49,18 @@ def _beaver(spec) -> tuple[list, list, Derive]:
 
 
 def _truncation(spec) -> tuple[list, list, Derive]:
+    from veil.mpc.truncation import TRUNCATION_BOUND, floor_div_unsigned, wrap_correction
+
     shape, divisor = _shape(spec[0]), int(spec[1])
-    if divisor <= 0:
-        raise ProviderError(f"truncation divisor must be positive, got {divisor}")
-    return [shape], [shape], lambda u, g: [torch.div(u[0], divisor, rounding_mode="floor")]
+    if not 1 < divisor <= TRUNCATION_BOUND:
+        raise ProviderError(f"truncation divisor must be in [2, 2^62], got {divisor}")
+    return [shape], [shape, shape], lambda u, g: [floor_div_unsigned(u[0], divisor), wrap_correction(u[0], divisor)]
+
+
+def _zero(spec) -> tuple[list, list, Derive]:
+    """Fresh additive shares of zero (re-randomizing a sharing: ``refresh``)."""
+    shape = _shape(spec[0])
+    return [], [shape], lambda u, g: [torch.zeros(shape, dtype=DTYPE)]
 
 
 #: key id -> SPDZ MAC key, held by the crypto provider's process only
@@ -81,21 +91,21 @@ def _beaver_mac(spec) -> tuple[list, list, Derive]:
 
 def _truncation_mac(spec) -> tuple[list, list, Derive]:
     key_id, shape, divisor = spec
-    shapes_u, shapes_d, derive_q = _truncation((shape, divisor))
+    shapes_u, shapes_d, derive_qh = _truncation((shape, divisor))
 
     def derive(u: list, g: torch.Generator) -> list:
         alpha = MAC_KEYS.get(key_id)
         if alpha is None:
             raise ProviderError(f"unknown MAC key {key_id!r} at this crypto provider")
-        q = derive_q(u, g)[0]
-        return [q, alpha * u[0], alpha * q]
+        q, w = derive_qh(u, g)
+        return [q, w, alpha * u[0], alpha * q, alpha * w]
 
-    return shapes_u, shapes_d + [shapes_u[0], shapes_d[0]], derive
+    return shapes_u, shapes_d + [shapes_u[0], shapes_d[0], shapes_d[1]], derive
 
 
 RECIPES: dict[str, Callable] = {
     "beaver": _beaver, "truncation": _truncation, "beaver_mac": _beaver_mac,
-    "truncation_mac": _truncation_mac,
+    "truncation_mac": _truncation_mac, "zero": _zero,
 }
 
 

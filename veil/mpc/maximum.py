@@ -119,7 +119,9 @@ def max_dim(x: AST, dim: Optional[int], keepdim: bool, with_index: bool) -> tupl
             index = aten.view.default(index, shape) if index is not None else None
         return values, index
     dim = dim % x.dim()
-    moved = aten.movedim.int(x, dim, -1) if dim != x.dim() - 1 else x
+    # permute (structural, allowlisted on workers) rather than movedim
+    order = [d for d in range(x.dim()) if d != dim] + [dim]
+    moved = aten.permute.default(x, order) if dim != x.dim() - 1 else x
     values, index = max_last(moved, with_index)
     if keepdim:
         values = aten.unsqueeze.default(values, dim)

@@ -10,7 +10,7 @@ protocols' costs can be asserted in tests and reported by benchmarks.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping
 
 import torch
@@ -68,6 +68,8 @@ class OpeningStats:
 
     rounds: int = 0
     elements: int = 0
+    #: party -> bytes it sent to the other parties in openings (its shares of opened values)
+    bytes_by_party: dict = field(default_factory=dict)
 
     @property
     def bytes(self) -> int:
@@ -105,6 +107,7 @@ def open_values(*share_maps: Mapping[object, object]) -> list[torch.Tensor]:
     """
     opened = []
     elements = 0
+    by_party: dict = {}
     flat = fetch_all([s for shares in share_maps for s in shares.values()])
     pos = 0
     for shares in share_maps:
@@ -115,12 +118,16 @@ def open_values(*share_maps: Mapping[object, object]) -> list[torch.Tensor]:
         opened.append(total)
         n = len(values)
         elements += n * (n - 1) * total.numel()
-    record_opening(elements)
+        for party in shares:
+            by_party[party] = by_party.get(party, 0) + 8 * (n - 1) * total.numel()
+    record_opening(elements, by_party)
     return opened
 
 
-def record_opening(elements: int) -> None:
-    """Counts one opening round of ``elements`` ring elements sent."""
+def record_opening(elements: int, by_party: Mapping[object, int] | None = None) -> None:
+    """Counts one opening round of ``elements`` ring elements sent (and bytes per sending party)."""
     for stats in _ACTIVE:
         stats.rounds += 1
         stats.elements += elements
+        for party, nbytes in (by_party or {}).items():
+            stats.bytes_by_party[party] = stats.bytes_by_party.get(party, 0) + nbytes

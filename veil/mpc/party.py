@@ -164,5 +164,6 @@ def open_parties(name: str, per_party: Mapping[Hashable, tuple], **kwargs: Any) 
             outputs = list(reply.objects)
         totals = outputs if totals is None else [t + o for t, o in zip(totals, outputs)]
     n = len(per_party)
-    record_opening(sum(n * (n - 1) * t.numel() for t in totals))
+    per_party_bytes = 8 * (n - 1) * sum(t.numel() for t in totals)  # each party's share of every opened entry
+    record_opening(sum(n * (n - 1) * t.numel() for t in totals), {p: per_party_bytes for p in per_party})
     return totals

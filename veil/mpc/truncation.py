@@ -1,29 +1,36 @@
 """Division of secret-shared values by a public integer (truncation).
 
-Fixed-point products carry scale ``s^2`` and must be divided by ``s``. Two
-methods, each a standard one:
+Fixed-point products carry scale ``s^2`` and must be divided by ``s``.
 
-* **2 parties: SecureML local truncation** [Mohassel & Zhang 2017, Thm. 1].
-  No communication: party 0 computes ``floor(x_0 / d)``, party 1 computes
-  ``-floor(-x_1 / d)``. With shares in signed form, whenever ``x_0 + x_1``
-  does not overflow the signed range the result is ``x/d`` up to an error of
-  at most 1 (one ulp after a fixed-point product). It fails (an error of about
-  ``2^64 / d``) exactly when the sum of the signed shares wraps, which for a
-  uniform share happens with probability ``|x| / 2^64`` per entry: about
-  ``2^-24`` for ``|x| < 2^40`` (e.g. ``|x*y| < 2^8`` at 16 fractional bits).
+**Dealt pairs with a known-zero top bit** (any number of parties, 1 round).
+The provider deals shares of a uniform ``r`` in Z/2^64 (read as an unsigned
+integer in ``[0, 2^64)``), of ``q = floor(r / d)`` and of
+``g = h (q + floor((2^64 - r) / d) + 1)`` where ``h`` is the top bit of ``r``.
+For ``|x| <= 2^62 - d`` (:data:`TRUNCATION_BOUND`) the parties shift ``x``
+by the public multiple of ``d`` ``K = d * floor(2^62 / d)``, so that
+``x' = x + K`` lies in ``[0, 2^63)``: its top bit is known to be 0. They open
+``c = x' + r mod 2^64`` (uniform: it reveals nothing); with ``w`` the wrap
+of that sum, ``x' = c - r`` if ``w = 0`` and ``x' = c + (2^64 - r)`` if
+``w = 1``. Because the top bit of ``x'`` is 0, the wrap is a *linear*
+function of the shared ``h`` and the public top bit ``c_hi`` of ``c``:
+``w = (1 - c_hi) h`` (check the four cases; the "MSB known to be zero"
+trick of the ring-MPC literature, e.g. Escudero et al., Crypto 2020). So
+every party computes locally
 
-* **Any number of parties: dealt truncation pairs** (as ABY3's
-  ``(r, r/2^d)`` pairs). The provider deals shares of uniform ``r`` and of
-  ``q = floor(r / d)``. The parties open ``c = x + r`` (uniformly masked),
-  and set ``z = floor(c / d) - q`` (party 0 adds the public term). If
-  ``x + r`` does not overflow, ``z`` is ``floor(x/d)`` or ``floor(x/d) + 1``:
-  error below 1. The failure probability is again ``|x| / 2^64``. Cost: one
-  round, one ring element per entry per party to each other party.
+    z = floor(c / d) - q + (1 - c_hi) g - K / d
 
-Local truncation is wrong for three or more parties (the share sum wraps
-with constant probability), hence the switch. With active security
-(:func:`veil.mpc.mac.truncate`) the dealt-pair method runs for any number of
-parties, with authenticated pairs: local truncation cannot carry MACs.
+(party 0 adds the public terms): for ``w = 0`` this is ``floor(c/d) -
+floor(r/d)``, for ``w = 1`` ``floor(c/d) + floor((2^64 - r)/d) + 1``, and
+either way ``z - floor(x / d)`` is 0 or 1 (the borrow or carry of the
+remainders is not corrected: at most one ulp, like rounding). There is **no
+failure probability**: this holds for every input in range and every mask.
+Outside the range the result is garbage: the encoder keeps encoded values
+and products inside it (:mod:`veil.mpc.encoding`).
+
+Cost: one round, one ring element per entry per party to each other party
+(for 2 parties this is one round more than SecureML's local truncation,
+kept below as :func:`truncate_secureml` but not used by default: it fails
+with probability ``|x| / 2^64`` per entry, i.e. 6% at ``|x| = 2^60``).
 """
 
 from __future__ import annotations
@@ -34,8 +41,33 @@ import torch
 
 from veil.mpc.party import open_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
+from veil.mpc.ring import wrap_int
 
 Shares = Mapping[Hashable, torch.Tensor]
+
+#: truncation is exact (to one ulp) for ``|x| <= TRUNCATION_BOUND - divisor``
+TRUNCATION_BOUND = 1 << 62
+
+
+def shift_for(divisor: int) -> int:
+    """``K``: the multiple of ``divisor`` added so that ``x + K`` has top bit 0."""
+    return divisor * (TRUNCATION_BOUND // divisor)
+
+
+def floor_div_unsigned(v: torch.Tensor, divisor: int) -> torch.Tensor:
+    """``floor(v / d)`` with ``v`` read as an unsigned 64-bit integer (result mod 2^64).
+
+    For negative (top bit set) ``v``: ``v + 2^64 = (v + s_M) + q_M d`` with
+    ``2^64 = q_M d + s_M``, and ``v + s_M`` cannot overflow.
+    """
+    q_m, s_m = divmod(1 << 64, divisor)
+    neg = (v < 0).to(v.dtype)
+    return torch.div(v + neg * s_m, divisor, rounding_mode="floor") + neg * wrap_int(q_m)
+
+
+def top_bit(v: torch.Tensor) -> torch.Tensor:
+    """0/1 top (sign) bit of int64 values."""
+    return (v < 0).to(v.dtype)
 
 
 @party_function("trunc_local")
@@ -47,19 +79,36 @@ def _trunc_local(x_i: torch.Tensor, divisor: int, negate: bool) -> torch.Tensor:
 
 
 @party_function("trunc_mask", openable=True)
-def _trunc_mask(x_i: torch.Tensor, r_i: torch.Tensor) -> tuple:
-    """A party's share of ``c = x + r`` (uniformly masked)."""
-    return (x_i + r_i,)
+def _trunc_mask(x_i: torch.Tensor, r_i: torch.Tensor, shift: int = 0) -> tuple:
+    """A party's share of ``c = x + K + r`` (uniformly masked; party 0 adds ``K``)."""
+    if type(shift) is not int:
+        raise ValueError("trunc_mask needs an integer shift")
+    return (x_i + r_i + shift if shift else x_i + r_i,)
+
+
+def wrap_correction(r: torch.Tensor, divisor: int) -> torch.Tensor:
+    """The dealer's ``g = h (floor(r/d) + floor((2^64 - r)/d) + 1)``, ``h`` the top bit of ``r``."""
+    h = top_bit(r)
+    return h * (floor_div_unsigned(r, divisor) + floor_div_unsigned(-r, divisor) + 1)
 
 
 @party_function("trunc_finish")
-def _trunc_finish(c: torch.Tensor, q_i: torch.Tensor, divisor: int, first: bool) -> torch.Tensor:
-    z = -q_i
-    return z + torch.div(c, divisor, rounding_mode="floor") if first else z
+def _trunc_finish(c: torch.Tensor, q_i: torch.Tensor, g_i: torch.Tensor, divisor: int, first: bool) -> torch.Tensor:
+    """``z_i = (1 - c_hi) g_i - q_i`` (+ ``floor(c/d) - K/d`` for party 0)."""
+    if type(divisor) is not int or divisor <= 1 or not isinstance(first, bool):
+        raise ValueError("trunc_finish needs an integer divisor > 1 and a boolean first")
+    z = (1 - top_bit(c)) * g_i - q_i
+    if first:
+        z = z + (floor_div_unsigned(c, divisor) - shift_for(divisor) // divisor)
+    return z
 
 
 def truncate_secureml(shares: Shares, divisor: int) -> dict:
-    """SecureML local truncation for exactly two parties (no communication)."""
+    """SecureML local truncation for exactly two parties (no communication).
+
+    Not used by default: it fails (error ~2^64/d) with probability ``|x| /
+    2^64`` per entry [Mohassel & Zhang 2017, Thm. 1].
+    """
     parties = list(shares.keys())
     if len(parties) != 2:
         raise ValueError(f"SecureML local truncation needs exactly 2 parties, got {len(parties)}")
@@ -67,29 +116,32 @@ def truncate_secureml(shares: Shares, divisor: int) -> dict:
 
 
 def truncate_with_pairs(shares: Shares, divisor: int, provider: Provider) -> dict:
-    """Truncation with dealt ``(r, floor(r/d))`` pairs; any number of parties."""
+    """Truncation with dealt ``(r, floor(r/d), g)``; any number of parties."""
     parties = list(shares.keys())
     shape = tuple(shares[parties[0]].shape)
     pairs = provider.truncation_pairs(shape, divisor, parties)
-    (c,) = open_parties("trunc_mask", {p: (shares[p], pairs[p][0]) for p in parties})
+    shift = shift_for(divisor)
+    (c,) = open_parties("trunc_mask", {p: (shares[p], pairs[p][0], shift if i == 0 else 0)
+                                       for i, p in enumerate(parties)})
     return {
-        p: run_party("trunc_finish", c, pairs[p][1], divisor=divisor, first=(i == 0)) for i, p in enumerate(parties)
+        p: run_party("trunc_finish", c, pairs[p][1], pairs[p][2], divisor=divisor, first=(i == 0))
+        for i, p in enumerate(parties)
     }
 
 
 def truncate_shares(shares: Shares, divisor: int, provider: Provider) -> dict:
-    """Shares of ``x / divisor`` (error < 1, see module docstring).
+    """Shares of ``x / divisor`` (exact to one ulp for ``|x| <= 2^62 - divisor``).
 
     Args:
         shares: party -> share of ``x``.
         divisor: Public positive integer.
-        provider: Deals truncation pairs when more than two parties hold ``x``.
+        provider: Deals the truncation pairs.
     """
     if int(divisor) != divisor or divisor <= 0:
         raise ValueError(f"divisor must be a positive integer, got {divisor!r}")
     divisor = int(divisor)
-    if divisor == 1:
-        return dict(shares)
-    if len(shares) == 2:
-        return truncate_secureml(shares, divisor)
+    if divisor == 1:  # fresh share objects: opening the result must not free the operand's
+        return {p: torch.ops.aten.clone.default(s) for p, s in shares.items()}
+    if divisor > TRUNCATION_BOUND:
+        raise ValueError(f"divisor must be at most 2^62, got {divisor}")
     return truncate_with_pairs(shares, divisor, provider)

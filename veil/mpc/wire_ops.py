@@ -4,9 +4,9 @@ Shared and fixed-precision tensors reach a share with direct ``aten`` calls
 (``torch.ops.aten.add.Tensor(share, ...)``); for a remote share these arrive
 at ``PointerTensor.__torch_function__`` as ``OpOverload`` objects, so the
 overloads below are allowlisted under their aten names ("aten.add.Tensor").
-The list is explicit: linear and structural ops only (what
-:mod:`veil.tensors.rules` applies share by share); ``out=`` variants are
-excluded. Protocol steps are allowlisted separately as party functions
+The list is derived from :mod:`veil.mpc.op_classes`: structural, linear,
+affine and bilinear ops only (what :mod:`veil.tensors.rules` applies share
+by share); ``out=`` variants are excluded. Protocol steps are allowlisted separately as party functions
 (:mod:`veil.mpc.party`).
 
 It also registers how opening fetches remote shares: one
@@ -19,16 +19,13 @@ import torch
 
 from veil.messaging.allowlist import ALLOWLIST
 from veil.messaging.messages import GetObjectsMessage
+from veil.mpc.op_classes import WORKER_CLASSES, classify, packets_of
 from veil.mpc.opening import register_batch_fetcher
 from veil.tensors.pointer import PointerTensor
 
-#: aten packets whose (non-``out``) overloads a worker runs on shares
-SHARE_OPS = """
-view _unsafe_view reshape transpose t permute expand expand_as squeeze unsqueeze select slice index
-index_select gather unbind split split_with_sizes narrow flip roll repeat unfold diagonal clone detach alias
-contiguous movedim sum cumsum neg zeros_like new_zeros add sub rsub mul cat stack constant_pad_nd mm bmm mv
-dot matmul convolution
-"""
+#: aten packets whose (non-``out``) overloads a worker runs on shares: derived
+#: from the one op table (structural, linear, affine and bilinear classes)
+SHARE_OPS = " ".join(packets_of(*WORKER_CLASSES))
 
 
 def _register_share_ops() -> list[str]:
@@ -38,8 +35,11 @@ def _register_share_ops() -> list[str]:
         for overload in packet.overloads():
             if "out" in overload.split("_") or overload.endswith("out"):
                 continue
+            op = getattr(packet, overload)
+            if classify(op) not in WORKER_CLASSES:  # e.g. view.dtype: not an op on ring elements
+                continue
             name = f"aten.{packet_name}.{overload}"
-            ALLOWLIST.add(name, getattr(packet, overload))
+            ALLOWLIST.add(name, op)
             names.append(name)
     return names
 

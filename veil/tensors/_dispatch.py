@@ -7,7 +7,9 @@
 2. for a ``LOCAL`` rule, lets the tensor type run the same op on its
    children (unwrap -> op -> rewrap; ``cls._veil_apply_local``),
 3. for a ``HANDLER`` rule, calls the registered handler, which may encode
-   public operands or run a protocol.
+   public operands or run a protocol,
+4. for an op with no rule, runs torch's decomposition of it if there is one
+   (composite ops such as ``addmm`` or ``rsub``), else refuses.
 
 No op-specific code lives here: all knowledge of ops is in ``rules/``.
 """
@@ -15,10 +17,12 @@ No op-specific code lives here: all knowledge of ops is in ``rules/``.
 from __future__ import annotations
 
 import enum
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import torch
+from torch._decomp import decomposition_table
 
 from veil.mpc.errors import UnsupportedOperationError
 
@@ -84,6 +88,17 @@ class RuleTable:
         return list(self._rules)
 
 
+def decompose(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Any:
+    """Runs a composite op as torch's decomposition into simpler aten ops
+    (``addmm`` -> ``mm`` + ``add``, ``rsub`` -> ``sub``, ...), each of which
+    dispatches again; ``NotImplemented`` if torch has none."""
+    fn = decomposition_table.get(func)
+    if fn is None:
+        return NotImplemented
+    # without torch's dtype-casting and out= wrappers: the wrapper tensors keep their own dtype
+    return inspect.unwrap(fn)(*args, **kwargs)
+
+
 def dispatch(cls: type, table: RuleTable, func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Any:
     """Runs ``func`` on wrapper tensors of type ``cls`` following ``table``.
 
@@ -92,6 +107,9 @@ def dispatch(cls: type, table: RuleTable, func: torch._ops.OpOverload, args: tup
     """
     rule = table.lookup(func)
     if rule is None:
+        decomposed = decompose(func, args, kwargs)
+        if decomposed is not NotImplemented:
+            return decomposed
         raise UnsupportedOperationError(
             f"{table.name} does not support {func}; add a rule in veil/tensors/rules/"
         )

@@ -27,6 +27,8 @@ from veil.tensors._dispatch import dispatch
 from veil.tensors.rules.additive import ADDITIVE_RULES
 from veil.tensors.rules.common import STRUCTURAL_OPS
 
+aten = torch.ops.aten
+
 
 def party_id(party: Any) -> Hashable:
     """The key of a party in a share dict: a worker's ``id``, else itself."""
@@ -95,6 +97,20 @@ class AdditiveSharingTensor(torch.Tensor):
         if self.mac is not None:
             return mac.reconstruct_checked(self)
         return reconstruct(self.child)
+
+    def copy(self) -> "AdditiveSharingTensor":
+        """An independent copy (each party copies its share; MACs too)."""
+        return aten.clone.default(self)
+
+    def refresh(self) -> "AdditiveSharingTensor":
+        """Same value, fresh shares: every party adds its share of a random
+        zero sharing dealt by the crypto provider (no communication between
+        the parties; the orchestrator never sees the zero shares)."""
+        zeros = self.crypto_provider.zero_shares(tuple(self.shape), list(self.parties))
+        out = type(self)({p: s + zeros[p][0] for p, s in self.child.items()}, self.crypto_provider)
+        if self.mac is not None:
+            out.mac, out.mac_key = self.mac.refresh(), self.mac_key
+        return out
 
     def truncate(self, divisor: int) -> "AdditiveSharingTensor":
         """Shares of ``self / divisor`` (see :mod:`veil.mpc.truncation`).

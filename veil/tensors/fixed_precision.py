@@ -100,6 +100,20 @@ class FixedPrecisionTensor(torch.Tensor):
             return self
         return type(self)(self.child.get(), self.encoding, self.dtype, requires_grad=self.requires_grad)
 
+    def copy(self) -> "FixedPrecisionTensor":
+        """An independent copy (shared children are copied share by share)."""
+        return type(self)(torch.ops.aten.clone.default(self.child), self.encoding, self.dtype)
+
+    def refresh(self) -> "FixedPrecisionTensor":
+        """Same value, re-randomized shares (see ``AdditiveSharingTensor.refresh``).
+
+        Raises:
+            TypeError: If the values are not secret-shared.
+        """
+        if not self.is_shared:
+            raise TypeError("refresh() re-randomizes shares: this FixedPrecisionTensor is not shared")
+        return type(self)(self.child.refresh(), self.encoding, self.dtype)
+
     def float_precision(self) -> torch.Tensor:
         """Decodes to a plain float tensor (not differentiable)."""
         return float_precision(self)

@@ -24,10 +24,12 @@ import torch
 from veil.mpc.fss import dcf
 from veil.mpc.ring import DTYPE
 
-#: ``m``: comparisons are exact for ``|d| < 2^(m-1)`` in the ring (``|x| < 2^23``
-#: at 16 fractional bits); the DCF runs over ``m - 1`` bits, and its key size
-#: and cost grow linearly with ``m`` (40 is the smallest covering 2^23).
-COMPARISON_BITS = 40
+#: ``m``: comparisons read the sign bit of ``d - 1`` over ``m`` bits. With
+#: ``m = 64`` that is the ring's own sign bit: exact for every ``d`` but
+#: ``-2^63`` (no silent failures outside a sub-range; with 40 bits, ``2^39 ==
+#: 0`` was true). The DCF runs over ``m - 1 = 63`` bits, so its key size and
+#: cost are 63/39 of the old 40-bit ones.
+COMPARISON_BITS = 64
 #: the DCF's input bits
 DCF_BITS = COMPARISON_BITS - 1
 LOW_MASK = (1 << DCF_BITS) - 1

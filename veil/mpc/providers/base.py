@@ -48,11 +48,25 @@ class Provider(abc.ABC):
     def truncation_pairs(
         self, shape: Sequence[int], divisor: int, parties: Sequence[Hashable]
     ) -> Mapping[Hashable, tuple[torch.Tensor, torch.Tensor]]:
-        """Deals shares of ``(r, floor(r / divisor))`` for uniform ``r``.
+        """Deals shares of ``(r, floor(r / divisor), g)`` for uniform ``r``.
+
+        ``r`` is read as an unsigned integer and ``g`` is its wrap
+        correction (:func:`veil.mpc.truncation.wrap_correction`).
 
         Returns:
-            party -> (r_i, q_i) with sum r_i = r and sum q_i = floor(r/divisor).
+            party -> (r_i, q_i, g_i).
         """
+
+    def zero_shares(self, shape: Sequence[int], parties: Sequence[Hashable]) -> Mapping[Hashable, tuple]:
+        """Deals fresh additive shares of zero (to re-randomize a sharing).
+
+        Returns:
+            party -> ``(z_i,)`` with ``sum z_i = 0`` and any ``n - 1`` of them uniform.
+
+        Raises:
+            ProviderError: If this provider cannot deal them.
+        """
+        raise ProviderError(f"{self!r} does not deal shares of zero")
 
     def comparison_keys(
         self, shape: Sequence[int], n_values: int, parties: Sequence[Hashable]
@@ -99,7 +113,7 @@ class Provider(abc.ABC):
         """Deals an authenticated truncation pair under a registered MAC key.
 
         Returns:
-            party -> ``(r_i, q_i, (alpha*r)_i, (alpha*q)_i)`` with
-            ``q = floor(r / divisor)`` for uniform ``r``.
+            party -> ``(r_i, q_i, g_i, (alpha*r)_i, (alpha*q)_i, (alpha*g)_i)``
+            with ``q``, ``h`` as in :meth:`truncation_pairs`.
         """
         raise ProviderError(f"{self!r} does not deal authenticated (active security) material")

@@ -49,12 +49,8 @@ class LocalDealer(Provider):
         return dict(zip(parties, triples))
 
     def truncation_pairs(self, shape, divisor, parties):
-        if divisor <= 0:
-            raise ValueError(f"divisor must be positive, got {divisor}")
-        r = random_ring(shape, self._generator)
-        q = torch.div(r, divisor, rounding_mode="floor")
         self.dealt["truncation"] += 1
-        return dict(zip(parties, zip(self._split(r, parties), self._split(q, parties))))
+        return self._deal_recipe("truncation", (tuple(shape), int(divisor)), parties)
 
     def comparison_keys(self, shape, n_values, parties):
         masks = [random_ring(shape, self._generator) for _ in range(fss_material.n_masks(int(n_values)))]
@@ -63,6 +59,9 @@ class LocalDealer(Provider):
         per_field = [self._split(v, parties) for v in masks + derived]
         return {p: tuple(f[i] for f in per_field) + (tuple(keys[i]) if i < 2 else ())
                 for i, p in enumerate(parties)}
+
+    def zero_shares(self, shape, parties):
+        return self._deal_recipe("zero", (tuple(shape),), parties)
 
     def register_mac_key(self, key_id, alpha):
         register_mac_key(key_id, alpha)

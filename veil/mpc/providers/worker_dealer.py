@@ -186,6 +186,9 @@ class WorkerDealer(Provider):
     def truncation_pairs(self, shape, divisor, parties):
         return self._take("truncation", (tuple(shape), int(divisor)), parties)
 
+    def zero_shares(self, shape, parties):
+        return self._take("zero", (tuple(int(s) for s in shape),), parties)
+
     def comparison_keys(self, shape, n_values, parties):
         return self._take("comparison", (tuple(int(s) for s in shape), int(n_values)), parties)
 

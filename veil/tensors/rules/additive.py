@@ -68,18 +68,17 @@ def _add_sub(cls, func, args, kwargs):
 
 
 def _add_public(cls, x, public):
-    """Shares of ``x + public``: party 0 adds it, the others broadcast."""
+    """Shares of ``x + public``: party 0 adds it, the others copy their share.
+
+    The copy matters: a result must never hold the operand's share objects,
+    because opening a result (``.get()``) frees remote shares, which would
+    break ``x`` after ``(x + 3).get()``.
+    """
     shape = torch.broadcast_shapes(tuple(x.shape), tuple(public.shape) if isinstance(public, torch.Tensor) else ())
     x = _broadcast(cls, x, shape)
-    parties = x.parties
-    shares = dict(x.child)
-    shares[parties[0]] = shares[parties[0]] + public
+    first = x.parties[0]
+    shares = {p: s + public if p == first else aten.clone.default(s) for p, s in x.child.items()}
     return cls(shares, x.crypto_provider)
-
-
-@ADDITIVE_RULES.handler(aten.rsub.Scalar, aten.rsub.Tensor)
-def _rsub(cls, func, args, kwargs):
-    return _add_sub(cls, aten.sub.Tensor, (args[1], args[0]), kwargs)
 
 
 def _bilinear(cls, func, x, y, op: str, **op_kwargs):
@@ -103,14 +102,6 @@ _MATMUL_NAMES = {aten.mm.default: "mm", aten.bmm.default: "bmm", aten.mv.default
 @ADDITIVE_RULES.handler(*_MATMUL_NAMES)
 def _matmul(cls, func, args, kwargs):
     return _bilinear(cls, func, args[0], args[1], _MATMUL_NAMES[func])
-
-
-@ADDITIVE_RULES.handler(aten.addmm.default)
-def _addmm(cls, func, args, kwargs):
-    bias, a, b = args[:3]
-    if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1:
-        raise UnsupportedOperationError("addmm with beta/alpha != 1 on shared tensors")
-    return aten.add.Tensor(aten.mm.default(a, b), bias)
 
 
 def _conv_public_local(cls, x, w, **conv_kwargs):

@@ -6,44 +6,15 @@ from typing import Any
 
 import torch
 
+from veil.mpc.op_classes import OpClass, ops_of
+
 aten = torch.ops.aten
 
 # Ops that move, select, copy or sum entries without mixing in public data:
 # for a fixed-point tensor they act on the encoded integers, for a shared
-# tensor every party applies them to its own share. Both are exact.
-STRUCTURAL_OPS = (
-    aten.view.default,
-    aten._unsafe_view.default,
-    aten.reshape.default,
-    aten.transpose.int,
-    aten.t.default,
-    aten.permute.default,
-    aten.expand.default,
-    aten.squeeze,
-    aten.unsqueeze.default,
-    aten.select.int,
-    aten.slice.Tensor,
-    aten.index.Tensor,
-    aten.index_select.default,
-    aten.gather.default,
-    aten.unbind.int,
-    aten.split.Tensor,
-    aten.split_with_sizes.default,
-    aten.narrow.default,
-    aten.flip.default,
-    aten.roll.default,
-    aten.repeat.default,
-    aten.unfold.default,
-    aten.diagonal.default,
-    aten.clone.default,
-    aten.detach.default,
-    aten.alias.default,
-    aten.sum,
-    aten.cumsum.default,
-    aten.neg.default,
-    aten.zeros_like.default,
-    aten.new_zeros.default,
-)
+# tensor every party applies them to its own share. Both are exact. Derived
+# from the one op table (veil.mpc.op_classes).
+STRUCTURAL_OPS = ops_of(OpClass.STRUCTURAL, OpClass.LINEAR)
 
 # In-place op -> out-of-place op computing the same value.
 INPLACE_TO_OUTOFPLACE = {

@@ -124,17 +124,21 @@ def _fp_threshold_backward(cls, func, args, kwargs):
 
 @FIXED_PRECISION_RULES.handler(*MAX_OPS)
 def _fp_max(cls, func, args, kwargs):
+    """max / argmax. Indices come back fixed-precision (the index times the
+    scale, exact), so that ``pred.eq(target)`` works against fixed-precision
+    targets, as in PySyft 0.2's encrypted evaluation loops."""
     x = args[0]
     dim, keepdim = _max_args(func, args, kwargs)
+    with_index = func is not aten.max.default
     if not _shared(x.child):
-        rest = [dim, keepdim] if func is not aten.max.default and dim is not None else []
+        rest = [dim, keepdim] if with_index and dim is not None else []
         out = func(x.child, *rest)
-        if func is aten.argmax.default:
-            return out
-        if func is aten.max.default:
-            return cls(out, x.encoding, x.dtype)
-        return cls(out[0], x.encoding, x.dtype), out[1]
-    values, index = maximum.max_dim(x.child, dim, keepdim, with_index=func is not aten.max.default)
+        values, index = (out, None) if func is aten.max.default else (
+            (None, out) if func is aten.argmax.default else (out[0], out[1]))
+    else:
+        values, index = maximum.max_dim(x.child, dim, keepdim, with_index=with_index)
+    if index is not None:
+        index = cls(aten.mul.Tensor(index, x.encoding.scale), x.encoding, x.dtype)
     if func is aten.argmax.default:
         return index
     values = cls(values, x.encoding, x.dtype)

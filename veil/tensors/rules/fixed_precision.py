@@ -87,11 +87,6 @@ def _add_sub(cls, func, args, kwargs):
     return cls(op(xc, yc), encoding, dtype)
 
 
-@FIXED_PRECISION_RULES.handler(aten.rsub.Scalar, aten.rsub.Tensor)
-def _rsub(cls, func, args, kwargs):
-    return _add_sub(cls, aten.sub.Tensor, (args[1], args[0]), kwargs)
-
-
 def _is_public_integer(value: Any) -> bool:
     value = scalar_value(value)
     if isinstance(value, (bool, int)):
@@ -139,17 +134,6 @@ def _matmul(cls, func, args, kwargs):
     (xc, yc), encoding, dtype = _children(cls, args[:2])
     _guard([xc, yc], func, str(func))
     return cls(truncate(func(xc, yc), encoding.scale), encoding, dtype)
-
-
-@FIXED_PRECISION_RULES.handler(aten.addmm.default)
-def _addmm(cls, func, args, kwargs):
-    bias, a, b = args[:3]
-    product = aten.mm.default(a, b)
-    if kwargs.get("alpha", 1) != 1:
-        product = aten.mul.Tensor(product, kwargs["alpha"])
-    if kwargs.get("beta", 1) != 1:
-        bias = aten.mul.Tensor(bias, kwargs["beta"])
-    return aten.add.Tensor(product, bias)
 
 
 @FIXED_PRECISION_RULES.handler(aten.convolution.default)

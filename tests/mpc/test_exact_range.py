@@ -1,0 +1,170 @@
+"""Truncation and comparison over the whole documented range, against exact integers.
+
+The encoder's safe range (veil.mpc.encoding) is what these protocols support:
+truncation of ``|v| <= 2^62 - d`` is within one ulp with no failure
+probability, comparisons are exact for every difference but ``-2^63``.
+Zero wrong results are allowed in every test (10^6 truncations and 10^5
+comparisons by default, 10^6 comparisons with VEIL_SLOW=1).
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from veil.mpc.comparison import sign_select
+from veil.mpc.encoding import ENCODING_BOUND, make_encoding
+from veil.mpc.opening import reconstruct
+from veil.mpc.providers import LocalDealer
+from veil.mpc.ring import random_ring
+from veil.mpc.sharing import split
+from veil.mpc.truncation import TRUNCATION_BOUND, truncate_shares
+
+PARTIES = {2: ("a", "b"), 3: ("a", "b", "c")}
+
+
+def across_range(n: int, bound: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` values in ``[-bound, bound]``: half uniform, half log-uniform magnitudes, plus the edges."""
+    half = n // 2
+    if bound >= 2**63 - 1:  # the whole ring but -2^63
+        uniform = random_ring((half,), gen).clamp(min=-bound)
+    else:
+        uniform = torch.empty(half, dtype=torch.int64).random_(-bound, bound + 1, generator=gen)
+    bits = torch.randint(0, bound.bit_length(), (n - half,), generator=gen)
+    mags = torch.empty(n - half, dtype=torch.int64).random_(0, 2**63 - 1, generator=gen) >> (63 - bits)
+    mags = torch.minimum(mags, torch.tensor(bound))
+    signs = torch.randint(0, 2, (n - half,), generator=gen) * 2 - 1
+    edges = torch.tensor([bound, -bound, bound - 1, -bound + 1, 0, 1, -1])
+    return torch.cat([edges, uniform, mags * signs])[:n]
+
+
+def _shared(values, n_parties, gen):
+    return dict(zip(PARTIES[n_parties], split(values, n_parties, gen)))
+
+
+def check_truncation(values: torch.Tensor, divisor: int, n_parties: int, dealer, gen) -> None:
+    got = reconstruct(truncate_shares(_shared(values, n_parties, gen), divisor, dealer))
+    floor = torch.div(values, divisor, rounding_mode="floor")
+    err = got - floor
+    bad = (err < 0) | (err > 1)  # floor or floor + 1
+    assert int(bad.sum()) == 0, f"{int(bad.sum())} wrong of {values.numel()}, e.g. {values[bad][:3].tolist()}"
+
+
+def check_comparison(d: torch.Tensor, n_parties: int, dealer, gen) -> None:
+    bits, (prod,) = sign_select(_shared(d, n_parties, gen), [], dealer)
+    assert torch.equal(reconstruct(bits), (d > 0).long())
+    assert torch.equal(reconstruct(prod), torch.where(d > 0, d, torch.zeros_like(d)))
+
+
+@pytest.mark.parametrize("n_parties", [2, 3])
+@pytest.mark.parametrize("divisor", [2**16, 2**13, 1000, 3])
+def test_truncation_1e5_across_range(n_parties, divisor):
+    gen = torch.Generator().manual_seed(divisor + n_parties)
+    values = across_range(10**5, TRUNCATION_BOUND - divisor, gen)
+    check_truncation(values, divisor, n_parties, LocalDealer(seed=divisor), gen)
+
+
+def test_products_at_the_encoders_product_bound():
+    """Shared fixed-point products with |x*y| up to max_abs_product decode within bounds."""
+    enc = make_encoding()
+    gen = torch.Generator().manual_seed(5)
+    bound = enc.max_abs_product * 0.999
+    x = torch.rand(20000, generator=gen, dtype=torch.float64) * 2**15 + 1
+    y = (torch.rand(20000, generator=gen, dtype=torch.float64) * 2 - 1) * bound / x
+    from veil.tensors.fixed_precision import fix_precision
+
+    dealer = LocalDealer(seed=3)
+    for parties in PARTIES.values():
+        a = fix_precision(x).share(*parties, crypto_provider=dealer)
+        b = fix_precision(y).share(*parties, crypto_provider=dealer)
+        got = (a * b).get().float_precision().to(torch.float64)
+        tol = (x.abs() + y.abs()) * enc.resolution + 2 * enc.resolution
+        assert bool(((got - x * y).abs() <= tol).all())
+
+
+@pytest.mark.parametrize("n_parties", [2, 3])
+def test_truncation_1e6_across_range(n_parties):  # ~3 s: in the default suite
+    gen = torch.Generator().manual_seed(n_parties)
+    values = across_range(10**6, TRUNCATION_BOUND - 2**16, gen)
+    check_truncation(values, 2**16, n_parties, LocalDealer(seed=7), gen)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    values=st.lists(st.integers(-(TRUNCATION_BOUND - 2**16), TRUNCATION_BOUND - 2**16), min_size=1, max_size=20),
+    divisor=st.sampled_from([2, 2**16, 2**20, 10, 1000]),
+    n_parties=st.sampled_from([2, 3]),
+    seed=st.integers(0, 2**31),
+)
+def test_truncation_property(values, divisor, n_parties, seed):
+    edge = TRUNCATION_BOUND - divisor
+    values = torch.tensor([max(-edge, min(edge, v)) for v in values] + [edge, -edge])
+    gen = torch.Generator().manual_seed(seed)
+    check_truncation(values, divisor, n_parties, LocalDealer(seed=seed), gen)
+
+
+def test_truncation_mask_edges():
+    """Masks at the wrap points (top bit set/clear, all-ones) with extreme values."""
+    values = torch.tensor([TRUNCATION_BOUND - 2**16, -(TRUNCATION_BOUND - 2**16), 0, -1, 1] * 4)
+
+    class EdgeDealer(LocalDealer):
+        def _deal_recipe(self, kind, spec, parties):
+            if kind != "truncation":
+                return super()._deal_recipe(kind, spec, parties)
+            from veil.mpc.material import recipe
+
+            _, _, derive = recipe(kind, spec)
+            r = torch.tensor([-(2**63)] * 5 + [2**63 - 1] * 5 + [0] * 5 + [-1] * 5)
+            fields = [r] + derive([r], None)
+            per_field = [split(v, len(parties), self._generator) for v in fields]
+            return {p: tuple(f[i] for f in per_field) for i, p in enumerate(parties)}
+
+    for n in (2, 3):
+        check_truncation(values, 2**16, n, EdgeDealer(seed=1), torch.Generator().manual_seed(n))
+
+
+@pytest.mark.parametrize("n_parties", [2, 3])
+def test_comparison_1e5_full_ring(n_parties):
+    gen = torch.Generator().manual_seed(11 + n_parties)
+    d = across_range(10**5, 2**63 - 1, gen)
+    check_comparison(d, n_parties, LocalDealer(seed=n_parties), gen)
+
+
+@pytest.mark.slow
+def test_comparison_1e6_full_ring():
+    gen = torch.Generator().manual_seed(12)
+    d = across_range(10**6, 2**63 - 1, gen)
+    check_comparison(d, 2, LocalDealer(seed=5), gen)
+
+
+@settings(max_examples=30, deadline=None)
+@given(values=st.lists(st.integers(-(2**63) + 1, 2**63 - 1), min_size=1, max_size=16), seed=st.integers(0, 2**31))
+def test_comparison_property(values, seed):
+    d = torch.tensor(values + [2**39, -(2**39), 2**62, 2**63 - 1, -(2**63) + 1, 1, 0, -1])
+    check_comparison(d, 2, LocalDealer(seed=seed), torch.Generator().manual_seed(seed))
+
+
+def test_power_of_two_equality_is_not_zero(hook):
+    """2^39 == 0 was true with 40-bit comparisons."""
+    import veil as sy
+
+    alice, bob = sy.VirtualWorker(hook, id="alice"), sy.VirtualWorker(hook, id="bob")
+    cp = sy.VirtualWorker(hook, id="crypto_provider")
+    big = torch.tensor([2**39, 2**45, -(2**45), 0])
+    x = big.share(alice, bob, crypto_provider=cp)
+    assert torch.equal((x == 0).get(), (big == 0).long())
+    assert torch.equal((x > 0).get(), (big > 0).long())
+    f = torch.tensor([2.0**29, -(2.0**29), 0.5]).fix_precision().share(alice, bob, crypto_provider=cp)
+    assert torch.equal((f == 0).get().float_precision(), torch.tensor([0.0, 0.0, 0.0]))
+    assert torch.equal((f > 0).get().float_precision(), torch.tensor([1.0, 0.0, 1.0]))
+
+
+def test_encoder_enforces_the_range():
+    from veil.mpc.errors import EncodingOverflowError
+    from veil.mpc.encoding import encode
+
+    enc = make_encoding()
+    assert enc.max_abs == ENCODING_BOUND / 2**16
+    encode(torch.tensor([enc.max_abs * (1 - 2**-40)], dtype=torch.float64), enc)
+    with pytest.raises(EncodingOverflowError):
+        encode(torch.tensor([enc.max_abs], dtype=torch.float64), enc)
