@@ -107,7 +107,9 @@ class AdditiveSharingTensor(torch.Tensor):
         zero sharing dealt by the crypto provider (no communication between
         the parties; the orchestrator never sees the zero shares)."""
         zeros = self.crypto_provider.zero_shares(tuple(self.shape), list(self.parties))
-        out = type(self)({p: s + zeros[p][0] for p, s in self.child.items()}, self.crypto_provider)
+        from veil.mpc.refresh import refresh_shares
+
+        out = type(self)(refresh_shares(self.child, zeros), self.crypto_provider)
         if self.mac is not None:
             out.mac, out.mac_key = self.mac.refresh(), self.mac_key
         return out

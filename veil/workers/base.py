@@ -84,6 +84,7 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
         self.id = id
         #: the only door to this worker's objects (see veil/workers/monitor.py)
         self.monitor = ReferenceMonitor(id, max_session_bytes=max_session_bytes)
+        self.monitor.release_hook = self._review_release
         self._principals: dict[str, Principal] = {}
         self.stats = TransportStats()
         # Per destination: what rides on the next message there, in order
@@ -142,6 +143,10 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
         from veil.governance.requests import ReviewQueue
 
         return ReviewQueue(self)
+
+    def _review_release(self, principal: Principal, oid: int, entry: Entry, action: str) -> None:
+        """The owner's review policy for releases the monitor decides alone (openings)."""
+        _governance_release(self, [oid], [entry], principal.user, action)
 
     @property
     def _objects(self) -> dict[int, Any]:

@@ -173,6 +173,9 @@ class ReferenceMonitor:
         self.audit_sink: Callable[[str, Principal, list, str, str], None] = self._audit_in_memory
         self._local = threading.local()
         self._taints: dict[str, tuple] = {}  # namespace -> reveal_to every new object of it gets
+        #: the owner's review policy (veil.governance), asked before an opening reveals a client object
+        #: derived from owner data; the worker installs it: (principal, oid, entry, action) -> None or raise
+        self.release_hook: Callable[[Principal, int, Entry, str], None] | None = None
 
     # ------------------------------------------------------------- audit
 
@@ -324,6 +327,8 @@ class ReferenceMonitor:
                 protects_other = protects_other or (entry.kind == Kind.SHARE and not self.may_reveal(principal, entry))
                 continue
             self._check_release(principal, entry, oid, "open")  # owner data, client objects: as a .get()
+            if self.release_hook is not None:
+                self.release_hook(principal, oid, entry, "open")
         if protects_other:
             self._check_masks(principal, name, found, ids)
         self.audit("open", principal, ids, "allowed", name)
