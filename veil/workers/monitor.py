@@ -234,6 +234,12 @@ class ReferenceMonitor:
             "policy and answers only differentially private releases")
 
     def _check_release(self, principal: Principal, entry: Entry, oid: int, action: str) -> None:
+        error = self._release_error(principal, entry, oid, action)
+        if error is not None:
+            raise self._refuse(error, action, principal, [oid])
+
+    def _release_error(self, principal: Principal, entry: Entry, oid: int, action: str) -> VeilError | None:
+        """Why ``principal`` may not reveal ``entry`` (None: it may)."""
         error: VeilError | None = None
         user = principal.user
         if entry.kind == Kind.DEALER:
@@ -250,8 +256,7 @@ class ReferenceMonitor:
                 "(a share of someone else's value); it is released by the protocol's output step")
         elif entry.meta.get("dp_only"):
             error = self._dp_only_error(action)
-        if error is not None:
-            raise self._refuse(error, action, principal, [oid])
+        return error
 
     def release_output(self, principal: Principal, ref: Any, recipients: list) -> Entry:
         """A protocol's output step: ``ref``'s value goes to ``recipients`` (session ids) only.
@@ -287,11 +292,7 @@ class ReferenceMonitor:
 
     def may_reveal(self, principal: Principal, entry: Entry) -> bool:
         """Whether ``principal`` could .get() ``entry`` (no audit row)."""
-        try:
-            self._check_release(principal, entry, 0, "check")
-        except PermissionDeniedError:
-            return False
-        return True
+        return self._release_error(principal, entry, 0, "check") is None
 
     # --------------------------------------------------------- arguments
 
