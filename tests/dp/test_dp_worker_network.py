@@ -57,3 +57,27 @@ def test_budget_spent_over_the_network_survives_a_killed_worker(hook, tmp_path):
             c.close()
         for p in procs:
             p.kill()
+
+
+def test_hide_count_and_max_bins_flags(hook, tmp_path):
+    """--dp-hide-count keeps the record count out of pointer shapes; --dp-max-bins caps histogram work."""
+    from veil.dp import PrivacyParameterError
+
+    wp = start_worker("dpflags", ["--token", TOKEN, "--data-dir", str(tmp_path), "--dataset",
+                                  f"boston={BOSTON}:target=MEDV", "--budget", "scientist=5,1e-5",
+                                  "--dp-clip", "1.0", "--dp-noise", "1.5", "--dp-hide-count", "--dp-max-bins", "4"])
+    w = None
+    try:
+        assert any("record counts hidden" in line for line in wp.output)
+        w = sy.WebsocketClientWorker(hook, id="dpflags", host="127.0.0.1", port=wp.port, token=TOKEN)
+        data, target = w.search(["#boston"])
+        assert data.shape[0] == 0 and target.shape[0] == 0 and data.shape[1] == 13
+        with pytest.raises(PrivacyParameterError, match="bins"):
+            sy.dp.remote_query(target, "histogram", epsilon=0.5, bounds=(0, 50), bins=10)
+        hist = sy.dp.remote_query(target, "histogram", epsilon=0.5, bounds=(0, 50), bins=4)
+        assert hist.value.shape == (4,)
+        assert w.search(["#boston"])  # the worker still serves
+    finally:
+        if w is not None:
+            w.close()
+        wp.kill()

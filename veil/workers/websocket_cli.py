@@ -71,6 +71,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp-noise", type=float, default=None, metavar="SIGMA",
                    help="the least noise multiplier DP training requests may use (with --dp-clip)")
     p.add_argument("--dp-delta", type=float, default=1e-5, help="delta at which DP training is accounted")
+    p.add_argument("--dp-hide-count", action="store_true",
+                   help="pointers to the datasets report 0 records (the exact count stays private; see README)")
+    p.add_argument("--dp-max-bins", type=int, default=10_000, metavar="N",
+                   help="most bins a DP histogram may ask for (bounds the work a query can cause)")
     p.add_argument("--budget", action="append", default=[], metavar="USER=EPS,DELTA",
                    help="privacy budget of data scientist USER (repeatable); kept under --data-dir")
     p.add_argument("--policy", action="append", default=[], metavar="POLICY|NAME=POLICY",
@@ -177,12 +181,13 @@ def enable_dp_from_args(worker, args: argparse.Namespace) -> str | None:
     names = [parse_dataset(s)[0] for s in args.dataset] if args.dp_clip is not None else []
     try:
         worker.enable_dp(names, max_grad_norm=args.dp_clip, noise_multiplier=args.dp_noise, budgets=budgets,
-                         delta=args.dp_delta)
+                         delta=args.dp_delta, hide_count=args.dp_hide_count, max_bins=args.dp_max_bins)
     except ValueError as e:  # PrivacyParameterError is a ValueError
         raise SystemExit(f"veil worker: {e}") from None
     training = f"C={args.dp_clip} sigma>={args.dp_noise} on {', '.join(names) or 'no dataset'}" \
         if args.dp_clip is not None else "off"
-    return f"  differential privacy: training {training}; budgets for {', '.join(budgets) or 'nobody'}"
+    hidden = "; record counts hidden" if args.dp_hide_count else ""
+    return f"  differential privacy: training {training}; budgets for {', '.join(budgets) or 'nobody'}{hidden}"
 
 
 def _token_table(args: argparse.Namespace) -> tuple[TokenTable, str | None]:
