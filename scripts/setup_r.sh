@@ -31,7 +31,11 @@ fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/lists/partial" "$work/src"
-echo "deb-src http://deb.debian.org/debian trixie main" > "$work/sources.list"
+# The system's own Debian mirror (its first main-archive URI), with the next release's suite.
+mirror=$(grep -hE '^URIs:' /etc/apt/sources.list.d/debian.sources 2>/dev/null | awk '{print $2}' | grep -v security | head -n 1)
+[[ -n "$mirror" ]] || mirror=$(grep -hoE '^deb [^ ]+' /etc/apt/sources.list 2>/dev/null | awk '{print $2}' | grep -v security | head -n 1)
+[[ -n "$mirror" ]] || { echo "setup: no Debian mirror configured; the R test will be skipped" >&2; exit 0; }
+echo "deb-src $mirror trixie main" > "$work/sources.list"
 apt_own=(-o "Dir::Etc::SourceList=$work/sources.list" -o "Dir::Etc::SourceParts=/dev/null"
          -o "Dir::State::Lists=$work/lists")
 apt-get "${apt_own[@]}" update -q >/dev/null
