@@ -20,6 +20,7 @@ import torch
 
 from veil.exceptions import ObjectNotFoundError, PermissionDeniedError
 from veil.governance.state import audit, governance
+from veil.workers.database import equality_filters
 from veil.workers.persistence import db_execute
 
 STATES = ("pending", "approved", "denied", "released")
@@ -110,13 +111,7 @@ class ReviewQueue:
 
     def list(self, state: str | None = None, principal: str | None = None, limit: int = 500) -> list[ReleaseRequest]:
         """Requests, newest first, optionally of one state and/or one user."""
-        clauses, params = [], []
-        if state:
-            clauses.append("state = ?")
-            params.append(state)
-        if principal:
-            clauses.append("principal = ?")
-            params.append(principal)
+        clauses, params = equality_filters(state=state, principal=principal)
         where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
         return self._rows(where, tuple(params), limit)
 

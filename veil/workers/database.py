@@ -54,6 +54,16 @@ def postgres_schema(schema: str) -> str:
     return schema
 
 
+def equality_filters(**columns: Any) -> tuple[list[str], list[Any]]:
+    """``col = ?`` clauses and their parameters for every filter given a value (None/"" = no filter).
+
+    Column names are the caller's keyword names (code, never user input); values are parameters.
+    """
+    clauses = [f"{name} = ?" for name, value in columns.items() if value not in (None, "")]
+    params = [value for value in columns.values() if value not in (None, "")]
+    return clauses, params
+
+
 class Database:
     """A connection shared by a worker's threads behind a lock (re-entrant, so a
     transaction can call helper queries).

@@ -10,6 +10,7 @@ import torch
 from veil.governance.policy import owner_sources
 from veil.governance.provenance import sources_of
 from veil.governance.state import governance, policy_of
+from veil.workers.database import equality_filters
 from veil.workers.persistence import db_execute
 
 
@@ -52,16 +53,7 @@ def sessions(worker: Any) -> list[dict]:
 def audit_search(worker: Any, user: str = "", action: str = "", outcome: str = "", since: float | None = None,
                  text: str = "", limit: int = 200) -> list[dict]:
     """Audit rows, newest first, filtered (all filters optional; ``text`` searches the detail)."""
-    clauses, params = [], []
-    if user:
-        clauses.append("principal = ?")
-        params.append(user)
-    if action:
-        clauses.append("action = ?")
-        params.append(action)
-    if outcome:
-        clauses.append("outcome = ?")
-        params.append(outcome)
+    clauses, params = equality_filters(principal=user, action=action, outcome=outcome)
     if since is not None:
         clauses.append("ts >= ?")
         params.append(float(since))
