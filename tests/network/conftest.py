@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-import veil as sy
-from veil.workers.websocket_launcher import start_worker
+from veil.workers.websocket_launcher import free_port, start_worker
+from worker_processes import client_connections, spawned_workers
 
 from network_helpers import ADMIN, BOSTON, HOSPITAL, OTHER, PEER, TOKEN, base_args, tensor_eq  # noqa: F401
 
@@ -14,16 +13,7 @@ from network_helpers import ADMIN, BOSTON, HOSPITAL, OTHER, PEER, TOKEN, base_ar
 @pytest.fixture
 def spawn():
     """``spawn(id, args, port=0) -> WorkerProcess``; every process is stopped after the test, pass or fail."""
-    procs = []
-
-    def start(worker_id: str, args: list[str], port: int = 0):
-        wp = start_worker(worker_id, args, port=port)
-        procs.append(wp)
-        return wp
-
-    yield start
-    for wp in procs:
-        wp.kill()
+    yield from spawned_workers()
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +27,18 @@ def owner_server():
 
 
 @pytest.fixture
+def peered(spawn, tmp_path):
+    """Two workers, alice and bob, peered with each other, each with its own data dir."""
+    ports = {"alice": free_port(), "bob": free_port()}
+    procs = {}
+    for name, other in (("alice", "bob"), ("bob", "alice")):
+        args = base_args(["--peer", f"{other}=127.0.0.1:{ports[other]}", "--peer-token", f"{other}={PEER}",
+                          "--accept-peer", f"{other}={PEER}", "--data-dir", str(tmp_path / name)])
+        procs[name] = spawn(name, args, port=ports[name])
+    return procs
+
+
+@pytest.fixture
 def connect(hook):
     """``connect(wp, token=TOKEN, **kw) -> WebsocketClientWorker``; closed after the test."""
-    made = []
-
-    def make(wp, token: str = TOKEN, **kwargs):
-        c = sy.WebsocketClientWorker(hook, id=kwargs.pop("id", wp.id), host="127.0.0.1", port=wp.port,
-                                     token=token, **kwargs)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
+    yield from client_connections(hook, TOKEN)

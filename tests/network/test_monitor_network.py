@@ -53,17 +53,6 @@ def test_openings_refuse_private_data_and_are_audited(spawn, connect, hook, tmp_
     assert any(r["action"] == "get" and r["outcome"] == "refused" and r["object_ids"] == [123456789] for r in rows)
 
 
-@pytest.fixture
-def peered(spawn, tmp_path):
-    ports = {"alice": free_port(), "bob": free_port()}
-    procs = {}
-    for name, other in (("alice", "bob"), ("bob", "alice")):
-        args = base_args(["--peer", f"{other}=127.0.0.1:{ports[other]}", "--peer-token", f"{other}={PEER}",
-                          "--accept-peer", f"{other}={PEER}", "--data-dir", str(tmp_path / name)])
-        procs[name] = spawn(name, args, port=ports[name])
-    return procs
-
-
 def test_stored_pointer_cannot_act_with_the_workers_peer_rights(peered, connect, hook):
     """Finding: a scientist stored PointerWire(bob, victim_id) on alice, then RemoteGet: alice fetched another
     session's object from bob with her peer rights (and the victim's copy disappeared)."""

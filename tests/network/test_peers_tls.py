@@ -15,17 +15,6 @@ from veil.workers.websocket_launcher import free_port
 from network_helpers import OTHER, PEER, TOKEN, base_args
 
 
-@pytest.fixture
-def peered(spawn, tmp_path):
-    ports = {"alice": free_port(), "bob": free_port()}
-    procs = {}
-    for name, other in (("alice", "bob"), ("bob", "alice")):
-        args = base_args(["--peer", f"{other}=127.0.0.1:{ports[other]}", "--peer-token", f"{other}={PEER}",
-                          "--accept-peer", f"{other}={PEER}", "--data-dir", str(tmp_path / name)])
-        procs[name] = spawn(name, args, port=ports[name])
-    return procs
-
-
 def test_move_goes_directly_and_is_audited(peered, connect, hook, tmp_path):
     alice, bob = connect(peered["alice"]), connect(peered["bob"])
     x = torch.randn(10_000)

@@ -1,0 +1,41 @@
+"""Fixture bodies shared by the test folders that start real ``veil worker`` processes.
+
+Each folder's conftest wraps these with its own tokens (network and governance tests
+use different ones), so the start/stop and connect/close bookkeeping lives once.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import veil as sy
+from veil.workers.websocket_launcher import start_worker
+
+
+def spawned_workers() -> Iterator:
+    """Yields ``spawn(id, args, port=0) -> WorkerProcess``; every process is killed afterwards, pass or fail."""
+    procs = []
+
+    def start(worker_id: str, args: list[str], port: int = 0):
+        wp = start_worker(worker_id, args, port=port)
+        procs.append(wp)
+        return wp
+
+    yield start
+    for wp in procs:
+        wp.kill()
+
+
+def client_connections(hook, default_token: str) -> Iterator:
+    """Yields ``connect(wp, token=default_token, **kw) -> WebsocketClientWorker``; all closed afterwards."""
+    made = []
+
+    def make(wp, token: str = default_token, **kwargs):
+        c = sy.WebsocketClientWorker(hook, id=kwargs.pop("id", wp.id), host="127.0.0.1", port=wp.port,
+                                     token=token, **kwargs)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
