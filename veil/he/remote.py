@@ -21,8 +21,9 @@ from veil.he.paillier import PaillierTensor
 from veil.ids import new_id
 from veil.messaging import serde
 from veil.messaging.allowlist import ALLOWLIST, register_worker_function
-from veil.messaging.messages import GetObjectsMessage, ObjectMessage, ObjectRef, StoredObject
+from veil.messaging.messages import ObjectMessage, ObjectRef, StoredObject
 from veil.tensors import remote_ops
+from veil.tensors.handle import RemoteHandle
 from veil.workers import base
 
 HE_EXT = 30
@@ -68,13 +69,17 @@ def _he_op(worker: Any, name: str, a: Any, b: Any, out_id: int) -> None:
 register_worker_function("veil.he.op", _he_op, shapes="none")
 
 
-class HEPointer:
-    """Pointer to a ciphertext on a worker; operations run there and return new HEPointers."""
+class HEPointer(RemoteHandle):
+    """Pointer to a ciphertext on a worker; operations run there and return new HEPointers.
+
+    A :class:`~veil.tensors.handle.RemoteHandle`: freed through the same deletion queue as tensor pointers.
+    """
+
+    HANDLE_KIND = "he"
 
     def __init__(self, location: Any, owner: Any, id_at_location: int, kind: str, shape: tuple):
-        self.location, self.owner, self.id_at_location = location, owner, id_at_location
+        self._init_handle(location, id_at_location, owner)
         self.kind, self.shape = kind, tuple(shape)
-        self._freed = False
 
     def _apply(self, name: str, other: Any = None) -> "HEPointer":
         if isinstance(other, HEPointer):
@@ -118,19 +123,10 @@ class HEPointer:
 
     def get(self) -> Any:
         """The ciphertext, back with its owner (who decrypts it locally)."""
-        reply = self.owner.send_msg(GetObjectsMessage([self.id_at_location]), self.location)
-        self._freed = True
-        return reply.objects[0]
-
-    def __del__(self) -> None:
-        if not self._freed:
-            try:
-                self.owner.schedule_delete(self.location, self.id_at_location)
-            except Exception:
-                pass
+        return self.fetch()[0]
 
     def __repr__(self) -> str:
-        return f"[HEPointer {self.kind} {self.shape} | {self.owner.id} -> {self.location.id}:{self.id_at_location}]"
+        return self.handle_head("HEPointer", f"{self.kind} {self.shape}")
 
 
 def send_encrypted(obj: PaillierTensor | CKKSTensor, worker: Any) -> HEPointer:
