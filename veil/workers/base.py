@@ -535,9 +535,8 @@ def _handle_move(worker: BaseWorker, msg: m.MoveMessage, sender: str) -> Any:
     _governance_release(worker, msg.ids, entries, principal.user, "move")
     # Refusals first: whether the destination is reachable must not matter to a refused move.
     destination = worker.resolve_worker(msg.destination)
-    objects = [
-        m.StoredObject(new, e.obj, e.tags, e.description, e.allowed_users) for new, e in zip(msg.new_ids, entries)
-    ]
+    # capabilities travel (reveal_to, share kind, DP-only, provenance): moving never widens who may reveal it
+    objects = [worker.monitor.outgoing(principal, new, e) for new, e in zip(msg.new_ids, entries)]
     worker.send_msg(m.ObjectMessage(objects), destination)
     for oid in msg.ids:
         worker.monitor.discard(principal, oid)  # owner-protected data is copied, never taken

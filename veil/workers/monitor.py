@@ -20,6 +20,7 @@ The object store answers only the monitor: it holds the store's key.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import deque
 from dataclasses import dataclass, replace
@@ -81,6 +82,10 @@ PROTOCOL_PREFIXES: tuple[str, ...] = ("veil.mpc.",)
 OPENING_MASKS: dict[str, tuple[int, ...]] = {"beaver_mask": (2, 3), "trunc_mask": (1,), "fss_mask": (1,)}
 #: in-process audit rows kept (network workers write to their OwnerDB)
 AUDIT_LOG_SIZE = 10_000
+#: capabilities travel between workers as tags with this prefix (ObjectMessage; see export_capabilities)
+CAP_PREFIX = "#veil.cap."
+#: bytes one capability tag may hold (a provenance list of many sources stays far below)
+CAP_TAG_LIMIT = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -367,7 +372,7 @@ class ReferenceMonitor:
     def store(self, principal: Principal, oid: Any, obj: Any, *, sources: Iterable[Entry] = (),
               op_name: str | None = None, kind: str | None = None, reveal_to: tuple | None = None,
               tags: tuple = (), description: str = "", allowed_users: tuple | None = None,
-              hand_off: bool | None = None) -> Entry:
+              hand_off: bool | None = None, provenance: frozenset = frozenset()) -> Entry:
         """Stores a client object under ``oid`` in the principal's namespace, with derived capabilities.
 
         Raises:
@@ -398,7 +403,7 @@ class ReferenceMonitor:
         taint = self._taints.get(ns) if kind == Kind.SHARE else None
         if taint is not None:  # a share computed while the session holds others' protected inputs
             reveal_to = taint if reveal_to is None else tuple(sorted(set(reveal_to) & set(taint)))
-        provenance = _EMPTY
+        provenance = provenance or _EMPTY  # travelled with the object (store_objects), else from its sources
         for e in sources:
             if e.provenance and not e.provenance <= provenance:
                 provenance = provenance | e.provenance
@@ -409,12 +414,81 @@ class ReferenceMonitor:
         return entry
 
     def store_objects(self, principal: Principal, objects: list) -> None:
-        """ObjectMessage: client-sent objects; dealt material when a dealer tags it; peer hand-offs."""
-        for so in objects:
-            dealt = DEALER_TAG in so.tags and principal.may_deal
-            self.store(principal, so.id, so.obj, kind=Kind.DEALER if dealt else Kind.CLIENT,
-                       tags=tuple(t for t in so.tags if t != DEALER_TAG), description=so.description,
-                       allowed_users=so.allowed_users)
+        """ObjectMessage: client-sent objects; dealt material when a dealer tags it; peer hand-offs.
+
+        Capabilities that travelled with an object (:meth:`export_capabilities`) are applied; they
+        only ever restrict it, except ``kind`` share/dealer, honoured from dealers / peers only.
+        """
+        parsed = [(so, *self._import_capabilities(principal, so.tags)) for so in objects]  # all checks first
+        for so, tags, caps in parsed:
+            entry = self.store(principal, so.id, so.obj, kind=caps["kind"], reveal_to=caps["reveal_to"],
+                               tags=tags, description=so.description, allowed_users=so.allowed_users,
+                               provenance=caps["provenance"])
+            if caps["dp_only"]:
+                entry.meta["dp_only"] = True
+
+    # ------------------------------------------------------ capabilities on the move
+
+    def export_capabilities(self, principal: Principal, entry: Entry) -> tuple:
+        """Tags that carry ``entry``'s capabilities to another worker (moves, a worker sharing its values).
+
+        The receiver's monitor applies them (:meth:`store_objects`), so a value never becomes revealable
+        by more parties by moving: ``reveal_to`` (session ids mean nothing on another worker, so the set
+        travels with the mover's user added: the mover passed the reveal check here), ``kind`` share,
+        the DP-only policy, and provenance as ``"worker:id"`` sources. ``allowed_users`` travels in
+        ``StoredObject.allowed_users``. Dealer material never moves (refused before).
+        """
+        tags = []
+        if entry.kind == Kind.SHARE:
+            tags.append(CAP_PREFIX + "kind=share")
+        if entry.reveal_to is not None:
+            to = sorted(set(entry.reveal_to) | {principal.user})
+            tags.append(CAP_PREFIX + "reveal_to=" + json.dumps(to))
+        if entry.meta.get("dp_only"):
+            tags.append(CAP_PREFIX + "dp_only")
+        if entry.provenance:
+            sources = sorted(p if type(p) is str else f"{self.worker_id}:{p}" for p in entry.provenance)
+            tags.append(CAP_PREFIX + "provenance=" + json.dumps(sources))
+        return tuple(tags)
+
+    def outgoing(self, principal: Principal, new_id: int, entry: Entry) -> m.StoredObject:
+        """The StoredObject that moves ``entry`` to another worker, its capabilities included."""
+        tags = tuple(t for t in entry.tags if not t.startswith(CAP_PREFIX)) + self.export_capabilities(principal,
+                                                                                                       entry)
+        return m.StoredObject(new_id, entry.obj, tags, entry.description, entry.allowed_users)
+
+    def _import_capabilities(self, principal: Principal, tags: Any) -> tuple[tuple, dict]:
+        """Splits an arriving object's tags into plain tags and the capabilities they carry."""
+        caps: dict[str, Any] = {"kind": Kind.CLIENT, "reveal_to": None, "dp_only": False, "provenance": _EMPTY}
+        plain = []
+        for tag in tags:
+            if not isinstance(tag, str):
+                raise VeilError("object tags must be strings")
+            if tag == DEALER_TAG:
+                if principal.may_deal:
+                    caps["kind"] = Kind.DEALER
+                continue
+            if not tag.startswith(CAP_PREFIX):
+                plain.append(tag)
+                continue
+            name, _, value = tag[len(CAP_PREFIX):].partition("=")
+            if name == "kind" and value == "share":
+                if principal.may_deal and caps["kind"] != Kind.DEALER:
+                    caps["kind"] = Kind.SHARE  # a client cannot label its objects protocol shares
+            elif name == "dp_only" and not value:
+                caps["dp_only"] = True
+            elif name in ("reveal_to", "provenance"):
+                items = _string_list(value)
+                if items is None:
+                    raise PermissionDeniedError(f"malformed capability tag {name!r} on an arriving object")
+                if name == "reveal_to":  # several tags: the strictest (intersection)
+                    caps["reveal_to"] = tuple(sorted(set(items) if caps["reveal_to"] is None
+                                                     else set(items) & set(caps["reveal_to"])))
+                else:
+                    caps["provenance"] = caps["provenance"] | frozenset(items)
+            else:
+                raise PermissionDeniedError(f"unknown capability tag {name!r} on an arriving object")
+        return tuple(plain), caps
 
     def store_output(self, oid: int, obj: Any) -> Entry:
         """For worker functions that store a result under an id they were given (HE ops, encrypted
@@ -495,6 +569,19 @@ class _Running:
 
     def __exit__(self, *exc: Any) -> None:
         self._local.request = self._previous
+
+
+def _string_list(value: str) -> list | None:
+    """A capability tag's JSON list of strings (None: malformed)."""
+    if len(value) > CAP_TAG_LIMIT:
+        return None
+    try:
+        items = json.loads(value)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        return None
+    return items
 
 
 def _refs(value: Any) -> Iterator[m.ObjectRef]:
