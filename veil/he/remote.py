@@ -25,6 +25,7 @@ from veil.messaging.messages import ObjectMessage, ObjectRef, StoredObject
 from veil.tensors import remote_ops
 from veil.tensors.handle import RemoteHandle
 from veil.workers import base
+from veil.workers.monitor import register_size_estimator
 
 HE_EXT = 30
 HE_TYPES = (PaillierTensor, CKKSTensor, CKKSContext, phe.PaillierPublicKey)
@@ -32,13 +33,56 @@ HE_TYPES = (PaillierTensor, CKKSTensor, CKKSContext, phe.PaillierPublicKey)
 
 def _decode(data: bytes, ctx: serde.DecodeContext) -> Any:
     try:
-        return wire.decode(serde.decode_value(data, ctx))
+        obj = wire.decode(serde.decode_value(data, ctx))
     except HEError as e:
         raise serde.SerializationError(f"invalid encrypted object: {e}") from e
+    if isinstance(obj, (CKKSContext, CKKSTensor, PaillierTensor)):
+        obj.__dict__[_WIRE_NBYTES] = len(data)  # what it took on the wire: the quota's measure (below)
+    return obj
 
 
 serde.register_ext(HE_EXT, HE_TYPES, lambda obj: serde.encode_value(wire.encode(obj)), _decode)
 base.STORABLE_TYPES.extend([PaillierTensor, CKKSTensor, CKKSContext])
+
+# ---------------------------------------------------------------- quota (--max-session-mb)
+# Ciphertexts are large (a CKKS vector ~0.3 MB, a public context with Galois keys tens of MB): each
+# stored HE object is charged what it took on the wire, or an estimate for results computed here.
+_WIRE_NBYTES = "_veil_wire_nbytes"
+_SEGMENT_NBYTES = "_veil_segment_nbytes"
+
+
+def _ckks_segment_nbytes(ctx: CKKSContext, segment: Any) -> int:
+    """Serialized size of one fresh CKKS ciphertext under ``ctx`` (measured once per context)."""
+    size = ctx.__dict__.get(_SEGMENT_NBYTES)
+    if size is None:
+        size = ctx.__dict__[_SEGMENT_NBYTES] = len(segment.serialize())
+    return size
+
+
+def _ckks_nbytes(t: CKKSTensor) -> int:
+    known = t.__dict__.get(_WIRE_NBYTES)
+    if known is not None:
+        return known
+    return sum(_ckks_segment_nbytes(t.context, s) for s in t.segments)
+
+
+def _paillier_nbytes(t: PaillierTensor) -> int:
+    known = t.__dict__.get(_WIRE_NBYTES)
+    if known is not None:
+        return known
+    per = 2 * t.public_key.n.bit_length() // 8 + 32  # a ciphertext < n^2, plus its Python int header
+    return max(1, t.shape.numel()) * per
+
+
+def _context_nbytes(ctx: CKKSContext) -> int:
+    known = ctx.__dict__.get(_WIRE_NBYTES)
+    # contexts only arrive over the wire; serializing one here would take seconds (Galois keys)
+    return known if known is not None else 64 * 2**20
+
+
+register_size_estimator(CKKSTensor, _ckks_nbytes)
+register_size_estimator(PaillierTensor, _paillier_nbytes)
+register_size_estimator(CKKSContext, _context_nbytes)
 
 #: what an HEPointer may ask a worker to do with ciphertexts (by name, never getattr on a string)
 _OPS = {

@@ -24,6 +24,7 @@ from veil.tensors import remote_ops
 from veil.tensors.handle import RemoteHandle, fetch_all
 from veil.tensors.pointer import PointerTensor
 from veil.workers import base, cancellation
+from veil.workers.monitor import register_size_estimator
 
 
 def _compiled(spec: PlanSpec) -> interpreter.CompiledPlan:
@@ -39,6 +40,17 @@ def _validate(spec: PlanSpec) -> None:
 
 base.STORABLE_TYPES.append(PlanSpec)
 base.STORE_VALIDATORS[PlanSpec] = _validate
+
+
+def _plan_nbytes(spec: PlanSpec) -> int:
+    """Quota charge of a stored plan: its encoded op list (constants included), twice (the compiled
+    form the worker keeps beside it holds the same ops and constants)."""
+    from veil.messaging import serde
+
+    return 2 * len(serde.encode_value(spec))
+
+
+register_size_estimator(PlanSpec, _plan_nbytes)
 
 
 def _run(worker: Any, spec: PlanSpec, inputs: list, state: list) -> Any:

@@ -33,7 +33,8 @@ from veil.exceptions import ObjectNotFoundError, PermissionDeniedError, VeilErro
 from veil.messaging import messages as m
 from veil.workers.store import SHARED_NS, Entry, Kind, ObjectStore, StoreKey
 
-__all__ = ["Purpose", "Kind", "Principal", "ReferenceMonitor", "QuotaExceededError", "DEALER_TAG", "Entry"]
+__all__ = ["Purpose", "Kind", "Principal", "ReferenceMonitor", "QuotaExceededError", "DEALER_TAG", "Entry",
+           "register_size_estimator"]
 
 
 @register_remote_error
@@ -125,14 +126,30 @@ class Principal:
 _EMPTY: frozenset = frozenset()
 
 
+#: bytes charged for a stored object of a type without a size estimator (pointers, small wrappers):
+#: every object counts, so a session cannot fill a worker with many "free" objects
+DEFAULT_OBJECT_BYTES = 1024
+#: type -> bytes an object of it holds, for the per-session quota (HE ciphertexts, plans register theirs)
+SIZE_ESTIMATORS: dict[type, Callable[[Any], int]] = {}
+
+
+def register_size_estimator(tp: type, estimate: Callable[[Any], int]) -> None:
+    """Tells the quota how many bytes a stored ``tp`` holds (see :data:`SIZE_ESTIMATORS`)."""
+    SIZE_ESTIMATORS[tp] = estimate
+
+
 def _nbytes(obj: Any) -> int:
-    """Bytes a stored object holds (plain tensors; pointers and other wrappers count 0)."""
-    if type(obj) is torch.Tensor or type(obj) is torch.nn.Parameter:
+    """Bytes a stored object holds, for the per-session quota."""
+    tp = type(obj)
+    if tp is torch.Tensor or tp is torch.nn.Parameter:
         try:
             return obj.untyped_storage().nbytes()
         except (RuntimeError, NotImplementedError):
             return obj.numel() * obj.element_size()
-    return 0
+    estimate = SIZE_ESTIMATORS.get(tp)
+    if estimate is None:
+        return DEFAULT_OBJECT_BYTES
+    return max(int(estimate(obj)), DEFAULT_OBJECT_BYTES)
 
 
 def strictest_reveal_to(sources: Iterable[Entry]) -> tuple | None:
