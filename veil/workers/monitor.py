@@ -31,6 +31,7 @@ import torch
 
 from veil.exceptions import ObjectNotFoundError, PermissionDeniedError, VeilError, register_remote_error
 from veil.messaging import messages as m
+from veil.tensors.handle import RemoteHandle
 from veil.workers.store import SHARED_NS, Entry, Kind, ObjectStore, StoreKey
 
 __all__ = ["Purpose", "Kind", "Principal", "ReferenceMonitor", "QuotaExceededError", "DEALER_TAG", "Entry",
@@ -246,9 +247,18 @@ class ReferenceMonitor:
             raise self._refuse(self.unknown(oid), rule.action, principal, [oid])
         if rule.releases_value:
             self._check_release(principal, entry, oid, rule.action)
+        if principal.isolated and purpose is not Purpose.REVEAL and isinstance(entry.obj, RemoteHandle):
+            raise self._refuse(self.chain_error(oid), rule.action, principal, [oid])
         if rule.audit_allowed:
             self.audit(rule.action, principal, [oid], "allowed", detail)
         return entry
+
+    def chain_error(self, oid: Any) -> PermissionDeniedError:
+        """Network pointer chains are refused (docs/architecture.md, "Pointer chains")."""
+        return PermissionDeniedError(
+            f"object {oid} on worker {self.worker_id!r} is a pointer to another worker: pointer chains are not "
+            "followed on network workers (the worker would act there with its own peer rights, not yours); "
+            "use a pointer to that worker directly")
 
     def _dp_only_error(self, what: str) -> PermissionDeniedError:
         return PermissionDeniedError(
