@@ -88,6 +88,9 @@ class Target:
     peer_name: str = "bob"
 
     def send(self, principal: str, msg: Any) -> bytes:
+        return self.send_bytes(principal, serialize(msg, sender=principal))
+
+    def send_bytes(self, principal: str, data: bytes) -> bytes:
         raise NotImplementedError
 
     def owner_tensors(self) -> dict[str, torch.Tensor]:
@@ -246,6 +249,7 @@ def run_fuzz(target: Target, n_messages: int, seed: int, on_step: Callable[[int]
     rng = random.Random(seed)
     gen = Generator(rng, target)
     patterns = sentinel_patterns()
+    scan = _scanner(patterns)
     owner_ids = set(target.owner_ids.values())
     secret_ids = {target.owner_ids[n] for n in SECRET_TENSORS}
     report = FuzzReport()
@@ -253,25 +257,31 @@ def run_fuzz(target: Target, n_messages: int, seed: int, on_step: Callable[[int]
         principal = rng.choice(principals)
         msg = gen.request(principal)
         try:
-            serialize(msg)
+            data = serialize(msg, sender=principal)
         except Exception:
             continue  # the generator made something the wire cannot carry: not a request
-        raw = target.send(principal, msg)
+        raw = target.send_bytes(principal, data)
         report.messages += 1
         try:
             reply = deserialize(raw)[0]
         except Exception:
             reply = None
         report.replies[type(reply).__name__] += 1
-        for pattern, tensor in patterns.items():
-            if pattern in raw:
-                hole = classify(msg, reply, owner_ids, secret_ids)
-                report.leaks.append(Leak(principal, _label(msg), tensor, hole,
-                                         getattr(reply, "message", "")[:200] if reply is not None else ""))
-                break
+        hit = scan(raw)  # every reply, every byte: one pass over all sentinel patterns
+        if hit is not None:
+            hole = classify(msg, reply, owner_ids, secret_ids)
+            report.leaks.append(Leak(principal, _label(msg), patterns[hit.group(0)], hole,
+                                     getattr(reply, "message", "")[:200] if reply is not None else ""))
         if on_step is not None:
             on_step(i)
     return report
+
+
+def _scanner(patterns: dict[bytes, str]) -> Callable[[bytes], Any]:
+    """One compiled alternation of every sentinel pattern (longest first): ``scan(raw)`` -> match or None."""
+    import re
+
+    return re.compile(b"|".join(re.escape(p) for p in sorted(patterns, key=len, reverse=True)), re.DOTALL).search
 
 
 def bit_identical(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> list[str]:
@@ -307,8 +317,8 @@ class VirtualTarget(Target):
         }
         w.enable_dp(["dpset"], max_grad_norm=1.0, noise_multiplier=1.0, budgets={"scientist": (1.0, 1e-5)})
 
-    def send(self, principal: str, msg: Any) -> bytes:
-        return self.worker._recv_msg(serialize(msg, sender=principal))
+    def send_bytes(self, principal: str, data: bytes) -> bytes:
+        return self.worker._recv_msg(data)
 
     def owner_tensors(self) -> dict[str, torch.Tensor]:
         objects = self.worker._objects
@@ -363,10 +373,10 @@ class NetworkTarget(Target):
                 f"ws://127.0.0.1:{self.process.port}", handshake_headers(self.TOKENS[principal]))
         return conn
 
-    def send(self, principal: str, msg: Any) -> bytes:
+    def send_bytes(self, principal: str, data: bytes) -> bytes:
         conn = self._conn(principal)
         try:
-            conn.send(serialize(msg, sender=principal))
+            conn.send(data)
             return conn.recv(60)
         except Exception:  # the server closed this connection: record it, continue on a new one
             self.reconnects += 1
