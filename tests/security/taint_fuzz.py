@@ -242,6 +242,9 @@ def classify(msg: Any, reply: Any, owner_ids: set[int], secret_ids: set[int]) ->
 
 #: holes the resources branch closes: the fuzzer must never find these
 CLOSED_HOLES = ("direct-get", "error-text")
+#: not leaks under the default ``open`` dataset policy (README threat model): results a client computed
+#: from owner data, and errors on them, are the client's (``review`` / ``dp-only`` data guard them)
+OPEN_POLICY_RELEASES = ("derived-reveal", "derived-error")
 
 
 def run_fuzz(target: Target, n_messages: int, seed: int, on_step: Callable[[int], None] | None = None,
@@ -301,7 +304,9 @@ def bit_identical(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor
 class VirtualTarget(Target):
     """An in-process VirtualWorker; principals are envelope senders (as in-process workers trust them)."""
 
-    def __init__(self, hook: Any) -> None:
+    def __init__(self, hook: Any, policy: str | None = None) -> None:
+        """``policy="review"``: the private tensors are under the owner's review policy, so values
+        *derived* from them may not leave either (under the default ``open`` policy they may)."""
         import veil as sy
 
         self.worker = sy.VirtualWorker(hook, id="fuzz-alice-" + hex(random.getrandbits(24)))
@@ -309,8 +314,8 @@ class VirtualTarget(Target):
         self.peer_name = self.peer.id
         w = self.worker
         self.owner_ids = {
-            "private_f64": w.load(PRIVATE_F64.clone(), tags=("#private",), private=True),
-            "private_i64": w.load(PRIVATE_I64.clone(), tags=("#private",), private=True),
+            "private_f64": w.load(PRIVATE_F64.clone(), tags=("#private",), private=True, policy=policy),
+            "private_i64": w.load(PRIVATE_I64.clone(), tags=("#private",), private=True, policy=policy),
             "dp_data": w.load(DP_DATA.clone(), tags=("#dpset", "#data"), private=True),
             "dp_target": w.load(DP_TARGET.clone(), tags=("#dpset", "#target"), private=True),
             "allowed": w.load(ALLOWED.clone(), tags=("#allowed",), allowed_users=("scientist",)),

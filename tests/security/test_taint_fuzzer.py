@@ -23,6 +23,7 @@ from veil.messaging.serde import deserialize
 
 sys.path.insert(0, str(Path(__file__).parent))
 from taint_fuzz import (  # noqa: E402
+    OPEN_POLICY_RELEASES,
     PRIVATE_F64,
     REQUEST_TYPES,
     NetworkTarget,
@@ -32,10 +33,8 @@ from taint_fuzz import (  # noqa: E402
     sentinel_patterns,
 )
 
-#: not leaks under the default ``open`` dataset policy (README threat model): results a client computed
-#: from owner data, and errors on them, are the client's; ``review``/``dp-only`` data guard them
-#: (test_derived_values_follow_the_dataset_policy, tests/governance)
-OPEN_POLICY_RELEASES = ("derived-reveal", "derived-error")
+# OPEN_POLICY_RELEASES: not leaks under the default ``open`` dataset policy (README threat model);
+# ``review``/``dp-only`` data guard derived values (test_derived_values_follow_the_dataset_policy)
 
 
 @pytest.fixture(scope="module")
