@@ -55,3 +55,29 @@ def peered(spawn, tmp_path):
                           "--accept-peer", f"{other}={PEER}", "--data-dir", str(tmp_path / name)])
         procs[name] = spawn(name, args, port=ports[name])
     return procs
+
+
+@pytest.fixture
+def raw():
+    """``raw(wp, token=TOKEN) -> send(bytes) -> reply bytes``: frames straight onto an authenticated connection."""
+    from veil.workers.websocket_auth import handshake_headers
+    from veil.workers.websocket_transport import BlockingConnection
+
+    conns = []
+
+    def open_(wp, token: str = TOKEN):
+        conn = BlockingConnection(f"ws://127.0.0.1:{wp.port}", handshake_headers(token))
+        conns.append(conn)
+
+        def send(data: bytes, timeout: float = 60) -> bytes:
+            conn.send(data)
+            return conn.recv(timeout)
+
+        return send
+
+    yield open_
+    for c in conns:
+        try:
+            c.close()
+        except Exception:
+            pass
