@@ -399,7 +399,7 @@ class ReferenceMonitor:
     def store(self, principal: Principal, oid: Any, obj: Any, *, sources: Iterable[Entry] = (),
               op_name: str | None = None, kind: str | None = None, reveal_to: tuple | None = None,
               tags: tuple = (), description: str = "", allowed_users: tuple | None = None,
-              hand_off: bool | None = None, provenance: frozenset = frozenset()) -> Entry:
+              hand_off: bool | None = None) -> Entry:
         """Stores a client object under ``oid`` in the principal's namespace, with derived capabilities.
 
         Raises:
@@ -430,7 +430,7 @@ class ReferenceMonitor:
         taint = self._taints.get(ns) if kind == Kind.SHARE else None
         if taint is not None:  # a share computed while the session holds others' protected inputs
             reveal_to = taint if reveal_to is None else tuple(sorted(set(reveal_to) & set(taint)))
-        provenance = provenance or _EMPTY  # travelled with the object (store_objects), else from its sources
+        provenance = _EMPTY
         for e in sources:
             if e.provenance and not e.provenance <= provenance:
                 provenance = provenance | e.provenance
@@ -449,8 +449,9 @@ class ReferenceMonitor:
         parsed = [(so, *self._import_capabilities(principal, so.tags)) for so in objects]  # all checks first
         for so, tags, caps in parsed:
             entry = self.store(principal, so.id, so.obj, kind=caps["kind"], reveal_to=caps["reveal_to"],
-                               tags=tags, description=so.description, allowed_users=so.allowed_users,
-                               provenance=caps["provenance"])
+                               tags=tags, description=so.description, allowed_users=so.allowed_users)
+            if caps["provenance"]:  # travelled with the object (sent objects have no sources here)
+                entry.provenance = entry.provenance | caps["provenance"]
             if caps["dp_only"]:
                 entry.meta["dp_only"] = True
 
