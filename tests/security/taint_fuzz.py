@@ -47,6 +47,13 @@ PRINCIPALS = ("scientist", "client", "peer")
 REQUEST_TYPES = sorted((t for t in m.MESSAGE_TYPES.values() if t.TYPE < 100), key=lambda t: t.TYPE)
 
 
+def _sentinel_decimals() -> tuple[str, ...]:
+    return tuple(str(int(v)) for t in SECRET_TENSORS.values() for v in t.reshape(-1).tolist())
+
+
+_SENTINEL_DECIMALS = _sentinel_decimals()
+
+
 def sentinel_patterns() -> dict[bytes, str]:
     """Byte strings whose presence in a reply means a sentinel left the worker -> owner tensor name."""
     out: dict[bytes, str] = {}
@@ -110,7 +117,11 @@ class Generator:
         self.openable, self.actions = sorted(OPENABLE), sorted(ACTIONS)
 
     def new_id(self) -> int:
-        return self.rng.getrandbits(63) | 1
+        while True:  # an id whose decimal digits contain a sentinel's would be a false alarm in error texts
+            oid = self.rng.getrandbits(63) | 1
+            text = str(oid)
+            if not any(d in text for d in _SENTINEL_DECIMALS):
+                return oid
 
     def some_id(self, principal: str) -> int:
         r = self.rng.random()
@@ -223,6 +234,10 @@ def _mentions_owner_directly(msg: Any, owner_ids: set[int]) -> bool:
 def classify(msg: Any, reply: Any, owner_ids: set[int], secret_ids: set[int]) -> str:
     """Which hole a leak went through (names the fix that closes it)."""
     name = type(msg).__name__
+    direct = _mentions_owner_directly(msg, owner_ids)
+    if name in ("OpenMessage", "RemoteGetMessage", "MoveMessage", "ServingMessage") and not direct:
+        # the message names only the requester's own objects (derived from owner data): as a .get() of them
+        return f"derived-reveal: a value computed from owner data left through {name} (as its .get() would)"
     if name == "OpenMessage":
         return "mpc-open: OpenMessage resolves owner ids without the owner's checks"
     if name in ("RemoteGetMessage", "MoveMessage"):
