@@ -363,7 +363,7 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
         if purpose is Purpose.DP_RELEASE:
             monitor.audit("dp_release", principal, list(found), "refused",
                           f"{op.name}: {e}" if isinstance(e, VeilError) else f"{op.name}: {type(e).__name__}")
-        raise owner_guard.client_error(op.name, e, protected, worker.id) from e
+        raise owner_guard.client_error(op.name, e, protected or _reviewed_inputs(worker, entries), worker.id) from e
     if purpose is Purpose.DP_RELEASE:
         monitor.audit("dp_release", principal, list(found), "allowed", op.name)
     if protected and not op.worker_function:
@@ -459,6 +459,14 @@ def _handle_get(worker: BaseWorker, msg: m.GetObjectsMessage, sender: str) -> An
         if taken:
             worker.monitor.discard(principal, oid)
     return m.ObjectsReply(out)
+
+
+def _reviewed_inputs(worker: BaseWorker, entries: list) -> set:
+    """Non-empty when an input derives from owner data while a ``review`` policy is in force: an error
+    text could quote its values, a release the owner has not approved (so it becomes value-free)."""
+    if any(e.provenance for e in entries) and _tracking(worker):
+        return {0}
+    return set()
 
 
 def _tracking(worker: BaseWorker) -> bool:
