@@ -134,8 +134,8 @@ def test_a_long_batch_does_not_stall_other_sessions(owner, raw, connect):
 
     wp, _, _ = owner
     send = raw(wp)
-    items = [_item("torch.ones", [[384, 384]], [1001])]
-    items += [_item("torch.mm", [m.ObjectRef(1001), m.ObjectRef(1001)], []) for _ in range(3000)]
+    items = [_item("torch.ones", [[256, 256]], [1001])]
+    items += [_item("torch.mm", [m.ObjectRef(1001), m.ObjectRef(1001)], []) for _ in range(6000)]
     frame = _batch(items)
     assert len(frame) < 200 * 1024  # small enough for any "short request" fast path
     done = threading.Event()
@@ -149,10 +149,11 @@ def test_a_long_batch_does_not_stall_other_sessions(owner, raw, connect):
 
     threading.Thread(target=attack, daemon=True).start()
     time.sleep(1.0)  # the batch is running
+    assert not done.is_set(), "the batch finished before the victim asked: make it longer"
     t0 = time.perf_counter()
     victim = connect(wp, token=OTHER, id="alice-victim2")  # a new handshake ...
     value = (torch.tensor([1.0, 2.0]).send(victim) + 1).get()  # ... and two requests
     waited = time.perf_counter() - t0
     assert torch.equal(value, torch.tensor([2.0, 3.0]))
-    assert not done.is_set(), "the batch finished before the victim asked: make it longer"
-    assert waited < 15, f"another session waited {waited:.1f} s behind one batch"
+    # served *during* the batch (between its turns), not after it
+    assert not done.is_set(), f"another session was served only after the whole batch ({waited:.1f} s)"
