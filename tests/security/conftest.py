@@ -43,6 +43,10 @@ def connect(hook):
     yield make
     for c in made:
         c.close()
+    # deletions still queued for these (now closed) workers would fail later tests' flushes
+    pending = hook.local_worker._pending_deletes
+    for key in [k for k, (location, _) in pending.items() if location in made]:
+        del pending[key]
 
 
 @pytest.fixture

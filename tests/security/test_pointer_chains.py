@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import veil as sy
-from veil.exceptions import PermissionDeniedError
+from veil.exceptions import PermissionDeniedError, VeilError
 from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST
 from veil.tensors.pointer import PointerTensor, PointerWire
@@ -61,6 +61,33 @@ def test_every_door_refuses_a_stored_pointer_on_network_workers(peered, connect,
     assert torch.equal(victim.get(), secret)
     assert torch.equal(plan_ptr(torch.tensor([1.0, 2.0, 3.0]).send(alice)).get(), torch.tensor([2.0, 4.0, 6.0]))
     assert torch.equal((torch.ones(2).send(victim_bob) + 1).get(), torch.full((2,), 2.0))
+
+
+def test_a_pointer_sent_as_an_argument_never_acts_with_the_workers_rights(peered, connect, hook):
+    """Red-team R4 (main): a pointer to bob *inside a request's arguments* (not stored) made alice send
+    commands to bob with her peer rights (only bob's peer role refused them). Every pointer a network
+    client sends is now owned by a refusing stand-in: it can be stored and handed back, never act."""
+    from network_helpers import OTHER
+
+    from veil.mpc.party import OpenMessage
+
+    me = hook.local_worker
+    victim_bob = connect(peered["bob"], token=OTHER, id="bob")
+    secret = torch.tensor([2.0, 7.0, 1.0])
+    victim = secret.send(victim_bob)
+    alice = connect(peered["alice"])
+    lit = PointerTensor(victim_bob, victim.id_at_location, me, (3,), torch.float32, garbage_collect_data=True)
+    plan_ptr = sy.func2plan(args_shape=[(3,)])(lambda x: x + 1).send(alice)
+    for msg in (m.CommandMessage("torch.add", [lit, 1.0], {}, [601]),
+                m.CommandMessage("torch.add", [torch.zeros(3)], {"other": lit}, None),
+                m.CommandMessage("torch.stack", [[lit, lit]], {}, None),
+                m.CommandMessage("veil.plan.run", (m.ObjectRef(plan_ptr.id_at_location), [lit], []), {}, None),
+                OpenMessage("trunc_mask", (lit, torch.zeros(3, dtype=torch.int64)))):
+        with pytest.raises(VeilError, match="pointer chains are not followed"):  # (a plan wraps the refusal)
+            me.send_msg(msg, alice)
+    lit.mark_freed()
+    assert torch.equal(victim.get(), secret)
+    assert torch.equal(plan_ptr(torch.tensor([1.0, 2.0, 3.0]).send(alice)).get(), torch.tensor([2.0, 3.0, 4.0]))
 
 
 def test_pointer_chains_work_in_process(hook):

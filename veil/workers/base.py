@@ -232,8 +232,14 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
                       requires_grad: bool, garbage_collect_data: bool) -> Any:
         from veil.tensors.pointer import PointerTensor
 
+        owner = self
+        current = getattr(self, "current_session", None)
+        if current is not None and current() is not None:
+            from veil.workers.monitor import NO_DEPUTY
+
+            owner = NO_DEPUTY  # a network client's pointer never acts with this worker's (peer) rights
         return PointerTensor(
-            location=self.resolve_worker(location_id), id_at_location=id_at_location, owner=self,
+            location=self.resolve_worker(location_id), id_at_location=id_at_location, owner=owner,
             shape=shape, dtype=dtype, requires_grad=requires_grad, garbage_collect_data=garbage_collect_data,
         )
 
