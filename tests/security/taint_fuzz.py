@@ -47,6 +47,13 @@ PRINCIPALS = ("scientist", "client", "peer")
 REQUEST_TYPES = sorted((t for t in m.MESSAGE_TYPES.values() if t.TYPE < 100), key=lambda t: t.TYPE)
 
 
+def _sentinel_decimals() -> tuple[str, ...]:
+    return tuple(str(int(v)) for t in SECRET_TENSORS.values() for v in t.reshape(-1).tolist())
+
+
+_SENTINEL_DECIMALS = _sentinel_decimals()
+
+
 def sentinel_patterns() -> dict[bytes, str]:
     """Byte strings whose presence in a reply means a sentinel left the worker -> owner tensor name."""
     out: dict[bytes, str] = {}
@@ -88,6 +95,9 @@ class Target:
     peer_name: str = "bob"
 
     def send(self, principal: str, msg: Any) -> bytes:
+        return self.send_bytes(principal, serialize(msg, sender=principal))
+
+    def send_bytes(self, principal: str, data: bytes) -> bytes:
         raise NotImplementedError
 
     def owner_tensors(self) -> dict[str, torch.Tensor]:
@@ -107,7 +117,11 @@ class Generator:
         self.openable, self.actions = sorted(OPENABLE), sorted(ACTIONS)
 
     def new_id(self) -> int:
-        return self.rng.getrandbits(63) | 1
+        while True:  # an id whose decimal digits contain a sentinel's would be a false alarm in error texts
+            oid = self.rng.getrandbits(63) | 1
+            text = str(oid)
+            if not any(d in text for d in _SENTINEL_DECIMALS):
+                return oid
 
     def some_id(self, principal: str) -> int:
         r = self.rng.random()
@@ -220,6 +234,10 @@ def _mentions_owner_directly(msg: Any, owner_ids: set[int]) -> bool:
 def classify(msg: Any, reply: Any, owner_ids: set[int], secret_ids: set[int]) -> str:
     """Which hole a leak went through (names the fix that closes it)."""
     name = type(msg).__name__
+    direct = _mentions_owner_directly(msg, owner_ids)
+    if name in ("OpenMessage", "RemoteGetMessage", "MoveMessage", "ServingMessage") and not direct:
+        # the message names only the requester's own objects (derived from owner data): as a .get() of them
+        return f"derived-reveal: a value computed from owner data left through {name} (as its .get() would)"
     if name == "OpenMessage":
         return "mpc-open: OpenMessage resolves owner ids without the owner's checks"
     if name in ("RemoteGetMessage", "MoveMessage"):
@@ -239,6 +257,9 @@ def classify(msg: Any, reply: Any, owner_ids: set[int], secret_ids: set[int]) ->
 
 #: holes the resources branch closes: the fuzzer must never find these
 CLOSED_HOLES = ("direct-get", "error-text")
+#: not leaks under the default ``open`` dataset policy (README threat model): results a client computed
+#: from owner data, and errors on them, are the client's (``review`` / ``dp-only`` data guard them)
+OPEN_POLICY_RELEASES = ("derived-reveal", "derived-error")
 
 
 def run_fuzz(target: Target, n_messages: int, seed: int, on_step: Callable[[int], None] | None = None,
@@ -246,6 +267,7 @@ def run_fuzz(target: Target, n_messages: int, seed: int, on_step: Callable[[int]
     rng = random.Random(seed)
     gen = Generator(rng, target)
     patterns = sentinel_patterns()
+    scan = _scanner(patterns)
     owner_ids = set(target.owner_ids.values())
     secret_ids = {target.owner_ids[n] for n in SECRET_TENSORS}
     report = FuzzReport()
@@ -253,25 +275,31 @@ def run_fuzz(target: Target, n_messages: int, seed: int, on_step: Callable[[int]
         principal = rng.choice(principals)
         msg = gen.request(principal)
         try:
-            serialize(msg)
+            data = serialize(msg, sender=principal)
         except Exception:
             continue  # the generator made something the wire cannot carry: not a request
-        raw = target.send(principal, msg)
+        raw = target.send_bytes(principal, data)
         report.messages += 1
         try:
             reply = deserialize(raw)[0]
         except Exception:
             reply = None
         report.replies[type(reply).__name__] += 1
-        for pattern, tensor in patterns.items():
-            if pattern in raw:
-                hole = classify(msg, reply, owner_ids, secret_ids)
-                report.leaks.append(Leak(principal, _label(msg), tensor, hole,
-                                         getattr(reply, "message", "")[:200] if reply is not None else ""))
-                break
+        hit = scan(raw)  # every reply, every byte: one pass over all sentinel patterns
+        if hit is not None:
+            hole = classify(msg, reply, owner_ids, secret_ids)
+            report.leaks.append(Leak(principal, _label(msg), patterns[hit.group(0)], hole,
+                                     getattr(reply, "message", "")[:200] if reply is not None else ""))
         if on_step is not None:
             on_step(i)
     return report
+
+
+def _scanner(patterns: dict[bytes, str]) -> Callable[[bytes], Any]:
+    """One compiled alternation of every sentinel pattern (longest first): ``scan(raw)`` -> match or None."""
+    import re
+
+    return re.compile(b"|".join(re.escape(p) for p in sorted(patterns, key=len, reverse=True)), re.DOTALL).search
 
 
 def bit_identical(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> list[str]:
@@ -291,7 +319,9 @@ def bit_identical(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor
 class VirtualTarget(Target):
     """An in-process VirtualWorker; principals are envelope senders (as in-process workers trust them)."""
 
-    def __init__(self, hook: Any) -> None:
+    def __init__(self, hook: Any, policy: str | None = None) -> None:
+        """``policy="review"``: the private tensors are under the owner's review policy, so values
+        *derived* from them may not leave either (under the default ``open`` policy they may)."""
         import veil as sy
 
         self.worker = sy.VirtualWorker(hook, id="fuzz-alice-" + hex(random.getrandbits(24)))
@@ -299,16 +329,16 @@ class VirtualTarget(Target):
         self.peer_name = self.peer.id
         w = self.worker
         self.owner_ids = {
-            "private_f64": w.load(PRIVATE_F64.clone(), tags=("#private",), private=True),
-            "private_i64": w.load(PRIVATE_I64.clone(), tags=("#private",), private=True),
+            "private_f64": w.load(PRIVATE_F64.clone(), tags=("#private",), private=True, policy=policy),
+            "private_i64": w.load(PRIVATE_I64.clone(), tags=("#private",), private=True, policy=policy),
             "dp_data": w.load(DP_DATA.clone(), tags=("#dpset", "#data"), private=True),
             "dp_target": w.load(DP_TARGET.clone(), tags=("#dpset", "#target"), private=True),
             "allowed": w.load(ALLOWED.clone(), tags=("#allowed",), allowed_users=("scientist",)),
         }
         w.enable_dp(["dpset"], max_grad_norm=1.0, noise_multiplier=1.0, budgets={"scientist": (1.0, 1e-5)})
 
-    def send(self, principal: str, msg: Any) -> bytes:
-        return self.worker._recv_msg(serialize(msg, sender=principal))
+    def send_bytes(self, principal: str, data: bytes) -> bytes:
+        return self.worker._recv_msg(data)
 
     def owner_tensors(self) -> dict[str, torch.Tensor]:
         objects = self.worker._objects
@@ -363,10 +393,10 @@ class NetworkTarget(Target):
                 f"ws://127.0.0.1:{self.process.port}", handshake_headers(self.TOKENS[principal]))
         return conn
 
-    def send(self, principal: str, msg: Any) -> bytes:
+    def send_bytes(self, principal: str, data: bytes) -> bytes:
         conn = self._conn(principal)
         try:
-            conn.send(serialize(msg, sender=principal))
+            conn.send(data)
             return conn.recv(60)
         except Exception:  # the server closed this connection: record it, continue on a new one
             self.reconnects += 1

@@ -23,6 +23,7 @@ from veil.messaging.serde import deserialize
 
 sys.path.insert(0, str(Path(__file__).parent))
 from taint_fuzz import (  # noqa: E402
+    OPEN_POLICY_RELEASES,
     PRIVATE_F64,
     REQUEST_TYPES,
     NetworkTarget,
@@ -32,10 +33,8 @@ from taint_fuzz import (  # noqa: E402
     sentinel_patterns,
 )
 
-#: not leaks under the default ``open`` dataset policy (README threat model): results a client computed
-#: from owner data, and errors on them, are the client's; ``review``/``dp-only`` data guard them
-#: (test_derived_values_follow_the_dataset_policy, tests/governance)
-OPEN_POLICY_RELEASES = ("derived-reveal", "derived-error")
+# OPEN_POLICY_RELEASES: not leaks under the default ``open`` dataset policy (README threat model);
+# ``review``/``dp-only`` data guard derived values (test_derived_values_follow_the_dataset_policy)
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +170,26 @@ def leaves_of(value):
             yield from leaves_of(v)
     else:
         yield value
+
+
+def test_errors_on_values_derived_from_review_data_quote_nothing(hook):
+    """Fuzzer finding: under the ``review`` policy a client's error on a value *derived* from the data
+    (``x[0]`` in a malformed ``aten.sub``) quoted it in the error text: a release without approval."""
+    from veil.exceptions import ProtectedDataError, RemoteExecutionError
+
+    w = sy.VirtualWorker(hook, id="fuzz-review-errors")
+    w.load(PRIVATE_F64.clone(), tags=("#rev",), private=True, policy="review")
+    (ptr,) = w.search(["#rev"])
+    derived = ptr[0] * 1
+    me = hook.local_worker
+    bad = m.CommandMessage("aten.sub.Tensor", ([False, m.ObjectRef(derived.id_at_location)],), {}, None)
+    with pytest.raises(ProtectedDataError) as info:
+        me.send_msg(bad, w)
+    assert "86753091" not in str(info.value) and "8.6753e+07" not in str(info.value)
+    # under the default open policy the requester's own derived value keeps its error text
+    w2 = sy.VirtualWorker(hook, id="fuzz-open-errors")
+    w2.load(PRIVATE_F64.clone(), tags=("#open",), private=True)
+    (p2,) = w2.search(["#open"])
+    d2 = p2[0] * 1
+    with pytest.raises(RemoteExecutionError):
+        me.send_msg(m.CommandMessage("aten.sub.Tensor", ([False, m.ObjectRef(d2.id_at_location)],), {}, None), w2)

@@ -80,7 +80,9 @@ def _share_own(worker: Any, oid: int, party_ids: list, share_ids: list) -> None:
         if dest is None:
             worker.monitor.store(principal, sid, piece, sources=[entry], op_name=SHARE_OWN)
         else:
-            worker.send_msg(m.ObjectMessage([m.StoredObject(sid, piece)]), dest)
+            # the share carries the source's capabilities (reveal_to, provenance) like a moved object
+            caps = worker.monitor.export_capabilities(principal, entry)
+            worker.send_msg(m.ObjectMessage([m.StoredObject(sid, piece, caps)]), dest)
 
 
 register_worker_function(ENCODE, _encode)

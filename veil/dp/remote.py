@@ -24,9 +24,10 @@ from veil.dp.federated import FederatedDPResult, train_federated_dp
 from veil.dp.queries import DPResult
 from veil.ids import new_id
 from veil.messaging.allowlist import ALLOWLIST
-from veil.messaging.messages import GetObjectsMessage, ObjectMessage, StoredObject
+from veil.messaging.messages import ObjectMessage, StoredObject
 from veil.plans.plan import Plan, _module_state
 from veil.tensors import remote_ops
+from veil.tensors.handle import RemoteHandle, fetch_all
 from veil.tensors.pointer import PointerTensor
 
 
@@ -37,14 +38,10 @@ def _request_id() -> str:
 
 def _fetch(pointers: Sequence[PointerTensor]) -> list[torch.Tensor]:
     """Values of several pointers to one worker in one round trip (freed there)."""
-    first = pointers[0]
-    reply = first.owner.send_msg(GetObjectsMessage([p.id_at_location for p in pointers], True, None), first.location)
-    for p in pointers:
-        p.__dict__["_freed"] = True
-    return list(reply.objects)
+    return fetch_all(pointers, delete=True)
 
 
-class RemoteDPOwner:
+class RemoteDPOwner(RemoteHandle):
     """A worker-backed data owner for :func:`veil.dp.train_federated_dp`.
 
     Args:
@@ -55,7 +52,12 @@ class RemoteDPOwner:
             stored on the worker (its parameter values are sent at every step).
         example: an example input batch for tracing (values are not sent).
         loss: a loss name the worker computes (``"mse"``, ``"cross_entropy"``, ...).
+
+    A :class:`~veil.tensors.handle.RemoteHandle` to the stored forward plan: never fetched (values leave
+    only through DP releases); its pointer-shaped stand-in ``_plan`` frees it.
     """
+
+    HANDLE_KIND = "dp"
 
     def __init__(self, worker: Any, dataset: str, model: nn.Module, example: torch.Tensor, loss: str = "mse") -> None:
         self.worker, self.dataset, self.loss = worker, dataset, loss
@@ -63,6 +65,7 @@ class RemoteDPOwner:
         owner = worker.hook.local_worker
         plan_id = new_id()
         owner.send_msg(ObjectMessage([StoredObject(plan_id, plan.spec)]), worker)
+        self._init_handle(worker, plan_id, owner, garbage_collect_data=False)
         # A pointer-shaped handle, so the plan can be named in commands (freed with this object).
         self._plan = PointerTensor(worker, plan_id, owner, (), torch.float32)
 

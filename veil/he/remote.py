@@ -21,9 +21,11 @@ from veil.he.paillier import PaillierTensor
 from veil.ids import new_id
 from veil.messaging import serde
 from veil.messaging.allowlist import ALLOWLIST, register_worker_function
-from veil.messaging.messages import GetObjectsMessage, ObjectMessage, ObjectRef, StoredObject
+from veil.messaging.messages import ObjectMessage, ObjectRef, StoredObject
 from veil.tensors import remote_ops
+from veil.tensors.handle import RemoteHandle
 from veil.workers import base
+from veil.workers.monitor import register_size_estimator
 
 HE_EXT = 30
 HE_TYPES = (PaillierTensor, CKKSTensor, CKKSContext, phe.PaillierPublicKey)
@@ -31,13 +33,56 @@ HE_TYPES = (PaillierTensor, CKKSTensor, CKKSContext, phe.PaillierPublicKey)
 
 def _decode(data: bytes, ctx: serde.DecodeContext) -> Any:
     try:
-        return wire.decode(serde.decode_value(data, ctx))
+        obj = wire.decode(serde.decode_value(data, ctx))
     except HEError as e:
         raise serde.SerializationError(f"invalid encrypted object: {e}") from e
+    if isinstance(obj, (CKKSContext, CKKSTensor, PaillierTensor)):
+        obj.__dict__[_WIRE_NBYTES] = len(data)  # what it took on the wire: the quota's measure (below)
+    return obj
 
 
 serde.register_ext(HE_EXT, HE_TYPES, lambda obj: serde.encode_value(wire.encode(obj)), _decode)
 base.STORABLE_TYPES.extend([PaillierTensor, CKKSTensor, CKKSContext])
+
+# ---------------------------------------------------------------- quota (--max-session-mb)
+# Ciphertexts are large (a CKKS vector ~0.3 MB, a public context with Galois keys tens of MB): each
+# stored HE object is charged what it took on the wire, or an estimate for results computed here.
+_WIRE_NBYTES = "_veil_wire_nbytes"
+_SEGMENT_NBYTES = "_veil_segment_nbytes"
+
+
+def _ckks_segment_nbytes(ctx: CKKSContext, segment: Any) -> int:
+    """Serialized size of one fresh CKKS ciphertext under ``ctx`` (measured once per context)."""
+    size = ctx.__dict__.get(_SEGMENT_NBYTES)
+    if size is None:
+        size = ctx.__dict__[_SEGMENT_NBYTES] = len(segment.serialize())
+    return size
+
+
+def _ckks_nbytes(t: CKKSTensor) -> int:
+    known = t.__dict__.get(_WIRE_NBYTES)
+    if known is not None:
+        return known
+    return sum(_ckks_segment_nbytes(t.context, s) for s in t.segments)
+
+
+def _paillier_nbytes(t: PaillierTensor) -> int:
+    known = t.__dict__.get(_WIRE_NBYTES)
+    if known is not None:
+        return known
+    per = 2 * t.public_key.n.bit_length() // 8 + 32  # a ciphertext < n^2, plus its Python int header
+    return max(1, t.shape.numel()) * per
+
+
+def _context_nbytes(ctx: CKKSContext) -> int:
+    known = ctx.__dict__.get(_WIRE_NBYTES)
+    # contexts only arrive over the wire; serializing one here would take seconds (Galois keys)
+    return known if known is not None else 64 * 2**20
+
+
+register_size_estimator(CKKSTensor, _ckks_nbytes)
+register_size_estimator(PaillierTensor, _paillier_nbytes)
+register_size_estimator(CKKSContext, _context_nbytes)
 
 #: what an HEPointer may ask a worker to do with ciphertexts (by name, never getattr on a string)
 _OPS = {
@@ -68,13 +113,17 @@ def _he_op(worker: Any, name: str, a: Any, b: Any, out_id: int) -> None:
 register_worker_function("veil.he.op", _he_op, shapes="none")
 
 
-class HEPointer:
-    """Pointer to a ciphertext on a worker; operations run there and return new HEPointers."""
+class HEPointer(RemoteHandle):
+    """Pointer to a ciphertext on a worker; operations run there and return new HEPointers.
+
+    A :class:`~veil.tensors.handle.RemoteHandle`: freed through the same deletion queue as tensor pointers.
+    """
+
+    HANDLE_KIND = "he"
 
     def __init__(self, location: Any, owner: Any, id_at_location: int, kind: str, shape: tuple):
-        self.location, self.owner, self.id_at_location = location, owner, id_at_location
+        self._init_handle(location, id_at_location, owner)
         self.kind, self.shape = kind, tuple(shape)
-        self._freed = False
 
     def _apply(self, name: str, other: Any = None) -> "HEPointer":
         if isinstance(other, HEPointer):
@@ -118,19 +167,10 @@ class HEPointer:
 
     def get(self) -> Any:
         """The ciphertext, back with its owner (who decrypts it locally)."""
-        reply = self.owner.send_msg(GetObjectsMessage([self.id_at_location]), self.location)
-        self._freed = True
-        return reply.objects[0]
-
-    def __del__(self) -> None:
-        if not self._freed:
-            try:
-                self.owner.schedule_delete(self.location, self.id_at_location)
-            except Exception:
-                pass
+        return self.fetch()[0]
 
     def __repr__(self) -> str:
-        return f"[HEPointer {self.kind} {self.shape} | {self.owner.id} -> {self.location.id}:{self.id_at_location}]"
+        return self.handle_head("HEPointer", f"{self.kind} {self.shape}")
 
 
 def send_encrypted(obj: PaillierTensor | CKKSTensor, worker: Any) -> HEPointer:

@@ -17,12 +17,14 @@ import torch
 from veil.exceptions import RemoteExecutionError
 from veil.ids import new_id
 from veil.messaging.allowlist import ALLOWLIST, register_worker_function
-from veil.messaging.messages import GetObjectsMessage, ObjectMessage, StoredObject
+from veil.messaging.messages import ObjectMessage, StoredObject
 from veil.plans import interpreter
 from veil.plans.ops import PlanSpec
 from veil.tensors import remote_ops
+from veil.tensors.handle import RemoteHandle, fetch_all
 from veil.tensors.pointer import PointerTensor
 from veil.workers import base, cancellation
+from veil.workers.monitor import register_size_estimator
 
 
 def _compiled(spec: PlanSpec) -> interpreter.CompiledPlan:
@@ -38,6 +40,17 @@ def _validate(spec: PlanSpec) -> None:
 
 base.STORABLE_TYPES.append(PlanSpec)
 base.STORE_VALIDATORS[PlanSpec] = _validate
+
+
+def _plan_nbytes(spec: PlanSpec) -> int:
+    """Quota charge of a stored plan: its encoded op list (constants included), twice (the compiled
+    form the worker keeps beside it holds the same ops and constants)."""
+    from veil.messaging import serde
+
+    return 2 * len(serde.encode_value(spec))
+
+
+register_size_estimator(PlanSpec, _plan_nbytes)
 
 
 def _run(worker: Any, spec: PlanSpec, inputs: list, state: list) -> Any:
@@ -93,14 +106,21 @@ register_worker_function("veil.plan.fit", _fit)
 register_worker_function("veil.plan.load_state", _load_state, shapes="none")
 
 
-class PlanPointer:
-    """A plan stored on a worker, with pointers to its state (parameters)."""
+class PlanPointer(RemoteHandle):
+    """A plan stored on a worker, with pointers to its state (parameters).
+
+    A :class:`~veil.tensors.handle.RemoteHandle` for the plan object. Its pointer-shaped stand-in
+    (``_handle``, a command argument) frees the plan, so a stand-in kept alone stays valid; the state
+    pointers free themselves.
+    """
+
+    HANDLE_KIND = "plan"
 
     def __init__(self, location: Any, owner: Any, plan_id: int, state: list[PointerTensor], name: str):
-        self.location, self.owner, self.id_at_location = location, owner, plan_id
+        self._init_handle(location, plan_id, owner, garbage_collect_data=False)
         self.state = state
         self.name = name
-        # A pointer-shaped handle to the plan object, so it can be a command argument.
+        # A pointer-shaped stand-in for the plan object, so it can be a command argument.
         self._handle = PointerTensor(location, plan_id, owner, (), torch.float32)
 
     def __call__(self, *args: Any) -> Any:
@@ -128,21 +148,18 @@ class PlanPointer:
         """Brings the plan back (its op list and state values) and frees it on the worker."""
         from veil.plans.plan import Plan
 
-        ids = [self.id_at_location] + [p.id_at_location for p in self.state]
-        reply = self.owner.send_msg(GetObjectsMessage(ids, delete=True), self.location)
-        spec, *state = reply.objects
-        for p in self.state + [self._handle]:
-            p.mark_freed()
+        spec, *state = self.fetch(delete=True, also=self.state)
+        self._handle.mark_freed()
         return Plan.from_spec(spec, [t.detach() for t in state], self.name)
 
     def get_state(self) -> list[torch.Tensor]:
         """Copies of the state tensors (they stay on the worker)."""
-        reply = self.owner.send_msg(GetObjectsMessage([p.id_at_location for p in self.state], delete=False),
-                                    self.location)
-        return [t.detach() for t in reply.objects]
+        if not self.state:
+            return []
+        return [t.detach() for t in fetch_all(self.state, delete=False)]
 
     def __repr__(self) -> str:
-        return f"[PlanPointer {self.name} | {self.owner.id} -> {self.location.id}:{self.id_at_location}]"
+        return self.handle_head("PlanPointer", self.name)
 
 
 def send_plan(plan: Any, worker: Any) -> PlanPointer:

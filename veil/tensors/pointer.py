@@ -18,13 +18,18 @@ import torch
 from veil.exceptions import RevealError, SerializationError
 from veil.ids import new_id
 from veil.messaging import serde
+from veil.tensors.handle import RemoteHandle
 
 if TYPE_CHECKING:
     from veil.workers.base import BaseWorker
 
 
-class PointerTensor(torch.Tensor):
+class PointerTensor(RemoteHandle, torch.Tensor):
     """Pointer to ``id_at_location`` on ``location``, owned by ``owner``.
+
+    A :class:`~veil.tensors.handle.RemoteHandle` (garbage collection, tags and
+    descriptions come from there); the attributes are set inline here because
+    pointers are created on every remote op.
 
     Attributes:
         location: the worker holding the data.
@@ -38,6 +43,7 @@ class PointerTensor(torch.Tensor):
     location: "BaseWorker"
     id_at_location: int
     owner: "BaseWorker"
+    HANDLE_KIND = "tensor"
 
     @staticmethod
     def __new__(
@@ -82,15 +88,7 @@ class PointerTensor(torch.Tensor):
             f"{func} reached a PointerTensor below the torch-function layer: a pointer has no local data"
         )
 
-    # ----------------------------------------------------------- lifecycle
-
-    def __del__(self) -> None:
-        d = self.__dict__
-        if d.get("garbage_collect_data") and not d.get("_freed", True):
-            try:
-                d["owner"].schedule_delete(d["location"], d["id_at_location"])
-            except Exception:  # interpreter shutdown: nothing left to free
-                pass
+    # ----------------------------------------------------------- lifecycle (__del__: RemoteHandle)
 
     def __repr__(self, *args: Any, **kwargs: Any) -> str:
         d = self.__dict__
@@ -186,14 +184,6 @@ class PointerTensor(torch.Tensor):
 
         return send(self, *workers, **kwargs)
 
-    def tag(self, *tags: str) -> "PointerTensor":
-        self.__dict__["tags"] = tuple(dict.fromkeys(self.tags + tags))
-        return self
-
-    def describe(self, description: str) -> "PointerTensor":
-        self.__dict__["description"] = description
-        return self
-
     def fix_precision(self, *args: Any, **kwargs: Any) -> Any:
         """PySyft's ``ptr.fix_precision()``: the worker encodes its own values (nothing comes back)."""
         from veil.compat.remote_fixed_precision import fix_precision_remote
@@ -212,10 +202,6 @@ class PointerTensor(torch.Tensor):
     def child(self) -> "PointerTensor":
         """PySyft 0.2's ``x.child`` (wrapper -> pointer): in veil the pointer is its own wrapper."""
         return self
-
-    def mark_freed(self) -> None:
-        """The remote object is gone (or owned elsewhere): never delete it from here."""
-        self.__dict__["_freed"] = True
 
 
 def _handle(func: Any, args: tuple, kwargs: dict) -> Any:

@@ -232,8 +232,14 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
                       requires_grad: bool, garbage_collect_data: bool) -> Any:
         from veil.tensors.pointer import PointerTensor
 
+        owner = self
+        current = getattr(self, "current_session", None)
+        if current is not None and current() is not None:
+            from veil.workers.monitor import NO_DEPUTY
+
+            owner = NO_DEPUTY  # a network client's pointer never acts with this worker's (peer) rights
         return PointerTensor(
-            location=self.resolve_worker(location_id), id_at_location=id_at_location, owner=self,
+            location=self.resolve_worker(location_id), id_at_location=id_at_location, owner=owner,
             shape=shape, dtype=dtype, requires_grad=requires_grad, garbage_collect_data=garbage_collect_data,
         )
 
@@ -363,7 +369,7 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
         if purpose is Purpose.DP_RELEASE:
             monitor.audit("dp_release", principal, list(found), "refused",
                           f"{op.name}: {e}" if isinstance(e, VeilError) else f"{op.name}: {type(e).__name__}")
-        raise owner_guard.client_error(op.name, e, protected, worker.id) from e
+        raise owner_guard.client_error(op.name, e, protected or _reviewed_inputs(worker, entries), worker.id) from e
     if purpose is Purpose.DP_RELEASE:
         monitor.audit("dp_release", principal, list(found), "allowed", op.name)
     if protected and not op.worker_function:
@@ -461,6 +467,14 @@ def _handle_get(worker: BaseWorker, msg: m.GetObjectsMessage, sender: str) -> An
     return m.ObjectsReply(out)
 
 
+def _reviewed_inputs(worker: BaseWorker, entries: list) -> set:
+    """Non-empty when an input derives from owner data while a ``review`` policy is in force: an error
+    text could quote its values, a release the owner has not approved (so it becomes value-free)."""
+    if any(e.provenance for e in entries) and _tracking(worker):
+        return {0}
+    return set()
+
+
 def _tracking(worker: BaseWorker) -> bool:
     """Governance (#16): whether the worker records provenance (bound on first use: import cycle)."""
     global _tracking
@@ -535,9 +549,8 @@ def _handle_move(worker: BaseWorker, msg: m.MoveMessage, sender: str) -> Any:
     _governance_release(worker, msg.ids, entries, principal.user, "move")
     # Refusals first: whether the destination is reachable must not matter to a refused move.
     destination = worker.resolve_worker(msg.destination)
-    objects = [
-        m.StoredObject(new, e.obj, e.tags, e.description, e.allowed_users) for new, e in zip(msg.new_ids, entries)
-    ]
+    # capabilities travel (reveal_to, share kind, DP-only, provenance): moving never widens who may reveal it
+    objects = [worker.monitor.outgoing(principal, new, e) for new, e in zip(msg.new_ids, entries)]
     worker.send_msg(m.ObjectMessage(objects), destination)
     for oid in msg.ids:
         worker.monitor.discard(principal, oid)  # owner-protected data is copied, never taken

@@ -20,6 +20,7 @@ The object store answers only the monitor: it holds the store's key.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import deque
 from dataclasses import dataclass, replace
@@ -30,9 +31,11 @@ import torch
 
 from veil.exceptions import ObjectNotFoundError, PermissionDeniedError, VeilError, register_remote_error
 from veil.messaging import messages as m
+from veil.tensors.handle import RemoteHandle
 from veil.workers.store import SHARED_NS, Entry, Kind, ObjectStore, StoreKey
 
-__all__ = ["Purpose", "Kind", "Principal", "ReferenceMonitor", "QuotaExceededError", "DEALER_TAG", "Entry"]
+__all__ = ["Purpose", "Kind", "Principal", "ReferenceMonitor", "QuotaExceededError", "DEALER_TAG", "Entry",
+           "register_size_estimator"]
 
 
 @register_remote_error
@@ -81,6 +84,10 @@ PROTOCOL_PREFIXES: tuple[str, ...] = ("veil.mpc.",)
 OPENING_MASKS: dict[str, tuple[int, ...]] = {"beaver_mask": (2, 3), "trunc_mask": (1,), "fss_mask": (1,)}
 #: in-process audit rows kept (network workers write to their OwnerDB)
 AUDIT_LOG_SIZE = 10_000
+#: capabilities travel between workers as tags with this prefix (ObjectMessage; see export_capabilities)
+CAP_PREFIX = "#veil.cap."
+#: bytes one capability tag may hold (a provenance list of many sources stays far below)
+CAP_TAG_LIMIT = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -120,14 +127,30 @@ class Principal:
 _EMPTY: frozenset = frozenset()
 
 
+#: bytes charged for a stored object of a type without a size estimator (pointers, small wrappers):
+#: every object counts, so a session cannot fill a worker with many "free" objects
+DEFAULT_OBJECT_BYTES = 1024
+#: type -> bytes an object of it holds, for the per-session quota (HE ciphertexts, plans register theirs)
+SIZE_ESTIMATORS: dict[type, Callable[[Any], int]] = {}
+
+
+def register_size_estimator(tp: type, estimate: Callable[[Any], int]) -> None:
+    """Tells the quota how many bytes a stored ``tp`` holds (see :data:`SIZE_ESTIMATORS`)."""
+    SIZE_ESTIMATORS[tp] = estimate
+
+
 def _nbytes(obj: Any) -> int:
-    """Bytes a stored object holds (plain tensors; pointers and other wrappers count 0)."""
-    if type(obj) is torch.Tensor or type(obj) is torch.nn.Parameter:
+    """Bytes a stored object holds, for the per-session quota."""
+    tp = type(obj)
+    if tp is torch.Tensor or tp is torch.nn.Parameter:
         try:
             return obj.untyped_storage().nbytes()
         except (RuntimeError, NotImplementedError):
             return obj.numel() * obj.element_size()
-    return 0
+    estimate = SIZE_ESTIMATORS.get(tp)
+    if estimate is None:
+        return DEFAULT_OBJECT_BYTES
+    return max(int(estimate(obj)), DEFAULT_OBJECT_BYTES)
 
 
 def strictest_reveal_to(sources: Iterable[Entry]) -> tuple | None:
@@ -224,9 +247,18 @@ class ReferenceMonitor:
             raise self._refuse(self.unknown(oid), rule.action, principal, [oid])
         if rule.releases_value:
             self._check_release(principal, entry, oid, rule.action)
+        if principal.isolated and purpose is not Purpose.REVEAL and isinstance(entry.obj, RemoteHandle):
+            raise self._refuse(self.chain_error(oid), rule.action, principal, [oid])
         if rule.audit_allowed:
             self.audit(rule.action, principal, [oid], "allowed", detail)
         return entry
+
+    def chain_error(self, oid: Any) -> PermissionDeniedError:
+        """Network pointer chains are refused (docs/architecture.md, "Pointer chains")."""
+        return PermissionDeniedError(
+            f"object {oid} on worker {self.worker_id!r} is a pointer to another worker: pointer chains are not "
+            "followed on network workers (the worker would act there with its own peer rights, not yours); "
+            "use a pointer to that worker directly")
 
     def _dp_only_error(self, what: str) -> PermissionDeniedError:
         return PermissionDeniedError(
@@ -409,12 +441,82 @@ class ReferenceMonitor:
         return entry
 
     def store_objects(self, principal: Principal, objects: list) -> None:
-        """ObjectMessage: client-sent objects; dealt material when a dealer tags it; peer hand-offs."""
-        for so in objects:
-            dealt = DEALER_TAG in so.tags and principal.may_deal
-            self.store(principal, so.id, so.obj, kind=Kind.DEALER if dealt else Kind.CLIENT,
-                       tags=tuple(t for t in so.tags if t != DEALER_TAG), description=so.description,
-                       allowed_users=so.allowed_users)
+        """ObjectMessage: client-sent objects; dealt material when a dealer tags it; peer hand-offs.
+
+        Capabilities that travelled with an object (:meth:`export_capabilities`) are applied; they
+        only ever restrict it, except ``kind`` share/dealer, honoured from dealers / peers only.
+        """
+        parsed = [(so, *self._import_capabilities(principal, so.tags)) for so in objects]  # all checks first
+        for so, tags, caps in parsed:
+            entry = self.store(principal, so.id, so.obj, kind=caps["kind"], reveal_to=caps["reveal_to"],
+                               tags=tags, description=so.description, allowed_users=so.allowed_users)
+            if caps["provenance"]:  # travelled with the object (sent objects have no sources here)
+                entry.provenance = entry.provenance | caps["provenance"]
+            if caps["dp_only"]:
+                entry.meta["dp_only"] = True
+
+    # ------------------------------------------------------ capabilities on the move
+
+    def export_capabilities(self, principal: Principal, entry: Entry) -> tuple:
+        """Tags that carry ``entry``'s capabilities to another worker (moves, a worker sharing its values).
+
+        The receiver's monitor applies them (:meth:`store_objects`), so a value never becomes revealable
+        by more parties by moving: ``reveal_to`` (session ids mean nothing on another worker, so the set
+        travels with the mover's user added: the mover passed the reveal check here), ``kind`` share,
+        the DP-only policy, and provenance as ``"worker:id"`` sources. ``allowed_users`` travels in
+        ``StoredObject.allowed_users``. Dealer material never moves (refused before).
+        """
+        tags = []
+        if entry.kind == Kind.SHARE:
+            tags.append(CAP_PREFIX + "kind=share")
+        if entry.reveal_to is not None:
+            to = sorted(set(entry.reveal_to) | {principal.user})
+            tags.append(CAP_PREFIX + "reveal_to=" + json.dumps(to))
+        if entry.meta.get("dp_only"):
+            tags.append(CAP_PREFIX + "dp_only")
+        if entry.provenance:
+            sources = sorted(p if type(p) is str else f"{self.worker_id}:{p}" for p in entry.provenance)
+            tags.append(CAP_PREFIX + "provenance=" + json.dumps(sources))
+        return tuple(tags)
+
+    def outgoing(self, principal: Principal, new_id: int, entry: Entry) -> m.StoredObject:
+        """The StoredObject that moves ``entry`` to another worker, its capabilities included."""
+        tags = tuple(t for t in entry.tags if not t.startswith(CAP_PREFIX)) + self.export_capabilities(principal,
+                                                                                                       entry)
+        return m.StoredObject(new_id, entry.obj, tags, entry.description, entry.allowed_users)
+
+    def _import_capabilities(self, principal: Principal, tags: Any) -> tuple[tuple, dict]:
+        """Splits an arriving object's tags into plain tags and the capabilities they carry."""
+        caps: dict[str, Any] = {"kind": Kind.CLIENT, "reveal_to": None, "dp_only": False, "provenance": _EMPTY}
+        plain = []
+        for tag in tags:
+            if not isinstance(tag, str):
+                raise VeilError("object tags must be strings")
+            if tag == DEALER_TAG:
+                if principal.may_deal:
+                    caps["kind"] = Kind.DEALER
+                continue
+            if not tag.startswith(CAP_PREFIX):
+                plain.append(tag)
+                continue
+            name, _, value = tag[len(CAP_PREFIX):].partition("=")
+            if name == "kind" and value == "share":
+                if principal.may_deal and caps["kind"] != Kind.DEALER:
+                    caps["kind"] = Kind.SHARE  # a client cannot label its objects protocol shares
+            elif name == "dp_only" and not value:
+                caps["dp_only"] = True
+            elif name in ("reveal_to", "provenance"):
+                items = _string_list(value)
+                if items is None:
+                    raise PermissionDeniedError(f"malformed capability tag {name!r} on an arriving object")
+                if name == "reveal_to":  # several tags: the strictest (intersection)
+                    caps["reveal_to"] = tuple(sorted(set(items) if caps["reveal_to"] is None
+                                                     else set(items) & set(caps["reveal_to"])))
+                else:
+                    caps["provenance"] = caps["provenance"] | frozenset(items)
+            else:
+                raise PermissionDeniedError(f"unknown capability tag {name!r} on an arriving object")
+        return tuple(plain), caps
 
     def store_output(self, oid: int, obj: Any) -> Entry:
         """For worker functions that store a result under an id they were given (HE ops, encrypted
@@ -495,6 +597,47 @@ class _Running:
 
     def __exit__(self, *exc: Any) -> None:
         self._local.request = self._previous
+
+
+class _NoDeputy:
+    """The owner of every pointer a network client sends (in any argument, nested or stored).
+
+    A pointer acts through its owner (``owner.send_msg``); this owner refuses, so a client's
+    pointer can never make the worker act on another worker with the worker's own peer rights
+    (the confused deputy), whatever op, worker function or protocol step it reaches. Its
+    garbage collection never deletes anything there.
+    """
+
+    id = "(a network client's pointer)"
+
+    def schedule_delete(self, location: Any, oid: int) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise PermissionDeniedError(
+                "a pointer sent by a network client is a pointer to another worker: pointer chains are not "
+                "followed on network workers (the worker would act there with its own peer rights, not "
+                "yours); use a pointer to that worker directly")
+
+        return refuse
+
+
+#: see _NoDeputy (veil.workers.base.BaseWorker._make_pointer uses it for network sessions)
+NO_DEPUTY = _NoDeputy()
+
+
+def _string_list(value: str) -> list | None:
+    """A capability tag's JSON list of strings (None: malformed)."""
+    if len(value) > CAP_TAG_LIMIT:
+        return None
+    try:
+        items = json.loads(value)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        return None
+    return items
 
 
 def _refs(value: Any) -> Iterator[m.ObjectRef]:
