@@ -272,6 +272,8 @@ class DPLoss:
     forward pass of the unfused path. ``criterion(output [1, ...], target
     [1, ...])`` must reduce one record to a scalar (``nn.CrossEntropyLoss()``,
     ``nn.MSELoss()``, ...); its batch mean or sum follows ``reduction``.
+    ``backward`` leaves ``.grad`` alone and sets ``.grad_sample`` (for the
+    :class:`veil.dp.DPOptimizer`, which builds ``.grad`` from it).
     """
 
     def __init__(self, gsm: "GradSampleModule", criterion: Callable, reduction: str = "mean") -> None:
@@ -312,7 +314,9 @@ class _FusedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        return (None, None, None, *(gs.sum(0) * (g * ctx.scale) for gs in ctx.per_sample))
+        # No summed .grad: the DPOptimizer builds .grad from grad_sample (summing
+        # the per-sample gradients here would be a wasted pass over them).
+        return (None, None, None, *(None for _ in ctx.per_sample))
 
 
 class PendingOutput:
