@@ -171,8 +171,9 @@ def test_another_scientist_cannot_touch_a_round_over_the_network(hook, websocket
     """A second data scientist's token (user "hospital") tries every secagg function on the coordinator's
     round on three peered `veil worker` processes: each is refused like a missing round, no share or mask
     comes back, and the coordinator's round then completes with the exact plain-torch sum."""
-    from conftest import WS_TOKENS
     from veil.exceptions import VeilError
+
+    scientist, other = "test-scientist-token", "test-hospital-token"  # tests/conftest.py's session servers
 
     names = ("alice", "bob", "charlie")
     port = {n: websocket_servers[n].port for n in names}
@@ -180,7 +181,7 @@ def test_another_scientist_cannot_touch_a_round_over_the_network(hook, websocket
     def connect(name, token):
         return sy.WebsocketClientWorker(hook, id=name, host="127.0.0.1", port=port[name], token=token, timeout=60)
 
-    coord = {n: connect(n, WS_TOKENS["scientist"]) for n in names}
+    coord = {n: connect(n, scientist) for n in names}
     states = {n: [torch.randn(3, 2), torch.randn(2)] for n in names}
     attacker = {}
     try:
@@ -192,7 +193,7 @@ def test_another_scientist_cannot_touch_a_round_over_the_network(hook, websocket
         pks = torch.stack([call("advertise", (tag, 3, 2), coord[n]).get() for n in names])
         for n in names:
             call("share_keys", (tag, ids, pks), coord[n])
-        attacker = {n: connect(n, WS_TOKENS["hospital"]) for n in names}
+        attacker = {n: connect(n, other) for n in names}
         fake = torch.zeros(1, 66, dtype=torch.int64)
         attempts = {
             "share_keys": lambda w: call("share_keys", (tag, ids, pks), w),
