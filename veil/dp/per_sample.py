@@ -68,9 +68,9 @@ def _loop_grads(fn: RecordFn, params: tuple, batched: Sequence[torch.Tensor], st
     leaves = [p.detach().requires_grad_(True) for p in params]
     rows = []
     for i in range(len(batched[0])):
-        record = [a[i] for a in batched]
+        record, ok = [a[i] for a in batched], True
         try:
-            rows.append(_loop_record(fn, leaves, record))
+            row = _loop_record(fn, leaves, record)
         except PrivacyParameterError:
             raise  # about the plan's structure (checked on the dummy input too), not the data
         except Exception as e:  # noqa: BLE001 - any failure on a record is handled the same way
@@ -78,10 +78,11 @@ def _loop_grads(fn: RecordFn, params: tuple, batched: Sequence[torch.Tensor], st
                 raise
             if on_failure is not None:
                 on_failure(e)
-            # The failed record costs what a normal one costs: the same forward and
-            # backward on the dummy record (known to succeed), then replaced by zeros.
-            done = _loop_record(fn, leaves, dummy)
-            rows.append([torch.where(torch.zeros((), dtype=torch.bool), g, torch.zeros_like(g)) for g in done])
+            # The failed record then costs what a normal one costs: the same forward
+            # and backward, on the dummy record (known to succeed), then zeroed below.
+            row, ok = _loop_record(fn, leaves, dummy), False
+        keep = torch.tensor(ok)  # the same ops for every record: only this flag differs
+        rows.append([torch.where(keep, g, torch.zeros_like(g)) for g in row])
     return [torch.stack([r[k] for r in rows]) for k in range(len(params))]
 
 

@@ -16,6 +16,7 @@ never depends on the data).
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -25,7 +26,7 @@ from veil.dp import per_sample
 from veil.dp.core import OWNER_LOG
 from veil.dp.errors import PrivacyParameterError
 from veil.plans import interpreter
-from veil.plans.ops import PlanSpec
+from veil.plans.ops import PlanSpec, SlotRef
 
 # A per-record loss: (output [1, ...], target [1, ...]) -> scalar.
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -114,9 +115,43 @@ def per_sample_gradients(plan: interpreter.CompiledPlan, state: Sequence[torch.T
     params = tuple(frozen[i] for i in train_idx)
     dummy = (torch.zeros(x.shape[1:], dtype=x.dtype), torch.zeros(y.shape[1:], dtype=y.dtype))
     if strategy is None:
-        strategy = per_sample.choose_strategy(one, params, dummy, lot_size=len(x))
+        # A plan that indexes or divides by values may raise on one record; under vmap that
+        # fails the whole lot (and a redo would time it), so such plans go record by record.
+        strategy = "loop" if values_may_raise(plan.spec) else \
+            per_sample.choose_strategy(one, params, dummy, lot_size=len(x))
     return per_sample.record_gradients(one, params, (x, y), strategy=strategy, strict=strict, dummy=dummy,
                                        on_failure=_log_failure)
+
+
+# Ops that can raise on the *values* of a computed tensor argument (an index out of
+# range, an integer division by zero). _INDEX_FIRST take the indices as their first argument.
+_VALUE_RAISING = re.compile(r"getitem|setitem|index|gather|take|scatter|floordiv|floor_divide|__mod__|__rmod__|"
+                            r"remainder|fmod|repeat_interleave")
+_INDEX_FIRST = re.compile(r"embedding|one_hot|bincount|multinomial")
+
+
+def _has_slot(value: object) -> bool:
+    if isinstance(value, SlotRef):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_has_slot(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_slot(v) for v in value.values())
+    return False
+
+
+def _may_raise(op: object) -> bool:
+    name = op.op
+    if _INDEX_FIRST.search(name):
+        return _has_slot(op.args) or _has_slot(op.kwargs)
+    if _VALUE_RAISING.search(name) or ("div" in name and "rounding_mode" in op.kwargs):
+        return _has_slot(op.args[1:]) or _has_slot(op.kwargs)
+    return False
+
+
+def values_may_raise(spec: PlanSpec) -> bool:
+    """Whether some op of the plan may raise depending on data values (decided from the plan alone)."""
+    return any(_may_raise(op) for op in spec.ops)
 
 
 def _log_failure(e: BaseException) -> None:
