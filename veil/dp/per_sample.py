@@ -260,7 +260,7 @@ class _PerRecordOutput(torch.autograd.Function):
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(ctx.rng)
             per_sample = record_gradients(scalar, ctx.params, batched, strategy=gsm._strategy(inputs))
-        gsm._store(per_sample)
+        gsm._set_grad_samples(per_sample)
         return (None, None, *([None] * ctx.n_inputs), *(g.sum(0) for g in per_sample))
 
 
@@ -301,7 +301,7 @@ class DPLoss:
                 fused = vmap(grad_and_value(scalar), in_dims=(None, 0) + (0,) * len(inputs), randomness="different")
                 per_sample, losses = fused(params, target, *inputs)
             per_sample = list(per_sample)
-        gsm._store(per_sample)  # gradients of each record's own loss (no 1/B factor)
+        gsm._set_grad_samples(per_sample)  # gradients of each record's own loss (no 1/B factor)
         scale = 1.0 / max(b, 1) if self.reduction == "mean" else 1.0
         value = losses.sum() * scale if b else torch.zeros(())
         return _FusedLoss.apply(value.detach(), scale, per_sample, *gsm.trainable_parameters())
@@ -420,7 +420,7 @@ class GradSampleModule(nn.Module):
             out = torch.stack([self._record_fn(params, *(x[i] for x in moved)) for i in range(len(moved[0]))])
         return out.movedim(0, self.output_batch_dim) if out.dim() else out
 
-    def _store(self, per_sample: Sequence[torch.Tensor]) -> None:
+    def _set_grad_samples(self, per_sample: Sequence[torch.Tensor]) -> None:
         for p, gs in zip(self.trainable_parameters(), per_sample):
             if self.loss_reduction == "mean" and self.dp_loss is None:
                 gs = gs * gs.shape[0]  # the output gradient carried the 1/B of the mean
