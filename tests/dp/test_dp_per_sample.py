@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from veil.dp import GradSampleModule, fix_module
-from veil.dp.errors import BatchNormNotPrivateError, UnsupportedModuleError
+from veil.dp.errors import BatchNormNotPrivateError
 
 
 class Sum(nn.Module):
@@ -72,11 +72,11 @@ def test_per_sample_matches_microbatch(name, reduction):
     net, data = _net(name)
     b = 4
     x = data(b)
-    gsm = GradSampleModule(net, loss_reduction=reduction)
+    seq_first = name == "lstm_seq_first"
+    gsm = GradSampleModule(net, loss_reduction=reduction, batch_dim=1 if seq_first else 0)
     out = gsm(x)
     loss = out.mean() if reduction == "mean" else out.sum()
     loss.backward()
-    seq_first = name == "lstm_seq_first"
     params = [p for p in net.parameters() if p.requires_grad]
     per_sample = {id(p): p.grad_sample for p in params}
     gsm.remove_hooks()
@@ -117,17 +117,72 @@ def test_batchnorm_is_refused_with_the_fix_named():
     GradSampleModule(fixed)  # now accepted
 
 
-def test_unknown_trainable_layer_is_refused():
-    class Odd(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.ones(3))
+class BatchMixer(nn.Module):
+    """A custom layer that subtracts the batch mean: mixes records in an ordinary forward pass."""
 
-        def forward(self, x):
-            return x * self.w
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, 3))
 
-    with pytest.raises(UnsupportedModuleError, match="Odd"):
-        GradSampleModule(nn.Sequential(Odd()))
+    def forward(self, x):
+        return (x - x.mean(0, keepdim=True)) * self.w + x * self.w.pow(2)
+
+
+def test_any_custom_layer_gets_each_records_own_gradient_even_one_that_mixes_the_batch():
+    """No per-layer rules: every record runs alone, so a layer cannot leak one record into another's gradient."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(3, 3), BatchMixer())
+    gsm = GradSampleModule(net, loss_reduction="sum")
+    x = torch.randn(5, 3)
+    gsm(x).pow(2).sum().backward()
+    per_sample = [p.grad_sample.clone() for p in net.parameters()]
+    for i in range(5):  # reference: the record alone through the plain model (a batch of one)
+        net.zero_grad()
+        net(x[i:i + 1]).pow(2).sum().backward()
+        for p, gs in zip(net.parameters(), per_sample):
+            torch.testing.assert_close(gs[i], p.grad, atol=1e-5, rtol=1e-4)
+    # changing another record leaves record 0's gradient as it was
+    x2 = x.clone()
+    x2[1:] = torch.randn(4, 3) * 10
+    net.zero_grad()
+    for p in net.parameters():
+        p.grad_sample = None
+    gsm(x2).pow(2).sum().backward()
+    for p, gs in zip(net.parameters(), per_sample):
+        torch.testing.assert_close(p.grad_sample[0], gs[0])
+
+
+def test_dropout_masks_of_the_backward_match_the_forward():
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Linear(8, 1))
+    gsm = GradSampleModule(net, loss_reduction="sum")
+    x = torch.randn(40, 6)
+    gsm(x).sum().backward()  # vmap path (40 records)
+    for p in net.parameters():  # the per-sample gradients add up to autograd's gradient of that same forward
+        torch.testing.assert_close(p.grad_sample.sum(0), p.grad, atol=1e-5, rtol=1e-4)
+    w0 = net[0].weight.grad_sample
+    assert (w0.flatten(1).norm(dim=1) > 0).all()
+
+
+def test_fused_criterion_matches_the_unfused_path():
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4))
+    x, y = torch.randn(6, 1, 6, 6), torch.randint(0, 4, (6,))
+    plain = GradSampleModule(net)
+    nn.functional.cross_entropy(plain(x), y).backward()
+    expected = [p.grad_sample.clone() for p in net.parameters()]
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    for p in net.parameters():
+        p.grad_sample = None
+    fused = GradSampleModule(net, criterion=nn.CrossEntropyLoss())
+    loss = fused.dp_loss(fused(x), y)
+    torch.testing.assert_close(loss, nn.functional.cross_entropy(net(x), y))
+    loss.backward()
+    for p, e, g in zip(net.parameters(), expected, grads):
+        torch.testing.assert_close(p.grad_sample, e, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(p.grad_sample.mean(0), g, atol=1e-5, rtol=1e-4)
+        assert p.grad is None  # the DPOptimizer builds .grad from grad_sample
 
 
 def test_no_grad_forward_records_nothing():

@@ -165,3 +165,67 @@ def test_training_with_a_client_killed_mid_protocol_never_reads_a_state(hook, mo
         hist = fl.train(nn.Linear(3, 1), fed, rounds=1, lr=0.01, secure_aggregation=True, progress=False)
     assert "sat_3" in hist.rounds[0].dropped and len(hist.rounds[0].clients) == 3
     assert hist.rounds[0].train_loss == hist.rounds[0].train_loss  # the masked loss sum is a number (not NaN)
+
+
+def test_another_scientist_cannot_touch_a_round_over_the_network(hook, websocket_servers):
+    """A second data scientist's token (user "hospital") tries every secagg function on the coordinator's
+    round on three peered `veil worker` processes: each is refused like a missing round, no share or mask
+    comes back, and the coordinator's round then completes with the exact plain-torch sum."""
+    from veil.exceptions import VeilError
+
+    scientist, other = "test-scientist-token", "test-hospital-token"  # tests/conftest.py's session servers
+
+    names = ("alice", "bob", "charlie")
+    port = {n: websocket_servers[n].port for n in names}
+
+    def connect(name, token):
+        return sy.WebsocketClientWorker(hook, id=name, host="127.0.0.1", port=port[name], token=token, timeout=60)
+
+    coord = {n: connect(n, scientist) for n in names}
+    states = {n: [torch.randn(3, 2), torch.randn(2)] for n in names}
+    attacker = {}
+    try:
+        def call(name, args, w):
+            return remote_ops.call(ALLOWLIST.by_name(f"veil.secagg.{name}"), args, {}, location=w)
+
+        tag = 7_000_000 + int(torch.randint(1 << 20, (1,)))
+        ids = list(names)
+        pks = torch.stack([call("advertise", (tag, 3, 2), coord[n]).get() for n in names])
+        for n in names:
+            call("share_keys", (tag, ids, pks), coord[n])
+        attacker = {n: connect(n, other) for n in names}
+        fake = torch.zeros(1, 66, dtype=torch.int64)
+        attempts = {
+            "share_keys": lambda w: call("share_keys", (tag, ids, pks), w),
+            "masked_input": lambda w: call("masked_input", (tag, ids, [torch.ones(3, 2), torch.ones(2)], 1.0,
+                                                            None), w).get(),
+            "unmask": lambda w: sa._fetch(call("unmask", (tag, ids[:2], [ids[2]]), w)),
+            "deposit": lambda w: call("deposit", (tag, "scientist", "alice", fake, fake), w),
+        }
+        for n in names:
+            for fname, attempt in attempts.items():
+                with pytest.raises(VeilError) as info:
+                    attempt(attacker[n])
+                text = str(info.value)
+                if fname == "deposit":
+                    assert "no secure-aggregation round" in text, fname
+                else:  # word for word what a round that does not exist gets: its existence is not revealed
+                    assert f"no secure-aggregation round {tag}" in text, (fname, text)
+            call("discard", (tag,), attacker[n])  # silent, and ends nothing
+            # the attacker's own round under the same tag is a separate round (no interference)
+            assert call("advertise", (tag, 3, 2), attacker[n]).get().shape == (32,)
+            call("discard", (tag,), attacker[n])
+        # the coordinator's round is intact: masked inputs and recovery give the exact sum
+        masked = {n: call("masked_input", (tag, ids, [t.send(coord[n]) for t in states[n]], 1.0, None),
+                          coord[n]).get() for n in names}
+        answers = {n: sa._fetch(call("unmask", (tag, ids, []), coord[n])) for n in names}
+        total = sa._recover(masked, answers, ids, ids, [], {n: sa.sc.tensor_bytes(pks[i]) for i, n in enumerate(ids)},
+                            2, 10, tag)
+        flat = sa.decode(total, sa.ENCODING, dtype=torch.float64)
+        want = torch.cat([sum(states[n][0] for n in names).flatten(), sum(states[n][1] for n in names)])
+        torch.testing.assert_close(flat[:8].float(), want, atol=1e-4, rtol=0)
+        for n in names:  # both workers still serve both users
+            assert float((torch.ones(2).send(attacker[n]) * 3).get().sum()) == 6.0
+    finally:
+        for w in list(coord.values()) + list(attacker.values()):
+            w.close()

@@ -119,44 +119,42 @@ def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
 
 
 def clip_and_sum(grad_samples: list[Optional[torch.Tensor]], max_grad_norm: float,
-                 like: Sequence[torch.Tensor], constant_time: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
+                 like: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Sanitizes and clips each sample's whole gradient to norm <= C, then sums over samples.
 
     Args:
-        grad_samples: per parameter, ``[B, *shape]`` or ``None`` (no samples reached it).
+        grad_samples: per parameter, ``[B, *shape]`` or ``None`` (no samples
+            reached it). Sanitized *in place* (they are per-step scratch).
         like: the parameters (shapes / dtypes of the sums).
-        constant_time: sanitize every row even when all are finite. Releases a
-            requester can time (worker releases) need it: an extra pass only
-            when a bad record is in the lot would time its membership. Local
-            DP-SGD (nobody times it) skips the pass when nothing is bad.
 
     Returns:
         The clipped sums, and the per-sample norms before clipping ([B]).
 
     A sample whose gradient has a NaN or infinite entry (or whose norm
-    overflows) contributes exactly zero: its factor is 0 and its entries are
-    zeroed first, since ``0 * nan`` is still NaN.
+    overflows) contributes exactly zero: its factor is 0 (``torch.where``) and
+    its entries are zeroed first, since ``0 * nan`` is still NaN. Every row
+    goes through the same ops whatever its values: no branch, no host sync on
+    the data, so a poisoned lot costs what a clean one costs (a requester who
+    times a worker release learns nothing from it).
     """
     present = [g for g in grad_samples if g is not None]
     if not present or present[0].shape[0] == 0:
         return [torch.zeros_like(p) for p in like], torch.zeros(0)
     norms = per_sample_norms(present)
     factors = clip_factors(norms, max_grad_norm)
-    sanitize = constant_time or not bool(torch.isfinite(norms).all())
     out = []
     for g, p in zip(grad_samples, like):
         if g is None:
             out.append(torch.zeros_like(p))
             continue
-        if sanitize:
-            g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+        g = torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
         out.append(torch.einsum("b,b...->...", factors.to(g.dtype), g))
     return out, norms
 
 
 def clipped_sum(grad_samples: list[Optional[torch.Tensor]], max_grad_norm: float,
                 like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The clipped, sanitized sum of :func:`clip_and_sum` (constant-time variant)."""
+    """The clipped, sanitized sum of :func:`clip_and_sum` ."""
     return clip_and_sum(grad_samples, max_grad_norm, like)[0]
 
 

@@ -12,7 +12,7 @@ Example:
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch.optim import Optimizer
@@ -51,7 +51,8 @@ class PrivacyEngine:
         max_grad_norm: float,
         poisson_sampling: bool = True,
         loss_reduction: str = "mean",
-    ) -> tuple[GradSampleModule, DPOptimizer, DataLoader]:
+        criterion: Optional[Callable] = None,
+    ) -> tuple:
         """Wraps the three training objects for DP-SGD.
 
         Args:
@@ -63,10 +64,16 @@ class PrivacyEngine:
             poisson_sampling: replace the loader by a Poisson one. Without it
                 the accountant's subsampling assumption does not hold exactly.
             loss_reduction: ``"mean"`` or ``"sum"``, how the loss reduces the batch.
+            criterion: optional per-batch loss (``nn.CrossEntropyLoss()``, ...)
+                to fuse with the per-record gradients (one ``vmap(grad_and_value)``
+                instead of a forward pass plus a per-record backward; see
+                :class:`veil.dp.per_sample.DPLoss`). Then ``model(x)`` returns a
+                pending output that only the returned criterion consumes.
 
         Returns:
-            ``(GradSampleModule, DPOptimizer, data loader)``; every optimizer
-            step is recorded by this engine's accountant.
+            ``(GradSampleModule, DPOptimizer, data loader)``, or with ``criterion``
+            ``(GradSampleModule, DPOptimizer, DPLoss, data loader)`` (Opacus's
+            order); every optimizer step is recorded by this engine's accountant.
         """
         sample_rate = 1 / len(data_loader)
         expected_batch_size = sample_rate * len(data_loader.dataset)
@@ -74,7 +81,8 @@ class PrivacyEngine:
             data_loader = DPDataLoader.from_data_loader(data_loader, generator=self._generator(1))
         else:
             warnings.warn("poisson_sampling=False: the reported epsilon assumes Poisson sampling", stacklevel=2)
-        gsm = module if isinstance(module, GradSampleModule) else GradSampleModule(module, loss_reduction)
+        gsm = module if isinstance(module, GradSampleModule) else \
+            GradSampleModule(module, loss_reduction, criterion=criterion)
         # Unseeded engines draw the noise from the cryptographic sampler (generator None).
         dp_opt = DPOptimizer(optimizer, noise_multiplier, max_grad_norm, expected_batch_size, self._generator(0))
 
@@ -83,6 +91,8 @@ class PrivacyEngine:
                 self.accountant.step(opt.noise_multiplier, sample_rate)
 
         dp_opt.step_hooks.append(record)
+        if criterion is not None:
+            return gsm, dp_opt, gsm.dp_loss, data_loader
         return gsm, dp_opt, data_loader
 
     def make_private_with_epsilon(
@@ -97,7 +107,8 @@ class PrivacyEngine:
         max_grad_norm: float,
         poisson_sampling: bool = True,
         loss_reduction: str = "mean",
-    ) -> tuple[GradSampleModule, DPOptimizer, DataLoader]:
+        criterion: Optional[Callable] = None,
+    ) -> tuple:
         """Like :meth:`make_private`, with the smallest noise that meets the target.
 
         The noise multiplier is searched with this engine's accountant so that
@@ -114,6 +125,7 @@ class PrivacyEngine:
             max_grad_norm=max_grad_norm,
             poisson_sampling=poisson_sampling,
             loss_reduction=loss_reduction,
+            criterion=criterion,
         )
 
     def get_epsilon(self, delta: float) -> float:

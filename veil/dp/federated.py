@@ -31,9 +31,8 @@ import torch.nn as nn
 
 from veil.dp.accountant import Accountant, epsilon_for
 from veil.dp.errors import BudgetExceededError, PrivacyParameterError
-from veil.dp import core
+from veil.dp import core, per_sample
 from veil.dp.core import make_generator
-from veil.dp.per_sample import GradSampleModule
 
 # A loss that maps (model output, target) to one loss per sample (reduction="none").
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -148,21 +147,24 @@ class DPDataOwner:
 
         local = copy.deepcopy(model)
         local.load_state_dict(dict(params), strict=False)
+        per_sample.validate(local)
         trainable = [(n, p) for n, p in local.named_parameters() if p.requires_grad]
-        gsm = GradSampleModule(local, loss_reduction="sum")
+        forward = per_sample.module_record_fn(local, [n for n, _ in trainable])
+
+        def one(ps: tuple, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+            return loss_fn(forward(ps, xi).unsqueeze(0), yi.unsqueeze(0)).sum()
+
+        like = [p for _, p in trainable]
         try:
             mask = core.poisson_mask(len(self._data), sample_rate, self._generator)
             x, y = self._data[mask], self._target[mask]
-            samples: list = [None] * len(trainable)
-            if len(x) > 0:
-                loss_fn(gsm(x), y).sum().backward()
-                samples = [p.grad_sample for _, p in trainable]
-            released = core.privatize(samples, [p for _, p in trainable], self.max_grad_norm, sigma,
+            dummy = (torch.zeros_like(self._data[0]), torch.zeros_like(self._target[0]))
+            strategy = per_sample.choose_strategy(one, like, dummy, lot_size=len(x))
+            samples = per_sample.record_gradients(one, like, (x, y), strategy=strategy)
+            released = core.privatize(samples, like, self.max_grad_norm, sigma,
                                       sample_rate * len(self._data), generator=self._generator)
         except Exception as e:  # the model or loss failed on the data: charged, value-free error
             raise core.generic_failure("sanitized_gradient", e) from None
-        finally:
-            gsm.remove_hooks()
         return {n: g for (n, _), g in zip(trainable, released)}
 
 

@@ -26,7 +26,7 @@ class DPOptimizer:
     """Wraps a torch optimizer so that ``step`` performs a DP-SGD step.
 
     The parameters must carry ``grad_sample`` (set by
-    :class:`veil.dp.GradSampleModule` during backward). A parameter without
+    :class:`veil.dp.GradSampleModule`, the one per-sample engine, during backward). A parameter without
     one (an empty Poisson batch, an unused layer) contributes zero, but the
     noise is still added: skipping it would reveal the empty batch.
 
@@ -99,9 +99,7 @@ class DPOptimizer:
         """
         params = self.params
         samples = [getattr(p, "grad_sample", None) for p in params]
-        # constant_time=False: a local run is not timed by an adversary; skip the
-        # sanitizing pass when every sample is finite.
-        sums, norms = core.clip_and_sum(samples, self.max_grad_norm, params, constant_time=False)
+        sums, norms = core.clip_and_sum(samples, self.max_grad_norm, params)
         for p, s in zip(params, sums):
             p.summed_grad = s
         return norms

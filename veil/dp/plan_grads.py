@@ -4,29 +4,29 @@ A data owner's worker receives the model as data: a :class:`veil.plans.ops.PlanS
 (``sy.Plan(model)``, validated against the allowlist when it arrives), the
 parameter values, and the name of a loss from :data:`LOSSES`. It never runs
 code sent by the data scientist. Per-sample gradients come from
-``torch.func``: ``vmap(grad(loss of one record))`` over the plan interpreter,
+``torch.func``: ``vmap(grad(loss of one record))`` over the plan interpreter
 so each record is run through the plan *alone* (a batch of one). Whatever ops
 the plan contains, one record's gradient cannot depend on another record,
 which is what the clipping bound (and so the privacy proof) needs.
 
-Small lots (up to 32 records) skip vmap and differentiate record by record
-with plain autograd, which is much faster for small models on CPU; plans
-whose ops have no vmap batching rule fall back to one ``torch.func.grad``
-call per record. All three give the same per-record gradients.
+The gradients come from the one per-sample engine, :mod:`veil.dp.per_sample`
+(small lots and plans vmap cannot batch go record by record; the choice
+never depends on the data).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import re
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.func import grad, vmap
 
+from veil.dp import per_sample
 from veil.dp.core import OWNER_LOG
 from veil.dp.errors import PrivacyParameterError
 from veil.plans import interpreter
-from veil.plans.ops import PlanSpec
+from veil.plans.ops import PlanSpec, SlotRef
 
 # A per-record loss: (output [1, ...], target [1, ...]) -> scalar.
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -56,9 +56,6 @@ LOSSES: dict[str, Loss] = {
     "bce_with_logits": _bce_with_logits,
 }
 
-# Lots up to this size are differentiated record by record (see per_sample_gradients).
-_LOOP_MAX = 32
-
 # Ops that would make a "forward pass" do something else (train, touch .grad).
 _FORBIDDEN = frozenset({"Tensor.backward", "Tensor.grad.__get__", "Tensor.grad.__set__"})
 
@@ -87,11 +84,18 @@ def check_forward_plan(spec: PlanSpec, n_state: int) -> interpreter.CompiledPlan
 
 
 def per_sample_gradients(plan: interpreter.CompiledPlan, state: Sequence[torch.Tensor], trainable: Sequence[bool],
-                         x: torch.Tensor, y: torch.Tensor, loss: Loss, strict: bool = False) -> list[torch.Tensor]:
+                         x: torch.Tensor, y: torch.Tensor, loss: Loss, strict: bool = False,
+                         strategy: Optional[str] = None) -> list[torch.Tensor]:
     """Gradients of ``loss(plan(x_i), y_i)`` w.r.t. the trainable state, one per record.
 
-    A record the plan fails on contributes zeros, unless ``strict`` (the dry
-    run on a dummy record, whose error may be shown to the requester).
+    Computed by the one per-sample engine (:func:`veil.dp.per_sample.record_gradients`).
+    A record the plan fails on contributes zeros after the same work as any
+    other (recomputed on a zero record of the public shape), unless ``strict``
+    (the dry run on a dummy record, whose error may be shown to the requester).
+
+    Args:
+        strategy: ``"vmap"`` or ``"loop"``; by default chosen from the lot size
+            and a dry run on a dummy record (:func:`veil.dp.per_sample.choose_strategy`).
 
     Returns:
         One tensor ``[B, *param.shape]`` per trainable state tensor, in order.
@@ -109,44 +113,49 @@ def per_sample_gradients(plan: interpreter.CompiledPlan, state: Sequence[torch.T
         return loss(out, yi.unsqueeze(0))
 
     params = tuple(frozen[i] for i in train_idx)
-    # The worker runs commands under the caller's grad mode; gradients need it on.
-    with torch.enable_grad():
-        return _gradients(one, params, x, y, strict)
+    dummy = (torch.zeros(x.shape[1:], dtype=x.dtype), torch.zeros(y.shape[1:], dtype=y.dtype))
+    if strategy is None:
+        # A plan that indexes or divides by values may raise on one record; under vmap that
+        # fails the whole lot (and a redo would time it), so such plans go record by record.
+        strategy = "loop" if values_may_raise(plan.spec) else \
+            per_sample.choose_strategy(one, params, dummy, lot_size=len(x))
+    return per_sample.record_gradients(one, params, (x, y), strategy=strategy, strict=strict, dummy=dummy,
+                                       on_failure=_log_failure)
 
 
-def _one_record(one: Callable, leaves_: list, xi: torch.Tensor, yi: torch.Tensor, strict: bool) -> list:
-    """One record's gradient; a record the plan fails on contributes zeros.
-
-    Like a NaN gradient (see :mod:`veil.dp.core`), a failure is a property of
-    that record alone, so replacing it by zero is a per-record map and the
-    release stays DP: neither the error text nor the fact of an error leaves
-    the worker. The owner's log notes that it happened, never the value.
-    """
-    try:
-        row = torch.autograd.grad(one(tuple(leaves_), xi, yi), leaves_, allow_unused=True)
-    except PrivacyParameterError:
-        raise  # about the plan's structure (checked on the dummy input too), not the data
-    except Exception as e:
-        if strict:
-            raise  # noqa: BLE001 - any failure on a record is sanitized the same way
-        OWNER_LOG.info("a DP gradient plan failed on one protected record (%s); it contributes zero",
-                       type(e).__name__)
-        return [torch.zeros_like(p) for p in leaves_]
-    return [torch.zeros_like(p) if r is None else r for r, p in zip(row, leaves_)]
+# Ops that can raise on the *values* of a computed tensor argument (an index out of
+# range, an integer division by zero). _INDEX_FIRST take the indices as their first argument.
+_VALUE_RAISING = re.compile(r"getitem|setitem|index|gather|take|scatter|floordiv|floor_divide|__mod__|__rmod__|"
+                            r"remainder|fmod|repeat_interleave")
+_INDEX_FIRST = re.compile(r"embedding|one_hot|bincount|multinomial")
 
 
-def _gradients(one: Callable, params: tuple, x: torch.Tensor, y: torch.Tensor, strict: bool) -> list[torch.Tensor]:
-    if len(x) == 0:
-        return [p.new_zeros((0, *p.shape)) for p in params]
-    leaves_ = [p.detach().requires_grad_(True) for p in params]
-    if len(x) > _LOOP_MAX:
-        try:
-            return list(vmap(grad(one), in_dims=(None, 0, 0))(params, x, y))
-        except PrivacyParameterError:
-            raise
-        except Exception:  # noqa: BLE001
-            pass  # no batching rule for some op, or a record fails: record by record below
-    # Small lots (the common DP-SGD case): plain autograd per record is ~10x
-    # faster than vmap's batched backward on CPU for small models.
-    rows = [_one_record(one, leaves_, x[i], y[i], strict) for i in range(len(x))]
-    return [torch.stack([r[k] for r in rows]) for k in range(len(params))]
+def _has_slot(value: object) -> bool:
+    if isinstance(value, SlotRef):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_has_slot(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_slot(v) for v in value.values())
+    return False
+
+
+def _may_raise(op: object) -> bool:
+    name = op.op
+    if _INDEX_FIRST.search(name):
+        return _has_slot(op.args) or _has_slot(op.kwargs)
+    if _VALUE_RAISING.search(name) or ("div" in name and "rounding_mode" in op.kwargs):
+        return _has_slot(op.args[1:]) or _has_slot(op.kwargs)
+    return False
+
+
+def values_may_raise(spec: PlanSpec) -> bool:
+    """Whether some op of the plan may raise depending on data values (decided from the plan alone)."""
+    return any(_may_raise(op) for op in spec.ops)
+
+
+def _log_failure(e: BaseException) -> None:
+    # Like a NaN gradient (see veil.dp.core), a failure is a property of that record
+    # alone, so replacing it by zero is a per-record map and the release stays DP.
+    OWNER_LOG.info("a DP gradient plan failed on one protected record (%s); it contributes zero",
+                   type(e).__name__)

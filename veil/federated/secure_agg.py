@@ -28,6 +28,15 @@ individual update ever leaves a client unmasked, and nothing in the recovery
 path reads a client's state. Round state lives outside the object store (no
 pointer reaches it) and is deleted after ``unmask`` or ``discard``.
 
+Least privilege (the reference monitor's principal of each request): a round
+belongs to the user who advertised it, the coordinator, and is kept under
+(that user, tag). Only that user (a ``scientist`` or ``admin`` session on a
+network worker) may run its later stages or discard it; only a peer worker
+(or, in-process, the client worker itself) may deposit shares into it. Anyone
+else is answered exactly as for a round that does not exist, and the refusal
+is audited: another scientist cannot learn that a round exists, read a share,
+inject one, or end someone else's round.
+
 Security: honest-but-curious coordinator and clients, fewer than t colluding;
 integrity against malicious parties (signatures, consistency checks of
 SecAgg's malicious variant) is out of scope.
@@ -73,15 +82,46 @@ class _Round:
     publics: dict = field(default_factory=dict)
     held: dict = field(default_factory=dict)  # peer id -> (share of its sk, share of its b)
     masked_with: Optional[list] = None  # U2, once the masked input was sent
+    coordinator: str = ""  # the user who advertised the round (owns it)
 
 
 def _rounds(worker: Any) -> dict:
     return worker.__dict__.setdefault("_secagg_rounds", {})
 
 
+_COORDINATOR_ROLES = frozenset({"scientist", "admin"})
+
+
+def _principal(worker: Any) -> Any:
+    monitor = getattr(worker, "monitor", None)
+    principal = monitor.current_principal() if monitor is not None else None
+    if principal is None:
+        raise RemoteExecutionError(f"worker {worker.id!r}: secure aggregation runs only inside a request")
+    return principal
+
+
+def _refuse(worker: Any, principal: Any, what: str, detail: str) -> RemoteExecutionError:
+    """The answer for a round this principal may not touch: the same as for no round at all."""
+    worker.monitor.audit("secagg", principal, [], "refused", f"{what}: {detail}")
+    return RemoteExecutionError(f"no secure-aggregation round {what} on worker {worker.id!r}")
+
+
+def _coordinator(worker: Any) -> str:
+    """The requesting user, who must be allowed to coordinate rounds (scientist / admin, or in-process)."""
+    principal = _principal(worker)
+    if principal.isolated and not principal.roles & _COORDINATOR_ROLES:
+        raise _refuse(worker, principal, "(any)", f"roles {sorted(principal.roles)} may not coordinate")
+    return principal.user
+
+
 def _round(worker: Any, tag: Any) -> _Round:
-    state = _rounds(worker).get(tag) if type(tag) is int else None
+    """The requesting user's own round ``tag`` (another user's round is invisible)."""
+    user = _coordinator(worker)
+    state = _rounds(worker).get((user, tag)) if type(tag) is int else None
     if state is None:
+        principal = _principal(worker)
+        if any(key[1] == tag for key in _rounds(worker)):
+            raise _refuse(worker, principal, repr(tag), f"user {user!r} is not the coordinator of this round")
         raise RemoteExecutionError(f"no secure-aggregation round {tag!r} on worker {worker.id!r}")
     return state
 
@@ -93,12 +133,14 @@ def _id_list(ids: Any, name: str) -> list:
 
 
 def _advertise(worker: Any, tag: int, n: int, threshold: int) -> torch.Tensor:
-    if type(tag) is not int or tag in _rounds(worker):
+    user = _coordinator(worker)
+    if type(tag) is not int or (user, tag) in _rounds(worker):
         raise RemoteExecutionError(f"secure-aggregation round {tag!r} is not fresh on worker {worker.id!r}")
     if type(n) is not int or type(threshold) is not int or not 2 <= threshold <= n:
         raise RemoteExecutionError(f"need 2 <= threshold <= n, got threshold={threshold!r}, n={n!r}")
     key = sc.new_private_key()
-    _rounds(worker)[tag] = _Round(threshold, n, sc.private_bytes(key), sc.public_bytes(key), secrets.token_bytes(32))
+    _rounds(worker)[(user, tag)] = _Round(threshold, n, sc.private_bytes(key), sc.public_bytes(key),
+                                          secrets.token_bytes(32), coordinator=user)
     return sc.bytes_tensor(sc.public_bytes(key))
 
 
@@ -122,13 +164,20 @@ def _share_keys(worker: Any, tag: int, ids: list, publics: torch.Tensor) -> None
             continue
         try:
             peer = worker.resolve_worker(peer_id)
-            worker.send_msg(CommandMessage("veil.secagg.deposit", (tag, worker.id, *shares), {}, [], False), peer)
+            worker.send_msg(CommandMessage("veil.secagg.deposit", (tag, state.coordinator, worker.id, *shares),
+                                           {}, [], False), peer)
         except _FAILURES:
             pass  # that peer is gone: it will lack shares and drop out at masked_input
 
 
-def _deposit(worker: Any, tag: int, sender: str, sk_share: torch.Tensor, b_share: torch.Tensor) -> None:
-    state = _round(worker, tag)
+def _deposit(worker: Any, tag: int, coordinator: str, sender: str, sk_share: torch.Tensor,
+             b_share: torch.Tensor) -> None:
+    principal = _principal(worker)
+    state = _rounds(worker).get((coordinator, tag)) if type(tag) is int and isinstance(coordinator, str) else None
+    if principal.isolated and not principal.is_peer:  # a scientist session: only peer workers hand over shares
+        raise _refuse(worker, principal, repr(tag), "deposit from a non-peer session")
+    if state is None:
+        raise RemoteExecutionError(f"no secure-aggregation round {tag!r} on worker {worker.id!r}")
     if not isinstance(sender, str) or sender in state.held or (state.ids and sender not in state.ids):
         raise RemoteExecutionError("deposit: unknown or repeated sender for this round")
     sc.from_tensor(sk_share), sc.from_tensor(b_share)  # validates the format
@@ -169,7 +218,7 @@ def _unmask(worker: Any, tag: int, survivors: list, dropped: list) -> tuple:
     if masked is None or worker.id not in survivors or set(survivors) & set(dropped) \
             or set(survivors) | set(dropped) != set(masked) or len(survivors) < state.threshold:
         raise RemoteExecutionError("unmask: refused (inconsistent survivor and dropout sets)")
-    del _rounds(worker)[tag]  # answered once: nothing of this round remains to be asked for
+    del _rounds(worker)[(state.coordinator, tag)]  # answered once: nothing of this round remains to be asked for
     b_rows = [state.held[u][1] for u in survivors]
     sk_rows = [state.held[v][0] for v in dropped]
     empty = torch.zeros(0, sc.SHARE_BYTES, dtype=torch.int64)
@@ -177,7 +226,10 @@ def _unmask(worker: Any, tag: int, survivors: list, dropped: list) -> tuple:
 
 
 def _discard(worker: Any, tag: int) -> None:
-    _rounds(worker).pop(tag, None)
+    user = _coordinator(worker)
+    if _rounds(worker).pop((user, tag), None) is None and any(key[1] == tag for key in _rounds(worker)):
+        # someone else's round: left alone, audited, answered like a missing one (discard is silent)
+        worker.monitor.audit("secagg", _principal(worker), [], "refused", f"discard {tag!r}: not the coordinator")
 
 
 register_worker_function("veil.secagg.advertise", _advertise)

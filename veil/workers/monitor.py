@@ -527,6 +527,12 @@ class ReferenceMonitor:
         principal, sources, op_name = current
         return self.store(principal, oid, obj, sources=sources, op_name=op_name)
 
+    def current_principal(self) -> Principal | None:
+        """Who asked for the worker function now running (protocol functions check their roles
+        and round ownership with it); None outside a request."""
+        current = getattr(self._local, "request", None)
+        return None if current is None else current[0]
+
     def running(self, principal: Principal, sources: list, op_name: str) -> "_Running":
         """Context for executing an op: :meth:`store_output` sees who asked and the op's inputs."""
         return _Running(self._local, (principal, sources, op_name))
