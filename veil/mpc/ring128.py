@@ -165,6 +165,9 @@ def bilinear(fn: Callable[..., torch.Tensor], p: Pair, x: Pair, public_first: bo
     limbs (16 images, each below ``n * 2^32`` for ``n`` summed products), the
     others wrapping. Exact for reductions over fewer than 2^26 products.
     """
+    if fn is torch.mul and not kwargs:  # elementwise: no sums, the schoolbook product suffices
+        return mul(p, x)
+
     def f(a, b):
         return fn(a, b, **kwargs) if public_first else fn(b, a, **kwargs)
 
