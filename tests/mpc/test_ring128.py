@@ -80,3 +80,14 @@ def test_conv_bilinear_exact():
                                 s += xs[c * 25 + ii * 5 + jj] * ws[o * 18 + c * 9 + a * 3 + b]
                 ref.append(s % M)
     assert out == ref and xi.numel() == 50
+
+
+def test_long_reductions_take_16_bit_digits_and_stay_exact():
+    g = torch.Generator().manual_seed(1)
+    k = 5000  # > 2^12 products per entry: the 16-bit digit path
+    p = (torch.randint(-(2**63), 2**63 - 1, (2, k), generator=g), torch.randint(-(2**63), 2**63 - 1, (2, k), generator=g))
+    x = (torch.randint(-(2**63), 2**63 - 1, (k, 1), generator=g), torch.randint(-(2**63), 2**63 - 1, (k, 1), generator=g))
+    pi, xi = ints(p), ints(x)
+    want = [sum(pi[i * k + t] * xi[t] for t in range(k)) % M for i in range(2)]
+    assert ints(r.bilinear(torch.mm, p, x)) == want
+    assert r._products_per_entry(torch.mm, p[0], x[0]) == k

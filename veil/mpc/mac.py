@@ -161,11 +161,23 @@ def _alpha_times(alpha: r128.Pair, public: r128.Pair) -> r128.Pair:
     return r128.mul(alpha, public)
 
 
+def _meta(*tensors: Any) -> bool:
+    """True when run on shape-only tensors (run_party infers a remote result's shapes so)."""
+    return any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in tensors)
+
+
+def _shapes_only(shape: Sequence[int], n: int) -> tuple:
+    """``n`` empty int64 meta tensors: the cheap answer to a shape query (the limb code is long)."""
+    return tuple(torch.empty(tuple(shape), dtype=DTYPE, device="meta") for _ in range(n))
+
+
 @party_function("mac_digits")
 def _mac_digits(limb: torch.Tensor, width: int) -> tuple:
     """Unsigned ``width``-bit digits of one 64-bit limb (inputs to a digit-wise linear op)."""
     if width not in (16, 32):
         raise ValueError("mac_digits needs width 16 or 32")
+    if _meta(limb):
+        return _shapes_only(limb.shape, 64 // width)
     return tuple(r128.digits(limb, width))
 
 
@@ -174,11 +186,15 @@ def _mac_combine(columns: list, terms: list, hi_extra: list) -> tuple:
     """Recombines exact digit images into a 128-bit share (see :func:`veil.mpc.ring128.combine`)."""
     if len(columns) != len(terms) or not all(type(c) is int and 0 <= c < 8 for c in columns):
         raise ValueError("mac_combine needs one column index in [0, 8) per term")
+    if _meta(*terms, *hi_extra):
+        return _shapes_only(torch.broadcast_shapes(*[tuple(t.shape) for t in list(terms) + list(hi_extra)]), 2)
     return r128.combine(list(zip(columns, terms)), list(hi_extra))
 
 
 @party_function("mac_add")
 def _mac_add(x_lo, x_hi, xm_lo, xm_hi, y_lo, y_hi, ym_lo, ym_hi, subtract: bool) -> tuple:
+    if _meta(x_lo, y_lo):
+        return _shapes_only(torch.broadcast_shapes(tuple(x_lo.shape), tuple(y_lo.shape)), 4)
     op = r128.sub if subtract else r128.add
     return op((x_lo, x_hi), (y_lo, y_hi)) + op((xm_lo, xm_hi), (ym_lo, ym_hi))
 
@@ -186,6 +202,8 @@ def _mac_add(x_lo, x_hi, xm_lo, xm_hi, y_lo, y_hi, ym_lo, ym_hi, subtract: bool)
 @party_function("mac_add_public")
 def _mac_add_public(v_lo, v_hi, m_lo, m_hi, a_lo, a_hi, public: torch.Tensor, first: bool, negate: bool) -> tuple:
     """``(-)x + c``: party 0 adds ``c`` to its value share, every party ``c alpha_i`` to its MAC share."""
+    if _meta(v_lo, a_lo, public):
+        return _shapes_only(torch.broadcast_shapes(tuple(v_lo.shape), tuple(public.shape)), 4)
     value, mac = (v_lo, v_hi), (m_lo, m_hi)
     if negate:
         value, mac = r128.neg(value), r128.neg(mac)
@@ -199,6 +217,8 @@ def _mac_add_public(v_lo, v_hi, m_lo, m_hi, a_lo, a_hi, public: torch.Tensor, fi
 @party_function("mac_public")
 def _mac_public(a_lo, a_hi, public: torch.Tensor, first: bool) -> tuple:
     """An authenticated public ``c``: party 0 holds ``c``, the others 0; MAC shares ``c alpha_i``."""
+    if _meta(a_lo, public):
+        return _shapes_only(public.shape, 4)
     c = r128.lift(public)
     value = c if first else (torch.zeros_like(c[0]), torch.zeros_like(c[1]))
     return value + _alpha_times((a_lo, a_hi), c)
@@ -207,6 +227,8 @@ def _mac_public(a_lo, a_hi, public: torch.Tensor, first: bool) -> tuple:
 @party_function("mac_scale")
 def _mac_scale(v_lo, v_hi, m_lo, m_hi, public: torch.Tensor) -> tuple:
     """``c * x`` elementwise for a public integer ``c`` (value and MAC, broadcasting)."""
+    if _meta(v_lo, public):
+        return _shapes_only(torch.broadcast_shapes(tuple(v_lo.shape), tuple(public.shape)), 4)
     c = r128.lift(public)
     return r128.mul((v_lo, v_hi), c) + r128.mul((m_lo, m_hi), c)
 
@@ -221,6 +243,8 @@ def _mac_beaver_mask(x_lo, x_hi, a_lo, a_hi, y_lo, y_hi, b_lo, b_hi) -> tuple:
 def _mac_beaver_finish(tri: list, e: list, f: list, ef: list, alpha: list, op: str, first: bool,
                        op_kwargs: dict) -> tuple:
     """``z = c + op(e, b) + op(a, f) (+ op(e, f))`` and its MAC, mod 2^128."""
+    if _meta(*tri):
+        return _shapes_only(tri[4].shape, 4)  # the shape of c
     fn = bilinear(op)
     a, b, c, ma, mb, mc = (tuple(tri[2 * i:2 * i + 2]) for i in range(6))
     e, f, ef = tuple(e), tuple(f), tuple(ef)
@@ -248,6 +272,8 @@ def _mac_trunc_finish(c: torch.Tensor, pair: list, alpha: list, divisor: int, fi
     """``z = floor(c/d) - K/d - q + (1 - c_hi) g`` mod 2^128 (public part by party 0) and its MAC."""
     if type(divisor) is not int or divisor <= 1 or not isinstance(first, bool):
         raise ValueError("mac_trunc_finish needs an integer divisor > 1 and a boolean first")
+    if _meta(c, *pair):
+        return _shapes_only(torch.broadcast_shapes(tuple(c.shape), tuple(pair[2].shape)), 4)
     _, q, g, _, mq, mg = (tuple(pair[2 * i:2 * i + 2]) for i in range(6))
     wrap = r128.lift(1 - top_bit(c))
     public = r128.lift(floor_div_unsigned(c, divisor) - shift_for(divisor) // divisor)

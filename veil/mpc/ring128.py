@@ -161,9 +161,10 @@ def bilinear(fn: Callable[..., torch.Tensor], p: Pair, x: Pair, public_first: bo
 
     ``P = p_lo + 2^64 p_hi``, ``X = x_lo + 2^64 x_hi``:
     ``fn(P, X) = fn(p_lo, x_lo) + 2^64 (fn(p_lo, x_hi) + fn(p_hi, x_lo))``;
-    the first term is computed exactly from the 16-bit digits of both low
-    limbs (16 images, each below ``n * 2^32`` for ``n`` summed products), the
-    others wrapping. Exact for reductions over fewer than 2^26 products.
+    the first term is computed exactly from digits of both low limbs (16-bit
+    digits: 16 images, each below ``n * 2^32`` for ``n`` summed products; 32-
+    by 16-bit digits, 8 images, when ``n < 2^12``), the others wrapping. Exact
+    for reductions over fewer than 2^26 products.
     """
     if fn is torch.mul and not kwargs:  # elementwise: no sums, the schoolbook product suffices
         return mul(p, x)
@@ -171,9 +172,22 @@ def bilinear(fn: Callable[..., torch.Tensor], p: Pair, x: Pair, public_first: bo
     def f(a, b):
         return fn(a, b, **kwargs) if public_first else fn(b, a, **kwargs)
 
-    pd, xd = digits(p[0], 16), digits(x[0], 16)
-    terms = [(i + j, f(pi, xj)) for i, pi in enumerate(pd) for j, xj in enumerate(xd)]
+    width = 32 if _products_per_entry(f, p[0], x[0]) < 1 << 12 else 16
+    pd, xd = digits(p[0], width), digits(x[0], 16)
+    terms = [((width // 16) * i + j, f(pi, xj)) for i, pi in enumerate(pd) for j, xj in enumerate(xd)]
     return combine(terms, [f(p[0], x[1]), f(p[1], x[0])])
+
+
+def _products_per_entry(f: Callable, p: torch.Tensor, x: torch.Tensor) -> int:
+    """The most products summed into one output entry (``f`` of all-ones operands).
+
+    With fewer than 2^12, 32-bit digits of ``p`` keep every column below 2^62
+    (two images of at most ``n * 2^48`` each): 8 images instead of 16.
+    Shape-only (meta) tensors take the 16-bit path.
+    """
+    if p.device.type == "meta" or x.device.type == "meta" or p.numel() == 0 or x.numel() == 0:
+        return 1 << 62
+    return int(f(torch.ones_like(p), torch.ones_like(x)).max())
 
 
 def sum_all(x: Pair) -> Pair:

@@ -213,15 +213,17 @@ def _public_bilinear(cls: type, func: Any, x: Any, public: torch.Tensor, public_
     """``func(P, x)`` or ``func(x, P)`` mod 2^128 for a public int64 ``P``."""
     kwargs = kwargs or {}
     p_lo, p_hi = r128.lift(public)
-    p_digits = r128.digits(p_lo, 16)
 
     def f(pub, shr):
         return func(pub, shr, *extra, **kwargs) if public_first else func(shr, pub, *extra, **kwargs)
 
+    # 32-bit digits of P when few products meet in one entry (as in ring128.bilinear): 8 images, not 16
+    width = 32 if r128._products_per_entry(f, p_lo, torch.zeros(tuple(x.shape), dtype=DTYPE)) < 1 << 12 else 16
+    p_digits = r128.digits(p_lo, width)
     limbs = []
     for lo_index, hi_index in ((0, 1), (2, 3)):
         x_digits = _digit_tensors(cls, x, lo_index, 16)
-        terms = [(i + j, f(pi, xj)) for i, pi in enumerate(p_digits) for j, xj in enumerate(x_digits)]
+        terms = [((width // 16) * i + j, f(pi, xj)) for i, pi in enumerate(p_digits) for j, xj in enumerate(x_digits)]
         x_lo, x_hi = _limb_tensors(x, cls)[lo_index], _limb_tensors(x, cls)[hi_index]
         hi_extra = [f(p_lo, x_hi)]
         if bool((p_hi != 0).any()):
@@ -299,6 +301,8 @@ def _conv(cls: type, conv2d: Any, a: Any, b: Any, **kw) -> Any:
     """conv2d of one shared digit tensor and one public digit tensor, share by share."""
     if isinstance(a, cls):
         return cls({p: conv2d(s, b, **kw) for p, s in a.child.items()}, a.crypto_provider)
+    if not isinstance(b, cls):  # public only (counting the products per entry)
+        return conv2d(a, b, **kw)
     return cls({p: conv2d(a, s, **kw) for p, s in b.child.items()}, b.crypto_provider)
 
 
