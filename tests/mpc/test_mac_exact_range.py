@@ -34,8 +34,7 @@ def across_range(n: int, bound: int, gen: torch.Generator) -> torch.Tensor:
     return torch.cat([edges, uniform, mags * signs])[:n]
 
 
-@pytest.mark.parametrize("n_parties", [2, 3])
-@pytest.mark.parametrize("divisor", [2**16, 3])
+@pytest.mark.parametrize("n_parties,divisor", [(2, 2**16), (3, 2**16), (2, 3)])
 def test_authenticated_truncation_over_the_whole_range(n_parties, divisor):
     gen = torch.Generator().manual_seed(divisor + n_parties)
     values = across_range(N_TRUNC, TRUNCATION_BOUND - divisor, gen)

@@ -22,7 +22,7 @@ def ints(p):
     return [r.to_int(a, b) for a, b in zip(p[0].reshape(-1).tolist(), p[1].reshape(-1).tolist())]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(vals, vals), min_size=1, max_size=8))
 def test_elementwise_ops_match_python(xs):
     a, b = pair([x for x, _ in xs]), pair([y for _, y in xs])
@@ -35,7 +35,7 @@ def test_elementwise_ops_match_python(xs):
     assert r.eq(a, a).all() and ints(r.lift(torch.tensor([-1, 5]))) == [M - 1, 5]
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(st.integers(1, 5), st.integers(1, 7), st.integers(1, 4), st.data())
 def test_bilinear_and_linear_maps_are_exact(n, k, m, data):
     p_vals = data.draw(st.lists(vals, min_size=n * k, max_size=n * k))
@@ -52,7 +52,7 @@ def test_bilinear_and_linear_maps_are_exact(n, k, m, data):
     assert sums == [(-2 * sum(x_vals[t * m + j] for t in range(k))) % M for j in range(m)]
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(st.lists(vals, min_size=1, max_size=6), st.integers(2, 4))
 def test_split_reconstructs(values, n):
     v = pair(values)
