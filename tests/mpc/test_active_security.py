@@ -259,3 +259,13 @@ def test_tampered_truncation_material_aborts():
     dealer.authenticated_truncation_pairs = bad
     with pytest.raises(MacCheckError, match=r"\(output\)"):
         (x * 0.5).get()
+
+
+def test_copy_keeps_macs_and_refresh_refuses_clearly(net):
+    parties, cp = net[0][:2], net[1]
+    x = _share(X, parties, cp)
+    y = x.copy()
+    assert y.mac is not None and torch.equal(y.get(), X)
+    assert torch.equal((x + 3).get(), X + 3) and torch.equal(x.get(), X)  # x survives both openings
+    with pytest.raises(UnsupportedOperationError, match="refresh.*authenticated"):
+        x.refresh()
