@@ -31,8 +31,10 @@ onto them.
 
 **Bound.** An additive error that changes an opened value mod 2^64 (with
 any MAC error the cheater picks) passes one check with probability at most
-``2^(-s + log2(s + 1)) = 2^-57.9`` (SPDZ2k, Thm. 1 and the batch-check
-lemma; for one error at bit ``v`` the exact value is ``~(64 - v + 2) 2^-66``).
+``2^(-s + log2(s + 1)) = 2^-57.9`` (SPDZ2k's batch-check bound; for one
+error ``2^v``, ``v < 64``, the check passes iff ``r_j (Delta - alpha 2^v) = 0
+mod 2^128``, which needs the cheater to guess ``alpha`` modulo ``2^(128 - v -
+t)`` for ``t`` the 2-adic valuation of ``r_j``: about ``2^-60`` at ``v = 63``).
 Errors only in the upper ``s`` bits of a share, or only in a MAC, may pass,
 but they cannot change any result mod 2^64. ``tests/mpc/test_mac_escape.py``
 injects every bit position of every 128-bit share, triple, truncation pair
