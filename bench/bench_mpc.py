@@ -1,6 +1,7 @@
 """SMPC benchmark: shared ops over VirtualWorkers vs plain PyTorch, same run.
 
 Run: .venv/bin/python bench/bench_mpc.py [--parties 2] [--repeat 3] [--unseeded] [--skip-ops] [--skip-models]
+     [--mac]   (instead: active security (SPDZ2k MACs) vs plain sharing, same run; see mac_vs_plain)
 
 Ops: elementwise mul of 1e6 fixed-point values, 256x256 @ 256x256 matmul,
 ReLU on 1e5 values. Models (second table): private inference of the MNIST
@@ -157,6 +158,38 @@ def _models(parties, cp, me, repeat: int) -> None:
               f"{t['from_party']:,.0f} | {t['cp_sent']:,.0f} | {t['msgs']:.1f} |")
 
 
+def mac_vs_plain(parties, cp, me, repeat: int) -> None:
+    """Active security's cost: each op with ``active_security=True`` vs without, same run.
+
+    Timed: the op and ``.get()`` (which runs the batched MAC check), dealing included.
+    """
+    a, b = torch.randn(100_000), torch.randn(100_000)
+    m1, m2 = torch.randn(128, 128), torch.randn(128, 128)
+    lin = nn.Linear(256, 64)
+    xs = torch.randn(32, 256)
+    cases = [
+        ("mul 1e5 (fixed point)", (a, b), lambda x, y: x * y),
+        ("matmul 128^3 (fixed point)", (m1, m2), lambda x, y: x @ y),
+        ("linear 256->64, batch 32, shared weights", (xs, lin.weight.detach().t(), lin.bias.detach()),
+         lambda x, w, c: x @ w + c),
+        ("sum 1e5 + public scale", (a,), lambda x: (x * 3).sum()),
+    ]
+    print("| op (2 parties unless stated) | plain s | MAC s | MAC/plain | rounds plain | rounds MAC "
+          "| opened B/party plain | opened B/party MAC | max err MAC |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    n = len(parties)
+    for name, plain_args, fn in cases:
+        row = {}
+        for mode in (False, True):
+            shared = [t.fix_precision().share(*parties, crypto_provider=cp, active_security=mode) for t in plain_args]
+            out, t = traffic(lambda: fn(*shared).get(), me, cp, n)
+            row[mode] = (_time(lambda: fn(*shared).get(), repeat), t, out)
+        err = float((row[True][2].float_precision() - fn(*plain_args)).abs().max())
+        (tp, sp, _), (tm, sm, _) = row[False], row[True]
+        print(f"| {name} | {tp:.3f} | {tm:.3f} | {tm / tp:.1f}x | {sp['rounds']} | {sm['rounds']} | "
+              f"{sp['opened']:,.0f} | {sm['opened']:,.0f} | {err:.1e} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parties", type=int, default=2)
@@ -164,9 +197,12 @@ def main() -> None:
     ap.add_argument("--unseeded", action="store_true", help="send every share instead of seeds")
     ap.add_argument("--skip-ops", action="store_true")
     ap.add_argument("--skip-models", action="store_true")
+    ap.add_argument("--mac", action="store_true", help="only: active security (SPDZ2k) vs plain, same run")
     args = ap.parse_args()
     torch.manual_seed(0)
     hook, me, parties, cp = virtual_setup(args.parties, seeded=not args.unseeded)
+    if args.mac:
+        return mac_vs_plain(parties, cp, me, args.repeat)
     cases = op_cases(parties, cp)
     print(f"parties={args.parties} seeded={not args.unseeded} torch={torch.__version__}")
     if args.skip_ops:

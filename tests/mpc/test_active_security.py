@@ -1,4 +1,4 @@
-"""Active security: SPDZ MACs on shares; tampering aborts with MacCheckError."""
+"""Active security: SPDZ2k MACs on shares (mod 2^128); tampering aborts with MacCheckError."""
 
 import pytest
 import torch
@@ -66,7 +66,7 @@ def test_tampered_input_is_caught_at_the_next_check(net, delta):
     _tamper(parties[1], x.child[parties[1].id], delta)
     z = x * y  # the tampered share only enters the masked opening e = x - a
     w = _share(Y, parties, cp) + 1
-    with pytest.raises(MacCheckError, match="SPDZ MAC check"):
+    with pytest.raises(MacCheckError, match="SPDZ2k MAC check"):
         w.get()  # an unrelated output: the pending opening of e is checked first
 
 
@@ -251,10 +251,21 @@ def test_tampered_truncation_material_aborts():
 
     def bad(*args):
         pairs = real(*args)
-        r, q, g, ar, aq, ag = pairs["b"]
-        pairs["b"] = (r, q, g, ar, aq + 1, ag)
+        fields = list(pairs["b"])  # (lo, hi) of r, q, g, alpha*r, alpha*q, alpha*g
+        fields[8] = fields[8] + 1  # party b's share of alpha*q
+        pairs["b"] = tuple(fields)
         return pairs
 
     dealer.authenticated_truncation_pairs = bad
     with pytest.raises(MacCheckError, match=r"\(output\)"):
         (x * 0.5).get()
+
+
+def test_copy_keeps_macs_and_refresh_refuses_clearly(net):
+    parties, cp = net[0][:2], net[1]
+    x = _share(X, parties, cp)
+    y = x.copy()
+    assert y.mac is not None and torch.equal(y.get(), X)
+    assert torch.equal((x + 3).get(), X + 3) and torch.equal(x.get(), X)  # x survives both openings
+    with pytest.raises(UnsupportedOperationError, match="refresh.*authenticated"):
+        x.refresh()

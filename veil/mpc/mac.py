@@ -1,107 +1,91 @@
-"""Optional active security: SPDZ information-theoretic MACs on shares.
+"""Optional active security: SPDZ2k MACs [Cramer, Damgard, Escudero, Scholl, Xing, CRYPTO 2018].
 
-``x.share(alice, bob, crypto_provider=cp, active_security=True)`` shares
-``x`` *and* ``alpha * x`` (its MAC) under a global MAC key ``alpha`` [SPDZ,
-Damgard et al. 2012]. ``alpha`` is drawn by the orchestrator (the verifier:
-it already sees every opened value) and given to the crypto provider, which
-needs it to authenticate Beaver triples and truncation pairs; the parties
-hold only additive shares of ``alpha`` and of every MAC, so a party that
-changes its share of a value by ``delta`` must also change its MAC share by
-``alpha * delta``, which it cannot compute.
+``x.share(alice, bob, crypto_provider=cp, active_security=True)`` shares a
+64-bit ring value ``x`` (``k = 64``) as a 128-bit value ``x~`` with ``x~ = x
+mod 2^64`` and its MAC ``alpha * x~``, both additively shared **mod 2^(k+s)
+= 2^128** (``s = 64``); the key ``alpha`` is uniform in Z/2^s, drawn from
+the operating system's CSPRNG for every session (:func:`new_session`, and a
+new key per provider and parties). The orchestrator is the verifier (it sees
+every opened value anyway) and gives ``alpha`` to the crypto provider, which
+authenticates the material it deals; parties hold shares of ``alpha`` only.
 
-* Linear ops (every structural op, ``+``, ``-``, ``neg``, ``sum``, ``cat``,
-  zero padding, convolution by a public kernel) act on values and MACs
-  alike; a public constant ``c`` is added by party 0 to the value and by
-  every party as ``c * alpha_i`` to the MAC; products by public integers
-  scale both.
-* Products of two shared tensors (``mul``, ``mm``, ``bmm``, ``mv``/``dot``,
-  ``conv2d``) use authenticated triples ``(a, b, c, alpha*a, alpha*b,
-  alpha*c)``; the opened ``e = x - a`` and ``f = y - b`` are recorded with
-  their MACs.
-* Truncation (division by a public integer ``d``: every fixed-point product,
-  ``mean``, ``x / 3``) uses authenticated pairs ``(r, q, g, alpha*r,
-  alpha*q, alpha*g)`` (:mod:`veil.mpc.truncation`): the parties open
-  ``c = x + K + r`` (recorded with its MAC ``mac(x) + alpha*K + alpha*r``),
-  then ``z = floor(c/d) - K/d - q + (1 - c_hi) g`` and ``mac(z) = alpha_i
-  (floor(c/d) - K/d) - (alpha*q)_i + (1 - c_hi) (alpha*g)_i``; see
-  :func:`truncate`. The result is ``floor(x/d)`` or ``floor(x/d) + 1`` for
-  every ``|x| <= 2^62 - d``, with no failure probability. One round.
-  Hence fixed-point ``*``, ``@``, ``nn.Linear``, ``conv2d``, ``avg_pool2d``,
-  ``mean``, division by public values and the product-only approximations
-  of :mod:`veil.mpc.functions` (``exp``, ``reciprocal``, ``sigmoid``, ...)
-  run authenticated, and so does ``model.fix_precision().share(...,
-  active_security=True)`` inference of a model built from such layers.
-* Every opening is checked, batched: before ``.get()`` reveals a result, the
-  pending openings and the result are verified in **one round**: with fresh
-  public coefficients ``r`` (a 32-byte seed expanded by each party), each
-  party sends, for every opened ``v_j``, ``gamma_ij = <r_j, mac_i(v_j)>``
-  (one ring element per opening) and the verifier checks
-  ``sum_i gamma_ij == alpha * <r_j, v_j>`` for every ``j``; otherwise
-  :class:`~veil.mpc.errors.MacCheckError` is raised, naming the openings
-  that failed (``Beaver mask e = x - a (mm)``, ``truncation mask c = x +
-  r``, ``output``), and nothing is returned.
+Per party an authenticated share is four int64 limbs ``(v_lo, v_hi, m_lo,
+m_hi)`` (:mod:`veil.mpc.ring128`). Protocol steps below take and return
+``{party: limbs}`` dicts; :mod:`veil.tensors.mac_dispatch` maps tensor ops
+onto them.
 
-Limits (read before use):
+* Linear ops act on values and MACs mod 2^128; a public ``c`` is added by
+  party 0 to the value and by every party as ``c * alpha_i`` to the MAC.
+* Products of two shared tensors use authenticated 128-bit triples; the
+  opened ``e = x~ - a`` and ``f = y~ - b`` (uniform mod 2^128) are recorded.
+* Truncation opens ``c = x~ + K + r~`` (uniform mod 2^128; its low 64 bits
+  are exactly the opening of :mod:`veil.mpc.truncation`) and finishes with
+  that module's dealt ``q``, ``g``, lifted to 128 bits with their MACs:
+  exact (``floor(x/d)`` or ``+1``) for every ``|x| <= 2^62 - d``.
+* An output is opened as ``x~ + 2^64 rho`` (``rho`` dealt, authenticated), so
+  the upper 64 bits of ``x~`` (which depend on other values) stay hidden.
+* :func:`check` verifies every pending opening in **one round**: fresh
+  public coefficients ``r_j`` uniform in Z/2^s; each party sends ``gamma_i =
+  sum_j r_j mac_i(v_j) mod 2^128`` and the verifier checks ``sum_i gamma_i
+  == alpha * sum_j r_j v_j mod 2^128``.
 
-* **The bound is weak for high-bit errors.** The ring is Z/2^64, not
-  SPDZ2k's Z/2^(64+s) [Cramer et al. 2018]. An additive error ``delta =
-  2^v * odd`` in a share (with any MAC adjustment the cheater picks) passes
-  one check with probability exactly ``(k + 2) / 2^(k + 1)``, ``k = 64 - v``,
-  over the uniform key and check coefficients: 0.75 for a top-bit error
-  (``v = 63``), 0.5 for ``v = 62``, below ``2^-24`` for ``v <= 32``, below
-  ``2^-40`` only for ``v <= 17``. The key is fixed per (provider, parties)
-  for the process, so a cheater that guesses the low ``k`` bits of ``alpha``
-  right (probability ``2^-k``; e.g. "alpha is even" for the top bit) escapes
-  every later check of such errors too, until :func:`new_session` draws a
-  fresh key. ``tests/mpc/test_mac_escape.py``
-  measures these rates for errors in shares, triples, truncation pairs and
-  openings. A ``2^-40`` bound for every error needs SPDZ2k (shares and MACs
-  in Z/2^(64+40)), which veil does not implement. Truncation makes the
-  escaping errors matter more: an error ``2^v`` in ``c`` becomes ``2^v / d``
-  in the result.
-* Comparisons, ReLU, max/argmax and max-pooling are refused on
-  authenticated tensors (:class:`UnsupportedOperationError`, raised by
-  :func:`refuse`): they would need authenticated comparison material
-  (verifiable FSS keys or authenticated bit decompositions), not dealt.
-  ``x / y`` for a shared ``y`` is refused as without MACs.
-* The crypto provider and the orchestrator know ``alpha``: as in
-  trusted-dealer SPDZ, they must not collude with a party.
+**Bound.** An additive error that changes an opened value mod 2^64 (with
+any MAC error the cheater picks) passes one check with probability at most
+``2^(-s + log2(s + 1)) = 2^-57.9`` (SPDZ2k's batch-check bound; for one
+error ``2^v``, ``v < 64``, the check passes iff ``r_j (Delta - alpha 2^v) = 0
+mod 2^128``, which needs the cheater to guess ``alpha`` modulo ``2^(128 - v -
+t)`` for ``t`` the 2-adic valuation of ``r_j``: about ``2^-60`` at ``v = 63``).
+Errors only in the upper ``s`` bits of a share, or only in a MAC, may pass,
+but they cannot change any result mod 2^64. ``tests/mpc/test_mac_escape.py``
+injects every bit position of every 128-bit share, triple, truncation pair
+and opening and counts escapes.
+
+Comparisons, ReLU and max are refused on authenticated tensors
+(:func:`refuse`): they would need authenticated comparison material. The
+crypto provider and the orchestrator know ``alpha``: as in trusted-dealer
+SPDZ, they must not collude with a party.
 """
 
 from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from veil.mpc import truncation as _truncation  # noqa: F401  (registers trunc_mask / trunc_finish)
-from veil.mpc.errors import MacCheckError, ShareMismatchError, UnsupportedOperationError
-from veil.mpc.op_classes import BILINEAR_RING_OP, OpClass, classify, ops_of
+from veil.mpc import ring128 as r128
+from veil.mpc.errors import MacCheckError, UnsupportedOperationError
 from veil.mpc.party import open_parties, party_function, run_party
 from veil.mpc.prg import expand, new_seed
 from veil.mpc.ring import DTYPE, bilinear
+from veil.mpc.truncation import TRUNCATION_BOUND, floor_div_unsigned, shift_for, top_bit
 
-aten = torch.ops.aten
+#: value bits (the ring of the data) and MAC security parameter: shares and MACs live mod 2^(K_BITS + S_BITS)
+K_BITS = 64
+S_BITS = 64
+#: the per-check escape bound for an error in a value's low K_BITS bits (SPDZ2k)
+ESCAPE_BOUND_LOG2 = -S_BITS + 5.86  # log2(s + 1) = log2(65)
+
+Limbs = tuple  # (v_lo, v_hi, m_lo, m_hi) of one party
+Shared = Mapping[Hashable, Limbs]
 
 
 @dataclass(eq=False)
 class MacKey:
-    """One MAC key per (provider, parties): the verifier's state.
+    """One SPDZ2k key per (provider, parties): the verifier's state.
 
     Attributes:
         key_id: Names the key at the crypto provider.
-        alpha: The key (0-dim int64); never leaves the verifier and the provider.
-        alpha_shares: Shares of ``alpha`` on the parties (an unauthenticated
-            AdditiveSharingTensor).
-        pending: Opened values not yet checked, with their shared MACs.
+        alpha: The key, uniform in [0, 2^64) (0-dim int64 read unsigned);
+            never leaves the verifier and the provider.
+        alpha_shares: party -> (lo, hi) 128-bit shares of ``alpha`` (handles).
+        pending: Opened values not yet checked: ``(label, (lo, hi), terms)``.
     """
 
     key_id: str
     alpha: torch.Tensor
-    alpha_shares: Any
+    alpha_shares: dict
     pending: list = field(default_factory=list)
 
     def __repr__(self) -> str:  # never print the key
@@ -110,248 +94,45 @@ class MacKey:
 
 _KEYS: dict[tuple, tuple[Any, MacKey]] = {}
 
+#: places per-party tensors at the parties: {party: [tensor, ...]} -> {party: [handle, ...]}
+Place = Callable[[dict], dict]
 
-def key_for(provider: Any, parties: Sequence[Any]) -> MacKey:
-    """The MAC key of ``provider`` and ``parties``, dealt on first use."""
-    from veil.tensors.additive import party_id, share
 
-    ids = tuple(party_id(p) for p in parties)
-    entry = _KEYS.get((id(provider), ids))
+def _random(shape: Sequence[int]) -> torch.Tensor:
+    from veil.mpc.ring import random_ring
+
+    return random_ring(shape)  # OS randomness
+
+
+def key_for(provider: Any, parties: Sequence[Hashable], place: Place) -> MacKey:
+    """The MAC key of ``provider`` and ``parties``, drawn and dealt on first use."""
+    entry = _KEYS.get((id(provider), tuple(parties)))
     if entry is not None and entry[0] is provider:
         return entry[1]
-    alpha = torch.tensor(secrets.randbits(64) - (1 << 63), dtype=DTYPE)  # OS randomness
-    alpha_shares = aten.view.default(share(alpha.reshape(1), parties, provider), [])
-    key = MacKey(f"mac-{secrets.token_hex(8)}", alpha, alpha_shares)
+    alpha = torch.tensor(secrets.randbits(S_BITS) - (1 << 63), dtype=DTYPE)  # uniform in Z/2^64, OS randomness
+    pieces = r128.split(r128.lift_unsigned(alpha), len(parties), _random)
+    placed = place({p: list(s) for p, s in zip(parties, pieces)})
+    key = MacKey(f"mac-{secrets.token_hex(8)}", alpha, {p: tuple(placed[p]) for p in parties})
     provider.register_mac_key(key.key_id, alpha)
-    _KEYS[(id(provider), ids)] = (provider, key)
+    _KEYS[(id(provider), tuple(parties))] = (provider, key)
     return key
 
 
 def new_session() -> None:
-    """Forgets every MAC key: the next ``share(..., active_security=True)``
-    deals a fresh ``alpha`` (tensors authenticated before cannot be combined
-    with later ones). Limits how long one guessed key stays useful."""
+    """Forgets every MAC key: the next authenticated sharing draws a fresh ``alpha``
+    (tensors authenticated before cannot be combined with later ones)."""
     _KEYS.clear()
 
 
-def authenticate(value: Any, plain: torch.Tensor, parties: Sequence[Any]) -> Any:
-    """Attaches MAC shares of ``alpha * plain`` to the shared ``value``."""
-    from veil.tensors.additive import share
-
-    key = key_for(value.crypto_provider, parties)
-    value.mac = share(plain.detach().to(DTYPE) * key.alpha, parties, value.crypto_provider)
-    value.mac_key = key
-    return value
+def input_shares(plain: torch.Tensor, key: MacKey, n: int) -> list[Limbs]:
+    """Data-owner side: 128-bit shares of ``x~`` (``x`` sign-extended) and of ``alpha x~``."""
+    value = r128.lift(plain.detach().to(DTYPE))
+    mac = r128.mul(r128.lift_unsigned(key.alpha), value)
+    return [v + m for v, m in zip(r128.split(value, n, _random), r128.split(mac, n, _random))]
 
 
 def is_authenticated(value: Any) -> bool:
     return getattr(value, "mac", None) is not None
-
-
-def _strip(value: Any, cls: type) -> Any:
-    return cls(value.child, value.crypto_provider) if isinstance(value, cls) else value
-
-
-def _macs(args: Any, cls: type) -> Any:
-    return [a.mac if isinstance(a, cls) else a for a in args]
-
-
-def _wrap(cls: type, value: Any, mac: Any, key: MacKey) -> Any:
-    """Attaches ``mac`` (shares of ``alpha * value``) to the shared ``value``."""
-    value.mac, value.mac_key = mac, key
-    return value
-
-
-def _key(cls: type, args: Sequence[Any]) -> MacKey:
-    shared = [a for a in tree_flatten(args)[0] if isinstance(a, cls)]
-    keys = {id(a.mac_key) if is_authenticated(a) else None for a in shared}
-    if len(keys) != 1 or None in keys:
-        raise ShareMismatchError("cannot combine authenticated (active_security=True) and unauthenticated shares")
-    return shared[0].mac_key
-
-
-def _public_times_alpha(key: MacKey, c: Any) -> Any:
-    c = c if isinstance(c, torch.Tensor) else torch.tensor(c, dtype=DTYPE)
-    return aten.mul.Tensor(key.alpha_shares, c.to(DTYPE))
-
-
-# What each op does to MACs follows its class in the one op table (veil.mpc.op_classes).
-_ADD_SUB = (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar)
-_FLOOR_DIV = (aten.div.Tensor_mode, aten.div.Scalar_mode, aten.floor_divide.default, aten.floor_divide.Scalar)
-_PUBLIC_CONSTANTS = ops_of(OpClass.PUBLIC_CONSTANT)
-
-
-def _product_op(func: Any) -> Optional[str]:
-    """The Beaver ring op of a bilinear aten op (convolution has its own path)."""
-    if classify(func) is not OpClass.BILINEAR or func is aten.convolution.default:
-        return None
-    return BILINEAR_RING_OP[func.overloadpacket.__name__]
-
-
-def _authenticated_public(cls: type, public: torch.Tensor, like: Any, key: MacKey) -> Any:
-    """A public int64 tensor as an authenticated sharing (party 0 holds it)."""
-    value = cls.from_public(public, _strip(like, cls))
-    return _wrap(cls, value, _public_times_alpha(key, public), key)
-
-
-def _linear(cls: type, func: Any, args: Any, kwargs: dict, key: MacKey) -> Any:
-    """``func`` linear in its shared arguments: applied to values and MACs alike."""
-    flat_args, spec = tree_flatten(args)
-    values = func(*tree_unflatten([_strip(a, cls) for a in flat_args], spec), **kwargs)
-    macs = func(*tree_unflatten([a.mac if isinstance(a, cls) else a for a in flat_args], spec), **kwargs)
-    v_flat, v_spec = tree_flatten(values)
-    m_flat = tree_flatten(macs)[0]
-    out = [_wrap(cls, v, m, key) if isinstance(v, cls) else v for v, m in zip(v_flat, m_flat)]
-    return tree_unflatten(out, v_spec)
-
-
-def dispatch(cls: type, func: Any, args: tuple, kwargs: dict, local_ops: Sequence[Any]) -> Any:
-    """Runs ``func`` on authenticated shares, keeping the MACs consistent.
-
-    Raises:
-        UnsupportedOperationError: For ops that would lose authentication.
-    """
-    from veil.tensors._dispatch import decompose
-    from veil.tensors.rules.additive import public_int
-    from veil.tensors.rules.common import scalar_value
-
-    key = _key(cls, (args, kwargs))
-    stripped = tuple(_strip(a, cls) for a in args)
-    if func in local_ops or func.overloadpacket in local_ops:
-        # Structural ops are linear in the shares; public tensor operands are indices.
-        return _linear(cls, func, args, kwargs, key)
-    if func in (aten.cat.default, aten.stack.default):
-        like = next(t for t in args[0] if isinstance(t, cls))
-        tensors = [t if isinstance(t, cls) else _authenticated_public(cls, public_int(t, str(func)), like, key)
-                   for t in args[0]]
-        return _linear(cls, func, (tensors,) + tuple(args[1:]), kwargs, key)
-    pad_value = args[2] if len(args) > 2 else kwargs.get("value", 0)
-    if func is aten.constant_pad_nd.default and scalar_value(pad_value) == 0:  # zero padding is linear
-        return _linear(cls, func, args[:2], {}, key)
-    if func in _PUBLIC_CONSTANTS:
-        plain = torch.zeros(tuple(args[0].shape), dtype=DTYPE)
-        public = func(plain, *[public_int(a, str(func)) if not isinstance(a, (list, tuple)) else a
-                               for a in args[1:]], dtype=DTYPE)
-        return _authenticated_public(cls, public, args[0], key)
-    if func in _ADD_SUB and scalar_value(kwargs.get("alpha", 1)) == 1:
-        x, y = args[0], scalar_value(args[1])
-        value = func(*stripped)
-        if isinstance(x, cls) and isinstance(y, cls):
-            return _wrap(cls, value, func(x.mac, y.mac), key)
-        if isinstance(x, cls):  # x +- c: every party adds c * alpha_i to its MAC share
-            return _wrap(cls, value, func(x.mac, _public_times_alpha(key, y)), key)
-        if isinstance(y, cls):  # c +- y
-            return _wrap(cls, value, func(_public_times_alpha(key, public_int(x, str(func))), y.mac), key)
-    if func in _FLOOR_DIV and isinstance(args[0], cls) and not isinstance(args[1], cls):
-        mode = kwargs.get("rounding_mode", "floor" if func.overloadpacket is aten.floor_divide else None)
-        d = scalar_value(args[1])
-        if mode in ("floor", "trunc") and not isinstance(d, torch.Tensor):
-            d = int(public_int(d, str(func)))
-            if d > 0:
-                return truncate(args[0], d)
-    if func is aten.convolution.default:
-        return _convolution(cls, args, key)
-    product = _product_op(func)
-    if product is not None:
-        x, y = args[0], scalar_value(args[1])
-        if isinstance(x, cls) and isinstance(y, cls):
-            return _beaver(cls, x, y, product, key)
-        for a, b in ((x, y), (y, x)):
-            if isinstance(a, cls) and not isinstance(b, cls):
-                b = b if not isinstance(b, torch.Tensor) or not b.dtype.is_floating_point else None
-                if b is None:
-                    break
-                ordered = (a, b) if a is x else (b, a)
-                value = func(*[_strip(o, cls) for o in ordered])
-                macs = [o.mac if isinstance(o, cls) else o for o in ordered]
-                return _wrap(cls, value, func(*macs), key)
-    if classify(func) is not OpClass.COMPARISON:  # composite ops (addmm, rsub, ...): decomposed, MACs kept
-        decomposed = decompose(func, args, kwargs)
-        if decomposed is not NotImplemented:
-            return decomposed
-    raise UnsupportedOperationError(
-        f"{func} is not available on authenticated shares (active_security=True): only linear ops, products by "
-        "public integers, Beaver products (mul, mm, bmm, matmul, conv2d) and truncation (fixed-point products, "
-        "division by a public integer) keep SPDZ MACs; comparisons, ReLU and max would need authenticated "
-        "comparison material that veil does not deal"
-    )
-
-
-def _convolution(cls: type, args: tuple, key: MacKey) -> Any:
-    """2-D convolution: Beaver (both shared) or linear (one public operand), then the bias."""
-    x, w, bias, stride, padding, dilation, transposed, output_padding, groups = args
-    if transposed or len(x.shape) != 4:
-        raise UnsupportedOperationError("only 2-D, non-transposed convolution is implemented on shared tensors")
-    if isinstance(x, cls) and isinstance(w, cls):
-        conv_kwargs = dict(stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation), groups=groups)
-        out = _beaver(cls, x, w, "conv2d", key, conv_kwargs)
-    else:
-        rest = (None, stride, padding, dilation, transposed, output_padding, groups)
-        out = _linear(cls, aten.convolution.default, (x, w) + rest, {}, key)
-    if bias is not None:
-        out = aten.add.Tensor(out, aten.view.default(bias, [1, -1, 1, 1]))
-    return out
-
-
-def _beaver(cls: type, x: Any, y: Any, op: str, key: MacKey, op_kwargs: Optional[dict] = None) -> Any:
-    """Authenticated Beaver product: shares and MAC shares of ``op(x, y)``."""
-    op_kwargs = dict(op_kwargs or {})
-    cls._veil_check_compatible((_strip(x, cls), _strip(y, cls)))
-    parties = list(x.child)
-    provider = x.crypto_provider
-    shape_x, shape_y = tuple(x.shape), tuple(y.shape)
-    tri = provider.authenticated_triples(key.key_id, op, shape_x, shape_y, parties, **op_kwargs)
-    e, f = open_parties("beaver_mask", {p: (x.child[p], y.child[p], tri[p][0], tri[p][1]) for p in parties})
-    z = {p: run_party("beaver_combine", *tri[p][:3], e, f, op=op, first=(i == 0), op_kwargs=op_kwargs)
-         for i, p in enumerate(parties)}
-    mz = {p: run_party("beaver_combine", *tri[p][3:], e, f, op=op, first=False, op_kwargs=op_kwargs)
-          for p in parties}
-    # alpha * op(e, f), the public term's MAC, from the parties' key shares.
-    mac = aten.add.Tensor(cls(mz, provider), _public_times_alpha(key, bilinear(op)(e, f, **op_kwargs)))
-    key.pending.append((f"Beaver mask e = x - a ({op})", e,
-                        aten.sub.Tensor(x.mac, cls({p: tri[p][3] for p in parties}, provider))))
-    key.pending.append((f"Beaver mask f = y - b ({op})", f,
-                        aten.sub.Tensor(y.mac, cls({p: tri[p][4] for p in parties}, provider))))
-    return _wrap(cls, cls(z, provider), mac, key)
-
-
-def truncate(value: Any, divisor: int) -> Any:
-    """Authenticated truncation: shares and MAC shares of ``value / divisor``.
-
-    The dealt-pair protocol of :mod:`veil.mpc.truncation` with every field
-    authenticated: the opened ``c = x + K + r`` is recorded with its MAC for
-    the batched check, and ``z``'s MAC follows from the public ``c`` and the
-    MAC shares of ``q`` and ``g``. ``z`` is ``floor(x/d)`` or ``floor(x/d) +
-    1`` for every ``|x| <= 2^62 - d`` (no failure probability).
-
-    Args:
-        value: An authenticated AdditiveSharingTensor.
-        divisor: A public positive integer.
-    """
-    if int(divisor) != divisor or divisor <= 0:
-        raise ValueError(f"divisor must be a positive integer, got {divisor!r}")
-    divisor = int(divisor)
-    if divisor == 1:  # a copy: opening the result must not free the operand's shares
-        return _linear(type(value), aten.clone.default, (value,), {}, value.mac_key)
-    cls, key, provider = type(value), value.mac_key, value.crypto_provider
-    parties = list(value.child)
-    pairs = provider.authenticated_truncation_pairs(key.key_id, tuple(value.shape), divisor, parties)
-    shift = _truncation.shift_for(divisor)
-    (c,) = open_parties("trunc_mask", {p: (value.child[p], pairs[p][0], shift if i == 0 else 0)
-                                       for i, p in enumerate(parties)})
-    z = {p: run_party("trunc_finish", c, pairs[p][1], pairs[p][2], divisor=divisor, first=(i == 0))
-         for i, p in enumerate(parties)}
-    # mac(z) = alpha (floor(c/d) - K/d) + (1 - c_hi) (alpha g) - (alpha q)
-    public = _truncation.floor_div_unsigned(c, divisor) - shift // divisor
-    wrap = 1 - _truncation.top_bit(c)
-    mac = aten.add.Tensor(
-        aten.sub.Tensor(_public_times_alpha(key, public), cls({p: pairs[p][4] for p in parties}, provider)),
-        aten.mul.Tensor(cls({p: pairs[p][5] for p in parties}, provider), wrap),
-    )
-    shifted_mac = aten.add.Tensor(value.mac, _public_times_alpha(key, torch.tensor(shift, dtype=DTYPE)))
-    key.pending.append(("truncation mask c = x + r",
-                        c, aten.add.Tensor(shifted_mac, cls({p: pairs[p][3] for p in parties}, provider))))
-    return _wrap(cls, cls(z, provider), mac, key)
 
 
 def refuse(value: Any, what: str) -> None:
@@ -367,12 +148,246 @@ def refuse(value: Any, what: str) -> None:
         )
 
 
+# ------------------------------------------------------------------ party functions (one party's limbs)
+
+def _pieces(v: r128.Pair) -> tuple:
+    """A 128-bit share as three int64s that add up over parties without overflow."""
+    return v[0] & r128.MASK32, (v[0] >> 32) & r128.MASK32, v[1]
+
+
+def _unpieces(s0: torch.Tensor, s1: torch.Tensor, hi: torch.Tensor) -> r128.Pair:
+    return r128.combine([(0, s0), (2, s1)], [hi])
+
+
+def _alpha_times(alpha: r128.Pair, public: r128.Pair) -> r128.Pair:
+    return r128.mul(alpha, public)
+
+
+def _meta(*tensors: Any) -> bool:
+    """True when run on shape-only tensors (run_party infers a remote result's shapes so)."""
+    return any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in tensors)
+
+
+def _shapes_only(shape: Sequence[int], n: int) -> tuple:
+    """``n`` empty int64 meta tensors: the cheap answer to a shape query (the limb code is long)."""
+    return tuple(torch.empty(tuple(shape), dtype=DTYPE, device="meta") for _ in range(n))
+
+
+@party_function("mac_digits")
+def _mac_digits(limb: torch.Tensor, width: int) -> tuple:
+    """Unsigned ``width``-bit digits of one 64-bit limb (inputs to a digit-wise linear op)."""
+    if width not in (16, 32):
+        raise ValueError("mac_digits needs width 16 or 32")
+    if _meta(limb):
+        return _shapes_only(limb.shape, 64 // width)
+    return tuple(r128.digits(limb, width))
+
+
+@party_function("mac_combine")
+def _mac_combine(columns: list, terms: list, hi_extra: list) -> tuple:
+    """Recombines exact digit images into a 128-bit share (see :func:`veil.mpc.ring128.combine`)."""
+    if len(columns) != len(terms) or not all(type(c) is int and 0 <= c < 8 for c in columns):
+        raise ValueError("mac_combine needs one column index in [0, 8) per term")
+    if _meta(*terms, *hi_extra):
+        return _shapes_only(torch.broadcast_shapes(*[tuple(t.shape) for t in list(terms) + list(hi_extra)]), 2)
+    return r128.combine(list(zip(columns, terms)), list(hi_extra))
+
+
+@party_function("mac_add")
+def _mac_add(x_lo, x_hi, xm_lo, xm_hi, y_lo, y_hi, ym_lo, ym_hi, subtract: bool) -> tuple:
+    if _meta(x_lo, y_lo):
+        return _shapes_only(torch.broadcast_shapes(tuple(x_lo.shape), tuple(y_lo.shape)), 4)
+    op = r128.sub if subtract else r128.add
+    return op((x_lo, x_hi), (y_lo, y_hi)) + op((xm_lo, xm_hi), (ym_lo, ym_hi))
+
+
+@party_function("mac_add_public")
+def _mac_add_public(v_lo, v_hi, m_lo, m_hi, a_lo, a_hi, public: torch.Tensor, first: bool, negate: bool) -> tuple:
+    """``(-)x + c``: party 0 adds ``c`` to its value share, every party ``c alpha_i`` to its MAC share."""
+    if _meta(v_lo, a_lo, public):
+        return _shapes_only(torch.broadcast_shapes(tuple(v_lo.shape), tuple(public.shape)), 4)
+    value, mac = (v_lo, v_hi), (m_lo, m_hi)
+    if negate:
+        value, mac = r128.neg(value), r128.neg(mac)
+    c = r128.lift(public)
+    shape = torch.broadcast_shapes(tuple(v_lo.shape), tuple(public.shape))
+    value = tuple(t.expand(shape) for t in (r128.add(value, c) if first else value))
+    mac = r128.add(mac, _alpha_times((a_lo, a_hi), c))
+    return tuple(t.expand(shape).clone() for t in value + mac)
+
+
+@party_function("mac_public")
+def _mac_public(a_lo, a_hi, public: torch.Tensor, first: bool) -> tuple:
+    """An authenticated public ``c``: party 0 holds ``c``, the others 0; MAC shares ``c alpha_i``."""
+    if _meta(a_lo, public):
+        return _shapes_only(public.shape, 4)
+    c = r128.lift(public)
+    value = c if first else (torch.zeros_like(c[0]), torch.zeros_like(c[1]))
+    return value + _alpha_times((a_lo, a_hi), c)
+
+
+@party_function("mac_scale")
+def _mac_scale(v_lo, v_hi, m_lo, m_hi, public: torch.Tensor) -> tuple:
+    """``c * x`` elementwise for a public integer ``c`` (value and MAC, broadcasting)."""
+    if _meta(v_lo, public):
+        return _shapes_only(torch.broadcast_shapes(tuple(v_lo.shape), tuple(public.shape)), 4)
+    c = r128.lift(public)
+    return r128.mul((v_lo, v_hi), c) + r128.mul((m_lo, m_hi), c)
+
+
+@party_function("mac_beaver_mask", openable=True)
+def _mac_beaver_mask(x_lo, x_hi, a_lo, a_hi, y_lo, y_hi, b_lo, b_hi) -> tuple:
+    """A party's shares of ``e = x~ - a`` and ``f = y~ - b`` (uniform mod 2^128)."""
+    return _pieces(r128.sub((x_lo, x_hi), (a_lo, a_hi))) + _pieces(r128.sub((y_lo, y_hi), (b_lo, b_hi)))
+
+
+@party_function("mac_beaver_finish")
+def _mac_beaver_finish(tri: list, e: list, f: list, ef: list, alpha: list, op: str, first: bool,
+                       op_kwargs: dict) -> tuple:
+    """``z = c + op(e, b) + op(a, f) (+ op(e, f))`` and its MAC, mod 2^128."""
+    if _meta(*tri):
+        return _shapes_only(tri[4].shape, 4)  # the shape of c
+    fn = bilinear(op)
+    a, b, c, ma, mb, mc = (tuple(tri[2 * i:2 * i + 2]) for i in range(6))
+    e, f, ef = tuple(e), tuple(f), tuple(ef)
+    z = r128.add(r128.add(c, r128.bilinear(fn, e, b, **op_kwargs)), r128.bilinear(fn, a, f, **op_kwargs))
+    if first:
+        z = r128.add(z, ef)
+    mz = r128.add(r128.add(mc, r128.bilinear(fn, e, mb, **op_kwargs)), r128.bilinear(fn, ma, f, **op_kwargs))
+    mz = r128.add(mz, _alpha_times(tuple(alpha), ef))
+    return z + mz
+
+
+@party_function("mac_trunc_mask", openable=True)
+def _mac_trunc_mask(x_lo, x_hi, r_lo, r_hi, shift: int) -> tuple:
+    """A party's share of ``c = x~ + K + r~`` (party 0 adds ``K``)."""
+    if type(shift) is not int:
+        raise ValueError("mac_trunc_mask needs an integer shift")
+    c = r128.add((x_lo, x_hi), (r_lo, r_hi))
+    if shift:
+        c = r128.add(c, r128.lift(torch.tensor(shift, dtype=DTYPE)))
+    return _pieces(c)
+
+
+@party_function("mac_trunc_finish")
+def _mac_trunc_finish(c: torch.Tensor, pair: list, alpha: list, divisor: int, first: bool) -> tuple:
+    """``z = floor(c/d) - K/d - q + (1 - c_hi) g`` mod 2^128 (public part by party 0) and its MAC."""
+    if type(divisor) is not int or divisor <= 1 or not isinstance(first, bool):
+        raise ValueError("mac_trunc_finish needs an integer divisor > 1 and a boolean first")
+    if _meta(c, *pair):
+        return _shapes_only(torch.broadcast_shapes(tuple(c.shape), tuple(pair[2].shape)), 4)
+    _, q, g, _, mq, mg = (tuple(pair[2 * i:2 * i + 2]) for i in range(6))
+    wrap = r128.lift(1 - top_bit(c))
+    public = r128.lift(floor_div_unsigned(c, divisor) - shift_for(divisor) // divisor)
+    z = r128.sub(r128.mul(wrap, g), q)
+    if first:
+        z = r128.add(z, public)
+    mz = r128.add(r128.sub(r128.mul(wrap, mg), mq), _alpha_times(tuple(alpha), public))
+    return z + mz
+
+
+@party_function("mac_output_mask", openable=True)
+def _mac_output_mask(v_lo, v_hi, rho) -> tuple:
+    """A party's share of ``x~ + 2^64 rho``: hides the upper bits of ``x~``."""
+    return _pieces((v_lo, v_hi + rho))
+
+
 @party_function("mac_gamma", openable=True)
-def _mac_gamma(seed: torch.Tensor, macs: list) -> tuple:
-    """A party's ``<r_j, mac_i(v_j)>`` for each item ``j``, coefficients ``r`` from ``seed``."""
+def _mac_gamma(seed: torch.Tensor, items: list) -> tuple:
+    """``gamma_j = sum_e r_je mac_j,e mod 2^128`` for each item (coefficients from ``seed``).
+
+    An item is ``[shape, terms]``; its MAC share is ``sum coef * (lo, hi)`` over
+    the terms (``lo`` may be 0: a share of ``2^64 hi``).
+    """
     seed_bytes = bytes(seed.to(torch.uint8).tolist())
-    gammas = [(expand(seed_bytes, f"mac/{j}", mac.shape) * mac).sum() for j, mac in enumerate(macs)]
-    return (torch.stack(gammas) if gammas else torch.zeros(0, dtype=DTYPE),)
+    outs = []
+    for j, (shape, terms) in enumerate(items):
+        shape = tuple(int(s) for s in shape)
+        coeffs = expand(seed_bytes, f"mac/{j}", shape)  # uniform in Z/2^64 = Z/2^s
+        total = None
+        for coef, lo, hi in terms:
+            if not isinstance(lo, torch.Tensor):
+                lo = torch.zeros_like(hi)
+            term = r128.mul(r128.lift(torch.tensor(int(coef), dtype=DTYPE)), (lo, hi)) if coef != 1 else (lo, hi)
+            total = term if total is None else r128.add(total, term)
+        total = tuple(t.expand(shape) for t in total)
+        outs.append(r128.sum_all(r128.mul(r128.lift_unsigned(coeffs), total)))
+    if not outs:
+        empty = torch.zeros(0, dtype=DTYPE)
+        return empty, empty, empty
+    return _pieces((torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])))
+
+
+# ------------------------------------------------------------------ protocols on {party: limbs}
+
+def _open128(name: str, per_party: dict, n_values: int) -> list:
+    opened = open_parties(name, per_party)
+    return [_unpieces(*opened[3 * i:3 * i + 3]) for i in range(n_values)]
+
+
+def beaver(x: Shared, y: Shared, key: MacKey, provider: Any, op: str, shape_x: tuple, shape_y: tuple,
+           op_kwargs: Optional[dict] = None) -> dict:
+    """Authenticated Beaver product ``op(x, y)`` mod 2^128 (one round)."""
+    op_kwargs = dict(op_kwargs or {})
+    parties = list(x)
+    tri = provider.authenticated_triples(key.key_id, op, shape_x, shape_y, parties, **op_kwargs)
+    # recipe order: a, b (uniform), then c, mac(a), mac(b), mac(c); each (lo, hi)
+    order = {p: (tri[p][0:2], tri[p][2:4], tri[p][4:6], tri[p][6:8], tri[p][8:10], tri[p][10:12]) for p in parties}
+    e, f = _open128("mac_beaver_mask", {p: tuple(x[p][:2]) + tuple(order[p][0]) + tuple(y[p][:2])
+                                        + tuple(order[p][1]) for p in parties}, 2)
+    ef = r128.bilinear(bilinear(op), e, f, **op_kwargs)
+    out = {p: run_party("mac_beaver_finish", [t for pair in order[p] for t in pair], list(e), list(f), list(ef),
+                        list(key.alpha_shares[p]), op=op, first=(i == 0), op_kwargs=op_kwargs)
+           for i, p in enumerate(parties)}
+    key.pending.append((f"Beaver mask e = x - a ({op})", e,
+                        {p: [(1, x[p][2], x[p][3]), (-1,) + tuple(order[p][3])] for p in parties}))
+    key.pending.append((f"Beaver mask f = y - b ({op})", f,
+                        {p: [(1, y[p][2], y[p][3]), (-1,) + tuple(order[p][4])] for p in parties}))
+    return out
+
+
+def truncate(x: Shared, divisor: int, key: MacKey, provider: Any, shape: tuple) -> dict:
+    """Authenticated ``x / divisor`` (``floor`` or ``floor + 1``, for ``|x| <= 2^62 - d``; one round)."""
+    if int(divisor) != divisor or not 1 < divisor <= TRUNCATION_BOUND:
+        raise ValueError(f"divisor must be an integer in [2, 2^62], got {divisor!r}")
+    divisor = int(divisor)
+    parties = list(x)
+    pairs = provider.authenticated_truncation_pairs(key.key_id, shape, divisor, parties)
+    shift = shift_for(divisor)
+    (c,) = _open128("mac_trunc_mask", {p: tuple(x[p][:2]) + tuple(pairs[p][0:2]) + (shift if i == 0 else 0,)
+                                       for i, p in enumerate(parties)}, 1)
+    out = {p: run_party("mac_trunc_finish", c[0], list(pairs[p]), list(key.alpha_shares[p]), divisor=divisor,
+                        first=(i == 0)) for i, p in enumerate(parties)}
+    key.pending.append(("truncation mask c = x + r", c, {
+        p: [(1, x[p][2], x[p][3]), (shift,) + tuple(key.alpha_shares[p]), (1,) + tuple(pairs[p][6:8])]
+        for p in parties}))
+    return out
+
+
+def add(x: Shared, y: Shared, subtract: bool = False) -> dict:
+    return {p: run_party("mac_add", *x[p], *y[p], subtract=subtract) for p in x}
+
+
+def add_public(x: Shared, public: torch.Tensor, key: MacKey, negate: bool = False) -> dict:
+    """``x + c`` (or ``c - x``) for a public int64 ``c``."""
+    return {p: run_party("mac_add_public", *x[p], *key.alpha_shares[p], public.to(DTYPE), first=(i == 0),
+                         negate=negate) for i, p in enumerate(x)}
+
+
+def public(value: torch.Tensor, parties: Sequence[Hashable], key: MacKey) -> dict:
+    """An authenticated sharing of a public int64 tensor."""
+    return {p: run_party("mac_public", *key.alpha_shares[p], value.to(DTYPE), first=(i == 0))
+            for i, p in enumerate(parties)}
+
+
+def open_output(x: Shared, key: MacKey, provider: Any, shape: tuple) -> torch.Tensor:
+    """Opens ``x`` mod 2^64 after checking it and every pending opening (two rounds)."""
+    parties = list(x)
+    # a dealt authenticated uniform value rho (a truncation pair's r~): the mask is 2^64 rho
+    masks = provider.authenticated_truncation_pairs(key.key_id, shape, 2, parties)
+    (opened,) = _open128("mac_output_mask", {p: (x[p][0], x[p][1], masks[p][0]) for p in parties}, 1)
+    check(key, [("output", opened, {p: [(1, x[p][2], x[p][3]), (1, 0, masks[p][6])] for p in parties})])
+    return opened[0]
 
 
 def check(key: MacKey, extra: Sequence[tuple] = ()) -> None:
@@ -380,7 +395,7 @@ def check(key: MacKey, extra: Sequence[tuple] = ()) -> None:
 
     Args:
         key: The MAC key whose pending openings to check.
-        extra: More ``(label, opened value, shared MAC)`` items (e.g. an output).
+        extra: More ``(label, opened (lo, hi), {party: MAC terms})`` items.
 
     Raises:
         MacCheckError: If a share or MAC was tampered with; the message names
@@ -392,29 +407,37 @@ def check(key: MacKey, extra: Sequence[tuple] = ()) -> None:
         return
     seed = new_seed()
     seed_t = torch.frombuffer(bytearray(seed), dtype=torch.uint8)
-    parties = list(items[0][2].child)
-    (gamma,) = open_parties("mac_gamma", {p: (seed_t, [mac.child[p] for _, _, mac in items]) for p in parties})
-    expected = []
-    for j, (_, value, mac) in enumerate(items):
-        value = torch.as_tensor(value, dtype=DTYPE).expand(tuple(mac.shape))
-        expected.append((expand(seed, f"mac/{j}", mac.shape) * value).sum())
-    expected = torch.stack(expected) * key.alpha
-    if tuple(gamma.shape) != tuple(expected.shape):
-        raise MacCheckError("SPDZ MAC check failed: a party answered the check with the wrong number of values")
-    failed = [items[j][0] for j in torch.nonzero(gamma != expected).flatten().tolist()]
+    parties = list(items[0][2])
+    per_party = {p: (seed_t, [[list(_shape(item)), [list(t) for t in item[2][p]]] for item in items])
+                 for p in parties}
+    g0, g1, ghi = open_parties("mac_gamma", per_party)
+    if tuple(g0.shape) != (len(items),):
+        raise MacCheckError("SPDZ2k MAC check failed: a party answered the check with the wrong number of values")
+    gamma = _unpieces(g0, g1, ghi)
+    alpha = r128.lift_unsigned(key.alpha)
+    expected_lo, expected_hi = [], []
+    for j, (_, value, _) in enumerate(items):
+        shape = _shape(items[j])
+        coeffs = r128.lift_unsigned(expand(seed, f"mac/{j}", shape))
+        value = tuple(torch.as_tensor(v, dtype=DTYPE).expand(shape) for v in value)
+        lo, hi = r128.mul(alpha, r128.sum_all(r128.mul(coeffs, value)))
+        expected_lo.append(lo)
+        expected_hi.append(hi)
+    ok = r128.eq(gamma, (torch.stack(expected_lo), torch.stack(expected_hi)))
+    failed = [items[j][0] for j in torch.nonzero(~ok).flatten().tolist()]
     if failed:
         names = "; ".join(dict.fromkeys(failed))
         raise MacCheckError(
-            f"SPDZ MAC check failed on {len(failed)} of {len(items)} opened value(s) ({names}): a share or a MAC "
+            f"SPDZ2k MAC check failed on {len(failed)} of {len(items)} opened value(s) ({names}): a share or a MAC "
             "share was modified by a party (or the parties hold inconsistent material); the computation was "
             "aborted and no result revealed"
         )
 
 
-def reconstruct_checked(value: Any) -> torch.Tensor:
-    """Opens an authenticated value after checking it and every pending opening."""
-    from veil.mpc.opening import reconstruct
-
-    plain = reconstruct(value.child)
-    check(value.mac_key, [("output", plain, value.mac)])
-    return plain
+def _shape(item: tuple) -> tuple:
+    """The broadcast shape of an item's opened value and MAC terms."""
+    shapes = [tuple(item[1][0].shape)]
+    for terms in item[2].values():
+        shapes += [tuple(t.shape) for _, lo, hi in terms for t in (lo, hi) if hasattr(t, "shape")]
+        break
+    return tuple(torch.broadcast_shapes(*shapes))

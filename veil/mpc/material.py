@@ -11,11 +11,16 @@ one party). Items are returned to protocols as a tuple
 * ``truncation`` ``(shape, divisor)``: ``(r, floor(r / divisor), g)`` with
   ``r`` read unsigned and ``g`` its wrap correction (:mod:`veil.mpc.truncation`).
 * ``zero`` ``(shape,)``: ``(0,)``, fresh random shares of zero (``refresh``).
-* ``beaver_mac`` ``(key_id, op, shape_a, shape_b, op_kwargs)``: an
-  authenticated triple ``(a, b, c, alpha*a, alpha*b, alpha*c)`` under the
-  MAC key registered as ``key_id`` at this provider (:mod:`veil.mpc.mac`).
-* ``truncation_mac`` ``(key_id, shape, divisor)``: an authenticated
-  truncation pair ``(r, q, g, alpha*r, alpha*q, alpha*g)``.
+* ``beaver_mac`` ``(key_id, op, shape_a, shape_b, op_kwargs)``: a SPDZ2k
+  triple ``(a, b, c, alpha*a, alpha*b, alpha*c)`` mod 2^128 under the MAC
+  key registered as ``key_id`` at this provider (:mod:`veil.mpc.mac`); every
+  field is 128-bit, stored as two int64 fields ``(lo, hi)`` (12 fields).
+* ``truncation_mac`` ``(key_id, shape, divisor)``: a SPDZ2k truncation pair
+  ``(r, q, g, alpha*r, alpha*q, alpha*g)`` mod 2^128, likewise 12 fields.
+
+Wide (128-bit) kinds are in :data:`WIDE_KINDS`: providers split, sum and
+correct their shares with :func:`split_wide`, :func:`sum_wide` and
+:func:`last_shares_wide` (carries between the limbs).
 
 Comparison material (masks and DCF keys) is not a recipe: see
 :mod:`veil.mpc.fss.material`.
@@ -63,9 +68,14 @@ def _zero(spec) -> tuple[list, list, Derive]:
     return [], [shape], lambda u, g: [torch.zeros(shape, dtype=DTYPE)]
 
 
-#: key id -> SPDZ MAC key, held by the crypto provider's process only
-#: (filled by ``register_mac_key``; parties never call a recipe's derive).
+#: key id -> SPDZ2k MAC key (0-dim int64, read unsigned: uniform in Z/2^64), held by the
+#: crypto provider's process only (filled by ``register_mac_key``; parties never call a derive).
 MAC_KEYS: dict[str, torch.Tensor] = {}
+
+#: kinds whose fields are 128-bit (SPDZ2k) elements, each stored as two int64
+#: fields ``(lo, hi)``: they must be split, summed and corrected mod 2^128
+#: (:func:`split_wide`, :func:`sum_wide`, :func:`last_shares_wide`), not limb by limb.
+WIDE_KINDS = frozenset({"beaver_mac", "truncation_mac"})
 
 
 def register_mac_key(key_id: str, alpha: torch.Tensor) -> None:
@@ -75,32 +85,83 @@ def register_mac_key(key_id: str, alpha: torch.Tensor) -> None:
     MAC_KEYS[key_id] = alpha.clone()
 
 
+def _alpha(key_id: str) -> tuple:
+    from veil.mpc import ring128
+
+    alpha = MAC_KEYS.get(key_id)
+    if alpha is None:
+        raise ProviderError(f"unknown MAC key {key_id!r} at this crypto provider")
+    return ring128.lift_unsigned(alpha)
+
+
 def _beaver_mac(spec) -> tuple[list, list, Derive]:
+    """SPDZ2k triple: uniform 128-bit ``a``, ``b``; ``c = op(a, b) mod 2^128`` and the three MACs."""
+    from veil.mpc import ring128
+
     key_id, op, shape_a, shape_b, op_kwargs = spec
-    shapes_u, shapes_d, derive_c = _beaver((op, shape_a, shape_b, op_kwargs))
+    _, (shape_c,), _ = _beaver((op, shape_a, shape_b, op_kwargs))
+    shape_a, shape_b, fn = _shape(shape_a), _shape(shape_b), bilinear(op)
 
     def derive(u: list, g: torch.Generator) -> list:
-        alpha = MAC_KEYS.get(key_id)
-        if alpha is None:
-            raise ProviderError(f"unknown MAC key {key_id!r} at this crypto provider")
-        c = derive_c(u, g)[0]
-        return [c, alpha * u[0], alpha * u[1], alpha * c]
+        alpha = _alpha(key_id)
+        a, b = (u[0], u[1]), (u[2], u[3])
+        c = ring128.bilinear(fn, a, b, **dict(op_kwargs))
+        return [*c, *ring128.mul(alpha, a), *ring128.mul(alpha, b), *ring128.mul(alpha, c)]
 
-    return shapes_u, shapes_d + [shapes_u[0], shapes_u[1], shapes_d[0]], derive
+    return [shape_a] * 2 + [shape_b] * 2, [shape_c] * 2 + [shape_a] * 2 + [shape_b] * 2 + [shape_c] * 2, derive
 
 
 def _truncation_mac(spec) -> tuple[list, list, Derive]:
+    """SPDZ2k truncation pair: uniform 128-bit ``r~``; ``q``, ``g`` of its low 64 bits
+    (:mod:`veil.mpc.truncation`) lifted to 128 bits; the three MACs."""
+    from veil.mpc import ring128
+
     key_id, shape, divisor = spec
-    shapes_u, shapes_d, derive_qh = _truncation((shape, divisor))
+    _, _, derive_qg = _truncation((shape, divisor))
+    shape = _shape(shape)
 
     def derive(u: list, g: torch.Generator) -> list:
-        alpha = MAC_KEYS.get(key_id)
-        if alpha is None:
-            raise ProviderError(f"unknown MAC key {key_id!r} at this crypto provider")
-        q, w = derive_qh(u, g)
-        return [q, w, alpha * u[0], alpha * q, alpha * w]
+        alpha = _alpha(key_id)
+        r = (u[0], u[1])
+        q, w = (ring128.lift_unsigned(t) for t in derive_qg([u[0]], g))
+        return [*q, *w, *ring128.mul(alpha, r), *ring128.mul(alpha, q), *ring128.mul(alpha, w)]
 
-    return shapes_u, shapes_d + [shapes_u[0], shapes_d[0], shapes_d[1]], derive
+    return [shape] * 2, [shape] * 10, derive
+
+
+def _pairs(fields: list) -> list:
+    return [(fields[i], fields[i + 1]) for i in range(0, len(fields), 2)]
+
+
+def split_wide(fields: list, n: int, random: Callable) -> list[list]:
+    """Per field, ``n`` shares of a wide kind's field values (mod 2^128 per (lo, hi) pair)."""
+    from veil.mpc import ring128
+
+    out = []
+    for pair in _pairs(fields):
+        shares = ring128.split(pair, n, random)
+        out += [[s[0] for s in shares], [s[1] for s in shares]]
+    return out
+
+
+def sum_wide(shares_per_field: list[list]) -> list:
+    """Field values from every party's shares of a wide kind's fields."""
+    from veil.mpc import ring128
+
+    out = []
+    for lo, hi in _pairs(shares_per_field):
+        out += list(ring128.total(zip(lo, hi)))
+    return out
+
+
+def last_shares_wide(values: list, others_per_field: list[list]) -> list:
+    """The last party's shares: ``value - sum(others)`` mod 2^128 per (lo, hi) pair."""
+    from veil.mpc import ring128
+
+    out = []
+    for value, (lo, hi) in zip(_pairs(values), _pairs(others_per_field)):
+        out += list(ring128.sub(value, ring128.total(zip(lo, hi))) if lo else value)
+    return out
 
 
 RECIPES: dict[str, Callable] = {

@@ -17,12 +17,12 @@ from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from veil.mpc import mac
 from veil.mpc.errors import NotEncodedError, ShareMismatchError
 from veil.mpc.opening import reconstruct
 from veil.mpc.providers.base import Provider
 from veil.mpc.sharing import split
 from veil.mpc.truncation import truncate_shares
+from veil.tensors import mac_dispatch
 from veil.tensors._dispatch import dispatch
 from veil.tensors.rules.additive import ADDITIVE_RULES
 from veil.tensors.rules.common import STRUCTURAL_OPS
@@ -46,8 +46,9 @@ class AdditiveSharingTensor(torch.Tensor):
 
     child: dict
     crypto_provider: Provider
-    #: With active security (:mod:`veil.mpc.mac`): shares of ``alpha * x`` and the key.
-    mac: Optional["AdditiveSharingTensor"] = None
+    #: With active security (:mod:`veil.mpc.mac`, SPDZ2k): the other 128-bit limbs
+    #: (:class:`veil.tensors.mac_dispatch.MacLimbs`) and the key.
+    mac: Any = None
     mac_key: Any = None
 
     @staticmethod
@@ -73,7 +74,7 @@ class AdditiveSharingTensor(torch.Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if any(isinstance(a, cls) and a.mac is not None for a in tree_flatten((args, kwargs))[0]):
-            return mac.dispatch(cls, func, args, kwargs, STRUCTURAL_OPS)  # keeps MACs or refuses
+            return mac_dispatch.dispatch(cls, func, args, kwargs, STRUCTURAL_OPS)  # keeps MACs or refuses
         return dispatch(cls, ADDITIVE_RULES, func, args, kwargs)
 
     def __repr__(self) -> str:
@@ -95,7 +96,7 @@ class AdditiveSharingTensor(torch.Tensor):
             MacCheckError: With active security, if a MAC check fails.
         """
         if self.mac is not None:
-            return mac.reconstruct_checked(self)
+            return mac_dispatch.reconstruct_checked(self)
         return reconstruct(self.child)
 
     def copy(self) -> "AdditiveSharingTensor":
@@ -106,22 +107,22 @@ class AdditiveSharingTensor(torch.Tensor):
         """Same value, fresh shares: every party adds its share of a random
         zero sharing dealt by the crypto provider (no communication between
         the parties; the orchestrator never sees the zero shares)."""
+        if self.mac is not None:
+            return mac_dispatch.refresh(self)
         zeros = self.crypto_provider.zero_shares(tuple(self.shape), list(self.parties))
         from veil.mpc.refresh import refresh_shares
 
         out = type(self)(refresh_shares(self.child, zeros), self.crypto_provider)
-        if self.mac is not None:
-            out.mac, out.mac_key = self.mac.refresh(), self.mac_key
         return out
 
     def truncate(self, divisor: int) -> "AdditiveSharingTensor":
         """Shares of ``self / divisor`` (see :mod:`veil.mpc.truncation`).
 
         With active security, authenticated truncation pairs keep the MACs
-        (:func:`veil.mpc.mac.truncate`).
+        (:func:`veil.tensors.mac_dispatch.truncate`).
         """
         if self.mac is not None:
-            return mac.truncate(self, divisor)
+            return mac_dispatch.truncate(self, divisor)
         return type(self)(truncate_shares(self.child, divisor, self.crypto_provider), self.crypto_provider)
 
     def _veil_assign(self, other: "AdditiveSharingTensor") -> None:
@@ -202,8 +203,8 @@ def share(
             (:mod:`veil.mpc.remote_sharing`); otherwise shares stay local.
         active_security: Also share SPDZ MACs of the values, so that every
             opening is checked and tampering aborts the computation
-            (:mod:`veil.mpc.mac`; linear ops, products and truncation, so
-            fixed-point arithmetic too; no comparisons).
+            (SPDZ2k, :mod:`veil.mpc.mac`; linear ops, products and
+            truncation, so fixed-point arithmetic too; no comparisons).
 
     Raises:
         NotEncodedError: If ``tensor`` is floating point.
@@ -221,6 +222,10 @@ def share(
     from veil.mpc.remote_sharing import is_worker, resolve_provider, share_on_workers
 
     crypto_provider = resolve_provider(crypto_provider, parties)
+    if active_security:
+        if place is not None or generator is not None:
+            raise ValueError("active_security=True places shares itself: drop place= and generator=")
+        return mac_dispatch.share_authenticated(tensor, parties, crypto_provider)
     if place is None and generator is None and all(is_worker(p) for p in parties):
         split(tensor.detach()[:0], 2)  # same dtype checks as the local path
         pieces = share_on_workers(tensor, parties)
@@ -228,9 +233,4 @@ def share(
         pieces = split(tensor.detach(), len(ids), generator)
         if place is not None:
             pieces = [place(s, p) for s, p in zip(pieces, parties)]
-    out = AdditiveSharingTensor(dict(zip(ids, pieces)), crypto_provider)
-    if active_security:
-        if place is not None or generator is not None:
-            raise ValueError("active_security=True places shares itself: drop place= and generator=")
-        mac.authenticate(out, tensor, parties)
-    return out
+    return AdditiveSharingTensor(dict(zip(ids, pieces)), crypto_provider)

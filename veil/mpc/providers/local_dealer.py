@@ -8,7 +8,7 @@ from typing import Hashable, Optional, Sequence
 import torch
 
 from veil.mpc.fss import material as fss_material
-from veil.mpc.material import recipe, register_mac_key
+from veil.mpc.material import WIDE_KINDS, recipe, register_mac_key, split_wide
 from veil.mpc.providers.base import Provider
 from veil.mpc.ring import bilinear, random_ring
 from veil.mpc.sharing import split
@@ -79,7 +79,10 @@ class LocalDealer(Provider):
         uniform_shapes, _, derive = recipe(kind, spec)
         uniform = [random_ring(s, self._generator) for s in uniform_shapes]
         fields = uniform + derive(uniform, self._generator)
-        per_field = [self._split(v, parties) for v in fields]
+        if kind in WIDE_KINDS:  # 128-bit SPDZ2k fields: split with carries
+            per_field = split_wide(fields, len(parties), lambda s: random_ring(s, self._generator))
+        else:
+            per_field = [self._split(v, parties) for v in fields]
         return {p: tuple(f[i] for f in per_field) for i, p in enumerate(parties)}
 
 

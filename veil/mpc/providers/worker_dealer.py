@@ -33,7 +33,8 @@ import torch
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.allowlist import NO_RESULT, register_worker_function
-from veil.mpc.material import dealer_generator, recipe, register_mac_key
+from veil.mpc.material import (WIDE_KINDS, dealer_generator, last_shares_wide, recipe, register_mac_key,
+                               split_wide, sum_wide)
 from veil.mpc.fss import material as fss_material
 from veil.mpc.prg import expand, new_seed
 from veil.mpc.providers.fss_dealing import DEAL_COMPARISON
@@ -72,6 +73,13 @@ def _deal(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, count: 
         seeds = [new_seed() for _ in parties]
         corrections = []
         for k in range(count):
+            if kind in WIDE_KINDS:  # 128-bit SPDZ2k fields: sums and corrections with carries
+                uniform = sum_wide([[expand(s, _label(k, j), shape) for s in seeds]
+                                    for j, shape in enumerate(uniform_shapes)])
+                values = derive(uniform, gen)
+                corrections += last_shares_wide(values, [[expand(s, _label(k, n_u + j), derived_shapes[j])
+                                                          for s in seeds[:-1]] for j in range(len(values))])
+                continue
             uniform = [_sum(expand(s, _label(k, j), shape) for s in seeds) for j, shape in enumerate(uniform_shapes)]
             for j, value in enumerate(derive(uniform, gen)):
                 others = [expand(s, _label(k, n_u + j), derived_shapes[j]) for s in seeds[:-1]]
@@ -84,8 +92,10 @@ def _deal(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, count: 
     per_party: list[list] = [[] for _ in parties]
     for k in range(count):
         uniform = [random_ring(shape) for shape in uniform_shapes]
-        for value in uniform + derive(uniform, gen):
-            for i, share in enumerate(split(value, n)):
+        fields = uniform + derive(uniform, gen)
+        shares = split_wide(fields, n, random_ring) if kind in WIDE_KINDS else [split(v, n) for v in fields]
+        for field_shares in shares:
+            for i, share in enumerate(field_shares):
                 per_party[i].append(share)
     for i, party in enumerate(parties):
         objects = [m.StoredObject(oid, t, (DEALER_TAG,)) for oid, t in zip(ids[i], per_party[i])]  # never revealable
