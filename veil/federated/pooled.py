@@ -139,7 +139,9 @@ class PooledTraining:
             return jobs
 
         aggregator = None if self.hidden else strategy.aggregator(global_state)
-        out: dict = {"ok": [], "dropped": {}, "loss_sum": 0.0, "samples": 0, "aggregator": aggregator, "means": {}}
+        # (per client only for secure/encrypted aggregation, whose protocols address every survivor)
+        out: dict = {"finished": 0, "ok": [], "means": {}, "dropped": {}, "loss_sum": 0.0, "samples": 0,
+                     "aggregator": aggregator}
         for i, result in self.pool.exchange(build):
             try:
                 if isinstance(result, BaseException):
@@ -155,7 +157,7 @@ class PooledTraining:
                     mean_loss = _loss_of(reply.objects[0])
                     state = [t.detach() for t in reply.objects[1:]]
                     aggregator.add(ClientUpdate(self.pool.client_id(i), state, n, mean_loss))
-                    out["ok"].append(i)
+                out["finished"] += 1
                 out["loss_sum"] += mean_loss * n
                 out["samples"] += n
             except _FAILURES as e:

@@ -216,7 +216,9 @@ class ClientHost:
         """Memory and object counts of this actor (benchmarks, docs/scaling.md)."""
         import psutil
 
-        return {"clients": len(self.clients), "rss": psutil.Process().memory_info().rss,
+        proc = psutil.Process()
+        cpu = proc.cpu_times()
+        return {"clients": len(self.clients), "rss": proc.memory_info().rss, "cpu_s": cpu.user + cpu.system,
                 "objects": sum(len(w.monitor) for w in self.clients.values())}
 
 

@@ -253,8 +253,8 @@ def _pooled_round(runner: "pooled.PooledTraining", r: int, global_state: list, s
     out = runner.train_round(r, global_state, strategy)
     dropped = [pool.client_id(i) for i in out["dropped"]]
     errors = {pool.client_id(i): e for i, e in out["dropped"].items()}
-    if len(out["ok"]) < min_workers:
-        raise RuntimeError(f"round {r}: only {len(out['ok'])} workers finished, {min_workers} required")
+    if out["finished"] < min_workers:
+        raise RuntimeError(f"round {r}: only {out['finished']} workers finished, {min_workers} required")
     if not runner.hidden:
         global_state = out["aggregator"].result()
         return global_state, RoundRecord(r, ClientIds(pool, out["dropped"]), out["loss_sum"] / out["samples"], None,
