@@ -16,8 +16,8 @@ import veil as sy
 from veil.exceptions import PermissionDeniedError
 from veil.federated import trainer as fl
 from veil.federated.strategies import FedProx
-from veil.messaging.messages import ErrorReply
-from veil.messaging.serde import deserialize
+from veil.messaging.messages import DeleteMessage, ErrorReply, GetObjectsMessage
+from veil.messaging.serde import deserialize, serialize
 from tests.federated.test_pooled import plain_fedavg
 
 N_CLIENTS = 200
@@ -178,5 +178,18 @@ def test_actor_clients_refuse_like_any_worker(hook, actors):
         stranger = sy.ray.RayClientWorker(hook, "nobody-here", clients.actors[0])
         with pytest.raises(sy.exceptions.WorkerNotFoundError):
             sy.send(torch.ones(1), stranger)
+        # the batched entry point: each client's requests are answered alone, hostile ones with an error
+        data_id, target_id = clients.data_ids(2)
+        fetch_private = serialize(GetObjectsMessage([data_id], delete=True), sender="me")
+        fetch_target = serialize(GetObjectsMessage([target_id], delete=False), sender="me")
+        replies = ray.get(clients.actors[0].recv_batch.remote([
+            ("adv0", [b"\x00garbage", serialize(DeleteMessage([]), sender="me")]),  # stops at its first error
+            ("nobody-here", [fetch_target]),
+            ("adv2", [fetch_private]),
+        ]))
+        decoded = [[deserialize(r, hook.local_worker._decode_ctx)[0] for r in rs] for rs in replies]
+        assert [len(rs) for rs in decoded] == [1, 1, 1] and all(type(rs[0]) is ErrorReply for rs in decoded)
+        assert decoded[1][0].error == "WorkerNotFoundError" and "private" in decoded[2][0].message
+        assert float(clients.data[2].sum().get()) == 2 * 8  # the private data is still there, unchanged
     finally:
         clients.shutdown()
