@@ -217,3 +217,36 @@ def test_client_ids_sequence(hook):
     fed = pool.federated_dataset()
     assert fed.workers == ["pe0", "pe1", "pe2", "pe3"] and "pe2" in fed.datasets and "zz" not in fed.datasets
     assert len(fed) == sum(len(d) for d in pool.datasets) and fed["pe1"] is pool.datasets[1]
+
+
+class TamperingPool(VirtualPool):
+    """A pool whose clients 1-3 answer out of protocol (a hostile or broken client or transport)."""
+
+    def exchange(self, build, indices=None):
+        from veil.messaging import messages as m
+        from veil.messaging.serde import serialize
+
+        forged = {
+            1: [serialize(m.ObjectsReply([torch.tensor(0.5), torch.full((1, 3), 1e6), torch.zeros(2)]), sender="x")],
+            2: [serialize(m.OkReply(), sender="x")],
+            3: [b"\x00not msgpack"],
+        }
+        for i, replies in super().exchange(build, indices):
+            yield i, (forged[i][:1] * len(replies) if i in forged and len(replies) == 1 else
+                      replies[:-1] + forged[i] if i in forged else replies)
+
+
+def test_replies_out_of_protocol_drop_only_their_client(hook):
+    parts = _parts(6, seed=6)
+    pool = TamperingPool(hook, parts, "pt")
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        model, hist = _train(pool.federated_dataset())
+    for record in hist.rounds:
+        assert record.dropped == ["pt1", "pt2", "pt3"] and len(record.clients) == 3
+    errors = hist.rounds[0].errors
+    assert "state tensor" in errors["pt1"] and "OkReply" not in errors["pt1"]  # a wrong shape: not averaged
+    assert "not the 3 tensors" in errors["pt2"] and "Serialization" in errors["pt3"]
+    ref_w, ref_b = plain_fedavg(parts, rounds=2, seed=3, skip={1, 2, 3})
+    torch.testing.assert_close(model.weight.detach(), ref_w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.bias.detach(), ref_b, rtol=1e-5, atol=1e-6)

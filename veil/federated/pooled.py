@@ -110,8 +110,9 @@ class PooledTraining:
         fetch = [mean_id] if self.hidden else [mean_id, *state_ids]
         return serialize(m.GetObjectsMessage(fetch, delete=False), sender=self.owner.id, prelude=prelude)
 
-    def _decode(self, replies: list, expected: int) -> Any:
-        """The last reply of a client's requests; raises the first error reply as the local exception."""
+    def _decode(self, replies: list, expected: int) -> list:
+        """The objects the client's last reply carries (none when nothing was fetched); raises the first
+        error reply as the local exception, and a RemoteExecutionError for any reply out of protocol."""
         reply = None
         for data in replies:
             reply, _, _ = deserialize(data, self.owner._decode_ctx)
@@ -119,7 +120,19 @@ class PooledTraining:
                 raise error_from_reply(reply.error, reply.message)
         if len(replies) != expected:
             raise RemoteExecutionError(f"the client answered {len(replies)} of {expected} requests")
-        return reply
+        if self.hidden and not self.client_metrics:
+            if type(reply) is not m.OkReply:
+                raise RemoteExecutionError(f"unexpected {type(reply).__name__} to the training request")
+            return []
+        wanted = 1 if self.hidden else 1 + len(self.state_meta)
+        objects = reply.objects if type(reply) is m.ObjectsReply and isinstance(reply.objects, list) else None
+        if objects is None or len(objects) != wanted or not all(isinstance(t, torch.Tensor) for t in objects):
+            raise RemoteExecutionError(f"the client's reply is not the {wanted} tensors asked for")
+        for t, (shape, dtype, _) in zip(objects[1:], self.state_meta):
+            if tuple(t.shape) != shape or t.dtype != dtype:  # one bad update must not spoil the average
+                raise RemoteExecutionError(f"the client returned a {tuple(t.shape)} {t.dtype} state tensor "
+                                           f"for a {shape} {dtype} one")
+        return objects
 
     # ------------------------------------------------------------ rounds
 
@@ -143,26 +156,27 @@ class PooledTraining:
         out: dict = {"finished": 0, "ok": [], "means": {}, "dropped": {}, "loss_sum": 0.0, "samples": 0,
                      "aggregator": aggregator}
         for i, result in self.pool.exchange(build):
+            if isinstance(result, BaseException):  # the transport could not reach the client
+                out["dropped"][i] = f"{type(result).__name__}: {result}"
+                self.resend.add(i)
+                continue
             try:
-                if isinstance(result, BaseException):
-                    raise result
                 stats.bytes_received += sum(len(b) for b in result)
-                reply = self._decode(result, 2 if send_plan_to_all or i in resend else 1)
-                n = self.pool.num_samples(i)
-                if self.hidden:
-                    mean_loss = _loss_of(reply.objects[0]) if self.client_metrics else float("nan")
-                    out["ok"].append(i)
-                    out["means"][i] = mean_loss
-                else:
-                    mean_loss = _loss_of(reply.objects[0])
-                    state = [t.detach() for t in reply.objects[1:]]
-                    aggregator.add(ClientUpdate(self.pool.client_id(i), state, n, mean_loss))
-                out["finished"] += 1
-                out["loss_sum"] += mean_loss * n
-                out["samples"] += n
+                objects = self._decode(result, 2 if send_plan_to_all or i in resend else 1)
             except _FAILURES as e:
                 out["dropped"][i] = f"{type(e).__name__}: {e}"
                 self.resend.add(i)
+                continue
+            n = self.pool.num_samples(i)
+            mean_loss = _loss_of(objects[0]) if objects else float("nan")
+            if self.hidden:
+                out["ok"].append(i)
+                out["means"][i] = mean_loss
+            else:
+                aggregator.add(ClientUpdate(self.pool.client_id(i), [t.detach() for t in objects[1:]], n, mean_loss))
+            out["finished"] += 1
+            out["loss_sum"] += mean_loss * n
+            out["samples"] += n
         self.plan_sent = True
         _warn_dropped(r, self.pool, out["dropped"])
         return out
@@ -206,7 +220,8 @@ def _batches(n: int, batch_size: int, epochs: int, max_batches: int | None) -> i
 
 
 def _warn_dropped(r: int, pool: client_pool.ClientPool, dropped: dict) -> None:
-    for k, (i, error) in enumerate(dropped.items()):
+    for k, i in enumerate(sorted(dropped)):
+        error = dropped[i]
         if k == WARN_EACH:
             warnings.warn(f"round {r}: {len(dropped) - WARN_EACH} more clients dropped out (RoundRecord.errors "
                           "has every client's error)", stacklevel=5)

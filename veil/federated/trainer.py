@@ -251,8 +251,8 @@ def _pooled_round(runner: "pooled.PooledTraining", r: int, global_state: list, s
     secure/encrypted aggregation protocol over the clients that trained."""
     pool = runner.pool
     out = runner.train_round(r, global_state, strategy)
-    dropped = [pool.client_id(i) for i in out["dropped"]]
-    errors = {pool.client_id(i): e for i, e in out["dropped"].items()}
+    dropped = [pool.client_id(i) for i in sorted(out["dropped"])]  # (dataset order, not completion order)
+    errors = {pool.client_id(i): out["dropped"][i] for i in sorted(out["dropped"])}
     if out["finished"] < min_workers:
         raise RuntimeError(f"round {r}: only {out['finished']} workers finished, {min_workers} required")
     if not runner.hidden:
