@@ -250,3 +250,17 @@ def test_replies_out_of_protocol_drop_only_their_client(hook):
     ref_w, ref_b = plain_fedavg(parts, rounds=2, seed=3, skip={1, 2, 3})
     torch.testing.assert_close(model.weight.detach(), ref_w, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.bias.detach(), ref_b, rtol=1e-5, atol=1e-6)
+
+
+def test_pooled_encrypted_aggregation_matches_plain(hook):
+    from veil.federated.he_agg import EncryptedAggregation
+
+    parts = _parts(3, seed=7)
+    pool = VirtualPool(hook, parts, "ph")
+    ctx = sy.he.ckks.context(poly_modulus_degree=8192, coeff_mod_bit_sizes=[60, 40, 40, 60], global_scale=2**40)
+    plain, _ = _train(pool.federated_dataset(), rounds=1)
+    enc, hist = _train(pool.federated_dataset(), rounds=1, encrypted_aggregation=EncryptedAggregation(context=ctx))
+    torch.testing.assert_close(enc.weight, plain.weight, atol=1e-4, rtol=0)
+    torch.testing.assert_close(enc.bias, plain.bias, atol=1e-4, rtol=0)
+    assert list(hist.rounds[-1].clients) == ["ph0", "ph1", "ph2"]
+    assert hist.rounds[-1].train_loss != hist.rounds[-1].train_loss  # no client's loss in the clear: NaN
