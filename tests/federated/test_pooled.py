@@ -252,6 +252,7 @@ def test_replies_out_of_protocol_drop_only_their_client(hook):
     torch.testing.assert_close(model.bias.detach(), ref_b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # CKKS key generation: ~8 s
 def test_pooled_encrypted_aggregation_matches_plain(hook):
     from veil.federated.he_agg import EncryptedAggregation
 
