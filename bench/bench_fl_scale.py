@@ -3,6 +3,7 @@
 Run:
     .venv/bin/python bench/bench_fl_scale.py [--clients 1000] [--rounds 3]            # in process (default)
     .venv/bin/python bench/bench_fl_scale.py --backend ray --clients 1000 [--flower]  # Ray actors, + Flower
+    .venv/bin/python bench/bench_fl_scale.py --backend ray --clients 1000 10000 --rounds 2 --flower
 
 In process: each client is a VirtualWorker in this process holding a slice of
 Boston Housing (resampled with replacement so that every client has --rows
@@ -11,9 +12,14 @@ client updates as plain PyTorch loops in the same process.
 
 ``--backend ray``: the clients live in Ray actors (``sy.ray.federated_clients``,
 many virtual clients per actor; each actor builds its clients' data itself,
-so the coordinator never holds it). Reported: set-up, time of each round
-(round 1 includes sending the plan), the coordinator's resident memory, each
-actor's, and bytes the coordinator sent/received per client and round.
+so the coordinator never holds it), dispatched in batches by ``fl.train``
+(``--sequential``: one client at a time, the path before batching). Reported:
+set-up, time of each round (``RoundRecord.seconds``; round 1 includes sending
+the plan), the coordinator's resident memory (before the clients, after
+set-up, at the end, and the peak sampled every 20 ms), its CPU time and the
+actors' per client and round, each actor's memory, and bytes the coordinator
+sent/received per client and round. Several ``--clients`` counts run in turn,
+so the coordinator's memory can be compared across client counts.
 ``--flower``: Flower's simulation engine (``flwr[simulation]``, its own venv
 under .bench-venvs/flwr, made on first use) runs the same model, split
 (bench/fl_scale_data.py), rounds, batch size, learning rate and client count
@@ -40,7 +46,6 @@ from tqdm import tqdm
 import veil as sy
 from veil import federated as fl
 from veil.datasets import load_boston
-from veil.federated.strategies import FedAvg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fl_scale_data  # noqa: E402  (bench/: the split shared with the Flower side)
@@ -91,20 +96,31 @@ def run_in_process(args: argparse.Namespace) -> None:
     print(f"  last round: train loss {hist.rounds[-1].train_loss:.2f} over {len(hist.rounds[-1].clients)} clients")
 
 
-class TimedFedAvg(FedAvg):
-    """FedAvg that notes when each round's aggregation happens (per-round times without changing fl.train)."""
+class PeakRSS:
+    """Samples this process's resident memory every 20 ms in a thread: the peak of a phase."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.marks: list[float] = []
+        import threading
 
-    def aggregate(self, updates, global_state):
-        out = super().aggregate(updates, global_state)
-        self.marks.append(time.perf_counter())
-        return out
+        self.proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> "PeakRSS":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
-def run_ray(args: argparse.Namespace) -> dict:
+def run_ray(args: argparse.Namespace, n_clients: int) -> dict:
     import ray
 
     import veil.ray as vray
@@ -125,36 +141,45 @@ def run_ray(args: argparse.Namespace) -> dict:
     ray.kill(bare)
     gc.collect()
     rss0 = proc.memory_info().rss
-    t = time.perf_counter()
-    clients = vray.federated_clients(num_clients=args.clients, actors=args.actors, hook=hook,
-                                     make_dataset=_ClientData(args.rows))
-    fed = clients.federated_dataset()
-    setup = time.perf_counter() - t
-    rss_setup = proc.memory_info().rss
-    strategy = TimedFedAvg()
-    stats = hook.local_worker.stats
-    stats.reset()
-    model = nn.Linear(13, 1)
-    t = time.perf_counter()
-    hist = fl.train(model, fed, rounds=args.rounds, lr=0.001, batch_size=8, strategy=strategy, progress=False)
-    total = time.perf_counter() - t
-    rounds = [m - p for p, m in zip([t] + strategy.marks[:-1], strategy.marks)]
-    wire = stats.snapshot()
-    gc.collect()
-    rss1 = proc.memory_info().rss
+    with PeakRSS() as peak:
+        t = time.perf_counter()
+        clients = vray.federated_clients(num_clients=n_clients, actors=args.actors, hook=hook,
+                                         make_dataset=_ClientData(args.rows))
+        fed = clients.federated_dataset(batched=not args.sequential)
+        setup = time.perf_counter() - t
+        rss_setup = proc.memory_info().rss
+        stats = hook.local_worker.stats
+        stats.reset()
+        model = nn.Linear(13, 1)
+        cpu0, actor_cpu0 = proc.cpu_times(), [s["cpu_s"] for s in clients.actor_stats()]
+        t = time.perf_counter()
+        hist = fl.train(model, fed, rounds=args.rounds, lr=0.001, batch_size=8, progress=False)
+        total = time.perf_counter() - t
+        cpu1 = proc.cpu_times()
+        wire = stats.snapshot()
+        del fed
+        gc.collect()
+        rss1 = proc.memory_info().rss
     actor_stats = clients.actor_stats()
     clients.shutdown()
     vray.shutdown()
     per_actor = [(s["rss"] - bare_rss) / max(1, s["clients"]) for s in actor_stats]
+    client_rounds = n_clients * args.rounds
     out = {
-        "backend": "veil-ray", "clients": args.clients, "actors": len(actor_stats), "ray_start_s": ray_start,
-        "setup_s": setup, "rounds_s": rounds, "total_s": total,
-        "coordinator_rss_mib": {"before": rss0 / 2**20, "after_setup": rss_setup / 2**20, "end": rss1 / 2**20},
+        "backend": "veil-ray" + ("-sequential" if args.sequential else ""), "clients": n_clients,
+        "actors": len(actor_stats), "ray_start_s": ray_start, "setup_s": setup,
+        "rounds_s": [r.seconds for r in hist.rounds], "total_s": total,
+        "coordinator_rss_mib": {"before": rss0 / 2**20, "after_setup": rss_setup / 2**20, "end": rss1 / 2**20,
+                                "peak": peak.peak / 2**20},
+        "coordinator_cpu_ms_per_client_round": 1000 * (cpu1.user + cpu1.system - cpu0.user - cpu0.system)
+        / client_rounds,
+        "actor_cpu_ms_per_client_round": 1000 * sum(s["cpu_s"] - c for s, c in zip(actor_stats, actor_cpu0))
+        / client_rounds,
         "actor_rss_mib": [s["rss"] / 2**20 for s in actor_stats], "bare_actor_rss_mib": bare_rss / 2**20,
         "actor_kib_per_client": sum(per_actor) / len(per_actor) / 2**10,
-        "bytes_per_client_round": (wire["bytes_sent"] + wire["bytes_received"]) / args.clients / args.rounds,
-        "messages_per_client_round": wire["messages"] / args.clients / args.rounds,
-        "train_loss": hist.rounds[-1].train_loss,
+        "bytes_per_client_round": (wire["bytes_sent"] + wire["bytes_received"]) / client_rounds,
+        "messages_per_client_round": wire["messages"] / client_rounds,
+        "train_loss": hist.rounds[-1].train_loss, "dropped": sum(len(r.dropped) for r in hist.rounds),
     }
     return out
 
@@ -181,9 +206,9 @@ def ensure_flwr_venv() -> Path:
     return python
 
 
-def run_flower(args: argparse.Namespace) -> dict:
+def run_flower(args: argparse.Namespace, n_clients: int) -> dict:
     python = ensure_flwr_venv()
-    cmd = [str(python), str(ROOT / "bench" / "flower_sim.py"), "--clients", str(args.clients), "--rows",
+    cmd = [str(python), str(ROOT / "bench" / "flower_sim.py"), "--clients", str(n_clients), "--rows",
            str(args.rows), "--rounds", str(args.rounds), "--num-cpus", str(args.num_cpus or os.cpu_count())]
     done = subprocess.run(cmd, capture_output=True, text=True, env={k: v for k, v in os.environ.items()
                                                                    if k != "PYTHONPATH"})
@@ -199,42 +224,84 @@ def _report(r: dict) -> None:
           + ", ".join(f"{s:.2f}" for s in r["rounds_s"]) + f" s (mean after the first: {sum(later) / len(later):.2f} s)")
     mem = r["coordinator_rss_mib"]
     print(f"    coordinator memory: {mem['before']:.0f} MiB before clients, {mem['after_setup']:.0f} after set-up, "
-          f"{mem['end']:.0f} at the end ({(mem['end'] - mem['before']) * 1024 / r['clients']:.1f} KiB per client)")
+          f"{mem['end']:.0f} at the end, peak {mem['peak']:.0f} "
+          f"({(mem['peak'] - mem['before']) * 1024 / r['clients']:.2f} KiB per client at the peak); "
+          f"CPU {r['coordinator_cpu_ms_per_client_round']:.3f} ms per client and round")
     if "actor_kib_per_client" in r:
         print(f"    actors: {', '.join(f'{m:.0f}' for m in r['actor_rss_mib'])} MiB (bare actor "
-              f"{r['bare_actor_rss_mib']:.0f} MiB; {r['actor_kib_per_client']:.1f} KiB per client); "
+              f"{r['bare_actor_rss_mib']:.0f} MiB; {r['actor_kib_per_client']:.1f} KiB per client), CPU "
+              f"{r['actor_cpu_ms_per_client_round']:.3f} ms per client and round; "
               f"{r['bytes_per_client_round'] / 1024:.2f} KiB and {r['messages_per_client_round']:.1f} messages "
-              "per client and round through the coordinator")
+              f"per client and round through the coordinator; {r['dropped']} clients dropped")
     print(f"    last round train loss {r['train_loss']:.2f}")
+
+
+def _run_alone(n: int) -> list:
+    """This benchmark for one client count in a child process; its results."""
+    import tempfile
+
+    argv = sys.argv[1:]
+    keep, skip = [], False
+    for a in argv:  # drop --clients ... and --json ... from our own arguments
+        if a in ("--clients", "--json"):
+            skip = True
+            continue
+        if skip and not a.startswith("--"):
+            continue
+        skip = False
+        keep.append(a)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run.json"
+        done = subprocess.run([sys.executable, __file__, *keep, "--clients", str(n), "--json", str(out)])
+        if done.returncode != 0:
+            raise RuntimeError(f"the {n}-client run failed ({done.returncode})")
+        return json.loads(out.read_text())[0]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backend", choices=["inprocess", "ray"], default="inprocess")
-    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1000],
+                        help="client count(s); with --backend ray each runs in turn (e.g. --clients 1000 10000)")
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--actors", type=int, default=None, help="Ray actors (default: the CPUs)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     parser.add_argument("--address", default=None, help="a Ray cluster (default: $VEIL_RAY_ADDRESS, else local)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="Ray: dispatch one client at a time through worker handles (the pre-batching path)")
     parser.add_argument("--flower", action="store_true", help="also run Flower's simulation (same run)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     if args.backend == "inprocess":
+        args.clients = args.clients[0]
         run_in_process(args)
         return
-    results = [run_ray(args)]
-    if args.flower:
-        results.append(run_flower(args))
-    print(f"\n{args.clients} clients x {args.rows} rows, linear model, {args.rounds} FedAvg rounds, "
-          f"{os.cpu_count()} CPUs")
-    for r in results:
-        _report(r)
-    if len(results) == 2:
-        v, f = (sum(r["rounds_s"][1:] or r["rounds_s"]) / len(r["rounds_s"][1:] or r["rounds_s"]) for r in results)
-        print(f"  round time veil / Flower: {v / f:.2f}x (after the first round)")
+    runs = []
+    for n in args.clients:
+        if len(args.clients) > 1:  # each count in a fresh process: memory high-water marks do not carry over
+            results = _run_alone(n)
+        else:
+            results = [run_ray(args, n)]
+            if args.flower:
+                results.append(run_flower(args, n))
+        runs.append(results)
+        print(f"\n{n} clients x {args.rows} rows, linear model, {args.rounds} FedAvg rounds, {os.cpu_count()} CPUs, "
+              f"load average {' '.join(open('/proc/loadavg').read().split()[:3])}")
+        for r in results:
+            _report(r)
+        if len(results) == 2:
+            v, f = (sum(r["rounds_s"][1:] or r["rounds_s"]) / len(r["rounds_s"][1:] or r["rounds_s"])
+                    for r in results)
+            print(f"  round time veil / Flower: {v / f:.2f}x (after the first round)", flush=True)
+    if len(runs) > 1:
+        print("\ncoordinator peak memory over the no-client baseline, by client count:")
+        for results in runs:
+            print("  " + "; ".join(f"{r['backend']} {r['clients']}: "
+                                  f"{r['coordinator_rss_mib']['peak'] - r['coordinator_rss_mib']['before']:.1f} MiB"
+                                  for r in results))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        Path(args.json).write_text(json.dumps(runs, indent=1))
 
 
 if __name__ == "__main__":

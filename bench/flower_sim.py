@@ -80,22 +80,41 @@ def main() -> None:
     init = [t.detach().numpy() for t in nn.Linear(13, 1).parameters()]
     strategy = TimedFedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=args.clients,
                            min_available_clients=args.clients, initial_parameters=ndarrays_to_parameters(init))
+    import threading
+
+    peak = {"rss": proc.memory_info().rss}
+    stop = threading.Event()
+
+    def sample() -> None:  # the driver's peak memory, sampled as bench_fl_scale.py samples veil's
+        while not stop.is_set():
+            peak["rss"] = max(peak["rss"], proc.memory_info().rss)
+            stop.wait(0.02)
+
     rss0 = proc.memory_info().rss
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     t = time.perf_counter()
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, object_store_memory=128 * 2**20,
              log_to_driver=False)
     ray_start = time.perf_counter() - t
     t = time.perf_counter()
+    cpu0 = proc.cpu_times()
     start_simulation(client_fn=client_fn, num_clients=args.clients, config=ServerConfig(num_rounds=args.rounds),
                      strategy=strategy, client_resources={"num_cpus": 1}, keep_initialised=True)
     total = time.perf_counter() - t
+    cpu1 = proc.cpu_times()
+    stop.set()
+    sampler.join()
     rss1 = proc.memory_info().rss
     rounds = [e - s for s, e in zip(marks["start"], marks["end"])]
     print(json.dumps({
         "backend": f"flower-{flwr.__version__}", "clients": args.clients, "ray_start_s": ray_start,
         "setup_s": marks["start"][0] - t if marks["start"] else total, "rounds_s": rounds, "total_s": total,
         "failures": marks.get("failures", []),
-        "coordinator_rss_mib": {"before": rss0 / 2**20, "after_setup": rss0 / 2**20, "end": rss1 / 2**20},
+        "coordinator_rss_mib": {"before": rss0 / 2**20, "after_setup": rss0 / 2**20, "end": rss1 / 2**20,
+                                "peak": max(peak["rss"], rss1) / 2**20},
+        "coordinator_cpu_ms_per_client_round": 1000 * (cpu1.user + cpu1.system - cpu0.user - cpu0.system)
+        / (args.clients * args.rounds),
         "train_loss": float("nan"),
     }))
 

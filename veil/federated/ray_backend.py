@@ -1,13 +1,24 @@
 """Federated clients in Ray actors: each client's data, model state and object store live in an actor.
 
-The coordinator holds one :class:`RayClientWorker` per client: a worker handle
-whose ``_recv_msg`` ships the already-serialized veil request (the same bytes a
-websocket would carry) to the actor hosting that client and returns the reply
-bytes. Inside the actor each client is an ordinary worker that deserializes,
-checks the allowlist and answers exactly as a ``VirtualWorker`` or a
-``veil worker`` process does, so ``fl.train``, training plans, FedAvg/FedProx,
-secure aggregation (client-to-client shares go actor to actor) and owner-side
-DP queries run unchanged. The coordinator holds only pointers.
+The coordinator reaches a client with serialized veil requests (the same
+bytes a websocket would carry); inside the actor each client is an ordinary
+worker that deserializes, checks the allowlist and answers exactly as a
+``VirtualWorker`` or a ``veil worker`` process does, so ``fl.train``, training
+plans, FedAvg/FedProx, secure aggregation (client-to-client shares go actor to
+actor) and owner-side DP queries run unchanged. Two ways in:
+
+- :class:`RayClientWorker`, a worker handle on one client (one Ray call per
+  request): pointers, ``.get()``, DP queries, any veil API;
+- :class:`RayClients` as a client pool (``veil/federated/client_pool.py``):
+  ``fl.train`` hands it every client's round request and it sends many
+  clients' requests per Ray call (``ClientHost.recv_batch``), keeping a few
+  calls in flight per actor so that every actor works while the coordinator
+  prepares the next batches and aggregates the last.
+
+The coordinator keeps a client as an index: its id is ``prefix + index``, its
+actor ``actors[index % len(actors)]``, and the ids of its data and targets and
+its row count sit in flat arrays (20 bytes per client); handles and pointers
+are made on demand.
 
 When there are more clients than actors (the usual case: 10,000 clients on a
 few cores), clients are *virtual*: one actor hosts many of them and keeps each
@@ -24,17 +35,22 @@ executes is decided only by the veil message it decodes and checks.
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from array import array
+from itertools import islice
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from veil.exceptions import ConnectionLostError, WorkerNotFoundError
+from veil.federated.client_pool import ClientPool, JobBuilder, PooledFederatedDataset
 from veil.workers.base import BaseWorker
 
 # A small local Ray: Ray's default object store takes 30% of RAM, far more than a simulation needs.
 LOCAL_OBJECT_STORE_BYTES = 128 * 2**20
+#: most clients per Ray call when fl.train dispatches a round (default: a quarter of an actor's share)
+MAX_CLIENTS_PER_CALL = 256
 
 
 def _ray() -> Any:
@@ -106,36 +122,58 @@ class ClientHost:
         torch.set_num_threads(threads)
         self.hook = HookContext()
         self.clients: dict[str, Any] = {}
-        self.directory: dict[str, Any] = {}  # client id -> actor hosting it (for client-to-client messages)
+        # where the clients of every federation live (for client-to-client messages): prefix -> (n, actors)
+        self.layouts: dict[str, tuple[int, list]] = {}
         self.proxies: dict[str, RayClientWorker] = {}
 
-    def set_directory(self, directory: dict[str, Any]) -> None:
-        self.directory = directory
+    def add_layout(self, prefix: str, n: int, hosts: list) -> None:
+        """Client ``prefix + i`` (i < n) lives on ``hosts[i % len(hosts)]``."""
+        self.layouts[prefix] = (n, list(hosts))
+
+    def actor_of(self, client_id: str) -> Any:
+        for prefix, (n, hosts) in self.layouts.items():
+            index = _index(client_id, prefix, n)
+            if index is not None:
+                return hosts[index % len(hosts)]
+        return None
 
     def add_clients(self, ids: Sequence[str], datasets: Sequence[tuple] | None = None,
                     make_dataset: Callable[[int], tuple] | None = None, indices: Sequence[int] = (),
-                    tags: Sequence[str] = (), dp: dict | None = None) -> list[tuple]:
+                    tags: Sequence[str] = (), dp: dict | None = None) -> dict:
         """Creates the clients and loads their data as private owner objects.
 
-        Returns one ``(data id, data shape, data dtype, target id, target shape, target dtype)`` per client.
+        Returns, for these clients in order, flat arrays of data ids, target ids and row counts, the
+        first client's data/target shapes after the first dimension and dtypes (``example``), and the
+        shapes and dtypes of any client that differs from it (``odd``: position -> 4-tuple).
         """
-        out = []
+        xids, yids, rows = array("Q"), array("Q"), array("q")
+        example, odd = None, {}
         for n, cid in enumerate(ids):
             worker = _HostedWorker(self, cid)
             self.clients[cid] = worker
             x, y = datasets[n] if datasets is not None else make_dataset(indices[n])
             x, y = torch.as_tensor(x), torch.as_tensor(y)
-            xid = worker.load(x, tags=(*tags, "#data"), private=True)
-            yid = worker.load(y, tags=(*tags, "#target"), private=True)
+            if len(x) != len(y):
+                raise ValueError(f"client {cid!r}: data has {len(x)} rows but targets {len(y)}")
+            xids.append(worker.load(x, tags=(*tags, "#data"), private=True))
+            yids.append(worker.load(y, tags=(*tags, "#target"), private=True))
+            rows.append(len(x))
             if dp is not None:  # owner-side DP: this client's data opened to DP queries/training, with budgets
                 worker.enable_dp({"data": (x, y)}, **dp)
-            out.append((xid, tuple(x.shape), str(x.dtype), yid, tuple(y.shape), str(y.dtype)))
-        return out
+            meta = (tuple(x.shape[1:]), str(x.dtype), tuple(y.shape[1:]), str(y.dtype))
+            if example is None:
+                example = meta
+            elif meta != example:
+                odd[n] = meta
+        return {"data_ids": xids, "target_ids": yids, "rows": rows, "example": example, "odd": odd}
 
-    def remove_clients(self, ids: Sequence[str]) -> None:
-        for cid in ids:
+    def remove_clients(self, prefix: str, n: int) -> None:
+        """Ends the clients ``prefix + i`` (i < n) hosted here."""
+        for cid in [c for c in self.clients if _index(c, prefix, n) is not None]:
             self.clients.pop(cid, None)
+        for cid in [c for c in self.proxies if _index(c, prefix, n) is not None]:
             self.proxies.pop(cid, None)
+        self.layouts.pop(prefix, None)
 
     def recv(self, client_id: str, data: bytes) -> bytes:
         """One serialized veil request for one hosted client; the serialized reply."""
@@ -148,12 +186,51 @@ class ClientHost:
                              sender=client_id)
         return worker._recv_msg(data)
 
+    def recv_batch(self, jobs: Sequence[tuple[str, Sequence[bytes]]]) -> list[list[bytes]]:
+        """Many clients' requests in one call: for each ``(client id, requests)``, the replies, in order.
+
+        A client's requests are handled one after another as separate messages; after an error reply
+        its remaining requests are skipped (its reply list is then shorter). One client's failure never
+        affects another's.
+        """
+        from veil.messaging import messages as m
+        from veil.messaging.serde import deserialize
+
+        out = []
+        for client_id, requests in jobs:
+            replies = []
+            for k, data in enumerate(requests):
+                reply = self.recv(client_id, data)
+                replies.append(reply)
+                if k + 1 < len(requests):
+                    try:
+                        failed = type(deserialize(reply)[0]) is m.ErrorReply
+                    except Exception:  # an undecodable reply: the coordinator reports it
+                        failed = True
+                    if failed:
+                        break
+            out.append(replies)
+        return out
+
     def stats(self) -> dict:
         """Memory and object counts of this actor (benchmarks, docs/scaling.md)."""
         import psutil
 
-        return {"clients": len(self.clients), "rss": psutil.Process().memory_info().rss,
+        proc = psutil.Process()
+        cpu = proc.cpu_times()
+        return {"clients": len(self.clients), "rss": proc.memory_info().rss, "cpu_s": cpu.user + cpu.system,
                 "objects": sum(len(w.monitor) for w in self.clients.values())}
+
+
+def _index(client_id: Any, prefix: str, n: int) -> int | None:
+    """i if ``client_id`` is ``prefix + str(i)`` with 0 <= i < n, else None."""
+    if not isinstance(client_id, str) or not client_id.startswith(prefix):
+        return None
+    digits = client_id[len(prefix):]
+    if not (digits.isascii() and digits.isdigit()) or (len(digits) > 1 and digits[0] == "0"):
+        return None
+    index = int(digits)
+    return index if index < n else None
 
 
 class _HostedWorker(BaseWorker):
@@ -167,39 +244,179 @@ class _HostedWorker(BaseWorker):
         local = self._host.clients.get(worker_id) or self.hook.workers.get(worker_id)
         if local is not None:
             return local
-        actor = self._host.directory.get(worker_id)
-        if actor is None:
-            raise WorkerNotFoundError(f"client {self.id!r} does not know how to reach worker {worker_id!r}")
         proxy = self._host.proxies.get(worker_id)
         if proxy is None:  # kept by the host: the hook's registry holds workers weakly
+            actor = self._host.actor_of(worker_id)
+            if actor is None:
+                raise WorkerNotFoundError(f"client {self.id!r} does not know how to reach worker {worker_id!r}")
             proxy = self._host.proxies[worker_id] = RayClientWorker(self.hook, worker_id, actor)
         return proxy
 
 
-@dataclass
-class RayClients:
-    """What :func:`federated_clients` returns: the client handles, their data pointers and the actors."""
+class _Lazy(Sequence):
+    """A read-only sequence whose items are made on access (handles and pointers of many clients)."""
 
-    workers: list
-    data: list
-    targets: list
-    actors: list
-    owns_actors: bool = True
+    def __init__(self, n: int, make: Callable[[int], Any]) -> None:
+        self._n, self._make = n, make
 
     def __len__(self) -> int:
-        return len(self.workers)
+        return self._n
 
-    def __iter__(self):
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self._make(k) for k in range(*i.indices(self._n))]
+        if not -self._n <= i < self._n:
+            raise IndexError(f"client index {i} out of range ({self._n} clients)")
+        return self._make(i % self._n)
+
+
+class RayClients(ClientPool):
+    """What :func:`federated_clients` returns: clients in Ray actors, as a client pool.
+
+    ``clients[i]`` / ``clients.workers[i]`` is a worker handle on client i, ``clients.data[i]`` and
+    ``clients.targets[i]`` pointers to its data (made on access); ``federated_dataset()`` is what
+    ``fl.train`` takes. ``clients_per_call`` and ``calls_in_flight`` tune the batched dispatch.
+    """
+
+    def __init__(self, hook: Any, prefix: str, actors: list, owns_actors: bool, data_ids: array, target_ids: array,
+                 rows: array, example: tuple, odd: dict, clients_per_call: int | None = None,
+                 calls_in_flight: int = 2, timeout: float = 600.0) -> None:
+        self.hook, self.prefix, self.actors, self.owns_actors = hook, prefix, list(actors), owns_actors
+        self._data_ids, self._target_ids, self._rows = data_ids, target_ids, rows
+        self._example, self._odd = example, odd  # odd: the few clients whose shapes differ from the example
+        self.clients_per_call, self.calls_in_flight, self.timeout = clients_per_call, calls_in_flight, timeout
+
+    # ------------------------------------------------------------ the pool
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def client_id(self, i: int) -> str:
+        return f"{self.prefix}{i}"
+
+    def index_of(self, client_id: Any) -> int | None:
+        return _index(client_id, self.prefix, len(self))
+
+    def num_samples(self, i: int) -> int:
+        return self._rows[i]
+
+    def data_ids(self, i: int) -> tuple[int, int]:
+        return self._data_ids[i], self._target_ids[i]
+
+    def example(self) -> tuple[tuple, torch.dtype, tuple, torch.dtype]:
+        xs, xd, ys, yd = self._example
+        return xs, _dtype(xd), ys, _dtype(yd)
+
+    def actor_of(self, i: int) -> Any:
+        return self.actors[i % len(self.actors)]
+
+    def worker(self, i: int) -> RayClientWorker:
+        """The handle on client i (one per client while it is referenced: pointers compare locations)."""
+        cid, actor = self.client_id(i), self.actor_of(i)
+        known = self.hook.workers.get(cid)
+        if isinstance(known, RayClientWorker) and known.actor is actor:
+            return known
+        return RayClientWorker(self.hook, cid, actor, timeout=self.timeout)
+
+    def exchange(self, build: JobBuilder, indices: Iterable[int] | None = None) -> Iterator[tuple[int, Any]]:
+        ray = _ray()
+        n_actors = len(self.actors)
+        if not n_actors:
+            raise RuntimeError("these clients' actors were shut down")
+        if indices is None:
+            queues = [iter(range(a, len(self), n_actors)) for a in range(n_actors)]
+            todo = len(self)
+        else:
+            buckets: list[list[int]] = [[] for _ in range(n_actors)]
+            for i in indices:
+                buckets[i % n_actors].append(i)
+            queues, todo = [iter(b) for b in buckets], sum(len(b) for b in buckets)
+        per_call = self.clients_per_call or max(1, min(MAX_CLIENTS_PER_CALL, math.ceil(todo / (4 * n_actors))))
+        in_flight: dict[Any, tuple[int, list[int]]] = {}
+        dead: dict[int, Exception] = {}
+        failed: list[tuple[int, Exception]] = []
+
+        def submit(a: int) -> None:
+            if a in dead:  # its remaining clients fail without a call
+                failed.extend((i, dead[a]) for i in queues[a])
+                return
+            chunk = list(islice(queues[a], per_call))
+            if chunk:
+                jobs = [(self.client_id(i), build(i)) for i in chunk]
+                in_flight[self.actors[a].recv_batch.remote(jobs)] = (a, chunk)
+
+        for _ in range(max(1, self.calls_in_flight)):
+            for a in range(n_actors):
+                submit(a)
+        while in_flight or failed:
+            while failed:
+                yield failed.pop()
+            if not in_flight:
+                break
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=self.timeout)
+            if not ready:  # no actor answered for `timeout` seconds: what is in flight there is lost
+                for a, chunk in in_flight.values():
+                    dead[a] = ConnectionLostError(f"client host actor {a} did not answer within {self.timeout:.0f} s")
+                    failed.extend((i, dead[a]) for i in chunk)
+                    submit(a)
+                in_flight.clear()
+                continue
+            a, chunk = in_flight.pop(ready[0])
+            try:
+                replies = ray.get(ready[0])
+            except ray.exceptions.RayError as e:
+                error = ConnectionLostError(f"client host actor {a} failed: {type(e).__name__}: {_first_line(e)}")
+                if isinstance(e, ray.exceptions.RayActorError):
+                    dead[a] = error
+                results: list = [(i, error) for i in chunk]
+            else:
+                results = list(zip(chunk, replies))
+            submit(a)  # the actor's next batch goes out before this one is processed
+            yield from results
+
+    # ------------------------------------------------------------ handles and data
+
+    @property
+    def workers(self) -> Sequence[RayClientWorker]:
+        return _Lazy(len(self), self.worker)
+
+    @property
+    def data(self) -> Sequence[Any]:
+        return _Lazy(len(self), lambda i: self._pointer(i, 0))
+
+    @property
+    def targets(self) -> Sequence[Any]:
+        return _Lazy(len(self), lambda i: self._pointer(i, 1))
+
+    def __iter__(self) -> Iterator[RayClientWorker]:
         return iter(self.workers)
 
     def __getitem__(self, i: int) -> RayClientWorker:
         return self.workers[i]
 
-    def federated_dataset(self) -> Any:
-        """A :class:`~veil.federated.FederatedDataset` over the clients' data, for ``fl.train``."""
-        from veil.federated.dataset import BaseDataset, FederatedDataset
+    def _pointer(self, i: int, which: int) -> Any:
+        from veil.tensors.pointer import PointerTensor
 
-        return FederatedDataset(BaseDataset(x, y) for x, y in zip(self.data, self.targets))
+        meta = self._odd.get(i, self._example)
+        shape, dtype = (meta[0], meta[1]) if which == 0 else (meta[2], meta[3])
+        oid = self._data_ids[i] if which == 0 else self._target_ids[i]
+        return PointerTensor(self.worker(i), oid, self.hook.local_worker, (self._rows[i], *shape), _dtype(dtype),
+                             garbage_collect_data=False)
+
+    def _dataset(self, i: int) -> Any:
+        from veil.federated.dataset import BaseDataset
+
+        return BaseDataset(self._pointer(i, 0), self._pointer(i, 1))
+
+    def federated_dataset(self, batched: bool = True) -> Any:
+        """What ``fl.train`` takes. ``batched`` (default): many clients per Ray call, nothing kept per
+        client on the coordinator; ``batched=False``: a plain FederatedDataset of pointers, trained one
+        client at a time through the worker handles (as any workers)."""
+        from veil.federated.dataset import FederatedDataset
+
+        if batched:
+            return PooledFederatedDataset(self, self._dataset)
+        return FederatedDataset(self._dataset(i) for i in range(len(self)))
 
     def actor_stats(self) -> list[dict]:
         ray = _ray()
@@ -213,16 +430,25 @@ class RayClients:
             for a in self.actors:
                 ray.kill(a)
         else:
-            ray.get([a.remove_clients.remote([w.id for w in self.workers]) for a in self.actors])
+            ray.get([a.remove_clients.remote(self.prefix, len(self)) for a in self.actors])
         self.actors = []
+
+    def __repr__(self) -> str:
+        return f"<RayClients {len(self)} clients ({self.prefix}0...) on {len(self.actors)} actors>"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[-1] if text else ""
 
 
 def federated_clients(datasets: Sequence[tuple] | None = None, *, num_clients: int | None = None,
                       make_dataset: Callable[[int], tuple] | None = None, actors: int | Sequence[Any] | None = None,
                       hook: Any = None, address: str | None = None, prefix: str = "client",
                       tags: Sequence[str] = (), dp: dict | None = None, threads_per_actor: int = 1,
-                      batch: int = 500) -> RayClients:
-    """Starts clients in Ray actors, each holding its own data; returns their worker handles.
+                      batch: int = 500, clients_per_call: int | None = None, calls_in_flight: int = 2,
+                      timeout: float = 600.0) -> RayClients:
+    """Starts clients in Ray actors, each holding its own data; returns them (a client pool).
 
     Args:
         datasets: one ``(data, targets)`` per client, sent once to the actor that hosts it; or
@@ -230,21 +456,25 @@ def federated_clients(datasets: Sequence[tuple] | None = None, *, num_clients: i
             ``i``'s ``(data, targets)`` (the coordinator never holds the data: large simulations).
         actors: how many Ray actors to spread the clients over (default: the cluster's CPUs), or
             the ``.actors`` of an earlier call to host these clients too (client ids must differ:
-            ``prefix``); clients are assigned round-robin, and each actor keeps its clients'
-            state between rounds.
+            ``prefix``); client i goes to actor ``i % len(actors)``, and each actor keeps its
+            clients' state between rounds.
         hook: the registry the handles join (default: the current one).
         address: a Ray cluster (else ``$VEIL_RAY_ADDRESS``, else a local Ray started here).
         tags: tags added to every client's data and targets (``#data`` / ``#target`` always).
         dp: ``worker.enable_dp`` settings applied on every client (owner-side DP on its data,
             dataset name ``"data"``), e.g. ``{"budgets": {"me": (1.0, 1e-5)}}``.
         batch: clients created per actor call.
+        clients_per_call: clients whose round requests travel in one Ray call when ``fl.train``
+            dispatches (default: a quarter of each actor's share, at most 256);
+        calls_in_flight: such calls queued per actor (2: an actor starts its next batch while the
+            coordinator reads the last).
+        timeout: seconds without any answer after which an actor's clients count as lost.
 
     Example::
 
         clients = sy.ray.federated_clients(parts, actors=2)
         fl.train(model, clients.federated_dataset(), rounds=5)
     """
-    from veil.tensors.pointer import PointerTensor
     from veil.workers.registry import default_hook_context
 
     if (datasets is None) == (make_dataset is None):
@@ -262,28 +492,28 @@ def federated_clients(datasets: Sequence[tuple] | None = None, *, num_clients: i
         hosts = [remote_host.remote(threads_per_actor) for _ in range(n_actors)]
     else:
         hosts, n_actors = list(actors), len(actors)
-    ids = [f"{prefix}{i}" for i in range(n)]
-    directory = {cid: hosts[i % n_actors] for i, cid in enumerate(ids)}
-    ray.get([h.set_directory.remote(directory) for h in hosts])  # (replaces an earlier call's)
-    calls = []  # (client indices, future)
+    ray.get([h.add_layout.remote(prefix, n, hosts) for h in hosts])
+    calls = []  # (first position in the actor's share, future)
     for a, host in enumerate(hosts):
-        mine = list(range(a, n, n_actors))
+        mine = range(a, n, n_actors)
         for start in range(0, len(mine), batch):
-            chunk = mine[start:start + batch]
+            chunk = list(mine[start:start + batch])
             part = [datasets[i] for i in chunk] if datasets is not None else None
-            calls.append((chunk, host.add_clients.remote([ids[i] for i in chunk], part, make_dataset, chunk,
-                                                        tuple(tags), dp)))
-    workers: list = [None] * n
-    data: list = [None] * n
-    targets: list = [None] * n
-    owner = hook.local_worker
+            calls.append((chunk, host.add_clients.remote([f"{prefix}{i}" for i in chunk], part, make_dataset,
+                                                        chunk, tuple(tags), dp)))
+    data_ids, target_ids, rows = array("Q", bytes(8 * n)), array("Q", bytes(8 * n)), array("q", bytes(8 * n))
+    example, odd = None, {}
     for chunk, future in calls:
-        for i, (xid, xs, xd, yid, ys, yd) in zip(chunk, ray.get(future)):
-            w = RayClientWorker(hook, ids[i], directory[ids[i]])
-            workers[i] = w
-            data[i] = PointerTensor(w, xid, owner, xs, _dtype(xd), garbage_collect_data=False)
-            targets[i] = PointerTensor(w, yid, owner, ys, _dtype(yd), garbage_collect_data=False)
-    return RayClients(workers, data, targets, hosts, owns)
+        got = ray.get(future)
+        for k, i in enumerate(chunk):
+            data_ids[i], target_ids[i], rows[i] = got["data_ids"][k], got["target_ids"][k], got["rows"][k]
+        example = example or got["example"]
+        for k, i in enumerate(chunk):  # shapes unlike the first client's are kept per client
+            meta = got["odd"].get(k, got["example"])
+            if meta != example:
+                odd[i] = meta
+    return RayClients(hook, prefix, hosts, owns, data_ids, target_ids, rows, example, odd,
+                      clients_per_call=clients_per_call, calls_in_flight=calls_in_flight, timeout=timeout)
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -5,11 +5,18 @@ message), run ``local_epochs`` of the training plan over the client's data (1
 message), then either fetch the new weights (1 message) or take part in secure
 aggregation. A client that fails is dropped from the round with a warning; the
 round goes on while at least ``min_workers`` clients succeed.
+
+Two ways to reach the clients, same messages and results: one client at a time
+through its worker handle (any ``FederatedDataset``: virtual, network or Ray
+workers), or, when the dataset is a client pool's (``sy.ray.federated_clients(...)
+.federated_dataset()``), many clients per transport call with a bounded number
+in flight, aggregating as they report (``veil/federated/pooled.py``).
 """
 
 from __future__ import annotations
 
 import secrets
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -20,7 +27,9 @@ from torch import nn
 from tqdm import tqdm
 
 from veil.exceptions import VeilError
-from veil.federated import secure_agg
+from veil.federated import pooled, secure_agg
+from veil.federated.client_pool import ClientIds
+from veil.federated.pooled import client_seed
 from veil.federated.dataset import FederatedDataset
 from veil.federated.strategies import ClientUpdate, FedAvg, Strategy
 from veil.plans import training_plan
@@ -34,6 +43,8 @@ class RoundRecord:
     train_loss: float
     eval_loss: float | None = None
     dropped: list = field(default_factory=list)
+    errors: dict = field(default_factory=dict)  # dropped client -> why
+    seconds: float = 0.0  # from the round's start to the new global state (evaluation excluded)
 
 
 @dataclass
@@ -104,7 +115,8 @@ def train(
         eval_data: ``(x, y)`` evaluated locally with ``loss_fn`` after each round.
         steps_per_round: at most this many local batches per client and round
             (partial-epoch rounds: more frequent averaging for the same data budget).
-        seed: makes the clients' shuffling reproducible (tests, benchmarks).
+        seed: makes the clients' shuffling reproducible (tests, benchmarks): client k of
+            the dataset shuffles with ``client_seed(seed, round, k)`` on either dispatch path.
         encrypted_aggregation: a ``federated.he_agg.EncryptedAggregation``: clients
             encrypt their updates under the coordinator's key, one client adds the
             ciphertexts, the coordinator decrypts only the sum.
@@ -117,32 +129,87 @@ def train(
         raise ValueError("choose secure_aggregation or encrypted_aggregation, not both")
     strategy = strategy or FedAvg()
     history = TrainingHistory()
-    plans: dict[str, Any] = {}
     prox_mu = strategy.client_config(0).get("prox_mu", 0.0)
-    first = next(iter(federated_dataset.datasets.values()))
-    args_shape = [(-1, *first.data.shape[1:]), (-1, *first.targets.shape[1:])]
-    plan = training_plan(model, loss_fn, lr, args_shape=args_shape,
-                         args_dtype=[first.data.dtype, first.targets.dtype], prox_mu=prox_mu)
+    pool = getattr(federated_dataset, "client_pool", None)
+    if pool is not None:
+        if not len(pool):
+            raise ValueError("the client pool has no clients")
+        x_tail, x_dtype, y_tail, y_dtype = pool.example()
+    else:
+        first = next(iter(federated_dataset.datasets.values()))
+        x_tail, x_dtype = tuple(first.data.shape[1:]), first.data.dtype
+        y_tail, y_dtype = tuple(first.targets.shape[1:]), first.targets.dtype
+    plan = training_plan(model, loss_fn, lr, args_shape=[(-1, *x_tail), (-1, *y_tail)],
+                         args_dtype=[x_dtype, y_dtype], prox_mu=prox_mu)
     global_state = [t.detach().clone() for t in plan.state_tensors()]
     trainable = _trainable(model)
+    options = dict(batch_size=batch_size, local_epochs=local_epochs, steps_per_round=steps_per_round, seed=seed,
+                   prox_mu=prox_mu, trainable=trainable, secure_aggregation=secure_aggregation,
+                   encrypted_aggregation=encrypted_aggregation, client_metrics=client_metrics)
+    if pool is not None:
+        runner: Any = pooled.PooledTraining(pool, plan, pool_owner(pool), **options)
+    else:
+        runner = _Sequential(federated_dataset, plan, **options)
     bar = tqdm(range(1, rounds + 1), desc=f"{strategy.name} rounds", unit="round", disable=not progress)
-    for r in bar:
+    try:
+        for r in bar:
+            start = time.perf_counter()
+            if pool is not None:
+                global_state, record = _pooled_round(runner, r, global_state, strategy, min_workers)
+            else:
+                global_state, record = runner.round(r, global_state, strategy, min_workers)
+            record.seconds = time.perf_counter() - start
+            record.eval_loss = _evaluate(model, global_state, eval_data, loss_fn)
+            history.rounds.append(record)
+            bar.set_postfix(train=f"{record.train_loss:.3f}",
+                            eval=f"{record.eval_loss:.3f}" if record.eval_loss is not None else "-")
+    finally:
+        if pool is not None:
+            runner.clean_up()
+    _load(model, global_state)
+    return history
+
+
+def pool_owner(pool: Any) -> Any:
+    """The coordinator's worker that sends a pool's requests (the one owning its pointers)."""
+    hook = getattr(pool, "hook", None)
+    if hook is None:
+        from veil.workers.registry import default_hook_context
+
+        hook = default_hook_context()
+    return hook.local_worker
+
+
+class _Sequential:
+    """One client at a time through its worker handle (plan pointers kept between rounds)."""
+
+    def __init__(self, federated_dataset: FederatedDataset, plan: Any, *, batch_size: int, local_epochs: int,
+                 steps_per_round: int | None, seed: int | None, prox_mu: float, trainable: list[bool],
+                 secure_aggregation: bool, encrypted_aggregation: Any, client_metrics: bool) -> None:
+        self.federated_dataset, self.plan = federated_dataset, plan
+        self.batch_size, self.local_epochs, self.steps_per_round, self.seed = \
+            batch_size, local_epochs, steps_per_round, seed
+        self.prox_mu, self.trainable = prox_mu, trainable
+        self.secure, self.encrypted, self.client_metrics = secure_aggregation, encrypted_aggregation, client_metrics
+        self.plans: dict[str, Any] = {}
+
+    def round(self, r: int, global_state: list, strategy: Strategy, min_workers: int) -> tuple[list, RoundRecord]:
         updates: list[ClientUpdate] = []
         done: dict[str, Any] = {}
         loss_ptrs: dict[str, Any] = {}
         dropped: list[str] = []
-        extra = [g for g, tr in zip(global_state, trainable) if tr] if prox_mu else []
-        for wid, ds in federated_dataset.datasets.items():
+        errors: dict[str, str] = {}
+        hidden = self.secure or self.encrypted is not None
+        extra = [g for g, tr in zip(global_state, self.trainable) if tr] if self.prox_mu else []
+        for k, (wid, ds) in enumerate(self.federated_dataset.datasets.items()):
             try:
-                if wid not in plans:
-                    plans[wid] = plan.send(ds.location)
-                pp = plans[wid]
+                if wid not in self.plans:
+                    self.plans[wid] = self.plan.send(ds.location)
+                pp = self.plans[wid]
                 pp.load_state(global_state)
-                client_seed = None if seed is None else seed * 1_000_003 + r * 1009 + len(updates)
-                losses = pp.fit(ds.data, ds.targets, batch_size=batch_size, epochs=local_epochs, extra=extra,
-                                max_batches=steps_per_round, seed=client_seed)
-                hidden = secure_aggregation or encrypted_aggregation is not None
-                if hidden and not client_metrics:
+                losses = pp.fit(ds.data, ds.targets, batch_size=self.batch_size, epochs=self.local_epochs,
+                                extra=extra, max_batches=self.steps_per_round, seed=client_seed(self.seed, r, k))
+                if hidden and not self.client_metrics:
                     # A client's own loss is not sent in the clear; secure aggregation sums it masked.
                     mean_loss, loss_ptrs[wid] = float("nan"), losses
                 else:
@@ -151,18 +218,19 @@ def train(
                 updates.append(ClientUpdate(wid, state, len(ds), mean_loss))
                 done[wid] = pp
             except (VeilError, ConnectionError, OSError) as e:
-                warnings.warn(f"round {r}: worker {wid!r} dropped out ({type(e).__name__}: {e})", stacklevel=2)
-                plans.pop(wid, None)
+                warnings.warn(f"round {r}: worker {wid!r} dropped out ({type(e).__name__}: {e})", stacklevel=3)
+                self.plans.pop(wid, None)
                 dropped.append(wid)
+                errors[wid] = f"{type(e).__name__}: {e}"
         secure_loss = None
-        if secure_aggregation and updates:
-            updates, global_candidate, secure_loss = _secure_round(updates, done, loss_ptrs, dropped, r)
-        elif encrypted_aggregation is not None and updates:
-            total = sum(u.num_samples for u in updates)
-            global_candidate = encrypted_aggregation.aggregate(
-                {u.worker_id: done[u.worker_id].state for u in updates},
-                {u.worker_id: u.num_samples / total for u in updates},
-            )
+        if self.secure and updates:
+            inputs = {u.worker_id: secure_agg.ClientInput(done[u.worker_id].state[0].location, done[u.worker_id].state,
+                                                          float(u.num_samples), loss_ptrs.get(u.worker_id))
+                      for u in updates}
+            updates, global_candidate, secure_loss = _secure_round(updates, inputs, dropped, r)
+        elif self.encrypted is not None and updates:
+            global_candidate = _encrypted_round(self.encrypted, updates,
+                                                {u.worker_id: done[u.worker_id].state for u in updates})
         else:
             global_candidate = None
         if len(updates) < min_workers:
@@ -174,34 +242,65 @@ def train(
         total = sum(u.num_samples for u in updates)
         train_loss = secure_loss if secure_loss is not None else \
             sum(u.mean_loss * u.num_samples for u in updates) / total
-        eval_loss = _evaluate(model, global_state, eval_data, loss_fn)
-        history.rounds.append(RoundRecord(r, [u.worker_id for u in updates], train_loss, eval_loss, dropped))
-        bar.set_postfix(train=f"{train_loss:.3f}", eval=f"{eval_loss:.3f}" if eval_loss is not None else "-")
-    _load(model, global_state)
-    return history
+        return global_state, RoundRecord(r, [u.worker_id for u in updates], train_loss, None, dropped, errors)
 
 
-def _secure_round(updates: list[ClientUpdate], done: dict, loss_ptrs: dict, dropped: list,
+def _pooled_round(runner: "pooled.PooledTraining", r: int, global_state: list, strategy: Strategy,
+                  min_workers: int) -> tuple[list, RoundRecord]:
+    """A round over a client pool: batched training, then FedAvg/FedProx as the updates arrive, or the
+    secure/encrypted aggregation protocol over the clients that trained."""
+    pool = runner.pool
+    out = runner.train_round(r, global_state, strategy)
+    dropped = [pool.client_id(i) for i in sorted(out["dropped"])]  # (dataset order, not completion order)
+    errors = {pool.client_id(i): out["dropped"][i] for i in sorted(out["dropped"])}
+    if out["finished"] < min_workers:
+        raise RuntimeError(f"round {r}: only {out['finished']} workers finished, {min_workers} required")
+    if not runner.hidden:
+        global_state = out["aggregator"].result()
+        return global_state, RoundRecord(r, ClientIds(pool, out["dropped"]), out["loss_sum"] / out["samples"], None,
+                                         dropped, errors)
+    updates = [ClientUpdate(pool.client_id(i), None, pool.num_samples(i), out["means"][i]) for i in out["ok"]]
+    held = runner.hidden_inputs(out["ok"])
+    secure_loss = None
+    if runner.secure:
+        inputs = {wid: secure_agg.ClientInput(worker, state, float(n), losses)
+                  for wid, (worker, state, n, losses) in held.items()}
+        updates, candidate, secure_loss = _secure_round(updates, inputs, dropped, r)
+    else:
+        candidate = _encrypted_round(runner.encrypted, updates, {wid: h[1] for wid, h in held.items()})
+    if len(updates) < min_workers:
+        raise RuntimeError(f"round {r}: only {len(updates)} workers finished, {min_workers} required")
+    global_state = strategy.apply_secure(candidate, global_state, len(updates))
+    total = sum(u.num_samples for u in updates)
+    train_loss = secure_loss if secure_loss is not None else sum(u.mean_loss * u.num_samples for u in updates) / total
+    survivors = [u.worker_id for u in updates]
+    return global_state, RoundRecord(r, survivors, train_loss, None, dropped, errors)
+
+
+def _encrypted_round(encrypted_aggregation: Any, updates: list[ClientUpdate], states: dict) -> list:
+    total = sum(u.num_samples for u in updates)
+    return encrypted_aggregation.aggregate({u.worker_id: states[u.worker_id] for u in updates},
+                                           {u.worker_id: u.num_samples / total for u in updates})
+
+
+def _secure_round(updates: list[ClientUpdate], inputs: dict, dropped: list,
                   r: int) -> tuple[list, list, float | None]:
     """Secure sum of n_k * state_k, n_k and n_k * loss_k (Bonawitz et al. 2017, with dropout recovery).
 
     Clients that die at any protocol stage are dropped; the survivors'
     weighted average is recovered without any state leaving a client in the clear.
     """
-    inputs = {u.worker_id: secure_agg.ClientInput(done[u.worker_id].state[0].location, done[u.worker_id].state,
-                                                  float(u.num_samples), loss_ptrs.get(u.worker_id))
-              for u in updates}
     try:
         result = secure_agg.secure_aggregate(inputs, secrets.randbits(62))
     except secure_agg.SecureAggregationError as e:
-        warnings.warn(f"round {r}: secure aggregation failed ({e})", stacklevel=3)
+        warnings.warn(f"round {r}: secure aggregation failed ({e})", stacklevel=4)
         dropped.extend(u.worker_id for u in updates)
         return [], [], None
     if result.dropped:
         dropped.extend(result.dropped)
-        warnings.warn(f"round {r}: secure aggregation completed without {result.dropped}", stacklevel=3)
+        warnings.warn(f"round {r}: secure aggregation completed without {result.dropped}", stacklevel=4)
     survivors = [u for u in updates if u.worker_id in result.survivors]
-    mean_loss = result.mean_loss if all(u.worker_id in loss_ptrs for u in survivors) else None
+    mean_loss = result.mean_loss if all(inputs[u.worker_id].losses is not None for u in survivors) else None
     return survivors, result.average(), mean_loss
 
 

@@ -1,8 +1,15 @@
 """Federated strategies, by name."""
 
-from veil.federated.strategies.base import ClientUpdate, Strategy, server_step, weighted_average
+from veil.federated.strategies.base import (
+    Aggregator,
+    ClientUpdate,
+    RunningWeightedSum,
+    Strategy,
+    server_step,
+    weighted_average,
+)
 from veil.federated.strategies.fedavg import FedAvg, FedProx
 
 STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg, "fedprox": FedProx}
 
-__all__ = ["STRATEGIES", "ClientUpdate", "FedAvg", "FedProx", "Strategy", "server_step", "weighted_average"]
+__all__ = ["STRATEGIES", "Aggregator", "ClientUpdate", "RunningWeightedSum", "FedAvg", "FedProx", "Strategy", "server_step", "weighted_average"]

@@ -37,8 +37,56 @@ def weighted_average(states: list[list[torch.Tensor]], weights: list[float]) -> 
     return out
 
 
+class RunningWeightedSum:
+    """sum_k w_k * state_k in float64, one state at a time: FedAvg over any number of clients in the
+    memory of one model (``weighted_average`` needs every state at once)."""
+
+    def __init__(self) -> None:
+        self.sums: list[torch.Tensor] | None = None
+        self.dtypes: list[torch.dtype] = []
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, state: list[torch.Tensor], weight: float) -> None:
+        if weight < 0:
+            raise ValueError("weights must be non-negative")
+        if self.sums is None:
+            self.sums = [torch.zeros_like(t, dtype=torch.float64) for t in state]
+            self.dtypes = [t.dtype for t in state]
+        elif len(state) != len(self.sums) or any(t.shape != s.shape for t, s in zip(state, self.sums)):
+            raise ValueError("clients returned states of different shapes")
+        for s, t in zip(self.sums, state):
+            s.add_(t.to(torch.float64), alpha=float(weight))
+        self.total += float(weight)
+        self.count += 1
+
+    def average(self) -> list[torch.Tensor]:
+        if self.sums is None or self.total <= 0:
+            raise ValueError("nothing to aggregate (no state with a positive weight)")
+        return [(s / self.total).to(dt) for s, dt in zip(self.sums, self.dtypes)]
+
+
+class Aggregator:
+    """Takes a round's client updates one at a time; ``result()`` is the new global state.
+
+    This default collects the updates and calls ``strategy.aggregate`` (any strategy works);
+    strategies whose aggregation is a running sum override ``Strategy.aggregator`` so that
+    the coordinator's memory does not grow with the number of clients.
+    """
+
+    def __init__(self, strategy: "Strategy", global_state: list[torch.Tensor]) -> None:
+        self.strategy, self.global_state = strategy, global_state
+        self.updates: list[ClientUpdate] = []
+
+    def add(self, update: ClientUpdate) -> None:
+        self.updates.append(update)
+
+    def result(self) -> list[torch.Tensor]:
+        return self.strategy.aggregate(self.updates, self.global_state)
+
+
 class Strategy:
-    """Base strategy: override ``client_config`` and/or ``aggregate``."""
+    """Base strategy: override ``client_config`` and/or ``aggregate`` (and ``aggregator`` to stream)."""
 
     name = "base"
 
@@ -47,6 +95,11 @@ class Strategy:
 
     def aggregate(self, updates: list[ClientUpdate], global_state: list[torch.Tensor]) -> list[torch.Tensor]:
         raise NotImplementedError
+
+    def aggregator(self, global_state: list[torch.Tensor]) -> Aggregator:
+        """What collects a round's updates when clients are dispatched in batches (``fl.train`` over a
+        client pool): by default all updates, then :meth:`aggregate`."""
+        return Aggregator(self, global_state)
 
     def apply_secure(self, average: list[torch.Tensor], global_state: list[torch.Tensor], n_clients: int) -> list:
         """New global state from the clients' weighted average (all secure aggregation reveals)."""

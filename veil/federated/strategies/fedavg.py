@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from veil.federated.strategies.base import ClientUpdate, Strategy, server_step, weighted_average
+from veil.federated.strategies.base import (
+    Aggregator,
+    ClientUpdate,
+    RunningWeightedSum,
+    Strategy,
+    server_step,
+    weighted_average,
+)
 
 
 class FedAvg(Strategy):
@@ -34,6 +41,25 @@ class FedAvg(Strategy):
 
     def apply_secure(self, average: list[torch.Tensor], global_state: list[torch.Tensor], n_clients: int) -> list:
         return server_step(average, global_state, self._lr(n_clients))
+
+    def aggregator(self, global_state: list[torch.Tensor]) -> Aggregator:
+        if type(self).aggregate is not FedAvg.aggregate:  # a subclass's own aggregate sees every update
+            return super().aggregator(global_state)
+        return _StreamingFedAvg(self, global_state)
+
+
+class _StreamingFedAvg(Aggregator):
+    """FedAvg as a running weighted sum: constant memory however many clients report."""
+
+    def __init__(self, strategy: FedAvg, global_state: list[torch.Tensor]) -> None:
+        super().__init__(strategy, global_state)
+        self.sum = RunningWeightedSum()
+
+    def add(self, update: ClientUpdate) -> None:
+        self.sum.add(update.state, update.num_samples)
+
+    def result(self) -> list[torch.Tensor]:
+        return server_step(self.sum.average(), self.global_state, self.strategy._lr(self.sum.count))
 
 
 class FedProx(FedAvg):
