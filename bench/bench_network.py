@@ -8,7 +8,11 @@ the transport baseline), then reports, each against its baseline *in the same ru
 3. the Boston Housing pointer training loop over the network worker (MLP 13-32-24-1,
    batch 8, SGD lr 0.001, 10 epochs) vs pure PyTorch.
 
-Usage: ``.venv/bin/python bench/bench_network.py [--epochs 10] [--mb 100]``
+4. (``--stages``) where the time of one remote op and of one bulk transfer goes,
+   stage by stage, next to a raw websockets echo of the same frame and a veil
+   server whose request handler only echoes (the server's own request path).
+
+Usage: ``.venv/bin/python bench/bench_network.py [--epochs 10] [--mb 100] [--stages] [--only-stages]``
 """
 
 from __future__ import annotations
@@ -95,6 +99,165 @@ def bench_throughput(net: sy.WebsocketClientWorker, mb: int) -> None:
     print(f"   ratio: send {(size / t_send) / echo_rate:.2f}, get {(size / t_get) / echo_rate:.2f} of raw websockets")
 
 
+def _null_server_code(port: int) -> str:
+    """A real WebsocketServerWorker (auth, fair turn, cancellation, executor) whose handler echoes."""
+    return (
+        "import torch, veil as sy\n"
+        "from veil.workers.websocket_server import WebsocketServerWorker\n"
+        "torch.set_num_threads(1)\n"
+        "tokens = sy.TokenTable(); tokens.add(%r, 'bench')\n"
+        "w = WebsocketServerWorker(sy.TorchHook(torch), id='null', port=%d, tokens=tokens, max_message=2**30)\n"
+        "w._recv_msg = lambda data: data\n"
+        "w.serve_forever(on_ready=lambda _: print('ready', flush=True))\n"
+    ) % (TOKEN, port)
+
+
+def _spawn(code: str):
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    proc.stdout.readline()
+    return proc
+
+
+def _echo_round_trip(url: str, headers: dict, frame: bytes, number: int) -> float:
+    conn = BlockingConnection(url, headers, max_size=2**30)
+    try:
+        def once():
+            conn.send(frame)
+            conn.recv(60)
+        return _best_of(once, number=number)
+    finally:
+        conn.close()
+
+
+def _capture(worker):
+    """Wraps ``worker._recv_msg`` to keep the last request and reply bytes."""
+    seen = {}
+    inner = worker._recv_msg
+
+    def recv(data):
+        seen["request"] = data
+        seen["reply"] = reply = inner(data)
+        return reply
+    worker._recv_msg = recv
+    return seen, lambda: worker.__dict__.pop("_recv_msg", None)
+
+
+def bench_stages(net: sy.WebsocketClientWorker, virtual: sy.VirtualWorker, mb: int) -> None:
+    """Per-stage cost of a small remote op and of a bulk transfer (same run, same frames)."""
+    from veil.messaging.serde import deserialize, serialize
+
+    me = net.hook.local_worker
+    a = torch.randn(8, 13)
+    pn, pv = a.send(net), a.send(virtual)
+    seen, undo = _capture(net)
+    pn + pn
+    undo()
+    request, reply = seen["request"], seen["reply"]
+    vseen, vundo = _capture(virtual)
+    pv + pv
+    vundo()
+    msg, sender, prelude = deserialize(vseen["request"], virtual._decode_ctx)
+    n = 2000
+    t_total = _best_of(lambda: pn + pn, number=n // 2)
+    t_ser = _best_of(lambda: serialize(msg, sender=me.id, prelude=prelude), number=n)
+    t_dec = _best_of(lambda: deserialize(vseen["request"], virtual._decode_ctx), number=n)
+    from veil.ids import new_id
+
+    def handle():  # a fresh result id each time (ids are single-use); the objects are freed below
+        msg.return_ids = [new_id()]
+        virtual._handle(msg, sender)
+    t_handle = _best_of(handle, number=n)
+    virtual.clear_objects()
+    pv = a.send(virtual)
+    t_exec = _best_of(lambda: a + a, number=n)
+    rmsg = deserialize(vseen["reply"], me._decode_ctx)[0]
+    t_enc = _best_of(lambda: serialize(rmsg, sender=virtual.id), number=n)
+    t_cdec = _best_of(lambda: deserialize(reply, me._decode_ctx), number=n)
+    t_virtual = _best_of(lambda: pv + pv, number=n // 2)
+    port = free_port()
+    echo = _spawn(_echo_server_code(port))
+    try:
+        t_echo = _echo_round_trip(f"ws://127.0.0.1:{port}", {}, request, n // 2)
+    finally:
+        echo.kill()
+        echo.wait()
+    port = free_port()
+    null = _spawn(_null_server_code(port))
+    try:
+        from veil.workers.websocket_auth import handshake_headers
+        t_null = _echo_round_trip(f"ws://127.0.0.1:{port}", handshake_headers(TOKEN, ()), request, n // 2)
+    finally:
+        null.kill()
+        null.wait()
+    serde = t_ser + t_dec + t_enc + t_cdec
+    rest = t_total - t_null - serde - t_handle  # t_null includes t_echo
+    print(f"4. stages of one remote op (8x13 add; request {len(request)} B, reply {len(reply)} B; best of 5 x {n})")
+    rows = [
+        ("client serialize (request)", t_ser),
+        ("send + server receive + reply (raw websockets echo of the request frame)", t_echo),
+        ("server request path beyond raw echo (auth'd session, thread hop, fair turn, token)", t_null - t_echo),
+        ("server decode", t_dec),
+        ("dispatch incl. monitor (handler minus execute)", t_handle - t_exec),
+        ("execute (plain torch add)", t_exec),
+        ("server encode (reply)", t_enc),
+        ("client decode (reply)", t_cdec),
+        ("unaccounted (client pointer bookkeeping, cache effects)", rest),
+    ]
+    for name, v in rows:
+        print(f"   {name:<84} {v * 1e6:8.1f} us")
+    print(f"   {'total: network worker round trip':<84} {t_total * 1e6:8.1f} us   "
+          f"{t_total / t_echo:.2f}x raw echo (target <= 1.5x)")
+    print(f"   {'(VirtualWorker round trip, same op)':<84} {t_virtual * 1e6:8.1f} us")
+
+    # bulk: the same stages for a send and a get of `mb` MB
+    x = torch.randn(mb * 2**20 // 4)
+    size = x.numel() * 4 / 1e6
+    seen, undo = _capture(net)
+    p = x.send(net)
+    send_req = seen["request"]
+    p.get()
+    get_reply = seen["reply"]
+    undo()
+    smsg, ssender, sprelude = deserialize(send_req, virtual._decode_ctx)
+    gmsg = deserialize(get_reply, me._decode_ctx)[0]
+
+    def best(fn, k=3):
+        out = float("inf")
+        for _ in range(k):
+            t = time.perf_counter()
+            fn()
+            out = min(out, time.perf_counter() - t)
+        return out
+    b_ser = best(lambda: serialize(smsg, sender=me.id, prelude=sprelude))
+    b_dec = best(lambda: deserialize(send_req, virtual._decode_ctx))
+    b_enc = best(lambda: serialize(gmsg, sender=net.id))
+    b_cdec = best(lambda: deserialize(get_reply, me._decode_ctx))
+    t_send = best(lambda: x.send(net), 2)
+    p = x.send(net)
+    t_get = best(lambda: p.get(), 1)
+    port = free_port()
+    echo = _spawn(_echo_server_code(port))
+    try:
+        conn = BlockingConnection(f"ws://127.0.0.1:{port}", {}, max_size=2**30)
+        t_echo_bulk = best(lambda: (conn.send(send_req), conn.recv(60)), 2) / 2
+        conn.close()
+    finally:
+        echo.kill()
+        echo.wait()
+    print(f"5. stages of a {size:.0f} MB transfer (best of 2-3; one direction of a raw echo = half its round trip)")
+    for name, v in [
+        (".send(): client serialize", b_ser), (".send(): server decode", b_dec),
+        (".get(): server encode (reply)", b_enc), (".get(): client decode", b_cdec),
+        ("raw websockets, one direction of the same frame", t_echo_bulk),
+    ]:
+        print(f"   {name:<60} {v * 1e3:8.1f} ms  ({size / v:7.0f} MB/s)")
+    print(f"   {'.send() total':<60} {t_send * 1e3:8.1f} ms  ({size / t_send:7.0f} MB/s, "
+          f"{t_echo_bulk / t_send:.2f} of raw; target >= 0.8)")
+    print(f"   {'.get() total':<60} {t_get * 1e3:8.1f} ms  ({size / t_get:7.0f} MB/s, "
+          f"{t_echo_bulk / t_get:.2f} of raw; target >= 0.8)")
+
+
 def train_network(worker, x, y, epochs, batch):
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.001)
@@ -138,6 +301,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--mb", type=int, default=100)
+    parser.add_argument("--stages", action="store_true", help="also break one op and one transfer into stages")
+    parser.add_argument("--only-stages", action="store_true", help="only the stage breakdown")
     args = parser.parse_args()
     torch.set_num_threads(1)
     wp = start_worker("bench_alice", ["--token", TOKEN, "--max-message-mb", str(4 * args.mb)],
@@ -147,9 +312,14 @@ def main() -> None:
         net = sy.WebsocketClientWorker(hook, id="bench_alice", host="127.0.0.1", port=wp.port, token=TOKEN)
         virtual = sy.VirtualWorker(hook, id="bench_virtual")
         print(f"network worker: {net.url} (separate process, loopback); torch threads: 1 per process")
-        bench_latency(net, virtual)
-        bench_throughput(net, args.mb)
-        bench_training(net, args.epochs, args.batch)
+        if args.only_stages:
+            bench_stages(net, virtual, args.mb)
+        else:
+            bench_latency(net, virtual)
+            bench_throughput(net, args.mb)
+            bench_training(net, args.epochs, args.batch)
+            if args.stages:
+                bench_stages(net, virtual, args.mb)
         net.close()
     finally:
         wp.stop()
