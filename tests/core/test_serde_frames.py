@@ -66,6 +66,21 @@ def test_parameters_keep_requires_grad_and_computed_results_arrive_as_data():
     assert not back[1].requires_grad and torch.equal(back[1], y.detach())
 
 
+def test_sent_objects_travel_out_of_band():
+    t = torch.randn(5, 3)
+    msg = m.ObjectMessage([m.StoredObject(7, t, ("#a",), "d", ("bob",)), m.StoredObject(8, (t,), (), "", None)])
+    data = serialize(msg, sender="c")
+    assert data[:1] == FRAME_MAGIC and len(data) < 5 * 3 * 4 + 200  # the bytes once, not in band as well
+    back = deserialize(data)[0].objects
+    assert back[0].id == 7 and back[0].tags == ("#a",) and back[0].allowed_users == ("bob",)
+    assert torch.equal(back[0].obj, t) and torch.equal(back[1].obj[0], t)
+    # a StoredObject that is not among the message's own fields does not open out-of-band decoding
+    inner = msgpack.ExtType(EXT_CODES.STORED_OBJECT, msgpack.packb([1, _oob("float32", [1], 4), [], "", None]))
+    with pytest.raises(SerializationError, match="outside a framed message"):
+        deserialize(_frame(_reply([msgpack.ExtType(EXT_CODES.TUPLE, msgpack.packb([inner]))]), bytes(4)))
+    assert deserialize(_frame(_reply([inner]), bytes(4)))[0].objects[0].obj.shape == (1,)
+
+
 def test_messages_without_top_level_tensors_are_plain_msgpack():
     data = serialize(m.ObjectsReply([1, "x", (torch.ones(2),)]))  # the tensor is inside a tuple ext payload
     assert data[:1] != FRAME_MAGIC

@@ -10,7 +10,8 @@ dtypes come from a fixed table, shapes and byte lengths are checked before any
 allocation, and every failure becomes a :class:`SerializationError`.
 
 Tensor payloads of a message travel *out of band*: when a message holds tensors
-at its top level (fields, and lists/maps in them), :func:`serialize` writes
+at its top level (fields, lists/maps in them, and the object of a StoredObject
+there: ``.send()``), :func:`serialize` writes
 ``0xC1 | u32 header length | msgpack header | raw tensor bytes ...``, where each
 tensor in the header is a small ``TENSOR_OOB`` ext ``[dtype, shape,
 requires_grad, byte length]`` and its bytes follow the header in order. That is
@@ -257,10 +258,10 @@ _oob = threading.local()  # the out-of-band buffers of the message being encoded
 
 
 def _default(obj: Any) -> msgpack.ExtType:
-    buffers = getattr(_oob, "out", None)
-    if buffers is not None and _pack_depth.level == 1 and isinstance(obj, torch.Tensor) and type(obj) in _OOB_TENSOR_TYPES:
+    out = getattr(_oob, "out", None)
+    if out is not None and type(obj) in _OOB_TENSOR_TYPES and _pack_depth.level in out.levels:
         head, raw = _tensor_raw(obj)
-        buffers.append(raw)
+        out.buffers.append(raw)
         return msgpack.ExtType(EXT_CODES.TENSOR_OOB, msgpack.packb([*head, raw.nbytes]))
     encoder = _ENCODERS.get(type(obj))
     if encoder is None:
@@ -286,18 +287,35 @@ def _ext_hook(code: int, data: bytes, ctx: DecodeContext) -> Any:
     return decoder(data, ctx)
 
 
-class _RawRegion:
-    """The raw tensor bytes after a framed message's header, handed out in order."""
+class _OutOfBand:
+    """Encoding: the tensor views of the frame so far. Decoding: the raw region after the header,
+    handed out in order. ``levels``: the ext nesting levels whose tensors travel out of band (the
+    message's own fields, and the payload of a StoredObject among them, see :func:`_oob_inside`)."""
 
-    __slots__ = ("view", "at")
+    __slots__ = ("buffers", "view", "at", "levels")
 
-    def __init__(self, view: memoryview) -> None:
-        self.view, self.at = view, 0
+    def __init__(self, view: memoryview | None = None) -> None:
+        self.buffers: list[memoryview] = []
+        self.view, self.at, self.levels = view, 0, {1}
+
+
+def _oob_inside(state: "_OutOfBand | None", level: int, run: Callable[[], Any]) -> Any:
+    """Runs a nested pack/unpack whose tensors travel out of band too (only serde's own pure encoders:
+    their payload bytes exist only inside this frame, never cached or stored apart from it)."""
+    inner = level + 1
+    opened = state is not None and level in state.levels and inner not in state.levels
+    if opened:
+        state.levels.add(inner)
+    try:
+        return run()
+    finally:
+        if opened:
+            state.levels.discard(inner)
 
 
 def _take_oob_tensor(data: bytes) -> torch.Tensor:
     region = getattr(_oob, "region", None)
-    if region is None or _depth.level != 1:  # only a framed message's own fields, never nested payloads
+    if region is None or _depth.level not in region.levels:  # a frame's own fields only, not other payloads
         raise SerializationError("out-of-band tensor outside a framed message")
     head = msgpack.unpackb(data, raw=False)
     if not isinstance(head, list) or len(head) != 4 or type(head[3]) is not int:
@@ -359,7 +377,8 @@ def _decode_descriptor(data: bytes, ctx: DecodeContext) -> Descriptor:
 
 
 def _decode_stored(data: bytes, ctx: DecodeContext) -> StoredObject:
-    oid, obj, tags, desc, allowed = _list_payload(data, ctx, 5)
+    oid, obj, tags, desc, allowed = _oob_inside(getattr(_oob, "region", None), _depth.level,
+                                                lambda: _list_payload(data, ctx, 5))
     if type(oid) is not int or not isinstance(tags, list) or not isinstance(desc, str):
         raise SerializationError("malformed stored object")
     if allowed is not None and not (isinstance(allowed, list) and all(isinstance(u, str) for u in allowed)):
@@ -385,9 +404,9 @@ register_ext(
 register_ext(
     EXT_CODES.STORED_OBJECT,
     (StoredObject,),
-    lambda s: _pack(
+    lambda s: _oob_inside(getattr(_oob, "out", None), _pack_depth.level, lambda: _pack(
         [s.id, s.obj, list(s.tags), s.description, None if s.allowed_users is None else list(s.allowed_users)]
-    ),
+    )),
     _decode_stored,
 )
 #: tensors that travel out of band (other subclasses, e.g. pointers, keep their registered encoders)
@@ -408,10 +427,10 @@ def serialize(msg: Any, sender: str = "", prelude: list | None = None) -> bytes:
     try:
         # Top-level tuples (command args) travel as plain arrays; handlers accept both.
         values = [v if type(v) is not tuple else list(v) for v in (getattr(msg, n) for n in names)]
-        previous, _oob.out = getattr(_oob, "out", None), []
+        previous, _oob.out = getattr(_oob, "out", None), _OutOfBand()
         try:
             header = _pack([WIRE_VERSION, cls.TYPE, sender, prelude or [], *values])
-            buffers = _oob.out
+            buffers = _oob.out.buffers
         finally:
             _oob.out = previous
     except SerializationError:
@@ -451,7 +470,7 @@ def deserialize(data: bytes, ctx: DecodeContext | None = None) -> tuple[Any, str
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise SerializationError(f"expected bytes, got {type(data).__name__}")
     header, raw = _split_frame(data)
-    previous, _oob.region = getattr(_oob, "region", None), (_RawRegion(raw) if raw is not None else None)
+    previous, _oob.region = getattr(_oob, "region", None), (_OutOfBand(raw) if raw is not None else None)
     try:
         value = _unpack(header, ctx or _CTX_SENTINEL)
         if raw is not None and _oob.region.at != raw.nbytes:

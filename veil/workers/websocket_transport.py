@@ -11,6 +11,7 @@ It needs no event loop, so it works the same from scripts and from Jupyter.
 
 from __future__ import annotations
 
+import secrets
 import select
 import socket
 import ssl as ssl_module
@@ -20,9 +21,19 @@ from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidHandshake
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
+from websockets.protocol import State
 from websockets.uri import parse_uri
 
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - the pure-Python fallback of the same library
+    from websockets.utils import apply_mask
+
 _READ_CHUNK = 1 << 20
+#: messages at least this large are framed here, masked chunk by chunk straight from the
+#: caller's buffer (websockets' Frame.serialize masks the whole message, then copies it twice more)
+_DIRECT_SEND_MIN = 1 << 16
+_MASK_CHUNK = 1 << 18  # a multiple of 4: every chunk starts at mask offset 0
 
 
 class BlockingConnection:
@@ -90,11 +101,27 @@ class BlockingConnection:
 
     def send(self, data: bytes) -> None:
         """Sends one binary message."""
-        self.protocol.send_binary(data)
+        protocol = self.protocol
+        n = len(data)
+        if n < _DIRECT_SEND_MIN or protocol.state is not State.OPEN or protocol.expect_continuation_frame \
+                or protocol.extensions:
+            protocol.send_binary(data)
+            self._flush()
+            return
+        # One final binary frame (RFC 6455 5.2: FIN + opcode 2, MASK + 64-bit length, masking key),
+        # exactly what send_binary would write; the payload is masked in cache-sized chunks.
         self._flush()
+        mask = secrets.token_bytes(4)
+        self.sock.sendall(b"\x82\xff" + n.to_bytes(8, "big") + mask)
+        view = memoryview(data).cast("B")
+        for at in range(0, n, _MASK_CHUNK):
+            self.sock.sendall(apply_mask(view[at: at + _MASK_CHUNK], mask))
 
-    def recv(self, timeout: float | None) -> bytes | str:
-        """Blocks until the next whole message arrives (``TimeoutError`` after ``timeout`` s)."""
+    def recv(self, timeout: float | None) -> bytes | bytearray | str:
+        """Blocks until the next whole message arrives (``TimeoutError`` after ``timeout`` s).
+
+        A binary message may come back as a ``bytearray`` (the frame's own buffer, not copied again).
+        """
         self.sock.settimeout(timeout)
         while True:
             for event in self._feed():
@@ -105,8 +132,8 @@ class BlockingConnection:
                         self._parts = []
                         self._text = event.opcode is Opcode.TEXT
                     self._parts.append(event.data)
-                    if event.fin:
-                        data = b"".join(self._parts) if len(self._parts) > 1 else bytes(self._parts[0])
+                    if event.fin:  # a whole frame's data is already a fresh buffer: no copy
+                        data = b"".join(self._parts) if len(self._parts) > 1 else self._parts[0]
                         self._parts = []
                         return data.decode() if self._text else data
             state = self.protocol.state.name
