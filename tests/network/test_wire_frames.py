@@ -134,3 +134,35 @@ def test_a_session_whose_inline_request_ran_long_goes_back_to_handler_threads(ho
         server._turn.release()
     server.end_session(session)
     assert session.id not in server._slow_sessions
+
+
+@pytest.mark.parametrize("n", [0, 1, 125, 126, 65535, 65536, (1 << 18) + 3, 3 << 18])
+def test_client_frames_are_what_websockets_parses(n):
+    """BlockingConnection.send writes frames itself: the library's own parser must read them back."""
+    from websockets.client import ClientProtocol
+    from websockets.frames import Frame, Opcode
+    from websockets.protocol import State
+    from websockets.streams import StreamReader
+    from websockets.uri import parse_uri
+
+    class Wire:
+        out = bytearray()
+
+        def sendall(self, chunk):
+            self.out += chunk
+
+    conn = BlockingConnection.__new__(BlockingConnection)
+    conn.protocol = ClientProtocol(parse_uri("ws://127.0.0.1:1"))
+    conn.protocol.state = State.OPEN
+    conn.sock = Wire()
+    conn.sock.out = bytearray()
+    data = (bytes(range(256)) * (n // 256 + 1))[:n]
+    conn.send(data)
+    reader = StreamReader()
+    reader.feed_data(bytes(conn.sock.out))
+    reader.feed_eof()
+    parser = Frame.parse(reader.read_exact, mask=True)
+    with pytest.raises(StopIteration) as done:
+        next(parser)
+    frame = done.value.value
+    assert frame.opcode is Opcode.BINARY and frame.fin and bytes(frame.data) == data and not reader.buffer
