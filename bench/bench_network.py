@@ -6,9 +6,14 @@ the transport baseline), then reports, each against its baseline *in the same ru
 1. round-trip latency of a small remote op: network worker vs VirtualWorker vs plain torch;
 2. transfer throughput of a 100 MB tensor (send, get) vs raw websockets echo of 100 MB;
 3. the Boston Housing pointer training loop over the network worker (MLP 13-32-24-1,
-   batch 8, SGD lr 0.001, 10 epochs) vs pure PyTorch.
+   batch 8, SGD lr 0.001, 10 epochs) vs pure PyTorch;
+6. the same training as plans (one fit message per epoch round) vs pure PyTorch.
 
-Usage: ``.venv/bin/python bench/bench_network.py [--epochs 10] [--mb 100]``
+4./5. (``--stages``) where the time of one remote op and of one bulk transfer goes,
+   stage by stage, next to a raw websockets echo of the same frame and a veil
+   server whose request handler only echoes (the server's own request path).
+
+Usage: ``.venv/bin/python bench/bench_network.py [--epochs 10] [--mb 100] [--stages] [--only-stages]``
 """
 
 from __future__ import annotations
@@ -95,6 +100,211 @@ def bench_throughput(net: sy.WebsocketClientWorker, mb: int) -> None:
     print(f"   ratio: send {(size / t_send) / echo_rate:.2f}, get {(size / t_get) / echo_rate:.2f} of raw websockets")
 
 
+def _null_server_code(port: int) -> str:
+    """A real WebsocketServerWorker (auth, fair turn, cancellation, executor) whose handler echoes."""
+    return (
+        "import torch, veil as sy\n"
+        "from veil.workers.websocket_server import WebsocketServerWorker\n"
+        "torch.set_num_threads(1)\n"
+        "tokens = sy.TokenTable(); tokens.add(%r, 'bench')\n"
+        "w = WebsocketServerWorker(sy.TorchHook(torch), id='null', port=%d, tokens=tokens, max_message=2**30)\n"
+        "w._recv_msg = lambda data: data\n"
+        "w.serve_forever(on_ready=lambda _: print('ready', flush=True))\n"
+    ) % (TOKEN, port)
+
+
+def _spawn(code: str):
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    proc.stdout.readline()
+    return proc
+
+
+def _echo_round_trip(url: str, headers: dict, frame: bytes, number: int) -> float:
+    conn = BlockingConnection(url, headers, max_size=2**30)
+    try:
+        def once():
+            conn.send(frame)
+            conn.recv(60)
+        return _best_of(once, number=number)
+    finally:
+        conn.close()
+
+
+def _capture(worker):
+    """Wraps ``worker._recv_msg`` to keep the last request and reply bytes."""
+    seen = {}
+    inner = worker._recv_msg
+
+    def recv(data):
+        seen["request"] = data
+        seen["reply"] = reply = inner(data)
+        return reply
+    worker._recv_msg = recv
+    return seen, lambda: worker.__dict__.pop("_recv_msg", None)
+
+
+def _interleaved_best(fns: dict, rounds: int, number: int) -> dict:
+    """Best per-call time of each fn, measured in alternating batches (a load spike hits all alike)."""
+    best = {k: float("inf") for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            for _ in range(number):
+                fn()
+            best[k] = min(best[k], (time.perf_counter() - t) / number)
+    return best
+
+
+def bench_stages(net: sy.WebsocketClientWorker, virtual: sy.VirtualWorker, mb: int, rounds: int = 9) -> None:
+    """Per-stage cost of a small remote op and of a bulk transfer (same run, same frames, interleaved)."""
+    from veil.ids import new_id
+    from veil.messaging.serde import deserialize, serialize
+    from veil.workers.websocket_auth import handshake_headers
+
+    me = net.hook.local_worker
+    a = torch.randn(8, 13)
+    pn, pv = a.send(net), a.send(virtual)
+    seen, undo = _capture(net)
+    pn + pn
+    undo()
+    request, reply = seen["request"], seen["reply"]
+    vseen, vundo = _capture(virtual)
+    pv + pv
+    vundo()
+    msg, sender, prelude = deserialize(vseen["request"], virtual._decode_ctx)
+    rmsg = deserialize(vseen["reply"], me._decode_ctx)[0]
+
+    def handle():  # a fresh result id each time (ids are single-use); the objects are freed below
+        msg.return_ids = [new_id()]
+        virtual._handle(msg, sender)
+    local = _interleaved_best({
+        "ser": lambda: serialize(msg, sender=me.id, prelude=prelude),
+        "dec": lambda: deserialize(vseen["request"], virtual._decode_ctx),
+        "handle": handle,
+        "exec": lambda: a + a,
+        "enc": lambda: serialize(rmsg, sender=virtual.id),
+        "cdec": lambda: deserialize(reply, me._decode_ctx),
+    }, rounds=5, number=2000)
+    virtual.clear_objects()
+    pv = a.send(virtual)
+    echo_port, null_port = free_port(), free_port()
+    echo, null = _spawn(_echo_server_code(echo_port)), _spawn(_null_server_code(null_port))
+    echo_conn = BlockingConnection(f"ws://127.0.0.1:{echo_port}", {}, max_size=2**30)
+    null_conn = BlockingConnection(f"ws://127.0.0.1:{null_port}", handshake_headers(TOKEN, ()), max_size=2**30)
+    try:
+        def rt(conn, frame):
+            def once():
+                conn.send(frame)
+                conn.recv(60)
+            return once
+        net_ = _interleaved_best({
+            "echo": rt(echo_conn, request), "null": rt(null_conn, request),
+            "net": lambda: pn + pn, "virtual": lambda: pv + pv,
+        }, rounds=rounds, number=300)
+        t_ser, t_dec, t_exec, t_enc, t_cdec = (local[k] for k in ("ser", "dec", "exec", "enc", "cdec"))
+        t_handle, t_echo, t_null, t_total = local["handle"], net_["echo"], net_["null"], net_["net"]
+        rest = t_total - t_null - t_ser - t_dec - t_handle - t_enc - t_cdec  # t_null includes t_echo
+        print(f"4. stages of one remote op (8x13 add; request {len(request)} B, reply {len(reply)} B; best of "
+              f"{rounds} interleaved batches of 300 round trips / 5 x 2000 local calls; load {_load()})")
+        rows = [
+            ("client serialize (request)", t_ser),
+            ("send + server receive + reply: raw websockets echo of the request frame", t_echo),
+            ("server request path beyond the raw echo (session, hop or inline turn, token)", t_null - t_echo),
+            ("server decode", t_dec),
+            ("dispatch incl. monitor (handler minus execute)", t_handle - t_exec),
+            ("execute (plain torch add)", t_exec),
+            ("server encode (reply)", t_enc),
+            ("client decode (reply)", t_cdec),
+            ("rest (client pointer bookkeeping, scheduling)", rest),
+        ]
+        for name, v in rows:
+            print(f"   {name:<80} {v * 1e6:8.1f} us")
+        print(f"   {'total: network worker round trip':<80} {t_total * 1e6:8.1f} us   "
+              f"{t_total / t_echo:.2f}x raw echo (target <= 1.5x)")
+        print(f"   {'(VirtualWorker round trip, same op)':<80} {net_['virtual'] * 1e6:8.1f} us")
+
+        # bulk: one send and one get of `mb` MB, next to a raw echo of the same frame
+        x = torch.randn(mb * 2**20 // 4)
+        size = x.numel() * 4 / 1e6
+        seen, undo = _capture(net)
+        p = x.send(net)
+        send_req = seen["request"]
+        p.get()
+        get_reply = seen["reply"]
+        undo()
+        smsg, _, sprelude = deserialize(send_req, virtual._decode_ctx)
+        gmsg = deserialize(get_reply, me._decode_ctx)[0]
+        del seen, p
+        bulk = {"echo": float("inf"), "send": float("inf"), "get": float("inf"),
+                "ser": float("inf"), "dec": float("inf"), "enc": float("inf"), "cdec": float("inf")}
+        for _ in range(3):
+            t = time.perf_counter()
+            echo_conn.send(send_req)
+            echo_conn.recv(120)
+            bulk["echo"] = min(bulk["echo"], (time.perf_counter() - t) / 2)
+            t = time.perf_counter()
+            p = x.send(net)
+            bulk["send"] = min(bulk["send"], time.perf_counter() - t)
+            t = time.perf_counter()
+            p.get()
+            bulk["get"] = min(bulk["get"], time.perf_counter() - t)
+            for k, fn in (("ser", lambda: serialize(smsg, sender=me.id, prelude=sprelude)),
+                          ("dec", lambda: deserialize(send_req, virtual._decode_ctx)),
+                          ("enc", lambda: serialize(gmsg, sender=net.id)),
+                          ("cdec", lambda: deserialize(get_reply, me._decode_ctx))):
+                t = time.perf_counter()
+                fn()
+                bulk[k] = min(bulk[k], time.perf_counter() - t)
+        print(f"5. stages of a {size:.0f} MB transfer (best of 3 interleaved; one direction of a raw echo = half "
+              f"its round trip; load {_load()})")
+        for name, k in ((".send(): client serialize", "ser"), (".send(): server decode", "dec"),
+                        (".get(): server encode (reply)", "enc"), (".get(): client decode", "cdec"),
+                        ("raw websockets, one direction of the same frame", "echo")):
+            print(f"   {name:<60} {bulk[k] * 1e3:8.1f} ms  ({size / bulk[k]:7.0f} MB/s)")
+        for name, k in ((".send() total", "send"), (".get() total", "get")):
+            print(f"   {name:<60} {bulk[k] * 1e3:8.1f} ms  ({size / bulk[k]:7.0f} MB/s, "
+                  f"{bulk['echo'] / bulk[k]:.2f} of raw; target >= 0.8)")
+    finally:
+        for conn in (echo_conn, null_conn):
+            conn.close()
+        for proc in (echo, null):
+            proc.kill()
+            proc.wait()
+
+
+def _load() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def bench_plans(net: sy.WebsocketClientWorker, virtual: sy.VirtualWorker, epochs: int, batch: int) -> None:
+    """Training plans (one fit message per round) over the network worker vs pure PyTorch."""
+    from veil import federated as fl
+
+    x, y, _ = load_boston()
+    x_train, y_train, x_test, y_test = train_test_split(x, y, seed=0)
+
+    def fedavg(worker):
+        model = _mlp()
+        fed = fl.federate(torch.utils.data.TensorDataset(x_train, y_train), [worker])
+        t = time.perf_counter()
+        fl.train(model, fed, rounds=epochs, local_epochs=1, lr=0.001, batch_size=batch, progress=False)
+        return time.perf_counter() - t, model
+
+    fedavg(virtual)  # warm-up: tracing, caches
+    t_pure = min(train_pure(x_train, y_train, epochs, batch)[0] for _ in range(2))
+    t_virtual = min(fedavg(virtual)[0] for _ in range(2))
+    t_net, m_net = min((fedavg(net) for _ in range(2)), key=lambda r: r[0])
+    with torch.no_grad():
+        mse = F.mse_loss(m_net(x_test), y_test).item()
+    print(f"6. training plans, Boston MLP, {epochs} epochs batch {batch}, one worker (best of 2; load {_load()})")
+    print(f"   pure PyTorch          {t_pure:7.2f} s")
+    print(f"   plans, VirtualWorker  {t_virtual:7.2f} s   {t_virtual / t_pure:5.2f}x")
+    print(f"   plans, network worker {t_net:7.2f} s   {t_net / t_pure:5.2f}x pure PyTorch (target <= 1.5x), "
+          f"test MSE {mse:.2f}")
+
+
 def train_network(worker, x, y, epochs, batch):
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.001)
@@ -138,6 +348,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--mb", type=int, default=100)
+    parser.add_argument("--stages", action="store_true", help="also break one op and one transfer into stages")
+    parser.add_argument("--only-stages", action="store_true", help="only the stage breakdown")
     args = parser.parse_args()
     torch.set_num_threads(1)
     wp = start_worker("bench_alice", ["--token", TOKEN, "--max-message-mb", str(4 * args.mb)],
@@ -147,9 +359,15 @@ def main() -> None:
         net = sy.WebsocketClientWorker(hook, id="bench_alice", host="127.0.0.1", port=wp.port, token=TOKEN)
         virtual = sy.VirtualWorker(hook, id="bench_virtual")
         print(f"network worker: {net.url} (separate process, loopback); torch threads: 1 per process")
-        bench_latency(net, virtual)
-        bench_throughput(net, args.mb)
-        bench_training(net, args.epochs, args.batch)
+        if args.only_stages:
+            bench_stages(net, virtual, args.mb)
+        else:
+            bench_latency(net, virtual)
+            bench_throughput(net, args.mb)
+            bench_training(net, args.epochs, args.batch)
+            bench_plans(net, virtual, args.epochs, args.batch)
+            if args.stages:
+                bench_stages(net, virtual, args.mb)
         net.close()
     finally:
         wp.stop()

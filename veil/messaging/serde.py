@@ -9,6 +9,19 @@ little-endian bytes]``. Decoding never runs code: no pickle, no ``torch.load``;
 dtypes come from a fixed table, shapes and byte lengths are checked before any
 allocation, and every failure becomes a :class:`SerializationError`.
 
+Tensor payloads of a message travel *out of band*: when a message holds tensors
+at its top level (fields, lists/maps in them, and the object of a StoredObject
+there: ``.send()``), :func:`serialize` writes
+``0xC1 | u32 header length | msgpack header | raw tensor bytes ...``, where each
+tensor in the header is a small ``TENSOR_OOB`` ext ``[dtype, shape,
+requires_grad, byte length]`` and its bytes follow the header in order. That is
+one copy from tensor memory into the frame, and one from the frame into the
+received tensor (its own memory: it aliases nothing the sender or a replayed
+frame could change). ``0xC1`` is the one byte msgpack never uses, so a frame is
+told apart from a plain message (tensors nested in ext payloads, values for
+persistence) by its first byte. Decoding checks every length against what was
+received before allocating, and that the raw region is consumed exactly.
+
 Extensions (pointers, HE ciphertexts, shared tensors) register an encoder for
 their Python type and a decoder for their ext code with :func:`register_ext`.
 """
@@ -29,6 +42,8 @@ from veil.exceptions import SerializationError, VersionMismatchError
 from veil.messaging.messages import FIELD_NAMES, MESSAGE_TYPES, CommandMessage, Descriptor, ObjectRef, StoredObject
 
 WIRE_VERSION = 1
+#: first byte of a framed message (header + out-of-band tensor bytes); msgpack never uses 0xC1
+FRAME_MAGIC = b"\xc1"
 MAX_DIMS = 64
 #: how deeply ext payloads may nest (a tuple in a tuple in ...). Each level is a
 #: nested call into msgpack's C unpacker; a few hundred overflow the C stack
@@ -53,6 +68,7 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+_ITEMSIZE: dict[torch.dtype, int] = {dt: torch.empty((), dtype=dt).element_size() for dt in DTYPES.values()}
 
 
 class EXT_CODES:
@@ -67,6 +83,7 @@ class EXT_CODES:
     SIZE = 9
     DESCRIPTOR = 10
     STORED_OBJECT = 11
+    TENSOR_OOB = 12  # a message's tensor whose bytes follow the header (framed messages only)
     # 20..39: extensions (HE ciphertexts, shared tensors, plans)
 
 
@@ -80,8 +97,8 @@ class DecodeContext:
 # ------------------------------------------------------------------ tensors
 
 
-def encode_tensor(t: torch.Tensor) -> bytes:
-    """A dense CPU tensor as ``[dtype, shape, requires_grad, raw bytes]``."""
+def _tensor_raw(t: torch.Tensor) -> tuple[list, memoryview]:
+    """``([dtype name, shape, requires_grad], a view of its bytes)`` of a dense CPU tensor, no copy if contiguous."""
     if t.layout != torch.strided:
         raise SerializationError(f"cannot serialize a {t.layout} tensor (only dense tensors)")
     if t.dtype not in DTYPE_NAMES:
@@ -94,11 +111,17 @@ def encode_tensor(t: torch.Tensor) -> bytes:
         flat = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)
     # Autograd history never travels: a leaf keeps requires_grad (parameters),
     # a computed result (e.g. a fetched loss) arrives as plain data.
-    head = msgpack.packb([DTYPE_NAMES[t.dtype], list(t.shape), bool(t.requires_grad and t.is_leaf)])
+    head = [DTYPE_NAMES[t.dtype], list(t.shape), bool(t.requires_grad and t.is_leaf)]
+    raw = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    return head, raw
+
+
+def encode_tensor(t: torch.Tensor) -> bytes:
+    """A dense CPU tensor as ``[dtype, shape, requires_grad, raw bytes]`` (in band: values, nested payloads)."""
+    head, raw = _tensor_raw(t)
     # The same bytes as packing the 4-array, joined straight from the tensor's
     # memory: one copy instead of msgpack's buffer growth (~2x faster for MBs).
-    raw = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
-    return b"".join((b"\x94", head[1:], _bin_header(raw.nbytes), raw))
+    return b"".join((b"\x94", msgpack.packb(head)[1:], _bin_header(raw.nbytes), raw))
 
 
 def _bin_header(n: int) -> bytes:
@@ -152,11 +175,21 @@ def decode_tensor(payload: bytes) -> torch.Tensor:
         raise
     except Exception as e:  # msgpack raises many types on hostile input; normalize them
         raise SerializationError(f"malformed tensor payload: {type(e).__name__}: {e}") from e
+    return _build_tensor(dtype_name, shape, requires_grad, raw)
+
+
+def _nbytes(dtype_name: Any, shape: Any) -> int:
+    dtype, shape = tensor_spec(dtype_name, shape)
+    return math.prod(shape) * _ITEMSIZE[dtype]
+
+
+def _build_tensor(dtype_name: Any, shape: Any, requires_grad: Any, raw: memoryview) -> torch.Tensor:
+    """A tensor with its own memory (one copy of ``raw``), after checking every field against ``raw``."""
     dtype, shape = tensor_spec(dtype_name, shape)
     if not isinstance(requires_grad, bool):
         raise SerializationError("tensor payload has a wrong field type")
     numel = math.prod(shape)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = _ITEMSIZE[dtype]
     if len(raw) != numel * itemsize:
         raise SerializationError(
             f"tensor of shape {shape} and dtype {dtype_name} needs {numel * itemsize} bytes, got {len(raw)}"
@@ -221,7 +254,15 @@ def _unpack(payload: bytes, ctx: DecodeContext) -> Any:
         _depth.level = level
 
 
+_oob = threading.local()  # the out-of-band buffers of the message being encoded / decoded on this thread
+
+
 def _default(obj: Any) -> msgpack.ExtType:
+    out = getattr(_oob, "out", None)
+    if out is not None and type(obj) in _OOB_TENSOR_TYPES and _pack_depth.level in out.levels:
+        head, raw = _tensor_raw(obj)
+        out.buffers.append(raw)
+        return msgpack.ExtType(EXT_CODES.TENSOR_OOB, msgpack.packb([*head, raw.nbytes]))
     encoder = _ENCODERS.get(type(obj))
     if encoder is None:
         for tp, enc in _ENCODERS.items():  # subclasses (nn.Parameter, namedtuples)
@@ -238,10 +279,53 @@ _CTX_SENTINEL = DecodeContext()
 
 
 def _ext_hook(code: int, data: bytes, ctx: DecodeContext) -> Any:
+    if code == EXT_CODES.TENSOR_OOB:
+        return _take_oob_tensor(data)
     decoder = _DECODERS.get(code)
     if decoder is None:
         raise SerializationError(f"unknown ext type code {code}")
     return decoder(data, ctx)
+
+
+class _OutOfBand:
+    """Encoding: the tensor views of the frame so far. Decoding: the raw region after the header,
+    handed out in order. ``levels``: the ext nesting levels whose tensors travel out of band (the
+    message's own fields, and the payload of a StoredObject among them, see :func:`_oob_inside`)."""
+
+    __slots__ = ("buffers", "view", "at", "levels")
+
+    def __init__(self, view: memoryview | None = None) -> None:
+        self.buffers: list[memoryview] = []
+        self.view, self.at, self.levels = view, 0, {1}
+
+
+def _oob_inside(state: "_OutOfBand | None", level: int, run: Callable[[], Any]) -> Any:
+    """Runs a nested pack/unpack whose tensors travel out of band too (only serde's own pure encoders:
+    their payload bytes exist only inside this frame, never cached or stored apart from it)."""
+    inner = level + 1
+    opened = state is not None and level in state.levels and inner not in state.levels
+    if opened:
+        state.levels.add(inner)
+    try:
+        return run()
+    finally:
+        if opened:
+            state.levels.discard(inner)
+
+
+def _take_oob_tensor(data: bytes) -> torch.Tensor:
+    region = getattr(_oob, "region", None)
+    if region is None or _depth.level not in region.levels:  # a frame's own fields only, not other payloads
+        raise SerializationError("out-of-band tensor outside a framed message")
+    head = msgpack.unpackb(data, raw=False)
+    if not isinstance(head, list) or len(head) != 4 or type(head[3]) is not int:
+        raise SerializationError("out-of-band tensor header must be [dtype, shape, requires_grad, byte length]")
+    dtype_name, shape, requires_grad, n = head
+    if n != _nbytes(dtype_name, shape) or n > len(region.view) - region.at:  # before any allocation
+        raise SerializationError(f"out-of-band tensor of {n} bytes does not match its shape or the frame")
+    raw = region.view[region.at: region.at + n]
+    region.at += n
+    return _build_tensor(dtype_name, shape, requires_grad, raw)
 
 
 def _list_payload(data: bytes, ctx: DecodeContext, n: int | None = None) -> list:
@@ -293,7 +377,8 @@ def _decode_descriptor(data: bytes, ctx: DecodeContext) -> Descriptor:
 
 
 def _decode_stored(data: bytes, ctx: DecodeContext) -> StoredObject:
-    oid, obj, tags, desc, allowed = _list_payload(data, ctx, 5)
+    oid, obj, tags, desc, allowed = _oob_inside(getattr(_oob, "region", None), _depth.level,
+                                                lambda: _list_payload(data, ctx, 5))
     if type(oid) is not int or not isinstance(tags, list) or not isinstance(desc, str):
         raise SerializationError("malformed stored object")
     if allowed is not None and not (isinstance(allowed, list) and all(isinstance(u, str) for u in allowed)):
@@ -319,11 +404,13 @@ register_ext(
 register_ext(
     EXT_CODES.STORED_OBJECT,
     (StoredObject,),
-    lambda s: _pack(
+    lambda s: _oob_inside(getattr(_oob, "out", None), _pack_depth.level, lambda: _pack(
         [s.id, s.obj, list(s.tags), s.description, None if s.allowed_users is None else list(s.allowed_users)]
-    ),
+    )),
     _decode_stored,
 )
+#: tensors that travel out of band (other subclasses, e.g. pointers, keep their registered encoders)
+_OOB_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 # Order matters for isinstance fallback: torch.Size before tuple.
 _ENCODERS = {torch.Size: _ENCODERS.pop(torch.Size), **_ENCODERS}
 
@@ -340,23 +427,60 @@ def serialize(msg: Any, sender: str = "", prelude: list | None = None) -> bytes:
     try:
         # Top-level tuples (command args) travel as plain arrays; handlers accept both.
         values = [v if type(v) is not tuple else list(v) for v in (getattr(msg, n) for n in names)]
-        return _pack([WIRE_VERSION, cls.TYPE, sender, prelude or [], *values])
+        previous, _oob.out = getattr(_oob, "out", None), _OutOfBand()
+        try:
+            header = _pack([WIRE_VERSION, cls.TYPE, sender, prelude or [], *values])
+            buffers = _oob.out.buffers
+        finally:
+            _oob.out = previous
     except SerializationError:
         raise
     except (TypeError, ValueError, OverflowError) as e:
         raise SerializationError(f"cannot serialize {cls.__name__}: {e}") from e
+    if not buffers:
+        return header
+    # the only copy of the tensors' bytes on the way out: straight from their memory into the frame
+    return b"".join((FRAME_MAGIC, len(header).to_bytes(4, "little"), header, *buffers))
+
+
+def envelope(data: bytes) -> Any:
+    """The message array with ext payloads left opaque (``None``): a cheap look at type and fields.
+
+    Builds no objects and runs no decoder; raises like msgpack on malformed input.
+    """
+    header, _ = _split_frame(data)
+    return msgpack.unpackb(header, raw=False, strict_map_key=False, ext_hook=lambda code, payload: None)
+
+
+def _split_frame(data: bytes) -> tuple[memoryview, memoryview | None]:
+    """``(msgpack header, raw region)``; the raw region is None for a plain (unframed) message."""
+    view = memoryview(data)
+    if not view.nbytes or view[0] != FRAME_MAGIC[0]:
+        return view, None
+    if view.nbytes < 5:
+        raise SerializationError("truncated message frame")
+    n = int.from_bytes(view[1:5], "little")
+    if 5 + n > view.nbytes:
+        raise SerializationError(f"message frame header of {n} bytes exceeds the {view.nbytes}-byte frame")
+    return view[5: 5 + n], view[5 + n:]
 
 
 def deserialize(data: bytes, ctx: DecodeContext | None = None) -> tuple[Any, str, list[int]]:
     """Decodes bytes into ``(message, sender, prelude)``; any failure is a SerializationError."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise SerializationError(f"expected bytes, got {type(data).__name__}")
+    header, raw = _split_frame(data)
+    previous, _oob.region = getattr(_oob, "region", None), (_OutOfBand(raw) if raw is not None else None)
     try:
-        value = _unpack(data, ctx or _CTX_SENTINEL)
+        value = _unpack(header, ctx or _CTX_SENTINEL)
+        if raw is not None and _oob.region.at != raw.nbytes:
+            raise SerializationError(f"message frame has {raw.nbytes - _oob.region.at} bytes no field refers to")
     except SerializationError:
         raise
     except Exception as e:  # msgpack raises many types on hostile input; normalize them
         raise SerializationError(f"malformed message: {type(e).__name__}: {e}") from e
+    finally:
+        _oob.region = previous
     if not isinstance(value, list) or len(value) < 4:
         raise SerializationError("a message must be an array [version, type, sender, prelude, ...]")
     version, type_code, sender, prelude, *field_values = value

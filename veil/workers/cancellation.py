@@ -120,6 +120,14 @@ class FairLock:
             self._waiters.append(turn)
         turn.wait()  # the releaser handed the lock over: it is ours, still marked held
 
+    def try_acquire(self) -> bool:
+        """Takes the lock only if nobody holds it (the server's inline fast path); never waits."""
+        with self._mutex:
+            if self._held:
+                return False
+            self._held = True
+            return True
+
     def release(self) -> None:
         with self._mutex:
             turn = self._next()

@@ -188,7 +188,7 @@ class WebsocketClientWorker(BaseWorker):
             except OSError as e:
                 self._drop()
                 raise ConnectionLostError(f"connection to worker {self.id!r} at {self.url} failed: {e}") from None
-        if not isinstance(reply, bytes):
+        if not isinstance(reply, (bytes, bytearray)):
             raise SerializationError(f"worker {self.id!r} answered with a text frame")
         return reply
 

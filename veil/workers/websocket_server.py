@@ -43,7 +43,8 @@ from websockets.exceptions import ConnectionClosed
 
 from veil.exceptions import PermissionDeniedError, WorkerNotFoundError, error_reply_fields
 from veil.messaging import messages as m
-from veil.messaging.serde import serialize
+from veil.messaging.allowlist import ALLOWLIST
+from veil.messaging.serde import envelope, serialize
 from veil.workers import cancellation
 from veil.workers.base import BaseWorker
 from veil.workers.monitor import Principal
@@ -68,8 +69,42 @@ OPEN_TIMEOUT = 10.0
 #: GIL switch interval while serving (seconds; Python's default is 0.005)
 SWITCH_INTERVAL = 0.0005
 
+#: the inline fast path (see ``_inline_ok``): largest request, and the run time after which a
+#: session's requests go back to handler threads for good
+INLINE_MAX_BYTES = 256 * 2**10
+INLINE_BUDGET_SECONDS = 0.005  # CPU time of the loop thread (preemption on a busy box does not count)
+INLINE_STRIKES = 3  # over-budget requests before a session leaves the fast path (one-time warm-ups happen)
+#: requests that never wait on another worker or run a long loop (torch ops, store, get, list)
+INLINE_TYPES = frozenset(cls.TYPE for cls in (m.CommandMessage, m.ObjectMessage, m.GetObjectsMessage,
+                                              m.DeleteMessage, m.SearchMessage, m.ListObjectsMessage))
+
 #: requests that move data out of the worker -> audit action name
 OUTBOUND: dict[type, str] = {m.GetObjectsMessage: "get", m.MoveMessage: "move", m.RemoteGetMessage: "remote_get"}
+
+
+def _plain_op(name: Any) -> bool:
+    op = ALLOWLIST._by_name.get(name) if isinstance(name, str) else None
+    return op is not None and not op.worker_function
+
+
+def _inline_ok(data: bytes) -> bool:
+    """Whether a request is short by construction: a plain torch op, or a store/get/delete/list.
+
+    Worker functions (MPC rounds, plan fit, serving) may call other workers or run
+    long loops that check for cancellation, so they keep their handler thread. The
+    envelope is read without decoding ext payloads (no objects are built).
+    """
+    if len(data) > INLINE_MAX_BYTES:
+        return False
+    try:
+        value = envelope(data)
+        if not isinstance(value, list) or len(value) < 5 or type(value[1]) is not int or not isinstance(value[3], list):
+            return False
+        if value[1] not in INLINE_TYPES or (value[1] == m.CommandMessage.TYPE and not _plain_op(value[4])):
+            return False
+        return all(type(item) is int or (isinstance(item, list) and item and _plain_op(item[0])) for item in value[3])
+    except Exception:  # malformed: the handler thread answers with the precise error
+        return False
 
 
 def _ids_of(msg: Any) -> list:
@@ -142,6 +177,8 @@ class WebsocketServerWorker(BaseWorker):
         self._executor = ThreadPoolExecutor(max_workers=max_connections + 4, thread_name_prefix=f"veil-{self.id}")
         self._turn = cancellation.FairLock()
         self._running: set[cancellation.CancelToken] = set()
+        self._slow_sessions: set[str] = set()  # sessions whose requests always take a handler thread
+        self._strikes: dict[str, int] = {}  # over-budget inline requests per session
         self.refusals = RefusalLog(self.db, self.id)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Future | None = None
@@ -182,6 +219,34 @@ class WebsocketServerWorker(BaseWorker):
             finally:
                 self._local.session = None
                 self._running.discard(token)
+
+    def serve_inline(self, data: bytes, session: Session) -> bytes | None:
+        """The fast path: runs a short request on the event loop thread, no thread hop.
+
+        Only when nothing else holds or waits for the worker (``FairLock.try_acquire``)
+        and the request is short by construction (:func:`_inline_ok`); otherwise
+        returns None and the request takes its handler thread as before. A session
+        whose inline requests used more than ``INLINE_BUDGET_SECONDS`` of CPU
+        ``INLINE_STRIKES`` times (large torch ops) uses handler threads from then
+        on, so the loop stays responsive.
+        """
+        if session.id in self._slow_sessions or not _inline_ok(data) or not self._turn.try_acquire():
+            return None
+        # No CancelToken: nothing that runs inline checks one (worker functions, which do, never run here).
+        started = time.thread_time()
+        try:
+            self._local.session = session
+            return self._recv_msg(data)
+        except Exception as e:
+            log.exception("worker %s: request of session %s failed outside the handlers", self.id, session.id)
+            return serialize(m.ErrorReply(*error_reply_fields(e)), sender=self.id)
+        finally:
+            self._local.session = None
+            self._turn.release()
+            if time.thread_time() - started > INLINE_BUDGET_SECONDS:
+                strikes = self._strikes[session.id] = self._strikes.get(session.id, 0) + 1
+                if strikes >= INLINE_STRIKES:
+                    self._slow_sessions.add(session.id)
 
     def principal(self, sender: str) -> Principal:
         """The authenticated session (the claimed sender is ignored); plain worker semantics in-process."""
@@ -229,6 +294,8 @@ class WebsocketServerWorker(BaseWorker):
     def end_session(self, session: Session) -> int:
         """Frees everything the session created; returns how many objects were freed."""
         self.sessions.pop(session.id, None)
+        self._slow_sessions.discard(session.id)
+        self._strikes.pop(session.id, None)
         with self._turn:
             run_session_end_handlers(self, session.id)
             return self.monitor.end_session(session.id)
@@ -278,7 +345,9 @@ class WebsocketServerWorker(BaseWorker):
                     reply = serialize(m.ErrorReply("SerializationError", "text frames are not accepted; send binary"),
                                       sender=self.id)
                 else:
-                    reply = await self._run_request(loop, data, session, closed)
+                    reply = self.serve_inline(data, session)
+                    if reply is None:
+                        reply = await self._run_request(loop, data, session, closed)
                     if reply is None:
                         break
                 await ws.send(reply)
