@@ -53,6 +53,7 @@ from typing import Callable, Hashable, Mapping, Sequence
 
 import torch
 
+from veil.mpc import bit_comparison
 from veil.mpc.fss import dcf
 from veil.mpc.fss.material import COMPARISON_BITS, DCF_BITS, check_fields, n_additive, n_masks, split_bits
 from veil.mpc.party import open_parties, party_function, run_party
@@ -108,9 +109,9 @@ def _fss_select(opened: list, material: list, n_values: int, role: int, first: b
     return (bit, *products)
 
 
-def sign_select(d: Shares, extras: Sequence[Shares], provider: Provider,
-                products: bool = True) -> tuple[dict, list[dict]]:
-    """Shares of ``[d > 0]`` and of ``v * [d > 0]`` for ``v`` in ``(d, *extras)``.
+def sign_select_fss(d: Shares, extras: Sequence[Shares], provider: Provider,
+                    products: bool = True) -> tuple[dict, list[dict]]:
+    """Shares of ``[d > 0]`` and of ``v * [d > 0]`` for ``v`` in ``(d, *extras)`` (FSS, 1 round).
 
     Args:
         d: party -> share of the (integer ring) values compared with 0.
@@ -140,4 +141,31 @@ def sign_select(d: Shares, extras: Sequence[Shares], provider: Provider,
 
 
 #: name -> sign_select implementation (one protocol per file)
-COMPARISON_PROTOCOLS: dict[str, Callable] = {"fss": sign_select}
+COMPARISON_PROTOCOLS: dict[str, Callable] = {"fss": sign_select_fss, "circuit": bit_comparison.sign_select}
+#: the protocol :func:`sign_select` runs (``circuit``: 8 rounds, ~120 dealt bytes per ReLU entry and
+#: little computation; ``fss``: 1 round, 2,064-byte DCF keys per entry and key holder)
+DEFAULT_COMPARISON = "circuit"
+
+
+def sign_select(d: Shares, extras: Sequence[Shares], provider: Provider,
+                products: bool = True, protocol: str | None = None) -> tuple[dict, list[dict]]:
+    """Shares of ``[d > 0]`` and of ``v * [d > 0]`` for ``v`` in ``(d, *extras)``.
+
+    Args:
+        d: party -> share of the (integer ring) values compared with 0.
+        extras: More shared tensors of ``d``'s shape to multiply by the bit.
+        provider: Deals the comparison material.
+        products: False for the bit alone (no extras).
+        protocol: A name in :data:`COMPARISON_PROTOCOLS` (default :data:`DEFAULT_COMPARISON`).
+
+    Returns:
+        ``(bits, products)``: party -> bit share, and one party -> share map
+        per value in ``(d, *extras)`` (none when ``products`` is False).
+        Exact for every ``d`` in Z/2^64 but ``-2^63``, whichever the protocol.
+    """
+    name = protocol or DEFAULT_COMPARISON
+    try:
+        run = COMPARISON_PROTOCOLS[name]
+    except KeyError:
+        raise ValueError(f"unknown comparison protocol {name!r}; known: {sorted(COMPARISON_PROTOCOLS)}") from None
+    return run(d, extras, provider, products)

@@ -42,12 +42,17 @@ from veil.workers.base import register_handler
 PARTY_FUNCTIONS: dict[str, Callable[..., Any]] = {}
 #: names whose outputs may be returned to the orchestrator (masked values only)
 OPENABLE: set[str] = set()
+#: openable names whose outputs are XOR shares (combined by ``^``, not ``+``)
+XOR_OPENABLE: set[str] = set()
 
 WIRE_PREFIX = "veil.mpc."
 
 
-def party_function(name: str, openable: bool = False) -> Callable[[Callable], Callable]:
-    """Registers a party function and allowlists it as a worker function."""
+def party_function(name: str, openable: bool = False, xor: bool = False) -> Callable[[Callable], Callable]:
+    """Registers a party function and allowlists it as a worker function.
+
+    ``xor``: an openable step whose outputs are XOR (boolean) shares.
+    """
 
     def register(fn: Callable) -> Callable:
         if name in PARTY_FUNCTIONS:
@@ -55,6 +60,8 @@ def party_function(name: str, openable: bool = False) -> Callable[[Callable], Ca
         PARTY_FUNCTIONS[name] = fn
         if openable:
             OPENABLE.add(name)
+            if xor:
+                XOR_OPENABLE.add(name)
         register_worker_function(WIRE_PREFIX + name, lambda worker, *a, **k: fn(*a, **k))
         return fn
 
@@ -162,7 +169,12 @@ def open_parties(name: str, per_party: Mapping[Hashable, tuple], **kwargs: Any) 
         else:
             reply = first.owner.send_msg(OpenMessage(name, _wire(tuple(args)), kwargs), first.location)
             outputs = list(reply.objects)
-        totals = outputs if totals is None else [t + o for t, o in zip(totals, outputs)]
+        if totals is None:
+            totals = outputs
+        elif name in XOR_OPENABLE:
+            totals = [t ^ o for t, o in zip(totals, outputs)]
+        else:
+            totals = [t + o for t, o in zip(totals, outputs)]
     n = len(per_party)
     per_party_bytes = 8 * (n - 1) * sum(t.numel() for t in totals)  # each party's share of every opened entry
     record_opening(sum(n * (n - 1) * t.numel() for t in totals), {p: per_party_bytes for p in per_party})

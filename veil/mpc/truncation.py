@@ -73,6 +73,8 @@ def top_bit(v: torch.Tensor) -> torch.Tensor:
 @party_function("trunc_local")
 def _trunc_local(x_i: torch.Tensor, divisor: int, negate: bool) -> torch.Tensor:
     """``floor(x_i / d)``, or ``-floor(-x_i / d)`` for the second party."""
+    if x_i.is_meta:
+        return torch.empty_like(x_i)
     if negate:
         return -torch.div(-x_i, divisor, rounding_mode="floor")
     return torch.div(x_i, divisor, rounding_mode="floor")
@@ -97,6 +99,8 @@ def _trunc_finish(c: torch.Tensor, q_i: torch.Tensor, g_i: torch.Tensor, divisor
     """``z_i = (1 - c_hi) g_i - q_i`` (+ ``floor(c/d) - K/d`` for party 0)."""
     if type(divisor) is not int or divisor <= 1 or not isinstance(first, bool):
         raise ValueError("trunc_finish needs an integer divisor > 1 and a boolean first")
+    if q_i.is_meta:  # run_party's shape inference: q's shape (meta division costs ~1 ms)
+        return torch.empty_like(q_i)
     z = (1 - top_bit(c)) * g_i - q_i
     if first:
         z = z + (floor_div_unsigned(c, divisor) - shift_for(divisor) // divisor)

@@ -88,6 +88,20 @@ class Provider(abc.ABC):
         """
         raise ProviderError(f"{self!r} does not deal comparison material")
 
+    def comparison_material(
+        self, shape: Sequence[int], n_values: int, parties: Sequence[Hashable]
+    ) -> Mapping[Hashable, tuple]:
+        """Deals the material of one bitwise comparison (:mod:`veil.mpc.bit_comparison`).
+
+        Returns:
+            party -> its shares of every field of
+            :class:`veil.mpc.material.ComparisonLayout` (additive or XOR).
+
+        Raises:
+            ProviderError: If this provider cannot deal comparison material.
+        """
+        raise ProviderError(f"{self!r} does not deal comparison material")
+
     def register_mac_key(self, key_id: str, alpha: torch.Tensor) -> None:
         """Gives the provider a SPDZ MAC key (see :mod:`veil.mpc.mac`).
 

@@ -33,7 +33,7 @@ import torch
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.allowlist import NO_RESULT, register_worker_function
-from veil.mpc.material import dealer_generator, recipe, register_mac_key
+from veil.mpc.material import combine, dealer_generator, last_share, recipe, register_mac_key, split_shares, xor_fields
 from veil.mpc.fss import material as fss_material
 from veil.mpc.prg import expand, new_seed
 from veil.mpc.providers.fss_dealing import DEAL_COMPARISON
@@ -65,6 +65,7 @@ def _deal(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, count: 
         seeded: Send seeds + corrections instead of every share.
     """
     uniform_shapes, derived_shapes, derive = recipe(kind, spec)
+    xor = xor_fields(kind, spec)  # fields shared by XOR instead of addition
     n_u, n = len(uniform_shapes), len(party_ids)
     gen = dealer_generator()
     parties = [worker.resolve_worker(pid) for pid in party_ids]
@@ -72,10 +73,11 @@ def _deal(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, count: 
         seeds = [new_seed() for _ in parties]
         corrections = []
         for k in range(count):
-            uniform = [_sum(expand(s, _label(k, j), shape) for s in seeds) for j, shape in enumerate(uniform_shapes)]
+            uniform = [combine([expand(s, _label(k, j), shape) for s in seeds], j in xor)
+                       for j, shape in enumerate(uniform_shapes)]
             for j, value in enumerate(derive(uniform, gen)):
                 others = [expand(s, _label(k, n_u + j), derived_shapes[j]) for s in seeds[:-1]]
-                corrections.append(value - _sum(others) if others else value)
+                corrections.append(last_share(value, others, n_u + j in xor))
         for i, party in enumerate(parties):
             fix = corrections if i == n - 1 else []
             args = (torch.frombuffer(bytearray(seeds[i]), dtype=torch.uint8), kind, spec, count, fix)
@@ -84,8 +86,8 @@ def _deal(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, count: 
     per_party: list[list] = [[] for _ in parties]
     for k in range(count):
         uniform = [random_ring(shape) for shape in uniform_shapes]
-        for value in uniform + derive(uniform, gen):
-            for i, share in enumerate(split(value, n)):
+        for j, value in enumerate(uniform + derive(uniform, gen)):
+            for i, share in enumerate(split_shares(value, n, j in xor)):
                 per_party[i].append(share)
     for i, party in enumerate(parties):
         objects = [m.StoredObject(oid, t, (DEALER_TAG,)) for oid, t in zip(ids[i], per_party[i])]  # never revealable
@@ -154,7 +156,7 @@ class WorkerDealer(Provider):
         return spare.popleft()
 
     def _request(self, key, kind: str, spec: Any, parties: list, spare: deque) -> None:
-        if kind == "comparison":  # FSS keys: not a recipe (fss_dealing.py)
+        if kind == "fss_comparison":  # FSS keys: not a recipe (fss_dealing.py)
             op = DEAL_COMPARISON
             party_shapes = [fss_material.field_shapes(spec[0], spec[1], i < 2) for i in range(len(parties))]
         else:
@@ -190,6 +192,9 @@ class WorkerDealer(Provider):
         return self._take("zero", (tuple(int(s) for s in shape),), parties)
 
     def comparison_keys(self, shape, n_values, parties):
+        return self._take("fss_comparison", (tuple(int(s) for s in shape), int(n_values)), parties)
+
+    def comparison_material(self, shape, n_values, parties):
         return self._take("comparison", (tuple(int(s) for s in shape), int(n_values)), parties)
 
     def register_mac_key(self, key_id, alpha):
