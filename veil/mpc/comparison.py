@@ -145,6 +145,8 @@ COMPARISON_PROTOCOLS: dict[str, Callable] = {"fss": sign_select_fss, "circuit": 
 #: the protocol :func:`sign_select` runs (``circuit``: 8 rounds, ~120 dealt bytes per ReLU entry and
 #: little computation; ``fss``: 1 round, 2,064-byte DCF keys per entry and key holder)
 DEFAULT_COMPARISON = "circuit"
+#: opening rounds of one comparison, per protocol
+COMPARISON_ROUNDS = {"fss": 1, "circuit": 8}
 
 
 def sign_select(d: Shares, extras: Sequence[Shares], provider: Provider,
