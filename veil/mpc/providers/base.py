@@ -12,7 +12,15 @@ from typing import Hashable, Mapping, Sequence
 
 import torch
 
+from veil.exceptions import register_remote_error
 from veil.mpc.errors import ProviderError
+
+
+class MaterialExhaustedError(ProviderError):
+    """Material dealt ahead ran out and the owner asked for no on-demand dealing."""
+
+
+register_remote_error(MaterialExhaustedError)
 
 PartyShares = Mapping[Hashable, tuple]
 
