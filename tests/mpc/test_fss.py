@@ -117,8 +117,8 @@ def protocol(request, monkeypatch):
     return request.param
 
 
-# opened words per entry (besides the masked values) of the bitwise circuit: 2 + 5 AND-level words + the bit
-CIRCUIT_WORDS = 8
+# opened words per entry (besides the masked values) of the bitwise circuit: 4 AND-level words + the bit
+CIRCUIT_WORDS = 5
 
 
 @pytest.mark.parametrize("n_extra", [0, 1, 2])

@@ -14,27 +14,34 @@ values to multiply by the bit. The dealer deals arithmetic masks ``r_j``,
 1. **Round 1.** Open ``v_j + r_j`` (uniform). ``X = v_0 + r_0 - 1 = x + r_0``.
    The sign bit of ``x`` is ``X_hi xor R_hi xor [X_lo < R_lo]`` (top bits and
    the borrow of the low 63 bits), the same identity as the FSS protocol.
-2. **Rounds 2-7: the borrow ``[X_lo < R_lo]``** with ``X`` public and ``R``
-   XOR-shared, as a comparison tree on whole 64-bit words: per bit
-   ``lt = R & ~X`` and ``eq = ~(R xor X)`` are local (XOR-linear); level
-   ``l`` pairs each position ``p`` (a multiple of ``2^(l+1)``) with ``p +
-   2^l`` above it and computes ``lt = lt_hi xor (eq_hi & lt_lo)``,
-   ``eq = eq_hi & eq_lo`` with two Beaver AND triples sharing the mask of
-   ``eq_hi`` (one round, 3 words opened). Six levels take 64 bits to 1
-   (bit 63 is a neutral "equal" position).
-3. **Round 8.** Open ``b xor rho`` (``b`` the XOR-shared result bit; the last
-   level's AND is finished inside this step). With ``e`` public, the
+2. **The borrow ``[X_lo < R_lo]``** with ``X`` public and ``R`` XOR-shared,
+   as a comparison tree on whole 64-bit words (per position ``lt``: "X below
+   R here", ``eq``: "equal here"; a pair combines as ``lt = lt_hi xor (eq_hi &
+   lt_lo)``, ``eq = eq_hi & eq_lo``). Its first two levels (4-bit groups) are
+   **local**: each group's ``lt`` and ``eq`` are polynomials in ``R``'s bits
+   with public coefficients (from ``X``), and the dealer shares every product
+   of ``R``'s bits within a group (11 per group, packed in 3 words). The other
+   four levels (16 positions to 1) take **one round each**: two Beaver AND
+   triples sharing the mask of ``eq_hi``, the three masked operands packed
+   into one word.
+3. **Last round.** Open ``b xor rho`` (``b`` the XOR-shared result bit; the
+   last level's AND is finished inside this step). With ``e`` public, the
    arithmetic bit is ``b = e + (1 - 2e) rho`` and ``v_j b = (v_j + r_j) b -
    r_j b`` with ``r_j b = e r_j + (1 - 2e) (r_j rho)``: local.
 
 Cost per compared entry, ``p`` values multiplied by the bit (``p = 0``: the
-bit alone; 1 for ReLU): **8 rounds**; each party sends ``8 max(p, 1) + 8 * 7
-+ 8`` bytes per other party (the AND operands of a level are packed into the
-free bits of one word, two at level 0; ReLU: 72 bytes; CrypTen's ReLU: 232
-bytes, 9 rounds). The dealer's seeds make every uniform field free; the last party
-gets explicit derived fields: ``8 (13 + 1 + p)`` bytes (ReLU: 120 bytes; the
-63-bit DCF keys were 2,064 bytes for each of two parties). Computation: a
-few dozen int64 word operations per entry.
+bit alone; 1 for ReLU): **6 rounds**; each party sends ``8 max(p, 1) + 8 * 4
++ 8`` bytes per other party (ReLU: 48 bytes; CrypTen's ReLU: 232 bytes in 9
+rounds). The dealer's seeds make every uniform field free; the last party
+gets the derived fields explicitly: ``8 (13 + p)`` bytes (ReLU: 112 bytes;
+the 63-bit DCF keys were 2,064 bytes for each of two parties). Computation:
+about a hundred int64 word operations per entry, no AES.
+
+The local groups use the idea of dealing products of mask bits so that the
+low levels of a comparison circuit need no interaction (function-dependent
+preprocessing, as in the multi-input AND gates of e.g. Ohata-Nuida,
+"Communication-efficient (client-aided) secure two-party protocols and its
+application", FC 2020); the code is written from the formulas above.
 
 Security: semi-honest, the dealer not colluding with a party (as Beaver
 triples): every opened value is masked by a fresh uniform mask (arithmetic
@@ -49,13 +56,15 @@ from typing import Hashable, Mapping, Sequence
 
 import torch
 
-from veil.mpc.material import COMPARISON_LEVELS, ComparisonLayout
+from veil.mpc.material import (AND_LEVELS, GROUP_BITS, GROUP_LEVELS, GROUP_MASK, GROUP_SUBSETS, GROUP_WORDS,
+                               ComparisonLayout)
 from veil.mpc.party import open_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
 
 Shares = Mapping[Hashable, torch.Tensor]
 
 LOW = (1 << 63) - 1
+_SUBSET_INDEX = {subset: k for k, subset in enumerate(GROUP_SUBSETS)}
 
 
 def _mask_of(level: int) -> int:
@@ -64,23 +73,78 @@ def _mask_of(level: int) -> int:
     return sum(1 << p for p in range(0, 64, step))
 
 
-#: per level: (stride, positions that hold the level's results)
-_LEVELS = [(1 << level, _mask_of(level)) for level in range(COMPARISON_LEVELS)]
+def _half(and_level: int) -> tuple[int, int]:
+    """``(s, mask)`` of an AND level: it combines the position ``p + s`` (high)
+    with ``p`` (low), ``s = 2^l`` for tree level ``l = GROUP_LEVELS + and_level``,
+    at the positions ``p`` in ``mask`` (multiples of ``2^(l+1)``); the word keeps
+    its order of significance and the result ends at bit 0."""
+    level = GROUP_LEVELS + and_level
+    return 1 << level, _mask_of(level)
 
 
-def _half(level: int) -> tuple[int, int]:
-    """``(s, mask)``: level ``l`` combines the position ``p + s`` (high) with ``p`` (low),
-    ``s = 2^l``, for ``p`` in ``mask`` (multiples of ``2^(l+1)``), so the word
-    keeps its order of significance; the result sits at ``p`` (bit 0 at the end)."""
-    return _LEVELS[level]
+# ---------------------------------------------------------------- local 4-bit groups
+# A polynomial over the bits of R is {subset of group offsets: public coefficient word}
+# (XOR of coefficient & monomial); the dealt group products make every monomial a share.
 
 
-def _leaves(xhat: torch.Tensor, r_x: torch.Tensor, first: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shares of per-bit ``lt = ~X & R`` and ``eq = ~(X xor R)`` of the low 63 bits (bit 63: equal)."""
-    not_x = ~((xhat - 1) & LOW)  # bit 63 set: X_lo and R_lo are both 0 there
+def _poly_xor(p: dict, q: dict) -> dict:
+    out = dict(p)
+    for s, c in q.items():
+        out[s] = out[s] ^ c if s in out else c
+    return out
+
+
+def _poly_and(p: dict, q: dict) -> dict:
+    out: dict = {}
+    for s1, c1 in p.items():
+        for s2, c2 in q.items():
+            s, c = tuple(sorted(set(s1) | set(s2))), c1 & c2
+            out[s] = out[s] ^ c if s in out else c
+    return out
+
+
+def _leaves(xhat: torch.Tensor, r_x: torch.Tensor, groups: Sequence[torch.Tensor], first: bool):
+    """Shares of ``(lt, eq)`` of every 4-bit group of ``X_lo`` vs ``R_lo`` (at the group's lowest bit), locally.
+
+    ``lt = lt3 ^ eq3 lt2 ^ eq3 eq2 lt1 ^ eq3 eq2 eq1 lt0`` and ``eq = eq3 eq2 eq1
+    eq0`` with per bit ``lt_o = ~X_o R_o`` and ``eq_o = ~X_o ^ R_o``: polynomials
+    in ``R``'s bits with public coefficients, whose monomials the dealer shared.
+    """
+    x_lo = (xhat - 1) & LOW  # bit 63: X_lo and R_lo are both 0 there (equal)
+    not_x = [~(x_lo >> o) & GROUP_MASK for o in range(GROUP_BITS)]
+    lt = [{(o,): not_x[o]} for o in range(GROUP_BITS)]
+    eq = [{(): not_x[o], (o,): GROUP_MASK} for o in range(GROUP_BITS)]
+    lt_hi, eq_hi = _poly_xor(lt[3], _poly_and(eq[3], lt[2])), _poly_and(eq[3], eq[2])
+    lt_lo, eq_lo = _poly_xor(lt[1], _poly_and(eq[1], lt[0])), _poly_and(eq[1], eq[0])
+    lt_poly, eq_poly = _poly_xor(lt_hi, _poly_and(eq_hi, lt_lo)), _poly_and(eq_hi, eq_lo)
     r_lo = r_x & LOW
-    lt = r_lo & not_x
-    return lt, (r_lo ^ not_x) if first else r_lo
+
+    def share(poly: dict) -> torch.Tensor:
+        total = torch.zeros_like(x_lo)
+        for subset, coeff in poly.items():
+            if not subset:
+                if first:  # the public constant term, once
+                    total ^= coeff
+                continue
+            if len(subset) == 1:
+                monomial = (r_lo >> subset[0]) & GROUP_MASK
+            else:
+                k = _SUBSET_INDEX[subset]
+                monomial = (groups[k // GROUP_BITS] >> (k % GROUP_BITS)) & GROUP_MASK
+            total ^= coeff & monomial
+        return total
+
+    return share(lt_poly), share(eq_poly)
+
+
+# ---------------------------------------------------------------- AND levels
+
+
+def _state(state: list, first: bool) -> tuple:
+    """``(lt, eq)``: from ``[xhat, R, *group words]`` before the first AND level, else stored."""
+    if len(state) == 2:
+        return state[0], state[1]
+    return _leaves(state[0], state[1], state[2:], first)
 
 
 def _and_operands(lt, eq, level):
@@ -102,6 +166,25 @@ def _and_finish(lt, eq, opened, triple, products, level, first):
     return ((lt >> h) & m) ^ z1, z2
 
 
+def _pack(e, f1, f2) -> torch.Tensor:
+    """The three masked operands in one word: their positions are multiples of 8 (XOR-compatible)."""
+    return e | (f1 << 1) | (f2 << 2)
+
+
+def _unpack(w: torch.Tensor, level: int) -> tuple:
+    _, m = _half(level)
+    return w & m, (w >> 1) & m, (w >> 2) & m
+
+
+def _check_state(state, level, first) -> None:
+    if type(level) is not int or not 0 <= level < AND_LEVELS:
+        raise ValueError(f"comparison level must be an int in [0, {AND_LEVELS})")
+    if not isinstance(first, bool):
+        raise ValueError("comparison steps need a boolean first")
+    if not isinstance(state, list) or len(state) not in (2, 2 + GROUP_WORDS):
+        raise ValueError("comparison state must be [lt, eq] or [xhat, R, *group words]")
+
+
 @party_function("cmp_mask_values", openable=True)
 def _mask_values(values: list, masks: list) -> tuple:
     """Round 1: shares of ``v_j + r_j``."""
@@ -109,54 +192,31 @@ def _mask_values(values: list, masks: list) -> tuple:
 
 
 @party_function("cmp_and_open", openable=True, xor=True)
-def _and_open(lt, eq, a, b1, b2, level: int, leaves: bool, first: bool) -> tuple:
-    """XOR shares of ``eq_hi ^ a``, ``lt_lo ^ b1``, ``eq_lo ^ b2`` (``lt, eq`` = ``xhat, R`` when ``leaves``)."""
-    _check_level(level)
-    if not isinstance(leaves, bool) or not isinstance(first, bool):
-        raise ValueError("cmp_and_open needs boolean leaves and first")
-    if leaves:
-        lt, eq = _leaves(lt, eq, first)
+def _and_open(state: list, a, b1, b2, level: int, first: bool) -> tuple:
+    """XOR shares of ``eq_hi ^ a``, ``lt_lo ^ b1``, ``eq_lo ^ b2``, packed in one word."""
+    _check_state(state, level, first)
+    lt, eq = _state(state, first)
     _, m = _half(level)
     eq_hi, lt_lo, eq_lo = _and_operands(lt, eq, level)
-    return _pack(eq_hi ^ (a & m), lt_lo ^ (b1 & m), eq_lo ^ (b2 & m), level)
-
-
-def _pack(e, f1, f2, level: int) -> tuple:
-    """The three masked operands in as few words as their bit positions allow (XOR-compatible).
-
-    Level 0's operands use the even bits: ``e | f1 << 1`` and ``f2``; from
-    level 1 on they use one bit in four or fewer: ``e | f1 << 1 | f2 << 2``.
-    """
-    if level == 0:
-        return e | (f1 << 1), f2
-    return (e | (f1 << 1) | (f2 << 2),)
-
-
-def _unpack(words: Sequence[torch.Tensor], level: int) -> tuple:
-    _, m = _half(level)
-    if level == 0:
-        return words[0] & m, (words[0] >> 1) & m, words[1] & m
-    w = words[0]
-    return w & m, (w >> 1) & m, (w >> 2) & m
+    return (_pack(eq_hi ^ (a & m), lt_lo ^ (b1 & m), eq_lo ^ (b2 & m)),)
 
 
 @party_function("cmp_and_next")
-def _and_next(lt, eq, opened: list, a, b1, b2, c1, c2, level: int, leaves: bool, first: bool) -> tuple:
+def _and_next(state: list, opened, a, b1, b2, c1, c2, level: int, first: bool) -> tuple:
     """Stores the next level's shares of ``(lt, eq)``."""
-    _check_level(level)
-    if lt.is_meta:  # run_party's shape inference
-        return torch.empty_like(lt), torch.empty_like(lt)
-    if leaves:
-        lt, eq = _leaves(lt, eq, first)
+    _check_state(state, level, first)
+    if opened.is_meta:  # run_party's shape inference
+        return torch.empty_like(opened), torch.empty_like(opened)
+    lt, eq = _state(state, first)
     return _and_finish(lt, eq, _unpack(opened, level), (a, b1, b2), (c1, c2), level, first)
 
 
 @party_function("cmp_bit_open", openable=True, xor=True)
-def _bit_open(lt, eq, opened: list, a, b1, b2, c1, c2, xhat, r_x, rho, first: bool) -> tuple:
+def _bit_open(state: list, opened, a, b1, b2, c1, c2, xhat, r_x, rho, first: bool) -> tuple:
     """Finishes the last AND level and returns XOR shares of ``b ^ rho`` (``b = [x >= 0]``)."""
-    if not isinstance(first, bool):
-        raise ValueError("cmp_bit_open needs a boolean first")
-    last = COMPARISON_LEVELS - 1
+    last = AND_LEVELS - 1
+    _check_state(state, last, first)
+    lt, eq = _state(state, first)
     lt, _ = _and_finish(lt, eq, _unpack(opened, last), (a, b1, b2), (c1, c2), last, first)
     b = (lt ^ (r_x >> 63)) & 1  # borrow xor R_hi
     if first:
@@ -179,11 +239,6 @@ def _select(e, opened: list, masks: list, rho, masks_rho: list, first: bool) -> 
     return (bit, *products)
 
 
-def _check_level(level) -> None:
-    if type(level) is not int or not 0 <= level < COMPARISON_LEVELS:
-        raise ValueError(f"comparison level must be an int in [0, {COMPARISON_LEVELS})")
-
-
 def sign_select(d: Shares, extras: Sequence[Shares], provider: Provider,
                 products: bool = True) -> tuple[dict, list[dict]]:
     """Shares of ``[d > 0]`` and of ``v * [d > 0]`` for ``v`` in ``(d, *extras)`` (8 rounds).
@@ -202,21 +257,18 @@ def sign_select(d: Shares, extras: Sequence[Shares], provider: Provider,
     masks = {p: mats[p][:lay.n_masks] for p in parties}
     opened = open_parties("cmp_mask_values", {p: (values[p][:lay.n_masks], masks[p]) for p in parties})
     first = {p: i == 0 for i, p in enumerate(parties)}
-    # level state: (xhat, R) for the leaves, then stored (lt, eq) shares
-    state = {p: (opened[0], mats[p][lay.r_xor]) for p in parties}
-    leaves = True
-    for level in range(COMPARISON_LEVELS):
+    # the first AND level derives (lt, eq) of the 4-bit groups from (xhat, R, group words) itself
+    state = {p: [opened[0], mats[p][lay.r_xor]] + [mats[p][i] for i in lay.groups] for p in parties}
+    for level in range(AND_LEVELS):
         trip = {p: [mats[p][i] for i in lay.triple(level)] for p in parties}
         prods = {p: [mats[p][i] for i in lay.products(level)] for p in parties}
-        words = open_parties("cmp_and_open", {p: (*state[p], *trip[p], level, leaves, first[p])
-                                                  for p in parties})
-        if level == COMPARISON_LEVELS - 1:
+        (word,) = open_parties("cmp_and_open", {p: (state[p], *trip[p], level, first[p]) for p in parties})
+        if level == AND_LEVELS - 1:
             break
-        state = {p: run_party("cmp_and_next", *state[p], words, *trip[p], *prods[p], level=level,
-                              leaves=leaves, first=first[p]) for p in parties}
-        leaves = False
+        state = {p: list(run_party("cmp_and_next", state[p], word, *trip[p], *prods[p], level=level,
+                                   first=first[p])) for p in parties}
     (bit_open,) = open_parties("cmp_bit_open", {
-        p: (*state[p], words, *trip[p], *prods[p], opened[0], mats[p][lay.r_xor], mats[p][lay.rho], first[p])
+        p: (state[p], word, *trip[p], *prods[p], opened[0], mats[p][lay.r_xor], mats[p][lay.rho], first[p])
         for p in parties})
     outs = {p: run_party("cmp_select", bit_open, opened[:n_values], masks[p][:n_values], mats[p][lay.rho_arith],
                          [mats[p][i] for i in lay.masks_rho], first=first[p]) for p in parties}

@@ -142,11 +142,11 @@ def sign_select_fss(d: Shares, extras: Sequence[Shares], provider: Provider,
 
 #: name -> sign_select implementation (one protocol per file)
 COMPARISON_PROTOCOLS: dict[str, Callable] = {"fss": sign_select_fss, "circuit": bit_comparison.sign_select}
-#: the protocol :func:`sign_select` runs (``circuit``: 8 rounds, ~120 dealt bytes per ReLU entry and
-#: little computation; ``fss``: 1 round, 2,064-byte DCF keys per entry and key holder)
+#: the protocol :func:`sign_select` runs (``circuit``: 6 rounds, 112 dealt bytes per ReLU entry, no AES;
+#: ``fss``: 1 round, 2,064-byte DCF keys per entry and key holder, 63 AES levels to evaluate)
 DEFAULT_COMPARISON = "circuit"
 #: opening rounds of one comparison, per protocol
-COMPARISON_ROUNDS = {"fss": 1, "circuit": 8}
+COMPARISON_ROUNDS = {"fss": 1, "circuit": 6}
 
 
 def sign_select(d: Shares, extras: Sequence[Shares], provider: Provider,

@@ -109,10 +109,38 @@ def _truncation_mac(spec) -> tuple[list, list, Derive]:
     return shapes_u, shapes_d + [shapes_u[0], shapes_d[0], shapes_d[1]], derive
 
 
-#: AND levels of the bitwise comparison: a 64-bit word halves 6 times down to 1 bit
-COMPARISON_LEVELS = 6
+#: the bitwise comparison (:mod:`veil.mpc.bit_comparison`) works on 64-bit words: the first
+#: ``GROUP_LEVELS`` levels of its comparison tree (4-bit groups) are local, thanks to dealt
+#: products of the mask's bits; the other ``AND_LEVELS`` levels take one round each
+GROUP_BITS = 4
+GROUP_LEVELS = 2
+AND_LEVELS = 6 - GROUP_LEVELS
+#: the subsets of a 4-bit group's positions with at least 2 members (the dealt products of R's bits)
+GROUP_SUBSETS: tuple = tuple(
+    tuple(o for o in range(GROUP_BITS) if m >> o & 1) for m in range(1 << GROUP_BITS) if bin(m).count("1") >= 2
+)
+#: positions that are multiples of 4 (one bit per group)
+GROUP_MASK = sum(1 << p for p in range(0, 64, GROUP_BITS))
+#: dealt words holding the group products (4 subsets per word, at offsets 0..3 within the group)
+GROUP_WORDS = -(-len(GROUP_SUBSETS) // GROUP_BITS)
 #: most values multiplied by one comparison bit (argmax uses 2; 0 = the bit alone)
 MAX_COMPARISON_VALUES = 16
+
+
+def group_products(r: torch.Tensor) -> list:
+    """The dealer's words of products of ``r``'s bits within each 4-bit group.
+
+    Subset ``k`` of :data:`GROUP_SUBSETS` sits in word ``k // 4`` at offset
+    ``k % 4`` of each group: bit ``4g + k % 4`` is ``AND_{o in S} r_{4g + o}``.
+    """
+    words = [torch.zeros_like(r) for _ in range(GROUP_WORDS)]
+    aligned = [(r >> o) & GROUP_MASK for o in range(GROUP_BITS)]
+    for k, subset in enumerate(GROUP_SUBSETS):
+        prod = aligned[subset[0]]
+        for o in subset[1:]:
+            prod = prod & aligned[o]
+        words[k // GROUP_BITS] |= prod << (k % GROUP_BITS)
+    return words
 
 
 class ComparisonLayout(NamedTuple):
@@ -122,8 +150,9 @@ class ComparisonLayout(NamedTuple):
     them), then per AND level the XOR masks ``a, b1, b2`` of two AND triples
     sharing their left operand, then the XOR word ``rho`` (its bit 0 is the
     random bit that turns the result into arithmetic shares). Derived fields:
-    ``R`` (``r_0`` XOR-shared), per level ``c1 = a & b1`` and ``c2 = a & b2``
-    (XOR), ``rho`` as an arithmetic 0/1, and ``r_j * rho`` (arithmetic).
+    ``R`` (``r_0`` XOR-shared), the group products of ``R``'s bits
+    (:func:`group_products`, XOR), per AND level ``c1 = a & b1`` and ``c2 = a &
+    b2`` (XOR), ``rho`` as an arithmetic 0/1, and ``r_j * rho`` (arithmetic).
     """
 
     n_values: int
@@ -133,13 +162,13 @@ class ComparisonLayout(NamedTuple):
         return max(self.n_values, 1)
 
     def triple(self, level: int) -> tuple[int, int, int]:
-        """Positions of ``a, b1, b2`` of an AND level."""
+        """Positions of ``a, b1, b2`` of AND level ``level`` (0 .. AND_LEVELS - 1)."""
         base = self.n_masks + 3 * level
         return base, base + 1, base + 2
 
     @property
     def rho(self) -> int:
-        return self.n_masks + 3 * COMPARISON_LEVELS
+        return self.n_masks + 3 * AND_LEVELS
 
     @property
     def n_uniform(self) -> int:
@@ -149,13 +178,18 @@ class ComparisonLayout(NamedTuple):
     def r_xor(self) -> int:
         return self.n_uniform
 
+    @property
+    def groups(self) -> range:
+        return range(self.n_uniform + 1, self.n_uniform + 1 + GROUP_WORDS)
+
     def products(self, level: int) -> tuple[int, int]:
         """Positions of ``c1, c2`` of an AND level."""
-        return self.n_uniform + 1 + 2 * level, self.n_uniform + 2 + 2 * level
+        base = self.n_uniform + 1 + GROUP_WORDS + 2 * level
+        return base, base + 1
 
     @property
     def rho_arith(self) -> int:
-        return self.n_uniform + 1 + 2 * COMPARISON_LEVELS
+        return self.n_uniform + 1 + GROUP_WORDS + 2 * AND_LEVELS
 
     @property
     def masks_rho(self) -> range:
@@ -169,18 +203,21 @@ class ComparisonLayout(NamedTuple):
     @property
     def xor(self) -> frozenset:
         """Fields that are XOR shares."""
-        return frozenset(range(self.n_masks, self.n_uniform + 1 + 2 * COMPARISON_LEVELS))
+        return frozenset(range(self.n_masks, self.rho_arith))
 
 
 def _comparison(spec) -> tuple[list, list, Derive]:
+    if not isinstance(spec, (tuple, list)) or len(spec) != 2:
+        raise ProviderError("comparison spec must be (shape, n_values)")
     shape, n_values = _shape(spec[0]), spec[1]
     if type(n_values) is not int or not 0 <= n_values <= MAX_COMPARISON_VALUES:
         raise ProviderError(f"comparison n_values must be an int in [0, {MAX_COMPARISON_VALUES}], got {n_values!r}")
     lay = ComparisonLayout(n_values)
 
     def derive(u: list, g: torch.Generator) -> list:
-        out = [u[0]]  # R: r_0, XOR-shared
-        for level in range(COMPARISON_LEVELS):
+        # R: r_0, XOR-shared, and the group products of its low 63 bits (bit 63 is compared apart)
+        out = [u[0]] + group_products(u[0] & ((1 << 63) - 1))
+        for level in range(AND_LEVELS):
             a, b1, b2 = (u[i] for i in lay.triple(level))
             out += [a & b1, a & b2]
         rho = u[lay.rho] & 1
