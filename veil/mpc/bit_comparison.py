@@ -265,8 +265,9 @@ def sign_select(d: Shares, extras: Sequence[Shares], provider: Provider,
         (word,) = open_parties("cmp_and_open", {p: (state[p], *trip[p], level, first[p]) for p in parties})
         if level == AND_LEVELS - 1:
             break
+        # the next level's opening follows at every party: the step rides on it
         state = {p: list(run_party("cmp_and_next", state[p], word, *trip[p], *prods[p], level=level,
-                                   first=first[p])) for p in parties}
+                                   first=first[p], _defer=True)) for p in parties}
     (bit_open,) = open_parties("cmp_bit_open", {
         p: (state[p], word, *trip[p], *prods[p], opened[0], mats[p][lay.r_xor], mats[p][lay.rho], first[p])
         for p in parties})

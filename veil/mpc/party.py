@@ -125,8 +125,13 @@ def _meta(value: Any) -> Any:
     return tree_map(to_meta, value)
 
 
-def run_party(name: str, *args: Any, **kwargs: Any) -> Any:
+def run_party(name: str, *args: Any, _defer: bool = False, **kwargs: Any) -> Any:
     """Runs party function ``name`` where its share arguments live.
+
+    ``_defer``: for a step that the same protocol follows with a message to
+    the same party (an opening): the command rides on that message instead of
+    taking its own (an error then surfaces there, as "deferred command ...
+    failed"). Not for a protocol's last step, whose next message may never come.
 
     Returns:
         The function's output: local tensors, or pointers to the results on
@@ -136,12 +141,16 @@ def run_party(name: str, *args: Any, **kwargs: Any) -> Any:
     first = _location((args, kwargs))
     if first is None:
         return fn(*args, **kwargs)
+    defer = _defer
     meta_out = fn(*_meta(args), **_meta(kwargs))
     flat, spec = tree_flatten(meta_out)
     ids = [new_id() for _ in flat]
     owner, location = first.owner, first.location
     msg = m.CommandMessage(WIRE_PREFIX + name, _wire(args), _wire(kwargs), ids, False)
-    owner.send_msg(msg, location)
+    if defer:
+        owner.defer_command(location, msg)
+    else:
+        owner.send_msg(msg, location)
     ptrs = [PointerTensor(location, oid, owner, t.shape, t.dtype) for oid, t in zip(ids, flat)]
     return tree_unflatten(ptrs, spec)
 
