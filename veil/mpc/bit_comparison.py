@@ -83,24 +83,42 @@ def _half(and_level: int) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------- local 4-bit groups
-# A polynomial over the bits of R is {subset of group offsets: public coefficient word}
-# (XOR of coefficient & monomial); the dealt group products make every monomial a share.
+# A polynomial over the bits of R is {monomial (subset of group offsets): coefficient}, meaning the
+# XOR of coefficient & monomial; a coefficient is a function of X's bits, kept symbolically as a set
+# of AND-terms (each a frozenset of offsets o standing for ~X_o; the empty term is 1), XORed. The
+# polynomials of a group's lt and eq are expanded once, at import; the dealt group products make
+# every monomial a share.
 
 
-def _poly_xor(p: dict, q: dict) -> dict:
+def _sym_xor(p: dict, q: dict) -> dict:
     out = dict(p)
-    for s, c in q.items():
-        out[s] = out[s] ^ c if s in out else c
-    return out
+    for mono, coeff in q.items():
+        out[mono] = out.get(mono, frozenset()) ^ coeff
+    return {mono: c for mono, c in out.items() if c}
 
 
-def _poly_and(p: dict, q: dict) -> dict:
+def _sym_and(p: dict, q: dict) -> dict:
     out: dict = {}
-    for s1, c1 in p.items():
-        for s2, c2 in q.items():
-            s, c = tuple(sorted(set(s1) | set(s2))), c1 & c2
-            out[s] = out[s] ^ c if s in out else c
+    for m1, c1 in p.items():
+        for m2, c2 in q.items():
+            coeff: frozenset = frozenset()
+            for t1 in c1:
+                for t2 in c2:
+                    coeff = coeff ^ {t1 | t2}
+            out = _sym_xor(out, {tuple(sorted(set(m1) | set(m2))): coeff})
     return out
+
+
+def _group_polynomials() -> tuple[dict, dict]:
+    one, empty = frozenset({frozenset()}), ()
+    lt = [{(o,): frozenset({frozenset({o})})} for o in range(GROUP_BITS)]  # ~X_o R_o
+    eq = [{empty: frozenset({frozenset({o})}), (o,): one} for o in range(GROUP_BITS)]  # ~X_o ^ R_o
+    lt_hi, eq_hi = _sym_xor(lt[3], _sym_and(eq[3], lt[2])), _sym_and(eq[3], eq[2])
+    lt_lo, eq_lo = _sym_xor(lt[1], _sym_and(eq[1], lt[0])), _sym_and(eq[1], eq[0])
+    return _sym_xor(lt_hi, _sym_and(eq_hi, lt_lo)), _sym_and(eq_hi, eq_lo)
+
+
+_LT_POLY, _EQ_POLY = _group_polynomials()
 
 
 def _leaves(xhat: torch.Tensor, r_x: torch.Tensor, groups: Sequence[torch.Tensor], first: bool):
@@ -112,29 +130,38 @@ def _leaves(xhat: torch.Tensor, r_x: torch.Tensor, groups: Sequence[torch.Tensor
     """
     x_lo = (xhat - 1) & LOW  # bit 63: X_lo and R_lo are both 0 there (equal)
     not_x = [~(x_lo >> o) & GROUP_MASK for o in range(GROUP_BITS)]
-    lt = [{(o,): not_x[o]} for o in range(GROUP_BITS)]
-    eq = [{(): not_x[o], (o,): GROUP_MASK} for o in range(GROUP_BITS)]
-    lt_hi, eq_hi = _poly_xor(lt[3], _poly_and(eq[3], lt[2])), _poly_and(eq[3], eq[2])
-    lt_lo, eq_lo = _poly_xor(lt[1], _poly_and(eq[1], lt[0])), _poly_and(eq[1], eq[0])
-    lt_poly, eq_poly = _poly_xor(lt_hi, _poly_and(eq_hi, lt_lo)), _poly_and(eq_hi, eq_lo)
     r_lo = r_x & LOW
+    terms: dict = {frozenset(): torch.full_like(x_lo, GROUP_MASK)}
+
+    def term(t: frozenset) -> torch.Tensor:
+        if t not in terms:
+            *rest, last = sorted(t)
+            terms[t] = term(frozenset(rest)) & not_x[last] if rest else not_x[last]
+        return terms[t]
+
+    monomials: dict = {}
+
+    def monomial(mono: tuple) -> torch.Tensor:
+        if mono not in monomials:
+            if len(mono) == 1:
+                monomials[mono] = (r_lo >> mono[0]) & GROUP_MASK
+            else:
+                k = _SUBSET_INDEX[mono]
+                monomials[mono] = (groups[k // GROUP_BITS] >> (k % GROUP_BITS)) & GROUP_MASK
+        return monomials[mono]
 
     def share(poly: dict) -> torch.Tensor:
         total = torch.zeros_like(x_lo)
-        for subset, coeff in poly.items():
-            if not subset:
-                if first:  # the public constant term, once
-                    total ^= coeff
+        for mono, coeff in poly.items():
+            if not mono and not first:  # the public constant term, once
                 continue
-            if len(subset) == 1:
-                monomial = (r_lo >> subset[0]) & GROUP_MASK
-            else:
-                k = _SUBSET_INDEX[subset]
-                monomial = (groups[k // GROUP_BITS] >> (k % GROUP_BITS)) & GROUP_MASK
-            total ^= coeff & monomial
+            c = None
+            for t in coeff:
+                c = term(t) if c is None else c ^ term(t)
+            total ^= c if not mono else c & monomial(mono)
         return total
 
-    return share(lt_poly), share(eq_poly)
+    return share(_LT_POLY), share(_EQ_POLY)
 
 
 # ---------------------------------------------------------------- AND levels
