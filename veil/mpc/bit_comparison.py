@@ -142,12 +142,13 @@ def _leaves(xhat: torch.Tensor, r_x: torch.Tensor, groups: Sequence[torch.Tensor
     monomials: dict = {}
 
     def monomial(mono: tuple) -> torch.Tensor:
+        # not masked: every coefficient word is (only the group's lowest bits are set)
         if mono not in monomials:
             if len(mono) == 1:
-                monomials[mono] = (r_lo >> mono[0]) & GROUP_MASK
+                monomials[mono] = r_lo >> mono[0]
             else:
                 k = _SUBSET_INDEX[mono]
-                monomials[mono] = (groups[k // GROUP_BITS] >> (k % GROUP_BITS)) & GROUP_MASK
+                monomials[mono] = groups[k // GROUP_BITS] >> (k % GROUP_BITS)
         return monomials[mono]
 
     def share(poly: dict) -> torch.Tensor:
