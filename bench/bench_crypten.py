@@ -1,7 +1,7 @@
 """veil vs CrypTen 0.4.1 vs plain PyTorch: SMPC workloads side by side, in the same run.
 
 Run: ``.venv/bin/python bench/bench_crypten.py [--repeat 3] [--passes 2] [--skip-models]
-[--skip-network] [--crypten-provider TFP|TTP] [--threads 1] [--crypten-threads 1]``
+[--skip-network] [--crypten-provider both|TFP|TTP] [--threads 1] [--crypten-threads 1]``
 
 Workloads (bench/bench_mpc.py's): elementwise mul of 1e6 fixed-point values,
 256x256 @ 256x256 matmul, ReLU on 1e5 values, private inference of the MNIST
@@ -26,16 +26,21 @@ Columns:
   every call includes the crypto provider dealing fresh material
   (``max_batch=1``, seeded dealing; the provider runs in-process) and every
   message's serialization; no sockets.
+- **veil online s**: the same call with its material dealt ahead
+  (``WorkerDealer.record`` + ``deal_ahead``, then the call with
+  ``on_exhausted="raise"``, so it provably deals nothing): openings and local
+  work only. **veil ahead+online s**: dealing ahead + that call (best of
+  ``--repeat``, the pair timed together).
 - **veil net s** (unless ``--skip-network``): the same over three ``veil
   worker`` processes on loopback (two parties and the crypto provider, which
   deals worker to worker), orchestrated from this process over WebSockets.
 - **CrypTen s**: two CrypTen processes (bench/crypten_party.py, gloo on
   loopback), wall time measured by rank 0 around the call after a barrier.
-  Provider: CrypTen's default, TFP ("trusted first party": party 0 generates
-  every triple itself and shares it by PRZS, with no messages, so dealing
-  costs only local compute; party 0 knows the triples), unless
-  ``--crypten-provider TTP`` (a third process deals, seeded like veil's
-  crypto provider). Dealing is in the time either way.
+  Providers (``--crypten-provider both``, the default, runs both in turn):
+  CrypTen's default TFP ("trusted first party": party 0 generates every
+  triple itself and shares it by PRZS, with no messages, so dealing costs only
+  local compute; party 0 knows the triples) and TTP (a third process deals,
+  seeded like veil's crypto provider). Dealing is in the time either way.
 - **rounds**: veil's opening rounds (``count_openings``; the request that
   makes the provider deal is one more message hop per fresh item, not
   counted); CrypTen's communicator rounds (one per collective call; with TTP

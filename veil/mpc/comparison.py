@@ -1,6 +1,11 @@
 """Private comparison: shares of ``[d > 0]`` and of ``v * [d > 0]`` (ReLU, max).
 
-Protocol (function secret sharing, in the style of AriaNN, Ryffel et al.,
+:func:`sign_select` runs the protocol named by :data:`DEFAULT_COMPARISON`
+from :data:`COMPARISON_PROTOCOLS`: ``circuit`` (default, 6 rounds, small
+material, :mod:`veil.mpc.bit_comparison`) or ``fss`` (below, 1 round, large
+keys). Both are exact for every ``d`` but ``-2^63``.
+
+FSS protocol (function secret sharing, in the style of AriaNN, Ryffel et al.,
 PETS 2022; one protocol per file, selected in :data:`COMPARISON_PROTOCOLS`).
 Let ``m = COMPARISON_BITS``, ``x = d - 1`` (so ``[d > 0] = [x >= 0]``) and
 ``v_0 = d, v_1, ..`` the values to multiply by the bit. The dealer draws
