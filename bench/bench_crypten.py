@@ -1,7 +1,7 @@
 """veil vs CrypTen 0.4.1 vs plain PyTorch: SMPC workloads side by side, in the same run.
 
 Run: ``.venv/bin/python bench/bench_crypten.py [--repeat 3] [--passes 2] [--skip-models]
-[--skip-network] [--crypten-provider TFP|TTP] [--threads 1] [--crypten-threads 1]``
+[--skip-network] [--crypten-provider both|TFP|TTP] [--threads 1] [--crypten-threads 1]``
 
 Workloads (bench/bench_mpc.py's): elementwise mul of 1e6 fixed-point values,
 256x256 @ 256x256 matmul, ReLU on 1e5 values, private inference of the MNIST
@@ -26,16 +26,21 @@ Columns:
   every call includes the crypto provider dealing fresh material
   (``max_batch=1``, seeded dealing; the provider runs in-process) and every
   message's serialization; no sockets.
+- **veil online s**: the same call with its material dealt ahead
+  (``WorkerDealer.record`` + ``deal_ahead``, then the call with
+  ``on_exhausted="raise"``, so it provably deals nothing): openings and local
+  work only. **veil ahead+online s**: dealing ahead + that call (best of
+  ``--repeat``, the pair timed together).
 - **veil net s** (unless ``--skip-network``): the same over three ``veil
   worker`` processes on loopback (two parties and the crypto provider, which
   deals worker to worker), orchestrated from this process over WebSockets.
 - **CrypTen s**: two CrypTen processes (bench/crypten_party.py, gloo on
   loopback), wall time measured by rank 0 around the call after a barrier.
-  Provider: CrypTen's default, TFP ("trusted first party": party 0 generates
-  every triple itself and shares it by PRZS, with no messages, so dealing
-  costs only local compute; party 0 knows the triples), unless
-  ``--crypten-provider TTP`` (a third process deals, seeded like veil's
-  crypto provider). Dealing is in the time either way.
+  Providers (``--crypten-provider both``, the default, runs both in turn):
+  CrypTen's default TFP ("trusted first party": party 0 generates every
+  triple itself and shares it by PRZS, with no messages, so dealing costs only
+  local compute; party 0 knows the triples) and TTP (a third process deals,
+  seeded like veil's crypto provider). Dealing is in the time either way.
 - **rounds**: veil's opening rounds (``count_openings``; the request that
   makes the provider deal is one more message hop per fresh item, not
   counted); CrypTen's communicator rounds (one per collective call; with TTP
@@ -88,7 +93,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import veil as sy  # noqa: E402
 from bench_mpc import _time as _best  # noqa: E402
-from bench_mpc import model_cases, op_cases, traffic, virtual_setup  # noqa: E402
+from bench_mpc import model_cases, offline_online, op_cases, traffic, virtual_setup  # noqa: E402
 from veil.mpc.providers.worker_dealer import dealer_for  # noqa: E402
 
 VENV = ROOT / ".bench-venvs" / "crypten"
@@ -290,6 +295,7 @@ def run_veil(parties, cp, me, cp_local, repeat: int, skip_models: bool, label: s
             out, t = traffic(fn, me, cp_local, n)  # warm-up call, counted
             err = check(out) if check else None
             t["s"] = _best(fn, repeat)
+            t["online_s"], t["total_s"], t["deal_s"] = offline_online(fn, cp, me, repeat)
         except Exception as e:  # report the others; the table shows the failure
             log(f"  [{label}] {name}: FAILED {type(e).__name__}: {e}")
             t = {"error": f"{type(e).__name__}: {e}", "s": None, "rounds": None}
@@ -300,7 +306,8 @@ def run_veil(parties, cp, me, cp_local, repeat: int, skip_models: bool, label: s
         res[name] = t
         if t["s"] is None:
             continue
-        log(f"  [{label}] {name}: {t['s']:.4f} s, {t['rounds']} rounds"
+        log(f"  [{label}] {name}: {t['s']:.4f} s (online {t['online_s']:.4f}, dealt ahead + online "
+            f"{t['total_s']:.4f}), {t['rounds']} rounds"
             + (f", torch {t['torch_s'] * 1e3:.3f} ms" if plain else ""))
     return res
 
@@ -340,9 +347,12 @@ def _keep_best(best: dict | None, new: dict) -> dict:
         b = best[name]
         passes = b["s_passes"] + [v["s"]]
         torch_s = [x for x in (b.get("torch_s"), v.get("torch_s")) if x is not None]
+        extra = {k: min(x for x in (b.get(k), v.get(k)) if x is not None) for k in ("online_s", "total_s")
+                 if b.get(k) is not None or v.get(k) is not None}
         if v["s"] is not None and (b["s"] is None or v["s"] < b["s"]):
             b.clear()
             b.update(v)
+        b.update(extra)
         b["s_passes"] = passes
         if torch_s:
             b["torch_s"] = min(torch_s)
@@ -365,19 +375,27 @@ def _ratio(a, b) -> str:
 
 
 def table(rows: dict) -> str:
-    head = ("| workload | torch s | veil s | veil net s | CrypTen s | veil/CrypTen | veil net/CrypTen | veil/torch "
-            "| rounds veil/CrypTen | sent/party MB veil/CrypTen | sent+recv/party MB veil/CrypTen |")
+    """Times: veil fresh dealing per call / online (dealt ahead) / dealt ahead + online; CrypTen TFP and TTP."""
+    head = ("| workload | torch s | veil s | veil online s | veil ahead+online s | veil net online s | CrypTen TFP s "
+            "| CrypTen TTP s | online/TFP | online/TTP | ahead+online/TTP | veil net online/veil online "
+            "| rounds veil/TFP/TTP | sent/party MB veil/TFP/TTP | sent+recv/party MB veil/TFP/TTP |")
     lines = [head, "|" + "---|" * (head.count(" | ") + 1)]
     for name, r in rows.items():
-        v, n, c = r["veil"], r.get("veil_net") or {}, r.get("crypten") or {}
-        vs, ns, cs = v.get("s"), n.get("s"), c.get("s")
-        c_sr = c["sent"] + c["received"] if c else None
-        vt = "-" if vs is None else f"{vs / r['torch_s']:.0f}x"
+        v, n = r["veil"], r.get("veil_net") or {}
+        tfp, ttp = r.get("crypten_TFP") or {}, r.get("crypten_TTP") or {}
+        on, tot = v.get("online_s"), v.get("total_s")
+
+        def sr(c):
+            return c["sent"] + c["received"] if c else None
+
         lines.append(
-            f"| {name} | {r['torch_s']:.5f} | {_s(vs) if vs is not None else 'failed'} | {_s(ns)} | {_s(cs)} | "
-            f"{_ratio(vs, cs)} | {_ratio(ns, cs)} | {vt} | "
-            f"{v.get('rounds') if v.get('rounds') is not None else '-'} / {c.get('rounds', '-')} | "
-            f"{_mb(v.get('sent'))} / {_mb(c.get('sent'))} | {_mb(v.get('sent_recv'))} / {_mb(c_sr)} |")
+            f"| {name} | {r['torch_s']:.5f} | {_s(v.get('s')) if v.get('s') is not None else 'failed'} | {_s(on)} | "
+            f"{_s(tot)} | {_s(n.get('online_s'))} | {_s(tfp.get('s'))} | {_s(ttp.get('s'))} | "
+            f"{_ratio(on, tfp.get('s'))} | {_ratio(on, ttp.get('s'))} | {_ratio(tot, ttp.get('s'))} | "
+            f"{_ratio(n.get('online_s'), on)} | "
+            f"{v.get('rounds') if v.get('rounds') is not None else '-'} / {tfp.get('rounds', '-')} / "
+            f"{ttp.get('rounds', '-')} | {_mb(v.get('sent'))} / {_mb(tfp.get('sent'))} / {_mb(ttp.get('sent'))} | "
+            f"{_mb(v.get('sent_recv'))} / {_mb(sr(tfp))} / {_mb(sr(ttp))} |")
     return "\n".join(lines)
 
 
@@ -390,8 +408,8 @@ def main() -> None:
     ap.add_argument("--skip-models", action="store_true", help="ops only (mul, matmul, relu)")
     ap.add_argument("--skip-network", action="store_true", help="no veil-over-network-workers column")
     ap.add_argument("--skip-crypten", action="store_true")
-    ap.add_argument("--crypten-provider", default="TFP", choices=["TFP", "TTP"],
-                    help="CrypTen's tuple provider (default TFP, CrypTen's own default)")
+    ap.add_argument("--crypten-provider", default="both", choices=["TFP", "TTP", "both"],
+                    help="CrypTen's tuple provider: TFP (CrypTen's own default), TTP, or both in turn (default)")
     ap.add_argument("--crypten-threads", type=int, default=1,
                     help="torch threads per CrypTen party process (2 processes on 2 cores)")
     ap.add_argument("--threads", type=int, default=1,
@@ -416,19 +434,21 @@ def main() -> None:
         meta["crypten_venv_setup_s"] = steps
     torch.manual_seed(0)
     hook, me, parties, cp = virtual_setup(2)
-    crypten_res = veil_res = net_res = None
+    providers = ["TFP", "TTP"] if args.crypten_provider == "both" else [args.crypten_provider]
+    crypten_res = {prov: None for prov in providers}
+    veil_res = net_res = None
     with contextlib.ExitStack() as stack:
         net = None if args.skip_network else stack.enter_context(network_workers(hook))
         for p in range(1, args.passes + 1):
             tag = f"pass {p}/{args.passes}"
-            if not args.skip_crypten:
-                log(f"{tag}: CrypTen, 2 party processes on loopback (gloo), provider {args.crypten_provider}, "
+            for prov in providers if not args.skip_crypten else []:
+                log(f"{tag}: CrypTen, 2 party processes on loopback (gloo), provider {prov}, "
                     f"{args.crypten_threads} torch thread(s) each ...")
                 t0 = time.perf_counter()
-                r = run_crypten(python, args.repeat, args.skip_models, args.crypten_provider, args.crypten_threads)
+                r = run_crypten(python, args.repeat, args.skip_models, prov, args.crypten_threads)
                 meta["crypten_version"], meta["crypten_torch"] = r["crypten"], r["torch"]
-                crypten_res = _keep_best(crypten_res, r["results"])
-                log(f"{tag}: CrypTen done in {time.perf_counter() - t0:.0f} s")
+                crypten_res[prov] = _keep_best(crypten_res[prov], r["results"])
+                log(f"{tag}: CrypTen {prov} done in {time.perf_counter() - t0:.0f} s")
             log(f"{tag}: veil over VirtualWorkers (+ plain torch) ...")
             veil_res = _keep_best(veil_res, run_veil(parties, cp, me, cp, args.repeat, args.skip_models, "veil",
                                                      plain=True))
@@ -445,10 +465,11 @@ def main() -> None:
         row = {"torch_s": v.pop("torch_s"), "veil": v}
         if net_res:
             row["veil_net"] = net_res[name]
-        if crypten_res:
-            c = dict(crypten_res[name])
-            c["crypten_stat_bytes"] = c.pop("bytes")
-            row["crypten"] = c
+        for prov, res in crypten_res.items():
+            if res:
+                c = dict(res[name])
+                c["crypten_stat_bytes"] = c.pop("bytes")
+                row[f"crypten_{prov}"] = c
         rows[name] = row
     meta["loadavg_end"] = os.getloadavg()
     meta["wall_s"] = time.time() - started

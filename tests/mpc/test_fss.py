@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 import veil as sy
 from veil.messaging import messages as m
-from veil.mpc.comparison import COMPARISON_BITS, COMPARISON_PROTOCOLS, sign_select
+from veil.mpc import comparison
+from veil.mpc.comparison import COMPARISON_BITS, COMPARISON_PROTOCOLS, COMPARISON_ROUNDS, sign_select
 from veil.mpc.errors import ProviderError
 from veil.mpc.fss import dcf, prg
 from veil.mpc.fss import material as fss_material
@@ -109,8 +110,19 @@ def _edge_values(n):
     return torch.cat([edges, torch.empty(n, dtype=torch.int64).random_(-(2**63), None).clamp(min=-MAX_D)])
 
 
+@pytest.fixture(params=sorted(COMPARISON_PROTOCOLS))
+def protocol(request, monkeypatch):
+    """Runs a test once per comparison protocol (as the default one)."""
+    monkeypatch.setattr(comparison, "DEFAULT_COMPARISON", request.param)
+    return request.param
+
+
+# opened words per entry (besides the masked values) of the bitwise circuit: 4 AND-level words + the bit
+CIRCUIT_WORDS = 5
+
+
 @pytest.mark.parametrize("n_extra", [0, 1, 2])
-def test_sign_select_local(parties, n_extra):
+def test_sign_select_local(parties, n_extra, protocol):
     d = _edge_values(300)
     extras = [torch.randint(-(2**63), 2**63 - 1, d.shape) for _ in range(n_extra)]
     with count_openings() as stats:
@@ -120,14 +132,15 @@ def test_sign_select_local(parties, n_extra):
     for v, prod in zip([d] + extras, products):
         assert torch.equal(reconstruct(prod), v * bit)
     n = len(parties)
-    assert stats.rounds == 1 and stats.elements == n * (n - 1) * d.numel() * (1 + n_extra)
+    words = 1 + n_extra + (CIRCUIT_WORDS if protocol == "circuit" else 0)
+    assert stats.rounds == COMPARISON_ROUNDS[protocol] and stats.elements == n * (n - 1) * d.numel() * words
 
 
 def test_bit_alone_opens_one_value_and_takes_a_smaller_key(parties):
     d = _edge_values(100)
     dealer = LocalDealer(seed=4)
     with count_openings() as stats:
-        bits, products = sign_select(_shared(d, parties), [], dealer, products=False)
+        bits, products = sign_select(_shared(d, parties), [], dealer, products=False, protocol="fss")
     assert torch.equal(reconstruct(bits), (d > 0).long()) and products == []
     n = len(parties)
     assert stats.rounds == 1 and stats.elements == n * (n - 1) * d.numel()
@@ -137,11 +150,11 @@ def test_bit_alone_opens_one_value_and_takes_a_smaller_key(parties):
         sign_select(_shared(d, parties), [_shared(d, parties)], dealer, products=False)
 
 
-def test_sign_select_keeps_shape():
+def test_sign_select_keeps_shape(protocol):
     d = torch.randint(-1000, 1000, (3, 4, 5))
     bits, (relu,) = sign_select(_shared(d, ("a", "b")), [], LocalDealer(seed=1))
     assert torch.equal(reconstruct(bits), (d > 0).long()) and torch.equal(reconstruct(relu), d.clamp(min=0))
-    assert COMPARISON_PROTOCOLS["fss"] is sign_select
+    assert set(COMPARISON_PROTOCOLS) == {"fss", "circuit"}
 
 
 def test_only_the_first_two_parties_hold_keys(parties):
@@ -160,7 +173,7 @@ def workers(request, hook):
 
 
 @pytest.mark.parametrize("seeded", [True, False], ids=["seeded", "unseeded"])
-def test_worker_dealer_comparisons(workers, hook, seeded):
+def test_worker_dealer_comparisons(workers, hook, seeded, protocol):
     parties, cp = workers
     dealer_for(cp, hook.local_worker).seeded = seeded
     scale = 2**16
@@ -175,10 +188,10 @@ def test_worker_dealer_comparisons(workers, hook, seeded):
         with count_openings() as stats:
             z = getattr(x, f"__{op}__")(y)
         assert torch.equal(z.get().float_precision(), getattr(torch, op)(ea, eb).float()), op
-        assert stats.rounds == 1, op
+        assert stats.rounds == COMPARISON_ROUNDS[protocol], op
     with count_openings() as stats:
         r = F.relu(x)
-    assert stats.rounds == 1
+    assert stats.rounds == COMPARISON_ROUNDS[protocol]
     assert torch.equal(r.get().child, ea.clamp(min=0))
     assert len(hook.local_worker._objects) == 0
 
@@ -190,7 +203,7 @@ def test_max_argmax_rounds(hook):
     x = a.fix_precision().share(*parties, crypto_provider=cp)
     with count_openings() as stats:
         values, index = torch.max(x, dim=1)
-    assert stats.rounds == math.ceil(math.log2(13))
+    assert stats.rounds == math.ceil(math.log2(13)) * COMPARISON_ROUNDS[comparison.DEFAULT_COMPARISON]
     assert torch.equal(index.get().float_precision(), a.fix_precision().child.argmax(dim=1).float())
     assert torch.allclose(values.get().float_precision(), a.max(dim=1).values, atol=2**-16)
 

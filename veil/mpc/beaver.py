@@ -42,10 +42,13 @@ def _mask(x_i: torch.Tensor, y_i: torch.Tensor, a_i: torch.Tensor, b_i: torch.Te
 @party_function("beaver_combine")
 def _combine(a_i, b_i, c_i, e, f, op: str, first: bool, op_kwargs: dict) -> torch.Tensor:
     """``z_i = c_i + op(e, b_i) + op(a_i, f)`` (+ ``op(e, f)`` for party 0)."""
+    if c_i.is_meta:  # run_party's shape inference: the result has c's shape (meta ops cost ~1 ms each)
+        return torch.empty_like(c_i)
     fn = bilinear(op)
-    z_i = c_i + fn(e, b_i, **op_kwargs) + fn(a_i, f, **op_kwargs)
-    if first:
-        z_i = z_i + fn(e, f, **op_kwargs)  # the public term, added once
+    # op(e, b_i) + op(e, f) = op(e, b_i + f): party 0 adds the public term with one op fewer
+    z_i = fn(e, b_i + f if first else b_i, **op_kwargs)
+    z_i += fn(a_i, f, **op_kwargs)
+    z_i += c_i
     return z_i
 
 

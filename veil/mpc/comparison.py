@@ -1,6 +1,11 @@
 """Private comparison: shares of ``[d > 0]`` and of ``v * [d > 0]`` (ReLU, max).
 
-Protocol (function secret sharing, in the style of AriaNN, Ryffel et al.,
+:func:`sign_select` runs the protocol named by :data:`DEFAULT_COMPARISON`
+from :data:`COMPARISON_PROTOCOLS`: ``circuit`` (default, 6 rounds, small
+material, :mod:`veil.mpc.bit_comparison`) or ``fss`` (below, 1 round, large
+keys). Both are exact for every ``d`` but ``-2^63``.
+
+FSS protocol (function secret sharing, in the style of AriaNN, Ryffel et al.,
 PETS 2022; one protocol per file, selected in :data:`COMPARISON_PROTOCOLS`).
 Let ``m = COMPARISON_BITS``, ``x = d - 1`` (so ``[d > 0] = [x >= 0]``) and
 ``v_0 = d, v_1, ..`` the values to multiply by the bit. The dealer draws
@@ -53,6 +58,7 @@ from typing import Callable, Hashable, Mapping, Sequence
 
 import torch
 
+from veil.mpc import bit_comparison
 from veil.mpc.fss import dcf
 from veil.mpc.fss.material import COMPARISON_BITS, DCF_BITS, check_fields, n_additive, n_masks, split_bits
 from veil.mpc.party import open_parties, party_function, run_party
@@ -108,9 +114,9 @@ def _fss_select(opened: list, material: list, n_values: int, role: int, first: b
     return (bit, *products)
 
 
-def sign_select(d: Shares, extras: Sequence[Shares], provider: Provider,
-                products: bool = True) -> tuple[dict, list[dict]]:
-    """Shares of ``[d > 0]`` and of ``v * [d > 0]`` for ``v`` in ``(d, *extras)``.
+def sign_select_fss(d: Shares, extras: Sequence[Shares], provider: Provider,
+                    products: bool = True) -> tuple[dict, list[dict]]:
+    """Shares of ``[d > 0]`` and of ``v * [d > 0]`` for ``v`` in ``(d, *extras)`` (FSS, 1 round).
 
     Args:
         d: party -> share of the (integer ring) values compared with 0.
@@ -140,4 +146,33 @@ def sign_select(d: Shares, extras: Sequence[Shares], provider: Provider,
 
 
 #: name -> sign_select implementation (one protocol per file)
-COMPARISON_PROTOCOLS: dict[str, Callable] = {"fss": sign_select}
+COMPARISON_PROTOCOLS: dict[str, Callable] = {"fss": sign_select_fss, "circuit": bit_comparison.sign_select}
+#: the protocol :func:`sign_select` runs (``circuit``: 6 rounds, 112 dealt bytes per ReLU entry, no AES;
+#: ``fss``: 1 round, 2,064-byte DCF keys per entry and key holder, 63 AES levels to evaluate)
+DEFAULT_COMPARISON = "circuit"
+#: opening rounds of one comparison, per protocol
+COMPARISON_ROUNDS = {"fss": 1, "circuit": 6}
+
+
+def sign_select(d: Shares, extras: Sequence[Shares], provider: Provider,
+                products: bool = True, protocol: str | None = None) -> tuple[dict, list[dict]]:
+    """Shares of ``[d > 0]`` and of ``v * [d > 0]`` for ``v`` in ``(d, *extras)``.
+
+    Args:
+        d: party -> share of the (integer ring) values compared with 0.
+        extras: More shared tensors of ``d``'s shape to multiply by the bit.
+        provider: Deals the comparison material.
+        products: False for the bit alone (no extras).
+        protocol: A name in :data:`COMPARISON_PROTOCOLS` (default :data:`DEFAULT_COMPARISON`).
+
+    Returns:
+        ``(bits, products)``: party -> bit share, and one party -> share map
+        per value in ``(d, *extras)`` (none when ``products`` is False).
+        Exact for every ``d`` in Z/2^64 but ``-2^63``, whichever the protocol.
+    """
+    name = protocol or DEFAULT_COMPARISON
+    try:
+        run = COMPARISON_PROTOCOLS[name]
+    except KeyError:
+        raise ValueError(f"unknown comparison protocol {name!r}; known: {sorted(COMPARISON_PROTOCOLS)}") from None
+    return run(d, extras, provider, products)

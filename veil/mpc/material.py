@@ -22,19 +22,25 @@ Wide (128-bit) kinds are in :data:`WIDE_KINDS`: providers split, sum and
 correct their shares with :func:`split_wide`, :func:`sum_wide` and
 :func:`last_shares_wide` (carries between the limbs).
 
-Comparison material (masks and DCF keys) is not a recipe: see
+* ``comparison`` ``(shape, n_values)``: the material of the bitwise
+  comparison (:mod:`veil.mpc.bit_comparison`; layout in
+  :class:`ComparisonLayout`). Some of its fields are XOR (boolean) shares:
+  :func:`xor_fields` names them, and dealers combine and split those by XOR.
+
+FSS comparison material (masks and DCF keys) is not a recipe: see
 :mod:`veil.mpc.fss.material`.
 """
 
 from __future__ import annotations
 
 import secrets
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
 from veil.mpc.errors import ProviderError
-from veil.mpc.ring import DTYPE, bilinear
+from veil.mpc.ring import DTYPE, bilinear, random_ring
+from veil.mpc.sharing import split
 
 Shape = tuple
 Derive = Callable[[list, torch.Generator], list]
@@ -164,10 +170,148 @@ def last_shares_wide(values: list, others_per_field: list[list]) -> list:
     return out
 
 
+#: the bitwise comparison (:mod:`veil.mpc.bit_comparison`) works on 64-bit words: the first
+#: ``GROUP_LEVELS`` levels of its comparison tree (4-bit groups) are local, thanks to dealt
+#: products of the mask's bits; the other ``AND_LEVELS`` levels take one round each
+GROUP_BITS = 4
+GROUP_LEVELS = 2
+AND_LEVELS = 6 - GROUP_LEVELS
+#: the subsets of a 4-bit group's positions with at least 2 members (the dealt products of R's bits)
+GROUP_SUBSETS: tuple = tuple(
+    tuple(o for o in range(GROUP_BITS) if m >> o & 1) for m in range(1 << GROUP_BITS) if bin(m).count("1") >= 2
+)
+#: positions that are multiples of 4 (one bit per group)
+GROUP_MASK = sum(1 << p for p in range(0, 64, GROUP_BITS))
+#: dealt words holding the group products (4 subsets per word, at offsets 0..3 within the group)
+GROUP_WORDS = -(-len(GROUP_SUBSETS) // GROUP_BITS)
+#: most values multiplied by one comparison bit (argmax uses 2; 0 = the bit alone)
+MAX_COMPARISON_VALUES = 16
+
+
+def group_products(r: torch.Tensor) -> list:
+    """The dealer's words of products of ``r``'s bits within each 4-bit group.
+
+    Subset ``k`` of :data:`GROUP_SUBSETS` sits in word ``k // 4`` at offset
+    ``k % 4`` of each group: bit ``4g + k % 4`` is ``AND_{o in S} r_{4g + o}``.
+    """
+    words = [torch.zeros_like(r) for _ in range(GROUP_WORDS)]
+    aligned = [(r >> o) & GROUP_MASK for o in range(GROUP_BITS)]
+    for k, subset in enumerate(GROUP_SUBSETS):
+        prod = aligned[subset[0]]
+        for o in subset[1:]:
+            prod = prod & aligned[o]
+        words[k // GROUP_BITS] |= prod << (k % GROUP_BITS)
+    return words
+
+
+class ComparisonLayout(NamedTuple):
+    """Field positions in one item of ``comparison`` material (``n_values`` values).
+
+    Uniform fields: the arithmetic masks ``r_j`` (``max(n_values, 1)`` of
+    them), then per AND level the XOR masks ``a, b1, b2`` of two AND triples
+    sharing their left operand, then the XOR word ``rho`` (its bit 0 is the
+    random bit that turns the result into arithmetic shares). Derived fields:
+    ``R`` (``r_0`` XOR-shared), the group products of ``R``'s bits
+    (:func:`group_products`, XOR), per AND level ``c1 = a & b1`` and ``c2 = a &
+    b2`` (XOR), ``rho`` as an arithmetic 0/1, and ``r_j * rho`` (arithmetic).
+    """
+
+    n_values: int
+
+    @property
+    def n_masks(self) -> int:
+        return max(self.n_values, 1)
+
+    def triple(self, level: int) -> tuple[int, int, int]:
+        """Positions of ``a, b1, b2`` of AND level ``level`` (0 .. AND_LEVELS - 1)."""
+        base = self.n_masks + 3 * level
+        return base, base + 1, base + 2
+
+    @property
+    def rho(self) -> int:
+        return self.n_masks + 3 * AND_LEVELS
+
+    @property
+    def n_uniform(self) -> int:
+        return self.rho + 1
+
+    @property
+    def r_xor(self) -> int:
+        return self.n_uniform
+
+    @property
+    def groups(self) -> range:
+        return range(self.n_uniform + 1, self.n_uniform + 1 + GROUP_WORDS)
+
+    def products(self, level: int) -> tuple[int, int]:
+        """Positions of ``c1, c2`` of an AND level."""
+        base = self.n_uniform + 1 + GROUP_WORDS + 2 * level
+        return base, base + 1
+
+    @property
+    def rho_arith(self) -> int:
+        return self.n_uniform + 1 + GROUP_WORDS + 2 * AND_LEVELS
+
+    @property
+    def masks_rho(self) -> range:
+        """Positions of ``r_j * rho`` for ``j < n_values``."""
+        return range(self.rho_arith + 1, self.rho_arith + 1 + self.n_values)
+
+    @property
+    def n_fields(self) -> int:
+        return self.rho_arith + 1 + self.n_values
+
+    @property
+    def xor(self) -> frozenset:
+        """Fields that are XOR shares."""
+        return frozenset(range(self.n_masks, self.rho_arith))
+
+
+def _comparison(spec) -> tuple[list, list, Derive]:
+    if not isinstance(spec, (tuple, list)) or len(spec) != 2:
+        raise ProviderError("comparison spec must be (shape, n_values)")
+    shape, n_values = _shape(spec[0]), spec[1]
+    if type(n_values) is not int or not 0 <= n_values <= MAX_COMPARISON_VALUES:
+        raise ProviderError(f"comparison n_values must be an int in [0, {MAX_COMPARISON_VALUES}], got {n_values!r}")
+    lay = ComparisonLayout(n_values)
+
+    def derive(u: list, g: torch.Generator) -> list:
+        # R: r_0, XOR-shared, and the group products of its low 63 bits (bit 63 is compared apart)
+        out = [u[0]] + group_products(u[0] & ((1 << 63) - 1))
+        for level in range(AND_LEVELS):
+            a, b1, b2 = (u[i] for i in lay.triple(level))
+            out += [a & b1, a & b2]
+        rho = u[lay.rho] & 1
+        return out + [rho] + [u[j] * rho for j in range(n_values)]
+
+    n_derived = lay.n_fields - lay.n_uniform
+    return [shape] * lay.n_uniform, [shape] * n_derived, derive
+
+
 RECIPES: dict[str, Callable] = {
     "beaver": _beaver, "truncation": _truncation, "beaver_mac": _beaver_mac,
-    "truncation_mac": _truncation_mac, "zero": _zero,
+    "truncation_mac": _truncation_mac, "zero": _zero, "comparison": _comparison,
 }
+
+
+def xor_fields(kind: str, spec) -> frozenset:
+    """Positions (in ``uniform + derived``) of the fields of ``kind`` that are XOR shares."""
+    return ComparisonLayout(int(spec[1])).xor if kind == "comparison" else frozenset()
+
+
+def combine(values: Sequence[torch.Tensor], xor: bool) -> torch.Tensor:
+    """The shared value from all its shares: their sum mod 2^64, or their XOR."""
+    total = values[0]
+    for v in values[1:]:
+        total = total ^ v if xor else total + v
+    return total
+
+
+def last_share(value: torch.Tensor, others: Sequence[torch.Tensor], xor: bool) -> torch.Tensor:
+    """The share that completes ``others`` to ``value``."""
+    if not others:
+        return value
+    return value ^ combine(others, True) if xor else value - combine(others, False)
 
 
 def recipe(kind: str, spec) -> tuple[list, list, Derive]:
@@ -185,3 +329,11 @@ def recipe(kind: str, spec) -> tuple[list, list, Derive]:
 def dealer_generator() -> torch.Generator:
     """A generator for the derived fields' randomness, seeded from the OS."""
     return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+def split_shares(value: torch.Tensor, n: int, xor: bool, generator=None) -> list:
+    """``n`` shares of ``value``: additive, or XOR for a boolean field (any ``n - 1`` uniform)."""
+    if not xor:
+        return split(value, n, generator)
+    others = [random_ring(value.shape, generator) for _ in range(n - 1)]
+    return others + [last_share(value, others, True)]

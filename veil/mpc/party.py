@@ -42,12 +42,17 @@ from veil.workers.base import register_handler
 PARTY_FUNCTIONS: dict[str, Callable[..., Any]] = {}
 #: names whose outputs may be returned to the orchestrator (masked values only)
 OPENABLE: set[str] = set()
+#: openable names whose outputs are XOR shares (combined by ``^``, not ``+``)
+XOR_OPENABLE: set[str] = set()
 
 WIRE_PREFIX = "veil.mpc."
 
 
-def party_function(name: str, openable: bool = False) -> Callable[[Callable], Callable]:
-    """Registers a party function and allowlists it as a worker function."""
+def party_function(name: str, openable: bool = False, xor: bool = False) -> Callable[[Callable], Callable]:
+    """Registers a party function and allowlists it as a worker function.
+
+    ``xor``: an openable step whose outputs are XOR (boolean) shares.
+    """
 
     def register(fn: Callable) -> Callable:
         if name in PARTY_FUNCTIONS:
@@ -55,6 +60,8 @@ def party_function(name: str, openable: bool = False) -> Callable[[Callable], Ca
         PARTY_FUNCTIONS[name] = fn
         if openable:
             OPENABLE.add(name)
+            if xor:
+                XOR_OPENABLE.add(name)
         register_worker_function(WIRE_PREFIX + name, lambda worker, *a, **k: fn(*a, **k))
         return fn
 
@@ -118,8 +125,13 @@ def _meta(value: Any) -> Any:
     return tree_map(to_meta, value)
 
 
-def run_party(name: str, *args: Any, **kwargs: Any) -> Any:
+def run_party(name: str, *args: Any, _defer: bool = False, **kwargs: Any) -> Any:
     """Runs party function ``name`` where its share arguments live.
+
+    ``_defer``: for a step that the same protocol follows with a message to
+    the same party (an opening): the command rides on that message instead of
+    taking its own (an error then surfaces there, as "deferred command ...
+    failed"). Not for a protocol's last step, whose next message may never come.
 
     Returns:
         The function's output: local tensors, or pointers to the results on
@@ -129,12 +141,16 @@ def run_party(name: str, *args: Any, **kwargs: Any) -> Any:
     first = _location((args, kwargs))
     if first is None:
         return fn(*args, **kwargs)
+    defer = _defer
     meta_out = fn(*_meta(args), **_meta(kwargs))
     flat, spec = tree_flatten(meta_out)
     ids = [new_id() for _ in flat]
     owner, location = first.owner, first.location
     msg = m.CommandMessage(WIRE_PREFIX + name, _wire(args), _wire(kwargs), ids, False)
-    owner.send_msg(msg, location)
+    if defer:
+        owner.defer_command(location, msg)
+    else:
+        owner.send_msg(msg, location)
     ptrs = [PointerTensor(location, oid, owner, t.shape, t.dtype) for oid, t in zip(ids, flat)]
     return tree_unflatten(ptrs, spec)
 
@@ -162,7 +178,12 @@ def open_parties(name: str, per_party: Mapping[Hashable, tuple], **kwargs: Any) 
         else:
             reply = first.owner.send_msg(OpenMessage(name, _wire(tuple(args)), kwargs), first.location)
             outputs = list(reply.objects)
-        totals = outputs if totals is None else [t + o for t, o in zip(totals, outputs)]
+        if totals is None:
+            totals = outputs
+        elif name in XOR_OPENABLE:
+            totals = [t ^ o for t, o in zip(totals, outputs)]
+        else:
+            totals = [t + o for t, o in zip(totals, outputs)]
     n = len(per_party)
     per_party_bytes = 8 * (n - 1) * sum(t.numel() for t in totals)  # each party's share of every opened entry
     record_opening(sum(n * (n - 1) * t.numel() for t in totals), {p: per_party_bytes for p in per_party})

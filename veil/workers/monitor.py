@@ -81,7 +81,10 @@ DEALER_OUTPUTS: set[str] = {"veil.mpc.expand_material", "veil.mpc.receive_compar
 PROTOCOL_PREFIXES: tuple[str, ...] = ("veil.mpc.",)
 #: openable step -> argument positions that must hold fresh dealer masks when the opened
 #: values include a share the requester may not reveal (serving: a client's input)
-OPENING_MASKS: dict[str, tuple[int, ...]] = {"beaver_mask": (2, 3), "trunc_mask": (1,), "fss_mask": (1,)}
+OPENING_MASKS: dict[str, tuple[int, ...]] = {"beaver_mask": (2, 3), "trunc_mask": (1,), "fss_mask": (1,),
+                                              # the bitwise comparison (veil/mpc/bit_comparison.py)
+                                              "cmp_mask_values": (1,), "cmp_and_open": (1, 2, 3),
+                                              "cmp_bit_open": (9,)}
 #: in-process audit rows kept (network workers write to their OwnerDB)
 AUDIT_LOG_SIZE = 10_000
 #: capabilities travel between workers as tags with this prefix (ObjectMessage; see export_capabilities)

@@ -12,7 +12,15 @@ from typing import Hashable, Mapping, Sequence
 
 import torch
 
+from veil.exceptions import register_remote_error
 from veil.mpc.errors import ProviderError
+
+
+class MaterialExhaustedError(ProviderError):
+    """Material dealt ahead ran out and the owner asked for no on-demand dealing."""
+
+
+register_remote_error(MaterialExhaustedError)
 
 PartyShares = Mapping[Hashable, tuple]
 
@@ -82,6 +90,20 @@ class Provider(abc.ABC):
         Returns:
             party -> shares of ``(r_0.., R_hi, r_0*R_hi..)``, followed for the
             first two parties by their DCF key's 5 tensors.
+
+        Raises:
+            ProviderError: If this provider cannot deal comparison material.
+        """
+        raise ProviderError(f"{self!r} does not deal comparison material")
+
+    def comparison_material(
+        self, shape: Sequence[int], n_values: int, parties: Sequence[Hashable]
+    ) -> Mapping[Hashable, tuple]:
+        """Deals the material of one bitwise comparison (:mod:`veil.mpc.bit_comparison`).
+
+        Returns:
+            party -> its shares of every field of
+            :class:`veil.mpc.material.ComparisonLayout` (additive or XOR).
 
         Raises:
             ProviderError: If this provider cannot deal comparison material.

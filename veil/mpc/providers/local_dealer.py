@@ -8,7 +8,7 @@ from typing import Hashable, Optional, Sequence
 import torch
 
 from veil.mpc.fss import material as fss_material
-from veil.mpc.material import WIDE_KINDS, recipe, register_mac_key, split_wide
+from veil.mpc.material import WIDE_KINDS, recipe, register_mac_key, split_shares, split_wide, xor_fields
 from veil.mpc.providers.base import Provider
 from veil.mpc.ring import bilinear, random_ring
 from veil.mpc.sharing import split
@@ -60,6 +60,10 @@ class LocalDealer(Provider):
         return {p: tuple(f[i] for f in per_field) + (tuple(keys[i]) if i < 2 else ())
                 for i, p in enumerate(parties)}
 
+    def comparison_material(self, shape, n_values, parties):
+        self.dealt["comparison"] += 1
+        return self._deal_recipe("comparison", (tuple(int(s) for s in shape), int(n_values)), parties)
+
     def zero_shares(self, shape, parties):
         return self._deal_recipe("zero", (tuple(shape),), parties)
 
@@ -77,12 +81,13 @@ class LocalDealer(Provider):
 
     def _deal_recipe(self, kind, spec, parties):
         uniform_shapes, _, derive = recipe(kind, spec)
+        xor = xor_fields(kind, spec)
         uniform = [random_ring(s, self._generator) for s in uniform_shapes]
         fields = uniform + derive(uniform, self._generator)
         if kind in WIDE_KINDS:  # 128-bit SPDZ2k fields: split with carries
             per_field = split_wide(fields, len(parties), lambda s: random_ring(s, self._generator))
         else:
-            per_field = [self._split(v, parties) for v in fields]
+            per_field = [split_shares(v, len(parties), j in xor, self._generator) for j, v in enumerate(fields)]
         return {p: tuple(f[i] for f in per_field) for i, p in enumerate(parties)}
 
 

@@ -19,28 +19,46 @@ are kept (as pointers) for the next requests of the same key. ``batch``
 starts at 1 and doubles per request of the same key up to ``max_batch``,
 capped by ``max_elements`` ring elements per party and request.
 
+Offline/online split: ``with dealer.record() as plan: step()`` notes what
+one call of ``step`` takes (kinds, shapes, counts); ``dealer.deal_ahead(plan,
+repeat=k)`` deals that material for ``k`` calls before they run, in one
+request per key (or a few, within ``max_elements``), so that the calls
+themselves wait only on openings. Material waiting at the parties is bounded
+by ``budget_bytes`` (owner-configurable): ``deal_ahead`` stops at the budget
+and says how much it left out; when a key's items run out, ``on_exhausted``
+decides: ``"deal"`` (default) deals on demand as before, ``"raise"`` raises
+:class:`MaterialExhaustedError`. Every item is served once: it leaves its pool
+when taken, and nothing puts it back (not even when the protocol that took it
+fails).
+
+Dealing ahead runs in the caller's thread, not in the background: the worker
+message handlers keep per-worker request state (the requester of the message
+being handled), so a dealing thread talking to the parties while the online
+phase does would mix up requesters.
+
 Comparison material (masks and FSS keys, which are not a recipe) goes
 through its own pair of worker functions, :mod:`veil.mpc.providers.fss_dealing`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
-from typing import Any, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Iterator, Sequence
 
 import torch
 
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.allowlist import NO_RESULT, register_worker_function
-from veil.mpc.material import (WIDE_KINDS, dealer_generator, last_shares_wide, recipe, register_mac_key,
-                               split_wide, sum_wide)
+from veil.mpc.material import (WIDE_KINDS, combine, dealer_generator, last_share, last_shares_wide, recipe,
+                               register_mac_key, split_shares, split_wide, sum_wide, xor_fields)
 from veil.mpc.fss import material as fss_material
 from veil.mpc.prg import expand, new_seed
 from veil.mpc.providers.fss_dealing import DEAL_COMPARISON
-from veil.mpc.providers.base import Provider
+from veil.mpc.providers.base import MaterialExhaustedError, Provider
 from veil.mpc.ring import DTYPE, random_ring
-from veil.mpc.sharing import split
 from veil.tensors.pointer import PointerTensor
 from veil.workers.monitor import DEALER_TAG
 
@@ -66,6 +84,7 @@ def _deal(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, count: 
         seeded: Send seeds + corrections instead of every share.
     """
     uniform_shapes, derived_shapes, derive = recipe(kind, spec)
+    xor = xor_fields(kind, spec)  # fields shared by XOR instead of addition
     n_u, n = len(uniform_shapes), len(party_ids)
     gen = dealer_generator()
     parties = [worker.resolve_worker(pid) for pid in party_ids]
@@ -80,10 +99,11 @@ def _deal(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, count: 
                 corrections += last_shares_wide(values, [[expand(s, _label(k, n_u + j), derived_shapes[j])
                                                           for s in seeds[:-1]] for j in range(len(values))])
                 continue
-            uniform = [_sum(expand(s, _label(k, j), shape) for s in seeds) for j, shape in enumerate(uniform_shapes)]
+            uniform = [combine([expand(s, _label(k, j), shape) for s in seeds], j in xor)
+                       for j, shape in enumerate(uniform_shapes)]
             for j, value in enumerate(derive(uniform, gen)):
                 others = [expand(s, _label(k, n_u + j), derived_shapes[j]) for s in seeds[:-1]]
-                corrections.append(value - _sum(others) if others else value)
+                corrections.append(last_share(value, others, n_u + j in xor))
         for i, party in enumerate(parties):
             fix = corrections if i == n - 1 else []
             args = (torch.frombuffer(bytearray(seeds[i]), dtype=torch.uint8), kind, spec, count, fix)
@@ -93,20 +113,16 @@ def _deal(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, count: 
     for k in range(count):
         uniform = [random_ring(shape) for shape in uniform_shapes]
         fields = uniform + derive(uniform, gen)
-        shares = split_wide(fields, n, random_ring) if kind in WIDE_KINDS else [split(v, n) for v in fields]
+        if kind in WIDE_KINDS:  # 128-bit SPDZ2k fields: split with carries
+            shares = split_wide(fields, n, random_ring)
+        else:
+            shares = [split_shares(v, n, j in xor) for j, v in enumerate(fields)]
         for field_shares in shares:
             for i, share in enumerate(field_shares):
                 per_party[i].append(share)
     for i, party in enumerate(parties):
         objects = [m.StoredObject(oid, t, (DEALER_TAG,)) for oid, t in zip(ids[i], per_party[i])]  # never revealable
         worker.send_msg(m.ObjectMessage(objects), party)
-
-
-def _sum(tensors) -> torch.Tensor:
-    total = None
-    for t in tensors:
-        total = t if total is None else total + t
-    return total
 
 
 def _expand_material(worker: Any, seed: torch.Tensor, kind: str, spec: Any, count: int, corrections: list) -> list:
@@ -131,6 +147,21 @@ register_worker_function(EXPAND, _expand_material)
 register_worker_function(MAC_KEY, lambda worker, key_id, alpha: register_mac_key(key_id, alpha), shapes=NO_RESULT)
 
 
+@dataclass
+class Plan:
+    """What some calls take from a dealer: per key, ``(kind, spec, parties)`` and a count."""
+
+    needs: dict = field(default_factory=dict)  # key -> [kind, spec, parties, count]
+
+    def add(self, key: Hashable, kind: str, spec: Any, parties: Sequence[Hashable]) -> None:
+        entry = self.needs.setdefault(key, [kind, spec, tuple(parties), 0])
+        entry[3] += 1
+
+    @property
+    def items(self) -> int:
+        return sum(e[3] for e in self.needs.values())
+
+
 class WorkerDealer(Provider):
     """Correlated randomness from a crypto-provider worker.
 
@@ -138,42 +169,117 @@ class WorkerDealer(Provider):
         worker: The crypto provider's worker.
         owner: The orchestrator's worker (sends requests, owns the pointers).
         seeded: Deal seeds + corrections (fewer bytes) instead of all shares.
-        max_batch: Most items dealt per request of one key.
+        max_batch: Most items dealt per on-demand request of one key.
         max_elements: Most ring elements per party in one request.
+        budget_bytes: Most bytes of material (all parties together) dealt
+            ahead and not yet used.
+        on_exhausted: ``"deal"`` (deal on demand when a key's pool is empty)
+            or ``"raise"`` (:class:`MaterialExhaustedError`).
     """
 
     def __init__(self, worker: Any, owner: Any, seeded: bool = True, max_batch: int = 16,
-                 max_elements: int = 1 << 23) -> None:
+                 max_elements: int = 1 << 23, budget_bytes: int = 1 << 30, on_exhausted: str = "deal") -> None:
+        if on_exhausted not in ("deal", "raise"):
+            raise ValueError(f"on_exhausted must be 'deal' or 'raise', got {on_exhausted!r}")
         self.worker = worker
         self.owner = owner
         self.seeded = seeded
         self.max_batch = max_batch
         self.max_elements = max_elements
+        self.budget_bytes = int(budget_bytes)
+        self.on_exhausted = on_exhausted
         self._spare: dict[Hashable, deque] = {}
         self._next_batch: dict[Hashable, int] = {}
+        self._item_bytes: dict[Hashable, int] = {}
+        self._recording: list[Plan] = []
+        #: bytes of material waiting at the parties (dealt, not yet taken)
+        self.ahead_bytes = 0
         self.requests = 0
+        #: items served so far
+        self.served = 0
 
     def __repr__(self) -> str:
         return f"WorkerDealer(worker={self.worker.id!r})"
 
+    @contextlib.contextmanager
+    def record(self) -> Iterator[Plan]:
+        """Notes every item taken inside the block (they are still dealt as usual)."""
+        plan = Plan()
+        self._recording.append(plan)
+        try:
+            yield plan
+        finally:
+            self._recording.remove(plan)
+
+    def deal_ahead(self, plan: Plan, repeat: int = 1) -> dict:
+        """Deals ``repeat`` times the material of ``plan`` now, within ``budget_bytes``.
+
+        Returns:
+            ``{"items": dealt, "bytes": dealt bytes, "left_out": items that did
+            not fit the budget}`` (those are dealt on demand, or raise, when taken).
+        """
+        if type(repeat) is not int or repeat < 1:
+            raise ValueError(f"repeat must be a positive int, got {repeat!r}")
+        dealt = dealt_bytes = left_out = 0
+        for key, (kind, spec, parties, count) in plan.needs.items():
+            need = count * repeat
+            spare = self._spare.setdefault(key, deque())
+            while need > 0:
+                per_item = self._bytes_per_item(key, kind, spec, parties)
+                room = (self.budget_bytes - self.ahead_bytes) // per_item
+                if room <= 0:
+                    left_out += need
+                    break
+                got = self._request(key, kind, spec, list(parties), spare, count=min(need, room))
+                need -= got
+                dealt += got
+                dealt_bytes += got * per_item
+        return {"items": dealt, "bytes": dealt_bytes, "left_out": left_out}
+
+    def drop_ahead(self) -> None:
+        """Forgets every item dealt ahead (their pointers free the parties' copies)."""
+        self._spare.clear()
+        self.ahead_bytes = 0
+
     def _take(self, kind: str, spec: Any, parties: Sequence[Hashable]) -> dict:
         key = (kind, repr(spec), tuple(parties))
+        for plan in self._recording:
+            plan.add(key, kind, spec, parties)
         spare = self._spare.setdefault(key, deque())
         if not spare:
+            if self.on_exhausted == "raise":
+                raise MaterialExhaustedError(
+                    f"no {kind} material dealt ahead is left for {spec!r}: deal_ahead more, raise budget_bytes, "
+                    "or use on_exhausted='deal'")
             self._request(key, kind, spec, list(parties), spare)
-        return spare.popleft()
+        item = spare.popleft()  # single use: nothing ever puts an item back
+        self.ahead_bytes -= self._item_bytes[key]
+        self.served += 1
+        return item
 
-    def _request(self, key, kind: str, spec: Any, parties: list, spare: deque) -> None:
-        if kind == "comparison":  # FSS keys: not a recipe (fss_dealing.py)
-            op = DEAL_COMPARISON
-            party_shapes = [fss_material.field_shapes(spec[0], spec[1], i < 2) for i in range(len(parties))]
-        else:
-            op = DEAL
-            uniform_shapes, derived_shapes, _ = recipe(kind, spec)
-            party_shapes = [uniform_shapes + derived_shapes] * len(parties)
+    def _shapes(self, kind: str, spec: Any, parties: Sequence[Hashable]) -> tuple[str, list]:
+        if kind == "fss_comparison":  # FSS keys: not a recipe (fss_dealing.py)
+            return DEAL_COMPARISON, [fss_material.field_shapes(spec[0], spec[1], i < 2) for i in range(len(parties))]
+        uniform_shapes, derived_shapes, _ = recipe(kind, spec)
+        return DEAL, [uniform_shapes + derived_shapes] * len(parties)
+
+    def _bytes_per_item(self, key, kind: str, spec: Any, parties: Sequence[Hashable]) -> int:
+        if key not in self._item_bytes:
+            _, party_shapes = self._shapes(kind, spec, parties)
+            self._item_bytes[key] = max(1, 8 * sum(int(torch.Size(s).numel()) for sh in party_shapes for s in sh))
+        return self._item_bytes[key]
+
+    def _request(self, key, kind: str, spec: Any, parties: list, spare: deque, count: int | None = None) -> int:
+        """Deals items of one key into ``spare``: ``count`` of them (capped by ``max_elements``), or
+        the on-demand batch (doubling per request up to ``max_batch``). Returns how many."""
+        op, party_shapes = self._shapes(kind, spec, parties)
         per_item = max(1, max(sum(int(torch.Size(s).numel()) for s in shapes) for shapes in party_shapes))
-        count = max(1, min(self._next_batch.get(key, 1), self.max_elements // per_item))
-        self._next_batch[key] = min(2 * count, self.max_batch)
+        if count is None:
+            count = max(1, min(self._next_batch.get(key, 1), self.max_elements // per_item))
+            self._next_batch[key] = min(2 * count, self.max_batch)
+        else:
+            count = max(1, min(count, self.max_elements // per_item))
+        item_bytes = self._bytes_per_item(key, kind, spec, parties)
         ids = [[new_id() for _ in range(count * len(shapes))] for shapes in party_shapes]
         args = (spec, parties, ids, count, self.seeded) if op == DEAL_COMPARISON else (kind, spec, parties, ids, count,
                                                                                       self.seeded)
@@ -188,6 +294,8 @@ class WorkerDealer(Provider):
                     for j, shape in enumerate(shapes)
                 )
             spare.append(item)
+        self.ahead_bytes += count * item_bytes
+        return count
 
     def beaver_triples(self, op, shape_a, shape_b, parties, **op_kwargs):
         spec = (op, tuple(shape_a), tuple(shape_b), dict(sorted(op_kwargs.items())))
@@ -200,6 +308,9 @@ class WorkerDealer(Provider):
         return self._take("zero", (tuple(int(s) for s in shape),), parties)
 
     def comparison_keys(self, shape, n_values, parties):
+        return self._take("fss_comparison", (tuple(int(s) for s in shape), int(n_values)), parties)
+
+    def comparison_material(self, shape, n_values, parties):
         return self._take("comparison", (tuple(int(s) for s in shape), int(n_values)), parties)
 
     def register_mac_key(self, key_id, alpha):

@@ -1,0 +1,124 @@
+"""Offline/online split of the worker dealer: dealing ahead, the budget, single use of material."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import veil as sy
+from veil.exceptions import VeilError
+from veil.mpc import beaver
+from veil.mpc.opening import count_openings
+from veil.mpc.providers.base import MaterialExhaustedError
+from veil.mpc.providers.worker_dealer import WorkerDealer, dealer_for
+
+
+@pytest.fixture
+def setup(hook):
+    parties = [sy.VirtualWorker(hook, id=n) for n in ("alice", "bob")]
+    cp = sy.VirtualWorker(hook, id="crypto_provider")
+    return parties, cp, dealer_for(cp, hook.local_worker)
+
+
+def _served_ids(dealer, monkeypatch) -> list:
+    """Records, for every item the dealer serves, the ids of all its shares at the parties."""
+    served = []
+    take = WorkerDealer._take
+
+    def spy(self, kind, spec, parties):
+        item = take(self, kind, spec, parties)
+        served.append([(p, ptr.id_at_location) for p, shares in item.items() for ptr in shares])
+        return item
+
+    monkeypatch.setattr(WorkerDealer, "_take", spy)
+    return served
+
+
+def _step(parties, cp):
+    a, b = torch.randn(50), torch.randn(50)
+    x = a.fix_precision().share(*parties, crypto_provider=cp)
+    y = b.fix_precision().share(*parties, crypto_provider=cp)
+    return lambda: F.relu(x * y), a, b
+
+
+def test_dealt_ahead_material_runs_the_online_phase_alone(setup):
+    parties, cp, dealer = setup
+    step, a, b = _step(parties, cp)
+    with dealer.record() as plan:
+        step()
+    assert plan.items == 3  # a triple, a truncation pair, comparison material
+    report = dealer.deal_ahead(plan, repeat=2)
+    assert report["items"] == 6 and report["left_out"] == 0 and dealer.ahead_bytes == report["bytes"]
+    requests = dealer.requests
+    dealer.on_exhausted = "raise"
+    try:
+        for _ in range(2):
+            out = step()
+            torch.testing.assert_close(out.get().float_precision(), F.relu(a * b), atol=1e-3, rtol=0)
+        assert dealer.requests == requests and dealer.ahead_bytes == 0  # no dealing online
+        with pytest.raises(MaterialExhaustedError, match="deal_ahead more"):
+            step()
+    finally:
+        dealer.on_exhausted = "deal"
+    step()  # falls back to dealing on demand
+
+
+def test_budget_bounds_material_held_ahead(setup):
+    parties, cp, dealer = setup
+    step, _, _ = _step(parties, cp)
+    with dealer.record() as plan:
+        step()
+    dealer.budget_bytes = 20_000  # room for some items only
+    try:
+        report = dealer.deal_ahead(plan, repeat=10)
+        assert 0 < report["items"] < 30 and report["left_out"] == 30 - report["items"]
+        assert dealer.ahead_bytes <= dealer.budget_bytes
+    finally:
+        dealer.budget_bytes = 1 << 30
+        dealer.drop_ahead()
+    with pytest.raises(ValueError, match="on_exhausted"):
+        WorkerDealer(cp, parties[0], on_exhausted="maybe")
+
+
+def test_material_is_served_once_even_after_an_error(setup, monkeypatch):
+    parties, cp, dealer = setup
+    served = _served_ids(dealer, monkeypatch)
+    step, _, _ = _step(parties, cp)
+    with dealer.record() as plan:
+        step()
+    dealer.deal_ahead(plan, repeat=3)
+    step()
+    real_open = beaver.open_parties
+
+    def failing_open(*args, **kwargs):  # the triple is taken, then the protocol fails
+        raise RuntimeError("party unreachable")
+
+    monkeypatch.setattr(beaver, "open_parties", failing_open)
+    with pytest.raises(RuntimeError, match="unreachable"):
+        step()
+    monkeypatch.setattr(beaver, "open_parties", real_open)
+    step()
+    step()  # beyond the material dealt ahead: on demand
+    ids = [i for item in served for i in item]
+    assert len(served) >= 10 and len(ids) == len(set(ids)), "an item (or one of its shares) was served twice"
+
+
+def test_seeds_come_from_the_os(monkeypatch, setup):
+    import veil.mpc.prg as prg
+
+    calls = []
+    real = prg.secrets.token_bytes
+    monkeypatch.setattr(prg.secrets, "token_bytes", lambda n: calls.append(n) or real(n))
+    parties, cp, dealer = setup
+    step, _, _ = _step(parties, cp)
+    with count_openings():
+        step()
+    assert calls and all(n == prg.SEED_BYTES for n in calls)
+
+
+def test_bad_repeat_is_refused(setup):
+    _, _, dealer = setup
+    with dealer.record() as plan:
+        pass
+    with pytest.raises(ValueError, match="repeat"):
+        dealer.deal_ahead(plan, repeat=0)
+    assert isinstance(MaterialExhaustedError("x"), VeilError)
