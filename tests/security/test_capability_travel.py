@@ -17,6 +17,7 @@ from veil.workers.monitor import CAP_PREFIX, DEALER_TAG, Kind, Principal
 
 
 def _entry(worker, ptr):
+    worker.hook.local_worker.send_msg(m.DeleteMessage([]), worker)  # commands still queued there run first
     return dict(worker.monitor.owner_entries())[ptr.id_at_location]
 
 

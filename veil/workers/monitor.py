@@ -622,14 +622,11 @@ class _NoDeputy:
     def schedule_delete(self, location: Any, oid: int) -> None:
         pass
 
-    def __getattr__(self, name: str) -> Any:
-        def refuse(*args: Any, **kwargs: Any) -> Any:
-            raise PermissionDeniedError(
-                "a pointer sent by a network client is a pointer to another worker: pointer chains are not "
-                "followed on network workers (the worker would act there with its own peer rights, not "
-                "yours); use a pointer to that worker directly")
-
-        return refuse
+    def __getattr__(self, name: str) -> Any:  # anything a pointer would do through its owner
+        raise PermissionDeniedError(
+            "a pointer sent by a network client is a pointer to another worker: pointer chains are not "
+            "followed on network workers (the worker would act there with its own peer rights, not "
+            "yours); use a pointer to that worker directly")
 
 
 #: see _NoDeputy (veil.workers.base.BaseWorker._make_pointer uses it for network sessions)
