@@ -87,6 +87,25 @@ def test_move_of_a_large_tensor_between_workers_skips_the_client(spawn, connect,
     assert torch.equal(q.get(), x)
 
 
+@pytest.mark.skipif(__import__("shutil").which("openssl") is None, reason="needs the openssl command")
+def test_large_transfers_and_inline_ops_over_tls(spawn, connect, tmp_path):
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )
+    wp = spawn("alice", base_args(["--cert", str(cert), "--key", str(key)]))
+    alice = connect(wp, secure=True, cafile=str(cert))
+    x = torch.randn(600_000)  # 2.4 MB: directly framed in chunks through TLS, out of band both ways
+    p = x.send(alice)
+    assert torch.equal(p.get(), x)
+    small = torch.arange(6.0).send(alice)
+    assert torch.equal((small * 2 + small).get(), torch.arange(6.0) * 3)
+
+
 # ----------------------------------------------------------- inline fast path (in-process)
 
 
