@@ -1,7 +1,9 @@
 """One DP-SGD epoch vs one ordinary epoch on a small CNN (MNIST 5k, batch 256).
 
 Prints veil's slowdown ratio (DP epoch time / non-private epoch time) and, in
-the same run, Opacus's ratio on the same model and data. If Opacus is not
+the same run, Opacus's ratio on the same model and data. "veil" fuses the loss
+with the per-record gradients (``make_private(..., criterion=...)``);
+"veil-unfused" runs the same loop as Opacus (one extra forward pass). If Opacus is not
 importable the script tries ``pip install opacus`` into this interpreter
 (torch already satisfies its requirements, so nothing large is pulled).
 
