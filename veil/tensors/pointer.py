@@ -33,6 +33,7 @@ class PointerTensor(torch.Tensor):
             worker for pointer-to-pointer chains); it sends the commands.
         id: this pointer's own id (for display).
         garbage_collect_data: free the remote object when this pointer dies.
+        mine: the client created the remote object (see ``remote_ops._may_pipeline``).
     """
 
     location: "BaseWorker"
@@ -51,6 +52,7 @@ class PointerTensor(torch.Tensor):
         garbage_collect_data: bool = True,
         tags: tuple = (),
         description: str = "",
+        mine: bool = False,
     ) -> "PointerTensor":
         r = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, requires_grad=requires_grad, device="cpu")
         d = r.__dict__
@@ -62,6 +64,9 @@ class PointerTensor(torch.Tensor):
         d["tags"] = tuple(tags)
         d["description"] = description
         d["_freed"] = False
+        # the remote object is this client's own (sent, or a result of its command): commands on
+        # it may be pipelined. Anything else (owner data from search, shares, pointer chains) is not.
+        d["_mine"] = mine
         # (shape, dtype, requires_grad) as plain Python values: reading them through
         # the tensor properties would re-enter __torch_function__ on every op.
         d["_meta"] = (tuple(shape), dtype, requires_grad)
@@ -126,6 +131,8 @@ class PointerTensor(torch.Tensor):
         """
         from veil.messaging.messages import GetObjectsMessage
 
+        if self.owner._lost.get(self.location.id):  # a failed deferred command never stored it
+            self.owner.check_lost(self.location, [self.id_at_location])
         # PySyft's ``x.get().grad``: point at the remote grad first (nothing is released yet) ...
         grad_ptr = self.grad if self.__dict__["_meta"][2] else None
 
@@ -170,7 +177,7 @@ class PointerTensor(torch.Tensor):
         return PointerTensor(
             location=destination, id_at_location=new, owner=self.owner, shape=self.shape, dtype=self.dtype,
             requires_grad=self.requires_grad, garbage_collect_data=self.garbage_collect_data,
-            tags=self.tags, description=self.description,
+            tags=self.tags, description=self.description, mine=self.__dict__["_mine"],
         )
 
     def remote_get(self) -> "PointerTensor":

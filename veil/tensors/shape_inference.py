@@ -27,7 +27,7 @@ NEW, ALIAS = 0, 1
 @dataclass(frozen=True)
 class Template:
     structure: Any  # the meta result: its containers give the result's structure
-    specs: tuple  # per tensor leaf: (ALIAS, k) or (NEW, shape, dtype, requires_grad)
+    specs: tuple  # per tensor leaf: (ALIAS, k) or (NEW, shape, dtype, requires_grad, is_autograd_leaf)
 
 
 _cache: dict[Any, Template | None] = {}
@@ -129,7 +129,7 @@ def _run_meta(op: Op, args: tuple, kwargs: dict, tensors: list[torch.Tensor]) ->
         if k is not None:
             specs.append((ALIAS, k))
         else:
-            specs.append((NEW, tuple(leaf.shape), leaf.dtype, leaf.requires_grad))
+            specs.append((NEW, tuple(leaf.shape), leaf.dtype, leaf.requires_grad, leaf.grad_fn is None))
     return Template(result, tuple(specs))
 
 

@@ -74,6 +74,13 @@ def check() -> None:
         token.check()
 
 
+def restart_clock() -> None:
+    """Gives the next command of a batch its own time limit (a batch of commands is not one command)."""
+    token = getattr(_local, "token", None)
+    if token is not None:
+        token.start()
+
+
 def checkpoint() -> None:
     """:func:`check`, then lets waiting commands of other sessions run before continuing."""
     check()
