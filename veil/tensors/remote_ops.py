@@ -168,15 +168,37 @@ def _location_of(tensors: list[torch.Tensor]) -> PointerTensor:
     return first
 
 
+def _ref(ptr: PointerTensor) -> ObjectRef:
+    d = ptr.__dict__
+    ref = d.get("_ref")
+    if ref is None or ref.id != d["id_at_location"]:
+        ref = d["_ref"] = ObjectRef(d["id_at_location"])
+    return ref
+
+
 def _to_wire(value: Any) -> Any:
     tp = type(value)
     if tp is PointerTensor:
-        return ObjectRef(value.id_at_location)
+        return _ref(value)
     if tp is tuple or tp is list:
-        return tp(_to_wire(v) for v in value)
+        return tp([_to_wire(v) for v in value])
     if tp is dict:
         return {k: _to_wire(v) for k, v in value.items()}
     return value
+
+
+def _args_to_wire(args: tuple) -> list:
+    """Top-level arguments as a list (what the wire carries), pointers as ObjectRefs."""
+    out = []
+    for v in args:
+        tp = type(v)
+        if tp is PointerTensor:
+            out.append(_ref(v))
+        elif tp is tuple or tp is list or tp is dict:
+            out.append(_to_wire(v))
+        else:
+            out.append(v)
+    return out
 
 
 #: ops after which cached ``.grad`` pointers of that worker may be stale
@@ -225,7 +247,7 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
         owner = location.hook.local_worker
     if owner._lost.get(location.id):  # a failed deferred command left some ids empty: say so here
         owner.check_lost(location, [t.id_at_location for t in tensors if type(t) is PointerTensor])
-    wire_args = _to_wire(args)
+    wire_args = _args_to_wire(args)
     wire_kwargs = _to_wire(kwargs) if kwargs else {}
     grad = _is_grad_enabled()
     name = op.name

@@ -198,6 +198,16 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
         """
         pending = self._pending_deletes.pop(id(location), None)
         prelude = pending[1] if pending else None
+        while prelude and len(prelude) > MAX_PRELUDE_ITEMS:  # never more than a worker accepts at once
+            head, prelude = prelude[:MAX_PRELUDE_ITEMS], prelude[MAX_PRELUDE_ITEMS:]
+            try:
+                self._exchange(m.DeleteMessage([]), location, head)
+            except Exception:
+                self._note_lost(location, prelude, 0, "an earlier part of the batch failed")
+                raise
+        return self._exchange(msg, location, prelude)
+
+    def _exchange(self, msg: Any, location: "BaseWorker", prelude: list | None) -> Any:
         try:
             data = serialize(msg, sender=self.id, prelude=prelude)
             reply_bytes = location._recv_msg(data)
@@ -357,7 +367,8 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
                 f"a batch of {len(prelude)} deferred items exceeds worker {self.id!r}'s limit of {MAX_PRELUDE_ITEMS}")
         failure = None
         position = total = 0
-        discard, principal = self.monitor.discard, None
+        discard, principal, handle = self.monitor.discard, None, self._handle
+        token = cancellation.current_token()  # network workers: this request's limits (None in-process)
         for item in prelude:
             if type(item) is int:
                 if principal is None:
@@ -369,12 +380,13 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
                 continue
             position += 1
             try:
-                if position % YIELD_EVERY == 0:
-                    cancellation.checkpoint()  # other sessions' requests may run now
-                else:
-                    cancellation.check()
-                cancellation.restart_clock()  # the per-command time limit is per command
-                self._handle(m.CommandMessage(*item), sender)
+                if token is not None:
+                    if position % YIELD_EVERY == 0:
+                        cancellation.checkpoint()  # other sessions' requests may run now
+                    else:
+                        token.check()
+                    token.start()  # the per-command time limit is per command
+                handle(m.CommandMessage(*item), sender)
             except Exception as e:
                 failure = (position, item[0], e)
         if failure is not None:
@@ -449,24 +461,6 @@ _set_grad_enabled = torch._C._set_grad_enabled
 _EMPTY: frozenset = frozenset()
 
 
-def _resolve_flat(monitor: ReferenceMonitor, principal: Principal, values: Any, purpose: Purpose,
-                  found: dict[int, Entry]) -> list:
-    """The arguments with ObjectRefs replaced through the monitor (top level inline, nesting via the monitor)."""
-    out = []
-    for v in values:
-        tp = type(v)
-        if tp is _REF:
-            entry = found.get(v.id)
-            if entry is None:
-                entry = found[v.id] = monitor.resolve(principal, v.id, purpose)
-            out.append(entry.obj)
-        elif tp is list or tp is tuple or tp is dict:
-            out.append(monitor.resolve_args(principal, v, purpose, found))
-        else:
-            out.append(v)
-    return out
-
-
 @register_handler(m.CommandMessage)
 def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> Any:
     op = ALLOWLIST.by_name(msg.op)
@@ -474,7 +468,7 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
         raise SerializationError("command args must be a tuple and kwargs a map")
     monitor, principal, purpose = worker.monitor, worker.principal(sender), _purpose_of(op)
     found: dict[int, Entry] = {}
-    args = _resolve_flat(monitor, principal, msg.args, purpose, found)
+    args = monitor.resolve_list(principal, msg.args, purpose, found)
     kwargs = msg.kwargs
     if kwargs:
         kwargs = monitor.resolve_args(principal, kwargs, purpose, found)

@@ -74,11 +74,10 @@ def check() -> None:
         token.check()
 
 
-def restart_clock() -> None:
-    """Gives the next command of a batch its own time limit (a batch of commands is not one command)."""
-    token = getattr(_local, "token", None)
-    if token is not None:
-        token.start()
+def current_token() -> CancelToken | None:
+    """The running command's token (None outside a network worker's request). A batch of deferred
+    commands restarts its clock per command: a batch is not one command."""
+    return getattr(_local, "token", None)
 
 
 def checkpoint() -> None:
