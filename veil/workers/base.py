@@ -383,9 +383,8 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
                 if token is not None:
                     if position % YIELD_EVERY == 0:
                         cancellation.checkpoint()  # other sessions' requests may run now
-                    else:
-                        token.check()
-                    token.start()  # the per-command time limit is per command
+                    token.start()  # each command gets the whole per-command time limit ...
+                    token.check()  # ... and none starts once the session is gone
                 handle(m.CommandMessage(*item), sender)
             except Exception as e:
                 failure = (position, item[0], e)
