@@ -67,6 +67,8 @@ class PointerTensor(torch.Tensor):
         # the remote object is this client's own (sent, or a result of its command): commands on
         # it may be pipelined. Anything else (owner data from search, shares, pointer chains) is not.
         d["_mine"] = mine
+        if mine and requires_grad:  # a fresh object of ours has no gradient until the next backward there
+            d["_grad_cache"] = (owner.grad_epoch(location), None)
         # (shape, dtype, requires_grad) as plain Python values: reading them through
         # the tensor properties would re-enter __torch_function__ on every op.
         d["_meta"] = (tuple(shape), dtype, requires_grad)

@@ -168,11 +168,41 @@ def _location_of(tensors: list[torch.Tensor]) -> PointerTensor:
     return first
 
 
-def _ref(ptr: PointerTensor) -> ObjectRef:
+def _ref_encoder() -> Callable[[int], Any]:
+    """How a pointer names its object on the wire: an ObjectRef, or (faster) that ObjectRef
+    already encoded by serde's own registered encoder, which msgpack then copies as is
+    (saves an encoder call per argument per command). The pre-encoded form is used only if
+    it decodes back to the same ObjectRef through serde (so a change of the wire format
+    falls back to plain ObjectRefs instead of breaking)."""
+    try:
+        import msgpack
+
+        from veil.messaging import serde
+
+        encode = serde._ENCODERS[ObjectRef]
+
+        def pre_encoded(oid: int) -> Any:
+            return msgpack.ExtType(*encode(ObjectRef(oid)))
+
+        probe = 2**64 - 12345
+        if serde.decode_value(serde.encode_value([pre_encoded(probe), (pre_encoded(7),)])) \
+                == [ObjectRef(probe), (ObjectRef(7),)]:
+            return pre_encoded
+    except Exception:  # a wire format without this registry: plain ObjectRefs
+        pass
+    return ObjectRef
+
+
+_encode_ref = _ref_encoder()
+
+
+def _ref(ptr: PointerTensor) -> Any:
+    """``ptr``'s wire reference, made once per pointer."""
     d = ptr.__dict__
     ref = d.get("_ref")
-    if ref is None or ref.id != d["id_at_location"]:
-        ref = d["_ref"] = ObjectRef(d["id_at_location"])
+    if ref is None or d.get("_ref_id") != d["id_at_location"]:
+        ref = d["_ref"] = _encode_ref(d["id_at_location"])
+        d["_ref_id"] = d["id_at_location"]
     return ref
 
 
@@ -361,7 +391,7 @@ def _predicted_grad(ptr: PointerTensor, epoch: int) -> PointerTensor | None:
     shape, dtype, _ = d["_meta"]
     gid = new_id()
     grad = PointerTensor(location, gid, owner, shape, dtype, False, mine=True)
-    owner.defer(location, ["Tensor.grad.__get__", [ObjectRef(d["id_at_location"])], {}, [gid], _is_grad_enabled()])
+    owner.defer(location, ["Tensor.grad.__get__", [_ref(ptr)], {}, [gid], _is_grad_enabled()])
     return grad
 
 

@@ -368,6 +368,8 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
         failure = None
         position = total = 0
         discard, principal, handle = self.monitor.discard, None, self._handle
+        if type(self)._handle is BaseWorker._handle and HANDLERS.get(m.CommandMessage) is _handle_command:
+            handle = self._handle_plain  # in-process: the same handler without the per-message wrapper
         token = cancellation.current_token()  # network workers: this request's limits (None in-process)
         for item in prelude:
             if type(item) is int:
@@ -403,6 +405,13 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
         previous, self._requester = getattr(self, "_requester", None), sender
         try:
             return handler(self, msg, sender)
+        finally:
+            self._requester = previous
+
+    def _handle_plain(self, msg: m.CommandMessage, sender: str) -> Any:
+        previous, self._requester = getattr(self, "_requester", None), sender
+        try:
+            return _handle_command(self, msg, sender)
         finally:
             self._requester = previous
 
