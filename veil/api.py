@@ -59,7 +59,7 @@ def send(obj: Any, *workers: "BaseWorker", garbage_collect_data: bool = True) ->
     return PointerTensor(
         location=worker, id_at_location=oid, owner=owner, shape=obj.shape, dtype=obj.dtype,
         requires_grad=obj.requires_grad, garbage_collect_data=garbage_collect_data, tags=tags,
-        description=description,
+        description=description, mine=not isinstance(obj, PointerTensor),  # pipelinable: see remote_ops
     )
 
 

@@ -47,7 +47,7 @@ def send_module(module: nn.Module, worker: "BaseWorker") -> nn.Module:
     ids = [new_id() for _ in slots]
     owner.send_msg(ObjectMessage([StoredObject(i, t.detach().requires_grad_(t.requires_grad)) for i, (_, _, t) in zip(ids, slots)]), worker)
     for oid, (table, name, t) in zip(ids, slots):
-        ptr = PointerTensor(worker, oid, owner, t.shape, t.dtype, t.requires_grad)
+        ptr = PointerTensor(worker, oid, owner, t.shape, t.dtype, t.requires_grad, mine=True)
         _swap_in(table, name, t, ptr)
     module.location = worker
     return module

@@ -113,6 +113,7 @@ def test_results_record_kind_reveal_to_and_provenance(hook):
     a, b = w.search(["#a"])[0], w.search(["#b"])[0]
     c = a + b
     d = c * torch.tensor(3.0).send(w)
+    w.flush()  # pipelined commands run at the next synchronization
     me = Principal("me", "me")
     owner_entry = w.monitor.resolve(me, a_id, Purpose.COMPUTE)
     assert owner_entry.kind == Kind.OWNER and owner_entry.provenance == {a_id}

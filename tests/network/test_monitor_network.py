@@ -90,8 +90,9 @@ def test_session_quota_over_the_network(spawn, connect):
     small = torch.zeros(150_000).send(alice)  # 0.6 MB
     with pytest.raises(QuotaExceededError, match="max-session-mb"):
         torch.zeros(200_000).send(alice)  # would reach 1.4 MB of the 1.05 MB
-    with pytest.raises(QuotaExceededError):
-        small * 3  # results count too: 1.2 MB
+    with pytest.raises(QuotaExceededError, match="deferred command"):
+        small * 3  # results count too: 1.2 MB (pipelined: refused at the next synchronization)
+        alice.flush()
     other = connect(wp, token=OTHER, id="alice-other")  # the quota is per session
     assert torch.equal((torch.ones(100_000).send(other) + 1).get(), torch.full((100_000,), 2.0))
     del small

@@ -38,6 +38,7 @@ class PointerTensor(RemoteHandle, torch.Tensor):
             worker for pointer-to-pointer chains); it sends the commands.
         id: this pointer's own id (for display).
         garbage_collect_data: free the remote object when this pointer dies.
+        mine: the client created the remote object (see ``remote_ops._may_pipeline``).
     """
 
     location: "BaseWorker"
@@ -57,6 +58,7 @@ class PointerTensor(RemoteHandle, torch.Tensor):
         garbage_collect_data: bool = True,
         tags: tuple = (),
         description: str = "",
+        mine: bool = False,
     ) -> "PointerTensor":
         r = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, requires_grad=requires_grad, device="cpu")
         d = r.__dict__
@@ -68,6 +70,11 @@ class PointerTensor(RemoteHandle, torch.Tensor):
         d["tags"] = tuple(tags)
         d["description"] = description
         d["_freed"] = False
+        # the remote object is this client's own (sent, or a result of its command): commands on
+        # it may be pipelined. Anything else (owner data from search, shares, pointer chains) is not.
+        d["_mine"] = mine
+        if mine and requires_grad:  # a fresh object of ours has no gradient until the next backward there
+            d["_grad_cache"] = (owner.grad_epoch(location), None)
         # (shape, dtype, requires_grad) as plain Python values: reading them through
         # the tensor properties would re-enter __torch_function__ on every op.
         d["_meta"] = (tuple(shape), dtype, requires_grad)
@@ -124,6 +131,8 @@ class PointerTensor(RemoteHandle, torch.Tensor):
         """
         from veil.messaging.messages import GetObjectsMessage
 
+        if self.owner._lost.get(self.location.id):  # a failed deferred command never stored it
+            self.owner.check_lost(self.location, [self.id_at_location])
         # PySyft's ``x.get().grad``: point at the remote grad first (nothing is released yet) ...
         grad_ptr = self.grad if self.__dict__["_meta"][2] else None
 
@@ -168,7 +177,7 @@ class PointerTensor(RemoteHandle, torch.Tensor):
         return PointerTensor(
             location=destination, id_at_location=new, owner=self.owner, shape=self.shape, dtype=self.dtype,
             requires_grad=self.requires_grad, garbage_collect_data=self.garbage_collect_data,
-            tags=self.tags, description=self.description,
+            tags=self.tags, description=self.description, mine=self.__dict__["_mine"],
         )
 
     def remote_get(self) -> "PointerTensor":

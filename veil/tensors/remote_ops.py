@@ -73,14 +73,17 @@ def _set_requires_grad(func: Any, args: tuple, kwargs: dict) -> None:
 
 
 def _get_grad(func: Any, args: tuple, kwargs: dict) -> Any:
-    """``p.grad``: asks the worker once per backward, then answers from a cache."""
+    """``p.grad``: once per backward (predicted without a round trip when pipelining), then cached."""
     ptr = args[0]
-    epoch = ptr.owner.grad_epoch(ptr.location)
-    cached = ptr.__dict__.get("_grad_cache")
+    d = ptr.__dict__
+    epoch = d["owner"].grad_epoch(d["location"])
+    cached = d.get("_grad_cache")
     if cached is not None and cached[0] == epoch:
         return cached[1]
-    grad = call(ALLOWLIST.by_name("Tensor.grad.__get__"), (ptr,), {})
-    ptr.__dict__["_grad_cache"] = (epoch, grad)
+    grad = _predicted_grad(ptr, epoch)
+    if grad is None:
+        grad = call(ALLOWLIST.by_name("Tensor.grad.__get__"), (ptr,), {})
+    d["_grad_cache"] = (epoch, grad)
     return grad
 
 
@@ -165,19 +168,93 @@ def _location_of(tensors: list[torch.Tensor]) -> PointerTensor:
     return first
 
 
+def _ref_encoder() -> Callable[[int], Any]:
+    """How a pointer names its object on the wire: an ObjectRef, or (faster) that ObjectRef
+    already encoded by serde's own registered encoder, which msgpack then copies as is
+    (saves an encoder call per argument per command). The pre-encoded form is used only if
+    it decodes back to the same ObjectRef through serde (so a change of the wire format
+    falls back to plain ObjectRefs instead of breaking)."""
+    try:
+        import msgpack
+
+        from veil.messaging import serde
+
+        encode = serde._ENCODERS[ObjectRef]
+
+        def pre_encoded(oid: int) -> Any:
+            return msgpack.ExtType(*encode(ObjectRef(oid)))
+
+        probe = 2**64 - 12345
+        if serde.decode_value(serde.encode_value([pre_encoded(probe), (pre_encoded(7),)])) \
+                == [ObjectRef(probe), (ObjectRef(7),)]:
+            return pre_encoded
+    except Exception:  # a wire format without this registry: plain ObjectRefs
+        pass
+    return ObjectRef
+
+
+_encode_ref = _ref_encoder()
+
+
+def _ref(ptr: PointerTensor) -> Any:
+    """``ptr``'s wire reference, made once per pointer."""
+    d = ptr.__dict__
+    ref = d.get("_ref")
+    if ref is None or d.get("_ref_id") != d["id_at_location"]:
+        ref = d["_ref"] = _encode_ref(d["id_at_location"])
+        d["_ref_id"] = d["id_at_location"]
+    return ref
+
+
 def _to_wire(value: Any) -> Any:
     tp = type(value)
     if tp is PointerTensor:
-        return ObjectRef(value.id_at_location)
+        return _ref(value)
     if tp is tuple or tp is list:
-        return tp(_to_wire(v) for v in value)
+        return tp([_to_wire(v) for v in value])
     if tp is dict:
         return {k: _to_wire(v) for k, v in value.items()}
     return value
 
 
+def _args_to_wire(args: tuple) -> list:
+    """Top-level arguments as a list (what the wire carries), pointers as ObjectRefs."""
+    out = []
+    for v in args:
+        tp = type(v)
+        if tp is PointerTensor:
+            out.append(_ref(v))
+        elif tp is tuple or tp is list or tp is dict:
+            out.append(_to_wire(v))
+        else:
+            out.append(v)
+    return out
+
+
 #: ops after which cached ``.grad`` pointers of that worker may be stale
 _GRAD_CHANGING = frozenset({"Tensor.backward"})  # a grad set updates only its own cache
+_NEW = shape_inference.NEW
+_is_grad_enabled = torch.is_grad_enabled
+
+
+def _may_pipeline(owner: Any, location: Any, tensors: list) -> bool:
+    """Whether a command may be deferred (its errors then surface at the next synchronization).
+
+    Only the client's own commands on the client's own objects (``PointerTensor._mine``: sent
+    by it, or results of its commands): a pointer to anything else (the owner's datasets found
+    by search, protocol shares and hand-offs, pointer chains) makes the command synchronous, so
+    the owner's refusals (write guard, DP-only, errors on protected data, deputy refusals) are
+    raised at the op that caused them and hand-offs are claimed when first used. A worker that forwards
+    commands while serving a request (pointer chains) never defers them. Commands with
+    unusual argument types (no shape-cache key) are synchronous too, so a wire error surfaces
+    at the call.
+    """
+    if not getattr(location, "pipelining", False) or owner.hook.local_worker is not owner:
+        return False
+    for t in tensors:
+        if type(t) is PointerTensor and not t.__dict__["_mine"]:
+            return False
+    return True
 
 
 def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
@@ -185,8 +262,12 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
 
     ``location`` names the worker explicitly, for worker functions whose
     arguments hold no pointer; the local worker then sends the command.
+
+    With ``location.pipelining`` (the default), a command whose result shapes are
+    known here (local shape inference) and whose result ids this side chooses is
+    queued and rides, batched in order, on the next message that needs a reply.
     """
-    if kwargs.get("memory_format") is torch.preserve_format:  # the default of every *_like op and clone
+    if kwargs and kwargs.get("memory_format") is torch.preserve_format:  # the default of every *_like op
         kwargs = {k: v for k, v in kwargs.items() if k != "memory_format"}
     tensors, key = shape_inference.collect(args, kwargs)
     if location is None:
@@ -194,35 +275,124 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
         owner, location = first.owner, first.location
     else:
         owner = location.hook.local_worker
-    wire_args, wire_kwargs = _to_wire(args), _to_wire(kwargs)
-    grad = torch.is_grad_enabled()
-    if op.worker_function or op.name in _GRAD_CHANGING:
+    if owner._lost.get(location.id):  # a failed deferred command left some ids empty: say so here
+        owner.check_lost(location, [t.id_at_location for t in tensors if type(t) is PointerTensor])
+    wire_args = _args_to_wire(args)
+    wire_kwargs = _to_wire(kwargs) if kwargs else {}
+    grad = _is_grad_enabled()
+    name = op.name
+    if op.worker_function or name in _GRAD_CHANGING:
         owner.bump_grad_epoch(location)
-    pipelined = getattr(location, "pipelining", False) and not op.worker_function
+    pipelined = key is not None and not op.worker_function and _may_pipeline(owner, location, tensors)
     if op.shapes == NO_RESULT:
-        msg = CommandMessage(op.name, wire_args, wire_kwargs, [], grad)
-        owner.defer_command(location, msg) if pipelined else owner.send_msg(msg, location)
+        if name == "Tensor.backward":
+            owner._grad_leaves[location.id] = (owner.grad_epoch(location), _backward_leaves(args, kwargs))
+        if pipelined:
+            owner.defer(location, [name, wire_args, wire_kwargs, [], grad])
+        else:
+            owner.send_msg(CommandMessage(name, wire_args, wire_kwargs, [], grad), location)
         return None
     template = shape_inference.infer(op, args, kwargs, tensors, key) if op.shapes == INFER else None
     if template is None:
-        reply = owner.send_msg(CommandMessage(op.name, wire_args, wire_kwargs, None, grad), location)
+        reply = owner.send_msg(CommandMessage(name, wire_args, wire_kwargs, None, grad), location)
         return _from_descriptors(reply, args, kwargs, owner, location)
     return_ids: list[int] = []
     made: list[Any] = []
+    graph = _UNSET
     for spec in template.specs:
-        if spec[0] == shape_inference.ALIAS:  # in-place op: the result is an input
-            return_ids.append(0)
-            made.append(tensors[spec[1]])
-        else:
+        if spec[0] == _NEW:
             oid = new_id()
             return_ids.append(oid)
-            made.append(PointerTensor(location, oid, owner, spec[1], spec[2], spec[3]))
-    msg = CommandMessage(op.name, wire_args, wire_kwargs, return_ids, grad)
-    owner.defer_command(location, msg) if pipelined else owner.send_msg(msg, location)
-    if isinstance(template.structure, torch.Tensor):
+            ptr = PointerTensor(location, oid, owner, spec[1], spec[2], spec[3], mine=True)
+            if spec[3] and not spec[4]:  # a non-leaf of the remote autograd graph: remember its leaves
+                if graph is _UNSET:
+                    graph = _graph_leaves(tensors)
+                ptr.__dict__["_leafs"] = graph
+            made.append(ptr)
+        else:  # in-place op: the result is an input
+            return_ids.append(0)
+            ptr = tensors[spec[1]]
+            made.append(ptr)
+            if grad and type(ptr) is PointerTensor and "_leafs" in ptr.__dict__:
+                ptr.__dict__["_leafs"] = None  # its graph changed in place: stop predicting through it
+    if pipelined:
+        owner.defer(location, [name, wire_args, wire_kwargs, return_ids, grad])
+    else:
+        owner.send_msg(CommandMessage(name, wire_args, wire_kwargs, return_ids, grad), location)
+    if len(made) == 1 and isinstance(template.structure, torch.Tensor):
         return made[0]
     it = iter(made)
     return map_structure(template.structure, lambda _: next(it))
+
+
+# ------------------------------------------------------------------ gradient prediction
+#
+# ``p.grad`` after ``loss.backward()`` would need a reply per parameter (6 round trips
+# per step for a 3-layer MLP). Each pointer that is a non-leaf of the remote autograd
+# graph records the ids of the leaf pointers it depends on (``_leafs``; None: unknown).
+# ``backward`` records that set for its worker; until the next grad-changing op, ``.grad``
+# of a leaf in the set is a new pointer under an id chosen here, filled by a deferred
+# command. Anything unsure (worker-described results, in-place ops on graph tensors,
+# ``inputs=``/``create_graph``) turns prediction off, and ``.grad`` asks the worker.
+
+_UNSET = object()
+_EMPTY_LEAVES: frozenset = frozenset()
+
+
+def _own_leaf(d: dict) -> frozenset:
+    leaf = d.get("_as_leaf")
+    if leaf is None:
+        leaf = d["_as_leaf"] = frozenset((d["id_at_location"],))
+    return leaf
+
+
+def _graph_leaves(tensors: list) -> frozenset | None:
+    """Leaf pointer ids that the inputs' remote autograd graphs reach (None: unknown)."""
+    acc = None
+    for t in tensors:
+        if type(t) is not PointerTensor:
+            continue
+        d = t.__dict__
+        if not d["_meta"][2]:
+            continue
+        leaves_ = d.get("_leafs", _UNSET)
+        if leaves_ is _UNSET:
+            leaves_ = _own_leaf(d)
+        elif leaves_ is None:
+            return None
+        acc = leaves_ if acc is None or acc is leaves_ else acc | leaves_
+    return _EMPTY_LEAVES if acc is None else acc
+
+
+def _backward_leaves(args: tuple, kwargs: dict) -> frozenset | None:
+    """The leaves ``args[0].backward(...)`` will give a gradient (None: unknown)."""
+    loss = args[0] if args else None
+    if type(loss) is not PointerTensor or len(args) > 3 or kwargs.get("inputs") is not None \
+            or kwargs.get("create_graph"):
+        return None
+    d = loss.__dict__
+    leaves_ = d.get("_leafs", _UNSET)
+    if leaves_ is _UNSET:
+        return _own_leaf(d) if d["_meta"][2] else None
+    return leaves_
+
+
+def _predicted_grad(ptr: PointerTensor, epoch: int) -> PointerTensor | None:
+    """A pointer for ``ptr.grad`` when the last backward surely gave it one (else None: ask)."""
+    d = ptr.__dict__
+    owner, location = d["owner"], d["location"]
+    predicted = owner._grad_leaves.get(location.id)
+    if (predicted is None or predicted[0] != epoch or predicted[1] is None or "_leafs" in d
+            or not d["_meta"][2] or d["id_at_location"] not in predicted[1]
+            or not _may_pipeline(owner, location, [ptr])):
+        return None
+    if owner._lost.get(location.id):
+        owner.check_lost(location, [d["id_at_location"]])
+    shape, dtype, _ = d["_meta"]
+    gid = new_id()
+    grad = PointerTensor(location, gid, owner, shape, dtype, False, mine=True)
+    owner.defer(location, ["Tensor.grad.__get__", [_ref(ptr)], {}, [gid], _is_grad_enabled()])
+    return grad
 
 
 def _from_descriptors(reply: Any, args: tuple, kwargs: dict, owner: Any, location: Any) -> Any:
@@ -232,6 +402,9 @@ def _from_descriptors(reply: Any, args: tuple, kwargs: dict, owner: Any, locatio
     def build(d: Descriptor) -> Any:
         if d.id in inputs:
             return inputs[d.id]
-        return PointerTensor(location, d.id, owner, d.shape, DTYPES[d.dtype], d.requires_grad)
+        ptr = PointerTensor(location, d.id, owner, d.shape, DTYPES[d.dtype], d.requires_grad, mine=True)
+        if d.requires_grad:
+            ptr.__dict__["_leafs"] = None  # leaf or not, its graph is unknown here: no gradient prediction
+        return ptr
 
     return map_structure(reply.result, build, leaf=Descriptor)

@@ -27,7 +27,7 @@ NEW, ALIAS = 0, 1
 @dataclass(frozen=True)
 class Template:
     structure: Any  # the meta result: its containers give the result's structure
-    specs: tuple  # per tensor leaf: (ALIAS, k) or (NEW, shape, dtype, requires_grad)
+    specs: tuple  # per tensor leaf: (ALIAS, k) or (NEW, shape, dtype, requires_grad, is_autograd_leaf)
 
 
 _cache: dict[Any, Template | None] = {}
@@ -62,8 +62,47 @@ def _sig(value: Any, tensors: list, seen: dict[int, int]) -> Any:
     raise _Unhashable
 
 
+#: argument types whose value is part of the cache key as is (flat fast path of :func:`collect`)
+_PLAIN = frozenset({int, float, bool, str, type(None), torch.dtype})
+_FLAT = "flat"  # first element of fast-path keys: they never equal a nested key
+
+
 def collect(args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], Any]:
-    """All distinct tensors in the call (pointers and local ones) and a cache key (or None)."""
+    """All distinct tensors in the call (pointers and local ones) and a cache key (or None).
+
+    Training loops mostly call ops on pointers and plain scalars: those get a flat key
+    without the recursion of the general signature.
+    """
+    tensors: list = []
+    key: list = [_FLAT]
+    for value in args:
+        tp = type(value)
+        if tp is PointerTensor:
+            for k, t in enumerate(tensors):
+                if t is value:
+                    break
+            else:
+                k = len(tensors)
+                tensors.append(value)
+            key.append(k)
+            key.append(value.__dict__["_meta"])
+        elif tp in _PLAIN:
+            key.append(tp)
+            key.append(value)
+        else:
+            return _collect_nested(args, kwargs)
+    if kwargs:
+        for name, value in kwargs.items():
+            tp = type(value)
+            if tp not in _PLAIN:
+                return _collect_nested(args, kwargs)
+            key.append(name)  # a str, never a type or an index: keys stay unambiguous
+            key.append(tp)
+            key.append(value)
+    return tensors, tuple(key)
+
+
+def _collect_nested(args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], Any]:
     tensors: list[torch.Tensor] = []
     seen: dict[int, int] = {}
     try:
@@ -129,7 +168,7 @@ def _run_meta(op: Op, args: tuple, kwargs: dict, tensors: list[torch.Tensor]) ->
         if k is not None:
             specs.append((ALIAS, k))
         else:
-            specs.append((NEW, tuple(leaf.shape), leaf.dtype, leaf.requires_grad))
+            specs.append((NEW, tuple(leaf.shape), leaf.dtype, leaf.requires_grad, leaf.grad_fn is None))
     return Template(result, tuple(specs))
 
 

@@ -9,6 +9,7 @@ network client worker overrides ``_recv_msg`` to forward the bytes.
 from __future__ import annotations
 
 import logging
+import re
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -28,7 +29,7 @@ from veil.messaging.allowlist import ALLOWLIST, NO_RESULT
 from veil.messaging.serde import DecodeContext, deserialize, serialize
 from veil.tensors.tree import leaves, map_structure
 from veil.compat.workers import PySyftWorkerMethods
-from veil.workers import owner_guard
+from veil.workers import cancellation, owner_guard
 from veil.workers.stats import TransportStats
 from veil.workers.monitor import Principal, Purpose, ReferenceMonitor
 from veil.workers.store import Entry
@@ -41,6 +42,10 @@ log = logging.getLogger(__name__)
 Handler = Callable[["BaseWorker", Any, str], Any]
 #: deferred commands queued for one worker before they are sent without waiting for more
 PRELUDE_LIMIT = 512
+#: most items (deferred commands and deletions) a worker accepts in front of one request
+MAX_PRELUDE_ITEMS = 65536
+#: a batch hands the worker to other sessions' waiting requests every this many commands
+YIELD_EVERY = 32
 #: what an ObjectMessage may store besides tensors (plans register themselves)
 STORABLE_TYPES: list[type] = [torch.Tensor]
 #: checks run on an arriving object before it is stored (e.g. a plan's ops vs the allowlist)
@@ -69,7 +74,7 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
     """
 
     def __init__(self, hook: "TorchHook | None" = None, id: str | None = None, data: tuple = (),
-                 pipelining: bool = False, max_session_bytes: int | None = None, **_ignored: Any):
+                 pipelining: bool = True, max_session_bytes: int | None = None, **_ignored: Any):
         from veil.workers.registry import default_hook_context
 
         self.hook = hook if hook is not None else default_hook_context()
@@ -87,12 +92,17 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
         self.monitor.release_hook = self._review_release
         self._principals: dict[str, Principal] = {}
         self.stats = TransportStats()
-        # Per destination: what rides on the next message there, in order
-        # (ids to free, deferred commands). See serde's "prelude".
-        self._pending_deletes: dict[str, tuple["BaseWorker", list]] = {}
+        # Per destination object (keyed by identity: a new worker may reuse an old one's name; the
+        # entry holds the worker, so its id() stays unique): what rides on the next message there,
+        # in order (ids to free, deferred commands). See serde's "prelude".
+        self._pending_deletes: dict[int, tuple["BaseWorker", list]] = {}
         #: as a destination: callers may defer commands whose results they name themselves
         self.pipelining = pipelining
         self._grad_epochs: dict[str, int] = {}
+        # per destination: ids a failed deferred command (or the commands after it) never stored
+        self._lost: dict[str, dict[int, str]] = {}
+        # per destination: (grad epoch, ids of leaf tensors the last backward gave a gradient)
+        self._grad_leaves: dict[str, tuple[int, frozenset | None]] = {}
         self._decode_ctx = DecodeContext(make_pointer=self._make_pointer)
         self.hook.register_worker(self)
         for tensor in data:
@@ -150,7 +160,13 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
 
     @property
     def _objects(self) -> dict[int, Any]:
-        """What the worker holds, id -> object (read-only snapshot, PySyft's ``_objects``)."""
+        """What the worker holds, id -> object (read-only snapshot, PySyft's ``_objects``).
+
+        In-process, the local worker's commands still queued for this worker run first
+        (the snapshot is a synchronization point, and may raise a deferred command's error)."""
+        local = self.hook.local_worker
+        if local is not self and local._pending_deletes.get(id(self)):
+            local.flush(self)
         return self.monitor.owner_objects()
 
     def search(self, query: list[str] | str) -> list:
@@ -173,14 +189,41 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
     # ------------------------------------------------------- sending side
 
     def send_msg(self, msg: Any, location: "BaseWorker") -> Any:
-        """Sends a request to ``location`` and returns its reply, raising remote errors here."""
-        pending = self._pending_deletes.pop(location.id, None)
-        data = serialize(msg, sender=self.id, prelude=pending[1] if pending else None)
-        reply_bytes = location._recv_msg(data)
+        """Sends a request to ``location`` and returns its reply, raising remote errors here.
+
+        Deferred commands and deletions queued for ``location`` ride in front of it
+        (the prelude, one frame). If a deferred command failed, its error is raised
+        here, naming the op; its results and those of every later deferred command
+        are remembered as lost (see :meth:`check_lost`), and ``msg`` itself did not run.
+        """
+        pending = self._pending_deletes.pop(id(location), None)
+        prelude = pending[1] if pending else None
+        while prelude and len(prelude) > MAX_PRELUDE_ITEMS:  # never more than a worker accepts at once
+            head, prelude = prelude[:MAX_PRELUDE_ITEMS], prelude[MAX_PRELUDE_ITEMS:]
+            try:
+                self._exchange(m.DeleteMessage([]), location, head)
+            except Exception:
+                self._note_lost(location, prelude, 0, "an earlier part of the batch failed")
+                raise
+        return self._exchange(msg, location, prelude)
+
+    def _exchange(self, msg: Any, location: "BaseWorker", prelude: list | None) -> Any:
+        try:
+            data = serialize(msg, sender=self.id, prelude=prelude)
+            reply_bytes = location._recv_msg(data)
+        except Exception as e:
+            if prelude:
+                self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
+            raise
         self.stats.record(len(data), len(reply_bytes))
         reply, _, _ = deserialize(reply_bytes, self._decode_ctx)
         if type(reply) is m.ErrorReply:
-            raise error_from_reply(reply.error, reply.message)
+            error = error_from_reply(reply.error, reply.message)
+            if prelude:
+                failed = _failed_position(reply.message)
+                if failed is not None:
+                    self._note_lost(location, prelude, failed, reply.message)
+            raise error
         return reply
 
     def schedule_delete(self, location: "BaseWorker", oid: int) -> None:
@@ -189,10 +232,13 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
         Called from pointer finalizers, which must never send (they can run in the
         middle of another message).
         """
-        entry = self._pending_deletes.get(location.id)
+        entry = self._pending_deletes.get(id(location))
         if entry is None:
-            entry = self._pending_deletes.setdefault(location.id, (location, []))
+            entry = self._pending_deletes.setdefault(id(location), (location, []))
         entry[1].append(oid)
+        lost = self._lost.get(location.id)
+        if lost:
+            lost.pop(oid, None)
 
     def defer_command(self, location: "BaseWorker", msg: m.CommandMessage) -> None:
         """Pipelining: the command rides on the next message to ``location``.
@@ -200,12 +246,56 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
         Only for commands that need no reply (results under ids the caller chose).
         An error surfaces at the next synchronous call to that worker.
         """
-        entry = self._pending_deletes.get(location.id)
+        self.defer(location, [msg.op, list(msg.args), msg.kwargs, msg.return_ids, msg.grad_enabled])
+
+    def defer(self, location: "BaseWorker", item: list) -> None:
+        """:meth:`defer_command` for a command already in wire form ``[op, args, kwargs, return_ids, grad]``."""
+        entry = self._pending_deletes.get(id(location))
         if entry is None:
-            entry = self._pending_deletes.setdefault(location.id, (location, []))
-        entry[1].append([msg.op, list(msg.args), msg.kwargs, msg.return_ids, msg.grad_enabled])
-        if len(entry[1]) >= PRELUDE_LIMIT:
-            self.flush_deletes()
+            entry = self._pending_deletes.setdefault(id(location), (location, []))
+        queue = entry[1]
+        queue.append(item)
+        if len(queue) >= PRELUDE_LIMIT:
+            self.send_msg(m.DeleteMessage([]), location)  # a full batch goes now (and may raise its error)
+
+    def flush(self, location: "BaseWorker | None" = None) -> None:
+        """Synchronizes: sends what is queued (for ``location``, or for every worker) and raises the
+        error of a failed deferred command. ``alice.flush()`` flushes the local worker's queue for alice."""
+        local = self.hook.local_worker
+        if local is not self and location is None:
+            location = self
+        if location is None:
+            local.flush_deletes()
+            return
+        pending = local._pending_deletes.get(id(location))
+        if pending and pending[1]:
+            local.send_msg(m.DeleteMessage([]), location)
+
+    def _note_lost(self, location: "BaseWorker", prelude: list, first: int, reason: str) -> None:
+        """Results of deferred commands from position ``first`` on were never stored on ``location``."""
+        lost = self._lost.setdefault(location.id, {})
+        k = 0
+        for item in prelude:
+            if type(item) is int:
+                continue
+            if k >= first and isinstance(item[3], list):
+                for oid in item[3]:
+                    if oid:
+                        lost[oid] = f"deferred command {item[0]!r} did not run ({reason})"
+            k += 1
+        if len(lost) > 65536:  # pointers usually die (and are forgotten) long before this
+            for oid in list(lost)[:32768]:
+                del lost[oid]
+
+    def check_lost(self, location: "BaseWorker", ids: Any) -> None:
+        """Raises if one of ``ids`` names a result a failed deferred command never stored."""
+        lost = self._lost.get(location.id)
+        if lost:
+            for oid in ids:
+                reason = lost.get(oid)
+                if reason is not None:
+                    raise ObjectNotFoundError(
+                        f"object {oid} on worker {location.id!r} was never created: {reason}")
 
     def grad_epoch(self, location: "BaseWorker") -> int:
         """Changes whenever remote ``.grad`` attributes on ``location`` may have changed."""
@@ -215,12 +305,22 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
         self._grad_epochs[location.id] = self._grad_epochs.get(location.id, 0) + 1
 
     def flush_deletes(self) -> None:
-        """Sends queued deletions and deferred commands now (raises a deferred command's error)."""
-        for loc_id in list(self._pending_deletes):
-            pending = self._pending_deletes.get(loc_id)
+        """Sends queued deletions and deferred commands now (raises a deferred command's error
+        after every worker got its queue)."""
+        first_error = None
+        for key in list(self._pending_deletes):
+            pending = self._pending_deletes.get(key)
+            if pending and self.hook.workers.get(pending[0].id) is not pending[0]:
+                del self._pending_deletes[key]  # a worker since replaced under its name: nothing to run there
+                continue
             if pending and pending[1]:
                 # an empty DeleteMessage carries the prelude (send_msg takes it from the queue)
-                self.send_msg(m.DeleteMessage([]), pending[0])
+                try:
+                    self.send_msg(m.DeleteMessage([]), pending[0])
+                except Exception as e:
+                    first_error = first_error or e
+        if first_error is not None:
+            raise first_error
 
     def resolve_worker(self, worker_id: str) -> "BaseWorker":
         worker = self.hook.workers.get(worker_id)
@@ -259,15 +359,50 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
             return serialize(m.ErrorReply(*error_reply_fields(e)), sender=self.id)
 
     def _run_prelude(self, prelude: list, sender: str) -> None:
+        """Runs a batch in order: deletions, and deferred commands each through :meth:`_handle`.
+
+        Each command is handled exactly as if it came alone (roles, the monitor, the
+        write guard, quotas, DP); each gets its own time limit, and on network workers
+        the batch gives way to other sessions every few commands. After a command fails,
+        later commands are skipped (they may use its results), deletions still run, and
+        the failure is raised naming the op and its position, so the request itself does
+        not run and the client learns which results were never stored.
+        """
+        if len(prelude) > MAX_PRELUDE_ITEMS:
+            raise SerializationError(
+                f"a batch of {len(prelude)} deferred items exceeds worker {self.id!r}'s limit of {MAX_PRELUDE_ITEMS}")
+        failure = None
+        position = total = 0
+        discard, principal, handle = self.monitor.discard, None, self._handle
+        if type(self)._handle is BaseWorker._handle and HANDLERS.get(m.CommandMessage) is _handle_command:
+            handle = self._handle_plain  # in-process: the same handler without the per-message wrapper
+        token = cancellation.current_token()  # network workers: this request's limits (None in-process)
         for item in prelude:
             if type(item) is int:
-                self.monitor.discard(self.principal(sender), item)
+                if principal is None:
+                    principal = self.principal(sender)
+                discard(principal, item)
                 continue
-            cmd = m.CommandMessage(*item)
+            total += 1
+            if failure is not None:
+                continue
+            position += 1
             try:
-                self._handle(cmd, sender)
-            except VeilError as e:
-                raise type(e)(f"deferred command {cmd.op!r} failed: {e}") from e
+                if token is not None:
+                    if position % YIELD_EVERY == 0:
+                        cancellation.checkpoint()  # other sessions' requests may run now
+                    token.start()  # each command gets the whole per-command time limit ...
+                    token.check()  # ... and none starts once the session is gone
+                handle(m.CommandMessage(*item), sender)
+            except Exception as e:
+                failure = (position, item[0], e)
+        if failure is not None:
+            position, op, e = failure
+            name, text = error_reply_fields(e)
+            error = error_from_reply(name, f"deferred command {op!r} (#{position} of {total} in the batch) "
+                                           f"failed: {text}")
+            error.audited = True  # the handler wrote its own audit rows
+            raise error from e
 
     def _handle(self, msg: Any, sender: str) -> Any:
         handler = HANDLERS.get(type(msg))
@@ -276,6 +411,13 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
         previous, self._requester = getattr(self, "_requester", None), sender
         try:
             return handler(self, msg, sender)
+        finally:
+            self._requester = previous
+
+    def _handle_plain(self, msg: m.CommandMessage, sender: str) -> Any:
+        previous, self._requester = getattr(self, "_requester", None), sender
+        try:
+            return _handle_command(self, msg, sender)
         finally:
             self._requester = previous
 
@@ -327,49 +469,74 @@ def _refuse_deputy(worker: BaseWorker, principal: Principal, oid: int, action: s
     raise error
 
 
+_REF = m.ObjectRef
+_PLAIN_TENSOR = torch.Tensor
+_set_grad_enabled = torch._C._set_grad_enabled
+_EMPTY: frozenset = frozenset()
+
+
 @register_handler(m.CommandMessage)
 def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> Any:
     op = ALLOWLIST.by_name(msg.op)
-    if not isinstance(msg.args, (list, tuple)) or not isinstance(msg.kwargs, dict):
+    if not isinstance(msg.args, (list, tuple)) or type(msg.kwargs) is not dict:
         raise SerializationError("command args must be a tuple and kwargs a map")
     monitor, principal, purpose = worker.monitor, worker.principal(sender), _purpose_of(op)
     found: dict[int, Entry] = {}
-    args = monitor.resolve_args(principal, tuple(msg.args), purpose, found)
-    kwargs = monitor.resolve_args(principal, msg.kwargs, purpose, found)
-    if not all(isinstance(k, str) for k in kwargs):
-        raise SerializationError("command keyword names must be strings")
+    args = monitor.resolve_list(principal, msg.args, purpose, found)
+    kwargs = msg.kwargs
+    if kwargs:
+        kwargs = monitor.resolve_args(principal, kwargs, purpose, found)
+        for k in kwargs:
+            if type(k) is not str:
+                raise SerializationError("command keyword names must be strings")
     entries = list(found.values())
-    inputs = {id(e.obj): oid for oid, e in found.items()}
-    if principal.isolated:
+    # one pass over the inputs decides which of the checks below apply (most commands: none)
+    any_protected = any_dp = any_wrapped = False
+    for e in entries:
+        if e.protected:
+            any_protected = True
+        if e.meta and e.meta.get("dp_only"):
+            any_dp = True
+        if type(e.obj) is not _PLAIN_TENSOR:
+            any_wrapped = True
+    if any_wrapped and principal.isolated:
         for oid, e in found.items():
             if _is_stored_pointer(e.obj):
                 _refuse_deputy(worker, principal, oid, "compute")
-    try:
-        owner_guard.check_dp_only(op.name, entries, worker.id)
-    except PermissionDeniedError as e:
-        monitor.audit(purpose.value, principal, list(found), "refused", f"{op.name}: {e}")
-        raise
-    protected = owner_guard.protected_storages(entries)
+    if any_dp:
+        try:
+            owner_guard.check_dp_only(op.name, entries, worker.id)
+        except PermissionDeniedError as e:
+            monitor.audit(purpose.value, principal, list(found), "refused", f"{op.name}: {e}")
+            raise
+    protected = owner_guard.protected_storages(entries) if any_protected else _EMPTY
     if protected:
         if op.worker_function:
             args = owner_guard.copy_protected_args(args, protected)
             kwargs = owner_guard.copy_protected_args(kwargs, protected)
         else:
             owner_guard.check_writes(op.name, op.func, args, kwargs, protected, worker.id)
-    # schema-checked writes for torch ops (worker functions got copies); errors on owner data carry no values
-    guarded = set() if op.worker_function else protected
+    grad = bool(msg.grad_enabled)
+    grad_before = torch.is_grad_enabled()
     try:
-        with torch.set_grad_enabled(bool(msg.grad_enabled)), owner_guard.refuse_writes(op.name, guarded, worker.id):
-            if op.worker_function:  # it may store outputs itself (monitor.store_output): tell it who asked
-                with monitor.running(principal, entries, op.name):
-                    result = op.func(worker, *args, **kwargs)
-            else:
+        if grad is not grad_before:
+            _set_grad_enabled(grad)
+        if op.worker_function:  # it may store outputs itself (monitor.store_output): tell it who asked
+            with monitor.running(principal, entries, op.name):
+                result = op.func(worker, *args, **kwargs)
+        elif protected:  # schema-checked writes for torch ops (worker functions got copies)
+            with owner_guard.refuse_writes(op.name, protected, worker.id):
                 result = op.func(*args, **kwargs)
-    except Exception as e:
+        else:
+            result = op.func(*args, **kwargs)
+    except Exception as e:  # errors on owner data carry no values
         if purpose is Purpose.DP_RELEASE:
             monitor.audit("dp_release", principal, list(found), "refused",
                           f"{op.name}: {e}" if isinstance(e, VeilError) else f"{op.name}: {type(e).__name__}")
         raise owner_guard.client_error(op.name, e, protected or _reviewed_inputs(worker, entries), worker.id) from e
+    finally:
+        if grad is not grad_before:
+            _set_grad_enabled(grad_before)
     if purpose is Purpose.DP_RELEASE:
         monitor.audit("dp_release", principal, list(found), "allowed", op.name)
     if protected and not op.worker_function:
@@ -381,24 +548,30 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
     if entries and _tracking(worker):
         from veil.governance import provenance
 
-        lineage = provenance.lineage_of(op.name, args, inputs, found, kwargs)
-        provenance.taint_writes(worker, lineage, op, args, kwargs, found, sender)
-    if op.shapes == NO_RESULT or msg.return_ids == []:
-        return m.OkReply()
-    if msg.return_ids is None:
-        return m.ResultReply(_describe_results(worker, principal, result, inputs, entries, op.name, lineage))
-    results = leaves(result)
+        inputs = {id(e.obj): oid for oid, e in found.items()}
+        lineage = provenance.lineage_of(op.name, tuple(args), inputs, found, kwargs)
+        provenance.taint_writes(worker, lineage, op, tuple(args), kwargs, found, sender)
     ids = msg.return_ids
-    if not isinstance(ids, list) or len(ids) != len(results):
+    if op.shapes == NO_RESULT or ids == []:
+        return _OK
+    if ids is None:
+        inputs = {id(e.obj): oid for oid, e in found.items()}
+        return m.ResultReply(_describe_results(worker, principal, result, inputs, entries, op.name, lineage))
+    results = [result] if type(result) is _PLAIN_TENSOR else leaves(result)
+    if type(ids) is not list or len(ids) != len(results):
         raise RemoteExecutionError(
             f"{op.name} returned {len(results)} tensors but the caller expected {len(ids) if isinstance(ids, list) else ids!r}"
         )
+    store = monitor.store
     for oid, tensor in zip(ids, results):
         if oid != 0:  # 0: the result is one of the inputs (in-place op), already stored
-            stored = monitor.store(principal, oid, tensor, sources=entries, op_name=op.name)
+            stored = store(principal, oid, tensor, sources=entries, op_name=op.name)
             if lineage is not None:  # governance (#16)
                 provenance.stamp(stored, lineage, tensor)
-    return m.OkReply()
+    return _OK
+
+
+_OK = m.OkReply()
 
 
 def _describe_results(worker: BaseWorker, principal: Principal, result: Any, inputs: dict[int, int],
@@ -569,3 +742,12 @@ def _handle_remote_get(worker: BaseWorker, msg: m.RemoteGetMessage, sender: str)
         _refuse_deputy(worker, principal, msg.id, "remote_get")
     worker.monitor.replace(principal, msg.id, entry.obj.get())
     return m.OkReply()
+
+
+_FAILED_AT = re.compile(r"deferred command '[^']*' \(#(\d+) of \d+ in the batch\) failed")
+
+
+def _failed_position(message: str) -> int | None:
+    """0-based position of the failed deferred command named by an error text (None: no such failure)."""
+    found = _FAILED_AT.search(message) if message.startswith("deferred command") else None
+    return int(found.group(1)) - 1 if found else None

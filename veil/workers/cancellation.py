@@ -74,6 +74,12 @@ def check() -> None:
         token.check()
 
 
+def current_token() -> CancelToken | None:
+    """The running command's token (None outside a network worker's request). A batch of deferred
+    commands restarts its clock per command: a batch is not one command."""
+    return getattr(_local, "token", None)
+
+
 def checkpoint() -> None:
     """:func:`check`, then lets waiting commands of other sessions run before continuing."""
     check()

@@ -340,10 +340,33 @@ class ReferenceMonitor:
                 entry = found[value.id] = self.resolve(principal, value.id, purpose)
             return entry.obj
         if tp is tuple or tp is list:
-            return tp(self.resolve_args(principal, v, purpose, found) for v in value)
+            return tp([self.resolve_args(principal, v, purpose, found) for v in value])
         if tp is dict:
             return {k: self.resolve_args(principal, v, purpose, found) for k, v in value.items()}
         return value
+
+    def resolve_list(self, principal: Principal, values: Any, purpose: Purpose, found: dict[int, Entry]) -> list:
+        """:meth:`resolve_args` for a command's top-level argument list (the hot path: one call per
+        command). Purposes that neither release values nor audit allowed uses only need the name
+        scoping of :meth:`_find`; anything else goes through :meth:`resolve`."""
+        quiet = purpose is Purpose.COMPUTE or purpose is Purpose.PROTOCOL_STEP
+        out = []
+        for v in values:
+            tp = type(v)
+            if tp is m.ObjectRef:
+                oid = v.id
+                entry = found.get(oid)
+                if entry is None:
+                    entry = self._find(principal, oid) if quiet else self.resolve(principal, oid, purpose)
+                    if entry is None:
+                        raise self._refuse(self.unknown(oid), PURPOSES[purpose].action, principal, [oid])
+                    found[oid] = entry
+                out.append(entry.obj)
+            elif tp is list or tp is tuple or tp is dict:
+                out.append(self.resolve_args(principal, v, purpose, found))
+            else:
+                out.append(v)
+        return out
 
     def resolve_opening(self, principal: Principal, name: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Arguments of an openable protocol step (its outputs go back to the requester).
@@ -413,34 +436,40 @@ class ReferenceMonitor:
             raise VeilError(f"object id must be a positive integer, got {oid!r}")
         ns = principal.namespace
         if hand_off is None:  # what a peer worker stores is for whoever names the id first
-            hand_off = principal.isolated and principal.is_peer
-        if self._store.has(self.__key, ns, oid):
+            hand_off = principal.isolated and "peer" in principal.roles
+        store, key = self._store, self.__key
+        if store.has(key, ns, oid):
             raise PermissionDeniedError(f"object id {oid} is already in use on worker {self.worker_id!r}")
-        sources = list(sources)
+        if type(sources) is not list:
+            sources = list(sources)
         nbytes = _nbytes(obj) if ns != SHARED_NS else 0  # sessions are charged; in-process has none
         if self.max_session_bytes is not None and ns != SHARED_NS:
-            used = self._store.usage.get(ns, 0)
+            used = store.usage.get(ns, 0)
             if used + nbytes > self.max_session_bytes:
                 error = QuotaExceededError(
                     f"worker {self.worker_id!r}: this session would hold {(used + nbytes) / 2**20:.1f} MiB, more "
                     f"than the owner's limit of {self.max_session_bytes / 2**20:.1f} MiB per session; free objects "
                     "(del pointers) or ask the owner to raise --max-session-mb")
                 raise self._refuse(error, "store", principal, [oid])
+        provenance = _EMPTY
+        if sources:  # one pass: does any source restrict reveals or carry provenance? (plain client data: no)
+            restricted = False
+            for e in sources:
+                if e.reveal_to is not None:
+                    restricted = True
+                if e.provenance and not e.provenance <= provenance:
+                    provenance = provenance | e.provenance
+            if reveal_to is None and restricted:
+                reveal_to = strictest_reveal_to(sources)
         if kind is None:
             kind = derived_kind(sources, op_name, principal)
-        if reveal_to is None:
-            reveal_to = strictest_reveal_to(sources)
         taint = self._taints.get(ns) if kind == Kind.SHARE else None
         if taint is not None:  # a share computed while the session holds others' protected inputs
             reveal_to = taint if reveal_to is None else tuple(sorted(set(reveal_to) & set(taint)))
-        provenance = _EMPTY
-        for e in sources:
-            if e.provenance and not e.provenance <= provenance:
-                provenance = provenance | e.provenance
         entry = Entry(obj, tags=tuple(tags), description=description, allowed_users=allowed_users,
                       created_by=principal.session, reveal_to=reveal_to, kind=kind, provenance=provenance,
                       nbytes=nbytes)
-        self._store.put(self.__key, ns, oid, entry, hand_off=hand_off)
+        store.put(key, ns, oid, entry, hand_off=hand_off)
         return entry
 
     def store_objects(self, principal: Principal, objects: list) -> None:
