@@ -10,7 +10,7 @@ import veil as sy
 from veil.mpc.errors import MacCheckError, ShareMismatchError, UnsupportedOperationError
 from veil.mpc.opening import count_openings
 from veil.mpc.providers import LocalDealer, WorkerDealer
-from veil.mpc.remote_sharing import local_worker_of
+from veil.tensors.mpc_glue.remote_sharing import local_worker_of
 
 
 @pytest.fixture

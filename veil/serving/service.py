@@ -33,7 +33,7 @@ from torch import nn
 
 from veil.exceptions import ConnectionLostError, VeilError
 from veil.ids import new_id
-from veil.mpc.module import fix_precision_module, share_module
+from veil.tensors.mpc_glue.module import fix_precision_module, share_module
 from veil.serving import protocol
 from veil.serving.cluster import CLIENT_USER, Cluster
 from veil.serving.errors import ServingError, WorkerUnavailableError
@@ -46,7 +46,7 @@ class ModelService:
     """A model secret-shared on a cluster, and the loop that serves it.
 
     Args:
-        model: A torch module built from the SMPC layer set (see ``veil.mpc.module``).
+        model: A torch module built from the SMPC layer set (see ``veil.tensors.mpc_glue.module``).
         cluster: A started :class:`~veil.serving.cluster.Cluster`.
         input_shape: One request's input shape, batch dimension first (e.g. ``(1, 1, 28, 28)``).
         name: Service name (several models may share a cluster).

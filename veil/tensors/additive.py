@@ -199,7 +199,7 @@ def share(
         place: Optional ``place(share, party) -> handle`` that moves each share
             to its party (e.g. ``lambda s, w: s.send(w)``). Default: when all
             parties are workers, seeded shares are placed on them
-            (:mod:`veil.mpc.remote_sharing`); otherwise shares stay local.
+            (:mod:`veil.tensors.mpc_glue.remote_sharing`); otherwise shares stay local.
         active_security: Also share SPDZ MACs of the values, so that every
             opening is checked and tampering aborts the computation
             (:mod:`veil.mpc.mac`; linear ops, products and truncation, so
@@ -218,7 +218,7 @@ def share(
         from veil.compat.crypto_provider import default_crypto_provider
 
         crypto_provider = default_crypto_provider(parties)
-    from veil.mpc.remote_sharing import is_worker, resolve_provider, share_on_workers
+    from veil.tensors.mpc_glue.remote_sharing import is_worker, resolve_provider, share_on_workers
 
     crypto_provider = resolve_provider(crypto_provider, parties)
     if place is None and generator is None and all(is_worker(p) for p in parties):

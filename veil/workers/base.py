@@ -175,6 +175,8 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
     def send_msg(self, msg: Any, location: "BaseWorker") -> Any:
         """Sends a request to ``location`` and returns its reply, raising remote errors here."""
         pending = self._pending_deletes.pop(location.id, None)
+        if pending is not None and pending[0] is not location:
+            pending = None  # queued for a worker object since replaced under the same id: its objects are gone
         data = serialize(msg, sender=self.id, prelude=pending[1] if pending else None)
         reply_bytes = location._recv_msg(data)
         self.stats.record(len(data), len(reply_bytes))
