@@ -124,6 +124,38 @@ def _meta(value: Any) -> Any:
     return tree_map(to_meta, value)
 
 
+#: (step, argument shapes/dtypes and public values) -> output tree on meta tensors
+_META_OUT: dict[tuple, Any] = {}
+_META_CACHE_SIZE = 4096
+
+
+def _signature(name: str, args: tuple, kwargs: dict) -> Optional[tuple]:
+    """A hashable description of a step's inputs that fixes its output shapes (None: not cacheable)."""
+    leaves, spec = tree_flatten((args, kwargs))
+    parts: list = [name, str(spec)]
+    for v in leaves:
+        if isinstance(v, torch.Tensor):
+            parts.append((tuple(v.shape), v.dtype))
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            parts.append((type(v).__name__, v))
+        else:
+            return None
+    return tuple(parts)
+
+
+def _output_meta(name: str, fn: Callable, args: tuple, kwargs: dict) -> Any:
+    """The step's output shapes, found by running it on meta tensors (cached per signature)."""
+    key = _signature(name, args, kwargs)
+    out = _META_OUT.get(key) if key is not None else None
+    if out is None:
+        out = fn(*_meta(args), **_meta(kwargs))
+        if key is not None:
+            if len(_META_OUT) >= _META_CACHE_SIZE:
+                _META_OUT.clear()
+            _META_OUT[key] = out
+    return out
+
+
 def run_party(name: str, *args: Any, **kwargs: Any) -> Any:
     """Runs party function ``name`` where its share arguments live.
 
@@ -136,7 +168,7 @@ def run_party(name: str, *args: Any, **kwargs: Any) -> Any:
     runtime, _ = _party_of((args, kwargs))
     if runtime is None:
         return fn(*args, **kwargs)
-    return runtime.run_on_party(name, args, kwargs, fn(*_meta(args), **_meta(kwargs)))
+    return runtime.run_on_party(name, args, kwargs, _output_meta(name, fn, args, kwargs))
 
 
 def open_parties(name: str, per_party: Mapping[Hashable, tuple], **kwargs: Any) -> list[torch.Tensor]:

@@ -40,6 +40,8 @@ from veil.serving.errors import ServingError, WorkerUnavailableError
 from veil.serving.inputs import as_count, as_shape
 
 DEFAULT_SERVICE = "model"
+#: seconds of the first idle poll after serving a batch (doubling up to ``poll_interval``)
+IDLE_POLL_START = 0.0005
 
 
 class ModelService:
@@ -143,7 +145,7 @@ class ModelService:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                left = sum(self._call(w, "unfetched")[0] for w in self.parties)
+                left = sum(r[0] for r in self._call_all("unfetched", [[]] * len(self.parties)))
             except (VeilError, OSError):
                 return False
             if left == 0:
@@ -154,10 +156,14 @@ class ModelService:
 
     def _run(self, num_requests: Optional[int], poll_interval: float, raise_errors: bool = False) -> None:
         try:
+            idle = IDLE_POLL_START  # poll fast right after work, back off to poll_interval when idle
             while not self._stop.is_set() and (num_requests is None or self.served < num_requests):
                 left = None if num_requests is None else num_requests - self.served
-                if not self.step(min(self.max_batch, left or self.max_batch)):
-                    time.sleep(poll_interval)
+                if self.step(min(self.max_batch, left or self.max_batch)):
+                    idle = IDLE_POLL_START
+                else:
+                    time.sleep(min(idle, poll_interval))
+                    idle *= 2
         except BaseException as e:
             self.error = e
             self._close(f"serving stopped after an error ({type(e).__name__})")
@@ -169,8 +175,8 @@ class ModelService:
     def step(self, max_batch: int) -> int:
         """Serves at most ``max_batch`` pending requests; returns how many."""
         sizes: dict[int, list[int]] = {}
-        for w in self.parties:  # a request is ready once every party has its share, of one batch size
-            for rid, size in self._call(w, "pending"):
+        for listed in self._call_all("pending", [[]] * len(self.parties)):  # one round to every party
+            for rid, size in listed:  # a request is ready once every party has its share, of one batch size
                 sizes.setdefault(rid, []).append(size)
         n = len(self.parties)
         complete = {r: s for r, s in sizes.items() if len(s) == n}
@@ -184,6 +190,7 @@ class ModelService:
             self._fail(rids, "a cluster worker became unreachable")
             raise WorkerUnavailableError(f"serving stopped: a cluster worker is unreachable ({e})") from e
         except VeilError as e:  # this batch fails; the service goes on
+            self._settle()
             self._fail(rids, f"{type(e).__name__} while computing")
             self.failed_requests += len(rids)
             return 0
@@ -214,47 +221,54 @@ class ModelService:
         from veil.tensors.fixed_precision import FixedPrecisionTensor
         from veil.tensors.pointer import PointerTensor
 
-        shares, sizes = {}, None
-        for w in self.parties:
-            oid = new_id()
-            got = self._call(w, "claim", rids, oid)
-            if sizes is not None and got != sizes:
-                raise ServingError("parties disagree on the requests' batch sizes")
-            sizes = got
-            shape = (sum(sizes), *self.input_shape[1:])
-            shares[w.id] = PointerTensor(w, oid, self.hook.local_worker, torch.Size(shape), torch.int64)
+        oids = [new_id() for _ in self.parties]
+        claimed = self._call_all("claim", [[rids, oid] for oid in oids])  # one round
+        sizes = claimed[0]
+        if any(got != sizes for got in claimed):
+            raise ServingError("parties disagree on the requests' batch sizes")
+        shape = torch.Size((sum(sizes), *self.input_shape[1:]))
+        shares = {w.id: PointerTensor(w, oid, self.hook.local_worker, shape, torch.int64)
+                  for w, oid in zip(self.parties, oids)}
         x = FixedPrecisionTensor(AdditiveSharingTensor(shares, self.crypto), self.encoding)
         with torch.no_grad():
             out = self.model(x)
-        for w in self.parties:
-            ptr = out.child.child[w.id]
-            self._call(w, "respond", rids, sizes, _ref(ptr))
+        # one round; each respond also carries that party's last deferred protocol steps
+        self._call_all("respond", [[rids, sizes, _ref(out.child.child[w.id])] for w in self.parties])
 
     # ------------------------------------------------------------ helpers
 
     def _call(self, worker: Any, action: str, *args: Any) -> list:
         return protocol.call(self.hook.local_worker, worker, action, self.name, *args)
 
+    def _call_all(self, action: str, per_party_args: list, return_errors: bool = False) -> list:
+        return protocol.call_all(self.hook.local_worker, self.parties, action, self.name, per_party_args,
+                                 return_errors=return_errors)
+
     def _broadcast(self, action: str, *args: Any) -> None:
-        for w in self.parties:
-            self._call(w, action, *args)
+        self._call_all(action, [list(args)] * len(self.parties))
+
+    def _settle(self) -> None:
+        """After a failed batch: delivers (or drops) the protocol steps still queued for each party.
+
+        A step of the failed batch may fail again on its party; it must not take the
+        next request (the ``fail`` below, the next query's ``pending``) down with it.
+        """
+        from veil.messaging import messages as m
+        from veil.tensors.mpc_glue.runtime import one_round
+
+        local = self.hook.local_worker
+        one_round([(local, m.DeleteMessage([]), w) for w in self.parties], "settling a failed batch",
+                  return_errors=True)
 
     def _fail(self, rids: list[int], message: str) -> None:
-        for w in self.parties:
-            try:
-                self._call(w, "fail", rids, message)
-            except (VeilError, OSError):  # that worker is the one that failed: its clients see it gone
-                pass
+        # a worker that fails here is the one that failed: its clients see it gone
+        self._call_all("fail", [[rids, message]] * len(self.parties), return_errors=True)
 
     def _close(self, reason: str = "the model owner stopped the service") -> None:
         if self._closed:
             return
         self._closed = True
-        for w in self.parties:
-            try:
-                self._call(w, "close", reason)
-            except (VeilError, OSError):
-                pass
+        self._call_all("close", [[reason]] * len(self.parties), return_errors=True)
 
 
 def _ref(ptr: Any) -> Any:

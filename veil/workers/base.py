@@ -87,8 +87,8 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
         self.monitor.release_hook = self._review_release
         self._principals: dict[str, Principal] = {}
         self.stats = TransportStats()
-        # Per destination: what rides on the next message there, in order
-        # (ids to free, deferred commands). See serde's "prelude".
+        # Per destination (worker object, see _queue_key): what rides on the next message
+        # there, in order (ids to free, deferred commands). See serde's "prelude".
         self._pending_deletes: dict[str, tuple["BaseWorker", list]] = {}
         #: as a destination: callers may defer commands whose results they name themselves
         self.pipelining = pipelining
@@ -174,7 +174,7 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
 
     def send_msg(self, msg: Any, location: "BaseWorker") -> Any:
         """Sends a request to ``location`` and returns its reply, raising remote errors here."""
-        pending = self._pending_deletes.pop(location.id, None)
+        pending = self._pending_deletes.pop(_queue_key(location), None)
         if pending is not None and pending[0] is not location:
             pending = None  # queued for a worker object since replaced under the same id: its objects are gone
         data = serialize(msg, sender=self.id, prelude=pending[1] if pending else None)
@@ -191,9 +191,9 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
         Called from pointer finalizers, which must never send (they can run in the
         middle of another message).
         """
-        entry = self._pending_deletes.get(location.id)
+        entry = self._pending_deletes.get(_queue_key(location))
         if entry is None:
-            entry = self._pending_deletes.setdefault(location.id, (location, []))
+            entry = self._pending_deletes.setdefault(_queue_key(location), (location, []))
         entry[1].append(oid)
 
     def defer_command(self, location: "BaseWorker", msg: m.CommandMessage) -> None:
@@ -202,12 +202,12 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
         Only for commands that need no reply (results under ids the caller chose).
         An error surfaces at the next synchronous call to that worker.
         """
-        entry = self._pending_deletes.get(location.id)
+        entry = self._pending_deletes.get(_queue_key(location))
         if entry is None:
-            entry = self._pending_deletes.setdefault(location.id, (location, []))
+            entry = self._pending_deletes.setdefault(_queue_key(location), (location, []))
         entry[1].append([msg.op, list(msg.args), msg.kwargs, msg.return_ids, msg.grad_enabled])
         if len(entry[1]) >= PRELUDE_LIMIT:
-            self.flush_deletes()
+            self.send_msg(m.DeleteMessage([]), location)  # an empty DeleteMessage carries the queue
 
     def grad_epoch(self, location: "BaseWorker") -> int:
         """Changes whenever remote ``.grad`` attributes on ``location`` may have changed."""
@@ -297,6 +297,14 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
 
 
 # ------------------------------------------------------------------ handlers
+
+
+def _queue_key(location: "BaseWorker") -> tuple[str, int]:
+    # The worker object, not just its id: a worker replaced under the same id (a new
+    # connection, a test's new VirtualWorker) must not receive the old one's queue,
+    # nor lose its own to a late finalizer of the old one's pointers. The queue holds
+    # the object, so its id() stays unique while the queue exists.
+    return location.id, id(location)
 
 
 def _purpose_of(op: Any) -> Purpose:

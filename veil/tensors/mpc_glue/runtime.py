@@ -73,11 +73,12 @@ def waits_on_network(worker: Any) -> bool:
     return isinstance(worker, WebsocketClientWorker) or bool(getattr(worker, "concurrent_requests", False))
 
 
-def one_round(requests: Sequence[tuple[Any, Any, Any]], what: str) -> list[Any]:
+def one_round(requests: Sequence[tuple[Any, Any, Any]], what: str, return_errors: bool = False) -> list[Any]:
     """Sends every ``(owner, message, location)`` request and returns the replies, in order.
 
     Requests to network workers are all in flight at once; the round ends
     when every party answered or failed (see the module docstring for errors).
+    With ``return_errors`` a failed request's exception takes its reply's place.
     """
     calls: list[Callable[[], Any]] = [lambda o=o, msg=msg, loc=loc: o.send_msg(msg, loc) for o, msg, loc in requests]
     concurrent = [k for k, (_, _, loc) in enumerate(requests) if waits_on_network(loc)]
@@ -99,6 +100,10 @@ def one_round(requests: Sequence[tuple[Any, Any, Any]], what: str) -> list[Any]:
             replies[k] = fut.result()
         except BaseException as e:  # noqa: BLE001
             errors.append((k, e))
+    if errors and return_errors and all(isinstance(e, Exception) for _, e in errors):
+        for k, e in errors:
+            replies[k] = e
+        return replies
     if errors:
         k, e = min(errors, key=lambda item: item[0])
         party = getattr(requests[k][2], "id", requests[k][2])
