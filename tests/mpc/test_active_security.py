@@ -48,6 +48,7 @@ def test_local_dealer_authenticated_product():
 
 def _tamper(worker, share, delta=1):
     """Adds ``delta`` to a share directly in the worker's object store."""
+    share.owner.flush_deletes()  # steps still queued for the worker (deferred share ops) run first
     worker._objects[share.id_at_location].add_(delta)
 
 

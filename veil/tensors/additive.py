@@ -24,6 +24,7 @@ from veil.mpc.providers.base import Provider
 from veil.mpc.sharing import split
 from veil.mpc.truncation import truncate_shares
 from veil.tensors._dispatch import dispatch
+from veil.tensors.remote_ops import deferring
 from veil.tensors.rules.additive import ADDITIVE_RULES
 from veil.tensors.rules.common import STRUCTURAL_OPS
 
@@ -74,7 +75,8 @@ class AdditiveSharingTensor(torch.Tensor):
         kwargs = kwargs or {}
         if any(isinstance(a, cls) and a.mac is not None for a in tree_flatten((args, kwargs))[0]):
             return mac.dispatch(cls, func, args, kwargs, STRUCTURAL_OPS)  # keeps MACs or refuses
-        return dispatch(cls, ADDITIVE_RULES, func, args, kwargs)
+        with deferring():  # share-local ops on pointers ride on the parties' next requests
+            return dispatch(cls, ADDITIVE_RULES, func, args, kwargs)
 
     def __repr__(self) -> str:
         # Never print shares: they are secrets of their holders.

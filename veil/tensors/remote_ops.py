@@ -10,7 +10,9 @@ Three outcomes, decided by tables rather than op-specific code:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import threading
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -179,6 +181,21 @@ def _to_wire(value: Any) -> Any:
 #: ops after which cached ``.grad`` pointers of that worker may be stale
 _GRAD_CHANGING = frozenset({"Tensor.backward"})  # a grad set updates only its own cache
 
+_DEFERRING = threading.local()
+
+
+@contextlib.contextmanager
+def deferring() -> Iterator[None]:
+    """Inside: commands whose results this side names ride on the next request to their
+    worker, as with ``pipelining`` (the SMPC dispatch uses it for share-local ops; an
+    error is raised by that next request, the next opening or ``.get()``)."""
+    previous = getattr(_DEFERRING, "on", False)
+    _DEFERRING.on = True
+    try:
+        yield
+    finally:
+        _DEFERRING.on = previous
+
 
 def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
     """Runs an allowlisted op on the worker holding the pointers among ``args``.
@@ -198,7 +215,7 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
     grad = torch.is_grad_enabled()
     if op.worker_function or op.name in _GRAD_CHANGING:
         owner.bump_grad_epoch(location)
-    pipelined = getattr(location, "pipelining", False) and not op.worker_function
+    pipelined = (getattr(location, "pipelining", False) or getattr(_DEFERRING, "on", False)) and not op.worker_function
     if op.shapes == NO_RESULT:
         msg = CommandMessage(op.name, wire_args, wire_kwargs, [], grad)
         owner.defer_command(location, msg) if pipelined else owner.send_msg(msg, location)
