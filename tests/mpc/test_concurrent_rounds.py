@@ -130,3 +130,25 @@ def test_three_parties_over_concurrent_rounds_match_torch(hook):
     sw = w.fix_precision().share(a, b, c, crypto_provider=cp)
     out = torch.relu(sx @ sw).get().float_precision()
     assert torch.allclose(out, torch.relu(x @ w), atol=1e-2)
+
+
+def test_deliver_sends_a_dealers_messages_in_one_round(parties, monkeypatch):
+    from veil.messaging import messages as m
+    from veil.mpc.runtime import deliver
+    from veil.workers.monitor import DEALER_TAG
+
+    alice, bob, cp = parties
+    barrier = threading.Barrier(2, timeout=10)
+    for w in (alice, bob):
+        real = w._recv_msg
+
+        def recv(data, real=real):
+            if type(deserialize(data)[0]) is m.ObjectMessage:
+                barrier.wait()
+            return real(data)
+
+        monkeypatch.setattr(w, "_recv_msg", recv)
+    pieces = [torch.arange(3), torch.arange(3) * 2]
+    deliver([(cp, m.ObjectMessage([m.StoredObject(10 + k, t, (DEALER_TAG,))]), w)
+             for k, (w, t) in enumerate(zip((alice, bob), pieces))])
+    assert len(alice.monitor) == 1 and len(bob.monitor) == 1

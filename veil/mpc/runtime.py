@@ -12,8 +12,9 @@ things a protocol needs from the outside world:
   run an *openable* step on every party at once and bring its outputs here,
   or fetch shares being reconstructed: one round, every party's request in
   flight together.
-* **deal** (:meth:`PartyRuntime.handle`): name the material a crypto
-  provider stored on a party, as a handle the protocols can pass on.
+* **deal** (:meth:`PartyRuntime.handle`, :meth:`PartyRuntime.deliver`):
+  name the material a crypto provider stored on a party, as a handle the
+  protocols can pass on; send a provider's messages to every party at once.
 
 The worker runtime (pointers to veil workers, local or over the network)
 lives in :mod:`veil.tensors.mpc_glue.runtime` and registers itself at
@@ -83,6 +84,12 @@ class PartyRuntime(ABC):
         """Brings the shares behind ``handles`` here (an opening), one round for all."""
 
     @abstractmethod
+    def deliver(self, requests: Sequence[tuple[Any, Any, Any]]) -> list[Any]:
+        """Sends every ``(sender, message, party)`` request in one round; the replies, in order.
+
+        For dealers: a provider sending each party its material at once."""
+
+    @abstractmethod
     def handle(self, location: Any, object_id: int, owner: Any, shape: Sequence[int], dtype: torch.dtype) -> Any:
         """A handle to object ``object_id`` that a dealer stored on ``location``.
 
@@ -120,6 +127,11 @@ def default_runtime() -> PartyRuntime:
 def remote_handle(location: Any, object_id: int, owner: Any, shape: Sequence[int], dtype: torch.dtype) -> Any:
     """Dealing: a handle to material a provider stored on ``location`` (the default runtime's)."""
     return default_runtime().handle(location, object_id, owner, shape, dtype)
+
+
+def deliver(requests: Sequence[tuple[Any, Any, Any]]) -> list[Any]:
+    """Dealing: every ``(sender, message, party)`` request in one round (the default runtime's)."""
+    return default_runtime().deliver(requests)
 
 
 def runtimes() -> Mapping[type, PartyRuntime]:
