@@ -130,11 +130,15 @@ class ModelClient:
         deadline, delay = time.monotonic() + self.timeout, POLL_START
         while len(got) < len(self.parties):
             missing = [w for w in self.parties if w.id not in got]
-            for w, reply in zip(missing, self._call_all("fetch", [[rid]] * len(missing), missing)):  # one round
+            # the owner answers every party in one round: poll one until it is ready, then fetch the rest
+            probe = missing if got else missing[:1]
+            for w, reply in zip(probe, self._call_all("fetch", [[rid]] * len(probe), probe)):  # one round
                 if reply:
                     got[w.id] = reply[0]
             if len(got) == len(self.parties):
                 break
+            if got and len(probe) == 1:
+                continue  # the first share arrived: the others are (almost) there
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no result within {self.timeout:.0f} s (is the model being served?)")
             time.sleep(delay)
