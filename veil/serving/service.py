@@ -222,13 +222,18 @@ class ModelService:
         from veil.tensors.pointer import PointerTensor
 
         oids = [new_id() for _ in self.parties]
-        claimed = self._call_all("claim", [[rids, oid] for oid in oids])  # one round
+        claimed = self._call_all("claim", [[rids, oid] for oid in oids], return_errors=True)  # one round
+        failed = [r for r in claimed if isinstance(r, BaseException)]
+        if failed:  # free the batches the other parties stored, then report the first failure
+            for w, oid, r in zip(self.parties, oids, claimed):
+                if not isinstance(r, BaseException):
+                    self.hook.local_worker.schedule_delete(w, oid)
+            raise failed[0]
+        shares = {w.id: PointerTensor(w, oid, self.hook.local_worker, torch.Size((sum(got), *self.input_shape[1:])),
+                                      torch.int64) for w, oid, got in zip(self.parties, oids, claimed)}
         sizes = claimed[0]
-        if any(got != sizes for got in claimed):
+        if any(got != sizes for got in claimed):  # (the pointers above free the batches when dropped)
             raise ServingError("parties disagree on the requests' batch sizes")
-        shape = torch.Size((sum(sizes), *self.input_shape[1:]))
-        shares = {w.id: PointerTensor(w, oid, self.hook.local_worker, shape, torch.int64)
-                  for w, oid in zip(self.parties, oids)}
         x = FixedPrecisionTensor(AdditiveSharingTensor(shares, self.crypto), self.encoding)
         with torch.no_grad():
             out = self.model(x)
