@@ -42,6 +42,8 @@ from veil.serving.inputs import as_count, as_shape
 DEFAULT_SERVICE = "model"
 #: seconds of the first idle poll after serving a batch (doubling up to ``poll_interval``)
 IDLE_POLL_START = 0.0005
+#: seconds a partial batch may wait for requests that keep arriving (see ModelService.step)
+BATCH_LINGER = 0.02
 
 
 class ModelService:
@@ -68,6 +70,7 @@ class ModelService:
         self.partial_timeout = partial_timeout
         self.failed_requests = 0  # malformed or failed requests (each failed alone)
         self._partial: dict[int, float] = {}  # request id -> when first seen on only some parties
+        self._linger: tuple[Optional[float], int] = (None, 0)  # (first seen, ready count) of a partial batch
         self._stopped = False
         self.connections = cluster.connect(self.hook, cluster.owner_token)
         self.parties = self.connections[:-1]
@@ -159,8 +162,10 @@ class ModelService:
             idle = IDLE_POLL_START  # poll fast right after work, back off to poll_interval when idle
             while not self._stop.is_set() and (num_requests is None or self.served < num_requests):
                 left = None if num_requests is None else num_requests - self.served
-                if self.step(min(self.max_batch, left or self.max_batch)):
+                if self.step(min(self.max_batch, left or self.max_batch), linger=BATCH_LINGER):
                     idle = IDLE_POLL_START
+                elif self._linger[0] is not None:
+                    time.sleep(IDLE_POLL_START)  # a partial batch is filling up: look again soon
                 else:
                     time.sleep(min(idle, poll_interval))
                     idle *= 2
@@ -172,8 +177,14 @@ class ModelService:
         finally:
             self._close()
 
-    def step(self, max_batch: int) -> int:
-        """Serves at most ``max_batch`` pending requests; returns how many."""
+    def step(self, max_batch: int, linger: float = 0.0) -> int:
+        """Serves at most ``max_batch`` pending requests; returns how many.
+
+        Args:
+            linger: Seconds a partial batch may wait while more requests keep
+                arriving (a client submitting several at once gets one batch,
+                not one per poll); 0 serves what is ready now.
+        """
         sizes: dict[int, list[int]] = {}
         for listed in self._call_all("pending", [[]] * len(self.parties)):  # one round to every party
             for rid, size in listed:  # a request is ready once every party has its share, of one batch size
@@ -182,7 +193,7 @@ class ModelService:
         complete = {r: s for r, s in sizes.items() if len(s) == n}
         self._fail_malformed(sizes, complete)
         rids = [r for r, s in complete.items() if len(set(s)) == 1][:max_batch]
-        if not rids:
+        if not rids or self._lingers(len(rids), max_batch, linger):
             return 0
         try:
             self._compute(rids)
@@ -196,6 +207,16 @@ class ModelService:
             return 0
         self.served += len(rids)
         return len(rids)
+
+    def _lingers(self, ready: int, max_batch: int, linger: float) -> bool:
+        """True to wait one more poll: the batch is partial and grew since the last poll, within ``linger``."""
+        now = time.monotonic()
+        since, seen = self._linger
+        if ready >= max_batch or linger <= 0 or (since is not None and (ready <= seen or now - since > linger)):
+            self._linger = (None, 0)
+            return False
+        self._linger = (now if since is None else since, ready)
+        return True
 
     def _fail_malformed(self, sizes: dict, complete: dict) -> None:
         """Fails requests whose parties disagree on the batch size, or that stayed on only some parties."""
