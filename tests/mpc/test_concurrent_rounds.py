@@ -152,3 +152,19 @@ def test_deliver_sends_a_dealers_messages_in_one_round(parties, monkeypatch):
     deliver([(cp, m.ObjectMessage([m.StoredObject(10 + k, t, (DEALER_TAG,))]), w)
              for k, (w, t) in enumerate(zip((alice, bob), pieces))])
     assert len(alice.monitor) == 1 and len(bob.monitor) == 1
+
+
+def test_deferred_steps_are_sent_before_a_message_grows_past_the_byte_cap(parties, monkeypatch):
+    import veil.workers.base as base
+
+    alice, bob, cp = parties
+    monkeypatch.setattr(base, "PRELUDE_BYTES_LIMIT", 20_000)
+    sizes = []
+    real = alice._recv_msg
+    monkeypatch.setattr(alice, "_recv_msg", lambda data: (sizes.append(len(data)), real(data))[1])
+    x, c = torch.randn(1000), torch.randn(1000)  # each public addend: 8 kB on the wire
+    s = _shared(x, alice, bob, cp)
+    for _ in range(10):  # ten deferred share-local adds, no opening in between
+        s = s + c
+    assert torch.allclose(s.get().float_precision(), x + 10 * c, atol=1e-3)
+    assert max(sizes) < 40_000  # without the cap one message would carry all ten (> 80 kB)

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 Handler = Callable[["BaseWorker", Any, str], Any]
 #: deferred commands queued for one worker before they are sent without waiting for more
 PRELUDE_LIMIT = 512
+#: tensor bytes of deferred commands queued for one worker before they are sent (a message must
+#: stay well under a worker's message limit, 256 MB by default)
+PRELUDE_BYTES_LIMIT = 32 << 20
 #: what an ObjectMessage may store besides tensors (plans register themselves)
 STORABLE_TYPES: list[type] = [torch.Tensor]
 #: checks run on an arriving object before it is stored (e.g. a plan's ops vs the allowlist)
@@ -87,8 +90,9 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
         self.monitor.release_hook = self._review_release
         self._principals: dict[str, Principal] = {}
         self.stats = TransportStats()
-        # Per destination (worker object, see _queue_key): what rides on the next message
-        # there, in order (ids to free, deferred commands). See serde's "prelude".
+        # Per destination (worker object, see _queue_key): [worker, what rides on the next
+        # message there in order (ids to free, deferred commands), tensor bytes of the
+        # deferred commands]. See serde's "prelude".
         self._pending_deletes: dict[str, tuple["BaseWorker", list]] = {}
         #: as a destination: callers may defer commands whose results they name themselves
         self.pipelining = pipelining
@@ -193,7 +197,7 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
         """
         entry = self._pending_deletes.get(_queue_key(location))
         if entry is None:
-            entry = self._pending_deletes.setdefault(_queue_key(location), (location, []))
+            entry = self._pending_deletes.setdefault(_queue_key(location), [location, [], 0])
         entry[1].append(oid)
 
     def defer_command(self, location: "BaseWorker", msg: m.CommandMessage) -> None:
@@ -204,9 +208,10 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
         """
         entry = self._pending_deletes.get(_queue_key(location))
         if entry is None:
-            entry = self._pending_deletes.setdefault(_queue_key(location), (location, []))
+            entry = self._pending_deletes.setdefault(_queue_key(location), [location, [], 0])
         entry[1].append([msg.op, list(msg.args), msg.kwargs, msg.return_ids, msg.grad_enabled])
-        if len(entry[1]) >= PRELUDE_LIMIT:
+        entry[2] += sum(t.numel() * t.element_size() for t in leaves((msg.args, msg.kwargs), torch.Tensor))
+        if len(entry[1]) >= PRELUDE_LIMIT or entry[2] >= PRELUDE_BYTES_LIMIT:
             self.send_msg(m.DeleteMessage([]), location)  # an empty DeleteMessage carries the queue
 
     def grad_epoch(self, location: "BaseWorker") -> int:
