@@ -10,7 +10,8 @@ from veil.federated import BaseDataset, FederatedDataLoader, FederatedDataset
 from veil.module_api import copy_module, get_module, move_module, send_module
 from veil.plans import Plan, func2plan, training_plan
 from veil.mpc.providers import LocalDealer, WorkerDealer
-from veil.mpc import remote_sharing as _remote_sharing  # noqa: F401  (network workers need its share worker function)
+from veil.tensors.mpc_glue import remote_sharing as _remote_sharing  # noqa: F401  (network workers need its share worker function)
+from veil.tensors.mpc_glue import runtime as _mpc_runtime  # noqa: F401  (the party runtime and the opening handler)
 from veil.tensors.additive import AdditiveSharingTensor
 from veil.tensors.fixed_precision import FixedPrecisionTensor, fix_precision, float_precision
 from veil.tensors.pointer import PointerTensor

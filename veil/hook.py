@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from veil import api, module_api
-from veil.mpc import module as mpc_module
-from veil.mpc import optim as mpc_optim
-from veil.mpc import tensor_api as mpc_tensor_api
+from veil.tensors.mpc_glue import module as mpc_module
+from veil.tensors.mpc_glue import optim as mpc_optim
+from veil.tensors.mpc_glue import tensor_api as mpc_tensor_api
 from veil.workers.registry import HookContext, set_default_hook_context
 
 def _encrypt(tensor: torch.Tensor, protocol: str = "paillier", **kwargs: Any) -> Any:

@@ -7,10 +7,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import veil as sy
+from veil.messaging.messages import DeleteMessage
 from veil.mpc.errors import MacCheckError, ShareMismatchError, UnsupportedOperationError
 from veil.mpc.opening import count_openings
 from veil.mpc.providers import LocalDealer, WorkerDealer
-from veil.mpc.remote_sharing import local_worker_of
+from veil.tensors.mpc_glue.remote_sharing import local_worker_of
 
 
 @pytest.fixture
@@ -48,6 +49,7 @@ def test_local_dealer_authenticated_product():
 
 def _tamper(worker, share, delta=1):
     """Adds ``delta`` to a share directly in the worker's object store."""
+    share.owner.send_msg(DeleteMessage([]), share.location)  # steps queued for the worker (deferred share ops) run first
     worker._objects[share.id_at_location].add_(delta)
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 import veil as sy
 from veil.datasets import load_mnist_5k
-from veil.mpc import maximum
+from veil.tensors.mpc_glue import maximum
 from veil.mpc.errors import NotEncodedError
 
 

@@ -24,9 +24,6 @@ def _tampering(worker, mode):
     worker._recv_msg = recv
 
 
-@pytest.mark.xfail(strict=False, reason="red-team R2 (open): open_parties sums party outputs with zip and "
-                   "broadcasting, so a party replying with a smaller (broadcastable) shape silently corrupts the "
-                   "opened value, and a short reply surfaces as a bare ValueError; fix in veil/mpc/party.py")
 @pytest.mark.parametrize("mode", ["shape", "count"])
 def test_an_opening_reply_of_the_wrong_shape_or_count_is_a_protocol_error(hook, mode):
     alice, bob, cp = (sy.VirtualWorker(hook, id=f"rt-{n}-{mode}") for n in ("a", "b", "cp"))

@@ -11,6 +11,9 @@ from torch import nn
 import veil as sy
 from veil.serving import ServiceClosedError, ServingError
 from veil.exceptions import PermissionDeniedError, VeilError
+from veil.serving import RequestFailedError
+from veil.tensors.mpc_glue import runtime as mpc_runtime
+from veil.tensors.mpc_glue.runtime import RUNTIME
 
 from serving_helpers import client_for, cluster, mnist, trained_cnn  # noqa: F401  (fixtures)
 
@@ -122,3 +125,81 @@ def test_shape_mismatch_is_clear(cluster, client_for):
             client_for(cluster, (1, 4), (1, 2), name="shapes")
     finally:
         model.stop()
+
+
+# ------------------------------------------ concurrent protocol rounds: a round failing mid-query
+
+
+def _rounds_model():
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+
+
+def test_a_party_refusing_mid_round_fails_that_query_and_the_next_one_is_right(cluster, client_for, monkeypatch):
+    model = _rounds_model()
+    x = torch.randn(1, 6)
+    with torch.no_grad():
+        expected = model(x)
+    model.share(cluster, name="rounds-refuse", input_shape=(1, 6))
+    model.serve(background=True)
+    try:
+        client = client_for(cluster, (1, 6), (1, 3), name="rounds-refuse", timeout=60)
+        assert torch.allclose(client.query_model(x), expected, atol=1e-2)
+        real_open, calls = RUNTIME.open_on_parties, []
+
+        def one_party_refuses(name, per_party, kwargs):
+            calls.append(name)
+            if len(calls) == 2:  # mid-query: the second opening; the first party gets a step it must refuse
+                requests = [(args[0].owner, mpc_runtime.OpenMessage(n, mpc_runtime._wire(tuple(args)), kwargs),
+                             args[0].location)
+                            for n, args in zip(["not_a_step"] + [name] * (len(per_party) - 1), per_party)]
+                return [list(r.objects) for r in mpc_runtime.one_round(requests, f"opening {name!r}")]
+            return real_open(name, per_party, kwargs)
+
+        monkeypatch.setattr(RUNTIME, "open_on_parties", one_party_refuses)
+        with pytest.raises(RequestFailedError, match="MPCError while computing"):
+            client.query_model(x)
+        assert len(calls) >= 2
+        monkeypatch.setattr(RUNTIME, "open_on_parties", real_open)
+        for _ in range(2):  # the deferred steps of the failed query broke nothing
+            assert torch.allclose(client.query_model(x), expected, atol=1e-2)
+        assert model_service_alive(model)
+    finally:
+        model.stop()
+
+
+def test_an_owner_side_failure_mid_query_leaves_no_queued_step_behind(cluster, client_for, monkeypatch):
+    model = _rounds_model()
+    xs = torch.randn(3, 6)
+    with torch.no_grad():
+        expected = model(xs)
+    model.share(cluster, name="rounds-owner", input_shape=(1, 6))
+    model.serve(background=True)
+    try:
+        client = client_for(cluster, (1, 6), (1, 3), name="rounds-owner", timeout=60)
+        from veil.mpc.errors import MPCError
+        from veil.tensors.mpc_glue import maximum
+
+        real = maximum.sign_select
+        failed = []
+
+        def fail_once(*args, **kwargs):  # after the first layer's product: its last steps are still queued
+            if not failed:
+                failed.append(1)
+                raise MPCError("injected failure")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(maximum, "sign_select", fail_once)
+        with pytest.raises(RequestFailedError):
+            client.query_model(xs[:1])
+        outs = torch.cat([client.query_model(xs[i:i + 1]) for i in range(3)])
+        assert torch.allclose(outs, expected, atol=1e-2)
+    finally:
+        model.stop()
+
+
+def model_service_alive(model) -> bool:
+    from veil.serving.service import service_of
+
+    svc = service_of(model)
+    return svc.error is None and svc._thread is not None and svc._thread.is_alive()

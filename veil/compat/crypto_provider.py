@@ -30,7 +30,7 @@ def default_crypto_provider(parties: Sequence[Any]) -> Any:
     Raises:
         ValueError: If the parties are not workers (pass a provider explicitly).
     """
-    from veil.mpc.remote_sharing import is_worker
+    from veil.tensors.mpc_glue.remote_sharing import is_worker
     from veil.workers.virtual import VirtualWorker
 
     if not parties or not all(is_worker(p) for p in parties):

@@ -105,7 +105,7 @@ class SharedPointer:
 
 def share_remote(ptr: PointerTensor, parties: tuple, crypto_provider: Any = None) -> Any:
     """Has ``ptr``'s worker share its own int64 values; returns the local AdditiveSharingTensor of pointers."""
-    from veil.mpc.remote_sharing import resolve_provider
+    from veil.tensors.mpc_glue.remote_sharing import resolve_provider
     from veil.tensors.additive import AdditiveSharingTensor
 
     if ptr.dtype != torch.int64:

@@ -6,7 +6,7 @@ Every class derives from :class:`veil.exceptions.VeilError` and is registered to
 cross the wire, so a remote party's refusal arrives as the same class.
 """
 
-from veil.exceptions import VeilError, register_remote_error
+from veil.exceptions import ConnectionLostError, VeilError, register_remote_error
 
 
 class MPCError(VeilError):
@@ -57,4 +57,16 @@ EncodingOverflowError.wire_name = "MPCEncodingOverflowError"
 UnsupportedOperationError.wire_name = "MPCUnsupportedOperationError"
 for _cls in (MPCError, EncodingOverflowError, ShareMismatchError, NotEncodedError, PrecisionMismatchError,
              UnsupportedOperationError, ProviderError, MacCheckError):
+    register_remote_error(_cls)
+
+
+class PartyFailedError(MPCError, RuntimeError):
+    """A party failed during a protocol round (the orchestrator's view; names the party and the step)."""
+
+
+class PartyUnreachableError(PartyFailedError, ConnectionLostError):
+    """A party's connection was lost during a protocol round (also a ConnectionLostError)."""
+
+
+for _cls in (PartyFailedError, PartyUnreachableError):
     register_remote_error(_cls)

@@ -9,12 +9,14 @@ ways of running them:
   result's shape is found locally by running the function on meta tensors.
 * :func:`open_parties` runs an *openable* step on every party and sums the
   results: an opening. For remote shares it is **one message per party** (an
-  :class:`OpenMessage`, whose reply carries the step's output), all in one
-  round. Only functions registered with ``openable=True`` may be opened, and
+  :class:`OpenMessage`, whose reply carries the step's output), all in flight
+  at once (one round). Only functions registered with ``openable=True`` may be opened, and
   each of them outputs values masked by dealer randomness (``x - a``).
 
 Local shares (plain tensors) run the same functions in-process, so the
-protocol code is identical for simulations and for workers.
+protocol code is identical for simulations and for workers. Remote shares
+are reached through the injected party runtime (:mod:`veil.mpc.runtime`);
+this module knows no transport and no pointer class.
 
 Trust model (semi-honest, as PySyft 0.2 and CrypTen): the orchestrator relays
 openings of masked values; it never receives an unmasked share through this
@@ -24,19 +26,17 @@ module (it can still ``.get()`` pointers it owns, like any PySyft user).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Hashable, Mapping
+from typing import Any, Callable, ClassVar, Hashable, Mapping, Optional
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map
 
-from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.allowlist import register_worker_function
 from veil.mpc import wire_ops  # noqa: F401  (allowlists aten ops on shares)
 from veil.mpc.errors import MPCError
 from veil.mpc.opening import record_opening
-from veil.tensors.pointer import PointerTensor
-from veil.workers.base import register_handler
+from veil.mpc.runtime import PartyRuntime, runtime_of
 
 #: name -> pure party function (explicit registry; see ``party_function``)
 PARTY_FUNCTIONS: dict[str, Callable[..., Any]] = {}
@@ -71,7 +71,11 @@ def party_function(name: str, openable: bool = False, xor: bool = False) -> Call
 @m.register_message
 @dataclass
 class OpenMessage:
-    """Run an openable party function and return its outputs (one opening share)."""
+    """Run an openable party function and return its outputs (one opening share).
+
+    The handler (a worker's side) is registered by the worker runtime,
+    :mod:`veil.tensors.mpc_glue.runtime`; it asks the reference monitor first.
+    """
 
     TYPE: ClassVar[int] = 40
     name: str = ""
@@ -83,37 +87,39 @@ class OpenMessage:
             self.args = tuple(self.args)
 
 
-@register_handler(OpenMessage)
-def _handle_open(worker: Any, msg: OpenMessage, sender: str) -> Any:
-    if not isinstance(msg.name, str) or msg.name not in OPENABLE:
-        raise MPCError(f"{msg.name!r} is not an openable protocol step")
-    if not isinstance(msg.kwargs, dict) or not all(isinstance(k, str) for k in msg.kwargs):
+def check_openable(name: Any, kwargs: Any) -> None:
+    """Refuses a request to open anything but a registered openable step."""
+    if not isinstance(name, str) or name not in OPENABLE:
+        raise MPCError(f"{name!r} is not an openable protocol step")
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise MPCError("OpenMessage kwargs must be a map with string keys")
-    args, kwargs = worker.monitor.opening(worker.principal(sender), msg.name, tuple(msg.args), msg.kwargs)
+
+
+def run_openable(name: str, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """Runs openable step ``name`` on one party's (resolved) shares; its outputs as a list."""
+    check_openable(name, kwargs)
     with torch.no_grad():
-        out = PARTY_FUNCTIONS[msg.name](*args, **kwargs)
+        out = PARTY_FUNCTIONS[name](*args, **kwargs)
     outputs = list(out) if isinstance(out, (tuple, list)) else [out]
     if not all(isinstance(o, torch.Tensor) for o in outputs):
-        raise MPCError(f"{msg.name} must return tensors")
-    return m.ObjectsReply(outputs)
+        raise MPCError(f"{name} must return tensors")
+    return outputs
 
 
-def _location(values: Any) -> PointerTensor | None:
-    """The one pointer location among ``values`` (None if all local)."""
-    first = None
+def _party_of(values: Any) -> tuple[Optional[PartyRuntime], Any]:
+    """The runtime and party of the one remote location among ``values`` ((None, None) if all local)."""
+    runtime, party = None, None
     for leaf in tree_flatten(values)[0]:
-        if type(leaf) is PointerTensor:
-            if first is None:
-                first = leaf
-            elif leaf.location is not first.location:
-                raise MPCError(
-                    f"a party step mixes shares on {first.location.id!r} and {leaf.location.id!r}"
-                )
-    return first
-
-
-def _wire(value: Any) -> Any:
-    return tree_map(lambda v: m.ObjectRef(v.id_at_location) if type(v) is PointerTensor else v, value)
+        rt = runtime_of(leaf)
+        if rt is None:
+            continue
+        where = rt.location(leaf)
+        if runtime is None:
+            runtime, party = rt, where
+        elif where is not party:
+            name = lambda w: getattr(w, "id", w)  # noqa: E731
+            raise MPCError(f"a party step mixes shares on {name(party)!r} and {name(where)!r}")
+    return runtime, party
 
 
 def _meta(value: Any) -> Any:
@@ -125,38 +131,63 @@ def _meta(value: Any) -> Any:
     return tree_map(to_meta, value)
 
 
+#: (step, argument shapes/dtypes and public values) -> output tree on meta tensors
+_META_OUT: dict[tuple, Any] = {}
+_META_CACHE_SIZE = 4096
+
+
+def _signature(name: str, args: tuple, kwargs: dict) -> Optional[tuple]:
+    """A hashable description of a step's inputs that fixes its output shapes (None: not cacheable)."""
+    leaves, spec = tree_flatten((args, kwargs))
+    parts: list = [name, str(spec)]
+    for v in leaves:
+        if isinstance(v, torch.Tensor):
+            parts.append((tuple(v.shape), v.dtype))
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            parts.append((type(v).__name__, v))
+        else:
+            return None
+    return tuple(parts)
+
+
+def _output_meta(name: str, fn: Callable, args: tuple, kwargs: dict) -> Any:
+    """The step's output shapes, found by running it on meta tensors (cached per signature)."""
+    key = _signature(name, args, kwargs)
+    out = _META_OUT.get(key) if key is not None else None
+    if out is None:
+        out = fn(*_meta(args), **_meta(kwargs))
+        if key is not None:
+            if len(_META_OUT) >= _META_CACHE_SIZE:
+                _META_OUT.clear()
+            _META_OUT[key] = out
+    return out
+
+
 def run_party(name: str, *args: Any, _defer: bool = False, **kwargs: Any) -> Any:
     """Runs party function ``name`` where its share arguments live.
 
-    ``_defer``: for a step that the same protocol follows with a message to
-    the same party (an opening): the command rides on that message instead of
-    taking its own (an error then surfaces there, as "deferred command ...
-    failed"). Not for a protocol's last step, whose next message may never come.
+    ``_defer`` is accepted for callers written against the earlier opt-in:
+    every remote step now rides on the party's next request (the runtime's
+    queue, see :meth:`veil.mpc.runtime.PartyRuntime.run_on_party`).
 
     Returns:
-        The function's output: local tensors, or pointers to the results on
-        the party's worker (same tree structure).
+        The function's output: local tensors, or handles to the results on
+        the party (same tree structure). A remote step may ride on the next
+        request to that party (its error, if any, is raised there).
     """
     fn = PARTY_FUNCTIONS[name]
-    first = _location((args, kwargs))
-    if first is None:
+    runtime, _ = _party_of((args, kwargs))
+    if runtime is None:
         return fn(*args, **kwargs)
-    defer = _defer
-    meta_out = fn(*_meta(args), **_meta(kwargs))
-    flat, spec = tree_flatten(meta_out)
-    ids = [new_id() for _ in flat]
-    owner, location = first.owner, first.location
-    msg = m.CommandMessage(WIRE_PREFIX + name, _wire(args), _wire(kwargs), ids, False)
-    if defer:
-        owner.defer_command(location, msg)
-    else:
-        owner.send_msg(msg, location)
-    ptrs = [PointerTensor(location, oid, owner, t.shape, t.dtype) for oid, t in zip(ids, flat)]
-    return tree_unflatten(ptrs, spec)
+    return runtime.run_on_party(name, args, kwargs, _output_meta(name, fn, args, kwargs))
 
 
 def open_parties(name: str, per_party: Mapping[Hashable, tuple], **kwargs: Any) -> list[torch.Tensor]:
     """Runs an openable step on every party and sums the outputs (one round).
+
+    Remote parties get their requests all at once (see
+    :meth:`veil.mpc.runtime.PartyRuntime.open_on_parties`); local shares are
+    computed here.
 
     Args:
         name: An openable party function returning a tuple of tensors.
@@ -169,21 +200,33 @@ def open_parties(name: str, per_party: Mapping[Hashable, tuple], **kwargs: Any) 
     if name not in OPENABLE:
         raise MPCError(f"{name!r} is not an openable protocol step")
     fn = PARTY_FUNCTIONS[name]
-    totals: list[torch.Tensor] | None = None
-    for args in per_party.values():
-        first = _location(args)
-        if first is None:
+    outputs: list = [None] * len(per_party)
+    remote: dict[int, list[int]] = {}  # id(runtime) -> positions
+    runtimes: dict[int, PartyRuntime] = {}
+    all_args = list(per_party.values())
+    for k, args in enumerate(all_args):
+        runtime, _ = _party_of(args)
+        if runtime is None:
             out = fn(*args, **kwargs)
-            outputs = list(out) if isinstance(out, (tuple, list)) else [out]
+            outputs[k] = list(out) if isinstance(out, (tuple, list)) else [out]
         else:
-            reply = first.owner.send_msg(OpenMessage(name, _wire(tuple(args)), kwargs), first.location)
-            outputs = list(reply.objects)
+            runtimes[id(runtime)] = runtime
+            remote.setdefault(id(runtime), []).append(k)
+    for key, idx in remote.items():
+        for k, out in zip(idx, runtimes[key].open_on_parties(name, [tuple(all_args[k]) for k in idx], kwargs)):
+            outputs[k] = list(out)
+    totals: list[torch.Tensor] | None = None
+    xor = name in XOR_OPENABLE
+    for out in outputs:
+        if totals is not None and (len(out) != len(totals) or any(
+                not isinstance(o, torch.Tensor) or o.shape != t.shape or o.dtype != t.dtype
+                for o, t in zip(out, totals))):
+            # a deviating party (or a broken one) must not corrupt the value silently by broadcasting
+            raise MPCError(f"{name}: the parties' opening replies differ in count, shape or dtype")
         if totals is None:
-            totals = outputs
-        elif name in XOR_OPENABLE:
-            totals = [t ^ o for t, o in zip(totals, outputs)]
+            totals = out
         else:
-            totals = [t + o for t, o in zip(totals, outputs)]
+            totals = [t ^ o for t, o in zip(totals, out)] if xor else [t + o for t, o in zip(totals, out)]
     n = len(per_party)
     per_party_bytes = 8 * (n - 1) * sum(t.numel() for t in totals)  # each party's share of every opened entry
     record_opening(sum(n * (n - 1) * t.numel() for t in totals), {p: per_party_bytes for p in per_party})

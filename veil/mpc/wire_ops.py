@@ -9,8 +9,8 @@ affine and bilinear ops only (what :mod:`veil.tensors.rules` applies share
 by share); ``out=`` variants are excluded. Protocol steps are allowlisted separately as party functions
 (:mod:`veil.mpc.party`).
 
-It also registers how opening fetches remote shares: one
-``GetObjectsMessage`` per worker for all shares opened together.
+How openings fetch remote shares is the party runtime's job
+(:mod:`veil.mpc.runtime`, registered by :mod:`veil.tensors.mpc_glue.runtime`).
 """
 
 from __future__ import annotations
@@ -18,10 +18,7 @@ from __future__ import annotations
 import torch
 
 from veil.messaging.allowlist import ALLOWLIST
-from veil.messaging.messages import GetObjectsMessage
 from veil.mpc.op_classes import WORKER_CLASSES, classify, packets_of
-from veil.mpc.opening import register_batch_fetcher
-from veil.tensors.pointer import PointerTensor
 
 #: aten packets whose (non-``out``) overloads a worker runs on shares: derived
 #: from the one op table (structural, linear, affine and bilinear classes)
@@ -46,20 +43,3 @@ def _register_share_ops() -> list[str]:
 
 REGISTERED = _register_share_ops()
 
-
-def _fetch_pointers(ptrs: list) -> list[torch.Tensor]:
-    """One GetObjectsMessage per (owner, location) for all shares opened together."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for k, p in enumerate(ptrs):
-        groups.setdefault((id(p.owner), id(p.location)), []).append(k)
-    out: list = [None] * len(ptrs)
-    for idx in groups.values():
-        first = ptrs[idx[0]]
-        reply = first.owner.send_msg(GetObjectsMessage([ptrs[k].id_at_location for k in idx]), first.location)
-        for k, value in zip(idx, reply.objects):
-            ptrs[k].mark_freed()
-            out[k] = value
-    return out
-
-
-register_batch_fetcher(PointerTensor, _fetch_pointers)

@@ -27,6 +27,8 @@ from veil.serving.inputs import as_shape, as_tensor
 from veil.serving.service import DEFAULT_SERVICE
 from veil.workers.registry import HookContext
 
+#: seconds between result polls: the first, and the most (growing by 1.5x)
+POLL_START, POLL_MAX = 0.001, 0.02
 #: where a client finds the client token when neither the cluster nor the call names one
 CLIENT_TOKEN_ENV = "VEIL_CLIENT_TOKEN"
 
@@ -118,27 +120,29 @@ class ModelClient:
         encoding = make_encoding(self.info["precision_fractional"], self.info["base"])
         shares = split(encode(x.detach().float(), encoding), len(self.parties))
         rid = new_id()
-        for w, share in zip(self.parties, shares):
-            self._call(w, "submit", rid, share)
+        self._call_all("submit", [[rid, share] for share in shares])  # share i to party i only, one round
         return rid
 
     def result(self, rid: int) -> torch.Tensor:
         """Waits for request ``rid``'s output shares and reconstructs the output."""
         encoding = make_encoding(self.info["precision_fractional"], self.info["base"])
         got: dict[str, torch.Tensor] = {}
-        deadline, delay = time.monotonic() + self.timeout, 0.002
+        deadline, delay = time.monotonic() + self.timeout, POLL_START
         while len(got) < len(self.parties):
-            for w in self.parties:
-                if w.id not in got:
-                    reply = self._call(w, "fetch", rid)
-                    if reply:
-                        got[w.id] = reply[0]
+            missing = [w for w in self.parties if w.id not in got]
+            # the owner answers every party in one round: poll one until it is ready, then fetch the rest
+            probe = missing if got else missing[:1]
+            for w, reply in zip(probe, self._call_all("fetch", [[rid]] * len(probe), probe)):  # one round
+                if reply:
+                    got[w.id] = reply[0]
             if len(got) == len(self.parties):
                 break
+            if got and len(probe) == 1:
+                continue  # the first share arrived: the others are (almost) there
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no result within {self.timeout:.0f} s (is the model being served?)")
             time.sleep(delay)
-            delay = min(delay * 1.5, 0.05)
+            delay = min(delay * 1.5, POLL_MAX)
         total = sum(got.values(), torch.zeros_like(next(iter(got.values()))))  # int64 wraps mod 2^64
         return decode(total, encoding)
 
@@ -146,6 +150,15 @@ class ModelClient:
         for w in self.parties:
             w.close()
         self.parties = []
+
+    def _call_all(self, action: str, per_party_args: list, parties: Optional[list] = None) -> list:
+        """``action`` on every party (or ``parties``) at once; one reply list per party."""
+        parties = self.parties if parties is None else parties
+        try:
+            return protocol.call_all(self.hook.local_worker, parties, action, self.service, per_party_args)
+        except (ConnectionLostError, OSError) as e:
+            raise WorkerUnavailableError(f"a cluster worker is unreachable: the query failed "
+                                         f"and no result was produced ({e})") from e
 
     def _call(self, worker: Any, action: str, *args: Any) -> list:
         try:

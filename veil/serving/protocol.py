@@ -289,3 +289,18 @@ def call(local: Any, worker: Any, action: str, service: str, *args: Any) -> list
     """Sends one serving action from ``local`` to ``worker``; returns the reply's objects."""
     reply = local.send_msg(ServingMessage(action, service, list(args)), worker)
     return list(reply.objects)
+
+
+def call_all(local: Any, workers: list, action: str, service: str, per_worker_args: list,
+             return_errors: bool = False) -> list:
+    """Sends one serving action to every worker at once (one round); the replies' objects, in order.
+
+    Args:
+        per_worker_args: For each worker, the action's arguments (a list).
+        return_errors: A failed worker's exception takes its reply's place instead of raising.
+    """
+    from veil.tensors.mpc_glue.runtime import one_round
+
+    requests = [(local, ServingMessage(action, service, list(args)), w) for w, args in zip(workers, per_worker_args)]
+    replies = one_round(requests, f"serving action {action!r}", return_errors=return_errors)
+    return [r if isinstance(r, BaseException) else list(r.objects) for r in replies]

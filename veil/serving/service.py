@@ -33,20 +33,24 @@ from torch import nn
 
 from veil.exceptions import ConnectionLostError, VeilError
 from veil.ids import new_id
-from veil.mpc.module import fix_precision_module, share_module
+from veil.tensors.mpc_glue.module import fix_precision_module, share_module
 from veil.serving import protocol
 from veil.serving.cluster import CLIENT_USER, Cluster
 from veil.serving.errors import ServingError, WorkerUnavailableError
 from veil.serving.inputs import as_count, as_shape
 
 DEFAULT_SERVICE = "model"
+#: seconds of the first idle poll after serving a batch (doubling up to ``poll_interval``)
+IDLE_POLL_START = 0.0005
+#: seconds a partial batch may wait for requests that keep arriving (see ModelService.step)
+BATCH_LINGER = 0.02
 
 
 class ModelService:
     """A model secret-shared on a cluster, and the loop that serves it.
 
     Args:
-        model: A torch module built from the SMPC layer set (see ``veil.mpc.module``).
+        model: A torch module built from the SMPC layer set (see ``veil.tensors.mpc_glue.module``).
         cluster: A started :class:`~veil.serving.cluster.Cluster`.
         input_shape: One request's input shape, batch dimension first (e.g. ``(1, 1, 28, 28)``).
         name: Service name (several models may share a cluster).
@@ -66,6 +70,7 @@ class ModelService:
         self.partial_timeout = partial_timeout
         self.failed_requests = 0  # malformed or failed requests (each failed alone)
         self._partial: dict[int, float] = {}  # request id -> when first seen on only some parties
+        self._linger: tuple[Optional[float], int] = (None, 0)  # (first seen, ready count) of a partial batch
         self._stopped = False
         self.connections = cluster.connect(self.hook, cluster.owner_token)
         self.parties = self.connections[:-1]
@@ -143,7 +148,7 @@ class ModelService:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                left = sum(self._call(w, "unfetched")[0] for w in self.parties)
+                left = sum(r[0] for r in self._call_all("unfetched", [[]] * len(self.parties)))
             except (VeilError, OSError):
                 return False
             if left == 0:
@@ -154,10 +159,16 @@ class ModelService:
 
     def _run(self, num_requests: Optional[int], poll_interval: float, raise_errors: bool = False) -> None:
         try:
+            idle = IDLE_POLL_START  # poll fast right after work, back off to poll_interval when idle
             while not self._stop.is_set() and (num_requests is None or self.served < num_requests):
                 left = None if num_requests is None else num_requests - self.served
-                if not self.step(min(self.max_batch, left or self.max_batch)):
-                    time.sleep(poll_interval)
+                if self.step(min(self.max_batch, left or self.max_batch), linger=BATCH_LINGER):
+                    idle = IDLE_POLL_START
+                elif self._linger[0] is not None:
+                    time.sleep(IDLE_POLL_START)  # a partial batch is filling up: look again soon
+                else:
+                    time.sleep(min(idle, poll_interval))
+                    idle *= 2
         except BaseException as e:
             self.error = e
             self._close(f"serving stopped after an error ({type(e).__name__})")
@@ -166,17 +177,23 @@ class ModelService:
         finally:
             self._close()
 
-    def step(self, max_batch: int) -> int:
-        """Serves at most ``max_batch`` pending requests; returns how many."""
+    def step(self, max_batch: int, linger: float = 0.0) -> int:
+        """Serves at most ``max_batch`` pending requests; returns how many.
+
+        Args:
+            linger: Seconds a partial batch may wait while more requests keep
+                arriving (a client submitting several at once gets one batch,
+                not one per poll); 0 serves what is ready now.
+        """
         sizes: dict[int, list[int]] = {}
-        for w in self.parties:  # a request is ready once every party has its share, of one batch size
-            for rid, size in self._call(w, "pending"):
+        for listed in self._call_all("pending", [[]] * len(self.parties)):  # one round to every party
+            for rid, size in listed:  # a request is ready once every party has its share, of one batch size
                 sizes.setdefault(rid, []).append(size)
         n = len(self.parties)
         complete = {r: s for r, s in sizes.items() if len(s) == n}
         self._fail_malformed(sizes, complete)
         rids = [r for r, s in complete.items() if len(set(s)) == 1][:max_batch]
-        if not rids:
+        if not rids or self._lingers(len(rids), max_batch, linger):
             return 0
         try:
             self._compute(rids)
@@ -184,11 +201,22 @@ class ModelService:
             self._fail(rids, "a cluster worker became unreachable")
             raise WorkerUnavailableError(f"serving stopped: a cluster worker is unreachable ({e})") from e
         except VeilError as e:  # this batch fails; the service goes on
+            self._settle()
             self._fail(rids, f"{type(e).__name__} while computing")
             self.failed_requests += len(rids)
             return 0
         self.served += len(rids)
         return len(rids)
+
+    def _lingers(self, ready: int, max_batch: int, linger: float) -> bool:
+        """True to wait one more poll: the batch is partial and grew since the last poll, within ``linger``."""
+        now = time.monotonic()
+        since, seen = self._linger
+        if ready >= max_batch or linger <= 0 or (since is not None and (ready <= seen or now - since > linger)):
+            self._linger = (None, 0)
+            return False
+        self._linger = (now if since is None else since, ready)
+        return True
 
     def _fail_malformed(self, sizes: dict, complete: dict) -> None:
         """Fails requests whose parties disagree on the batch size, or that stayed on only some parties."""
@@ -214,47 +242,59 @@ class ModelService:
         from veil.tensors.fixed_precision import FixedPrecisionTensor
         from veil.tensors.pointer import PointerTensor
 
-        shares, sizes = {}, None
-        for w in self.parties:
-            oid = new_id()
-            got = self._call(w, "claim", rids, oid)
-            if sizes is not None and got != sizes:
-                raise ServingError("parties disagree on the requests' batch sizes")
-            sizes = got
-            shape = (sum(sizes), *self.input_shape[1:])
-            shares[w.id] = PointerTensor(w, oid, self.hook.local_worker, torch.Size(shape), torch.int64)
+        oids = [new_id() for _ in self.parties]
+        claimed = self._call_all("claim", [[rids, oid] for oid in oids], return_errors=True)  # one round
+        failed = [r for r in claimed if isinstance(r, BaseException)]
+        if failed:  # free the batches the other parties stored, then report the first failure
+            for w, oid, r in zip(self.parties, oids, claimed):
+                if not isinstance(r, BaseException):
+                    self.hook.local_worker.schedule_delete(w, oid)
+            raise failed[0]
+        shares = {w.id: PointerTensor(w, oid, self.hook.local_worker, torch.Size((sum(got), *self.input_shape[1:])),
+                                      torch.int64) for w, oid, got in zip(self.parties, oids, claimed)}
+        sizes = claimed[0]
+        if any(got != sizes for got in claimed):  # (the pointers above free the batches when dropped)
+            raise ServingError("parties disagree on the requests' batch sizes")
         x = FixedPrecisionTensor(AdditiveSharingTensor(shares, self.crypto), self.encoding)
         with torch.no_grad():
             out = self.model(x)
-        for w in self.parties:
-            ptr = out.child.child[w.id]
-            self._call(w, "respond", rids, sizes, _ref(ptr))
+        # one round; each respond also carries that party's last deferred protocol steps
+        self._call_all("respond", [[rids, sizes, _ref(out.child.child[w.id])] for w in self.parties])
 
     # ------------------------------------------------------------ helpers
 
     def _call(self, worker: Any, action: str, *args: Any) -> list:
         return protocol.call(self.hook.local_worker, worker, action, self.name, *args)
 
+    def _call_all(self, action: str, per_party_args: list, return_errors: bool = False) -> list:
+        return protocol.call_all(self.hook.local_worker, self.parties, action, self.name, per_party_args,
+                                 return_errors=return_errors)
+
     def _broadcast(self, action: str, *args: Any) -> None:
-        for w in self.parties:
-            self._call(w, action, *args)
+        self._call_all(action, [list(args)] * len(self.parties))
+
+    def _settle(self) -> None:
+        """After a failed batch: delivers (or drops) the protocol steps still queued for each party.
+
+        A step of the failed batch may fail again on its party; it must not take the
+        next request (the ``fail`` below, the next query's ``pending``) down with it.
+        """
+        from veil.messaging import messages as m
+        from veil.tensors.mpc_glue.runtime import one_round
+
+        local = self.hook.local_worker
+        one_round([(local, m.DeleteMessage([]), w) for w in self.parties], "settling a failed batch",
+                  return_errors=True)
 
     def _fail(self, rids: list[int], message: str) -> None:
-        for w in self.parties:
-            try:
-                self._call(w, "fail", rids, message)
-            except (VeilError, OSError):  # that worker is the one that failed: its clients see it gone
-                pass
+        # a worker that fails here is the one that failed: its clients see it gone
+        self._call_all("fail", [[rids, message]] * len(self.parties), return_errors=True)
 
     def _close(self, reason: str = "the model owner stopped the service") -> None:
         if self._closed:
             return
         self._closed = True
-        for w in self.parties:
-            try:
-                self._call(w, "close", reason)
-            except (VeilError, OSError):
-                pass
+        self._call_all("close", [[reason]] * len(self.parties), return_errors=True)
 
 
 def _ref(ptr: Any) -> Any:

@@ -24,6 +24,7 @@ from veil.mpc.sharing import split
 from veil.mpc.truncation import truncate_shares
 from veil.tensors import mac_dispatch
 from veil.tensors._dispatch import dispatch
+from veil.tensors.remote_ops import deferring
 from veil.tensors.rules.additive import ADDITIVE_RULES
 from veil.tensors.rules.common import STRUCTURAL_OPS
 
@@ -75,7 +76,8 @@ class AdditiveSharingTensor(torch.Tensor):
         kwargs = kwargs or {}
         if any(isinstance(a, cls) and a.mac is not None for a in tree_flatten((args, kwargs))[0]):
             return mac_dispatch.dispatch(cls, func, args, kwargs, STRUCTURAL_OPS)  # keeps MACs or refuses
-        return dispatch(cls, ADDITIVE_RULES, func, args, kwargs)
+        with deferring():  # share-local ops on pointers ride on the parties' next requests
+            return dispatch(cls, ADDITIVE_RULES, func, args, kwargs)
 
     def __repr__(self) -> str:
         # Never print shares: they are secrets of their holders.
@@ -200,7 +202,7 @@ def share(
         place: Optional ``place(share, party) -> handle`` that moves each share
             to its party (e.g. ``lambda s, w: s.send(w)``). Default: when all
             parties are workers, seeded shares are placed on them
-            (:mod:`veil.mpc.remote_sharing`); otherwise shares stay local.
+            (:mod:`veil.tensors.mpc_glue.remote_sharing`); otherwise shares stay local.
         active_security: Also share SPDZ MACs of the values, so that every
             opening is checked and tampering aborts the computation
             (SPDZ2k, :mod:`veil.mpc.mac`; linear ops, products and
@@ -219,7 +221,7 @@ def share(
         from veil.compat.crypto_provider import default_crypto_provider
 
         crypto_provider = default_crypto_provider(parties)
-    from veil.mpc.remote_sharing import is_worker, resolve_provider, share_on_workers
+    from veil.tensors.mpc_glue.remote_sharing import is_worker, resolve_provider, share_on_workers
 
     crypto_provider = resolve_provider(crypto_provider, parties)
     if active_security:

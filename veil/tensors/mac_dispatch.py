@@ -63,7 +63,7 @@ def _placer(parties: Sequence[Any]):
     """Places per-party limbs at the parties (workers: sent, ids: kept local)."""
     from veil.ids import new_id
     from veil.messaging import messages as m
-    from veil.mpc.remote_sharing import is_worker, local_worker_of
+    from veil.tensors.mpc_glue.remote_sharing import is_worker, local_worker_of
     from veil.tensors.additive import party_id
     from veil.tensors.pointer import PointerTensor
 

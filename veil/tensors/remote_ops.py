@@ -10,7 +10,9 @@ Three outcomes, decided by tables rather than op-specific code:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import threading
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -257,6 +259,22 @@ def _may_pipeline(owner: Any, location: Any, tensors: list) -> bool:
     return True
 
 
+_DEFERRING = threading.local()
+
+
+@contextlib.contextmanager
+def deferring() -> Iterator[None]:
+    """Inside: commands whose results this side names ride on the next request to their
+    worker, as with ``pipelining`` (the SMPC dispatch uses it for share-local ops; an
+    error is raised by that next request, the next opening or ``.get()``)."""
+    previous = getattr(_DEFERRING, "on", False)
+    _DEFERRING.on = True
+    try:
+        yield
+    finally:
+        _DEFERRING.on = previous
+
+
 def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
     """Runs an allowlisted op on the worker holding the pointers among ``args``.
 
@@ -283,7 +301,10 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
     name = op.name
     if op.worker_function or name in _GRAD_CHANGING:
         owner.bump_grad_epoch(location)
-    pipelined = key is not None and not op.worker_function and _may_pipeline(owner, location, tensors)
+    pipelined = not op.worker_function and (
+        (key is not None and _may_pipeline(owner, location, tensors))
+        # SMPC dispatch (``deferring``): share-local ops ride on the parties' next requests
+        or (getattr(_DEFERRING, "on", False) and owner.hook.local_worker is owner))
     if op.shapes == NO_RESULT:
         if name == "Tensor.backward":
             owner._grad_leaves[location.id] = (owner.grad_epoch(location), _backward_leaves(args, kwargs))

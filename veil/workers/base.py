@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -46,6 +47,9 @@ PRELUDE_LIMIT = 512
 MAX_PRELUDE_ITEMS = 65536
 #: a batch hands the worker to other sessions' waiting requests every this many commands
 YIELD_EVERY = 32
+#: tensor bytes of deferred commands queued for one worker before they are sent (a message must
+#: stay well under a worker's message limit, 256 MB by default)
+PRELUDE_BYTES_LIMIT = 32 << 20
 #: what an ObjectMessage may store besides tensors (plans register themselves)
 STORABLE_TYPES: list[type] = [torch.Tensor]
 #: checks run on an arriving object before it is stored (e.g. a plan's ops vs the allowlist)
@@ -93,9 +97,12 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
         self._principals: dict[str, Principal] = {}
         self.stats = TransportStats()
         # Per destination object (keyed by identity: a new worker may reuse an old one's name; the
-        # entry holds the worker, so its id() stays unique): what rides on the next message there,
-        # in order (ids to free, deferred commands). See serde's "prelude".
-        self._pending_deletes: dict[int, tuple["BaseWorker", list]] = {}
+        # entry holds the worker, so its id() stays unique): [worker, what rides on the next message
+        # there in order (ids to free, deferred commands), tensor bytes of the deferred commands].
+        # See serde's "prelude". The lock: SMPC rounds send from several threads at once, and a
+        # command queued while another thread takes the queue must not be lost.
+        self._pending_deletes: dict[int, list] = {}
+        self._queue_lock = threading.RLock()  # re-entrant: pointer finalizers may run inside it
         #: as a destination: callers may defer commands whose results they name themselves
         self.pipelining = pipelining
         self._grad_epochs: dict[str, int] = {}
@@ -196,7 +203,8 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
         here, naming the op; its results and those of every later deferred command
         are remembered as lost (see :meth:`check_lost`), and ``msg`` itself did not run.
         """
-        pending = self._pending_deletes.pop(id(location), None)
+        with self._queue_lock:
+            pending = self._pending_deletes.pop(id(location), None)
         prelude = pending[1] if pending else None
         while prelude and len(prelude) > MAX_PRELUDE_ITEMS:  # never more than a worker accepts at once
             head, prelude = prelude[:MAX_PRELUDE_ITEMS], prelude[MAX_PRELUDE_ITEMS:]
@@ -232,9 +240,11 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
         Called from pointer finalizers, which must never send (they can run in the
         middle of another message).
         """
-        entry = self._pending_deletes.get(id(location))
-        if entry is None:
-            entry = self._pending_deletes.setdefault(id(location), (location, []))
+        with self._queue_lock:
+            entry = self._pending_deletes.get(id(location))
+            if entry is None:
+                entry = self._pending_deletes.setdefault(id(location), [location, [], 0])
+            entry[1].append(oid)
         entry[1].append(oid)
         lost = self._lost.get(location.id)
         if lost:
@@ -250,13 +260,15 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
 
     def defer(self, location: "BaseWorker", item: list) -> None:
         """:meth:`defer_command` for a command already in wire form ``[op, args, kwargs, return_ids, grad]``."""
-        entry = self._pending_deletes.get(id(location))
-        if entry is None:
-            entry = self._pending_deletes.setdefault(id(location), (location, []))
-        queue = entry[1]
-        queue.append(item)
-        if len(queue) >= PRELUDE_LIMIT:
-            self.send_msg(m.DeleteMessage([]), location)  # a full batch goes now (and may raise its error)
+        with self._queue_lock:
+            entry = self._pending_deletes.get(id(location))
+            if entry is None:
+                entry = self._pending_deletes.setdefault(id(location), [location, [], 0])
+            entry[1].append(item)
+            entry[2] += _payload_bytes(item[1], item[2])
+            full = len(entry[1]) >= PRELUDE_LIMIT or entry[2] >= PRELUDE_BYTES_LIMIT
+        if full:  # a full batch goes now (and may raise its error)
+            self.send_msg(m.DeleteMessage([]), location)
 
     def flush(self, location: "BaseWorker | None" = None) -> None:
         """Synchronizes: sends what is queued (for ``location``, or for every worker) and raises the
@@ -443,6 +455,20 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
 
 
 # ------------------------------------------------------------------ handlers
+
+
+def _payload_bytes(args: Any, kwargs: Any) -> int:
+    """Tensor bytes among a deferred command's arguments (top level and one list deep: where
+    protocol steps put them); bounds a queued batch well under a worker's message limit."""
+    total = 0
+    for value in (*args, *kwargs.values()) if isinstance(kwargs, dict) else args:
+        if isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+        elif type(value) in (list, tuple):
+            for v in value:
+                if isinstance(v, torch.Tensor):
+                    total += v.numel() * v.element_size()
+    return total
 
 
 def _purpose_of(op: Any) -> Purpose:

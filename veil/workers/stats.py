@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -10,11 +11,14 @@ class TransportStats:
     messages: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
+    # concurrent protocol rounds send from several threads at once
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def record(self, sent: int, received: int) -> None:
-        self.messages += 1
-        self.bytes_sent += sent
-        self.bytes_received += received
+        with self._lock:
+            self.messages += 1
+            self.bytes_sent += sent
+            self.bytes_received += received
 
     def reset(self) -> None:
         self.messages = self.bytes_sent = self.bytes_received = 0

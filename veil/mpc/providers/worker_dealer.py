@@ -59,8 +59,8 @@ from veil.mpc.prg import expand, new_seed
 from veil.mpc.providers.fss_dealing import DEAL_COMPARISON
 from veil.mpc.providers.base import MaterialExhaustedError, Provider
 from veil.mpc.ring import DTYPE, random_ring
-from veil.tensors.pointer import PointerTensor
-from veil.workers.monitor import DEALER_TAG
+from veil.mpc.runtime import DEALER_TAG
+from veil.mpc.runtime import remote_handle as PointerTensor  # the injected runtime's handle (mpc imports no tensors)
 
 DEAL = "veil.mpc.deal"
 MAC_KEY = "veil.mpc.register_mac_key"

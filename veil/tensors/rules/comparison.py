@@ -2,7 +2,7 @@
 
 Plaintext fixed-precision tensors compare their encoded integers directly
 (order is preserved by the encoding). Shared tensors run the private
-comparison protocol through :mod:`veil.mpc.maximum` (1 round per
+comparison protocol through :mod:`veil.tensors.mpc_glue.maximum` (1 round per
 comparison; see :mod:`veil.mpc.comparison` for its cost and limits).
 Comparison results of fixed-precision tensors are fixed-precision 0/1 (as
 PySyft 0.2); of shared integer tensors, shared 0/1 integers.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from veil.mpc import maximum
+from veil.tensors.mpc_glue import maximum
 from veil.tensors.additive import AdditiveSharingTensor
 from veil.tensors.rules.additive import ADDITIVE_RULES, public_int
 from veil.tensors.rules.fixed_precision import CARRIED_ATTRS, FIXED_PRECISION_RULES, _children

@@ -21,7 +21,8 @@ from veil.mpc.errors import MPCError
 from veil.mpc.prg import expand, new_seed
 from veil.mpc.providers.base import Provider
 from veil.mpc.providers.worker_dealer import dealer_for
-from veil.mpc.ring import DTYPE
+from veil.mpc.ring import DTYPE, random_ring
+from veil.tensors.mpc_glue.runtime import one_round
 from veil.tensors.pointer import PointerTensor
 from veil.workers.base import BaseWorker
 
@@ -60,24 +61,21 @@ def share_on_workers(value: torch.Tensor, workers: Sequence[Any], seeded: bool =
         raise MPCError("the local worker cannot hold a share; share among remote workers")
     value = value.detach().to(DTYPE)
     shape = list(value.shape)
-    pointers, last = [], value
-    for w in workers[:-1]:
-        oid = new_id()
+    requests, oids, last = [], [new_id() for _ in workers], value
+    for w, oid in zip(workers[:-1], oids):
         if seeded:
             seed = new_seed()
             wire_seed = torch.frombuffer(bytearray(seed), dtype=torch.uint8)
-            owner.send_msg(m.CommandMessage(PRG_SHARE, (wire_seed, shape), {}, [oid], False), w)
+            requests.append((owner, m.CommandMessage(PRG_SHARE, (wire_seed, shape), {}, [oid], False), w))
             last = last - expand(seed, _LABEL, shape)
         else:
-            from veil.mpc.ring import random_ring
-
             piece = random_ring(shape)
-            owner.send_msg(m.ObjectMessage([m.StoredObject(oid, piece)]), w)
+            requests.append((owner, m.ObjectMessage([m.StoredObject(oid, piece)]), w))
             last = last - piece
-        pointers.append(PointerTensor(w, oid, owner, tuple(shape), DTYPE))
-    oid = new_id()
-    owner.send_msg(m.ObjectMessage([m.StoredObject(oid, last)]), workers[-1])
-    pointers.append(PointerTensor(workers[-1], oid, owner, tuple(shape), DTYPE))
+    requests.append((owner, m.ObjectMessage([m.StoredObject(oids[-1], last)]), workers[-1]))
+    # pointers first: if a party fails, dropping them frees the shares the others stored
+    pointers = [PointerTensor(w, oid, owner, tuple(shape), DTYPE) for w, oid in zip(workers, oids)]
+    one_round(requests, "sharing a value")  # every party's share in flight at once
     return pointers
 
 

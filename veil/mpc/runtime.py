@@ -1,0 +1,139 @@
+"""The party runtime: how protocols reach shares that live somewhere else.
+
+``veil.mpc`` is pure protocol code over *party handles*. A share is either a
+plain int64 tensor (a party simulated in this process) or a handle to a
+tensor held by another machine. The protocols never import what a handle
+is; a :class:`PartyRuntime` registered for the handle's type does the three
+things a protocol needs from the outside world:
+
+* **run on parties** (:meth:`PartyRuntime.run_on_party`): run a registered
+  party function where its shares live; the results stay there (handles).
+* **open** (:meth:`PartyRuntime.open_on_parties`, :meth:`PartyRuntime.fetch`):
+  run an *openable* step on every party at once and bring its outputs here,
+  or fetch shares being reconstructed: one round, every party's request in
+  flight together.
+* **deal** (:meth:`PartyRuntime.handle`, :meth:`PartyRuntime.deliver`):
+  name the material a crypto provider stored on a party, as a handle the
+  protocols can pass on; send a provider's messages to every party at once.
+
+The worker runtime (pointers to veil workers, local or over the network)
+lives in :mod:`veil.tensors.mpc_glue.runtime` and registers itself at
+import time; any other runtime (a test double, another transport) calls
+:func:`register_runtime` the same way. Layering: nothing in ``veil.mpc``
+imports ``veil.tensors`` or ``veil.workers`` (``tests/mpc/test_layering.py``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+
+#: tag a crypto provider puts on dealt objects it stores on a party (the
+#: worker's reference monitor honours it from dealers only and never reveals
+#: them); the same string as ``veil.workers.monitor.DEALER_TAG``
+DEALER_TAG = "#veil.dealer"
+
+
+class PartyRuntime(ABC):
+    """What the protocols need from the machines that hold the shares.
+
+    A runtime serves the handle types in :attr:`handle_types`. Every method
+    that talks to several parties sends to all of them before waiting for
+    any (one round), and raises only after every party answered or failed,
+    so a failure leaves no request in flight.
+    """
+
+    #: the handle classes this runtime serves (exact types, e.g. PointerTensor)
+    handle_types: tuple[type, ...] = ()
+
+    @abstractmethod
+    def location(self, handle: Any) -> Any:
+        """The party holding ``handle`` (parties are compared by identity)."""
+
+    @abstractmethod
+    def run_on_party(self, name: str, args: tuple, kwargs: dict, outputs: Any) -> Any:
+        """Runs party function ``name`` where the handles in ``args``/``kwargs`` live.
+
+        Args:
+            name: A name registered with :func:`veil.mpc.party.party_function`.
+            args, kwargs: Handles of one party, public tensors and values.
+            outputs: The function's output tree on meta tensors (shapes, dtypes).
+
+        Returns:
+            Handles to the results on that party, in the structure of ``outputs``.
+            The runtime may send the step later, with the next request to that
+            party; its errors are then raised by that request.
+        """
+
+    @abstractmethod
+    def open_on_parties(self, name: str, per_party: Sequence[tuple], kwargs: dict) -> list[list[torch.Tensor]]:
+        """Runs openable step ``name`` on several parties in one round.
+
+        Args:
+            per_party: For each party, its positional arguments (its handles).
+            kwargs: Public keyword arguments, the same for every party.
+
+        Returns:
+            For each party (same order), the step's outputs as local tensors.
+        """
+
+    @abstractmethod
+    def fetch(self, handles: Sequence[Any]) -> list[torch.Tensor]:
+        """Brings the shares behind ``handles`` here (an opening), one round for all."""
+
+    @abstractmethod
+    def deliver(self, requests: Sequence[tuple[Any, Any, Any]]) -> list[Any]:
+        """Sends every ``(sender, message, party)`` request in one round; the replies, in order.
+
+        For dealers: a provider sending each party its material at once."""
+
+    @abstractmethod
+    def handle(self, location: Any, object_id: int, owner: Any, shape: Sequence[int], dtype: torch.dtype) -> Any:
+        """A handle to object ``object_id`` that a dealer stored on ``location``.
+
+        ``owner`` is the orchestrator's end (who sends the requests)."""
+
+
+_RUNTIMES: dict[type, PartyRuntime] = {}
+_DEFAULT: list[PartyRuntime] = []
+
+
+def register_runtime(runtime: PartyRuntime, default: bool = False) -> None:
+    """Makes ``runtime`` serve its handle types (``default``: also :func:`remote_handle`)."""
+    for tp in runtime.handle_types:
+        _RUNTIMES[tp] = runtime
+    if default or not _DEFAULT:
+        _DEFAULT[:] = [runtime]
+    from veil.mpc.opening import register_batch_fetcher
+
+    for tp in runtime.handle_types:
+        register_batch_fetcher(tp, runtime.fetch)
+
+
+def runtime_of(handle: Any) -> Optional[PartyRuntime]:
+    """The runtime serving ``handle``'s type, or None (a local tensor or a public value)."""
+    return _RUNTIMES.get(type(handle))
+
+
+def default_runtime() -> PartyRuntime:
+    """The runtime dealers name their material with."""
+    if not _DEFAULT:
+        raise RuntimeError("no party runtime is registered: import veil (or veil.tensors.mpc_glue.runtime)")
+    return _DEFAULT[0]
+
+
+def remote_handle(location: Any, object_id: int, owner: Any, shape: Sequence[int], dtype: torch.dtype) -> Any:
+    """Dealing: a handle to material a provider stored on ``location`` (the default runtime's)."""
+    return default_runtime().handle(location, object_id, owner, shape, dtype)
+
+
+def deliver(requests: Sequence[tuple[Any, Any, Any]]) -> list[Any]:
+    """Dealing: every ``(sender, message, party)`` request in one round (the default runtime's)."""
+    return default_runtime().deliver(requests)
+
+
+def runtimes() -> Mapping[type, PartyRuntime]:
+    """Handle type -> runtime (read-only view, for tests and diagnostics)."""
+    return dict(_RUNTIMES)

@@ -1,0 +1,184 @@
+"""The worker party runtime: SMPC protocol steps on shares held by veil workers.
+
+Implements :class:`veil.mpc.runtime.PartyRuntime` for :class:`PointerTensor`
+handles and registers it at import time (``import veil`` does). Per protocol
+round:
+
+* **run on a party**: one ``CommandMessage`` naming the result ids, deferred
+  (pipelined): it rides, in order, on the next request to that party, which
+  is almost always the next opening. A failing step raises on that request.
+* **open**: one :class:`~veil.mpc.party.OpenMessage` per party, all in
+  flight at once; the replies are gathered before the round ends.
+* **fetch**: one ``GetObjectsMessage`` per party for every share being
+  reconstructed, all in flight at once.
+
+Concurrency: requests to parties that block in socket reads (network
+workers, which release the GIL while waiting) are sent from a small thread
+pool, one request per party connection (each connection keeps one request
+in flight, so replies stay in order). In-process workers (VirtualWorker) are
+served inline: threads would only add hand-offs there. A round raises only
+after every party answered or failed, so nothing is left in flight for the
+next query; a lost connection raises :class:`PartyUnreachableError` (an
+MPCError and a ConnectionLostError), an unexpected local failure
+:class:`PartyFailedError`; an error a party reported (a refusal, a protocol
+error) is raised as that party's own error class.
+
+The worker side of an opening (:func:`_handle_open`) asks the reference
+monitor first: only openable steps, on objects the requester may compute
+on, with fresh dealer masks where a share is not the requester's.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from veil.exceptions import ConnectionLostError, VeilError
+from veil.ids import new_id
+from veil.messaging import messages as m
+from veil.mpc.errors import PartyFailedError, PartyUnreachableError
+from veil.mpc.party import WIRE_PREFIX, OpenMessage, check_openable, run_openable
+from veil.mpc.runtime import DEALER_TAG, PartyRuntime, register_runtime
+from veil.tensors.pointer import PointerTensor
+from veil.workers.base import register_handler
+from veil.workers.monitor import DEALER_TAG as MONITOR_DEALER_TAG
+from veil.workers.websocket_client import WebsocketClientWorker
+
+assert DEALER_TAG == MONITOR_DEALER_TAG, "veil.mpc.runtime.DEALER_TAG must match the monitor's"
+
+#: most requests in flight at once from one orchestrator (one per party connection)
+MAX_CONCURRENT = 16
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(MAX_CONCURRENT, thread_name_prefix="veil-mpc-round")
+        return _POOL
+
+
+def waits_on_network(worker: Any) -> bool:
+    """True for a worker whose requests block in socket reads (worth sending concurrently).
+
+    Network client workers, and any worker class that sets ``concurrent_requests = True``.
+    """
+    return isinstance(worker, WebsocketClientWorker) or bool(getattr(worker, "concurrent_requests", False))
+
+
+def one_round(requests: Sequence[tuple[Any, Any, Any]], what: str, return_errors: bool = False) -> list[Any]:
+    """Sends every ``(owner, message, location)`` request and returns the replies, in order.
+
+    Requests to network workers are all in flight at once; the round ends
+    when every party answered or failed (see the module docstring for errors).
+    With ``return_errors`` a failed request's exception takes its reply's place.
+    """
+    calls: list[Callable[[], Any]] = [lambda o=o, msg=msg, loc=loc: o.send_msg(msg, loc) for o, msg, loc in requests]
+    concurrent = [k for k, (_, _, loc) in enumerate(requests) if waits_on_network(loc)]
+    futures = {}
+    if len(concurrent) > 1:
+        pool = _pool()
+        futures = {k: pool.submit(calls[k]) for k in concurrent[1:]}  # the first runs on this thread
+    replies: list[Any] = [None] * len(requests)
+    errors: list[tuple[int, BaseException]] = []
+    for k in range(len(requests)):
+        if k in futures:
+            continue
+        try:
+            replies[k] = calls[k]()
+        except BaseException as e:  # noqa: BLE001  (gathered: the other parties' requests finish first)
+            errors.append((k, e))
+    for k, fut in futures.items():
+        try:
+            replies[k] = fut.result()
+        except BaseException as e:  # noqa: BLE001
+            errors.append((k, e))
+    if errors and return_errors and all(isinstance(e, Exception) for _, e in errors):
+        for k, e in errors:
+            replies[k] = e
+        return replies
+    if errors:
+        k, e = min(errors, key=lambda item: item[0])
+        party = getattr(requests[k][2], "id", requests[k][2])
+        if isinstance(e, ConnectionLostError):
+            raise PartyUnreachableError(f"party {party!r} was lost during {what}: {e}") from e
+        if isinstance(e, VeilError):
+            raise e  # the party's own refusal or protocol error, as its own class
+        raise PartyFailedError(f"party {party!r} failed during {what}: {type(e).__name__}: {e}") from e
+    return replies
+
+
+def _wire(value: Any) -> Any:
+    return tree_map(lambda v: m.ObjectRef(v.id_at_location) if type(v) is PointerTensor else v, value)
+
+
+def _first_pointer(values: Any) -> PointerTensor:
+    for leaf in tree_flatten(values)[0]:
+        if type(leaf) is PointerTensor:
+            return leaf
+    raise PartyFailedError("a remote protocol step has no share on a worker")
+
+
+class WorkerRuntime(PartyRuntime):
+    """Protocol steps on veil workers (VirtualWorker, network workers), through pointers."""
+
+    handle_types = (PointerTensor,)
+
+    def location(self, handle: PointerTensor) -> Any:
+        return handle.location
+
+    def run_on_party(self, name: str, args: tuple, kwargs: dict, outputs: Any) -> Any:
+        first = _first_pointer((args, kwargs))
+        flat, spec = tree_flatten(outputs)
+        ids = [new_id() for _ in flat]
+        owner, location = first.owner, first.location
+        msg = m.CommandMessage(WIRE_PREFIX + name, _wire(args), _wire(kwargs), ids, False)
+        owner.defer_command(location, msg)  # rides on the next request to that party (its next opening)
+        ptrs = [PointerTensor(location, oid, owner, t.shape, t.dtype) for oid, t in zip(ids, flat)]
+        return tree_unflatten(ptrs, spec)
+
+    def open_on_parties(self, name: str, per_party: Sequence[tuple], kwargs: dict) -> list[list[torch.Tensor]]:
+        requests = []
+        for args in per_party:
+            first = _first_pointer(args)
+            requests.append((first.owner, OpenMessage(name, _wire(tuple(args)), kwargs), first.location))
+        return [list(reply.objects) for reply in one_round(requests, f"opening {name!r}")]
+
+    def fetch(self, handles: Sequence[PointerTensor]) -> list[torch.Tensor]:
+        """One GetObjectsMessage per (owner, location) for all shares opened together."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for k, p in enumerate(handles):
+            groups.setdefault((id(p.owner), id(p.location)), []).append(k)
+        order = list(groups.values())
+        requests = [(handles[idx[0]].owner, m.GetObjectsMessage([handles[k].id_at_location for k in idx]),
+                     handles[idx[0]].location) for idx in order]
+        out: list = [None] * len(handles)
+        for idx, reply in zip(order, one_round(requests, "an opening")):
+            for k, value in zip(idx, reply.objects):
+                handles[k].mark_freed()
+                out[k] = value
+        return out
+
+    def deliver(self, requests: Sequence[tuple[Any, Any, Any]]) -> list[Any]:
+        return one_round(requests, "dealing")
+
+    def handle(self, location: Any, object_id: int, owner: Any, shape: Sequence[int], dtype: torch.dtype) -> Any:
+        return PointerTensor(location, object_id, owner, tuple(shape), dtype)
+
+
+RUNTIME = WorkerRuntime()
+register_runtime(RUNTIME, default=True)
+
+
+@register_handler(OpenMessage)
+def _handle_open(worker: Any, msg: OpenMessage, sender: str) -> Any:
+    check_openable(msg.name, msg.kwargs)
+    args, kwargs = worker.monitor.opening(worker.principal(sender), msg.name, tuple(msg.args), msg.kwargs)
+    return m.ObjectsReply(run_openable(msg.name, args, kwargs))
