@@ -46,7 +46,7 @@ from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST
 from veil.messaging.serde import envelope, serialize
 from veil.workers import cancellation
-from veil.workers.base import BaseWorker
+from veil.workers.base import YIELD_EVERY, BaseWorker
 from veil.workers.monitor import Principal
 from veil.workers.persistence import OwnerDB
 from veil.workers.websocket_auth import (RefusalLog, Session, TokenTable, authenticate, check_request,
@@ -72,6 +72,10 @@ SWITCH_INTERVAL = 0.0005
 #: the inline fast path (see ``_inline_ok``): largest request, and the run time after which a
 #: session's requests go back to handler threads for good
 INLINE_MAX_BYTES = 256 * 2**10
+#: most deferred commands a request may carry and still run on the event loop: the same
+#: granularity at which a batch on a handler thread yields to other sessions (a frame of
+#: thousands of small commands would otherwise hold every connection; red-team R1)
+INLINE_MAX_COMMANDS = YIELD_EVERY
 INLINE_BUDGET_SECONDS = 0.005  # CPU time of the loop thread (preemption on a busy box does not count)
 INLINE_STRIKES = 3  # over-budget requests before a session leaves the fast path (one-time warm-ups happen)
 #: requests that never wait on another worker or run a long loop (torch ops, store, get, list)
@@ -102,7 +106,10 @@ def _inline_ok(data: bytes) -> bool:
             return False
         if value[1] not in INLINE_TYPES or (value[1] == m.CommandMessage.TYPE and not _plain_op(value[4])):
             return False
-        return all(type(item) is int or (isinstance(item, list) and item and _plain_op(item[0])) for item in value[3])
+        commands = [item for item in value[3] if type(item) is not int]
+        if len(commands) > INLINE_MAX_COMMANDS:
+            return False
+        return all(isinstance(item, list) and item and _plain_op(item[0]) for item in commands)
     except Exception:  # malformed: the handler thread answers with the precise error
         return False
 
