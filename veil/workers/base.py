@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -103,6 +104,8 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
         # command queued while another thread takes the queue must not be lost.
         self._pending_deletes: dict[int, list] = {}
         self._queue_lock = threading.RLock()  # re-entrant: pointer finalizers may run inside it
+        # per destination worker (weak keys: a closed worker takes its lock along)
+        self._send_locks: "weakref.WeakKeyDictionary[BaseWorker, threading.RLock]" = weakref.WeakKeyDictionary()
         #: as a destination: callers may defer commands whose results they name themselves
         self.pipelining = pipelining
         self._grad_epochs: dict[str, int] = {}
@@ -203,17 +206,28 @@ class BaseWorker(PySyftWorkerMethods):  # list_objects, objects_count, add_worke
         here, naming the op; its results and those of every later deferred command
         are remembered as lost (see :meth:`check_lost`), and ``msg`` itself did not run.
         """
-        with self._queue_lock:
-            pending = self._pending_deletes.pop(id(location), None)
-        prelude = pending[1] if pending else None
-        while prelude and len(prelude) > MAX_PRELUDE_ITEMS:  # never more than a worker accepts at once
-            head, prelude = prelude[:MAX_PRELUDE_ITEMS], prelude[MAX_PRELUDE_ITEMS:]
-            try:
-                self._exchange(m.DeleteMessage([]), location, head)
-            except Exception:
-                self._note_lost(location, prelude, 0, "an earlier part of the batch failed")
-                raise
-        return self._exchange(msg, location, prelude)
+        # Taking the queue and sending it is one step per destination: otherwise a thread could
+        # send a request that uses a deferred result before the thread that took the deferred
+        # command has sent it (concurrent SMPC rounds; red-team R3). Other destinations proceed.
+        with self._send_lock(location):
+            with self._queue_lock:
+                pending = self._pending_deletes.pop(id(location), None)
+            prelude = pending[1] if pending else None
+            while prelude and len(prelude) > MAX_PRELUDE_ITEMS:  # never more than a worker accepts at once
+                head, prelude = prelude[:MAX_PRELUDE_ITEMS], prelude[MAX_PRELUDE_ITEMS:]
+                try:
+                    self._exchange(m.DeleteMessage([]), location, head)
+                except Exception:
+                    self._note_lost(location, prelude, 0, "an earlier part of the batch failed")
+                    raise
+            return self._exchange(msg, location, prelude)
+
+    def _send_lock(self, location: "BaseWorker") -> threading.RLock:
+        lock = self._send_locks.get(location)
+        if lock is None:
+            with self._queue_lock:
+                lock = self._send_locks.setdefault(location, threading.RLock())
+        return lock
 
     def _exchange(self, msg: Any, location: "BaseWorker", prelude: list | None) -> Any:
         try:
