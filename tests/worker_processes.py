@@ -39,3 +39,9 @@ def client_connections(hook, default_token: str) -> Iterator:
     yield make
     for c in made:
         c.close()
+    # deletions and deferred commands still queued for these (now closed) workers would
+    # otherwise fail a later test's flush
+    local = hook.local_worker
+    with local._queue_lock:
+        for key in [k for k, entry in local._pending_deletes.items() if entry[0] in made]:
+            del local._pending_deletes[key]

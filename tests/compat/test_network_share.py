@@ -39,6 +39,7 @@ def test_remote_share_between_network_workers(hook, peered_workers):
         sa = a.send(bob).fix_precision().share(bob, alice, crypto_provider=dealer).get()
         sb = b.send(alice).fix_precision().share(bob, alice, crypto_provider=dealer).get()
         total = sa + sb
+        alice.flush()  # share-local ops ride on the next request: send them now, so the use (the claim) happened
         # another scientist on alice cannot name the share bob placed there for us (we claimed it by using it)
         intruder = sy.WebsocketClientWorker(hook, id="alice-intruder", host="127.0.0.1",
                                             port=peered_workers[1].port, token=OTHER)

@@ -131,13 +131,13 @@ def test_a_session_whose_inline_request_ran_long_goes_back_to_handler_threads(ho
     server = WebsocketServerWorker(hook, id="inline-srv", port=0, tokens=tokens)
     session = authenticate(tokens, [TOKEN])
     server.sessions[session.id] = session
-    big = torch.randn(700, 700)
+    big = torch.randn(1500, 1500)
     assert server.serve_bytes(serialize(m.ObjectMessage([m.StoredObject(1, big)]), sender="c"), session)
     fast = serialize(m.GetObjectsMessage([1], False), sender="c")
     reply = server.serve_inline(fast, session)
     assert torch.equal(deserialize(reply)[0].objects[0], big) and session.id not in server._slow_sessions
     slow = serialize(m.CommandMessage("torch.matmul", (m.ObjectRef(1), m.ObjectRef(1)), {}, [2], False), sender="c")
-    for _ in range(20):  # a 700^3 matmul takes well over the budget on any machine this runs on
+    for _ in range(20):  # a 1500^3 matmul (3.4 GFLOP) takes well over the budget on any machine this runs on
         assert deserialize(server.serve_inline(slow, session))[0] == m.OkReply()
         server.serve_bytes(serialize(m.DeleteMessage([2]), sender="c"), session)
         if session.id in server._slow_sessions:

@@ -7,46 +7,23 @@ from pathlib import Path
 
 import pytest
 
-import veil as sy
-from veil.workers.websocket_launcher import free_port, start_worker
+from veil.workers.websocket_launcher import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "network"))
 from network_helpers import PEER, TOKEN, base_args  # noqa: E402
+from worker_processes import client_connections, spawned_workers  # noqa: E402
 
 
 @pytest.fixture
 def spawn():
     """``spawn(id, args, port=0) -> WorkerProcess``; stopped after the test, pass or fail."""
-    procs = []
-
-    def start(worker_id: str, args: list[str], port: int = 0):
-        wp = start_worker(worker_id, args, port=port)
-        procs.append(wp)
-        return wp
-
-    yield start
-    for wp in procs:
-        wp.kill()
+    yield from spawned_workers()
 
 
 @pytest.fixture
 def connect(hook):
     """``connect(wp, token=TOKEN, **kw) -> WebsocketClientWorker``; closed after the test."""
-    made = []
-
-    def make(wp, token: str = TOKEN, **kwargs):
-        c = sy.WebsocketClientWorker(hook, id=kwargs.pop("id", wp.id), host="127.0.0.1", port=wp.port,
-                                     token=token, **kwargs)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
-    # deletions still queued for these (now closed) workers would fail later tests' flushes
-    pending = hook.local_worker._pending_deletes
-    for key in [k for k, (location, _) in pending.items() if location in made]:
-        del pending[key]
+    yield from client_connections(hook, TOKEN)
 
 
 @pytest.fixture
