@@ -19,6 +19,7 @@ Usage: ``.venv/bin/python bench/bench_network.py [--epochs 10] [--mb 100] [--sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import asyncio
 import subprocess
 import sys
@@ -43,12 +44,31 @@ def bench_latency(net: sy.WebsocketClientWorker, virtual: sy.VirtualWorker) -> N
     a = torch.randn(8, 13)
     pn, pv = a.send(net), a.send(virtual)
     plain = _best_of(lambda: a + a, number=5000)
-    v = _best_of(lambda: pv + pv, number=1000)
-    n = _best_of(lambda: pn + pn, number=1000)
+    with _synchronous(net, virtual):  # a real round trip per op (pipelining would queue it)
+        v = _best_of(lambda: pv + pv, number=1000)
+        n = _best_of(lambda: pn + pn, number=1000)
+    vq = _best_of(lambda: pv + pv, number=1000)
+    nq = _best_of(lambda: pn + pn, number=1000)
+    net.flush()
+    virtual.flush()
     print("1. round-trip latency of a remote op (8x13 add, best of 5 x 1000)")
     print(f"   plain torch      {plain * 1e6:8.2f} us")
-    print(f"   VirtualWorker    {v * 1e6:8.1f} us   {v / plain:6.0f}x torch")
-    print(f"   network worker   {n * 1e6:8.1f} us   {n / plain:6.0f}x torch, {n / v:.1f}x VirtualWorker")
+    print(f"   VirtualWorker    {v * 1e6:8.1f} us   {v / plain:6.0f}x torch   (pipelined, queued: {vq * 1e6:.1f} us)")
+    print(f"   network worker   {n * 1e6:8.1f} us   {n / plain:6.0f}x torch, {n / v:.1f}x VirtualWorker"
+          f"   (pipelined, queued: {nq * 1e6:.1f} us)")
+
+
+@contextlib.contextmanager
+def _synchronous(*workers):
+    """Pipelining off for these destinations (every command waits for its reply)."""
+    before = [w.pipelining for w in workers]
+    for w in workers:
+        w.pipelining = False
+    try:
+        yield
+    finally:
+        for w, b in zip(workers, before):
+            w.pipelining = b
 
 
 def _echo_server_code(port: int) -> str:
@@ -166,12 +186,13 @@ def bench_stages(net: sy.WebsocketClientWorker, virtual: sy.VirtualWorker, mb: i
     a = torch.randn(8, 13)
     pn, pv = a.send(net), a.send(virtual)
     seen, undo = _capture(net)
-    pn + pn
-    undo()
-    request, reply = seen["request"], seen["reply"]
-    vseen, vundo = _capture(virtual)
-    pv + pv
-    vundo()
+    with _synchronous(net, virtual):  # capture one real request/reply pair (pipelining would queue it)
+        pn + pn
+        undo()
+        request, reply = seen["request"], seen["reply"]
+        vseen, vundo = _capture(virtual)
+        pv + pv
+        vundo()
     msg, sender, prelude = deserialize(vseen["request"], virtual._decode_ctx)
     rmsg = deserialize(vseen["reply"], me._decode_ctx)[0]
 
@@ -360,14 +381,16 @@ def main() -> None:
         virtual = sy.VirtualWorker(hook, id="bench_virtual")
         print(f"network worker: {net.url} (separate process, loopback); torch threads: 1 per process")
         if args.only_stages:
-            bench_stages(net, virtual, args.mb)
+            with _synchronous(net, virtual):  # stages of a real round trip
+                bench_stages(net, virtual, args.mb)
         else:
             bench_latency(net, virtual)
             bench_throughput(net, args.mb)
             bench_training(net, args.epochs, args.batch)
             bench_plans(net, virtual, args.epochs, args.batch)
             if args.stages:
-                bench_stages(net, virtual, args.mb)
+                with _synchronous(net, virtual):  # stages of a real round trip
+                    bench_stages(net, virtual, args.mb)
         net.close()
     finally:
         wp.stop()
