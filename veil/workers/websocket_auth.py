@@ -43,8 +43,16 @@ MAX_TOKENS_PER_CONNECTION = 8
 
 
 def new_token() -> str:
-    """A fresh access token (256 random bits, URL-safe)."""
-    return secrets.token_urlsafe(32)
+    """A fresh access token (256 random bits, URL-safe, never starting with "-").
+
+    One URL-safe token in 64 starts with "-", which command lines read as an option
+    (``veil worker --token -x...`` failed with "expected one argument"); such draws are
+    discarded, which keeps every token uniform over the remaining set.
+    """
+    while True:
+        token = secrets.token_urlsafe(32)
+        if not token.startswith("-"):
+            return token
 
 
 @dataclass(frozen=True)
