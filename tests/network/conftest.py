@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from veil.workers.websocket_launcher import free_port, start_worker
+from veil.workers.websocket_launcher import start_worker
 from worker_processes import client_connections, spawned_workers
 
-from network_helpers import ADMIN, BOSTON, HOSPITAL, OTHER, PEER, TOKEN, base_args, tensor_eq  # noqa: F401
+from network_helpers import ADMIN, BOSTON, HOSPITAL, OTHER, PEER, TOKEN, base_args, start_peered_pair, tensor_eq  # noqa: F401
 
 
 @pytest.fixture
@@ -29,13 +29,7 @@ def owner_server():
 @pytest.fixture
 def peered(spawn, tmp_path):
     """Two workers, alice and bob, peered with each other, each with its own data dir."""
-    ports = {"alice": free_port(), "bob": free_port()}
-    procs = {}
-    for name, other in (("alice", "bob"), ("bob", "alice")):
-        args = base_args(["--peer", f"{other}=127.0.0.1:{ports[other]}", "--peer-token", f"{other}={PEER}",
-                          "--accept-peer", f"{other}={PEER}", "--data-dir", str(tmp_path / name)])
-        procs[name] = spawn(name, args, port=ports[name])
-    return procs
+    return start_peered_pair(spawn, tmp_path)
 
 
 @pytest.fixture

@@ -19,5 +19,18 @@ def base_args(extra: list[str] = ()) -> list[str]:
             "--admin-token", ADMIN, *extra]
 
 
+def start_peered_pair(spawn, data_dir) -> dict:
+    """alice and bob (``spawn`` fixture), each accepting the other as a peer, each with its own data dir."""
+    from veil.workers.websocket_launcher import free_port
+
+    ports = {"alice": free_port(), "bob": free_port()}
+    procs = {}
+    for name, other in (("alice", "bob"), ("bob", "alice")):
+        args = base_args(["--peer", f"{other}=127.0.0.1:{ports[other]}", "--peer-token", f"{other}={PEER}",
+                          "--accept-peer", f"{other}={PEER}", "--data-dir", str(data_dir / name)])
+        procs[name] = spawn(name, args, port=ports[name])
+    return procs
+
+
 def tensor_eq(a, b) -> bool:
     return torch.equal(a, b)

@@ -7,10 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from veil.workers.websocket_launcher import free_port
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "network"))
-from network_helpers import PEER, TOKEN, base_args  # noqa: E402
+from network_helpers import TOKEN, start_peered_pair  # noqa: E402
 from worker_processes import client_connections, spawned_workers  # noqa: E402
 
 
@@ -29,13 +27,7 @@ def connect(hook):
 @pytest.fixture
 def peered(spawn, tmp_path):
     """alice and bob, each accepting the other as a peer (direct worker-to-worker moves)."""
-    ports = {"alice": free_port(), "bob": free_port()}
-    procs = {}
-    for name, other in (("alice", "bob"), ("bob", "alice")):
-        args = base_args(["--peer", f"{other}=127.0.0.1:{ports[other]}", "--peer-token", f"{other}={PEER}",
-                          "--accept-peer", f"{other}={PEER}", "--data-dir", str(tmp_path / name)])
-        procs[name] = spawn(name, args, port=ports[name])
-    return procs
+    return start_peered_pair(spawn, tmp_path)
 
 
 @pytest.fixture
