@@ -76,7 +76,7 @@ import veil as sy  # noqa: E402
 from veil.exceptions import PermissionDeniedError, ProtectedDataError, SerializationError  # noqa: E402
 from veil.messaging import messages as m  # noqa: E402
 from veil.messaging.serde import serialize  # noqa: E402
-from veil.workers import base  # noqa: E402
+from veil.workers import base, outbox  # noqa: E402
 
 
 def test_pipelining_is_on_by_default_and_a_training_step_needs_no_reply(hook):
@@ -226,7 +226,8 @@ def test_hostile_batch_of_thousands_runs_each_command_under_the_monitor(alice):
 
 
 def test_client_queues_beyond_the_worker_limit_go_in_chunks(alice, monkeypatch):
-    monkeypatch.setattr(base, "MAX_PRELUDE_ITEMS", 50)
+    monkeypatch.setattr(base, "MAX_PRELUDE_ITEMS", 50)  # what the worker accepts ...
+    monkeypatch.setattr(outbox, "MAX_PRELUDE_ITEMS", 50)  # ... and what the client sends at once
     p = torch.ones(2).send(alice)
     made = [p + i for i in range(120)]  # 120 deferred commands > 50 per frame
     assert torch.equal(made[-1].get(), torch.full((2,), 120.0))

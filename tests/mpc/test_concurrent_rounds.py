@@ -155,10 +155,10 @@ def test_deliver_sends_a_dealers_messages_in_one_round(parties, monkeypatch):
 
 
 def test_deferred_steps_are_sent_before_a_message_grows_past_the_byte_cap(parties, monkeypatch):
-    import veil.workers.base as base
+    import veil.workers.outbox as outbox
 
     alice, bob, cp = parties
-    monkeypatch.setattr(base, "PRELUDE_BYTES_LIMIT", 20_000)
+    monkeypatch.setattr(outbox, "PRELUDE_BYTES_LIMIT", 20_000)
     sizes = []
     real = alice._recv_msg
     monkeypatch.setattr(alice, "_recv_msg", lambda data: (sizes.append(len(data)), real(data))[1])
