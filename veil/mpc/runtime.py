@@ -26,7 +26,7 @@ imports ``veil.tensors`` or ``veil.workers`` (``tests/mpc/test_layering.py``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -34,6 +34,13 @@ import torch
 #: worker's reference monitor honours it from dealers only and never reveals
 #: them); the same string as ``veil.workers.monitor.DEALER_TAG``
 DEALER_TAG = "#veil.dealer"
+#: tags a dealer adds to the objects of an ObjectMessage: a uniform field (it may mask an opening), and
+#: the index of the item it belongs to within that message (:mod:`veil.workers.dealt`)
+DEALT_MASK_TAG = "#veil.dealer.mask"
+DEALT_ITEM_TAG = "#veil.dealer.item="
+#: dealer worker function -> the layout of its results, ``f(args) -> [(item index, uniform?), ...]``
+#: (filled by the dealing modules; the worker's monitor groups what they store by it)
+DEALT_LAYOUTS: dict[str, Callable[[tuple], list]] = {}
 
 
 class PartyRuntime(ABC):

@@ -30,9 +30,9 @@ from veil.tensors.tree import leaves, map_structure
 from veil.compat.workers import PySyftWorkerMethods
 from veil.workers import cancellation, owner_guard
 from veil.workers.stats import TransportStats
-from veil.workers.monitor import Principal, Purpose, ReferenceMonitor
+from veil.workers.monitor import DEALER_OUTPUTS, Principal, Purpose, ReferenceMonitor
 from veil.workers.outbox import MAX_PRELUDE_ITEMS, Outbox
-from veil.workers.store import Entry
+from veil.workers.store import Entry, Kind
 
 if TYPE_CHECKING:
     from veil.hook import TorchHook
@@ -327,6 +327,7 @@ _REF = m.ObjectRef
 _PLAIN_TENSOR = torch.Tensor
 _set_grad_enabled = torch._C._set_grad_enabled
 _EMPTY: frozenset = frozenset()
+_DEALER = Kind.DEALER
 
 
 @register_handler(m.CommandMessage)
@@ -345,7 +346,7 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
                 raise SerializationError("command keyword names must be strings")
     entries = list(found.values())
     # one pass over the inputs decides which of the checks below apply (most commands: none)
-    any_protected = any_dp = any_wrapped = False
+    any_protected = any_dp = any_wrapped = any_restricted = False
     for e in entries:
         if e.protected:
             any_protected = True
@@ -353,6 +354,8 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
             any_dp = True
         if type(e.obj) is not _PLAIN_TENSOR:
             any_wrapped = True
+        if e.reveal_to is not None or e.kind == _DEALER:
+            any_restricted = True
     if any_wrapped and principal.isolated:
         for oid, e in found.items():
             if _is_stored_pointer(e.obj):
@@ -364,6 +367,14 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
             monitor.audit(purpose.value, principal, list(found), "refused", f"{op.name}: {e}")
             raise
     protected = owner_guard.protected_storages(entries) if any_protected else _EMPTY
+    if any_restricted:
+        if any(e.kind == _DEALER for e in entries):
+            monitor.bind_dealt(principal, entries)
+        # requester-chosen ops may not write a restricted value into a more revealable input (laundering);
+        # worker functions are veil's own and read their inputs
+        weaker = owner_guard.weaker_storages(entries) if len(entries) > 1 and not op.worker_function else _EMPTY
+        if weaker:
+            protected = protected | weaker
     if protected:
         if op.worker_function:
             args = owner_guard.copy_protected_args(args, protected)
@@ -417,11 +428,16 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
             f"{op.name} returned {len(results)} tensors but the caller expected {len(ids) if isinstance(ids, list) else ids!r}"
         )
     store = monitor.store
+    dealt = [] if op.name in DEALER_OUTPUTS else None
     for oid, tensor in zip(ids, results):
         if oid != 0:  # 0: the result is one of the inputs (in-place op), already stored
             stored = store(principal, oid, tensor, sources=entries, op_name=op.name)
             if lineage is not None:  # governance (#16)
                 provenance.stamp(stored, lineage, tensor)
+            if dealt is not None:
+                dealt.append(stored)
+    if dealt:  # a dealer's material: which fields are uniform, which belong together
+        monitor.group_dealt(principal, op.name, args, dealt)
     return _OK
 
 

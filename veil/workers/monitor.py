@@ -20,7 +20,6 @@ The object store answers only the monitor: it holds the store's key.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections import deque
 from dataclasses import dataclass, replace
@@ -32,6 +31,9 @@ import torch
 from veil.exceptions import ObjectNotFoundError, PermissionDeniedError, VeilError, register_remote_error
 from veil.messaging import messages as m
 from veil.tensors.handle import RemoteHandle
+from veil.mpc.runtime import DEALT_LAYOUTS
+from veil.workers import capabilities, dealt
+from veil.workers.capabilities import CAP_PREFIX, DEALER_TAG  # noqa: F401  (re-exported)
 from veil.workers.store import SHARED_NS, Entry, Kind, ObjectStore, StoreKey
 
 __all__ = ["Purpose", "Kind", "Principal", "ReferenceMonitor", "QuotaExceededError", "DEALER_TAG", "Entry",
@@ -73,8 +75,6 @@ PURPOSES: dict[Purpose, PurposeRule] = {
     Purpose.DP_RELEASE: PurposeRule(False, True, "dp_release"),
 }
 
-#: tag a crypto provider puts on dealt objects sent with ObjectMessage (honoured from dealers only)
-DEALER_TAG = "#veil.dealer"
 #: worker functions whose results are dealer material when a dealer (peer / in-process) runs them
 DEALER_OUTPUTS: set[str] = {"veil.mpc.expand_material", "veil.mpc.receive_comparison"}
 #: worker-function prefixes whose results are protocol shares
@@ -87,10 +87,6 @@ OPENING_MASKS: dict[str, tuple[int, ...]] = {"beaver_mask": (2, 3), "trunc_mask"
                                               "cmp_bit_open": (9,)}
 #: in-process audit rows kept (network workers write to their OwnerDB)
 AUDIT_LOG_SIZE = 10_000
-#: capabilities travel between workers as tags with this prefix (ObjectMessage; see export_capabilities)
-CAP_PREFIX = "#veil.cap."
-#: bytes one capability tag may hold (a provenance list of many sources stays far below)
-CAP_TAG_LIMIT = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -373,52 +369,93 @@ class ReferenceMonitor:
 
         Openings open protocol shares: every referenced object must be a share or
         dealer material, or something the requester may reveal anyway. When a
-        value is a share the requester may not reveal (a serving client's input),
-        the step's mask positions must hold fresh dealer material (used once).
+        value is protected for someone else (a serving client's input, or dealt
+        material bound to one), the step's mask positions must hold fresh uniform
+        dealt fields, and every dealt item the opening touches is bound to that
+        protection (:mod:`veil.workers.dealt`).
         """
         found: dict[int, Entry] = {}
         args = self.resolve_args(principal, args, Purpose.PROTOCOL_STEP, found)
         kwargs = self.resolve_args(principal, kwargs, Purpose.PROTOCOL_STEP, found)
         ids = list(found)
-        protects_other = False
+        protecting: list = []  # reveal_to of the values protected for someone else
+        dealt_entries = []
         for oid, entry in found.items():
-            if entry.kind in (Kind.SHARE, Kind.DEALER):
-                protects_other = protects_other or (entry.kind == Kind.SHARE and not self.may_reveal(principal, entry))
+            if entry.kind == Kind.DEALER:
+                dealt_entries.append(entry)
+                if entry.reveal_to is not None and not self._may_see(principal, entry.reveal_to):
+                    protecting.append(entry.reveal_to)
+                continue
+            if entry.kind == Kind.SHARE:
+                if not self.may_reveal(principal, entry):
+                    protecting.append(entry.reveal_to if entry.reveal_to is not None else ())
                 continue
             self._check_release(principal, entry, oid, "open")  # owner data, client objects: as a .get()
             if self.release_hook is not None:
                 self.release_hook(principal, oid, entry, "open")
-        if protects_other:
-            self._check_masks(principal, name, found, ids)
+        self._local.opened_masks = None
+        if protecting:
+            self._local.opened_masks = self._check_masks(principal, name, found, ids)
+            dealt.bind_all(dealt_entries, dealt.strictest(protecting, None))
+        elif dealt_entries:
+            dealt.bind_all(dealt_entries, self._taints.get(principal.namespace))
         self.audit("open", principal, ids, "allowed", name)
         return args, kwargs
 
-    def _check_masks(self, principal: Principal, name: str, found: dict[int, Entry], ids: list) -> None:
+    @staticmethod
+    def _may_see(principal: Principal, reveal_to: tuple) -> bool:
+        return principal.session in reveal_to or principal.user in reveal_to
+
+    def _check_masks(self, principal: Principal, name: str, found: dict[int, Entry], ids: list) -> list:
+        """The mask tensors of an opening of protected values, in order (each checked, then marked used)."""
         positions = OPENING_MASKS.get(name)
         raw = getattr(self._local, "opening_refs", None) or ()
         error = None
+        masks: list[Entry] = []
         if positions is None:
             error = f"{name} may not open shares protected for another party"
         else:
             for pos in positions:
-                refs = [r for r in _refs(raw[pos] if pos < len(raw) else None)]
-                masks = [found.get(r.id) for r in refs]
-                if not refs or any(e is None or e.kind != Kind.DEALER or e.meta.get("opened") for e in masks):
-                    error = f"{name} needs fresh dealer masks to open shares protected for another party"
+                refs = list(_refs(raw[pos] if pos < len(raw) else None))
+                if not refs:
+                    error = f"{name} needs dealt masks at argument {pos} to open shares protected for another party"
+                    break
+                for r in refs:
+                    entry = found.get(r.id)
+                    why = dealt.mask_error(entry)
+                    if why is None and any(entry is e for e in masks):
+                        why = "appears twice in one opening"
+                    if why is not None:
+                        error = f"{name}: the mask at argument {pos} {why}; it cannot open shares protected for " \
+                                "another party"
+                        break
+                    masks.append(entry)
+                if error is not None:
                     break
         if error is not None:
             raise self._refuse(PermissionDeniedError(error), "open", principal, ids)
-        for pos in positions:
-            for r in _refs(raw[pos]):
-                found[r.id].meta["opened"] = True
+        for entry in masks:
+            entry.meta["opened"] = True
+        return [e.obj for e in masks]
 
-    def opening(self, principal: Principal, name: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """:meth:`resolve_opening` on the wire-level arguments (keeps the raw refs for the mask check)."""
+    def open_step(self, principal: Principal, name: str, args: tuple, kwargs: dict,
+                  run: Callable[[str, tuple, dict], list]) -> list:
+        """An OpenMessage: resolves the wire-level arguments (keeping the raw refs for the mask check),
+        runs the step with ``run`` and returns its outputs, each as large as its mask when masks were
+        required (a broadcast mask would hide only differences)."""
         self._local.opening_refs = args
         try:
-            return self.resolve_opening(principal, name, args, kwargs)
+            args, kwargs = self.resolve_opening(principal, name, args, kwargs)
         finally:
             self._local.opening_refs = None
+        masks, self._local.opened_masks = self._local.opened_masks, None
+        outputs = run(name, args, kwargs)
+        if masks is not None:
+            shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in outputs]
+            if len(outputs) > len(masks) or any(s != tuple(k.shape) for s, k in zip(shapes, masks)):
+                raise self._refuse(PermissionDeniedError(
+                    f"{name}: every output must be hidden by a mask of its own shape"), "open", principal, [])
+        return outputs
 
     # ------------------------------------------------------------ storing
 
@@ -479,76 +516,43 @@ class ReferenceMonitor:
         only ever restrict it, except ``kind`` share/dealer, honoured from dealers / peers only.
         """
         parsed = [(so, *self._import_capabilities(principal, so.tags)) for so in objects]  # all checks first
+        dealt_entries, layout = [], []
         for so, tags, caps in parsed:
             entry = self.store(principal, so.id, so.obj, kind=caps["kind"], reveal_to=caps["reveal_to"],
                                tags=tags, description=so.description, allowed_users=so.allowed_users)
+            if caps["kind"] == Kind.DEALER and caps["item"] is not None:
+                dealt_entries.append(entry)
+                layout.append((caps["item"], caps["mask"]))
             if caps["provenance"]:  # travelled with the object (sent objects have no sources here)
                 entry.provenance = entry.provenance | caps["provenance"]
             if caps["dp_only"]:
                 entry.meta["dp_only"] = True
+        if dealt_entries:
+            dealt.group(dealt_entries, layout)
+
+    def group_dealt(self, principal: Principal, op_name: str, args: tuple, entries: list) -> None:
+        """Groups what a dealer's worker function just stored into items (which fields are uniform)."""
+        if principal.may_deal and op_name in DEALT_LAYOUTS:
+            dealt.group(entries, DEALT_LAYOUTS[op_name](tuple(args)))
+
+    def bind_dealt(self, principal: Principal, entries: list) -> None:
+        """A command uses dealt material: unbound items bind to the strictest restriction of the command's
+        inputs and the session's taint (what it computes can be revealed no wider)."""
+        reveal_to = dealt.strictest((e.reveal_to for e in entries), self._taints.get(principal.namespace))
+        dealt.bind_all(entries, reveal_to)
 
     # ------------------------------------------------------ capabilities on the move
 
     def export_capabilities(self, principal: Principal, entry: Entry) -> tuple:
-        """Tags that carry ``entry``'s capabilities to another worker (moves, a worker sharing its values).
-
-        The receiver's monitor applies them (:meth:`store_objects`), so a value never becomes revealable
-        by more parties by moving: ``reveal_to`` (session ids mean nothing on another worker, so the set
-        travels with the mover's user added: the mover passed the reveal check here), ``kind`` share,
-        the DP-only policy, and provenance as ``"worker:id"`` sources. ``allowed_users`` travels in
-        ``StoredObject.allowed_users``. Dealer material never moves (refused before).
-        """
-        tags = []
-        if entry.kind == Kind.SHARE:
-            tags.append(CAP_PREFIX + "kind=share")
-        if entry.reveal_to is not None:
-            to = sorted(set(entry.reveal_to) | {principal.user})
-            tags.append(CAP_PREFIX + "reveal_to=" + json.dumps(to))
-        if entry.meta.get("dp_only"):
-            tags.append(CAP_PREFIX + "dp_only")
-        if entry.provenance:
-            sources = sorted(p if type(p) is str else f"{self.worker_id}:{p}" for p in entry.provenance)
-            tags.append(CAP_PREFIX + "provenance=" + json.dumps(sources))
-        return tuple(tags)
+        """Tags that carry ``entry``'s capabilities to another worker (:func:`capabilities.export_tags`)."""
+        return capabilities.export_tags(principal, entry, self.worker_id)
 
     def outgoing(self, principal: Principal, new_id: int, entry: Entry) -> m.StoredObject:
         """The StoredObject that moves ``entry`` to another worker, its capabilities included."""
-        tags = tuple(t for t in entry.tags if not t.startswith(CAP_PREFIX)) + self.export_capabilities(principal,
-                                                                                                       entry)
-        return m.StoredObject(new_id, entry.obj, tags, entry.description, entry.allowed_users)
+        return capabilities.outgoing(principal, new_id, entry, self.worker_id)
 
     def _import_capabilities(self, principal: Principal, tags: Any) -> tuple[tuple, dict]:
-        """Splits an arriving object's tags into plain tags and the capabilities they carry."""
-        caps: dict[str, Any] = {"kind": Kind.CLIENT, "reveal_to": None, "dp_only": False, "provenance": _EMPTY}
-        plain = []
-        for tag in tags:
-            if not isinstance(tag, str):
-                raise VeilError("object tags must be strings")
-            if tag == DEALER_TAG:
-                if principal.may_deal:
-                    caps["kind"] = Kind.DEALER
-                continue
-            if not tag.startswith(CAP_PREFIX):
-                plain.append(tag)
-                continue
-            name, _, value = tag[len(CAP_PREFIX):].partition("=")
-            if name == "kind" and value == "share":
-                if principal.may_deal and caps["kind"] != Kind.DEALER:
-                    caps["kind"] = Kind.SHARE  # a client cannot label its objects protocol shares
-            elif name == "dp_only" and not value:
-                caps["dp_only"] = True
-            elif name in ("reveal_to", "provenance"):
-                items = _string_list(value)
-                if items is None:
-                    raise PermissionDeniedError(f"malformed capability tag {name!r} on an arriving object")
-                if name == "reveal_to":  # several tags: the strictest (intersection)
-                    caps["reveal_to"] = tuple(sorted(set(items) if caps["reveal_to"] is None
-                                                     else set(items) & set(caps["reveal_to"])))
-                else:
-                    caps["provenance"] = caps["provenance"] | frozenset(items)
-            else:
-                raise PermissionDeniedError(f"unknown capability tag {name!r} on an arriving object")
-        return tuple(plain), caps
+        return capabilities.parse_tags(tags, principal.may_deal)
 
     def store_output(self, oid: int, obj: Any) -> Entry:
         """For worker functions that store a result under an id they were given (HE ops, encrypted
@@ -660,19 +664,6 @@ class _NoDeputy:
 
 #: see _NoDeputy (veil.workers.base.BaseWorker._make_pointer uses it for network sessions)
 NO_DEPUTY = _NoDeputy()
-
-
-def _string_list(value: str) -> list | None:
-    """A capability tag's JSON list of strings (None: malformed)."""
-    if len(value) > CAP_TAG_LIMIT:
-        return None
-    try:
-        items = json.loads(value)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-        return None
-    return items
 
 
 def _refs(value: Any) -> Iterator[m.ObjectRef]:

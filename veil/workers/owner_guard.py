@@ -44,6 +44,7 @@ from veil.exceptions import (
     WorkerNotFoundError,
 )
 from veil.tensors.tree import leaves, map_structure
+from veil.workers.store import Kind
 
 #: the data owner's log: full text of errors clients only see as ProtectedDataError
 owner_log = logging.getLogger("veil.owner")
@@ -90,6 +91,31 @@ def protected_storages(entries: list) -> set[int]:
     return out
 
 
+def weaker_storages(entries: list) -> set[int]:
+    """Storages of a command's inputs that are more revealable than its most restricted input.
+
+    An op that wrote a restricted value (a share revealable only to a serving client,
+    dealt material) into such an input would launder it: ``mine.add_(client_share)``
+    then ``mine.get()``. They are write-protected for that command like owner data.
+    """
+    join: set | None = None
+    dealer = False
+    for e in entries:
+        if e.kind == Kind.DEALER:
+            dealer = True
+        if e.reveal_to is not None:
+            join = set(e.reveal_to) if join is None else join & set(e.reveal_to)
+    out: set[int] = set()
+    for e in entries:
+        if (dealer and e.kind != Kind.DEALER) or (
+                join is not None and (e.reveal_to is None or not set(e.reveal_to) <= join)):
+            for t in (e.obj, getattr(e.obj, "grad", None) if isinstance(e.obj, torch.Tensor) else None):
+                key = _storage(t)
+                if key is not None:
+                    out.add(key)
+    return out
+
+
 def _writes_first_argument(op_name: str) -> bool:
     method = op_name.rsplit(".", 1)[-1]
     if op_name.endswith(".__set__"):  # property setters (grad, requires_grad)
@@ -119,8 +145,8 @@ def _inplace_flag(func: Callable, args: tuple, kwargs: dict) -> bool:
 
 def _refuse(op_name: str, worker_id: str) -> PermissionDeniedError:
     return PermissionDeniedError(
-        f"{op_name} would modify data the owner of worker {worker_id!r} loaded; "
-        f"compute on a copy instead (e.g. ptr.copy())"
+        f"{op_name} would modify data the owner of worker {worker_id!r} loaded, or write a restricted value "
+        f"into a more revealable object; compute on a copy instead (e.g. ptr.copy())"
     )
 
 

@@ -27,6 +27,7 @@ from veil.mpc.errors import ProviderError
 from veil.mpc.fss import material as fss
 from veil.mpc.prg import SEED_BYTES, expand, new_seed
 from veil.mpc.ring import random_ring
+from veil.mpc.runtime import DEALT_LAYOUTS
 from veil.mpc.sharing import split
 
 DEAL_COMPARISON = "veil.mpc.deal_comparison"
@@ -134,3 +135,16 @@ def _receive_comparison(worker: Any, shape: Any, n_values: Any, count: Any, seed
 
 register_worker_function(DEAL_COMPARISON, _deal_comparison, shapes=NO_RESULT)
 register_worker_function(RECEIVE_COMPARISON, _receive_comparison)
+
+
+def _received_layout(args: tuple) -> list[tuple[int, bool]]:
+    """``(item, uniform?)`` of what ``_receive_comparison`` returns: per item the masks (uniform), the
+    other additive fields, then the DCF keys (key holders only)."""
+    shape, n_values, count, _, _, keys = args
+    n_add, n_masks = fss.n_additive(n_values), fss.n_masks(n_values)
+    n_key = len(fss.field_shapes(tuple(shape), n_values, True)) - n_add if keys else 0
+    fields = [j < n_masks for j in range(n_add + n_key)]
+    return [(k, uniform) for k in range(count) for uniform in fields]
+
+
+DEALT_LAYOUTS[RECEIVE_COMPARISON] = _received_layout

@@ -59,7 +59,7 @@ from veil.mpc.prg import expand, new_seed
 from veil.mpc.providers.fss_dealing import DEAL_COMPARISON
 from veil.mpc.providers.base import MaterialExhaustedError, Provider
 from veil.mpc.ring import DTYPE, random_ring
-from veil.mpc.runtime import DEALER_TAG
+from veil.mpc.runtime import DEALER_TAG, DEALT_ITEM_TAG, DEALT_LAYOUTS, DEALT_MASK_TAG
 from veil.mpc.runtime import remote_handle as PointerTensor  # the injected runtime's handle (mpc imports no tensors)
 
 DEAL = "veil.mpc.deal"
@@ -120,9 +120,18 @@ def _deal(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, count: 
         for field_shares in shares:
             for i, share in enumerate(field_shares):
                 per_party[i].append(share)
-    for i, party in enumerate(parties):
-        objects = [m.StoredObject(oid, t, (DEALER_TAG,)) for oid, t in zip(ids[i], per_party[i])]  # never revealable
+    tags = [(DEALER_TAG, DEALT_ITEM_TAG + str(k)) + ((DEALT_MASK_TAG,) if uniform else ())
+            for k, uniform in recipe_layout(kind, spec, count)]
+    for i, party in enumerate(parties):  # never revealable; uniform fields may mask openings
+        objects = [m.StoredObject(oid, t, tag) for oid, t, tag in zip(ids[i], per_party[i], tags)]
         worker.send_msg(m.ObjectMessage(objects), party)
+
+
+def recipe_layout(kind: str, spec: Any, count: int) -> list[tuple[int, bool]]:
+    """``(item index, uniform?)`` of each of ``count`` items' fields, item-major (uniform fields first)."""
+    uniform_shapes, derived_shapes, _ = recipe(kind, spec)
+    fields = [True] * len(uniform_shapes) + [False] * len(derived_shapes)
+    return [(k, uniform) for k in range(int(count)) for uniform in fields]
 
 
 def _expand_material(worker: Any, seed: torch.Tensor, kind: str, spec: Any, count: int, corrections: list) -> list:
@@ -144,6 +153,7 @@ def _expand_material(worker: Any, seed: torch.Tensor, kind: str, spec: Any, coun
 
 register_worker_function(DEAL, _deal, shapes=NO_RESULT)
 register_worker_function(EXPAND, _expand_material)
+DEALT_LAYOUTS[EXPAND] = lambda args: recipe_layout(args[1], args[2], args[3])  # (seed, kind, spec, count, fixes)
 register_worker_function(MAC_KEY, lambda worker, key_id, alpha: register_mac_key(key_id, alpha), shapes=NO_RESULT)
 
 

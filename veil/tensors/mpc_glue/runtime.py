@@ -180,5 +180,5 @@ register_runtime(RUNTIME, default=True)
 @register_handler(OpenMessage)
 def _handle_open(worker: Any, msg: OpenMessage, sender: str) -> Any:
     check_openable(msg.name, msg.kwargs)
-    args, kwargs = worker.monitor.opening(worker.principal(sender), msg.name, tuple(msg.args), msg.kwargs)
-    return m.ObjectsReply(run_openable(msg.name, args, kwargs))
+    return m.ObjectsReply(worker.monitor.open_step(worker.principal(sender), msg.name, tuple(msg.args), msg.kwargs,
+                                                   run_openable))

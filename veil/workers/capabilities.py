@@ -1,0 +1,109 @@
+"""Capabilities that travel with an object between workers, as tags on a StoredObject.
+
+A value moved to another worker (``.move()``, a peer hand-off, a worker
+secret-sharing its own values) keeps what restricts it there: the receiver's
+monitor applies the tags (:meth:`ReferenceMonitor.store_objects`), and they only
+ever restrict. ``kind`` share/dealer and a dealer's layout tags are honoured from
+dealers (peer sessions, in-process) only; a client cannot label its own objects.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from veil.exceptions import PermissionDeniedError, VeilError
+from veil.messaging import messages as m
+from veil.mpc.runtime import DEALER_TAG, DEALT_ITEM_TAG, DEALT_MASK_TAG
+from veil.workers.store import Entry, Kind
+
+#: capabilities travel between workers as tags with this prefix
+CAP_PREFIX = "#veil.cap."
+#: bytes one capability tag may hold (a provenance list of many sources stays far below)
+CAP_TAG_LIMIT = 64 * 1024
+
+__all__ = ["CAP_PREFIX", "CAP_TAG_LIMIT", "DEALER_TAG", "export_tags", "outgoing", "parse_tags"]
+
+
+def export_tags(principal: Any, entry: Entry, worker_id: str) -> tuple:
+    """Tags that carry ``entry``'s capabilities to another worker.
+
+    A value never becomes revealable by more parties by moving: ``reveal_to``
+    (session ids mean nothing on another worker, so the set travels with the
+    mover's user added: the mover passed the reveal check here), ``kind`` share,
+    the DP-only policy, and provenance as ``"worker:id"`` sources.
+    ``allowed_users`` travels in ``StoredObject.allowed_users``. Dealer material
+    never moves (refused before).
+    """
+    tags = []
+    if entry.kind == Kind.SHARE:
+        tags.append(CAP_PREFIX + "kind=share")
+    if entry.reveal_to is not None:
+        to = sorted(set(entry.reveal_to) | {principal.user})
+        tags.append(CAP_PREFIX + "reveal_to=" + json.dumps(to))
+    if entry.meta.get("dp_only"):
+        tags.append(CAP_PREFIX + "dp_only")
+    if entry.provenance:
+        sources = sorted(p if type(p) is str else f"{worker_id}:{p}" for p in entry.provenance)
+        tags.append(CAP_PREFIX + "provenance=" + json.dumps(sources))
+    return tuple(tags)
+
+
+def outgoing(principal: Any, new_id: int, entry: Entry, worker_id: str) -> m.StoredObject:
+    """The StoredObject that moves ``entry`` to another worker, its capabilities included."""
+    tags = tuple(t for t in entry.tags if not t.startswith(CAP_PREFIX)) + export_tags(principal, entry, worker_id)
+    return m.StoredObject(new_id, entry.obj, tags, entry.description, entry.allowed_users)
+
+
+def parse_tags(tags: Any, from_dealer: bool) -> tuple[tuple, dict]:
+    """Splits an arriving object's tags into plain tags and the capabilities they carry."""
+    caps: dict[str, Any] = {"kind": Kind.CLIENT, "reveal_to": None, "dp_only": False, "provenance": frozenset(),
+                            "item": None, "mask": False}
+    plain = []
+    for tag in tags:
+        if not isinstance(tag, str):
+            raise VeilError("object tags must be strings")
+        if tag == DEALER_TAG:
+            if from_dealer:
+                caps["kind"] = Kind.DEALER
+            continue
+        if tag == DEALT_MASK_TAG or tag.startswith(DEALT_ITEM_TAG):  # a dealer's layout (veil/workers/dealt.py)
+            if from_dealer and tag == DEALT_MASK_TAG:
+                caps["mask"] = True
+            elif from_dealer:
+                caps["item"] = tag
+            continue
+        if not tag.startswith(CAP_PREFIX):
+            plain.append(tag)
+            continue
+        name, _, value = tag[len(CAP_PREFIX):].partition("=")
+        if name == "kind" and value == "share":
+            if from_dealer and caps["kind"] != Kind.DEALER:
+                caps["kind"] = Kind.SHARE  # a client cannot label its objects protocol shares
+        elif name == "dp_only" and not value:
+            caps["dp_only"] = True
+        elif name in ("reveal_to", "provenance"):
+            items = _string_list(value)
+            if items is None:
+                raise PermissionDeniedError(f"malformed capability tag {name!r} on an arriving object")
+            if name == "reveal_to":  # several tags: the strictest (intersection)
+                caps["reveal_to"] = tuple(sorted(set(items) if caps["reveal_to"] is None
+                                                 else set(items) & set(caps["reveal_to"])))
+            else:
+                caps["provenance"] = caps["provenance"] | frozenset(items)
+        else:
+            raise PermissionDeniedError(f"unknown capability tag {name!r} on an arriving object")
+    return tuple(plain), caps
+
+
+def _string_list(value: str) -> list | None:
+    """A capability tag's JSON list of strings (None: malformed)."""
+    if len(value) > CAP_TAG_LIMIT:
+        return None
+    try:
+        items = json.loads(value)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        return None
+    return items

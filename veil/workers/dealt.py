@@ -1,0 +1,106 @@
+"""Dealt material on a worker: which fields may mask an opening, and whom an item's fields belong to.
+
+A crypto provider deals *items*: a Beaver triple ``(a, b, c = a*b)``, a
+truncation pair ``(r, r >> d, g)``, comparison material. Their *uniform*
+fields are independent uniform ring elements; their *derived* fields are
+functions of them (``c``, ``q = r >> d``, the wrap bit ``g``, which is almost
+always 0). Openings of a value someone else protects (serving: a client's
+input) are safe only if
+
+* every mask position holds a **fresh uniform field**, each mask used once
+  and never twice in one opening (a derived field hides nothing: ``x + g``
+  is ``x`` almost always), and every output is exactly as large as its mask
+  (a broadcast mask hides differences only);
+* the mask's **item belongs to that protected value** from then on: its
+  fields are *bound* to the value's ``reveal_to``, so what anyone computes
+  from ``q`` later inherits it (``x + r`` opened and ``q`` revealed would give
+  ``x``'s top bits), and an item first used for an unrestricted computation
+  (whose fields may have been revealed since) never masks a protected value.
+
+An item binds at its first use: an opening binds it to the restriction of
+the values it opens (unrestricted when none is protected), a command to the
+strictest ``reveal_to`` of its other inputs and of the session's taint. Honest
+protocols use an item inside one protocol run on one batch, so they never
+see the difference; the rules only bite a requester that moves material
+between protocol runs.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from veil.workers.store import Entry, Kind
+
+#: ``DealtItem.bound`` before the item's first use
+UNBOUND = object()
+
+
+class DealtItem:
+    """The fields of one dealt item held by this worker, and the restriction they were bound to."""
+
+    __slots__ = ("entries", "bound")
+
+    def __init__(self) -> None:
+        self.entries: list[Entry] = []
+        #: UNBOUND, None (first used unrestricted), or the reveal_to tuple of the value it protects
+        self.bound: object = UNBOUND
+
+    def bind(self, reveal_to: tuple | None) -> None:
+        """Binds an unbound item; its fields become revealable only where ``reveal_to`` allows."""
+        if self.bound is not UNBOUND:
+            return
+        self.bound = reveal_to
+        if reveal_to is None:
+            return
+        for e in self.entries:
+            e.reveal_to = reveal_to if e.reveal_to is None else tuple(sorted(set(e.reveal_to) & set(reveal_to)))
+
+
+def group(entries: list[Entry], layout: list[tuple[int, bool]]) -> None:
+    """Marks freshly dealt ``entries``: ``layout[i] = (item index, uniform field?)``."""
+    if len(layout) != len(entries):
+        raise ValueError(f"dealt layout names {len(layout)} fields for {len(entries)} objects")
+    items: dict[int, DealtItem] = {}
+    for entry, (k, uniform) in zip(entries, layout):
+        item = items.get(k)
+        if item is None:
+            item = items[k] = DealtItem()
+        item.entries.append(entry)
+        entry.meta["item"] = item
+        if uniform:
+            entry.meta["mask"] = True
+
+
+def item_of(entry: Entry) -> DealtItem | None:
+    return entry.meta.get("item") if entry.kind == Kind.DEALER and entry.meta else None
+
+
+def strictest(reveal_tos: Iterable[tuple | None], taint: tuple | None) -> tuple | None:
+    """The intersection of the restricting ``reveal_to`` sets and the session's taint (None: no restriction)."""
+    out: set | None = None if taint is None else set(taint)
+    for r in reveal_tos:
+        if r is not None:
+            out = set(r) if out is None else out & set(r)
+    return None if out is None else tuple(sorted(out))
+
+
+def bind_all(entries: Iterable[Entry], reveal_to: tuple | None) -> None:
+    """Binds the items of every dealt entry among ``entries`` that is still unbound."""
+    for e in entries:
+        item = item_of(e)
+        if item is not None and item.bound is UNBOUND:
+            item.bind(reveal_to)
+
+
+def mask_error(entry: Entry | None) -> str | None:
+    """Why ``entry`` may not mask a protected value in an opening (None: it may)."""
+    if entry is None or entry.kind != Kind.DEALER:
+        return "is not dealer material"
+    if not entry.meta.get("mask"):
+        return "is not a uniform field of dealt material (a derived field hides nothing)"
+    if entry.meta.get("opened"):
+        return "was already used as a mask"
+    item = entry.meta.get("item")
+    if item is None or item.bound is None:
+        return "belongs to dealt material already used for an unrestricted computation"
+    return None
