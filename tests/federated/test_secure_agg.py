@@ -153,11 +153,11 @@ def test_training_with_a_client_killed_mid_protocol_never_reads_a_state(hook, mo
     fed = fl.federate(torch.utils.data.TensorDataset(x, y), workers)
     real = sa.secure_aggregate
 
-    def killing(inputs, tag, threshold=None, before_stage=None):
+    def killing(inputs, tag, threshold=None, before_stage=None, **options):
         def before(name):
             if name == "masked_input":
                 workers[3].dead = True
-        return real(inputs, tag, threshold, before)
+        return real(inputs, tag, threshold, before, **options)
 
     monkeypatch.setattr(sa, "secure_aggregate", killing)
     with warnings.catch_warnings():

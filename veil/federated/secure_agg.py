@@ -45,17 +45,20 @@ SecAgg's malicious variant) is out of scope.
 from __future__ import annotations
 
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 
-from veil.exceptions import RemoteExecutionError, VeilError, register_remote_error
+from veil.exceptions import (RemoteExecutionError, RequestDeniedError, ReviewPendingError, VeilError,
+                             register_remote_error)
 from veil.federated import secagg_crypto as sc
 from veil.messaging.allowlist import ALLOWLIST, register_worker_function
 from veil.messaging.messages import CommandMessage
 from veil.mpc.encoding import decode, encode, make_encoding
 from veil.tensors import remote_ops
+from veil.workers import owner_guard
 
 ENCODING = make_encoding(24)
 STAGES = ("advertise", "share_keys", "masked_input", "unmask")
@@ -236,6 +239,8 @@ register_worker_function("veil.secagg.advertise", _advertise)
 register_worker_function("veil.secagg.share_keys", _share_keys, shapes="none")
 register_worker_function("veil.secagg.deposit", _deposit, shapes="none")
 register_worker_function("veil.secagg.masked_input", _masked_input)
+# the coordinator recovers the sum of the masked inputs: on review-policy data each input waits for the owner
+owner_guard.REVIEWED_INPUTS.add("veil.secagg.masked_input")
 register_worker_function("veil.secagg.unmask", _unmask)
 register_worker_function("veil.secagg.discard", _discard, shapes="none")
 
@@ -279,17 +284,26 @@ def _fetch(result: Any) -> Any:
 
 
 def secure_aggregate(inputs: dict[str, ClientInput], tag: int, threshold: Optional[int] = None,
-                     before_stage: Optional[Callable[[str], None]] = None) -> SecAggResult:
+                     before_stage: Optional[Callable[[str], None]] = None, review_wait: float = 0.0) -> SecAggResult:
     """Runs one secure-aggregation round; clients failing at any stage are dropped.
+
+    A client whose state derives from data under its owner's ``review`` policy
+    contributes only once the owner approved that exact state (its masked input
+    is a release: the coordinator learns the sum). Such a client is not dropped:
+    the round waits up to ``review_wait`` seconds for the approvals, then is
+    discarded and the review error raised (re-run it with the same states once
+    approved).
 
     Args:
         inputs: worker id -> that client's contribution.
         tag: a fresh, unguessable round identifier.
         threshold: t, the clients needed to recover (default: a majority, at least 2).
         before_stage: called with each stage's name before it runs (tests kill clients there).
+        review_wait: seconds to wait for owners' approvals of review-policy updates.
 
     Raises:
         SecureAggregationError: fewer than t clients survived; nothing was recovered.
+        ReviewPendingError, RequestDeniedError: an owner has not approved (or denied) its client's update.
     """
     ids = list(inputs)
     n = len(ids)
@@ -302,13 +316,27 @@ def secure_aggregate(inputs: dict[str, ClientInput], tag: int, threshold: Option
 
     def stage(name: str, members: list, args_for: Callable[[str], tuple], fetch: bool) -> dict:
         hook(name)
-        out = {}
+        out, review = {}, []
+        deadline = time.monotonic() + review_wait
         for wid in members:
-            try:
-                r = _call(f"veil.secagg.{name}", args_for(wid), inputs[wid].location)
-                out[wid] = _fetch(r) if fetch else None
-            except _FAILURES:
-                continue
+            while True:
+                try:
+                    r = _call(f"veil.secagg.{name}", args_for(wid), inputs[wid].location)
+                    out[wid] = _fetch(r) if fetch else None
+                except ReviewPendingError as e:  # the owner has not approved this update yet
+                    if time.monotonic() < deadline:
+                        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+                        continue
+                    review.append(e)
+                except RequestDeniedError as e:
+                    review.append(e)
+                except _FAILURES:
+                    pass
+                break
+        if review:
+            _discard_all(inputs, tag)
+            raise type(review[0])(f"secure aggregation round {tag} needs the data owners' approval: "
+                                  + "; ".join(str(e) for e in review))
         if len(out) < t:
             _discard_all(inputs, tag)
             raise SecureAggregationError(

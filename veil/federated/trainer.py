@@ -104,6 +104,7 @@ def train(
     seed: int | None = None,
     encrypted_aggregation: Any = None,
     client_metrics: bool = False,
+    review_wait: float = 0.0,
 ) -> TrainingHistory:
     """Federated training of ``model`` (updated in place) over the datasets' workers.
 
@@ -124,6 +125,9 @@ def train(
             client's mean loss in the clear (opt-in: it is a function of that
             client's data). Otherwise secure aggregation sums the losses masked,
             and with encrypted aggregation the round's train loss is NaN.
+        review_wait: with secure aggregation over data under its owner's ``review``
+            policy, seconds each round waits for the owners to approve the clients'
+            updates (each masked input is a release); then ReviewPendingError.
     """
     if secure_aggregation and encrypted_aggregation is not None:
         raise ValueError("choose secure_aggregation or encrypted_aggregation, not both")
@@ -150,6 +154,7 @@ def train(
         runner: Any = pooled.PooledTraining(pool, plan, pool_owner(pool), **options)
     else:
         runner = _Sequential(federated_dataset, plan, **options)
+    runner.review_wait = float(review_wait)  # both runners: seconds a secure round waits for owners' reviews
     bar = tqdm(range(1, rounds + 1), desc=f"{strategy.name} rounds", unit="round", disable=not progress)
     try:
         for r in bar:
@@ -227,7 +232,7 @@ class _Sequential:
             inputs = {u.worker_id: secure_agg.ClientInput(done[u.worker_id].state[0].location, done[u.worker_id].state,
                                                           float(u.num_samples), loss_ptrs.get(u.worker_id))
                       for u in updates}
-            updates, global_candidate, secure_loss = _secure_round(updates, inputs, dropped, r)
+            updates, global_candidate, secure_loss = _secure_round(updates, inputs, dropped, r, self.review_wait)
         elif self.encrypted is not None and updates:
             global_candidate = _encrypted_round(self.encrypted, updates,
                                                 {u.worker_id: done[u.worker_id].state for u in updates})
@@ -265,7 +270,7 @@ def _pooled_round(runner: "pooled.PooledTraining", r: int, global_state: list, s
     if runner.secure:
         inputs = {wid: secure_agg.ClientInput(worker, state, float(n), losses)
                   for wid, (worker, state, n, losses) in held.items()}
-        updates, candidate, secure_loss = _secure_round(updates, inputs, dropped, r)
+        updates, candidate, secure_loss = _secure_round(updates, inputs, dropped, r, runner.review_wait)
     else:
         candidate = _encrypted_round(runner.encrypted, updates, {wid: h[1] for wid, h in held.items()})
     if len(updates) < min_workers:
@@ -284,14 +289,14 @@ def _encrypted_round(encrypted_aggregation: Any, updates: list[ClientUpdate], st
 
 
 def _secure_round(updates: list[ClientUpdate], inputs: dict, dropped: list,
-                  r: int) -> tuple[list, list, float | None]:
+                  r: int, review_wait: float = 0.0) -> tuple[list, list, float | None]:
     """Secure sum of n_k * state_k, n_k and n_k * loss_k (Bonawitz et al. 2017, with dropout recovery).
 
     Clients that die at any protocol stage are dropped; the survivors'
     weighted average is recovered without any state leaving a client in the clear.
     """
     try:
-        result = secure_agg.secure_aggregate(inputs, secrets.randbits(62))
+        result = secure_agg.secure_aggregate(inputs, secrets.randbits(62), review_wait=review_wait)
     except secure_agg.SecureAggregationError as e:
         warnings.warn(f"round {r}: secure aggregation failed ({e})", stacklevel=4)
         dropped.extend(u.worker_id for u in updates)

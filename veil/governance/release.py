@@ -102,9 +102,17 @@ def enforce_all(worker: Any, ids: list, entries: list, user: str, session: str =
     blocked = [(oid, e) for oid, e in zip(ids, entries) if needs_review(worker, oid, e, user)]
     if not blocked:
         return
-    for oid, entry in blocked:  # first pass files/looks up without using approvals up
+    pending = []
+    for oid, entry in blocked:  # first pass files/looks up every request without using approvals up
         decision = decide(worker, oid, entry, user, session, consume=False)
-        if not isinstance(decision, Allow):
+        if isinstance(decision, Denied):
             enforce(worker, oid, entry, user, session, purpose)
+        if isinstance(decision, Pending):
+            pending.append((oid, decision.request_id))
+    if len(pending) > 1:  # one error naming every request, so the owner can decide them all at once
+        raise ReviewPendingError(
+            f"objects {', '.join(str(oid) for oid, _ in pending)} on worker {worker.id!r} derive from data under "
+            f"the owner's review policy: release requests {', '.join(r for _, r in pending)} are pending the "
+            f"owner's approval (see sy.requests(worker))")
     for oid, entry in blocked:
         enforce(worker, oid, entry, user, session, purpose)

@@ -366,6 +366,8 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
         except PermissionDeniedError as e:
             monitor.audit(purpose.value, principal, list(found), "refused", f"{op.name}: {e}")
             raise
+    if entries and op.name in owner_guard.REVIEWED_INPUTS and _tracking(worker):
+        _governance_release(worker, list(found), entries, principal.user, op.name)
     protected = owner_guard.protected_storages(entries) if any_protected else _EMPTY
     if any_restricted:
         if any(e.kind == _DEALER for e in entries):
@@ -410,7 +412,8 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
     # reviews (entry.meta), and objects the op wrote are re-stamped; the monitor's Entry.provenance
     # (the set of source datasets) is recorded by monitor.store either way.
     lineage = None
-    if entries and _tracking(worker):
+    # a reviewed input's result was released with the approval of its inputs (a masked value): no lineage
+    if entries and op.name not in owner_guard.REVIEWED_INPUTS and _tracking(worker):
         from veil.governance import provenance
 
         inputs = {id(e.obj): oid for oid, e in found.items()}

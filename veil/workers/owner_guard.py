@@ -67,6 +67,10 @@ def _storage(t: torch.Tensor) -> int | None:
 
 #: worker functions that release only differentially private results (DP registers them)
 DP_RELEASES: set[str] = set()
+#: worker functions whose result, once the protocol combines it, gives the requester a function of
+#: their inputs (secure aggregation's masked input: the coordinator recovers the sum): the owner's
+#: review policy applies to those inputs as to a .get() (filled by the modules that register them)
+REVIEWED_INPUTS: set[str] = set()
 
 
 def check_dp_only(op_name: str, entries: list, worker_id: str) -> None:
