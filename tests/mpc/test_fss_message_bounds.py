@@ -80,3 +80,22 @@ def test_item_bytes_match_the_fields_sent(fss_setup):
         sent.clear()
         dealer.deal_ahead(plan, repeat=1)
         assert [b for _, b in sent] == [fss_dealing.item_bytes((3, 5), 1, i, 3, seeded) for i in range(3)]
+
+
+def test_fss_dealing_ahead_over_network_workers(connect_websocket, hook, monkeypatch):
+    monkeypatch.setattr(comparison, "DEFAULT_COMPARISON", "fss")
+    parties = [connect_websocket(n) for n in ("alice", "bob")]
+    cp = connect_websocket("dave")
+    dealer = dealer_for(cp, hook.local_worker)
+    values = [torch.randn(64) * 100 for _ in range(3)]
+    shared = [v.fix_precision().share(*parties, crypto_provider=cp) for v in values]
+    with dealer.record() as plan:
+        F.relu(shared[0]).get()
+    dealer.on_exhausted = "raise"
+    try:
+        dealer.deal_ahead(plan, repeat=3)  # one request of 3 items, dealt worker to worker
+        for v, x in zip(values, shared):
+            torch.testing.assert_close(F.relu(x).get().float_precision(), F.relu(v), atol=2**-15, rtol=0)
+    finally:
+        dealer.on_exhausted = "deal"
+        dealer.drop_ahead()
