@@ -182,3 +182,24 @@ def test_background_dealing_over_network_workers(connect_websocket, hook):
     finally:
         dealer.on_exhausted = "deal"
         dealer.drop_ahead()
+
+
+def test_takes_fall_back_when_the_budget_is_full_of_material_nobody_takes(setup):
+    parties, cp, dealer = setup
+    plan = _plan(dealer, parties, cp)  # a triple, a truncation pair, comparison material per call
+    dealer.drop_ahead()
+    per_call = sum(c * dealer._bytes_per_item(k, kind, spec, p) for k, (kind, spec, p, c) in plan.needs.items())
+    dealer.budget_bytes = int(1.5 * per_call)
+    g = torch.Generator().manual_seed(7)
+    values = torch.randn(40, generator=g)
+    x = values.fix_precision().share(*parties, crypto_provider=cp)
+    with dealer.start_background(plan) as job:
+        for _ in range(4):  # ReLUs only: the triples and truncation pairs dealt for the plan stay unused
+            _check(F.relu(x), F.relu(values))
+        assert job.running  # still waiting for room, not failed
+    assert not job.running and job.error is None
+    dealer.on_exhausted = "raise"
+    with dealer.start_background(plan):
+        with pytest.raises(MaterialExhaustedError):
+            for _ in range(4):
+                F.relu(x)
