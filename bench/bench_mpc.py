@@ -2,6 +2,8 @@
 
 Run: .venv/bin/python bench/bench_mpc.py [--parties 2] [--repeat 3] [--unseeded] [--skip-ops] [--skip-models]
      [--mac]   (instead: active security (SPDZ2k MACs) vs plain sharing, same run; see mac_vs_plain)
+     [--background [--calls 4] [--network]]   (instead: dealing overlapped with the online phase; see
+                                               background_vs_ahead)
 
 Ops: elementwise mul of 1e6 fixed-point values, 256x256 @ 256x256 matmul,
 ReLU on 1e5 values. Models (second table): private inference of the MNIST
@@ -164,6 +166,78 @@ def offline_online(fn, cp, me, repeat: int) -> tuple[float, float, float]:
     return best
 
 
+def background_dealing(fn, cp, me, calls: int) -> tuple[float, float, float]:
+    """``(online, ahead, background)`` seconds per call over ``calls`` calls in a row, same material each way.
+
+    online: the material of all calls dealt first (not timed), then the calls;
+    ahead: per call, ``deal_ahead(plan)`` then the call (dealing and the
+    online phase one after the other); background: ``deal_ahead(plan, calls,
+    background=True)`` and the calls at once (the dealing thread runs while the
+    calls open values), until the thread is done. Calls run with
+    ``on_exhausted="raise"``: no call deals on demand.
+    """
+    dealer = dealer_for(cp, me)
+    with dealer.record() as plan:
+        fn()
+    saved = dealer.on_exhausted
+    dealer.on_exhausted = "raise"
+    try:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            dealer.deal_ahead(plan)
+            fn()
+        ahead = time.perf_counter() - t0
+        dealer.deal_ahead(plan, calls)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        online = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        job = dealer.deal_ahead(plan, calls, background=True)
+        for _ in range(calls):
+            fn()
+        job.wait()
+        background = time.perf_counter() - t0
+    finally:
+        dealer.on_exhausted = saved
+        dealer.drop_ahead()
+    return online / calls, ahead / calls, background / calls
+
+
+def background_vs_ahead(cases, cp, me, calls: int, label: str) -> None:
+    """One table row per workload: online alone, dealt ahead + online in turn, dealing in the background."""
+    print(f"\n{label}: {calls} calls in a row, seconds per call")
+    print("| workload | online s | ahead then online s | background + online s | background/ahead "
+          "| background/online |")
+    print("|---|---|---|---|---|---|")
+    for name, fn in cases:
+        background_dealing(fn, cp, me, 1)  # warm-up
+        on, ahead, bg = background_dealing(fn, cp, me, calls)
+        print(f"| {name} | {on:.3f} | {ahead:.3f} | {bg:.3f} | {bg / ahead:.2f} | {bg / on:.2f} |", flush=True)
+
+
+def _background(args) -> None:
+    import contextlib
+    import os
+
+    hook, me, parties, cp = virtual_setup(args.parties, seeded=not args.unseeded)
+
+    def cases(parties, cp):
+        out = [] if args.skip_ops else [(n, (lambda fn=fn, sh=sh: fn(*sh))) for n, sh, fn, _ in op_cases(parties, cp)]
+        return out + ([] if args.skip_models else [(n, fn) for n, fn, _ in model_cases(parties, cp)])
+
+    print(f"load average {os.getloadavg()} at the start; torch threads {torch.get_num_threads()}")
+    background_vs_ahead(cases(parties, cp), cp, me, args.calls, "veil over VirtualWorkers")
+    if args.network:
+        from bench_crypten import network_workers
+
+        with contextlib.ExitStack() as stack:
+            net_parties, net_cp = stack.enter_context(network_workers(hook))
+            background_vs_ahead(cases(net_parties, net_cp), net_cp, me, args.calls,
+                                "veil over network workers (3 veil worker processes)")
+    print(f"load average {os.getloadavg()} at the end")
+
+
 def _models(parties, cp, me, repeat: int) -> None:
     """Latency, rounds and bytes per party of whole-model workloads."""
     n = len(parties)
@@ -219,8 +293,20 @@ def main() -> None:
     ap.add_argument("--skip-ops", action="store_true")
     ap.add_argument("--skip-models", action="store_true")
     ap.add_argument("--mac", action="store_true", help="only: active security (SPDZ2k) vs plain, same run")
+    ap.add_argument("--background", action="store_true",
+                    help="only: dealing in the background vs dealing ahead, per call (see background_vs_ahead)")
+    ap.add_argument("--calls", type=int, default=4, help="--background: calls in a row")
+    ap.add_argument("--network", action="store_true", help="--background: also over network workers")
+    ap.add_argument("--threads", type=int, default=1, help="--background: torch threads (0: torch's default)")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.background:
+        if args.threads:
+            import os
+
+            torch.set_num_threads(args.threads)
+            os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the veil worker processes
+        return _background(args)
     hook, me, parties, cp = virtual_setup(args.parties, seeded=not args.unseeded)
     if args.mac:
         return mac_vs_plain(parties, cp, me, args.repeat)

@@ -60,7 +60,7 @@ def _share_own(worker: Any, oid: int, party_ids: list, share_ids: list) -> None:
     # The parties get what the requester could get: the monitor's release rules (private, DP-only,
     # capabilities) and the owner's review policy apply as to a .get().
     user = worker.requesting_user()
-    principal = worker.principal(getattr(worker, "_requester", None)).acting_as(user)
+    principal = worker.principal(worker.requester()).acting_as(user)
     entry = worker.monitor.resolve(principal, oid, Purpose.REVEAL, "secret-shared by its worker (share_own)")
     owner_guard.check_dp_only(SHARE_OWN, [entry], worker.id)
     _governance_release(worker, [oid], [entry], user, "share")

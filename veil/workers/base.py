@@ -9,6 +9,7 @@ network client worker overrides ``_recv_msg`` to forward the bytes.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -87,6 +88,8 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
         self.monitor = ReferenceMonitor(id, max_session_bytes=max_session_bytes)
         self.monitor.release_hook = self._review_release
         self._principals: dict[str, Principal] = {}
+        # the sender of the request being handled, per thread (threads may handle requests at once)
+        self._request = threading.local()
         self.stats = TransportStats()
         self._init_outbox()
         #: as a destination: callers may defer commands whose results they name themselves
@@ -262,18 +265,20 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
         handler = HANDLERS.get(type(msg))
         if handler is None:
             raise SerializationError(f"worker {self.id!r} does not accept {type(msg).__name__} requests")
-        previous, self._requester = getattr(self, "_requester", None), sender
+        local = self._request
+        previous, local.sender = getattr(local, "sender", None), sender
         try:
             return handler(self, msg, sender)
         finally:
-            self._requester = previous
+            local.sender = previous
 
     def _handle_plain(self, msg: m.CommandMessage, sender: str) -> Any:
-        previous, self._requester = getattr(self, "_requester", None), sender
+        local = self._request
+        previous, local.sender = getattr(local, "sender", None), sender
         try:
             return _handle_command(self, msg, sender)
         finally:
-            self._requester = previous
+            local.sender = previous
 
     def requesting_user(self) -> str | None:
         """Who sent the request being handled (for worker functions: budgets, audit).
@@ -281,7 +286,14 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
         On an in-process worker this is the sender's claimed id; a network
         server overrides it with the authenticated user.
         """
-        return getattr(self, "_requester", None)
+        return self.requester()
+
+    def requester(self) -> str | None:
+        """The sender of the message this thread is handling (None outside a request).
+
+        Per thread: a dealer's background thread may run a request on this worker while
+        another thread runs an opening here, each with its own requester."""
+        return getattr(self._request, "sender", None)
 
     def principal(self, sender: str) -> Principal:
         """Who sent the request being handled, for the monitor (network servers: the session)."""

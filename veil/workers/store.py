@@ -8,6 +8,7 @@ fails loudly instead of bypassing the owner's rules.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -77,13 +78,17 @@ class ObjectStore:
         self._spaces: dict[str, dict[int, Entry]] = {SHARED_NS: {}}
         self._hand_offs: dict[int, str] = {}  # id -> namespace of an unclaimed hand-off
         self.usage: dict[str, int] = {}  # namespace -> bytes held
+        # Writes are read-modify-write (usage, hand-offs): in-process workers may handle two
+        # requests at once (a dealer's background thread next to the online phase).
+        self._lock = threading.RLock()
 
     def _check(self, key: StoreKey) -> None:
         if key is not self._key:
             raise PermissionDeniedError(f"the object store of worker {self.worker_id!r} answers only its monitor")
 
     def __len__(self) -> int:
-        return sum(len(s) for s in self._spaces.values())
+        with self._lock:
+            return sum(len(s) for s in list(self._spaces.values()))
 
     def lookup(self, key: StoreKey, ns: str, oid: Any) -> Entry | None:
         self._check(key)
@@ -101,64 +106,70 @@ class ObjectStore:
 
     def put(self, key: StoreKey, ns: str, oid: int, entry: Entry, hand_off: bool = False) -> None:
         self._check(key)
-        entry.created_by = entry.created_by or ns
-        self._spaces.setdefault(ns, {})[oid] = entry
-        self.usage[ns] = self.usage.get(ns, 0) + entry.nbytes
-        if hand_off:
-            self._hand_offs[oid] = ns
+        with self._lock:
+            entry.created_by = entry.created_by or ns
+            self._spaces.setdefault(ns, {})[oid] = entry
+            self.usage[ns] = self.usage.get(ns, 0) + entry.nbytes
+            if hand_off:
+                self._hand_offs[oid] = ns
 
     def claim(self, key: StoreKey, ns: str, oid: Any) -> Entry | None:
         """Moves an unclaimed hand-off ``oid`` into ``ns`` (the first session that names it)."""
         self._check(key)
-        src = self._hand_offs.get(oid) if type(oid) is int else None
-        if src is None or src == ns:
-            return None
-        space = self._spaces.get(src, {})
-        entry = space.pop(oid, None)
-        del self._hand_offs[oid]
-        if entry is None:
-            return None
-        self.usage[src] = self.usage.get(src, 0) - entry.nbytes
-        entry.created_by = ns
-        self.put(key, ns, oid, entry)
-        return entry
+        with self._lock:
+            src = self._hand_offs.get(oid) if type(oid) is int else None
+            if src is None or src == ns:
+                return None
+            space = self._spaces.get(src, {})
+            entry = space.pop(oid, None)
+            del self._hand_offs[oid]
+            if entry is None:
+                return None
+            self.usage[src] = self.usage.get(src, 0) - entry.nbytes
+            entry.created_by = ns
+            self.put(key, ns, oid, entry)
+            return entry
 
     def remove(self, key: StoreKey, ns: str, oid: int) -> Entry | None:
         self._check(key)
-        space = self._spaces.get(ns)
-        entry = space.pop(oid, None) if space is not None else None
-        if entry is not None:
-            self.usage[ns] = self.usage.get(ns, 0) - entry.nbytes
-            self._hand_offs.pop(oid, None)
-        return entry
+        with self._lock:
+            space = self._spaces.get(ns)
+            entry = space.pop(oid, None) if space is not None else None
+            if entry is not None:
+                self.usage[ns] = self.usage.get(ns, 0) - entry.nbytes
+                self._hand_offs.pop(oid, None)
+            return entry
 
     def entries(self, key: StoreKey, ns: str | None) -> Iterator[tuple[int, Entry]]:
         """The entries of ``ns`` plus the shared ones (every entry when ``ns`` is None)."""
         self._check(key)
-        if ns is None:
-            return iter([(oid, e) for space in self._spaces.values() for oid, e in space.items()])
-        out = list(self._spaces[SHARED_NS].items())
-        if ns != SHARED_NS:
-            out += list(self._spaces.get(ns, {}).items())
-        return iter(out)
+        with self._lock:  # a snapshot: another thread may store meanwhile
+            if ns is None:
+                return iter([(oid, e) for space in list(self._spaces.values()) for oid, e in space.items()])
+            out = list(self._spaces[SHARED_NS].items())
+            if ns != SHARED_NS:
+                out += list(self._spaces.get(ns, {}).items())
+            return iter(out)
 
     def drop_namespace(self, key: StoreKey, ns: str) -> int:
         """Frees every object of ``ns`` (a disconnected session); returns how many."""
         self._check(key)
-        if ns == SHARED_NS:
-            return 0
-        space = self._spaces.pop(ns, {})
-        self.usage.pop(ns, None)
-        for oid in space:
-            if self._hand_offs.get(oid) == ns:
-                del self._hand_offs[oid]
-        return len(space)
+        with self._lock:
+            if ns == SHARED_NS:
+                return 0
+            space = self._spaces.pop(ns, {})
+            self.usage.pop(ns, None)
+            for oid in space:
+                if self._hand_offs.get(oid) == ns:
+                    del self._hand_offs[oid]
+            return len(space)
 
     def clear_clients(self, key: StoreKey) -> None:
         """Frees every client object (owner-protected data stays)."""
         self._check(key)
-        shared = self._spaces[SHARED_NS]
-        for oid in [oid for oid, e in shared.items() if not e.protected]:
-            self.remove(key, SHARED_NS, oid)
-        for ns in [ns for ns in self._spaces if ns != SHARED_NS]:
-            self.drop_namespace(key, ns)
+        with self._lock:
+            shared = self._spaces[SHARED_NS]
+            for oid in [oid for oid, e in shared.items() if not e.protected]:
+                self.remove(key, SHARED_NS, oid)
+            for ns in [ns for ns in self._spaces if ns != SHARED_NS]:
+                self.drop_namespace(key, ns)

@@ -13,10 +13,17 @@ Two worker functions (the orchestrator never sees masks or keys):
   other recipes (:mod:`veil.mpc.providers.worker_dealer`); the DCF keys are
   always sent (both keys share their correction words, so no seed can stand
   in for them).
+
+Bounded messages: DCF keys take ~2 kB per compared entry, so the provider
+splits a request's items into messages of at most :data:`MESSAGE_BYTES` of
+material per party (by item count, fresh seeds per message; callers see one
+request). One item always travels whole: an item above
+:data:`MAX_ITEM_BYTES` is refused before anything is dealt.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -34,6 +41,10 @@ DEAL_COMPARISON = "veil.mpc.deal_comparison"
 RECEIVE_COMPARISON = "veil.mpc.receive_comparison"
 #: most values multiplied by one comparison bit (argmax uses 2; 0 = the bit alone)
 MAX_VALUES = 16
+#: most tensor bytes of comparison material in one message to one party (items are grouped up to it)
+MESSAGE_BYTES = 64 << 20
+#: largest single item (one party's part): well under a worker's default 256 MB message limit
+MAX_ITEM_BYTES = 192 << 20
 
 
 def check_spec(spec: Any, count: Any) -> tuple[tuple, int]:
@@ -54,13 +65,47 @@ def _label(item: int, field: int) -> str:
     return f"cmp/{item}/{field}"
 
 
+def item_bytes(shape: tuple, n_values: int, party: int, n_parties: int, seeded: bool) -> int:
+    """Tensor bytes of one item in party ``party``'s message (seeded: only the last party gets
+    corrections; only parties 0 and 1 get keys)."""
+    n_add, n_masks = fss.n_additive(n_values), fss.n_masks(n_values)
+    entries = math.prod(shape)
+    if not seeded:
+        additive = n_add
+    else:
+        additive = n_add - n_masks if party == n_parties - 1 else 0
+    key = sum(math.prod(s) for s in fss.field_shapes(shape, n_values, True)[n_add:]) if party < 2 else 0
+    return 8 * (additive * entries + key)
+
+
 def _deal_comparison(worker: Any, spec: Any, party_ids: list, ids: list, count: int, seeded: bool) -> None:
-    """Runs on the provider: ``count`` items, each party's part sent straight to it."""
+    """Runs on the provider: ``count`` items, each party's part sent straight to it, in messages of
+    at most :data:`MESSAGE_BYTES` per party."""
     shape, n_values = check_spec(spec, count)
     n = len(party_ids)
     if n < 2 or not isinstance(ids, list) or len(ids) != n:
         raise ProviderError("comparison dealing needs >= 2 parties and one id list per party")
+    per_party = [len(fss.field_shapes(shape, n_values, i < 2)) for i in range(n)]
+    if any(not isinstance(ids[i], list) or len(ids[i]) != count * per_party[i] for i in range(n)):
+        raise ProviderError("comparison dealing needs, per party, one id per field of every item")
+    largest = max(item_bytes(shape, n_values, i, n, bool(seeded)) for i in range(n))
+    if largest > MAX_ITEM_BYTES:
+        raise ProviderError(
+            f"one comparison of {math.prod(shape)} entries needs {largest / 2**20:.0f} MiB of material per party "
+            f"in one message, over the {MAX_ITEM_BYTES / 2**20:.0f} MiB limit: compare at most "
+            f"{max(1, math.prod(shape) * MAX_ITEM_BYTES // largest)} entries at a time")
     parties = [worker.resolve_worker(pid) for pid in party_ids]
+    chunk = max(1, MESSAGE_BYTES // max(1, largest))
+    for first in range(0, count, chunk):
+        c = min(chunk, count - first)
+        chunk_ids = [ids[i][first * per_party[i]:(first + c) * per_party[i]] for i in range(n)]
+        _deal_chunk(worker, parties, shape, n_values, chunk_ids, c, seeded)
+
+
+def _deal_chunk(worker: Any, parties: list, shape: tuple, n_values: int, ids: list, count: int,
+                seeded: bool) -> None:
+    """One message per party: ``count`` items, with fresh seeds."""
+    n = len(parties)
     seeds = [new_seed() for _ in parties] if seeded else None
     n_masks = fss.n_masks(n_values)
     shares: list[list] = [[] for _ in parties]  # explicit additive shares (or last party's corrections)

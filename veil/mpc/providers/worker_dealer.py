@@ -31,10 +31,14 @@ decides: ``"deal"`` (default) deals on demand as before, ``"raise"`` raises
 when taken, and nothing puts it back (not even when the protocol that took it
 fails).
 
-Dealing ahead runs in the caller's thread, not in the background: the worker
-message handlers keep per-worker request state (the requester of the message
-being handled), so a dealing thread talking to the parties while the online
-phase does would mix up requesters.
+Dealing in the background: ``deal_ahead(plan, repeat, background=True)``
+or ``start_background(plan)`` (no end: keeps ``budget_bytes`` of material
+ready as the calls take it) deals from a thread while the calls run, so they
+wait only on openings (and on the thread, when they outrun it); errors
+surface at the next take, ``stop_background()`` stops cleanly. See
+:mod:`veil.mpc.providers.background`. The pools and counters below are
+guarded by one condition (``_cond``) shared with that thread; requests are
+sent outside it.
 
 Comparison material (masks and FSS keys, which are not a recipe) goes
 through its own pair of worker functions, :mod:`veil.mpc.providers.fss_dealing`.
@@ -43,6 +47,7 @@ through its own pair of worker functions, :mod:`veil.mpc.providers.fss_dealing`.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Iterator, Sequence
@@ -56,6 +61,7 @@ from veil.mpc.material import (WIDE_KINDS, combine, dealer_generator, last_share
                                register_mac_key, split_shares, split_wide, sum_wide, xor_fields)
 from veil.mpc.fss import material as fss_material
 from veil.mpc.prg import expand, new_seed
+from veil.mpc.providers.background import BackgroundDealing, BackgroundDealingError
 from veil.mpc.providers.fss_dealing import DEAL_COMPARISON
 from veil.mpc.providers.base import MaterialExhaustedError, Provider
 from veil.mpc.ring import DTYPE, random_ring
@@ -207,6 +213,9 @@ class WorkerDealer(Provider):
         self.requests = 0
         #: items served so far
         self.served = 0
+        # guards the pools and counters (a background dealing thread fills them); never held while sending
+        self._cond = threading.Condition()
+        self._background: BackgroundDealing | None = None
 
     def __repr__(self) -> str:
         return f"WorkerDealer(worker={self.worker.id!r})"
@@ -221,8 +230,11 @@ class WorkerDealer(Provider):
         finally:
             self._recording.remove(plan)
 
-    def deal_ahead(self, plan: Plan, repeat: int = 1) -> dict:
+    def deal_ahead(self, plan: Plan, repeat: int = 1, background: bool = False) -> Any:
         """Deals ``repeat`` times the material of ``plan`` now, within ``budget_bytes``.
+
+        With ``background=True`` a thread deals it while the calls run (see
+        :meth:`start_background`) and the :class:`BackgroundDealing` is returned.
 
         Returns:
             ``{"items": dealt, "bytes": dealt bytes, "left_out": items that did
@@ -230,13 +242,16 @@ class WorkerDealer(Provider):
         """
         if type(repeat) is not int or repeat < 1:
             raise ValueError(f"repeat must be a positive int, got {repeat!r}")
+        if background:
+            return self.start_background(plan, repeat)
         dealt = dealt_bytes = left_out = 0
         for key, (kind, spec, parties, count) in plan.needs.items():
             need = count * repeat
-            spare = self._spare.setdefault(key, deque())
+            spare = self._pool(key)
             while need > 0:
                 per_item = self._bytes_per_item(key, kind, spec, parties)
-                room = (self.budget_bytes - self.ahead_bytes) // per_item
+                with self._cond:
+                    room = (self.budget_bytes - self.ahead_bytes) // per_item
                 if room <= 0:
                     left_out += need
                     break
@@ -246,26 +261,76 @@ class WorkerDealer(Provider):
                 dealt_bytes += got * per_item
         return {"items": dealt, "bytes": dealt_bytes, "left_out": left_out}
 
+    def start_background(self, plan: Plan, repeat: int | None = None) -> BackgroundDealing:
+        """Starts a thread that deals ``plan``'s material for ``repeat`` calls (None: until stopped,
+        keeping up to ``budget_bytes`` ready) while the calls run; one at a time per dealer.
+
+        Use as ``with dealer.start_background(plan): ...`` or stop with :meth:`stop_background`."""
+        previous = self._background
+        if previous is not None:
+            if not previous.done:
+                raise RuntimeError("this dealer already deals in the background: stop_background() first")
+            previous.stop()  # finished: raises its error if no take did
+        with self._cond:
+            job = self._background = BackgroundDealing(self, plan, repeat)
+        return job.start()
+
+    def stop_background(self) -> dict | None:
+        """Stops the background dealing (if any); what it dealt stays for later takes."""
+        job = self._background
+        return job.stop() if job is not None else None
+
     def drop_ahead(self) -> None:
         """Forgets every item dealt ahead (their pointers free the parties' copies)."""
-        self._spare.clear()
-        self.ahead_bytes = 0
+        job = self._background
+        if job is not None:
+            job.stop(raise_error=False)  # dropping everything, its error included
+        with self._cond:
+            self._spare.clear()
+            self.ahead_bytes = 0
+
+    def _pool(self, key: Hashable) -> deque:
+        with self._cond:
+            return self._spare.setdefault(key, deque())
 
     def _take(self, kind: str, spec: Any, parties: Sequence[Hashable]) -> dict:
         key = (kind, repr(spec), tuple(parties))
         for plan in self._recording:
             plan.add(key, kind, spec, parties)
-        spare = self._spare.setdefault(key, deque())
-        if not spare:
-            if self.on_exhausted == "raise":
-                raise MaterialExhaustedError(
-                    f"no {kind} material dealt ahead is left for {spec!r}: deal_ahead more, raise budget_bytes, "
-                    "or use on_exhausted='deal'")
-            self._request(key, kind, spec, list(parties), spare)
-        item = spare.popleft()  # single use: nothing ever puts an item back
-        self.ahead_bytes -= self._item_bytes[key]
-        self.served += 1
-        return item
+        spare = self._pool(key)
+        while True:
+            with self._cond:
+                self._surface_background_error()
+                job = self._background
+                if not spare and job is not None and job.will_deal(key):
+                    job.hungry.add(key)  # the thread deals whatever fits now
+                    self._cond.notify_all()
+                    try:
+                        while not spare and job.will_deal(key) and job.error is None:
+                            self._cond.wait()
+                    finally:
+                        job.hungry.discard(key)
+                    self._surface_background_error()
+                if spare:
+                    item = spare.popleft()  # single use: nothing ever puts an item back
+                    self.ahead_bytes -= self._item_bytes[key]
+                    self.served += 1
+                    self._cond.notify_all()  # room for the background thread
+                    return item
+                if self.on_exhausted == "raise":
+                    raise MaterialExhaustedError(
+                        f"no {kind} material dealt ahead is left for {spec!r}: deal_ahead more, raise "
+                        "budget_bytes, or use on_exhausted='deal'")
+            self._request(key, kind, spec, list(parties), spare)  # on demand, outside the lock
+
+    def _surface_background_error(self) -> None:
+        """Raises a failed background dealing's error, once (caller holds ``_cond``)."""
+        job = self._background
+        if job is not None and job.error is not None and not job.surfaced:
+            job.surfaced = True
+            self._background = None
+            raise BackgroundDealingError(
+                f"background dealing failed: {type(job.error).__name__}: {job.error}") from job.error
 
     def _shapes(self, kind: str, spec: Any, parties: Sequence[Hashable]) -> tuple[str, list]:
         if kind == "fss_comparison":  # FSS keys: not a recipe (fss_dealing.py)
@@ -284,18 +349,19 @@ class WorkerDealer(Provider):
         the on-demand batch (doubling per request up to ``max_batch``). Returns how many."""
         op, party_shapes = self._shapes(kind, spec, parties)
         per_item = max(1, max(sum(int(torch.Size(s).numel()) for s in shapes) for shapes in party_shapes))
-        if count is None:
-            count = max(1, min(self._next_batch.get(key, 1), self.max_elements // per_item))
-            self._next_batch[key] = min(2 * count, self.max_batch)
-        else:
-            count = max(1, min(count, self.max_elements // per_item))
+        with self._cond:
+            if count is None:
+                count = max(1, min(self._next_batch.get(key, 1), self.max_elements // per_item))
+                self._next_batch[key] = min(2 * count, self.max_batch)
+            else:
+                count = max(1, min(count, self.max_elements // per_item))
         item_bytes = self._bytes_per_item(key, kind, spec, parties)
         ids = [[new_id() for _ in range(count * len(shapes))] for shapes in party_shapes]
         args = (spec, parties, ids, count, self.seeded) if op == DEAL_COMPARISON else (kind, spec, parties, ids, count,
                                                                                       self.seeded)
         self.owner.send_msg(m.CommandMessage(op, args, {}, [], False), self.worker)
-        self.requests += 1
         locations = [self.owner.resolve_worker(p) for p in parties]
+        items = []
         for k in range(count):
             item = {}
             for p, loc, pids, shapes in zip(parties, locations, ids, party_shapes):
@@ -303,8 +369,12 @@ class WorkerDealer(Provider):
                     PointerTensor(loc, pids[k * len(shapes) + j], self.owner, shape, DTYPE)
                     for j, shape in enumerate(shapes)
                 )
-            spare.append(item)
-        self.ahead_bytes += count * item_bytes
+            items.append(item)
+        with self._cond:
+            spare.extend(items)
+            self.requests += 1
+            self.ahead_bytes += count * item_bytes
+            self._cond.notify_all()
         return count
 
     def beaver_triples(self, op, shape_a, shape_b, parties, **op_kwargs):
