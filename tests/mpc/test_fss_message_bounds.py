@@ -59,13 +59,13 @@ def test_a_large_request_is_split_into_bounded_messages(fss_setup, monkeypatch, 
 def test_one_item_over_the_limit_is_refused_clearly(fss_setup, monkeypatch):
     parties, cp, dealer, sent = fss_setup
     monkeypatch.setattr(fss_dealing, "MAX_ITEM_BYTES", 100_000)  # ~48 entries of keys
-    x = torch.randn(500).fix_precision().share(*parties, crypto_provider=cp)
     with pytest.raises(VeilError, match=r"one comparison of 500 entries needs .* MiB .* compare at most \d+ entries"):
-        F.relu(x)
+        dealer.comparison_keys((500,), 1, [p.id for p in parties])  # asked directly for one oversized item
     assert sent == []  # refused before anything was dealt
-    small = torch.randn(20)
-    y = small.fix_precision().share(*parties, crypto_provider=cp)
-    torch.testing.assert_close(F.relu(y).get().float_precision(), F.relu(small), atol=2**-15, rtol=0)
+    big = torch.randn(500)  # a comparison takes chunks that fit instead (tests/mpc/test_fss_chunks.py)
+    y = big.fix_precision().share(*parties, crypto_provider=cp)
+    torch.testing.assert_close(F.relu(y).get().float_precision(), F.relu(big), atol=2**-15, rtol=0)
+    assert sent  # dealt in items of at most comparison.chunk_entries(1, 3) entries
 
 
 def test_item_bytes_match_the_fields_sent(fss_setup):

@@ -153,3 +153,25 @@ def test_every_dealer_function_declares_its_layout():
     from veil.workers.monitor import DEALER_OUTPUTS
 
     assert set(DEALT_LAYOUTS) == DEALER_OUTPUTS
+
+
+def test_chunks_of_a_client_value_stay_its_own_and_open_only_under_their_own_masks(serving):
+    """The chunked FSS comparison (veil/mpc/comparison.py): a client share cut into chunks keeps its
+    restriction, each chunk opens only under a fresh mask of the chunk's shape, and the join stays restricted."""
+    a, b, owner, dealer, claim = serving
+    claim()
+    owner.send_msg(m.CommandMessage(WIRE_PREFIX + "fss_chunks", ([m.ObjectRef(BATCH)],), {"size": 2},
+                                    [91101, 91102]), a)  # (1, 3) -> chunks of 2 and 1 entries
+    with pytest.raises(PermissionDeniedError):
+        owner.send_msg(m.GetObjectsMessage([91101]), a)
+    chunks = [m.ObjectRef(91101), m.ObjectRef(91102)]
+    keys = [dealer.comparison_keys((n,), 1, [a.id, b.id])[a.id] for n in (2, 1, 2, 1)]
+    with pytest.raises(PermissionDeniedError, match="mask of its own shape"):  # masks swapped: 2 entries under 1
+        _open(owner, a, "fss_mask", chunks, [_ref(keys[1][0]), _ref(keys[0][0])])
+    with pytest.raises(PermissionDeniedError, match="not a uniform field"):  # R_hi as a mask
+        _open(owner, a, "fss_mask", chunks, [_ref(keys[2][1]), _ref(keys[3][0])])
+    opened = _open(owner, a, "fss_mask", chunks, [_ref(keys[2][0]), _ref(keys[3][0])])
+    assert [tuple(t.shape) for t in opened] == [(2,), (1,)]
+    owner.send_msg(m.CommandMessage(WIRE_PREFIX + "fss_join", (chunks, list(SHAPE)), {}, [91103]), a)
+    with pytest.raises(PermissionDeniedError):
+        owner.send_msg(m.GetObjectsMessage([91103]), a)

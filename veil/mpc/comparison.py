@@ -46,6 +46,12 @@ and every party holds additive shares of the rest: the comparison is then as
 strong as its two key holders (parties 0 and 1 together learn the bit's
 inputs; no other coalition learns anything).
 
+Large tensors: one item's keys for the whole tensor may exceed what one
+message carries (:data:`veil.mpc.providers.fss_dealing.MAX_ITEM_BYTES`), so
+:func:`sign_select_fss` then flattens ``d`` (and the values multiplied by
+the bit), takes one item per chunk of entries, opens every chunk in the same
+single round and concatenates the results: still 1 round, same result.
+
 Range: ``m = 64``, so the bit is the ring's own sign bit of ``d - 1``: exact
 for every ``d`` in Z/2^64 except ``d = -2^63`` (where ``d - 1`` wraps). Any
 two encoded values differ by less than ``2^63`` (:mod:`veil.mpc.encoding`),
@@ -54,6 +60,7 @@ so ``x > y``, ``x == y``, ... are exact for all encodable operands.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Hashable, Mapping, Sequence
 
 import torch
@@ -62,6 +69,7 @@ from veil.mpc import bit_comparison
 from veil.mpc.fss import dcf
 from veil.mpc.fss.material import COMPARISON_BITS, DCF_BITS, check_fields, n_additive, n_masks, split_bits
 from veil.mpc.party import open_parties, party_function, run_party
+from veil.mpc.providers import fss_dealing
 from veil.mpc.providers.base import Provider
 
 Shares = Mapping[Hashable, torch.Tensor]
@@ -114,6 +122,31 @@ def _fss_select(opened: list, material: list, n_values: int, role: int, first: b
     return (bit, *products)
 
 
+@party_function("fss_chunks")
+def _fss_chunks(values: list, size: int) -> tuple:
+    """The values flattened and cut into chunks of ``size`` entries, chunk-major (chunk 0's values first)."""
+    if type(size) is not int or size < 1 or not isinstance(values, list) or not values:
+        raise ValueError("fss_chunks needs a list of tensors and a positive chunk size")
+    cut = [v.reshape(-1).split(size) for v in values]
+    return tuple(c[k].clone() for k in range(len(cut[0])) for c in cut)
+
+
+@party_function("fss_join")
+def _fss_join(chunks: list, shape: list) -> torch.Tensor:
+    """The chunks concatenated and reshaped back to ``shape``."""
+    if not isinstance(chunks, list) or not chunks or not isinstance(shape, (list, tuple)) or \
+            not all(type(s) is int and s >= 0 for s in shape):
+        raise ValueError("fss_join needs a list of tensors and a shape")
+    return torch.cat([c.reshape(-1) for c in chunks]).reshape(tuple(shape))
+
+
+def chunk_entries(n_values: int, n_parties: int) -> int:
+    """Most entries one FSS item may hold: its largest party part (unseeded, a key holder) stays within
+    :data:`veil.mpc.providers.fss_dealing.MAX_ITEM_BYTES`, which the provider enforces."""
+    per_entry = max(fss_dealing.item_bytes((1,), n_values, i, n_parties, False) for i in range(min(2, n_parties)))
+    return max(1, fss_dealing.MAX_ITEM_BYTES // per_entry)
+
+
 def sign_select_fss(d: Shares, extras: Sequence[Shares], provider: Provider,
                     products: bool = True) -> tuple[dict, list[dict]]:
     """Shares of ``[d > 0]`` and of ``v * [d > 0]`` for ``v`` in ``(d, *extras)`` (FSS, 1 round).
@@ -127,22 +160,46 @@ def sign_select_fss(d: Shares, extras: Sequence[Shares], provider: Provider,
     Returns:
         ``(bits, products)``: party -> bit share, and one party -> share map
         per value in ``(d, *extras)`` (none when ``products`` is False).
+        A tensor over :func:`chunk_entries` entries takes one item per chunk (still one round).
     """
     if not products and extras:
         raise ValueError("extras are multiplied by the bit: they need products=True")
     parties = list(d.keys())
     n_values = 1 + len(extras) if products else 0
     shape = tuple(d[parties[0]].shape)
-    material = provider.comparison_keys(shape, n_values, parties)
     values = {p: [d[p]] + [w[p] for w in extras] for p in parties}
-    opened = open_parties("fss_mask", {p: (values[p], list(material[p][:n_masks(n_values)])) for p in parties})
-    outs = {
-        p: run_party("fss_select", opened, list(material[p]), n_values=n_values, role=i if i < 2 else -1,
-                     first=i == 0)
-        for i, p in enumerate(parties)
-    }
-    bits = {p: outs[p][0] for p in parties}
-    return bits, [{p: outs[p][1 + j] for p in parties} for j in range(n_values)]
+    entries, size = math.prod(shape), chunk_entries(n_values, len(parties))
+    if entries <= size:
+        outs = _select(values, [shape], n_values, provider, parties)[0]
+        return outs[0], outs[1:]
+    per_chunk = len(values[parties[0]])  # d and the extras: each is opened, masked, per chunk
+    cut = {p: list(run_party("fss_chunks", values[p], size=size)) for p in parties}
+    sizes = [min(size, entries - a) for a in range(0, entries, size)]
+    chunks = {p: [cut[p][k * per_chunk:(k + 1) * per_chunk] for k in range(len(sizes))] for p in parties}
+    outs = _select(chunks, [(s,) for s in sizes], n_values, provider, parties, chunked=True)
+    joined = [{p: run_party("fss_join", [o[j][p] for o in outs], list(shape)) for p in parties}
+              for j in range(1 + n_values)]
+    return joined[0], joined[1:]
+
+
+def _select(values: dict, shapes: list, n_values: int, provider: Provider, parties: list,
+            chunked: bool = False) -> list[list[dict]]:
+    """One item per shape, every item's values opened in one round; per item ``[bits, *products]``
+    (party -> share maps). ``values``: party -> the values (one list per item when ``chunked``)."""
+    per_item = [values[p] if chunked else [values[p]] for p in parties]
+    material = [provider.comparison_keys(s, n_values, parties) for s in shapes]
+    k = n_masks(n_values)
+    args = {p: ([v for item in per_item[i] for v in item],
+                [r for m in material for r in list(m[p][:k])]) for i, p in enumerate(parties)}
+    opened = open_parties("fss_mask", args)
+    outs = []
+    for t, m in enumerate(material):
+        item_opened = opened[t * k:(t + 1) * k]
+        res = {p: run_party("fss_select", item_opened, list(m[p]), n_values=n_values, role=i if i < 2 else -1,
+                            first=i == 0)
+               for i, p in enumerate(parties)}
+        outs.append([{p: res[p][j] for p in parties} for j in range(1 + n_values)])
+    return outs
 
 
 #: name -> sign_select implementation (one protocol per file)

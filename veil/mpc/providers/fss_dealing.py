@@ -18,7 +18,9 @@ Bounded messages: DCF keys take ~2 kB per compared entry, so the provider
 splits a request's items into messages of at most :data:`MESSAGE_BYTES` of
 material per party (by item count, fresh seeds per message; callers see one
 request). One item always travels whole: an item above
-:data:`MAX_ITEM_BYTES` is refused before anything is dealt.
+:data:`MAX_ITEM_BYTES` is refused before anything is dealt, so the comparison
+(:func:`veil.mpc.comparison.sign_select_fss`) asks for one item per chunk of
+at most ``chunk_entries()`` entries of a larger tensor (opened in one round).
 """
 
 from __future__ import annotations
