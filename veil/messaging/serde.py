@@ -339,7 +339,9 @@ def _take_oob_tensor(data: bytes) -> torch.Tensor:
         raise SerializationError(f"out-of-band tensor of {n} bytes does not match its shape or the frame")
     raw = region.view[region.at: region.at + n]
     region.at += n
-    if region.adopt and n >= ADOPT_MIN_BYTES and not raw.readonly:
+    # In place only for the tensor that is most of the frame: it keeps the whole buffer alive, and
+    # what it holds must stay close to what the worker accounts for it (session quotas).
+    if region.adopt and n >= ADOPT_MIN_BYTES and 2 * n >= len(region.view) and not raw.readonly:
         return _build_tensor(dtype_name, shape, requires_grad, raw, adopt=True)
     return _build_tensor(dtype_name, shape, requires_grad, raw)
 
@@ -504,11 +506,20 @@ def _split_frame(data: bytes) -> tuple[memoryview, memoryview | None]:
 
 class OwnedFrame(bytearray):
     """A received message's buffer that belongs to its decoder alone and is never reused (the
-    network transports make one per large message). :func:`deserialize` lets out-of-band tensors
-    of at least ``ADOPT_MIN_BYTES`` use its memory in place instead of copying it; they keep the
-    whole buffer alive, and decoding the same OwnedFrame twice would give tensors sharing memory."""
+    network transports make one per large message). :func:`deserialize` lets the out-of-band
+    tensor that fills at least half of its raw region (and ``ADOPT_MIN_BYTES``) use its memory in
+    place instead of copying it; that tensor keeps the whole buffer alive, and decoding the same
+    OwnedFrame twice would give tensors sharing memory."""
 
     __slots__ = ()
+
+
+def frame_pad(head: bytes) -> int:
+    """Bytes to put in front of a framed message starting with ``head`` (its first 5 bytes or
+    more) so that its raw tensor region starts on a 16-byte boundary; 0 when it cannot tell."""
+    if len(head) < 5 or head[0] != FRAME_MAGIC[0]:
+        return 0
+    return -(5 + int.from_bytes(head[1:5], "little")) % 16
 
 
 def deserialize(data: bytes, ctx: DecodeContext | None = None) -> tuple[Any, str, list[int]]:

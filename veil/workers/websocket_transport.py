@@ -24,7 +24,7 @@ from websockets.http11 import Response
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
-from veil.messaging.serde import FrameParts, OwnedFrame
+from veil.messaging.serde import FrameParts, OwnedFrame, frame_pad
 
 try:
     from websockets.speedups import apply_mask
@@ -37,15 +37,6 @@ _MASK_CHUNK = 1 << 18
 #: messages larger than this are sent as fragments of this size
 SEND_FRAGMENT = 1 << 20
 _ZEROS = memoryview(bytes(1 << 20))
-_FRAME_MAGIC = 0xC1  # veil's framed message: 0xC1 | u32 header length | msgpack header | raw bytes
-
-
-def _raw_pad(buf: bytearray, at: int, have: int) -> int:
-    """Leading bytes that put a framed message's raw region on a 16-byte boundary (0 if unknown)."""
-    if have < 5 or buf[at] != _FRAME_MAGIC:
-        return 0
-    return -(5 + int.from_bytes(buf[at + 1: at + 5], "little")) % 16
-
 
 class BlockingConnection:
     """One websocket connection, used by one thread at a time (callers hold a lock).
@@ -61,6 +52,8 @@ class BlockingConnection:
         InvalidHandshake: the server refused the handshake (``InvalidStatus`` has the HTTP status).
         OSError: the server cannot be reached (``TimeoutError`` on timeout).
     """
+
+    _masks, _mask_at = b"", 0  # frame masks not used yet (see _next_mask)
 
     def __init__(self, url: str, headers: dict[str, str], ssl_context: "ssl_module.SSLContext | None" = None,
                  open_timeout: float = 10.0, max_size: int | None = None) -> None:
@@ -87,6 +80,7 @@ class BlockingConnection:
             self.protocol.send_request(request)
             self._flush()
             self.response = self._await_handshake()
+            self._timeout = sock.gettimeout()
         except BaseException:
             sock.close()
             raise
@@ -165,8 +159,17 @@ class BlockingConnection:
         for i, piece in enumerate(pieces):
             self._send_frame(piece, (0x80 if i == last else 0) | (0x02 if i == 0 else 0x00), len(piece))
 
+    def _next_mask(self) -> bytes:
+        # RFC 6455 masks must be unpredictable (10.3): from the OS CSPRNG as before, but read 4 KiB
+        # at a time (one getrandom per 1024 frames instead of one per frame)
+        at = self._mask_at
+        if at >= len(self._masks):
+            self._masks, at = secrets.token_bytes(4096), 0
+        self._mask_at = at + 4
+        return self._masks[at: at + 4]
+
     def _send_frame(self, data: Any, head1: int, n: int) -> None:
-        mask = secrets.token_bytes(4)
+        mask = self._next_mask()
         if n < 126:
             head = bytes((head1, 0x80 | n))
         elif n < 1 << 16:
@@ -187,7 +190,9 @@ class BlockingConnection:
         A binary message comes back as a ``bytearray``, or for large ones an ``OwnedFrame`` (or a
         ``memoryview`` of one) that nothing else references: the decoder uses it in place.
         """
-        self.sock.settimeout(timeout)
+        if timeout != self._timeout:  # each settimeout is a system call (ioctl)
+            self.sock.settimeout(timeout)
+            self._timeout = timeout
         if not self._direct:
             return self._recv_via_protocol()
         while True:
@@ -258,7 +263,7 @@ class BlockingConnection:
         if message is None:
             # A veil frame's raw tensor region is placed at a 16-byte boundary of the buffer, so the
             # decoder can use large tensors' bytes where they are (serde ``adopt``).
-            self._pad = _raw_pad(buf, head, have)
+            self._pad = frame_pad(buf[head: head + min(have, 5)])
             message = OwnedFrame(self._pad + n)
             start = self._pad
         else:
@@ -354,6 +359,7 @@ class BlockingConnection:
         try:
             while select.select([self.sock], [], [], 0)[0]:
                 self.sock.settimeout(1.0)
+                self._timeout = 1.0
                 if not self._direct:
                     self._feed()  # the protocol queues a pong per ping; _feed sends it
                 else:
@@ -367,6 +373,7 @@ class BlockingConnection:
         finally:
             try:
                 self.sock.settimeout(previous)
+                self._timeout = previous
             except OSError:
                 pass
         return self.protocol.state.name == "OPEN"
