@@ -69,6 +69,10 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 _ITEMSIZE: dict[torch.dtype, int] = {dt: torch.empty((), dtype=dt).element_size() for dt in DTYPES.values()}
+#: address alignment a tensor used in place must have (its element size; complex: its component's)
+_ALIGN: dict[torch.dtype, int] = {dt: min(size, 8) for dt, size in _ITEMSIZE.items()}
+#: out-of-band tensors at least this large are used in place when the decoder may adopt the buffer
+ADOPT_MIN_BYTES = 1 << 16
 
 
 class EXT_CODES:
@@ -183,8 +187,12 @@ def _nbytes(dtype_name: Any, shape: Any) -> int:
     return math.prod(shape) * _ITEMSIZE[dtype]
 
 
-def _build_tensor(dtype_name: Any, shape: Any, requires_grad: Any, raw: memoryview) -> torch.Tensor:
-    """A tensor with its own memory (one copy of ``raw``), after checking every field against ``raw``."""
+def _build_tensor(dtype_name: Any, shape: Any, requires_grad: Any, raw: memoryview,
+                  adopt: bool = False) -> torch.Tensor:
+    """A tensor with its own memory (one copy of ``raw``), after checking every field against ``raw``.
+
+    ``adopt``: the tensor uses ``raw``'s memory in place when it is aligned for the dtype (the caller
+    owns the buffer and never reuses it; the tensor keeps it alive)."""
     dtype, shape = tensor_spec(dtype_name, shape)
     if not isinstance(requires_grad, bool):
         raise SerializationError("tensor payload has a wrong field type")
@@ -197,9 +205,15 @@ def _build_tensor(dtype_name: Any, shape: Any, requires_grad: Any, raw: memoryvi
     if numel == 0:
         t = torch.empty(shape, dtype=dtype)
     else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            t = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
+        if adopt:
+            t = torch.frombuffer(raw, dtype=dtype)
+            if t.data_ptr() % _ALIGN[dtype]:
+                t = t.clone()  # misaligned for the dtype's kernels: one copy, as without adopt
+            t = t.reshape(shape)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                t = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
     if requires_grad:
         if not (t.is_floating_point() or t.is_complex()):
             raise SerializationError(f"requires_grad is only valid for float tensors, not {dtype_name}")
@@ -292,11 +306,11 @@ class _OutOfBand:
     handed out in order. ``levels``: the ext nesting levels whose tensors travel out of band (the
     message's own fields, and the payload of a StoredObject among them, see :func:`_oob_inside`)."""
 
-    __slots__ = ("buffers", "view", "at", "levels")
+    __slots__ = ("buffers", "view", "at", "levels", "adopt")
 
-    def __init__(self, view: memoryview | None = None) -> None:
+    def __init__(self, view: memoryview | None = None, adopt: bool = False) -> None:
         self.buffers: list[memoryview] = []
-        self.view, self.at, self.levels = view, 0, {1}
+        self.view, self.at, self.levels, self.adopt = view, 0, {1}, adopt
 
 
 def _oob_inside(state: "_OutOfBand | None", level: int, run: Callable[[], Any]) -> Any:
@@ -325,6 +339,10 @@ def _take_oob_tensor(data: bytes) -> torch.Tensor:
         raise SerializationError(f"out-of-band tensor of {n} bytes does not match its shape or the frame")
     raw = region.view[region.at: region.at + n]
     region.at += n
+    # In place only for the tensor that is most of the frame: it keeps the whole buffer alive, and
+    # what it holds must stay close to what the worker accounts for it (session quotas).
+    if region.adopt and n >= ADOPT_MIN_BYTES and 2 * n >= len(region.view) and not raw.readonly:
+        return _build_tensor(dtype_name, shape, requires_grad, raw, adopt=True)
     return _build_tensor(dtype_name, shape, requires_grad, raw)
 
 
@@ -418,8 +436,22 @@ _ENCODERS = {torch.Size: _ENCODERS.pop(torch.Size), **_ENCODERS}
 # --------------------------------------------------------------- messages
 
 
-def serialize(msg: Any, sender: str = "", prelude: list | None = None) -> bytes:
-    """Encodes a message dataclass, with its prelude (deletions and deferred commands)."""
+class FrameParts(list):
+    """A framed message left in parts: ``[magic + header length + header, tensor bytes...]``, each
+    tensor's bytes still a view of its memory. A network transport writes them straight to the
+    socket, so a large ``.send()`` makes no copy of the tensor at all on the client. ``nbytes``:
+    the whole message's length."""
+
+    __slots__ = ("nbytes",)
+
+
+def serialize(msg: Any, sender: str = "", prelude: list | None = None,
+              parts_over: int | None = None) -> bytes | FrameParts:
+    """Encodes a message dataclass, with its prelude (deletions and deferred commands).
+
+    ``parts_over``: a framed message longer than this comes back as :class:`FrameParts` (for
+    transports that write it themselves) instead of one joined buffer.
+    """
     cls = type(msg)
     names = FIELD_NAMES.get(cls)
     if names is None:
@@ -439,8 +471,15 @@ def serialize(msg: Any, sender: str = "", prelude: list | None = None) -> bytes:
         raise SerializationError(f"cannot serialize {cls.__name__}: {e}") from e
     if not buffers:
         return header
+    head = FRAME_MAGIC + len(header).to_bytes(4, "little") + header
+    if parts_over is not None:
+        nbytes = len(head) + sum(b.nbytes for b in buffers)
+        if nbytes > parts_over:
+            parts = FrameParts((head, *buffers))
+            parts.nbytes = nbytes
+            return parts
     # the only copy of the tensors' bytes on the way out: straight from their memory into the frame
-    return b"".join((FRAME_MAGIC, len(header).to_bytes(4, "little"), header, *buffers))
+    return b"".join((head, *buffers))
 
 
 def envelope(data: bytes) -> Any:
@@ -465,12 +504,34 @@ def _split_frame(data: bytes) -> tuple[memoryview, memoryview | None]:
     return view[5: 5 + n], view[5 + n:]
 
 
+class OwnedFrame(bytearray):
+    """A received message's buffer that belongs to its decoder alone and is never reused (the
+    network transports make one per large message). :func:`deserialize` lets the out-of-band
+    tensor that fills at least half of its raw region (and ``ADOPT_MIN_BYTES``) use its memory in
+    place instead of copying it; that tensor keeps the whole buffer alive, and decoding the same
+    OwnedFrame twice would give tensors sharing memory."""
+
+    __slots__ = ()
+
+
+def frame_pad(head: bytes) -> int:
+    """Bytes to put in front of a framed message starting with ``head`` (its first 5 bytes or
+    more) so that its raw tensor region starts on a 16-byte boundary; 0 when it cannot tell."""
+    if len(head) < 5 or head[0] != FRAME_MAGIC[0]:
+        return 0
+    return -(5 + int.from_bytes(head[1:5], "little")) % 16
+
+
 def deserialize(data: bytes, ctx: DecodeContext | None = None) -> tuple[Any, str, list[int]]:
     """Decodes bytes into ``(message, sender, prelude)``; any failure is a SerializationError."""
+    if type(data) is FrameParts:  # a message captured on its way to a transport (tests, benchmarks)
+        data = b"".join(data)
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise SerializationError(f"expected bytes, got {type(data).__name__}")
+    adopt = type(data) is OwnedFrame or (type(data) is memoryview and type(data.obj) is OwnedFrame)
     header, raw = _split_frame(data)
-    previous, _oob.region = getattr(_oob, "region", None), (_OutOfBand(raw) if raw is not None else None)
+    previous = getattr(_oob, "region", None)
+    _oob.region = _OutOfBand(raw, adopt) if raw is not None else None
     try:
         value = _unpack(header, ctx or _CTX_SENTINEL)
         if raw is not None and _oob.region.at != raw.nbytes:

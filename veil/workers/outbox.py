@@ -18,7 +18,7 @@ import torch
 
 from veil.exceptions import ObjectNotFoundError, error_from_reply
 from veil.messaging import messages as m
-from veil.messaging.serde import deserialize, serialize
+from veil.messaging.serde import FrameParts, deserialize, serialize
 
 if TYPE_CHECKING:
     from veil.workers.base import BaseWorker
@@ -35,6 +35,10 @@ PRELUDE_BYTES_LIMIT = 32 << 20
 class Outbox:
     """Mixin of BaseWorker: ``send_msg`` and the per-destination queues (needs ``id``, ``hook``,
     ``stats`` and ``_decode_ctx`` from the worker)."""
+
+    #: as a destination: requests longer than this reach its ``_recv_msg`` as serde ``FrameParts``
+    #: (tensor bytes not joined into one buffer; network transports write them themselves)
+    frame_parts_over: int | None = None
 
     def _init_outbox(self) -> None:
         # Per destination object (keyed by identity: a new worker may reuse an old one's name; the
@@ -83,13 +87,13 @@ class Outbox:
 
     def _exchange(self, msg: Any, location: "BaseWorker", prelude: list | None) -> Any:
         try:
-            data = serialize(msg, sender=self.id, prelude=prelude)
+            data = serialize(msg, sender=self.id, prelude=prelude, parts_over=location.frame_parts_over)
             reply_bytes = location._recv_msg(data)
         except Exception as e:
             if prelude:
                 self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
             raise
-        self.stats.record(len(data), len(reply_bytes))
+        self.stats.record(data.nbytes if type(data) is FrameParts else len(data), len(reply_bytes))
         reply, _, _ = deserialize(reply_bytes, self._decode_ctx)
         if type(reply) is m.ErrorReply:
             error = error_from_reply(reply.error, reply.message)

@@ -31,7 +31,8 @@ from veil.exceptions import ConnectionLostError, PermissionDeniedError, Serializ
 from veil.workers.base import BaseWorker
 from veil.workers.websocket_admin import AdminLoadMessage, RemoteObjectsView
 from veil.workers.websocket_auth import handshake_headers
-from veil.workers.websocket_transport import BlockingConnection
+from veil.messaging.serde import FrameParts
+from veil.workers.websocket_transport import SEND_FRAGMENT, BlockingConnection
 
 if TYPE_CHECKING:
     from veil.hook import TorchHook
@@ -59,6 +60,9 @@ class WebsocketClientWorker(BaseWorker):
         connect_timeout: seconds to wait for the connection and handshake.
         lazy: connect on first use instead of now (servers use this for peers).
     """
+
+    #: large requests arrive as FrameParts: the transport writes tensor bytes from their memory
+    frame_parts_over = SEND_FRAGMENT
 
     def __init__(
         self,
@@ -161,7 +165,7 @@ class WebsocketClientWorker(BaseWorker):
         finally:
             self._lock.release()
 
-    def _recv_msg(self, data: bytes) -> bytes:
+    def _recv_msg(self, data: bytes | FrameParts) -> bytes:
         """Forwards one serialized request and returns the serialized reply."""
         with self._lock:
             if self._lost_while_idle:
@@ -170,9 +174,10 @@ class WebsocketClientWorker(BaseWorker):
                     raise ConnectionLostError(f"worker {self.id!r} at {self.url} closed the idle connection; "
                                               f"objects of that session are gone (the next request reconnects)")
             conn = self._conn if self._conn is not None else self._connect()
-            if self._server_max is not None and len(data) > self._server_max:
+            size = data.nbytes if type(data) is FrameParts else len(data)
+            if self._server_max is not None and size > self._server_max:
                 raise SerializationError(
-                    f"message of {len(data)} bytes exceeds worker {self.id!r}'s limit of {self._server_max} bytes"
+                    f"message of {size} bytes exceeds worker {self.id!r}'s limit of {self._server_max} bytes"
                 )
             try:
                 conn.send(data)
@@ -188,7 +193,7 @@ class WebsocketClientWorker(BaseWorker):
             except OSError as e:
                 self._drop()
                 raise ConnectionLostError(f"connection to worker {self.id!r} at {self.url} failed: {e}") from None
-        if not isinstance(reply, (bytes, bytearray)):
+        if not isinstance(reply, (bytes, bytearray, memoryview)):
             raise SerializationError(f"worker {self.id!r} answered with a text frame")
         return reply
 

@@ -19,10 +19,12 @@ from typing import Any
 
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidHandshake
-from websockets.frames import Frame, Opcode
+from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Response
 from websockets.protocol import State
 from websockets.uri import parse_uri
+
+from veil.messaging.serde import FrameParts, OwnedFrame, frame_pad
 
 try:
     from websockets.speedups import apply_mask
@@ -32,7 +34,9 @@ except ImportError:  # pragma: no cover - the pure-Python fallback of the same l
 _READ_CHUNK = 1 << 20
 #: large messages are masked in chunks of this size (a multiple of 4: each chunk starts at mask offset 0)
 _MASK_CHUNK = 1 << 18
-
+#: messages larger than this are sent as fragments of this size
+SEND_FRAGMENT = 1 << 20
+_ZEROS = memoryview(bytes(1 << 20))
 
 class BlockingConnection:
     """One websocket connection, used by one thread at a time (callers hold a lock).
@@ -49,11 +53,21 @@ class BlockingConnection:
         OSError: the server cannot be reached (``TimeoutError`` on timeout).
     """
 
+    _masks, _mask_at = b"", 0  # frame masks not used yet (see _next_mask)
+
     def __init__(self, url: str, headers: dict[str, str], ssl_context: "ssl_module.SSLContext | None" = None,
                  open_timeout: float = 10.0, max_size: int | None = None) -> None:
         uri = parse_uri(url)
         self.protocol = ClientProtocol(uri, max_size=max_size)
+        self.max_size = max_size
         self._buffer = memoryview(bytearray(_READ_CHUNK))
+        self._parts: list[bytes] = []  # a message the protocol is assembling (slow path)
+        self._text = False
+        self._rbuf = bytearray()  # received bytes not consumed yet; always starts at a frame boundary
+        self._msg: bytearray | None = None  # a fragmented binary message being assembled (fast path)
+        self._size = self._pad = 0  # its payload bytes so far, and where they start in it
+        self._direct = False
+        self._early: list[Any] = []
         sock = socket.create_connection((uri.host, uri.port), timeout=open_timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small requests must not wait for Nagle
@@ -66,10 +80,15 @@ class BlockingConnection:
             self.protocol.send_request(request)
             self._flush()
             self.response = self._await_handshake()
+            self._timeout = sock.gettimeout()
         except BaseException:
             sock.close()
             raise
-        self._parts: list[bytes] = []
+        # Frames are read here only if the handshake left no frame bytes inside the protocol (veil
+        # servers send nothing first); otherwise every byte goes through the protocol, as it did.
+        reader = getattr(self.protocol, "reader", None)
+        self._direct = reader is not None and getattr(reader, "buffer", b"?") == b"" and not self._early
+
 
     def _flush(self) -> None:
         for chunk in self.protocol.data_to_send():
@@ -90,35 +109,73 @@ class BlockingConnection:
 
     def _await_handshake(self) -> Response:
         while True:
-            for event in self._feed():
+            events = self._feed()
+            for i, event in enumerate(events):
                 if isinstance(event, Response):
                     if self.protocol.handshake_exc is not None:
                         raise self.protocol.handshake_exc
+                    self._early = events[i + 1:]  # frames that came with the response come first
                     return event
             if self.protocol.handshake_exc is not None:
                 raise self.protocol.handshake_exc
             if self.protocol.close_expected() or self.protocol.state.name == "CLOSED":
                 raise InvalidHandshake("connection closed during the opening handshake")
 
-    def send(self, data: bytes) -> None:
-        """Sends one binary message."""
+    def send(self, data: "bytes | FrameParts") -> None:
+        """Sends one binary message (serde ``FrameParts``: its parts, in order, as one message)."""
         protocol = self.protocol
         if protocol.state is not State.OPEN or protocol.expect_continuation_frame or protocol.extensions:
-            protocol.send_binary(data)  # let the library raise or frame it
+            protocol.send_binary(b"".join(data) if type(data) is FrameParts else data)  # the library raises or frames it
             self._flush()
             return
-        # One final, masked binary frame (RFC 6455 5.2), exactly what send_binary would write, without
+        # Masked binary frames (RFC 6455 5.2), exactly what send_binary would write, without
         # Frame.serialize's copies: small messages go out in one write, large ones are masked in
-        # cache-sized chunks straight from the caller's buffer.
+        # cache-sized chunks straight from the caller's buffer. Messages over SEND_FRAGMENT travel as
+        # a fragmented message (5.4): the server's websockets then buffers, slices and unmasks one
+        # fragment at a time instead of three fresh copies of the whole message.
         self._flush()
+        if type(data) is FrameParts:
+            self._send_parts(data)
+            return
         n = len(data)
-        mask = secrets.token_bytes(4)
+        if n <= SEND_FRAGMENT:
+            self._send_frame(data, 0x82, n)
+            return
+        view = memoryview(data).cast("B")
+        for at in range(0, n, SEND_FRAGMENT):
+            part = view[at: at + SEND_FRAGMENT]
+            last = at + SEND_FRAGMENT >= n
+            self._send_frame(part, (0x80 if last else 0) | (0x02 if at == 0 else 0x00), len(part))
+
+    def _send_parts(self, parts: list) -> None:
+        """One fragmented message: each part in fragments of at most SEND_FRAGMENT, masked from its memory."""
+        pieces = []
+        for part in parts:
+            view = memoryview(part).cast("B")
+            pieces.extend(view[at: at + SEND_FRAGMENT] for at in range(0, view.nbytes, SEND_FRAGMENT))
+        if not pieces:
+            pieces.append(b"")
+        last = len(pieces) - 1
+        for i, piece in enumerate(pieces):
+            self._send_frame(piece, (0x80 if i == last else 0) | (0x02 if i == 0 else 0x00), len(piece))
+
+    def _next_mask(self) -> bytes:
+        # RFC 6455 masks must be unpredictable (10.3): from the OS CSPRNG as before, but read 4 KiB
+        # at a time (one getrandom per 1024 frames instead of one per frame)
+        at = self._mask_at
+        if at >= len(self._masks):
+            self._masks, at = secrets.token_bytes(4096), 0
+        self._mask_at = at + 4
+        return self._masks[at: at + 4]
+
+    def _send_frame(self, data: Any, head1: int, n: int) -> None:
+        mask = self._next_mask()
         if n < 126:
-            head = bytes((0x82, 0x80 | n))
+            head = bytes((head1, 0x80 | n))
         elif n < 1 << 16:
-            head = b"\x82\xfe" + n.to_bytes(2, "big")
+            head = bytes((head1, 0xFE)) + n.to_bytes(2, "big")
         else:
-            head = b"\x82\xff" + n.to_bytes(8, "big")
+            head = bytes((head1, 0xFF)) + n.to_bytes(8, "big")
         if n <= _MASK_CHUNK:
             self.sock.sendall(head + mask + apply_mask(data, mask))
             return
@@ -127,31 +184,170 @@ class BlockingConnection:
         for at in range(0, n, _MASK_CHUNK):
             self.sock.sendall(apply_mask(view[at: at + _MASK_CHUNK], mask))
 
-    def recv(self, timeout: float | None) -> bytes | bytearray | str:
+    def recv(self, timeout: float | None) -> bytes | bytearray | memoryview | str:
         """Blocks until the next whole message arrives (``TimeoutError`` after ``timeout`` s).
 
-        A binary message may come back as a ``bytearray`` (the frame's own buffer, not copied again).
+        A binary message comes back as a ``bytearray``, or for large ones an ``OwnedFrame`` (or a
+        ``memoryview`` of one) that nothing else references: the decoder uses it in place.
         """
-        self.sock.settimeout(timeout)
+        if timeout != self._timeout:  # each settimeout is a system call (ioctl)
+            self.sock.settimeout(timeout)
+            self._timeout = timeout
+        if not self._direct:
+            return self._recv_via_protocol()
         while True:
-            for event in self._feed():
-                if not isinstance(event, Frame):
-                    continue
-                if event.opcode in (Opcode.BINARY, Opcode.TEXT, Opcode.CONT):
-                    if event.opcode is not Opcode.CONT:
-                        self._parts = []
-                        self._text = event.opcode is Opcode.TEXT
-                    self._parts.append(event.data)
-                    if event.fin:  # a whole frame's data is already a fresh buffer: no copy
-                        data = b"".join(self._parts) if len(self._parts) > 1 else self._parts[0]
-                        self._parts = []
-                        return data.decode() if self._text else data
-            state = self.protocol.state.name
-            if state == "CLOSED":
-                raise self.protocol.close_exc
-            if state == "CLOSING":  # the peer sent its close frame: nothing more will come
-                rcvd, sent = self.protocol.close_rcvd, self.protocol.close_sent
-                raise ConnectionClosedError(rcvd, sent, True if rcvd is not None and sent is not None else None)
+            message = self._next_frame()
+            if message is not None:
+                return message
+
+    # ------------------------------------------------------------ frames read here
+    #
+    # The reply path reads binary data frames itself: websockets' parser copies every byte twice
+    # (its stream buffer, then a slice per frame) and assembles fragments with a third copy. Here a
+    # frame's payload is received straight into the message's buffer. Everything else (control
+    # frames: ping, pong, close; text; masked or reserved-bit frames, which are errors from a
+    # server; frames while closing) is handed to the protocol whole, at a frame boundary, so the
+    # library keeps deciding what is valid and answers pings and closes.
+
+    def _fill(self, k: int) -> None:
+        """Reads until at least ``k`` bytes are buffered."""
+        while len(self._rbuf) < k:
+            n = self.sock.recv_into(self._buffer)
+            if not n:
+                self._eof()
+            self._rbuf += self._buffer[:n]
+
+    def _eof(self) -> None:
+        """The peer closed the TCP connection: always raises ConnectionClosed."""
+        mid_frame = bool(self._rbuf) or self._msg is not None
+        self._rbuf.clear()
+        self._msg = None
+        self.protocol.receive_eof()
+        self.protocol.events_received()
+        if self.protocol.state is State.CLOSED and not mid_frame:
+            raise self.protocol.close_exc
+        raise ConnectionClosedError(self.protocol.close_rcvd, self.protocol.close_sent, None)
+
+    def _next_frame(self) -> bytes | bytearray | str | None:
+        """Consumes one frame; returns a message once one is complete."""
+        buf = self._rbuf
+        if len(buf) < 2:
+            self._fill(2)
+        b0, b1 = buf[0], buf[1]
+        n = b1 & 0x7F
+        head = 2
+        if n >= 126:
+            head = 4 if n == 126 else 10
+            if len(buf) < head:
+                self._fill(head)
+            n = int.from_bytes(buf[2:head], "big")
+        opcode = b0 & 0x0F
+        if self._msg is not None and opcode in (0x01, 0x02):
+            self.protocol.fail(CloseCode.PROTOCOL_ERROR, "expected a continuation frame")
+            self._flush()
+            raise ConnectionClosedError(None, self.protocol.close_sent, None)
+        if (b0 & 0x70 or b1 & 0x80 or self._parts or self.protocol.state is not State.OPEN
+                or not (opcode == 0x02 if self._msg is None else opcode == 0x00)):
+            return self._protocol_frame(head + n)
+        message = self._msg
+        size = n if message is None else self._size + n
+        if self.max_size is not None and size > self.max_size:
+            self.protocol.fail(CloseCode.MESSAGE_TOO_BIG, f"over size limit ({size} > {self.max_size} bytes)")
+            self._flush()
+            raise ConnectionClosedError(None, self.protocol.close_sent, None)
+        have = min(len(buf) - head, n)
+        if message is None and have == n and b0 & 0x80:  # a whole small message is buffered (the common reply)
+            message = buf[head: head + n]
+            del buf[: head + n]
+            return message
+        if message is None:
+            # A veil frame's raw tensor region is placed at a 16-byte boundary of the buffer, so the
+            # decoder can use large tensors' bytes where they are (serde ``adopt``).
+            self._pad = frame_pad(buf[head: head + min(have, 5)])
+            message = OwnedFrame(self._pad + n)
+            start = self._pad
+        else:
+            start = len(message)
+            # grows in place (realloc); the bytes are received over the zeros next
+            message += _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)
+        self._size = size
+        with memoryview(message) as view:
+            view[start: start + have] = memoryview(buf)[head: head + have]
+            del buf[: head + have]
+            rest = view[start + have: start + n]
+            while rest:
+                got = self.sock.recv_into(rest)
+                if not got:
+                    self._msg = message
+                    self._eof()
+                rest = rest[got:]
+        if b0 & 0x80:
+            self._msg = None
+            return memoryview(message)[self._pad:] if self._pad else message
+        self._msg = message
+        return None
+
+    def _frame_buffered(self) -> bool:
+        buf = self._rbuf
+        if len(buf) < 2:
+            return False
+        n, head = buf[1] & 0x7F, 2
+        if n >= 126:
+            head = 4 if n == 126 else 10
+            if len(buf) < head:
+                return False
+            n = int.from_bytes(buf[2:head], "big")
+        return len(buf) >= head + n
+
+    def _protocol_frame(self, size: int) -> bytes | str | None:
+        """Hands the next frame (``size`` bytes with its header) to the protocol."""
+        while size:
+            if not self._rbuf:
+                self._fill(1)
+            take = min(len(self._rbuf), size)
+            self.protocol.receive_data(bytes(self._rbuf[:take]))
+            del self._rbuf[:take]
+            size -= take
+        events = self.protocol.events_received()
+        self._flush()  # pongs and close acknowledgements
+        message = self._take_message(events)
+        if message is not None:
+            return message
+        self._check_open()
+        return None
+
+    def _take_message(self, events: list[Any]) -> bytes | str | None:
+        """The message completed by ``events`` (consumed from the front; what follows it stays)."""
+        while events:
+            event = events.pop(0)
+            if not isinstance(event, Frame) or event.opcode not in (Opcode.BINARY, Opcode.TEXT, Opcode.CONT):
+                continue
+            if event.opcode is not Opcode.CONT:
+                self._parts = []
+                self._text = event.opcode is Opcode.TEXT
+            self._parts.append(event.data)
+            if event.fin:  # a whole frame's data is already a fresh buffer: no copy
+                data = b"".join(self._parts) if len(self._parts) > 1 else self._parts[0]
+                self._parts = []
+                return data.decode() if self._text else data
+        return None
+
+    def _check_open(self) -> None:
+        state = self.protocol.state.name
+        if state == "CLOSED":
+            raise self.protocol.close_exc
+        if state == "CLOSING":  # the peer sent its close frame: nothing more will come
+            rcvd, sent = self.protocol.close_rcvd, self.protocol.close_sent
+            raise ConnectionClosedError(rcvd, sent, True if rcvd is not None and sent is not None else None)
+
+    def _recv_via_protocol(self) -> bytes | bytearray | str:
+        while True:
+            if not self._early:
+                self._early = self._feed()
+            message = self._take_message(self._early)
+            if message is not None:
+                return message
+            self._check_open()
 
     def poll(self) -> bool:
         """Handles frames that arrived while idle (answers the server's keepalive pings).
@@ -163,7 +359,13 @@ class BlockingConnection:
         try:
             while select.select([self.sock], [], [], 0)[0]:
                 self.sock.settimeout(1.0)
-                self._feed()  # the protocol queues a pong per ping; _feed sends it
+                self._timeout = 1.0
+                if not self._direct:
+                    self._feed()  # the protocol queues a pong per ping; _feed sends it
+                else:
+                    self._fill(len(self._rbuf) + 1)
+                    while self._frame_buffered():
+                        self._next_frame()  # pings are answered; a message nobody asked for is dropped
                 if self.protocol.state.name != "OPEN":
                     return False
         except (OSError, ConnectionClosed):  # TimeoutError is an OSError
@@ -171,6 +373,7 @@ class BlockingConnection:
         finally:
             try:
                 self.sock.settimeout(previous)
+                self._timeout = previous
             except OSError:
                 pass
         return self.protocol.state.name == "OPEN"

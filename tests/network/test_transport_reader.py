@@ -1,0 +1,182 @@
+"""BlockingConnection reads binary frames itself: against frames websockets writes, split anywhere.
+
+The server side here is websockets' own sans-I/O ServerProtocol behind a fake socket that hands
+out its bytes in chunks of a chosen size (1 byte, odd sizes, everything at once), so frames and
+headers are split across reads at every kind of boundary.
+"""
+
+import pytest
+import torch
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Close, CloseCode, Frame, Opcode
+from websockets.http11 import Request
+from websockets.server import ServerProtocol
+
+import veil.workers.websocket_transport as transport
+from veil.messaging import messages as m
+from veil.messaging.serde import FrameParts, OwnedFrame, deserialize, serialize
+from veil.workers.websocket_transport import SEND_FRAGMENT, BlockingConnection
+
+
+class FakeServer:
+    """A socket whose peer is a websockets ServerProtocol; ``script`` follows the handshake."""
+
+    def __init__(self, script: bytes, chunk: int, with_handshake: bool = False) -> None:
+        self.server = ServerProtocol(max_size=None)
+        self.segments: list[bytearray] = []  # reads never cross a segment boundary
+        self.script, self.chunk, self.with_handshake = script, chunk, with_handshake
+        self.received: list[Frame] = []  # frames the client sent
+
+    def setsockopt(self, *args) -> None:
+        pass
+
+    def settimeout(self, timeout) -> None:
+        pass
+
+    def gettimeout(self):
+        return None
+
+    def close(self) -> None:
+        pass
+
+    def sendall(self, data) -> None:
+        self.server.receive_data(bytes(data))
+        for event in self.server.events_received():
+            if isinstance(event, Request):
+                self.server.send_response(self.server.accept(event))
+                handshake = bytearray(b"".join(self.server.data_to_send()))
+                if self.with_handshake:  # frames arrive in the same read as the handshake response
+                    self.segments.append(handshake + self.script)
+                else:
+                    self.segments += [handshake, bytearray(self.script)]
+            else:
+                self.received.append(event)
+
+    def recv_into(self, view) -> int:
+        while self.segments and not self.segments[0]:
+            self.segments.pop(0)
+        if not self.segments:
+            return 0  # EOF
+        seg = self.segments[0]
+        n = min(len(view), self.chunk, len(seg))
+        view[:n] = seg[:n]
+        del seg[:n]
+        return n
+
+
+def _connect(monkeypatch, script: bytes, chunk: int, max_size=None, with_handshake=False):
+    fake = FakeServer(script, chunk, with_handshake)
+    monkeypatch.setattr(transport.socket, "create_connection", lambda address, timeout=None: fake)
+    return BlockingConnection("ws://127.0.0.1:1", {}, max_size=max_size), fake
+
+
+def _frame(opcode, data, fin=True) -> bytes:
+    return Frame(opcode, data, fin).serialize(mask=False)
+
+
+def _payload(n: int) -> bytes:
+    return (bytes(range(251)) * (n // 251 + 1))[:n]
+
+
+CHUNKS = [1, 3, 4096, 1 << 30]
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("with_handshake", [False, True])
+def test_messages_split_across_reads_come_back_whole(monkeypatch, chunk, with_handshake):
+    big = _payload((1 << 20) + 7 if chunk > 1 else 70_000)
+    messages = [b"", b"x", _payload(125), _payload(126), _payload(65_536), big]
+    script = b"".join(_frame(Opcode.BINARY, msg) for msg in messages)
+    # a fragmented message with a ping between its fragments, then a text message
+    script += _frame(Opcode.BINARY, big[:1000], fin=False) + _frame(Opcode.PING, b"hi")
+    script += _frame(Opcode.CONT, big[1000:5000], fin=False) + _frame(Opcode.CONT, big[5000:])
+    script += _frame(Opcode.TEXT, "héllo".encode())
+    conn, fake = _connect(monkeypatch, script, chunk, with_handshake=with_handshake)
+    if with_handshake and chunk >= 4096:
+        assert not conn._direct  # the library read past the response: every byte goes through it
+    for msg in messages + [big]:
+        got = conn.recv(5)
+        assert isinstance(got, (bytes, bytearray, memoryview)) and bytes(got) == msg
+    assert conn.recv(5) == "héllo"
+    assert [f.opcode for f in fake.received] == [Opcode.PONG] and fake.received[0].data == b"hi"
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 4096])
+def test_eof_in_the_middle_of_a_frame_is_a_lost_connection(monkeypatch, chunk):
+    whole = _frame(Opcode.BINARY, _payload(70_000))
+    for cut in (1, 3, 10, 5000, len(whole) - 1):
+        conn, _ = _connect(monkeypatch, whole[:cut], chunk)
+        with pytest.raises(ConnectionClosed):
+            conn.recv(5)
+    conn, _ = _connect(monkeypatch, _frame(Opcode.BINARY, b"a", fin=False) + _frame(Opcode.CONT, b"b", fin=False), chunk)
+    with pytest.raises(ConnectionClosed):  # the message never finished
+        conn.recv(5)
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 30])
+def test_messages_over_the_size_limit_fail_the_connection(monkeypatch, chunk):
+    for script in (_frame(Opcode.BINARY, _payload(2000)),
+                   _frame(Opcode.BINARY, _payload(600), fin=False) + _frame(Opcode.CONT, _payload(600))):
+        conn, fake = _connect(monkeypatch, script, chunk, max_size=1000)
+        with pytest.raises(ConnectionClosed):
+            conn.recv(5)
+        closes = [f for f in fake.received if f.opcode is Opcode.CLOSE]
+        assert closes and Close.parse(closes[0].data).code == CloseCode.MESSAGE_TOO_BIG
+
+
+def test_protocol_errors_stay_the_librarys(monkeypatch):
+    masked = Frame(Opcode.BINARY, b"abc").serialize(mask=True)  # servers must not mask
+    for script in (masked, _frame(Opcode.CONT, b"x"),  # a continuation of nothing
+                   _frame(Opcode.BINARY, b"a", fin=False) + _frame(Opcode.BINARY, b"b")):  # not a continuation
+        conn, fake = _connect(monkeypatch, script, 3)
+        with pytest.raises(ConnectionClosed):
+            conn.recv(5)
+        closes = [f for f in fake.received if f.opcode is Opcode.CLOSE]
+        assert closes and Close.parse(closes[0].data).code == CloseCode.PROTOCOL_ERROR
+
+
+def test_the_servers_close_frame_ends_the_connection(monkeypatch):
+    script = _frame(Opcode.BINARY, b"last") + Frame(Opcode.CLOSE, Close(1001, "bye").serialize()).serialize(mask=False)
+    conn, fake = _connect(monkeypatch, script, 2)
+    assert bytes(conn.recv(5)) == b"last"
+    with pytest.raises(ConnectionClosed):
+        conn.recv(5)
+    assert [f.opcode for f in fake.received] == [Opcode.CLOSE]  # the library answered the close
+
+
+@pytest.mark.parametrize("n", [70_000, (1 << 20) + 13])
+def test_large_reply_tensors_use_the_received_buffer(monkeypatch, n):
+    t = torch.randn(n // 4)
+    reply = serialize(m.ObjectsReply([t, torch.arange(5)]), sender="alice")
+    # fragmented the way the server sends large replies
+    frames = [reply[at: at + SEND_FRAGMENT] for at in range(0, len(reply), SEND_FRAGMENT)]
+    script = b"".join(_frame(Opcode.BINARY if i == 0 else Opcode.CONT, f, fin=i == len(frames) - 1)
+                      for i, f in enumerate(frames))
+    conn, _ = _connect(monkeypatch, script, 4096)
+    got = conn.recv(5)
+    buffer = got.obj if isinstance(got, memoryview) else got
+    assert type(buffer) is OwnedFrame
+    back = deserialize(got)[0].objects
+    assert torch.equal(back[0], t) and torch.equal(back[1], torch.arange(5))
+    start = torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()
+    assert start <= back[0].data_ptr() < start + len(buffer)  # in place, no copy ...
+    assert back[0].data_ptr() % 16 == 0  # ... on an aligned address
+    back[0].add_(1)  # writable (the buffer is the decoder's own)
+    assert torch.equal(back[0], t + 1)
+    copied = deserialize(bytes(got))[0].objects[0]  # plain bytes: a copy, as before
+    assert torch.equal(copied, t + 1) and copied.data_ptr() != back[0].data_ptr()
+
+
+def test_frame_parts_travel_as_one_message_the_library_reads(monkeypatch):
+    t = torch.randn((SEND_FRAGMENT // 4) * 2 + 3)
+    parts = serialize(m.ObjectMessage([m.StoredObject(5, t), m.StoredObject(6, torch.ones(3))]), sender="me",
+                      parts_over=1000)
+    assert type(parts) is FrameParts and parts.nbytes == len(b"".join(parts))
+    conn, fake = _connect(monkeypatch, b"", 1 << 30)
+    conn.send(parts)
+    frames = [f for f in fake.received if f.opcode in (Opcode.BINARY, Opcode.CONT)]
+    assert frames[0].opcode is Opcode.BINARY and frames[-1].fin and not any(f.fin for f in frames[:-1])
+    data = b"".join(f.data for f in frames)
+    assert data == b"".join(parts)
+    objects = deserialize(data)[0].objects
+    assert torch.equal(objects[0].obj, t) and torch.equal(objects[1].obj, torch.ones(3))
