@@ -17,6 +17,13 @@ one party). Items are returned to protocols as a tuple
   field is 128-bit, stored as two int64 fields ``(lo, hi)`` (12 fields).
 * ``truncation_mac`` ``(key_id, shape, divisor)``: a SPDZ2k truncation pair
   ``(r, q, g, alpha*r, alpha*q, alpha*g)`` mod 2^128, likewise 12 fields.
+* ``zero_mac`` ``(shape,)``: 128-bit shares of 0 and of its MAC ``alpha*0 = 0``
+  (``refresh`` of authenticated shares; no key needed), 4 fields.
+* ``comparison_mac`` ``(key_id, shape)``: an authenticated random ``r`` with
+  its bits (an edaBit, :mod:`veil.mpc.mac_comparison`): ``(r, bits, pairs,
+  alpha*r, alpha*bits, alpha*pairs)`` mod 2^128, ``bits`` of shape ``(64,
+  *shape)`` holding the 64 low bits of ``r`` as 0/1 ring elements, ``pairs``
+  of shape ``(32, *shape)`` the products ``r_2j r_2j+1``; 12 fields.
 
 Wide (128-bit) kinds are in :data:`WIDE_KINDS`: providers split, sum and
 correct their shares with :func:`split_wide`, :func:`sum_wide` and
@@ -81,7 +88,7 @@ MAC_KEYS: dict[str, torch.Tensor] = {}
 #: kinds whose fields are 128-bit (SPDZ2k) elements, each stored as two int64
 #: fields ``(lo, hi)``: they must be split, summed and corrected mod 2^128
 #: (:func:`split_wide`, :func:`sum_wide`, :func:`last_shares_wide`), not limb by limb.
-WIDE_KINDS = frozenset({"beaver_mac", "truncation_mac"})
+WIDE_KINDS = frozenset({"beaver_mac", "truncation_mac", "zero_mac", "comparison_mac"})
 
 
 def register_mac_key(key_id: str, alpha: torch.Tensor) -> None:
@@ -133,6 +140,39 @@ def _truncation_mac(spec) -> tuple[list, list, Derive]:
         return [*q, *w, *ring128.mul(alpha, r), *ring128.mul(alpha, q), *ring128.mul(alpha, w)]
 
     return [shape] * 2, [shape] * 10, derive
+
+
+def _zero_mac(spec) -> tuple[list, list, Derive]:
+    """128-bit shares of zero for the value and the MAC limbs (``alpha * 0 = 0``: no key)."""
+    shape = _shape(spec[0])
+    return [], [shape] * 4, lambda u, g: [torch.zeros(shape, dtype=DTYPE) for _ in range(4)]
+
+
+#: bits of an edaBit: the value ring Z/2^64 of :mod:`veil.mpc.mac`
+EDABIT_BITS = 64
+
+
+def _comparison_mac(spec) -> tuple[list, list, Derive]:
+    """edaBit with pair products: uniform 128-bit ``r~``; the 64 bits of its low limb as
+    128-bit 0/1 values (stacked on a new first dimension); the 32 products ``r_2j r_2j+1``
+    (so that the first level of the comparison tree is local); the MACs of all three."""
+    from veil.mpc import ring128
+
+    if not isinstance(spec, (tuple, list)) or len(spec) != 2:
+        raise ProviderError("comparison_mac spec must be (key_id, shape)")
+    key_id, shape = spec
+    shape = _shape(shape)
+    bits_shape, pairs_shape = (EDABIT_BITS,) + shape, (EDABIT_BITS // 2,) + shape
+
+    def derive(u: list, g: torch.Generator) -> list:
+        alpha = _alpha(key_id)
+        r = (u[0], u[1])
+        raw = torch.stack([(u[0] >> i) & 1 for i in range(EDABIT_BITS)])
+        bits, pairs = ring128.lift_unsigned(raw), ring128.lift_unsigned(raw[0::2] & raw[1::2])
+        return [*bits, *pairs, *ring128.mul(alpha, r), *ring128.mul(alpha, bits), *ring128.mul(alpha, pairs)]
+
+    return [shape] * 2, [bits_shape] * 2 + [pairs_shape] * 2 + [shape] * 2 + [bits_shape] * 2 + [pairs_shape] * 2, \
+        derive
 
 
 def _pairs(fields: list) -> list:
@@ -291,6 +331,7 @@ def _comparison(spec) -> tuple[list, list, Derive]:
 RECIPES: dict[str, Callable] = {
     "beaver": _beaver, "truncation": _truncation, "beaver_mac": _beaver_mac,
     "truncation_mac": _truncation_mac, "zero": _zero, "comparison": _comparison,
+    "zero_mac": _zero_mac, "comparison_mac": _comparison_mac,
 }
 
 

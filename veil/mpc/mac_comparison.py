@@ -1,0 +1,243 @@
+"""Comparisons on SPDZ2k-authenticated shares: ``[d > 0]`` and ``v * [d > 0]`` with MACs.
+
+The authenticated counterpart of :func:`veil.mpc.comparison.sign_select`
+(same contract, same range) for shares of :mod:`veil.mpc.mac` (values and
+MACs mod 2^128, value ring Z/2^64). Every step is an authenticated linear
+map or an authenticated Beaver product, and every opened value joins the
+key's pending openings, so the batched MAC check (:func:`veil.mpc.mac.check`)
+covers the comparison with the same bound as any product: an additive error
+that changes an opened value mod 2^64 escapes with probability at most
+``2^-57.9`` per check.
+
+**Design (trusted crypto provider).** The provider knows ``alpha`` and
+deals honestly (as for triples), so it can deal *edaBits* (Escudero, Ghosh,
+Keller, Rachuri, Scholl, "Improved primitives for MPC over mixed
+arithmetic-binary circuits", CRYPTO 2020) without the cut-and-choose that
+the dealer-free setting needs: an authenticated uniform 128-bit ``r~`` and
+authenticated 0/1 arithmetic shares (mod 2^128) of the 64 bits ``r_i`` of
+``r = r~ mod 2^64``, plus, to make the first level of the circuit local, the
+32 authenticated products ``p_j = r_2j r_2j+1`` (recipe ``comparison_mac``,
+:mod:`veil.mpc.material`). A party that changes its share of any of these
+changes a value that is later opened or output without the matching MAC
+change: caught like a tampered triple. Binary sharings (XOR, mod 2) would
+need their own MACs; arithmetic 0/1 bits mod 2^128 keep the one SPDZ2k key.
+
+Let ``x = d - 1`` (so ``[d > 0] = [x >= 0]``, as the semi-honest protocols).
+
+1. **Round 1.** Open ``c = x~ + r~`` mod 2^128 (uniform: hides all 128 bits
+   of ``x~``; the step is :mod:`veil.mpc.mac`'s truncation mask with ``K =
+   -1``), recorded for the MAC check. ``C = c mod 2^64 = x + r mod 2^64``,
+   so ``x = C - r`` and its sign bit is ``C_63 xor r_63 xor [C_lo < r_lo]``
+   (``lo``: the low 63 bits; the borrow of the subtraction).
+2. **The borrow** by a comparison tree over the 64 bit positions: a node
+   is the affine map ``t -> lt + eq t`` ("below here, else as the lower
+   positions say"); two adjacent nodes compose as ``lt = lt_hi + eq_hi
+   lt_lo``, ``eq = eq_hi eq_lo`` (for 0/1 values the sum is the XOR: both
+   terms are never 1). Leaf ``i < 63``: ``lt_i = (1 - C_i) r_i`` and ``eq_i =
+   1 - (C_i xor r_i) = (1 - C_i) + (2 C_i - 1) r_i``, linear in ``r_i`` with
+   public coefficients. Leaf 63 folds in the top bits and the final negation:
+   with ``s = C_63 xor r_63``, ``(lt, eq) = (1 - s, 2 s - 1)``, so that the
+   root's ``lt`` is ``1 - (s xor borrow) = [x >= 0]`` (composition is
+   associative whatever the values are: an ``eq`` of -1 is fine).
+3. **Level 0 is local**: a pair of leaves composes to a polynomial in
+   ``r_2j``, ``r_2j+1`` and ``p_j`` with public coefficients. The other
+   **5 levels take one round each**: all products of a level (``eq_hi
+   lt_lo`` and ``eq_hi eq_lo`` of every pair, only the first at the root)
+   are one authenticated Beaver product of stacked operands.
+4. **Products** ``v_j * bit`` (ReLU, max): one more Beaver round for all
+   ``v_j`` stacked.
+
+Cost per compared entry: **6 rounds** for the bit, **7** for ReLU (the
+semi-honest circuit: 6 with the product). Opened per entry: 16 bytes (``c``)
+plus ``2 x 16`` per product (``e``, ``f``, 128-bit), ``2 (16 + 8 + 4 + 2) +
+1 = 61`` products over the levels: about 2 KB per party, and 16 bytes of
+MAC check per opening batch. Dealt: 96 authenticated 128-bit values (3 KB)
+per entry plus the triples; with seeded dealing the uniform fields are free.
+
+Range: the semi-honest circuit's: exact for every ``d`` in Z/2^64 but
+``-2^63`` (``d - 1`` wraps), whatever the upper 64 bits of ``d~``.
+
+Security: active (with abort) against any coalition of parties that does
+not include the crypto provider or the orchestrator (both know ``alpha``);
+the opened ``c``, ``e``, ``f`` are uniform mod 2^128 given the dealer's
+masks. Errors confined to the upper 64 bits of a share may pass a check
+(as for every SPDZ2k value) but never change a result mod 2^64.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Hashable, Mapping, Sequence
+
+import torch
+
+from veil.mpc import mac
+from veil.mpc import ring128 as r128
+from veil.mpc.material import EDABIT_BITS
+from veil.mpc.party import party_function, run_party
+from veil.mpc.ring import DTYPE
+
+Shared = Mapping[Hashable, tuple]
+
+#: opening rounds of :func:`sign_select`: the mask, then one per tree level above the local one
+BIT_ROUNDS = 1 + 5
+#: tree nodes after the local level
+_NODES = EDABIT_BITS // 2
+
+
+# ------------------------------------------------------------------ party functions
+
+def _check_limbs(*groups: Any) -> None:
+    for g in groups:
+        if not isinstance(g, (list, tuple)) or len(g) != 4 or not all(isinstance(t, torch.Tensor) for t in g):
+            raise ValueError("an authenticated share is a list of 4 int64 tensors (v_lo, v_hi, m_lo, m_hi)")
+
+
+def _affine(const: torch.Tensor, terms: list, alpha: r128.Pair, first: bool) -> tuple:
+    """One party's shares of ``const + sum coef * s`` and of its MAC, for public small-integer
+    coefficients (int64 tensors) and authenticated shares ``s`` (4 limbs each)."""
+    c = r128.lift(const)
+    value = c if first else (torch.zeros_like(c[0]), torch.zeros_like(c[1]))
+    mac_share = r128.mul(alpha, c)
+    for coef, s in terms:
+        k = r128.lift(coef)
+        value = r128.add(value, r128.mul(k, (s[0], s[1])))
+        mac_share = r128.add(mac_share, r128.mul(k, (s[2], s[3])))
+    return value + mac_share
+
+
+@party_function("macc_leaves")
+def _leaves(c_lo: torch.Tensor, bits: list, pairs: list, alpha: list, first: bool) -> tuple:
+    """Level 0 of the tree, locally: ``(lt, eq)`` of the 32 leaf pairs (shape ``(32, *shape)``)."""
+    if not isinstance(first, bool):
+        raise ValueError("macc_leaves needs a boolean first")
+    _check_limbs(bits, pairs)
+    shape = tuple(c_lo.shape)
+    if tuple(bits[0].shape) != (EDABIT_BITS,) + shape or tuple(pairs[0].shape) != (_NODES,) + shape:
+        raise ValueError("macc_leaves: the edaBit's bits and pairs do not match the opened mask's shape")
+    cb = torch.stack([(c_lo >> i) & 1 for i in range(EDABIT_BITS)])  # public bits of C
+    # per leaf: lt = A + B r, eq = D + E r
+    a = torch.zeros_like(cb)
+    b, d, e = 1 - cb, 1 - cb, 2 * cb - 1
+    top = cb[EDABIT_BITS - 1]  # leaf 63: s = C_63 + (1 - 2 C_63) r_63; (lt, eq) = (1 - s, 2 s - 1)
+    a[-1], b[-1], d[-1], e[-1] = 1 - top, 2 * top - 1, 2 * top - 1, 2 - 4 * top
+    hi, lo = slice(1, None, 2), slice(0, None, 2)
+    r_hi = [t[hi] for t in bits]
+    r_lo = [t[lo] for t in bits]
+    alpha = tuple(alpha)
+    # (A_h + B_h r_h) + (D_h + E_h r_h)(A_l + B_l r_l) and (D_h + E_h r_h)(D_l + E_l r_l), p = r_h r_l
+    lt = _affine(a[hi] + d[hi] * a[lo], [(b[hi] + e[hi] * a[lo], r_hi), (d[hi] * b[lo], r_lo), (e[hi] * b[lo], pairs)],
+                 alpha, first)
+    eq = _affine(d[hi] * d[lo], [(e[hi] * d[lo], r_hi), (d[hi] * e[lo], r_lo), (e[hi] * e[lo], pairs)], alpha, first)
+    return lt + eq
+
+
+@party_function("macc_operands")
+def _operands(lt: list, eq: list, last: bool) -> tuple:
+    """The stacked Beaver operands of one level: ``(eq_hi | eq_hi)`` and ``(lt_lo | eq_lo)``
+    (at the root, ``eq_hi`` and ``lt_lo`` only)."""
+    if not isinstance(last, bool):
+        raise ValueError("macc_operands needs a boolean last")
+    _check_limbs(lt, eq)
+    if lt[0].dim() == 0 or lt[0].shape[0] % 2 or tuple(lt[0].shape) != tuple(eq[0].shape):
+        raise ValueError("macc_operands needs (lt, eq) of one shape with an even first dimension")
+    if last != (lt[0].shape[0] == 2):
+        raise ValueError("macc_operands: last is the level of two nodes")
+    eq_hi, lt_lo, eq_lo = [t[1::2] for t in eq], [t[0::2] for t in lt], [t[0::2] for t in eq]
+    if last:
+        return tuple(t.contiguous() for t in eq_hi + lt_lo)
+    return tuple(torch.cat([h, h]) for h in eq_hi) + tuple(torch.cat([a, b]) for a, b in zip(lt_lo, eq_lo))
+
+
+@party_function("macc_next")
+def _next(lt: list, z: list, last: bool) -> tuple:
+    """The next level's ``(lt, eq)`` from the products ``z``: ``lt = lt_hi + z[:m]``, ``eq =
+    z[m:]``; at the root, the bit ``lt_hi + z`` (the tree dimension removed)."""
+    if not isinstance(last, bool):
+        raise ValueError("macc_next needs a boolean last")
+    _check_limbs(lt, z)
+    m = lt[0].shape[0] // 2 if lt[0].dim() else 0
+    if m == 0 or tuple(z[0].shape) != ((m if last else 2 * m),) + tuple(lt[0].shape[1:]):
+        raise ValueError("macc_next: the products do not match the level")
+    lt_hi = [t[1::2] for t in lt]
+    new_lt = r128.add((lt_hi[0], lt_hi[1]), (z[0][:m], z[1][:m])) + r128.add((lt_hi[2], lt_hi[3]),
+                                                                            (z[2][:m], z[3][:m]))
+    if last:
+        return tuple(t[0].contiguous() for t in new_lt)
+    return tuple(t.contiguous() for t in new_lt) + tuple(t[m:].contiguous() for t in z)
+
+
+@party_function("macc_stack")
+def _stack(values: list, bit: list) -> tuple:
+    """Operands of the products ``v_j * bit``: the values stacked, the bit repeated."""
+    if not isinstance(values, (list, tuple)) or not values:
+        raise ValueError("macc_stack needs a non-empty list of values")
+    _check_limbs(bit, *values)
+    n = len(values)
+    xs = tuple(torch.stack([v[k] for v in values]) for k in range(4))
+    return xs + tuple(t.unsqueeze(0).expand((n,) + tuple(t.shape)).contiguous() for t in bit)
+
+
+@party_function("macc_unstack")
+def _unstack(z: list) -> tuple:
+    """The products ``v_j * bit`` one by one: 4 limbs each."""
+    _check_limbs(z)
+    if z[0].dim() == 0:
+        raise ValueError("macc_unstack needs stacked products")
+    return tuple(z[k][j].contiguous() for j in range(z[0].shape[0]) for k in range(4))
+
+
+# ------------------------------------------------------------------ the protocol
+
+def sign_select(d: Shared, extras: Sequence[Shared], key: mac.MacKey, provider: Any, shape: Sequence[int],
+                products: bool = True) -> tuple[dict, list[dict]]:
+    """Authenticated shares of ``[d > 0]`` and of ``v * [d > 0]`` for ``v`` in ``(d, *extras)``.
+
+    Args:
+        d: party -> the 4 limbs of its authenticated share (:mod:`veil.mpc.mac`).
+        extras: More authenticated values of ``d``'s shape to multiply by the bit.
+        key: The MAC key of every operand.
+        provider: Deals the edaBits and triples under ``key``.
+        shape: The shape of ``d``.
+        products: False for the bit alone (no extras).
+
+    Returns:
+        ``(bits, products)`` as :func:`veil.mpc.comparison.sign_select`, every
+        share authenticated (4 limbs). Exact for every ``d`` but ``-2^63``;
+        the openings are checked with the next :func:`veil.mpc.mac.check`.
+    """
+    if not products and extras:
+        raise ValueError("extras are multiplied by the bit: they need products=True")
+    parties = list(d)
+    shape = tuple(int(s) for s in shape)
+    mat = provider.authenticated_comparison_material(key.key_id, shape, parties)
+    # (lo, hi) of r, bits, pairs, alpha*r, alpha*bits, alpha*pairs
+    r = {p: (mat[p][0], mat[p][1], mat[p][6], mat[p][7]) for p in parties}
+    bits = {p: [mat[p][2], mat[p][3], mat[p][8], mat[p][9]] for p in parties}
+    pairs = {p: [mat[p][4], mat[p][5], mat[p][10], mat[p][11]] for p in parties}
+    shift = -1  # x = d - 1
+    (c,) = mac._open128("mac_trunc_mask", {p: (d[p][0], d[p][1], r[p][0], r[p][1], shift if i == 0 else 0)
+                                           for i, p in enumerate(parties)}, 1)
+    key.pending.append(("comparison mask c = x + r", c, {
+        p: [(1, d[p][2], d[p][3]), (shift,) + tuple(key.alpha_shares[p]), (1, r[p][2], r[p][3])] for p in parties}))
+    first = {p: i == 0 for i, p in enumerate(parties)}
+    state = {p: run_party("macc_leaves", c[0], bits[p], pairs[p], list(key.alpha_shares[p]), first=first[p])
+             for p in parties}
+    nodes = _NODES
+    while nodes > 1:
+        last = nodes == 2
+        rows = 1 if last else nodes
+        ops = {p: run_party("macc_operands", list(state[p][:4]), list(state[p][4:]), last=last) for p in parties}
+        z = mac.beaver({p: ops[p][:4] for p in parties}, {p: ops[p][4:] for p in parties}, key, provider, "mul",
+                       (rows,) + shape, (rows,) + shape)
+        state = {p: run_party("macc_next", list(state[p][:4]), list(z[p]), last=last) for p in parties}
+        nodes //= 2
+    bit = {p: tuple(state[p]) for p in parties}
+    if not products:
+        return bit, []
+    values = [d] + list(extras)
+    ops = {p: run_party("macc_stack", [list(v[p]) for v in values], list(bit[p])) for p in parties}
+    n = len(values)
+    z = mac.beaver({p: ops[p][:4] for p in parties}, {p: ops[p][4:] for p in parties}, key, provider, "mul",
+                   (n,) + shape, (n,) + shape)
+    split = {p: run_party("macc_unstack", list(z[p])) for p in parties}
+    return bit, [{p: tuple(split[p][4 * j:4 * j + 4]) for p in parties} for j in range(n)]
