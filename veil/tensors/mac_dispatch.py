@@ -31,7 +31,7 @@ from typing import Any, Hashable, Sequence
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from veil.mpc import mac
+from veil.mpc import mac, mac_comparison  # importing registers their party functions (workers too)
 from veil.mpc import ring128 as r128
 from veil.mpc.errors import ShareMismatchError, UnsupportedOperationError
 from veil.mpc.op_classes import BILINEAR_RING_OP, OpClass, classify, ops_of
@@ -283,8 +283,6 @@ def refresh(value: Any) -> Any:
 def sign_select(d: Any, extras: Sequence[Any] = (), products: bool = True) -> tuple[Any, list]:
     """Authenticated ``[d > 0]`` and ``v * [d > 0]`` for ``v`` in ``(d, *extras)``
     (:func:`veil.mpc.mac_comparison.sign_select`): tensors with MACs."""
-    from veil.mpc import mac_comparison
-
     cls = type(d)
     key = _key(cls, [d, *extras])
     bit, prods = mac_comparison.sign_select(_limbs(d), [_limbs(e) for e in extras], key, d.crypto_provider,
