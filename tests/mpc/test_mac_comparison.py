@@ -2,7 +2,7 @@
 
 Results are MAC-checked on ``.get()`` and compared with plain torch; a party
 that changes one bit of its share of a value, of the dealt edaBit (``r``, its
-bits, the pair products), of a Beaver triple of the circuit, or of an opened
+bits, the group products), of a Beaver triple of the circuit, or of an opened
 value is caught (MacCheckError), or the change cannot alter any result.
 """
 
@@ -196,11 +196,11 @@ def _tamper_material(dealer, method: str, field: int, v: int) -> None:
     setattr(dealer, method, bad)
 
 
-#: place -> (dealer method, field) for material; the comparison_mac fields: r, bits, pairs, alpha*r, ...
+#: place -> (dealer method, field) for material; the comparison_mac fields: r, bits, products, alpha*r, ...
 MATERIAL = {
     "edabit_r": ("authenticated_comparison_material", 0),
     "edabit_bits": ("authenticated_comparison_material", 1),
-    "edabit_pairs": ("authenticated_comparison_material", 2),
+    "edabit_products": ("authenticated_comparison_material", 2),
     "edabit_mac_bits": ("authenticated_comparison_material", 4),
     "triple_a": ("authenticated_triples", 0),
     "triple_c": ("authenticated_triples", 2),
@@ -247,7 +247,7 @@ def _trial(place: str, v: int, seed: int, op: str) -> str:
 def test_single_bit_errors_are_detected_or_harmless(place):
     """Every bit position of a 128-bit share: no wrong result passes; an error in the low 64 bits
     of a value, of the edaBit, of a triple or of an opening is always caught."""
-    positions = range(128) if place in ("share", "edabit_bits", "edabit_pairs") else \
+    positions = range(128) if place in ("share", "edabit_bits", "edabit_products") else \
         [0, 1, 7, 31, 32, 62, 63, 64, 65, 100, 126, 127]
     for v in positions:
         for op in ("bit", "relu") if v in (0, 63, 127) else ("relu",):

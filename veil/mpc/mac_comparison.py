@@ -15,12 +15,14 @@ Keller, Rachuri, Scholl, "Improved primitives for MPC over mixed
 arithmetic-binary circuits", CRYPTO 2020) without the cut-and-choose that
 the dealer-free setting needs: an authenticated uniform 128-bit ``r~`` and
 authenticated 0/1 arithmetic shares (mod 2^128) of the 64 bits ``r_i`` of
-``r = r~ mod 2^64``, plus, to make the first level of the circuit local, the
-32 authenticated products ``p_j = r_2j r_2j+1`` (recipe ``comparison_mac``,
-:mod:`veil.mpc.material`). A party that changes its share of any of these
-changes a value that is later opened or output without the matching MAC
-change: caught like a tampered triple. Binary sharings (XOR, mod 2) would
-need their own MACs; arithmetic 0/1 bits mod 2^128 keep the one SPDZ2k key.
+``r = r~ mod 2^64``, plus, to make the first two levels of the circuit local
+(as the semi-honest circuit does, :mod:`veil.mpc.bit_comparison`), the
+authenticated products of each 4-bit group's bits over its 11 subsets of two
+or more (recipe ``comparison_mac``, :mod:`veil.mpc.material`). A party that
+changes its share of any of these changes a value that is later opened or
+output without the matching MAC change: caught like a tampered triple.
+Binary sharings (XOR, mod 2) would need their own MACs; arithmetic 0/1 bits
+mod 2^128 keep the one SPDZ2k key, and an AND is a Beaver product.
 
 Let ``x = d - 1`` (so ``[d > 0] = [x >= 0]``, as the semi-honest protocols).
 
@@ -39,20 +41,22 @@ Let ``x = d - 1`` (so ``[d > 0] = [x >= 0]``, as the semi-honest protocols).
    with ``s = C_63 xor r_63``, ``(lt, eq) = (1 - s, 2 s - 1)``, so that the
    root's ``lt`` is ``1 - (s xor borrow) = [x >= 0]`` (composition is
    associative whatever the values are: an ``eq`` of -1 is fine).
-3. **Level 0 is local**: a pair of leaves composes to a polynomial in
-   ``r_2j``, ``r_2j+1`` and ``p_j`` with public coefficients. The other
-   **5 levels take one round each**: all products of a level (``eq_hi
-   lt_lo`` and ``eq_hi eq_lo`` of every pair, only the first at the root)
-   are one authenticated Beaver product of stacked operands.
+3. **Levels 0 and 1 are local**: a group of 4 leaves composes to
+   polynomials in the group's bits with public coefficients, whose monomials
+   are dealt. The other **4 levels (16 groups to 1) take one round each**:
+   all products of a level (``eq_hi lt_lo`` and ``eq_hi eq_lo`` of every
+   pair, only the first at the root) are one authenticated Beaver product of
+   stacked operands.
 4. **Products** ``v_j * bit`` (ReLU, max): one more Beaver round for all
    ``v_j`` stacked.
 
-Cost per compared entry: **6 rounds** for the bit, **7** for ReLU (the
-semi-honest circuit: 6 with the product). Opened per entry: 16 bytes (``c``)
-plus ``2 x 16`` per product (``e``, ``f``, 128-bit), ``2 (16 + 8 + 4 + 2) +
-1 = 61`` products over the levels: about 2 KB per party, and 16 bytes of
-MAC check per opening batch. Dealt: 96 authenticated 128-bit values (3 KB)
-per entry plus the triples; with seeded dealing the uniform fields are free.
+Cost per compared entry: **5 rounds** for the bit, **6** for ReLU (as the
+semi-honest circuit). Opened per entry and party: 16 bytes (``c``) plus
+``2 x 16`` per product (``e``, ``f``, 128-bit), ``16 + 8 + 4 + 1 = 29``
+products over the levels (+1 per value multiplied by the bit): about 1 KB,
+plus 16 bytes of MAC check per opening batch. Dealt: 240 authenticated
+128-bit values (7.5 KB) per entry plus the triples; with seeded dealing only
+the last party receives the derived fields.
 
 Range: the semi-honest circuit's: exact for every ``d`` in Z/2^64 but
 ``-2^63`` (``d - 1`` wraps), whatever the upper 64 bits of ``d~``.
@@ -72,16 +76,17 @@ import torch
 
 from veil.mpc import mac
 from veil.mpc import ring128 as r128
-from veil.mpc.material import EDABIT_BITS
+from veil.mpc.material import EDABIT_BITS, EDABIT_GROUPS, GROUP_BITS, GROUP_SUBSETS
 from veil.mpc.party import party_function, run_party
 from veil.mpc.ring import DTYPE
 
 Shared = Mapping[Hashable, tuple]
 
-#: opening rounds of :func:`sign_select`: the mask, then one per tree level above the local one
-BIT_ROUNDS = 1 + 5
-#: tree nodes after the local level
-_NODES = EDABIT_BITS // 2
+#: tree nodes after the local levels (one per 4-bit group)
+_NODES = EDABIT_GROUPS
+#: opening rounds of :func:`sign_select`: the mask, then one per tree level above the local ones (16 -> 1)
+BIT_ROUNDS = 1 + 4
+_SUBSET_INDEX = {subset: k for k, subset in enumerate(GROUP_SUBSETS)}
 
 
 # ------------------------------------------------------------------ party functions
@@ -105,30 +110,60 @@ def _affine(const: torch.Tensor, terms: list, alpha: r128.Pair, first: bool) -> 
     return value + mac_share
 
 
+def _poly_mul(p: dict, q: dict) -> dict:
+    """Product of polynomials in bits (``{monomial: public coefficient}``, monomials as sorted
+    tuples of group offsets; ``r_o^2 = r_o``, though the composition never squares a bit)."""
+    out: dict = {}
+    for m1, c1 in p.items():
+        for m2, c2 in q.items():
+            m = tuple(sorted(set(m1) | set(m2)))
+            out[m] = out[m] + c1 * c2 if m in out else c1 * c2
+    return out
+
+
+def _poly_add(p: dict, q: dict) -> dict:
+    out = dict(p)
+    for m, c in q.items():
+        out[m] = out[m] + c if m in out else c
+    return out
+
+
 @party_function("macc_leaves")
-def _leaves(c_lo: torch.Tensor, bits: list, pairs: list, alpha: list, first: bool) -> tuple:
-    """Level 0 of the tree, locally: ``(lt, eq)`` of the 32 leaf pairs (shape ``(32, *shape)``)."""
+def _leaves(c_lo: torch.Tensor, bits: list, products: list, alpha: list, first: bool) -> tuple:
+    """The first two levels of the tree, locally: ``(lt, eq)`` of the 16 groups of 4 bit
+    positions (shape ``(16, *shape)``), polynomials in the group's bits whose monomials are dealt."""
     if not isinstance(first, bool):
         raise ValueError("macc_leaves needs a boolean first")
-    _check_limbs(bits, pairs)
+    _check_limbs(bits, products)
     shape = tuple(c_lo.shape)
-    if tuple(bits[0].shape) != (EDABIT_BITS,) + shape or tuple(pairs[0].shape) != (_NODES,) + shape:
-        raise ValueError("macc_leaves: the edaBit's bits and pairs do not match the opened mask's shape")
+    if tuple(bits[0].shape) != (EDABIT_BITS,) + shape or \
+            tuple(products[0].shape) != (len(GROUP_SUBSETS), _NODES) + shape:
+        raise ValueError("macc_leaves: the edaBit's bits and products do not match the opened mask's shape")
     cb = torch.stack([(c_lo >> i) & 1 for i in range(EDABIT_BITS)])  # public bits of C
     # per leaf: lt = A + B r, eq = D + E r
     a = torch.zeros_like(cb)
     b, d, e = 1 - cb, 1 - cb, 2 * cb - 1
     top = cb[EDABIT_BITS - 1]  # leaf 63: s = C_63 + (1 - 2 C_63) r_63; (lt, eq) = (1 - s, 2 s - 1)
     a[-1], b[-1], d[-1], e[-1] = 1 - top, 2 * top - 1, 2 * top - 1, 2 - 4 * top
-    hi, lo = slice(1, None, 2), slice(0, None, 2)
-    r_hi = [t[hi] for t in bits]
-    r_lo = [t[lo] for t in bits]
+    grouped = [t.view((_NODES, GROUP_BITS) + shape) for t in (a, b, d, e)]  # [group, offset]
+    lt = eq = None
+    for o in range(GROUP_BITS):  # f_3(f_2(f_1(f_0(t)))): lt <- lt_o + eq_o lt, eq <- eq_o eq
+        ga, gb, gd, ge = (t[:, o] for t in grouped)
+        lt_o, eq_o = {(): ga, (o,): gb}, {(): gd, (o,): ge}
+        lt = lt_o if lt is None else _poly_add(lt_o, _poly_mul(eq_o, lt))
+        eq = eq_o if eq is None else _poly_mul(eq_o, eq)
+
+    def monomial(m: tuple) -> list:
+        if len(m) == 1:
+            return [t.view((_NODES, GROUP_BITS) + shape)[:, m[0]] for t in bits]
+        return [t[_SUBSET_INDEX[m]] for t in products]
+
     alpha = tuple(alpha)
-    # (A_h + B_h r_h) + (D_h + E_h r_h)(A_l + B_l r_l) and (D_h + E_h r_h)(D_l + E_l r_l), p = r_h r_l
-    lt = _affine(a[hi] + d[hi] * a[lo], [(b[hi] + e[hi] * a[lo], r_hi), (d[hi] * b[lo], r_lo), (e[hi] * b[lo], pairs)],
-                 alpha, first)
-    eq = _affine(d[hi] * d[lo], [(e[hi] * d[lo], r_hi), (d[hi] * e[lo], r_lo), (e[hi] * e[lo], pairs)], alpha, first)
-    return lt + eq
+    out = ()
+    for poly in (lt, eq):
+        out += _affine(poly.get((), torch.zeros_like(cb[:_NODES])),
+                       [(c, monomial(m)) for m, c in poly.items() if m], alpha, first)
+    return out
 
 
 @party_function("macc_operands")
@@ -210,17 +245,17 @@ def sign_select(d: Shared, extras: Sequence[Shared], key: mac.MacKey, provider: 
     parties = list(d)
     shape = tuple(int(s) for s in shape)
     mat = provider.authenticated_comparison_material(key.key_id, shape, parties)
-    # (lo, hi) of r, bits, pairs, alpha*r, alpha*bits, alpha*pairs
+    # (lo, hi) of r, bits, group products, alpha*r, alpha*bits, alpha*products
     r = {p: (mat[p][0], mat[p][1], mat[p][6], mat[p][7]) for p in parties}
     bits = {p: [mat[p][2], mat[p][3], mat[p][8], mat[p][9]] for p in parties}
-    pairs = {p: [mat[p][4], mat[p][5], mat[p][10], mat[p][11]] for p in parties}
+    group_products = {p: [mat[p][4], mat[p][5], mat[p][10], mat[p][11]] for p in parties}
     shift = -1  # x = d - 1
     (c,) = mac._open128("mac_trunc_mask", {p: (d[p][0], d[p][1], r[p][0], r[p][1], shift if i == 0 else 0)
                                            for i, p in enumerate(parties)}, 1)
     key.pending.append(("comparison mask c = x + r", c, {
         p: [(1, d[p][2], d[p][3]), (shift,) + tuple(key.alpha_shares[p]), (1, r[p][2], r[p][3])] for p in parties}))
     first = {p: i == 0 for i, p in enumerate(parties)}
-    state = {p: run_party("macc_leaves", c[0], bits[p], pairs[p], list(key.alpha_shares[p]), first=first[p])
+    state = {p: run_party("macc_leaves", c[0], bits[p], group_products[p], list(key.alpha_shares[p]), first=first[p])
              for p in parties}
     nodes = _NODES
     while nodes > 1:

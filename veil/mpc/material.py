@@ -20,10 +20,11 @@ one party). Items are returned to protocols as a tuple
 * ``zero_mac`` ``(shape,)``: 128-bit shares of 0 and of its MAC ``alpha*0 = 0``
   (``refresh`` of authenticated shares; no key needed), 4 fields.
 * ``comparison_mac`` ``(key_id, shape)``: an authenticated random ``r`` with
-  its bits (an edaBit, :mod:`veil.mpc.mac_comparison`): ``(r, bits, pairs,
-  alpha*r, alpha*bits, alpha*pairs)`` mod 2^128, ``bits`` of shape ``(64,
-  *shape)`` holding the 64 low bits of ``r`` as 0/1 ring elements, ``pairs``
-  of shape ``(32, *shape)`` the products ``r_2j r_2j+1``; 12 fields.
+  its bits (an edaBit, :mod:`veil.mpc.mac_comparison`): ``(r, bits, products,
+  alpha*r, alpha*bits, alpha*products)`` mod 2^128, ``bits`` of shape ``(64,
+  *shape)`` holding the 64 low bits of ``r`` as 0/1 ring elements,
+  ``products`` of shape ``(11, 16, *shape)`` the products of each 4-bit
+  group's bits over the subsets :data:`GROUP_SUBSETS`; 12 fields.
 
 Wide (128-bit) kinds are in :data:`WIDE_KINDS`: providers split, sum and
 correct their shares with :func:`split_wide`, :func:`sum_wide` and
@@ -150,29 +151,40 @@ def _zero_mac(spec) -> tuple[list, list, Derive]:
 
 #: bits of an edaBit: the value ring Z/2^64 of :mod:`veil.mpc.mac`
 EDABIT_BITS = 64
+#: the authenticated comparison's local first levels: 4-bit groups (as the semi-honest circuit's)
+EDABIT_GROUPS = EDABIT_BITS // 4
 
 
 def _comparison_mac(spec) -> tuple[list, list, Derive]:
-    """edaBit with pair products: uniform 128-bit ``r~``; the 64 bits of its low limb as
-    128-bit 0/1 values (stacked on a new first dimension); the 32 products ``r_2j r_2j+1``
-    (so that the first level of the comparison tree is local); the MACs of all three."""
+    """edaBit with group products: uniform 128-bit ``r~``; the 64 bits of its low limb as
+    128-bit 0/1 values (stacked on a new first dimension); per 4-bit group the products of
+    its bits over each subset in :data:`GROUP_SUBSETS` (so that the first two levels of the
+    comparison tree are local); the MACs of all three."""
     from veil.mpc import ring128
 
     if not isinstance(spec, (tuple, list)) or len(spec) != 2:
         raise ProviderError("comparison_mac spec must be (key_id, shape)")
     key_id, shape = spec
     shape = _shape(shape)
-    bits_shape, pairs_shape = (EDABIT_BITS,) + shape, (EDABIT_BITS // 2,) + shape
+    bits_shape = (EDABIT_BITS,) + shape
+    products_shape = (len(GROUP_SUBSETS), EDABIT_GROUPS) + shape
 
     def derive(u: list, g: torch.Generator) -> list:
         alpha = _alpha(key_id)
         r = (u[0], u[1])
         raw = torch.stack([(u[0] >> i) & 1 for i in range(EDABIT_BITS)])
-        bits, pairs = ring128.lift_unsigned(raw), ring128.lift_unsigned(raw[0::2] & raw[1::2])
-        return [*bits, *pairs, *ring128.mul(alpha, r), *ring128.mul(alpha, bits), *ring128.mul(alpha, pairs)]
+        grouped = raw.view((EDABIT_GROUPS, GROUP_BITS) + shape)
+        prods = []
+        for subset in GROUP_SUBSETS:
+            prod = grouped[:, subset[0]]
+            for o in subset[1:]:
+                prod = prod & grouped[:, o]
+            prods.append(prod)
+        bits, products = ring128.lift_unsigned(raw), ring128.lift_unsigned(torch.stack(prods))
+        return [*bits, *products, *ring128.mul(alpha, r), *ring128.mul(alpha, bits), *ring128.mul(alpha, products)]
 
-    return [shape] * 2, [bits_shape] * 2 + [pairs_shape] * 2 + [shape] * 2 + [bits_shape] * 2 + [pairs_shape] * 2, \
-        derive
+    derived = [bits_shape] * 2 + [products_shape] * 2 + [shape] * 2 + [bits_shape] * 2 + [products_shape] * 2
+    return [shape] * 2, derived, derive
 
 
 def _pairs(fields: list) -> list:
