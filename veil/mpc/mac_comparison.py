@@ -45,16 +45,17 @@ Let ``x = d - 1`` (so ``[d > 0] = [x >= 0]``, as the semi-honest protocols).
    polynomials in the group's bits with public coefficients, whose monomials
    are dealt. The other **4 levels (16 groups to 1) take one round each**:
    all products of a level (``eq_hi lt_lo`` and ``eq_hi eq_lo`` of every
-   pair, only the first at the root) are one authenticated Beaver product of
-   stacked operands.
+   pair, only the first at the root) are one authenticated Beaver product,
+   ``eq_hi`` times ``(lt_lo, eq_lo)`` stacked (broadcast: ``eq_hi - a`` is
+   opened once for both, as two triples sharing ``a``).
 4. **Products** ``v_j * bit`` (ReLU, max): one more Beaver round for all
-   ``v_j`` stacked.
+   ``v_j`` stacked, times the bit broadcast.
 
 Cost per compared entry: **5 rounds** for the bit, **6** for ReLU (as the
-semi-honest circuit). Opened per entry and party: 16 bytes (``c``) plus
-``2 x 16`` per product (``e``, ``f``, 128-bit), ``16 + 8 + 4 + 1 = 29``
-products over the levels (+1 per value multiplied by the bit): about 1 KB,
-plus 16 bytes of MAC check per opening batch. Dealt: 240 authenticated
+semi-honest circuit). Opened per entry: ``c``, then ``8 + 16``, ``4 + 8``,
+``2 + 4`` and ``1 + 1`` masked operands over the levels, and ``p + 1`` for
+``p`` values multiplied by the bit: 47 128-bit values for ReLU, sent as 24
+bytes each (three int64 pieces): 1,128 bytes per party, plus the check. Dealt: 240 authenticated
 128-bit values (7.5 KB) per entry plus the triples; with seeded dealing only
 the last party receives the derived fields.
 
@@ -168,8 +169,9 @@ def _leaves(c_lo: torch.Tensor, bits: list, products: list, alpha: list, first: 
 
 @party_function("macc_operands")
 def _operands(lt: list, eq: list, last: bool) -> tuple:
-    """The stacked Beaver operands of one level: ``(eq_hi | eq_hi)`` and ``(lt_lo | eq_lo)``
-    (at the root, ``eq_hi`` and ``lt_lo`` only)."""
+    """The Beaver operands of one level: ``eq_hi`` and ``(lt_lo, eq_lo)`` stacked on a new first
+    dimension (one product broadcast over it: ``eq_hi`` is masked and opened once); at the root,
+    ``eq_hi`` and ``lt_lo``."""
     if not isinstance(last, bool):
         raise ValueError("macc_operands needs a boolean last")
     _check_limbs(lt, eq)
@@ -180,36 +182,35 @@ def _operands(lt: list, eq: list, last: bool) -> tuple:
     eq_hi, lt_lo, eq_lo = [t[1::2] for t in eq], [t[0::2] for t in lt], [t[0::2] for t in eq]
     if last:
         return tuple(t.contiguous() for t in eq_hi + lt_lo)
-    return tuple(torch.cat([h, h]) for h in eq_hi) + tuple(torch.cat([a, b]) for a, b in zip(lt_lo, eq_lo))
+    return tuple(t.contiguous() for t in eq_hi) + tuple(torch.stack([a, b]) for a, b in zip(lt_lo, eq_lo))
 
 
 @party_function("macc_next")
 def _next(lt: list, z: list, last: bool) -> tuple:
-    """The next level's ``(lt, eq)`` from the products ``z``: ``lt = lt_hi + z[:m]``, ``eq =
-    z[m:]``; at the root, the bit ``lt_hi + z`` (the tree dimension removed)."""
+    """The next level's ``(lt, eq)`` from the products ``z = eq_hi (lt_lo, eq_lo)``: ``lt =
+    lt_hi + z[0]``, ``eq = z[1]``; at the root, the bit ``lt_hi + z`` (tree dimension removed)."""
     if not isinstance(last, bool):
         raise ValueError("macc_next needs a boolean last")
     _check_limbs(lt, z)
     m = lt[0].shape[0] // 2 if lt[0].dim() else 0
-    if m == 0 or tuple(z[0].shape) != ((m if last else 2 * m),) + tuple(lt[0].shape[1:]):
+    rest = tuple(lt[0].shape[1:])
+    if m == 0 or tuple(z[0].shape) != (((1,) if last else (2, m)) + rest):
         raise ValueError("macc_next: the products do not match the level")
     lt_hi = [t[1::2] for t in lt]
-    new_lt = r128.add((lt_hi[0], lt_hi[1]), (z[0][:m], z[1][:m])) + r128.add((lt_hi[2], lt_hi[3]),
-                                                                            (z[2][:m], z[3][:m]))
+    lt_z, eq_z = (z, None) if last else ([t[0] for t in z], [t[1] for t in z])
+    new_lt = r128.add((lt_hi[0], lt_hi[1]), (lt_z[0], lt_z[1])) + r128.add((lt_hi[2], lt_hi[3]), (lt_z[2], lt_z[3]))
     if last:
         return tuple(t[0].contiguous() for t in new_lt)
-    return tuple(t.contiguous() for t in new_lt) + tuple(t[m:].contiguous() for t in z)
+    return tuple(t.contiguous() for t in new_lt) + tuple(t.contiguous() for t in eq_z)
 
 
 @party_function("macc_stack")
-def _stack(values: list, bit: list) -> tuple:
-    """Operands of the products ``v_j * bit``: the values stacked, the bit repeated."""
+def _stack(values: list) -> tuple:
+    """The values to multiply by the bit, stacked (the bit is broadcast over them)."""
     if not isinstance(values, (list, tuple)) or not values:
         raise ValueError("macc_stack needs a non-empty list of values")
-    _check_limbs(bit, *values)
-    n = len(values)
-    xs = tuple(torch.stack([v[k] for v in values]) for k in range(4))
-    return xs + tuple(t.unsqueeze(0).expand((n,) + tuple(t.shape)).contiguous() for t in bit)
+    _check_limbs(*values)
+    return tuple(torch.stack([v[k] for v in values]) for k in range(4))
 
 
 @party_function("macc_unstack")
@@ -260,19 +261,18 @@ def sign_select(d: Shared, extras: Sequence[Shared], key: mac.MacKey, provider: 
     nodes = _NODES
     while nodes > 1:
         last = nodes == 2
-        rows = 1 if last else nodes
+        shape_x, shape_y = ((1,) + shape, (1,) + shape) if last else ((nodes // 2,) + shape, (2, nodes // 2) + shape)
         ops = {p: run_party("macc_operands", list(state[p][:4]), list(state[p][4:]), last=last) for p in parties}
         z = mac.beaver({p: ops[p][:4] for p in parties}, {p: ops[p][4:] for p in parties}, key, provider, "mul",
-                       (rows,) + shape, (rows,) + shape)
+                       shape_x, shape_y)
         state = {p: run_party("macc_next", list(state[p][:4]), list(z[p]), last=last) for p in parties}
         nodes //= 2
     bit = {p: tuple(state[p]) for p in parties}
     if not products:
         return bit, []
     values = [d] + list(extras)
-    ops = {p: run_party("macc_stack", [list(v[p]) for v in values], list(bit[p])) for p in parties}
+    stacked = {p: run_party("macc_stack", [list(v[p]) for v in values]) for p in parties}
     n = len(values)
-    z = mac.beaver({p: ops[p][:4] for p in parties}, {p: ops[p][4:] for p in parties}, key, provider, "mul",
-                   (n,) + shape, (n,) + shape)
+    z = mac.beaver(stacked, bit, key, provider, "mul", (n,) + shape, shape)  # the bit's f opened once
     split = {p: run_party("macc_unstack", list(z[p])) for p in parties}
     return bit, [{p: tuple(split[p][4 * j:4 * j + 4]) for p in parties} for j in range(n)]
