@@ -98,16 +98,25 @@ def _check_limbs(*groups: Any) -> None:
             raise ValueError("an authenticated share is a list of 4 int64 tensors (v_lo, v_hi, m_lo, m_hi)")
 
 
+def _small_combination(terms: list) -> r128.Pair:
+    """``sum k * s mod 2^128`` for small public integer tensors ``k`` and 128-bit ``s = (lo, hi)``:
+    exact images of the 32-bit halves of ``lo`` recombined with carries (far cheaper than a
+    schoolbook product per term; exact while ``sum |k| < 2^30``)."""
+    t0 = t1 = hi = None
+    for k, (lo, up) in terms:
+        d0, d1 = r128.digits(lo, 32)
+        a0, a1, a2 = k * d0, k * d1, k * up
+        t0, t1, hi = (a0, a1, a2) if t0 is None else (t0 + a0, t1 + a1, hi + a2)
+    return r128.combine([(0, t0), (2, t1)], [hi])
+
+
 def _affine(const: torch.Tensor, terms: list, alpha: r128.Pair, first: bool) -> tuple:
     """One party's shares of ``const + sum coef * s`` and of its MAC, for public small-integer
     coefficients (int64 tensors) and authenticated shares ``s`` (4 limbs each)."""
-    c = r128.lift(const)
-    value = c if first else (torch.zeros_like(c[0]), torch.zeros_like(c[1]))
-    mac_share = r128.mul(alpha, c)
-    for coef, s in terms:
-        k = r128.lift(coef)
-        value = r128.add(value, r128.mul(k, (s[0], s[1])))
-        mac_share = r128.add(mac_share, r128.mul(k, (s[2], s[3])))
+    value = _small_combination([(k, (s[0], s[1])) for k, s in terms])
+    if first:
+        value = r128.add(value, r128.lift(const))
+    mac_share = _small_combination([(k, (s[2], s[3])) for k, s in terms] + [(const, alpha)])
     return value + mac_share
 
 
