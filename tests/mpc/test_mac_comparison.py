@@ -123,7 +123,10 @@ def test_sign_bit_over_the_whole_range(values, n, seed):
     """[d > 0] and d * [d > 0] for every d but -2^63, whatever the shares' upper limbs."""
     X = torch.tensor(values)
     x = share(X, [f"h{i}" for i in range(n)], LocalDealer(seed=seed), active_security=True)
-    x = x * 3 - x * 2  # upper 64 bits of the 128-bit value become arbitrary (x~ = x mod 2^64 only)
+    # arbitrary upper 64 bits, as after other ops (x~ = x mod 2^64 only): x~ + 2^64 u, MAC + alpha 2^64 u
+    u = torch.randint(MIN, MAX, tuple(X.shape), generator=torch.Generator().manual_seed(seed))
+    x.mac.hi.child["h1"] = x.mac.hi.child["h1"] + u
+    x.mac.mac_hi.child["h1"] = x.mac.mac_hi.child["h1"] + x.mac_key.alpha * u
     assert torch.equal((x > 0).get(), (X > 0).long())
     assert torch.equal(torch.relu(x).get(), torch.relu(X))
 
