@@ -258,3 +258,23 @@ def test_single_bit_errors_are_detected_or_harmless(place):
             assert outcome != "wrong", (place, v, op)
             if v < 64 and place != "edabit_mac_bits":  # a MAC share error changes no value
                 assert outcome == "detected", (place, v, op)
+
+
+def test_dealt_edabits_are_consistent():
+    """The comparison_mac recipe: bits of r's low limb, group products, and MACs alpha * value mod 2^128."""
+    from veil.mpc import ring128
+    from veil.mpc.material import GROUP_SUBSETS, register_mac_key, sum_wide
+
+    alpha = torch.tensor(-(2**63) + 12345, dtype=torch.int64)  # top bit set: read unsigned
+    register_mac_key("test-edabit", alpha)
+    items = LocalDealer(seed=3).authenticated_comparison_material("test-edabit", (5,), ["a", "b", "c"])
+    fields = sum_wide([[items[p][j] for p in "abc"] for j in range(12)])
+    r, bits, prods, mr, mbits, mprods = (tuple(fields[2 * i:2 * i + 2]) for i in range(6))
+    expect_bits = torch.stack([(r[0] >> i) & 1 for i in range(64)])
+    assert torch.equal(bits[0], expect_bits) and not bits[1].any()
+    grouped = expect_bits.view(16, 4, 5)
+    for k, subset in enumerate(GROUP_SUBSETS):
+        assert torch.equal(prods[0][k], grouped[:, list(subset)].prod(1)) and not prods[1][k].any()
+    a = ring128.lift_unsigned(alpha)
+    for value, tag in ((r, mr), (bits, mbits), (prods, mprods)):
+        assert ring128.eq(ring128.mul(a, value), tag).all()

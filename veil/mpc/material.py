@@ -180,8 +180,13 @@ def _comparison_mac(spec) -> tuple[list, list, Derive]:
             for o in subset[1:]:
                 prod = prod & grouped[:, o]
             prods.append(prod)
-        bits, products = ring128.lift_unsigned(raw), ring128.lift_unsigned(torch.stack(prods))
-        return [*bits, *products, *ring128.mul(alpha, r), *ring128.mul(alpha, bits), *ring128.mul(alpha, products)]
+        prods = torch.stack(prods)
+
+        def times_alpha(bit: torch.Tensor) -> tuple:  # alpha * b for b in {0, 1}: below 2^64, no product needed
+            return alpha[0] * bit, torch.zeros_like(bit)
+
+        bits, products = ring128.lift_unsigned(raw), ring128.lift_unsigned(prods)
+        return [*bits, *products, *ring128.mul(alpha, r), *times_alpha(raw), *times_alpha(prods)]
 
     derived = [bits_shape] * 2 + [products_shape] * 2 + [shape] * 2 + [bits_shape] * 2 + [products_shape] * 2
     return [shape] * 2, derived, derive
