@@ -55,9 +55,14 @@ Cost per compared entry: **5 rounds** for the bit, **6** for ReLU (as the
 semi-honest circuit). Opened per entry: ``c``, then ``8 + 16``, ``4 + 8``,
 ``2 + 4`` and ``1 + 1`` masked operands over the levels, and ``p + 1`` for
 ``p`` values multiplied by the bit: 47 128-bit values for ReLU, sent as 24
-bytes each (three int64 pieces): 1,128 bytes per party, plus the check. Dealt: 240 authenticated
-128-bit values (7.5 KB) per entry plus the triples; with seeded dealing only
-the last party receives the derived fields.
+bytes each (three int64 pieces): 1,128 bytes per party, plus the check.
+Dealt: 240 authenticated 128-bit values (7.5 KB) per entry plus the
+triples; with seeded dealing only the last party receives the derived fields.
+
+Abort is independent of the data: every shared value of the circuit enters
+an opening or the output additively, so an additive error in it shows up in
+an opened value whatever ``x`` is; which dealt fields enter, and with which
+public coefficients, depends only on the public (uniform) ``C``.
 
 Range: the semi-honest circuit's: exact for every ``d`` in Z/2^64 but
 ``-2^63`` (``d - 1`` wraps), whatever the upper 64 bits of ``d~``.
