@@ -19,6 +19,7 @@ from veil.mpc.errors import MacCheckError, ShareMismatchError
 from veil.mpc.mac_comparison import BIT_ROUNDS
 from veil.mpc.opening import count_openings
 from veil.mpc.providers import LocalDealer, WorkerDealer
+from veil.mpc.providers.base import MaterialExhaustedError
 from veil.tensors.additive import share
 from veil.tensors.mpc_glue.remote_sharing import local_worker_of
 
@@ -295,3 +296,19 @@ def test_dealt_edabits_are_consistent():
     a = ring128.lift_unsigned(alpha)
     for value, tag in ((r, mr), (bits, mbits), (prods, mprods)):
         assert ring128.eq(ring128.mul(a, value), tag).all()
+
+
+def test_mac_relu_material_can_be_dealt_ahead(net):
+    """Offline/online: the edaBits and triples of a MAC ReLU are recorded, dealt ahead, and suffice."""
+    parties, cpw = net[0][:2], net[1]
+    dealer = WorkerDealer(cpw, local_worker_of([cpw]))
+    a = torch.tensor([1.5, -2.0, 0.0, 3.25, -0.5])
+    x = a.fix_precision().share(*parties, crypto_provider=dealer, active_security=True)
+    with dealer.record() as plan:
+        torch.relu(x).get()
+    dealer.on_exhausted = "raise"
+    assert dealer.deal_ahead(plan, repeat=2)["left_out"] == 0
+    for _ in range(2):
+        assert torch.equal(torch.relu(x).get().float_precision(), torch.relu(a))
+    with pytest.raises(MaterialExhaustedError):
+        torch.relu(x).get()
