@@ -268,6 +268,8 @@ def mac_vs_plain(parties, cp, me, repeat: int) -> None:
         ("linear 256->64, batch 32, shared weights", (xs, lin.weight.detach().t(), lin.bias.detach()),
          lambda x, w, c: x @ w + c),
         ("sum 1e5 + public scale", (a,), lambda x: (x * 3).sum()),
+        ("ReLU 1e4 (fixed point)", (a[:10_000],), torch.relu),
+        ("x > 0, 1e4 (fixed point)", (a[:10_000],), lambda x: x > 0),
     ]
     print("| op (2 parties unless stated) | plain s | MAC s | MAC/plain | rounds plain | rounds MAC "
           "| opened B/party plain | opened B/party MAC | max err MAC |")
@@ -279,7 +281,7 @@ def mac_vs_plain(parties, cp, me, repeat: int) -> None:
             shared = [t.fix_precision().share(*parties, crypto_provider=cp, active_security=mode) for t in plain_args]
             out, t = traffic(lambda: fn(*shared).get(), me, cp, n)
             row[mode] = (_time(lambda: fn(*shared).get(), repeat), t, out)
-        err = float((row[True][2].float_precision() - fn(*plain_args)).abs().max())
+        err = float((row[True][2].float_precision() - fn(*plain_args).float()).abs().max())
         (tp, sp, _), (tm, sm, _) = row[False], row[True]
         print(f"| {name} | {tp:.3f} | {tm:.3f} | {tm / tp:.1f}x | {sp['rounds']} | {sm['rounds']} | "
               f"{sp['opened']:,.0f} | {sm['opened']:,.0f} | {err:.1e} |")

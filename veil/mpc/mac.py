@@ -40,8 +40,9 @@ but they cannot change any result mod 2^64. ``tests/mpc/test_mac_escape.py``
 injects every bit position of every 128-bit share, triple, truncation pair
 and opening and counts escapes.
 
-Comparisons, ReLU and max are refused on authenticated tensors
-(:func:`refuse`): they would need authenticated comparison material. The
+Comparisons, ReLU and max use dealt authenticated edaBits and Beaver
+products (:mod:`veil.mpc.mac_comparison`), so their openings join the same
+check; :func:`refresh` adds a dealt authenticated sharing of zero. The
 crypto provider and the orchestrator know ``alpha``: as in trusted-dealer
 SPDZ, they must not collude with a party.
 """
@@ -55,7 +56,7 @@ from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 import torch
 
 from veil.mpc import ring128 as r128
-from veil.mpc.errors import MacCheckError, UnsupportedOperationError
+from veil.mpc.errors import MacCheckError
 from veil.mpc.party import open_parties, party_function, run_party
 from veil.mpc.prg import expand, new_seed
 from veil.mpc.ring import DTYPE, bilinear
@@ -133,19 +134,6 @@ def input_shares(plain: torch.Tensor, key: MacKey, n: int) -> list[Limbs]:
 
 def is_authenticated(value: Any) -> bool:
     return getattr(value, "mac", None) is not None
-
-
-def refuse(value: Any, what: str) -> None:
-    """Raises for a protocol step that cannot keep ``value``'s MACs.
-
-    Raises:
-        UnsupportedOperationError: If ``value`` is authenticated.
-    """
-    if is_authenticated(value):
-        raise UnsupportedOperationError(
-            f"{what} is not available on authenticated shares (active_security=True): it needs authenticated "
-            "comparison material (e.g. verifiable function-secret-sharing keys), which veil does not deal"
-        )
 
 
 # ------------------------------------------------------------------ party functions (one party's limbs)
@@ -366,6 +354,13 @@ def truncate(x: Shared, divisor: int, key: MacKey, provider: Any, shape: tuple) 
 
 def add(x: Shared, y: Shared, subtract: bool = False) -> dict:
     return {p: run_party("mac_add", *x[p], *y[p], subtract=subtract) for p in x}
+
+
+def refresh(x: Shared, provider: Any, shape: tuple) -> dict:
+    """Same value, fresh shares: adds a dealt 128-bit sharing of zero to the values and
+    to the MACs (``alpha * 0 = 0``), so the MACs stay valid; no communication."""
+    zeros = provider.authenticated_zero_shares(shape, list(x))
+    return add(x, {p: tuple(zeros[p]) for p in x})
 
 
 def add_public(x: Shared, public: torch.Tensor, key: MacKey, negate: bool = False) -> dict:

@@ -17,6 +17,14 @@ one party). Items are returned to protocols as a tuple
   field is 128-bit, stored as two int64 fields ``(lo, hi)`` (12 fields).
 * ``truncation_mac`` ``(key_id, shape, divisor)``: a SPDZ2k truncation pair
   ``(r, q, g, alpha*r, alpha*q, alpha*g)`` mod 2^128, likewise 12 fields.
+* ``zero_mac`` ``(shape,)``: 128-bit shares of 0 and of its MAC ``alpha*0 = 0``
+  (``refresh`` of authenticated shares; no key needed), 4 fields.
+* ``comparison_mac`` ``(key_id, shape)``: an authenticated random ``r`` with
+  its bits (an edaBit, :mod:`veil.mpc.mac_comparison`): ``(r, bits, products,
+  alpha*r, alpha*bits, alpha*products)`` mod 2^128, ``bits`` of shape ``(64,
+  *shape)`` holding the 64 low bits of ``r`` as 0/1 ring elements,
+  ``products`` of shape ``(11, 16, *shape)`` the products of each 4-bit
+  group's bits over the subsets :data:`GROUP_SUBSETS`; 12 fields.
 
 Wide (128-bit) kinds are in :data:`WIDE_KINDS`: providers split, sum and
 correct their shares with :func:`split_wide`, :func:`sum_wide` and
@@ -81,7 +89,7 @@ MAC_KEYS: dict[str, torch.Tensor] = {}
 #: kinds whose fields are 128-bit (SPDZ2k) elements, each stored as two int64
 #: fields ``(lo, hi)``: they must be split, summed and corrected mod 2^128
 #: (:func:`split_wide`, :func:`sum_wide`, :func:`last_shares_wide`), not limb by limb.
-WIDE_KINDS = frozenset({"beaver_mac", "truncation_mac"})
+WIDE_KINDS = frozenset({"beaver_mac", "truncation_mac", "zero_mac", "comparison_mac"})
 
 
 def register_mac_key(key_id: str, alpha: torch.Tensor) -> None:
@@ -133,6 +141,55 @@ def _truncation_mac(spec) -> tuple[list, list, Derive]:
         return [*q, *w, *ring128.mul(alpha, r), *ring128.mul(alpha, q), *ring128.mul(alpha, w)]
 
     return [shape] * 2, [shape] * 10, derive
+
+
+def _zero_mac(spec) -> tuple[list, list, Derive]:
+    """128-bit shares of zero for the value and the MAC limbs (``alpha * 0 = 0``: no key)."""
+    shape = _shape(spec[0])
+    return [], [shape] * 4, lambda u, g: [torch.zeros(shape, dtype=DTYPE) for _ in range(4)]
+
+
+#: bits of an edaBit: the value ring Z/2^64 of :mod:`veil.mpc.mac`
+EDABIT_BITS = 64
+#: the authenticated comparison's local first levels: 4-bit groups (as the semi-honest circuit's)
+EDABIT_GROUPS = EDABIT_BITS // 4
+
+
+def _comparison_mac(spec) -> tuple[list, list, Derive]:
+    """edaBit with group products: uniform 128-bit ``r~``; the 64 bits of its low limb as
+    128-bit 0/1 values (stacked on a new first dimension); per 4-bit group the products of
+    its bits over each subset in :data:`GROUP_SUBSETS` (so that the first two levels of the
+    comparison tree are local); the MACs of all three."""
+    from veil.mpc import ring128
+
+    if not isinstance(spec, (tuple, list)) or len(spec) != 2:
+        raise ProviderError("comparison_mac spec must be (key_id, shape)")
+    key_id, shape = spec
+    shape = _shape(shape)
+    bits_shape = (EDABIT_BITS,) + shape
+    products_shape = (len(GROUP_SUBSETS), EDABIT_GROUPS) + shape
+
+    def derive(u: list, g: torch.Generator) -> list:
+        alpha = _alpha(key_id)
+        r = (u[0], u[1])
+        raw = torch.stack([(u[0] >> i) & 1 for i in range(EDABIT_BITS)])
+        grouped = raw.view((EDABIT_GROUPS, GROUP_BITS) + shape)
+        prods = []
+        for subset in GROUP_SUBSETS:
+            prod = grouped[:, subset[0]]
+            for o in subset[1:]:
+                prod = prod & grouped[:, o]
+            prods.append(prod)
+        prods = torch.stack(prods)
+
+        def times_alpha(bit: torch.Tensor) -> tuple:  # alpha * b for b in {0, 1}: below 2^64, no product needed
+            return alpha[0] * bit, torch.zeros_like(bit)
+
+        bits, products = ring128.lift_unsigned(raw), ring128.lift_unsigned(prods)
+        return [*bits, *products, *ring128.mul(alpha, r), *times_alpha(raw), *times_alpha(prods)]
+
+    derived = [bits_shape] * 2 + [products_shape] * 2 + [shape] * 2 + [bits_shape] * 2 + [products_shape] * 2
+    return [shape] * 2, derived, derive
 
 
 def _pairs(fields: list) -> list:
@@ -291,6 +348,7 @@ def _comparison(spec) -> tuple[list, list, Derive]:
 RECIPES: dict[str, Callable] = {
     "beaver": _beaver, "truncation": _truncation, "beaver_mac": _beaver_mac,
     "truncation_mac": _truncation_mac, "zero": _zero, "comparison": _comparison,
+    "zero_mac": _zero_mac, "comparison_mac": _comparison_mac,
 }
 
 

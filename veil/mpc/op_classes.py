@@ -36,7 +36,7 @@ class OpClass(enum.Enum):
     TRUNCATING = "truncating"
     #: a public constant of the operand's shape (party 0 holds it)
     PUBLIC_CONSTANT = "public_constant"
-    #: order-dependent: comparison protocol (FSS), not MAC-authenticated
+    #: order-dependent: a comparison protocol (veil.mpc.comparison; with MACs veil.mpc.mac_comparison)
     COMPARISON = "comparison"
 
 

@@ -15,9 +15,12 @@ protocols are in :mod:`veil.mpc.mac`; this module maps each op to one of:
 * **public bilinear** (``x @ W``, ``conv2d(x, W)`` for a public ``W``): 16-bit
   digits on both sides (:func:`veil.mpc.ring128.bilinear`);
 * **protocol** (shared products, truncation, public constants, openings);
+* **comparison** (``>``, ``==``, ReLU, max, argmax, max-pooling): the
+  comparison rules (:mod:`veil.tensors.rules.comparison`) run on
+  authenticated tensors too; their protocol step is :func:`sign_select`
+  (:mod:`veil.mpc.mac_comparison`);
 
-and refuses the rest (comparisons, ReLU, max: no authenticated comparison
-material).
+and refuses the rest (e.g. division by a shared value).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any, Hashable, Sequence
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from veil.mpc import mac
+from veil.mpc import mac, mac_comparison  # importing registers their party functions (workers too)
 from veil.mpc import ring128 as r128
 from veil.mpc.errors import ShareMismatchError, UnsupportedOperationError
 from veil.mpc.op_classes import BILINEAR_RING_OP, OpClass, classify, ops_of
@@ -272,10 +275,25 @@ def reconstruct_checked(value: Any) -> torch.Tensor:
 
 
 def refresh(value: Any) -> Any:
-    raise UnsupportedOperationError(
-        "refresh() is not available on authenticated shares (active_security=True): the provider deals no "
-        "authenticated 128-bit zero sharings yet"
-    )
+    """Same value, fresh value and MAC shares (a dealt authenticated zero sharing added)."""
+    out = mac.refresh(_limbs(value), value.crypto_provider, tuple(value.shape))
+    return _wrap(type(value), out, value.crypto_provider, value.mac_key)
+
+
+def sign_select(d: Any, extras: Sequence[Any] = (), products: bool = True) -> tuple[Any, list]:
+    """Authenticated ``[d > 0]`` and ``v * [d > 0]`` for ``v`` in ``(d, *extras)``
+    (:func:`veil.mpc.mac_comparison.sign_select`): tensors with MACs."""
+    cls = type(d)
+    key = _key(cls, [d, *extras])
+    bit, prods = mac_comparison.sign_select(_limbs(d), [_limbs(e) for e in extras], key, d.crypto_provider,
+                                            tuple(d.shape), products)
+    wrap = lambda shares: _wrap(cls, shares, d.crypto_provider, key)  # noqa: E731
+    return wrap(bit), [wrap(p) for p in prods]
+
+
+def public_like(value: torch.Tensor, like: Any) -> Any:
+    """An authenticated sharing of the public int64 ``value`` under ``like``'s key."""
+    return _from_public(type(like), torch.as_tensor(value, dtype=DTYPE), like, like.mac_key)
 
 
 def _convolution(cls: type, args: tuple, key: mac.MacKey) -> Any:
@@ -364,18 +382,23 @@ def dispatch(cls: type, func: Any, args: tuple, kwargs: dict, local_ops: Sequenc
             if op == "mul":
                 return _scale(cls, shared, public, key)
             return _public_bilinear(cls, func, shared, public, public_first=shared is not x, key=key)
-    if classify(func) is not OpClass.COMPARISON:  # composite ops (addmm, rsub, ...): decomposed, MACs kept
+    if classify(func) is OpClass.COMPARISON:  # the comparison rules; their protocol step keeps the MACs
+        from veil.tensors.rules.additive import ADDITIVE_RULES
+
+        rule = ADDITIVE_RULES.lookup(func)
+        if rule is not None and rule.handler is not None:
+            return rule.handler(cls, func, args, kwargs)
+    else:  # composite ops (addmm, rsub, ...): decomposed, MACs kept
         decomposed = decompose(func, args, kwargs)
         if decomposed is not NotImplemented:
             return decomposed
     raise UnsupportedOperationError(
         f"{func} is not available on authenticated shares (active_security=True): only linear ops, products by "
-        "public integers, Beaver products (mul, mm, bmm, matmul, conv2d) and truncation (fixed-point products, "
-        "division by a public integer) keep SPDZ2k MACs; comparisons, ReLU and max would need authenticated "
-        "comparison material that veil does not deal"
+        "public integers, Beaver products (mul, mm, bmm, matmul, conv2d), truncation (fixed-point products, "
+        "division by a public integer) and comparisons (>, ==, ReLU, max, argmax, max-pooling) keep SPDZ2k MACs"
     )
 
 
 __all__ = ["MacLimbs", "dispatch", "share_authenticated", "truncate", "reconstruct_checked", "refresh",
-           "is_authenticated"]
+           "is_authenticated", "sign_select", "public_like"]
 

@@ -139,3 +139,22 @@ class Provider(abc.ABC):
             with ``q``, ``h`` as in :meth:`truncation_pairs`.
         """
         raise ProviderError(f"{self!r} does not deal authenticated (active security) material")
+
+    def authenticated_zero_shares(self, shape: Sequence[int], parties: Sequence[Hashable]) -> Mapping[Hashable, tuple]:
+        """Deals 128-bit shares of zero for an authenticated value and its MAC (``refresh``).
+
+        Returns:
+            party -> ``(z_lo, z_hi, zm_lo, zm_hi)``: shares mod 2^128 of 0 (value) and of 0 (MAC).
+        """
+        raise ProviderError(f"{self!r} does not deal authenticated (active security) material")
+
+    def authenticated_comparison_material(
+        self, key_id: str, shape: Sequence[int], parties: Sequence[Hashable]
+    ) -> Mapping[Hashable, tuple]:
+        """Deals an authenticated random ``r`` with its 64 low bits (``comparison_mac``,
+        :mod:`veil.mpc.mac_comparison`) under a registered MAC key.
+
+        Returns:
+            party -> ``(r, bits, pairs, alpha*r, alpha*bits, alpha*pairs)``, each as ``(lo, hi)`` (12 tensors).
+        """
+        raise ProviderError(f"{self!r} does not deal authenticated (active security) material")

@@ -79,6 +79,13 @@ class LocalDealer(Provider):
         self.dealt["truncation"] += 1
         return self._deal_recipe("truncation_mac", (key_id, tuple(shape), int(divisor)), parties)
 
+    def authenticated_zero_shares(self, shape, parties):
+        return self._deal_recipe("zero_mac", (tuple(int(s) for s in shape),), parties)
+
+    def authenticated_comparison_material(self, key_id, shape, parties):
+        self.dealt["comparison"] += 1
+        return self._deal_recipe("comparison_mac", (key_id, tuple(int(s) for s in shape)), parties)
+
     def _deal_recipe(self, kind, spec, parties):
         uniform_shapes, _, derive = recipe(kind, spec)
         xor = xor_fields(kind, spec)

@@ -404,6 +404,12 @@ class WorkerDealer(Provider):
     def authenticated_truncation_pairs(self, key_id, shape, divisor, parties):
         return self._take("truncation_mac", (key_id, tuple(shape), int(divisor)), parties)
 
+    def authenticated_zero_shares(self, shape, parties):
+        return self._take("zero_mac", (tuple(int(s) for s in shape),), parties)
+
+    def authenticated_comparison_material(self, key_id, shape, parties):
+        return self._take("comparison_mac", (key_id, tuple(int(s) for s in shape)), parties)
+
 
 _DEALERS: dict[tuple[int, int], tuple[Any, Any, WorkerDealer]] = {}
 

@@ -1,6 +1,7 @@
 """Comparisons, ReLU, max/argmax and max-pooling of shared integer tensors.
 
-Everything is built on :func:`veil.mpc.comparison.sign_select` (1 round)
+Everything is built on :func:`veil.mpc.comparison.sign_select` (or, for
+SPDZ2k-authenticated tensors, :func:`veil.mpc.mac_comparison.sign_select`)
 and on local (structural) ops of :class:`AdditiveSharingTensor`:
 
 * ``x > y``, ``<``, ``>=``, ``<=``: one sign test of ``x - y`` (``+1`` for
@@ -22,7 +23,7 @@ import torch
 
 from veil.mpc.comparison import sign_select
 from veil.mpc.errors import UnsupportedOperationError
-from veil.mpc.mac import refuse
+from veil.tensors import mac_dispatch
 from veil.tensors.additive import AdditiveSharingTensor as AST
 
 aten = torch.ops.aten
@@ -32,11 +33,19 @@ def _wrap(shares: dict, like: AST) -> AST:
     return AST(shares, like.crypto_provider)
 
 
+def _sign_select(d: AST, extras: list, products: bool = True) -> tuple[AST, list]:
+    """``[d > 0]`` and ``v * [d > 0]`` for ``v`` in ``(d, *extras)``, as tensors; authenticated
+    (SPDZ2k) operands take the MAC-checked protocol (:mod:`veil.mpc.mac_comparison`)."""
+    if mac_dispatch.is_authenticated(d):
+        return mac_dispatch.sign_select(d, extras, products)
+    bits, prods = sign_select(d.child, [e.child for e in extras], d.crypto_provider, products=products)
+    return _wrap(bits, d), [_wrap(p, d) for p in prods]
+
+
 def positive_bit(d: AST) -> AST:
     """Shares of ``[d > 0]`` (0/1 integers)."""
-    refuse(d, "a comparison")
-    bits, _ = sign_select(d.child, [], d.crypto_provider, products=False)
-    return _wrap(bits, d)
+    bits, _ = _sign_select(d, [], products=False)
+    return bits
 
 
 def relu(x: AST) -> AST:
@@ -50,9 +59,8 @@ def relu_with_bit(x: AST) -> tuple[AST, AST]:
     The bit is ReLU's derivative: keeping it lets the backward pass multiply
     by it (1 Beaver round) instead of running a second comparison.
     """
-    refuse(x, "ReLU")
-    bits, (prod,) = sign_select(x.child, [], x.crypto_provider)
-    return _wrap(prod, x), _wrap(bits, x)
+    bits, (prod,) = _sign_select(x, [])
+    return prod, bits
 
 
 def compare(name: str, x, y) -> AST:
@@ -77,13 +85,13 @@ def compare(name: str, x, y) -> AST:
 
 def max_last(x: AST, with_index: bool) -> tuple[AST, Optional[AST]]:
     """Max (and first argmax) over the last dimension, which is removed."""
-    refuse(x, "max / argmax / max-pooling")
     n = x.shape[-1]
     if n == 0:
         raise ValueError("max of an empty dimension")
     index = None
     if with_index:
-        index = AST.from_public(torch.arange(n, dtype=torch.int64).expand(tuple(x.shape)), x)
+        arange = torch.arange(n, dtype=torch.int64).expand(tuple(x.shape))
+        index = mac_dispatch.public_like(arange, x) if mac_dispatch.is_authenticated(x) else AST.from_public(arange, x)
     while n > 1:
         h = n // 2
         a, b = aten.narrow.default(x, -1, 0, h), aten.narrow.default(x, -1, h, h)
@@ -91,13 +99,13 @@ def max_last(x: AST, with_index: bool) -> tuple[AST, Optional[AST]]:
         extras = []
         if index is not None:
             ia, ib = aten.narrow.default(index, -1, 0, h), aten.narrow.default(index, -1, h, h)
-            extras = [aten.sub.Tensor(ia, ib).child]
+            extras = [aten.sub.Tensor(ia, ib)]
         # bit = [a >= b] = [a - b + 1 > 0]: ties keep the first index, like torch.
-        bits, prods = sign_select(aten.add.Tensor(diff, 1).child, extras, x.crypto_provider)
+        bits, prods = _sign_select(aten.add.Tensor(diff, 1), extras)
         # (a - b + 1) * bit - bit = (a - b) * bit
-        x_new = aten.add.Tensor(b, aten.sub.Tensor(_wrap(prods[0], x), _wrap(bits, x)))
+        x_new = aten.add.Tensor(b, aten.sub.Tensor(prods[0], bits))
         if index is not None:
-            idx_new = aten.add.Tensor(ib, _wrap(prods[1], x))
+            idx_new = aten.add.Tensor(ib, prods[1])
         if n % 2:
             x_new = aten.cat.default([x_new, aten.narrow.default(x, -1, 2 * h, 1)], -1)
             if index is not None:
