@@ -28,7 +28,7 @@ from veil.messaging.allowlist import ALLOWLIST, NO_RESULT
 from veil.messaging.serde import DecodeContext, deserialize, serialize
 from veil.tensors.tree import leaves, map_structure
 from veil.compat.workers import PySyftWorkerMethods
-from veil.workers import cancellation, owner_guard
+from veil.workers import cancellation, oblivious, owner_guard
 from veil.workers.stats import TransportStats
 from veil.workers.monitor import DEALER_OUTPUTS, Principal, Purpose, ReferenceMonitor
 from veil.workers.outbox import MAX_PRELUDE_ITEMS, Outbox
@@ -367,9 +367,17 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
             monitor.audit(purpose.value, principal, list(found), "refused", f"{op.name}: {e}")
             raise
     protected = owner_guard.protected_storages(entries) if any_protected else _EMPTY
+    secret = False  # an input the requester may not learn: no value-dependent shape, failure or error text
     if any_restricted:
         if any(e.kind == _DEALER for e in entries):
             monitor.bind_dealt(principal, entries)
+        hidden = {oid for oid, e in found.items() if monitor.hides(principal, e)}
+        if hidden:
+            secret = True
+            why = None if op.worker_function else oblivious.refusal(op.name, msg.args, msg.kwargs or {}, hidden)
+            if why is not None:
+                monitor.audit(purpose.value, principal, list(found), "refused", why)
+                raise PermissionDeniedError(why)
         # requester-chosen ops may not write a restricted value into a more revealable input (laundering);
         # worker functions are veil's own and read their inputs
         weaker = owner_guard.weaker_storages(entries) if len(entries) > 1 and not op.worker_function else _EMPTY
@@ -398,7 +406,8 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
         if purpose is Purpose.DP_RELEASE:
             monitor.audit("dp_release", principal, list(found), "refused",
                           f"{op.name}: {e}" if isinstance(e, VeilError) else f"{op.name}: {type(e).__name__}")
-        raise owner_guard.client_error(op.name, e, protected or _reviewed_inputs(worker, entries), worker.id) from e
+        raise owner_guard.client_error(op.name, e, protected or ({0} if secret else _reviewed_inputs(worker, entries)),
+                                       worker.id) from e
     finally:
         if grad is not grad_before:
             _set_grad_enabled(grad_before)
