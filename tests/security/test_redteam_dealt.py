@@ -150,3 +150,49 @@ def test_no_op_fails_depending_on_a_client_value(hook, request):
     args = (torch.zeros(3, 12), m.ObjectRef(FLAT))
     op = "torch.nn.functional.cross_entropy"
     assert _outcome(hook, tag + "i", IN_RANGE, op, args) == _outcome(hook, tag + "o", IN_RANGE + 10, op, args)
+
+
+@pytest.mark.parametrize("op, args", [
+    ("Tensor.zero_", lambda r: (r,)),
+    ("Tensor.mul_", lambda r: (r, 0)),
+    ("Tensor.__setitem__", lambda r: (r, slice(None), 0)),
+    ("torch.mul", lambda r: (r, 0)),  # with out=r
+])
+def test_a_mask_is_never_overwritten_before_it_opens(served, op, args):
+    """``r.zero_()`` while the batch is claimed, then ``trunc_mask(x, r)``: r was still a fresh uniform
+    field by its metadata, and the opening was x. Dealt material is written by no requester-chosen op."""
+    a, b, owner, dealer = served
+    pair = dealer.truncation_pairs(SHAPE, 2 ** 16, [a.id, b.id])
+    r = _ref(pair[a.id][0])
+    kwargs = {"out": r} if op == "torch.mul" else None
+    with pytest.raises(PermissionDeniedError, match="restricted value|modify"):
+        _cmd(owner, a, op, args(r), [0] if op != "torch.mul" else [5050], kwargs)
+    (opened,) = _open(owner, a, "trunc_mask", m.ObjectRef(BATCH), r)
+    assert not torch.equal(opened, SECRET)
+
+
+def test_an_alias_of_a_mask_is_not_a_way_to_write_it(served):
+    """A view of the mask (stored as a new object) shares its storage: writing the view is refused too."""
+    a, b, owner, dealer = served
+    pair = dealer.truncation_pairs(SHAPE, 2 ** 16, [a.id, b.id])
+    r = _ref(pair[a.id][0])
+    _cmd(owner, a, "Tensor.view", (r, -1), [5060])
+    with pytest.raises(PermissionDeniedError):
+        _cmd(owner, a, "Tensor.zero_", (m.ObjectRef(5060),), [0])
+    (opened,) = _open(owner, a, "trunc_mask", m.ObjectRef(BATCH), r)
+    assert not torch.equal(opened, SECRET)
+
+
+@pytest.mark.parametrize("reveal", ["mask", "derived"])
+def test_a_field_opened_unmasked_during_the_batch_never_masks_a_client_value(served, reveal):
+    """With the batch claimed (the session tainted), opening an unused mask r itself (or q + r) bound its
+    item to the *taint*, not as unrestricted: r stayed a fresh mask of the client's and x + r was x."""
+    a, b, owner, dealer = served
+    pair = dealer.truncation_pairs(SHAPE, 2 ** 16, [a.id, b.id])
+    r = _ref(pair[a.id][0])
+    if reveal == "mask":
+        (known,) = _open(owner, a, "fss_mask", [r], [torch.zeros(SHAPE, dtype=DTYPE)])
+    else:  # q + r: a function of r the owner can invert (here: just opened alongside)
+        _open(owner, a, "fss_mask", [_ref(pair[a.id][1])], [r])
+    with pytest.raises(PermissionDeniedError, match="unrestricted"):
+        _open(owner, a, "trunc_mask", m.ObjectRef(BATCH), r)

@@ -368,9 +368,11 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
             raise
     protected = owner_guard.protected_storages(entries) if any_protected else _EMPTY
     secret = False  # an input the requester may not learn: no value-dependent shape, failure or error text
+    dealer = _EMPTY
     if any_restricted:
         if any(e.kind == _DEALER for e in entries):
             monitor.bind_dealt(principal, entries)
+            dealer = owner_guard.dealer_storages(entries)  # never written; results aliasing them are copies
         hidden = {oid for oid, e in found.items() if monitor.hides(principal, e)}
         if hidden:
             secret = True
@@ -383,6 +385,8 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
         weaker = owner_guard.weaker_storages(entries) if len(entries) > 1 and not op.worker_function else _EMPTY
         if weaker:
             protected = protected | weaker
+        if dealer and not op.worker_function:
+            protected = protected | dealer
     if protected:
         if op.worker_function:
             args = owner_guard.copy_protected_args(args, protected)
@@ -415,6 +419,8 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
         monitor.audit("dp_release", principal, list(found), "allowed", op.name)
     if protected and not op.worker_function:
         result = owner_guard.copy_aliases(result, protected)
+    elif dealer:  # a worker function that returned dealt material itself: a copy, not a writable alias
+        result = owner_guard.copy_aliases(result, dealer)
     # Governance (#16): once a dataset is under review, results also carry the op graph the owner
     # reviews (entry.meta), and objects the op wrote are re-stamped; the monitor's Entry.provenance
     # (the set of source datasets) is recorded by monitor.store either way.

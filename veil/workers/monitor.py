@@ -397,8 +397,8 @@ class ReferenceMonitor:
         if protecting:
             self._local.opened_masks = self._check_masks(principal, name, found, ids)
             dealt.bind_all(dealt_entries, dealt.strictest(protecting, None))
-        elif dealt_entries:
-            dealt.bind_all(dealt_entries, self._taints.get(principal.namespace))
+        elif dealt_entries:  # opened unmasked: the requester may know these items; they never mask a
+            dealt.bind_all(dealt_entries, None)  # protected value (bound to the taint, r stayed a "fresh" mask)
         self.audit("open", principal, ids, "allowed", name)
         return args, kwargs
 
