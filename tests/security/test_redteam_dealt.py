@@ -141,15 +141,31 @@ def test_success_does_not_depend_on_a_client_value(hook, request, op, args, othe
     assert _outcome(hook, tag + "i", IN_RANGE, op, args) == _outcome(hook, tag + "o", other, op, args)
 
 
-@pytest.mark.xfail(strict=True, reason="value-dependent failures of arbitrary torch ops on a client's share are "
-                   "a 1-bit oracle; only the listed index/division/shape ops are refused (errors are value-free). "
-                   "The fix is an allowlist of data-oblivious ops for values protected for someone else")
-def test_no_op_fails_depending_on_a_client_value(hook, request):
-    """``cross_entropy(logits, target=x)`` fails iff some x >= C: a bound on the share."""
+FIRST = 5038  # the share's first element, shape (1,)
+
+
+@pytest.mark.parametrize("op, args", [
+    ("torch.nn.functional.cross_entropy", (torch.zeros(3, 12), m.ObjectRef(FLAT))),  # fails iff a target >= 12
+    ("torch.zeros", (m.ObjectRef(FIRST),)),  # a secret as a size: x[0] elements
+    ("Tensor.narrow", (torch.zeros(12), 0, m.ObjectRef(FIRST), 1)),  # fails iff x[0] >= 12
+    ("Tensor.view", (torch.zeros(12), m.ObjectRef(FIRST))),
+    ("torch.nn.functional.one_hot", (m.ObjectRef(BATCH), 12)),  # fails iff a value >= 12
+])
+def test_a_client_value_is_never_a_size_a_target_or_a_python_value(hook, request, op, args):
+    """The oracle through ops the name lists did not know: refused before anything depends on values."""
     tag = f"rtp{request.node.name[-10:]}"
-    args = (torch.zeros(3, 12), m.ObjectRef(FLAT))
-    op = "torch.nn.functional.cross_entropy"
-    assert _outcome(hook, tag + "i", IN_RANGE, op, args) == _outcome(hook, tag + "o", IN_RANGE + 10, op, args)
+
+    def outcome(secret):
+        a, _, owner, _ = _setup(hook, tag + str(int(secret[0, 0])), secret)
+        _cmd(owner, a, "Tensor.flatten", (m.ObjectRef(BATCH),), [FLAT])
+        _cmd(owner, a, "Tensor.__getitem__", (m.ObjectRef(FLAT), slice(0, 1)), [FIRST])
+        try:
+            _cmd(owner, a, op, args, [5040])
+            return "ok"
+        except VeilError as e:
+            return type(e).__name__
+
+    assert outcome(IN_RANGE) == outcome(IN_RANGE + 10) != "ok"
 
 
 @pytest.mark.parametrize("op, args", [

@@ -368,18 +368,17 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
             raise
     protected = owner_guard.protected_storages(entries) if any_protected else _EMPTY
     secret = False  # an input the requester may not learn: no value-dependent shape, failure or error text
+    oblivious_guard = None
     dealer = _EMPTY
     if any_restricted:
         if any(e.kind == _DEALER for e in entries):
             monitor.bind_dealt(principal, entries)
             dealer = owner_guard.dealer_storages(entries)  # never written; results aliasing them are copies
-        hidden = {oid for oid, e in found.items() if monitor.hides(principal, e)}
+        hidden = [e.obj for e in entries if monitor.hides(principal, e)]
         if hidden:
             secret = True
-            why = None if op.worker_function else oblivious.refusal(op.name, msg.args, msg.kwargs or {}, hidden)
-            if why is not None:
-                monitor.audit(purpose.value, principal, list(found), "refused", why)
-                raise PermissionDeniedError(why)
+            if not op.worker_function:  # veil's own functions are trusted not to branch on values
+                oblivious_guard = oblivious.guard(op.name, hidden)
         # requester-chosen ops may not write a restricted value into a more revealable input (laundering);
         # worker functions are veil's own and read their inputs
         weaker = owner_guard.weaker_storages(entries) if len(entries) > 1 and not op.worker_function else _EMPTY
@@ -401,12 +400,17 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
         if op.worker_function:  # it may store outputs itself (monitor.store_output): tell it who asked
             with monitor.running(principal, entries, op.name):
                 result = op.func(worker, *args, **kwargs)
+        elif oblivious_guard is not None:  # secret inputs: no value-dependent shape, failure or Python value
+            with oblivious_guard, owner_guard.refuse_writes(op.name, protected, worker.id):
+                result = op.func(*args, **kwargs)
         elif protected:  # schema-checked writes for torch ops (worker functions got copies)
             with owner_guard.refuse_writes(op.name, protected, worker.id):
                 result = op.func(*args, **kwargs)
         else:
             result = op.func(*args, **kwargs)
     except Exception as e:  # errors on owner data carry no values
+        if isinstance(e, PermissionDeniedError) and oblivious_guard is not None:
+            monitor.audit(purpose.value, principal, list(found), "refused", str(e))
         if purpose is Purpose.DP_RELEASE:
             monitor.audit("dp_release", principal, list(found), "refused",
                           f"{op.name}: {e}" if isinstance(e, VeilError) else f"{op.name}: {type(e).__name__}")
