@@ -212,3 +212,12 @@ def test_a_field_opened_unmasked_during_the_batch_never_masks_a_client_value(ser
         _open(owner, a, "fss_mask", [_ref(pair[a.id][1])], [r])
     with pytest.raises(PermissionDeniedError, match="unrestricted"):
         _open(owner, a, "trunc_mask", m.ObjectRef(BATCH), r)
+
+
+def test_a_plan_is_no_way_around_the_oblivious_guard(served):
+    """A stored plan runs requester-chosen ops too: ``nonzero`` inside it is refused like a command's."""
+    a, b, owner, dealer = served
+    plan = sy.func2plan(args_shape=[SHAPE])(lambda x: torch.nonzero(x > 0))
+    ptr = plan.send(a)
+    with pytest.raises(VeilError, match="depend on the values|failed on protected data"):
+        _cmd(owner, a, "veil.plan.run", (m.ObjectRef(ptr.id_at_location), [m.ObjectRef(BATCH)], []), None)

@@ -8,6 +8,7 @@ network client worker overrides ``_recv_msg`` to forward the bytes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -30,7 +31,7 @@ from veil.tensors.tree import leaves, map_structure
 from veil.compat.workers import PySyftWorkerMethods
 from veil.workers import cancellation, oblivious, owner_guard
 from veil.workers.stats import TransportStats
-from veil.workers.monitor import DEALER_OUTPUTS, Principal, Purpose, ReferenceMonitor
+from veil.workers.monitor import DEALER_OUTPUTS, PROTOCOL_PREFIXES, Principal, Purpose, ReferenceMonitor
 from veil.workers.outbox import MAX_PRELUDE_ITEMS, Outbox
 from veil.workers.store import Entry, Kind
 
@@ -377,8 +378,8 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
         hidden = [e.obj for e in entries if monitor.hides(principal, e)]
         if hidden:
             secret = True
-            if not op.worker_function:  # veil's own functions are trusted not to branch on values
-                oblivious_guard = oblivious.guard(op.name, hidden)
+            if not op.name.startswith(PROTOCOL_PREFIXES):  # protocol steps are veil's, trusted not to branch
+                oblivious_guard = oblivious.guard(op.name, hidden)  # on values; plans run requester-chosen ops
         # requester-chosen ops may not write a restricted value into a more revealable input (laundering);
         # worker functions are veil's own and read their inputs
         weaker = owner_guard.weaker_storages(entries) if len(entries) > 1 and not op.worker_function else _EMPTY
@@ -398,7 +399,7 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
         if grad is not grad_before:
             _set_grad_enabled(grad)
         if op.worker_function:  # it may store outputs itself (monitor.store_output): tell it who asked
-            with monitor.running(principal, entries, op.name):
+            with monitor.running(principal, entries, op.name), oblivious_guard or _NO_GUARD:
                 result = op.func(worker, *args, **kwargs)
         elif oblivious_guard is not None:  # secret inputs: no value-dependent shape, failure or Python value
             with oblivious_guard, owner_guard.refuse_writes(op.name, protected, worker.id):
@@ -461,6 +462,7 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
 
 
 _OK = m.OkReply()
+_NO_GUARD = contextlib.nullcontext()
 
 
 def _describe_results(worker: BaseWorker, principal: Principal, result: Any, inputs: dict[int, int],
