@@ -221,3 +221,21 @@ def test_a_plan_is_no_way_around_the_oblivious_guard(served):
     ptr = plan.send(a)
     with pytest.raises(VeilError, match="depend on the values|failed on protected data"):
         _cmd(owner, a, "veil.plan.run", (m.ObjectRef(ptr.id_at_location), [m.ObjectRef(BATCH)], []), None)
+
+
+@pytest.mark.parametrize("op, args, kwargs", [
+    # a shape from the share's low bits: the result is empty iff one is 0, and its shape is the bits
+    ("veil.mpc.prg_share", (torch.zeros(32, dtype=torch.uint8), m.ObjectRef(5070)), {}),
+    ("veil.mpc.trunc_local", (torch.ones(SHAPE, dtype=DTYPE), m.ObjectRef(5071), False), {}),  # 1 // x
+    ("veil.mpc.trunc_local", (torch.ones(SHAPE, dtype=DTYPE), 2, m.ObjectRef(5071)), {}),  # bool(x)
+    ("veil.mpc.expand_material", (torch.zeros(32, dtype=torch.uint8), "zero", ([2],), m.ObjectRef(5071), []), {}),
+])
+def test_a_protocol_step_takes_no_client_value_as_a_public_parameter(served, op, args, kwargs):
+    """Protocol steps are trusted code but take public parameters (shapes, divisors, flags): a client's
+    share passed there became a Python value (a shape, a branch)."""
+    a, b, owner, dealer = served
+    _cmd(owner, a, "Tensor.flatten", (m.ObjectRef(BATCH),), [FLAT])
+    _cmd(owner, a, "Tensor.__and__", (m.ObjectRef(FLAT), 1), [5070])
+    _cmd(owner, a, "Tensor.__getitem__", (m.ObjectRef(5070), 0), [5071])
+    with pytest.raises(PermissionDeniedError, match="public parameter"):
+        _cmd(owner, a, op, args, None, kwargs)

@@ -375,11 +375,16 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
         if any(e.kind == _DEALER for e in entries):
             monitor.bind_dealt(principal, entries)
             dealer = owner_guard.dealer_storages(entries)  # never written; results aliasing them are copies
-        hidden = [e.obj for e in entries if monitor.hides(principal, e)]
+        hidden = [oid for oid, e in found.items() if monitor.hides(principal, e)]
         if hidden:
             secret = True
-            if not op.name.startswith(PROTOCOL_PREFIXES):  # protocol steps are veil's, trusted not to branch
-                oblivious_guard = oblivious.guard(op.name, hidden)  # on values; plans run requester-chosen ops
+            if not op.name.startswith(PROTOCOL_PREFIXES):  # plans and torch ops: requester-chosen ops
+                oblivious_guard = oblivious.guard(op.name, [found[oid].obj for oid in hidden])
+            else:  # protocol steps are veil's, trusted not to branch on shares: only not as public parameters
+                why = oblivious.protocol_refusal(op.name, op.func, msg.args, msg.kwargs, set(hidden))
+                if why is not None:
+                    monitor.audit(purpose.value, principal, list(found), "refused", why)
+                    raise PermissionDeniedError(why)
         # requester-chosen ops may not write a restricted value into a more revealable input (laundering);
         # worker functions are veil's own and read their inputs
         weaker = owner_guard.weaker_storages(entries) if len(entries) > 1 and not op.worker_function else _EMPTY

@@ -22,6 +22,11 @@ The refusal depends only on the op and on which arguments are secret, never
 on values. Errors of any command on a secret are value-free
 (``owner_guard.client_error``). Not complete: an ATen op missing from the
 lists that fails on values is still a 1-bit oracle (README known limits).
+
+Protocol steps (``veil.mpc.*``) are veil's code and the hot path (the guard
+would make an FSS comparison ~3x slower): they are not followed, but a secret
+may not be one of their public parameters (:func:`protocol_refusal`: shapes,
+counts, divisors, flags), where it would become a Python value.
 """
 
 from __future__ import annotations
@@ -159,3 +164,64 @@ def guard(op_name: str, secret_values: list) -> contextlib.AbstractContextManage
     if not keys:
         return contextlib.nullcontext()
     return _Oblivious(op_name, keys)
+
+
+#: parameters of protocol steps that are public values (sizes, counts, flags, divisors), whatever their annotation
+PUBLIC_NAMES = frozenset({"shape", "spec", "count", "n_values", "columns", "width", "role", "level", "divisor",
+                          "shift", "first", "negate", "op", "op_kwargs", "subtract", "kind", "key_id", "party_ids",
+                          "ids", "seeded"})
+#: annotations of parameters that take shares (tensors, or lists of them); every other annotated one is public
+_SHARE_ANNOTATIONS = frozenset({"", "torch.Tensor", "Tensor", "list", "tuple", "Any", "Sequence", "Optional[torch.Tensor]"})
+
+
+def protocol_refusal(op_name: str, func: Any, args: Any, kwargs: dict, secret: set) -> str | None:
+    """Why the protocol step ``op_name`` (veil's own code, not followed by :func:`guard`: it is the hot path)
+    may not run: a secret object (``secret``: ids) passed as one of its public parameters would become a
+    Python value (a shape, a count, a branch, a divisor). None: it may run."""
+    for pos, name in _public_parameters(op_name, func):
+        if (pos < len(args) and any(i in secret for i in _ref_ids(args[pos]))) or (
+                name in kwargs and any(i in secret for i in _ref_ids(kwargs[name]))):
+            return f"{op_name}: a share you may not reveal cannot be its public parameter {name!r}"
+    return None
+
+
+_PUBLIC_CACHE: dict[str, tuple] = {}
+
+
+def _public_parameters(op_name: str, func: Any) -> tuple:
+    """``(position, name)`` of a protocol step's public parameters (cached per step)."""
+    cached = _PUBLIC_CACHE.get(op_name)
+    if cached is not None:
+        return cached
+    import inspect
+
+    from veil.mpc.party import PARTY_FUNCTIONS, WIRE_PREFIX
+
+    fn = PARTY_FUNCTIONS.get(op_name[len(WIRE_PREFIX):]) if op_name.startswith(WIRE_PREFIX) else None
+    skip = 0 if fn is not None else 1  # registered worker functions take the worker first
+    try:
+        params = list(inspect.signature(fn if fn is not None else func).parameters.values())[skip:]
+    except (TypeError, ValueError):
+        params = []
+    out = []
+    for i, p in enumerate(params):
+        ann = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
+        ann = "" if p.annotation is inspect.Parameter.empty else ann
+        if p.name in PUBLIC_NAMES or ann not in _SHARE_ANNOTATIONS:
+            out.append((i, p.name))
+    _PUBLIC_CACHE[op_name] = cached = tuple(out)
+    return cached
+
+
+def _ref_ids(value: Any) -> Any:
+    from veil.messaging import messages as m
+
+    tp = type(value)
+    if tp is m.ObjectRef:
+        yield value.id
+    elif tp is list or tp is tuple:
+        for v in value:
+            yield from _ref_ids(v)
+    elif tp is dict:
+        for v in value.values():
+            yield from _ref_ids(v)
