@@ -239,3 +239,31 @@ def test_a_protocol_step_takes_no_client_value_as_a_public_parameter(served, op,
     _cmd(owner, a, "Tensor.__getitem__", (m.ObjectRef(5070), 0), [5071])
     with pytest.raises(PermissionDeniedError, match="public parameter"):
         _cmd(owner, a, op, args, None, kwargs)
+
+
+def test_a_plan_neither_launders_a_client_share_nor_overwrites_a_mask(served):
+    """The write rules applied to torch ops only: a stored plan doing ``mine.add_(x)`` (then ``mine.get()``)
+    or ``r.mul_(0)`` ran on the stored tensors themselves."""
+    a, b, owner, dealer = served
+
+    def launder(mine, x):
+        mine.add_(x)
+        return mine * 1
+
+    plan_ptr = sy.func2plan(args_shape=[SHAPE, SHAPE])(launder).send(a)
+    mine = torch.zeros(SHAPE, dtype=DTYPE).send(a)
+    try:
+        _cmd(owner, a, "veil.plan.run", (m.ObjectRef(plan_ptr.id_at_location), [_ref(mine), m.ObjectRef(BATCH)], []),
+             None)
+    except VeilError:
+        pass  # refused is fine too
+    assert torch.equal(mine.get(), torch.zeros(SHAPE, dtype=DTYPE))
+    pair = dealer.truncation_pairs(SHAPE, 2 ** 16, [a.id, b.id])
+    r = _ref(pair[a.id][0])
+    zero_ptr = sy.func2plan(args_shape=[SHAPE])(lambda t: t.mul_(0) + 0).send(a)
+    try:
+        _cmd(owner, a, "veil.plan.run", (m.ObjectRef(zero_ptr.id_at_location), [r], []), None)
+    except VeilError:
+        pass
+    (opened,) = _open(owner, a, "trunc_mask", m.ObjectRef(BATCH), r)
+    assert not torch.equal(opened, SECRET)

@@ -385,13 +385,14 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
                 if why is not None:
                     monitor.audit(purpose.value, principal, list(found), "refused", why)
                     raise PermissionDeniedError(why)
-        # requester-chosen ops may not write a restricted value into a more revealable input (laundering);
-        # worker functions are veil's own and read their inputs
-        weaker = owner_guard.weaker_storages(entries) if len(entries) > 1 and not op.worker_function else _EMPTY
+        # requester-chosen ops (torch ops, plans) may not write a restricted value into a more revealable input
+        # (laundering) nor write dealt material; protocol steps are veil's own and read their inputs
+        chosen = not op.name.startswith(PROTOCOL_PREFIXES)
+        weaker = owner_guard.weaker_storages(entries) if len(entries) > 1 and chosen else _EMPTY
         if weaker:
             protected = protected | weaker
-        if dealer and not op.worker_function:
-            protected = protected | dealer
+        if dealer and chosen:
+            protected = protected | dealer  # worker functions (plans) get copies of them
     if protected:
         if op.worker_function:
             args = owner_guard.copy_protected_args(args, protected)
