@@ -8,6 +8,7 @@ network client worker overrides ``_recv_msg`` to forward the bytes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import TYPE_CHECKING, Any, Callable
@@ -29,9 +30,9 @@ from veil.messaging.allowlist import ALLOWLIST, NO_RESULT
 from veil.messaging.serde import DecodeContext, deserialize, serialize
 from veil.tensors.tree import leaves, map_structure
 from veil.compat.workers import PySyftWorkerMethods
-from veil.workers import cancellation, owner_guard
+from veil.workers import cancellation, oblivious, owner_guard
 from veil.workers.stats import TransportStats
-from veil.workers.monitor import DEALER_OUTPUTS, Principal, Purpose, ReferenceMonitor
+from veil.workers.monitor import DEALER_OUTPUTS, PROTOCOL_PREFIXES, Principal, Purpose, ReferenceMonitor
 from veil.workers.outbox import MAX_PRELUDE_ITEMS, Outbox
 from veil.workers.store import Entry, Kind
 
@@ -381,14 +382,31 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
     if entries and op.name in owner_guard.REVIEWED_INPUTS and _tracking(worker):
         _governance_release(worker, list(found), entries, principal.user, op.name)
     protected = owner_guard.protected_storages(entries) if any_protected else _EMPTY
+    secret = False  # an input the requester may not learn: no value-dependent shape, failure or error text
+    oblivious_guard = None
+    dealer = _EMPTY
     if any_restricted:
         if any(e.kind == _DEALER for e in entries):
             monitor.bind_dealt(principal, entries)
-        # requester-chosen ops may not write a restricted value into a more revealable input (laundering);
-        # worker functions are veil's own and read their inputs
-        weaker = owner_guard.weaker_storages(entries) if len(entries) > 1 and not op.worker_function else _EMPTY
+            dealer = owner_guard.dealer_storages(entries)  # never written; results aliasing them are copies
+        hidden = [oid for oid, e in found.items() if monitor.hides(principal, e)]
+        if hidden:
+            secret = True
+            if not op.name.startswith(PROTOCOL_PREFIXES):  # plans and torch ops: requester-chosen ops
+                oblivious_guard = oblivious.guard(op.name, [found[oid].obj for oid in hidden])
+            else:  # protocol steps are veil's, trusted not to branch on shares: only not as public parameters
+                why = oblivious.protocol_refusal(op.name, op.func, msg.args, msg.kwargs, set(hidden))
+                if why is not None:
+                    monitor.audit(purpose.value, principal, list(found), "refused", why)
+                    raise PermissionDeniedError(why)
+        # requester-chosen ops (torch ops, plans) may not write a restricted value into a more revealable input
+        # (laundering) nor write dealt material; protocol steps are veil's own and read their inputs
+        chosen = not op.name.startswith(PROTOCOL_PREFIXES)
+        weaker = owner_guard.weaker_storages(entries) if len(entries) > 1 and chosen else _EMPTY
         if weaker:
             protected = protected | weaker
+        if dealer and chosen:
+            protected = protected | dealer  # worker functions (plans) get copies of them
     if protected:
         if op.worker_function:
             args = owner_guard.copy_protected_args(args, protected)
@@ -401,18 +419,24 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
         if grad is not grad_before:
             _set_grad_enabled(grad)
         if op.worker_function:  # it may store outputs itself (monitor.store_output): tell it who asked
-            with monitor.running(principal, entries, op.name):
+            with monitor.running(principal, entries, op.name), oblivious_guard or _NO_GUARD:
                 result = op.func(worker, *args, **kwargs)
+        elif oblivious_guard is not None:  # secret inputs: no value-dependent shape, failure or Python value
+            with oblivious_guard, owner_guard.refuse_writes(op.name, protected, worker.id):
+                result = op.func(*args, **kwargs)
         elif protected:  # schema-checked writes for torch ops (worker functions got copies)
             with owner_guard.refuse_writes(op.name, protected, worker.id):
                 result = op.func(*args, **kwargs)
         else:
             result = op.func(*args, **kwargs)
     except Exception as e:  # errors on owner data carry no values
+        if isinstance(e, PermissionDeniedError) and oblivious_guard is not None:
+            monitor.audit(purpose.value, principal, list(found), "refused", str(e))
         if purpose is Purpose.DP_RELEASE:
             monitor.audit("dp_release", principal, list(found), "refused",
                           f"{op.name}: {e}" if isinstance(e, VeilError) else f"{op.name}: {type(e).__name__}")
-        raise owner_guard.client_error(op.name, e, protected or _reviewed_inputs(worker, entries), worker.id) from e
+        raise owner_guard.client_error(op.name, e, protected or ({0} if secret else _reviewed_inputs(worker, entries)),
+                                       worker.id) from e
     finally:
         if grad is not grad_before:
             _set_grad_enabled(grad_before)
@@ -420,6 +444,8 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
         monitor.audit("dp_release", principal, list(found), "allowed", op.name)
     if protected and not op.worker_function:
         result = owner_guard.copy_aliases(result, protected)
+    elif dealer:  # a worker function that returned dealt material itself: a copy, not a writable alias
+        result = owner_guard.copy_aliases(result, dealer)
     # Governance (#16): once a dataset is under review, results also carry the op graph the owner
     # reviews (entry.meta), and objects the op wrote are re-stamped; the monitor's Entry.provenance
     # (the set of source datasets) is recorded by monitor.store either way.
@@ -457,6 +483,7 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
 
 
 _OK = m.OkReply()
+_NO_GUARD = contextlib.nullcontext()
 
 
 def _describe_results(worker: BaseWorker, principal: Principal, result: Any, inputs: dict[int, int],

@@ -397,10 +397,16 @@ class ReferenceMonitor:
         if protecting:
             self._local.opened_masks = self._check_masks(principal, name, found, ids)
             dealt.bind_all(dealt_entries, dealt.strictest(protecting, None))
-        elif dealt_entries:
-            dealt.bind_all(dealt_entries, self._taints.get(principal.namespace))
+        elif dealt_entries:  # opened unmasked: the requester may know these items; they never mask a
+            dealt.bind_all(dealt_entries, None)  # protected value (bound to the taint, r stayed a "fresh" mask)
         self.audit("open", principal, ids, "allowed", name)
         return args, kwargs
+
+    def hides(self, principal: Principal, entry: Entry) -> bool:
+        """Whether ``entry``'s value is secret from ``principal``: dealt material, or a value revealable
+        only to others (its shape, an op's failure or an error text must not depend on it)."""
+        return entry.kind == Kind.DEALER or (entry.reveal_to is not None
+                                             and not self._may_see(principal, entry.reveal_to))
 
     @staticmethod
     def _may_see(principal: Principal, reveal_to: tuple) -> bool:
@@ -416,9 +422,15 @@ class ReferenceMonitor:
             error = f"{name} may not open shares protected for another party"
         else:
             for pos in positions:
-                refs = list(_refs(raw[pos] if pos < len(raw) else None))
+                value = raw[pos] if pos < len(raw) else None
+                refs = list(_refs(value))
                 if not refs:
                     error = f"{name} needs dealt masks at argument {pos} to open shares protected for another party"
+                    break
+                if any(type(v) is not m.ObjectRef for v in _leaves(value)):
+                    # fss_mask([x], [0, r]) zips x with the inline 0: every mask must be a dealt field
+                    error = f"{name}: argument {pos} holds a value that is not dealt material; every mask must be " \
+                            "a dealt field to open shares protected for another party"
                     break
                 for r in refs:
                     entry = found.get(r.id)
@@ -455,6 +467,11 @@ class ReferenceMonitor:
             if len(outputs) > len(masks) or any(s != tuple(k.shape) for s, k in zip(shapes, masks)):
                 raise self._refuse(PermissionDeniedError(
                     f"{name}: every output must be hidden by a mask of its own shape"), "open", principal, [])
+            # a float x * 2^80 + r is x: the mask hides only what is added to it mod 2^64, in its own dtype
+            if any(t.dtype != k.dtype for t, k in zip(outputs, masks)):
+                raise self._refuse(PermissionDeniedError(
+                    f"{name}: every output must have its mask's dtype (ring elements, added mod 2^64)"), "open",
+                    principal, [])
         return outputs
 
     # ------------------------------------------------------------ storing
@@ -664,6 +681,18 @@ class _NoDeputy:
 
 #: see _NoDeputy (veil.workers.base.BaseWorker._make_pointer uses it for network sessions)
 NO_DEPUTY = _NoDeputy()
+
+
+def _leaves(value: Any) -> Iterator[Any]:
+    """The non-container values of a wire argument (lists, tuples and dict values are walked)."""
+    if type(value) in (list, tuple):
+        for v in value:
+            yield from _leaves(v)
+    elif type(value) is dict:
+        for v in value.values():
+            yield from _leaves(v)
+    else:
+        yield value
 
 
 def _refs(value: Any) -> Iterator[m.ObjectRef]:

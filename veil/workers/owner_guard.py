@@ -120,6 +120,18 @@ def weaker_storages(entries: list) -> set[int]:
     return out
 
 
+def dealer_storages(entries: list) -> set[int]:
+    """Storages of dealt material among a command's inputs: no requester-chosen op writes them (``r.zero_()``
+    would leave a field that still passes as a fresh uniform mask, and the opening ``x + r`` would be ``x``)."""
+    out: set[int] = set()
+    for e in entries:
+        if e.kind == Kind.DEALER:
+            key = _storage(e.obj)
+            if key is not None:
+                out.add(key)
+    return out
+
+
 def _writes_first_argument(op_name: str) -> bool:
     method = op_name.rsplit(".", 1)[-1]
     if op_name.endswith(".__set__"):  # property setters (grad, requires_grad)

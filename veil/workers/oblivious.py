@@ -1,0 +1,227 @@
+"""Secret values decide no shape, no success and no Python value of a requester-chosen op.
+
+A serving owner computes on a client's share but may not learn it; what it
+always learns of a command is whether it succeeded, the error text and the
+result's shape. ``nonzero(x & 2)`` has as many rows as set bits,
+``zeros(12)[x]`` fails iff some value is >= 12, ``1 // x`` iff one is 0,
+``torch.zeros(x[:1])`` has ``x[0]`` elements: repeated per bit, each is the
+whole share.
+
+:func:`guard` runs a torch op whose inputs include *secret* values (a share
+revealable only to someone else, dealt material) under a TorchDispatchMode
+that follows them through every ATen op the call decomposes into (an
+output computed from a secret is secret) and refuses, before the op runs:
+
+* ops whose output shape depends on values (:data:`VALUE_SHAPED`);
+* a secret in an argument whose values may make the op fail: indices,
+  divisors, targets (:data:`VALUE_CHECKED`);
+* a secret turned into a Python value (``.item()``, ``int(t)``, a tensor used
+  as a size, ``bool(t)``): every op returning a non-tensor from a secret.
+
+The refusal depends only on the op and on which arguments are secret, never
+on values. Errors of any command on a secret are value-free
+(``owner_guard.client_error``). Not complete: an ATen op missing from the
+lists that fails on values is still a 1-bit oracle (README known limits).
+
+Protocol steps (``veil.mpc.*``) are veil's code and the hot path (the guard
+would make an FSS comparison ~3x slower): they are not followed, but a secret
+may not be one of their public parameters (:func:`protocol_refusal`: shapes,
+counts, divisors, flags), where it would become a Python value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from veil.exceptions import PermissionDeniedError
+
+#: ATen ops whose result shape depends on the values of a secret input (any argument)
+VALUE_SHAPED = frozenset({
+    "aten::nonzero", "aten::nonzero_numpy", "aten::nonzero_static", "aten::argwhere", "aten::masked_select",
+    "aten::_unique", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::unique_dim_consecutive",
+    "aten::repeat_interleave", "aten::bincount", "aten::histc", "aten::histogram", "aten::multinomial",
+})
+#: ATen op -> arguments whose values make the op fail when out of range or zero (indices, divisors, targets)
+VALUE_CHECKED: dict[str, frozenset] = {
+    "aten::index": frozenset({"indices"}),
+    "aten::index_put": frozenset({"indices"}),
+    "aten::index_put_": frozenset({"indices"}),
+    "aten::_index_put_impl_": frozenset({"indices"}),
+    "aten::index_select": frozenset({"index"}),
+    "aten::gather": frozenset({"index"}),
+    "aten::take": frozenset({"index"}),
+    "aten::take_along_dim": frozenset({"indices"}),
+    "aten::scatter": frozenset({"index"}),
+    "aten::scatter_": frozenset({"index"}),
+    "aten::scatter_add": frozenset({"index"}),
+    "aten::scatter_add_": frozenset({"index"}),
+    "aten::scatter_reduce": frozenset({"index"}),
+    "aten::scatter_reduce_": frozenset({"index"}),
+    "aten::index_add": frozenset({"index"}),
+    "aten::index_add_": frozenset({"index"}),
+    "aten::index_copy": frozenset({"index"}),
+    "aten::index_copy_": frozenset({"index"}),
+    "aten::index_fill": frozenset({"index"}),
+    "aten::index_fill_": frozenset({"index"}),
+    "aten::index_reduce": frozenset({"index"}),
+    "aten::put": frozenset({"index"}),
+    "aten::put_": frozenset({"index"}),
+    "aten::embedding": frozenset({"indices"}),
+    "aten::_embedding_bag": frozenset({"indices", "offsets"}),
+    "aten::embedding_bag": frozenset({"indices", "offsets"}),
+    "aten::nll_loss_forward": frozenset({"target"}),
+    "aten::nll_loss2d_forward": frozenset({"target"}),
+    "aten::nll_loss": frozenset({"target"}),
+    "aten::nll_loss_nd": frozenset({"target"}),
+    "aten::multi_margin_loss": frozenset({"target"}),
+    "aten::multilabel_margin_loss_forward": frozenset({"target"}),
+    "aten::binary_cross_entropy": frozenset({"self", "target"}),
+    "aten::floor_divide": frozenset({"other"}),
+    "aten::floor_divide_": frozenset({"other"}),
+    "aten::div": frozenset({"other"}),  # integer division with a rounding mode fails on 0
+    "aten::div_": frozenset({"other"}),
+    "aten::remainder": frozenset({"other", "self"}),  # remainder.Scalar_Tensor: the divisor is "self"
+    "aten::remainder_": frozenset({"other"}),
+    "aten::fmod": frozenset({"other"}),
+    "aten::fmod_": frozenset({"other"}),
+    "aten::bernoulli": frozenset({"self", "p"}),
+    "aten::bernoulli_": frozenset({"p"}),
+    "aten::poisson": frozenset({"self"}),
+    "aten::_assert_async": frozenset({"self"}),
+}
+
+
+def _key(t: Any) -> int | None:
+    if not isinstance(t, torch.Tensor) or t.is_meta:
+        return None
+    try:
+        return t.untyped_storage().data_ptr() or None
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+class _Oblivious(TorchDispatchMode):
+    """Follows secret storages through one command and refuses value-dependent shapes, failures, scalars."""
+
+    def __init__(self, op_name: str, secret: set[int]) -> None:
+        super().__init__()
+        self.op_name, self.secret = op_name, secret
+
+    def _refuse(self, why: str) -> PermissionDeniedError:
+        return PermissionDeniedError(f"{self.op_name}: {why} would depend on the values of a share you may not "
+                                     "reveal; it is refused whatever the values")
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        secret = self.secret
+        touched = _touches(args, secret) or (kwargs and _touches(tuple(kwargs.values()), secret))
+        if not touched:
+            return func(*args, **kwargs)
+        name = func._schema.name
+        if name in VALUE_SHAPED:
+            raise self._refuse(f"the shape of {name}")
+        checked = VALUE_CHECKED.get(name)
+        if checked is not None:
+            for i, a in enumerate(func._schema.arguments):
+                if a.name in checked:
+                    value = args[i] if i < len(args) else kwargs.get(a.name)
+                    if _touches((value,), secret):
+                        raise self._refuse(f"whether {name} succeeds ({a.name!r})")
+        out = func(*args, **kwargs)
+        for r in (out if type(out) in (tuple, list) else (out,)):
+            if type(r) is torch.Tensor:
+                k = _key(r)
+                if k is not None:
+                    secret.add(k)
+            elif type(r) in (tuple, list):  # e.g. split: a list of tensors
+                for t in r:
+                    k = _key(t)
+                    if k is not None:
+                        secret.add(k)
+            elif r is not None:  # .item(), a size, a branch: a secret leaves the ring as a Python value
+                raise self._refuse(f"a Python value ({name})")
+        return out
+
+
+def _touches(values: tuple, secret: set) -> bool:
+    """Whether a secret storage is among ``values`` (tensors, or lists of them: ``indices``, ``cat``)."""
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            if _key(v) in secret:
+                return True
+        elif type(v) in (tuple, list) and v and _touches(tuple(v), secret):
+            return True
+    return False
+
+
+def guard(op_name: str, secret_values: list) -> contextlib.AbstractContextManager:
+    """The context a requester-chosen torch op runs in when ``secret_values`` (its secret inputs) is not empty."""
+    keys = {k for k in (_key(t) for t in secret_values) if k is not None}
+    if not keys:
+        return contextlib.nullcontext()
+    return _Oblivious(op_name, keys)
+
+
+#: parameters of protocol steps that are public values (sizes, counts, flags, divisors), whatever their annotation
+PUBLIC_NAMES = frozenset({"shape", "spec", "count", "n_values", "columns", "width", "role", "level", "divisor",
+                          "shift", "first", "negate", "op", "op_kwargs", "subtract", "kind", "key_id", "party_ids",
+                          "ids", "seeded"})
+#: annotations of parameters that take shares (tensors, or lists of them); every other annotated one is public
+_SHARE_ANNOTATIONS = frozenset({"", "torch.Tensor", "Tensor", "list", "tuple", "Any", "Sequence", "Optional[torch.Tensor]"})
+
+
+def protocol_refusal(op_name: str, func: Any, args: Any, kwargs: dict, secret: set) -> str | None:
+    """Why the protocol step ``op_name`` (veil's own code, not followed by :func:`guard`: it is the hot path)
+    may not run: a secret object (``secret``: ids) passed as one of its public parameters would become a
+    Python value (a shape, a count, a branch, a divisor). None: it may run."""
+    for pos, name in _public_parameters(op_name, func):
+        if (pos < len(args) and any(i in secret for i in _ref_ids(args[pos]))) or (
+                name in kwargs and any(i in secret for i in _ref_ids(kwargs[name]))):
+            return f"{op_name}: a share you may not reveal cannot be its public parameter {name!r}"
+    return None
+
+
+_PUBLIC_CACHE: dict[str, tuple] = {}
+
+
+def _public_parameters(op_name: str, func: Any) -> tuple:
+    """``(position, name)`` of a protocol step's public parameters (cached per step)."""
+    cached = _PUBLIC_CACHE.get(op_name)
+    if cached is not None:
+        return cached
+    import inspect
+
+    from veil.mpc.party import PARTY_FUNCTIONS, WIRE_PREFIX
+
+    fn = PARTY_FUNCTIONS.get(op_name[len(WIRE_PREFIX):]) if op_name.startswith(WIRE_PREFIX) else None
+    skip = 0 if fn is not None else 1  # registered worker functions take the worker first
+    try:
+        params = list(inspect.signature(fn if fn is not None else func).parameters.values())[skip:]
+    except (TypeError, ValueError):
+        params = []
+    out = []
+    for i, p in enumerate(params):
+        ann = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
+        ann = "" if p.annotation is inspect.Parameter.empty else ann
+        if p.name in PUBLIC_NAMES or ann not in _SHARE_ANNOTATIONS:
+            out.append((i, p.name))
+    _PUBLIC_CACHE[op_name] = cached = tuple(out)
+    return cached
+
+
+def _ref_ids(value: Any) -> Any:
+    from veil.messaging import messages as m
+
+    tp = type(value)
+    if tp is m.ObjectRef:
+        yield value.id
+    elif tp is list or tp is tuple:
+        for v in value:
+            yield from _ref_ids(v)
+    elif tp is dict:
+        for v in value.values():
+            yield from _ref_ids(v)
