@@ -27,6 +27,12 @@ failure probability**: this holds for every input in range and every mask.
 Outside the range the result is garbage: the encoder keeps encoded values
 and products inside it (:mod:`veil.mpc.encoding`).
 
+Only party 0 needs ``c`` itself (for ``floor(c / d)``); every other party
+needs only ``c_hi``, so the orchestrator sends them the top bits packed 8 to
+a byte (:func:`pack_top_bits`; ``trunc_finish_bits``): 1/64 of the bytes of
+``c`` (1e6 entries: 125 kB instead of 8 MB per party), and a party learns a
+function of what it was shown before, nothing more.
+
 Cost: one round, one ring element per entry per party to each other party
 (for 2 parties this is one round more than SecureML's local truncation,
 kept below as :func:`truncate_secureml` but not used by default: it fails
@@ -105,9 +111,47 @@ def _trunc_finish(c: torch.Tensor, q_i: torch.Tensor, g_i: torch.Tensor, divisor
         raise ValueError("trunc_finish needs an integer divisor > 1 and a boolean first")
     if q_i.is_meta:  # run_party's shape inference: q's shape (meta division costs ~1 ms)
         return torch.empty_like(q_i)
-    z = (g_i & ~(c >> 63)) - q_i  # (1 - c_hi) g: c >> 63 is all ones where the top bit is set
+    # in place on one fresh tensor: each temporary of a large product costs a pass and its page faults
+    z = c >> 63  # all ones where the top bit is set
+    z.bitwise_not_().bitwise_and_(g_i).sub_(q_i)  # (1 - c_hi) g - q
     if first:
-        z = z + (floor_div_unsigned(c, divisor) - shift_for(divisor) // divisor)
+        z += floor_div_unsigned(c, divisor).sub_(shift_for(divisor) // divisor)
+    return z
+
+
+#: bit k of a packed byte is entry 8j + k (little-endian bit order, as numpy's packbits(bitorder="little"))
+_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def pack_top_bits(c: torch.Tensor) -> torch.Tensor:
+    """The top bits of ``c`` (flattened), 8 to a uint8 (the last byte padded with zeros)."""
+    bits = (c.reshape(-1) < 0).view(torch.uint8)
+    pad = (-bits.numel()) % 8
+    if pad:
+        bits = torch.cat([bits, bits.new_zeros(pad)])
+    bits = bits.view(-1, 8)
+    packed = bits[:, 0].clone()
+    for k in range(1, 8):
+        packed |= bits[:, k] << k
+    return packed
+
+
+def unpack_top_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """The first ``numel`` bits of :func:`pack_top_bits`'s output, as 0/1 uint8 (flat)."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (numel + 7) // 8:
+        raise ValueError(f"packed top bits must be a flat uint8 tensor of {(numel + 7) // 8} bytes")
+    return ((packed.unsqueeze(1) >> _BIT_SHIFTS) & 1).view(-1)[:numel]
+
+
+@party_function("trunc_finish_bits")
+def _trunc_finish_bits(c_hi: torch.Tensor, q_i: torch.Tensor, g_i: torch.Tensor) -> torch.Tensor:
+    """``z_i = (1 - c_hi) g_i - q_i`` for a party other than party 0, from the packed top bits of ``c``."""
+    if q_i.is_meta:
+        return torch.empty_like(q_i)
+    if g_i.shape != q_i.shape:
+        raise ValueError("trunc_finish_bits: q and g shares differ in shape")
+    z = unpack_top_bits(c_hi, q_i.numel()).to(q_i.dtype).view(q_i.shape)
+    z.sub_(1).bitwise_and_(g_i).sub_(q_i)  # bit 1 -> 0, bit 0 -> all ones, then & g
     return z
 
 
@@ -131,8 +175,10 @@ def truncate_with_pairs(shares: Shares, divisor: int, provider: Provider) -> dic
     shift = shift_for(divisor)
     (c,) = open_parties("trunc_mask", {p: (shares[p], pairs[p][0], shift if i == 0 else 0)
                                        for i, p in enumerate(parties)})
+    c_hi = pack_top_bits(c) if len(parties) > 1 else None  # all that parties 1.. need of c
     return {
-        p: run_party("trunc_finish", c, pairs[p][1], pairs[p][2], divisor=divisor, first=(i == 0))
+        p: run_party("trunc_finish", c, pairs[p][1], pairs[p][2], divisor=divisor, first=True) if i == 0
+        else run_party("trunc_finish_bits", c_hi, pairs[p][1], pairs[p][2])
         for i, p in enumerate(parties)
     }
 
