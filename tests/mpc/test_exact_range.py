@@ -217,3 +217,20 @@ def test_non_first_parties_get_only_packed_top_bits(monkeypatch):
     assert [name for name, _ in seen] == ["trunc_finish", "trunc_finish_bits", "trunc_finish_bits"]
     assert seen[0][1].dtype == torch.int64 and seen[0][1].numel() == 1000
     assert all(arg.dtype == torch.uint8 and arg.numel() == 125 for _, arg in seen[1:])
+
+
+@settings(max_examples=60, deadline=None)
+@given(r=st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=30), k=st.integers(1, 62))
+def test_wrap_correction_power_of_two_matches_exact_integers(r, k):
+    """The dealer's shortcut for d = 2^k against the defining formula in Python integers (r read unsigned)."""
+    from veil.mpc.ring import wrap_int
+    from veil.mpc.truncation import wrap_correction
+
+    d = 1 << k
+    edges = [0, 1, -1, d, -d, d - 1, 2**63 - 1, -(2**63), -(2**63) + d]
+    values = r + edges
+    got = wrap_correction(torch.tensor(values, dtype=torch.int64), d).tolist()
+    for v, g in zip(values, got):
+        u = v % 2**64
+        expected = (u >> 63) * (u // d + (2**64 - u) // d + 1)
+        assert g == wrap_int(expected), (v, k)

@@ -99,7 +99,15 @@ def _trunc_mask(x_i: torch.Tensor, r_i: torch.Tensor, shift: int = 0) -> tuple:
 
 
 def wrap_correction(r: torch.Tensor, divisor: int) -> torch.Tensor:
-    """The dealer's ``g = h (floor(r/d) + floor((2^64 - r)/d) + 1)``, ``h`` the top bit of ``r``."""
+    """The dealer's ``g = h (floor(r/d) + floor((2^64 - r)/d) + 1)``, ``h`` the top bit of ``r``.
+
+    For ``d = 2^k`` and ``r = a d + b`` (``0 <= b < d``, ``r != 0``) the sum is ``2^(64-k) + [b = 0]``
+    (``floor((2^64 - r)/d)`` is ``2^(64-k) - a`` if ``b = 0``, else one less): 4 passes instead of 12.
+    """
+    if divisor > 1 and divisor & (divisor - 1) == 0:
+        g = (r & (divisor - 1)).eq_(0).to(r.dtype)  # [b = 0]
+        g += wrap_int(1 << (64 - (divisor.bit_length() - 1)))
+        return g.bitwise_and_(r >> 63)  # times h: r >> 63 is all ones where the top bit is set
     h = top_bit(r)
     return h * (floor_div_unsigned(r, divisor) + floor_div_unsigned(-r, divisor) + 1)
 
