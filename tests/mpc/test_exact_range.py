@@ -234,3 +234,23 @@ def test_wrap_correction_power_of_two_matches_exact_integers(r, k):
         u = v % 2**64
         expected = (u >> 63) * (u // d + (2**64 - u) // d + 1)
         assert g == wrap_int(expected), (v, k)
+
+
+@settings(max_examples=30, deadline=None)
+@given(values=st.lists(st.integers(-(2**63), 2**63 - 1), min_size=0, max_size=40))
+def test_top_bits_word_tricks_match_the_bytewise_path(values):
+    """The int64 word tricks (little-endian hosts) and the bytewise path (others) pack and unpack alike."""
+    from veil.mpc import truncation
+
+    c = torch.tensor(values, dtype=torch.int64)
+    fast = truncation.pack_top_bits(c)
+    fast_bits = truncation.unpack_top_bits(fast, len(values))
+    saved = truncation._LITTLE
+    truncation._LITTLE = False
+    try:
+        slow = truncation.pack_top_bits(c)
+        slow_bits = truncation.unpack_top_bits(fast, len(values))
+    finally:
+        truncation._LITTLE = saved
+    assert torch.equal(fast, slow) and torch.equal(fast_bits, slow_bits)
+    assert fast_bits.tolist() == [1 if v < 0 else 0 for v in values]

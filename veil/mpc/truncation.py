@@ -41,6 +41,7 @@ with probability ``|x| / 2^64`` per entry, i.e. 6% at ``|x| = 2^60``).
 
 from __future__ import annotations
 
+import sys
 from typing import Hashable, Mapping
 
 import torch
@@ -127,8 +128,14 @@ def _trunc_finish(c: torch.Tensor, q_i: torch.Tensor, g_i: torch.Tensor, divisor
     return z
 
 
-#: bit k of a packed byte is entry 8j + k (little-endian bit order, as numpy's packbits(bitorder="little"))
+#: bit k of packed byte j is entry 8j + k (little-endian bit order, as numpy's packbits(bitorder="little"))
 _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+#: x * _GATHER >> 56 moves the lowest bit of byte k of x to bit k of the top byte (the 64 partial products
+#: land on distinct bit positions, so nothing carries); _SPREAD copies a byte to all eight, _PICK keeps bit k in byte k
+_GATHER = 0x0102040810204080
+_SPREAD = 0x0101010101010101
+_PICK = wrap_int(0x8040201008040201)
+_LITTLE = sys.byteorder == "little"  # the word tricks read 8 bytes as one little-endian int64
 
 
 def pack_top_bits(c: torch.Tensor) -> torch.Tensor:
@@ -137,6 +144,8 @@ def pack_top_bits(c: torch.Tensor) -> torch.Tensor:
     pad = (-bits.numel()) % 8
     if pad:
         bits = torch.cat([bits, bits.new_zeros(pad)])
+    if _LITTLE:  # 8 entries per int64 word: three passes over n/8 words
+        return ((bits.view(torch.int64) * _GATHER) >> 56).to(torch.uint8)
     bits = bits.view(-1, 8)
     packed = bits[:, 0].clone()
     for k in range(1, 8):
@@ -144,11 +153,19 @@ def pack_top_bits(c: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def unpack_top_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """The first ``numel`` bits of :func:`pack_top_bits`'s output, as 0/1 uint8 (flat)."""
+def _top_bits_clear(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Flat bool, True where the top bit of entry ``i`` is 0."""
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (numel + 7) // 8:
         raise ValueError(f"packed top bits must be a flat uint8 tensor of {(numel + 7) // 8} bytes")
-    return ((packed.unsqueeze(1) >> _BIT_SHIFTS) & 1).view(-1)[:numel]
+    if _LITTLE:  # byte k of word j is entry 8j + k's bit, still in place k: zero iff the bit is 0
+        picked = (packed.to(torch.int64) * _SPREAD).bitwise_and_(_PICK)
+        return picked.view(torch.uint8)[:numel].eq(0)
+    return ((packed.unsqueeze(1) >> _BIT_SHIFTS) & 1).view(-1)[:numel].eq(0)
+
+
+def unpack_top_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """The first ``numel`` bits of :func:`pack_top_bits`'s output, as 0/1 uint8 (flat)."""
+    return (~_top_bits_clear(packed, numel)).view(torch.uint8)
 
 
 @party_function("trunc_finish_bits")
@@ -158,8 +175,8 @@ def _trunc_finish_bits(c_hi: torch.Tensor, q_i: torch.Tensor, g_i: torch.Tensor)
         return torch.empty_like(q_i)
     if g_i.shape != q_i.shape:
         raise ValueError("trunc_finish_bits: q and g shares differ in shape")
-    z = unpack_top_bits(c_hi, q_i.numel()).to(q_i.dtype).view(q_i.shape)
-    z.sub_(1).bitwise_and_(g_i).sub_(q_i)  # bit 1 -> 0, bit 0 -> all ones, then & g
+    z = _top_bits_clear(c_hi, q_i.numel()).to(q_i.dtype).view(q_i.shape)
+    z.neg_().bitwise_and_(g_i).sub_(q_i)  # bit 0 -> all ones, bit 1 -> 0, then & g
     return z
 
 
