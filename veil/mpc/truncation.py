@@ -135,6 +135,7 @@ _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
 _GATHER = 0x0102040810204080
 _SPREAD = 0x0101010101010101
 _PICK = wrap_int(0x8040201008040201)
+_SEVEN_F = 0x7F7F7F7F7F7F7F7F
 _LITTLE = sys.byteorder == "little"  # the word tricks read 8 bytes as one little-endian int64
 
 
@@ -153,19 +154,15 @@ def pack_top_bits(c: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def _top_bits_clear(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """Flat bool, True where the top bit of entry ``i`` is 0."""
-    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (numel + 7) // 8:
-        raise ValueError(f"packed top bits must be a flat uint8 tensor of {(numel + 7) // 8} bytes")
-    if _LITTLE:  # byte k of word j is entry 8j + k's bit, still in place k: zero iff the bit is 0
-        picked = (packed.to(torch.int64) * _SPREAD).bitwise_and_(_PICK)
-        return picked.view(torch.uint8)[:numel].eq(0)
-    return ((packed.unsqueeze(1) >> _BIT_SHIFTS) & 1).view(-1)[:numel].eq(0)
-
-
 def unpack_top_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """The first ``numel`` bits of :func:`pack_top_bits`'s output, as 0/1 uint8 (flat)."""
-    return (~_top_bits_clear(packed, numel)).view(torch.uint8)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (numel + 7) // 8:
+        raise ValueError(f"packed top bits must be a flat uint8 tensor of {(numel + 7) // 8} bytes")
+    if _LITTLE:  # word j, byte k: entry 8j + k's bit, kept in place k (2^k or 0), then moved to the byte's
+        words = (packed.to(torch.int64) * _SPREAD).bitwise_and_(_PICK)  # top bit by adding 0x7f (no byte
+        words.add_(_SEVEN_F).bitwise_right_shift_(7).bitwise_and_(_SPREAD)  # carries: 0x80 + 0x7f = 0xff)
+        return words.view(torch.uint8)[:numel]
+    return ((packed.unsqueeze(1) >> _BIT_SHIFTS) & 1).view(-1)[:numel]
 
 
 @party_function("trunc_finish_bits")
@@ -175,8 +172,8 @@ def _trunc_finish_bits(c_hi: torch.Tensor, q_i: torch.Tensor, g_i: torch.Tensor)
         return torch.empty_like(q_i)
     if g_i.shape != q_i.shape:
         raise ValueError("trunc_finish_bits: q and g shares differ in shape")
-    z = _top_bits_clear(c_hi, q_i.numel()).to(q_i.dtype).view(q_i.shape)
-    z.neg_().bitwise_and_(g_i).sub_(q_i)  # bit 0 -> all ones, bit 1 -> 0, then & g
+    z = unpack_top_bits(c_hi, q_i.numel()).to(q_i.dtype).view(q_i.shape)
+    z.sub_(1).bitwise_and_(g_i).sub_(q_i)  # bit 1 -> 0, bit 0 -> all ones, then & g
     return z
 
 
