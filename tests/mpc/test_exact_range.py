@@ -7,6 +7,8 @@ Zero wrong results are allowed in every test (10^6 truncations and 10^5
 comparisons by default, 10^6 comparisons with VEIL_SLOW=1).
 """
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -168,3 +170,87 @@ def test_encoder_enforces_the_range():
     encode(torch.tensor([enc.max_abs * (1 - 2**-40)], dtype=torch.float64), enc)
     with pytest.raises(EncodingOverflowError):
         encode(torch.tensor([enc.max_abs], dtype=torch.float64), enc)
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.integers(-(2**63), 2**63 - 1), min_size=0, max_size=40))
+def test_top_bits_pack_and_unpack_exactly(values):
+    """What parties 1.. receive of the opened ``c``: its top bits, 8 to a byte, for every length."""
+    from veil.mpc.truncation import pack_top_bits, unpack_top_bits
+
+    c = torch.tensor(values, dtype=torch.int64)
+    packed = pack_top_bits(c)
+    assert packed.dtype == torch.uint8 and packed.numel() == (len(values) + 7) // 8
+    expected = [1 if v < 0 else 0 for v in values]
+    assert unpack_top_bits(packed, len(values)).tolist() == expected
+    assert all(int(b) == sum(expected[8 * j + k] << k for k in range(8) if 8 * j + k < len(values))
+               for j, b in enumerate(packed.tolist()))
+    with pytest.raises(ValueError, match="packed top bits"):
+        unpack_top_bits(packed, len(values) + 8)
+
+
+@pytest.mark.parametrize("n_parties", [2, 3])
+@pytest.mark.parametrize("shape", [(3, 5, 7), (1,), (2, 8), (0, 4)])
+def test_truncation_shapes_through_packed_bits(n_parties, shape):
+    """Multi-dimensional shares (and empty ones) through party 0's full ``c`` and the others' packed bits."""
+    gen = torch.Generator().manual_seed(sum(shape) + n_parties)
+    n = math.prod(shape)
+    values = across_range(max(n, 7), TRUNCATION_BOUND - 2**16, gen)[:n].reshape(shape)
+    check_truncation(values, 2**16, n_parties, LocalDealer(seed=n), gen)
+
+
+def test_non_first_parties_get_only_packed_top_bits(monkeypatch):
+    """Party 0 gets the opened ``c``; parties 1.. only its top bits (uint8, 1/64 of the bytes)."""
+    from veil.mpc import truncation
+
+    seen = []
+    real = truncation.run_party
+
+    def spy(name, *args, **kwargs):
+        seen.append((name, args[0]))
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(truncation, "run_party", spy)
+    gen = torch.Generator().manual_seed(3)
+    values = across_range(1000, TRUNCATION_BOUND - 2**16, gen)
+    check_truncation(values, 2**16, 3, LocalDealer(seed=3), gen)
+    assert [name for name, _ in seen] == ["trunc_finish", "trunc_finish_bits", "trunc_finish_bits"]
+    assert seen[0][1].dtype == torch.int64 and seen[0][1].numel() == 1000
+    assert all(arg.dtype == torch.uint8 and arg.numel() == 125 for _, arg in seen[1:])
+
+
+@settings(max_examples=60, deadline=None)
+@given(r=st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=30), k=st.integers(1, 62))
+def test_wrap_correction_power_of_two_matches_exact_integers(r, k):
+    """The dealer's shortcut for d = 2^k against the defining formula in Python integers (r read unsigned)."""
+    from veil.mpc.ring import wrap_int
+    from veil.mpc.truncation import wrap_correction
+
+    d = 1 << k
+    edges = [0, 1, -1, d, -d, d - 1, 2**63 - 1, -(2**63), -(2**63) + d]
+    values = r + edges
+    got = wrap_correction(torch.tensor(values, dtype=torch.int64), d).tolist()
+    for v, g in zip(values, got):
+        u = v % 2**64
+        expected = (u >> 63) * (u // d + (2**64 - u) // d + 1)
+        assert g == wrap_int(expected), (v, k)
+
+
+@settings(max_examples=30, deadline=None)
+@given(values=st.lists(st.integers(-(2**63), 2**63 - 1), min_size=0, max_size=40))
+def test_top_bits_word_tricks_match_the_bytewise_path(values):
+    """The int64 word tricks (little-endian hosts) and the bytewise path (others) pack and unpack alike."""
+    from veil.mpc import truncation
+
+    c = torch.tensor(values, dtype=torch.int64)
+    fast = truncation.pack_top_bits(c)
+    fast_bits = truncation.unpack_top_bits(fast, len(values))
+    saved = truncation._LITTLE
+    truncation._LITTLE = False
+    try:
+        slow = truncation.pack_top_bits(c)
+        slow_bits = truncation.unpack_top_bits(fast, len(values))
+    finally:
+        truncation._LITTLE = saved
+    assert torch.equal(fast, slow) and torch.equal(fast_bits, slow_bits)
+    assert fast_bits.tolist() == [1 if v < 0 else 0 for v in values]

@@ -38,6 +38,20 @@ def test_beaver_matmul(parties, dealer):
     assert torch.equal(reconstruct(beaver_matmul(shared(x, parties), shared(y, parties), dealer)), x @ y)
 
 
+@pytest.mark.parametrize("op, shapes", [("mul", ((40,), (40,))), ("mm", ((6, 9), (9, 5))), ("matmul", ((6, 9), (9, 5))),
+                                        ("matmul", ((2, 6, 9), (9, 5))), ("bmm", ((3, 4, 7), (3, 7, 2))),
+                                        ("mul", ((5, 1), (1, 3)))])
+def test_beaver_fused_combine_wraps_like_ring(parties, dealer, op, shapes):
+    """The fused combine (addcmul/addmm/baddbmm into one new tensor) over the whole ring, as the plain op."""
+    from veil.mpc.beaver import beaver_op
+    from veil.mpc.ring import bilinear
+
+    gen = torch.Generator().manual_seed(len(op) + len(shapes[0]))
+    x, y = (torch.empty(s, dtype=torch.int64).random_(-(2**63), None, generator=gen) for s in shapes)
+    got = reconstruct(beaver_op(shared(x, parties, gen), shared(y, parties, gen), op, dealer))
+    assert torch.equal(got, bilinear(op)(x, y))
+
+
 def test_beaver_conv2d(parties, dealer):
     x, w = torch.randint(-100, 100, (2, 3, 7, 7)), torch.randint(-100, 100, (4, 3, 3, 3))
     z = beaver_conv2d(shared(x, parties), shared(w, parties), dealer, stride=2, padding=1)

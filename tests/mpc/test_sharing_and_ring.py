@@ -67,3 +67,20 @@ def test_prg_expansion_is_deterministic_per_label_and_looks_uniform():
     with pytest.raises(ValueError, match="seed"):
         expand(b"short", "0/1", (3,))
     assert expand(seed, "x", (0, 4)).shape == (0, 4) and len(seed) == SEED_BYTES
+
+
+@pytest.mark.parametrize("numel", [1, 2, 131_071, 131_072, 131_073, 400_001])
+def test_prg_chunked_keystream_is_aes_ctr_of_zeros_in_one_piece(numel):
+    """The chunked expansion (1 MiB pieces of one zero block) is the plain AES-128-CTR keystream,
+    across chunk boundaries and for lengths that are not a multiple of the chunk or the AES block."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    from veil.mpc.prg import expand, new_seed
+
+    seed = new_seed()
+    key = hashlib.sha256(seed + b"|lbl").digest()[:16]
+    ref = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(8 * numel))
+    got = expand(seed, "lbl", (numel,))
+    assert got.numpy().tobytes() == ref

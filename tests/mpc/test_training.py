@@ -91,6 +91,60 @@ def test_optimizer_fix_precision_rejects_what_it_cannot_run(hook):
         torch.optim.SGD(model.parameters(), lr=0.1).fix_precision(precision_fractional=3)
 
 
+@pytest.mark.parametrize("n_parties", [2, 3])
+def test_sgd_step_truncates_every_parameter_in_one_round(hook, n_parties):
+    """Plain SGD updates all shared parameters with one truncation round, as torch's per-parameter step."""
+    from veil.mpc.communicator import communicate
+
+    torch.manual_seed(5)
+    plain = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 4), nn.ReLU(), nn.Linear(4, 2))
+    model = copy.deepcopy(plain)
+    parties, cp = _workers(hook, n_parties)
+    model.fix_precision().share(*parties, crypto_provider=cp, requires_grad=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05).fix_precision()
+    popt = torch.optim.SGD(plain.parameters(), lr=0.05)
+    x, y = torch.randn(9, 5), torch.randn(9, 2)
+    xs, ys = (t.fix_precision().share(*parties, crypto_provider=cp) for t in (x, y))
+    for model_, opt_, a, b in ((model, opt, xs, ys), (plain, popt, x, y)):
+        opt_.zero_grad()
+        F.mse_loss(model_(a), b).backward()
+    with communicate() as comm:
+        opt.step()
+    popt.step()
+    assert comm.rounds == 1  # 6 parameters, 6 rounds when stepped one by one
+    model.get().float_precision()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.allclose(p, q, atol=1e-3)
+
+
+def test_sgd_with_momentum_keeps_torchs_step(hook):
+    """Momentum (a state buffer per parameter) runs torch's own step: one round per parameter."""
+    from veil.mpc.communicator import communicate
+
+    torch.manual_seed(6)
+    plain = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    model = copy.deepcopy(plain)
+    parties, cp = _workers(hook, 2)
+    model.fix_precision().share(*parties, crypto_provider=cp, requires_grad=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5).fix_precision()
+    popt = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.5)
+    x, y = torch.randn(6, 3), torch.randn(6, 2)
+    xs, ys = (t.fix_precision().share(*parties, crypto_provider=cp) for t in (x, y))
+    for _ in range(2):
+        for model_, opt_, a, b in ((model, opt, xs, ys), (plain, popt, x, y)):
+            opt_.zero_grad()
+            F.mse_loss(model_(a), b).backward()
+            if opt_ is opt:
+                with communicate() as comm:
+                    opt_.step()
+            else:
+                opt_.step()
+    assert comm.rounds > 1
+    model.get().float_precision()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.allclose(p, q, atol=1e-3)
+
+
 def _mlp():
     return nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
 

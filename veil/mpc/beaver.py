@@ -44,12 +44,40 @@ def _combine(a_i, b_i, c_i, e, f, op: str, first: bool, op_kwargs: dict) -> torc
     """``z_i = c_i + op(e, b_i) + op(a_i, f)`` (+ ``op(e, f)`` for party 0)."""
     if c_i.is_meta:  # run_party's shape inference: the result has c's shape (meta ops cost ~1 ms each)
         return torch.empty_like(c_i)
-    fn = bilinear(op)
     # op(e, b_i) + op(e, f) = op(e, b_i + f): party 0 adds the public term with one op fewer
-    z_i = fn(e, b_i + f if first else b_i, **op_kwargs)
+    left = b_i + f if first else b_i
+    fused = _FUSED.get(op)
+    if fused is not None and not op_kwargs and fused[0](c_i, e, left, a_i, f):
+        z_i = fused[1](c_i, e, left)  # c + op(e, left) into one new tensor, then op(a, f) added in place:
+        fused[2](z_i, a_i, f)  # no temporaries of the product's size (each cost a pass and page faults)
+        return z_i
+    fn = bilinear(op)
+    z_i = fn(e, left, **op_kwargs)
     z_i += fn(a_i, f, **op_kwargs)
     z_i += c_i
     return z_i
+
+
+def _same_shape(c, *operands) -> bool:
+    return all(t.shape == c.shape for t in operands)
+
+
+def _matrices(c, e, left, a, f) -> bool:
+    return c.dim() == e.dim() == left.dim() == a.dim() == f.dim() == 2
+
+
+def _batches(c, e, left, a, f) -> bool:
+    return c.dim() == e.dim() == left.dim() == a.dim() == f.dim() == 3
+
+
+#: op -> (applies to these shapes, ``c + op(x, y)`` as a new tensor, ``z += op(x, y)`` in place);
+#: exact in Z/2^64 like the unfused ops (int64 wraps the same way)
+_FUSED = {
+    "mul": (_same_shape, torch.addcmul, torch.Tensor.addcmul_),
+    "mm": (_matrices, torch.addmm, torch.Tensor.addmm_),
+    "matmul": (_matrices, torch.addmm, torch.Tensor.addmm_),
+    "bmm": (_batches, torch.baddbmm, torch.Tensor.baddbmm_),
+}
 
 
 def beaver_op(x: Shares, y: Shares, op: str, provider: Provider, **op_kwargs) -> dict:

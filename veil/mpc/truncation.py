@@ -27,6 +27,12 @@ failure probability**: this holds for every input in range and every mask.
 Outside the range the result is garbage: the encoder keeps encoded values
 and products inside it (:mod:`veil.mpc.encoding`).
 
+Only party 0 needs ``c`` itself (for ``floor(c / d)``); every other party
+needs only ``c_hi``, so the orchestrator sends them the top bits packed 8 to
+a byte (:func:`pack_top_bits`; ``trunc_finish_bits``): 1/64 of the bytes of
+``c`` (1e6 entries: 125 kB instead of 8 MB per party), and a party learns a
+function of what it was shown before, nothing more.
+
 Cost: one round, one ring element per entry per party to each other party
 (for 2 parties this is one round more than SecureML's local truncation,
 kept below as :func:`truncate_secureml` but not used by default: it fails
@@ -35,6 +41,7 @@ with probability ``|x| / 2^64`` per entry, i.e. 6% at ``|x| = 2^60``).
 
 from __future__ import annotations
 
+import sys
 from typing import Hashable, Mapping
 
 import torch
@@ -93,7 +100,15 @@ def _trunc_mask(x_i: torch.Tensor, r_i: torch.Tensor, shift: int = 0) -> tuple:
 
 
 def wrap_correction(r: torch.Tensor, divisor: int) -> torch.Tensor:
-    """The dealer's ``g = h (floor(r/d) + floor((2^64 - r)/d) + 1)``, ``h`` the top bit of ``r``."""
+    """The dealer's ``g = h (floor(r/d) + floor((2^64 - r)/d) + 1)``, ``h`` the top bit of ``r``.
+
+    For ``d = 2^k`` and ``r = a d + b`` (``0 <= b < d``, ``r != 0``) the sum is ``2^(64-k) + [b = 0]``
+    (``floor((2^64 - r)/d)`` is ``2^(64-k) - a`` if ``b = 0``, else one less): 4 passes instead of 12.
+    """
+    if divisor > 1 and divisor & (divisor - 1) == 0:
+        g = (r & (divisor - 1)).eq_(0).to(r.dtype)  # [b = 0]
+        g += wrap_int(1 << (64 - (divisor.bit_length() - 1)))
+        return g.bitwise_and_(r >> 63)  # times h: r >> 63 is all ones where the top bit is set
     h = top_bit(r)
     return h * (floor_div_unsigned(r, divisor) + floor_div_unsigned(-r, divisor) + 1)
 
@@ -105,9 +120,60 @@ def _trunc_finish(c: torch.Tensor, q_i: torch.Tensor, g_i: torch.Tensor, divisor
         raise ValueError("trunc_finish needs an integer divisor > 1 and a boolean first")
     if q_i.is_meta:  # run_party's shape inference: q's shape (meta division costs ~1 ms)
         return torch.empty_like(q_i)
-    z = (g_i & ~(c >> 63)) - q_i  # (1 - c_hi) g: c >> 63 is all ones where the top bit is set
+    # in place on one fresh tensor: each temporary of a large product costs a pass and its page faults
+    z = c >> 63  # all ones where the top bit is set
+    z.bitwise_not_().bitwise_and_(g_i).sub_(q_i)  # (1 - c_hi) g - q
     if first:
-        z = z + (floor_div_unsigned(c, divisor) - shift_for(divisor) // divisor)
+        z += floor_div_unsigned(c, divisor).sub_(shift_for(divisor) // divisor)
+    return z
+
+
+#: bit k of packed byte j is entry 8j + k (little-endian bit order, as numpy's packbits(bitorder="little"))
+_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+#: x * _GATHER >> 56 moves the lowest bit of byte k of x to bit k of the top byte (the 64 partial products
+#: land on distinct bit positions, so nothing carries); _SPREAD copies a byte to all eight, _PICK keeps bit k in byte k
+_GATHER = 0x0102040810204080
+_SPREAD = 0x0101010101010101
+_PICK = wrap_int(0x8040201008040201)
+_SEVEN_F = 0x7F7F7F7F7F7F7F7F
+_LITTLE = sys.byteorder == "little"  # the word tricks read 8 bytes as one little-endian int64
+
+
+def pack_top_bits(c: torch.Tensor) -> torch.Tensor:
+    """The top bits of ``c`` (flattened), 8 to a uint8 (the last byte padded with zeros)."""
+    bits = (c.reshape(-1) < 0).view(torch.uint8)
+    pad = (-bits.numel()) % 8
+    if pad:
+        bits = torch.cat([bits, bits.new_zeros(pad)])
+    if _LITTLE:  # 8 entries per int64 word: three passes over n/8 words
+        return ((bits.view(torch.int64) * _GATHER) >> 56).to(torch.uint8)
+    bits = bits.view(-1, 8)
+    packed = bits[:, 0].clone()
+    for k in range(1, 8):
+        packed |= bits[:, k] << k
+    return packed
+
+
+def unpack_top_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """The first ``numel`` bits of :func:`pack_top_bits`'s output, as 0/1 uint8 (flat)."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (numel + 7) // 8:
+        raise ValueError(f"packed top bits must be a flat uint8 tensor of {(numel + 7) // 8} bytes")
+    if _LITTLE:  # word j, byte k: entry 8j + k's bit, kept in place k (2^k or 0), then moved to the byte's
+        words = (packed.to(torch.int64) * _SPREAD).bitwise_and_(_PICK)  # top bit by adding 0x7f (no byte
+        words.add_(_SEVEN_F).bitwise_right_shift_(7).bitwise_and_(_SPREAD)  # carries: 0x80 + 0x7f = 0xff)
+        return words.view(torch.uint8)[:numel]
+    return ((packed.unsqueeze(1) >> _BIT_SHIFTS) & 1).view(-1)[:numel]
+
+
+@party_function("trunc_finish_bits")
+def _trunc_finish_bits(c_hi: torch.Tensor, q_i: torch.Tensor, g_i: torch.Tensor) -> torch.Tensor:
+    """``z_i = (1 - c_hi) g_i - q_i`` for a party other than party 0, from the packed top bits of ``c``."""
+    if q_i.is_meta:
+        return torch.empty_like(q_i)
+    if g_i.shape != q_i.shape:
+        raise ValueError("trunc_finish_bits: q and g shares differ in shape")
+    z = unpack_top_bits(c_hi, q_i.numel()).to(q_i.dtype).view(q_i.shape)
+    z.sub_(1).bitwise_and_(g_i).sub_(q_i)  # bit 1 -> 0, bit 0 -> all ones, then & g
     return z
 
 
@@ -131,8 +197,10 @@ def truncate_with_pairs(shares: Shares, divisor: int, provider: Provider) -> dic
     shift = shift_for(divisor)
     (c,) = open_parties("trunc_mask", {p: (shares[p], pairs[p][0], shift if i == 0 else 0)
                                        for i, p in enumerate(parties)})
+    c_hi = pack_top_bits(c) if len(parties) > 1 else None  # all that parties 1.. need of c
     return {
-        p: run_party("trunc_finish", c, pairs[p][1], pairs[p][2], divisor=divisor, first=(i == 0))
+        p: run_party("trunc_finish", c, pairs[p][1], pairs[p][2], divisor=divisor, first=True) if i == 0
+        else run_party("trunc_finish_bits", c_hi, pairs[p][1], pairs[p][2])
         for i, p in enumerate(parties)
     }
 
