@@ -111,7 +111,6 @@ class Outbox:
             if entry is None:
                 entry = self._pending_deletes.setdefault(id(location), [location, [], 0])
             entry[1].append(oid)
-        entry[1].append(oid)
         lost = self._lost.get(location.id)
         if lost:
             lost.pop(oid, None)
