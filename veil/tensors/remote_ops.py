@@ -153,9 +153,11 @@ def handle(func: Any, args: tuple, kwargs: dict) -> Any:
     return call(ALLOWLIST.by_func(func), args, kwargs)
 
 
-def _location_of(tensors: list[torch.Tensor]) -> PointerTensor:
-    """The first pointer; every other pointer must live on the same worker."""
+def _location_of(tensors: list[torch.Tensor]) -> tuple[PointerTensor, bool]:
+    """The first pointer (every other pointer must live on the same worker), and whether
+    ``tensors`` holds local tensors besides the pointers (bytes that travel with the command)."""
     first = None
+    local = False
     for t in tensors:
         if type(t) is PointerTensor:
             if first is None:
@@ -165,9 +167,11 @@ def _location_of(tensors: list[torch.Tensor]) -> PointerTensor:
                     f"operation mixes objects on different workers: {first.id_at_location} on "
                     f"{first.location.id!r} and {t.id_at_location} on {t.location.id!r}; .move() one of them first"
                 )
+        else:
+            local = True
     if first is None:
         raise TypeError("no PointerTensor among the arguments")
-    return first
+    return first, local
 
 
 def _ref_encoder() -> Callable[[int], Any]:
@@ -289,10 +293,13 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
         kwargs = {k: v for k, v in kwargs.items() if k != "memory_format"}
     tensors, key = shape_inference.collect(args, kwargs)
     if location is None:
-        first = _location_of(tensors)
+        first, local_tensors = _location_of(tensors)
         owner, location = first.owner, first.location
     else:
         owner = location.hook.local_worker
+        local_tensors = any(type(t) is not PointerTensor for t in tensors)
+    # tensor bytes riding with a deferred command: none when its only tensors are pointers
+    payload = None if local_tensors else 0
     if owner._lost.get(location.id):  # a failed deferred command left some ids empty: say so here
         owner.check_lost(location, [t.id_at_location for t in tensors if type(t) is PointerTensor])
     wire_args = _args_to_wire(args)
@@ -309,7 +316,7 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
         if name == "Tensor.backward":
             owner._grad_leaves[location.id] = (owner.grad_epoch(location), _backward_leaves(args, kwargs))
         if pipelined:
-            owner.defer(location, [name, wire_args, wire_kwargs, [], grad])
+            owner.defer(location, [name, wire_args, wire_kwargs, [], grad], payload)
         else:
             owner.send_msg(CommandMessage(name, wire_args, wire_kwargs, [], grad), location)
         return None
@@ -337,7 +344,7 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
             if grad and type(ptr) is PointerTensor and "_leafs" in ptr.__dict__:
                 ptr.__dict__["_leafs"] = None  # its graph changed in place: stop predicting through it
     if pipelined:
-        owner.defer(location, [name, wire_args, wire_kwargs, return_ids, grad])
+        owner.defer(location, [name, wire_args, wire_kwargs, return_ids, grad], payload)
     else:
         owner.send_msg(CommandMessage(name, wire_args, wire_kwargs, return_ids, grad), location)
     if len(made) == 1 and isinstance(template.structure, torch.Tensor):
@@ -412,7 +419,7 @@ def _predicted_grad(ptr: PointerTensor, epoch: int) -> PointerTensor | None:
     shape, dtype, _ = d["_meta"]
     gid = new_id()
     grad = PointerTensor(location, gid, owner, shape, dtype, False, mine=True)
-    owner.defer(location, ["Tensor.grad.__get__", [_ref(ptr)], {}, [gid], _is_grad_enabled()])
+    owner.defer(location, ["Tensor.grad.__get__", [_ref(ptr)], {}, [gid], _is_grad_enabled()], 0)
     return grad
 
 

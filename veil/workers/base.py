@@ -227,29 +227,40 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
                 f"a batch of {len(prelude)} deferred items exceeds worker {self.id!r}'s limit of {MAX_PRELUDE_ITEMS}")
         failure = None
         position = total = 0
-        discard, principal, handle = self.monitor.discard, None, self._handle
-        if type(self)._handle is BaseWorker._handle and HANDLERS.get(m.CommandMessage) is _handle_command:
-            handle = self._handle_plain  # in-process: the same handler without the per-message wrapper
+        discard, principal = self.monitor.discard, None
+        # In-process (no server override of _handle, the stock command handler): each command goes
+        # straight to _run_command, the body of that handler, with the batch's one principal.
+        plain = type(self)._handle is BaseWorker._handle and HANDLERS.get(m.CommandMessage) is _handle_command
+        handle = self._handle
         token = cancellation.current_token()  # network workers: this request's limits (None in-process)
-        for item in prelude:
-            if type(item) is int:
-                if principal is None:
-                    principal = self.principal(sender)
-                discard(principal, item)
-                continue
-            total += 1
-            if failure is not None:
-                continue
-            position += 1
-            try:
-                if token is not None:
-                    if position % YIELD_EVERY == 0:
-                        cancellation.checkpoint()  # other sessions' requests may run now
-                    token.start()  # each command gets the whole per-command time limit ...
-                    token.check()  # ... and none starts once the session is gone
-                handle(m.CommandMessage(*item), sender)
-            except Exception as e:
-                failure = (position, item[0], e)
+        previous, self._requester = getattr(self, "_requester", None), sender
+        try:
+            for item in prelude:
+                if type(item) is int:
+                    if principal is None:
+                        principal = self.principal(sender)
+                    discard(principal, item)
+                    continue
+                total += 1
+                if failure is not None:
+                    continue
+                position += 1
+                try:
+                    if token is not None:
+                        if position % YIELD_EVERY == 0:
+                            cancellation.checkpoint()  # other sessions' requests may run now
+                        token.start()  # each command gets the whole per-command time limit ...
+                        token.check()  # ... and none starts once the session is gone
+                    if plain:
+                        if principal is None:
+                            principal = self.principal(sender)
+                        _run_command(self, principal, sender, *item)  # deserialize checked: 5 fields
+                    else:
+                        handle(m.CommandMessage(*item), sender)
+                except Exception as e:
+                    failure = (position, item[0], e)
+        finally:
+            self._requester = previous
         if failure is not None:
             position, op, e = failure
             name, text = error_reply_fields(e)
@@ -265,13 +276,6 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
         previous, self._requester = getattr(self, "_requester", None), sender
         try:
             return handler(self, msg, sender)
-        finally:
-            self._requester = previous
-
-    def _handle_plain(self, msg: m.CommandMessage, sender: str) -> Any:
-        previous, self._requester = getattr(self, "_requester", None), sender
-        try:
-            return _handle_command(self, msg, sender)
         finally:
             self._requester = previous
 
@@ -331,13 +335,19 @@ _EMPTY: frozenset = frozenset()
 
 @register_handler(m.CommandMessage)
 def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> Any:
-    op = ALLOWLIST.by_name(msg.op)
-    if not isinstance(msg.args, (list, tuple)) or type(msg.kwargs) is not dict:
+    return _run_command(worker, worker.principal(sender), sender, msg.op, msg.args, msg.kwargs, msg.return_ids,
+                        msg.grad_enabled)
+
+
+def _run_command(worker: BaseWorker, principal: Principal, sender: str, name: Any, wire_args: Any, kwargs: Any,
+                 ids: Any, grad_enabled: Any) -> Any:
+    """One command (a CommandMessage's fields; deferred commands come here straight from the batch)."""
+    op = ALLOWLIST.by_name(name)
+    if not isinstance(wire_args, (list, tuple)) or type(kwargs) is not dict:
         raise SerializationError("command args must be a tuple and kwargs a map")
-    monitor, principal, purpose = worker.monitor, worker.principal(sender), _purpose_of(op)
+    monitor, purpose = worker.monitor, _purpose_of(op)
     found: dict[int, Entry] = {}
-    args = monitor.resolve_list(principal, msg.args, purpose, found)
-    kwargs = msg.kwargs
+    args = monitor.resolve_list(principal, wire_args, purpose, found)
     if kwargs:
         kwargs = monitor.resolve_args(principal, kwargs, purpose, found)
         for k in kwargs:
@@ -370,7 +380,7 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
             kwargs = owner_guard.copy_protected_args(kwargs, protected)
         else:
             owner_guard.check_writes(op.name, op.func, args, kwargs, protected, worker.id)
-    grad = bool(msg.grad_enabled)
+    grad = bool(grad_enabled)
     grad_before = torch.is_grad_enabled()
     try:
         if grad is not grad_before:
@@ -405,7 +415,6 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
         inputs = {id(e.obj): oid for oid, e in found.items()}
         lineage = provenance.lineage_of(op.name, tuple(args), inputs, found, kwargs)
         provenance.taint_writes(worker, lineage, op, tuple(args), kwargs, found, sender)
-    ids = msg.return_ids
     if op.shapes == NO_RESULT or ids == []:
         return _OK
     if ids is None:

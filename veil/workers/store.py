@@ -28,7 +28,7 @@ class Kind:
     ALL = ("owner", "client", "share", "dealer")
 
 
-@dataclass
+@dataclass(slots=True)  # one per stored object, made on every command result
 class Entry:
     """One stored object and its capabilities.
 
