@@ -229,7 +229,9 @@ def _args_to_wire(args: tuple) -> list:
     for v in args:
         tp = type(v)
         if tp is PointerTensor:
-            out.append(_ref(v))
+            d = v.__dict__  # _ref inlined (two pointer arguments per op on average)
+            ref = d.get("_ref")
+            out.append(ref if ref is not None and d.get("_ref_id") == d["id_at_location"] else _ref(v))
         elif tp is tuple or tp is list or tp is dict:
             out.append(_to_wire(v))
         else:
