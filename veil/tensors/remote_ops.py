@@ -146,11 +146,18 @@ LOCAL_HANDLERS: dict[Any, Callable[[Any, tuple, dict], Any]] = {
 }
 
 
+_OPS_BY_FUNC = ALLOWLIST._by_func  # by_func's table, read inline on every op (by_func raises the refusal)
+
+
 def handle(func: Any, args: tuple, kwargs: dict) -> Any:
     local = LOCAL_HANDLERS.get(func)
     if local is not None:
         return local(func, args, kwargs)
-    return call(ALLOWLIST.by_func(func), args, kwargs)
+    try:
+        op = _OPS_BY_FUNC.get(func)
+    except TypeError:  # unhashable callables are reachable by name only
+        op = None
+    return call(op if op is not None else ALLOWLIST.by_func(func), args, kwargs)
 
 
 def _location_of(tensors: list[torch.Tensor]) -> tuple[PointerTensor, bool]:

@@ -328,6 +328,7 @@ def _refuse_deputy(worker: BaseWorker, principal: Principal, oid: int, action: s
 
 
 _REF = m.ObjectRef
+_OPS_BY_NAME = ALLOWLIST._by_name  # by_name's table, read inline on every command
 _PLAIN_TENSOR = torch.Tensor
 _set_grad_enabled = torch._C._set_grad_enabled
 _EMPTY: frozenset = frozenset()
@@ -342,7 +343,9 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
 def _run_command(worker: BaseWorker, principal: Principal, sender: str, name: Any, wire_args: Any, kwargs: Any,
                  ids: Any, grad_enabled: Any) -> Any:
     """One command (a CommandMessage's fields; deferred commands come here straight from the batch)."""
-    op = ALLOWLIST.by_name(name)
+    op = _OPS_BY_NAME.get(name) if type(name) is str else None
+    if op is None:
+        op = ALLOWLIST.by_name(name)  # raises the refusal
     if not isinstance(wire_args, (list, tuple)) or type(kwargs) is not dict:
         raise SerializationError("command args must be a tuple and kwargs a map")
     monitor, purpose = worker.monitor, _purpose_of(op)
