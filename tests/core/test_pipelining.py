@@ -243,3 +243,19 @@ def test_serialization_error_of_a_queued_command_is_raised_at_sync_and_marks_it_
         alice.flush()
     with pytest.raises(ObjectNotFoundError, match="never created"):
         q.get()  # the whole frame never left: its results are lost too, and said so
+
+
+def test_a_dropped_pointer_queues_its_deletion_once(hook):
+    """Each freed id rides once in the next prelude (it was queued twice: one extra discard per
+    result on the worker, and an append outside the queue lock)."""
+    w = sy.VirtualWorker(hook, id="pipe_delete_once")
+    me = hook.local_worker
+    p = torch.ones(3).send(w)
+    me.flush(w)
+    oid = p.id_at_location
+    del p
+    gc.collect()
+    queued = me._pending_deletes[id(w)][1]
+    assert queued.count(oid) == 1
+    me.flush(w)
+    assert oid not in w._objects

@@ -34,8 +34,17 @@ class Governance:
     tracking: bool = False
     lock: threading.RLock = field(default_factory=threading.RLock)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "tracking" and value:  # every way tracking turns on passes here
+            global _ANY_TRACKING
+            _ANY_TRACKING = True
+        object.__setattr__(self, name, value)
+
 
 _STATE: "weakref.WeakKeyDictionary[Any, Governance]" = weakref.WeakKeyDictionary()
+#: whether any worker of this process has ever tracked provenance (until then, tracking() needs
+#: no weak-dictionary lookup: it is asked on every command)
+_ANY_TRACKING = False
 _CREATE = threading.Lock()
 
 
@@ -64,6 +73,8 @@ def check_policy(policy: object) -> str:
 
 def tracking(worker: Any) -> bool:
     """Whether the worker records provenance (cheap check on every command)."""
+    if not _ANY_TRACKING:
+        return False
     state = _STATE.get(worker)
     return state is not None and state.tracking
 

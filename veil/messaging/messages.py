@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 
-@dataclass
+@dataclass(slots=True)  # one per pointer argument of every command: no per-instance dict
 class ObjectRef:
     """Names an object in the receiving worker's store (inside command arguments)."""
 

@@ -261,9 +261,7 @@ def _unpack(payload: bytes, ctx: DecodeContext) -> Any:
         raise SerializationError(f"value nested deeper than {MAX_EXT_DEPTH} levels")
     _depth.level = level + 1
     try:
-        return msgpack.unpackb(
-            payload, raw=False, strict_map_key=False, ext_hook=lambda c, d: _ext_hook(c, d, ctx)
-        )
+        return msgpack.unpackb(payload, raw=False, strict_map_key=False, ext_hook=_hook_for(ctx))
     finally:
         _depth.level = level
 
@@ -290,6 +288,24 @@ def _default(obj: Any) -> msgpack.ExtType:
 
 
 _CTX_SENTINEL = DecodeContext()
+_REF_CODE = EXT_CODES.REF
+
+
+def _hook_for(ctx: DecodeContext) -> Callable[[int, bytes], Any]:
+    """msgpack's ext hook for ``ctx``. Object references, the most frequent ext by far (every
+    pointer argument of every command), are decoded inline: the same check as ``_decode_ref``,
+    the decoder registered for that code (codes are never re-registered)."""
+    hook = ctx.__dict__.get("_ext_hook")
+    if hook is None:
+        def hook(code: int, data: bytes) -> Any:
+            if code == _REF_CODE:
+                if len(data) != 8:
+                    raise SerializationError("object reference must be an 8-byte id")
+                return ObjectRef(int.from_bytes(data, "little"))
+            return _ext_hook(code, data, ctx)
+
+        ctx.__dict__["_ext_hook"] = hook  # one closure per context (a worker's lives as long as it)
+    return hook
 
 
 def _ext_hook(code: int, data: bytes, ctx: DecodeContext) -> Any:
@@ -520,6 +536,7 @@ def frame_pad(head: bytes) -> int:
     if len(head) < 5 or head[0] != FRAME_MAGIC[0]:
         return 0
     return -(5 + int.from_bytes(head[1:5], "little")) % 16
+_COMMAND_FIELDS = len(FIELD_NAMES[CommandMessage])
 
 
 def deserialize(data: bytes, ctx: DecodeContext | None = None) -> tuple[Any, str, list[int]]:
@@ -556,7 +573,7 @@ def deserialize(data: bytes, ctx: DecodeContext | None = None) -> tuple[Any, str
     if not isinstance(sender, str) or not isinstance(prelude, list):
         raise SerializationError("message sender must be a string and its prelude a list")
     for item in prelude:
-        if type(item) is not int and not (isinstance(item, list) and len(item) == len(FIELD_NAMES[CommandMessage])):
+        if type(item) is not int and not (type(item) is list and len(item) == _COMMAND_FIELDS):
             raise SerializationError("a prelude holds object ids to free and deferred commands")
     return cls(*field_values), sender, prelude
 

@@ -146,16 +146,25 @@ LOCAL_HANDLERS: dict[Any, Callable[[Any, tuple, dict], Any]] = {
 }
 
 
+_OPS_BY_FUNC = ALLOWLIST._by_func  # by_func's table, read inline on every op (by_func raises the refusal)
+
+
 def handle(func: Any, args: tuple, kwargs: dict) -> Any:
     local = LOCAL_HANDLERS.get(func)
     if local is not None:
         return local(func, args, kwargs)
-    return call(ALLOWLIST.by_func(func), args, kwargs)
+    try:
+        op = _OPS_BY_FUNC.get(func)
+    except TypeError:  # unhashable callables are reachable by name only
+        op = None
+    return call(op if op is not None else ALLOWLIST.by_func(func), args, kwargs)
 
 
-def _location_of(tensors: list[torch.Tensor]) -> PointerTensor:
-    """The first pointer; every other pointer must live on the same worker."""
+def _location_of(tensors: list[torch.Tensor]) -> tuple[PointerTensor, bool]:
+    """The first pointer (every other pointer must live on the same worker), and whether
+    ``tensors`` holds local tensors besides the pointers (bytes that travel with the command)."""
     first = None
+    local = False
     for t in tensors:
         if type(t) is PointerTensor:
             if first is None:
@@ -165,9 +174,11 @@ def _location_of(tensors: list[torch.Tensor]) -> PointerTensor:
                     f"operation mixes objects on different workers: {first.id_at_location} on "
                     f"{first.location.id!r} and {t.id_at_location} on {t.location.id!r}; .move() one of them first"
                 )
+        else:
+            local = True
     if first is None:
         raise TypeError("no PointerTensor among the arguments")
-    return first
+    return first, local
 
 
 def _ref_encoder() -> Callable[[int], Any]:
@@ -225,7 +236,9 @@ def _args_to_wire(args: tuple) -> list:
     for v in args:
         tp = type(v)
         if tp is PointerTensor:
-            out.append(_ref(v))
+            d = v.__dict__  # _ref inlined (two pointer arguments per op on average)
+            ref = d.get("_ref")
+            out.append(ref if ref is not None and d.get("_ref_id") == d["id_at_location"] else _ref(v))
         elif tp is tuple or tp is list or tp is dict:
             out.append(_to_wire(v))
         else:
@@ -289,10 +302,13 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
         kwargs = {k: v for k, v in kwargs.items() if k != "memory_format"}
     tensors, key = shape_inference.collect(args, kwargs)
     if location is None:
-        first = _location_of(tensors)
+        first, local_tensors = _location_of(tensors)
         owner, location = first.owner, first.location
     else:
         owner = location.hook.local_worker
+        local_tensors = any(type(t) is not PointerTensor for t in tensors)
+    # tensor bytes riding with a deferred command: none when its only tensors are pointers
+    payload = None if local_tensors else 0
     if owner._lost.get(location.id):  # a failed deferred command left some ids empty: say so here
         owner.check_lost(location, [t.id_at_location for t in tensors if type(t) is PointerTensor])
     wire_args = _args_to_wire(args)
@@ -309,7 +325,7 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
         if name == "Tensor.backward":
             owner._grad_leaves[location.id] = (owner.grad_epoch(location), _backward_leaves(args, kwargs))
         if pipelined:
-            owner.defer(location, [name, wire_args, wire_kwargs, [], grad])
+            owner.defer(location, [name, wire_args, wire_kwargs, [], grad], payload)
         else:
             owner.send_msg(CommandMessage(name, wire_args, wire_kwargs, [], grad), location)
         return None
@@ -337,7 +353,7 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
             if grad and type(ptr) is PointerTensor and "_leafs" in ptr.__dict__:
                 ptr.__dict__["_leafs"] = None  # its graph changed in place: stop predicting through it
     if pipelined:
-        owner.defer(location, [name, wire_args, wire_kwargs, return_ids, grad])
+        owner.defer(location, [name, wire_args, wire_kwargs, return_ids, grad], payload)
     else:
         owner.send_msg(CommandMessage(name, wire_args, wire_kwargs, return_ids, grad), location)
     if len(made) == 1 and isinstance(template.structure, torch.Tensor):
@@ -412,7 +428,7 @@ def _predicted_grad(ptr: PointerTensor, epoch: int) -> PointerTensor | None:
     shape, dtype, _ = d["_meta"]
     gid = new_id()
     grad = PointerTensor(location, gid, owner, shape, dtype, False, mine=True)
-    owner.defer(location, ["Tensor.grad.__get__", [_ref(ptr)], {}, [gid], _is_grad_enabled()])
+    owner.defer(location, ["Tensor.grad.__get__", [_ref(ptr)], {}, [gid], _is_grad_enabled()], 0)
     return grad
 
 

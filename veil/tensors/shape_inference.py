@@ -89,6 +89,10 @@ def collect(args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], Any]:
         elif tp in _PLAIN:
             key.append(tp)
             key.append(value)
+        elif tp is slice and type(value.start) in _PLAIN and type(value.stop) in _PLAIN \
+                and type(value.step) in _PLAIN:  # x[i:i + batch] in every training step
+            key.append(slice)  # a type that is not in _PLAIN: keys stay unambiguous
+            key.append((type(value.start), value.start, type(value.stop), value.stop, type(value.step), value.step))
         else:
             return _collect_nested(args, kwargs)
     if kwargs:

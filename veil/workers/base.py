@@ -231,29 +231,41 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
                 f"a batch of {len(prelude)} deferred items exceeds worker {self.id!r}'s limit of {MAX_PRELUDE_ITEMS}")
         failure = None
         position = total = 0
-        discard, principal, handle = self.monitor.discard, None, self._handle
-        if type(self)._handle is BaseWorker._handle and HANDLERS.get(m.CommandMessage) is _handle_command:
-            handle = self._handle_plain  # in-process: the same handler without the per-message wrapper
+        discard, principal = self.monitor.discard, None
+        # In-process (no server override of _handle, the stock command handler): each command goes
+        # straight to _run_command, the body of that handler, with the batch's one principal.
+        plain = type(self)._handle is BaseWorker._handle and HANDLERS.get(m.CommandMessage) is _handle_command
+        handle = self._handle
         token = cancellation.current_token()  # network workers: this request's limits (None in-process)
-        for item in prelude:
-            if type(item) is int:
-                if principal is None:
-                    principal = self.principal(sender)
-                discard(principal, item)
-                continue
-            total += 1
-            if failure is not None:
-                continue
-            position += 1
-            try:
-                if token is not None:
-                    if position % YIELD_EVERY == 0:
-                        cancellation.checkpoint()  # other sessions' requests may run now
-                    token.start()  # each command gets the whole per-command time limit ...
-                    token.check()  # ... and none starts once the session is gone
-                handle(m.CommandMessage(*item), sender)
-            except Exception as e:
-                failure = (position, item[0], e)
+        local = self._request  # the requester, per thread (a dealer's background thread may run here too)
+        previous, local.sender = getattr(local, "sender", None), sender
+        try:
+            for item in prelude:
+                if type(item) is int:
+                    if principal is None:
+                        principal = self.principal(sender)
+                    discard(principal, item)
+                    continue
+                total += 1
+                if failure is not None:
+                    continue
+                position += 1
+                try:
+                    if token is not None:
+                        if position % YIELD_EVERY == 0:
+                            cancellation.checkpoint()  # other sessions' requests may run now
+                        token.start()  # each command gets the whole per-command time limit ...
+                        token.check()  # ... and none starts once the session is gone
+                    if plain:
+                        if principal is None:
+                            principal = self.principal(sender)
+                        _run_command(self, principal, sender, *item)  # deserialize checked: 5 fields
+                    else:
+                        handle(m.CommandMessage(*item), sender)
+                except Exception as e:
+                    failure = (position, item[0], e)
+        finally:
+            local.sender = previous
         if failure is not None:
             position, op, e = failure
             name, text = error_reply_fields(e)
@@ -270,14 +282,6 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
         previous, local.sender = getattr(local, "sender", None), sender
         try:
             return handler(self, msg, sender)
-        finally:
-            local.sender = previous
-
-    def _handle_plain(self, msg: m.CommandMessage, sender: str) -> Any:
-        local = self._request
-        previous, local.sender = getattr(local, "sender", None), sender
-        try:
-            return _handle_command(self, msg, sender)
         finally:
             local.sender = previous
 
@@ -337,6 +341,7 @@ def _refuse_deputy(worker: BaseWorker, principal: Principal, oid: int, action: s
 
 
 _REF = m.ObjectRef
+_OPS_BY_NAME = ALLOWLIST._by_name  # by_name's table, read inline on every command
 _PLAIN_TENSOR = torch.Tensor
 _set_grad_enabled = torch._C._set_grad_enabled
 _EMPTY: frozenset = frozenset()
@@ -345,13 +350,22 @@ _DEALER = Kind.DEALER
 
 @register_handler(m.CommandMessage)
 def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> Any:
-    op = ALLOWLIST.by_name(msg.op)
-    if not isinstance(msg.args, (list, tuple)) or type(msg.kwargs) is not dict:
+    return _run_command(worker, worker.principal(sender), sender, msg.op, msg.args, msg.kwargs, msg.return_ids,
+                        msg.grad_enabled)
+
+
+def _run_command(worker: BaseWorker, principal: Principal, sender: str, name: Any, wire_args: Any, kwargs: Any,
+                 ids: Any, grad_enabled: Any) -> Any:
+    """One command (a CommandMessage's fields; deferred commands come here straight from the batch)."""
+    op = _OPS_BY_NAME.get(name) if type(name) is str else None
+    if op is None:
+        op = ALLOWLIST.by_name(name)  # raises the refusal
+    if not isinstance(wire_args, (list, tuple)) or type(kwargs) is not dict:
         raise SerializationError("command args must be a tuple and kwargs a map")
-    monitor, principal, purpose = worker.monitor, worker.principal(sender), _purpose_of(op)
+    monitor, purpose = worker.monitor, _purpose_of(op)
     found: dict[int, Entry] = {}
-    args = monitor.resolve_list(principal, msg.args, purpose, found)
-    kwargs = msg.kwargs
+    wire_kwargs = kwargs
+    args = monitor.resolve_list(principal, wire_args, purpose, found)
     if kwargs:
         kwargs = monitor.resolve_args(principal, kwargs, purpose, found)
         for k in kwargs:
@@ -395,7 +409,7 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
             if not op.name.startswith(PROTOCOL_PREFIXES):  # plans and torch ops: requester-chosen ops
                 oblivious_guard = oblivious.guard(op.name, [found[oid].obj for oid in hidden])
             else:  # protocol steps are veil's, trusted not to branch on shares: only not as public parameters
-                why = oblivious.protocol_refusal(op.name, op.func, msg.args, msg.kwargs, set(hidden))
+                why = oblivious.protocol_refusal(op.name, op.func, wire_args, wire_kwargs, set(hidden))
                 if why is not None:
                     monitor.audit(purpose.value, principal, list(found), "refused", why)
                     raise PermissionDeniedError(why)
@@ -413,7 +427,7 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
             kwargs = owner_guard.copy_protected_args(kwargs, protected)
         else:
             owner_guard.check_writes(op.name, op.func, args, kwargs, protected, worker.id)
-    grad = bool(msg.grad_enabled)
+    grad = bool(grad_enabled)
     grad_before = torch.is_grad_enabled()
     try:
         if grad is not grad_before:
@@ -457,7 +471,6 @@ def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> A
         inputs = {id(e.obj): oid for oid, e in found.items()}
         lineage = provenance.lineage_of(op.name, tuple(args), inputs, found, kwargs)
         provenance.taint_writes(worker, lineage, op, tuple(args), kwargs, found, sender)
-    ids = msg.return_ids
     if op.shapes == NO_RESULT or ids == []:
         return _OK
     if ids is None:

@@ -115,7 +115,6 @@ class Outbox:
             if entry is None:
                 entry = self._pending_deletes.setdefault(id(location), [location, [], 0])
             entry[1].append(oid)
-        entry[1].append(oid)
         lost = self._lost.get(location.id)
         if lost:
             lost.pop(oid, None)
@@ -128,14 +127,19 @@ class Outbox:
         """
         self.defer(location, [msg.op, list(msg.args), msg.kwargs, msg.return_ids, msg.grad_enabled])
 
-    def defer(self, location: "BaseWorker", item: list) -> None:
-        """:meth:`defer_command` for a command already in wire form ``[op, args, kwargs, return_ids, grad]``."""
+    def defer(self, location: "BaseWorker", item: list, payload_bytes: int | None = None) -> None:
+        """:meth:`defer_command` for a command already in wire form ``[op, args, kwargs, return_ids, grad]``.
+
+        ``payload_bytes``: its tensor bytes when the caller knows them (0: only pointers among its
+        tensors); None counts them here."""
+        if payload_bytes is None:
+            payload_bytes = _payload_bytes(item[1], item[2])
         with self._queue_lock:
             entry = self._pending_deletes.get(id(location))
             if entry is None:
                 entry = self._pending_deletes.setdefault(id(location), [location, [], 0])
             entry[1].append(item)
-            entry[2] += _payload_bytes(item[1], item[2])
+            entry[2] += payload_bytes
             full = len(entry[1]) >= PRELUDE_LIMIT or entry[2] >= PRELUDE_BYTES_LIMIT
         if full:  # a full batch goes now (and may raise its error)
             self.send_msg(m.DeleteMessage([]), location)
