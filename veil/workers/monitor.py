@@ -154,11 +154,7 @@ def _nbytes(obj: Any) -> int:
 
 def strictest_reveal_to(sources: Iterable[Entry]) -> tuple | None:
     """The intersection of the sources' ``reveal_to`` sets (None when none restricts)."""
-    out: set | None = None
-    for e in sources:
-        if e.reveal_to is not None:
-            out = set(e.reveal_to) if out is None else out & set(e.reveal_to)
-    return None if out is None else tuple(sorted(out))
+    return dealt.strictest((e.reveal_to for e in sources), None)
 
 
 def derived_kind(sources: Iterable[Entry], op_name: str | None, principal: Principal) -> str:
@@ -696,11 +692,4 @@ def _leaves(value: Any) -> Iterator[Any]:
 
 
 def _refs(value: Any) -> Iterator[m.ObjectRef]:
-    if type(value) is m.ObjectRef:
-        yield value
-    elif type(value) in (list, tuple):
-        for v in value:
-            yield from _refs(v)
-    elif type(value) is dict:
-        for v in value.values():
-            yield from _refs(v)
+    return (v for v in _leaves(value) if type(v) is m.ObjectRef)

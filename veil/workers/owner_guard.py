@@ -44,6 +44,7 @@ from veil.exceptions import (
     WorkerNotFoundError,
 )
 from veil.tensors.tree import leaves, map_structure
+from veil.workers import dealt
 from veil.workers.store import Kind
 
 #: the data owner's log: full text of errors clients only see as ProtectedDataError
@@ -84,15 +85,19 @@ def check_dp_only(op_name: str, entries: list, worker_id: str) -> None:
 
 def protected_storages(entries: list) -> set[int]:
     """Storage addresses of the protected tensors among a command's inputs."""
-    out = set()
+    out: set[int] = set()
     for entry in entries:
         if entry.protected:
-            # the owner's gradient is the owner's too (``owner.grad`` must not be a writable alias)
-            for t in (entry.obj, getattr(entry.obj, "grad", None) if isinstance(entry.obj, torch.Tensor) else None):
-                key = _storage(t)
-                if key is not None:
-                    out.add(key)
+            _add_storages(out, entry)
     return out
+
+
+def _add_storages(out: set[int], entry: Any) -> None:
+    """Adds the storages of ``entry``'s tensor and of its gradient (``obj.grad`` must not be a writable alias)."""
+    for t in (entry.obj, getattr(entry.obj, "grad", None) if isinstance(entry.obj, torch.Tensor) else None):
+        key = _storage(t)
+        if key is not None:
+            out.add(key)
 
 
 def weaker_storages(entries: list) -> set[int]:
@@ -102,21 +107,14 @@ def weaker_storages(entries: list) -> set[int]:
     dealt material) into such an input would launder it: ``mine.add_(client_share)``
     then ``mine.get()``. They are write-protected for that command like owner data.
     """
-    join: set | None = None
-    dealer = False
-    for e in entries:
-        if e.kind == Kind.DEALER:
-            dealer = True
-        if e.reveal_to is not None:
-            join = set(e.reveal_to) if join is None else join & set(e.reveal_to)
+    strictest = dealt.strictest((e.reveal_to for e in entries), None)
+    join = None if strictest is None else set(strictest)
+    dealer = any(e.kind == Kind.DEALER for e in entries)
     out: set[int] = set()
     for e in entries:
         if (dealer and e.kind != Kind.DEALER) or (
                 join is not None and (e.reveal_to is None or not set(e.reveal_to) <= join)):
-            for t in (e.obj, getattr(e.obj, "grad", None) if isinstance(e.obj, torch.Tensor) else None):
-                key = _storage(t)
-                if key is not None:
-                    out.add(key)
+            _add_storages(out, e)
     return out
 
 
