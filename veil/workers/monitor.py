@@ -277,7 +277,7 @@ class ReferenceMonitor:
             error = PermissionDeniedError(
                 f"object {oid} on worker {self.worker_id!r} is private: user {user!r} may not retrieve it "
                 f"(allowed: {list(entry.allowed_users)}); compute on it through pointers instead")
-        elif entry.reveal_to is not None and principal.session not in entry.reveal_to and user not in entry.reveal_to:
+        elif entry.reveal_to is not None and not self._may_see(principal, entry.reveal_to):
             error = PermissionDeniedError(
                 f"object {oid} on worker {self.worker_id!r} may be revealed only to its designated recipient "
                 "(a share of someone else's value); it is released by the protocol's output step")
