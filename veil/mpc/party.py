@@ -212,11 +212,17 @@ def open_parties(name: str, per_party: Mapping[Hashable, tuple], **kwargs: Any) 
         else:
             runtimes[id(runtime)] = runtime
             remote.setdefault(id(runtime), []).append(k)
+    received: set[int] = set()  # positions whose outputs were decoded for this round alone (ours to overwrite)
     for key, idx in remote.items():
         for k, out in zip(idx, runtimes[key].open_on_parties(name, [tuple(all_args[k]) for k in idx], kwargs)):
             outputs[k] = list(out)
+            received.add(k)
     totals: list[torch.Tensor] | None = None
     xor = name in XOR_OPENABLE
+    # Sum into a received reply's tensors when there is one (no new tensor of the opened size per value)
+    first = min(received) if received else 0
+    outputs = [outputs[first]] + outputs[:first] + outputs[first + 1:]
+    in_place = bool(received)
     for out in outputs:
         if totals is not None and (len(out) != len(totals) or any(
                 not isinstance(o, torch.Tensor) or o.shape != t.shape or o.dtype != t.dtype
@@ -225,6 +231,12 @@ def open_parties(name: str, per_party: Mapping[Hashable, tuple], **kwargs: Any) 
             raise MPCError(f"{name}: the parties' opening replies differ in count, shape or dtype")
         if totals is None:
             totals = out
+        elif in_place and all(t.is_contiguous() and not t.requires_grad for t in totals):
+            for t, o in zip(totals, out):
+                if xor:
+                    t.bitwise_xor_(o)
+                else:
+                    t.add_(o)  # int64 addition wraps: sum mod 2^64
         else:
             totals = [t ^ o for t, o in zip(totals, out)] if xor else [t + o for t, o in zip(totals, out)]
     n = len(per_party)

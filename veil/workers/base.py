@@ -203,6 +203,10 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
 
     # ------------------------------------------------------- serving side
 
+    #: replies marked ``fresh`` longer than this come back from :meth:`_recv_msg` as serde FrameParts
+    #: (network servers, which write them to the socket themselves; None: always one buffer)
+    reply_parts_over: int | None = None
+
     def _recv_msg(self, data: bytes) -> bytes:
         """Handles one serialized request; always answers, never raises."""
         try:
@@ -212,7 +216,10 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
         except Exception as e:  # a failing torch op must not take the worker down
             reply = m.ErrorReply(*error_reply_fields(e))
         try:
-            return serialize(reply, sender=self.id)
+            # A reply of fresh tensors (an opening step's outputs, which nothing else holds) may leave
+            # as FrameParts: a network server sends the tensor bytes from their memory (no encode copy).
+            parts_over = self.reply_parts_over if getattr(reply, "fresh", False) else None
+            return serialize(reply, sender=self.id, parts_over=parts_over)
         except Exception as e:  # a result that cannot be encoded is an error reply, not a dropped connection
             return serialize(m.ErrorReply(*error_reply_fields(e)), sender=self.id)
 

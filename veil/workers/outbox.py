@@ -93,7 +93,8 @@ class Outbox:
             if prelude:
                 self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
             raise
-        self.stats.record(data.nbytes if type(data) is FrameParts else len(data), len(reply_bytes))
+        self.stats.record(data.nbytes if type(data) is FrameParts else len(data),
+                          reply_bytes.nbytes if type(reply_bytes) is FrameParts else len(reply_bytes))
         reply, _, _ = deserialize(reply_bytes, self._decode_ctx)
         if type(reply) is m.ErrorReply:
             error = error_from_reply(reply.error, reply.message)

@@ -44,7 +44,7 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from veil.exceptions import PermissionDeniedError, WorkerNotFoundError, error_reply_fields
 from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST
-from veil.messaging.serde import OwnedFrame, envelope, frame_pad, serialize
+from veil.messaging.serde import FrameParts, OwnedFrame, envelope, frame_pad, serialize
 from veil.workers import cancellation
 from veil.workers.base import YIELD_EVERY, BaseWorker
 from veil.workers.monitor import Principal
@@ -146,6 +146,15 @@ def _fragments(data: bytes) -> Any:
     return (view[at: at + REPLY_FRAGMENT] for at in range(0, len(view), REPLY_FRAGMENT))
 
 
+def _part_fragments(parts: FrameParts) -> Any:
+    """A reply left in parts (header, then each tensor's memory), as fragments of at most
+    REPLY_FRAGMENT: the tensor bytes go from their memory to the frames, with no joined copy."""
+    for part in parts:
+        view = memoryview(part).cast("B")
+        for at in range(0, view.nbytes, REPLY_FRAGMENT):
+            yield view[at: at + REPLY_FRAGMENT]
+
+
 def _ids_of(msg: Any) -> list:
     if type(msg) is m.RemoteGetMessage:
         return [msg.id]
@@ -172,6 +181,9 @@ class WebsocketServerWorker(BaseWorker):
         ping_interval: seconds between keepalive pings; a client that does not
             answer within twice that is disconnected (veil clients answer while idle).
     """
+
+    #: an opening's reply over one fragment goes out in parts, from its tensors' memory (_part_fragments)
+    reply_parts_over = REPLY_FRAGMENT
 
     def __init__(
         self,
@@ -395,7 +407,9 @@ class WebsocketServerWorker(BaseWorker):
                         reply = await self._run_request(loop, data, session, closed)
                     if reply is None:
                         break
-                if len(reply) > REPLY_FRAGMENT:
+                if type(reply) is FrameParts:
+                    await ws.send(_part_fragments(reply))
+                elif len(reply) > REPLY_FRAGMENT:
                     await ws.send(_fragments(reply))
                 else:
                     await ws.send(reply)

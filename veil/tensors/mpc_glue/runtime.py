@@ -180,5 +180,7 @@ register_runtime(RUNTIME, default=True)
 @register_handler(OpenMessage)
 def _handle_open(worker: Any, msg: OpenMessage, sender: str) -> Any:
     check_openable(msg.name, msg.kwargs)
-    return m.ObjectsReply(worker.monitor.open_step(worker.principal(sender), msg.name, tuple(msg.args), msg.kwargs,
-                                                   run_openable))
+    reply = m.ObjectsReply(worker.monitor.open_step(worker.principal(sender), msg.name, tuple(msg.args), msg.kwargs,
+                                                    run_openable))
+    reply.fresh = True  # masked outputs computed for this reply alone: a server may send them from their memory
+    return reply
