@@ -118,3 +118,21 @@ def test_large_products_over_network_workers_match_torch(connect_websocket):
     m1, m2 = torch.randn(300, 400), torch.randn(400, 300)
     got = (_shared(m1, alice, bob, cp) @ _shared(m2, alice, bob, cp)).get().float_precision()
     assert torch.allclose(got, m1 @ m2, atol=5e-2)
+
+
+def test_an_opening_output_that_is_an_argument_is_copied(monkeypatch):
+    """The reply leaves from its tensors' memory after the handler: it must not be a stored share's."""
+    from veil.mpc import party
+
+    computed = []
+
+    def step(x, y, a, b):
+        computed.append(x - a)
+        return computed[-1], y[2:]  # a view of an argument (a stored share on a worker)
+
+    monkeypatch.setitem(party.PARTY_FUNCTIONS, "beaver_mask", step)
+    x, y, a = torch.arange(6), torch.arange(6, 12), torch.ones(6, dtype=torch.int64)
+    out = party.run_openable("beaver_mask", (x, y, a, a), {})
+    assert torch.equal(out[0], x - a) and torch.equal(out[1], y[2:])
+    assert out[0] is computed[0]  # computed for the reply: sent as it is
+    assert out[1].untyped_storage().data_ptr() != y.untyped_storage().data_ptr()

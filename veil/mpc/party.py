@@ -103,7 +103,11 @@ def run_openable(name: str, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     outputs = list(out) if isinstance(out, (tuple, list)) else [out]
     if not all(isinstance(o, torch.Tensor) for o in outputs):
         raise MPCError(f"{name} must return tensors")
-    return outputs
+    # Outputs are the reply's alone (a server sends them from their memory after the handler returns):
+    # one that shares memory with an argument (a stored share) is copied.
+    held = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0]
+            if isinstance(a, torch.Tensor) and a.numel()}
+    return [o.clone() if o.numel() and o.untyped_storage().data_ptr() in held else o for o in outputs]
 
 
 def _party_of(values: Any) -> tuple[Optional[PartyRuntime], Any]:
