@@ -189,7 +189,7 @@ class ReferenceMonitor:
         #: in-process audit rows (dicts); a network server replaces ``audit_sink``
         self.audit_log: deque = deque(maxlen=AUDIT_LOG_SIZE)
         self.audit_sink: Callable[[str, Principal, list, str, str], None] = self._audit_in_memory
-        self._local = threading.local()
+        self._local = _RequestLocal()
         self._taints: dict[str, tuple] = {}  # namespace -> reveal_to every new object of it gets
         #: the owner's review policy (veil.governance), asked before an opening reveals a client object
         #: derived from owner data; the worker installs it: (principal, oid, entry, action) -> None or raise
@@ -411,7 +411,7 @@ class ReferenceMonitor:
     def _check_masks(self, principal: Principal, name: str, found: dict[int, Entry], ids: list) -> list:
         """The mask tensors of an opening of protected values, in order (each checked, then marked used)."""
         positions = OPENING_MASKS.get(name)
-        raw = getattr(self._local, "opening_refs", None) or ()
+        raw = self._local.opening_refs or ()
         error = None
         masks: list[Entry] = []
         if positions is None:
@@ -570,7 +570,7 @@ class ReferenceMonitor:
     def store_output(self, oid: int, obj: Any) -> Entry:
         """For worker functions that store a result under an id they were given (HE ops, encrypted
         aggregation): stored for the current request's principal, derived from its inputs."""
-        current = getattr(self._local, "request", None)
+        current = self._local.request
         if current is None:
             raise PermissionDeniedError(f"worker {self.worker_id!r}: store_output outside a request")
         principal, sources, op_name = current
@@ -579,7 +579,7 @@ class ReferenceMonitor:
     def current_principal(self) -> Principal | None:
         """Who asked for the worker function now running (protocol functions check their roles
         and round ownership with it); None outside a request."""
-        current = getattr(self._local, "request", None)
+        current = self._local.request
         return None if current is None else current[0]
 
     def running(self, principal: Principal, sources: list, op_name: str) -> "_Running":
@@ -640,6 +640,14 @@ class ReferenceMonitor:
         return len(self._store)
 
 
+class _RequestLocal(threading.local):
+    # per-thread defaults as class attributes: read without a getattr default, which raises and
+    # swallows an AttributeError on every thread that never set them
+    request: tuple | None = None
+    opening_refs: Any = None
+    opened_masks: Any = None
+
+
 class _Running:
     __slots__ = ("_local", "_value", "_previous")
 
@@ -647,7 +655,7 @@ class _Running:
         self._local, self._value = local, value
 
     def __enter__(self) -> None:
-        self._previous = getattr(self._local, "request", None)
+        self._previous = self._local.request
         self._local.request = self._value
 
     def __exit__(self, *exc: Any) -> None:
