@@ -235,8 +235,7 @@ def bench_stages(net: sy.WebsocketClientWorker, virtual: sy.VirtualWorker, mb: i
         rows = [
             ("client serialize (request)", t_ser),
             ("send + server receive + reply: raw websockets echo of the request frame", t_echo),
-            ("server request path beyond the raw echo and the decode (session, inline turn, token)",
-             t_null - t_echo - t_dec),
+            ("server path beyond the raw echo and the decode (session, inline turn, token)", t_null - t_echo - t_dec),
             ("server decode", t_dec),
             ("dispatch incl. monitor (handler minus execute)", t_handle - t_exec),
             ("execute (plain torch add)", t_exec),
