@@ -118,7 +118,7 @@ class ReferenceMonitor(OpeningRules):
         #: in-process audit rows (dicts); a network server replaces ``audit_sink``
         self.audit_log: deque = deque(maxlen=AUDIT_LOG_SIZE)
         self.audit_sink: Callable[[str, Principal, list, str, str], None] = self._audit_in_memory
-        self._local = threading.local()
+        self._local = _RequestLocal()
         self._taints: dict[str, tuple] = {}  # namespace -> reveal_to every new object of it gets
         #: the owner's review policy (veil.governance), asked before an opening reveals a client object
         #: derived from owner data; the worker installs it: (principal, oid, entry, action) -> None or raise
@@ -388,7 +388,7 @@ class ReferenceMonitor(OpeningRules):
     def store_output(self, oid: int, obj: Any) -> Entry:
         """For worker functions that store a result under an id they were given (HE ops, encrypted
         aggregation): stored for the current request's principal, derived from its inputs."""
-        current = getattr(self._local, "request", None)
+        current = self._local.request
         if current is None:
             raise PermissionDeniedError(f"worker {self.worker_id!r}: store_output outside a request")
         principal, sources, op_name = current
@@ -397,7 +397,7 @@ class ReferenceMonitor(OpeningRules):
     def current_principal(self) -> Principal | None:
         """Who asked for the worker function now running (protocol functions check their roles
         and round ownership with it); None outside a request."""
-        current = getattr(self._local, "request", None)
+        current = self._local.request
         return None if current is None else current[0]
 
     def running(self, principal: Principal, sources: list, op_name: str) -> "_Running":
@@ -458,6 +458,14 @@ class ReferenceMonitor(OpeningRules):
         return len(self._store)
 
 
+class _RequestLocal(threading.local):
+    # per-thread defaults as class attributes: read without a getattr default, which raises and
+    # swallows an AttributeError on every thread that never set them
+    request: tuple | None = None
+    opening_refs: Any = None
+    opened_masks: Any = None
+
+
 class _Running:
     __slots__ = ("_local", "_value", "_previous")
 
@@ -465,7 +473,7 @@ class _Running:
         self._local, self._value = local, value
 
     def __enter__(self) -> None:
-        self._previous = getattr(self._local, "request", None)
+        self._previous = self._local.request
         self._local.request = self._value
 
     def __exit__(self, *exc: Any) -> None:

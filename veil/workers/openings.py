@@ -74,7 +74,7 @@ class OpeningRules:
     def _check_masks(self, principal: Principal, name: str, found: dict[int, Entry], ids: list) -> list:
         """The mask tensors of an opening of protected values, in order (each checked, then marked used)."""
         positions = OPENING_MASKS.get(name)
-        raw = getattr(self._local, "opening_refs", None) or ()
+        raw = self._local.opening_refs or ()
         error = None
         masks: list[Entry] = []
         if positions is None:
