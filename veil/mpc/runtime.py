@@ -96,6 +96,15 @@ class PartyRuntime(ABC):
 
         For dealers: a provider sending each party its material at once."""
 
+    def deliver_begin(self, requests: Sequence[tuple[Any, Any, Any]], elements: int) -> Callable[[], list[Any]]:
+        """:meth:`deliver`, started now and waited for by the returned call (which gives the replies).
+
+        A dealer computes other parties' material meanwhile. ``elements``: ring elements per
+        request (a runtime runs them beside the caller only when that is worth a thread);
+        this default sends them now."""
+        replies = self.deliver(requests)
+        return lambda: replies
+
     @abstractmethod
     def handle(self, location: Any, object_id: int, owner: Any, shape: Sequence[int], dtype: torch.dtype) -> Any:
         """A handle to object ``object_id`` that a dealer stored on ``location``.
@@ -139,6 +148,11 @@ def remote_handle(location: Any, object_id: int, owner: Any, shape: Sequence[int
 def deliver(requests: Sequence[tuple[Any, Any, Any]]) -> list[Any]:
     """Dealing: every ``(sender, message, party)`` request in one round (the default runtime's)."""
     return default_runtime().deliver(requests)
+
+
+def deliver_begin(requests: Sequence[tuple[Any, Any, Any]], elements: int) -> Callable[[], list[Any]]:
+    """Dealing: :meth:`PartyRuntime.deliver_begin` of the default runtime."""
+    return default_runtime().deliver_begin(requests, elements)
 
 
 def runtimes() -> Mapping[type, PartyRuntime]:

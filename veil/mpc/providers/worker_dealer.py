@@ -65,7 +65,7 @@ from veil.mpc.providers.background import BackgroundDealing, BackgroundDealingEr
 from veil.mpc.providers.fss_dealing import DEAL_COMPARISON
 from veil.mpc.providers.base import MaterialExhaustedError, Provider
 from veil.mpc.ring import DTYPE, random_ring
-from veil.mpc.runtime import DEALER_TAG, DEALT_ITEM_TAG, DEALT_LAYOUTS, DEALT_MASK_TAG
+from veil.mpc.runtime import DEALER_TAG, DEALT_ITEM_TAG, DEALT_LAYOUTS, DEALT_MASK_TAG, deliver_begin
 from veil.mpc.runtime import remote_handle as PointerTensor  # the injected runtime's handle (mpc imports no tensors)
 
 DEAL = "veil.mpc.deal"
@@ -96,24 +96,16 @@ def _deal(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, count: 
     parties = [worker.resolve_worker(pid) for pid in party_ids]
     if seeded:
         seeds = [new_seed() for _ in parties]
-        corrections = []
-        for k in range(count):
-            if kind in WIDE_KINDS:  # 128-bit SPDZ2k fields: sums and corrections with carries
-                uniform = sum_wide([[expand(s, _label(k, j), shape) for s in seeds]
-                                    for j, shape in enumerate(uniform_shapes)])
-                values = derive(uniform, gen)
-                corrections += last_shares_wide(values, [[expand(s, _label(k, n_u + j), derived_shapes[j])
-                                                          for s in seeds[:-1]] for j in range(len(values))])
-                continue
-            uniform = [combine([expand(s, _label(k, j), shape) for s in seeds], j in xor)
-                       for j, shape in enumerate(uniform_shapes)]
-            for j, value in enumerate(derive(uniform, gen)):
-                others = [expand(s, _label(k, n_u + j), derived_shapes[j]) for s in seeds[:-1]]
-                corrections.append(last_share(value, others, n_u + j in xor))
-        for i, party in enumerate(parties):
-            fix = corrections if i == n - 1 else []
-            args = (torch.frombuffer(bytearray(seeds[i]), dtype=torch.uint8), kind, spec, count, fix)
-            worker.send_msg(m.CommandMessage(EXPAND, args, {}, list(ids[i]), False), party)
+        # every party but the last needs only its seed: its expansion starts now, beside the dealer's own
+        # (in-process parties on another thread when the material is big; network parties always)
+        early = deliver_begin([(worker, _expand_msg(seeds[i], kind, spec, count, [], ids[i]), party)
+                               for i, party in enumerate(parties[:-1])],
+                              count * (sum(map(_numel, uniform_shapes)) + sum(map(_numel, derived_shapes))))
+        try:
+            corrections = _corrections(kind, uniform_shapes, derived_shapes, derive, xor, seeds, count, gen)
+            worker.send_msg(_expand_msg(seeds[-1], kind, spec, count, corrections, ids[-1]), parties[-1])
+        finally:
+            early()  # waits for the others (and raises the first party's error)
         return
     per_party: list[list] = [[] for _ in parties]
     for k in range(count):
@@ -131,6 +123,39 @@ def _deal(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, count: 
     for i, party in enumerate(parties):  # never revealable; uniform fields may mask openings
         objects = [m.StoredObject(oid, t, tag) for oid, t, tag in zip(ids[i], per_party[i], tags)]
         worker.send_msg(m.ObjectMessage(objects), party)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    out = 1
+    for d in shape:
+        out *= int(d)
+    return out
+
+
+def _expand_msg(seed: bytes, kind: str, spec: Any, count: int, fix: list, ids: Sequence[int]) -> m.CommandMessage:
+    args = (torch.frombuffer(bytearray(seed), dtype=torch.uint8), kind, spec, count, fix)
+    return m.CommandMessage(EXPAND, args, {}, list(ids), False)
+
+
+def _corrections(kind: str, uniform_shapes: list, derived_shapes: list, derive: Any, xor: frozenset,
+                 seeds: list, count: int, gen: torch.Generator) -> list:
+    """The last party's shares of every derived field of ``count`` items (the others' come from their seeds)."""
+    n_u = len(uniform_shapes)
+    corrections = []
+    for k in range(count):
+        if kind in WIDE_KINDS:  # 128-bit SPDZ2k fields: sums and corrections with carries
+            uniform = sum_wide([[expand(s, _label(k, j), shape) for s in seeds]
+                                for j, shape in enumerate(uniform_shapes)])
+            values = derive(uniform, gen)
+            corrections += last_shares_wide(values, [[expand(s, _label(k, n_u + j), derived_shapes[j])
+                                                      for s in seeds[:-1]] for j in range(len(values))])
+            continue
+        uniform = [combine([expand(s, _label(k, j), shape) for s in seeds], j in xor)
+                   for j, shape in enumerate(uniform_shapes)]
+        for j, value in enumerate(derive(uniform, gen)):
+            others = [expand(s, _label(k, n_u + j), derived_shapes[j]) for s in seeds[:-1]]
+            corrections.append(last_share(value, others, n_u + j in xor))
+    return corrections
 
 
 def recipe_layout(kind: str, spec: Any, count: int) -> list[tuple[int, bool]]:

@@ -15,8 +15,16 @@ round:
 Concurrency: requests to parties that block in socket reads (network
 workers, which release the GIL while waiting) are sent from a small thread
 pool, one request per party connection (each connection keeps one request
-in flight, so replies stay in order). In-process workers (VirtualWorker) are
-served inline: threads would only add hand-offs there. A round raises only
+in flight, so replies stay in order). In-process workers (VirtualWorker) get
+the same pool only for **big rounds** (:func:`parallel_in_process`: at least
+:data:`PARALLEL_MIN_ELEMENTS` ring elements per party, and a spare core per
+party at the current ``torch.get_num_threads()``): each party's handler then
+runs on its own thread, so the torch kernels of different parties (which
+release the GIL) run at once, like the parties' own processes would; small
+rounds stay inline, where a hand-off costs more than it saves. Every request
+to one worker is still sent under the sender's per-destination lock (one
+request in flight per party), the reference monitor's per-request state is
+per thread, the store has its own lock. A round raises only
 after every party answered or failed, so nothing is left in flight for the
 next query; a lost connection raises :class:`PartyUnreachableError` (an
 MPCError and a ConnectionLostError), an unexpected local failure
@@ -30,6 +38,8 @@ on, with fresh dealer masks where a share is not the requester's.
 
 from __future__ import annotations
 
+import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
@@ -53,16 +63,26 @@ assert DEALER_TAG == MONITOR_DEALER_TAG, "veil.mpc.runtime.DEALER_TAG must match
 #: most requests in flight at once from one orchestrator (one per party connection)
 MAX_CONCURRENT = 16
 
+#: ring elements per party (in the request's shares and the steps riding on it) from which in-process
+#: parties run a round on threads of their own: below it a hand-off (~50 us) costs more than it saves
+PARALLEL_MIN_ELEMENTS = 1 << 15
+
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
+_IN_POOL = threading.local()  # set on the pool's threads: a round started there runs inline (no nested waits)
 
 
 def _pool() -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            _POOL = ThreadPoolExecutor(MAX_CONCURRENT, thread_name_prefix="veil-mpc-round")
+            _POOL = ThreadPoolExecutor(MAX_CONCURRENT, thread_name_prefix="veil-mpc-round",
+                                       initializer=_mark_pool_thread)
         return _POOL
+
+
+def _mark_pool_thread() -> None:
+    _IN_POOL.active = True
 
 
 def waits_on_network(worker: Any) -> bool:
@@ -73,26 +93,58 @@ def waits_on_network(worker: Any) -> bool:
     return isinstance(worker, WebsocketClientWorker) or bool(getattr(worker, "concurrent_requests", False))
 
 
-def one_round(requests: Sequence[tuple[Any, Any, Any]], what: str, return_errors: bool = False) -> list[Any]:
+def parallel_in_process(elements: int, parties: int) -> bool:
+    """True when ``parties`` in-process parties should run a round of ``elements`` ring elements
+    per party on threads of their own: the round is big, this thread is not a pool thread, and
+    the machine has a core for each party's torch threads (``torch.get_num_threads()`` each)."""
+    if parties < 2 or elements < PARALLEL_MIN_ELEMENTS or getattr(_IN_POOL, "active", False):
+        return False
+    return _spare_cores(parties)
+
+
+def _spare_cores(parties: int) -> bool:
+    """A second party's torch threads fit beside the first's (more parties share what is left: with
+    one torch thread each they only take turns, while fewer cores than threads would thrash)."""
+    return (os.cpu_count() or 1) >= 2 * torch.get_num_threads()
+
+
+def elements_of(values: Any) -> int:
+    """Ring elements behind the pointers and tensors among ``values`` (a party's work estimate)."""
+    total = 0
+    for leaf in tree_flatten(values)[0]:
+        if type(leaf) is PointerTensor:
+            total += math.prod(leaf.shape) if leaf.shape is not None else 0
+        elif isinstance(leaf, torch.Tensor):
+            total += leaf.numel()
+    return total
+
+
+def _queued_elements(owner: Any, location: Any) -> int:
+    """Ring elements of the tensors in the deferred steps riding on the next request to ``location``."""
+    queued = getattr(owner, "queued_bytes", None)
+    return queued(location) // 8 if queued is not None else 0
+
+
+def one_round(requests: Sequence[tuple[Any, Any, Any]], what: str, return_errors: bool = False,
+              elements: int = 0) -> list[Any]:
     """Sends every ``(owner, message, location)`` request and returns the replies, in order.
 
     Requests to network workers are all in flight at once; the round ends
     when every party answered or failed (see the module docstring for errors).
     With ``return_errors`` a failed request's exception takes its reply's place.
+    ``elements``: ring elements per party the round touches (its shares; the
+    steps queued for each party are added here): from
+    :data:`PARALLEL_MIN_ELEMENTS` on, in-process parties run at once too
+    (:func:`parallel_in_process`).
     """
-    calls: list[Callable[[], Any]] = [lambda o=o, msg=msg, loc=loc: o.send_msg(msg, loc) for o, msg, loc in requests]
-    concurrent = [k for k, (_, _, loc) in enumerate(requests) if waits_on_network(loc)]
-    futures = {}
-    if len(concurrent) > 1:
-        pool = _pool()
-        futures = {k: pool.submit(calls[k]) for k in concurrent[1:]}  # the first runs on this thread
+    futures = _start(requests, elements)
     replies: list[Any] = [None] * len(requests)
     errors: list[tuple[int, BaseException]] = []
-    for k in range(len(requests)):
+    for k, (o, msg, loc) in enumerate(requests):
         if k in futures:
             continue
         try:
-            replies[k] = calls[k]()
+            replies[k] = o.send_msg(msg, loc)
         except BaseException as e:  # noqa: BLE001  (gathered: the other parties' requests finish first)
             errors.append((k, e))
     for k, fut in futures.items():
@@ -100,6 +152,26 @@ def one_round(requests: Sequence[tuple[Any, Any, Any]], what: str, return_errors
             replies[k] = fut.result()
         except BaseException as e:  # noqa: BLE001
             errors.append((k, e))
+    return _settle(requests, replies, errors, what, return_errors)
+
+
+def _start(requests: Sequence[tuple[Any, Any, Any]], elements: int) -> dict:
+    """Submits the requests that run on the pool (all but the first concurrent one); position -> future."""
+    concurrent = [k for k, (_, _, loc) in enumerate(requests) if waits_on_network(loc)]
+    if len(concurrent) < len(requests):
+        in_process = [k for k in range(len(requests)) if k not in concurrent]
+        queued = max(_queued_elements(requests[k][0], requests[k][2]) for k in in_process)
+        if parallel_in_process(elements + queued, len(in_process)):
+            concurrent = list(range(len(requests)))
+    if len(concurrent) < 2:
+        return {}
+    pool = _pool()
+    return {k: pool.submit(requests[k][0].send_msg, requests[k][1], requests[k][2])
+            for k in concurrent[1:]}  # the first runs on this thread
+
+
+def _settle(requests: Sequence[tuple[Any, Any, Any]], replies: list, errors: list, what: str,
+            return_errors: bool) -> list[Any]:
     if errors and return_errors and all(isinstance(e, Exception) for _, e in errors):
         for k, e in errors:
             replies[k] = e
@@ -149,7 +221,8 @@ class WorkerRuntime(PartyRuntime):
         for args in per_party:
             first = _first_pointer(args)
             requests.append((first.owner, OpenMessage(name, _wire(tuple(args)), kwargs), first.location))
-        return [list(reply.objects) for reply in one_round(requests, f"opening {name!r}")]
+        elements = max(elements_of(args) for args in per_party) if per_party else 0
+        return [list(reply.objects) for reply in one_round(requests, f"opening {name!r}", elements=elements)]
 
     def fetch(self, handles: Sequence[PointerTensor]) -> list[torch.Tensor]:
         """One GetObjectsMessage per (owner, location) for all shares opened together."""
@@ -160,7 +233,8 @@ class WorkerRuntime(PartyRuntime):
         requests = [(handles[idx[0]].owner, m.GetObjectsMessage([handles[k].id_at_location for k in idx]),
                      handles[idx[0]].location) for idx in order]
         out: list = [None] * len(handles)
-        for idx, reply in zip(order, one_round(requests, "an opening")):
+        elements = max((elements_of([handles[k] for k in idx]) for idx in order), default=0)
+        for idx, reply in zip(order, one_round(requests, "an opening", elements=elements)):
             for k, value in zip(idx, reply.objects):
                 handles[k].mark_freed()
                 out[k] = value
@@ -168,6 +242,30 @@ class WorkerRuntime(PartyRuntime):
 
     def deliver(self, requests: Sequence[tuple[Any, Any, Any]]) -> list[Any]:
         return one_round(requests, "dealing")
+
+    def deliver_begin(self, requests: Sequence[tuple[Any, Any, Any]], elements: int) -> Callable[[], list[Any]]:
+        """Starts the requests on the pool when they are worth a thread (network parties, or big
+        enough for in-process ones, :func:`parallel_in_process` with the caller as the other party);
+        the returned call waits for them (after every one finished) and gives their replies."""
+        if not requests:
+            return list
+        if all(waits_on_network(loc) for _, _, loc in requests) or parallel_in_process(elements, len(requests) + 1):
+            pool = _pool()
+            futures = [pool.submit(o.send_msg, msg, loc) for o, msg, loc in requests]
+
+            def wait() -> list[Any]:
+                replies: list[Any] = [None] * len(requests)
+                errors: list[tuple[int, BaseException]] = []
+                for k, fut in enumerate(futures):
+                    try:
+                        replies[k] = fut.result()
+                    except BaseException as e:  # noqa: BLE001
+                        errors.append((k, e))
+                return _settle(requests, replies, errors, "dealing", False)
+
+            return wait
+        replies = one_round(requests, "dealing")
+        return lambda: replies
 
     def handle(self, location: Any, object_id: int, owner: Any, shape: Sequence[int], dtype: torch.dtype) -> Any:
         return PointerTensor(location, object_id, owner, tuple(shape), dtype)
