@@ -96,14 +96,27 @@ class PartyRuntime(ABC):
 
         For dealers: a provider sending each party its material at once."""
 
-    def deliver_begin(self, requests: Sequence[tuple[Any, Any, Any]], elements: int) -> Callable[[], list[Any]]:
-        """:meth:`deliver`, started now and waited for by the returned call (which gives the replies).
+    def beside(self, calls: Sequence[Callable[[], Any]], parties: Sequence[Any], elements: int) -> Callable[[], list]:
+        """Starts ``calls`` (each one party's part of a dealer's work, ending in a request to it)
+        and returns a call that waits for all of them and gives their results, raising the first
+        error after every one finished.
 
-        A dealer computes other parties' material meanwhile. ``elements``: ring elements per
-        request (a runtime runs them beside the caller only when that is worth a thread);
-        this default sends them now."""
-        replies = self.deliver(requests)
-        return lambda: replies
+        A runtime may run them on threads beside the caller (network ``parties``, or in-process
+        ones with ``elements`` ring elements each: worth a thread); this default runs them now."""
+        results, errors = [], []
+        for call in calls:
+            try:
+                results.append(call())
+            except Exception as e:  # noqa: BLE001  (the others still run, as they would on threads)
+                results.append(None)
+                errors.append(e)
+
+        def wait() -> list:
+            if errors:
+                raise errors[0]
+            return results
+
+        return wait
 
     @abstractmethod
     def handle(self, location: Any, object_id: int, owner: Any, shape: Sequence[int], dtype: torch.dtype) -> Any:
@@ -150,9 +163,9 @@ def deliver(requests: Sequence[tuple[Any, Any, Any]]) -> list[Any]:
     return default_runtime().deliver(requests)
 
 
-def deliver_begin(requests: Sequence[tuple[Any, Any, Any]], elements: int) -> Callable[[], list[Any]]:
-    """Dealing: :meth:`PartyRuntime.deliver_begin` of the default runtime."""
-    return default_runtime().deliver_begin(requests, elements)
+def beside(calls: Sequence[Callable[[], Any]], parties: Sequence[Any], elements: int) -> Callable[[], list]:
+    """Dealing: :meth:`PartyRuntime.beside` of the default runtime."""
+    return default_runtime().beside(calls, parties, elements)
 
 
 def runtimes() -> Mapping[type, PartyRuntime]:

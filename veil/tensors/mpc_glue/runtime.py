@@ -243,29 +243,28 @@ class WorkerRuntime(PartyRuntime):
     def deliver(self, requests: Sequence[tuple[Any, Any, Any]]) -> list[Any]:
         return one_round(requests, "dealing")
 
-    def deliver_begin(self, requests: Sequence[tuple[Any, Any, Any]], elements: int) -> Callable[[], list[Any]]:
-        """Starts the requests on the pool when they are worth a thread (network parties, or big
-        enough for in-process ones, :func:`parallel_in_process` with the caller as the other party);
-        the returned call waits for them (after every one finished) and gives their replies."""
-        if not requests:
-            return list
-        if all(waits_on_network(loc) for _, _, loc in requests) or parallel_in_process(elements, len(requests) + 1):
-            pool = _pool()
-            futures = [pool.submit(o.send_msg, msg, loc) for o, msg, loc in requests]
+    def beside(self, calls: Sequence[Callable[[], Any]], parties: Sequence[Any], elements: int) -> Callable[[], list]:
+        """On the pool when worth a thread: network ``parties``, or in-process ones big enough
+        (:func:`parallel_in_process`, the caller counting as one more party)."""
+        if not calls or not (all(waits_on_network(p) for p in parties)
+                             or parallel_in_process(elements, len(calls) + 1)):
+            return super().beside(calls, parties, elements)
+        pool = _pool()
+        futures = [pool.submit(call) for call in calls]
 
-            def wait() -> list[Any]:
-                replies: list[Any] = [None] * len(requests)
-                errors: list[tuple[int, BaseException]] = []
-                for k, fut in enumerate(futures):
-                    try:
-                        replies[k] = fut.result()
-                    except BaseException as e:  # noqa: BLE001
-                        errors.append((k, e))
-                return _settle(requests, replies, errors, "dealing", False)
+        def wait() -> list:
+            results: list[Any] = [None] * len(futures)
+            errors: list[tuple[int, BaseException]] = []
+            for k, fut in enumerate(futures):
+                try:
+                    results[k] = fut.result()
+                except BaseException as e:  # noqa: BLE001  (gathered: every call finishes first)
+                    errors.append((k, e))
+            if errors:
+                raise errors[0][1]
+            return results
 
-            return wait
-        replies = one_round(requests, "dealing")
-        return lambda: replies
+        return wait
 
     def handle(self, location: Any, object_id: int, owner: Any, shape: Sequence[int], dtype: torch.dtype) -> Any:
         return PointerTensor(location, object_id, owner, tuple(shape), dtype)
