@@ -28,7 +28,7 @@ from veil.tensors.mpc_glue import runtime
 
 @pytest.fixture
 def cores(monkeypatch):
-    """A core per party (the test box may have fewer): big rounds run on threads."""
+    """Idle cores for the parties (the test box may be busy): big rounds run on threads."""
     monkeypatch.setattr(runtime, "_spare_cores", lambda parties: True)
 
 
@@ -70,12 +70,21 @@ def test_the_decision_needs_a_big_round_two_parties_cores_and_no_pool_thread(mon
     assert not runtime.parallel_in_process(big, 2)
 
 
-def test_cores_follow_torch_threads(monkeypatch):
-    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+def test_cores_follow_torch_threads_and_what_else_runs(monkeypatch):
+    monkeypatch.setattr(runtime, "_cores", lambda: 2)
+    monkeypatch.setattr(runtime, "_running_elsewhere", lambda: 0)
     monkeypatch.setattr(runtime.torch, "get_num_threads", lambda: 1)
     assert runtime._spare_cores(2)
+    monkeypatch.setattr(runtime, "_running_elsewhere", lambda: 1)  # a busy core: the parties take turns
+    assert not runtime._spare_cores(2)
+    monkeypatch.setattr(runtime, "_running_elsewhere", lambda: 0)
     monkeypatch.setattr(runtime.torch, "get_num_threads", lambda: 2)  # each party's kernels would fight
     assert not runtime._spare_cores(2)
+
+
+def test_what_else_runs_is_read_from_the_machine():
+    assert 0 <= runtime._running_elsewhere() < 100_000
+    assert runtime._cores() >= 1
 
 
 def test_a_big_round_has_every_party_in_flight_at_once(workers, cores, monkeypatch):

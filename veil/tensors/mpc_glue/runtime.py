@@ -103,9 +103,29 @@ def parallel_in_process(elements: int, parties: int) -> bool:
 
 
 def _spare_cores(parties: int) -> bool:
-    """A second party's torch threads fit beside the first's (more parties share what is left: with
-    one torch thread each they only take turns, while fewer cores than threads would thrash)."""
-    return (os.cpu_count() or 1) >= 2 * torch.get_num_threads()
+    """A second party's torch threads fit beside the first's on cores that are idle right now (more
+    parties take turns on them): on a busy machine another thread only adds hand-offs and the
+    page faults of two parties' temporaries alive at once, so the round stays inline."""
+    need = 2 * torch.get_num_threads()
+    return _cores() - _running_elsewhere() >= need
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _running_elsewhere() -> int:
+    """Threads running or runnable on this machine now, this one excepted (Linux's /proc/loadavg;
+    0 where it cannot be read)."""
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            running = int(f.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return max(running - 1, 0)
 
 
 def elements_of(values: Any) -> int:
