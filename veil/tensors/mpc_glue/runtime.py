@@ -17,8 +17,8 @@ workers, which release the GIL while waiting) are sent from a small thread
 pool, one request per party connection (each connection keeps one request
 in flight, so replies stay in order). In-process workers (VirtualWorker) get
 the same pool only for **big rounds** (:func:`parallel_in_process`: at least
-:data:`PARALLEL_MIN_ELEMENTS` ring elements per party, and a spare core per
-party at the current ``torch.get_num_threads()``): each party's handler then
+:data:`PARALLEL_MIN_ELEMENTS` ring elements per party, and two parties'
+``torch.get_num_threads()`` fit on cores idle at that moment): each party's handler then
 runs on its own thread, so the torch kernels of different parties (which
 release the GIL) run at once, like the parties' own processes would; small
 rounds stay inline, where a hand-off costs more than it saves. Every request
@@ -96,7 +96,7 @@ def waits_on_network(worker: Any) -> bool:
 def parallel_in_process(elements: int, parties: int) -> bool:
     """True when ``parties`` in-process parties should run a round of ``elements`` ring elements
     per party on threads of their own: the round is big, this thread is not a pool thread, and
-    the machine has a core for each party's torch threads (``torch.get_num_threads()`` each)."""
+    idle cores take two parties' torch threads (``torch.get_num_threads()`` each, :func:`_spare_cores`)."""
     if parties < 2 or elements < PARALLEL_MIN_ELEMENTS or getattr(_IN_POOL, "active", False):
         return False
     return _spare_cores(parties)
