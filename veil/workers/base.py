@@ -211,6 +211,16 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
         """Handles one serialized request; always answers, never raises."""
         try:
             msg, sender, prelude = deserialize(data, self._decode_ctx)
+        except Exception as e:
+            return self._error_bytes(e)
+        return self._serve_decoded(msg, sender, prelude)
+
+    def _error_bytes(self, error: Exception) -> bytes:
+        return serialize(m.ErrorReply(*error_reply_fields(error)), sender=self.id)
+
+    def _serve_decoded(self, msg: Any, sender: str, prelude: list) -> bytes:
+        """:meth:`_recv_msg` after decoding (a network server decodes once, then decides where it runs)."""
+        try:
             self._run_prelude(prelude, sender)
             reply = self._handle(msg, sender)
         except Exception as e:  # a failing torch op must not take the worker down

@@ -145,6 +145,12 @@ class Outbox:
         if full:  # a full batch goes now (and may raise its error)
             self.send_msg(m.DeleteMessage([]), location)
 
+    def queued_bytes(self, location: "BaseWorker") -> int:
+        """Tensor bytes of the deferred commands that ride on the next request to ``location``."""
+        with self._queue_lock:
+            entry = self._pending_deletes.get(id(location))
+            return entry[2] if entry else 0
+
     def flush(self, location: "BaseWorker | None" = None) -> None:
         """Synchronizes: sends what is queued (for ``location``, or for every worker) and raises the
         error of a failed deferred command. ``alice.flush()`` flushes the local worker's queue for alice."""

@@ -44,7 +44,7 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from veil.exceptions import PermissionDeniedError, WorkerNotFoundError, error_reply_fields
 from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST
-from veil.messaging.serde import FrameParts, OwnedFrame, envelope, frame_pad, serialize
+from veil.messaging.serde import FrameParts, OwnedFrame, deserialize, frame_pad, serialize
 from veil.workers import cancellation
 from veil.workers.base import YIELD_EVERY, BaseWorker
 from veil.workers.monitor import Principal
@@ -69,7 +69,7 @@ OPEN_TIMEOUT = 10.0
 #: GIL switch interval while serving (seconds; Python's default is 0.005)
 SWITCH_INTERVAL = 0.0005
 
-#: the inline fast path (see ``_inline_ok``): largest request, and the run time after which a
+#: the inline fast path (see ``try_inline``): largest request, and the run time after which a
 #: session's requests go back to handler threads for good
 INLINE_MAX_BYTES = 256 * 2**10
 #: most deferred commands a request may carry and still run on the event loop: the same
@@ -77,10 +77,10 @@ INLINE_MAX_BYTES = 256 * 2**10
 #: thousands of small commands would otherwise hold every connection; red-team R1)
 INLINE_MAX_COMMANDS = YIELD_EVERY
 INLINE_BUDGET_SECONDS = 0.005  # CPU time of the loop thread (preemption on a busy box does not count)
-INLINE_STRIKES = 3  # over-budget requests before a session leaves the fast path (one-time warm-ups happen)
+INLINE_STRIKES = 3  # over-budget requests (after the first, which starts the timing) before a session leaves the fast path
 #: requests that never wait on another worker or run a long loop (torch ops, store, get, list)
-INLINE_TYPES = frozenset(cls.TYPE for cls in (m.CommandMessage, m.ObjectMessage, m.GetObjectsMessage,
-                                              m.DeleteMessage, m.SearchMessage, m.ListObjectsMessage))
+INLINE_TYPES = frozenset((m.CommandMessage, m.ObjectMessage, m.GetObjectsMessage, m.DeleteMessage, m.SearchMessage,
+                          m.ListObjectsMessage))
 
 #: replies larger than this go out as a fragmented message of chunks this size (websockets' public
 #: ``send(iterable)``): one frame of 100 MB costs three fresh 100 MB copies (Frame.serialize, its
@@ -96,27 +96,24 @@ def _plain_op(name: Any) -> bool:
     return op is not None and not op.worker_function
 
 
-def _inline_ok(data: bytes) -> bool:
-    """Whether a request is short by construction: a plain torch op, or a store/get/delete/list.
+def _inline_ok(msg: Any, prelude: list) -> bool:
+    """Whether a decoded request is short by construction: a plain torch op, or a store/get/delete/list.
 
     Worker functions (MPC rounds, plan fit, serving) may call other workers or run
     long loops that check for cancellation, so they keep their handler thread. The
-    envelope is read without decoding ext payloads (no objects are built).
+    request was decoded once (the decode is what the handler runs next anyway); no
+    object of it has been resolved or run.
     """
-    if len(data) > INLINE_MAX_BYTES:
+    tp = type(msg)
+    if tp not in INLINE_TYPES or (tp is m.CommandMessage and not _plain_op(msg.op)):
         return False
-    try:
-        value = envelope(data)
-        if not isinstance(value, list) or len(value) < 5 or type(value[1]) is not int or not isinstance(value[3], list):
-            return False
-        if value[1] not in INLINE_TYPES or (value[1] == m.CommandMessage.TYPE and not _plain_op(value[4])):
-            return False
-        commands = [item for item in value[3] if type(item) is not int]
-        if len(commands) > INLINE_MAX_COMMANDS:
-            return False
-        return all(isinstance(item, list) and item and _plain_op(item[0]) for item in commands)
-    except Exception:  # malformed: the handler thread answers with the precise error
-        return False
+    commands = 0
+    for item in prelude:
+        if type(item) is not int:  # a deferred command (deserialize checked: a 5-field list)
+            commands += 1
+            if commands > INLINE_MAX_COMMANDS or not _plain_op(item[0]):
+                return False
+    return True
 
 
 async def _receive(ws: ServerConnection) -> Any:
@@ -229,7 +226,8 @@ class WebsocketServerWorker(BaseWorker):
         self._turn = cancellation.FairLock()
         self._running: set[cancellation.CancelToken] = set()
         self._slow_sessions: set[str] = set()  # sessions whose requests always take a handler thread
-        self._strikes: dict[str, int] = {}  # over-budget inline requests per session
+        # over-budget inline requests per session (CPU time), for sessions whose inline requests are timed
+        self._strikes: dict[str, int] = {}
         self.refusals = RefusalLog(self.db, self.id)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Future | None = None
@@ -254,8 +252,11 @@ class WebsocketServerWorker(BaseWorker):
         """The session whose request is being handled on this thread (None outside requests)."""
         return getattr(self._local, "session", None)
 
-    def serve_bytes(self, data: bytes, session: Session, token: cancellation.CancelToken | None = None) -> bytes:
-        """Handles one request of ``session`` when it is its turn; always returns reply bytes."""
+    def serve_bytes(self, data: bytes, session: Session, token: cancellation.CancelToken | None = None,
+                    decoded: tuple | None = None) -> bytes:
+        """Handles one request of ``session`` when it is its turn; always returns reply bytes.
+
+        ``decoded``: the request as :meth:`serve_inline` already decoded it for this session."""
         token = token if token is not None else cancellation.CancelToken(seconds=self.max_command_seconds)
         with self._turn:
             token.start()
@@ -263,7 +264,7 @@ class WebsocketServerWorker(BaseWorker):
             self._local.session = session
             try:
                 with cancellation.running(token, self._turn.yield_turn):
-                    return self._recv_msg(data)
+                    return self._recv_msg(data) if decoded is None else self._serve_decoded(*decoded)
             except Exception as e:  # never drop the connection over one reply (was: close 1011)
                 log.exception("worker %s: request of session %s failed outside the handlers", self.id, session.id)
                 return serialize(m.ErrorReply(*error_reply_fields(e)), sender=self.id)
@@ -272,34 +273,54 @@ class WebsocketServerWorker(BaseWorker):
                 self._running.discard(token)
 
     def serve_inline(self, data: bytes, session: Session) -> bytes | None:
-        """The fast path: runs a short request on the event loop thread, no thread hop.
+        """The fast path: runs a short request on the event loop thread, no thread hop (see :meth:`try_inline`)."""
+        return self.try_inline(data, session)[0]
+
+    def try_inline(self, data: bytes, session: Session) -> tuple[bytes | None, tuple | None]:
+        """Runs a short request on the event loop thread: ``(reply, None)``; else ``(None, decoded)``.
 
         Only when nothing else holds or waits for the worker (``FairLock.try_acquire``)
-        and the request is short by construction (:func:`_inline_ok`); otherwise
-        returns None and the request takes its handler thread as before. A session
-        whose inline requests used more than ``INLINE_BUDGET_SECONDS`` of CPU
-        ``INLINE_STRIKES`` times (large torch ops) uses handler threads from then
-        on, so the loop stays responsive.
+        and the request is short by construction (:func:`_inline_ok`, decided on the
+        request decoded once, with the session current: decoded pointers get the
+        session's rights); otherwise the request takes its handler thread as before,
+        with what was decoded here (``decoded``, or None: decoded there). A malformed
+        request is answered here (the same error reply the handler thread gives). A
+        session whose inline requests used more than ``INLINE_BUDGET_SECONDS`` of CPU
+        ``INLINE_STRIKES`` times (large torch ops; counted once one of its requests ran
+        past the budget in wall time) uses handler threads from then on, so the loop
+        stays responsive.
         """
-        if session.id in self._slow_sessions or not _inline_ok(data) or not self._turn.try_acquire():
-            return None
+        if session.id in self._slow_sessions or len(data) > INLINE_MAX_BYTES or not self._turn.try_acquire():
+            return None, None
         # No CancelToken: nothing that runs inline checks one (worker functions, which do, never run here).
-        # CPU time is a system call each read; a request that took less wall time than the budget
-        # used less CPU than it, so the second read is only needed after a long request.
-        started, wall = time.thread_time(), time.perf_counter()
+        # The thread CPU clock is a system call (~1 us, and on a busy VM the point where the kernel
+        # switches tasks, ~4 us more per request in practice); a request that took less wall time than
+        # the budget used less CPU than it. So a session's requests read it only once one of them ran
+        # past the budget in wall time (then it is in _strikes); from then on every strike is CPU time.
+        strikes = self._strikes.get(session.id)
+        started, wall = (time.thread_time() if strikes is not None else 0.0), time.perf_counter()
         try:
             self._local.session = session
-            return self._recv_msg(data)
+            try:
+                decoded = deserialize(data, self._decode_ctx)
+            except Exception as e:
+                return self._error_bytes(e), None
+            if not _inline_ok(decoded[0], decoded[2]):
+                return None, decoded
+            return self._serve_decoded(*decoded), None
         except Exception as e:
             log.exception("worker %s: request of session %s failed outside the handlers", self.id, session.id)
-            return serialize(m.ErrorReply(*error_reply_fields(e)), sender=self.id)
+            return serialize(m.ErrorReply(*error_reply_fields(e)), sender=self.id), None
         finally:
             self._local.session = None
             self._turn.release()
-            if time.perf_counter() - wall > INLINE_BUDGET_SECONDS and time.thread_time() - started > INLINE_BUDGET_SECONDS:
-                strikes = self._strikes[session.id] = self._strikes.get(session.id, 0) + 1
-                if strikes >= INLINE_STRIKES:
-                    self._slow_sessions.add(session.id)
+            if time.perf_counter() - wall > INLINE_BUDGET_SECONDS:
+                if strikes is None:  # the first long request (or a preemption): time this session's requests
+                    self._strikes[session.id] = 0
+                elif time.thread_time() - started > INLINE_BUDGET_SECONDS:
+                    strikes = self._strikes[session.id] = strikes + 1
+                    if strikes >= INLINE_STRIKES:
+                        self._slow_sessions.add(session.id)
 
     def principal(self, sender: str) -> Principal:
         """The authenticated session (the claimed sender is ignored); plain worker semantics in-process."""
@@ -402,9 +423,9 @@ class WebsocketServerWorker(BaseWorker):
                     reply = serialize(m.ErrorReply("SerializationError", "text frames are not accepted; send binary"),
                                       sender=self.id)
                 else:
-                    reply = self.serve_inline(data, session)
+                    reply, decoded = self.try_inline(data, session)
                     if reply is None:
-                        reply = await self._run_request(loop, data, session, closed)
+                        reply = await self._run_request(loop, data, session, closed, decoded)
                     if reply is None:
                         break
                 if type(reply) is FrameParts:
@@ -421,10 +442,10 @@ class WebsocketServerWorker(BaseWorker):
             await loop.run_in_executor(self._executor, self.end_session, session)
 
     async def _run_request(self, loop: asyncio.AbstractEventLoop, data: bytes, session: Session,
-                           closed: asyncio.Future) -> bytes | None:
+                           closed: asyncio.Future, decoded: tuple | None = None) -> bytes | None:
         """Runs one request; cancels it if the connection closes first (then returns None)."""
         token = cancellation.CancelToken(seconds=self.max_command_seconds)
-        work = loop.run_in_executor(self._executor, self.serve_bytes, data, session, token)
+        work = loop.run_in_executor(self._executor, self.serve_bytes, data, session, token, decoded)
         await asyncio.wait((work, closed), return_when=asyncio.FIRST_COMPLETED)
         if not work.done():
             token.cancel(f"session {session.id} disconnected")
