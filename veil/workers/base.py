@@ -207,6 +207,13 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
         """Handles one serialized request; always answers, never raises."""
         try:
             msg, sender, prelude = deserialize(data, self._decode_ctx)
+        except Exception as e:
+            return serialize(m.ErrorReply(*error_reply_fields(e)), sender=self.id)
+        return self._answer(msg, sender, prelude)
+
+    def _answer(self, msg: Any, sender: str, prelude: list) -> bytes:
+        """:meth:`_recv_msg` after decoding: runs the prelude and the request; the reply bytes, never raises."""
+        try:
             self._run_prelude(prelude, sender)
             reply = self._handle(msg, sender)
         except Exception as e:  # a failing torch op must not take the worker down

@@ -44,7 +44,8 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from veil.exceptions import PermissionDeniedError, WorkerNotFoundError, error_reply_fields
 from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST
-from veil.messaging.serde import OwnedFrame, envelope, frame_pad, serialize
+from veil.messaging.serde import OwnedFrame, deserialize, envelope, frame_pad, serialize
+from veil.mpc.party import OPENABLE, PARTY_FUNCTIONS, WIRE_PREFIX, OpenMessage
 from veil.workers import cancellation
 from veil.workers.base import YIELD_EVERY, BaseWorker
 from veil.workers.monitor import Principal
@@ -78,6 +79,9 @@ INLINE_MAX_BYTES = 256 * 2**10
 INLINE_MAX_COMMANDS = YIELD_EVERY
 INLINE_BUDGET_SECONDS = 0.005  # CPU time of the loop thread (preemption on a busy box does not count)
 INLINE_STRIKES = 3  # over-budget requests before a session leaves the fast path (one-time warm-ups happen)
+#: an SMPC opening runs inline only while the shares its request names hold at most this many bytes
+#: (its steps cost about linear time in them: 128 Ki ring elements take well under the CPU budget)
+INLINE_MAX_SHARE_BYTES = 1 << 20
 #: requests that never wait on another worker or run a long loop (torch ops, store, get, list)
 INLINE_TYPES = frozenset(cls.TYPE for cls in (m.CommandMessage, m.ObjectMessage, m.GetObjectsMessage,
                                               m.DeleteMessage, m.SearchMessage, m.ListObjectsMessage))
@@ -96,27 +100,67 @@ def _plain_op(name: Any) -> bool:
     return op is not None and not op.worker_function
 
 
-def _inline_ok(data: bytes) -> bool:
-    """Whether a request is short by construction: a plain torch op, or a store/get/delete/list.
+def _party_step(name: Any) -> bool:
+    """A protocol step of an SMPC party: a pure function of the party's shares and public values
+    (it never calls another worker, waits or loops), registered in ``veil.mpc.party``."""
+    return (isinstance(name, str) and name.startswith(WIRE_PREFIX)
+            and name[len(WIRE_PREFIX):] in PARTY_FUNCTIONS and _worker_function(name))
 
-    Worker functions (MPC rounds, plan fit, serving) may call other workers or run
-    long loops that check for cancellation, so they keep their handler thread. The
-    envelope is read without decoding ext payloads (no objects are built).
+
+def _worker_function(name: str) -> bool:
+    op = ALLOWLIST._by_name.get(name)
+    return op is not None and op.worker_function
+
+
+def _inline_kind(data: bytes) -> str | None:
+    """Whether a request is short by construction, and how to tell.
+
+    ``"plain"``: a plain torch op, or a store/get/delete/list (as before). ``"protocol"``: an
+    SMPC opening (``OpenMessage`` of an openable step) whose deferred commands are plain ops or
+    party steps: short when its shares are small, which :meth:`WebsocketServerWorker.serve_inline`
+    checks after decoding. Worker functions (MPC dealing, plan fit, serving) may call other
+    workers or run long loops that check for cancellation, so they keep their handler thread.
+    The envelope is read without decoding ext payloads (no objects are built).
     """
     if len(data) > INLINE_MAX_BYTES:
-        return False
+        return None
     try:
         value = envelope(data)
         if not isinstance(value, list) or len(value) < 5 or type(value[1]) is not int or not isinstance(value[3], list):
-            return False
-        if value[1] not in INLINE_TYPES or (value[1] == m.CommandMessage.TYPE and not _plain_op(value[4])):
-            return False
+            return None
         commands = [item for item in value[3] if type(item) is not int]
         if len(commands) > INLINE_MAX_COMMANDS:
-            return False
-        return all(isinstance(item, list) and item and _plain_op(item[0]) for item in commands)
+            return None
+        if value[1] == OpenMessage.TYPE:
+            if not (isinstance(value[4], str) and value[4] in OPENABLE):
+                return None
+            ok = all(isinstance(item, list) and item and (_plain_op(item[0]) or _party_step(item[0]))
+                     for item in commands)
+            return "protocol" if ok else None
+        if value[1] not in INLINE_TYPES or (value[1] == m.CommandMessage.TYPE and not _plain_op(value[4])):
+            return None
+        return "plain" if all(isinstance(item, list) and item and _plain_op(item[0]) for item in commands) else None
     except Exception:  # malformed: the handler thread answers with the precise error
-        return False
+        return None
+
+
+def _inline_ok(data: bytes) -> bool:
+    """A plain request that may run on the event loop (see :func:`_inline_kind`)."""
+    return _inline_kind(data) == "plain"
+
+
+def _refs(value: Any, out: list) -> list:
+    """Ids of the ObjectRefs in a decoded request's arguments (lists, tuples, maps)."""
+    tp = type(value)
+    if tp is m.ObjectRef:
+        out.append(value.id)
+    elif tp is list or tp is tuple:
+        for v in value:
+            _refs(v, out)
+    elif tp is dict:
+        for v in value.values():
+            _refs(v, out)
+    return out
 
 
 async def _receive(ws: ServerConnection) -> Any:
@@ -263,13 +307,18 @@ class WebsocketServerWorker(BaseWorker):
         """The fast path: runs a short request on the event loop thread, no thread hop.
 
         Only when nothing else holds or waits for the worker (``FairLock.try_acquire``)
-        and the request is short by construction (:func:`_inline_ok`); otherwise
-        returns None and the request takes its handler thread as before. A session
-        whose inline requests used more than ``INLINE_BUDGET_SECONDS`` of CPU
-        ``INLINE_STRIKES`` times (large torch ops) uses handler threads from then
-        on, so the loop stays responsive.
+        and the request is short by construction (:func:`_inline_kind`): for an SMPC
+        opening, also only while the shares it and its deferred steps name hold at most
+        ``INLINE_MAX_SHARE_BYTES`` (``ReferenceMonitor.stored_bytes``: sizes only, nothing
+        is accessed before the handlers run). Otherwise returns None and the request takes
+        its handler thread as before. A session whose inline requests used more than
+        ``INLINE_BUDGET_SECONDS`` of CPU ``INLINE_STRIKES`` times (large torch ops) uses
+        handler threads from then on, so the loop stays responsive.
         """
-        if session.id in self._slow_sessions or not _inline_ok(data) or not self._turn.try_acquire():
+        if session.id in self._slow_sessions:
+            return None
+        kind = _inline_kind(data)
+        if kind is None or not self._turn.try_acquire():
             return None
         # No CancelToken: nothing that runs inline checks one (worker functions, which do, never run here).
         # CPU time is a system call each read; a request that took less wall time than the budget
@@ -277,7 +326,19 @@ class WebsocketServerWorker(BaseWorker):
         started, wall = time.thread_time(), time.perf_counter()
         try:
             self._local.session = session
-            return self._recv_msg(data)
+            if kind == "plain":
+                return self._recv_msg(data)
+            try:
+                msg, sender, prelude = deserialize(data, self._decode_ctx)
+            except Exception:  # the handler thread answers with the precise error
+                return None
+            ids = _refs(msg.args, _refs(msg.kwargs, []))
+            for item in prelude:
+                if type(item) is not int:
+                    _refs(item[1], _refs(item[2], ids))
+            if self.monitor.stored_bytes(self.principal(sender), ids) > INLINE_MAX_SHARE_BYTES:
+                return None  # large shares: a handler thread (which decodes again; requests are <= 256 KiB)
+            return self._answer(msg, sender, prelude)
         except Exception as e:
             log.exception("worker %s: request of session %s failed outside the handlers", self.id, session.id)
             return serialize(m.ErrorReply(*error_reply_fields(e)), sender=self.id)
