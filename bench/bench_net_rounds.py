@@ -7,7 +7,8 @@ alternating, the crypto provider deals the plan ahead (untimed) and the online c
 VirtualWorkers, then the same over three ``veil worker`` processes (bench_crypten's set-up: two
 parties and the crypto provider). Alternating calls meet the same load, so the net/virtual
 ratio of the medians is steadier on a shared machine than two separate columns. Also printed:
-CPU seconds per online call (this process plus both party processes, from /proc).
+CPU seconds per online call (this process plus both party processes, from /proc/*/task/*/schedstat),
+which a loaded machine inflates far less than wall time.
 
 ``--breakdown``: the workers and this process record timestamps of every stage of every
 request (``round_trace.py``; one monotonic clock for all processes), and the script prints
@@ -43,8 +44,14 @@ HERE = Path(__file__).resolve().parent
 
 
 def _cpu_of(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of every thread of process ``pid`` so far (schedstat: nanoseconds, not 10 ms ticks)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):  # a thread that just ended
+            pass
+    return total / 1e9
 
 
 @contextlib.contextmanager
@@ -85,7 +92,7 @@ def plan_of(fn, cp, me):
     return plan
 
 
-def online_call(fn, cp, me, plan, pids, windows: list | None = None):
+def online_call(fn, cp, me, plan, pids, windows: list | None = None, prof=None):
     """One call, its material dealt ahead (untimed): (wall s, CPU s of this process + the party processes)."""
     dealer = dealer_for(cp, me)
     saved = dealer.on_exhausted
@@ -94,7 +101,11 @@ def online_call(fn, cp, me, plan, pids, windows: list | None = None):
     try:
         c0 = [time.process_time()] + [_cpu_of(p) for p in pids]
         t0 = time.perf_counter()
+        if prof is not None:
+            prof.enable()
         fn()
+        if prof is not None:
+            prof.disable()
         t1 = time.perf_counter()
         c1 = [time.process_time()] + [_cpu_of(p) for p in pids]
     finally:
@@ -182,6 +193,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=10)
     ap.add_argument("--breakdown", action="store_true")
+    ap.add_argument("--profile", type=Path, help="cProfile this process's network calls into this file")
     ap.add_argument("names", nargs="*")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -191,6 +203,11 @@ def main() -> None:
     hook, me, vparties, vcp = virtual_setup(2)
     trace_dir = tempfile.mkdtemp(prefix="veil-round-trace-") if args.breakdown else None
     records = round_trace.install_orchestrator() if args.breakdown else None
+    prof = None
+    if args.profile:
+        import cProfile
+
+        prof = cProfile.Profile()
     with network(hook, trace_dir) as (nparties, ncp, pids):
         vcases, ncases = cases(vparties, vcp), cases(nparties, ncp)
         names = args.names or list(vcases)
@@ -205,13 +222,15 @@ def main() -> None:
             v, n, windows[name] = [], [], []
             for _ in range(args.calls):
                 v.append(online_call(vcases[name], vcp, me, vplan, []))
-                n.append(online_call(ncases[name], ncp, me, nplan, pids, windows[name]))
+                n.append(online_call(ncases[name], ncp, me, nplan, pids, windows[name], prof))
             vm, nm = statistics.median(x[0] for x in v), statistics.median(x[0] for x in n)
             print(f"| {name} | {comm.rounds} | {vm:.4f}, {min(x[0] for x in v):.4f} | {nm:.4f}, "
                   f"{min(x[0] for x in n):.4f} | {nm / vm:.2f} | {statistics.median(c for _, c, _ in v):.3f} / "
                   f"{statistics.median(c for _, c, _ in n):.3f} (this process, parties: "
                   f"{', '.join(f'{statistics.median(x[2][k] for x in n):.3f}' for k in range(3))}) |", flush=True)
     print(f"load average {os.getloadavg()}")
+    if prof is not None:
+        prof.dump_stats(str(args.profile))
     if args.breakdown:
         for name in names:
             print(f"\n### {name}")

@@ -52,6 +52,9 @@ assert DEALER_TAG == MONITOR_DEALER_TAG, "veil.mpc.runtime.DEALER_TAG must match
 
 #: most requests in flight at once from one orchestrator (one per party connection)
 MAX_CONCURRENT = 16
+#: a round whose replies and deferred steps stay under this many bytes per party is sent and read
+#: from the calling thread alone (see ``_split_round``); larger ones overlap on pool threads
+SMALL_ROUND_BYTES = 256 << 10
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
@@ -73,33 +76,58 @@ def waits_on_network(worker: Any) -> bool:
     return isinstance(worker, WebsocketClientWorker) or bool(getattr(worker, "concurrent_requests", False))
 
 
-def one_round(requests: Sequence[tuple[Any, Any, Any]], what: str, return_errors: bool = False) -> list[Any]:
+def _splits(requests: Sequence[tuple[Any, Any, Any]], reply_bytes: int | None) -> bool:
+    """Whether one thread can send every request before reading any reply: small rounds to distinct
+    network connections that split a request in two (``_send_request`` / ``_receive_reply``)."""
+    if reply_bytes is None or reply_bytes > SMALL_ROUND_BYTES or len(requests) < 2:
+        return False
+    seen = set()
+    for owner, _, loc in requests:
+        if not hasattr(loc, "_send_request") or not hasattr(owner, "send_request") or id(loc) in seen:
+            return False
+        if owner.queued_bytes(loc) > SMALL_ROUND_BYTES:  # large deferred steps (opened values) ride along
+            return False
+        seen.add(id(loc))
+    return True
+
+
+def _split_round(requests: Sequence[tuple[Any, Any, Any]], replies: list, errors: list) -> None:
+    """Sends every request, then reads every reply, all on this thread (no hand-off to pool threads:
+    on a small round the hand-offs and the GIL passing between threads cost more than the overlap
+    of two small transfers gains). Connections are taken in one global order, so two threads
+    running rounds at once cannot each hold a party the other waits for."""
+    order = sorted(range(len(requests)), key=lambda k: id(requests[k][2]))
+    pending: dict[int, tuple] = {}
+    for k in order:
+        owner, msg, loc = requests[k]
+        try:
+            pending[k] = owner.send_request(msg, loc)
+        except BaseException as e:  # noqa: BLE001  (gathered: the other parties' replies are read first)
+            errors.append((k, e))
+    for k in order:
+        if k in pending:
+            try:
+                replies[k] = requests[k][0].receive_reply(pending[k])
+            except BaseException as e:  # noqa: BLE001
+                errors.append((k, e))
+
+
+def one_round(requests: Sequence[tuple[Any, Any, Any]], what: str, return_errors: bool = False,
+              reply_bytes: int | None = None) -> list[Any]:
     """Sends every ``(owner, message, location)`` request and returns the replies, in order.
 
     Requests to network workers are all in flight at once; the round ends
     when every party answered or failed (see the module docstring for errors).
     With ``return_errors`` a failed request's exception takes its reply's place.
+    ``reply_bytes``: the largest reply expected, when the caller knows it; rounds of small
+    requests and replies are sent and read from this thread alone (:func:`_split_round`).
     """
-    calls: list[Callable[[], Any]] = [lambda o=o, msg=msg, loc=loc: o.send_msg(msg, loc) for o, msg, loc in requests]
-    concurrent = [k for k, (_, _, loc) in enumerate(requests) if waits_on_network(loc)]
-    futures = {}
-    if len(concurrent) > 1:
-        pool = _pool()
-        futures = {k: pool.submit(calls[k]) for k in concurrent[1:]}  # the first runs on this thread
     replies: list[Any] = [None] * len(requests)
     errors: list[tuple[int, BaseException]] = []
-    for k in range(len(requests)):
-        if k in futures:
-            continue
-        try:
-            replies[k] = calls[k]()
-        except BaseException as e:  # noqa: BLE001  (gathered: the other parties' requests finish first)
-            errors.append((k, e))
-    for k, fut in futures.items():
-        try:
-            replies[k] = fut.result()
-        except BaseException as e:  # noqa: BLE001
-            errors.append((k, e))
+    if _splits(requests, reply_bytes):
+        _split_round(requests, replies, errors)
+    else:
+        _pooled_round(requests, replies, errors)
     if errors and return_errors and all(isinstance(e, Exception) for _, e in errors):
         for k, e in errors:
             replies[k] = e
@@ -115,8 +143,41 @@ def one_round(requests: Sequence[tuple[Any, Any, Any]], what: str, return_errors
     return replies
 
 
+def _pooled_round(requests: Sequence[tuple[Any, Any, Any]], replies: list, errors: list) -> None:
+    """Requests to network workers from pool threads, each a whole request/reply (large transfers
+    to several parties overlap); the first runs on this thread, in-process workers inline."""
+    calls: list[Callable[[], Any]] = [lambda o=o, msg=msg, loc=loc: o.send_msg(msg, loc) for o, msg, loc in requests]
+    concurrent = [k for k, (_, _, loc) in enumerate(requests) if waits_on_network(loc)]
+    futures = {}
+    if len(concurrent) > 1:
+        pool = _pool()
+        futures = {k: pool.submit(calls[k]) for k in concurrent[1:]}  # the first runs on this thread
+    for k in range(len(requests)):
+        if k in futures:
+            continue
+        try:
+            replies[k] = calls[k]()
+        except BaseException as e:  # noqa: BLE001  (gathered: the other parties' requests finish first)
+            errors.append((k, e))
+    for k, fut in futures.items():
+        try:
+            replies[k] = fut.result()
+        except BaseException as e:  # noqa: BLE001
+            errors.append((k, e))
+
+
 def _wire(value: Any) -> Any:
     return tree_map(lambda v: m.ObjectRef(v.id_at_location) if type(v) is PointerTensor else v, value)
+
+
+def _pointer_bytes(values: Any) -> int:
+    """Bytes of the remote tensors the pointers among ``values`` name (from their local shapes)."""
+    total = 0
+    with torch._C.DisableTorchFunctionSubclass():  # metadata only: skip the pointer's dispatch (~10 us a call)
+        for leaf in tree_flatten(values)[0]:
+            if type(leaf) is PointerTensor:
+                total += leaf.numel() * leaf.element_size()
+    return total
 
 
 def _first_pointer(values: Any) -> PointerTensor:
@@ -149,7 +210,9 @@ class WorkerRuntime(PartyRuntime):
         for args in per_party:
             first = _first_pointer(args)
             requests.append((first.owner, OpenMessage(name, _wire(tuple(args)), kwargs), first.location))
-        return [list(reply.objects) for reply in one_round(requests, f"opening {name!r}")]
+        # an opening's outputs are about as large as the shares it masks
+        expect = max(_pointer_bytes(args) for args in per_party) if per_party else 0
+        return [list(reply.objects) for reply in one_round(requests, f"opening {name!r}", reply_bytes=expect)]
 
     def fetch(self, handles: Sequence[PointerTensor]) -> list[torch.Tensor]:
         """One GetObjectsMessage per (owner, location) for all shares opened together."""
@@ -160,7 +223,8 @@ class WorkerRuntime(PartyRuntime):
         requests = [(handles[idx[0]].owner, m.GetObjectsMessage([handles[k].id_at_location for k in idx]),
                      handles[idx[0]].location) for idx in order]
         out: list = [None] * len(handles)
-        for idx, reply in zip(order, one_round(requests, "an opening")):
+        expect = max(sum(_pointer_bytes(handles[k]) for k in idx) for idx in order) if order else 0
+        for idx, reply in zip(order, one_round(requests, "an opening", reply_bytes=expect)):
             for k, value in zip(idx, reply.objects):
                 handles[k].mark_freed()
                 out[k] = value
