@@ -98,3 +98,19 @@ def test_the_monitor_sizes_only_what_the_session_may_name(hook):
         assert server.monitor.stored_bytes(server.principal("c"), [1]) == 0  # another session's object
     finally:
         server._local.session = None
+
+
+def test_a_session_struck_out_on_plain_ops_still_opens_small_shares_inline(hook):
+    server, session = _server(hook)
+    x, y, a, b = _ring(1000, 3)
+    _store(server, session, {1: x, 2: y, 3: a, 4: b})
+    server._slow_sessions.add(session.id)  # as after three long plain ops (test_wire_frames covers how)
+    assert server.serve_inline(serialize(m.GetObjectsMessage([1], False), sender="c"), session) is None
+    reply = server.serve_inline(_open([1, 2, 3, 4]), session)
+    assert reply is not None
+    e, f = deserialize(reply)[0].objects
+    assert torch.equal(e, x - a) and torch.equal(f, y - b)
+    server._slow_protocol.add(session.id)  # openings that ran long three times: handler threads from then on
+    assert server.serve_inline(_open([1, 2, 3, 4]), session) is None
+    server.end_session(session)
+    assert session.id not in server._slow_protocol

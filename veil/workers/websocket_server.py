@@ -262,6 +262,10 @@ class WebsocketServerWorker(BaseWorker):
         self._running: set[cancellation.CancelToken] = set()
         self._slow_sessions: set[str] = set()  # sessions whose requests always take a handler thread
         self._strikes: dict[str, int] = {}  # over-budget inline requests per session
+        # the same for SMPC openings, counted apart: a client's large `.get()` says nothing about its
+        # openings, which are sized before they run inline
+        self._slow_protocol: set[str] = set()
+        self._protocol_strikes: dict[str, int] = {}
         self.refusals = RefusalLog(self.db, self.id)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Future | None = None
@@ -313,12 +317,13 @@ class WebsocketServerWorker(BaseWorker):
         is accessed before the handlers run). Otherwise returns None and the request takes
         its handler thread as before. A session whose inline requests used more than
         ``INLINE_BUDGET_SECONDS`` of CPU ``INLINE_STRIKES`` times (large torch ops) uses
-        handler threads from then on, so the loop stays responsive.
+        handler threads from then on, so the loop stays responsive; plain requests and
+        openings are counted apart (each kind blocks the loop at most that often).
         """
-        if session.id in self._slow_sessions:
-            return None
         kind = _inline_kind(data)
-        if kind is None or not self._turn.try_acquire():
+        slow, strikes_of = ((self._slow_sessions, self._strikes) if kind == "plain"
+                            else (self._slow_protocol, self._protocol_strikes))
+        if kind is None or session.id in slow or not self._turn.try_acquire():
             return None
         # No CancelToken: nothing that runs inline checks one (worker functions, which do, never run here).
         # CPU time is a system call each read; a request that took less wall time than the budget
@@ -346,9 +351,9 @@ class WebsocketServerWorker(BaseWorker):
             self._local.session = None
             self._turn.release()
             if time.perf_counter() - wall > INLINE_BUDGET_SECONDS and time.thread_time() - started > INLINE_BUDGET_SECONDS:
-                strikes = self._strikes[session.id] = self._strikes.get(session.id, 0) + 1
+                strikes = strikes_of[session.id] = strikes_of.get(session.id, 0) + 1
                 if strikes >= INLINE_STRIKES:
-                    self._slow_sessions.add(session.id)
+                    slow.add(session.id)
 
     def principal(self, sender: str) -> Principal:
         """The authenticated session (the claimed sender is ignored); plain worker semantics in-process."""
@@ -398,6 +403,8 @@ class WebsocketServerWorker(BaseWorker):
         self.sessions.pop(session.id, None)
         self._slow_sessions.discard(session.id)
         self._strikes.pop(session.id, None)
+        self._slow_protocol.discard(session.id)
+        self._protocol_strikes.pop(session.id, None)
         with self._turn:
             run_session_end_handlers(self, session.id)
             return self.monitor.end_session(session.id)

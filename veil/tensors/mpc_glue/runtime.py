@@ -12,11 +12,15 @@ round:
 * **fetch**: one ``GetObjectsMessage`` per party for every share being
   reconstructed, all in flight at once.
 
-Concurrency: requests to parties that block in socket reads (network
-workers, which release the GIL while waiting) are sent from a small thread
-pool, one request per party connection (each connection keeps one request
-in flight, so replies stay in order). In-process workers (VirtualWorker) are
-served inline: threads would only add hand-offs there. A round raises only
+Concurrency: a small round (replies and deferred steps under
+``SMALL_ROUND_BYTES`` per party, sized from the pointers' shapes) to network
+workers is sent to every party and then read, all from the calling thread
+(``send_request`` / ``receive_reply``): thread hand-offs and passing the GIL
+between threads cost more than overlapping two small transfers gains. Larger
+rounds go from a small thread pool, one whole request per party connection
+(each connection keeps one request in flight, so replies stay in order), so
+their transfers overlap. In-process workers (VirtualWorker) are served inline:
+threads would only add hand-offs there. A round raises only
 after every party answered or failed, so nothing is left in flight for the
 next query; a lost connection raises :class:`PartyUnreachableError` (an
 MPCError and a ConnectionLostError), an unexpected local failure
