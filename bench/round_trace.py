@@ -162,9 +162,9 @@ def install_orchestrator() -> list[dict]:
 
     orig_round = rt.one_round
 
-    def one_round(requests, what, return_errors=False):
+    def one_round(requests, what, *a, **kw):
         t0 = now()
-        out = orig_round(requests, what, return_errors)
+        out = orig_round(requests, what, *a, **kw)
         RECORDS.append({"kind": "round", "what": what, "t0": t0, "t1": now(), "n": len(requests)})
         return out
 
@@ -213,6 +213,46 @@ def install_orchestrator() -> list[dict]:
         return out
 
     websocket_client.WebsocketClientWorker._recv_msg = _recv_msg
+    if hasattr(outbox.Outbox, "send_request"):  # rounds sent and read from one thread (split requests)
+        split: dict[int, dict] = {}
+        orig_sr, orig_rr = outbox.Outbox.send_request, outbox.Outbox.receive_reply
+
+        def send_request(self, msg, location):
+            rec = _local.rec = {"kind": "req", "to": getattr(location, "id", "?"), "type": type(msg).__name__,
+                                "thread": threading.current_thread().name, "t_call": now(), "split": True}
+            try:
+                out = orig_sr(self, msg, location)
+            finally:
+                _local.rec = None
+            split[id(location)] = rec
+            return out
+
+        def receive_reply(self, pending):
+            rec = _local.rec = split.pop(id(pending[0]))
+            try:
+                return orig_rr(self, pending)
+            finally:
+                rec["t_done"] = now()
+                RECORDS.append(rec)
+                _local.rec = None
+
+        outbox.Outbox.send_request, outbox.Outbox.receive_reply = send_request, receive_reply
+        client = websocket_client.WebsocketClientWorker
+        orig_send, orig_recv2 = client._send_request, client._receive_reply
+
+        def _send_request(self, data):
+            rec = _cur()
+            rec["t_wire0"] = now()
+            rec["n_out"] = data.nbytes if hasattr(data, "nbytes") else len(data)
+            return orig_send(self, data)
+
+        def _receive_reply(self):
+            rec = _cur()
+            out = orig_recv2(self)
+            rec["t_wire1"], rec["n_in"] = now(), len(out)
+            return out
+
+        client._send_request, client._receive_reply = _send_request, _receive_reply
     return RECORDS
 
 

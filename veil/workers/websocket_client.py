@@ -192,7 +192,7 @@ class WebsocketClientWorker(BaseWorker):
             try:
                 conn.send(data)
             except Exception as e:
-                mapped = self._lost(e)
+                mapped = self._connection_error(e)
                 if mapped is e:
                     raise
                 raise mapped from None
@@ -209,7 +209,7 @@ class WebsocketClientWorker(BaseWorker):
             try:
                 reply = conn.recv(timeout=self.timeout)
             except Exception as e:
-                mapped = self._lost(e)
+                mapped = self._connection_error(e)
                 if mapped is e:
                     raise
                 raise mapped from None
@@ -219,7 +219,7 @@ class WebsocketClientWorker(BaseWorker):
             raise SerializationError(f"worker {self.id!r} answered with a text frame")
         return reply
 
-    def _lost(self, e: Exception) -> Exception:
+    def _connection_error(self, e: Exception) -> Exception:
         """The error for a failed send or read (the connection is dropped: a late reply would answer
         the wrong request); other errors pass unchanged."""
         if isinstance(e, TimeoutError):
