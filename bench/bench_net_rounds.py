@@ -194,10 +194,16 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=10)
     ap.add_argument("--breakdown", action="store_true")
     ap.add_argument("--profile", type=Path, help="cProfile this process's network calls into this file")
+    ap.add_argument("--no-split", action="store_true",
+                    help="send every round from pool threads (runtime.SMALL_ROUND_BYTES = -1): the split rounds' A/B")
     ap.add_argument("names", nargs="*")
     args = ap.parse_args()
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
+    if args.no_split:
+        from veil.tensors.mpc_glue import runtime
+
+        runtime.SMALL_ROUND_BYTES = -1
     print(f"load average {os.getloadavg()}")
     torch.manual_seed(0)
     hook, me, vparties, vcp = virtual_setup(2)
