@@ -121,7 +121,8 @@ def bench_throughput(net: sy.WebsocketClientWorker, mb: int) -> None:
 
 
 def _null_server_code(port: int) -> str:
-    """A real WebsocketServerWorker (auth, fair turn, cancellation, executor) whose handler echoes."""
+    """A real WebsocketServerWorker (auth, fair turn, cancellation, executor) whose handler does nothing:
+    requests it runs inline are decoded (that decides inline) and answered OK; others are echoed."""
     return (
         "import torch, veil as sy\n"
         "from veil.workers.websocket_server import WebsocketServerWorker\n"
@@ -129,6 +130,9 @@ def _null_server_code(port: int) -> str:
         "tokens = sy.TokenTable(); tokens.add(%r, 'bench')\n"
         "w = WebsocketServerWorker(sy.TorchHook(torch), id='null', port=%d, tokens=tokens, max_message=2**30)\n"
         "w._recv_msg = lambda data: data\n"
+        "from veil.messaging import messages as m; from veil.messaging.serde import serialize\n"
+        "ok = serialize(m.OkReply(), sender='null')\n"
+        "w._serve_decoded = lambda msg, sender, prelude: ok  # inline requests: decoded once, then answered\n"
         "w.serve_forever(on_ready=lambda _: print('ready', flush=True))\n"
     ) % (TOKEN, port)
 
@@ -225,13 +229,13 @@ def bench_stages(net: sy.WebsocketClientWorker, virtual: sy.VirtualWorker, mb: i
         }, rounds=rounds, number=300)
         t_ser, t_dec, t_exec, t_enc, t_cdec = (local[k] for k in ("ser", "dec", "exec", "enc", "cdec"))
         t_handle, t_echo, t_null, t_total = local["handle"], net_["echo"], net_["null"], net_["net"]
-        rest = t_total - t_null - t_ser - t_dec - t_handle - t_enc - t_cdec  # t_null includes t_echo
+        rest = t_total - t_null - t_ser - t_handle - t_enc - t_cdec  # t_null includes t_echo and the decode
         print(f"4. stages of one remote op (8x13 add; request {len(request)} B, reply {len(reply)} B; best of "
               f"{rounds} interleaved batches of 300 round trips / 5 x 2000 local calls; load {_load()})")
         rows = [
             ("client serialize (request)", t_ser),
             ("send + server receive + reply: raw websockets echo of the request frame", t_echo),
-            ("server request path beyond the raw echo (session, hop or inline turn, token)", t_null - t_echo),
+            ("server path beyond the raw echo and the decode (session, inline turn, token)", t_null - t_echo - t_dec),
             ("server decode", t_dec),
             ("dispatch incl. monitor (handler minus execute)", t_handle - t_exec),
             ("execute (plain torch add)", t_exec),

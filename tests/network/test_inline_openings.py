@@ -68,19 +68,24 @@ def test_openings_of_large_shares_take_a_handler_thread_with_the_same_answer(hoo
     assert torch.equal(e, x - a) and torch.equal(f, y - b)
 
 
+def _kind(data: bytes):
+    msg, _, prelude = deserialize(data)
+    return _inline_kind(msg, prelude)
+
+
 def test_only_openings_and_party_steps_are_protocol_requests():
     refs = (m.ObjectRef(1), m.ObjectRef(2), m.ObjectRef(3), m.ObjectRef(4))
-    assert _inline_kind(serialize(OpenMessage("beaver_mask", refs, {}), sender="c")) == "protocol"
+    assert _kind(serialize(OpenMessage("beaver_mask", refs, {}), sender="c")) == "protocol"
     # not openable: the handler thread refuses it with the precise error
-    assert _inline_kind(serialize(OpenMessage("beaver_combine", refs, {}), sender="c")) is None
-    assert _inline_kind(serialize(OpenMessage("nope", refs, {}), sender="c")) is None
+    assert _kind(serialize(OpenMessage("beaver_combine", refs, {}), sender="c")) is None
+    assert _kind(serialize(OpenMessage("nope", refs, {}), sender="c")) is None
     # worker functions in front of an opening (dealing, plans) may call peers or loop: never inline
     for op in ("veil.plan.run", WIRE_PREFIX + "nope", "veil.dealer.deal"):
         prelude = [[op, [], {}, [], False]]
-        assert _inline_kind(serialize(OpenMessage("beaver_mask", refs, {}), sender="c", prelude=prelude)) is None
+        assert _kind(serialize(OpenMessage("beaver_mask", refs, {}), sender="c", prelude=prelude)) is None
     # a party step is not a plain op: a CommandMessage of one keeps its handler thread (as before)
     cmd = m.CommandMessage(WIRE_PREFIX + "beaver_mask", refs, {}, [5, 6], False)
-    assert _inline_kind(serialize(cmd, sender="c")) is None
+    assert _kind(serialize(cmd, sender="c")) is None
 
 
 def test_the_monitor_sizes_only_what_the_session_may_name(hook):

@@ -14,7 +14,8 @@ import veil as sy
 from veil.messaging import messages as m
 from veil.messaging.serde import DTYPES, EXT_CODES, FRAME_MAGIC, deserialize, serialize
 from veil.workers.websocket_auth import authenticate, handshake_headers
-from veil.workers.websocket_server import INLINE_BUDGET_SECONDS, WebsocketServerWorker, _inline_ok
+from veil.workers.websocket_server import (INLINE_BUDGET_SECONDS, INLINE_MAX_COMMANDS, WebsocketServerWorker,
+                                          _inline_ok)
 from veil.workers.websocket_transport import BlockingConnection
 
 from network_helpers import TOKEN, base_args
@@ -114,15 +115,33 @@ def _command(op: str, prelude: list | None = None) -> bytes:
                      prelude=prelude)
 
 
-def test_only_short_requests_take_the_inline_path():
-    assert _inline_ok(_command("torch.add"))
-    assert _inline_ok(serialize(m.GetObjectsMessage([1]), sender="c"))
-    assert _inline_ok(serialize(m.ObjectMessage([m.StoredObject(1, torch.ones(3))]), sender="c"))
-    assert not _inline_ok(_command("veil.plan.fit"))  # worker functions: cancellable, may call peers
-    assert not _inline_ok(_command("torch.add", prelude=[7, ["veil.plan.run", [], {}, [], False]]))
-    assert not _inline_ok(serialize(m.MoveMessage([1], "bob", [2]), sender="c"))  # talks to a peer
-    assert not _inline_ok(serialize(m.ObjectMessage([m.StoredObject(1, torch.ones(2**17))]), sender="c"))  # big
-    assert not _inline_ok(b"\x95garbage") and not _inline_ok(FRAME_MAGIC + b"\x00")
+def _short(data: bytes) -> bool:
+    msg, _, prelude = deserialize(data)
+    return _inline_ok(msg, prelude)
+
+
+def test_only_short_requests_take_the_inline_path(hook):
+    assert _short(_command("torch.add"))
+    assert _short(serialize(m.GetObjectsMessage([1]), sender="c"))
+    assert _short(serialize(m.ObjectMessage([m.StoredObject(1, torch.ones(3))]), sender="c"))
+    assert not _short(_command("veil.plan.fit"))  # worker functions: cancellable, may call peers
+    assert not _short(_command("torch.add", prelude=[7, ["veil.plan.run", [], {}, [], False]]))
+    assert not _short(serialize(m.MoveMessage([1], "bob", [2]), sender="c"))  # talks to a peer
+    batch = [["torch.add", [], {}, [], False]] * (INLINE_MAX_COMMANDS + 1)
+    assert not _short(_command("torch.add", prelude=batch))  # a long batch yields to other sessions
+    tokens = sy.TokenTable()
+    tokens.add(TOKEN, "scientist")
+    server = WebsocketServerWorker(hook, id="inline-ok-srv", port=0, tokens=tokens)
+    session = authenticate(tokens, [TOKEN])
+    big = serialize(m.ObjectMessage([m.StoredObject(1, torch.ones(2**17))]), sender="c")
+    assert server.try_inline(big, session) == (None, None)  # big: decoded on its handler thread
+    fit = server.try_inline(_command("veil.plan.fit"), session)
+    assert fit[0] is None and type(fit[1][0]) is m.CommandMessage  # decoded once, runs on its thread
+    assert deserialize(server.serve_bytes(b"", session, decoded=fit[1]))[0].error  # (no such objects)
+    for garbage in (b"\x95garbage", FRAME_MAGIC + b"\x00"):  # malformed: the same error reply, inline
+        reply = deserialize(server.serve_inline(garbage, session))[0]
+        assert type(reply) is m.ErrorReply and reply.error == "SerializationError"
+        assert deserialize(server.serve_bytes(garbage, session))[0] == reply
 
 
 def test_a_session_whose_inline_request_ran_long_goes_back_to_handler_threads(hook):

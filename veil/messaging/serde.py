@@ -88,6 +88,7 @@ class EXT_CODES:
     DESCRIPTOR = 10
     STORED_OBJECT = 11
     TENSOR_OOB = 12  # a message's tensor whose bytes follow the header (framed messages only)
+    MEMORY_FORMAT = 13
     # 20..39: extensions (HE ciphertexts, shared tensors, plans)
 
 
@@ -397,6 +398,21 @@ def _decode_device(data: bytes, ctx: DecodeContext) -> torch.device:
     return torch.device(name)
 
 
+#: the memory formats a message may name (``clone(memory_format=...)``, ``contiguous(...)``)
+MEMORY_FORMATS: dict[str, torch.memory_format] = {
+    "contiguous_format": torch.contiguous_format, "preserve_format": torch.preserve_format,
+    "channels_last": torch.channels_last, "channels_last_3d": torch.channels_last_3d,
+}
+_MEMORY_FORMAT_NAMES = {v: k for k, v in MEMORY_FORMATS.items()}
+
+
+def _decode_memory_format(data: bytes, ctx: DecodeContext) -> torch.memory_format:
+    name = _unpack(data, ctx)
+    if not isinstance(name, str) or name not in MEMORY_FORMATS:
+        raise SerializationError(f"unknown memory format {name!r}")
+    return MEMORY_FORMATS[name]
+
+
 def _decode_size(data: bytes, ctx: DecodeContext) -> torch.Size:
     dims = _list_payload(data, ctx)
     if not all(type(d) is int for d in dims):
@@ -429,6 +445,8 @@ register_ext(EXT_CODES.DTYPE, (torch.dtype,), lambda dt: _pack(DTYPE_NAMES[dt]),
 register_ext(EXT_CODES.SIZE, (torch.Size,), lambda s: _pack(list(s)), _decode_size)
 register_ext(EXT_CODES.TUPLE, (tuple,), lambda t: _pack(list(t)), lambda d, ctx: tuple(_list_payload(d, ctx)))
 register_ext(EXT_CODES.DEVICE, (torch.device,), lambda dev: _pack(str(dev.type)), _decode_device)
+register_ext(EXT_CODES.MEMORY_FORMAT, (torch.memory_format,), lambda f: _pack(_MEMORY_FORMAT_NAMES[f]),
+             _decode_memory_format)
 register_ext(
     EXT_CODES.DESCRIPTOR,
     (Descriptor,),

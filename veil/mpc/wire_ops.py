@@ -36,9 +36,23 @@ def _register_share_ops() -> list[str]:
             if classify(op) not in WORKER_CLASSES:  # e.g. view.dtype: not an op on ring elements
                 continue
             name = f"aten.{packet_name}.{overload}"
-            ALLOWLIST.add(name, op)
+            if op is torch.ops.aten.view.default:
+                ALLOWLIST.add(name, _view_of_share, intercepted=op)
+            else:
+                ALLOWLIST.add(name, op)
             names.append(name)
     return names
+
+
+def _view_of_share(share: torch.Tensor, size: list) -> torch.Tensor:
+    """``view`` of a share as its holder stores it: a view where its strides allow one, else a copy.
+
+    The orchestrator's wrapper of a remote share claims contiguous strides, while a party may hold the
+    share transposed (autograd's ``t()`` of a weight gradient). torch accepted the view on the wrapper,
+    so the party must not fail it; in-place ops on shares replace the wrapper's child and never write
+    through a view, so the copy changes no result.
+    """
+    return share.reshape(size)
 
 
 REGISTERED = _register_share_ops()

@@ -272,7 +272,11 @@ def _may_pipeline(owner: Any, location: Any, tensors: list) -> bool:
     return True
 
 
-_DEFERRING = threading.local()
+class _Deferring(threading.local):
+    on = False  # the per-thread default, read without a getattr default (which raises and catches)
+
+
+_DEFERRING = _Deferring()
 
 
 @contextlib.contextmanager
@@ -280,7 +284,7 @@ def deferring() -> Iterator[None]:
     """Inside: commands whose results this side names ride on the next request to their
     worker, as with ``pipelining`` (the SMPC dispatch uses it for share-local ops; an
     error is raised by that next request, the next opening or ``.get()``)."""
-    previous = getattr(_DEFERRING, "on", False)
+    previous = _DEFERRING.on
     _DEFERRING.on = True
     try:
         yield
@@ -320,7 +324,7 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
     pipelined = not op.worker_function and (
         (key is not None and _may_pipeline(owner, location, tensors))
         # SMPC dispatch (``deferring``): share-local ops ride on the parties' next requests
-        or (getattr(_DEFERRING, "on", False) and owner.hook.local_worker is owner))
+        or (_DEFERRING.on and owner.hook.local_worker is owner))
     if op.shapes == NO_RESULT:
         if name == "Tensor.backward":
             owner._grad_leaves[location.id] = (owner.grad_epoch(location), _backward_leaves(args, kwargs))

@@ -208,11 +208,14 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
         try:
             msg, sender, prelude = deserialize(data, self._decode_ctx)
         except Exception as e:
-            return serialize(m.ErrorReply(*error_reply_fields(e)), sender=self.id)
-        return self._answer(msg, sender, prelude)
+            return self._error_bytes(e)
+        return self._serve_decoded(msg, sender, prelude)
 
-    def _answer(self, msg: Any, sender: str, prelude: list) -> bytes:
-        """:meth:`_recv_msg` after decoding: runs the prelude and the request; the reply bytes, never raises."""
+    def _error_bytes(self, error: Exception) -> bytes:
+        return serialize(m.ErrorReply(*error_reply_fields(error)), sender=self.id)
+
+    def _serve_decoded(self, msg: Any, sender: str, prelude: list) -> bytes:
+        """:meth:`_recv_msg` after decoding (a network server decodes once, then decides where it runs)."""
         try:
             self._run_prelude(prelude, sender)
             reply = self._handle(msg, sender)

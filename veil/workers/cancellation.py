@@ -53,13 +53,20 @@ class CancelToken:
             )
 
 
-_local = threading.local()
+class _Current(threading.local):
+    # class attributes are the per-thread defaults: a getattr(..., None) on a thread that never set
+    # them raises and swallows an AttributeError each call (the event loop thread, every request)
+    token: "CancelToken | None" = None
+    yield_turn: "Callable[[], None] | None" = None
+
+
+_local = _Current()
 
 
 @contextmanager
 def running(token: CancelToken | None, yield_turn: Callable[[], None] | None = None) -> Iterator[None]:
     """Makes ``token`` (and the server's turn-yielding hook) current on this thread."""
-    previous = getattr(_local, "token", None), getattr(_local, "yield_turn", None)
+    previous = _local.token, _local.yield_turn
     _local.token, _local.yield_turn = token, yield_turn
     try:
         yield
@@ -69,7 +76,7 @@ def running(token: CancelToken | None, yield_turn: Callable[[], None] | None = N
 
 def check() -> None:
     """Raises if the current command is past its deadline or was cancelled."""
-    token = getattr(_local, "token", None)
+    token = _local.token
     if token is not None:
         token.check()
 
@@ -77,13 +84,13 @@ def check() -> None:
 def current_token() -> CancelToken | None:
     """The running command's token (None outside a network worker's request). A batch of deferred
     commands restarts its clock per command: a batch is not one command."""
-    return getattr(_local, "token", None)
+    return _local.token
 
 
 def checkpoint() -> None:
     """:func:`check`, then lets waiting commands of other sessions run before continuing."""
     check()
-    yield_turn = getattr(_local, "yield_turn", None)
+    yield_turn = _local.yield_turn
     if yield_turn is not None:
         yield_turn()
         check()

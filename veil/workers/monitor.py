@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass, replace
-from enum import Enum
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -31,9 +29,10 @@ import torch
 from veil.exceptions import ObjectNotFoundError, PermissionDeniedError, VeilError, register_remote_error
 from veil.messaging import messages as m
 from veil.tensors.handle import RemoteHandle
-from veil.mpc.runtime import DEALT_LAYOUTS
 from veil.workers import capabilities, dealt
 from veil.workers.capabilities import CAP_PREFIX, DEALER_TAG  # noqa: F401  (re-exported)
+from veil.workers.openings import OPENING_MASKS, OpeningRules, _leaves, _refs  # noqa: F401  (re-exported)
+from veil.workers.principals import PURPOSES, Principal, Purpose, PurposeRule  # noqa: F401  (re-exported)
 from veil.workers.store import SHARED_NS, Entry, Kind, ObjectStore, StoreKey
 
 __all__ = ["Purpose", "Kind", "Principal", "ReferenceMonitor", "QuotaExceededError", "DEALER_TAG", "Entry",
@@ -45,82 +44,12 @@ class QuotaExceededError(VeilError):
     """A session would hold more memory on a worker than the owner allows (``--max-session-mb``)."""
 
 
-class Purpose(str, Enum):
-    """Why a message names an object (see :data:`PURPOSES`)."""
-
-    COMPUTE = "compute"  # an allowlisted op reads it; the result stays on the worker
-    REVEAL = "reveal"  # its value goes back to the requester (.get)
-    MOVE = "move"  # it is copied/moved to another worker
-    HAND_OFF = "hand_off"  # a stored pointer acts on a peer for the requester (remote_get)
-    PROTOCOL_STEP = "protocol_step"  # a protocol's party step or opening uses it
-    DP_RELEASE = "dp_release"  # a differentially private release reads it
-
-
-@dataclass(frozen=True)
-class PurposeRule:
-    """What a purpose lets out of the worker, and whether allowed uses are audited."""
-
-    releases_value: bool  # the value (not a function of it under a protocol) leaves the worker
-    audit_allowed: bool
-    action: str  # audit action name
-
-
-#: the explicit table of purposes
-PURPOSES: dict[Purpose, PurposeRule] = {
-    Purpose.COMPUTE: PurposeRule(False, False, "compute"),
-    Purpose.REVEAL: PurposeRule(True, True, "get"),
-    Purpose.MOVE: PurposeRule(True, True, "move"),
-    Purpose.HAND_OFF: PurposeRule(True, True, "remote_get"),
-    Purpose.PROTOCOL_STEP: PurposeRule(False, False, "protocol_step"),
-    Purpose.DP_RELEASE: PurposeRule(False, True, "dp_release"),
-}
-
 #: worker functions whose results are dealer material when a dealer (peer / in-process) runs them
 DEALER_OUTPUTS: set[str] = {"veil.mpc.expand_material", "veil.mpc.receive_comparison"}
 #: worker-function prefixes whose results are protocol shares
 PROTOCOL_PREFIXES: tuple[str, ...] = ("veil.mpc.",)
-#: openable step -> argument positions that must hold fresh dealer masks when the opened
-#: values include a share the requester may not reveal (serving: a client's input)
-OPENING_MASKS: dict[str, tuple[int, ...]] = {"beaver_mask": (2, 3), "trunc_mask": (1,), "fss_mask": (1,),
-                                              # the bitwise comparison (veil/mpc/bit_comparison.py)
-                                              "cmp_mask_values": (1,), "cmp_and_open": (1, 2, 3),
-                                              "cmp_bit_open": (9,)}
 #: in-process audit rows kept (network workers write to their OwnerDB)
 AUDIT_LOG_SIZE = 10_000
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who is asking.
-
-    Attributes:
-        session: recorded as ``created_by`` of what it stores (session id, or the
-            claimed sender on in-process workers).
-        user: the identity ``allowed_users`` rules see (authenticated on network workers).
-        namespace: where its objects live (the session id on network workers; the
-            shared namespace in-process, where there are no sessions).
-        roles: authenticated roles ("scientist", "peer", "admin"); empty in-process.
-        isolated: a network session: sees only its namespace, protected owner data
-            and hand-offs.
-    """
-
-    session: str
-    user: str
-    namespace: str = SHARED_NS
-    roles: frozenset = frozenset()
-    isolated: bool = False
-
-    def acting_as(self, user: str) -> "Principal":
-        return self if user == self.user else replace(self, user=user)
-
-    @property
-    def is_peer(self) -> bool:
-        return "peer" in self.roles
-
-    @property
-    def may_deal(self) -> bool:
-        """Whether what it stores can be dealer material (a crypto provider: a peer, or in-process)."""
-        return not self.isolated or self.is_peer
 
 
 _EMPTY: frozenset = frozenset()
@@ -173,7 +102,7 @@ def derived_kind(sources: Iterable[Entry], op_name: str | None, principal: Princ
     return kind
 
 
-class ReferenceMonitor:
+class ReferenceMonitor(OpeningRules):
     """One per worker; owns the worker's object store.
 
     Args:
@@ -189,7 +118,7 @@ class ReferenceMonitor:
         #: in-process audit rows (dicts); a network server replaces ``audit_sink``
         self.audit_log: deque = deque(maxlen=AUDIT_LOG_SIZE)
         self.audit_sink: Callable[[str, Principal, list, str, str], None] = self._audit_in_memory
-        self._local = threading.local()
+        self._local = _RequestLocal()
         self._taints: dict[str, tuple] = {}  # namespace -> reveal_to every new object of it gets
         #: the owner's review policy (veil.governance), asked before an opening reveals a client object
         #: derived from owner data; the worker installs it: (principal, oid, entry, action) -> None or raise
@@ -375,44 +304,6 @@ class ReferenceMonitor:
                 out.append(v)
         return out
 
-    def resolve_opening(self, principal: Principal, name: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """Arguments of an openable protocol step (its outputs go back to the requester).
-
-        Openings open protocol shares: every referenced object must be a share or
-        dealer material, or something the requester may reveal anyway. When a
-        value is protected for someone else (a serving client's input, or dealt
-        material bound to one), the step's mask positions must hold fresh uniform
-        dealt fields, and every dealt item the opening touches is bound to that
-        protection (:mod:`veil.workers.dealt`).
-        """
-        found: dict[int, Entry] = {}
-        args = self.resolve_args(principal, args, Purpose.PROTOCOL_STEP, found)
-        kwargs = self.resolve_args(principal, kwargs, Purpose.PROTOCOL_STEP, found)
-        ids = list(found)
-        protecting: list = []  # reveal_to of the values protected for someone else
-        dealt_entries = []
-        for oid, entry in found.items():
-            if entry.kind == Kind.DEALER:
-                dealt_entries.append(entry)
-                if entry.reveal_to is not None and not self._may_see(principal, entry.reveal_to):
-                    protecting.append(entry.reveal_to)
-                continue
-            if entry.kind == Kind.SHARE:
-                if not self.may_reveal(principal, entry):
-                    protecting.append(entry.reveal_to if entry.reveal_to is not None else ())
-                continue
-            self._check_release(principal, entry, oid, "open")  # owner data, client objects: as a .get()
-            if self.release_hook is not None:
-                self.release_hook(principal, oid, entry, "open")
-        self._local.opened_masks = None
-        if protecting:
-            self._local.opened_masks = self._check_masks(principal, name, found, ids)
-            dealt.bind_all(dealt_entries, dealt.strictest(protecting, None))
-        elif dealt_entries:  # opened unmasked: the requester may know these items; they never mask a
-            dealt.bind_all(dealt_entries, None)  # protected value (bound to the taint, r stayed a "fresh" mask)
-        self.audit("open", principal, ids, "allowed", name)
-        return args, kwargs
-
     def hides(self, principal: Principal, entry: Entry) -> bool:
         """Whether ``entry``'s value is secret from ``principal``: dealt material, or a value revealable
         only to others (its shape, an op's failure or an error text must not depend on it)."""
@@ -422,68 +313,6 @@ class ReferenceMonitor:
     @staticmethod
     def _may_see(principal: Principal, reveal_to: tuple) -> bool:
         return principal.session in reveal_to or principal.user in reveal_to
-
-    def _check_masks(self, principal: Principal, name: str, found: dict[int, Entry], ids: list) -> list:
-        """The mask tensors of an opening of protected values, in order (each checked, then marked used)."""
-        positions = OPENING_MASKS.get(name)
-        raw = getattr(self._local, "opening_refs", None) or ()
-        error = None
-        masks: list[Entry] = []
-        if positions is None:
-            error = f"{name} may not open shares protected for another party"
-        else:
-            for pos in positions:
-                value = raw[pos] if pos < len(raw) else None
-                refs = list(_refs(value))
-                if not refs:
-                    error = f"{name} needs dealt masks at argument {pos} to open shares protected for another party"
-                    break
-                if any(type(v) is not m.ObjectRef for v in _leaves(value)):
-                    # fss_mask([x], [0, r]) zips x with the inline 0: every mask must be a dealt field
-                    error = f"{name}: argument {pos} holds a value that is not dealt material; every mask must be " \
-                            "a dealt field to open shares protected for another party"
-                    break
-                for r in refs:
-                    entry = found.get(r.id)
-                    why = dealt.mask_error(entry)
-                    if why is None and any(entry is e for e in masks):
-                        why = "appears twice in one opening"
-                    if why is not None:
-                        error = f"{name}: the mask at argument {pos} {why}; it cannot open shares protected for " \
-                                "another party"
-                        break
-                    masks.append(entry)
-                if error is not None:
-                    break
-        if error is not None:
-            raise self._refuse(PermissionDeniedError(error), "open", principal, ids)
-        for entry in masks:
-            entry.meta["opened"] = True
-        return [e.obj for e in masks]
-
-    def open_step(self, principal: Principal, name: str, args: tuple, kwargs: dict,
-                  run: Callable[[str, tuple, dict], list]) -> list:
-        """An OpenMessage: resolves the wire-level arguments (keeping the raw refs for the mask check),
-        runs the step with ``run`` and returns its outputs, each as large as its mask when masks were
-        required (a broadcast mask would hide only differences)."""
-        self._local.opening_refs = args
-        try:
-            args, kwargs = self.resolve_opening(principal, name, args, kwargs)
-        finally:
-            self._local.opening_refs = None
-        masks, self._local.opened_masks = self._local.opened_masks, None
-        outputs = run(name, args, kwargs)
-        if masks is not None:
-            shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in outputs]
-            if len(outputs) > len(masks) or any(s != tuple(k.shape) for s, k in zip(shapes, masks)):
-                raise self._refuse(PermissionDeniedError(
-                    f"{name}: every output must be hidden by a mask of its own shape"), "open", principal, [])
-            # a float x * 2^80 + r is x: the mask hides only what is added to it mod 2^64, in its own dtype
-            if any(t.dtype != k.dtype for t, k in zip(outputs, masks)):
-                raise self._refuse(PermissionDeniedError(
-                    f"{name}: every output must have its mask's dtype (ring elements, added mod 2^64)"), "open",
-                    principal, [])
-        return outputs
 
     # ------------------------------------------------------------ storing
 
@@ -558,17 +387,6 @@ class ReferenceMonitor:
         if dealt_entries:
             dealt.group(dealt_entries, layout)
 
-    def group_dealt(self, principal: Principal, op_name: str, args: tuple, entries: list) -> None:
-        """Groups what a dealer's worker function just stored into items (which fields are uniform)."""
-        if principal.may_deal and op_name in DEALT_LAYOUTS:
-            dealt.group(entries, DEALT_LAYOUTS[op_name](tuple(args)))
-
-    def bind_dealt(self, principal: Principal, entries: list) -> None:
-        """A command uses dealt material: unbound items bind to the strictest restriction of the command's
-        inputs and the session's taint (what it computes can be revealed no wider)."""
-        reveal_to = dealt.strictest((e.reveal_to for e in entries), self._taints.get(principal.namespace))
-        dealt.bind_all(entries, reveal_to)
-
     # ------------------------------------------------------ capabilities on the move
 
     def export_capabilities(self, principal: Principal, entry: Entry) -> tuple:
@@ -585,7 +403,7 @@ class ReferenceMonitor:
     def store_output(self, oid: int, obj: Any) -> Entry:
         """For worker functions that store a result under an id they were given (HE ops, encrypted
         aggregation): stored for the current request's principal, derived from its inputs."""
-        current = getattr(self._local, "request", None)
+        current = self._local.request
         if current is None:
             raise PermissionDeniedError(f"worker {self.worker_id!r}: store_output outside a request")
         principal, sources, op_name = current
@@ -594,7 +412,7 @@ class ReferenceMonitor:
     def current_principal(self) -> Principal | None:
         """Who asked for the worker function now running (protocol functions check their roles
         and round ownership with it); None outside a request."""
-        current = getattr(self._local, "request", None)
+        current = self._local.request
         return None if current is None else current[0]
 
     def running(self, principal: Principal, sources: list, op_name: str) -> "_Running":
@@ -655,6 +473,14 @@ class ReferenceMonitor:
         return len(self._store)
 
 
+class _RequestLocal(threading.local):
+    # per-thread defaults as class attributes: read without a getattr default, which raises and
+    # swallows an AttributeError on every thread that never set them
+    request: tuple | None = None
+    opening_refs: Any = None
+    opened_masks: Any = None
+
+
 class _Running:
     __slots__ = ("_local", "_value", "_previous")
 
@@ -662,7 +488,7 @@ class _Running:
         self._local, self._value = local, value
 
     def __enter__(self) -> None:
-        self._previous = getattr(self._local, "request", None)
+        self._previous = self._local.request
         self._local.request = self._value
 
     def __exit__(self, *exc: Any) -> None:
@@ -693,18 +519,3 @@ class _NoDeputy:
 #: see _NoDeputy (veil.workers.base.BaseWorker._make_pointer uses it for network sessions)
 NO_DEPUTY = _NoDeputy()
 
-
-def _leaves(value: Any) -> Iterator[Any]:
-    """The non-container values of a wire argument (lists, tuples and dict values are walked)."""
-    if type(value) in (list, tuple):
-        for v in value:
-            yield from _leaves(v)
-    elif type(value) is dict:
-        for v in value.values():
-            yield from _leaves(v)
-    else:
-        yield value
-
-
-def _refs(value: Any) -> Iterator[m.ObjectRef]:
-    return (v for v in _leaves(value) if type(v) is m.ObjectRef)

@@ -12,16 +12,18 @@ revealable only to someone else, dealt material) under a TorchDispatchMode
 that follows them through every ATen op the call decomposes into (an
 output computed from a secret is secret) and refuses, before the op runs:
 
-* ops whose output shape depends on values (:data:`VALUE_SHAPED`);
-* a secret in an argument whose values may make the op fail: indices,
-  divisors, targets (:data:`VALUE_CHECKED`);
+* every ATen op not on the allowlist of data-oblivious ops
+  (:mod:`veil.workers.oblivious_ops`): those whose shape or success depends
+  on values (``nonzero``, ``one_hot``, ``linalg_cholesky``), and any op nobody
+  has yet checked;
+* a secret in an argument whose values may make an allowed op fail: indices,
+  divisors, targets (``VALUE_CHECKED``);
 * a secret turned into a Python value (``.item()``, ``int(t)``, a tensor used
   as a size, ``bool(t)``): every op returning a non-tensor from a secret.
 
 The refusal depends only on the op and on which arguments are secret, never
 on values. Errors of any command on a secret are value-free
-(``owner_guard.client_error``). Not complete: an ATen op missing from the
-lists that fails on values is still a 1-bit oracle (README known limits).
+(``owner_guard.client_error``).
 
 Protocol steps (``veil.mpc.*``) are veil's code and the hot path (the guard
 would make an FSS comparison ~3x slower): they are not followed, but a secret
@@ -38,61 +40,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from veil.exceptions import PermissionDeniedError
-
-#: ATen ops whose result shape depends on the values of a secret input (any argument)
-VALUE_SHAPED = frozenset({
-    "aten::nonzero", "aten::nonzero_numpy", "aten::nonzero_static", "aten::argwhere", "aten::masked_select",
-    "aten::_unique", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::unique_dim_consecutive",
-    "aten::repeat_interleave", "aten::bincount", "aten::histc", "aten::histogram", "aten::multinomial",
-})
-#: ATen op -> arguments whose values make the op fail when out of range or zero (indices, divisors, targets)
-VALUE_CHECKED: dict[str, frozenset] = {
-    "aten::index": frozenset({"indices"}),
-    "aten::index_put": frozenset({"indices"}),
-    "aten::index_put_": frozenset({"indices"}),
-    "aten::_index_put_impl_": frozenset({"indices"}),
-    "aten::index_select": frozenset({"index"}),
-    "aten::gather": frozenset({"index"}),
-    "aten::take": frozenset({"index"}),
-    "aten::take_along_dim": frozenset({"indices"}),
-    "aten::scatter": frozenset({"index"}),
-    "aten::scatter_": frozenset({"index"}),
-    "aten::scatter_add": frozenset({"index"}),
-    "aten::scatter_add_": frozenset({"index"}),
-    "aten::scatter_reduce": frozenset({"index"}),
-    "aten::scatter_reduce_": frozenset({"index"}),
-    "aten::index_add": frozenset({"index"}),
-    "aten::index_add_": frozenset({"index"}),
-    "aten::index_copy": frozenset({"index"}),
-    "aten::index_copy_": frozenset({"index"}),
-    "aten::index_fill": frozenset({"index"}),
-    "aten::index_fill_": frozenset({"index"}),
-    "aten::index_reduce": frozenset({"index"}),
-    "aten::put": frozenset({"index"}),
-    "aten::put_": frozenset({"index"}),
-    "aten::embedding": frozenset({"indices"}),
-    "aten::_embedding_bag": frozenset({"indices", "offsets"}),
-    "aten::embedding_bag": frozenset({"indices", "offsets"}),
-    "aten::nll_loss_forward": frozenset({"target"}),
-    "aten::nll_loss2d_forward": frozenset({"target"}),
-    "aten::nll_loss": frozenset({"target"}),
-    "aten::nll_loss_nd": frozenset({"target"}),
-    "aten::multi_margin_loss": frozenset({"target"}),
-    "aten::multilabel_margin_loss_forward": frozenset({"target"}),
-    "aten::binary_cross_entropy": frozenset({"self", "target"}),
-    "aten::floor_divide": frozenset({"other"}),
-    "aten::floor_divide_": frozenset({"other"}),
-    "aten::div": frozenset({"other"}),  # integer division with a rounding mode fails on 0
-    "aten::div_": frozenset({"other"}),
-    "aten::remainder": frozenset({"other", "self"}),  # remainder.Scalar_Tensor: the divisor is "self"
-    "aten::remainder_": frozenset({"other"}),
-    "aten::fmod": frozenset({"other"}),
-    "aten::fmod_": frozenset({"other"}),
-    "aten::bernoulli": frozenset({"self", "p"}),
-    "aten::bernoulli_": frozenset({"p"}),
-    "aten::poisson": frozenset({"self"}),
-    "aten::_assert_async": frozenset({"self"}),
-}
+from veil.workers.oblivious_ops import OBLIVIOUS, VALUE_CHECKED, VALUE_SHAPED
 
 
 def _key(t: Any) -> int | None:
@@ -122,10 +70,14 @@ class _Oblivious(TorchDispatchMode):
         if not touched:
             return func(*args, **kwargs)
         name = func._schema.name
-        if name in VALUE_SHAPED:
+        if name in OBLIVIOUS:
+            pass
+        elif name in VALUE_SHAPED:
             raise self._refuse(f"the shape of {name}")
-        checked = VALUE_CHECKED.get(name)
-        if checked is not None:
+        else:
+            checked = VALUE_CHECKED.get(name)
+            if checked is None:  # not known to be data-oblivious: refused, whatever torch does with values
+                raise self._refuse(f"whether {name} succeeds or what it returns (not a data-oblivious op)")
             for i, a in enumerate(func._schema.arguments):
                 if a.name in checked:
                     value = args[i] if i < len(args) else kwargs.get(a.name)

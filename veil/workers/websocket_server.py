@@ -44,7 +44,7 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from veil.exceptions import PermissionDeniedError, WorkerNotFoundError, error_reply_fields
 from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST
-from veil.messaging.serde import OwnedFrame, deserialize, envelope, frame_pad, serialize
+from veil.messaging.serde import OwnedFrame, deserialize, frame_pad, serialize
 from veil.mpc.party import OPENABLE, PARTY_FUNCTIONS, WIRE_PREFIX, OpenMessage
 from veil.workers import cancellation
 from veil.workers.base import YIELD_EVERY, BaseWorker
@@ -70,7 +70,7 @@ OPEN_TIMEOUT = 10.0
 #: GIL switch interval while serving (seconds; Python's default is 0.005)
 SWITCH_INTERVAL = 0.0005
 
-#: the inline fast path (see ``_inline_ok``): largest request, and the run time after which a
+#: the inline fast path (see ``try_inline``): largest request, and the run time after which a
 #: session's requests go back to handler threads for good
 INLINE_MAX_BYTES = 256 * 2**10
 #: most deferred commands a request may carry and still run on the event loop: the same
@@ -78,13 +78,13 @@ INLINE_MAX_BYTES = 256 * 2**10
 #: thousands of small commands would otherwise hold every connection; red-team R1)
 INLINE_MAX_COMMANDS = YIELD_EVERY
 INLINE_BUDGET_SECONDS = 0.005  # CPU time of the loop thread (preemption on a busy box does not count)
-INLINE_STRIKES = 3  # over-budget requests before a session leaves the fast path (one-time warm-ups happen)
+INLINE_STRIKES = 3  # over-budget requests (after the first, which starts the timing) before a session leaves the fast path
 #: an SMPC opening runs inline only while the shares its request names hold at most this many bytes
 #: (its steps cost about linear time in them: 128 Ki ring elements take well under the CPU budget)
 INLINE_MAX_SHARE_BYTES = 1 << 20
 #: requests that never wait on another worker or run a long loop (torch ops, store, get, list)
-INLINE_TYPES = frozenset(cls.TYPE for cls in (m.CommandMessage, m.ObjectMessage, m.GetObjectsMessage,
-                                              m.DeleteMessage, m.SearchMessage, m.ListObjectsMessage))
+INLINE_TYPES = frozenset((m.CommandMessage, m.ObjectMessage, m.GetObjectsMessage, m.DeleteMessage, m.SearchMessage,
+                          m.ListObjectsMessage))
 
 #: replies larger than this go out as a fragmented message of chunks this size (websockets' public
 #: ``send(iterable)``): one frame of 100 MB costs three fresh 100 MB copies (Frame.serialize, its
@@ -103,50 +103,43 @@ def _plain_op(name: Any) -> bool:
 def _party_step(name: Any) -> bool:
     """A protocol step of an SMPC party: a pure function of the party's shares and public values
     (it never calls another worker, waits or loops), registered in ``veil.mpc.party``."""
-    return (isinstance(name, str) and name.startswith(WIRE_PREFIX)
-            and name[len(WIRE_PREFIX):] in PARTY_FUNCTIONS and _worker_function(name))
-
-
-def _worker_function(name: str) -> bool:
+    if not (isinstance(name, str) and name.startswith(WIRE_PREFIX) and name[len(WIRE_PREFIX):] in PARTY_FUNCTIONS):
+        return False
     op = ALLOWLIST._by_name.get(name)
     return op is not None and op.worker_function
 
 
-def _inline_kind(data: bytes) -> str | None:
-    """Whether a request is short by construction, and how to tell.
+def _inline_kind(msg: Any, prelude: list) -> str | None:
+    """Whether a decoded request is short by construction, and of which kind.
 
-    ``"plain"``: a plain torch op, or a store/get/delete/list (as before). ``"protocol"``: an
-    SMPC opening (``OpenMessage`` of an openable step) whose deferred commands are plain ops or
-    party steps: short when its shares are small, which :meth:`WebsocketServerWorker.serve_inline`
-    checks after decoding. Worker functions (MPC dealing, plan fit, serving) may call other
-    workers or run long loops that check for cancellation, so they keep their handler thread.
-    The envelope is read without decoding ext payloads (no objects are built).
+    ``"plain"``: a plain torch op, or a store/get/delete/list. ``"protocol"``: an SMPC opening
+    (``OpenMessage`` of an openable step) whose deferred commands are plain ops or party steps:
+    short while its shares are small, which :meth:`WebsocketServerWorker.try_inline` checks next.
+    Worker functions (dealing, plan fit, serving) may call other workers or run long loops that
+    check for cancellation, so they keep their handler thread. The request was decoded once
+    (the decode is what the handler runs next anyway); no object of it has been resolved or run.
     """
-    if len(data) > INLINE_MAX_BYTES:
+    tp = type(msg)
+    if tp is OpenMessage:
+        if not (isinstance(msg.name, str) and msg.name in OPENABLE):
+            return None
+        kind, step_ok = "protocol", (lambda op: _plain_op(op) or _party_step(op))
+    elif tp not in INLINE_TYPES or (tp is m.CommandMessage and not _plain_op(msg.op)):
         return None
-    try:
-        value = envelope(data)
-        if not isinstance(value, list) or len(value) < 5 or type(value[1]) is not int or not isinstance(value[3], list):
-            return None
-        commands = [item for item in value[3] if type(item) is not int]
-        if len(commands) > INLINE_MAX_COMMANDS:
-            return None
-        if value[1] == OpenMessage.TYPE:
-            if not (isinstance(value[4], str) and value[4] in OPENABLE):
+    else:
+        kind, step_ok = "plain", _plain_op
+    commands = 0
+    for item in prelude:
+        if type(item) is not int:  # a deferred command (deserialize checked: a 5-field list)
+            commands += 1
+            if commands > INLINE_MAX_COMMANDS or not step_ok(item[0]):
                 return None
-            ok = all(isinstance(item, list) and item and (_plain_op(item[0]) or _party_step(item[0]))
-                     for item in commands)
-            return "protocol" if ok else None
-        if value[1] not in INLINE_TYPES or (value[1] == m.CommandMessage.TYPE and not _plain_op(value[4])):
-            return None
-        return "plain" if all(isinstance(item, list) and item and _plain_op(item[0]) for item in commands) else None
-    except Exception:  # malformed: the handler thread answers with the precise error
-        return None
+    return kind
 
 
-def _inline_ok(data: bytes) -> bool:
+def _inline_ok(msg: Any, prelude: list) -> bool:
     """A plain request that may run on the event loop (see :func:`_inline_kind`)."""
-    return _inline_kind(data) == "plain"
+    return _inline_kind(msg, prelude) == "plain"
 
 
 def _refs(value: Any, out: list) -> list:
@@ -261,7 +254,8 @@ class WebsocketServerWorker(BaseWorker):
         self._turn = cancellation.FairLock()
         self._running: set[cancellation.CancelToken] = set()
         self._slow_sessions: set[str] = set()  # sessions whose requests always take a handler thread
-        self._strikes: dict[str, int] = {}  # over-budget inline requests per session
+        # over-budget inline requests per session (CPU time), for sessions whose inline requests are timed
+        self._strikes: dict[str, int] = {}
         # the same for SMPC openings, counted apart: a client's large `.get()` says nothing about its
         # openings, which are sized before they run inline
         self._slow_protocol: set[str] = set()
@@ -290,8 +284,11 @@ class WebsocketServerWorker(BaseWorker):
         """The session whose request is being handled on this thread (None outside requests)."""
         return getattr(self._local, "session", None)
 
-    def serve_bytes(self, data: bytes, session: Session, token: cancellation.CancelToken | None = None) -> bytes:
-        """Handles one request of ``session`` when it is its turn; always returns reply bytes."""
+    def serve_bytes(self, data: bytes, session: Session, token: cancellation.CancelToken | None = None,
+                    decoded: tuple | None = None) -> bytes:
+        """Handles one request of ``session`` when it is its turn; always returns reply bytes.
+
+        ``decoded``: the request as :meth:`serve_inline` already decoded it for this session."""
         token = token if token is not None else cancellation.CancelToken(seconds=self.max_command_seconds)
         with self._turn:
             token.start()
@@ -299,7 +296,7 @@ class WebsocketServerWorker(BaseWorker):
             self._local.session = session
             try:
                 with cancellation.running(token, self._turn.yield_turn):
-                    return self._recv_msg(data)
+                    return self._recv_msg(data) if decoded is None else self._serve_decoded(*decoded)
             except Exception as e:  # never drop the connection over one reply (was: close 1011)
                 log.exception("worker %s: request of session %s failed outside the handlers", self.id, session.id)
                 return serialize(m.ErrorReply(*error_reply_fields(e)), sender=self.id)
@@ -308,52 +305,74 @@ class WebsocketServerWorker(BaseWorker):
                 self._running.discard(token)
 
     def serve_inline(self, data: bytes, session: Session) -> bytes | None:
-        """The fast path: runs a short request on the event loop thread, no thread hop.
+        """The fast path: runs a short request on the event loop thread, no thread hop (see :meth:`try_inline`)."""
+        return self.try_inline(data, session)[0]
+
+    def try_inline(self, data: bytes, session: Session) -> tuple[bytes | None, tuple | None]:
+        """Runs a short request on the event loop thread: ``(reply, None)``; else ``(None, decoded)``.
 
         Only when nothing else holds or waits for the worker (``FairLock.try_acquire``)
-        and the request is short by construction (:func:`_inline_kind`): for an SMPC
-        opening, also only while the shares it and its deferred steps name hold at most
-        ``INLINE_MAX_SHARE_BYTES`` (``ReferenceMonitor.stored_bytes``: sizes only, nothing
-        is accessed before the handlers run). Otherwise returns None and the request takes
-        its handler thread as before. A session whose inline requests used more than
-        ``INLINE_BUDGET_SECONDS`` of CPU ``INLINE_STRIKES`` times (large torch ops) uses
-        handler threads from then on, so the loop stays responsive; plain requests and
-        openings are counted apart (each kind blocks the loop at most that often).
+        and the request is short by construction (:func:`_inline_kind`, decided on the
+        request decoded once, with the session current: decoded pointers get the
+        session's rights; an SMPC opening also only while the shares it and its deferred
+        steps name hold at most ``INLINE_MAX_SHARE_BYTES``); otherwise the request takes its handler thread as before,
+        with what was decoded here (``decoded``, or None: decoded there). A malformed
+        request is answered here (the same error reply the handler thread gives). A
+        session whose inline requests used more than ``INLINE_BUDGET_SECONDS`` of CPU
+        ``INLINE_STRIKES`` times (large torch ops; counted once one of its requests ran
+        past the budget in wall time) uses handler threads from then on, so the loop
+        stays responsive; plain requests and openings are counted apart.
         """
-        kind = _inline_kind(data)
-        slow, strikes_of = ((self._slow_sessions, self._strikes) if kind == "plain"
-                            else (self._slow_protocol, self._protocol_strikes))
-        if kind is None or session.id in slow or not self._turn.try_acquire():
-            return None
+        slow_plain, slow_open = session.id in self._slow_sessions, session.id in self._slow_protocol
+        if (slow_plain and slow_open) or len(data) > INLINE_MAX_BYTES or not self._turn.try_acquire():
+            return None, None
         # No CancelToken: nothing that runs inline checks one (worker functions, which do, never run here).
-        # CPU time is a system call each read; a request that took less wall time than the budget
-        # used less CPU than it, so the second read is only needed after a long request.
-        started, wall = time.thread_time(), time.perf_counter()
+        # The thread CPU clock is a system call (~1 us, and on a busy VM the point where the kernel
+        # switches tasks, ~4 us more per request in practice); a request that took less wall time than
+        # the budget used less CPU than it. So a session's requests read it only once one of them ran
+        # past the budget in wall time (then it is in _strikes); from then on every strike is CPU time.
+        # Plain requests and openings are counted apart (_strikes/_slow_sessions, _protocol_strikes/_slow_protocol).
+        timed = session.id in self._strikes or session.id in self._protocol_strikes
+        started, wall = (time.thread_time() if timed else 0.0), time.perf_counter()
+        slow, strikes_of = self._slow_sessions, self._strikes
         try:
             self._local.session = session
-            if kind == "plain":
-                return self._recv_msg(data)
             try:
-                msg, sender, prelude = deserialize(data, self._decode_ctx)
-            except Exception:  # the handler thread answers with the precise error
-                return None
-            ids = _refs(msg.args, _refs(msg.kwargs, []))
-            for item in prelude:
-                if type(item) is not int:
-                    _refs(item[1], _refs(item[2], ids))
-            if self.monitor.stored_bytes(self.principal(sender), ids) > INLINE_MAX_SHARE_BYTES:
-                return None  # large shares: a handler thread (which decodes again; requests are <= 256 KiB)
-            return self._answer(msg, sender, prelude)
+                decoded = deserialize(data, self._decode_ctx)
+            except Exception as e:
+                return self._error_bytes(e), None
+            kind = _inline_kind(decoded[0], decoded[2])
+            if kind == "protocol":
+                slow, strikes_of = self._slow_protocol, self._protocol_strikes
+            if kind is None or session.id in slow:
+                return None, decoded
+            if kind == "protocol" and not self._small_shares(decoded):
+                return None, decoded  # large shares: a handler thread
+            return self._serve_decoded(*decoded), None
         except Exception as e:
             log.exception("worker %s: request of session %s failed outside the handlers", self.id, session.id)
-            return serialize(m.ErrorReply(*error_reply_fields(e)), sender=self.id)
+            return serialize(m.ErrorReply(*error_reply_fields(e)), sender=self.id), None
         finally:
             self._local.session = None
             self._turn.release()
-            if time.perf_counter() - wall > INLINE_BUDGET_SECONDS and time.thread_time() - started > INLINE_BUDGET_SECONDS:
-                strikes = strikes_of[session.id] = strikes_of.get(session.id, 0) + 1
-                if strikes >= INLINE_STRIKES:
-                    slow.add(session.id)
+            if time.perf_counter() - wall > INLINE_BUDGET_SECONDS:
+                strikes = strikes_of.get(session.id)
+                if not timed:  # the first long request (or a preemption): time this session's requests
+                    strikes_of.setdefault(session.id, 0)
+                elif time.thread_time() - started > INLINE_BUDGET_SECONDS:
+                    strikes = strikes_of[session.id] = (strikes or 0) + 1
+                    if strikes >= INLINE_STRIKES:
+                        slow.add(session.id)
+
+    def _small_shares(self, decoded: tuple) -> bool:
+        """Whether the objects an opening and its deferred steps name hold at most ``INLINE_MAX_SHARE_BYTES``
+        (``ReferenceMonitor.stored_bytes``: sizes only; results of the request's own steps count 0)."""
+        msg, sender, prelude = decoded
+        ids = _refs(msg.args, _refs(msg.kwargs, []))
+        for item in prelude:
+            if type(item) is not int:
+                _refs(item[1], _refs(item[2], ids))
+        return self.monitor.stored_bytes(self.principal(sender), ids) <= INLINE_MAX_SHARE_BYTES
 
     def principal(self, sender: str) -> Principal:
         """The authenticated session (the claimed sender is ignored); plain worker semantics in-process."""
@@ -458,9 +477,9 @@ class WebsocketServerWorker(BaseWorker):
                     reply = serialize(m.ErrorReply("SerializationError", "text frames are not accepted; send binary"),
                                       sender=self.id)
                 else:
-                    reply = self.serve_inline(data, session)
+                    reply, decoded = self.try_inline(data, session)
                     if reply is None:
-                        reply = await self._run_request(loop, data, session, closed)
+                        reply = await self._run_request(loop, data, session, closed, decoded)
                     if reply is None:
                         break
                 if len(reply) > REPLY_FRAGMENT:
@@ -475,10 +494,10 @@ class WebsocketServerWorker(BaseWorker):
             await loop.run_in_executor(self._executor, self.end_session, session)
 
     async def _run_request(self, loop: asyncio.AbstractEventLoop, data: bytes, session: Session,
-                           closed: asyncio.Future) -> bytes | None:
+                           closed: asyncio.Future, decoded: tuple | None = None) -> bytes | None:
         """Runs one request; cancels it if the connection closes first (then returns None)."""
         token = cancellation.CancelToken(seconds=self.max_command_seconds)
-        work = loop.run_in_executor(self._executor, self.serve_bytes, data, session, token)
+        work = loop.run_in_executor(self._executor, self.serve_bytes, data, session, token, decoded)
         await asyncio.wait((work, closed), return_when=asyncio.FIRST_COMPLETED)
         if not work.done():
             token.cancel(f"session {session.id} disconnected")

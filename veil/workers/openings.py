@@ -1,0 +1,161 @@
+"""What an opening may reveal: the monitor's rules for protocol steps whose outputs go to the requester.
+
+An opening returns values computed from shares. When one of those values is protected for someone
+else (a serving client's input, or dealt material bound to one), each output must be hidden by a
+fresh uniform dealt field of its own shape and dtype, at the positions :data:`OPENING_MASKS` names
+for the step; every dealt item the opening touches binds to that protection
+(:mod:`veil.workers.dealt`). :class:`OpeningRules` is a part of
+:class:`veil.workers.monitor.ReferenceMonitor`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import torch
+
+from veil.exceptions import PermissionDeniedError
+from veil.messaging import messages as m
+from veil.mpc.runtime import DEALT_LAYOUTS
+from veil.workers import dealt
+from veil.workers.principals import Principal, Purpose
+from veil.workers.store import Entry, Kind
+
+#: openable step -> argument positions that must hold fresh dealer masks when the opened
+#: values include a share the requester may not reveal (serving: a client's input)
+OPENING_MASKS: dict[str, tuple[int, ...]] = {"beaver_mask": (2, 3), "trunc_mask": (1,), "fss_mask": (1,),
+                                              # the bitwise comparison (veil/mpc/bit_comparison.py)
+                                              "cmp_mask_values": (1,), "cmp_and_open": (1, 2, 3),
+                                              "cmp_bit_open": (9,)}
+
+
+class OpeningRules:
+    """Openings and dealt items, for the reference monitor (which provides ``resolve_args``, ``audit``,
+    ``_refuse``, ``_check_release``, ``may_reveal``, ``_may_see``, ``_local`` and ``_taints``)."""
+
+    def resolve_opening(self, principal: Principal, name: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Arguments of an openable protocol step (its outputs go back to the requester).
+
+        Openings open protocol shares: every referenced object must be a share or
+        dealer material, or something the requester may reveal anyway. When a
+        value is protected for someone else (a serving client's input, or dealt
+        material bound to one), the step's mask positions must hold fresh uniform
+        dealt fields, and every dealt item the opening touches is bound to that
+        protection (:mod:`veil.workers.dealt`).
+        """
+        found: dict[int, Entry] = {}
+        args = self.resolve_args(principal, args, Purpose.PROTOCOL_STEP, found)
+        kwargs = self.resolve_args(principal, kwargs, Purpose.PROTOCOL_STEP, found)
+        ids = list(found)
+        protecting: list = []  # reveal_to of the values protected for someone else
+        dealt_entries = []
+        for oid, entry in found.items():
+            if entry.kind == Kind.DEALER:
+                dealt_entries.append(entry)
+                if entry.reveal_to is not None and not self._may_see(principal, entry.reveal_to):
+                    protecting.append(entry.reveal_to)
+                continue
+            if entry.kind == Kind.SHARE:
+                if not self.may_reveal(principal, entry):
+                    protecting.append(entry.reveal_to if entry.reveal_to is not None else ())
+                continue
+            self._check_release(principal, entry, oid, "open")  # owner data, client objects: as a .get()
+            if self.release_hook is not None:
+                self.release_hook(principal, oid, entry, "open")
+        self._local.opened_masks = None
+        if protecting:
+            self._local.opened_masks = self._check_masks(principal, name, found, ids)
+            dealt.bind_all(dealt_entries, dealt.strictest(protecting, None))
+        elif dealt_entries:  # opened unmasked: the requester may know these items; they never mask a
+            dealt.bind_all(dealt_entries, None)  # protected value (bound to the taint, r stayed a "fresh" mask)
+        self.audit("open", principal, ids, "allowed", name)
+        return args, kwargs
+
+    def _check_masks(self, principal: Principal, name: str, found: dict[int, Entry], ids: list) -> list:
+        """The mask tensors of an opening of protected values, in order (each checked, then marked used)."""
+        positions = OPENING_MASKS.get(name)
+        raw = self._local.opening_refs or ()
+        error = None
+        masks: list[Entry] = []
+        if positions is None:
+            error = f"{name} may not open shares protected for another party"
+        else:
+            for pos in positions:
+                value = raw[pos] if pos < len(raw) else None
+                refs = list(_refs(value))
+                if not refs:
+                    error = f"{name} needs dealt masks at argument {pos} to open shares protected for another party"
+                    break
+                if any(type(v) is not m.ObjectRef for v in _leaves(value)):
+                    # fss_mask([x], [0, r]) zips x with the inline 0: every mask must be a dealt field
+                    error = f"{name}: argument {pos} holds a value that is not dealt material; every mask must be " \
+                            "a dealt field to open shares protected for another party"
+                    break
+                for r in refs:
+                    entry = found.get(r.id)
+                    why = dealt.mask_error(entry)
+                    if why is None and any(entry is e for e in masks):
+                        why = "appears twice in one opening"
+                    if why is not None:
+                        error = f"{name}: the mask at argument {pos} {why}; it cannot open shares protected for " \
+                                "another party"
+                        break
+                    masks.append(entry)
+                if error is not None:
+                    break
+        if error is not None:
+            raise self._refuse(PermissionDeniedError(error), "open", principal, ids)
+        for entry in masks:
+            entry.meta["opened"] = True
+        return [e.obj for e in masks]
+
+    def open_step(self, principal: Principal, name: str, args: tuple, kwargs: dict,
+                  run: Callable[[str, tuple, dict], list]) -> list:
+        """An OpenMessage: resolves the wire-level arguments (keeping the raw refs for the mask check),
+        runs the step with ``run`` and returns its outputs, each as large as its mask when masks were
+        required (a broadcast mask would hide only differences)."""
+        self._local.opening_refs = args
+        try:
+            args, kwargs = self.resolve_opening(principal, name, args, kwargs)
+        finally:
+            self._local.opening_refs = None
+        masks, self._local.opened_masks = self._local.opened_masks, None
+        outputs = run(name, args, kwargs)
+        if masks is not None:
+            shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in outputs]
+            if len(outputs) > len(masks) or any(s != tuple(k.shape) for s, k in zip(shapes, masks)):
+                raise self._refuse(PermissionDeniedError(
+                    f"{name}: every output must be hidden by a mask of its own shape"), "open", principal, [])
+            # a float x * 2^80 + r is x: the mask hides only what is added to it mod 2^64, in its own dtype
+            if any(t.dtype != k.dtype for t, k in zip(outputs, masks)):
+                raise self._refuse(PermissionDeniedError(
+                    f"{name}: every output must have its mask's dtype (ring elements, added mod 2^64)"), "open",
+                    principal, [])
+        return outputs
+
+    def group_dealt(self, principal: Principal, op_name: str, args: tuple, entries: list) -> None:
+        """Groups what a dealer's worker function just stored into items (which fields are uniform)."""
+        if principal.may_deal and op_name in DEALT_LAYOUTS:
+            dealt.group(entries, DEALT_LAYOUTS[op_name](tuple(args)))
+
+    def bind_dealt(self, principal: Principal, entries: list) -> None:
+        """A command uses dealt material: unbound items bind to the strictest restriction of the command's
+        inputs and the session's taint (what it computes can be revealed no wider)."""
+        reveal_to = dealt.strictest((e.reveal_to for e in entries), self._taints.get(principal.namespace))
+        dealt.bind_all(entries, reveal_to)
+
+
+def _leaves(value: Any) -> Iterator[Any]:
+    """The non-container values of a wire argument (lists, tuples and dict values are walked)."""
+    if type(value) in (list, tuple):
+        for v in value:
+            yield from _leaves(v)
+    elif type(value) is dict:
+        for v in value.values():
+            yield from _leaves(v)
+    else:
+        yield value
+
+
+def _refs(value: Any) -> Iterator[m.ObjectRef]:
+    return (v for v in _leaves(value) if type(v) is m.ObjectRef)
