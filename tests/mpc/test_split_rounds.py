@@ -50,7 +50,8 @@ class SplitWorker(sy.VirtualWorker):
 
 
 @pytest.fixture
-def parties(hook):
+def parties(hook, monkeypatch):
+    monkeypatch.setattr(runtime, "SMALL_ROUND_BYTES", 256 << 10)  # the split path is off by default
     log: list = []
     out = []
     for name in ("alice", "bob"):

@@ -12,11 +12,10 @@ round:
 * **fetch**: one ``GetObjectsMessage`` per party for every share being
   reconstructed, all in flight at once.
 
-Concurrency: a small round (replies and deferred steps under
-``SMALL_ROUND_BYTES`` per party, sized from the pointers' shapes) to network
-workers is sent to every party and then read, all from the calling thread
-(``send_request`` / ``receive_reply``): thread hand-offs and passing the GIL
-between threads cost more than overlapping two small transfers gains. Larger
+Concurrency: with ``SMALL_ROUND_BYTES`` set (off by default), a small round
+(replies and deferred steps under it per party, sized from the pointers' shapes)
+to network workers is sent to every party and then read, all from the calling
+thread (``send_request`` / ``receive_reply``), without thread hand-offs. Other
 rounds go from a small thread pool, one whole request per party connection
 (each connection keeps one request in flight, so replies stay in order), so
 their transfers overlap. In-process workers (VirtualWorker) are served inline:
@@ -57,8 +56,10 @@ assert DEALER_TAG == MONITOR_DEALER_TAG, "veil.mpc.runtime.DEALER_TAG must match
 #: most requests in flight at once from one orchestrator (one per party connection)
 MAX_CONCURRENT = 16
 #: a round whose replies and deferred steps stay under this many bytes per party is sent and read
-#: from the calling thread alone (see ``_split_round``); larger ones overlap on pool threads
-SMALL_ROUND_BYTES = 256 << 10
+#: from the calling thread alone (see ``_split_round``); larger ones overlap on pool threads.
+#: Off by default (0): A/B runs on the shared 2-core box showed no gain over the pool (bench/RESULTS.md,
+#: "netround"); ``bench_net_rounds.py --split 262144`` measures it again.
+SMALL_ROUND_BYTES = 0
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
