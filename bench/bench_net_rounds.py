@@ -1,6 +1,6 @@
 """SMPC over network workers vs VirtualWorkers, online phase, interleaved; and one round broken down.
 
-Run: ``.venv/bin/python bench/bench_net_rounds.py [--calls 10] [--breakdown] [--split BYTES] [workload ...]``
+Run: ``.venv/bin/python bench/bench_net_rounds.py [--calls 10] [--breakdown] [workload ...]``
 
 Timing: for each workload, one recorded call gives the dealing plan; then ``--calls`` times,
 alternating, the crypto provider deals the plan ahead (untimed) and the online call runs over
@@ -194,17 +194,10 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=10)
     ap.add_argument("--breakdown", action="store_true")
     ap.add_argument("--profile", type=Path, help="cProfile this process's network calls into this file")
-    ap.add_argument("--split", type=int, default=None, metavar="BYTES",
-                    help="runtime.SMALL_ROUND_BYTES: rounds up to this many bytes per party sent and read from one "
-                         "thread (default: the library's, off)")
     ap.add_argument("names", nargs="*")
     args = ap.parse_args()
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
-    if args.split is not None:
-        from veil.tensors.mpc_glue import runtime
-
-        runtime.SMALL_ROUND_BYTES = args.split
     print(f"load average {os.getloadavg()}")
     torch.manual_seed(0)
     hook, me, vparties, vcp = virtual_setup(2)

@@ -96,6 +96,28 @@ class PartyRuntime(ABC):
 
         For dealers: a provider sending each party its material at once."""
 
+    def beside(self, calls: Sequence[Callable[[], Any]], parties: Sequence[Any], elements: int) -> Callable[[], list]:
+        """Starts ``calls`` (each one party's part of a dealer's work, ending in a request to it)
+        and returns a call that waits for all of them and gives their results, raising the first
+        error after every one finished.
+
+        A runtime may run them on threads beside the caller (network ``parties``, or in-process
+        ones with ``elements`` ring elements each: worth a thread); this default runs them now."""
+        results, errors = [], []
+        for call in calls:
+            try:
+                results.append(call())
+            except Exception as e:  # noqa: BLE001  (the others still run, as they would on threads)
+                results.append(None)
+                errors.append(e)
+
+        def wait() -> list:
+            if errors:
+                raise errors[0]
+            return results
+
+        return wait
+
     @abstractmethod
     def handle(self, location: Any, object_id: int, owner: Any, shape: Sequence[int], dtype: torch.dtype) -> Any:
         """A handle to object ``object_id`` that a dealer stored on ``location``.
@@ -139,6 +161,11 @@ def remote_handle(location: Any, object_id: int, owner: Any, shape: Sequence[int
 def deliver(requests: Sequence[tuple[Any, Any, Any]]) -> list[Any]:
     """Dealing: every ``(sender, message, party)`` request in one round (the default runtime's)."""
     return default_runtime().deliver(requests)
+
+
+def beside(calls: Sequence[Callable[[], Any]], parties: Sequence[Any], elements: int) -> Callable[[], list]:
+    """Dealing: :meth:`PartyRuntime.beside` of the default runtime."""
+    return default_runtime().beside(calls, parties, elements)
 
 
 def runtimes() -> Mapping[type, PartyRuntime]:

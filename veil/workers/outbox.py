@@ -66,63 +66,17 @@ class Outbox:
         # send a request that uses a deferred result before the thread that took the deferred
         # command has sent it (concurrent SMPC rounds; red-team R3). Other destinations proceed.
         with self._send_lock(location):
-            prelude = self._take_prelude(location)
+            with self._queue_lock:
+                pending = self._pending_deletes.pop(id(location), None)
+            prelude = pending[1] if pending else None
+            while prelude and len(prelude) > MAX_PRELUDE_ITEMS:  # never more than a worker accepts at once
+                head, prelude = prelude[:MAX_PRELUDE_ITEMS], prelude[MAX_PRELUDE_ITEMS:]
+                try:
+                    self._exchange(m.DeleteMessage([]), location, head)
+                except Exception:
+                    self._note_lost(location, prelude, 0, "an earlier part of the batch failed")
+                    raise
             return self._exchange(msg, location, prelude)
-
-    def send_request(self, msg: Any, location: "BaseWorker") -> tuple:
-        """First half of :meth:`send_msg`, for destinations that split it (``_send_request``):
-        sends the request with its prelude and returns what :meth:`receive_reply` needs. The
-        destination stays reserved until then, and the same thread must call it next (an SMPC
-        round sends to every party before it reads any reply, with no thread hand-off)."""
-        lock = self._send_lock(location)
-        lock.acquire()
-        try:
-            prelude = self._take_prelude(location)
-            data = self._encode(msg, location, prelude)
-            try:
-                location._send_request(data)
-            except Exception as e:
-                if prelude:
-                    self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
-                raise
-        except BaseException:
-            lock.release()
-            raise
-        return location, lock, prelude, data
-
-    def receive_reply(self, pending: tuple) -> Any:
-        """Second half of :meth:`send_msg`: the reply to a :meth:`send_request`, remote errors raised here."""
-        location, lock, prelude, data = pending
-        try:
-            try:
-                reply_bytes = location._receive_reply()
-            except Exception as e:
-                if prelude:
-                    self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
-                raise
-        finally:
-            lock.release()
-        return self._decode_reply(location, prelude, data, reply_bytes)
-
-    def queued_bytes(self, location: "BaseWorker") -> int:
-        """Tensor bytes of the deferred commands that will ride on the next request to ``location``."""
-        entry = self._pending_deletes.get(id(location))
-        return entry[2] if entry else 0
-
-    def _take_prelude(self, location: "BaseWorker") -> list | None:
-        """What rides on the next request to ``location`` (call with its send lock held); a queue
-        larger than a worker accepts at once goes ahead in chunks, here."""
-        with self._queue_lock:
-            pending = self._pending_deletes.pop(id(location), None)
-        prelude = pending[1] if pending else None
-        while prelude and len(prelude) > MAX_PRELUDE_ITEMS:  # never more than a worker accepts at once
-            head, prelude = prelude[:MAX_PRELUDE_ITEMS], prelude[MAX_PRELUDE_ITEMS:]
-            try:
-                self._exchange(m.DeleteMessage([]), location, head)
-            except Exception:
-                self._note_lost(location, prelude, 0, "an earlier part of the batch failed")
-                raise
-        return prelude
 
     def _send_lock(self, location: "BaseWorker") -> threading.RLock:
         lock = self._send_locks.get(location)
@@ -131,25 +85,14 @@ class Outbox:
                 lock = self._send_locks.setdefault(location, threading.RLock())
         return lock
 
-    def _encode(self, msg: Any, location: "BaseWorker", prelude: list | None) -> Any:
-        try:
-            return serialize(msg, sender=self.id, prelude=prelude, parts_over=location.frame_parts_over)
-        except Exception as e:
-            if prelude:
-                self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
-            raise
-
     def _exchange(self, msg: Any, location: "BaseWorker", prelude: list | None) -> Any:
-        data = self._encode(msg, location, prelude)
         try:
+            data = serialize(msg, sender=self.id, prelude=prelude, parts_over=location.frame_parts_over)
             reply_bytes = location._recv_msg(data)
         except Exception as e:
             if prelude:
                 self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
             raise
-        return self._decode_reply(location, prelude, data, reply_bytes)
-
-    def _decode_reply(self, location: "BaseWorker", prelude: list | None, data: Any, reply_bytes: Any) -> Any:
         self.stats.record(data.nbytes if type(data) is FrameParts else len(data), len(reply_bytes))
         reply, _, _ = deserialize(reply_bytes, self._decode_ctx)
         if type(reply) is m.ErrorReply:
@@ -200,6 +143,12 @@ class Outbox:
             full = len(entry[1]) >= PRELUDE_LIMIT or entry[2] >= PRELUDE_BYTES_LIMIT
         if full:  # a full batch goes now (and may raise its error)
             self.send_msg(m.DeleteMessage([]), location)
+
+    def queued_bytes(self, location: "BaseWorker") -> int:
+        """Tensor bytes of the deferred commands that ride on the next request to ``location``."""
+        with self._queue_lock:
+            entry = self._pending_deletes.get(id(location))
+            return entry[2] if entry else 0
 
     def flush(self, location: "BaseWorker | None" = None) -> None:
         """Synchronizes: sends what is queued (for ``location``, or for every worker) and raises the

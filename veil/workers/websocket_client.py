@@ -167,17 +167,7 @@ class WebsocketClientWorker(BaseWorker):
 
     def _recv_msg(self, data: bytes | FrameParts) -> bytes:
         """Forwards one serialized request and returns the serialized reply."""
-        self._send_request(data)
-        return self._receive_reply()
-
-    def _send_request(self, data: bytes | FrameParts) -> None:
-        """First half of :meth:`_recv_msg`: sends the request and keeps the connection for its reply.
-
-        On success the connection stays reserved (its lock held) until :meth:`_receive_reply`,
-        which the same thread must call next: an SMPC round sends every party its request
-        before reading any reply, from one thread."""
-        self._lock.acquire()
-        try:
+        with self._lock:
             if self._lost_while_idle:
                 self._lost_while_idle = False
                 if not self._lazy:  # the old session's objects are gone on the server: say so
@@ -191,47 +181,21 @@ class WebsocketClientWorker(BaseWorker):
                 )
             try:
                 conn.send(data)
-            except Exception as e:
-                mapped = self._connection_error(e)
-                if mapped is e:
-                    raise
-                raise mapped from None
-        except BaseException:
-            self._lock.release()
-            raise
-
-    def _receive_reply(self) -> bytes:
-        """Second half of :meth:`_recv_msg`: the reply to the request :meth:`_send_request` sent."""
-        try:
-            conn = self._conn
-            if conn is None:  # dropped by a failed send on this thread: nothing is in flight
-                raise ConnectionLostError(f"connection to worker {self.id!r} at {self.url} was lost")
-            try:
                 reply = conn.recv(timeout=self.timeout)
-            except Exception as e:
-                mapped = self._connection_error(e)
-                if mapped is e:
-                    raise
-                raise mapped from None
-        finally:
-            self._lock.release()
+            except TimeoutError:
+                self._drop()  # a late reply would answer the wrong request: start over
+                raise ConnectionLostError(
+                    f"worker {self.id!r} at {self.url} did not answer within {self.timeout} s"
+                ) from None
+            except ConnectionClosed as e:
+                self._drop()
+                raise ConnectionLostError(f"connection to worker {self.id!r} at {self.url} was lost: {e}") from None
+            except OSError as e:
+                self._drop()
+                raise ConnectionLostError(f"connection to worker {self.id!r} at {self.url} failed: {e}") from None
         if not isinstance(reply, (bytes, bytearray, memoryview)):
             raise SerializationError(f"worker {self.id!r} answered with a text frame")
         return reply
-
-    def _connection_error(self, e: Exception) -> Exception:
-        """The error for a failed send or read (the connection is dropped: a late reply would answer
-        the wrong request); other errors pass unchanged."""
-        if isinstance(e, TimeoutError):
-            self._drop()
-            return ConnectionLostError(f"worker {self.id!r} at {self.url} did not answer within {self.timeout} s")
-        if isinstance(e, ConnectionClosed):
-            self._drop()
-            return ConnectionLostError(f"connection to worker {self.id!r} at {self.url} was lost: {e}")
-        if isinstance(e, OSError):
-            self._drop()
-            return ConnectionLostError(f"connection to worker {self.id!r} at {self.url} failed: {e}")
-        return e
 
     # ------------------------------------------------------------- owner view
 

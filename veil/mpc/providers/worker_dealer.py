@@ -48,9 +48,10 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from concurrent.futures import Future
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import torch
 
@@ -65,7 +66,7 @@ from veil.mpc.providers.background import BackgroundDealing, BackgroundDealingEr
 from veil.mpc.providers.fss_dealing import DEAL_COMPARISON
 from veil.mpc.providers.base import MaterialExhaustedError, Provider
 from veil.mpc.ring import DTYPE, random_ring
-from veil.mpc.runtime import DEALER_TAG, DEALT_ITEM_TAG, DEALT_LAYOUTS, DEALT_MASK_TAG
+from veil.mpc.runtime import DEALER_TAG, DEALT_ITEM_TAG, DEALT_LAYOUTS, DEALT_MASK_TAG, beside
 from veil.mpc.runtime import remote_handle as PointerTensor  # the injected runtime's handle (mpc imports no tensors)
 
 DEAL = "veil.mpc.deal"
@@ -91,29 +92,31 @@ def _deal(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, count: 
     """
     uniform_shapes, derived_shapes, derive = recipe(kind, spec)
     xor = xor_fields(kind, spec)  # fields shared by XOR instead of addition
-    n_u, n = len(uniform_shapes), len(party_ids)
+    n = len(party_ids)
     gen = dealer_generator()
     parties = [worker.resolve_worker(pid) for pid in party_ids]
     if seeded:
         seeds = [new_seed() for _ in parties]
-        corrections = []
-        for k in range(count):
-            if kind in WIDE_KINDS:  # 128-bit SPDZ2k fields: sums and corrections with carries
-                uniform = sum_wide([[expand(s, _label(k, j), shape) for s in seeds]
-                                    for j, shape in enumerate(uniform_shapes)])
-                values = derive(uniform, gen)
-                corrections += last_shares_wide(values, [[expand(s, _label(k, n_u + j), derived_shapes[j])
-                                                          for s in seeds[:-1]] for j in range(len(values))])
-                continue
-            uniform = [combine([expand(s, _label(k, j), shape) for s in seeds], j in xor)
-                       for j, shape in enumerate(uniform_shapes)]
-            for j, value in enumerate(derive(uniform, gen)):
-                others = [expand(s, _label(k, n_u + j), derived_shapes[j]) for s in seeds[:-1]]
-                corrections.append(last_share(value, others, n_u + j in xor))
-        for i, party in enumerate(parties):
-            fix = corrections if i == n - 1 else []
-            args = (torch.frombuffer(bytearray(seeds[i]), dtype=torch.uint8), kind, spec, count, fix)
-            worker.send_msg(m.CommandMessage(EXPAND, args, {}, list(ids[i]), False), party)
+        # Every party but the last needs only its seed, and the dealer needs only their shares of the
+        # derived fields from those seeds: each such party's part (those expansions, then its seed sent and
+        # expanded there) runs beside the dealer's own (uniform fields, derive, the last party's
+        # corrections): in-process parties on threads of their own when the material is big.
+        derived: list[Future] = [Future() for _ in parties[:-1]]
+        size = count * (sum(map(_numel, uniform_shapes)) + sum(map(_numel, derived_shapes)))
+        wait = beside([_first_party_part(worker, parties[i], seeds[i], kind, spec, count, ids[i],
+                                         len(uniform_shapes), derived_shapes, derived[i])
+                       for i in range(n - 1)], parties[:-1], size)
+        try:
+            others = [f.result() for f in derived]  # per party: per item, its derived fields
+            corrections = _corrections(kind, uniform_shapes, derived_shapes, derive, xor, seeds, count, gen, others)
+            worker.send_msg(_expand_msg(seeds[-1], kind, spec, count, corrections, ids[-1]), parties[-1])
+        except BaseException:
+            try:
+                wait()
+            except Exception:  # noqa: BLE001  (the dealer's own error is the one to raise)
+                pass
+            raise
+        wait()
         return
     per_party: list[list] = [[] for _ in parties]
     for k in range(count):
@@ -131,6 +134,56 @@ def _deal(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, count: 
     for i, party in enumerate(parties):  # never revealable; uniform fields may mask openings
         objects = [m.StoredObject(oid, t, tag) for oid, t, tag in zip(ids[i], per_party[i], tags)]
         worker.send_msg(m.ObjectMessage(objects), party)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    out = 1
+    for d in shape:
+        out *= int(d)
+    return out
+
+
+def _expand_msg(seed: bytes, kind: str, spec: Any, count: int, fix: list, ids: Sequence[int]) -> m.CommandMessage:
+    args = (torch.frombuffer(bytearray(seed), dtype=torch.uint8), kind, spec, count, fix)
+    return m.CommandMessage(EXPAND, args, {}, list(ids), False)
+
+
+def _first_party_part(worker: Any, party: Any, seed: bytes, kind: str, spec: Any, count: int, ids: Sequence[int],
+                      n_u: int, derived_shapes: list, derived: Future) -> Callable[[], Any]:
+    """A party other than the last: the dealer's copy of its derived-field shares (into ``derived``,
+    which the dealer waits on), then its seed sent (it expands its shares there)."""
+
+    def part() -> Any:
+        try:
+            fields = [[expand(seed, _label(k, n_u + j), shape) for j, shape in enumerate(derived_shapes)]
+                      for k in range(count)]
+        except BaseException as e:
+            derived.set_exception(e)
+            raise
+        derived.set_result(fields)
+        return worker.send_msg(_expand_msg(seed, kind, spec, count, [], ids), party)
+
+    return part
+
+
+def _corrections(kind: str, uniform_shapes: list, derived_shapes: list, derive: Any, xor: frozenset,
+                 seeds: list, count: int, gen: torch.Generator, others: list) -> list:
+    """The last party's shares of every derived field of ``count`` items; ``others[i][k][j]``: party
+    ``i``'s share of item ``k``'s derived field ``j`` (from its seed)."""
+    n_u = len(uniform_shapes)
+    corrections = []
+    for k in range(count):
+        if kind in WIDE_KINDS:  # 128-bit SPDZ2k fields: sums and corrections with carries
+            uniform = sum_wide([[expand(s, _label(k, j), shape) for s in seeds]
+                                for j, shape in enumerate(uniform_shapes)])
+            values = derive(uniform, gen)
+            corrections += last_shares_wide(values, [[o[k][j] for o in others] for j in range(len(values))])
+            continue
+        uniform = [combine([expand(s, _label(k, j), shape) for s in seeds], j in xor)
+                   for j, shape in enumerate(uniform_shapes)]
+        for j, value in enumerate(derive(uniform, gen)):
+            corrections.append(last_share(value, [o[k][j] for o in others], n_u + j in xor))
+    return corrections
 
 
 def recipe_layout(kind: str, spec: Any, count: int) -> list[tuple[int, bool]]:

@@ -12,14 +12,19 @@ round:
 * **fetch**: one ``GetObjectsMessage`` per party for every share being
   reconstructed, all in flight at once.
 
-Concurrency: with ``SMALL_ROUND_BYTES`` set (off by default), a small round
-(replies and deferred steps under it per party, sized from the pointers' shapes)
-to network workers is sent to every party and then read, all from the calling
-thread (``send_request`` / ``receive_reply``), without thread hand-offs. Other
-rounds go from a small thread pool, one whole request per party connection
-(each connection keeps one request in flight, so replies stay in order), so
-their transfers overlap. In-process workers (VirtualWorker) are served inline:
-threads would only add hand-offs there. A round raises only
+Concurrency: requests to parties that block in socket reads (network
+workers, which release the GIL while waiting) are sent from a small thread
+pool, one request per party connection (each connection keeps one request
+in flight, so replies stay in order). In-process workers (VirtualWorker) get
+the same pool only for **big rounds** (:func:`parallel_in_process`: at least
+:data:`PARALLEL_MIN_ELEMENTS` ring elements per party, and two parties'
+``torch.get_num_threads()`` fit on cores idle at that moment): each party's handler then
+runs on its own thread, so the torch kernels of different parties (which
+release the GIL) run at once, like the parties' own processes would; small
+rounds stay inline, where a hand-off costs more than it saves. Every request
+to one worker is still sent under the sender's per-destination lock (one
+request in flight per party), the reference monitor's per-request state is
+per thread, the store has its own lock. A round raises only
 after every party answered or failed, so nothing is left in flight for the
 next query; a lost connection raises :class:`PartyUnreachableError` (an
 MPCError and a ConnectionLostError), an unexpected local failure
@@ -33,6 +38,8 @@ on, with fresh dealer masks where a share is not the requester's.
 
 from __future__ import annotations
 
+import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
@@ -55,22 +62,27 @@ assert DEALER_TAG == MONITOR_DEALER_TAG, "veil.mpc.runtime.DEALER_TAG must match
 
 #: most requests in flight at once from one orchestrator (one per party connection)
 MAX_CONCURRENT = 16
-#: a round whose replies and deferred steps stay under this many bytes per party is sent and read
-#: from the calling thread alone (see ``_split_round``); larger ones overlap on pool threads.
-#: Off by default (0): A/B runs on the shared 2-core box showed no gain over the pool (bench/RESULTS.md,
-#: "netround"); ``bench_net_rounds.py --split 262144`` measures it again.
-SMALL_ROUND_BYTES = 0
+
+#: ring elements per party (in the request's shares and the steps riding on it) from which in-process
+#: parties run a round on threads of their own: below it a hand-off (~50 us) costs more than it saves
+PARALLEL_MIN_ELEMENTS = 1 << 15
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
+_IN_POOL = threading.local()  # set on the pool's threads: a round started there runs inline (no nested waits)
 
 
 def _pool() -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            _POOL = ThreadPoolExecutor(MAX_CONCURRENT, thread_name_prefix="veil-mpc-round")
+            _POOL = ThreadPoolExecutor(MAX_CONCURRENT, thread_name_prefix="veil-mpc-round",
+                                       initializer=_mark_pool_thread)
         return _POOL
+
+
+def _mark_pool_thread() -> None:
+    _IN_POOL.active = True
 
 
 def waits_on_network(worker: Any) -> bool:
@@ -81,58 +93,105 @@ def waits_on_network(worker: Any) -> bool:
     return isinstance(worker, WebsocketClientWorker) or bool(getattr(worker, "concurrent_requests", False))
 
 
-def _splits(requests: Sequence[tuple[Any, Any, Any]], reply_bytes: int | None) -> bool:
-    """Whether one thread can send every request before reading any reply: small rounds to distinct
-    network connections that split a request in two (``_send_request`` / ``_receive_reply``)."""
-    if reply_bytes is None or reply_bytes > SMALL_ROUND_BYTES or len(requests) < 2:
+def parallel_in_process(elements: int, parties: int) -> bool:
+    """True when ``parties`` in-process parties should run a round of ``elements`` ring elements
+    per party on threads of their own: the round is big, this thread is not a pool thread, and
+    idle cores take two parties' torch threads (``torch.get_num_threads()`` each, :func:`_spare_cores`)."""
+    if parties < 2 or elements < PARALLEL_MIN_ELEMENTS or getattr(_IN_POOL, "active", False):
         return False
-    seen = set()
-    for owner, _, loc in requests:
-        if not hasattr(loc, "_send_request") or not hasattr(owner, "send_request") or id(loc) in seen:
-            return False
-        if owner.queued_bytes(loc) > SMALL_ROUND_BYTES:  # large deferred steps (opened values) ride along
-            return False
-        seen.add(id(loc))
-    return True
+    return _spare_cores(parties)
 
 
-def _split_round(requests: Sequence[tuple[Any, Any, Any]], replies: list, errors: list) -> None:
-    """Sends every request, then reads every reply, all on this thread (no hand-off to pool threads:
-    on a small round the hand-offs and the GIL passing between threads cost more than the overlap
-    of two small transfers gains). Connections are taken in one global order, so two threads
-    running rounds at once cannot each hold a party the other waits for."""
-    order = sorted(range(len(requests)), key=lambda k: id(requests[k][2]))
-    pending: dict[int, tuple] = {}
-    for k in order:
-        owner, msg, loc = requests[k]
-        try:
-            pending[k] = owner.send_request(msg, loc)
-        except BaseException as e:  # noqa: BLE001  (gathered: the other parties' replies are read first)
-            errors.append((k, e))
-    for k in order:
-        if k in pending:
-            try:
-                replies[k] = requests[k][0].receive_reply(pending[k])
-            except BaseException as e:  # noqa: BLE001
-                errors.append((k, e))
+def _spare_cores(parties: int) -> bool:
+    """A second party's torch threads fit beside the first's on cores that are idle right now (more
+    parties take turns on them): on a busy machine another thread only adds hand-offs and the
+    page faults of two parties' temporaries alive at once, so the round stays inline."""
+    need = 2 * torch.get_num_threads()
+    return _cores() - _running_elsewhere() >= need
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _running_elsewhere() -> int:
+    """Threads running or runnable on this machine now, this one excepted (Linux's /proc/loadavg;
+    0 where it cannot be read)."""
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            running = int(f.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return max(running - 1, 0)
+
+
+def elements_of(values: Any) -> int:
+    """Ring elements behind the pointers and tensors among ``values`` (a party's work estimate)."""
+    total = 0
+    for leaf in tree_flatten(values)[0]:
+        if type(leaf) is PointerTensor:
+            total += math.prod(leaf.shape) if leaf.shape is not None else 0
+        elif isinstance(leaf, torch.Tensor):
+            total += leaf.numel()
+    return total
+
+
+def _queued_elements(owner: Any, location: Any) -> int:
+    """Ring elements of the tensors in the deferred steps riding on the next request to ``location``."""
+    queued = getattr(owner, "queued_bytes", None)
+    return queued(location) // 8 if queued is not None else 0
 
 
 def one_round(requests: Sequence[tuple[Any, Any, Any]], what: str, return_errors: bool = False,
-              reply_bytes: int | None = None) -> list[Any]:
+              elements: int = 0) -> list[Any]:
     """Sends every ``(owner, message, location)`` request and returns the replies, in order.
 
     Requests to network workers are all in flight at once; the round ends
     when every party answered or failed (see the module docstring for errors).
     With ``return_errors`` a failed request's exception takes its reply's place.
-    ``reply_bytes``: the largest reply expected, when the caller knows it; rounds of small
-    requests and replies are sent and read from this thread alone (:func:`_split_round`).
+    ``elements``: ring elements per party the round touches (its shares; the
+    steps queued for each party are added here): from
+    :data:`PARALLEL_MIN_ELEMENTS` on, in-process parties run at once too
+    (:func:`parallel_in_process`).
     """
+    futures = _start(requests, elements)
     replies: list[Any] = [None] * len(requests)
     errors: list[tuple[int, BaseException]] = []
-    if _splits(requests, reply_bytes):
-        _split_round(requests, replies, errors)
-    else:
-        _pooled_round(requests, replies, errors)
+    for k, (o, msg, loc) in enumerate(requests):
+        if k in futures:
+            continue
+        try:
+            replies[k] = o.send_msg(msg, loc)
+        except BaseException as e:  # noqa: BLE001  (gathered: the other parties' requests finish first)
+            errors.append((k, e))
+    for k, fut in futures.items():
+        try:
+            replies[k] = fut.result()
+        except BaseException as e:  # noqa: BLE001
+            errors.append((k, e))
+    return _settle(requests, replies, errors, what, return_errors)
+
+
+def _start(requests: Sequence[tuple[Any, Any, Any]], elements: int) -> dict:
+    """Submits the requests that run on the pool (all but the first concurrent one); position -> future."""
+    concurrent = [k for k, (_, _, loc) in enumerate(requests) if waits_on_network(loc)]
+    if len(concurrent) < len(requests):
+        in_process = [k for k in range(len(requests)) if k not in concurrent]
+        queued = max(_queued_elements(requests[k][0], requests[k][2]) for k in in_process)
+        if parallel_in_process(elements + queued, len(in_process)):
+            concurrent = list(range(len(requests)))
+    if len(concurrent) < 2:
+        return {}
+    pool = _pool()
+    return {k: pool.submit(requests[k][0].send_msg, requests[k][1], requests[k][2])
+            for k in concurrent[1:]}  # the first runs on this thread
+
+
+def _settle(requests: Sequence[tuple[Any, Any, Any]], replies: list, errors: list, what: str,
+            return_errors: bool) -> list[Any]:
     if errors and return_errors and all(isinstance(e, Exception) for _, e in errors):
         for k, e in errors:
             replies[k] = e
@@ -148,41 +207,8 @@ def one_round(requests: Sequence[tuple[Any, Any, Any]], what: str, return_errors
     return replies
 
 
-def _pooled_round(requests: Sequence[tuple[Any, Any, Any]], replies: list, errors: list) -> None:
-    """Requests to network workers from pool threads, each a whole request/reply (large transfers
-    to several parties overlap); the first runs on this thread, in-process workers inline."""
-    calls: list[Callable[[], Any]] = [lambda o=o, msg=msg, loc=loc: o.send_msg(msg, loc) for o, msg, loc in requests]
-    concurrent = [k for k, (_, _, loc) in enumerate(requests) if waits_on_network(loc)]
-    futures = {}
-    if len(concurrent) > 1:
-        pool = _pool()
-        futures = {k: pool.submit(calls[k]) for k in concurrent[1:]}  # the first runs on this thread
-    for k in range(len(requests)):
-        if k in futures:
-            continue
-        try:
-            replies[k] = calls[k]()
-        except BaseException as e:  # noqa: BLE001  (gathered: the other parties' requests finish first)
-            errors.append((k, e))
-    for k, fut in futures.items():
-        try:
-            replies[k] = fut.result()
-        except BaseException as e:  # noqa: BLE001
-            errors.append((k, e))
-
-
 def _wire(value: Any) -> Any:
     return tree_map(lambda v: m.ObjectRef(v.id_at_location) if type(v) is PointerTensor else v, value)
-
-
-def _pointer_bytes(values: Any) -> int:
-    """Bytes of the remote tensors the pointers among ``values`` name (from their local shapes)."""
-    total = 0
-    with torch._C.DisableTorchFunctionSubclass():  # metadata only: skip the pointer's dispatch (~10 us a call)
-        for leaf in tree_flatten(values)[0]:
-            if type(leaf) is PointerTensor:
-                total += leaf.numel() * leaf.element_size()
-    return total
 
 
 def _first_pointer(values: Any) -> PointerTensor:
@@ -215,9 +241,8 @@ class WorkerRuntime(PartyRuntime):
         for args in per_party:
             first = _first_pointer(args)
             requests.append((first.owner, OpenMessage(name, _wire(tuple(args)), kwargs), first.location))
-        # an opening's outputs are about as large as the shares it masks
-        expect = max(_pointer_bytes(args) for args in per_party) if per_party else 0
-        return [list(reply.objects) for reply in one_round(requests, f"opening {name!r}", reply_bytes=expect)]
+        elements = max(elements_of(args) for args in per_party) if per_party else 0
+        return [list(reply.objects) for reply in one_round(requests, f"opening {name!r}", elements=elements)]
 
     def fetch(self, handles: Sequence[PointerTensor]) -> list[torch.Tensor]:
         """One GetObjectsMessage per (owner, location) for all shares opened together."""
@@ -228,8 +253,8 @@ class WorkerRuntime(PartyRuntime):
         requests = [(handles[idx[0]].owner, m.GetObjectsMessage([handles[k].id_at_location for k in idx]),
                      handles[idx[0]].location) for idx in order]
         out: list = [None] * len(handles)
-        expect = max(sum(_pointer_bytes(handles[k]) for k in idx) for idx in order) if order else 0
-        for idx, reply in zip(order, one_round(requests, "an opening", reply_bytes=expect)):
+        elements = max((elements_of([handles[k] for k in idx]) for idx in order), default=0)
+        for idx, reply in zip(order, one_round(requests, "an opening", elements=elements)):
             for k, value in zip(idx, reply.objects):
                 handles[k].mark_freed()
                 out[k] = value
@@ -237,6 +262,29 @@ class WorkerRuntime(PartyRuntime):
 
     def deliver(self, requests: Sequence[tuple[Any, Any, Any]]) -> list[Any]:
         return one_round(requests, "dealing")
+
+    def beside(self, calls: Sequence[Callable[[], Any]], parties: Sequence[Any], elements: int) -> Callable[[], list]:
+        """On the pool when worth a thread: network ``parties``, or in-process ones big enough
+        (:func:`parallel_in_process`, the caller counting as one more party)."""
+        if not calls or not (all(waits_on_network(p) for p in parties)
+                             or parallel_in_process(elements, len(calls) + 1)):
+            return super().beside(calls, parties, elements)
+        pool = _pool()
+        futures = [pool.submit(call) for call in calls]
+
+        def wait() -> list:
+            results: list[Any] = [None] * len(futures)
+            errors: list[tuple[int, BaseException]] = []
+            for k, fut in enumerate(futures):
+                try:
+                    results[k] = fut.result()
+                except BaseException as e:  # noqa: BLE001  (gathered: every call finishes first)
+                    errors.append((k, e))
+            if errors:
+                raise errors[0][1]
+            return results
+
+        return wait
 
     def handle(self, location: Any, object_id: int, owner: Any, shape: Sequence[int], dtype: torch.dtype) -> Any:
         return PointerTensor(location, object_id, owner, tuple(shape), dtype)
