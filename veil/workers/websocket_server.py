@@ -45,6 +45,7 @@ from veil.exceptions import PermissionDeniedError, WorkerNotFoundError, error_re
 from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST
 from veil.messaging.serde import FrameParts, OwnedFrame, deserialize, frame_pad, serialize
+from veil.mpc.party import OPENABLE, PARTY_FUNCTIONS, WIRE_PREFIX, OpenMessage
 from veil.workers import cancellation
 from veil.workers.base import YIELD_EVERY, BaseWorker
 from veil.workers.monitor import Principal
@@ -78,6 +79,9 @@ INLINE_MAX_BYTES = 256 * 2**10
 INLINE_MAX_COMMANDS = YIELD_EVERY
 INLINE_BUDGET_SECONDS = 0.005  # CPU time of the loop thread (preemption on a busy box does not count)
 INLINE_STRIKES = 3  # over-budget requests (after the first, which starts the timing) before a session leaves the fast path
+#: an SMPC opening runs inline only while the shares its request names hold at most this many bytes
+#: (its steps cost about linear time in them: 128 Ki ring elements take well under the CPU budget)
+INLINE_MAX_SHARE_BYTES = 1 << 20
 #: requests that never wait on another worker or run a long loop (torch ops, store, get, list)
 INLINE_TYPES = frozenset((m.CommandMessage, m.ObjectMessage, m.GetObjectsMessage, m.DeleteMessage, m.SearchMessage,
                           m.ListObjectsMessage))
@@ -96,24 +100,60 @@ def _plain_op(name: Any) -> bool:
     return op is not None and not op.worker_function
 
 
-def _inline_ok(msg: Any, prelude: list) -> bool:
-    """Whether a decoded request is short by construction: a plain torch op, or a store/get/delete/list.
+def _party_step(name: Any) -> bool:
+    """A protocol step of an SMPC party: a pure function of the party's shares and public values
+    (it never calls another worker, waits or loops), registered in ``veil.mpc.party``."""
+    if not (isinstance(name, str) and name.startswith(WIRE_PREFIX) and name[len(WIRE_PREFIX):] in PARTY_FUNCTIONS):
+        return False
+    op = ALLOWLIST._by_name.get(name)
+    return op is not None and op.worker_function
 
-    Worker functions (MPC rounds, plan fit, serving) may call other workers or run
-    long loops that check for cancellation, so they keep their handler thread. The
-    request was decoded once (the decode is what the handler runs next anyway); no
-    object of it has been resolved or run.
+
+def _inline_kind(msg: Any, prelude: list) -> str | None:
+    """Whether a decoded request is short by construction, and of which kind.
+
+    ``"plain"``: a plain torch op, or a store/get/delete/list. ``"protocol"``: an SMPC opening
+    (``OpenMessage`` of an openable step) whose deferred commands are plain ops or party steps:
+    short while its shares are small, which :meth:`WebsocketServerWorker.try_inline` checks next.
+    Worker functions (dealing, plan fit, serving) may call other workers or run long loops that
+    check for cancellation, so they keep their handler thread. The request was decoded once
+    (the decode is what the handler runs next anyway); no object of it has been resolved or run.
     """
     tp = type(msg)
-    if tp not in INLINE_TYPES or (tp is m.CommandMessage and not _plain_op(msg.op)):
-        return False
+    if tp is OpenMessage:
+        if not (isinstance(msg.name, str) and msg.name in OPENABLE):
+            return None
+        kind, step_ok = "protocol", (lambda op: _plain_op(op) or _party_step(op))
+    elif tp not in INLINE_TYPES or (tp is m.CommandMessage and not _plain_op(msg.op)):
+        return None
+    else:
+        kind, step_ok = "plain", _plain_op
     commands = 0
     for item in prelude:
         if type(item) is not int:  # a deferred command (deserialize checked: a 5-field list)
             commands += 1
-            if commands > INLINE_MAX_COMMANDS or not _plain_op(item[0]):
-                return False
-    return True
+            if commands > INLINE_MAX_COMMANDS or not step_ok(item[0]):
+                return None
+    return kind
+
+
+def _inline_ok(msg: Any, prelude: list) -> bool:
+    """A plain request that may run on the event loop (see :func:`_inline_kind`)."""
+    return _inline_kind(msg, prelude) == "plain"
+
+
+def _refs(value: Any, out: list) -> list:
+    """Ids of the ObjectRefs in a decoded request's arguments (lists, tuples, maps)."""
+    tp = type(value)
+    if tp is m.ObjectRef:
+        out.append(value.id)
+    elif tp is list or tp is tuple:
+        for v in value:
+            _refs(v, out)
+    elif tp is dict:
+        for v in value.values():
+            _refs(v, out)
+    return out
 
 
 async def _receive(ws: ServerConnection) -> Any:
@@ -228,6 +268,10 @@ class WebsocketServerWorker(BaseWorker):
         self._slow_sessions: set[str] = set()  # sessions whose requests always take a handler thread
         # over-budget inline requests per session (CPU time), for sessions whose inline requests are timed
         self._strikes: dict[str, int] = {}
+        # the same for SMPC openings, counted apart: a client's large `.get()` says nothing about its
+        # openings, which are sized before they run inline
+        self._slow_protocol: set[str] = set()
+        self._protocol_strikes: dict[str, int] = {}
         self.refusals = RefusalLog(self.db, self.id)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Future | None = None
@@ -280,33 +324,42 @@ class WebsocketServerWorker(BaseWorker):
         """Runs a short request on the event loop thread: ``(reply, None)``; else ``(None, decoded)``.
 
         Only when nothing else holds or waits for the worker (``FairLock.try_acquire``)
-        and the request is short by construction (:func:`_inline_ok`, decided on the
+        and the request is short by construction (:func:`_inline_kind`, decided on the
         request decoded once, with the session current: decoded pointers get the
-        session's rights); otherwise the request takes its handler thread as before,
+        session's rights; an SMPC opening also only while the shares it and its deferred
+        steps name hold at most ``INLINE_MAX_SHARE_BYTES``); otherwise the request takes its handler thread as before,
         with what was decoded here (``decoded``, or None: decoded there). A malformed
         request is answered here (the same error reply the handler thread gives). A
         session whose inline requests used more than ``INLINE_BUDGET_SECONDS`` of CPU
         ``INLINE_STRIKES`` times (large torch ops; counted once one of its requests ran
         past the budget in wall time) uses handler threads from then on, so the loop
-        stays responsive.
+        stays responsive; plain requests and openings are counted apart.
         """
-        if session.id in self._slow_sessions or len(data) > INLINE_MAX_BYTES or not self._turn.try_acquire():
+        slow_plain, slow_open = session.id in self._slow_sessions, session.id in self._slow_protocol
+        if (slow_plain and slow_open) or len(data) > INLINE_MAX_BYTES or not self._turn.try_acquire():
             return None, None
         # No CancelToken: nothing that runs inline checks one (worker functions, which do, never run here).
         # The thread CPU clock is a system call (~1 us, and on a busy VM the point where the kernel
         # switches tasks, ~4 us more per request in practice); a request that took less wall time than
         # the budget used less CPU than it. So a session's requests read it only once one of them ran
         # past the budget in wall time (then it is in _strikes); from then on every strike is CPU time.
-        strikes = self._strikes.get(session.id)
-        started, wall = (time.thread_time() if strikes is not None else 0.0), time.perf_counter()
+        # Plain requests and openings are counted apart (_strikes/_slow_sessions, _protocol_strikes/_slow_protocol).
+        timed = session.id in self._strikes or session.id in self._protocol_strikes
+        started, wall = (time.thread_time() if timed else 0.0), time.perf_counter()
+        slow, strikes_of = self._slow_sessions, self._strikes
         try:
             self._local.session = session
             try:
                 decoded = deserialize(data, self._decode_ctx)
             except Exception as e:
                 return self._error_bytes(e), None
-            if not _inline_ok(decoded[0], decoded[2]):
+            kind = _inline_kind(decoded[0], decoded[2])
+            if kind == "protocol":
+                slow, strikes_of = self._slow_protocol, self._protocol_strikes
+            if kind is None or session.id in slow:
                 return None, decoded
+            if kind == "protocol" and not self._small_shares(decoded):
+                return None, decoded  # large shares: a handler thread
             return self._serve_decoded(*decoded), None
         except Exception as e:
             log.exception("worker %s: request of session %s failed outside the handlers", self.id, session.id)
@@ -315,12 +368,23 @@ class WebsocketServerWorker(BaseWorker):
             self._local.session = None
             self._turn.release()
             if time.perf_counter() - wall > INLINE_BUDGET_SECONDS:
-                if strikes is None:  # the first long request (or a preemption): time this session's requests
-                    self._strikes[session.id] = 0
+                strikes = strikes_of.get(session.id)
+                if not timed:  # the first long request (or a preemption): time this session's requests
+                    strikes_of.setdefault(session.id, 0)
                 elif time.thread_time() - started > INLINE_BUDGET_SECONDS:
-                    strikes = self._strikes[session.id] = strikes + 1
+                    strikes = strikes_of[session.id] = (strikes or 0) + 1
                     if strikes >= INLINE_STRIKES:
-                        self._slow_sessions.add(session.id)
+                        slow.add(session.id)
+
+    def _small_shares(self, decoded: tuple) -> bool:
+        """Whether the objects an opening and its deferred steps name hold at most ``INLINE_MAX_SHARE_BYTES``
+        (``ReferenceMonitor.stored_bytes``: sizes only; results of the request's own steps count 0)."""
+        msg, sender, prelude = decoded
+        ids = _refs(msg.args, _refs(msg.kwargs, []))
+        for item in prelude:
+            if type(item) is not int:
+                _refs(item[1], _refs(item[2], ids))
+        return self.monitor.stored_bytes(self.principal(sender), ids) <= INLINE_MAX_SHARE_BYTES
 
     def principal(self, sender: str) -> Principal:
         """The authenticated session (the claimed sender is ignored); plain worker semantics in-process."""
@@ -370,6 +434,8 @@ class WebsocketServerWorker(BaseWorker):
         self.sessions.pop(session.id, None)
         self._slow_sessions.discard(session.id)
         self._strikes.pop(session.id, None)
+        self._slow_protocol.discard(session.id)
+        self._protocol_strikes.pop(session.id, None)
         with self._turn:
             run_session_end_handlers(self, session.id)
             return self.monitor.end_session(session.id)
