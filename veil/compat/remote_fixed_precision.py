@@ -54,7 +54,7 @@ def _share_own(worker: Any, oid: int, party_ids: list, share_ids: list) -> None:
             or len(party_ids) < 2 or len(set(party_ids)) != len(party_ids)
             or not all(isinstance(p, str) for p in party_ids) or not all(type(i) is int for i in share_ids)):
         raise ValueError("share needs at least two distinct party ids and one new id per party")
-    from veil.workers.base import _governance_release
+    from veil.workers.handlers import _governance_release
     from veil.workers.monitor import Purpose
 
     # The parties get what the requester could get: the monitor's release rules (private, DP-only,

@@ -8,33 +8,21 @@ network client worker overrides ``_recv_msg`` to forward the bytes.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from veil.exceptions import (
-    ObjectNotFoundError,
-    PermissionDeniedError,
-    RemoteExecutionError,
-    SerializationError,
-    VeilError,
-    WorkerNotFoundError,
-    error_from_reply,
-    error_reply_fields,
-)
+from veil.exceptions import SerializationError, WorkerNotFoundError, error_from_reply, error_reply_fields
 from veil.messaging import messages as m
-from veil.messaging.allowlist import ALLOWLIST, NO_RESULT
 from veil.messaging.serde import DecodeContext, deserialize, serialize
-from veil.tensors.tree import leaves, map_structure
 from veil.compat.workers import PySyftWorkerMethods
-from veil.workers import cancellation, oblivious, owner_guard
+from veil.workers import cancellation
 from veil.workers.stats import TransportStats
-from veil.workers.monitor import DEALER_OUTPUTS, PROTOCOL_PREFIXES, Principal, Purpose, ReferenceMonitor
+from veil.workers.monitor import Principal, ReferenceMonitor
 from veil.workers.outbox import MAX_PRELUDE_ITEMS, Outbox
-from veil.workers.store import Entry, Kind
+from veil.workers.store import Entry
 
 if TYPE_CHECKING:
     from veil.hook import TorchHook
@@ -150,7 +138,7 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
 
     def _review_release(self, principal: Principal, oid: int, entry: Entry, action: str) -> None:
         """The owner's review policy for releases the monitor decides alone (openings)."""
-        _governance_release(self, [oid], [entry], principal.user, action)
+        _handlers._governance_release(self, [oid], [entry], principal.user, action)
 
     @property
     def _objects(self) -> dict[int, Any]:
@@ -251,7 +239,9 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
         discard, principal = self.monitor.discard, None
         # In-process (no server override of _handle, the stock command handler): each command goes
         # straight to _run_command, the body of that handler, with the batch's one principal.
-        plain = type(self)._handle is BaseWorker._handle and HANDLERS.get(m.CommandMessage) is _handle_command
+        plain = (type(self)._handle is BaseWorker._handle
+                 and HANDLERS.get(m.CommandMessage) is _handlers._handle_command)
+        run_command = _handlers._run_command
         handle = self._handle
         token = cancellation.current_token()  # network workers: this request's limits (None in-process)
         local = self._request  # the requester, per thread (a dealer's background thread may run here too)
@@ -276,7 +266,7 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
                     if plain:
                         if principal is None:
                             principal = self.principal(sender)
-                        _run_command(self, principal, sender, *item)  # deserialize checked: 5 fields
+                        run_command(self, principal, sender, *item)  # deserialize checked: 5 fields
                     else:
                         handle(m.CommandMessage(*item), sender)
                 except Exception as e:
@@ -330,357 +320,5 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
         return f"<{type(self).__name__} id:{self.id} #objects:{len(self.monitor)}>"
 
 
-# ------------------------------------------------------------------ handlers
-
-
-def _purpose_of(op: Any) -> Purpose:
-    if op.name in owner_guard.DP_RELEASES:
-        return Purpose.DP_RELEASE
-    if op.worker_function and op.name.startswith("veil.mpc."):
-        return Purpose.PROTOCOL_STEP
-    return Purpose.COMPUTE
-
-
-def _is_stored_pointer(obj: Any) -> bool:
-    from veil.tensors.pointer import PointerTensor
-
-    return isinstance(obj, PointerTensor)
-
-
-def _refuse_deputy(worker: BaseWorker, principal: Principal, oid: int, action: str) -> None:
-    """A stored pointer would act on another worker with this worker's (peer) rights: refused on network
-    workers, where the requester's own rights there cannot be checked."""
-    error = PermissionDeniedError(
-        f"object {oid} on worker {worker.id!r} is a pointer to another worker; the worker will not act there "
-        "for a client with its own rights (use a pointer to that worker directly)")
-    worker.monitor.audit(action, principal, [oid], "refused", str(error))
-    raise error
-
-
-_REF = m.ObjectRef
-_OPS_BY_NAME = ALLOWLIST._by_name  # by_name's table, read inline on every command
-_PLAIN_TENSOR = torch.Tensor
-_set_grad_enabled = torch._C._set_grad_enabled
-_EMPTY: frozenset = frozenset()
-_DEALER = Kind.DEALER
-
-
-@register_handler(m.CommandMessage)
-def _handle_command(worker: BaseWorker, msg: m.CommandMessage, sender: str) -> Any:
-    return _run_command(worker, worker.principal(sender), sender, msg.op, msg.args, msg.kwargs, msg.return_ids,
-                        msg.grad_enabled)
-
-
-def _run_command(worker: BaseWorker, principal: Principal, sender: str, name: Any, wire_args: Any, kwargs: Any,
-                 ids: Any, grad_enabled: Any) -> Any:
-    """One command (a CommandMessage's fields; deferred commands come here straight from the batch)."""
-    op = _OPS_BY_NAME.get(name) if type(name) is str else None
-    if op is None:
-        op = ALLOWLIST.by_name(name)  # raises the refusal
-    if not isinstance(wire_args, (list, tuple)) or type(kwargs) is not dict:
-        raise SerializationError("command args must be a tuple and kwargs a map")
-    monitor, purpose = worker.monitor, _purpose_of(op)
-    found: dict[int, Entry] = {}
-    wire_kwargs = kwargs
-    args = monitor.resolve_list(principal, wire_args, purpose, found)
-    if kwargs:
-        kwargs = monitor.resolve_args(principal, kwargs, purpose, found)
-        for k in kwargs:
-            if type(k) is not str:
-                raise SerializationError("command keyword names must be strings")
-    entries = list(found.values())
-    # one pass over the inputs decides which of the checks below apply (most commands: none)
-    any_protected = any_dp = any_wrapped = any_restricted = False
-    for e in entries:
-        if e.protected:
-            any_protected = True
-        if e.meta and e.meta.get("dp_only"):
-            any_dp = True
-        if type(e.obj) is not _PLAIN_TENSOR:
-            any_wrapped = True
-        if e.reveal_to is not None or e.kind == _DEALER:
-            any_restricted = True
-    if any_wrapped and principal.isolated:
-        for oid, e in found.items():
-            if _is_stored_pointer(e.obj):
-                _refuse_deputy(worker, principal, oid, "compute")
-    if any_dp:
-        try:
-            owner_guard.check_dp_only(op.name, entries, worker.id)
-        except PermissionDeniedError as e:
-            monitor.audit(purpose.value, principal, list(found), "refused", f"{op.name}: {e}")
-            raise
-    if entries and op.name in owner_guard.REVIEWED_INPUTS and _tracking(worker):
-        _governance_release(worker, list(found), entries, principal.user, op.name)
-    protected = owner_guard.protected_storages(entries) if any_protected else _EMPTY
-    secret = False  # an input the requester may not learn: no value-dependent shape, failure or error text
-    oblivious_guard = None
-    dealer = _EMPTY
-    if any_restricted:
-        if any(e.kind == _DEALER for e in entries):
-            monitor.bind_dealt(principal, entries)
-            dealer = owner_guard.dealer_storages(entries)  # never written; results aliasing them are copies
-        hidden = [oid for oid, e in found.items() if monitor.hides(principal, e)]
-        if hidden:
-            secret = True
-            if not op.name.startswith(PROTOCOL_PREFIXES):  # plans and torch ops: requester-chosen ops
-                oblivious_guard = oblivious.guard(op.name, [found[oid].obj for oid in hidden])
-            else:  # protocol steps are veil's, trusted not to branch on shares: only not as public parameters
-                why = oblivious.protocol_refusal(op.name, op.func, wire_args, wire_kwargs, set(hidden))
-                if why is not None:
-                    monitor.audit(purpose.value, principal, list(found), "refused", why)
-                    raise PermissionDeniedError(why)
-        # requester-chosen ops (torch ops, plans) may not write a restricted value into a more revealable input
-        # (laundering) nor write dealt material; protocol steps are veil's own and read their inputs
-        chosen = not op.name.startswith(PROTOCOL_PREFIXES)
-        weaker = owner_guard.weaker_storages(entries) if len(entries) > 1 and chosen else _EMPTY
-        if weaker:
-            protected = protected | weaker
-        if dealer and chosen:
-            protected = protected | dealer  # worker functions (plans) get copies of them
-    if protected:
-        if op.worker_function:
-            args = owner_guard.copy_protected_args(args, protected)
-            kwargs = owner_guard.copy_protected_args(kwargs, protected)
-        else:
-            owner_guard.check_writes(op.name, op.func, args, kwargs, protected, worker.id)
-    grad = bool(grad_enabled)
-    grad_before = torch.is_grad_enabled()
-    try:
-        if grad is not grad_before:
-            _set_grad_enabled(grad)
-        if op.worker_function:  # it may store outputs itself (monitor.store_output): tell it who asked
-            with monitor.running(principal, entries, op.name), oblivious_guard or _NO_GUARD:
-                result = op.func(worker, *args, **kwargs)
-        elif oblivious_guard is not None:  # secret inputs: no value-dependent shape, failure or Python value
-            with oblivious_guard, owner_guard.refuse_writes(op.name, protected, worker.id):
-                result = op.func(*args, **kwargs)
-        elif protected:  # schema-checked writes for torch ops (worker functions got copies)
-            with owner_guard.refuse_writes(op.name, protected, worker.id):
-                result = op.func(*args, **kwargs)
-        else:
-            result = op.func(*args, **kwargs)
-    except Exception as e:  # errors on owner data carry no values
-        if isinstance(e, PermissionDeniedError) and oblivious_guard is not None:
-            monitor.audit(purpose.value, principal, list(found), "refused", str(e))
-        if purpose is Purpose.DP_RELEASE:
-            monitor.audit("dp_release", principal, list(found), "refused",
-                          f"{op.name}: {e}" if isinstance(e, VeilError) else f"{op.name}: {type(e).__name__}")
-        raise owner_guard.client_error(op.name, e, protected or ({0} if secret else _reviewed_inputs(worker, entries)),
-                                       worker.id) from e
-    finally:
-        if grad is not grad_before:
-            _set_grad_enabled(grad_before)
-    if purpose is Purpose.DP_RELEASE:
-        monitor.audit("dp_release", principal, list(found), "allowed", op.name)
-    if protected and not op.worker_function:
-        result = owner_guard.copy_aliases(result, protected)
-    elif dealer:  # a worker function that returned dealt material itself: a copy, not a writable alias
-        result = owner_guard.copy_aliases(result, dealer)
-    # Governance (#16): once a dataset is under review, results also carry the op graph the owner
-    # reviews (entry.meta), and objects the op wrote are re-stamped; the monitor's Entry.provenance
-    # (the set of source datasets) is recorded by monitor.store either way.
-    lineage = None
-    # a reviewed input's result was released with the approval of its inputs (a masked value): no lineage
-    if entries and op.name not in owner_guard.REVIEWED_INPUTS and _tracking(worker):
-        from veil.governance import provenance
-
-        inputs = {id(e.obj): oid for oid, e in found.items()}
-        lineage = provenance.lineage_of(op.name, tuple(args), inputs, found, kwargs)
-        provenance.taint_writes(worker, lineage, op, tuple(args), kwargs, found, sender)
-    if op.shapes == NO_RESULT or ids == []:
-        return _OK
-    if ids is None:
-        inputs = {id(e.obj): oid for oid, e in found.items()}
-        return m.ResultReply(_describe_results(worker, principal, result, inputs, entries, op.name, lineage))
-    results = [result] if type(result) is _PLAIN_TENSOR else leaves(result)
-    if type(ids) is not list or len(ids) != len(results):
-        raise RemoteExecutionError(
-            f"{op.name} returned {len(results)} tensors but the caller expected {len(ids) if isinstance(ids, list) else ids!r}"
-        )
-    store = monitor.store
-    dealt = [] if op.name in DEALER_OUTPUTS else None
-    for oid, tensor in zip(ids, results):
-        if oid != 0:  # 0: the result is one of the inputs (in-place op), already stored
-            stored = store(principal, oid, tensor, sources=entries, op_name=op.name)
-            if lineage is not None:  # governance (#16)
-                provenance.stamp(stored, lineage, tensor)
-            if dealt is not None:
-                dealt.append(stored)
-    if dealt:  # a dealer's material: which fields are uniform, which belong together
-        monitor.group_dealt(principal, op.name, args, dealt)
-    return _OK
-
-
-_OK = m.OkReply()
-_NO_GUARD = contextlib.nullcontext()
-
-
-def _describe_results(worker: BaseWorker, principal: Principal, result: Any, inputs: dict[int, int],
-                      entries: list, op_name: str, lineage: Any = None) -> Any:
-    from veil.ids import new_id
-    from veil.messaging.serde import DTYPE_NAMES
-
-    def describe(t: torch.Tensor) -> m.Descriptor:
-        oid = inputs.get(id(t))
-        if oid is None:
-            oid = new_id()
-            stored = worker.monitor.store(principal, oid, t, sources=entries, op_name=op_name)
-            if lineage is not None:  # governance (#16)
-                from veil.governance.provenance import stamp
-
-                stamp(stored, lineage, t)
-        return m.Descriptor(oid, tuple(t.shape), DTYPE_NAMES[t.dtype], bool(t.requires_grad))
-
-    out = map_structure(result, describe)
-    for leaf in leaves(out, object):
-        if not isinstance(leaf, (m.Descriptor, type(None))) and not isinstance(leaf, (tuple, list, dict)):
-            raise RemoteExecutionError("remote operations may only return tensors (use .get() to read values)")
-    return out
-
-
-@register_handler(m.ObjectMessage)
-def _handle_objects(worker: BaseWorker, msg: m.ObjectMessage, sender: str) -> Any:
-    if not isinstance(msg.objects, list) or not all(type(o) is m.StoredObject for o in msg.objects):
-        raise SerializationError("ObjectMessage.objects must be a list of stored objects")
-    for so in msg.objects:
-        if not isinstance(so.obj, tuple(STORABLE_TYPES)):
-            raise SerializationError(f"cannot store an object of type {type(so.obj).__name__}")
-        validate = STORE_VALIDATORS.get(type(so.obj))
-        if validate is not None:
-            validate(so.obj)
-    worker.monitor.store_objects(worker.principal(sender), msg.objects)
-    return m.OkReply()
-
-
-def _claimed_user(msg: Any, sender: str) -> str:
-    return msg.user if isinstance(msg.user, str) and msg.user else sender
-
-
-@register_handler(m.GetObjectsMessage)
-def _handle_get(worker: BaseWorker, msg: m.GetObjectsMessage, sender: str) -> Any:
-    from veil.tensors.pointer import PointerTensor, PointerWire
-
-    if not isinstance(msg.ids, list):
-        raise SerializationError("GetObjectsMessage.ids must be a list")
-    principal = worker.principal(sender).acting_as(_claimed_user(msg, sender))
-    entries = [worker.monitor.resolve(principal, oid, Purpose.REVEAL) for oid in msg.ids]
-    _governance_release(worker, msg.ids, entries, principal.user, "get")
-    out = []
-    for oid, entry in zip(msg.ids, entries):
-        obj = entry.obj
-        taken = msg.delete and not entry.protected
-        if isinstance(obj, PointerTensor):
-            # the requester takes over the remote object only when we let go of it
-            out.append(PointerWire.of(obj, garbage_collect_data=taken and obj.garbage_collect_data))
-            if taken:
-                obj.garbage_collect_data = False
-        else:
-            out.append(obj)
-        if taken:
-            worker.monitor.discard(principal, oid)
-    return m.ObjectsReply(out)
-
-
-def _reviewed_inputs(worker: BaseWorker, entries: list) -> set:
-    """Non-empty when an input derives from owner data while a ``review`` policy is in force: an error
-    text could quote its values, a release the owner has not approved (so it becomes value-free)."""
-    if any(e.provenance for e in entries) and _tracking(worker):
-        return {0}
-    return set()
-
-
-def _tracking(worker: BaseWorker) -> bool:
-    """Governance (#16): whether the worker records provenance (bound on first use: import cycle)."""
-    global _tracking
-    from veil.governance.state import tracking
-
-    _tracking = tracking
-    return tracking(worker)
-
-
-def _governance_release(worker: BaseWorker, ids: list, entries: list, user: str, purpose: str) -> None:
-    """Governance (#16): objects derived from ``review`` data leave only with the owner's approval."""
-    from veil.governance.release import enforce_all
-
-    current = getattr(worker, "current_session", None)
-    session = current() if current is not None else None
-    enforce_all(worker, ids, entries, user, session.id if session is not None else "-", purpose)
-
-
-@register_handler(m.DeleteMessage)
-def _handle_delete(worker: BaseWorker, msg: m.DeleteMessage, sender: str) -> Any:
-    if not isinstance(msg.ids, list):
-        raise SerializationError("DeleteMessage.ids must be a list")
-    principal = worker.principal(sender)
-    for oid in msg.ids:
-        worker.monitor.discard(principal, oid)
-    return m.OkReply()
-
-
-def _describe_entry(oid: int, entry: Entry) -> m.Descriptor:
-    from veil.messaging.serde import DTYPE_NAMES
-
-    t = entry.obj
-    shape = tuple(t.shape)
-    if entry.meta.get("hide_count") and shape:
-        shape = (0, *shape[1:])  # record count kept private (enable_dp(hide_count=True)): reported as 0
-    return m.Descriptor(oid, shape, DTYPE_NAMES[t.dtype], bool(t.requires_grad), entry.tags, entry.description)
-
-
-@register_handler(m.SearchMessage)
-def _handle_search(worker: BaseWorker, msg: m.SearchMessage, sender: str) -> Any:
-    if not isinstance(msg.query, list) or not all(isinstance(q, str) for q in msg.query):
-        raise SerializationError("search query must be a list of strings")
-    found = []
-    for oid, entry in worker.monitor.owned_entries(worker.principal(sender)):
-        # PySyft 0.2: each term matches a tag, the object's id, or a substring of its description
-        if isinstance(entry.obj, torch.Tensor) and all(
-            q in entry.tags or q == str(oid) or (q and q in (entry.description or "")) for q in msg.query
-        ):
-            found.append(_describe_entry(oid, entry))
-    return m.DescriptorsReply(found)
-
-
-@register_handler(m.ListObjectsMessage)
-def _handle_list(worker: BaseWorker, msg: m.ListObjectsMessage, sender: str) -> Any:
-    # Only the sender's own objects: listing others' ids would hand out capabilities.
-    principal = worker.principal(sender)
-    mine = [_describe_entry(oid, e) for oid, e in worker.monitor.owned_entries(principal)
-            if e.created_by == principal.session]
-    return m.DescriptorsReply(mine)
-
-
-@register_handler(m.MoveMessage)
-def _handle_move(worker: BaseWorker, msg: m.MoveMessage, sender: str) -> Any:
-    if not isinstance(msg.ids, list) or not isinstance(msg.new_ids, list) or len(msg.ids) != len(msg.new_ids):
-        raise SerializationError("MoveMessage needs lists of ids and new ids of equal length")
-    principal = worker.principal(sender).acting_as(_claimed_user(msg, sender))
-    detail = f"to {msg.destination}" if isinstance(msg.destination, str) else ""
-    entries = [worker.monitor.resolve(principal, oid, Purpose.MOVE, detail) for oid in msg.ids]
-    for oid, entry in zip(msg.ids, entries):
-        if not isinstance(entry.obj, tuple(STORABLE_TYPES)):
-            raise SerializationError(f"object {oid} cannot be moved")
-    _governance_release(worker, msg.ids, entries, principal.user, "move")
-    # Refusals first: whether the destination is reachable must not matter to a refused move.
-    destination = worker.resolve_worker(msg.destination)
-    # capabilities travel (reveal_to, share kind, DP-only, provenance): moving never widens who may reveal it
-    objects = [worker.monitor.outgoing(principal, new, e) for new, e in zip(msg.new_ids, entries)]
-    worker.send_msg(m.ObjectMessage(objects), destination)
-    for oid in msg.ids:
-        worker.monitor.discard(principal, oid)  # owner-protected data is copied, never taken
-    return m.OkReply()
-
-
-@register_handler(m.RemoteGetMessage)
-def _handle_remote_get(worker: BaseWorker, msg: m.RemoteGetMessage, sender: str) -> Any:
-    from veil.tensors.pointer import PointerTensor
-
-    principal = worker.principal(sender)
-    entry = worker.monitor.resolve(principal, msg.id, Purpose.HAND_OFF)
-    if not isinstance(entry.obj, PointerTensor):
-        raise ObjectNotFoundError(f"object {msg.id} on worker {worker.id!r} is not a pointer; nothing to remote_get")
-    if principal.isolated:
-        _refuse_deputy(worker, principal, msg.id, "remote_get")
-    worker.monitor.replace(principal, msg.id, entry.obj.get())
-    return m.OkReply()
+# the built-in handlers register themselves (they import this module, hence last)
+from veil.workers import handlers as _handlers  # noqa: E402
