@@ -23,6 +23,8 @@ from veil.mpc.providers.base import MaterialExhaustedError
 from veil.tensors.additive import share
 from veil.tensors.mpc_glue.remote_sharing import local_worker_of
 
+from mac_tampering import delta, tamper_material
+
 MIN, MAX = -(2**63), 2**63 - 1
 #: edges of the comparison's range (every d but -2^63) and of its bit positions
 EDGES = [0, 1, -1, 2, -2, MAX, MAX - 1, MIN + 1, MIN + 2, 2**62, -(2**62), 2**32, -(2**32), 2**31 - 1, 3, -7]
@@ -180,26 +182,6 @@ PARTIES = ("a", "b")
 TX = torch.tensor([3, -4, 0, 1 << 40, -(1 << 50), 17])
 
 
-def _delta(v: int) -> tuple:
-    limb, bit = divmod(v, 64)
-    return limb, -(2**63) if bit == 63 else 1 << bit
-
-
-def _tamper_material(dealer, method: str, field: int, v: int) -> None:
-    """Adds ``2^v`` to party b's share of every entry of one 128-bit field of what ``method`` deals."""
-    real = getattr(dealer, method)
-    limb, d = _delta(v)
-
-    def bad(*args, **kwargs):
-        items = real(*args, **kwargs)
-        fields = list(items["b"])
-        fields[2 * field + limb] = fields[2 * field + limb] + d
-        items["b"] = tuple(fields)
-        return items
-
-    setattr(dealer, method, bad)
-
-
 #: place -> (dealer method, field) for material; the comparison_mac fields: r, bits, products, alpha*r, ...
 MATERIAL = {
     "edabit_r": ("authenticated_comparison_material", 0),
@@ -217,9 +199,9 @@ def _trial(place: str, v: int, seed: int, op: str) -> str:
     mac.new_session()
     dealer = LocalDealer(seed=seed)
     if place in MATERIAL:
-        _tamper_material(dealer, *MATERIAL[place], v)
+        tamper_material(dealer, *MATERIAL[place], v)
     x = share(TX, PARTIES, dealer, active_security=True)
-    limb, d = _delta(v)
+    limb, d = delta(v)
     if place == "share":
         target = x.child if limb == 0 else x.mac.hi.child
         target["b"] = target["b"] + d

@@ -32,30 +32,11 @@ from veil.mpc.errors import MacCheckError
 from veil.mpc.providers import LocalDealer
 from veil.tensors.additive import share
 
+from mac_tampering import delta, tamper_material
+
 PARTIES = ("a", "b")
 X = torch.tensor([3, -4, 5, 1 << 40])
 Y = torch.tensor([7, 2, -1, -3])
-
-
-def _delta(v: int) -> tuple:
-    """``2^v`` as (limb index 0/1, int64 delta)."""
-    limb, bit = divmod(v, 64)
-    return limb, -(2**63) if bit == 63 else 1 << bit
-
-
-def _tamper_material(dealer, method: str, field: int, v: int) -> None:
-    """Adds ``2^v`` to party b's share of one 128-bit field (lo, hi) of every item ``method`` deals."""
-    real = getattr(dealer, method)
-    limb, d = _delta(v)
-
-    def bad(*args, **kwargs):
-        items = real(*args, **kwargs)
-        fields = list(items["b"])
-        fields[2 * field + limb] = fields[2 * field + limb] + d
-        items["b"] = tuple(fields)
-        return items
-
-    setattr(dealer, method, bad)
 
 
 #: place -> (what is computed, may the error change the result mod 2^64 at bits < 64)
@@ -78,12 +59,12 @@ def _trial(place: str, v: int, seed: int) -> str:
     mac.new_session()
     dealer = LocalDealer(seed=seed)
     if place.startswith("triple_"):
-        _tamper_material(dealer, "authenticated_triples", {"a": 0, "c": 2, "mac_c": 5}[place[7:]], v)
+        tamper_material(dealer, "authenticated_triples", {"a": 0, "c": 2, "mac_c": 5}[place[7:]], v)
     if place.startswith("truncation_"):
-        _tamper_material(dealer, "authenticated_truncation_pairs", {"r": 0, "q": 1}[place[11:]], v)
+        tamper_material(dealer, "authenticated_truncation_pairs", {"r": 0, "q": 1}[place[11:]], v)
     x = share(X, PARTIES, dealer, active_security=True)
     y = share(Y, PARTIES, dealer, active_security=True)
-    limb, d = _delta(v)
+    limb, d = delta(v)
     if place == "share":
         target = x.child if limb == 0 else x.mac.hi.child
         target["b"] = target["b"] + d
