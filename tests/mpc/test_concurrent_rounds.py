@@ -19,6 +19,8 @@ from veil.mpc.errors import MPCError, PartyFailedError, PartyUnreachableError
 from veil.mpc.party import OpenMessage
 from veil.tensors.mpc_glue.runtime import one_round
 
+from party_faults import is_open, lose_first_opening
+
 
 class ConcurrentWorker(sy.VirtualWorker):
     concurrent_requests = True
@@ -29,10 +31,6 @@ def parties(hook):
     alice, bob = ConcurrentWorker(hook, id="alice"), ConcurrentWorker(hook, id="bob")
     cp = sy.VirtualWorker(hook, id="crypto_provider")
     return alice, bob, cp
-
-
-def _is_open(data: bytes) -> bool:
-    return type(deserialize(data)[0]) is OpenMessage
 
 
 def _shared(x, alice, bob, cp):
@@ -47,7 +45,7 @@ def test_a_round_sends_to_every_party_at_once(parties, monkeypatch):
         real = w._recv_msg
 
         def recv(data, real=real):
-            if _is_open(data):
+            if is_open(data):
                 barrier.wait()
                 met.append(1)
             return real(data)
@@ -63,16 +61,7 @@ def test_a_lost_party_raises_a_clear_mpc_error_and_the_next_query_works(parties,
     alice, bob, cp = parties
     x, y = torch.randn(5, 4), torch.randn(4, 2)
     sx, sy_ = _shared(x, alice, bob, cp), _shared(y, alice, bob, cp)
-    real = bob._recv_msg
-    fail = {"open": True}
-
-    def flaky(data):
-        if fail["open"] and _is_open(data):
-            fail["open"] = False
-            raise ConnectionLostError("connection to worker 'bob' was lost: test")
-        return real(data)
-
-    monkeypatch.setattr(bob, "_recv_msg", flaky)
+    lose_first_opening(monkeypatch, bob)
     with pytest.raises(MPCError, match="party 'bob' was lost during opening") as info:
         sx @ sy_
     assert isinstance(info.value, PartyUnreachableError) and isinstance(info.value, ConnectionLostError)
@@ -90,7 +79,7 @@ def test_a_party_error_mid_round_is_its_own_error_and_the_next_query_works(parti
     fail = {"open": True}
 
     def refusing(data):
-        if fail["open"] and _is_open(data):
+        if fail["open"] and is_open(data):
             fail["open"] = False
             msg, sender, prelude = deserialize(data)
             bad = OpenMessage("not_a_step", msg.args, msg.kwargs)  # the party refuses this step

@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 
 import veil as sy
-from veil.exceptions import ConnectionLostError
 from veil.messaging import messages as m
 from veil.messaging.serde import deserialize
 from veil.mpc.errors import MPCError, PartyUnreachableError
 from veil.mpc.party import OpenMessage
 from veil.mpc.providers.worker_dealer import EXPAND, dealer_for
 from veil.tensors.mpc_glue import runtime
+
+from party_faults import lose_first_opening
 
 
 @pytest.fixture
@@ -190,16 +191,7 @@ def test_a_lost_party_in_a_threaded_round_raises_and_the_next_query_works(worker
     alice, bob, cp = workers
     x, y = torch.randn(200, 200), torch.randn(200, 200)
     sx, sy_ = _shared(x, alice, bob, cp=cp), _shared(y, alice, bob, cp=cp)
-    real = bob._recv_msg
-    fail = {"open": True}
-
-    def flaky(data):
-        if fail["open"] and type(deserialize(data)[0]) is OpenMessage:
-            fail["open"] = False
-            raise ConnectionLostError("connection to worker 'bob' was lost: test")
-        return real(data)
-
-    monkeypatch.setattr(bob, "_recv_msg", flaky)
+    lose_first_opening(monkeypatch, bob)
     with pytest.raises(MPCError, match="party 'bob' was lost during opening") as info:
         sx @ sy_
     assert isinstance(info.value, PartyUnreachableError)

@@ -34,3 +34,17 @@ def start_peered_pair(spawn, data_dir) -> dict:
 
 def tensor_eq(a, b) -> bool:
     return torch.equal(a, b)
+
+
+def in_process_server(hook, worker_id: str):
+    """A WebsocketServerWorker that is not listening, with one authenticated scientist session registered:
+    ``(server, tokens, session)``, for driving its request path (``try_inline``, ``serve_bytes``) directly."""
+    from veil.workers.websocket_auth import authenticate
+    from veil.workers.websocket_server import WebsocketServerWorker
+
+    tokens = sy.TokenTable()
+    tokens.add(TOKEN, "scientist")
+    server = WebsocketServerWorker(hook, id=worker_id, port=0, tokens=tokens)
+    session = authenticate(tokens, [TOKEN])
+    server.sessions[session.id] = session
+    return server, tokens, session

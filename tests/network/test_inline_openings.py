@@ -7,22 +7,17 @@ plain torch on the same tensors, and both paths must answer alike.
 
 import torch
 
-import veil as sy
 from veil.messaging import messages as m
 from veil.messaging.serde import deserialize, serialize
 from veil.mpc.party import WIRE_PREFIX, OpenMessage
 from veil.workers.websocket_auth import authenticate
-from veil.workers.websocket_server import INLINE_MAX_SHARE_BYTES, WebsocketServerWorker, _inline_kind
+from veil.workers.websocket_server import INLINE_MAX_SHARE_BYTES, _inline_kind
 
-from network_helpers import TOKEN
+from network_helpers import TOKEN, in_process_server
 
 
 def _server(hook):
-    tokens = sy.TokenTable()
-    tokens.add(TOKEN, "scientist")
-    server = WebsocketServerWorker(hook, id="inline-open-srv", port=0, tokens=tokens)
-    session = authenticate(tokens, [TOKEN])
-    server.sessions[session.id] = session
+    server, _, session = in_process_server(hook, "inline-open-srv")
     return server, session
 
 

@@ -10,15 +10,13 @@ import msgpack
 import pytest
 import torch
 
-import veil as sy
 from veil.messaging import messages as m
 from veil.messaging.serde import DTYPES, EXT_CODES, FRAME_MAGIC, deserialize, serialize
 from veil.workers.websocket_auth import authenticate, handshake_headers
-from veil.workers.websocket_server import (INLINE_BUDGET_SECONDS, INLINE_MAX_COMMANDS, WebsocketServerWorker,
-                                          _inline_ok)
+from veil.workers.websocket_server import INLINE_BUDGET_SECONDS, INLINE_MAX_COMMANDS, _inline_ok
 from veil.workers.websocket_transport import BlockingConnection
 
-from network_helpers import TOKEN, base_args
+from network_helpers import TOKEN, base_args, in_process_server
 
 
 def _sample(name: str, n: int) -> torch.Tensor:
@@ -129,10 +127,7 @@ def test_only_short_requests_take_the_inline_path(hook):
     assert not _short(serialize(m.MoveMessage([1], "bob", [2]), sender="c"))  # talks to a peer
     batch = [["torch.add", [], {}, [], False]] * (INLINE_MAX_COMMANDS + 1)
     assert not _short(_command("torch.add", prelude=batch))  # a long batch yields to other sessions
-    tokens = sy.TokenTable()
-    tokens.add(TOKEN, "scientist")
-    server = WebsocketServerWorker(hook, id="inline-ok-srv", port=0, tokens=tokens)
-    session = authenticate(tokens, [TOKEN])
+    server, _, session = in_process_server(hook, "inline-ok-srv")
     big = serialize(m.ObjectMessage([m.StoredObject(1, torch.ones(2**17))]), sender="c")
     assert server.try_inline(big, session) == (None, None)  # big: decoded on its handler thread
     fit = server.try_inline(_command("veil.plan.fit"), session)
@@ -145,11 +140,7 @@ def test_only_short_requests_take_the_inline_path(hook):
 
 
 def test_a_session_whose_inline_request_ran_long_goes_back_to_handler_threads(hook):
-    tokens = sy.TokenTable()
-    tokens.add(TOKEN, "scientist")
-    server = WebsocketServerWorker(hook, id="inline-srv", port=0, tokens=tokens)
-    session = authenticate(tokens, [TOKEN])
-    server.sessions[session.id] = session
+    server, tokens, session = in_process_server(hook, "inline-srv")
     big = torch.randn(1500, 1500)
     assert server.serve_bytes(serialize(m.ObjectMessage([m.StoredObject(1, big)]), sender="c"), session)
     fast = serialize(m.GetObjectsMessage([1], False), sender="c")
