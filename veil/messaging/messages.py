@@ -9,7 +9,7 @@ and listing it in ``MESSAGE_TYPES``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 
 @dataclass(slots=True)  # one per pointer argument of every command: no per-instance dict
@@ -17,6 +17,24 @@ class ObjectRef:
     """Names an object in the receiving worker's store (inside command arguments)."""
 
     id: int
+
+
+def arg_leaves(value: Any) -> Iterator[Any]:
+    """The non-container values of a message argument (lists, tuples and dict values are walked)."""
+    tp = type(value)
+    if tp is list or tp is tuple:
+        for v in value:
+            yield from arg_leaves(v)
+    elif tp is dict:
+        for v in value.values():
+            yield from arg_leaves(v)
+    else:
+        yield value
+
+
+def object_refs(value: Any) -> Iterator[ObjectRef]:
+    """The ObjectRefs among a message argument's leaves."""
+    return (v for v in arg_leaves(value) if type(v) is ObjectRef)
 
 
 @dataclass

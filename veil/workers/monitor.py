@@ -31,7 +31,7 @@ from veil.messaging import messages as m
 from veil.tensors.handle import RemoteHandle
 from veil.workers import capabilities, dealt
 from veil.workers.capabilities import CAP_PREFIX, DEALER_TAG  # noqa: F401  (re-exported)
-from veil.workers.openings import OPENING_MASKS, OpeningRules, _leaves, _refs  # noqa: F401  (re-exported)
+from veil.workers.openings import OPENING_MASKS, OpeningRules  # noqa: F401  (re-exported)
 from veil.workers.principals import PURPOSES, Principal, Purpose, PurposeRule  # noqa: F401  (re-exported)
 from veil.workers.store import SHARED_NS, Entry, Kind, ObjectStore, StoreKey
 

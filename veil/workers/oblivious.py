@@ -40,6 +40,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from veil.exceptions import PermissionDeniedError
+from veil.messaging import messages as m
 from veil.workers.oblivious_ops import OBLIVIOUS, VALUE_CHECKED, VALUE_SHAPED
 
 
@@ -131,8 +132,8 @@ def protocol_refusal(op_name: str, func: Any, args: Any, kwargs: dict, secret: s
     may not run: a secret object (``secret``: ids) passed as one of its public parameters would become a
     Python value (a shape, a count, a branch, a divisor). None: it may run."""
     for pos, name in _public_parameters(op_name, func):
-        if (pos < len(args) and any(i in secret for i in _ref_ids(args[pos]))) or (
-                name in kwargs and any(i in secret for i in _ref_ids(kwargs[name]))):
+        if (pos < len(args) and any(r.id in secret for r in m.object_refs(args[pos]))) or (
+                name in kwargs and any(r.id in secret for r in m.object_refs(kwargs[name]))):
             return f"{op_name}: a share you may not reveal cannot be its public parameter {name!r}"
     return None
 
@@ -163,17 +164,3 @@ def _public_parameters(op_name: str, func: Any) -> tuple:
             out.append((i, p.name))
     _PUBLIC_CACHE[op_name] = cached = tuple(out)
     return cached
-
-
-def _ref_ids(value: Any) -> Any:
-    from veil.messaging import messages as m
-
-    tp = type(value)
-    if tp is m.ObjectRef:
-        yield value.id
-    elif tp is list or tp is tuple:
-        for v in value:
-            yield from _ref_ids(v)
-    elif tp is dict:
-        for v in value.values():
-            yield from _ref_ids(v)

@@ -10,7 +10,7 @@ for the step; every dealt item the opening touches binds to that protection
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -82,11 +82,11 @@ class OpeningRules:
         else:
             for pos in positions:
                 value = raw[pos] if pos < len(raw) else None
-                refs = list(_refs(value))
+                refs = list(m.object_refs(value))
                 if not refs:
                     error = f"{name} needs dealt masks at argument {pos} to open shares protected for another party"
                     break
-                if any(type(v) is not m.ObjectRef for v in _leaves(value)):
+                if any(type(v) is not m.ObjectRef for v in m.arg_leaves(value)):
                     # fss_mask([x], [0, r]) zips x with the inline 0: every mask must be a dealt field
                     error = f"{name}: argument {pos} holds a value that is not dealt material; every mask must be " \
                             "a dealt field to open shares protected for another party"
@@ -143,19 +143,3 @@ class OpeningRules:
         inputs and the session's taint (what it computes can be revealed no wider)."""
         reveal_to = dealt.strictest((e.reveal_to for e in entries), self._taints.get(principal.namespace))
         dealt.bind_all(entries, reveal_to)
-
-
-def _leaves(value: Any) -> Iterator[Any]:
-    """The non-container values of a wire argument (lists, tuples and dict values are walked)."""
-    if type(value) in (list, tuple):
-        for v in value:
-            yield from _leaves(v)
-    elif type(value) is dict:
-        for v in value.values():
-            yield from _leaves(v)
-    else:
-        yield value
-
-
-def _refs(value: Any) -> Iterator[m.ObjectRef]:
-    return (v for v in _leaves(value) if type(v) is m.ObjectRef)

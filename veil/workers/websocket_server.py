@@ -142,20 +142,6 @@ def _inline_ok(msg: Any, prelude: list) -> bool:
     return _inline_kind(msg, prelude) == "plain"
 
 
-def _refs(value: Any, out: list) -> list:
-    """Ids of the ObjectRefs in a decoded request's arguments (lists, tuples, maps)."""
-    tp = type(value)
-    if tp is m.ObjectRef:
-        out.append(value.id)
-    elif tp is list or tp is tuple:
-        for v in value:
-            _refs(v, out)
-    elif tp is dict:
-        for v in value.values():
-            _refs(v, out)
-    return out
-
-
 async def _receive(ws: ServerConnection) -> Any:
     """The next message. A fragmented one (veil clients fragment large requests) is assembled in an
     OwnedFrame, whose main tensor the decoder then uses in place: websockets' own assembly would
@@ -380,10 +366,8 @@ class WebsocketServerWorker(BaseWorker):
         """Whether the objects an opening and its deferred steps name hold at most ``INLINE_MAX_SHARE_BYTES``
         (``ReferenceMonitor.stored_bytes``: sizes only; results of the request's own steps count 0)."""
         msg, sender, prelude = decoded
-        ids = _refs(msg.args, _refs(msg.kwargs, []))
-        for item in prelude:
-            if type(item) is not int:
-                _refs(item[1], _refs(item[2], ids))
+        steps = [(item[1], item[2]) for item in prelude if type(item) is not int]
+        ids = [r.id for r in m.object_refs((msg.args, msg.kwargs, steps))]
         return self.monitor.stored_bytes(self.principal(sender), ids) <= INLINE_MAX_SHARE_BYTES
 
     def principal(self, sender: str) -> Principal:
