@@ -37,6 +37,7 @@ from veil.tensors.mpc_glue.module import fix_precision_module, share_module
 from veil.serving import protocol
 from veil.serving.cluster import CLIENT_USER, Cluster
 from veil.serving.errors import ServingError, WorkerUnavailableError
+from veil.serving.fuse import fuse_linear_layers
 from veil.serving.inputs import as_count, as_shape
 
 DEFAULT_SERVICE = "model"
@@ -58,11 +59,13 @@ class ModelService:
         clients: Users allowed to query (default: the cluster's client user).
         partial_timeout: Seconds a request may stay submitted to only some
             parties before it is failed (a client that died mid-submit, or an attacker).
+        fuse: Rewrite Conv2d -> AvgPool2d pairs of ``nn.Sequential`` containers into one
+            convolution first (:mod:`veil.serving.fuse`: the same function, one round fewer per pair).
     """
 
     def __init__(self, model: nn.Module, cluster: Cluster, input_shape: tuple, name: str = DEFAULT_SERVICE,
                  max_batch: int = 16, clients: tuple = (CLIENT_USER,), hook: Any = None,
-                 partial_timeout: float = 30.0) -> None:
+                 partial_timeout: float = 30.0, fuse: bool = True) -> None:
         self.hook = hook or default_hook()
         self.model, self.cluster, self.name = model.eval(), cluster, name
         self.max_batch = as_count(max_batch, "max_batch")
@@ -80,6 +83,7 @@ class ModelService:
         self._stop = threading.Event()
         self._closed = False
         self._thread: Optional[threading.Thread] = None
+        self.fused = fuse_linear_layers(model) if fuse else 0
         with torch.no_grad():  # output shape from a plaintext dry run on zeros, before encoding
             self.output_shape = tuple(model(torch.zeros(self.input_shape)).shape)
         fix_precision_module(model)
