@@ -60,6 +60,7 @@ from veil.mpc.material import (AND_LEVELS, GROUP_BITS, GROUP_LEVELS, GROUP_MASK,
                                ComparisonLayout)
 from veil.mpc.party import open_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
+from veil.mpc.truncation import finish_truncation, shift_for
 
 Shares = Mapping[Hashable, torch.Tensor]
 
@@ -229,6 +230,15 @@ def _and_open(state: list, a, b1, b2, level: int, first: bool) -> tuple:
     return (_pack(eq_hi ^ (a & m), lt_lo ^ (b1 & m), eq_lo ^ (b2 & m)),)
 
 
+@party_function("cmp_and_open_values", openable=True, xor=1)
+def _and_open_values(state: list, a, b1, b2, level: int, first: bool, values: list, masks: list) -> tuple:
+    """:func:`_and_open`'s word (XOR shares), then shares of ``v_j + r_j`` (additive): a value known only
+    after the comparison's first round (a truncation's result) opened with its first AND level."""
+    if not isinstance(values, list) or not isinstance(masks, list) or len(values) != len(masks) or not values:
+        raise ValueError("cmp_and_open_values needs one mask per value")
+    return (*_and_open(state, a, b1, b2, level, first), *(v + r for v, r in zip(values, masks)))
+
+
 @party_function("cmp_and_next")
 def _and_next(state: list, opened, a, b1, b2, c1, c2, level: int, first: bool) -> tuple:
     """Stores the next level's shares of ``(lt, eq)``."""
@@ -269,7 +279,7 @@ def _select(e, opened: list, masks: list, rho, masks_rho: list, first: bool) -> 
 
 def sign_select(d: Shares, extras: Sequence[Shares], provider: Provider,
                 products: bool = True) -> tuple[dict, list[dict]]:
-    """Shares of ``[d > 0]`` and of ``v * [d > 0]`` for ``v`` in ``(d, *extras)`` (8 rounds).
+    """Shares of ``[d > 0]`` and of ``v * [d > 0]`` for ``v`` in ``(d, *extras)`` (6 rounds).
 
     Same contract as :func:`veil.mpc.comparison.sign_select`.
     """
@@ -284,22 +294,73 @@ def sign_select(d: Shares, extras: Sequence[Shares], provider: Provider,
     values = {p: [d[p]] + [w[p] for w in extras] for p in parties}
     masks = {p: mats[p][:lay.n_masks] for p in parties}
     opened = open_parties("cmp_mask_values", {p: (values[p][:lay.n_masks], masks[p]) for p in parties})
+    bit_open, _ = _circuit(mats, lay, opened[0])
+    return _select_all(bit_open, opened[:n_values], mats, lay, range(n_values))
+
+
+def truncate_relu(y: Shares, divisor: int, provider: Provider) -> dict:
+    """Shares of ``max(y / divisor, 0)`` (truncation, then ReLU) in 6 rounds instead of 1 + 6.
+
+    The comparison runs on ``y`` itself (``[y > 0]``): round 1 opens ``y + r_0``
+    (the comparison's mask) and ``y + r_t`` (a truncation pair's, ``c = y + r_t
+    + K`` after opening) in one step; the truncated ``z`` is then local
+    (:func:`veil.mpc.truncation.finish_truncation`), and ``z + r_1`` is opened
+    with the first AND level (``cmp_and_open_values``), ready for the final
+    local select ``z * [y > 0]``. That equals ``max(z, 0)`` but at ``y = 0``
+    (``z`` in {0, 1}: 0 instead of ``z``), within truncation's own one ulp:
+    ``y > 0`` gives ``z >= 0``, ``y < 0`` gives ``z <= 0``.
+
+    Range: truncation's, ``|y| <= 2^62 - divisor``; every opened value is
+    uniformly masked by a fresh dealt field (``r_0``, ``r_t``, the AND masks,
+    ``r_1``, ``rho``).
+    """
+    parties = list(y.keys())
+    shape = tuple(y[parties[0]].shape)
+    pairs = provider.truncation_pairs(shape, divisor, parties)
+    lay = ComparisonLayout(2)  # r_0 masks y for the comparison, r_1 masks z for the product
+    material = provider.comparison_material(shape, 2, parties)
+    mats = {p: list(material[p]) for p in parties}
+    xhat, c = open_parties("cmp_mask_values", {p: ([y[p], y[p]], [mats[p][0], pairs[p][0]]) for p in parties})
+    z = finish_truncation(c + shift_for(divisor), pairs, divisor)
+    late = {p: ([z[p]], [mats[p][1]]) for p in parties}
+    bit_open, (z_hat,) = _circuit(mats, lay, xhat, late)
+    _, (out,) = _select_all(bit_open, [z_hat], mats, lay, [1])
+    return out
+
+
+def _circuit(mats: dict, lay: ComparisonLayout, xhat: torch.Tensor, late: dict | None = None):
+    """The AND levels and the last round: ``(e, late_opened)``, ``e = b ^ rho`` public (``b = [x >= 0]``,
+    ``x = xhat - r_0 - 1``). ``late``: party -> ``(values, masks)`` opened with the first AND level."""
+    parties = list(mats)
     first = {p: i == 0 for i, p in enumerate(parties)}
     # the first AND level derives (lt, eq) of the 4-bit groups from (xhat, R, group words) itself
-    state = {p: [opened[0], mats[p][lay.r_xor]] + [mats[p][i] for i in lay.groups] for p in parties}
+    state = {p: [xhat, mats[p][lay.r_xor]] + [mats[p][i] for i in lay.groups] for p in parties}
+    late_opened: list = []
     for level in range(AND_LEVELS):
         trip = {p: [mats[p][i] for i in lay.triple(level)] for p in parties}
         prods = {p: [mats[p][i] for i in lay.products(level)] for p in parties}
-        (word,) = open_parties("cmp_and_open", {p: (state[p], *trip[p], level, first[p]) for p in parties})
+        if level == 0 and late:
+            word, *late_opened = open_parties("cmp_and_open_values", {
+                p: (state[p], *trip[p], level, first[p], *late[p]) for p in parties})
+        else:
+            (word,) = open_parties("cmp_and_open", {p: (state[p], *trip[p], level, first[p]) for p in parties})
         if level == AND_LEVELS - 1:
             break
         # the next level's opening follows at every party: the step rides on it
         state = {p: list(run_party("cmp_and_next", state[p], word, *trip[p], *prods[p], level=level,
-                                   first=first[p], _defer=True)) for p in parties}
+                                   first=first[p])) for p in parties}
     (bit_open,) = open_parties("cmp_bit_open", {
-        p: (state[p], word, *trip[p], *prods[p], opened[0], mats[p][lay.r_xor], mats[p][lay.rho], first[p])
+        p: (state[p], word, *trip[p], *prods[p], xhat, mats[p][lay.r_xor], mats[p][lay.rho], first[p])
         for p in parties})
-    outs = {p: run_party("cmp_select", bit_open, opened[:n_values], masks[p][:n_values], mats[p][lay.rho_arith],
-                         [mats[p][i] for i in lay.masks_rho], first=first[p]) for p in parties}
+    return bit_open, late_opened
+
+
+def _select_all(bit_open: torch.Tensor, opened: list, mats: dict, lay: ComparisonLayout,
+                which: Sequence[int]) -> tuple[dict, list[dict]]:
+    """``(bits, products)`` from the public ``e``: the opened ``v_j + r_j`` for the masks ``j`` in ``which``."""
+    parties = list(mats)
+    outs = {p: run_party("cmp_select", bit_open, list(opened), [mats[p][j] for j in which],
+                         mats[p][lay.rho_arith], [mats[p][lay.masks_rho[j]] for j in which], first=i == 0)
+            for i, p in enumerate(parties)}
     bits = {p: outs[p][0] for p in parties}
-    return bits, [{p: outs[p][1 + j] for p in parties} for j in range(n_values)]
+    return bits, [{p: outs[p][1 + j] for p in parties} for j in range(len(which))]

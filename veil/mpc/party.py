@@ -25,6 +25,7 @@ module (it can still ``.get()`` pointers it owns, like any PySyft user).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Hashable, Mapping, Optional
 
@@ -44,14 +45,17 @@ PARTY_FUNCTIONS: dict[str, Callable[..., Any]] = {}
 OPENABLE: set[str] = set()
 #: openable names whose outputs are XOR shares (combined by ``^``, not ``+``)
 XOR_OPENABLE: set[str] = set()
+#: openable names whose first n outputs are XOR shares and the rest additive (two openings in one round)
+XOR_LEADING: dict[str, int] = {}
 
 WIRE_PREFIX = "veil.mpc."
 
 
-def party_function(name: str, openable: bool = False, xor: bool = False) -> Callable[[Callable], Callable]:
+def party_function(name: str, openable: bool = False, xor: bool | int = False) -> Callable[[Callable], Callable]:
     """Registers a party function and allowlists it as a worker function.
 
-    ``xor``: an openable step whose outputs are XOR (boolean) shares.
+    ``xor``: an openable step whose outputs are XOR (boolean) shares; an int
+    ``n``: its first ``n`` outputs are, the others additive.
     """
 
     def register(fn: Callable) -> Callable:
@@ -60,8 +64,10 @@ def party_function(name: str, openable: bool = False, xor: bool = False) -> Call
         PARTY_FUNCTIONS[name] = fn
         if openable:
             OPENABLE.add(name)
-            if xor:
+            if xor is True:
                 XOR_OPENABLE.add(name)
+            elif xor:
+                XOR_LEADING[name] = int(xor)
         register_worker_function(WIRE_PREFIX + name, lambda worker, *a, **k: fn(*a, **k))
         return fn
 
@@ -222,7 +228,7 @@ def open_parties(name: str, per_party: Mapping[Hashable, tuple], **kwargs: Any) 
             outputs[k] = list(out)
             received.add(k)
     totals: list[torch.Tensor] | None = None
-    xor = name in XOR_OPENABLE
+    n_xor = sys.maxsize if name in XOR_OPENABLE else XOR_LEADING.get(name, 0)  # outputs combined by ^
     # Sum into a received reply's tensors when there is one (no new tensor of the opened size per value)
     first = min(received) if received else 0
     outputs = [outputs[first]] + outputs[:first] + outputs[first + 1:]
@@ -236,13 +242,13 @@ def open_parties(name: str, per_party: Mapping[Hashable, tuple], **kwargs: Any) 
         if totals is None:
             totals = out
         elif in_place and all(t.is_contiguous() and not t.requires_grad for t in totals):
-            for t, o in zip(totals, out):
-                if xor:
+            for j, (t, o) in enumerate(zip(totals, out)):
+                if j < n_xor:
                     t.bitwise_xor_(o)
                 else:
                     t.add_(o)  # int64 addition wraps: sum mod 2^64
         else:
-            totals = [t ^ o for t, o in zip(totals, out)] if xor else [t + o for t, o in zip(totals, out)]
+            totals = [t ^ o if j < n_xor else t + o for j, (t, o) in enumerate(zip(totals, out))]
     n = len(per_party)
     per_party_bytes = 8 * (n - 1) * sum(t.numel() for t in totals)  # each party's share of every opened entry
     record_opening(sum(n * (n - 1) * t.numel() for t in totals), {p: per_party_bytes for p in per_party})

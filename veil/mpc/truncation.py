@@ -197,6 +197,17 @@ def truncate_with_pairs(shares: Shares, divisor: int, provider: Provider) -> dic
     shift = shift_for(divisor)
     (c,) = open_parties("trunc_mask", {p: (shares[p], pairs[p][0], shift if i == 0 else 0)
                                        for i, p in enumerate(parties)})
+    return finish_truncation(c, pairs, divisor)
+
+
+def finish_truncation(c: torch.Tensor, pairs: Mapping, divisor: int) -> dict:
+    """The parties' shares of ``x / divisor`` from the opened ``c = x + K + r`` (local steps).
+
+    Args:
+        c: The opened ``x + shift_for(divisor) + r`` (K added by a party or, the same mod 2^64, after opening).
+        pairs: party -> its ``(r, q, g)`` shares, parties in order (party 0 adds the public terms).
+    """
+    parties = list(pairs.keys())
     c_hi = pack_top_bits(c) if len(parties) > 1 else None  # all that parties 1.. need of c
     return {
         p: run_party("trunc_finish", c, pairs[p][1], pairs[p][2], divisor=divisor, first=True) if i == 0

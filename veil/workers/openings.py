@@ -26,7 +26,7 @@ from veil.workers.store import Entry, Kind
 OPENING_MASKS: dict[str, tuple[int, ...]] = {"beaver_mask": (2, 3), "trunc_mask": (1,), "fss_mask": (1,),
                                               # the bitwise comparison (veil/mpc/bit_comparison.py)
                                               "cmp_mask_values": (1,), "cmp_and_open": (1, 2, 3),
-                                              "cmp_bit_open": (9,)}
+                                              "cmp_and_open_values": (1, 2, 3, 7), "cmp_bit_open": (9,)}
 
 
 class OpeningRules:

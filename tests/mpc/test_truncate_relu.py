@@ -1,0 +1,58 @@
+"""Truncation folded into the ReLU that follows it (bit_comparison.truncate_relu): exact to truncation's ulp."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from veil.mpc import bit_comparison
+from veil.mpc.material import AND_LEVELS
+from veil.mpc.opening import count_openings, reconstruct
+from veil.mpc.providers import LocalDealer
+from veil.mpc.sharing import split
+from veil.mpc.truncation import TRUNCATION_BOUND
+
+from tests.mpc.test_exact_range import across_range
+
+
+def _check(y: torch.Tensor, divisor: int, parties, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    shares = dict(zip(parties, split(y, len(parties), gen)))
+    got = reconstruct(bit_comparison.truncate_relu(shares, divisor, LocalDealer(seed=seed)))
+    z = torch.div(y, divisor, rounding_mode="floor")  # truncation's result is z or z + 1
+    # the reference: max(y / d, 0) with truncation's one ulp; exactly 0 where y <= 0 (y = 0: z in {0, 1})
+    ok = torch.where(y > 0, (got == z) | (got == z + 1), got == 0)
+    assert bool(ok.all()), f"{int((~ok).sum())} wrong of {y.numel()}, e.g. y={y[~ok][:3].tolist()}"
+
+
+@pytest.mark.parametrize("divisor", [2**16, 4 * 2**16, 3, 1000003])
+def test_across_the_range(divisor):
+    gen = torch.Generator().manual_seed(divisor)
+    y = across_range(50_000, TRUNCATION_BOUND - divisor, gen)
+    for parties in (("a", "b"), ("a", "b", "c")):
+        _check(y, divisor, parties, seed=divisor % 1000)
+
+
+@settings(max_examples=30, deadline=None)
+@given(values=st.lists(st.integers(-(2**62) + 2**20, 2**62 - 2**20), min_size=1, max_size=20),
+       divisor=st.sampled_from([2, 7, 2**16, 2**18, 12345]), n_parties=st.sampled_from([2, 3]),
+       seed=st.integers(0, 2**31))
+def test_property(values, divisor, n_parties, seed):
+    edges = [0, 1, -1, divisor, -divisor, divisor - 1, -divisor + 1, 2**62 - 2**20, -(2**62) + 2**20]
+    _check(torch.tensor(values + edges), divisor, ("a", "b", "c")[:n_parties], seed)
+
+
+def test_one_round_fewer_than_truncate_then_relu():
+    y = torch.arange(-500, 500, dtype=torch.int64) * 977
+    shares = dict(zip(("a", "b"), split(y, 2)))
+    with count_openings() as stats:
+        bit_comparison.truncate_relu(shares, 2**16, LocalDealer(seed=1))
+    assert stats.rounds == 2 + AND_LEVELS  # the comparison's own rounds: the truncation rides on its first
+
+
+def test_open_values_step_refuses_bad_arguments():
+    w = torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="one mask per value"):
+        bit_comparison._and_open_values([w, w], w, w, w, 0, True, [w], [])
+    with pytest.raises(ValueError, match="one mask per value"):
+        bit_comparison._and_open_values([w, w], w, w, w, 0, True, [], [])
