@@ -236,6 +236,11 @@ def _and_open_values(state: list, a, b1, b2, level: int, first: bool, values: li
     after the comparison's first round (a truncation's result) opened with its first AND level."""
     if not isinstance(values, list) or not isinstance(masks, list) or len(values) != len(masks) or not values:
         raise ValueError("cmp_and_open_values needs one mask per value")
+    # each mask as large as its value, in the ring (the monitor pairs outputs with masks in order: the
+    # word with a, v_1 + r_1 with b1; a broadcast r_1 would hide only differences)
+    if not all(isinstance(v, torch.Tensor) and isinstance(r, torch.Tensor) and v.dtype == r.dtype == torch.int64
+               and v.shape == r.shape for v, r in zip(values, masks)):
+        raise ValueError("cmp_and_open_values needs int64 masks of their values' shapes")
     return (*_and_open(state, a, b1, b2, level, first), *(v + r for v, r in zip(values, masks)))
 
 

@@ -11,14 +11,23 @@ fewer convolution outputs. Output sizes agree: the convolution gives
 ``H' = H + 2p - kc + 1`` and the pool ``floor(H' / k)``; the fused
 convolution ``floor((H + 2p - (kc + k - 1)) / k) + 1``, the same.
 
-Only ``nn.Sequential`` containers are rewritten (in place, the pool becoming
-``nn.Identity``); a custom ``forward`` is left as it is.
+A ``Conv2d`` or ``Linear`` followed by a ``ReLU`` becomes :class:`LayerReLU`:
+on shared fixed-precision inputs it adds the bias at the product's scale
+``s^2`` and runs :func:`veil.mpc.bit_comparison.truncate_relu`, so the
+product's truncation rides on the comparison's rounds (one round fewer per
+pair); on anything else (the plaintext dry run, public fixed precision,
+authenticated shares, another comparison protocol) it is the layer then ReLU.
+
+Only ``nn.Sequential`` containers are rewritten (in place, the pool or ReLU
+becoming ``nn.Identity``); a custom ``forward`` is left as it is.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+aten = torch.ops.aten
 
 
 def _pair(v) -> tuple:
@@ -56,8 +65,61 @@ def fused_conv_pool(conv: nn.Conv2d, pool: nn.AvgPool2d) -> nn.Conv2d:
     return fused.to(conv.weight.dtype)
 
 
+class LayerReLU(nn.Module):
+    """``relu(layer(x))`` for a Conv2d or Linear ``layer``; on shared inputs with the product's truncation
+    folded into the ReLU's comparison (see the module doc)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _shared_circuit(x, self.layer.weight, 4 if isinstance(self.layer, nn.Conv2d) else 2):
+            return torch.relu(self.layer(x))
+        from veil.mpc.bit_comparison import truncate_relu
+        from veil.tensors.additive import AdditiveSharingTensor
+        from veil.tensors.fixed_precision import FixedPrecisionTensor
+
+        layer, enc = self.layer, x.encoding
+        w = layer.weight.child
+        if isinstance(layer, nn.Conv2d):
+            y = aten.convolution.default(x.child, w, None, list(layer.stride), list(layer.padding),
+                                         list(layer.dilation), False, [0, 0], layer.groups)
+            shape = [1, -1, 1, 1]
+        else:
+            y = aten.mm.default(x.child, aten.t.default(w))
+            shape = [1, -1]
+        if layer.bias is not None:  # at the product's scale s^2: exact (a public integer factor)
+            y = aten.add.Tensor(y, aten.view.default(aten.mul.Tensor(layer.bias.child, enc.scale), shape))
+        out = truncate_relu(y.child, enc.scale, y.crypto_provider)
+        return FixedPrecisionTensor(AdditiveSharingTensor(out, y.crypto_provider), enc, x.dtype)
+
+
+def _shared_circuit(x: torch.Tensor, weight: torch.Tensor, dim: int) -> bool:
+    """True when ``x`` and ``weight`` are fixed-precision additive shares (no MACs, one encoding) and
+    comparisons run the bitwise circuit: the case :func:`truncate_relu` computes."""
+    from veil.mpc import comparison
+    from veil.tensors.additive import AdditiveSharingTensor
+    from veil.tensors.fixed_precision import FixedPrecisionTensor
+    from veil.tensors.mac_dispatch import is_authenticated
+
+    if comparison.DEFAULT_COMPARISON != "circuit":
+        return False
+    if not (isinstance(x, FixedPrecisionTensor) and isinstance(weight, FixedPrecisionTensor)):
+        return False
+    xc, wc = x.child, weight.child
+    return (type(xc) is AdditiveSharingTensor and type(wc) is AdditiveSharingTensor and x.encoding == weight.encoding
+            and not is_authenticated(xc) and not is_authenticated(wc) and x.dim() == dim)
+
+
+def _pairs(sub: nn.Sequential):
+    """Adjacent ``(name, module, name, module)`` of a Sequential, skipping Identity modules in between."""
+    items = [(n, m) for n, m in sub._modules.items() if m is not None and type(m) is not nn.Identity]
+    return [(a, m, b, n) for (a, m), (b, n) in zip(items, items[1:])]
+
+
 def fuse_linear_layers(model: nn.Module) -> int:
-    """Rewrites every Conv2d -> AvgPool2d pair inside ``nn.Sequential`` containers (in place).
+    """Rewrites Conv2d -> AvgPool2d, then Conv2d/Linear -> ReLU pairs of ``nn.Sequential`` containers (in place).
 
     Returns:
         How many pairs were fused.
@@ -66,11 +128,20 @@ def fuse_linear_layers(model: nn.Module) -> int:
     for sub in list(model.modules()):
         if type(sub) is not nn.Sequential:
             continue
-        names = list(sub._modules)
-        for a, b in zip(names, names[1:]):
-            conv, pool = sub._modules[a], sub._modules[b]
-            if conv is not None and pool is not None and _fusable(conv, pool):
+        for a, conv, b, pool in _pairs(sub):
+            if _fusable(conv, pool) and sub._modules[a] is conv:
                 sub._modules[a] = fused_conv_pool(conv, pool)
                 sub._modules[b] = nn.Identity()
                 fused += 1
+        for a, layer, b, relu in _pairs(sub):
+            if type(layer) in (nn.Conv2d, nn.Linear) and type(relu) is nn.ReLU and _relu_fusable(layer):
+                sub._modules[a] = LayerReLU(layer)
+                sub._modules[b] = nn.Identity()
+                fused += 1
     return fused
+
+
+def _relu_fusable(layer: nn.Module) -> bool:
+    if isinstance(layer, nn.Conv2d):
+        return not isinstance(layer.padding, str) and layer.padding_mode == "zeros"
+    return True
