@@ -150,9 +150,9 @@ def test_a_party_refusing_mid_round_fails_that_query_and_the_next_one_is_right(c
         def one_party_refuses(name, per_party, kwargs):
             calls.append(name)
             if len(calls) == 2:  # mid-query: the second opening; the first party gets a step it must refuse
-                requests = [(args[0].owner, mpc_runtime.OpenMessage(n, mpc_runtime._wire(tuple(args)), kwargs),
-                             args[0].location)
-                            for n, args in zip(["not_a_step"] + [name] * (len(per_party) - 1), per_party)]
+                first = [mpc_runtime._first_pointer(args) for args in per_party]  # (a list of shares may lead)
+                requests = [(p.owner, mpc_runtime.OpenMessage(n, mpc_runtime._wire(tuple(args)), kwargs), p.location)
+                            for n, args, p in zip(["not_a_step"] + [name] * (len(per_party) - 1), per_party, first)]
                 return [list(r.objects) for r in mpc_runtime.one_round(requests, f"opening {name!r}")]
             return real_open(name, per_party, kwargs)
 
@@ -168,19 +168,24 @@ def test_a_party_refusing_mid_round_fails_that_query_and_the_next_one_is_right(c
         model.stop()
 
 
-def test_an_owner_side_failure_mid_query_leaves_no_queued_step_behind(cluster, client_for, monkeypatch):
+@pytest.mark.parametrize("fuse", [True, False])
+def test_an_owner_side_failure_mid_query_leaves_no_queued_step_behind(cluster, client_for, monkeypatch, fuse):
     model = _rounds_model()
     xs = torch.randn(3, 6)
     with torch.no_grad():
         expected = model(xs)
-    model.share(cluster, name="rounds-owner", input_shape=(1, 6))
+    name = f"rounds-owner-{fuse}"
+    model.share(cluster, name=name, input_shape=(1, 6), fuse=fuse)
     model.serve(background=True)
     try:
-        client = client_for(cluster, (1, 6), (1, 3), name="rounds-owner", timeout=60)
+        client = client_for(cluster, (1, 6), (1, 3), name=name, timeout=60)
+        from veil.mpc import bit_comparison
         from veil.mpc.errors import MPCError
         from veil.tensors.mpc_glue import maximum
 
-        real = maximum.sign_select
+        # the fused Linear -> ReLU truncates inside its comparison (veil/serving/fuse.py)
+        where, step = (bit_comparison, "truncate_relu") if fuse else (maximum, "sign_select")
+        real = getattr(where, step)
         failed = []
 
         def fail_once(*args, **kwargs):  # after the first layer's product: its last steps are still queued
@@ -189,7 +194,7 @@ def test_an_owner_side_failure_mid_query_leaves_no_queued_step_behind(cluster, c
                 raise MPCError("injected failure")
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(maximum, "sign_select", fail_once)
+        monkeypatch.setattr(where, step, fail_once)
         with pytest.raises(RequestFailedError):
             client.query_model(xs[:1])
         outs = torch.cat([client.query_model(xs[i:i + 1]) for i in range(3)])

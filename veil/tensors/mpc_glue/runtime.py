@@ -208,11 +208,24 @@ def _settle(requests: Sequence[tuple[Any, Any, Any]], replies: list, errors: lis
 
 
 def _wire(value: Any) -> Any:
-    return tree_map(lambda v: m.ObjectRef(v.id_at_location) if type(v) is PointerTensor else v, value)
+    """``value`` with every PointerTensor as an ObjectRef (lists, tuples and dicts walked; pytree's
+    tree_map costs ~30 us a step, several per round and party)."""
+    tp = type(value)
+    if tp is PointerTensor:
+        return m.ObjectRef(value.id_at_location)
+    if tp is list:
+        return [_wire(v) for v in value]
+    if tp is tuple:
+        return tuple(_wire(v) for v in value)
+    if tp is dict:
+        return {k: _wire(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, dict)):  # namedtuples, OrderedDicts: the general walk
+        return tree_map(lambda v: m.ObjectRef(v.id_at_location) if type(v) is PointerTensor else v, value)
+    return value
 
 
 def _first_pointer(values: Any) -> PointerTensor:
-    for leaf in tree_flatten(values)[0]:
+    for leaf in m.arg_leaves(values):
         if type(leaf) is PointerTensor:
             return leaf
     raise PartyFailedError("a remote protocol step has no share on a worker")
@@ -228,20 +241,26 @@ class WorkerRuntime(PartyRuntime):
 
     def run_on_party(self, name: str, args: tuple, kwargs: dict, outputs: Any) -> Any:
         first = _first_pointer((args, kwargs))
-        flat, spec = tree_flatten(outputs)
+        single = isinstance(outputs, torch.Tensor)  # the usual shapes (a tensor, a tuple of tensors) skip pytree
+        plain_tuple = type(outputs) is tuple and all(isinstance(t, torch.Tensor) for t in outputs)
+        flat, spec = ([outputs], None) if single else (list(outputs), None) if plain_tuple else tree_flatten(outputs)
         ids = [new_id() for _ in flat]
         owner, location = first.owner, first.location
         msg = m.CommandMessage(WIRE_PREFIX + name, _wire(args), _wire(kwargs), ids, False)
         owner.defer_command(location, msg)  # rides on the next request to that party (its next opening)
         ptrs = [PointerTensor(location, oid, owner, t.shape, t.dtype) for oid, t in zip(ids, flat)]
-        return tree_unflatten(ptrs, spec)
+        if single:
+            return ptrs[0]
+        return tuple(ptrs) if plain_tuple else tree_unflatten(ptrs, spec)
 
     def open_on_parties(self, name: str, per_party: Sequence[tuple], kwargs: dict) -> list[list[torch.Tensor]]:
         requests = []
         for args in per_party:
             first = _first_pointer(args)
             requests.append((first.owner, OpenMessage(name, _wire(tuple(args)), kwargs), first.location))
-        elements = max(elements_of(args) for args in per_party) if per_party else 0
+        # the work estimate matters only to in-process parties (network ones always run at once)
+        in_process = not all(waits_on_network(loc) for _, _, loc in requests)
+        elements = max(elements_of(args) for args in per_party) if per_party and in_process else 0
         return [list(reply.objects) for reply in one_round(requests, f"opening {name!r}", elements=elements)]
 
     def fetch(self, handles: Sequence[PointerTensor]) -> list[torch.Tensor]:
