@@ -124,7 +124,10 @@ def main() -> None:
         gaps += [(y["t0"] - x["t1"]) * 1e3 for x, y in zip(rs, rs[1:])]
     print(f"orchestrator gap between consecutive rounds: median {statistics.median(gaps):.2f} ms, "
           f"mean {statistics.mean(gaps):.2f} ms")
-    breakdown(records, trace_dir, windows, sum(q[2] for q in per_query))
+    try:
+        breakdown(records, trace_dir, windows, sum(q[2] for q in per_query))
+    except KeyError as e:  # a worker record cut short (a request that failed): the stage table is skipped
+        print(f"(no stage breakdown: incomplete worker record, {e})")
     print(f"load average {os.getloadavg()}")
 
 
