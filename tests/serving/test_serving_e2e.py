@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -199,6 +200,27 @@ def test_an_owner_side_failure_mid_query_leaves_no_queued_step_behind(cluster, c
             client.query_model(xs[:1])
         outs = torch.cat([client.query_model(xs[i:i + 1]) for i in range(3)])
         assert torch.allclose(outs, expected, atol=1e-2)
+    finally:
+        model.stop()
+
+
+def test_an_unexpected_owner_side_error_fails_the_claimed_query_at_once(cluster, client_for, monkeypatch):
+    # Not a VeilError (a bug in the orchestrator): the service stops, and the client whose batch was
+    # claimed gets an error instead of waiting out its timeout.
+    model = _rounds_model()
+    model.share(cluster, name="rounds-bug", input_shape=(1, 6))
+    model.serve(background=True)
+    try:
+        client = client_for(cluster, (1, 6), (1, 3), name="rounds-bug", timeout=120)
+        def bug(*args, **kwargs):  # after the batch was claimed: mid-computation
+            raise ZeroDivisionError("a bug in the orchestrator")
+
+        monkeypatch.setattr(RUNTIME, "open_on_parties", bug)
+        started = time.monotonic()
+        with pytest.raises(RequestFailedError, match="serving stopped"):
+            client.query_model(torch.randn(1, 6))
+        assert time.monotonic() - started < 60  # well before the client's timeout (120 s)
+        assert not model_service_alive(model)
     finally:
         model.stop()
 

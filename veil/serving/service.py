@@ -209,6 +209,13 @@ class ModelService:
             self._fail(rids, f"{type(e).__name__} while computing")
             self.failed_requests += len(rids)
             return 0
+        except BaseException as e:  # a bug or an interrupt stops the service: the claimed clients hear it now
+            try:                    # (closing fails only the queued requests; these were already claimed)
+                self._fail(rids, f"serving stopped ({type(e).__name__} on the model owner's side)")
+                self.failed_requests += len(rids)
+            except Exception:  # noqa: BLE001 (the original error is the one to report)
+                pass
+            raise
         self.served += len(rids)
         return len(rids)
 
