@@ -348,9 +348,14 @@ def serialize(msg: Any, sender: str = "", prelude: list | None = None,
     try:
         # Top-level tuples (command args) travel as plain arrays; handlers accept both.
         values = [v if type(v) is not tuple else list(v) for v in (getattr(msg, n) for n in names)]
+        message = [WIRE_VERSION, cls.TYPE, sender, prelude or [], *values]
+        try:  # most messages hold only msgpack's own types (pointers arrive pre-encoded): one packb call
+            return msgpack.packb(message, strict_types=True, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError):  # a type of ours (a tensor, a tuple...): the full encoder
+            pass
         previous, _oob.out = getattr(_oob, "out", None), _OutOfBand()
         try:
-            header = _pack([WIRE_VERSION, cls.TYPE, sender, prelude or [], *values])
+            header = _pack(message)
             buffers = _oob.out.buffers
         finally:
             _oob.out = previous

@@ -18,12 +18,14 @@ that the server closed anyway is reopened silently on its next request.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import ssl as ssl_module
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
@@ -100,6 +102,9 @@ class WebsocketClientWorker(BaseWorker):
         self._lock = threading.Lock()  # one request in flight per connection keeps replies in order
         self._lazy = lazy
         self._lost_while_idle = False
+        self._owed = 0  # posted requests whose replies are not read yet
+        self._early: list = []  # their replies, read ahead of a later request's
+        self._lost_replies = 0  # posted requests whose connection dropped before they were answered
         _watch(self)
         if not lazy:
             with self._lock:
@@ -130,6 +135,10 @@ class WebsocketClientWorker(BaseWorker):
         return self
 
     def _drop(self) -> None:
+        # replies still owed to posted requests will never come: collect() says so, once each
+        self._lost_replies += self._owed + len(self._early)
+        self._owed = 0
+        self._early.clear()
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
@@ -159,6 +168,12 @@ class WebsocketClientWorker(BaseWorker):
         if not self._lock.acquire(blocking=False):
             return
         try:
+            if self._owed:  # a posted request's reply is on its way: poll would drop it, so read it first
+                if self._conn is None or not select.select([self._conn.sock], [], [], 0)[0]:
+                    return
+                while self._owed:
+                    self._early.append(self._reply_locked(self._conn))
+                    self._owed -= 1
             if self._conn is not None and not self._conn.poll():
                 self._drop()
                 self._lost_while_idle = True
@@ -168,34 +183,76 @@ class WebsocketClientWorker(BaseWorker):
     def _recv_msg(self, data: bytes | FrameParts) -> bytes:
         """Forwards one serialized request and returns the serialized reply."""
         with self._lock:
-            if self._lost_while_idle:
-                self._lost_while_idle = False
-                if not self._lazy:  # the old session's objects are gone on the server: say so
-                    raise ConnectionLostError(f"worker {self.id!r} at {self.url} closed the idle connection; "
-                                              f"objects of that session are gone (the next request reconnects)")
-            conn = self._conn if self._conn is not None else self._connect()
-            size = data.nbytes if type(data) is FrameParts else len(data)
-            if self._server_max is not None and size > self._server_max:
-                raise SerializationError(
-                    f"message of {size} bytes exceeds worker {self.id!r}'s limit of {self._server_max} bytes"
-                )
-            try:
-                conn.send(data)
-                reply = conn.recv(timeout=self.timeout)
-            except TimeoutError:
-                self._drop()  # a late reply would answer the wrong request: start over
-                raise ConnectionLostError(
-                    f"worker {self.id!r} at {self.url} did not answer within {self.timeout} s"
-                ) from None
-            except ConnectionClosed as e:
-                self._drop()
-                raise ConnectionLostError(f"connection to worker {self.id!r} at {self.url} was lost: {e}") from None
-            except OSError as e:
-                self._drop()
-                raise ConnectionLostError(f"connection to worker {self.id!r} at {self.url} failed: {e}") from None
+            conn = self._send_locked(data)
+            while self._owed:  # replies to posted requests come first: kept for collect()
+                self._early.append(self._reply_locked(conn))
+                self._owed -= 1
+            return self._reply_locked(conn)
+
+    def post(self, data: bytes | FrameParts) -> None:
+        """Sends one serialized request without waiting: :meth:`collect` returns its reply (replies come
+        in order). The outbox posts full batches of deferred commands so this process builds the next
+        batch while the worker runs this one."""
+        with self._lock:
+            self._send_locked(data)
+            self._owed += 1
+
+    def collect(self) -> bytes:
+        """The reply to the oldest posted request (ConnectionLostError if the connection dropped first)."""
+        with self._lock:
+            if self._early:
+                return self._early.pop(0)
+            if self._owed:
+                conn = self._conn
+                if conn is None:  # unreachable: _drop forgets owed replies; kept as a guard
+                    raise ConnectionLostError(f"connection to worker {self.id!r} at {self.url} was lost")
+                reply = self._reply_locked(conn)
+                self._owed -= 1
+                return reply
+            if self._lost_replies:
+                self._lost_replies -= 1
+                raise ConnectionLostError(f"connection to worker {self.id!r} at {self.url} was lost before it "
+                                          "answered a batch of deferred commands; their results are gone")
+            raise RuntimeError("collect() without a posted request")
+
+    def _send_locked(self, data: bytes | FrameParts) -> BlockingConnection:
+        if self._lost_while_idle:
+            self._lost_while_idle = False
+            if not self._lazy:  # the old session's objects are gone on the server: say so
+                raise ConnectionLostError(f"worker {self.id!r} at {self.url} closed the idle connection; "
+                                          f"objects of that session are gone (the next request reconnects)")
+        conn = self._conn if self._conn is not None else self._connect()
+        size = data.nbytes if type(data) is FrameParts else len(data)
+        if self._server_max is not None and size > self._server_max:
+            raise SerializationError(
+                f"message of {size} bytes exceeds worker {self.id!r}'s limit of {self._server_max} bytes"
+            )
+        with self._failures():
+            conn.send(data)
+        return conn
+
+    def _reply_locked(self, conn: BlockingConnection) -> bytes:
+        with self._failures():
+            reply = conn.recv(timeout=self.timeout)
         if not isinstance(reply, (bytes, bytearray, memoryview)):
             raise SerializationError(f"worker {self.id!r} answered with a text frame")
         return reply
+
+    @contextlib.contextmanager
+    def _failures(self) -> Iterator[None]:
+        """Transport failures as ConnectionLostError; the connection is dropped (a late reply would answer
+        the wrong request: the next request starts over)."""
+        try:
+            yield
+        except TimeoutError:
+            self._drop()
+            raise ConnectionLostError(f"worker {self.id!r} at {self.url} did not answer within {self.timeout} s") from None
+        except ConnectionClosed as e:
+            self._drop()
+            raise ConnectionLostError(f"connection to worker {self.id!r} at {self.url} was lost: {e}") from None
+        except OSError as e:
+            self._drop()
+            raise ConnectionLostError(f"connection to worker {self.id!r} at {self.url} failed: {e}") from None
 
     # ------------------------------------------------------------- owner view
 
