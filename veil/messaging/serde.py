@@ -28,6 +28,7 @@ their Python type and a decoder for their ext code with :func:`register_ext`.
 
 from __future__ import annotations
 
+import operator
 import sys
 import threading
 from dataclasses import dataclass
@@ -334,6 +335,25 @@ class FrameParts(list):
     __slots__ = ("nbytes",)
 
 
+#: message type -> its field values in wire order, as a tuple (one C call per message)
+_FIELD_GETTERS: dict[type, Callable[[Any], tuple]] = {}
+
+
+def _field_getter(cls: type) -> Callable[[Any], tuple]:
+    names = FIELD_NAMES.get(cls)
+    if names is None:
+        raise SerializationError(f"{cls.__name__} is not a registered message type")
+    if len(names) > 1:
+        getter = operator.attrgetter(*names)
+    elif names:
+        one = operator.attrgetter(names[0])
+        getter = lambda msg: (one(msg),)  # noqa: E731
+    else:
+        getter = lambda msg: ()  # noqa: E731
+    _FIELD_GETTERS[cls] = getter
+    return getter
+
+
 def serialize(msg: Any, sender: str = "", prelude: list | None = None,
               parts_over: int | None = None) -> bytes | FrameParts:
     """Encodes a message dataclass, with its prelude (deletions and deferred commands).
@@ -342,12 +362,12 @@ def serialize(msg: Any, sender: str = "", prelude: list | None = None,
     transports that write it themselves) instead of one joined buffer.
     """
     cls = type(msg)
-    names = FIELD_NAMES.get(cls)
-    if names is None:
-        raise SerializationError(f"{cls.__name__} is not a registered message type")
+    get_fields = _FIELD_GETTERS.get(cls)
+    if get_fields is None:
+        get_fields = _field_getter(cls)
     try:
         # Top-level tuples (command args) travel as plain arrays; handlers accept both.
-        values = [v if type(v) is not tuple else list(v) for v in (getattr(msg, n) for n in names)]
+        values = [v if type(v) is not tuple else list(v) for v in get_fields(msg)]
         message = [WIRE_VERSION, cls.TYPE, sender, prelude or [], *values]
         try:  # most messages hold only msgpack's own types (pointers arrive pre-encoded): one packb call
             return msgpack.packb(message, strict_types=True, use_bin_type=True)

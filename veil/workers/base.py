@@ -243,6 +243,11 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
         if len(prelude) > MAX_PRELUDE_ITEMS:
             raise SerializationError(
                 f"a batch of {len(prelude)} deferred items exceeds worker {self.id!r}'s limit of {MAX_PRELUDE_ITEMS}")
+        if not prelude:
+            return
+        if len(prelude) == 1 and type(prelude[0]) is int:  # a synchronous client's dropped result pointer
+            self.monitor.discard(self.principal(sender), prelude[0])
+            return
         failure = None
         position = total = 0
         discard, principal = self.monitor.discard, None

@@ -55,8 +55,8 @@ class Outbox:
         # reply bytes known to decode to an OkReply (they differ only by the replying worker's id)
         self._ok_replies: set[bytes] = set()
         self._queue_lock = threading.RLock()  # re-entrant: pointer finalizers may run inside it
-        # per destination worker (weak keys: a closed worker takes its lock along)
-        self._send_locks: "weakref.WeakKeyDictionary[Any, threading.RLock]" = weakref.WeakKeyDictionary()
+        # per destination worker, by id: (weak reference to it, its lock); a closed worker takes its lock along
+        self._send_locks: dict[int, tuple[weakref.ref, threading.RLock]] = {}
         self._grad_epochs: dict[str, int] = {}
         # per destination: ids a failed deferred command (or the commands after it) never stored
         self._lost: dict[str, dict[int, str]] = {}
@@ -88,11 +88,20 @@ class Outbox:
             return self._exchange(msg, location, prelude)
 
     def _send_lock(self, location: "BaseWorker") -> threading.RLock:
-        lock = self._send_locks.get(location)
-        if lock is None:
-            with self._queue_lock:
-                lock = self._send_locks.setdefault(location, threading.RLock())
-        return lock
+        found = self._send_locks.get(id(location))
+        if found is not None and found[0]() is location:
+            return found[1]
+        with self._queue_lock:
+            found = self._send_locks.get(id(location))
+            if found is None or found[0]() is not location:
+                key, locks = id(location), self._send_locks
+
+                def forget(ref: Any) -> None:  # the worker is gone: its lock goes too (unless replaced)
+                    entry = locks.get(key)
+                    if entry is not None and entry[0] is ref:
+                        del locks[key]
+                found = locks[key] = (weakref.ref(location, forget), threading.RLock())
+            return found[1]
 
     def _post_batch(self, location: "BaseWorker") -> None:
         """A full batch of deferred commands goes to a destination that can take a request without

@@ -18,14 +18,13 @@ that the server closed anyway is reopened silently on its next request.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import select
 import ssl as ssl_module
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
@@ -135,10 +134,10 @@ class WebsocketClientWorker(BaseWorker):
         return self
 
     def _drop(self) -> None:
-        # replies still owed to posted requests will never come: collect() says so, once each
-        self._lost_replies += self._owed + len(self._early)
+        # replies still owed to posted requests will never come: collect() says so, once each (after
+        # the replies already read, which stay valid)
+        self._lost_replies += self._owed
         self._owed = 0
-        self._early.clear()
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
@@ -172,8 +171,7 @@ class WebsocketClientWorker(BaseWorker):
                 if self._conn is None or not select.select([self._conn.sock], [], [], 0)[0]:
                     return
                 while self._owed:
-                    self._early.append(self._reply_locked(self._conn))
-                    self._owed -= 1
+                    self._early.append(self._read_owed())
             if self._conn is not None and not self._conn.poll():
                 self._drop()
                 self._lost_while_idle = True
@@ -183,39 +181,59 @@ class WebsocketClientWorker(BaseWorker):
     def _recv_msg(self, data: bytes | FrameParts) -> bytes:
         """Forwards one serialized request and returns the serialized reply."""
         with self._lock:
-            conn = self._send_locked(data)
-            while self._owed:  # replies to posted requests come first: kept for collect()
-                self._early.append(self._reply_locked(conn))
-                self._owed -= 1
-            return self._reply_locked(conn)
+            conn = self._checked_connection(data)
+            try:
+                conn.send(data)
+                while self._owed:  # replies to posted requests come first: kept for collect()
+                    self._early.append(conn.recv(timeout=self.timeout))
+                    self._owed -= 1
+                reply = conn.recv(timeout=self.timeout)
+            except (TimeoutError, ConnectionClosed, OSError) as e:  # TimeoutError is an OSError
+                raise self._lost(e) from None
+        if not isinstance(reply, (bytes, bytearray, memoryview)):
+            raise SerializationError(f"worker {self.id!r} answered with a text frame")
+        return reply
 
     def post(self, data: bytes | FrameParts) -> None:
         """Sends one serialized request without waiting: :meth:`collect` returns its reply (replies come
         in order). The outbox posts full batches of deferred commands so this process builds the next
         batch while the worker runs this one."""
         with self._lock:
-            self._send_locked(data)
+            conn = self._checked_connection(data)
+            try:
+                conn.send(data)
+            except (ConnectionClosed, OSError) as e:
+                raise self._lost(e) from None
             self._owed += 1
 
     def collect(self) -> bytes:
         """The reply to the oldest posted request (ConnectionLostError if the connection dropped first)."""
         with self._lock:
             if self._early:
-                return self._early.pop(0)
-            if self._owed:
-                conn = self._conn
-                if conn is None:  # unreachable: _drop forgets owed replies; kept as a guard
-                    raise ConnectionLostError(f"connection to worker {self.id!r} at {self.url} was lost")
-                reply = self._reply_locked(conn)
-                self._owed -= 1
-                return reply
-            if self._lost_replies:
+                reply = self._early.pop(0)
+            elif self._owed and self._conn is not None:
+                reply = self._read_owed()
+            elif self._lost_replies:
                 self._lost_replies -= 1
                 raise ConnectionLostError(f"connection to worker {self.id!r} at {self.url} was lost before it "
                                           "answered a batch of deferred commands; their results are gone")
-            raise RuntimeError("collect() without a posted request")
+            else:
+                raise RuntimeError("collect() without a posted request")
+        if not isinstance(reply, (bytes, bytearray, memoryview)):
+            raise SerializationError(f"worker {self.id!r} answered with a text frame")
+        return reply
 
-    def _send_locked(self, data: bytes | FrameParts) -> BlockingConnection:
+    def _read_owed(self) -> Any:
+        """Reads one owed reply (under the lock)."""
+        try:
+            reply = self._conn.recv(timeout=self.timeout)
+        except (TimeoutError, ConnectionClosed, OSError) as e:
+            raise self._lost(e) from None
+        self._owed -= 1
+        return reply
+
+    def _checked_connection(self, data: bytes | FrameParts) -> BlockingConnection:
+        """The open connection for a request of ``data`` (under the lock)."""
         if self._lost_while_idle:
             self._lost_while_idle = False
             if not self._lazy:  # the old session's objects are gone on the server: say so
@@ -227,32 +245,17 @@ class WebsocketClientWorker(BaseWorker):
             raise SerializationError(
                 f"message of {size} bytes exceeds worker {self.id!r}'s limit of {self._server_max} bytes"
             )
-        with self._failures():
-            conn.send(data)
         return conn
 
-    def _reply_locked(self, conn: BlockingConnection) -> bytes:
-        with self._failures():
-            reply = conn.recv(timeout=self.timeout)
-        if not isinstance(reply, (bytes, bytearray, memoryview)):
-            raise SerializationError(f"worker {self.id!r} answered with a text frame")
-        return reply
-
-    @contextlib.contextmanager
-    def _failures(self) -> Iterator[None]:
-        """Transport failures as ConnectionLostError; the connection is dropped (a late reply would answer
-        the wrong request: the next request starts over)."""
-        try:
-            yield
-        except TimeoutError:
-            self._drop()
-            raise ConnectionLostError(f"worker {self.id!r} at {self.url} did not answer within {self.timeout} s") from None
-        except ConnectionClosed as e:
-            self._drop()
-            raise ConnectionLostError(f"connection to worker {self.id!r} at {self.url} was lost: {e}") from None
-        except OSError as e:
-            self._drop()
-            raise ConnectionLostError(f"connection to worker {self.id!r} at {self.url} failed: {e}") from None
+    def _lost(self, e: Exception) -> ConnectionLostError:
+        """A transport failure: the connection is dropped (a late reply would answer the wrong request;
+        the next request starts over)."""
+        self._drop()
+        if isinstance(e, TimeoutError):
+            return ConnectionLostError(f"worker {self.id!r} at {self.url} did not answer within {self.timeout} s")
+        if isinstance(e, ConnectionClosed):
+            return ConnectionLostError(f"connection to worker {self.id!r} at {self.url} was lost: {e}")
+        return ConnectionLostError(f"connection to worker {self.id!r} at {self.url} failed: {e}")
 
     # ------------------------------------------------------------- owner view
 

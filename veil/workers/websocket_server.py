@@ -408,25 +408,26 @@ class WebsocketServerWorker(BaseWorker):
             return super()._batch_runner(sender)
         if HANDLERS.get(m.CommandMessage) is not _handlers._handle_command or not _full_rights(session):
             return None
-        principal, sid, run_command = self.principal(session.id), session.id, _handlers._run_command
+        principal, run = self.principal(session.id), self._session_command
+        return lambda item: run(session, principal, *item)
 
-        def run(item: list) -> Any:
-            try:
-                return run_command(self, principal, sid, *item)
-            except PermissionDeniedError as e:
-                if not getattr(e, "audited", False):  # the monitor wrote its own refusals
-                    self._audit("CommandMessage", session.user, sid, [], "refused", str(e))
-                raise
-        return run
+    def _session_command(self, session: Session, principal: Principal, *command: Any) -> Any:
+        """One command of a full-rights session, as :meth:`_handle` runs a CommandMessage of it."""
+        try:
+            return _handlers._run_command(self, principal, session.id, *command)
+        except PermissionDeniedError as e:
+            if not getattr(e, "audited", False):  # the monitor wrote its own refusals
+                self._audit("CommandMessage", session.user, session.id, [], "refused", str(e))
+            raise
 
     def _handle(self, msg: Any, sender: str) -> Any:
         session = self.current_session()
         if session is None:  # in-process use (owner scripts, tests): plain worker semantics
             return super()._handle(msg, sender)
-        if type(msg) is m.CommandMessage:  # the hot request: as a deferred command of the same session
-            run = self._batch_runner(session.id)
-            if run is not None:
-                return run([msg.op, msg.args, msg.kwargs, msg.return_ids, msg.grad_enabled])
+        if (type(msg) is m.CommandMessage and HANDLERS.get(m.CommandMessage) is _handlers._handle_command
+                and _full_rights(session)):  # the hot request: as a deferred command of the session
+            return self._session_command(session, self.principal(session.id), msg.op, msg.args, msg.kwargs,
+                                         msg.return_ids, msg.grad_enabled)
         action = OUTBOUND.get(type(msg))
         principal = session.user
         try:
