@@ -335,6 +335,26 @@ class FrameParts(list):
     __slots__ = ("nbytes",)
 
 
+class _NativePacker(threading.local):
+    packer = None  # this thread's msgpack Packer (packb would build one, with its buffer, per call)
+
+
+_NATIVE = _NativePacker()
+_NATIVE_KEEP = 1 << 16  # a packer whose buffer grew past this (a large batch) is not kept
+
+
+def _pack_native(message: list) -> bytes:
+    """``message`` packed as msgpack's own types only (no ``default``: a type of ours raises TypeError;
+    the packer resets itself on errors, and never calls back into Python, so it is never re-entered)."""
+    packer = _NATIVE.packer
+    if packer is None:
+        packer = _NATIVE.packer = msgpack.Packer(strict_types=True, use_bin_type=True)
+    data = packer.pack(message)
+    if len(data) > _NATIVE_KEEP:
+        _NATIVE.packer = None
+    return data
+
+
 #: message type -> its field values in wire order, as a tuple (one C call per message)
 _FIELD_GETTERS: dict[type, Callable[[Any], tuple]] = {}
 
@@ -369,8 +389,8 @@ def serialize(msg: Any, sender: str = "", prelude: list | None = None,
         # Top-level tuples (command args) travel as plain arrays; handlers accept both.
         values = [v if type(v) is not tuple else list(v) for v in get_fields(msg)]
         message = [WIRE_VERSION, cls.TYPE, sender, prelude or [], *values]
-        try:  # most messages hold only msgpack's own types (pointers arrive pre-encoded): one packb call
-            return msgpack.packb(message, strict_types=True, use_bin_type=True)
+        try:  # most messages hold only msgpack's own types (pointers arrive pre-encoded): one pack call
+            return _pack_native(message)
         except (TypeError, ValueError, OverflowError):  # a type of ours (a tensor, a tuple...): the full encoder
             pass
         previous, _oob.out = getattr(_oob, "out", None), _OutOfBand()
@@ -448,7 +468,16 @@ def deserialize(data: bytes, ctx: DecodeContext | None = None) -> tuple[Any, str
     previous = getattr(_oob, "region", None)
     _oob.region = _OutOfBand(raw, adopt) if raw is not None else None
     try:
-        value = _unpack(header, ctx or _CTX_SENTINEL)
+        ctx = ctx or _CTX_SENTINEL
+        hook = ctx.__dict__.get("_ext_hook") or _hook_for(ctx)
+        level = getattr(_depth, "level", 0)  # (_unpack, inlined: one request, one decode call)
+        if level >= MAX_EXT_DEPTH:
+            raise SerializationError(f"value nested deeper than {MAX_EXT_DEPTH} levels")
+        _depth.level = level + 1
+        try:
+            value = msgpack.unpackb(header, raw=False, strict_map_key=False, ext_hook=hook)
+        finally:
+            _depth.level = level
         if raw is not None and _oob.region.at != raw.nbytes:
             raise SerializationError(f"message frame has {raw.nbytes - _oob.region.at} bytes no field refers to")
     except SerializationError:
