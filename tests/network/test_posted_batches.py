@@ -65,3 +65,24 @@ def test_the_connection_stays_usable_after_posted_batches(spawn, connect, small_
     alice._keepalive()  # the keepalive thread reads the posted reply instead of dropping it
     assert alice.connected
     assert torch.equal(p.get(), torch.full((3,), 20.0))
+
+
+def test_a_worker_gone_with_a_batch_in_flight_is_a_lost_connection_and_lost_results(spawn, connect, small_batches):
+    from veil.exceptions import ConnectionLostError
+
+    wp = spawn("alice", base_args())
+    alice = connect(wp)
+    me = alice.hook.local_worker
+    p = torch.zeros(3).send(alice)
+    alice.flush()
+    wp.kill()
+    outs = []
+    with pytest.raises(ConnectionLostError, match="alice"):
+        for i in range(8):  # a full batch: posted (the write itself may fail already, or succeed)
+            outs.append(p + i)
+        alice.flush()  # its reply never comes
+    assert not me._in_flight
+    with pytest.raises((ObjectNotFoundError, ConnectionLostError)):
+        outs[0].get()
+    for q in (p, *outs):
+        q.mark_freed()

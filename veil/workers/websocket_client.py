@@ -189,7 +189,7 @@ class WebsocketClientWorker(BaseWorker):
                     self._owed -= 1
                 reply = conn.recv(timeout=self.timeout)
             except (TimeoutError, ConnectionClosed, OSError) as e:  # TimeoutError is an OSError
-                raise self._lost(e) from None
+                raise self._connection_lost(e) from None
         if not isinstance(reply, (bytes, bytearray, memoryview)):
             raise SerializationError(f"worker {self.id!r} answered with a text frame")
         return reply
@@ -203,7 +203,7 @@ class WebsocketClientWorker(BaseWorker):
             try:
                 conn.send(data)
             except (ConnectionClosed, OSError) as e:
-                raise self._lost(e) from None
+                raise self._connection_lost(e) from None
             self._owed += 1
 
     def collect(self) -> bytes:
@@ -228,7 +228,7 @@ class WebsocketClientWorker(BaseWorker):
         try:
             reply = self._conn.recv(timeout=self.timeout)
         except (TimeoutError, ConnectionClosed, OSError) as e:
-            raise self._lost(e) from None
+            raise self._connection_lost(e) from None
         self._owed -= 1
         return reply
 
@@ -247,7 +247,7 @@ class WebsocketClientWorker(BaseWorker):
             )
         return conn
 
-    def _lost(self, e: Exception) -> ConnectionLostError:
+    def _connection_lost(self, e: Exception) -> ConnectionLostError:
         """A transport failure: the connection is dropped (a late reply would answer the wrong request;
         the next request starts over)."""
         self._drop()
