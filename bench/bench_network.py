@@ -387,6 +387,8 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=100)
     parser.add_argument("--stages", action="store_true", help="also break one op and one transfer into stages")
     parser.add_argument("--only-stages", action="store_true", help="only the stage breakdown")
+    parser.add_argument("--only-training", type=int, default=0, metavar="RUNS",
+                        help="only the training loop (row 3), this many runs")
     args = parser.parse_args()
     torch.set_num_threads(1)
     wp = start_worker("bench_alice", ["--token", TOKEN, "--max-message-mb", str(4 * args.mb)],
@@ -396,7 +398,11 @@ def main() -> None:
         net = sy.WebsocketClientWorker(hook, id="bench_alice", host="127.0.0.1", port=wp.port, token=TOKEN)
         virtual = sy.VirtualWorker(hook, id="bench_virtual")
         print(f"network worker: {net.url} (separate process, loopback); torch threads: 1 per process")
-        if args.only_stages:
+        if args.only_training:
+            print(f"load {_load()}")
+            for _ in range(args.only_training):
+                bench_training(net, args.epochs, args.batch)
+        elif args.only_stages:
             with _synchronous(net, virtual):  # stages of a real round trip
                 bench_stages(net, virtual, args.mb)
         else:

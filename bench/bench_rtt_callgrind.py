@@ -3,7 +3,8 @@
 Wall clock on the shared box swings 2x between runs; user-space instruction counts do not.
 The server (a ``veil worker``, or the raw websockets echo server of bench_network.py) runs
 under callgrind too; both switch instrumentation on after a warm-up, for ``N`` round trips of
-the 8x13 add with pipelining off (``op``) or the raw echo of a 51-byte frame (``echo``).
+the 8x13 add with pipelining off (``op``) or the raw echo of a 51-byte frame (``echo``);
+``loop``: ``N`` steps of the pipelined Boston MLP training loop of bench_network.py (batch 8).
 
 Run from a directory outside the trees (``python -c``/``-m`` put the working directory first
 on ``sys.path``), with the tree under test on ``PYTHONPATH``:
@@ -22,6 +23,7 @@ import os
 import subprocess
 import sys
 import threading
+from typing import Any
 
 import torch
 
@@ -66,6 +68,9 @@ def main() -> None:
             def once() -> None:
                 conn.send(frame)
                 conn.recv(60)
+        elif mode == "loop":
+            net = sy.WebsocketClientWorker(sy.TorchHook(torch), id="alice", host="127.0.0.1", port=port, token=TOKEN)
+            once = _training_steps(net)
         else:
             net = sy.WebsocketClientWorker(sy.TorchHook(torch), id="alice", host="127.0.0.1", port=port, token=TOKEN)
             net.pipelining = False
@@ -83,12 +88,39 @@ def main() -> None:
         ctl("-i", "on")
         for _ in range(n):
             once()
+        if mode == "loop":
+            net.flush()  # the last deferred commands run inside the measured window
         ctl("-i", "off")
         ctl("-d")
         print(f"{n} round trips ({mode}); instructions: grep totals {out}/*.1")
     finally:
         srv.kill()
         srv.wait()
+
+
+def _training_steps(net: "sy.WebsocketClientWorker") -> Any:
+    """One step per call of bench_network's Boston training loop (pipelined, batch 8), cycling the data."""
+    import torch.nn.functional as F
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_core import _mlp
+    from veil.datasets import load_boston, train_test_split
+
+    x, y, _ = load_boston()
+    x_train, y_train, _, _ = train_test_split(x, y, seed=0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.001)
+    px, py = x_train.send(net), y_train.send(net)
+    model.send(net)
+    rows, at = px.shape[0], [0]
+
+    def step() -> None:
+        i = at[0]
+        at[0] = (i + 8) % (rows - 8)
+        opt.zero_grad()
+        F.mse_loss(model(px[i:i + 8]), py[i:i + 8]).backward()
+        opt.step()
+    return step
 
 
 if __name__ == "__main__":

@@ -148,3 +148,62 @@ def test_malformed_tensor_payloads_are_refused(payload):
 
     with pytest.raises(SerializationError):
         decode_tensor(payload)
+
+
+# Messages of msgpack's own types (the hot path: pointers travel pre-encoded as ExtTypes) are packed by
+# one msgpack call; the bytes must be exactly the full encoder's, and decode back to the same message.
+from veil.messaging import serde as _serde  # noqa: E402
+from veil.tensors.remote_ops import _encode_ref  # noqa: E402
+
+native = st.recursive(
+    scalars | st.integers(1, 2**64 - 1).map(_encode_ref),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=8,
+)
+wire_commands = st.tuples(st.text(max_size=10), st.lists(native, max_size=3), st.dictionaries(st.text(max_size=5), native, max_size=2),
+                          st.lists(st.integers(0, 2**64 - 1), max_size=3), st.booleans()).map(list)
+
+
+def _decoded_refs(v):
+    if isinstance(v, msgpack.ExtType):
+        return deserialize(serialize(m.DeleteMessage([]), prelude=[["x", [v], {}, [], False]]))[2][0][1][0]
+    if isinstance(v, list):
+        return [_decoded_refs(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _decoded_refs(x) for k, x in v.items()}
+    return v
+
+
+@settings(max_examples=300, deadline=None)
+@given(wire_commands, st.lists(st.integers(1, 2**64 - 1) | wire_commands, max_size=4))
+def test_native_messages_pack_in_one_call_exactly_like_the_full_encoder(command, prelude):
+    op, args, kwargs, ids, grad = command
+    msg = m.CommandMessage(op, args, kwargs, ids, grad)
+    data = serialize(msg, sender="me", prelude=prelude)
+    assert data == encode_value([_serde.WIRE_VERSION, m.CommandMessage.TYPE, "me", prelude, op, args, kwargs, ids, grad])
+    back, sender, got = deserialize(data)
+    assert sender == "me" and back.op == op and back.return_ids == ids and back.grad_enabled == grad
+    assert list(back.args) == _decoded_refs(args) and back.kwargs == _decoded_refs(kwargs)
+    assert got == _decoded_refs(prelude)
+
+
+@settings(max_examples=300, deadline=None)
+@given(wire_commands, st.data())
+def test_mutated_native_messages_give_clean_errors(command, data):
+    raw = serialize(m.DeleteMessage([]), sender="me", prelude=[command, 7])
+    cut = data.draw(st.integers(0, len(raw)))
+    mutated = bytearray(raw[:cut])
+    if mutated:
+        i = data.draw(st.integers(0, len(mutated) - 1))
+        mutated[i] = data.draw(st.integers(0, 255))
+    try:
+        deserialize(bytes(mutated))
+    except SerializationError:
+        pass
+
+
+def test_a_message_with_a_tensor_still_takes_the_full_encoder():
+    t = torch.arange(6.0).reshape(2, 3)
+    msg = m.CommandMessage("torch.add", (_encode_ref(9), t, (1, 2)), {}, [5], True)
+    back = deserialize(serialize(msg, sender="me"))[0]
+    assert back.args[0] == m.ObjectRef(9) and torch.equal(back.args[1], t) and back.args[2] == (1, 2)

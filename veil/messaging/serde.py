@@ -28,6 +28,7 @@ their Python type and a decoder for their ext code with :func:`register_ext`.
 
 from __future__ import annotations
 
+import operator
 import sys
 import threading
 from dataclasses import dataclass
@@ -334,6 +335,45 @@ class FrameParts(list):
     __slots__ = ("nbytes",)
 
 
+class _NativePacker(threading.local):
+    packer = None  # this thread's msgpack Packer (packb would build one, with its buffer, per call)
+
+
+_NATIVE = _NativePacker()
+_NATIVE_KEEP = 1 << 16  # a packer whose buffer grew past this (a large batch) is not kept
+
+
+def _pack_native(message: list) -> bytes:
+    """``message`` packed as msgpack's own types only (no ``default``: a type of ours raises TypeError;
+    the packer resets itself on errors, and never calls back into Python, so it is never re-entered)."""
+    packer = _NATIVE.packer
+    if packer is None:
+        packer = _NATIVE.packer = msgpack.Packer(strict_types=True, use_bin_type=True)
+    data = packer.pack(message)
+    if len(data) > _NATIVE_KEEP:
+        _NATIVE.packer = None
+    return data
+
+
+#: message type -> its field values in wire order, as a tuple (one C call per message)
+_FIELD_GETTERS: dict[type, Callable[[Any], tuple]] = {}
+
+
+def _field_getter(cls: type) -> Callable[[Any], tuple]:
+    names = FIELD_NAMES.get(cls)
+    if names is None:
+        raise SerializationError(f"{cls.__name__} is not a registered message type")
+    if len(names) > 1:
+        getter = operator.attrgetter(*names)
+    elif names:
+        one = operator.attrgetter(names[0])
+        getter = lambda msg: (one(msg),)  # noqa: E731
+    else:
+        getter = lambda msg: ()  # noqa: E731
+    _FIELD_GETTERS[cls] = getter
+    return getter
+
+
 def serialize(msg: Any, sender: str = "", prelude: list | None = None,
               parts_over: int | None = None) -> bytes | FrameParts:
     """Encodes a message dataclass, with its prelude (deletions and deferred commands).
@@ -342,15 +382,20 @@ def serialize(msg: Any, sender: str = "", prelude: list | None = None,
     transports that write it themselves) instead of one joined buffer.
     """
     cls = type(msg)
-    names = FIELD_NAMES.get(cls)
-    if names is None:
-        raise SerializationError(f"{cls.__name__} is not a registered message type")
+    get_fields = _FIELD_GETTERS.get(cls)
+    if get_fields is None:
+        get_fields = _field_getter(cls)
     try:
         # Top-level tuples (command args) travel as plain arrays; handlers accept both.
-        values = [v if type(v) is not tuple else list(v) for v in (getattr(msg, n) for n in names)]
+        values = [v if type(v) is not tuple else list(v) for v in get_fields(msg)]
+        message = [WIRE_VERSION, cls.TYPE, sender, prelude or [], *values]
+        try:  # most messages hold only msgpack's own types (pointers arrive pre-encoded): one pack call
+            return _pack_native(message)
+        except (TypeError, ValueError, OverflowError):  # a type of ours (a tensor, a tuple...): the full encoder
+            pass
         previous, _oob.out = getattr(_oob, "out", None), _OutOfBand()
         try:
-            header = _pack([WIRE_VERSION, cls.TYPE, sender, prelude or [], *values])
+            header = _pack(message)
             buffers = _oob.out.buffers
         finally:
             _oob.out = previous
@@ -423,7 +468,16 @@ def deserialize(data: bytes, ctx: DecodeContext | None = None) -> tuple[Any, str
     previous = getattr(_oob, "region", None)
     _oob.region = _OutOfBand(raw, adopt) if raw is not None else None
     try:
-        value = _unpack(header, ctx or _CTX_SENTINEL)
+        ctx = ctx or _CTX_SENTINEL
+        hook = ctx.__dict__.get("_ext_hook") or _hook_for(ctx)
+        level = getattr(_depth, "level", 0)  # (_unpack, inlined: one request, one decode call)
+        if level >= MAX_EXT_DEPTH:
+            raise SerializationError(f"value nested deeper than {MAX_EXT_DEPTH} levels")
+        _depth.level = level + 1
+        try:
+            value = msgpack.unpackb(header, raw=False, strict_map_key=False, ext_hook=hook)
+        finally:
+            _depth.level = level
         if raw is not None and _oob.region.at != raw.nbytes:
             raise SerializationError(f"message frame has {raw.nbytes - _oob.region.at} bytes no field refers to")
     except SerializationError:

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[["BaseWorker", Any, str], Any]
 #: a batch hands the worker to other sessions' waiting requests every this many commands
 YIELD_EVERY = 32
+_UNSET = object()  # "not decided yet" (a batch runner may be None)
 #: what an ObjectMessage may store besides tensors (plans register themselves)
 STORABLE_TYPES: list[type] = [torch.Tensor]
 #: checks run on an arriving object before it is stored (e.g. a plan's ops vs the allowlist)
@@ -195,6 +196,9 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
     #: (network servers, which write them to the socket themselves; None: always one buffer)
     reply_parts_over: int | None = None
 
+    #: (worker id, OkReply encoded with that sender): the reply most requests get
+    _ok_reply: tuple = (None, b"")
+
     def _recv_msg(self, data: bytes) -> bytes:
         """Handles one serialized request; always answers, never raises."""
         try:
@@ -213,6 +217,11 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
             reply = self._handle(msg, sender)
         except Exception as e:  # a failing torch op must not take the worker down
             reply = m.ErrorReply(*error_reply_fields(e))
+        if type(reply) is m.OkReply:  # the most frequent reply, the same bytes every time
+            ok = self._ok_reply
+            if ok[0] is not self.id:
+                ok = self._ok_reply = (self.id, serialize(reply, sender=self.id))
+            return ok[1]
         try:
             # A reply of fresh tensors (an opening step's outputs, which nothing else holds) may leave
             # as FrameParts: a network server sends the tensor bytes from their memory (no encode copy).
@@ -234,14 +243,15 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
         if len(prelude) > MAX_PRELUDE_ITEMS:
             raise SerializationError(
                 f"a batch of {len(prelude)} deferred items exceeds worker {self.id!r}'s limit of {MAX_PRELUDE_ITEMS}")
+        if not prelude:
+            return
+        if len(prelude) == 1 and type(prelude[0]) is int:  # a synchronous client's dropped result pointer
+            self.monitor.discard(self.principal(sender), prelude[0])
+            return
         failure = None
         position = total = 0
         discard, principal = self.monitor.discard, None
-        # In-process (no server override of _handle, the stock command handler): each command goes
-        # straight to _run_command, the body of that handler, with the batch's one principal.
-        plain = (type(self)._handle is BaseWorker._handle
-                 and HANDLERS.get(m.CommandMessage) is _handlers._handle_command)
-        run_command = _handlers._run_command
+        run = _UNSET  # how each deferred command runs (see _batch_runner), decided at the first one
         handle = self._handle
         token = cancellation.current_token()  # network workers: this request's limits (None in-process)
         local = self._request  # the requester, per thread (a dealer's background thread may run here too)
@@ -263,10 +273,10 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
                             cancellation.checkpoint()  # other sessions' requests may run now
                         token.start()  # each command gets the whole per-command time limit ...
                         token.check()  # ... and none starts once the session is gone
-                    if plain:
-                        if principal is None:
-                            principal = self.principal(sender)
-                        run_command(self, principal, sender, *item)  # deserialize checked: 5 fields
+                    if run is _UNSET:
+                        run = self._batch_runner(sender)
+                    if run is not None:
+                        run(item)  # deserialize checked: 5 fields
                     else:
                         handle(m.CommandMessage(*item), sender)
                 except Exception as e:
@@ -280,6 +290,17 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
                                            f"failed: {text}")
             error.audited = True  # the handler wrote its own audit rows
             raise error from e
+
+    def _batch_runner(self, sender: str) -> Callable[[list], Any] | None:
+        """How a batch's deferred commands run: straight through ``_run_command`` (the body of the
+        stock command handler) with the batch's one principal, or None: each as a CommandMessage
+        through :meth:`_handle`. Straight only where that is exactly what ``_handle`` would do:
+        in-process workers (no override of ``_handle``) with the stock handler; a network server
+        decides for its session (``WebsocketServerWorker._batch_runner``)."""
+        if type(self)._handle is not BaseWorker._handle or HANDLERS.get(m.CommandMessage) is not _handlers._handle_command:
+            return None
+        principal, run_command = self.principal(sender), _handlers._run_command
+        return lambda item: run_command(self, principal, sender, *item)
 
     def _handle(self, msg: Any, sender: str) -> Any:
         handler = HANDLERS.get(type(msg))

@@ -23,6 +23,9 @@ from veil.messaging.serde import FrameParts, deserialize, serialize
 if TYPE_CHECKING:
     from veil.workers.base import BaseWorker
 
+_OK = m.OkReply()  # OkReply has no fields: one instance serves every caller
+_OK_MAX = 128  # an encoded OkReply is its envelope and the replying worker's id
+
 #: deferred commands queued for one worker before they are sent without waiting for more
 PRELUDE_LIMIT = 512
 #: most items (deferred commands and deletions) a worker accepts in front of one request
@@ -47,9 +50,13 @@ class Outbox:
         # The lock: SMPC rounds send from several threads at once, and a command queued while
         # another thread takes the queue must not be lost.
         self._pending_deletes: dict[int, list] = {}
+        # per destination (id): (prelude, bytes sent) of the batch posted there whose reply is unread
+        self._in_flight: dict[int, tuple[Any, list, int]] = {}
+        # reply bytes known to decode to an OkReply (they differ only by the replying worker's id)
+        self._ok_replies: set[bytes] = set()
         self._queue_lock = threading.RLock()  # re-entrant: pointer finalizers may run inside it
-        # per destination worker (weak keys: a closed worker takes its lock along)
-        self._send_locks: "weakref.WeakKeyDictionary[Any, threading.RLock]" = weakref.WeakKeyDictionary()
+        # per destination worker, by id: (weak reference to it, its lock); a closed worker takes its lock along
+        self._send_locks: dict[int, tuple[weakref.ref, threading.RLock]] = {}
         self._grad_epochs: dict[str, int] = {}
         # per destination: ids a failed deferred command (or the commands after it) never stored
         self._lost: dict[str, dict[int, str]] = {}
@@ -66,6 +73,8 @@ class Outbox:
         # send a request that uses a deferred result before the thread that took the deferred
         # command has sent it (concurrent SMPC rounds; red-team R3). Other destinations proceed.
         with self._send_lock(location):
+            if self._in_flight:
+                self._collect(location)  # a posted batch's error comes first (the queue stays queued)
             with self._queue_lock:
                 pending = self._pending_deletes.pop(id(location), None)
             prelude = pending[1] if pending else None
@@ -79,11 +88,83 @@ class Outbox:
             return self._exchange(msg, location, prelude)
 
     def _send_lock(self, location: "BaseWorker") -> threading.RLock:
-        lock = self._send_locks.get(location)
-        if lock is None:
+        found = self._send_locks.get(id(location))
+        if found is not None and found[0]() is location:
+            return found[1]
+        with self._queue_lock:
+            found = self._send_locks.get(id(location))
+            if found is None or found[0]() is not location:
+                key, locks = id(location), self._send_locks
+
+                def forget(ref: Any) -> None:  # the worker is gone: its lock goes too (unless replaced)
+                    entry = locks.get(key)
+                    if entry is not None and entry[0] is ref:
+                        del locks[key]
+                found = locks[key] = (weakref.ref(location, forget), threading.RLock())
+            return found[1]
+
+    def _post_batch(self, location: "BaseWorker") -> None:
+        """A full batch of deferred commands goes to a destination that can take a request without
+        waiting for its reply (``post``/``collect``: network workers), so this side builds the next
+        batch while the worker runs this one. At most one batch is in flight per destination: its reply
+        is read (and a failure raised, naming the op) before the next batch or request goes there."""
+        with self._send_lock(location):
+            if id(location) in self._in_flight:
+                self._collect(location)
             with self._queue_lock:
-                lock = self._send_locks.setdefault(location, threading.RLock())
-        return lock
+                pending = self._pending_deletes.pop(id(location), None)
+            prelude = pending[1] if pending else None
+            if not prelude:
+                return
+            if len(prelude) > MAX_PRELUDE_ITEMS:  # (many deletions besides the commands) the split path
+                with self._queue_lock:
+                    self._requeue(location, pending)
+                self.send_msg(m.DeleteMessage([]), location)
+                return
+            try:
+                data = serialize(m.DeleteMessage([]), sender=self.id, prelude=prelude,
+                                 parts_over=location.frame_parts_over)
+                location.post(data)
+            except Exception as e:
+                self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
+                raise
+            self._in_flight[id(location)] = (location, prelude, data.nbytes if type(data) is FrameParts else len(data))
+
+    def _requeue(self, location: "BaseWorker", pending: list) -> None:
+        """Puts a taken queue back in front of what was queued since (under the queue lock)."""
+        entry = self._pending_deletes.get(id(location))
+        if entry is None:
+            self._pending_deletes[id(location)] = pending
+        else:
+            entry[1][:0] = pending[1]
+            entry[2] += pending[2]
+
+    def _collect(self, location: "BaseWorker") -> None:
+        """Reads the reply to the batch posted to ``location`` (if any) and raises its failure."""
+        flight = self._in_flight.pop(id(location), None)
+        if flight is None or flight[0] is not location:  # (an id reused by a new worker object: nothing posted)
+            return
+        _, prelude, sent = flight
+        try:
+            try:
+                reply_bytes = location.collect()
+            except Exception as e:
+                self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
+                raise
+            self.stats.record(sent, len(reply_bytes))
+            self._read_reply(reply_bytes, location, prelude)
+        except Exception as e:
+            # as for a failure inside one request: the commands deferred after it did not run either
+            # (they may use its results); queued deletions still go with the next request
+            with self._queue_lock:
+                entry = self._pending_deletes.get(id(location))
+                later = [item for item in entry[1] if type(item) is not int] if entry else []
+                if later:
+                    entry[1][:] = [item for item in entry[1] if type(item) is int]
+                    entry[2] = 0
+            if later:
+                self._note_lost(location, later, 0, f"an earlier deferred command failed ({type(e).__name__})")
+            raise
 
     def _exchange(self, msg: Any, location: "BaseWorker", prelude: list | None) -> Any:
         try:
@@ -95,7 +176,19 @@ class Outbox:
             raise
         self.stats.record(data.nbytes if type(data) is FrameParts else len(data),
                           reply_bytes.nbytes if type(reply_bytes) is FrameParts else len(reply_bytes))
+        return self._read_reply(reply_bytes, location, prelude)
+
+    def _read_reply(self, reply_bytes: Any, location: "BaseWorker", prelude: list | None) -> Any:
+        """The decoded reply; an ErrorReply is raised (a failed deferred command's results noted lost)."""
+        ok = self._ok_replies
+        small = type(reply_bytes) is not FrameParts and len(reply_bytes) <= _OK_MAX
+        if small and bytes(reply_bytes) in ok:  # an OkReply seen before: the same message
+            return _OK
         reply, _, _ = deserialize(reply_bytes, self._decode_ctx)
+        if type(reply) is m.OkReply:
+            if small and len(ok) < 64:  # one per worker this one talks to
+                ok.add(bytes(reply_bytes))
+            return reply
         if type(reply) is m.ErrorReply:
             error = error_from_reply(reply.error, reply.message)
             if prelude:
@@ -142,8 +235,11 @@ class Outbox:
             entry[1].append(item)
             entry[2] += payload_bytes
             full = len(entry[1]) >= PRELUDE_LIMIT or entry[2] >= PRELUDE_BYTES_LIMIT
-        if full:  # a full batch goes now (and may raise its error)
-            self.send_msg(m.DeleteMessage([]), location)
+        if full:  # a full batch goes now: posted where the destination allows it, else sent (raising its error)
+            if getattr(location, "post", None) is not None:
+                self._post_batch(location)
+            else:
+                self.send_msg(m.DeleteMessage([]), location)
 
     def queued_bytes(self, location: "BaseWorker") -> int:
         """Tensor bytes of the deferred commands that ride on the next request to ``location``."""
@@ -162,7 +258,10 @@ class Outbox:
             return
         pending = local._pending_deletes.get(id(location))
         if pending and pending[1]:
-            local.send_msg(m.DeleteMessage([]), location)
+            local.send_msg(m.DeleteMessage([]), location)  # (reads a posted batch's reply first)
+        elif id(location) in local._in_flight:
+            with local._send_lock(location):
+                local._collect(location)
 
     def _note_lost(self, location: "BaseWorker", prelude: list, first: int, reason: str) -> None:
         """Results of deferred commands from position ``first`` on were never stored on ``location``."""
@@ -201,6 +300,14 @@ class Outbox:
         """Sends queued deletions and deferred commands now (raises a deferred command's error
         after every worker got its queue)."""
         first_error = None
+        for key in list(self._in_flight):  # posted batches: their replies (errors) first
+            flight = self._in_flight.get(key)
+            if flight is not None:
+                try:
+                    with self._send_lock(flight[0]):
+                        self._collect(flight[0])
+                except Exception as e:
+                    first_error = first_error or e
         for key in list(self._pending_deletes):
             pending = self._pending_deletes.get(key)
             if pending and self.hook.workers.get(pending[0].id) is not pending[0]:

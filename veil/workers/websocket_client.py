@@ -19,6 +19,7 @@ that the server closed anyway is reopened silently on its next request.
 from __future__ import annotations
 
 import os
+import select
 import ssl as ssl_module
 import threading
 import time
@@ -100,6 +101,9 @@ class WebsocketClientWorker(BaseWorker):
         self._lock = threading.Lock()  # one request in flight per connection keeps replies in order
         self._lazy = lazy
         self._lost_while_idle = False
+        self._owed = 0  # posted requests whose replies are not read yet
+        self._early: list = []  # their replies, read ahead of a later request's
+        self._lost_replies = 0  # posted requests whose connection dropped before they were answered
         _watch(self)
         if not lazy:
             with self._lock:
@@ -130,6 +134,10 @@ class WebsocketClientWorker(BaseWorker):
         return self
 
     def _drop(self) -> None:
+        # replies still owed to posted requests will never come: collect() says so, once each (after
+        # the replies already read, which stay valid)
+        self._lost_replies += self._owed
+        self._owed = 0
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
@@ -159,6 +167,11 @@ class WebsocketClientWorker(BaseWorker):
         if not self._lock.acquire(blocking=False):
             return
         try:
+            if self._owed:  # a posted request's reply is on its way: poll would drop it, so read it first
+                if self._conn is None or not select.select([self._conn.sock], [], [], 0)[0]:
+                    return
+                while self._owed:
+                    self._early.append(self._read_owed())
             if self._conn is not None and not self._conn.poll():
                 self._drop()
                 self._lost_while_idle = True
@@ -168,34 +181,81 @@ class WebsocketClientWorker(BaseWorker):
     def _recv_msg(self, data: bytes | FrameParts) -> bytes:
         """Forwards one serialized request and returns the serialized reply."""
         with self._lock:
-            if self._lost_while_idle:
-                self._lost_while_idle = False
-                if not self._lazy:  # the old session's objects are gone on the server: say so
-                    raise ConnectionLostError(f"worker {self.id!r} at {self.url} closed the idle connection; "
-                                              f"objects of that session are gone (the next request reconnects)")
-            conn = self._conn if self._conn is not None else self._connect()
-            size = data.nbytes if type(data) is FrameParts else len(data)
-            if self._server_max is not None and size > self._server_max:
-                raise SerializationError(
-                    f"message of {size} bytes exceeds worker {self.id!r}'s limit of {self._server_max} bytes"
-                )
+            conn = self._checked_connection(data)
             try:
                 conn.send(data)
+                while self._owed:  # replies to posted requests come first: kept for collect()
+                    self._early.append(conn.recv(timeout=self.timeout))
+                    self._owed -= 1
                 reply = conn.recv(timeout=self.timeout)
-            except TimeoutError:
-                self._drop()  # a late reply would answer the wrong request: start over
-                raise ConnectionLostError(
-                    f"worker {self.id!r} at {self.url} did not answer within {self.timeout} s"
-                ) from None
-            except ConnectionClosed as e:
-                self._drop()
-                raise ConnectionLostError(f"connection to worker {self.id!r} at {self.url} was lost: {e}") from None
-            except OSError as e:
-                self._drop()
-                raise ConnectionLostError(f"connection to worker {self.id!r} at {self.url} failed: {e}") from None
+            except (TimeoutError, ConnectionClosed, OSError) as e:  # TimeoutError is an OSError
+                raise self._connection_lost(e) from None
         if not isinstance(reply, (bytes, bytearray, memoryview)):
             raise SerializationError(f"worker {self.id!r} answered with a text frame")
         return reply
+
+    def post(self, data: bytes | FrameParts) -> None:
+        """Sends one serialized request without waiting: :meth:`collect` returns its reply (replies come
+        in order). The outbox posts full batches of deferred commands so this process builds the next
+        batch while the worker runs this one."""
+        with self._lock:
+            conn = self._checked_connection(data)
+            try:
+                conn.send(data)
+            except (ConnectionClosed, OSError) as e:
+                raise self._connection_lost(e) from None
+            self._owed += 1
+
+    def collect(self) -> bytes:
+        """The reply to the oldest posted request (ConnectionLostError if the connection dropped first)."""
+        with self._lock:
+            if self._early:
+                reply = self._early.pop(0)
+            elif self._owed and self._conn is not None:
+                reply = self._read_owed()
+            elif self._lost_replies:
+                self._lost_replies -= 1
+                raise ConnectionLostError(f"connection to worker {self.id!r} at {self.url} was lost before it "
+                                          "answered a batch of deferred commands; their results are gone")
+            else:
+                raise RuntimeError("collect() without a posted request")
+        if not isinstance(reply, (bytes, bytearray, memoryview)):
+            raise SerializationError(f"worker {self.id!r} answered with a text frame")
+        return reply
+
+    def _read_owed(self) -> Any:
+        """Reads one owed reply (under the lock)."""
+        try:
+            reply = self._conn.recv(timeout=self.timeout)
+        except (TimeoutError, ConnectionClosed, OSError) as e:
+            raise self._connection_lost(e) from None
+        self._owed -= 1
+        return reply
+
+    def _checked_connection(self, data: bytes | FrameParts) -> BlockingConnection:
+        """The open connection for a request of ``data`` (under the lock)."""
+        if self._lost_while_idle:
+            self._lost_while_idle = False
+            if not self._lazy:  # the old session's objects are gone on the server: say so
+                raise ConnectionLostError(f"worker {self.id!r} at {self.url} closed the idle connection; "
+                                          f"objects of that session are gone (the next request reconnects)")
+        conn = self._conn if self._conn is not None else self._connect()
+        size = data.nbytes if type(data) is FrameParts else len(data)
+        if self._server_max is not None and size > self._server_max:
+            raise SerializationError(
+                f"message of {size} bytes exceeds worker {self.id!r}'s limit of {self._server_max} bytes"
+            )
+        return conn
+
+    def _connection_lost(self, e: Exception) -> ConnectionLostError:
+        """A transport failure: the connection is dropped (a late reply would answer the wrong request;
+        the next request starts over)."""
+        self._drop()
+        if isinstance(e, TimeoutError):
+            return ConnectionLostError(f"worker {self.id!r} at {self.url} did not answer within {self.timeout} s")
+        if isinstance(e, ConnectionClosed):
+            return ConnectionLostError(f"connection to worker {self.id!r} at {self.url} was lost: {e}")
+        return ConnectionLostError(f"connection to worker {self.id!r} at {self.url} failed: {e}")
 
     # ------------------------------------------------------------- owner view
 

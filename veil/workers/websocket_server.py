@@ -47,10 +47,11 @@ from veil.messaging.allowlist import ALLOWLIST
 from veil.messaging.serde import FrameParts, OwnedFrame, deserialize, frame_pad, serialize
 from veil.mpc.party import OPENABLE, PARTY_FUNCTIONS, WIRE_PREFIX, OpenMessage
 from veil.workers import cancellation
-from veil.workers.base import YIELD_EVERY, BaseWorker
+from veil.workers.base import HANDLERS, YIELD_EVERY, BaseWorker
 from veil.workers.monitor import Principal
 from veil.workers.persistence import OwnerDB
-from veil.workers.websocket_auth import (RefusalLog, Session, TokenTable, authenticate, check_request,
+from veil.workers import handlers as _handlers
+from veil.workers.websocket_auth import (FULL_ROLES, RefusalLog, Session, TokenTable, authenticate, check_request,
                                          run_session_end_handlers, tokens_from_headers)
 from veil.workers.websocket_client import MAX_SIZE_HEADER
 
@@ -176,6 +177,14 @@ def _part_fragments(parts: FrameParts) -> Any:
         view = memoryview(part).cast("B")
         for at in range(0, view.nbytes, REPLY_FRAGMENT):
             yield view[at: at + REPLY_FRAGMENT]
+
+
+def _full_rights(session: Session) -> bool:
+    """Whether ``check_request`` passes every request of ``session`` (a full role among its principals)."""
+    for p in session.principals:
+        if p.role in FULL_ROLES:
+            return True
+    return False
 
 
 def _ids_of(msg: Any) -> list:
@@ -389,10 +398,36 @@ class WebsocketServerWorker(BaseWorker):
         session = self.current_session()
         return session.user if session is not None else super().requesting_user()
 
+    def _batch_runner(self, sender: str) -> Callable[[list], Any] | None:
+        """A session with full rights runs its deferred commands straight through ``_run_command``
+        (what :meth:`_handle` does for a CommandMessage of that session: ``check_request`` passes
+        every request of a full role, the handler is the stock one), auditing a refusal the monitor
+        did not audit itself as :meth:`_handle` would. Other sessions: each through :meth:`_handle`."""
+        session = self.current_session()
+        if session is None:
+            return super()._batch_runner(sender)
+        if HANDLERS.get(m.CommandMessage) is not _handlers._handle_command or not _full_rights(session):
+            return None
+        principal, run = self.principal(session.id), self._session_command
+        return lambda item: run(session, principal, *item)
+
+    def _session_command(self, session: Session, principal: Principal, *command: Any) -> Any:
+        """One command of a full-rights session, as :meth:`_handle` runs a CommandMessage of it."""
+        try:
+            return _handlers._run_command(self, principal, session.id, *command)
+        except PermissionDeniedError as e:
+            if not getattr(e, "audited", False):  # the monitor wrote its own refusals
+                self._audit("CommandMessage", session.user, session.id, [], "refused", str(e))
+            raise
+
     def _handle(self, msg: Any, sender: str) -> Any:
         session = self.current_session()
         if session is None:  # in-process use (owner scripts, tests): plain worker semantics
             return super()._handle(msg, sender)
+        if (type(msg) is m.CommandMessage and HANDLERS.get(m.CommandMessage) is _handlers._handle_command
+                and _full_rights(session)):  # the hot request: as a deferred command of the session
+            return self._session_command(session, self.principal(session.id), msg.op, msg.args, msg.kwargs,
+                                         msg.return_ids, msg.grad_enabled)
         action = OUTBOUND.get(type(msg))
         principal = session.user
         try:
