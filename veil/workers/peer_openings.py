@@ -28,6 +28,7 @@ the requests the server already has in flight.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -49,10 +50,13 @@ PEER_SHARE = "veil.mpc.peer_share"
 #: most parties of one peer opening
 MAX_PARTIES = 16
 #: how long a party waits for the other parties' shares, and a share for its round's registration
-WAIT_SECONDS = 60.0
-#: rounds open at once on one worker, and shares waiting for their round's registration
+#: (the environment variable is for tests and very slow machines)
+WAIT_SECONDS = float(os.environ.get("VEIL_PEER_WAIT_SECONDS", "60"))
+#: rounds open at once on one worker, and shares waiting for their round's registration (in all, and
+#: per peer: an honest peer's connection has one request in flight at a time)
 MAX_OPEN_ROUNDS = 64
 MAX_WAITING_SHARES = 32
+MAX_WAITING_PER_PEER = 4
 #: ended round ids remembered (late shares for them are refused at once, not left waiting)
 CLOSED_MEMORY = 4096
 
@@ -95,7 +99,7 @@ class PeerRounds:
         self._cond = threading.Condition()
         self._open: dict[str, _Round] = {}
         self._closed: OrderedDict[str, None] = OrderedDict()
-        self._waiting = 0
+        self._waiting: dict[str, int] = {}
 
     def open(self, namespace: str, round_id: str, name: str, senders: frozenset, outputs: list) -> _Round:
         with self._cond:
@@ -133,9 +137,10 @@ class PeerRounds:
         with self._cond:
             rnd = self._open.get(round_id)
             if rnd is None and round_id not in self._closed:
-                if self._waiting >= MAX_WAITING_SHARES:
+                if sum(self._waiting.values()) >= MAX_WAITING_SHARES \
+                        or self._waiting.get(sender, 0) >= MAX_WAITING_PER_PEER:
                     raise PeerOpeningError("too many peer shares waiting for their rounds on this worker")
-                self._waiting += 1
+                self._waiting[sender] = self._waiting.get(sender, 0) + 1
                 try:
                     while rnd is None and round_id not in self._closed:
                         left = deadline - time.monotonic()
@@ -144,7 +149,9 @@ class PeerRounds:
                         self._cond.wait(min(left, 0.5))
                         rnd = self._open.get(round_id)
                 finally:
-                    self._waiting -= 1
+                    self._waiting[sender] -= 1
+                    if not self._waiting[sender]:
+                        del self._waiting[sender]
             if rnd is None:
                 raise PeerOpeningError(f"no peer opening round {round_id!r} here (ended, or never registered)")
             why = _share_error(rnd, sender, name, tensors)
