@@ -38,6 +38,15 @@ def _products(hook, parties, cp, op):
     if op == "mul":
         a, b = (torch.randint(-2**20, 2**20, (64, 64), generator=gen) for _ in range(2))
         want = a * b
+    elif op == "fixed-point mul":  # a Beaver opening, then truncation's opening of c = x + r
+        a, b = (torch.randn(64, 64, generator=gen) for _ in range(2))
+        x, y = (t.fix_precision().share(*parties, crypto_provider=cp) for t in (a, b))
+        stats = hook.local_worker.stats
+        before = stats.bytes_received
+        with count_openings() as openings:
+            z = x * y
+        received = stats.bytes_received - before
+        return z.get().float_precision(), a * b, received, openings.rounds - 1
     else:
         a = torch.randint(-2**10, 2**10, (48, 64), generator=gen)
         b = torch.randint(-2**10, 2**10, (64, 32), generator=gen)
@@ -51,10 +60,13 @@ def _products(hook, parties, cp, op):
     return z.get(), want, received, openings.rounds
 
 
-@pytest.mark.parametrize("op", ["mul", "matmul"])
+@pytest.mark.parametrize("op", ["mul", "matmul", "fixed-point mul"])
 def test_products_open_party_to_party(hook, parties, cp, op):
     got, want, received, rounds = _products(hook, parties, cp, op)
-    assert torch.equal(got, want)
+    if op == "fixed-point mul":
+        assert torch.allclose(got, want, atol=1e-3), (got - want).abs().max()
+    else:
+        assert torch.equal(got, want)
     assert rounds == 1
-    # e and f (2 x 4096 x 8 bytes for mul) never reach this process: only the parties' acknowledgements
+    # e and f (2 x 4096 x 8 bytes for mul), c (4096 x 8) never reach this process: only acknowledgements
     assert received < 1024 * len(parties), received
