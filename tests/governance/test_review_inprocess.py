@@ -198,3 +198,20 @@ def test_switching_to_review_covers_what_was_computed_before(hook):
     assert w.release_requests.get(rid).graph[w.release_requests.get(rid).root]["label"].startswith("computed before")
     _pending(own.get)  # conservative: anything that existed at the switch may derive from the data
     assert torch.equal(torch.ones(2).send(w).get(), torch.ones(2))  # new own tensors are free
+
+
+def test_a_tensor_written_in_place_from_review_data_gets_value_free_errors(hook, other):
+    # One source set (the monitor's Entry.provenance): an in-place write from review data taints the
+    # scientist's tensor for the error rules too, so an error text cannot quote the review data.
+    w = sy.VirtualWorker(hook, id=f"gov-inplace-{time.monotonic_ns()}", pipelining=False)  # errors at the call
+    w.load(torch.tensor([[4, 0, 1]]), tags=("#idx",), policy="review")
+    mine = torch.zeros(1, 3, dtype=torch.long).send(w)
+    mine.add_(w.search(["#idx"])[0])
+    table = torch.zeros(1, 3).send(w)
+    with pytest.raises(sy.exceptions.VeilError) as info:
+        torch.gather(table, 1, mine)  # index 4 is out of bounds: torch's text would quote the value
+    assert "index 4" not in str(info.value) and "protected data" in str(info.value)
+    clean = torch.tensor([[4, 0, 1]]).send(w)  # the same op on the scientist's own values keeps its text
+    with pytest.raises(sy.exceptions.VeilError, match="index 4"):
+        torch.gather(table, 1, clean)
+    _pending(mine.get)

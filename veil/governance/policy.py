@@ -43,13 +43,13 @@ def _start_tracking(worker: Any, source: int) -> None:
     """
     import torch
 
-    from veil.governance.provenance import GRAPH, PROVENANCE, ROOT
+    from veil.governance.provenance import GRAPH, ROOT
 
     for oid, entry in list(worker.monitor.owner_entries()):
         if entry.protected or not isinstance(entry.obj, torch.Tensor):
             continue
         nid = f"pre-{oid:x}"
-        entry.meta[PROVENANCE] = frozenset(entry.meta.get(PROVENANCE, frozenset())) | {source}
+        entry.provenance = entry.provenance | {source}
         entry.meta[GRAPH] = {nid: {"op": "input", "label": "computed before review was enabled",
                                    "shape": list(entry.obj.shape), "dtype": str(entry.obj.dtype).replace("torch.", ""),
                                    "inputs": []}}

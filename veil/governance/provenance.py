@@ -1,9 +1,11 @@
 """Provenance: which owner datasets an object derives from, and the computation that produced it.
 
-Minimal recording for the review policy (issue #16), kept in ``Entry.meta``:
+Minimal recording for the review policy (issue #16):
 
-- ``meta["provenance"]``: frozenset of source ids (objects the owner loaded). A
-  loaded object with no such key is its own source.
+- the source set is the reference monitor's ``Entry.provenance`` (ids of the objects
+  the owner loaded; a loaded object is its own source). The monitor fills it when it
+  stores a result; this module adds what an op wrote in place (:func:`taint_writes`),
+  so that the monitor's error and capability rules see those writes too.
 - ``meta["graph"]``: a compact op graph (node id -> node) from the sources to the
   object, and ``meta["graph_root"]`` its own node. Only objects that derive from
   owner data carry one, so computation on the scientist's own tensors costs nothing.
@@ -14,7 +16,6 @@ results of a command derive from all its inputs; an op that writes (in place,
 ``backward`` taint what they may have written, and every stored tensor that shares
 storage with it.
 
-The reference monitor of issue #12 replaces this module's recording with its own;
 :func:`sources_of` is the seam the release decision reads.
 """
 
@@ -26,7 +27,6 @@ from typing import Any
 
 import torch
 
-PROVENANCE = "provenance"
 GRAPH = "graph"
 ROOT = "graph_root"
 #: a derived object's graph keeps its sources and this many most recent other nodes
@@ -34,10 +34,9 @@ MAX_NODES = 64
 
 
 def sources_of(oid: int, entry: Any) -> frozenset:
-    """The owner datasets ``entry`` derives from."""
-    prov = entry.meta.get(PROVENANCE)
-    if prov is not None:
-        return frozenset(prov)
+    """The owner datasets ``entry`` derives from (moved objects may name ``"worker:id"`` sources)."""
+    if entry.provenance:
+        return entry.provenance
     if entry.protected:
         return frozenset({oid})
     return frozenset()
@@ -162,7 +161,8 @@ def stamp(entry: Any, lineage: Lineage | None, tensor: Any, op_suffix: str = "")
             graph.setdefault(k, v)
         node["inputs"] = list(dict.fromkeys([entry.meta[ROOT], *node["inputs"]]))
     graph[nid] = node
-    entry.meta[PROVENANCE] = frozenset(entry.meta.get(PROVENANCE, frozenset())) | lineage.sources
+    if not lineage.sources <= entry.provenance:
+        entry.provenance = entry.provenance | lineage.sources
     entry.meta[GRAPH] = _trim(graph)
     entry.meta[ROOT] = nid
 

@@ -2,7 +2,7 @@
 
 ``decide(worker, oid, entry, user)`` is called by every handler that lets a value
 out (get and move today; the reference monitor of issue #12 calls it for its
-release purposes). It reads provenance from ``entry.meta`` (see
+release purposes). It reads the monitor's ``Entry.provenance`` (see
 :func:`veil.governance.provenance.sources_of`) and the owner's policy of each
 source; only the ``review`` policy makes a difference here (``dp-only`` data is
 already refused to every non-DP op by the DP guard, ``open`` is as before).

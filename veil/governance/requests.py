@@ -150,7 +150,7 @@ class ReviewQueue:
             session=session, object_id=object_id, reason=str(reason)[:2000],
             shape=list(obj.shape) if isinstance(obj, torch.Tensor) else [],
             dtype=str(obj.dtype).replace("torch.", "") if isinstance(obj, torch.Tensor) else type(obj).__name__,
-            digest=digest(obj), sources=[str(s) for s in sorted(sources_of(object_id, entry))], graph=graph,
+            digest=digest(obj), sources=sorted(str(s) for s in sources_of(object_id, entry)), graph=graph,
             root=entry.meta.get(ROOT, ""),
         )
         stored_graph = dict(graph, __root__=req.root)

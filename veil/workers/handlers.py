@@ -168,11 +168,13 @@ def _run_command(worker: BaseWorker, principal: Principal, sender: str, name: An
     elif dealer:  # a worker function that returned dealt material itself: a copy, not a writable alias
         result = owner_guard.copy_aliases(result, dealer)
     # Governance (#16): once a dataset is under review, results also carry the op graph the owner
-    # reviews (entry.meta), and objects the op wrote are re-stamped; the monitor's Entry.provenance
-    # (the set of source datasets) is recorded by monitor.store either way.
+    # reviews (entry.meta), and objects the op wrote in place gain its sources; the monitor's
+    # Entry.provenance (the one set of source datasets) is recorded by monitor.store either way.
     lineage = None
-    # a reviewed input's result was released with the approval of its inputs (a masked value): no lineage
-    if entries and op.name not in owner_guard.REVIEWED_INPUTS and _tracking(worker):
+    # a reviewed input's result was released with the approval of its inputs (a masked value): no lineage,
+    # and no sources (the monitor would otherwise give it its inputs' and ask for a second approval)
+    reviewed = op.name in owner_guard.REVIEWED_INPUTS
+    if entries and not reviewed and _tracking(worker):
         from veil.governance import provenance
 
         inputs = {id(e.obj): oid for oid, e in found.items()}
@@ -182,7 +184,7 @@ def _run_command(worker: BaseWorker, principal: Principal, sender: str, name: An
         return _OK
     if ids is None:
         inputs = {id(e.obj): oid for oid, e in found.items()}
-        return m.ResultReply(_describe_results(worker, principal, result, inputs, entries, op.name, lineage))
+        return m.ResultReply(_describe_results(worker, principal, result, inputs, entries, op.name, lineage, reviewed))
     results = [result] if type(result) is _PLAIN_TENSOR else leaves(result)
     if type(ids) is not list or len(ids) != len(results):
         raise RemoteExecutionError(
@@ -195,6 +197,8 @@ def _run_command(worker: BaseWorker, principal: Principal, sender: str, name: An
             stored = store(principal, oid, tensor, sources=entries, op_name=op.name)
             if lineage is not None:  # governance (#16)
                 provenance.stamp(stored, lineage, tensor)
+            elif reviewed:
+                stored.provenance = frozenset()
             if dealt is not None:
                 dealt.append(stored)
     if dealt:  # a dealer's material: which fields are uniform, which belong together
@@ -207,7 +211,7 @@ _NO_GUARD = contextlib.nullcontext()
 
 
 def _describe_results(worker: BaseWorker, principal: Principal, result: Any, inputs: dict[int, int],
-                      entries: list, op_name: str, lineage: Any = None) -> Any:
+                      entries: list, op_name: str, lineage: Any = None, reviewed: bool = False) -> Any:
     from veil.ids import new_id
     from veil.messaging.serde import DTYPE_NAMES
 
@@ -220,6 +224,8 @@ def _describe_results(worker: BaseWorker, principal: Principal, result: Any, inp
                 from veil.governance.provenance import stamp
 
                 stamp(stored, lineage, t)
+            elif reviewed:  # released with its inputs' approval (see _run_command)
+                stored.provenance = frozenset()
         return m.Descriptor(oid, tuple(t.shape), DTYPE_NAMES[t.dtype], bool(t.requires_grad))
 
     out = map_structure(result, describe)
