@@ -70,3 +70,28 @@ def test_products_open_party_to_party(hook, parties, cp, op):
     assert rounds == 1
     # e and f (2 x 4096 x 8 bytes for mul), c (4096 x 8) never reach this process: only acknowledgements
     assert received < 1024 * len(parties), received
+
+
+def test_concurrent_products_from_threads_of_one_orchestrator(parties, cp):
+    """Threads of one orchestrator run peer-opened products on the same parties at once: every result
+    equals torch's (a party serves one session's requests in order, so rounds must not cross)."""
+    import threading
+
+    errors, wrong = [], []
+
+    def run(k):
+        for i in range(3):
+            a, b = torch.randint(-100, 100, (32, 8)), torch.randint(-100, 100, (32, 8))
+            try:
+                z = (a.share(*parties, crypto_provider=cp) * b.share(*parties, crypto_provider=cp)).get()
+                if not torch.equal(z, a * b):
+                    wrong.append((k, i))
+            except Exception as e:  # noqa: BLE001
+                errors.append((k, i, type(e).__name__, str(e)[:200]))
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors and not wrong, (errors[:3], wrong[:3])

@@ -263,7 +263,11 @@ class WorkerRuntime(PartyRuntime):
             handles.append([PointerTensor(first.location, oid, first.owner, tuple(t.shape), t.dtype)
                             for oid, t in zip(ids, outputs)])
         elements = max(elements_of(args) for args in per_party)
-        one_round(requests, f"peer opening {name!r}", elements=elements)
+        # One peer round at a time per set of parties from this process: each party serves a session's
+        # requests in order, so two threads' rounds reaching the parties in opposite orders would each
+        # hold one party waiting for the other's share of a round queued behind it.
+        with _peer_round_lock(firsts):
+            one_round(requests, f"peer opening {name!r}", elements=elements)
         return handles
 
     def fetch(self, handles: Sequence[PointerTensor]) -> list[torch.Tensor]:
@@ -332,6 +336,15 @@ def enable_peer_openings(*workers: Any, enabled: bool = True) -> None:
 
 def peer_openings_enabled(worker: Any) -> bool:
     return _PEER_OPENINGS.get(id(worker)) is worker
+
+
+_PEER_ROUND_LOCKS: dict[tuple, threading.Lock] = {}
+
+
+def _peer_round_lock(handles: Sequence[PointerTensor]) -> threading.Lock:
+    key = tuple(sorted({id(h.location) for h in handles}))
+    with _POOL_LOCK:
+        return _PEER_ROUND_LOCKS.setdefault(key, threading.Lock())
 
 
 RUNTIME = WorkerRuntime()
