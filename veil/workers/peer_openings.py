@@ -112,6 +112,12 @@ class PeerRounds:
             self._cond.notify_all()
             return rnd
 
+    def check_fresh(self, round_id: str) -> None:
+        """Refuses a round id in use or ended, before the step consumes any dealt mask."""
+        with self._cond:
+            if round_id in self._open or round_id in self._closed:
+                raise PeerOpeningError(f"peer opening round {round_id!r} is not fresh")
+
     def close(self, round_id: str, rnd: _Round | None = None) -> None:
         """Ends a round (opened, failed or abandoned): its id is never served again."""
         with self._cond:
@@ -191,17 +197,24 @@ def _share_error(rnd: _Round, sender: str, name: str, tensors: list) -> str | No
     return None
 
 
+_MAKE_LOCK = threading.Lock()
+
+
 def rounds_of(worker: Any) -> PeerRounds:
     rounds = getattr(worker, "_peer_rounds", None)
     if rounds is None:
-        rounds = worker._peer_rounds = PeerRounds()
+        with _MAKE_LOCK:  # a share (outside the worker lock) and its round's request may both come first
+            rounds = getattr(worker, "_peer_rounds", None)
+            if rounds is None:
+                rounds = worker._peer_rounds = PeerRounds()
     return rounds
 
 
 def _check_message(worker: Any, msg: PeerOpenMessage) -> frozenset:
     """The other parties (the only workers this party sends its share to), after checking the fields."""
     check_openable(msg.name, msg.kwargs)
-    if not isinstance(msg.round, str) or not 16 <= len(msg.round) <= 64 or not msg.round.isalnum():
+    if not isinstance(msg.round, str) or not 16 <= len(msg.round) <= 64 \
+            or not (msg.round.isascii() and msg.round.isalnum()):
         raise PeerOpeningError("a peer opening needs a round id of 16-64 letters or digits")
     parties = msg.parties
     if not isinstance(parties, list) or not 2 <= len(parties) <= MAX_PARTIES \
@@ -219,6 +232,7 @@ def _handle_peer_open(worker: Any, msg: PeerOpenMessage, sender: str) -> Any:
     others = _check_message(worker, msg)
     principal = worker.principal(sender)
     rounds = rounds_of(worker)
+    rounds.check_fresh(msg.round)
     rnd = None
     try:
         outputs = worker.monitor.open_step(principal, msg.name, tuple(msg.args), msg.kwargs, run_openable)
