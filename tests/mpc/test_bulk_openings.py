@@ -23,6 +23,7 @@ class PartsWorker(sy.VirtualWorker):
     """An in-process party whose fresh replies over 1 KiB come back in parts, as a network server's do."""
 
     reply_parts_over = 1024
+    own_replies = False  # keep them as FrameParts (a VirtualWorker makes them one owned buffer)
 
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
@@ -45,7 +46,7 @@ def _shared(t, alice, bob, cp):
 
 def test_network_servers_send_opening_replies_in_parts():
     assert WebsocketServerWorker.reply_parts_over == REPLY_FRAGMENT
-    assert sy.VirtualWorker.reply_parts_over is None  # in-process replies stay one buffer
+    assert sy.VirtualWorker.own_replies  # in-process replies in parts become one owned buffer (test_virtual_frames)
 
 
 def test_opening_replies_in_parts_give_torchs_results(parts_parties):

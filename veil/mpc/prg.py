@@ -35,6 +35,17 @@ def new_seed() -> bytes:
     return secrets.token_bytes(SEED_BYTES)
 
 
+def _key(seed: bytes, label: str) -> bytes:
+    if not isinstance(seed, (bytes, bytearray)) or len(seed) != SEED_BYTES:
+        raise ValueError(f"a PRG seed must be {SEED_BYTES} bytes")
+    # one independent stream per label; AES-128 (10 rounds) is 1.4x faster than AES-256 at 128-bit security
+    return hashlib.sha256(bytes(seed) + b"|" + label.encode()).digest()[:16]
+
+
+def _encryptor(seed: bytes, label: str):
+    return Cipher(algorithms.AES(_key(seed, label)), modes.CTR(bytes(16))).encryptor()
+
+
 def expand(seed: bytes, label: str, shape: Sequence[int]) -> torch.Tensor:
     """Uniform int64 tensor of ``shape`` derived from ``(seed, label)``.
 
@@ -46,19 +57,79 @@ def expand(seed: bytes, label: str, shape: Sequence[int]) -> torch.Tensor:
     Raises:
         ValueError: If the seed is malformed.
     """
-    if not isinstance(seed, (bytes, bytearray)) or len(seed) != SEED_BYTES:
-        raise ValueError(f"a PRG seed must be {SEED_BYTES} bytes")
+    encryptor = _encryptor(seed, label)
     shape = tuple(int(s) for s in shape)
     numel = math.prod(shape)
     if numel == 0:
         return torch.empty(shape, dtype=DTYPE)
-    # one independent stream per label; AES-128 (10 rounds) is 1.4x faster than AES-256 at 128-bit security
-    key = hashlib.sha256(bytes(seed) + b"|" + label.encode()).digest()[:16]
     n = 8 * numel
     out = torch.empty(n + 15, dtype=torch.uint8)  # update_into wants block_size - 1 spare bytes; every
     buf = memoryview(out.numpy())  # byte of the first n is written below (CTR writes exactly its input's length)
-    encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
     for at in range(0, n, _CHUNK):
         m = min(_CHUNK, n - at)
         encryptor.update_into(_ZEROS[:m], buf[at: at + m + 15])
     return out[:n].view(DTYPE).reshape(shape)
+
+
+def expand_sum(seeds: Sequence[bytes], label: str, shape: Sequence[int], xor: bool = False) -> torch.Tensor:
+    """``sum(expand(s, label, shape) for s in seeds)`` mod 2^64 (or their XOR), bit-exact.
+
+    The dealer's value of a uniform field from every party's seed: the first stream is written
+    into the result and the others are added to it piece by piece through one cache-sized scratch
+    buffer while that piece is still in cache, so no stream becomes a tensor of its own (each would
+    be a fresh buffer of the field's size: a pass over memory and its page faults).
+    """
+    if not seeds:
+        raise ValueError("expand_sum needs at least one seed")
+    encryptors = [_encryptor(s, label) for s in seeds]
+    shape = tuple(int(s) for s in shape)
+    numel = math.prod(shape)
+    if numel == 0:
+        return torch.empty(shape, dtype=DTYPE)
+    out = torch.empty(8 * numel + 15, dtype=torch.uint8)  # the spare bytes update_into wants (as in expand)
+    buf = memoryview(out.numpy())
+    words = out[: 8 * numel].view(DTYPE)
+    _fold(words, encryptors, xor, subtract=False, first=buf)
+    return words.reshape(shape)
+
+
+def subtract_streams(value: torch.Tensor, seeds: Sequence[bytes], label: str, xor: bool = False) -> torch.Tensor:
+    """``value - sum(expand(s, label, value.shape) for s in seeds)`` (or XOR), **in place** on ``value``.
+
+    The last party's share of a derived field whose other shares are the other parties' streams.
+    ``value`` must be a contiguous int64 tensor that nothing else uses (it is returned).
+    """
+    if value.dtype != DTYPE or not value.is_contiguous():
+        raise ValueError("subtract_streams needs a contiguous int64 tensor")
+    encryptors = [_encryptor(s, label) for s in seeds]
+    if encryptors and value.numel():
+        _fold(value.view(-1), encryptors, xor, subtract=True)
+    return value
+
+
+#: words per piece when folding streams into a tensor: the piece and the scratch stay in L2
+_FOLD_WORDS = 1 << 15
+
+
+def _fold(flat: torch.Tensor, encryptors: list, xor: bool, subtract: bool, first: memoryview | None = None) -> None:
+    """Piece by piece over ``flat`` (int64, 1-d): the first stream written into it when ``first`` (its
+    bytes) is given, then every other stream added, subtracted or XORed in, each continuing its CTR
+    stream from piece to piece."""
+    scratch = torch.empty(8 * _FOLD_WORDS + 16, dtype=torch.uint8)
+    raw = memoryview(scratch.numpy())
+    words = scratch[: 8 * _FOLD_WORDS].view(DTYPE)
+    rest = encryptors[1:] if first is not None else encryptors
+    numel = flat.numel()
+    for at in range(0, numel, _FOLD_WORDS):
+        k = min(_FOLD_WORDS, numel - at)
+        if first is not None:
+            encryptors[0].update_into(_ZEROS[: 8 * k], first[8 * at: 8 * (at + k) + 15])
+        part, stream = flat[at: at + k], words[:k]
+        for encryptor in rest:
+            encryptor.update_into(_ZEROS[: 8 * k], raw[: 8 * k + 15])
+            if xor:
+                part.bitwise_xor_(stream)
+            elif subtract:
+                part.sub_(stream)
+            else:
+                part.add_(stream)

@@ -75,7 +75,7 @@ def floor_div_unsigned(v: torch.Tensor, divisor: int) -> torch.Tensor:
     """
     if divisor > 1 and divisor & (divisor - 1) == 0:  # a power of two: a logical shift (one pass instead of five)
         k = divisor.bit_length() - 1
-        return (v >> k) & ((1 << (64 - k)) - 1)
+        return (v >> k).bitwise_and_((1 << (64 - k)) - 1)  # in place on the shift's fresh result
     q_m, s_m = divmod(1 << 64, divisor)
     neg = (v < 0).to(v.dtype)
     return torch.div(v + neg * s_m, divisor, rounding_mode="floor") + neg * wrap_int(q_m)
@@ -112,9 +112,9 @@ def wrap_correction(r: torch.Tensor, divisor: int) -> torch.Tensor:
     (``floor((2^64 - r)/d)`` is ``2^(64-k) - a`` if ``b = 0``, else one less): 4 passes instead of 12.
     """
     if divisor > 1 and divisor & (divisor - 1) == 0:
-        g = (r & (divisor - 1)).eq_(0).to(r.dtype)  # [b = 0]
+        g = (r & (divisor - 1)).eq_(0)  # [b = 0], int64
         g += wrap_int(1 << (64 - (divisor.bit_length() - 1)))
-        return g.bitwise_and_(r >> 63)  # times h: r >> 63 is all ones where the top bit is set
+        return g.masked_fill_(r >= 0, 0)  # times h (a 1-byte mask, not an 8-byte one)
     h = top_bit(r)
     return h * (floor_div_unsigned(r, divisor) + floor_div_unsigned(-r, divisor) + 1)
 

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from concurrent.futures import Future
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterator, Sequence
@@ -58,10 +57,11 @@ import torch
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.allowlist import NO_RESULT, register_worker_function
-from veil.mpc.material import (WIDE_KINDS, combine, dealer_generator, last_share, last_shares_wide, recipe,
-                               register_mac_key, split_shares, split_wide, sum_wide, xor_fields)
+from veil.mpc.material import (WIDE_KINDS, dealer_generator, last_shares_wide, recipe, register_mac_key,
+                               split_shares, split_wide, sum_wide, xor_fields)
 from veil.mpc.fss import material as fss_material
-from veil.mpc.prg import expand, new_seed
+from veil.mpc.prg import expand, expand_sum, new_seed, subtract_streams
+from veil.mpc.errors import ProviderError
 from veil.mpc.providers.background import BackgroundDealing, BackgroundDealingError
 from veil.mpc.providers.fss_dealing import DEAL_COMPARISON
 from veil.mpc.providers.base import MaterialExhaustedError, Provider
@@ -97,18 +97,14 @@ def _deal(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, count: 
     parties = [worker.resolve_worker(pid) for pid in party_ids]
     if seeded:
         seeds = [new_seed() for _ in parties]
-        # Every party but the last needs only its seed, and the dealer needs only their shares of the
-        # derived fields from those seeds: each such party's part (those expansions, then its seed sent and
-        # expanded there) runs beside the dealer's own (uniform fields, derive, the last party's
-        # corrections): in-process parties on threads of their own when the material is big.
-        derived: list[Future] = [Future() for _ in parties[:-1]]
+        # Every party but the last needs only its seed: sending it (the party expands its shares there)
+        # runs beside the dealer's own part (the uniform fields' values from all seeds, derive, the last
+        # party's corrections): in-process parties on threads of their own when the material is big.
         size = count * (sum(map(_numel, uniform_shapes)) + sum(map(_numel, derived_shapes)))
-        wait = beside([_first_party_part(worker, parties[i], seeds[i], kind, spec, count, ids[i],
-                                         len(uniform_shapes), derived_shapes, derived[i])
-                       for i in range(n - 1)], parties[:-1], size)
+        wait = beside([_send_seed(worker, parties[i], seeds[i], kind, spec, count, ids[i]) for i in range(n - 1)],
+                      parties[:-1], size)
         try:
-            others = [f.result() for f in derived]  # per party: per item, its derived fields
-            corrections = _corrections(kind, uniform_shapes, derived_shapes, derive, xor, seeds, count, gen, others)
+            corrections = _corrections(kind, uniform_shapes, derived_shapes, derive, xor, seeds, count, gen)
             worker.send_msg(_expand_msg(seeds[-1], kind, spec, count, corrections, ids[-1]), parties[-1])
         except BaseException:
             try:
@@ -148,28 +144,17 @@ def _expand_msg(seed: bytes, kind: str, spec: Any, count: int, fix: list, ids: S
     return m.CommandMessage(EXPAND, args, {}, list(ids), False)
 
 
-def _first_party_part(worker: Any, party: Any, seed: bytes, kind: str, spec: Any, count: int, ids: Sequence[int],
-                      n_u: int, derived_shapes: list, derived: Future) -> Callable[[], Any]:
-    """A party other than the last: the dealer's copy of its derived-field shares (into ``derived``,
-    which the dealer waits on), then its seed sent (it expands its shares there)."""
-
-    def part() -> Any:
-        try:
-            fields = [[expand(seed, _label(k, n_u + j), shape) for j, shape in enumerate(derived_shapes)]
-                      for k in range(count)]
-        except BaseException as e:
-            derived.set_exception(e)
-            raise
-        derived.set_result(fields)
-        return worker.send_msg(_expand_msg(seed, kind, spec, count, [], ids), party)
-
-    return part
+def _send_seed(worker: Any, party: Any, seed: bytes, kind: str, spec: Any, count: int,
+               ids: Sequence[int]) -> Callable[[], Any]:
+    """A party other than the last: its seed sent (it expands its shares there)."""
+    return lambda: worker.send_msg(_expand_msg(seed, kind, spec, count, [], ids), party)
 
 
 def _corrections(kind: str, uniform_shapes: list, derived_shapes: list, derive: Any, xor: frozenset,
-                 seeds: list, count: int, gen: torch.Generator, others: list) -> list:
-    """The last party's shares of every derived field of ``count`` items; ``others[i][k][j]``: party
-    ``i``'s share of item ``k``'s derived field ``j`` (from its seed)."""
+                 seeds: list, count: int, gen: torch.Generator) -> list:
+    """The last party's shares of every derived field of ``count`` items: each field's value minus
+    (or XOR) the other parties' streams for it, folded in place (:func:`veil.mpc.prg.subtract_streams`);
+    the uniform fields' values come from every seed's stream in one pass (:func:`expand_sum`)."""
     n_u = len(uniform_shapes)
     corrections = []
     for k in range(count):
@@ -177,13 +162,34 @@ def _corrections(kind: str, uniform_shapes: list, derived_shapes: list, derive: 
             uniform = sum_wide([[expand(s, _label(k, j), shape) for s in seeds]
                                 for j, shape in enumerate(uniform_shapes)])
             values = derive(uniform, gen)
-            corrections += last_shares_wide(values, [[o[k][j] for o in others] for j in range(len(values))])
+            others = [[expand(s, _label(k, n_u + j), shape) for s in seeds[:-1]]
+                      for j, shape in enumerate(derived_shapes)]
+            corrections += last_shares_wide(values, others)
             continue
-        uniform = [combine([expand(s, _label(k, j), shape) for s in seeds], j in xor)
-                   for j, shape in enumerate(uniform_shapes)]
-        for j, value in enumerate(derive(uniform, gen)):
-            corrections.append(last_share(value, [o[k][j] for o in others], n_u + j in xor))
+        uniform = [expand_sum(seeds, _label(k, j), shape, j in xor) for j, shape in enumerate(uniform_shapes)]
+        values = _own(derive(uniform, gen), derived_shapes, uniform)
+        corrections += [subtract_streams(v, seeds[:-1], _label(k, n_u + j), n_u + j in xor)
+                        for j, v in enumerate(values)]
     return corrections
+
+
+def _own(values: list, shapes: list, uniform: list) -> list:
+    """The derived values as tensors of their fields' shapes that nothing else holds (they are
+    corrected in place): one that shares memory with another (a derive may return a uniform field
+    itself, or one value twice) or is not contiguous is copied."""
+    seen = {u.untyped_storage().data_ptr() for u in uniform if u.numel()}
+    out = []
+    for v, shape in zip(values, shapes):
+        if tuple(v.shape) != tuple(shape):
+            raise ProviderError(f"a derived field has shape {tuple(v.shape)}, its recipe says {tuple(shape)}")
+        ptr = v.untyped_storage().data_ptr() if v.numel() else None
+        if v.dtype != DTYPE or not v.is_contiguous() or (ptr is not None and ptr in seen) or v._base is not None:
+            v = v.to(DTYPE).contiguous().clone()
+            ptr = v.untyped_storage().data_ptr() if v.numel() else None
+        if ptr is not None:
+            seen.add(ptr)
+        out.append(v)
+    return out
 
 
 def recipe_layout(kind: str, spec: Any, count: int) -> list[tuple[int, bool]]:
