@@ -322,8 +322,12 @@ def network_workers(hook):
 
     workers = [sy.NetworkWorker(f"127.0.0.1:{free_port()}", id=f"net{i}") for i in range(2)]
     cp_addr = sy.NetworkWorker(f"127.0.0.1:{free_port()}", id="net_crypto_provider")
+    kw = {}
+    if "peer_openings" in sy.Cluster.__init__.__code__.co_varnames:  # trees without peer openings: the star
+        kw["peer_openings"] = os.environ.get("VEIL_PEER_OPENINGS", "1") != "0"
+        log(f"[veil net] peer openings: {'on' if kw['peer_openings'] else 'off'}")
     cluster = sy.Cluster(*workers, crypto_provider=cp_addr, auto_managed=True, owner_token=tok(),
-                         client_token=tok(), peer_token=tok())
+                         client_token=tok(), peer_token=tok(), **kw)
     log("[veil net] starting 3 veil worker processes (2 parties + crypto provider) ...")
     t0 = time.perf_counter()
     cluster.start()

@@ -43,10 +43,15 @@ def websocket_server_args(name: str, ports: dict) -> list[str]:
     t = WS_TOKENS
     args = ["--token", t["scientist"], "--user", f"hospital={t['hospital']}", "--admin-token", t["admin"]]
     for other, port in ports.items():
-        if other != name:
-            args += ["--peer", f"{other}=127.0.0.1:{port}", "--peer-token", f"{other}={t['peer']}",
-                     "--accept-peer", f"{other}={t['peer']}"]
+        if other != name:  # one token per worker, so a server tells its peers apart (peer openings need it)
+            args += ["--peer", f"{other}=127.0.0.1:{port}", "--peer-token", f"{other}={peer_token(name)}",
+                     "--accept-peer", f"{other}={peer_token(other)}"]
     return args
+
+
+def peer_token(name: str) -> str:
+    """The token session server ``name`` presents to its peers."""
+    return f"{WS_TOKENS['peer']}-{name}"
 
 
 @pytest.fixture(scope="session")

@@ -87,15 +87,15 @@ def test_material_is_served_once_even_after_an_error(setup, monkeypatch):
         step()
     dealer.deal_ahead(plan, repeat=3)
     step()
-    real_open = beaver.open_parties
+    real_open = beaver.open_at_parties
 
     def failing_open(*args, **kwargs):  # the triple is taken, then the protocol fails
         raise RuntimeError("party unreachable")
 
-    monkeypatch.setattr(beaver, "open_parties", failing_open)
+    monkeypatch.setattr(beaver, "open_at_parties", failing_open)
     with pytest.raises(RuntimeError, match="unreachable"):
         step()
-    monkeypatch.setattr(beaver, "open_parties", real_open)
+    monkeypatch.setattr(beaver, "open_at_parties", real_open)
     step()
     step()  # beyond the material dealt ahead: on demand
     ids = [i for item in served for i in item]

@@ -26,7 +26,7 @@ from typing import Hashable, Mapping
 
 import torch
 
-from veil.mpc.party import open_parties, party_function, run_party
+from veil.mpc.party import open_at_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
 from veil.mpc.ring import bilinear
 
@@ -103,9 +103,11 @@ def beaver_op(x: Shares, y: Shares, op: str, provider: Provider, **op_kwargs) ->
     bilinear(op)  # fail early on an unknown op
     first_x, first_y = x[parties[0]], y[parties[0]]
     triples = provider.beaver_triples(op, tuple(first_x.shape), tuple(first_y.shape), parties, **op_kwargs)
-    e, f = open_parties("beaver_mask", {p: (x[p], y[p], triples[p][0], triples[p][1]) for p in parties})
+    # e, f where each party uses them: public tensors (a star opening) or, between network workers
+    # that open among themselves, handles to the values each party reconstructed (peer openings)
+    opened = open_at_parties("beaver_mask", {p: (x[p], y[p], triples[p][0], triples[p][1]) for p in parties})
     return {
-        p: run_party("beaver_combine", *triples[p], e, f, op=op, first=(i == 0), op_kwargs=dict(op_kwargs))
+        p: run_party("beaver_combine", *triples[p], *opened[p], op=op, first=(i == 0), op_kwargs=dict(op_kwargs))
         for i, p in enumerate(parties)
     }
 

@@ -265,3 +265,36 @@ def open_parties(name: str, per_party: Mapping[Hashable, tuple], **kwargs: Any) 
     per_party_bytes = 8 * (n - 1) * sum(t.numel() for t in totals)  # each party's share of every opened entry
     record_opening(sum(n * (n - 1) * t.numel() for t in totals), {p: per_party_bytes for p in per_party})
     return totals
+
+
+def open_at_parties(name: str, per_party: Mapping[Hashable, tuple], **kwargs: Any) -> dict[Hashable, list]:
+    """Opens an openable step where the opened values are used: party -> the opened values, in output order.
+
+    When every party is remote on one runtime that can open among the parties
+    (:meth:`veil.mpc.runtime.PartyRuntime.open_at_parties`: peer openings between network
+    workers), the parties exchange their outputs directly and each gets handles to the
+    opened values on itself; otherwise this is :func:`open_parties` (the star) and every
+    party gets the same public tensors. Either way one round, counted the same.
+    """
+    if name not in OPENABLE:
+        raise MPCError(f"{name!r} is not an openable protocol step")
+    runtime, where = None, []
+    for args in per_party.values():
+        rt, party = _party_of(args)
+        if rt is None or (runtime is not None and rt is not runtime) or any(party is w for w in where):
+            runtime = None
+            break
+        runtime = rt
+        where.append(party)
+    if runtime is not None and len(where) >= 2:
+        all_args = [tuple(a) for a in per_party.values()]
+        out = _output_meta(name, PARTY_FUNCTIONS[name], all_args[0], kwargs)
+        meta = list(out) if isinstance(out, (tuple, list)) else [out]
+        opened = runtime.open_at_parties(name, all_args, kwargs, meta)
+        if opened is not None:
+            n = len(per_party)
+            numel = sum(t.numel() for t in meta)
+            record_opening(n * (n - 1) * numel, {p: 8 * (n - 1) * numel for p in per_party})
+            return dict(zip(per_party, opened))
+    totals = open_parties(name, per_party, **kwargs)
+    return {p: totals for p in per_party}

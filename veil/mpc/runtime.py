@@ -86,6 +86,20 @@ class PartyRuntime(ABC):
             For each party (same order), the step's outputs as local tensors.
         """
 
+    def open_at_parties(self, name: str, per_party: Sequence[tuple], kwargs: dict,
+                        outputs: Sequence[torch.Tensor]) -> Optional[list[list[Any]]]:
+        """A *peer opening*: the parties exchange their outputs of openable step ``name`` among
+        themselves and each keeps the opened values (nothing opened passes through here).
+
+        Args:
+            outputs: The step's outputs on meta tensors (shapes, dtypes).
+
+        Returns:
+            For each party (same order), handles to the opened values on it; or None when these
+            parties cannot open among themselves (the caller then opens through here, a star).
+        """
+        return None
+
     @abstractmethod
     def fetch(self, handles: Sequence[Any]) -> list[torch.Tensor]:
         """Brings the shares behind ``handles`` here (an opening), one round for all."""

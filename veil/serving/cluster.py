@@ -72,11 +72,14 @@ class Cluster:
         owner_token: The model owner's token (generated when auto-managed).
         client_token: Clients' token (generated when auto-managed).
         peer_token: Worker-to-worker token (generated when auto-managed).
+        peer_openings: The parties also peer with each other and Beaver openings go party to party
+            (:mod:`veil.workers.peer_openings`); :meth:`connect` enables them on its connections.
     """
 
     def __init__(self, *workers: NetworkWorker, crypto_provider: Optional[NetworkWorker] = None,
                  auto_managed: bool = False, owner_token: Optional[str] = None,
-                 client_token: Optional[str] = None, peer_token: Optional[str] = None) -> None:
+                 client_token: Optional[str] = None, peer_token: Optional[str] = None,
+                 peer_openings: bool = False) -> None:
         everyone = [*workers, *([crypto_provider] if crypto_provider else [])]
         if len(everyone) < 3:
             raise ValueError("a cluster needs at least two parties and a crypto provider (three workers)")
@@ -91,6 +94,7 @@ class Cluster:
         self.owner_token = owner_token or (new(24) if auto_managed else None)
         self.client_token = client_token or (new(24) if auto_managed else None)
         self.peer_token = peer_token or (new(24) if auto_managed else None)
+        self.peer_openings = peer_openings
         self.ping_interval = 30.0  # auto-managed workers' keepalive (seconds); clients answer pings while idle
         self._processes: list[Any] = []
         self._connections: dict[str, Any] = {}
@@ -117,6 +121,10 @@ class Cluster:
                 args += ["--peer", f"{party.id}={party.address}", f"--peer-token={party.id}={self.peer_token_of(cp)}"]
         else:  # clients submit and fetch here; only the crypto provider hands material off
             args += [f"--client={CLIENT_USER}={self.client_token}", f"--accept-peer={cp.id}={self.peer_token_of(cp)}"]
+            for other in self.parties if self.peer_openings else ():  # opening shares party to party
+                if other is not w:
+                    args += ["--peer", f"{other.id}={other.address}", f"--peer-token={other.id}={self.peer_token_of(w)}",
+                             f"--accept-peer={other.id}={self.peer_token_of(other)}"]
         return args
 
     def start(self) -> "Cluster":
@@ -178,6 +186,10 @@ class Cluster:
                                                  timeout=timeout))
             except OSError as e:
                 raise WorkerUnavailableError(f"cannot reach cluster worker {w.id!r} at {w.address}: {e}") from e
+        if self.peer_openings:
+            from veil.tensors.mpc_glue.runtime import enable_peer_openings
+
+            enable_peer_openings(*(c for c, w in zip(out, workers or self.workers) if w in self.parties))
         return out
 
     # ------------------------------------------------------------ hand-off to clients

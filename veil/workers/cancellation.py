@@ -58,20 +58,38 @@ class _Current(threading.local):
     # them raises and swallows an AttributeError each call (the event loop thread, every request)
     token: "CancelToken | None" = None
     yield_turn: "Callable[[], None] | None" = None
+    turn: "FairLock | None" = None
 
 
 _local = _Current()
 
 
 @contextmanager
-def running(token: CancelToken | None, yield_turn: Callable[[], None] | None = None) -> Iterator[None]:
-    """Makes ``token`` (and the server's turn-yielding hook) current on this thread."""
-    previous = _local.token, _local.yield_turn
-    _local.token, _local.yield_turn = token, yield_turn
+def running(token: CancelToken | None, yield_turn: Callable[[], None] | None = None,
+            turn: "FairLock | None" = None) -> Iterator[None]:
+    """Makes ``token`` (and the server's turn-yielding hook and worker lock) current on this thread."""
+    previous = _local.token, _local.yield_turn, _local.turn
+    _local.token, _local.yield_turn, _local.turn = token, yield_turn, turn
     try:
         yield
     finally:
-        _local.token, _local.yield_turn = previous
+        _local.token, _local.yield_turn, _local.turn = previous
+
+
+@contextmanager
+def outside_turn() -> Iterator[None]:
+    """Hands the worker lock back while the block waits on other workers (a peer opening: each party
+    waits for the others' shares, which their requests deliver here under this same lock); returns
+    holding it again. The block must not touch the store. A no-op outside a network worker's request."""
+    turn = _local.turn
+    if turn is None:
+        yield
+        return
+    turn.release()
+    try:
+        yield
+    finally:
+        turn.acquire()
 
 
 def check() -> None:

@@ -302,7 +302,7 @@ class WebsocketServerWorker(BaseWorker):
             self._running.add(token)
             self._local.session = session
             try:
-                with cancellation.running(token, self._turn.yield_turn):
+                with cancellation.running(token, self._turn.yield_turn, self._turn):
                     return self._recv_msg(data) if decoded is None else self._serve_decoded(*decoded)
             except Exception as e:  # never drop the connection over one reply (was: close 1011)
                 log.exception("worker %s: request of session %s failed outside the handlers", self.id, session.id)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
@@ -56,6 +57,7 @@ from veil.mpc.runtime import DEALER_TAG, PartyRuntime, register_runtime
 from veil.tensors.pointer import PointerTensor
 from veil.workers.base import register_handler
 from veil.workers.monitor import DEALER_TAG as MONITOR_DEALER_TAG
+from veil.workers.peer_openings import PeerOpenMessage
 from veil.workers.websocket_client import WebsocketClientWorker
 
 assert DEALER_TAG == MONITOR_DEALER_TAG, "veil.mpc.runtime.DEALER_TAG must match the monitor's"
@@ -263,6 +265,30 @@ class WorkerRuntime(PartyRuntime):
         elements = max(elements_of(args) for args in per_party) if per_party and in_process else 0
         return [list(reply.objects) for reply in one_round(requests, f"opening {name!r}", elements=elements)]
 
+    def open_at_parties(self, name: str, per_party: Sequence[tuple], kwargs: dict,
+                        outputs: Sequence[torch.Tensor]) -> list[list[PointerTensor]] | None:
+        """A peer opening (:mod:`veil.workers.peer_openings`) when every party is a worker enabled for
+        them (:func:`enable_peer_openings`); None (a star opening) otherwise."""
+        firsts = [_first_pointer(args) for args in per_party]
+        if not all(peer_openings_enabled(p.location) for p in firsts):
+            return None
+        round_id = secrets.token_hex(16)  # unguessable: a peer cannot aim a share at a round it is not in
+        parties = [p.location.id for p in firsts]
+        requests, handles = [], []
+        for first, args in zip(firsts, per_party):
+            ids = [new_id() for _ in outputs]
+            msg = PeerOpenMessage(name, _wire(tuple(args)), kwargs, round_id, parties, ids)
+            requests.append((first.owner, msg, first.location))
+            handles.append([PointerTensor(first.location, oid, first.owner, tuple(t.shape), t.dtype)
+                            for oid, t in zip(ids, outputs)])
+        elements = max(elements_of(args) for args in per_party)
+        # One peer round at a time per set of parties from this process: each party serves a session's
+        # requests in order, so two threads' rounds reaching the parties in opposite orders would each
+        # hold one party waiting for the other's share of a round queued behind it.
+        with _peer_round_lock(firsts):
+            one_round(requests, f"peer opening {name!r}", elements=elements)
+        return handles
+
     def fetch(self, handles: Sequence[PointerTensor]) -> list[torch.Tensor]:
         """One GetObjectsMessage per (owner, location) for all shares opened together."""
         groups: dict[tuple[int, int], list[int]] = {}
@@ -307,6 +333,37 @@ class WorkerRuntime(PartyRuntime):
 
     def handle(self, location: Any, object_id: int, owner: Any, shape: Sequence[int], dtype: torch.dtype) -> Any:
         return PointerTensor(location, object_id, owner, tuple(shape), dtype)
+
+
+#: the workers (client connections, by identity) whose parties open among themselves
+_PEER_OPENINGS: dict[int, Any] = {}
+
+
+def enable_peer_openings(*workers: Any, enabled: bool = True) -> None:
+    """Beaver openings among these network workers go party to party (peer openings) instead of
+    through this process, when every party of a product is enabled. Each worker's server must reach
+    the others as peers under their ids, and accept them (``veil worker --peer ID=ADDR --peer-token``
+    and ``--accept-peer ID=TOKEN``; :class:`veil.serving.Cluster` with ``peer_openings=True``)."""
+    for w in workers:
+        if enabled:
+            if not waits_on_network(w):
+                raise ValueError(f"peer openings need network workers; {getattr(w, 'id', w)!r} is in-process")
+            _PEER_OPENINGS[id(w)] = w
+        else:
+            _PEER_OPENINGS.pop(id(w), None)
+
+
+def peer_openings_enabled(worker: Any) -> bool:
+    return _PEER_OPENINGS.get(id(worker)) is worker
+
+
+_PEER_ROUND_LOCKS: dict[tuple, threading.Lock] = {}
+
+
+def _peer_round_lock(handles: Sequence[PointerTensor]) -> threading.Lock:
+    key = tuple(sorted({id(h.location) for h in handles}))
+    with _POOL_LOCK:
+        return _PEER_ROUND_LOCKS.setdefault(key, threading.Lock())
 
 
 RUNTIME = WorkerRuntime()

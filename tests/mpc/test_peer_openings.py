@@ -1,0 +1,97 @@
+"""Peer openings (veil/workers/peer_openings.py): Beaver openings party to party, over network workers.
+
+The SMPC op tests of test_remote_ops.py run again with peer openings enabled on the session
+servers (peered with each other in tests/conftest.py); results are compared with plain torch.
+"""
+
+import pytest
+import torch
+
+from test_remote_ops import (  # noqa: F401  (collected here with the fixtures below)
+    test_comparisons_relu_max,
+    test_conv_and_pooling,
+    test_fixed_precision_arithmetic,
+    test_integer_ops,
+    test_issue_example,
+)
+from veil.tensors.mpc_glue.runtime import enable_peer_openings
+
+
+@pytest.fixture(params=[2, 3], ids=["2party", "3party"])
+def parties(request, connect_websocket):
+    ws = [connect_websocket(n) for n in ("alice", "bob", "charlie")[: request.param]]
+    enable_peer_openings(*ws)
+    yield ws
+    enable_peer_openings(*ws, enabled=False)
+
+
+@pytest.fixture
+def cp(connect_websocket):
+    return connect_websocket("dave")
+
+
+def _products(hook, parties, cp, op):
+    """(opened product, plain product, bytes this process received during the product, rounds)."""
+    from veil.mpc.opening import count_openings
+
+    gen = torch.Generator().manual_seed(7)
+    if op == "mul":
+        a, b = (torch.randint(-2**20, 2**20, (64, 64), generator=gen) for _ in range(2))
+        want = a * b
+    elif op == "fixed-point mul":  # a Beaver opening, then truncation's opening of c = x + r
+        a, b = (torch.randn(64, 64, generator=gen) for _ in range(2))
+        x, y = (t.fix_precision().share(*parties, crypto_provider=cp) for t in (a, b))
+        stats = hook.local_worker.stats
+        before = stats.bytes_received
+        with count_openings() as openings:
+            z = x * y
+        received = stats.bytes_received - before
+        return z.get().float_precision(), a * b, received, openings.rounds - 1
+    else:
+        a = torch.randint(-2**10, 2**10, (48, 64), generator=gen)
+        b = torch.randint(-2**10, 2**10, (64, 32), generator=gen)
+        want = a @ b
+    x, y = a.share(*parties, crypto_provider=cp), b.share(*parties, crypto_provider=cp)
+    stats = hook.local_worker.stats
+    before = stats.bytes_received
+    with count_openings() as openings:
+        z = x * y if op == "mul" else x @ y
+    received = stats.bytes_received - before  # before z.get(), which fetches the product's shares
+    return z.get(), want, received, openings.rounds
+
+
+@pytest.mark.parametrize("op", ["mul", "matmul", "fixed-point mul"])
+def test_products_open_party_to_party(hook, parties, cp, op):
+    got, want, received, rounds = _products(hook, parties, cp, op)
+    if op == "fixed-point mul":
+        assert torch.allclose(got, want, atol=1e-3), (got - want).abs().max()
+    else:
+        assert torch.equal(got, want)
+    assert rounds == 1
+    # e and f (2 x 4096 x 8 bytes for mul), c (4096 x 8) never reach this process: only acknowledgements
+    assert received < 1024 * len(parties), received
+
+
+def test_concurrent_products_from_threads_of_one_orchestrator(parties, cp):
+    """Threads of one orchestrator run peer-opened products on the same parties at once: every result
+    equals torch's (a party serves one session's requests in order, so rounds must not cross)."""
+    import threading
+
+    errors, wrong = [], []
+
+    def run(k):
+        for i in range(3):
+            a, b = torch.randint(-100, 100, (32, 8)), torch.randint(-100, 100, (32, 8))
+            try:
+                z = (a.share(*parties, crypto_provider=cp) * b.share(*parties, crypto_provider=cp)).get()
+                if not torch.equal(z, a * b):
+                    wrong.append((k, i))
+            except Exception as e:  # noqa: BLE001
+                errors.append((k, i, type(e).__name__, str(e)[:200]))
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors and not wrong, (errors[:3], wrong[:3])
