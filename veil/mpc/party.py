@@ -146,10 +146,6 @@ _META_OUT: dict[tuple, Any] = {}
 _META_CACHE_SIZE = 4096
 
 
-class _Uncacheable(Exception):
-    pass
-
-
 def _shape_key(v: Any) -> Any:
     """``v``'s structure, tensor shapes and dtypes, and public scalars, as a hashable (one walk)."""
     tp = type(v)
@@ -161,14 +157,14 @@ def _shape_key(v: Any) -> Any:
         return (tuple(v.shape), v.dtype)
     if v is None or tp in (bool, int, float, str):
         return (tp, v)
-    raise _Uncacheable
+    raise TypeError("not cacheable")  # (a builtin: veil's own exception classes all cross the wire)
 
 
 def _signature(name: str, args: tuple, kwargs: dict) -> Optional[tuple]:
     """A hashable description of a step's inputs that fixes its output shapes (None: not cacheable)."""
     try:
         return name, _shape_key(args), _shape_key(kwargs)
-    except _Uncacheable:
+    except TypeError:  # a value no key describes: the step is not cached
         return None
 
 
