@@ -35,6 +35,14 @@ correct their shares with :func:`split_wide`, :func:`sum_wide` and
   :class:`ComparisonLayout`). Some of its fields are XOR (boolean) shares:
   :func:`xor_fields` names them, and dealers combine and split those by XOR.
 
+* ``fixed_mask`` ``(fixed_id, shape)``: ``(b,)``, the fixed mask of a constant
+  operand (:mod:`veil.mpc.fixed_operand`), uniform but dealt as a *derived*
+  field (it never masks an opening of a protected value) and kept at the
+  provider under ``fixed_id`` (:data:`FIXED_MASKS`); once per id.
+* ``fixed_beaver`` ``(fixed_id, op, shape_a, shape_b, op_kwargs)``: ``(a, c =
+  op(a, b))`` for the fixed ``b`` kept under ``fixed_id``: a Beaver triple
+  whose right operand's mask is opened once per model, not per product.
+
 FSS comparison material (masks and DCF keys) is not a recipe: see
 :mod:`veil.mpc.fss.material`.
 """
@@ -345,10 +353,68 @@ def _comparison(spec) -> tuple[list, list, Derive]:
     return [shape] * lay.n_uniform, [shape] * n_derived, derive
 
 
+#: fixed id -> the fixed mask ``b`` of a constant operand (:mod:`veil.mpc.fixed_operand`), held by the
+#: crypto provider's process only (filled by the ``fixed_mask`` recipe; parties never call a derive)
+FIXED_MASKS: dict[str, torch.Tensor] = {}
+#: most ring elements of fixed masks one provider process keeps (a requester cannot fill its memory)
+MAX_FIXED_ELEMENTS = 1 << 25
+#: kinds whose derived fields are fixed masks: parties mark them (``veil.workers.dealt``) so that they
+#: are opened once, by ``fixed_open``, and never anywhere else
+FIXED_KINDS = frozenset({"fixed_mask"})
+
+
+def _fixed_id(value) -> str:
+    if not isinstance(value, str) or not 16 <= len(value) <= 64:
+        raise ProviderError("a fixed operand id is a string of 16 to 64 characters")
+    return value
+
+
+def _fixed_mask(spec) -> tuple[list, list, Derive]:
+    """The fixed mask ``b`` of a constant operand: uniform (``os.urandom``), kept under its id."""
+    if not isinstance(spec, (tuple, list)) or len(spec) != 2:
+        raise ProviderError("fixed_mask spec must be (fixed_id, shape)")
+    fixed_id, shape = _fixed_id(spec[0]), _shape(spec[1])
+
+    def derive(u: list, g: torch.Generator) -> list:
+        # once per id: dealt twice, the parties' shares of the first b would no longer match the provider's
+        if fixed_id in FIXED_MASKS:
+            raise ProviderError(f"fixed operand {fixed_id!r} was already dealt")
+        held = sum(t.numel() for t in FIXED_MASKS.values())
+        numel = 1
+        for d in shape:
+            numel *= d
+        if held + numel > MAX_FIXED_ELEMENTS:
+            raise ProviderError(f"this crypto provider keeps at most {MAX_FIXED_ELEMENTS} fixed-mask elements")
+        b = random_ring(shape)  # a key-like secret: the OS's CSPRNG, not the dealer's generator
+        FIXED_MASKS[fixed_id] = b
+        return [b.clone()]  # dealers correct a derived value in place into the last party's share
+
+    return [], [shape], derive
+
+
+def _fixed_beaver(spec) -> tuple[list, list, Derive]:
+    """A triple ``(a, op(a, b))`` for the fixed mask ``b`` kept under ``fixed_id`` (right operand)."""
+    if not isinstance(spec, (tuple, list)) or len(spec) != 5:
+        raise ProviderError("fixed_beaver spec must be (fixed_id, op, shape_a, shape_b, op_kwargs)")
+    fixed_id, op, shape_a, shape_b, op_kwargs = spec
+    fixed_id = _fixed_id(fixed_id)
+    (shape_a, shape_b), (shape_c,), _ = _beaver((op, shape_a, shape_b, op_kwargs))
+    fn = bilinear(op)
+
+    def derive(u: list, g: torch.Generator) -> list:
+        b = FIXED_MASKS.get(fixed_id)
+        if b is None or tuple(b.shape) != shape_b:
+            raise ProviderError(f"no fixed mask {fixed_id!r} of shape {shape_b} at this crypto provider")
+        return [fn(u[0], b, **dict(op_kwargs))]
+
+    return [shape_a], [shape_c], derive
+
+
 RECIPES: dict[str, Callable] = {
     "beaver": _beaver, "truncation": _truncation, "beaver_mac": _beaver_mac,
     "truncation_mac": _truncation_mac, "zero": _zero, "comparison": _comparison,
     "zero_mac": _zero_mac, "comparison_mac": _comparison_mac,
+    "fixed_mask": _fixed_mask, "fixed_beaver": _fixed_beaver,
 }
 
 

@@ -38,6 +38,10 @@ DEALER_TAG = "#veil.dealer"
 #: the index of the item it belongs to within that message (:mod:`veil.workers.dealt`)
 DEALT_MASK_TAG = "#veil.dealer.mask"
 DEALT_ITEM_TAG = "#veil.dealer.item="
+#: a constant operand's fixed mask (:mod:`veil.mpc.fixed_operand`): the layout's mark (in place of
+#: ``uniform?``) and the tag; the party lets ``fixed_open`` open it once and nothing else open it
+DEALT_FIXED = "fixed"
+DEALT_FIXED_TAG = "#veil.dealer.fixed"
 #: dealer worker function -> the layout of its results, ``f(args) -> [(item index, uniform?), ...]``
 #: (filled by the dealing modules; the worker's monitor groups what they store by it)
 DEALT_LAYOUTS: dict[str, Callable[[tuple], list]] = {}

@@ -14,7 +14,7 @@ from typing import Any
 
 from veil.exceptions import PermissionDeniedError, VeilError
 from veil.messaging import messages as m
-from veil.mpc.runtime import DEALER_TAG, DEALT_ITEM_TAG, DEALT_MASK_TAG
+from veil.mpc.runtime import DEALER_TAG, DEALT_FIXED, DEALT_FIXED_TAG, DEALT_ITEM_TAG, DEALT_MASK_TAG
 from veil.workers.store import Entry, Kind
 
 #: capabilities travel between workers as tags with this prefix
@@ -67,9 +67,11 @@ def parse_tags(tags: Any, from_dealer: bool) -> tuple[tuple, dict]:
             if from_dealer:
                 caps["kind"] = Kind.DEALER
             continue
-        if tag == DEALT_MASK_TAG or tag.startswith(DEALT_ITEM_TAG):  # a dealer's layout (veil/workers/dealt.py)
-            if from_dealer and tag == DEALT_MASK_TAG:
+        if tag in (DEALT_MASK_TAG, DEALT_FIXED_TAG) or tag.startswith(DEALT_ITEM_TAG):  # a dealer's layout
+            if from_dealer and tag == DEALT_MASK_TAG:  # (veil/workers/dealt.py)
                 caps["mask"] = True
+            elif from_dealer and tag == DEALT_FIXED_TAG:
+                caps["mask"] = DEALT_FIXED
             elif from_dealer:
                 caps["item"] = tag
             continue

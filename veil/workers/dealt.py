@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from veil.mpc.runtime import DEALT_FIXED
 from veil.workers.store import Entry, Kind
 
 #: ``DealtItem.bound`` before the item's first use
@@ -56,8 +57,9 @@ class DealtItem:
             e.reveal_to = reveal_to if e.reveal_to is None else tuple(sorted(set(e.reveal_to) & set(reveal_to)))
 
 
-def group(entries: list[Entry], layout: list[tuple[int, bool]]) -> None:
-    """Marks freshly dealt ``entries``: ``layout[i] = (item index, uniform field?)``."""
+def group(entries: list[Entry], layout: list[tuple[int, object]]) -> None:
+    """Marks freshly dealt ``entries``: ``layout[i] = (item index, uniform field?)``, where
+    :data:`DEALT_FIXED` marks a constant operand's fixed mask (not a mask of openings: see :func:`fixed_error`)."""
     if len(layout) != len(entries):
         raise ValueError(f"dealt layout names {len(layout)} fields for {len(entries)} objects")
     items: dict[int, DealtItem] = {}
@@ -67,7 +69,9 @@ def group(entries: list[Entry], layout: list[tuple[int, bool]]) -> None:
             item = items[k] = DealtItem()
         item.entries.append(entry)
         entry.meta["item"] = item
-        if uniform:
+        if uniform == DEALT_FIXED:
+            entry.meta["fixed"] = True
+        elif uniform:
             entry.meta["mask"] = True
 
 

@@ -26,7 +26,14 @@ from veil.workers.store import Entry, Kind
 OPENING_MASKS: dict[str, tuple[int, ...]] = {"beaver_mask": (2, 3), "trunc_mask": (1,), "fss_mask": (1,),
                                               # the bitwise comparison (veil/mpc/bit_comparison.py)
                                               "cmp_mask_values": (1,), "cmp_and_open": (1, 2, 3),
-                                              "cmp_and_open_values": (1, 2, 3, 7), "cmp_bit_open": (9,)}
+                                              "cmp_and_open_values": (1, 2, 3, 7), "cmp_bit_open": (9,),
+                                              # a product with a constant operand (veil/mpc/fixed_operand.py)
+                                              "fixed_mask": (1,)}
+#: the openable steps that open a constant operand's fixed mask (``w - b``) -> the argument position of
+#: ``b``: each fixed mask opens once, in such a step, and is never referenced by any other opening (so
+#: ``b`` never hides a second value: ``w' - b`` and ``w - b`` would give ``w' - w``); such a step has no
+#: OPENING_MASKS entry, so it never opens a value protected for someone else
+FIXED_OPENINGS: dict[str, int] = {"fixed_open": 1}
 
 
 class OpeningRules:
@@ -62,6 +69,7 @@ class OpeningRules:
             self._check_release(principal, entry, oid, "open")  # owner data, client objects: as a .get()
             if self.release_hook is not None:
                 self.release_hook(principal, oid, entry, "open")
+        self._check_fixed(principal, name, found, ids)
         self._local.opened_masks = None
         if protecting:
             self._local.opened_masks = self._check_masks(principal, name, found, ids)
@@ -70,6 +78,30 @@ class OpeningRules:
             dealt.bind_all(dealt_entries, None)  # protected value (bound to the taint, r stayed a "fresh" mask)
         self.audit("open", principal, ids, "allowed", name)
         return args, kwargs
+
+    def _check_fixed(self, principal: Principal, name: str, found: dict[int, Entry], ids: list) -> None:
+        """A fixed mask opens once, in a :data:`FIXED_OPENINGS` step at its position, and nowhere else
+        (checked, then marked opened)."""
+        fixed = [e for e in found.values() if e.kind == Kind.DEALER and e.meta and e.meta.get("fixed")]
+        pos = FIXED_OPENINGS.get(name)
+        if pos is None and not fixed:
+            return
+        error, entry = None, None
+        if pos is None:
+            error = f"{name} may not open a constant operand's fixed mask (it opens once, in fixed_open)"
+        else:
+            raw = self._local.opening_refs or ()
+            value = raw[pos] if pos < len(raw) else None
+            entry = found.get(value.id) if type(value) is m.ObjectRef else None
+            if entry is None or not any(entry is e for e in fixed):
+                error = f"{name} opens a dealt fixed mask at argument {pos}, and only there"
+            elif len(fixed) > 1:
+                error = f"{name} opens one fixed mask at a time"
+            elif entry.meta.get("fixed_opened"):
+                error = f"{name}: this fixed mask was already opened (it may hide one value only)"
+        if error is not None:
+            raise self._refuse(PermissionDeniedError(error), "open", principal, ids)
+        entry.meta["fixed_opened"] = True
 
     def _check_masks(self, principal: Principal, name: str, found: dict[int, Entry], ids: list) -> list:
         """The mask tensors of an opening of protected values, in order (each checked, then marked used)."""

@@ -110,6 +110,28 @@ class Provider(abc.ABC):
         """
         raise ProviderError(f"{self!r} does not deal comparison material")
 
+    def fixed_operand_mask(self, fixed_id: str, shape: Sequence[int], parties: Sequence[Hashable]) -> Mapping[
+            Hashable, tuple]:
+        """Deals shares of a uniform fixed mask ``b`` for a constant operand and keeps ``b`` under
+        ``fixed_id`` (once per id; :mod:`veil.mpc.fixed_operand`).
+
+        Returns:
+            party -> ``(b_i,)``.
+
+        Raises:
+            ProviderError: If this provider cannot deal fixed-operand material.
+        """
+        raise ProviderError(f"{self!r} does not deal fixed-operand material")
+
+    def fixed_operand_triples(self, fixed_id: str, op: str, shape_a: Sequence[int], shape_b: Sequence[int],
+                              parties: Sequence[Hashable], **op_kwargs) -> Mapping[Hashable, tuple]:
+        """Deals ``(a, c = op(a, b))`` for fresh uniform ``a`` and the fixed mask ``b`` kept under ``fixed_id``.
+
+        Returns:
+            party -> ``(a_i, c_i)``.
+        """
+        raise ProviderError(f"{self!r} does not deal fixed-operand material")
+
     def register_mac_key(self, key_id: str, alpha: torch.Tensor) -> None:
         """Gives the provider a SPDZ MAC key (see :mod:`veil.mpc.mac`).
 

@@ -67,6 +67,14 @@ class LocalDealer(Provider):
     def zero_shares(self, shape, parties):
         return self._deal_recipe("zero", (tuple(shape),), parties)
 
+    def fixed_operand_mask(self, fixed_id, shape, parties):
+        return self._deal_recipe("fixed_mask", (fixed_id, tuple(int(s) for s in shape)), parties)
+
+    def fixed_operand_triples(self, fixed_id, op, shape_a, shape_b, parties, **op_kwargs):
+        self.dealt["beaver"] += 1
+        spec = (fixed_id, op, tuple(shape_a), tuple(shape_b), dict(sorted(op_kwargs.items())))
+        return self._deal_recipe("fixed_beaver", spec, parties)
+
     def register_mac_key(self, key_id, alpha):
         register_mac_key(key_id, alpha)
 

@@ -57,7 +57,7 @@ import torch
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.allowlist import NO_RESULT, register_worker_function
-from veil.mpc.material import (WIDE_KINDS, dealer_generator, last_shares_wide, recipe, register_mac_key,
+from veil.mpc.material import (FIXED_KINDS, WIDE_KINDS, dealer_generator, last_shares_wide, recipe, register_mac_key,
                                split_shares, split_wide, sum_wide, xor_fields)
 from veil.mpc.fss import material as fss_material
 from veil.mpc.prg import expand, expand_sum, new_seed, subtract_streams
@@ -66,7 +66,8 @@ from veil.mpc.providers.background import BackgroundDealing, BackgroundDealingEr
 from veil.mpc.providers.fss_dealing import DEAL_COMPARISON
 from veil.mpc.providers.base import MaterialExhaustedError, Provider
 from veil.mpc.ring import DTYPE, random_ring
-from veil.mpc.runtime import DEALER_TAG, DEALT_ITEM_TAG, DEALT_LAYOUTS, DEALT_MASK_TAG, beside
+from veil.mpc.runtime import (DEALER_TAG, DEALT_FIXED, DEALT_FIXED_TAG, DEALT_ITEM_TAG, DEALT_LAYOUTS,
+                              DEALT_MASK_TAG, beside)
 from veil.mpc.runtime import remote_handle as PointerTensor  # the injected runtime's handle (mpc imports no tensors)
 
 DEAL = "veil.mpc.deal"
@@ -125,7 +126,8 @@ def _deal(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, count: 
         for field_shares in shares:
             for i, share in enumerate(field_shares):
                 per_party[i].append(share)
-    tags = [(DEALER_TAG, DEALT_ITEM_TAG + str(k)) + ((DEALT_MASK_TAG,) if uniform else ())
+    tags = [(DEALER_TAG, DEALT_ITEM_TAG + str(k)) + ((DEALT_FIXED_TAG,) if uniform == DEALT_FIXED else
+                                                     (DEALT_MASK_TAG,) if uniform else ())
             for k, uniform in recipe_layout(kind, spec, count)]
     for i, party in enumerate(parties):  # never revealable; uniform fields may mask openings
         objects = [m.StoredObject(oid, t, tag) for oid, t, tag in zip(ids[i], per_party[i], tags)]
@@ -192,10 +194,11 @@ def _own(values: list, shapes: list, uniform: list) -> list:
     return out
 
 
-def recipe_layout(kind: str, spec: Any, count: int) -> list[tuple[int, bool]]:
-    """``(item index, uniform?)`` of each of ``count`` items' fields, item-major (uniform fields first)."""
+def recipe_layout(kind: str, spec: Any, count: int) -> list[tuple[int, Any]]:
+    """``(item index, uniform?)`` of each of ``count`` items' fields, item-major (uniform fields first);
+    a fixed mask's field is marked :data:`DEALT_FIXED` instead of False."""
     uniform_shapes, derived_shapes, _ = recipe(kind, spec)
-    fields = [True] * len(uniform_shapes) + [False] * len(derived_shapes)
+    fields = [True] * len(uniform_shapes) + [DEALT_FIXED if kind in FIXED_KINDS else False] * len(derived_shapes)
     return [(k, uniform) for k in range(int(count)) for uniform in fields]
 
 
@@ -451,6 +454,13 @@ class WorkerDealer(Provider):
 
     def comparison_material(self, shape, n_values, parties):
         return self._take("comparison", (tuple(int(s) for s in shape), int(n_values)), parties)
+
+    def fixed_operand_mask(self, fixed_id, shape, parties):
+        return self._take("fixed_mask", (fixed_id, tuple(int(s) for s in shape)), parties)
+
+    def fixed_operand_triples(self, fixed_id, op, shape_a, shape_b, parties, **op_kwargs):
+        spec = (fixed_id, op, tuple(shape_a), tuple(shape_b), dict(sorted(op_kwargs.items())))
+        return self._take("fixed_beaver", spec, parties)
 
     def register_mac_key(self, key_id, alpha):
         # Orchestrator -> provider only: the key never goes to a party.
