@@ -80,15 +80,11 @@ class LayerReLU(nn.Module):
         from veil.tensors.additive import AdditiveSharingTensor
         from veil.tensors.fixed_precision import FixedPrecisionTensor
 
+        from veil.serving.fixed_weights import layer_product
+
         layer, enc = self.layer, x.encoding
-        w = layer.weight.child
-        if isinstance(layer, nn.Conv2d):
-            y = aten.convolution.default(x.child, w, None, list(layer.stride), list(layer.padding),
-                                         list(layer.dilation), False, [0, 0], layer.groups)
-            shape = [1, -1, 1, 1]
-        else:
-            y = aten.mm.default(x.child, aten.t.default(w))
-            shape = [1, -1]
+        y = layer_product(layer, x.child)  # with the weight's fixed mask when it has one
+        shape = [1, -1, 1, 1] if isinstance(layer, nn.Conv2d) else [1, -1]
         if layer.bias is not None:  # at the product's scale s^2: exact (a public integer factor)
             y = aten.add.Tensor(y, aten.view.default(aten.mul.Tensor(layer.bias.child, enc.scale), shape))
         out = truncate_relu(y.child, enc.scale, y.crypto_provider)

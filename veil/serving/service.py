@@ -37,6 +37,7 @@ from veil.tensors.mpc_glue.module import fix_precision_module, share_module
 from veil.serving import protocol
 from veil.serving.cluster import CLIENT_USER, Cluster
 from veil.serving.errors import ServingError, WorkerUnavailableError
+from veil.serving.fixed_weights import fix_weights
 from veil.serving.fuse import fuse_linear_layers
 from veil.serving.inputs import as_count, as_shape
 
@@ -61,11 +62,13 @@ class ModelService:
             parties before it is failed (a client that died mid-submit, or an attacker).
         fuse: Rewrite Conv2d -> AvgPool2d pairs of ``nn.Sequential`` containers into one
             convolution first (:mod:`veil.serving.fuse`: the same function, one round fewer per pair).
+        fixed_weights: Open each weight's Beaver mask once, at load (:mod:`veil.serving.fixed_weights`), so that
+            a query's products open only its activations.
     """
 
     def __init__(self, model: nn.Module, cluster: Cluster, input_shape: tuple, name: str = DEFAULT_SERVICE,
                  max_batch: int = 16, clients: tuple = (CLIENT_USER,), hook: Any = None,
-                 partial_timeout: float = 30.0, fuse: bool = True) -> None:
+                 partial_timeout: float = 30.0, fuse: bool = True, fixed_weights: bool = True) -> None:
         self.hook = hook or default_hook()
         self.model, self.cluster, self.name = model.eval(), cluster, name
         self.max_batch = as_count(max_batch, "max_batch")
@@ -88,6 +91,7 @@ class ModelService:
             self.output_shape = tuple(model(torch.zeros(self.input_shape)).shape)
         fix_precision_module(model)
         share_module(model, *self.parties, crypto_provider=self.provider)
+        self.fixed_weights = fix_weights(model) if fixed_weights else 0
         self.encoding = next(p for p in model.parameters()).encoding
         self.crypto = next(p for p in model.parameters()).child.crypto_provider
         info = {"input_shape": list(self.input_shape), "output_shape": list(self.output_shape),
