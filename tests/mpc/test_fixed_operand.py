@@ -1,5 +1,7 @@
 """Products with a constant operand whose Beaver mask is opened once (veil/mpc/fixed_operand.py)."""
 
+import secrets
+
 import pytest
 import torch
 
@@ -47,12 +49,12 @@ def test_a_wrong_product_is_visible(parties, dealer, gen):
 
 
 def test_provider_refuses_a_fixed_mask_dealt_twice_and_unknown_ids(dealer):
-    fid = "f" * 32
+    fid = secrets.token_hex(16)
     dealer.fixed_operand_mask(fid, (3,), ("alice", "bob"))
     with pytest.raises(ProviderError, match="already dealt"):
         dealer.fixed_operand_mask(fid, (3,), ("alice", "bob"))
     with pytest.raises(ProviderError, match="no fixed mask"):
-        dealer.fixed_operand_triples("g" * 32, "mul", (3,), (3,), ("alice", "bob"))
+        dealer.fixed_operand_triples(secrets.token_hex(16), "mul", (3,), (3,), ("alice", "bob"))
     with pytest.raises(ProviderError, match="no fixed mask"):  # the right id, another shape
         dealer.fixed_operand_triples(fid, "mul", (4,), (4,), ("alice", "bob"))
 

@@ -69,23 +69,25 @@ class OpeningRules:
             self._check_release(principal, entry, oid, "open")  # owner data, client objects: as a .get()
             if self.release_hook is not None:
                 self.release_hook(principal, oid, entry, "open")
-        self._check_fixed(principal, name, found, ids)
+        fixed = self._check_fixed(principal, name, found, ids)
         self._local.opened_masks = None
         if protecting:
             self._local.opened_masks = self._check_masks(principal, name, found, ids)
+        if fixed is not None:  # marked once every check passed (a refused opening consumes nothing)
+            fixed.meta["fixed_opened"] = True
             dealt.bind_all(dealt_entries, dealt.strictest(protecting, None))
         elif dealt_entries:  # opened unmasked: the requester may know these items; they never mask a
             dealt.bind_all(dealt_entries, None)  # protected value (bound to the taint, r stayed a "fresh" mask)
         self.audit("open", principal, ids, "allowed", name)
         return args, kwargs
 
-    def _check_fixed(self, principal: Principal, name: str, found: dict[int, Entry], ids: list) -> None:
-        """A fixed mask opens once, in a :data:`FIXED_OPENINGS` step at its position, and nowhere else
-        (checked, then marked opened)."""
+    def _check_fixed(self, principal: Principal, name: str, found: dict[int, Entry], ids: list) -> Entry | None:
+        """A fixed mask opens once, in a :data:`FIXED_OPENINGS` step at its position, and nowhere else;
+        the fixed mask this opening opens (the caller marks it opened), or None."""
         fixed = [e for e in found.values() if e.kind == Kind.DEALER and e.meta and e.meta.get("fixed")]
         pos = FIXED_OPENINGS.get(name)
         if pos is None and not fixed:
-            return
+            return None
         error, entry = None, None
         if pos is None:
             error = f"{name} may not open a constant operand's fixed mask (it opens once, in fixed_open)"
@@ -101,7 +103,7 @@ class OpeningRules:
                 error = f"{name}: this fixed mask was already opened (it may hide one value only)"
         if error is not None:
             raise self._refuse(PermissionDeniedError(error), "open", principal, ids)
-        entry.meta["fixed_opened"] = True
+        return entry
 
     def _check_masks(self, principal: Principal, name: str, found: dict[int, Entry], ids: list) -> list:
         """The mask tensors of an opening of protected values, in order (each checked, then marked used)."""
