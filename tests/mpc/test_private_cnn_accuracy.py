@@ -6,7 +6,8 @@ on the 4,000 training images; the 1,000 test images are then classified with
 model and images secret-shared between two workers. Bar: accuracy within
 0.5 points of plaintext inference; also for the model as serving rewrites it
 (``veil/serving/fuse.py``: conv-pool as one strided convolution, the ReLUs'
-truncations folded into their comparisons), against the original's plaintext.
+truncations folded into their comparisons; the weights as fixed operands,
+``veil/serving/fixed_weights.py``), against the original's plaintext.
 """
 
 import pytest
@@ -54,6 +55,10 @@ def test_encrypted_cnn_accuracy_within_half_a_point(hook, fuse):
     alice, bob = sy.VirtualWorker(hook, id=f"cnn_alice{fuse}"), sy.VirtualWorker(hook, id=f"cnn_bob{fuse}")
     cp = sy.VirtualWorker(hook, id=f"cnn_cp{fuse}")
     model.fix_precision().share(alice, bob, crypto_provider=cp)
+    if fuse:  # as serving runs it: each weight's Beaver mask opened once
+        from veil.serving.fixed_weights import fix_weights
+
+        assert fix_weights(model) == 4
     logits = []
     with torch.no_grad():
         for start in range(0, len(y_test), 100):
