@@ -16,7 +16,7 @@ and, with ``--warm N``, *dealt ahead* (measured after N warm-up queries and
 two warm-up batches, so the provider's spares cover the timed queries: the
 online phase alone, what an offline/online split delivers).
 
-Run: ``.venv/bin/python bench/bench_serving.py [--queries 10] [--batch 16] [--warm 16]``
+Run: ``.venv/bin/python bench/bench_serving.py [--queries 10] [--batch 16] [--warm 16] [--peer]``
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=10)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--warm", type=int, default=0, help="also time queries after N warm-up queries (dealt ahead)")
+    ap.add_argument("--peer", action="store_true", help="Cluster(peer_openings=True): Beaver/truncation openings "
+                    "party to party")
     args = ap.parse_args()
     torch.set_num_threads(1)
     hook = sy.TorchHook(torch)
@@ -60,7 +62,8 @@ def main() -> None:
         plain_tput = args.batch / (time.perf_counter() - t)
         expected = model(images).argmax(1)
 
-    cluster = sy.Cluster(*[sy.NetworkWorker(f"127.0.0.1:{free_port()}") for _ in range(3)], auto_managed=True)
+    cluster = sy.Cluster(*[sy.NetworkWorker(f"127.0.0.1:{free_port()}") for _ in range(3)], auto_managed=True,
+                         peer_openings=args.peer)
     cluster.start()
     try:
         model.share(cluster, input_shape=(1, 1, 28, 28), max_batch=args.batch)

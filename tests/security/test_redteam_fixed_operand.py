@@ -112,3 +112,14 @@ def test_the_per_product_mask_is_single_use_and_c_is_no_mask(served):
         _open(owner, a, "fixed_mask", m.ObjectRef(BATCH), fa)
     with pytest.raises(PermissionDeniedError, match="derived"):
         _open(owner, a, "fixed_mask", m.ObjectRef(BATCH), fc)
+
+
+def test_the_triple_binds_to_the_client_it_masked(served):
+    """After ``x - a`` for a client's ``x``, the item's derived ``c = a * b`` (``b`` known to the owner) is the
+    client's too: opening it without a fresh mask is refused."""
+    a, b, owner, dealer = served
+    fb, (fa, fc) = _fixed(dealer, a, b)
+    _open(owner, a, "fixed_open", m.ObjectRef(WEIGHT), fb)
+    _open(owner, a, "fixed_mask", m.ObjectRef(BATCH), fa)
+    with pytest.raises(PermissionDeniedError, match="protected"):
+        _open(owner, a, "trunc_mask", fc, torch.zeros(SHAPE, dtype=DTYPE))

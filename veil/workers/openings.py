@@ -73,11 +73,11 @@ class OpeningRules:
         self._local.opened_masks = None
         if protecting:
             self._local.opened_masks = self._check_masks(principal, name, found, ids)
-        if fixed is not None:  # marked once every check passed (a refused opening consumes nothing)
-            fixed.meta["fixed_opened"] = True
             dealt.bind_all(dealt_entries, dealt.strictest(protecting, None))
         elif dealt_entries:  # opened unmasked: the requester may know these items; they never mask a
             dealt.bind_all(dealt_entries, None)  # protected value (bound to the taint, r stayed a "fresh" mask)
+        if fixed is not None:  # marked once every check passed (a refused opening consumes nothing)
+            fixed.meta["fixed_opened"] = True
         self.audit("open", principal, ids, "allowed", name)
         return args, kwargs
 
