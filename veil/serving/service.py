@@ -7,7 +7,8 @@ list the requests pending on every party, claim a batch of them (each party
 concatenates its input shares into one object of this session), run the
 model on the shared batch through pointers, and hand each party's output
 share back to the queue for the requesting client. The owner's process holds
-only pointers: it never sees inputs, outputs or weight shares.
+only pointers: it never sees inputs, outputs or weight shares (with fixed weights,
+:mod:`veil.serving.fixed_weights`, it sees each weight minus its fixed mask once, at load).
 
 A failure while computing a batch (a protocol error) marks that batch's
 requests failed on every reachable party, so clients get a
