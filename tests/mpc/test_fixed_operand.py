@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import veil as sy
-from veil.mpc import fixed_operand, material
+from veil.mpc import fixed_operand
 from veil.mpc.errors import ProviderError
 from veil.mpc.opening import count_openings, reconstruct
 from veil.mpc.providers.worker_dealer import dealer_for

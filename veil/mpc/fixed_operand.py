@@ -3,8 +3,9 @@
 A served model multiplies every query's shared input ``x`` by the same shared
 weights ``w``. A Beaver product (:mod:`veil.mpc.beaver`) opens ``x - a`` *and*
 ``w - b`` each time, so most of a query's opened bytes are the weights, masked
-afresh. With a *fixed* mask ``b`` for ``w`` [the standard precomputation for a
-constant operand, as in SecureML / Chameleon's matrix triples]:
+afresh. With a *fixed* mask ``b`` for ``w`` (the usual precomputation for a
+constant operand; SecureML reuses one mask of its data matrix across iterations
+the same way):
 
 1. once per operand (:func:`fix_operand`): the provider deals shares of a
    uniform ``b`` and keeps ``b`` (``fixed_mask``: one id per operand), the

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from veil.mpc import fixed_operand  # noqa: F401  (registers its party steps on every worker)
+from veil.mpc import fixed_operand  # (imported by veil.serving: registers its party steps on every worker)
 from veil.serving.fuse import LayerReLU
 
 aten = torch.ops.aten
