@@ -3,6 +3,7 @@ same rounds, the weights' masks opened once at load instead of in every query.""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -12,7 +13,7 @@ from veil.serving.fixed_weights import ATTR, FixedLayer, fix_weights
 from veil.serving.fuse import fuse_linear_layers
 from veil.tensors.mpc_glue.module import fix_precision_module, share_module
 
-from serving_helpers import mnist_cnn
+from serving_helpers import client_for, mnist_cnn  # noqa: F401  (client_for: a fixture)
 
 
 def _run(model, parties, cp, x):
@@ -62,3 +63,26 @@ def test_fixed_linear_and_conv_without_relu(hook):
             assert fix_weights(model) == 1
             got, _ = _run(model, parties, cp, x)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_fixed_weights_over_a_peer_opening_cluster(hook, client_for):
+    """Network workers with peer openings: fixed_open and each query's x - a open party to party (one query)."""
+    from veil.workers.websocket_launcher import free_port
+
+    cluster = sy.Cluster(*[sy.NetworkWorker(f"127.0.0.1:{free_port()}") for _ in range(3)], auto_managed=True,
+                         peer_openings=True).start()
+    try:
+        torch.manual_seed(4)
+        model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+        x = torch.randn(1, 6)
+        with torch.no_grad():
+            expected = model(x)
+        model.share(cluster, name="fixed_peer")
+        assert sy.serving.service_of(model).fixed_weights == 2
+        model.serve(background=True)
+        client = client_for(cluster, (1, 6), (1, 3), name="fixed_peer")
+        torch.testing.assert_close(client.query_model(x), expected, rtol=0, atol=1e-3)
+        model.stop()
+    finally:
+        cluster.stop()
