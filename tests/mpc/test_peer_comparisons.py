@@ -16,7 +16,10 @@ ULP = 2.0**-16
 
 
 @pytest.fixture(params=[2, 3], ids=["2party", "3party"])
-def parties(request, connect_websocket):
+def parties(request, connect_websocket, monkeypatch):
+    from veil.tensors.mpc_glue import runtime
+
+    monkeypatch.setattr(runtime, "PEER_MIN_ELEMENTS", 0)  # the small openings of these tests go party to party too
     ws = [connect_websocket(n) for n in ("alice", "bob", "charlie")[: request.param]]
     enable_peer_openings(*ws)
     yield ws
@@ -77,3 +80,26 @@ def test_truncate_relu_opens_party_to_party(hook, parties, cp):
     assert bool(ok.all()), (got[~ok][:5], y[~ok][:5])
     assert rounds == 6
     assert received < 1024 * len(parties), received
+
+
+def test_openings_below_the_threshold_stay_a_star(hook, connect_websocket):
+    """With the default PEER_MIN_ELEMENTS a small ReLU opens through this process (one hop fewer per round)
+    and a large one party to party; both equal torch's."""
+    from veil.tensors.mpc_glue.runtime import PEER_MIN_ELEMENTS
+
+    ws = [connect_websocket(n) for n in ("alice", "bob")]
+    cp = connect_websocket("dave")
+    enable_peer_openings(*ws)
+    try:
+        gen = torch.Generator().manual_seed(6)
+        for numel, through_here in ((256, True), (PEER_MIN_ELEMENTS + 8, False)):
+            a = torch.randn(numel, generator=gen)
+            x = a.fix_precision().share(*ws, crypto_provider=cp)
+            y, received, _ = _received(hook, lambda: F.relu(x))
+            assert torch.allclose(y.get().float_precision(), F.relu(a), atol=ULP)
+            if through_here:  # every party's share of x + r at least
+                assert received > 2 * 8 * numel, received
+            else:
+                assert received < 1024 * len(ws), received
+    finally:
+        enable_peer_openings(*ws, enabled=False)
