@@ -13,9 +13,9 @@ stored under. Each party then
    names, over its authenticated peer connections (``--peer``; never to a worker it has no peer link to),
    to all of them at once (one thread per further peer);
 3. waits, with the worker lock handed back (:func:`veil.workers.cancellation.outside_turn`), for the
-   other parties' shares of the same round, sums them with its own and stores the opened values in
-   the requesting session's namespace under the given ids (XOR for the steps whose outputs are XOR
-   shares: ``XOR_OPENABLE``, and the leading ``XOR_LEADING`` outputs) (plain client objects: the values the star
+   other parties' shares of the same round, sums them with its own (XORs the outputs that are XOR
+   shares: ``XOR_OPENABLE`` steps, the leading ``XOR_LEADING`` outputs) and stores the opened values in
+   the requesting session's namespace under the given ids (plain client objects: the values the star
    would have sent it as public arguments). The reply carries no tensor.
 
 The receiving side (:class:`PeerRounds`, one per worker) keeps at most one contribution per named
