@@ -57,3 +57,11 @@ def test_finish_default_pieces():
     assert torch.equal(got[-300:], want)
     mid = slice(truncation._FINISH_PIECE - 100, truncation._FINISH_PIECE + 100)
     assert torch.equal(got[mid], _formula(c[mid], q[mid], g[mid], 1 << 16, True))
+
+
+def test_finish_refuses_mismatched_shapes():
+    c, q = torch.zeros(6, dtype=torch.int64), torch.zeros(6, dtype=torch.int64)
+    for cc, qq, gg in [(c, q, torch.zeros(1, dtype=torch.int64)), (torch.zeros(1, dtype=torch.int64), q, q),
+                       (c.view(2, 3), q, q)]:
+        with pytest.raises(ValueError, match="differ in shape"):
+            finish(cc, qq, gg, divisor=1 << 16, first=True)
