@@ -167,13 +167,15 @@ def test_queue_caps_per_client_and_cleanup_on_disconnect(cluster, client_for):
 
 def test_idle_cluster_stays_usable(hook, client_for):
     cluster = new_cluster()
-    cluster.ping_interval = 1.0  # the workers drop a connection that ignores pings for 2 s
+    # the workers drop a connection that ignores pings for 2 intervals; 3 s (not 1 s) so that a client on a loaded
+    # CI box, busy between pongs during the first query, is not dropped before the idle part this test is about
+    cluster.ping_interval = 3.0
     cluster.start()
     try:
         model, expected, plain = _served(cluster, "idle", with_plain=True)
         client = client_for(cluster, (1, 4), (1, 2), name="idle", timeout=30)
         assert torch.allclose(client.query_model(torch.ones(1, 4)), expected, atol=1e-2)
-        time.sleep(6)  # idle: owner->crypto provider, provider->parties and client connections all sit unused
+        time.sleep(10)  # idle for three ping intervals: owner->crypto provider, provider->parties and client connections all sit unused
         x = torch.randn(3, 4)  # a new shape: fresh material from the crypto provider
         with torch.no_grad():
             want = plain(x)
