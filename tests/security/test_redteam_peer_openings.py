@@ -59,7 +59,10 @@ def cluster(request, hook, spawn, sink, monkeypatch):
     ``request.param`` seconds (default 45) for a round's shares or registration."""
     from veil.workers.websocket_launcher import free_port
 
+    from veil.tensors.mpc_glue import runtime
+
     monkeypatch.setenv("VEIL_PEER_WAIT_SECONDS", str(getattr(request, "param", 45)))
+    monkeypatch.setattr(runtime, "PEER_MIN_ELEMENTS", 0)  # the attacks' small rounds go party to party too
     ports = {n: free_port() for n in NAMES}
     ports["charlie"] = sink
     procs = {}

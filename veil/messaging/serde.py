@@ -96,13 +96,17 @@ def register_ext(code: int, types: tuple[type, ...], encode: Callable[[Any], byt
         _ENCODERS[tp] = lambda obj, _c=code, _e=encode: (_c, _e(obj))
 
 
-_depth = threading.local()  # ext nesting of the decode running on this thread
-_pack_depth = threading.local()  # and of the encode
+class _Level(threading.local):
+    level = 0  # the per-thread default, read without getattr's default (which raises and catches)
+
+
+_depth = _Level()  # ext nesting of the decode running on this thread
+_pack_depth = _Level()  # and of the encode
 
 
 def _pack(value: Any) -> bytes:
     # The same depth limit as decoding: whatever encodes also decodes.
-    level = getattr(_pack_depth, "level", 0)
+    level = _pack_depth.level
     if level >= MAX_EXT_DEPTH:
         raise SerializationError(f"value nested deeper than {MAX_EXT_DEPTH} levels")
     _pack_depth.level = level + 1
@@ -113,7 +117,7 @@ def _pack(value: Any) -> bytes:
 
 
 def _unpack(payload: bytes, ctx: DecodeContext) -> Any:
-    level = getattr(_depth, "level", 0)
+    level = _depth.level
     if level >= MAX_EXT_DEPTH:
         raise SerializationError(f"value nested deeper than {MAX_EXT_DEPTH} levels")
     _depth.level = level + 1
@@ -123,11 +127,15 @@ def _unpack(payload: bytes, ctx: DecodeContext) -> Any:
         _depth.level = level
 
 
-_oob = threading.local()  # the out-of-band buffers of the message being encoded / decoded on this thread
+class _OOBLocal(threading.local):
+    out = region = None  # per-thread defaults (no getattr default, which raises and catches)
+
+
+_oob = _OOBLocal()  # the out-of-band buffers of the message being encoded / decoded on this thread
 
 
 def _default(obj: Any) -> msgpack.ExtType:
-    out = getattr(_oob, "out", None)
+    out = _oob.out
     if out is not None and type(obj) in _OOB_TENSOR_TYPES and _pack_depth.level in out.levels:
         head, raw = _tensor_raw(obj)
         out.buffers.append(raw)
@@ -201,7 +209,7 @@ def _oob_inside(state: "_OutOfBand | None", level: int, run: Callable[[], Any]) 
 
 
 def _take_oob_tensor(data: bytes) -> torch.Tensor:
-    region = getattr(_oob, "region", None)
+    region = _oob.region
     if region is None or _depth.level not in region.levels:  # a frame's own fields only, not other payloads
         raise SerializationError("out-of-band tensor outside a framed message")
     head = msgpack.unpackb(data, raw=False)
@@ -283,7 +291,7 @@ def _decode_descriptor(data: bytes, ctx: DecodeContext) -> Descriptor:
 
 
 def _decode_stored(data: bytes, ctx: DecodeContext) -> StoredObject:
-    oid, obj, tags, desc, allowed = _oob_inside(getattr(_oob, "region", None), _depth.level,
+    oid, obj, tags, desc, allowed = _oob_inside(_oob.region, _depth.level,
                                                 lambda: _list_payload(data, ctx, 5))
     if type(oid) is not int or not isinstance(tags, list) or not isinstance(desc, str):
         raise SerializationError("malformed stored object")
@@ -312,7 +320,7 @@ register_ext(
 register_ext(
     EXT_CODES.STORED_OBJECT,
     (StoredObject,),
-    lambda s: _oob_inside(getattr(_oob, "out", None), _pack_depth.level, lambda: _pack(
+    lambda s: _oob_inside(_oob.out, _pack_depth.level, lambda: _pack(
         [s.id, s.obj, list(s.tags), s.description, None if s.allowed_users is None else list(s.allowed_users)]
     )),
     _decode_stored,
@@ -393,7 +401,7 @@ def serialize(msg: Any, sender: str = "", prelude: list | None = None,
             return _pack_native(message)
         except (TypeError, ValueError, OverflowError):  # a type of ours (a tensor, a tuple...): the full encoder
             pass
-        previous, _oob.out = getattr(_oob, "out", None), _OutOfBand()
+        previous, _oob.out = _oob.out, _OutOfBand()
         try:
             header = _pack(message)
             buffers = _oob.out.buffers
@@ -465,12 +473,15 @@ def deserialize(data: bytes, ctx: DecodeContext | None = None) -> tuple[Any, str
         raise SerializationError(f"expected bytes, got {type(data).__name__}")
     adopt = type(data) is OwnedFrame or (type(data) is memoryview and type(data.obj) is OwnedFrame)
     header, raw = _split_frame(data)
-    previous = getattr(_oob, "region", None)
-    _oob.region = _OutOfBand(raw, adopt) if raw is not None else None
+    region = _OutOfBand(raw, adopt) if raw is not None else None
+    previous = _oob.region
+    swap = region is not None or previous is not None  # (a plain message on a clean thread: nothing to set)
+    if swap:
+        _oob.region = region
     try:
         ctx = ctx or _CTX_SENTINEL
         hook = ctx.__dict__.get("_ext_hook") or _hook_for(ctx)
-        level = getattr(_depth, "level", 0)  # (_unpack, inlined: one request, one decode call)
+        level = _depth.level  # (_unpack, inlined: one request, one decode call)
         if level >= MAX_EXT_DEPTH:
             raise SerializationError(f"value nested deeper than {MAX_EXT_DEPTH} levels")
         _depth.level = level + 1
@@ -478,14 +489,15 @@ def deserialize(data: bytes, ctx: DecodeContext | None = None) -> tuple[Any, str
             value = msgpack.unpackb(header, raw=False, strict_map_key=False, ext_hook=hook)
         finally:
             _depth.level = level
-        if raw is not None and _oob.region.at != raw.nbytes:
-            raise SerializationError(f"message frame has {raw.nbytes - _oob.region.at} bytes no field refers to")
+        if region is not None and region.at != raw.nbytes:
+            raise SerializationError(f"message frame has {raw.nbytes - region.at} bytes no field refers to")
     except SerializationError:
         raise
     except Exception as e:  # msgpack raises many types on hostile input; normalize them
         raise SerializationError(f"malformed message: {type(e).__name__}: {e}") from e
     finally:
-        _oob.region = previous
+        if swap:
+            _oob.region = previous
     if not isinstance(value, list) or len(value) < 4:
         raise SerializationError("a message must be an array [version, type, sender, prelude, ...]")
     version, type_code, sender, prelude, *field_values = value

@@ -58,8 +58,9 @@ import torch
 
 from veil.mpc.material import (AND_LEVELS, GROUP_BITS, GROUP_LEVELS, GROUP_MASK, GROUP_SUBSETS, GROUP_WORDS,
                                ComparisonLayout)
-from veil.mpc.party import open_parties, party_function, run_party
+from veil.mpc.party import PARTY_FUNCTIONS, open_at_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
+from veil.mpc.runtime import runtime_of
 from veil.mpc.truncation import finish_truncation, shift_for
 
 Shares = Mapping[Hashable, torch.Tensor]
@@ -298,9 +299,18 @@ def sign_select(d: Shares, extras: Sequence[Shares], provider: Provider,
     mats = {p: list(material[p]) for p in parties}
     values = {p: [d[p]] + [w[p] for w in extras] for p in parties}
     masks = {p: mats[p][:lay.n_masks] for p in parties}
-    opened = open_parties("cmp_mask_values", {p: (values[p][:lay.n_masks], masks[p]) for p in parties})
-    bit_open, _ = _circuit(mats, lay, opened[0])
-    return _select_all(bit_open, opened[:n_values], mats, lay, range(n_values))
+    opened = open_at_parties("cmp_mask_values", {p: (values[p][:lay.n_masks], masks[p]) for p in parties})
+    bit_open, _ = _circuit(mats, lay, {p: opened[p][0] for p in parties})
+    return _select_all(bit_open, {p: opened[p][:n_values] for p in parties}, mats, lay, range(n_values))
+
+
+@party_function("cmp_trunc_finish")
+def _trunc_finish_unshifted(c, q_i, g_i, divisor: int, first: bool):
+    """:func:`truncate_relu`'s truncation at a party that opened ``c = y + r`` itself (peer openings):
+    ``trunc_finish`` of ``c + K`` (the star adds ``K`` where it opens ``c``)."""
+    if type(divisor) is not int or divisor <= 1:
+        raise ValueError("cmp_trunc_finish needs an integer divisor > 1")
+    return PARTY_FUNCTIONS["trunc_finish"](c + shift_for(divisor), q_i, g_i, divisor=divisor, first=first)
 
 
 def truncate_relu(y: Shares, divisor: int, provider: Provider) -> dict:
@@ -309,7 +319,8 @@ def truncate_relu(y: Shares, divisor: int, provider: Provider) -> dict:
     The comparison runs on ``y`` itself (``[y > 0]``): round 1 opens ``y + r_0``
     (the comparison's mask) and ``y + r_t`` (a truncation pair's, ``c = y + r_t
     + K`` after opening) in one step; the truncated ``z`` is then local
-    (:func:`veil.mpc.truncation.finish_truncation`), and ``z + r_1`` is opened
+    (:func:`veil.mpc.truncation.finish_truncation`, or ``cmp_trunc_finish`` at every
+    party when the parties opened ``c`` among themselves), and ``z + r_1`` is opened
     with the first AND level (``cmp_and_open_values``), ready for the final
     local select ``z * [y > 0]``. That equals ``max(z, 0)`` but at ``y = 0``
     (``z`` in {0, 1}: 0 instead of ``z``), within truncation's own one ulp:
@@ -325,46 +336,58 @@ def truncate_relu(y: Shares, divisor: int, provider: Provider) -> dict:
     lay = ComparisonLayout(2)  # r_0 masks y for the comparison, r_1 masks z for the product
     material = provider.comparison_material(shape, 2, parties)
     mats = {p: list(material[p]) for p in parties}
-    xhat, c = open_parties("cmp_mask_values", {p: ([y[p], y[p]], [mats[p][0], pairs[p][0]]) for p in parties})
-    z = finish_truncation(c + shift_for(divisor), pairs, divisor)
+    opened = open_at_parties("cmp_mask_values", {p: ([y[p], y[p]], [mats[p][0], pairs[p][0]]) for p in parties})
+    c = opened[parties[0]][1]
+    if runtime_of(c) is not None:  # a peer opening: every party holds c and truncates its own share
+        z = {p: run_party("cmp_trunc_finish", opened[p][1], pairs[p][1], pairs[p][2], divisor=divisor,
+                          first=(i == 0)) for i, p in enumerate(parties)}
+    else:
+        z = finish_truncation(c + shift_for(divisor), pairs, divisor)
     late = {p: ([z[p]], [mats[p][1]]) for p in parties}
-    bit_open, (z_hat,) = _circuit(mats, lay, xhat, late)
-    _, (out,) = _select_all(bit_open, [z_hat], mats, lay, [1])
+    bit_open, z_hat = _circuit(mats, lay, {p: opened[p][0] for p in parties}, late)
+    _, (out,) = _select_all(bit_open, z_hat, mats, lay, [1])
     return out
 
 
-def _circuit(mats: dict, lay: ComparisonLayout, xhat: torch.Tensor, late: dict | None = None):
-    """The AND levels and the last round: ``(e, late_opened)``, ``e = b ^ rho`` public (``b = [x >= 0]``,
-    ``x = xhat - r_0 - 1``). ``late``: party -> ``(values, masks)`` opened with the first AND level."""
+def _circuit(mats: dict, lay: ComparisonLayout, xhat: dict, late: dict | None = None) -> tuple[dict, dict]:
+    """The AND levels and the last round: ``(e, late_opened)``, each party -> its copy (public tensors in a
+    star opening, handles on the party in a peer opening), ``e = b ^ rho`` (``b = [x >= 0]``, ``x = xhat -
+    r_0 - 1``). ``late``: party -> ``(values, masks)`` opened with the first AND level.
+
+    Nothing opened here is needed by the orchestrator (the results are shares): between parties that open
+    among themselves (:func:`veil.mpc.party.open_at_parties`) every round goes party to party."""
     parties = list(mats)
     first = {p: i == 0 for i, p in enumerate(parties)}
     # the first AND level derives (lt, eq) of the 4-bit groups from (xhat, R, group words) itself
-    state = {p: [xhat, mats[p][lay.r_xor]] + [mats[p][i] for i in lay.groups] for p in parties}
-    late_opened: list = []
+    state = {p: [xhat[p], mats[p][lay.r_xor]] + [mats[p][i] for i in lay.groups] for p in parties}
+    late_opened: dict = {}
     for level in range(AND_LEVELS):
         trip = {p: [mats[p][i] for i in lay.triple(level)] for p in parties}
         prods = {p: [mats[p][i] for i in lay.products(level)] for p in parties}
         if level == 0 and late:
-            word, *late_opened = open_parties("cmp_and_open_values", {
+            opened = open_at_parties("cmp_and_open_values", {
                 p: (state[p], *trip[p], level, first[p], *late[p]) for p in parties})
+            late_opened = {p: opened[p][1:] for p in parties}
         else:
-            (word,) = open_parties("cmp_and_open", {p: (state[p], *trip[p], level, first[p]) for p in parties})
+            opened = open_at_parties("cmp_and_open", {p: (state[p], *trip[p], level, first[p]) for p in parties})
+        word = {p: opened[p][0] for p in parties}
         if level == AND_LEVELS - 1:
             break
         # the next level's opening follows at every party: the step rides on it
-        state = {p: list(run_party("cmp_and_next", state[p], word, *trip[p], *prods[p], level=level,
+        state = {p: list(run_party("cmp_and_next", state[p], word[p], *trip[p], *prods[p], level=level,
                                    first=first[p])) for p in parties}
-    (bit_open,) = open_parties("cmp_bit_open", {
-        p: (state[p], word, *trip[p], *prods[p], xhat, mats[p][lay.r_xor], mats[p][lay.rho], first[p])
+    bit_open = open_at_parties("cmp_bit_open", {
+        p: (state[p], word[p], *trip[p], *prods[p], xhat[p], mats[p][lay.r_xor], mats[p][lay.rho], first[p])
         for p in parties})
-    return bit_open, late_opened
+    return {p: bit_open[p][0] for p in parties}, late_opened
 
 
-def _select_all(bit_open: torch.Tensor, opened: list, mats: dict, lay: ComparisonLayout,
+def _select_all(bit_open: dict, opened: dict, mats: dict, lay: ComparisonLayout,
                 which: Sequence[int]) -> tuple[dict, list[dict]]:
-    """``(bits, products)`` from the public ``e``: the opened ``v_j + r_j`` for the masks ``j`` in ``which``."""
+    """``(bits, products)`` from the opened ``e`` (party -> its copy): ``opened``, party -> the opened
+    ``v_j + r_j`` for the masks ``j`` in ``which``."""
     parties = list(mats)
-    outs = {p: run_party("cmp_select", bit_open, list(opened), [mats[p][j] for j in which],
+    outs = {p: run_party("cmp_select", bit_open[p], list(opened[p]), [mats[p][j] for j in which],
                          mats[p][lay.rho_arith], [mats[p][lay.masks_rho[j]] for j in which], first=i == 0)
             for i, p in enumerate(parties)}
     bits = {p: outs[p][0] for p in parties}

@@ -217,6 +217,10 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
             reply = self._handle(msg, sender)
         except Exception as e:  # a failing torch op must not take the worker down
             reply = m.ErrorReply(*error_reply_fields(e))
+        return self._reply_bytes(reply)
+
+    def _reply_bytes(self, reply: Any) -> bytes:
+        """A handler's reply, encoded (never raises)."""
         if type(reply) is m.OkReply:  # the most frequent reply, the same bytes every time
             ok = self._ok_reply
             if ok[0] is not self.id:

@@ -10,9 +10,11 @@ stored under. Each party then
    steps, the session's compute rights, fresh dealer masks consumed once where a value is protected
    for someone else), exactly as for a star opening;
 2. sends its outputs, as the peer command :data:`PEER_SHARE`, only to the other parties the message
-   names, over its authenticated peer connections (``--peer``; never to a worker it has no peer link to);
+   names, over its authenticated peer connections (``--peer``; never to a worker it has no peer link to),
+   to all of them at once (one thread per further peer);
 3. waits, with the worker lock handed back (:func:`veil.workers.cancellation.outside_turn`), for the
-   other parties' shares of the same round, sums them with its own and stores the opened values in
+   other parties' shares of the same round, sums them with its own (XORs the outputs that are XOR
+   shares: ``XOR_OPENABLE`` steps, the leading ``XOR_LEADING`` outputs) and stores the opened values in
    the requesting session's namespace under the given ids (plain client objects: the values the star
    would have sent it as public arguments). The reply carries no tensor.
 
@@ -32,6 +34,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -40,7 +43,7 @@ import torch
 from veil.exceptions import PermissionDeniedError, RemoteExecutionError
 from veil.messaging import messages as m
 from veil.messaging.allowlist import register_worker_function
-from veil.mpc.party import XOR_OPENABLE, check_openable, run_openable
+from veil.mpc.party import XOR_LEADING, XOR_OPENABLE, check_openable, run_openable
 from veil.workers import cancellation
 from veil.workers.base import register_handler
 from veil.workers.store import Kind
@@ -242,15 +245,14 @@ def _handle_peer_open(worker: Any, msg: PeerOpenMessage, sender: str) -> Any:
         share = m.CommandMessage(PEER_SHARE, (msg.round, msg.name, *outputs), {}, [], False)
         peers = [worker.resolve_worker(p) for p in sorted(others)]  # configured peers only
         with cancellation.outside_turn():  # the other parties' shares arrive here under the worker lock
-            for peer in peers:
-                worker.send_msg(share, peer)
+            _send_all(worker, share, peers)
             received = rounds.wait(msg.round, rnd)
     finally:
         rounds.close(msg.round, rnd)
-    xor = msg.name in XOR_OPENABLE
+    n_xor = len(outputs) if msg.name in XOR_OPENABLE else XOR_LEADING.get(msg.name, 0)  # outputs combined by ^
     for values in received:
-        for total, v in zip(outputs, values):
-            if xor:
+        for j, (total, v) in enumerate(zip(outputs, values)):
+            if j < n_xor:
                 total.bitwise_xor_(v)
             else:
                 total.add_(v)  # int64 wraps: the sum mod 2^64
@@ -259,6 +261,36 @@ def _handle_peer_open(worker: Any, msg: PeerOpenMessage, sender: str) -> Any:
         worker.monitor.store(principal, oid, value, kind=Kind.CLIENT)
     worker.monitor.audit("peer_open", principal, list(msg.ids), "allowed", f"{msg.name} with {sorted(others)}")
     return m.OkReply()
+
+
+_SEND_POOL: ThreadPoolExecutor | None = None
+
+
+def _send_all(worker: Any, share: Any, peers: list) -> None:
+    """Sends ``share`` to every peer, to all of them at once when there are several (each peer link has
+    its own connection and send lock; the sends block in socket writes and reads, which release the GIL).
+    Raises the first failure after every send finished."""
+    global _SEND_POOL
+    if len(peers) == 1:
+        worker.send_msg(share, peers[0])
+        return
+    if _SEND_POOL is None:
+        with _MAKE_LOCK:
+            if _SEND_POOL is None:
+                _SEND_POOL = ThreadPoolExecutor(MAX_PARTIES, thread_name_prefix="veil-peer-send")
+    futures = [_SEND_POOL.submit(worker.send_msg, share, peer) for peer in peers[1:]]
+    errors: list[BaseException] = []
+    try:
+        worker.send_msg(share, peers[0])
+    except BaseException as e:  # noqa: BLE001  (the other sends finish first)
+        errors.append(e)
+    for fut in futures:
+        try:
+            fut.result()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+    if errors:
+        raise errors[0]
 
 
 def _peer_share(worker: Any, round_id: Any, name: Any, *tensors: Any) -> None:

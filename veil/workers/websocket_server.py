@@ -96,8 +96,12 @@ REPLY_FRAGMENT = 1 << 20
 OUTBOUND: dict[type, str] = {m.GetObjectsMessage: "get", m.MoveMessage: "move", m.RemoteGetMessage: "remote_get"}
 
 
+_OPS_BY_NAME = ALLOWLIST._by_name
+_UNKNOWN = object()
+
+
 def _plain_op(name: Any) -> bool:
-    op = ALLOWLIST._by_name.get(name) if isinstance(name, str) else None
+    op = _OPS_BY_NAME.get(name) if isinstance(name, str) else None
     return op is not None and not op.worker_function
 
 
@@ -260,6 +264,8 @@ class WebsocketServerWorker(BaseWorker):
         self._executor = ThreadPoolExecutor(max_workers=max_connections + 4, thread_name_prefix=f"veil-{self.id}")
         self._turn = cancellation.FairLock()
         self._running: set[cancellation.CancelToken] = set()
+        #: sessions with a full role (check_request passes all their requests) -> their Principal
+        self._full_principals: dict[str, Principal] = {}
         self._slow_sessions: set[str] = set()  # sessions whose requests always take a handler thread
         # over-budget inline requests per session (CPU time), for sessions whose inline requests are timed
         self._strikes: dict[str, int] = {}
@@ -348,7 +354,20 @@ class WebsocketServerWorker(BaseWorker):
                 decoded = deserialize(data, self._decode_ctx)
             except Exception as e:
                 return self._error_bytes(e), None
-            kind = _inline_kind(decoded[0], decoded[2])
+            msg = decoded[0]
+            if type(msg) is m.CommandMessage and not slow_plain:
+                principal = self._full_principals.get(session.id, _UNKNOWN)
+                if principal is _UNKNOWN:  # first request: does check_request pass all of this session's?
+                    principal = self._full_principals[session.id] = self.principal_of(session) \
+                        if _full_rights(session) and type(self)._handle is WebsocketServerWorker._handle else None
+                if principal is not None and HANDLERS.get(m.CommandMessage) is _handlers._handle_command:
+                    prelude = decoded[2]
+                    if not prelude or (len(prelude) == 1 and type(prelude[0]) is int) \
+                            or _inline_kind(msg, prelude) == "plain":
+                        op = _OPS_BY_NAME.get(msg.op) if type(msg.op) is str else None
+                        if op is not None and not op.worker_function:
+                            return self._serve_command(session, principal, msg, prelude), None
+            kind = _inline_kind(msg, decoded[2])
             if kind == "protocol":
                 slow, strikes_of = self._slow_protocol, self._protocol_strikes
             if kind is None or session.id in slow:
@@ -371,6 +390,28 @@ class WebsocketServerWorker(BaseWorker):
                     if strikes >= INLINE_STRIKES:
                         slow.add(session.id)
 
+    def _serve_command(self, session: Session, principal: Principal, msg: m.CommandMessage, prelude: list) -> bytes:
+        """The hot request, inline: a plain torch op of a full-rights session, after its deletions (or
+        a batch of plain deferred ops). What ``_serve_decoded`` -> ``_handle`` -> ``_session_command`` run
+        for it, without their dispatch: ``check_request`` passes every request of a full role, the
+        handler is the stock one, and the monitor still resolves and checks every object it names."""
+        try:
+            if prelude:
+                if len(prelude) == 1 and type(prelude[0]) is int:  # the result pointer the client dropped
+                    self.monitor.discard(principal, prelude[0])
+                else:
+                    self._run_prelude(prelude, session.id)  # its failures are audited and named there
+            try:
+                reply = _handlers._run_command(self, principal, session.id, msg.op, msg.args, msg.kwargs,
+                                               msg.return_ids, msg.grad_enabled)
+            except PermissionDeniedError as e:
+                if not getattr(e, "audited", False):  # the monitor wrote its own refusals
+                    self._audit("CommandMessage", session.user, session.id, [], "refused", str(e))
+                raise
+        except Exception as e:  # as _serve_decoded: a failing op is an error reply
+            reply = m.ErrorReply(*error_reply_fields(e))
+        return self._reply_bytes(reply)
+
     def _small_shares(self, decoded: tuple) -> bool:
         """Whether the objects an opening and its deferred steps name hold at most ``INLINE_MAX_SHARE_BYTES``
         (``ReferenceMonitor.stored_bytes``: sizes only; results of the request's own steps count 0)."""
@@ -384,6 +425,11 @@ class WebsocketServerWorker(BaseWorker):
         session = self.current_session()
         if session is None:
             return super().principal(sender)
+        return self.principal_of(session)
+
+    @staticmethod
+    def principal_of(session: Session) -> Principal:
+        """The monitor's Principal for ``session`` (made once)."""
         principal = session.principal
         if principal is None:
             principal = session.principal = Principal(
@@ -451,6 +497,7 @@ class WebsocketServerWorker(BaseWorker):
     def end_session(self, session: Session) -> int:
         """Frees everything the session created; returns how many objects were freed."""
         self.sessions.pop(session.id, None)
+        self._full_principals.pop(session.id, None)
         self._slow_sessions.discard(session.id)
         self._strikes.pop(session.id, None)
         self._slow_protocol.discard(session.id)

@@ -65,6 +65,13 @@ assert DEALER_TAG == MONITOR_DEALER_TAG, "veil.mpc.runtime.DEALER_TAG must match
 #: most requests in flight at once from one orchestrator (one per party connection)
 MAX_CONCURRENT = 16
 
+#: opened ring elements from which a round between peer-enabled parties goes party to party. A peer
+#: round moves the same bytes as the star (for 2 parties) but off the orchestrator, whose serial share of
+#: the round it saves (~25 ns per element); it costs one more hop and, per party, a request and a reply
+#: each way per other party (~1 ms): below ~2^15 elements the star is the faster and cheaper round
+#: (bench/RESULTS.md, "Peer openings for comparisons"). The environment variable is for benchmarks.
+PEER_MIN_ELEMENTS = int(os.environ.get("VEIL_PEER_MIN_ELEMENTS", str(1 << 15)))
+
 #: ring elements per party (in the request's shares and the steps riding on it) from which in-process
 #: parties run a round on threads of their own: below it a hand-off (~50 us) costs more than it saves
 PARALLEL_MIN_ELEMENTS = 1 << 15
@@ -268,7 +275,10 @@ class WorkerRuntime(PartyRuntime):
     def open_at_parties(self, name: str, per_party: Sequence[tuple], kwargs: dict,
                         outputs: Sequence[torch.Tensor]) -> list[list[PointerTensor]] | None:
         """A peer opening (:mod:`veil.workers.peer_openings`) when every party is a worker enabled for
-        them (:func:`enable_peer_openings`); None (a star opening) otherwise."""
+        them (:func:`enable_peer_openings`) and the opened values have at least :data:`PEER_MIN_ELEMENTS`
+        elements; None (a star opening) otherwise."""
+        if sum(t.numel() for t in outputs) < PEER_MIN_ELEMENTS:
+            return None
         firsts = [_first_pointer(args) for args in per_party]
         if not all(peer_openings_enabled(p.location) for p in firsts):
             return None
