@@ -14,23 +14,8 @@ from test_remote_ops import (  # noqa: F401  (collected here with the fixtures b
     test_integer_ops,
     test_issue_example,
 )
-from veil.tensors.mpc_glue.runtime import enable_peer_openings
 
-
-@pytest.fixture(params=[2, 3], ids=["2party", "3party"])
-def parties(request, connect_websocket, monkeypatch):
-    from veil.tensors.mpc_glue import runtime
-
-    monkeypatch.setattr(runtime, "PEER_MIN_ELEMENTS", 0)  # the small openings of these tests go party to party too
-    ws = [connect_websocket(n) for n in ("alice", "bob", "charlie")[: request.param]]
-    enable_peer_openings(*ws)
-    yield ws
-    enable_peer_openings(*ws, enabled=False)
-
-
-@pytest.fixture
-def cp(connect_websocket):
-    return connect_websocket("dave")
+from tests.mpc.peer_fixtures import cp, parties  # noqa: F401  (fixtures)
 
 
 def _products(hook, parties, cp, op):
