@@ -50,7 +50,9 @@ FSS comparison material (masks and DCF keys) is not a recipe: see
 from __future__ import annotations
 
 import secrets
-from typing import Callable, NamedTuple, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -112,9 +114,36 @@ def _zero(spec) -> tuple[list, list, Derive]:
     return [], [shape], lambda u, g: [torch.zeros(shape, dtype=DTYPE)]
 
 
-#: key id -> SPDZ2k MAC key (0-dim int64, read unsigned: uniform in Z/2^64), held by the
-#: crypto provider's process only (filled by ``register_mac_key``; parties never call a derive).
-MAC_KEYS: dict[str, torch.Tensor] = {}
+#: (requester scope, key id) -> SPDZ2k MAC key (0-dim int64, read unsigned: uniform in Z/2^64), held by
+#: the crypto provider's process only (filled by ``register_mac_key``; parties never call a derive).
+MAC_KEYS: dict[tuple, torch.Tensor] = {}
+
+#: Whose provider-held secrets (MAC keys, fixed masks) a dealing may use and register: the provider
+#: worker sets it to the requesting session around each request (:func:`provider_scope`; None in-process).
+#: The ids travel to every party inside material specs, so a global table would let a party's owner,
+#: with any session at the provider, deal itself triples of another session's key or fixed mask (and
+#: so learn the MAC key or the served weights) or overwrite them.
+_SCOPE: ContextVar = ContextVar("veil_provider_scope", default=None)
+
+
+@contextmanager
+def provider_scope(scope: str | None) -> Iterator[None]:
+    """Runs a dealing or key registration on behalf of ``scope`` (a provider session id)."""
+    token = _SCOPE.set(scope)
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
+def drop_provider_scope(scope: str | None) -> int:
+    """Forgets the MAC keys and fixed masks ``scope`` registered (its session ended); returns how many."""
+    dropped = 0
+    for table in (MAC_KEYS, FIXED_MASKS):
+        for key in [k for k in table if k[0] == scope]:
+            table.pop(key, None)
+            dropped += 1
+    return dropped
 
 #: kinds whose fields are 128-bit (SPDZ2k) elements, each stored as two int64
 #: fields ``(lo, hi)``: they must be split, summed and corrected mod 2^128
@@ -126,13 +155,13 @@ def register_mac_key(key_id: str, alpha: torch.Tensor) -> None:
     """Stores a MAC key at the provider (see :mod:`veil.mpc.mac`)."""
     if not isinstance(key_id, str) or not isinstance(alpha, torch.Tensor) or alpha.dtype != DTYPE or alpha.dim():
         raise ProviderError("a MAC key is a string id and a 0-dim int64 tensor")
-    MAC_KEYS[key_id] = alpha.clone()
+    MAC_KEYS[(_SCOPE.get(), key_id)] = alpha.clone()
 
 
 def _alpha(key_id: str) -> tuple:
     from veil.mpc import ring128
 
-    alpha = MAC_KEYS.get(key_id)
+    alpha = MAC_KEYS.get((_SCOPE.get(), key_id))
     if alpha is None:
         raise ProviderError(f"unknown MAC key {key_id!r} at this crypto provider")
     return ring128.lift_unsigned(alpha)
@@ -375,10 +404,12 @@ def _comparison(spec) -> tuple[list, list, Derive]:
     return [shape] * lay.n_uniform, [shape] * n_derived, derive
 
 
-#: fixed id -> the fixed mask ``b`` of a constant operand (:mod:`veil.mpc.fixed_operand`), held by the
-#: crypto provider's process only (filled by the ``fixed_mask`` recipe; parties never call a derive)
-FIXED_MASKS: dict[str, torch.Tensor] = {}
-#: most ring elements of fixed masks one provider process keeps (a requester cannot fill its memory)
+#: (requester scope, fixed id) -> the fixed mask ``b`` of a constant operand (:mod:`veil.mpc.fixed_operand`),
+#: held by the crypto provider's process only (filled by the ``fixed_mask`` recipe; parties never call a
+#: derive); a session's masks go when it ends (:func:`drop_provider_scope`)
+FIXED_MASKS: dict[tuple, torch.Tensor] = {}
+#: most ring elements of fixed masks one requester scope keeps (a requester cannot fill the provider's
+#: memory beyond this per session, and cannot use up another session's room)
 MAX_FIXED_ELEMENTS = 1 << 25
 #: kinds whose derived fields are fixed masks: parties mark them (``veil.workers.dealt``) so that they
 #: are opened once, by ``fixed_open``, and never anywhere else
@@ -396,19 +427,21 @@ def _fixed_mask(spec) -> tuple[list, list, Derive]:
     if not isinstance(spec, (tuple, list)) or len(spec) != 2:
         raise ProviderError("fixed_mask spec must be (fixed_id, shape)")
     fixed_id, shape = _fixed_id(spec[0]), _shape(spec[1])
+    scope = _SCOPE.get()
+    key = (scope, fixed_id)
 
     def derive(u: list, g: torch.Generator) -> list:
         # once per id: dealt twice, the parties' shares of the first b would no longer match the provider's
-        if fixed_id in FIXED_MASKS:
+        if key in FIXED_MASKS:
             raise ProviderError(f"fixed operand {fixed_id!r} was already dealt")
-        held = sum(t.numel() for t in FIXED_MASKS.values())
+        held = sum(t.numel() for k, t in FIXED_MASKS.items() if k[0] == scope)
         numel = 1
         for d in shape:
             numel *= d
         if held + numel > MAX_FIXED_ELEMENTS:
             raise ProviderError(f"this crypto provider keeps at most {MAX_FIXED_ELEMENTS} fixed-mask elements")
         b = random_ring(shape)  # a key-like secret: the OS's CSPRNG, not the dealer's generator
-        FIXED_MASKS[fixed_id] = b
+        FIXED_MASKS[key] = b
         return [b.clone()]  # dealers correct a derived value in place into the last party's share
 
     return [], [shape], derive
@@ -422,9 +455,10 @@ def _fixed_beaver(spec) -> tuple[list, list, Derive]:
     fixed_id = _fixed_id(fixed_id)
     (shape_a, shape_b), (shape_c,), _ = _beaver((op, shape_a, shape_b, op_kwargs))
     fn = bilinear(op)
+    key = (_SCOPE.get(), fixed_id)
 
     def derive(u: list, g: torch.Generator) -> list:
-        b = FIXED_MASKS.get(fixed_id)
+        b = FIXED_MASKS.get(key)
         if b is None or tuple(b.shape) != shape_b:
             raise ProviderError(f"no fixed mask {fixed_id!r} of shape {shape_b} at this crypto provider")
         return [fn(u[0], b, **dict(op_kwargs))]

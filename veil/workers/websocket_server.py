@@ -45,6 +45,7 @@ from veil.exceptions import PermissionDeniedError, WorkerNotFoundError, error_re
 from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST
 from veil.messaging.serde import FrameParts, OwnedFrame, deserialize, frame_pad, serialize
+from veil.mpc.material import drop_provider_scope
 from veil.mpc.party import OPENABLE, PARTY_FUNCTIONS, WIRE_PREFIX, OpenMessage
 from veil.workers import cancellation
 from veil.workers.base import HANDLERS, YIELD_EVERY, BaseWorker
@@ -502,6 +503,7 @@ class WebsocketServerWorker(BaseWorker):
         self._strikes.pop(session.id, None)
         self._slow_protocol.discard(session.id)
         self._protocol_strikes.pop(session.id, None)
+        drop_provider_scope(session.id)  # the MAC keys and fixed masks it registered at this crypto provider
         with self._turn:
             run_session_end_handlers(self, session.id)
             return self.monitor.end_session(session.id)

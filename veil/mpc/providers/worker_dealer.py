@@ -57,8 +57,8 @@ import torch
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.allowlist import NO_RESULT, register_worker_function
-from veil.mpc.material import (FIXED_KINDS, WIDE_KINDS, dealer_generator, last_shares_wide, recipe, register_mac_key,
-                               split_shares, split_wide, sum_wide, xor_fields)
+from veil.mpc.material import (FIXED_KINDS, WIDE_KINDS, dealer_generator, last_shares_wide, provider_scope, recipe,
+                               register_mac_key, split_shares, split_wide, sum_wide, xor_fields)
 from veil.mpc.fss import material as fss_material
 from veil.mpc.prg import expand, expand_sum, new_seed, subtract_streams
 from veil.mpc.errors import ProviderError
@@ -79,7 +79,25 @@ def _label(k: int, field: int) -> str:
     return f"{k}/{field}"
 
 
+def _requester(worker: Any) -> str | None:
+    """The provider-side scope of this request's secrets: its session at a network worker (None in-process)."""
+    current = getattr(worker, "current_session", None)
+    session = current() if current is not None else None
+    return session.id if session is not None else None
+
+
 def _deal(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, count: int, seeded: bool) -> None:
+    """Deals on behalf of the requesting session (its MAC keys and fixed masks only); see :func:`_deal_scoped`."""
+    with provider_scope(_requester(worker)):
+        _deal_scoped(worker, kind, spec, party_ids, ids, count, seeded)
+
+
+def _register_mac_key(worker: Any, key_id: str, alpha: Any) -> None:
+    with provider_scope(_requester(worker)):
+        register_mac_key(key_id, alpha)
+
+
+def _deal_scoped(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, count: int, seeded: bool) -> None:
     """Runs on the provider: generates ``count`` items and sends each party its shares.
 
     Args:
@@ -222,7 +240,7 @@ def _expand_material(worker: Any, seed: torch.Tensor, kind: str, spec: Any, coun
 register_worker_function(DEAL, _deal, shapes=NO_RESULT)
 register_worker_function(EXPAND, _expand_material)
 DEALT_LAYOUTS[EXPAND] = lambda args: recipe_layout(args[1], args[2], args[3])  # (seed, kind, spec, count, fixes)
-register_worker_function(MAC_KEY, lambda worker, key_id, alpha: register_mac_key(key_id, alpha), shapes=NO_RESULT)
+register_worker_function(MAC_KEY, _register_mac_key, shapes=NO_RESULT)
 
 
 @dataclass
