@@ -43,17 +43,35 @@ class CompiledOp:
     out_slots: list
     grad_enabled: bool
     direct: tuple | None  # slot indices when every argument is a plain slot (fast path)
+    # flat arguments (slots and constants, no nesting): a template filled at (position, slot) pairs
+    flat: tuple | None = None  # (args template, [(position, slot)], kwargs template, [(name, slot)])
 
 
 @dataclass
 class CompiledPlan:
     spec: PlanSpec
     ops: list
+    # per op, what run() reads (a tuple: no attribute lookups in the loop):
+    # (kind, func, direct slots | flat template | None, out_slots, grad_enabled)
+    steps: list = None  # type: ignore[assignment]
+
+
+_DIRECT, _FLAT, _NESTED = 0, 1, 2
+_CONTAINERS = (tuple, list, dict)
+
+
+def _flat_template(args: tuple, kwargs: dict) -> tuple | None:
+    """The fill-in form of arguments that are slots or constants, none nested in a container."""
+    if any(type(a) in _CONTAINERS for a in args) or any(type(v) in _CONTAINERS for v in kwargs.values()):
+        return None
+    arg_slots = [(i, a.slot) for i, a in enumerate(args) if type(a) is SlotRef]
+    kw_slots = [(k, v.slot) for k, v in kwargs.items() if type(v) is SlotRef]
+    return tuple(args), arg_slots, dict(kwargs), kw_slots
 
 
 def compile_plan(spec: PlanSpec) -> CompiledPlan:
     """Checks every op against the allowlist and every slot reference against the plan's size."""
-    compiled = []
+    compiled, steps = [], []
     for op in spec.ops:
         entry = ALLOWLIST.by_name(op.op)
         if entry.worker_function:
@@ -64,8 +82,16 @@ def compile_plan(spec: PlanSpec) -> CompiledPlan:
         direct = None
         if not op.kwargs and op.args and all(type(a) is SlotRef for a in op.args):
             direct = tuple(a.slot for a in op.args)
-        compiled.append(CompiledOp(op.op, entry.func, op.args, op.kwargs, op.out_slots, op.grad_enabled, direct))
-    return CompiledPlan(spec, compiled)
+        flat = None if direct is not None else _flat_template(op.args, op.kwargs)
+        c = CompiledOp(op.op, entry.func, op.args, op.kwargs, op.out_slots, op.grad_enabled, direct, flat)
+        compiled.append(c)
+        if direct is not None:
+            steps.append((_DIRECT, c.func, direct, list(op.out_slots), bool(op.grad_enabled), c))
+        elif flat is not None:
+            steps.append((_FLAT, c.func, flat, list(op.out_slots), bool(op.grad_enabled), c))
+        else:
+            steps.append((_NESTED, c.func, None, list(op.out_slots), bool(op.grad_enabled), c))
+    return CompiledPlan(spec, compiled, steps)
 
 
 def run(plan: CompiledPlan, inputs: list, state: list) -> Any:
@@ -80,16 +106,27 @@ def run(plan: CompiledPlan, inputs: list, state: list) -> Any:
     slots[: spec.n_inputs] = inputs
     slots[spec.n_inputs : spec.n_inputs + spec.n_state] = state
     outer_mode = grad_mode = torch.is_grad_enabled()
+    op = None
     try:
-        for op in plan.ops:
-            if op.grad_enabled != grad_mode:
-                torch.set_grad_enabled(op.grad_enabled)
-                grad_mode = op.grad_enabled
-            if op.direct is not None:
-                result = op.func(*[slots[i] for i in op.direct])
+        for kind, func, how, outs, grad_enabled, op in plan.steps:
+            if grad_enabled is not grad_mode:
+                torch.set_grad_enabled(grad_enabled)
+                grad_mode = grad_enabled
+            if kind == _DIRECT:
+                result = func(*[slots[i] for i in how])
+            elif kind == _FLAT:
+                args, arg_slots, kwargs, kw_slots = how
+                if arg_slots:
+                    args = list(args)
+                    for pos, i in arg_slots:
+                        args[pos] = slots[i]
+                if kw_slots:
+                    kwargs = dict(kwargs)
+                    for name, i in kw_slots:
+                        kwargs[name] = slots[i]
+                result = func(*args, **kwargs)
             else:
-                result = op.func(*_fill(op.args, slots), **_fill(op.kwargs, slots))
-            outs = op.out_slots
+                result = func(*_fill(op.args, slots), **_fill(op.kwargs, slots))
             if len(outs) == 1 and isinstance(result, torch.Tensor):
                 slots[outs[0]] = result
             elif outs:
@@ -97,7 +134,8 @@ def run(plan: CompiledPlan, inputs: list, state: list) -> Any:
                     if slot >= 0:
                         slots[slot] = t
     except Exception as e:
-        raise RemoteExecutionError(f"plan {spec.name!r} failed at {op.name}: {type(e).__name__}: {e}") from e
+        raise RemoteExecutionError(f"plan {spec.name!r} failed at {op.name if op else '?'}: "
+                                   f"{type(e).__name__}: {e}") from e
     finally:
         torch.set_grad_enabled(outer_mode)
     return _fill(spec.outputs, slots)
