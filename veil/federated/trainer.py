@@ -211,15 +211,22 @@ class _Sequential:
                 if wid not in self.plans:
                     self.plans[wid] = self.plan.send(ds.location)
                 pp = self.plans[wid]
+                fit = dict(batch_size=self.batch_size, epochs=self.local_epochs, extra=extra,
+                           max_batches=self.steps_per_round, seed=client_seed(self.seed, r, k))
+                if not hidden:  # load, fit, mean loss and new state: one request
+                    mean, state = pp.train_round(global_state, ds.data, ds.targets, **fit)
+                    mean_loss = float(mean)
+                    updates.append(ClientUpdate(wid, state, len(ds), mean_loss))
+                    done[wid] = pp
+                    continue
                 pp.load_state(global_state)
-                losses = pp.fit(ds.data, ds.targets, batch_size=self.batch_size, epochs=self.local_epochs,
-                                extra=extra, max_batches=self.steps_per_round, seed=client_seed(self.seed, r, k))
-                if hidden and not self.client_metrics:
+                losses = pp.fit(ds.data, ds.targets, **fit)
+                if not self.client_metrics:
                     # A client's own loss is not sent in the clear; secure aggregation sums it masked.
                     mean_loss, loss_ptrs[wid] = float("nan"), losses
                 else:
                     mean_loss = float(losses.mean().get()) if losses.shape[0] else float("nan")
-                state = None if hidden else pp.get_state()
+                state = None
                 updates.append(ClientUpdate(wid, state, len(ds), mean_loss))
                 done[wid] = pp
             except (VeilError, ConnectionError, OSError) as e:
