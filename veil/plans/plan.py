@@ -212,7 +212,7 @@ def training_plan(model: nn.Module, loss_fn: Callable[..., torch.Tensor], lr: fl
         with torch.no_grad():
             for s, tr in zip(state, trainable):
                 if tr:
-                    s.sub_(s.grad * lr)
+                    s.sub_(s.grad, alpha=lr)  # = SGD's add_(grad, alpha=-lr); no temporary
                     s.grad = None
         return loss.detach()
 
