@@ -13,7 +13,8 @@ the transport baseline), then reports, each against its baseline *in the same ru
    stage by stage, next to a raw websockets echo of the same frame and a veil
    server whose request handler only echoes (the server's own request path).
 
-Usage: ``.venv/bin/python bench/bench_network.py [--epochs 10] [--mb 100] [--stages] [--only-stages]``
+Usage: ``.venv/bin/python bench/bench_network.py [--epochs 10] [--mb 100] [--stages] [--only-stages]
+[--only-training N] [--only-plans N]``
 """
 
 from __future__ import annotations
@@ -332,7 +333,12 @@ def bench_plans(net: sy.WebsocketClientWorker, virtual: sy.VirtualWorker, epochs
     fedavg(virtual)  # warm-up: tracing, caches
     t_pure = min(train_pure(x_train, y_train, epochs, batch)[0] for _ in range(2))
     t_virtual = min(fedavg(virtual)[0] for _ in range(2))
+    me = net.hook.local_worker
+    me.stats.reset()
+    cpu = time.process_time()
     t_net, m_net = min((fedavg(net) for _ in range(2)), key=lambda r: r[0])
+    cpu = (time.process_time() - cpu) / 2
+    stats = me.stats.snapshot()
     with torch.no_grad():
         mse = F.mse_loss(m_net(x_test), y_test).item()
     print(f"6. training plans, Boston MLP, {epochs} epochs batch {batch}, one worker (best of 2; load {_load()})")
@@ -340,6 +346,9 @@ def bench_plans(net: sy.WebsocketClientWorker, virtual: sy.VirtualWorker, epochs
     print(f"   plans, VirtualWorker  {t_virtual:7.2f} s   {t_virtual / t_pure:5.2f}x")
     print(f"   plans, network worker {t_net:7.2f} s   {t_net / t_pure:5.2f}x pure PyTorch (target <= 1.5x), "
           f"test MSE {mse:.2f}")
+    print(f"   per round (network): {stats['messages'] / (2 * epochs):.1f} requests, "
+          f"{stats['bytes_sent'] / (2 * epochs):.0f} B sent, {stats['bytes_received'] / (2 * epochs):.0f} B received; "
+          f"coordinator CPU {cpu / epochs * 1e3:.2f} ms")
 
 
 def train_network(worker, x, y, epochs, batch):
@@ -389,6 +398,8 @@ def main() -> None:
     parser.add_argument("--only-stages", action="store_true", help="only the stage breakdown")
     parser.add_argument("--only-training", type=int, default=0, metavar="RUNS",
                         help="only the training loop (row 3), this many runs")
+    parser.add_argument("--only-plans", type=int, default=0, metavar="RUNS",
+                        help="only the training plans (row 6), this many runs")
     args = parser.parse_args()
     torch.set_num_threads(1)
     wp = start_worker("bench_alice", ["--token", TOKEN, "--max-message-mb", str(4 * args.mb)],
@@ -402,6 +413,9 @@ def main() -> None:
             print(f"load {_load()}")
             for _ in range(args.only_training):
                 bench_training(net, args.epochs, args.batch)
+        elif args.only_plans:
+            for _ in range(args.only_plans):
+                bench_plans(net, virtual, args.epochs, args.batch)
         elif args.only_stages:
             with _synchronous(net, virtual):  # stages of a real round trip
                 bench_stages(net, virtual, args.mb)
