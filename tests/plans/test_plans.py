@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import veil as sy
-from veil.exceptions import OperationNotAllowedError
+from veil.exceptions import OperationNotAllowedError, VeilError
 from veil.messaging import messages as m
 from veil.plans import Plan, func2plan, training_plan
 from veil.plans.ops import PlanOp, PlanSpec, SlotRef
@@ -82,6 +82,51 @@ def test_training_plan_single_step_and_load_state(alice):
     x, y = torch.randn(4, 13), torch.randn(4, 1)
     loss = ptr(x.send(alice), y.send(alice))
     assert torch.allclose(loss.get(), F.mse_loss(torch.zeros(4, 1), y))
+
+
+def test_training_plan_step_equals_torch_sgd_exactly(alice):
+    """The plan's update is SGD's own arithmetic (add_(grad, alpha=-lr)): the same weights to the bit."""
+    model, ref = _mlp(), _mlp()
+    x, y = torch.randn(24, 13), torch.randn(24, 1)
+    plan = training_plan(model, F.mse_loss, lr=0.01, args_shape=[(-1, 13), (-1, 1)])
+    ptr = plan.send(alice)
+    ptr.fit(x.send(alice), y.send(alice), batch_size=8, epochs=1, shuffle=False)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.01)
+    for i in range(0, 24, 8):
+        opt.zero_grad()
+        F.mse_loss(ref(x[i:i + 8]), y[i:i + 8]).backward()
+        opt.step()
+    assert all(torch.equal(got, exp) for got, exp in zip(ptr.get_state(), ref.parameters()))
+
+
+def test_train_round_is_one_request_and_equals_load_fit_get(alice):
+    """load_state + fit + mean loss + new state in one request, with the results of the four-step path."""
+    x, y = torch.randn(40, 13), torch.randn(40, 1)
+    px, py = x.send(alice), y.send(alice)
+    start = [t + 0.5 for t in training_plan(_mlp(1), F.mse_loss, lr=0.01, args_shape=[(-1, 13), (-1, 1)])
+             .state_tensors()]
+    a = training_plan(_mlp(), F.mse_loss, lr=0.01, args_shape=[(-1, 13), (-1, 1)]).send(alice)
+    b = training_plan(_mlp(), F.mse_loss, lr=0.01, args_shape=[(-1, 13), (-1, 1)]).send(alice)
+    a.load_state(start)
+    losses = a.fit(px, py, batch_size=8, epochs=2, seed=3)
+    mean, state = losses.mean().get(), a.get_state()
+    me = alice.hook.local_worker
+    before = me.stats.messages
+    got_mean, got_state = b.train_round(start, px, py, batch_size=8, epochs=2, seed=3)
+    assert me.stats.messages - before == 1
+    assert torch.equal(got_mean, mean) and all(torch.equal(g, s) for g, s in zip(got_state, state))
+    assert all(torch.equal(g, s) for g, s in zip(b.get_state(), state))  # the state stays on the worker
+
+
+def test_train_round_raises_the_failing_op(alice):
+    """A failure inside the round's batch is raised at the call, naming the op (the round's ids are freed)."""
+    ptr = training_plan(_mlp(), F.mse_loss, lr=0.01, args_shape=[(-1, 13), (-1, 1)]).send(alice)
+    x, y = torch.randn(8, 13).send(alice), torch.randn(7, 1).send(alice)
+    with pytest.raises(VeilError, match="veil.plan.fit"):
+        ptr.train_round([t.detach() for t in ptr.get_state()], x, y, batch_size=4)
+    x2, y2 = torch.randn(8, 13).send(alice), torch.randn(8, 1).send(alice)
+    mean, state = ptr.train_round([t.detach() for t in ptr.get_state()], x2, y2, batch_size=4)
+    assert torch.isfinite(mean) and len(state) == 6
 
 
 def test_untraceable_op_is_refused():
