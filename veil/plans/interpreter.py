@@ -56,7 +56,7 @@ class CompiledPlan:
     steps: list = None  # type: ignore[assignment]
 
 
-_DIRECT, _FLAT, _NESTED = 0, 1, 2
+_D1, _D2, _D3, _DIRECT, _FLAT, _NESTED = 0, 1, 2, 3, 4, 5
 _CONTAINERS = (tuple, list, dict)
 
 
@@ -86,7 +86,9 @@ def compile_plan(spec: PlanSpec) -> CompiledPlan:
         c = CompiledOp(op.op, entry.func, op.args, op.kwargs, op.out_slots, op.grad_enabled, direct, flat)
         compiled.append(c)
         if direct is not None:
-            steps.append((_DIRECT, c.func, direct, list(op.out_slots), bool(op.grad_enabled), c))
+            # one, two or three slot arguments (nearly every op of a model) read without building a list
+            kind = (_D1, _D2, _D3)[len(direct) - 1] if len(direct) <= 3 else _DIRECT
+            steps.append((kind, c.func, direct, list(op.out_slots), bool(op.grad_enabled), c))
         elif flat is not None:
             steps.append((_FLAT, c.func, flat, list(op.out_slots), bool(op.grad_enabled), c))
         else:
@@ -112,7 +114,13 @@ def run(plan: CompiledPlan, inputs: list, state: list) -> Any:
             if grad_enabled is not grad_mode:
                 torch.set_grad_enabled(grad_enabled)
                 grad_mode = grad_enabled
-            if kind == _DIRECT:
+            if kind == _D1:
+                result = func(slots[how[0]])
+            elif kind == _D2:
+                result = func(slots[how[0]], slots[how[1]])
+            elif kind == _D3:
+                result = func(slots[how[0]], slots[how[1]], slots[how[2]])
+            elif kind == _DIRECT:
                 result = func(*[slots[i] for i in how])
             elif kind == _FLAT:
                 args, arg_slots, kwargs, kw_slots = how

@@ -81,7 +81,9 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
                 xb, yb = data[start:stop], target[start:stop]
             else:
                 idx = order[start:stop]
-                xb, yb = data[idx], target[idx]
+                # index_select: the rows of data[idx] without advanced indexing's argument parsing
+                xb = data.index_select(0, idx) if type(data) is torch.Tensor else data[idx]
+                yb = target.index_select(0, idx) if type(target) is torch.Tensor else target[idx]
             cancellation.checkpoint()  # deadline, disconnect, and other sessions' turn between batches
             losses.append(interpreter.run(compiled, [xb, yb, *extra], state))
             if max_batches is not None and len(losses) >= max_batches:
