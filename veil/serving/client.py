@@ -124,24 +124,28 @@ class ModelClient:
         return rid
 
     def result(self, rid: int) -> torch.Tensor:
-        """Waits for request ``rid``'s output shares and reconstructs the output."""
+        """Waits for request ``rid``'s output shares and reconstructs the output.
+
+        Each fetch waits on its party (up to ``protocol.MAX_WAIT``) until the owner responds there,
+        so the result comes back as soon as it exists, without polling; parties that predate waiting
+        fetches answer at once, and the loop then polls with a growing delay."""
         encoding = make_encoding(self.info["precision_fractional"], self.info["base"])
         got: dict[str, torch.Tensor] = {}
         deadline, delay = time.monotonic() + self.timeout, POLL_START
         while len(got) < len(self.parties):
             missing = [w for w in self.parties if w.id not in got]
-            # the owner answers every party in one round: poll one until it is ready, then fetch the rest
-            probe = missing if got else missing[:1]
-            for w, reply in zip(probe, self._call_all("fetch", [[rid]] * len(probe), probe)):  # one round
+            wait = max(0.0, min(protocol.MAX_WAIT, deadline - time.monotonic()))
+            started = time.monotonic()
+            for w, reply in zip(missing, self._call_all("fetch", [[rid, wait]] * len(missing), missing)):  # one round
                 if reply:
                     got[w.id] = reply[0]
             if len(got) == len(self.parties):
                 break
-            if got and len(probe) == 1:
-                continue  # the first share arrived: the others are (almost) there
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no result within {self.timeout:.0f} s (is the model being served?)")
-            time.sleep(delay)
+            if got or time.monotonic() - started >= wait / 2:
+                continue  # the parties waited (or some answered): ask again at once
+            time.sleep(delay)  # answered at once without a result: a party that does not wait
             delay = min(delay * 1.5, POLL_MAX)
         total = sum(got.values(), torch.zeros_like(next(iter(got.values()))))  # int64 wraps mod 2^64
         return decode(total, encoding)

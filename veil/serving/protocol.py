@@ -29,6 +29,7 @@ ones a ``client`` token may send (``websocket_auth.CLIENT_REQUESTS``).
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ import torch
 
 from veil.messaging import messages as m
 from veil.serving.errors import RequestFailedError, ServiceClosedError, ServingError
+from veil.workers import cancellation
 from veil.workers.base import register_handler
 from veil.workers.websocket_auth import CLIENT_REQUESTS, SESSION_END_HANDLERS
 from veil.workers.monitor import Kind
@@ -46,6 +48,10 @@ from veil.workers.monitor import Kind
 MAX_PENDING = 1024
 #: most requests one session may have in a service (queued, computing or unfetched)
 MAX_PER_SESSION = 32
+#: most seconds a ``pending`` or ``fetch`` may wait on a network worker for something to arrive
+MAX_WAIT = 1.0
+#: the actions that take a wait (their last argument, seconds) and the index it is at
+WAITABLE = {"pending": 0, "fetch": 1}
 
 
 @dataclass
@@ -76,6 +82,32 @@ class _Service:
 #: worker -> service name -> state (weak: an in-process worker's services go with it)
 _SERVICES: "weakref.WeakKeyDictionary[Any, dict[str, _Service]]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
+#: wakes waiting ``pending``/``fetch`` requests: taken after _LOCK (never the other way round), bumped on every change
+_CHANGED = threading.Condition(threading.Lock())
+_generation = 0
+
+
+def _changed() -> None:
+    """Something a waiting request may wait for happened (a submit, a respond, a fail, a close)."""
+    global _generation
+    with _CHANGED:
+        _generation += 1
+        _CHANGED.notify_all()
+
+
+def _wait_for_change(seen: int, deadline: float) -> None:
+    """Waits, holding neither the serving lock nor the worker's, until a change after ``seen`` or ``deadline``.
+
+    Without the worker lock the owner's protocol requests and other clients' actions run meanwhile;
+    the wait is in short slices so a cancelled request (its client disconnected) ends promptly."""
+    with cancellation.outside_turn():
+        with _CHANGED:
+            while _generation == seen:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                _CHANGED.wait(min(left, 0.05))
+                cancellation.check()
 
 
 def _who(worker: Any, sender: str) -> tuple[str, str]:
@@ -152,6 +184,7 @@ def _respond(worker: Any, name: str, user: str, session: str, args: list) -> lis
     worker.monitor.discard(worker.principal(session), ref.id)  # the owner keeps no handle on output shares
     if not svc.claimed:
         worker.monitor.untaint(worker.principal(session))
+    _changed()
     return []
 
 
@@ -166,6 +199,7 @@ def _fail(worker: Any, name: str, user: str, session: str, args: list) -> list:
             svc.outputs[r] = (sub, message)
     if not svc.claimed:
         worker.monitor.untaint(worker.principal(session))
+    _changed()
     return []
 
 
@@ -190,6 +224,7 @@ def _close(worker: Any, name: str, user: str, session: str, args: list) -> list:
         svc.reason = args[0]
     for r in list(svc.pending):  # queued but never computed: tell their clients
         svc.outputs[r] = (svc.pending.pop(r)[0], svc.reason)
+    _changed()
     return []
 
 
@@ -233,6 +268,7 @@ def _submit(worker: Any, name: str, user: str, session: str, args: list) -> list
     if len(svc.pending) >= MAX_PENDING:
         raise ServingError(f"service {name!r} is busy ({MAX_PENDING} requests queued); retry later")
     svc.pending[rid] = (session, share)
+    _changed()
     return []
 
 
@@ -281,8 +317,31 @@ def _handle_serving(worker: Any, msg: ServingMessage, sender: str) -> Any:
     if handler is None or not isinstance(msg.service, str) or not isinstance(msg.args, (list, tuple)):
         raise ServingError(f"unknown serving action {msg.action!r}")
     user, session = _who(worker, sender)
-    with _LOCK:  # servers handle one request at a time today; the lock keeps that assumption local
-        return m.ObjectsReply(handler(worker, msg.service, user, session, list(msg.args)))
+    args = list(msg.args)
+    wait = _wait_of(msg.action, args)
+    deadline = time.monotonic() + wait
+    while True:
+        with _LOCK:  # servers handle one request at a time today; the lock keeps that assumption local
+            seen = _generation
+            reply = handler(worker, msg.service, user, session, args)
+        # an empty reply is "nothing yet" for pending and fetch: wait for a change, then look again
+        if reply or wait <= 0 or time.monotonic() >= deadline:
+            return m.ObjectsReply(reply)
+        _wait_for_change(seen, deadline)
+
+
+def _wait_of(action: str, args: list) -> float:
+    """Seconds a ``pending``/``fetch`` may wait (taken off ``args``; 0 without one, or in-process).
+
+    Only a network worker's request waits: it hands the worker lock back meanwhile
+    (``cancellation.outside_turn``); an in-process call would block its only thread."""
+    at = WAITABLE.get(action)
+    if at is None or len(args) <= at:
+        return 0.0
+    wait = args.pop(at)
+    if type(wait) not in (int, float) or not 0 <= wait <= MAX_WAIT:
+        raise ServingError(f"a {action} wait is a number of seconds from 0 to {MAX_WAIT}")
+    return float(wait) if cancellation.current_token() is not None else 0.0
 
 
 def call(local: Any, worker: Any, action: str, service: str, *args: Any) -> list:

@@ -47,6 +47,9 @@ DEFAULT_SERVICE = "model"
 IDLE_POLL_START = 0.0005
 #: seconds a partial batch may wait for requests that keep arriving (see ModelService.step)
 BATCH_LINGER = 0.02
+#: seconds an idle serving loop's ``pending`` waits on each party for a submit (the parties answer
+#: as soon as one arrives: no polling delay; also the most a ``stop`` waits for the loop to notice)
+PENDING_WAIT = 0.2
 
 
 class ModelService:
@@ -78,6 +81,7 @@ class ModelService:
         self.failed_requests = 0  # malformed or failed requests (each failed alone)
         self._partial: dict[int, float] = {}  # request id -> when first seen on only some parties
         self._linger: tuple[Optional[float], int] = (None, 0)  # (first seen, ready count) of a partial batch
+        self._waited = False  # the last step's parties waited for a submit and none came
         self._stopped = False
         self.connections = cluster.connect(self.hook, cluster.owner_token)
         self.parties = self.connections[:-1]
@@ -171,11 +175,14 @@ class ModelService:
             idle = IDLE_POLL_START  # poll fast right after work, back off to poll_interval when idle
             while not self._stop.is_set() and (num_requests is None or self.served < num_requests):
                 left = None if num_requests is None else num_requests - self.served
-                if self.step(min(self.max_batch, left or self.max_batch), linger=BATCH_LINGER):
+                wait = 0.0 if self._linger[0] is not None else PENDING_WAIT
+                if self.step(min(self.max_batch, left or self.max_batch), linger=BATCH_LINGER, wait=wait):
                     idle = IDLE_POLL_START
                 elif self._linger[0] is not None:
                     time.sleep(IDLE_POLL_START)  # a partial batch is filling up: look again soon
-                else:
+                elif self._waited:
+                    continue  # the parties waited for a submit themselves: ask again at once
+                else:  # requests on only some parties, or parties that answer at once: back off
                     time.sleep(min(idle, poll_interval))
                     idle *= 2
         except BaseException as e:
@@ -186,18 +193,22 @@ class ModelService:
         finally:
             self._close()
 
-    def step(self, max_batch: int, linger: float = 0.0) -> int:
+    def step(self, max_batch: int, linger: float = 0.0, wait: float = 0.0) -> int:
         """Serves at most ``max_batch`` pending requests; returns how many.
 
         Args:
             linger: Seconds a partial batch may wait while more requests keep
                 arriving (a client submitting several at once gets one batch,
                 not one per poll); 0 serves what is ready now.
+            wait: Seconds each party may wait for a submit when it has none queued
+                (network workers; they answer as soon as one arrives).
         """
         sizes: dict[int, list[int]] = {}
-        for listed in self._call_all("pending", [[]] * len(self.parties)):  # one round to every party
+        started = time.monotonic()
+        for listed in self._call_all("pending", [[wait]] * len(self.parties)):  # one round to every party
             for rid, size in listed:  # a request is ready once every party has its share, of one batch size
                 sizes.setdefault(rid, []).append(size)
+        self._waited = wait > 0 and not sizes and time.monotonic() - started >= wait / 2
         n = len(self.parties)
         complete = {r: s for r, s in sizes.items() if len(s) == n}
         self._fail_malformed(sizes, complete)
