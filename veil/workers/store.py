@@ -29,8 +29,12 @@ class Kind:
     ALL = ("owner", "client", "share", "dealer")
 
 
+class _WeaklyReferable:
+    __slots__ = ("__weakref__",)  # a dealt item refers to its fields' entries weakly (dealt.DealtItem)
+
+
 @dataclass(slots=True)  # one per stored object, made on every command result
-class Entry:
+class Entry(_WeaklyReferable):
     """One stored object and its capabilities.
 
     Attributes:

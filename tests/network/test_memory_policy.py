@@ -1,0 +1,38 @@
+"""``veil worker`` keeps freed memory for its next requests (glibc); off with VEIL_KEEP_FREED_MEMORY=0."""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+import sys
+
+import pytest
+
+from veil import cli
+from veil.workers import memory_policy
+
+
+def _glibc() -> bool:
+    try:
+        return hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not _glibc(), reason="glibc malloc settings")
+def test_applies_in_a_fresh_process_and_can_be_turned_off():
+    code = "from veil.workers.memory_policy import keep_freed_memory as k; print(k())"
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "VEIL_KEEP_FREED_MEMORY": "0"})
+    assert on.stdout.strip() == "True" and off.stdout.strip() == "False"
+
+
+def test_the_worker_command_applies_it_before_serving(monkeypatch):
+    calls = []
+    monkeypatch.setattr(memory_policy, "keep_freed_memory", lambda: calls.append("policy") or True)
+    import veil.workers.websocket_cli as wcli
+
+    monkeypatch.setattr(wcli, "run", lambda args: calls.append("run") or 0)
+    assert cli._worker(None) == 0
+    assert calls == ["policy", "run"]

@@ -1,0 +1,47 @@
+"""A worker process keeps the memory it frees for its next requests (glibc malloc settings).
+
+By default glibc hands large freed blocks back to the kernel: blocks over its (adaptive) mmap
+threshold are unmapped, a thread's arena heap is unmapped as soon as it is empty, and the main
+heap is trimmed past 2x the threshold. A worker's SMPC round allocates the same product-sized
+tensors and receive buffers every call (mul 1e6: ~10k fresh 4 KiB pages per party per call), so
+every call faulted them in again and the kernel zeroed them: 20-40% of a party's CPU on the
+measured box (``bench/RESULTS.md``, #14/#19 netsmpc). With one arena, the largest mmap threshold
+glibc allows and a high trim threshold, freed blocks are reused by the next call instead; the
+process keeps its peak heap (up to ``TRIM_THRESHOLD`` above it is still returned).
+
+Only the ``veil worker`` process does this (it owns its allocator); a library import never
+changes the host application's malloc. ``VEIL_KEEP_FREED_MEMORY=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+# glibc <malloc.h>
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
+
+#: blocks up to this size come from the heap and are reused (glibc's maximum on 64-bit)
+MMAP_THRESHOLD = 32 << 20
+#: free memory at the top of the heap beyond this goes back to the kernel
+TRIM_THRESHOLD = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Applies the settings; True if glibc took them. Call before the process starts threads
+    (arenas made earlier keep their own heaps)."""
+    if os.environ.get("VEIL_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # no mallopt in this C library
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    # one arena: a thread's own arena heap is unmapped whenever it empties, whatever the thresholds
+    ok = mallopt(M_ARENA_MAX, 1) == 1
+    ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and ok
+    return mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
