@@ -64,7 +64,7 @@ def _sig(value: Any, tensors: list, seen: dict[int, int]) -> Any:
 
 #: argument types whose value is part of the cache key as is (flat fast path of :func:`collect`)
 _PLAIN = frozenset({int, float, bool, str, type(None), torch.dtype})
-_FLAT = "flat"  # first element of fast-path keys: they never equal a nested key
+FLAT = _FLAT = "flat"  # first element of fast-path keys: they never equal a nested key
 
 
 def collect(args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], Any]:
