@@ -344,7 +344,8 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
         if spec[0] == _NEW:
             oid = new_id()
             return_ids.append(oid)
-            ptr = PointerTensor(location, oid, owner, spec[1], spec[2], spec[3], mine=True)
+            # __new__ straight, positional: type() would also run the no-op __init__ with these arguments
+            ptr = _new_pointer(PointerTensor, location, oid, owner, spec[1], spec[2], spec[3], True, (), "", True)
             if spec[3] and not spec[4]:  # a non-leaf of the remote autograd graph: remember its leaves
                 if graph is _UNSET:
                     graph = _graph_leaves(tensors)
@@ -360,7 +361,7 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
         owner.defer(location, [name, _args_to_wire(args), wire_kwargs, return_ids, grad], payload)
     elif not (location._skeletons is not None and payload == 0 and key is not None and key[0] is _FLAT
               and owner.hook.local_worker is owner
-              and owner.send_skeleton(location, (name, grad, key), [t.__dict__["id_at_location"] for t in tensors],
+              and owner.send_skeleton(location, template, [t.__dict__["id_at_location"] for t in tensors],
                                       return_ids, lambda: _definition(name, args, tensors, wire_kwargs, grad))):
         owner.send_msg(CommandMessage(name, _args_to_wire(args), wire_kwargs, return_ids, grad), location)
     if len(made) == 1 and isinstance(template.structure, torch.Tensor):
@@ -370,6 +371,7 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
 
 
 _FLAT = shape_inference.FLAT
+_new_pointer = PointerTensor.__new__
 
 
 def _definition(name: str, args: tuple, tensors: list, wire_kwargs: dict, grad: bool) -> list | None:

@@ -95,8 +95,8 @@ class Outbox:
         reply, raising remote errors as :meth:`send_msg`; False (nothing sent) when ``location`` has no
         skeleton table for its open connection, the table is full, or the queue is too long for one frame.
 
-        ``signature``: what makes two commands the same skeleton (op, grad mode, argument kinds and
-        values); ``define()``: its definition, built only for the first use on a connection. A number
+        ``signature``: what makes two commands the same skeleton: the shape-inference Template of the
+        command, one object per (op, grad mode, argument kinds, values and shapes); ``define()``: its definition, built only for the first use on a connection. A number
         is kept only once the worker answered its definition without error (a failed first use
         leaves the signature undefined: the next use defines it under a fresh number)."""
         with self._send_lock(location):  # numbering and sending are one step: definitions precede uses
@@ -132,7 +132,7 @@ class Outbox:
             self.stats.record(len(data), len(reply_bytes))
             self._read_reply(reply_bytes, location, prelude)
             if not defined:
-                table.numbers[signature] = k
+                table.keep(signature, k)
             return True
 
     def _send_lock(self, location: "BaseWorker") -> threading.RLock:

@@ -124,7 +124,11 @@ def definable(args: Any, kwargs: dict) -> bool:
 
 
 class ClientSkeletons:
-    """The client's side of one connection's table: command signature -> skeleton number."""
+    """The client's side of one connection's table: command signature -> skeleton number.
+
+    A signature is an object standing for one command shape (the client's shape-inference Template:
+    one per op, grad mode, argument values and shapes), keyed by identity: no tuple hashing per op.
+    The table holds the signature itself, so its id is never reused while the number is kept."""
 
     __slots__ = ("conn", "numbers", "next")
 
@@ -133,13 +137,16 @@ class ClientSkeletons:
 
     def number(self, signature: Any) -> tuple[int | None, bool]:
         """``(k, defined)``: the signature's number, or the next free one (``defined`` False: the caller
-        sends the definition and calls :meth:`taken`), or None when the table is full."""
-        k = self.numbers.get(signature)
-        if k is not None:
-            return k, True
+        sends the definition and calls :meth:`keep` once the worker took it), or None when the table is full."""
+        found = self.numbers.get(id(signature))
+        if found is not None and found[0] is signature:
+            return found[1], True
         if self.next >= MAX_SKELETONS:
             return None, False
         return self.next, False
+
+    def keep(self, signature: Any, k: int) -> None:
+        self.numbers[id(signature)] = (signature, k)
 
     def taken(self) -> None:
         """The next number went out with a definition (kept or not by the worker: never reused)."""
