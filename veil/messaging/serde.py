@@ -534,6 +534,39 @@ def deserialize(data: bytes, ctx: DecodeContext | None = None) -> tuple[Any, str
     return cls(*field_values), sender, prelude
 
 
+_SKELETON_HEAD = bytes((0x98, WIRE_VERSION, SkeletonCommand.TYPE))  # fixarray of 8, version, type
+
+
+class _NotAUse(Exception):
+    pass
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise _NotAUse
+
+
+def decode_skeleton_use(data: Any) -> tuple | None:
+    """``(SkeletonCommand, sender, prelude)`` of the most frequent request, a skeleton command without
+    definition whose prelude holds only ids to free, decoded with msgpack's own types only (no ext
+    hook, no frame, no thread-local state); None for anything else, which :func:`deserialize` then
+    decodes (and checks) as usual. The checks are deserialize's, for this one shape."""
+    if type(data) is not bytes or data[:3] != _SKELETON_HEAD:
+        return None
+    try:
+        value = msgpack.unpackb(data, raw=False, ext_hook=_no_ext)
+    except Exception:  # an ext type (a definition, deferred commands), or malformed: the general decoder
+        return None
+    if type(value) is not list or len(value) != 8 or value[7] is not None:
+        return None
+    sender, prelude = value[2], value[3]
+    if type(sender) is not str or type(prelude) is not list:
+        return None
+    for item in prelude:
+        if type(item) is not int:
+            return None
+    return SkeletonCommand(value[4], value[5], value[6]), sender, prelude
+
+
 def encode_value(value: Any) -> bytes:
     """Encodes a bare value (tests, plans, persistence)."""
     return _pack(value)

@@ -44,7 +44,7 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from veil.exceptions import PermissionDeniedError, WorkerNotFoundError, error_reply_fields
 from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST
-from veil.messaging.serde import FrameParts, OwnedFrame, deserialize, frame_pad, serialize
+from veil.messaging.serde import FrameParts, OwnedFrame, decode_skeleton_use, deserialize, frame_pad, serialize
 from veil.mpc.material import drop_provider_scope
 from veil.mpc.party import OPENABLE, PARTY_FUNCTIONS, WIRE_PREFIX, OpenMessage
 from veil.workers import cancellation
@@ -365,7 +365,7 @@ class WebsocketServerWorker(BaseWorker):
         try:
             self._local.session = session
             try:
-                decoded = deserialize(data, self._decode_ctx)
+                decoded = decode_skeleton_use(data) or deserialize(data, self._decode_ctx)
             except Exception as e:
                 return self._error_bytes(e), None
             msg = decoded[0]
