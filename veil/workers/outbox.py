@@ -130,7 +130,9 @@ class Outbox:
                     self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
                 raise
             self.stats.record(len(data), len(reply_bytes))
-            self._read_reply(reply_bytes, location, prelude)
+            # the usual reply, an OkReply seen before, recognized here (_read_reply's first test, inline)
+            if len(reply_bytes) > _OK_MAX or bytes(reply_bytes) not in self._ok_replies:
+                self._read_reply(reply_bytes, location, prelude)
             if not defined:
                 table.keep(signature, k)
             return True
