@@ -99,7 +99,9 @@ class Outbox:
         command, one object per (op, grad mode, argument kinds, values and shapes); ``define()``: its definition, built only for the first use on a connection. A number
         is kept only once the worker answered its definition without error (a failed first use
         leaves the signature undefined: the next use defines it under a fresh number)."""
-        with self._send_lock(location):  # numbering and sending are one step: definitions precede uses
+        found = self._send_locks.get(id(location))  # (_send_lock's first test, inline)
+        lock = found[1] if found is not None and found[0]() is location else self._send_lock(location)
+        with lock:  # numbering and sending are one step: definitions precede uses
             table = location._skeletons
             if table is None or table.conn is not location._conn:
                 return False
