@@ -23,6 +23,7 @@ from veil.tensors.mpc_glue.runtime import enable_peer_openings
 from veil.workers.peer_openings import PEER_SHARE, PeerOpenMessage
 
 from network_helpers import PEER, TOKEN
+from worker_processes import spawned_workers
 
 CLIENT = "net-client-token-for-peer-tests"
 NAMES = ("alice", "bob", "dave")  # veil worker processes; charlie is a sink the test runs (a malicious party)
@@ -32,7 +33,7 @@ def _peer_token(name: str) -> str:
     return f"{PEER}-{name}"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def sink():
     """A fake party "charlie": accepts any peer connection and answers every request with OkReply
     (it takes the shares it is sent and never sends its own)."""
@@ -53,33 +54,41 @@ def sink():
     server.shutdown()
 
 
-@pytest.fixture
-def cluster(request, hook, spawn, sink, monkeypatch):
+@pytest.fixture(scope="module")
+def cluster(request, hook, sink):
     """name -> (process, scientist connection); peer openings enabled on alice and bob. The workers wait
-    ``request.param`` seconds (default 45) for a round's shares or registration."""
+    ``request.param`` seconds (default 45) for a round's shares or registration. One cluster per module
+    and wait (starting four processes costs ~9 s): every test leaves it serving, which each one checks
+    (``_unchanged``), and the attacks that abandon a round get a cluster of their own (their own wait)."""
     from veil.workers.websocket_launcher import free_port
 
     from veil.tensors.mpc_glue import runtime
 
-    monkeypatch.setenv("VEIL_PEER_WAIT_SECONDS", str(getattr(request, "param", 45)))
-    monkeypatch.setattr(runtime, "PEER_MIN_ELEMENTS", 0)  # the attacks' small rounds go party to party too
-    ports = {n: free_port() for n in NAMES}
-    ports["charlie"] = sink
-    procs = {}
-    for n in NAMES:
-        args = ["--token", TOKEN, f"--client=serving-client={CLIENT}"]
-        for other in ports:
-            if other != n:
-                args += ["--peer", f"{other}=127.0.0.1:{ports[other]}", "--peer-token", f"{other}={_peer_token(n)}",
-                         "--accept-peer", f"{other}={_peer_token(other)}"]
-        procs[n] = spawn(n, args, port=ports[n])
-    conns = {n: sy.WebsocketClientWorker(hook, id=n, host="127.0.0.1", port=procs[n].port, token=TOKEN, timeout=120)
-             for n in NAMES}
-    enable_peer_openings(conns["alice"], conns["bob"])
-    yield {n: (procs[n], conns[n]) for n in NAMES}
-    enable_peer_openings(conns["alice"], conns["bob"], enabled=False)
-    for c in conns.values():
-        c.close()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VEIL_PEER_WAIT_SECONDS", str(getattr(request, "param", 45)))
+        mp.setattr(runtime, "PEER_MIN_ELEMENTS", 0)  # the attacks' small rounds go party to party too
+        ports = {n: free_port() for n in NAMES}
+        ports["charlie"] = sink
+        procs, conns = {}, {}
+        spawning = spawned_workers()
+        spawn = next(spawning)
+        try:
+            for n in NAMES:
+                args = ["--token", TOKEN, f"--client=serving-client={CLIENT}"]
+                for other in ports:
+                    if other != n:
+                        args += ["--peer", f"{other}=127.0.0.1:{ports[other]}", "--peer-token",
+                                 f"{other}={_peer_token(n)}", "--accept-peer", f"{other}={_peer_token(other)}"]
+                procs[n] = spawn(n, args, port=ports[n])
+            conns = {n: sy.WebsocketClientWorker(hook, id=n, host="127.0.0.1", port=procs[n].port, token=TOKEN,
+                                                 timeout=120) for n in NAMES}
+            enable_peer_openings(conns["alice"], conns["bob"])
+            yield {n: (procs[n], conns[n]) for n in NAMES}
+            enable_peer_openings(conns["alice"], conns["bob"], enabled=False)
+        finally:
+            for c in conns.values():
+                c.close()
+            next(spawning, None)  # kills the processes
 
 
 def _as(hook, proc, token: str, name: str):
