@@ -537,12 +537,8 @@ def deserialize(data: bytes, ctx: DecodeContext | None = None) -> tuple[Any, str
 _SKELETON_HEAD = bytes((0x98, WIRE_VERSION, SkeletonCommand.TYPE))  # fixarray of 8, version, type
 
 
-class _NotAUse(Exception):
-    pass
-
-
 def _no_ext(code: int, data: bytes) -> Any:
-    raise _NotAUse
+    raise SerializationError("not a skeleton use")  # (caught below: the general decoder takes it)
 
 
 def decode_skeleton_use(data: Any) -> tuple | None:
