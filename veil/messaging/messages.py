@@ -145,6 +145,24 @@ class ListObjectsMessage:
     TYPE: ClassVar[int] = 8
 
 
+@dataclass
+class SkeletonCommand:
+    """A small synchronous command in short form (network workers; ``veil/workers/skeletons.py``).
+
+    ``define`` (first use on a connection): ``[op, args, kwargs, grad_enabled]`` of a CommandMessage
+    whose pointer arguments are ``ObjectRef(slot)`` placeholders, kept by the server for this
+    connection under number ``skeleton``. Every use sends only the ids that fill the slots and the
+    result ids; the server expands it back into the CommandMessage fields and runs those exactly as a
+    CommandMessage (roles, the reference monitor, audit).
+    """
+
+    TYPE: ClassVar[int] = 9
+    skeleton: int = 0
+    ids: list = field(default_factory=list)
+    return_ids: list = field(default_factory=list)
+    define: list | None = None
+
+
 # ----------------------------------------------------------------- replies
 
 
@@ -193,6 +211,7 @@ MESSAGE_TYPES: dict[int, type] = {
         MoveMessage,
         RemoteGetMessage,
         ListObjectsMessage,
+        SkeletonCommand,
         OkReply,
         ErrorReply,
         ObjectsReply,

@@ -38,7 +38,8 @@ import msgpack
 import torch
 
 from veil.exceptions import SerializationError, VersionMismatchError
-from veil.messaging.messages import FIELD_NAMES, MESSAGE_TYPES, CommandMessage, Descriptor, ObjectRef, StoredObject
+from veil.messaging.messages import (FIELD_NAMES, MESSAGE_TYPES, CommandMessage, Descriptor, ObjectRef, SkeletonCommand,
+                                     StoredObject)
 from veil.messaging.tensor_payload import (  # noqa: F401  (DTYPES, MAX_DIMS, tensor_spec: re-exported)
     ADOPT_MIN_BYTES, DTYPE_NAMES, DTYPES, MAX_DIMS, _build_tensor, _nbytes, _tensor_raw, decode_tensor,
     encode_tensor, tensor_spec)
@@ -424,6 +425,22 @@ def serialize(msg: Any, sender: str = "", prelude: list | None = None,
     return b"".join((head, *buffers))
 
 
+_SKELETON_TYPE = SkeletonCommand.TYPE
+
+
+def serialize_skeleton(sender: str, prelude: list | None, skeleton: int, ids: list, return_ids: list,
+                       define: list | None) -> bytes:
+    """:func:`serialize` of ``SkeletonCommand(skeleton, ids, return_ids, define)`` without building it
+    (the small synchronous command of every training step); the same bytes."""
+    message = [WIRE_VERSION, _SKELETON_TYPE, sender, prelude or [], skeleton, ids, return_ids, define]
+    if define is None:
+        try:
+            return _pack_native(message)
+        except (TypeError, ValueError, OverflowError):  # a prelude of deferred commands with our types
+            pass
+    return serialize(SkeletonCommand(skeleton, ids, return_ids, define), sender, prelude)
+
+
 def envelope(data: bytes) -> Any:
     """The message array with ext payloads left opaque (``None``): a cheap look at type and fields.
 
@@ -515,6 +532,35 @@ def deserialize(data: bytes, ctx: DecodeContext | None = None) -> tuple[Any, str
         if type(item) is not int and not (type(item) is list and len(item) == _COMMAND_FIELDS):
             raise SerializationError("a prelude holds object ids to free and deferred commands")
     return cls(*field_values), sender, prelude
+
+
+_SKELETON_HEAD = bytes((0x98, WIRE_VERSION, SkeletonCommand.TYPE))  # fixarray of 8, version, type
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise SerializationError("not a skeleton use")  # (caught below: the general decoder takes it)
+
+
+def decode_skeleton_use(data: Any) -> tuple | None:
+    """``(SkeletonCommand, sender, prelude)`` of the most frequent request, a skeleton command without
+    definition whose prelude holds only ids to free, decoded with msgpack's own types only (no ext
+    hook, no frame, no thread-local state); None for anything else, which :func:`deserialize` then
+    decodes (and checks) as usual. The checks are deserialize's, for this one shape."""
+    if type(data) is not bytes or data[:3] != _SKELETON_HEAD:
+        return None
+    try:
+        value = msgpack.unpackb(data, raw=False, ext_hook=_no_ext)
+    except Exception:  # an ext type (a definition, deferred commands), or malformed: the general decoder
+        return None
+    if type(value) is not list or len(value) != 8 or value[7] is not None:
+        return None
+    sender, prelude = value[2], value[3]
+    if type(sender) is not str or type(prelude) is not list:
+        return None
+    for item in prelude:
+        if type(item) is not int:
+            return None
+    return SkeletonCommand(value[4], value[5], value[6]), sender, prelude
 
 
 def encode_value(value: Any) -> bytes:

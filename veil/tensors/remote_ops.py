@@ -24,6 +24,7 @@ from veil.messaging.serde import DTYPES
 from veil.tensors import shape_inference
 from veil.tensors.pointer import PointerTensor
 from veil.tensors.tree import leaves, map_structure
+from veil.workers import skeletons
 
 _T = torch.Tensor
 
@@ -315,7 +316,6 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
     payload = None if local_tensors else 0
     if owner._lost.get(location.id):  # a failed deferred command left some ids empty: say so here
         owner.check_lost(location, [t.id_at_location for t in tensors if type(t) is PointerTensor])
-    wire_args = _args_to_wire(args)
     wire_kwargs = _to_wire(kwargs) if kwargs else {}
     grad = _is_grad_enabled()
     name = op.name
@@ -329,13 +329,13 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
         if name == "Tensor.backward":
             owner._grad_leaves[location.id] = (owner.grad_epoch(location), _backward_leaves(args, kwargs))
         if pipelined:
-            owner.defer(location, [name, wire_args, wire_kwargs, [], grad], payload)
+            owner.defer(location, [name, _args_to_wire(args), wire_kwargs, [], grad], payload)
         else:
-            owner.send_msg(CommandMessage(name, wire_args, wire_kwargs, [], grad), location)
+            owner.send_msg(CommandMessage(name, _args_to_wire(args), wire_kwargs, [], grad), location)
         return None
     template = shape_inference.infer(op, args, kwargs, tensors, key) if op.shapes == INFER else None
     if template is None:
-        reply = owner.send_msg(CommandMessage(name, wire_args, wire_kwargs, None, grad), location)
+        reply = owner.send_msg(CommandMessage(name, _args_to_wire(args), wire_kwargs, None, grad), location)
         return _from_descriptors(reply, args, kwargs, owner, location)
     return_ids: list[int] = []
     made: list[Any] = []
@@ -344,7 +344,8 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
         if spec[0] == _NEW:
             oid = new_id()
             return_ids.append(oid)
-            ptr = PointerTensor(location, oid, owner, spec[1], spec[2], spec[3], mine=True)
+            # __new__ straight, positional: type() would also run the no-op __init__ with these arguments
+            ptr = _new_pointer(PointerTensor, location, oid, owner, spec[1], spec[2], spec[3], True, (), "", True)
             if spec[3] and not spec[4]:  # a non-leaf of the remote autograd graph: remember its leaves
                 if graph is _UNSET:
                     graph = _graph_leaves(tensors)
@@ -357,13 +358,31 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
             if grad and type(ptr) is PointerTensor and "_leafs" in ptr.__dict__:
                 ptr.__dict__["_leafs"] = None  # its graph changed in place: stop predicting through it
     if pipelined:
-        owner.defer(location, [name, wire_args, wire_kwargs, return_ids, grad], payload)
-    else:
-        owner.send_msg(CommandMessage(name, wire_args, wire_kwargs, return_ids, grad), location)
+        owner.defer(location, [name, _args_to_wire(args), wire_kwargs, return_ids, grad], payload)
+    elif not (location._skeletons is not None and payload == 0 and key is not None and key[0] is _FLAT
+              and owner.hook.local_worker is owner
+              and owner.send_skeleton(location, template, [t.__dict__["id_at_location"] for t in tensors],
+                                      return_ids, lambda: _definition(name, args, tensors, wire_kwargs, grad))):
+        owner.send_msg(CommandMessage(name, _args_to_wire(args), wire_kwargs, return_ids, grad), location)
     if len(made) == 1 and isinstance(template.structure, torch.Tensor):
         return made[0]
     it = iter(made)
     return map_structure(template.structure, lambda _: next(it))
+
+
+_FLAT = shape_inference.FLAT
+_new_pointer = PointerTensor.__new__
+
+
+def _definition(name: str, args: tuple, tensors: list, wire_kwargs: dict, grad: bool) -> list | None:
+    """A skeleton's definition (``veil/workers/skeletons.py``): the command with each pointer argument
+    replaced by the placeholder ``ObjectRef(slot)``, its slot the pointer's index in ``tensors`` (None:
+    arguments a worker would not keep as a skeleton)."""
+    if not skeletons.definable(args, wire_kwargs):
+        return None
+    slots = {id(t): k for k, t in enumerate(tensors)}
+    wire = [_encode_ref(slots[id(v)]) if type(v) is PointerTensor else v for v in args]
+    return [name, wire, wire_kwargs, grad]
 
 
 # ------------------------------------------------------------------ gradient prediction

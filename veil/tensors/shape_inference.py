@@ -31,6 +31,7 @@ class Template:
 
 
 _cache: dict[Any, Template | None] = {}
+_MISSING = object()
 
 
 class _Unhashable(Exception):
@@ -64,7 +65,7 @@ def _sig(value: Any, tensors: list, seen: dict[int, int]) -> Any:
 
 #: argument types whose value is part of the cache key as is (flat fast path of :func:`collect`)
 _PLAIN = frozenset({int, float, bool, str, type(None), torch.dtype})
-_FLAT = "flat"  # first element of fast-path keys: they never equal a nested key
+FLAT = _FLAT = "flat"  # first element of fast-path keys: they never equal a nested key
 
 
 def collect(args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], Any]:
@@ -149,8 +150,9 @@ def infer(op: Op, args: tuple, kwargs: dict, tensors: list[torch.Tensor], key: A
     full_key = None
     if key is not None:
         full_key = (op.name, torch.is_grad_enabled(), key)
-        if full_key in _cache:
-            return _cache[full_key]
+        found = _cache.get(full_key, _MISSING)  # one hash of the nested key (``in`` then ``[]`` hashed twice)
+        if found is not _MISSING:
+            return found
     template = _run_meta(op, args, kwargs, tensors)
     if full_key is not None:
         if len(_cache) >= CACHE_LIMIT:

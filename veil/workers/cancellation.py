@@ -161,6 +161,9 @@ class FairLock:
 
     def release(self) -> None:
         with self._mutex:
+            if not self._waiters and not self._background:  # the usual case (every inline request): no call
+                self._held = False
+                return
             turn = self._next()
             if turn is not None:
                 turn.set()

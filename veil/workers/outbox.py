@@ -18,7 +18,7 @@ import torch
 
 from veil.exceptions import ObjectNotFoundError, error_from_reply
 from veil.messaging import messages as m
-from veil.messaging.serde import FrameParts, deserialize, serialize
+from veil.messaging.serde import FrameParts, deserialize, serialize, serialize_skeleton
 
 if TYPE_CHECKING:
     from veil.workers.base import BaseWorker
@@ -42,6 +42,8 @@ class Outbox:
     #: as a destination: requests longer than this reach its ``_recv_msg`` as serde ``FrameParts``
     #: (tensor bytes not joined into one buffer; network transports write them themselves)
     frame_parts_over: int | None = None
+    #: as a destination: the skeleton table of its open connection (network clients; None: none)
+    _skeletons: Any = None
 
     def _init_outbox(self) -> None:
         # Per destination object (keyed by identity: a new worker may reuse an old one's name; the
@@ -86,6 +88,56 @@ class Outbox:
                     self._note_lost(location, prelude, 0, "an earlier part of the batch failed")
                     raise
             return self._exchange(msg, location, prelude)
+
+    def send_skeleton(self, location: "BaseWorker", signature: Any, ids: list, return_ids: list,
+                      define: Any) -> bool:
+        """Sends a synchronous command as a skeleton command (``veil/workers/skeletons.py``) and reads its
+        reply, raising remote errors as :meth:`send_msg`; False (nothing sent) when ``location`` has no
+        skeleton table for its open connection, the table is full, or the queue is too long for one frame.
+
+        ``signature``: what makes two commands the same skeleton: the shape-inference Template of the
+        command, one object per (op, grad mode, argument kinds, values and shapes); ``define()``: its definition, built only for the first use on a connection. A number
+        is kept only once the worker answered its definition without error (a failed first use
+        leaves the signature undefined: the next use defines it under a fresh number)."""
+        found = self._send_locks.get(id(location))  # (_send_lock's first test, inline)
+        lock = found[1] if found is not None and found[0]() is location else self._send_lock(location)
+        with lock:  # numbering and sending are one step: definitions precede uses
+            table = location._skeletons
+            if table is None or table.conn is not location._conn:
+                return False
+            k, defined = table.number(signature)
+            if k is None:
+                return False
+            definition = None
+            if not defined:
+                definition = define()
+                if definition is None:  # not a skeleton a worker accepts
+                    return False
+            if self._in_flight:
+                self._collect(location)  # a posted batch's error comes first (the queue stays queued)
+            with self._queue_lock:
+                pending = self._pending_deletes.pop(id(location), None)
+            prelude = pending[1] if pending else None
+            if prelude and (len(prelude) > MAX_PRELUDE_ITEMS or pending[2]):  # (tensor bytes: send_msg's frames)
+                with self._queue_lock:
+                    self._requeue(location, pending)
+                return False
+            if not defined:
+                table.taken()
+            try:
+                data = serialize_skeleton(self.id, prelude, k, ids, return_ids, definition)
+                reply_bytes = location._recv_msg(data)
+            except Exception as e:
+                if prelude:
+                    self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
+                raise
+            self.stats.record(len(data), len(reply_bytes))
+            # the usual reply, an OkReply seen before, recognized here (_read_reply's first test, inline)
+            if len(reply_bytes) > _OK_MAX or bytes(reply_bytes) not in self._ok_replies:
+                self._read_reply(reply_bytes, location, prelude)
+            if not defined:
+                table.keep(signature, k)
+            return True
 
     def _send_lock(self, location: "BaseWorker") -> threading.RLock:
         found = self._send_locks.get(id(location))

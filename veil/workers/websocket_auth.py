@@ -129,6 +129,8 @@ class Session:
 
     #: the monitor's Principal for this session (built once by the server)
     principal: object = field(default=None, compare=False, repr=False)
+    #: this connection's skeleton commands, number -> definition (``veil/workers/skeletons.py``)
+    skeletons: dict = field(default_factory=dict, compare=False, repr=False)
 
     def claim_user(self, claimed: object) -> str:
         """The identity a get/move acts as: a claimed user must be one this connection proved."""

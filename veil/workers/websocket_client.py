@@ -31,6 +31,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from veil.exceptions import ConnectionLostError, PermissionDeniedError, SerializationError
 from veil.workers.base import BaseWorker
 from veil.workers.websocket_admin import AdminLoadMessage, RemoteObjectsView
+from veil.workers.skeletons import ClientSkeletons
 from veil.workers.websocket_auth import handshake_headers
 from veil.messaging.serde import FrameParts
 from veil.workers.websocket_transport import SEND_FRAGMENT, BlockingConnection
@@ -124,6 +125,8 @@ class WebsocketClientWorker(BaseWorker):
         header = conn.response.headers.get(MAX_SIZE_HEADER)
         self._server_max = int(header) if header and header.isdigit() else None
         self._conn = conn
+        # a new connection is a new session: skeleton numbers start over (peers' lazy connections send none)
+        self._skeletons = None if self._lazy else ClientSkeletons(conn)
         return conn
 
     def connect(self) -> "WebsocketClientWorker":

@@ -44,7 +44,7 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from veil.exceptions import PermissionDeniedError, WorkerNotFoundError, error_reply_fields
 from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST
-from veil.messaging.serde import FrameParts, OwnedFrame, deserialize, frame_pad, serialize
+from veil.messaging.serde import FrameParts, OwnedFrame, decode_skeleton_use, deserialize, frame_pad, serialize
 from veil.mpc.material import drop_provider_scope
 from veil.mpc.party import OPENABLE, PARTY_FUNCTIONS, WIRE_PREFIX, OpenMessage
 from veil.workers import cancellation
@@ -52,6 +52,7 @@ from veil.workers.base import HANDLERS, YIELD_EVERY, BaseWorker
 from veil.workers.monitor import Principal
 from veil.workers.persistence import OwnerDB
 from veil.workers import handlers as _handlers
+from veil.workers import skeletons as _skeletons
 from veil.workers.websocket_auth import (FULL_ROLES, RefusalLog, Session, TokenTable, authenticate, check_request,
                                          run_session_end_handlers, tokens_from_headers)
 from veil.workers.websocket_client import MAX_SIZE_HEADER
@@ -99,6 +100,7 @@ OUTBOUND: dict[type, str] = {m.GetObjectsMessage: "get", m.MoveMessage: "move", 
 
 _OPS_BY_NAME = ALLOWLIST._by_name
 _UNKNOWN = object()
+_SKELETON = m.SkeletonCommand
 
 
 def _plain_op(name: Any) -> bool:
@@ -141,6 +143,17 @@ def _inline_kind(msg: Any, prelude: list) -> str | None:
             if commands > INLINE_MAX_COMMANDS or not step_ok(item[0]):
                 return None
     return kind
+
+
+def _inline_prelude_plain(prelude: list) -> bool:
+    """A prelude of deletions and at most INLINE_MAX_COMMANDS plain deferred ops (see :func:`_inline_kind`)."""
+    commands = 0
+    for item in prelude:
+        if type(item) is not int:
+            commands += 1
+            if commands > INLINE_MAX_COMMANDS or not _plain_op(item[0]):
+                return False
+    return True
 
 
 def _inline_ok(msg: Any, prelude: list) -> bool:
@@ -352,18 +365,23 @@ class WebsocketServerWorker(BaseWorker):
         try:
             self._local.session = session
             try:
-                decoded = deserialize(data, self._decode_ctx)
+                decoded = decode_skeleton_use(data) or deserialize(data, self._decode_ctx)
             except Exception as e:
                 return self._error_bytes(e), None
             msg = decoded[0]
-            if type(msg) is m.CommandMessage and not slow_plain:
+            tp = type(msg)
+            if (tp is m.CommandMessage or tp is _SKELETON) and not slow_plain:
                 principal = self._full_principals.get(session.id, _UNKNOWN)
                 if principal is _UNKNOWN:  # first request: does check_request pass all of this session's?
                     principal = self._full_principals[session.id] = self.principal_of(session) \
                         if _full_rights(session) and type(self)._handle is WebsocketServerWorker._handle else None
                 if principal is not None and HANDLERS.get(m.CommandMessage) is _handlers._handle_command:
                     prelude = decoded[2]
-                    if not prelude or (len(prelude) == 1 and type(prelude[0]) is int) \
+                    if tp is _SKELETON:  # a plain torch op by construction (checked when defined)
+                        if not prelude or (len(prelude) == 1 and type(prelude[0]) is int) \
+                                or _inline_prelude_plain(prelude):
+                            return self._serve_skeleton(session, principal, msg, prelude), None
+                    elif not prelude or (len(prelude) == 1 and type(prelude[0]) is int) \
                             or _inline_kind(msg, prelude) == "plain":
                         op = _OPS_BY_NAME.get(msg.op) if type(msg.op) is str else None
                         if op is not None and not op.worker_function:
@@ -408,6 +426,28 @@ class WebsocketServerWorker(BaseWorker):
             except PermissionDeniedError as e:
                 if not getattr(e, "audited", False):  # the monitor wrote its own refusals
                     self._audit("CommandMessage", session.user, session.id, [], "refused", str(e))
+                raise
+        except Exception as e:  # as _serve_decoded: a failing op is an error reply
+            reply = m.ErrorReply(*error_reply_fields(e))
+        return self._reply_bytes(reply)
+
+    def _serve_skeleton(self, session: Session, principal: Principal, msg: m.SkeletonCommand,
+                        prelude: list) -> bytes:
+        """:meth:`_serve_command` for a skeleton command of a full-rights session: the prelude, then the
+        definition kept or checked, then its CommandMessage fields through ``_run_command`` (the monitor
+        resolves and checks every id), refusals audited as for a CommandMessage."""
+        try:
+            if prelude:
+                if len(prelude) == 1 and type(prelude[0]) is int:  # the result pointer the client dropped
+                    self.monitor.discard(principal, prelude[0])
+                else:
+                    self._run_prelude(prelude, session.id)
+            try:
+                command = _skeletons.expand(session.skeletons, msg)
+                reply = _handlers._run_command(self, principal, session.id, *command)
+            except PermissionDeniedError as e:
+                if not getattr(e, "audited", False):  # the monitor wrote its own refusals
+                    self._audit("SkeletonCommand", session.user, session.id, [], "refused", str(e))
                 raise
         except Exception as e:  # as _serve_decoded: a failing op is an error reply
             reply = m.ErrorReply(*error_reply_fields(e))
@@ -471,6 +511,8 @@ class WebsocketServerWorker(BaseWorker):
         session = self.current_session()
         if session is None:  # in-process use (owner scripts, tests): plain worker semantics
             return super()._handle(msg, sender)
+        if type(msg) is _SKELETON:  # its CommandMessage, for the sessions that may send skeletons
+            msg = self._expand_skeleton(session, msg)
         if (type(msg) is m.CommandMessage and HANDLERS.get(m.CommandMessage) is _handlers._handle_command
                 and _full_rights(session)):  # the hot request: as a deferred command of the session
             return self._session_command(session, self.principal(session.id), msg.op, msg.args, msg.kwargs,
@@ -485,6 +527,17 @@ class WebsocketServerWorker(BaseWorker):
         except PermissionDeniedError as e:
             if not getattr(e, "audited", False):  # the monitor wrote its own refusals
                 self._audit(action or type(msg).__name__, principal, session.id, _ids_of(msg), "refused", str(e))
+            raise
+
+    def _expand_skeleton(self, session: Session, msg: m.SkeletonCommand) -> m.CommandMessage:
+        """A skeleton command as the CommandMessage it stands for (full roles only: others are refused
+        before anything is kept; refusals audited)."""
+        try:
+            check_request(session, msg)  # client and peer roles never send skeletons
+            return m.CommandMessage(*_skeletons.expand(session.skeletons, msg))
+        except PermissionDeniedError as e:
+            if not getattr(e, "audited", False):
+                self._audit("SkeletonCommand", session.user, session.id, [], "refused", str(e))
             raise
 
     def _audit(self, action: str, principal: str, session: str, ids: list, outcome: str, detail: str) -> None:
