@@ -136,22 +136,16 @@ def _inline_kind(msg: Any, prelude: list) -> str | None:
         return None
     else:
         kind, step_ok = "plain", _plain_op
+    return kind if _prelude_within(prelude, step_ok) else None
+
+
+def _prelude_within(prelude: list, step_ok: Callable[[Any], bool]) -> bool:
+    """A prelude of deletions and at most INLINE_MAX_COMMANDS deferred commands whose ops pass ``step_ok``."""
     commands = 0
     for item in prelude:
         if type(item) is not int:  # a deferred command (deserialize checked: a 5-field list)
             commands += 1
             if commands > INLINE_MAX_COMMANDS or not step_ok(item[0]):
-                return None
-    return kind
-
-
-def _inline_prelude_plain(prelude: list) -> bool:
-    """A prelude of deletions and at most INLINE_MAX_COMMANDS plain deferred ops (see :func:`_inline_kind`)."""
-    commands = 0
-    for item in prelude:
-        if type(item) is not int:
-            commands += 1
-            if commands > INLINE_MAX_COMMANDS or not _plain_op(item[0]):
                 return False
     return True
 
@@ -377,15 +371,10 @@ class WebsocketServerWorker(BaseWorker):
                         if _full_rights(session) and type(self)._handle is WebsocketServerWorker._handle else None
                 if principal is not None and HANDLERS.get(m.CommandMessage) is _handlers._handle_command:
                     prelude = decoded[2]
-                    if tp is _SKELETON:  # a plain torch op by construction (checked when defined)
-                        if not prelude or (len(prelude) == 1 and type(prelude[0]) is int) \
-                                or _inline_prelude_plain(prelude):
-                            return self._serve_skeleton(session, principal, msg, prelude), None
-                    elif not prelude or (len(prelude) == 1 and type(prelude[0]) is int) \
-                            or _inline_kind(msg, prelude) == "plain":
-                        op = _OPS_BY_NAME.get(msg.op) if type(msg.op) is str else None
-                        if op is not None and not op.worker_function:
-                            return self._serve_command(session, principal, msg, prelude), None
+                    if (not prelude or (len(prelude) == 1 and type(prelude[0]) is int)
+                            or _prelude_within(prelude, _plain_op)) \
+                            and (tp is _SKELETON or _plain_op(msg.op)):  # a skeleton's op: checked when defined
+                        return self._serve_command(session, principal, msg, prelude), None
             kind = _inline_kind(msg, decoded[2])
             if kind == "protocol":
                 slow, strikes_of = self._slow_protocol, self._protocol_strikes
@@ -409,11 +398,13 @@ class WebsocketServerWorker(BaseWorker):
                     if strikes >= INLINE_STRIKES:
                         slow.add(session.id)
 
-    def _serve_command(self, session: Session, principal: Principal, msg: m.CommandMessage, prelude: list) -> bytes:
-        """The hot request, inline: a plain torch op of a full-rights session, after its deletions (or
-        a batch of plain deferred ops). What ``_serve_decoded`` -> ``_handle`` -> ``_session_command`` run
-        for it, without their dispatch: ``check_request`` passes every request of a full role, the
-        handler is the stock one, and the monitor still resolves and checks every object it names."""
+    def _serve_command(self, session: Session, principal: Principal, msg: m.CommandMessage | m.SkeletonCommand,
+                       prelude: list) -> bytes:
+        """The hot request, inline: a plain torch op of a full-rights session (a CommandMessage, or a
+        skeleton command expanded to its fields after the prelude), after its deletions (or a batch of
+        plain deferred ops). What ``_serve_decoded`` -> ``_handle`` -> ``_session_command`` run for it,
+        without their dispatch: ``check_request`` passes every request of a full role, the handler is
+        the stock one, and the monitor still resolves and checks every object it names."""
         try:
             if prelude:
                 if len(prelude) == 1 and type(prelude[0]) is int:  # the result pointer the client dropped
@@ -421,33 +412,13 @@ class WebsocketServerWorker(BaseWorker):
                 else:
                     self._run_prelude(prelude, session.id)  # its failures are audited and named there
             try:
-                reply = _handlers._run_command(self, principal, session.id, msg.op, msg.args, msg.kwargs,
-                                               msg.return_ids, msg.grad_enabled)
-            except PermissionDeniedError as e:
-                if not getattr(e, "audited", False):  # the monitor wrote its own refusals
-                    self._audit("CommandMessage", session.user, session.id, [], "refused", str(e))
-                raise
-        except Exception as e:  # as _serve_decoded: a failing op is an error reply
-            reply = m.ErrorReply(*error_reply_fields(e))
-        return self._reply_bytes(reply)
-
-    def _serve_skeleton(self, session: Session, principal: Principal, msg: m.SkeletonCommand,
-                        prelude: list) -> bytes:
-        """:meth:`_serve_command` for a skeleton command of a full-rights session: the prelude, then the
-        definition kept or checked, then its CommandMessage fields through ``_run_command`` (the monitor
-        resolves and checks every id), refusals audited as for a CommandMessage."""
-        try:
-            if prelude:
-                if len(prelude) == 1 and type(prelude[0]) is int:  # the result pointer the client dropped
-                    self.monitor.discard(principal, prelude[0])
+                if type(msg) is _SKELETON:
+                    command = _skeletons.expand(session.skeletons, msg)
                 else:
-                    self._run_prelude(prelude, session.id)
-            try:
-                command = _skeletons.expand(session.skeletons, msg)
+                    command = msg.op, msg.args, msg.kwargs, msg.return_ids, msg.grad_enabled
                 reply = _handlers._run_command(self, principal, session.id, *command)
             except PermissionDeniedError as e:
-                if not getattr(e, "audited", False):  # the monitor wrote its own refusals
-                    self._audit("SkeletonCommand", session.user, session.id, [], "refused", str(e))
+                self._audit_refusal(e, type(msg).__name__, session.user, session.id)
                 raise
         except Exception as e:  # as _serve_decoded: a failing op is an error reply
             reply = m.ErrorReply(*error_reply_fields(e))
@@ -503,8 +474,7 @@ class WebsocketServerWorker(BaseWorker):
         try:
             return _handlers._run_command(self, principal, session.id, *command)
         except PermissionDeniedError as e:
-            if not getattr(e, "audited", False):  # the monitor wrote its own refusals
-                self._audit("CommandMessage", session.user, session.id, [], "refused", str(e))
+            self._audit_refusal(e, "CommandMessage", session.user, session.id)
             raise
 
     def _handle(self, msg: Any, sender: str) -> Any:
@@ -525,8 +495,7 @@ class WebsocketServerWorker(BaseWorker):
                 principal = msg.user = session.claim_user(msg.user)
             return super()._handle(msg, session.id)
         except PermissionDeniedError as e:
-            if not getattr(e, "audited", False):  # the monitor wrote its own refusals
-                self._audit(action or type(msg).__name__, principal, session.id, _ids_of(msg), "refused", str(e))
+            self._audit_refusal(e, action or type(msg).__name__, principal, session.id, _ids_of(msg))
             raise
 
     def _expand_skeleton(self, session: Session, msg: m.SkeletonCommand) -> m.CommandMessage:
@@ -536,9 +505,14 @@ class WebsocketServerWorker(BaseWorker):
             check_request(session, msg)  # client and peer roles never send skeletons
             return m.CommandMessage(*_skeletons.expand(session.skeletons, msg))
         except PermissionDeniedError as e:
-            if not getattr(e, "audited", False):
-                self._audit("SkeletonCommand", session.user, session.id, [], "refused", str(e))
+            self._audit_refusal(e, "SkeletonCommand", session.user, session.id)
             raise
+
+    def _audit_refusal(self, e: PermissionDeniedError, action: str, principal: str, session: str,
+                       ids: list = ()) -> None:
+        """Audits a refusal unless the monitor already wrote it (it marks those ``audited``)."""
+        if not getattr(e, "audited", False):
+            self._audit(action, principal, session, list(ids), "refused", str(e))
 
     def _audit(self, action: str, principal: str, session: str, ids: list, outcome: str, detail: str) -> None:
         try:
