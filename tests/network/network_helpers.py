@@ -48,3 +48,21 @@ def in_process_server(hook, worker_id: str):
     session = authenticate(tokens, [TOKEN])
     server.sessions[session.id] = session
     return server, tokens, session
+
+
+def store_as(server, session, oid, tensor) -> None:
+    """Stores ``tensor`` under ``oid`` through ``session``'s request path (an ObjectMessage; asserts OkReply)."""
+    from veil.messaging import messages as m
+    from veil.messaging.serde import deserialize, serialize
+
+    data = serialize(m.ObjectMessage([m.StoredObject(oid, tensor)]), sender="c")
+    assert deserialize(server.serve_bytes(data, session))[0] == m.OkReply()
+
+
+def get_as(server, session, oid):
+    """``oid``'s value as ``session`` gets it (a GetObjectsMessage), or the ErrorReply."""
+    from veil.messaging import messages as m
+    from veil.messaging.serde import deserialize, serialize
+
+    reply = deserialize(server.serve_bytes(serialize(m.GetObjectsMessage([oid], False), sender="c"), session))[0]
+    return reply.objects[0] if type(reply) is not m.ErrorReply else reply

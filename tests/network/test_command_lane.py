@@ -14,7 +14,7 @@ from veil.workers import base as worker_base
 from veil.workers import handlers
 from veil.workers.websocket_auth import authenticate
 
-from network_helpers import in_process_server
+from network_helpers import get_as as _get, in_process_server, store_as as _store
 
 CLIENT_TOKEN = "lane-client-token"
 
@@ -22,16 +22,6 @@ CLIENT_TOKEN = "lane-client-token"
 def _command(op, ids_in, ids_out, prelude=None) -> bytes:
     return serialize(m.CommandMessage(op, tuple(m.ObjectRef(i) for i in ids_in), {}, ids_out, False),
                      sender="forged-sender", prelude=prelude)
-
-
-def _store(server, session, oid, tensor) -> None:
-    data = serialize(m.ObjectMessage([m.StoredObject(oid, tensor)]), sender="c")
-    assert deserialize(server.serve_bytes(data, session))[0] == m.OkReply()
-
-
-def _get(server, session, oid):
-    reply = deserialize(server.serve_bytes(serialize(m.GetObjectsMessage([oid], False), sender="c"), session))[0]
-    return reply.objects[0] if type(reply) is not m.ErrorReply else reply
 
 
 def _lane_runs(server, monkeypatch) -> list:

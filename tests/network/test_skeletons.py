@@ -18,7 +18,7 @@ from veil.messaging.serde import deserialize, serialize
 from veil.workers import skeletons
 from veil.workers.websocket_auth import authenticate
 
-from network_helpers import TOKEN, base_args, in_process_server
+from network_helpers import TOKEN, base_args, get_as as _get, in_process_server, store_as as _store
 
 CLIENT_TOKEN = "skeleton-client-token"
 R = m.ObjectRef
@@ -36,14 +36,17 @@ def _serve(server, session, data):
     return deserialize(reply)[0]
 
 
-def _store(server, session, oid, tensor) -> None:
-    data = serialize(m.ObjectMessage([m.StoredObject(oid, tensor)]), sender="c")
-    assert deserialize(server.serve_bytes(data, session))[0] == m.OkReply()
+def _requests_of(conn) -> list:
+    """The decoded requests ``conn`` sends from now on (the spy passes each one through)."""
+    sent = []
+    real = conn._recv_msg
 
+    def spy(data):
+        sent.append(deserialize(data)[0])
+        return real(data)
 
-def _get(server, session, oid):
-    reply = deserialize(server.serve_bytes(serialize(m.GetObjectsMessage([oid], False), sender="c"), session))[0]
-    return reply.objects[0] if type(reply) is not m.ErrorReply else reply
+    conn._recv_msg = spy
+    return sent
 
 
 def _refusals(server, session) -> list:
@@ -206,14 +209,7 @@ def test_the_client_uses_skeletons_with_plain_pytorch_results(spawn, connect):
     alice.pipelining = False  # synchronous commands: the skeleton path
     x, y = torch.randn(8, 13), torch.randn(8, 13)
     px, py = x.send(alice), y.send(alice)
-    sent = []
-    real = alice._recv_msg
-
-    def spy(data):
-        sent.append(deserialize(data)[0])
-        return real(data)
-
-    alice._recv_msg = spy
+    sent = _requests_of(alice)
     outs = [px + py, px + py, px * 2.5, (px - py).relu(), px[1:3], px + py]
     assert [type(s) for s in sent] == [m.SkeletonCommand] * 7  # (sub, then relu)
     defined = [s for s in sent if type(s) is m.SkeletonCommand and s.define is not None]
@@ -238,14 +234,7 @@ def test_a_failed_first_use_leaves_the_skeleton_undefined_and_the_next_use_works
     # a second pointer to the same object, then the object is freed: the first use of mul fails remotely
     alias = type(px)(alice, px.id_at_location, px.owner, (3,), torch.float32, garbage_collect_data=False)
     px.get()
-    sent = []
-    real = alice._recv_msg
-
-    def spy(data):
-        sent.append(deserialize(data)[0])
-        return real(data)
-
-    alice._recv_msg = spy
+    sent = _requests_of(alice)
     with pytest.raises(Exception, match="not found|unknown|no object"):
         alias * alias
     py = x.send(alice)
