@@ -220,6 +220,11 @@ def test_an_unexpected_owner_side_error_fails_the_claimed_query_at_once(cluster,
         with pytest.raises(RequestFailedError, match="serving stopped"):
             client.query_model(torch.randn(1, 6))
         assert time.monotonic() - started < 60  # well before the client's timeout (120 s)
+        # the claimed client is told first (its waiting fetch wakes at once), then the serving thread records
+        # the error and ends: give it that moment, then it must have stopped
+        from veil.serving.service import service_of
+
+        service_of(model)._thread.join(10)
         assert not model_service_alive(model)
     finally:
         model.stop()
