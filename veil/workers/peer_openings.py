@@ -18,6 +18,13 @@ stored under. Each party then
    the requesting session's namespace under the given ids (plain client objects: the values the star
    would have sent it as public arguments). The reply carries no tensor.
 
+**Top bits only** (``reveal="top_bits"``, the steps in :data:`TOP_BITS_STEPS`: truncation's
+``trunc_mask``): only the first named party needs the opened value itself; the others need only its
+top bits (:mod:`veil.mpc.truncation`). Then the other parties send their shares to the first party
+only, which sums them, keeps the opened value and sends each of them the value's top bits packed 8
+to a byte (:func:`veil.mpc.truncation.pack_top_bits`), which they store instead: 1/64 of the bytes
+back, and a party other than the first learns exactly what the star opening would show it.
+
 The receiving side (:class:`PeerRounds`, one per worker) keeps at most one contribution per named
 sender per round; a contribution is accepted only from a peer session (``--accept-peer``) whose name
 the round lists, for a round id this worker's session registered with the same step, with exactly the
@@ -44,6 +51,7 @@ from veil.exceptions import PermissionDeniedError, RemoteExecutionError
 from veil.messaging import messages as m
 from veil.messaging.allowlist import register_worker_function
 from veil.mpc.party import XOR_LEADING, XOR_OPENABLE, check_openable, run_openable
+from veil.mpc.truncation import pack_top_bits
 from veil.workers import cancellation
 from veil.workers.base import register_handler
 from veil.workers.store import Kind
@@ -62,6 +70,10 @@ MAX_WAITING_SHARES = 32
 MAX_WAITING_PER_PEER = 4
 #: ended round ids remembered (late shares for them are refused at once, not left waiting)
 CLOSED_MEMORY = 4096
+#: openable steps of one output a peer opening may reveal to its first party only (the others get the
+#: packed top bits of the opened value): truncation, whose other parties need only c's top bits
+TOP_BITS_STEPS = frozenset({"trunc_mask"})
+REVEALS = ("", "top_bits")
 
 
 @m.register_message
@@ -76,6 +88,9 @@ class PeerOpenMessage:
     round: str = ""
     parties: list = field(default_factory=list)
     ids: list = field(default_factory=list)
+    #: "" every party keeps the opened values; "top_bits" only the first party does, the others keep
+    #: the packed top bits of the (one) opened value
+    reveal: str = ""
 
     def __post_init__(self) -> None:
         if type(self.args) is list:
@@ -104,13 +119,15 @@ class PeerRounds:
         self._closed: OrderedDict[str, None] = OrderedDict()
         self._waiting: dict[str, int] = {}
 
-    def open(self, namespace: str, round_id: str, name: str, senders: frozenset, outputs: list) -> _Round:
+    def open(self, namespace: str, round_id: str, name: str, senders: frozenset, expected: list) -> _Round:
+        """Registers a round expecting one contribution from each of ``senders``: tensors of the
+        ``(shape, dtype)`` pairs of ``expected``."""
         with self._cond:
             if round_id in self._open or round_id in self._closed:
                 raise PeerOpeningError(f"peer opening round {round_id!r} is not fresh")
             if len(self._open) >= MAX_OPEN_ROUNDS:
                 raise PeerOpeningError("too many peer openings in progress on this worker")
-            rnd = _Round(namespace, name, senders, [(tuple(t.shape), t.dtype) for t in outputs])
+            rnd = _Round(namespace, name, senders, list(expected))
             self._open[round_id] = rnd
             self._cond.notify_all()
             return rnd
@@ -227,6 +244,8 @@ def _check_message(worker: Any, msg: PeerOpenMessage) -> frozenset:
         raise PeerOpeningError(f"worker {worker.id!r} is not among the parties {parties}")
     if not isinstance(msg.ids, list) or not all(type(i) is int and i > 0 for i in msg.ids):
         raise PeerOpeningError("a peer opening needs positive integer ids for the opened values")
+    if msg.reveal not in REVEALS or (msg.reveal == "top_bits" and msg.name not in TOP_BITS_STEPS):
+        raise PeerOpeningError(f"a peer opening of {msg.name!r} cannot reveal {msg.reveal!r}")
     return frozenset(p for p in parties if p != worker.id)
 
 
@@ -241,26 +260,66 @@ def _handle_peer_open(worker: Any, msg: PeerOpenMessage, sender: str) -> Any:
         outputs = worker.monitor.open_step(principal, msg.name, tuple(msg.args), msg.kwargs, run_openable)
         if len(msg.ids) != len(outputs):
             raise PeerOpeningError(f"{msg.name} opens {len(outputs)} values; {len(msg.ids)} ids were given")
-        rnd = rounds.open(principal.namespace, msg.round, msg.name, others, outputs)
-        share = m.CommandMessage(PEER_SHARE, (msg.round, msg.name, *outputs), {}, [], False)
-        peers = [worker.resolve_worker(p) for p in sorted(others)]  # configured peers only
-        with cancellation.outside_turn():  # the other parties' shares arrive here under the worker lock
-            _send_all(worker, share, peers)
-            received = rounds.wait(msg.round, rnd)
+        if msg.reveal == "top_bits":
+            rnd, opened = _open_top_bits(worker, msg, principal, rounds, others, outputs)
+        else:
+            rnd = rounds.open(principal.namespace, msg.round, msg.name, others, _layout(outputs))
+            with cancellation.outside_turn():  # the other parties' shares arrive here under the worker lock
+                _send_all(worker, _share_message(msg, outputs), _peers(worker, others))
+                received = rounds.wait(msg.round, rnd)
+            opened = _combine(msg.name, outputs, received)
     finally:
         rounds.close(msg.round, rnd)
-    n_xor = len(outputs) if msg.name in XOR_OPENABLE else XOR_LEADING.get(msg.name, 0)  # outputs combined by ^
+    for oid, value in zip(msg.ids, opened):
+        # the opened values, as the orchestrator would have sent them in a star opening: public to it
+        worker.monitor.store(principal, oid, value, kind=Kind.CLIENT)
+    worker.monitor.audit("peer_open", principal, list(msg.ids), "allowed", f"{msg.name} with {sorted(others)}")
+    return m.OkReply()
+
+
+def _open_top_bits(worker: Any, msg: PeerOpenMessage, principal: Any, rounds: PeerRounds, others: frozenset,
+                   outputs: list) -> tuple:
+    """A top-bits round: the first party gathers the others' shares and keeps the opened value; it sends
+    each other party only the packed top bits, which that party keeps. Returns (round, kept values)."""
+    if len(outputs) != 1:
+        raise PeerOpeningError(f"{msg.name} opens {len(outputs)} values; a top-bits opening opens one")
+    first = msg.parties[0]
+    if worker.id == first:
+        rnd = rounds.open(principal.namespace, msg.round, msg.name, others, _layout(outputs))
+        with cancellation.outside_turn():
+            opened = _combine(msg.name, outputs, rounds.wait(msg.round, rnd))
+            _send_all(worker, _share_message(msg, [pack_top_bits(opened[0])]), _peers(worker, others))
+        return rnd, opened
+    packed = ((outputs[0].numel() + 7) // 8,)
+    rnd = rounds.open(principal.namespace, msg.round, msg.name, frozenset({first}), [(packed, torch.uint8)])
+    with cancellation.outside_turn():
+        _send_all(worker, _share_message(msg, outputs), _peers(worker, {first}))
+        (bits,) = rounds.wait(msg.round, rnd)
+    return rnd, bits
+
+
+def _layout(tensors: list) -> list:
+    return [(tuple(t.shape), t.dtype) for t in tensors]
+
+
+def _share_message(msg: PeerOpenMessage, tensors: list) -> m.CommandMessage:
+    return m.CommandMessage(PEER_SHARE, (msg.round, msg.name, *tensors), {}, [], False)
+
+
+def _peers(worker: Any, ids: Any) -> list:
+    return [worker.resolve_worker(p) for p in sorted(ids)]  # configured peers only
+
+
+def _combine(name: str, outputs: list, received: list) -> list:
+    """The opened values: this party's outputs plus (XOR for XOR shares) every other party's."""
+    n_xor = len(outputs) if name in XOR_OPENABLE else XOR_LEADING.get(name, 0)  # outputs combined by ^
     for values in received:
         for j, (total, v) in enumerate(zip(outputs, values)):
             if j < n_xor:
                 total.bitwise_xor_(v)
             else:
                 total.add_(v)  # int64 wraps: the sum mod 2^64
-    for oid, value in zip(msg.ids, outputs):
-        # the opened values, as the orchestrator would have sent them in a star opening: public to it
-        worker.monitor.store(principal, oid, value, kind=Kind.CLIENT)
-    worker.monitor.audit("peer_open", principal, list(msg.ids), "allowed", f"{msg.name} with {sorted(others)}")
-    return m.OkReply()
+    return outputs
 
 
 _SEND_POOL: ThreadPoolExecutor | None = None
