@@ -1,17 +1,15 @@
 """Red team, top-bits peer openings (truncation: only the first party gets c = x + K + r, the others its
 packed top bits; veil/workers/peer_openings.py, ``reveal="top_bits"``).
 
-The cluster of test_redteam_peer_openings.py (alice, bob, dave as ``veil worker`` processes), with a
-sink "charlie" that records every message it is sent: what an honest first party sends a spying second
-party is only the packed top bits; an honest second party sends its share to the first party only and
-keeps nothing but bits of the right size from the first party (not c, not from a non-party, not twice);
+The cluster of test_redteam_peer_openings.py (alice, bob, dave as ``veil worker`` processes, the sink
+"charlie" answering fetches as the test sets): what an honest first party gives a spying second party
+is only the packed top bits; an honest second party gives its share to the first party only, once, and
+keeps nothing but bits of the right size from the first party (not c, nothing malformed);
 a top-bits reveal is refused for other steps and unknown reveals before any mask is consumed. After
 each, the workers still serve a correct product and earlier objects are unchanged.
 """
 
 from __future__ import annotations
-
-import threading
 
 import pytest
 import torch
@@ -20,59 +18,15 @@ import veil as sy
 from veil.exceptions import VeilError
 from veil.ids import new_id
 from veil.messaging import messages as m
-from veil.messaging.serde import deserialize
 from veil.mpc.truncation import pack_top_bits, shift_for
-from veil.workers.peer_openings import PEER_SHARE, PeerOpenMessage
+from veil.workers.peer_openings import PeerOpenMessage
 
-from network_helpers import TOKEN
-from test_redteam_peer_openings import (  # noqa: F401  (cluster: the fixture, with this module's sink)
-    _as, _peer_token, _share, _stored_before, _unchanged, cluster, new_round)
+from test_redteam_peer_openings import (  # noqa: F401  (fixtures: cluster and its sink charlie)
+    REPLIES, _as, _fetch, _fetches_of, _peer_token, _start, _stored_before, _unchanged, cluster, new_round, sink)
 
 N = 20_000  # entries: c is 160 kB, its packed top bits 2.5 kB
 DIVISOR = 2**16
-
-RECEIVED: list = []  # (message) every request the sink charlie was sent
-
-
-@pytest.fixture(scope="module")
-def sink():
-    """A fake party "charlie": records every request (decoded) and answers OkReply."""
-    from websockets.sync.server import serve
-
-    from veil.messaging.serde import serialize
-    from veil.workers.websocket_launcher import free_port
-
-    def handler(ws):
-        for data in ws:
-            try:
-                RECEIVED.append(deserialize(data)[0])
-            except Exception as e:  # noqa: BLE001  (recorded: the test fails on it)
-                RECEIVED.append(e)
-            ws.send(serialize(m.OkReply(), sender="charlie"))
-
-    port = free_port()
-    server = serve(handler, "127.0.0.1", port, max_size=None)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield port
-    server.shutdown()
-
-
-def _shares_for(round_id: str) -> list:
-    return [msg for msg in RECEIVED if type(msg) is m.CommandMessage and msg.op == PEER_SHARE
-            and msg.args[0] == round_id]
-
-
-def _start_open(hook, conn, msg, errors, name):
-    def run():
-        try:
-            hook.local_worker.send_msg(msg, conn)
-        except Exception as e:  # noqa: BLE001
-            errors[name] = e
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t
+PACKED = (N + 7) // 8
 
 
 def _inputs(conn, gen):
@@ -82,73 +36,81 @@ def _inputs(conn, gen):
     return x, r, x.send(conn), r.send(conn)
 
 
-def test_the_first_party_sends_a_second_party_only_the_packed_top_bits(hook, cluster):
+def _trunc_open(xp, rp, shift, round_id, parties, oid):
+    return PeerOpenMessage("trunc_mask", (m.ObjectRef(xp.id_at_location), m.ObjectRef(rp.id_at_location), shift),
+                           {}, round_id, parties, [oid], "top_bits")
+
+
+def test_the_first_party_gives_a_second_party_only_the_packed_top_bits(hook, cluster):
+    """alice (first) fetches charlie's share, keeps c and publishes only c's packed top bits: what charlie
+    (a spying second party) gets when it fetches is (N + 7) // 8 bytes, the bits of c, once."""
     stored = _stored_before(cluster)
     alice = cluster["alice"][1]
     gen = torch.Generator().manual_seed(11)
     x, r, xp, rp = _inputs(alice, gen)
     round_id, oid, errors = new_round(), new_id(), {}
-    msg = PeerOpenMessage("trunc_mask", (m.ObjectRef(xp.id_at_location), m.ObjectRef(rp.id_at_location),
-                                         shift_for(DIVISOR)), {}, round_id, ["alice", "charlie"], [oid], "top_bits")
-    thread = _start_open(hook, alice, msg, errors, "alice")
     theirs = torch.empty(N, dtype=torch.int64).random_(generator=gen)
+    REPLIES[round_id] = [theirs]  # charlie's share of c, for alice's fetch
+    thread = _start(hook, alice, _trunc_open(xp, rp, shift_for(DIVISOR), round_id, ["alice", "charlie"], oid),
+                    errors, "alice")
     as_charlie = _as(hook, cluster["alice"][0], _peer_token("charlie"), "charlie")
-    try:  # charlie's share of c reaches alice, the first party
-        _share(hook, as_charlie, round_id, [theirs], name="trunc_mask")
+    try:
+        (bits,) = _fetch(hook, as_charlie, round_id, "trunc_mask")
+        with pytest.raises(VeilError, match="(?i)already took|ended|no peer opening round"):
+            _fetch(hook, as_charlie, round_id, "trunc_mask")
     finally:
         as_charlie.close()
     thread.join(120)
     assert not errors, errors
+    assert len(_fetches_of(round_id)) == 1  # alice asked charlie once
     c = x + r + shift_for(DIVISOR) + theirs
     got = sy.PointerTensor(alice, oid, hook.local_worker, (N,), torch.int64).get()
     assert torch.equal(got, c)  # the first party keeps c
-    sent = _shares_for(round_id)
-    assert len(sent) == 1, sent
-    (bits,) = sent[0].args[2:]
-    # charlie (the second party) got (N + 7) // 8 bytes: the top bits of c and nothing else
-    assert bits.dtype == torch.uint8 and tuple(bits.shape) == ((N + 7) // 8,)
+    assert bits.dtype == torch.uint8 and tuple(bits.shape) == (PACKED,)  # the second party: c's top bits only
     assert torch.equal(bits, pack_top_bits(c))
     _unchanged(cluster, stored)
 
 
 @pytest.mark.parametrize("cluster", [20], indirect=True)
-def test_a_second_party_sends_only_to_the_first_and_keeps_only_its_bits(hook, cluster):
+def test_a_second_party_gives_its_share_only_to_the_first_and_keeps_only_bits(hook, cluster):
+    """bob is the second of [charlie, bob, alice]: only charlie (the first) may take bob's share, once
+    (not dave, a non-party, nor alice, a party that is not the first); bob keeps only a packed-bits
+    answer from charlie: c itself, bits of the wrong size or dtype, or two values end the round with
+    nothing stored."""
     stored = _stored_before(cluster)
     bob = cluster["bob"][1]
     gen = torch.Generator().manual_seed(12)
     x, r, xp, rp = _inputs(bob, gen)
+    parties = ["charlie", "bob", "alice"]
+    good = torch.randint(0, 256, (PACKED,), dtype=torch.uint8, generator=gen)
+    for values in ([x], [good[:-1]], [good.to(torch.int64)], [good, good]):  # a hostile first party's answers
+        round_id, oid = new_round(), new_id()
+        REPLIES[round_id] = values
+        with pytest.raises(VeilError, match="(?i)shapes and dtypes|values"):
+            hook.local_worker.send_msg(_trunc_open(xp, rp, 0, round_id, parties, oid), bob)
+        with pytest.raises(VeilError):
+            sy.PointerTensor(bob, oid, hook.local_worker, (PACKED,), torch.uint8).get()
     round_id, oid, errors = new_round(), new_id(), {}
-    msg = PeerOpenMessage("trunc_mask", (m.ObjectRef(xp.id_at_location), m.ObjectRef(rp.id_at_location), 0), {},
-                          round_id, ["charlie", "bob", "alice"], [oid], "top_bits")
-    thread = _start_open(hook, bob, msg, errors, "bob")
-    packed = (N + 7) // 8
-    good = torch.randint(0, 256, (packed,), dtype=torch.uint8, generator=gen)
-    attacks = [("dave", [good], "not a party"),  # a peer that is no party of the round
-               ("alice", [good], "not a party"),  # a party, but not the first: a second party hears only it
-               ("charlie", [x], "shapes"),  # the first party sends c itself: refused, bob learns only bits
-               ("charlie", [good[:-1]], "shapes"),
-               ("charlie", [good.to(torch.int64)], "shapes"),
-               ("charlie", [good, good], "values"),
-               ("charlie", [good], "(?i)the round opens"),  # bits for another step's round of that id
-               ("charlie", [good], None),  # the bits bob's round waits for: accepted ...
-               ("charlie", [good], "(?i)already sent|ended|no peer opening round")]  # ... once
-    for sender, values, match in attacks:
+    REPLIES[round_id] = [good]
+    thread = _start(hook, bob, _trunc_open(xp, rp, 0, round_id, parties, oid), errors, "bob")
+    attacks = [("dave", "(?i)not a reader"), ("alice", "(?i)not a reader"),
+               ("charlie", None),  # the first party takes bob's share ...
+               ("charlie", "(?i)already took|ended|no peer opening round")]  # ... once
+    for sender, match in attacks:
         conn = _as(hook, cluster["bob"][0], _peer_token(sender), sender)
-        step = "beaver_mask" if match == "(?i)the round opens" else "trunc_mask"
         try:
             if match is None:
-                _share(hook, conn, round_id, values, name=step)
+                (share,) = _fetch(hook, conn, round_id, "trunc_mask")
+                assert torch.equal(share, x + r)
             else:
                 with pytest.raises(VeilError, match=match):
-                    _share(hook, conn, round_id, values, name=step)
+                    _fetch(hook, conn, round_id, "trunc_mask")
         finally:
             conn.close()
     thread.join(120)
     assert not errors, errors
-    got = sy.PointerTensor(bob, oid, hook.local_worker, (packed,), torch.uint8).get()
+    got = sy.PointerTensor(bob, oid, hook.local_worker, (PACKED,), torch.uint8).get()
     assert torch.equal(got, good)  # bob keeps the first party's bits (it never had c)
-    sent = _shares_for(round_id)  # bob's share went to charlie, the first party, and to no one else
-    assert len(sent) == 1 and torch.equal(sent[0].args[2], x + r)
     _unchanged(cluster, stored)
 
 
