@@ -273,11 +273,15 @@ def _submit(worker: Any, name: str, user: str, session: str, args: list) -> list
 
 
 def _fetch(worker: Any, name: str, user: str, session: str, args: list) -> list:
-    rid = args[0]
+    rid = args[0] if args else None
+    if type(rid) is not int:  # (an unhashable id failed as a bare TypeError)
+        raise ServingError("fetch expects a request id (an integer)")
     svc = _client_service(worker, name, user)
     entry = svc.outputs.get(rid)
     if entry is None or entry[0] != session:  # another session's request reads as not ready
-        if svc.closed and rid not in svc.claimed:
+        # once closed, another session's request in computation reads as unknown too (not "still
+        # computing": that told a guesser which ids were in a batch)
+        if svc.closed and svc.claimed.get(rid) != session:
             raise ServiceClosedError(f"the model {name!r} is no longer served: {svc.reason}")
         return []
     del svc.outputs[rid]

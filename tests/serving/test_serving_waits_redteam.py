@@ -1,0 +1,95 @@
+"""Red team of waiting ``pending``/``fetch`` (second pass), beyond test_serving_waits.py.
+
+* One connection cannot hold more than one waiting request: a raw client that pipelines dozens of
+  waiting fetches without reading a reply gets them served one at a time (the connection's loop), and
+  an honest client is answered meanwhile; hanging up leaves nothing waiting (the next queries work).
+* A stopped service answers another session's request id as unknown, whether or not that request is in
+  a batch being computed (it said "not ready" for an id in computation: an oracle for guessed ids),
+  while the submitting session still waits for its own.
+* A waiting fetch with a hostile request id (not an integer; an unhashable one was a bare TypeError) is refused.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from websockets.sync.client import connect
+
+import veil as sy
+from veil.ids import new_id
+from veil.messaging.serde import deserialize, serialize
+from veil.serving import ServiceClosedError, ServingError, protocol
+from veil.workers.websocket_auth import handshake_headers
+
+from serving_helpers import client_for, cluster  # noqa: F401  (fixtures)
+
+FLOOD = 40
+
+
+def _served(cluster, name, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    with torch.no_grad():
+        expected = model(torch.ones(1, 4))
+    model.share(cluster, name=name)
+    model.serve(background=True)
+    return model, expected
+
+
+def _query_ok(client, expected):
+    assert torch.allclose(client.query_model(torch.ones(1, 4)), expected, atol=1e-2)
+
+
+def test_one_connection_holds_one_wait_however_many_it_pipelines(cluster, client_for):
+    model, expected = _served(cluster, "wait-pipe")
+    try:
+        honest = client_for(cluster, (1, 4), (1, 2), name="wait-pipe", timeout=60)
+        party = cluster.parties[0]
+        frame = serialize(protocol.ServingMessage("fetch", "wait-pipe", [new_id(), protocol.MAX_WAIT]), sender="x")
+        with connect(f"ws://{party.host}:{party.port}", additional_headers=handshake_headers(cluster.client_token),
+                     max_size=None, open_timeout=30) as ws:
+            for _ in range(FLOOD):  # sent at once, no reply read (the server reads at most a few ahead)
+                ws.send(frame)
+            for _ in range(3):  # answered while the flood's waits run one after another
+                _query_ok(honest, expected)
+            first = deserialize(ws.recv(timeout=30))[0]  # the flood's first reply: nothing, after its wait
+            assert list(first.objects) == []
+        # hung up with dozens of waits unserved: the party carries on
+        for _ in range(2):
+            _query_ok(honest, expected)
+        _query_ok(client_for(cluster, (1, 4), (1, 2), name="wait-pipe"), expected)
+    finally:
+        model.stop()
+
+
+def _in_process_service(hook, tag):
+    party, owner = sy.VirtualWorker(hook, id=f"{tag}_party"), sy.VirtualWorker(hook, id=f"{tag}_owner")
+    victim, thief = sy.VirtualWorker(hook, id=f"{tag}_victim"), sy.VirtualWorker(hook, id=f"{tag}_thief")
+    protocol.call(owner, party, "open", "svc", [victim.id, thief.id], {"input_shape": [1, 3]})
+    return party, owner, victim, thief
+
+
+def test_a_stopped_service_does_not_tell_which_ids_are_in_computation(hook):
+    party, owner, victim, thief = _in_process_service(hook, "wait_oracle")
+    rid = new_id()
+    protocol.call(victim, party, "submit", "svc", rid, torch.zeros(1, 3, dtype=torch.int64))
+    assert protocol.call(owner, party, "claim", "svc", [rid], new_id()) == [1]  # in computation
+    protocol.call(owner, party, "close", "svc", "stopped")
+    for probe in (rid, new_id()):  # in computation, or never submitted: the same answer
+        with pytest.raises(ServiceClosedError):
+            protocol.call(thief, party, "fetch", "svc", probe, protocol.MAX_WAIT)
+    assert protocol.call(victim, party, "fetch", "svc", rid, protocol.MAX_WAIT) == []  # its own: not ready yet
+    protocol.call(owner, party, "fail", "svc", [rid], "stopped mid-batch")
+    with pytest.raises(ServingError, match="stopped mid-batch"):
+        protocol.call(victim, party, "fetch", "svc", rid, protocol.MAX_WAIT)
+
+
+@pytest.mark.parametrize("rid", [[1], {"a": 1}, None, "7", 1.5])
+def test_a_hostile_request_id_is_refused_and_changes_nothing(hook, rid):
+    party, owner, victim, thief = _in_process_service(hook, f"wait_rid{abs(hash(str(rid))) % 1000}")
+    mine = new_id()
+    protocol.call(victim, party, "submit", "svc", mine, torch.ones(1, 3, dtype=torch.int64))
+    with pytest.raises(ServingError, match="request id"):
+        protocol.call(thief, party, "fetch", "svc", rid, protocol.MAX_WAIT)
+    assert [r for r, _ in protocol.call(owner, party, "pending", "svc")] == [mine]  # nothing changed
