@@ -172,3 +172,24 @@ def test_a_use_after_its_object_was_freed_is_not_found_and_the_definition_stays(
     store_as(server, session, 5, torch.full((2,), 3.0))
     assert _serve(server, session, _skel(0, [5], [6])) == m.OkReply()
     assert torch.equal(get_as(server, session, 6), torch.full((2,), -3.0))
+
+
+@pytest.mark.parametrize("lane", ["inline", "thread"])
+@pytest.mark.parametrize("depth", [200, 1000])
+def test_deeply_nested_ids_on_the_short_decoder_are_an_error_reply(hook, lane, depth):
+    """A use decoded by ``decode_skeleton_use`` (msgpack's own types, no depth guard of its own) with ids or
+    result ids nested ~1000 deep: an error reply (a RecursionError while quoting the id at worst), no crash."""
+    from veil.messaging.serde import _SKELETON_HEAD
+
+    server, _, session = in_process_server(hook, f"rts-deep-{lane}-{depth}")
+    if lane == "thread":
+        server._slow_sessions.add(session.id)
+    store_as(server, session, 1, torch.ones(2))
+    assert _serve(server, session, _skel(0, [1], [2], define=["Tensor.neg", [R(0)], {}, False])) == m.OkReply()
+    deep = b"\x91" * depth + b"\x05"
+    head = _SKELETON_HEAD + b"\xa1c" + b"\x90" + b"\x00"  # sender "c", empty prelude, skeleton 0
+    for data in (head + b"\x91" + deep + b"\x91\x03" + b"\xc0",  # ids nested
+                 head + b"\x91\x01" + b"\x91" + deep + b"\xc0"):  # result ids nested
+        assert type(_serve(server, session, data)) is m.ErrorReply
+    assert _serve(server, session, _skel(0, [1], [3])) == m.OkReply()
+    assert torch.equal(get_as(server, session, 3), -torch.ones(2))
