@@ -193,3 +193,16 @@ def test_deeply_nested_ids_on_the_short_decoder_are_an_error_reply(hook, lane, d
         assert type(_serve(server, session, data)) is m.ErrorReply
     assert _serve(server, session, _skel(0, [1], [3])) == m.OkReply()
     assert torch.equal(get_as(server, session, 3), -torch.ones(2))
+
+
+def test_a_refused_definition_writes_the_same_row_on_both_lanes(hook):
+    rows = {}
+    for lane in ("inline", "thread"):
+        server, _, session = in_process_server(hook, "rts-define")  # the same worker name: comparable details
+        if lane == "thread":
+            server._slow_sessions.add(session.id)
+        store_as(server, session, 1, torch.ones(2))
+        reply, rows[lane] = _rows_of(server, lambda: _serve(server, session, _skel(
+            0, [1], [2], define=["builtins.eval", [R(0)], {}, False])))
+        assert type(reply) is m.ErrorReply and session.skeletons == {}
+    assert rows["inline"] == rows["thread"] and [r[:2] for r in rows["inline"]] == [("SkeletonCommand", "refused")]
