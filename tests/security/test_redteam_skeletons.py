@@ -195,14 +195,18 @@ def test_deeply_nested_ids_on_the_short_decoder_are_an_error_reply(hook, lane, d
     assert torch.equal(get_as(server, session, 3), -torch.ones(2))
 
 
-def test_a_refused_definition_writes_the_same_row_on_both_lanes(hook):
+def test_a_refused_definition_writes_the_same_rows_on_both_lanes_as_its_command(hook):
+    """An op off the allowlist: the same reply and rows (an allowlist refusal writes none, as for a
+    CommandMessage) whichever lane, and nothing kept."""
     rows = {}
-    for lane in ("inline", "thread"):
+    for lane in ("inline", "thread", "command"):
         server, _, session = in_process_server(hook, "rts-define")  # the same worker name: comparable details
         if lane == "thread":
             server._slow_sessions.add(session.id)
         store_as(server, session, 1, torch.ones(2))
-        reply, rows[lane] = _rows_of(server, lambda: _serve(server, session, _skel(
-            0, [1], [2], define=["builtins.eval", [R(0)], {}, False])))
-        assert type(reply) is m.ErrorReply and session.skeletons == {}
-    assert rows["inline"] == rows["thread"] and [r[:2] for r in rows["inline"]] == [("SkeletonCommand", "refused")]
+        data = _cmd("builtins.eval", [R(1)], [2]) if lane == "command" else \
+            _skel(0, [1], [2], define=["builtins.eval", [R(0)], {}, False])
+        reply, rows[lane] = _rows_of(server, lambda: _serve(server, session, data))
+        rows[lane] = (reply, rows[lane])
+        assert type(reply) is m.ErrorReply and reply.error == "OperationNotAllowedError" and session.skeletons == {}
+    assert rows["inline"] == rows["thread"] == rows["command"]
