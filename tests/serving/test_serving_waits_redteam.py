@@ -6,6 +6,8 @@
 * A stopped service answers another session's request id as unknown, whether or not that request is in
   a batch being computed (it said "not ready" for an id in computation: an oracle for guessed ids),
   while the submitting session still waits for its own.
+* A wait never outlasts the worker's per-command limit: at the limit it answers "nothing yet" (it failed
+  with CommandTimeoutError when ``--max-command-seconds`` was under ``MAX_WAIT``).
 * A waiting fetch with a hostile request id (not an integer; an unhashable one was a bare TypeError) is refused.
 """
 
@@ -17,6 +19,7 @@ from torch import nn
 from websockets.sync.client import connect
 
 import veil as sy
+from veil.exceptions import CommandCancelledError
 from veil.ids import new_id
 from veil.messaging.serde import deserialize, serialize
 from veil.serving import ServiceClosedError, ServingError, protocol
@@ -93,3 +96,22 @@ def test_a_hostile_request_id_is_refused_and_changes_nothing(hook, rid):
     with pytest.raises(ServingError, match="request id"):
         protocol.call(thief, party, "fetch", "svc", rid, protocol.MAX_WAIT)
     assert [r for r, _ in protocol.call(owner, party, "pending", "svc")] == [mine]  # nothing changed
+
+
+def test_a_wait_ends_within_the_workers_command_limit_with_an_answer(hook):
+    """An owner whose ``--max-command-seconds`` is under ``MAX_WAIT``: a waiting fetch answers "nothing yet" at
+    the limit instead of failing with CommandTimeoutError (the client would report the query failed)."""
+    from veil.workers import cancellation
+
+    party, owner, victim, thief = _in_process_service(hook, "wait_limit")
+    token = cancellation.CancelToken(seconds=0.2)
+    token.start()
+    msg = protocol.ServingMessage("fetch", "svc", [new_id(), protocol.MAX_WAIT])
+    with cancellation.running(token):
+        reply = protocol._handle_serving(party, msg, victim.id)
+    assert list(reply.objects) == []
+    hung_up = cancellation.CancelToken()  # no limit; the client hangs up: the wait stops with the cancellation
+    hung_up.start()
+    hung_up.cancel("the client hung up")
+    with cancellation.running(hung_up), pytest.raises(CommandCancelledError):
+        protocol._handle_serving(party, protocol.ServingMessage("fetch", "svc", [new_id(), 0.5]), victim.id)

@@ -107,6 +107,8 @@ def _wait_for_change(seen: int, deadline: float) -> None:
                 if left <= 0:
                     return
                 _CHANGED.wait(min(left, 0.05))
+                if time.monotonic() >= deadline:  # the wait is over: answer (a deadline is no failure)
+                    return
                 cancellation.check()
 
 
@@ -324,6 +326,9 @@ def _handle_serving(worker: Any, msg: ServingMessage, sender: str) -> Any:
     args = list(msg.args)
     wait = _wait_of(msg.action, args)
     deadline = time.monotonic() + wait
+    token = cancellation.current_token()
+    if wait and token is not None and token.deadline is not None:  # a wait never outlasts the command's limit
+        deadline = min(deadline, token.deadline)
     while True:
         with _LOCK:  # servers handle one request at a time today; the lock keeps that assumption local
             seen = _generation
