@@ -115,3 +115,27 @@ def test_a_wait_ends_within_the_workers_command_limit_with_an_answer(hook):
     hung_up.cancel("the client hung up")
     with cancellation.running(hung_up), pytest.raises(CommandCancelledError):
         protocol._handle_serving(party, protocol.ServingMessage("fetch", "svc", [new_id(), 0.5]), victim.id)
+
+
+def test_queued_input_bytes_are_bounded_per_connection_and_per_service(hook, monkeypatch):
+    """A request's batch dimension is the client's: 32 requests of one 256 MiB message each were kept queued per
+    connection. Bytes are bounded too (small bounds here: the same checks as the 64 MiB / 1 GiB defaults)."""
+    monkeypatch.setattr(protocol, "MAX_SESSION_BYTES", 3 * 24 * 8)  # three 8-row requests of [*, 3] int64
+    monkeypatch.setattr(protocol, "MAX_PENDING_BYTES", 5 * 24 * 8)
+    party, owner, victim, thief = _in_process_service(hook, "wait_bytes")
+    rows = torch.zeros(8, 3, dtype=torch.int64)
+    with pytest.raises(ServingError, match="MiB"):  # one request larger than a connection's share
+        protocol.call(thief, party, "submit", "svc", new_id(), torch.zeros(4 * 8, 3, dtype=torch.int64))
+    for _ in range(3):
+        protocol.call(thief, party, "submit", "svc", new_id(), rows)
+    with pytest.raises(ServingError, match="MiB"):
+        protocol.call(thief, party, "submit", "svc", new_id(), rows)
+    for _ in range(2):  # the service's bound: the victim gets what the thief left
+        protocol.call(victim, party, "submit", "svc", new_id(), rows)
+    with pytest.raises(ServingError, match="busy"):
+        protocol.call(victim, party, "submit", "svc", new_id(), rows)
+    queued = protocol.call(owner, party, "pending", "svc")
+    assert len(queued) == 5 and all(size == 8 for _, size in queued)
+    rids = [r for r, _ in queued[:3]]  # claimed into a batch: no longer queued, room again
+    assert protocol.call(owner, party, "claim", "svc", rids, new_id()) == [8, 8, 8]
+    protocol.call(victim, party, "submit", "svc", new_id(), rows)

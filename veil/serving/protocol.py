@@ -11,8 +11,9 @@ Each party worker of a cluster holds, per service name, a small queue:
 * the submitting session, and only it, *fetches* its output share.
 
 Fairness and bounds: one session may hold at most :data:`MAX_PER_SESSION`
-requests (queued, being computed or waiting to be fetched), the service at most
-:data:`MAX_PENDING` queued ones, and a session's requests and results are
+requests (queued, being computed or waiting to be fetched) and :data:`MAX_SESSION_BYTES`
+of queued input shares, the service at most :data:`MAX_PENDING` queued ones
+(:data:`MAX_PENDING_BYTES` in all), and a session's requests and results are
 dropped when its connection closes (:func:`drop_session`), so an attacker who
 leaves leaves nothing behind. A request is described to the owner with its
 batch size, so a request whose shares disagree between parties fails alone.
@@ -48,6 +49,10 @@ from veil.workers.monitor import Kind
 MAX_PENDING = 1024
 #: most requests one session may have in a service (queued, computing or unfetched)
 MAX_PER_SESSION = 32
+#: most bytes of input shares one session may have queued in a service, and the service in all: a request's
+#: batch dimension is the client's choice (32 requests of a 256 MiB message each were 8 GiB per connection)
+MAX_SESSION_BYTES = 64 * 2**20
+MAX_PENDING_BYTES = 1 * 2**30
 #: most seconds a ``pending`` or ``fetch`` may wait on a network worker for something to arrive
 MAX_WAIT = 1.0
 #: the actions that take a wait (their last argument, seconds) and the index it is at
@@ -269,6 +274,13 @@ def _submit(worker: Any, name: str, user: str, session: str, args: list) -> list
                            f"fetch their results first")
     if len(svc.pending) >= MAX_PENDING:
         raise ServingError(f"service {name!r} is busy ({MAX_PENDING} requests queued); retry later")
+    nbytes = share.numel() * share.element_size()
+    queued = [(sub, t.numel() * t.element_size()) for sub, t in svc.pending.values()]
+    if nbytes + sum(b for sub, b in queued if sub == session) > MAX_SESSION_BYTES:
+        raise ServingError(f"this connection's queued requests in service {name!r} would hold more than "
+                           f"{MAX_SESSION_BYTES >> 20} MiB; send fewer rows per request, or wait for results")
+    if nbytes + sum(b for _, b in queued) > MAX_PENDING_BYTES:
+        raise ServingError(f"service {name!r} is busy ({MAX_PENDING_BYTES >> 20} MiB of requests queued); retry later")
     svc.pending[rid] = (session, share)
     _changed()
     return []
