@@ -313,3 +313,19 @@ def test_a_party_that_dies_while_answering_a_fetch_ends_the_round_cleanly(hook, 
     assert not errors, errors
     _stored(hook, cluster["bob"][1], ids, GOOD[0])
     _unchanged(cluster, stored)
+
+
+@pytest.mark.parametrize("what", ["sparse", "strings", "nones", "nested", "a 2-d view", "numbers"])
+def test_a_hostile_partys_answer_of_other_kinds_ends_the_round(hook, cluster, what):
+    """charlie answers bob's fetch with objects that are not two dense int64 tensors of bob's shape: bob's
+    round fails and stores nothing."""
+    stored = _stored_before(cluster)
+    values = {"sparse": [torch.zeros(6, dtype=torch.int64).to_sparse()] * 2, "strings": ["5" * 6] * 2,
+              "nones": [None, None], "nested": [[GOOD[0]], [GOOD[0]]],
+              "a 2-d view": [torch.zeros(2, 3, dtype=torch.int64)] * 2,
+              "numbers": [5, 5]}[what]
+    round_id, ids, msg, _x = _bob_round(hook, cluster, values=values)
+    with pytest.raises(VeilError):
+        hook.local_worker.send_msg(msg, cluster["bob"][1])
+    _nothing_at(hook, cluster["bob"][1], ids)
+    _unchanged(cluster, stored)
