@@ -329,3 +329,38 @@ def test_a_hostile_partys_answer_of_other_kinds_ends_the_round(hook, cluster, wh
         hook.local_worker.send_msg(msg, cluster["bob"][1])
     _nothing_at(hook, cluster["bob"][1], ids)
     _unchanged(cluster, stored)
+
+
+def test_a_fetch_naming_what_no_round_can_be_is_refused_at_once(hook, cluster):
+    """Round ids are 16-64 letters or digits (a PeerOpenMessage with another is refused) and steps are short
+    names: fetches naming an empty, path-like, non-ASCII or 1 MB round id, or a 1 MB step, could never be
+    answered. Each is refused at once with a short error (not echoing the megabyte back after waiting
+    with it held), and holds none of charlie's waiting slots: charlie's fetch for bob's round, sent
+    after them, still waits for the round and takes its share."""
+    stored = _stored_before(cluster)
+    bob = cluster["bob"][0]
+    good = new_round()
+    bogus = [_frame(""), _frame("../" * 8), _frame("ä" * 32), _frame("a" * (1 << 20)), _frame(good, "x" * (1 << 20))]
+    conns = [_raw(bob, _peer_token("charlie")) for _ in bogus]
+    try:
+        for conn, data in zip(conns, bogus):
+            conn.send(data)
+        _unchanged(cluster, stored)  # (round trips: the frames above have reached bob)
+        round_id, ids, msg, _x = _bob_round(hook, cluster)
+        honest = _raw(bob, _peer_token("charlie"))
+        conns.append(honest)
+        honest.send(_frame(round_id))
+        errors = {}
+        thread = _start(hook, cluster["bob"][1], msg, errors, "bob")
+        share = deserialize(honest.recv(120))[0]
+        thread.join(120)
+        replies = [deserialize(c.recv(120))[0] for c in conns[:len(bogus)]]
+    finally:
+        for c in conns:
+            c.close()
+    assert not errors, errors
+    assert type(share) is m.ObjectsReply and all(torch.equal(t, ZEROS) for t in share.objects), share
+    for reply in replies:
+        assert type(reply) is m.ErrorReply and len(reply.message) < 500, str(reply)[:200]
+    _stored(hook, cluster["bob"][1], ids, GOOD[0])
+    _unchanged(cluster, stored)
