@@ -206,14 +206,18 @@ class InlineLane:
                     self.monitor.discard(principal, prelude[0])
                 else:
                     self._run_prelude(prelude, session.id)  # its failures are audited and named there
+            # refusals of the definition are a SkeletonCommand's, of the command it stands for a
+            # CommandMessage's: the audit rows of the handler-thread path (_expand_skeleton, _session_command)
+            action = type(msg).__name__
             try:
-                if type(msg) is _SKELETON:
+                if action == "SkeletonCommand":
                     command = _skeletons.expand(session.skeletons, msg)
+                    action = "CommandMessage"
                 else:
                     command = msg.op, msg.args, msg.kwargs, msg.return_ids, msg.grad_enabled
                 reply = _handlers._run_command(self, principal, session.id, *command)
             except PermissionDeniedError as e:
-                self._audit_refusal(e, type(msg).__name__, session.user, session.id)
+                self._audit_refusal(e, action, session.user, session.id)
                 raise
         except Exception as e:  # as _serve_decoded: a failing op is an error reply
             reply = m.ErrorReply(*error_reply_fields(e))
