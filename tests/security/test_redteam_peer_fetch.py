@@ -3,11 +3,12 @@ publishes its outputs to the round's readers, each of which fetches them once, a
 
 The cluster of test_redteam_peer_openings.py (alice, bob, dave as ``veil worker`` processes, the sink
 "charlie" answering bob's and alice's fetches as the test sets). The attacks: sessions that mix a
-peer's token with a scientist's or a client's, raw malformed fetch frames and a fetch that carries a
-prelude of commands; the same fetch pipelined on one connection and a flood of fetches over many
+peer's token with a scientist's or a client's, raw malformed fetch frames, a fetch that carries a
+prelude of commands, fetches naming round ids no round can have (refused at once, not after a wait); the same fetch pipelined on one connection and a flood of fetches over many
 connections, sent before the round exists (bounded waiting, one share served once, a non-reader that
 waited is still refused); a top-bits truncation whose parties the orchestrator tells different
-reveals (the second party never keeps c); a party that dies while it answers a fetch. After each,
+reveals (the second party never keeps c); a party that dies while it answers a fetch, or answers it
+with objects that are not its shares. After each,
 nothing was stored or revealed, the workers still serve a peer-opened product equal to torch's, and
 the objects stored before are unchanged.
 """
@@ -25,7 +26,7 @@ from veil.exceptions import VeilError
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.serde import deserialize, serialize
-from veil.mpc.truncation import pack_top_bits, shift_for
+from veil.mpc.truncation import shift_for
 from veil.workers.peer_openings import PeerFetchMessage, PeerOpenMessage
 
 from network_helpers import TOKEN

@@ -11,7 +11,6 @@ serve a peer-opened product equal to torch's, and nothing was stored under the a
 from __future__ import annotations
 
 import signal
-import threading
 
 import pytest
 import torch
