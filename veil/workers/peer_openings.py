@@ -402,8 +402,10 @@ def _handle_peer_fetch(worker: Any, msg: PeerFetchMessage, sender: str) -> Any:
         if principal is not None:
             monitor.audit("peer_fetch", principal, [], "refused", "not a peer connection")
         raise PermissionDeniedError("peer shares go only to peer workers")
-    if not isinstance(msg.round, str) or not isinstance(msg.name, str):
-        raise PeerOpeningError("a peer fetch names a round id and a step")
+    if not isinstance(msg.round, str) or not isinstance(msg.name, str) or not 16 <= len(msg.round) <= 64 \
+            or not (msg.round.isascii() and msg.round.isalnum()) or len(msg.name) > 64:
+        # refused at once: no round has such an id (_check_message), a fetch must not wait holding it
+        raise PeerOpeningError("a peer fetch names a round id of 16-64 letters or digits and a step")
     try:
         with cancellation.outside_turn():  # the round's own request registers and publishes it under the lock
             tensors = rounds_of(worker).take(msg.round, principal.user, msg.name)
