@@ -199,6 +199,7 @@ class PeerRounds:
                         if left <= 0:
                             break
                         self._cond.wait(min(left, 0.5))
+                        cancellation.check()  # the fetching peer hung up: free its waiting slot, take nothing
                         rnd = self._open.get(round_id)
                 finally:
                     self._waiting[reader] -= 1
