@@ -145,7 +145,8 @@ def _prelude_within(prelude: list, step_ok: Callable[[Any], bool]) -> bool:
     for item in prelude:
         if type(item) is not int:  # a deferred command (deserialize checked: a 5-field list)
             commands += 1
-            if commands > INLINE_MAX_COMMANDS or not step_ok(item[0]):
+            # (a skeleton use, [k, ids, rids(, define)]: a plain torch op, checked when defined)
+            if commands > INLINE_MAX_COMMANDS or not (type(item[0]) is int or step_ok(item[0])):
                 return False
     return True
 
@@ -428,7 +429,8 @@ class WebsocketServerWorker(BaseWorker):
         """Whether the objects an opening and its deferred steps name hold at most ``INLINE_MAX_SHARE_BYTES``
         (``ReferenceMonitor.stored_bytes``: sizes only; results of the request's own steps count 0)."""
         msg, sender, prelude = decoded
-        steps = [(item[1], item[2]) for item in prelude if type(item) is not int]
+        steps = [(item[1], item[2]) if type(item[0]) is not int else [m.ObjectRef(i) for i in item[1] if type(i) is int]
+                 for item in prelude if type(item) is not int]  # (skeleton uses name their objects by id)
         ids = [r.id for r in m.object_refs((msg.args, msg.kwargs, steps))]
         return self.monitor.stored_bytes(self.principal(sender), ids) <= INLINE_MAX_SHARE_BYTES
 
@@ -507,6 +509,22 @@ class WebsocketServerWorker(BaseWorker):
         except PermissionDeniedError as e:
             self._audit_refusal(e, "SkeletonCommand", session.user, session.id)
             raise
+
+    def _skeleton_expander(self, sender: str) -> Callable[[list], Any]:
+        """A batch's deferred skeleton uses ``[k, ids, return_ids(, define)]`` become their commands'
+        fields with the session's table, as a synchronous skeleton command's (client/peer roles refused,
+        audited, by :meth:`_expand_skeleton`)."""
+        session = self.current_session()
+        if session is None:
+            return super()._skeleton_expander(sender)
+        if _full_rights(session):  # check_request passes every request of a full role
+            table, expand_item = session.skeletons, _skeletons.expand_item
+            return lambda item: expand_item(table, item)
+
+        def expand(item: list) -> tuple:
+            msg = self._expand_skeleton(session, m.SkeletonCommand(*item))
+            return msg.op, msg.args, msg.kwargs, msg.return_ids, msg.grad_enabled
+        return expand
 
     def _audit_refusal(self, e: PermissionDeniedError, action: str, principal: str, session: str,
                        ids: list = ()) -> None:
