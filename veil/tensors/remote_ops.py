@@ -92,7 +92,19 @@ def _get_grad(func: Any, args: tuple, kwargs: dict) -> Any:
 
 def _set_grad(func: Any, args: tuple, kwargs: dict) -> None:
     ptr, value = args
-    call(ALLOWLIST.by_name("Tensor.grad.__set__"), (ptr, value), {})
+    d = ptr.__dict__
+    owner, location = d["owner"], d["location"]
+    if value is None and location._skeletons is not None and _may_pipeline(owner, location, [ptr]):
+        # ``p.grad = None`` (zero_grad, every step): the skeleton use call() would defer, without its
+        # generic steps (argument walk, shape key, wire form)
+        if owner._lost.get(location.id):
+            owner.check_lost(location, [d["id_at_location"]])
+        enabled = _is_grad_enabled()
+        if not owner.defer_skeleton(location, _GRAD_SET_NONE_SIGNATURES[enabled], [d["id_at_location"]], [],
+                                    lambda: ["Tensor.grad.__set__", [_encode_ref(0), None], {}, enabled]):
+            call(ALLOWLIST.by_name("Tensor.grad.__set__"), (ptr, value), {})
+    else:
+        call(ALLOWLIST.by_name("Tensor.grad.__set__"), (ptr, value), {})
     if value is None or type(value) is PointerTensor:
         ptr.__dict__["_grad_cache"] = (ptr.owner.grad_epoch(ptr.location), value)
 
@@ -471,7 +483,7 @@ def _predicted_grad(ptr: PointerTensor, epoch: int) -> PointerTensor | None:
         owner.check_lost(location, [d["id_at_location"]])
     shape, dtype, _ = d["_meta"]
     gid = new_id()
-    grad = PointerTensor(location, gid, owner, shape, dtype, False, mine=True)
+    grad = _new_pointer(PointerTensor, location, gid, owner, shape, dtype, False, True, (), "", True)  # (mine)
     enabled = _is_grad_enabled()
     if location._skeletons is None or not owner.defer_skeleton(
             location, _GRAD_GET_SIGNATURES[enabled], [d["id_at_location"]], [gid],
@@ -481,6 +493,7 @@ def _predicted_grad(ptr: PointerTensor, epoch: int) -> PointerTensor | None:
 
 
 _GRAD_GET_SIGNATURES = {True: object(), False: object()}  # skeleton signatures of ``p.grad``, per grad mode
+_GRAD_SET_NONE_SIGNATURES = {True: object(), False: object()}  # and of ``p.grad = None``
 
 
 def _from_descriptors(reply: Any, args: tuple, kwargs: dict, owner: Any, location: Any) -> Any:

@@ -277,8 +277,7 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
                     if token is not None:
                         if position % YIELD_EVERY == 0:
                             cancellation.checkpoint()  # other sessions' requests may run now
-                        token.start()  # each command gets the whole per-command time limit ...
-                        token.check()  # ... and none starts once the session is gone
+                        token.restart()  # each command gets the whole time limit; none starts once the session is gone
                     if len(item) != _COMMAND_FIELDS:  # a skeleton use (deserialize checked: [k, ids, rids(, define)])
                         if expand is None:
                             expand = self._skeleton_expander(sender)

@@ -468,8 +468,15 @@ class WebsocketServerWorker(BaseWorker):
             return super()._batch_runner(sender)
         if HANDLERS.get(m.CommandMessage) is not _handlers._handle_command or not _full_rights(session):
             return None
-        principal, run = self.principal(session.id), self._session_command
-        return lambda item: run(session, principal, *item)
+        principal, run_command, audit = self.principal(session.id), _handlers._run_command, self._audit_refusal
+
+        def run(item: Any) -> Any:  # _session_command's body (one frame less per deferred command)
+            try:
+                return run_command(self, principal, session.id, *item)
+            except PermissionDeniedError as e:
+                audit(e, "CommandMessage", session.user, session.id)
+                raise
+        return run
 
     def _session_command(self, session: Session, principal: Principal, *command: Any) -> Any:
         """One command of a full-rights session, as :meth:`_handle` runs a CommandMessage of it."""
