@@ -49,7 +49,7 @@ def _server(out: str) -> tuple:
     port = free_port()
     vg = [] if os.environ.get("NO_VALGRIND") else \
         ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}/server.net.%p"]
-    code = ("import sys, veil.workers.websocket_server as s; s.INLINE_BUDGET_SECONDS = 1e9\n"
+    code = ("import sys, veil.workers.inline_lane as s; s.INLINE_BUDGET_SECONDS = 1e9\n"
             "from veil.cli import main; sys.exit(main(sys.argv[1:]))")
     srv = subprocess.Popen(vg + [sys.executable, "-c", code, "worker", "--id", "alice", "--port", str(port),
                                  "--token", TOKEN, "--max-command-seconds", "600"],

@@ -51,7 +51,7 @@ def main() -> None:
                 "asyncio.run(main())\n")
         cmd = vg + [sys.executable, "-c", code]
     else:
-        code = ("import sys, veil.workers.websocket_server as s; s.INLINE_BUDGET_SECONDS = 1e9\n"
+        code = ("import sys, veil.workers.inline_lane as s; s.INLINE_BUDGET_SECONDS = 1e9\n"
                 "from veil.cli import main; sys.exit(main(sys.argv[1:]))")
         cmd = vg + [sys.executable, "-c", code, "worker", "--id", "alice", "--port", str(port), "--token", TOKEN]
     srv = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

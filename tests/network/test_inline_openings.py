@@ -11,7 +11,7 @@ from veil.messaging import messages as m
 from veil.messaging.serde import deserialize, serialize
 from veil.mpc.party import WIRE_PREFIX, OpenMessage
 from veil.workers.websocket_auth import authenticate
-from veil.workers.websocket_server import INLINE_MAX_SHARE_BYTES, _inline_kind
+from veil.workers.inline_lane import INLINE_MAX_SHARE_BYTES, _inline_kind
 
 from network_helpers import TOKEN, in_process_server
 

@@ -13,7 +13,7 @@ import torch
 from veil.messaging import messages as m
 from veil.messaging.serde import DTYPES, EXT_CODES, FRAME_MAGIC, deserialize, serialize
 from veil.workers.websocket_auth import authenticate, handshake_headers
-from veil.workers.websocket_server import INLINE_BUDGET_SECONDS, INLINE_MAX_COMMANDS, _inline_ok
+from veil.workers.inline_lane import INLINE_BUDGET_SECONDS, INLINE_MAX_COMMANDS, _inline_ok
 from veil.workers.websocket_transport import BlockingConnection
 
 from network_helpers import TOKEN, base_args, in_process_server

@@ -363,6 +363,8 @@ class ReferenceMonitor(OpeningRules):
         entry = Entry(obj, tags=tuple(tags), description=description, allowed_users=allowed_users,
                       created_by=principal.session, reveal_to=reveal_to, kind=kind, provenance=provenance,
                       nbytes=nbytes)
+        if kind == Kind.DEALER and sources:
+            dealt.inherit_fixed(entry, sources)
         store.put(key, ns, oid, entry, hand_off=hand_off)
         return entry
 

@@ -43,19 +43,18 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
 from veil.exceptions import PermissionDeniedError, WorkerNotFoundError, error_reply_fields
 from veil.messaging import messages as m
-from veil.messaging.allowlist import ALLOWLIST
-from veil.messaging.serde import FrameParts, OwnedFrame, decode_skeleton_use, deserialize, frame_pad, serialize
+from veil.messaging.serde import FrameParts, OwnedFrame, frame_pad, serialize
 from veil.mpc.material import drop_provider_scope
-from veil.mpc.party import OPENABLE, PARTY_FUNCTIONS, WIRE_PREFIX, OpenMessage
 from veil.workers import cancellation
-from veil.workers.base import HANDLERS, YIELD_EVERY, BaseWorker
+from veil.workers.base import HANDLERS, BaseWorker
 from veil.workers.monitor import Principal
 from veil.workers.persistence import OwnerDB
 from veil.workers import handlers as _handlers
 from veil.workers import skeletons as _skeletons
-from veil.workers.websocket_auth import (FULL_ROLES, RefusalLog, Session, TokenTable, authenticate, check_request,
+from veil.workers.websocket_auth import (RefusalLog, Session, TokenTable, authenticate, check_request,
                                          run_session_end_handlers, tokens_from_headers)
 from veil.workers.websocket_client import MAX_SIZE_HEADER
+from veil.workers.inline_lane import InlineLane, _full_rights
 
 if TYPE_CHECKING:
     import ssl
@@ -73,22 +72,6 @@ OPEN_TIMEOUT = 10.0
 #: GIL switch interval while serving (seconds; Python's default is 0.005)
 SWITCH_INTERVAL = 0.0005
 
-#: the inline fast path (see ``try_inline``): largest request, and the run time after which a
-#: session's requests go back to handler threads for good
-INLINE_MAX_BYTES = 256 * 2**10
-#: most deferred commands a request may carry and still run on the event loop: the same
-#: granularity at which a batch on a handler thread yields to other sessions (a frame of
-#: thousands of small commands would otherwise hold every connection; red-team R1)
-INLINE_MAX_COMMANDS = YIELD_EVERY
-INLINE_BUDGET_SECONDS = 0.005  # CPU time of the loop thread (preemption on a busy box does not count)
-INLINE_STRIKES = 3  # over-budget requests (after the first, which starts the timing) before a session leaves the fast path
-#: an SMPC opening runs inline only while the shares its request names hold at most this many bytes
-#: (its steps cost about linear time in them: 128 Ki ring elements take well under the CPU budget)
-INLINE_MAX_SHARE_BYTES = 1 << 20
-#: requests that never wait on another worker or run a long loop (torch ops, store, get, list)
-INLINE_TYPES = frozenset((m.CommandMessage, m.ObjectMessage, m.GetObjectsMessage, m.DeleteMessage, m.SearchMessage,
-                          m.ListObjectsMessage))
-
 #: replies larger than this go out as a fragmented message of chunks this size (websockets' public
 #: ``send(iterable)``): one frame of 100 MB costs three fresh 100 MB copies (Frame.serialize, its
 #: BytesIO, the transport's buffer), chunks are copied while cache-hot and sent under flow control
@@ -96,64 +79,6 @@ REPLY_FRAGMENT = 1 << 20
 
 #: requests that move data out of the worker -> audit action name
 OUTBOUND: dict[type, str] = {m.GetObjectsMessage: "get", m.MoveMessage: "move", m.RemoteGetMessage: "remote_get"}
-
-
-_OPS_BY_NAME = ALLOWLIST._by_name
-_UNKNOWN = object()
-_SKELETON = m.SkeletonCommand
-
-
-def _plain_op(name: Any) -> bool:
-    op = _OPS_BY_NAME.get(name) if isinstance(name, str) else None
-    return op is not None and not op.worker_function
-
-
-def _party_step(name: Any) -> bool:
-    """A protocol step of an SMPC party: a pure function of the party's shares and public values
-    (it never calls another worker, waits or loops), registered in ``veil.mpc.party``."""
-    if not (isinstance(name, str) and name.startswith(WIRE_PREFIX) and name[len(WIRE_PREFIX):] in PARTY_FUNCTIONS):
-        return False
-    op = ALLOWLIST._by_name.get(name)
-    return op is not None and op.worker_function
-
-
-def _inline_kind(msg: Any, prelude: list) -> str | None:
-    """Whether a decoded request is short by construction, and of which kind.
-
-    ``"plain"``: a plain torch op, or a store/get/delete/list. ``"protocol"``: an SMPC opening
-    (``OpenMessage`` of an openable step) whose deferred commands are plain ops or party steps:
-    short while its shares are small, which :meth:`WebsocketServerWorker.try_inline` checks next.
-    Worker functions (dealing, plan fit, serving) may call other workers or run long loops that
-    check for cancellation, so they keep their handler thread. The request was decoded once
-    (the decode is what the handler runs next anyway); no object of it has been resolved or run.
-    """
-    tp = type(msg)
-    if tp is OpenMessage:
-        if not (isinstance(msg.name, str) and msg.name in OPENABLE):
-            return None
-        kind, step_ok = "protocol", (lambda op: _plain_op(op) or _party_step(op))
-    elif tp not in INLINE_TYPES or (tp is m.CommandMessage and not _plain_op(msg.op)):
-        return None
-    else:
-        kind, step_ok = "plain", _plain_op
-    return kind if _prelude_within(prelude, step_ok) else None
-
-
-def _prelude_within(prelude: list, step_ok: Callable[[Any], bool]) -> bool:
-    """A prelude of deletions and at most INLINE_MAX_COMMANDS deferred commands whose ops pass ``step_ok``."""
-    commands = 0
-    for item in prelude:
-        if type(item) is not int:  # a deferred command (deserialize checked: a 5-field list)
-            commands += 1
-            # (a skeleton use, [k, ids, rids(, define)]: a plain torch op, checked when defined)
-            if commands > INLINE_MAX_COMMANDS or not (type(item[0]) is int or step_ok(item[0])):
-                return False
-    return True
-
-
-def _inline_ok(msg: Any, prelude: list) -> bool:
-    """A plain request that may run on the event loop (see :func:`_inline_kind`)."""
-    return _inline_kind(msg, prelude) == "plain"
 
 
 async def _receive(ws: ServerConnection) -> Any:
@@ -192,14 +117,6 @@ def _part_fragments(parts: FrameParts) -> Any:
             yield view[at: at + REPLY_FRAGMENT]
 
 
-def _full_rights(session: Session) -> bool:
-    """Whether ``check_request`` passes every request of ``session`` (a full role among its principals)."""
-    for p in session.principals:
-        if p.role in FULL_ROLES:
-            return True
-    return False
-
-
 def _ids_of(msg: Any) -> list:
     if type(msg) is m.RemoteGetMessage:
         return [msg.id]
@@ -207,7 +124,7 @@ def _ids_of(msg: Any) -> list:
     return ids if isinstance(ids, list) else []
 
 
-class WebsocketServerWorker(BaseWorker):
+class WebsocketServerWorker(InlineLane, BaseWorker):
     """A worker that serves authenticated network clients.
 
     Args:
@@ -326,114 +243,6 @@ class WebsocketServerWorker(BaseWorker):
                 self._local.session = None
                 self._running.discard(token)
 
-    def serve_inline(self, data: bytes, session: Session) -> bytes | None:
-        """The fast path: runs a short request on the event loop thread, no thread hop (see :meth:`try_inline`)."""
-        return self.try_inline(data, session)[0]
-
-    def try_inline(self, data: bytes, session: Session) -> tuple[bytes | None, tuple | None]:
-        """Runs a short request on the event loop thread: ``(reply, None)``; else ``(None, decoded)``.
-
-        Only when nothing else holds or waits for the worker (``FairLock.try_acquire``)
-        and the request is short by construction (:func:`_inline_kind`, decided on the
-        request decoded once, with the session current: decoded pointers get the
-        session's rights; an SMPC opening also only while the shares it and its deferred
-        steps name hold at most ``INLINE_MAX_SHARE_BYTES``); otherwise the request takes its handler thread as before,
-        with what was decoded here (``decoded``, or None: decoded there). A malformed
-        request is answered here (the same error reply the handler thread gives). A
-        session whose inline requests used more than ``INLINE_BUDGET_SECONDS`` of CPU
-        ``INLINE_STRIKES`` times (large torch ops; counted once one of its requests ran
-        past the budget in wall time) uses handler threads from then on, so the loop
-        stays responsive; plain requests and openings are counted apart.
-        """
-        slow_plain, slow_open = session.id in self._slow_sessions, session.id in self._slow_protocol
-        if (slow_plain and slow_open) or len(data) > INLINE_MAX_BYTES or not self._turn.try_acquire():
-            return None, None
-        # No CancelToken: nothing that runs inline checks one (worker functions, which do, never run here).
-        # The thread CPU clock is a system call (~1 us, and on a busy VM the point where the kernel
-        # switches tasks, ~4 us more per request in practice); a request that took less wall time than
-        # the budget used less CPU than it. So a session's requests read it only once one of them ran
-        # past the budget in wall time (then it is in _strikes); from then on every strike is CPU time.
-        # Plain requests and openings are counted apart (_strikes/_slow_sessions, _protocol_strikes/_slow_protocol).
-        timed = session.id in self._strikes or session.id in self._protocol_strikes
-        started, wall = (time.thread_time() if timed else 0.0), time.perf_counter()
-        slow, strikes_of = self._slow_sessions, self._strikes
-        try:
-            self._local.session = session
-            try:
-                decoded = decode_skeleton_use(data) or deserialize(data, self._decode_ctx)
-            except Exception as e:
-                return self._error_bytes(e), None
-            msg = decoded[0]
-            tp = type(msg)
-            if (tp is m.CommandMessage or tp is _SKELETON) and not slow_plain:
-                principal = self._full_principals.get(session.id, _UNKNOWN)
-                if principal is _UNKNOWN:  # first request: does check_request pass all of this session's?
-                    principal = self._full_principals[session.id] = self.principal_of(session) \
-                        if _full_rights(session) and type(self)._handle is WebsocketServerWorker._handle else None
-                if principal is not None and HANDLERS.get(m.CommandMessage) is _handlers._handle_command:
-                    prelude = decoded[2]
-                    if (not prelude or (len(prelude) == 1 and type(prelude[0]) is int)
-                            or _prelude_within(prelude, _plain_op)) \
-                            and (tp is _SKELETON or _plain_op(msg.op)):  # a skeleton's op: checked when defined
-                        return self._serve_command(session, principal, msg, prelude), None
-            kind = _inline_kind(msg, decoded[2])
-            if kind == "protocol":
-                slow, strikes_of = self._slow_protocol, self._protocol_strikes
-            if kind is None or session.id in slow:
-                return None, decoded
-            if kind == "protocol" and not self._small_shares(decoded):
-                return None, decoded  # large shares: a handler thread
-            return self._serve_decoded(*decoded), None
-        except Exception as e:
-            log.exception("worker %s: request of session %s failed outside the handlers", self.id, session.id)
-            return serialize(m.ErrorReply(*error_reply_fields(e)), sender=self.id), None
-        finally:
-            self._local.session = None
-            self._turn.release()
-            if time.perf_counter() - wall > INLINE_BUDGET_SECONDS:
-                strikes = strikes_of.get(session.id)
-                if not timed:  # the first long request (or a preemption): time this session's requests
-                    strikes_of.setdefault(session.id, 0)
-                elif time.thread_time() - started > INLINE_BUDGET_SECONDS:
-                    strikes = strikes_of[session.id] = (strikes or 0) + 1
-                    if strikes >= INLINE_STRIKES:
-                        slow.add(session.id)
-
-    def _serve_command(self, session: Session, principal: Principal, msg: m.CommandMessage | m.SkeletonCommand,
-                       prelude: list) -> bytes:
-        """The hot request, inline: a plain torch op of a full-rights session (a CommandMessage, or a
-        skeleton command expanded to its fields after the prelude), after its deletions (or a batch of
-        plain deferred ops). What ``_serve_decoded`` -> ``_handle`` -> ``_session_command`` run for it,
-        without their dispatch: ``check_request`` passes every request of a full role, the handler is
-        the stock one, and the monitor still resolves and checks every object it names."""
-        try:
-            if prelude:
-                if len(prelude) == 1 and type(prelude[0]) is int:  # the result pointer the client dropped
-                    self.monitor.discard(principal, prelude[0])
-                else:
-                    self._run_prelude(prelude, session.id)  # its failures are audited and named there
-            try:
-                if type(msg) is _SKELETON:
-                    command = _skeletons.expand(session.skeletons, msg)
-                else:
-                    command = msg.op, msg.args, msg.kwargs, msg.return_ids, msg.grad_enabled
-                reply = _handlers._run_command(self, principal, session.id, *command)
-            except PermissionDeniedError as e:
-                self._audit_refusal(e, type(msg).__name__, session.user, session.id)
-                raise
-        except Exception as e:  # as _serve_decoded: a failing op is an error reply
-            reply = m.ErrorReply(*error_reply_fields(e))
-        return self._reply_bytes(reply)
-
-    def _small_shares(self, decoded: tuple) -> bool:
-        """Whether the objects an opening and its deferred steps name hold at most ``INLINE_MAX_SHARE_BYTES``
-        (``ReferenceMonitor.stored_bytes``: sizes only; results of the request's own steps count 0)."""
-        msg, sender, prelude = decoded
-        steps = [(item[1], item[2]) if type(item[0]) is not int else [m.ObjectRef(i) for i in item[1] if type(i) is int]
-                 for item in prelude if type(item) is not int]  # (skeleton uses name their objects by id)
-        ids = [r.id for r in m.object_refs((msg.args, msg.kwargs, steps))]
-        return self.monitor.stored_bytes(self.principal(sender), ids) <= INLINE_MAX_SHARE_BYTES
-
     def principal(self, sender: str) -> Principal:
         """The authenticated session (the claimed sender is ignored); plain worker semantics in-process."""
         session = self.current_session()
@@ -490,7 +299,7 @@ class WebsocketServerWorker(BaseWorker):
         session = self.current_session()
         if session is None:  # in-process use (owner scripts, tests): plain worker semantics
             return super()._handle(msg, sender)
-        if type(msg) is _SKELETON:  # its CommandMessage, for the sessions that may send skeletons
+        if type(msg) is m.SkeletonCommand:  # its CommandMessage, for the sessions that may send skeletons
             msg = self._expand_skeleton(session, msg)
         if (type(msg) is m.CommandMessage and HANDLERS.get(m.CommandMessage) is _handlers._handle_command
                 and _full_rights(session)):  # the hot request: as a deferred command of the session
@@ -506,6 +315,8 @@ class WebsocketServerWorker(BaseWorker):
         except PermissionDeniedError as e:
             self._audit_refusal(e, action or type(msg).__name__, principal, session.id, _ids_of(msg))
             raise
+
+    _stock_handle = _handle  # the inline lane serves commands itself only while this is the handler
 
     def _expand_skeleton(self, session: Session, msg: m.SkeletonCommand) -> m.CommandMessage:
         """A skeleton command as the CommandMessage it stands for (full roles only: others are refused
