@@ -219,7 +219,8 @@ def test_a_failed_deferred_use_is_raised_at_the_next_synchronization_and_its_def
     broken = b @ bad.t()  # shapes agree here, not on the worker: fails there
     after = a.sub(0.25)  # a new skeleton, defined after the failing use: its definition never runs
     items = _sent_items(alice)
-    with pytest.raises(Exception, match=r"deferred command 'Tensor.matmul' \(#3 of 4 in the batch\)"):  # (a * 3, bad.t(), matmul, sub)
+    # the batch: a * 3, bad.t(), the matmul, the sub
+    with pytest.raises(Exception, match=r"deferred command 'Tensor.matmul' \(#3 of 4 in the batch\)"):
         alice.flush()
     assert [type(i[0]) for i in items if type(i) is list] == [int] * 4  # sent as skeleton uses
     assert torch.equal(before.get(), torch.full((2, 3), 3.0))

@@ -228,7 +228,7 @@ class InlineLane:
         """Whether the objects an opening and its deferred steps name hold at most ``INLINE_MAX_SHARE_BYTES``
         (``ReferenceMonitor.stored_bytes``: sizes only; results of the request's own steps count 0)."""
         msg, sender, prelude = decoded
-        steps = [(item[1], item[2]) if type(item[0]) is not int else [m.ObjectRef(i) for i in item[1] if type(i) is int]
-                 for item in prelude if type(item) is not int]  # (skeleton uses name their objects by id)
+        steps = [(item[1], item[2]) if type(item[0]) is not int  # (a skeleton use names its objects by id)
+                 else [m.ObjectRef(i) for i in item[1] if type(i) is int] for item in prelude if type(item) is not int]
         ids = [r.id for r in m.object_refs((msg.args, msg.kwargs, steps))]
         return self.monitor.stored_bytes(self.principal(sender), ids) <= INLINE_MAX_SHARE_BYTES
