@@ -529,8 +529,9 @@ def deserialize(data: bytes, ctx: DecodeContext | None = None) -> tuple[Any, str
     if not isinstance(sender, str) or not isinstance(prelude, list):
         raise SerializationError("message sender must be a string and its prelude a list")
     for item in prelude:
-        if type(item) is not int and not (type(item) is list and len(item) == _COMMAND_FIELDS):
-            raise SerializationError("a prelude holds object ids to free and deferred commands")
+        if type(item) is not int and not (type(item) is list and (
+                len(item) == _COMMAND_FIELDS or (3 <= len(item) <= 4 and type(item[0]) is int))):
+            raise SerializationError("a prelude holds object ids to free, deferred commands and skeleton uses")
     return cls(*field_values), sender, prelude
 
 

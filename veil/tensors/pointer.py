@@ -207,10 +207,28 @@ class PointerTensor(RemoteHandle, torch.Tensor):
 
         return SharedPointer(share_remote(self, parties, crypto_provider))
 
+    # ``p.grad`` (an optimizer reads it several times per parameter and step, and sets it to None in
+    # zero_grad) and ``p.is_sparse`` as Python attributes: torch's C++ getters and setter would first
+    # dispatch to __torch_function__, which then runs the same handlers (remote_ops.LOCAL_HANDLERS)
+    @property
+    def grad(self) -> Any:
+        return _handle(_GRAD_GET, (self,), {})
+
+    @grad.setter
+    def grad(self, value: Any) -> None:
+        _handle(_GRAD_SET, (self, value), {})
+
+    @property
+    def is_sparse(self) -> bool:
+        return False  # a pointer's wrapper has _make_wrapper_subclass's default layout, strided
+
     @property
     def child(self) -> "PointerTensor":
         """PySyft 0.2's ``x.child`` (wrapper -> pointer): in veil the pointer is its own wrapper."""
         return self
+
+
+_GRAD_GET, _GRAD_SET = torch.Tensor.grad.__get__, torch.Tensor.grad.__set__  # the keys torch itself would pass
 
 
 def _handle(func: Any, args: tuple, kwargs: dict) -> Any:

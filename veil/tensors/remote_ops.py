@@ -92,7 +92,19 @@ def _get_grad(func: Any, args: tuple, kwargs: dict) -> Any:
 
 def _set_grad(func: Any, args: tuple, kwargs: dict) -> None:
     ptr, value = args
-    call(ALLOWLIST.by_name("Tensor.grad.__set__"), (ptr, value), {})
+    d = ptr.__dict__
+    owner, location = d["owner"], d["location"]
+    if value is None and location._skeletons is not None and _may_pipeline(owner, location, [ptr]):
+        # ``p.grad = None`` (zero_grad, every step): the skeleton use call() would defer, without its
+        # generic steps (argument walk, shape key, wire form)
+        if owner._lost.get(location.id):
+            owner.check_lost(location, [d["id_at_location"]])
+        enabled = _is_grad_enabled()
+        if not owner.defer_skeleton(location, _GRAD_SET_NONE_SIGNATURES[enabled], [d["id_at_location"]], [],
+                                    lambda: ["Tensor.grad.__set__", [_encode_ref(0), None], {}, enabled]):
+            call(ALLOWLIST.by_name("Tensor.grad.__set__"), (ptr, value), {})
+    else:
+        call(ALLOWLIST.by_name("Tensor.grad.__set__"), (ptr, value), {})
     if value is None or type(value) is PointerTensor:
         ptr.__dict__["_grad_cache"] = (ptr.owner.grad_epoch(ptr.location), value)
 
@@ -329,7 +341,11 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
         if name == "Tensor.backward":
             owner._grad_leaves[location.id] = (owner.grad_epoch(location), _backward_leaves(args, kwargs))
         if pipelined:
-            owner.defer(location, [name, _args_to_wire(args), wire_kwargs, [], grad], payload)
+            if not (location._skeletons is not None and payload == 0 and key is not None and key[0] is _FLAT
+                    and owner.defer_skeleton(location, _no_result_signature(name, grad, key),
+                                             [t.__dict__["id_at_location"] for t in tensors], [],
+                                             lambda: _definition(name, args, tensors, wire_kwargs, grad))):
+                owner.defer(location, [name, _args_to_wire(args), wire_kwargs, [], grad], payload)
         else:
             owner.send_msg(CommandMessage(name, _args_to_wire(args), wire_kwargs, [], grad), location)
         return None
@@ -358,7 +374,11 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
             if grad and type(ptr) is PointerTensor and "_leafs" in ptr.__dict__:
                 ptr.__dict__["_leafs"] = None  # its graph changed in place: stop predicting through it
     if pipelined:
-        owner.defer(location, [name, _args_to_wire(args), wire_kwargs, return_ids, grad], payload)
+        # a skeleton use where the destination keeps a table (network workers): ids only, no op name or refs
+        if not (location._skeletons is not None and payload == 0 and key is not None and key[0] is _FLAT
+                and owner.defer_skeleton(location, template, [t.__dict__["id_at_location"] for t in tensors],
+                                         return_ids, lambda: _definition(name, args, tensors, wire_kwargs, grad))):
+            owner.defer(location, [name, _args_to_wire(args), wire_kwargs, return_ids, grad], payload)
     elif not (location._skeletons is not None and payload == 0 and key is not None and key[0] is _FLAT
               and owner.hook.local_worker is owner
               and owner.send_skeleton(location, template, [t.__dict__["id_at_location"] for t in tensors],
@@ -372,6 +392,19 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
 
 _FLAT = shape_inference.FLAT
 _new_pointer = PointerTensor.__new__
+#: skeleton signatures of ops without results (no shape-inference Template stands for them): one object
+#: per (op, grad mode, flat argument key), as the Template is for ops with results
+_NO_RESULT_SIGNATURES: dict = {}
+
+
+def _no_result_signature(name: str, grad: bool, key: tuple) -> Any:
+    full = (name, grad, key)
+    found = _NO_RESULT_SIGNATURES.get(full)
+    if found is None:
+        if len(_NO_RESULT_SIGNATURES) >= shape_inference.CACHE_LIMIT:
+            _NO_RESULT_SIGNATURES.clear()
+        found = _NO_RESULT_SIGNATURES[full] = object()
+    return found
 
 
 def _definition(name: str, args: tuple, tensors: list, wire_kwargs: dict, grad: bool) -> list | None:
@@ -450,9 +483,17 @@ def _predicted_grad(ptr: PointerTensor, epoch: int) -> PointerTensor | None:
         owner.check_lost(location, [d["id_at_location"]])
     shape, dtype, _ = d["_meta"]
     gid = new_id()
-    grad = PointerTensor(location, gid, owner, shape, dtype, False, mine=True)
-    owner.defer(location, ["Tensor.grad.__get__", [_ref(ptr)], {}, [gid], _is_grad_enabled()], 0)
+    grad = _new_pointer(PointerTensor, location, gid, owner, shape, dtype, False, True, (), "", True)  # (mine)
+    enabled = _is_grad_enabled()
+    if location._skeletons is None or not owner.defer_skeleton(
+            location, _GRAD_GET_SIGNATURES[enabled], [d["id_at_location"]], [gid],
+            lambda: ["Tensor.grad.__get__", [_encode_ref(0)], {}, enabled]):
+        owner.defer(location, ["Tensor.grad.__get__", [_ref(ptr)], {}, [gid], enabled], 0)
     return grad
+
+
+_GRAD_GET_SIGNATURES = {True: object(), False: object()}  # skeleton signatures of ``p.grad``, per grad mode
+_GRAD_SET_NONE_SIGNATURES = {True: object(), False: object()}  # and of ``p.grad = None``
 
 
 def _from_descriptors(reply: Any, args: tuple, kwargs: dict, owner: Any, location: Any) -> Any:

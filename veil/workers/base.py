@@ -33,6 +33,7 @@ Handler = Callable[["BaseWorker", Any, str], Any]
 #: a batch hands the worker to other sessions' waiting requests every this many commands
 YIELD_EVERY = 32
 _UNSET = object()  # "not decided yet" (a batch runner may be None)
+_COMMAND_FIELDS = 5  # a deferred command [op, args, kwargs, return_ids, grad]; skeleton uses are shorter
 #: what an ObjectMessage may store besides tensors (plans register themselves)
 STORABLE_TYPES: list[type] = [torch.Tensor]
 #: checks run on an arriving object before it is stored (e.g. a plan's ops vs the allowlist)
@@ -256,6 +257,7 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
         position = total = 0
         discard, principal = self.monitor.discard, None
         run = _UNSET  # how each deferred command runs (see _batch_runner), decided at the first one
+        expand = None  # how a skeleton use becomes its command's fields (see _skeleton_expander), likewise
         handle = self._handle
         token = cancellation.current_token()  # network workers: this request's limits (None in-process)
         local = self._request  # the requester, per thread (a dealer's background thread may run here too)
@@ -275,8 +277,11 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
                     if token is not None:
                         if position % YIELD_EVERY == 0:
                             cancellation.checkpoint()  # other sessions' requests may run now
-                        token.start()  # each command gets the whole per-command time limit ...
-                        token.check()  # ... and none starts once the session is gone
+                        token.restart()  # each command gets the whole time limit; none starts once the session is gone
+                    if len(item) != _COMMAND_FIELDS:  # a skeleton use (deserialize checked: [k, ids, rids(, define)])
+                        if expand is None:
+                            expand = self._skeleton_expander(sender)
+                        item = expand(item)
                     if run is _UNSET:
                         run = self._batch_runner(sender)
                     if run is not None:
@@ -284,7 +289,7 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
                     else:
                         handle(m.CommandMessage(*item), sender)
                 except Exception as e:
-                    failure = (position, item[0], e)
+                    failure = (position, item[0] if len(item) == _COMMAND_FIELDS else f"skeleton {item[0]}", e)
         finally:
             local.sender = previous
         if failure is not None:
@@ -294,6 +299,13 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
                                            f"failed: {text}")
             error.audited = True  # the handler wrote its own audit rows
             raise error from e
+
+    def _skeleton_expander(self, sender: str) -> Callable[[list], Any]:
+        """How a batch's skeleton uses become their commands' fields; only network sessions keep
+        skeleton tables (``WebsocketServerWorker``): elsewhere each use is refused."""
+        def refuse(item: list) -> Any:
+            raise SerializationError(f"worker {self.id!r} does not accept skeleton commands")
+        return refuse
 
     def _batch_runner(self, sender: str) -> Callable[[list], Any] | None:
         """How a batch's deferred commands run: straight through ``_run_command`` (the body of the

@@ -39,6 +39,17 @@ class CancelToken:
         if self.seconds:
             self.deadline = time.monotonic() + self.seconds
 
+    def restart(self) -> None:
+        """:meth:`start` then :meth:`check` in one call (the next command of a batch: the whole limit
+        again, and none starts once cancelled; a deadline just set has not passed)."""
+        if self.seconds:
+            self.deadline = time.monotonic() + self.seconds
+        elif self.deadline is not None:
+            self.check()
+            return
+        if self.cancelled.is_set():
+            raise CommandCancelledError(f"{self.what} was cancelled: {self.reason}")
+
     def cancel(self, reason: str) -> None:
         self.reason = reason
         self.cancelled.set()

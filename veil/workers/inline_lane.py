@@ -95,7 +95,8 @@ def _prelude_within(prelude: list, step_ok: Callable[[Any], bool]) -> bool:
     for item in prelude:
         if type(item) is not int:  # a deferred command (deserialize checked: a 5-field list)
             commands += 1
-            if commands > INLINE_MAX_COMMANDS or not step_ok(item[0]):
+            # (a skeleton use, [k, ids, rids(, define)]: a plain torch op, checked when defined)
+            if commands > INLINE_MAX_COMMANDS or not (type(item[0]) is int or step_ok(item[0])):
                 return False
     return True
 
@@ -227,6 +228,7 @@ class InlineLane:
         """Whether the objects an opening and its deferred steps name hold at most ``INLINE_MAX_SHARE_BYTES``
         (``ReferenceMonitor.stored_bytes``: sizes only; results of the request's own steps count 0)."""
         msg, sender, prelude = decoded
-        steps = [(item[1], item[2]) for item in prelude if type(item) is not int]
+        steps = [(item[1], item[2]) if type(item[0]) is not int  # (a skeleton use names its objects by id)
+                 else [m.ObjectRef(i) for i in item[1] if type(i) is int] for item in prelude if type(item) is not int]
         ids = [r.id for r in m.object_refs((msg.args, msg.kwargs, steps))]
         return self.monitor.stored_bytes(self.principal(sender), ids) <= INLINE_MAX_SHARE_BYTES

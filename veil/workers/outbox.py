@@ -293,6 +293,32 @@ class Outbox:
             else:
                 self.send_msg(m.DeleteMessage([]), location)
 
+    def defer_skeleton(self, location: "BaseWorker", signature: Any, ids: list, return_ids: list,
+                       define: Any) -> bool:
+        """:meth:`defer` of a plain torch op as a skeleton use ``[k, ids, return_ids]`` (the first use on
+        a connection carries the definition, ``[k, ids, return_ids, definition]``; see
+        ``veil/workers/skeletons.py``); the worker expands it into the command's fields, which run exactly
+        as a deferred command. False (nothing queued) when ``location`` has no skeleton table for its open
+        connection, the table is full, or ``define()`` declines (no tensor bytes ride on a use)."""
+        table = location._skeletons
+        if table is None or table.conn is not location._conn:
+            return False
+        with self._queue_lock:  # numbering and queueing are one step: a definition precedes its uses
+            k, definition = table.defer(signature, define)
+            if k is None:
+                return False
+            entry = self._pending_deletes.get(id(location))
+            if entry is None:
+                entry = self._pending_deletes.setdefault(id(location), [location, [], 0])
+            entry[1].append([k, ids, return_ids] if definition is None else [k, ids, return_ids, definition])
+            full = len(entry[1]) >= PRELUDE_LIMIT
+        if full:  # as in defer
+            if getattr(location, "post", None) is not None:
+                self._post_batch(location)
+            else:
+                self.send_msg(m.DeleteMessage([]), location)
+        return True
+
     def queued_bytes(self, location: "BaseWorker") -> int:
         """Tensor bytes of the deferred commands that ride on the next request to ``location``."""
         with self._queue_lock:
@@ -318,14 +344,22 @@ class Outbox:
     def _note_lost(self, location: "BaseWorker", prelude: list, first: int, reason: str) -> None:
         """Results of deferred commands from position ``first`` on were never stored on ``location``."""
         lost = self._lost.setdefault(location.id, {})
+        table = location._skeletons
         k = 0
         for item in prelude:
             if type(item) is int:
                 continue
-            if k >= first and isinstance(item[3], list):
-                for oid in item[3]:
-                    if oid:
-                        lost[oid] = f"deferred command {item[0]!r} did not run ({reason})"
+            if k >= first:
+                if len(item) == 5:
+                    name, ids = item[0], item[3]
+                else:  # a skeleton use [k, ids, return_ids(, definition)]
+                    name, ids = table.names.get(item[0], "?") if table is not None else "?", item[2]
+                    if len(item) == 4 and table is not None:
+                        table.forget(item[0])  # its definition never ran: define it afresh
+                if isinstance(ids, list):
+                    for oid in ids:
+                        if oid:
+                            lost[oid] = f"deferred command {name!r} did not run ({reason})"
             k += 1
         if len(lost) > 65536:  # pointers usually die (and are forgotten) long before this
             for oid in list(lost)[:32768]:

@@ -87,13 +87,17 @@ def parse(define: Any) -> Skeleton:
 def expand(table: dict, msg: m.SkeletonCommand) -> tuple:
     """The CommandMessage fields ``(op, args, kwargs, return_ids, grad)`` of a skeleton command of the
     connection whose definitions are ``table`` (a definition in ``msg`` is checked and kept first)."""
-    k, ids = msg.skeleton, msg.ids
+    return expand_use(table, msg.skeleton, msg.ids, msg.return_ids, msg.define)
+
+
+def expand_use(table: dict, k: Any, ids: Any, return_ids: Any, define: Any = None) -> tuple:
+    """:func:`expand` of a use's fields (a deferred use in a batch is ``[k, ids, return_ids(, define)]``)."""
     if type(k) is not int or not 0 <= k < MAX_SKELETONS:
         raise SerializationError(f"skeleton number must be an integer in [0, {MAX_SKELETONS})")
-    if msg.define is not None:
+    if define is not None:
         if k in table:
             raise SerializationError(f"skeleton {k} is already defined on this connection")
-        table[k] = parse(msg.define)
+        table[k] = parse(define)
     skeleton = table.get(k)
     if skeleton is None:
         raise SerializationError(f"skeleton {k} is not defined on this connection")
@@ -102,12 +106,28 @@ def expand(table: dict, msg: m.SkeletonCommand) -> tuple:
     for oid in ids:
         if type(oid) is not int:
             raise SerializationError("skeleton object ids must be integers")
-    if type(msg.return_ids) is not list:
+    if type(return_ids) is not list:
         raise SerializationError("skeleton result ids must be a list")
     args = list(skeleton.args)
     for at, slot in zip(skeleton.positions, skeleton.slots):
         args[at] = _REF(ids[slot])
-    return skeleton.op, args, skeleton.kwargs, msg.return_ids, skeleton.grad
+    return skeleton.op, args, skeleton.kwargs, return_ids, skeleton.grad
+
+
+def expand_item(table: dict, item: list) -> tuple:
+    """:func:`expand_use` of a deferred use ``[k, ids, return_ids(, define)]`` (a batch's hot path: the
+    same checks, those on ids made while filling the slots, which parse numbered 0..n-1, all used)."""
+    skeleton = table.get(item[0]) if len(item) == 3 else None
+    ids, return_ids = item[1], item[2]
+    if skeleton is None or type(ids) is not list or len(ids) != skeleton.n_slots or type(return_ids) is not list:
+        return expand_use(table, *item)  # a definition, or the refusal with its reason
+    args = list(skeleton.args)
+    for at, slot in zip(skeleton.positions, skeleton.slots):
+        oid = ids[slot]
+        if type(oid) is not int:
+            raise SerializationError("skeleton object ids must be integers")
+        args[at] = _REF(oid)
+    return skeleton.op, args, skeleton.kwargs, return_ids, skeleton.grad
 
 
 def definable(args: Any, kwargs: dict) -> bool:
@@ -129,12 +149,17 @@ class ClientSkeletons:
 
     A signature is an object standing for one command shape (the client's shape-inference Template:
     one per op, grad mode, argument values and shapes), keyed by identity: no tuple hashing per op.
-    The table holds the signature itself, so its id is never reused while the number is kept."""
+    The table holds the signature itself, so its id is never reused while the number is kept.
 
-    __slots__ = ("conn", "numbers", "next")
+    Synchronous definitions take numbers from 0 up (under the destination's send lock), deferred ones
+    (:meth:`defer`, under the outbox's queue lock) from ``MAX_SKELETONS - 1`` down, so the two never
+    take the same number; the table is full when they meet. Numbers are never reused."""
+
+    __slots__ = ("conn", "numbers", "next", "last", "names")
 
     def __init__(self, conn: Any) -> None:
-        self.conn, self.numbers, self.next = conn, {}, 0
+        self.conn, self.numbers, self.next, self.last = conn, {}, 0, MAX_SKELETONS
+        self.names: dict[int, str] = {}  # deferred definitions' ops, for the text of a lost result
 
     def number(self, signature: Any) -> tuple[int | None, bool]:
         """``(k, defined)``: the signature's number, or the next free one (``defined`` False: the caller
@@ -142,7 +167,7 @@ class ClientSkeletons:
         found = self.numbers.get(id(signature))
         if found is not None and found[0] is signature:
             return found[1], True
-        if self.next >= MAX_SKELETONS:
+        if self.next >= self.last:
             return None, False
         return self.next, False
 
@@ -152,3 +177,28 @@ class ClientSkeletons:
     def taken(self) -> None:
         """The next number went out with a definition (kept or not by the worker: never reused)."""
         self.next += 1
+
+    def defer(self, signature: Any, define: Any) -> tuple[int | None, Any]:
+        """A deferred use's ``(k, definition)`` (definition None: the worker has it, or it rides earlier in
+        the queue); ``(None, None)`` when the table is full or ``define()`` declines. A deferred definition
+        is kept at once (the queue carries it in front of every later use) and dropped by :meth:`forget`
+        if its batch fails before it ran."""
+        found = self.numbers.get(id(signature))
+        if found is not None and found[0] is signature:
+            return found[1], None
+        if self.next >= self.last:
+            return None, None
+        definition = define()
+        if definition is None:
+            return None, None
+        self.last -= 1
+        k = self.last
+        self.numbers[id(signature)] = (signature, k)
+        self.names[k] = definition[0]
+        return k, definition
+
+    def forget(self, k: int) -> None:
+        """Number ``k``'s definition did not run on the worker: its signature is defined afresh next time."""
+        for key, (_, number) in list(self.numbers.items()):
+            if number == k:
+                del self.numbers[key]

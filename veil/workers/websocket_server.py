@@ -277,8 +277,15 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
             return super()._batch_runner(sender)
         if HANDLERS.get(m.CommandMessage) is not _handlers._handle_command or not _full_rights(session):
             return None
-        principal, run = self.principal(session.id), self._session_command
-        return lambda item: run(session, principal, *item)
+        principal, run_command, audit = self.principal(session.id), _handlers._run_command, self._audit_refusal
+
+        def run(item: Any) -> Any:  # _session_command's body (one frame less per deferred command)
+            try:
+                return run_command(self, principal, session.id, *item)
+            except PermissionDeniedError as e:
+                audit(e, "CommandMessage", session.user, session.id)
+                raise
+        return run
 
     def _session_command(self, session: Session, principal: Principal, *command: Any) -> Any:
         """One command of a full-rights session, as :meth:`_handle` runs a CommandMessage of it."""
@@ -320,6 +327,22 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
         except PermissionDeniedError as e:
             self._audit_refusal(e, "SkeletonCommand", session.user, session.id)
             raise
+
+    def _skeleton_expander(self, sender: str) -> Callable[[list], Any]:
+        """A batch's deferred skeleton uses ``[k, ids, return_ids(, define)]`` become their commands'
+        fields with the session's table, as a synchronous skeleton command's (client/peer roles refused,
+        audited, by :meth:`_expand_skeleton`)."""
+        session = self.current_session()
+        if session is None:
+            return super()._skeleton_expander(sender)
+        if _full_rights(session):  # check_request passes every request of a full role
+            table, expand_item = session.skeletons, _skeletons.expand_item
+            return lambda item: expand_item(table, item)
+
+        def expand(item: list) -> tuple:
+            msg = self._expand_skeleton(session, m.SkeletonCommand(*item))
+            return msg.op, msg.args, msg.kwargs, msg.return_ids, msg.grad_enabled
+        return expand
 
     def _audit_refusal(self, e: PermissionDeniedError, action: str, principal: str, session: str,
                        ids: list = ()) -> None:
