@@ -35,6 +35,17 @@ def test_grad_is_none_until_backward(alice):
     assert p.grad is None
 
 
+def test_del_grad_clears_the_remote_grad_as_in_torch(alice):
+    x = torch.randn(3, requires_grad=True)
+    px = x.send(alice)
+    (px * 2).sum().backward()
+    assert torch.equal(px.grad.get(), torch.full((3,), 2.0))
+    del px.grad  # torch: the same as ``t.grad = None``
+    assert px.grad is None
+    (px * 3).sum().backward()  # a fresh gradient, not added to the deleted one
+    assert torch.equal(px.grad.get(), torch.full((3,), 3.0))
+
+
 def _mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(13, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 1))

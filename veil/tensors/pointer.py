@@ -218,6 +218,10 @@ class PointerTensor(RemoteHandle, torch.Tensor):
     def grad(self, value: Any) -> None:
         _handle(_GRAD_SET, (self, value), {})
 
+    @grad.deleter
+    def grad(self) -> None:  # torch: ``del t.grad`` is ``t.grad = None``
+        _handle(_GRAD_SET, (self, None), {})
+
     @property
     def is_sparse(self) -> bool:
         return False  # a pointer's wrapper has _make_wrapper_subclass's default layout, strided
