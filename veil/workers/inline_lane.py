@@ -27,7 +27,7 @@ from veil.mpc.party import OPENABLE, PARTY_FUNCTIONS, WIRE_PREFIX, OpenMessage
 from veil.workers import handlers as _handlers
 from veil.workers import skeletons as _skeletons
 from veil.workers.base import HANDLERS, YIELD_EVERY
-from veil.workers.monitor import Principal
+from veil.workers.monitor import PROTOCOL_PREFIXES, Principal
 from veil.workers.websocket_auth import FULL_ROLES, Session
 
 log = logging.getLogger("veil.workers.websocket_server")
@@ -103,6 +103,46 @@ def _prelude_within(prelude: list, step_ok: Callable[[Any], bool]) -> bool:
 def _inline_ok(msg: Any, prelude: list) -> bool:
     """A plain request that may run on the event loop (see :func:`_inline_kind`)."""
     return _inline_kind(msg, prelude) == "plain"
+
+
+def _prepare(skeleton: _skeletons.Skeleton) -> Any:
+    """What every use of ``skeleton`` shares, decided once: its allowlisted op (False: uses take the
+    generic path; protocol steps read the command as sent, and skeletons never carry one)."""
+    op = _OPS_BY_NAME.get(skeleton.op)
+    ok = op is not None and not op.worker_function and not skeleton.op.startswith(PROTOCOL_PREFIXES)
+    skeleton.prepared = op if ok else False
+    return skeleton.prepared
+
+
+def _run_skeleton(worker: Any, principal: Principal, sender: str, table: dict, msg: m.SkeletonCommand) -> Any:
+    """A skeleton use of a full-rights session: ``_run_command`` of the CommandMessage it stands for,
+    without building it. The op was looked up once for the skeleton (:func:`_prepare`); the purpose is
+    decided per use as for a command; the reference monitor resolves and checks every id of this use
+    (``resolve_ids``: the same scoping, refusals and audit rows as for the expanded arguments); what
+    follows the resolution is ``_run_command``'s own code (``_run_resolved``, or ``_run_checked`` where
+    none of its checks apply). A definition, or a use malformed in any way, takes the generic path
+    (``skeletons.expand``), which raises its errors."""
+    k, ids, out = msg.skeleton, msg.ids, msg.return_ids
+    skeleton = table.get(k) if type(k) is int and msg.define is None else None
+    if skeleton is not None and type(ids) is list and len(ids) == skeleton.n_slots and type(out) is list:
+        op = skeleton.prepared
+        if op is None:
+            op = _prepare(skeleton)
+        if op:
+            for oid in ids:
+                if type(oid) is not int:
+                    break
+            else:
+                purpose = _handlers._purpose_of(op)
+                slots, found = skeleton.slots, {}
+                worker.monitor.resolve_ids(principal, [ids[s] for s in slots], purpose, found)
+                args = list(skeleton.args)
+                for at, slot in zip(skeleton.positions, slots):
+                    args[at] = found[ids[slot]].obj
+                kwargs = skeleton.kwargs
+                return _handlers._run_checked(worker, principal, sender, op, purpose, args,
+                                              dict(kwargs) if kwargs else kwargs, found, out, skeleton.grad)
+    return _handlers._run_command(worker, principal, sender, *_skeletons.expand(table, msg))
 
 
 def _full_rights(session: Session) -> bool:
@@ -208,10 +248,10 @@ class InlineLane:
                     self._run_prelude(prelude, session.id)  # its failures are audited and named there
             try:
                 if type(msg) is _SKELETON:
-                    command = _skeletons.expand(session.skeletons, msg)
+                    reply = _run_skeleton(self, principal, session.id, session.skeletons, msg)
                 else:
-                    command = msg.op, msg.args, msg.kwargs, msg.return_ids, msg.grad_enabled
-                reply = _handlers._run_command(self, principal, session.id, *command)
+                    reply = _handlers._run_command(self, principal, session.id, msg.op, msg.args, msg.kwargs,
+                                                   msg.return_ids, msg.grad_enabled)
             except PermissionDeniedError as e:
                 self._audit_refusal(e, type(msg).__name__, session.user, session.id)
                 raise

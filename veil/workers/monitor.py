@@ -305,6 +305,17 @@ class ReferenceMonitor(OpeningRules):
                 out.append(v)
         return out
 
+    def resolve_ids(self, principal: Principal, ids: Any, purpose: Purpose, found: dict[int, Entry]) -> None:
+        """:meth:`resolve_list` for bare ids in argument order (a skeleton use's objects): each id not in
+        ``found`` yet is resolved, with the same scoping, refusal and audit row, into ``found``."""
+        quiet = purpose is Purpose.COMPUTE or purpose is Purpose.PROTOCOL_STEP
+        for oid in ids:
+            if oid not in found:
+                entry = self._find(principal, oid) if quiet else self.resolve(principal, oid, purpose)
+                if entry is None:
+                    raise self._refuse(self.unknown(oid), PURPOSES[purpose].action, principal, [oid])
+                found[oid] = entry
+
     def hides(self, principal: Principal, entry: Entry) -> bool:
         """Whether ``entry``'s value is secret from ``principal``: dealt material, or a value revealable
         only to others (its shape, an op's failure or an error text must not depend on it)."""
