@@ -113,6 +113,13 @@ def test_a_use_naming_another_sessions_object_is_refused_and_audited_as_a_comman
     for oid in (3, 4):
         assert type(_get(server, mine, oid)) is m.ErrorReply  # nothing stored
     assert torch.equal(_get(server, other, 7), secret)
+    # two ids nobody here may name, slots in reverse argument order: the same one is refused first
+    assert _defined_and_prepared(server, mine, 1, ["Tensor.sub", [R(1), R(0)], {}, False], [1, 1], [5]) \
+        == m.OkReply()
+    by_use = _use(server, mine, 1, [7, 8], [6])
+    by_command = _command(server, mine, "Tensor.sub", [R(8), R(7)], [6])
+    assert type(by_use) is m.ErrorReply and (by_use.error, by_use.message) == (by_command.error, by_command.message)
+    assert "8" in by_use.message and _rows(server, mine, [8]) and not _rows(server, mine, [7])[2:]
 
 
 def test_dp_only_data_is_refused_and_audited_as_a_command(hook):

@@ -27,7 +27,8 @@ from veil.mpc.party import OPENABLE, PARTY_FUNCTIONS, WIRE_PREFIX, OpenMessage
 from veil.workers import handlers as _handlers
 from veil.workers import skeletons as _skeletons
 from veil.workers.base import HANDLERS, YIELD_EVERY
-from veil.workers.monitor import PROTOCOL_PREFIXES, Principal
+from veil.workers import owner_guard
+from veil.workers.monitor import PROTOCOL_PREFIXES, Principal, Purpose
 from veil.workers.websocket_auth import FULL_ROLES, Session
 
 log = logging.getLogger("veil.workers.websocket_server")
@@ -51,6 +52,8 @@ INLINE_TYPES = frozenset((m.CommandMessage, m.ObjectMessage, m.GetObjectsMessage
 _OPS_BY_NAME = ALLOWLIST._by_name
 _UNKNOWN = object()
 _SKELETON = m.SkeletonCommand
+_DP_RELEASES = owner_guard.DP_RELEASES
+_DP_RELEASE, _COMPUTE = Purpose.DP_RELEASE, Purpose.COMPUTE
 
 
 def _plain_op(name: Any) -> bool:
@@ -106,11 +109,14 @@ def _inline_ok(msg: Any, prelude: list) -> bool:
 
 
 def _prepare(skeleton: _skeletons.Skeleton) -> Any:
-    """What every use of ``skeleton`` shares, decided once: its allowlisted op (False: uses take the
-    generic path; protocol steps read the command as sent, and skeletons never carry one)."""
+    """What every use of ``skeleton`` shares, decided once: its allowlisted op, and the order in which its
+    ids first appear among the arguments (None: the ids' own order), which is the order the monitor
+    resolves them in for a CommandMessage (False: uses take the generic path; protocol steps read the
+    command as sent, and skeletons never carry one)."""
     op = _OPS_BY_NAME.get(skeleton.op)
     ok = op is not None and not op.worker_function and not skeleton.op.startswith(PROTOCOL_PREFIXES)
-    skeleton.prepared = op if ok else False
+    order = tuple(dict.fromkeys(skeleton.slots))
+    skeleton.prepared = (op, None if order == tuple(range(len(order))) else order) if ok else False
     return skeleton.prepared
 
 
@@ -118,26 +124,29 @@ def _run_skeleton(worker: Any, principal: Principal, sender: str, table: dict, m
     """A skeleton use of a full-rights session: ``_run_command`` of the CommandMessage it stands for,
     without building it. The op was looked up once for the skeleton (:func:`_prepare`); the purpose is
     decided per use as for a command; the reference monitor resolves and checks every id of this use
-    (``resolve_ids``: the same scoping, refusals and audit rows as for the expanded arguments); what
-    follows the resolution is ``_run_command``'s own code (``_run_resolved``, or ``_run_checked`` where
-    none of its checks apply). A definition, or a use malformed in any way, takes the generic path
-    (``skeletons.expand``), which raises its errors."""
+    (``resolve_ids``: the same scoping, refusals and audit rows, in the same order, as for the expanded
+    arguments); what follows the resolution is ``_run_command``'s own code (``_run_resolved``, or
+    ``_run_checked`` where none of its checks apply). A definition, or a use malformed in any way,
+    takes the generic path (``skeletons.expand``), which raises its errors."""
     k, ids, out = msg.skeleton, msg.ids, msg.return_ids
     skeleton = table.get(k) if type(k) is int and msg.define is None else None
     if skeleton is not None and type(ids) is list and len(ids) == skeleton.n_slots and type(out) is list:
-        op = skeleton.prepared
-        if op is None:
-            op = _prepare(skeleton)
-        if op:
+        prepared = skeleton.prepared
+        if prepared is None:
+            prepared = _prepare(skeleton)
+        if prepared:
             for oid in ids:
                 if type(oid) is not int:
                     break
             else:
-                purpose = _handlers._purpose_of(op)
-                slots, found = skeleton.slots, {}
-                worker.monitor.resolve_ids(principal, [ids[s] for s in slots], purpose, found)
+                op, order = prepared
+                # _purpose_of for a torch op (never a worker function here)
+                purpose = _DP_RELEASE if op.name in _DP_RELEASES else _COMPUTE
+                found: dict = {}
+                worker.monitor.resolve_ids(principal, ids if order is None else [ids[s] for s in order], purpose,
+                                           found)
                 args = list(skeleton.args)
-                for at, slot in zip(skeleton.positions, slots):
+                for at, slot in zip(skeleton.positions, skeleton.slots):
                     args[at] = found[ids[slot]].obj
                 kwargs = skeleton.kwargs
                 return _handlers._run_checked(worker, principal, sender, op, purpose, args,
