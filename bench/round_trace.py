@@ -75,6 +75,10 @@ def install_worker(out_dir: str) -> None:
         return out
 
     base.deserialize = deserialize
+    from veil.workers import inline_lane
+
+    if inline_lane.deserialize is orig_deser:  # the inline lane decodes requests itself (once, before deciding)
+        inline_lane.deserialize = deserialize
     orig_ser = base.serialize
 
     def serialize(*a, **kw):

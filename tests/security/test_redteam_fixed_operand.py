@@ -123,3 +123,50 @@ def test_the_triple_binds_to_the_client_it_masked(served):
     _open(owner, a, "fixed_mask", m.ObjectRef(BATCH), fa)
     with pytest.raises(PermissionDeniedError, match="protected"):
         _open(owner, a, "trunc_mask", fc, torch.zeros(SHAPE, dtype=DTYPE))
+
+
+@pytest.fixture
+def unserved(hook, request):
+    """Parties without a served batch: the orchestrator holds no client's input (its session is untainted, so a
+    plain op on a fixed mask binds it to nobody and the mask rules alone stand between it and a second opening)."""
+    import veil as sy
+    from veil.mpc.providers.worker_dealer import WorkerDealer
+
+    tag = f"rfu{request.node.name[-14:]}"
+    a, b, cp, owner = (sy.VirtualWorker(hook, id=f"{tag}-{n}") for n in ("a", "b", "cp", "owner"))
+    owner.send_msg(m.ObjectMessage([m.StoredObject(WEIGHT, torch.arange(3, dtype=DTYPE).view(SHAPE))]), a)
+    _cmd(owner, a, "Tensor.add", (m.ObjectRef(WEIGHT), 5), [WEIGHT + 1])  # w' = w + 5
+    return a, b, owner, WorkerDealer(cp, owner, seeded=True)
+
+
+@pytest.mark.parametrize("op", ["Tensor.clone", "Tensor.contiguous", "Tensor.view_as"])
+def test_a_plain_op_copy_of_a_fixed_mask_opens_nowhere(unserved, op):
+    """``b' = b.clone()`` lost the fixed tag: after ``w - b`` in fixed_open, ``beaver_mask(w', ., b', .)`` opened
+    ``w' - b``, so ``w' - w``. A copy is the fixed mask, already opened: no opening takes it."""
+    a, b, owner, dealer = unserved
+    fb, _ = _fixed(dealer, a, b)
+    _cmd(owner, a, op, (fb, fb) if op == "Tensor.view_as" else (fb,), [6201])
+    copy, w2 = m.ObjectRef(6201), m.ObjectRef(WEIGHT + 1)
+    with pytest.raises(PermissionDeniedError, match="fixed mask"):
+        _open(owner, a, "beaver_mask", w2, w2, copy, copy)  # before b opened
+    (f,) = _open(owner, a, "fixed_open", m.ObjectRef(WEIGHT), fb)  # the honest opening still runs
+    assert f.shape == SHAPE
+    for step, args in (("beaver_mask", (w2, w2, copy, copy)), ("trunc_mask", (w2, copy)),
+                       ("fixed_mask", (w2, copy)), ("fixed_open", (w2, copy))):
+        with pytest.raises(PermissionDeniedError, match="fixed mask"):
+            _open(owner, a, step, *args)
+
+
+@pytest.mark.parametrize("w", [torch.zeros((4,) + SHAPE, dtype=DTYPE), torch.zeros(SHAPE, dtype=torch.float64),
+                               torch.zeros((2, 1, 1), dtype=DTYPE)], ids=["broadcast", "float", "broadcast-both"])
+def test_fixed_open_outputs_are_as_large_as_the_mask_and_of_its_dtype(unserved, w):
+    """``w - b`` for a ``w`` that broadcasts ``b`` (or a float ``w``) was opened unchecked: outputs of fixed_open
+    follow the rule of every masked output (its mask's shape and dtype); the refusal returns nothing."""
+    a, b, owner, dealer = unserved
+    fb, _ = _fixed(dealer, a, b)
+    owner.send_msg(m.ObjectMessage([m.StoredObject(6301, w)]), a)
+    with pytest.raises(PermissionDeniedError, match="shape|dtype"):
+        _open(owner, a, "fixed_open", m.ObjectRef(6301), fb)
+    fb2, _ = _fixed(dealer, a, b)  # a well-formed w opens as before
+    (f,) = _open(owner, a, "fixed_open", m.ObjectRef(WEIGHT), fb2)
+    assert f.shape == SHAPE and f.dtype == DTYPE

@@ -11,8 +11,9 @@ Each party worker of a cluster holds, per service name, a small queue:
 * the submitting session, and only it, *fetches* its output share.
 
 Fairness and bounds: one session may hold at most :data:`MAX_PER_SESSION`
-requests (queued, being computed or waiting to be fetched), the service at most
-:data:`MAX_PENDING` queued ones, and a session's requests and results are
+requests (queued, being computed or waiting to be fetched) and :data:`MAX_SESSION_BYTES`
+of queued input shares, the service at most :data:`MAX_PENDING` queued ones
+(:data:`MAX_PENDING_BYTES` in all), and a session's requests and results are
 dropped when its connection closes (:func:`drop_session`), so an attacker who
 leaves leaves nothing behind. A request is described to the owner with its
 batch size, so a request whose shares disagree between parties fails alone.
@@ -48,6 +49,10 @@ from veil.workers.monitor import Kind
 MAX_PENDING = 1024
 #: most requests one session may have in a service (queued, computing or unfetched)
 MAX_PER_SESSION = 32
+#: most bytes of input shares one session may have queued in a service, and the service in all: a request's
+#: batch dimension is the client's choice (32 requests of a 256 MiB message each were 8 GiB per connection)
+MAX_SESSION_BYTES = 64 * 2**20
+MAX_PENDING_BYTES = 1 * 2**30
 #: most seconds a ``pending`` or ``fetch`` may wait on a network worker for something to arrive
 MAX_WAIT = 1.0
 #: the actions that take a wait (their last argument, seconds) and the index it is at
@@ -107,6 +112,8 @@ def _wait_for_change(seen: int, deadline: float) -> None:
                 if left <= 0:
                     return
                 _CHANGED.wait(min(left, 0.05))
+                if time.monotonic() >= deadline:  # the wait is over: answer (a deadline is no failure)
+                    return
                 cancellation.check()
 
 
@@ -267,17 +274,28 @@ def _submit(worker: Any, name: str, user: str, session: str, args: list) -> list
                            f"fetch their results first")
     if len(svc.pending) >= MAX_PENDING:
         raise ServingError(f"service {name!r} is busy ({MAX_PENDING} requests queued); retry later")
+    nbytes = share.numel() * share.element_size()
+    queued = [(sub, t.numel() * t.element_size()) for sub, t in svc.pending.values()]
+    if nbytes + sum(b for sub, b in queued if sub == session) > MAX_SESSION_BYTES:
+        raise ServingError(f"this connection's queued requests in service {name!r} would hold more than "
+                           f"{MAX_SESSION_BYTES >> 20} MiB; send fewer rows per request, or wait for results")
+    if nbytes + sum(b for _, b in queued) > MAX_PENDING_BYTES:
+        raise ServingError(f"service {name!r} is busy ({MAX_PENDING_BYTES >> 20} MiB of requests queued); retry later")
     svc.pending[rid] = (session, share)
     _changed()
     return []
 
 
 def _fetch(worker: Any, name: str, user: str, session: str, args: list) -> list:
-    rid = args[0]
+    rid = args[0] if args else None
+    if type(rid) is not int:  # (an unhashable id failed as a bare TypeError)
+        raise ServingError("fetch expects a request id (an integer)")
     svc = _client_service(worker, name, user)
     entry = svc.outputs.get(rid)
     if entry is None or entry[0] != session:  # another session's request reads as not ready
-        if svc.closed and rid not in svc.claimed:
+        # once closed, another session's request in computation reads as unknown too (not "still
+        # computing": that told a guesser which ids were in a batch)
+        if svc.closed and svc.claimed.get(rid) != session:
             raise ServiceClosedError(f"the model {name!r} is no longer served: {svc.reason}")
         return []
     del svc.outputs[rid]
@@ -320,6 +338,9 @@ def _handle_serving(worker: Any, msg: ServingMessage, sender: str) -> Any:
     args = list(msg.args)
     wait = _wait_of(msg.action, args)
     deadline = time.monotonic() + wait
+    token = cancellation.current_token()
+    if wait and token is not None and token.deadline is not None:  # a wait never outlasts the command's limit
+        deadline = min(deadline, token.deadline)
     while True:
         with _LOCK:  # servers handle one request at a time today; the lock keeps that assumption local
             seen = _generation

@@ -88,6 +88,15 @@ def group(entries: list[Entry], layout: list[tuple[int, object]]) -> None:
             entry.meta["mask"] = True
 
 
+def inherit_fixed(entry: Entry, sources: Iterable[Entry]) -> None:
+    """Dealt material computed from a constant operand's fixed mask (``b.clone()``) is that mask to the
+    opening rules, already opened: it opens nowhere (``w' - copy`` beside ``w - b`` gives ``w' - w``)."""
+    for s in sources:
+        if s.meta and s.meta.get("fixed"):
+            entry.meta["fixed"] = entry.meta["fixed_opened"] = True
+            return
+
+
 def item_of(entry: Entry) -> DealtItem | None:
     return entry.meta.get("item") if entry.kind == Kind.DEALER and entry.meta else None
 

@@ -120,14 +120,19 @@ def _prepare(skeleton: _skeletons.Skeleton) -> Any:
     return skeleton.prepared
 
 
-def _run_skeleton(worker: Any, principal: Principal, sender: str, table: dict, msg: m.SkeletonCommand) -> Any:
-    """A skeleton use of a full-rights session: ``_run_command`` of the CommandMessage it stands for,
-    without building it. The op was looked up once for the skeleton (:func:`_prepare`); the purpose is
-    decided per use as for a command; the reference monitor resolves and checks every id of this use
-    (``resolve_ids``: the same scoping, refusals and audit rows, in the same order, as for the expanded
-    arguments); what follows the resolution is ``_run_command``'s own code (``_run_resolved``, or
-    ``_run_checked`` where none of its checks apply). A definition, or a use malformed in any way,
-    takes the generic path (``skeletons.expand``), which raises its errors."""
+class _Use:
+    """A valid use of a prepared skeleton: what :func:`_run_use` needs."""
+
+    __slots__ = ("skeleton", "op", "order", "ids", "out")
+
+    def __init__(self, skeleton: _skeletons.Skeleton, op: Any, order: tuple | None, ids: list, out: list) -> None:
+        self.skeleton, self.op, self.order, self.ids, self.out = skeleton, op, order, ids, out
+
+
+def _skeleton_use(table: dict, msg: m.SkeletonCommand) -> Any:
+    """A :class:`_Use` of a skeleton command that uses a prepared skeleton and is well formed; else the
+    CommandMessage fields it stands for (``skeletons.expand``: a definition is checked and kept there,
+    and anything malformed raises its error there, as on the handler-thread path)."""
     k, ids, out = msg.skeleton, msg.ids, msg.return_ids
     skeleton = table.get(k) if type(k) is int and msg.define is None else None
     if skeleton is not None and type(ids) is list and len(ids) == skeleton.n_slots and type(out) is list:
@@ -139,19 +144,27 @@ def _run_skeleton(worker: Any, principal: Principal, sender: str, table: dict, m
                 if type(oid) is not int:
                     break
             else:
-                op, order = prepared
-                # _purpose_of for a torch op (never a worker function here)
-                purpose = _DP_RELEASE if op.name in _DP_RELEASES else _COMPUTE
-                found: dict = {}
-                worker.monitor.resolve_ids(principal, ids if order is None else [ids[s] for s in order], purpose,
-                                           found)
-                args = list(skeleton.args)
-                for at, slot in zip(skeleton.positions, skeleton.slots):
-                    args[at] = found[ids[slot]].obj
-                kwargs = skeleton.kwargs
-                return _handlers._run_checked(worker, principal, sender, op, purpose, args,
-                                              dict(kwargs) if kwargs else kwargs, found, out, skeleton.grad)
-    return _handlers._run_command(worker, principal, sender, *_skeletons.expand(table, msg))
+                return _Use(skeleton, prepared[0], prepared[1], ids, out)
+    return _skeletons.expand(table, msg)
+
+
+def _run_use(worker: Any, principal: Principal, sender: str, use: _Use) -> Any:
+    """A skeleton use of a full-rights session: ``_run_command`` of the CommandMessage it stands for,
+    without building it. The op was looked up once for the skeleton (:func:`_prepare`); the purpose is
+    decided per use as for a command; the reference monitor resolves and checks every id of this use
+    (``resolve_ids``: the same scoping, refusals and audit rows, in the same order, as for the expanded
+    arguments); what follows the resolution is ``_run_command``'s own code (``_run_resolved``, or
+    ``_run_checked`` where none of its checks apply)."""
+    skeleton, op, order, ids = use.skeleton, use.op, use.order, use.ids
+    purpose = _DP_RELEASE if op.name in _DP_RELEASES else _COMPUTE  # _purpose_of of a torch op
+    found: dict = {}
+    worker.monitor.resolve_ids(principal, ids if order is None else [ids[s] for s in order], purpose, found)
+    args = list(skeleton.args)
+    for at, slot in zip(skeleton.positions, skeleton.slots):
+        args[at] = found[ids[slot]].obj
+    kwargs = skeleton.kwargs
+    return _handlers._run_checked(worker, principal, sender, op, purpose, args, dict(kwargs) if kwargs else kwargs,
+                                  found, use.out, skeleton.grad)
 
 
 def _full_rights(session: Session) -> bool:
@@ -255,14 +268,20 @@ class InlineLane:
                     self.monitor.discard(principal, prelude[0])
                 else:
                     self._run_prelude(prelude, session.id)  # its failures are audited and named there
+            # refusals of the definition are a SkeletonCommand's, of the command it stands for a
+            # CommandMessage's: the audit rows of the handler-thread path (_expand_skeleton, _session_command)
+            action = type(msg).__name__
             try:
-                if type(msg) is _SKELETON:
-                    reply = _run_skeleton(self, principal, session.id, session.skeletons, msg)
+                if action == "SkeletonCommand":
+                    use = _skeleton_use(session.skeletons, msg)  # a definition is kept (or refused) here
+                    action = "CommandMessage"
+                    reply = _run_use(self, principal, session.id, use) if type(use) is _Use \
+                        else _handlers._run_command(self, principal, session.id, *use)
                 else:
                     reply = _handlers._run_command(self, principal, session.id, msg.op, msg.args, msg.kwargs,
                                                    msg.return_ids, msg.grad_enabled)
             except PermissionDeniedError as e:
-                self._audit_refusal(e, type(msg).__name__, session.user, session.id)
+                self._audit_refusal(e, action, session.user, session.id)
                 raise
         except Exception as e:  # as _serve_decoded: a failing op is an error reply
             reply = m.ErrorReply(*error_reply_fields(e))

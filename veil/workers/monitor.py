@@ -380,6 +380,8 @@ class ReferenceMonitor(OpeningRules):
         # positional: a class called with keywords packs them into a dict first (~5 K instructions per result)
         entry = Entry(obj, tuple(tags), description, allowed_users, False, principal.session, {}, reveal_to, kind,
                       provenance, nbytes)
+        if kind == Kind.DEALER and sources:
+            dealt.inherit_fixed(entry, sources)
         store.put(key, ns, oid, entry, hand_off=hand_off)
         return entry
 

@@ -78,6 +78,9 @@ class OpeningRules:
             dealt.bind_all(dealt_entries, None)  # protected value (bound to the taint, r stayed a "fresh" mask)
         if fixed is not None:  # marked once every check passed (a refused opening consumes nothing)
             fixed.meta["fixed_opened"] = True
+            # w - b is as large as b and of its dtype, as any masked output (open_step checks): a broadcast
+            # or a float w would open b itself or differences of w, and consume b (red team)
+            self._local.opened_masks = [fixed.obj]
         self.audit("open", principal, ids, "allowed", name)
         return args, kwargs
 

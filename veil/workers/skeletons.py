@@ -78,7 +78,8 @@ def parse(define: Any) -> Skeleton:
         elif not _constant(value):
             raise SerializationError("skeleton arguments are pointer slots, numbers, short strings, slices or dtypes")
     for key, value in kwargs.items():
-        if type(key) is not str or not _constant(value):
+        # the key too is kept for the connection's life: a long one would be unbounded memory (red team)
+        if type(key) is not str or len(key) > MAX_SKELETON_STR or not _constant(value):
             raise SerializationError("skeleton keyword arguments are named numbers, short strings or dtypes")
     n_slots = len(set(slots))
     if sorted(set(slots)) != list(range(n_slots)):
@@ -120,8 +121,8 @@ def definable(args: Any, kwargs: dict) -> bool:
     for value in args:
         if type(value) is not _REF and not _constant(value) and not isinstance(value, torch.Tensor):
             return False
-    for value in kwargs.values():
-        if not _constant(value):
+    for key, value in kwargs.items():
+        if len(key) > MAX_SKELETON_STR or not _constant(value):
             return False
     return True
 
