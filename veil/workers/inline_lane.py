@@ -52,6 +52,7 @@ INLINE_TYPES = frozenset((m.CommandMessage, m.ObjectMessage, m.GetObjectsMessage
 _OPS_BY_NAME = ALLOWLIST._by_name
 _UNKNOWN = object()
 _SKELETON = m.SkeletonCommand
+_PREPARED = _skeletons.Skeleton
 _DP_RELEASES = owner_guard.DP_RELEASES
 _DP_RELEASE, _COMPUTE = Purpose.DP_RELEASE, Purpose.COMPUTE
 
@@ -120,17 +121,8 @@ def _prepare(skeleton: _skeletons.Skeleton) -> Any:
     return skeleton.prepared
 
 
-class _Use:
-    """A valid use of a prepared skeleton: what :func:`_run_use` needs."""
-
-    __slots__ = ("skeleton", "op", "order", "ids", "out")
-
-    def __init__(self, skeleton: _skeletons.Skeleton, op: Any, order: tuple | None, ids: list, out: list) -> None:
-        self.skeleton, self.op, self.order, self.ids, self.out = skeleton, op, order, ids, out
-
-
 def _skeleton_use(table: dict, msg: m.SkeletonCommand) -> Any:
-    """A :class:`_Use` of a skeleton command that uses a prepared skeleton and is well formed; else the
+    """The prepared :class:`~veil.workers.skeletons.Skeleton` a well-formed use names; else the
     CommandMessage fields it stands for (``skeletons.expand``: a definition is checked and kept there,
     and anything malformed raises its error there, as on the handler-thread path)."""
     k, ids, out = msg.skeleton, msg.ids, msg.return_ids
@@ -144,18 +136,20 @@ def _skeleton_use(table: dict, msg: m.SkeletonCommand) -> Any:
                 if type(oid) is not int:
                     break
             else:
-                return _Use(skeleton, prepared[0], prepared[1], ids, out)
+                return skeleton
     return _skeletons.expand(table, msg)
 
 
-def _run_use(worker: Any, principal: Principal, sender: str, use: _Use) -> Any:
+def _run_use(worker: Any, principal: Principal, sender: str, skeleton: _skeletons.Skeleton,
+             msg: m.SkeletonCommand) -> Any:
     """A skeleton use of a full-rights session: ``_run_command`` of the CommandMessage it stands for,
     without building it. The op was looked up once for the skeleton (:func:`_prepare`); the purpose is
     decided per use as for a command; the reference monitor resolves and checks every id of this use
     (``resolve_ids``: the same scoping, refusals and audit rows, in the same order, as for the expanded
     arguments); what follows the resolution is ``_run_command``'s own code (``_run_resolved``, or
     ``_run_checked`` where none of its checks apply)."""
-    skeleton, op, order, ids = use.skeleton, use.op, use.order, use.ids
+    op, order = skeleton.prepared
+    ids = msg.ids
     purpose = _DP_RELEASE if op.name in _DP_RELEASES else _COMPUTE  # _purpose_of of a torch op
     found: dict = {}
     worker.monitor.resolve_ids(principal, ids if order is None else [ids[s] for s in order], purpose, found)
@@ -164,7 +158,7 @@ def _run_use(worker: Any, principal: Principal, sender: str, use: _Use) -> Any:
         args[at] = found[ids[slot]].obj
     kwargs = skeleton.kwargs
     return _handlers._run_checked(worker, principal, sender, op, purpose, args, dict(kwargs) if kwargs else kwargs,
-                                  found, use.out, skeleton.grad)
+                                  found, msg.return_ids, skeleton.grad)
 
 
 def _full_rights(session: Session) -> bool:
@@ -275,7 +269,7 @@ class InlineLane:
                 if action == "SkeletonCommand":
                     use = _skeleton_use(session.skeletons, msg)  # a definition is kept (or refused) here
                     action = "CommandMessage"
-                    reply = _run_use(self, principal, session.id, use) if type(use) is _Use \
+                    reply = _run_use(self, principal, session.id, use, msg) if type(use) is _PREPARED \
                         else _handlers._run_command(self, principal, session.id, *use)
                 else:
                     reply = _handlers._run_command(self, principal, session.id, msg.op, msg.args, msg.kwargs,
