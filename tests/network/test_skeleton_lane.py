@@ -91,6 +91,8 @@ def test_result_entries_carry_the_capabilities_a_commands_results_carry(hook):
                   "provenance", "nbytes")
         assert {f: getattr(by_use, f) for f in fields} == {f: getattr(by_command, f) for f in fields}
         assert by_use.created_by == session.id and by_use.kind == "client" and by_use.nbytes == 16
+        assert (by_use.tags, by_use.description, by_use.allowed_users, by_use.protected, by_use.meta,
+                by_use.reveal_to) == ((), "", None, False, {}, None)  # each field where the Entry keeps it
     assert server.monitor._find(principal, 11).provenance == frozenset({owned})  # derived from the owner's data
 
 
