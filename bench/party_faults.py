@@ -57,23 +57,34 @@ with network_workers(hook) as (parties, cp):
             c.write(cmd + "\n"); c.flush(); a.readline()
     def cpu(pid):
         f = open(f"/proc/{pid}/stat").read().split(")")[1].split(); return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    def io(pid):  # TCP bytes received / sent over the process's open sockets (peer links included; ss's tcp_info)
+        import re
+        out = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True).stdout.split("\n")
+        r = x = 0
+        for line, info in zip(out, out[1:]):
+            if f"pid={pid}," in line:
+                m1 = re.search(r"bytes_received:(\d+)", info); m2 = re.search(r"bytes_sent:(\d+)", info)
+                r += int(m1.group(1)) if m1 else 0; x += int(m2.group(1)) if m2 else 0
+        return r, x
     def flt(pid):
         f = open(f"/proc/{pid}/stat").read().split(")")[1].split(); return int(f[7])
-    fl = {w: 0 for w in pids}; cp = {w: 0.0 for w in pids}
+    fl = {w: 0 for w in pids}; cp = {w: 0.0 for w in pids}; rw = {w: [0, 0] for w in pids}
     walls = []
     warm = int(os.environ.get("WARM", "0"))
     for i in range(calls + warm):
         if i == warm:
-            fl = {w: 0 for w in pids}; cp = {w: 0.0 for w in pids}; walls = []
+            fl = {w: 0 for w in pids}; cp = {w: 0.0 for w in pids}; rw = {w: [0, 0] for w in pids}; walls = []
         dealer.deal_ahead(plan); dealer.on_exhausted = "raise"
-        a = {w: cpu(p) for w, p in pids.items()}; fa = {w: flt(p) for w, p in pids.items()}
+        a = {w: cpu(p) for w, p in pids.items()}; fa = {w: flt(p) for w, p in pids.items()}; ia = {w: io(p) for w, p in pids.items()}
         if perf: ctl("enable")
         t0 = time.perf_counter(); call()
         for p in parties: me.flush(p)
         walls.append(time.perf_counter() - t0)
         if perf: ctl("disable")
         b = {w: cpu(p) for w, p in pids.items()}
-        for w in pids: fl[w] += flt(pids[w]) - fa[w]; cp[w] += b[w] - a[w]
+        for w in pids:
+            fl[w] += flt(pids[w]) - fa[w]; cp[w] += b[w] - a[w]
+            ib = io(pids[w]); rw[w][0] += ib[0] - ia[w][0]; rw[w][1] += ib[1] - ia[w][1]
         dealer.on_exhausted = "deal"
         if os.environ.get("GCPROBE") and i in (12, 24):
             import signal as _s
@@ -84,6 +95,7 @@ with network_workers(hook) as (parties, cp):
             print("rss MB", rs, "faults", {w: flt(p) - fa[w] for w, p in pids.items()}, flush=True)
     walls.sort()
     print("faults per call", {w: round(fl[w] / calls) for w in pids}, "cpu ms per call", {w: round(cp[w] / calls * 1e3, 1) for w in pids}, "sum", round(sum(cp.values()) / calls * 1e3, 1))
+    print("MB received/sent per call", {w: (round(r / calls / 1e6, 2), round(x / calls / 1e6, 2)) for w, (r, x) in rw.items()})
     print(name, "best %.1f ms median %.1f ms" % (walls[0]*1e3, walls[len(walls)//2]*1e3))
     if os.environ.get("STRACE"):
         st.send_signal(2); st.wait()

@@ -83,3 +83,53 @@ def test_concurrent_products_from_threads_of_one_orchestrator(parties, cp):
     for t in threads:
         t.join(300)
     assert not errors and not wrong, (errors[:3], wrong[:3])
+
+
+def _truncated(parties, cp, values, divisor):
+    return values.share(*parties, crypto_provider=cp).truncate(divisor).get()
+
+
+def _assert_floor_or_next(got, values, divisor):
+    err = got - torch.div(values, divisor, rounding_mode="floor")
+    bad = (err < 0) | (err > 1)  # floor or floor + 1 (the truncation's one ulp)
+    assert int(bad.sum()) == 0, f"{int(bad.sum())} wrong of {values.numel()}, e.g. {values[bad][:3].tolist()}"
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from veil.mpc.truncation import TRUNCATION_BOUND  # noqa: E402
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=st.lists(st.integers(-(TRUNCATION_BOUND - 2**20), TRUNCATION_BOUND - 2**20), min_size=1, max_size=40),
+       divisor=st.sampled_from([2, 2**16, 2**20, 10, 1000]))
+def test_truncation_top_bits_peer_opening_property(parties, cp, values, divisor):
+    """Truncation over peer openings (party 0 gets c, the others its packed top bits) is floor(x / d) or one
+    more over the whole range, edges included, on 2 and 3 parties."""
+    edge = TRUNCATION_BOUND - divisor
+    values = torch.tensor([max(-edge, min(edge, v)) for v in values] + [edge, -edge, 0, -1])
+    _assert_floor_or_next(_truncated(parties, cp, values, divisor), values, divisor)
+
+
+def test_truncation_top_bits_moves_eight_bytes_and_an_eighth_per_entry(hook, parties, cp):
+    """A peer truncation of 10^4 entries across the range (shapes that do not fill a packed byte): correct,
+    nothing through the orchestrator, and the parties after the first are counted 1/64 of the bytes back
+    (8 bytes per entry to the first party, one bit per entry from it)."""
+    from veil.mpc.opening import count_openings
+
+    gen = torch.Generator().manual_seed(3)
+    bound = TRUNCATION_BOUND - 2**16
+    values = torch.empty(10_003, dtype=torch.int64).random_(-bound, bound + 1, generator=gen).view(7, 1429)
+    x = values.share(*parties, crypto_provider=cp)
+    stats = hook.local_worker.stats
+    before = stats.bytes_received
+    with count_openings() as openings:
+        z = x.truncate(2**16)
+    received = stats.bytes_received - before
+    _assert_floor_or_next(z.get(), values, 2**16)
+    assert received < 1024 * len(parties), received
+    first, *rest = [p.id for p in parties]
+    n = values.numel()
+    assert openings.bytes_by_party[first] == (len(parties) - 1) * ((n + 7) // 8)
+    assert all(openings.bytes_by_party[p] == 8 * n for p in rest)

@@ -26,7 +26,7 @@ from veil.workers.peer_openings import PeerOpenMessage
 
 from network_helpers import TOKEN
 from test_redteam_peer_openings import (  # noqa: F401  (fixtures)
-    CLIENT, _as, _peer_token, _rounds_seen, _share, _stored_before, cluster, new_round, sink)
+    CLIENT, REPLIES, _as, _fetch, _peer_token, _rounds_seen, _start, _stored_before, cluster, new_round, sink)
 from tests.security.test_redteam_dealt import BATCH, SECRET, SHAPE, _ref, _setup
 
 CMP_STEPS = ("cmp_mask_values", "cmp_and_open", "cmp_and_open_values", "cmp_bit_open")
@@ -49,12 +49,11 @@ def _unchanged(cluster, stored):
 @pytest.mark.parametrize("step", CMP_STEPS)
 def test_comparison_peer_shares_need_a_peer_token(hook, cluster, step):
     stored = _stored_before(cluster)
-    values = [torch.zeros(6, 7, dtype=torch.int64)]
     for token in (TOKEN, CLIENT):
         conn = _as(hook, cluster["bob"][0], token, "intruder")
         try:
             with pytest.raises(VeilError, match="(?i)peer|client token"):
-                _share(hook, conn, new_round(), values, name=step)
+                _fetch(hook, conn, new_round(), step)
         finally:
             conn.close()
     _unchanged(cluster, stored)
@@ -68,9 +67,9 @@ def test_every_round_of_a_relu_is_refused_on_replay(hook, cluster, monkeypatch):
     assert {msg.name for msg in rounds} == {"cmp_mask_values", "cmp_and_open", "cmp_bit_open"}, rounds
     as_alice = _as(hook, cluster["bob"][0], _peer_token("alice"), "alice")
     try:
-        for msg in rounds:  # alice's peer connection replays a share into each ended round
+        for msg in rounds:  # alice's peer connection asks again for bob's share of each ended round
             with pytest.raises(VeilError, match="(?i)ended|no peer opening round"):
-                _share(hook, as_alice, msg.round, [torch.zeros(6, 7, dtype=torch.int64)] * len(msg.ids), msg.name)
+                _fetch(hook, as_alice, msg.round, msg.name)
     finally:
         as_alice.close()
     _unchanged(cluster, stored)
@@ -93,47 +92,41 @@ def test_a_step_that_is_not_openable_is_not_peer_opened(hook, cluster, step):
 # the workers wait 20 s (not 45) for a round's shares: the attacks below take a few seconds, and the
 # abandoned round then ends after its wait, which this test sits through
 @pytest.mark.parametrize("cluster", [20], indirect=True)
-def test_an_xor_round_refuses_non_parties_wrong_shapes_other_steps_and_a_second_share(hook, cluster):
-    """bob runs a three-party ``cmp_and_open`` round with the sink charlie (which sends nothing): dave
-    (not a party), a share of the wrong shape or dtype, one for another step and a second share from
-    charlie are refused; charlie's one good share completes the round, combined by XOR (an XOR opening)."""
+def test_an_xor_round_refuses_non_parties_other_steps_wrong_shapes_and_a_second_fetch(hook, cluster):
+    """bob runs a three-party ``cmp_and_open`` round with alice and the sink charlie (which answers fetches
+    with its share but takes none itself until the test does): dave (not a party), a fetch for another
+    step and a second fetch from charlie are refused; charlie's one fetch completes the round, whose value
+    is the three shares combined by XOR (an XOR opening). A charlie answering with the wrong shape or
+    dtype ends a round of its own at once, nothing stored."""
     stored = _stored_before(cluster)
     round_id = new_round()
+    good = [torch.full((6,), 0x0F0F, dtype=torch.int64)]
+    REPLIES[round_id] = good
     orchestrator = {n: _as(hook, cluster[n][0], TOKEN, "orchestrator") for n in ("alice", "bob")}
     ids = {n: [new_id()] for n in orchestrator}
     x = torch.arange(6, dtype=torch.int64) * 0x1111
     shares = {n: x.send(c) for n, c in orchestrator.items()}
     errors = {}
 
-    def open_on(name):
+    def opening(name, rid, parties):
         ref = m.ObjectRef(shares[name].id_at_location)
-        msg = PeerOpenMessage("cmp_and_open", ([ref, ref], ref, ref, ref, 0, True), {}, round_id,
-                              ["alice", "bob", "charlie"], ids[name])
-        try:
-            hook.local_worker.send_msg(msg, orchestrator[name])
-        except Exception as e:  # noqa: BLE001
-            errors[name] = e
+        return PeerOpenMessage("cmp_and_open", ([ref, ref], ref, ref, ref, 0, True), {}, rid, parties, ids[name])
 
-    threads = {n: threading.Thread(target=open_on, args=(n,)) for n in orchestrator}
-    for t in threads.values():
-        t.start()
+    threads = {n: _start(hook, orchestrator[n], opening(n, round_id, ["alice", "bob", "charlie"]), errors, n)
+               for n in orchestrator}
     bob = cluster["bob"][0]
-    good = [torch.full((6,), 0x0F0F, dtype=torch.int64)]
-    attacks = [("dave", good, "cmp_and_open", "not a party"),
-               ("charlie", [torch.zeros(7, dtype=torch.int64)], "cmp_and_open", "shapes"),
-               ("charlie", [torch.zeros(6, dtype=torch.int32)], "cmp_and_open", "shapes"),
-               ("charlie", good * 2, "cmp_and_open", "values"),
-               ("charlie", good, "cmp_bit_open", "the round opens"),
-               ("charlie", good, "cmp_and_open", None),  # accepted ...
-               ("charlie", good, "cmp_and_open", "(?i)already sent|ended|no peer opening round")]  # ... once
-    for sender, values, step, match in attacks:
+    attacks = [("dave", "cmp_and_open", "(?i)not a reader"),
+               ("charlie", "cmp_bit_open", "(?i)opens 'cmp_and_open'"),
+               ("charlie", "cmp_and_open", None),  # answered ...
+               ("charlie", "cmp_and_open", "(?i)already took|ended|no peer opening round")]  # ... once
+    for sender, step, match in attacks:
         conn = _as(hook, bob, _peer_token(sender), sender)
         try:
             if match is None:
-                _share(hook, conn, round_id, values, step)
+                _fetch(hook, conn, round_id, step)
             else:
                 with pytest.raises(VeilError, match=match):
-                    _share(hook, conn, round_id, values, step)
+                    _fetch(hook, conn, round_id, step)
         finally:
             conn.close()
     threads["bob"].join(120)
@@ -142,9 +135,14 @@ def test_an_xor_round_refuses_non_parties_wrong_shapes_other_steps_and_a_second_
     (got,) = [sy.PointerTensor(orchestrator["bob"], oid, hook.local_worker, (6,), torch.int64).get()
               for oid in ids["bob"]]
     assert torch.equal(got, good[0]), got
-    orchestrator["alice"].close()  # alice's round is abandoned
+    orchestrator["alice"].close()  # alice waits for charlie's fetch: her round is abandoned
     threads["alice"].join(120)
     assert "alice" in errors
+    for values in ([torch.zeros(7, dtype=torch.int64)], [torch.zeros(6, dtype=torch.int32)], good * 2):
+        rid = new_round()
+        REPLIES[rid] = values
+        with pytest.raises(VeilError, match="(?i)shapes and dtypes|values"):
+            hook.local_worker.send_msg(opening("bob", rid, ["bob", "charlie"]), orchestrator["bob"])
     orchestrator["bob"].close()
     _unchanged(cluster, stored)
 

@@ -1,11 +1,12 @@
-"""Red team, peer openings (veil/workers/peer_openings.py): parties send Beaver opening shares to each other.
+"""Red team, peer openings (veil/workers/peer_openings.py): parties fetch each other's Beaver opening shares.
 
 Four ``veil worker`` processes, each presenting its own peer token: alice, bob and charlie (parties)
-and dave (a peer of everyone that holds no share). The attacks: shares from a client or scientist
-token, a non-party peer, a party twice, of the wrong shape / dtype / size, for a round that ended
-(replay) or was abandoned (its orchestrator gone), a round id reused, an orchestrator naming a
-non-party peer or an unknown worker. After each, nothing was stored or revealed, the workers still
-serve a peer-opened product equal to torch's, and the objects stored before are unchanged.
+and dave (a peer of everyone that holds no share). The attacks: fetches from a client or scientist
+token, a non-party peer, a party twice, for another step, for a round that ended (replay) or was
+abandoned (its orchestrator gone), a round id reused, an orchestrator naming a non-party peer or an
+unknown worker, and a hostile party answering a fetch with values of the wrong count, shape or dtype.
+After each, nothing was stored or revealed, the workers still serve a peer-opened product equal to
+torch's, and the objects stored before are unchanged.
 """
 
 from __future__ import annotations
@@ -19,14 +20,19 @@ import veil as sy
 from veil.exceptions import VeilError
 from veil.ids import new_id
 from veil.messaging import messages as m
+from veil.messaging.serde import deserialize
 from veil.tensors.mpc_glue.runtime import enable_peer_openings
-from veil.workers.peer_openings import PEER_SHARE, PeerOpenMessage
+from veil.workers.peer_openings import PeerFetchMessage, PeerOpenMessage
 
 from network_helpers import PEER, TOKEN
 from worker_processes import spawned_workers
 
 CLIENT = "net-client-token-for-peer-tests"
 NAMES = ("alice", "bob", "dave")  # veil worker processes; charlie is a sink the test runs (a malicious party)
+
+#: every request the sink charlie was sent (decoded), and what it answers a fetch for a round with
+RECEIVED: list = []
+REPLIES: dict = {}
 
 
 def _peer_token(name: str) -> str:
@@ -35,16 +41,24 @@ def _peer_token(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def sink():
-    """A fake party "charlie": accepts any peer connection and answers every request with OkReply
-    (it takes the shares it is sent and never sends its own)."""
+    """A fake party "charlie": accepts any peer connection, records every request, answers a fetch with
+    ``REPLIES[round]`` (none set: no values) and anything else with OkReply (it never fetches itself)."""
     from websockets.sync.server import serve
 
     from veil.messaging.serde import serialize
     from veil.workers.websocket_launcher import free_port
 
     def handler(ws):
-        for _ in ws:
-            ws.send(serialize(m.OkReply(), sender="charlie"))
+        for data in ws:
+            try:
+                msg = deserialize(data)[0]
+            except Exception as e:  # noqa: BLE001  (recorded: a test fails on it)
+                msg = e
+            RECEIVED.append(msg)
+            if type(msg) is PeerFetchMessage:
+                ws.send(serialize(m.ObjectsReply(list(REPLIES.get(msg.round, []))), sender="charlie"))
+            else:
+                ws.send(serialize(m.OkReply(), sender="charlie"))
 
     port = free_port()
     server = serve(handler, "127.0.0.1", port, max_size=None)
@@ -57,7 +71,7 @@ def sink():
 @pytest.fixture(scope="module")
 def cluster(request, hook, sink):
     """name -> (process, scientist connection); peer openings enabled on alice and bob. The workers wait
-    ``request.param`` seconds (default 45) for a round's shares or registration. One cluster per module
+    ``request.param`` seconds (default 45) for a round's shares or fetches. One cluster per module
     and wait (starting four processes costs ~9 s): every test leaves it serving, which each one checks
     (``_unchanged``), and the attacks that abandon a round get a cluster of their own (their own wait)."""
     from veil.workers.websocket_launcher import free_port
@@ -97,8 +111,27 @@ def _as(hook, proc, token: str, name: str):
                                     token=token, timeout=90)
 
 
-def _share(hook, conn, round_id: str, values: list, name: str = "beaver_mask"):
-    return hook.local_worker.send_msg(m.CommandMessage(PEER_SHARE, (round_id, name, *values), {}, [], False), conn)
+def _fetch(hook, conn, round_id: str, name: str = "beaver_mask") -> list:
+    """Fetches, over ``conn``, what the worker's round ``round_id`` published to that connection's peer."""
+    return list(hook.local_worker.send_msg(PeerFetchMessage(round_id, name), conn).objects)
+
+
+def _fetches_of(round_id: str) -> list:
+    """The fetches the sink charlie was sent for ``round_id``."""
+    return [msg for msg in RECEIVED if type(msg) is PeerFetchMessage and msg.round == round_id]
+
+
+def _start(hook, conn, msg, errors: dict, name: str) -> threading.Thread:
+    """Sends ``msg`` over ``conn`` on a thread (a party's peer opening blocks until its round ends)."""
+    def run():
+        try:
+            hook.local_worker.send_msg(msg, conn)
+        except Exception as e:  # noqa: BLE001
+            errors[name] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
 
 
 def _honest_product(cluster, parties=("alice", "bob")):
@@ -137,15 +170,14 @@ def _rounds_seen(monkeypatch):
     return seen
 
 
-def test_peer_command_and_peer_opening_need_a_peer_token(hook, cluster):
+def test_peer_fetch_and_peer_opening_need_a_peer_token(hook, cluster):
     stored = _stored_before(cluster)
     bob = cluster["bob"][0]
-    values = [torch.zeros(16, 8, dtype=torch.int64)] * 2
     for token in (TOKEN, CLIENT):  # a scientist (full rights otherwise) and a serving client
         conn = _as(hook, bob, token, "intruder")
         try:
             with pytest.raises(VeilError, match="(?i)peer|client token"):
-                _share(hook, conn, "a" * 32, values)
+                _fetch(hook, conn, "a" * 32)
         finally:
             conn.close()
     conn = _as(hook, bob, CLIENT, "client")
@@ -157,18 +189,18 @@ def test_peer_command_and_peer_opening_need_a_peer_token(hook, cluster):
     _unchanged(cluster, stored)
 
 
-def test_a_share_for_an_ended_round_is_refused_and_a_round_id_is_used_once(hook, cluster, monkeypatch):
+def test_a_fetch_for_an_ended_round_is_refused_and_a_round_id_is_used_once(hook, cluster, monkeypatch):
     stored = _stored_before(cluster)
     seen = _rounds_seen(monkeypatch)
     _honest_product(cluster)
     (where, msg), = [s for s in seen if s[0] == "bob"]
     as_alice = _as(hook, cluster["bob"][0], _peer_token("alice"), "alice")
-    try:  # replay: alice's peer connection delivers a share for the round that was opened
+    try:  # replay: alice's peer connection asks again for bob's share of the round that was opened
         with pytest.raises(VeilError, match="(?i)ended|no peer opening round"):
-            _share(hook, as_alice, msg.round, [torch.zeros(16, 8, dtype=torch.int64)] * 2)
+            _fetch(hook, as_alice, msg.round)
     finally:
         as_alice.close()
-    # the orchestrator opens a step again under the same round id: refused before anything is sent
+    # the orchestrator opens a step again under the same round id: refused before anything is published
     bob = cluster["bob"][1]
     x = torch.zeros(16, 8, dtype=torch.int64).send(bob)
     again = PeerOpenMessage("beaver_mask", (m.ObjectRef(x.id_at_location),) * 4, {}, msg.round, ["alice", "bob"],
@@ -178,14 +210,14 @@ def test_a_share_for_an_ended_round_is_refused_and_a_round_id_is_used_once(hook,
     _unchanged(cluster, stored)
 
 
-@pytest.mark.parametrize("cluster", [3], indirect=True)  # dave waits 3 s for a round it never runs
+@pytest.mark.parametrize("cluster", [3], indirect=True)  # alice waits 3 s for a fetch dave never makes
 def test_an_orchestrator_cannot_route_a_share_to_a_non_party_or_unknown_worker(hook, cluster):
     stored = _stored_before(cluster)
     alice = cluster["alice"][1]
     x = torch.arange(8, dtype=torch.int64).send(alice)
     ids = [new_id(), new_id()]
     args = (m.ObjectRef(x.id_at_location),) * 4
-    for parties, match in ((["alice", "dave"], "(?i)no peer opening round|peer share"),  # dave runs no such round
+    for parties, match in ((["alice", "dave"], "(?i)no peer opening round|peer"),  # dave runs no such round
                            (["alice", "mallory"], "(?i)does not know|no peer")):  # not a configured peer
         with pytest.raises(VeilError, match=match):
             hook.local_worker.send_msg(PeerOpenMessage("beaver_mask", args, {}, new_round(), parties, ids), alice)
@@ -203,67 +235,96 @@ def new_round() -> str:
     return secrets.token_hex(16)
 
 
-# the workers wait 20 s (not 45) for a round's shares: the attacks below take a few seconds, and the
+@pytest.mark.parametrize("cluster", [20], indirect=True)
+def test_a_hostile_partys_wrong_values_end_the_round_and_nothing_is_stored(hook, cluster):
+    """bob runs two-party rounds with the sink charlie, which answers bob's fetch with values of the wrong
+    count, shape, size or dtype: each round fails at bob at once and stores nothing; a good answer (and
+    charlie taking bob's share) completes one, whose opened value is what the two published, summed."""
+    stored = _stored_before(cluster)
+    bob = cluster["bob"][1]
+    x = torch.arange(6, dtype=torch.int64).send(bob)
+    ref = m.ObjectRef(x.id_at_location)
+    good = [torch.full((6,), 5, dtype=torch.int64)] * 2
+    bad = [[torch.zeros(7, dtype=torch.int64)] * 2, [torch.zeros(6, dtype=torch.int32)] * 2,
+           [torch.zeros(6, dtype=torch.float64)] * 2, [torch.zeros(1 << 20, dtype=torch.int64)] * 2, good[:1],
+           good * 2]
+    for values in bad:
+        round_id, ids = new_round(), [new_id(), new_id()]
+        REPLIES[round_id] = values
+        with pytest.raises(VeilError, match="(?i)shapes and dtypes|values"):
+            hook.local_worker.send_msg(PeerOpenMessage("beaver_mask", (ref,) * 4, {}, round_id, ["bob", "charlie"],
+                                                       ids), bob)
+        for oid in ids:
+            with pytest.raises(VeilError):
+                sy.PointerTensor(bob, oid, hook.local_worker, (6,), torch.int64).get()
+    round_id, ids, errors = new_round(), [new_id(), new_id()], {}
+    REPLIES[round_id] = good
+    thread = _start(hook, bob, PeerOpenMessage("beaver_mask", (ref,) * 4, {}, round_id, ["bob", "charlie"], ids),
+                    errors, "bob")
+    as_charlie = _as(hook, cluster["bob"][0], _peer_token("charlie"), "charlie")
+    try:  # charlie takes bob's share: x - x = 0 for both beaver_mask outputs
+        assert all(torch.equal(t, torch.zeros(6, dtype=torch.int64)) for t in _fetch(hook, as_charlie, round_id))
+    finally:
+        as_charlie.close()
+    thread.join(120)
+    assert not errors, errors
+    for oid in ids:
+        assert torch.equal(sy.PointerTensor(bob, oid, hook.local_worker, (6,), torch.int64).get(), good[0])
+    _unchanged(cluster, stored)
+
+
+# the workers wait 20 s (not 45) for a round's fetches: the attacks below take a few seconds, and the
 # abandoned round then ends after its wait, which this test sits through
 @pytest.mark.parametrize("cluster", [20], indirect=True)
-def test_shares_of_non_parties_wrong_form_or_after_the_round_was_abandoned_are_refused(hook, cluster):
-    """alice and bob run a three-party round with the sink "charlie", which takes their shares and sends
-    none: both wait for charlie's. Meanwhile dave (a peer, not a party), shares of the wrong shape, dtype,
-    size or count, and a second share from charlie are refused at bob; one good share from charlie
-    completes bob's round. alice's orchestrator disconnects (her round is abandoned): charlie's share,
+def test_fetches_of_non_parties_other_steps_twice_or_after_the_round_was_abandoned_are_refused(hook, cluster):
+    """alice and bob run a three-party round with the sink "charlie", which answers their fetches but never
+    takes their shares: both wait for charlie. Meanwhile dave (a peer, not a party), a fetch for another
+    step and a second fetch from charlie are refused at bob; charlie's one fetch gets bob's share and
+    completes bob's round. alice's orchestrator disconnects (her round is abandoned): charlie's fetch,
     arriving now, is refused, and nothing was stored under alice's ids."""
     stored = _stored_before(cluster)
     round_id = new_round()
+    good = [torch.full((6,), 5, dtype=torch.int64)] * 2
+    REPLIES[round_id] = good
     orchestrator = {n: _as(hook, cluster[n][0], TOKEN, "orchestrator") for n in ("alice", "bob")}
     ids = {n: [new_id(), new_id()] for n in orchestrator}
     x = torch.arange(6, dtype=torch.int64)
     shares = {n: x.send(c) for n, c in orchestrator.items()}
     errors = {}
-
-    def open_on(name):
-        ref = m.ObjectRef(shares[name].id_at_location)
-        msg = PeerOpenMessage("beaver_mask", (ref,) * 4, {}, round_id, ["alice", "bob", "charlie"], ids[name])
-        try:
-            hook.local_worker.send_msg(msg, orchestrator[name])
-        except Exception as e:  # noqa: BLE001
-            errors[name] = e
-
-    threads = {n: threading.Thread(target=open_on, args=(n,)) for n in orchestrator}
-    for t in threads.values():
-        t.start()
+    threads = {}
+    for n in orchestrator:
+        ref = m.ObjectRef(shares[n].id_at_location)
+        msg = PeerOpenMessage("beaver_mask", (ref,) * 4, {}, round_id, ["alice", "bob", "charlie"], ids[n])
+        threads[n] = _start(hook, orchestrator[n], msg, errors, n)
     bob = cluster["bob"][0]
-    good = [torch.full((6,), 5, dtype=torch.int64)] * 2
-    attacks = [("dave", good, "not a party"),
-               ("charlie", [torch.zeros(7, dtype=torch.int64)] * 2, "shapes"),
-               ("charlie", [torch.zeros(6, dtype=torch.int32)] * 2, "shapes"),
-               ("charlie", [torch.zeros(6, dtype=torch.float64)] * 2, "shapes"),
-               ("charlie", [torch.zeros(1 << 20, dtype=torch.int64)] * 2, "shapes"),
-               ("charlie", good[:1], "values"),
-               ("charlie", good, None),  # the share bob's round waits for: accepted ...
-               ("charlie", good, "(?i)already sent|ended|no peer opening round")]  # ... once
-    for sender, values, match in attacks:
+    attacks = [("dave", "beaver_mask", "(?i)not a reader"),
+               ("charlie", "trunc_mask", "(?i)opens 'beaver_mask'"),
+               ("charlie", "beaver_mask", None),  # the fetch bob's round waits for: answered ...
+               ("charlie", "beaver_mask", "(?i)already took|ended|no peer opening round")]  # ... once
+    for sender, step, match in attacks:
         conn = _as(hook, bob, _peer_token(sender), sender)
         try:
             if match is None:
-                _share(hook, conn, round_id, values)
+                got = _fetch(hook, conn, round_id, step)
+                assert all(torch.equal(t, torch.zeros(6, dtype=torch.int64)) for t in got)  # bob's x - x
             else:
                 with pytest.raises(VeilError, match=match):
-                    _share(hook, conn, round_id, values)
+                    _fetch(hook, conn, round_id, step)
         finally:
             conn.close()
     threads["bob"].join(120)
     assert "bob" not in errors, errors
-    # bob opened x - x from itself and alice (0) plus charlie's 5: what the parties sent, summed mod 2^64
+    # bob opened x - x from itself and alice (0) plus charlie's 5: what the parties published, summed mod 2^64
     for oid in ids["bob"]:
         got = sy.PointerTensor(orchestrator["bob"], oid, hook.local_worker, (6,), torch.int64).get()
         assert torch.equal(got, good[0])
-    orchestrator["alice"].close()  # alice still waits for charlie: her round is abandoned
+    orchestrator["alice"].close()  # alice still waits for charlie's fetch: her round is abandoned
     threads["alice"].join(120)
     assert "alice" in errors
     conn = _as(hook, cluster["alice"][0], _peer_token("charlie"), "charlie")
     try:
         with pytest.raises(VeilError, match="(?i)ended|no peer opening round"):
-            _share(hook, conn, round_id, good)
+            _fetch(hook, conn, round_id)
     finally:
         conn.close()
     orchestrator["bob"].close()

@@ -272,25 +272,48 @@ def open_at_parties(name: str, per_party: Mapping[Hashable, tuple], **kwargs: An
     opened values on itself; otherwise this is :func:`open_parties` (the star) and every
     party gets the same public tensors. Either way one round, counted the same.
     """
+    opened = _open_among_parties(name, per_party, kwargs, top_bits=False)
+    if opened is not None:
+        return opened
+    totals = open_parties(name, per_party, **kwargs)
+    return {p: totals for p in per_party}
+
+
+def open_top_bits_at_parties(name: str, per_party: Mapping[Hashable, tuple], **kwargs: Any) -> dict | None:
+    """A peer opening of a one-output step in which only the first party keeps the opened value and every
+    other party keeps its top bits packed 8 to a uint8 byte (truncation: :mod:`veil.mpc.truncation`):
+    party -> [handle]. The others send their shares to the first party only, and it sends back 1/64 of
+    the bytes. None when these parties cannot open among themselves (the caller opens through the star)."""
+    return _open_among_parties(name, per_party, kwargs, top_bits=True)
+
+
+def _open_among_parties(name: str, per_party: Mapping[Hashable, tuple], kwargs: dict,
+                        top_bits: bool) -> dict[Hashable, list] | None:
     if name not in OPENABLE:
         raise MPCError(f"{name!r} is not an openable protocol step")
     runtime, where = None, []
     for args in per_party.values():
         rt, party = _party_of(args)
         if rt is None or (runtime is not None and rt is not runtime) or any(party is w for w in where):
-            runtime = None
-            break
+            return None
         runtime = rt
         where.append(party)
-    if runtime is not None and len(where) >= 2:
-        all_args = [tuple(a) for a in per_party.values()]
-        out = _output_meta(name, PARTY_FUNCTIONS[name], all_args[0], kwargs)
-        meta = list(out) if isinstance(out, (tuple, list)) else [out]
-        opened = runtime.open_at_parties(name, all_args, kwargs, meta)
-        if opened is not None:
-            n = len(per_party)
-            numel = sum(t.numel() for t in meta)
-            record_opening(n * (n - 1) * numel, {p: 8 * (n - 1) * numel for p in per_party})
-            return dict(zip(per_party, opened))
-    totals = open_parties(name, per_party, **kwargs)
-    return {p: totals for p in per_party}
+    if runtime is None or len(where) < 2:
+        return None
+    all_args = [tuple(a) for a in per_party.values()]
+    out = _output_meta(name, PARTY_FUNCTIONS[name], all_args[0], kwargs)
+    meta = list(out) if isinstance(out, (tuple, list)) else [out]
+    if top_bits and len(meta) != 1:
+        raise MPCError(f"{name}: a top-bits opening opens one value, not {len(meta)}")
+    opened = runtime.open_at_parties(name, all_args, kwargs, meta, top_bits=True) if top_bits \
+        else runtime.open_at_parties(name, all_args, kwargs, meta)
+    if opened is None:
+        return None
+    n = len(per_party)
+    numel = sum(t.numel() for t in meta)
+    if top_bits:  # the others' shares to the first party, the packed bits back: counted as one round
+        first, *rest = per_party
+        record_opening((n - 1) * numel, {first: (n - 1) * ((numel + 7) // 8), **{p: 8 * numel for p in rest}})
+    else:
+        record_opening(n * (n - 1) * numel, {p: 8 * (n - 1) * numel for p in per_party})
+    return dict(zip(per_party, opened))

@@ -91,12 +91,14 @@ class PartyRuntime(ABC):
         """
 
     def open_at_parties(self, name: str, per_party: Sequence[tuple], kwargs: dict,
-                        outputs: Sequence[torch.Tensor]) -> Optional[list[list[Any]]]:
+                        outputs: Sequence[torch.Tensor], top_bits: bool = False) -> Optional[list[list[Any]]]:
         """A *peer opening*: the parties exchange their outputs of openable step ``name`` among
         themselves and each keeps the opened values (nothing opened passes through here).
 
         Args:
             outputs: The step's outputs on meta tensors (shapes, dtypes).
+            top_bits: Only the first party keeps the (one) opened value; the others keep its top bits
+                packed 8 to a uint8 (``pack_top_bits`` of :mod:`veil.mpc.truncation`).
 
         Returns:
             For each party (same order), handles to the opened values on it; or None when these

@@ -33,10 +33,12 @@ a byte (:func:`pack_top_bits`; ``trunc_finish_bits``): 1/64 of the bytes of
 ``c`` (1e6 entries: 125 kB instead of 8 MB per party), and a party learns a
 function of what it was shown before, nothing more.
 
-With peer openings (network parties that open among themselves, :func:`open_at_parties`)
-every party reconstructs ``c`` itself from the others' shares (a masked value, as the
-orchestrator sees it in the star) and runs ``trunc_finish``: one hop, nothing through the
-orchestrator.
+With peer openings (network parties that open among themselves,
+:func:`~veil.mpc.party.open_top_bits_at_parties`) the same split happens without the
+orchestrator: parties 1.. send their shares of ``c`` to party 0 only, which reconstructs ``c``
+(a masked value, as the orchestrator sees it in the star) and sends each of them the packed top
+bits: per product ``8 + 1/8`` bytes per entry and other party instead of 16 when every party
+reconstructed ``c``, and no party but party 0 learns more than ``c_hi``.
 
 Cost: one round, one ring element per entry per party to each other party
 (for 2 parties this is one round more than SecureML's local truncation,
@@ -51,10 +53,9 @@ from typing import Hashable, Mapping
 
 import torch
 
-from veil.mpc.party import open_at_parties, party_function, run_party
+from veil.mpc.party import open_parties, open_top_bits_at_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
 from veil.mpc.ring import wrap_int
-from veil.mpc.runtime import runtime_of
 
 Shares = Mapping[Hashable, torch.Tensor]
 
@@ -220,12 +221,13 @@ def truncate_with_pairs(shares: Shares, divisor: int, provider: Provider) -> dic
     shape = tuple(shares[parties[0]].shape)
     pairs = provider.truncation_pairs(shape, divisor, parties)
     shift = shift_for(divisor)
-    opened = open_at_parties("trunc_mask", {p: (shares[p], pairs[p][0], shift if i == 0 else 0)
-                                            for i, p in enumerate(parties)})
-    (c,) = opened[parties[0]]
-    if runtime_of(c) is not None:  # a peer opening: every party reconstructed c itself, one hop for all
-        return {p: run_party("trunc_finish", opened[p][0], pairs[p][1], pairs[p][2], divisor=divisor, first=(i == 0))
+    per_party = {p: (shares[p], pairs[p][0], shift if i == 0 else 0) for i, p in enumerate(parties)}
+    opened = open_top_bits_at_parties("trunc_mask", per_party)
+    if opened is not None:  # a peer opening: party 0 holds c, the others its packed top bits
+        return {p: run_party("trunc_finish", opened[p][0], pairs[p][1], pairs[p][2], divisor=divisor, first=True)
+                if i == 0 else run_party("trunc_finish_bits", opened[p][0], pairs[p][1], pairs[p][2])
                 for i, p in enumerate(parties)}
+    (c,) = open_parties("trunc_mask", per_party)
     return finish_truncation(c, pairs, divisor)
 
 

@@ -9,23 +9,39 @@ stored under. Each party then
 1. runs the step under the reference monitor's opening rules (``monitor.open_step``: only openable
    steps, the session's compute rights, fresh dealer masks consumed once where a value is protected
    for someone else), exactly as for a star opening;
-2. sends its outputs, as the peer command :data:`PEER_SHARE`, only to the other parties the message
-   names, over its authenticated peer connections (``--peer``; never to a worker it has no peer link to),
-   to all of them at once (one thread per further peer);
-3. waits, with the worker lock handed back (:func:`veil.workers.cancellation.outside_turn`), for the
-   other parties' shares of the same round, sums them with its own (XORs the outputs that are XOR
-   shares: ``XOR_OPENABLE`` steps, the leading ``XOR_LEADING`` outputs) and stores the opened values in
-   the requesting session's namespace under the given ids (plain client objects: the values the star
-   would have sent it as public arguments). The reply carries no tensor.
+2. *publishes* its outputs to the other parties the message names: the round, registered under its
+   id, holds them for exactly those readers, each of which may take them once;
+3. *fetches* every other party's outputs of the same round with a :class:`PeerFetchMessage` over its
+   authenticated peer connection to that party (``--peer``; never from a worker it has no peer link
+   to; from all of them at once, one thread per further peer), checks that each reply has the count,
+   shapes and dtypes of its own outputs, and, with the worker lock handed back
+   (:func:`veil.workers.cancellation.outside_turn`), waits until every reader took its outputs;
+4. sums the shares (XORs the outputs that are XOR shares: ``XOR_OPENABLE`` steps, the leading
+   ``XOR_LEADING`` outputs) into the received tensors (a published tensor is never written again: the
+   server sends it from its memory) and stores the opened values in the requesting session's
+   namespace under the given ids (plain client objects: the values the star would have sent it as
+   public arguments). The reply carries no tensor.
 
-The receiving side (:class:`PeerRounds`, one per worker) keeps at most one contribution per named
-sender per round; a contribution is accepted only from a peer session (``--accept-peer``) whose name
-the round lists, for a round id this worker's session registered with the same step, with exactly the
-count, shapes and dtypes of this party's own outputs. A round is consumed once: when it ends (opened,
-failed, abandoned, its session gone) its id is remembered as closed and later shares for it are
-refused. Contributions that arrive before their round is registered wait (outside the worker lock,
-bounded in number and time) instead of being buffered, so a flood of them holds no more memory than
-the requests the server already has in flight.
+Why a pull: websocket clients must mask every frame they send (RFC 6455) and servers unmask it,
+while a server's reply goes unmasked; the party that fetches reads the reply straight into one
+buffer (the client transport's direct read), where a pushed request went through the server's
+asyncio stream buffer, a frame slice and a reassembly copy. A share moves once, in a reply, with
+no XOR pass on either side and one copy fewer.
+
+**Top bits only** (``reveal="top_bits"``, the steps in :data:`TOP_BITS_STEPS`: truncation's
+``trunc_mask``): only the first named party needs the opened value itself; the others need only its
+top bits (:mod:`veil.mpc.truncation`). Then the other parties publish their shares to the first party
+only, which fetches them, sums them, keeps the opened value and publishes to each of them the value's
+top bits packed 8 to a byte (:func:`veil.mpc.truncation.pack_top_bits`), which they fetch and store instead: 1/64 of the bytes
+back, and a party other than the first learns exactly what the star opening would show it.
+
+The serving side (:class:`PeerRounds`, one per worker) hands a round's outputs only to a peer
+session (``--accept-peer``) whose name the round lists as a reader, once per reader, for a round id
+this worker's session registered with the same step. A round is consumed once: when it ends (opened,
+failed, abandoned, its session gone) its id is remembered as closed and later fetches for it are
+refused. Fetches that arrive before their round is registered or published wait (outside the worker
+lock, bounded in number and time), so a flood of them holds no more memory than the requests the
+server already has in flight.
 """
 
 from __future__ import annotations
@@ -42,26 +58,29 @@ import torch
 
 from veil.exceptions import PermissionDeniedError, RemoteExecutionError
 from veil.messaging import messages as m
-from veil.messaging.allowlist import register_worker_function
 from veil.mpc.party import XOR_LEADING, XOR_OPENABLE, check_openable, run_openable
+from veil.mpc.truncation import pack_top_bits
 from veil.workers import cancellation
 from veil.workers.base import register_handler
 from veil.workers.store import Kind
-from veil.workers.websocket_auth import SESSION_END_HANDLERS, register_peer_command
+from veil.workers.websocket_auth import SESSION_END_HANDLERS, register_peer_message
 
-PEER_SHARE = "veil.mpc.peer_share"
 #: most parties of one peer opening
 MAX_PARTIES = 16
-#: how long a party waits for the other parties' shares, and a share for its round's registration
+#: how long a party waits for the other parties' outputs and for its readers, and a fetch for its round
 #: (the environment variable is for tests and very slow machines)
 WAIT_SECONDS = float(os.environ.get("VEIL_PEER_WAIT_SECONDS", "60"))
-#: rounds open at once on one worker, and shares waiting for their round's registration (in all, and
-#: per peer: an honest peer's connection has one request in flight at a time)
+#: rounds open at once on one worker, and fetches waiting for their round (in all, and per peer: an
+#: honest peer's connection has one request in flight at a time)
 MAX_OPEN_ROUNDS = 64
-MAX_WAITING_SHARES = 32
+MAX_WAITING_FETCHES = 32
 MAX_WAITING_PER_PEER = 4
-#: ended round ids remembered (late shares for them are refused at once, not left waiting)
+#: ended round ids remembered (late fetches for them are refused at once, not left waiting)
 CLOSED_MEMORY = 4096
+#: openable steps of one output a peer opening may reveal to its first party only (the others get the
+#: packed top bits of the opened value): truncation, whose other parties need only c's top bits
+TOP_BITS_STEPS = frozenset({"trunc_mask"})
+REVEALS = ("", "top_bits")
 
 
 @m.register_message
@@ -76,10 +95,24 @@ class PeerOpenMessage:
     round: str = ""
     parties: list = field(default_factory=list)
     ids: list = field(default_factory=list)
+    #: "" every party keeps the opened values; "top_bits" only the first party does, the others keep
+    #: the packed top bits of the (one) opened value
+    reveal: str = ""
 
     def __post_init__(self) -> None:
         if type(self.args) is list:
             self.args = tuple(self.args)
+
+
+@m.register_message
+@dataclass
+class PeerFetchMessage:
+    """A party asks a peer for what the peer published to it in a peer opening round both run (step
+    ``name``); the reply is an ObjectsReply of those tensors. Only peer sessions may send it."""
+
+    TYPE: ClassVar[int] = 42
+    round: str = ""
+    name: str = ""
 
 
 class PeerOpeningError(RemoteExecutionError):
@@ -90,13 +123,13 @@ class PeerOpeningError(RemoteExecutionError):
 class _Round:
     namespace: str
     name: str
-    senders: frozenset
-    expected: list  # (shape, dtype) of this party's own outputs
-    got: dict = field(default_factory=dict)  # sender -> its outputs
+    readers: frozenset  # the peers this party publishes to
+    published: list | None = None
+    taken: set = field(default_factory=set)
 
 
 class PeerRounds:
-    """The peer openings a worker's sessions are running, and the shares delivered for them."""
+    """The peer openings a worker's sessions are running, and what they publish to their peers."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -104,16 +137,23 @@ class PeerRounds:
         self._closed: OrderedDict[str, None] = OrderedDict()
         self._waiting: dict[str, int] = {}
 
-    def open(self, namespace: str, round_id: str, name: str, senders: frozenset, outputs: list) -> _Round:
+    def open(self, namespace: str, round_id: str, name: str, readers: frozenset) -> _Round:
+        """Registers a round whose outputs (once published) go to ``readers``, each once."""
         with self._cond:
             if round_id in self._open or round_id in self._closed:
                 raise PeerOpeningError(f"peer opening round {round_id!r} is not fresh")
             if len(self._open) >= MAX_OPEN_ROUNDS:
                 raise PeerOpeningError("too many peer openings in progress on this worker")
-            rnd = _Round(namespace, name, senders, [(tuple(t.shape), t.dtype) for t in outputs])
+            rnd = _Round(namespace, name, readers)
             self._open[round_id] = rnd
             self._cond.notify_all()
             return rnd
+
+    def publish(self, rnd: _Round, tensors: list) -> None:
+        """The round's tensors for its readers (never written afterwards: replies send them from memory)."""
+        with self._cond:
+            rnd.published = tensors
+            self._cond.notify_all()
 
     def check_fresh(self, round_id: str) -> None:
         """Refuses a round id in use or ended, before the step consumes any dealt mask."""
@@ -140,64 +180,57 @@ class PeerRounds:
                 self._closed[round_id] = None
             self._cond.notify_all()
 
-    def deposit(self, round_id: str, sender: str, name: str, tensors: list) -> None:
-        """A peer's share for ``round_id``; waits (bounded) for the round to be registered here."""
+    def take(self, round_id: str, reader: str, name: str) -> list:
+        """What ``round_id`` published to peer ``reader``, once; waits (bounded) for the round to be
+        registered and published here."""
         deadline = time.monotonic() + WAIT_SECONDS
         with self._cond:
             rnd = self._open.get(round_id)
-            if rnd is None and round_id not in self._closed:
-                if sum(self._waiting.values()) >= MAX_WAITING_SHARES \
-                        or self._waiting.get(sender, 0) >= MAX_WAITING_PER_PEER:
-                    raise PeerOpeningError("too many peer shares waiting for their rounds on this worker")
-                self._waiting[sender] = self._waiting.get(sender, 0) + 1
+            if (rnd is None or rnd.published is None) and round_id not in self._closed:
+                if rnd is not None and reader not in rnd.readers:
+                    raise PeerOpeningError(f"{reader!r} is not a reader of round {round_id!r}")
+                if sum(self._waiting.values()) >= MAX_WAITING_FETCHES \
+                        or self._waiting.get(reader, 0) >= MAX_WAITING_PER_PEER:
+                    raise PeerOpeningError("too many peer fetches waiting for their rounds on this worker")
+                self._waiting[reader] = self._waiting.get(reader, 0) + 1
                 try:
-                    while rnd is None and round_id not in self._closed:
+                    while (rnd is None or rnd.published is None) and round_id not in self._closed:
                         left = deadline - time.monotonic()
                         if left <= 0:
                             break
                         self._cond.wait(min(left, 0.5))
                         rnd = self._open.get(round_id)
                 finally:
-                    self._waiting[sender] -= 1
-                    if not self._waiting[sender]:
-                        del self._waiting[sender]
-            if rnd is None:
+                    self._waiting[reader] -= 1
+                    if not self._waiting[reader]:
+                        del self._waiting[reader]
+            if rnd is None or round_id in self._closed:
                 raise PeerOpeningError(f"no peer opening round {round_id!r} here (ended, or never registered)")
-            why = _share_error(rnd, sender, name, tensors)
-            if why is not None:
-                raise PeerOpeningError(f"peer share for round {round_id!r} refused: {why}")
-            rnd.got[sender] = tensors
+            if rnd.published is None:
+                raise PeerOpeningError(f"peer opening round {round_id!r} published nothing in time")
+            if reader not in rnd.readers:
+                raise PeerOpeningError(f"{reader!r} is not a reader of round {round_id!r}")
+            if reader in rnd.taken:
+                raise PeerOpeningError(f"{reader!r} already took its share of round {round_id!r}")
+            if name != rnd.name:
+                raise PeerOpeningError(f"round {round_id!r} opens {rnd.name!r}, not {name!r}")
+            rnd.taken.add(reader)
             self._cond.notify_all()
+            return rnd.published
 
-    def wait(self, round_id: str, rnd: _Round) -> list[list[torch.Tensor]]:
-        """Every other party's share of the round, in sender order; raises past the wait or when cancelled."""
+    def wait_taken(self, round_id: str, rnd: _Round) -> None:
+        """Until every reader took the round's outputs; raises past the wait or when cancelled."""
         deadline = time.monotonic() + WAIT_SECONDS
         with self._cond:
-            while len(rnd.got) < len(rnd.senders):
+            while len(rnd.taken) < len(rnd.readers):
                 if self._open.get(round_id) is not rnd:
                     raise PeerOpeningError(f"peer opening round {round_id!r} was ended")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    missing = sorted(rnd.senders - set(rnd.got))
-                    raise PeerOpeningError(f"peer opening round {round_id!r}: no share from {missing}")
+                    missing = sorted(rnd.readers - rnd.taken)
+                    raise PeerOpeningError(f"peer opening round {round_id!r}: {missing} never took their shares")
                 self._cond.wait(min(left, 0.5))
                 cancellation.check()  # the orchestrator disconnected, or the command ran out of time
-            return [rnd.got[s] for s in sorted(rnd.senders)]
-
-
-def _share_error(rnd: _Round, sender: str, name: str, tensors: list) -> str | None:
-    if sender not in rnd.senders:
-        return f"{sender!r} is not a party of this round"
-    if sender in rnd.got:
-        return f"{sender!r} already sent its share"
-    if name != rnd.name:
-        return f"the round opens {rnd.name!r}, not {name!r}"
-    if len(tensors) != len(rnd.expected):
-        return f"{len(tensors)} values, expected {len(rnd.expected)}"
-    for t, (shape, dtype) in zip(tensors, rnd.expected):
-        if type(t) is not torch.Tensor or tuple(t.shape) != shape or t.dtype != dtype or t.layout != torch.strided:
-            return f"values must be dense tensors of shapes and dtypes {rnd.expected}"
-    return None
 
 
 _MAKE_LOCK = threading.Lock()
@@ -206,7 +239,7 @@ _MAKE_LOCK = threading.Lock()
 def rounds_of(worker: Any) -> PeerRounds:
     rounds = getattr(worker, "_peer_rounds", None)
     if rounds is None:
-        with _MAKE_LOCK:  # a share (outside the worker lock) and its round's request may both come first
+        with _MAKE_LOCK:  # a fetch (outside the worker lock) and its round's request may both come first
             rounds = getattr(worker, "_peer_rounds", None)
             if rounds is None:
                 rounds = worker._peer_rounds = PeerRounds()
@@ -214,7 +247,7 @@ def rounds_of(worker: Any) -> PeerRounds:
 
 
 def _check_message(worker: Any, msg: PeerOpenMessage) -> frozenset:
-    """The other parties (the only workers this party sends its share to), after checking the fields."""
+    """The other parties (the only workers this party exchanges its outputs with), after checking the fields."""
     check_openable(msg.name, msg.kwargs)
     if not isinstance(msg.round, str) or not 16 <= len(msg.round) <= 64 \
             or not (msg.round.isascii() and msg.round.isalnum()):
@@ -227,6 +260,8 @@ def _check_message(worker: Any, msg: PeerOpenMessage) -> frozenset:
         raise PeerOpeningError(f"worker {worker.id!r} is not among the parties {parties}")
     if not isinstance(msg.ids, list) or not all(type(i) is int and i > 0 for i in msg.ids):
         raise PeerOpeningError("a peer opening needs positive integer ids for the opened values")
+    if msg.reveal not in REVEALS or (msg.reveal == "top_bits" and msg.name not in TOP_BITS_STEPS):
+        raise PeerOpeningError(f"a peer opening of {msg.name!r} cannot reveal {msg.reveal!r}")
     return frozenset(p for p in parties if p != worker.id)
 
 
@@ -241,75 +276,145 @@ def _handle_peer_open(worker: Any, msg: PeerOpenMessage, sender: str) -> Any:
         outputs = worker.monitor.open_step(principal, msg.name, tuple(msg.args), msg.kwargs, run_openable)
         if len(msg.ids) != len(outputs):
             raise PeerOpeningError(f"{msg.name} opens {len(outputs)} values; {len(msg.ids)} ids were given")
-        rnd = rounds.open(principal.namespace, msg.round, msg.name, others, outputs)
-        share = m.CommandMessage(PEER_SHARE, (msg.round, msg.name, *outputs), {}, [], False)
-        peers = [worker.resolve_worker(p) for p in sorted(others)]  # configured peers only
-        with cancellation.outside_turn():  # the other parties' shares arrive here under the worker lock
-            _send_all(worker, share, peers)
-            received = rounds.wait(msg.round, rnd)
+        if msg.reveal == "top_bits":
+            rnd, opened = _open_top_bits(worker, msg, principal, rounds, others, outputs)
+        else:
+            rnd = rounds.open(principal.namespace, msg.round, msg.name, others)
+            rounds.publish(rnd, outputs)
+            with cancellation.outside_turn():  # the other parties' fetches are served meanwhile
+                received = _fetch_all(worker, msg, others, _layout(outputs))
+                opened = _combine(msg.name, outputs, received)
+                rounds.wait_taken(msg.round, rnd)
     finally:
         rounds.close(msg.round, rnd)
-    n_xor = len(outputs) if msg.name in XOR_OPENABLE else XOR_LEADING.get(msg.name, 0)  # outputs combined by ^
-    for values in received:
-        for j, (total, v) in enumerate(zip(outputs, values)):
-            if j < n_xor:
-                total.bitwise_xor_(v)
-            else:
-                total.add_(v)  # int64 wraps: the sum mod 2^64
-    for oid, value in zip(msg.ids, outputs):
+    for oid, value in zip(msg.ids, opened):
         # the opened values, as the orchestrator would have sent them in a star opening: public to it
         worker.monitor.store(principal, oid, value, kind=Kind.CLIENT)
     worker.monitor.audit("peer_open", principal, list(msg.ids), "allowed", f"{msg.name} with {sorted(others)}")
     return m.OkReply()
 
 
-_SEND_POOL: ThreadPoolExecutor | None = None
+def _open_top_bits(worker: Any, msg: PeerOpenMessage, principal: Any, rounds: PeerRounds, others: frozenset,
+                   outputs: list) -> tuple:
+    """A top-bits round: the first party fetches the others' shares and keeps the opened value; it publishes
+    to each other party only the packed top bits, which that party fetches and keeps. (round, kept values)."""
+    if len(outputs) != 1:
+        raise PeerOpeningError(f"{msg.name} opens {len(outputs)} values; a top-bits opening opens one")
+    first = msg.parties[0]
+    if worker.id == first:
+        rnd = rounds.open(principal.namespace, msg.round, msg.name, others)
+        with cancellation.outside_turn():
+            opened = _combine(msg.name, outputs, _fetch_all(worker, msg, others, _layout(outputs)))
+            rounds.publish(rnd, [pack_top_bits(opened[0])])
+            rounds.wait_taken(msg.round, rnd)
+        return rnd, opened
+    rnd = rounds.open(principal.namespace, msg.round, msg.name, frozenset({first}))
+    rounds.publish(rnd, outputs)
+    with cancellation.outside_turn():
+        (bits,) = _fetch_all(worker, msg, {first}, [(((outputs[0].numel() + 7) // 8,), torch.uint8)])
+        rounds.wait_taken(msg.round, rnd)
+    return rnd, bits
 
 
-def _send_all(worker: Any, share: Any, peers: list) -> None:
-    """Sends ``share`` to every peer, to all of them at once when there are several (each peer link has
-    its own connection and send lock; the sends block in socket writes and reads, which release the GIL).
-    Raises the first failure after every send finished."""
-    global _SEND_POOL
-    if len(peers) == 1:
-        worker.send_msg(share, peers[0])
-        return
-    if _SEND_POOL is None:
+def _layout(tensors: list) -> list:
+    return [(tuple(t.shape), t.dtype) for t in tensors]
+
+
+def _combine(name: str, outputs: list, received: list) -> list:
+    """The opened values: this party's outputs plus (XOR for XOR shares) every other party's, summed into
+    the first party's received tensors (this party's outputs are published: never written)."""
+    if not received:
+        return outputs
+    n_xor = len(outputs) if name in XOR_OPENABLE else XOR_LEADING.get(name, 0)  # outputs combined by ^
+    totals = received[0]
+    for values in [outputs, *received[1:]]:
+        for j, (total, v) in enumerate(zip(totals, values)):
+            if j < n_xor:
+                total.bitwise_xor_(v)
+            else:
+                total.add_(v)  # int64 wraps: the sum mod 2^64
+    return totals
+
+
+_FETCH_POOL: ThreadPoolExecutor | None = None
+
+
+def _fetch_all(worker: Any, msg: PeerOpenMessage, peers: Any, expected: list) -> list[list[torch.Tensor]]:
+    """Every peer's published tensors of the round (in peer id order), each checked against ``expected``
+    (count, shapes, dtypes, dense and writable: they are summed into); from all peers at once when there
+    are several (each peer link has its own connection and send lock). Raises the first failure after
+    every fetch finished."""
+    global _FETCH_POOL
+    names = sorted(peers)
+    fetch = PeerFetchMessage(msg.round, msg.name)
+    locations = [worker.resolve_worker(p) for p in names]  # configured peers only
+
+    def one(k: int) -> list:
+        reply = worker.send_msg(fetch, locations[k])
+        return _checked(names[k], msg.round, reply, expected)
+
+    if len(names) == 1:
+        return [one(0)]
+    if _FETCH_POOL is None:
         with _MAKE_LOCK:
-            if _SEND_POOL is None:
-                _SEND_POOL = ThreadPoolExecutor(MAX_PARTIES, thread_name_prefix="veil-peer-send")
-    futures = [_SEND_POOL.submit(worker.send_msg, share, peer) for peer in peers[1:]]
+            if _FETCH_POOL is None:
+                _FETCH_POOL = ThreadPoolExecutor(MAX_PARTIES, thread_name_prefix="veil-peer-fetch")
+    futures = [_FETCH_POOL.submit(one, k) for k in range(1, len(names))]
+    results: list = [None] * len(names)
     errors: list[BaseException] = []
     try:
-        worker.send_msg(share, peers[0])
-    except BaseException as e:  # noqa: BLE001  (the other sends finish first)
+        results[0] = one(0)
+    except BaseException as e:  # noqa: BLE001  (the other fetches finish first)
         errors.append(e)
-    for fut in futures:
+    for k, fut in enumerate(futures, 1):
         try:
-            fut.result()
+            results[k] = fut.result()
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
     if errors:
         raise errors[0]
+    return results
 
 
-def _peer_share(worker: Any, round_id: Any, name: Any, *tensors: Any) -> None:
-    """Runs on the receiving party: stores a peer's share for a round one of its sessions runs."""
+def _checked(peer: str, round_id: str, reply: Any, expected: list) -> list:
+    """A peer's reply to a fetch, refused unless it holds exactly the expected dense tensors."""
+    objects = reply.objects if type(reply) is m.ObjectsReply else None
+    if type(objects) is not list or len(objects) != len(expected):
+        raise PeerOpeningError(f"peer {peer!r} answered round {round_id!r} with {type(reply).__name__}, not "
+                               f"{len(expected)} values")
+    out = []
+    for t, (shape, dtype) in zip(objects, expected):
+        if type(t) is not torch.Tensor or tuple(t.shape) != shape or t.dtype != dtype \
+                or t.layout != torch.strided or t.requires_grad:
+            raise PeerOpeningError(f"peer {peer!r}'s values for round {round_id!r} must be dense tensors of "
+                                   f"shapes and dtypes {expected}")
+        out.append(t if t.is_contiguous() else t.contiguous())  # (decoded tensors are fresh and writable)
+    return out
+
+
+@register_handler(PeerFetchMessage)
+def _handle_peer_fetch(worker: Any, msg: PeerFetchMessage, sender: str) -> Any:
+    """Runs on the publishing party: hands a peer what a round of this worker's sessions published to it."""
     monitor = worker.monitor
-    principal = monitor.current_principal()
+    principal = worker.principal(sender)
     if principal is None or not principal.isolated or principal.roles != frozenset({"peer"}):
-        # only a peer worker's own connection delivers shares (not a scientist, client or admin session)
+        # only a peer worker's own connection fetches shares (not a scientist, client or admin session)
         if principal is not None:
-            monitor.audit("peer_share", principal, [], "refused", "not a peer connection")
-        raise PermissionDeniedError("peer shares come only from peer workers")
-    if not isinstance(round_id, str) or not isinstance(name, str):
-        raise PeerOpeningError("a peer share names a round id and a step")
+            monitor.audit("peer_fetch", principal, [], "refused", "not a peer connection")
+        raise PermissionDeniedError("peer shares go only to peer workers")
+    if not isinstance(msg.round, str) or not isinstance(msg.name, str) or not 16 <= len(msg.round) <= 64 \
+            or not (msg.round.isascii() and msg.round.isalnum()) or len(msg.name) > 64:
+        # refused at once: no round has such an id (_check_message), a fetch must not wait holding it
+        raise PeerOpeningError("a peer fetch names a round id of 16-64 letters or digits and a step")
     try:
-        with cancellation.outside_turn():  # the round's own request registers it under the worker lock
-            rounds_of(worker).deposit(round_id, principal.user, name, list(tensors))
+        with cancellation.outside_turn():  # the round's own request registers and publishes it under the lock
+            tensors = rounds_of(worker).take(msg.round, principal.user, msg.name)
     except PeerOpeningError as e:
-        monitor.audit("peer_share", principal, [], "refused", str(e))
+        monitor.audit("peer_fetch", principal, [], "refused", str(e))
         raise
+    reply = m.ObjectsReply(list(tensors))
+    reply.fresh = True  # published for this round alone and never written again: sent from their memory
+    return reply
 
 
 def _end_session(worker: Any, session_id: str) -> None:
@@ -318,6 +423,5 @@ def _end_session(worker: Any, session_id: str) -> None:
         rounds.end_session(session_id)
 
 
-register_worker_function(PEER_SHARE, _peer_share, shapes="none")
-register_peer_command(PEER_SHARE)
+register_peer_message(PeerFetchMessage)
 SESSION_END_HANDLERS.append(_end_session)

@@ -223,9 +223,19 @@ def register_peer_command(name: str) -> None:
     PEER_COMMANDS.add(name)
 
 
+#: message types a ``peer`` may send besides hand-offs; each one's handler checks that the session is a
+#: peer's and what that peer may take (peer openings' fetches). Register with :func:`register_peer_message`.
+PEER_MESSAGES: set[type] = set()
+
+
+def register_peer_message(cls: type) -> None:
+    """Lets peer workers send messages of type ``cls`` (its handler must check the peer's rights)."""
+    PEER_MESSAGES.add(cls)
+
+
 def _peer_may(msg: Any) -> bool:
     tp = type(msg)
-    if tp is m.ObjectMessage or tp is m.DeleteMessage:  # hand-offs, and freeing its own hand-offs
+    if tp is m.ObjectMessage or tp is m.DeleteMessage or tp in PEER_MESSAGES:  # hand-offs, freeing them
         return True
     return tp is m.CommandMessage and isinstance(msg.op, str) and msg.op in PEER_COMMANDS
 

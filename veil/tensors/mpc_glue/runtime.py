@@ -273,10 +273,11 @@ class WorkerRuntime(PartyRuntime):
         return [list(reply.objects) for reply in one_round(requests, f"opening {name!r}", elements=elements)]
 
     def open_at_parties(self, name: str, per_party: Sequence[tuple], kwargs: dict,
-                        outputs: Sequence[torch.Tensor]) -> list[list[PointerTensor]] | None:
+                        outputs: Sequence[torch.Tensor], top_bits: bool = False) -> list[list[PointerTensor]] | None:
         """A peer opening (:mod:`veil.workers.peer_openings`) when every party is a worker enabled for
         them (:func:`enable_peer_openings`) and the opened values have at least :data:`PEER_MIN_ELEMENTS`
-        elements; None (a star opening) otherwise."""
+        elements; None (a star opening) otherwise. ``top_bits``: parties after the first get handles to
+        the packed top bits of the one opened value instead (uint8, 8 entries a byte)."""
         if sum(t.numel() for t in outputs) < PEER_MIN_ELEMENTS:
             return None
         firsts = [_first_pointer(args) for args in per_party]
@@ -285,12 +286,15 @@ class WorkerRuntime(PartyRuntime):
         round_id = secrets.token_hex(16)  # unguessable: a peer cannot aim a share at a round it is not in
         parties = [p.location.id for p in firsts]
         requests, handles = [], []
-        for first, args in zip(firsts, per_party):
+        packed = [(((sum(t.numel() for t in outputs) + 7) // 8,), torch.uint8)]
+        for k, (first, args) in enumerate(zip(firsts, per_party)):
             ids = [new_id() for _ in outputs]
-            msg = PeerOpenMessage(name, _wire(tuple(args)), kwargs, round_id, parties, ids)
+            msg = PeerOpenMessage(name, _wire(tuple(args)), kwargs, round_id, parties, ids,
+                                  "top_bits" if top_bits else "")
             requests.append((first.owner, msg, first.location))
-            handles.append([PointerTensor(first.location, oid, first.owner, tuple(t.shape), t.dtype)
-                            for oid, t in zip(ids, outputs)])
+            layout = packed if top_bits and k else [(tuple(t.shape), t.dtype) for t in outputs]
+            handles.append([PointerTensor(first.location, oid, first.owner, shape, dtype)
+                            for oid, (shape, dtype) in zip(ids, layout)])
         elements = max(elements_of(args) for args in per_party)
         # One peer round at a time per set of parties from this process: each party serves a session's
         # requests in order, so two threads' rounds reaching the parties in opposite orders would each
