@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from veil.workers.base import BaseWorker
 
 
+_make_wrapper = torch.Tensor._make_wrapper_subclass
+_CPU = torch.device("cpu")  # a device object: the string form is parsed on every pointer (~1 K instructions)
+
+
 class PointerTensor(RemoteHandle, torch.Tensor):
     """Pointer to ``id_at_location`` on ``location``, owned by ``owner``.
 
@@ -60,7 +64,7 @@ class PointerTensor(RemoteHandle, torch.Tensor):
         description: str = "",
         mine: bool = False,
     ) -> "PointerTensor":
-        r = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, requires_grad=requires_grad, device="cpu")
+        r = _make_wrapper(cls, shape, dtype=dtype, requires_grad=requires_grad, device=_CPU)
         d = r.__dict__
         d["location"] = location
         d["id_at_location"] = id_at_location

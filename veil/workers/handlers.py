@@ -78,6 +78,17 @@ def _run_command(worker: BaseWorker, principal: Principal, sender: str, name: An
         for k in kwargs:
             if type(k) is not str:
                 raise SerializationError("command keyword names must be strings")
+    return _run_resolved(worker, principal, sender, op, purpose, args, kwargs, found, ids, grad_enabled, wire_args,
+                         wire_kwargs)
+
+
+def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any, purpose: Purpose, args: list,
+                  kwargs: dict, found: dict, ids: Any, grad_enabled: Any, wire_args: Any, wire_kwargs: Any) -> Any:
+    """The rest of :func:`_run_command` once the monitor resolved the command's objects (``found``: id ->
+    entry, in argument order; ``args``/``kwargs`` with the objects in place): the owner's checks, the
+    op, the results stored through the monitor. ``wire_args``/``wire_kwargs`` (the command as sent) are
+    read only for protocol steps (``PROTOCOL_PREFIXES``), which may be None otherwise (skeleton uses)."""
+    monitor = worker.monitor
     entries = list(found.values())
     # one pass over the inputs decides which of the checks below apply (most commands: none)
     any_protected = any_dp = any_wrapped = any_restricted = False
@@ -208,6 +219,48 @@ def _run_command(worker: BaseWorker, principal: Principal, sender: str, name: An
 
 _OK = m.OkReply()
 _NO_GUARD = contextlib.nullcontext()
+_is_grad_enabled = torch.is_grad_enabled
+
+
+def _run_checked(worker: BaseWorker, principal: Principal, sender: str, op: Any, purpose: Purpose, args: list,
+                 kwargs: dict, found: dict, ids: list, grad: bool) -> Any:
+    """:func:`_run_resolved` of a torch op (no worker function) with client-chosen result ids, in fewer
+    steps when none of its checks can apply: inputs that are plain tensors neither protected, nor
+    revealable only to some, nor dealt, nor carrying any owner metadata (DP-only, lineage); a compute
+    purpose; an op that is no reviewed input or dealer output; a worker that records no provenance.
+    Then ``_run_resolved`` would add no write guard, oblivious guard, audit row or lineage, and this
+    runs the same op and stores the same results through the monitor. Anything else: ``_run_resolved``."""
+    name = op.name
+    plain = purpose is Purpose.COMPUTE and name not in owner_guard.REVIEWED_INPUTS and name not in DEALER_OUTPUTS
+    if plain:
+        for e in found.values():
+            if (e.protected or e.meta or type(e.obj) is not _PLAIN_TENSOR or e.reveal_to is not None
+                    or e.kind == _DEALER):
+                plain = False
+                break
+    if not plain or _tracking(worker):
+        return _run_resolved(worker, principal, sender, op, purpose, args, kwargs, found, ids, grad, None, None)
+    entries = list(found.values())
+    grad_before = _is_grad_enabled()
+    try:
+        if grad is not grad_before:
+            _set_grad_enabled(grad)
+        result = op.func(*args, **kwargs)
+    except Exception as e:  # as _run_resolved: errors on owner data carry no values
+        raise owner_guard.client_error(name, e, _reviewed_inputs(worker, entries), worker.id) from e
+    finally:
+        if grad is not grad_before:
+            _set_grad_enabled(grad_before)
+    if op.shapes == NO_RESULT or ids == []:
+        return _OK
+    results = [result] if type(result) is _PLAIN_TENSOR else leaves(result)
+    if len(ids) != len(results):
+        raise RemoteExecutionError(f"{name} returned {len(results)} tensors but the caller expected {len(ids)}")
+    store = worker.monitor.store
+    for oid, tensor in zip(ids, results):
+        if oid != 0:  # 0: the result is one of the inputs (in-place op), already stored
+            store(principal, oid, tensor, sources=entries, op_name=name)
+    return _OK
 
 
 def _describe_results(worker: BaseWorker, principal: Principal, result: Any, inputs: dict[int, int],

@@ -53,6 +53,7 @@ AUDIT_LOG_SIZE = 10_000
 
 
 _EMPTY: frozenset = frozenset()
+_CLIENT = Kind.CLIENT
 
 
 #: bytes charged for a stored object of a type without a size estimator (pointers, small wrappers):
@@ -304,6 +305,17 @@ class ReferenceMonitor(OpeningRules):
                 out.append(v)
         return out
 
+    def resolve_ids(self, principal: Principal, ids: Any, purpose: Purpose, found: dict[int, Entry]) -> None:
+        """:meth:`resolve_list` for bare ids in argument order (a skeleton use's objects): each id not in
+        ``found`` yet is resolved, with the same scoping, refusal and audit row, into ``found``."""
+        quiet = purpose is Purpose.COMPUTE or purpose is Purpose.PROTOCOL_STEP
+        for oid in ids:
+            if oid not in found:
+                entry = self._find(principal, oid) if quiet else self.resolve(principal, oid, purpose)
+                if entry is None:
+                    raise self._refuse(self.unknown(oid), PURPOSES[purpose].action, principal, [oid])
+                found[oid] = entry
+
     def hides(self, principal: Principal, entry: Entry) -> bool:
         """Whether ``entry``'s value is secret from ``principal``: dealt material, or a value revealable
         only to others (its shape, an op's failure or an error text must not depend on it)."""
@@ -346,6 +358,7 @@ class ReferenceMonitor(OpeningRules):
                     "(del pointers) or ask the owner to raise --max-session-mb")
                 raise self._refuse(error, "store", principal, [oid])
         provenance = _EMPTY
+        client_sources = True
         if sources:  # one pass: does any source restrict reveals or carry provenance? (plain client data: no)
             restricted = False
             for e in sources:
@@ -353,16 +366,20 @@ class ReferenceMonitor(OpeningRules):
                     restricted = True
                 if e.provenance and not e.provenance <= provenance:
                     provenance = provenance | e.provenance
+                if e.kind != _CLIENT:
+                    client_sources = False
             if reveal_to is None and restricted:
                 reveal_to = strictest_reveal_to(sources)
-        if kind is None:
-            kind = derived_kind(sources, op_name, principal)
+        if kind is None:  # derived_kind, without the call for the usual result (a torch op on client objects)
+            kind = _CLIENT if client_sources and (op_name is None or (
+                op_name not in DEALER_OUTPUTS and not op_name.startswith(PROTOCOL_PREFIXES))) \
+                else derived_kind(sources, op_name, principal)
         taint = self._taints.get(ns) if kind == Kind.SHARE else None
         if taint is not None:  # a share computed while the session holds others' protected inputs
             reveal_to = taint if reveal_to is None else tuple(sorted(set(reveal_to) & set(taint)))
-        entry = Entry(obj, tags=tuple(tags), description=description, allowed_users=allowed_users,
-                      created_by=principal.session, reveal_to=reveal_to, kind=kind, provenance=provenance,
-                      nbytes=nbytes)
+        # positional: a class called with keywords packs them into a dict first (~5 K instructions per result)
+        entry = Entry(obj, tuple(tags), description, allowed_users, False, principal.session, {}, reveal_to, kind,
+                      provenance, nbytes)
         if kind == Kind.DEALER and sources:
             dealt.inherit_fixed(entry, sources)
         store.put(key, ns, oid, entry, hand_off=hand_off)

@@ -37,12 +37,15 @@ _CONSTANT_TYPES = (int, float, bool, type(None), str, slice, torch.dtype)
 class Skeleton:
     """A validated definition: the op's name, its argument list with the pointer positions, kwargs, grad."""
 
-    __slots__ = ("op", "args", "positions", "slots", "n_slots", "kwargs", "grad")
+    __slots__ = ("op", "args", "positions", "slots", "n_slots", "kwargs", "grad", "prepared")
 
     def __init__(self, op: str, args: list, positions: tuple, slots: tuple, n_slots: int, kwargs: dict,
                  grad: bool) -> None:
         self.op, self.args, self.positions, self.slots = op, args, positions, slots
         self.n_slots, self.kwargs, self.grad = n_slots, kwargs, grad
+        #: the allowlisted op every use runs, looked up by the server's command lane at the first use
+        #: (False: uses take the generic path)
+        self.prepared: Any = None
 
 
 def _constant(value: Any) -> bool:
