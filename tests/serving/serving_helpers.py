@@ -16,6 +16,22 @@ def new_cluster() -> sy.Cluster:
     return sy.Cluster(*[sy.NetworkWorker(f"127.0.0.1:{free_port()}") for _ in range(3)], auto_managed=True)
 
 
+def served_small_model(cluster: sy.Cluster, name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """A small MLP shared on ``cluster`` and served in the background, with its plaintext output on ones(1, 4)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    with torch.no_grad():
+        expected = model(torch.ones(1, 4))
+    model.share(cluster, name=name)
+    model.serve(background=True)
+    return model, expected
+
+
+def assert_query_ok(client, expected: torch.Tensor) -> None:
+    """An honest query of :func:`served_small_model` still gets the model's output."""
+    assert torch.allclose(client.query_model(torch.ones(1, 4)), expected, atol=1e-2)
+
+
 def mnist_cnn() -> nn.Sequential:
     """The three-party example's CNN: conv 16 - avgpool - relu - conv 32 - ... - dense 10."""
     return nn.Sequential(

@@ -9,28 +9,13 @@ import threading
 
 import pytest
 import torch
-from torch import nn
 
 from veil.exceptions import PermissionDeniedError
 from veil.ids import new_id
 from veil.serving import ServingError, protocol
 from veil.serving.service import service_of
 
-from serving_helpers import client_for, cluster  # noqa: F401  (fixtures)
-
-
-def _served(cluster, name, seed=0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
-    with torch.no_grad():
-        expected = model(torch.ones(1, 4))
-    model.share(cluster, name=name)
-    model.serve(background=True)
-    return model, expected
-
-
-def _query_ok(client, expected):
-    assert torch.allclose(client.query_model(torch.ones(1, 4)), expected, atol=1e-2)
+from serving_helpers import assert_query_ok, client_for, cluster, served_small_model  # noqa: F401  (fixtures)
 
 
 class _Waiter(threading.Thread):
@@ -53,7 +38,7 @@ class _Waiter(threading.Thread):
 
 
 def test_a_waiting_fetch_never_returns_another_clients_result(cluster, client_for):
-    model, expected = _served(cluster, "wait-steal")
+    model, expected = served_small_model(cluster, "wait-steal")
     try:
         victim = client_for(cluster, (1, 4), (1, 2), name="wait-steal")
         thief = client_for(cluster, (1, 4), (1, 2), name="wait-steal")  # same client user, its own session
@@ -69,14 +54,14 @@ def test_a_waiting_fetch_never_returns_another_clients_result(cluster, client_fo
             w.stop.set()
             w.join(timeout=30)
         assert all(not w.replies and not w.errors for w in waiters)  # nothing leaked, nothing failed
-        _query_ok(victim, expected)
+        assert_query_ok(victim, expected)
     finally:
         model.stop()
 
 
 @pytest.mark.parametrize("wait", [-1, protocol.MAX_WAIT * 2, True, "0.5", float("nan"), [0.5]])
 def test_malformed_waits_are_refused_and_the_service_goes_on(cluster, client_for, wait):
-    model, expected = _served(cluster, "wait-bad")
+    model, expected = served_small_model(cluster, "wait-bad")
     try:
         client = client_for(cluster, (1, 4), (1, 2), name="wait-bad")
         local, party = client.hook.local_worker, client.parties[0]
@@ -87,13 +72,13 @@ def test_malformed_waits_are_refused_and_the_service_goes_on(cluster, client_for
         service = service_of(model)
         with pytest.raises(ServingError, match="wait is a number of seconds"):
             service._call(service.parties[0], "pending", wait)
-        _query_ok(client, expected)
+        assert_query_ok(client, expected)
     finally:
         model.stop()
 
 
 def test_waiting_clients_cannot_starve_the_service_even_when_they_hang_up(cluster, client_for):
-    model, expected = _served(cluster, "wait-flood")
+    model, expected = served_small_model(cluster, "wait-flood")
     try:
         hostile = [client_for(cluster, (1, 4), (1, 2), name="wait-flood") for _ in range(3)]
         waiters = [_Waiter(c, i, "wait-flood", lambda: [new_id()]) for c in hostile for i in (0, 1)]
@@ -101,16 +86,16 @@ def test_waiting_clients_cannot_starve_the_service_even_when_they_hang_up(cluste
             w.start()
         honest = client_for(cluster, (1, 4), (1, 2), name="wait-flood")
         for _ in range(3):  # every party holds six waiting fetches meanwhile
-            _query_ok(honest, expected)
+            assert_query_ok(honest, expected)
         for c in hostile[:2]:
             c.close()  # hang up mid-wait: the parties drop those sessions
         for _ in range(2):
-            _query_ok(honest, expected)
+            assert_query_ok(honest, expected)
         for w in waiters:
             w.stop.set()
             w.join(timeout=30)
         assert not any(w.replies for w in waiters)
-        _query_ok(client_for(cluster, (1, 4), (1, 2), name="wait-flood"), expected)
+        assert_query_ok(client_for(cluster, (1, 4), (1, 2), name="wait-flood"), expected)
     finally:
         model.stop()
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 from websockets.sync.client import connect
 
 import veil as sy
@@ -25,27 +24,13 @@ from veil.messaging.serde import deserialize, serialize
 from veil.serving import ServiceClosedError, ServingError, protocol
 from veil.workers.websocket_auth import handshake_headers
 
-from serving_helpers import client_for, cluster  # noqa: F401  (fixtures)
+from serving_helpers import assert_query_ok, client_for, cluster, served_small_model  # noqa: F401  (fixtures)
 
 FLOOD = 40
 
 
-def _served(cluster, name, seed=0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
-    with torch.no_grad():
-        expected = model(torch.ones(1, 4))
-    model.share(cluster, name=name)
-    model.serve(background=True)
-    return model, expected
-
-
-def _query_ok(client, expected):
-    assert torch.allclose(client.query_model(torch.ones(1, 4)), expected, atol=1e-2)
-
-
 def test_one_connection_holds_one_wait_however_many_it_pipelines(cluster, client_for):
-    model, expected = _served(cluster, "wait-pipe")
+    model, expected = served_small_model(cluster, "wait-pipe")
     try:
         honest = client_for(cluster, (1, 4), (1, 2), name="wait-pipe", timeout=60)
         party = cluster.parties[0]
@@ -55,13 +40,13 @@ def test_one_connection_holds_one_wait_however_many_it_pipelines(cluster, client
             for _ in range(FLOOD):  # sent at once, no reply read (the server reads at most a few ahead)
                 ws.send(frame)
             for _ in range(3):  # answered while the flood's waits run one after another
-                _query_ok(honest, expected)
+                assert_query_ok(honest, expected)
             first = deserialize(ws.recv(timeout=30))[0]  # the flood's first reply: nothing, after its wait
             assert list(first.objects) == []
         # hung up with dozens of waits unserved: the party carries on
         for _ in range(2):
-            _query_ok(honest, expected)
-        _query_ok(client_for(cluster, (1, 4), (1, 2), name="wait-pipe"), expected)
+            assert_query_ok(honest, expected)
+        assert_query_ok(client_for(cluster, (1, 4), (1, 2), name="wait-pipe"), expected)
     finally:
         model.stop()
 
