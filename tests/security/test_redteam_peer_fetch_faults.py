@@ -90,10 +90,6 @@ def _nothing_at(hook, conn, ids):
             sy.PointerTensor(conn, oid, hook.local_worker, (6,), torch.int64).get()
 
 
-@pytest.mark.xfail(strict=True, reason="a peer link carries one request at a time (the outbox's send lock per "
-                   "destination): a fetch waiting at a peer for a round that never comes holds the link for "
-                   "VEIL_PEER_WAIT_SECONDS, and every other session's round over that link waits behind it "
-                   "(and fails when its own party's wait runs out); the push design had the same head-of-line wait")
 def test_a_round_one_scientist_never_completes_does_not_hold_other_sessions_rounds(hook, quad):
     """Eve (a scientist session of her own on a) starts a round naming a and c that she never sends to c:
     a's fetch waits at c. Sam's product between a and c (another session) must not wait for Eve's round:

@@ -13,7 +13,9 @@ stored under. Each party then
    id, holds them for exactly those readers, each of which may take them once;
 3. *fetches* every other party's outputs of the same round with a :class:`PeerFetchMessage` over its
    authenticated peer connection to that party (``--peer``; never from a worker it has no peer link
-   to; from all of them at once, one thread per further peer), checks that each reply has the count,
+   to; from all of them at once, one thread per further peer; a fetch waits at the peer one slice,
+   ``FETCH_SLICE_SECONDS``, and is asked again while nothing is published, so the link, which carries
+   one request at a time, is free for other sessions' rounds in between), checks that each reply has the count,
    shapes and dtypes of its own outputs, and, with the worker lock handed back
    (:func:`veil.workers.cancellation.outside_turn`), waits until every reader took its outputs;
 4. sums the shares (XORs the outputs that are XOR shares: ``XOR_OPENABLE`` steps, the leading
@@ -70,6 +72,10 @@ MAX_PARTIES = 16
 #: how long a party waits for the other parties' outputs and for its readers, and a fetch for its round
 #: (the environment variable is for tests and very slow machines)
 WAIT_SECONDS = float(os.environ.get("VEIL_PEER_WAIT_SECONDS", "60"))
+#: longest a peer fetch waits at the publishing party in one request: a fetch for a round that is not
+#: there yet is answered "not yet" after this and asked again, so the peer link (one request at a time)
+#: is free between slices for other sessions' rounds (a round one session never completes cannot hold it)
+FETCH_SLICE_SECONDS = 0.25
 #: rounds open at once on one worker, and fetches waiting for their round (in all, and per peer: an
 #: honest peer's connection has one request in flight at a time)
 MAX_OPEN_ROUNDS = 64
@@ -180,10 +186,10 @@ class PeerRounds:
                 self._closed[round_id] = None
             self._cond.notify_all()
 
-    def take(self, round_id: str, reader: str, name: str) -> list:
-        """What ``round_id`` published to peer ``reader``, once; waits (bounded) for the round to be
-        registered and published here."""
-        deadline = time.monotonic() + WAIT_SECONDS
+    def take(self, round_id: str, reader: str, name: str, wait: float = WAIT_SECONDS) -> list | None:
+        """What ``round_id`` published to peer ``reader``, once; waits up to ``wait`` seconds for the round
+        to be registered and published here (None: not yet, ask again)."""
+        deadline = time.monotonic() + wait
         with self._cond:
             rnd = self._open.get(round_id)
             if (rnd is None or rnd.published is None) and round_id not in self._closed:
@@ -205,10 +211,12 @@ class PeerRounds:
                     self._waiting[reader] -= 1
                     if not self._waiting[reader]:
                         del self._waiting[reader]
-            if rnd is None or round_id in self._closed:
+            if round_id in self._closed:
                 raise PeerOpeningError(f"no peer opening round {round_id!r} here (ended, or never registered)")
+            if rnd is None:
+                return None  # not registered yet: the fetching party asks again until its own wait runs out
             if rnd.published is None:
-                raise PeerOpeningError(f"peer opening round {round_id!r} published nothing in time")
+                return None  # not yet: the fetching party asks again until its own wait runs out
             if reader not in rnd.readers:
                 raise PeerOpeningError(f"{reader!r} is not a reader of round {round_id!r}")
             if reader in rnd.taken:
@@ -351,8 +359,15 @@ def _fetch_all(worker: Any, msg: PeerOpenMessage, peers: Any, expected: list) ->
     locations = [worker.resolve_worker(p) for p in names]  # configured peers only
 
     def one(k: int) -> list:
-        reply = worker.send_msg(fetch, locations[k])
-        return _checked(names[k], msg.round, reply, expected)
+        deadline = time.monotonic() + WAIT_SECONDS
+        while True:
+            reply = worker.send_msg(fetch, locations[k])  # the link is free for others between slices
+            if type(reply) is not m.OkReply:
+                return _checked(names[k], msg.round, reply, expected)
+            if time.monotonic() >= deadline:
+                raise PeerOpeningError(f"peer {names[k]!r} published nothing for round {msg.round!r} in time")
+            cancellation.check()  # the orchestrator hung up, or the command ran out of time
+            time.sleep(0.001)  # (a waiting sender on this link takes the lock first)
 
     if len(names) == 1:
         return [one(0)]
@@ -409,13 +424,18 @@ def _handle_peer_fetch(worker: Any, msg: PeerFetchMessage, sender: str) -> Any:
         raise PeerOpeningError("a peer fetch names a round id of 16-64 letters or digits and a step")
     try:
         with cancellation.outside_turn():  # the round's own request registers and publishes it under the lock
-            tensors = rounds_of(worker).take(msg.round, principal.user, msg.name)
+            tensors = rounds_of(worker).take(msg.round, principal.user, msg.name, FETCH_SLICE_SECONDS)
     except PeerOpeningError as e:
         monitor.audit("peer_fetch", principal, [], "refused", str(e))
         raise
+    if tensors is None:
+        return _NOT_YET
     reply = m.ObjectsReply(list(tensors))
     reply.fresh = True  # published for this round alone and never written again: sent from their memory
     return reply
+
+
+_NOT_YET = m.OkReply()  # a fetch's "nothing published for you yet": ask again
 
 
 def _end_session(worker: Any, session_id: str) -> None:
