@@ -267,16 +267,9 @@ class BlockingConnection:
             message = OwnedFrame(self._pad + n)
             start = self._pad
         else:
-            start = self._pad + self._size  # the buffer may be longer: it grows by doubling
-            if start + n > len(message):
-                # Doubling: a message of k fragments is moved O(log k) times. Growing by each fragment
-                # made realloc move the whole buffer almost every time (a 16 MB reply in 1 MiB fragments:
-                # ~10% of a party's CPU in memcpy). The bytes are received over the zeros next.
-                target = max(start + n, 2 * len(message))
-                if self.max_size is not None:  # never more than the largest message accepted
-                    target = max(start + n, min(target, self._pad + self.max_size))
-                grow = target - len(message)
-                message += _ZEROS[:grow] if grow <= len(_ZEROS) else bytes(grow)
+            start = len(message)
+            # grows in place (realloc); the bytes are received over the zeros next
+            message += _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)
         self._size = size
         with memoryview(message) as view:
             view[start: start + have] = memoryview(buf)[head: head + have]
@@ -288,11 +281,8 @@ class BlockingConnection:
                     self._msg = message
                     self._eof()
                 rest = rest[got:]
-            rest.release()  # (a view left alive would keep the buffer from being trimmed below)
         if b0 & 0x80:
             self._msg = None
-            if len(message) > self._pad + size:  # doubled past the end: trimmed (in place)
-                del message[self._pad + size:]
             return memoryview(message)[self._pad:] if self._pad else message
         self._msg = message
         return None
