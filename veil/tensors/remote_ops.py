@@ -173,6 +173,22 @@ def handle(func: Any, args: tuple, kwargs: dict) -> Any:
     return call(op if op is not None else ALLOWLIST.by_func(func), args, kwargs)
 
 
+def _torch_function(cls: type, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    """``PointerTensor.__torch_function__``: :func:`handle` itself (torch calls it on every op on a
+    pointer; one Python frame less than a method that calls handle)."""
+    local = LOCAL_HANDLERS.get(func)
+    if local is not None:
+        return local(func, args, kwargs or {})
+    try:
+        op = _OPS_BY_FUNC.get(func)
+    except TypeError:  # unhashable callables are reachable by name only
+        op = None
+    return call(op if op is not None else ALLOWLIST.by_func(func), args, kwargs or {})
+
+
+PointerTensor.__torch_function__ = classmethod(_torch_function)  # (pointer.py cannot import this module)
+
+
 def _location_of(tensors: list[torch.Tensor]) -> tuple[PointerTensor, bool]:
     """The first pointer (every other pointer must live on the same worker), and whether
     ``tensors`` holds local tensors besides the pointers (bytes that travel with the command)."""
@@ -317,10 +333,17 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
     """
     if kwargs and kwargs.get("memory_format") is torch.preserve_format:  # the default of every *_like op
         kwargs = {k: v for k, v in kwargs.items() if k != "memory_format"}
-    tensors, key = shape_inference.collect(args, kwargs)
+    tensors, key = _collect(args, kwargs)
     if location is None:
-        first, local_tensors = _location_of(tensors)
-        owner, location = first.owner, first.location
+        first = tensors[0] if tensors else None
+        if type(first) is PointerTensor and (len(tensors) == 1 or (
+                len(tensors) == 2 and type(tensors[1]) is PointerTensor
+                and tensors[1].__dict__["location"] is first.__dict__["location"])):
+            local_tensors = False  # (_location_of's answer for one or two pointers on one worker)
+        else:
+            first, local_tensors = _location_of(tensors)
+        d = first.__dict__
+        owner, location = d["owner"], d["location"]
     else:
         owner = location.hook.local_worker
         local_tensors = any(type(t) is not PointerTensor for t in tensors)
@@ -349,10 +372,65 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
         else:
             owner.send_msg(CommandMessage(name, _args_to_wire(args), wire_kwargs, [], grad), location)
         return None
-    template = shape_inference.infer(op, args, kwargs, tensors, key) if op.shapes == INFER else None
+    template = shape_inference.infer(op, args, kwargs, tensors, key, grad) if op.shapes == INFER else None
     if template is None:
         reply = owner.send_msg(CommandMessage(name, _args_to_wire(args), wire_kwargs, None, grad), location)
         return _from_descriptors(reply, args, kwargs, owner, location)
+    one = template.one
+    if one is not None:  # the usual op: one new tensor (the loop below, for its one spec)
+        oid = new_id()
+        return_ids = [oid]
+        ptr = _result_pointer(location, oid, owner, one)
+        if one[3]:  # a non-leaf of the remote autograd graph: remember its leaves
+            ptr.__dict__["_leafs"] = _graph_leaves(tensors)
+        made = None
+    else:
+        return_ids, made = _results(template, tensors, location, owner, grad)
+    if pipelined:
+        # a skeleton use where the destination keeps a table (network workers): ids only, no op name or refs
+        if not (location._skeletons is not None and payload == 0 and key is not None and key[0] is _FLAT
+                and owner.defer_skeleton(location, template, [t.__dict__["id_at_location"] for t in tensors],
+                                         return_ids, lambda: _definition(name, args, tensors, wire_kwargs, grad))):
+            owner.defer(location, [name, _args_to_wire(args), wire_kwargs, return_ids, grad], payload)
+    elif not (location._skeletons is not None and payload == 0 and key is not None and key[0] is _FLAT
+              and owner.hook._local_worker is owner  # (hook.local_worker, without its property call)
+              and owner.send_skeleton(location, template, _ids_of(tensors), return_ids,
+                                      lambda: _definition(name, args, tensors, wire_kwargs, grad))):
+        owner.send_msg(CommandMessage(name, _args_to_wire(args), wire_kwargs, return_ids, grad), location)
+    if made is None:
+        return ptr
+    if len(made) == 1 and isinstance(template.structure, torch.Tensor):
+        return made[0]
+    it = iter(made)
+    return map_structure(template.structure, lambda _: next(it))
+
+
+def _ids_of(tensors: list) -> list:
+    """The remote ids of a command's pointers (one or two in most commands: no list comprehension frame)."""
+    if len(tensors) == 1:
+        return [tensors[0].__dict__["id_at_location"]]
+    if len(tensors) == 2:
+        return [tensors[0].__dict__["id_at_location"], tensors[1].__dict__["id_at_location"]]
+    return [t.__dict__["id_at_location"] for t in tensors]
+
+
+def _result_pointer(location: Any, oid: int, owner: Any, one: tuple) -> PointerTensor:
+    """A new result pointer (what ``PointerTensor.__new__`` makes for a result of this side's command:
+    ``mine``, garbage-collected, no tags), its constant fields copied from the template's ``one``."""
+    shape, dtype, requires_grad, _, fields = one
+    ptr = _make_wrapper(PointerTensor, shape, dtype=dtype, requires_grad=requires_grad, device=_CPU)
+    d = fields.copy()
+    d["location"] = location
+    d["id_at_location"] = oid
+    d["owner"] = owner
+    if requires_grad:  # a fresh object of ours has no gradient until the next backward there
+        d["_grad_cache"] = (owner.grad_epoch(location), None)
+    ptr.__dict__ = d
+    return ptr
+
+
+def _results(template: Any, tensors: list, location: Any, owner: Any, grad: bool) -> tuple[list, list]:
+    """``(return_ids, result pointers)`` of a template with several results or in-place results."""
     return_ids: list[int] = []
     made: list[Any] = []
     graph = _UNSET
@@ -373,25 +451,14 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
             made.append(ptr)
             if grad and type(ptr) is PointerTensor and "_leafs" in ptr.__dict__:
                 ptr.__dict__["_leafs"] = None  # its graph changed in place: stop predicting through it
-    if pipelined:
-        # a skeleton use where the destination keeps a table (network workers): ids only, no op name or refs
-        if not (location._skeletons is not None and payload == 0 and key is not None and key[0] is _FLAT
-                and owner.defer_skeleton(location, template, [t.__dict__["id_at_location"] for t in tensors],
-                                         return_ids, lambda: _definition(name, args, tensors, wire_kwargs, grad))):
-            owner.defer(location, [name, _args_to_wire(args), wire_kwargs, return_ids, grad], payload)
-    elif not (location._skeletons is not None and payload == 0 and key is not None and key[0] is _FLAT
-              and owner.hook.local_worker is owner
-              and owner.send_skeleton(location, template, [t.__dict__["id_at_location"] for t in tensors],
-                                      return_ids, lambda: _definition(name, args, tensors, wire_kwargs, grad))):
-        owner.send_msg(CommandMessage(name, _args_to_wire(args), wire_kwargs, return_ids, grad), location)
-    if len(made) == 1 and isinstance(template.structure, torch.Tensor):
-        return made[0]
-    it = iter(made)
-    return map_structure(template.structure, lambda _: next(it))
+    return return_ids, made
 
 
 _FLAT = shape_inference.FLAT
+_collect = shape_inference.collect
 _new_pointer = PointerTensor.__new__
+_make_wrapper = torch.Tensor._make_wrapper_subclass
+_CPU = torch.device("cpu")
 #: skeleton signatures of ops without results (no shape-inference Template stands for them): one object
 #: per (op, grad mode, flat argument key), as the Template is for ops with results
 _NO_RESULT_SIGNATURES: dict = {}

@@ -183,17 +183,24 @@ class WebsocketClientWorker(BaseWorker):
 
     def _recv_msg(self, data: bytes | FrameParts) -> bytes:
         """Forwards one serialized request and returns the serialized reply."""
-        with self._lock:
-            conn = self._checked_connection(data)
+        lock = self._lock
+        lock.acquire()  # (not ``with``: ~1 K instructions less on every round trip)
+        try:
+            conn = self._conn
+            if (conn is None or self._lost_while_idle or type(data) is not bytes
+                    or (self._server_max is not None and len(data) > self._server_max)):
+                conn = self._checked_connection(data)  # (the usual small request passes its checks above)
             try:
                 conn.send(data)
                 while self._owed:  # replies to posted requests come first: kept for collect()
                     self._early.append(conn.recv(timeout=self.timeout))
                     self._owed -= 1
-                reply = conn.recv(timeout=self.timeout)
+                reply = conn.recv(self.timeout)
             except (TimeoutError, ConnectionClosed, OSError) as e:  # TimeoutError is an OSError
                 raise self._connection_lost(e) from None
-        if not isinstance(reply, (bytes, bytearray, memoryview)):
+        finally:
+            lock.release()
+        if type(reply) is not bytearray and not isinstance(reply, (bytes, memoryview)):
             raise SerializationError(f"worker {self.id!r} answered with a text frame")
         return reply
 
