@@ -113,3 +113,13 @@ def test_the_turn_lock_is_exclusive_and_hands_over_to_waiters():
     assert got == [1] and lock.try_acquire()
     lock.release()
     assert not lock._held
+
+
+@pytest.mark.parametrize("prelude", [None, [new_id()]])
+def test_a_decoded_skeleton_use_equals_the_general_decoders(prelude):
+    from veil.messaging.serde import decode_skeleton_use, deserialize
+
+    data = serialize_skeleton("me", prelude, 3, [new_id(), 5], [new_id()], None)
+    fast, general = decode_skeleton_use(data), deserialize(data)
+    assert fast == general and type(fast[0]) is type(general[0])
+    assert vars(fast[0]) == vars(general[0])

@@ -585,7 +585,16 @@ def decode_skeleton_use(data: Any) -> tuple | None:
     for item in prelude:
         if type(item) is not int:
             return None
-    return SkeletonCommand(value[4], value[5], value[6]), sender, prelude
+    # SkeletonCommand(value[4], value[5], value[6]) without the dataclass __init__ (~1 K instructions)
+    msg = _new_object(SkeletonCommand)
+    msg.skeleton = value[4]
+    msg.ids = value[5]
+    msg.return_ids = value[6]
+    msg.define = None
+    return msg, sender, prelude
+
+
+_new_object = object.__new__
 
 
 def encode_value(value: Any) -> bytes:
