@@ -123,3 +123,64 @@ def test_a_decoded_skeleton_use_equals_the_general_decoders(prelude):
     fast, general = decode_skeleton_use(data), deserialize(data)
     assert fast == general and type(fast[0]) is type(general[0])
     assert vars(fast[0]) == vars(general[0])
+
+
+OPERATORS = [
+    ("+", lambda a, b: a + b), ("-", lambda a, b: a - b), ("*", lambda a, b: a * b), ("/", lambda a, b: a / b),
+    ("@", lambda a, b: a @ b),
+]
+
+
+@pytest.mark.parametrize("name,op", OPERATORS)
+def test_operators_match_pytorch_for_every_operand_kind(alice, name, op):
+    x, y = torch.randn(4, 4), torch.randn(4, 4) + 3
+    p, q = x.send(alice), y.send(alice)
+    pairs = [(p, q, x, y), (p, p, x, x), (q, p, y, x),  # pointers (the operator's own path)
+             (p, y, x, y), (y, p, y, x)]  # a local tensor on either side (torch's path)
+    if name != "@":
+        pairs += [(p, 2, x, 2), (p, 0.5, x, 0.5), (3, p, 3, x), (1.5, q, 1.5, y)]
+    if name in "+*":  # (torch refuses to subtract or divide by a bool)
+        pairs += [(p, True, x, True), (False, p, False, x)]
+    for a, b, ea, eb in pairs:
+        r = op(a, b)
+        assert type(r) is PointerTensor, (name, type(a), type(b))
+        assert torch.allclose(r.get(), op(ea, eb)), (name, type(a), type(b))
+
+
+class _PassThrough(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_operators_send_what_torch_would_send(alice, monkeypatch):
+    """The operator's path calls ``call`` with the op and arguments __torch_function__ gets from torch."""
+    p, q = torch.randn(3).send(alice), torch.randn(3).send(alice)
+    calls = []
+    real = remote_ops.call
+    monkeypatch.setattr(remote_ops, "call", lambda op, args, kwargs, location=None: (
+        calls.append((op.name, args, kwargs)), real(op, args, kwargs, location))[1])
+    for expr in (lambda: p + q, lambda: 2 + p, lambda: p * 3.0, lambda: 3 * p, lambda: p - q, lambda: p / 2):
+        expr()
+    via_operators = list(calls)
+    calls.clear()
+    with _PassThrough():  # a torch-function mode: torch's own path (the mode sees every op)
+        for expr in (lambda: p + q, lambda: 2 + p, lambda: p * 3.0, lambda: 3 * p, lambda: p - q, lambda: p / 2):
+            expr()
+    assert via_operators == calls
+    assert [c[0] for c in calls] == ["Tensor.add", "Tensor.add", "Tensor.mul", "Tensor.mul", "Tensor.sub",
+                                     "Tensor.div"]
+
+
+def test_operators_skip_torchs_dispatch_only_for_pointers_and_numbers(alice, monkeypatch):
+    p = torch.randn(3).send(alice)
+    seen = []
+    real = PointerTensor.__torch_function__.__func__
+    monkeypatch.setattr(PointerTensor, "__torch_function__", classmethod(
+        lambda cls, func, types, args=(), kwargs=None: (seen.append(func), real(cls, func, types, args, kwargs))[1]))
+    p + p
+    p * 2
+    assert seen == []  # the operators' own path
+    p + torch.ones(3)
+    assert seen == [torch.Tensor.add]  # a local tensor: torch's path, as before
+    with pytest.raises(TypeError):
+        p + "a"  # torch's own answer for operands it does not take
