@@ -103,7 +103,7 @@ class PointerTensor(RemoteHandle, torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        # replaced by remote_ops.torch_function once remote_ops is imported (the same call, one frame less)
+        # replaced by remote_ops._torch_function once remote_ops is imported (the same call, one frame less)
         return _handle(func, args, kwargs or {})
 
     @classmethod

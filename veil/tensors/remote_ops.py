@@ -268,8 +268,6 @@ def _install_operators() -> None:
 _install_operators()
 
 
-
-
 def _location_of(tensors: list[torch.Tensor]) -> tuple[PointerTensor, bool]:
     """The first pointer (every other pointer must live on the same worker), and whether
     ``tensors`` holds local tensors besides the pointers (bytes that travel with the command)."""
@@ -470,8 +468,8 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
     if pipelined:
         # a skeleton use where the destination keeps a table (network workers): ids only, no op name or refs
         if not (location._skeletons is not None and payload == 0 and key is not None and key[0] is _FLAT
-                and owner.defer_skeleton(location, template, [t.__dict__["id_at_location"] for t in tensors],
-                                         return_ids, lambda: _definition(name, args, tensors, wire_kwargs, grad))):
+                and owner.defer_skeleton(location, template, _ids_of(tensors), return_ids,
+                                         lambda: _definition(name, args, tensors, wire_kwargs, grad))):
             owner.defer(location, [name, _args_to_wire(args), wire_kwargs, return_ids, grad], payload)
     elif not (location._skeletons is not None and payload == 0 and key is not None and key[0] is _FLAT
               and owner.hook._local_worker is owner  # (hook.local_worker, without its property call)
