@@ -1,0 +1,262 @@
+"""Serving trust-boundary leftovers, over real ``veil worker`` processes (red team, third pass).
+
+* Rows: one request of up to 64 MiB of rows was computed in one batch. A service has ``max_rows``
+  (``veil serve --max-batch-rows``): the parties refuse a larger request at submit (nothing is queued),
+  the client refuses it before sending, and the owner batches requests up to that many rows.
+* Ids: ``submit`` answered "request id already in use" for another client's id (which ids were live).
+  Ids are per session now: the same answer whether or not another session holds the id, and each
+  session gets its own result.
+* Half-submitted requests: a request queued at one party only made every ``pending`` answer at once
+  (the owner polled for up to ``partial_timeout``). A waiting ``pending`` now answers early only for
+  ids the owner has not already set aside, and a client whose submit failed somewhere withdraws it.
+* Peer tokens: one token per link, so a party (which must know the token the crypto provider
+  presents to it) cannot pose as the crypto provider to another party.
+
+Each test compares with the plaintext torch model and ends with an honest query answered correctly.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from veil.exceptions import PermissionDeniedError, VeilError
+from veil.ids import new_id
+from veil.mpc.sharing import split
+from veil.serving import ServingError, protocol
+from veil.serving import client as client_mod
+from veil.serving.service import service_of
+from veil.workers.registry import HookContext
+from veil.workers.websocket_client import WebsocketClientWorker
+
+from serving_helpers import client_for, cluster  # noqa: F401  (fixtures)
+
+
+def _shared(cluster, name, seed=0, **options):
+    """A small MLP shared on ``cluster`` but not served (the test drives ``step``); (model, plaintext copy)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    plain = copy.deepcopy(model)
+    model.share(cluster, name=name, **options)
+    return model, plain
+
+
+def _answer(plain, x):
+    with torch.no_grad():
+        return plain(x)
+
+
+def _listed(service, party_index):
+    return [rid for rid, _ in service._call(service.parties[party_index], "pending")]
+
+
+def _drain(service, max_batch=16):
+    """Steps until nothing is ready; the batch sizes, in order."""
+    batches = []
+    while (n := service.step(max_batch)) > 0:
+        batches.append(n)
+    return batches
+
+
+# ------------------------------------------------------------------ rows per batch
+
+
+def test_a_request_over_max_rows_is_refused_and_batches_stop_at_max_rows(cluster, client_for):
+    model, plain = _shared(cluster, "rows", max_rows=4)
+    service = service_of(model)
+    try:
+        client = client_for(cluster, (1, 4), (1, 2), name="rows")
+        assert client.info["max_rows"] == 4
+        big = split(torch.zeros(5, 4, dtype=torch.int64), 2)  # a raw client: straight to the parties
+        rid = new_id()
+        for party, share in zip(client.parties, big):
+            with pytest.raises(ServingError, match="at most 4 rows"):
+                protocol.call(client.hook.local_worker, party, "submit", "rows", rid, share)
+        with pytest.raises(ServingError, match="at most 4 rows"):  # the client says so before sending
+            client.submit(torch.zeros(5, 4))
+        assert _listed(service, 0) == [] and _listed(service, 1) == []  # nothing was queued
+        xs = [torch.randn(2, 4) for _ in range(3)]
+        rids = [client.submit(x) for x in xs]
+        assert _drain(service) == [2, 1]  # 2 + 2 rows, then the third: never more than 4 rows at once
+        for r, x in zip(rids, xs):
+            assert torch.allclose(client.result(r), _answer(plain, x), atol=1e-2)
+    finally:
+        service.stop(timeout=5)
+
+
+def test_max_rows_must_be_positive(cluster):
+    with pytest.raises(ServingError, match="max_rows"):
+        _shared(cluster, "rows-bad", max_rows=0)
+
+
+def test_veil_serve_has_a_max_batch_rows_flag():
+    import argparse
+
+    from veil.serving import cli
+
+    p = argparse.ArgumentParser()
+    cli.configure(p)
+    assert p.parse_args(["m.pt", "--max-batch-rows", "8"]).max_batch_rows == 8
+    assert p.parse_args(["m.pt"]).max_batch_rows is None  # the service's default, protocol.DEFAULT_MAX_ROWS
+    with pytest.raises(SystemExit):
+        p.parse_args(["m.pt", "--max-batch-rows", "0"])
+
+
+# ------------------------------------------------------------------ request ids
+
+
+def test_another_sessions_request_id_gets_the_same_answer_and_its_own_result(cluster, client_for, monkeypatch):
+    model, plain = _shared(cluster, "ids")
+    service = service_of(model)
+    try:
+        victim = client_for(cluster, (1, 4), (1, 2), name="ids")
+        thief = client_for(cluster, (1, 4), (1, 2), name="ids")  # the same client user, its own sessions
+        xv, xt = torch.randn(1, 4), torch.randn(1, 4) * 3
+        rid = victim.submit(xv)
+        monkeypatch.setattr(client_mod, "new_id", lambda: rid)  # the thief submits under the victim's id
+        assert thief.submit(xt) == rid  # accepted, as a fresh id is: no "already in use"
+        assert thief._call_all("fetch", [[rid]] * 2) == [[], []]  # the victim's id is nothing of the thief's yet
+        assert _listed(service, 0) == [rid]  # the owner sees one request per id at a time
+        assert _drain(service) == [1, 1]  # the victim's (first), then the thief's
+        assert torch.allclose(victim.result(rid), _answer(plain, xv), atol=1e-2)
+        assert torch.allclose(thief.result(rid), _answer(plain, xt), atol=1e-2)  # its own input, not the victim's
+        monkeypatch.undo()
+        x = torch.randn(1, 4)
+        r = victim.submit(x)
+        assert _drain(service) == [1]
+        assert torch.allclose(victim.result(r), _answer(plain, x), atol=1e-2)
+    finally:
+        service.stop(timeout=5)
+
+
+def test_a_session_reusing_its_own_live_id_is_refused(cluster, client_for, monkeypatch):
+    model, _ = _shared(cluster, "ids-own")
+    try:
+        client = client_for(cluster, (1, 4), (1, 2), name="ids-own")
+        rid = client.submit(torch.ones(1, 4))
+        monkeypatch.setattr(client_mod, "new_id", lambda: rid)
+        with pytest.raises(ServingError, match="already in use by this connection"):
+            client.submit(torch.ones(1, 4))
+    finally:
+        service_of(model).stop(timeout=5)
+
+
+# ------------------------------------------------------------------ half-submitted requests
+
+
+def test_a_known_half_submitted_request_does_not_end_the_owners_wait_but_a_full_query_does(cluster, client_for):
+    model, plain = _shared(cluster, "half")
+    service = service_of(model)
+    try:
+        attacker = client_for(cluster, (1, 4), (1, 2), name="half")
+        honest = client_for(cluster, (1, 4), (1, 2), name="half")
+        x_half = new_id()
+        share = split(torch.zeros(1, 4, dtype=torch.int64), 2)[0]
+        protocol.call(attacker.hook.local_worker, attacker.parties[0], "submit", "half", x_half, share)
+        replies = []
+        waiting = threading.Thread(target=lambda: replies.append(
+            service._call(service.parties[0], "pending", protocol.MAX_WAIT, [x_half])), daemon=True)
+        waiting.start()
+        time.sleep(0.3)  # (ordering only: the wait is under way before the honest query arrives)
+        x = torch.randn(1, 4)
+        rid = honest.submit(x)
+        waiting.join(30)
+        listed = [r for r, _ in replies[0]]
+        assert rid in listed and x_half in listed  # it answered for the honest query, not for the known one
+        assert _drain(service) == [1]  # the honest query alone; the half-submitted one stays queued
+        assert torch.allclose(honest.result(rid), _answer(plain, x), atol=1e-2)
+        assert _listed(service, 0) == [x_half] and _listed(service, 1) == []
+        with pytest.raises(ServingError, match="known ids"):  # malformed known ids are refused
+            service._call(service.parties[0], "pending", 0, "not a list")
+    finally:
+        service.stop(timeout=5)
+
+
+def test_a_half_submitted_request_does_not_turn_the_serving_loop_into_polling(cluster, client_for):
+    model, plain = _shared(cluster, "half-loop", partial_timeout=3600)
+    service = service_of(model)
+    model.serve(background=True)
+    try:
+        attacker = client_for(cluster, (1, 4), (1, 2), name="half-loop")
+        honest = client_for(cluster, (1, 4), (1, 2), name="half-loop")
+        halves = [new_id(), new_id()]  # one at each party: every party has something queued
+        shares = split(torch.zeros(1, 4, dtype=torch.int64), 2)
+        for rid, party, share in zip(halves, attacker.parties, shares):
+            protocol.call(attacker.hook.local_worker, party, "submit", "half-loop", rid, share)
+            deadline = time.monotonic() + 30
+            while rid not in service._partial and time.monotonic() < deadline:
+                time.sleep(0.05)  # until the owner has set it aside
+            assert rid in service._partial
+        for _ in range(3):
+            x = torch.randn(2, 4)
+            assert torch.allclose(honest.query_model(x), _answer(plain, x), atol=1e-2)
+        assert set(halves) <= set(service._partial) and service.failed_requests == 0  # still queued, not computed
+        # the loop waited on the parties meanwhile (at most one quick answer per half's arrival); it polled
+        # every 10 ms before, since each party answered its known half at once
+        assert service.backoffs <= len(halves)
+        assert service.error is None
+    finally:
+        service.stop(timeout=5)
+
+
+def test_a_submit_refused_at_one_party_is_withdrawn_from_the_others(cluster, client_for, monkeypatch):
+    model, plain = _shared(cluster, "withdraw")
+    service = service_of(model)
+    try:
+        client = client_for(cluster, (1, 4), (1, 2), name="withdraw")
+        rid = new_id()
+        share = split(torch.zeros(1, 4, dtype=torch.int64), 2)[1]
+        protocol.call(client.hook.local_worker, client.parties[1], "submit", "withdraw", rid, share)
+        monkeypatch.setattr(client_mod, "new_id", lambda: rid)  # party 1 will refuse this id; party 0 takes it
+        with pytest.raises(ServingError, match="already in use"):
+            client.submit(torch.ones(1, 4))
+        assert _listed(service, 0) == []  # taken back: the owner never sees a request that cannot complete
+        monkeypatch.undo()
+        x = torch.randn(1, 4)
+        r = client.submit(x)
+        assert _drain(service) == [1]
+        assert torch.allclose(client.result(r), _answer(plain, x), atol=1e-2)
+    finally:
+        service.stop(timeout=5)
+
+
+def test_withdraw_takes_back_only_the_sessions_own_queued_request(cluster, client_for):
+    model, plain = _shared(cluster, "withdraw-other")
+    service = service_of(model)
+    try:
+        victim = client_for(cluster, (1, 4), (1, 2), name="withdraw-other")
+        thief = client_for(cluster, (1, 4), (1, 2), name="withdraw-other")
+        x = torch.randn(1, 4)
+        rid = victim.submit(x)
+        assert thief._call_all("withdraw", [[rid]] * 2) == [[], []]  # the same answer as for any id
+        with pytest.raises(ServingError, match="request id"):
+            thief._call_all("withdraw", [["7"]] * 2)
+        assert _drain(service) == [1]
+        assert torch.allclose(victim.result(rid), _answer(plain, x), atol=1e-2)
+    finally:
+        service.stop(timeout=5)
+
+
+# ------------------------------------------------------------------ peer tokens per link
+
+
+def test_a_party_cannot_pose_as_the_crypto_provider_to_another_party(cluster, client_for):
+    model, plain = _shared(cluster, "links")
+    service = service_of(model)
+    model.serve(background=True)
+    try:
+        p0, p1, cp = *cluster.parties, cluster.crypto_provider
+        known_to_p0 = cluster.peer_token_of(cp, p0)  # p0 must know it to accept the provider
+        assert known_to_p0 != cluster.peer_token_of(cp, p1)
+        with pytest.raises((PermissionDeniedError, VeilError, OSError)):
+            WebsocketClientWorker(HookContext(), id=p1.id, host=p1.host, port=p1.port, token=known_to_p0)
+        honest = client_for(cluster, (1, 4), (1, 2), name="links")
+        x = torch.randn(1, 4)
+        assert torch.allclose(honest.query_model(x), _answer(plain, x), atol=1e-2)
+    finally:
+        service.stop(timeout=5)
