@@ -248,13 +248,12 @@ def _respond(worker: Any, name: str, user: str, session: str, args: list) -> lis
 def _fail(worker: Any, name: str, user: str, session: str, args: list) -> list:
     rids, message = _request_ids(args[0]), str(args[1])
     svc = _owned(worker, name, user)
+    listed = _listed(svc)
     for r in rids:  # the request the owner sees under r: in computation, else the one listed
         sub = svc.claimed.pop(r, None)
-        if sub is None:
-            listed = _listed(svc).get(r)
-            if listed is not None:
-                sub = listed[0]
-                del svc.pending[(sub, r)]
+        if sub is None and r in listed:
+            sub = listed.pop(r)[0]
+            del svc.pending[(sub, r)]
         if sub is not None:
             svc.outputs[(sub, r)] = message
     if not svc.claimed:
