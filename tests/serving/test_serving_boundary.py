@@ -8,7 +8,7 @@
   session gets its own result.
 * Half-submitted requests: a request queued at one party only made every ``pending`` answer at once
   (the owner polled for up to ``partial_timeout``). A waiting ``pending`` now answers early only for
-  ids the owner has not already set aside, and a client whose submit failed somewhere withdraws it.
+  ids the owner has not already set aside.
 * Peer tokens: one token per link, so a party (which must know the token the crypto provider
   presents to it) cannot pose as the crypto provider to another party.
 
@@ -200,44 +200,6 @@ def test_a_half_submitted_request_does_not_turn_the_serving_loop_into_polling(cl
         # every 10 ms before, since each party answered its known half at once
         assert service.backoffs <= len(halves)
         assert service.error is None
-    finally:
-        service.stop(timeout=5)
-
-
-def test_a_submit_refused_at_one_party_is_withdrawn_from_the_others(cluster, client_for, monkeypatch):
-    model, plain = _shared(cluster, "withdraw")
-    service = service_of(model)
-    try:
-        client = client_for(cluster, (1, 4), (1, 2), name="withdraw")
-        rid = new_id()
-        share = split(torch.zeros(1, 4, dtype=torch.int64), 2)[1]
-        protocol.call(client.hook.local_worker, client.parties[1], "submit", "withdraw", rid, share)
-        monkeypatch.setattr(client_mod, "new_id", lambda: rid)  # party 1 will refuse this id; party 0 takes it
-        with pytest.raises(ServingError, match="already in use"):
-            client.submit(torch.ones(1, 4))
-        assert _listed(service, 0) == []  # taken back: the owner never sees a request that cannot complete
-        monkeypatch.undo()
-        x = torch.randn(1, 4)
-        r = client.submit(x)
-        assert _drain(service) == [1]
-        assert torch.allclose(client.result(r), _answer(plain, x), atol=1e-2)
-    finally:
-        service.stop(timeout=5)
-
-
-def test_withdraw_takes_back_only_the_sessions_own_queued_request(cluster, client_for):
-    model, plain = _shared(cluster, "withdraw-other")
-    service = service_of(model)
-    try:
-        victim = client_for(cluster, (1, 4), (1, 2), name="withdraw-other")
-        thief = client_for(cluster, (1, 4), (1, 2), name="withdraw-other")
-        x = torch.randn(1, 4)
-        rid = victim.submit(x)
-        assert thief._call_all("withdraw", [[rid]] * 2) == [[], []]  # the same answer as for any id
-        with pytest.raises(ServingError, match="request id"):
-            thief._call_all("withdraw", [["7"]] * 2)
-        assert _drain(service) == [1]
-        assert torch.allclose(victim.result(rid), _answer(plain, x), atol=1e-2)
     finally:
         service.stop(timeout=5)
 

@@ -130,17 +130,7 @@ class ModelClient:
         encoding = make_encoding(self.info["precision_fractional"], self.info["base"])
         shares = split(encode(x.detach().float(), encoding), len(self.parties))
         rid = new_id()
-        replies = self._call_all("submit", [[rid, share] for share in shares], return_errors=True)  # one round
-        failed = [r for r in replies if isinstance(r, BaseException)]
-        if failed:  # refused somewhere (a full queue): take it back where it was queued, so that the
-            # owner does not wait out partial_timeout on a request that can never complete
-            took = [w for w, r in zip(self.parties, replies) if not isinstance(r, BaseException)]
-            if took:
-                try:
-                    self._call_all("withdraw", [[rid]] * len(took), took, return_errors=True)
-                except WorkerUnavailableError:
-                    pass
-            raise failed[0]
+        self._call_all("submit", [[rid, share] for share in shares])  # share i to party i only, one round
         return rid
 
     def result(self, rid: int) -> torch.Tensor:
@@ -175,18 +165,11 @@ class ModelClient:
             w.close()
         self.parties = []
 
-    def _call_all(self, action: str, per_party_args: list, parties: Optional[list] = None,
-                  return_errors: bool = False) -> list:
-        """``action`` on every party (or ``parties``) at once; one reply list per party (or its
-        exception, with ``return_errors``; an unreachable party raises WorkerUnavailableError either way)."""
+    def _call_all(self, action: str, per_party_args: list, parties: Optional[list] = None) -> list:
+        """``action`` on every party (or ``parties``) at once; one reply list per party."""
         parties = self.parties if parties is None else parties
         try:
-            replies = protocol.call_all(self.hook.local_worker, parties, action, self.service, per_party_args,
-                                        return_errors=return_errors)
-            for r in replies:
-                if isinstance(r, (ConnectionLostError, OSError)):
-                    raise r
-            return replies
+            return protocol.call_all(self.hook.local_worker, parties, action, self.service, per_party_args)
         except (ConnectionLostError, OSError) as e:
             raise WorkerUnavailableError(f"a cluster worker is unreachable: the query failed "
                                          f"and no result was produced ({e})") from e

@@ -13,8 +13,7 @@ Each party worker of a cluster holds, per service name, a small queue:
   *responds* with its share of the outputs (split back per request); the
   owner names requests by id alone, so of two sessions' requests with one id
   the worker lists the older one and the other waits behind it, unseen;
-* the submitting session, and only it, *fetches* its output share (or
-  *withdraws* a request still queued: a submit that failed at some parties).
+* the submitting session, and only it, *fetches* its output share.
 
 A request has at most the service's ``max_rows`` rows (the owner's setting, in
 the service's public info): larger ones are refused at submit, and the owner
@@ -344,17 +343,6 @@ def _submit(worker: Any, name: str, user: str, session: str, args: list) -> list
     return []
 
 
-def _withdraw(worker: Any, name: str, user: str, session: str, args: list) -> list:
-    """Drops this session's queued request (a submit that failed at another party): the owner stops
-    seeing it as incomplete at once instead of after ``partial_timeout``. Unknown ids are a no-op."""
-    rid = args[0] if args else None
-    if type(rid) is not int:
-        raise ServingError("withdraw expects a request id (an integer)")
-    _client_service(worker, name, user).pending.pop((session, rid), None)
-    _changed()
-    return []
-
-
 def _fetch(worker: Any, name: str, user: str, session: str, args: list) -> list:
     rid = args[0] if args else None
     if type(rid) is not int:  # (an unhashable id failed as a bare TypeError)
@@ -390,11 +378,10 @@ ACTIONS: dict[str, Callable[..., list]] = {
     "unfetched": _unfetched,
     "info": _info,
     "submit": _submit,
-    "withdraw": _withdraw,
     "fetch": _fetch,
 }
 #: the actions a ``client`` token may send (everything else needs the owner's token)
-CLIENT_ACTIONS = frozenset({"info", "submit", "withdraw", "fetch"})
+CLIENT_ACTIONS = frozenset({"info", "submit", "fetch"})
 CLIENT_REQUESTS[ServingMessage] = lambda msg: isinstance(msg.action, str) and msg.action in CLIENT_ACTIONS
 
 
