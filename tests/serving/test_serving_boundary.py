@@ -222,3 +222,26 @@ def test_a_party_cannot_pose_as_the_crypto_provider_to_another_party(cluster, cl
         assert torch.allclose(honest.query_model(x), _answer(plain, x), atol=1e-2)
     finally:
         service.stop(timeout=5)
+
+
+def test_two_sessions_with_one_id_in_process_each_see_only_their_own(hook):
+    """The (session, id) queue in-process: the owner sees the id once, the older request first; a
+    disconnect of the older one brings the other forward; closing fails each session's own."""
+    import veil as sy
+
+    party, owner = sy.VirtualWorker(hook, id="ids_ip_party"), sy.VirtualWorker(hook, id="ids_ip_owner")
+    first, second = sy.VirtualWorker(hook, id="ids_ip_first"), sy.VirtualWorker(hook, id="ids_ip_second")
+    protocol.call(owner, party, "open", "svc", [first.id, second.id], {"input_shape": [1, 3], "max_rows": 2})
+    rid = new_id()
+    protocol.call(first, party, "submit", "svc", rid, torch.zeros(1, 3, dtype=torch.int64))
+    assert protocol.call(second, party, "submit", "svc", rid, torch.ones(2, 3, dtype=torch.int64)) == []
+    with pytest.raises(ServingError, match="at most 2 rows"):
+        protocol.call(second, party, "submit", "svc", new_id(), torch.ones(3, 3, dtype=torch.int64))
+    assert protocol.call(owner, party, "pending", "svc") == [[rid, 1]]  # the older one
+    protocol.drop_session(party, first.id)  # it disconnects: the other comes forward
+    assert protocol.call(owner, party, "pending", "svc") == [[rid, 2]]
+    protocol.call(owner, party, "close", "svc", "stopped")
+    with pytest.raises(ServingError, match="stopped"):
+        protocol.call(second, party, "fetch", "svc", rid)
+    with pytest.raises(ServingError, match="no longer served"):  # nothing of the first's is left
+        protocol.call(first, party, "fetch", "svc", rid)
