@@ -204,6 +204,39 @@ def test_a_half_submitted_request_does_not_turn_the_serving_loop_into_polling(cl
         service.stop(timeout=5)
 
 
+def test_a_request_that_leaves_one_party_before_the_claim_does_not_fail_the_batch(cluster, client_for):
+    """A client that disconnects from one party between the owner's pending and claim made that party's claim
+    fail, and the whole batch (every other client's request in it) failed with it. Now the parties that claimed
+    put the batch back and the owner computes the others at the next step."""
+    model, plain = _shared(cluster, "gone")
+    service = service_of(model)
+    try:
+        honest = client_for(cluster, (1, 4), (1, 2), name="gone")
+        leaving = client_for(cluster, (1, 4), (1, 2), name="gone")
+        x = torch.randn(1, 4)
+        rid = honest.submit(x)
+        gone = leaving.submit(torch.randn(1, 4))
+        real_call_all, raced = service._call_all, []
+
+        def call_all(action, per_party_args, return_errors=False):
+            if action == "claim" and not raced:  # the client leaves party 0 right before the claim
+                raced.append(per_party_args[0][0])
+                leaving.parties[0].close()
+                deadline = time.monotonic() + 30
+                while gone in _listed(service, 0) and time.monotonic() < deadline:
+                    time.sleep(0.05)  # until party 0 dropped its session
+            return real_call_all(action, per_party_args, return_errors=return_errors)
+
+        service._call_all = call_all
+        assert service.step(16) == 0 and sorted(raced[0]) == sorted([rid, gone])  # the claim of both failed
+        assert service.failed_requests == 0
+        assert _drain(service) == [1]  # the honest one alone, at the next step
+        assert torch.allclose(honest.result(rid), _answer(plain, x), atol=1e-2)
+        assert _listed(service, 0) == [] and _listed(service, 1) == [gone]  # still half there, to expire
+    finally:
+        service.stop(timeout=5)
+
+
 # ------------------------------------------------------------------ peer tokens per link
 
 

@@ -12,7 +12,9 @@ Each party worker of a cluster holds, per service name, a small queue:
   session, which the owner then computes on through pointers), and
   *responds* with its share of the outputs (split back per request); the
   owner names requests by id alone, so of two sessions' requests with one id
-  the worker lists the older one and the other waits behind it, unseen;
+  the worker lists the older one and the other waits behind it, unseen; a
+  batch another party could not claim (a request left it: its client
+  disconnected there) is *requeued* where it was claimed, unchanged;
 * the submitting session, and only it, *fetches* its output share.
 
 A request has at most the service's ``max_rows`` rows (the owner's setting, in
@@ -48,7 +50,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from veil.messaging import messages as m
-from veil.serving.errors import RequestFailedError, ServiceClosedError, ServingError
+from veil.serving.errors import RequestFailedError, RequestGoneError, ServiceClosedError, ServingError
 from veil.workers import cancellation
 from veil.workers.base import register_handler
 from veil.workers.websocket_auth import CLIENT_REQUESTS, SESSION_END_HANDLERS
@@ -91,6 +93,7 @@ class _Service:
     pending: "OrderedDict[tuple[str, int], torch.Tensor]" = field(default_factory=OrderedDict)  # (session, id)
     outputs: dict = field(default_factory=dict)  # (session, request id) -> share or error message
     claimed: dict = field(default_factory=dict)  # request id -> submitting session (one per id at a time)
+    held: dict = field(default_factory=dict)  # request id -> its claimed input share (for requeue)
     closed: bool = False
     reason: str = "the model owner stopped the service"
 
@@ -211,12 +214,15 @@ def _claim(worker: Any, name: str, user: str, session: str, args: list) -> list:
     svc = _owned(worker, name, user)
     listed = _listed(svc)
     missing = [r for r in rids if r not in listed]
-    if missing or not rids or len(set(rids)) != len(rids):
-        raise ServingError(f"worker {worker.id!r} has no pending request {missing[:1]}")
+    if not rids or len(set(rids)) != len(rids):
+        raise ServingError("claim expects distinct request ids")
+    if missing:
+        raise RequestGoneError(f"worker {worker.id!r} has no pending request {missing[:1]}")
     taken = [listed[r] for r in rids]
-    for r, (sub, _) in zip(rids, taken):
+    for r, (sub, share) in zip(rids, taken):
         del svc.pending[(sub, r)]
         svc.claimed[r] = sub
+        svc.held[r] = share
     # One object for the whole batch: the owner's model runs once for all of them.
     clients = tuple(sorted({sub for sub, _ in taken}))  # only they may reveal the inputs and what derives from them
     worker.monitor.store(worker.principal(session), oid, torch.cat([share for _, share in taken]), kind=Kind.SHARE,
@@ -235,6 +241,7 @@ def _respond(worker: Any, name: str, user: str, session: str, args: list) -> lis
         raise ServingError("the output share does not match the claimed requests")
     for r, piece in zip(rids, torch.split(out, sizes)):
         sub = svc.claimed.pop(r, None)
+        svc.held.pop(r, None)
         if sub is not None:
             svc.outputs[(sub, r)] = piece.clone()
     worker.monitor.discard(worker.principal(session), ref.id)  # the owner keeps no handle on output shares
@@ -250,11 +257,29 @@ def _fail(worker: Any, name: str, user: str, session: str, args: list) -> list:
     listed = _listed(svc)
     for r in rids:  # the request the owner sees under r: in computation, else the one listed
         sub = svc.claimed.pop(r, None)
+        svc.held.pop(r, None)
         if sub is None and r in listed:
             sub = listed.pop(r)[0]
             del svc.pending[(sub, r)]
         if sub is not None:
             svc.outputs[(sub, r)] = message
+    if not svc.claimed:
+        worker.monitor.untaint(worker.principal(session))
+    _changed()
+    return []
+
+
+def _requeue(worker: Any, name: str, user: str, session: str, args: list) -> list:
+    """Puts claimed requests back at the front of the queue, unchanged: another party could not claim
+    the same batch (one of its requests left that party meanwhile: a disconnect), and the others of the
+    batch must not fail for it. The owner deletes the batch object it had stored."""
+    rids = _request_ids(args[0])
+    svc = _owned(worker, name, user)
+    back = [(r, svc.claimed.pop(r, None), svc.held.pop(r, None)) for r in rids]
+    for r, sub, share in reversed(back):
+        if sub is not None and share is not None:
+            svc.pending[(sub, r)] = share
+            svc.pending.move_to_end((sub, r), last=False)
     if not svc.claimed:
         worker.monitor.untaint(worker.principal(session))
     _changed()
@@ -270,6 +295,7 @@ def drop_session(worker: Any, session: str) -> None:
                     del table[key]
             for r in [r for r, sub in svc.claimed.items() if sub == session]:
                 del svc.claimed[r]  # its output share is discarded when the owner responds
+                svc.held.pop(r, None)
 
 
 SESSION_END_HANDLERS.append(drop_session)
@@ -374,6 +400,7 @@ ACTIONS: dict[str, Callable[..., list]] = {
     "claim": _claim,
     "respond": _respond,
     "fail": _fail,
+    "requeue": _requeue,
     "close": _close,
     "unfetched": _unfetched,
     "info": _info,

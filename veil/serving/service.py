@@ -39,7 +39,7 @@ from veil.ids import new_id
 from veil.tensors.mpc_glue.module import fix_precision_module, share_module
 from veil.serving import protocol
 from veil.serving.cluster import CLIENT_USER, Cluster
-from veil.serving.errors import ServingError, WorkerUnavailableError
+from veil.serving.errors import RequestGoneError, ServingError, WorkerUnavailableError
 from veil.serving.fixed_weights import fix_weights
 from veil.serving.fuse import fuse_linear_layers
 from veil.serving.inputs import as_count, as_shape
@@ -89,6 +89,7 @@ class ModelService:
         self.failed_requests = 0  # malformed or failed requests (each failed alone)
         self._partial: dict[int, float] = {}  # request id -> when first seen on only some parties
         self._known: list[list[int]] = []  # per party: its incomplete ids, not news to its next pending
+        self._requeued: frozenset = frozenset()  # the batch last put back after a failed claim
         self.backoffs = 0  # idle rounds the parties answered at once with nothing to compute (the loop slept)
         self._linger: tuple[Optional[float], int] = (None, 0)  # (first seen, ready count) of a partial batch
         self._waited = False  # the last step's parties waited for a submit and none came
@@ -239,6 +240,8 @@ class ModelService:
             return 0
         try:
             self._compute(rids)
+        except _Requeued:  # a request left a party between pending and claim: the rest go again
+            return 0
         except (ConnectionLostError, OSError, WorkerUnavailableError) as e:
             self._fail(rids, "a cluster worker became unreachable")
             raise WorkerUnavailableError(f"serving stopped: a cluster worker is unreachable ({e})") from e
@@ -255,6 +258,7 @@ class ModelService:
                 pass
             raise
         self.served += len(rids)
+        self._requeued = frozenset()
         return len(rids)
 
     def _lingers(self, ready: int, full: bool, linger: float) -> bool:
@@ -298,9 +302,18 @@ class ModelService:
         claimed = self._call_all("claim", [[rids, oid] for oid in oids], return_errors=True)  # one round
         failed = [r for r in claimed if isinstance(r, BaseException)]
         if failed:  # free the batches the other parties stored, then report the first failure
+            took = [w for w, r in zip(self.parties, claimed) if not isinstance(r, BaseException)]
             for w, oid, r in zip(self.parties, oids, claimed):
                 if not isinstance(r, BaseException):
                     self.hook.local_worker.schedule_delete(w, oid)
+            # a request that left one party (its client disconnected there) must not fail the batch's
+            # others: put them back where they were claimed, once per batch (a claim that fails again
+            # fails them, as any other error)
+            if took and all(isinstance(e, RequestGoneError) for e in failed) and frozenset(rids) != self._requeued:
+                self._requeued = frozenset(rids)
+                protocol.call_all(self.hook.local_worker, took, "requeue", self.name, [[rids]] * len(took),
+                                  return_errors=True)
+                raise _Requeued()
             raise failed[0]
         shares = {w.id: PointerTensor(w, oid, self.hook.local_worker, torch.Size((sum(got), *self.input_shape[1:])),
                                       torch.int64) for w, oid, got in zip(self.parties, oids, claimed)}
@@ -347,6 +360,10 @@ class ModelService:
             return
         self._closed = True
         self._call_all("close", [[reason]] * len(self.parties), return_errors=True)
+
+
+class _Requeued(Exception):
+    """A batch whose claim failed at some party was put back in the queue (see ModelService._compute)."""
 
 
 def _ref(ptr: Any) -> Any:
