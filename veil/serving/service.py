@@ -19,9 +19,12 @@ batch size between parties, or that reached only some parties and stayed
 incomplete for ``partial_timeout`` seconds, is failed before any batch is
 claimed; meanwhile the parties' ``pending`` waits do not count it as news, so it
 does not turn the loop's waits into polls. A batch holds at most ``max_batch``
-requests and ``max_rows`` rows; the parties refuse a larger request at submit. :meth:`ModelService.stop` waits (bounded) until clients fetched the
-results already computed, so ``model.serve(num_requests=3); model.stop()``
-lets the third client finish.
+requests and ``max_rows`` rows; the parties refuse a larger request at submit.
+A request that leaves one party between ``pending`` and ``claim`` (its client
+disconnected there) puts the batch back instead of failing it.
+:meth:`ModelService.stop` waits (bounded) until clients fetched the results
+already computed, so ``model.serve(num_requests=3); model.stop()`` lets the
+third client finish.
 """
 
 from __future__ import annotations
@@ -309,10 +312,11 @@ class ModelService:
             # a request that left one party (its client disconnected there) must not fail the batch's
             # others: put them back where they were claimed, once per batch (a claim that fails again
             # fails them, as any other error)
-            if took and all(isinstance(e, RequestGoneError) for e in failed) and frozenset(rids) != self._requeued:
+            if all(isinstance(e, RequestGoneError) for e in failed) and frozenset(rids) != self._requeued:
                 self._requeued = frozenset(rids)
-                protocol.call_all(self.hook.local_worker, took, "requeue", self.name, [[rids]] * len(took),
-                                  return_errors=True)
+                if took:
+                    protocol.call_all(self.hook.local_worker, took, "requeue", self.name, [[rids]] * len(took),
+                                      return_errors=True)
                 raise _Requeued()
             raise failed[0]
         shares = {w.id: PointerTensor(w, oid, self.hook.local_worker, torch.Size((sum(got), *self.input_shape[1:])),
