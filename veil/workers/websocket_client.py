@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 import ssl as ssl_module
 import threading
 import time
@@ -149,9 +150,20 @@ class WebsocketClientWorker(BaseWorker):
                 pass
 
     def close(self) -> None:
-        """Closes the connection; the server frees every object this session created."""
-        with self._lock:
+        """Closes the connection; the server frees every object this session created. A request in flight
+        on another thread ends at once with ConnectionLostError (its reply would never be read)."""
+        if not self._lock.acquire(blocking=False):
+            conn = self._conn  # the other thread holds the lock while it waits for the reply: wake its read
+            if conn is not None:
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:  # already closed
+                    pass
+            self._lock.acquire()
+        try:
             self._drop()
+        finally:
+            self._lock.release()
 
     @property
     def connected(self) -> bool:
