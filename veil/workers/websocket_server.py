@@ -127,6 +127,15 @@ def _frame_head(opcode: int, fin: bool, n: int) -> bytes:
     return bytes((b0, 127)) + n.to_bytes(8, "big")
 
 
+def _write_frame(transport: Any, opcode: int, fin: bool, data: Any) -> None:
+    head = _frame_head(opcode, fin, len(data))
+    if len(data) <= 4096:  # (a short frame, e.g. a reply's message header: one write, one segment)
+        transport.write(head + bytes(data))
+    else:
+        transport.write(head)
+        transport.write(data)
+
+
 async def _send_fragmented(ws: ServerConnection, fragments: Any) -> None:
     """A large reply as one fragmented binary message (RFC 6455 5.4), what ``ws.send(fragments)`` sends,
     with each frame handed to the transport as its header and then its payload's memory: websockets makes
@@ -149,14 +158,11 @@ async def _send_fragmented(ws: ServerConnection, fragments: Any) -> None:
         for piece in fragments:
             if pending is not None:
                 async with ws.send_context():  # raises ConnectionClosed once the connection is closing
-                    transport.write(_frame_head(opcode, False, len(pending)))
-                    transport.write(pending)
+                    _write_frame(transport, opcode, False, pending)
                 opcode = 0x00
             pending = piece
         async with ws.send_context():
-            last = pending if pending is not None else b""
-            transport.write(_frame_head(opcode, True, len(last)))
-            transport.write(last)
+            _write_frame(transport, opcode, True, pending if pending is not None else b"")
     finally:
         transport.set_write_buffer_limits(ws.write_limit_high, ws.write_limit_low)
         ws.send_in_progress.set_result(None)

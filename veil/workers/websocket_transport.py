@@ -283,7 +283,11 @@ class BlockingConnection:
             return message
         if message is None:
             # A veil frame's raw tensor region is placed at a 16-byte boundary of the buffer, so the
-            # decoder can use large tensors' bytes where they are (serde ``adopt``).
+            # decoder can use large tensors' bytes where they are (serde ``adopt``): that needs the
+            # message's first 5 bytes, which may come in a later read than the frame's header.
+            if have < min(n, 5):
+                self._fill(head + min(n, 5))
+                have = min(len(buf) - head, n)
             self._pad = frame_pad(buf[head: head + min(have, 5)])
             room = n
             if not b0 & 0x80:  # the first of several fragments: sized as the caller expects, if it said
