@@ -180,3 +180,58 @@ def test_frame_parts_travel_as_one_message_the_library_reads(monkeypatch):
     assert data == b"".join(parts)
     objects = deserialize(data)[0].objects
     assert torch.equal(objects[0].obj, t) and torch.equal(objects[1].obj, torch.ones(3))
+
+
+def _fragmented(data: bytes, sizes: list[int]) -> bytes:
+    """``data`` as one fragmented message whose fragments have ``sizes`` (the last takes the rest)."""
+    cuts, at = [], 0
+    for n in sizes:
+        cuts.append(data[at: at + n])
+        at += n
+    cuts.append(data[at:])
+    return b"".join(_frame(Opcode.BINARY if i == 0 else Opcode.CONT, c, fin=i == len(cuts) - 1)
+                    for i, c in enumerate(cuts))
+
+
+@pytest.mark.parametrize("chunk", [3, 4096, 1 << 30])
+@pytest.mark.parametrize("hint", ["exact", "larger", "smaller", "much smaller", "none", "over the limit"])
+def test_a_reply_the_caller_sized_comes_back_the_same(monkeypatch, chunk, hint):
+    """expect_reply sizes the buffer of the next fragmented reply; what comes back is exactly what was
+    sent, decodes in place, and is trimmed to its length, whatever the expectation (too small: grown; too
+    large: trimmed; over the connection's limit: ignored, and the limit still holds)."""
+    t = torch.arange(70_000, dtype=torch.int64)
+    reply = serialize(m.ObjectsReply([t, torch.ones(3)]), sender="bob")
+    script = _fragmented(reply, [60, 9000, 200_000])
+    size = {"exact": len(reply), "larger": len(reply) + 5000, "smaller": len(reply) // 2,
+            "much smaller": 100, "none": 0, "over the limit": 10 << 20}[hint]
+    conn, _ = _connect(monkeypatch, script, chunk, max_size=1 << 20)
+    with transport.expect_reply(size):
+        got = conn.recv(5)
+    assert bytes(got) == reply
+    buffer = got.obj if isinstance(got, memoryview) else got
+    assert type(buffer) is OwnedFrame and len(got) == len(reply)
+    back = deserialize(got)[0].objects
+    assert torch.equal(back[0], t) and torch.equal(back[1], torch.ones(3))
+    start = torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()
+    assert start <= back[0].data_ptr() < start + len(buffer)  # in place, even when read 3 bytes at a time
+    assert getattr(transport._HINT, "nbytes", 0) == 0  # the expectation ends with its block
+
+
+@pytest.mark.parametrize("chunk", [5, 1 << 30])
+def test_a_sized_reply_still_meets_the_limit_and_a_cut_one_is_a_lost_connection(monkeypatch, chunk):
+    """A sender's frames cannot take a sized buffer past the connection's limit (a frame declaring 2^40
+    bytes fails the connection before anything is allocated for it), and a sized reply cut short is a
+    lost connection, whose next expected reply starts clean."""
+    huge = _frame(Opcode.BINARY, b"\xc1" + bytes(40), fin=False)
+    huge += bytes((0x00, 0x7F)) + (1 << 40).to_bytes(8, "big")  # a continuation claiming 1 TiB
+    conn, fake = _connect(monkeypatch, huge, chunk, max_size=1 << 20)
+    with transport.expect_reply(1 << 19), pytest.raises(ConnectionClosed):
+        conn.recv(5)
+    closes = [f for f in fake.received if f.opcode is Opcode.CLOSE]
+    assert closes and Close.parse(closes[0].data).code == CloseCode.MESSAGE_TOO_BIG
+    whole = _fragmented(_payload(50_000), [100, 20_000])
+    for cut in (30, 200, 20_150, len(whole) - 1):
+        conn, _ = _connect(monkeypatch, whole[:cut], chunk, max_size=1 << 20)
+        with transport.expect_reply(60_000), pytest.raises(ConnectionClosed):
+            conn.recv(5)
+        assert conn._msg is None

@@ -365,3 +365,57 @@ def test_a_fetch_naming_what_no_round_can_be_is_refused_at_once(hook, cluster):
         assert type(reply) is m.ErrorReply and len(reply.message) < 500, str(reply)[:200]
     _stored(hook, cluster["bob"][1], ids, GOOD[0])
     _unchanged(cluster, stored)
+
+
+class _Fragments:
+    """A sink answer sent as a fragmented message: ``values`` serialized, cut into ``size``-byte fragments;
+    ``cut``: the sink fails the connection after that many fragments (a reply cut short); ``claim``: after
+    the first fragment the sink writes a raw continuation header declaring ``claim`` bytes, and nothing more."""
+
+    def __init__(self, values, size: int = 7, cut: int | None = None, claim: int | None = None) -> None:
+        self.values, self.size, self.cut, self.claim = values, size, cut, claim
+
+    def send_to(self, ws) -> None:
+        data = serialize(m.ObjectsReply(list(self.values)), sender="charlie")
+        pieces = [data[at: at + self.size] for at in range(0, len(data), self.size)]
+        if self.claim is not None:
+            first = bytes((0x02, len(pieces[0]))) + pieces[0]  # a binary first fragment (size < 126)
+            ws.socket.sendall(first + bytes((0x00, 0x7F)) + self.claim.to_bytes(8, "big"))
+            return
+
+        def fragments():
+            for k, piece in enumerate(pieces):
+                if k == self.cut:
+                    raise ConnectionAbortedError("charlie stops mid-reply")
+                yield piece
+        ws.send(fragments())
+
+
+@pytest.mark.parametrize("what", ["larger", "smaller", "cut short", "claims 1 TiB", "claims 2^63"])
+def test_a_hostile_partys_fragmented_answer_of_the_wrong_size_ends_the_round(hook, cluster, what):
+    """bob receives a fetch reply into one buffer of the size it expects (its own outputs' layout, never a
+    size the peer announces). charlie answers in small fragments with more values than bob's (a 1 MiB
+    tensor), fewer, a reply cut short, or a frame header claiming 1 TiB or 2^63 bytes: bob's round fails,
+    nothing is stored, and bob's next round, answered in 7-byte fragments, opens the right values."""
+    stored = _stored_before(cluster)
+    values = {"larger": _Fragments([torch.zeros(1 << 17, dtype=torch.int64)] * 2, size=65_536),
+              "smaller": _Fragments([torch.zeros(5, dtype=torch.int64)] * 2),
+              "cut short": _Fragments(GOOD, cut=5),
+              "claims 1 TiB": _Fragments(GOOD, size=40, claim=1 << 40),
+              "claims 2^63": _Fragments(GOOD, size=40, claim=(1 << 63) - 1)}[what]
+    round_id, ids, msg, _x = _bob_round(hook, cluster, values=values)
+    with pytest.raises(VeilError):
+        hook.local_worker.send_msg(msg, cluster["bob"][1])
+    _nothing_at(hook, cluster["bob"][1], ids)
+    round_id, ids, msg, _x = _bob_round(hook, cluster, values=_Fragments(GOOD))
+    errors = {}
+    thread = _start(hook, cluster["bob"][1], msg, errors, "bob")
+    as_charlie = _as(hook, cluster["bob"][0], _peer_token("charlie"), "charlie")
+    try:
+        assert all(torch.equal(t, ZEROS) for t in _fetch(hook, as_charlie, round_id))
+    finally:
+        as_charlie.close()
+    thread.join(120)
+    assert not errors, errors
+    _stored(hook, cluster["bob"][1], ids, GOOD[0])
+    _unchanged(cluster, stored)

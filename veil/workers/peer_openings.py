@@ -66,6 +66,7 @@ from veil.workers import cancellation
 from veil.workers.base import register_handler
 from veil.workers.store import Kind
 from veil.workers.websocket_auth import SESSION_END_HANDLERS, register_peer_message
+from veil.workers.websocket_transport import expect_reply
 
 #: most parties of one peer opening
 MAX_PARTIES = 16
@@ -357,11 +358,13 @@ def _fetch_all(worker: Any, msg: PeerOpenMessage, peers: Any, expected: list) ->
     names = sorted(peers)
     fetch = PeerFetchMessage(msg.round, msg.name)
     locations = [worker.resolve_worker(p) for p in names]  # configured peers only
+    size = _reply_bytes(expected)
 
     def one(k: int) -> list:
         deadline = time.monotonic() + WAIT_SECONDS
         while True:
-            reply = worker.send_msg(fetch, locations[k])  # the link is free for others between slices
+            with expect_reply(size):  # received into one buffer of this size (its own expectation)
+                reply = worker.send_msg(fetch, locations[k])  # the link is free for others between slices
             if type(reply) is not m.OkReply:
                 return _checked(names[k], msg.round, reply, expected)
             if time.monotonic() >= deadline:
@@ -390,6 +393,21 @@ def _fetch_all(worker: Any, msg: PeerOpenMessage, peers: Any, expected: list) ->
     if errors:
         raise errors[0]
     return results
+
+
+#: room for a fetch reply's message header besides its tensors' bytes (a few dozen bytes per tensor)
+_REPLY_HEADER_ROOM = 4096
+
+
+def _reply_bytes(expected: list) -> int:
+    """About how long a reply holding exactly ``expected`` tensors is (a buffer size, not a check)."""
+    total = _REPLY_HEADER_ROOM
+    for shape, dtype in expected:
+        n = 1
+        for d in shape:
+            n *= d
+        total += n * dtype.itemsize
+    return total
 
 
 def _checked(peer: str, round_id: str, reply: Any, expected: list) -> list:

@@ -15,7 +15,9 @@ import secrets
 import select
 import socket
 import ssl as ssl_module
-from typing import Any
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidHandshake
@@ -37,6 +39,25 @@ _MASK_CHUNK = 1 << 18
 #: messages larger than this are sent as fragments of this size
 SEND_FRAGMENT = 1 << 20
 _ZEROS = memoryview(bytes(1 << 20))
+
+_HINT = threading.local()  # the calling thread's expected reply size (expect_reply)
+
+
+@contextmanager
+def expect_reply(nbytes: int) -> Iterator[None]:
+    """The calling thread's fragmented replies in this block are received into one buffer of about
+    ``nbytes`` (trimmed or grown to what really comes), instead of one grown per fragment: in a
+    ``veil worker`` (whose malloc keeps freed memory in its heap) growing a 16 MB reply by 1 MiB
+    fragments made realloc move it again and again, ~10% of a party's CPU under peer fetches.
+    The size is the caller's own expectation (a peer fetch knows the shapes it will accept), never
+    one the sender announced: a hostile peer cannot make this side allocate more than it expected
+    or than the connection's size limit."""
+    previous = getattr(_HINT, "nbytes", 0)
+    _HINT.nbytes = max(0, int(nbytes))
+    try:
+        yield
+    finally:
+        _HINT.nbytes = previous
 
 class BlockingConnection:
     """One websocket connection, used by one thread at a time (callers hold a lock).
@@ -262,14 +283,24 @@ class BlockingConnection:
             return message
         if message is None:
             # A veil frame's raw tensor region is placed at a 16-byte boundary of the buffer, so the
-            # decoder can use large tensors' bytes where they are (serde ``adopt``).
+            # decoder can use large tensors' bytes where they are (serde ``adopt``): that needs the
+            # message's first 5 bytes, which may come in a later read than the frame's header.
+            if have < min(n, 5):
+                self._fill(head + min(n, 5))
+                have = min(len(buf) - head, n)
             self._pad = frame_pad(buf[head: head + min(have, 5)])
-            message = OwnedFrame(self._pad + n)
+            room = n
+            if not b0 & 0x80:  # the first of several fragments: sized as the caller expects, if it said
+                hint = getattr(_HINT, "nbytes", 0)
+                if hint > n and (self.max_size is None or hint <= self.max_size):
+                    room = hint
+            message = OwnedFrame(self._pad + room)
             start = self._pad
         else:
-            start = len(message)
-            # grows in place (realloc); the bytes are received over the zeros next
-            message += _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)
+            start = self._pad + self._size  # the payload so far
+            grow = start + n - len(message)
+            if grow > 0:  # grows in place (realloc); the bytes are received over the zeros next
+                message += _ZEROS[:grow] if grow <= len(_ZEROS) else bytes(grow)
         self._size = size
         with memoryview(message) as view:
             view[start: start + have] = memoryview(buf)[head: head + have]
@@ -281,8 +312,12 @@ class BlockingConnection:
                     self._msg = message
                     self._eof()
                 rest = rest[got:]
+            rest.release()  # (its export would keep the buffer from being trimmed)
         if b0 & 0x80:
             self._msg = None
+            end = self._pad + size
+            if len(message) > end:  # a reply smaller than expected (no copy unless much smaller)
+                del message[end:]
             return memoryview(message)[self._pad:] if self._pad else message
         self._msg = message
         return None
