@@ -63,8 +63,11 @@ def network(hook, trace_dir: str | None):
 
     workers = [sy.NetworkWorker(f"127.0.0.1:{free_port()}", id=f"net{i}") for i in range(2)]
     cp_addr = sy.NetworkWorker(f"127.0.0.1:{free_port()}", id="net_crypto_provider")
+    # as bench_crypten's network column: openings party to party unless VEIL_PEER_OPENINGS=0 (the star)
+    peer = os.environ.get("VEIL_PEER_OPENINGS", "1") != "0"
+    print(f"peer openings: {'on' if peer else 'off (the star)'}", flush=True)
     cluster = sy.Cluster(*workers, crypto_provider=cp_addr, auto_managed=True, owner_token=tok(),
-                         client_token=tok(), peer_token=tok())
+                         client_token=tok(), peer_token=tok(), peer_openings=peer)
     saved = dict(os.environ)
     if trace_dir:
         site = Path(trace_dir) / "site"
