@@ -288,7 +288,8 @@ class ReferenceMonitor(OpeningRules):
         command). Purposes that neither release values nor audit allowed uses only need the name
         scoping of :meth:`_find`; anything else goes through :meth:`resolve`."""
         quiet = purpose is Purpose.COMPUTE or purpose is Purpose.PROTOCOL_STEP
-        lookup, key, ns, isolated = self._store.lookup, self.__key, principal.namespace, principal.isolated
+        ns, isolated = principal.namespace, principal.isolated
+        space = self._store.spaces(self.__key, ns)[0]
         out = []
         for v in values:
             tp = type(v)
@@ -297,7 +298,7 @@ class ReferenceMonitor(OpeningRules):
                 entry = found.get(oid)
                 if entry is None:
                     if quiet:  # _find, its usual case inline (an entry the principal may name; else _find itself)
-                        entry = lookup(key, ns, oid) if type(oid) is int else None
+                        entry = space.get(oid) if type(oid) is int else None
                         if entry is None or (isolated and not entry.protected and entry.created_by != ns):
                             entry = self._find(principal, oid)
                     else:
@@ -316,11 +317,12 @@ class ReferenceMonitor(OpeningRules):
         """:meth:`resolve_list` for bare ids in argument order (a skeleton use's objects): each id not in
         ``found`` yet is resolved, with the same scoping, refusal and audit row, into ``found``."""
         quiet = purpose is Purpose.COMPUTE or purpose is Purpose.PROTOCOL_STEP
-        lookup, key, ns, isolated = self._store.lookup, self.__key, principal.namespace, principal.isolated
+        ns, isolated = principal.namespace, principal.isolated
+        space = self._store.spaces(self.__key, ns)[0]
         for oid in ids:
             if oid not in found:
                 if quiet:  # _find, its usual case inline (an entry the principal may name; else _find itself)
-                    entry = lookup(key, ns, oid) if type(oid) is int else None
+                    entry = space.get(oid) if type(oid) is int else None
                     if entry is None or (isolated and not entry.protected and entry.created_by != ns):
                         entry = self._find(principal, oid)
                 else:
@@ -357,7 +359,8 @@ class ReferenceMonitor(OpeningRules):
         if hand_off is None:  # what a peer worker stores is for whoever names the id first
             hand_off = principal.isolated and "peer" in principal.roles
         store, key = self._store, self.__key
-        if store.has(key, ns, oid):
+        space, shared = store.spaces(key, ns)
+        if oid in space or oid in shared:
             raise PermissionDeniedError(f"object id {oid} is already in use on worker {self.worker_id!r}")
         if type(sources) is not list:
             sources = list(sources)
@@ -471,7 +474,7 @@ class ReferenceMonitor(OpeningRules):
     def discard(self, principal: Principal, oid: Any) -> bool:
         """Deletes a client object of the principal; owner data and unknown ids are left alone."""
         ns = principal.namespace  # _find, its usual case inline (an entry the principal may name; else _find)
-        entry = self._store.lookup(self.__key, ns, oid) if type(oid) is int else None
+        entry = self._store.spaces(self.__key, ns)[0].get(oid) if type(oid) is int else None
         if entry is None or (principal.isolated and not entry.protected and entry.created_by != ns):
             entry = self._find(principal, oid)
         if entry is None or entry.protected:
