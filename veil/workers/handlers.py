@@ -129,7 +129,7 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
     except Exception as e:  # errors on owner data carry no values
         if isinstance(e, PermissionDeniedError) and oblivious_guard is not None:
             monitor.audit(purpose.value, principal, list(found), "refused", str(e))
-        if purpose is Purpose.DP_RELEASE:
+        if purpose is _DP_RELEASE:
             monitor.audit("dp_release", principal, list(found), "refused",
                           f"{name}: {e}" if isinstance(e, VeilError) else f"{name}: {type(e).__name__}")
         raise owner_guard.client_error(name, e, protected or ({0} if secret else _reviewed_inputs(worker, entries)),
@@ -137,25 +137,26 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
     finally:
         if grad is not grad_before:
             _set_grad_enabled(grad_before)
-    if purpose is Purpose.DP_RELEASE:
-        monitor.audit("dp_release", principal, list(found), "allowed", name)
-    if protected and not op.worker_function:
-        result = owner_guard.copy_aliases(result, protected)
-    elif dealer:  # a worker function that returned dealt material itself: a copy, not a writable alias
-        result = owner_guard.copy_aliases(result, dealer)
-    # Governance (#16): once a dataset is under review, results also carry the op graph the owner
-    # reviews (entry.meta), and objects the op wrote in place gain its sources; the monitor's
-    # Entry.provenance (the one set of source datasets) is recorded by monitor.store either way.
     lineage = None
     # a reviewed input's result was released with the approval of its inputs (a masked value): no lineage,
     # and no sources (the monitor would otherwise give it its inputs' and ask for a second approval)
     reviewed = name in owner_guard.REVIEWED_INPUTS
-    if not plain and entries and not reviewed and _tracking(worker):
-        from veil.governance import provenance
+    if not plain:  # (a plain command: a compute purpose, no guarded input, no provenance recorded)
+        if purpose is _DP_RELEASE:
+            monitor.audit("dp_release", principal, list(found), "allowed", name)
+        if protected and not op.worker_function:
+            result = owner_guard.copy_aliases(result, protected)
+        elif dealer:  # a worker function that returned dealt material itself: a copy, not a writable alias
+            result = owner_guard.copy_aliases(result, dealer)
+        # Governance (#16): once a dataset is under review, results also carry the op graph the owner
+        # reviews (entry.meta), and objects the op wrote in place gain its sources; the monitor's
+        # Entry.provenance (the one set of source datasets) is recorded by monitor.store either way.
+        if entries and not reviewed and _tracking(worker):
+            from veil.governance import provenance
 
-        inputs = {id(e.obj): oid for oid, e in found.items()}
-        lineage = provenance.lineage_of(name, tuple(args), inputs, found, kwargs)
-        provenance.taint_writes(worker, lineage, op, tuple(args), kwargs, found, sender)
+            inputs = {id(e.obj): oid for oid, e in found.items()}
+            lineage = provenance.lineage_of(name, tuple(args), inputs, found, kwargs)
+            provenance.taint_writes(worker, lineage, op, tuple(args), kwargs, found, sender)
     if op.shapes == NO_RESULT or ids == []:
         return _OK
     if ids is None:
