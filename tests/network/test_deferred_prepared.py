@@ -17,7 +17,7 @@ from veil.messaging.serde import deserialize, serialize
 from veil.workers import handlers
 from veil.workers.websocket_auth import authenticate
 
-from network_helpers import TOKEN, get_as as _get, in_process_server, store_as as _store
+from network_helpers import TOKEN, base_args, get_as as _get, in_process_server, store_as as _store
 
 R = m.ObjectRef
 ADD = ["Tensor.add", [R(0), R(1)], {}, False]
@@ -156,3 +156,25 @@ def test_results_of_data_under_review_carry_the_lineage_a_deferred_commands_carr
     fetched = [_get(server, session, oid) for oid in (3, 4)]
     assert all(type(f) is m.ErrorReply for f in fetched) and fetched[0].error == fetched[1].error
     assert torch.equal(_get(server, session, 5), torch.ones(4) * 2)  # plain objects still come back
+
+
+def test_a_failed_prepared_use_over_the_network_stops_its_batch_and_is_raised_at_the_next_synchronization(
+        spawn, connect):
+    from veil.exceptions import ObjectNotFoundError
+
+    alice = connect(spawn("alice", base_args()))
+    a, b = torch.ones(2, 3).send(alice), torch.ones(5, 7).send(alice)
+    bad = torch.ones(2, 3).send(alice)
+    (b @ torch.ones(7, 5).send(alice)).get()  # the matmul's skeleton is defined and prepared on the worker
+    alice.flush()
+    bad.__dict__["_meta"] = ((7, 5), torch.float32, False)  # the client believes a shape the worker does not have
+    before = a * 3.0
+    broken = b @ bad  # a prepared use: shapes agree here, not on the worker
+    after = a * 3.0  # the same skeleton as `before`, queued after the failure: skipped
+    with pytest.raises(Exception, match=r"deferred command 'Tensor.matmul' \(#2 of 3 in the batch\)"):
+        alice.flush()
+    assert torch.equal(before.get(), torch.full((2, 3), 3.0))
+    for lost in (broken, after):
+        with pytest.raises(ObjectNotFoundError, match="never created"):
+            lost.get()
+    assert torch.equal((a * 3.0).get(), torch.full((2, 3), 3.0))  # the worker serves on
