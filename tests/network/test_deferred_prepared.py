@@ -109,6 +109,10 @@ def test_another_sessions_object_stops_the_batch_as_a_deferred_command_does(hook
     for oid in (3, 4):
         assert type(_get(server, mine, oid)) is m.ErrorReply  # nothing stored for it or after it
     assert torch.equal(_get(server, other, 7), secret)
+    # a failing command after a prepared use is named as itself
+    _store(server, mine, 8, torch.ones(2, 3))
+    reply = _serve(server, mine, [[0, [1, 1], [20]], ["Tensor.matmul", [R(1), R(8)], {}, [21], False]])
+    assert type(reply) is m.ErrorReply and "deferred command 'Tensor.matmul' (#2 of 2 in the batch)" in reply.message
 
 
 def test_dp_only_data_is_refused_and_audited_as_a_deferred_command(hook, prepared_runs):

@@ -260,7 +260,7 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
         run = _UNSET  # how each deferred command runs (see _batch_runner), decided at the first one
         uses = _UNSET  # how a prepared skeleton use runs straight from its ids (see _skeleton_runner), likewise
         expand = None  # how any other skeleton use becomes its command's fields (see _skeleton_expander)
-        use = None  # the prepared skeleton of the item being run (names its op in a failure)
+        use = None  # the prepared skeleton of the item being run, if any (names its op in a failure)
         handle = self._handle
         token = cancellation.current_token()  # network workers: this request's limits (None in-process)
         local = self._request  # the requester, per thread (a dealer's background thread may run here too)
@@ -276,6 +276,7 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
                 if failure is not None:
                     continue
                 position += 1
+                use = None
                 try:
                     if token is not None:
                         if position % YIELD_EVERY == 0:
