@@ -140,6 +140,35 @@ def test_long_fit_does_not_block_others_and_stops_when_its_session_leaves(spawn,
     assert (torch.ones(3).send(connect(wp)) * 2).get().tolist() == [2.0, 2.0, 2.0]
 
 
+def test_close_from_another_thread_ends_a_request_in_flight(spawn, connect):
+    """A user closing a connection while another thread waits on a long command: the waiting call raises
+    ConnectionLostError at once (close() used to wait for the reply, here for the whole fit), the worker
+    cancels the command as for any departed session and keeps serving."""
+    import threading
+
+    from veil.exceptions import ConnectionLostError
+
+    wp = spawn("alice", base_args())
+    alice = connect(wp)
+    plan, x, y = _plan_and_data(alice)
+    raised = []
+
+    def fit():
+        try:
+            plan.fit(x, y, batch_size=8, epochs=10_000)  # 500,000 batches: minutes
+        except Exception as e:  # noqa: BLE001
+            raised.append(e)
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    time.sleep(1.0)  # the fit is running on the worker now
+    alice.close()
+    thread.join(60)
+    assert not thread.is_alive() and len(raised) == 1 and type(raised[0]) is ConnectionLostError, raised
+    assert _wait_for(lambda: any("cancelled" in line for line in wp.output), 60), wp.output[-10:]
+    assert (torch.ones(3).send(connect(wp)) * 2).get().tolist() == [2.0, 2.0, 2.0]
+
+
 def test_refused_connections_are_audited_in_aggregate(spawn, tmp_path):
     wp = spawn("alice", base_args(["--data-dir", str(tmp_path)]))
     for _ in range(120):

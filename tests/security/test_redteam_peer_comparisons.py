@@ -89,8 +89,8 @@ def test_a_step_that_is_not_openable_is_not_peer_opened(hook, cluster, step):
     _unchanged(cluster, stored)
 
 
-# the workers wait 20 s (not 45) for a round's shares: the attacks below take a few seconds, and the
-# abandoned round then ends after its wait, which this test sits through
+# the workers wait 20 s (not 45) for a round's shares: the attacks below take a few seconds; the abandoned
+# round ends when its orchestrator closes the connection (the wait bounds it if cancellation failed)
 @pytest.mark.parametrize("cluster", [20], indirect=True)
 def test_an_xor_round_refuses_non_parties_other_steps_wrong_shapes_and_a_second_fetch(hook, cluster):
     """bob runs a three-party ``cmp_and_open`` round with alice and the sink charlie (which answers fetches

@@ -11,7 +11,9 @@ torch's, and the objects stored before are unchanged.
 
 from __future__ import annotations
 
+import re
 import threading
+import time
 
 import pytest
 import torch
@@ -114,6 +116,24 @@ def _as(hook, proc, token: str, name: str):
 def _fetch(hook, conn, round_id: str, name: str = "beaver_mask") -> list:
     """Fetches, over ``conn``, what the worker's round ``round_id`` published to that connection's peer."""
     return list(hook.local_worker.send_msg(PeerFetchMessage(round_id, name), conn).objects)
+
+
+def _until_ended(hook, proc, round_id: str, name: str = "beaver_mask") -> None:
+    """Waits until ``proc`` ended ``round_id`` (its orchestrator left): dave, a peer but no reader, is told
+    "not a reader" while the round is open and "ended" after (a probe that takes nothing)."""
+    deadline = time.monotonic() + 60
+    while True:
+        conn = _as(hook, proc, _peer_token("dave"), "dave")
+        try:
+            with pytest.raises(VeilError) as refused:
+                _fetch(hook, conn, round_id, name)
+        finally:
+            conn.close()
+        if "not a reader" not in str(refused.value):
+            assert re.search("(?i)ended|no peer opening round", str(refused.value)), refused.value
+            return
+        assert time.monotonic() < deadline, "the abandoned round never ended"
+        time.sleep(0.1)
 
 
 def _fetches_of(round_id: str) -> list:
@@ -273,8 +293,8 @@ def test_a_hostile_partys_wrong_values_end_the_round_and_nothing_is_stored(hook,
     _unchanged(cluster, stored)
 
 
-# the workers wait 20 s (not 45) for a round's fetches: the attacks below take a few seconds, and the
-# abandoned round then ends after its wait, which this test sits through
+# the workers wait 20 s (not 45) for a round's fetches: the attacks below take a few seconds; the abandoned
+# round ends when its orchestrator closes the connection (the wait bounds it if cancellation failed)
 @pytest.mark.parametrize("cluster", [20], indirect=True)
 def test_fetches_of_non_parties_other_steps_twice_or_after_the_round_was_abandoned_are_refused(hook, cluster):
     """alice and bob run a three-party round with the sink "charlie", which answers their fetches but never
@@ -321,6 +341,7 @@ def test_fetches_of_non_parties_other_steps_twice_or_after_the_round_was_abandon
     orchestrator["alice"].close()  # alice still waits for charlie's fetch: her round is abandoned
     threads["alice"].join(120)
     assert "alice" in errors
+    _until_ended(hook, cluster["alice"][0], round_id)  # the worker cancels the departed session's round
     conn = _as(hook, cluster["alice"][0], _peer_token("charlie"), "charlie")
     try:
         with pytest.raises(VeilError, match="(?i)ended|no peer opening round"):

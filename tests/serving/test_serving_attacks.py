@@ -86,7 +86,7 @@ def test_peer_token_only_hands_off(cluster, client_for):
     model, expected = _served(cluster, "peer-roles")
     try:
         cp = cluster.crypto_provider
-        ctx, party = _raw(cluster, cluster.parties[0], cluster.peer_token_of(cp))
+        ctx, party = _raw(cluster, cluster.parties[0], cluster.peer_token_of(cp, cluster.parties[0]))
         send = ctx.local_worker.send_msg
         weight_share = next(iter(model.parameters())).child.child[party.id].id_at_location
         for msg in (m.GetObjectsMessage([weight_share]),  # the owner's share of the model

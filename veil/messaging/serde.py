@@ -441,6 +441,30 @@ def serialize_skeleton(sender: str, prelude: list | None, skeleton: int, ids: li
     return serialize(SkeletonCommand(skeleton, ids, return_ids, define), sender, prelude)
 
 
+class SkeletonFramer:
+    """:func:`serialize_skeleton` of uses (no definition) from one sender, for a caller that sends to one
+    destination at a time (the outbox, under that destination's send lock): its own msgpack Packer (no
+    thread-local lookup) and the frame's constant head (array of 8, version, type, sender) packed once.
+    The same bytes: msgpack encodes each element of an array on its own."""
+
+    __slots__ = ("sender", "_head", "_packer")
+
+    def __init__(self, sender: str) -> None:
+        self.sender = sender
+        self._head = b"\x98" + msgpack.packb([WIRE_VERSION, _SKELETON_TYPE, sender], use_bin_type=True)[1:]
+        self._packer = msgpack.Packer(strict_types=True, use_bin_type=True)
+
+    def use(self, prelude: list | None, skeleton: int, ids: list, return_ids: list) -> bytes:
+        try:
+            # the last five elements as an array of 5 (its one-byte header dropped) after the head
+            tail = self._packer.pack([prelude or [], skeleton, ids, return_ids, None])
+        except (TypeError, ValueError, OverflowError):  # a prelude of deferred commands with our types
+            return serialize(SkeletonCommand(skeleton, ids, return_ids, None), self.sender, prelude)
+        if len(tail) > _NATIVE_KEEP:  # its buffer grew with a large batch: not kept
+            self._packer = msgpack.Packer(strict_types=True, use_bin_type=True)
+        return self._head + tail[1:]
+
+
 def envelope(data: bytes) -> Any:
     """The message array with ext payloads left opaque (``None``): a cheap look at type and fields.
 
@@ -561,7 +585,16 @@ def decode_skeleton_use(data: Any) -> tuple | None:
     for item in prelude:
         if type(item) is not int:
             return None
-    return SkeletonCommand(value[4], value[5], value[6]), sender, prelude
+    # SkeletonCommand(value[4], value[5], value[6]) without the dataclass __init__ (~1 K instructions)
+    msg = _new_object(SkeletonCommand)
+    msg.skeleton = value[4]
+    msg.ids = value[5]
+    msg.return_ids = value[6]
+    msg.define = None
+    return msg, sender, prelude
+
+
+_new_object = object.__new__
 
 
 def encode_value(value: Any) -> bytes:

@@ -38,8 +38,18 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster-file", default="cluster.json", help="where to write the clients' cluster file")
     p.add_argument("--num-requests", type=int, default=None, help="stop after this many queries (default: never)")
     p.add_argument("--max-batch", type=int, default=16, help="most queries computed together")
+    p.add_argument("--max-batch-rows", type=_positive, default=None, metavar="ROWS",
+                   help="most input rows computed together, so also per query: the parties refuse larger "
+                        "queries (clients split them) (default: 64)")
     p.add_argument("--fetch-timeout", type=float, default=30.0,
                    help="seconds to wait, once done, for clients to fetch their last outputs")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     try:
         cluster.start()
-        service = ModelService(model, cluster, model.veil_input_shape, max_batch=args.max_batch, hook=hook)
+        rows = {} if args.max_batch_rows is None else {"max_rows": args.max_batch_rows}
+        service = ModelService(model, cluster, model.veil_input_shape, max_batch=args.max_batch, hook=hook, **rows)
         cluster.save(args.cluster_file)
         # The ready line comes last (scripts wait for it); it names no token.
         print(f"veil serve: model {os.path.basename(args.model)} input {list(service.input_shape)} "

@@ -6,6 +6,8 @@ sum to the encoded input) and submits share *i* to party *i* only. It then
 polls every party for its output share; only the client ever holds all of
 them, so only it learns the prediction. A missing, failed or unreachable
 party makes the query raise — a partial set of shares is never decoded.
+A request has at most the service's ``max_rows`` rows (the owner's setting): a larger
+input is refused before anything is sent; split it into several queries.
 """
 
 from __future__ import annotations
@@ -91,7 +93,14 @@ class ModelClient:
                                f"not {list(batch_output_shape)}")
         if [w.id for w in self.parties] != self.info["parties"]:
             raise ServingError("the cluster file lists other parties than the service")
+        self._check_rows(batch_input_shape[0])
         return self
+
+    def _check_rows(self, rows: int) -> None:
+        limit = self.info.get("max_rows")
+        if limit is not None and rows > limit:
+            raise ServingError(f"the model takes at most {limit} rows per query (the owner's max_rows), "
+                               f"not {rows}: split the input into several queries")
 
     def query_model(self, x: Any) -> torch.Tensor:
         """The model's output for ``x`` (batch first); nobody else sees ``x`` or the result.
@@ -117,6 +126,7 @@ class ModelClient:
         if list(x.shape[1:]) != self.info["input_shape"][1:]:
             raise ServingError(f"input shape {list(x.shape)} does not fit the model's {self.info['input_shape']} "
                                f"(from R: reticulate::array_reshape(x, c({', '.join(map(str, self.info['input_shape']))})))")
+        self._check_rows(x.shape[0])
         encoding = make_encoding(self.info["precision_fractional"], self.info["base"])
         shares = split(encode(x.detach().float(), encoding), len(self.parties))
         rid = new_id()

@@ -18,8 +18,11 @@ Tokens and roles (least privilege, enforced by every worker):
 * the clients' token (``client`` role): accepted by the parties only, and there
   it may only submit queries and fetch its own results (no commands, no
   worker functions, no other serving action; the crypto provider refuses it);
-* peer tokens (``peer`` role), one per worker, derived from the cluster's peer
-  secret: only the crypto provider is a peer of the parties, and a peer may
+* peer tokens (``peer`` role), one per link (from worker, to worker), derived from
+  the cluster's peer secret: a worker knows only the tokens of its own links, so
+  a party cannot present the crypto provider's token to another party (with one
+  token per worker, every party that accepts the provider held the provider's
+  token); only the crypto provider is a peer of the parties, and a peer may
   only hand objects off (deal material), never read or name other objects.
 
 The cluster file written by :meth:`Cluster.save` holds addresses and the
@@ -106,9 +109,10 @@ class Cluster:
 
     # ------------------------------------------------------------ processes
 
-    def peer_token_of(self, w: NetworkWorker) -> str:
-        """The token worker ``w`` presents to its peers (one per worker, so each peer is told apart)."""
-        digest = hashlib.sha256(f"veil-peer:{w.id}:{self.peer_token}".encode()).digest()
+    def peer_token_of(self, w: NetworkWorker, to: NetworkWorker) -> str:
+        """The token worker ``w`` presents to peer ``to``: one per link, so the receiving worker, which must
+        know it, cannot pose as ``w`` to a third worker."""
+        digest = hashlib.sha256(f"veil-peer:{w.id}:{to.id}:{self.peer_token}".encode()).digest()
         return digest.hex()[:43]
 
     def worker_args(self, w: NetworkWorker) -> list[str]:
@@ -118,13 +122,16 @@ class Cluster:
         cp = self.crypto_provider
         if w is cp:  # deals to every party; clients and peers have nothing to do here
             for party in self.parties:
-                args += ["--peer", f"{party.id}={party.address}", f"--peer-token={party.id}={self.peer_token_of(cp)}"]
+                args += ["--peer", f"{party.id}={party.address}",
+                         f"--peer-token={party.id}={self.peer_token_of(cp, party)}"]
         else:  # clients submit and fetch here; only the crypto provider hands material off
-            args += [f"--client={CLIENT_USER}={self.client_token}", f"--accept-peer={cp.id}={self.peer_token_of(cp)}"]
+            args += [f"--client={CLIENT_USER}={self.client_token}",
+                     f"--accept-peer={cp.id}={self.peer_token_of(cp, w)}"]
             for other in self.parties if self.peer_openings else ():  # opening shares party to party
                 if other is not w:
-                    args += ["--peer", f"{other.id}={other.address}", f"--peer-token={other.id}={self.peer_token_of(w)}",
-                             f"--accept-peer={other.id}={self.peer_token_of(other)}"]
+                    args += ["--peer", f"{other.id}={other.address}",
+                             f"--peer-token={other.id}={self.peer_token_of(w, other)}",
+                             f"--accept-peer={other.id}={self.peer_token_of(other, w)}"]
         return args
 
     def start(self) -> "Cluster":

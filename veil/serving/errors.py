@@ -20,6 +20,11 @@ class RequestFailedError(ServingError):
     """The cluster could not compute this request; no result will ever be delivered."""
 
 
+@register_remote_error
+class RequestGoneError(ServingError):
+    """The owner claimed a request its party no longer holds (its client disconnected there)."""
+
+
 class WorkerUnavailableError(ServingError):
     """A cluster worker could not be reached; queries fail rather than answer wrongly."""
 

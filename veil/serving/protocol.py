@@ -3,12 +3,23 @@
 Each party worker of a cluster holds, per service name, a small queue:
 
 * a client *submits* its share of an input under a request id it chose
-  (random, 64 bits) — the worker records which session submitted it;
+  (random, 64 bits), the same id on every party; the worker keeps it under
+  (submitting session, id), so a session's ids are its own: whether another
+  session holds the same id never changes an answer (an "id in use" reply for
+  another client's id told a guesser which ids were live);
 * the model owner lists *pending* ids, *claims* a batch of them (the worker
   concatenates the shares and stores them as an object of the owner's
   session, which the owner then computes on through pointers), and
-  *responds* with its share of the outputs (split back per request);
+  *responds* with its share of the outputs (split back per request); the
+  owner names requests by id alone, so of two sessions' requests with one id
+  the worker lists the older one and the other waits behind it, unseen; a
+  batch another party could not claim (a request left it: its client
+  disconnected there) is *requeued* where it was claimed, unchanged;
 * the submitting session, and only it, *fetches* its output share.
+
+A request has at most the service's ``max_rows`` rows (the owner's setting, in
+the service's public info): larger ones are refused at submit, and the owner
+batches requests up to that many rows.
 
 Fairness and bounds: one session may hold at most :data:`MAX_PER_SESSION`
 requests (queued, being computed or waiting to be fetched) and :data:`MAX_SESSION_BYTES`
@@ -39,7 +50,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from veil.messaging import messages as m
-from veil.serving.errors import RequestFailedError, ServiceClosedError, ServingError
+from veil.serving.errors import RequestFailedError, RequestGoneError, ServiceClosedError, ServingError
 from veil.workers import cancellation
 from veil.workers.base import register_handler
 from veil.workers.websocket_auth import CLIENT_REQUESTS, SESSION_END_HANDLERS
@@ -57,6 +68,8 @@ MAX_PENDING_BYTES = 1 * 2**30
 MAX_WAIT = 1.0
 #: the actions that take a wait (their last argument, seconds) and the index it is at
 WAITABLE = {"pending": 0, "fetch": 1}
+#: rows of one request, and of one batch, unless the owner opens the service with another ``max_rows``
+DEFAULT_MAX_ROWS = 64
 
 
 @dataclass
@@ -77,9 +90,10 @@ class _Service:
     owner: str  # authenticated user that opened it
     clients: tuple  # users allowed to submit
     info: dict  # public description: shapes, encoding, parties
-    pending: "OrderedDict[int, tuple[str, torch.Tensor]]" = field(default_factory=OrderedDict)
-    outputs: dict = field(default_factory=dict)  # request id -> (session, share or error message)
-    claimed: dict = field(default_factory=dict)  # request id -> submitting session
+    pending: "OrderedDict[tuple[str, int], torch.Tensor]" = field(default_factory=OrderedDict)  # (session, id)
+    outputs: dict = field(default_factory=dict)  # (session, request id) -> share or error message
+    claimed: dict = field(default_factory=dict)  # request id -> submitting session (one per id at a time)
+    held: dict = field(default_factory=dict)  # request id -> its claimed input share (for requeue)
     closed: bool = False
     reason: str = "the model owner stopped the service"
 
@@ -139,6 +153,35 @@ def _request_ids(values: Any) -> list[int]:
     return list(values)
 
 
+def _listed(svc: _Service) -> "OrderedDict[int, tuple[str, torch.Tensor]]":
+    """The requests the owner sees, id -> (session, share): per id the oldest queued one, none while one
+    with that id is being computed (a later session's request with the same id waits behind, unseen)."""
+    out: OrderedDict = OrderedDict()
+    for (sub, r), share in svc.pending.items():
+        if r not in out and r not in svc.claimed:
+            out[r] = (sub, share)
+    return out
+
+
+def _known_ids(action: str, args: list) -> "frozenset | None":
+    """For ``pending [wait, known]``: the ids the owner already saw and set aside (partial requests),
+    which a waiting ``pending`` does not count as news; None for any other action."""
+    if action != "pending" or len(args) < 1:
+        return None
+    known = args[0]
+    if (not isinstance(known, (list, tuple)) or len(known) > MAX_PENDING
+            or not all(type(r) is int for r in known)):
+        raise ServingError(f"pending's known ids are a list of at most {MAX_PENDING} integers")
+    return frozenset(known)
+
+
+def _news(reply: list, known: "frozenset | None") -> bool:
+    """Whether a reply is worth answering before the wait ends (anything, or a pending id not known)."""
+    if known is None:
+        return bool(reply)
+    return any(r not in known for r, _ in reply)
+
+
 # ----------------------------------------------------------------- owner actions
 
 
@@ -150,24 +193,36 @@ def _open(worker: Any, name: str, user: str, session: str, args: list) -> list:
     old = services.get(name)
     if old is not None and not old.closed and old.owner != user:
         raise ServingError(f"service {name!r} on worker {worker.id!r} belongs to another user")
-    services[name] = _Service(owner=user, clients=tuple(clients), info=info)
+    max_rows = info.get("max_rows", DEFAULT_MAX_ROWS)
+    if type(max_rows) is not int or max_rows < 1:
+        raise ServingError("a service's max_rows is a positive integer")
+    services[name] = _Service(owner=user, clients=tuple(clients), info={**info, "max_rows": max_rows})
     return []
 
 
 def _pending(worker: Any, name: str, user: str, session: str, args: list) -> list:
-    """[[request id, batch size], ...]: the owner computes only requests whose parties agree."""
-    return [[r, int(share.shape[0])] for r, (_, share) in _owned(worker, name, user).pending.items()]
+    """[[request id, batch size], ...]: the owner computes only requests whose parties agree.
+
+    ``args`` (after the wait) may name the ids the owner already knows are incomplete: a waiting
+    pending answers early only for others (see :func:`_known_ids`), so a request submitted to some
+    parties only does not turn the owner's wait into a poll."""
+    return [[r, int(share.shape[0])] for r, (_, share) in _listed(_owned(worker, name, user)).items()]
 
 
 def _claim(worker: Any, name: str, user: str, session: str, args: list) -> list:
     rids, oid = _request_ids(args[0]), args[1]
     svc = _owned(worker, name, user)
-    missing = [r for r in rids if r not in svc.pending]
-    if missing or not rids:
-        raise ServingError(f"worker {worker.id!r} has no pending request {missing[:1]}")
-    taken = [svc.pending.pop(r) for r in rids]
-    for r, (sub, _) in zip(rids, taken):
+    listed = _listed(svc)
+    missing = [r for r in rids if r not in listed]
+    if not rids or len(set(rids)) != len(rids):
+        raise ServingError("claim expects distinct request ids")
+    if missing:
+        raise RequestGoneError(f"worker {worker.id!r} has no pending request {missing[:1]}")
+    taken = [listed[r] for r in rids]
+    for r, (sub, share) in zip(rids, taken):
+        del svc.pending[(sub, r)]
         svc.claimed[r] = sub
+        svc.held[r] = share
     # One object for the whole batch: the owner's model runs once for all of them.
     clients = tuple(sorted({sub for sub, _ in taken}))  # only they may reveal the inputs and what derives from them
     worker.monitor.store(worker.principal(session), oid, torch.cat([share for _, share in taken]), kind=Kind.SHARE,
@@ -186,8 +241,9 @@ def _respond(worker: Any, name: str, user: str, session: str, args: list) -> lis
         raise ServingError("the output share does not match the claimed requests")
     for r, piece in zip(rids, torch.split(out, sizes)):
         sub = svc.claimed.pop(r, None)
+        svc.held.pop(r, None)
         if sub is not None:
-            svc.outputs[r] = (sub, piece.clone())
+            svc.outputs[(sub, r)] = piece.clone()
     worker.monitor.discard(worker.principal(session), ref.id)  # the owner keeps no handle on output shares
     if not svc.claimed:
         worker.monitor.untaint(worker.principal(session))
@@ -198,12 +254,32 @@ def _respond(worker: Any, name: str, user: str, session: str, args: list) -> lis
 def _fail(worker: Any, name: str, user: str, session: str, args: list) -> list:
     rids, message = _request_ids(args[0]), str(args[1])
     svc = _owned(worker, name, user)
-    for r in rids:
+    listed = _listed(svc)
+    for r in rids:  # the request the owner sees under r: in computation, else the one listed
         sub = svc.claimed.pop(r, None)
-        if sub is None and r in svc.pending:
-            sub = svc.pending.pop(r)[0]
+        svc.held.pop(r, None)
+        if sub is None and r in listed:
+            sub = listed.pop(r)[0]
+            del svc.pending[(sub, r)]
         if sub is not None:
-            svc.outputs[r] = (sub, message)
+            svc.outputs[(sub, r)] = message
+    if not svc.claimed:
+        worker.monitor.untaint(worker.principal(session))
+    _changed()
+    return []
+
+
+def _requeue(worker: Any, name: str, user: str, session: str, args: list) -> list:
+    """Puts claimed requests back at the front of the queue, unchanged: another party could not claim
+    the same batch (one of its requests left that party meanwhile: a disconnect), and the others of the
+    batch must not fail for it. The owner deletes the batch object it had stored."""
+    rids = _request_ids(args[0])
+    svc = _owned(worker, name, user)
+    back = [(r, svc.claimed.pop(r, None), svc.held.pop(r, None)) for r in rids]
+    for r, sub, share in reversed(back):
+        if sub is not None and share is not None:
+            svc.pending[(sub, r)] = share
+            svc.pending.move_to_end((sub, r), last=False)
     if not svc.claimed:
         worker.monitor.untaint(worker.principal(session))
     _changed()
@@ -215,10 +291,11 @@ def drop_session(worker: Any, session: str) -> None:
     with _LOCK:
         for svc in _SERVICES.get(worker, {}).values():
             for table in (svc.pending, svc.outputs):
-                for r in [r for r, entry in table.items() if entry[0] == session]:
-                    del table[r]
+                for key in [key for key in table if key[0] == session]:
+                    del table[key]
             for r in [r for r, sub in svc.claimed.items() if sub == session]:
                 del svc.claimed[r]  # its output share is discarded when the owner responds
+                svc.held.pop(r, None)
 
 
 SESSION_END_HANDLERS.append(drop_session)
@@ -229,15 +306,16 @@ def _close(worker: Any, name: str, user: str, session: str, args: list) -> list:
     svc.closed = True
     if args and isinstance(args[0], str):
         svc.reason = args[0]
-    for r in list(svc.pending):  # queued but never computed: tell their clients
-        svc.outputs[r] = (svc.pending.pop(r)[0], svc.reason)
+    for key in list(svc.pending):  # queued but never computed: tell their clients
+        del svc.pending[key]
+        svc.outputs[key] = svc.reason
     _changed()
     return []
 
 
 def _unfetched(worker: Any, name: str, user: str, session: str, args: list) -> list:
     """How many computed outputs wait for their client (the owner waits for 0 before shutting down)."""
-    return [sum(1 for _, out in _owned(worker, name, user).outputs.values() if isinstance(out, torch.Tensor))]
+    return [sum(1 for out in _owned(worker, name, user).outputs.values() if isinstance(out, torch.Tensor))]
 
 
 def _owned(worker: Any, name: str, user: str) -> _Service:
@@ -264,24 +342,29 @@ def _submit(worker: Any, name: str, user: str, session: str, args: list) -> list
     if (type(rid) is not int or not isinstance(share, torch.Tensor) or share.dtype != torch.int64
             or list(share.shape[1:]) != list(shape[1:]) or share.dim() == 0):
         raise ServingError(f"a request needs an int64 share of shape [batch, {', '.join(map(str, shape[1:]))}]")
-    if rid in svc.pending or rid in svc.claimed or rid in svc.outputs:
-        raise ServingError("request id already in use")
-    mine = (sum(1 for sub, _ in svc.pending.values() if sub == session)
+    max_rows = svc.info["max_rows"]
+    if share.shape[0] > max_rows:
+        raise ServingError(f"a request may have at most {max_rows} rows in service {name!r} (the owner's "
+                           f"max_rows), not {share.shape[0]}: split the input into several queries")
+    key = (session, rid)  # ids are per session: another session's ids never change this answer
+    if key in svc.pending or key in svc.outputs or svc.claimed.get(rid) == session:
+        raise ServingError("request id already in use by this connection")
+    mine = (sum(1 for sub, _ in svc.pending if sub == session)
             + sum(1 for sub in svc.claimed.values() if sub == session)
-            + sum(1 for sub, _ in svc.outputs.values() if sub == session))
+            + sum(1 for sub, _ in svc.outputs if sub == session))
     if mine >= MAX_PER_SESSION:
         raise ServingError(f"this connection already has {MAX_PER_SESSION} requests in service {name!r}; "
                            f"fetch their results first")
     if len(svc.pending) >= MAX_PENDING:
         raise ServingError(f"service {name!r} is busy ({MAX_PENDING} requests queued); retry later")
     nbytes = share.numel() * share.element_size()
-    queued = [(sub, t.numel() * t.element_size()) for sub, t in svc.pending.values()]
+    queued = [(sub, t.numel() * t.element_size()) for (sub, _), t in svc.pending.items()]
     if nbytes + sum(b for sub, b in queued if sub == session) > MAX_SESSION_BYTES:
         raise ServingError(f"this connection's queued requests in service {name!r} would hold more than "
                            f"{MAX_SESSION_BYTES >> 20} MiB; send fewer rows per request, or wait for results")
     if nbytes + sum(b for _, b in queued) > MAX_PENDING_BYTES:
         raise ServingError(f"service {name!r} is busy ({MAX_PENDING_BYTES >> 20} MiB of requests queued); retry later")
-    svc.pending[rid] = (session, share)
+    svc.pending[key] = share
     _changed()
     return []
 
@@ -291,17 +374,16 @@ def _fetch(worker: Any, name: str, user: str, session: str, args: list) -> list:
     if type(rid) is not int:  # (an unhashable id failed as a bare TypeError)
         raise ServingError("fetch expects a request id (an integer)")
     svc = _client_service(worker, name, user)
-    entry = svc.outputs.get(rid)
-    if entry is None or entry[0] != session:  # another session's request reads as not ready
+    out = svc.outputs.pop((session, rid), None)  # only this session's own request
+    if out is None:  # not ready, or another session's: the same answer
         # once closed, another session's request in computation reads as unknown too (not "still
         # computing": that told a guesser which ids were in a batch)
         if svc.closed and svc.claimed.get(rid) != session:
             raise ServiceClosedError(f"the model {name!r} is no longer served: {svc.reason}")
         return []
-    del svc.outputs[rid]
-    if isinstance(entry[1], str):
-        raise RequestFailedError(f"request failed on worker {worker.id!r}: {entry[1]}")
-    return [entry[1]]
+    if isinstance(out, str):
+        raise RequestFailedError(f"request failed on worker {worker.id!r}: {out}")
+    return [out]
 
 
 def _client_service(worker: Any, name: str, user: str) -> _Service:
@@ -318,6 +400,7 @@ ACTIONS: dict[str, Callable[..., list]] = {
     "claim": _claim,
     "respond": _respond,
     "fail": _fail,
+    "requeue": _requeue,
     "close": _close,
     "unfetched": _unfetched,
     "info": _info,
@@ -337,6 +420,7 @@ def _handle_serving(worker: Any, msg: ServingMessage, sender: str) -> Any:
     user, session = _who(worker, sender)
     args = list(msg.args)
     wait = _wait_of(msg.action, args)
+    known = _known_ids(msg.action, args)
     deadline = time.monotonic() + wait
     token = cancellation.current_token()
     if wait and token is not None and token.deadline is not None:  # a wait never outlasts the command's limit
@@ -345,8 +429,9 @@ def _handle_serving(worker: Any, msg: ServingMessage, sender: str) -> Any:
         with _LOCK:  # servers handle one request at a time today; the lock keeps that assumption local
             seen = _generation
             reply = handler(worker, msg.service, user, session, args)
-        # an empty reply is "nothing yet" for pending and fetch: wait for a change, then look again
-        if reply or wait <= 0 or time.monotonic() >= deadline:
+        # an empty reply is "nothing yet" for pending and fetch (so is a pending listing only known
+        # ids): wait for a change, then look again
+        if _news(reply, known) or wait <= 0 or time.monotonic() >= deadline:
             return m.ObjectsReply(reply)
         _wait_for_change(seen, deadline)
 

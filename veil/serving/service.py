@@ -17,9 +17,14 @@ receiving a wrong answer, and serving goes on; only an unreachable worker
 stops the service. A malformed request fails alone: one whose shares differ in
 batch size between parties, or that reached only some parties and stayed
 incomplete for ``partial_timeout`` seconds, is failed before any batch is
-claimed. :meth:`ModelService.stop` waits (bounded) until clients fetched the
-results already computed, so ``model.serve(num_requests=3); model.stop()``
-lets the third client finish.
+claimed; meanwhile the parties' ``pending`` waits do not count it as news, so it
+does not turn the loop's waits into polls. A batch holds at most ``max_batch``
+requests and ``max_rows`` rows; the parties refuse a larger request at submit.
+A request that leaves one party between ``pending`` and ``claim`` (its client
+disconnected there) puts the batch back instead of failing it.
+:meth:`ModelService.stop` waits (bounded) until clients fetched the results
+already computed, so ``model.serve(num_requests=3); model.stop()`` lets the
+third client finish.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from veil.ids import new_id
 from veil.tensors.mpc_glue.module import fix_precision_module, share_module
 from veil.serving import protocol
 from veil.serving.cluster import CLIENT_USER, Cluster
-from veil.serving.errors import ServingError, WorkerUnavailableError
+from veil.serving.errors import RequestGoneError, ServingError, WorkerUnavailableError
 from veil.serving.fixed_weights import fix_weights
 from veil.serving.fuse import fuse_linear_layers
 from veil.serving.inputs import as_count, as_shape
@@ -61,6 +66,8 @@ class ModelService:
         input_shape: One request's input shape, batch dimension first (e.g. ``(1, 1, 28, 28)``).
         name: Service name (several models may share a cluster).
         max_batch: Most requests computed together.
+        max_rows: Most rows computed together, and so the most one request may have: the parties refuse
+            a larger request at submit (its client splits it), so one client cannot make a batch of any size.
         clients: Users allowed to query (default: the cluster's client user).
         partial_timeout: Seconds a request may stay submitted to only some
             parties before it is failed (a client that died mid-submit, or an attacker).
@@ -72,14 +79,21 @@ class ModelService:
 
     def __init__(self, model: nn.Module, cluster: Cluster, input_shape: tuple, name: str = DEFAULT_SERVICE,
                  max_batch: int = 16, clients: tuple = (CLIENT_USER,), hook: Any = None,
-                 partial_timeout: float = 30.0, fuse: bool = True, fixed_weights: bool = True) -> None:
+                 partial_timeout: float = 30.0, fuse: bool = True, fixed_weights: bool = True,
+                 max_rows: int = protocol.DEFAULT_MAX_ROWS) -> None:
         self.hook = hook or default_hook()
         self.model, self.cluster, self.name = model.eval(), cluster, name
         self.max_batch = as_count(max_batch, "max_batch")
+        self.max_rows = as_count(max_rows, "max_rows")
+        if self.max_rows is None or self.max_rows < 1:
+            raise ServingError("max_rows must be a positive whole number")
         self.input_shape = as_shape(input_shape, "input_shape")
         self.partial_timeout = partial_timeout
         self.failed_requests = 0  # malformed or failed requests (each failed alone)
         self._partial: dict[int, float] = {}  # request id -> when first seen on only some parties
+        self._known: list[list[int]] = []  # per party: its incomplete ids, not news to its next pending
+        self._requeued: frozenset = frozenset()  # the batch last put back after a failed claim
+        self.backoffs = 0  # idle rounds the parties answered at once with nothing to compute (the loop slept)
         self._linger: tuple[Optional[float], int] = (None, 0)  # (first seen, ready count) of a partial batch
         self._waited = False  # the last step's parties waited for a submit and none came
         self._stopped = False
@@ -101,7 +115,7 @@ class ModelService:
         self.crypto = next(p for p in model.parameters()).child.crypto_provider
         info = {"input_shape": list(self.input_shape), "output_shape": list(self.output_shape),
                 "base": self.encoding.base, "precision_fractional": self.encoding.precision_fractional,
-                "parties": [w.id for w in self.parties]}
+                "parties": [w.id for w in self.parties], "max_rows": self.max_rows}
         self._broadcast("open", list(clients), info)
         cluster.services.append(self)  # cluster.stop() stops this service first
 
@@ -182,7 +196,8 @@ class ModelService:
                     time.sleep(IDLE_POLL_START)  # a partial batch is filling up: look again soon
                 elif self._waited:
                     continue  # the parties waited for a submit themselves: ask again at once
-                else:  # requests on only some parties, or parties that answer at once: back off
+                else:  # a new incomplete request, or parties that answer at once: back off
+                    self.backoffs += 1
                     time.sleep(min(idle, poll_interval))
                     idle *= 2
         except BaseException as e:
@@ -205,18 +220,31 @@ class ModelService:
         """
         sizes: dict[int, list[int]] = {}
         started = time.monotonic()
-        for listed in self._call_all("pending", [[wait]] * len(self.parties)):  # one round to every party
-            for rid, size in listed:  # a request is ready once every party has its share, of one batch size
+        known = self._known if len(self._known) == len(self.parties) else [[] for _ in self.parties]
+        listings = self._call_all("pending", [[wait, k] for k in known])  # one round to every party
+        for listed in listings:  # a request is ready once every party has its share, of one batch size
+            for rid, size in listed:
                 sizes.setdefault(rid, []).append(size)
-        self._waited = wait > 0 and not sizes and time.monotonic() - started >= wait / 2
         n = len(self.parties)
         complete = {r: s for r, s in sizes.items() if len(s) == n}
+        self._waited = wait > 0 and not complete and time.monotonic() - started >= wait / 2
         self._fail_malformed(sizes, complete)
-        rids = [r for r, s in complete.items() if len(set(s)) == 1][:max_batch]
-        if not rids or self._lingers(len(rids), max_batch, linger):
+        self._known = [[r for r, _ in listed if r in self._partial] for listed in listings]
+        rids, rows, full = [], 0, False
+        for r, s in complete.items():  # in queue order, up to max_batch requests and max_rows rows
+            if len(set(s)) != 1 or s[0] > self.max_rows:
+                continue  # failed above
+            if len(rids) == max_batch or rows + s[0] > self.max_rows:
+                full = True
+                break
+            rids.append(r)
+            rows += s[0]
+        if not rids or self._lingers(len(rids), full or len(rids) >= max_batch, linger):
             return 0
         try:
             self._compute(rids)
+        except _Requeued:  # a request left a party between pending and claim: the rest go again
+            return 0
         except (ConnectionLostError, OSError, WorkerUnavailableError) as e:
             self._fail(rids, "a cluster worker became unreachable")
             raise WorkerUnavailableError(f"serving stopped: a cluster worker is unreachable ({e})") from e
@@ -233,13 +261,14 @@ class ModelService:
                 pass
             raise
         self.served += len(rids)
+        self._requeued = frozenset()
         return len(rids)
 
-    def _lingers(self, ready: int, max_batch: int, linger: float) -> bool:
+    def _lingers(self, ready: int, full: bool, linger: float) -> bool:
         """True to wait one more poll: the batch is partial and grew since the last poll, within ``linger``."""
         now = time.monotonic()
         since, seen = self._linger
-        if ready >= max_batch or linger <= 0 or (since is not None and (ready <= seen or now - since > linger)):
+        if full or linger <= 0 or (since is not None and (ready <= seen or now - since > linger)):
             self._linger = (None, 0)
             return False
         self._linger = (now if since is None else since, ready)
@@ -249,6 +278,7 @@ class ModelService:
         """Fails requests whose parties disagree on the batch size, or that stayed on only some parties."""
         now = time.monotonic()
         bad = [r for r, s in complete.items() if len(set(s)) > 1]
+        big = [r for r, s in complete.items() if len(set(s)) == 1 and s[0] > self.max_rows]  # (parties refuse these)
         for r in list(self._partial):
             if r not in sizes or r in complete:
                 del self._partial[r]
@@ -258,11 +288,13 @@ class ModelService:
         stale = [r for r, since in self._partial.items() if now - since > self.partial_timeout]
         if bad:
             self._fail(bad, "the request's shares differ in batch size between parties")
+        if big:
+            self._fail(big, f"the request has more than the service's {self.max_rows} rows")
         if stale:
             self._fail(stale, f"the request reached only some parties within {self.partial_timeout:.0f} s")
             for r in stale:
                 del self._partial[r]
-        self.failed_requests += len(bad) + len(stale)
+        self.failed_requests += len(bad) + len(big) + len(stale)
 
     def _compute(self, rids: list[int]) -> None:
         from veil.tensors.additive import AdditiveSharingTensor
@@ -273,9 +305,19 @@ class ModelService:
         claimed = self._call_all("claim", [[rids, oid] for oid in oids], return_errors=True)  # one round
         failed = [r for r in claimed if isinstance(r, BaseException)]
         if failed:  # free the batches the other parties stored, then report the first failure
+            took = [w for w, r in zip(self.parties, claimed) if not isinstance(r, BaseException)]
             for w, oid, r in zip(self.parties, oids, claimed):
                 if not isinstance(r, BaseException):
                     self.hook.local_worker.schedule_delete(w, oid)
+            # a request that left one party (its client disconnected there) must not fail the batch's
+            # others: put them back where they were claimed, once per batch (a claim that fails again
+            # fails them, as any other error)
+            if all(isinstance(e, RequestGoneError) for e in failed) and frozenset(rids) != self._requeued:
+                self._requeued = frozenset(rids)
+                if took:
+                    protocol.call_all(self.hook.local_worker, took, "requeue", self.name, [[rids]] * len(took),
+                                      return_errors=True)
+                raise _Requeued()
             raise failed[0]
         shares = {w.id: PointerTensor(w, oid, self.hook.local_worker, torch.Size((sum(got), *self.input_shape[1:])),
                                       torch.int64) for w, oid, got in zip(self.parties, oids, claimed)}
@@ -322,6 +364,10 @@ class ModelService:
             return
         self._closed = True
         self._call_all("close", [[reason]] * len(self.parties), return_errors=True)
+
+
+class _Requeued(Exception):
+    """A batch whose claim failed at some party was put back in the queue (see ModelService._compute)."""
 
 
 def _ref(ptr: Any) -> Any:

@@ -69,7 +69,6 @@ class PointerTensor(RemoteHandle, torch.Tensor):
         d["location"] = location
         d["id_at_location"] = id_at_location
         d["owner"] = owner
-        d["id"] = new_id()
         d["garbage_collect_data"] = garbage_collect_data
         d["tags"] = tuple(tags)
         d["description"] = description
@@ -87,10 +86,24 @@ class PointerTensor(RemoteHandle, torch.Tensor):
     def __init__(self, *args: Any, **kwargs: Any) -> None:  # everything happens in __new__
         pass
 
+    @property
+    def id(self) -> int:
+        """This pointer's own id (for display), drawn when first read: most result pointers never show it."""
+        d = self.__dict__
+        pid = d.get("_pid")
+        if pid is None:
+            pid = d["_pid"] = new_id()
+        return pid
+
+    @id.setter
+    def id(self, value: int) -> None:
+        self.__dict__["_pid"] = value
+
     # ----------------------------------------------------------- interception
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        # replaced by remote_ops._torch_function once remote_ops is imported (the same call, one frame less)
         return _handle(func, args, kwargs or {})
 
     @classmethod
@@ -103,7 +116,7 @@ class PointerTensor(RemoteHandle, torch.Tensor):
 
     def __repr__(self, *args: Any, **kwargs: Any) -> str:
         d = self.__dict__
-        head = f"[PointerTensor | {d['owner'].id}:{d['id']} -> {d['location'].id}:{d['id_at_location']}]"
+        head = f"[PointerTensor | {d['owner'].id}:{self.id} -> {d['location'].id}:{d['id_at_location']}]"
         if not d["tags"] and not d["description"]:
             return head
         lines = [head]  # PySyft 0.2's layout for tagged/described pointers

@@ -27,6 +27,8 @@ from veil.tensors.tree import leaves, map_structure
 from veil.workers import skeletons
 
 _T = torch.Tensor
+_make_wrapper = torch.Tensor._make_wrapper_subclass
+_CPU = torch.device("cpu")
 
 
 def _local(func: Any, args: tuple, kwargs: dict) -> Any:
@@ -173,6 +175,99 @@ def handle(func: Any, args: tuple, kwargs: dict) -> Any:
     return call(op if op is not None else ALLOWLIST.by_func(func), args, kwargs)
 
 
+def _torch_function(cls: type, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    """``PointerTensor.__torch_function__``: :func:`handle` itself (torch calls it on every op on a
+    pointer; one Python frame less than a method that calls handle)."""
+    local = LOCAL_HANDLERS.get(func)
+    if local is not None:
+        return local(func, args, kwargs or {})
+    try:
+        op = _OPS_BY_FUNC.get(func)
+    except TypeError:  # unhashable callables are reachable by name only
+        op = None
+    return call(op if op is not None else ALLOWLIST.by_func(func), args, kwargs or {})
+
+
+PointerTensor.__torch_function__ = classmethod(_torch_function)  # (pointer.py cannot import this module)
+
+
+# ------------------------------------------------------------------ arithmetic operators
+#
+# ``p + q`` reaches __torch_function__ through torch's C++ argument parser and override lookup (~9 K
+# instructions per op, as much as the rest of building the command). For the operators of every
+# training step, between a pointer and a pointer or a Python number, PointerTensor's own operator
+# method calls :func:`call` with exactly what torch would pass to __torch_function__: the same op and
+# arguments, found by asking torch once at import (:func:`_probe_operator`: an operator whose answer
+# is not the plain ``(func, (self, other))`` keeps torch's path). Anything else (other operand types,
+# a torch-function mode, torch functions disabled) takes torch's own method, as before.
+
+_NUMBERS = frozenset((int, float, bool))
+_tf_enabled = torch._C._is_torch_function_enabled
+_tf_mode = torch._C._is_torch_function_mode_enabled
+
+
+def _probe_operator(name: str, numbers: bool) -> Any:
+    """The allowlisted op torch passes to __torch_function__ for ``p <name> other``, asked on a probe tensor
+    subclass with a tensor operand (and a number, if ``numbers``); None if torch passes anything but
+    ``(func, (p, other))`` without keyword arguments, or func is not a plain allowlisted op."""
+    seen = []
+
+    class _Probe(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+            seen.append((func, args, kwargs))
+            return 0
+
+        @classmethod
+        def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+            raise RuntimeError("probe")
+
+    try:
+        a = _make_wrapper(_Probe, (2,), dtype=torch.float32)
+        b = _make_wrapper(_Probe, (2,), dtype=torch.float32)
+        expected = [(a, b), (a, 2.0)] if numbers else [(a, b)]
+        method = getattr(_T, name)
+        for args in expected:
+            method(*args)
+    except Exception:
+        return None
+    if len(seen) != len(expected) or any(s[0] is not seen[0][0] or s[2] for s in seen) \
+            or any(s[1][0] is not e[0] or s[1][1] is not e[1] or len(s[1]) != 2 for s, e in zip(seen, expected)):
+        return None
+    func = seen[0][0]
+    try:
+        op = _OPS_BY_FUNC.get(func)
+    except TypeError:
+        return None
+    if op is None or func in LOCAL_HANDLERS or op.worker_function or op.shapes != INFER:
+        return None
+    return op
+
+
+def _operator(name: str, op: Op, numbers: bool) -> Callable[[Any, Any], Any]:
+    slow = getattr(_T, name)
+    fast_types = frozenset((PointerTensor, *_NUMBERS)) if numbers else frozenset((PointerTensor,))
+
+    def method(self: PointerTensor, other: Any) -> Any:
+        if type(other) in fast_types and _tf_enabled() and not _tf_mode():
+            return call(op, (self, other), {})
+        return slow(self, other)
+
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
+def _install_operators() -> None:
+    for name in ("__add__", "__radd__", "__sub__", "__mul__", "__rmul__", "__truediv__", "__matmul__"):
+        numbers = name != "__matmul__"
+        op = _probe_operator(name, numbers)
+        if op is not None:
+            setattr(PointerTensor, name, _operator(name, op, numbers))
+
+
+_install_operators()
+
+
 def _location_of(tensors: list[torch.Tensor]) -> tuple[PointerTensor, bool]:
     """The first pointer (every other pointer must live on the same worker), and whether
     ``tensors`` holds local tensors besides the pointers (bytes that travel with the command)."""
@@ -317,10 +412,17 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
     """
     if kwargs and kwargs.get("memory_format") is torch.preserve_format:  # the default of every *_like op
         kwargs = {k: v for k, v in kwargs.items() if k != "memory_format"}
-    tensors, key = shape_inference.collect(args, kwargs)
+    tensors, key = _collect(args, kwargs)
     if location is None:
-        first, local_tensors = _location_of(tensors)
-        owner, location = first.owner, first.location
+        first = tensors[0] if tensors else None
+        if type(first) is PointerTensor and (len(tensors) == 1 or (
+                len(tensors) == 2 and type(tensors[1]) is PointerTensor
+                and tensors[1].__dict__["location"] is first.__dict__["location"])):
+            local_tensors = False  # (_location_of's answer for one or two pointers on one worker)
+        else:
+            first, local_tensors = _location_of(tensors)
+        d = first.__dict__
+        owner, location = d["owner"], d["location"]
     else:
         owner = location.hook.local_worker
         local_tensors = any(type(t) is not PointerTensor for t in tensors)
@@ -349,10 +451,65 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
         else:
             owner.send_msg(CommandMessage(name, _args_to_wire(args), wire_kwargs, [], grad), location)
         return None
-    template = shape_inference.infer(op, args, kwargs, tensors, key) if op.shapes == INFER else None
+    template = shape_inference.infer(op, args, kwargs, tensors, key, grad) if op.shapes == INFER else None
     if template is None:
         reply = owner.send_msg(CommandMessage(name, _args_to_wire(args), wire_kwargs, None, grad), location)
         return _from_descriptors(reply, args, kwargs, owner, location)
+    one = template.one
+    if one is not None:  # the usual op: one new tensor (the loop below, for its one spec)
+        oid = new_id()
+        return_ids = [oid]
+        ptr = _result_pointer(location, oid, owner, one)
+        if one[3]:  # a non-leaf of the remote autograd graph: remember its leaves
+            ptr.__dict__["_leafs"] = _graph_leaves(tensors)
+        made = None
+    else:
+        return_ids, made = _results(template, tensors, location, owner, grad)
+    if pipelined:
+        # a skeleton use where the destination keeps a table (network workers): ids only, no op name or refs
+        if not (location._skeletons is not None and payload == 0 and key is not None and key[0] is _FLAT
+                and owner.defer_skeleton(location, template, _ids_of(tensors), return_ids,
+                                         lambda: _definition(name, args, tensors, wire_kwargs, grad))):
+            owner.defer(location, [name, _args_to_wire(args), wire_kwargs, return_ids, grad], payload)
+    elif not (location._skeletons is not None and payload == 0 and key is not None and key[0] is _FLAT
+              and owner.hook._local_worker is owner  # (hook.local_worker, without its property call)
+              and owner.send_skeleton(location, template, _ids_of(tensors), return_ids,
+                                      lambda: _definition(name, args, tensors, wire_kwargs, grad))):
+        owner.send_msg(CommandMessage(name, _args_to_wire(args), wire_kwargs, return_ids, grad), location)
+    if made is None:
+        return ptr
+    if len(made) == 1 and isinstance(template.structure, torch.Tensor):
+        return made[0]
+    it = iter(made)
+    return map_structure(template.structure, lambda _: next(it))
+
+
+def _ids_of(tensors: list) -> list:
+    """The remote ids of a command's pointers (one or two in most commands: no list comprehension frame)."""
+    if len(tensors) == 1:
+        return [tensors[0].__dict__["id_at_location"]]
+    if len(tensors) == 2:
+        return [tensors[0].__dict__["id_at_location"], tensors[1].__dict__["id_at_location"]]
+    return [t.__dict__["id_at_location"] for t in tensors]
+
+
+def _result_pointer(location: Any, oid: int, owner: Any, one: tuple) -> PointerTensor:
+    """A new result pointer (what ``PointerTensor.__new__`` makes for a result of this side's command:
+    ``mine``, garbage-collected, no tags), its constant fields copied from the template's ``one``."""
+    shape, dtype, requires_grad, _, fields = one
+    ptr = _make_wrapper(PointerTensor, shape, dtype=dtype, requires_grad=requires_grad, device=_CPU)
+    d = fields.copy()
+    d["location"] = location
+    d["id_at_location"] = oid
+    d["owner"] = owner
+    if requires_grad:  # a fresh object of ours has no gradient until the next backward there
+        d["_grad_cache"] = (owner.grad_epoch(location), None)
+    ptr.__dict__ = d
+    return ptr
+
+
+def _results(template: Any, tensors: list, location: Any, owner: Any, grad: bool) -> tuple[list, list]:
+    """``(return_ids, result pointers)`` of a template with several results or in-place results."""
     return_ids: list[int] = []
     made: list[Any] = []
     graph = _UNSET
@@ -373,24 +530,11 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
             made.append(ptr)
             if grad and type(ptr) is PointerTensor and "_leafs" in ptr.__dict__:
                 ptr.__dict__["_leafs"] = None  # its graph changed in place: stop predicting through it
-    if pipelined:
-        # a skeleton use where the destination keeps a table (network workers): ids only, no op name or refs
-        if not (location._skeletons is not None and payload == 0 and key is not None and key[0] is _FLAT
-                and owner.defer_skeleton(location, template, [t.__dict__["id_at_location"] for t in tensors],
-                                         return_ids, lambda: _definition(name, args, tensors, wire_kwargs, grad))):
-            owner.defer(location, [name, _args_to_wire(args), wire_kwargs, return_ids, grad], payload)
-    elif not (location._skeletons is not None and payload == 0 and key is not None and key[0] is _FLAT
-              and owner.hook.local_worker is owner
-              and owner.send_skeleton(location, template, [t.__dict__["id_at_location"] for t in tensors],
-                                      return_ids, lambda: _definition(name, args, tensors, wire_kwargs, grad))):
-        owner.send_msg(CommandMessage(name, _args_to_wire(args), wire_kwargs, return_ids, grad), location)
-    if len(made) == 1 and isinstance(template.structure, torch.Tensor):
-        return made[0]
-    it = iter(made)
-    return map_structure(template.structure, lambda _: next(it))
+    return return_ids, made
 
 
 _FLAT = shape_inference.FLAT
+_collect = shape_inference.collect
 _new_pointer = PointerTensor.__new__
 #: skeleton signatures of ops without results (no shape-inference Template stands for them): one object
 #: per (op, grad mode, flat argument key), as the Template is for ops with results

@@ -11,7 +11,7 @@ straight to the worker-describes path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,6 +28,19 @@ NEW, ALIAS = 0, 1
 class Template:
     structure: Any  # the meta result: its containers give the result's structure
     specs: tuple  # per tensor leaf: (ALIAS, k) or (NEW, shape, dtype, requires_grad, is_autograd_leaf)
+    #: the usual op's result, one new tensor, ready for ``remote_ops._result_pointer``: (shape, dtype,
+    #: requires_grad, non-leaf of the autograd graph, the pointer's constant fields); else None
+    one: Any = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.specs) == 1 and self.specs[0][0] == NEW and isinstance(self.structure, torch.Tensor):
+            _, shape, dtype, requires_grad, is_leaf = self.specs[0]
+            shape = tuple(shape)
+            # PointerTensor.__new__'s fields of a result of this side's command; its _meta tuple is
+            # shared by every such pointer (a tuple: replaced, never changed in place)
+            fields = {"garbage_collect_data": True, "tags": (), "description": "", "_freed": False,
+                      "_mine": True, "_meta": (shape, dtype, requires_grad)}
+            object.__setattr__(self, "one", (shape, dtype, requires_grad, requires_grad and not is_leaf, fields))
 
 
 _cache: dict[Any, Template | None] = {}
@@ -74,6 +87,17 @@ def collect(args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], Any]:
     Training loops mostly call ops on pointers and plain scalars: those get a flat key
     without the recursion of the general signature.
     """
+    if not kwargs and len(args) == 2:  # the usual op (p + q, p * 2): the loop below, unrolled
+        a, b = args
+        if type(a) is PointerTensor:
+            tb = type(b)
+            if tb is PointerTensor:
+                if b is a:
+                    meta = a.__dict__["_meta"]
+                    return [a], (_FLAT, 0, meta, 0, meta)
+                return [a, b], (_FLAT, 0, a.__dict__["_meta"], 1, b.__dict__["_meta"])
+            if tb in _PLAIN:
+                return [a], (_FLAT, 0, a.__dict__["_meta"], tb, b)
     tensors: list = []
     key: list = [_FLAT]
     for value in args:
@@ -145,11 +169,13 @@ def _replace(value: Any, metas: dict[int, torch.Tensor]) -> Any:
     return value
 
 
-def infer(op: Op, args: tuple, kwargs: dict, tensors: list[torch.Tensor], key: Any) -> Template | None:
-    """The result template of ``op(*args, **kwargs)``, or None when meta tensors can't tell."""
+def infer(op: Op, args: tuple, kwargs: dict, tensors: list[torch.Tensor], key: Any,
+          grad: bool | None = None) -> Template | None:
+    """The result template of ``op(*args, **kwargs)``, or None when meta tensors can't tell
+    (``grad``: ``torch.is_grad_enabled()``, when the caller has read it already)."""
     full_key = None
     if key is not None:
-        full_key = (op.name, torch.is_grad_enabled(), key)
+        full_key = (op.name, torch.is_grad_enabled() if grad is None else grad, key)
         found = _cache.get(full_key, _MISSING)  # one hash of the nested key (``in`` then ``[]`` hashed twice)
         if found is not _MISSING:
             return found

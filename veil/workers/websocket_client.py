@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 import ssl as ssl_module
 import threading
 import time
@@ -149,9 +150,20 @@ class WebsocketClientWorker(BaseWorker):
                 pass
 
     def close(self) -> None:
-        """Closes the connection; the server frees every object this session created."""
-        with self._lock:
+        """Closes the connection; the server frees every object this session created. A request in flight
+        on another thread ends at once with ConnectionLostError (its reply would never be read)."""
+        if not self._lock.acquire(blocking=False):
+            conn = self._conn  # the other thread holds the lock while it waits for the reply: wake its read
+            if conn is not None:
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:  # already closed
+                    pass
+            self._lock.acquire()
+        try:
             self._drop()
+        finally:
+            self._lock.release()
 
     @property
     def connected(self) -> bool:
@@ -183,17 +195,24 @@ class WebsocketClientWorker(BaseWorker):
 
     def _recv_msg(self, data: bytes | FrameParts) -> bytes:
         """Forwards one serialized request and returns the serialized reply."""
-        with self._lock:
-            conn = self._checked_connection(data)
+        lock = self._lock
+        lock.acquire()  # (not ``with``: ~1 K instructions less on every round trip)
+        try:
+            conn = self._conn
+            if (conn is None or self._lost_while_idle or type(data) is not bytes
+                    or (self._server_max is not None and len(data) > self._server_max)):
+                conn = self._checked_connection(data)  # (the usual small request passes its checks above)
             try:
                 conn.send(data)
                 while self._owed:  # replies to posted requests come first: kept for collect()
                     self._early.append(conn.recv(timeout=self.timeout))
                     self._owed -= 1
-                reply = conn.recv(timeout=self.timeout)
+                reply = conn.recv(self.timeout)
             except (TimeoutError, ConnectionClosed, OSError) as e:  # TimeoutError is an OSError
                 raise self._connection_lost(e) from None
-        if not isinstance(reply, (bytes, bytearray, memoryview)):
+        finally:
+            lock.release()
+        if type(reply) is not bytearray and not isinstance(reply, (bytes, memoryview)):
             raise SerializationError(f"worker {self.id!r} answered with a text frame")
         return reply
 
