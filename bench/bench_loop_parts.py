@@ -2,7 +2,8 @@
 
 Wall clock on the shared box swings 2x between runs, and with posted batches the client and the worker
 run at the same time, so the loop's time is about the larger of their two CPU costs. This driver
-measures each alone, per training step (MLP 13-32-24-1, batch 8, SGD lr 0.001, cycling the data):
+measures each alone, per training step (``boston_loop.boston_step``: MLP 13-32-24-1, batch 8, SGD lr
+0.001, the batches of bench_network's loop, epoch after epoch):
 
 - ``client``: the client's pointer path, outbox and serialization, against a worker stand-in that
   answers every request and posted batch with an OkReply at once (nothing runs remotely);
@@ -32,23 +33,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_core import _mlp  # noqa: E402  (the model of bench_network's row 3)
+from boston_loop import BATCH, batch_starts, boston_data, boston_step  # noqa: E402
 
 TOKEN = "bench-loop-parts-token"
-BATCH, WARM = 8, 300
+WARM = 300
 
 
 def _instrument(on: bool) -> None:
     if os.environ.get("VG"):
         subprocess.run(["callgrind_control", "-i", "on" if on else "off", str(os.getpid())],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _data() -> tuple:
-    from veil.datasets import load_boston, train_test_split
-
-    x, y, _ = load_boston()
-    x_train, y_train, _, _ = train_test_split(x, y, seed=0)
-    return x_train, y_train
 
 
 def _server(hook, worker_id: str) -> tuple:
@@ -96,19 +90,7 @@ def loop_parts(mode: str, n: int) -> float:
     net._recv_msg = record
     net.post = lambda data: owed.append(record(data))
     net.collect = lambda: owed.pop(0)
-    x, y = _data()
-    model = _mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.001)
-    px, py = x.send(net), y.send(net)
-    model.send(net)
-    rows, at = px.shape[0], [0]
-
-    def step() -> None:
-        i = at[0]
-        at[0] = (i + BATCH) % (rows - BATCH)
-        opt.zero_grad()
-        F.mse_loss(model(px[i:i + BATCH]), py[i:i + BATCH]).backward()
-        opt.step()
+    step = boston_step(net)
 
     for _ in range(WARM):
         step()
@@ -144,15 +126,14 @@ def loop_parts(mode: str, n: int) -> float:
 
 def floor(n: int) -> float:
     """CPU seconds per step of the worker's torch ops alone (see the module docstring)."""
-    x, y = _data()
+    x, y = boston_data()
     model = _mlp()
     params = list(model.parameters())
     add_, get_grad, set_grad = torch.Tensor.add_, torch.Tensor.grad.__get__, torch.Tensor.grad.__set__
-    rows, at = x.shape[0], [0]
+    starts = batch_starts(x.shape[0], BATCH)
 
     def step() -> None:
-        i = at[0]
-        at[0] = (i + BATCH) % (rows - BATCH)
+        i = next(starts)
         for p in params:
             set_grad(p, None)
         h = F.relu(F.linear(x[i:i + BATCH], params[0], params[1]))

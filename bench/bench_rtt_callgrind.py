@@ -4,7 +4,8 @@ Wall clock on the shared box swings 2x between runs; user-space instruction coun
 The server (a ``veil worker``, or the raw websockets echo server of bench_network.py) runs
 under callgrind too; both switch instrumentation on after a warm-up, for ``N`` round trips of
 the 8x13 add with pipelining off (``op``) or the raw echo of a 51-byte frame (``echo``);
-``loop``: ``N`` steps of the pipelined Boston MLP training loop of bench_network.py (batch 8).
+``loop``: ``N`` steps of the pipelined Boston MLP training loop of bench_network.py (batch 8,
+``boston_loop.boston_step``).
 
 Run from a directory outside the trees (``python -c``/``-m`` put the working directory first
 on ``sys.path``), with the tree under test on ``PYTHONPATH``:
@@ -23,13 +24,15 @@ import os
 import subprocess
 import sys
 import threading
-from typing import Any
 
 import torch
 
 import veil as sy
 from veil.workers.websocket_launcher import free_port
 from veil.workers.websocket_transport import BlockingConnection
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from boston_loop import boston_step  # noqa: E402  (bench_network's row 3, one step per call)
 
 TOKEN = "bench-network-token"
 
@@ -70,7 +73,7 @@ def main() -> None:
                 conn.recv(60)
         elif mode == "loop":
             net = sy.WebsocketClientWorker(sy.TorchHook(torch), id="alice", host="127.0.0.1", port=port, token=TOKEN)
-            once = _training_steps(net)
+            once = boston_step(net)
         else:
             net = sy.WebsocketClientWorker(sy.TorchHook(torch), id="alice", host="127.0.0.1", port=port, token=TOKEN)
             net.pipelining = False
@@ -96,31 +99,6 @@ def main() -> None:
     finally:
         srv.kill()
         srv.wait()
-
-
-def _training_steps(net: "sy.WebsocketClientWorker") -> Any:
-    """One step per call of bench_network's Boston training loop (pipelined, batch 8), cycling the data."""
-    import torch.nn.functional as F
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_core import _mlp
-    from veil.datasets import load_boston, train_test_split
-
-    x, y, _ = load_boston()
-    x_train, y_train, _, _ = train_test_split(x, y, seed=0)
-    model = _mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.001)
-    px, py = x_train.send(net), y_train.send(net)
-    model.send(net)
-    rows, at = px.shape[0], [0]
-
-    def step() -> None:
-        i = at[0]
-        at[0] = (i + 8) % (rows - 8)
-        opt.zero_grad()
-        F.mse_loss(model(px[i:i + 8]), py[i:i + 8]).backward()
-        opt.step()
-    return step
 
 
 if __name__ == "__main__":

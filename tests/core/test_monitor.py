@@ -25,6 +25,8 @@ def test_store_answers_only_its_monitor(hook):
     store = w.monitor._store
     with pytest.raises(PermissionDeniedError, match="answers only its monitor"):
         store.lookup(StoreKey(), "", 1)
+    with pytest.raises(PermissionDeniedError, match="answers only its monitor"):
+        store.spaces(StoreKey(), "")
     with pytest.raises(PermissionDeniedError):
         store.put(None, "", 1, Entry(torch.ones(1)))
     assert not hasattr(w, "store")  # no handler can reach the store by the old name
@@ -32,7 +34,7 @@ def test_store_answers_only_its_monitor(hook):
 
 def test_lint_no_module_but_the_monitor_touches_the_store():
     """Every access to stored objects goes through veil/workers/monitor.py."""
-    store_methods = r"\.(lookup|put|claim|remove|entries|drop_namespace|clear_clients|has)\("
+    store_methods = r"\.(lookup|put|claim|remove|entries|drop_namespace|clear_clients|has|spaces)\("
     offenders = []
     for path in VEIL.rglob("*.py"):
         rel = path.relative_to(VEIL).as_posix()

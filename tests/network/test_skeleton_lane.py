@@ -1,4 +1,4 @@
-"""The command lane's prepared skeleton uses (``inline_lane._run_use``, ``handlers._run_checked``).
+"""The command lane's prepared skeleton uses (``handlers.run_use``, ``handlers._run_resolved``'s plain branch).
 
 A use of a defined skeleton skips building its CommandMessage: the op is looked up once per skeleton,
 the reference monitor resolves each id of each use (``ReferenceMonitor.resolve_ids``), and a use whose

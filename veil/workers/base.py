@@ -22,6 +22,7 @@ from veil.workers import cancellation
 from veil.workers.stats import TransportStats
 from veil.workers.monitor import Principal, ReferenceMonitor
 from veil.workers.outbox import MAX_PRELUDE_ITEMS, Outbox
+from veil.workers.skeletons import prepared_use
 from veil.workers.store import Entry
 
 if TYPE_CHECKING:
@@ -257,7 +258,9 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
         position = total = 0
         discard, principal = self.monitor.discard, None
         run = _UNSET  # how each deferred command runs (see _batch_runner), decided at the first one
-        expand = None  # how a skeleton use becomes its command's fields (see _skeleton_expander), likewise
+        uses = _UNSET  # how a prepared skeleton use runs straight from its ids (see _skeleton_runner), likewise
+        expand = None  # how any other skeleton use becomes its command's fields (see _skeleton_expander)
+        use = None  # the prepared skeleton of the item being run, if any (names its op in a failure)
         handle = self._handle
         token = cancellation.current_token()  # network workers: this request's limits (None in-process)
         local = self._request  # the requester, per thread (a dealer's background thread may run here too)
@@ -273,12 +276,19 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
                 if failure is not None:
                     continue
                 position += 1
+                use = None
                 try:
                     if token is not None:
                         if position % YIELD_EVERY == 0:
                             cancellation.checkpoint()  # other sessions' requests may run now
                         token.restart()  # each command gets the whole time limit; none starts once the session is gone
                     if len(item) != _COMMAND_FIELDS:  # a skeleton use (deserialize checked: [k, ids, rids(, define)])
+                        if uses is _UNSET:
+                            uses = self._skeleton_runner(sender)
+                        use = prepared_use(uses[0], item) if uses is not None else None
+                        if use is not None:
+                            uses[1](use, item[1], item[2])
+                            continue
                         if expand is None:
                             expand = self._skeleton_expander(sender)
                         item = expand(item)
@@ -289,7 +299,8 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
                     else:
                         handle(m.CommandMessage(*item), sender)
                 except Exception as e:
-                    failure = (position, item[0] if len(item) == _COMMAND_FIELDS else f"skeleton {item[0]}", e)
+                    failure = (position, use.op if use is not None else item[0] if len(item) == _COMMAND_FIELDS
+                               else f"skeleton {item[0]}", e)
         finally:
             local.sender = previous
         if failure is not None:
@@ -306,6 +317,12 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
         def refuse(item: list) -> Any:
             raise SerializationError(f"worker {self.id!r} does not accept skeleton commands")
         return refuse
+
+    def _skeleton_runner(self, sender: str) -> tuple | None:
+        """``(table, run)``: a session's skeleton table and how a prepared use of it runs straight from its
+        ids (``run(skeleton, ids, return_ids)``, see ``handlers.run_use``), or None: every use is expanded
+        (:meth:`_skeleton_expander`). Only network sessions keep skeleton tables (``WebsocketServerWorker``)."""
+        return None
 
     def _batch_runner(self, sender: str) -> Callable[[list], Any] | None:
         """How a batch's deferred commands run: straight through ``_run_command`` (the body of the

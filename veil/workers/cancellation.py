@@ -31,7 +31,7 @@ class CancelToken:
         self.what = what
         self.seconds = seconds
         self.deadline: float | None = None
-        self.cancelled = threading.Event()
+        self.cancelled = False  # set once (a bool: read before every command of a batch, never waited on)
         self.reason = ""
 
     def start(self) -> None:
@@ -47,15 +47,15 @@ class CancelToken:
         elif self.deadline is not None:
             self.check()
             return
-        if self.cancelled.is_set():
+        if self.cancelled:
             raise CommandCancelledError(f"{self.what} was cancelled: {self.reason}")
 
     def cancel(self, reason: str) -> None:
         self.reason = reason
-        self.cancelled.set()
+        self.cancelled = True
 
     def check(self) -> None:
-        if self.cancelled.is_set():
+        if self.cancelled:
             raise CommandCancelledError(f"{self.what} was cancelled: {self.reason}")
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise CommandTimeoutError(

@@ -90,7 +90,106 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
     read only for protocol steps (``PROTOCOL_PREFIXES``), which may be None otherwise (skeleton uses)."""
     monitor = worker.monitor
     entries = list(found.values())
-    # one pass over the inputs decides which of the checks below apply (most commands: none)
+    name = op.name
+    # The usual command, a torch op computing on plain client tensors (none protected, revealable only
+    # to some, dealt, or carrying owner metadata such as DP-only) on a worker that records no
+    # provenance, skips the owner's checks: none of them applies (no write or oblivious guard, no
+    # audit row, no lineage). Anything else takes them.
+    plain = purpose is _COMPUTE and not op.worker_function
+    if plain:
+        for e in entries:
+            if (e.protected or e.meta or type(e.obj) is not _PLAIN_TENSOR or e.reveal_to is not None
+                    or e.kind == _DEALER):
+                plain = False
+                break
+        else:
+            plain = not _tracking(worker)
+    protected = dealer = _EMPTY
+    secret = False  # an input the requester may not learn: no value-dependent shape, failure or error text
+    oblivious_guard = None
+    if not plain:
+        protected, secret, oblivious_guard, dealer, args, kwargs = _owner_checks(
+            worker, principal, op, purpose, args, kwargs, found, entries, wire_args, wire_kwargs)
+    grad = bool(grad_enabled)
+    grad_before = _is_grad_enabled()
+    try:
+        if grad is not grad_before:
+            _set_grad_enabled(grad)
+        if op.worker_function:  # it may store outputs itself (monitor.store_output): tell it who asked
+            with monitor.running(principal, entries, name), oblivious_guard or _NO_GUARD:
+                result = op.func(worker, *args, **kwargs)
+        elif oblivious_guard is not None:  # secret inputs: no value-dependent shape, failure or Python value
+            with oblivious_guard, owner_guard.refuse_writes(name, protected, worker.id):
+                result = op.func(*args, **kwargs)
+        elif protected:  # schema-checked writes for torch ops (worker functions got copies)
+            with owner_guard.refuse_writes(name, protected, worker.id):
+                result = op.func(*args, **kwargs)
+        else:
+            result = op.func(*args, **kwargs)
+    except Exception as e:  # errors on owner data carry no values
+        if isinstance(e, PermissionDeniedError) and oblivious_guard is not None:
+            monitor.audit(purpose.value, principal, list(found), "refused", str(e))
+        if purpose is _DP_RELEASE:
+            monitor.audit("dp_release", principal, list(found), "refused",
+                          f"{name}: {e}" if isinstance(e, VeilError) else f"{name}: {type(e).__name__}")
+        raise owner_guard.client_error(name, e, protected or ({0} if secret else _reviewed_inputs(worker, entries)),
+                                       worker.id) from e
+    finally:
+        if grad is not grad_before:
+            _set_grad_enabled(grad_before)
+    lineage = None
+    # a reviewed input's result was released with the approval of its inputs (a masked value): no lineage,
+    # and no sources (the monitor would otherwise give it its inputs' and ask for a second approval)
+    reviewed = name in owner_guard.REVIEWED_INPUTS
+    if not plain:  # (a plain command: a compute purpose, no guarded input, no provenance recorded)
+        if purpose is _DP_RELEASE:
+            monitor.audit("dp_release", principal, list(found), "allowed", name)
+        if protected and not op.worker_function:
+            result = owner_guard.copy_aliases(result, protected)
+        elif dealer:  # a worker function that returned dealt material itself: a copy, not a writable alias
+            result = owner_guard.copy_aliases(result, dealer)
+        # Governance (#16): once a dataset is under review, results also carry the op graph the owner
+        # reviews (entry.meta), and objects the op wrote in place gain its sources; the monitor's
+        # Entry.provenance (the one set of source datasets) is recorded by monitor.store either way.
+        if entries and not reviewed and _tracking(worker):
+            from veil.governance import provenance
+
+            inputs = {id(e.obj): oid for oid, e in found.items()}
+            lineage = provenance.lineage_of(name, tuple(args), inputs, found, kwargs)
+            provenance.taint_writes(worker, lineage, op, tuple(args), kwargs, found, sender)
+    if op.shapes == NO_RESULT or ids == []:
+        return _OK
+    if ids is None:
+        inputs = {id(e.obj): oid for oid, e in found.items()}
+        return m.ResultReply(_describe_results(worker, principal, result, inputs, entries, name, lineage, reviewed))
+    results = [result] if type(result) is _PLAIN_TENSOR else leaves(result)
+    if type(ids) is not list or len(ids) != len(results):
+        raise RemoteExecutionError(
+            f"{name} returned {len(results)} tensors but the caller expected {len(ids) if isinstance(ids, list) else ids!r}"
+        )
+    store = monitor.store
+    dealt = [] if name in DEALER_OUTPUTS else None
+    for oid, tensor in zip(ids, results):
+        if oid != 0:  # 0: the result is one of the inputs (in-place op), already stored
+            stored = store(principal, oid, tensor, sources=entries, op_name=name)
+            if lineage is not None:  # governance (#16)
+                provenance.stamp(stored, lineage, tensor)
+            elif reviewed:
+                stored.provenance = frozenset()
+            if dealt is not None:
+                dealt.append(stored)
+    if dealt:  # a dealer's material: which fields are uniform, which belong together
+        monitor.group_dealt(principal, op.name, args, dealt)
+    return _OK
+
+
+def _owner_checks(worker: BaseWorker, principal: Principal, op: Any, purpose: Purpose, args: list, kwargs: dict,
+                  found: dict, entries: list, wire_args: Any, wire_kwargs: Any) -> tuple:
+    """The owner's checks of :func:`_run_resolved` before the op runs (deputies, DP-only, review,
+    write guards, secret inputs, dealt material): ``(protected, secret, oblivious_guard, dealer, args,
+    kwargs)``; refusals are audited and raised here."""
+    monitor = worker.monitor
+    # one pass over the inputs decides which of the checks below apply
     any_protected = any_dp = any_wrapped = any_restricted = False
     for e in entries:
         if e.protected:
@@ -114,7 +213,7 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
     if entries and op.name in owner_guard.REVIEWED_INPUTS and _tracking(worker):
         _governance_release(worker, list(found), entries, principal.user, op.name)
     protected = owner_guard.protected_storages(entries) if any_protected else _EMPTY
-    secret = False  # an input the requester may not learn: no value-dependent shape, failure or error text
+    secret = False
     oblivious_guard = None
     dealer = _EMPTY
     if any_restricted:
@@ -145,122 +244,32 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
             kwargs = owner_guard.copy_protected_args(kwargs, protected)
         else:
             owner_guard.check_writes(op.name, op.func, args, kwargs, protected, worker.id)
-    grad = bool(grad_enabled)
-    grad_before = torch.is_grad_enabled()
-    try:
-        if grad is not grad_before:
-            _set_grad_enabled(grad)
-        if op.worker_function:  # it may store outputs itself (monitor.store_output): tell it who asked
-            with monitor.running(principal, entries, op.name), oblivious_guard or _NO_GUARD:
-                result = op.func(worker, *args, **kwargs)
-        elif oblivious_guard is not None:  # secret inputs: no value-dependent shape, failure or Python value
-            with oblivious_guard, owner_guard.refuse_writes(op.name, protected, worker.id):
-                result = op.func(*args, **kwargs)
-        elif protected:  # schema-checked writes for torch ops (worker functions got copies)
-            with owner_guard.refuse_writes(op.name, protected, worker.id):
-                result = op.func(*args, **kwargs)
-        else:
-            result = op.func(*args, **kwargs)
-    except Exception as e:  # errors on owner data carry no values
-        if isinstance(e, PermissionDeniedError) and oblivious_guard is not None:
-            monitor.audit(purpose.value, principal, list(found), "refused", str(e))
-        if purpose is Purpose.DP_RELEASE:
-            monitor.audit("dp_release", principal, list(found), "refused",
-                          f"{op.name}: {e}" if isinstance(e, VeilError) else f"{op.name}: {type(e).__name__}")
-        raise owner_guard.client_error(op.name, e, protected or ({0} if secret else _reviewed_inputs(worker, entries)),
-                                       worker.id) from e
-    finally:
-        if grad is not grad_before:
-            _set_grad_enabled(grad_before)
-    if purpose is Purpose.DP_RELEASE:
-        monitor.audit("dp_release", principal, list(found), "allowed", op.name)
-    if protected and not op.worker_function:
-        result = owner_guard.copy_aliases(result, protected)
-    elif dealer:  # a worker function that returned dealt material itself: a copy, not a writable alias
-        result = owner_guard.copy_aliases(result, dealer)
-    # Governance (#16): once a dataset is under review, results also carry the op graph the owner
-    # reviews (entry.meta), and objects the op wrote in place gain its sources; the monitor's
-    # Entry.provenance (the one set of source datasets) is recorded by monitor.store either way.
-    lineage = None
-    # a reviewed input's result was released with the approval of its inputs (a masked value): no lineage,
-    # and no sources (the monitor would otherwise give it its inputs' and ask for a second approval)
-    reviewed = op.name in owner_guard.REVIEWED_INPUTS
-    if entries and not reviewed and _tracking(worker):
-        from veil.governance import provenance
+    return protected, secret, oblivious_guard, dealer, args, kwargs
 
-        inputs = {id(e.obj): oid for oid, e in found.items()}
-        lineage = provenance.lineage_of(op.name, tuple(args), inputs, found, kwargs)
-        provenance.taint_writes(worker, lineage, op, tuple(args), kwargs, found, sender)
-    if op.shapes == NO_RESULT or ids == []:
-        return _OK
-    if ids is None:
-        inputs = {id(e.obj): oid for oid, e in found.items()}
-        return m.ResultReply(_describe_results(worker, principal, result, inputs, entries, op.name, lineage, reviewed))
-    results = [result] if type(result) is _PLAIN_TENSOR else leaves(result)
-    if type(ids) is not list or len(ids) != len(results):
-        raise RemoteExecutionError(
-            f"{op.name} returned {len(results)} tensors but the caller expected {len(ids) if isinstance(ids, list) else ids!r}"
-        )
-    store = monitor.store
-    dealt = [] if op.name in DEALER_OUTPUTS else None
-    for oid, tensor in zip(ids, results):
-        if oid != 0:  # 0: the result is one of the inputs (in-place op), already stored
-            stored = store(principal, oid, tensor, sources=entries, op_name=op.name)
-            if lineage is not None:  # governance (#16)
-                provenance.stamp(stored, lineage, tensor)
-            elif reviewed:
-                stored.provenance = frozenset()
-            if dealt is not None:
-                dealt.append(stored)
-    if dealt:  # a dealer's material: which fields are uniform, which belong together
-        monitor.group_dealt(principal, op.name, args, dealt)
-    return _OK
+
+def run_use(worker: BaseWorker, principal: Principal, sender: str, skeleton: Any, ids: list, return_ids: list) -> Any:
+    """A use of a prepared skeleton (:func:`~veil.workers.skeletons.prepare`: its allowlisted torch op
+    and id order, decided once per definition): ``_run_command`` of the CommandMessage it stands for,
+    without building it or an ObjectRef per id. The purpose is decided per use as for a command; the
+    reference monitor resolves and checks every id of this use (``resolve_ids``: the same scoping,
+    refusals and audit rows, in the same order, as for the expanded arguments); the rest is
+    :func:`_run_resolved`. ``ids``/``return_ids``: lists, the ids ints (checked by the caller)."""
+    op, order = skeleton.prepared
+    purpose = _DP_RELEASE if op.name in owner_guard.DP_RELEASES else _COMPUTE  # _purpose_of of a torch op
+    found: dict = {}
+    worker.monitor.resolve_ids(principal, ids if order is None else [ids[s] for s in order], purpose, found)
+    args = list(skeleton.args)
+    for at, slot in zip(skeleton.positions, skeleton.slots):
+        args[at] = found[ids[slot]].obj
+    kwargs = skeleton.kwargs
+    return _run_resolved(worker, principal, sender, op, purpose, args, dict(kwargs) if kwargs else kwargs, found,
+                         return_ids, skeleton.grad, None, None)
 
 
 _OK = m.OkReply()
 _NO_GUARD = contextlib.nullcontext()
 _is_grad_enabled = torch.is_grad_enabled
-
-
-def _run_checked(worker: BaseWorker, principal: Principal, sender: str, op: Any, purpose: Purpose, args: list,
-                 kwargs: dict, found: dict, ids: list, grad: bool) -> Any:
-    """:func:`_run_resolved` of a torch op (no worker function) with client-chosen result ids, in fewer
-    steps when none of its checks can apply: inputs that are plain tensors neither protected, nor
-    revealable only to some, nor dealt, nor carrying any owner metadata (DP-only, lineage); a compute
-    purpose; an op that is no reviewed input or dealer output; a worker that records no provenance.
-    Then ``_run_resolved`` would add no write guard, oblivious guard, audit row or lineage, and this
-    runs the same op and stores the same results through the monitor. Anything else: ``_run_resolved``."""
-    name = op.name
-    plain = purpose is Purpose.COMPUTE and name not in owner_guard.REVIEWED_INPUTS and name not in DEALER_OUTPUTS
-    if plain:
-        for e in found.values():
-            if (e.protected or e.meta or type(e.obj) is not _PLAIN_TENSOR or e.reveal_to is not None
-                    or e.kind == _DEALER):
-                plain = False
-                break
-    if not plain or _tracking(worker):
-        return _run_resolved(worker, principal, sender, op, purpose, args, kwargs, found, ids, grad, None, None)
-    entries = list(found.values())
-    grad_before = _is_grad_enabled()
-    try:
-        if grad is not grad_before:
-            _set_grad_enabled(grad)
-        result = op.func(*args, **kwargs)
-    except Exception as e:  # as _run_resolved: errors on owner data carry no values
-        raise owner_guard.client_error(name, e, _reviewed_inputs(worker, entries), worker.id) from e
-    finally:
-        if grad is not grad_before:
-            _set_grad_enabled(grad_before)
-    if op.shapes == NO_RESULT or ids == []:
-        return _OK
-    results = [result] if type(result) is _PLAIN_TENSOR else leaves(result)
-    if len(ids) != len(results):
-        raise RemoteExecutionError(f"{name} returned {len(results)} tensors but the caller expected {len(ids)}")
-    store = worker.monitor.store
-    for oid, tensor in zip(ids, results):
-        if oid != 0:  # 0: the result is one of the inputs (in-place op), already stored
-            store(principal, oid, tensor, sources=entries, op_name=name)
-    return _OK
+_COMPUTE, _DP_RELEASE = Purpose.COMPUTE, Purpose.DP_RELEASE
 
 
 def _describe_results(worker: BaseWorker, principal: Principal, result: Any, inputs: dict[int, int],

@@ -27,8 +27,7 @@ from veil.mpc.party import OPENABLE, PARTY_FUNCTIONS, WIRE_PREFIX, OpenMessage
 from veil.workers import handlers as _handlers
 from veil.workers import skeletons as _skeletons
 from veil.workers.base import HANDLERS, YIELD_EVERY
-from veil.workers import owner_guard
-from veil.workers.monitor import PROTOCOL_PREFIXES, Principal, Purpose
+from veil.workers.monitor import Principal
 from veil.workers.websocket_auth import FULL_ROLES, Session
 
 log = logging.getLogger("veil.workers.websocket_server")
@@ -53,8 +52,6 @@ _OPS_BY_NAME = ALLOWLIST._by_name
 _UNKNOWN = object()
 _SKELETON = m.SkeletonCommand
 _PREPARED = _skeletons.Skeleton
-_DP_RELEASES = owner_guard.DP_RELEASES
-_DP_RELEASE, _COMPUTE = Purpose.DP_RELEASE, Purpose.COMPUTE
 
 
 def _plain_op(name: Any) -> bool:
@@ -110,16 +107,7 @@ def _inline_ok(msg: Any, prelude: list) -> bool:
     return _inline_kind(msg, prelude) == "plain"
 
 
-def _prepare(skeleton: _skeletons.Skeleton) -> Any:
-    """What every use of ``skeleton`` shares, decided once: its allowlisted op, and the order in which its
-    ids first appear among the arguments (None: the ids' own order), which is the order the monitor
-    resolves them in for a CommandMessage (False: uses take the generic path; protocol steps read the
-    command as sent, and skeletons never carry one)."""
-    op = _OPS_BY_NAME.get(skeleton.op)
-    ok = op is not None and not op.worker_function and not skeleton.op.startswith(PROTOCOL_PREFIXES)
-    order = tuple(dict.fromkeys(skeleton.slots))
-    skeleton.prepared = (op, None if order == tuple(range(len(order))) else order) if ok else False
-    return skeleton.prepared
+_prepare = _skeletons.prepare
 
 
 def _skeleton_use(table: dict, msg: m.SkeletonCommand) -> Any:
@@ -139,27 +127,6 @@ def _skeleton_use(table: dict, msg: m.SkeletonCommand) -> Any:
             else:
                 return skeleton
     return _skeletons.expand(table, msg)
-
-
-def _run_use(worker: Any, principal: Principal, sender: str, skeleton: _skeletons.Skeleton,
-             msg: m.SkeletonCommand) -> Any:
-    """A skeleton use of a full-rights session: ``_run_command`` of the CommandMessage it stands for,
-    without building it. The op was looked up once for the skeleton (:func:`_prepare`); the purpose is
-    decided per use as for a command; the reference monitor resolves and checks every id of this use
-    (``resolve_ids``: the same scoping, refusals and audit rows, in the same order, as for the expanded
-    arguments); what follows the resolution is ``_run_command``'s own code (``_run_resolved``, or
-    ``_run_checked`` where none of its checks apply)."""
-    op, order = skeleton.prepared
-    ids = msg.ids
-    purpose = _DP_RELEASE if op.name in _DP_RELEASES else _COMPUTE  # _purpose_of of a torch op
-    found: dict = {}
-    worker.monitor.resolve_ids(principal, ids if order is None else [ids[s] for s in order], purpose, found)
-    args = list(skeleton.args)
-    for at, slot in zip(skeleton.positions, skeleton.slots):
-        args[at] = found[ids[slot]].obj
-    kwargs = skeleton.kwargs
-    return _handlers._run_checked(worker, principal, sender, op, purpose, args, dict(kwargs) if kwargs else kwargs,
-                                  found, msg.return_ids, skeleton.grad)
 
 
 def _full_rights(session: Session) -> bool:
@@ -270,7 +237,8 @@ class InlineLane:
                 if action == "SkeletonCommand":
                     use = _skeleton_use(session.skeletons, msg)  # a definition is kept (or refused) here
                     action = "CommandMessage"
-                    reply = _run_use(self, principal, session.id, use, msg) if type(use) is _PREPARED \
+                    reply = _handlers.run_use(self, principal, session.id, use, msg.ids, msg.return_ids) \
+                        if type(use) is _PREPARED \
                         else _handlers._run_command(self, principal, session.id, *use)
                 else:
                     reply = _handlers._run_command(self, principal, session.id, msg.op, msg.args, msg.kwargs,

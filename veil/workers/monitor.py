@@ -54,6 +54,7 @@ AUDIT_LOG_SIZE = 10_000
 
 _EMPTY: frozenset = frozenset()
 _CLIENT = Kind.CLIENT
+_TENSOR = torch.Tensor
 
 
 #: bytes charged for a stored object of a type without a size estimator (pointers, small wrappers):
@@ -287,6 +288,8 @@ class ReferenceMonitor(OpeningRules):
         command). Purposes that neither release values nor audit allowed uses only need the name
         scoping of :meth:`_find`; anything else goes through :meth:`resolve`."""
         quiet = purpose is Purpose.COMPUTE or purpose is Purpose.PROTOCOL_STEP
+        ns, isolated = principal.namespace, principal.isolated
+        space = self._store.spaces(self.__key, ns)[0]
         out = []
         for v in values:
             tp = type(v)
@@ -294,7 +297,12 @@ class ReferenceMonitor(OpeningRules):
                 oid = v.id
                 entry = found.get(oid)
                 if entry is None:
-                    entry = self._find(principal, oid) if quiet else self.resolve(principal, oid, purpose)
+                    if quiet:  # _find, its usual case inline (an entry the principal may name; else _find itself)
+                        entry = space.get(oid) if type(oid) is int else None
+                        if entry is None or (isolated and not entry.protected and entry.created_by != ns):
+                            entry = self._find(principal, oid)
+                    else:
+                        entry = self.resolve(principal, oid, purpose)
                     if entry is None:
                         raise self._refuse(self.unknown(oid), PURPOSES[purpose].action, principal, [oid])
                     found[oid] = entry
@@ -309,9 +317,16 @@ class ReferenceMonitor(OpeningRules):
         """:meth:`resolve_list` for bare ids in argument order (a skeleton use's objects): each id not in
         ``found`` yet is resolved, with the same scoping, refusal and audit row, into ``found``."""
         quiet = purpose is Purpose.COMPUTE or purpose is Purpose.PROTOCOL_STEP
+        ns, isolated = principal.namespace, principal.isolated
+        space = self._store.spaces(self.__key, ns)[0]
         for oid in ids:
             if oid not in found:
-                entry = self._find(principal, oid) if quiet else self.resolve(principal, oid, purpose)
+                if quiet:  # _find, its usual case inline (an entry the principal may name; else _find itself)
+                    entry = space.get(oid) if type(oid) is int else None
+                    if entry is None or (isolated and not entry.protected and entry.created_by != ns):
+                        entry = self._find(principal, oid)
+                else:
+                    entry = self.resolve(principal, oid, purpose)
                 if entry is None:
                     raise self._refuse(self.unknown(oid), PURPOSES[purpose].action, principal, [oid])
                 found[oid] = entry
@@ -344,11 +359,20 @@ class ReferenceMonitor(OpeningRules):
         if hand_off is None:  # what a peer worker stores is for whoever names the id first
             hand_off = principal.isolated and "peer" in principal.roles
         store, key = self._store, self.__key
-        if store.has(key, ns, oid):
+        space, shared = store.spaces(key, ns)
+        if oid in space or oid in shared:
             raise PermissionDeniedError(f"object id {oid} is already in use on worker {self.worker_id!r}")
         if type(sources) is not list:
             sources = list(sources)
-        nbytes = _nbytes(obj) if ns != SHARED_NS else 0  # sessions are charged; in-process has none
+        if ns == SHARED_NS:  # sessions are charged; in-process has none
+            nbytes = 0
+        elif type(obj) is _TENSOR:  # _nbytes of the usual result, without the call
+            try:
+                nbytes = obj.untyped_storage().nbytes()
+            except (RuntimeError, NotImplementedError):
+                nbytes = _nbytes(obj)
+        else:
+            nbytes = _nbytes(obj)
         if self.max_session_bytes is not None and ns != SHARED_NS:
             used = store.usage.get(ns, 0)
             if used + nbytes > self.max_session_bytes:
@@ -449,7 +473,10 @@ class ReferenceMonitor(OpeningRules):
 
     def discard(self, principal: Principal, oid: Any) -> bool:
         """Deletes a client object of the principal; owner data and unknown ids are left alone."""
-        entry = self._find(principal, oid)
+        ns = principal.namespace  # _find, its usual case inline (an entry the principal may name; else _find)
+        entry = self._store.spaces(self.__key, ns)[0].get(oid) if type(oid) is int else None
+        if entry is None or (principal.isolated and not entry.protected and entry.created_by != ns):
+            entry = self._find(principal, oid)
         if entry is None or entry.protected:
             return False
         return self._store.remove(self.__key, principal.namespace, oid) is not None

@@ -22,6 +22,7 @@ import torch
 from veil.exceptions import SerializationError
 from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST
+from veil.workers.monitor import PROTOCOL_PREFIXES
 
 #: definitions one connection may hold (the client stops defining new ones at this count)
 MAX_SKELETONS = 1024
@@ -43,8 +44,7 @@ class Skeleton:
                  grad: bool) -> None:
         self.op, self.args, self.positions, self.slots = op, args, positions, slots
         self.n_slots, self.kwargs, self.grad = n_slots, kwargs, grad
-        #: the allowlisted op every use runs, looked up by the server's command lane at the first use
-        #: (False: uses take the generic path)
+        #: what every use shares, decided at the first use (:func:`prepare`; False: uses take the generic path)
         self.prepared: Any = None
 
 
@@ -131,6 +131,39 @@ def expand_item(table: dict, item: list) -> tuple:
             raise SerializationError("skeleton object ids must be integers")
         args[at] = _REF(oid)
     return skeleton.op, args, skeleton.kwargs, return_ids, skeleton.grad
+
+
+def prepare(skeleton: Skeleton) -> Any:
+    """What every use of ``skeleton`` shares, decided once: ``(op, order)``, its allowlisted op and the order
+    in which its ids first appear among the arguments (None: the ids' own order), which is the order the
+    monitor resolves them in for a CommandMessage; False: uses take the generic path (protocol steps read
+    the command as sent, and skeletons never carry one). Kept in ``skeleton.prepared``."""
+    op = _OPS_BY_NAME.get(skeleton.op)
+    ok = op is not None and not op.worker_function and not skeleton.op.startswith(PROTOCOL_PREFIXES)
+    order = tuple(dict.fromkeys(skeleton.slots))
+    skeleton.prepared = (op, None if order == tuple(range(len(order))) else order) if ok else False
+    return skeleton.prepared
+
+
+def prepared_use(table: dict, item: list) -> Skeleton | None:
+    """The prepared skeleton a well-formed deferred use ``[k, ids, return_ids]`` names, its ids all
+    integers (``handlers.run_use`` runs it); None for anything else (a definition, an unknown number,
+    the wrong arity, a malformed field: :func:`expand_item` keeps or refuses it with its reason)."""
+    if len(item) != 3:
+        return None
+    skeleton = table.get(item[0])
+    ids = item[1]
+    if skeleton is None or type(ids) is not list or len(ids) != skeleton.n_slots or type(item[2]) is not list:
+        return None
+    prepared = skeleton.prepared
+    if prepared is None:
+        prepared = prepare(skeleton)
+    if not prepared:
+        return None
+    for oid in ids:
+        if type(oid) is not int:
+            return None
+    return skeleton
 
 
 def definable(args: Any, kwargs: dict) -> bool:

@@ -9,6 +9,7 @@ fails loudly instead of bypassing the owner's rules.
 from __future__ import annotations
 
 import threading
+from types import MappingProxyType
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -16,6 +17,7 @@ from veil.exceptions import PermissionDeniedError
 
 #: the namespace of the data owner's objects and of in-process workers (no sessions)
 SHARED_NS = ""
+_NO_OBJECTS = MappingProxyType({})  # a namespace that holds nothing yet (read-only)
 
 
 class Kind:
@@ -105,6 +107,15 @@ class ObjectStore:
             entry = self._spaces[SHARED_NS].get(oid)
         return entry
 
+    def spaces(self, key: StoreKey, ns: str) -> tuple:
+        """``(ns's objects, the shared objects)``, id -> Entry, for the monitor's hot lookups (it reads
+        them, never writes: every change goes through put/claim/remove, under the lock). Read once per
+        command: a namespace dropped meanwhile is a new dict the next time."""
+        if key is not self._key:
+            self._check(key)
+        spaces = self._spaces
+        return spaces.get(ns, _NO_OBJECTS), spaces[SHARED_NS]
+
     def has(self, key: StoreKey, ns: str, oid: int) -> bool:
         """Whether ``oid`` is taken in ``ns`` or among the shared (owner) objects."""
         if key is not self._key:
@@ -117,7 +128,10 @@ class ObjectStore:
             self._check(key)
         with self._lock:
             entry.created_by = entry.created_by or ns
-            self._spaces.setdefault(ns, {})[oid] = entry
+            space = self._spaces.get(ns)
+            if space is None:
+                space = self._spaces[ns] = {}
+            space[oid] = entry
             self.usage[ns] = self.usage.get(ns, 0) + entry.nbytes
             if hand_off:
                 self._hand_offs[oid] = ns

@@ -339,6 +339,23 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
                 raise
         return run
 
+    def _skeleton_runner(self, sender: str) -> tuple | None:
+        """A full-rights session runs its prepared deferred skeleton uses straight from their ids
+        (``handlers.run_use``: the monitor resolves every id), a refusal audited as in :meth:`_batch_runner`."""
+        session = self.current_session()
+        if (session is None or HANDLERS.get(m.CommandMessage) is not _handlers._handle_command
+                or not _full_rights(session)):
+            return None
+        principal, run_use, audit = self.principal(session.id), _handlers.run_use, self._audit_refusal
+
+        def run(skeleton: Any, ids: list, return_ids: list) -> Any:
+            try:
+                return run_use(self, principal, session.id, skeleton, ids, return_ids)
+            except PermissionDeniedError as e:
+                audit(e, "CommandMessage", session.user, session.id)
+                raise
+        return session.skeletons, run
+
     def _session_command(self, session: Session, principal: Principal, *command: Any) -> Any:
         """One command of a full-rights session, as :meth:`_handle` runs a CommandMessage of it."""
         try:
