@@ -134,7 +134,8 @@ def breakdown(records_orch: list[dict], trace_dir: str, windows: list, rounds: i
     def inside(t):
         return any(a <= t <= b for a, b in windows)
 
-    reqs = [r for r in records_orch if r.get("kind") == "req" and inside(r["t_call"]) and "t_wire0" in r]
+    full = ("t_wire0", "t_ser0", "t_ser1", "t_dec0", "t_dec1", "t_done")  # a request read without decoding lacks some
+    reqs = [r for r in records_orch if r.get("kind") == "req" and inside(r["t_call"]) and all(k in r for k in full)]
     rnds = [r for r in records_orch if r.get("kind") == "round" and inside(r["t0"])]
     stages: dict[str, list[float]] = {}
 

@@ -242,9 +242,8 @@ class ModelService:
         if not rids or self._lingers(len(rids), full or len(rids) >= max_batch, linger):
             return 0
         try:
-            self._compute(rids)
-        except _Requeued:  # a request left a party between pending and claim: the rest go again
-            return 0
+            if not self._compute(rids):  # a request left a party between pending and claim: the rest go again
+                return 0
         except (ConnectionLostError, OSError, WorkerUnavailableError) as e:
             self._fail(rids, "a cluster worker became unreachable")
             raise WorkerUnavailableError(f"serving stopped: a cluster worker is unreachable ({e})") from e
@@ -296,7 +295,8 @@ class ModelService:
                 del self._partial[r]
         self.failed_requests += len(bad) + len(big) + len(stale)
 
-    def _compute(self, rids: list[int]) -> None:
+    def _compute(self, rids: list[int]) -> bool:
+        """Computes and answers the batch ``rids``; False when it was put back in the queue instead."""
         from veil.tensors.additive import AdditiveSharingTensor
         from veil.tensors.fixed_precision import FixedPrecisionTensor
         from veil.tensors.pointer import PointerTensor
@@ -317,7 +317,7 @@ class ModelService:
                 if took:
                     protocol.call_all(self.hook.local_worker, took, "requeue", self.name, [[rids]] * len(took),
                                       return_errors=True)
-                raise _Requeued()
+                return False
             raise failed[0]
         shares = {w.id: PointerTensor(w, oid, self.hook.local_worker, torch.Size((sum(got), *self.input_shape[1:])),
                                       torch.int64) for w, oid, got in zip(self.parties, oids, claimed)}
@@ -329,6 +329,7 @@ class ModelService:
             out = self.model(x)
         # one round; each respond also carries that party's last deferred protocol steps
         self._call_all("respond", [[rids, sizes, _ref(out.child.child[w.id])] for w in self.parties])
+        return True
 
     # ------------------------------------------------------------ helpers
 
@@ -364,10 +365,6 @@ class ModelService:
             return
         self._closed = True
         self._call_all("close", [[reason]] * len(self.parties), return_errors=True)
-
-
-class _Requeued(Exception):
-    """A batch whose claim failed at some party was put back in the queue (see ModelService._compute)."""
 
 
 def _ref(ptr: Any) -> Any:
