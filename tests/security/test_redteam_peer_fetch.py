@@ -65,6 +65,22 @@ def _bob_round(hook, cluster, values=GOOD):
     return round_id, ids, msg, x
 
 
+def _honest_round_opens(hook, cluster, values=GOOD) -> None:
+    """bob runs a round whose fetch charlie answers with ``values`` and charlie takes bob's share (x - x = 0):
+    it completes and bob stores what was published, summed (GOOD)."""
+    round_id, ids, msg, _x = _bob_round(hook, cluster, values=values)
+    errors = {}
+    thread = _start(hook, cluster["bob"][1], msg, errors, "bob")
+    as_charlie = _as(hook, cluster["bob"][0], _peer_token("charlie"), "charlie")
+    try:
+        assert all(torch.equal(t, ZEROS) for t in _fetch(hook, as_charlie, round_id))
+    finally:
+        as_charlie.close()
+    thread.join(120)
+    assert not errors, errors
+    _stored(hook, cluster["bob"][1], ids, GOOD[0])
+
+
 def _until(predicate, *threads: threading.Thread) -> None:
     """Waits until ``predicate()`` or every thread ended (events, not a time limit)."""
     import time
@@ -302,17 +318,7 @@ def test_a_party_that_dies_while_answering_a_fetch_ends_the_round_cleanly(hook, 
             _fetch(hook, as_charlie, round_id)
     finally:
         as_charlie.close()
-    round_id, ids, msg, _x = _bob_round(hook, cluster)
-    errors = {}
-    thread = _start(hook, cluster["bob"][1], msg, errors, "bob")
-    as_charlie = _as(hook, cluster["bob"][0], _peer_token("charlie"), "charlie")
-    try:
-        assert all(torch.equal(t, ZEROS) for t in _fetch(hook, as_charlie, round_id))
-    finally:
-        as_charlie.close()
-    thread.join(120)
-    assert not errors, errors
-    _stored(hook, cluster["bob"][1], ids, GOOD[0])
+    _honest_round_opens(hook, cluster)
     _unchanged(cluster, stored)
 
 
@@ -407,15 +413,5 @@ def test_a_hostile_partys_fragmented_answer_of_the_wrong_size_ends_the_round(hoo
     with pytest.raises(VeilError):
         hook.local_worker.send_msg(msg, cluster["bob"][1])
     _nothing_at(hook, cluster["bob"][1], ids)
-    round_id, ids, msg, _x = _bob_round(hook, cluster, values=_Fragments(GOOD))
-    errors = {}
-    thread = _start(hook, cluster["bob"][1], msg, errors, "bob")
-    as_charlie = _as(hook, cluster["bob"][0], _peer_token("charlie"), "charlie")
-    try:
-        assert all(torch.equal(t, ZEROS) for t in _fetch(hook, as_charlie, round_id))
-    finally:
-        as_charlie.close()
-    thread.join(120)
-    assert not errors, errors
-    _stored(hook, cluster["bob"][1], ids, GOOD[0])
+    _honest_round_opens(hook, cluster, values=_Fragments(GOOD))
     _unchanged(cluster, stored)

@@ -288,8 +288,7 @@ class ReferenceMonitor(OpeningRules):
         command). Purposes that neither release values nor audit allowed uses only need the name
         scoping of :meth:`_find`; anything else goes through :meth:`resolve`."""
         quiet = purpose is Purpose.COMPUTE or purpose is Purpose.PROTOCOL_STEP
-        ns, isolated = principal.namespace, principal.isolated
-        space = self._store.spaces(self.__key, ns)[0]
+        space = self._store.spaces(self.__key, principal.namespace)[0]
         out = []
         for v in values:
             tp = type(v)
@@ -297,15 +296,7 @@ class ReferenceMonitor(OpeningRules):
                 oid = v.id
                 entry = found.get(oid)
                 if entry is None:
-                    if quiet:  # _find, its usual case inline (an entry the principal may name; else _find itself)
-                        entry = space.get(oid) if type(oid) is int else None
-                        if entry is None or (isolated and not entry.protected and entry.created_by != ns):
-                            entry = self._find(principal, oid)
-                    else:
-                        entry = self.resolve(principal, oid, purpose)
-                    if entry is None:
-                        raise self._refuse(self.unknown(oid), PURPOSES[purpose].action, principal, [oid])
-                    found[oid] = entry
+                    entry = found[oid] = self._resolve_id(principal, oid, purpose, quiet, space)
                 out.append(entry.obj)
             elif tp is list or tp is tuple or tp is dict:
                 out.append(self.resolve_args(principal, v, purpose, found))
@@ -317,19 +308,27 @@ class ReferenceMonitor(OpeningRules):
         """:meth:`resolve_list` for bare ids in argument order (a skeleton use's objects): each id not in
         ``found`` yet is resolved, with the same scoping, refusal and audit row, into ``found``."""
         quiet = purpose is Purpose.COMPUTE or purpose is Purpose.PROTOCOL_STEP
-        ns, isolated = principal.namespace, principal.isolated
-        space = self._store.spaces(self.__key, ns)[0]
+        space = self._store.spaces(self.__key, principal.namespace)[0]
         for oid in ids:
             if oid not in found:
-                if quiet:  # _find, its usual case inline (an entry the principal may name; else _find itself)
-                    entry = space.get(oid) if type(oid) is int else None
-                    if entry is None or (isolated and not entry.protected and entry.created_by != ns):
-                        entry = self._find(principal, oid)
-                else:
-                    entry = self.resolve(principal, oid, purpose)
-                if entry is None:
-                    raise self._refuse(self.unknown(oid), PURPOSES[purpose].action, principal, [oid])
-                found[oid] = entry
+                found[oid] = self._resolve_id(principal, oid, purpose, quiet, space)
+
+    def _resolve_id(self, principal: Principal, oid: Any, purpose: Purpose, quiet: bool, space: dict) -> Entry:
+        """One id of a command (``space``: the principal's objects, read once per command). Quiet purposes
+        need only the name scoping (:meth:`_nameable`); anything else goes through :meth:`resolve`. An id
+        the principal may not name is refused and audited as unknown."""
+        entry = self._nameable(principal, oid, space) if quiet else self.resolve(principal, oid, purpose)
+        if entry is None:
+            raise self._refuse(self.unknown(oid), PURPOSES[purpose].action, principal, [oid])
+        return entry
+
+    def _nameable(self, principal: Principal, oid: Any, space: dict) -> Entry | None:
+        """:meth:`_find` with its usual case read straight from ``space``: an entry of the principal's it
+        may name; anything else (shared objects, an isolated principal's hand-off claims) through _find."""
+        entry = space.get(oid) if type(oid) is int else None
+        if entry is None or (principal.isolated and not entry.protected and entry.created_by != principal.namespace):
+            entry = self._find(principal, oid)
+        return entry
 
     def hides(self, principal: Principal, entry: Entry) -> bool:
         """Whether ``entry``'s value is secret from ``principal``: dealt material, or a value revealable
@@ -473,10 +472,7 @@ class ReferenceMonitor(OpeningRules):
 
     def discard(self, principal: Principal, oid: Any) -> bool:
         """Deletes a client object of the principal; owner data and unknown ids are left alone."""
-        ns = principal.namespace  # _find, its usual case inline (an entry the principal may name; else _find)
-        entry = self._store.spaces(self.__key, ns)[0].get(oid) if type(oid) is int else None
-        if entry is None or (principal.isolated and not entry.protected and entry.created_by != ns):
-            entry = self._find(principal, oid)
+        entry = self._nameable(principal, oid, self._store.spaces(self.__key, principal.namespace)[0])
         if entry is None or entry.protected:
             return False
         return self._store.remove(self.__key, principal.namespace, oid) is not None
