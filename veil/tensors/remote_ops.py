@@ -165,14 +165,7 @@ _OPS_BY_FUNC = ALLOWLIST._by_func  # by_func's table, read inline on every op (b
 
 
 def handle(func: Any, args: tuple, kwargs: dict) -> Any:
-    local = LOCAL_HANDLERS.get(func)
-    if local is not None:
-        return local(func, args, kwargs)
-    try:
-        op = _OPS_BY_FUNC.get(func)
-    except TypeError:  # unhashable callables are reachable by name only
-        op = None
-    return call(op if op is not None else ALLOWLIST.by_func(func), args, kwargs)
+    return _torch_function(PointerTensor, func, (), args, kwargs)
 
 
 def _torch_function(cls: type, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -439,14 +432,15 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
         (key is not None and _may_pipeline(owner, location, tensors))
         # SMPC dispatch (``deferring``): share-local ops ride on the parties' next requests
         or (_DEFERRING.on and owner.hook.local_worker is owner))
+    # a skeleton use (ids only, no op name or refs) where the destination keeps a table (network workers)
+    skeletal = location._skeletons is not None and payload == 0 and key is not None and key[0] is _FLAT
     if op.shapes == NO_RESULT:
         if name == "Tensor.backward":
             owner._grad_leaves[location.id] = (owner.grad_epoch(location), _backward_leaves(args, kwargs))
         if pipelined:
-            if not (location._skeletons is not None and payload == 0 and key is not None and key[0] is _FLAT
-                    and owner.defer_skeleton(location, _no_result_signature(name, grad, key),
-                                             [t.__dict__["id_at_location"] for t in tensors], [],
-                                             lambda: _definition(name, args, tensors, wire_kwargs, grad))):
+            if not (skeletal and owner.defer_skeleton(location, _no_result_signature(name, grad, key),
+                                                      _ids_of(tensors), [],
+                                                      lambda: _definition(name, args, tensors, wire_kwargs, grad))):
                 owner.defer(location, [name, _args_to_wire(args), wire_kwargs, [], grad], payload)
         else:
             owner.send_msg(CommandMessage(name, _args_to_wire(args), wire_kwargs, [], grad), location)
@@ -466,13 +460,10 @@ def call(op: Op, args: tuple, kwargs: dict, location: Any = None) -> Any:
     else:
         return_ids, made = _results(template, tensors, location, owner, grad)
     if pipelined:
-        # a skeleton use where the destination keeps a table (network workers): ids only, no op name or refs
-        if not (location._skeletons is not None and payload == 0 and key is not None and key[0] is _FLAT
-                and owner.defer_skeleton(location, template, _ids_of(tensors), return_ids,
-                                         lambda: _definition(name, args, tensors, wire_kwargs, grad))):
+        if not (skeletal and owner.defer_skeleton(location, template, _ids_of(tensors), return_ids,
+                                                  lambda: _definition(name, args, tensors, wire_kwargs, grad))):
             owner.defer(location, [name, _args_to_wire(args), wire_kwargs, return_ids, grad], payload)
-    elif not (location._skeletons is not None and payload == 0 and key is not None and key[0] is _FLAT
-              and owner.hook._local_worker is owner  # (hook.local_worker, without its property call)
+    elif not (skeletal and owner.hook._local_worker is owner  # (hook.local_worker, without its property call)
               and owner.send_skeleton(location, template, _ids_of(tensors), return_ids,
                                       lambda: _definition(name, args, tensors, wire_kwargs, grad))):
         owner.send_msg(CommandMessage(name, _args_to_wire(args), wire_kwargs, return_ids, grad), location)
