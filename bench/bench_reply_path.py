@@ -22,7 +22,7 @@ from websockets.frames import Frame, Opcode
 
 from veil.messaging import messages as m
 from veil.messaging.serde import deserialize, serialize
-from veil.workers.websocket_server import REPLY_FRAGMENT, _fragments, _part_fragments
+from veil.workers.reply_frames import REPLY_FRAGMENT, _fragments, _part_fragments
 
 
 def _frames(fragments) -> int:

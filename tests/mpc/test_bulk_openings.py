@@ -16,7 +16,8 @@ import veil as sy
 from veil.messaging import messages as m
 from veil.messaging.serde import FrameParts, deserialize, serialize
 from veil.mpc.party import open_parties
-from veil.workers.websocket_server import REPLY_FRAGMENT, WebsocketServerWorker, _part_fragments
+from veil.workers.reply_frames import REPLY_FRAGMENT, _part_fragments
+from veil.workers.websocket_server import WebsocketServerWorker
 
 
 class PartsWorker(sy.VirtualWorker):

@@ -1,4 +1,4 @@
-"""The server's large replies: frames written as header + the payload's memory (websocket_server._send_fragmented).
+"""The server's large replies: frames written as header + the payload's memory (reply_frames._send_fragmented).
 
 The frames are parsed back with websockets' own frame parser: one fragmented binary message (RFC 6455
 5.4) whose data is exactly the reply, what ``ws.send(iterable)`` would have sent.
@@ -15,7 +15,7 @@ from websockets.streams import StreamReader
 
 from veil.messaging import messages as m
 from veil.messaging.serde import FrameParts, deserialize, serialize
-from veil.workers.websocket_server import REPLY_FRAGMENT, _fragments, _part_fragments, _send_fragmented
+from veil.workers.reply_frames import REPLY_FRAGMENT, _fragments, _part_fragments, _send_fragmented
 
 
 class _Transport:

@@ -54,6 +54,7 @@ from veil.workers import skeletons as _skeletons
 from veil.workers.websocket_auth import (RefusalLog, Session, TokenTable, authenticate, check_request,
                                          run_session_end_handlers, tokens_from_headers)
 from veil.workers.websocket_client import MAX_SIZE_HEADER
+from veil.workers.reply_frames import REPLY_FRAGMENT, _fragments, _part_fragments, _send_fragmented
 from veil.workers.inline_lane import InlineLane, _full_rights
 
 if TYPE_CHECKING:
@@ -71,11 +72,6 @@ DEFAULT_MAX_COMMAND_SECONDS = 600.0
 OPEN_TIMEOUT = 10.0
 #: GIL switch interval while serving (seconds; Python's default is 0.005)
 SWITCH_INTERVAL = 0.0005
-
-#: replies larger than this go out as a fragmented message of chunks this size (websockets' public
-#: ``send(iterable)``): one frame of 100 MB costs three fresh 100 MB copies (Frame.serialize, its
-#: BytesIO, the transport's buffer), chunks are copied while cache-hot and sent under flow control
-REPLY_FRAGMENT = 1 << 20
 
 #: requests that move data out of the worker -> audit action name
 OUTBOUND: dict[type, str] = {m.GetObjectsMessage: "get", m.MoveMessage: "move", m.RemoteGetMessage: "remote_get"}
@@ -101,72 +97,6 @@ async def _receive(ws: ServerConnection) -> Any:
     if frame is None:
         return first
     return memoryview(frame)[pad:] if pad else frame
-
-
-def _fragments(data: bytes) -> Any:
-    view = memoryview(data)
-    return (view[at: at + REPLY_FRAGMENT] for at in range(0, len(view), REPLY_FRAGMENT))
-
-
-def _part_fragments(parts: FrameParts) -> Any:
-    """A reply left in parts (header, then each tensor's memory), as fragments of at most
-    REPLY_FRAGMENT: the tensor bytes go from their memory to the frames, with no joined copy."""
-    for part in parts:
-        view = memoryview(part).cast("B")
-        for at in range(0, view.nbytes, REPLY_FRAGMENT):
-            yield view[at: at + REPLY_FRAGMENT]
-
-
-def _frame_head(opcode: int, fin: bool, n: int) -> bytes:
-    """An unmasked frame header (RFC 6455 5.2): what websockets' Frame.serialize writes before the data."""
-    b0 = (0x80 if fin else 0) | opcode
-    if n < 126:
-        return bytes((b0, n))
-    if n < 1 << 16:
-        return bytes((b0, 126)) + n.to_bytes(2, "big")
-    return bytes((b0, 127)) + n.to_bytes(8, "big")
-
-
-def _write_frame(transport: Any, opcode: int, fin: bool, data: Any) -> None:
-    head = _frame_head(opcode, fin, len(data))
-    if len(data) <= 4096:  # (a short frame, e.g. a reply's message header: one write, one segment)
-        transport.write(head + bytes(data))
-    else:
-        transport.write(head)
-        transport.write(data)
-
-
-async def _send_fragmented(ws: ServerConnection, fragments: Any) -> None:
-    """A large reply as one fragmented binary message (RFC 6455 5.4), what ``ws.send(fragments)`` sends,
-    with each frame handed to the transport as its header and then its payload's memory: websockets makes
-    each fragment a Frame whose ``serialize`` copies it into a fresh buffer first (~5% of a party's CPU
-    under peer fetches). Frames still go out under the library's send context (its flow control, its
-    close handling, pings and pongs between frames) and, with TLS, through the same transport. While the
-    reply is being written the transport's low-water mark is 0: the next frame is written when the
-    previous one left the transport's buffer, so it goes to the socket at once instead of being copied
-    into that buffer behind the last few KiB."""
-    if ws.protocol.extensions:  # (never: served without compression) frames the library would transform
-        await ws.send(fragments)
-        return
-    transport = ws.transport
-    while ws.send_in_progress is not None:  # (as the library: one fragmented message at a time)
-        await asyncio.shield(ws.send_in_progress)
-    ws.send_in_progress = ws.loop.create_future()
-    transport.set_write_buffer_limits(ws.write_limit_high, 0)
-    try:
-        opcode, pending = 0x02, None
-        for piece in fragments:
-            if pending is not None:
-                async with ws.send_context():  # raises ConnectionClosed once the connection is closing
-                    _write_frame(transport, opcode, False, pending)
-                opcode = 0x00
-            pending = piece
-        async with ws.send_context():
-            _write_frame(transport, opcode, True, pending if pending is not None else b"")
-    finally:
-        transport.set_write_buffer_limits(ws.write_limit_high, ws.write_limit_low)
-        ws.send_in_progress.set_result(None)
-        ws.send_in_progress = None
 
 
 def _ids_of(msg: Any) -> list:

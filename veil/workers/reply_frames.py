@@ -1,0 +1,83 @@
+"""A large reply's frames: one fragmented binary message (RFC 6455 5.4) of at most ``REPLY_FRAGMENT`` per
+frame, each frame written as its header and then the payload's own memory (the server's bulk replies:
+``.get()``, peer fetches)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection
+
+from veil.messaging.serde import FrameParts
+
+#: replies larger than this go out as a fragmented message of chunks this size (:func:`_send_fragmented`):
+#: one frame of 100 MB would cost fresh 100 MB copies (websockets' Frame.serialize, the transport's
+#: buffer); chunks go out from the reply's memory, under the library's flow control
+REPLY_FRAGMENT = 1 << 20
+
+
+def _fragments(data: bytes) -> Any:
+    view = memoryview(data)
+    return (view[at: at + REPLY_FRAGMENT] for at in range(0, len(view), REPLY_FRAGMENT))
+
+
+def _part_fragments(parts: FrameParts) -> Any:
+    """A reply left in parts (header, then each tensor's memory), as fragments of at most
+    REPLY_FRAGMENT: the tensor bytes go from their memory to the frames, with no joined copy."""
+    for part in parts:
+        view = memoryview(part).cast("B")
+        for at in range(0, view.nbytes, REPLY_FRAGMENT):
+            yield view[at: at + REPLY_FRAGMENT]
+
+
+def _frame_head(opcode: int, fin: bool, n: int) -> bytes:
+    """An unmasked frame header (RFC 6455 5.2): what websockets' Frame.serialize writes before the data."""
+    b0 = (0x80 if fin else 0) | opcode
+    if n < 126:
+        return bytes((b0, n))
+    if n < 1 << 16:
+        return bytes((b0, 126)) + n.to_bytes(2, "big")
+    return bytes((b0, 127)) + n.to_bytes(8, "big")
+
+
+def _write_frame(transport: Any, opcode: int, fin: bool, data: Any) -> None:
+    head = _frame_head(opcode, fin, len(data))
+    if len(data) <= 4096:  # (a short frame, e.g. a reply's message header: one write, one segment)
+        transport.write(head + bytes(data))
+    else:
+        transport.write(head)
+        transport.write(data)
+
+
+async def _send_fragmented(ws: ServerConnection, fragments: Any) -> None:
+    """A large reply as one fragmented binary message (RFC 6455 5.4), what ``ws.send(fragments)`` sends,
+    with each frame handed to the transport as its header and then its payload's memory: websockets makes
+    each fragment a Frame whose ``serialize`` copies it into a fresh buffer first (~5% of a party's CPU
+    under peer fetches). Frames still go out under the library's send context (its flow control, its
+    close handling, pings and pongs between frames) and, with TLS, through the same transport. While the
+    reply is being written the transport's low-water mark is 0: the next frame is written when the
+    previous one left the transport's buffer, so it goes to the socket at once instead of being copied
+    into that buffer behind the last few KiB."""
+    if ws.protocol.extensions:  # (never: served without compression) frames the library would transform
+        await ws.send(fragments)
+        return
+    transport = ws.transport
+    while ws.send_in_progress is not None:  # (as the library: one fragmented message at a time)
+        await asyncio.shield(ws.send_in_progress)
+    ws.send_in_progress = ws.loop.create_future()
+    transport.set_write_buffer_limits(ws.write_limit_high, 0)
+    try:
+        opcode, pending = 0x02, None
+        for piece in fragments:
+            if pending is not None:
+                async with ws.send_context():  # raises ConnectionClosed once the connection is closing
+                    _write_frame(transport, opcode, False, pending)
+                opcode = 0x00
+            pending = piece
+        async with ws.send_context():
+            _write_frame(transport, opcode, True, pending if pending is not None else b"")
+    finally:
+        transport.set_write_buffer_limits(ws.write_limit_high, ws.write_limit_low)
+        ws.send_in_progress.set_result(None)
+        ws.send_in_progress = None
