@@ -92,6 +92,63 @@ class Outbox:
                     raise
             return self._exchange(msg, location, prelude)
 
+    def send_round(self, requests: list) -> tuple[list, list]:
+        """Sends every ``(msg, location)`` request before reading any reply, all from this thread, and
+        returns ``(replies, errors)``: the decoded replies in order (None where one failed) and
+        ``(position, exception)`` for each failure. For destinations that take a request without
+        waiting (``post``/``collect``: network workers), each at most once: a round to several parties
+        costs one serialization and one socket write after another and then the reads, instead of
+        a thread per further party and its hand-offs. Each request is what :meth:`send_msg` sends
+        (its destination's queued prelude in front); the destinations' send locks are held for the
+        whole round, taken in one order (two rounds from two threads never wait on each other)."""
+        locks = [self._send_lock(loc) for loc in sorted((loc for _, loc in requests), key=id)]
+        replies: list = [None] * len(requests)
+        errors: list = []
+        posted = []
+        held = []
+        try:
+            for lock in locks:
+                lock.acquire()
+                held.append(lock)
+            for k, (msg, location) in enumerate(requests):
+                prelude = None
+                try:
+                    if self._in_flight:
+                        self._collect(location)  # a posted batch's error comes first (the queue stays queued)
+                    with self._queue_lock:
+                        pending = self._pending_deletes.pop(id(location), None)
+                    prelude = pending[1] if pending else None
+                    if prelude and len(prelude) > MAX_PRELUDE_ITEMS:  # (rare) send_msg's split path
+                        with self._queue_lock:
+                            self._requeue(location, pending)
+                        prelude = None
+                        replies[k] = self.send_msg(msg, location)
+                        continue
+                    data = serialize(msg, sender=self.id, prelude=prelude, parts_over=location.frame_parts_over)
+                    location.post(data)
+                except BaseException as e:  # noqa: BLE001  (the requests already posted are read first)
+                    if prelude:
+                        self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
+                    errors.append((k, e))
+                    continue
+                posted.append((k, location, prelude, data.nbytes if type(data) is FrameParts else len(data)))
+            for k, location, prelude, sent in posted:
+                try:
+                    try:
+                        reply_bytes = location.collect()
+                    except Exception as e:
+                        if prelude:
+                            self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
+                        raise
+                    self.stats.record(sent, len(reply_bytes))
+                    replies[k] = self._read_reply(reply_bytes, location, prelude)
+                except BaseException as e:  # noqa: BLE001
+                    errors.append((k, e))
+        finally:
+            for lock in reversed(held):
+                lock.release()
+        return replies, errors
+
     def send_skeleton(self, location: "BaseWorker", signature: Any, ids: list, return_ids: list,
                       define: Any) -> bool:
         """Sends a synchronous command as a skeleton command (``veil/workers/skeletons.py``) and reads its
