@@ -12,10 +12,12 @@ which a loaded machine inflates far less than wall time.
 
 ``--breakdown``: the workers and this process record timestamps of every stage of every
 request (``round_trace.py``; one monotonic clock for all processes), and the script prints
-where an average network round's time goes: orchestrator serialize, hand-off to the pool
-thread, client send + server receive, worker hop to its handler, decode, prelude (the
-deferred steps), handle (monitor + execute), encode, hop back, reply send, client read,
-orchestrator decode, and the orchestrator's own work between rounds.
+where an average network round's time goes: orchestrator serialize, client send + server
+receive, worker hop to its handler, decode, prelude (the deferred steps), handle (monitor +
+execute), encode, hop back, reply send, client read, orchestrator decode, and the
+orchestrator's own work between rounds. For peer openings it prints each step's timeline per
+party: handler start, prelude, step, publish, fetch sent and answered (and the publishing
+peer's take and reply frames), sum, readers done, reply to the orchestrator.
 """
 
 from __future__ import annotations
@@ -130,7 +132,8 @@ def breakdown(records_orch: list[dict], trace_dir: str, windows: list, rounds: i
 
     worker = []
     for f in Path(trace_dir).glob("worker-*.json"):
-        worker += [dict(r, pid=f.name) for r in json.loads(f.read_text())]
+        worker += [dict(r, pid=f.name) for r in json.loads(f.read_text()) if "t_recv" in r]
+
     def inside(t):
         return any(a <= t <= b for a, b in windows)
 
@@ -153,8 +156,9 @@ def breakdown(records_orch: list[dict], trace_dir: str, windows: list, rounds: i
         add("orch: transport total (send, wait, read)", r["t_wire1"] - r["t_wire0"])
         add("orch: decode reply", r["t_dec1"] - r["t_dec0"])
         add("orch: after decode -> send_msg returns", r["t_done"] - r["t_dec1"])
-        if len(w) != 1:
-            continue
+        if len(w) != 1 or not all(k in w[0] for k in ("t_send0", "t_send1")) \
+                or ("t_thread_done" if "t_thread" in w[0] else "t_inline_done") not in w[0]:
+            continue  # (records of requests served while a peer fetch was served are incomplete)
         x = w[0]
         matched += 1
         start = x.get("t_thread", x.get("t_inline_try"))
@@ -191,6 +195,78 @@ def breakdown(records_orch: list[dict], trace_dir: str, windows: list, rounds: i
         if hand:
             print(f"| pool hand-off: first request -> last request of a round starts | {statistics.mean(hand):8.1f} "
                   f"| {statistics.median(hand):8.1f} |")
+
+
+#: a party's marks in a peer round (round_trace's peer path), in the order they happen
+PEER_MARKS = ("t_thread", "t_prelude0", "t_prelude1", "t_start", "t_step0", "t_step1", "t_published", "t_fetch0",
+              "t_combined", "t_taken", "t_end", "t_done")
+
+
+def _first_after(records: list, kind: str, pid: str, t: float, until: float = float("inf")) -> dict | None:
+    later = [r for r in records if r["kind"] == kind and r["pid"] == pid and t <= r["t0"] <= until]
+    return min(later, key=lambda r: r["t0"]) if later else None
+
+
+def _party_marks(w: dict, worker: list) -> dict:
+    """One party's times in one peer round: its own marks, its fetch's reply, its reply to the
+    orchestrator (loop resumed, small send), and the publishing peer's side of its fetch (take
+    returned, large reply frames written: ``_send_fragmented`` only, not replies of one frame)."""
+    out = {k: w[k] for k in PEER_MARKS if k in w}
+    if w["fetches"]:
+        out["fetch reply"] = w["fetches"][-1][1]
+    if "t_done" in w:
+        back = [t["t1"] for t in worker if t["kind"] == "peer_loop" and t["pid"] == w["pid"]
+                and t["t0"] <= w["t_thread"] and t["t1"] >= w["t_done"]]
+        if back:
+            out["loop has the reply"] = min(back)
+            send = _first_after(worker, "peer_small_send", w["pid"], min(back))
+            if send:
+                out["reply send"], out["reply sent"] = send["t0"], send["t1"]
+    served = [t for t in worker if t["kind"] == "peer_take" and t["round"] == w["round"] and t["got"]
+              and t["pid"] != w["pid"]]
+    if served:
+        out["peer's take returned"] = served[-1]["t1"]
+        send = _first_after(worker, "peer_send", served[-1]["pid"], served[-1]["t1"], out.get("fetch reply", 0))
+        if send:
+            out["peer's reply send"], out["peer's reply sent"] = send["t0"], send["t1"]
+    return out
+
+
+def peer_breakdown(records_orch: list[dict], trace_dir: str, windows: list) -> None:
+    """Prints the average peer round's timeline per step and party (ms after the orchestrator's round began)."""
+    import json
+
+    worker = []
+    for f in Path(trace_dir).glob("worker-*.json"):
+        worker += [dict(r, pid=f.name) for r in json.loads(f.read_text()) if r.get("kind", "").startswith("peer")]
+    rnds = [r for r in records_orch if r.get("kind") == "round" and r["what"].startswith("peer opening")
+            and any(a <= r["t0"] <= b for a, b in windows)]
+    if not rnds:
+        return
+    rows: dict[str, dict[str, list[float]]] = {}
+
+    def add(row: str, marks: dict, t0: float) -> None:
+        for key, t in marks.items():
+            rows.setdefault(row, {}).setdefault(key.removeprefix("t_"), []).append((t - t0) * 1e3)
+
+    attempts = []
+    for rd in rnds:
+        sent = sorted((r for r in records_orch if r.get("kind") == "req" and rd["t0"] <= r["t_call"] <= rd["t1"]),
+                      key=lambda r: r["t_call"])
+        for k, r in enumerate(sent):
+            add(f"{rd['what']}: orchestrator request {k + 1}",
+                {key: r[key] for key in ("t_call", "t_ser1", "t_wire0", "t_wire1", "t_done") if key in r}, rd["t0"])
+        recs = sorted((w for w in worker if w["kind"] == "peer" and rd["t0"] <= w["t_start"] <= rd["t1"]),
+                      key=lambda w: w["t_start"])
+        for k, w in enumerate(recs):
+            add(f"{w['name']}: party started {('first', 'second')[k] if k < 2 else k + 1}", _party_marks(w, worker),
+                rd["t0"])
+            attempts.append(len(w["fetches"]))
+        add(f"{rd['what']}: orchestrator", {"round ends": rd["t1"]}, rd["t0"])
+    print(f"\npeer rounds: {len(rnds)}; ms after the orchestrator's round began (mean):")
+    for who, row in rows.items():
+        print(f"| {who} | " + ", ".join(f"{k} {statistics.mean(v):.2f}" for k, v in row.items()) + " |")
+    print(f"| fetch requests per party and round (mean) | {statistics.mean(attempts):.2f} |")
 
 
 def main() -> None:
@@ -240,6 +316,7 @@ def main() -> None:
             print(f"\n### {name}")
             # rounds of the network calls only (virtual calls make no network requests)
             breakdown(records, trace_dir, windows[name], 1)
+            peer_breakdown(records, trace_dir, windows[name])
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ line up. Workers load this module through a ``sitecustomize`` on their ``PYTHONP
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import threading
@@ -122,6 +123,8 @@ def install_worker(out_dir: str) -> None:
 
     ServerConnection.send = send
 
+    _install_peer_path()
+
     profiles = []
     if os.environ.get("VEIL_ROUND_PROFILE"):  # cProfile: one profiler for the loop thread, one for handler threads
         import cProfile
@@ -156,6 +159,160 @@ def install_worker(out_dir: str) -> None:
             prof.dump_stats(os.path.join(out_dir, f"prof-{tag}-{os.getpid()}.pstats"))
 
     atexit.register(dump)
+
+
+def _install_peer_path() -> None:
+    """Peer openings (``veil.workers.peer_openings``): one record per round and party with the times its
+    handler started, its step ran, it published, each fetch request left and came back, it summed, its
+    readers took its outputs and it ended; and one per served fetch (the publishing side's take)."""
+    from veil.workers import peer_openings as po
+
+    rounds: dict[str, dict] = {}
+    local = threading.local()
+
+    def timed(name, before, after=None):
+        orig = getattr(po, name)
+
+        def wrapper(*a, **kw):
+            before(a)
+            try:
+                return orig(*a, **kw)
+            finally:
+                if after:
+                    after(a)
+
+        setattr(po, name, wrapper)
+
+    from veil.workers import websocket_server as ws_mod
+
+    orig_serve = ws_mod.WebsocketServerWorker.serve_bytes
+
+    def serve_bytes(*a, **kw):
+        local.t_thread = now()
+        try:
+            return orig_serve(*a, **kw)
+        finally:
+            rec = getattr(local, "rec", None)
+            if rec is not None:
+                rec["t_done"] = now()
+                local.rec = None
+
+    ws_mod.WebsocketServerWorker.serve_bytes = serve_bytes
+    orig_run_request = ws_mod.WebsocketServerWorker._run_request
+
+    async def _run_request(*a, **kw):
+        t0 = now()
+        out = await orig_run_request(*a, **kw)
+        RECORDS.append({"kind": "peer_loop", "t0": t0, "t1": now()})
+        return out
+
+    ws_mod.WebsocketServerWorker._run_request = _run_request
+    from websockets.asyncio.server import ServerConnection
+
+    orig_ws_send = ServerConnection.send
+
+    async def ws_send(self, message, *a, **kw):
+        t0 = now()
+        try:
+            return await orig_ws_send(self, message, *a, **kw)
+        finally:
+            RECORDS.append({"kind": "peer_small_send", "t0": t0, "t1": now()})
+
+    ServerConnection.send = ws_send
+
+    from veil.workers import base
+
+    orig_prelude = base.BaseWorker._run_prelude
+
+    def _run_prelude(self, prelude, sender):
+        local.t_prelude0 = now()
+        try:
+            return orig_prelude(self, prelude, sender)
+        finally:
+            local.t_prelude1 = now()
+
+    base.BaseWorker._run_prelude = _run_prelude
+
+    def start(a):
+        msg = a[1]
+        rec = rounds[msg.round] = {"kind": "peer", "round": msg.round, "name": msg.name, "t_start": now(),
+                                   "t_thread": getattr(local, "t_thread", 0), "fetches": []}
+        if getattr(local, "t_prelude0", 0) >= rec["t_thread"]:
+            rec["t_prelude0"], rec["t_prelude1"] = local.t_prelude0, local.t_prelude1
+        local.rec = rec
+        RECORDS.append(rec)
+
+    timed("_check_message", start)
+    orig_run = po.run_openable
+
+    def run_openable(*a, **kw):
+        rec = getattr(local, "rec", None)
+        if rec is not None:
+            rec["t_step0"] = now()
+        try:
+            return orig_run(*a, **kw)
+        finally:
+            if rec is not None:
+                rec["t_step1"] = now()
+
+    po.run_openable = run_openable
+    timed("_fetch_all", lambda a: rounds[a[1].round].__setitem__("t_fetch0", now()),
+          lambda a: rounds[a[1].round].__setitem__("t_fetch1", now()))
+    timed("_combine", lambda a: None, lambda a: local.rec.__setitem__("t_combined", now()))
+    orig_expect = po.expect_reply
+
+    @contextlib.contextmanager
+    def expect_reply(n):
+        t0 = now()
+        with orig_expect(n):
+            yield
+        rec = getattr(local, "rec", None)
+        if rec is not None:  # the pool thread's fetches of a third party are not recorded
+            rec["fetches"].append((t0, now()))
+
+    po.expect_reply = expect_reply
+    cls = po.PeerRounds
+    for meth, key in (("publish", "t_published"), ("wait_taken", "t_taken")):
+        orig_m = getattr(cls, meth)
+
+        def wrapped(self, *a, _orig=orig_m, _key=key, **kw):
+            out = _orig(self, *a, **kw)
+            rec = getattr(local, "rec", None)
+            if rec is not None:
+                rec[_key] = now()
+            return out
+
+        setattr(cls, meth, wrapped)
+    orig_close = cls.close
+
+    def close(self, round_id, rnd=None):
+        out = orig_close(self, round_id, rnd)
+        rec = rounds.pop(round_id, None)
+        if rec is not None and getattr(local, "rec", None) is rec:
+            rec["t_end"] = now()
+        return out
+
+    cls.close = close
+    orig_take = cls.take
+
+    def take(self, round_id, reader, name, wait=60.0):
+        t0 = now()
+        out = orig_take(self, round_id, reader, name, wait)
+        RECORDS.append({"kind": "peer_take", "round": round_id, "t0": t0, "t1": now(), "got": out is not None})
+        return out
+
+    cls.take = take
+
+    orig_frag = ws_mod._send_fragmented
+
+    async def _send_fragmented(ws, fragments):
+        t0 = now()
+        try:
+            return await orig_frag(ws, fragments)
+        finally:
+            RECORDS.append({"kind": "peer_send", "t0": t0, "t1": now()})
+
+    ws_mod._send_fragmented = _send_fragmented
 
 
 def install_orchestrator() -> list[dict]:
@@ -217,46 +374,61 @@ def install_orchestrator() -> list[dict]:
         return out
 
     websocket_client.WebsocketClientWorker._recv_msg = _recv_msg
-    if hasattr(outbox.Outbox, "send_request"):  # rounds sent and read from one thread (split requests)
-        split: dict[int, dict] = {}
-        orig_sr, orig_rr = outbox.Outbox.send_request, outbox.Outbox.receive_reply
+    # rounds sent from one thread (Outbox.send_round): every request posted, then every reply collected
+    orig_round_send = outbox.Outbox.send_round
+    posted: dict[int, dict] = {}
 
-        def send_request(self, msg, location):
-            rec = _local.rec = {"kind": "req", "to": getattr(location, "id", "?"), "type": type(msg).__name__,
-                                "thread": threading.current_thread().name, "t_call": now(), "split": True}
-            try:
-                out = orig_sr(self, msg, location)
-            finally:
-                _local.rec = None
-            split[id(location)] = rec
-            return out
+    def send_round(self, requests):
+        _local.in_round = True
+        try:
+            return orig_round_send(self, requests)
+        finally:
+            _local.in_round = False
 
-        def receive_reply(self, pending):
-            rec = _local.rec = split.pop(id(pending[0]))
-            try:
-                return orig_rr(self, pending)
-            finally:
+    outbox.Outbox.send_round = send_round
+
+    def serialize_in_round(*a, **kw):
+        if getattr(_local, "in_round", False):
+            _local.rec = {"kind": "req", "type": type(a[0]).__name__, "thread": threading.current_thread().name,
+                          "t_call": now()}
+        return serialize(*a, **kw)
+
+    outbox.serialize = serialize_in_round
+    client = websocket_client.WebsocketClientWorker
+    orig_post, orig_collect = client.post, client.collect
+
+    def post(self, data):
+        rec = _local.rec
+        if rec is not None and getattr(_local, "in_round", False):
+            rec.update(to=self.id, t_wire0=now(), n_out=data.nbytes if hasattr(data, "nbytes") else len(data))
+            posted[id(self)] = rec
+            _local.rec = None
+        return orig_post(self, data)
+
+    def collect(self):
+        out = orig_collect(self)
+        rec = posted.pop(id(self), None)
+        if rec is not None:
+            rec["t_wire1"], rec["n_in"] = now(), len(out)
+            _local.rec = rec
+        return out
+
+    client.post, client.collect = post, collect
+    orig_read = outbox.Outbox._read_reply
+
+    def _read_reply(self, *a, **kw):
+        try:
+            return orig_read(self, *a, **kw)
+        finally:
+            rec = _local.rec
+            if rec is not None and "t_wire1" in rec:
+                rec.setdefault("t_dec0", rec["t_wire1"])
+                rec.setdefault("t_dec1", rec["t_dec0"])
                 rec["t_done"] = now()
                 RECORDS.append(rec)
                 _local.rec = None
 
-        outbox.Outbox.send_request, outbox.Outbox.receive_reply = send_request, receive_reply
-        client = websocket_client.WebsocketClientWorker
-        orig_send, orig_recv2 = client._send_request, client._receive_reply
-
-        def _send_request(self, data):
-            rec = _cur()
-            rec["t_wire0"] = now()
-            rec["n_out"] = data.nbytes if hasattr(data, "nbytes") else len(data)
-            return orig_send(self, data)
-
-        def _receive_reply(self):
-            rec = _cur()
-            out = orig_recv2(self)
-            rec["t_wire1"], rec["n_in"] = now(), len(out)
-            return out
-
-        client._send_request, client._receive_reply = _send_request, _receive_reply
+    outbox.Outbox._read_reply = _read_reply
     return RECORDS
 
 
