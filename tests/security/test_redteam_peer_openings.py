@@ -183,14 +183,19 @@ def _rounds_seen(monkeypatch):
     seen = []
     from veil.workers import outbox
 
-    exchange = outbox.Outbox._exchange
+    exchange, send_round = outbox.Outbox._exchange, outbox.Outbox.send_round
 
     def spy(self, msg, location, prelude):
         if type(msg) is PeerOpenMessage:
             seen.append((location.id, msg))
         return exchange(self, msg, location, prelude)
 
+    def spy_round(self, requests):  # (a round to network parties: every request from one thread)
+        seen.extend((location.id, msg) for msg, location in requests if type(msg) is PeerOpenMessage)
+        return send_round(self, requests)
+
     monkeypatch.setattr(outbox.Outbox, "_exchange", spy)
+    monkeypatch.setattr(outbox.Outbox, "send_round", spy_round)
     return seen
 
 
