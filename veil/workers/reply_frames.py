@@ -1,6 +1,6 @@
-"""A large reply's frames: one fragmented binary message (RFC 6455 5.4) of at most ``REPLY_FRAGMENT`` per
-frame, each frame written as its header and then the payload's own memory (the server's bulk replies:
-``.get()``, peer fetches)."""
+"""A reply's frames, written to the transport as header and payload under the library's send context: a
+large reply as one fragmented binary message (RFC 6455 5.4) of at most ``REPLY_FRAGMENT`` per frame
+(the server's bulk replies: ``.get()``, peer fetches), any other as one frame (:func:`_send_one`)."""
 
 from __future__ import annotations
 
@@ -81,3 +81,16 @@ async def _send_fragmented(ws: ServerConnection, fragments: Any) -> None:
         transport.set_write_buffer_limits(ws.write_limit_high, ws.write_limit_low)
         ws.send_in_progress.set_result(None)
         ws.send_in_progress = None
+
+
+async def _send_one(ws: ServerConnection, data: Any) -> None:
+    """A reply of one frame, what ``ws.send(data)`` sends, written as :func:`_send_fragmented` writes each
+    frame: the library's path builds a Frame, serializes it into its list of pending writes and flushes
+    that list on leaving its send context (~7 K instructions, ~8% of the server's work per small round
+    trip). Under the same send context (its state check, flow control), so pings and closes still go
+    between whole frames."""
+    if ws.protocol.extensions or ws.send_in_progress is not None:  # (a fragmented reply is still going out)
+        await ws.send(data)
+        return
+    async with ws.send_context():
+        _write_frame(ws.transport, 0x02, True, data)

@@ -54,7 +54,7 @@ from veil.workers import skeletons as _skeletons
 from veil.workers.websocket_auth import (RefusalLog, Session, TokenTable, authenticate, check_request,
                                          run_session_end_handlers, tokens_from_headers)
 from veil.workers.websocket_client import MAX_SIZE_HEADER
-from veil.workers.reply_frames import REPLY_FRAGMENT, _fragments, _part_fragments, _send_fragmented
+from veil.workers.reply_frames import REPLY_FRAGMENT, _fragments, _part_fragments, _send_fragmented, _send_one
 from veil.workers.inline_lane import InlineLane, _full_rights
 
 if TYPE_CHECKING:
@@ -429,7 +429,7 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
                 elif len(reply) > REPLY_FRAGMENT:
                     await _send_fragmented(ws, _fragments(reply))
                 else:
-                    await ws.send(reply)
+                    await _send_one(ws, reply)
         except ConnectionClosed:
             pass  # the client went away (or sent an oversized frame): free its objects below
         finally:
