@@ -91,3 +91,20 @@ def test_an_unreachable_worker_fails_its_request_only(net, hook):
     assert torch.equal(replies[0].objects[0], torch.arange(3.0))
     assert [k for k, _ in errors] == [1] and isinstance(errors[0][1], (ConnectionLostError, OSError))
     assert torch.equal(x.get(), torch.arange(3.0))
+
+
+def test_large_replies_of_every_alignment_come_back_on_either_path(net, hook):
+    """A large reply is read into a buffer of its own (an OwnedFrame, or a view of one when its tensor bytes
+    need padding to a 16-byte boundary): one trailing size-1 dimension more makes the reply's header a byte
+    longer, so 16 shapes give every padding, 0 included (whose reply came back as the OwnedFrame itself, which
+    the synchronous path took for a text frame: 4033a3a to this fix)."""
+    alice, bob, _ = net
+    me = hook.local_worker
+    for d in range(16):
+        t = torch.randn(300000, *([1] * d))  # (1.2 MB: fragmented, so always read into a buffer of its own)
+        p, q = t.send(alice), (t + 1).send(bob)
+        assert torch.equal(p.copy().get(), t)  # send_msg: the synchronous path
+        replies, errors = me.send_round([(m.GetObjectsMessage([p.id_at_location]), alice),
+                                         (m.GetObjectsMessage([q.id_at_location]), bob)])
+        p.mark_freed(), q.mark_freed()
+        assert errors == [] and torch.equal(replies[0].objects[0], t) and torch.equal(replies[1].objects[0], t + 1)

@@ -41,10 +41,15 @@ def _frame_head(opcode: int, fin: bool, n: int) -> bytes:
     return bytes((b0, 127)) + n.to_bytes(8, "big")
 
 
+#: frames up to this long go to the transport as one joined write (one system call, one segment: the
+#: reader finds the whole frame in one read); longer ones as their header and then their own memory
+ONE_WRITE = 1 << 16
+
+
 def _write_frame(transport: Any, opcode: int, fin: bool, data: Any) -> None:
     head = _frame_head(opcode, fin, len(data))
-    if len(data) <= 4096:  # (a short frame, e.g. a reply's message header: one write, one segment)
-        transport.write(head + bytes(data))
+    if len(data) <= ONE_WRITE:
+        transport.write(b"".join((head, data)))
     else:
         transport.write(head)
         transport.write(data)

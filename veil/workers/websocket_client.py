@@ -212,7 +212,8 @@ class WebsocketClientWorker(BaseWorker):
                 raise self._connection_lost(e) from None
         finally:
             lock.release()
-        if type(reply) is not bytearray and not isinstance(reply, (bytes, memoryview)):
+        if type(reply) is not bytearray and not isinstance(reply, (bytes, bytearray, memoryview)):
+            # (the usual small reply is a bytearray, tested first; a large one is an OwnedFrame, or a view of one)
             raise SerializationError(f"worker {self.id!r} answered with a text frame")
         return reply
 
