@@ -108,3 +108,50 @@ def test_large_replies_of_every_alignment_come_back_on_either_path(net, hook):
                                          (m.GetObjectsMessage([q.id_at_location]), bob)])
         p.mark_freed(), q.mark_freed()
         assert errors == [] and torch.equal(replies[0].objects[0], t) and torch.equal(replies[1].objects[0], t + 1)
+
+
+def test_a_queue_longer_than_one_frame_takes_goes_ahead_in_parts_and_the_round_still_runs(net, hook, monkeypatch):
+    """More deferred commands than a worker takes in front of one request: the excess goes first in
+    requests of its own (as send_msg does), then the round's request with the rest; both parties answer."""
+    from veil.workers import outbox
+
+    alice, bob, _ = net
+    me = hook.local_worker
+    monkeypatch.setattr(outbox, "MAX_PRELUDE_ITEMS", 2)
+    a, b = torch.ones(3).send(alice), torch.ones(3).send(bob)
+    ids = [555100000 + k for k in range(5)]
+    for k, oid in enumerate(ids):
+        me.defer_command(alice, m.CommandMessage("torch.add", (m.ObjectRef(a.id_at_location), float(k)), {}, [oid],
+                                                 True))
+    replies, errors = me.send_round([(m.GetObjectsMessage(ids, delete=False), alice),
+                                     (m.GetObjectsMessage([b.id_at_location], delete=False), bob)])
+    assert errors == []
+    assert [t.tolist() for t in replies[0].objects] == [[1.0 + k] * 3 for k in range(5)]
+    assert torch.equal(replies[1].objects[0], torch.ones(3))
+
+
+def test_a_split_queue_does_not_hold_a_peer_round(peer_parties, connect_websocket, monkeypatch):
+    """A party whose queue is split sends its excess first (a request of its own, answered at once), not
+    the round's request synchronously: that waited for the other parties' shares before their requests
+    were even sent (a peer round stalled for the parties' whole wait)."""
+    from veil.workers import outbox
+
+    alice, bob = peer_parties
+    monkeypatch.setattr(outbox, "MAX_PRELUDE_ITEMS", 1)  # every queue of two items or more is split
+    x, y = torch.randn(5, 4), torch.randn(4, 3)
+    cp = connect_websocket("dave")
+    sx = x.fix_precision().share(alice, bob, crypto_provider=cp)
+    sy_ = y.fix_precision().share(alice, bob, crypto_provider=cp)
+    assert torch.allclose((sx @ sy_).get().float_precision(), x @ y, atol=1e-2)
+    assert torch.allclose(torch.relu(sx).get().float_precision(), torch.relu(x), atol=1e-3)
+
+
+@pytest.fixture
+def peer_parties(connect_websocket, monkeypatch):
+    from veil.tensors.mpc_glue import runtime
+
+    monkeypatch.setattr(runtime, "PEER_MIN_ELEMENTS", 0)  # these small openings go party to party too
+    ws = [connect_websocket("alice"), connect_websocket("bob")]
+    runtime.enable_peer_openings(*ws)
+    yield ws
+    runtime.enable_peer_openings(*ws, enabled=False)

@@ -118,12 +118,13 @@ class Outbox:
                     with self._queue_lock:
                         pending = self._pending_deletes.pop(id(location), None)
                     prelude = pending[1] if pending else None
-                    if prelude and len(prelude) > MAX_PRELUDE_ITEMS:  # (rare) send_msg's split path
-                        with self._queue_lock:
-                            self._requeue(location, pending)
-                        prelude = None
-                        replies[k] = self.send_msg(msg, location)
-                        continue
+                    while prelude and len(prelude) > MAX_PRELUDE_ITEMS:  # (rare) as send_msg: the excess first,
+                        head, prelude = prelude[:MAX_PRELUDE_ITEMS], prelude[MAX_PRELUDE_ITEMS:]  # synchronously
+                        try:
+                            self._exchange(m.DeleteMessage([]), location, head)
+                        except Exception:
+                            self._note_lost(location, prelude, 0, "an earlier part of the batch failed")
+                            raise
                     data = serialize(msg, sender=self.id, prelude=prelude, parts_over=location.frame_parts_over)
                     location.post(data)
                 except BaseException as e:  # noqa: BLE001  (the requests already posted are read first)
