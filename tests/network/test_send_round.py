@@ -15,6 +15,7 @@ from veil.exceptions import ConnectionLostError, ObjectNotFoundError
 from veil.messaging import messages as m
 from veil.tensors.mpc_glue import runtime
 from veil.workers.websocket_launcher import free_port
+from tests.mpc.peer_fixtures import parties  # noqa: F401  (2 and 3 network parties, peer openings on)
 
 
 @pytest.fixture
@@ -130,28 +131,16 @@ def test_a_queue_longer_than_one_frame_takes_goes_ahead_in_parts_and_the_round_s
     assert torch.equal(replies[1].objects[0], torch.ones(3))
 
 
-def test_a_split_queue_does_not_hold_a_peer_round(peer_parties, connect_websocket, monkeypatch):
+def test_a_split_queue_does_not_hold_a_peer_round(parties, connect_websocket, monkeypatch):  # noqa: F811
     """A party whose queue is split sends its excess first (a request of its own, answered at once), not
     the round's request synchronously: that waited for the other parties' shares before their requests
     were even sent (a peer round stalled for the parties' whole wait)."""
     from veil.workers import outbox
 
-    alice, bob = peer_parties
     monkeypatch.setattr(outbox, "MAX_PRELUDE_ITEMS", 1)  # every queue of two items or more is split
     x, y = torch.randn(5, 4), torch.randn(4, 3)
     cp = connect_websocket("dave")
-    sx = x.fix_precision().share(alice, bob, crypto_provider=cp)
-    sy_ = y.fix_precision().share(alice, bob, crypto_provider=cp)
+    sx = x.fix_precision().share(*parties, crypto_provider=cp)
+    sy_ = y.fix_precision().share(*parties, crypto_provider=cp)
     assert torch.allclose((sx @ sy_).get().float_precision(), x @ y, atol=1e-2)
     assert torch.allclose(torch.relu(sx).get().float_precision(), torch.relu(x), atol=1e-3)
-
-
-@pytest.fixture
-def peer_parties(connect_websocket, monkeypatch):
-    from veil.tensors.mpc_glue import runtime
-
-    monkeypatch.setattr(runtime, "PEER_MIN_ELEMENTS", 0)  # these small openings go party to party too
-    ws = [connect_websocket("alice"), connect_websocket("bob")]
-    runtime.enable_peer_openings(*ws)
-    yield ws
-    runtime.enable_peer_openings(*ws, enabled=False)
