@@ -184,82 +184,6 @@ def _torch_function(cls: type, func: Any, types: Any, args: tuple = (), kwargs: 
 PointerTensor.__torch_function__ = classmethod(_torch_function)  # (pointer.py cannot import this module)
 
 
-# ------------------------------------------------------------------ arithmetic operators
-#
-# ``p + q`` reaches __torch_function__ through torch's C++ argument parser and override lookup (~9 K
-# instructions per op, as much as the rest of building the command). For the operators of every
-# training step, between a pointer and a pointer or a Python number, PointerTensor's own operator
-# method calls :func:`call` with exactly what torch would pass to __torch_function__: the same op and
-# arguments, found by asking torch once at import (:func:`_probe_operator`: an operator whose answer
-# is not the plain ``(func, (self, other))`` keeps torch's path). Anything else (other operand types,
-# a torch-function mode, torch functions disabled) takes torch's own method, as before.
-
-_NUMBERS = frozenset((int, float, bool))
-_tf_enabled = torch._C._is_torch_function_enabled
-_tf_mode = torch._C._is_torch_function_mode_enabled
-
-
-def _probe_operator(name: str, numbers: bool) -> Any:
-    """The allowlisted op torch passes to __torch_function__ for ``p <name> other``, asked on a probe tensor
-    subclass with a tensor operand (and a number, if ``numbers``); None if torch passes anything but
-    ``(func, (p, other))`` without keyword arguments, or func is not a plain allowlisted op."""
-    seen = []
-
-    class _Probe(torch.Tensor):
-        @classmethod
-        def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-            seen.append((func, args, kwargs))
-            return 0
-
-        @classmethod
-        def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-            raise RuntimeError("probe")
-
-    try:
-        a = _make_wrapper(_Probe, (2,), dtype=torch.float32)
-        b = _make_wrapper(_Probe, (2,), dtype=torch.float32)
-        expected = [(a, b), (a, 2.0)] if numbers else [(a, b)]
-        method = getattr(_T, name)
-        for args in expected:
-            method(*args)
-    except Exception:
-        return None
-    if len(seen) != len(expected) or any(s[0] is not seen[0][0] or s[2] for s in seen) \
-            or any(s[1][0] is not e[0] or s[1][1] is not e[1] or len(s[1]) != 2 for s, e in zip(seen, expected)):
-        return None
-    func = seen[0][0]
-    try:
-        op = _OPS_BY_FUNC.get(func)
-    except TypeError:
-        return None
-    if op is None or func in LOCAL_HANDLERS or op.worker_function or op.shapes != INFER:
-        return None
-    return op
-
-
-def _operator(name: str, op: Op, numbers: bool) -> Callable[[Any, Any], Any]:
-    slow = getattr(_T, name)
-    fast_types = frozenset((PointerTensor, *_NUMBERS)) if numbers else frozenset((PointerTensor,))
-
-    def method(self: PointerTensor, other: Any) -> Any:
-        if type(other) in fast_types and _tf_enabled() and not _tf_mode():
-            return call(op, (self, other), {})
-        return slow(self, other)
-
-    method.__name__ = method.__qualname__ = name
-    return method
-
-
-def _install_operators() -> None:
-    for name in ("__add__", "__radd__", "__sub__", "__mul__", "__rmul__", "__truediv__", "__matmul__"):
-        numbers = name != "__matmul__"
-        op = _probe_operator(name, numbers)
-        if op is not None:
-            setattr(PointerTensor, name, _operator(name, op, numbers))
-
-
-_install_operators()
-
 
 def _location_of(tensors: list[torch.Tensor]) -> tuple[PointerTensor, bool]:
     """The first pointer (every other pointer must live on the same worker), and whether
@@ -644,3 +568,10 @@ def _from_descriptors(reply: Any, args: tuple, kwargs: dict, owner: Any, locatio
         return ptr
 
     return map_structure(reply.result, build, leaf=Descriptor)
+
+
+# ``p + q`` and the other operators of a training step skip torch's dispatch (their own module; it
+# calls :func:`call`, so it is installed once this module is complete)
+from veil.tensors.pointer_operators import install_operators  # noqa: E402
+
+install_operators()
