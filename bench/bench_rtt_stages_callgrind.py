@@ -22,7 +22,7 @@ import subprocess
 import torch
 import veil as sy
 from veil.messaging import messages as m
-from veil.messaging import serde
+from veil.messaging import skeleton_frames
 from veil.workers import skeletons as sk, handlers as H
 from veil.workers.websocket_auth import authenticate
 from veil.workers.websocket_server import WebsocketServerWorker
@@ -73,23 +73,23 @@ client._recv_msg = lambda data: ok
 stage("client", lambda: p + p)
 # 3. server alone: replay recorded uses with fresh result ids, each deleting the previous result
 principal = server.principal_of(session)
-use = serde.decode_skeleton_use(frames[-1])[0]
+use = skeleton_frames.decode_skeleton_use(frames[-1])[0]
 k, ids = use.skeleton, use.ids
 prev = [use.return_ids[0]]
 from veil.ids import new_id
 def mk():
     rid = new_id()
-    data = serde.serialize_skeleton("me", [prev[0]], k, ids, [rid], None)
+    data = skeleton_frames.serialize_skeleton("me", [prev[0]], k, ids, [rid], None)
     prev[0] = rid
     return data
 datas = [mk() for _ in range(N + 5)]
 # each use frees the previous use's result (the first: the last e2e result)
 it = iter(datas)
 stage("server_try_inline", lambda: server.try_inline(next(it), session))
-datas2 = [serde.serialize_skeleton("me", [], k, ids, [new_id()], None) for _ in range(N)]
+datas2 = [skeleton_frames.serialize_skeleton("me", [], k, ids, [new_id()], None) for _ in range(N)]
 it = iter(datas2)
-stage("server_decode", lambda: serde.decode_skeleton_use(next(it)))
-decs = [serde.decode_skeleton_use(d)[0] for d in datas2]
+stage("server_decode", lambda: skeleton_frames.decode_skeleton_use(next(it)))
+decs = [skeleton_frames.decode_skeleton_use(d)[0] for d in datas2]
 it = iter(decs)
 stage("server_expand", lambda: sk.expand(session.skeletons, next(it)))
 cmds = [sk.expand(session.skeletons, d) for d in decs]
@@ -112,7 +112,7 @@ stage("client_infer", lambda: shape_inference.infer(op, args, {}, tensors, key))
 tmpl = shape_inference.infer(op, args, {}, tensors, key)
 spec = tmpl.specs[0]
 stage("client_new_pointer", lambda: remote_ops._new_pointer(PointerTensor, client, 5, client, spec[1], spec[2], spec[3], True, (), "", True))
-stage("client_serialize_skeleton", lambda: serde.serialize_skeleton(client.id, [123456789012], 0, [ids[0]], [98765432109876], None))
+stage("client_serialize_skeleton", lambda: skeleton_frames.serialize_skeleton(client.id, [123456789012], 0, [ids[0]], [98765432109876], None))
 stage("client_read_ok", lambda: bytes(ok) in client._ok_replies)
 stage("new_id", new_id)
 stage("empty", lambda: None)

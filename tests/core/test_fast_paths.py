@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from veil.ids import new_id
-from veil.messaging.serde import SkeletonFramer, serialize_skeleton
+from veil.messaging.skeleton_frames import SkeletonFramer, serialize_skeleton
 from veil.tensors import remote_ops, shape_inference
 from veil.tensors.pointer import PointerTensor
 from veil.workers.cancellation import FairLock
@@ -117,7 +117,8 @@ def test_the_turn_lock_is_exclusive_and_hands_over_to_waiters():
 
 @pytest.mark.parametrize("prelude", [None, [new_id()]])
 def test_a_decoded_skeleton_use_equals_the_general_decoders(prelude):
-    from veil.messaging.serde import decode_skeleton_use, deserialize
+    from veil.messaging.serde import deserialize
+    from veil.messaging.skeleton_frames import decode_skeleton_use
 
     data = serialize_skeleton("me", prelude, 3, [new_id(), 5], [new_id()], None)
     fast, general = decode_skeleton_use(data), deserialize(data)

@@ -179,7 +179,7 @@ def test_a_use_after_its_object_was_freed_is_not_found_and_the_definition_stays(
 def test_deeply_nested_ids_on_the_short_decoder_are_an_error_reply(hook, lane, depth):
     """A use decoded by ``decode_skeleton_use`` (msgpack's own types, no depth guard of its own) with ids or
     result ids nested ~1000 deep: an error reply (a RecursionError while quoting the id at worst), no crash."""
-    from veil.messaging.serde import _SKELETON_HEAD
+    from veil.messaging.skeleton_frames import _SKELETON_HEAD
 
     server, _, session = in_process_server(hook, f"rts-deep-{lane}-{depth}")
     if lane == "thread":

@@ -22,7 +22,8 @@ from typing import Any, Callable
 from veil.exceptions import PermissionDeniedError, error_reply_fields
 from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST
-from veil.messaging.serde import decode_skeleton_use, deserialize, serialize
+from veil.messaging.serde import deserialize, serialize
+from veil.messaging.skeleton_frames import decode_skeleton_use
 from veil.mpc.party import OPENABLE, PARTY_FUNCTIONS, WIRE_PREFIX, OpenMessage
 from veil.workers import handlers as _handlers
 from veil.workers import skeletons as _skeletons

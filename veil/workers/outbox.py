@@ -18,7 +18,8 @@ import torch
 
 from veil.exceptions import ObjectNotFoundError, error_from_reply
 from veil.messaging import messages as m
-from veil.messaging.serde import FrameParts, SkeletonFramer, deserialize, serialize, serialize_skeleton
+from veil.messaging.serde import FrameParts, deserialize, serialize
+from veil.messaging.skeleton_frames import SkeletonFramer, serialize_skeleton
 
 if TYPE_CHECKING:
     from veil.workers.base import BaseWorker
