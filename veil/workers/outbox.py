@@ -79,19 +79,25 @@ class Outbox:
         # send a request that uses a deferred result before the thread that took the deferred
         # command has sent it (concurrent SMPC rounds; red-team R3). Other destinations proceed.
         with self._send_lock(location):
-            if self._in_flight:
-                self._collect(location)  # a posted batch's error comes first (the queue stays queued)
-            with self._queue_lock:
-                pending = self._pending_deletes.pop(id(location), None)
-            prelude = pending[1] if pending else None
-            while prelude and len(prelude) > MAX_PRELUDE_ITEMS:  # never more than a worker accepts at once
-                head, prelude = prelude[:MAX_PRELUDE_ITEMS], prelude[MAX_PRELUDE_ITEMS:]
-                try:
-                    self._exchange(m.DeleteMessage([]), location, head)
-                except Exception:
-                    self._note_lost(location, prelude, 0, "an earlier part of the batch failed")
-                    raise
-            return self._exchange(msg, location, prelude)
+            return self._exchange(msg, location, self._take_prelude(location))
+
+    def _take_prelude(self, location: "BaseWorker") -> list | None:
+        """What rides on the next request to ``location`` (under its send lock): a posted batch's reply is
+        read first (its error raised, the queue left queued); a queue longer than a worker accepts in
+        front of one request sends its excess first, in requests of their own, answered at once."""
+        if self._in_flight:
+            self._collect(location)
+        with self._queue_lock:
+            pending = self._pending_deletes.pop(id(location), None)
+        prelude = pending[1] if pending else None
+        while prelude and len(prelude) > MAX_PRELUDE_ITEMS:  # never more than a worker accepts at once
+            head, prelude = prelude[:MAX_PRELUDE_ITEMS], prelude[MAX_PRELUDE_ITEMS:]
+            try:
+                self._exchange(m.DeleteMessage([]), location, head)
+            except Exception:
+                self._note_lost(location, prelude, 0, "an earlier part of the batch failed")
+                raise
+        return prelude
 
     def send_round(self, requests: list) -> tuple[list, list]:
         """Sends every ``(msg, location)`` request before reading any reply, all from this thread, and
@@ -114,18 +120,9 @@ class Outbox:
             for k, (msg, location) in enumerate(requests):
                 prelude = None
                 try:
-                    if self._in_flight:
-                        self._collect(location)  # a posted batch's error comes first (the queue stays queued)
-                    with self._queue_lock:
-                        pending = self._pending_deletes.pop(id(location), None)
-                    prelude = pending[1] if pending else None
-                    while prelude and len(prelude) > MAX_PRELUDE_ITEMS:  # (rare) as send_msg: the excess first,
-                        head, prelude = prelude[:MAX_PRELUDE_ITEMS], prelude[MAX_PRELUDE_ITEMS:]  # synchronously
-                        try:
-                            self._exchange(m.DeleteMessage([]), location, head)
-                        except Exception:
-                            self._note_lost(location, prelude, 0, "an earlier part of the batch failed")
-                            raise
+                    # (a queue's excess goes first, answered at once: never this round's request, which
+                    # may wait on the other parties' requests, not sent yet)
+                    prelude = self._take_prelude(location)
                     data = serialize(msg, sender=self.id, prelude=prelude, parts_over=location.frame_parts_over)
                     location.post(data)
                 except BaseException as e:  # noqa: BLE001  (the requests already posted are read first)
