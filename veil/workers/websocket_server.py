@@ -99,6 +99,12 @@ async def _receive(ws: ServerConnection) -> Any:
     return memoryview(frame)[pad:] if pad else frame
 
 
+def _runs_own_commands(session: Session) -> bool:
+    """Whether the server runs this session's commands itself (``_session_command`` and its batch and
+    skeleton runners): the stock command handler, and a full role, whose requests check_request passes."""
+    return HANDLERS.get(m.CommandMessage) is _handlers._handle_command and _full_rights(session)
+
+
 def _ids_of(msg: Any) -> list:
     if type(msg) is m.RemoteGetMessage:
         return [msg.id]
@@ -257,7 +263,7 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
         session = self.current_session()
         if session is None:
             return super()._batch_runner(sender)
-        if HANDLERS.get(m.CommandMessage) is not _handlers._handle_command or not _full_rights(session):
+        if not _runs_own_commands(session):
             return None
         principal, run_command, audit = self.principal(session.id), _handlers._run_command, self._audit_refusal
 
@@ -273,8 +279,7 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
         """A full-rights session runs its prepared deferred skeleton uses straight from their ids
         (``handlers.run_use``: the monitor resolves every id), a refusal audited as in :meth:`_batch_runner`."""
         session = self.current_session()
-        if (session is None or HANDLERS.get(m.CommandMessage) is not _handlers._handle_command
-                or not _full_rights(session)):
+        if session is None or not _runs_own_commands(session):
             return None
         principal, run_use, audit = self.principal(session.id), _handlers.run_use, self._audit_refusal
 
@@ -300,8 +305,7 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
             return super()._handle(msg, sender)
         if type(msg) is m.SkeletonCommand:  # its CommandMessage, for the sessions that may send skeletons
             msg = self._expand_skeleton(session, msg)
-        if (type(msg) is m.CommandMessage and HANDLERS.get(m.CommandMessage) is _handlers._handle_command
-                and _full_rights(session)):  # the hot request: as a deferred command of the session
+        if type(msg) is m.CommandMessage and _runs_own_commands(session):  # the hot request: as a deferred command
             return self._session_command(session, self.principal(session.id), msg.op, msg.args, msg.kwargs,
                                          msg.return_ids, msg.grad_enabled)
         action = OUTBOUND.get(type(msg))
