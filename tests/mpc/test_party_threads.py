@@ -71,6 +71,14 @@ def test_the_decision_needs_a_big_round_two_parties_cores_and_no_pool_thread(mon
     assert not runtime.parallel_in_process(big, 2)
 
 
+def test_the_estimate_is_the_largest_tensor_not_the_sum():
+    # a comparison step: a dozen tensors of 2^14 entries is a round of small ops (inline), one of 2^15 is big
+    small = [torch.zeros(128, 128, dtype=torch.long) for _ in range(12)]
+    assert runtime.elements_of([small, {"k": small[0]}, 3]) == 128 * 128
+    assert runtime.elements_of(small + [torch.zeros(2, 1 << 14, dtype=torch.long)]) == 1 << 15
+    assert runtime.elements_of([]) == 0
+
+
 def test_cores_follow_torch_threads_and_what_else_runs(monkeypatch):
     monkeypatch.setattr(runtime, "_cores", lambda: 2)
     monkeypatch.setattr(runtime, "_running_elsewhere", lambda: 0)

@@ -20,7 +20,7 @@ Other workers that block in socket reads (``concurrent_requests``) are sent
 to from a small thread pool, one request per party connection (each
 connection keeps one request in flight, so replies stay in order). In-process workers (VirtualWorker) get
 the same pool only for **big rounds** (:func:`parallel_in_process`: at least
-:data:`PARALLEL_MIN_ELEMENTS` ring elements per party, and two parties'
+:data:`PARALLEL_MIN_ELEMENTS` ring elements in a party's largest tensor, and two parties'
 ``torch.get_num_threads()`` fit on cores idle at that moment): each party's handler then
 runs on its own thread, so the torch kernels of different parties (which
 release the GIL) run at once, like the parties' own processes would; small
@@ -75,8 +75,11 @@ MAX_CONCURRENT = 16
 #: (bench/RESULTS.md, "Peer openings for comparisons"). The environment variable is for benchmarks.
 PEER_MIN_ELEMENTS = int(os.environ.get("VEIL_PEER_MIN_ELEMENTS", str(1 << 15)))
 
-#: ring elements per party (in the request's shares and the steps riding on it) from which in-process
-#: parties run a round on threads of their own: below it a hand-off (~50 us) costs more than it saves
+#: ring elements in a round's largest tensor from which in-process parties run the round on threads of
+#: their own. The size of one tensor, not of all: a round's step makes one pass of torch ops per tensor,
+#: and two party threads hand the GIL over at every op, so what pays for a thread is the ops' size. A
+#: comparison step on 2^14 entries (~100 ops on a dozen such tensors) was 19 ms inline against 26 ms on
+#: threads; from 5*10^4 entries on the threads win (bench/RESULTS.md, "Thirteenth landing")
 PARALLEL_MIN_ELEMENTS = 1 << 15
 
 _POOL: ThreadPoolExecutor | None = None
@@ -141,20 +144,18 @@ def _running_elsewhere() -> int:
 
 
 def elements_of(values: Any) -> int:
-    """Ring elements behind the pointers and tensors among ``values`` (a party's work estimate)."""
-    total = 0
+    """Ring elements of the largest pointer or tensor among ``values`` (a party's work estimate: the
+    size of its step's torch ops)."""
+    largest = 0
     for leaf in tree_flatten(values)[0]:
         if type(leaf) is PointerTensor:
-            total += math.prod(leaf.shape) if leaf.shape is not None else 0
+            n = math.prod(leaf.shape) if leaf.shape is not None else 0
         elif isinstance(leaf, torch.Tensor):
-            total += leaf.numel()
-    return total
-
-
-def _queued_elements(owner: Any, location: Any) -> int:
-    """Ring elements of the tensors in the deferred steps riding on the next request to ``location``."""
-    queued = getattr(owner, "queued_bytes", None)
-    return queued(location) // 8 if queued is not None else 0
+            n = leaf.numel()
+        else:
+            continue
+        largest = max(largest, n)
+    return largest
 
 
 def one_round(requests: Sequence[tuple[Any, Any, Any]], what: str, return_errors: bool = False,
@@ -164,8 +165,7 @@ def one_round(requests: Sequence[tuple[Any, Any, Any]], what: str, return_errors
     Requests to network workers are all in flight at once; the round ends
     when every party answered or failed (see the module docstring for errors).
     With ``return_errors`` a failed request's exception takes its reply's place.
-    ``elements``: ring elements per party the round touches (its shares; the
-    steps queued for each party are added here): from
+    ``elements``: ring elements of the largest tensor a party's step touches: from
     :data:`PARALLEL_MIN_ELEMENTS` on, in-process parties run at once too
     (:func:`parallel_in_process`).
     """
@@ -209,8 +209,7 @@ def _start(requests: Sequence[tuple[Any, Any, Any]], elements: int) -> dict:
     concurrent = [k for k, (_, _, loc) in enumerate(requests) if waits_on_network(loc)]
     if len(concurrent) < len(requests):
         in_process = [k for k in range(len(requests)) if k not in concurrent]
-        queued = max(_queued_elements(requests[k][0], requests[k][2]) for k in in_process)
-        if parallel_in_process(elements + queued, len(in_process)):
+        if parallel_in_process(elements, len(in_process)):
             concurrent = list(range(len(requests)))
     if len(concurrent) < 2:
         return {}
