@@ -77,6 +77,15 @@ def test_max_dim0_3d_keepdim(workers, cp):
     assert torch.equal(index.get(), a.argmax(dim=1, keepdim=True))
 
 
+@pytest.mark.parametrize("n", [4, 5, 6, 7])
+def test_argmax_keeps_the_first_of_tied_maxima_like_torch(workers, cp, n):
+    # every 0/1 row of length n: ties everywhere (a tournament pairing entries i and i + n/2 returned
+    # index 2 for [0, 1, 1, 0]: the winners of {0, 2} and {1, 3} met in the wrong order)
+    rows = torch.tensor([[(k >> j) & 1 for j in range(n)] for k in range(1 << n)])
+    index = rows.share(*workers, crypto_provider=cp).argmax(dim=1)
+    assert torch.equal(index.get(), rows.argmax(dim=1))
+
+
 # ---- argmax of a fixed-precision tensor is fixed-precision (compares with fp targets)
 
 

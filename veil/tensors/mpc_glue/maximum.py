@@ -94,11 +94,13 @@ def max_last(x: AST, with_index: bool) -> tuple[AST, Optional[AST]]:
         index = mac_dispatch.public_like(arange, x) if mac_dispatch.is_authenticated(x) else AST.from_public(arange, x)
     while n > 1:
         h = n // 2
-        a, b = aten.narrow.default(x, -1, 0, h), aten.narrow.default(x, -1, h, h)
+        # neighbours meet (entries 2k and 2k+1): every entry keeps a contiguous range of the original
+        # indices, a's before b's, so keeping a on a tie keeps the first maximal index at every level
+        a, b = aten.slice.Tensor(x, -1, 0, 2 * h, 2), aten.slice.Tensor(x, -1, 1, 2 * h, 2)
         diff = aten.sub.Tensor(a, b)
         extras = []
         if index is not None:
-            ia, ib = aten.narrow.default(index, -1, 0, h), aten.narrow.default(index, -1, h, h)
+            ia, ib = aten.slice.Tensor(index, -1, 0, 2 * h, 2), aten.slice.Tensor(index, -1, 1, 2 * h, 2)
             extras = [aten.sub.Tensor(ia, ib)]
         # bit = [a >= b] = [a - b + 1 > 0]: ties keep the first index, like torch.
         bits, prods = _sign_select(aten.add.Tensor(diff, 1), extras)
