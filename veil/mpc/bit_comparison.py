@@ -66,7 +66,6 @@ from veil.mpc.truncation import finish_truncation, shift_for
 Shares = Mapping[Hashable, torch.Tensor]
 
 LOW = (1 << 63) - 1
-_SUBSET_INDEX = {subset: k for k, subset in enumerate(GROUP_SUBSETS)}
 
 
 def _mask_of(level: int) -> int:
@@ -123,58 +122,79 @@ def _group_polynomials() -> tuple[dict, dict]:
 _LT_POLY, _EQ_POLY = _group_polynomials()
 
 
+def _program(poly: dict) -> tuple:
+    """A polynomial as ``((monomial, AND-term), ...)``, the term an offsets tuple (sorted). Each
+    monomial of a 4-bit group's ``lt`` and ``eq`` has a single AND-term for coefficient."""
+    if any(len(coeff) != 1 for coeff in poly.values()):
+        raise AssertionError("a group polynomial's coefficient is one AND-term")
+    return tuple((mono, tuple(sorted(next(iter(coeff))))) for mono, coeff in sorted(poly.items()))
+
+
+_LT_PROGRAM, _EQ_PROGRAM = _program(_LT_POLY), _program(_EQ_POLY)
+#: every AND-term the programs use and each one's prefixes, shortest first: ``term(t) = term(t[:-1]) & ~X_t[-1]``
+_TERMS = tuple(sorted({t[:k] for prog in (_LT_PROGRAM, _EQ_PROGRAM) for _, t in prog for k in range(1, len(t) + 1)},
+                      key=lambda t: (len(t), t)))
+#: monomial -> (word, shift): singletons are bits of R_lo (word 0), products the dealt group words
+_MONOMIAL_AT = {**{(o,): (0, o) for o in range(GROUP_BITS)},
+                **{subset: (1 + k // GROUP_BITS, k % GROUP_BITS) for k, subset in enumerate(GROUP_SUBSETS)}}
+
+
 def _leaves(xhat: torch.Tensor, r_x: torch.Tensor, groups: Sequence[torch.Tensor], first: bool):
     """Shares of ``(lt, eq)`` of every 4-bit group of ``X_lo`` vs ``R_lo`` (at the group's lowest bit), locally.
 
     ``lt = lt3 ^ eq3 lt2 ^ eq3 eq2 lt1 ^ eq3 eq2 eq1 lt0`` and ``eq = eq3 eq2 eq1
     eq0`` with per bit ``lt_o = ~X_o R_o`` and ``eq_o = ~X_o ^ R_o``: polynomials
-    in ``R``'s bits with public coefficients, whose monomials the dealer shared.
+    in ``R``'s bits with public coefficients, whose monomials the dealer shared,
+    evaluated from the programs compiled at import (straight-line word ops).
     """
     x_lo = (xhat - 1) & LOW  # bit 63: X_lo and R_lo are both 0 there (equal)
-    not_x = [~(x_lo >> o) & GROUP_MASK for o in range(GROUP_BITS)]
-    r_lo = r_x & LOW
-    terms: dict = {frozenset(): torch.full_like(x_lo, GROUP_MASK)}
-
-    def term(t: frozenset) -> torch.Tensor:
-        if t not in terms:
-            *rest, last = sorted(t)
-            terms[t] = term(frozenset(rest)) & not_x[last] if rest else not_x[last]
-        return terms[t]
-
+    nx = ~x_lo
+    not_x = [nx & GROUP_MASK] + [(nx >> o) & GROUP_MASK for o in range(1, GROUP_BITS)]
+    terms: dict = {}
+    for t in _TERMS:
+        terms[t] = terms[t[:-1]] & not_x[t[-1]] if len(t) > 1 else not_x[t[0]]
+    words = (r_x & LOW, *groups)
     monomials: dict = {}
 
-    def monomial(mono: tuple) -> torch.Tensor:
-        # not masked: every coefficient word is (only the group's lowest bits are set)
-        if mono not in monomials:
-            if len(mono) == 1:
-                monomials[mono] = r_lo >> mono[0]
+    def share(program: tuple) -> torch.Tensor:
+        total = None
+        for mono, term in program:
+            c = terms[term] if term else GROUP_MASK
+            if not mono:  # the public constant term, once
+                if not first:
+                    continue
+                v = torch.full_like(x_lo, GROUP_MASK) & c
             else:
-                k = _SUBSET_INDEX[mono]
-                monomials[mono] = groups[k // GROUP_BITS] >> (k % GROUP_BITS)
-        return monomials[mono]
-
-    def share(poly: dict) -> torch.Tensor:
-        total = torch.zeros_like(x_lo)
-        for mono, coeff in poly.items():
-            if not mono and not first:  # the public constant term, once
-                continue
-            c = None
-            for t in coeff:
-                c = term(t) if c is None else c ^ term(t)
-            total ^= c if not mono else c & monomial(mono)
+                w = monomials.get(mono)
+                if w is None:
+                    k, shift = _MONOMIAL_AT[mono]
+                    w = monomials[mono] = words[k] >> shift if shift else words[k]
+                v = w & c  # w is not masked: c is (only the group's lowest bits are set)
+            if total is None:
+                total = v  # a new tensor: the XORs below change it in place
+            else:
+                total ^= v
         return total
 
-    return share(_LT_POLY), share(_EQ_POLY)
+    return share(_LT_PROGRAM), share(_EQ_PROGRAM)
 
 
 # ---------------------------------------------------------------- AND levels
 
 
-def _state(state: list, first: bool) -> tuple:
-    """``(lt, eq)``: from ``[xhat, R, *group words]`` before the first AND level, else stored."""
-    if len(state) == 2:
-        return state[0], state[1]
-    return _leaves(state[0], state[1], state[2:], first)
+@party_function("cmp_leaves")
+def _leaves_step(xhat: torch.Tensor, r_x: torch.Tensor, groups: list, first: bool) -> tuple:
+    """Stores ``(lt, eq)`` of the 4-bit groups (:func:`_leaves`), the state of the first AND level (it rides
+    on that level's opening; computed once, not again when the level is finished)."""
+    if not isinstance(first, bool):
+        raise ValueError("cmp_leaves needs a boolean first")
+    if not isinstance(groups, list) or len(groups) != GROUP_WORDS or not all(
+            isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.shape == xhat.shape
+            for t in (xhat, r_x, *groups)):
+        raise ValueError(f"cmp_leaves needs xhat, R and {GROUP_WORDS} group words, int64 of one shape")
+    if xhat.is_meta:  # run_party's shape inference
+        return torch.empty_like(xhat), torch.empty_like(xhat)
+    return _leaves(xhat, r_x, groups, first)
 
 
 def _and_operands(lt, eq, level):
@@ -211,8 +231,8 @@ def _check_state(state, level, first) -> None:
         raise ValueError(f"comparison level must be an int in [0, {AND_LEVELS})")
     if not isinstance(first, bool):
         raise ValueError("comparison steps need a boolean first")
-    if not isinstance(state, list) or len(state) not in (2, 2 + GROUP_WORDS):
-        raise ValueError("comparison state must be [lt, eq] or [xhat, R, *group words]")
+    if not isinstance(state, list) or len(state) != 2:
+        raise ValueError("comparison state must be [lt, eq]")
 
 
 @party_function("cmp_mask_values", openable=True)
@@ -225,7 +245,7 @@ def _mask_values(values: list, masks: list) -> tuple:
 def _and_open(state: list, a, b1, b2, level: int, first: bool) -> tuple:
     """XOR shares of ``eq_hi ^ a``, ``lt_lo ^ b1``, ``eq_lo ^ b2``, packed in one word."""
     _check_state(state, level, first)
-    lt, eq = _state(state, first)
+    lt, eq = state
     _, m = _half(level)
     eq_hi, lt_lo, eq_lo = _and_operands(lt, eq, level)
     return (_pack(eq_hi ^ (a & m), lt_lo ^ (b1 & m), eq_lo ^ (b2 & m)),)
@@ -251,7 +271,7 @@ def _and_next(state: list, opened, a, b1, b2, c1, c2, level: int, first: bool) -
     _check_state(state, level, first)
     if opened.is_meta:  # run_party's shape inference
         return torch.empty_like(opened), torch.empty_like(opened)
-    lt, eq = _state(state, first)
+    lt, eq = state
     return _and_finish(lt, eq, _unpack(opened, level), (a, b1, b2), (c1, c2), level, first)
 
 
@@ -260,7 +280,7 @@ def _bit_open(state: list, opened, a, b1, b2, c1, c2, xhat, r_x, rho, first: boo
     """Finishes the last AND level and returns XOR shares of ``b ^ rho`` (``b = [x >= 0]``)."""
     last = AND_LEVELS - 1
     _check_state(state, last, first)
-    lt, eq = _state(state, first)
+    lt, eq = state
     lt, _ = _and_finish(lt, eq, _unpack(opened, last), (a, b1, b2), (c1, c2), last, first)
     b = (lt ^ (r_x >> 63)) & 1  # borrow xor R_hi
     if first:
@@ -358,8 +378,9 @@ def _circuit(mats: dict, lay: ComparisonLayout, xhat: dict, late: dict | None = 
     among themselves (:func:`veil.mpc.party.open_at_parties`) every round goes party to party."""
     parties = list(mats)
     first = {p: i == 0 for i, p in enumerate(parties)}
-    # the first AND level derives (lt, eq) of the 4-bit groups from (xhat, R, group words) itself
-    state = {p: [xhat[p], mats[p][lay.r_xor]] + [mats[p][i] for i in lay.groups] for p in parties}
+    # (lt, eq) of the 4-bit groups, local: the step rides on the first AND level's opening
+    state = {p: list(run_party("cmp_leaves", xhat[p], mats[p][lay.r_xor], [mats[p][i] for i in lay.groups],
+                               first=first[p])) for p in parties}
     late_opened: dict = {}
     for level in range(AND_LEVELS):
         trip = {p: [mats[p][i] for i in lay.triple(level)] for p in parties}

@@ -400,11 +400,14 @@ class Outbox:
                 self.send_msg(m.DeleteMessage([]), location)
         return True
 
-    def queued_bytes(self, location: "BaseWorker") -> int:
-        """Tensor bytes of the deferred commands that ride on the next request to ``location``."""
+    def queued_largest(self, location: "BaseWorker") -> int:
+        """Elements of the largest tensor among the deferred commands that ride on the next request to
+        ``location`` (the parties' runtime sizes a round's work by it: a deferred Beaver step's operands)."""
         with self._queue_lock:
             entry = self._pending_deletes.get(id(location))
-            return entry[2] if entry else 0
+            items = list(entry[1]) if entry else []
+        return max((n for item in items if type(item) is list and len(item) > 2
+                    for n in _tensor_sizes(item[1], item[2])), default=0)
 
     def flush(self, location: "BaseWorker | None" = None) -> None:
         """Synchronizes: sends what is queued (for ``location``, or for every worker) and raises the
@@ -490,18 +493,24 @@ class Outbox:
             raise first_error
 
 
-def _payload_bytes(args: Any, kwargs: Any) -> int:
-    """Tensor bytes among a deferred command's arguments (top level and one list deep: where
-    protocol steps put them); bounds a queued batch well under a worker's message limit."""
-    total = 0
+def _tensors(args: Any, kwargs: Any):
+    """The tensors among a deferred command's arguments (top level and one list deep: where protocol
+    steps put them)."""
     for value in (*args, *kwargs.values()) if isinstance(kwargs, dict) else args:
         if isinstance(value, torch.Tensor):
-            total += value.numel() * value.element_size()
+            yield value
         elif type(value) in (list, tuple):
-            for v in value:
-                if isinstance(v, torch.Tensor):
-                    total += v.numel() * v.element_size()
-    return total
+            yield from (v for v in value if isinstance(v, torch.Tensor))
+
+
+def _payload_bytes(args: Any, kwargs: Any) -> int:
+    """Tensor bytes among a deferred command's arguments; bounds a queued batch well under a worker's
+    message limit."""
+    return sum(t.numel() * t.element_size() for t in _tensors(args, kwargs))
+
+
+def _tensor_sizes(args: Any, kwargs: Any):
+    return (t.numel() for t in _tensors(args, kwargs))
 
 
 _FAILED_AT = re.compile(r"deferred command '[^']*' \(#(\d+) of \d+ in the batch\) failed")

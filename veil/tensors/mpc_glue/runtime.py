@@ -158,6 +158,13 @@ def elements_of(values: Any) -> int:
     return largest
 
 
+def _queued_largest(owner: Any, location: Any) -> int:
+    """Elements of the largest tensor in the deferred steps riding on the next request to ``location``
+    (a Beaver product's combine rides on the truncation round that follows it)."""
+    queued = getattr(owner, "queued_largest", None)
+    return queued(location) if queued is not None else 0
+
+
 def one_round(requests: Sequence[tuple[Any, Any, Any]], what: str, return_errors: bool = False,
               elements: int = 0) -> list[Any]:
     """Sends every ``(owner, message, location)`` request and returns the replies, in order.
@@ -165,7 +172,8 @@ def one_round(requests: Sequence[tuple[Any, Any, Any]], what: str, return_errors
     Requests to network workers are all in flight at once; the round ends
     when every party answered or failed (see the module docstring for errors).
     With ``return_errors`` a failed request's exception takes its reply's place.
-    ``elements``: ring elements of the largest tensor a party's step touches: from
+    ``elements``: ring elements of the largest tensor a party's step touches (or a
+    deferred step riding on its request, whichever is larger): from
     :data:`PARALLEL_MIN_ELEMENTS` on, in-process parties run at once too
     (:func:`parallel_in_process`).
     """
@@ -209,7 +217,8 @@ def _start(requests: Sequence[tuple[Any, Any, Any]], elements: int) -> dict:
     concurrent = [k for k, (_, _, loc) in enumerate(requests) if waits_on_network(loc)]
     if len(concurrent) < len(requests):
         in_process = [k for k in range(len(requests)) if k not in concurrent]
-        if parallel_in_process(elements, len(in_process)):
+        queued = max(_queued_largest(requests[k][0], requests[k][2]) for k in in_process)
+        if parallel_in_process(max(elements, queued), len(in_process)):
             concurrent = list(range(len(requests)))
     if len(concurrent) < 2:
         return {}
