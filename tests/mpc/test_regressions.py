@@ -4,8 +4,7 @@ import pytest
 import torch
 
 import veil as sy
-from veil.mpc.providers import LocalDealer
-from veil.tensors.additive import AdditiveSharingTensor, share
+from veil.tensors.additive import share
 
 ULP = 2.0**-16
 
