@@ -160,10 +160,10 @@ def _leaves(xhat: torch.Tensor, r_x: torch.Tensor, groups: Sequence[torch.Tensor
         total = None
         for mono, term in program:
             c = terms[term] if term else GROUP_MASK
-            if not mono:  # the public constant term, once
+            if not mono:  # the public constant term, once (a copy: the XORs below change total in place)
                 if not first:
                     continue
-                v = torch.full_like(x_lo, GROUP_MASK) & c
+                v = c.clone() if term else torch.full_like(x_lo, GROUP_MASK)
             else:
                 w = monomials.get(mono)
                 if w is None:

@@ -406,8 +406,9 @@ class Outbox:
         with self._queue_lock:
             entry = self._pending_deletes.get(id(location))
             items = list(entry[1]) if entry else []
-        return max((n for item in items if type(item) is list and len(item) > 2
-                    for n in _tensor_sizes(item[1], item[2])), default=0)
+        # deferred commands only: deletions are ints, skeleton uses ([k, ids, ...]) carry no tensors
+        return max((t.numel() for item in items if type(item) is list and type(item[0]) is not int
+                    for t in _tensors(item[1], item[2])), default=0)
 
     def flush(self, location: "BaseWorker | None" = None) -> None:
         """Synchronizes: sends what is queued (for ``location``, or for every worker) and raises the
@@ -507,10 +508,6 @@ def _payload_bytes(args: Any, kwargs: Any) -> int:
     """Tensor bytes among a deferred command's arguments; bounds a queued batch well under a worker's
     message limit."""
     return sum(t.numel() * t.element_size() for t in _tensors(args, kwargs))
-
-
-def _tensor_sizes(args: Any, kwargs: Any):
-    return (t.numel() for t in _tensors(args, kwargs))
 
 
 _FAILED_AT = re.compile(r"deferred command '[^']*' \(#(\d+) of \d+ in the batch\) failed")

@@ -217,8 +217,9 @@ def _start(requests: Sequence[tuple[Any, Any, Any]], elements: int) -> dict:
     concurrent = [k for k, (_, _, loc) in enumerate(requests) if waits_on_network(loc)]
     if len(concurrent) < len(requests):
         in_process = [k for k in range(len(requests)) if k not in concurrent]
-        queued = max(_queued_largest(requests[k][0], requests[k][2]) for k in in_process)
-        if parallel_in_process(max(elements, queued), len(in_process)):
+        if elements < PARALLEL_MIN_ELEMENTS:  # the deferred steps riding on the requests may be the big part
+            elements = max(elements, *(_queued_largest(requests[k][0], requests[k][2]) for k in in_process))
+        if parallel_in_process(elements, len(in_process)):
             concurrent = list(range(len(requests)))
     if len(concurrent) < 2:
         return {}
