@@ -75,7 +75,7 @@ def test_every_round_of_a_relu_is_refused_on_replay(hook, cluster, monkeypatch):
     _unchanged(cluster, stored)
 
 
-@pytest.mark.parametrize("step", ["cmp_and_next", "cmp_select", "cmp_trunc_finish", "trunc_finish"])
+@pytest.mark.parametrize("step", ["cmp_leaves", "cmp_and_next", "cmp_select", "cmp_trunc_finish", "trunc_finish"])
 def test_a_step_that_is_not_openable_is_not_peer_opened(hook, cluster, step):
     stored = _stored_before(cluster)
     alice = cluster["alice"][1]
