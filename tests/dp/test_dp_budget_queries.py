@@ -67,9 +67,11 @@ def test_laplace_count_has_scale_one_over_epsilon():
     x = torch.zeros(50, 3)
     eps = 0.5
     vals = _draws(lambda g: dp_count(x, eps, generator=g))
-    # Laplace(b): std = sqrt(2) b, mean = true count.
-    assert vals.mean().item() == pytest.approx(50, abs=0.15)
-    assert vals.std().item() == pytest.approx(_discrete_laplace_std(1 / eps), rel=0.05)
+    # Laplace(b): std = sqrt(2) b, mean = true count. The noise comes from a CSPRNG (not the seed), so the
+    # bounds are ~4.5 standard errors of 4000 draws (the std's: sqrt((kurtosis 6 - 1) / 4n) = 1.8%):
+    # 5% (2.8 errors) failed about one run in 200
+    assert vals.mean().item() == pytest.approx(50, abs=0.2)
+    assert vals.std().item() == pytest.approx(_discrete_laplace_std(1 / eps), rel=0.08)
     assert torch.equal(vals, vals.round())  # integer noise on an integer count
 
 
