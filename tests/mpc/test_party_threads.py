@@ -224,7 +224,8 @@ def test_dealing_expands_the_first_partys_seed_beside_the_dealer(workers, cores,
     sx, sy_ = _shared(x, alice, bob, cp=cp), _shared(y, alice, bob, cp=cp)
     dealer = dealer_for(cp, me)
     with dealer.record() as plan:
-        sx * sy_
+        kept = sx * sy_  # alive at the block's end: the truncation it owes is paid there, and recorded
+    assert kept.pending_divisor == 1
     expands.clear()
     dealer.deal_ahead(plan)
     threads = dict(expands)

@@ -32,7 +32,7 @@ def _products(hook, parties, cp, op):
         stats = hook.local_worker.stats
         before = stats.bytes_received
         with count_openings() as openings:
-            z = x * y
+            z = (x * y).settle()  # the truncation it owes paid now, inside the count
         received = stats.bytes_received - before
         return z.get().float_precision(), a * b, received, openings.rounds - 1
     else:

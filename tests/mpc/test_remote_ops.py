@@ -103,7 +103,7 @@ def test_rounds(cp, hook):
     x = shared(torch.randn(100), [alice, bob], cp)
     y = shared(torch.randn(100), [alice, bob], cp)
     with count_openings() as mul_stats:
-        x * y
+        (x * y).settle()  # its truncation paid now, not by the next reader
     with count_openings() as relu_stats:
         F.relu(x)
     # a fixed-point product: the Beaver round, then the exact truncation's round
@@ -112,8 +112,8 @@ def test_rounds(cp, hook):
     assert mul_stats.rounds == 2 and relu_stats.rounds == COMPARISON_ROUNDS[DEFAULT_COMPARISON]
     # one opening message per party (the Beaver mask step returns e_i and f_i together)
     me = hook.local_worker
-    x * y  # warm the triple cache for this shape
+    (x * y).settle()  # warm the triple cache for this shape
     before = me.stats.messages
-    x * y
+    (x * y).settle()
     # (triple and pair requests) + per party: Beaver open, combine, truncation open, finish
     assert me.stats.messages - before <= 2 + 4 * 2

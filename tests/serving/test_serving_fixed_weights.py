@@ -18,7 +18,7 @@ from serving_helpers import client_for, mnist_cnn  # noqa: F401  (client_for: a 
 
 def _run(model, parties, cp, x):
     with count_openings() as stats:
-        out = model(x.fix_precision().share(*parties, crypto_provider=cp))
+        out = model(x.fix_precision().share(*parties, crypto_provider=cp)).settle()  # all its truncations counted
     return out.get().float_precision(), stats
 
 

@@ -336,6 +336,14 @@ def _trunc_finish_unshifted(c, q_i, g_i, divisor: int, first: bool):
 def truncate_relu(y: Shares, divisor: int, provider: Provider) -> dict:
     """Shares of ``max(y / divisor, 0)`` (truncation, then ReLU) in 6 rounds instead of 1 + 6.
 
+    See :func:`truncate_relu_with_bit`, which also returns the shared bit ``[y > 0]``.
+    """
+    return truncate_relu_with_bit(y, divisor, provider)[0]
+
+
+def truncate_relu_with_bit(y: Shares, divisor: int, provider: Provider) -> tuple[dict, dict]:
+    """Shares of ``max(y / divisor, 0)`` and of the 0/1 bit ``[y > 0]`` (ReLU's derivative) in 6 rounds.
+
     The comparison runs on ``y`` itself (``[y > 0]``): round 1 opens ``y + r_0``
     (the comparison's mask) and ``y + r_t`` (a truncation pair's, ``c = y + r_t
     + K`` after opening) in one step; the truncated ``z`` is then local
@@ -365,8 +373,8 @@ def truncate_relu(y: Shares, divisor: int, provider: Provider) -> dict:
         z = finish_truncation(c + shift_for(divisor), pairs, divisor)
     late = {p: ([z[p]], [mats[p][1]]) for p in parties}
     bit_open, z_hat = _circuit(mats, lay, {p: opened[p][0] for p in parties}, late)
-    _, (out,) = _select_all(bit_open, z_hat, mats, lay, [1])
-    return out
+    bits, (out,) = _select_all(bit_open, z_hat, mats, lay, [1])
+    return out, bits
 
 
 def _circuit(mats: dict, lay: ComparisonLayout, xhat: dict, late: dict | None = None) -> tuple[dict, dict]:

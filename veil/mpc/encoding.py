@@ -16,7 +16,9 @@ Safe range (what the protocols support, and what the encoder enforces):
   ``2^63`` in magnitude, so comparisons (exact over the whole ring, see
   :mod:`veil.mpc.comparison`) are exact for every pair of encoded values.
 * Values being truncated (a product before its division by ``s``, a sum
-  before ``mean``): ``|v| <= 2^62 - d`` in the ring, i.e. ``|x * y| <
+  before ``mean``; with lazy truncation also an average pool's window sum of
+  products, divided by ``s k^2`` at once, and a product plus a bias at scale
+  ``s^2``): ``|v| <= 2^62 - d`` in the ring, i.e. ``|x * y| <
   (2^62 - s) / s^2`` (``~2^30`` by default); in this range shared truncation
   is exact to one ulp with no failure probability
   (:mod:`veil.mpc.truncation`). Plaintext fixed-precision tensors check it;

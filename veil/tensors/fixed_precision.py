@@ -11,6 +11,7 @@ PyTorch's autograd differentiates through fixed-point (and shared) values.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -18,12 +19,12 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from veil.mpc.encoding import FixedPointEncoding, decode, encode, make_encoding
 from veil.mpc.errors import NotEncodedError, PrecisionMismatchError
-from veil.mpc.providers.base import Provider
+from veil.mpc.providers.base import RECORD_HOOKS, Provider
 from veil.tensors._dispatch import dispatch
 from veil.tensors.additive import AdditiveSharingTensor
 from veil.tensors.additive import share as share_int
 from veil.tensors.rules.common import is_float_public
-from veil.tensors.rules.fixed_precision import FIXED_PRECISION_RULES
+from veil.tensors.rules.fixed_precision import FIXED_PRECISION_RULES, truncate
 
 
 class FixedPrecisionTensor(torch.Tensor):
@@ -32,10 +33,14 @@ class FixedPrecisionTensor(torch.Tensor):
     Attributes:
         child: The encoded int64 values (plain tensor or shared tensor).
         encoding: Base and fractional precision of the encoding.
+        pending_divisor: 1, or the public divisor a shared product still owes
+            (``veil.tensors.rules.fixed_precision.LAZY_TRUNCATION``):
+            reading ``child`` pays it first (one truncation round), so every
+            reader sees the values at the encoding's scale.
     """
 
-    child: torch.Tensor
     encoding: FixedPointEncoding
+    pending_divisor: int = 1
 
     @staticmethod
     def __new__(
@@ -44,6 +49,7 @@ class FixedPrecisionTensor(torch.Tensor):
         encoding: FixedPointEncoding,
         dtype: torch.dtype = torch.float32,
         requires_grad: bool = False,
+        pending_divisor: int = 1,
     ):
         if child.dtype != torch.int64:
             raise NotEncodedError(f"the child of a FixedPrecisionTensor must be int64, got {child.dtype}")
@@ -54,7 +60,31 @@ class FixedPrecisionTensor(torch.Tensor):
         )
         out.child = child
         out.encoding = encoding
+        if pending_divisor != 1:
+            out.pending_divisor = int(pending_divisor)
+            for owed in _WATCHED:
+                owed.add(out)
         return out
+
+    @property
+    def child(self) -> torch.Tensor:
+        if self.pending_divisor != 1:  # a lazy product: its truncation is due now
+            self._veil_raw, self.pending_divisor = truncate(self._veil_raw, self.pending_divisor), 1
+        return self._veil_raw
+
+    @child.setter
+    def child(self, value: torch.Tensor) -> None:
+        self._veil_raw, self.pending_divisor = value, 1
+
+    def settle(self) -> "FixedPrecisionTensor":
+        """Pays the truncation this tensor still owes now (one round if shared and owing); returns itself."""
+        self.child  # noqa: B018  (reading it pays)
+        return self
+
+    @property
+    def raw_child(self) -> torch.Tensor:
+        """The encoded values times ``pending_divisor`` (no truncation paid): for the rules that carry it."""
+        return self._veil_raw
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
@@ -71,7 +101,7 @@ class FixedPrecisionTensor(torch.Tensor):
     @property
     def is_shared(self) -> bool:
         """Whether the encoded values are secret-shared."""
-        return isinstance(self.child, AdditiveSharingTensor)
+        return isinstance(self._veil_raw, AdditiveSharingTensor)
 
     def share(
         self,
@@ -153,6 +183,27 @@ class FixedPrecisionTensor(torch.Tensor):
         flat, spec = tree_flatten(out)
         flat = [cls(o, encoding, dtype) if isinstance(o, torch.Tensor) else o for o in flat]
         return tree_unflatten(flat, spec)
+
+
+#: one set per open dealer ``record()`` block: the tensors created in it that owe a truncation
+_WATCHED: list[weakref.WeakSet] = []
+
+
+def _watch_owed() -> Callable[[], None]:
+    """A dealer's record hook (``veil.mpc.providers.base.RECORD_HOOKS``): at the block's end, the
+    tensors it created that are still alive and owing pay now, inside the recorded block."""
+    owed: weakref.WeakSet = weakref.WeakSet()
+    _WATCHED.append(owed)
+
+    def settle_owed() -> None:
+        _WATCHED.remove(owed)
+        for tensor in list(owed):
+            tensor.settle()
+
+    return settle_owed
+
+
+RECORD_HOOKS.append(_watch_owed)
 
 
 def fix_precision(

@@ -64,7 +64,7 @@ from veil.mpc.prg import expand, expand_sum, new_seed, subtract_streams
 from veil.mpc.errors import ProviderError
 from veil.mpc.providers.background import BackgroundDealing, BackgroundDealingError
 from veil.mpc.providers.fss_dealing import DEAL_COMPARISON
-from veil.mpc.providers.base import MaterialExhaustedError, Provider
+from veil.mpc.providers.base import RECORD_HOOKS, MaterialExhaustedError, Provider
 from veil.mpc.ring import DTYPE, random_ring
 from veil.mpc.runtime import (DEALER_TAG, DEALT_FIXED, DEALT_FIXED_TAG, DEALT_ITEM_TAG, DEALT_LAYOUTS,
                               DEALT_MASK_TAG, beside)
@@ -302,11 +302,19 @@ class WorkerDealer(Provider):
 
     @contextlib.contextmanager
     def record(self) -> Iterator[Plan]:
-        """Notes every item taken inside the block (they are still dealt as usual)."""
+        """Notes every item taken inside the block (they are still dealt as usual).
+
+        At the block's end the lazy products it created that are still alive pay the truncation they
+        owe (``RECORD_HOOKS``), so that reading the block's results later takes recorded material; a
+        product the block dropped is not truncated, nor recorded.
+        """
         plan = Plan()
         self._recording.append(plan)
+        finish = [hook() for hook in RECORD_HOOKS]
         try:
             yield plan
+            for end in finish:  # what the block's results still owe is part of its material
+                end()
         finally:
             self._recording.remove(plan)
 

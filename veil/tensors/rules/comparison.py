@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from veil.mpc import comparison
+from veil.mpc.bit_comparison import truncate_relu_with_bit
+from veil.tensors import mac_dispatch
 from veil.tensors.mpc_glue import maximum
 from veil.tensors.additive import AdditiveSharingTensor
 from veil.tensors.rules.additive import ADDITIVE_RULES, public_int
@@ -98,6 +101,12 @@ CARRIED_ATTRS.append(RELU_BIT_ATTR)
 @FIXED_PRECISION_RULES.handler(aten.relu.default)
 def _fp_relu(cls, func, args, kwargs):
     x = args[0]
+    if x.pending_divisor != 1 and _folds_truncation(x.raw_child):
+        raw = x.raw_child  # a product owing its truncation: paid inside the comparison's rounds
+        child, bit = truncate_relu_with_bit(raw.child, x.pending_divisor, raw.crypto_provider)
+        out = cls(AdditiveSharingTensor(child, raw.crypto_provider), x.encoding, x.dtype)
+        setattr(out, RELU_BIT_ATTR, AdditiveSharingTensor(bit, raw.crypto_provider))
+        return out
     if not _shared(x.child):
         return cls(torch.relu(x.child), x.encoding, x.dtype)
     child, bit = maximum.relu_with_bit(x.child)
@@ -106,6 +115,13 @@ def _fp_relu(cls, func, args, kwargs):
     # along so that the backward pass needs no second comparison.
     setattr(out, RELU_BIT_ATTR, bit)
     return out
+
+
+def _folds_truncation(raw) -> bool:
+    """Whether ReLU can run truncation and comparison together on ``raw``: plain additive shares (no
+    MACs: the authenticated comparison has its own protocol) and the bitwise comparison circuit."""
+    return (type(raw) is AdditiveSharingTensor and not mac_dispatch.is_authenticated(raw)
+            and comparison.DEFAULT_COMPARISON == "circuit")
 
 
 @FIXED_PRECISION_RULES.handler(aten.threshold_backward.default)
@@ -122,6 +138,16 @@ def _fp_threshold_backward(cls, func, args, kwargs):
     return cls(aten.mul.Tensor(grad.child, bit), grad.encoding, grad.dtype)
 
 
+def _owed_through_max(x) -> int:
+    """What the maxima of ``x`` still owe: ``max(y) / d = max(y / d)``, so a product's maximum (or max-pool)
+    can run on its untruncated shares (plain additive ones; the authenticated comparison's range is not
+    stretched to the product's scale) and owe what the product did; 1: ``x`` pays first."""
+    raw = x.raw_child
+    if x.pending_divisor != 1 and type(raw) is AdditiveSharingTensor and not mac_dispatch.is_authenticated(raw):
+        return x.pending_divisor
+    return 1
+
+
 @FIXED_PRECISION_RULES.handler(*MAX_OPS)
 def _fp_max(cls, func, args, kwargs):
     """max / argmax. Indices come back fixed-precision (the index times the
@@ -130,7 +156,10 @@ def _fp_max(cls, func, args, kwargs):
     x = args[0]
     dim, keepdim = _max_args(func, args, kwargs)
     with_index = func is not aten.max.default
-    if not _shared(x.child):
+    owed = _owed_through_max(x)
+    if owed != 1:
+        values, index = maximum.max_dim(x.raw_child, dim, keepdim, with_index=with_index)
+    elif not _shared(x.child):
         rest = [dim, keepdim] if with_index and dim is not None else []
         out = func(x.child, *rest)
         values, index = (out, None) if func is aten.max.default else (
@@ -141,7 +170,7 @@ def _fp_max(cls, func, args, kwargs):
         index = cls(aten.mul.Tensor(index, x.encoding.scale), x.encoding, x.dtype)
     if func is aten.argmax.default:
         return index
-    values = cls(values, x.encoding, x.dtype)
+    values = cls(values, x.encoding, x.dtype, pending_divisor=owed)
     return values if func is aten.max.default else (values, index)
 
 
@@ -149,11 +178,12 @@ def _fp_max(cls, func, args, kwargs):
 def _fp_pool(cls, func, args, kwargs):
     x = args[0]
     opts = _pool_args(args, kwargs)
-    if _shared(x.child):
-        values = maximum.max_pool2d(x.child, *opts)
+    owed = _owed_through_max(x)
+    if owed != 1 or _shared(x.child):
+        values = maximum.max_pool2d(x.raw_child, *opts)
         indices = torch.zeros(tuple(values.shape), dtype=torch.int64)  # not computed on shares
     else:
         values, indices = aten.max_pool2d_with_indices.default(x.child.to(torch.float64), *opts)
         values = values.to(torch.int64)  # exact: |encoded| < 2^53 for pooled activations
-    out = cls(values, x.encoding, x.dtype)
+    out = cls(values, x.encoding, x.dtype, pending_divisor=owed)
     return out if func is aten.max_pool2d.default else (out, indices)

@@ -53,6 +53,72 @@ def truncate(child: torch.Tensor, divisor: int) -> torch.Tensor:
     return truncate_plain(child, divisor)
 
 
+#: Shared products (elementwise, the matmul family, convolutions) leave their truncation pending
+#: (``FixedPrecisionTensor.pending_divisor``) for the next op to pay: a bias added at
+#: the product's scale, an average pool's division folded into the same truncation, a
+#: ReLU's comparison opening the truncation's mask in its own first round
+#: (:func:`veil.mpc.bit_comparison.truncate_relu_with_bit`). Any other reader of
+#: ``child`` pays it there, one truncation as before. False: truncate after every product.
+LAZY_TRUNCATION = True
+
+
+def product(cls, child: torch.Tensor, encoding: FixedPointEncoding, dtype: torch.dtype):
+    """A product at scale ``s^2`` as a fixed-precision tensor: truncated, or owing ``s`` if shared."""
+    if LAZY_TRUNCATION and _is_shared(child):
+        return cls(child, encoding, dtype, pending_divisor=encoding.scale)
+    return cls(truncate(child, encoding.scale), encoding, dtype)
+
+
+def divide(cls, x, count: int):
+    """``x / count`` for a public positive integer: owed (with what ``x`` owes already) if shared."""
+    if count == 1:
+        return x
+    if LAZY_TRUNCATION and _is_shared(x.raw_child):
+        return cls(x.raw_child, x.encoding, x.dtype, pending_divisor=x.pending_divisor * count)
+    return cls(truncate(x.child, count), x.encoding, x.dtype)
+
+
+def pending_of(value: Any) -> int:
+    """What a fixed-precision operand still owes (1 for anything else)."""
+    return getattr(value, "pending_divisor", 1) if isinstance(value, torch.Tensor) else 1
+
+
+def _scaled_children(cls, args, divisor: int) -> tuple[list, FixedPointEncoding, torch.dtype] | None:
+    """Operands at the scale ``s * divisor`` of the pending ones (the others multiplied by the public
+    ``divisor``: exact), or None if a public operand would leave int64 there."""
+    fixed = [a for a in args if isinstance(a, cls)]
+    encoding = cls._veil_check_compatible(fixed)
+    out = []
+    for a in args:
+        if isinstance(a, cls):
+            out.append(a.raw_child if a.pending_divisor == divisor else aten.mul.Tensor(a.child, divisor))
+            continue
+        v = _encode_public(a, encoding)
+        if isinstance(v, int):
+            v *= divisor
+            if not -(1 << 62) < v < (1 << 62):
+                return None
+        else:
+            if v.numel() and int(v.abs().max()) >= (1 << 62) // divisor:
+                return None
+            v = v * divisor
+        out.append(v)
+    return out, encoding, fixed[0].dtype
+
+
+def _lazy_add_sub(cls, op, x, y):
+    """``x +- y`` keeping the operands' common pending divisor; None when there is none to keep."""
+    pending = {pending_of(a) for a in (x, y) if isinstance(a, cls)} - {1}
+    if len(pending) != 1:  # none pending, or two different divisors: each pays its own
+        return None
+    (divisor,) = pending
+    scaled = _scaled_children(cls, (x, y), divisor)
+    if scaled is None:
+        return None
+    (xc, yc), encoding, dtype = scaled
+    return cls(op(xc, yc), encoding, dtype, pending_divisor=divisor)
+
+
 def _encode_public(value: Any, encoding: FixedPointEncoding) -> Any:
     """Encodes a public Python number or plain tensor."""
     value = scalar_value(value)
@@ -82,8 +148,11 @@ def _add_sub(cls, func, args, kwargs):
     alpha = scalar_value(kwargs.get("alpha", 1))
     if alpha != 1:
         y = aten.mul.Tensor(y, alpha) if isinstance(y, cls) else scalar_value(y) * alpha
-    (xc, yc), encoding, dtype = _children(cls, (x, y))
     op = aten.sub.Tensor if func in (aten.sub.Tensor, aten.sub.Scalar) else aten.add.Tensor
+    lazy = _lazy_add_sub(cls, op, x, y)
+    if lazy is not None:
+        return lazy
+    (xc, yc), encoding, dtype = _children(cls, (x, y))
     return cls(op(xc, yc), encoding, dtype)
 
 
@@ -100,11 +169,12 @@ def mul(cls, x, y):
         if isinstance(a, cls) and _is_public_integer(b):
             b = scalar_value(b)
             b = b.to(torch.int64) if isinstance(b, torch.Tensor) else int(b)
-            _guard([a.child, b] if isinstance(b, torch.Tensor) else [a.child], lambda u, *v: u * (v[0] if v else abs(b)), "mul")
-            return cls(aten.mul.Tensor(a.child, b), a.encoding, a.dtype)
+            child = a.raw_child  # an exact product: a pending divisor stays pending
+            _guard([child, b] if isinstance(b, torch.Tensor) else [child], lambda u, *v: u * (v[0] if v else abs(b)), "mul")
+            return cls(aten.mul.Tensor(child, b), a.encoding, a.dtype, pending_divisor=a.pending_divisor)
     (xc, yc), encoding, dtype = _children(cls, (x, y))
     _guard([xc, yc], torch.mul, "fixed-precision mul")
-    return cls(truncate(aten.mul.Tensor(xc, yc), encoding.scale), encoding, dtype)
+    return product(cls, aten.mul.Tensor(xc, yc), encoding, dtype)
 
 
 @FIXED_PRECISION_RULES.handler(aten.mul.Tensor, aten.mul.Scalar)
@@ -133,7 +203,7 @@ _MATMUL_OPS = (aten.mm.default, aten.bmm.default, aten.mv.default, aten.dot.defa
 def _matmul(cls, func, args, kwargs):
     (xc, yc), encoding, dtype = _children(cls, args[:2])
     _guard([xc, yc], func, str(func))
-    return cls(truncate(func(xc, yc), encoding.scale), encoding, dtype)
+    return product(cls, func(xc, yc), encoding, dtype)
 
 
 @FIXED_PRECISION_RULES.handler(aten.convolution.default)
@@ -148,8 +218,8 @@ def _convolution(cls, func, args, kwargs):
     else:
         _guard([xc, wc], lambda u, v: torch.nn.functional.conv2d(u, v, None, **conv_kwargs), "conv2d")
         out = ring_conv2d(xc, wc, **conv_kwargs)
-    out = cls(truncate(out, encoding.scale), encoding, dtype)
-    if bias is not None:
+    out = product(cls, out, encoding, dtype)
+    if bias is not None:  # at the product's scale while its truncation is pending
         out = aten.add.Tensor(out, aten.view.default(bias, [1, -1, 1, 1]))
     return out
 
@@ -192,10 +262,11 @@ def _pow(cls, func, args, kwargs):
 )
 def _constant(cls, func, args, kwargs):
     x = args[0]
+    like = x.raw_child  # its shape and where it lives, not its values: nothing owed is paid for a constant
     if func in (aten.new_ones.default, aten.new_full.default, aten.new_empty.default):
-        ones = aten.new_ones.default(x.child, list(args[1]))
+        ones = aten.new_ones.default(like, list(args[1]))
     else:
-        ones = aten.ones_like.default(x.child)
+        ones = aten.ones_like.default(like)
     value = {aten.full_like.default: 1, aten.fill.Scalar: 1, aten.new_full.default: 2}.get(func)
     value = scalar_value(args[value]) if value is not None else 1
     if func in (aten.empty_like.default, aten.new_empty.default):
@@ -213,10 +284,14 @@ def _avg_pool2d(cls, func, args, kwargs):
     if opts.get("ceil_mode") or (ph or pw) and not opts.get("count_include_pad", True):
         raise UnsupportedOperationError("avg_pool2d with ceil_mode or count_include_pad=False")
     x = args[0]
-    child = aten.constant_pad_nd.default(x.child, [pw, pw, ph, ph], 0) if ph or pw else x.child
+    child = x.raw_child  # a pending divisor is paid with the pool's, in one truncation
+    child = aten.constant_pad_nd.default(child, [pw, pw, ph, ph], 0) if ph or pw else child
     windows = aten.unfold.default(aten.unfold.default(child, -2, kh, sh), -2, kw, sw)
     total = aten.sum.dim_IntList(windows, [-2, -1])
-    return cls(truncate(total, opts.get("divisor_override") or kh * kw), x.encoding, x.dtype)
+    divisor = (opts.get("divisor_override") or kh * kw) * x.pending_divisor
+    if x.pending_divisor != 1:  # the next op may fold it further (a ReLU's comparison)
+        return cls(total, x.encoding, x.dtype, pending_divisor=divisor)
+    return cls(truncate(total, divisor), x.encoding, x.dtype)
 
 
 def _pair(v) -> tuple:

@@ -19,7 +19,7 @@ import math
 import torch
 
 from veil.mpc.errors import UnsupportedOperationError
-from veil.tensors.rules.fixed_precision import FIXED_PRECISION_RULES, _children, mul, truncate
+from veil.tensors.rules.fixed_precision import FIXED_PRECISION_RULES, _children, divide, mul
 
 aten = torch.ops.aten
 
@@ -34,11 +34,6 @@ def _reduction(args: tuple, kwargs: dict, position: int) -> int:
     return reduction
 
 
-def _divide(cls, x, count: int):
-    """``x / count`` for a public positive integer count (truncation)."""
-    return cls(truncate(x.child, count), x.encoding, x.dtype) if count > 1 else x
-
-
 @FIXED_PRECISION_RULES.handler(aten.mse_loss.default)
 def _mse_loss(cls, func, args, kwargs):
     x, y = args[0], args[1]
@@ -49,7 +44,7 @@ def _mse_loss(cls, func, args, kwargs):
     if reduction == _NONE:
         return squared
     total = aten.sum.default(squared)
-    return _divide(cls, total, math.prod(x.shape)) if reduction == _MEAN else total
+    return divide(cls, total, math.prod(x.shape)) if reduction == _MEAN else total
 
 
 @FIXED_PRECISION_RULES.handler(aten.mse_loss_backward.default)
@@ -61,4 +56,4 @@ def _mse_loss_backward(cls, func, args, kwargs):
     diff = cls(aten.sub.Tensor(xc, yc), encoding, dtype)
     scaled = mul(cls, diff, grad)  # grad broadcasts (a scalar for mean/sum)
     scaled = mul(cls, scaled, 2)  # a public integer: exact
-    return _divide(cls, scaled, math.prod(x.shape)) if reduction == _MEAN else scaled
+    return divide(cls, scaled, math.prod(x.shape)) if reduction == _MEAN else scaled
