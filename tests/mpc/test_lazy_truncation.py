@@ -5,6 +5,8 @@ against the same computation with ``LAZY_TRUNCATION`` off.
 """
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -186,3 +188,45 @@ def test_maxima_of_a_product_owe_what_it_did(hook, sh):
     close(value(values), (a @ b).max(dim=1).values, 40)
     assert torch.equal(value(index).long(), (a @ b).argmax(dim=1))
     close(value((sh(a) @ sh(b)).max()), (a @ b).max(), 40)
+
+
+_CHAIN_OPS = ["mm", "add_public", "add_shared", "mul_int", "mul_shared", "relu", "t", "neg", "max_dim", "settle"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(ops=st.lists(st.sampled_from(_CHAIN_OPS), min_size=1, max_size=5), seed=st.integers(0, 2**16))
+def test_property_any_chain_of_ops_matches_torch(ops, seed):
+    """Whatever carries or pays the debt, in whatever order, the decoded result is torch's."""
+    gen = torch.Generator().manual_seed(seed)
+    dealer = LocalDealer(seed=seed)
+
+    def share(t):
+        return fix_precision(t).share("alice", "bob", crypto_provider=dealer)
+
+    x = torch.randn(4, 4, generator=gen)
+    w, y = torch.randn(4, 4, generator=gen) * 0.5, torch.randn(4, 4, generator=gen)
+    sx = share(x) @ share(torch.eye(4))  # start owing, as a layer's output does
+    for op in ops:
+        if op == "mm":
+            x, sx = x @ w, sx @ share(w)
+        elif op == "add_public":
+            x, sx = x + 0.75, sx + 0.75
+        elif op == "add_shared":
+            x, sx = x + y, sx + share(y)
+        elif op == "mul_int":
+            x, sx = x * 3, sx * 3
+        elif op == "mul_shared":
+            x, sx = x * y, sx * share(y)
+        elif op == "relu":
+            x, sx = F.relu(x), F.relu(sx)
+        elif op == "t":
+            x, sx = x.t(), sx.t()
+        elif op == "neg":
+            x, sx = -x, -sx
+        elif op == "max_dim":
+            x, sx = x.max(dim=1, keepdim=True).values.expand(4, 4), sx.max(dim=1, keepdim=True)[0].expand(4, 4)
+        else:
+            sx = sx.settle()
+    got = value(sx)
+    tolerance = 1e-3 * (1 + x.abs().max().item())
+    assert (got - x).abs().max().item() <= tolerance, (ops, (got - x).abs().max().item())
