@@ -148,6 +148,13 @@ def test_public_operands_beyond_the_scaled_range_make_the_product_pay_first(sh):
     close(value(z - torch.full((1, 1), big)), a @ b - big, 1)
 
 
+def test_printing_pays_nothing(sh):
+    z = sh(torch.randn(2, 3)) @ sh(torch.randn(3, 2))
+    with count_openings() as stats:
+        text = repr(z)
+    assert stats.rounds == 0 and z.pending_divisor == SCALE and f"pending_divisor={SCALE}" in text
+
+
 def test_a_value_read_twice_is_right_both_times(sh):
     a, b = torch.randn(4, 3), torch.randn(3, 4)
     z = sh(a) @ sh(b)

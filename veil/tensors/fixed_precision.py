@@ -94,8 +94,9 @@ class FixedPrecisionTensor(torch.Tensor):
 
     def __repr__(self) -> str:
         enc = f"base={self.encoding.base}, precision_fractional={self.encoding.precision_fractional}"
-        if self.is_shared:
-            return f"FixedPrecisionTensor({enc}, child={self.child!r})"
+        if self.is_shared:  # printing pays nothing owed (no protocol round to show a tensor)
+            owed = f", pending_divisor={self.pending_divisor}" if self.pending_divisor != 1 else ""
+            return f"FixedPrecisionTensor({enc}, child={self._veil_raw!r}{owed})"
         return f"FixedPrecisionTensor({enc}, value={self.float_precision()})"
 
     @property

@@ -117,11 +117,15 @@ def _fp_relu(cls, func, args, kwargs):
     return out
 
 
+def _plain_shares(raw) -> bool:
+    """Plain additive shares: no MACs (the authenticated comparison has its own protocol and range)."""
+    return type(raw) is AdditiveSharingTensor and not mac_dispatch.is_authenticated(raw)
+
+
 def _folds_truncation(raw) -> bool:
-    """Whether ReLU can run truncation and comparison together on ``raw``: plain additive shares (no
-    MACs: the authenticated comparison has its own protocol) and the bitwise comparison circuit."""
-    return (type(raw) is AdditiveSharingTensor and not mac_dispatch.is_authenticated(raw)
-            and comparison.DEFAULT_COMPARISON == "circuit")
+    """Whether ReLU can run truncation and comparison together on ``raw``: plain additive shares and the
+    bitwise comparison circuit."""
+    return _plain_shares(raw) and comparison.DEFAULT_COMPARISON == "circuit"
 
 
 @FIXED_PRECISION_RULES.handler(aten.threshold_backward.default)
@@ -142,10 +146,7 @@ def _owed_through_max(x) -> int:
     """What the maxima of ``x`` still owe: ``max(y) / d = max(y / d)``, so a product's maximum (or max-pool)
     can run on its untruncated shares (plain additive ones; the authenticated comparison's range is not
     stretched to the product's scale) and owe what the product did; 1: ``x`` pays first."""
-    raw = x.raw_child
-    if x.pending_divisor != 1 and type(raw) is AdditiveSharingTensor and not mac_dispatch.is_authenticated(raw):
-        return x.pending_divisor
-    return 1
+    return x.pending_divisor if x.pending_divisor != 1 and _plain_shares(x.raw_child) else 1
 
 
 @FIXED_PRECISION_RULES.handler(*MAX_OPS)
