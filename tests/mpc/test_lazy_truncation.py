@@ -237,3 +237,60 @@ def test_property_any_chain_of_ops_matches_torch(ops, seed):
     got = value(sx)
     tolerance = 1e-3 * (1 + x.abs().max().item())
     assert (got - x).abs().max().item() <= tolerance, (ops, (got - x).abs().max().item())
+
+
+def test_operands_that_would_stretch_the_range_make_the_product_pay_first(sh):
+    """A plain fixed-precision addend is checked like a public one; an integer factor above 1 in size
+    makes the product pay (the factor times the product would be what is truncated: past its range)."""
+    a, b = torch.tensor([[2.0, 1.0]], dtype=torch.float64), torch.tensor([[3.0], [1.0]], dtype=torch.float64)
+    for big in (2.0**35, 2.0**40):
+        z = sh(a) @ sh(b)
+        addend = fix_precision(torch.tensor([[big]], dtype=torch.float64))  # times 2^16 it would wrap
+        assert value(z + addend).item() == 7 + big
+    for k in (10**6, 10**9, -(10**9)):
+        z = sh(a) @ sh(b)
+        assert value(z * k).item() == 7 * k
+    z = sh(a) @ sh(b)
+    assert (z * -1).pending_divisor == SCALE  # a sign flip keeps the debt
+
+
+def test_an_integer_division_and_the_mse_gradient_fold_into_the_debt(sh):
+    a, b = torch.randn(4, 3), torch.randn(3, 2)
+    z = sh(a) @ sh(b)
+    q = z / 4
+    assert q.pending_divisor == 4 * SCALE
+    close(value(q), (a @ b) / 4, 2)
+    close(value((sh(a) @ sh(b)) / -3), (a @ b) / -3, 2)
+    x, y = torch.randn(6, 2, requires_grad=True), torch.randn(6, 2)
+    F.mse_loss(x, y).backward()
+    rounds = {}
+    for lazy in (True, False):
+        fp_rules.LAZY_TRUNCATION = lazy
+        try:
+            sx = sh(x.detach(), requires_grad=True)
+            loss = F.mse_loss(sx, sh(y))
+            with count_openings() as stats:
+                loss.backward()  # 2 (x - y) grad / 12: the product's s and n / 2 in one truncation
+        finally:
+            fp_rules.LAZY_TRUNCATION = True
+        rounds[lazy] = stats.rounds
+        close(value(sx.grad), x.grad, 4)
+    assert rounds[True] == rounds[False] - 1
+
+
+def test_a_failed_record_block_leaves_no_watcher(hook):
+    import veil as sy
+    import veil.tensors.fixed_precision as fp_tensor
+    from veil.mpc.providers.worker_dealer import dealer_for
+
+    al, bo, cp = (sy.VirtualWorker(hook, id=n) for n in ("lz_alice", "lz_bob", "lz_cp"))
+    dealer = dealer_for(cp, hook.local_worker)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="boom"):
+            with dealer.record():
+                kept = fix_precision(torch.ones(2)).share(al, bo, crypto_provider=cp) * 2.5
+                raise RuntimeError("boom")
+    assert fp_tensor._WATCHED == [] and kept.pending_divisor == SCALE  # nothing paid for a failed block
+    with dealer.record() as plan:
+        kept = fix_precision(torch.ones(2)).share(al, bo, crypto_provider=cp) * 2.5
+    assert kept.pending_divisor == 1 and any(key[0] == "truncation" for key in plan.needs.values())

@@ -11,8 +11,9 @@ PyTorch's autograd differentiates through fixed-point (and shared) values.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
@@ -190,18 +191,18 @@ class FixedPrecisionTensor(torch.Tensor):
 _WATCHED: list[weakref.WeakSet] = []
 
 
-def _watch_owed() -> Callable[[], None]:
-    """A dealer's record hook (``veil.mpc.providers.base.RECORD_HOOKS``): at the block's end, the
-    tensors it created that are still alive and owing pay now, inside the recorded block."""
+@contextlib.contextmanager
+def _watch_owed() -> Iterator[None]:
+    """A dealer's record hook (``veil.mpc.providers.base.RECORD_HOOKS``): when the block ends without an
+    error, the tensors it created that are still alive and owing pay now, inside the recorded block."""
     owed: weakref.WeakSet = weakref.WeakSet()
     _WATCHED.append(owed)
-
-    def settle_owed() -> None:
+    try:
+        yield
+    finally:
         _WATCHED.remove(owed)
-        for tensor in list(owed):
-            tensor.settle()
-
-    return settle_owed
+    for tensor in list(owed):
+        tensor.settle()
 
 
 RECORD_HOOKS.append(_watch_owed)

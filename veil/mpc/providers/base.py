@@ -8,18 +8,18 @@ an in-process dealer, pointers to the parties' workers for a remote one.
 from __future__ import annotations
 
 import abc
-from typing import Callable, Hashable, Mapping, Sequence
+from typing import Callable, ContextManager, Hashable, Mapping, Sequence
 
 import torch
 
 from veil.exceptions import register_remote_error
 from veil.mpc.errors import ProviderError
 
-#: Called when a dealer's ``record()`` block opens; each returns a function the dealer calls when the
-#: block ends, before its plan closes. The tensor layer registers one that pays the truncations the
-#: block's lazy products still owe (``FixedPrecisionTensor.pending_divisor``), so that the plan counts
-#: the material a later read of its results takes (mpc imports no tensors: the hook is injected).
-RECORD_HOOKS: list[Callable[[], Callable[[], None]]] = []
+#: Context managers a dealer's ``record()`` block runs inside, exited before its plan closes. The tensor
+#: layer registers one that, when the block ends without an error, pays the truncations the block's lazy
+#: products still owe (``FixedPrecisionTensor.pending_divisor``), so that the plan counts the material a
+#: later read of its results takes (mpc imports no tensors: the hook is injected).
+RECORD_HOOKS: list[Callable[[], ContextManager]] = []
 
 
 class MaterialExhaustedError(ProviderError):

@@ -306,15 +306,16 @@ class WorkerDealer(Provider):
 
         At the block's end the lazy products it created that are still alive pay the truncation they
         owe (``RECORD_HOOKS``), so that reading the block's results later takes recorded material; a
-        product the block dropped is not truncated, nor recorded.
+        product the block dropped is not truncated, nor recorded, and one that only autograd keeps for
+        the backward pass is (material a step that never reads it leaves unused).
         """
         plan = Plan()
         self._recording.append(plan)
-        finish = [hook() for hook in RECORD_HOOKS]
         try:
-            yield plan
-            for end in finish:  # what the block's results still owe is part of its material
-                end()
+            with contextlib.ExitStack() as hooks:  # what the block's results still owe is part of its material
+                for hook in RECORD_HOOKS:
+                    hooks.enter_context(hook())
+                yield plan
         finally:
             self._recording.remove(plan)
 

@@ -90,10 +90,13 @@ def _scaled_children(cls, args, divisor: int) -> tuple[list, FixedPointEncoding,
     encoding = cls._veil_check_compatible(fixed)
     out = []
     for a in args:
-        if isinstance(a, cls):
-            out.append(a.raw_child if a.pending_divisor == divisor else aten.mul.Tensor(a.child, divisor))
+        if isinstance(a, cls) and a.pending_divisor == divisor:
+            out.append(a.raw_child)
             continue
-        v = _encode_public(a, encoding)
+        if isinstance(a, cls) and _is_shared(a.child):  # a shared addend's range is the caller's contract
+            out.append(aten.mul.Tensor(a.child, divisor))  # (a product plus a bias: mpc/encoding.py)
+            continue
+        v = a.child if isinstance(a, cls) else _encode_public(a, encoding)  # public: checked below
         if isinstance(v, int):
             v *= divisor
             if not -(1 << 62) < v < (1 << 62):
@@ -169,9 +172,12 @@ def mul(cls, x, y):
         if isinstance(a, cls) and _is_public_integer(b):
             b = scalar_value(b)
             b = b.to(torch.int64) if isinstance(b, torch.Tensor) else int(b)
-            child = a.raw_child  # an exact product: a pending divisor stays pending
+            # an exact product; a factor of at most 1 in size keeps what ``a`` owes (a larger one would
+            # stretch the value being truncated past the product's own range: ``a`` pays first)
+            keep = a.pending_divisor != 1 and not isinstance(b, torch.Tensor) and abs(b) <= 1
+            child = a.raw_child if keep else a.child
             _guard([child, b] if isinstance(b, torch.Tensor) else [child], lambda u, *v: u * (v[0] if v else abs(b)), "mul")
-            return cls(aten.mul.Tensor(child, b), a.encoding, a.dtype, pending_divisor=a.pending_divisor)
+            return cls(aten.mul.Tensor(child, b), a.encoding, a.dtype, pending_divisor=a.pending_divisor if keep else 1)
     (xc, yc), encoding, dtype = _children(cls, (x, y))
     _guard([xc, yc], torch.mul, "fixed-precision mul")
     return product(cls, aten.mul.Tensor(xc, yc), encoding, dtype)
@@ -189,8 +195,11 @@ def _div(cls, func, args, kwargs):
         raise UnsupportedOperationError(
             "division by a fixed-precision tensor needs veil.mpc.functions.reciprocal (approximate)"
         )
+    if isinstance(y, int) and not isinstance(y, bool) and abs(y) > 1:
+        out = divide(cls, x, abs(y))  # exact-ish: error <= 1 ulp; shared: owed, with what x owes
+        return aten.neg.default(out) if y < 0 else out
     if isinstance(y, int) and not isinstance(y, bool) and y != 0:
-        out = cls(truncate(x.child, abs(y)), x.encoding, x.dtype)  # exact-ish: error <= 1 ulp
+        out = cls(truncate(x.child, abs(y)), x.encoding, x.dtype)
         return aten.neg.default(out) if y < 0 else out
     reciprocal = 1.0 / y if not isinstance(y, torch.Tensor) else torch.reciprocal(y.to(torch.float64))
     return mul(cls, x, reciprocal)

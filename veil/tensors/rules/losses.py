@@ -55,5 +55,8 @@ def _mse_loss_backward(cls, func, args, kwargs):
     (xc, yc), encoding, dtype = _children(cls, (x, y))
     diff = cls(aten.sub.Tensor(xc, yc), encoding, dtype)
     scaled = mul(cls, diff, grad)  # grad broadcasts (a scalar for mean/sum)
+    n = math.prod(x.shape)
+    if reduction == _MEAN and n % 2 == 0:  # 2 / n as one division: the product's truncation folds into it
+        return divide(cls, scaled, n // 2)
     scaled = mul(cls, scaled, 2)  # a public integer: exact
-    return divide(cls, scaled, math.prod(x.shape)) if reduction == _MEAN else scaled
+    return divide(cls, scaled, n) if reduction == _MEAN else scaled
