@@ -294,3 +294,34 @@ def test_a_failed_record_block_leaves_no_watcher(hook):
     with dealer.record() as plan:
         kept = fix_precision(torch.ones(2)).share(al, bo, crypto_provider=cp) * 2.5
     assert kept.pending_divisor == 1 and any(key[0] == "truncation" for key in plan.needs.values())
+
+
+def test_results_derived_from_one_product_pay_once_and_keep_their_values(sh):
+    a, b = torch.randn(3, 4), torch.randn(4, 3)
+    p = a @ b
+
+    def rounds(fn, lazy):
+        fp_rules.LAZY_TRUNCATION = lazy
+        try:
+            with count_openings() as stats:
+                out = fn().settle()
+        finally:
+            fp_rules.LAZY_TRUNCATION = True
+        return out, stats.rounds
+
+    for fn, expected in ((lambda z: (z + 1) * (z + 2), (p + 1) * (p + 2)),
+                         (lambda z: torch.cat([z + 1, -z, z * 3]), torch.cat([p + 1, -p, p * 3]))):
+        sa, sb = sh(a), sh(b)
+        lazy_out, lazy_rounds = rounds(lambda: fn(sa @ sb), True)
+        _, eager_rounds = rounds(lambda: fn(sa @ sb), False)
+        assert lazy_rounds <= eager_rounds  # the product pays once for every result derived from it
+        close(value(lazy_out), expected, 64)
+    # a source assigned in place after a result derived from it: the result keeps the old value
+    z = sh(a) @ sh(b)
+    w = sh(torch.ones(3, 3))
+    derived, flipped = z + w, -z
+    z.add_(5.0)
+    w.add_(7.0)
+    close(value(derived), p + 1, 40)
+    close(value(flipped), -p, 40)
+    close(value(z), p + 5, 40)

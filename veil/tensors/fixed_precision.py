@@ -42,6 +42,8 @@ class FixedPrecisionTensor(torch.Tensor):
 
     encoding: FixedPointEncoding
     pending_divisor: int = 1
+    _veil_via: tuple | None = None  # (source, its _veil_assigned, local op): how a value derived from one
+    _veil_assigned: int = 0  # owing source pays; how many values ``child`` was assigned
 
     @staticmethod
     def __new__(
@@ -51,6 +53,7 @@ class FixedPrecisionTensor(torch.Tensor):
         dtype: torch.dtype = torch.float32,
         requires_grad: bool = False,
         pending_divisor: int = 1,
+        settle_via: tuple | None = None,
     ):
         if child.dtype != torch.int64:
             raise NotEncodedError(f"the child of a FixedPrecisionTensor must be int64, got {child.dtype}")
@@ -63,6 +66,7 @@ class FixedPrecisionTensor(torch.Tensor):
         out.encoding = encoding
         if pending_divisor != 1:
             out.pending_divisor = int(pending_divisor)
+            out._veil_via = settle_via
             for owed in _WATCHED:
                 owed.add(out)
         return out
@@ -70,12 +74,20 @@ class FixedPrecisionTensor(torch.Tensor):
     @property
     def child(self) -> torch.Tensor:
         if self.pending_divisor != 1:  # a lazy product: its truncation is due now
-            self._veil_raw, self.pending_divisor = truncate(self._veil_raw, self.pending_divisor), 1
+            via, self._veil_via = self._veil_via, None
+            # derived from one owing source by a local op: the source pays (once for all that derive from
+            # it) and the op is redone on what it paid, unless the source was assigned since (in place)
+            if via is not None and via[0]._veil_assigned == via[1]:
+                self._veil_raw = via[2](via[0].child)
+            else:
+                self._veil_raw = truncate(self._veil_raw, self.pending_divisor)
+            self.pending_divisor = 1
         return self._veil_raw
 
     @child.setter
     def child(self, value: torch.Tensor) -> None:
-        self._veil_raw, self.pending_divisor = value, 1
+        self._veil_raw, self.pending_divisor, self._veil_via = value, 1, None
+        self._veil_assigned += 1  # a new value (an in-place op): what derived from the old one must not redo
 
     def settle(self) -> "FixedPrecisionTensor":
         """Pays the truncation this tensor still owes now (one round if shared and owing); returns itself."""

@@ -119,7 +119,18 @@ def _lazy_add_sub(cls, op, x, y):
     if scaled is None:
         return None
     (xc, yc), encoding, dtype = scaled
-    return cls(op(xc, yc), encoding, dtype, pending_divisor=divisor)
+    owing = [a for a in (x, y) if pending_of(a) == divisor]
+    via = None
+    if len(owing) == 1:  # one source: reading the sum pays the source (shared with its other uses) and adds
+        source, first = owing[0], owing[0] is x
+        other = y if first else x  # its value now (at the encoding's scale: it owes nothing)
+        other = other.child if isinstance(other, cls) else _encode_public(other, encoding)
+
+        def redo(paid, other=other, first=first):
+            return op(paid, other) if first else op(other, paid)
+
+        via = (source, source._veil_assigned, redo)
+    return cls(op(xc, yc), encoding, dtype, pending_divisor=divisor, settle_via=via)
 
 
 def _encode_public(value: Any, encoding: FixedPointEncoding) -> Any:
@@ -177,7 +188,10 @@ def mul(cls, x, y):
             keep = a.pending_divisor != 1 and not isinstance(b, torch.Tensor) and abs(b) <= 1
             child = a.raw_child if keep else a.child
             _guard([child, b] if isinstance(b, torch.Tensor) else [child], lambda u, *v: u * (v[0] if v else abs(b)), "mul")
-            return cls(aten.mul.Tensor(child, b), a.encoding, a.dtype, pending_divisor=a.pending_divisor if keep else 1)
+            if not keep:
+                return cls(aten.mul.Tensor(child, b), a.encoding, a.dtype)
+            return cls(aten.mul.Tensor(child, b), a.encoding, a.dtype, pending_divisor=a.pending_divisor,
+                       settle_via=(a, a._veil_assigned, lambda paid, b=b: aten.mul.Tensor(paid, b)))
     (xc, yc), encoding, dtype = _children(cls, (x, y))
     _guard([xc, yc], torch.mul, "fixed-precision mul")
     return product(cls, aten.mul.Tensor(xc, yc), encoding, dtype)
