@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -13,10 +14,43 @@ from dataclasses import dataclass, field
 
 
 def free_port() -> int:
-    """A TCP port that was free a moment ago (the OS picks it)."""
+    """A TCP port that was free a moment ago, below the kernel's ephemeral range when there is room.
+
+    A port the OS picks for ``bind(0)`` comes from the ephemeral range, from which every outgoing
+    connection also takes its local port: between this check and the worker's own bind, a client
+    connection elsewhere (another test's) could take it ("address already in use", seen in CI).
+    """
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(_LISTEN_LOW, low) if low - _LISTEN_LOW > 1000 else 0
+        if port in _GIVEN:  # handed out already (its worker may not have bound it yet)
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = s.getsockname()[1]
+        _GIVEN.add(port)
+        return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+#: the lowest port :func:`free_port` picks (under it: well-known services' ports)
+_LISTEN_LOW = 20000
+#: ports this process handed out (never twice: two workers of one cluster would race for one)
+_GIVEN: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux; 32768, its default, elsewhere)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 @dataclass
