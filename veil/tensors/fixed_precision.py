@@ -42,8 +42,10 @@ class FixedPrecisionTensor(torch.Tensor):
 
     encoding: FixedPointEncoding
     pending_divisor: int = 1
-    _veil_via: tuple | None = None  # (source, its _veil_assigned, local op): how a value derived from one
-    _veil_assigned: int = 0  # owing source pays; how many values ``child`` was assigned
+    #: how a value derived from one owing source pays: (source, the source's ``_veil_assigned`` then, local op)
+    _veil_via: tuple | None = None
+    #: how many values ``child`` was assigned (a derived value redoes its op only on the same one)
+    _veil_assigned: int = 0
 
     @staticmethod
     def __new__(

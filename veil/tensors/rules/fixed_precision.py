@@ -109,6 +109,13 @@ def _scaled_children(cls, args, divisor: int) -> tuple[list, FixedPointEncoding,
     return out, encoding, fixed[0].dtype
 
 
+def _through(source, redo) -> tuple:
+    """How a value derived from one owing ``source`` by the local op ``redo`` pays
+    (``FixedPrecisionTensor.child``): the source pays, ``redo`` runs on what it paid, unless the source was
+    assigned a new value since."""
+    return source, source._veil_assigned, redo
+
+
 def _lazy_add_sub(cls, op, x, y):
     """``x +- y`` keeping the operands' common pending divisor; None when there is none to keep."""
     pending = {pending_of(a) for a in (x, y) if isinstance(a, cls)} - {1}
@@ -129,7 +136,7 @@ def _lazy_add_sub(cls, op, x, y):
         def redo(paid, other=other, first=first):
             return op(paid, other) if first else op(other, paid)
 
-        via = (source, source._veil_assigned, redo)
+        via = _through(source, redo)
     return cls(op(xc, yc), encoding, dtype, pending_divisor=divisor, settle_via=via)
 
 
@@ -188,10 +195,9 @@ def mul(cls, x, y):
             keep = a.pending_divisor != 1 and not isinstance(b, torch.Tensor) and abs(b) <= 1
             child = a.raw_child if keep else a.child
             _guard([child, b] if isinstance(b, torch.Tensor) else [child], lambda u, *v: u * (v[0] if v else abs(b)), "mul")
-            if not keep:
-                return cls(aten.mul.Tensor(child, b), a.encoding, a.dtype)
-            return cls(aten.mul.Tensor(child, b), a.encoding, a.dtype, pending_divisor=a.pending_divisor,
-                       settle_via=(a, a._veil_assigned, lambda paid, b=b: aten.mul.Tensor(paid, b)))
+            via = _through(a, lambda paid, b=b: aten.mul.Tensor(paid, b)) if keep else None
+            return cls(aten.mul.Tensor(child, b), a.encoding, a.dtype, pending_divisor=a.pending_divisor if keep else 1,
+                       settle_via=via)
     (xc, yc), encoding, dtype = _children(cls, (x, y))
     _guard([xc, yc], torch.mul, "fixed-precision mul")
     return product(cls, aten.mul.Tensor(xc, yc), encoding, dtype)
@@ -209,11 +215,9 @@ def _div(cls, func, args, kwargs):
         raise UnsupportedOperationError(
             "division by a fixed-precision tensor needs veil.mpc.functions.reciprocal (approximate)"
         )
-    if isinstance(y, int) and not isinstance(y, bool) and abs(y) > 1:
-        out = divide(cls, x, abs(y))  # exact-ish: error <= 1 ulp; shared: owed, with what x owes
-        return aten.neg.default(out) if y < 0 else out
     if isinstance(y, int) and not isinstance(y, bool) and y != 0:
-        out = cls(truncate(x.child, abs(y)), x.encoding, x.dtype)
+        # exact-ish: error <= 1 ulp; shared: owed, with what x owes (by +-1: a copy, never x itself)
+        out = divide(cls, x, abs(y)) if abs(y) > 1 else cls(truncate(x.child, 1), x.encoding, x.dtype)
         return aten.neg.default(out) if y < 0 else out
     reciprocal = 1.0 / y if not isinstance(y, torch.Tensor) else torch.reciprocal(y.to(torch.float64))
     return mul(cls, x, reciprocal)
