@@ -1,5 +1,7 @@
-"""VirtualWorker's large messages cross as one owned buffer (one copy of the tensor bytes, which the
-decoder then uses in place) and still give exactly what was sent, never sharing the sender's memory."""
+"""VirtualWorker's large requests cross as one owned buffer (one copy of the tensor bytes, which the
+decoder then uses in place) and still give exactly what was sent, never sharing the sender's memory;
+its large fresh replies (opening steps' outputs) are handed over with their memory (no copy), and
+nothing the worker stores ever is."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import torch
 
 import veil as sy
 from veil.messaging import messages as m
-from veil.messaging.serde import FrameParts, OwnedFrame, deserialize, serialize
+from veil.messaging.serde import FrameParts, HandedParts, OwnedFrame, SerializationError, deserialize, serialize
 from veil.messaging.tensor_payload import ADOPT_MIN_BYTES
 from veil.workers.virtual import owned_frame
 
@@ -48,3 +50,53 @@ def test_virtual_workers_round_trip_large_and_small_tensors(hook):
     shared = x.fix_precision().share(alice, sy.VirtualWorker(hook, id="bob_frames"),
                                      crypto_provider=sy.VirtualWorker(hook, id="cp_frames"))
     assert torch.allclose((shared * shared).get().float_precision(), x * x, atol=1e-3)
+
+
+@pytest.mark.parametrize("sizes", [[ADOPT_MIN_BYTES // 8], [3, 100_001], [70_000, 70_000], [1, 2, 3], [0, 80_000]], ids=str)
+def test_handed_parts_decode_to_the_sent_tensors_large_ones_in_place(sizes):
+    tensors = [torch.randint(-2**62, 2**62, (n,)) for n in sizes] + [torch.randn(9, 7)]
+    parts = serialize(m.ObjectsReply(tensors), sender="w", parts_over=0)
+    got, _, _ = deserialize(HandedParts.of(parts))
+    for t, g in zip(tensors, got.objects):
+        assert torch.equal(t, g) and g.dtype == t.dtype and g.shape == t.shape
+        shared = t.numel() and g.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+        assert shared == (t.numel() * t.element_size() >= ADOPT_MIN_BYTES)  # small ones copied
+    assert HandedParts.of(parts).nbytes == parts.nbytes
+
+
+def test_handed_parts_that_do_not_match_their_header_are_refused():
+    t = torch.randint(-2**62, 2**62, (100_000,))
+    parts = serialize(m.ObjectsReply([t, t[:10]]), sender="w", parts_over=0)
+    for bad in (parts[:2], [parts[0], parts[2], parts[1]], [*parts, memoryview(b"x")], [parts[0][5:], *parts[1:]]):
+        handed = HandedParts(bad)
+        handed.nbytes = 0
+        with pytest.raises(SerializationError):
+            deserialize(handed)
+
+
+def test_opening_replies_are_handed_over_and_stored_objects_never_are(hook):
+    alice = sy.VirtualWorker(hook, id="alice_handed")
+    bob = sy.VirtualWorker(hook, id="bob_handed")
+    seen = []
+    original = sy.VirtualWorker._serve_decoded
+
+    def serve(self, msg, sender, prelude):
+        reply = original(self, msg, sender, prelude)
+        seen.append((type(msg).__name__, type(reply).__name__))
+        return reply
+
+    sy.VirtualWorker._serve_decoded = serve
+    try:
+        t = torch.randint(-2**62, 2**62, (300_000,))
+        ptr = t.send(alice)
+        doubled = (ptr + ptr).get()  # a stored result's reply is copied, as before
+        assert torch.equal(doubled, t + t) and torch.equal(ptr.get(), t)
+        x, y = torch.randn(100_000), torch.randn(100_000)
+        cp = sy.VirtualWorker(hook, id="cp_handed")
+        z = x.fix_precision().share(alice, bob, crypto_provider=cp) * y.fix_precision().share(alice, bob,
+                                                                                                crypto_provider=cp)
+        assert torch.allclose(z.get().float_precision(), x * y, atol=1e-3)
+    finally:
+        sy.VirtualWorker._serve_decoded = original
+    assert ("OpenMessage", "HandedParts") in seen  # the openings' outputs crossed without a copy
+    assert all(kind != "HandedParts" for name, kind in seen if name != "OpenMessage")

@@ -187,11 +187,12 @@ class _OutOfBand:
     handed out in order. ``levels``: the ext nesting levels whose tensors travel out of band (the
     message's own fields, and the payload of a StoredObject among them, see :func:`_oob_inside`)."""
 
-    __slots__ = ("buffers", "view", "at", "levels", "adopt")
+    __slots__ = ("buffers", "view", "at", "levels", "adopt", "parts")
 
-    def __init__(self, view: memoryview | None = None, adopt: bool = False) -> None:
+    def __init__(self, view: memoryview | None = None, adopt: bool = False, parts: list | None = None) -> None:
         self.buffers: list[memoryview] = []
         self.view, self.at, self.levels, self.adopt = view, 0, {1}, adopt
+        self.parts = parts  # HandedParts: one buffer per tensor, in order (``at`` counts parts)
 
 
 def _oob_inside(state: "_OutOfBand | None", level: int, run: Callable[[], Any]) -> Any:
@@ -216,6 +217,8 @@ def _take_oob_tensor(data: bytes) -> torch.Tensor:
     if not isinstance(head, list) or len(head) != 4 or type(head[3]) is not int:
         raise SerializationError("out-of-band tensor header must be [dtype, shape, requires_grad, byte length]")
     dtype_name, shape, requires_grad, n = head
+    if region.parts is not None:
+        return _take_handed_part(region, dtype_name, shape, requires_grad, n)
     if n != _nbytes(dtype_name, shape) or n > len(region.view) - region.at:  # before any allocation
         raise SerializationError(f"out-of-band tensor of {n} bytes does not match its shape or the frame")
     raw = region.view[region.at: region.at + n]
@@ -225,6 +228,17 @@ def _take_oob_tensor(data: bytes) -> torch.Tensor:
     if region.adopt and n >= ADOPT_MIN_BYTES and 2 * n >= len(region.view) and not raw.readonly:
         return _build_tensor(dtype_name, shape, requires_grad, raw, adopt=True)
     return _build_tensor(dtype_name, shape, requires_grad, raw)
+
+
+def _take_handed_part(region: _OutOfBand, dtype_name: Any, shape: Any, requires_grad: Any, n: Any) -> torch.Tensor:
+    """The next tensor of a :class:`HandedParts` message: its own part, used in place from
+    ``ADOPT_MIN_BYTES`` on (the sender handed the memory over), copied below that."""
+    parts, k = region.parts, region.at
+    if n != _nbytes(dtype_name, shape) or k >= len(parts) or parts[k].nbytes != n:
+        raise SerializationError(f"out-of-band tensor of {n} bytes does not match its shape or its part")
+    raw = parts[k]
+    region.at = k + 1
+    return _build_tensor(dtype_name, shape, requires_grad, raw, adopt=n >= ADOPT_MIN_BYTES and not raw.readonly)
 
 
 def _list_payload(data: bytes, ctx: DecodeContext, n: int | None = None) -> list:
@@ -341,6 +355,27 @@ class FrameParts(list):
     the whole message's length."""
 
     __slots__ = ("nbytes",)
+
+
+class HandedParts(FrameParts):
+    """FrameParts handed over in process together with the memory of their tensors: the tensors the
+    parts view are fresh (an opening step's outputs, which nothing else holds) and the sender drops
+    them, so :func:`deserialize` uses each large part in place (as it adopts an :class:`OwnedFrame`'s
+    bytes) and the reply crosses with no copy at all. Only made in process (``VirtualWorker``): bytes
+    from a socket are never one."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, parts: FrameParts) -> "HandedParts":
+        handed = cls(parts)
+        handed.nbytes = parts.nbytes
+        return handed
+
+
+def frame_nbytes(data: Any) -> int:
+    """The length of a message as bytes or in parts (FrameParts, HandedParts)."""
+    return data.nbytes if isinstance(data, FrameParts) else len(data)
 
 
 class _NativePacker(threading.local):
@@ -467,13 +502,19 @@ _COMMAND_FIELDS = len(FIELD_NAMES[CommandMessage])
 
 def deserialize(data: bytes, ctx: DecodeContext | None = None) -> tuple[Any, str, list[int]]:
     """Decodes bytes into ``(message, sender, prelude)``; any failure is a SerializationError."""
-    if type(data) is FrameParts:  # a message captured on its way to a transport (tests, benchmarks)
-        data = b"".join(data)
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise SerializationError(f"expected bytes, got {type(data).__name__}")
-    adopt = type(data) is OwnedFrame or (type(data) is memoryview and type(data.obj) is OwnedFrame)
-    header, raw = _split_frame(data)
-    region = _OutOfBand(raw, adopt) if raw is not None else None
+    if type(data) is HandedParts:  # in process, the tensors' memory handed over with them
+        header, raw = _split_frame(data[0])
+        if raw is None:
+            raise SerializationError("handed parts without a message frame")
+        region = _OutOfBand(raw, parts=[memoryview(p).cast("B") for p in data[1:]])
+    else:
+        if type(data) is FrameParts:  # a message captured on its way to a transport (tests, benchmarks)
+            data = b"".join(data)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise SerializationError(f"expected bytes, got {type(data).__name__}")
+        adopt = type(data) is OwnedFrame or (type(data) is memoryview and type(data.obj) is OwnedFrame)
+        header, raw = _split_frame(data)
+        region = _OutOfBand(raw, adopt) if raw is not None else None
     previous = _oob.region
     swap = region is not None or previous is not None  # (a plain message on a clean thread: nothing to set)
     if swap:
@@ -489,8 +530,9 @@ def deserialize(data: bytes, ctx: DecodeContext | None = None) -> tuple[Any, str
             value = msgpack.unpackb(header, raw=False, strict_map_key=False, ext_hook=hook)
         finally:
             _depth.level = level
-        if region is not None and region.at != raw.nbytes:
-            raise SerializationError(f"message frame has {raw.nbytes - region.at} bytes no field refers to")
+        if region is not None and region.at != (raw.nbytes if region.parts is None else len(region.parts)):
+            left = raw.nbytes - region.at if region.parts is None else sum(p.nbytes for p in region.parts[region.at:])
+            raise SerializationError(f"message frame has {left} bytes no field refers to")
     except SerializationError:
         raise
     except Exception as e:  # msgpack raises many types on hostile input; normalize them

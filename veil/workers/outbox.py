@@ -18,7 +18,7 @@ import torch
 
 from veil.exceptions import ObjectNotFoundError, error_from_reply
 from veil.messaging import messages as m
-from veil.messaging.serde import FrameParts, deserialize, serialize
+from veil.messaging.serde import FrameParts, deserialize, frame_nbytes, serialize
 from veil.messaging.skeleton_frames import SkeletonFramer, serialize_skeleton
 
 if TYPE_CHECKING:
@@ -303,14 +303,13 @@ class Outbox:
             if prelude:
                 self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
             raise
-        self.stats.record(data.nbytes if type(data) is FrameParts else len(data),
-                          reply_bytes.nbytes if type(reply_bytes) is FrameParts else len(reply_bytes))
+        self.stats.record(data.nbytes if type(data) is FrameParts else len(data), frame_nbytes(reply_bytes))
         return self._read_reply(reply_bytes, location, prelude)
 
     def _read_reply(self, reply_bytes: Any, location: "BaseWorker", prelude: list | None) -> Any:
         """The decoded reply; an ErrorReply is raised (a failed deferred command's results noted lost)."""
         ok = self._ok_replies
-        small = type(reply_bytes) is not FrameParts and len(reply_bytes) <= _OK_MAX
+        small = not isinstance(reply_bytes, FrameParts) and len(reply_bytes) <= _OK_MAX
         if small and bytes(reply_bytes) in ok:  # an OkReply seen before: the same message
             return _OK
         reply, _, _ = deserialize(reply_bytes, self._decode_ctx)
