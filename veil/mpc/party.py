@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Hashable, Mapping, Optional
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 from veil.messaging import messages as m
 from veil.messaging.allowlist import register_worker_function
@@ -111,7 +111,7 @@ def run_openable(name: str, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         raise MPCError(f"{name} must return tensors")
     # Outputs are the reply's alone (a server sends them from their memory after the handler returns):
     # one that shares memory with an argument (a stored share) is copied.
-    held = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0]
+    held = {a.untyped_storage().data_ptr() for a in m.arg_leaves((args, kwargs))  # (pytree's walk: ~3x slower)
             if isinstance(a, torch.Tensor) and a.numel()}
     return [o.clone() if o.numel() and o.untyped_storage().data_ptr() in held else o for o in outputs]
 

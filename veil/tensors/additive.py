@@ -169,18 +169,38 @@ class AdditiveSharingTensor(torch.Tensor):
     @classmethod
     def _veil_apply_local(cls, func: Callable, args: tuple, kwargs: dict) -> Any:
         """Runs ``func`` on each party's share and re-assembles the outputs."""
-        shared = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, cls)]
-        parties, provider = cls._veil_check_compatible(shared)
-        per_party = {}
-        for p in parties:
-            unwrap = lambda a: a.child[p] if isinstance(a, cls) else a  # noqa: E731
-            per_party[p] = tree_flatten(func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs)))
+        if _flat(args) and _flat(kwargs.values()):  # the usual call: no pytree walks (~1.5 ms per CNN inference)
+            shared = [a for a in (*args, *kwargs.values()) if isinstance(a, cls)]
+            parties, provider = cls._veil_check_compatible(shared)
+            outs = {p: func(*[a.child[p] if isinstance(a, cls) else a for a in args],
+                            **{k: a.child[p] if isinstance(a, cls) else a for k, a in kwargs.items()})
+                    for p in parties}
+            first = outs[parties[0]]
+            if isinstance(first, torch.Tensor):
+                return cls(outs, provider)
+            per_party = {p: tree_flatten(outs[p]) for p in parties}
+        else:
+            shared = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, cls)]
+            parties, provider = cls._veil_check_compatible(shared)
+            per_party = {}
+            for p in parties:
+                unwrap = lambda a: a.child[p] if isinstance(a, cls) else a  # noqa: E731
+                per_party[p] = tree_flatten(func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs)))
         leaves, spec = per_party[parties[0]]
         out = [
             cls({p: per_party[p][0][k] for p in parties}, provider) if isinstance(leaf, torch.Tensor) else leaf
             for k, leaf in enumerate(leaves)
         ]
         return tree_unflatten(out, spec)
+
+
+def _flat(values: Any) -> bool:
+    """No list, tuple or dict among ``values`` (a tensor, a scalar, a dtype, None: leaves as they are)."""
+    for v in values:
+        tp = type(v)
+        if tp is list or tp is tuple or tp is dict:
+            return False
+    return True
 
 
 def share(
