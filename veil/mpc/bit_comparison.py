@@ -327,7 +327,11 @@ def _select(e, opened: list, masks: list, rho, masks_rho: list, first: bool) -> 
     bit = sign * rho
     if first:
         bit = bit + e
-    products = [v_hat * bit - (e * r + sign * r_rho) for v_hat, r, r_rho in zip(opened, masks, masks_rho)]
+    products = []
+    for v_hat, r, r_rho in zip(opened, masks, masks_rho):  # v_hat * bit - e * r - sign * r_rho, in place
+        p = v_hat * bit
+        p.addcmul_(e, r, value=-1)
+        products.append(p.addcmul_(sign, r_rho, value=-1))
     return (bit, *products)
 
 
