@@ -53,7 +53,7 @@ def test_conv2d_fallback_matches_native(gen, stride, padding, dilation, groups):
 
 @pytest.mark.parametrize("shape,stride,padding,dilation", [
     ((8, 32, 5, 5), 1, 0, 1), ((3, 16, 6, 6), 2, 1, 1), ((2, 8, 3, 3), 1, 2, 2), ((1, 32, 3, 3), 1, 0, 1),
-    ((4, 8, 4, 5), (2, 1), (0, 1), 1)])
+    ((4, 8, 4, 5), (2, 1), (0, 1), 1), ((2, 8, 3, 3), [1], [1], (1,))])
 def test_conv2d_with_few_output_positions_takes_the_matmul_form_and_matches_torch(gen, shape, stride, padding, dilation):
     # a CNN's deepest layers: positions * 4 <= output channels (torch's int64 kernel is up to 5x slower there)
     x, w = ring.random_ring(shape, gen), ring.random_ring((64, shape[1], 3, 3), gen)
@@ -62,6 +62,13 @@ def test_conv2d_with_few_output_positions_takes_the_matmul_form_and_matches_torc
     assert got.is_contiguous() and torch.equal(got, F.conv2d(x, w, None, stride, padding, dilation))
     assert not ring._few_positions(torch.zeros(1, 16, 13, 13, dtype=torch.long), torch.zeros(32, 16, 3, 3,
                                                                                               dtype=torch.long), 1, 0, 1, 1)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_conv2d_with_padding_by_name_is_torchs(gen, padding):
+    # (a Keras model's Conv2D(padding="same") arrives as a named padding: the native kernel takes it)
+    x, w = ring.random_ring((2, 8, 3, 3), gen), ring.random_ring((64, 8, 3, 3), gen)
+    assert torch.equal(ring.conv2d(x, w, 1, padding), F.conv2d(x, w, None, 1, padding))
 
 
 def test_prg_expansion_is_deterministic_per_label_and_looks_uniform():

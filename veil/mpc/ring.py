@@ -85,7 +85,7 @@ def _few_positions(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, 
     layers. Measured on the 2-core box (int64, one thread): 64 channels on 3x3 positions from 32,
     batch 64, 8.5 ms native against 1.7 ms; 2x2 positions 4-12x faster; at 10x10 positions and
     more the native kernel wins by up to 4x (bench/RESULTS.md, "int64 convolutions")."""
-    if groups != 1 or x.dim() != 4 or w.dim() != 4:
+    if groups != 1 or x.dim() != 4 or w.dim() != 4 or isinstance(padding, str):  # ("same"/"valid": torch's)
         return False
     (sh, sw), (ph, pw), (dh, dw) = (_pair(v) for v in (stride, padding, dilation))
     out_h = (x.shape[2] + 2 * ph - dh * (w.shape[2] - 1) - 1) // sh + 1
@@ -94,7 +94,8 @@ def _few_positions(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, 
 
 
 def _pair(v) -> tuple:
-    return (v, v) if isinstance(v, int) else tuple(v)
+    """An int or a 1- or 2-sequence as (h, w), as F.conv2d reads them."""
+    return (v, v) if isinstance(v, int) else tuple(v) * (2 if len(v) == 1 else 1)
 
 
 def conv2d(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
