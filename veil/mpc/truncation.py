@@ -129,6 +129,7 @@ def _trunc_finish(c: torch.Tensor, q_i: torch.Tensor, g_i: torch.Tensor, divisor
         return torch.empty_like(q_i)
     if c.shape != q_i.shape or g_i.shape != q_i.shape:  # (the pieces below would not broadcast as ops do)
         raise ValueError("trunc_finish: the opened value and the q and g shares differ in shape")
+    c = c.contiguous()  # (a local share of a transposed value opens with its strides: z must be flat-viewable)
     if not first:
         z = c >> 63  # all ones where the top bit is set
         return z.bitwise_not_().bitwise_and_(g_i).sub_(q_i)  # (1 - c_hi) g - q, in place on one fresh tensor
