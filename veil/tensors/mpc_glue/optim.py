@@ -30,7 +30,9 @@ import torch
 from torch.optim import optimizer as torch_optimizer
 
 from veil.mpc.errors import NotEncodedError
+from veil.mpc.truncation import TRUNCATION_BOUND
 from veil.tensors.fixed_precision import FixedPrecisionTensor
+from veil.tensors.rules import fixed_precision as fp_rules
 from veil.tensors.remote_ops import deferring
 
 #: Optimizers whose step only adds, scales and multiplies (exact on shares).
@@ -95,9 +97,9 @@ def _plain_group(group: dict) -> bool:
 def _batch_key(p: torch.Tensor) -> Optional[tuple]:
     """Parameters whose gradients can be truncated together: same encoding, parties and provider, no MACs."""
     grad = p.grad
-    child = getattr(grad, "child", None)
     if not isinstance(p, FixedPrecisionTensor) or not isinstance(grad, FixedPrecisionTensor):
         return None
+    child = grad.raw_child  # (a truncation it owes is paid with the update's)
     if getattr(child, "mac", None) is not None or not hasattr(child, "parties") or grad.dtype != p.dtype:
         return None
     return (grad.encoding, child.parties, id(child.crypto_provider), grad.dtype)
@@ -129,6 +131,10 @@ def _batched_sgd_step(self: torch.optim.SGD, closure=None):
                 else:
                     buckets.setdefault(key, []).append(p)
             for params in buckets.values():
+                divisor = _folded_divisor(params, lr)
+                if divisor is not None:
+                    _folded_update(params, divisor)
+                    continue
                 if len(params) == 1:
                     params[0].add_(params[0].grad, alpha=-lr)
                     continue
@@ -140,16 +146,53 @@ def _batched_sgd_step(self: torch.optim.SGD, closure=None):
     return loss
 
 
-def _on_shares(fn, x, *args):
+def _folded_divisor(params: list, lr: float) -> Optional[int]:
+    """``D = round(s / lr)`` when some gradient still owes its product's truncation by the scale ``s``
+    (lazy truncation: a weight's ``x^T g``): ``lr * grad`` at scale ``s`` is then that product divided by
+    ``D``, the owed truncation and the learning rate's in one, with the product's own range
+    (``|v| <= 2^62 - D``, :mod:`veil.mpc.truncation`); else None (the gradients pay, then ``lr`` is encoded
+    and truncated). Only where ``D`` is no coarser than encoding ``lr`` (relative error of ``D`` at most
+    that of ``round(lr * s)``): ``lr <= 1`` in practice, and every power of two."""
+    scale = params[0].grad.encoding.scale
+    if not fp_rules.LAZY_TRUNCATION or lr <= 0 or not any(p.grad.pending_divisor == scale for p in params):
+        return None
+    exact = scale / lr
+    divisor = round(exact)
+    if not 1 < divisor <= TRUNCATION_BOUND // 2:
+        return None
+    encoded = lr * scale
+    if abs(divisor - exact) / exact > abs(round(encoded) - encoded) / encoded:
+        return None
+    return divisor
+
+
+def _folded_update(params: list, divisor: int) -> None:
+    """``p -= grad / D`` for every parameter with one truncation: the owed gradients as they are (at scale
+    ``s^2``), the others times ``s`` (exact: a bias's gradient at a product's scale, in its range), flattened
+    and concatenated, divided by ``D`` (:func:`_folded_divisor`) together, split back."""
+    scale = params[0].grad.encoding.scale
+    flat = [_on_shares(torch.reshape, p.grad, (-1,), raw=p.grad.pending_divisor == scale) for p in params]
+    flat = [f if p.grad.pending_divisor == scale else _on_shares(torch.mul, f, scale) for f, p in zip(flat, params)]
+    flat = flat[0] if len(flat) == 1 else _on_shares(torch.cat, flat)
+    first = params[0].grad
+    update = FixedPrecisionTensor(flat.child, first.encoding, first.dtype, pending_divisor=divisor)
+    chunks = [update] if len(params) == 1 else _on_shares(torch.split, update, [p.numel() for p in params])
+    for p, chunk in zip(params, chunks):  # reading the first chunk's shares paid the truncation
+        p.sub_(_on_shares(torch.reshape, chunk, tuple(p.shape)))
+
+
+def _on_shares(fn, x, *args, raw: bool = False):
     """``fn`` on every party's share of shared fixed-precision ``x`` (or each of a list of them), local.
 
     Reshaping goes to the shares themselves, not through the wrappers: a weight's gradient share is a
     transposed view on its worker while the wrapper's strides say contiguous, so a wrapper-level
-    reshape would become a ``view`` the worker cannot take.
+    reshape would become a ``view`` the worker cannot take. ``raw``: on the shares as they are, a
+    truncation still owed unpaid (the caller pays it); the result owes nothing.
     """
     first = x[0] if isinstance(x, list) else x
-    cls, enc, dtype = type(first.child), first.encoding, first.dtype
-    children = [t.child for t in x] if isinstance(x, list) else x.child
+    cls, enc, dtype = type(first.raw_child), first.encoding, first.dtype
+    read = (lambda t: t.raw_child) if raw else (lambda t: t.child)
+    children = [read(t) for t in x] if isinstance(x, list) else read(x)
     with deferring():
         out = cls._veil_apply_local(fn, (children, *args), {})
     if isinstance(out, (tuple, list)):

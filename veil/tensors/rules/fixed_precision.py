@@ -25,7 +25,13 @@ aten = torch.ops.aten
 
 FIXED_PRECISION_RULES = RuleTable("FixedPrecisionTensor")
 _ALIASES = (aten.detach.default, aten.alias.default)
-FIXED_PRECISION_RULES.local(*[op for op in STRUCTURAL_OPS if op not in _ALIASES], aten.cat.default, aten.stack.default)
+#: ops that only view or reorder the entries of one tensor: a truncation owed entry by entry commutes with
+#: them, so they carry the debt (a weight gradient's ``t()`` and ``detach`` on its way to the optimizer,
+#: which pays it with the learning rate's division: ``veil.tensors.mpc_glue.optim``)
+_CARRYING = (aten.t.default, aten.transpose.int, aten.permute.default, aten.view.default,
+             aten._unsafe_view.default, aten.reshape.default)
+FIXED_PRECISION_RULES.local(*[op for op in STRUCTURAL_OPS if op not in _ALIASES + _CARRYING],
+                            aten.cat.default, aten.stack.default)
 
 #: Side values that aliases of a tensor keep (e.g. ReLU's derivative bit,
 #: which must survive autograd saving a detached alias of ReLU's output).
@@ -35,11 +41,24 @@ CARRIED_ATTRS: list[str] = []
 @FIXED_PRECISION_RULES.handler(*_ALIASES)
 def _alias(cls, func, args, kwargs):
     x = args[0]
-    out = cls(func(x.child), x.encoding, x.dtype)
+    out = cls(func(x.child), x.encoding, x.dtype) if x.pending_divisor == 1 else _carry(cls, func, args, kwargs)
     for name in CARRIED_ATTRS:
         if hasattr(x, name):
             setattr(out, name, getattr(x, name))
     return out
+
+
+@FIXED_PRECISION_RULES.handler(*_CARRYING)
+def _carry(cls, func, args, kwargs):
+    """A view or reordering of ``x``: owing what ``x`` owes (reading it pays through ``x``, :func:`_through`)."""
+    x = args[0]
+    if x.pending_divisor == 1:
+        return cls._veil_apply_local(func, args, kwargs)
+
+    def redo(paid, rest=args[1:]):
+        return func(paid, *rest, **kwargs)
+
+    return cls(redo(x.raw_child), x.encoding, x.dtype, pending_divisor=x.pending_divisor, settle_via=_through(x, redo))
 
 
 def _is_shared(child: torch.Tensor) -> bool:
