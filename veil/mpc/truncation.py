@@ -74,9 +74,11 @@ def floor_div_unsigned(v: torch.Tensor, divisor: int) -> torch.Tensor:
     For negative (top bit set) ``v``: ``v + 2^64 = (v + s_M) + q_M d`` with
     ``2^64 = q_M d + s_M``, and ``v + s_M`` cannot overflow.
     """
-    if divisor > 1 and divisor & (divisor - 1) == 0:  # a power of two: a logical shift (one pass instead of five)
-        k = divisor.bit_length() - 1
-        return (v >> k).bitwise_and_((1 << (64 - k)) - 1)  # in place on the shift's fresh result
+    k = (divisor & -divisor).bit_length() - 1  # d = 2^k m, m odd
+    if k:  # a logical shift (one pass, in place on its fresh result), then m divides a non-negative value:
+        shifted = (v >> k).bitwise_and_((1 << (64 - k)) - 1)  # floor(floor(v / 2^k) / m) = floor(v / d)
+        odd = divisor >> k  # (an SGD step's d = s / lr: 1.5 ms -> 0.4 ms at 1.2e5 entries)
+        return shifted if odd == 1 else torch.div(shifted, odd, rounding_mode="trunc")
     q_m, s_m = divmod(1 << 64, divisor)
     neg = (v < 0).to(v.dtype)
     return torch.div(v + neg * s_m, divisor, rounding_mode="floor") + neg * wrap_int(q_m)

@@ -10,10 +10,12 @@ every step encodes them at the parameters' precision.
 Plain SGD (no momentum, weight decay, nesterov, maximize) on secret-shared
 parameters updates them all with **one** truncation round
 (:func:`_batched_sgd_step`): the gradients' shares are concatenated (local),
-multiplied by ``-lr`` and truncated together, then added back parameter by
-parameter (local). Per entry this is exactly torch's ``p.add_(grad,
-alpha=-lr)``; stepping parameter by parameter took one round each (6 for an
-MLP with three layers). Anything else runs torch's own step.
+multiplied by ``lr`` and truncated together, then subtracted from the
+parameters (local; one command per party for each). Per entry this is
+torch's ``p.add_(grad, alpha=-lr)``; stepping parameter by parameter took
+one round each (6 for an MLP with three layers). A weight gradient that
+still owes its product's truncation (lazy truncation) pays it in the same
+division (:func:`_folded_divisor`). Anything else runs torch's own step.
 
 The optimizer object is returned unchanged apart from disabling the
 multi-tensor (``foreach``) and fused kernels, which bypass per-tensor
@@ -29,11 +31,15 @@ from typing import Optional
 import torch
 from torch.optim import optimizer as torch_optimizer
 
+from torch.autograd.graph import increment_version
+
+from veil.mpc.encoding import encode_scalar
 from veil.mpc.errors import NotEncodedError
+from veil.mpc.party import party_function, run_party
 from veil.mpc.truncation import TRUNCATION_BOUND
+from veil.tensors.additive import AdditiveSharingTensor
 from veil.tensors.fixed_precision import FixedPrecisionTensor
 from veil.tensors.rules import fixed_precision as fp_rules
-from veil.tensors.remote_ops import deferring
 
 #: Optimizers whose step only adds, scales and multiplies (exact on shares).
 SUPPORTED_OPTIMIZERS: tuple[type, ...] = (torch.optim.SGD,)
@@ -99,8 +105,10 @@ def _batch_key(p: torch.Tensor) -> Optional[tuple]:
     grad = p.grad
     if not isinstance(p, FixedPrecisionTensor) or not isinstance(grad, FixedPrecisionTensor):
         return None
-    child = grad.raw_child  # (a truncation it owes is paid with the update's)
-    if getattr(child, "mac", None) is not None or not hasattr(child, "parties") or grad.dtype != p.dtype:
+    child, own = grad.raw_child, p.child  # (a truncation the gradient owes is paid with the update's)
+    if type(child) is not AdditiveSharingTensor or type(own) is not AdditiveSharingTensor or grad.dtype != p.dtype:
+        return None
+    if child.mac is not None or own.mac is not None or own.parties != child.parties:
         return None
     return (grad.encoding, child.parties, id(child.crypto_provider), grad.dtype)
 
@@ -131,18 +139,7 @@ def _batched_sgd_step(self: torch.optim.SGD, closure=None):
                 else:
                     buckets.setdefault(key, []).append(p)
             for params in buckets.values():
-                divisor = _folded_divisor(params, lr)
-                if divisor is not None:
-                    _folded_update(params, divisor)
-                    continue
-                if len(params) == 1:
-                    params[0].add_(params[0].grad, alpha=-lr)
-                    continue
-                flat = _on_shares(torch.cat, [_on_shares(torch.reshape, p.grad, (-1,)) for p in params])
-                update = torch.mul(flat, -lr)  # one truncation for all of them; per entry as add_(alpha=-lr)
-                chunks = _on_shares(torch.split, update, [p.numel() for p in params])
-                for p, chunk in zip(params, chunks):
-                    p.add_(_on_shares(torch.reshape, chunk, tuple(p.shape)))
+                _batched_update(params, lr)
     return loss
 
 
@@ -166,35 +163,49 @@ def _folded_divisor(params: list, lr: float) -> Optional[int]:
     return divisor
 
 
-def _folded_update(params: list, divisor: int) -> None:
-    """``p -= grad / D`` for every parameter with one truncation: the owed gradients as they are (at scale
-    ``s^2``), the others times ``s`` (exact: a bias's gradient at a product's scale, in its range), flattened
-    and concatenated, divided by ``D`` (:func:`_folded_divisor`) together, split back."""
-    scale = params[0].grad.encoding.scale
-    flat = [_on_shares(torch.reshape, p.grad, (-1,), raw=p.grad.pending_divisor == scale) for p in params]
-    flat = [f if p.grad.pending_divisor == scale else _on_shares(torch.mul, f, scale) for f, p in zip(flat, params)]
-    flat = flat[0] if len(flat) == 1 else _on_shares(torch.cat, flat)
+def _batched_update(params: list, lr: float) -> None:
+    """``p -= lr * grad`` for every parameter of a bucket with one truncation round and two commands per
+    party: the gradients' shares flattened, each times a public integer, and concatenated
+    (``sgd_flatten``), truncated together, and split back off the parameters' shares (``sgd_apply``).
+    Folded (:func:`_folded_divisor`): the owed gradients as they are (at scale ``s^2``), the others times
+    ``s`` (exact: a bias's gradient at a product's scale, in its range), divided by ``D``. Otherwise the
+    gradients pay what they owe, are multiplied by the encoded ``lr`` and truncated by ``s``, per entry as
+    torch's ``p.add_(grad, alpha=-lr)``."""
     first = params[0].grad
-    update = FixedPrecisionTensor(flat.child, first.encoding, first.dtype, pending_divisor=divisor)
-    chunks = [update] if len(params) == 1 else _on_shares(torch.split, update, [p.numel() for p in params])
-    for p, chunk in zip(params, chunks):  # reading the first chunk's shares paid the truncation
-        p.sub_(_on_shares(torch.reshape, chunk, tuple(p.shape)))
+    scale = first.encoding.scale
+    divisor = _folded_divisor(params, lr)
+    if divisor is not None:
+        owed = [p.grad.pending_divisor == scale for p in params]
+        children = [p.grad.raw_child if o else p.grad.child for p, o in zip(params, owed)]
+        factors = [1 if o else scale for o in owed]
+    else:
+        children = [p.grad.child for p in params]
+        factors, divisor = [encode_scalar(lr, first.encoding)] * len(params), scale
+    provider = children[0].crypto_provider
+    parties = list(children[0].child)
+    flat = {k: run_party("sgd_flatten", [c.child[k] for c in children], factors) for k in parties}
+    update = AdditiveSharingTensor(flat, provider).truncate(divisor)
+    new = {k: run_party("sgd_apply", [p.child.child[k] for p in params], update.child[k]) for k in parties}
+    for i, p in enumerate(params):
+        p._veil_assign(FixedPrecisionTensor(AdditiveSharingTensor({k: new[k][i] for k in parties}, provider),
+                                            p.encoding, p.dtype))
+        increment_version(p)  # as an in-place op would: autograd refuses graphs that saved the old value
 
 
-def _on_shares(fn, x, *args, raw: bool = False):
-    """``fn`` on every party's share of shared fixed-precision ``x`` (or each of a list of them), local.
+@party_function("sgd_flatten")
+def _sgd_flatten(grads: list, factors: list) -> torch.Tensor:
+    """One party's gradient shares flattened, each times its public integer factor, concatenated."""
+    if type(grads) is not list or type(factors) is not list or len(grads) != len(factors) or not grads:
+        raise ValueError("sgd_flatten needs a list of shares and an integer factor for each")
+    if not all(type(f) is int for f in factors):
+        raise ValueError("sgd_flatten's factors must be integers")
+    return torch.cat([g.reshape(-1) if f == 1 else g.reshape(-1) * f for g, f in zip(grads, factors)])
 
-    Reshaping goes to the shares themselves, not through the wrappers: a weight's gradient share is a
-    transposed view on its worker while the wrapper's strides say contiguous, so a wrapper-level
-    reshape would become a ``view`` the worker cannot take. ``raw``: on the shares as they are, a
-    truncation still owed unpaid (the caller pays it); the result owes nothing.
-    """
-    first = x[0] if isinstance(x, list) else x
-    cls, enc, dtype = type(first.raw_child), first.encoding, first.dtype
-    read = (lambda t: t.raw_child) if raw else (lambda t: t.child)
-    children = [read(t) for t in x] if isinstance(x, list) else read(x)
-    with deferring():
-        out = cls._veil_apply_local(fn, (children, *args), {})
-    if isinstance(out, (tuple, list)):
-        return [FixedPrecisionTensor(o, enc, dtype) for o in out]
-    return FixedPrecisionTensor(out, enc, dtype)
+
+@party_function("sgd_apply")
+def _sgd_apply(params: list, update: torch.Tensor) -> tuple:
+    """Each of one party's parameter shares minus its chunk of the flat ``update`` (in order)."""
+    sizes = [p.numel() for p in params] if type(params) is list else None
+    if not sizes or update.dim() != 1 or update.numel() != sum(sizes):
+        raise ValueError("sgd_apply needs a list of shares and a flat update of their total size")
+    return tuple(p - u.reshape(p.shape) for p, u in zip(params, update.split(sizes)))
