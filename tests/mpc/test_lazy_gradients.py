@@ -185,3 +185,25 @@ def test_gradients_at_the_top_of_the_product_range_fold_exactly(hook, sh, lr):
     for got, want in ((value(w), expected_w), (value(bias), expected_b)):
         rel = ((got.double() - want).abs() / want.abs().clamp_min(1.0)).max().item()
         assert rel < 1e-5, rel
+
+
+def test_a_product_with_a_shared_constant_is_a_public_one(sh):
+    """``ones_like`` of a shared tensor (autograd's seed gradient) is public: products with it open nothing."""
+    torch.manual_seed(9)
+    a = torch.randn(3, 4)
+    x = sh(a)
+    with count_openings() as stats:
+        exact = x * torch.ones_like(x)  # an integer: exact
+        scaled = x * torch.full_like(x, 2.5)  # a public product (its truncation owed)
+        broadcast = torch.ones_like(x[0]) * x  # the constant broadcast to x's shape
+    assert stats.rounds == 0
+    close(value(exact), a, 1)
+    close(value(scaled), a * 2.5, 2)
+    close(value(broadcast), a, 1)
+    # a constant that broadcasts the other operand beyond its shape: a shared product of the constant's shape
+    small = sh(torch.tensor([1.5]))
+    close(value(small * torch.full_like(x, 2.0)), torch.full((3, 4), 3.0), 4)
+    # a constant assigned a new value (in place) is no longer public
+    c = torch.ones_like(x)
+    c.add_(x)
+    close(value(x * c), a * (1 + a), 8)

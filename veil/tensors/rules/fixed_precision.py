@@ -203,8 +203,28 @@ def _is_public_integer(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and type(value) is torch.Tensor and not value.dtype.is_floating_point
 
 
+#: a constant's public value, set by :func:`_constant` (a shared tensor of ones, as autograd's seed gradient
+#: ``ones_like(loss)``, is public): a product with it is a public one, no Beaver round. Assigning the
+#: tensor a new value drops it (``FixedPrecisionTensor.child``'s setter).
+PUBLIC_ATTR = "_veil_public"
+
+
+def _public_value(const, other) -> Any:
+    """The public number ``const`` stands for, where ``other * const`` has ``other``'s shape; else None."""
+    value = const.__dict__.get(PUBLIC_ATTR)
+    if value is None or torch.broadcast_shapes(const.shape, other.shape) != other.shape:
+        return None
+    return value
+
+
 def mul(cls, x, y):
     """Fixed-point product; public integers multiply exactly (no truncation)."""
+    if isinstance(x, cls) and isinstance(y, cls):  # a constant's public value instead of its shares
+        value = _public_value(y, x)
+        if value is not None:
+            y = value
+        elif (value := _public_value(x, y)) is not None:
+            x = value
     for a, b in ((x, y), (y, x)):
         if isinstance(a, cls) and _is_public_integer(b):
             b = scalar_value(b)
@@ -317,7 +337,10 @@ def _constant(cls, func, args, kwargs):
     value = scalar_value(args[value]) if value is not None else 1
     if func in (aten.empty_like.default, aten.new_empty.default):
         value = 0
-    return cls(aten.mul.Tensor(ones, encode_scalar(value, x.encoding)), x.encoding, x.dtype)
+    out = cls(aten.mul.Tensor(ones, encode_scalar(value, x.encoding)), x.encoding, x.dtype)
+    if _is_shared(ones):
+        setattr(out, PUBLIC_ATTR, value)
+    return out
 
 
 @FIXED_PRECISION_RULES.handler(aten.avg_pool2d.default)
