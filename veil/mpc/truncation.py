@@ -104,7 +104,7 @@ def _trunc_mask(x_i: torch.Tensor, r_i: torch.Tensor, shift: int = 0) -> tuple:
     """A party's share of ``c = x + K + r`` (uniformly masked; party 0 adds ``K``)."""
     if type(shift) is not int:
         raise ValueError("trunc_mask needs an integer shift")
-    masked = x_i + r_i
+    masked = r_i + x_i  # laid out as the dealt r (contiguous) where x is a strided view: the result is sent
     return (masked.add_(shift) if shift else masked,)
 
 
