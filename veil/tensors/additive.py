@@ -180,7 +180,7 @@ class AdditiveSharingTensor(torch.Tensor):
     @classmethod
     def _veil_apply_local(cls, func: Callable, args: tuple, kwargs: dict) -> Any:
         """Runs ``func`` on each party's share and re-assembles the outputs."""
-        if not kwargs and all(isinstance(a, cls) or type(a) not in _CONTAINERS for a in args):
+        if not kwargs and all(isinstance(a, cls) or _flat_public(a) for a in args):
             return _apply_flat(cls, func, args)  # the usual op (shares and public values at the top level)
         shared = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, cls)]
         parties, provider = cls._veil_check_compatible(shared)
@@ -197,6 +197,13 @@ class AdditiveSharingTensor(torch.Tensor):
 
 
 _CONTAINERS = (list, tuple, dict)
+
+
+def _flat_public(a: Any) -> bool:
+    """A public argument with no tensor in it: a value, or a list or tuple of values (sizes, dims)."""
+    if type(a) not in _CONTAINERS:
+        return not isinstance(a, torch.Tensor) or type(a) is torch.Tensor
+    return type(a) is not dict and not any(isinstance(v, torch.Tensor) or type(v) in _CONTAINERS for v in a)
 
 
 def _apply_flat(cls, func: Callable, args: tuple) -> Any:
