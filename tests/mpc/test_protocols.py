@@ -91,3 +91,16 @@ def test_truncation_methods(gen):
     assert (z - x // 2**16).abs().max() <= 1 and stats.rounds == 1
     with pytest.raises(ValueError):
         truncate_secureml(three, 4)
+
+
+@pytest.mark.parametrize("divisor", [2, 3, 7, 1000, 2**16, 10 * 2**16, 3 * 2**20, 2**62 - 2, 2**61 + 1])
+def test_floor_div_unsigned_matches_python_on_the_ring_edges(divisor):
+    from veil.mpc.truncation import floor_div_unsigned
+
+    edges = [0, 1, 2, divisor - 1, divisor, divisor + 1, 2**62, 2**63 - 1, -(2**63), -1, -2, -divisor, -divisor - 1]
+    rng = torch.Generator().manual_seed(divisor % 1000)
+    values = torch.cat([torch.tensor(edges, dtype=torch.int64),
+                        torch.randint(-(2**63), 2**63 - 1, (200,), generator=rng, dtype=torch.int64)])
+    got = floor_div_unsigned(values, divisor)
+    expected = [((v % 2**64) // divisor + 2**63) % 2**64 - 2**63 for v in values.tolist()]
+    assert got.tolist() == expected

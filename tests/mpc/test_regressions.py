@@ -157,3 +157,18 @@ def test_truncation_steps_refuse_malformed_arguments(hook):
     with pytest.raises(VeilError, match="not an openable"):
         me.send_msg(OpenMessage("trunc_finish", (share, share, share), {"divisor": 4, "first": True}), alice)
     assert torch.equal(x.get(), torch.tensor([5, 6]))  # nothing changed, the workers still serve
+
+
+# ---- a truncation of a transposed local share: trunc_finish flat-viewed a result with the share's strides
+
+
+def test_truncating_a_transposed_local_share(hook):
+    from veil.mpc.providers import LocalDealer
+    from veil.tensors.fixed_precision import fix_precision
+
+    dealer = LocalDealer(seed=4)
+    a = torch.randn(3, 5)
+    for parties in (("alice", "bob"), ("alice", "bob", "charlie")):
+        x = fix_precision(a).share(*parties, crypto_provider=dealer)
+        got = (x.t() * 0.5).get().float_precision()
+        assert (got - a.t() * 0.5).abs().max().item() <= 2 * ULP

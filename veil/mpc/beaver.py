@@ -36,7 +36,15 @@ Shares = Mapping[Hashable, torch.Tensor]
 @party_function("beaver_mask", openable=True)
 def _mask(x_i: torch.Tensor, y_i: torch.Tensor, a_i: torch.Tensor, b_i: torch.Tensor) -> tuple:
     """A party's shares of ``e = x - a`` and ``f = y - b`` (uniformly masked)."""
-    return x_i - a_i, y_i - b_i
+    return _minus(x_i, a_i), _minus(y_i, b_i)
+
+
+def _minus(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``x - a`` laid out as the dealt ``a`` (contiguous) where ``x`` is a strided view (a transposed weight):
+    the result is sent, and a strided one would be copied to be."""
+    if x.shape == a.shape and not x.is_contiguous() and a.is_contiguous():
+        return torch.sub(x, a, out=torch.empty_like(a))
+    return x - a
 
 
 @party_function("beaver_combine")

@@ -154,7 +154,8 @@ def _shape_key(v: Any) -> Any:
     if tp is dict:
         return ("d", *((k, _shape_key(x)) for k, x in v.items()))
     if isinstance(v, torch.Tensor):
-        return (tuple(v.shape), v.dtype)
+        rt = runtime_of(v)
+        return rt.describe(v) if rt is not None else (tuple(v.shape), v.dtype)
     if v is None or tp in (bool, int, float, str):
         return (tp, v)
     raise TypeError("not cacheable")  # (a builtin: veil's own exception classes all cross the wire)

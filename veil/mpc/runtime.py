@@ -63,6 +63,11 @@ class PartyRuntime(ABC):
     def location(self, handle: Any) -> Any:
         """The party holding ``handle`` (parties are compared by identity)."""
 
+    def describe(self, handle: Any) -> tuple:
+        """``(shape as a tuple, dtype)`` of ``handle`` (a runtime whose handles keep them as plain values
+        answers without the tensor properties' dispatch: step signatures read them for every argument)."""
+        return tuple(handle.shape), handle.dtype
+
     @abstractmethod
     def run_on_party(self, name: str, args: tuple, kwargs: dict, outputs: Any) -> Any:
         """Runs party function ``name`` where the handles in ``args``/``kwargs`` live.

@@ -74,9 +74,11 @@ def floor_div_unsigned(v: torch.Tensor, divisor: int) -> torch.Tensor:
     For negative (top bit set) ``v``: ``v + 2^64 = (v + s_M) + q_M d`` with
     ``2^64 = q_M d + s_M``, and ``v + s_M`` cannot overflow.
     """
-    if divisor > 1 and divisor & (divisor - 1) == 0:  # a power of two: a logical shift (one pass instead of five)
-        k = divisor.bit_length() - 1
-        return (v >> k).bitwise_and_((1 << (64 - k)) - 1)  # in place on the shift's fresh result
+    k = (divisor & -divisor).bit_length() - 1  # d = 2^k m, m odd
+    if k:  # a logical shift (one pass, in place on its fresh result), then m divides a non-negative value:
+        shifted = (v >> k).bitwise_and_((1 << (64 - k)) - 1)  # floor(floor(v / 2^k) / m) = floor(v / d)
+        odd = divisor >> k  # (an SGD step's d = s / lr: 1.5 ms -> 0.4 ms at 1.2e5 entries)
+        return shifted if odd == 1 else torch.div(shifted, odd, rounding_mode="trunc")
     q_m, s_m = divmod(1 << 64, divisor)
     neg = (v < 0).to(v.dtype)
     return torch.div(v + neg * s_m, divisor, rounding_mode="floor") + neg * wrap_int(q_m)
@@ -102,7 +104,7 @@ def _trunc_mask(x_i: torch.Tensor, r_i: torch.Tensor, shift: int = 0) -> tuple:
     """A party's share of ``c = x + K + r`` (uniformly masked; party 0 adds ``K``)."""
     if type(shift) is not int:
         raise ValueError("trunc_mask needs an integer shift")
-    masked = x_i + r_i
+    masked = r_i + x_i  # laid out as the dealt r (contiguous) where x is a strided view: the result is sent
     return (masked.add_(shift) if shift else masked,)
 
 
@@ -129,6 +131,7 @@ def _trunc_finish(c: torch.Tensor, q_i: torch.Tensor, g_i: torch.Tensor, divisor
         return torch.empty_like(q_i)
     if c.shape != q_i.shape or g_i.shape != q_i.shape:  # (the pieces below would not broadcast as ops do)
         raise ValueError("trunc_finish: the opened value and the q and g shares differ in shape")
+    c = c.contiguous()  # (a local share of a transposed value opens with its strides: z must be flat-viewable)
     if not first:
         z = c >> 63  # all ones where the top bit is set
         return z.bitwise_not_().bitwise_and_(g_i).sub_(q_i)  # (1 - c_hi) g - q, in place on one fresh tensor

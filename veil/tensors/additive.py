@@ -24,6 +24,7 @@ from veil.mpc.sharing import split
 from veil.mpc.truncation import truncate_shares
 from veil.tensors import mac_dispatch
 from veil.tensors._dispatch import dispatch
+from veil.tensors.pointer import PointerTensor
 from veil.tensors.remote_ops import deferring
 from veil.tensors.rules.additive import ADDITIVE_RULES
 from veil.tensors.rules.common import STRUCTURAL_OPS
@@ -34,6 +35,9 @@ aten = torch.ops.aten
 def party_id(party: Any) -> Hashable:
     """The key of a party in a share dict: a worker's ``id``, else itself."""
     return getattr(party, "id", party)
+
+
+_CPU = torch.device("cpu")
 
 
 class AdditiveSharingTensor(torch.Tensor):
@@ -57,14 +61,21 @@ class AdditiveSharingTensor(torch.Tensor):
         if len(shares) < 2:
             raise ValueError(f"an AdditiveSharingTensor needs at least 2 shares, got {len(shares)}")
         first = next(iter(shares.values()))
+        shape = None
         for pid, s in shares.items():
-            if s.dtype != torch.int64:
-                raise NotEncodedError(f"share of party {pid!r} has dtype {s.dtype}, expected torch.int64")
-            if tuple(s.shape) != tuple(first.shape):
-                raise ShareMismatchError(f"share shapes differ: {tuple(first.shape)} vs {tuple(s.shape)} ({pid!r})")
-        out = torch.Tensor._make_wrapper_subclass(
-            cls, first.shape, strides=first.stride(), dtype=torch.int64, device=first.device, requires_grad=False
-        )
+            # a pointer's shape and dtype as plain values (its tensor properties cost a dispatch each)
+            s_shape, s_dtype = s.__dict__["_meta"][:2] if type(s) is PointerTensor else (tuple(s.shape), s.dtype)
+            shape = s_shape if shape is None else shape
+            if s_dtype != torch.int64:
+                raise NotEncodedError(f"share of party {pid!r} has dtype {s_dtype}, expected torch.int64")
+            if s_shape != shape:
+                raise ShareMismatchError(f"share shapes differ: {shape} vs {s_shape} ({pid!r})")
+        if type(first) is PointerTensor:  # (contiguous, as the pointer itself)
+            out = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=torch.int64, device=_CPU, requires_grad=False)
+        else:
+            out = torch.Tensor._make_wrapper_subclass(
+                cls, first.shape, strides=first.stride(), dtype=torch.int64, device=first.device, requires_grad=False
+            )
         out.child = dict(shares)
         out.crypto_provider = crypto_provider
         return out
@@ -169,23 +180,14 @@ class AdditiveSharingTensor(torch.Tensor):
     @classmethod
     def _veil_apply_local(cls, func: Callable, args: tuple, kwargs: dict) -> Any:
         """Runs ``func`` on each party's share and re-assembles the outputs."""
-        if _flat(args) and _flat(kwargs.values()):  # the usual call: no pytree walks (~1.5 ms per CNN inference)
-            shared = [a for a in (*args, *kwargs.values()) if isinstance(a, cls)]
-            parties, provider = cls._veil_check_compatible(shared)
-            outs = {p: func(*[a.child[p] if isinstance(a, cls) else a for a in args],
-                            **{k: a.child[p] if isinstance(a, cls) else a for k, a in kwargs.items()})
-                    for p in parties}
-            first = outs[parties[0]]
-            if isinstance(first, torch.Tensor):
-                return cls(outs, provider)
-            per_party = {p: tree_flatten(outs[p]) for p in parties}
-        else:
-            shared = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, cls)]
-            parties, provider = cls._veil_check_compatible(shared)
-            per_party = {}
-            for p in parties:
-                unwrap = lambda a: a.child[p] if isinstance(a, cls) else a  # noqa: E731
-                per_party[p] = tree_flatten(func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs)))
+        if not kwargs and all(isinstance(a, cls) or _flat_public(a) for a in args):
+            return _apply_flat(cls, func, args)  # the usual op (shares and public values at the top level)
+        shared = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, cls)]
+        parties, provider = cls._veil_check_compatible(shared)
+        per_party = {}
+        for p in parties:
+            unwrap = lambda a: a.child[p] if isinstance(a, cls) else a  # noqa: E731
+            per_party[p] = tree_flatten(func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs)))
         leaves, spec = per_party[parties[0]]
         out = [
             cls({p: per_party[p][0][k] for p in parties}, provider) if isinstance(leaf, torch.Tensor) else leaf
@@ -194,13 +196,33 @@ class AdditiveSharingTensor(torch.Tensor):
         return tree_unflatten(out, spec)
 
 
-def _flat(values: Any) -> bool:
-    """No list, tuple or dict among ``values`` (a tensor, a scalar, a dtype, None: leaves as they are)."""
-    for v in values:
-        tp = type(v)
-        if tp is list or tp is tuple or tp is dict:
-            return False
-    return True
+_CONTAINERS = (list, tuple, dict)
+
+
+def _flat_public(a: Any) -> bool:
+    """A public argument with no tensor in it: a value, or a list or tuple of values (sizes, dims)."""
+    if type(a) not in _CONTAINERS:
+        return not isinstance(a, torch.Tensor) or type(a) is torch.Tensor
+    return type(a) is not dict and not any(isinstance(v, torch.Tensor) or type(v) in _CONTAINERS for v in a)
+
+
+def _apply_flat(cls, func: Callable, args: tuple) -> Any:
+    """:meth:`AdditiveSharingTensor._veil_apply_local` for arguments with no container (no keyword): the
+    arguments without pytree walks (~8 per op with the output's, most of a deferred op's orchestration),
+    a tensor or a tuple of tensors out without one either."""
+    shared = [a for a in args if isinstance(a, cls)]
+    parties, provider = cls._veil_check_compatible(shared)
+    per_party = [func(*[a.child[p] if isinstance(a, cls) else a for a in args]) for p in parties]
+    first = per_party[0]
+    if isinstance(first, torch.Tensor):
+        return cls(dict(zip(parties, per_party)), provider)
+    if type(first) is tuple and all(isinstance(t, torch.Tensor) for t in first):
+        return tuple(cls({p: out[k] for p, out in zip(parties, per_party)}, provider) for k in range(len(first)))
+    flat = [tree_flatten(out) for out in per_party]
+    leaves, spec = flat[0]
+    out = [cls({p: f[0][k] for p, f in zip(parties, flat)}, provider) if isinstance(leaf, torch.Tensor) else leaf
+           for k, leaf in enumerate(leaves)]
+    return tree_unflatten(out, spec)
 
 
 def share(

@@ -89,6 +89,7 @@ class FixedPrecisionTensor(torch.Tensor):
     @child.setter
     def child(self, value: torch.Tensor) -> None:
         self._veil_raw, self.pending_divisor, self._veil_via = value, 1, None
+        self.__dict__.pop("_veil_public", None)  # a constant's public value (rules' PUBLIC_ATTR) is no more
         self._veil_assigned += 1  # a new value (an in-place op): what derived from the old one must not redo
 
     def settle(self) -> "FixedPrecisionTensor":

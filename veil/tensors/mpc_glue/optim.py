@@ -10,10 +10,12 @@ every step encodes them at the parameters' precision.
 Plain SGD (no momentum, weight decay, nesterov, maximize) on secret-shared
 parameters updates them all with **one** truncation round
 (:func:`_batched_sgd_step`): the gradients' shares are concatenated (local),
-multiplied by ``-lr`` and truncated together, then added back parameter by
-parameter (local). Per entry this is exactly torch's ``p.add_(grad,
-alpha=-lr)``; stepping parameter by parameter took one round each (6 for an
-MLP with three layers). Anything else runs torch's own step.
+multiplied by ``lr`` and truncated together, then subtracted from the
+parameters (local; one command per party for each). Per entry this is
+torch's ``p.add_(grad, alpha=-lr)``; stepping parameter by parameter took
+one round each (6 for an MLP with three layers). A weight gradient that
+still owes its product's truncation (lazy truncation) pays it in the same
+division (:func:`_folded_divisor`). Anything else runs torch's own step.
 
 The optimizer object is returned unchanged apart from disabling the
 multi-tensor (``foreach``) and fused kernels, which bypass per-tensor
@@ -29,9 +31,15 @@ from typing import Optional
 import torch
 from torch.optim import optimizer as torch_optimizer
 
+from torch.autograd.graph import increment_version
+
+from veil.mpc.encoding import encode_scalar
 from veil.mpc.errors import NotEncodedError
+from veil.mpc.party import party_function, run_party
+from veil.mpc.truncation import TRUNCATION_BOUND
+from veil.tensors.additive import AdditiveSharingTensor
 from veil.tensors.fixed_precision import FixedPrecisionTensor
-from veil.tensors.remote_ops import deferring
+from veil.tensors.rules import fixed_precision as fp_rules
 
 #: Optimizers whose step only adds, scales and multiplies (exact on shares).
 SUPPORTED_OPTIMIZERS: tuple[type, ...] = (torch.optim.SGD,)
@@ -95,10 +103,12 @@ def _plain_group(group: dict) -> bool:
 def _batch_key(p: torch.Tensor) -> Optional[tuple]:
     """Parameters whose gradients can be truncated together: same encoding, parties and provider, no MACs."""
     grad = p.grad
-    child = getattr(grad, "child", None)
     if not isinstance(p, FixedPrecisionTensor) or not isinstance(grad, FixedPrecisionTensor):
         return None
-    if getattr(child, "mac", None) is not None or not hasattr(child, "parties") or grad.dtype != p.dtype:
+    child, own = grad.raw_child, p.child  # (a truncation the gradient owes is paid with the update's)
+    if type(child) is not AdditiveSharingTensor or type(own) is not AdditiveSharingTensor or grad.dtype != p.dtype:
+        return None
+    if child.mac is not None or own.mac is not None or own.parties != child.parties:
         return None
     return (grad.encoding, child.parties, id(child.crypto_provider), grad.dtype)
 
@@ -129,29 +139,73 @@ def _batched_sgd_step(self: torch.optim.SGD, closure=None):
                 else:
                     buckets.setdefault(key, []).append(p)
             for params in buckets.values():
-                if len(params) == 1:
-                    params[0].add_(params[0].grad, alpha=-lr)
-                    continue
-                flat = _on_shares(torch.cat, [_on_shares(torch.reshape, p.grad, (-1,)) for p in params])
-                update = torch.mul(flat, -lr)  # one truncation for all of them; per entry as add_(alpha=-lr)
-                chunks = _on_shares(torch.split, update, [p.numel() for p in params])
-                for p, chunk in zip(params, chunks):
-                    p.add_(_on_shares(torch.reshape, chunk, tuple(p.shape)))
+                _batched_update(params, lr)
     return loss
 
 
-def _on_shares(fn, x, *args):
-    """``fn`` on every party's share of shared fixed-precision ``x`` (or each of a list of them), local.
+def _folded_divisor(params: list, lr: float) -> Optional[int]:
+    """``D = round(s / lr)`` when some gradient still owes its product's truncation by the scale ``s``
+    (lazy truncation: a weight's ``x^T g``): ``lr * grad`` at scale ``s`` is then that product divided by
+    ``D``, the owed truncation and the learning rate's in one, with the product's own range
+    (``|v| <= 2^62 - D``, :mod:`veil.mpc.truncation`); else None (the gradients pay, then ``lr`` is encoded
+    and truncated). Only where ``D`` is no coarser than encoding ``lr`` (relative error of ``D`` at most
+    that of ``round(lr * s)``): ``lr <= 1`` in practice, and every power of two."""
+    scale = params[0].grad.encoding.scale
+    if not fp_rules.LAZY_TRUNCATION or lr <= 0 or not any(p.grad.pending_divisor == scale for p in params):
+        return None
+    exact = scale / lr
+    divisor = round(exact)
+    if not 1 < divisor <= TRUNCATION_BOUND // 2:
+        return None
+    encoded = lr * scale
+    if abs(divisor - exact) / exact > abs(round(encoded) - encoded) / encoded:
+        return None
+    return divisor
 
-    Reshaping goes to the shares themselves, not through the wrappers: a weight's gradient share is a
-    transposed view on its worker while the wrapper's strides say contiguous, so a wrapper-level
-    reshape would become a ``view`` the worker cannot take.
-    """
-    first = x[0] if isinstance(x, list) else x
-    cls, enc, dtype = type(first.child), first.encoding, first.dtype
-    children = [t.child for t in x] if isinstance(x, list) else x.child
-    with deferring():
-        out = cls._veil_apply_local(fn, (children, *args), {})
-    if isinstance(out, (tuple, list)):
-        return [FixedPrecisionTensor(o, enc, dtype) for o in out]
-    return FixedPrecisionTensor(out, enc, dtype)
+
+def _batched_update(params: list, lr: float) -> None:
+    """``p -= lr * grad`` for every parameter of a bucket with one truncation round and two commands per
+    party: the gradients' shares flattened, each times a public integer, and concatenated
+    (``sgd_flatten``), truncated together, and split back off the parameters' shares (``sgd_apply``).
+    Folded (:func:`_folded_divisor`): the owed gradients as they are (at scale ``s^2``), the others times
+    ``s`` (exact: a bias's gradient at a product's scale, in its range), divided by ``D``. Otherwise the
+    gradients pay what they owe, are multiplied by the encoded ``lr`` and truncated by ``s``, per entry as
+    torch's ``p.add_(grad, alpha=-lr)``."""
+    first = params[0].grad
+    scale = first.encoding.scale
+    divisor = _folded_divisor(params, lr)
+    if divisor is not None:
+        owed = [p.grad.pending_divisor == scale for p in params]
+        children = [p.grad.raw_child if o else p.grad.child for p, o in zip(params, owed)]
+        factors = [1 if o else scale for o in owed]
+    else:
+        children = [p.grad.child for p in params]
+        factors, divisor = [encode_scalar(lr, first.encoding)] * len(params), scale
+    provider = children[0].crypto_provider
+    parties = list(children[0].child)
+    flat = {k: run_party("sgd_flatten", [c.child[k] for c in children], factors) for k in parties}
+    update = AdditiveSharingTensor(flat, provider).truncate(divisor)
+    new = {k: run_party("sgd_apply", [p.child.child[k] for p in params], update.child[k]) for k in parties}
+    for i, p in enumerate(params):
+        p._veil_assign(FixedPrecisionTensor(AdditiveSharingTensor({k: new[k][i] for k in parties}, provider),
+                                            p.encoding, p.dtype))
+        increment_version(p)  # as an in-place op would: autograd refuses graphs that saved the old value
+
+
+@party_function("sgd_flatten")
+def _sgd_flatten(grads: list, factors: list) -> torch.Tensor:
+    """One party's gradient shares flattened, each times its public integer factor, concatenated."""
+    if type(grads) is not list or type(factors) is not list or len(grads) != len(factors) or not grads:
+        raise ValueError("sgd_flatten needs a list of shares and an integer factor for each")
+    if not all(type(f) is int for f in factors):
+        raise ValueError("sgd_flatten's factors must be integers")
+    return torch.cat([g.reshape(-1) if f == 1 else g.reshape(-1) * f for g, f in zip(grads, factors)])
+
+
+@party_function("sgd_apply")
+def _sgd_apply(params: list, update: torch.Tensor) -> tuple:
+    """Each of one party's parameter shares minus its chunk of the flat ``update`` (in order)."""
+    sizes = [p.numel() for p in params] if type(params) is list else None
+    if not sizes or update.dim() != 1 or update.numel() != sum(sizes):
+        raise ValueError("sgd_apply needs a list of shares and a flat update of their total size")
+    return tuple(p - u.reshape(p.shape) for p, u in zip(params, update.split(sizes)))

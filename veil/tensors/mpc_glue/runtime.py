@@ -149,7 +149,7 @@ def elements_of(values: Any) -> int:
     largest = 0
     for leaf in m.arg_leaves(values):  # protocol arguments: lists, tuples, dicts (pytree's walk is ~3x slower)
         if type(leaf) is PointerTensor:
-            n = math.prod(leaf.shape) if leaf.shape is not None else 0
+            n = math.prod(leaf.__dict__["_meta"][0])  # (its shape as plain values: .shape costs a dispatch)
         elif isinstance(leaf, torch.Tensor):
             n = leaf.numel()
         else:
@@ -276,6 +276,10 @@ class WorkerRuntime(PartyRuntime):
 
     def location(self, handle: PointerTensor) -> Any:
         return handle.location
+
+    def describe(self, handle: PointerTensor) -> tuple:
+        meta = handle.__dict__["_meta"]  # (shape, dtype, requires_grad) as plain values: no dispatch
+        return meta[0], meta[1]
 
     def run_on_party(self, name: str, args: tuple, kwargs: dict, outputs: Any) -> Any:
         first = _first_pointer((args, kwargs))

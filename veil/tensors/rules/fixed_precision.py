@@ -25,7 +25,13 @@ aten = torch.ops.aten
 
 FIXED_PRECISION_RULES = RuleTable("FixedPrecisionTensor")
 _ALIASES = (aten.detach.default, aten.alias.default)
-FIXED_PRECISION_RULES.local(*[op for op in STRUCTURAL_OPS if op not in _ALIASES], aten.cat.default, aten.stack.default)
+#: ops that only view or reorder the entries of one tensor: a truncation owed entry by entry commutes with
+#: them, so they carry the debt (a weight gradient's ``t()`` and ``detach`` on its way to the optimizer,
+#: which pays it with the learning rate's division: ``veil.tensors.mpc_glue.optim``)
+_CARRYING = (aten.t.default, aten.transpose.int, aten.permute.default, aten.view.default,
+             aten._unsafe_view.default, aten.reshape.default)
+FIXED_PRECISION_RULES.local(*[op for op in STRUCTURAL_OPS if op not in _ALIASES + _CARRYING],
+                            aten.cat.default, aten.stack.default)
 
 #: Side values that aliases of a tensor keep (e.g. ReLU's derivative bit,
 #: which must survive autograd saving a detached alias of ReLU's output).
@@ -35,11 +41,24 @@ CARRIED_ATTRS: list[str] = []
 @FIXED_PRECISION_RULES.handler(*_ALIASES)
 def _alias(cls, func, args, kwargs):
     x = args[0]
-    out = cls(func(x.child), x.encoding, x.dtype)
+    out = cls(func(x.child), x.encoding, x.dtype) if x.pending_divisor == 1 else _carry(cls, func, args, kwargs)
     for name in CARRIED_ATTRS:
         if hasattr(x, name):
             setattr(out, name, getattr(x, name))
     return out
+
+
+@FIXED_PRECISION_RULES.handler(*_CARRYING)
+def _carry(cls, func, args, kwargs):
+    """A view or reordering of ``x``: owing what ``x`` owes (reading it pays through ``x``, :func:`_through`)."""
+    x = args[0]
+    if x.pending_divisor == 1:
+        return cls._veil_apply_local(func, args, kwargs)
+
+    def redo(paid, rest=args[1:]):
+        return func(paid, *rest, **kwargs)
+
+    return cls(redo(x.raw_child), x.encoding, x.dtype, pending_divisor=x.pending_divisor, settle_via=_through(x, redo))
 
 
 def _is_shared(child: torch.Tensor) -> bool:
@@ -184,8 +203,28 @@ def _is_public_integer(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and type(value) is torch.Tensor and not value.dtype.is_floating_point
 
 
+#: a constant's public value, set by :func:`_constant` (a shared tensor of ones, as autograd's seed gradient
+#: ``ones_like(loss)``, is public): a product with it is a public one, no Beaver round. Assigning the
+#: tensor a new value drops it (``FixedPrecisionTensor.child``'s setter).
+PUBLIC_ATTR = "_veil_public"
+
+
+def _public_value(const, other) -> Any:
+    """The public number ``const`` stands for, where ``other * const`` has ``other``'s shape; else None."""
+    value = const.__dict__.get(PUBLIC_ATTR)
+    if value is None or torch.broadcast_shapes(const.shape, other.shape) != other.shape:
+        return None
+    return value
+
+
 def mul(cls, x, y):
     """Fixed-point product; public integers multiply exactly (no truncation)."""
+    if isinstance(x, cls) and isinstance(y, cls):  # a constant's public value instead of its shares
+        value = _public_value(y, x)
+        if value is not None:
+            y = value
+        elif (value := _public_value(x, y)) is not None:
+            x = value
     for a, b in ((x, y), (y, x)):
         if isinstance(a, cls) and _is_public_integer(b):
             b = scalar_value(b)
@@ -298,7 +337,10 @@ def _constant(cls, func, args, kwargs):
     value = scalar_value(args[value]) if value is not None else 1
     if func in (aten.empty_like.default, aten.new_empty.default):
         value = 0
-    return cls(aten.mul.Tensor(ones, encode_scalar(value, x.encoding)), x.encoding, x.dtype)
+    out = cls(aten.mul.Tensor(ones, encode_scalar(value, x.encoding)), x.encoding, x.dtype)
+    if _is_shared(ones):
+        setattr(out, PUBLIC_ATTR, value)
+    return out
 
 
 @FIXED_PRECISION_RULES.handler(aten.avg_pool2d.default)
