@@ -16,32 +16,9 @@ import veil as sy
 import veil.tensors.rules.fixed_precision as fp_rules
 from veil.mpc.communicator import communicate
 from veil.mpc.opening import count_openings
-from veil.mpc.providers import LocalDealer
-from veil.tensors.fixed_precision import fix_precision
 from veil.tensors.mpc_glue.optim import _folded_divisor
 
-ULP = 2.0**-16
-SCALE = 2**16
-
-
-@pytest.fixture(params=[("alice", "bob"), ("alice", "bob", "charlie")], ids=["2party", "3party"])
-def sh(request):
-    dealer = LocalDealer(seed=5)
-
-    def share(t, requires_grad=False):
-        return fix_precision(t, requires_grad=requires_grad).share(*request.param, crypto_provider=dealer)
-
-    return share
-
-
-def value(f) -> torch.Tensor:
-    return f.get().float_precision()
-
-
-def close(got, expected, ulps) -> None:
-    assert got.shape == expected.shape
-    err = (got.double() - expected.double()).abs().max().item()
-    assert err <= ulps * ULP, f"error {err / ULP:.1f} ulps > {ulps}"
+from tests.mpc.test_lazy_truncation import SCALE, close, sh, value  # noqa: F401  (sh: the 2- and 3-party fixture)
 
 
 VIEWS = [
