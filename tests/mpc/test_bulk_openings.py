@@ -138,3 +138,26 @@ def test_an_opening_output_that_is_an_argument_is_copied(monkeypatch):
     assert torch.equal(out[0], x - a) and torch.equal(out[1], y[2:])
     assert out[0] is computed[0]  # computed for the reply: sent as it is
     assert out[1].untyped_storage().data_ptr() != y.untyped_storage().data_ptr()
+
+
+def test_opening_outputs_that_share_memory_are_copied_apart(hook, monkeypatch):
+    """A step returning one tensor twice (or a view of an earlier output): an in-process worker hands its outputs'
+    memory to the caller, who sums into each received output in place; aliased outputs would sum twice."""
+    from veil.mpc import party
+
+    def step(x, y, a, b):
+        d = x - a
+        return d, d  # the same fresh tensor twice
+
+    monkeypatch.setitem(party.PARTY_FUNCTIONS, "beaver_mask", step)
+    out = party.run_openable("beaver_mask", (torch.arange(6), torch.arange(6), torch.ones(6, dtype=torch.int64),
+                                             torch.ones(6, dtype=torch.int64)), {})
+    assert out[0].untyped_storage().data_ptr() != out[1].untyped_storage().data_ptr()
+    alice, bob = sy.VirtualWorker(hook, id="alias_a"), sy.VirtualWorker(hook, id="alias_b")
+    torch.manual_seed(3)
+    n = 40_000  # over the size from which replies are handed over without a copy
+    shares = {w.id: [torch.randint(-2**62, 2**62, (n,)) for _ in range(4)] for w in (alice, bob)}
+    ptrs = {w.id: tuple(t.send(w) for t in shares[w.id]) for w in (alice, bob)}
+    e, f = open_parties("beaver_mask", ptrs)
+    expected = sum(s[0] - s[2] for s in shares.values())
+    assert torch.equal(e, expected) and torch.equal(f, expected)

@@ -109,11 +109,19 @@ def run_openable(name: str, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     outputs = list(out) if isinstance(out, (tuple, list)) else [out]
     if not all(isinstance(o, torch.Tensor) for o in outputs):
         raise MPCError(f"{name} must return tensors")
-    # Outputs are the reply's alone (a server sends them from their memory after the handler returns):
-    # one that shares memory with an argument (a stored share) is copied.
+    # Outputs are the reply's alone (a server sends them from their memory after the handler returns; an
+    # in-process worker hands that memory to the caller, who sums into it): one that shares memory with an
+    # argument (a stored share) or with an earlier output is copied.
     held = {a.untyped_storage().data_ptr() for a in m.arg_leaves((args, kwargs))  # (pytree's walk: ~3x slower)
             if isinstance(a, torch.Tensor) and a.numel()}
-    return [o.clone() if o.numel() and o.untyped_storage().data_ptr() in held else o for o in outputs]
+    own = []
+    for o in outputs:
+        if o.numel():
+            if o.untyped_storage().data_ptr() in held:
+                o = o.clone()
+            held.add(o.untyped_storage().data_ptr())
+        own.append(o)
+    return own
 
 
 def _party_of(values: Any) -> tuple[Optional[PartyRuntime], Any]:
