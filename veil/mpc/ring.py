@@ -59,7 +59,7 @@ def _conv2d_unfold(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, 
     Used where torch's own integer kernel is the slower one (:func:`_few_positions`) or missing
     (older releases); every op here exists for int64 on CPU.
     """
-    stride, padding, dilation = (_pair(v) for v in (stride, padding, dilation))
+    stride, padding, dilation = (pair(v) for v in (stride, padding, dilation))
     x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
     n, c_in, h, wd = x.shape
     c_out, c_per_group, kh, kw = w.shape
@@ -87,14 +87,14 @@ def _few_positions(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, 
     more the native kernel wins by up to 4x (bench/RESULTS.md, "int64 convolutions")."""
     if groups != 1 or x.dim() != 4 or w.dim() != 4 or isinstance(padding, str):  # ("same"/"valid": torch's)
         return False
-    (sh, sw), (ph, pw), (dh, dw) = (_pair(v) for v in (stride, padding, dilation))
+    (sh, sw), (ph, pw), (dh, dw) = (pair(v) for v in (stride, padding, dilation))
     out_h = (x.shape[2] + 2 * ph - dh * (w.shape[2] - 1) - 1) // sh + 1
     out_w = (x.shape[3] + 2 * pw - dw * (w.shape[3] - 1) - 1) // sw + 1
     return 0 < out_h * out_w * 4 <= w.shape[0]
 
 
-def _pair(v) -> tuple:
-    """An int or a 1- or 2-sequence as (h, w), as F.conv2d reads them."""
+def pair(v) -> tuple:
+    """An int or a 1- or 2-sequence as (h, w), as F.conv2d and the pools read them."""
     return (v, v) if isinstance(v, int) else tuple(v) * (2 if len(v) == 1 else 1)
 
 

@@ -130,7 +130,7 @@ class Outbox:
                         self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
                     errors.append((k, e))
                     continue
-                posted.append((k, location, prelude, data.nbytes if type(data) is FrameParts else len(data)))
+                posted.append((k, location, prelude, frame_nbytes(data)))
             for k, location, prelude, sent in posted:
                 try:
                     try:
@@ -257,7 +257,7 @@ class Outbox:
             except Exception as e:
                 self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
                 raise
-            self._in_flight[id(location)] = (location, prelude, data.nbytes if type(data) is FrameParts else len(data))
+            self._in_flight[id(location)] = (location, prelude, frame_nbytes(data))
 
     def _requeue(self, location: "BaseWorker", pending: list) -> None:
         """Puts a taken queue back in front of what was queued since (under the queue lock)."""
@@ -303,7 +303,7 @@ class Outbox:
             if prelude:
                 self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
             raise
-        self.stats.record(data.nbytes if type(data) is FrameParts else len(data), frame_nbytes(reply_bytes))
+        self.stats.record(frame_nbytes(data), frame_nbytes(reply_bytes))
         return self._read_reply(reply_bytes, location, prelude)
 
     def _read_reply(self, reply_bytes: Any, location: "BaseWorker", prelude: list | None) -> Any:

@@ -34,7 +34,7 @@ from veil.workers.base import BaseWorker
 from veil.workers.websocket_admin import AdminLoadMessage, RemoteObjectsView
 from veil.workers.skeletons import ClientSkeletons
 from veil.workers.websocket_auth import handshake_headers
-from veil.messaging.serde import FrameParts
+from veil.messaging.serde import FrameParts, frame_nbytes
 from veil.workers.websocket_transport import SEND_FRAGMENT, BlockingConnection
 
 if TYPE_CHECKING:
@@ -263,7 +263,7 @@ class WebsocketClientWorker(BaseWorker):
                 raise ConnectionLostError(f"worker {self.id!r} at {self.url} closed the idle connection; "
                                           f"objects of that session are gone (the next request reconnects)")
         conn = self._conn if self._conn is not None else self._connect()
-        size = data.nbytes if type(data) is FrameParts else len(data)
+        size = frame_nbytes(data)
         if self._server_max is not None and size > self._server_max:
             raise SerializationError(
                 f"message of {size} bytes exceeds worker {self.id!r}'s limit of {self._server_max} bytes"

@@ -23,6 +23,7 @@ import torch
 
 from veil.mpc.comparison import sign_select
 from veil.mpc.errors import UnsupportedOperationError
+from veil.mpc.ring import pair
 from veil.tensors import mac_dispatch
 from veil.tensors.additive import AdditiveSharingTensor as AST
 
@@ -141,9 +142,9 @@ def max_dim(x: AST, dim: Optional[int], keepdim: bool, with_index: bool) -> tupl
 
 def max_pool2d(x: AST, kernel_size, stride, padding, dilation, ceil_mode) -> AST:
     """2-D max pooling of a shared (N, C, H, W) or (C, H, W) tensor."""
-    kh, kw = _pair(kernel_size)
-    sh, sw = _pair(stride) if stride else (kh, kw)
-    if any(_pair(padding)) or _pair(dilation) != (1, 1) or ceil_mode:
+    kh, kw = pair(kernel_size)
+    sh, sw = pair(stride) if stride else (kh, kw)
+    if any(pair(padding)) or pair(dilation) != (1, 1) or ceil_mode:
         raise UnsupportedOperationError("shared max_pool2d supports padding=0, dilation=1, ceil_mode=False")
     windows = aten.unfold.default(aten.unfold.default(x, -2, kh, sh), -2, kw, sw)
     shape = list(windows.shape[:-2]) + [kh * kw]
@@ -151,8 +152,3 @@ def max_pool2d(x: AST, kernel_size, stride, padding, dilation, ceil_mode) -> AST
     return values
 
 
-def _pair(v) -> tuple:
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(v)
-    return v * 2 if len(v) == 1 else v

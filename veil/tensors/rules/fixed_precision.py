@@ -17,6 +17,7 @@ from veil.mpc.encoding import FixedPointEncoding, check_no_wrap, encode, encode_
 from veil.mpc.encoding import truncate as truncate_plain
 from veil.mpc.errors import UnsupportedOperationError
 from veil.mpc.ring import conv2d as ring_conv2d
+from veil.mpc.ring import pair
 from veil.tensors._dispatch import RuleTable
 from veil.tensors.additive import AdditiveSharingTensor
 from veil.tensors.rules.common import INPLACE_TO_OUTOFPLACE, STRUCTURAL_OPS, run_inplace, scalar_value
@@ -347,9 +348,9 @@ def _constant(cls, func, args, kwargs):
 def _avg_pool2d(cls, func, args, kwargs):
     names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
     opts = dict(zip(names, args[1:]), **kwargs)
-    kh, kw = _pair(opts["kernel_size"])
-    sh, sw = _pair(opts.get("stride") or (kh, kw))
-    ph, pw = _pair(opts.get("padding", 0))
+    kh, kw = pair(opts["kernel_size"])
+    sh, sw = pair(opts.get("stride") or (kh, kw))
+    ph, pw = pair(opts.get("padding", 0))
     if opts.get("ceil_mode") or (ph or pw) and not opts.get("count_include_pad", True):
         raise UnsupportedOperationError("avg_pool2d with ceil_mode or count_include_pad=False")
     x = args[0]
@@ -361,10 +362,6 @@ def _avg_pool2d(cls, func, args, kwargs):
     if x.pending_divisor != 1:  # the next op may fold it further (a ReLU's comparison)
         return cls(total, x.encoding, x.dtype, pending_divisor=divisor)
     return cls(truncate(total, divisor), x.encoding, x.dtype)
-
-
-def _pair(v) -> tuple:
-    return (v, v) if isinstance(v, int) else tuple(v) * (2 if len(v) == 1 else 1)
 
 
 @FIXED_PRECISION_RULES.handler(aten.constant_pad_nd.default)
