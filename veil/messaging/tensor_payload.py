@@ -9,7 +9,6 @@ a tensor with its own memory (or, when the caller owns the buffer, adopts it in 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import msgpack
@@ -153,9 +152,9 @@ def _build_tensor(dtype_name: Any, shape: Any, requires_grad: Any, raw: memoryvi
                 t = t.clone()  # misaligned for the dtype's kernels: one copy, as without adopt
             t = t.reshape(shape)
         else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                t = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
+            # (a bytearray is writable: torch.frombuffer has nothing to warn about, and a
+            # catch_warnings block would cost as much again as the copy of a small tensor)
+            t = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
     if requires_grad:
         if not (t.is_floating_point() or t.is_complex()):
             raise SerializationError(f"requires_grad is only valid for float tensors, not {dtype_name}")

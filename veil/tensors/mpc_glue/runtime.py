@@ -58,6 +58,7 @@ from veil.mpc.errors import PartyFailedError, PartyUnreachableError
 from veil.mpc.party import WIRE_PREFIX, OpenMessage, check_openable, run_openable
 from veil.mpc.runtime import DEALER_TAG, PartyRuntime, register_runtime
 from veil.tensors.pointer import PointerTensor
+from veil.tensors.remote_ops import _ref
 from veil.workers.base import register_handler
 from veil.workers.monitor import DEALER_TAG as MONITOR_DEALER_TAG
 from veil.workers.peer_openings import PeerOpenMessage
@@ -247,10 +248,11 @@ def _settle(requests: Sequence[tuple[Any, Any, Any]], replies: list, errors: lis
 
 def _wire(value: Any) -> Any:
     """``value`` with every PointerTensor as an ObjectRef (lists, tuples and dicts walked; pytree's
-    tree_map costs ~30 us a step, several per round and party)."""
+    tree_map costs ~30 us a step, several per round and party). The reference is the pointer's own,
+    already encoded (``remote_ops._ref``): msgpack copies it without calling back into serde."""
     tp = type(value)
     if tp is PointerTensor:
-        return m.ObjectRef(value.id_at_location)
+        return _ref(value)
     if tp is list:
         return [_wire(v) for v in value]
     if tp is tuple:
@@ -258,7 +260,7 @@ def _wire(value: Any) -> Any:
     if tp is dict:
         return {k: _wire(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, dict)):  # namedtuples, OrderedDicts: the general walk
-        return tree_map(lambda v: m.ObjectRef(v.id_at_location) if type(v) is PointerTensor else v, value)
+        return tree_map(lambda v: _ref(v) if type(v) is PointerTensor else v, value)
     return value
 
 
