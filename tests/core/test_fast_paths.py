@@ -227,3 +227,15 @@ def test_small_tensors_decode_without_warnings_and_own_their_memory():
     assert torch.equal(a, x) and torch.equal(b, x.double())
     a.add_(1)  # writable, and not the frame's memory
     assert torch.equal(serde.decode_value(bytes(frame))[0], x)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_pointer_meta_is_what_the_tensor_properties_say(alice, requires_grad):
+    from veil.tensors.mpc_glue.runtime import WorkerRuntime
+    from veil.tensors.pointer import pointer_meta
+
+    p = torch.randn(2, 5, requires_grad=requires_grad).send(alice)
+    q = (p * 2).detach() if requires_grad else p.long()
+    for ptr in (p, q):
+        assert pointer_meta(ptr) == (tuple(ptr.shape), ptr.dtype, ptr.requires_grad)
+        assert WorkerRuntime().describe(ptr) == (tuple(ptr.shape), ptr.dtype)

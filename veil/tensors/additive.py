@@ -24,7 +24,7 @@ from veil.mpc.sharing import split
 from veil.mpc.truncation import truncate_shares
 from veil.tensors import mac_dispatch
 from veil.tensors._dispatch import dispatch
-from veil.tensors.pointer import PointerTensor
+from veil.tensors.pointer import PointerTensor, pointer_meta
 from veil.tensors.remote_ops import deferring
 from veil.tensors.rules.additive import ADDITIVE_RULES
 from veil.tensors.rules.common import STRUCTURAL_OPS
@@ -64,7 +64,7 @@ class AdditiveSharingTensor(torch.Tensor):
         shape = None
         for pid, s in shares.items():
             # a pointer's shape and dtype as plain values (its tensor properties cost a dispatch each)
-            s_shape, s_dtype = s.__dict__["_meta"][:2] if type(s) is PointerTensor else (tuple(s.shape), s.dtype)
+            s_shape, s_dtype = pointer_meta(s)[:2] if type(s) is PointerTensor else (tuple(s.shape), s.dtype)
             shape = s_shape if shape is None else shape
             if s_dtype != torch.int64:
                 raise NotEncodedError(f"share of party {pid!r} has dtype {s_dtype}, expected torch.int64")

@@ -57,7 +57,7 @@ from veil.messaging import messages as m
 from veil.mpc.errors import PartyFailedError, PartyUnreachableError
 from veil.mpc.party import WIRE_PREFIX, OpenMessage, check_openable, run_openable
 from veil.mpc.runtime import DEALER_TAG, PartyRuntime, register_runtime
-from veil.tensors.pointer import PointerTensor
+from veil.tensors.pointer import PointerTensor, pointer_meta
 from veil.tensors.remote_ops import _ref
 from veil.workers.base import register_handler
 from veil.workers.monitor import DEALER_TAG as MONITOR_DEALER_TAG
@@ -150,7 +150,7 @@ def elements_of(values: Any) -> int:
     largest = 0
     for leaf in m.arg_leaves(values):  # protocol arguments: lists, tuples, dicts (pytree's walk is ~3x slower)
         if type(leaf) is PointerTensor:
-            n = math.prod(leaf.__dict__["_meta"][0])  # (its shape as plain values: .shape costs a dispatch)
+            n = math.prod(pointer_meta(leaf)[0])  # (its shape as plain values: .shape costs a dispatch)
         elif isinstance(leaf, torch.Tensor):
             n = leaf.numel()
         else:
@@ -280,8 +280,8 @@ class WorkerRuntime(PartyRuntime):
         return handle.location
 
     def describe(self, handle: PointerTensor) -> tuple:
-        meta = handle.__dict__["_meta"]  # (shape, dtype, requires_grad) as plain values: no dispatch
-        return meta[0], meta[1]
+        shape, dtype, _ = pointer_meta(handle)
+        return shape, dtype
 
     def run_on_party(self, name: str, args: tuple, kwargs: dict, outputs: Any) -> Any:
         first = _first_pointer((args, kwargs))
