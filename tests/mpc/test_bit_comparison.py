@@ -101,7 +101,8 @@ def test_rounds_bytes_and_dealt_material(hook):
     dealt = cp.stats.snapshot()["bytes_sent"] - sent
     assert torch.equal(r.get().child, a.fix_precision().child.clamp(min=0))
     assert stats.rounds == 2 + AND_LEVELS
-    assert stats.bytes_by_party[parties[0].id] == n * 8 * (1 + 5)  # masked value + 5 packed circuit words
+    # masked value + 4 packed AND-level words, then the result bit packed 8 entries to a byte
+    assert stats.bytes_by_party[parties[0].id] == n * 8 * (1 + 4) + (n + 7) // 8
     # seeded: the last party gets the derived fields (R, 3 group-product words, 8 AND products, rho,
     # r*rho): 14 words per entry; the 63-bit DCF keys were 2,064 bytes per entry for each of two parties
     lay = ComparisonLayout(1)

@@ -117,8 +117,13 @@ def protocol(request, monkeypatch):
     return request.param
 
 
-# opened words per entry (besides the masked values) of the bitwise circuit: 4 AND-level words + the bit
-CIRCUIT_WORDS = 5
+# opened words per entry (besides the masked values) of the bitwise circuit: 4 AND-level words; then the bit,
+# packed 8 entries to a byte (circuit_bit_words)
+CIRCUIT_WORDS = 4
+
+
+def circuit_bit_words(numel: int) -> int:
+    return ((numel + 7) // 8 + 7) // 8
 
 
 @pytest.mark.parametrize("n_extra", [0, 1, 2])
@@ -133,7 +138,9 @@ def test_sign_select_local(parties, n_extra, protocol):
         assert torch.equal(reconstruct(prod), v * bit)
     n = len(parties)
     words = 1 + n_extra + (CIRCUIT_WORDS if protocol == "circuit" else 0)
-    assert stats.rounds == COMPARISON_ROUNDS[protocol] and stats.elements == n * (n - 1) * d.numel() * words
+    bit = circuit_bit_words(d.numel()) if protocol == "circuit" else 0
+    assert stats.rounds == COMPARISON_ROUNDS[protocol]
+    assert stats.elements == n * (n - 1) * (d.numel() * words + bit)
 
 
 def test_bit_alone_opens_one_value_and_takes_a_smaller_key(parties):

@@ -25,13 +25,13 @@ values to multiply by the bit. The dealer deals arithmetic masks ``r_j``,
    triples sharing the mask of ``eq_hi``, the three masked operands packed
    into one word.
 3. **Last round.** Open ``b xor rho`` (``b`` the XOR-shared result bit; the
-   last level's AND is finished inside this step). With ``e`` public, the
+   last level's AND is finished inside this step), packed 8 entries to a byte. With ``e`` public, the
    arithmetic bit is ``b = e + (1 - 2e) rho`` and ``v_j b = (v_j + r_j) b -
    r_j b`` with ``r_j b = e r_j + (1 - 2e) (r_j rho)``: local.
 
 Cost per compared entry, ``p`` values multiplied by the bit (``p = 0``: the
 bit alone; 1 for ReLU): **6 rounds**; each party sends ``8 max(p, 1) + 8 * 4
-+ 8`` bytes per other party (ReLU: 48 bytes; CrypTen's ReLU: 232 bytes in 9
++ 1/8`` bytes per other party (ReLU: 40 bytes; CrypTen's ReLU: 232 bytes in 9
 rounds). The dealer's seeds make every uniform field free; the last party
 gets the derived fields explicitly: ``8 (13 + p)`` bytes (ReLU: 112 bytes;
 the 63-bit DCF keys were 2,064 bytes for each of two parties). Computation:
@@ -61,7 +61,7 @@ from veil.mpc.material import (AND_LEVELS, GROUP_BITS, GROUP_LEVELS, GROUP_MASK,
 from veil.mpc.party import PARTY_FUNCTIONS, open_at_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
 from veil.mpc.runtime import runtime_of
-from veil.mpc.truncation import finish_truncation, shift_for
+from veil.mpc.truncation import finish_truncation, pack_bits, shift_for, unpack_top_bits
 
 Shares = Mapping[Hashable, torch.Tensor]
 
@@ -313,16 +313,22 @@ def _bit_open(state: list, opened, a, b1, b2, c1, c2, xhat, r_x, rho, first: boo
     b = (lt ^ (r_x >> 63)) & 1  # borrow xor R_hi
     if first:
         b = b ^ ((((xhat - 1) >> 63) & 1) ^ 1)  # xor X_hi xor 1: [x >= 0] = not sign
-    return (b ^ (rho & 1),)
+    bits = b ^ (rho & 1)
+    if bits.shape != rho.shape:  # one mask bit per entry: a smaller (broadcast) rho would mask several with one
+        raise ValueError("cmp_bit_open: rho must have the compared entries' shape")
+    # one bit per entry, 8 to a byte (packing commutes with XOR): 1/64 of the int64 word's bytes
+    return (pack_bits(bits),)
 
 
 @party_function("cmp_select")
 def _select(e, opened: list, masks: list, rho, masks_rho: list, first: bool) -> tuple:
-    """Shares of the arithmetic bit and of ``v_j * bit`` from the opened ``e = b ^ rho``."""
+    """Shares of the arithmetic bit and of ``v_j * bit`` from the opened ``e = b ^ rho`` (packed 8 entries
+    to a byte by ``cmp_bit_open``; ``rho``, the arithmetic shares of the mask bit, has the entries' shape)."""
     if not isinstance(first, bool) or len(masks) != len(masks_rho) or len(opened) < len(masks):
         raise ValueError("cmp_select needs one mask and one r*rho per product and a boolean first")
     if e.is_meta:
-        return tuple(torch.empty_like(e) for _ in range(1 + len(masks)))
+        return tuple(torch.empty_like(rho) for _ in range(1 + len(masks)))
+    e = unpack_top_bits(e, rho.numel()).to(rho.dtype).view(rho.shape)  # (refuses anything but the packed bytes)
     sign = 1 - 2 * e
     bit = sign * rho
     if first:

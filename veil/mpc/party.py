@@ -267,9 +267,14 @@ def open_parties(name: str, per_party: Mapping[Hashable, tuple], **kwargs: Any) 
         else:
             totals = [t ^ o if j < n_xor else t + o for j, (t, o) in enumerate(zip(totals, out))]
     n = len(per_party)
-    per_party_bytes = 8 * (n - 1) * sum(t.numel() for t in totals)  # each party's share of every opened entry
-    record_opening(sum(n * (n - 1) * t.numel() for t in totals), {p: per_party_bytes for p in per_party})
+    per_party_bytes = (n - 1) * sum(t.numel() * t.element_size() for t in totals)  # its share of every entry
+    record_opening(n * (n - 1) * sum(_ring_words(t) for t in totals), {p: per_party_bytes for p in per_party})
     return totals
+
+
+def _ring_words(t: torch.Tensor) -> int:
+    """``t``'s size in 8-byte ring words (int64 shares: one per entry; bits packed 8 to a uint8: 1/64)."""
+    return (t.numel() * t.element_size() + 7) // 8
 
 
 def open_at_parties(name: str, per_party: Mapping[Hashable, tuple], **kwargs: Any) -> dict[Hashable, list]:
@@ -324,5 +329,7 @@ def _open_among_parties(name: str, per_party: Mapping[Hashable, tuple], kwargs: 
         first, *rest = per_party
         record_opening((n - 1) * numel, {first: (n - 1) * ((numel + 7) // 8), **{p: 8 * numel for p in rest}})
     else:
-        record_opening(n * (n - 1) * numel, {p: 8 * (n - 1) * numel for p in per_party})
+        words = sum(_ring_words(t) for t in meta)
+        record_opening(n * (n - 1) * words, {p: (n - 1) * sum(t.numel() * t.element_size() for t in meta)
+                                             for p in per_party})
     return dict(zip(per_party, opened))

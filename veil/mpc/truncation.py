@@ -167,7 +167,15 @@ _LITTLE = sys.byteorder == "little"  # the word tricks read 8 bytes as one littl
 
 def pack_top_bits(c: torch.Tensor) -> torch.Tensor:
     """The top bits of ``c`` (flattened), 8 to a uint8 (the last byte padded with zeros)."""
-    bits = (c.reshape(-1) < 0).view(torch.uint8)
+    return pack_bits((c.reshape(-1) < 0).view(torch.uint8))
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """0/1 entries of ``bits`` (flattened; uint8, or int64 holding only 0 or 1), 8 to a uint8 (the last
+    byte padded with zeros); :func:`unpack_top_bits` reads them back. Bitwise: packing commutes with XOR."""
+    bits = bits.reshape(-1)
+    if bits.dtype != torch.uint8:
+        bits = bits.to(torch.uint8)
     pad = (-bits.numel()) % 8
     if pad:
         bits = torch.cat([bits, bits.new_zeros(pad)])
@@ -181,7 +189,7 @@ def pack_top_bits(c: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_top_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """The first ``numel`` bits of :func:`pack_top_bits`'s output, as 0/1 uint8 (flat)."""
+    """The first ``numel`` bits of :func:`pack_top_bits`'s (or :func:`pack_bits`') output, as 0/1 uint8 (flat)."""
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (numel + 7) // 8:
         raise ValueError(f"packed top bits must be a flat uint8 tensor of {(numel + 7) // 8} bytes")
     if _LITTLE:  # word j, byte k: entry 8j + k's bit, kept in place k (2^k or 0), then moved to the byte's

@@ -520,6 +520,7 @@ class _RequestLocal(threading.local):
     # swallows an AttributeError on every thread that never set them
     request: tuple | None = None
     opening_refs: Any = None
+    opening_kwrefs: Any = None  # (and its keyword arguments, as received)
     opened_masks: Any = None
 
 

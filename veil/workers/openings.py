@@ -10,7 +10,7 @@ for the step; every dealt item the opening touches binds to that protection
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -29,6 +29,10 @@ OPENING_MASKS: dict[str, tuple[int, ...]] = {"beaver_mask": (2, 3), "trunc_mask"
                                               "cmp_and_open_values": (1, 2, 3, 7), "cmp_bit_open": (9,),
                                               # a product with a constant operand (veil/mpc/fixed_operand.py)
                                               "fixed_mask": (1,)}
+#: openable steps whose outputs are bits packed 8 entries to a uint8 (``veil.mpc.truncation.pack_bits``): an
+#: output is hidden by its mask when it holds exactly one bit per mask entry, ``(ceil(numel / 8),)`` bytes
+#: (bit ``k`` of the packed output is masked by bit 0 of the mask's entry ``k``, a uniform dealt field)
+PACKED_BIT_OPENINGS = frozenset({"cmp_bit_open"})
 #: the openable steps that open a constant operand's fixed mask (``w - b``) -> the argument position of
 #: ``b``: each fixed mask opens once, in such a step, and is never referenced by any other opening (so
 #: ``b`` never hides a second value: ``w' - b`` and ``w - b`` would give ``w' - w``); such a step has no
@@ -140,6 +144,16 @@ class OpeningRules:
                     masks.append(entry)
                 if error is not None:
                     break
+        if error is None:
+            # a mask named anywhere else in the same opening (an operand of the step, a keyword) would hide
+            # what the step also computes from it: cmp_bit_open's output b ^ rho with rho := the AND mask a,
+            # which b contains as a & f1, cancels for a chosen public f1 (red team)
+            named = [r.id for r in m.object_refs((raw, self._local.opening_kwrefs))]
+            for entry in masks:
+                if sum(1 for oid in named if found.get(oid) is entry) > 1:
+                    error = f"{name}: a dealt mask is also an operand of the opening; it cannot open shares " \
+                            "protected for another party"
+                    break
         if error is not None:
             raise self._refuse(PermissionDeniedError(error), "open", principal, ids)
         for entry in masks:
@@ -151,20 +165,26 @@ class OpeningRules:
         """An OpenMessage: resolves the wire-level arguments (keeping the raw refs for the mask check),
         runs the step with ``run`` and returns its outputs, each as large as its mask when masks were
         required (a broadcast mask would hide only differences)."""
-        self._local.opening_refs = args
+        self._local.opening_refs, self._local.opening_kwrefs = args, kwargs
         try:
             args, kwargs = self.resolve_opening(principal, name, args, kwargs)
         finally:
-            self._local.opening_refs = None
+            self._local.opening_refs = self._local.opening_kwrefs = None
         masks, self._local.opened_masks = self._local.opened_masks, None
         outputs = run(name, args, kwargs)
         if masks is not None:
             shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in outputs]
-            if len(outputs) > len(masks) or any(s != tuple(k.shape) for s, k in zip(shapes, masks)):
+            packed = name in PACKED_BIT_OPENINGS
+            # (packed bits: one bit per mask entry; a broadcast mask would have fewer entries than bits)
+            wanted = [((k.numel() + 7) // 8,) if packed else tuple(k.shape) for k in masks]
+            if len(outputs) > len(masks) or any(s != w for s, w in zip(shapes, wanted)):
                 raise self._refuse(PermissionDeniedError(
                     f"{name}: every output must be hidden by a mask of its own shape"), "open", principal, [])
             # a float x * 2^80 + r is x: the mask hides only what is added to it mod 2^64, in its own dtype
-            if any(t.dtype != k.dtype for t, k in zip(outputs, masks)):
+            if packed and any(t.dtype != torch.uint8 or k.dtype != torch.int64 for t, k in zip(outputs, masks)):
+                raise self._refuse(PermissionDeniedError(
+                    f"{name}: packed bits are uint8, each masked by an int64 field's low bit"), "open", principal, [])
+            if not packed and any(t.dtype != k.dtype for t, k in zip(outputs, masks)):
                 raise self._refuse(PermissionDeniedError(
                     f"{name}: every output must have its mask's dtype (ring elements, added mod 2^64)"), "open",
                     principal, [])

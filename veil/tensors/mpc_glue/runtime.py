@@ -313,7 +313,8 @@ class WorkerRuntime(PartyRuntime):
         them (:func:`enable_peer_openings`) and the opened values have at least :data:`PEER_MIN_ELEMENTS`
         elements; None (a star opening) otherwise. ``top_bits``: parties after the first get handles to
         the packed top bits of the one opened value instead (uint8, 8 entries a byte)."""
-        if sum(t.numel() for t in outputs) < PEER_MIN_ELEMENTS:
+        if sum((t.numel() * t.element_size() + 7) // 8 for t in outputs) < PEER_MIN_ELEMENTS:  # (in ring words:
+            # a comparison's result bit, packed 8 entries to a byte, is 1/64 of a word per entry)
             return None
         firsts = [_first_pointer(args) for args in per_party]
         if not all(peer_openings_enabled(p.location) for p in firsts):

@@ -1,0 +1,80 @@
+"""Red team of the comparison's last opening, ``cmp_bit_open`` (veil/mpc/bit_comparison.py), whose output is
+the result bit ``b ^ rho`` packed 8 entries to a byte: a hostile serving owner feeds a client's input share into
+it and tries to open it under a mask that does not cover every bit (a broadcast rho, an inline one, none)."""
+
+import pytest
+import torch
+
+from veil.exceptions import PermissionDeniedError, VeilError
+from veil.messaging import messages as m
+from veil.mpc.material import AND_LEVELS, ComparisonLayout
+from veil.mpc.truncation import unpack_top_bits
+
+from tests.security.test_redteam_dealt import BATCH, SECRET, SHAPE, _open, _ref, _setup
+
+NAME = "cmp_bit_open"
+LAST = AND_LEVELS - 1
+LAY = ComparisonLayout(1)
+
+
+@pytest.fixture
+def served(hook, request):
+    return _setup(hook, f"rpb{request.node.name[-14:]}", SECRET)
+
+
+_KEEP: list = []  # the dealt items' pointers: dropping one deletes its fields on the party
+
+
+def _material(dealer, a, b, shape=SHAPE):
+    item = dealer.comparison_material(shape, 1, [a.id, b.id])
+    _KEEP.append(item)
+    return [_ref(f) for f in item[a.id]]
+
+
+def _args(f, rho):
+    """The client's input as the comparison's state, opened word and public X: whatever it holds, the
+    packed bit is masked by rho alone."""
+    x = m.ObjectRef(BATCH)
+    return ([x, x], x, *(f[i] for i in LAY.triple(LAST)), *(f[i] for i in LAY.products(LAST)), x, f[LAY.r_xor],
+            rho, True)
+
+
+def test_honest_use_opens_one_masked_bit_per_entry(served):
+    a, b, owner, dealer = served
+    f = _material(dealer, a, b)
+    (packed,) = _open(owner, a, NAME, *_args(f, f[LAY.rho]))
+    n = SECRET.numel()
+    assert packed.dtype == torch.uint8 and tuple(packed.shape) == ((n + 7) // 8,)
+    assert set(unpack_top_bits(packed, n).tolist()) <= {0, 1}
+
+
+def test_a_broadcast_rho_does_not_hide_every_bit(served):
+    """A uniform but one-entry rho would mask every bit with the same bit (their XORs would open): the
+    output then holds more bits than the mask has entries."""
+    a, b, owner, dealer = served
+    f = _material(dealer, a, b)
+    small = _material(dealer, a, b, (1, 1))
+    with pytest.raises(VeilError, match="shape"):  # (3 bits and 1 mask entry: both fit one byte)
+        _open(owner, a, NAME, *_args(f, small[LAY.rho]))
+
+
+@pytest.mark.parametrize("mask", ["inline zeros", "non-uniform field", "reused AND mask"])
+def test_rho_must_be_a_fresh_dealt_field(served, mask):
+    a, b, owner, dealer = served
+    f = _material(dealer, a, b)
+    pair = dealer.truncation_pairs(SHAPE, 2 ** 16, [a.id, b.id])
+    _KEEP.append(pair)
+    rho = {"inline zeros": torch.zeros(SHAPE, dtype=torch.int64),
+           "non-uniform field": _ref(pair[a.id][2]),  # g: almost always 0
+           "reused AND mask": f[LAY.triple(LAST)[0]]}[mask]
+    with pytest.raises(PermissionDeniedError, match="argument 9" if mask != "reused AND mask" else "also an operand"):
+        _open(owner, a, NAME, *_args(f, rho))
+
+
+def test_the_worker_still_serves_after_refusals(served):
+    a, b, owner, dealer = served
+    f = _material(dealer, a, b)
+    with pytest.raises(VeilError):
+        _open(owner, a, NAME, *_args(f, torch.zeros(SHAPE, dtype=torch.int64)))
+    (packed,) = _open(owner, a, NAME, *_args(f, f[LAY.rho]))
+    assert packed.dtype == torch.uint8
