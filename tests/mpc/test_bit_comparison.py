@@ -101,8 +101,10 @@ def test_rounds_bytes_and_dealt_material(hook):
     dealt = cp.stats.snapshot()["bytes_sent"] - sent
     assert torch.equal(r.get().child, a.fix_precision().child.clamp(min=0))
     assert stats.rounds == 2 + AND_LEVELS
-    # masked value + 4 packed AND-level words, then the result bit packed 8 entries to a byte
-    assert stats.bytes_by_party[parties[0].id] == n * 8 * (1 + 4) + (n + 7) // 8
+    # masked value, 4 AND-level words compacted COMPACT[level] entries to a word, the result bit 8 to a byte
+    words = sum(bit_comparison.compact_words(level, n) for level in range(AND_LEVELS))
+    assert bit_comparison.COMPACT == (2, 5, 10, 21) and words == 500 + 200 + 100 + 48
+    assert stats.bytes_by_party[parties[0].id] == n * 8 + words * 8 + (n + 7) // 8
     # seeded: the last party gets the derived fields (R, 3 group-product words, 8 AND products, rho,
     # r*rho): 14 words per entry; the 63-bit DCF keys were 2,064 bytes per entry for each of two parties
     lay = ComparisonLayout(1)

@@ -117,13 +117,12 @@ def protocol(request, monkeypatch):
     return request.param
 
 
-# opened words per entry (besides the masked values) of the bitwise circuit: 4 AND-level words; then the bit,
-# packed 8 entries to a byte (circuit_bit_words)
-CIRCUIT_WORDS = 4
+def circuit_words(numel: int) -> int:
+    """Opened words of the bitwise circuit besides the masked values: 4 AND levels compacted COMPACT[level]
+    entries to a word, then the result bit packed 8 entries to a byte."""
+    from veil.mpc.bit_comparison import AND_LEVELS, compact_words
 
-
-def circuit_bit_words(numel: int) -> int:
-    return ((numel + 7) // 8 + 7) // 8
+    return sum(compact_words(level, numel) for level in range(AND_LEVELS)) + ((numel + 7) // 8 + 7) // 8
 
 
 @pytest.mark.parametrize("n_extra", [0, 1, 2])
@@ -137,10 +136,10 @@ def test_sign_select_local(parties, n_extra, protocol):
     for v, prod in zip([d] + extras, products):
         assert torch.equal(reconstruct(prod), v * bit)
     n = len(parties)
-    words = 1 + n_extra + (CIRCUIT_WORDS if protocol == "circuit" else 0)
-    bit = circuit_bit_words(d.numel()) if protocol == "circuit" else 0
+    words = 1 + n_extra
+    circuit = circuit_words(d.numel()) if protocol == "circuit" else 0
     assert stats.rounds == COMPARISON_ROUNDS[protocol]
-    assert stats.elements == n * (n - 1) * (d.numel() * words + bit)
+    assert stats.elements == n * (n - 1) * (d.numel() * words + circuit)
 
 
 def test_bit_alone_opens_one_value_and_takes_a_smaller_key(parties):

@@ -70,8 +70,10 @@ def test_truncate_relu_opens_party_to_party(hook, parties, cp):
 
 def test_openings_below_the_threshold_stay_a_star(hook, connect_websocket):
     """With the default PEER_MIN_ELEMENTS a small ReLU opens through this process (one hop fewer per round)
-    and a large one party to party but for its result bit (packed 8 entries to a byte: 1/64 of the words,
-    below the threshold); both equal torch's."""
+    and a large one's masked values party to party; its AND levels' compacted words and its result bit
+    (packed 8 entries to a byte), below the threshold in ring words, go through this process. Both equal
+    torch's."""
+    from veil.mpc.bit_comparison import AND_LEVELS, compact_words
     from veil.tensors.mpc_glue.runtime import PEER_MIN_ELEMENTS
 
     ws = [connect_websocket(n) for n in ("alice", "bob")]
@@ -86,7 +88,8 @@ def test_openings_below_the_threshold_stay_a_star(hook, connect_websocket):
             assert torch.allclose(y.get().float_precision(), F.relu(a), atol=ULP)
             if through_here:  # every party's share of x + r at least
                 assert received > 2 * 8 * numel, received
-            else:  # each party's packed bits of e = b ^ rho, and nothing else of size
-                assert received < len(ws) * (1024 + (numel + 7) // 8), received
+            else:  # each party's compacted words and packed bits, and not its share of x + r
+                star = 8 * sum(compact_words(level, numel) for level in range(AND_LEVELS)) + (numel + 7) // 8
+                assert len(ws) * star <= received < len(ws) * (star + 1024) < 2 * 8 * numel, received
     finally:
         enable_peer_openings(*ws, enabled=False)

@@ -1,12 +1,14 @@
-"""Red team of the comparison's last opening, ``cmp_bit_open`` (veil/mpc/bit_comparison.py), whose output is
-the result bit ``b ^ rho`` packed 8 entries to a byte: a hostile serving owner feeds a client's input share into
-it and tries to open it under a mask that does not cover every bit (a broadcast rho, an inline one, none)."""
+"""Red team of the comparison's packed openings (veil/mpc/bit_comparison.py): the AND levels' words compacted
+several entries to a word (``cmp_and_open``) and the result bit ``b ^ rho`` packed 8 entries to a byte
+(``cmp_bit_open``). A hostile serving owner feeds a client's input share into them and tries to open it under
+masks that do not cover every bit (broadcast, inline, reused, named twice) or with a layout it picks."""
 
 import pytest
 import torch
 
 from veil.exceptions import PermissionDeniedError, VeilError
 from veil.messaging import messages as m
+from veil.mpc.bit_comparison import compact_words
 from veil.mpc.material import AND_LEVELS, ComparisonLayout
 from veil.mpc.truncation import unpack_top_bits
 
@@ -32,10 +34,11 @@ def _material(dealer, a, b, shape=SHAPE):
 
 
 def _args(f, rho):
-    """The client's input as the comparison's state, opened word and public X: whatever it holds, the
-    packed bit is masked by rho alone."""
+    """The client's input as the comparison's state and public X: whatever it holds, the packed bit is
+    masked by rho alone."""
     x = m.ObjectRef(BATCH)
-    return ([x, x], x, *(f[i] for i in LAY.triple(LAST)), *(f[i] for i in LAY.products(LAST)), x, f[LAY.r_xor],
+    opened = torch.zeros(compact_words(LAST, SECRET.numel()), dtype=torch.int64)  # the last level's word, compacted
+    return ([x, x], opened, *(f[i] for i in LAY.triple(LAST)), *(f[i] for i in LAY.products(LAST)), x, f[LAY.r_xor],
             rho, True)
 
 
@@ -78,3 +81,42 @@ def test_the_worker_still_serves_after_refusals(served):
         _open(owner, a, NAME, *_args(f, torch.zeros(SHAPE, dtype=torch.int64)))
     (packed,) = _open(owner, a, NAME, *_args(f, f[LAY.rho]))
     assert packed.dtype == torch.uint8
+
+
+def _and_args(f, level, a=None, state=None):
+    x = m.ObjectRef(BATCH)
+    a_, b1, b2 = (f[i] for i in LAY.triple(level))
+    return (state or [x, x], a or a_, b1, b2, level, True)
+
+
+@pytest.mark.parametrize("level", range(AND_LEVELS))
+def test_an_and_level_opens_its_compacted_word(served, level):
+    a, b, owner, dealer = served
+    f = _material(dealer, a, b)
+    (word,) = _open(owner, a, "cmp_and_open", *_and_args(f, level))
+    assert word.dtype == torch.int64 and tuple(word.shape) == (compact_words(level, SECRET.numel()),)
+
+
+def test_a_broadcast_and_mask_is_refused_by_the_step(served):
+    a, b, owner, dealer = served
+    f = _material(dealer, a, b)
+    small = _material(dealer, a, b, (1, 1))
+    with pytest.raises(VeilError, match="shape"):
+        _open(owner, a, "cmp_and_open", *_and_args(f, 0, a=small[LAY.triple(0)[0]]))
+
+
+@pytest.mark.parametrize("level", [AND_LEVELS, -1, "0", 0.0])
+def test_a_level_outside_the_circuit_is_refused(served, level):
+    a, b, owner, dealer = served
+    f = _material(dealer, a, b)
+    with pytest.raises(VeilError):
+        _open(owner, a, "cmp_and_open", *_and_args(f, 0)[:4], level, True)
+
+
+def test_an_and_mask_in_the_state_too_is_refused(served):
+    """The state's eq := a beside the mask a: eq_hi ^ a would cancel wherever the shift lines bits up."""
+    a, b, owner, dealer = served
+    f = _material(dealer, a, b)
+    mask = f[LAY.triple(0)[0]]
+    with pytest.raises(PermissionDeniedError, match="also an operand"):
+        _open(owner, a, "cmp_and_open", *_and_args(f, 0, state=[m.ObjectRef(BATCH), mask]))

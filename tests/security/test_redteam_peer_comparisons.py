@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import veil as sy
 from veil.exceptions import PermissionDeniedError, VeilError
 from veil.mpc.errors import MPCError
+from veil.mpc.bit_comparison import compact_words
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.workers.peer_openings import PeerOpenMessage
@@ -100,7 +101,8 @@ def test_an_xor_round_refuses_non_parties_other_steps_wrong_shapes_and_a_second_
     dtype ends a round of its own at once, nothing stored."""
     stored = _stored_before(cluster)
     round_id = new_round()
-    good = [torch.full((6,), 0x0F0F, dtype=torch.int64)]
+    words = compact_words(0, 6)  # bob's output: the first AND level's word of 6 entries, compacted
+    good = [torch.full((words,), 0x0F0F, dtype=torch.int64)]
     REPLIES[round_id] = good
     orchestrator = {n: _as(hook, cluster[n][0], TOKEN, "orchestrator") for n in ("alice", "bob")}
     ids = {n: [new_id()] for n in orchestrator}
@@ -132,13 +134,13 @@ def test_an_xor_round_refuses_non_parties_other_steps_wrong_shapes_and_a_second_
     threads["bob"].join(120)
     assert "bob" not in errors, errors
     # bob's and alice's outputs are equal (same x, same first): XORed they cancel, leaving charlie's share
-    (got,) = [sy.PointerTensor(orchestrator["bob"], oid, hook.local_worker, (6,), torch.int64).get()
+    (got,) = [sy.PointerTensor(orchestrator["bob"], oid, hook.local_worker, (words,), torch.int64).get()
               for oid in ids["bob"]]
     assert torch.equal(got, good[0]), got
     orchestrator["alice"].close()  # alice waits for charlie's fetch: her round is abandoned
     threads["alice"].join(120)
     assert "alice" in errors
-    for values in ([torch.zeros(7, dtype=torch.int64)], [torch.zeros(6, dtype=torch.int32)], good * 2):
+    for values in ([torch.zeros(words + 1, dtype=torch.int64)], [torch.zeros(words, dtype=torch.int32)], good * 2):
         rid = new_round()
         REPLIES[rid] = values
         with pytest.raises(VeilError, match="(?i)shapes and dtypes|values"):

@@ -23,16 +23,18 @@ values to multiply by the bit. The dealer deals arithmetic masks ``r_j``,
    of ``R``'s bits within a group (11 per group, packed in 3 words). The other
    four levels (16 positions to 1) take **one round each**: two Beaver AND
    triples sharing the mask of ``eq_hi``, the three masked operands packed
-   into one word.
+   into one word, and the words of several entries compacted into one
+   (:data:`COMPACT`: the level's 3 bits per position leave room for 2, 5,
+   10 and 21 entries' words).
 3. **Last round.** Open ``b xor rho`` (``b`` the XOR-shared result bit; the
    last level's AND is finished inside this step), packed 8 entries to a byte. With ``e`` public, the
    arithmetic bit is ``b = e + (1 - 2e) rho`` and ``v_j b = (v_j + r_j) b -
    r_j b`` with ``r_j b = e r_j + (1 - 2e) (r_j rho)``: local.
 
 Cost per compared entry, ``p`` values multiplied by the bit (``p = 0``: the
-bit alone; 1 for ReLU): **6 rounds**; each party sends ``8 max(p, 1) + 8 * 4
-+ 1/8`` bytes per other party (ReLU: 40 bytes; CrypTen's ReLU: 232 bytes in 9
-rounds). The dealer's seeds make every uniform field free; the last party
+bit alone; 1 for ReLU): **6 rounds**; each party sends ``8 max(p, 1) + 8 (1/2
++ 1/5 + 1/10 + 1/21) + 1/8`` bytes per other party (ReLU: 14.9 bytes, was 48
+with a word per entry and level; CrypTen's ReLU: 232 bytes in 9 rounds). The dealer's seeds make every uniform field free; the last party
 gets the derived fields explicitly: ``8 (13 + p)`` bytes (ReLU: 112 bytes;
 the 63-bit DCF keys were 2,064 bytes for each of two parties). Computation:
 about a hundred int64 word operations per entry, no AES.
@@ -60,7 +62,7 @@ from veil.mpc.material import (AND_LEVELS, GROUP_BITS, GROUP_LEVELS, GROUP_MASK,
                                ComparisonLayout)
 from veil.mpc.party import PARTY_FUNCTIONS, open_at_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
-from veil.mpc.runtime import runtime_of
+from veil.mpc.runtime import OPENED_LAYOUTS, runtime_of
 from veil.mpc.truncation import finish_truncation, pack_bits, shift_for, unpack_top_bits
 
 Shares = Mapping[Hashable, torch.Tensor]
@@ -247,6 +249,62 @@ def _and_word(lt, eq, a, b1, b2, level) -> torch.Tensor:
     return word
 
 
+#: entries per opened word at each AND level: a level's three operands take 3 bits at each of its positions,
+#: one lane of 2^(l+1) bits apart (8 at the first AND level, 64 at the last), so floor(lane / 3) entries' words
+#: share one word, each 3 bits further up. The bits never overlap: the packing is XOR-compatible (shares pack
+#: to shares of the packed word) and reveals each opened bit once, in the same place for every party.
+COMPACT = tuple((2 << (GROUP_LEVELS + level)) // 3 for level in range(AND_LEVELS))
+
+
+def _compact(word: torch.Tensor, level: int) -> torch.Tensor:
+    """The level's words of ``word`` (entries' shape) packed ``COMPACT[level]`` to an int64: flat, entry
+    ``i * rows + j`` at shift ``3 i`` of word ``j`` (the last row padded with zeros)."""
+    k = COMPACT[level]
+    flat = word.reshape(-1)
+    rows = -(-flat.numel() // k)
+    if rows * k != flat.numel():
+        flat = torch.cat([flat, flat.new_zeros(rows * k - flat.numel())])
+    lanes = flat.view(k, rows)
+    out = lanes[0].clone()
+    for i in range(1, k):
+        out |= lanes[i] << (3 * i)
+    return out
+
+
+def _expand(packed: torch.Tensor, level: int, like: torch.Tensor) -> torch.Tensor:
+    """:func:`_compact`'s words back in ``like``'s shape (the level's bits only)."""
+    k = COMPACT[level]
+    n = like.numel()
+    rows = -(-n // k)
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.int64 or tuple(packed.shape) != (rows,):
+        raise ValueError(f"an opened word of comparison level {level} must be a flat int64 tensor of {rows} words")
+    lane = _half(level)[1] * 7  # bits p, p + 1, p + 2 at the level's positions p
+    out = packed.new_empty(k * rows)  # (on packed's device: meta during shape inference)
+    for i in range(k):
+        part = out[i * rows:(i + 1) * rows]
+        torch.bitwise_right_shift(packed, 3 * i, out=part)
+        part &= lane
+    return out[:n].view(like.shape)
+
+
+def compact_words(level: int, numel: int) -> int:
+    """Words of a level's opened (compacted) word for ``numel`` compared entries."""
+    return -(-numel // COMPACT[level])
+
+
+def _opened_word_layout(j: int, mask: torch.Tensor, args: tuple) -> tuple | None:
+    """OPENED_LAYOUTS of ``cmp_and_open`` / ``cmp_and_open_values``: output 0 is the level's compacted word
+    (its level is argument 4), masked by ``a``; the values' outputs are their masks' own."""
+    level = args[4] if len(args) > 4 else None
+    if j or type(level) is not int or not 0 <= level < AND_LEVELS:
+        return None if j else ((-1,), torch.int64)  # (no level: no shape matches, the opening is refused)
+    return (compact_words(level, mask.numel()),), torch.int64
+
+
+OPENED_LAYOUTS.update({"cmp_and_open": _opened_word_layout, "cmp_and_open_values": _opened_word_layout,
+                       "cmp_bit_open": lambda j, mask, args: (((mask.numel() + 7) // 8,), torch.uint8)})
+
+
 def _unpack(w: torch.Tensor, level: int) -> tuple:
     _, m = _half(level)
     f1 = w >> 1
@@ -276,7 +334,10 @@ def _and_open(state: list, a, b1, b2, level: int, first: bool) -> tuple:
     """XOR shares of ``eq_hi ^ a``, ``lt_lo ^ b1``, ``eq_lo ^ b2``, packed in one word."""
     _check_state(state, level, first)
     lt, eq = state
-    return (_and_word(lt, eq, a, b1, b2, level),)
+    word = _and_word(lt, eq, a, b1, b2, level)
+    if word.shape != a.shape:  # one mask entry per compared entry: a smaller (broadcast) a would mask several
+        raise ValueError("cmp_and_open: the AND masks must have the compared entries' shape")
+    return (_compact(word, level),)
 
 
 @party_function("cmp_and_open_values", openable=True, xor=1)
@@ -295,12 +356,12 @@ def _and_open_values(state: list, a, b1, b2, level: int, first: bool, values: li
 
 @party_function("cmp_and_next")
 def _and_next(state: list, opened, a, b1, b2, c1, c2, level: int, first: bool) -> tuple:
-    """Stores the next level's shares of ``(lt, eq)``."""
+    """Stores the next level's shares of ``(lt, eq)`` (``opened``: the level's compacted word)."""
     _check_state(state, level, first)
     if opened.is_meta:  # run_party's shape inference
-        return torch.empty_like(opened), torch.empty_like(opened)
+        return torch.empty_like(a), torch.empty_like(a)
     lt, eq = state
-    return _and_finish(lt, eq, _unpack(opened, level), (a, b1, b2), (c1, c2), level, first)
+    return _and_finish(lt, eq, _unpack(_expand(opened, level, a), level), (a, b1, b2), (c1, c2), level, first)
 
 
 @party_function("cmp_bit_open", openable=True, xor=True)
@@ -309,7 +370,7 @@ def _bit_open(state: list, opened, a, b1, b2, c1, c2, xhat, r_x, rho, first: boo
     last = AND_LEVELS - 1
     _check_state(state, last, first)
     lt, eq = state
-    lt, _ = _and_finish(lt, eq, _unpack(opened, last), (a, b1, b2), (c1, c2), last, first)
+    lt, _ = _and_finish(lt, eq, _unpack(_expand(opened, last, a), last), (a, b1, b2), (c1, c2), last, first)
     b = (lt ^ (r_x >> 63)) & 1  # borrow xor R_hi
     if first:
         b = b ^ ((((xhat - 1) >> 63) & 1) ^ 1)  # xor X_hi xor 1: [x >= 0] = not sign

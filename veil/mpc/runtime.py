@@ -45,6 +45,11 @@ DEALT_FIXED_TAG = "#veil.dealer.fixed"
 #: dealer worker function -> the layout of its results, ``f(args) -> [(item index, uniform?), ...]``
 #: (filled by the dealing modules; the worker's monitor groups what they store by it)
 DEALT_LAYOUTS: dict[str, Callable[[tuple], list]] = {}
+#: openable step whose outputs are packed -> ``f(output index, its mask, the step's arguments as received)``:
+#: the ``(shape, dtype)`` that output must have to hold one masked bit group per mask entry, or None for
+#: the mask's own (the worker's monitor checks it; filled by the protocol modules, e.g. the comparison's
+#: compacted AND words and packed result bit)
+OPENED_LAYOUTS: dict[str, Callable[[int, torch.Tensor, tuple], Optional[tuple]]] = {}
 
 
 class PartyRuntime(ABC):

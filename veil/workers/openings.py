@@ -16,7 +16,7 @@ import torch
 
 from veil.exceptions import PermissionDeniedError
 from veil.messaging import messages as m
-from veil.mpc.runtime import DEALT_LAYOUTS
+from veil.mpc.runtime import DEALT_LAYOUTS, OPENED_LAYOUTS
 from veil.workers import dealt
 from veil.workers.principals import Principal, Purpose
 from veil.workers.store import Entry, Kind
@@ -29,10 +29,6 @@ OPENING_MASKS: dict[str, tuple[int, ...]] = {"beaver_mask": (2, 3), "trunc_mask"
                                               "cmp_and_open_values": (1, 2, 3, 7), "cmp_bit_open": (9,),
                                               # a product with a constant operand (veil/mpc/fixed_operand.py)
                                               "fixed_mask": (1,)}
-#: openable steps whose outputs are bits packed 8 entries to a uint8 (``veil.mpc.truncation.pack_bits``): an
-#: output is hidden by its mask when it holds exactly one bit per mask entry, ``(ceil(numel / 8),)`` bytes
-#: (bit ``k`` of the packed output is masked by bit 0 of the mask's entry ``k``, a uniform dealt field)
-PACKED_BIT_OPENINGS = frozenset({"cmp_bit_open"})
 #: the openable steps that open a constant operand's fixed mask (``w - b``) -> the argument position of
 #: ``b``: each fixed mask opens once, in such a step, and is never referenced by any other opening (so
 #: ``b`` never hides a second value: ``w' - b`` and ``w - b`` would give ``w' - w``); such a step has no
@@ -165,6 +161,7 @@ class OpeningRules:
         """An OpenMessage: resolves the wire-level arguments (keeping the raw refs for the mask check),
         runs the step with ``run`` and returns its outputs, each as large as its mask when masks were
         required (a broadcast mask would hide only differences)."""
+        raw = args
         self._local.opening_refs, self._local.opening_kwrefs = args, kwargs
         try:
             args, kwargs = self.resolve_opening(principal, name, args, kwargs)
@@ -174,17 +171,18 @@ class OpeningRules:
         outputs = run(name, args, kwargs)
         if masks is not None:
             shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in outputs]
-            packed = name in PACKED_BIT_OPENINGS
-            # (packed bits: one bit per mask entry; a broadcast mask would have fewer entries than bits)
-            wanted = [((k.numel() + 7) // 8,) if packed else tuple(k.shape) for k in masks]
-            if len(outputs) > len(masks) or any(s != w for s, w in zip(shapes, wanted)):
+            # a packed output (OPENED_LAYOUTS: the comparison's compacted words and result bit) holds one masked
+            # bit group per mask entry: its size follows from the mask's (a broadcast mask has fewer entries)
+            layout = OPENED_LAYOUTS.get(name)
+            wanted = [(layout(j, k, tuple(raw)) if layout is not None else None) or (tuple(k.shape), k.dtype)
+                      for j, k in enumerate(masks[:len(outputs)])]
+            if len(outputs) > len(masks) or any(s != w[0] for s, w in zip(shapes, wanted)):
                 raise self._refuse(PermissionDeniedError(
                     f"{name}: every output must be hidden by a mask of its own shape"), "open", principal, [])
             # a float x * 2^80 + r is x: the mask hides only what is added to it mod 2^64, in its own dtype
-            if packed and any(t.dtype != torch.uint8 or k.dtype != torch.int64 for t, k in zip(outputs, masks)):
-                raise self._refuse(PermissionDeniedError(
-                    f"{name}: packed bits are uint8, each masked by an int64 field's low bit"), "open", principal, [])
-            if not packed and any(t.dtype != k.dtype for t, k in zip(outputs, masks)):
+            # (a packed output: masked by an int64 field's bits, in the layout's dtype)
+            if any(t.dtype != w[1] for t, w in zip(outputs, wanted)) or \
+                    (layout is not None and any(k.dtype != torch.int64 for k in masks)):
                 raise self._refuse(PermissionDeniedError(
                     f"{name}: every output must have its mask's dtype (ring elements, added mod 2^64)"), "open",
                     principal, [])
