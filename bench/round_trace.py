@@ -61,7 +61,7 @@ def install_worker(out_dir: str) -> None:
         setattr(owner, name, wrapper)
 
     cls = ws_mod.WebsocketServerWorker
-    wrap_sync(cls, "serve_inline", "t_inline_try", "t_inline_done")
+    wrap_sync(cls, "try_inline", "t_inline_try", "t_inline_done")  # (a request it declines goes on to serve_bytes)
     wrap_sync(cls, "serve_bytes", "t_thread", "t_thread_done")
     orig_deser = base.deserialize
 
@@ -122,6 +122,23 @@ def install_worker(out_dir: str) -> None:
                 state.clear()
 
     ServerConnection.send = send
+
+    # replies leave through the server module's own frame writers (reply_frames), not ws.send
+    for name in ("_send_one", "_send_fragmented"):
+        orig_writer = getattr(ws_mod, name)
+
+        async def writer(ws, payload, _orig=orig_writer):
+            t0 = now()
+            try:
+                return await _orig(ws, payload)
+            finally:
+                if "t_recv" in state:
+                    size = len(payload) if isinstance(payload, (bytes, bytearray)) else -1
+                    state.update(t_send0=t0, t_send1=now(), n_out=size)
+                    RECORDS.append(dict(state))
+                    state.clear()
+
+        setattr(ws_mod, name, writer)
 
     _install_peer_path()
 
