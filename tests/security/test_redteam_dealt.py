@@ -57,6 +57,16 @@ def _ref(ptr):
     return m.ObjectRef(ptr.id_at_location)
 
 
+_KEPT: list = []  # dealt items' pointers: dropping one deletes its fields on the party
+
+
+def comparison_fields(dealer, a, b, n_values, shape=SHAPE):
+    """References (on party ``a``) to the fields of one comparison item dealt to ``a`` and ``b``."""
+    item = dealer.comparison_material(shape, n_values, [a.id, b.id])
+    _KEPT.append(item)
+    return [_ref(f) for f in item[a.id]]
+
+
 @pytest.mark.parametrize("step", ["fss_mask", "cmp_mask_values"])
 @pytest.mark.parametrize("inline", [0, "zeros"])
 def test_an_inline_value_beside_a_dealt_mask_is_not_a_mask(served, step, inline):

@@ -8,7 +8,7 @@ from veil.exceptions import PermissionDeniedError, VeilError
 
 from veil.messaging import messages as m
 
-from tests.security.test_redteam_dealt import BATCH, SECRET, SHAPE, _open, _ref, _setup
+from tests.security.test_redteam_dealt import BATCH, SECRET, SHAPE, _KEPT, _open, _ref, _setup, comparison_fields
 
 NAME = "cmp_and_open_values"
 
@@ -18,13 +18,8 @@ def served(hook, request):
     return _setup(hook, f"rov{request.node.name[-14:]}", SECRET)
 
 
-_KEEP: list = []  # the dealt items' pointers: dropping one deletes its fields on the party
-
-
 def _material(dealer, a, b, shape=SHAPE):
-    item = dealer.comparison_material(shape, 2, [a.id, b.id])
-    _KEEP.append(item)
-    return [_ref(f) for f in item[a.id]]
+    return comparison_fields(dealer, a, b, 2, shape)
 
 
 def _state(fields):
@@ -43,7 +38,7 @@ def test_the_value_slot_needs_its_own_fresh_dealt_mask(served, mask):
     a, b, owner, dealer = served
     f = _material(dealer, a, b)
     pair = dealer.truncation_pairs(SHAPE, 2 ** 16, [a.id, b.id])
-    _KEEP.append(pair)
+    _KEPT.append(pair)
     masks = {"inline zero": [torch.zeros(SHAPE, dtype=torch.int64)], "none": [],
              "non-uniform field": [_ref(pair[a.id][2])],  # g: almost always 0
              "reused AND mask": [f[2]]}[mask]

@@ -12,7 +12,7 @@ from veil.mpc.bit_comparison import compact_words
 from veil.mpc.material import AND_LEVELS, ComparisonLayout
 from veil.mpc.truncation import unpack_top_bits
 
-from tests.security.test_redteam_dealt import BATCH, SECRET, SHAPE, _open, _ref, _setup
+from tests.security.test_redteam_dealt import BATCH, SECRET, SHAPE, _KEPT, _open, _ref, _setup, comparison_fields
 
 NAME = "cmp_bit_open"
 LAST = AND_LEVELS - 1
@@ -24,13 +24,8 @@ def served(hook, request):
     return _setup(hook, f"rpb{request.node.name[-14:]}", SECRET)
 
 
-_KEEP: list = []  # the dealt items' pointers: dropping one deletes its fields on the party
-
-
 def _material(dealer, a, b, shape=SHAPE):
-    item = dealer.comparison_material(shape, 1, [a.id, b.id])
-    _KEEP.append(item)
-    return [_ref(f) for f in item[a.id]]
+    return comparison_fields(dealer, a, b, 1, shape)
 
 
 def _args(f, rho):
@@ -66,7 +61,7 @@ def test_rho_must_be_a_fresh_dealt_field(served, mask):
     a, b, owner, dealer = served
     f = _material(dealer, a, b)
     pair = dealer.truncation_pairs(SHAPE, 2 ** 16, [a.id, b.id])
-    _KEEP.append(pair)
+    _KEPT.append(pair)
     rho = {"inline zeros": torch.zeros(SHAPE, dtype=torch.int64),
            "non-uniform field": _ref(pair[a.id][2]),  # g: almost always 0
            "reused AND mask": f[LAY.triple(LAST)[0]]}[mask]
