@@ -261,7 +261,7 @@ def _compact(word: torch.Tensor, level: int) -> torch.Tensor:
     ``i * rows + j`` at shift ``3 i`` of word ``j`` (the last row padded with zeros)."""
     k = COMPACT[level]
     flat = word.reshape(-1)
-    rows = -(-flat.numel() // k)
+    rows = compact_words(level, flat.numel())
     if rows * k != flat.numel():
         flat = torch.cat([flat, flat.new_zeros(rows * k - flat.numel())])
     lanes = flat.view(k, rows)
@@ -275,7 +275,7 @@ def _expand(packed: torch.Tensor, level: int, like: torch.Tensor) -> torch.Tenso
     """:func:`_compact`'s words back in ``like``'s shape (the level's bits only)."""
     k = COMPACT[level]
     n = like.numel()
-    rows = -(-n // k)
+    rows = compact_words(level, n)
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.int64 or tuple(packed.shape) != (rows,):
         raise ValueError(f"an opened word of comparison level {level} must be a flat int64 tensor of {rows} words")
     lane = _half(level)[1] * 7  # bits p, p + 1, p + 2 at the level's positions p

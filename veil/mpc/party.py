@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Hashable, Mapping, Optional
+from typing import Any, Callable, ClassVar, Hashable, Mapping, Optional, Sequence
 
 import torch
 from torch.utils._pytree import tree_map
@@ -268,13 +268,13 @@ def open_parties(name: str, per_party: Mapping[Hashable, tuple], **kwargs: Any) 
             totals = [t ^ o if j < n_xor else t + o for j, (t, o) in enumerate(zip(totals, out))]
     n = len(per_party)
     per_party_bytes = (n - 1) * sum(t.numel() * t.element_size() for t in totals)  # its share of every entry
-    record_opening(n * (n - 1) * sum(_ring_words(t) for t in totals), {p: per_party_bytes for p in per_party})
+    record_opening(n * (n - 1) * ring_words(totals), {p: per_party_bytes for p in per_party})
     return totals
 
 
-def _ring_words(t: torch.Tensor) -> int:
-    """``t``'s size in 8-byte ring words (int64 shares: one per entry; bits packed 8 to a uint8: 1/64)."""
-    return (t.numel() * t.element_size() + 7) // 8
+def ring_words(tensors: Sequence[torch.Tensor]) -> int:
+    """The tensors' size in 8-byte ring words (int64 shares: one per entry; bits packed 8 to a uint8: 1/64 each)."""
+    return sum((t.numel() * t.element_size() + 7) // 8 for t in tensors)
 
 
 def open_at_parties(name: str, per_party: Mapping[Hashable, tuple], **kwargs: Any) -> dict[Hashable, list]:
@@ -329,7 +329,6 @@ def _open_among_parties(name: str, per_party: Mapping[Hashable, tuple], kwargs: 
         first, *rest = per_party
         record_opening((n - 1) * numel, {first: (n - 1) * ((numel + 7) // 8), **{p: 8 * numel for p in rest}})
     else:
-        words = sum(_ring_words(t) for t in meta)
-        record_opening(n * (n - 1) * words, {p: (n - 1) * sum(t.numel() * t.element_size() for t in meta)
-                                             for p in per_party})
+        nbytes = sum(t.numel() * t.element_size() for t in meta)
+        record_opening(n * (n - 1) * ring_words(meta), {p: (n - 1) * nbytes for p in per_party})
     return dict(zip(per_party, opened))

@@ -28,12 +28,12 @@ _make_wrapper = torch.Tensor._make_wrapper_subclass
 _CPU = torch.device("cpu")  # a device object: the string form is parsed on every pointer (~1 K instructions)
 
 
-
 def pointer_meta(ptr: "PointerTensor") -> tuple:
     """``(shape as a tuple, dtype, requires_grad)`` of ``ptr`` as plain values, for code outside this
     package's hot paths: the tensor properties would re-enter ``__torch_function__`` (a dispatch each).
     (``remote_ops`` and ``shape_inference``, the pointer's own per-op paths, read the same slot inline.)"""
     return ptr.__dict__["_meta"]
+
 
 class PointerTensor(RemoteHandle, torch.Tensor):
     """Pointer to ``id_at_location`` on ``location``, owned by ``owner``.

@@ -55,7 +55,7 @@ from veil.exceptions import ConnectionLostError, VeilError
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.mpc.errors import PartyFailedError, PartyUnreachableError
-from veil.mpc.party import WIRE_PREFIX, OpenMessage, check_openable, run_openable
+from veil.mpc.party import WIRE_PREFIX, OpenMessage, check_openable, ring_words, run_openable
 from veil.mpc.runtime import DEALER_TAG, PartyRuntime, register_runtime
 from veil.tensors.pointer import PointerTensor, pointer_meta
 from veil.tensors.remote_ops import _ref
@@ -313,8 +313,7 @@ class WorkerRuntime(PartyRuntime):
         them (:func:`enable_peer_openings`) and the opened values have at least :data:`PEER_MIN_ELEMENTS`
         elements; None (a star opening) otherwise. ``top_bits``: parties after the first get handles to
         the packed top bits of the one opened value instead (uint8, 8 entries a byte)."""
-        if sum((t.numel() * t.element_size() + 7) // 8 for t in outputs) < PEER_MIN_ELEMENTS:  # (in ring words:
-            # a comparison's result bit, packed 8 entries to a byte, is 1/64 of a word per entry)
+        if ring_words(outputs) < PEER_MIN_ELEMENTS:  # (a comparison's packed bits: 1/64 of a word per entry)
             return None
         firsts = [_first_pointer(args) for args in per_party]
         if not all(peer_openings_enabled(p.location) for p in firsts):
