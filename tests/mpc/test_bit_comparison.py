@@ -100,16 +100,18 @@ def test_rounds_bytes_and_dealt_material(hook):
         r = F.relu(x)
     dealt = cp.stats.snapshot()["bytes_sent"] - sent
     assert torch.equal(r.get().child, a.fix_precision().child.clamp(min=0))
-    assert stats.rounds == 2 + AND_LEVELS
-    # masked value, 4 AND-level words compacted COMPACT[level] entries to a word, the result bit 8 to a byte
+    assert stats.rounds == 1 + AND_LEVELS  # the masked value, then the AND levels (the select is local)
+    # masked value, 4 AND-level words compacted COMPACT[level] entries to a word
     words = sum(bit_comparison.compact_words(level, n) for level in range(AND_LEVELS))
     assert bit_comparison.COMPACT == (2, 5, 10, 21) and words == 500 + 200 + 100 + 48
-    assert stats.bytes_by_party[parties[0].id] == n * 8 + words * 8 + (n + 7) // 8
-    # seeded: the last party gets the derived fields (R, 3 group-product words, 8 AND products, rho,
-    # r*rho): 14 words per entry; the 63-bit DCF keys were 2,064 bytes per entry for each of two parties
-    lay = ComparisonLayout(1)
-    assert lay.n_fields - lay.n_uniform == 14
-    assert 14 * 8 * n <= dealt <= 14 * 8 * n + 4000
+    assert stats.bytes_by_party[parties[0].id] == n * 8 + words * 8
+    # seeded: the last party gets the derived fields (R, 3 group-product words, 6 AND products, the last
+    # level's select table of 4 rows and r times it): 18 words per entry; the 63-bit DCF keys were 2,064
+    # bytes per entry for each of two parties
+    _, derived, _ = recipe("comparison", ((1,), 1))
+    assert len(derived) == ComparisonLayout(1).n_fields - ComparisonLayout(1).n_uniform == 12
+    assert sum(torch.Size(shape).numel() for shape in derived) == 18
+    assert 18 * 8 * n <= dealt <= 18 * 8 * n + 4000
 
 
 def test_party_steps_refuse_bad_arguments():
@@ -120,7 +122,12 @@ def test_party_steps_refuse_bad_arguments():
         bit_comparison._and_open([w, w], w, w, w, 0, 1)
     with pytest.raises(ValueError, match="state"):
         bit_comparison._and_open([w, w, w], w, w, w, 0, True)
-    with pytest.raises(ValueError, match="boolean"):
-        bit_comparison._bit_open([w, w], w, w, w, w, w, w, w, w, w, "yes")
+    table = torch.zeros(4, 3, dtype=torch.int64)
     with pytest.raises(ValueError, match="one mask"):
-        bit_comparison._select(w, [w], [w, w], w, [w], True)
+        bit_comparison._select(w, [w], [w, w], table, [table], True)
+    with pytest.raises(ValueError, match="select tables"):
+        bit_comparison._select(w, [w], [w], table[:3], [table[:3]], True)
+    with pytest.raises(ValueError, match="select tables"):
+        bit_comparison._select(w, [w], [w], table, [table.int()], True)
+    with pytest.raises(ValueError, match="flat int64"):
+        bit_comparison._select(w, [w], [w], table, [table], True)  # an entry-shaped word, not compacted

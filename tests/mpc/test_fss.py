@@ -119,10 +119,10 @@ def protocol(request, monkeypatch):
 
 def circuit_words(numel: int) -> int:
     """Opened words of the bitwise circuit besides the masked values: 4 AND levels compacted COMPACT[level]
-    entries to a word, then the result bit packed 8 entries to a byte."""
+    entries to a word (the last level's holds the result's top operand: no round after it)."""
     from veil.mpc.bit_comparison import AND_LEVELS, compact_words
 
-    return sum(compact_words(level, numel) for level in range(AND_LEVELS)) + ((numel + 7) // 8 + 7) // 8
+    return sum(compact_words(level, numel) for level in range(AND_LEVELS))
 
 
 @pytest.mark.parametrize("n_extra", [0, 1, 2])

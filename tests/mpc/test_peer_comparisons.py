@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from veil.mpc import bit_comparison
+from veil.mpc.material import AND_LEVELS
 from veil.mpc.opening import count_openings
 from veil.tensors.additive import AdditiveSharingTensor
 from veil.tensors.mpc_glue.runtime import enable_peer_openings
@@ -34,7 +35,7 @@ def test_relu_and_comparison_open_party_to_party(hook, parties, cp):
     x.child.child  # noqa: B018  (the shares exist before the count)
     y, received, rounds = _received(hook, lambda: F.relu(x))
     assert torch.allclose(y.get().float_precision(), F.relu(a), atol=ULP)
-    assert rounds == 6
+    assert rounds == 1 + AND_LEVELS
     # the star receives every party's share of x + r, 4 AND words and e (2048 x 8 bytes each): > 100 kB
     assert received < 1024 * len(parties), received
     gt = (x > 0).get().float_precision()
@@ -64,14 +65,14 @@ def test_truncate_relu_opens_party_to_party(hook, parties, cp):
     z = torch.div(y, divisor, rounding_mode="floor")
     ok = torch.where(y > 0, (got == z) | (got == z + 1), got == 0)
     assert bool(ok.all()), (got[~ok][:5], y[~ok][:5])
-    assert rounds == 6
+    assert rounds == 1 + AND_LEVELS
     assert received < 1024 * len(parties), received
 
 
 def test_openings_below_the_threshold_stay_a_star(hook, connect_websocket):
     """With the default PEER_MIN_ELEMENTS a small ReLU opens through this process (one hop fewer per round)
-    and a large one's masked values party to party; its AND levels' compacted words and its result bit
-    (packed 8 entries to a byte), below the threshold in ring words, go through this process. Both equal
+    and a large one's masked values party to party; its AND levels' compacted words, below the threshold in
+    ring words, go through this process. Both equal
     torch's."""
     from veil.mpc.bit_comparison import AND_LEVELS, compact_words
     from veil.tensors.mpc_glue.runtime import PEER_MIN_ELEMENTS
@@ -88,8 +89,8 @@ def test_openings_below_the_threshold_stay_a_star(hook, connect_websocket):
             assert torch.allclose(y.get().float_precision(), F.relu(a), atol=ULP)
             if through_here:  # every party's share of x + r at least
                 assert received > 2 * 8 * numel, received
-            else:  # each party's compacted words and packed bits, and not its share of x + r
-                star = 8 * sum(compact_words(level, numel) for level in range(AND_LEVELS)) + (numel + 7) // 8
+            else:  # each party's compacted words, and not its share of x + r
+                star = 8 * sum(compact_words(level, numel) for level in range(AND_LEVELS))
                 assert len(ws) * star <= received < len(ws) * (star + 1024) < 2 * 8 * numel, received
     finally:
         enable_peer_openings(*ws, enabled=False)

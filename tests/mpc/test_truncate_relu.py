@@ -47,7 +47,7 @@ def test_one_round_fewer_than_truncate_then_relu():
     shares = dict(zip(("a", "b"), split(y, 2)))
     with count_openings() as stats:
         bit_comparison.truncate_relu(shares, 2**16, LocalDealer(seed=1))
-    assert stats.rounds == 2 + AND_LEVELS  # the comparison's own rounds: the truncation rides on its first
+    assert stats.rounds == 1 + AND_LEVELS  # the comparison's own rounds: the truncation rides on its first
 
 
 def test_open_values_step_refuses_bad_arguments():

@@ -1,20 +1,19 @@
 """Red team of the comparison's packed openings (veil/mpc/bit_comparison.py): the AND levels' words compacted
-several entries to a word (``cmp_and_open``) and the result bit ``b ^ rho`` packed 8 entries to a byte
-(``cmp_bit_open``). A hostile serving owner feeds a client's input share into them and tries to open it under
-masks that do not cover every bit (broadcast, inline, reused, named twice) or with a layout it picks."""
+several entries to a word (``cmp_and_open``), the last level's holding the result's top operand ``lt_hi ^ rho``.
+A hostile serving owner feeds a client's input share into them and tries to open it under masks that do not
+cover every bit (broadcast, inline, reused, named twice) or with a layout it picks."""
 
 import pytest
 import torch
 
 from veil.exceptions import PermissionDeniedError, VeilError
 from veil.messaging import messages as m
-from veil.mpc.bit_comparison import compact_words
+from veil.mpc.bit_comparison import COMPACT, compact_words
 from veil.mpc.material import AND_LEVELS, ComparisonLayout
-from veil.mpc.truncation import unpack_top_bits
 
 from tests.security.test_redteam_dealt import BATCH, SECRET, SHAPE, _KEPT, _open, _ref, _setup, comparison_fields
 
-NAME = "cmp_bit_open"
+NAME = "cmp_and_open"
 LAST = AND_LEVELS - 1
 LAY = ComparisonLayout(1)
 
@@ -28,32 +27,34 @@ def _material(dealer, a, b, shape=SHAPE):
     return comparison_fields(dealer, a, b, 1, shape)
 
 
-def _args(f, rho):
-    """The client's input as the comparison's state and public X: whatever it holds, the packed bit is
-    masked by rho alone."""
+def _last_args(f, rho=None, b1=None):
+    """The client's input as the comparison's state at the last level: whatever it holds, each entry's three
+    opened bits are masked by a, b1 and rho (the last level's b2)."""
     x = m.ObjectRef(BATCH)
-    opened = torch.zeros(compact_words(LAST, SECRET.numel()), dtype=torch.int64)  # the last level's word, compacted
-    return ([x, x], opened, *(f[i] for i in LAY.triple(LAST)), *(f[i] for i in LAY.products(LAST)), x, f[LAY.r_xor],
-            rho, True)
+    a_, b1_, rho_ = (f[i] for i in LAY.triple(LAST))
+    return ([x, x], a_, b1_ if b1 is None else b1, rho_ if rho is None else rho, LAST, True)
 
 
-def test_honest_use_opens_one_masked_bit_per_entry(served):
+def test_honest_use_opens_three_masked_bits_per_entry(served):
     a, b, owner, dealer = served
     f = _material(dealer, a, b)
-    (packed,) = _open(owner, a, NAME, *_args(f, f[LAY.rho]))
+    (word,) = _open(owner, a, NAME, *_last_args(f))
     n = SECRET.numel()
-    assert packed.dtype == torch.uint8 and tuple(packed.shape) == ((n + 7) // 8,)
-    assert set(unpack_top_bits(packed, n).tolist()) <= {0, 1}
+    assert word.dtype == torch.int64 and tuple(word.shape) == (compact_words(LAST, n),)
+    lanes = sum(7 << (3 * i) for i in range(COMPACT[LAST]))  # 3 bits per entry, nothing else
+    assert torch.all(word & ~lanes == 0)
 
 
-def test_a_broadcast_rho_does_not_hide_every_bit(served):
-    """A uniform but one-entry rho would mask every bit with the same bit (their XORs would open): the
-    output then holds more bits than the mask has entries."""
+@pytest.mark.parametrize("which", ["rho", "b1"])
+def test_a_broadcast_mask_does_not_hide_every_bit(served, which):
+    """A uniform but one-entry rho (or b1) would mask every entry's bit with the same bit (their XORs would
+    open): the step refuses masks smaller than the compared entries."""
     a, b, owner, dealer = served
     f = _material(dealer, a, b)
     small = _material(dealer, a, b, (1, 1))
-    with pytest.raises(VeilError, match="shape"):  # (3 bits and 1 mask entry: both fit one byte)
-        _open(owner, a, NAME, *_args(f, small[LAY.rho]))
+    position = {"rho": LAY.rho, "b1": LAY.triple(LAST)[1]}[which]
+    with pytest.raises(VeilError, match="shape"):
+        _open(owner, a, NAME, *_last_args(f, **{which: small[position]}))
 
 
 @pytest.mark.parametrize("mask", ["inline zeros", "non-uniform field", "reused AND mask"])
@@ -65,17 +66,17 @@ def test_rho_must_be_a_fresh_dealt_field(served, mask):
     rho = {"inline zeros": torch.zeros(SHAPE, dtype=torch.int64),
            "non-uniform field": _ref(pair[a.id][2]),  # g: almost always 0
            "reused AND mask": f[LAY.triple(LAST)[0]]}[mask]
-    with pytest.raises(PermissionDeniedError, match="argument 9" if mask != "reused AND mask" else "also an operand"):
-        _open(owner, a, NAME, *_args(f, rho))
+    with pytest.raises(PermissionDeniedError, match="argument 3" if mask != "reused AND mask" else "twice"):
+        _open(owner, a, NAME, *_last_args(f, rho))
 
 
 def test_the_worker_still_serves_after_refusals(served):
     a, b, owner, dealer = served
     f = _material(dealer, a, b)
     with pytest.raises(VeilError):
-        _open(owner, a, NAME, *_args(f, torch.zeros(SHAPE, dtype=torch.int64)))
-    (packed,) = _open(owner, a, NAME, *_args(f, f[LAY.rho]))
-    assert packed.dtype == torch.uint8
+        _open(owner, a, NAME, *_last_args(f, torch.zeros(SHAPE, dtype=torch.int64)))
+    (word,) = _open(owner, a, NAME, *_last_args(f))
+    assert tuple(word.shape) == (compact_words(LAST, SECRET.numel()),)
 
 
 def _and_args(f, level, a=None, state=None):

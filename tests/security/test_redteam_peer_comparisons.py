@@ -1,5 +1,5 @@
 """Red team, peer openings of the comparison steps (veil/mpc/bit_comparison.py: ``cmp_mask_values``,
-``cmp_and_open``, ``cmp_and_open_values``, ``cmp_bit_open`` go party to party between peer-enabled workers).
+``cmp_and_open`` and ``cmp_and_open_values`` go party to party between peer-enabled workers).
 
 The network attacks reuse the cluster of test_redteam_peer_openings.py (alice, bob, dave processes, the
 sink "charlie"): a share from a client or scientist token, a replay of each round of an honest ReLU, a
@@ -30,7 +30,7 @@ from test_redteam_peer_openings import (  # noqa: F401  (fixtures)
     CLIENT, REPLIES, _as, _fetch, _peer_token, _rounds_seen, _start, _stored_before, cluster, new_round, sink)
 from tests.security.test_redteam_dealt import BATCH, SECRET, SHAPE, _ref, _setup
 
-CMP_STEPS = ("cmp_mask_values", "cmp_and_open", "cmp_and_open_values", "cmp_bit_open")
+CMP_STEPS = ("cmp_mask_values", "cmp_and_open", "cmp_and_open_values")
 ULP = 2.0**-16
 
 
@@ -65,7 +65,7 @@ def test_every_round_of_a_relu_is_refused_on_replay(hook, cluster, monkeypatch):
     seen = _rounds_seen(monkeypatch)
     _honest_relu(cluster)
     rounds = [msg for where, msg in seen if where == "bob"]
-    assert {msg.name for msg in rounds} == {"cmp_mask_values", "cmp_and_open", "cmp_bit_open"}, rounds
+    assert {msg.name for msg in rounds} == {"cmp_mask_values", "cmp_and_open"}, rounds
     as_alice = _as(hook, cluster["bob"][0], _peer_token("alice"), "alice")
     try:
         for msg in rounds:  # alice's peer connection asks again for bob's share of each ended round
@@ -118,7 +118,7 @@ def test_an_xor_round_refuses_non_parties_other_steps_wrong_shapes_and_a_second_
                for n in orchestrator}
     bob = cluster["bob"][0]
     attacks = [("dave", "cmp_and_open", "(?i)not a reader"),
-               ("charlie", "cmp_bit_open", "(?i)opens 'cmp_and_open'"),
+               ("charlie", "cmp_and_open_values", "(?i)opens 'cmp_and_open'"),
                ("charlie", "cmp_and_open", None),  # answered ...
                ("charlie", "cmp_and_open", "(?i)already took|ended|no peer opening round")]  # ... once
     for sender, step, match in attacks:
@@ -165,8 +165,7 @@ def _bad_opening(step, f, bad_mask):
     state = [batch, batch]
     return {"cmp_mask_values": ([batch], [bad_mask]),
             "cmp_and_open": (state, bad_mask, f[3], f[4], 0, True),
-            "cmp_and_open_values": (state, f[2], f[3], f[4], 0, True, [batch], [bad_mask]),
-            "cmp_bit_open": (state, batch, f[2], f[3], f[4], f[5], f[6], batch, f[1], bad_mask, True)}[step]
+            "cmp_and_open_values": (state, f[2], f[3], f[4], 0, True, [batch], [bad_mask])}[step]
 
 
 @pytest.mark.parametrize("step", CMP_STEPS)
@@ -181,7 +180,7 @@ def test_the_peer_path_applies_the_opening_masks_rule(served, step):
     ids = [new_id()]
     msg = PeerOpenMessage(step, _bad_opening(step, f, torch.zeros(SHAPE, dtype=torch.int64)), {}, new_round(),
                           [a.id, b.id], ids)
-    position = {"cmp_mask_values": 1, "cmp_and_open": 1, "cmp_and_open_values": 7, "cmp_bit_open": 9}[step]
+    position = {"cmp_mask_values": 1, "cmp_and_open": 1, "cmp_and_open_values": 7}[step]
     with pytest.raises(PermissionDeniedError, match=f"argument {position}"):
         owner.send_msg(msg, a)
     with pytest.raises(VeilError):

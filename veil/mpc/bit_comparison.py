@@ -7,9 +7,9 @@ far smaller dealt material and far less computation, at the price of rounds.
 
 Let ``x = d - 1`` (so ``[d > 0] = [x >= 0]``), ``v_0 = d, v_1, ..`` the
 values to multiply by the bit. The dealer deals arithmetic masks ``r_j``,
-``r_0`` a second time as XOR shares ``R``, AND triples, and a random bit
-``rho`` both as XOR and arithmetic shares with ``r_j * rho`` (layout:
-:class:`veil.mpc.material.ComparisonLayout`).
+``r_0`` a second time as XOR shares ``R``, AND triples, a random bit
+``rho``, and arithmetic shares of a small table of the last level's mask
+bits (layout: :class:`veil.mpc.material.ComparisonLayout`).
 
 1. **Round 1.** Open ``v_j + r_j`` (uniform). ``X = v_0 + r_0 - 1 = x + r_0``.
    The sign bit of ``x`` is ``X_hi xor R_hi xor [X_lo < R_lo]`` (top bits and
@@ -20,24 +20,29 @@ values to multiply by the bit. The dealer deals arithmetic masks ``r_j``,
    lt_lo)``, ``eq = eq_hi & eq_lo``). Its first two levels (4-bit groups) are
    **local**: each group's ``lt`` and ``eq`` are polynomials in ``R``'s bits
    with public coefficients (from ``X``), and the dealer shares every product
-   of ``R``'s bits within a group (11 per group, packed in 3 words). The other
-   four levels (16 positions to 1) take **one round each**: two Beaver AND
-   triples sharing the mask of ``eq_hi``, the three masked operands packed
-   into one word, and the words of several entries compacted into one
-   (:data:`COMPACT`: the level's 3 bits per position leave room for 2, 5,
-   10 and 21 entries' words).
-3. **Last round.** Open ``b xor rho`` (``b`` the XOR-shared result bit; the
-   last level's AND is finished inside this step), packed 8 entries to a byte. With ``e`` public, the
-   arithmetic bit is ``b = e + (1 - 2e) rho`` and ``v_j b = (v_j + r_j) b -
-   r_j b`` with ``r_j b = e r_j + (1 - 2e) (r_j rho)``: local.
+   of ``R``'s bits within a group (11 per group, packed in 3 words). The top
+   group's ``lt`` also takes ``X_hi xor R_hi xor 1``: it reaches the root of
+   the tree unchanged (it is every level's high operand), so the root's ``lt``
+   is the result bit ``b = [x >= 0]``. The other four levels (16 positions to
+   1) take **one round each**: two Beaver AND triples sharing the mask of
+   ``eq_hi``, the three masked operands packed into one word, and the words
+   of several entries compacted into one (:data:`COMPACT`: the level's 3 bits
+   per position leave room for 2, 5, 10 and 21 entries' words).
+3. **The last level's opening is the last round.** Its third operand (no
+   ``eq`` is needed above the root) is ``lt_hi xor rho``. With the three
+   opened bits public, ``b`` as an arithmetic 0/1 is one row of a dealt
+   table (4 rows: one per value of the first two bits) times a public sign,
+   plus a public bit, and ``v_j b = (v_j + r_j) b - r_j b`` the same row of
+   ``r_j`` times the table (:func:`_select`): local.
 
 Cost per compared entry, ``p`` values multiplied by the bit (``p = 0``: the
-bit alone; 1 for ReLU): **6 rounds**; each party sends ``8 max(p, 1) + 8 (1/2
-+ 1/5 + 1/10 + 1/21) + 1/8`` bytes per other party (ReLU: 14.9 bytes, was 48
-with a word per entry and level; CrypTen's ReLU: 232 bytes in 9 rounds). The dealer's seeds make every uniform field free; the last party
-gets the derived fields explicitly: ``8 (13 + p)`` bytes (ReLU: 112 bytes;
-the 63-bit DCF keys were 2,064 bytes for each of two parties). Computation:
-about a hundred int64 word operations per entry, no AES.
+bit alone; 1 for ReLU): **5 rounds**; each party sends ``8 max(p, 1) + 8 (1/2
++ 1/5 + 1/10 + 1/21)`` bytes per other party (ReLU: 14.8 bytes, was 48 with a
+word per entry and level; CrypTen's ReLU: 232 bytes in 9 rounds). The
+dealer's seeds make every uniform field free; the last party gets the derived
+fields explicitly: ``8 (14 + 4p)`` bytes (ReLU: 144 bytes; the 63-bit DCF keys
+were 2,064 bytes for each of two parties). Computation: about a hundred int64
+word operations per entry, no AES.
 
 The local groups use the idea of dealing products of mask bits so that the
 low levels of a comparison circuit need no interaction (function-dependent
@@ -59,15 +64,18 @@ from typing import Hashable, Mapping, Sequence
 import torch
 
 from veil.mpc.material import (AND_LEVELS, GROUP_BITS, GROUP_LEVELS, GROUP_MASK, GROUP_SUBSETS, GROUP_WORDS,
-                               ComparisonLayout)
+                               SELECT_CASES, ComparisonLayout)
 from veil.mpc.party import PARTY_FUNCTIONS, open_at_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
 from veil.mpc.runtime import OPENED_LAYOUTS, runtime_of
-from veil.mpc.truncation import finish_truncation, pack_bits, shift_for, unpack_top_bits
+from veil.mpc.truncation import finish_truncation, shift_for
 
 Shares = Mapping[Hashable, torch.Tensor]
 
 LOW = (1 << 63) - 1
+#: the lowest bit of the top 4-bit group (where the group's lt sits)
+TOP_GROUP = 64 - GROUP_BITS
+LAST = AND_LEVELS - 1
 
 
 def _mask_of(level: int) -> int:
@@ -182,7 +190,14 @@ def _leaves(xhat: torch.Tensor, r_x: torch.Tensor, groups: Sequence[torch.Tensor
                 total ^= v
         return total
 
-    return share(_LT_PROGRAM), share(_EQ_PROGRAM)
+    lt = share(_LT_PROGRAM)
+    # [x >= 0] = borrow xor R_hi xor X_hi xor 1: the top group's lt reaches the result through every AND level
+    # as the high operand, so the other terms, XORed into it, come out with it (at the last level)
+    top = (r_x >> 63) & 1
+    if first:
+        top ^= ((((xhat - 1) >> 63) & 1) ^ 1)
+    lt ^= top << TOP_GROUP
+    return lt, share(_EQ_PROGRAM)
 
 
 # ---------------------------------------------------------------- AND levels
@@ -233,7 +248,8 @@ def _and_finish(lt, eq, opened, triple, products, level, first):
 
 def _and_word(lt, eq, a, b1, b2, level) -> torch.Tensor:
     """XOR shares of the masked operands ``eq_hi ^ a``, ``lt_lo ^ b1``, ``eq_lo ^ b2`` at the level's positions,
-    packed in one word at offsets 0, 1, 2: the positions are multiples of 8, so the packing is XOR-compatible."""
+    packed in one word at offsets 0, 1, 2: the positions are multiples of 8, so the packing is XOR-compatible.
+    At the last level (no ``eq`` after it) the third is ``lt_hi ^ rho``, ``b2`` being ``rho``."""
     h, m = _half(level)
     word = eq >> h
     word ^= a
@@ -242,7 +258,7 @@ def _and_word(lt, eq, a, b1, b2, level) -> torch.Tensor:
     f1 &= m
     f1 <<= 1
     word |= f1
-    f2 = eq ^ b2
+    f2 = (lt >> h if level == LAST else eq) ^ b2
     f2 &= m
     f2 <<= 2
     word |= f2
@@ -256,6 +272,10 @@ def _and_word(lt, eq, a, b1, b2, level) -> torch.Tensor:
 COMPACT = tuple((2 << (GROUP_LEVELS + level)) // 3 for level in range(AND_LEVELS))
 
 
+#: the shifts of a word's entries within a compacted word (entry i of a word at 3 i)
+_LANE_SHIFTS = torch.arange(0, 3 * max(COMPACT), 3, dtype=torch.int64).unsqueeze(1)
+
+
 def _compact(word: torch.Tensor, level: int) -> torch.Tensor:
     """The level's words of ``word`` (entries' shape) packed ``COMPACT[level]`` to an int64: flat, entry
     ``i * rows + j`` at shift ``3 i`` of word ``j`` (the last row padded with zeros)."""
@@ -264,11 +284,8 @@ def _compact(word: torch.Tensor, level: int) -> torch.Tensor:
     rows = compact_words(level, flat.numel())
     if rows * k != flat.numel():
         flat = torch.cat([flat, flat.new_zeros(rows * k - flat.numel())])
-    lanes = flat.view(k, rows)
-    out = lanes[0].clone()
-    for i in range(1, k):
-        out |= lanes[i] << (3 * i)
-    return out
+    lanes = flat.view(k, rows) << _LANE_SHIFTS[:k].to(flat.device)
+    return lanes.sum(0)  # the lanes' bits never overlap: their sum is their OR
 
 
 def _expand(packed: torch.Tensor, level: int, like: torch.Tensor) -> torch.Tensor:
@@ -278,13 +295,9 @@ def _expand(packed: torch.Tensor, level: int, like: torch.Tensor) -> torch.Tenso
     rows = compact_words(level, n)
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.int64 or tuple(packed.shape) != (rows,):
         raise ValueError(f"an opened word of comparison level {level} must be a flat int64 tensor of {rows} words")
-    lane = _half(level)[1] * 7  # bits p, p + 1, p + 2 at the level's positions p
-    out = packed.new_empty(k * rows)  # (on packed's device: meta during shape inference)
-    for i in range(k):
-        part = out[i * rows:(i + 1) * rows]
-        torch.bitwise_right_shift(packed, 3 * i, out=part)
-        part &= lane
-    return out[:n].view(like.shape)
+    out = packed.unsqueeze(0) >> _LANE_SHIFTS[:k].to(packed.device)  # (on packed's device: meta in shape inference)
+    out &= _half(level)[1] * 7  # bits p, p + 1, p + 2 at the level's positions p
+    return out.view(-1)[:n].view(like.shape)
 
 
 def compact_words(level: int, numel: int) -> int:
@@ -301,8 +314,7 @@ def _opened_word_layout(j: int, mask: torch.Tensor, args: tuple) -> tuple | None
     return (compact_words(level, mask.numel()),), torch.int64
 
 
-OPENED_LAYOUTS.update({"cmp_and_open": _opened_word_layout, "cmp_and_open_values": _opened_word_layout,
-                       "cmp_bit_open": lambda j, mask, args: (((mask.numel() + 7) // 8,), torch.uint8)})
+OPENED_LAYOUTS.update({"cmp_and_open": _opened_word_layout, "cmp_and_open_values": _opened_word_layout})
 
 
 def _unpack(w: torch.Tensor, level: int) -> tuple:
@@ -335,7 +347,8 @@ def _and_open(state: list, a, b1, b2, level: int, first: bool) -> tuple:
     _check_state(state, level, first)
     lt, eq = state
     word = _and_word(lt, eq, a, b1, b2, level)
-    if word.shape != a.shape:  # one mask entry per compared entry: a smaller (broadcast) a would mask several
+    # one mask entry per compared entry: a smaller (broadcast) mask would hide several entries' bits with one
+    if any(not isinstance(k, torch.Tensor) or k.shape != word.shape for k in (a, b1, b2)):
         raise ValueError("cmp_and_open: the AND masks must have the compared entries' shape")
     return (_compact(word, level),)
 
@@ -364,47 +377,43 @@ def _and_next(state: list, opened, a, b1, b2, c1, c2, level: int, first: bool) -
     return _and_finish(lt, eq, _unpack(_expand(opened, level, a), level), (a, b1, b2), (c1, c2), level, first)
 
 
-@party_function("cmp_bit_open", openable=True, xor=True)
-def _bit_open(state: list, opened, a, b1, b2, c1, c2, xhat, r_x, rho, first: bool) -> tuple:
-    """Finishes the last AND level and returns XOR shares of ``b ^ rho`` (``b = [x >= 0]``)."""
-    last = AND_LEVELS - 1
-    _check_state(state, last, first)
-    lt, eq = state
-    lt, _ = _and_finish(lt, eq, _unpack(_expand(opened, last, a), last), (a, b1, b2), (c1, c2), last, first)
-    b = (lt ^ (r_x >> 63)) & 1  # borrow xor R_hi
-    if first:
-        b = b ^ ((((xhat - 1) >> 63) & 1) ^ 1)  # xor X_hi xor 1: [x >= 0] = not sign
-    bits = b ^ (rho & 1)
-    if bits.shape != rho.shape:  # one mask bit per entry: a smaller (broadcast) rho would mask several with one
-        raise ValueError("cmp_bit_open: rho must have the compared entries' shape")
-    # one bit per entry, 8 to a byte (packing commutes with XOR): 1/64 of the int64 word's bytes
-    return (pack_bits(bits),)
-
-
 @party_function("cmp_select")
-def _select(e, opened: list, masks: list, rho, masks_rho: list, first: bool) -> tuple:
-    """Shares of the arithmetic bit and of ``v_j * bit`` from the opened ``e = b ^ rho`` (packed 8 entries
-    to a byte by ``cmp_bit_open``; ``rho``, the arithmetic shares of the mask bit, has the entries' shape)."""
-    if not isinstance(first, bool) or len(masks) != len(masks_rho) or len(opened) < len(masks):
-        raise ValueError("cmp_select needs one mask and one r*rho per product and a boolean first")
-    if e.is_meta:
-        return tuple(torch.empty_like(rho) for _ in range(1 + len(masks)))
-    e = unpack_top_bits(e, rho.numel()).to(rho.dtype).view(rho.shape)  # (refuses anything but the packed bytes)
-    sign = 1 - 2 * e
-    bit = sign * rho
+def _select(word, opened: list, masks: list, table, masks_tables: list, first: bool) -> tuple:
+    """Shares of the arithmetic bit ``b = [x >= 0]`` and of ``v_j * b`` from the last AND level's opened word.
+
+    The word holds (3 bits per entry) ``e = eq_hi ^ a``, ``f = lt_lo ^ b1`` and ``o = lt_hi ^ rho``, so ``b =
+    lt_hi ^ (eq_hi & lt_lo) = o ^ u`` with ``u = rho ^ ((e ^ a) & (f ^ b1))``, which for public ``e, f`` is
+    row ``e | f << 1`` of the dealt select table (:func:`veil.mpc.material.select_table`, arithmetic shares).
+    Then ``b = o + (1 - 2o) u`` and ``v_j b = (v_j + r_j) b - r_j b`` with ``r_j b = o r_j + (1 - 2o) (r_j
+    u)``, ``r_j u`` the same row of ``r_j`` times the table (``masks_tables``): local, one gather each."""
+    if not isinstance(first, bool) or len(masks) != len(masks_tables) or len(opened) < len(masks):
+        raise ValueError("cmp_select needs one mask and one table product per product and a boolean first")
+    entries = tuple(table.shape[1:])
+    if any(not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or tuple(t.shape) != (SELECT_CASES, *entries)
+           for t in (table, *masks_tables)):
+        raise ValueError(f"cmp_select needs int64 select tables of {SELECT_CASES} rows of the entries' shape")
+    if word.is_meta:
+        return tuple(table.new_empty(entries) for _ in range(1 + len(masks)))
+    opened_bits = _expand(word, LAST, table[0])  # e | f << 1 | o << 2 per entry (refuses all but the word)
+    row = (opened_bits & 3).unsqueeze(0)
+    o = opened_bits >> 2
+    sign = o * -2
+    sign += 1
+    bit = torch.gather(table, 0, row).squeeze(0)
+    bit *= sign
     if first:
-        bit = bit + e
+        bit += o
     products = []
-    for v_hat, r, r_rho in zip(opened, masks, masks_rho):  # v_hat * bit - e * r - sign * r_rho, in place
+    for v_hat, r, r_table in zip(opened, masks, masks_tables):  # v_hat * bit - r * b, r * b local
         p = v_hat * bit
-        p.addcmul_(e, r, value=-1)
-        products.append(p.addcmul_(sign, r_rho, value=-1))
+        p.addcmul_(sign, torch.gather(r_table, 0, row).squeeze(0), value=-1)
+        products.append(p.addcmul_(o, r, value=-1))
     return (bit, *products)
 
 
 def sign_select(d: Shares, extras: Sequence[Shares], provider: Provider,
                 products: bool = True) -> tuple[dict, list[dict]]:
-    """Shares of ``[d > 0]`` and of ``v * [d > 0]`` for ``v`` in ``(d, *extras)`` (6 rounds).
+    """Shares of ``[d > 0]`` and of ``v * [d > 0]`` for ``v`` in ``(d, *extras)`` (5 rounds).
 
     Same contract as :func:`veil.mpc.comparison.sign_select`.
     """
@@ -419,8 +428,8 @@ def sign_select(d: Shares, extras: Sequence[Shares], provider: Provider,
     values = {p: [d[p]] + [w[p] for w in extras] for p in parties}
     masks = {p: mats[p][:lay.n_masks] for p in parties}
     opened = open_at_parties("cmp_mask_values", {p: (values[p][:lay.n_masks], masks[p]) for p in parties})
-    bit_open, _ = _circuit(mats, lay, {p: opened[p][0] for p in parties})
-    return _select_all(bit_open, {p: opened[p][:n_values] for p in parties}, mats, lay, range(n_values))
+    word, _ = _circuit(mats, lay, {p: opened[p][0] for p in parties})
+    return _select_all(word, {p: opened[p][:n_values] for p in parties}, mats, lay, range(n_values))
 
 
 @party_function("cmp_trunc_finish")
@@ -433,7 +442,7 @@ def _trunc_finish_unshifted(c, q_i, g_i, divisor: int, first: bool):
 
 
 def truncate_relu(y: Shares, divisor: int, provider: Provider) -> dict:
-    """Shares of ``max(y / divisor, 0)`` (truncation, then ReLU) in 6 rounds instead of 1 + 6.
+    """Shares of ``max(y / divisor, 0)`` (truncation, then ReLU) in 5 rounds instead of 1 + 5.
 
     See :func:`truncate_relu_with_bit`, which also returns the shared bit ``[y > 0]``.
     """
@@ -441,7 +450,7 @@ def truncate_relu(y: Shares, divisor: int, provider: Provider) -> dict:
 
 
 def truncate_relu_with_bit(y: Shares, divisor: int, provider: Provider) -> tuple[dict, dict]:
-    """Shares of ``max(y / divisor, 0)`` and of the 0/1 bit ``[y > 0]`` (ReLU's derivative) in 6 rounds.
+    """Shares of ``max(y / divisor, 0)`` and of the 0/1 bit ``[y > 0]`` (ReLU's derivative) in 5 rounds.
 
     The comparison runs on ``y`` itself (``[y > 0]``): round 1 opens ``y + r_0``
     (the comparison's mask) and ``y + r_t`` (a truncation pair's, ``c = y + r_t
@@ -471,15 +480,16 @@ def truncate_relu_with_bit(y: Shares, divisor: int, provider: Provider) -> tuple
     else:
         z = finish_truncation(c + shift_for(divisor), pairs, divisor)
     late = {p: ([z[p]], [mats[p][1]]) for p in parties}
-    bit_open, z_hat = _circuit(mats, lay, {p: opened[p][0] for p in parties}, late)
-    bits, (out,) = _select_all(bit_open, z_hat, mats, lay, [1])
+    word, z_hat = _circuit(mats, lay, {p: opened[p][0] for p in parties}, late)
+    bits, (out,) = _select_all(word, z_hat, mats, lay, [1])
     return out, bits
 
 
 def _circuit(mats: dict, lay: ComparisonLayout, xhat: dict, late: dict | None = None) -> tuple[dict, dict]:
-    """The AND levels and the last round: ``(e, late_opened)``, each party -> its copy (public tensors in a
-    star opening, handles on the party in a peer opening), ``e = b ^ rho`` (``b = [x >= 0]``, ``x = xhat -
-    r_0 - 1``). ``late``: party -> ``(values, masks)`` opened with the first AND level.
+    """The AND levels: ``(word, late_opened)``, each party -> its copy (public tensors in a star opening,
+    handles on the party in a peer opening), ``word`` the last level's opened word, from which the select
+    computes ``b = [x >= 0]`` (``x = xhat - r_0 - 1``). ``late``: party -> ``(values, masks)`` opened with
+    the first AND level.
 
     Nothing opened here is needed by the orchestrator (the results are shares): between parties that open
     among themselves (:func:`veil.mpc.party.open_at_parties`) every round goes party to party."""
@@ -491,7 +501,6 @@ def _circuit(mats: dict, lay: ComparisonLayout, xhat: dict, late: dict | None = 
     late_opened: dict = {}
     for level in range(AND_LEVELS):
         trip = {p: [mats[p][i] for i in lay.triple(level)] for p in parties}
-        prods = {p: [mats[p][i] for i in lay.products(level)] for p in parties}
         if level == 0 and late:
             opened = open_at_parties("cmp_and_open_values", {
                 p: (state[p], *trip[p], level, first[p], *late[p]) for p in parties})
@@ -499,24 +508,22 @@ def _circuit(mats: dict, lay: ComparisonLayout, xhat: dict, late: dict | None = 
         else:
             opened = open_at_parties("cmp_and_open", {p: (state[p], *trip[p], level, first[p]) for p in parties})
         word = {p: opened[p][0] for p in parties}
-        if level == AND_LEVELS - 1:
+        if level == LAST:
             break
         # the next level's opening follows at every party: the step rides on it
+        prods = {p: [mats[p][i] for i in lay.products(level)] for p in parties}
         state = {p: list(run_party("cmp_and_next", state[p], word[p], *trip[p], *prods[p], level=level,
                                    first=first[p])) for p in parties}
-    bit_open = open_at_parties("cmp_bit_open", {
-        p: (state[p], word[p], *trip[p], *prods[p], xhat[p], mats[p][lay.r_xor], mats[p][lay.rho], first[p])
-        for p in parties})
-    return {p: bit_open[p][0] for p in parties}, late_opened
+    return word, late_opened
 
 
-def _select_all(bit_open: dict, opened: dict, mats: dict, lay: ComparisonLayout,
+def _select_all(word: dict, opened: dict, mats: dict, lay: ComparisonLayout,
                 which: Sequence[int]) -> tuple[dict, list[dict]]:
-    """``(bits, products)`` from the opened ``e`` (party -> its copy): ``opened``, party -> the opened
-    ``v_j + r_j`` for the masks ``j`` in ``which``."""
+    """``(bits, products)`` from the last AND level's opened word (party -> its copy): ``opened``, party ->
+    the opened ``v_j + r_j`` for the masks ``j`` in ``which``."""
     parties = list(mats)
-    outs = {p: run_party("cmp_select", bit_open[p], list(opened[p]), [mats[p][j] for j in which],
-                         mats[p][lay.rho_arith], [mats[p][lay.masks_rho[j]] for j in which], first=i == 0)
+    outs = {p: run_party("cmp_select", word[p], list(opened[p]), [mats[p][j] for j in which],
+                         mats[p][lay.table], [mats[p][lay.masks_table(j)] for j in which], first=i == 0)
             for i, p in enumerate(parties)}
     bits = {p: outs[p][0] for p in parties}
     return bits, [{p: outs[p][1 + j] for p in parties} for j in range(len(which))]

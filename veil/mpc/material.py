@@ -325,11 +325,13 @@ class ComparisonLayout(NamedTuple):
 
     Uniform fields: the arithmetic masks ``r_j`` (``max(n_values, 1)`` of
     them), then per AND level the XOR masks ``a, b1, b2`` of two AND triples
-    sharing their left operand, then the XOR word ``rho`` (its bit 0 is the
-    random bit that turns the result into arithmetic shares). Derived fields:
-    ``R`` (``r_0`` XOR-shared), the group products of ``R``'s bits
-    (:func:`group_products`, XOR), per AND level ``c1 = a & b1`` and ``c2 = a &
-    b2`` (XOR), ``rho`` as an arithmetic 0/1, and ``r_j * rho`` (arithmetic).
+    sharing their left operand; at the last level ``b2`` is ``rho``, the mask
+    of the comparison's own top bit (only bit 0 of the last level's words
+    counts). Derived fields: ``R`` (``r_0`` XOR-shared), the group products of
+    ``R``'s bits (:func:`group_products`, XOR), per AND level but the last ``c1
+    = a & b1`` and ``c2 = a & b2`` (XOR), the last level's :func:`select_table`
+    (arithmetic, ``SELECT_CASES`` rows of the entries' shape), and ``r_j`` times
+    it (arithmetic, same shape).
     """
 
     n_values: int
@@ -345,11 +347,11 @@ class ComparisonLayout(NamedTuple):
 
     @property
     def rho(self) -> int:
-        return self.n_masks + 3 * AND_LEVELS
+        return self.triple(AND_LEVELS - 1)[2]
 
     @property
     def n_uniform(self) -> int:
-        return self.rho + 1
+        return self.n_masks + 3 * AND_LEVELS
 
     @property
     def r_xor(self) -> int:
@@ -360,27 +362,40 @@ class ComparisonLayout(NamedTuple):
         return range(self.n_uniform + 1, self.n_uniform + 1 + GROUP_WORDS)
 
     def products(self, level: int) -> tuple[int, int]:
-        """Positions of ``c1, c2`` of an AND level."""
+        """Positions of ``c1, c2`` of an AND level but the last."""
+        if not 0 <= level < AND_LEVELS - 1:
+            raise ValueError("the last AND level has no dealt XOR products")
         base = self.n_uniform + 1 + GROUP_WORDS + 2 * level
         return base, base + 1
 
     @property
-    def rho_arith(self) -> int:
-        return self.n_uniform + 1 + GROUP_WORDS + 2 * AND_LEVELS
+    def table(self) -> int:
+        """Position of the :func:`select_table` (arithmetic shares)."""
+        return self.n_uniform + 1 + GROUP_WORDS + 2 * (AND_LEVELS - 1)
 
-    @property
-    def masks_rho(self) -> range:
-        """Positions of ``r_j * rho`` for ``j < n_values``."""
-        return range(self.rho_arith + 1, self.rho_arith + 1 + self.n_values)
+    def masks_table(self, j: int) -> int:
+        """Position of ``r_j`` times the :func:`select_table`, ``j < n_values``."""
+        return self.table + 1 + j
 
     @property
     def n_fields(self) -> int:
-        return self.rho_arith + 1 + self.n_values
+        return self.table + 1 + self.n_values
 
     @property
     def xor(self) -> frozenset:
         """Fields that are XOR shares."""
-        return frozenset(range(self.n_masks, self.rho_arith))
+        return frozenset(range(self.n_masks, self.table))
+
+
+#: rows of the last AND level's select table: one per value of its first two opened bits
+SELECT_CASES = 4
+
+
+def select_table(a: torch.Tensor, b: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+    """The dealer's table that turns the last AND level's opened bits into the comparison's arithmetic bit
+    (:func:`veil.mpc.bit_comparison._select`), from 0/1 tensors of the level's mask bits ``a``, ``b`` (=
+    ``b1``) and ``rho``: row ``k = e | f << 1`` holds ``rho xor ((e xor a) & (f xor b))``."""
+    return torch.stack([rho ^ (((k & 1) ^ a) & ((k >> 1) ^ b)) for k in range(SELECT_CASES)])
 
 
 def _comparison(spec) -> tuple[list, list, Derive]:
@@ -394,14 +409,15 @@ def _comparison(spec) -> tuple[list, list, Derive]:
     def derive(u: list, g: torch.Generator) -> list:
         # R: r_0, XOR-shared, and the group products of its low 63 bits (bit 63 is compared apart)
         out = [u[0]] + group_products(u[0] & ((1 << 63) - 1))
-        for level in range(AND_LEVELS):
+        for level in range(AND_LEVELS - 1):
             a, b1, b2 = (u[i] for i in lay.triple(level))
             out += [a & b1, a & b2]
-        rho = u[lay.rho] & 1
-        return out + [rho] + [u[j] * rho for j in range(n_values)]
+        table = select_table(*(u[i] & 1 for i in lay.triple(AND_LEVELS - 1)))
+        return out + [table] + [u[j] * table for j in range(n_values)]
 
+    tables = 1 + n_values  # the select table and its products, SELECT_CASES rows each
     n_derived = lay.n_fields - lay.n_uniform
-    return [shape] * lay.n_uniform, [shape] * n_derived, derive
+    return [shape] * lay.n_uniform, [shape] * (n_derived - tables) + [(SELECT_CASES, *shape)] * tables, derive
 
 
 #: (requester scope, fixed id) -> the fixed mask ``b`` of a constant operand (:mod:`veil.mpc.fixed_operand`),

@@ -26,7 +26,7 @@ from veil.workers.store import Entry, Kind
 OPENING_MASKS: dict[str, tuple[int, ...]] = {"beaver_mask": (2, 3), "trunc_mask": (1,), "fss_mask": (1,),
                                               # the bitwise comparison (veil/mpc/bit_comparison.py)
                                               "cmp_mask_values": (1,), "cmp_and_open": (1, 2, 3),
-                                              "cmp_and_open_values": (1, 2, 3, 7), "cmp_bit_open": (9,),
+                                              "cmp_and_open_values": (1, 2, 3, 7),
                                               # a product with a constant operand (veil/mpc/fixed_operand.py)
                                               "fixed_mask": (1,)}
 #: the openable steps that open a constant operand's fixed mask (``w - b``) -> the argument position of
@@ -142,8 +142,9 @@ class OpeningRules:
                     break
         if error is None:
             # a mask named anywhere else in the same opening (an operand of the step, a keyword) would hide
-            # what the step also computes from it: cmp_bit_open's output b ^ rho with rho := the AND mask a,
-            # which b contains as a & f1, cancels for a chosen public f1 (red team)
+            # what the step also computes from it: a mask that is also the step's state or operand cancels
+            # against it (found for the comparison's result bit b ^ rho with rho := the last AND mask a,
+            # which b contains as a & f1 for a public f1 the requester picks; red team)
             named = [r.id for r in m.object_refs((raw, self._local.opening_kwrefs))]
             for entry in masks:
                 if sum(1 for oid in named if found.get(oid) is entry) > 1:
