@@ -129,5 +129,7 @@ def test_party_steps_refuse_bad_arguments():
         bit_comparison._select(w, [w], [w], table[:3], [table[:3]], True)
     with pytest.raises(ValueError, match="select tables"):
         bit_comparison._select(w, [w], [w], table, [table.int()], True)
+    with pytest.raises(ValueError, match="select tables"):
+        bit_comparison._select(w, [w], [w], [table], [table], True)
     with pytest.raises(ValueError, match="flat int64"):
         bit_comparison._select(w, [w], [w], table, [table], True)  # an entry-shaped word, not compacted

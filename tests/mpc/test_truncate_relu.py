@@ -56,3 +56,40 @@ def test_open_values_step_refuses_bad_arguments():
         bit_comparison._and_open_values([w, w], w, w, w, 0, True, [w], [])
     with pytest.raises(ValueError, match="one mask per value"):
         bit_comparison._and_open_values([w, w], w, w, w, 0, True, [], [])
+
+
+def test_only_the_product_value_gets_a_select_table_product():
+    """``r_0`` masks the compared ``y``, which is not multiplied by the bit: the dealer deals ``r_1`` times the
+    select table only (18 derived words per entry, not 22), through a provider worker too."""
+    import veil as sy
+    from veil.mpc.material import ComparisonLayout, recipe
+    from veil.mpc.providers.worker_dealer import dealer_for
+
+    _, derived, _ = recipe("comparison", ((1,), 2, 1))
+    assert sum(torch.Size(s).numel() for s in derived) == 18
+    assert sum(torch.Size(s).numel() for s in recipe("comparison", ((1,), 2))[1]) == 22
+    with pytest.raises(ValueError, match="not multiplied"):
+        ComparisonLayout(2, first_product=1).masks_table(0)
+    for bad in (2, -1, "1"):
+        with pytest.raises(Exception, match="first_product"):
+            recipe("comparison", ((1,), 2, bad))
+    with pytest.raises(Exception, match="first_product"):
+        recipe("comparison", ((1,), 0, 1))  # the bit alone has no value to skip
+
+    hook = sy.TorchHook(torch)
+    parties = {n: sy.VirtualWorker(hook, id=f"trp_{n}") for n in ("alice", "bob")}
+    cp = sy.VirtualWorker(hook, id="trp_cp")
+    dealer = dealer_for(cp, hook.local_worker)
+    dealer.max_batch = 1
+    y = torch.arange(-500, 500, dtype=torch.int64) * 977
+    shares = {w.id: w for w in parties.values()}
+    ptrs = dict(zip(shares, (t.send(w) for t, w in zip(split(y, 2), parties.values()))))
+    sent = cp.stats.snapshot()["bytes_sent"]
+    out = bit_comparison.truncate_relu(ptrs, 2**16, dealer)
+    dealt = cp.stats.snapshot()["bytes_sent"] - sent
+    got = sum(out[p].get() for p in shares)
+    z = torch.div(y, 2**16, rounding_mode="floor")
+    assert bool(torch.where(y > 0, (got == z) | (got == z + 1), got == 0).all())
+    # the truncation pair's derived fields and the comparison's 18, to the last party
+    words = sum(torch.Size(s).numel() for s in recipe("truncation", ((1,), 2**16))[1]) + 18
+    assert words * 8 * y.numel() <= dealt <= words * 8 * y.numel() + 4000, (dealt, words)

@@ -388,8 +388,8 @@ def _select(word, opened: list, masks: list, table, masks_tables: list, first: b
     u)``, ``r_j u`` the same row of ``r_j`` times the table (``masks_tables``): local, one gather each."""
     if not isinstance(first, bool) or len(masks) != len(masks_tables) or len(opened) < len(masks):
         raise ValueError("cmp_select needs one mask and one table product per product and a boolean first")
-    entries = tuple(table.shape[1:])
-    if any(not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or tuple(t.shape) != (SELECT_CASES, *entries)
+    entries = tuple(table.shape[1:]) if isinstance(table, torch.Tensor) else None
+    if entries is None or any(not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or tuple(t.shape) != (SELECT_CASES, *entries)
            for t in (table, *masks_tables)):
         raise ValueError(f"cmp_select needs int64 select tables of {SELECT_CASES} rows of the entries' shape")
     if word.is_meta:
@@ -469,8 +469,8 @@ def truncate_relu_with_bit(y: Shares, divisor: int, provider: Provider) -> tuple
     parties = list(y.keys())
     shape = tuple(y[parties[0]].shape)
     pairs = provider.truncation_pairs(shape, divisor, parties)
-    lay = ComparisonLayout(2)  # r_0 masks y for the comparison, r_1 masks z for the product
-    material = provider.comparison_material(shape, 2, parties)
+    lay = ComparisonLayout(2, first_product=1)  # r_0 masks y for the comparison, r_1 masks z for the product
+    material = provider.comparison_material(shape, 2, parties, first_product=1)
     mats = {p: list(material[p]) for p in parties}
     opened = open_at_parties("cmp_mask_values", {p: ([y[p], y[p]], [mats[p][0], pairs[p][0]]) for p in parties})
     c = opened[parties[0]][1]

@@ -331,10 +331,13 @@ class ComparisonLayout(NamedTuple):
     ``R``'s bits (:func:`group_products`, XOR), per AND level but the last ``c1
     = a & b1`` and ``c2 = a & b2`` (XOR), the last level's :func:`select_table`
     (arithmetic, ``SELECT_CASES`` rows of the entries' shape), and ``r_j`` times
-    it (arithmetic, same shape).
+    it (arithmetic, same shape) for the values multiplied by the bit, ``j >=
+    first_product`` (1: ``r_0`` masks a compared value that is not multiplied,
+    as in :func:`veil.mpc.bit_comparison.truncate_relu`).
     """
 
     n_values: int
+    first_product: int = 0
 
     @property
     def n_masks(self) -> int:
@@ -374,12 +377,14 @@ class ComparisonLayout(NamedTuple):
         return self.n_uniform + 1 + GROUP_WORDS + 2 * (AND_LEVELS - 1)
 
     def masks_table(self, j: int) -> int:
-        """Position of ``r_j`` times the :func:`select_table`, ``j < n_values``."""
-        return self.table + 1 + j
+        """Position of ``r_j`` times the :func:`select_table`, ``first_product <= j < n_values``."""
+        if not self.first_product <= j < self.n_values:
+            raise ValueError(f"value {j} is not multiplied by this comparison's bit")
+        return self.table + 1 + j - self.first_product
 
     @property
     def n_fields(self) -> int:
-        return self.table + 1 + self.n_values
+        return self.table + 1 + self.n_values - self.first_product
 
     @property
     def xor(self) -> frozenset:
@@ -398,13 +403,22 @@ def select_table(a: torch.Tensor, b: torch.Tensor, rho: torch.Tensor) -> torch.T
     return torch.stack([rho ^ (((k & 1) ^ a) & ((k >> 1) ^ b)) for k in range(SELECT_CASES)])
 
 
+def comparison_spec(shape: Sequence[int], n_values: int, first_product: int = 0) -> tuple:
+    """The ``comparison`` recipe's spec (the default ``first_product`` left out: one spec per material)."""
+    base = (tuple(int(s) for s in shape), int(n_values))
+    return base + (int(first_product),) if first_product else base
+
+
 def _comparison(spec) -> tuple[list, list, Derive]:
-    if not isinstance(spec, (tuple, list)) or len(spec) != 2:
-        raise ProviderError("comparison spec must be (shape, n_values)")
+    if not isinstance(spec, (tuple, list)) or len(spec) not in (2, 3):
+        raise ProviderError("comparison spec must be (shape, n_values) or (shape, n_values, first_product)")
     shape, n_values = _shape(spec[0]), spec[1]
     if type(n_values) is not int or not 0 <= n_values <= MAX_COMPARISON_VALUES:
         raise ProviderError(f"comparison n_values must be an int in [0, {MAX_COMPARISON_VALUES}], got {n_values!r}")
-    lay = ComparisonLayout(n_values)
+    first_product = spec[2] if len(spec) == 3 else 0
+    if type(first_product) is not int or not 0 <= first_product <= min(n_values, 1):
+        raise ProviderError(f"comparison first_product must be 0, or 1 with values, got {first_product!r}")
+    lay = ComparisonLayout(n_values, first_product)
 
     def derive(u: list, g: torch.Generator) -> list:
         # R: r_0, XOR-shared, and the group products of its low 63 bits (bit 63 is compared apart)
@@ -413,9 +427,9 @@ def _comparison(spec) -> tuple[list, list, Derive]:
             a, b1, b2 = (u[i] for i in lay.triple(level))
             out += [a & b1, a & b2]
         table = select_table(*(u[i] & 1 for i in lay.triple(AND_LEVELS - 1)))
-        return out + [table] + [u[j] * table for j in range(n_values)]
+        return out + [table] + [u[j] * table for j in range(first_product, n_values)]
 
-    tables = 1 + n_values  # the select table and its products, SELECT_CASES rows each
+    tables = 1 + n_values - first_product  # the select table and its products, SELECT_CASES rows each
     n_derived = lay.n_fields - lay.n_uniform
     return [shape] * lay.n_uniform, [shape] * (n_derived - tables) + [(SELECT_CASES, *shape)] * tables, derive
 

@@ -103,9 +103,11 @@ class Provider(abc.ABC):
         raise ProviderError(f"{self!r} does not deal comparison material")
 
     def comparison_material(
-        self, shape: Sequence[int], n_values: int, parties: Sequence[Hashable]
+        self, shape: Sequence[int], n_values: int, parties: Sequence[Hashable], first_product: int = 0
     ) -> Mapping[Hashable, tuple]:
         """Deals the material of one bitwise comparison (:mod:`veil.mpc.bit_comparison`).
+
+        ``first_product``: 1 when the first value is compared but not multiplied by the bit.
 
         Returns:
             party -> its shares of every field of

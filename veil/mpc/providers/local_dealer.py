@@ -8,7 +8,8 @@ from typing import Hashable, Optional, Sequence
 import torch
 
 from veil.mpc.fss import material as fss_material
-from veil.mpc.material import WIDE_KINDS, recipe, register_mac_key, split_shares, split_wide, xor_fields
+from veil.mpc.material import (WIDE_KINDS, comparison_spec, recipe, register_mac_key, split_shares, split_wide,
+                               xor_fields)
 from veil.mpc.providers.base import Provider
 from veil.mpc.ring import bilinear, random_ring
 from veil.mpc.sharing import split
@@ -60,9 +61,9 @@ class LocalDealer(Provider):
         return {p: tuple(f[i] for f in per_field) + (tuple(keys[i]) if i < 2 else ())
                 for i, p in enumerate(parties)}
 
-    def comparison_material(self, shape, n_values, parties):
+    def comparison_material(self, shape, n_values, parties, first_product=0):
         self.dealt["comparison"] += 1
-        return self._deal_recipe("comparison", (tuple(int(s) for s in shape), int(n_values)), parties)
+        return self._deal_recipe("comparison", comparison_spec(shape, n_values, first_product), parties)
 
     def zero_shares(self, shape, parties):
         return self._deal_recipe("zero", (tuple(shape),), parties)

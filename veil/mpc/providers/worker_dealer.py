@@ -57,8 +57,9 @@ import torch
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.allowlist import NO_RESULT, register_worker_function
-from veil.mpc.material import (FIXED_KINDS, WIDE_KINDS, dealer_generator, last_shares_wide, provider_scope, recipe,
-                               register_mac_key, split_shares, split_wide, sum_wide, xor_fields)
+from veil.mpc.material import (FIXED_KINDS, WIDE_KINDS, comparison_spec, dealer_generator, last_shares_wide,
+                               provider_scope, recipe, register_mac_key, split_shares, split_wide, sum_wide,
+                               xor_fields)
 from veil.mpc.fss import material as fss_material
 from veil.mpc.prg import expand, expand_sum, new_seed, subtract_streams
 from veil.mpc.errors import ProviderError
@@ -479,8 +480,8 @@ class WorkerDealer(Provider):
     def comparison_keys(self, shape, n_values, parties):
         return self._take("fss_comparison", (tuple(int(s) for s in shape), int(n_values)), parties)
 
-    def comparison_material(self, shape, n_values, parties):
-        return self._take("comparison", (tuple(int(s) for s in shape), int(n_values)), parties)
+    def comparison_material(self, shape, n_values, parties, first_product=0):
+        return self._take("comparison", comparison_spec(shape, n_values, first_product), parties)
 
     def fixed_operand_mask(self, fixed_id, shape, parties):
         return self._take("fixed_mask", (fixed_id, tuple(int(s) for s in shape)), parties)
