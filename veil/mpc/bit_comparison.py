@@ -214,7 +214,7 @@ def _leaves_step(xhat: torch.Tensor, r_x: torch.Tensor, groups: list, first: boo
             for t in (xhat, r_x, *groups)):
         raise ValueError(f"cmp_leaves needs xhat, R and {GROUP_WORDS} group words, int64 of one shape")
     if xhat.is_meta:  # run_party's shape inference
-        return torch.empty_like(xhat), torch.empty_like(xhat)
+        return torch.empty_like(xhat, device="meta"), torch.empty_like(xhat, device="meta")
     return _leaves(xhat, r_x, groups, first)
 
 
@@ -371,8 +371,8 @@ def _and_open_values(state: list, a, b1, b2, level: int, first: bool, values: li
 def _and_next(state: list, opened, a, b1, b2, c1, c2, level: int, first: bool) -> tuple:
     """Stores the next level's shares of ``(lt, eq)`` (``opened``: the level's compacted word)."""
     _check_state(state, level, first)
-    if opened.is_meta:  # run_party's shape inference
-        return torch.empty_like(a), torch.empty_like(a)
+    if opened.is_meta:  # run_party's shape inference (meta outputs: never a real tensor's uninitialized memory)
+        return torch.empty_like(a, device="meta"), torch.empty_like(a, device="meta")
     lt, eq = state
     return _and_finish(lt, eq, _unpack(_expand(opened, level, a), level), (a, b1, b2), (c1, c2), level, first)
 
@@ -392,8 +392,8 @@ def _select(word, opened: list, masks: list, table, masks_tables: list, first: b
     if entries is None or any(not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or tuple(t.shape) != (SELECT_CASES, *entries)
            for t in (table, *masks_tables)):
         raise ValueError(f"cmp_select needs int64 select tables of {SELECT_CASES} rows of the entries' shape")
-    if word.is_meta:
-        return tuple(table.new_empty(entries) for _ in range(1 + len(masks)))
+    if word.is_meta:  # run_party's shape inference (meta outputs: never a real tensor's uninitialized memory)
+        return tuple(torch.empty(entries, dtype=table.dtype, device="meta") for _ in range(1 + len(masks)))
     opened_bits = _expand(word, LAST, table[0])  # e | f << 1 | o << 2 per entry (refuses all but the word)
     row = (opened_bits & 3).unsqueeze(0)
     o = opened_bits >> 2

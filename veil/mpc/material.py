@@ -403,6 +403,23 @@ def select_table(a: torch.Tensor, b: torch.Tensor, rho: torch.Tensor) -> torch.T
     return torch.stack([rho ^ (((k & 1) ^ a) & ((k >> 1) ^ b)) for k in range(SELECT_CASES)])
 
 
+def derived_sources(kind: str, spec) -> list | None:
+    """Per derived field of ``kind``, the positions (in its item) of the uniform fields it is computed from;
+    None where not tracked. A party's monitor lets a computation use a derived field only as the end of
+    those masks: they mask no opening after it (a bit of ``c1 = a & b1`` or of the select table, moved
+    into a state beside the opening of ``a`` or ``rho``, would cancel against it: red team)."""
+    if kind != "comparison":
+        return None
+    _comparison(spec)  # (validates)
+    n_values, first_product = spec[1], spec[2] if len(spec) == 3 else 0
+    lay = ComparisonLayout(n_values, first_product)
+    last = lay.triple(AND_LEVELS - 1)
+    out: list = [(0,)] * (1 + GROUP_WORDS)  # R and the group products: r_0's bits
+    for level in range(AND_LEVELS - 1):
+        out += [lay.triple(level)] * 2
+    return out + [last] + [(j, *last) for j in range(first_product, n_values)]
+
+
 def comparison_spec(shape: Sequence[int], n_values: int, first_product: int = 0) -> tuple:
     """The ``comparison`` recipe's spec (the default ``first_product`` left out: one spec per material)."""
     base = (tuple(int(s) for s in shape), int(n_values))

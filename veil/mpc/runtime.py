@@ -38,6 +38,8 @@ DEALER_TAG = "#veil.dealer"
 #: the index of the item it belongs to within that message (:mod:`veil.workers.dealt`)
 DEALT_MASK_TAG = "#veil.dealer.mask"
 DEALT_ITEM_TAG = "#veil.dealer.item="
+#: a derived field's uniform sources in its item (``material.derived_sources``), positions joined by "."
+DEALT_SOURCES_TAG = "#veil.dealer.sources="
 #: a constant operand's fixed mask (:mod:`veil.mpc.fixed_operand`): the layout's mark (in place of
 #: ``uniform?``) and the tag; the party lets ``fixed_open`` open it once and nothing else open it
 DEALT_FIXED = "fixed"

@@ -14,7 +14,7 @@ from typing import Any
 
 from veil.exceptions import PermissionDeniedError, VeilError
 from veil.messaging import messages as m
-from veil.mpc.runtime import DEALER_TAG, DEALT_FIXED, DEALT_FIXED_TAG, DEALT_ITEM_TAG, DEALT_MASK_TAG
+from veil.mpc.runtime import DEALER_TAG, DEALT_FIXED, DEALT_FIXED_TAG, DEALT_ITEM_TAG, DEALT_MASK_TAG, DEALT_SOURCES_TAG
 from veil.workers.store import Entry, Kind
 
 #: capabilities travel between workers as tags with this prefix
@@ -55,10 +55,17 @@ def outgoing(principal: Any, new_id: int, entry: Entry, worker_id: str) -> m.Sto
     return m.StoredObject(new_id, entry.obj, tags, entry.description, entry.allowed_users)
 
 
+def _sources(value: str) -> tuple:
+    parts = value.split(".")
+    if not 0 < len(parts) <= 64 or not all(p.isdigit() and len(p) <= 3 for p in parts):
+        raise PermissionDeniedError("malformed dealt sources tag on an arriving object")
+    return tuple(int(p) for p in parts)
+
+
 def parse_tags(tags: Any, from_dealer: bool) -> tuple[tuple, dict]:
     """Splits an arriving object's tags into plain tags and the capabilities they carry."""
     caps: dict[str, Any] = {"kind": Kind.CLIENT, "reveal_to": None, "dp_only": False, "provenance": frozenset(),
-                            "item": None, "mask": False}
+                            "item": None, "mask": False, "sources": None}
     plain = []
     for tag in tags:
         if not isinstance(tag, str):
@@ -66,6 +73,10 @@ def parse_tags(tags: Any, from_dealer: bool) -> tuple[tuple, dict]:
         if tag == DEALER_TAG:
             if from_dealer:
                 caps["kind"] = Kind.DEALER
+            continue
+        if tag.startswith(DEALT_SOURCES_TAG):  # a derived field's uniform sources in its item
+            if from_dealer:
+                caps["sources"] = _sources(tag[len(DEALT_SOURCES_TAG):])
             continue
         if tag in (DEALT_MASK_TAG, DEALT_FIXED_TAG) or tag.startswith(DEALT_ITEM_TAG):  # a dealer's layout
             if from_dealer and tag == DEALT_MASK_TAG:  # (veil/workers/dealt.py)

@@ -70,18 +70,23 @@ class DealtItem:
             e.reveal_to = reveal_to if e.reveal_to is None else tuple(sorted(set(e.reveal_to) & set(reveal_to)))
 
 
-def group(entries: list[Entry], layout: list[tuple[int, object]]) -> None:
-    """Marks freshly dealt ``entries``: ``layout[i] = (item index, uniform field?)``, where
-    :data:`DEALT_FIXED` marks a constant operand's fixed mask (not a mask of openings: see :func:`fixed_error`)."""
+def group(entries: list[Entry], layout: list[tuple]) -> None:
+    """Marks freshly dealt ``entries``: ``layout[i] = (item index, uniform field?[, sources])``, where
+    :data:`DEALT_FIXED` marks a constant operand's fixed mask (not a mask of openings: see :func:`fixed_error`)
+    and ``sources`` a derived field's uniform sources (positions in its item, fields in dealing order)."""
     if len(layout) != len(entries):
         raise ValueError(f"dealt layout names {len(layout)} fields for {len(entries)} objects")
     items: dict[int, DealtItem] = {}
-    for entry, (k, uniform) in zip(entries, layout):
+    counts: dict[int, int] = {}
+    for entry, (k, uniform, *rest) in zip(entries, layout):
         item = items.get(k)
         if item is None:
             item = items[k] = DealtItem()
         item.add(entry)
         entry.meta["item"] = item
+        entry.meta["field"] = counts[k] = counts.get(k, -1) + 1
+        if rest and rest[0]:
+            entry.meta["sources"] = tuple(rest[0])
         if uniform == DEALT_FIXED:
             entry.meta["fixed"] = True
         elif uniform:
@@ -118,6 +123,24 @@ def bind_all(entries: Iterable[Entry], reveal_to: tuple | None) -> None:
             item.bind(reveal_to)
 
 
+def consume(entries: Iterable[Entry]) -> None:
+    """Dealt fields used in a computation (not an opening): a uniform field, and the uniform sources of a
+    derived one, mask nothing after it. The honest protocols compute with a mask, or with what the dealer
+    derived from it, only once it has opened; a requester that moved mask bits into a state or operand
+    first could cancel them in the opening they hide (red team)."""
+    for e in entries:
+        if e.kind != Kind.DEALER or not e.meta:
+            continue
+        if e.meta.get("mask"):
+            e.meta["opened"] = True
+        sources = e.meta.get("sources")
+        item = e.meta.get("item")
+        if sources and item is not None:
+            for other in item.entries:
+                if other.meta.get("field") in sources and other.meta.get("mask"):
+                    other.meta["opened"] = True
+
+
 def mask_error(entry: Entry | None) -> str | None:
     """Why ``entry`` may not mask a protected value in an opening (None: it may)."""
     if entry is None or entry.kind != Kind.DEALER:
@@ -125,7 +148,7 @@ def mask_error(entry: Entry | None) -> str | None:
     if not entry.meta.get("mask"):
         return "is not a uniform field of dealt material (a derived field hides nothing)"
     if entry.meta.get("opened"):
-        return "was already used as a mask"
+        return "was already used as a mask or in a computation"
     item = entry.meta.get("item")
     if item is None or item.bound is None:
         return "belongs to dealt material already used for an unrestricted computation"

@@ -144,6 +144,8 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
     if not plain:  # (a plain command: a compute purpose, no guarded input, no provenance recorded)
         if purpose is _DP_RELEASE:
             monitor.audit("dp_release", principal, list(found), "allowed", name)
+        if dealer:
+            monitor.spend_dealt(entries)
         if protected and not op.worker_function:
             result = owner_guard.copy_aliases(result, protected)
         elif dealer:  # a worker function that returned dealt material itself: a copy, not a writable alias
@@ -163,6 +165,10 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
         inputs = {id(e.obj): oid for oid, e in found.items()}
         return m.ResultReply(_describe_results(worker, principal, result, inputs, entries, name, lineage, reviewed))
     results = [result] if type(result) is _PLAIN_TENSOR else leaves(result)
+    if any(isinstance(t, torch.Tensor) and t.is_meta for t in results):
+        # a meta tensor has no data; a step's shape-inference branch given one operand on meta must never
+        # hand back another's uninitialized memory (red team): none is stored
+        raise RemoteExecutionError(f"{name} returned a meta tensor (shapes only, no data); nothing was stored")
     if type(ids) is not list or len(ids) != len(results):
         raise RemoteExecutionError(
             f"{name} returned {len(results)} tensors but the caller expected {len(ids) if isinstance(ids, list) else ids!r}"

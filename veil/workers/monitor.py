@@ -421,7 +421,7 @@ class ReferenceMonitor(OpeningRules):
                                tags=tags, description=so.description, allowed_users=so.allowed_users)
             if caps["kind"] == Kind.DEALER and caps["item"] is not None:
                 dealt_entries.append(entry)
-                layout.append((caps["item"], caps["mask"]))
+                layout.append((caps["item"], caps["mask"], caps["sources"]))
             if caps["provenance"]:  # travelled with the object (sent objects have no sources here)
                 entry.provenance = entry.provenance | caps["provenance"]
             if caps["dp_only"]:

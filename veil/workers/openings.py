@@ -199,3 +199,8 @@ class OpeningRules:
         inputs and the session's taint (what it computes can be revealed no wider)."""
         reveal_to = dealt.strictest((e.reveal_to for e in entries), self._taints.get(principal.namespace))
         dealt.bind_all(entries, reveal_to)
+
+    def spend_dealt(self, entries: list) -> None:
+        """A command that used dealt material ran: the masks it computed with, directly or through a derived
+        field, mask no opening after it (:func:`dealt.consume`; a refused command spends nothing)."""
+        dealt.consume(entries)

@@ -57,9 +57,9 @@ import torch
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.allowlist import NO_RESULT, register_worker_function
-from veil.mpc.material import (FIXED_KINDS, WIDE_KINDS, comparison_spec, dealer_generator, last_shares_wide,
-                               provider_scope, recipe, register_mac_key, split_shares, split_wide, sum_wide,
-                               xor_fields)
+from veil.mpc.material import (FIXED_KINDS, WIDE_KINDS, comparison_spec, dealer_generator, derived_sources,
+                               last_shares_wide, provider_scope, recipe, register_mac_key, split_shares, split_wide,
+                               sum_wide, xor_fields)
 from veil.mpc.fss import material as fss_material
 from veil.mpc.prg import expand, expand_sum, new_seed, subtract_streams
 from veil.mpc.errors import ProviderError
@@ -68,7 +68,7 @@ from veil.mpc.providers.fss_dealing import DEAL_COMPARISON
 from veil.mpc.providers.base import RECORD_HOOKS, MaterialExhaustedError, Provider
 from veil.mpc.ring import DTYPE, random_ring
 from veil.mpc.runtime import (DEALER_TAG, DEALT_FIXED, DEALT_FIXED_TAG, DEALT_ITEM_TAG, DEALT_LAYOUTS,
-                              DEALT_MASK_TAG, beside)
+                              DEALT_MASK_TAG, DEALT_SOURCES_TAG, beside)
 from veil.mpc.runtime import remote_handle as PointerTensor  # the injected runtime's handle (mpc imports no tensors)
 
 DEAL = "veil.mpc.deal"
@@ -147,7 +147,8 @@ def _deal_scoped(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, 
                 per_party[i].append(share)
     tags = [(DEALER_TAG, DEALT_ITEM_TAG + str(k)) + ((DEALT_FIXED_TAG,) if uniform == DEALT_FIXED else
                                                      (DEALT_MASK_TAG,) if uniform else ())
-            for k, uniform in recipe_layout(kind, spec, count)]
+            + ((DEALT_SOURCES_TAG + ".".join(map(str, src)),) if src else ())
+            for k, uniform, src in recipe_layout(kind, spec, count)]
     for i, party in enumerate(parties):  # never revealable; uniform fields may mask openings
         objects = [m.StoredObject(oid, t, tag) for oid, t, tag in zip(ids[i], per_party[i], tags)]
         worker.send_msg(m.ObjectMessage(objects), party)
@@ -213,12 +214,14 @@ def _own(values: list, shapes: list, uniform: list) -> list:
     return out
 
 
-def recipe_layout(kind: str, spec: Any, count: int) -> list[tuple[int, Any]]:
-    """``(item index, uniform?)`` of each of ``count`` items' fields, item-major (uniform fields first);
-    a fixed mask's field is marked :data:`DEALT_FIXED` instead of False."""
+def recipe_layout(kind: str, spec: Any, count: int) -> list[tuple[int, Any, Any]]:
+    """``(item index, uniform?, sources)`` of each of ``count`` items' fields, item-major (uniform fields
+    first); a fixed mask's field is marked :data:`DEALT_FIXED` instead of False; ``sources``: a derived
+    field's uniform sources where tracked (:func:`veil.mpc.material.derived_sources`), else None."""
     uniform_shapes, derived_shapes, _ = recipe(kind, spec)
     fields = [True] * len(uniform_shapes) + [DEALT_FIXED if kind in FIXED_KINDS else False] * len(derived_shapes)
-    return [(k, uniform) for k in range(int(count)) for uniform in fields]
+    sources = [None] * len(uniform_shapes) + (derived_sources(kind, spec) or [None] * len(derived_shapes))
+    return [(k, uniform, src) for k in range(int(count)) for uniform, src in zip(fields, sources)]
 
 
 def _expand_material(worker: Any, seed: torch.Tensor, kind: str, spec: Any, count: int, corrections: list) -> list:
