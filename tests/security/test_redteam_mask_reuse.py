@@ -101,3 +101,17 @@ def test_a_meta_tensor_is_never_stored(hook, step):
         sci.send_msg(m.GetObjectsMessage([8100]), a)
     ok = sci.send_msg(m.CommandMessage("torch.ones", (3,), {"dtype": DTYPE}, [8200]), a)  # still serving
     assert ok is not None
+
+
+def test_a_truncation_pairs_quotient_spends_its_mask(served):
+    """``q = floor(r / d)`` is additively shared like ``r``: ``X - d q`` opened under ``r`` (at every party,
+    summed) would be ``X + (r mod d)``, all of ``X`` but its low bits. Using ``q`` spends ``r``."""
+    a, b, owner, dealer = served
+    pair = dealer.truncation_pairs(SHAPE, 2 ** 16, [a.id, b.id])
+    _KEPT.append(pair)
+    r, q = _ref(pair[a.id][0]), _ref(pair[a.id][1])
+    _cmd(owner, a, "torch.mul", (q, 2 ** 16), [6300])
+    _cmd(owner, a, "torch.sub", (X, m.ObjectRef(6300)), [6301])
+    with pytest.raises(PermissionDeniedError, match="already used"):
+        _open(owner, a, "trunc_mask", m.ObjectRef(6301), r)
+    _serves(owner, a, dealer, b)

@@ -125,20 +125,23 @@ def bind_all(entries: Iterable[Entry], reveal_to: tuple | None) -> None:
 
 def consume(entries: Iterable[Entry]) -> None:
     """Dealt fields used in a computation (not an opening): a uniform field, and the uniform sources of a
-    derived one, mask nothing after it. The honest protocols compute with a mask, or with what the dealer
-    derived from it, only once it has opened; a requester that moved mask bits into a state or operand
-    first could cancel them in the opening they hide (red team)."""
+    derived one (every uniform field of its item where the dealer named none), mask nothing after it.
+    The honest protocols compute with a mask, or with what the dealer derived from it, only once it has
+    opened; a requester that moved mask bits into an operand first could cancel them in the opening they
+    hide (red team: ``X - d q`` opened under a truncation pair's ``r`` is ``X + (r mod d)``)."""
     for e in entries:
         if e.kind != Kind.DEALER or not e.meta:
             continue
         if e.meta.get("mask"):
             e.meta["opened"] = True
-        sources = e.meta.get("sources")
+            continue
         item = e.meta.get("item")
-        if sources and item is not None:
-            for other in item.entries:
-                if other.meta.get("field") in sources and other.meta.get("mask"):
-                    other.meta["opened"] = True
+        if item is None:
+            continue
+        sources = e.meta.get("sources")
+        for other in item.entries:
+            if other.meta.get("mask") and (sources is None or other.meta.get("field") in sources):
+                other.meta["opened"] = True
 
 
 def mask_error(entry: Entry | None) -> str | None:
