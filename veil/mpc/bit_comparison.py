@@ -389,8 +389,8 @@ def _select(word, opened: list, masks: list, table, masks_tables: list, first: b
     if not isinstance(first, bool) or len(masks) != len(masks_tables) or len(opened) < len(masks):
         raise ValueError("cmp_select needs one mask and one table product per product and a boolean first")
     entries = tuple(table.shape[1:]) if isinstance(table, torch.Tensor) else None
-    if entries is None or any(not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or tuple(t.shape) != (SELECT_CASES, *entries)
-           for t in (table, *masks_tables)):
+    if entries is None or any(not isinstance(t, torch.Tensor) or t.dtype != torch.int64
+                              or tuple(t.shape) != (SELECT_CASES, *entries) for t in (table, *masks_tables)):
         raise ValueError(f"cmp_select needs int64 select tables of {SELECT_CASES} rows of the entries' shape")
     if word.is_meta:  # run_party's shape inference (meta outputs: never a real tensor's uninitialized memory)
         return tuple(torch.empty(entries, dtype=table.dtype, device="meta") for _ in range(1 + len(masks)))

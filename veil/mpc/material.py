@@ -410,9 +410,8 @@ def derived_sources(kind: str, spec) -> list | None:
     into a state beside the opening of ``a`` or ``rho``, would cancel against it: red team)."""
     if kind != "comparison":
         return None
-    _comparison(spec)  # (validates)
-    n_values, first_product = spec[1], spec[2] if len(spec) == 3 else 0
-    lay = ComparisonLayout(n_values, first_product)
+    _, lay = _comparison_layout(spec)
+    n_values, first_product = lay
     last = lay.triple(AND_LEVELS - 1)
     out: list = [(0,)] * (1 + GROUP_WORDS)  # R and the group products: r_0's bits
     for level in range(AND_LEVELS - 1):
@@ -426,7 +425,8 @@ def comparison_spec(shape: Sequence[int], n_values: int, first_product: int = 0)
     return base + (int(first_product),) if first_product else base
 
 
-def _comparison(spec) -> tuple[list, list, Derive]:
+def _comparison_layout(spec) -> tuple[tuple, ComparisonLayout]:
+    """``(shape, layout)`` of a validated ``comparison`` spec."""
     if not isinstance(spec, (tuple, list)) or len(spec) not in (2, 3):
         raise ProviderError("comparison spec must be (shape, n_values) or (shape, n_values, first_product)")
     shape, n_values = _shape(spec[0]), spec[1]
@@ -435,7 +435,12 @@ def _comparison(spec) -> tuple[list, list, Derive]:
     first_product = spec[2] if len(spec) == 3 else 0
     if type(first_product) is not int or not 0 <= first_product <= min(n_values, 1):
         raise ProviderError(f"comparison first_product must be 0, or 1 with values, got {first_product!r}")
-    lay = ComparisonLayout(n_values, first_product)
+    return shape, ComparisonLayout(n_values, first_product)
+
+
+def _comparison(spec) -> tuple[list, list, Derive]:
+    shape, lay = _comparison_layout(spec)
+    n_values, first_product = lay
 
     def derive(u: list, g: torch.Generator) -> list:
         # R: r_0, XOR-shared, and the group products of its low 63 bits (bit 63 is compared apart)

@@ -172,7 +172,7 @@ class OpeningRules:
         outputs = run(name, args, kwargs)
         if masks is not None:
             shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in outputs]
-            # a packed output (OPENED_LAYOUTS: the comparison's compacted words and result bit) holds one masked
+            # a packed output (OPENED_LAYOUTS: the comparison's compacted AND-level words) holds one masked
             # bit group per mask entry: its size follows from the mask's (a broadcast mask has fewer entries)
             layout = OPENED_LAYOUTS.get(name)
             wanted = [(layout(j, k, tuple(raw)) if layout is not None else None) or (tuple(k.shape), k.dtype)
