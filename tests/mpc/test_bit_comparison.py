@@ -100,28 +100,47 @@ def test_rounds_bytes_and_dealt_material(hook):
         r = F.relu(x)
     dealt = cp.stats.snapshot()["bytes_sent"] - sent
     assert torch.equal(r.get().child, a.fix_precision().child.clamp(min=0))
-    assert stats.rounds == 1 + AND_LEVELS  # the masked value, then the AND levels (the select is local)
-    # masked value, 4 AND-level words compacted COMPACT[level] entries to a word
-    words = sum(bit_comparison.compact_words(level, n) for level in range(AND_LEVELS))
-    assert bit_comparison.COMPACT == (2, 5, 10, 21) and words == 500 + 200 + 100 + 48
+    assert stats.rounds == 1 + AND_LEVELS == 4  # the masked value, then the AND levels (the select is local)
+    # masked value, 3 AND levels' words: the quad level's 7 variables packed 16 entries to a word, the binary
+    # levels' words compacted COMPACT[level] entries to a word
+    words = sum(bit_comparison.opened_words(level, n) for level in range(AND_LEVELS))
+    assert bit_comparison.COMPACT == {1: 10, 2: 21} and words == 7 * 63 + 100 + 48
     assert stats.bytes_by_party[parties[0].id] == n * 8 + words * 8
-    # seeded: the last party gets the derived fields (R, 3 group-product words, 6 AND products, the last
-    # level's select table of 4 rows and r times it): 18 words per entry; the 63-bit DCF keys were 2,064
-    # bytes per entry for each of two parties
-    _, derived, _ = recipe("comparison", ((1,), 1))
-    assert len(derived) == ComparisonLayout(1).n_fields - ComparisonLayout(1).n_uniform == 12
-    assert sum(torch.Size(shape).numel() for shape in derived) == 18
-    assert 18 * 8 * n <= dealt <= 18 * 8 * n + 4000
+    # seeded: the last party gets the derived fields (R, 3 group-product words, the quad products (22 rows of
+    # packed words), the first binary level's 2 AND products, the last level's select table of 4 rows and r
+    # times it): 14 words per entry and 22 per 16 entries; the 63-bit DCF keys were 2,064 bytes per entry for
+    # each of two parties
+    _, derived, _ = recipe("comparison", ((n,), 1))
+    assert len(derived) == ComparisonLayout(1).n_fields - ComparisonLayout(1).n_uniform == 9
+    words = sum(torch.Size(shape).numel() for shape in derived)
+    assert words == 14 * n + 22 * 63
+    assert words * 8 <= dealt <= words * 8 + 4000
 
 
 def test_party_steps_refuse_bad_arguments():
     w = torch.zeros(3, dtype=torch.int64)
-    with pytest.raises(ValueError, match="level"):
-        bit_comparison._and_open([w, w], w, w, w, AND_LEVELS, True)
+    for level in (AND_LEVELS, 0, -1, True):  # the binary levels are 1 .. AND_LEVELS - 1 (0: the quad level)
+        with pytest.raises(ValueError, match="level"):
+            bit_comparison._and_open([w, w], w, w, w, level, True)
     with pytest.raises(ValueError, match="boolean"):
-        bit_comparison._and_open([w, w], w, w, w, 0, 1)
+        bit_comparison._and_open([w, w], w, w, w, 1, 1)
     with pytest.raises(ValueError, match="state"):
-        bit_comparison._and_open([w, w, w], w, w, w, 0, True)
+        bit_comparison._and_open([w, w, w], w, w, w, 1, True)
+    q = torch.zeros(7, 1, dtype=torch.int64)  # the quad level's packed variables of 3 entries: 7 rows of 1 word
+    with pytest.raises(ValueError, match="state"):
+        bit_comparison._quad_open([w], q)
+    with pytest.raises(ValueError, match="state"):
+        bit_comparison._quad_open([w, w[:2]], q)
+    for bad in (q[:1], q[:, :0], q.int(), torch.zeros(7, 2, dtype=torch.int64)):  # broadcast, empty, not the ring
+        with pytest.raises(ValueError, match="mask must be int64"):
+            bit_comparison._quad_open([w, w], bad)
+    products = torch.zeros(22, 1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="products must be"):
+        bit_comparison._quad_next([w, w], q, q, products[:21], True)
+    with pytest.raises(ValueError, match="opened variables must be"):
+        bit_comparison._quad_next([w, w], q[:6], q, products, True)
+    with pytest.raises(ValueError, match="boolean"):
+        bit_comparison._quad_next([w, w], q, q, products, 1)
     table = torch.zeros(4, 3, dtype=torch.int64)
     with pytest.raises(ValueError, match="one mask"):
         bit_comparison._select(w, [w], [w, w], table, [table], True)

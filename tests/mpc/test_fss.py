@@ -118,11 +118,12 @@ def protocol(request, monkeypatch):
 
 
 def circuit_words(numel: int) -> int:
-    """Opened words of the bitwise circuit besides the masked values: 4 AND levels compacted COMPACT[level]
-    entries to a word (the last level's holds the result's top operand: no round after it)."""
-    from veil.mpc.bit_comparison import AND_LEVELS, compact_words
+    """Opened words of the bitwise circuit besides the masked values: the quad level's packed variables, then
+    2 binary AND levels compacted COMPACT[level] entries to a word (the last level's holds the result's top
+    operand: no round after it)."""
+    from veil.mpc.bit_comparison import AND_LEVELS, opened_words
 
-    return sum(compact_words(level, numel) for level in range(AND_LEVELS))
+    return sum(opened_words(level, numel) for level in range(AND_LEVELS))
 
 
 @pytest.mark.parametrize("n_extra", [0, 1, 2])

@@ -74,7 +74,7 @@ def test_openings_below_the_threshold_stay_a_star(hook, connect_websocket):
     and a large one's masked values party to party; its AND levels' compacted words, below the threshold in
     ring words, go through this process. Both equal
     torch's."""
-    from veil.mpc.bit_comparison import AND_LEVELS, compact_words
+    from veil.mpc.bit_comparison import AND_LEVELS, opened_words
     from veil.tensors.mpc_glue.runtime import PEER_MIN_ELEMENTS
 
     ws = [connect_websocket(n) for n in ("alice", "bob")]
@@ -90,7 +90,7 @@ def test_openings_below_the_threshold_stay_a_star(hook, connect_websocket):
             if through_here:  # every party's share of x + r at least
                 assert received > 2 * 8 * numel, received
             else:  # each party's compacted words, and not its share of x + r
-                star = 8 * sum(compact_words(level, numel) for level in range(AND_LEVELS))
+                star = 8 * sum(opened_words(level, numel) for level in range(AND_LEVELS))
                 assert len(ws) * star <= received < len(ws) * (star + 1024) < 2 * 8 * numel, received
     finally:
         enable_peer_openings(*ws, enabled=False)

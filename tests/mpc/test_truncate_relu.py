@@ -52,22 +52,23 @@ def test_one_round_fewer_than_truncate_then_relu():
 
 def test_open_values_step_refuses_bad_arguments():
     w = torch.zeros(3, dtype=torch.int64)
+    q = torch.zeros(7, 1, dtype=torch.int64)
     with pytest.raises(ValueError, match="one mask per value"):
-        bit_comparison._and_open_values([w, w], w, w, w, 0, True, [w], [])
+        bit_comparison._quad_open_values([w, w], q, [w], [])
     with pytest.raises(ValueError, match="one mask per value"):
-        bit_comparison._and_open_values([w, w], w, w, w, 0, True, [], [])
+        bit_comparison._quad_open_values([w, w], q, [], [])
 
 
 def test_only_the_product_value_gets_a_select_table_product():
     """``r_0`` masks the compared ``y``, which is not multiplied by the bit: the dealer deals ``r_1`` times the
-    select table only (18 derived words per entry, not 22), through a provider worker too."""
+    select table only (14 derived words per entry and 22 per 16 entries, not 18), through a provider worker too."""
     import veil as sy
     from veil.mpc.material import ComparisonLayout, recipe
     from veil.mpc.providers.worker_dealer import dealer_for
 
     _, derived, _ = recipe("comparison", ((1,), 2, 1))
-    assert sum(torch.Size(s).numel() for s in derived) == 18
-    assert sum(torch.Size(s).numel() for s in recipe("comparison", ((1,), 2))[1]) == 22
+    assert sum(torch.Size(s).numel() for s in derived) == 14 + 22
+    assert sum(torch.Size(s).numel() for s in recipe("comparison", ((1,), 2))[1]) == 18 + 22
     with pytest.raises(ValueError, match="not multiplied"):
         ComparisonLayout(2, first_product=1).masks_table(0)
     for bad in (2, -1, "1"):
@@ -90,6 +91,6 @@ def test_only_the_product_value_gets_a_select_table_product():
     got = sum(out[p].get() for p in shares)
     z = torch.div(y, 2**16, rounding_mode="floor")
     assert bool(torch.where(y > 0, (got == z) | (got == z + 1), got == 0).all())
-    # the truncation pair's derived fields and the comparison's 18, to the last party
-    words = sum(torch.Size(s).numel() for s in recipe("truncation", ((1,), 2**16))[1]) + 18
+    # the truncation pair's derived fields and the comparison's 14 (and 22 per 16 entries), to the last party
+    words = sum(torch.Size(s).numel() for s in recipe("truncation", ((1,), 2**16))[1]) + 14 + 22 / 16
     assert words * 8 * y.numel() <= dealt <= words * 8 * y.numel() + 4000, (dealt, words)

@@ -52,7 +52,7 @@ def test_a_mask_used_in_a_command_masks_nothing_after(served):
 def test_an_and_mask_moved_into_the_state_is_refused(served, bit):
     a, b, owner, dealer = served
     f = comparison_fields(dealer, a, b, 1)
-    a_, b1, rho = (f[i] for i in LAY.triple(LAST))
+    a_, b1, rho = (f[i] for i in LAY.level_masks(LAST))
     _cmd(owner, a, "torch.floor_divide", (X, 2 ** bit), [6100])
     _cmd(owner, a, "Tensor.__xor__", (m.ObjectRef(6100), b1), [6101])  # lt = (X >> bit) ^ b1
     with pytest.raises(PermissionDeniedError, match="already used"):
@@ -66,21 +66,26 @@ def test_the_select_table_in_the_state_spends_rho(served):
     item = dealer.comparison_material(SHAPE, 1, [a.id, b.id])
     _KEPT.append(item)
     f = [_ref(x) for x in item[a.id]]
-    ma, mb1, mrho = (f[i] for i in LAY.triple(LAST))
+    ma, mb1, mrho = (f[i] for i in LAY.level_masks(LAST))
     _cmd(owner, a, "Tensor.__getitem__", (f[LAY.table], 0), [6200])
     _cmd(owner, a, "Tensor.__mul__", (m.ObjectRef(6200), 2 ** 32), [6201])
     _cmd(owner, a, "Tensor.__mul__", (X, 2 ** 32), [6202])
     with pytest.raises(PermissionDeniedError, match="already used"):
         _open(owner, a, "cmp_and_open", [m.ObjectRef(6201), m.ObjectRef(6202)], ma, mb1, mrho, LAST, True)
-    # an AND level's products spend that level's masks too (c1 = a & b1)
+    # an AND level's products spend that level's masks too (c1 = a & b1; the quad products of a and b)
     lo = comparison_fields(dealer, a, b, 1)
-    _cmd(owner, a, "Tensor.__xor__", (X, lo[LAY.products(0)[0]]), [6203])
+    _cmd(owner, a, "Tensor.__xor__", (X, lo[LAY.level_products(1)[0]]), [6203])
     with pytest.raises(PermissionDeniedError, match="already used"):
-        _open(owner, a, "cmp_and_open", [m.ObjectRef(6203), X], *(lo[i] for i in LAY.triple(0)), 0, True)
+        _open(owner, a, "cmp_and_open", [m.ObjectRef(6203), X], *(lo[i] for i in LAY.level_masks(1)), 1, True)
+    quad = comparison_fields(dealer, a, b, 1)
+    _cmd(owner, a, "Tensor.__getitem__", (quad[LAY.level_products(0)[0]], 0), [6204])  # mask rows 0 & 1
+    _cmd(owner, a, "Tensor.__xor__", (X, m.ObjectRef(6204)), [6205])
+    with pytest.raises(PermissionDeniedError, match="already used"):
+        _open(owner, a, "cmp_quad_open", [m.ObjectRef(6205), X], quad[LAY.level_masks(0)[0]])
     _serves(owner, a, dealer, b)
 
 
-@pytest.mark.parametrize("step", ["cmp_select", "cmp_and_next"])
+@pytest.mark.parametrize("step", ["cmp_select", "cmp_and_next", "cmp_quad_next"])
 def test_a_meta_tensor_is_never_stored(hook, step):
     """A meta operand sends a step down its shape-inference branch; what comes back is never a real
     tensor's uninitialized memory (another requester's freed data): nothing is stored."""
@@ -94,7 +99,9 @@ def test_a_meta_tensor_is_never_stored(hook, step):
         sci.send_msg(m.CommandMessage("torch.zeros", (1,), {"device": "meta", "dtype": DTYPE}, [8000]), a)
     real = torch.zeros(n, dtype=DTYPE)
     args = {"cmp_select": (m.ObjectRef(8000), [], [], torch.zeros((4, n), dtype=DTYPE), [], True),
-            "cmp_and_next": ([real, real], m.ObjectRef(8000), real, real, real, real, real, 0, True)}[step]
+            "cmp_and_next": ([real, real], m.ObjectRef(8000), real, real, real, real, real, 1, True),
+            "cmp_quad_next": ([real, real], m.ObjectRef(8000), torch.zeros((7, 63), dtype=DTYPE),
+                              torch.zeros((22, 63), dtype=DTYPE), True)}[step]
     with pytest.raises(VeilError):
         sci.send_msg(m.CommandMessage(f"veil.mpc.{step}", args, {}, [8100]), a)
     with pytest.raises(VeilError):

@@ -1,5 +1,6 @@
 """Red team of the comparison's packed openings (veil/mpc/bit_comparison.py): the AND levels' words compacted
-several entries to a word (``cmp_and_open``), the last level's holding the result's top operand ``lt_hi ^ rho``.
+several entries to a word (``cmp_and_open``; the quad level's variables packed 16 entries to a word,
+``cmp_quad_open``), the last level's holding the result's top operand ``lt_hi ^ rho``.
 A hostile serving owner feeds a client's input share into them and tries to open it under masks that do not
 cover every bit (broadcast, inline, reused, named twice) or with a layout it picks."""
 
@@ -8,10 +9,11 @@ import torch
 
 from veil.exceptions import PermissionDeniedError, VeilError
 from veil.messaging import messages as m
-from veil.mpc.bit_comparison import COMPACT, compact_words
+from veil.mpc.bit_comparison import COMPACT, compact_words, opened_words
 from veil.mpc.material import AND_LEVELS, ComparisonLayout
 
-from tests.security.test_redteam_dealt import BATCH, SECRET, SHAPE, _KEPT, _open, _ref, _setup, comparison_fields
+from tests.security.test_redteam_dealt import (BATCH, SECRET, SHAPE, _KEPT, _cmd, _open, _ref, _setup,
+                                              comparison_fields)
 
 NAME = "cmp_and_open"
 LAST = AND_LEVELS - 1
@@ -31,7 +33,7 @@ def _last_args(f, rho=None, b1=None):
     """The client's input as the comparison's state at the last level: whatever it holds, each entry's three
     opened bits are masked by a, b1 and rho (the last level's b2)."""
     x = m.ObjectRef(BATCH)
-    a_, b1_, rho_ = (f[i] for i in LAY.triple(LAST))
+    a_, b1_, rho_ = (f[i] for i in LAY.level_masks(LAST))
     return ([x, x], a_, b1_ if b1 is None else b1, rho_ if rho is None else rho, LAST, True)
 
 
@@ -52,7 +54,7 @@ def test_a_broadcast_mask_does_not_hide_every_bit(served, which):
     a, b, owner, dealer = served
     f = _material(dealer, a, b)
     small = _material(dealer, a, b, (1, 1))
-    position = {"rho": LAY.rho, "b1": LAY.triple(LAST)[1]}[which]
+    position = {"rho": LAY.rho, "b1": LAY.level_masks(LAST)[1]}[which]
     with pytest.raises(VeilError, match="shape"):
         _open(owner, a, NAME, *_last_args(f, **{which: small[position]}))
 
@@ -65,7 +67,7 @@ def test_rho_must_be_a_fresh_dealt_field(served, mask):
     _KEPT.append(pair)
     rho = {"inline zeros": torch.zeros(SHAPE, dtype=torch.int64),
            "non-uniform field": _ref(pair[a.id][2]),  # g: almost always 0
-           "reused AND mask": f[LAY.triple(LAST)[0]]}[mask]
+           "reused AND mask": f[LAY.level_masks(LAST)[0]]}[mask]
     with pytest.raises(PermissionDeniedError, match="argument 3" if mask != "reused AND mask" else "twice"):
         _open(owner, a, NAME, *_last_args(f, rho))
 
@@ -81,11 +83,26 @@ def test_the_worker_still_serves_after_refusals(served):
 
 def _and_args(f, level, a=None, state=None):
     x = m.ObjectRef(BATCH)
-    a_, b1, b2 = (f[i] for i in LAY.triple(level))
+    a_, b1, b2 = (f[i] for i in LAY.level_masks(level))
     return (state or [x, x], a or a_, b1, b2, level, True)
 
 
-@pytest.mark.parametrize("level", range(AND_LEVELS))
+def _quad_args(f, mask=None, state=None):
+    x = m.ObjectRef(BATCH)
+    return (state or [x, x], f[LAY.level_masks(0)[0]] if mask is None else mask)
+
+
+def test_the_quad_level_opens_its_packed_variables_masked(served):
+    """7 rows (the quad's four eq and lower three lt) of one packed word for 3 entries, under one mask of that
+    shape: with the client's input as both lt and eq, the opened rows differ from its packed bits."""
+    a, b, owner, dealer = served
+    f = _material(dealer, a, b)
+    (opened,) = _open(owner, a, "cmp_quad_open", *_quad_args(f))
+    assert opened.dtype == torch.int64 and tuple(opened.shape) == (7, 1)
+    assert opened_words(0, SECRET.numel()) == 7
+
+
+@pytest.mark.parametrize("level", range(1, AND_LEVELS))
 def test_an_and_level_opens_its_compacted_word(served, level):
     a, b, owner, dealer = served
     f = _material(dealer, a, b)
@@ -93,26 +110,43 @@ def test_an_and_level_opens_its_compacted_word(served, level):
     assert word.dtype == torch.int64 and tuple(word.shape) == (compact_words(level, SECRET.numel()),)
 
 
-def test_a_broadcast_and_mask_is_refused_by_the_step(served):
+@pytest.mark.parametrize("which", ["quad", "quad inline", "and a"])
+def test_a_broadcast_and_mask_is_refused(served, which):
+    """The quad level's mask covers 16 entries per word: the client's input repeated to 30 entries packs to
+    2 words per row, which a mask of 3 entries' material (1 word per row) would hide with the same bits."""
     a, b, owner, dealer = served
     f = _material(dealer, a, b)
     small = _material(dealer, a, b, (1, 1))
-    with pytest.raises(VeilError, match="shape"):
-        _open(owner, a, "cmp_and_open", *_and_args(f, 0, a=small[LAY.triple(0)[0]]))
+    _cmd(owner, a, "Tensor.repeat", (m.ObjectRef(BATCH), 1, 10), [7300])
+    wide = [m.ObjectRef(7300), m.ObjectRef(7300)]
+    step, args = {"quad": ("cmp_quad_open", _quad_args(f, state=wide)),
+                  # (7, 2) zeros: the monitor refuses anything but a dealt field before the step runs
+                  "quad inline": ("cmp_quad_open", _quad_args(f, mask=torch.zeros((7, 2), dtype=torch.int64),
+                                                              state=wide)),
+                  "and a": ("cmp_and_open", _and_args(f, 1, a=small[LAY.level_masks(1)[0]]))}[which]
+    with pytest.raises(VeilError, match="shape|dealt"):
+        _open(owner, a, step, *args)
+    (opened,) = _open(owner, a, "cmp_quad_open", *_quad_args(_material(dealer, a, b)))  # still serving
+    assert tuple(opened.shape) == (7, 1)
 
 
-@pytest.mark.parametrize("level", [AND_LEVELS, -1, "0", 0.0])
-def test_a_level_outside_the_circuit_is_refused(served, level):
+@pytest.mark.parametrize("level", [AND_LEVELS, 0, -1, "1", 1.0, True])
+def test_a_level_outside_the_binary_levels_is_refused(served, level):
+    """Level 0 is the quad level, whose word has another layout: ``cmp_and_open`` opens levels 1 .. LAST."""
     a, b, owner, dealer = served
     f = _material(dealer, a, b)
     with pytest.raises(VeilError):
-        _open(owner, a, "cmp_and_open", *_and_args(f, 0)[:4], level, True)
+        _open(owner, a, "cmp_and_open", *_and_args(f, 1)[:4], level, True)
 
 
-def test_an_and_mask_in_the_state_too_is_refused(served):
-    """The state's eq := a beside the mask a: eq_hi ^ a would cancel wherever the shift lines bits up."""
+@pytest.mark.parametrize("step", ["cmp_quad_open", "cmp_and_open"])
+def test_an_and_mask_in_the_state_too_is_refused(served, step):
+    """The state's eq := a beside the mask a: eq ^ a (eq_hi ^ a) would cancel wherever the bits line up."""
     a, b, owner, dealer = served
     f = _material(dealer, a, b)
-    mask = f[LAY.triple(0)[0]]
+    if step == "cmp_quad_open":
+        args = _quad_args(f, state=[m.ObjectRef(BATCH), f[LAY.level_masks(0)[0]]])  # (7, 1) beside 3 entries
+    else:
+        args = _and_args(f, 1, state=[m.ObjectRef(BATCH), f[LAY.level_masks(1)[0]]])
     with pytest.raises(PermissionDeniedError, match="also an operand"):
-        _open(owner, a, "cmp_and_open", *_and_args(f, 0, state=[m.ObjectRef(BATCH), mask]))
+        _open(owner, a, step, *args)

@@ -1,5 +1,5 @@
 """Red team, peer openings of the comparison steps (veil/mpc/bit_comparison.py: ``cmp_mask_values``,
-``cmp_and_open`` and ``cmp_and_open_values`` go party to party between peer-enabled workers).
+``cmp_quad_open``, ``cmp_quad_open_values`` and ``cmp_and_open`` go party to party between peer-enabled workers).
 
 The network attacks reuse the cluster of test_redteam_peer_openings.py (alice, bob, dave processes, the
 sink "charlie"): a share from a client or scientist token, a replay of each round of an honest ReLU, a
@@ -30,7 +30,7 @@ from test_redteam_peer_openings import (  # noqa: F401  (fixtures)
     CLIENT, REPLIES, _as, _fetch, _peer_token, _rounds_seen, _start, _stored_before, cluster, new_round, sink)
 from tests.security.test_redteam_dealt import BATCH, SECRET, SHAPE, _ref, _setup
 
-CMP_STEPS = ("cmp_mask_values", "cmp_and_open", "cmp_and_open_values")
+CMP_STEPS = ("cmp_mask_values", "cmp_quad_open", "cmp_quad_open_values", "cmp_and_open")
 ULP = 2.0**-16
 
 
@@ -65,7 +65,7 @@ def test_every_round_of_a_relu_is_refused_on_replay(hook, cluster, monkeypatch):
     seen = _rounds_seen(monkeypatch)
     _honest_relu(cluster)
     rounds = [msg for where, msg in seen if where == "bob"]
-    assert {msg.name for msg in rounds} == {"cmp_mask_values", "cmp_and_open"}, rounds
+    assert {msg.name for msg in rounds} == {"cmp_mask_values", "cmp_quad_open", "cmp_and_open"}, rounds
     as_alice = _as(hook, cluster["bob"][0], _peer_token("alice"), "alice")
     try:
         for msg in rounds:  # alice's peer connection asks again for bob's share of each ended round
@@ -76,7 +76,8 @@ def test_every_round_of_a_relu_is_refused_on_replay(hook, cluster, monkeypatch):
     _unchanged(cluster, stored)
 
 
-@pytest.mark.parametrize("step", ["cmp_leaves", "cmp_and_next", "cmp_select", "cmp_trunc_finish", "trunc_finish"])
+@pytest.mark.parametrize("step", ["cmp_leaves", "cmp_quad_next", "cmp_and_next", "cmp_select", "cmp_trunc_finish",
+                                  "trunc_finish"])
 def test_a_step_that_is_not_openable_is_not_peer_opened(hook, cluster, step):
     stored = _stored_before(cluster)
     alice = cluster["alice"][1]
@@ -101,7 +102,7 @@ def test_an_xor_round_refuses_non_parties_other_steps_wrong_shapes_and_a_second_
     dtype ends a round of its own at once, nothing stored."""
     stored = _stored_before(cluster)
     round_id = new_round()
-    words = compact_words(0, 6)  # bob's output: the first AND level's word of 6 entries, compacted
+    words = compact_words(1, 6)  # bob's output: the first binary AND level's word of 6 entries, compacted
     good = [torch.full((words,), 0x0F0F, dtype=torch.int64)]
     REPLIES[round_id] = good
     orchestrator = {n: _as(hook, cluster[n][0], TOKEN, "orchestrator") for n in ("alice", "bob")}
@@ -112,13 +113,13 @@ def test_an_xor_round_refuses_non_parties_other_steps_wrong_shapes_and_a_second_
 
     def opening(name, rid, parties):
         ref = m.ObjectRef(shares[name].id_at_location)
-        return PeerOpenMessage("cmp_and_open", ([ref, ref], ref, ref, ref, 0, True), {}, rid, parties, ids[name])
+        return PeerOpenMessage("cmp_and_open", ([ref, ref], ref, ref, ref, 1, True), {}, rid, parties, ids[name])
 
     threads = {n: _start(hook, orchestrator[n], opening(n, round_id, ["alice", "bob", "charlie"]), errors, n)
                for n in orchestrator}
     bob = cluster["bob"][0]
     attacks = [("dave", "cmp_and_open", "(?i)not a reader"),
-               ("charlie", "cmp_and_open_values", "(?i)opens 'cmp_and_open'"),
+               ("charlie", "cmp_quad_open", "(?i)opens 'cmp_and_open'"),
                ("charlie", "cmp_and_open", None),  # answered ...
                ("charlie", "cmp_and_open", "(?i)already took|ended|no peer opening round")]  # ... once
     for sender, step, match in attacks:
@@ -164,8 +165,9 @@ def _bad_opening(step, f, bad_mask):
     batch = m.ObjectRef(BATCH)
     state = [batch, batch]
     return {"cmp_mask_values": ([batch], [bad_mask]),
-            "cmp_and_open": (state, bad_mask, f[3], f[4], 0, True),
-            "cmp_and_open_values": (state, f[2], f[3], f[4], 0, True, [batch], [bad_mask])}[step]
+            "cmp_quad_open": (state, bad_mask),
+            "cmp_quad_open_values": (state, f[2], [batch], [bad_mask]),
+            "cmp_and_open": (state, bad_mask, f[4], f[5], 1, True)}[step]
 
 
 @pytest.mark.parametrize("step", CMP_STEPS)
@@ -180,7 +182,7 @@ def test_the_peer_path_applies_the_opening_masks_rule(served, step):
     ids = [new_id()]
     msg = PeerOpenMessage(step, _bad_opening(step, f, torch.zeros(SHAPE, dtype=torch.int64)), {}, new_round(),
                           [a.id, b.id], ids)
-    position = {"cmp_mask_values": 1, "cmp_and_open": 1, "cmp_and_open_values": 7}[step]
+    position = {"cmp_mask_values": 1, "cmp_quad_open": 1, "cmp_quad_open_values": 3, "cmp_and_open": 1}[step]
     with pytest.raises(PermissionDeniedError, match=f"argument {position}"):
         owner.send_msg(msg, a)
     with pytest.raises(VeilError):

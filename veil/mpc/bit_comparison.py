@@ -7,9 +7,10 @@ far smaller dealt material and far less computation, at the price of rounds.
 
 Let ``x = d - 1`` (so ``[d > 0] = [x >= 0]``), ``v_0 = d, v_1, ..`` the
 values to multiply by the bit. The dealer deals arithmetic masks ``r_j``,
-``r_0`` a second time as XOR shares ``R``, AND triples, a random bit
-``rho``, and arithmetic shares of a small table of the last level's mask
-bits (layout: :class:`veil.mpc.material.ComparisonLayout`).
+``r_0`` a second time as XOR shares ``R``, the quad level's masks and their
+products, AND triples, a random bit ``rho``, and arithmetic shares of a small
+table of the last level's mask bits (layout:
+:class:`veil.mpc.material.ComparisonLayout`).
 
 1. **Round 1.** Open ``v_j + r_j`` (uniform). ``X = v_0 + r_0 - 1 = x + r_0``.
    The sign bit of ``x`` is ``X_hi xor R_hi xor [X_lo < R_lo]`` (top bits and
@@ -23,36 +24,45 @@ bits (layout: :class:`veil.mpc.material.ComparisonLayout`).
    of ``R``'s bits within a group (11 per group, packed in 3 words). The top
    group's ``lt`` also takes ``X_hi xor R_hi xor 1``: it reaches the root of
    the tree unchanged (it is every level's high operand), so the root's ``lt``
-   is the result bit ``b = [x >= 0]``. The other four levels (16 positions to
-   1) take **one round each**: two Beaver AND triples sharing the mask of
-   ``eq_hi``, the three masked operands packed into one word, and the words
-   of several entries compacted into one (:data:`COMPACT`: the level's 3 bits
-   per position leave room for 2, 5, 10 and 21 entries' words).
-3. **The last level's opening is the last round.** Its third operand (no
-   ``eq`` is needed above the root) is ``lt_hi xor rho``. With the three
-   opened bits public, ``b`` as an arithmetic 0/1 is one row of a dealt
-   table (4 rows: one per value of the first two bits) times a public sign,
-   plus a public bit, and ``v_j b = (v_j + r_j) b - r_j b`` the same row of
-   ``r_j`` times the table (:func:`_select`): local.
+   is the result bit ``b = [x >= 0]``.
+3. **The quad level: tree levels 2 and 3 in one round.** Four groups merge
+   at once: ``lt = l3 xor e3 l2 xor e3 e2 l1 xor e3 e2 e1 l0``, ``eq = e3 e2
+   e1 e0``. The seven variables but ``l3`` are packed 16 entries to a word
+   (a row each: one bit per entry and quad, where the entries' words use one
+   bit in 16) and opened under one dealt mask of that shape; a monomial of
+   masked variables is then the XOR over the subsets ``S`` of its variables
+   of (the public bits outside ``S``) and (the product of the masks in
+   ``S``), which the dealer shares (22 rows): local, on the packed rows.
+4. **Two binary levels** (4 positions to 1) take one round each: two Beaver
+   AND triples sharing the mask of ``eq_hi``, the three masked operands
+   packed into one word, and the words of several entries compacted into one
+   (:data:`COMPACT`: 10 and 21 entries' words). The last level's opening is
+   the last round: its third operand (no ``eq`` is needed above the root) is
+   ``lt_hi xor rho``. With the three opened bits public, ``b`` as an
+   arithmetic 0/1 is one row of a dealt table (4 rows: one per value of the
+   first two bits) times a public sign, plus a public bit, and ``v_j b = (v_j
+   + r_j) b - r_j b`` the same row of ``r_j`` times the table
+   (:func:`_select`): local.
 
 Cost per compared entry, ``p`` values multiplied by the bit (``p = 0``: the
-bit alone; 1 for ReLU): **5 rounds**; each party sends ``8 max(p, 1) + 8 (1/2
-+ 1/5 + 1/10 + 1/21)`` bytes per other party (ReLU: 14.8 bytes, was 48 with a
-word per entry and level; CrypTen's ReLU: 232 bytes in 9 rounds). The
-dealer's seeds make every uniform field free; the last party gets the derived
-fields explicitly: ``8 (14 + 4p)`` bytes (ReLU: 144 bytes; the 63-bit DCF keys
-were 2,064 bytes for each of two parties). Computation: about a hundred int64
-word operations per entry, no AES.
+bit alone; 1 for ReLU): **4 rounds**; each party sends ``8 max(p, 1) + 8 (7/16
++ 1/10 + 1/21)`` bytes per other party (ReLU: 12.7 bytes; CrypTen's ReLU: 232
+bytes in 9 rounds). The dealer's seeds make every uniform field free; the
+last party gets the derived fields explicitly: ``8 (10 + 4p) + 11`` bytes
+(ReLU: 123 bytes; the 63-bit DCF keys were 2,064 bytes for each of two
+parties). Computation: about a hundred int64 word operations per entry (most
+in the local groups), no AES.
 
 The local groups use the idea of dealing products of mask bits so that the
 low levels of a comparison circuit need no interaction (function-dependent
 preprocessing, as in the multi-input AND gates of e.g. Ohata-Nuida,
 "Communication-efficient (client-aided) secure two-party protocols and its
-application", FC 2020); the code is written from the formulas above.
+application", FC 2020), once for the groups' mask bits and once for the quad
+level's; the code is written from the formulas above.
 
 Security: semi-honest, the dealer not colluding with a party (as Beaver
 triples): every opened value is masked by a fresh uniform mask (arithmetic
-``r_j``, the AND masks, ``rho``), and each party's message is its share of
+``r_j``, the quad and AND masks, ``rho``), and each party's message is its share of
 a masked value, so a coalition of all parties but one sees uniform values.
 Any number of parties: XOR and additive shares for all of them.
 """
@@ -64,7 +74,8 @@ from typing import Hashable, Mapping, Sequence
 import torch
 
 from veil.mpc.material import (AND_LEVELS, GROUP_BITS, GROUP_LEVELS, GROUP_MASK, GROUP_SUBSETS, GROUP_WORDS,
-                               SELECT_CASES, ComparisonLayout)
+                               QUAD_ENTRIES, QUAD_EQ_MONOMIAL, QUAD_LT_MONOMIALS, QUAD_SUBSETS, QUAD_VARS,
+                               SELECT_CASES, ComparisonLayout, monomial_subsets, quad_rows)
 from veil.mpc.party import PARTY_FUNCTIONS, open_at_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
 from veil.mpc.runtime import OPENED_LAYOUTS, runtime_of
@@ -85,11 +96,11 @@ def _mask_of(level: int) -> int:
 
 
 def _half(and_level: int) -> tuple[int, int]:
-    """``(s, mask)`` of an AND level: it combines the position ``p + s`` (high)
-    with ``p`` (low), ``s = 2^l`` for tree level ``l = GROUP_LEVELS + and_level``,
-    at the positions ``p`` in ``mask`` (multiples of ``2^(l+1)``); the word keeps
+    """``(s, mask)`` of a binary AND level (1 .. AND_LEVELS - 1): it combines the position ``p + s`` (high)
+    with ``p`` (low), ``s = 2^l`` for tree level ``l = GROUP_LEVELS + 1 + and_level`` (the quad level took
+    tree levels 2 and 3), at the positions ``p`` in ``mask`` (multiples of ``2^(l+1)``); the word keeps
     its order of significance and the result ends at bit 0."""
-    level = GROUP_LEVELS + and_level
+    level = GROUP_LEVELS + 1 + and_level
     return 1 << level, _mask_of(level)
 
 
@@ -205,7 +216,7 @@ def _leaves(xhat: torch.Tensor, r_x: torch.Tensor, groups: Sequence[torch.Tensor
 
 @party_function("cmp_leaves")
 def _leaves_step(xhat: torch.Tensor, r_x: torch.Tensor, groups: list, first: bool) -> tuple:
-    """Stores ``(lt, eq)`` of the 4-bit groups (:func:`_leaves`), the state of the first AND level (it rides
+    """Stores ``(lt, eq)`` of the 4-bit groups (:func:`_leaves`), the state of the quad level (it rides
     on that level's opening; computed once, not again when the level is finished)."""
     if not isinstance(first, bool):
         raise ValueError("cmp_leaves needs a boolean first")
@@ -217,6 +228,147 @@ def _leaves_step(xhat: torch.Tensor, r_x: torch.Tensor, groups: list, first: boo
         return torch.empty_like(xhat, device="meta"), torch.empty_like(xhat, device="meta")
     return _leaves(xhat, r_x, groups, first)
 
+
+# ---------------------------------------------------------------- the quad level (tree levels 2 and 3: one round)
+# Its variables, the eq of a quad's four groups and the lt of the lower three (the top group's l3 enters
+# linearly), are first packed 16 entries to a word (QUAD_ENTRIES: one bit per entry and quad, every bit of a
+# word used, against one in 16 in the entries' words), one row per variable; the opening masks them with one
+# dealt field of that shape. With the masked variables public, a monomial is the XOR over the subsets S of
+# its variables of (the public bits outside S) & (the dealt product of the masks in S): local, on the packed
+# rows (1/16 of the entries' words), and unpacked to the binary levels' layout (quad q's bit at 16 q) after.
+
+#: positions that are multiples of 16 (a quad's lowest bit: where its lt and eq end)
+QUAD_MASK = sum(1 << p for p in range(0, 64, 16))
+#: a quad's lowest 4 bits (four entries' group bits after the first packing step)
+_QUAD_LOW4 = sum(0xF << p for p in range(0, 64, 16))
+_FOUR = torch.arange(4, dtype=torch.int64)
+#: an entry's offset within a 4-entry word; a group's bit within its quad (and a 4-entry word's place in 16)
+_ENTRY_IN_4, _GROUP_IN_QUAD, _FOUR_IN_16 = _FOUR.view(1, 4, 1), (4 * _FOUR).view(4, 1, 1), (4 * _FOUR).view(1, 4, 1)
+_ENTRY_IN_16 = torch.arange(QUAD_ENTRIES, dtype=torch.int64).view(QUAD_ENTRIES, 1)
+
+
+def _to_quads(word: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(groups, quad_rows)``: row ``i``'s bit ``16 q + t`` of word ``r`` is the bit of group ``4 q + i`` (bit
+    ``16 q + 4 i``) of entry ``t * rows + r`` of ``word``, for the quad's groups ``i < groups``."""
+    flat = word.reshape(-1) & GROUP_MASK  # the groups' bits only: a share's other bits would carry in the sums
+    rows = quad_rows(flat.numel())
+    if rows * QUAD_ENTRIES != flat.numel():
+        flat = torch.cat([flat, flat.new_zeros(rows * QUAD_ENTRIES - flat.numel())])
+    dev = flat.device  # (meta in shape inference)
+    # four entries to a word (entry (4 s + u) rows + r at bit 4 g + u of word [s, r]), then each group of a quad
+    # to its row, four of those words side by side (bits 16 q + 4 s + u)
+    four = (flat.view(4, 4, rows) << _ENTRY_IN_4.to(dev)).sum(1)
+    lanes = (four.unsqueeze(0) >> _GROUP_IN_QUAD[:groups].to(dev)) & _QUAD_LOW4
+    return (lanes << _FOUR_IN_16.to(dev)).sum(1)
+
+
+def _from_quads(packed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A packed row back in ``like``'s shape: entry ``t * rows + r``'s quad ``q`` at bit ``16 q``."""
+    out = (packed.unsqueeze(0) >> _ENTRY_IN_16.to(packed.device)) & QUAD_MASK
+    return out.view(-1)[:like.numel()].view(like.shape)
+
+
+def _quad_program(monomials: tuple) -> tuple:
+    """The XOR of ``monomials`` of masked variables as ``((S, (T, ..)), ..)``: the polynomial is the XOR over
+    ``S`` of ``C_S & m_S``, ``m_S`` the shared product of the masks in ``S`` (the empty S: 1, the first party
+    adds ``C_S``), ``C_S`` the XOR of the public products over ``T = V - S`` for each monomial ``V`` with ``S``."""
+    coeffs: dict = {}
+    for mono in monomials:
+        for sub in monomial_subsets(mono):
+            coeffs.setdefault(tuple(sorted(sub)), []).append(tuple(sorted(set(mono) - set(sub))))
+    return tuple(sorted((sub, tuple(rest)) for sub, rest in coeffs.items()))
+
+
+_QUAD_LT_PROGRAM, _QUAD_EQ_PROGRAM = _quad_program(QUAD_LT_MONOMIALS), _quad_program((QUAD_EQ_MONOMIAL,))
+#: the public products the programs use and each one's prefixes, shortest first
+_QUAD_TERMS = tuple(sorted({t[:k] for prog in (_QUAD_LT_PROGRAM, _QUAD_EQ_PROGRAM) for _, ts in prog for t in ts
+                            for k in range(1, len(t) + 1)}, key=lambda t: (len(t), t)))
+_QUAD_PRODUCT_ROW = {subset: k for k, subset in enumerate(QUAD_SUBSETS)}
+
+
+def _quad_finish(l3: torch.Tensor, opened: torch.Tensor, mask: torch.Tensor, products: torch.Tensor,
+                 first: bool) -> tuple:
+    """Shares of the quad level's packed ``(lt, eq)`` from the opened variables (all packed rows)."""
+    public: dict = {(): -1}  # every bit of a packed word is an entry's
+    for t in _QUAD_TERMS:
+        public[t] = public[t[:-1]] & opened[t[-1]] if len(t) > 1 else opened[t[0]]
+    shares = {(v,): mask[v] for v in range(QUAD_VARS)}
+    shares.update({subset: products[k] for subset, k in _QUAD_PRODUCT_ROW.items()})
+
+    def evaluate(program: tuple, total: torch.Tensor) -> torch.Tensor:
+        for subset, rest in program:
+            coeff = public[rest[0]]
+            for t in rest[1:]:
+                coeff = coeff ^ public[t]  # (a new tensor: never changes a public product in place)
+            if subset:
+                total ^= shares[subset] & coeff
+            elif first:
+                total ^= coeff
+        return total
+
+    return evaluate(_QUAD_LT_PROGRAM, l3), evaluate(_QUAD_EQ_PROGRAM, torch.zeros_like(l3))
+
+
+def _check_quad_state(state) -> None:
+    if not isinstance(state, list) or len(state) != 2 or not all(
+            isinstance(t, torch.Tensor) and t.dtype == torch.int64 for t in state) or state[0].shape != state[1].shape:
+        raise ValueError("comparison state must be [lt, eq], int64 of one shape")
+
+
+def _packed_state(state: list) -> torch.Tensor:
+    lt, eq = state
+    return torch.cat([_to_quads(eq, 4), _to_quads(lt, 3)])
+
+
+def _check_packed(t, what: str, rows: int, shape: tuple) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or tuple(t.shape) != (rows, *shape):
+        raise ValueError(f"the quad level's {what} must be int64 of shape {(rows, *shape)}")
+
+
+@party_function("cmp_quad_open", openable=True, xor=True)
+def _quad_open(state: list, mask) -> tuple:
+    """XOR shares of the quad level's packed variables (``QUAD_VARS`` rows) under their dealt mask."""
+    _check_quad_state(state)
+    packed = _packed_state(state)
+    # as large as the packed variables: a smaller (broadcast) mask would hide several entries' bits with one
+    _check_packed(mask, "mask", QUAD_VARS, tuple(packed.shape[1:]))
+    packed ^= mask
+    return (packed,)
+
+
+@party_function("cmp_quad_open_values", openable=True, xor=1)
+def _quad_open_values(state: list, mask, values: list, masks: list) -> tuple:
+    """:func:`_quad_open`'s variables (XOR shares), then shares of ``v_j + r_j`` (additive): a value known
+    only after the comparison's first round (a truncation's result) opened with the quad level."""
+    if not isinstance(values, list) or not isinstance(masks, list) or len(values) != len(masks) or not values:
+        raise ValueError("cmp_quad_open_values needs one mask per value")
+    # each mask as large as its value, in the ring (the monitor pairs outputs with masks in order: the
+    # variables with the quad mask, v_j + r_j with r_j; a broadcast r_j would hide only differences)
+    if not all(isinstance(v, torch.Tensor) and isinstance(r, torch.Tensor) and v.dtype == r.dtype == torch.int64
+               and v.shape == r.shape for v, r in zip(values, masks)):
+        raise ValueError("cmp_quad_open_values needs int64 masks of their values' shapes")
+    return (*_quad_open(state, mask), *(v + r for v, r in zip(values, masks)))
+
+
+@party_function("cmp_quad_next")
+def _quad_next(state: list, opened, mask, products, first: bool) -> tuple:
+    """Stores the binary levels' first state ``(lt, eq)`` (``opened``: the quad level's opened variables)."""
+    _check_quad_state(state)
+    if not isinstance(first, bool):
+        raise ValueError("comparison steps need a boolean first")
+    lt = state[0]
+    rows = (quad_rows(lt.numel()),)
+    for t, what, n in ((opened, "opened variables", QUAD_VARS), (mask, "mask", QUAD_VARS),
+                       (products, "products", len(QUAD_SUBSETS))):
+        _check_packed(t, what, n, rows)
+    if opened.is_meta:  # run_party's shape inference (meta outputs: never a real tensor's uninitialized memory)
+        return torch.empty_like(lt, device="meta"), torch.empty_like(lt, device="meta")
+    (l3,) = _to_quads(lt >> (3 * GROUP_BITS), 1)  # the top group's lt, unmasked
+    lt_q, eq_q = _quad_finish(l3, opened, mask, products, first)
+    return _from_quads(lt_q, lt), _from_quads(eq_q, lt)
+
+
+# ---------------------------------------------------------------- binary AND levels
 
 # The AND-level kernels below allocate one tensor per output and work in place on it after
 # (each fresh int64 tensor costs ~3x an in-place pass: ~75 against ~20 us on 10^5 entries here).
@@ -265,15 +417,15 @@ def _and_word(lt, eq, a, b1, b2, level) -> torch.Tensor:
     return word
 
 
-#: entries per opened word at each AND level: a level's three operands take 3 bits at each of its positions,
-#: one lane of 2^(l+1) bits apart (8 at the first AND level, 64 at the last), so floor(lane / 3) entries' words
-#: share one word, each 3 bits further up. The bits never overlap: the packing is XOR-compatible (shares pack
-#: to shares of the packed word) and reveals each opened bit once, in the same place for every party.
-COMPACT = tuple((2 << (GROUP_LEVELS + level)) // 3 for level in range(AND_LEVELS))
+#: entries per opened word at each binary AND level: its three operands take 3 bits at each of its positions,
+#: one lane of 2^(l+1) bits apart (32 at the first binary level, 64 at the last), so floor(lane / 3) entries'
+#: words share one word, each 3 bits further up. The bits never overlap: the packing is XOR-compatible (shares
+#: pack to shares of the packed word) and reveals each opened bit once, in the same place for every party.
+COMPACT = {level: (2 << (GROUP_LEVELS + 1 + level)) // 3 for level in range(1, AND_LEVELS)}
 
 
 #: the shifts of a word's entries within a compacted word (entry i of a word at 3 i)
-_LANE_SHIFTS = torch.arange(0, 3 * max(COMPACT), 3, dtype=torch.int64).unsqueeze(1)
+_LANE_SHIFTS = torch.arange(0, 3 * max(COMPACT.values()), 3, dtype=torch.int64).unsqueeze(1)
 
 
 def _compact(word: torch.Tensor, level: int) -> torch.Tensor:
@@ -301,20 +453,25 @@ def _expand(packed: torch.Tensor, level: int, like: torch.Tensor) -> torch.Tenso
 
 
 def compact_words(level: int, numel: int) -> int:
-    """Words of a level's opened (compacted) word for ``numel`` compared entries."""
+    """Words of a binary level's opened (compacted) word for ``numel`` compared entries."""
     return -(-numel // COMPACT[level])
 
 
+def opened_words(level: int, numel: int) -> int:
+    """Words an AND level opens for ``numel`` compared entries (the quad level: its packed variables)."""
+    return QUAD_VARS * quad_rows(numel) if level == 0 else compact_words(level, numel)
+
+
 def _opened_word_layout(j: int, mask: torch.Tensor, args: tuple) -> tuple | None:
-    """OPENED_LAYOUTS of ``cmp_and_open`` / ``cmp_and_open_values``: output 0 is the level's compacted word
-    (its level is argument 4), masked by ``a``; the values' outputs are their masks' own."""
+    """OPENED_LAYOUTS of ``cmp_and_open``: output 0 is the level's compacted word (its level is argument 4),
+    masked by ``a``."""
     level = args[4] if len(args) > 4 else None
-    if j or type(level) is not int or not 0 <= level < AND_LEVELS:
-        return None if j else ((-1,), torch.int64)  # (no level: no shape matches, the opening is refused)
+    if j or type(level) is not int or not 0 < level < AND_LEVELS:
+        return None if j else ((-1,), torch.int64)  # (no binary level: no shape matches, the opening is refused)
     return (compact_words(level, mask.numel()),), torch.int64
 
 
-OPENED_LAYOUTS.update({"cmp_and_open": _opened_word_layout, "cmp_and_open_values": _opened_word_layout})
+OPENED_LAYOUTS["cmp_and_open"] = _opened_word_layout
 
 
 def _unpack(w: torch.Tensor, level: int) -> tuple:
@@ -326,13 +483,16 @@ def _unpack(w: torch.Tensor, level: int) -> tuple:
     return w & m, f1, f2
 
 
-def _check_state(state, level, first) -> None:
-    if type(level) is not int or not 0 <= level < AND_LEVELS:
-        raise ValueError(f"comparison level must be an int in [0, {AND_LEVELS})")
+def _check_state(state, first) -> None:
     if not isinstance(first, bool):
         raise ValueError("comparison steps need a boolean first")
     if not isinstance(state, list) or len(state) != 2:
         raise ValueError("comparison state must be [lt, eq]")
+
+
+def _check_level(level) -> None:
+    if type(level) is not int or not 0 < level < AND_LEVELS:
+        raise ValueError(f"a binary comparison level must be an int in [1, {AND_LEVELS})")
 
 
 @party_function("cmp_mask_values", openable=True)
@@ -343,8 +503,9 @@ def _mask_values(values: list, masks: list) -> tuple:
 
 @party_function("cmp_and_open", openable=True, xor=True)
 def _and_open(state: list, a, b1, b2, level: int, first: bool) -> tuple:
-    """XOR shares of ``eq_hi ^ a``, ``lt_lo ^ b1``, ``eq_lo ^ b2``, packed in one word."""
-    _check_state(state, level, first)
+    """XOR shares of ``eq_hi ^ a``, ``lt_lo ^ b1``, ``eq_lo ^ b2``, packed in one word (a binary level)."""
+    _check_state(state, first)
+    _check_level(level)
     lt, eq = state
     word = _and_word(lt, eq, a, b1, b2, level)
     # one mask entry per compared entry: a smaller (broadcast) mask would hide several entries' bits with one
@@ -353,24 +514,11 @@ def _and_open(state: list, a, b1, b2, level: int, first: bool) -> tuple:
     return (_compact(word, level),)
 
 
-@party_function("cmp_and_open_values", openable=True, xor=1)
-def _and_open_values(state: list, a, b1, b2, level: int, first: bool, values: list, masks: list) -> tuple:
-    """:func:`_and_open`'s word (XOR shares), then shares of ``v_j + r_j`` (additive): a value known only
-    after the comparison's first round (a truncation's result) opened with its first AND level."""
-    if not isinstance(values, list) or not isinstance(masks, list) or len(values) != len(masks) or not values:
-        raise ValueError("cmp_and_open_values needs one mask per value")
-    # each mask as large as its value, in the ring (the monitor pairs outputs with masks in order: the
-    # word with a, v_1 + r_1 with b1; a broadcast r_1 would hide only differences)
-    if not all(isinstance(v, torch.Tensor) and isinstance(r, torch.Tensor) and v.dtype == r.dtype == torch.int64
-               and v.shape == r.shape for v, r in zip(values, masks)):
-        raise ValueError("cmp_and_open_values needs int64 masks of their values' shapes")
-    return (*_and_open(state, a, b1, b2, level, first), *(v + r for v, r in zip(values, masks)))
-
-
 @party_function("cmp_and_next")
 def _and_next(state: list, opened, a, b1, b2, c1, c2, level: int, first: bool) -> tuple:
     """Stores the next level's shares of ``(lt, eq)`` (``opened``: the level's compacted word)."""
-    _check_state(state, level, first)
+    _check_state(state, first)
+    _check_level(level)
     if opened.is_meta:  # run_party's shape inference (meta outputs: never a real tensor's uninitialized memory)
         return torch.empty_like(a, device="meta"), torch.empty_like(a, device="meta")
     lt, eq = state
@@ -413,7 +561,7 @@ def _select(word, opened: list, masks: list, table, masks_tables: list, first: b
 
 def sign_select(d: Shares, extras: Sequence[Shares], provider: Provider,
                 products: bool = True) -> tuple[dict, list[dict]]:
-    """Shares of ``[d > 0]`` and of ``v * [d > 0]`` for ``v`` in ``(d, *extras)`` (5 rounds).
+    """Shares of ``[d > 0]`` and of ``v * [d > 0]`` for ``v`` in ``(d, *extras)`` (4 rounds).
 
     Same contract as :func:`veil.mpc.comparison.sign_select`.
     """
@@ -442,7 +590,7 @@ def _trunc_finish_unshifted(c, q_i, g_i, divisor: int, first: bool):
 
 
 def truncate_relu(y: Shares, divisor: int, provider: Provider) -> dict:
-    """Shares of ``max(y / divisor, 0)`` (truncation, then ReLU) in 5 rounds instead of 1 + 5.
+    """Shares of ``max(y / divisor, 0)`` (truncation, then ReLU) in 4 rounds instead of 1 + 4.
 
     See :func:`truncate_relu_with_bit`, which also returns the shared bit ``[y > 0]``.
     """
@@ -450,14 +598,14 @@ def truncate_relu(y: Shares, divisor: int, provider: Provider) -> dict:
 
 
 def truncate_relu_with_bit(y: Shares, divisor: int, provider: Provider) -> tuple[dict, dict]:
-    """Shares of ``max(y / divisor, 0)`` and of the 0/1 bit ``[y > 0]`` (ReLU's derivative) in 5 rounds.
+    """Shares of ``max(y / divisor, 0)`` and of the 0/1 bit ``[y > 0]`` (ReLU's derivative) in 4 rounds.
 
     The comparison runs on ``y`` itself (``[y > 0]``): round 1 opens ``y + r_0``
     (the comparison's mask) and ``y + r_t`` (a truncation pair's, ``c = y + r_t
     + K`` after opening) in one step; the truncated ``z`` is then local
     (:func:`veil.mpc.truncation.finish_truncation`, or ``cmp_trunc_finish`` at every
     party when the parties opened ``c`` among themselves), and ``z + r_1`` is opened
-    with the first AND level (``cmp_and_open_values``), ready for the final
+    with the quad level (``cmp_quad_open_values``), ready for the final
     local select ``z * [y > 0]``. That equals ``max(z, 0)`` but at ``y = 0``
     (``z`` in {0, 1}: 0 instead of ``z``), within truncation's own one ulp:
     ``y > 0`` gives ``z >= 0``, ``y < 0`` gives ``z <= 0``.
@@ -489,29 +637,33 @@ def _circuit(mats: dict, lay: ComparisonLayout, xhat: dict, late: dict | None = 
     """The AND levels: ``(word, late_opened)``, each party -> its copy (public tensors in a star opening,
     handles on the party in a peer opening), ``word`` the last level's opened word, from which the select
     computes ``b = [x >= 0]`` (``x = xhat - r_0 - 1``). ``late``: party -> ``(values, masks)`` opened with
-    the first AND level.
+    the quad level.
 
     Nothing opened here is needed by the orchestrator (the results are shares): between parties that open
     among themselves (:func:`veil.mpc.party.open_at_parties`) every round goes party to party."""
     parties = list(mats)
     first = {p: i == 0 for i, p in enumerate(parties)}
-    # (lt, eq) of the 4-bit groups, local: the step rides on the first AND level's opening
+    # (lt, eq) of the 4-bit groups, local: the step rides on the quad level's opening
     state = {p: list(run_party("cmp_leaves", xhat[p], mats[p][lay.r_xor], [mats[p][i] for i in lay.groups],
                                first=first[p])) for p in parties}
+    # the quad level: tree levels 2 and 3 in one round
+    (q_mask,), (q_products,) = lay.level_masks(0), lay.level_products(0)
     late_opened: dict = {}
-    for level in range(AND_LEVELS):
-        trip = {p: [mats[p][i] for i in lay.triple(level)] for p in parties}
-        if level == 0 and late:
-            opened = open_at_parties("cmp_and_open_values", {
-                p: (state[p], *trip[p], level, first[p], *late[p]) for p in parties})
-            late_opened = {p: opened[p][1:] for p in parties}
-        else:
-            opened = open_at_parties("cmp_and_open", {p: (state[p], *trip[p], level, first[p]) for p in parties})
+    if late:
+        opened = open_at_parties("cmp_quad_open_values", {p: (state[p], mats[p][q_mask], *late[p]) for p in parties})
+        late_opened = {p: opened[p][1:] for p in parties}
+    else:
+        opened = open_at_parties("cmp_quad_open", {p: (state[p], mats[p][q_mask]) for p in parties})
+    # the next level's opening follows at every party: the step rides on it
+    state = {p: list(run_party("cmp_quad_next", state[p], opened[p][0], mats[p][q_mask], mats[p][q_products],
+                               first=first[p])) for p in parties}
+    for level in range(1, AND_LEVELS):
+        trip = {p: [mats[p][i] for i in lay.level_masks(level)] for p in parties}
+        opened = open_at_parties("cmp_and_open", {p: (state[p], *trip[p], level, first[p]) for p in parties})
         word = {p: opened[p][0] for p in parties}
         if level == LAST:
             break
-        # the next level's opening follows at every party: the step rides on it
-        prods = {p: [mats[p][i] for i in lay.products(level)] for p in parties}
+        prods = {p: [mats[p][i] for i in lay.level_products(level)] for p in parties}
         state = {p: list(run_party("cmp_and_next", state[p], word[p], *trip[p], *prods[p], level=level,
                                    first=first[p])) for p in parties}
     return word, late_opened

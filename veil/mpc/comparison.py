@@ -1,7 +1,7 @@
 """Private comparison: shares of ``[d > 0]`` and of ``v * [d > 0]`` (ReLU, max).
 
 :func:`sign_select` runs the protocol named by :data:`DEFAULT_COMPARISON`
-from :data:`COMPARISON_PROTOCOLS`: ``circuit`` (default, 5 rounds, small
+from :data:`COMPARISON_PROTOCOLS`: ``circuit`` (default, 4 rounds, small
 material, :mod:`veil.mpc.bit_comparison`) or ``fss`` (below, 1 round, large
 keys). Both are exact for every ``d`` but ``-2^63``.
 
@@ -204,11 +204,11 @@ def _select(values: dict, shapes: list, n_values: int, provider: Provider, parti
 
 #: name -> sign_select implementation (one protocol per file)
 COMPARISON_PROTOCOLS: dict[str, Callable] = {"fss": sign_select_fss, "circuit": bit_comparison.sign_select}
-#: the protocol :func:`sign_select` runs (``circuit``: 5 rounds, 144 dealt bytes per ReLU entry, no AES;
+#: the protocol :func:`sign_select` runs (``circuit``: 4 rounds, 123 dealt bytes per ReLU entry, no AES;
 #: ``fss``: 1 round, 2,064-byte DCF keys per entry and key holder, 63 AES levels to evaluate)
 DEFAULT_COMPARISON = "circuit"
 #: opening rounds of one comparison, per protocol
-COMPARISON_ROUNDS = {"fss": 1, "circuit": 5}
+COMPARISON_ROUNDS = {"fss": 1, "circuit": 1 + bit_comparison.AND_LEVELS}
 
 
 def sign_select(d: Shares, extras: Sequence[Shares], provider: Provider,

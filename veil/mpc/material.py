@@ -49,6 +49,7 @@ FSS comparison material (masks and DCF keys) is not a recipe: see
 
 from __future__ import annotations
 
+import math
 import secrets
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -288,10 +289,11 @@ def last_shares_wide(values: list, others_per_field: list[list]) -> list:
 
 #: the bitwise comparison (:mod:`veil.mpc.bit_comparison`) works on 64-bit words: the first
 #: ``GROUP_LEVELS`` levels of its comparison tree (4-bit groups) are local, thanks to dealt
-#: products of the mask's bits; the other ``AND_LEVELS`` levels take one round each
+#: products of the mask's bits; the other four tree levels take ``AND_LEVELS`` rounds: the first
+#: round merges four groups at once (the *quad* level: tree levels 2 and 3), then one round per level
 GROUP_BITS = 4
 GROUP_LEVELS = 2
-AND_LEVELS = 6 - GROUP_LEVELS
+AND_LEVELS = 3
 #: the subsets of a 4-bit group's positions with at least 2 members (the dealt products of R's bits)
 GROUP_SUBSETS: tuple = tuple(
     tuple(o for o in range(GROUP_BITS) if m >> o & 1) for m in range(1 << GROUP_BITS) if bin(m).count("1") >= 2
@@ -300,6 +302,34 @@ GROUP_SUBSETS: tuple = tuple(
 GROUP_MASK = sum(1 << p for p in range(0, 64, GROUP_BITS))
 #: dealt words holding the group products (4 subsets per word, at offsets 0..3 within the group)
 GROUP_WORDS = -(-len(GROUP_SUBSETS) // GROUP_BITS)
+
+#: the quad level's variables, the rows of its packed layout (:func:`quad_rows`): ``eq`` of the quad's groups
+#: 0 .. 3 (rows 0 .. 3), then ``lt`` of groups 0 .. 2 (rows 4 .. 6); the quad's ``lt = l3 ^ e3 l2 ^ e3 e2 l1 ^
+#: e3 e2 e1 l0`` and ``eq = e3 e2 e1 e0``: the monomials below, as rows (``l3`` enters linearly, unmasked)
+QUAD_VARS = 7
+QUAD_LT_MONOMIALS: tuple = ((3, 6), (3, 2, 5), (3, 2, 1, 4))
+QUAD_EQ_MONOMIAL: tuple = (3, 2, 1, 0)
+#: entries per word of the packed layout: bit ``16 q + t`` of row ``v``, column ``r`` is variable ``v`` of
+#: quad ``q`` (bits ``16 q ..`` of the comparison's word) of entry ``t * rows + r``
+QUAD_ENTRIES = 16
+
+
+def monomial_subsets(monomial: tuple) -> list:
+    """Every subset of a monomial's variables (a tuple of them), the empty one included."""
+    return [tuple(v for k, v in enumerate(monomial) if m >> k & 1) for m in range(1 << len(monomial))]
+
+
+#: the products of the quad level's mask bits a dealer shares (XOR): every subset of at least 2 variables of a
+#: monomial above, so that each monomial of masked variables expands into dealt shares (22 subsets)
+QUAD_SUBSETS: tuple = tuple(sorted({tuple(sorted(s)) for mono in (*QUAD_LT_MONOMIALS, QUAD_EQ_MONOMIAL)
+                                    for s in monomial_subsets(mono) if len(s) >= 2}))
+
+
+def quad_rows(numel: int) -> int:
+    """Words per row of the quad level's packed layout for ``numel`` compared entries."""
+    return -(-numel // QUAD_ENTRIES)
+
+
 #: most values multiplied by one comparison bit (argmax uses 2; 0 = the bit alone)
 MAX_COMPARISON_VALUES = 16
 
@@ -320,20 +350,34 @@ def group_products(r: torch.Tensor) -> list:
     return words
 
 
+def quad_products(mask: torch.Tensor) -> torch.Tensor:
+    """The dealer's products of the quad level's mask bits: row ``k`` is the AND of the rows of ``mask``
+    (``QUAD_VARS`` rows, packed layout) in subset ``k`` of :data:`QUAD_SUBSETS`."""
+    out = torch.empty((len(QUAD_SUBSETS), *mask.shape[1:]), dtype=mask.dtype)
+    for k, subset in enumerate(QUAD_SUBSETS):
+        torch.bitwise_and(mask[subset[0]], mask[subset[1]], out=out[k])
+        for v in subset[2:]:
+            out[k] &= mask[v]
+    return out
+
+
 class ComparisonLayout(NamedTuple):
     """Field positions in one item of ``comparison`` material (``n_values`` values).
 
     Uniform fields: the arithmetic masks ``r_j`` (``max(n_values, 1)`` of
-    them), then per AND level the XOR masks ``a, b1, b2`` of two AND triples
-    sharing their left operand; at the last level ``b2`` is ``rho``, the mask
-    of the comparison's own top bit (only bit 0 of the last level's words
-    counts). Derived fields: ``R`` (``r_0`` XOR-shared), the group products of
-    ``R``'s bits (:func:`group_products`, XOR), per AND level but the last ``c1
-    = a & b1`` and ``c2 = a & b2`` (XOR), the last level's :func:`select_table`
-    (arithmetic, ``SELECT_CASES`` rows of the entries' shape), and ``r_j`` times
-    it (arithmetic, same shape) for the values multiplied by the bit, ``j >=
-    first_product`` (1: ``r_0`` masks a compared value that is not multiplied,
-    as in :func:`veil.mpc.bit_comparison.truncate_relu`).
+    them), then the AND levels' XOR masks (:meth:`level_masks`): the quad
+    level's mask of its 7 variables (``(QUAD_VARS, quad_rows)``), and per
+    binary level ``a, b1, b2`` of two AND triples sharing their left operand;
+    at the last level ``b2`` is ``rho``, the mask of the comparison's own top
+    bit (only bit 0 of the last level's words counts). Derived fields: ``R``
+    (``r_0`` XOR-shared), the group products of ``R``'s bits
+    (:func:`group_products`, XOR), the quad products (:func:`quad_products`,
+    XOR, ``(len(QUAD_SUBSETS), quad_rows)``), per binary level but the last ``c1 = a & b1`` and ``c2 = a & b2``
+    (XOR), the last level's :func:`select_table` (arithmetic, ``SELECT_CASES``
+    rows of the entries' shape), and ``r_j`` times it (arithmetic, same shape)
+    for the values multiplied by the bit, ``j >= first_product`` (1: ``r_0``
+    masks a compared value that is not multiplied, as in
+    :func:`veil.mpc.bit_comparison.truncate_relu`).
     """
 
     n_values: int
@@ -343,18 +387,22 @@ class ComparisonLayout(NamedTuple):
     def n_masks(self) -> int:
         return max(self.n_values, 1)
 
-    def triple(self, level: int) -> tuple[int, int, int]:
-        """Positions of ``a, b1, b2`` of AND level ``level`` (0 .. AND_LEVELS - 1)."""
-        base = self.n_masks + 3 * level
+    def level_masks(self, level: int) -> tuple:
+        """Positions of AND level ``level``'s masks: the quad level's one (0), ``(a, b1, b2)`` after."""
+        if not 0 <= level < AND_LEVELS:
+            raise ValueError(f"comparison AND levels are 0 .. {AND_LEVELS - 1}")
+        if level == 0:
+            return (self.n_masks,)
+        base = self.n_masks + 1 + 3 * (level - 1)
         return base, base + 1, base + 2
 
     @property
     def rho(self) -> int:
-        return self.triple(AND_LEVELS - 1)[2]
+        return self.level_masks(AND_LEVELS - 1)[2]
 
     @property
     def n_uniform(self) -> int:
-        return self.n_masks + 3 * AND_LEVELS
+        return self.n_masks + 1 + 3 * (AND_LEVELS - 1)
 
     @property
     def r_xor(self) -> int:
@@ -364,17 +412,21 @@ class ComparisonLayout(NamedTuple):
     def groups(self) -> range:
         return range(self.n_uniform + 1, self.n_uniform + 1 + GROUP_WORDS)
 
-    def products(self, level: int) -> tuple[int, int]:
-        """Positions of ``c1, c2`` of an AND level but the last."""
-        if not 0 <= level < AND_LEVELS - 1:
+    def level_products(self, level: int) -> tuple:
+        """Positions of an AND level's dealt XOR products: the quad products (level 0), ``c1, c2`` (the binary
+        levels but the last)."""
+        base = self.n_uniform + 1 + GROUP_WORDS
+        if level == 0:
+            return (base,)
+        if not 0 < level < AND_LEVELS - 1:
             raise ValueError("the last AND level has no dealt XOR products")
-        base = self.n_uniform + 1 + GROUP_WORDS + 2 * level
+        base += 1 + 2 * (level - 1)
         return base, base + 1
 
     @property
     def table(self) -> int:
         """Position of the :func:`select_table` (arithmetic shares)."""
-        return self.n_uniform + 1 + GROUP_WORDS + 2 * (AND_LEVELS - 1)
+        return self.n_uniform + 1 + GROUP_WORDS + 1 + 2 * (AND_LEVELS - 2)
 
     def masks_table(self, j: int) -> int:
         """Position of ``r_j`` times the :func:`select_table`, ``first_product <= j < n_values``."""
@@ -412,10 +464,11 @@ def derived_sources(kind: str, spec) -> list | None:
         return None
     _, lay = _comparison_layout(spec)
     n_values, first_product = lay
-    last = lay.triple(AND_LEVELS - 1)
+    last = lay.level_masks(AND_LEVELS - 1)
     out: list = [(0,)] * (1 + GROUP_WORDS)  # R and the group products: r_0's bits
-    for level in range(AND_LEVELS - 1):
-        out += [lay.triple(level)] * 2
+    out += [lay.level_masks(0)]  # the quad products
+    for level in range(1, AND_LEVELS - 1):
+        out += [lay.level_masks(level)] * 2
     return out + [last] + [(j, *last) for j in range(first_product, n_values)]
 
 
@@ -445,15 +498,20 @@ def _comparison(spec) -> tuple[list, list, Derive]:
     def derive(u: list, g: torch.Generator) -> list:
         # R: r_0, XOR-shared, and the group products of its low 63 bits (bit 63 is compared apart)
         out = [u[0]] + group_products(u[0] & ((1 << 63) - 1))
-        for level in range(AND_LEVELS - 1):
-            a, b1, b2 = (u[i] for i in lay.triple(level))
+        out.append(quad_products(u[lay.level_masks(0)[0]]))
+        for level in range(1, AND_LEVELS - 1):
+            a, b1, b2 = (u[i] for i in lay.level_masks(level))
             out += [a & b1, a & b2]
-        table = select_table(*(u[i] & 1 for i in lay.triple(AND_LEVELS - 1)))
+        table = select_table(*(u[i] & 1 for i in lay.level_masks(AND_LEVELS - 1)))
         return out + [table] + [u[j] * table for j in range(first_product, n_values)]
 
+    rows = quad_rows(math.prod(shape))
+    uniform = [shape] * lay.n_uniform
+    uniform[lay.level_masks(0)[0]] = (QUAD_VARS, rows)
+    derived = [shape] * (1 + GROUP_WORDS) + [(len(QUAD_SUBSETS), rows)] + [shape] * (2 * (AND_LEVELS - 2))
     tables = 1 + n_values - first_product  # the select table and its products, SELECT_CASES rows each
-    n_derived = lay.n_fields - lay.n_uniform
-    return [shape] * lay.n_uniform, [shape] * (n_derived - tables) + [(SELECT_CASES, *shape)] * tables, derive
+    return uniform, derived + [(SELECT_CASES, *shape)] * tables, derive
+
 
 
 #: (requester scope, fixed id) -> the fixed mask ``b`` of a constant operand (:mod:`veil.mpc.fixed_operand`),
@@ -487,10 +545,7 @@ def _fixed_mask(spec) -> tuple[list, list, Derive]:
         if key in FIXED_MASKS:
             raise ProviderError(f"fixed operand {fixed_id!r} was already dealt")
         held = sum(t.numel() for k, t in FIXED_MASKS.items() if k[0] == scope)
-        numel = 1
-        for d in shape:
-            numel *= d
-        if held + numel > MAX_FIXED_ELEMENTS:
+        if held + math.prod(shape) > MAX_FIXED_ELEMENTS:
             raise ProviderError(f"this crypto provider keeps at most {MAX_FIXED_ELEMENTS} fixed-mask elements")
         b = random_ring(shape)  # a key-like secret: the OS's CSPRNG, not the dealer's generator
         FIXED_MASKS[key] = b

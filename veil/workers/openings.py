@@ -25,8 +25,8 @@ from veil.workers.store import Entry, Kind
 #: values include a share the requester may not reveal (serving: a client's input)
 OPENING_MASKS: dict[str, tuple[int, ...]] = {"beaver_mask": (2, 3), "trunc_mask": (1,), "fss_mask": (1,),
                                               # the bitwise comparison (veil/mpc/bit_comparison.py)
-                                              "cmp_mask_values": (1,), "cmp_and_open": (1, 2, 3),
-                                              "cmp_and_open_values": (1, 2, 3, 7),
+                                              "cmp_mask_values": (1,), "cmp_quad_open": (1,),
+                                              "cmp_quad_open_values": (1, 3), "cmp_and_open": (1, 2, 3),
                                               # a product with a constant operand (veil/mpc/fixed_operand.py)
                                               "fixed_mask": (1,)}
 #: the openable steps that open a constant operand's fixed mask (``w - b``) -> the argument position of
