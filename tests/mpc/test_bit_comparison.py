@@ -106,14 +106,14 @@ def test_rounds_bytes_and_dealt_material(hook):
     words = sum(bit_comparison.opened_words(level, n) for level in range(AND_LEVELS))
     assert bit_comparison.COMPACT == {1: 10, 2: 21} and words == 7 * 63 + 100 + 48
     assert stats.bytes_by_party[parties[0].id] == n * 8 + words * 8
-    # seeded: the last party gets the derived fields (R, 3 group-product words, the quad products (22 rows of
-    # packed words), the first binary level's 2 AND products, the last level's select table of 4 rows and r
-    # times it): 14 words per entry and 22 per 16 entries; the 63-bit DCF keys were 2,064 bytes per entry for
-    # each of two parties
+    # seeded: the last party gets the derived fields: R and the group products in the group layout (4 and 11
+    # rows of 4 words per 16 entries), the quad products (22 rows of a word per 16 entries), the first binary
+    # level's 2 AND products, the last level's select table of 4 rows and r times it: 10 words per entry and
+    # 82 per 16 entries (the 63-bit DCF keys were 2,064 bytes per entry for each of two parties)
     _, derived, _ = recipe("comparison", ((n,), 1))
-    assert len(derived) == ComparisonLayout(1).n_fields - ComparisonLayout(1).n_uniform == 9
+    assert len(derived) == ComparisonLayout(1).n_fields - ComparisonLayout(1).n_uniform == 7
     words = sum(torch.Size(shape).numel() for shape in derived)
-    assert words == 14 * n + 22 * 63
+    assert words == 10 * n + 82 * 63
     assert words * 8 <= dealt <= words * 8 + 4000
 
 
@@ -126,21 +126,28 @@ def test_party_steps_refuse_bad_arguments():
         bit_comparison._and_open([w, w], w, w, w, 1, 1)
     with pytest.raises(ValueError, match="state"):
         bit_comparison._and_open([w, w, w], w, w, w, 1, True)
-    q = torch.zeros(7, 1, dtype=torch.int64)  # the quad level's packed variables of 3 entries: 7 rows of 1 word
-    with pytest.raises(ValueError, match="state"):
-        bit_comparison._quad_open([w], q)
-    with pytest.raises(ValueError, match="state"):
-        bit_comparison._quad_open([w, w[:2]], q)
+    # 3 entries: a state of 4 group-layout words, the quad level's packed variables 7 rows of 1 word
+    g, q = torch.zeros(4, dtype=torch.int64), torch.zeros(7, 1, dtype=torch.int64)
+    for state in ([g], [g, g[:2]], [w, w], [g.int(), g], [g.view(2, 2), g.view(2, 2)]):
+        with pytest.raises(ValueError, match="state"):
+            bit_comparison._quad_open(state, q)
     for bad in (q[:1], q[:, :0], q.int(), torch.zeros(7, 2, dtype=torch.int64)):  # broadcast, empty, not the ring
         with pytest.raises(ValueError, match="mask must be int64"):
-            bit_comparison._quad_open([w, w], bad)
+            bit_comparison._quad_open([g, g], bad)
     products = torch.zeros(22, 1, dtype=torch.int64)
     with pytest.raises(ValueError, match="products must be"):
-        bit_comparison._quad_next([w, w], q, q, products[:21], True)
+        bit_comparison._quad_next([g, g], q, q, products[:21], [3], True)
     with pytest.raises(ValueError, match="opened variables must be"):
-        bit_comparison._quad_next([w, w], q[:6], q, products, True)
+        bit_comparison._quad_next([g, g], q[:6], q, products, [3], True)
     with pytest.raises(ValueError, match="boolean"):
-        bit_comparison._quad_next([w, w], q, q, products, 1)
+        bit_comparison._quad_next([g, g], q, q, products, [3], 1)
+    for shape in ([17], [1, 17], (3,), [3.0], [-3], 3):  # the entries' shape: 3 entries (1 .. 16) in a list
+        with pytest.raises(ValueError, match="entries' shape"):
+            bit_comparison._quad_next([g, g], q, q, products, shape, True)
+    r4, groups = torch.zeros(4, 4, dtype=torch.int64), torch.zeros(11, 4, dtype=torch.int64)
+    for bad in ((w, r4[:, :3], groups), (w, r4, groups[:10]), (w, r4.int(), groups), (w.float(), r4, groups)):
+        with pytest.raises(ValueError, match="cmp_leaves needs"):
+            bit_comparison._leaves_step(*bad, True)
     table = torch.zeros(4, 3, dtype=torch.int64)
     with pytest.raises(ValueError, match="one mask"):
         bit_comparison._select(w, [w], [w, w], table, [table], True)

@@ -61,14 +61,16 @@ def test_open_values_step_refuses_bad_arguments():
 
 def test_only_the_product_value_gets_a_select_table_product():
     """``r_0`` masks the compared ``y``, which is not multiplied by the bit: the dealer deals ``r_1`` times the
-    select table only (14 derived words per entry and 22 per 16 entries, not 18), through a provider worker too."""
+    select table only (10 derived words per entry and 82 per 16 entries, not 14), through a provider worker too."""
     import veil as sy
     from veil.mpc.material import ComparisonLayout, recipe
     from veil.mpc.providers.worker_dealer import dealer_for
 
-    _, derived, _ = recipe("comparison", ((1,), 2, 1))
-    assert sum(torch.Size(s).numel() for s in derived) == 14 + 22
-    assert sum(torch.Size(s).numel() for s in recipe("comparison", ((1,), 2))[1]) == 18 + 22
+    def derived_words(spec):
+        return sum(torch.Size(s).numel() for s in recipe("comparison", spec)[1])
+
+    # per 16 entries: R and the group products (4 + 11 rows of 4 group-layout words), the quad products (22)
+    assert derived_words(((16,), 2, 1)) == 16 * 10 + 82 and derived_words(((16,), 2)) == 16 * 14 + 82
     with pytest.raises(ValueError, match="not multiplied"):
         ComparisonLayout(2, first_product=1).masks_table(0)
     for bad in (2, -1, "1"):
@@ -91,6 +93,6 @@ def test_only_the_product_value_gets_a_select_table_product():
     got = sum(out[p].get() for p in shares)
     z = torch.div(y, 2**16, rounding_mode="floor")
     assert bool(torch.where(y > 0, (got == z) | (got == z + 1), got == 0).all())
-    # the truncation pair's derived fields and the comparison's 14 (and 22 per 16 entries), to the last party
-    words = sum(torch.Size(s).numel() for s in recipe("truncation", ((1,), 2**16))[1]) + 14 + 22 / 16
-    assert words * 8 * y.numel() <= dealt <= words * 8 * y.numel() + 4000, (dealt, words)
+    # the truncation pair's derived fields and the comparison's, to the last party
+    words = sum(torch.Size(s).numel() for s in recipe("truncation", ((1000,), 2**16))[1]) + derived_words(((1000,), 2, 1))
+    assert words * 8 <= dealt <= words * 8 + 4000, (dealt, words)

@@ -70,6 +70,15 @@ def _opens_no_secret(owner, party, mask) -> bool:
 _KEPT: list = []  # dealt items' pointers: dropping one deletes its fields on the party
 
 
+def group_state(owner, party, oid=7000):
+    """A reference to the client's input (BATCH, 3 entries) as 4 int64 words: the shape of a comparison state
+    in the group layout for SHAPE (what the quad level opens), built by commands on ``party``."""
+    _cmd(owner, party, "Tensor.flatten", (m.ObjectRef(BATCH),), [oid])
+    _cmd(owner, party, "torch.cat", ([m.ObjectRef(oid), m.ObjectRef(oid)],), [oid + 1])
+    _cmd(owner, party, "Tensor.narrow", (m.ObjectRef(oid + 1), 0, 0, 4), [oid + 2])
+    return m.ObjectRef(oid + 2)
+
+
 def comparison_fields(dealer, a, b, n_values, shape=SHAPE):
     """References (on party ``a``) to the fields of one comparison item dealt to ``a`` and ``b``."""
     item = dealer.comparison_material(shape, n_values, [a.id, b.id])

@@ -17,7 +17,8 @@ from veil.messaging import messages as m
 from veil.mpc.material import AND_LEVELS, ComparisonLayout
 from veil.mpc.ring import DTYPE
 
-from tests.security.test_redteam_dealt import BATCH, SECRET, SHAPE, _KEPT, _cmd, _open, _ref, _setup, comparison_fields
+from tests.security.test_redteam_dealt import (BATCH, SECRET, SHAPE, _KEPT, _cmd, _open, _ref, _setup, comparison_fields,
+                                              group_state)
 
 X = m.ObjectRef(BATCH)
 LAST = AND_LEVELS - 1
@@ -78,10 +79,11 @@ def test_the_select_table_in_the_state_spends_rho(served):
     with pytest.raises(PermissionDeniedError, match="already used"):
         _open(owner, a, "cmp_and_open", [m.ObjectRef(6203), X], *(lo[i] for i in LAY.level_masks(1)), 1, True)
     quad = comparison_fields(dealer, a, b, 1)
+    state = group_state(owner, a)  # the client's input as a group-layout state (4 words)
     _cmd(owner, a, "Tensor.__getitem__", (quad[LAY.level_products(0)[0]], 0), [6204])  # mask rows 0 & 1
-    _cmd(owner, a, "Tensor.__xor__", (X, m.ObjectRef(6204)), [6205])
+    _cmd(owner, a, "Tensor.__xor__", (state, m.ObjectRef(6204)), [6205])
     with pytest.raises(PermissionDeniedError, match="already used"):
-        _open(owner, a, "cmp_quad_open", [m.ObjectRef(6205), X], quad[LAY.level_masks(0)[0]])
+        _open(owner, a, "cmp_quad_open", [m.ObjectRef(6205), state], quad[LAY.level_masks(0)[0]])
     _serves(owner, a, dealer, b)
 
 
@@ -100,8 +102,8 @@ def test_a_meta_tensor_is_never_stored(hook, step):
     real = torch.zeros(n, dtype=DTYPE)
     args = {"cmp_select": (m.ObjectRef(8000), [], [], torch.zeros((4, n), dtype=DTYPE), [], True),
             "cmp_and_next": ([real, real], m.ObjectRef(8000), real, real, real, real, real, 1, True),
-            "cmp_quad_next": ([real, real], m.ObjectRef(8000), torch.zeros((7, 63), dtype=DTYPE),
-                              torch.zeros((22, 63), dtype=DTYPE), True)}[step]
+            "cmp_quad_next": ([real[:252], real[:252]], m.ObjectRef(8000), torch.zeros((7, 63), dtype=DTYPE),
+                              torch.zeros((22, 63), dtype=DTYPE), [n], True)}[step]
     with pytest.raises(VeilError):
         sci.send_msg(m.CommandMessage(f"veil.mpc.{step}", args, {}, [8100]), a)
     with pytest.raises(VeilError):

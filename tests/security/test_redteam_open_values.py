@@ -8,14 +8,17 @@ from veil.exceptions import PermissionDeniedError, VeilError
 
 from veil.messaging import messages as m
 
-from tests.security.test_redteam_dealt import BATCH, SECRET, SHAPE, _KEPT, _open, _ref, _setup, comparison_fields
+from tests.security.test_redteam_dealt import (BATCH, SECRET, SHAPE, _KEPT, _open, _ref, _setup, comparison_fields,
+                                              group_state)
 
 NAME = "cmp_quad_open_values"
 
 
 @pytest.fixture
 def served(hook, request):
-    return _setup(hook, f"rov{request.node.name[-14:]}", SECRET)
+    a, b, owner, dealer = _setup(hook, f"rov{request.node.name[-14:]}", SECRET)
+    group_state(owner, a)
+    return a, b, owner, dealer
 
 
 def _material(dealer, a, b, shape=SHAPE):
@@ -23,7 +26,8 @@ def _material(dealer, a, b, shape=SHAPE):
 
 
 def _state(fields):
-    return [fields[0], fields[0]]  # any two shares: the quad variables are masked whatever they hold
+    # the client's input as a group-layout state (group_state): the quad variables are masked whatever they hold
+    return [m.ObjectRef(7002), m.ObjectRef(7002)]
 
 
 def test_honest_use_opens_a_uniformly_masked_value(served):

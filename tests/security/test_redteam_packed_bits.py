@@ -13,7 +13,7 @@ from veil.mpc.bit_comparison import COMPACT, compact_words, opened_words
 from veil.mpc.material import AND_LEVELS, ComparisonLayout
 
 from tests.security.test_redteam_dealt import (BATCH, SECRET, SHAPE, _KEPT, _cmd, _open, _ref, _setup,
-                                              comparison_fields)
+                                              comparison_fields, group_state)
 
 NAME = "cmp_and_open"
 LAST = AND_LEVELS - 1
@@ -22,7 +22,9 @@ LAY = ComparisonLayout(1)
 
 @pytest.fixture
 def served(hook, request):
-    return _setup(hook, f"rpb{request.node.name[-14:]}", SECRET)
+    a, b, owner, dealer = _setup(hook, f"rpb{request.node.name[-14:]}", SECRET)
+    group_state(owner, a)
+    return a, b, owner, dealer
 
 
 def _material(dealer, a, b, shape=SHAPE):
@@ -88,7 +90,7 @@ def _and_args(f, level, a=None, state=None):
 
 
 def _quad_args(f, mask=None, state=None):
-    x = m.ObjectRef(BATCH)
+    x = m.ObjectRef(7002)  # the client's input as a group-layout state (group_state, made by the served fixture)
     return (state or [x, x], f[LAY.level_masks(0)[0]] if mask is None else mask)
 
 
@@ -112,12 +114,12 @@ def test_an_and_level_opens_its_compacted_word(served, level):
 
 @pytest.mark.parametrize("which", ["quad", "quad inline", "and a"])
 def test_a_broadcast_and_mask_is_refused(served, which):
-    """The quad level's mask covers 16 entries per word: the client's input repeated to 30 entries packs to
-    2 words per row, which a mask of 3 entries' material (1 word per row) would hide with the same bits."""
+    """The quad level's mask covers 16 entries per word: the client's input as an 8-word state packs to 2 words
+    per row, which a mask of 3 entries' material (1 word per row) would hide with the same bits."""
     a, b, owner, dealer = served
     f = _material(dealer, a, b)
     small = _material(dealer, a, b, (1, 1))
-    _cmd(owner, a, "Tensor.repeat", (m.ObjectRef(BATCH), 1, 10), [7300])
+    _cmd(owner, a, "torch.cat", ([m.ObjectRef(7002), m.ObjectRef(7002)],), [7300])
     wide = [m.ObjectRef(7300), m.ObjectRef(7300)]
     step, args = {"quad": ("cmp_quad_open", _quad_args(f, state=wide)),
                   # (7, 2) zeros: the monitor refuses anything but a dealt field before the step runs
@@ -145,7 +147,7 @@ def test_an_and_mask_in_the_state_too_is_refused(served, step):
     a, b, owner, dealer = served
     f = _material(dealer, a, b)
     if step == "cmp_quad_open":
-        args = _quad_args(f, state=[m.ObjectRef(BATCH), f[LAY.level_masks(0)[0]]])  # (7, 1) beside 3 entries
+        args = _quad_args(f, state=[m.ObjectRef(7002), f[LAY.level_masks(0)[0]]])  # (7, 1) beside the 4 words
     else:
         args = _and_args(f, 1, state=[m.ObjectRef(BATCH), f[LAY.level_masks(1)[0]]])
     with pytest.raises(PermissionDeniedError, match="also an operand"):

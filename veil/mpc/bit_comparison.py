@@ -21,7 +21,11 @@ table of the last level's mask bits (layout:
    lt_lo)``, ``eq = eq_hi & eq_lo``). Its first two levels (4-bit groups) are
    **local**: each group's ``lt`` and ``eq`` are polynomials in ``R``'s bits
    with public coefficients (from ``X``), and the dealer shares every product
-   of ``R``'s bits within a group (11 per group, packed in 3 words). The top
+   of ``R``'s bits within a group (11 per group). They compute in the *group
+   layout* (:func:`veil.mpc.material.to_group_layout`: a 4x4 bit transpose
+   per group across four entries' words, so that a word holds one bit of
+   every group of four entries, where an entry's word uses one in four), in
+   which the dealer deals ``R`` and the products. The top
    group's ``lt`` also takes ``X_hi xor R_hi xor 1``: it reaches the root of
    the tree unchanged (it is every level's high operand), so the root's ``lt``
    is the result bit ``b = [x >= 0]``.
@@ -48,10 +52,9 @@ Cost per compared entry, ``p`` values multiplied by the bit (``p = 0``: the
 bit alone; 1 for ReLU): **4 rounds**; each party sends ``8 max(p, 1) + 8 (7/16
 + 1/10 + 1/21)`` bytes per other party (ReLU: 12.7 bytes; CrypTen's ReLU: 232
 bytes in 9 rounds). The dealer's seeds make every uniform field free; the
-last party gets the derived fields explicitly: ``8 (10 + 4p) + 11`` bytes
-(ReLU: 123 bytes; the 63-bit DCF keys were 2,064 bytes for each of two
-parties). Computation: about a hundred int64 word operations per entry (most
-in the local groups), no AES.
+last party gets the derived fields explicitly: ``8 (6 + 4p) + 41`` bytes
+(ReLU: 121 bytes; the 63-bit DCF keys were 2,064 bytes for each of two
+parties). Computation: about fifty int64 word operations per entry, no AES.
 
 The local groups use the idea of dealing products of mask bits so that the
 low levels of a comparison circuit need no interaction (function-dependent
@@ -69,13 +72,14 @@ Any number of parties: XOR and additive shares for all of them.
 
 from __future__ import annotations
 
+import math
 from typing import Hashable, Mapping, Sequence
 
 import torch
 
-from veil.mpc.material import (AND_LEVELS, GROUP_BITS, GROUP_LEVELS, GROUP_MASK, GROUP_SUBSETS, GROUP_WORDS,
-                               QUAD_ENTRIES, QUAD_EQ_MONOMIAL, QUAD_LT_MONOMIALS, QUAD_SUBSETS, QUAD_VARS,
-                               SELECT_CASES, ComparisonLayout, monomial_subsets, quad_rows)
+from veil.mpc.material import (AND_LEVELS, GROUP_BITS, GROUP_LEVELS, GROUP_SUBSETS, QUAD_EQ_MONOMIAL, QUAD_LT_MONOMIALS,
+                               QUAD_SUBSETS, QUAD_VARS, SELECT_CASES, TOP_GROUP_BITS, ComparisonLayout, group_rows,
+                               monomial_subsets, quad_rows, to_group_layout)
 from veil.mpc.party import PARTY_FUNCTIONS, open_at_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
 from veil.mpc.runtime import OPENED_LAYOUTS, runtime_of
@@ -83,9 +87,6 @@ from veil.mpc.truncation import finish_truncation, shift_for
 
 Shares = Mapping[Hashable, torch.Tensor]
 
-LOW = (1 << 63) - 1
-#: the lowest bit of the top 4-bit group (where the group's lt sits)
-TOP_GROUP = 64 - GROUP_BITS
 LAST = AND_LEVELS - 1
 
 
@@ -155,59 +156,56 @@ _LT_PROGRAM, _EQ_PROGRAM = _program(_LT_POLY), _program(_EQ_POLY)
 #: every AND-term the programs use and each one's prefixes, shortest first: ``term(t) = term(t[:-1]) & ~X_t[-1]``
 _TERMS = tuple(sorted({t[:k] for prog in (_LT_PROGRAM, _EQ_PROGRAM) for _, t in prog for k in range(1, len(t) + 1)},
                       key=lambda t: (len(t), t)))
-#: monomial -> (word, shift): singletons are bits of R_lo (word 0), products the dealt group words
-_MONOMIAL_AT = {**{(o,): (0, o) for o in range(GROUP_BITS)},
-                **{subset: (1 + k // GROUP_BITS, k % GROUP_BITS) for k, subset in enumerate(GROUP_SUBSETS)}}
+#: monomial -> row: singletons are rows of R_lo (R in the group layout), products rows of the dealt group products
+_MONOMIAL_AT = {**{(o,): (0, o) for o in range(GROUP_BITS)}, **{subset: (1, k) for k, subset in enumerate(GROUP_SUBSETS)}}
 
 
-def _leaves(xhat: torch.Tensor, r_x: torch.Tensor, groups: Sequence[torch.Tensor], first: bool):
-    """Shares of ``(lt, eq)`` of every 4-bit group of ``X_lo`` vs ``R_lo`` (at the group's lowest bit), locally.
+def _leaves(xhat: torch.Tensor, r4: torch.Tensor, products: torch.Tensor, first: bool):
+    """Shares of ``(lt, eq)`` of every 4-bit group of ``X_lo`` vs ``R_lo``, locally, in the group layout
+    (:func:`veil.mpc.material.to_group_layout`: 4 entries to a word, a group's result at its place in each).
 
     ``lt = lt3 ^ eq3 lt2 ^ eq3 eq2 lt1 ^ eq3 eq2 eq1 lt0`` and ``eq = eq3 eq2 eq1
     eq0`` with per bit ``lt_o = ~X_o R_o`` and ``eq_o = ~X_o ^ R_o``: polynomials
     in ``R``'s bits with public coefficients, whose monomials the dealer shared,
-    evaluated from the programs compiled at import (straight-line word ops).
+    evaluated from the programs compiled at import (straight-line word ops on
+    a quarter of the entries' words: every bit of a group-layout word is used).
     """
-    x_lo = (xhat - 1) & LOW  # bit 63: X_lo and R_lo are both 0 there (equal)
-    nx = ~x_lo
-    not_x = [nx & GROUP_MASK] + [(nx >> o) & GROUP_MASK for o in range(1, GROUP_BITS)]
+    x4 = to_group_layout(xhat - 1)
+    not_x = ~x4
+    not_x[3] |= TOP_GROUP_BITS  # bit 63: X_lo and R_lo are both 0 there (equal)
     terms: dict = {}
     for t in _TERMS:
         terms[t] = terms[t[:-1]] & not_x[t[-1]] if len(t) > 1 else not_x[t[0]]
-    words = (r_x & LOW, *groups)
-    monomials: dict = {}
-    scratch = torch.empty_like(x_lo)  # each product w & c, XORed in (a fresh tensor per product costs ~15% more)
+    r_lo = r4.clone()
+    r_lo[3] &= ~TOP_GROUP_BITS
+    words = (r_lo, products)
+    scratch = torch.empty_like(not_x[0])  # each product w & c, XORed in (a fresh tensor per product costs more)
 
     def share(program: tuple) -> torch.Tensor:
         total = None
         for mono, term in program:
-            c = terms[term] if term else GROUP_MASK
-            if not mono:  # the public constant term, once (a copy: the XORs below change total in place)
-                if not first:
-                    continue
-                v = c.clone() if term else torch.full_like(x_lo, GROUP_MASK)
+            if not mono:  # the public constant term, once
+                if first:
+                    if total is None:
+                        total = terms[term].clone() if term else torch.full_like(scratch, -1)
+                    else:
+                        total ^= terms[term] if term else -1
+                continue
+            k, row = _MONOMIAL_AT[mono]
+            w = words[k][row]
+            if total is None:  # a new tensor: the XORs below change it in place
+                total = w & terms[term] if term else w.clone()
             else:
-                w = monomials.get(mono)
-                if w is None:
-                    k, shift = _MONOMIAL_AT[mono]
-                    w = monomials[mono] = words[k] >> shift if shift else words[k]
-                if total is not None:  # w is not masked: c is (only the group's lowest bits are set)
-                    total ^= torch.bitwise_and(w, c, out=scratch)
-                    continue
-                v = w & c
-            if total is None:
-                total = v  # a new tensor: the XORs below change it in place
-            else:
-                total ^= v
+                total ^= torch.bitwise_and(w, terms[term], out=scratch) if term else w
         return total
 
     lt = share(_LT_PROGRAM)
     # [x >= 0] = borrow xor R_hi xor X_hi xor 1: the top group's lt reaches the result through every AND level
     # as the high operand, so the other terms, XORed into it, come out with it (at the last level)
-    top = (r_x >> 63) & 1
+    top = r4[3] & TOP_GROUP_BITS
     if first:
-        top ^= ((((xhat - 1) >> 63) & 1) ^ 1)
-    lt ^= top << TOP_GROUP
+        top ^= ~x4[3] & TOP_GROUP_BITS
+    lt ^= top
     return lt, share(_EQ_PROGRAM)
 
 
@@ -215,23 +213,25 @@ def _leaves(xhat: torch.Tensor, r_x: torch.Tensor, groups: Sequence[torch.Tensor
 
 
 @party_function("cmp_leaves")
-def _leaves_step(xhat: torch.Tensor, r_x: torch.Tensor, groups: list, first: bool) -> tuple:
-    """Stores ``(lt, eq)`` of the 4-bit groups (:func:`_leaves`), the state of the quad level (it rides
-    on that level's opening; computed once, not again when the level is finished)."""
+def _leaves_step(xhat: torch.Tensor, r4: torch.Tensor, products: torch.Tensor, first: bool) -> tuple:
+    """Stores ``(lt, eq)`` of the 4-bit groups (:func:`_leaves`, group layout), the state of the quad level (it
+    rides on that level's opening; computed once, not again when the level is finished)."""
     if not isinstance(first, bool):
         raise ValueError("cmp_leaves needs a boolean first")
-    if not isinstance(groups, list) or len(groups) != GROUP_WORDS or not all(
-            isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.shape == xhat.shape
-            for t in (xhat, r_x, *groups)):
-        raise ValueError(f"cmp_leaves needs xhat, R and {GROUP_WORDS} group words, int64 of one shape")
+    if not isinstance(xhat, torch.Tensor) or xhat.dtype != torch.int64:
+        raise ValueError("cmp_leaves needs an int64 xhat")
+    rows = group_rows(xhat.numel())
+    for t, n, what in ((r4, GROUP_BITS, "R"), (products, len(GROUP_SUBSETS), "the group products")):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or tuple(t.shape) != (n, rows):
+            raise ValueError(f"cmp_leaves needs {what} as int64 of shape {(n, rows)} (the group layout)")
     if xhat.is_meta:  # run_party's shape inference
-        return torch.empty_like(xhat, device="meta"), torch.empty_like(xhat, device="meta")
-    return _leaves(xhat, r_x, groups, first)
+        return torch.empty(rows, dtype=xhat.dtype, device="meta"), torch.empty(rows, dtype=xhat.dtype, device="meta")
+    return _leaves(xhat, r4, products, first)
 
 
 # ---------------------------------------------------------------- the quad level (tree levels 2 and 3: one round)
 # Its variables, the eq of a quad's four groups and the lt of the lower three (the top group's l3 enters
-# linearly), are first packed 16 entries to a word (QUAD_ENTRIES: one bit per entry and quad, every bit of a
+# linearly), are packed 16 entries to a word from the group layout (one bit per entry and quad, every bit of a
 # word used, against one in 16 in the entries' words), one row per variable; the opening masks them with one
 # dealt field of that shape. With the masked variables public, a monomial is the XOR over the subsets S of
 # its variables of (the public bits outside S) & (the dealt product of the masks in S): local, on the packed
@@ -239,33 +239,29 @@ def _leaves_step(xhat: torch.Tensor, r_x: torch.Tensor, groups: list, first: boo
 
 #: positions that are multiples of 16 (a quad's lowest bit: where its lt and eq end)
 QUAD_MASK = sum(1 << p for p in range(0, 64, 16))
-#: a quad's lowest 4 bits (four entries' group bits after the first packing step)
+#: a quad's lowest 4 bits
 _QUAD_LOW4 = sum(0xF << p for p in range(0, 64, 16))
 _FOUR = torch.arange(4, dtype=torch.int64)
-#: an entry's offset within a 4-entry word; a group's bit within its quad (and a 4-entry word's place in 16)
-_ENTRY_IN_4, _GROUP_IN_QUAD, _FOUR_IN_16 = _FOUR.view(1, 4, 1), (4 * _FOUR).view(4, 1, 1), (4 * _FOUR).view(1, 4, 1)
-_ENTRY_IN_16 = torch.arange(QUAD_ENTRIES, dtype=torch.int64).view(QUAD_ENTRIES, 1)
+#: a group's bit within its quad; a group-layout word's place among four (s: rows s * rows ..)
+_GROUP_IN_QUAD, _FOUR_IN_16 = (4 * _FOUR).view(4, 1, 1), (4 * _FOUR).view(1, 4, 1)
+#: the packed bit ``4 s + u`` of entry ``(4 u + s) rows + r``, at ``[u, s]``
+_ENTRY_BIT = (4 * _FOUR.view(1, 4, 1) + _FOUR.view(4, 1, 1))
 
 
-def _to_quads(word: torch.Tensor, groups: int) -> torch.Tensor:
-    """``(groups, quad_rows)``: row ``i``'s bit ``16 q + t`` of word ``r`` is the bit of group ``4 q + i`` (bit
-    ``16 q + 4 i``) of entry ``t * rows + r`` of ``word``, for the quad's groups ``i < groups``."""
-    flat = word.reshape(-1) & GROUP_MASK  # the groups' bits only: a share's other bits would carry in the sums
-    rows = quad_rows(flat.numel())
-    if rows * QUAD_ENTRIES != flat.numel():
-        flat = torch.cat([flat, flat.new_zeros(rows * QUAD_ENTRIES - flat.numel())])
-    dev = flat.device  # (meta in shape inference)
-    # four entries to a word (entry (4 s + u) rows + r at bit 4 g + u of word [s, r]), then each group of a quad
-    # to its row, four of those words side by side (bits 16 q + 4 s + u)
-    four = (flat.view(4, 4, rows) << _ENTRY_IN_4.to(dev)).sum(1)
-    lanes = (four.unsqueeze(0) >> _GROUP_IN_QUAD[:groups].to(dev)) & _QUAD_LOW4
-    return (lanes << _FOUR_IN_16.to(dev)).sum(1)
+def _to_quads(four: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(groups, quad_rows)`` from a group-layout word ``four`` (``(4 quad_rows,)``): row ``i``'s bit ``16 q +
+    4 s + u`` of word ``r`` is the bit of group ``4 q + i`` of entry ``(4 u + s) rows + r``, for ``i < groups``
+    (word ``s rows + r`` of ``four`` holds those of the entries ``u (4 rows) + s rows + r``)."""
+    rows = four.numel() // 4
+    dev = four.device  # (meta in shape inference)
+    lanes = (four.view(1, 4, rows) >> _GROUP_IN_QUAD[:groups].to(dev)) & _QUAD_LOW4
+    return (lanes << _FOUR_IN_16.to(dev)).sum(1)  # the lanes' bits never overlap: their sum is their OR
 
 
-def _from_quads(packed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A packed row back in ``like``'s shape: entry ``t * rows + r``'s quad ``q`` at bit ``16 q``."""
-    out = (packed.unsqueeze(0) >> _ENTRY_IN_16.to(packed.device)) & QUAD_MASK
-    return out.view(-1)[:like.numel()].view(like.shape)
+def _from_quads(packed: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """A packed row back in the entries' ``shape``: quad ``q`` at bit ``16 q`` of each entry's word."""
+    out = (packed.view(1, 1, -1) >> _ENTRY_BIT.to(packed.device)) & QUAD_MASK  # [u, s, r]: entry (4 u + s) rows + r
+    return out.view(-1)[:math.prod(shape)].view(shape)
 
 
 def _quad_program(monomials: tuple) -> tuple:
@@ -311,8 +307,9 @@ def _quad_finish(l3: torch.Tensor, opened: torch.Tensor, mask: torch.Tensor, pro
 
 def _check_quad_state(state) -> None:
     if not isinstance(state, list) or len(state) != 2 or not all(
-            isinstance(t, torch.Tensor) and t.dtype == torch.int64 for t in state) or state[0].shape != state[1].shape:
-        raise ValueError("comparison state must be [lt, eq], int64 of one shape")
+            isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.dim() == 1 and t.numel() % 4 == 0
+            for t in state) or state[0].shape != state[1].shape:
+        raise ValueError("comparison state must be [lt, eq], int64 words of the group layout (4 quad_rows each)")
 
 
 def _packed_state(state: list) -> torch.Tensor:
@@ -351,21 +348,25 @@ def _quad_open_values(state: list, mask, values: list, masks: list) -> tuple:
 
 
 @party_function("cmp_quad_next")
-def _quad_next(state: list, opened, mask, products, first: bool) -> tuple:
-    """Stores the binary levels' first state ``(lt, eq)`` (``opened``: the quad level's opened variables)."""
+def _quad_next(state: list, opened, mask, products, shape: list, first: bool) -> tuple:
+    """Stores the binary levels' first state ``(lt, eq)`` in the entries' ``shape`` (``opened``: the quad level's
+    opened variables)."""
     _check_quad_state(state)
     if not isinstance(first, bool):
         raise ValueError("comparison steps need a boolean first")
-    lt = state[0]
-    rows = (quad_rows(lt.numel()),)
+    rows = state[0].numel() // 4
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) or \
+            quad_rows(math.prod(shape)) != rows:
+        raise ValueError(f"cmp_quad_next needs the entries' shape, a list of ints of {rows} packed words")
+    shape = tuple(shape)
     for t, what, n in ((opened, "opened variables", QUAD_VARS), (mask, "mask", QUAD_VARS),
                        (products, "products", len(QUAD_SUBSETS))):
-        _check_packed(t, what, n, rows)
+        _check_packed(t, what, n, (rows,))
     if opened.is_meta:  # run_party's shape inference (meta outputs: never a real tensor's uninitialized memory)
-        return torch.empty_like(lt, device="meta"), torch.empty_like(lt, device="meta")
-    (l3,) = _to_quads(lt >> (3 * GROUP_BITS), 1)  # the top group's lt, unmasked
+        return torch.empty(shape, dtype=torch.int64, device="meta"), torch.empty(shape, dtype=torch.int64, device="meta")
+    (l3,) = _to_quads(state[0] >> (3 * GROUP_BITS), 1)  # the top group's lt, unmasked
     lt_q, eq_q = _quad_finish(l3, opened, mask, products, first)
-    return _from_quads(lt_q, lt), _from_quads(eq_q, lt)
+    return _from_quads(lt_q, shape), _from_quads(eq_q, shape)
 
 
 # ---------------------------------------------------------------- binary AND levels
@@ -576,7 +577,7 @@ def sign_select(d: Shares, extras: Sequence[Shares], provider: Provider,
     values = {p: [d[p]] + [w[p] for w in extras] for p in parties}
     masks = {p: mats[p][:lay.n_masks] for p in parties}
     opened = open_at_parties("cmp_mask_values", {p: (values[p][:lay.n_masks], masks[p]) for p in parties})
-    word, _ = _circuit(mats, lay, {p: opened[p][0] for p in parties})
+    word, _ = _circuit(mats, lay, shape, {p: opened[p][0] for p in parties})
     return _select_all(word, {p: opened[p][:n_values] for p in parties}, mats, lay, range(n_values))
 
 
@@ -628,12 +629,13 @@ def truncate_relu_with_bit(y: Shares, divisor: int, provider: Provider) -> tuple
     else:
         z = finish_truncation(c + shift_for(divisor), pairs, divisor)
     late = {p: ([z[p]], [mats[p][1]]) for p in parties}
-    word, z_hat = _circuit(mats, lay, {p: opened[p][0] for p in parties}, late)
+    word, z_hat = _circuit(mats, lay, shape, {p: opened[p][0] for p in parties}, late)
     bits, (out,) = _select_all(word, z_hat, mats, lay, [1])
     return out, bits
 
 
-def _circuit(mats: dict, lay: ComparisonLayout, xhat: dict, late: dict | None = None) -> tuple[dict, dict]:
+def _circuit(mats: dict, lay: ComparisonLayout, shape: tuple, xhat: dict,
+             late: dict | None = None) -> tuple[dict, dict]:
     """The AND levels: ``(word, late_opened)``, each party -> its copy (public tensors in a star opening,
     handles on the party in a peer opening), ``word`` the last level's opened word, from which the select
     computes ``b = [x >= 0]`` (``x = xhat - r_0 - 1``). ``late``: party -> ``(values, masks)`` opened with
@@ -644,7 +646,7 @@ def _circuit(mats: dict, lay: ComparisonLayout, xhat: dict, late: dict | None = 
     parties = list(mats)
     first = {p: i == 0 for i, p in enumerate(parties)}
     # (lt, eq) of the 4-bit groups, local: the step rides on the quad level's opening
-    state = {p: list(run_party("cmp_leaves", xhat[p], mats[p][lay.r_xor], [mats[p][i] for i in lay.groups],
+    state = {p: list(run_party("cmp_leaves", xhat[p], mats[p][lay.r_xor], mats[p][lay.group_products],
                                first=first[p])) for p in parties}
     # the quad level: tree levels 2 and 3 in one round
     (q_mask,), (q_products,) = lay.level_masks(0), lay.level_products(0)
@@ -656,7 +658,7 @@ def _circuit(mats: dict, lay: ComparisonLayout, xhat: dict, late: dict | None = 
         opened = open_at_parties("cmp_quad_open", {p: (state[p], mats[p][q_mask]) for p in parties})
     # the next level's opening follows at every party: the step rides on it
     state = {p: list(run_party("cmp_quad_next", state[p], opened[p][0], mats[p][q_mask], mats[p][q_products],
-                               first=first[p])) for p in parties}
+                               list(shape), first=first[p])) for p in parties}
     for level in range(1, AND_LEVELS):
         trip = {p: [mats[p][i] for i in lay.level_masks(level)] for p in parties}
         opened = open_at_parties("cmp_and_open", {p: (state[p], *trip[p], level, first[p]) for p in parties})

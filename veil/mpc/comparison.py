@@ -204,7 +204,7 @@ def _select(values: dict, shapes: list, n_values: int, provider: Provider, parti
 
 #: name -> sign_select implementation (one protocol per file)
 COMPARISON_PROTOCOLS: dict[str, Callable] = {"fss": sign_select_fss, "circuit": bit_comparison.sign_select}
-#: the protocol :func:`sign_select` runs (``circuit``: 4 rounds, 123 dealt bytes per ReLU entry, no AES;
+#: the protocol :func:`sign_select` runs (``circuit``: 4 rounds, 121 dealt bytes per ReLU entry, no AES;
 #: ``fss``: 1 round, 2,064-byte DCF keys per entry and key holder, 63 AES levels to evaluate)
 DEFAULT_COMPARISON = "circuit"
 #: opening rounds of one comparison, per protocol

@@ -300,8 +300,8 @@ GROUP_SUBSETS: tuple = tuple(
 )
 #: positions that are multiples of 4 (one bit per group)
 GROUP_MASK = sum(1 << p for p in range(0, 64, GROUP_BITS))
-#: dealt words holding the group products (4 subsets per word, at offsets 0..3 within the group)
-GROUP_WORDS = -(-len(GROUP_SUBSETS) // GROUP_BITS)
+#: the top group's bits (bit 63 of an entry's word and of R is compared apart: the sign)
+TOP_GROUP_BITS = -(1 << 60)  # 0xF000000000000000 as an int64
 
 #: the quad level's variables, the rows of its packed layout (:func:`quad_rows`): ``eq`` of the quad's groups
 #: 0 .. 3 (rows 0 .. 3), then ``lt`` of groups 0 .. 2 (rows 4 .. 6); the quad's ``lt = l3 ^ e3 l2 ^ e3 e2 l1 ^
@@ -309,8 +309,7 @@ GROUP_WORDS = -(-len(GROUP_SUBSETS) // GROUP_BITS)
 QUAD_VARS = 7
 QUAD_LT_MONOMIALS: tuple = ((3, 6), (3, 2, 5), (3, 2, 1, 4))
 QUAD_EQ_MONOMIAL: tuple = (3, 2, 1, 0)
-#: entries per word of the packed layout: bit ``16 q + t`` of row ``v``, column ``r`` is variable ``v`` of
-#: quad ``q`` (bits ``16 q ..`` of the comparison's word) of entry ``t * rows + r``
+#: entries per word of the packed layout: one bit per entry and quad (bits ``16 q ..`` of the comparison's word)
 QUAD_ENTRIES = 16
 
 
@@ -330,35 +329,58 @@ def quad_rows(numel: int) -> int:
     return -(-numel // QUAD_ENTRIES)
 
 
+def group_rows(numel: int) -> int:
+    """Words per row of the group layout (:func:`to_group_layout`, 4 entries to a word) for ``numel`` entries."""
+    return 4 * quad_rows(numel)
+
+
+#: a 4x4 bit transpose within each group across four words, as two rounds of swaps (shift, mask, word pairs)
+_GROUP_SWAPS = ((1, 0x5555555555555555, ((0, 1), (2, 3))), (2, 0x3333333333333333, ((0, 2), (1, 3))))
+
+
+def to_group_layout(word: torch.Tensor) -> torch.Tensor:
+    """Entries' words in the *group layout*, ``(4, group_rows)``: bit ``4 g + u`` of row ``o``, word ``j`` is
+    bit ``4 g + o`` of entry ``u * group_rows + j`` (zeros past the last entry). A 4-bit group's four bits
+    then sit in four rows at one place, every bit of a word in use: the comparison's local groups compute
+    on a quarter of the words (each of an entry's words uses one bit of each group)."""
+    flat = word.reshape(-1)
+    rows = group_rows(flat.numel())
+    out = torch.zeros(4 * rows, dtype=flat.dtype, device=flat.device)
+    out[:flat.numel()] = flat
+    out = out.view(4, rows)
+    for shift, mask, pairs in _GROUP_SWAPS:
+        for i, k in pairs:
+            t = ((out[i] >> shift) ^ out[k]) & mask
+            out[k] ^= t
+            out[i] ^= t << shift
+    return out
+
+
 #: most values multiplied by one comparison bit (argmax uses 2; 0 = the bit alone)
 MAX_COMPARISON_VALUES = 16
 
 
-def group_products(r: torch.Tensor) -> list:
-    """The dealer's words of products of ``r``'s bits within each 4-bit group.
+def group_products(r4: torch.Tensor) -> torch.Tensor:
+    """The dealer's products of ``R``'s bits within each 4-bit group, from ``R`` in the group layout: row ``k``
+    is the AND of the rows ``o`` in subset ``k`` of :data:`GROUP_SUBSETS` (bit 63, the sign, left out)."""
+    low = r4.clone()
+    low[3] &= ~TOP_GROUP_BITS
+    return _row_products(low, GROUP_SUBSETS)
 
-    Subset ``k`` of :data:`GROUP_SUBSETS` sits in word ``k // 4`` at offset
-    ``k % 4`` of each group: bit ``4g + k % 4`` is ``AND_{o in S} r_{4g + o}``.
-    """
-    words = [torch.zeros_like(r) for _ in range(GROUP_WORDS)]
-    aligned = [(r >> o) & GROUP_MASK for o in range(GROUP_BITS)]
-    for k, subset in enumerate(GROUP_SUBSETS):
-        prod = aligned[subset[0]]
-        for o in subset[1:]:
-            prod = prod & aligned[o]
-        words[k // GROUP_BITS] |= prod << (k % GROUP_BITS)
-    return words
+
+def _row_products(rows: torch.Tensor, subsets: tuple) -> torch.Tensor:
+    out = torch.empty((len(subsets), *rows.shape[1:]), dtype=rows.dtype)
+    for k, subset in enumerate(subsets):
+        torch.bitwise_and(rows[subset[0]], rows[subset[1]], out=out[k])
+        for v in subset[2:]:
+            out[k] &= rows[v]
+    return out
 
 
 def quad_products(mask: torch.Tensor) -> torch.Tensor:
     """The dealer's products of the quad level's mask bits: row ``k`` is the AND of the rows of ``mask``
     (``QUAD_VARS`` rows, packed layout) in subset ``k`` of :data:`QUAD_SUBSETS`."""
-    out = torch.empty((len(QUAD_SUBSETS), *mask.shape[1:]), dtype=mask.dtype)
-    for k, subset in enumerate(QUAD_SUBSETS):
-        torch.bitwise_and(mask[subset[0]], mask[subset[1]], out=out[k])
-        for v in subset[2:]:
-            out[k] &= mask[v]
-    return out
+    return _row_products(mask, QUAD_SUBSETS)
 
 
 class ComparisonLayout(NamedTuple):
@@ -370,10 +392,11 @@ class ComparisonLayout(NamedTuple):
     binary level ``a, b1, b2`` of two AND triples sharing their left operand;
     at the last level ``b2`` is ``rho``, the mask of the comparison's own top
     bit (only bit 0 of the last level's words counts). Derived fields: ``R``
-    (``r_0`` XOR-shared), the group products of ``R``'s bits
-    (:func:`group_products`, XOR), the quad products (:func:`quad_products`,
-    XOR, ``(len(QUAD_SUBSETS), quad_rows)``), per binary level but the last ``c1 = a & b1`` and ``c2 = a & b2``
-    (XOR), the last level's :func:`select_table` (arithmetic, ``SELECT_CASES``
+    (``r_0`` XOR-shared in the group layout, :func:`to_group_layout`: ``(4,
+    group_rows)``), the group products of ``R``'s bits (:func:`group_products`,
+    XOR, ``(11, group_rows)``), the quad products (:func:`quad_products`, XOR,
+    ``(22, quad_rows)``), per binary level but the last ``c1 = a & b1`` and
+    ``c2 = a & b2`` (XOR), the last level's :func:`select_table` (arithmetic, ``SELECT_CASES``
     rows of the entries' shape), and ``r_j`` times it (arithmetic, same shape)
     for the values multiplied by the bit, ``j >= first_product`` (1: ``r_0``
     masks a compared value that is not multiplied, as in
@@ -409,13 +432,13 @@ class ComparisonLayout(NamedTuple):
         return self.n_uniform
 
     @property
-    def groups(self) -> range:
-        return range(self.n_uniform + 1, self.n_uniform + 1 + GROUP_WORDS)
+    def group_products(self) -> int:
+        return self.n_uniform + 1
 
     def level_products(self, level: int) -> tuple:
         """Positions of an AND level's dealt XOR products: the quad products (level 0), ``c1, c2`` (the binary
         levels but the last)."""
-        base = self.n_uniform + 1 + GROUP_WORDS
+        base = self.n_uniform + 2
         if level == 0:
             return (base,)
         if not 0 < level < AND_LEVELS - 1:
@@ -426,7 +449,7 @@ class ComparisonLayout(NamedTuple):
     @property
     def table(self) -> int:
         """Position of the :func:`select_table` (arithmetic shares)."""
-        return self.n_uniform + 1 + GROUP_WORDS + 1 + 2 * (AND_LEVELS - 2)
+        return self.n_uniform + 3 + 2 * (AND_LEVELS - 2)
 
     def masks_table(self, j: int) -> int:
         """Position of ``r_j`` times the :func:`select_table`, ``first_product <= j < n_values``."""
@@ -465,7 +488,7 @@ def derived_sources(kind: str, spec) -> list | None:
     _, lay = _comparison_layout(spec)
     n_values, first_product = lay
     last = lay.level_masks(AND_LEVELS - 1)
-    out: list = [(0,)] * (1 + GROUP_WORDS)  # R and the group products: r_0's bits
+    out: list = [(0,)] * 2  # R and the group products: r_0's bits
     out += [lay.level_masks(0)]  # the quad products
     for level in range(1, AND_LEVELS - 1):
         out += [lay.level_masks(level)] * 2
@@ -496,8 +519,9 @@ def _comparison(spec) -> tuple[list, list, Derive]:
     n_values, first_product = lay
 
     def derive(u: list, g: torch.Generator) -> list:
-        # R: r_0, XOR-shared, and the group products of its low 63 bits (bit 63 is compared apart)
-        out = [u[0]] + group_products(u[0] & ((1 << 63) - 1))
+        # R: r_0, XOR-shared in the group layout, and the group products of its low 63 bits (bit 63: the sign)
+        r4 = to_group_layout(u[0])
+        out = [r4, group_products(r4)]
         out.append(quad_products(u[lay.level_masks(0)[0]]))
         for level in range(1, AND_LEVELS - 1):
             a, b1, b2 = (u[i] for i in lay.level_masks(level))
@@ -508,7 +532,7 @@ def _comparison(spec) -> tuple[list, list, Derive]:
     rows = quad_rows(math.prod(shape))
     uniform = [shape] * lay.n_uniform
     uniform[lay.level_masks(0)[0]] = (QUAD_VARS, rows)
-    derived = [shape] * (1 + GROUP_WORDS) + [(len(QUAD_SUBSETS), rows)] + [shape] * (2 * (AND_LEVELS - 2))
+    derived = [(4, 4 * rows), (len(GROUP_SUBSETS), 4 * rows), (len(QUAD_SUBSETS), rows)] + [shape] * (2 * (AND_LEVELS - 2))
     tables = 1 + n_values - first_product  # the select table and its products, SELECT_CASES rows each
     return uniform, derived + [(SELECT_CASES, *shape)] * tables, derive
 
