@@ -135,13 +135,19 @@ def consume(entries: Iterable[Entry]) -> None:
         if e.meta.get("mask"):
             e.meta["opened"] = True
             continue
-        item = e.meta.get("item")
-        if item is None:
-            continue
-        sources = e.meta.get("sources")
-        for other in item.entries:
-            if other.meta.get("mask") and (sources is None or other.meta.get("field") in sources):
-                other.meta["opened"] = True
+        for source in sources_of(e):
+            source.meta["opened"] = True
+
+
+def sources_of(entry: Entry) -> list[Entry]:
+    """The uniform fields a derived dealt field is computed from: those the dealer named, every uniform
+    field of its item where it named none (none for a field without an item)."""
+    item = entry.meta.get("item") if entry.meta else None
+    if item is None:
+        return []
+    sources = entry.meta.get("sources")
+    return [other for other in item.entries
+            if other.meta.get("mask") and (sources is None or other.meta.get("field") in sources)]
 
 
 def mask_error(entry: Entry | None) -> str | None:

@@ -151,10 +151,20 @@ class OpeningRules:
                     error = f"{name}: a dealt mask is also an operand of the opening; it cannot open shares " \
                             "protected for another party"
                     break
+        # a derived field opened (masked or not) beside a mask it is computed from, or after one was used,
+        # tells about that mask: c1 = a & b1 opened as c1 + a gives bits of b1, which hid a protected value
+        # in the same opening (or an earlier one; red team: test_redteam_quad.py)
+        derived = [e for e in found.values() if e.kind == Kind.DEALER and e.meta and not e.meta.get("mask")
+                   and not e.meta.get("fixed")]
+        if error is None and any(source.meta.get("opened") or any(source is k for k in masks)
+                                 for entry in derived for source in dealt.sources_of(entry)):
+            error = f"{name}: a derived dealt field opens beside or after a mask it is computed from; it cannot " \
+                    "open shares protected for another party"
         if error is not None:
             raise self._refuse(PermissionDeniedError(error), "open", principal, ids)
         for entry in masks:
             entry.meta["opened"] = True
+        dealt.consume(derived)  # and its sources mask nothing after it
         return [e.obj for e in masks]
 
     def open_step(self, principal: Principal, name: str, args: tuple, kwargs: dict,
