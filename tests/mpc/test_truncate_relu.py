@@ -94,5 +94,6 @@ def test_only_the_product_value_gets_a_select_table_product():
     z = torch.div(y, 2**16, rounding_mode="floor")
     assert bool(torch.where(y > 0, (got == z) | (got == z + 1), got == 0).all())
     # the truncation pair's derived fields and the comparison's, to the last party
-    words = sum(torch.Size(s).numel() for s in recipe("truncation", ((1000,), 2**16))[1]) + derived_words(((1000,), 2, 1))
+    pair_words = sum(torch.Size(s).numel() for s in recipe("truncation", ((1000,), 2**16))[1])
+    words = pair_words + derived_words(((1000,), 2, 1))
     assert words * 8 <= dealt <= words * 8 + 4000, (dealt, words)

@@ -17,8 +17,8 @@ from veil.messaging import messages as m
 from veil.mpc.material import AND_LEVELS, ComparisonLayout
 from veil.mpc.ring import DTYPE
 
-from tests.security.test_redteam_dealt import (BATCH, SECRET, SHAPE, _KEPT, _cmd, _open, _ref, _setup, comparison_fields,
-                                              group_state)
+from tests.security.test_redteam_dealt import (BATCH, SECRET, SHAPE, _KEPT, _cmd, _open, _ref, _setup,
+                                              comparison_fields, group_state)
 
 X = m.ObjectRef(BATCH)
 LAST = AND_LEVELS - 1

@@ -157,7 +157,8 @@ _LT_PROGRAM, _EQ_PROGRAM = _program(_LT_POLY), _program(_EQ_POLY)
 _TERMS = tuple(sorted({t[:k] for prog in (_LT_PROGRAM, _EQ_PROGRAM) for _, t in prog for k in range(1, len(t) + 1)},
                       key=lambda t: (len(t), t)))
 #: monomial -> row: singletons are rows of R_lo (R in the group layout), products rows of the dealt group products
-_MONOMIAL_AT = {**{(o,): (0, o) for o in range(GROUP_BITS)}, **{subset: (1, k) for k, subset in enumerate(GROUP_SUBSETS)}}
+_MONOMIAL_AT = {**{(o,): (0, o) for o in range(GROUP_BITS)},
+                **{subset: (1, k) for k, subset in enumerate(GROUP_SUBSETS)}}
 
 
 def _leaves(xhat: torch.Tensor, r4: torch.Tensor, products: torch.Tensor, first: bool):
@@ -363,7 +364,7 @@ def _quad_next(state: list, opened, mask, products, shape: list, first: bool) ->
                        (products, "products", len(QUAD_SUBSETS))):
         _check_packed(t, what, n, (rows,))
     if opened.is_meta:  # run_party's shape inference (meta outputs: never a real tensor's uninitialized memory)
-        return torch.empty(shape, dtype=torch.int64, device="meta"), torch.empty(shape, dtype=torch.int64, device="meta")
+        return tuple(torch.empty(shape, dtype=torch.int64, device="meta") for _ in range(2))
     (l3,) = _to_quads(state[0] >> (3 * GROUP_BITS), 1)  # the top group's lt, unmasked
     lt_q, eq_q = _quad_finish(l3, opened, mask, products, first)
     return _from_quads(lt_q, shape), _from_quads(eq_q, shape)

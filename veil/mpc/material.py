@@ -396,9 +396,9 @@ class ComparisonLayout(NamedTuple):
     group_rows)``), the group products of ``R``'s bits (:func:`group_products`,
     XOR, ``(11, group_rows)``), the quad products (:func:`quad_products`, XOR,
     ``(22, quad_rows)``), per binary level but the last ``c1 = a & b1`` and
-    ``c2 = a & b2`` (XOR), the last level's :func:`select_table` (arithmetic, ``SELECT_CASES``
-    rows of the entries' shape), and ``r_j`` times it (arithmetic, same shape)
-    for the values multiplied by the bit, ``j >= first_product`` (1: ``r_0``
+    ``c2 = a & b2`` (XOR), the last level's :func:`select_table` (arithmetic,
+    ``SELECT_CASES`` rows of the entries' shape), and ``r_j`` times it
+    (arithmetic, same shape) for the values multiplied by the bit, ``j >= first_product`` (1: ``r_0``
     masks a compared value that is not multiplied, as in
     :func:`veil.mpc.bit_comparison.truncate_relu`).
     """
@@ -532,7 +532,8 @@ def _comparison(spec) -> tuple[list, list, Derive]:
     rows = quad_rows(math.prod(shape))
     uniform = [shape] * lay.n_uniform
     uniform[lay.level_masks(0)[0]] = (QUAD_VARS, rows)
-    derived = [(4, 4 * rows), (len(GROUP_SUBSETS), 4 * rows), (len(QUAD_SUBSETS), rows)] + [shape] * (2 * (AND_LEVELS - 2))
+    derived = [(4, 4 * rows), (len(GROUP_SUBSETS), 4 * rows), (len(QUAD_SUBSETS), rows)]  # R, group and quad products
+    derived += [shape] * (2 * (AND_LEVELS - 2))
     tables = 1 + n_values - first_product  # the select table and its products, SELECT_CASES rows each
     return uniform, derived + [(SELECT_CASES, *shape)] * tables, derive
 
