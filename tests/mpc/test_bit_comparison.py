@@ -7,8 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import veil as sy
-from veil.mpc import bit_comparison
-from veil.mpc.material import AND_LEVELS, ComparisonLayout, recipe
+from veil.mpc import bit_comparison, quad_level
+from veil.mpc.comparison_material import AND_LEVELS, ComparisonLayout
+from veil.mpc.material import recipe
 from veil.mpc.opening import count_openings, reconstruct
 from veil.mpc.providers import LocalDealer
 from veil.mpc.providers.worker_dealer import dealer_for
@@ -130,20 +131,20 @@ def test_party_steps_refuse_bad_arguments():
     g, q = torch.zeros(4, dtype=torch.int64), torch.zeros(7, 1, dtype=torch.int64)
     for state in ([g], [g, g[:2]], [w, w], [g.int(), g], [g.view(2, 2), g.view(2, 2)]):
         with pytest.raises(ValueError, match="state"):
-            bit_comparison._quad_open(state, q)
+            quad_level._quad_open(state, q)
     for bad in (q[:1], q[:, :0], q.int(), torch.zeros(7, 2, dtype=torch.int64)):  # broadcast, empty, not the ring
         with pytest.raises(ValueError, match="mask must be int64"):
-            bit_comparison._quad_open([g, g], bad)
+            quad_level._quad_open([g, g], bad)
     products = torch.zeros(22, 1, dtype=torch.int64)
     with pytest.raises(ValueError, match="products must be"):
-        bit_comparison._quad_next([g, g], q, q, products[:21], [3], True)
+        quad_level._quad_next([g, g], q, q, products[:21], [3], True)
     with pytest.raises(ValueError, match="opened variables must be"):
-        bit_comparison._quad_next([g, g], q[:6], q, products, [3], True)
+        quad_level._quad_next([g, g], q[:6], q, products, [3], True)
     with pytest.raises(ValueError, match="boolean"):
-        bit_comparison._quad_next([g, g], q, q, products, [3], 1)
+        quad_level._quad_next([g, g], q, q, products, [3], 1)
     for shape in ([17], [1, 17], (3,), [3.0], [-3], 3):  # the entries' shape: 3 entries (1 .. 16) in a list
         with pytest.raises(ValueError, match="entries' shape"):
-            bit_comparison._quad_next([g, g], q, q, products, shape, True)
+            quad_level._quad_next([g, g], q, q, products, shape, True)
     r4, groups = torch.zeros(4, 4, dtype=torch.int64), torch.zeros(11, 4, dtype=torch.int64)
     for bad in ((w, r4[:, :3], groups), (w, r4, groups[:10]), (w, r4.int(), groups), (w.float(), r4, groups)):
         with pytest.raises(ValueError, match="cmp_leaves needs"):

@@ -263,7 +263,8 @@ def test_every_bit_position_many_trials(place):
 def test_dealt_edabits_are_consistent():
     """The comparison_mac recipe: bits of r's low limb, group products, and MACs alpha * value mod 2^128."""
     from veil.mpc import ring128
-    from veil.mpc.material import GROUP_SUBSETS, register_mac_key, sum_wide
+    from veil.mpc.comparison_material import GROUP_SUBSETS
+    from veil.mpc.material import register_mac_key, sum_wide
 
     alpha = torch.tensor(-(2**63) + 12345, dtype=torch.int64)  # top bit set: read unsigned
     register_mac_key("test-edabit", alpha)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from veil.mpc import bit_comparison
-from veil.mpc.material import AND_LEVELS
+from veil.mpc.comparison_material import AND_LEVELS
 from veil.mpc.opening import count_openings
 from veil.tensors.additive import AdditiveSharingTensor
 from veil.tensors.mpc_glue.runtime import enable_peer_openings

@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from veil.mpc import bit_comparison
-from veil.mpc.material import AND_LEVELS
+from veil.mpc import bit_comparison, quad_level
+from veil.mpc.comparison_material import AND_LEVELS
 from veil.mpc.opening import count_openings, reconstruct
 from veil.mpc.providers import LocalDealer
 from veil.mpc.sharing import split
@@ -54,16 +54,17 @@ def test_open_values_step_refuses_bad_arguments():
     w = torch.zeros(3, dtype=torch.int64)
     q = torch.zeros(7, 1, dtype=torch.int64)
     with pytest.raises(ValueError, match="one mask per value"):
-        bit_comparison._quad_open_values([w, w], q, [w], [])
+        quad_level._quad_open_values([w, w], q, [w], [])
     with pytest.raises(ValueError, match="one mask per value"):
-        bit_comparison._quad_open_values([w, w], q, [], [])
+        quad_level._quad_open_values([w, w], q, [], [])
 
 
 def test_only_the_product_value_gets_a_select_table_product():
     """``r_0`` masks the compared ``y``, which is not multiplied by the bit: the dealer deals ``r_1`` times the
     select table only (10 derived words per entry and 82 per 16 entries, not 14), through a provider worker too."""
     import veil as sy
-    from veil.mpc.material import ComparisonLayout, recipe
+    from veil.mpc.comparison_material import ComparisonLayout
+    from veil.mpc.material import recipe
     from veil.mpc.providers.worker_dealer import dealer_for
 
     def derived_words(spec):

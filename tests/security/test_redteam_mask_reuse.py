@@ -14,7 +14,7 @@ import torch
 
 from veil.exceptions import PermissionDeniedError, VeilError
 from veil.messaging import messages as m
-from veil.mpc.material import AND_LEVELS, ComparisonLayout
+from veil.mpc.comparison_material import AND_LEVELS, ComparisonLayout
 from veil.mpc.ring import DTYPE
 
 from tests.security.test_redteam_dealt import (BATCH, SECRET, SHAPE, _KEPT, _cmd, _open, _ref, _setup,

@@ -10,7 +10,7 @@ import torch
 from veil.exceptions import PermissionDeniedError, VeilError
 from veil.messaging import messages as m
 from veil.mpc.bit_comparison import COMPACT, compact_words, opened_words
-from veil.mpc.material import AND_LEVELS, ComparisonLayout
+from veil.mpc.comparison_material import AND_LEVELS, ComparisonLayout
 
 from tests.security.test_redteam_dealt import (BATCH, SECRET, SHAPE, _KEPT, _cmd, _open, _ref, _setup,
                                               comparison_fields, group_state)

@@ -11,8 +11,8 @@ import torch
 
 from veil.exceptions import PermissionDeniedError, VeilError
 from veil.messaging import messages as m
-from veil.mpc import bit_comparison as bc
-from veil.mpc.material import QUAD_VARS, ComparisonLayout
+from veil.mpc import quad_level
+from veil.mpc.comparison_material import QUAD_VARS, ComparisonLayout
 from veil.mpc.ring import DTYPE
 
 from tests.security.test_redteam_dealt import (BATCH, SECRET, SHAPE, _KEPT, _cmd, _open, _ref, _setup,
@@ -73,14 +73,14 @@ def test_the_packing_moves_every_state_bit_to_one_opened_bit_without_carries():
                   torch.full((4 * rows,), -1, dtype=DTYPE), torch.full((4 * rows,), -2 ** 63, dtype=DTYPE)):
         other = torch.randint(-2 ** 63, 2 ** 63 - 1, (4 * rows,), dtype=DTYPE, generator=g)
         for groups in (3, 4):
-            assert torch.equal(bc._to_quads(words ^ other, groups),
-                               bc._to_quads(words, groups) ^ bc._to_quads(other, groups))
+            assert torch.equal(quad_level._to_quads(words ^ other, groups),
+                               quad_level._to_quads(words, groups) ^ quad_level._to_quads(other, groups))
     seen = {}
     for w in range(4 * rows):
         for k in range(64):
             one = torch.zeros(4 * rows, dtype=DTYPE)
             one[w] = -2 ** 63 if k == 63 else 1 << k
-            packed = bc._packed_state([one, one])  # eq rows 0..3, lt rows 4..6
+            packed = quad_level._packed_state([one, one])  # eq rows 0..3, lt rows 4..6
             hits = [(r, c, p) for r in range(QUAD_VARS) for c in range(rows) for p in range(64)
                     if int(packed[r, c]) >> p & 1]
             top = k % 16 >= 12

@@ -10,7 +10,7 @@ values to multiply by the bit. The dealer deals arithmetic masks ``r_j``,
 ``r_0`` a second time as XOR shares ``R``, the quad level's masks and their
 products, AND triples, a random bit ``rho``, and arithmetic shares of a small
 table of the last level's mask bits (layout:
-:class:`veil.mpc.material.ComparisonLayout`).
+:class:`veil.mpc.comparison_material.ComparisonLayout`).
 
 1. **Round 1.** Open ``v_j + r_j`` (uniform). ``X = v_0 + r_0 - 1 = x + r_0``.
    The sign bit of ``x`` is ``X_hi xor R_hi xor [X_lo < R_lo]`` (top bits and
@@ -22,14 +22,14 @@ table of the last level's mask bits (layout:
    **local**: each group's ``lt`` and ``eq`` are polynomials in ``R``'s bits
    with public coefficients (from ``X``), and the dealer shares every product
    of ``R``'s bits within a group (11 per group). They compute in the *group
-   layout* (:func:`veil.mpc.material.to_group_layout`: a 4x4 bit transpose
+   layout* (:func:`veil.mpc.comparison_material.to_group_layout`: a 4x4 bit transpose
    per group across four entries' words, so that a word holds one bit of
    every group of four entries, where an entry's word uses one in four), in
    which the dealer deals ``R`` and the products. The top
    group's ``lt`` also takes ``X_hi xor R_hi xor 1``: it reaches the root of
    the tree unchanged (it is every level's high operand), so the root's ``lt``
    is the result bit ``b = [x >= 0]``.
-3. **The quad level: tree levels 2 and 3 in one round.** Four groups merge
+3. **The quad level: tree levels 2 and 3 in one round** (:mod:`veil.mpc.quad_level`). Four groups merge
    at once: ``lt = l3 xor e3 l2 xor e3 e2 l1 xor e3 e2 e1 l0``, ``eq = e3 e2
    e1 e0``. The seven variables but ``l3`` are packed 16 entries to a word
    (a row each: one bit per entry and quad, where the entries' words use one
@@ -72,14 +72,13 @@ Any number of parties: XOR and additive shares for all of them.
 
 from __future__ import annotations
 
-import math
 from typing import Hashable, Mapping, Sequence
 
 import torch
 
-from veil.mpc.material import (AND_LEVELS, GROUP_BITS, GROUP_LEVELS, GROUP_SUBSETS, QUAD_EQ_MONOMIAL, QUAD_LT_MONOMIALS,
-                               QUAD_SUBSETS, QUAD_VARS, SELECT_CASES, TOP_GROUP_BITS, ComparisonLayout, group_rows,
-                               monomial_subsets, quad_rows, to_group_layout)
+from veil.mpc import quad_level  # the quad level's steps (cmp_quad_open, cmp_quad_next)
+from veil.mpc.comparison_material import (AND_LEVELS, GROUP_BITS, GROUP_LEVELS, GROUP_SUBSETS, SELECT_CASES,
+                                          TOP_GROUP_BITS, ComparisonLayout, group_rows, to_group_layout)
 from veil.mpc.party import PARTY_FUNCTIONS, open_at_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
 from veil.mpc.runtime import OPENED_LAYOUTS, runtime_of
@@ -163,7 +162,7 @@ _MONOMIAL_AT = {**{(o,): (0, o) for o in range(GROUP_BITS)},
 
 def _leaves(xhat: torch.Tensor, r4: torch.Tensor, products: torch.Tensor, first: bool):
     """Shares of ``(lt, eq)`` of every 4-bit group of ``X_lo`` vs ``R_lo``, locally, in the group layout
-    (:func:`veil.mpc.material.to_group_layout`: 4 entries to a word, a group's result at its place in each).
+    (:func:`veil.mpc.comparison_material.to_group_layout`: 4 entries to a word, a group's result at its place in each).
 
     ``lt = lt3 ^ eq3 lt2 ^ eq3 eq2 lt1 ^ eq3 eq2 eq1 lt0`` and ``eq = eq3 eq2 eq1
     eq0`` with per bit ``lt_o = ~X_o R_o`` and ``eq_o = ~X_o ^ R_o``: polynomials
@@ -228,146 +227,6 @@ def _leaves_step(xhat: torch.Tensor, r4: torch.Tensor, products: torch.Tensor, f
     if xhat.is_meta:  # run_party's shape inference
         return torch.empty(rows, dtype=xhat.dtype, device="meta"), torch.empty(rows, dtype=xhat.dtype, device="meta")
     return _leaves(xhat, r4, products, first)
-
-
-# ---------------------------------------------------------------- the quad level (tree levels 2 and 3: one round)
-# Its variables, the eq of a quad's four groups and the lt of the lower three (the top group's l3 enters
-# linearly), are packed 16 entries to a word from the group layout (one bit per entry and quad, every bit of a
-# word used, against one in 16 in the entries' words), one row per variable; the opening masks them with one
-# dealt field of that shape. With the masked variables public, a monomial is the XOR over the subsets S of
-# its variables of (the public bits outside S) & (the dealt product of the masks in S): local, on the packed
-# rows (1/16 of the entries' words), and unpacked to the binary levels' layout (quad q's bit at 16 q) after.
-
-#: positions that are multiples of 16 (a quad's lowest bit: where its lt and eq end)
-QUAD_MASK = sum(1 << p for p in range(0, 64, 16))
-#: a quad's lowest 4 bits
-_QUAD_LOW4 = sum(0xF << p for p in range(0, 64, 16))
-_FOUR = torch.arange(4, dtype=torch.int64)
-#: a group's bit within its quad; a group-layout word's place among four (s: rows s * rows ..)
-_GROUP_IN_QUAD, _FOUR_IN_16 = (4 * _FOUR).view(4, 1, 1), (4 * _FOUR).view(1, 4, 1)
-#: the packed bit ``4 s + u`` of entry ``(4 u + s) rows + r``, at ``[u, s]``
-_ENTRY_BIT = (4 * _FOUR.view(1, 4, 1) + _FOUR.view(4, 1, 1))
-
-
-def _to_quads(four: torch.Tensor, groups: int) -> torch.Tensor:
-    """``(groups, quad_rows)`` from a group-layout word ``four`` (``(4 quad_rows,)``): row ``i``'s bit ``16 q +
-    4 s + u`` of word ``r`` is the bit of group ``4 q + i`` of entry ``(4 u + s) rows + r``, for ``i < groups``
-    (word ``s rows + r`` of ``four`` holds those of the entries ``u (4 rows) + s rows + r``)."""
-    rows = four.numel() // 4
-    dev = four.device  # (meta in shape inference)
-    lanes = (four.view(1, 4, rows) >> _GROUP_IN_QUAD[:groups].to(dev)) & _QUAD_LOW4
-    return (lanes << _FOUR_IN_16.to(dev)).sum(1)  # the lanes' bits never overlap: their sum is their OR
-
-
-def _from_quads(packed: torch.Tensor, shape: tuple) -> torch.Tensor:
-    """A packed row back in the entries' ``shape``: quad ``q`` at bit ``16 q`` of each entry's word."""
-    out = (packed.view(1, 1, -1) >> _ENTRY_BIT.to(packed.device)) & QUAD_MASK  # [u, s, r]: entry (4 u + s) rows + r
-    return out.view(-1)[:math.prod(shape)].view(shape)
-
-
-def _quad_program(monomials: tuple) -> tuple:
-    """The XOR of ``monomials`` of masked variables as ``((S, (T, ..)), ..)``: the polynomial is the XOR over
-    ``S`` of ``C_S & m_S``, ``m_S`` the shared product of the masks in ``S`` (the empty S: 1, the first party
-    adds ``C_S``), ``C_S`` the XOR of the public products over ``T = V - S`` for each monomial ``V`` with ``S``."""
-    coeffs: dict = {}
-    for mono in monomials:
-        for sub in monomial_subsets(mono):
-            coeffs.setdefault(tuple(sorted(sub)), []).append(tuple(sorted(set(mono) - set(sub))))
-    return tuple(sorted((sub, tuple(rest)) for sub, rest in coeffs.items()))
-
-
-_QUAD_LT_PROGRAM, _QUAD_EQ_PROGRAM = _quad_program(QUAD_LT_MONOMIALS), _quad_program((QUAD_EQ_MONOMIAL,))
-#: the public products the programs use and each one's prefixes, shortest first
-_QUAD_TERMS = tuple(sorted({t[:k] for prog in (_QUAD_LT_PROGRAM, _QUAD_EQ_PROGRAM) for _, ts in prog for t in ts
-                            for k in range(1, len(t) + 1)}, key=lambda t: (len(t), t)))
-_QUAD_PRODUCT_ROW = {subset: k for k, subset in enumerate(QUAD_SUBSETS)}
-
-
-def _quad_finish(l3: torch.Tensor, opened: torch.Tensor, mask: torch.Tensor, products: torch.Tensor,
-                 first: bool) -> tuple:
-    """Shares of the quad level's packed ``(lt, eq)`` from the opened variables (all packed rows)."""
-    public: dict = {(): -1}  # every bit of a packed word is an entry's
-    for t in _QUAD_TERMS:
-        public[t] = public[t[:-1]] & opened[t[-1]] if len(t) > 1 else opened[t[0]]
-    shares = {(v,): mask[v] for v in range(QUAD_VARS)}
-    shares.update({subset: products[k] for subset, k in _QUAD_PRODUCT_ROW.items()})
-
-    def evaluate(program: tuple, total: torch.Tensor) -> torch.Tensor:
-        for subset, rest in program:
-            coeff = public[rest[0]]
-            for t in rest[1:]:
-                coeff = coeff ^ public[t]  # (a new tensor: never changes a public product in place)
-            if subset:
-                total ^= shares[subset] & coeff
-            elif first:
-                total ^= coeff
-        return total
-
-    return evaluate(_QUAD_LT_PROGRAM, l3), evaluate(_QUAD_EQ_PROGRAM, torch.zeros_like(l3))
-
-
-def _check_quad_state(state) -> None:
-    if not isinstance(state, list) or len(state) != 2 or not all(
-            isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.dim() == 1 and t.numel() % 4 == 0
-            for t in state) or state[0].shape != state[1].shape:
-        raise ValueError("comparison state must be [lt, eq], int64 words of the group layout (4 quad_rows each)")
-
-
-def _packed_state(state: list) -> torch.Tensor:
-    lt, eq = state
-    return torch.cat([_to_quads(eq, 4), _to_quads(lt, 3)])
-
-
-def _check_packed(t, what: str, rows: int, shape: tuple) -> None:
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or tuple(t.shape) != (rows, *shape):
-        raise ValueError(f"the quad level's {what} must be int64 of shape {(rows, *shape)}")
-
-
-@party_function("cmp_quad_open", openable=True, xor=True)
-def _quad_open(state: list, mask) -> tuple:
-    """XOR shares of the quad level's packed variables (``QUAD_VARS`` rows) under their dealt mask."""
-    _check_quad_state(state)
-    packed = _packed_state(state)
-    # as large as the packed variables: a smaller (broadcast) mask would hide several entries' bits with one
-    _check_packed(mask, "mask", QUAD_VARS, tuple(packed.shape[1:]))
-    packed ^= mask
-    return (packed,)
-
-
-@party_function("cmp_quad_open_values", openable=True, xor=1)
-def _quad_open_values(state: list, mask, values: list, masks: list) -> tuple:
-    """:func:`_quad_open`'s variables (XOR shares), then shares of ``v_j + r_j`` (additive): a value known
-    only after the comparison's first round (a truncation's result) opened with the quad level."""
-    if not isinstance(values, list) or not isinstance(masks, list) or len(values) != len(masks) or not values:
-        raise ValueError("cmp_quad_open_values needs one mask per value")
-    # each mask as large as its value, in the ring (the monitor pairs outputs with masks in order: the
-    # variables with the quad mask, v_j + r_j with r_j; a broadcast r_j would hide only differences)
-    if not all(isinstance(v, torch.Tensor) and isinstance(r, torch.Tensor) and v.dtype == r.dtype == torch.int64
-               and v.shape == r.shape for v, r in zip(values, masks)):
-        raise ValueError("cmp_quad_open_values needs int64 masks of their values' shapes")
-    return (*_quad_open(state, mask), *(v + r for v, r in zip(values, masks)))
-
-
-@party_function("cmp_quad_next")
-def _quad_next(state: list, opened, mask, products, shape: list, first: bool) -> tuple:
-    """Stores the binary levels' first state ``(lt, eq)`` in the entries' ``shape`` (``opened``: the quad level's
-    opened variables)."""
-    _check_quad_state(state)
-    if not isinstance(first, bool):
-        raise ValueError("comparison steps need a boolean first")
-    rows = state[0].numel() // 4
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) or \
-            quad_rows(math.prod(shape)) != rows:
-        raise ValueError(f"cmp_quad_next needs the entries' shape, a list of ints of {rows} packed words")
-    shape = tuple(shape)
-    for t, what, n in ((opened, "opened variables", QUAD_VARS), (mask, "mask", QUAD_VARS),
-                       (products, "products", len(QUAD_SUBSETS))):
-        _check_packed(t, what, n, (rows,))
-    if opened.is_meta:  # run_party's shape inference (meta outputs: never a real tensor's uninitialized memory)
-        return tuple(torch.empty(shape, dtype=torch.int64, device="meta") for _ in range(2))
-    (l3,) = _to_quads(state[0] >> (3 * GROUP_BITS), 1)  # the top group's lt, unmasked
-    lt_q, eq_q = _quad_finish(l3, opened, mask, products, first)
-    return _from_quads(lt_q, shape), _from_quads(eq_q, shape)
 
 
 # ---------------------------------------------------------------- binary AND levels
@@ -461,7 +320,7 @@ def compact_words(level: int, numel: int) -> int:
 
 def opened_words(level: int, numel: int) -> int:
     """Words an AND level opens for ``numel`` compared entries (the quad level: its packed variables)."""
-    return QUAD_VARS * quad_rows(numel) if level == 0 else compact_words(level, numel)
+    return quad_level.packed_words(numel) if level == 0 else compact_words(level, numel)
 
 
 def _opened_word_layout(j: int, mask: torch.Tensor, args: tuple) -> tuple | None:
@@ -533,7 +392,7 @@ def _select(word, opened: list, masks: list, table, masks_tables: list, first: b
 
     The word holds (3 bits per entry) ``e = eq_hi ^ a``, ``f = lt_lo ^ b1`` and ``o = lt_hi ^ rho``, so ``b =
     lt_hi ^ (eq_hi & lt_lo) = o ^ u`` with ``u = rho ^ ((e ^ a) & (f ^ b1))``, which for public ``e, f`` is
-    row ``e | f << 1`` of the dealt select table (:func:`veil.mpc.material.select_table`, arithmetic shares).
+    row ``e | f << 1`` of the dealt select table (:func:`veil.mpc.comparison_material.select_table`, arithmetic shares).
     Then ``b = o + (1 - 2o) u`` and ``v_j b = (v_j + r_j) b - r_j b`` with ``r_j b = o r_j + (1 - 2o) (r_j
     u)``, ``r_j u`` the same row of ``r_j`` times the table (``masks_tables``): local, one gather each."""
     if not isinstance(first, bool) or len(masks) != len(masks_tables) or len(opened) < len(masks):

@@ -82,7 +82,8 @@ import torch
 
 from veil.mpc import mac
 from veil.mpc import ring128 as r128
-from veil.mpc.material import EDABIT_BITS, EDABIT_GROUPS, GROUP_BITS, GROUP_SUBSETS
+from veil.mpc.comparison_material import GROUP_BITS, GROUP_SUBSETS
+from veil.mpc.material import EDABIT_BITS, EDABIT_GROUPS
 from veil.mpc.party import party_function, run_party
 from veil.mpc.ring import DTYPE
 

@@ -111,7 +111,7 @@ class Provider(abc.ABC):
 
         Returns:
             party -> its shares of every field of
-            :class:`veil.mpc.material.ComparisonLayout` (additive or XOR).
+            :class:`veil.mpc.comparison_material.ComparisonLayout` (additive or XOR).
 
         Raises:
             ProviderError: If this provider cannot deal comparison material.

@@ -8,7 +8,8 @@ from typing import Hashable, Optional, Sequence
 import torch
 
 from veil.mpc.fss import material as fss_material
-from veil.mpc.material import (WIDE_KINDS, comparison_spec, recipe, register_mac_key, split_shares, split_wide,
+from veil.mpc.comparison_material import comparison_spec
+from veil.mpc.material import (WIDE_KINDS, recipe, register_mac_key, split_shares, split_wide,
                                xor_fields)
 from veil.mpc.providers.base import Provider
 from veil.mpc.ring import bilinear, random_ring

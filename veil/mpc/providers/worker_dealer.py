@@ -57,7 +57,8 @@ import torch
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.allowlist import NO_RESULT, register_worker_function
-from veil.mpc.material import (FIXED_KINDS, WIDE_KINDS, comparison_spec, dealer_generator, derived_sources,
+from veil.mpc.comparison_material import comparison_spec
+from veil.mpc.material import (FIXED_KINDS, WIDE_KINDS, dealer_generator, derived_sources,
                                last_shares_wide, provider_scope, recipe, register_mac_key, split_shares, split_wide,
                                sum_wide, xor_fields)
 from veil.mpc.fss import material as fss_material
