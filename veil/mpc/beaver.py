@@ -13,7 +13,9 @@ so that ``sum z_i = op(x, y)`` in Z/2^64, because op is bilinear
 Cost per product: **1 round**; each party sends its share of ``e`` and ``f``
 (``numel(x) + numel(y)`` ring elements of 8 bytes; for an elementwise product
 that is 2 ring elements per product entry) to each other party. The triple
-itself is dealt offline by the provider.
+itself is dealt offline by the provider. Independent products can share
+their round (:func:`finish_products`, step ``beaver_masks``): a backward
+pass's pairs of gradients do (:mod:`veil.tensors.pending_products`).
 
 Shares are only touched through torch ops (``-``, ``+``, the op itself) and
 opened through :func:`veil.mpc.opening.open_values`, so the same code runs
@@ -22,7 +24,8 @@ on local tensors and on remote pointers.
 
 from __future__ import annotations
 
-from typing import Hashable, Mapping
+from dataclasses import dataclass
+from typing import Hashable, Mapping, Sequence
 
 import torch
 
@@ -45,6 +48,14 @@ def _minus(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     if x.shape == a.shape and not x.is_contiguous() and a.is_contiguous():
         return torch.sub(x, a, out=torch.empty_like(a))
     return x - a
+
+
+@party_function("beaver_masks", openable=True)
+def _masks(xs: list, ys: list, as_: list, bs: list) -> tuple:
+    """Several products' ``e = x - a`` (all of them first), then their ``f = y - b``: one opening."""
+    if not all(type(v) is list for v in (xs, ys, as_, bs)) or not (len(xs) == len(ys) == len(as_) == len(bs) > 0):
+        raise ValueError("beaver_masks needs four lists of the same positive length (x, y, a, b per product)")
+    return (*[_minus(x, a) for x, a in zip(xs, as_)], *[_minus(y, b) for y, b in zip(ys, bs)])
 
 
 @party_function("beaver_combine")
@@ -95,6 +106,16 @@ _FUSED = {
 }
 
 
+def deal_triple(x: Shares, y: Shares, op: str, provider: Provider, **op_kwargs) -> dict:
+    """The dealt triple ``party -> (a, b, c)`` of one product ``op(x, y)`` (checks parties and op first)."""
+    parties = list(x.keys())
+    if list(y.keys()) != parties:
+        raise ValueError(f"operands are shared among different parties: {parties} vs {list(y.keys())}")
+    bilinear(op)  # fail early on an unknown op
+    first_x, first_y = x[parties[0]], y[parties[0]]
+    return provider.beaver_triples(op, tuple(first_x.shape), tuple(first_y.shape), parties, **op_kwargs)
+
+
 def beaver_op(x: Shares, y: Shares, op: str, provider: Provider, **op_kwargs) -> dict:
     """Computes shares of ``op(x, y)`` for secret-shared ``x`` and ``y``.
 
@@ -112,19 +133,46 @@ def beaver_op(x: Shares, y: Shares, op: str, provider: Provider, **op_kwargs) ->
     Returns:
         party -> share of ``op(x, y)`` in Z/2^64 (no fixed-point truncation).
     """
-    parties = list(x.keys())
-    if list(y.keys()) != parties:
-        raise ValueError(f"operands are shared among different parties: {parties} vs {list(y.keys())}")
-    bilinear(op)  # fail early on an unknown op
-    first_x, first_y = x[parties[0]], y[parties[0]]
-    triples = provider.beaver_triples(op, tuple(first_x.shape), tuple(first_y.shape), parties, **op_kwargs)
+    triples = deal_triple(x, y, op, provider, **op_kwargs)
+    return finish_products([Product(x, y, op, op_kwargs, triples)])[0]
+
+
+@dataclass
+class Product:
+    """One Beaver product whose triple is dealt and whose masked operands are not opened yet."""
+
+    x: Shares
+    y: Shares
+    op: str
+    op_kwargs: dict
+    triples: dict  # party -> (a, b, c)
+
+
+def finish_products(products: Sequence[Product]) -> list[dict]:
+    """Shares of every product, their masked operands opened together: **one round** for all of them.
+
+    The products must be independent (no operand of one is another's result) and shared among the
+    same parties in the same order. One product opens ``beaver_mask``; several open ``beaver_masks``
+    (each ``e`` and ``f`` under its own triple's mask, as one product would).
+    """
+    parties = list(products[0].x.keys())
+    if any(list(p.x.keys()) != parties or list(p.y.keys()) != parties for p in products):
+        raise ValueError("products opened together must be shared among the same parties, in the same order")
     # e, f where each party uses them: public tensors (a star opening) or, between network workers
     # that open among themselves, handles to the values each party reconstructed (peer openings)
-    opened = open_at_parties("beaver_mask", {p: (x[p], y[p], triples[p][0], triples[p][1]) for p in parties})
-    return {
-        p: run_party("beaver_combine", *triples[p], *opened[p], op=op, first=(i == 0), op_kwargs=dict(op_kwargs))
-        for i, p in enumerate(parties)
-    }
+    if len(products) == 1:
+        (one,) = products
+        opened = open_at_parties("beaver_mask", {p: (one.x[p], one.y[p], *one.triples[p][:2]) for p in parties})
+        pairs = {p: [tuple(opened[p])] for p in parties}
+    else:
+        n = len(products)
+        opened = open_at_parties("beaver_masks", {p: (
+            [q.x[p] for q in products], [q.y[p] for q in products],
+            [q.triples[p][0] for q in products], [q.triples[p][1] for q in products]) for p in parties})
+        pairs = {p: [(opened[p][k], opened[p][n + k]) for k in range(n)] for p in parties}
+    return [{p: run_party("beaver_combine", *q.triples[p], *pairs[p][k], op=q.op, first=(i == 0),
+                          op_kwargs=dict(q.op_kwargs)) for i, p in enumerate(parties)}
+            for k, q in enumerate(products)]
 
 
 def beaver_mul(x: Shares, y: Shares, provider: Provider) -> dict:

@@ -22,7 +22,7 @@ from veil.mpc.opening import reconstruct
 from veil.mpc.providers.base import Provider
 from veil.mpc.sharing import split
 from veil.mpc.truncation import truncate_shares
-from veil.tensors import mac_dispatch
+from veil.tensors import mac_dispatch, pending_products
 from veil.tensors._dispatch import dispatch
 from veil.tensors.pointer import PointerTensor, pointer_meta
 from veil.tensors.remote_ops import deferring
@@ -55,6 +55,8 @@ class AdditiveSharingTensor(torch.Tensor):
     #: (:class:`veil.tensors.mac_dispatch.MacLimbs`) and the key.
     mac: Any = None
     mac_key: Any = None
+    #: a product not opened yet (:mod:`veil.tensors.pending_products`): reading ``child`` finishes it
+    _veil_pending: Any = None
 
     @staticmethod
     def __new__(cls, shares: Mapping[Hashable, torch.Tensor], crypto_provider: Optional[Provider]):
@@ -80,6 +82,20 @@ class AdditiveSharingTensor(torch.Tensor):
         out.crypto_provider = crypto_provider
         return out
 
+    @property
+    def child(self) -> dict:
+        if self._veil_pending is not None:  # a pending product: it (and the others pending) opens now
+            pending_products.finish(self)
+        return self._veil_shares
+
+    @child.setter
+    def child(self, shares: dict) -> None:
+        self._veil_shares, self._veil_pending = shares, None
+
+    def _veil_set_shares(self, shares: dict) -> None:
+        """A pending product's result (its placeholder shares had the result's shape)."""
+        self.child = shares
+
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     @classmethod
@@ -100,7 +116,7 @@ class AdditiveSharingTensor(torch.Tensor):
     @property
     def parties(self) -> tuple:
         """Party ids, in share order (party 0 adds public terms)."""
-        return tuple(self.child.keys())
+        return tuple(self._veil_shares)  # (a pending product's are known: nothing to finish)
 
     def get(self) -> torch.Tensor:
         """Reconstructs the shared value (an int64 tensor).

@@ -23,7 +23,7 @@ from veil.workers.store import Entry, Kind
 
 #: openable step -> argument positions that must hold fresh dealer masks when the opened
 #: values include a share the requester may not reveal (serving: a client's input)
-OPENING_MASKS: dict[str, tuple[int, ...]] = {"beaver_mask": (2, 3), "trunc_mask": (1,), "fss_mask": (1,),
+OPENING_MASKS: dict[str, tuple[int, ...]] = {"beaver_mask": (2, 3), "beaver_masks": (2, 3), "trunc_mask": (1,), "fss_mask": (1,),
                                               # the bitwise comparison (veil/mpc/bit_comparison.py)
                                               "cmp_mask_values": (1,), "cmp_quad_open": (1,),
                                               "cmp_quad_open_values": (1, 3), "cmp_and_open": (1, 2, 3),

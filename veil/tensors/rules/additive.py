@@ -14,6 +14,7 @@ import torch
 from veil.mpc.beaver import beaver_op
 from veil.mpc.errors import NotEncodedError, UnsupportedOperationError
 from veil.mpc.ring import conv2d as ring_conv2d
+from veil.tensors import pending_products
 from veil.tensors._dispatch import RuleTable
 from veil.tensors.rules.common import INPLACE_TO_OUTOFPLACE, STRUCTURAL_OPS, run_inplace, scalar_value
 
@@ -85,6 +86,8 @@ def _bilinear(cls, func, x, y, op: str, **op_kwargs):
     """Shared (x) shared -> Beaver; shared (x) public -> local on each share."""
     if isinstance(x, cls) and isinstance(y, cls):
         cls._veil_check_compatible((x, y))
+        if pending_products.deferring():  # a backward pass's: opened with its next independent products
+            return pending_products.defer_product(cls, x, y, op, **op_kwargs)
         return cls(beaver_op(x.child, y.child, op, x.crypto_provider, **op_kwargs), x.crypto_provider)
     if isinstance(x, cls):
         return cls._veil_apply_local(func, (x, public_int(y, str(func))), op_kwargs)
@@ -119,8 +122,7 @@ def _convolution(cls, func, args, kwargs):
         raise UnsupportedOperationError("only 2-D, non-transposed convolution is implemented on shared tensors")
     conv_kwargs = dict(stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation), groups=groups)
     if isinstance(x, cls) and isinstance(w, cls):
-        cls._veil_check_compatible((x, w))
-        out = cls(beaver_op(x.child, w.child, "conv2d", x.crypto_provider, **conv_kwargs), x.crypto_provider)
+        out = _bilinear(cls, func, x, w, "conv2d", **conv_kwargs)
     else:
         out = _conv_public_local(cls, x, w, **conv_kwargs)
     if bias is not None:
