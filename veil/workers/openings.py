@@ -10,6 +10,7 @@ for the step; every dealt item the opening touches binds to that protection
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable
 
 import torch
@@ -23,7 +24,9 @@ from veil.workers.store import Entry, Kind
 
 #: openable step -> argument positions that must hold fresh dealer masks when the opened
 #: values include a share the requester may not reveal (serving: a client's input)
-OPENING_MASKS: dict[str, tuple[int, ...]] = {"beaver_mask": (2, 3), "beaver_masks": (2, 3), "trunc_mask": (1,), "fss_mask": (1,),
+OPENING_MASKS: dict[str, tuple[int, ...]] = {"beaver_mask": (2, 3), "trunc_mask": (1,), "fss_mask": (1,),
+                                              # several products in one round: lists of masks a, b
+                                              "beaver_masks": (2, 3),
                                               # the bitwise comparison (veil/mpc/bit_comparison.py)
                                               "cmp_mask_values": (1,), "cmp_quad_open": (1,),
                                               "cmp_quad_open_values": (1, 3), "cmp_and_open": (1, 2, 3),
@@ -114,6 +117,8 @@ class OpeningRules:
         raw = self._local.opening_refs or ()
         error = None
         masks: list[Entry] = []
+        seen: set[int] = set()  # id() of the masks so far (sets and counts below: a request may name
+        #                         thousands of masks beside millions of refs, checked in linear time)
         if positions is None:
             error = f"{name} may not open shares protected for another party"
         else:
@@ -131,13 +136,14 @@ class OpeningRules:
                 for r in refs:
                     entry = found.get(r.id)
                     why = dealt.mask_error(entry)
-                    if why is None and any(entry is e for e in masks):
+                    if why is None and id(entry) in seen:
                         why = "appears twice in one opening"
                     if why is not None:
                         error = f"{name}: the mask at argument {pos} {why}; it cannot open shares protected for " \
                                 "another party"
                         break
                     masks.append(entry)
+                    seen.add(id(entry))
                 if error is not None:
                     break
         if error is None:
@@ -145,9 +151,9 @@ class OpeningRules:
             # what the step also computes from it: a mask that is also the step's state or operand cancels
             # against it (found for the comparison's result bit b ^ rho with rho := the last AND mask a,
             # which b contains as a & f1 for a public f1 the requester picks; red team)
-            named = [r.id for r in m.object_refs((raw, self._local.opening_kwrefs))]
+            named = Counter(id(found.get(r.id)) for r in m.object_refs((raw, self._local.opening_kwrefs)))
             for entry in masks:
-                if sum(1 for oid in named if found.get(oid) is entry) > 1:
+                if named[id(entry)] > 1:
                     error = f"{name}: a dealt mask is also an operand of the opening; it cannot open shares " \
                             "protected for another party"
                     break
@@ -156,7 +162,7 @@ class OpeningRules:
         # in the same opening (or an earlier one; red team: test_redteam_quad.py)
         derived = [e for e in found.values() if e.kind == Kind.DEALER and e.meta and not e.meta.get("mask")
                    and not e.meta.get("fixed")]
-        if error is None and any(source.meta.get("opened") or any(source is k for k in masks)
+        if error is None and any(source.meta.get("opened") or id(source) in seen
                                  for entry in derived for source in dealt.sources_of(entry)):
             error = f"{name}: a derived dealt field opens beside or after a mask it is computed from; it cannot " \
                     "open shares protected for another party"
