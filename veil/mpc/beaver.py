@@ -55,6 +55,8 @@ def _masks(xs: list, ys: list, as_: list, bs: list) -> tuple:
     """Several products' ``e = x - a`` (all of them first), then their ``f = y - b``: one opening."""
     if not all(type(v) is list for v in (xs, ys, as_, bs)) or not (len(xs) == len(ys) == len(as_) == len(bs) > 0):
         raise ValueError("beaver_masks needs four lists of the same positive length (x, y, a, b per product)")
+    if not all(isinstance(t, torch.Tensor) for v in (xs, ys, as_, bs) for t in v):
+        raise ValueError("beaver_masks: every operand and mask must be a tensor")
     return (*[_minus(x, a) for x, a in zip(xs, as_)], *[_minus(y, b) for y, b in zip(ys, bs)])
 
 
