@@ -122,3 +122,51 @@ def test_bad_repeat_is_refused(setup):
     with pytest.raises(ValueError, match="repeat"):
         dealer.deal_ahead(plan, repeat=0)
     assert isinstance(MaterialExhaustedError("x"), VeilError)
+
+
+def test_a_recorded_training_step_is_what_each_step_takes(setup):
+    """Plain SGD folds the weight gradients' owed truncation into its update: the recorded plan must not pay
+    it too, or every ``deal_ahead(plan)`` deals a truncation pair per weight that no step takes, kept at the
+    parties for good (the MLP step of bench_mpc.py: +5.7 MB per party and step)."""
+    from torch import nn
+
+    parties, cp, dealer = setup
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    plain = [p.detach().clone() for p in model.parameters()]
+    model.fix_precision().share(*parties, crypto_provider=cp, requires_grad=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5).fix_precision()
+    x, t = torch.randn(4, 6), torch.randn(4, 2)
+    sx, st = (v.fix_precision().share(*parties, crypto_provider=cp) for v in (x, t))
+
+    def step():
+        opt.zero_grad()
+        F.mse_loss(model(sx), st).backward()
+        opt.step()
+
+    def spare():  # material dealt and not taken (on-demand dealing deals in growing batches: some is left)
+        return {k: len(v) for k, v in dealer._spare.items() if v}
+
+    with dealer.record() as plan:
+        step()
+    before = spare()
+    dealer.deal_ahead(plan, repeat=3)
+    dealer.on_exhausted = "raise"
+    try:
+        for _ in range(3):
+            step()
+        assert spare() == before  # the steps took all they were dealt ahead, no more and no less
+    finally:
+        dealer.on_exhausted = "deal"
+    # the same four steps in plain torch
+    ref = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    with torch.no_grad():
+        for p, v in zip(ref.parameters(), plain):
+            p.copy_(v)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    for _ in range(4):
+        ref_opt.zero_grad()
+        F.mse_loss(ref(x), t).backward()
+        ref_opt.step()
+    for p, r in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.get().float_precision(), r.detach(), atol=2e-3, rtol=0)

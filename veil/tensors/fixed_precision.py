@@ -70,7 +70,7 @@ class FixedPrecisionTensor(torch.Tensor):
             out.pending_divisor = int(pending_divisor)
             out._veil_via = settle_via
             for owed in _WATCHED:
-                owed.add(out)
+                owed[id(out)] = weakref.ref(out)
         return out
 
     @property
@@ -203,24 +203,39 @@ class FixedPrecisionTensor(torch.Tensor):
 
 
 #: one set per open dealer ``record()`` block: the tensors created in it that owe a truncation
-_WATCHED: list[weakref.WeakSet] = []
+_WATCHED: list[dict] = []  # id -> weak reference (a WeakSet compares tensors with ==, elementwise)
 
 
 @contextlib.contextmanager
 def _watch_owed() -> Iterator[None]:
     """A dealer's record hook (``veil.mpc.providers.base.RECORD_HOOKS``): when the block ends without an
     error, the tensors it created that are still alive and owing pay now, inside the recorded block."""
-    owed: weakref.WeakSet = weakref.WeakSet()
+    owed: dict[int, weakref.ref] = {}
     _WATCHED.append(owed)
     try:
         yield
     finally:
-        _WATCHED.remove(owed)
-    for tensor in list(owed):
+        _WATCHED[:] = [w for w in _WATCHED if w is not owed]  # (by identity: == would compare tensors)
+    for tensor in [r() for r in owed.values()]:
+        if tensor is None:
+            continue
         tensor.settle()
 
 
 RECORD_HOOKS.append(_watch_owed)
+
+
+def consumed_owing(tensor: FixedPrecisionTensor) -> None:
+    """``tensor``'s debt was paid into another value (a weight gradient folded into plain SGD's update):
+    an open ``record()`` block does not pay it at its end. The recorded plan is then what a call takes:
+    paid there, it recorded a truncation that no later call takes, and ``deal_ahead`` dealt one more
+    each call, kept unused (a party's memory grew by the material every step). Read later, it still pays.
+    The owing value it derives from (a view's product: ``x^T g`` under the gradient's ``t()``) goes too."""
+    while tensor is not None:
+        for owed in _WATCHED:
+            owed.pop(id(tensor), None)
+        via = tensor._veil_via
+        tensor = via[0] if via is not None and via[0]._veil_assigned == via[1] else None
 
 
 def fix_precision(

@@ -38,7 +38,7 @@ from veil.mpc.errors import NotEncodedError
 from veil.mpc.party import party_function, run_party
 from veil.mpc.truncation import TRUNCATION_BOUND
 from veil.tensors.additive import AdditiveSharingTensor
-from veil.tensors.fixed_precision import FixedPrecisionTensor
+from veil.tensors.fixed_precision import FixedPrecisionTensor, consumed_owing
 from veil.tensors.rules import fixed_precision as fp_rules
 
 #: Optimizers whose step only adds, scales and multiplies (exact on shares).
@@ -177,6 +177,9 @@ def _batched_update(params: list, lr: float) -> None:
     if divisor is not None:
         owed = [p.grad.pending_divisor == scale for p in params]
         children = [p.grad.raw_child if o else p.grad.child for p, o in zip(params, owed)]
+        for p, o in zip(params, owed):
+            if o:
+                consumed_owing(p.grad)
         factors = [1 if o else scale for o in owed]
     else:
         children = [p.grad.child for p in params]
