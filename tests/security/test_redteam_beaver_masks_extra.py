@@ -22,21 +22,11 @@ from veil.mpc.party import WIRE_PREFIX, OpenMessage
 from veil.mpc.ring import DTYPE
 from veil.workers.peer_openings import PeerOpenMessage
 
+from tests.security.test_redteam_beaver_masks import _KEPT, _triples
 from tests.security.test_redteam_dealt import BATCH, SECRET, SHAPE, _cmd, _open, _ref, served  # noqa: F401
 
 X = m.ObjectRef(BATCH)
 ZEROS = torch.zeros(SHAPE, dtype=DTYPE)
-_KEPT: list = []  # dealt items' pointers: dropping one deletes its fields on the party
-
-
-def _triples(dealer, a, b, n=2, shape=SHAPE):
-    """Party a's fields (a, b, c) of ``n`` fresh elementwise triples."""
-    out = []
-    for _ in range(n):
-        ptrs = dealer.beaver_triples("mul", shape, shape, [a.id, b.id])
-        _KEPT.append(ptrs)
-        out.append([_ref(p) for p in ptrs[a.id]])
-    return out
 
 
 def _pair(dealer, a, b, shape=SHAPE):
