@@ -18,6 +18,7 @@ Each test compares with the plaintext torch model and ends with an honest query 
 from __future__ import annotations
 
 import copy
+import os
 import threading
 import time
 
@@ -34,7 +35,7 @@ from veil.serving.service import service_of
 from veil.workers.registry import HookContext
 from veil.workers.websocket_client import WebsocketClientWorker
 
-from serving_helpers import client_for, cluster  # noqa: F401  (fixtures)
+from serving_helpers import assert_query_ok, client_for, cluster, served_small_model  # noqa: F401  (fixtures)
 
 
 def _shared(cluster, name, seed=0, **options):
@@ -278,3 +279,19 @@ def test_two_sessions_with_one_id_in_process_each_see_only_their_own(hook):
         protocol.call(second, party, "fetch", "svc", rid)
     with pytest.raises(ServingError, match="no longer served"):  # nothing of the first's is left
         protocol.call(first, party, "fetch", "svc", rid)
+
+
+def test_cluster_workers_get_their_tokens_off_the_command_line(cluster, client_for):
+    """Every local user can read a process's command line (``ps``, /proc/PID/cmdline): a Cluster passes its
+    workers' arguments in a private ``@FILE`` that is gone once they listen, and they still authenticate."""
+    tokens = [cluster.owner_token, cluster.client_token, cluster.peer_token]
+    tokens += [cluster.peer_token_of(w, o) for w in cluster.workers for o in cluster.workers if o is not w]
+    for proc in cluster._processes:
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+            argv = f.read().decode().rstrip("\0").split("\0")
+        assert not any(t in arg for t in tokens for arg in argv), "a token is on a worker's command line"
+        (args_file,) = [arg[1:] for arg in argv if arg.startswith("@")]
+        assert not os.path.exists(args_file)
+    # the workers still authenticate the owner, the client and each other (the dealer's hand-off, openings)
+    _, expected = served_small_model(cluster, "tokens-off-cmdline")
+    assert_query_ok(client_for(cluster, (1, 4), (1, 2), name="tokens-off-cmdline"), expected)

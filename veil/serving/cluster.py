@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import secrets
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -142,9 +143,11 @@ class Cluster:
 
         from concurrent.futures import ThreadPoolExecutor
 
-        # In parallel: each process spends seconds importing torch before it listens.
+        # In parallel: each process spends seconds importing torch before it listens. Its arguments (tokens)
+        # go in a file only this user can read, named as "@FILE", and removed once it listens: a command
+        # line is readable by every local user (ps, /proc/PID/cmdline).
         with ThreadPoolExecutor(len(self.workers)) as pool:
-            futures = [pool.submit(start_worker, w.id, self.worker_args(w), port=w.port, ready_timeout=180)
+            futures = [pool.submit(_start_with_args_file, start_worker, w, self.worker_args(w))
                        for w in self.workers]
         errors = []
         for f in futures:
@@ -227,3 +230,14 @@ class Cluster:
         cp_id, cp_addr = desc["crypto_provider"]
         return cls(*parties, crypto_provider=NetworkWorker(cp_addr, id=cp_id),
                    client_token=client_token or desc.get("client_token"))
+
+
+def _start_with_args_file(start_worker: Any, w: NetworkWorker, args: list[str]) -> Any:
+    """``start_worker`` for ``w`` with ``args`` in a private file (mode 0600) it reads as ``@FILE``."""
+    fd, path = tempfile.mkstemp(prefix="veil-worker-", suffix=".args")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(args) + "\n")
+        return start_worker(w.id, [f"@{path}"], port=w.port, ready_timeout=180)
+    finally:
+        os.unlink(path)

@@ -301,6 +301,6 @@ def run(args: argparse.Namespace) -> int:
 if __name__ == "__main__":  # pragma: no cover - `python -m veil.workers.websocket_cli`
     from veil.cli import run_command
 
-    parser = argparse.ArgumentParser(prog="veil worker")
+    parser = argparse.ArgumentParser(prog="veil worker", fromfile_prefix_chars="@")  # @FILE: arguments from FILE
     configure(parser)
     sys.exit(run_command("veil worker", run, parser.parse_args()))
