@@ -139,15 +139,13 @@ class Cluster:
         """Launches the worker processes (auto-managed clusters only); returns self."""
         if not self.auto_managed:
             return self
-        from veil.workers.websocket_launcher import start_worker
-
         from concurrent.futures import ThreadPoolExecutor
 
         # In parallel: each process spends seconds importing torch before it listens. Its arguments (tokens)
         # go in a file only this user can read, named as "@FILE", and removed once it listens: a command
         # line is readable by every local user (ps, /proc/PID/cmdline).
         with ThreadPoolExecutor(len(self.workers)) as pool:
-            futures = [pool.submit(_start_with_args_file, start_worker, w, self.worker_args(w))
+            futures = [pool.submit(_start_with_args_file, w, self.worker_args(w))
                        for w in self.workers]
         errors = []
         for f in futures:
@@ -232,8 +230,10 @@ class Cluster:
                    client_token=client_token or desc.get("client_token"))
 
 
-def _start_with_args_file(start_worker: Any, w: NetworkWorker, args: list[str]) -> Any:
+def _start_with_args_file(w: NetworkWorker, args: list[str]) -> Any:
     """``start_worker`` for ``w`` with ``args`` in a private file (mode 0600) it reads as ``@FILE``."""
+    from veil.workers.websocket_launcher import start_worker
+
     fd, path = tempfile.mkstemp(prefix="veil-worker-", suffix=".args")
     try:
         with os.fdopen(fd, "w") as f:

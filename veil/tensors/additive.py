@@ -92,10 +92,6 @@ class AdditiveSharingTensor(torch.Tensor):
     def child(self, shares: dict) -> None:
         self._veil_shares, self._veil_pending = shares, None
 
-    def _veil_set_shares(self, shares: dict) -> None:
-        """A pending product's result (its placeholder shares had the result's shape)."""
-        self.child = shares
-
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     @classmethod

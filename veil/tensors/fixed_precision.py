@@ -202,8 +202,9 @@ class FixedPrecisionTensor(torch.Tensor):
         return tree_unflatten(flat, spec)
 
 
-#: one set per open dealer ``record()`` block: the tensors created in it that owe a truncation
-_WATCHED: list[dict] = []  # id -> weak reference (a WeakSet compares tensors with ==, elementwise)
+#: per open dealer ``record()`` block, the tensors created in it that owe a truncation: id -> weak
+#: reference (not a WeakSet, which compares tensors with ==, elementwise)
+_WATCHED: list[dict] = []
 
 
 @contextlib.contextmanager

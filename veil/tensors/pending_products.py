@@ -9,7 +9,8 @@ opened together in **one round** (:func:`veil.mpc.beaver.finish_products`), and 
 the backward pass (an autograd engine callback), so its errors still surface in ``backward()``. The
 pairs are autograd's: a matmul's backward computes ``grad @ W^T`` and ``x^T @ grad`` one after the
 other, a product's backward ``grad * y`` and ``grad * x``; each pair costs one round instead of two
-(an MLP's SGD step 26 -> 24 rounds). Outside a backward pass products open at once, as a PySyft user expects (an error at the op).
+(an MLP's SGD step 26 -> 24 rounds). Outside a backward pass products open at once, as a PySyft
+user expects (an error at the op).
 
 What stays as it was: the triples are dealt in the same order (a recorded dealing plan replays);
 each product's operands are captured when it is made (a later in-place op on an operand rebinds
@@ -113,7 +114,7 @@ def _finish_group(group: list) -> None:
                 state.failed = e
             raise
         for (t, _), result in zip(held, shares):
-            t._veil_set_shares(result)
+            t.child = result  # (the setter clears the pending state)
     finally:
         for _, state in held:
             state.lock.release()
