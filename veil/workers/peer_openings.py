@@ -43,11 +43,14 @@ this worker's session registered with the same step. A round is consumed once: w
 failed, abandoned, its session gone) its id is remembered as closed and later fetches for it are
 refused. Fetches that arrive before their round is registered or published wait (outside the worker
 lock, bounded in number and time), so a flood of them holds no more memory than the requests the
-server already has in flight.
+server already has in flight. A network worker serves a peer's well-formed fetch on its event loop
+(:func:`serve_fetch_on_loop`): no handler thread and no worker lock, a waiting fetch parked as a
+future (:meth:`PeerRounds.take_on_loop`); whatever that path does not serve goes to the handler.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -143,6 +146,19 @@ class PeerRounds:
         self._open: dict[str, _Round] = {}
         self._closed: OrderedDict[str, None] = OrderedDict()
         self._waiting: dict[str, int] = {}
+        #: futures of fetches parked on an event loop (:func:`serve_fetch_on_loop`), each resolved at the
+        #: next change of any round (then it takes again, or waits on)
+        self._parked: list[tuple[Any, Any]] = []
+
+    def _changed(self) -> None:
+        """Wakes every waiter (under ``_cond``): fetches waiting on threads and those parked on a loop."""
+        self._cond.notify_all()
+        parked, self._parked = self._parked, []
+        for loop, fut in parked:
+            try:
+                loop.call_soon_threadsafe(_resolve, fut)
+            except RuntimeError:  # that loop is closed (the server stopped): nothing waits there
+                pass
 
     def open(self, namespace: str, round_id: str, name: str, readers: frozenset) -> _Round:
         """Registers a round whose outputs (once published) go to ``readers``, each once."""
@@ -153,14 +169,14 @@ class PeerRounds:
                 raise PeerOpeningError("too many peer openings in progress on this worker")
             rnd = _Round(namespace, name, readers)
             self._open[round_id] = rnd
-            self._cond.notify_all()
+            self._changed()
             return rnd
 
     def publish(self, rnd: _Round, tensors: list) -> None:
         """The round's tensors for its readers (never written afterwards: replies send them from memory)."""
         with self._cond:
             rnd.published = tensors
-            self._cond.notify_all()
+            self._changed()
 
     def check_fresh(self, round_id: str) -> None:
         """Refuses a round id in use or ended, before the step consumes any dealt mask."""
@@ -178,55 +194,104 @@ class PeerRounds:
             self._closed[round_id] = None
             while len(self._closed) > CLOSED_MEMORY:
                 self._closed.popitem(last=False)
-            self._cond.notify_all()
+            self._changed()
 
     def end_session(self, namespace: str) -> None:
         with self._cond:
             for round_id in [r for r, rnd in self._open.items() if rnd.namespace == namespace]:
                 del self._open[round_id]
                 self._closed[round_id] = None
-            self._cond.notify_all()
+            self._changed()
 
     def take(self, round_id: str, reader: str, name: str, wait: float = WAIT_SECONDS) -> list | None:
         """What ``round_id`` published to peer ``reader``, once; waits up to ``wait`` seconds for the round
         to be registered and published here (None: not yet, ask again)."""
         deadline = time.monotonic() + wait
         with self._cond:
-            rnd = self._open.get(round_id)
-            if (rnd is None or rnd.published is None) and round_id not in self._closed:
-                if rnd is not None and reader not in rnd.readers:
-                    raise PeerOpeningError(f"{reader!r} is not a reader of round {round_id!r}")
-                if sum(self._waiting.values()) >= MAX_WAITING_FETCHES \
-                        or self._waiting.get(reader, 0) >= MAX_WAITING_PER_PEER:
-                    raise PeerOpeningError("too many peer fetches waiting for their rounds on this worker")
-                self._waiting[reader] = self._waiting.get(reader, 0) + 1
+            if not self._ready(round_id):
+                self._start_waiting(round_id, reader)
                 try:
-                    while (rnd is None or rnd.published is None) and round_id not in self._closed:
+                    while not self._ready(round_id):
                         left = deadline - time.monotonic()
                         if left <= 0:
                             break
                         self._cond.wait(min(left, 0.5))
                         cancellation.check()  # the fetching peer hung up: free its waiting slot, take nothing
-                        rnd = self._open.get(round_id)
                 finally:
-                    self._waiting[reader] -= 1
-                    if not self._waiting[reader]:
-                        del self._waiting[reader]
-            if round_id in self._closed:
-                raise PeerOpeningError(f"no peer opening round {round_id!r} here (ended, or never registered)")
-            if rnd is None:
-                return None  # not registered yet: the fetching party asks again until its own wait runs out
-            if rnd.published is None:
-                return None  # not yet: the fetching party asks again until its own wait runs out
-            if reader not in rnd.readers:
-                raise PeerOpeningError(f"{reader!r} is not a reader of round {round_id!r}")
-            if reader in rnd.taken:
-                raise PeerOpeningError(f"{reader!r} already took its share of round {round_id!r}")
-            if name != rnd.name:
-                raise PeerOpeningError(f"round {round_id!r} opens {rnd.name!r}, not {name!r}")
-            rnd.taken.add(reader)
-            self._cond.notify_all()
-            return rnd.published
+                    self._stop_waiting(reader)
+            return self._hand_over(round_id, reader, name)
+
+    async def take_on_loop(self, round_id: str, reader: str, name: str, wait: float, closed: Any) -> list | None:
+        """:meth:`take` for a fetch served on an event loop: parked (a future resolved at the next change of
+        any round, no thread) instead of blocking, within the same waiting limits. Raises what ``take``
+        raises (before anything is taken), and ConnectionError when ``closed`` (the connection's future)
+        is done first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        with self._cond:
+            if self._ready(round_id):
+                return self._hand_over(round_id, reader, name)
+            self._start_waiting(round_id, reader)
+        try:
+            while True:
+                fut = loop.create_future()
+                with self._cond:
+                    if self._ready(round_id):
+                        break
+                    self._parked.append((loop, fut))
+                try:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        break
+                    await asyncio.wait((fut, closed), timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                    if closed.done():
+                        raise ConnectionError("the fetching peer hung up")
+                finally:
+                    if not fut.done():  # no change woke it: not left behind in the list
+                        with self._cond:
+                            self._parked = [(lp, f) for lp, f in self._parked if f is not fut]
+        finally:
+            with self._cond:
+                self._stop_waiting(reader)
+        with self._cond:
+            return self._hand_over(round_id, reader, name)
+
+    def _ready(self, round_id: str) -> bool:
+        """(Under ``_cond``.) Whether a fetch of ``round_id`` stops waiting: the round published or ended."""
+        rnd = self._open.get(round_id)
+        return round_id in self._closed or (rnd is not None and rnd.published is not None)
+
+    def _start_waiting(self, round_id: str, reader: str) -> None:
+        """(Under ``_cond``.) Counts a fetch that waits, within the limits (raises past them)."""
+        rnd = self._open.get(round_id)
+        if rnd is not None and reader not in rnd.readers:
+            raise PeerOpeningError(f"{reader!r} is not a reader of round {round_id!r}")
+        if sum(self._waiting.values()) >= MAX_WAITING_FETCHES \
+                or self._waiting.get(reader, 0) >= MAX_WAITING_PER_PEER:
+            raise PeerOpeningError("too many peer fetches waiting for their rounds on this worker")
+        self._waiting[reader] = self._waiting.get(reader, 0) + 1
+
+    def _stop_waiting(self, reader: str) -> None:
+        self._waiting[reader] -= 1
+        if not self._waiting[reader]:
+            del self._waiting[reader]
+
+    def _hand_over(self, round_id: str, reader: str, name: str) -> list | None:
+        """(Under ``_cond``.) The round's outputs for ``reader``, marked taken; None: not published yet."""
+        if round_id in self._closed:
+            raise PeerOpeningError(f"no peer opening round {round_id!r} here (ended, or never registered)")
+        rnd = self._open.get(round_id)
+        if rnd is None or rnd.published is None:
+            return None  # not registered or not published yet: the fetching party asks again until its wait runs out
+        if reader not in rnd.readers:
+            raise PeerOpeningError(f"{reader!r} is not a reader of round {round_id!r}")
+        if reader in rnd.taken:
+            raise PeerOpeningError(f"{reader!r} already took its share of round {round_id!r}")
+        if name != rnd.name:
+            raise PeerOpeningError(f"round {round_id!r} opens {rnd.name!r}, not {name!r}")
+        rnd.taken.add(reader)
+        self._changed()
+        return rnd.published
 
     def wait_taken(self, round_id: str, rnd: _Round) -> None:
         """Until every reader took the round's outputs; raises past the wait or when cancelled."""
@@ -426,19 +491,34 @@ def _checked(peer: str, round_id: str, reply: Any, expected: list) -> list:
     return out
 
 
+def _peer_session(principal: Any) -> bool:
+    """Only a peer worker's own connection fetches shares (not a scientist, client or admin session)."""
+    return principal is not None and principal.isolated and principal.roles == frozenset({"peer"})
+
+
+def _well_formed(msg: PeerFetchMessage) -> bool:
+    """A round id of 16-64 letters or digits and a step name: any other fetch is refused at once (no round
+    has such an id, _check_message), it must not wait holding a slot."""
+    return isinstance(msg.round, str) and isinstance(msg.name, str) and 16 <= len(msg.round) <= 64 \
+        and msg.round.isascii() and msg.round.isalnum() and len(msg.name) <= 64
+
+
+def _fetched(tensors: list) -> m.ObjectsReply:
+    reply = m.ObjectsReply(list(tensors))
+    reply.fresh = True  # published for this round alone and never written again: sent from their memory
+    return reply
+
+
 @register_handler(PeerFetchMessage)
 def _handle_peer_fetch(worker: Any, msg: PeerFetchMessage, sender: str) -> Any:
     """Runs on the publishing party: hands a peer what a round of this worker's sessions published to it."""
     monitor = worker.monitor
     principal = worker.principal(sender)
-    if principal is None or not principal.isolated or principal.roles != frozenset({"peer"}):
-        # only a peer worker's own connection fetches shares (not a scientist, client or admin session)
+    if not _peer_session(principal):
         if principal is not None:
             monitor.audit("peer_fetch", principal, [], "refused", "not a peer connection")
         raise PermissionDeniedError("peer shares go only to peer workers")
-    if not isinstance(msg.round, str) or not isinstance(msg.name, str) or not 16 <= len(msg.round) <= 64 \
-            or not (msg.round.isascii() and msg.round.isalnum()) or len(msg.name) > 64:
-        # refused at once: no round has such an id (_check_message), a fetch must not wait holding it
+    if not _well_formed(msg):
         raise PeerOpeningError("a peer fetch names a round id of 16-64 letters or digits and a step")
     try:
         with cancellation.outside_turn():  # the round's own request registers and publishes it under the lock
@@ -446,11 +526,29 @@ def _handle_peer_fetch(worker: Any, msg: PeerFetchMessage, sender: str) -> Any:
     except PeerOpeningError as e:
         monitor.audit("peer_fetch", principal, [], "refused", str(e))
         raise
-    if tensors is None:
-        return _NOT_YET
-    reply = m.ObjectsReply(list(tensors))
-    reply.fresh = True  # published for this round alone and never written again: sent from their memory
-    return reply
+    return _NOT_YET if tensors is None else _fetched(tensors)
+
+
+async def serve_fetch_on_loop(worker: Any, principal: Any, msg: PeerFetchMessage, closed: Any) -> Any:
+    """A peer's well-formed fetch served on the network server's event loop: taken at once when its round
+    is published, else parked (no thread) until a round changes, for at most one slice
+    (``FETCH_SLICE_SECONDS``, then "not yet", as on a handler thread). The reply, or None when this path
+    does not serve it: a fetch from a session other than a peer's, a malformed one, or one ``take`` refuses
+    goes to its handler thread, which refuses and audits it as before (nothing was taken here); also
+    None when the connection closed meanwhile (``closed``: its future)."""
+    if not _peer_session(principal) or not _well_formed(msg):
+        return None
+    try:
+        tensors = await rounds_of(worker).take_on_loop(msg.round, principal.user, msg.name, FETCH_SLICE_SECONDS,
+                                                       closed)
+    except (PeerOpeningError, ConnectionError):
+        return None
+    return _NOT_YET if tensors is None else _fetched(tensors)
+
+
+def _resolve(fut: Any) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 _NOT_YET = m.OkReply()  # a fetch's "nothing published for you yet": ask again

@@ -127,6 +127,11 @@ class Session:
     def has_role(self, role: str) -> bool:
         return any(p.role == role for p in self.principals)
 
+    @property
+    def peer_only(self) -> bool:
+        """Whether this connection is a peer worker's alone (only those fetch shares)."""
+        return all(p.role == "peer" for p in self.principals)
+
     #: the monitor's Principal for this session (built once by the server)
     principal: object = field(default=None, compare=False, repr=False)
     #: this connection's skeleton commands, number -> definition (``veil/workers/skeletons.py``)

@@ -43,11 +43,12 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
 from veil.exceptions import PermissionDeniedError, WorkerNotFoundError, error_reply_fields
 from veil.messaging import messages as m
-from veil.messaging.serde import FrameParts, OwnedFrame, frame_pad, serialize
+from veil.messaging.serde import FrameParts, OwnedFrame, deserialize, frame_pad, serialize
 from veil.mpc.material import drop_provider_scope
 from veil.workers import cancellation
 from veil.workers.base import HANDLERS, BaseWorker
 from veil.workers.monitor import Principal
+from veil.workers.peer_openings import PeerFetchMessage, serve_fetch_on_loop
 from veil.workers.persistence import OwnerDB
 from veil.workers import handlers as _handlers
 from veil.workers import skeletons as _skeletons
@@ -72,6 +73,9 @@ DEFAULT_MAX_COMMAND_SECONDS = 600.0
 OPEN_TIMEOUT = 10.0
 #: GIL switch interval while serving (seconds; Python's default is 0.005)
 SWITCH_INTERVAL = 0.0005
+
+#: a peer fetch (a round id and a step name) is far smaller: a larger request is not decoded on the loop
+_PEER_FETCH_MAX_BYTES = 512
 
 #: requests that move data out of the worker -> audit action name
 OUTBOUND: dict[type, str] = {m.GetObjectsMessage: "get", m.MoveMessage: "move", m.RemoteGetMessage: "remote_get"}
@@ -424,6 +428,10 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
                                       sender=self.id)
                 else:
                     reply, decoded = self.try_inline(data, session)
+                    if reply is None and session.peer_only:
+                        reply = await self._serve_peer_fetch(data, decoded, session, closed)
+                        if reply is None and closed.done():
+                            break
                     if reply is None:
                         reply = await self._run_request(loop, data, session, closed, decoded)
                     if reply is None:
@@ -440,6 +448,27 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
             closed.cancel()
             self._connections.pop(session.id, None)
             await loop.run_in_executor(self._executor, self.end_session, session)
+
+    async def _serve_peer_fetch(self, data: Any, decoded: tuple | None, session: Session,
+                                closed: asyncio.Future) -> bytes | None:
+        """A peer session's share fetch, served on the loop (``peer_openings.serve_fetch_on_loop``: no
+        handler thread, no worker lock; it takes only published shares); None: the handler thread serves
+        this request (anything else, a refusal, a closed connection)."""
+        if decoded is None:  # try_inline did not decode it (the worker was busy): a fetch is a few dozen bytes
+            if len(data) > _PEER_FETCH_MAX_BYTES:
+                return None
+            self._local.session = session
+            try:
+                decoded = deserialize(data, self._decode_ctx)
+            except Exception:  # the handler thread answers it with the decoding error
+                return None
+            finally:
+                self._local.session = None
+        msg, _sender, prelude = decoded
+        if type(msg) is not PeerFetchMessage or prelude:
+            return None
+        reply = await serve_fetch_on_loop(self, self.principal_of(session), msg, closed)
+        return None if reply is None else self._reply_bytes(reply)
 
     async def _run_request(self, loop: asyncio.AbstractEventLoop, data: bytes, session: Session,
                            closed: asyncio.Future, decoded: tuple | None = None) -> bytes | None:
