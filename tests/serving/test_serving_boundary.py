@@ -295,3 +295,35 @@ def test_cluster_workers_get_their_tokens_off_the_command_line(cluster, client_f
     # the workers still authenticate the owner, the client and each other (the dealer's hand-off, openings)
     _, expected = served_small_model(cluster, "tokens-off-cmdline")
     assert_query_ok(client_for(cluster, (1, 4), (1, 2), name="tokens-off-cmdline"), expected)
+
+
+def test_start_worker_passes_every_argument_off_the_command_line():
+    """``start_worker`` (examples, benchmarks, tests) puts a worker's arguments in a private ``@FILE`` too:
+    the token is not on its command line, the file is gone once it listens, and the token still works; an
+    argument with a line break (it would become two arguments in the file) is refused before anything runs."""
+    import secrets
+
+    import torch
+
+    import veil as sy
+    from veil.workers.websocket_launcher import start_worker
+
+    token = "t" + secrets.token_urlsafe(24)
+    with pytest.raises(ValueError, match="line break"):
+        start_worker("nl", ["--token", token + "\n--admin-token\nx"])
+    wp = start_worker("offcmd", ["--token", token])
+    try:
+        with open(f"/proc/{wp.pid}/cmdline", "rb") as f:
+            argv = f.read().decode().rstrip("\0").split("\0")
+        assert not any(token in arg for arg in argv)
+        (args_file,) = [arg[1:] for arg in argv if arg.startswith("@")]
+        assert not os.path.exists(args_file)
+        hook = sy.TorchHook(torch)
+        client = sy.WebsocketClientWorker(hook, id="offcmd", host="127.0.0.1", port=wp.port, token=token)
+        try:
+            x = torch.arange(5.0)
+            assert torch.equal((x.send(client) * 2).get(), x * 2)
+        finally:
+            client.close()
+    finally:
+        wp.stop()

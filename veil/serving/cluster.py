@@ -35,7 +35,6 @@ import hashlib
 import json
 import os
 import secrets
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -141,11 +140,12 @@ class Cluster:
             return self
         from concurrent.futures import ThreadPoolExecutor
 
-        # In parallel: each process spends seconds importing torch before it listens. Its arguments (tokens)
-        # go in a file only this user can read, named as "@FILE", and removed once it listens: a command
-        # line is readable by every local user (ps, /proc/PID/cmdline).
+        from veil.workers.websocket_launcher import start_worker
+
+        # In parallel: each process spends seconds importing torch before it listens (start_worker passes
+        # its arguments, tokens among them, in a private @FILE, never on the command line).
         with ThreadPoolExecutor(len(self.workers)) as pool:
-            futures = [pool.submit(_start_with_args_file, w, self.worker_args(w))
+            futures = [pool.submit(start_worker, w.id, self.worker_args(w), port=w.port, ready_timeout=180)
                        for w in self.workers]
         errors = []
         for f in futures:
@@ -230,14 +230,3 @@ class Cluster:
                    client_token=client_token or desc.get("client_token"))
 
 
-def _start_with_args_file(w: NetworkWorker, args: list[str]) -> Any:
-    """``start_worker`` for ``w`` with ``args`` in a private file (mode 0600) it reads as ``@FILE``."""
-    from veil.workers.websocket_launcher import start_worker
-
-    fd, path = tempfile.mkstemp(prefix="veil-worker-", suffix=".args")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write("\n".join(args) + "\n")
-        return start_worker(w.id, [f"@{path}"], port=w.port, ready_timeout=180)
-    finally:
-        os.unlink(path)

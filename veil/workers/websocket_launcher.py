@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -89,10 +90,28 @@ def start_worker(worker_id: str, args: list[str] = (), port: int = 0, env: dict 
                  ready_timeout: float = 60.0) -> WorkerProcess:
     """Runs ``veil worker --id worker_id --port port *args`` and waits until it listens.
 
+    ``args`` (tokens among them) go in a file only this user can read (mode 0600), named on the command
+    line as ``@FILE`` (argparse's arguments file) and removed once the worker listens or failed: a
+    command line is readable by every local user (``ps``, /proc/PID/cmdline).
+
     Raises:
         RuntimeError: the process exited or did not report readiness in time
             (its output is in the message).
+        ValueError: an argument holds a line break (the file holds one argument per line).
     """
+    args = [str(a) for a in args]
+    if any("\n" in a or "\r" in a for a in args):
+        raise ValueError("a worker argument cannot hold a line break (they are passed one per line in a file)")
+    fd, path = tempfile.mkstemp(prefix="veil-worker-", suffix=".args")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(a + "\n" for a in args))
+        return _launch(worker_id, [f"@{path}"], port, env, ready_timeout)
+    finally:
+        os.unlink(path)
+
+
+def _launch(worker_id: str, args: list[str], port: int, env: dict | None, ready_timeout: float) -> WorkerProcess:
     cmd = [sys.executable, "-m", "veil.cli", "worker", "--id", worker_id, "--port", str(port), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})})
