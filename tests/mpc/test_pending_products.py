@@ -22,6 +22,8 @@ from tests.mpc.test_lazy_truncation import close, sh, value  # noqa: F401  (sh: 
 CASES = {
     "matmul": ((5, 4), (4, 3), lambda x, w: x @ w),
     "mul": ((3, 4), (3, 4), lambda x, w: x * w),
+    # a strided, padded convolution: its backward (veil/tensors/rules/conv_backward.py) is two convolutions
+    "conv": ((2, 2, 6, 5), (3, 2, 3, 2), lambda x, w: torch.nn.functional.conv2d(x, w, stride=2, padding=1)),
 }
 
 
@@ -55,7 +57,7 @@ def test_both_gradients_of_a_product_open_in_one_round(sh, name):
     assert lazy_rounds == eager_rounds - 1, (lazy_rounds, eager_rounds)
 
 
-@pytest.mark.parametrize("name", ["matmul", "mul"])
+@pytest.mark.parametrize("name", ["matmul", "mul", "conv"])
 def test_over_network_parties_with_peer_openings(parties, cp, name):  # noqa: F811
     def share(t, requires_grad=False):
         return t.fix_precision(requires_grad=requires_grad).share(*parties, crypto_provider=cp)

@@ -20,6 +20,7 @@ from veil.mpc.ring import conv2d as ring_conv2d
 from veil.mpc.ring import pair
 from veil.tensors._dispatch import RuleTable
 from veil.tensors.additive import AdditiveSharingTensor
+from veil.tensors.rules.conv_backward import convolution_backward
 from veil.tensors.rules.common import INPLACE_TO_OUTOFPLACE, STRUCTURAL_OPS, run_inplace, scalar_value
 
 aten = torch.ops.aten
@@ -289,6 +290,11 @@ def _convolution(cls, func, args, kwargs):
     if bias is not None:  # at the product's scale while its truncation is pending
         out = aten.add.Tensor(out, aten.view.default(bias, [1, -1, 1, 1]))
     return out
+
+
+@FIXED_PRECISION_RULES.handler(aten.convolution_backward.default)
+def _convolution_backward(cls, func, args, kwargs):
+    return convolution_backward(*args, **kwargs)
 
 
 @FIXED_PRECISION_RULES.handler(aten.mean.default, aten.mean.dim)

@@ -1,0 +1,105 @@
+"""Encrypted CNN training: a convolution's backward pass (veil/tensors/rules/conv_backward.py).
+
+The decomposition is checked against torch's own ``aten.convolution_backward`` over strides, paddings,
+dilations and kernel shapes (hypothesis), then a small CNN trains on shared fixed-precision values with
+2 and 3 parties and its losses and parameters are compared with the same steps in plain torch. The
+rounds of the backward pass and the network parties are in test_pending_products.py (case "conv").
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import veil as sy
+from veil.mpc.errors import UnsupportedOperationError
+from veil.tensors.rules.conv_backward import convolution_backward
+
+aten = torch.ops.aten
+
+
+@st.composite
+def _conv_case(draw):
+    k = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    # an input at least as large as the dilated kernel after padding
+    size = [draw(st.integers(max(1, d * (kk - 1) + 1 - 2 * p), 9)) for kk, p, d in zip(k, padding, dilation)]
+    n, c_in, c_out = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    mask = draw(st.lists(st.booleans(), min_size=3, max_size=3))
+    return (n, c_in, *size), (c_out, c_in, *k), stride, padding, dilation, mask
+
+
+@settings(max_examples=150, deadline=None)
+@given(_conv_case(), st.integers(0, 2**31))
+def test_the_decomposition_equals_torchs_convolution_backward(case, seed):
+    """Small integers in float64: every sum is exact, so the two must agree to the last bit."""
+    x_shape, w_shape, stride, padding, dilation, mask = case
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(-8, 8, x_shape, generator=gen).double()
+    w = torch.randint(-8, 8, w_shape, generator=gen).double()
+    y = F.conv2d(x, w, None, stride, padding, dilation)
+    g = torch.randint(-8, 8, y.shape, generator=gen).double()
+    args = (g, x, w, [w_shape[0]], list(stride), list(padding), list(dilation), False, [0, 0], 1, mask)
+    want = aten.convolution_backward.default(*args)
+    got = convolution_backward(*args)
+    for name, a, b, asked in zip(("input", "weight", "bias"), want, got, mask):
+        if not asked:
+            assert b is None, name
+            continue
+        assert b.shape == a.shape and torch.equal(b, a), name
+
+
+def _workers(hook, n):
+    return [sy.VirtualWorker(hook, id=f"cp{i}") for i in range(n)], sy.VirtualWorker(hook, id="ccp")
+
+
+def _steps(model, opt, x, y, n):
+    losses = []
+    for _ in range(n):
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss)
+    return losses
+
+
+@pytest.mark.parametrize("n_parties", [2, 3])
+def test_a_small_cnn_trains_encrypted_as_in_plaintext(hook, n_parties):
+    torch.manual_seed(7)
+    plain = nn.Sequential(nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 2), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(2 * 3 * 3, 2))
+    model = copy.deepcopy(plain)
+    x, y = torch.randn(6, 1, 8, 8), torch.randn(6, 2)
+    parties, cp = _workers(hook, n_parties)
+    model.fix_precision().share(*parties, crypto_provider=cp, requires_grad=True)
+    xs = x.fix_precision().share(*parties, crypto_provider=cp)
+    ys = y.fix_precision().share(*parties, crypto_provider=cp)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05).fix_precision()
+    popt = torch.optim.SGD(plain.parameters(), lr=0.05)
+
+    losses = [loss.get().float_precision().item() for loss in _steps(model, opt, xs, ys, 3)]
+    expected = [loss.item() for loss in _steps(plain, popt, x, y, 3)]
+
+    assert losses == pytest.approx(expected, abs=1e-3)
+    model.get().float_precision()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.allclose(p, q, atol=1e-3), (p - q).abs().max()
+
+
+def test_a_grouped_convolution_is_refused_in_backward_with_a_clear_error(hook):
+    parties, cp = _workers(hook, 2)
+    conv = nn.Conv2d(2, 2, 3, groups=2)
+    conv.fix_precision().share(*parties, crypto_provider=cp, requires_grad=True)
+    xs = torch.randn(1, 2, 5, 5).fix_precision().share(*parties, crypto_provider=cp)
+    out = conv(xs).sum()
+    with pytest.raises(UnsupportedOperationError, match="groups=1"):
+        out.backward()
