@@ -72,6 +72,13 @@ def model_cases(parties, cp) -> list:
     x, y = torch.rand(128, 784), F.one_hot(torch.randint(0, 10, (128,)), 10).float()
     xb, yb = sh(x), sh(y)
     x1, x64 = torch.rand(1, 1, 28, 28), torch.rand(64, 1, 28, 28)
+    plain_cnn_t = _mnist_cnn().train()  # the same CNN, trained: conv and average-pool backward passes
+    cnn_t = copy.deepcopy(plain_cnn_t)
+    cnn_t.fix_precision().share(*parties, crypto_provider=cp, requires_grad=True)
+    opt_c = torch.optim.SGD(cnn_t.parameters(), lr=0.1).fix_precision()
+    plain_opt_c = torch.optim.SGD(plain_cnn_t.parameters(), lr=0.1)
+    y64 = F.one_hot(torch.randint(0, 10, (64,)), 10).float()
+    x64s, y64s = sh(x64), sh(y64)
 
     def sgd_step(model, optimizer, xs, ys):
         optimizer.zero_grad()
@@ -88,6 +95,8 @@ def model_cases(parties, cp) -> list:
         ("CNN inference batch 1", lambda: infer(cnn, sh(x1)), lambda: infer(plain_cnn, x1)),
         ("CNN inference batch 64", lambda: infer(cnn, sh(x64)), lambda: infer(plain_cnn, x64)),
         ("MLP SGD step batch 128", lambda: sgd_step(mlp, opt, xb, yb), lambda: sgd_step(plain_mlp, plain_opt, x, y)),
+        ("CNN SGD step batch 64", lambda: sgd_step(cnn_t, opt_c, x64s, y64s),
+         lambda: sgd_step(plain_cnn_t, plain_opt_c, x64, y64)),
     ]
 
 

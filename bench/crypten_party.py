@@ -212,12 +212,25 @@ def main() -> None:
             mlp.update_parameters(0.1, grad_threshold=None)
             return loss
 
+        cnn_train = _to_crypten(_torch_cnn()).encrypt(src=0)  # bench_mpc's "CNN SGD step batch 64"
+        cnn_train.train()
+        xc64 = crypten.cryptensor(torch.rand(64, 1, 28, 28), src=0)
+        yc64 = crypten.cryptensor(F.one_hot(torch.randint(0, 10, (64,)), 10).float(), src=0)
+
+        def cnn_step():
+            cnn_train.zero_grad()
+            loss = loss_fn(cnn_train(xc64), yc64)
+            loss.backward()
+            cnn_train.update_parameters(0.1, grad_threshold=None)  # (as sgd_step)
+            return loss
+
         with torch.no_grad():
             ref1, ref64 = tcnn(x1), tcnn(x64)
         cases += [
             ("CNN inference batch 1", lambda: infer(x1), ref1),
             ("CNN inference batch 64", lambda: infer(x64), ref64),
             ("MLP SGD step batch 128", sgd_step, None),
+            ("CNN SGD step batch 64", cnn_step, None),
         ]
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     results = {}

@@ -51,14 +51,14 @@ def _conv(a: Any, b: Any, stride: tuple, dilation: tuple) -> Any:
 
 
 def _grad_input(grad: Any, x_shape: torch.Size, w: Any, stride: tuple, padding: tuple, dilation: tuple) -> Any:
-    spread = _spread(grad, stride)
+    spread_ = spread(grad, stride)
     kernel = aten.transpose.int(aten.flip.default(w, [2, 3]), 0, 1)  # (C_in, C_out, kh, kw)
     pads = []
     for axis in (1, 0):  # constant_pad_nd lists the last dimension first
         k, p, d = w.shape[2 + axis], padding[axis], dilation[axis]
         # the end also gets the rows or columns the forward stride left out: x's size is reached again
-        pads += [d * (k - 1) - p, x_shape[2 + axis] - spread.shape[2 + axis] + p]
-    return _conv(aten.constant_pad_nd.default(spread, pads, 0), kernel, (1, 1), dilation)
+        pads += [d * (k - 1) - p, x_shape[2 + axis] - spread_.shape[2 + axis] + p]
+    return _conv(aten.constant_pad_nd.default(spread_, pads, 0), kernel, (1, 1), dilation)
 
 
 def _grad_weight(grad: Any, x: Any, w_shape: torch.Size, stride: tuple, padding: tuple, dilation: tuple) -> Any:
@@ -72,8 +72,9 @@ def _grad_weight(grad: Any, x: Any, w_shape: torch.Size, stride: tuple, padding:
     return aten.clone.default(aten.transpose.int(out, 0, 1), memory_format=torch.contiguous_format)
 
 
-def _spread(grad: Any, stride: tuple) -> Any:
-    """``grad`` with ``s - 1`` zeros between neighbouring entries along each spatial axis (stride ``s``)."""
+def spread(grad: Any, stride: tuple) -> Any:
+    """``grad`` with ``s - 1`` zeros between neighbouring entries along each spatial axis (stride ``s``): the
+    transpose of striding (also average pooling's backward, ``fixed_precision._avg_pool2d_backward``)."""
     for axis, s in ((2, stride[0]), (3, stride[1])):
         if s == 1:
             continue

@@ -20,7 +20,7 @@ from veil.mpc.ring import conv2d as ring_conv2d
 from veil.mpc.ring import pair
 from veil.tensors._dispatch import RuleTable
 from veil.tensors.additive import AdditiveSharingTensor
-from veil.tensors.rules.conv_backward import convolution_backward
+from veil.tensors.rules.conv_backward import convolution_backward, spread
 from veil.tensors.rules.common import INPLACE_TO_OUTOFPLACE, STRUCTURAL_OPS, run_inplace, scalar_value
 
 aten = torch.ops.aten
@@ -368,6 +368,33 @@ def _avg_pool2d(cls, func, args, kwargs):
     if x.pending_divisor != 1:  # the next op may fold it further (a ReLU's comparison)
         return cls(total, x.encoding, x.dtype, pending_divisor=divisor)
     return cls(truncate(total, divisor), x.encoding, x.dtype)
+
+
+@FIXED_PRECISION_RULES.handler(aten.avg_pool2d_backward.default)
+def _avg_pool2d_backward(cls, func, args, kwargs):
+    """The transpose of :func:`_avg_pool2d`: each output's gradient goes back to every entry of its window
+    (the gradient spread by the stride, shifted to each of the kernel's offsets, cropped to the input and
+    summed: local ops), divided by the window's divisor in one truncation with any debt it carries."""
+    names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+    grad, x = args[0], args[1]
+    opts = dict(zip(names, args[2:]), **kwargs)
+    kh, kw = pair(opts["kernel_size"])
+    sh, sw = pair(opts.get("stride") or (kh, kw))
+    ph, pw = pair(opts.get("padding", 0))
+    if opts.get("ceil_mode") or (ph or pw) and not opts.get("count_include_pad", True):
+        raise UnsupportedOperationError("avg_pool2d with ceil_mode or count_include_pad=False")
+    spread_ = spread(grad.raw_child, (sh, sw))
+    height, width = x.shape[-2] + 2 * ph, x.shape[-1] + 2 * pw  # the padded input the windows covered
+    total = None
+    for i in range(kh):
+        for j in range(kw):  # this offset's entries of every window, at their places in the padded input
+            pads = [j, width - j - spread_.shape[-1], i, height - i - spread_.shape[-2]]
+            part = aten.constant_pad_nd.default(spread_, pads, 0)
+            total = part if total is None else aten.add.Tensor(total, part)
+    if ph or pw:  # the padding's gradients are dropped
+        total = aten.constant_pad_nd.default(total, [-pw, -pw, -ph, -ph], 0)
+    divisor = (opts.get("divisor_override") or kh * kw) * grad.pending_divisor
+    return cls(truncate(total, divisor), grad.encoding, grad.dtype)
 
 
 @FIXED_PRECISION_RULES.handler(aten.constant_pad_nd.default)
