@@ -8,7 +8,7 @@ Workloads (bench/bench_mpc.py's): elementwise mul of 1e6 fixed-point values,
 CNN (conv16-avgpool-relu-conv32-avgpool-relu-conv64-avgpool-relu-flatten-
 linear10, batch 1 and 64; the timed call encrypts the input) and one
 encrypted SGD step (forward, MSE backward, update) of a 784-128-128-10 MLP at
-batch 128. 2 parties, 16 fractional bits, ring Z/2^64 in both frameworks.
+batch 128 and of the same CNN at batch 64. 2 parties, 16 fractional bits, ring Z/2^64 in both frameworks.
 
 Timing: CrypTen, veil over VirtualWorkers and veil over network workers run
 in turn, ``--passes`` times; each keeps its best pass (the shared cores' load

@@ -9,7 +9,7 @@ Ops: elementwise mul of 1e6 fixed-point values, 256x256 @ 256x256 matmul,
 ReLU on 1e5 values. Models (second table): private inference of the MNIST
 CNN of tests/mpc/test_private_cnn_accuracy.py at batch 1 and 64, and one
 encrypted SGD step (forward, MSE backward, update) of a 784-128-128-10 MLP
-at batch 128. For each: best-of wall time (dealing by the crypto
+at batch 128 and of the CNN at batch 64. For each: best-of wall time (dealing by the crypto
 provider included, a fresh item per call: the dealer runs in-process), the
 online time (the material dealt ahead by ``WorkerDealer.deal_ahead``:
 openings and local work only), dealing ahead + online, plain torch time, opening
