@@ -37,7 +37,7 @@ def _conv_case(draw):
     return (n, c_in, *size), (c_out, c_in, *k), stride, padding, dilation, mask
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(_conv_case(), st.integers(0, 2**31))
 def test_the_decomposition_equals_torchs_convolution_backward(case, seed):
     """Small integers in float64: every sum is exact, so the two must agree to the last bit."""
@@ -67,7 +67,7 @@ def _pool_case(draw):
     return (draw(st.integers(1, 2)), draw(st.integers(1, 3)), *size), k, stride, padding, divisor
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(_pool_case(), st.integers(0, 2**31))
 def test_average_pooling_backward_matches_torch(hook, case, seed):
     """Fixed precision against float64: the gradient reaches every entry of each window, divided once."""

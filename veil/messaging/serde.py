@@ -500,6 +500,12 @@ def frame_pad(head: bytes) -> int:
 _COMMAND_FIELDS = len(FIELD_NAMES[CommandMessage])
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """A sender's value as an error message may quote it: its repr, cut (a nested frame's could be long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def deserialize(data: bytes, ctx: DecodeContext | None = None) -> tuple[Any, str, list[int]]:
     """Decodes bytes into ``(message, sender, prelude)``; any failure is a SerializationError."""
     if type(data) is HandedParts:  # in process, the tensors' memory handed over with them
@@ -544,10 +550,11 @@ def deserialize(data: bytes, ctx: DecodeContext | None = None) -> tuple[Any, str
         raise SerializationError("a message must be an array [version, type, sender, prelude, ...]")
     version, type_code, sender, prelude, *field_values = value
     if version != WIRE_VERSION:
-        raise VersionMismatchError(f"wire-format version {version!r} is not supported (this worker speaks {WIRE_VERSION})")
+        raise VersionMismatchError(
+            f"wire-format version {_short(version)} is not supported (this worker speaks {WIRE_VERSION})")
     cls = MESSAGE_TYPES.get(type_code) if type(type_code) is int else None
     if cls is None:
-        raise SerializationError(f"unknown message type {type_code!r}")
+        raise SerializationError(f"unknown message type {_short(type_code)}")
     names = FIELD_NAMES[cls]
     if len(field_values) != len(names):
         raise SerializationError(f"{cls.__name__} takes {len(names)} fields, got {len(field_values)}")

@@ -534,16 +534,24 @@ async def serve_fetch_on_loop(worker: Any, principal: Any, msg: PeerFetchMessage
     is published, else parked (no thread) until a round changes, for at most one slice
     (``FETCH_SLICE_SECONDS``, then "not yet", as on a handler thread). The reply, or None when this path
     does not serve it: a fetch from a session other than a peer's, a malformed one, or one ``take`` refuses
-    goes to its handler thread, which refuses and audits it as before (nothing was taken here); also
-    None when the connection closed meanwhile (``closed``: its future)."""
+    goes to its handler thread, which refuses and audits it as before (nothing was taken here).
+    :data:`HUNG_UP` when the connection closed while it was parked (``closed``: its future)."""
     if not _peer_session(principal) or not _well_formed(msg):
         return None
     try:
         tensors = await rounds_of(worker).take_on_loop(msg.round, principal.user, msg.name, FETCH_SLICE_SECONDS,
                                                        closed)
-    except (PeerOpeningError, ConnectionError):
+    except PeerOpeningError:
         return None
+    except ConnectionError:
+        return HUNG_UP
     return _NOT_YET if tensors is None else _fetched(tensors)
+
+
+#: :func:`serve_fetch_on_loop`'s answer when the fetching peer hung up while its fetch was parked (nothing to
+#: reply, nothing was taken): only then does the server stop reading that connection without the handler
+#: thread (a refusal goes there, to be audited, even if the connection closed meanwhile)
+HUNG_UP = object()
 
 
 def _resolve(fut: Any) -> None:

@@ -48,7 +48,7 @@ from veil.mpc.material import drop_provider_scope
 from veil.workers import cancellation
 from veil.workers.base import HANDLERS, BaseWorker
 from veil.workers.monitor import Principal
-from veil.workers.peer_openings import PeerFetchMessage, serve_fetch_on_loop
+from veil.workers.peer_openings import HUNG_UP, PeerFetchMessage, serve_fetch_on_loop
 from veil.workers.persistence import OwnerDB
 from veil.workers import handlers as _handlers
 from veil.workers import skeletons as _skeletons
@@ -430,7 +430,7 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
                     reply, decoded = self.try_inline(data, session)
                     if reply is None and session.peer_only:
                         reply = await self._serve_peer_fetch(data, decoded, session, closed)
-                        if reply is None and closed.done():
+                        if reply is HUNG_UP:
                             break
                     if reply is None:
                         reply = await self._run_request(loop, data, session, closed, decoded)
@@ -453,7 +453,7 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
                                 closed: asyncio.Future) -> bytes | None:
         """A peer session's share fetch, served on the loop (``peer_openings.serve_fetch_on_loop``: no
         handler thread, no worker lock; it takes only published shares); None: the handler thread serves
-        this request (anything else, a refusal, a closed connection)."""
+        this request (anything else, a refusal); ``HUNG_UP``: the peer hung up while its fetch waited."""
         if decoded is None:  # try_inline did not decode it (the worker was busy): a fetch is a few dozen bytes
             if len(data) > _PEER_FETCH_MAX_BYTES:
                 return None
@@ -468,7 +468,7 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
         if type(msg) is not PeerFetchMessage or prelude:
             return None
         reply = await serve_fetch_on_loop(self, self.principal_of(session), msg, closed)
-        return None if reply is None else self._reply_bytes(reply)
+        return reply if reply is None or reply is HUNG_UP else self._reply_bytes(reply)
 
     async def _run_request(self, loop: asyncio.AbstractEventLoop, data: bytes, session: Session,
                            closed: asyncio.Future, decoded: tuple | None = None) -> bytes | None:
