@@ -164,28 +164,10 @@ def test_a_grouped_convolution_is_refused_in_backward_with_a_clear_error(hook):
 def test_encrypted_mnist_cnn_training_matches_plaintext_accuracy(hook):
     """A conv (stride 2) + ReLU + linear CNN, 3 epochs on MNIST 5k (batch 64, MSE on one-hot labels), from
     the same initial weights: the encrypted model's test accuracy within 2 points of the plaintext one's."""
-    from veil.datasets import load_mnist_5k
+    from tests.mpc.test_training import mnist_accuracies
 
-    from tests.mpc.test_training import _train
-
-    data = load_mnist_5k()
-    x, labels = data["x_train"].view(-1, 1, 28, 28), data["y_train"]
-    y = F.one_hot(labels, 10).float()
-    x_test, y_test = data["x_test"].view(-1, 1, 28, 28), data["y_test"]
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Conv2d(1, 4, 5, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 12 * 12, 10))
-    model = copy.deepcopy(plain)
-    epochs, batch, lr = 3, 64, 1.0
-
-    _train(plain, torch.optim.SGD(plain.parameters(), lr=lr), x, y, epochs, batch)
-    parties, cp = _workers(hook, 2)
-    model.fix_precision().share(*parties, crypto_provider=cp, requires_grad=True)
-    xs, ys = (t.fix_precision().share(*parties, crypto_provider=cp) for t in (x, y))
-    _train(model, torch.optim.SGD(model.parameters(), lr=lr).fix_precision(), xs, ys, epochs, batch)
-    model.get().float_precision()
-
-    with torch.no_grad():
-        acc_plain = (plain(x_test).argmax(1) == y_test).float().mean().item()
-        acc_enc = (model(x_test).argmax(1) == y_test).float().mean().item()
+    acc_plain, acc_enc = mnist_accuracies(hook, plain, (-1, 1, 28, 28))
     assert acc_plain > 0.85
     assert abs(acc_enc - acc_plain) <= 0.02

@@ -82,18 +82,23 @@ def _message(reply) -> str:
     return reply.message if type(reply) is m.ErrorReply else type(reply).__name__
 
 
+def _fetch_absent_rounds(proc, peer: str, n: int) -> list:
+    """``peer``'s replies to ``n`` fetches sent at once over ``n`` connections, each for a round that never comes."""
+    conns = [_raw(proc, _peer_token(peer)) for _ in range(n)]
+    try:
+        for c in conns:
+            c.send(_frame(new_round()))
+        return [deserialize(c.recv(120))[0] for c in conns]
+    finally:
+        _close_all(conns)
+
+
 def _slots_free(proc, peer: str) -> None:
     """No waiting slot of ``peer`` is held at ``proc``: ``MAX_WAITING_PER_PEER`` fetches sent at once, each for
     a round that never comes, all park and are answered "not yet" (a leaked slot refuses one "too many").
     Fetches of connections hung up just before may still be parked (a slice each), so a few waves."""
     for _ in range(20):
-        conns = [_raw(proc, _peer_token(peer)) for _ in range(MAX_WAITING_PER_PEER)]
-        try:
-            for c in conns:
-                c.send(_frame(new_round()))
-            replies = [deserialize(c.recv(120))[0] for c in conns]
-        finally:
-            _close_all(conns)
+        replies = _fetch_absent_rounds(proc, peer, MAX_WAITING_PER_PEER)
         assert all(type(r) in (m.OkReply, m.ErrorReply) for r in replies), replies
         assert all("too many" in r.message for r in replies if type(r) is m.ErrorReply), [_message(r) for r in replies]
         if all(type(r) is m.OkReply for r in replies):
@@ -105,13 +110,7 @@ def _limit_holds(proc, peer: str) -> None:
     """The per-peer limit still refuses: of ``MAX_WAITING_PER_PEER + 4`` fetches sent at once for rounds that
     never come, some are refused "too many", the others answered "not yet" (a few waves, in case one straggles)."""
     for _ in range(5):
-        conns = [_raw(proc, _peer_token(peer)) for _ in range(MAX_WAITING_PER_PEER + 4)]
-        try:
-            for c in conns:
-                c.send(_frame(new_round()))
-            replies = [deserialize(c.recv(120))[0] for c in conns]
-        finally:
-            _close_all(conns)
+        replies = _fetch_absent_rounds(proc, peer, MAX_WAITING_PER_PEER + 4)
         refused = [r for r in replies if type(r) is not m.OkReply]
         assert all(type(r) is m.ErrorReply and "too many" in r.message for r in refused), replies
         if refused:

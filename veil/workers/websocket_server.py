@@ -450,7 +450,7 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
             await loop.run_in_executor(self._executor, self.end_session, session)
 
     async def _serve_peer_fetch(self, data: Any, decoded: tuple | None, session: Session,
-                                closed: asyncio.Future) -> bytes | None:
+                                closed: asyncio.Future) -> Any:
         """A peer session's share fetch, served on the loop (``peer_openings.serve_fetch_on_loop``: no
         handler thread, no worker lock; it takes only published shares); None: the handler thread serves
         this request (anything else, a refusal); ``HUNG_UP``: the peer hung up while its fetch waited."""

@@ -350,21 +350,27 @@ def _constant(cls, func, args, kwargs):
     return out
 
 
+def _pool_options(args: tuple, kwargs: dict) -> tuple:
+    """An average pool's (kernel, stride, padding) as (h, w) pairs and its divisor, from its arguments
+    after the tensor(s); ceil_mode and count_include_pad=False (uneven windows) refused."""
+    names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+    opts = dict(zip(names, args), **kwargs)
+    kernel = pair(opts["kernel_size"])
+    padding = pair(opts.get("padding", 0))
+    if opts.get("ceil_mode") or any(padding) and not opts.get("count_include_pad", True):
+        raise UnsupportedOperationError("avg_pool2d with ceil_mode or count_include_pad=False")
+    return kernel, pair(opts.get("stride") or kernel), padding, opts.get("divisor_override") or kernel[0] * kernel[1]
+
+
 @FIXED_PRECISION_RULES.handler(aten.avg_pool2d.default)
 def _avg_pool2d(cls, func, args, kwargs):
-    names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
-    opts = dict(zip(names, args[1:]), **kwargs)
-    kh, kw = pair(opts["kernel_size"])
-    sh, sw = pair(opts.get("stride") or (kh, kw))
-    ph, pw = pair(opts.get("padding", 0))
-    if opts.get("ceil_mode") or (ph or pw) and not opts.get("count_include_pad", True):
-        raise UnsupportedOperationError("avg_pool2d with ceil_mode or count_include_pad=False")
+    (kh, kw), (sh, sw), (ph, pw), divisor = _pool_options(args[1:], kwargs)
     x = args[0]
     child = x.raw_child  # a pending divisor is paid with the pool's, in one truncation
     child = aten.constant_pad_nd.default(child, [pw, pw, ph, ph], 0) if ph or pw else child
     windows = aten.unfold.default(aten.unfold.default(child, -2, kh, sh), -2, kw, sw)
     total = aten.sum.dim_IntList(windows, [-2, -1])
-    divisor = (opts.get("divisor_override") or kh * kw) * x.pending_divisor
+    divisor *= x.pending_divisor
     if x.pending_divisor != 1:  # the next op may fold it further (a ReLU's comparison)
         return cls(total, x.encoding, x.dtype, pending_divisor=divisor)
     return cls(truncate(total, divisor), x.encoding, x.dtype)
@@ -375,14 +381,8 @@ def _avg_pool2d_backward(cls, func, args, kwargs):
     """The transpose of :func:`_avg_pool2d`: each output's gradient goes back to every entry of its window
     (the gradient spread by the stride, shifted to each of the kernel's offsets, cropped to the input and
     summed: local ops), divided by the window's divisor in one truncation with any debt it carries."""
-    names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
     grad, x = args[0], args[1]
-    opts = dict(zip(names, args[2:]), **kwargs)
-    kh, kw = pair(opts["kernel_size"])
-    sh, sw = pair(opts.get("stride") or (kh, kw))
-    ph, pw = pair(opts.get("padding", 0))
-    if opts.get("ceil_mode") or (ph or pw) and not opts.get("count_include_pad", True):
-        raise UnsupportedOperationError("avg_pool2d with ceil_mode or count_include_pad=False")
+    (kh, kw), (sh, sw), (ph, pw), divisor = _pool_options(args[2:], kwargs)
     spread_ = spread(grad.raw_child, (sh, sw))
     height, width = x.shape[-2] + 2 * ph, x.shape[-1] + 2 * pw  # the padded input the windows covered
     total = None
@@ -393,7 +393,7 @@ def _avg_pool2d_backward(cls, func, args, kwargs):
             total = part if total is None else aten.add.Tensor(total, part)
     if ph or pw:  # the padding's gradients are dropped
         total = aten.constant_pad_nd.default(total, [-pw, -pw, -ph, -ph], 0)
-    divisor = (opts.get("divisor_override") or kh * kw) * grad.pending_divisor
+    divisor *= grad.pending_divisor
     return cls(truncate(total, divisor), grad.encoding, grad.dtype)
 
 
