@@ -21,6 +21,8 @@ import veil as sy
 from veil.mpc.errors import UnsupportedOperationError
 from veil.tensors.rules.conv_backward import convolution_backward
 
+from tests.mpc.test_training import _sgd_steps
+
 aten = torch.ops.aten
 
 
@@ -117,14 +119,7 @@ def _workers(hook, n):
 
 
 def _steps(model, opt, x, y, n):
-    losses = []
-    for _ in range(n):
-        opt.zero_grad()
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss)
-    return losses
+    return _sgd_steps(model, opt, [(x, y)] * n)
 
 
 @pytest.mark.parametrize("n_parties", [2, 3])
