@@ -97,7 +97,7 @@ def _requests(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     # "@FILE" reads arguments from FILE, one per line: secrets (tokens) stay off the command line, which
-    # every local user can read in ps (a Cluster passes its workers' tokens this way)
+    # every local user can read in ps (start_worker, and so Cluster, passes worker arguments this way)
     parser = argparse.ArgumentParser(prog="veil", description=__doc__, fromfile_prefix_chars="@")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_, configure, _) in COMMANDS.items():

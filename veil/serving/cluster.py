@@ -228,5 +228,3 @@ class Cluster:
         cp_id, cp_addr = desc["crypto_provider"]
         return cls(*parties, crypto_provider=NetworkWorker(cp_addr, id=cp_id),
                    client_token=client_token or desc.get("client_token"))
-
-
