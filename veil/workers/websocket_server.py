@@ -29,6 +29,7 @@ Per request the server
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import sys
@@ -47,6 +48,7 @@ from veil.messaging.serde import FrameParts, OwnedFrame, deserialize, frame_pad,
 from veil.mpc.material import drop_provider_scope
 from veil.workers import cancellation
 from veil.workers.base import HANDLERS, BaseWorker
+from veil.workers.lane_connection import LaneConnection
 from veil.workers.monitor import Principal
 from veil.workers.peer_openings import HUNG_UP, PeerFetchMessage, serve_fetch_on_loop
 from veil.workers.persistence import OwnerDB
@@ -417,6 +419,9 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
         self._connections[session.id] = (ws, time.time())
         loop = asyncio.get_running_loop()
         closed = asyncio.ensure_future(ws.wait_closed())
+        lane = isinstance(ws, LaneConnection)
+        if lane:  # requests that arrive while this loop waits for one are served where they are read
+            ws.lane = functools.partial(self.try_inline, session=session)
         try:
             while True:
                 try:
@@ -427,7 +432,9 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
                     reply = serialize(m.ErrorReply("SerializationError", "text frames are not accepted; send binary"),
                                       sender=self.id)
                 else:
-                    reply, decoded = self.try_inline(data, session)
+                    reply, decoded = ws.take_handoff(data) if lane else (None, None)
+                    if reply is None and decoded is None:  # (the lane did not take it: busy then, or never saw it)
+                        reply, decoded = self.try_inline(data, session)
                     if reply is None and session.peer_only:
                         reply = await self._serve_peer_fetch(data, decoded, session, closed)
                         if reply is HUNG_UP:
@@ -445,6 +452,8 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
         except ConnectionClosed:
             pass  # the client went away (or sent an oversized frame): free its objects below
         finally:
+            if lane:
+                ws.lane = None
             closed.cancel()
             self._connections.pop(session.id, None)
             await loop.run_in_executor(self._executor, self.end_session, session)
@@ -516,7 +525,7 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
             self._on_connection, self.host, self.port, process_request=self._check_handshake,
             process_response=self._add_headers, max_size=self.max_message, max_queue=4, compression=None,
             ssl=self.ssl_context, open_timeout=OPEN_TIMEOUT, ping_interval=self.ping_interval,
-            ping_timeout=2 * self.ping_interval, close_timeout=2,
+            ping_timeout=2 * self.ping_interval, close_timeout=2, create_connection=LaneConnection,
         ) as server:
             self.bound_port = next(iter(server.sockets)).getsockname()[1]
             flusher = asyncio.ensure_future(self._flush_refusals())
