@@ -6,6 +6,7 @@ use different ones), so the start/stop and connect/close bookkeeping lives once.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import veil as sy
@@ -24,6 +25,16 @@ def spawned_workers() -> Iterator:
     yield start
     for wp in procs:
         wp.kill()
+
+
+def spawn_all(spawn, specs: dict) -> dict:
+    """Starts several workers at once (``spawn`` of :func:`spawned_workers`; ``specs``: name -> (args,
+    port)): each spends seconds importing torch before it listens, so a cluster one after the other
+    costs the sum. name -> WorkerProcess; one that fails raises here, the others are still killed
+    with the fixture."""
+    with ThreadPoolExecutor(len(specs)) as pool:
+        futures = {name: pool.submit(spawn, name, args, port=port) for name, (args, port) in specs.items()}
+    return {name: f.result() for name, f in futures.items()}
 
 
 def client_connections(hook, default_token: str) -> Iterator:

@@ -23,13 +23,15 @@ def start_peered_pair(spawn, data_dir) -> dict:
     """alice and bob (``spawn`` fixture), each accepting the other as a peer, each with its own data dir."""
     from veil.workers.websocket_launcher import free_port
 
+    from worker_processes import spawn_all
+
     ports = {"alice": free_port(), "bob": free_port()}
-    procs = {}
+    specs = {}
     for name, other in (("alice", "bob"), ("bob", "alice")):
         args = base_args(["--peer", f"{other}=127.0.0.1:{ports[other]}", "--peer-token", f"{other}={PEER}",
                           "--accept-peer", f"{other}={PEER}", "--data-dir", str(data_dir / name)])
-        procs[name] = spawn(name, args, port=ports[name])
-    return procs
+        specs[name] = (args, ports[name])
+    return spawn_all(spawn, specs)
 
 
 def tensor_eq(a, b) -> bool:

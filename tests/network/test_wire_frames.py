@@ -70,12 +70,12 @@ def test_move_of_a_large_tensor_between_workers_skips_the_client(spawn, connect,
     from veil.workers.websocket_launcher import free_port
 
     from network_helpers import PEER
+    from worker_processes import spawn_all
 
     ports = {"alice": free_port(), "bob": free_port()}
-    procs = {}
-    for name, other in (("alice", "bob"), ("bob", "alice")):
-        procs[name] = spawn(name, base_args(["--peer", f"{other}=127.0.0.1:{ports[other]}", "--peer-token",
-                                             f"{other}={PEER}", "--accept-peer", f"{other}={PEER}"]), port=ports[name])
+    procs = spawn_all(spawn, {name: (base_args(["--peer", f"{other}=127.0.0.1:{ports[other]}", "--peer-token",
+                                                f"{other}={PEER}", "--accept-peer", f"{other}={PEER}"]), ports[name])
+                              for name, other in (("alice", "bob"), ("bob", "alice"))})
     alice, bob = connect(procs["alice"]), connect(procs["bob"])
     x = torch.randn(500_000)  # 2 MB: out of band and directly framed on the peer connection
     p = x.send(alice)

@@ -51,19 +51,21 @@ def test_concurrent_rounds_from_one_orchestrator_over_network_workers(hook, spaw
     import threading
 
     from network_helpers import PEER, TOKEN
+    from worker_processes import spawn_all
 
     from veil.workers.websocket_launcher import free_port
 
     names = ("alice", "bob", "cp")
     ports = {n: free_port() for n in names}
-    procs = {}
+    specs = {}
     for n in names:
         args = ["--token", TOKEN]
         for other in names:
             if other != n:
                 args += ["--peer", f"{other}=127.0.0.1:{ports[other]}", "--peer-token", f"{other}={PEER}",
                          "--accept-peer", f"{other}={PEER}"]
-        procs[n] = spawn(n, args, port=ports[n])
+        specs[n] = (args, ports[n])
+    procs = spawn_all(spawn, specs)
     alice, bob, cp = (sy.WebsocketClientWorker(hook, id=n, host="127.0.0.1", port=procs[n].port, token=TOKEN)
                       for n in names)
     errors, wrong = [], []

@@ -27,7 +27,7 @@ from veil.tensors.mpc_glue.runtime import enable_peer_openings
 from veil.workers.peer_openings import PeerFetchMessage, PeerOpenMessage
 
 from network_helpers import PEER, TOKEN
-from worker_processes import spawned_workers
+from worker_processes import spawn_all, spawned_workers
 
 CLIENT = "net-client-token-for-peer-tests"
 NAMES = ("alice", "bob", "dave")  # veil worker processes; charlie is a sink the test runs (a malicious party)
@@ -93,13 +93,15 @@ def cluster(request, hook, sink):
         spawning = spawned_workers()
         spawn = next(spawning)
         try:
+            specs = {}
             for n in NAMES:
                 args = ["--token", TOKEN, f"--client=serving-client={CLIENT}"]
                 for other in ports:
                     if other != n:
                         args += ["--peer", f"{other}=127.0.0.1:{ports[other]}", "--peer-token",
                                  f"{other}={_peer_token(n)}", "--accept-peer", f"{other}={_peer_token(other)}"]
-                procs[n] = spawn(n, args, port=ports[n])
+                specs[n] = (args, ports[n])
+            procs = spawn_all(spawn, specs)
             conns = {n: sy.WebsocketClientWorker(hook, id=n, host="127.0.0.1", port=procs[n].port, token=TOKEN,
                                                  timeout=120) for n in NAMES}
             enable_peer_openings(conns["alice"], conns["bob"])
