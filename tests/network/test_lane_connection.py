@@ -122,17 +122,20 @@ def test_a_reply_the_callback_cannot_write_goes_out_through_the_reader_and_nothi
     conn.close()
 
 
-def test_a_failing_lane_leaves_the_request_to_the_reader(listening, monkeypatch):
+def test_a_failing_lane_answers_with_an_error_and_the_worker_keeps_serving(listening, monkeypatch):
     x = torch.randn(5)
     calls = _spy(listening, monkeypatch, fail_first=True)
     conn = _connect(listening.bound_port)
+    conn.send(_store(1, x))
+    failed = _reply(conn)  # (not handed to the reader: had it failed after running, it would run twice)
+    assert type(failed) is m.ErrorReply and "defect in the lane" in failed.message
     conn.send(_store(1, x))
     assert _reply(conn) == m.OkReply()
     conn.send(_op("Tensor.add_", [1, 1], 2))
     assert _reply(conn) == m.OkReply()
     conn.send(_get(1))
     assert torch.equal(_reply(conn).objects[0], x + x)
-    assert calls == ["raised"] + ["reply"] * 3  # the store: the lane failed before running it, the reader ran it
+    assert calls == ["raised"] + ["reply"] * 3
     conn.close()
 
 

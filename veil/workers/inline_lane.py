@@ -149,6 +149,15 @@ class InlineLane:
         """The fast path: runs a short request on the event loop thread, no thread hop (see :meth:`try_inline`)."""
         return self.try_inline(data, session)[0]
 
+    def lane_request(self, data: bytes, session: Session) -> tuple[bytes | None, tuple | None]:
+        """:meth:`try_inline` for a connection's read callback (``lane_connection``): a failure outside its
+        own handling is answered with an error, never left to the reader, which would run the request again."""
+        try:
+            return self.try_inline(data, session)
+        except Exception as e:
+            log.exception("worker %s: the inline lane failed on a request of session %s", self.id, session.id)
+            return self._error_bytes(e), None
+
     def try_inline(self, data: bytes, session: Session) -> tuple[bytes | None, tuple | None]:
         """Runs a short request on the event loop thread: ``(reply, None)``; else ``(None, decoded)``.
 

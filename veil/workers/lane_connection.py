@@ -15,6 +15,13 @@ write at once (large, flow control, a fragmented send under way), and any reques
 not take, goes to the reader as before with what was computed for it (:attr:`handoff`), so
 nothing runs twice. Control frames, text frames, fragments and frames before the session's
 reader starts take the library's path untouched.
+
+Fairness and memory (red team, tests/security/test_redteam_lane.py): one read callback serves at
+most ``LANE_BURST`` frames, the rest of the read goes to the reader, which yields to the event loop
+between queued requests (:meth:`backlog`): a client pipelining thousands of requests in one segment
+no longer holds every other session for seconds. While the connection's writes are paused (a client
+that does not read its replies) its reading is paused too: websockets answers pings with pongs
+whatever the write buffer holds, and pings never reach the queue whose backlog pauses reading.
 """
 
 from __future__ import annotations
@@ -26,11 +33,16 @@ from websockets.asyncio.server import ServerConnection
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
+from veil.workers.base import YIELD_EVERY
 from veil.workers.reply_frames import ONE_WRITE, _write_frame
 
 log = logging.getLogger("veil.workers.websocket_server")
 
 _BINARY, _OPEN = Opcode.BINARY, State.OPEN
+
+#: frames one read callback may serve; the rest of that read goes to the reader (the granularity at
+#: which a batch on a handler thread yields to other sessions)
+LANE_BURST = YIELD_EVERY
 
 
 class LaneConnection(ServerConnection):
@@ -43,6 +55,44 @@ class LaneConnection(ServerConnection):
         self.lane: Callable[[bytes], tuple] | None = None
         #: ``(data, reply, decoded)`` of the frame the reader gets next: what the lane did with it
         self.handoff: tuple | None = None
+        self._burst = 0  # frames the lane may still serve in this read callback
+        self._held: set[str] = set()  # why reading is paused: "frames" (the assembler's backlog), "writes"
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        frames = self.recv_messages  # its backlog pauses reading through _hold/_release, as writes do
+        frames.pause, frames.resume = (lambda: self._hold("frames")), (lambda: self._release("frames"))
+
+    def _hold(self, why: str) -> None:
+        if not self._held:
+            self.transport.pause_reading()
+        self._held.add(why)
+
+    def _release(self, why: str) -> None:
+        if why in self._held:
+            self._held.discard(why)
+            if not self._held:
+                self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._hold("writes")
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._release("writes")
+
+    def data_received(self, data: bytes) -> None:
+        self._burst = LANE_BURST
+        try:
+            super().data_received(data)
+        finally:
+            self._burst = 0
+
+    def backlog(self) -> bool:
+        """Whether requests are queued for the reader (it then lets other connections' callbacks run
+        before it serves the next one)."""
+        return bool(self.recv_messages.frames.queue)
 
     def _reader_idle(self) -> bool:
         frames = self.recv_messages.frames
@@ -52,13 +102,14 @@ class LaneConnection(ServerConnection):
     def process_event(self, event: Any) -> None:
         lane = self.lane
         if lane is None or type(event) is not Frame or event.opcode is not _BINARY or not event.fin \
-                or not self._reader_idle():
+                or self._burst <= 0 or not self._reader_idle():
             super().process_event(event)
             return
+        self._burst -= 1
         data = event.data
         try:
             reply, decoded = lane(data)
-        except Exception:  # (try_inline answers its own failures; this is a defect, served by the reader)
+        except Exception:  # (the lane answers its own failures: a defect; the request did not run)
             log.exception("the inline lane failed on a request")
             reply, decoded = None, None
         if type(reply) is bytes and len(reply) <= ONE_WRITE and not self.paused \

@@ -421,9 +421,11 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
         closed = asyncio.ensure_future(ws.wait_closed())
         lane = isinstance(ws, LaneConnection)
         if lane:  # requests that arrive while this loop waits for one are served where they are read
-            ws.lane = functools.partial(self.try_inline, session=session)
+            ws.lane = functools.partial(self.lane_request, session=session)
         try:
             while True:
+                if lane and ws.backlog():  # pipelined requests: other connections' reads go between them
+                    await asyncio.sleep(0)
                 try:
                     data = await _receive(ws)
                 except ConnectionClosedOK:
