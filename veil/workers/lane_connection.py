@@ -26,7 +26,6 @@ whatever the write buffer holds, and pings never reach the queue whose backlog p
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable
 
 from websockets.asyncio.server import ServerConnection
@@ -35,8 +34,6 @@ from websockets.protocol import State
 
 from veil.workers.base import YIELD_EVERY
 from veil.workers.reply_frames import ONE_WRITE, _write_frame
-
-log = logging.getLogger("veil.workers.websocket_server")
 
 _BINARY, _OPEN = Opcode.BINARY, State.OPEN
 
@@ -50,8 +47,8 @@ class LaneConnection(ServerConnection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        #: ``data -> (reply, decoded)`` (``InlineLane.try_inline`` for this connection's session); set
-        #: by the reader once the session is being served
+        #: ``data -> (reply, decoded)`` (``InlineLane.lane_request`` for this connection's session, which
+        #: never raises); set by the reader once the session is being served
         self.lane: Callable[[bytes], tuple] | None = None
         #: ``(data, reply, decoded)`` of the frame the reader gets next: what the lane did with it
         self.handoff: tuple | None = None
@@ -107,11 +104,7 @@ class LaneConnection(ServerConnection):
             return
         self._burst -= 1
         data = event.data
-        try:
-            reply, decoded = lane(data)
-        except Exception:  # (the lane answers its own failures: a defect; the request did not run)
-            log.exception("the inline lane failed on a request")
-            reply, decoded = None, None
+        reply, decoded = lane(data)  # (it answers its own failures: anything raised here closes the connection)
         if type(reply) is bytes and len(reply) <= ONE_WRITE and not self.paused \
                 and self.send_in_progress is None and self.protocol.state is _OPEN:
             _write_frame(self.transport, 0x02, True, reply)
