@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import asyncio
 import subprocess
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import veil as sy
 from veil.datasets import load_boston, train_test_split
