@@ -53,31 +53,27 @@ class LaneConnection(ServerConnection):
         #: ``(data, reply, decoded)`` of the frame the reader gets next: what the lane did with it
         self.handoff: tuple | None = None
         self._burst = 0  # frames the lane may still serve in this read callback
-        self._held: set[str] = set()  # why reading is paused: "frames" (the assembler's backlog), "writes"
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        frames = self.recv_messages  # its backlog pauses reading through _hold/_release, as writes do
-        frames.pause, frames.resume = (lambda: self._hold("frames")), (lambda: self._release("frames"))
+        frames = self.recv_messages  # its backlog pauses and resumes reading through _sync_reading, as writes do
+        frames.pause = frames.resume = self._sync_reading
 
-    def _hold(self, why: str) -> None:
-        if not self._held:
+    def _sync_reading(self) -> None:
+        """Reading is paused while the assembler's backlog or the write buffer is over its mark (the
+        library's own flags, set before it calls here; pausing and resuming twice is harmless)."""
+        if self.recv_messages.paused or self.paused:
             self.transport.pause_reading()
-        self._held.add(why)
-
-    def _release(self, why: str) -> None:
-        if why in self._held:
-            self._held.discard(why)
-            if not self._held:
-                self.transport.resume_reading()
+        else:
+            self.transport.resume_reading()
 
     def pause_writing(self) -> None:
         super().pause_writing()
-        self._hold("writes")
+        self._sync_reading()
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        self._release("writes")
+        self._sync_reading()
 
     def data_received(self, data: bytes) -> None:
         self._burst = LANE_BURST
