@@ -42,7 +42,7 @@ from veil.workers.peer_openings import PeerFetchMessage
 from veil.workers.reply_frames import ONE_WRITE
 from veil.workers.websocket_auth import handshake_headers
 from veil.workers.websocket_server import WebsocketServerWorker
-from veil.workers.websocket_transport import BlockingConnection
+from veil.workers.websocket_transport import BlockingConnection, frame_head
 
 from network_helpers import HOSPITAL, OTHER, PEER, TOKEN
 
@@ -89,15 +89,7 @@ def serve(hook):
 def _frame(opcode: int, payload: bytes = b"", fin: bool = True) -> bytes:
     """One masked client frame (RFC 6455 5.2), written by hand so anything can be put in a segment."""
     mask = os.urandom(4)
-    n = len(payload)
-    b0 = (0x80 if fin else 0) | opcode
-    if n < 126:
-        head = bytes((b0, 0x80 | n))
-    elif n < 1 << 16:
-        head = bytes((b0, 0xFE)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((b0, 0xFF)) + n.to_bytes(8, "big")
-    return head + mask + apply_mask(payload, mask)
+    return frame_head((0x80 if fin else 0) | opcode, len(payload), masked=True) + mask + apply_mask(payload, mask)
 
 
 def _bin(payload: bytes) -> bytes:

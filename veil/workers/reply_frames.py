@@ -10,6 +10,7 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 
 from veil.messaging.serde import FrameParts
+from veil.workers.websocket_transport import frame_head
 
 #: replies larger than this go out as a fragmented message of chunks this size (:func:`_send_fragmented`):
 #: one frame of 100 MB would cost fresh 100 MB copies (websockets' Frame.serialize, the transport's
@@ -31,23 +32,13 @@ def _part_fragments(parts: FrameParts) -> Any:
             yield view[at: at + REPLY_FRAGMENT]
 
 
-def _frame_head(opcode: int, fin: bool, n: int) -> bytes:
-    """An unmasked frame header (RFC 6455 5.2): what websockets' Frame.serialize writes before the data."""
-    b0 = (0x80 if fin else 0) | opcode
-    if n < 126:
-        return bytes((b0, n))
-    if n < 1 << 16:
-        return bytes((b0, 126)) + n.to_bytes(2, "big")
-    return bytes((b0, 127)) + n.to_bytes(8, "big")
-
-
 #: frames up to this long go to the transport as one joined write (one system call, one segment: the
 #: reader finds the whole frame in one read); longer ones as their header and then their own memory
 ONE_WRITE = 1 << 16
 
 
 def _write_frame(transport: Any, opcode: int, fin: bool, data: Any) -> None:
-    head = _frame_head(opcode, fin, len(data))
+    head = frame_head((0x80 if fin else 0) | opcode, len(data))  # (unmasked: a server's frame)
     if len(data) <= ONE_WRITE:
         transport.write(b"".join((head, data)))
     else:

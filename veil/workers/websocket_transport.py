@@ -59,6 +59,17 @@ def expect_reply(nbytes: int) -> Iterator[None]:
     finally:
         _HINT.nbytes = previous
 
+
+def frame_head(b0: int, n: int, masked: bool = False) -> bytes:
+    """A frame's header (RFC 6455 5.2): first byte ``b0`` (FIN, RSV, opcode), then the payload length
+    ``n`` in its shortest form; ``masked``: a client's frame (its 4-byte mask key follows the header)."""
+    m = 0x80 if masked else 0
+    if n < 126:
+        return bytes((b0, m | n))
+    if n < 1 << 16:
+        return bytes((b0, m | 126)) + n.to_bytes(2, "big")
+    return bytes((b0, m | 127)) + n.to_bytes(8, "big")
+
 class BlockingConnection:
     """One websocket connection, used by one thread at a time (callers hold a lock).
 
@@ -191,12 +202,7 @@ class BlockingConnection:
 
     def _send_frame(self, data: Any, head1: int, n: int) -> None:
         mask = self._next_mask()
-        if n < 126:
-            head = bytes((head1, 0x80 | n))
-        elif n < 1 << 16:
-            head = bytes((head1, 0xFE)) + n.to_bytes(2, "big")
-        else:
-            head = bytes((head1, 0xFF)) + n.to_bytes(8, "big")
+        head = frame_head(head1, n, masked=True)
         if n <= _MASK_CHUNK:
             self.sock.sendall(head + mask + apply_mask(data, mask))
             return
