@@ -70,25 +70,12 @@ def _synchronous(*workers):
             w.pipelining = b
 
 
-def _echo_server_code(port: int) -> str:
-    return (
-        "import asyncio\n"
-        "from websockets.asyncio.server import serve\n"
-        "async def echo(ws):\n"
-        "    async for m in ws: await ws.send(m)\n"
-        "async def main():\n"
-        f"    async with serve(echo, '127.0.0.1', {port}, compression=None, max_size=2**30):\n"
-        "        print('ready', flush=True); await asyncio.Future()\n"
-        "asyncio.run(main())\n"
-    )
-
-
-def _floor_echo_server_code(port: int) -> str:
-    """The same echo answered where websockets parses the frame (a connection's read callback), as veil's
-    server answers inline requests (``veil.workers.lane_connection``): the floor of any websockets server."""
-    return (
-        "import asyncio\n"
-        "from websockets.asyncio.server import serve, ServerConnection\n"
+def _echo_server_code(port: int, floor: bool = False) -> str:
+    """A websockets echo server. ``floor``: each binary frame answered where websockets parses it (a
+    connection's read callback), as veil's server answers inline requests (``veil.workers.lane_connection``):
+    the floor of any websockets server; else by the handler task, the library's own path."""
+    floor_connection = (
+        "from websockets.asyncio.server import ServerConnection\n"
         "from websockets.frames import Frame, Opcode\n"
         "from veil.workers.reply_frames import _write_frame\n"
         "class Floor(ServerConnection):\n"
@@ -97,10 +84,16 @@ def _floor_echo_server_code(port: int) -> str:
         "            _write_frame(self.transport, 0x02, True, event.data)\n"
         "        else:\n"
         "            super().process_event(event)\n"
+    ) if floor else ""
+    return (
+        "import asyncio\n"
+        "from websockets.asyncio.server import serve\n"
+        + floor_connection +
         "async def echo(ws):\n"
         "    async for m in ws: await ws.send(m)\n"
         "async def main():\n"
-        f"    async with serve(echo, '127.0.0.1', {port}, compression=None, max_size=2**30, create_connection=Floor):\n"
+        f"    async with serve(echo, '127.0.0.1', {port}, compression=None, max_size=2**30"
+        f"{', create_connection=Floor' if floor else ''}):\n"
         "        print('ready', flush=True); await asyncio.Future()\n"
         "asyncio.run(main())\n"
     )
@@ -237,7 +230,7 @@ def bench_stages(net: sy.WebsocketClientWorker, virtual: sy.VirtualWorker, mb: i
     pv = a.send(virtual)
     echo_port, null_port, floor_port = free_port(), free_port(), free_port()
     echo, null = _spawn(_echo_server_code(echo_port)), _spawn(_null_server_code(null_port))
-    floor = _spawn(_floor_echo_server_code(floor_port))
+    floor = _spawn(_echo_server_code(floor_port, floor=True))
     echo_conn = BlockingConnection(f"ws://127.0.0.1:{echo_port}", {}, max_size=2**30)
     floor_conn = BlockingConnection(f"ws://127.0.0.1:{floor_port}", {}, max_size=2**30)
     null_conn = BlockingConnection(f"ws://127.0.0.1:{null_port}", handshake_headers(TOKEN, ()), max_size=2**30)
