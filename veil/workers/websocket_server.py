@@ -409,7 +409,7 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
         response.headers[MAX_SIZE_HEADER] = str(self.max_message)
         return response
 
-    async def _on_connection(self, ws: ServerConnection) -> None:
+    async def _on_connection(self, ws: LaneConnection) -> None:
         pending = self._handshakes.pop(ws, None)
         if pending is None:  # released as stale meanwhile: re-authentication would be needed
             await ws.close(1013, "handshake slot expired")
@@ -419,12 +419,11 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
         self._connections[session.id] = (ws, time.time())
         loop = asyncio.get_running_loop()
         closed = asyncio.ensure_future(ws.wait_closed())
-        lane = isinstance(ws, LaneConnection)
-        if lane:  # requests that arrive while this loop waits for one are served where they are read
-            ws.lane = functools.partial(self.lane_request, session=session)
+        # requests that arrive while this loop waits for one are served where they are read (LaneConnection)
+        ws.lane = functools.partial(self.lane_request, session=session)
         try:
             while True:
-                if lane and ws.backlog():  # pipelined requests: other connections' reads go between them
+                if ws.backlog():  # pipelined requests: other connections' reads go between them
                     await asyncio.sleep(0)
                 try:
                     data = await _receive(ws)
@@ -434,7 +433,7 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
                     reply = serialize(m.ErrorReply("SerializationError", "text frames are not accepted; send binary"),
                                       sender=self.id)
                 else:
-                    reply, decoded = ws.take_handoff(data) if lane else (None, None)
+                    reply, decoded = ws.take_handoff(data)
                     if reply is None and decoded is None:  # (the lane did not take it: busy then, or never saw it)
                         reply, decoded = self.try_inline(data, session)
                     if reply is None and session.peer_only:
@@ -454,8 +453,7 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
         except ConnectionClosed:
             pass  # the client went away (or sent an oversized frame): free its objects below
         finally:
-            if lane:
-                ws.lane = None
+            ws.lane = None
             closed.cancel()
             self._connections.pop(session.id, None)
             await loop.run_in_executor(self._executor, self.end_session, session)
