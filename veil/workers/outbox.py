@@ -216,6 +216,12 @@ class Outbox:
         finally:
             lock.release()
 
+    def link_idle(self, location: "BaseWorker") -> bool:
+        """Nothing queued for ``location`` and no posted batch of it unread (under its send lock): a request
+        posted there now is the next one it answers."""
+        with self._queue_lock:
+            return id(location) not in self._in_flight and not self._pending_deletes.get(id(location))
+
     def _send_lock(self, location: "BaseWorker") -> threading.RLock:
         found = self._send_locks.get(id(location))
         if found is not None and found[0]() is location:

@@ -13,7 +13,9 @@ stored under. Each party then
    id, holds them for exactly those readers, each of which may take them once;
 3. *fetches* every other party's outputs of the same round with a :class:`PeerFetchMessage` over its
    authenticated peer connection to that party (``--peer``; never from a worker it has no peer link
-   to; from all of them at once, one thread per further peer; a fetch waits at the peer one slice,
+   to; sent as soon as the monitor passed step 1's arguments, before the step runs, where the link is
+   idle: the last party to publish then needs no request of its own; otherwise from all of them at once
+   after publishing, one thread per further peer; a fetch waits at the peer one slice,
    ``FETCH_SLICE_SECONDS``, and is asked again while nothing is published, so the link, which carries
    one request at a time, is free for other sessions' rounds in between), checks that each reply has the count,
    shapes and dtypes of its own outputs, and, with the worker lock handed back
@@ -61,8 +63,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from veil.exceptions import PermissionDeniedError, RemoteExecutionError
+from veil.exceptions import ConnectionLostError, PermissionDeniedError, RemoteExecutionError
 from veil.messaging import messages as m
+from veil.messaging.serde import frame_nbytes, serialize
 from veil.mpc.party import XOR_LEADING, XOR_OPENABLE, check_openable, run_openable
 from veil.mpc.truncation import pack_top_bits
 from veil.workers import cancellation
@@ -346,22 +349,33 @@ def _handle_peer_open(worker: Any, msg: PeerOpenMessage, sender: str) -> Any:
     principal = worker.principal(sender)
     rounds = rounds_of(worker)
     rounds.check_fresh(msg.round)
+    posted: dict = {}
+
+    def run(name: str, args: tuple, kwargs: dict) -> list:  # the monitor passed the step's arguments
+        _post_fetches(worker, msg, _sources(worker, msg, others), posted)
+        return run_openable(name, args, kwargs)
+
     rnd = None
     try:
-        outputs = worker.monitor.open_step(principal, msg.name, tuple(msg.args), msg.kwargs, run_openable)
+        outputs = worker.monitor.open_step(principal, msg.name, tuple(msg.args), msg.kwargs, run)
         if len(msg.ids) != len(outputs):
             raise PeerOpeningError(f"{msg.name} opens {len(outputs)} values; {len(msg.ids)} ids were given")
         if msg.reveal == "top_bits":
-            rnd, opened = _open_top_bits(worker, msg, principal, rounds, others, outputs)
+            rnd, opened = _open_top_bits(worker, msg, principal, rounds, others, outputs, posted)
         else:
             rnd = rounds.open(principal.namespace, msg.round, msg.name, others)
             rounds.publish(rnd, outputs)
             with cancellation.outside_turn():  # the other parties' fetches are served meanwhile
-                received = _fetch_all(worker, msg, others, _layout(outputs))
+                received = _fetch_all(worker, msg, others, _layout(outputs), posted)
                 opened = _combine(msg.name, outputs, received)
                 rounds.wait_taken(msg.round, rnd)
     finally:
-        rounds.close(msg.round, rnd)
+        try:
+            if posted:  # the step failed before its fetches: their replies are read (within a slice) and dropped
+                with cancellation.outside_turn():
+                    _collect_posted(worker, posted, 0)
+        finally:
+            rounds.close(msg.round, rnd)
     for oid, value in zip(msg.ids, opened):
         # the opened values, as the orchestrator would have sent them in a star opening: public to it
         worker.monitor.store(principal, oid, value, kind=Kind.CLIENT)
@@ -370,7 +384,7 @@ def _handle_peer_open(worker: Any, msg: PeerOpenMessage, sender: str) -> Any:
 
 
 def _open_top_bits(worker: Any, msg: PeerOpenMessage, principal: Any, rounds: PeerRounds, others: frozenset,
-                   outputs: list) -> tuple:
+                   outputs: list, posted: dict) -> tuple:
     """A top-bits round: the first party fetches the others' shares and keeps the opened value; it publishes
     to each other party only the packed top bits, which that party fetches and keeps. (round, kept values)."""
     if len(outputs) != 1:
@@ -379,14 +393,14 @@ def _open_top_bits(worker: Any, msg: PeerOpenMessage, principal: Any, rounds: Pe
     if worker.id == first:
         rnd = rounds.open(principal.namespace, msg.round, msg.name, others)
         with cancellation.outside_turn():
-            opened = _combine(msg.name, outputs, _fetch_all(worker, msg, others, _layout(outputs)))
+            opened = _combine(msg.name, outputs, _fetch_all(worker, msg, others, _layout(outputs), posted))
             rounds.publish(rnd, [pack_top_bits(opened[0])])
             rounds.wait_taken(msg.round, rnd)
         return rnd, opened
     rnd = rounds.open(principal.namespace, msg.round, msg.name, frozenset({first}))
     rounds.publish(rnd, outputs)
     with cancellation.outside_turn():
-        (bits,) = _fetch_all(worker, msg, {first}, [(((outputs[0].numel() + 7) // 8,), torch.uint8)])
+        (bits,) = _fetch_all(worker, msg, {first}, [(((outputs[0].numel() + 7) // 8,), torch.uint8)], posted)
         rounds.wait_taken(msg.round, rnd)
     return rnd, bits
 
@@ -414,22 +428,89 @@ def _combine(name: str, outputs: list, received: list) -> list:
 _FETCH_POOL: ThreadPoolExecutor | None = None
 
 
-def _fetch_all(worker: Any, msg: PeerOpenMessage, peers: Any, expected: list) -> list[list[torch.Tensor]]:
+def _sources(worker: Any, msg: PeerOpenMessage, others: frozenset) -> frozenset:
+    """The parties this one fetches from: all others, but in a top-bits round the first party only (which
+    itself fetches from all others)."""
+    return frozenset({msg.parties[0]}) if msg.reveal == "top_bits" and worker.id != msg.parties[0] else others
+
+
+def _post_fetches(worker: Any, msg: PeerOpenMessage, peers: frozenset, posted: dict) -> None:
+    """Sends the round's fetches once the monitor passed the step's arguments and before the step runs,
+    where that cannot block: each waits at its peer (parked, one slice at most) and is answered the moment
+    the peer publishes, so the party that publishes last needs no request of its own afterwards (one
+    message less on each round's path: on a LAN, one network latency). Only over a peer link that is
+    connected and idle (its send lock free, nothing queued there), each entered in ``posted`` the moment it
+    is sent (peer -> (link, its send lock, now held by this thread, bytes sent)), so the caller collects
+    whatever was posted whatever fails next. Whatever is not posted here is fetched after the step as before. A step
+    that fails after this reads the posted replies and drops them (a share a peer published to this party
+    goes nowhere else; the failure reaches the orchestrator up to one slice later)."""
+    data = None
+    # every source resolved before anything is posted: an unknown one raises here (as the fetch would) with no
+    # send lock held and no reply owed
+    for peer, location in [(p, worker.resolve_worker(p)) for p in sorted(peers)]:
+        if not callable(getattr(location, "try_post", None)):
+            continue
+        lock = worker._send_lock(location)
+        if not lock.acquire(blocking=False):
+            continue
+        sent = False
+        try:
+            if worker.link_idle(location):
+                if data is None:
+                    data = serialize(PeerFetchMessage(msg.round, msg.name), sender=worker.id)
+                sent = location.try_post(data)
+        except ConnectionLostError:  # (the link dropped: the fetch after the step reconnects or reports it)
+            pass
+        finally:
+            if sent:
+                posted[peer] = (location, lock, len(data))
+            else:
+                lock.release()
+
+
+def _collect_posted(worker: Any, posted: dict, size: int) -> dict:
+    """The reply to each posted fetch (or the exception reading or decoding it raised), each link's send
+    lock released; ``posted`` is emptied. On the thread that posted them (the locks are its own)."""
+    replies = {}
+    for peer, (location, lock, sent) in list(posted.items()):
+        try:
+            with expect_reply(size):
+                reply_bytes = location.collect()
+            worker.stats.record(sent, frame_nbytes(reply_bytes))
+            replies[peer] = worker._read_reply(reply_bytes, location, None)
+        except Exception as e:  # noqa: BLE001  (raised where that peer's fetch would have raised it)
+            replies[peer] = e
+        finally:
+            del posted[peer]
+            lock.release()
+    return replies
+
+
+def _fetch_all(worker: Any, msg: PeerOpenMessage, peers: Any, expected: list,
+               posted: dict) -> list[list[torch.Tensor]]:
     """Every peer's published tensors of the round (in peer id order), each checked against ``expected``
     (count, shapes, dtypes, dense and writable: they are summed into); from all peers at once when there
-    are several (each peer link has its own connection and send lock). Raises the first failure after
-    every fetch finished."""
+    are several (each peer link has its own connection and send lock), the first reply of a fetch posted
+    before the step (``posted``, :func:`_post_fetches`) read first. Raises the first failure after every
+    fetch finished."""
     global _FETCH_POOL
     names = sorted(peers)
     fetch = PeerFetchMessage(msg.round, msg.name)
     locations = [worker.resolve_worker(p) for p in names]  # configured peers only
     size = _reply_bytes(expected)
+    early = _collect_posted(worker, posted, size)
+    first = [early.get(p) for p in names]
 
     def one(k: int) -> list:
         deadline = time.monotonic() + WAIT_SECONDS
         while True:
-            with expect_reply(size):  # received into one buffer of this size (its own expectation)
-                reply = worker.send_msg(fetch, locations[k])  # the link is free for others between slices
+            if first[k] is not None:  # the reply to the fetch posted before the step
+                reply, first[k] = first[k], None
+                if isinstance(reply, Exception):
+                    raise reply
+            else:
+                with expect_reply(size):  # received into one buffer of this size (its own expectation)
+                    reply = worker.send_msg(fetch, locations[k])  # the link is free for others between slices
             if type(reply) is not m.OkReply:
                 return _checked(names[k], msg.round, reply, expected)
             if time.monotonic() >= deadline:

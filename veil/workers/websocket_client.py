@@ -229,6 +229,24 @@ class WebsocketClientWorker(BaseWorker):
                 raise self._connection_lost(e) from None
             self._owed += 1
 
+    def try_post(self, data: bytes) -> bool:
+        """:meth:`post` only if that cannot block on this connection: it is open (no connect, no
+        reconnect after a loss) and no other thread is using it. False: nothing was sent."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            conn = self._conn
+            if conn is None or self._lost_while_idle or (self._server_max is not None and len(data) > self._server_max):
+                return False
+            try:
+                conn.send(data)
+            except (ConnectionClosed, OSError) as e:
+                raise self._connection_lost(e) from None
+            self._owed += 1
+            return True
+        finally:
+            self._lock.release()
+
     def collect(self) -> bytes:
         """The reply to the oldest posted request (ConnectionLostError if the connection dropped first)."""
         with self._lock:
