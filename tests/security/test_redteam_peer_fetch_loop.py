@@ -30,7 +30,7 @@ async def _never() -> asyncio.Future:
 
 def _idle(rounds: PeerRounds) -> None:
     """Nothing of a finished fetch stays behind: no parked future, no waiting slot."""
-    assert rounds._parked == [] and rounds._waiting == {}
+    assert rounds._parked == {} and rounds._waiting == {}
 
 
 def test_a_parked_fetch_wakes_when_its_round_is_published_and_takes_it_once():
@@ -49,6 +49,38 @@ def test_a_parked_fetch_wakes_when_its_round_is_published_and_takes_it_once():
         with pytest.raises(PeerOpeningError, match="already took"):
             await rounds.take_on_loop(ROUND, "charlie", "beaver_mask", 5.0, closed)
         rounds.wait_taken(ROUND, rnd)  # the publishing party sees its reader took it
+    _run(main())
+    _idle(rounds)
+
+
+def test_a_parked_fetch_is_woken_only_by_its_own_rounds_publication_or_end():
+    """Other rounds registering, publishing, being taken or ending, and its own round registering, leave a
+    parked fetch parked (the same future, unresolved: no loop wake-up for a change that cannot end its
+    wait); its own round's publication wakes it and it takes the share."""
+    rounds = PeerRounds()
+    other = "o" * 20
+
+    async def main():
+        closed = await _never()
+        fetch = asyncio.ensure_future(rounds.take_on_loop(ROUND, "charlie", "beaver_mask", 5.0, closed))
+        await asyncio.sleep(0.01)
+        ((_, parked),) = rounds._parked[ROUND]
+
+        def elsewhere():
+            rnd = rounds.open("session-y", other, "beaver_mask", frozenset({"charlie"}))
+            rounds.publish(rnd, SHARE)
+            assert rounds.take(other, "charlie", "beaver_mask", 0.1) is SHARE
+            rounds.close(other, rnd)
+            rounds.open("session-x", ROUND, "beaver_mask", frozenset({"charlie"}))
+
+        worker = threading.Thread(target=elsewhere)
+        worker.start()
+        worker.join(5.0)
+        await asyncio.sleep(0.01)
+        assert not parked.done() and rounds._parked[ROUND] == [(asyncio.get_running_loop(), parked)]
+        assert not fetch.done()
+        rounds.publish(rounds._open[ROUND], SHARE)
+        assert await asyncio.wait_for(fetch, 5.0) is SHARE
     _run(main())
     _idle(rounds)
 
@@ -122,7 +154,7 @@ def test_fetches_for_rounds_that_never_come_leave_nothing_parked():
         closed = await _never()
         for k in range(200):
             assert await rounds.take_on_loop(f"{k:020d}", "charlie", "beaver_mask", 0.0005, closed) is None
-            assert len(rounds._parked) <= 1
+            assert sum(map(len, rounds._parked.values())) <= 1
     _run(main())
     _idle(rounds)
 

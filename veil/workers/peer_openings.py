@@ -137,6 +137,7 @@ class _Round:
     namespace: str
     name: str
     readers: frozenset  # the peers this party publishes to
+    round_id: str = ""
     published: list | None = None
     taken: set = field(default_factory=set)
 
@@ -149,19 +150,21 @@ class PeerRounds:
         self._open: dict[str, _Round] = {}
         self._closed: OrderedDict[str, None] = OrderedDict()
         self._waiting: dict[str, int] = {}
-        #: futures of fetches parked on an event loop (:func:`serve_fetch_on_loop`), each resolved at the
-        #: next change of any round (then it takes again, or waits on)
-        self._parked: list[tuple[Any, Any]] = []
+        #: per round id, the futures of fetches parked for it on an event loop (:func:`serve_fetch_on_loop`),
+        #: resolved when that round is published or ends (then each takes, or is refused)
+        self._parked: dict[str, list[tuple[Any, Any]]] = {}
 
-    def _changed(self) -> None:
-        """Wakes every waiter (under ``_cond``): fetches waiting on threads and those parked on a loop."""
+    def _changed(self, *ready: str) -> None:
+        """(Under ``_cond``.) Wakes the waiters on threads (fetches, ``wait_taken``) and the fetches parked on a
+        loop for the rounds in ``ready``, just published or ended: the only changes that end a fetch's wait
+        (each wake is a write to that loop's self-pipe and a turn of the loop)."""
         self._cond.notify_all()
-        parked, self._parked = self._parked, []
-        for loop, fut in parked:
-            try:
-                loop.call_soon_threadsafe(_resolve, fut)
-            except RuntimeError:  # that loop is closed (the server stopped): nothing waits there
-                pass
+        for round_id in ready:
+            for loop, fut in self._parked.pop(round_id, ()):
+                try:
+                    loop.call_soon_threadsafe(_resolve, fut)
+                except RuntimeError:  # that loop is closed (the server stopped): nothing waits there
+                    pass
 
     def open(self, namespace: str, round_id: str, name: str, readers: frozenset) -> _Round:
         """Registers a round whose outputs (once published) go to ``readers``, each once."""
@@ -170,7 +173,7 @@ class PeerRounds:
                 raise PeerOpeningError(f"peer opening round {round_id!r} is not fresh")
             if len(self._open) >= MAX_OPEN_ROUNDS:
                 raise PeerOpeningError("too many peer openings in progress on this worker")
-            rnd = _Round(namespace, name, readers)
+            rnd = _Round(namespace, name, readers, round_id)
             self._open[round_id] = rnd
             self._changed()
             return rnd
@@ -179,7 +182,7 @@ class PeerRounds:
         """The round's tensors for its readers (never written afterwards: replies send them from memory)."""
         with self._cond:
             rnd.published = tensors
-            self._changed()
+            self._changed(rnd.round_id)
 
     def check_fresh(self, round_id: str) -> None:
         """Refuses a round id in use or ended, before the step consumes any dealt mask."""
@@ -197,14 +200,15 @@ class PeerRounds:
             self._closed[round_id] = None
             while len(self._closed) > CLOSED_MEMORY:
                 self._closed.popitem(last=False)
-            self._changed()
+            self._changed(round_id)
 
     def end_session(self, namespace: str) -> None:
         with self._cond:
-            for round_id in [r for r, rnd in self._open.items() if rnd.namespace == namespace]:
+            ended = [r for r, rnd in self._open.items() if rnd.namespace == namespace]
+            for round_id in ended:
                 del self._open[round_id]
                 self._closed[round_id] = None
-            self._changed()
+            self._changed(*ended)
 
     def take(self, round_id: str, reader: str, name: str, wait: float = WAIT_SECONDS) -> list | None:
         """What ``round_id`` published to peer ``reader``, once; waits up to ``wait`` seconds for the round
@@ -225,8 +229,8 @@ class PeerRounds:
             return self._hand_over(round_id, reader, name)
 
     async def take_on_loop(self, round_id: str, reader: str, name: str, wait: float, closed: Any) -> list | None:
-        """:meth:`take` for a fetch served on an event loop: parked (a future resolved at the next change of
-        any round, no thread) instead of blocking, within the same waiting limits. Raises what ``take``
+        """:meth:`take` for a fetch served on an event loop: parked (a future resolved when its round is
+        published or ends, no thread) instead of blocking, within the same waiting limits. Raises what ``take``
         raises (before anything is taken), and ConnectionError when ``closed`` (the connection's future)
         is done first."""
         loop = asyncio.get_running_loop()
@@ -241,7 +245,7 @@ class PeerRounds:
                 with self._cond:
                     if self._ready(round_id):
                         break
-                    self._parked.append((loop, fut))
+                    self._parked.setdefault(round_id, []).append((loop, fut))
                 try:
                     left = deadline - loop.time()
                     if left <= 0:
@@ -250,9 +254,13 @@ class PeerRounds:
                     if closed.done():
                         raise ConnectionError("the fetching peer hung up")
                 finally:
-                    if not fut.done():  # no change woke it: not left behind in the list
+                    if not fut.done():  # its round did not change: not left behind in the table
                         with self._cond:
-                            self._parked = [(lp, f) for lp, f in self._parked if f is not fut]
+                            parked = [(lp, f) for lp, f in self._parked.get(round_id, ()) if f is not fut]
+                            if parked:
+                                self._parked[round_id] = parked
+                            else:
+                                self._parked.pop(round_id, None)
         finally:
             with self._cond:
                 self._stop_waiting(reader)
@@ -612,7 +620,7 @@ def _handle_peer_fetch(worker: Any, msg: PeerFetchMessage, sender: str) -> Any:
 
 async def serve_fetch_on_loop(worker: Any, principal: Any, msg: PeerFetchMessage, closed: Any) -> Any:
     """A peer's well-formed fetch served on the network server's event loop: taken at once when its round
-    is published, else parked (no thread) until a round changes, for at most one slice
+    is published, else parked (no thread) until its round is published or ends, for at most one slice
     (``FETCH_SLICE_SECONDS``, then "not yet", as on a handler thread). The reply, or None when this path
     does not serve it: a fetch from a session other than a peer's, a malformed one, or one ``take`` refuses
     goes to its handler thread, which refuses and audits it as before (nothing was taken here).
