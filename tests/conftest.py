@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import veil as sy
+from worker_processes import peer_mesh_args
 
 WORKER_KINDS = ["virtual", "websocket"]
 
@@ -41,12 +42,8 @@ def _make_virtual(hook, name, request):
 def websocket_server_args(name: str, ports: dict) -> list[str]:
     """``veil worker`` arguments for one test server, peered with the other names."""
     t = WS_TOKENS
-    args = ["--token", t["scientist"], "--user", f"hospital={t['hospital']}", "--admin-token", t["admin"]]
-    for other, port in ports.items():
-        if other != name:  # one token per worker, so a server tells its peers apart (peer openings need it)
-            args += ["--peer", f"{other}=127.0.0.1:{port}", "--peer-token", f"{other}={peer_token(name)}",
-                     "--accept-peer", f"{other}={peer_token(other)}"]
-    return args
+    return ["--token", t["scientist"], "--user", f"hospital={t['hospital']}", "--admin-token", t["admin"],
+            *peer_mesh_args(name, ports, peer_token)]
 
 
 def peer_token(name: str) -> str:

@@ -13,6 +13,18 @@ import veil as sy
 from veil.workers.websocket_launcher import start_worker
 
 
+def peer_mesh_args(name: str, ports: dict, token_of) -> list[str]:
+    """``veil worker`` arguments peering ``name`` with every other worker of ``ports`` (name -> port) on
+    loopback: it reaches each as ``--peer``, presents ``token_of(name)`` to it and accepts ``token_of(other)``
+    from it (one token per worker: a server tells its peers apart, as peer openings need)."""
+    args = []
+    for other, port in ports.items():
+        if other != name:
+            args += ["--peer", f"{other}=127.0.0.1:{port}", "--peer-token", f"{other}={token_of(name)}",
+                     "--accept-peer", f"{other}={token_of(other)}"]
+    return args
+
+
 def spawned_workers() -> Iterator:
     """Yields ``spawn(id, args, port=0) -> WorkerProcess``; every process is killed afterwards, pass or fail."""
     procs = []

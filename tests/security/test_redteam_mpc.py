@@ -51,7 +51,7 @@ def test_concurrent_rounds_from_one_orchestrator_over_network_workers(hook, spaw
     import threading
 
     from network_helpers import PEER, TOKEN
-    from worker_processes import spawn_all
+    from worker_processes import peer_mesh_args, spawn_all
 
     from veil.workers.websocket_launcher import free_port
 
@@ -59,12 +59,7 @@ def test_concurrent_rounds_from_one_orchestrator_over_network_workers(hook, spaw
     ports = {n: free_port() for n in names}
     specs = {}
     for n in names:
-        args = ["--token", TOKEN]
-        for other in names:
-            if other != n:
-                args += ["--peer", f"{other}=127.0.0.1:{ports[other]}", "--peer-token", f"{other}={PEER}",
-                         "--accept-peer", f"{other}={PEER}"]
-        specs[n] = (args, ports[n])
+        specs[n] = (["--token", TOKEN, *peer_mesh_args(n, ports, lambda _: PEER)], ports[n])
     procs = spawn_all(spawn, specs)
     alice, bob, cp = (sy.WebsocketClientWorker(hook, id=n, host="127.0.0.1", port=procs[n].port, token=TOKEN)
                       for n in names)

@@ -24,7 +24,7 @@ from veil.workers.peer_openings import PeerOpenMessage
 
 from network_helpers import TOKEN
 from test_redteam_peer_openings import _peer_token, _start, new_round
-from worker_processes import spawn_all, spawned_workers
+from worker_processes import peer_mesh_args, spawn_all, spawned_workers
 
 NAMES = ("a", "b", "c", "d")
 WAIT = 30  # seconds a worker waits for a round's shares and fetches (longer than a product on a loaded box)
@@ -47,12 +47,7 @@ def quad(hook):
         try:
             specs = {}
             for n in NAMES:
-                args = ["--token", TOKEN]
-                for other in NAMES:
-                    if other != n:
-                        args += ["--peer", f"{other}=127.0.0.1:{ports[other]}", "--peer-token",
-                                 f"{other}={_peer_token(n)}", "--accept-peer", f"{other}={_peer_token(other)}"]
-                specs[n] = (args, ports[n])
+                specs[n] = (["--token", TOKEN, *peer_mesh_args(n, ports, _peer_token)], ports[n])
             procs = spawn_all(spawn, specs)
             conns = {n: _connect(hook, procs[n]) for n in NAMES}
             yield {n: (procs[n], conns[n]) for n in NAMES}

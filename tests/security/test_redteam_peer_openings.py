@@ -11,6 +11,7 @@ torch's, and the objects stored before are unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
@@ -27,7 +28,7 @@ from veil.tensors.mpc_glue.runtime import enable_peer_openings
 from veil.workers.peer_openings import PeerFetchMessage, PeerOpenMessage
 
 from network_helpers import PEER, TOKEN
-from worker_processes import spawn_all, spawned_workers
+from worker_processes import peer_mesh_args, spawn_all, spawned_workers
 
 CLIENT = "net-client-token-for-peer-tests"
 NAMES = ("alice", "bob", "dave")  # veil worker processes; charlie is a sink the test runs (a malicious party)
@@ -74,34 +75,25 @@ def sink():
     server.shutdown()
 
 
-@pytest.fixture(scope="module")
-def cluster(request, hook, sink):
-    """name -> (process, scientist connection); peer openings enabled on alice and bob. The workers wait
-    ``request.param`` seconds (default 45) for a round's shares or fetches. One cluster per module
-    and wait (starting four processes costs ~9 s): every test leaves it serving, which each one checks
-    (``_unchanged``), and the attacks that abandon a round get a cluster of their own (their own wait)."""
+@contextlib.contextmanager
+def peer_cluster(hook, sink_port: int, wait: float):
+    """alice, bob and dave as ``veil worker`` processes, peered with each other and with the sink charlie
+    (``sink_port``), each accepting the serving client ``CLIENT`` and waiting ``wait`` seconds for a round's
+    shares or fetches: name -> (process, scientist connection); peer openings enabled on alice and bob."""
+    from veil.tensors.mpc_glue import runtime
     from veil.workers.websocket_launcher import free_port
 
-    from veil.tensors.mpc_glue import runtime
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VEIL_PEER_WAIT_SECONDS", str(getattr(request, "param", 45)))
+        mp.setenv("VEIL_PEER_WAIT_SECONDS", str(wait))
         mp.setattr(runtime, "PEER_MIN_ELEMENTS", 0)  # the attacks' small rounds go party to party too
         ports = {n: free_port() for n in NAMES}
-        ports["charlie"] = sink
-        procs, conns = {}, {}
+        ports["charlie"] = sink_port
+        conns = {}
         spawning = spawned_workers()
         spawn = next(spawning)
         try:
-            specs = {}
-            for n in NAMES:
-                args = ["--token", TOKEN, f"--client=serving-client={CLIENT}"]
-                for other in ports:
-                    if other != n:
-                        args += ["--peer", f"{other}=127.0.0.1:{ports[other]}", "--peer-token",
-                                 f"{other}={_peer_token(n)}", "--accept-peer", f"{other}={_peer_token(other)}"]
-                specs[n] = (args, ports[n])
-            procs = spawn_all(spawn, specs)
+            procs = spawn_all(spawn, {n: (["--token", TOKEN, f"--client=serving-client={CLIENT}",
+                                           *peer_mesh_args(n, ports, _peer_token)], ports[n]) for n in NAMES})
             conns = {n: sy.WebsocketClientWorker(hook, id=n, host="127.0.0.1", port=procs[n].port, token=TOKEN,
                                                  timeout=120) for n in NAMES}
             enable_peer_openings(conns["alice"], conns["bob"])
@@ -111,6 +103,15 @@ def cluster(request, hook, sink):
             for c in conns.values():
                 c.close()
             next(spawning, None)  # kills the processes
+
+
+@pytest.fixture(scope="module")
+def cluster(request, hook, sink):
+    """:func:`peer_cluster` whose workers wait ``request.param`` seconds (default 45). One cluster per module
+    and wait (starting four processes costs ~9 s): every test leaves it serving, which each one checks
+    (``_unchanged``), and the attacks that abandon a round get a cluster of their own (their own wait)."""
+    with peer_cluster(hook, sink, getattr(request, "param", 45)) as found:
+        yield found
 
 
 def _as(hook, proc, token: str, name: str):

@@ -12,7 +12,6 @@ values, late, or by hanging up. Four processes as in test_redteam_peer_openings.
 
 from __future__ import annotations
 
-import secrets
 import threading
 import time
 
@@ -24,13 +23,11 @@ from veil.exceptions import VeilError
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.serde import deserialize, serialize
-from veil.tensors.mpc_glue.runtime import enable_peer_openings
 from veil.workers.peer_openings import PeerFetchMessage, PeerOpenMessage
 
-from network_helpers import PEER, TOKEN
-from worker_processes import spawn_all, spawned_workers
+from network_helpers import TOKEN
+from test_redteam_peer_openings import CLIENT, _as, _fetch, _peer_token, new_round, peer_cluster
 
-CLIENT = "net-client-token-for-prepost-tests"
 NAMES = ("alice", "bob", "dave")  # veil worker processes; charlie is the sink (a hostile party)
 #: how long a test waits for anything a hang would block (a hang fails the test, never CI)
 JOIN = 30
@@ -39,14 +36,6 @@ JOIN = 30
 RECEIVED: list = []
 #: round -> what charlie answers a fetch of it with: tensors (an ObjectsReply), or ``fn(ws, msg)``
 REPLIES: dict = {}
-
-
-def _peer_token(name: str) -> str:
-    return f"{PEER}-{name}"
-
-
-def new_round() -> str:
-    return secrets.token_hex(16)
 
 
 @pytest.fixture(scope="module")
@@ -86,51 +75,13 @@ def sink():
 
 @pytest.fixture(scope="module")
 def cluster(request, hook, sink):
-    """name -> (process, scientist connection); peer openings enabled on alice and bob. The workers wait
+    """test_redteam_peer_openings' four workers with this module's sink as charlie; the workers wait
     ``request.param`` seconds (default 8) for a round's shares or fetches."""
-    from veil.tensors.mpc_glue import runtime
-    from veil.workers.websocket_launcher import free_port
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VEIL_PEER_WAIT_SECONDS", str(getattr(request, "param", 8)))
-        mp.setattr(runtime, "PEER_MIN_ELEMENTS", 0)  # small rounds go party to party too
-        ports = {n: free_port() for n in NAMES}
-        ports["charlie"] = sink
-        procs, conns = {}, {}
-        spawning = spawned_workers()
-        spawn = next(spawning)
-        try:
-            specs = {}
-            for n in NAMES:
-                args = ["--token", TOKEN, f"--client=serving-client={CLIENT}"]
-                for other in ports:
-                    if other != n:
-                        args += ["--peer", f"{other}=127.0.0.1:{ports[other]}", "--peer-token",
-                                 f"{other}={_peer_token(n)}", "--accept-peer", f"{other}={_peer_token(other)}"]
-                specs[n] = (args, ports[n])
-            procs = spawn_all(spawn, specs)
-            conns = {n: sy.WebsocketClientWorker(hook, id=n, host="127.0.0.1", port=procs[n].port, token=TOKEN,
-                                                 timeout=120) for n in NAMES}
-            enable_peer_openings(conns["alice"], conns["bob"])
-            yield {n: (procs[n], conns[n]) for n in NAMES}
-            enable_peer_openings(conns["alice"], conns["bob"], enabled=False)
-        finally:
-            for c in conns.values():
-                c.close()
-            next(spawning, None)  # kills the processes
+    with peer_cluster(hook, sink, getattr(request, "param", 8)) as found:
+        yield found
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def _as(hook, proc, token: str, name: str):
-    """A connection to ``proc`` presenting ``token``."""
-    return sy.WebsocketClientWorker(hook, id=f"{name}-as-{proc.id}-{new_id()}", host="127.0.0.1", port=proc.port,
-                                    token=token, timeout=90)
-
-
-def _fetch(hook, conn, round_id: str, name: str = "beaver_mask") -> list:
-    return list(hook.local_worker.send_msg(PeerFetchMessage(round_id, name), conn).objects)
 
 
 def _take(hook, conn, round_id: str, name: str = "beaver_mask") -> list:
