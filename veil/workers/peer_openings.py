@@ -379,7 +379,7 @@ def _handle_peer_open(worker: Any, msg: PeerOpenMessage, sender: str) -> Any:
                 rounds.wait_taken(msg.round, rnd)
     finally:
         try:
-            if posted:  # the step failed before its fetches: their replies are read (within a slice) and dropped
+            if posted:  # the round failed between the post and its fetches: replies read (in a slice), dropped
                 with cancellation.outside_turn():
                     _collect_posted(worker, posted, 0)
         finally:
