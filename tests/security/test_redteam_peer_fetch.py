@@ -215,7 +215,7 @@ def test_a_flood_of_early_fetches_waits_bounded_and_takes_once(hook, cluster):
     """charlie sends a fetch for a round bob has not started over each of 10 connections: at most
     ``MAX_WAITING_PER_PEER`` (4) wait, the others are refused at once; when bob runs the round one
     of the waiting fetches takes the share and every other is refused; honest rounds go on meanwhile."""
-    from veil.workers.peer_openings import MAX_WAITING_PER_PEER
+    from veil.workers.peer_rounds import MAX_WAITING_PER_PEER
 
     stored = _stored_before(cluster)
     round_id, ids, msg, _x = _bob_round(hook, cluster)

@@ -14,7 +14,7 @@ import threading
 import pytest
 import torch
 
-from veil.workers.peer_openings import MAX_WAITING_PER_PEER, PeerOpeningError, PeerRounds
+from veil.workers.peer_rounds import MAX_WAITING_PER_PEER, PeerOpeningError, PeerRounds
 
 ROUND = "r" * 20
 SHARE = [torch.arange(4, dtype=torch.int64)]

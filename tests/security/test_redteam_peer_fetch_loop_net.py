@@ -51,7 +51,8 @@ from veil.messaging import messages as m
 from veil.messaging.serde import EXT_CODES, deserialize, serialize
 from veil.mpc.truncation import pack_top_bits, shift_for
 from veil.tensors.pointer import PointerWire
-from veil.workers.peer_openings import MAX_WAITING_PER_PEER, PeerFetchMessage, PeerOpenMessage
+from veil.workers.peer_openings import PeerFetchMessage, PeerOpenMessage
+from veil.workers.peer_rounds import MAX_WAITING_PER_PEER
 
 from network_helpers import TOKEN
 from test_redteam_peer_fetch import GOOD, ZEROS, _ask, _bob_round, _frame, _honest_round_opens, _raw, _stored
