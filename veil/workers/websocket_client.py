@@ -222,12 +222,7 @@ class WebsocketClientWorker(BaseWorker):
         in order). The outbox posts full batches of deferred commands so this process builds the next
         batch while the worker runs this one."""
         with self._lock:
-            conn = self._checked_connection(data)
-            try:
-                conn.send(data)
-            except (ConnectionClosed, OSError) as e:
-                raise self._connection_lost(e) from None
-            self._owed += 1
+            self._send_owed(self._checked_connection(data), data)
 
     def try_post(self, data: bytes) -> bool:
         """:meth:`post` only if that cannot block on this connection: it is open (no connect, no
@@ -238,14 +233,18 @@ class WebsocketClientWorker(BaseWorker):
             conn = self._conn
             if conn is None or self._lost_while_idle or (self._server_max is not None and len(data) > self._server_max):
                 return False
-            try:
-                conn.send(data)
-            except (ConnectionClosed, OSError) as e:
-                raise self._connection_lost(e) from None
-            self._owed += 1
+            self._send_owed(conn, data)
             return True
         finally:
             self._lock.release()
+
+    def _send_owed(self, conn: BlockingConnection, data: bytes | FrameParts) -> None:
+        """(Under the lock.) Sends a posted request, whose reply :meth:`collect` then owes."""
+        try:
+            conn.send(data)
+        except (ConnectionClosed, OSError) as e:
+            raise self._connection_lost(e) from None
+        self._owed += 1
 
     def collect(self) -> bytes:
         """The reply to the oldest posted request (ConnectionLostError if the connection dropped first)."""
