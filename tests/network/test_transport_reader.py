@@ -26,6 +26,7 @@ class FakeServer:
         self.segments: list[bytearray] = []  # reads never cross a segment boundary
         self.script, self.chunk, self.with_handshake = script, chunk, with_handshake
         self.received: list[Frame] = []  # frames the client sent
+        self.reads: list[tuple] = []  # (the buffer each read went into, bytes read)
 
     def setsockopt(self, *args) -> None:
         pass
@@ -52,13 +53,14 @@ class FakeServer:
             else:
                 self.received.append(event)
 
-    def recv_into(self, view) -> int:
+    def recv_into(self, view, nbytes: int = 0) -> int:
         while self.segments and not self.segments[0]:
             self.segments.pop(0)
         if not self.segments:
             return 0  # EOF
         seg = self.segments[0]
-        n = min(len(view), self.chunk, len(seg))
+        n = min(nbytes or len(view), len(view), self.chunk, len(seg))
+        self.reads.append((view.obj if isinstance(view, memoryview) else view, n))
         view[:n] = seg[:n]
         del seg[:n]
         return n
@@ -235,3 +237,21 @@ def test_a_sized_reply_still_meets_the_limit_and_a_cut_one_is_a_lost_connection(
         with transport.expect_reply(60_000), pytest.raises(ConnectionClosed):
             conn.recv(5)
         assert conn._msg is None
+
+
+def test_a_large_messages_payload_is_received_into_the_message_not_the_read_buffer(monkeypatch):
+    """Frame headers are read through the connection's read buffer, at most ``_HEAD_READ`` bytes at a
+    message's start (a small reply still takes one read) and ``_FRAGMENT_HEAD_READ`` inside a fragmented
+    one: a 4 MiB message's payload goes straight into its own buffer, not copied through the read buffer
+    (a whole-buffer read there copied up to 1 MiB per fragment twice more)."""
+    data = _payload(4 << 20)
+    small = _payload(3000)
+    script = _frame(Opcode.BINARY, small) + _fragmented(data, [200, SEND_FRAGMENT, SEND_FRAGMENT, SEND_FRAGMENT])
+    conn, fake = _connect(monkeypatch, script, 1 << 30)
+    fake.reads.clear()  # (the handshake's)
+    assert bytes(conn.recv(5)) == small
+    assert len(fake.reads) == 1  # the small reply and the next message's start, in one read
+    assert bytes(conn.recv(5)) == data
+    through_buffer = sum(n for buf, n in fake.reads if buf is conn._buffer.obj)
+    assert through_buffer <= transport._HEAD_READ + 4 * transport._FRAGMENT_HEAD_READ
+    assert sum(n for _, n in fake.reads) == len(script)  # every byte read once
