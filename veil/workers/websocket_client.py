@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 MAX_SIZE_HEADER = "X-Veil-Max-Message"
 #: seconds between keepalive polls of idle connections (servers ping every 30 s by default)
 KEEPALIVE_INTERVAL = 1.0
+#: longest the keepalive thread waits for the next bytes of a posted request's reply it started reading (the
+#: thread serves every connection of the process: a peer that stops in the middle of a frame must not hold it,
+#: and the other connections' pings, for the whole reply timeout; the connection is dropped instead)
+KEEPALIVE_READ_SECONDS = 5.0
 DEFAULT_CLIENT_MAX_MESSAGE = 1 << 30  # replies up to 1 GiB (a 100 MB tensor is fine)
 
 
@@ -186,7 +190,7 @@ class WebsocketClientWorker(BaseWorker):
                 if self._conn is None or not select.select([self._conn.sock], [], [], 0)[0]:
                     return
                 while self._owed:
-                    self._early.append(self._read_owed())
+                    self._early.append(self._read_owed(KEEPALIVE_READ_SECONDS))
             if self._conn is not None and not self._conn.poll():
                 self._drop()
                 self._lost_while_idle = True
@@ -263,10 +267,10 @@ class WebsocketClientWorker(BaseWorker):
             raise SerializationError(f"worker {self.id!r} answered with a text frame")
         return reply
 
-    def _read_owed(self) -> Any:
-        """Reads one owed reply (under the lock)."""
+    def _read_owed(self, timeout: float | None = None) -> Any:
+        """Reads one owed reply (under the lock), each read waiting up to ``timeout`` s (default: the reply timeout)."""
         try:
-            reply = self._conn.recv(timeout=self.timeout)
+            reply = self._conn.recv(timeout=self.timeout if timeout is None else timeout)
         except (TimeoutError, ConnectionClosed, OSError) as e:
             raise self._connection_lost(e) from None
         self._owed -= 1
