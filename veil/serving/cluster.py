@@ -77,6 +77,9 @@ class Cluster:
         peer_token: Worker-to-worker token (generated when auto-managed).
         peer_openings: The parties also peer with each other and Beaver openings go party to party
             (:mod:`veil.workers.peer_openings`); :meth:`connect` enables them on its connections.
+
+    Auto-managed workers run with ``--sched batch`` (:mod:`veil.workers.scheduling`): they share this
+    machine's cores with the process that drives them and must not preempt it in the middle of a round.
     """
 
     def __init__(self, *workers: NetworkWorker, crypto_provider: Optional[NetworkWorker] = None,
@@ -119,6 +122,8 @@ class Cluster:
         """``veil worker`` arguments for ``w`` (tokens, roles, peers); used by :meth:`start`."""
         args = ["--host", w.host, f"--token={self.owner_token}", "--token-user", OWNER_USER,
                 f"--ping-interval={self.ping_interval}"]
+        if self.auto_managed:  # on this machine, beside the process that drives the rounds (veil.workers.scheduling)
+            args += ["--sched", "batch"]
         cp = self.crypto_provider
         if w is cp:  # deals to every party; clients and peers have nothing to do here
             for party in self.parties:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from veil.workers.persistence import OwnerDB
+from veil.workers.scheduling import POLICIES, set_policy
 from veil.workers.websocket_auth import TokenTable, new_token
 
 
@@ -86,6 +87,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--console-host", default="127.0.0.1", help="interface of the console (default: loopback only)")
     p.add_argument("--cert", default=None, help="TLS certificate (PEM) to serve wss://")
     p.add_argument("--key", default=None, help="TLS private key (PEM)")
+    p.add_argument("--sched", choices=POLICIES, default="normal",
+                   help="kernel scheduling of this worker's threads: batch where it shares cores with the process that "
+                        "drives it (a local cluster): its woken threads never preempt that process mid-round")
 
 
 def _pair(spec: str, flag: str) -> tuple[str, str]:
@@ -239,6 +243,9 @@ def run(args: argparse.Namespace) -> int:
     import veil as sy
     from veil.workers.websocket_server import WebsocketServerWorker
 
+    if not set_policy(args.sched):
+        print(f"veil worker: --sched {args.sched} is not available on this platform; scheduling left normal",
+              flush=True)
     hook = sy.TorchHook(torch)
     tokens, generated = _token_table(args)
     ssl_context = None
