@@ -60,7 +60,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from veil.exceptions import ConnectionLostError, PermissionDeniedError
+from veil.exceptions import ConnectionLostError, PermissionDeniedError, SerializationError
 from veil.messaging import messages as m
 from veil.messaging.serde import frame_nbytes, serialize
 from veil.mpc.party import XOR_LEADING, XOR_OPENABLE, check_openable, run_openable
@@ -297,13 +297,19 @@ def _fetch_all(worker: Any, msg: PeerOpenMessage, peers: Any, expected: list,
     def one(k: int) -> list:
         deadline = time.monotonic() + WAIT_SECONDS
         while True:
-            if first[k] is not None:  # the reply to the fetch posted before the step
-                reply, first[k] = first[k], None
-                if isinstance(reply, Exception):
-                    raise reply
-            else:
-                with expect_reply(size):  # received into one buffer of this size (its own expectation)
-                    reply = worker.send_msg(fetch, locations[k])  # the link is free for others between slices
+            try:
+                if first[k] is not None:  # the reply to the fetch posted before the step
+                    reply, first[k] = first[k], None
+                    if isinstance(reply, Exception):
+                        raise reply
+                else:
+                    with expect_reply(size):  # received into one buffer of this size (its own expectation)
+                        reply = worker.send_msg(fetch, locations[k])  # the link is free for others between slices
+            except SerializationError as e:  # bytes that are no veil reply: say whose they were
+                if names[k] in str(e):
+                    raise
+                raise PeerOpeningError(f"peer {names[k]!r} answered round {msg.round!r} with a reply that does "
+                                       f"not decode: {e}") from e
             if type(reply) is not m.OkReply:
                 return _checked(names[k], msg.round, reply, expected)
             if time.monotonic() >= deadline:
