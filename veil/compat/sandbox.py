@@ -7,8 +7,6 @@ row-wise across the workers and loaded by each worker as its owner's data
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 #: PySyft's sandbox worker names

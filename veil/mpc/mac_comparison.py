@@ -85,7 +85,6 @@ from veil.mpc import ring128 as r128
 from veil.mpc.comparison_material import GROUP_BITS, GROUP_SUBSETS
 from veil.mpc.material import EDABIT_BITS, EDABIT_GROUPS
 from veil.mpc.party import party_function, run_party
-from veil.mpc.ring import DTYPE
 
 Shared = Mapping[Hashable, tuple]
 

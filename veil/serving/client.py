@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from veil.exceptions import ConnectionLostError, VeilError
+from veil.exceptions import ConnectionLostError
 from veil.ids import new_id
 from veil.mpc.encoding import decode, encode, make_encoding
 from veil.mpc.sharing import split

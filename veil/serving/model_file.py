@@ -17,7 +17,6 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from veil.messaging import serde

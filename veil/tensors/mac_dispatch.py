@@ -26,7 +26,7 @@ and refuses the rest (e.g. division by a shared value).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Hashable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
