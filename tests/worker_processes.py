@@ -6,11 +6,30 @@ use different ones), so the start/stop and connect/close bookkeeping lives once.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import veil as sy
 from veil.workers.websocket_launcher import start_worker
+
+
+@contextlib.contextmanager
+def websocket_sink(handler) -> Iterator[int]:
+    """A plain websockets (sync) server on a free loopback port, ``handler(ws)`` per connection, served from a
+    thread (a fake or hostile party: red-team tests); yields its port, shut down afterwards."""
+    from websockets.sync.server import serve
+
+    from veil.workers.websocket_launcher import free_port
+
+    port = free_port()
+    server = serve(handler, "127.0.0.1", port, max_size=None)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield port
+    finally:
+        server.shutdown()
 
 
 def peer_mesh_args(name: str, ports: dict, token_of) -> list[str]:

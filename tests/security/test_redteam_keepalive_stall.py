@@ -22,15 +22,13 @@ from veil.messaging.serde import serialize
 from veil.workers import websocket_client
 from veil.workers.websocket_client import WebsocketClientWorker
 
+from worker_processes import websocket_sink
+
 
 @pytest.fixture
 def stalling_peer():
     """A websockets server that answers the first request with a frame header announcing 4 KiB and 100
     bytes of it, then sends nothing more (keeping the connection open until the test ends)."""
-    from websockets.sync.server import serve
-
-    from veil.workers.websocket_launcher import free_port
-
     done = threading.Event()
 
     def handler(ws):
@@ -41,13 +39,9 @@ def stalling_peer():
         except Exception:  # noqa: BLE001  (the client hung up)
             pass
 
-    port = free_port()
-    server = serve(handler, "127.0.0.1", port, max_size=None)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield port
-    done.set()
-    server.shutdown()
+    with websocket_sink(handler) as port:
+        yield port
+        done.set()
 
 
 def test_a_reply_stalled_mid_frame_drops_the_connection_instead_of_holding_the_keepalive(hook, stalling_peer,

@@ -28,7 +28,7 @@ from veil.tensors.mpc_glue.runtime import enable_peer_openings
 from veil.workers.peer_openings import PeerFetchMessage, PeerOpenMessage
 
 from network_helpers import PEER, TOKEN
-from worker_processes import peer_mesh_args, spawn_all, spawned_workers
+from worker_processes import peer_mesh_args, spawn_all, spawned_workers, websocket_sink
 
 CLIENT = "net-client-token-for-peer-tests"
 NAMES = ("alice", "bob", "dave")  # veil worker processes; charlie is a sink the test runs (a malicious party)
@@ -46,10 +46,7 @@ def _peer_token(name: str) -> str:
 def sink():
     """A fake party "charlie": accepts any peer connection, records every request, answers a fetch with
     ``REPLIES[round]`` (none set: no values) and anything else with OkReply (it never fetches itself)."""
-    from websockets.sync.server import serve
-
     from veil.messaging.serde import serialize
-    from veil.workers.websocket_launcher import free_port
 
     def handler(ws):
         for data in ws:
@@ -67,12 +64,8 @@ def sink():
             else:
                 ws.send(serialize(m.OkReply(), sender="charlie"))
 
-    port = free_port()
-    server = serve(handler, "127.0.0.1", port, max_size=None)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield port
-    server.shutdown()
+    with websocket_sink(handler) as port:
+        yield port
 
 
 @contextlib.contextmanager

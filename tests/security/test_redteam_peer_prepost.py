@@ -26,6 +26,7 @@ from veil.messaging.serde import deserialize, serialize
 from veil.workers.peer_openings import PeerFetchMessage, PeerOpenMessage
 
 from network_helpers import TOKEN
+from worker_processes import websocket_sink
 from test_redteam_peer_openings import CLIENT, _as, _fetch, _peer_token, new_round, peer_cluster
 
 NAMES = ("alice", "bob", "dave")  # veil worker processes; charlie is the sink (a hostile party)
@@ -42,10 +43,6 @@ REPLIES: dict = {}
 def sink():
     """A fake party "charlie": accepts any peer connection, records every request, answers a fetch with
     ``REPLIES[round]`` (no entry: no values) and anything else with OkReply (it never fetches itself)."""
-    from websockets.sync.server import serve
-
-    from veil.workers.websocket_launcher import free_port
-
     def handler(ws):
         try:
             for data in ws:
@@ -65,12 +62,8 @@ def sink():
         except Exception:  # noqa: BLE001  (a behaviour closed the connection)
             pass
 
-    port = free_port()
-    server = serve(handler, "127.0.0.1", port, max_size=None)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield port
-    server.shutdown()
+    with websocket_sink(handler) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")
