@@ -260,7 +260,8 @@ class WebsocketClientWorker(BaseWorker):
             elif self._lost_replies:
                 self._lost_replies -= 1
                 raise ConnectionLostError(f"connection to worker {self.id!r} at {self.url} was lost before it "
-                                          "answered a batch of deferred commands; their results are gone")
+                                          "answered a request sent ahead (a batch of deferred commands, a peer "
+                                          "fetch); its results are gone")
             else:
                 raise RuntimeError("collect() without a posted request")
         if not isinstance(reply, (bytes, bytearray, memoryview)):
