@@ -43,9 +43,9 @@ if TYPE_CHECKING:
 MAX_SIZE_HEADER = "X-Veil-Max-Message"
 #: seconds between keepalive polls of idle connections (servers ping every 30 s by default)
 KEEPALIVE_INTERVAL = 1.0
-#: longest the keepalive thread waits for the next bytes of a posted request's reply it started reading (the
-#: thread serves every connection of the process: a peer that stops in the middle of a frame must not hold it,
-#: and the other connections' pings, for the whole reply timeout; the connection is dropped instead)
+#: longest the keepalive thread waits for the next bytes of a posted request's reply that is being received
+#: (the thread serves every connection of the process: a peer that stops in the middle of a frame must not hold
+#: it, and the other connections' pings, for the whole reply timeout; the connection is dropped instead)
 KEEPALIVE_READ_SECONDS = 5.0
 DEFAULT_CLIENT_MAX_MESSAGE = 1 << 30  # replies up to 1 GiB (a 100 MB tensor is fine)
 
@@ -187,10 +187,13 @@ class WebsocketClientWorker(BaseWorker):
             return
         try:
             if self._owed:  # a posted request's reply is on its way: poll would drop it, so read it first
-                if self._conn is None or not select.select([self._conn.sock], [], [], 0)[0]:
-                    return
                 while self._owed:
-                    self._early.append(self._read_owed(KEEPALIVE_READ_SECONDS))
+                    if self._conn is None or not select.select([self._conn.sock], [], [], 0)[0]:
+                        return  # (nothing arrived: the request's own thread reads it)
+                    # a reply being transmitted has each read bounded; a ping ahead of a reply not sent yet (a
+                    # long command) waits for it with the reply timeout, as the request's own thread would
+                    arriving = self._conn.data_frame_arriving()
+                    self._early.append(self._read_owed(KEEPALIVE_READ_SECONDS if arriving else None))
             if self._conn is not None and not self._conn.poll():
                 self._drop()
                 self._lost_while_idle = True

@@ -336,6 +336,24 @@ class BlockingConnection:
         self._msg = message
         return None
 
+    def data_frame_arriving(self) -> bool:
+        """Whether a data frame is being received: one is half read, or the next frame (buffered here, or the
+        first byte waiting in the socket, which must be readable) is a binary or continuation frame. False for
+        a control frame first (a ping ahead of a reply not sent yet) or where the socket cannot be peeked (TLS)."""
+        if self._msg is not None:
+            return True
+        if self._rbuf:
+            first = self._rbuf[0]
+        else:
+            try:
+                got = self.sock.recv(1, socket.MSG_PEEK)
+            except (ValueError, OSError):  # (an SSLSocket takes no flags)
+                return False
+            if not got:
+                return False
+            first = got[0]
+        return (first & 0x0F) in (0x00, 0x02)
+
     def _frame_buffered(self) -> bool:
         buf = self._rbuf
         if len(buf) < 2:
