@@ -42,29 +42,40 @@ def _peer_token(name: str) -> str:
     return f"{PEER}-{name}"
 
 
-@pytest.fixture(scope="module")
-def sink():
-    """A fake party "charlie": accepts any peer connection, records every request, answers a fetch with
-    ``REPLIES[round]`` (none set: no values) and anything else with OkReply (it never fetches itself)."""
+def charlie_handler(received: list, replies: dict):
+    """The fake party charlie's connection handler: records every request (decoded, or the decoding error) in
+    ``received`` and answers a fetch with ``replies[round]``: tensors (an ObjectsReply; none set: no values),
+    an object with ``send_to(ws)`` or a callable ``(ws, msg)`` writing its own answer (fragments, raw frames,
+    errors, a hang-up); anything else with OkReply (it never fetches itself)."""
     from veil.messaging.serde import serialize
 
     def handler(ws):
-        for data in ws:
-            try:
-                msg = deserialize(data)[0]
-            except Exception as e:  # noqa: BLE001  (recorded: a test fails on it)
-                msg = e
-            RECEIVED.append(msg)
-            if type(msg) is PeerFetchMessage:
-                reply = REPLIES.get(msg.round, [])
-                if hasattr(reply, "send_to"):  # an answer written its own way (fragments, raw frames)
-                    reply.send_to(ws)
+        try:
+            for data in ws:
+                try:
+                    msg = deserialize(data)[0]
+                except Exception as e:  # noqa: BLE001  (recorded: a test fails on it)
+                    msg = e
+                received.append(msg)
+                if type(msg) is PeerFetchMessage:
+                    reply = replies.get(msg.round, [])
+                    if hasattr(reply, "send_to"):
+                        reply.send_to(ws)
+                    elif callable(reply):
+                        reply(ws, msg)
+                    else:
+                        ws.send(serialize(m.ObjectsReply(list(reply)), sender="charlie"))
                 else:
-                    ws.send(serialize(m.ObjectsReply(list(reply)), sender="charlie"))
-            else:
-                ws.send(serialize(m.OkReply(), sender="charlie"))
+                    ws.send(serialize(m.OkReply(), sender="charlie"))
+        except Exception:  # noqa: BLE001  (an answer closed the connection)
+            pass
+    return handler
 
-    with websocket_sink(handler) as port:
+
+@pytest.fixture(scope="module")
+def sink():
+    """The fake party charlie (:func:`charlie_handler`) on a free port, recording into this module's tables."""
+    with websocket_sink(charlie_handler(RECEIVED, REPLIES)) as port:
         yield port
 
 

@@ -22,12 +22,12 @@ import veil as sy
 from veil.exceptions import VeilError
 from veil.ids import new_id
 from veil.messaging import messages as m
-from veil.messaging.serde import deserialize, serialize
+from veil.messaging.serde import serialize
 from veil.workers.peer_openings import PeerFetchMessage, PeerOpenMessage
 
 from network_helpers import TOKEN
 from worker_processes import websocket_sink
-from test_redteam_peer_openings import CLIENT, _as, _fetch, _peer_token, new_round, peer_cluster
+from test_redteam_peer_openings import CLIENT, _as, _fetch, _peer_token, charlie_handler, new_round, peer_cluster
 
 NAMES = ("alice", "bob", "dave")  # veil worker processes; charlie is the sink (a hostile party)
 #: how long a test waits for anything a hang would block (a hang fails the test, never CI)
@@ -41,28 +41,9 @@ REPLIES: dict = {}
 
 @pytest.fixture(scope="module")
 def sink():
-    """A fake party "charlie": accepts any peer connection, records every request, answers a fetch with
-    ``REPLIES[round]`` (no entry: no values) and anything else with OkReply (it never fetches itself)."""
-    def handler(ws):
-        try:
-            for data in ws:
-                try:
-                    msg = deserialize(data)[0]
-                except Exception as e:  # noqa: BLE001  (recorded: a test fails on it)
-                    msg = e
-                RECEIVED.append(msg)
-                if type(msg) is PeerFetchMessage:
-                    reply = REPLIES.get(msg.round, [])
-                    if callable(reply):
-                        reply(ws, msg)
-                    else:
-                        ws.send(serialize(m.ObjectsReply(list(reply)), sender="charlie"))
-                else:
-                    ws.send(serialize(m.OkReply(), sender="charlie"))
-        except Exception:  # noqa: BLE001  (a behaviour closed the connection)
-            pass
-
-    with websocket_sink(handler) as port:
+    """The fake party charlie (test_redteam_peer_openings.charlie_handler), recording into this module's tables:
+    a round's entry in REPLIES is its tensors or a ``fn(ws, msg)`` writing its own answer."""
+    with websocket_sink(charlie_handler(RECEIVED, REPLIES)) as port:
         yield port
 
 
