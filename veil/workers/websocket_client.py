@@ -186,14 +186,13 @@ class WebsocketClientWorker(BaseWorker):
         if not self._lock.acquire(blocking=False):
             return
         try:
-            if self._owed:  # a posted request's reply is on its way: poll would drop it, so read it first
-                while self._owed:
-                    if self._conn is None or not select.select([self._conn.sock], [], [], 0)[0]:
-                        return  # (nothing arrived: the request's own thread reads it)
-                    # a reply being transmitted has each read bounded; a ping ahead of a reply not sent yet (a
-                    # long command) waits for it with the reply timeout, as the request's own thread would
-                    arriving = self._conn.data_frame_arriving()
-                    self._early.append(self._read_owed(KEEPALIVE_READ_SECONDS if arriving else None))
+            while self._owed:  # a posted request's reply is on its way: poll would drop it, so read it first
+                if self._conn is None or not select.select([self._conn.sock], [], [], 0)[0]:
+                    return  # (nothing arrived: the request's own thread reads it)
+                # a reply being transmitted has each read bounded; a ping ahead of a reply not sent yet (a
+                # long command) waits for it with the reply timeout, as the request's own thread would
+                arriving = self._conn.data_frame_arriving()
+                self._early.append(self._read_owed(KEEPALIVE_READ_SECONDS if arriving else None))
             if self._conn is not None and not self._conn.poll():
                 self._drop()
                 self._lost_while_idle = True
