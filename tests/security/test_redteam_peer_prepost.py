@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import veil as sy
-from veil.exceptions import VeilError
+from veil.exceptions import RemoteExecutionError, VeilError
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.serde import serialize
@@ -504,7 +504,11 @@ def _not_yet_once(values):
 @pytest.mark.parametrize("name, answer, match", [
     ("garbage", lambda ws, msg: ws.send(b"\xff\x00not a veil message" * 8), "(?i)charlie.*(malformed|serializ|decode)"),
     ("text frame", lambda ws, msg: ws.send("a text frame"), "(?i)text frame"),
-    ("error reply", _answer(m.ErrorReply("PermissionDeniedError", "charlie says no")), "charlie says no"),
+    # a peer's error is its claim: bob reports it as charlie's (not as its own PermissionDeniedError), cut short
+    ("error reply", _answer(m.ErrorReply("PermissionDeniedError", "charlie says no")),
+     "(?i)peer 'charlie' refused round .*: PermissionDeniedError: charlie says no"),
+    ("long error reply", _answer(m.ErrorReply("DPBudgetExceededError", "x" * 200_000)),
+     "(?i)peer 'charlie' refused round .*: \\w+: x{300}\\.\\.\\.$"),
     ("an op's reply", _answer(m.ObjectsReply([1, "two", None])), "(?i)shapes and dtypes|values"),
     ("wrong dtype", _answer(m.ObjectsReply([torch.zeros(6, dtype=torch.float64)] * 2)), "(?i)shapes and dtypes"),
     ("huge", _answer(m.ObjectsReply([torch.zeros(1 << 21, dtype=torch.int64)] * 2)), "(?i)shapes and dtypes"),
@@ -522,8 +526,10 @@ def test_a_hostile_peers_answer_to_the_posted_fetch_fails_the_round_cleanly(hook
     round_id, ids = new_round(), [new_id(), new_id()]
     REPLIES[round_id] = answer
     began = time.monotonic()
-    with pytest.raises(VeilError, match=match):
+    with pytest.raises(VeilError, match=match) as raised:
         _within(lambda: hook.local_worker.send_msg(_beaver((_ref(x),) * 4, round_id, ["bob", "charlie"], ids), bob))
+    if "error reply" in name:  # bob's PeerOpeningError (a RemoteExecutionError here), not charlie's claimed class
+        assert type(raised.value) is RemoteExecutionError, type(raised.value)
     assert time.monotonic() - began < 10, f"{name}: bob waited {time.monotonic() - began:.1f} s"
     assert len(_fetches_of(round_id)) == 1, _fetches_of(round_id)  # the posted fetch; not asked again
     _absent(hook, bob, ids)

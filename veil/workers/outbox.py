@@ -325,6 +325,7 @@ class Outbox:
             return reply
         if type(reply) is m.ErrorReply:
             error = error_from_reply(reply.error, reply.message)
+            error.from_reply = True  # what the other side said (class and text its own claim), not a local failure
             if prelude:
                 failed = _failed_position(reply.message)
                 if failed is not None:

@@ -60,7 +60,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from veil.exceptions import ConnectionLostError, PermissionDeniedError, SerializationError
+from veil.exceptions import ConnectionLostError, PermissionDeniedError, SerializationError, VeilError
 from veil.messaging import messages as m
 from veil.messaging.serde import frame_nbytes, serialize
 from veil.mpc.party import XOR_LEADING, XOR_OPENABLE, check_openable, run_openable
@@ -305,9 +305,13 @@ def _fetch_all(worker: Any, msg: PeerOpenMessage, peers: Any, expected: list,
                 else:
                     with expect_reply(size):  # received into one buffer of this size (its own expectation)
                         reply = worker.send_msg(fetch, locations[k])  # the link is free for others between slices
-            except SerializationError as e:  # bytes that are no veil reply: say whose they were
-                if names[k] in str(e):
+            except VeilError as e:
+                if getattr(e, "from_reply", False):  # the peer's ErrorReply: its claim, reported as the peer's
+                    raise PeerOpeningError(f"peer {names[k]!r} refused round {msg.round!r}: {type(e).__name__}: "
+                                           f"{_cut(str(e))}") from e
+                if not isinstance(e, SerializationError) or names[k] in str(e):
                     raise
+                # bytes that are no veil reply: say whose they were
                 raise PeerOpeningError(f"peer {names[k]!r} answered round {msg.round!r} with a reply that does "
                                        f"not decode: {e}") from e
             if type(reply) is not m.OkReply:
@@ -338,6 +342,14 @@ def _fetch_all(worker: Any, msg: PeerOpenMessage, peers: Any, expected: list,
     if errors:
         raise errors[0]
     return results
+
+
+#: most characters of a peer's error text passed on (a hostile peer's could be a whole frame long)
+PEER_ERROR_CHARS = 300
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= PEER_ERROR_CHARS else text[:PEER_ERROR_CHARS] + "..."
 
 
 #: room for a fetch reply's message header besides its tensors' bytes (a few dozen bytes per tensor)
