@@ -61,7 +61,7 @@ def peer(hook, monkeypatch):
             client = WebsocketClientWorker(hook, id="stalling", host="127.0.0.1", port=port, token="t" * 20,
                                            timeout=60)
             stack.callback(client.close)
-            client.post(serialize(m.OkReply(), sender="me"))
+            assert client.post(serialize(m.OkReply(), sender="me")) == 1  # (its ticket: the tests collect 1)
             deadline = time.monotonic() + 10
             while not select.select([client._conn.sock], [], [], 0.1)[0]:
                 assert time.monotonic() < deadline, "the peer never answered"
@@ -97,7 +97,7 @@ def test_a_reply_stalled_mid_frame_drops_the_connection_instead_of_holding_the_k
     assert [type(e) for e in raised] == [ConnectionLostError]
     assert not client.connected  # dropped: the part of a frame read cannot be resumed
     with pytest.raises(ConnectionLostError, match="stalling.*sent ahead"):
-        client.collect()  # the owed reply is reported lost, naming the worker
+        client.collect(1)  # the owed reply (the fresh client's first ticket) is reported lost, naming the worker
 
 
 def test_a_ping_ahead_of_a_late_reply_is_no_stall(peer):
@@ -105,4 +105,4 @@ def test_a_ping_ahead_of_a_late_reply_is_no_stall(peer):
     took, raised = _keepalive(client)
     assert raised == [] and client.connected
     assert took >= 1.0  # it waited for the reply past the 0.5 s bound of a stalled frame
-    assert bytes(client.collect()) == b"late reply"
+    assert bytes(client.collect(1)) == b"late reply"

@@ -124,17 +124,17 @@ class Outbox:
                     # may wait on the other parties' requests, not sent yet)
                     prelude = self._take_prelude(location)
                     data = serialize(msg, sender=self.id, prelude=prelude, parts_over=location.frame_parts_over)
-                    location.post(data)
+                    ticket = location.post(data)
                 except BaseException as e:  # noqa: BLE001  (the requests already posted are read first)
                     if prelude:
                         self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
                     errors.append((k, e))
                     continue
-                posted.append((k, location, prelude, frame_nbytes(data)))
-            for k, location, prelude, sent in posted:
+                posted.append((k, location, prelude, frame_nbytes(data), ticket))
+            for k, location, prelude, sent, ticket in posted:
                 try:
                     try:
-                        reply_bytes = location.collect()
+                        reply_bytes = location.collect(ticket)
                     except Exception as e:
                         if prelude:
                             self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
@@ -259,11 +259,11 @@ class Outbox:
             try:
                 data = serialize(m.DeleteMessage([]), sender=self.id, prelude=prelude,
                                  parts_over=location.frame_parts_over)
-                location.post(data)
+                ticket = location.post(data)
             except Exception as e:
                 self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
                 raise
-            self._in_flight[id(location)] = (location, prelude, frame_nbytes(data))
+            self._in_flight[id(location)] = (location, prelude, frame_nbytes(data), ticket)
 
     def _requeue(self, location: "BaseWorker", pending: list) -> None:
         """Puts a taken queue back in front of what was queued since (under the queue lock)."""
@@ -279,10 +279,10 @@ class Outbox:
         flight = self._in_flight.pop(id(location), None)
         if flight is None or flight[0] is not location:  # (an id reused by a new worker object: nothing posted)
             return
-        _, prelude, sent = flight
+        _, prelude, sent, ticket = flight
         try:
             try:
-                reply_bytes = location.collect()
+                reply_bytes = location.collect(ticket)
             except Exception as e:
                 self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
                 raise

@@ -233,10 +233,13 @@ def _post_fetches(worker: Any, msg: PeerOpenMessage, peers: frozenset, posted: d
     the peer publishes, so the party that publishes last needs no request of its own afterwards (one
     message less on each round's path: on a LAN, one network latency). Only over a peer link that is
     connected and idle (its send lock free, nothing queued there), each entered in ``posted`` the moment it
-    is sent (peer -> (link, its send lock, now held by this thread, bytes sent)), so the caller collects
-    whatever was posted whatever fails next. Whatever is not posted here is fetched after the step as before. A step
-    that fails after this reads the posted replies and drops them (a share a peer published to this party
-    goes nowhere else; the failure reaches the orchestrator up to one slice later)."""
+    is sent (peer -> (link, the post's ticket, bytes sent)), so the caller collects whatever was posted
+    whatever fails next. The link's send lock is held only while posting: the reply is collected by its
+    ticket (``WebsocketClientWorker.collect``), so another session's request over the same link goes out
+    during the step and waits at most for this fetch's slice at the peer, not for the step. Whatever is not
+    posted here is fetched after the step as before. A step that fails after this reads the posted replies
+    and drops them (a share a peer published to this party goes nowhere else; the failure reaches the
+    orchestrator up to one slice later)."""
     data = None
     # every source resolved before anything is posted: an unknown one raises here (as the fetch would) with no
     # send lock held and no reply owed
@@ -246,36 +249,33 @@ def _post_fetches(worker: Any, msg: PeerOpenMessage, peers: frozenset, posted: d
         lock = worker._send_lock(location)
         if not lock.acquire(blocking=False):
             continue
-        sent = False
+        ticket = 0
         try:
             if worker.link_idle(location):
                 if data is None:
                     data = serialize(PeerFetchMessage(msg.round, msg.name), sender=worker.id)
-                sent = location.try_post(data)
+                ticket = location.try_post(data)
         except ConnectionLostError:  # (the link dropped: the fetch after the step reconnects or reports it)
             pass
         finally:
-            if sent:
-                posted[peer] = (location, lock, len(data))
-            else:
-                lock.release()
+            if ticket:
+                posted[peer] = (location, ticket, len(data))
+            lock.release()
 
 
 def _collect_posted(worker: Any, posted: dict, size: int) -> dict:
-    """The reply to each posted fetch (or the exception reading or decoding it raised), each link's send
-    lock released; ``posted`` is emptied. On the thread that posted them (the locks are its own)."""
+    """The reply to each posted fetch (or the exception reading or decoding it raised); ``posted`` is emptied."""
     replies = {}
-    for peer, (location, lock, sent) in list(posted.items()):
+    for peer, (location, ticket, sent) in list(posted.items()):
         try:
             with expect_reply(size):
-                reply_bytes = location.collect()
+                reply_bytes = location.collect(ticket)
             worker.stats.record(sent, frame_nbytes(reply_bytes))
             replies[peer] = worker._read_reply(reply_bytes, location, None)
         except Exception as e:  # noqa: BLE001  (raised where that peer's fetch would have raised it)
             replies[peer] = e
         finally:
             del posted[peer]
-            lock.release()
     return replies
 
 

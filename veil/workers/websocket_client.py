@@ -107,9 +107,13 @@ class WebsocketClientWorker(BaseWorker):
         self._lock = threading.Lock()  # one request in flight per connection keeps replies in order
         self._lazy = lazy
         self._lost_while_idle = False
-        self._owed = 0  # posted requests whose replies are not read yet
-        self._early: list = []  # their replies, read ahead of a later request's
-        self._lost_replies = 0  # posted requests whose connection dropped before they were answered
+        # Posted requests are numbered (tickets) in the order they were sent; the connection answers them
+        # in that order, so the k-th reply read is ticket k's, whichever thread reads it: each poster
+        # collects its own ticket's reply, and posts of several threads may be in flight at once.
+        self._tickets = 0  # requests posted so far (the last ticket given)
+        self._read_upto = 0  # tickets whose replies were read (or lost), in order
+        self._early: dict[int, Any] = {}  # replies read ahead of their collect(), by ticket
+        self._lost_tickets: set[int] = set()  # tickets whose connection dropped before they were answered
         _watch(self)
         if not lazy:
             with self._lock:
@@ -142,10 +146,10 @@ class WebsocketClientWorker(BaseWorker):
         return self
 
     def _drop(self) -> None:
-        # replies still owed to posted requests will never come: collect() says so, once each (after
-        # the replies already read, which stay valid)
-        self._lost_replies += self._owed
-        self._owed = 0
+        # replies still owed to posted requests will never come: collect() says so, once each (the
+        # replies already read stay valid)
+        self._lost_tickets.update(range(self._read_upto + 1, self._tickets + 1))
+        self._read_upto = self._tickets
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
@@ -186,13 +190,13 @@ class WebsocketClientWorker(BaseWorker):
         if not self._lock.acquire(blocking=False):
             return
         try:
-            while self._owed:  # a posted request's reply is on its way: poll would drop it, so read it first
-                if self._conn is None or not select.select([self._conn.sock], [], [], 0)[0]:
+            while self._read_upto < self._tickets:  # a posted request's reply is on its way: poll would
+                if self._conn is None or not select.select([self._conn.sock], [], [], 0)[0]:  # drop it: read it
                     return  # (nothing arrived: the request's own thread reads it)
                 # a reply being transmitted has each read bounded; a ping ahead of a reply not sent yet (a
                 # long command) waits for it with the reply timeout, as the request's own thread would
                 arriving = self._conn.data_frame_arriving()
-                self._early.append(self._read_owed(KEEPALIVE_READ_SECONDS if arriving else None))
+                self._read_owed(KEEPALIVE_READ_SECONDS if arriving else None)
             if self._conn is not None and not self._conn.poll():
                 self._drop()
                 self._lost_while_idle = True
@@ -210,9 +214,9 @@ class WebsocketClientWorker(BaseWorker):
                 conn = self._checked_connection(data)  # (the usual small request passes its checks above)
             try:
                 conn.send(data)
-                while self._owed:  # replies to posted requests come first: kept for collect()
-                    self._early.append(conn.recv(timeout=self.timeout))
-                    self._owed -= 1
+                while self._read_upto < self._tickets:  # replies to posted requests come first: kept for collect()
+                    self._early[self._read_upto + 1] = conn.recv(timeout=self.timeout)
+                    self._read_upto += 1
                 reply = conn.recv(self.timeout)
             except (TimeoutError, ConnectionClosed, OSError) as e:  # TimeoutError is an OSError
                 raise self._connection_lost(e) from None
@@ -223,61 +227,66 @@ class WebsocketClientWorker(BaseWorker):
             raise SerializationError(f"worker {self.id!r} answered with a text frame")
         return reply
 
-    def post(self, data: bytes | FrameParts) -> None:
-        """Sends one serialized request without waiting: :meth:`collect` returns its reply (replies come
-        in order). The outbox posts full batches of deferred commands so this process builds the next
-        batch while the worker runs this one."""
+    def post(self, data: bytes | FrameParts) -> int:
+        """Sends one serialized request without waiting and returns its ticket: :meth:`collect` of it
+        returns its reply. The outbox posts full batches of deferred commands so this process builds the
+        next batch while the worker runs this one."""
         with self._lock:
-            self._send_owed(self._checked_connection(data), data)
+            return self._send_owed(self._checked_connection(data), data)
 
-    def try_post(self, data: bytes) -> bool:
+    def try_post(self, data: bytes) -> int:
         """:meth:`post` only if that cannot block on this connection: it is open (no connect, no
-        reconnect after a loss) and no other thread is using it. False: nothing was sent."""
+        reconnect after a loss) and no other thread is using it. Its ticket, or 0: nothing was sent."""
         if not self._lock.acquire(blocking=False):
-            return False
+            return 0
         try:
             conn = self._conn
             if conn is None or self._lost_while_idle or (self._server_max is not None and len(data) > self._server_max):
-                return False
-            self._send_owed(conn, data)
-            return True
+                return 0
+            return self._send_owed(conn, data)
         finally:
             self._lock.release()
 
-    def _send_owed(self, conn: BlockingConnection, data: bytes | FrameParts) -> None:
-        """(Under the lock.) Sends a posted request, whose reply :meth:`collect` then owes."""
+    def _send_owed(self, conn: BlockingConnection, data: bytes | FrameParts) -> int:
+        """(Under the lock.) Sends a posted request, whose reply :meth:`collect` then owes; its ticket."""
         try:
             conn.send(data)
         except (ConnectionClosed, OSError) as e:
             raise self._connection_lost(e) from None
-        self._owed += 1
+        self._tickets += 1
+        return self._tickets
 
-    def collect(self) -> bytes:
-        """The reply to the oldest posted request (ConnectionLostError if the connection dropped first)."""
+    def collect(self, ticket: int) -> bytes:
+        """The reply to the request posted with ``ticket`` (ConnectionLostError if the connection dropped
+        before it came); the replies of earlier tickets are read on the way and kept for their posters."""
         with self._lock:
-            if self._early:
-                reply = self._early.pop(0)
-            elif self._owed and self._conn is not None:
-                reply = self._read_owed()
-            elif self._lost_replies:
-                self._lost_replies -= 1
-                raise ConnectionLostError(f"connection to worker {self.id!r} at {self.url} was lost before it "
-                                          "answered a request sent ahead (a batch of deferred commands, a peer "
-                                          "fetch); its results are gone")
-            else:
-                raise RuntimeError("collect() without a posted request")
+            while ticket not in self._early:
+                if ticket in self._lost_tickets:
+                    self._lost_tickets.discard(ticket)
+                    raise ConnectionLostError(f"connection to worker {self.id!r} at {self.url} was lost before it "
+                                              "answered a request sent ahead (a batch of deferred commands, a "
+                                              "peer fetch); its results are gone")
+                if not self._read_upto < ticket <= self._tickets or self._conn is None:
+                    raise RuntimeError(f"collect() of ticket {ticket}, which is not owed")
+                try:
+                    self._read_owed()
+                except ConnectionLostError:  # (the drop marked this ticket lost too: reported here, once)
+                    self._lost_tickets.discard(ticket)
+                    raise
+            reply = self._early.pop(ticket)
         if not isinstance(reply, (bytes, bytearray, memoryview)):
             raise SerializationError(f"worker {self.id!r} answered with a text frame")
         return reply
 
-    def _read_owed(self, timeout: float | None = None) -> Any:
-        """Reads one owed reply (under the lock), each read waiting up to ``timeout`` s (default: the reply timeout)."""
+    def _read_owed(self, timeout: float | None = None) -> None:
+        """Reads the next owed reply into ``_early`` (under the lock), each read waiting up to ``timeout`` s
+        (default: the reply timeout)."""
         try:
             reply = self._conn.recv(timeout=self.timeout if timeout is None else timeout)
         except (TimeoutError, ConnectionClosed, OSError) as e:
             raise self._connection_lost(e) from None
-        self._owed -= 1
-        return reply
+        self._read_upto += 1
+        self._early[self._read_upto] = reply
 
     def _checked_connection(self, data: bytes | FrameParts) -> BlockingConnection:
         """The open connection for a request of ``data`` (under the lock)."""
