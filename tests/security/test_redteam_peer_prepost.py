@@ -551,3 +551,49 @@ def test_a_slow_peer_is_waited_for_and_its_own_answer_is_used(hook, cluster, how
     assert all(torch.equal(o, want) for o in opened), opened
     _in_sync_with_charlie(hook, cluster, "bob", 1)
     _unchanged(cluster, stored)
+
+
+def test_two_sessions_rounds_over_one_link_each_open_their_own_values(hook, cluster):
+    """Two sessions at bob run rounds with charlie at once; charlie answers the first round's fetch (posted before
+    bob's step) 1.5 s late, the second's at once. The second round's fetch goes over the same connection while
+    the first's reply is owed (the link's send lock is taken only to post), and each round gets its own reply
+    by its ticket, whichever thread reads it (replies come in request order; charlie's values differ per round):
+    neither round opens the other's values, and the link stays in sync."""
+    stored = _stored_before(cluster)
+    _connected(hook, cluster, "bob")
+    proc, first_conn = cluster["bob"]
+    second_conn = _as(hook, proc, TOKEN, "second-session")
+    values = {"first": [torch.full((6,), 300, dtype=torch.int64)] * 2,
+              "second": [torch.full((6,), 400, dtype=torch.int64)] * 2}
+    rounds, errors = {}, {}
+    try:
+        for name, conn in (("first", first_conn), ("second", second_conn)):
+            x = torch.arange(6, dtype=torch.int64)
+            xp, zp = x.send(conn), torch.zeros_like(x).send(conn)
+            round_id, ids = new_round(), [new_id(), new_id()]
+            REPLIES[round_id] = _late(values[name], 1.5) if name == "first" else values[name]
+            thread = _start(hook, conn, _beaver((_ref(xp), _ref(xp), _ref(zp), _ref(zp)), round_id, ["bob", "charlie"],
+                                                ids), errors, name)
+            rounds[name] = (conn, round_id, ids, thread, xp, zp)
+            if name == "first":  # its fetch is posted (charlie holds it) before the second round starts
+                deadline = time.monotonic() + JOIN
+                while not _fetches_of(round_id):
+                    assert time.monotonic() < deadline, "bob never fetched from charlie"
+                    time.sleep(0.01)
+        as_charlie = _as(hook, proc, _peer_token("charlie"), "charlie")
+        try:  # charlie takes bob's share of each round (each round waits for that)
+            for name in rounds:
+                assert all(torch.equal(t, torch.arange(6)) for t in _take(hook, as_charlie, rounds[name][1]))
+        finally:
+            as_charlie.close()
+        _join(*(r[3] for r in rounds.values()))
+        assert not errors, errors
+        for name, (conn, _, ids, _, _, _) in rounds.items():
+            want = values[name][0] + torch.arange(6, dtype=torch.int64)
+            for oid in ids:
+                got = _within(lambda c=conn, o=oid: sy.PointerTensor(c, o, hook.local_worker, (6,), torch.int64).get())
+                assert torch.equal(got, want), (name, got, want)
+    finally:
+        second_conn.close()
+    _in_sync_with_charlie(hook, cluster, "bob", 2)
+    _unchanged(cluster, stored)
