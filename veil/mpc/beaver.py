@@ -31,7 +31,7 @@ import torch
 
 from veil.mpc.party import open_at_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
-from veil.mpc.ring import bilinear
+from veil.mpc.ring import bilinear, meta_result
 
 Shares = Mapping[Hashable, torch.Tensor]
 
@@ -45,6 +45,8 @@ def _mask(x_i: torch.Tensor, y_i: torch.Tensor, a_i: torch.Tensor, b_i: torch.Te
 def _minus(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``x - a`` laid out as the dealt ``a`` (contiguous) where ``x`` is a strided view (a transposed weight):
     the result is sent, and a strided one would be copied to be."""
+    if x.is_meta or a.is_meta:  # run_party's shape inference: no meta arithmetic (see ring.meta_result)
+        return meta_result(x, a)
     if x.shape == a.shape and not x.is_contiguous() and a.is_contiguous():
         return torch.sub(x, a, out=torch.empty_like(a))
     return x - a

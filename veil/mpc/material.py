@@ -91,6 +91,8 @@ def _product_shape(op: str, shape_a: Shape, shape_b: Shape, op_kwargs) -> Shape:
     except TypeError:  # an unhashable kwarg value (a list): not cached
         key = None
     shape = _PRODUCT_SHAPES.get(key) if key is not None else None
+    if shape is None and op == "mul":  # (elementwise: meta arithmetic would import torch._dynamo, ring.meta_result)
+        shape = tuple(torch.broadcast_shapes(shape_a, shape_b))
     if shape is None:
         meta = bilinear(op)(torch.empty(shape_a, dtype=DTYPE, device="meta"),
                             torch.empty(shape_b, dtype=DTYPE, device="meta"), **dict(op_kwargs))

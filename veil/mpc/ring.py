@@ -115,6 +115,14 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, dilation=1, gr
         return _conv2d_unfold(x, w, stride, padding, dilation, groups)
 
 
+def meta_result(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The meta tensor an elementwise ``x op y`` gives (broadcast shape, promoted dtype), made without
+    arithmetic on meta tensors: torch runs that through its Python references, the first of which imports
+    ``torch._dynamo`` (~1 s, once per process: the first shared product's shape inference paid it)."""
+    return torch.empty(torch.broadcast_shapes(x.shape, y.shape), dtype=torch.promote_types(x.dtype, y.dtype),
+                       device="meta")
+
+
 # Bilinear ops op(a, b) usable with Beaver triples: op(a + a', b) = op(a, b) +
 # op(a', b) and likewise in b. The names are the ``op`` argument of providers.
 BILINEAR_OPS: dict[str, Callable[..., torch.Tensor]] = {

@@ -55,7 +55,7 @@ import torch
 
 from veil.mpc.party import open_parties, open_top_bits_at_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
-from veil.mpc.ring import wrap_int
+from veil.mpc.ring import meta_result, wrap_int
 
 Shares = Mapping[Hashable, torch.Tensor]
 
@@ -104,6 +104,8 @@ def _trunc_mask(x_i: torch.Tensor, r_i: torch.Tensor, shift: int = 0) -> tuple:
     """A party's share of ``c = x + K + r`` (uniformly masked; party 0 adds ``K``)."""
     if type(shift) is not int:
         raise ValueError("trunc_mask needs an integer shift")
+    if x_i.is_meta or r_i.is_meta:  # shape inference: no meta arithmetic (see ring.meta_result)
+        return (meta_result(r_i, x_i),)
     masked = r_i + x_i  # laid out as the dealt r (contiguous) where x is a strided view: the result is sent
     return (masked.add_(shift) if shift else masked,)
 
