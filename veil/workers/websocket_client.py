@@ -215,8 +215,7 @@ class WebsocketClientWorker(BaseWorker):
             try:
                 conn.send(data)
                 while self._read_upto < self._tickets:  # replies to posted requests come first: kept for collect()
-                    self._early[self._read_upto + 1] = conn.recv(timeout=self.timeout)
-                    self._read_upto += 1
+                    self._read_owed()
                 reply = conn.recv(self.timeout)
             except (TimeoutError, ConnectionClosed, OSError) as e:  # TimeoutError is an OSError
                 raise self._connection_lost(e) from None
