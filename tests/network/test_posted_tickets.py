@@ -118,7 +118,14 @@ def test_a_posted_peer_fetch_leaves_the_link_free_for_other_sessions(hook, charl
     assert list(posted) == ["charlie"]
     lock = me._send_lock(charlie)
     taken = []
-    other = threading.Thread(target=lambda: taken.append(lock.acquire(blocking=False) and (lock.release() or True)))
+
+    def try_lock():
+        got = lock.acquire(blocking=False)
+        taken.append(got)
+        if got:
+            lock.release()
+
+    other = threading.Thread(target=try_lock)
     other.start()
     other.join(10)
     assert taken == [True]  # (it was held until the fetch's reply was read: the whole step)
