@@ -219,6 +219,29 @@ def test_non_first_parties_get_only_packed_top_bits(monkeypatch):
     assert all(arg.dtype == torch.uint8 and arg.numel() == 125 for _, arg in seen[1:])
 
 
+def test_parties_in_this_process_get_the_opened_value_itself(hook, monkeypatch):
+    """VirtualWorker parties (in process: c's bytes cost nothing) all finish from ``c``, no packing; exact."""
+    import veil as sy
+    from veil.mpc import truncation
+
+    seen = []
+    real = truncation.run_party
+
+    def spy(name, *args, **kwargs):
+        seen.append((name, args[0]))
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(truncation, "run_party", spy)
+    monkeypatch.setattr(truncation, "pack_top_bits", lambda c: pytest.fail("packed for in-process parties"))
+    parties = [sy.VirtualWorker(hook, id=f"inproc{i}") for i in range(3)]
+    cp = sy.VirtualWorker(hook, id="inproc_cp")
+    x, y = torch.randn(1000) * 100, torch.randn(1000) * 100
+    z = x.fix_precision().share(*parties, crypto_provider=cp) * y.fix_precision().share(*parties, crypto_provider=cp)
+    assert torch.allclose(z.get().float_precision(), x * y, atol=1e-2)
+    assert [name for name, _ in seen] == ["trunc_finish"] * 3
+    assert all(c.dtype == torch.int64 and c.numel() == 1000 for _, c in seen)
+
+
 @settings(max_examples=60, deadline=None)
 @given(r=st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=30), k=st.integers(1, 62))
 def test_wrap_correction_power_of_two_matches_exact_integers(r, k):

@@ -98,13 +98,39 @@ def test_what_else_runs_is_read_from_the_machine():
 
 def test_a_big_round_has_every_party_in_flight_at_once(workers, cores, monkeypatch):
     alice, bob, cp = workers
-    x, y = torch.randn(256, 256), torch.randn(256, 256)
+    x, y = torch.randn(512, 256), torch.randn(256, 512)  # masks of 2^17 entries: big even for a light step
     sx, sy_ = _shared(x, alice, bob, cp=cp), _shared(y, alice, bob, cp=cp)
     seen = _watch_openings(monkeypatch, (alice, bob), threading.Barrier(2, timeout=20))
     z = (sx @ sy_).get().float_precision()
     assert torch.allclose(z, x @ y, atol=5e-2)
     assert len(seen) >= 4  # beaver + truncation openings, each met by both parties
     assert len({id(t) for _, t in seen}) >= 2
+
+
+def test_light_steps_weigh_less_than_a_product(workers, cores, monkeypatch):
+    """A 256^3 matmul: its mask round (two subtractions per party on 2^16 entries, a light step) stays on
+    the caller's thread; the truncation round carrying the combine (two 256^3 products) takes threads."""
+    alice, bob, cp = workers
+    x, y = torch.randn(256, 256), torch.randn(256, 256)
+    sx, sy_ = _shared(x, alice, bob, cp=cp), _shared(y, alice, bob, cp=cp)
+    seen = []
+    for w in (alice, bob):
+        real = w._recv_msg
+
+        def recv(data, real=real):
+            msg = deserialize(data)[0]
+            if type(msg) is OpenMessage:
+                seen.append((msg.name, threading.current_thread()))
+            return real(data)
+
+        monkeypatch.setattr(w, "_recv_msg", recv)
+    z = (sx @ sy_).get().float_precision()
+    assert torch.allclose(z, x @ y, atol=5e-2)
+    here = threading.current_thread()
+    assert [t for name, t in seen if name == "beaver_mask"] == [here, here]
+    assert any(t is not here for name, t in seen if name == "trunc_mask")
+    assert runtime.step_elements("beaver_mask", [torch.zeros(256, 256)]) == (1 << 16) // runtime.LIGHT_STEP_DISCOUNT
+    assert runtime.step_elements("beaver_combine", [torch.zeros(256, 256)]) == 1 << 16
 
 
 def test_a_small_round_stays_on_the_callers_thread(workers, cores, monkeypatch):
@@ -158,7 +184,7 @@ def _run_counted(hook, parties, cp, x, y):
 
 
 def test_counters_and_audit_rows_are_the_same_as_taking_turns(hook, monkeypatch):
-    x, y = torch.randn(200, 200), torch.randn(200, 200)
+    x, y = torch.randn(384, 384), torch.randn(384, 384)  # every round big (the light mask round too)
     parties = [sy.VirtualWorker(hook, id=f"q{i}") for i in range(2)]
     cp = sy.VirtualWorker(hook, id="crypto_provider")
     monkeypatch.setattr(runtime, "_spare_cores", lambda parties: False)
@@ -188,7 +214,7 @@ def test_each_party_sees_the_orchestrator_as_its_requester(workers, cores, monke
             return real(*args, **kwargs)
 
         monkeypatch.setattr(w.monitor, "open_step", open_step)
-    x = torch.randn(300, 300)
+    x = torch.randn(400, 400)  # 1.6e5 entries: every round on threads, the light mask round too
     sx = _shared(x, alice, bob, cp=cp)
     assert torch.allclose((sx * sx).get().float_precision(), x * x, atol=1e-2)
     assert requesters and all(r == me.id for _, r in requesters)

@@ -36,7 +36,7 @@ from veil.mpc.ring import bilinear, meta_result
 Shares = Mapping[Hashable, torch.Tensor]
 
 
-@party_function("beaver_mask", openable=True)
+@party_function("beaver_mask", openable=True, light=True, borrows=True)
 def _mask(x_i: torch.Tensor, y_i: torch.Tensor, a_i: torch.Tensor, b_i: torch.Tensor) -> tuple:
     """A party's shares of ``e = x - a`` and ``f = y - b`` (uniformly masked)."""
     return _minus(x_i, a_i), _minus(y_i, b_i)
@@ -52,7 +52,7 @@ def _minus(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return x - a
 
 
-@party_function("beaver_masks", openable=True)
+@party_function("beaver_masks", openable=True, light=True, borrows=True)
 def _masks(xs: list, ys: list, as_: list, bs: list) -> tuple:
     """Several products' ``e = x - a`` (all of them first), then their ``f = y - b``: one opening."""
     if not all(type(v) is list for v in (xs, ys, as_, bs)) or not (len(xs) == len(ys) == len(as_) == len(bs) > 0):
@@ -62,7 +62,7 @@ def _masks(xs: list, ys: list, as_: list, bs: list) -> tuple:
     return (*[_minus(x, a) for x, a in zip(xs, as_)], *[_minus(y, b) for y, b in zip(ys, bs)])
 
 
-@party_function("beaver_combine")
+@party_function("beaver_combine", borrows=True)
 def _combine(a_i, b_i, c_i, e, f, op: str, first: bool, op_kwargs: dict) -> torch.Tensor:
     """``z_i = c_i + op(e, b_i) + op(a_i, f)`` (+ ``op(e, f)`` for party 0)."""
     if c_i.is_meta:  # run_party's shape inference: the result has c's shape (meta ops cost ~1 ms each)

@@ -47,21 +47,34 @@ OPENABLE: set[str] = set()
 XOR_OPENABLE: set[str] = set()
 #: openable names whose first n outputs are XOR shares and the rest additive (two openings in one round)
 XOR_LEADING: dict[str, int] = {}
+#: steps of a few elementwise passes per tensor (a Beaver or truncation mask, a truncation finish): the
+#: runtime weighs their tensors lighter when it decides whether in-process parties take threads
+LIGHT: set[str] = set()
+#: steps that only read their tensor arguments and return fresh tensors: an in-process worker may decode a
+#: request made only of them without copying its tensors (``veil.workers.virtual``; the opened e, f, c)
+BORROWS: set[str] = set()
 
 WIRE_PREFIX = "veil.mpc."
 
 
-def party_function(name: str, openable: bool = False, xor: bool | int = False) -> Callable[[Callable], Callable]:
+def party_function(name: str, openable: bool = False, xor: bool | int = False,
+                   light: bool = False, borrows: bool = False) -> Callable[[Callable], Callable]:
     """Registers a party function and allowlists it as a worker function.
 
     ``xor``: an openable step whose outputs are XOR (boolean) shares; an int
-    ``n``: its first ``n`` outputs are, the others additive.
+    ``n``: its first ``n`` outputs are, the others additive. ``light``: a few
+    elementwise passes per tensor (:data:`LIGHT`). ``borrows``: it writes into
+    no argument and returns no argument's memory (:data:`BORROWS`).
     """
 
     def register(fn: Callable) -> Callable:
         if name in PARTY_FUNCTIONS:
             raise ValueError(f"party function {name!r} is already registered")
         PARTY_FUNCTIONS[name] = fn
+        if light:
+            LIGHT.add(name)
+        if borrows:
+            BORROWS.add(name)
         if openable:
             OPENABLE.add(name)
             if xor is True:
@@ -312,7 +325,7 @@ def _open_among_parties(name: str, per_party: Mapping[Hashable, tuple], kwargs: 
             return None
         runtime = rt
         where.append(party)
-    if runtime is None or len(where) < 2:
+    if runtime is None or len(where) < 2 or not runtime.opens_among(where):
         return None
     all_args = [tuple(a) for a in per_party.values()]
     out = _output_meta(name, PARTY_FUNCTIONS[name], all_args[0], kwargs)

@@ -102,6 +102,11 @@ class PartyRuntime(ABC):
             For each party (same order), the step's outputs as local tensors.
         """
 
+    def opens_among(self, parties: Sequence[Any]) -> bool:
+        """Whether these parties (:meth:`location` values) may open among themselves at all
+        (:meth:`open_at_parties` answers None otherwise, whatever the step: its shapes need not be found)."""
+        return False
+
     def open_at_parties(self, name: str, per_party: Sequence[tuple], kwargs: dict,
                         outputs: Sequence[torch.Tensor], top_bits: bool = False) -> Optional[list[list[Any]]]:
         """A *peer opening*: the parties exchange their outputs of openable step ``name`` among
@@ -117,6 +122,12 @@ class PartyRuntime(ABC):
             parties cannot open among themselves (the caller then opens through here, a star).
         """
         return None
+
+    def in_process(self, handle: Any) -> bool:
+        """True when the party holding ``handle`` lives in this process: a public value reaches it without
+        its bytes being copied or sent, so a protocol may give it a whole opened value where a remote
+        party gets only the part it needs (a truncation's top bits)."""
+        return False
 
     @abstractmethod
     def fetch(self, handles: Sequence[Any]) -> list[torch.Tensor]:

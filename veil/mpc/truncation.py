@@ -31,7 +31,10 @@ Only party 0 needs ``c`` itself (for ``floor(c / d)``); every other party
 needs only ``c_hi``, so the orchestrator sends them the top bits packed 8 to
 a byte (:func:`pack_top_bits`; ``trunc_finish_bits``): 1/64 of the bytes of
 ``c`` (1e6 entries: 125 kB instead of 8 MB per party), and a party learns a
-function of what it was shown before, nothing more.
+function of what it was shown before, nothing more. A party in the
+orchestrator's process (:meth:`~veil.mpc.runtime.PartyRuntime.in_process`)
+gets ``c`` itself: its bytes cost nothing there, while packing them costs the
+orchestrator a pass (``c`` is uniform to it as to party 0: ``r`` masks it).
 
 With peer openings (network parties that open among themselves,
 :func:`~veil.mpc.party.open_top_bits_at_parties`) the same split happens without the
@@ -55,6 +58,7 @@ import torch
 
 from veil.mpc.party import open_parties, open_top_bits_at_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
+from veil.mpc.runtime import runtime_of
 from veil.mpc.ring import meta_result, wrap_int
 
 Shares = Mapping[Hashable, torch.Tensor]
@@ -99,7 +103,7 @@ def _trunc_local(x_i: torch.Tensor, divisor: int, negate: bool) -> torch.Tensor:
     return torch.div(x_i, divisor, rounding_mode="floor")
 
 
-@party_function("trunc_mask", openable=True)
+@party_function("trunc_mask", openable=True, light=True, borrows=True)
 def _trunc_mask(x_i: torch.Tensor, r_i: torch.Tensor, shift: int = 0) -> tuple:
     """A party's share of ``c = x + K + r`` (uniformly masked; party 0 adds ``K``)."""
     if type(shift) is not int:
@@ -124,7 +128,7 @@ def wrap_correction(r: torch.Tensor, divisor: int) -> torch.Tensor:
     return h * (floor_div_unsigned(r, divisor) + floor_div_unsigned(-r, divisor) + 1)
 
 
-@party_function("trunc_finish")
+@party_function("trunc_finish", light=True, borrows=True)
 def _trunc_finish(c: torch.Tensor, q_i: torch.Tensor, g_i: torch.Tensor, divisor: int, first: bool) -> torch.Tensor:
     """``z_i = (1 - c_hi) g_i - q_i`` (+ ``floor(c/d) - K/d`` for party 0)."""
     if type(divisor) is not int or divisor <= 1 or not isinstance(first, bool):
@@ -201,7 +205,7 @@ def unpack_top_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return ((packed.unsqueeze(1) >> _BIT_SHIFTS) & 1).view(-1)[:numel]
 
 
-@party_function("trunc_finish_bits")
+@party_function("trunc_finish_bits", light=True, borrows=True)
 def _trunc_finish_bits(c_hi: torch.Tensor, q_i: torch.Tensor, g_i: torch.Tensor) -> torch.Tensor:
     """``z_i = (1 - c_hi) g_i - q_i`` for a party other than party 0, from the packed top bits of ``c``."""
     if q_i.is_meta:
@@ -252,12 +256,20 @@ def finish_truncation(c: torch.Tensor, pairs: Mapping, divisor: int) -> dict:
         pairs: party -> its ``(r, q, g)`` shares, parties in order (party 0 adds the public terms).
     """
     parties = list(pairs.keys())
-    c_hi = pack_top_bits(c) if len(parties) > 1 else None  # all that parties 1.. need of c
+    whole = [i == 0 or _in_process(pairs[p][1]) for i, p in enumerate(parties)]  # who gets c itself
+    c_hi = None if all(whole) else pack_top_bits(c)  # all that remote parties 1.. need of c
     return {
-        p: run_party("trunc_finish", c, pairs[p][1], pairs[p][2], divisor=divisor, first=True) if i == 0
+        p: run_party("trunc_finish", c, pairs[p][1], pairs[p][2], divisor=divisor, first=i == 0) if whole[i]
         else run_party("trunc_finish_bits", c_hi, pairs[p][1], pairs[p][2])
         for i, p in enumerate(parties)
     }
+
+
+def _in_process(share: torch.Tensor) -> bool:
+    """True for a share held by a party in this process (:meth:`PartyRuntime.in_process`; local shares, the
+    protocol's own tests, take the packed bits as remote parties do)."""
+    rt = runtime_of(share)
+    return rt is not None and rt.in_process(share)
 
 
 def truncate_shares(shares: Shares, divisor: int, provider: Provider) -> dict:

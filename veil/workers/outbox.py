@@ -406,14 +406,16 @@ class Outbox:
                 self.send_msg(m.DeleteMessage([]), location)
         return True
 
-    def queued_largest(self, location: "BaseWorker") -> int:
+    def queued_largest(self, location: "BaseWorker", discount: Any = None) -> int:
         """Elements of the largest tensor among the deferred commands that ride on the next request to
-        ``location`` (the parties' runtime sizes a round's work by it: a deferred Beaver step's operands)."""
+        ``location`` (the parties' runtime sizes a round's work by it: a deferred Beaver step's operands);
+        ``discount(op)``: what a command's count is divided by (the runtime's lighter steps)."""
         with self._queue_lock:
             entry = self._pending_deletes.get(id(location))
             items = list(entry[1]) if entry else []
         # deferred commands only: deletions are ints, skeleton uses ([k, ids, ...]) carry no tensors
-        return max((t.numel() for item in items if type(item) is list and type(item[0]) is not int
+        return max((t.numel() // (discount(item[0]) if discount is not None else 1)
+                    for item in items if type(item) is list and type(item[0]) is not int
                     for t in _tensors(item[1], item[2])), default=0)
 
     def flush(self, location: "BaseWorker | None" = None) -> None:

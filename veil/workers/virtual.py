@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from veil.messaging.serde import FrameParts, HandedParts, OwnedFrame, frame_pad
+from veil.messaging import messages as m
+from veil.messaging.serde import FrameParts, HandedParts, OwnedFrame, envelope, frame_pad
 from veil.messaging.tensor_payload import ADOPT_MIN_BYTES
+from veil.mpc.party import BORROWS, WIRE_PREFIX, OpenMessage
 from veil.workers.base import BaseWorker
 
 
@@ -25,6 +27,34 @@ def owned_frame(parts: FrameParts) -> memoryview:
     return memoryview(frame)[pad:]
 
 
+def borrows_only(head: bytes) -> bool:
+    """True for a request (its framed header, ``head``) whose opening step and deferred commands are all
+    party functions that only read their tensor arguments and return fresh tensors
+    (:data:`veil.mpc.party.BORROWS`: a Beaver product's combine with the opened e and f, a truncation
+    finish with the opened c), deletions aside. Nothing such a request runs can write into, store or
+    return the memory of a tensor it carries, so its tensors may be used in place (the caller's own
+    opened values), without the copy that keeps any other request's stored results apart from the
+    caller's memory. Read from the header alone (ext payloads left opaque); anything unexpected: False."""
+    try:
+        env = envelope(head)
+    except Exception:  # noqa: BLE001  (the decoder reports a malformed request; here it is only copied)
+        return False
+    if type(env) is not list or len(env) < 4 or type(env[3]) is not list:
+        return False
+    if env[1] == OpenMessage.TYPE:
+        if len(env) < 5 or type(env[4]) is not str or env[4] not in BORROWS:
+            return False
+    elif env[1] != m.DeleteMessage.TYPE:
+        return False
+    for item in env[3]:
+        if type(item) is int:  # a deletion
+            continue
+        op = item[0] if type(item) is list and item else None
+        if type(op) is not str or not op.startswith(WIRE_PREFIX) or op[len(WIRE_PREFIX):] not in BORROWS:
+            return False
+    return True
+
+
 class VirtualWorker(BaseWorker):
     """A worker living in this Python process (simulations, tests, tutorials).
 
@@ -36,7 +66,9 @@ class VirtualWorker(BaseWorker):
     worker holds) are handed over with their memory (serde ``HandedParts``): the
     caller's decoder uses it in place, so they cross with no copy at all. Requests
     keep their copy: their tensors are the caller's (a ``.send()`` must not leave the
-    worker's stored object sharing memory with the caller's tensor).
+    worker's stored object sharing memory with the caller's tensor), except a request of
+    protocol steps that only read them (:func:`borrows_only`: the opened values of a
+    Beaver product or a truncation, which every party reads and none keeps).
     """
 
     #: requests over this many bytes reach :meth:`_recv_msg` in parts (made one owned buffer there)
@@ -48,7 +80,7 @@ class VirtualWorker(BaseWorker):
 
     def _recv_msg(self, data: Any) -> Any:
         if type(data) is FrameParts:
-            data = owned_frame(data)
+            data = HandedParts.of(data) if borrows_only(data[0]) else owned_frame(data)
         return super()._recv_msg(data)
 
     def _serve_decoded(self, msg: Any, sender: str, prelude: list) -> Any:

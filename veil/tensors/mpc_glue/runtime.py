@@ -55,7 +55,7 @@ from veil.exceptions import ConnectionLostError, VeilError
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.mpc.errors import PartyFailedError, PartyUnreachableError
-from veil.mpc.party import WIRE_PREFIX, OpenMessage, check_openable, ring_words, run_openable
+from veil.mpc.party import LIGHT, WIRE_PREFIX, OpenMessage, check_openable, ring_words, run_openable
 from veil.mpc.runtime import DEALER_TAG, PartyRuntime, register_runtime
 from veil.tensors.pointer import PointerTensor, pointer_meta
 from veil.tensors.remote_ops import _ref
@@ -82,6 +82,10 @@ PEER_MIN_ELEMENTS = int(os.environ.get("VEIL_PEER_MIN_ELEMENTS", str(1 << 15)))
 #: comparison step on 2^14 entries (~100 ops on a dozen such tensors) was 19 ms inline against 26 ms on
 #: threads; from 5*10^4 entries on the threads win (bench/RESULTS.md, "Thirteenth landing")
 PARALLEL_MIN_ELEMENTS = 1 << 15
+#: a light step's tensors (:data:`veil.mpc.party.LIGHT`: a Beaver or truncation mask, a truncation finish, a
+#: few passes each) count this much less: such a round on threads lost to the same round inline up to 2^17
+#: entries (a matmul's mask and finish round on 2^16: ~0.1 ms of ~5, bench/RESULTS.md "Twenty-fifth landing")
+LIGHT_STEP_DISCOUNT = 4
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
@@ -159,11 +163,23 @@ def elements_of(values: Any) -> int:
     return largest
 
 
+def step_elements(name: str, values: Any) -> int:
+    """:func:`elements_of` a step's arguments, discounted for a light step (:data:`LIGHT_STEP_DISCOUNT`)."""
+    n = elements_of(values)
+    return n // LIGHT_STEP_DISCOUNT if name in LIGHT else n
+
+
+def _op_discount(op: Any) -> int:
+    """What a deferred command's tensors are divided by in a round's work estimate (a light step's: more)."""
+    return LIGHT_STEP_DISCOUNT if type(op) is str and op.startswith(WIRE_PREFIX) and op[len(WIRE_PREFIX):] in LIGHT \
+        else 1
+
+
 def _queued_largest(owner: Any, location: Any) -> int:
     """Elements of the largest tensor in the deferred steps riding on the next request to ``location``
-    (a Beaver product's combine rides on the truncation round that follows it)."""
+    (a Beaver product's combine rides on the truncation round that follows it), light steps discounted."""
     queued = getattr(owner, "queued_largest", None)
-    return queued(location) if queued is not None else 0
+    return queued(location, _op_discount) if queued is not None else 0
 
 
 def one_round(requests: Sequence[tuple[Any, Any, Any]], what: str, return_errors: bool = False,
@@ -304,8 +320,11 @@ class WorkerRuntime(PartyRuntime):
             requests.append((first.owner, OpenMessage(name, _wire(tuple(args)), kwargs), first.location))
         # the work estimate matters only to in-process parties (network ones always run at once)
         in_process = not all(waits_on_network(loc) for _, _, loc in requests)
-        elements = max(elements_of(args) for args in per_party) if per_party and in_process else 0
+        elements = max(step_elements(name, args) for args in per_party) if per_party and in_process else 0
         return [list(reply.objects) for reply in one_round(requests, f"opening {name!r}", elements=elements)]
+
+    def opens_among(self, parties: Sequence[Any]) -> bool:
+        return all(peer_openings_enabled(p) for p in parties)
 
     def open_at_parties(self, name: str, per_party: Sequence[tuple], kwargs: dict,
                         outputs: Sequence[torch.Tensor], top_bits: bool = False) -> list[list[PointerTensor]] | None:
@@ -337,6 +356,11 @@ class WorkerRuntime(PartyRuntime):
         with _peer_round_lock(firsts):
             one_round(requests, f"peer opening {name!r}", elements=elements)
         return handles
+
+    def in_process(self, handle: PointerTensor) -> bool:
+        # a VirtualWorker: a request of protocol steps that only read it uses an opened value in place
+        # (veil.workers.virtual.borrows_only)
+        return not waits_on_network(handle.location)
 
     def fetch(self, handles: Sequence[PointerTensor]) -> list[torch.Tensor]:
         """One GetObjectsMessage per (owner, location) for all shares opened together."""
