@@ -422,8 +422,8 @@ def install_orchestrator() -> list[dict]:
             _local.rec = None
         return orig_post(self, data)
 
-    def collect(self):
-        out = orig_collect(self)
+    def collect(self, ticket):
+        out = orig_collect(self, ticket)
         rec = posted.pop(id(self), None)
         if rec is not None:
             rec["t_wire1"], rec["n_in"] = now(), len(out)
