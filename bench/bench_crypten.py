@@ -52,7 +52,10 @@ Columns:
   ``crypten_stat_bytes``). Mean of the two parties.
 - **sent+recv/party**: everything a party sends and receives. veil: party ->
   orchestrator + orchestrator -> party (opened values and commands) + crypto
-  provider -> party (seeds and corrections). CrypTen: sent + received over its
+  provider -> party (seeds and corrections), for one call after a warm-up one
+  (each call carries the previous call's truncation finish). In process, every
+  party gets a truncation's opened ``c`` (8 B/entry; remote parties after the
+  first get its packed top bits, 1/8 B/entry). CrypTen: sent + received over its
   communicator (with TTP: the dealer's traffic too).
 
 CrypTen details: the models are built from crypten.nn layers with the torch
@@ -292,7 +295,9 @@ def run_veil(parties, cp, me, cp_local, repeat: int, skip_models: bool, label: s
     res = {}
     for name, fn, pfn, check in cases:
         try:
-            out, t = traffic(fn, me, cp_local, n)  # warm-up call, counted
+            fn()  # warm-up; it also carries what the previous workload left riding on the next requests
+            out, t = traffic(fn, me, cp_local, n)  # counted: this workload's steady state (a truncation's
+            # finish rides on the next call: the previous call's is counted here, this one's in the next)
             err = check(out) if check else None
             t["s"] = _best(fn, repeat)
             t["online_s"], t["total_s"], t["deal_s"] = offline_online(fn, cp, me, repeat)
