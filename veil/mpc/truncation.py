@@ -58,8 +58,8 @@ import torch
 
 from veil.mpc.party import open_parties, open_top_bits_at_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
-from veil.mpc.runtime import runtime_of
 from veil.mpc.ring import meta_result, wrap_int
+from veil.mpc.runtime import runtime_of
 
 Shares = Mapping[Hashable, torch.Tensor]
 

@@ -171,8 +171,8 @@ def step_elements(name: str, values: Any) -> int:
 
 def _op_discount(op: Any) -> int:
     """What a deferred command's tensors are divided by in a round's work estimate (a light step's: more)."""
-    return LIGHT_STEP_DISCOUNT if type(op) is str and op.startswith(WIRE_PREFIX) and op[len(WIRE_PREFIX):] in LIGHT \
-        else 1
+    light = type(op) is str and op.startswith(WIRE_PREFIX) and op[len(WIRE_PREFIX):] in LIGHT
+    return LIGHT_STEP_DISCOUNT if light else 1
 
 
 def _queued_largest(owner: Any, location: Any) -> int:
