@@ -199,8 +199,8 @@ def test_truncation_shapes_through_packed_bits(n_parties, shape):
     check_truncation(values, 2**16, n_parties, LocalDealer(seed=n), gen)
 
 
-def test_non_first_parties_get_only_packed_top_bits(monkeypatch):
-    """Party 0 gets the opened ``c``; parties 1.. only its top bits (uint8, 1/64 of the bytes)."""
+def _finishes(monkeypatch) -> list:
+    """(step name, first argument) of every truncation finish run from now on (the opened c or its bits)."""
     from veil.mpc import truncation
 
     seen = []
@@ -211,6 +211,12 @@ def test_non_first_parties_get_only_packed_top_bits(monkeypatch):
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(truncation, "run_party", spy)
+    return seen
+
+
+def test_non_first_parties_get_only_packed_top_bits(monkeypatch):
+    """Party 0 gets the opened ``c``; parties 1.. only its top bits (uint8, 1/64 of the bytes)."""
+    seen = _finishes(monkeypatch)
     gen = torch.Generator().manual_seed(3)
     values = across_range(1000, TRUNCATION_BOUND - 2**16, gen)
     check_truncation(values, 2**16, 3, LocalDealer(seed=3), gen)
@@ -224,14 +230,7 @@ def test_parties_in_this_process_get_the_opened_value_itself(hook, monkeypatch):
     import veil as sy
     from veil.mpc import truncation
 
-    seen = []
-    real = truncation.run_party
-
-    def spy(name, *args, **kwargs):
-        seen.append((name, args[0]))
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(truncation, "run_party", spy)
+    seen = _finishes(monkeypatch)
     monkeypatch.setattr(truncation, "pack_top_bits", lambda c: pytest.fail("packed for in-process parties"))
     parties = [sy.VirtualWorker(hook, id=f"inproc{i}") for i in range(3)]
     cp = sy.VirtualWorker(hook, id="inproc_cp")
