@@ -57,6 +57,12 @@ BORROWS: set[str] = set()
 WIRE_PREFIX = "veil.mpc."
 
 
+def step_name(op: Any) -> Optional[str]:
+    """The party function name in a wire op name (``veil.mpc.<name>``), or None for any other op name or value
+    (registered or not: callers look the name up in the registry they need)."""
+    return op[len(WIRE_PREFIX):] if type(op) is str and op.startswith(WIRE_PREFIX) else None
+
+
 def party_function(name: str, openable: bool = False, xor: bool | int = False,
                    light: bool = False, borrows: bool = False) -> Callable[[Callable], Callable]:
     """Registers a party function and allowlists it as a worker function.

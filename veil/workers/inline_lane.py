@@ -24,7 +24,7 @@ from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST
 from veil.messaging.serde import deserialize, serialize
 from veil.messaging.skeleton_frames import decode_skeleton_use
-from veil.mpc.party import OPENABLE, PARTY_FUNCTIONS, WIRE_PREFIX, OpenMessage
+from veil.mpc.party import OPENABLE, PARTY_FUNCTIONS, OpenMessage, step_name
 from veil.workers import handlers as _handlers
 from veil.workers import skeletons as _skeletons
 from veil.workers.base import HANDLERS, YIELD_EVERY
@@ -63,7 +63,7 @@ def _plain_op(name: Any) -> bool:
 def _party_step(name: Any) -> bool:
     """A protocol step of an SMPC party: a pure function of the party's shares and public values
     (it never calls another worker, waits or loops), registered in ``veil.mpc.party``."""
-    if not (isinstance(name, str) and name.startswith(WIRE_PREFIX) and name[len(WIRE_PREFIX):] in PARTY_FUNCTIONS):
+    if step_name(name) not in PARTY_FUNCTIONS:
         return False
     op = ALLOWLIST._by_name.get(name)
     return op is not None and op.worker_function

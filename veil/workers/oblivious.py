@@ -148,9 +148,9 @@ def _public_parameters(op_name: str, func: Any) -> tuple:
         return cached
     import inspect
 
-    from veil.mpc.party import PARTY_FUNCTIONS, WIRE_PREFIX
+    from veil.mpc.party import PARTY_FUNCTIONS, step_name
 
-    fn = PARTY_FUNCTIONS.get(op_name[len(WIRE_PREFIX):]) if op_name.startswith(WIRE_PREFIX) else None
+    fn = PARTY_FUNCTIONS.get(step_name(op_name))
     skip = 0 if fn is not None else 1  # registered worker functions take the worker first
     try:
         params = list(inspect.signature(fn if fn is not None else func).parameters.values())[skip:]

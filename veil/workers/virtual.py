@@ -7,7 +7,7 @@ from typing import Any
 from veil.messaging import messages as m
 from veil.messaging.serde import FrameParts, HandedParts, OwnedFrame, envelope, frame_pad
 from veil.messaging.tensor_payload import ADOPT_MIN_BYTES
-from veil.mpc.party import BORROWS, WIRE_PREFIX, OpenMessage
+from veil.mpc.party import BORROWS, OpenMessage, step_name
 from veil.workers.base import BaseWorker
 
 
@@ -49,8 +49,7 @@ def borrows_only(head: bytes) -> bool:
     for item in env[3]:
         if type(item) is int:  # a deletion
             continue
-        op = item[0] if type(item) is list and item else None
-        if type(op) is not str or not op.startswith(WIRE_PREFIX) or op[len(WIRE_PREFIX):] not in BORROWS:
+        if step_name(item[0] if type(item) is list and item else None) not in BORROWS:
             return False
     return True
 

@@ -55,7 +55,7 @@ from veil.exceptions import ConnectionLostError, VeilError
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.mpc.errors import PartyFailedError, PartyUnreachableError
-from veil.mpc.party import LIGHT, WIRE_PREFIX, OpenMessage, check_openable, ring_words, run_openable
+from veil.mpc.party import LIGHT, WIRE_PREFIX, OpenMessage, check_openable, ring_words, run_openable, step_name
 from veil.mpc.runtime import DEALER_TAG, PartyRuntime, register_runtime
 from veil.tensors.pointer import PointerTensor, pointer_meta
 from veil.tensors.remote_ops import _ref
@@ -165,14 +165,17 @@ def elements_of(values: Any) -> int:
 
 def step_elements(name: str, values: Any) -> int:
     """:func:`elements_of` a step's arguments, discounted for a light step (:data:`LIGHT_STEP_DISCOUNT`)."""
-    n = elements_of(values)
-    return n // LIGHT_STEP_DISCOUNT if name in LIGHT else n
+    return elements_of(values) // _discount(name)
+
+
+def _discount(name: Any) -> int:
+    """What a step's tensor entries are divided by in a round's work estimate (a light step's: more)."""
+    return LIGHT_STEP_DISCOUNT if name in LIGHT else 1
 
 
 def _op_discount(op: Any) -> int:
-    """What a deferred command's tensors are divided by in a round's work estimate (a light step's: more)."""
-    light = type(op) is str and op.startswith(WIRE_PREFIX) and op[len(WIRE_PREFIX):] in LIGHT
-    return LIGHT_STEP_DISCOUNT if light else 1
+    """:func:`_discount` of the step a deferred command runs (1 for a command that is no party step)."""
+    return _discount(step_name(op))
 
 
 def _queued_largest(owner: Any, location: Any) -> int:
