@@ -77,13 +77,17 @@ def _store_size(worker):
 
 
 def test_dropped_pointers_free_remote_objects(alice):
+    gc.collect()  # earlier tests' pointers in reference cycles: freed now, not in the middle of the count
     base = _store_size(alice)
     p = torch.randn(3).send(alice)
     q = (p * 2 + 1).sum()
-    assert _store_size(alice) == base + 2
+    ids = {p.id_at_location, q.id_at_location}
+    assert _store_size(alice) == base + 2  # the intermediates are gone already
+    assert ids <= set(alice._objects)
     del p, q
     gc.collect()
     assert _store_size(alice) == base
+    assert not ids & set(alice._objects)
 
 
 def test_garbage_collect_data_false_keeps_object(alice):

@@ -144,3 +144,26 @@ def test_set_with_owner_source_is_refused_in_process():
         with owner_guard.refuse_writes("Tensor.set_", protected, "w"):
             own.set_(owner)
     assert own.untyped_storage().data_ptr() != owner.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("op", ["Tensor.add_", "Tensor.mul_", "Tensor.zero_"])
+def test_a_command_refused_for_a_taken_return_id_writes_nothing(alice, op):
+    """Finding: an in-place op sent with a return id already in use ran (writing into its input), then
+    failed to store its result: a refused command had changed the requester's data. The ids are checked
+    before the op runs now."""
+    mine = torch.tensor([1.0, 2.0, 3.0]).send(alice)
+    taken = torch.tensor([9.0]).send(alice)
+    me = alice.hook.local_worker
+    args = (m.ObjectRef(mine.id_at_location),) + ((2.0,) if op != "Tensor.zero_" else ())
+    with pytest.raises(PermissionDeniedError, match="already in use"):
+        me.send_msg(m.CommandMessage(op, args, {}, [taken.id_at_location]), alice)
+    with pytest.raises(sy.exceptions.VeilError, match="positive integer"):
+        me.send_msg(m.CommandMessage(op, args, {}, [-5]), alice)
+    assert torch.equal(mine.get(), torch.tensor([1.0, 2.0, 3.0]))  # untouched, and the worker still serves
+    assert torch.equal(taken.get(), torch.tensor([9.0]))
+    # the same op with the in-place marker 0 runs, and matches torch
+    fresh = torch.tensor([1.0, 2.0, 3.0]).send(alice)
+    me.send_msg(m.CommandMessage(op, (m.ObjectRef(fresh.id_at_location),) + args[1:], {}, [0]), alice)
+    expected = torch.tensor([1.0, 2.0, 3.0])
+    getattr(expected, op.split(".")[1])(*args[1:])
+    assert torch.equal(fresh.get(), expected)

@@ -110,6 +110,8 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
     if not plain:
         protected, secret, oblivious_guard, dealer, args, kwargs = _owner_checks(
             worker, principal, op, purpose, args, kwargs, found, entries, wire_args, wire_kwargs)
+    if type(ids) is list and ids:  # before the op runs: an in-place op must not write, then fail to store
+        monitor.check_free(principal, ids)
     grad = bool(grad_enabled)
     grad_before = _is_grad_enabled()
     try:

@@ -342,6 +342,20 @@ class ReferenceMonitor(OpeningRules):
 
     # ------------------------------------------------------------ storing
 
+    def check_free(self, principal: Principal, ids: list) -> None:
+        """Refuses a command whose return ids are taken before its op runs: :meth:`store` refuses them
+        too, but only after an in-place op has already written into its input.
+
+        Raises:
+            PermissionDeniedError: one of ``ids`` is taken in this namespace (or by the owner's data).
+        """
+        space, shared = self._store.spaces(self.__key, principal.namespace)
+        for oid in ids:
+            if type(oid) is not int or oid < 0:  # (store's own check, before anything ran)
+                raise VeilError(f"object id must be a positive integer, got {oid!r}")
+            if oid and (oid in space or oid in shared):  # 0: an in-place op's result, its input's own id
+                raise PermissionDeniedError(f"object id {oid} is already in use on worker {self.worker_id!r}")
+
     def store(self, principal: Principal, oid: Any, obj: Any, *, sources: Iterable[Entry] = (),
               op_name: str | None = None, kind: str | None = None, reveal_to: tuple | None = None,
               tags: tuple = (), description: str = "", allowed_users: tuple | None = None,
