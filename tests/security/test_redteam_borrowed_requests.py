@@ -64,6 +64,29 @@ def test_only_requests_of_borrowing_steps_are_read_in_place():
     assert not borrows_only(b"\xc1garbage")
 
 
+def test_a_borrowing_step_whose_keyword_arguments_carry_a_tensor_or_a_reference_keeps_its_copy():
+    """Finding (s43 red team): ``beaver_combine`` forwarded its ``op_kwargs`` to the op, so ``out=`` made
+    it write into a buffer the request handed over in place. The step refuses such arguments now
+    (``ring.op_arguments``; tests/security/test_redteam_s43_borrowed_out.py), and a request whose keyword
+    arguments carry any tensor or reference is not read in place at all."""
+    e, f = torch.randint(-2**62, 2**62, (BIG,)), torch.randint(-2**62, 2**62, (BIG,))
+    opening = OpenMessage("trunc_mask", (), {})
+
+    def combine(kwargs):
+        return [WIRE_PREFIX + "beaver_combine", [e, f], kwargs, [7], False]
+
+    # a convolution's geometry (tuples of ints) still borrows: the CNN's products stay copy-free
+    conv = {"op": "conv2d", "first": True, "op_kwargs": {"stride": (1, 1), "padding": (2, 2), "groups": 1}}
+    assert borrows_only(_head(opening, [combine(conv)]))
+    sink = torch.zeros(BIG, dtype=torch.int64)
+    for hostile in ({"op": "mul", "first": False, "op_kwargs": {"out": sink}},
+                    {"op": "mul", "first": False, "op_kwargs": {"out": (sink,)}},  # hidden in a tuple
+                    {"op": "mul", "first": False, "op_kwargs": {"out": m.ObjectRef(5)}},
+                    {"op": "mul", "first": False, "op_kwargs": [[["out", [sink]]]]}):
+        assert not borrows_only(_head(opening, [combine(hostile)])), hostile
+    assert not borrows_only(_head(OpenMessage("trunc_mask", (), {"shift": sink})))
+
+
 def test_a_hostile_in_place_op_riding_with_a_borrowing_step_never_shares_the_requesters_memory(hook):
     alice = sy.VirtualWorker(hook, id="alice_borrow")
     me = hook.local_worker

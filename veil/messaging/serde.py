@@ -459,13 +459,18 @@ def serialize(msg: Any, sender: str = "", prelude: list | None = None,
     return b"".join((head, *buffers))
 
 
-def envelope(data: bytes) -> Any:
-    """The message array with ext payloads left opaque (``None``): a cheap look at type and fields.
+def _opaque(code: int, payload: bytes) -> None:
+    return None
+
+
+def envelope(data: bytes, ext_hook: Callable[[int, bytes], Any] = _opaque) -> Any:
+    """The message array with ext payloads left opaque (``None``, or what ``ext_hook(code, payload)``
+    makes of them): a cheap look at type and fields.
 
     Builds no objects and runs no decoder; raises like msgpack on malformed input.
     """
     header, _ = _split_frame(data)
-    return msgpack.unpackb(header, raw=False, strict_map_key=False, ext_hook=lambda code, payload: None)
+    return msgpack.unpackb(header, raw=False, strict_map_key=False, ext_hook=ext_hook)
 
 
 def _split_frame(data: bytes) -> tuple[memoryview, memoryview | None]:

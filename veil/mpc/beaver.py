@@ -31,7 +31,7 @@ import torch
 
 from veil.mpc.party import open_at_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
-from veil.mpc.ring import bilinear, meta_result
+from veil.mpc.ring import bilinear, meta_result, op_arguments
 
 Shares = Mapping[Hashable, torch.Tensor]
 
@@ -65,6 +65,8 @@ def _masks(xs: list, ys: list, as_: list, bs: list) -> tuple:
 @party_function("beaver_combine", borrows=True)
 def _combine(a_i, b_i, c_i, e, f, op: str, first: bool, op_kwargs: dict) -> torch.Tensor:
     """``z_i = c_i + op(e, b_i) + op(a_i, f)`` (+ ``op(e, f)`` for party 0)."""
+    if type(op_kwargs) is not dict or op_kwargs:  # the requester's: never out=, a tensor or an unknown name
+        op_kwargs = op_arguments(op, op_kwargs)
     if c_i.is_meta:  # run_party's shape inference: the result has c's shape (meta ops cost ~1 ms each)
         return torch.empty_like(c_i)
     fused = _FUSED.get(op)

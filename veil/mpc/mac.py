@@ -59,7 +59,7 @@ from veil.mpc import ring128 as r128
 from veil.mpc.errors import MacCheckError
 from veil.mpc.party import open_parties, party_function, run_party
 from veil.mpc.prg import expand, new_seed
-from veil.mpc.ring import DTYPE, bilinear
+from veil.mpc.ring import DTYPE, bilinear, op_arguments
 from veil.mpc.truncation import TRUNCATION_BOUND, floor_div_unsigned, shift_for, top_bit
 
 #: value bits (the ring of the data) and MAC security parameter: shares and MACs live mod 2^(K_BITS + S_BITS)
@@ -233,6 +233,7 @@ def _mac_beaver_mask(x_lo, x_hi, a_lo, a_hi, y_lo, y_hi, b_lo, b_hi) -> tuple:
 def _mac_beaver_finish(tri: list, e: list, f: list, ef: list, alpha: list, op: str, first: bool,
                        op_kwargs: dict) -> tuple:
     """``z = c + op(e, b) + op(a, f) (+ op(e, f))`` and its MAC, mod 2^128."""
+    op_kwargs = op_arguments(op, op_kwargs)  # the requester's: never out=, a tensor or an unknown name
     if _meta(*tri):
         return _shapes_only(tri[4].shape, 4)  # the shape of c
     fn = bilinear(op)

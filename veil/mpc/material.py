@@ -60,7 +60,7 @@ import torch
 from veil.mpc.comparison_material import (GROUP_BITS, GROUP_SUBSETS, ComparisonLayout, comparison_recipe,
                                            comparison_sources)
 from veil.mpc.errors import ProviderError
-from veil.mpc.ring import DTYPE, bilinear, random_ring
+from veil.mpc.ring import DTYPE, bilinear, op_arguments, random_ring
 from veil.mpc.sharing import split
 
 Shape = tuple
@@ -74,6 +74,7 @@ def _shape(s: Sequence[int]) -> Shape:
 def _beaver(spec) -> tuple[list, list, Derive]:
     op, shape_a, shape_b, op_kwargs = spec
     fn = bilinear(op)
+    op_kwargs = op_arguments(op, op_kwargs)  # from a request: a convolution's geometry, nothing else
     shape_a, shape_b = _shape(shape_a), _shape(shape_b)
     shape_c = _product_shape(op, shape_a, shape_b, op_kwargs)
     return [shape_a, shape_b], [shape_c], lambda u, g: [fn(u[0], u[1], **dict(op_kwargs))]
@@ -178,7 +179,7 @@ def _beaver_mac(spec) -> tuple[list, list, Derive]:
 
     key_id, op, shape_a, shape_b, op_kwargs = spec
     _, (shape_c,), _ = _beaver((op, shape_a, shape_b, op_kwargs))
-    shape_a, shape_b, fn = _shape(shape_a), _shape(shape_b), bilinear(op)
+    shape_a, shape_b, fn, op_kwargs = _shape(shape_a), _shape(shape_b), bilinear(op), op_arguments(op, op_kwargs)
 
     def derive(u: list, g: torch.Generator) -> list:
         alpha = _alpha(key_id)
@@ -338,7 +339,7 @@ def _fixed_beaver(spec) -> tuple[list, list, Derive]:
     fixed_id, op, shape_a, shape_b, op_kwargs = spec
     fixed_id = _fixed_id(fixed_id)
     (shape_a, shape_b), (shape_c,), _ = _beaver((op, shape_a, shape_b, op_kwargs))
-    fn = bilinear(op)
+    fn, op_kwargs = bilinear(op), op_arguments(op, op_kwargs)
     key = (_SCOPE.get(), fixed_id)
 
     def derive(u: list, g: torch.Generator) -> list:

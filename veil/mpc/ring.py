@@ -11,7 +11,7 @@ unchanged on remote tensors (pointers) that forward torch ops to a worker.
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -132,6 +132,41 @@ BILINEAR_OPS: dict[str, Callable[..., torch.Tensor]] = {
     "bmm": torch.bmm,
     "conv2d": conv2d,
 }
+
+
+#: the extra arguments each bilinear op takes from a request: a convolution's geometry, small ints only
+#: (a tensor, ``out=`` or an unknown name never reaches the op: ``out=`` wrote a product into a buffer
+#: the requester handed over, and a huge padding would make the op allocate without bound)
+OP_KWARGS: dict[str, frozenset] = {"conv2d": frozenset({"stride", "padding", "dilation", "groups"})}
+#: the largest value of such an argument (a stride, padding, dilation or group count)
+OP_KWARG_MAX = 1 << 12
+
+
+def op_arguments(op: str, kwargs: Any) -> dict:
+    """``kwargs`` as the extra arguments of the bilinear ``op`` (a dict, or a sequence of name/value
+    pairs as a dealing spec may carry them), checked: only the names :data:`OP_KWARGS` lists for ``op``,
+    each an int or a sequence of one or two ints in ``[0, OP_KWARG_MAX]``. A fresh dict.
+
+    Raises:
+        ValueError: anything else.
+    """
+    if type(kwargs) is dict:
+        items = list(kwargs.items())
+    elif isinstance(kwargs, (list, tuple)) and all(isinstance(i, (list, tuple)) and len(i) == 2 for i in kwargs):
+        items = [tuple(i) for i in kwargs]
+    else:
+        raise ValueError(f"the arguments of {op!r} must be a dict of names to small ints")
+    allowed = OP_KWARGS.get(op, frozenset())
+    out = {}
+    for name, value in items:
+        if type(name) is not str or name not in allowed:
+            raise ValueError(f"{op!r} takes no argument {str(name)[:40]!r} here"
+                             f"{' (only ' + ', '.join(sorted(allowed)) + ')' if allowed else ''}")
+        values = value if isinstance(value, (list, tuple)) else (value,)
+        if not 1 <= len(values) <= 2 or any(type(v) is not int or not 0 <= v <= OP_KWARG_MAX for v in values):
+            raise ValueError(f"{op!r}'s {name} must be an int or a pair of ints in [0, {OP_KWARG_MAX}]")
+        out[name] = value if type(value) is int else tuple(values)
+    return out
 
 
 def bilinear(op: str) -> Callable[..., torch.Tensor]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from veil.messaging import messages as m
-from veil.messaging.serde import FrameParts, HandedParts, OwnedFrame, envelope, frame_pad
+import msgpack
+
+from veil.messaging.serde import EXT_CODES, FrameParts, HandedParts, OwnedFrame, envelope, frame_pad
 from veil.messaging.tensor_payload import ADOPT_MIN_BYTES
 from veil.mpc.party import BORROWS, OpenMessage, step_name
 from veil.workers.base import BaseWorker
@@ -34,24 +36,50 @@ def borrows_only(head: bytes) -> bool:
     finish with the opened c), deletions aside. Nothing such a request runs can write into, store or
     return the memory of a tensor it carries, so its tensors may be used in place (the caller's own
     opened values), without the copy that keeps any other request's stored results apart from the
-    caller's memory. Read from the header alone (ext payloads left opaque); anything unexpected: False."""
+    caller's memory. Read from the header alone (ext payloads left opaque); anything unexpected: False.
+    And besides the steps' own checks of their parameters, no step's keyword arguments may carry a
+    tensor or a reference (an ``out=`` would make an op write into the caller's buffer): only plain
+    values and tuples of them."""
     try:
-        env = envelope(head)
+        env = envelope(head, _ext_mark)
     except Exception:  # noqa: BLE001  (the decoder reports a malformed request; here it is only copied)
         return False
     if type(env) is not list or len(env) < 4 or type(env[3]) is not list:
         return False
     if env[1] == OpenMessage.TYPE:
-        if len(env) < 5 or type(env[4]) is not str or env[4] not in BORROWS:
+        if len(env) < 7 or type(env[4]) is not str or env[4] not in BORROWS or not _plain(env[6]):
             return False
     elif env[1] != m.DeleteMessage.TYPE:
         return False
     for item in env[3]:
         if type(item) is int:  # a deletion
             continue
-        if step_name(item[0] if type(item) is list and item else None) not in BORROWS:
+        if type(item) is not list or len(item) < 3 or step_name(item[0]) not in BORROWS or not _plain(item[2]):
             return False
     return True
+
+
+class _Opaque:
+    """An ext payload :func:`borrows_only` does not look into (a tensor, a reference, ...)."""
+
+
+_OPAQUE = _Opaque()
+
+
+def _ext_mark(code: int, payload: bytes) -> Any:
+    if code == EXT_CODES.TUPLE:  # a tuple's items, looked at like the rest (a tensor inside stays opaque)
+        return msgpack.unpackb(payload, raw=False, strict_map_key=False, ext_hook=_ext_mark)
+    return _OPAQUE
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` (a header's keyword arguments) holds only plain values: no opaque ext, nested
+    at most a few levels (the steps' parameters are flat: an op name, flags, a convolution's geometry)."""
+    if type(value) is dict:
+        value = value.values()
+    elif type(value) is not list:
+        return value is not _OPAQUE
+    return depth < 4 and all(_plain(v, depth + 1) for v in value)
 
 
 class VirtualWorker(BaseWorker):
@@ -70,6 +98,9 @@ class VirtualWorker(BaseWorker):
     Beaver product or a truncation, which every party reads and none keeps).
     """
 
+    #: its objects live in the requester's process: a party here may be handed an opened value the
+    #: threat model keeps from remote parties (a truncation's whole c; ``WorkerRuntime.in_process``)
+    in_this_process = True
     #: requests over this many bytes reach :meth:`_recv_msg` in parts (made one owned buffer there)
     frame_parts_over: int | None = ADOPT_MIN_BYTES
     #: fresh replies over this many bytes leave in parts (made one owned buffer, unless ``own_replies`` is off)
