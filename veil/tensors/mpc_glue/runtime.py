@@ -362,8 +362,9 @@ class WorkerRuntime(PartyRuntime):
 
     def in_process(self, handle: PointerTensor) -> bool:
         # a VirtualWorker: a request of protocol steps that only read it uses an opened value in place
-        # (veil.workers.virtual.borrows_only)
-        return not waits_on_network(handle.location)
+        # (veil.workers.virtual.borrows_only). Only a worker class that says so: a handle on a party in
+        # another process over some other transport (a Ray actor's client) is not one
+        return getattr(type(handle.location), "in_this_process", False) is True
 
     def fetch(self, handles: Sequence[PointerTensor]) -> list[torch.Tensor]:
         """One GetObjectsMessage per (owner, location) for all shares opened together."""
