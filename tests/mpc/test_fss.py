@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import veil as sy
+from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.mpc import comparison
 from veil.mpc.comparison import COMPARISON_BITS, COMPARISON_PROTOCOLS, COMPARISON_ROUNDS, sign_select
@@ -222,8 +223,8 @@ def test_parties_refuse_malformed_material(hook):
     n_add = fss_material.n_additive(1)
     shares, key = list(good[:n_add]), list(good[n_add:])
 
-    def send(*args):
-        me.send_msg(m.CommandMessage(RECEIVE_COMPARISON, args, {}, [1000 + j for j in range(n_add + 5)], False), alice)
+    def send(*args):  # fresh return ids each time (taken ones are refused before the function runs)
+        me.send_msg(m.CommandMessage(RECEIVE_COMPARISON, args, {}, [new_id() for _ in range(n_add + 5)], False), alice)
 
     send([4], 1, 1, None, shares, key)  # well-formed: accepted
     bad_key = key[:1] + [key[1][:-1]] + key[2:]  # one level short

@@ -201,7 +201,7 @@ def taint_writes(worker: Any, lineage: Lineage | None, op: Any, args: tuple, kwa
                     if isinstance(e.obj, torch.Tensor) and e.obj.is_leaf and e.obj.grad is not None
                     and e.created_by == sender]
     else:
-        if args and (owner_guard._writes_first_argument(name) or owner_guard._inplace_flag(op.func, args, kwargs)):
+        if args and (owner_guard.writes_first_argument(name) or owner_guard._inplace_flag(op.func, args, kwargs)):
             written.extend(_tensors(args[0]))
         if "out" in kwargs:
             written.extend(_tensors(kwargs["out"]))

@@ -110,8 +110,13 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
     if not plain:
         protected, secret, oblivious_guard, dealer, args, kwargs = _owner_checks(
             worker, principal, op, purpose, args, kwargs, found, entries, wire_args, wire_kwargs)
-    if type(ids) is list and ids:  # before the op runs: an in-place op must not write, then fail to store
-        monitor.check_free(principal, ids)
+    if ids is not None:  # checked before the op runs: an in-place op must not write, then have its results refused
+        if type(ids) is not list:
+            raise RemoteExecutionError(f"{name}: return ids must be a list of object ids, got {type(ids).__name__}")
+        if ids:
+            monitor.check_free(principal, ids)
+            if len(ids) > 1 and owner_guard.writes_first_argument(name):  # an in-place op returns its input alone
+                raise RemoteExecutionError(f"{name} returns one tensor but the caller expected {len(ids)}")
     grad = bool(grad_enabled)
     grad_before = _is_grad_enabled()
     try:

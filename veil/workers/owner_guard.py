@@ -130,7 +130,7 @@ def dealer_storages(entries: list) -> set[int]:
     return out
 
 
-def _writes_first_argument(op_name: str) -> bool:
+def writes_first_argument(op_name: str) -> bool:
     method = op_name.rsplit(".", 1)[-1]
     if op_name.endswith(".__set__"):  # property setters (grad, requires_grad)
         return True
@@ -174,7 +174,7 @@ def check_writes(op_name: str, func: Callable, args: tuple, kwargs: dict, protec
     if op_name.endswith(".__set__"):
         # target or value: ``own.grad = owner`` would hand out a writable alias of owner data
         targets.extend(leaves((args, kwargs)))
-    elif args and (_writes_first_argument(op_name) or _inplace_flag(func, args, kwargs)):
+    elif args and (writes_first_argument(op_name) or _inplace_flag(func, args, kwargs)):
         targets.append(args[0])
     if "out" in kwargs:
         targets.extend(leaves(kwargs["out"]))
