@@ -36,6 +36,30 @@ def test_server_gone_then_restarted(spawn, connect):
     p.mark_freed()
 
 
+def test_deletions_owed_to_a_lost_worker_do_not_fail_a_flush_but_its_deferred_commands_do(spawn, connect):
+    """Finding: a pointer to a worker that died, collected later, queued its deletion; the next
+    ``flush_deletes()`` (for any worker, or none in particular) raised that worker's ConnectionLostError
+    (an unrelated test failed on it). Deletions alone owed to an unreachable worker raise nothing; a
+    deferred command, the user's computation, still does."""
+    gone, kept = spawn("gone", base_args()), spawn("kept", base_args())
+    lost, alive = connect(gone), connect(kept)
+    me = lost.hook.local_worker
+    p = torch.tensor([1.0]).send(lost)
+    q = torch.tensor([2.0]).send(alive)
+    gone.kill()
+    del p  # its deletion is queued for the lost worker
+    r = torch.tensor([3.0]).send(alive)
+    del r  # and one for the live worker, which it still gets
+    me.flush_deletes()
+    assert torch.equal((q * 2).get(), torch.tensor([4.0]))  # the live worker still serves
+    s = torch.tensor([5.0]).send(alive)
+    dead = torch.tensor([1.0])
+    me.defer(lost, ["Tensor.add", [dead, 1.0], {}, [12345], False])  # a deferred command to the lost worker
+    with pytest.raises(ConnectionLostError, match="gone"):
+        me.flush_deletes()
+    assert torch.equal(s.get(), torch.tensor([5.0]))
+
+
 def test_silent_server_times_out(spawn, connect):
     wp = spawn("alice", base_args())
     alice = connect(wp, timeout=1.0)
