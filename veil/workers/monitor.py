@@ -352,7 +352,7 @@ class ReferenceMonitor(OpeningRules):
         space, shared = self._store.spaces(self.__key, principal.namespace)
         for oid in ids:
             if type(oid) is not int or oid < 0:  # (store's own check, before anything ran)
-                raise VeilError(f"object id must be a positive integer, got {oid!r}")
+                raise VeilError(f"object id must be a positive integer, got {repr(oid)[:40]}")
             if oid and (oid in space or oid in shared):  # 0: an in-place op's result, its input's own id
                 raise PermissionDeniedError(f"object id {oid} is already in use on worker {self.worker_id!r}")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from veil.messaging import messages as m
 import msgpack
 
+from veil.messaging import messages as m
 from veil.messaging.serde import EXT_CODES, FrameParts, HandedParts, OwnedFrame, envelope, frame_pad
 from veil.messaging.tensor_payload import ADOPT_MIN_BYTES
 from veil.mpc.party import BORROWS, OpenMessage, step_name
