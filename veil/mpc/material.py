@@ -157,11 +157,25 @@ def drop_provider_scope(scope: str | None) -> int:
 WIDE_KINDS = frozenset({"beaver_mac", "truncation_mac", "zero_mac", "comparison_mac"})
 
 
+#: MAC keys one network session may hold at the provider (a key per set of parties it computes with: an
+#: honest orchestrator registers one or a few); they live in the provider's memory until its session ends.
+#: In-process requests (scope None: this process's own orchestrator, any number of VirtualWorker
+#: providers) are not counted
+MAX_MAC_KEYS_PER_SCOPE = 64
+
+
 def register_mac_key(key_id: str, alpha: torch.Tensor) -> None:
-    """Stores a MAC key at the provider (see :mod:`veil.mpc.mac`)."""
-    if not isinstance(key_id, str) or not isinstance(alpha, torch.Tensor) or alpha.dtype != DTYPE or alpha.dim():
-        raise ProviderError("a MAC key is a string id and a 0-dim int64 tensor")
-    MAC_KEYS[(_SCOPE.get(), key_id)] = alpha.clone()
+    """Stores a MAC key at the provider (see :mod:`veil.mpc.mac`): an id of 1 to 64 characters (keys are
+    scoped per requester, so the id need not be unguessable), at most :data:`MAX_MAC_KEYS_PER_SCOPE` per
+    network session."""
+    if (not isinstance(key_id, str) or not 1 <= len(key_id) <= 64 or not isinstance(alpha, torch.Tensor)
+            or alpha.dtype != DTYPE or alpha.dim()):
+        raise ProviderError("a MAC key is a string id of 1 to 64 characters and a 0-dim int64 tensor")
+    scope = _SCOPE.get()
+    if (scope is not None and (scope, key_id) not in MAC_KEYS
+            and sum(k[0] == scope for k in MAC_KEYS) >= MAX_MAC_KEYS_PER_SCOPE):
+        raise ProviderError(f"this session holds {MAX_MAC_KEYS_PER_SCOPE} MAC keys at the crypto provider already")
+    MAC_KEYS[(scope, key_id)] = alpha.clone()
 
 
 def _alpha(key_id: str) -> tuple:

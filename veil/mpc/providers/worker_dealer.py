@@ -111,9 +111,12 @@ def _deal_scoped(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, 
         count: Number of items.
         seeded: Send seeds + corrections instead of every share.
     """
-    uniform_shapes, derived_shapes, derive = recipe(kind, spec)
+    uniform_shapes, derived_shapes, derive = bounded_recipe(kind, spec, count)
     xor = xor_fields(kind, spec)  # fields shared by XOR instead of addition
     n = len(party_ids)
+    fields = len(uniform_shapes) + len(derived_shapes)
+    if type(ids) is not list or len(ids) != n or any(type(i) is not list or len(i) != count * fields for i in ids):
+        raise ProviderError(f"a dealing of {count} {kind!r} items needs {count * fields} ids per party")
     gen = dealer_generator()
     parties = [worker.resolve_worker(pid) for pid in party_ids]
     if seeded:
@@ -153,6 +156,28 @@ def _deal_scoped(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, 
     for i, party in enumerate(parties):  # never revealable; uniform fields may mask openings
         objects = [m.StoredObject(oid, t, tag) for oid, t, tag in zip(ids[i], per_party[i], tags)]
         worker.send_msg(m.ObjectMessage(objects), party)
+
+
+#: most ring elements one dealing request may make per party (1 GiB of int64 or 512 MiB for wide kinds'
+#: pairs), checked before anything is generated or expanded: the requester names count and shapes, and
+#: the provider and the parties allocate them (an honest client's requests hold ``max_elements``, 2^23)
+MAX_DEAL_ELEMENTS = 1 << 27
+
+
+def bounded_recipe(kind: str, spec: Any, count: Any) -> tuple[list, list, Any]:
+    """:func:`veil.mpc.material.recipe` of a dealing request for ``count`` items, refused unless
+    ``count`` is a positive int and the items hold at most :data:`MAX_DEAL_ELEMENTS` ring elements."""
+    if type(count) is not int or count < 1:
+        raise ProviderError(f"a dealing needs a positive item count, got {repr(count)[:40]}")
+    uniform_shapes, derived_shapes, derive = recipe(kind, spec)
+    shapes = uniform_shapes + derived_shapes
+    if any(int(d) < 0 for shape in shapes for d in shape):
+        raise ProviderError(f"a {kind!r} dealing spec has a negative dimension")
+    elements = count * sum(_numel(shape) for shape in shapes)
+    if elements > MAX_DEAL_ELEMENTS:
+        raise ProviderError(f"a dealing of {count} {kind!r} items would make {elements} ring elements per party, "
+                            f"more than {MAX_DEAL_ELEMENTS} in one request")
+    return uniform_shapes, derived_shapes, derive
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -227,7 +252,7 @@ def recipe_layout(kind: str, spec: Any, count: int) -> list[tuple[int, Any, Any]
 
 def _expand_material(worker: Any, seed: torch.Tensor, kind: str, spec: Any, count: int, corrections: list) -> list:
     """Runs on a party: derives its shares from the seed (+ corrections if last)."""
-    uniform_shapes, derived_shapes, _ = recipe(kind, spec)
+    uniform_shapes, derived_shapes, _ = bounded_recipe(kind, spec, count)
     seed_bytes = bytes(seed.to(torch.uint8).tolist())
     out, c = [], 0
     for k in range(count):
