@@ -48,10 +48,11 @@ def _worker_args(p: argparse.ArgumentParser) -> None:
 
 @command("worker", "serve this machine's data as a network worker (websockets)", _worker_args)
 def _worker(args: argparse.Namespace) -> int:
-    from veil.workers.memory_policy import keep_freed_memory
+    from veil.workers.memory_policy import keep_freed_memory, limit_address_space
     from veil.workers.websocket_cli import run
 
     keep_freed_memory()  # before the server starts its threads
+    limit_address_space(args.max_memory_mb)
 
     return run(args)
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from veil.exceptions import CommandTimeoutError
+from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.serde import EXT_CODES, deserialize, serialize
 from veil.plans import training_plan
@@ -170,6 +171,30 @@ def test_close_from_another_thread_ends_a_request_in_flight(spawn, connect):
     assert (torch.ones(3).send(connect(wp)) * 2).get().tolist() == [2.0, 2.0, 2.0]
 
 
+def _peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def test_a_result_beyond_the_workers_memory_cap_fails_before_it_is_allocated(spawn, connect):
+    """Finding (session 43): a result is charged to the session's quota once it exists, so a session with a
+    1 MiB quota had the worker allocate 1 GiB for ``torch.zeros(2**27)`` before refusing it (several such
+    requests at once could exhaust the machine and get the worker killed). Under ``--max-memory-mb`` the
+    allocation itself fails: a one-line error, nothing allocated, the worker serves on."""
+    wp = spawn("alice", base_args(["--max-session-mb", "1", "--max-memory-mb", "1800"]))
+    alice = connect(wp)
+    me = alice.hook.local_worker
+    before = _peak_rss_mb(wp.pid)
+    with pytest.raises(Exception, match="allocate") as info:
+        me.send_msg(m.CommandMessage("torch.zeros", ([1 << 28],), {}, [new_id()]), alice)  # 2 GiB
+    assert "\n" not in str(info.value).strip()
+    assert _peak_rss_mb(wp.pid) < before + 256  # the 2 GiB were never touched
+    with pytest.raises(Exception, match="limit of 1.0 MiB"):  # within the cap: the session quota refuses it
+        me.send_msg(m.CommandMessage("torch.zeros", ([1 << 20],), {}, [new_id()]), alice)
+    x = torch.arange(6.0).send(alice)
+    assert torch.equal((x * 2).get(), torch.arange(6.0) * 2)
+
+
 def test_refused_connections_are_audited_in_aggregate(spawn, tmp_path):
     wp = spawn("alice", base_args(["--data-dir", str(tmp_path)]))
     for _ in range(120):
@@ -188,6 +213,7 @@ def test_refused_connections_are_audited_in_aggregate(spawn, tmp_path):
     ["worker", "--id", "a", "--token", "long-enough-token", "--port", "99999"],
     ["worker", "--id", "a", "--token", "long-enough-token", "--cert", "/nonexistent.pem", "--key", "/x"],
     ["worker", "--id", "a", "--token", "long-enough-token", "--max-command-seconds", "-1"],
+    ["worker", "--id", "a", "--token", "long-enough-token", "--max-memory-mb", "10"],
     ["serve", "/nonexistent-model.pt", "--auto", "1,2,3"],
 ])
 def test_cli_input_errors_are_one_line(argv):

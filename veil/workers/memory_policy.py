@@ -45,3 +45,53 @@ def keep_freed_memory() -> bool:
     ok = mallopt(M_ARENA_MAX, 1) == 1
     ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and ok
     return mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
+
+
+def physical_memory_mb() -> float | None:
+    """This machine's memory (Linux's MemTotal), in MiB; None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def limit_address_space(max_mb: float | None) -> float | None:
+    """Caps this process's address space (``RLIMIT_AS``) at ``max_mb`` MiB (None: the machine's memory;
+    0: no cap); returns the cap set, in MiB.
+
+    Why: an op's result is charged to a session's quota only once it exists (``monitor.store``), so a
+    request for a huge result (``torch.zeros(n)``, a broadcast, a padding) is allocated first and refused
+    after; within the cap such an allocation fails at once with torch's "can't allocate memory", a
+    one-line error, and the worker keeps serving, where several sessions' allocations together could
+    otherwise exhaust the machine and have the kernel kill the worker.
+
+    Raises:
+        ValueError: a cap below what the process already holds.
+    """
+    import resource
+
+    if max_mb is None:
+        max_mb = physical_memory_mb()
+        if max_mb is None:
+            return None
+    if max_mb <= 0:
+        return None
+    limit = int(max_mb * 2**20)
+    try:
+        with open("/proc/self/status") as f:
+            size = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:")), 0)
+    except (OSError, ValueError):
+        size = 0
+    if limit < 2 * size:
+        raise ValueError(f"--max-memory-mb {max_mb:g} is too small: this worker process already maps "
+                         f"{size / 2**20:.0f} MiB (give at least twice that)")
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    return limit / 2**20
+

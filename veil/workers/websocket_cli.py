@@ -67,6 +67,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="per-command time limit; long commands (plan fit) stop past it (0: no limit)")
     p.add_argument("--max-session-mb", type=float, default=None,
                    help="most memory one client session may hold on this worker, in MiB (default: no limit)")
+    p.add_argument("--max-memory-mb", type=float, default=None, metavar="MB",
+                   help="most memory this worker process may map, in MiB (default: the machine's memory; 0: no "
+                        "cap): a request for a larger result fails with a one-line error instead of the machine "
+                        "running out of memory")
     p.add_argument("--dp-clip", type=float, default=None, metavar="C",
                    help="open the --dataset files to DP training: per-record gradient clipping bound")
     p.add_argument("--dp-noise", type=float, default=None, metavar="SIGMA",
