@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import subprocess
 import sys
@@ -34,5 +35,6 @@ def test_the_worker_command_applies_it_before_serving(monkeypatch):
     import veil.workers.websocket_cli as wcli
 
     monkeypatch.setattr(wcli, "run", lambda args: calls.append("run") or 0)
-    assert cli._worker(None) == 0
-    assert calls == ["policy", "run"]
+    monkeypatch.setattr(memory_policy, "limit_address_space", lambda mb: calls.append(("cap", mb)))
+    assert cli._worker(argparse.Namespace(max_memory_mb=512.0)) == 0
+    assert calls == ["policy", ("cap", 512.0), "run"]
