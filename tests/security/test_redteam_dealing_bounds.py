@@ -10,11 +10,12 @@ as an unclaimed hand-off in the provider's peer namespace (``monitor.store``: ``
 * The material is charged to the provider's peer session at the party, not to the requester, and stays
   there until the peer link drops: a requester that never claims its ids leaves it behind when it goes.
 
-The first is fixed (``worker_dealer.bounded_recipe``, the ids checked before anything is generated). The
-second is open, a known limitation the README states: the three tests marked ``UNCLAIMED`` fail today
-(strict xfail: they report once it is fixed). So a session holding only a token at the crypto provider fills every party's memory (no quota) or, with
+The first is fixed (``worker_dealer.bounded_recipe``: count and size bounded, the ids checked, before
+anything is generated or expanded). The second is open, a known limitation the README states: a session
+holding only a token at the crypto provider fills every party's memory (no quota) or, with
 ``--max-session-mb`` at the parties, fills the provider's peer namespace there, after which every other
-session's dealing through that provider fails (QuotaExceeded), long after the attacker disconnected.
+session's dealing through that provider fails (QuotaExceeded), long after the attacker disconnected. The
+three tests marked ``UNCLAIMED`` show it (strict xfail: they report once it is fixed).
 """
 
 from __future__ import annotations

@@ -1,12 +1,11 @@
 """Red team (finding of session 43, fixed): return ids checked before a command's op runs (``monitor.check_free`` in
 ``veil/workers/handlers.py::_run_resolved``, commit f6a2fb7).
 
-The commit's claim: "an in-place op sent with a taken (or malformed) return id wrote into its input, then
-failed to store" is fixed by checking the ids before the op. ``check_free`` runs only for a non-empty
-*list* and checks each id's type and freedom, not the *shape* of the ids against the op's results: a
-return-id list of the wrong length (``[0, 0]``, two fresh ids for a one-result in-place op) or a non-list
-value (an int, a map, a string) still lets the in-place op write into its input before
-``RemoteExecutionError("... returned 1 tensors but the caller expected ...")`` refuses the command.
+That commit checked each id of a non-empty *list* for its type and freedom, not the ids' form against the
+op: a return-id list of the wrong length (``[0, 0]``, two fresh ids for a one-result in-place op) or a
+non-list value (an int, a map, a string) still let the in-place op write into its input before
+``RemoteExecutionError("... returned 1 tensors but the caller expected ...")`` refused the command. Now
+a non-list, or more than one id for an op that writes its first argument, is refused before the op runs.
 
 Also checked (passing regressions, new coverage): check_free keeps another session's ids invisible (no
 "already in use" existence oracle across namespaces) through the real command path, and a deferred
