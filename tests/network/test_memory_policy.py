@@ -38,3 +38,20 @@ def test_the_worker_command_applies_it_before_serving(monkeypatch):
     monkeypatch.setattr(memory_policy, "limit_address_space", lambda mb: calls.append(("cap", mb)))
     assert cli._worker(argparse.Namespace(max_memory_mb=512.0)) == 0
     assert calls == ["policy", ("cap", 512.0), "run"]
+
+
+def test_the_address_space_cap_refuses_a_given_value_below_the_process_but_never_the_default(monkeypatch):
+    import resource
+
+    set_to = []
+    monkeypatch.setattr(resource, "setrlimit", lambda which, value: set_to.append(value))
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    with pytest.raises(ValueError, match="too small"):
+        memory_policy.limit_address_space(1)  # an owner's 1 MiB: below what the process maps
+    assert set_to == []
+    monkeypatch.setattr(memory_policy, "physical_memory_mb", lambda: 1.0)  # a machine smaller than the process
+    assert memory_policy.limit_address_space(None) is None and set_to == []  # the default starts anyway
+    assert memory_policy.limit_address_space(0) is None and set_to == []  # 0: no cap
+    monkeypatch.setattr(memory_policy, "physical_memory_mb", lambda: float(1 << 20))  # 1 TiB
+    assert memory_policy.limit_address_space(None) == float(1 << 20)
+    assert set_to and set_to[0][0] == 1 << 40

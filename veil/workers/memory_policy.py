@@ -70,10 +70,12 @@ def limit_address_space(max_mb: float | None) -> float | None:
     otherwise exhaust the machine and have the kernel kill the worker.
 
     Raises:
-        ValueError: a cap below what the process already holds.
+        ValueError: a cap the owner gave below twice what the process already maps (the default cap is
+            then left off instead: a small machine still starts its worker).
     """
     import resource
 
+    given = max_mb is not None
     if max_mb is None:
         max_mb = physical_memory_mb()
         if max_mb is None:
@@ -87,6 +89,8 @@ def limit_address_space(max_mb: float | None) -> float | None:
     except (OSError, ValueError):
         size = 0
     if limit < 2 * size:
+        if not given:
+            return None
         raise ValueError(f"--max-memory-mb {max_mb:g} is too small: this worker process already maps "
                          f"{size / 2**20:.0f} MiB (give at least twice that)")
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
