@@ -120,3 +120,22 @@ def test_the_combine_refuses_out_and_the_worker_keeps_serving(hook):
     me.flush(w)
     got = w.monitor.resolve(w.principal(me.id), oid, Purpose.REVEAL).obj
     assert torch.equal(got, c + e * b + a * f + e * f)  # party 0's share, as torch computes it
+
+
+@pytest.mark.parametrize("op", ["mul", "matmul"])
+def test_the_combine_refuses_opened_values_whose_products_would_outgrow_the_dealt_product(hook, op):
+    """Finding (session 43): the opened e and f come with the request; e of shape (M, 1) against a dealt
+    (N,) factor broadcast (or multiplied out) to M x N entries before any check: a session made a party
+    allocate far beyond its quota for the moment of the step. Now refused before anything is computed."""
+    me = hook.local_worker
+    w = sy.VirtualWorker(hook, id=f"opkw-{secrets.token_hex(3)}")
+    n = 4096
+    a, b, c = (torch.randint(-2**40, 2**40, (1, n) if op == "matmul" else (n,)) for _ in range(3))
+    e = torch.randint(-2**40, 2**40, (n, 1))  # n x n = 16.8M entries (128 MiB) if it went through
+    f = torch.randint(-2**40, 2**40, (1, n) if op == "matmul" else (n,))
+    me.defer(w, [WIRE_PREFIX + "beaver_combine", [a, b, c, e, f], {"op": op, "first": True, "op_kwargs": {}},
+                 [new_id()], False])
+    with pytest.raises(Exception, match="does not have the dealt product's shape"):
+        me.flush(w)
+    x = torch.arange(4.0).send(w)  # the worker serves on
+    assert torch.equal((x + 1).get(), torch.arange(4.0) + 1)

@@ -31,6 +31,7 @@ import torch
 
 from veil.mpc.party import open_at_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
+from veil.mpc.material import product_shape
 from veil.mpc.ring import bilinear, meta_result, op_arguments
 
 Shares = Mapping[Hashable, torch.Tensor]
@@ -69,6 +70,7 @@ def _combine(a_i, b_i, c_i, e, f, op: str, first: bool, op_kwargs: dict) -> torc
         op_kwargs = op_arguments(op, op_kwargs)
     if c_i.is_meta:  # run_party's shape inference: the result has c's shape (meta ops cost ~1 ms each)
         return torch.empty_like(c_i)
+    _check_result_shape(a_i, b_i, c_i, e, f, op, op_kwargs)
     fused = _FUSED.get(op)
     if op == "mul" and first and not op_kwargs and _same_shape(c_i, e, b_i, a_i, f):
         # elementwise: e * f added in place too (one more multiply-add pass over memory already in use)
@@ -88,6 +90,21 @@ def _combine(a_i, b_i, c_i, e, f, op: str, first: bool, op_kwargs: dict) -> torc
     z_i += fn(a_i, f, **op_kwargs)
     z_i += c_i
     return z_i
+
+
+def _check_result_shape(a_i, b_i, c_i, e, f, op: str, op_kwargs: dict) -> None:
+    """Refuses operands whose products would not have the dealt ``c``'s shape, before anything is
+    computed: the opened ``e`` and ``f`` come with the request, and a broadcast or an outer product of
+    them with the dealt factors could otherwise allocate far more than any of them holds."""
+    shape = tuple(c_i.shape)
+    if op == "mul":
+        ok = tuple(torch.broadcast_shapes(shape, e.shape, b_i.shape, a_i.shape, f.shape)) == shape
+    else:
+        ok = all(product_shape(op, tuple(x.shape), tuple(y.shape), op_kwargs) == shape
+                 for x, y in ((e, b_i), (a_i, f), (e, f)))
+    if not ok:
+        raise ValueError(f"beaver_combine: the {op} of the opened values and the dealt factors does not have "
+                         f"the dealt product's shape {list(shape)}")
 
 
 def _same_shape(c, *operands) -> bool:

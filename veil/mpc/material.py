@@ -76,7 +76,7 @@ def _beaver(spec) -> tuple[list, list, Derive]:
     fn = bilinear(op)
     op_kwargs = op_arguments(op, op_kwargs)  # from a request: a convolution's geometry, nothing else
     shape_a, shape_b = _shape(shape_a), _shape(shape_b)
-    shape_c = _product_shape(op, shape_a, shape_b, op_kwargs)
+    shape_c = product_shape(op, shape_a, shape_b, op_kwargs)
     return [shape_a, shape_b], [shape_c], lambda u, g: [fn(u[0], u[1], **dict(op_kwargs))]
 
 
@@ -85,7 +85,8 @@ def _beaver(spec) -> tuple[list, list, Derive]:
 _PRODUCT_SHAPES: dict = {}
 
 
-def _product_shape(op: str, shape_a: Shape, shape_b: Shape, op_kwargs) -> Shape:
+def product_shape(op: str, shape_a: Shape, shape_b: Shape, op_kwargs) -> Shape:
+    """The shape of ``op(a, b)`` for operands of these shapes (cached; computed without allocating)."""
     try:
         key = (op, shape_a, shape_b, tuple(op_kwargs.items() if isinstance(op_kwargs, dict) else op_kwargs))
         hash(key)
