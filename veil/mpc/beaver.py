@@ -70,7 +70,7 @@ def _combine(a_i, b_i, c_i, e, f, op: str, first: bool, op_kwargs: dict) -> torc
         op_kwargs = op_arguments(op, op_kwargs)
     if c_i.is_meta:  # run_party's shape inference: the result has c's shape (meta ops cost ~1 ms each)
         return torch.empty_like(c_i)
-    _check_result_shape(a_i, b_i, c_i, e, f, op, op_kwargs)
+    check_result_shape(a_i, b_i, c_i, e, f, op, op_kwargs)
     fused = _FUSED.get(op)
     if op == "mul" and first and not op_kwargs and _same_shape(c_i, e, b_i, a_i, f):
         # elementwise: e * f added in place too (one more multiply-add pass over memory already in use)
@@ -92,7 +92,7 @@ def _combine(a_i, b_i, c_i, e, f, op: str, first: bool, op_kwargs: dict) -> torc
     return z_i
 
 
-def _check_result_shape(a_i, b_i, c_i, e, f, op: str, op_kwargs: dict) -> None:
+def check_result_shape(a_i, b_i, c_i, e, f, op: str, op_kwargs: dict) -> None:
     """Refuses operands whose products would not have the dealt ``c``'s shape, before anything is
     computed: the opened ``e`` and ``f`` come with the request, and a broadcast or an outer product of
     them with the dealt factors could otherwise allocate far more than any of them holds."""

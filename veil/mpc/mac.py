@@ -56,6 +56,7 @@ from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 import torch
 
 from veil.mpc import ring128 as r128
+from veil.mpc.beaver import check_result_shape
 from veil.mpc.errors import MacCheckError
 from veil.mpc.party import open_parties, party_function, run_party
 from veil.mpc.prg import expand, new_seed
@@ -236,6 +237,9 @@ def _mac_beaver_finish(tri: list, e: list, f: list, ef: list, alpha: list, op: s
     op_kwargs = op_arguments(op, op_kwargs)  # the requester's: never out=, a tensor or an unknown name
     if _meta(*tri):
         return _shapes_only(tri[4].shape, 4)  # the shape of c
+    if len(tri) != 12 or len(e) != 2 or len(f) != 2 or len(ef) != 2 or tuple(ef[0].shape) != tuple(tri[4].shape):
+        raise ValueError("mac_beaver_finish: a triple of 12 fields and opened values of 2 limbs, e*f shaped as c")
+    check_result_shape(tri[0], tri[2], tri[4], e[0], f[0], op, op_kwargs)  # before any allocation
     fn = bilinear(op)
     a, b, c, ma, mb, mc = (tuple(tri[2 * i:2 * i + 2]) for i in range(6))
     e, f, ef = tuple(e), tuple(f), tuple(ef)
