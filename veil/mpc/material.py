@@ -71,13 +71,19 @@ def _shape(s: Sequence[int]) -> Shape:
     return tuple(int(v) for v in s)
 
 
-def _beaver(spec) -> tuple[list, list, Derive]:
-    op, shape_a, shape_b, op_kwargs = spec
+def _product(op, shape_a, shape_b, op_kwargs) -> tuple:
+    """A product recipe's parameters from a spec, checked once: ``(op's ring function, its extra
+    arguments, shape a, shape b, shape of op(a, b))``."""
     fn = bilinear(op)
     op_kwargs = op_arguments(op, op_kwargs)  # from a request: a convolution's geometry, nothing else
     shape_a, shape_b = _shape(shape_a), _shape(shape_b)
-    shape_c = product_shape(op, shape_a, shape_b, op_kwargs)
-    return [shape_a, shape_b], [shape_c], lambda u, g: [fn(u[0], u[1], **dict(op_kwargs))]
+    return fn, op_kwargs, shape_a, shape_b, product_shape(op, shape_a, shape_b, op_kwargs)
+
+
+def _beaver(spec) -> tuple[list, list, Derive]:
+    op, shape_a, shape_b, op_kwargs = spec
+    fn, op_kwargs, shape_a, shape_b, shape_c = _product(op, shape_a, shape_b, op_kwargs)
+    return [shape_a, shape_b], [shape_c], lambda u, g: [fn(u[0], u[1], **op_kwargs)]
 
 
 #: (op, shape a, shape b, op kwargs) -> the product's shape: a meta op costs 0.1-0.5 ms and a dealing asks the
@@ -193,13 +199,12 @@ def _beaver_mac(spec) -> tuple[list, list, Derive]:
     from veil.mpc import ring128
 
     key_id, op, shape_a, shape_b, op_kwargs = spec
-    _, (shape_c,), _ = _beaver((op, shape_a, shape_b, op_kwargs))
-    shape_a, shape_b, fn, op_kwargs = _shape(shape_a), _shape(shape_b), bilinear(op), op_arguments(op, op_kwargs)
+    fn, op_kwargs, shape_a, shape_b, shape_c = _product(op, shape_a, shape_b, op_kwargs)
 
     def derive(u: list, g: torch.Generator) -> list:
         alpha = _alpha(key_id)
         a, b = (u[0], u[1]), (u[2], u[3])
-        c = ring128.bilinear(fn, a, b, **dict(op_kwargs))
+        c = ring128.bilinear(fn, a, b, **op_kwargs)
         return [*c, *ring128.mul(alpha, a), *ring128.mul(alpha, b), *ring128.mul(alpha, c)]
 
     return [shape_a] * 2 + [shape_b] * 2, [shape_c] * 2 + [shape_a] * 2 + [shape_b] * 2 + [shape_c] * 2, derive
@@ -353,15 +358,14 @@ def _fixed_beaver(spec) -> tuple[list, list, Derive]:
         raise ProviderError("fixed_beaver spec must be (fixed_id, op, shape_a, shape_b, op_kwargs)")
     fixed_id, op, shape_a, shape_b, op_kwargs = spec
     fixed_id = _fixed_id(fixed_id)
-    (shape_a, shape_b), (shape_c,), _ = _beaver((op, shape_a, shape_b, op_kwargs))
-    fn, op_kwargs = bilinear(op), op_arguments(op, op_kwargs)
+    fn, op_kwargs, shape_a, shape_b, shape_c = _product(op, shape_a, shape_b, op_kwargs)
     key = (_SCOPE.get(), fixed_id)
 
     def derive(u: list, g: torch.Generator) -> list:
         b = FIXED_MASKS.get(key)
         if b is None or tuple(b.shape) != shape_b:
             raise ProviderError(f"no fixed mask {fixed_id!r} of shape {shape_b} at this crypto provider")
-        return [fn(u[0], b, **dict(op_kwargs))]
+        return [fn(u[0], b, **op_kwargs)]
 
     return [shape_a], [shape_c], derive
 
