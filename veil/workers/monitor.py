@@ -354,7 +354,11 @@ class ReferenceMonitor(OpeningRules):
             if type(oid) is not int or oid < 0:  # (store's own check, before anything ran)
                 raise VeilError(f"object id must be a positive integer, got {repr(oid)[:40]}")
             if oid and (oid in space or oid in shared):  # 0: an in-place op's result, its input's own id
-                raise PermissionDeniedError(f"object id {oid} is already in use on worker {self.worker_id!r}")
+                raise self._in_use(oid)
+
+    def _in_use(self, oid: int) -> PermissionDeniedError:
+        """The refusal of a taken id (the same text for one taken in the namespace and an owner's id)."""
+        return PermissionDeniedError(f"object id {oid} is already in use on worker {self.worker_id!r}")
 
     def store(self, principal: Principal, oid: Any, obj: Any, *, sources: Iterable[Entry] = (),
               op_name: str | None = None, kind: str | None = None, reveal_to: tuple | None = None,
@@ -374,7 +378,7 @@ class ReferenceMonitor(OpeningRules):
         store, key = self._store, self.__key
         space, shared = store.spaces(key, ns)
         if oid in space or oid in shared:
-            raise PermissionDeniedError(f"object id {oid} is already in use on worker {self.worker_id!r}")
+            raise self._in_use(oid)
         if type(sources) is not list:
             sources = list(sources)
         if ns == SHARED_NS:  # sessions are charged; in-process has none
