@@ -47,16 +47,11 @@ def keep_freed_memory() -> bool:
     return mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
 
 
-def physical_memory_mb() -> float | None:
-    """This machine's memory (Linux's MemTotal), in MiB; None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+def physical_memory_mb() -> float:
+    """This machine's memory, in MiB."""
+    import psutil
+
+    return psutil.virtual_memory().total / 2**20
 
 
 def limit_address_space(max_mb: float | None) -> float | None:
@@ -75,19 +70,17 @@ def limit_address_space(max_mb: float | None) -> float | None:
     """
     import resource
 
+    import psutil
+
+    if not sys.platform.startswith("linux"):  # (as keep_freed_memory: the cap is tested on Linux only)
+        return None
     given = max_mb is not None
     if max_mb is None:
         max_mb = physical_memory_mb()
-        if max_mb is None:
-            return None
     if max_mb <= 0:
         return None
     limit = int(max_mb * 2**20)
-    try:
-        with open("/proc/self/status") as f:
-            size = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:")), 0)
-    except (OSError, ValueError):
-        size = 0
+    size = psutil.Process().memory_info().vms  # what the process maps already
     if limit < 2 * size:
         if not given:
             return None
