@@ -11,6 +11,7 @@ import torch
 
 from veil.messaging import messages as m
 from veil.messaging.serde import deserialize, serialize
+from veil.workers.monitor import MIN_TENSOR_BYTES
 from veil.workers.websocket_auth import authenticate
 
 from network_helpers import TOKEN, get_as as _get, in_process_server, store_as as _store
@@ -90,7 +91,7 @@ def test_result_entries_carry_the_capabilities_a_commands_results_carry(hook):
         fields = ("tags", "description", "allowed_users", "protected", "created_by", "meta", "reveal_to", "kind",
                   "provenance", "nbytes")
         assert {f: getattr(by_use, f) for f in fields} == {f: getattr(by_command, f) for f in fields}
-        assert by_use.created_by == session.id and by_use.kind == "client" and by_use.nbytes == 16
+        assert by_use.created_by == session.id and by_use.kind == "client" and by_use.nbytes == MIN_TENSOR_BYTES
         assert (by_use.tags, by_use.description, by_use.allowed_users, by_use.protected, by_use.meta,
                 by_use.reveal_to) == ((), "", None, False, {}, None)  # each field where the Entry keeps it
     assert server.monitor._find(principal, 11).provenance == frozenset({owned})  # derived from the owner's data

@@ -11,11 +11,12 @@ as an unclaimed hand-off in the provider's peer namespace (``monitor.store``: ``
   there until the peer link drops: a requester that never claims its ids leaves it behind when it goes.
 
 The first is fixed (``worker_dealer.bounded_recipe``: count and size bounded, the ids checked, before
-anything is generated or expanded). The second is open, a known limitation the README states: a session
-holding only a token at the crypto provider fills every party's memory (no quota) or, with
-``--max-session-mb`` at the parties, fills the provider's peer namespace there, after which every other
-session's dealing through that provider fails (QuotaExceeded), long after the attacker disconnected. The
-three tests marked ``UNCLAIMED`` show it (strict xfail: they report once it is fixed).
+anything is generated or expanded). The second was: a session holding only a token at the crypto provider
+filled every party's memory (no quota) or, with ``--max-session-mb`` at the parties, the provider's peer
+namespace there, after which every other session's dealing through that provider failed (QuotaExceeded),
+long after the attacker disconnected. Fixed in session 44 (``veil/workers/accounts.py``): a peer's
+frames name the requester account they are for; unclaimed hand-offs are charged per account, and freed when
+the requester's session at the peer ends. The last three tests show it.
 """
 
 from __future__ import annotations
@@ -36,10 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from worker_processes import peer_mesh_args, spawn_all  # noqa: E402
 
 from network_helpers import base_args  # noqa: E402  (tests/network, on the path via conftest)
-
-#: the open finding (unclaimed hand-offs are charged to the peer link's session and kept until claimed)
-UNCLAIMED = pytest.mark.xfail(strict=True, reason="open: unclaimed peer hand-offs are charged to the peer "
-                              "link's session at the party and kept until claimed (README, memory quota)")
 
 MALLORY = "s43b-mallory-token"  # a scientist token at the crypto provider only
 QUOTA_MB = 2
@@ -69,7 +66,6 @@ def _deal_raw(local, provider, kind, spec, ids, count, seeded=False):
     local.send_msg(msg, provider)
 
 
-@UNCLAIMED
 def test_a_provider_only_session_cannot_block_other_sessions_dealing_at_the_parties(spawn, connect, hook):
     """Mallory (a token at dave only) deals unclaimed material to alice and bob until their peer namespace for
     dave is full, then leaves. An honest scientist's product through dave must still work."""
@@ -162,11 +158,10 @@ def test_a_party_bounds_expand_material_before_expanding(monkeypatch):
         "no bound on count x shape before allocation")
 
 
-@UNCLAIMED
 def test_material_a_provider_only_session_never_claims_is_not_kept_at_the_parties(spawn, connect, hook):
     """No quota at the parties: mallory (a token at dave only) has dave deal 64 MiB of unclaimed ``zero``
-    shares to alice and bob, then leaves. Nothing of it should stay at alice (it is for nobody); today all of it
-    does, for as long as dave's peer link lives: any session at alice that names an id finds it."""
+    shares to alice and bob, then leaves. Nothing of it should stay at alice (it is for nobody); before session
+    44 all of it did, for as long as dave's peer link lived: any session at alice naming an id found it."""
     wps = _cluster(spawn)
     local = hook.local_worker
     mallory = connect(wps["dave"], token=MALLORY, id="dave", timeout=60)
@@ -188,7 +183,6 @@ def test_material_a_provider_only_session_never_claims_is_not_kept_at_the_partie
     assert kept == 0, f"{kept / 2**20:.0f} MiB dealt for a session that left (and holds no account here) is still kept"
 
 
-@UNCLAIMED
 def test_hand_offs_a_session_never_claims_do_not_use_up_the_peer_link_for_others(spawn, connect, hook):
     """The same root cause without a dealer: a session at dave only (mallory) moves its own objects to alice
     under ids it never claims there. Its quota at dave is freed by each move; alice keeps the objects in dave's

@@ -15,9 +15,10 @@ import torch
 from veil.exceptions import (ObjectNotFoundError, PermissionDeniedError, RemoteExecutionError, SerializationError,
                              VeilError)
 from veil.messaging import messages as m
-from veil.messaging.allowlist import ALLOWLIST, NO_RESULT
+from veil.messaging.allowlist import ALLOWLIST, NO_RESULT, register_worker_function
 from veil.tensors.tree import leaves, map_structure
 from veil.workers import oblivious, owner_guard
+from veil.workers.accounts import END_ACCOUNT
 from veil.workers.base import STORABLE_TYPES, STORE_VALIDATORS, BaseWorker, register_handler
 from veil.workers.monitor import DEALER_OUTPUTS, PROTOCOL_PREFIXES, Principal, Purpose
 from veil.workers.store import Entry, Kind
@@ -455,3 +456,12 @@ def _handle_remote_get(worker: BaseWorker, msg: m.RemoteGetMessage, sender: str)
         _refuse_deputy(worker, principal, msg.id, "remote_get")
     worker.monitor.replace(principal, msg.id, entry.obj.get())
     return m.OkReply()
+
+
+def _end_account(worker: BaseWorker) -> None:
+    """A peer's requester session ended there: free what the peer handed over for it that nobody claimed
+    (veil/workers/accounts.py). The account is the one the request's sender names: a peer ends only its own."""
+    worker.monitor.end_account(worker.principal(worker.requester()))
+
+
+register_worker_function(END_ACCOUNT, _end_account, shapes=NO_RESULT)

@@ -26,6 +26,7 @@ from veil.messaging.serde import deserialize, serialize
 from veil.messaging.skeleton_frames import decode_skeleton_use
 from veil.mpc.party import OPENABLE, PARTY_FUNCTIONS, OpenMessage, step_name
 from veil.workers import handlers as _handlers
+from veil.workers.accounts import ACTING
 from veil.workers import skeletons as _skeletons
 from veil.workers.base import HANDLERS, YIELD_EVERY
 from veil.workers.monitor import Principal
@@ -185,6 +186,7 @@ class InlineLane:
         timed = session.id in self._strikes or session.id in self._protocol_strikes
         started, wall = (time.thread_time() if timed else 0.0), time.perf_counter()
         slow, strikes_of = self._slow_sessions, self._strikes
+        acting = ACTING.set(session.account)  # what it sends peers meanwhile is for this session (accounts.py)
         try:
             self._local.session = session
             try:
@@ -217,6 +219,7 @@ class InlineLane:
             return serialize(m.ErrorReply(*error_reply_fields(e)), sender=self.id), None
         finally:
             self._local.session = None
+            ACTING.reset(acting)
             self._turn.release()
             if time.perf_counter() - wall > INLINE_BUDGET_SECONDS:
                 strikes = strikes_of.get(session.id)

@@ -30,6 +30,7 @@ from veil.exceptions import ObjectNotFoundError, PermissionDeniedError, VeilErro
 from veil.messaging import messages as m
 from veil.tensors.handle import RemoteHandle
 from veil.workers import capabilities, dealt
+from veil.workers.accounts import MAX_PEER_ACCOUNTS, PEER_LINK_SESSIONS
 from veil.workers.capabilities import CAP_PREFIX, DEALER_TAG  # noqa: F401  (re-exported)
 from veil.workers.openings import OPENING_MASKS, OpeningRules  # noqa: F401  (re-exported)
 from veil.workers.principals import PURPOSES, Principal, Purpose, PurposeRule  # noqa: F401  (re-exported)
@@ -60,6 +61,9 @@ _TENSOR = torch.Tensor
 #: bytes charged for a stored object of a type without a size estimator (pointers, small wrappers):
 #: every object counts, so a session cannot fill a worker with many "free" objects
 DEFAULT_OBJECT_BYTES = 1024
+#: the least a stored tensor is charged: its entry and tensor object take a few hundred bytes whatever its
+#: data holds, so that many empty or scalar tensors are not free either
+MIN_TENSOR_BYTES = 256
 #: type -> bytes an object of it holds, for the per-session quota (HE ciphertexts, plans register theirs)
 SIZE_ESTIMATORS: dict[type, Callable[[Any], int]] = {}
 
@@ -74,9 +78,9 @@ def _nbytes(obj: Any) -> int:
     tp = type(obj)
     if tp is torch.Tensor or tp is torch.nn.Parameter:
         try:
-            return obj.untyped_storage().nbytes()
+            return max(obj.untyped_storage().nbytes(), MIN_TENSOR_BYTES)
         except (RuntimeError, NotImplementedError):
-            return obj.numel() * obj.element_size()
+            return max(obj.numel() * obj.element_size(), MIN_TENSOR_BYTES)
     estimate = SIZE_ESTIMATORS.get(tp)
     if estimate is None:
         return DEFAULT_OBJECT_BYTES
@@ -386,18 +390,18 @@ class ReferenceMonitor(OpeningRules):
         elif type(obj) is _TENSOR:  # _nbytes of the usual result, without the call
             try:
                 nbytes = obj.untyped_storage().nbytes()
+                if nbytes < MIN_TENSOR_BYTES:
+                    nbytes = MIN_TENSOR_BYTES
             except (RuntimeError, NotImplementedError):
                 nbytes = _nbytes(obj)
         else:
             nbytes = _nbytes(obj)
-        if self.max_session_bytes is not None and ns != SHARED_NS:
+        if hand_off:
+            self._check_account(principal, oid, nbytes)
+        elif self.max_session_bytes is not None and ns != SHARED_NS:
             used = store.usage.get(ns, 0)
             if used + nbytes > self.max_session_bytes:
-                error = QuotaExceededError(
-                    f"worker {self.worker_id!r}: this session would hold {(used + nbytes) / 2**20:.1f} MiB, more "
-                    f"than the owner's limit of {self.max_session_bytes / 2**20:.1f} MiB per session; free objects "
-                    "(del pointers) or ask the owner to raise --max-session-mb")
-                raise self._refuse(error, "store", principal, [oid])
+                raise self._refuse(self._over_quota(used + nbytes), "store", principal, [oid])
         provenance = _EMPTY
         client_sources = True
         if sources:  # one pass: does any source restrict reveals or carry provenance? (plain client data: no)
@@ -423,8 +427,66 @@ class ReferenceMonitor(OpeningRules):
                       provenance, nbytes)
         if kind == Kind.DEALER and sources:
             dealt.inherit_fixed(entry, sources)
-        store.put(key, ns, oid, entry, hand_off=hand_off)
+        store.put(key, ns, oid, entry, hand_off=hand_off, account=principal.account)
         return entry
+
+    def _over_quota(self, held: int, op_name: str = "") -> QuotaExceededError:
+        return QuotaExceededError(
+            f"{op_name + ': ' if op_name else ''}worker {self.worker_id!r}: this session would hold {held / 2**20:.1f} MiB, more than the owner's "
+            f"limit of {self.max_session_bytes / 2**20:.1f} MiB per session; free objects (del pointers) or ask "
+            "the owner to raise --max-session-mb")
+
+    def check_room(self, principal: Principal, nbytes: int, op_name: str) -> None:
+        """Refuses a command whose results (``nbytes``, sized before its op runs: veil/workers/output_bounds.py)
+        would not fit the session's quota, as :meth:`store` would once they exist.
+
+        Raises:
+            QuotaExceededError: they would not fit.
+        """
+        quota, ns = self.max_session_bytes, principal.namespace
+        if quota is None or ns == SHARED_NS:
+            return
+        used = self._store.usage.get(ns, 0)
+        if used + nbytes > quota:
+            raise self._refuse(self._over_quota(used + nbytes, op_name), "store", principal, [])
+
+    def _check_account(self, principal: Principal, oid: int, nbytes: int) -> None:
+        """A peer's hand-off is charged to the requester account it is for (not only to the peer link, which
+        every session of that peer shares): at most the session quota per account, at most
+        :data:`~veil.workers.accounts.PEER_LINK_SESSIONS` quotas per peer link (a peer names the accounts:
+        a lying one gets no more), and at most :data:`~veil.workers.accounts.MAX_PEER_ACCOUNTS` accounts
+        holding hand-offs per link (with no quota set)."""
+        store, ns, account = self._store, principal.namespace, principal.account
+        if not store.holds_account(self.__key, ns, account) and store.accounts(self.__key, ns) >= MAX_PEER_ACCOUNTS:
+            error = QuotaExceededError(
+                f"worker {self.worker_id!r}: peer {principal.user!r} already holds unclaimed hand-offs for "
+                f"{MAX_PEER_ACCOUNTS} requesters here; they are freed when claimed or when their sessions end")
+            raise self._refuse(error, "store", principal, [oid])
+        quota = self.max_session_bytes
+        if quota is None:
+            return
+        used = store.account_usage.get((ns, account), 0)
+        if used + nbytes > quota:
+            error = QuotaExceededError(
+                f"worker {self.worker_id!r}: a requester at peer {principal.user!r} would hold "
+                f"{(used + nbytes) / 2**20:.1f} MiB of unclaimed hand-offs here, more than the owner's "
+                f"limit of {quota / 2**20:.1f} MiB per session; claim (use) what was dealt or "
+                "moved here, or ask the owner to raise --max-session-mb")
+            raise self._refuse(error, "store", principal, [oid])
+        link = store.usage.get(ns, 0)
+        if link + nbytes > PEER_LINK_SESSIONS * quota:
+            error = QuotaExceededError(
+                f"worker {self.worker_id!r}: peer {principal.user!r} would hold {(link + nbytes) / 2**20:.1f} MiB "
+                f"of unclaimed hand-offs here for all its requesters, more than {PEER_LINK_SESSIONS} sessions' "
+                "quota; they are freed when claimed or when their sessions end")
+            raise self._refuse(error, "store", principal, [oid])
+
+    def end_account(self, principal: Principal) -> int:
+        """A peer says its requester session ended: frees the hand-offs it stored for it that nobody claimed
+        (:mod:`veil.workers.accounts`); returns how many."""
+        if not (principal.isolated and principal.is_peer) or not principal.account:
+            raise PermissionDeniedError("only a peer worker ends its own requesters' accounts")
+        return self._store.drop_account(self.__key, principal.namespace, principal.account)
 
     def store_objects(self, principal: Principal, objects: list) -> None:
         """ObjectMessage: client-sent objects; dealt material when a dealer tags it; peer hand-offs.

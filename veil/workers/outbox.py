@@ -67,6 +67,11 @@ class Outbox:
         # per destination: ids a failed deferred command (or the commands after it) never stored
         self._lost: dict[str, dict[int, str]] = {}
 
+    def _frame_sender(self, location: "BaseWorker") -> str:
+        """The sender field of a request to ``location`` (a network worker names a peer the requester
+        account it sends for: veil/workers/accounts.py)."""
+        return self.id
+
     def send_msg(self, msg: Any, location: "BaseWorker") -> Any:
         """Sends a request to ``location`` and returns its reply, raising remote errors here.
 
@@ -123,7 +128,8 @@ class Outbox:
                     # (a queue's excess goes first, answered at once: never this round's request, which
                     # may wait on the other parties' requests, not sent yet)
                     prelude = self._take_prelude(location)
-                    data = serialize(msg, sender=self.id, prelude=prelude, parts_over=location.frame_parts_over)
+                    data = serialize(msg, sender=self._frame_sender(location), prelude=prelude,
+                                     parts_over=location.frame_parts_over)
                     ticket = location.post(data)
                 except BaseException as e:  # noqa: BLE001  (the requests already posted are read first)
                     if prelude:
@@ -303,7 +309,8 @@ class Outbox:
 
     def _exchange(self, msg: Any, location: "BaseWorker", prelude: list | None) -> Any:
         try:
-            data = serialize(msg, sender=self.id, prelude=prelude, parts_over=location.frame_parts_over)
+            data = serialize(msg, sender=self._frame_sender(location), prelude=prelude,
+                             parts_over=location.frame_parts_over)
             reply_bytes = location._recv_msg(data)
         except Exception as e:
             if prelude:

@@ -52,6 +52,8 @@ class Principal:
         roles: authenticated roles ("scientist", "peer", "admin"); empty in-process.
         isolated: a network session: sees only its namespace, protected owner data
             and hand-offs.
+        account: a peer's requests only: the requester account at that peer the request is for
+            (:mod:`veil.workers.accounts`); its hand-offs are charged to it until claimed.
     """
 
     session: str
@@ -59,6 +61,7 @@ class Principal:
     namespace: str = SHARED_NS
     roles: frozenset = frozenset()
     isolated: bool = False
+    account: str = ""
 
     def acting_as(self, user: str) -> "Principal":
         return self if user == self.user else replace(self, user=user)

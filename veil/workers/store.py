@@ -82,8 +82,13 @@ class ObjectStore:
         self.worker_id = worker_id
         self._key = key
         self._spaces: dict[str, dict[int, Entry]] = {SHARED_NS: {}}
-        self._hand_offs: dict[int, str] = {}  # id -> namespace of an unclaimed hand-off
+        # id -> (namespace, requester account) of an unclaimed hand-off
+        self._hand_offs: dict[int, tuple[str, str]] = {}
         self.usage: dict[str, int] = {}  # namespace -> bytes held
+        #: (peer namespace, requester account) -> bytes of its unclaimed hand-offs (veil/workers/accounts.py)
+        self.account_usage: dict[tuple[str, str], int] = {}
+        #: ... -> how many (an account holding only empty objects still counts as one)
+        self._account_objects: dict[tuple[str, str], int] = {}
         # Writes are read-modify-write (usage, hand-offs): in-process workers may handle two
         # requests at once (a dealer's background thread next to the online phase).
         self._lock = threading.RLock()
@@ -123,10 +128,14 @@ class ObjectStore:
         space = self._spaces.get(ns)
         return (space is not None and oid in space) or oid in self._spaces[SHARED_NS]
 
-    def put(self, key: StoreKey, ns: str, oid: int, entry: Entry, hand_off: bool = False) -> None:
+    def put(self, key: StoreKey, ns: str, oid: int, entry: Entry, hand_off: bool = False, account: str = "") -> None:
+        """Stores ``entry``; a ``hand_off`` waits for the first session that names ``oid``, charged meanwhile
+        to the requester ``account`` its peer named (besides ``ns``'s usage)."""
         if key is not self._key:
             self._check(key)
         with self._lock:
+            if hand_off and self._hand_offs.get(oid, (ns,))[0] != ns:  # another peer's, not claimed yet
+                raise PermissionDeniedError(f"object id {oid} is already in use on worker {self.worker_id!r}")
             entry.created_by = entry.created_by or ns
             space = self._spaces.get(ns)
             if space is None:
@@ -134,20 +143,49 @@ class ObjectStore:
             space[oid] = entry
             self.usage[ns] = self.usage.get(ns, 0) + entry.nbytes
             if hand_off:
-                self._hand_offs[oid] = ns
+                acc = self._hand_offs[oid] = (ns, account)
+                self.account_usage[acc] = self.account_usage.get(acc, 0) + entry.nbytes
+                self._account_objects[acc] = self._account_objects.get(acc, 0) + 1
+
+    def _unaccount(self, oid: int, nbytes: int) -> None:
+        """``oid`` is no longer an unclaimed hand-off: its requester account no longer holds it (lock held)."""
+        acc = self._hand_offs.pop(oid, None)
+        if acc is None:
+            return
+        objects = self._account_objects.get(acc, 0) - 1
+        if objects > 0:
+            self._account_objects[acc] = objects
+            self.account_usage[acc] = self.account_usage.get(acc, 0) - nbytes
+        else:
+            self._account_objects.pop(acc, None)
+            self.account_usage.pop(acc, None)
+
+    def holds_account(self, key: StoreKey, ns: str, account: str) -> bool:
+        """Whether requester ``account`` of peer namespace ``ns`` holds unclaimed hand-offs (empty ones too)."""
+        if key is not self._key:
+            self._check(key)
+        return (ns, account) in self._account_objects
+
+    def accounts(self, key: StoreKey, ns: str) -> int:
+        """How many requester accounts hold unclaimed hand-offs in peer namespace ``ns``."""
+        self._check(key)
+        with self._lock:
+            return sum(1 for acc in self._account_objects if acc[0] == ns)
 
     def claim(self, key: StoreKey, ns: str, oid: Any) -> Entry | None:
         """Moves an unclaimed hand-off ``oid`` into ``ns`` (the first session that names it)."""
         self._check(key)
         with self._lock:
-            src = self._hand_offs.get(oid) if type(oid) is int else None
-            if src is None or src == ns:
+            acc = self._hand_offs.get(oid) if type(oid) is int else None
+            if acc is None or acc[0] == ns:
                 return None
+            src = acc[0]
             space = self._spaces.get(src, {})
             entry = space.pop(oid, None)
-            del self._hand_offs[oid]
             if entry is None:
+                self._unaccount(oid, 0)
                 return None
+            self._unaccount(oid, entry.nbytes)
             self.usage[src] = self.usage.get(src, 0) - entry.nbytes
             entry.created_by = ns
             self.put(key, ns, oid, entry)
@@ -161,7 +199,9 @@ class ObjectStore:
             entry = space.pop(oid, None) if space is not None else None
             if entry is not None:
                 self.usage[ns] = self.usage.get(ns, 0) - entry.nbytes
-                self._hand_offs.pop(oid, None)
+                acc = self._hand_offs.get(oid)
+                if acc is not None and acc[0] == ns:  # (another peer's hand-off may use the same id)
+                    self._unaccount(oid, entry.nbytes)
             return entry
 
     def entries(self, key: StoreKey, ns: str | None) -> Iterator[tuple[int, Entry]]:
@@ -184,9 +224,25 @@ class ObjectStore:
             space = self._spaces.pop(ns, {})
             self.usage.pop(ns, None)
             for oid in space:
-                if self._hand_offs.get(oid) == ns:
+                acc = self._hand_offs.get(oid)
+                if acc is not None and acc[0] == ns:
                     del self._hand_offs[oid]
+            for acc in [acc for acc in self._account_objects if acc[0] == ns]:
+                del self._account_objects[acc]
+                self.account_usage.pop(acc, None)
             return len(space)
+
+    def drop_account(self, key: StoreKey, ns: str, account: str) -> int:
+        """Frees the unclaimed hand-offs a peer (namespace ``ns``) stored for requester ``account``, which
+        ended at that peer; returns how many. Claimed ones live in their claimant's namespace already."""
+        self._check(key)
+        with self._lock:
+            mine = [oid for oid, acc in self._hand_offs.items() if acc == (ns, account)]
+            for oid in mine:
+                self.remove(key, ns, oid)
+            self.account_usage.pop((ns, account), None)
+            self._account_objects.pop((ns, account), None)
+            return len(mine)
 
     def clear_clients(self, key: StoreKey) -> None:
         """Frees every client object (owner-protected data stays)."""

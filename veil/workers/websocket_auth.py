@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 from veil.exceptions import PermissionDeniedError
 from veil.messaging import messages as m
+from veil.workers.accounts import END_ACCOUNT, Account
 
 ROLES = ("scientist", "peer", "admin", "client")
 AUTH_HEADER = "Authorization"
@@ -136,6 +137,10 @@ class Session:
     principal: object = field(default=None, compare=False, repr=False)
     #: this connection's skeleton commands, number -> definition (``veil/workers/skeletons.py``)
     skeletons: dict = field(default_factory=dict, compare=False, repr=False)
+    #: its requester account at this worker's peers (``veil/workers/accounts.py``)
+    account: Account = field(default_factory=Account, compare=False, repr=False)
+    #: a peer link's session: account tag -> its Principal (made once per tag)
+    account_principals: dict = field(default_factory=dict, compare=False, repr=False)
 
     def claim_user(self, claimed: object) -> str:
         """The identity a get/move acts as: a claimed user must be one this connection proved."""
@@ -220,7 +225,8 @@ CLIENT_REQUESTS: dict[type, Callable[[Any], bool]] = {}
 
 #: worker functions a ``peer`` may run here: deliveries that only store what the peer hands over
 #: (dealt MPC material, secure-aggregation shares). Register new ones with :func:`register_peer_command`.
-PEER_COMMANDS: set[str] = {"veil.mpc.expand_material", "veil.mpc.receive_comparison", "veil.secagg.deposit"}
+PEER_COMMANDS: set[str] = {"veil.mpc.expand_material", "veil.mpc.receive_comparison", "veil.secagg.deposit",
+                           END_ACCOUNT}
 
 
 def register_peer_command(name: str) -> None:

@@ -31,11 +31,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import queue
 import signal
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -47,6 +49,7 @@ from veil.messaging import messages as m
 from veil.messaging.serde import FrameParts, OwnedFrame, deserialize, frame_pad, serialize
 from veil.mpc.material import drop_provider_scope
 from veil.workers import cancellation
+from veil.workers.accounts import ACTING, END_ACCOUNT, SEP, frame_sender, split_sender
 from veil.workers.base import HANDLERS, BaseWorker
 from veil.workers.lane_connection import LaneConnection
 from veil.workers.monitor import Principal
@@ -69,6 +72,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE = 256 * 2**20
 DEFAULT_MAX_CONNECTIONS = 64
+#: session ends waiting to be told to the peers they used (beyond: the peers keep those hand-offs until
+#: their link to this worker closes)
+ACCOUNT_ENDS_QUEUED = 4096
 #: per-command time limit (seconds) unless the owner sets one; None or 0: no limit
 DEFAULT_MAX_COMMAND_SECONDS = 600.0
 #: the websockets opening-handshake timeout; a handshake slot older than this is stale
@@ -196,6 +202,9 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
         self.refusals = RefusalLog(self.db, self.id)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Future | None = None
+        # sessions whose end the peers they used have not been told yet (_end_account), and its sender thread
+        self._account_ends: queue.Queue | None = None
+        self._account_ends_lock = threading.Lock()
 
     # ------------------------------------------------------------ peers
 
@@ -227,6 +236,7 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
             token.start()
             self._running.add(token)
             self._local.session = session
+            acting = ACTING.set(session.account)  # what it sends peers meanwhile is for this session (accounts.py)
             try:
                 with cancellation.running(token, self._turn.yield_turn, self._turn):
                     return self._recv_msg(data) if decoded is None else self._serve_decoded(*decoded)
@@ -235,14 +245,31 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
                 return serialize(m.ErrorReply(*error_reply_fields(e)), sender=self.id)
             finally:
                 self._local.session = None
+                ACTING.reset(acting)
                 self._running.discard(token)
 
     def principal(self, sender: str) -> Principal:
-        """The authenticated session (the claimed sender is ignored); plain worker semantics in-process."""
+        """The authenticated session (the claimed sender is ignored); for a peer's request, with the
+        requester account its frame named (:meth:`_handle`; veil/workers/accounts.py); plain worker
+        semantics in-process."""
         session = self.current_session()
         if session is None:
             return super().principal(sender)
-        return self.principal_of(session)
+        principal = self.principal_of(session)
+        tag = getattr(self._local, "account", "")
+        if tag and principal.is_peer:
+            accounts = session.account_principals
+            account_principal = accounts.get(tag)
+            if account_principal is None:
+                if len(accounts) >= 1024:  # a cache (the monitor bounds the accounts holding hand-offs)
+                    accounts.clear()
+                account_principal = accounts[tag] = replace(principal, account=tag)
+            return account_principal
+        return principal
+
+    def _frame_sender(self, location: Any) -> str:
+        """A frame to a peer names the requester account it is for (veil/workers/accounts.py)."""
+        return frame_sender(self.id, location.id)
 
     @staticmethod
     def principal_of(session: Session) -> Principal:
@@ -316,6 +343,9 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
                                          msg.return_ids, msg.grad_enabled)
         action = OUTBOUND.get(type(msg))
         principal = session.user
+        local = self._local
+        previous = getattr(local, "account", "")
+        local.account = split_sender(sender)[1] if SEP in sender else ""  # a peer's requester account
         try:
             check_request(session, msg)  # least privilege per role (client, peer)
             if action in ("get", "move"):
@@ -324,6 +354,8 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
         except PermissionDeniedError as e:
             self._audit_refusal(e, action or type(msg).__name__, principal, session.id, _ids_of(msg))
             raise
+        finally:
+            local.account = previous
 
     _stock_handle = _handle  # the inline lane serves commands itself only while this is the handler
 
@@ -378,7 +410,41 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
         drop_provider_scope(session.id)  # the MAC keys and fixed masks it registered at this crypto provider
         with self._turn:
             run_session_end_handlers(self, session.id)
-            return self.monitor.end_session(session.id)
+            freed = self.monitor.end_session(session.id)
+        self._end_account(session)
+        return freed
+
+    def _end_account(self, session: Session) -> None:
+        """Has every peer this session sent frames to told that it ended, so that they free what they hold for
+        it unclaimed (veil/workers/accounts.py): queued for one background thread, best effort (a peer that
+        is slow or gone must not hold up the end of a session or the worker's shutdown; if it never hears,
+        it keeps the hand-offs until its link to this worker closes)."""
+        if not session.account.peers:
+            return
+        with self._account_ends_lock:
+            if self._account_ends is None:
+                self._account_ends = queue.Queue(maxsize=ACCOUNT_ENDS_QUEUED)
+                threading.Thread(target=self._send_account_ends, args=(self._account_ends,), daemon=True,
+                                 name=f"veil-{self.id}-account-ends").start()
+        try:
+            self._account_ends.put_nowait(session.account)
+        except queue.Full:
+            log.warning("worker %s: too many session ends queued for its peers; one is dropped", self.id)
+
+    def _send_account_ends(self, ends: queue.Queue) -> None:
+        while True:
+            account = ends.get()
+            for peer_id in sorted(account.peers):
+                peer = self.peers.get(peer_id)
+                if peer is None:
+                    continue
+                acting = ACTING.set(account)
+                try:
+                    self.send_msg(m.CommandMessage(END_ACCOUNT, (), {}, [], False), peer)
+                except Exception as e:  # noqa: BLE001  (one peer's failure must not keep the others' hand-offs)
+                    log.info("worker %s: could not end a session's account at peer %s: %s", self.id, peer_id, e)
+                finally:
+                    ACTING.reset(acting)
 
     # ------------------------------------------------------------ handshake
 

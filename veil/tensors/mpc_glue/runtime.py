@@ -41,6 +41,8 @@ on, with fresh dealer masks where a share is not the requester's.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import math
 import os
 import secrets
@@ -52,6 +54,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from veil.exceptions import ConnectionLostError, VeilError
+from veil.workers.accounts import ACTING
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.mpc.errors import PartyFailedError, PartyUnreachableError
@@ -244,8 +247,16 @@ def _start(requests: Sequence[tuple[Any, Any, Any]], elements: int) -> dict:
     if len(concurrent) < 2:
         return {}
     pool = _pool()
-    return {k: pool.submit(requests[k][0].send_msg, requests[k][1], requests[k][2])
+    return {k: pool.submit(_carried(requests[k][0].send_msg), requests[k][1], requests[k][2])
             for k in concurrent[1:]}  # the first runs on this thread
+
+
+def _carried(fn: Callable) -> Callable:
+    """``fn``, run on a pool thread with this context's requester account (a network worker sending for
+    one of its sessions: veil/workers/accounts.py); as is otherwise (a client: the hot path)."""
+    if ACTING.get() is None:
+        return fn
+    return functools.partial(contextvars.copy_context().run, fn)
 
 
 def _settle(requests: Sequence[tuple[Any, Any, Any]], replies: list, errors: list, what: str,
@@ -392,7 +403,7 @@ class WorkerRuntime(PartyRuntime):
                              or parallel_in_process(elements, len(calls) + 1)):
             return super().beside(calls, parties, elements)
         pool = _pool()
-        futures = [pool.submit(call) for call in calls]
+        futures = [pool.submit(_carried(call)) for call in calls]
 
         def wait() -> list:
             results: list[Any] = [None] * len(futures)
