@@ -96,7 +96,16 @@ def compile_plan(spec: PlanSpec) -> CompiledPlan:
     return CompiledPlan(spec, compiled, steps)
 
 
-def run(plan: CompiledPlan, inputs: list, state: list) -> Any:
+def _sized(func: Callable, name: str, size_check: Callable) -> Callable:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        size_check(name, func, args, kwargs)
+        return func(*args, **kwargs)
+    return call
+
+
+def run(plan: CompiledPlan, inputs: list, state: list, size_check: Callable | None = None) -> Any:
+    """Runs the plan; ``size_check(name, func, args, kwargs)``, if given, before every op (a worker with a
+    session quota refuses an op whose result would not fit before it allocates: veil/workers/output_bounds.py)."""
     spec = plan.spec
     if len(inputs) != spec.n_inputs or len(state) != spec.n_state:
         raise RemoteExecutionError(
@@ -110,7 +119,10 @@ def run(plan: CompiledPlan, inputs: list, state: list) -> Any:
     outer_mode = grad_mode = torch.is_grad_enabled()
     op = None
     try:
-        for kind, func, how, outs, grad_enabled, op in plan.steps:
+        steps = plan.steps if size_check is None else [
+            (kind, _sized(func, op.name, size_check), how, outs, grad, op)
+            for kind, func, how, outs, grad, op in plan.steps]
+        for kind, func, how, outs, grad_enabled, op in steps:
             if grad_enabled is not grad_mode:
                 torch.set_grad_enabled(grad_enabled)
                 grad_mode = grad_enabled

@@ -23,7 +23,7 @@ from veil.plans.ops import PlanSpec
 from veil.tensors import remote_ops
 from veil.tensors.handle import RemoteHandle, fetch_all
 from veil.tensors.pointer import PointerTensor
-from veil.workers import base, cancellation
+from veil.workers import base, cancellation, output_bounds
 from veil.workers.monitor import register_size_estimator
 
 
@@ -53,8 +53,17 @@ def _plan_nbytes(spec: PlanSpec) -> int:
 register_size_estimator(PlanSpec, _plan_nbytes)
 
 
+def _size_check(worker: Any) -> Any:
+    """With a session quota, every op of the plan is sized before it runs (veil/workers/output_bounds.py)."""
+    monitor = worker.monitor
+    if monitor.max_session_bytes is None:
+        return None
+    principal = worker.principal(worker.requester())
+    return lambda name, func, args, kwargs: output_bounds.check(monitor, principal, name, func, args, kwargs)
+
+
 def _run(worker: Any, spec: PlanSpec, inputs: list, state: list) -> Any:
-    return interpreter.run(_compiled(spec), list(inputs), list(state))
+    return interpreter.run(_compiled(spec), list(inputs), list(state), _size_check(worker))
 
 
 def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, state: list, batch_size: int,
@@ -65,6 +74,7 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
     if len(data) != len(target):
         raise RemoteExecutionError(f"fit: data has {len(data)} rows but target has {len(target)}")
     compiled = _compiled(spec)
+    size_check, sized_shapes = _size_check(worker), set()
     state, extra = list(state), list(extra or [])
     if max_batches is not None and (type(max_batches) is not int or max_batches < 1):
         raise RemoteExecutionError("fit: max_batches must be a positive integer")
@@ -85,7 +95,11 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
                 xb = data.index_select(0, idx) if type(data) is torch.Tensor else data[idx]
                 yb = target.index_select(0, idx) if type(target) is torch.Tensor else target[idx]
             cancellation.checkpoint()  # deadline, disconnect, and other sessions' turn between batches
-            losses.append(interpreter.run(compiled, [xb, yb, *extra], state))
+            sized = None  # a plan's sizes follow its inputs' shapes: each batch shape is sized once
+            if size_check is not None and (xb.shape, yb.shape) not in sized_shapes:
+                sized_shapes.add((xb.shape, yb.shape))
+                sized = size_check
+            losses.append(interpreter.run(compiled, [xb, yb, *extra], state, sized))
             if max_batches is not None and len(losses) >= max_batches:
                 break
     if not losses:

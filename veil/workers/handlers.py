@@ -17,7 +17,7 @@ from veil.exceptions import (ObjectNotFoundError, PermissionDeniedError, RemoteE
 from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST, NO_RESULT, register_worker_function
 from veil.tensors.tree import leaves, map_structure
-from veil.workers import oblivious, owner_guard
+from veil.workers import oblivious, output_bounds, owner_guard
 from veil.workers.accounts import END_ACCOUNT
 from veil.workers.base import STORABLE_TYPES, STORE_VALIDATORS, BaseWorker, register_handler
 from veil.workers.monitor import DEALER_OUTPUTS, PROTOCOL_PREFIXES, Principal, Purpose
@@ -118,6 +118,8 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
             monitor.check_free(principal, ids)
             if len(ids) > 1 and owner_guard.writes_first_argument(name):  # an in-place op returns its input alone
                 raise RemoteExecutionError(f"{name} returns one tensor but the caller expected {len(ids)}")
+    if monitor.max_session_bytes is not None and not op.worker_function:  # refused before it allocates
+        output_bounds.check(monitor, principal, name, op.func, args, kwargs)
     grad = bool(grad_enabled)
     grad_before = _is_grad_enabled()
     try:
