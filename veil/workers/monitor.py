@@ -475,10 +475,11 @@ class ReferenceMonitor(OpeningRules):
             raise self._refuse(error, "store", principal, [oid])
         link = store.usage.get(ns, 0)
         if link + nbytes > PEER_LINK_SESSIONS * quota:
+            # (no amount: the others' share of it is not this requester's to learn)
             error = QuotaExceededError(
-                f"worker {self.worker_id!r}: peer {principal.user!r} would hold {(link + nbytes) / 2**20:.1f} MiB "
-                f"of unclaimed hand-offs here for all its requesters, more than {PEER_LINK_SESSIONS} sessions' "
-                "quota; they are freed when claimed or when their sessions end")
+                f"worker {self.worker_id!r}: peer {principal.user!r} holds as many unclaimed hand-offs here for "
+                f"all its requesters as it may ({PEER_LINK_SESSIONS} sessions' quota); they are freed when "
+                "claimed or when their sessions end")
             raise self._refuse(error, "store", principal, [oid])
 
     def end_account(self, principal: Principal) -> int:
