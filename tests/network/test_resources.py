@@ -179,26 +179,34 @@ def _peak_rss_mb(pid: int) -> float:
 def test_a_result_beyond_the_workers_memory_cap_fails_before_it_is_allocated(spawn, connect):
     """Finding (session 43): a result is charged to the session's quota once it exists, so a session with a
     1 MiB quota had the worker allocate 1 GiB for ``torch.zeros(2**27)`` before refusing it (several such
-    requests at once could exhaust the machine and get the worker killed). Since session 44 a command's
-    results are sized first (veil/workers/output_bounds.py): the quota refuses ``torch.zeros`` unallocated.
-    An op whose size depends on values (``repeat_interleave`` by a stored count) cannot be sized: under
-    ``--max-memory-mb`` its allocation itself fails: a one-line error, nothing allocated, the worker serves on."""
-    wp = spawn("alice", base_args(["--max-session-mb", "1", "--max-memory-mb", "1800"]))
+    requests at once could exhaust the machine and get the worker killed). Without a session quota,
+    ``--max-memory-mb`` makes the allocation itself fail: a one-line error, nothing allocated, the worker
+    serves on. With one (session 44, veil/workers/output_bounds.py), every op is sized first: the quota
+    refuses it unallocated, and an op whose size would depend on values is not run at all."""
+    wp = spawn("alice", base_args(["--max-memory-mb", "1800"]))
     alice = connect(wp)
     me = alice.hook.local_worker
     before = _peak_rss_mb(wp.pid)
-    one, count = torch.ones(1).send(alice), torch.tensor([1 << 29]).send(alice)
-    with pytest.raises(Exception, match="allocate") as info:  # 2 GiB, not sized: the process cap
-        me.send_msg(m.CommandMessage("torch.repeat_interleave", (m.ObjectRef(one.id_at_location),
-                                                                  m.ObjectRef(count.id_at_location)), {}, [new_id()]), alice)
+    with pytest.raises(Exception, match="allocate") as info:  # 2 GiB: over the process cap
+        me.send_msg(m.CommandMessage("torch.zeros", ([1 << 28],), {}, [new_id()]), alice)
     assert "\n" not in str(info.value).strip()
     assert _peak_rss_mb(wp.pid) < before + 256  # the 2 GiB were never touched
-    with pytest.raises(Exception, match="limit of 1.0 MiB"):  # sized first: the session quota refuses it
-        me.send_msg(m.CommandMessage("torch.zeros", ([1 << 28],), {}, [new_id()]), alice)
-    assert _peak_rss_mb(wp.pid) < before + 256
-    with pytest.raises(Exception, match="limit of 1.0 MiB"):  # within the cap: likewise
-        me.send_msg(m.CommandMessage("torch.zeros", ([1 << 20],), {}, [new_id()]), alice)
     x = torch.arange(6.0).send(alice)
+    assert torch.equal((x * 2).get(), torch.arange(6.0) * 2)
+
+    wp = spawn("bob", base_args(["--max-session-mb", "1", "--max-memory-mb", "1800"]))
+    bob = connect(wp)
+    before = _peak_rss_mb(wp.pid)
+    one, count = torch.ones(1).send(bob), torch.tensor([1 << 29]).send(bob)
+    with pytest.raises(Exception, match="cannot size this op") as info:  # its size would depend on values
+        me.send_msg(m.CommandMessage("torch.repeat_interleave", (m.ObjectRef(one.id_at_location),
+                                                                  m.ObjectRef(count.id_at_location)), {}, [new_id()]), bob)
+    assert "\n" not in str(info.value).strip()
+    for n in (1 << 28, 1 << 20):  # over the process cap, and within it: the session quota refuses both first
+        with pytest.raises(Exception, match="limit of 1.0 MiB"):
+            me.send_msg(m.CommandMessage("torch.zeros", ([n],), {}, [new_id()]), bob)
+    assert _peak_rss_mb(wp.pid) < before + 256
+    x = torch.arange(6.0).send(bob)
     assert torch.equal((x * 2).get(), torch.arange(6.0) * 2)
 
 

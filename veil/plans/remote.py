@@ -53,17 +53,17 @@ def _plan_nbytes(spec: PlanSpec) -> int:
 register_size_estimator(PlanSpec, _plan_nbytes)
 
 
-def _size_check(worker: Any) -> Any:
-    """With a session quota, every op of the plan is sized before it runs (veil/workers/output_bounds.py)."""
+def _budget(worker: Any) -> Any:
+    """With a session quota, a run's ops are sized before they run, against one running total
+    (veil/workers/output_bounds.py); None without one."""
     monitor = worker.monitor
     if monitor.max_session_bytes is None:
         return None
-    principal = worker.principal(worker.requester())
-    return lambda name, func, args, kwargs: output_bounds.check(monitor, principal, name, func, args, kwargs)
+    return output_bounds.Budget(monitor, worker.principal(worker.requester()))
 
 
 def _run(worker: Any, spec: PlanSpec, inputs: list, state: list) -> Any:
-    return interpreter.run(_compiled(spec), list(inputs), list(state), _size_check(worker))
+    return interpreter.run(_compiled(spec), list(inputs), list(state), _budget(worker))
 
 
 def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, state: list, batch_size: int,
@@ -74,7 +74,7 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
     if len(data) != len(target):
         raise RemoteExecutionError(f"fit: data has {len(data)} rows but target has {len(target)}")
     compiled = _compiled(spec)
-    size_check, sized_shapes = _size_check(worker), set()
+    sized_shapes: set = set()
     state, extra = list(state), list(extra or [])
     if max_batches is not None and (type(max_batches) is not int or max_batches < 1):
         raise RemoteExecutionError("fit: max_batches must be a positive integer")
@@ -96,9 +96,9 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
                 yb = target.index_select(0, idx) if type(target) is torch.Tensor else target[idx]
             cancellation.checkpoint()  # deadline, disconnect, and other sessions' turn between batches
             sized = None  # a plan's sizes follow its inputs' shapes: each batch shape is sized once
-            if size_check is not None and (xb.shape, yb.shape) not in sized_shapes:
+            if (xb.shape, yb.shape) not in sized_shapes:
                 sized_shapes.add((xb.shape, yb.shape))
-                sized = size_check
+                sized = _budget(worker)
             losses.append(interpreter.run(compiled, [xb, yb, *extra], state, sized))
             if max_batches is not None and len(losses) >= max_batches:
                 break

@@ -436,6 +436,15 @@ class ReferenceMonitor(OpeningRules):
             f"limit of {self.max_session_bytes / 2**20:.1f} MiB per session; free objects (del pointers) or ask "
             "the owner to raise --max-session-mb")
 
+    def refuse_unsized(self, principal: Principal, op_name: str, reason: str) -> QuotaExceededError:
+        """The (audited) refusal of an op that cannot be sized before it runs (veil/workers/output_bounds.py:
+        its result size would depend on values, with no bound from shapes) while the session has a quota."""
+        error = QuotaExceededError(
+            f"{op_name}: worker {self.worker_id!r} cannot size this op before it runs ({reason}), and under "
+            "the owner's per-session memory limit it does not run ops of unknown size (pass sizes as numbers, "
+            "num_classes / output_size where torch takes them)")
+        return self._refuse(error, "store", principal, [])
+
     def check_room(self, principal: Principal, nbytes: int, op_name: str) -> None:
         """Refuses a command whose results (``nbytes``, sized before its op runs: veil/workers/output_bounds.py)
         would not fit the session's quota, as :meth:`store` would once they exist.

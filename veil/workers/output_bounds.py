@@ -1,20 +1,28 @@
-"""Sizes a command's results before its op runs, so that a session quota refuses a huge one unallocated.
+"""Sizes a command before its op runs, so that a session quota refuses a huge allocation before it happens.
 
 The monitor charges a result once it exists (``ReferenceMonitor.store``): a request for ``torch.zeros(n)``,
-``x.expand(...).clone()``, ``outer`` or a broadcast of two long vectors was allocated in full, for the moment
-of one request, before the quota said no. With a quota set (``--max-session-mb``), :func:`check` first runs
-the op on PyTorch's ``meta`` device (shapes and dtypes only, no data: the same for every value, so it says
-nothing about a secret input) and refuses the command when the new storage it would allocate does not fit
-what the session has left. The meta run costs tens of microseconds, so its answer is kept per op and
-argument signature (shapes, dtypes, plain values): a training loop pays it once per shape.
+``outer`` or a loss over a broadcast of two long vectors was allocated in full, for the moment of one
+request, before the quota said no. With a quota set (``--max-session-mb``), :func:`check` first sizes the
+op and refuses the command when it does not fit what the session has left:
 
-Best effort by design: an op without a meta kernel, or one whose output shape depends on values
-(``nonzero``, ``unique``), is let through and charged afterwards as before; the process cap
-(``--max-memory-mb``) stays the backstop.
+- its results: the op runs on PyTorch's ``meta`` device (shapes and dtypes only, the same for every value,
+  so nothing about a secret input), summing the new storage of its outputs and the growth of any input's
+  storage (``out=`` resized);
+- what its kernel may materialize beyond its inputs' storage: an expanded view's logical size, the
+  broadcast of its tensor inputs (a loss over a (n, 1) and an (n,) tensor builds n x n differences);
+- ops whose result size depends on values cannot run on meta: those with a bound from shapes alone
+  (:data:`VALUE_BOUNDS`: ``nonzero``, ``masked_select``, ``unique``...) are sized by it; any other (a size
+  given as a stored tensor, ``one_hot`` without ``num_classes``, ``repeat_interleave`` without
+  ``output_size``) is refused under a quota, with the reason.
+
+The meta run costs tens of microseconds, so the answer is kept per session, op and argument signature
+(shapes, dtypes, plain values; long strings are never kept): a training loop pays it once per shape. A plan
+is sized op by op against one running total (:class:`Budget`): its slots stay alive until it ends.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from typing import Any, Callable
@@ -25,23 +33,81 @@ from veil.tensors.tree import leaves
 
 #: signatures whose sizes are remembered (least recently used first out)
 CACHE_SIZE = 4096
-#: a signature longer than this (arguments, nested items) is not cached: sized each time
+#: a signature with more items than this, or a string longer than MAX_KEY_STRING, is not kept: sized each time
 MAX_KEY_ITEMS = 64
+MAX_KEY_STRING = 64
 
-_UNKNOWN = -1  # the op could not be sized on meta: charged afterwards only
 _cache: OrderedDict = OrderedDict()
 _lock = threading.Lock()
 
 
+class Unsizable(Exception):
+    """An op whose result size depends on values and has no bound from shapes alone."""
+
+
 class _Unkeyable(Exception):
-    """An argument that does not fit a signature (an object, a long list): sized without the cache."""
+    """An argument that does not fit a signature (an object, a long list or string): sized without the cache."""
+
+
+def _tensors(args: Any, kwargs: dict) -> list:
+    return [t for t in leaves((args, kwargs), torch.Tensor)]
+
+
+def _elements(shape: Any) -> int:
+    return math.prod(int(d) for d in shape)
+
+
+def _nonzero_bound(args: Any, kwargs: dict) -> int:
+    x = _tensors(args, kwargs)[0]
+    return _elements(x.shape) * max(x.dim(), 1) * 8
+
+
+def _broadcast_bound(args: Any, kwargs: dict) -> int:
+    ts = _tensors(args, kwargs)
+    return _elements(torch.broadcast_shapes(*(t.shape for t in ts))) * max(t.element_size() for t in ts)
+
+
+def _unique_bound(args: Any, kwargs: dict) -> int:
+    x = _tensors(args, kwargs)[0]
+    return _elements(x.shape) * (x.element_size() + 16)  # values, inverse indices, counts
+
+
+def _where_bound(args: Any, kwargs: dict) -> int:
+    if len(args) == 1 and not kwargs:  # where(condition): nonzero as a tuple
+        return _nonzero_bound(args, kwargs)
+    raise Unsizable("a where() over these arguments")
+
+
+def _getitem_bound(args: Any, kwargs: dict) -> int:
+    """A boolean mask selects at most every element of the tensor it indexes (times what the other indices
+    broadcast to): bounded by the logical size of everything involved."""
+    ts = _tensors(args, kwargs)
+    return sum(_elements(t.shape) for t in ts) * max(t.element_size() for t in ts) * max(ts[0].dim(), 1)
+
+
+#: op name -> a bound on the bytes of its results from its arguments' shapes alone, for ops whose result
+#: size depends on values (they cannot run on meta); anything else that cannot run there is refused
+VALUE_BOUNDS: dict[str, Callable[[Any, dict], int]] = {
+    "torch.nonzero": _nonzero_bound, "Tensor.nonzero": _nonzero_bound,
+    "torch.masked_select": _broadcast_bound, "Tensor.masked_select": _broadcast_bound,
+    "torch.unique": _unique_bound, "Tensor.unique": _unique_bound,
+    "torch.where": _where_bound, "Tensor.where": _where_bound,
+    "Tensor.__getitem__": _getitem_bound,
+    # a Python bool (no meta kernel, or .item() of one): what the comparison materializes
+    "torch.allclose": _broadcast_bound, "Tensor.allclose": _broadcast_bound,
+    "torch.equal": _broadcast_bound, "Tensor.equal": _broadcast_bound,
+}
 
 
 def _key_of(value: Any, out: list) -> None:
     tp = type(value)
     if tp is torch.Tensor or tp is torch.nn.Parameter:
         out.append((value.dtype, value.shape, value.stride()))
-    elif tp in (int, float, bool, str, type(None)) or isinstance(value, (torch.dtype, torch.Size)):
+    elif tp is str:
+        if len(value) > MAX_KEY_STRING:
+            raise _Unkeyable
+        out.append((tp, value))
+    elif tp in (int, float, bool, type(None)) or isinstance(value, (torch.dtype, torch.Size)):
         out.append((tp, value))
     elif tp in (list, tuple):
         out.append((tp, len(value)))
@@ -55,8 +121,8 @@ def _key_of(value: Any, out: list) -> None:
         raise _Unkeyable
 
 
-def _signature(name: str, args: Any, kwargs: dict) -> tuple | None:
-    out: list = [name]
+def _signature(scope: str, name: str, args: Any, kwargs: dict) -> tuple | None:
+    out: list = [scope, name]
     try:
         _key_of(args, out)
         for k in sorted(kwargs):
@@ -75,59 +141,132 @@ def _on_meta(value: Any, inputs: list) -> Any:
         return t
     if tp in (list, tuple):
         return tp(_on_meta(v, inputs) for v in value)
+    if tp is dict:
+        return {k: _on_meta(v, inputs) for k, v in value.items()}
     return value
 
 
-def new_bytes(func: Callable, args: Any, kwargs: dict) -> int:
-    """Bytes of new storage ``func(*args, **kwargs)`` returns (views and inputs returned as they are: 0),
-    from a run on the meta device; ``_UNKNOWN`` when it cannot run there."""
+#: ops that broadcast their tensor inputs into a result far smaller than the broadcast (a loss, a comparison
+#: to one bool): their kernels materialize the broadcast first. (An elementwise op's result *is* its
+#: broadcast, counted as a result; a matmul or convolution does not broadcast its operands that way.)
+BROADCAST_REDUCING = frozenset({
+    "torch.nn.functional.mse_loss", "torch.nn.functional.l1_loss", "torch.nn.functional.smooth_l1_loss",
+    "torch.nn.functional.binary_cross_entropy", "torch.nn.functional.binary_cross_entropy_with_logits",
+    "torch.nn.functional.cosine_similarity", "torch.allclose", "torch.equal", "Tensor.allclose", "Tensor.equal",
+})
+
+
+def _materialized(name: str, args: Any, kwargs: dict) -> int:
+    """Bytes a kernel may materialize beyond its inputs' storage: the logical size of an expanded (or
+    otherwise overlapping) input past its storage, and for :data:`BROADCAST_REDUCING` ops the broadcast of
+    the tensor inputs past the largest of them."""
+    ts = _tensors(args, kwargs)
+    if not ts:
+        return 0
+    logical = [_elements(t.shape) * t.element_size() for t in ts]
+    extra = max(max(0, size - t.untyped_storage().nbytes()) for size, t in zip(logical, ts))
+    if len(ts) > 1 and name in BROADCAST_REDUCING:
+        try:
+            shape = torch.broadcast_shapes(*(t.shape for t in ts))
+        except RuntimeError:  # (not broadcastable: a matmul, a convolution...)
+            return extra
+        extra = max(extra, _elements(shape) * max(t.element_size() for t in ts) - max(logical))
+    return extra
+
+
+def new_bytes(func: Callable, args: Any, kwargs: dict, name: str = "") -> int:
+    """Bytes ``func(*args, **kwargs)`` may allocate: the new storage of its results (views and inputs
+    returned as they are: 0; an input's storage growth counts), or :data:`VALUE_BOUNDS`' bound for ``name``,
+    or what it may materialize beyond its inputs, whichever is larger.
+
+    Raises:
+        Unsizable: it cannot run on meta and ``name`` has no bound from shapes.
+    """
     inputs: list = []
     meta_args = [_on_meta(a, inputs) for a in args]
     meta_kwargs = {k: _on_meta(v, inputs) for k, v in kwargs.items()}
     if not inputs:  # a creation op (zeros, arange, randn...): made on meta
         meta_kwargs["device"] = "meta"
+    before = [t.untyped_storage().nbytes() for t in inputs]
     try:
         with torch.no_grad():
             result = func(*meta_args, **meta_kwargs)
-    except Exception:  # noqa: BLE001  (no meta kernel, a data-dependent shape, bad arguments: the op itself says)
-        return _UNKNOWN
-    total = 0
-    bases = set()
+    except Exception as e:  # noqa: BLE001  (no meta kernel, a value-dependent size, bad arguments)
+        bound = VALUE_BOUNDS.get(name)
+        if bound is None:
+            raise Unsizable(f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}") from None
+        try:
+            results = bound(args, kwargs)
+        except Unsizable:
+            raise
+        except Exception as e2:  # noqa: BLE001  (arguments the bound does not understand: the op says what is wrong)
+            raise Unsizable(f"{type(e2).__name__}") from None
+        return max(results, _materialized(name, args, kwargs))
+    total = sum(max(0, t.untyped_storage().nbytes() - b) for t, b in zip(inputs, before))  # out= resized
+    bases: set = set()
     for t in leaves(result, torch.Tensor):
-        if t.device.type != "meta":  # (an op that ignored the device: not a size we know)
-            return _UNKNOWN
+        if t.device.type != "meta":  # (an op that ignored the device: a size we cannot vouch for)
+            raise Unsizable(f"{name or 'the op'} did not run on the meta device")
         base = t._base if t._base is not None else t
         if any(base is i for i in inputs) or id(base) in bases:
             continue
         bases.add(id(base))
         total += base.untyped_storage().nbytes()
-    return total
+    return max(total, _materialized(name, args, kwargs))
 
 
-def predicted_bytes(name: str, func: Callable, args: Any, kwargs: dict) -> int:
-    """:func:`new_bytes`, remembered per signature."""
-    key = _signature(name, args, kwargs)
+def predicted_bytes(scope: str, name: str, func: Callable, args: Any, kwargs: dict) -> int:
+    """:func:`new_bytes`, remembered per ``scope`` (a session: nothing one learns from another's timing),
+    op and signature.
+
+    Raises:
+        Unsizable: as :func:`new_bytes` (remembered too).
+    """
+    key = _signature(scope, name, args, kwargs)
     if key is not None:
         with _lock:
             known = _cache.get(key)
             if known is not None:
                 _cache.move_to_end(key)
+                if type(known) is str:
+                    raise Unsizable(known)
                 return known
-    size = new_bytes(func, args, kwargs)
+    try:
+        size: Any = new_bytes(func, args, kwargs, name)
+    except Unsizable as e:
+        size = str(e)
     if key is not None:
         with _lock:
             _cache[key] = size
             if len(_cache) > CACHE_SIZE:
                 _cache.popitem(last=False)
+    if type(size) is str:
+        raise Unsizable(size)
     return size
 
 
-def check(monitor: Any, principal: Any, name: str, func: Callable, args: Any, kwargs: dict) -> None:
-    """Refuses (QuotaExceededError, as the store would afterwards) a command whose results would not fit
-    the session's quota, before its op allocates them. No quota, or an in-process caller: nothing to do."""
-    quota = monitor.max_session_bytes
-    if quota is None or not principal.isolated:
-        return
-    size = predicted_bytes(name, func, args, kwargs)
-    if size > 0:
-        monitor.check_room(principal, size, name)
+def check(monitor: Any, principal: Any, name: str, func: Callable, args: Any, kwargs: dict,
+          pending: int = 0) -> int:
+    """Refuses (QuotaExceededError) a command that would not fit the session's quota (``pending``: bytes
+    the same request already holds uncharged, a plan's earlier results), before its op allocates; returns
+    its size. No quota, or an in-process caller: nothing to do (0)."""
+    if monitor.max_session_bytes is None or not principal.isolated:
+        return 0
+    try:
+        size = predicted_bytes(principal.namespace, name, func, args, kwargs)
+    except Unsizable as e:
+        raise monitor.refuse_unsized(principal, name, str(e)) from None
+    if size > 0 or pending:
+        monitor.check_room(principal, size + pending, name)
+    return size
+
+
+class Budget:
+    """Sizes a plan's ops against one running total: a plan keeps every slot alive until it ends, so each
+    op must fit beside what the earlier ones made (``size_check`` of ``veil.plans.interpreter.run``)."""
+
+    def __init__(self, monitor: Any, principal: Any) -> None:
+        self.monitor, self.principal, self.held = monitor, principal, 0
+
+    def __call__(self, name: str, func: Callable, args: Any, kwargs: dict) -> None:
+        self.held += check(self.monitor, self.principal, name, func, args, kwargs, self.held)
