@@ -79,10 +79,56 @@ def _where_bound(args: Any, kwargs: dict) -> int:
 
 
 def _getitem_bound(args: Any, kwargs: dict) -> int:
-    """A boolean mask selects at most every element of the tensor it indexes (times what the other indices
-    broadcast to): bounded by the logical size of everything involved."""
-    ts = _tensors(args, kwargs)
-    return sum(_elements(t.shape) for t in ts) * max(t.element_size() for t in ts) * max(ts[0].dim(), 1)
+    """Advanced indexing with a boolean mask: the result's shape is the broadcast of the indices (a mask
+    counts as an index of as many entries as it has elements: at most that many are selected) followed by
+    the dimensions no index covers."""
+    x, index = args[0], args[1] if len(args) > 1 else None
+    items = index if type(index) is tuple else (index,)
+    shapes, covered, d = [], 1, 0
+    for item in items:
+        if type(item) is torch.Tensor:
+            if item.dtype == torch.bool:
+                covered *= _elements(x.shape[d:d + item.dim()])
+                shapes.append((item.numel(),))
+                d += item.dim()
+            else:
+                covered *= int(x.shape[d])
+                shapes.append(tuple(item.shape))
+                d += 1
+        elif type(item) is int:
+            covered *= int(x.shape[d])
+            d += 1
+        elif type(item) is slice:
+            d += 1
+        elif item is not None:  # (Ellipsis, lists...: not worth modelling next to a mask)
+            raise Unsizable("a boolean mask beside this kind of index")
+    rest = _elements(x.shape) // max(covered, 1)
+    return _elements(torch.broadcast_shapes(*shapes)) * rest * x.element_size()
+
+
+def _backward_bound(args: Any, kwargs: dict) -> int:
+    """``backward``: the gradients it creates for the leaves its graph reaches (a leaf that has one already
+    is accumulated in place). Its graph is walked, at most MAX_GRAPH_NODES nodes."""
+    root = args[0].grad_fn if type(args[0]) is torch.Tensor else None
+    if root is None:
+        return 0  # (no graph: backward raises before allocating)
+    total, seen, todo = 0, {root}, [root]
+    while todo:
+        node = todo.pop()
+        variable = getattr(node, "variable", None)
+        if type(variable) in (torch.Tensor, torch.nn.Parameter) and variable.grad is None:
+            total += _elements(variable.shape) * variable.element_size()
+        for child, _ in node.next_functions:
+            if child is not None and child not in seen:
+                if len(seen) >= MAX_GRAPH_NODES:
+                    raise Unsizable(f"a graph of more than {MAX_GRAPH_NODES} nodes")
+                seen.add(child)
+                todo.append(child)
+    return total
+
+
+#: nodes of an autograd graph ``backward``'s bound walks at most (a deeper graph: refused under a quota)
+MAX_GRAPH_NODES = 100_000
 
 
 #: op name -> a bound on the bytes of its results from its arguments' shapes alone, for ops whose result
@@ -96,6 +142,8 @@ VALUE_BOUNDS: dict[str, Callable[[Any, dict], int]] = {
     # a Python bool (no meta kernel, or .item() of one): what the comparison materializes
     "torch.allclose": _broadcast_bound, "Tensor.allclose": _broadcast_bound,
     "torch.equal": _broadcast_bound, "Tensor.equal": _broadcast_bound,
+    # runs with grad tracking, which the meta run (no_grad) has not
+    "Tensor.backward": _backward_bound,
 }
 
 
@@ -122,6 +170,8 @@ def _key_of(value: Any, out: list) -> None:
 
 
 def _signature(scope: str, name: str, args: Any, kwargs: dict) -> tuple | None:
+    """The cache key of a call. A float decides a size only in a creation op (``arange(0, 1e10, 0.5)``); in
+    an op on tensors it is a value (``x * lr``), left out so that a changing one does not miss every time."""
     out: list = [scope, name]
     try:
         _key_of(args, out)
@@ -130,6 +180,8 @@ def _signature(scope: str, name: str, args: Any, kwargs: dict) -> tuple | None:
             _key_of(kwargs[k], out)
     except _Unkeyable:
         return None
+    if any(type(item) is tuple and item and isinstance(item[0], torch.dtype) for item in out):
+        out = [(float,) if type(item) is tuple and len(item) == 2 and item[0] is float else item for item in out]
     return tuple(out)
 
 
