@@ -26,8 +26,8 @@ from veil.messaging.serde import deserialize, serialize
 from veil.messaging.skeleton_frames import decode_skeleton_use
 from veil.mpc.party import OPENABLE, PARTY_FUNCTIONS, OpenMessage, step_name
 from veil.workers import handlers as _handlers
-from veil.workers.accounts import ACTING
 from veil.workers import skeletons as _skeletons
+from veil.workers.accounts import ACTING
 from veil.workers.base import HANDLERS, YIELD_EVERY
 from veil.workers.monitor import Principal
 from veil.workers.websocket_auth import FULL_ROLES, Session

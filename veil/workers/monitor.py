@@ -431,10 +431,12 @@ class ReferenceMonitor(OpeningRules):
         return entry
 
     def _over_quota(self, held: int, op_name: str = "") -> QuotaExceededError:
+        """The refusal of a session that would hold ``held`` bytes (``op_name``: the op sized before it ran)."""
+        prefix = f"{op_name}: " if op_name else ""
         return QuotaExceededError(
-            f"{op_name + ': ' if op_name else ''}worker {self.worker_id!r}: this session would hold {held / 2**20:.1f} MiB, more than the owner's "
-            f"limit of {self.max_session_bytes / 2**20:.1f} MiB per session; free objects (del pointers) or ask "
-            "the owner to raise --max-session-mb")
+            f"{prefix}worker {self.worker_id!r}: this session would hold {held / 2**20:.1f} MiB, more than the "
+            f"owner's limit of {self.max_session_bytes / 2**20:.1f} MiB per session; free objects (del pointers) "
+            "or ask the owner to raise --max-session-mb")
 
     def refuse_unsized(self, principal: Principal, op_name: str, reason: str) -> QuotaExceededError:
         """The (audited) refusal of an op that cannot be sized before it runs (veil/workers/output_bounds.py:

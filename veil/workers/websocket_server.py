@@ -202,7 +202,7 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
         self.refusals = RefusalLog(self.db, self.id)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Future | None = None
-        # sessions whose end the peers they used have not been told yet (_end_account), and its sender thread
+        # sessions whose end the peers they used have not been told yet (_tell_peers_session_ended)
         self._account_ends: queue.Queue | None = None
         self._account_ends_lock = threading.Lock()
 
@@ -411,10 +411,10 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
         with self._turn:
             run_session_end_handlers(self, session.id)
             freed = self.monitor.end_session(session.id)
-        self._end_account(session)
+        self._tell_peers_session_ended(session)
         return freed
 
-    def _end_account(self, session: Session) -> None:
+    def _tell_peers_session_ended(self, session: Session) -> None:
         """Has every peer this session sent frames to told that it ended, so that they free what they hold for
         it unclaimed (veil/workers/accounts.py): queued for one background thread, best effort (a peer that
         is slow or gone must not hold up the end of a session or the worker's shutdown; if it never hears,
