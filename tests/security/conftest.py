@@ -54,3 +54,11 @@ def raw():
             c.close()
         except Exception:
             pass
+
+
+@pytest.fixture
+def fresh_size_cache(monkeypatch):
+    """An empty sizing cache (veil/workers/output_bounds.py) for the test: no size another test left."""
+    from veil.workers import output_bounds
+
+    monkeypatch.setattr(output_bounds, "_cache", type(output_bounds._cache)())

@@ -15,13 +15,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import veil as sy
 from veil.ids import new_id
 from veil.messaging import messages as m
-from veil.messaging.serde import deserialize, serialize
 from veil.workers import output_bounds
-from veil.workers.websocket_auth import authenticate
-from veil.workers.websocket_server import WebsocketServerWorker
+
+from server_sessions import open_session, quota_worker, request, run_command, send_tensor  # noqa: E402
 
 TOKEN = "ob44-scientist"
 QUOTA = 16 << 20
@@ -29,34 +27,20 @@ QUOTA = 16 << 20
 
 @pytest.fixture
 def worker(hook):
-    tokens = sy.TokenTable()
-    tokens.add(TOKEN, "sci", "scientist")
-    srv = WebsocketServerWorker(hook, id="ob-alice", port=0, tokens=tokens)
-    srv.monitor.max_session_bytes = QUOTA
-    return srv
+    return quota_worker(hook, "ob-alice", TOKEN, QUOTA)
 
 
 def _session(srv):
-    session = authenticate(srv.tokens, [TOKEN])
-    srv.sessions[session.id] = session
-    return session
+    return open_session(srv, TOKEN)
 
 
-def _req(srv, session, msg):
-    return deserialize(srv.serve_bytes(serialize(msg, sender="client"), session))[0]
-
-
-def _send(srv, session, t: torch.Tensor) -> int:
-    oid = new_id()
-    reply = _req(srv, session, m.ObjectMessage([m.StoredObject(oid, t)]))
-    assert type(reply) is m.OkReply, reply
-    return oid
+_req, _send = request, send_tensor
 
 
 def _command(srv, session, op, *args, **kwargs):
     """The reply (OkReply: stored under the returned id) and the result's id."""
-    rid = new_id()
-    return _req(srv, session, m.CommandMessage(op, args, kwargs, [rid], False)), rid
+    reply, (rid,) = run_command(srv, session, op, *args, **kwargs)
+    return reply, rid
 
 
 def _get(srv, session, oid):

@@ -63,62 +63,42 @@ from __future__ import annotations
 import pytest
 import torch
 
-import veil as sy
-from veil.ids import new_id
 from veil.messaging import messages as m
-from veil.messaging.serde import deserialize, serialize
 from veil.workers import output_bounds
-from veil.workers.websocket_auth import authenticate
-from veil.workers.websocket_server import WebsocketServerWorker
+
+from server_sessions import (computed, open_session, quota_worker, request, run_command,  # noqa: E402
+                             send_tensor)
 
 TOKEN = "rt45-sizing-second-pass"
 QUOTA = 64 << 20
 N = 1 << 20
 F_ = "torch.nn.functional."
 
-pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cache(monkeypatch):
-    monkeypatch.setattr(output_bounds, "_cache", type(output_bounds._cache)())
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("fresh_size_cache")]
 
 
 @pytest.fixture
 def worker(hook):
-    tokens = sy.TokenTable()
-    tokens.add(TOKEN, "sci", "scientist")
-    srv = WebsocketServerWorker(hook, id="rt2-ob-alice", port=0, tokens=tokens)
-    srv.monitor.max_session_bytes = QUOTA
-    return srv
+    return quota_worker(hook, "rt2-ob-alice", TOKEN, QUOTA)
 
 
 def _session(srv):
-    session = authenticate(srv.tokens, [TOKEN])
-    srv.sessions[session.id] = session
-    return session
+    return open_session(srv, TOKEN)
 
 
-def _req(srv, session, msg):
-    return deserialize(srv.serve_bytes(serialize(msg, sender="client"), session))[0]
+_req = request
 
 
 def _send(srv, session, t) -> m.ObjectRef:
-    oid = new_id()
-    reply = _req(srv, session, m.ObjectMessage([m.StoredObject(oid, t)]))
-    assert type(reply) is m.OkReply, reply
-    return m.ObjectRef(oid)
+    return m.ObjectRef(send_tensor(srv, session, t))
 
 
 def _command(srv, session, op, *args, n=1, **kwargs):
-    rids = [new_id() for _ in range(n)]
-    return _req(srv, session, m.CommandMessage(op, args, kwargs, rids, True)), rids
+    return run_command(srv, session, op, *args, n=n, grad=True, **kwargs)
 
 
 def _computed(srv, session, op, *args, **kwargs) -> m.ObjectRef:
-    reply, (rid,) = _command(srv, session, op, *args, **kwargs)
-    assert type(reply) is m.OkReply, (op, reply)
-    return m.ObjectRef(rid)
+    return computed(srv, session, op, *args, grad=True, **kwargs)
 
 
 def _stored(srv, oid):

@@ -1,0 +1,57 @@
+"""Requests through a real network worker's request path, in process: a ``WebsocketServerWorker`` whose
+authenticated sessions are served by ``serve_bytes`` (what a connection's requests take, without the socket).
+Shared by the sizing tests (``test_output_bounds.py`` and its red-team files)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import veil as sy
+from veil.ids import new_id
+from veil.messaging import messages as m
+from veil.messaging.serde import deserialize, serialize
+from veil.workers.websocket_auth import authenticate
+from veil.workers.websocket_server import WebsocketServerWorker
+
+
+def quota_worker(hook: Any, worker_id: str, token: str, quota: int | None) -> WebsocketServerWorker:
+    """A worker that takes scientist ``token``, with a session quota of ``quota`` bytes."""
+    tokens = sy.TokenTable()
+    tokens.add(token, "sci", "scientist")
+    srv = WebsocketServerWorker(hook, id=worker_id, port=0, tokens=tokens)
+    srv.monitor.max_session_bytes = quota
+    return srv
+
+
+def open_session(srv: WebsocketServerWorker, token: str) -> Any:
+    session = authenticate(srv.tokens, [token])
+    srv.sessions[session.id] = session
+    return session
+
+
+def request(srv: WebsocketServerWorker, session: Any, msg: Any) -> Any:
+    """The decoded reply to ``msg``."""
+    return deserialize(srv.serve_bytes(serialize(msg, sender="client"), session))[0]
+
+
+def send_tensor(srv: WebsocketServerWorker, session: Any, t: Any) -> int:
+    """Stores ``t`` for the session; its id."""
+    oid = new_id()
+    reply = request(srv, session, m.ObjectMessage([m.StoredObject(oid, t)]))
+    assert type(reply) is m.OkReply, reply
+    return oid
+
+
+def run_command(srv: WebsocketServerWorker, session: Any, op: str, *args: Any, n: int = 1, grad: bool = False,
+                **kwargs: Any) -> tuple:
+    """``(reply, result ids)`` of ``op(*args, **kwargs)`` stored under ``n`` fresh ids."""
+    rids = [new_id() for _ in range(n)]
+    return request(srv, session, m.CommandMessage(op, args, kwargs, rids, grad)), rids
+
+
+def computed(srv: WebsocketServerWorker, session: Any, op: str, *args: Any, grad: bool = False,
+             **kwargs: Any) -> m.ObjectRef:
+    """A reference to the one result of ``op(*args, **kwargs)``, which must succeed."""
+    reply, (rid,) = run_command(srv, session, op, *args, grad=grad, **kwargs)
+    assert type(reply) is m.OkReply, (op, reply)
+    return m.ObjectRef(rid)
