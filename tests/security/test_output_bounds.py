@@ -143,3 +143,19 @@ def _send_plan(srv, session, plan) -> int:
     reply = _req(srv, session, m.ObjectMessage([m.StoredObject(oid, plan.spec)]))
     assert type(reply) is m.OkReply, reply
     return oid
+
+
+def test_bad_arguments_get_the_ops_own_error_under_a_quota(worker):
+    """An op that fails on meta for its arguments (a shape mismatch) is not run, and the client gets the
+    error the op gives without a quota, not a quota refusal; one whose size needs values gets the refusal."""
+    s = _session(worker)
+    a, b = _send(worker, s, torch.randn(3)), _send(worker, s, torch.randn(4))
+    reply, _ = _command(worker, s, "torch.add", m.ObjectRef(a), m.ObjectRef(b))
+    worker.monitor.max_session_bytes = None
+    plain, _ = _command(worker, s, "torch.add", m.ObjectRef(a), m.ObjectRef(b))
+    assert type(reply) is m.ErrorReply and reply.error == plain.error == "RemoteExecutionError", (reply, plain)
+    assert "torch.add failed" in reply.message and "must match" in plain.message
+    worker.monitor.max_session_bytes = QUOTA
+    t = _send(worker, s, torch.tensor(3))
+    reply, _ = _command(worker, s, "torch.zeros", m.ObjectRef(t))
+    assert type(reply) is m.ErrorReply and reply.error == "QuotaExceededError" and "cannot size" in reply.message

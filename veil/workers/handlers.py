@@ -119,7 +119,11 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
             if len(ids) > 1 and owner_guard.writes_first_argument(name):  # an in-place op returns its input alone
                 raise RemoteExecutionError(f"{name} returns one tensor but the caller expected {len(ids)}")
     if monitor.max_session_bytes is not None and not op.worker_function:  # refused before it allocates
-        output_bounds.check(monitor, principal, name, op.func, args, kwargs)
+        try:
+            output_bounds.check(monitor, principal, name, op.func, args, kwargs)
+        except output_bounds.ArgumentError as e:  # the op's own error, as the except below would give it
+            raise owner_guard.client_error(name, e.cause, protected or (
+                {0} if secret else _reviewed_inputs(worker, entries)), worker.id) from None
     grad = bool(grad_enabled)
     grad_before = _is_grad_enabled()
     try:

@@ -45,6 +45,19 @@ class Unsizable(Exception):
     """An op whose result size depends on values and has no bound from shapes alone."""
 
 
+class ArgumentError(Exception):
+    """The op's own error, met on meta (bad arguments: a shape mismatch, a missing tensor): it is not run,
+    and the client gets that error as the op would have given it (``cause``), not a quota refusal."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+#: words of a meta run's error that say it failed for want of values (not for bad arguments)
+_VALUE_WORDS = ("meta", "item()", "data-dependent", "data dependent")
+
+
 class _Unkeyable(Exception):
     """An argument that does not fit a signature (an object, a long list or string): sized without the cache."""
 
@@ -246,7 +259,10 @@ def new_bytes(func: Callable, args: Any, kwargs: dict, name: str = "") -> int:
     except Exception as e:  # noqa: BLE001  (no meta kernel, a value-dependent size, bad arguments)
         bound = VALUE_BOUNDS.get(name)
         if bound is None:
-            raise Unsizable(f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}") from None
+            text = str(e)
+            if not isinstance(e, NotImplementedError) and not any(w in text for w in _VALUE_WORDS):
+                raise ArgumentError(e) from None  # (either way the op does not run: only the error differs)
+            raise Unsizable(f"{type(e).__name__}: {text.splitlines()[0][:120] if text else ''}") from None
         try:
             results = bound(args, kwargs)
         except Unsizable:
@@ -287,6 +303,7 @@ def predicted_bytes(scope: str, name: str, func: Callable, args: Any, kwargs: di
         size: Any = new_bytes(func, args, kwargs, name)
     except Unsizable as e:
         size = str(e)
+    # (an ArgumentError is not kept: an honest client fixes its call, and the error object holds its text)
     if key is not None:
         with _lock:
             _cache[key] = size
