@@ -6,7 +6,7 @@ MLP 13-32-24-1 at batch 8), timed in alternating blocks with no session quota (n
 and with one (every op sized; after the first use of a shape, from the cache). Also the first-use cost of a
 few ops (a meta run) and how long refusing a huge result takes.
 
-Usage: ``.venv/bin/python bench/bench_output_bounds.py [--calls 2000] [--blocks 6]``
+Usage: ``.venv/bin/python bench/bench_output_bounds.py [--calls 2000] [--blocks 6] [--grad]``
 """
 
 from __future__ import annotations
@@ -42,9 +42,11 @@ def _req(srv, session, msg):
     return srv.serve_bytes(serialize(msg, sender="client"), session)
 
 
-def _loop_ops(srv, session) -> list:
-    """The pointer loop's forward ops at batch 8 (one layer of each kind), as CommandMessages."""
-    tensors = {"x": torch.randn(8, 13), "w": torch.randn(32, 13), "b": torch.randn(32), "y": torch.randn(8, 32)}
+def _loop_ops(srv, session, grad: bool) -> list:
+    """The pointer loop's forward ops at batch 8 (one layer of each kind), as CommandMessages (``grad``:
+    the parameters and the activation require grad, as in a training step)."""
+    tensors = {"x": torch.randn(8, 13), "w": torch.randn(32, 13).requires_grad_(grad),
+               "b": torch.randn(32).requires_grad_(grad), "y": torch.randn(8, 32).requires_grad_(grad)}
     ids = {}
     for name, t in tensors.items():
         ids[name] = new_id()
@@ -54,13 +56,13 @@ def _loop_ops(srv, session) -> list:
             ("torch.sub", (ref["y"], ref["y"])), ("Tensor.sum", (ref["y"],))]
 
 
-def _time_block(srv, session, ops, calls: int) -> float:
-    """Median microseconds per command over ``calls`` commands (results freed in the same request)."""
+def _time_block(srv, session, ops, calls: int, grad: bool) -> float:
+    """Median microseconds per command over ``calls`` commands (results freed after each)."""
     samples = []
     for k in range(calls):
         op, args = ops[k % len(ops)]
         rid = new_id()
-        msg = m.CommandMessage(op, args, {}, [rid], False)
+        msg = m.CommandMessage(op, args, {}, [rid], grad)
         t0 = time.perf_counter()
         _req(srv, session, msg)
         samples.append(time.perf_counter() - t0)
@@ -72,19 +74,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--blocks", type=int, default=6)
+    parser.add_argument("--grad", action="store_true", help="commands with grad tracking (a training forward pass: "
+                        "under a quota, what each graph saves is recorded and charged too)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     srv, session = _setup()
-    ops = _loop_ops(srv, session)
+    ops = _loop_ops(srv, session, args.grad)
     srv.monitor.max_session_bytes = 1 << 30
-    _time_block(srv, session, ops, 200)  # warm: every shape sized once
+    _time_block(srv, session, ops, 200, args.grad)  # warm: every shape sized once
     off, on = [], []
     for _ in range(args.blocks):
         srv.monitor.max_session_bytes = None
-        off.append(_time_block(srv, session, ops, args.calls))
+        off.append(_time_block(srv, session, ops, args.calls, args.grad))
         srv.monitor.max_session_bytes = 1 << 30
-        on.append(_time_block(srv, session, ops, args.calls))
-    print(f"pointer-loop command (median of {args.blocks} blocks of {args.calls}): no quota "
+        on.append(_time_block(srv, session, ops, args.calls, args.grad))
+    print(f"pointer-loop command{' with grad tracking' if args.grad else ''} (median of {args.blocks} blocks of "
+          f"{args.calls}): no quota "
           f"{statistics.median(off):.1f} us, with a quota (sized, cached) {statistics.median(on):.1f} us, "
           f"ratio {statistics.median(on) / statistics.median(off):.3f}")
     print("first use of a shape (one meta run each, us):")

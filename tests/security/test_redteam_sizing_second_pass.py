@@ -6,8 +6,8 @@ Requests go through a real ``WebsocketServerWorker`` session (``serve_bytes``), 
 "terabytes" case proves the op ran through the allocator's ``can't allocate`` error, and the autograd cases
 count the storage the results' graphs keep alive (walking ``grad_fn``'s saved tensors: no RSS).
 
-Findings (the tests named here failed at c373cb1; 2 and 3 are fixed, 1 is open: strict xfail, README
-"Known limitation" under the memory quota):
+Findings (the tests named here failed at c373cb1; all fixed in session 44: 1 by charging what a tracked
+op's graph saves and keeping a deleted tracked tensor charged until freed):
 
 1. ``test_autograd_graph_memory_is_charged_or_refused`` and ``test_autograd_graph_of_a_loss_is_charged_or_refused`` (high): only a result's own storage is charged
    (``ReferenceMonitor.store``) and only results are sized; tensors an autograd graph saves are neither.
@@ -141,11 +141,6 @@ def _refused_unallocated(reply) -> bool:
 
 # 1 ---------------------------------------------------------------------------------------------------------------
 
-AUTOGRAD_OPEN = pytest.mark.xfail(strict=True, reason="open (pre-existing): tensors an autograd graph saves are "
-                                   "neither charged nor sized (README, memory quota)")
-
-
-@AUTOGRAD_OPEN
 def test_autograd_graph_memory_is_charged_or_refused(worker):
     """(a) a chain of ``sin`` with each input deleted after use, (b) repeated ``cross_entropy`` on one
     logits tensor: each request fits the quota and is charged its result alone, while the results' autograd
@@ -171,7 +166,6 @@ def test_autograd_graph_memory_is_charged_or_refused(worker):
         f"under a {quota >> 20} MiB quota")
 
 
-@AUTOGRAD_OPEN
 def test_autograd_graph_of_a_loss_is_charged_or_refused(worker):
     """(b) of finding 1: 16 ``cross_entropy`` commands on one 1 MiB logits tensor, each charged a scalar,
     each graph keeping a 1 MiB log-softmax alive, under a 4 MiB quota."""

@@ -126,6 +126,10 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
                 {0} if secret else _reviewed_inputs(worker, entries)), worker.id) from None
     grad = bool(grad_enabled)
     grad_before = _is_grad_enabled()
+    # under a quota, what a tracked op's graph keeps beside its inputs and results is charged to it
+    saves = output_bounds.GraphSaves() if (grad and monitor.max_session_bytes is not None and principal.isolated
+                                           and not op.worker_function) else None
+    graph_hooks = saves.hooks() if saves is not None else _NO_GUARD
     try:
         if grad is not grad_before:
             _set_grad_enabled(grad)
@@ -133,10 +137,13 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
             with monitor.running(principal, entries, name), oblivious_guard or _NO_GUARD:
                 result = op.func(worker, *args, **kwargs)
         elif oblivious_guard is not None:  # secret inputs: no value-dependent shape, failure or Python value
-            with oblivious_guard, owner_guard.refuse_writes(name, protected, worker.id):
+            with oblivious_guard, owner_guard.refuse_writes(name, protected, worker.id), graph_hooks:
                 result = op.func(*args, **kwargs)
         elif protected:  # schema-checked writes for torch ops (worker functions got copies)
-            with owner_guard.refuse_writes(name, protected, worker.id):
+            with owner_guard.refuse_writes(name, protected, worker.id), graph_hooks:
+                result = op.func(*args, **kwargs)
+        elif saves is not None:
+            with graph_hooks:
                 result = op.func(*args, **kwargs)
         else:
             result = op.func(*args, **kwargs)
@@ -177,7 +184,8 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
         return _OK
     if ids is None:
         inputs = {id(e.obj): oid for oid, e in found.items()}
-        return m.ResultReply(_describe_results(worker, principal, result, inputs, entries, name, lineage, reviewed))
+        return m.ResultReply(_describe_results(worker, principal, result, inputs, entries, name, lineage, reviewed,
+                                               saves.extra(args, kwargs, result) if saves is not None else 0))
     results = [result] if type(result) is _PLAIN_TENSOR else leaves(result)
     if any(isinstance(t, torch.Tensor) and t.is_meta for t in results):
         # a meta tensor has no data; a step's shape-inference branch given one operand on meta must never
@@ -189,9 +197,11 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
         )
     store = monitor.store
     dealt = [] if name in DEALER_OUTPUTS else None
+    extra = saves.extra(args, kwargs, result) if saves is not None else 0
     for oid, tensor in zip(ids, results):
         if oid != 0:  # 0: the result is one of the inputs (in-place op), already stored
-            stored = store(principal, oid, tensor, sources=entries, op_name=name)
+            stored = store(principal, oid, tensor, sources=entries, op_name=name, extra_nbytes=extra)
+            extra = 0
             if lineage is not None:  # governance (#16)
                 provenance.stamp(stored, lineage, tensor)
             elif reviewed:
@@ -293,15 +303,19 @@ _COMPUTE, _DP_RELEASE = Purpose.COMPUTE, Purpose.DP_RELEASE
 
 
 def _describe_results(worker: BaseWorker, principal: Principal, result: Any, inputs: dict[int, int],
-                      entries: list, op_name: str, lineage: Any = None, reviewed: bool = False) -> Any:
+                      entries: list, op_name: str, lineage: Any = None, reviewed: bool = False,
+                      extra_nbytes: int = 0) -> Any:
     from veil.ids import new_id
     from veil.messaging.serde import DTYPE_NAMES
 
     def describe(t: torch.Tensor) -> m.Descriptor:
+        nonlocal extra_nbytes
         oid = inputs.get(id(t))
         if oid is None:
             oid = new_id()
-            stored = worker.monitor.store(principal, oid, t, sources=entries, op_name=op_name)
+            stored = worker.monitor.store(principal, oid, t, sources=entries, op_name=op_name,
+                                          extra_nbytes=extra_nbytes)
+            extra_nbytes = 0  # (the first result carries what the graph keeps)
             if lineage is not None:  # governance (#16)
                 from veil.governance.provenance import stamp
 

@@ -367,7 +367,7 @@ class ReferenceMonitor(OpeningRules):
     def store(self, principal: Principal, oid: Any, obj: Any, *, sources: Iterable[Entry] = (),
               op_name: str | None = None, kind: str | None = None, reveal_to: tuple | None = None,
               tags: tuple = (), description: str = "", allowed_users: tuple | None = None,
-              hand_off: bool | None = None) -> Entry:
+              hand_off: bool | None = None, extra_nbytes: int = 0) -> Entry:
         """Stores a client object under ``oid`` in the principal's namespace, with derived capabilities.
 
         Raises:
@@ -396,6 +396,7 @@ class ReferenceMonitor(OpeningRules):
                 nbytes = _nbytes(obj)
         else:
             nbytes = _nbytes(obj)
+        nbytes += extra_nbytes  # what the op's autograd graph keeps beside it (output_bounds.GraphSaves)
         if hand_off:
             self._check_account(principal, oid, nbytes)
         elif self.max_session_bytes is not None and ns != SHARED_NS:
@@ -567,7 +568,15 @@ class ReferenceMonitor(OpeningRules):
         entry = self._nameable(principal, oid, self._store.spaces(self.__key, principal.namespace)[0])
         if entry is None or entry.protected:
             return False
-        return self._store.remove(self.__key, principal.namespace, oid) is not None
+        removed = self._store.remove(self.__key, principal.namespace, oid)
+        if removed is None:
+            return False
+        if (self.max_session_bytes is not None and principal.isolated and not principal.is_peer
+                and isinstance(removed.obj, _TENSOR) and removed.obj.requires_grad and removed.nbytes):
+            # a tensor in an autograd graph may be kept by a result computed from it: charged until it is
+            # freed (when nothing else holds it, as soon as ``removed`` goes: now)
+            self._store.linger(self.__key, principal.namespace, removed.nbytes, removed.obj)
+        return True
 
     def owned_entries(self, principal: Principal) -> Iterator[tuple[int, Entry]]:
         """What the principal may list/search: the owner's data and its own objects."""

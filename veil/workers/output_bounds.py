@@ -339,3 +339,32 @@ class Budget:
 
     def __call__(self, name: str, func: Callable, args: Any, kwargs: dict) -> None:
         self.held += check(self.monitor, self.principal, name, func, args, kwargs, self.held)
+
+
+class GraphSaves:
+    """What the autograd graph of one command saves beside its inputs and results (``cross_entropy`` keeps
+    its log-softmax): recorded while the op runs (``torch.autograd.graph.saved_tensors_hooks``) and charged
+    to its first result, since the graph keeps it alive as long as that result. Inputs a graph keeps after
+    the session deleted them stay charged to it (``ObjectStore.linger``)."""
+
+    def __init__(self) -> None:
+        self.storages: dict[int, int] = {}
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        self.storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def hooks(self) -> Any:
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, _unpacked)
+
+    def extra(self, args: Any, kwargs: dict, result: Any) -> int:
+        """Bytes of the saved storages that are neither an input's nor a result's."""
+        if not self.storages:
+            return 0
+        known = {t.untyped_storage().data_ptr() for t in leaves((args, kwargs, result), torch.Tensor)}
+        return sum(n for ptr, n in self.storages.items() if ptr not in known)
+
+
+def _unpacked(t: torch.Tensor) -> torch.Tensor:
+    return t

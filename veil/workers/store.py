@@ -9,6 +9,7 @@ fails loudly instead of bypassing the owner's rules.
 from __future__ import annotations
 
 import threading
+import weakref
 from types import MappingProxyType
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -214,6 +215,21 @@ class ObjectStore:
             if ns != SHARED_NS:
                 out += list(self._spaces.get(ns, {}).items())
             return iter(out)
+
+    def linger(self, key: StoreKey, ns: str, nbytes: int, obj: Any) -> None:
+        """Keeps charging ``ns`` the ``nbytes`` of an object it deleted while something else still holds it
+        (an autograd graph saved it: a result computed from it keeps it alive), until it is freed."""
+        self._check(key)
+        with self._lock:
+            if ns not in self._spaces:  # (the session ended meanwhile: nothing to charge)
+                return
+            self.usage[ns] = self.usage.get(ns, 0) + nbytes
+        weakref.finalize(obj, self._unlinger, ns, nbytes)
+
+    def _unlinger(self, ns: str, nbytes: int) -> None:
+        with self._lock:
+            if ns in self.usage:
+                self.usage[ns] -= nbytes
 
     def drop_namespace(self, key: StoreKey, ns: str) -> int:
         """Frees every object of ``ns`` (a disconnected session); returns how many."""
