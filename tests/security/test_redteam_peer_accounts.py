@@ -210,10 +210,10 @@ def test_an_account_holding_only_empty_hand_offs_is_still_counted():
     store = ObjectStore("alice", key)
     store.put(key, "peer-link", 1, Entry(_int64(1), nbytes=8), hand_off=True, account="a" * 16)
     store.put(key, "peer-link", 2, Entry(_int64(0), nbytes=0), hand_off=True, account="a" * 16)
-    assert store.accounts(key, "peer-link") == 1
+    assert store.accounts("peer-link") == 1
     assert store.claim(key, "session-c", 1) is not None
     assert store._hand_offs.get(2) == ("peer-link", "a" * 16)  # still an unclaimed hand-off of that account
-    assert store.accounts(key, "peer-link") == 1, "an account still holding an unclaimed hand-off is not counted"
+    assert store.accounts("peer-link") == 1, "an account still holding an unclaimed hand-off is not counted"
 
 
 def test_empty_tensors_moved_through_the_provider_are_charged_something(cluster):

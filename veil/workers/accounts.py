@@ -19,9 +19,17 @@ it can do no more than it could with its own link (which the owner trusted with 
 from __future__ import annotations
 
 import contextvars
+import logging
+import queue
 import re
 import secrets
+import threading
 from dataclasses import dataclass, field
+from typing import Any
+
+from veil.messaging import messages as m
+
+log = logging.getLogger(__name__)
 
 #: the sender field of a frame for an account: worker id, this separator, the account's tag
 SEP = "#"
@@ -33,6 +41,9 @@ MAX_PEER_ACCOUNTS = 256
 PEER_LINK_SESSIONS = 16
 #: the peer command that ends the sender's account at the receiver (registered by veil.workers.handlers)
 END_ACCOUNT = "veil.peer.end_account"
+#: session ends waiting to be told to the peers they used (beyond: the peers keep those hand-offs until
+#: their link to this worker closes)
+ACCOUNT_ENDS_QUEUED = 4096
 
 _TAG = re.compile(r"[0-9a-f]{16}")
 
@@ -65,3 +76,44 @@ def split_sender(sender: str) -> tuple[str, str]:
         return sender, ""
     worker_id, _, tag = sender.rpartition(SEP)
     return (worker_id, tag) if _TAG.fullmatch(tag) else (sender, "")
+
+
+class SessionEndNotices:
+    """Tells every peer a session sent frames to that it ended (:data:`END_ACCOUNT` under its account), so
+    that they free what they hold for it unclaimed: queued for one background thread, best effort (a peer
+    that is slow or gone must not hold up the end of a session or the worker's shutdown; if it never hears,
+    it keeps the hand-offs until its link to this worker closes)."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self._queue: queue.Queue | None = None
+        self._lock = threading.Lock()
+
+    def post(self, account: Account) -> None:
+        if not account.peers:
+            return
+        with self._lock:
+            if self._queue is None:
+                self._queue = queue.Queue(maxsize=ACCOUNT_ENDS_QUEUED)
+                threading.Thread(target=self._send, args=(self._queue,), daemon=True,
+                                 name=f"veil-{self.worker.id}-account-ends").start()
+        try:
+            self._queue.put_nowait(account)
+        except queue.Full:
+            log.warning("worker %s: too many session ends queued for its peers; one is dropped", self.worker.id)
+
+    def _send(self, ends: queue.Queue) -> None:
+        worker = self.worker
+        while True:
+            account = ends.get()
+            for peer_id in sorted(account.peers):
+                peer = worker.peers.get(peer_id)
+                if peer is None:
+                    continue
+                acting = ACTING.set(account)
+                try:
+                    worker.send_msg(m.CommandMessage(END_ACCOUNT, (), {}, [], False), peer)
+                except Exception as e:  # noqa: BLE001  (one peer's failure must not keep the others' hand-offs)
+                    log.info("worker %s: could not end a session's account at peer %s: %s", worker.id, peer_id, e)
+                finally:
+                    ACTING.reset(acting)

@@ -12,7 +12,7 @@ through :meth:`ReferenceMonitor.resolve`. The monitor
 - records capabilities on every object it stores (``Entry.kind``,
   ``reveal_to`` and ``provenance``: derived objects inherit the union of their
   sources' provenance and the strictest ``reveal_to``);
-- charges each session's memory quota; and
+- charges each session's memory quota (``veil/workers/quota.py``); and
 - writes the audit row (allowed releases, every refusal and unknown-id probe).
 
 The object store answers only the monitor: it holds the store's key.
@@ -26,23 +26,19 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from veil.exceptions import ObjectNotFoundError, PermissionDeniedError, VeilError, register_remote_error
+from veil.exceptions import ObjectNotFoundError, PermissionDeniedError, VeilError
 from veil.messaging import messages as m
 from veil.tensors.handle import RemoteHandle
 from veil.workers import capabilities, dealt
-from veil.workers.accounts import MAX_PEER_ACCOUNTS, PEER_LINK_SESSIONS
 from veil.workers.capabilities import CAP_PREFIX, DEALER_TAG  # noqa: F401  (re-exported)
 from veil.workers.openings import OPENING_MASKS, OpeningRules  # noqa: F401  (re-exported)
 from veil.workers.principals import PURPOSES, Principal, Purpose, PurposeRule  # noqa: F401  (re-exported)
+from veil.workers.quota import (DEFAULT_OBJECT_BYTES, MIN_TENSOR_BYTES, SIZE_ESTIMATORS,  # noqa: F401
+                                QuotaExceededError, QuotaRules, _nbytes, register_size_estimator)
 from veil.workers.store import SHARED_NS, Entry, Kind, ObjectStore, StoreKey
 
 __all__ = ["Purpose", "Kind", "Principal", "ReferenceMonitor", "QuotaExceededError", "DEALER_TAG", "Entry",
            "register_size_estimator"]
-
-
-@register_remote_error
-class QuotaExceededError(VeilError):
-    """A session would hold more memory on a worker than the owner allows (``--max-session-mb``)."""
 
 
 #: worker functions whose results are dealer material when a dealer (peer / in-process) runs them
@@ -56,35 +52,6 @@ AUDIT_LOG_SIZE = 10_000
 _EMPTY: frozenset = frozenset()
 _CLIENT = Kind.CLIENT
 _TENSOR = torch.Tensor
-
-
-#: bytes charged for a stored object of a type without a size estimator (pointers, small wrappers):
-#: every object counts, so a session cannot fill a worker with many "free" objects
-DEFAULT_OBJECT_BYTES = 1024
-#: the least a stored tensor is charged: its entry and tensor object take a few hundred bytes whatever its
-#: data holds, so that many empty or scalar tensors are not free either
-MIN_TENSOR_BYTES = 256
-#: type -> bytes an object of it holds, for the per-session quota (HE ciphertexts, plans register theirs)
-SIZE_ESTIMATORS: dict[type, Callable[[Any], int]] = {}
-
-
-def register_size_estimator(tp: type, estimate: Callable[[Any], int]) -> None:
-    """Tells the quota how many bytes a stored ``tp`` holds (see :data:`SIZE_ESTIMATORS`)."""
-    SIZE_ESTIMATORS[tp] = estimate
-
-
-def _nbytes(obj: Any) -> int:
-    """Bytes a stored object holds, for the per-session quota."""
-    tp = type(obj)
-    if tp is torch.Tensor or tp is torch.nn.Parameter:
-        try:
-            return max(obj.untyped_storage().nbytes(), MIN_TENSOR_BYTES)
-        except (RuntimeError, NotImplementedError):
-            return max(obj.numel() * obj.element_size(), MIN_TENSOR_BYTES)
-    estimate = SIZE_ESTIMATORS.get(tp)
-    if estimate is None:
-        return DEFAULT_OBJECT_BYTES
-    return max(int(estimate(obj)), DEFAULT_OBJECT_BYTES)
 
 
 def strictest_reveal_to(sources: Iterable[Entry]) -> tuple | None:
@@ -108,7 +75,7 @@ def derived_kind(sources: Iterable[Entry], op_name: str | None, principal: Princ
     return kind
 
 
-class ReferenceMonitor(OpeningRules):
+class ReferenceMonitor(QuotaRules, OpeningRules):
     """One per worker; owns the worker's object store.
 
     Args:
@@ -431,69 +398,6 @@ class ReferenceMonitor(OpeningRules):
         store.put(key, ns, oid, entry, hand_off=hand_off, account=principal.account)
         return entry
 
-    def _over_quota(self, held: int, op_name: str = "") -> QuotaExceededError:
-        """The refusal of a session that would hold ``held`` bytes (``op_name``: the op sized before it ran)."""
-        prefix = f"{op_name}: " if op_name else ""
-        return QuotaExceededError(
-            f"{prefix}worker {self.worker_id!r}: this session would hold {held / 2**20:.1f} MiB, more than the "
-            f"owner's limit of {self.max_session_bytes / 2**20:.1f} MiB per session; free objects (del pointers) "
-            "or ask the owner to raise --max-session-mb")
-
-    def refuse_unsized(self, principal: Principal, op_name: str, reason: str) -> QuotaExceededError:
-        """The (audited) refusal of an op that cannot be sized before it runs (veil/workers/output_bounds.py:
-        its result size would depend on values, with no bound from shapes) while the session has a quota."""
-        error = QuotaExceededError(
-            f"{op_name}: worker {self.worker_id!r} cannot size this op before it runs ({reason}), and under "
-            "the owner's per-session memory limit it does not run ops of unknown size (pass sizes as numbers, "
-            "num_classes / output_size where torch takes them)")
-        return self._refuse(error, "store", principal, [])
-
-    def check_room(self, principal: Principal, nbytes: int, op_name: str) -> None:
-        """Refuses a command whose results (``nbytes``, sized before its op runs: veil/workers/output_bounds.py)
-        would not fit the session's quota, as :meth:`store` would once they exist.
-
-        Raises:
-            QuotaExceededError: they would not fit.
-        """
-        quota, ns = self.max_session_bytes, principal.namespace
-        if quota is None or ns == SHARED_NS:
-            return
-        used = self._store.usage.get(ns, 0)
-        if used + nbytes > quota:
-            raise self._refuse(self._over_quota(used + nbytes, op_name), "store", principal, [])
-
-    def _check_account(self, principal: Principal, oid: int, nbytes: int) -> None:
-        """A peer's hand-off is charged to the requester account it is for (not only to the peer link, which
-        every session of that peer shares): at most the session quota per account, at most
-        :data:`~veil.workers.accounts.PEER_LINK_SESSIONS` quotas per peer link (a peer names the accounts:
-        a lying one gets no more), and at most :data:`~veil.workers.accounts.MAX_PEER_ACCOUNTS` accounts
-        holding hand-offs per link (with no quota set)."""
-        store, ns, account = self._store, principal.namespace, principal.account
-        if not store.holds_account(self.__key, ns, account) and store.accounts(self.__key, ns) >= MAX_PEER_ACCOUNTS:
-            error = QuotaExceededError(
-                f"worker {self.worker_id!r}: peer {principal.user!r} already holds unclaimed hand-offs for "
-                f"{MAX_PEER_ACCOUNTS} requesters here; they are freed when claimed or when their sessions end")
-            raise self._refuse(error, "store", principal, [oid])
-        quota = self.max_session_bytes
-        if quota is None:
-            return
-        used = store.account_usage.get((ns, account), 0)
-        if used + nbytes > quota:
-            error = QuotaExceededError(
-                f"worker {self.worker_id!r}: a requester at peer {principal.user!r} would hold "
-                f"{(used + nbytes) / 2**20:.1f} MiB of unclaimed hand-offs here, more than the owner's "
-                f"limit of {quota / 2**20:.1f} MiB per session; claim (use) what was dealt or "
-                "moved here, or ask the owner to raise --max-session-mb")
-            raise self._refuse(error, "store", principal, [oid])
-        link = store.usage.get(ns, 0)
-        if link + nbytes > PEER_LINK_SESSIONS * quota:
-            # (no amount: the others' share of it is not this requester's to learn)
-            error = QuotaExceededError(
-                f"worker {self.worker_id!r}: peer {principal.user!r} holds as many unclaimed hand-offs here for "
-                f"all its requesters as it may ({PEER_LINK_SESSIONS} sessions' quota); they are freed when "
-                "claimed or when their sessions end")
-            raise self._refuse(error, "store", principal, [oid])
-
     def end_account(self, principal: Principal) -> int:
         """A peer says its requester session ended: frees the hand-offs it stored for it that nobody claimed
         (:mod:`veil.workers.accounts`); returns how many."""
@@ -591,6 +495,14 @@ class ReferenceMonitor(OpeningRules):
 
     def session_bytes(self, namespace: str) -> int:
         return self._store.usage.get(namespace, 0)
+
+    def _account_state(self, namespace: str, account: str) -> tuple[bool, int, int]:
+        """For the quota (:class:`~veil.workers.quota.QuotaRules`): whether requester ``account`` of peer
+        namespace ``namespace`` holds unclaimed hand-offs, their bytes, and how many accounts there do
+        (counted only when it holds none: the count matters only for a new account)."""
+        store = self._store
+        held = store.holds_account(namespace, account)
+        return held, store.account_usage.get((namespace, account), 0), 0 if held else store.accounts(namespace)
 
     # ---------------------------------------------------------- owner API
 

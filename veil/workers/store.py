@@ -161,15 +161,14 @@ class ObjectStore:
             self._account_objects.pop(acc, None)
             self.account_usage.pop(acc, None)
 
-    def holds_account(self, key: StoreKey, ns: str, account: str) -> bool:
+    # Counts, like ``usage``: read without the key (they open no object).
+
+    def holds_account(self, ns: str, account: str) -> bool:
         """Whether requester ``account`` of peer namespace ``ns`` holds unclaimed hand-offs (empty ones too)."""
-        if key is not self._key:
-            self._check(key)
         return (ns, account) in self._account_objects
 
-    def accounts(self, key: StoreKey, ns: str) -> int:
+    def accounts(self, ns: str) -> int:
         """How many requester accounts hold unclaimed hand-offs in peer namespace ``ns``."""
-        self._check(key)
         with self._lock:
             return sum(1 for acc in self._account_objects if acc[0] == ns)
 

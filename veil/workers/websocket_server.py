@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import queue
 import signal
 import sys
 import threading
@@ -49,7 +48,7 @@ from veil.messaging import messages as m
 from veil.messaging.serde import FrameParts, OwnedFrame, deserialize, frame_pad, serialize
 from veil.mpc.material import drop_provider_scope
 from veil.workers import cancellation
-from veil.workers.accounts import ACTING, END_ACCOUNT, SEP, frame_sender, split_sender
+from veil.workers.accounts import ACTING, SEP, SessionEndNotices, frame_sender, split_sender
 from veil.workers.base import HANDLERS, BaseWorker
 from veil.workers.lane_connection import LaneConnection
 from veil.workers.monitor import Principal
@@ -72,9 +71,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE = 256 * 2**20
 DEFAULT_MAX_CONNECTIONS = 64
-#: session ends waiting to be told to the peers they used (beyond: the peers keep those hand-offs until
-#: their link to this worker closes)
-ACCOUNT_ENDS_QUEUED = 4096
 #: per-command time limit (seconds) unless the owner sets one; None or 0: no limit
 DEFAULT_MAX_COMMAND_SECONDS = 600.0
 #: the websockets opening-handshake timeout; a handshake slot older than this is stale
@@ -202,9 +198,8 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
         self.refusals = RefusalLog(self.db, self.id)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Future | None = None
-        # sessions whose end the peers they used have not been told yet (_tell_peers_session_ended)
-        self._account_ends: queue.Queue | None = None
-        self._account_ends_lock = threading.Lock()
+        # tells the peers a session used that it ended (veil/workers/accounts.py)
+        self._session_ends = SessionEndNotices(self)
 
     # ------------------------------------------------------------ peers
 
@@ -411,40 +406,8 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
         with self._turn:
             run_session_end_handlers(self, session.id)
             freed = self.monitor.end_session(session.id)
-        self._tell_peers_session_ended(session)
+        self._session_ends.post(session.account)
         return freed
-
-    def _tell_peers_session_ended(self, session: Session) -> None:
-        """Has every peer this session sent frames to told that it ended, so that they free what they hold for
-        it unclaimed (veil/workers/accounts.py): queued for one background thread, best effort (a peer that
-        is slow or gone must not hold up the end of a session or the worker's shutdown; if it never hears,
-        it keeps the hand-offs until its link to this worker closes)."""
-        if not session.account.peers:
-            return
-        with self._account_ends_lock:
-            if self._account_ends is None:
-                self._account_ends = queue.Queue(maxsize=ACCOUNT_ENDS_QUEUED)
-                threading.Thread(target=self._send_account_ends, args=(self._account_ends,), daemon=True,
-                                 name=f"veil-{self.id}-account-ends").start()
-        try:
-            self._account_ends.put_nowait(session.account)
-        except queue.Full:
-            log.warning("worker %s: too many session ends queued for its peers; one is dropped", self.id)
-
-    def _send_account_ends(self, ends: queue.Queue) -> None:
-        while True:
-            account = ends.get()
-            for peer_id in sorted(account.peers):
-                peer = self.peers.get(peer_id)
-                if peer is None:
-                    continue
-                acting = ACTING.set(account)
-                try:
-                    self.send_msg(m.CommandMessage(END_ACCOUNT, (), {}, [], False), peer)
-                except Exception as e:  # noqa: BLE001  (one peer's failure must not keep the others' hand-offs)
-                    log.info("worker %s: could not end a session's account at peer %s: %s", self.id, peer_id, e)
-                finally:
-                    ACTING.reset(acting)
 
     # ------------------------------------------------------------ handshake
 
