@@ -55,3 +55,22 @@ def computed(srv: WebsocketServerWorker, session: Any, op: str, *args: Any, grad
     reply, (rid,) = run_command(srv, session, op, *args, grad=grad, **kwargs)
     assert type(reply) is m.OkReply, (op, reply)
     return m.ObjectRef(rid)
+
+
+def session_helpers(token: str, grad: bool = False) -> tuple:
+    """``(open a session, request, send -> ObjectRef, command, computed)`` for a test module whose sessions all
+    present ``token`` and run commands with grad tracking ``grad``, each called as ``f(srv, session, ...)``."""
+
+    def session(srv: WebsocketServerWorker) -> Any:
+        return open_session(srv, token)
+
+    def send(srv: WebsocketServerWorker, sess: Any, t: Any) -> m.ObjectRef:
+        return m.ObjectRef(send_tensor(srv, sess, t))
+
+    def command(srv: WebsocketServerWorker, sess: Any, op: str, *args: Any, n: int = 1, **kwargs: Any) -> tuple:
+        return run_command(srv, sess, op, *args, n=n, grad=grad, **kwargs)
+
+    def result(srv: WebsocketServerWorker, sess: Any, op: str, *args: Any, **kwargs: Any) -> m.ObjectRef:
+        return computed(srv, sess, op, *args, grad=grad, **kwargs)
+
+    return session, request, send, command, result

@@ -50,8 +50,7 @@ from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.workers import output_bounds
 
-from server_sessions import (computed, open_session, quota_worker, request, run_command,  # noqa: E402
-                             send_tensor)
+from server_sessions import quota_worker, session_helpers  # noqa: E402
 
 TOKEN = "rt44-ob-scientist"
 QUOTA = 64 << 20
@@ -66,23 +65,7 @@ def worker(hook):
     return quota_worker(hook, "rt-ob-alice", TOKEN, QUOTA)
 
 
-def _session(srv):
-    return open_session(srv, TOKEN)
-
-
-_req = request
-
-
-def _send(srv, session, t) -> m.ObjectRef:
-    return m.ObjectRef(send_tensor(srv, session, t))
-
-
-def _command(srv, session, op, *args, n=1, **kwargs):
-    return run_command(srv, session, op, *args, n=n, grad=False, **kwargs)
-
-
-def _computed(srv, session, op, *args, **kwargs) -> m.ObjectRef:
-    return computed(srv, session, op, *args, grad=False, **kwargs)
+_session, _req, _send, _command, _computed = session_helpers(TOKEN, grad=False)
 
 
 def _assert_refused_unallocated(reply, op):

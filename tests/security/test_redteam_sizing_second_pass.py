@@ -66,8 +66,7 @@ import torch
 from veil.messaging import messages as m
 from veil.workers import output_bounds
 
-from server_sessions import (computed, open_session, quota_worker, request, run_command,  # noqa: E402
-                             send_tensor)
+from server_sessions import quota_worker, session_helpers  # noqa: E402
 
 TOKEN = "rt45-sizing-second-pass"
 QUOTA = 64 << 20
@@ -82,23 +81,7 @@ def worker(hook):
     return quota_worker(hook, "rt2-ob-alice", TOKEN, QUOTA)
 
 
-def _session(srv):
-    return open_session(srv, TOKEN)
-
-
-_req = request
-
-
-def _send(srv, session, t) -> m.ObjectRef:
-    return m.ObjectRef(send_tensor(srv, session, t))
-
-
-def _command(srv, session, op, *args, n=1, **kwargs):
-    return run_command(srv, session, op, *args, n=n, grad=True, **kwargs)
-
-
-def _computed(srv, session, op, *args, **kwargs) -> m.ObjectRef:
-    return computed(srv, session, op, *args, grad=True, **kwargs)
+_session, _req, _send, _command, _computed = session_helpers(TOKEN, grad=True)
 
 
 def _stored(srv, oid):
