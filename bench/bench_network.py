@@ -320,7 +320,7 @@ def bench_stages(net: sy.WebsocketClientWorker, virtual: sy.VirtualWorker, mb: i
 
 
 def _owned(data: bytes):
-    """A request as the server holds it once received (an aligned OwnedFrame, see websocket_server._receive)."""
+    """A request as the server holds it once received (an aligned OwnedFrame, see websocket_connections._receive)."""
     from veil.messaging.serde import OwnedFrame, frame_pad
 
     pad = frame_pad(data[:5])

@@ -32,7 +32,7 @@ def install_worker(out_dir: str) -> None:
     """Worker side: receive -> handler start -> decode -> prelude -> handle -> encode -> send."""
     from websockets.asyncio.server import ServerConnection
 
-    from veil.workers import base, websocket_server as ws_mod
+    from veil.workers import base, websocket_connections as ws_mod, websocket_server
 
     state: dict = {}  # the request being served (a party serves one request at a time)
 
@@ -60,7 +60,7 @@ def install_worker(out_dir: str) -> None:
 
         setattr(owner, name, wrapper)
 
-    cls = ws_mod.WebsocketServerWorker
+    cls = websocket_server.WebsocketServerWorker
     wrap_sync(cls, "try_inline", "t_inline_try", "t_inline_done")  # (a request it declines goes on to serve_bytes)
     wrap_sync(cls, "serve_bytes", "t_thread", "t_thread_done")
     orig_deser = base.deserialize
@@ -320,7 +320,9 @@ def _install_peer_path() -> None:
 
     cls.take = take
 
-    orig_frag = ws_mod._send_fragmented
+    from veil.workers import websocket_connections
+
+    orig_frag = websocket_connections._send_fragmented
 
     async def _send_fragmented(ws, fragments):
         t0 = now()
@@ -329,7 +331,7 @@ def _install_peer_path() -> None:
         finally:
             RECORDS.append({"kind": "peer_send", "t0": t0, "t1": now()})
 
-    ws_mod._send_fragmented = _send_fragmented
+    websocket_connections._send_fragmented = _send_fragmented
 
 
 def install_orchestrator() -> list[dict]:

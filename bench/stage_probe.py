@@ -102,7 +102,7 @@ def install(server: bool = False) -> None:
     _wrap(runtime.WorkerRuntime, "open_on_parties", "open_on_parties (round)")
     if not server:
         return
-    from veil.workers import base, websocket_server as ws
+    from veil.workers import base, websocket_connections as ws
     from veil.mpc.party import OpenMessage
 
     _wrap(base.BaseWorker, "_run_prelude", "worker: deferred steps (compute)")

@@ -29,37 +29,31 @@ Per request the server
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import signal
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Callable
 
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
 from veil.exceptions import PermissionDeniedError, WorkerNotFoundError, error_reply_fields
 from veil.messaging import messages as m
-from veil.messaging.serde import FrameParts, OwnedFrame, deserialize, frame_pad, serialize
+from veil.messaging.serde import serialize
 from veil.mpc.material import drop_provider_scope
 from veil.workers import cancellation
 from veil.workers.accounts import ACTING, SEP, SessionEndNotices, frame_sender, split_sender
 from veil.workers.base import HANDLERS, BaseWorker
 from veil.workers.lane_connection import LaneConnection
 from veil.workers.monitor import Principal
-from veil.workers.peer_openings import HUNG_UP, PeerFetchMessage, serve_fetch_on_loop
 from veil.workers.persistence import OwnerDB
 from veil.workers import handlers as _handlers
 from veil.workers import skeletons as _skeletons
-from veil.workers.websocket_auth import (RefusalLog, Session, TokenTable, authenticate, check_request,
-                                         run_session_end_handlers, tokens_from_headers)
-from veil.workers.websocket_client import MAX_SIZE_HEADER
-from veil.workers.reply_frames import REPLY_FRAGMENT, _fragments, _part_fragments, _send_fragmented, _send_one
+from veil.workers.websocket_auth import RefusalLog, Session, TokenTable, check_request, run_session_end_handlers
+from veil.workers.websocket_connections import OPEN_TIMEOUT, ConnectionServing
+from veil.workers.reply_frames import REPLY_FRAGMENT
 from veil.workers.inline_lane import InlineLane, _full_rights
 
 if TYPE_CHECKING:
@@ -73,38 +67,11 @@ DEFAULT_MAX_MESSAGE = 256 * 2**20
 DEFAULT_MAX_CONNECTIONS = 64
 #: per-command time limit (seconds) unless the owner sets one; None or 0: no limit
 DEFAULT_MAX_COMMAND_SECONDS = 600.0
-#: the websockets opening-handshake timeout; a handshake slot older than this is stale
-OPEN_TIMEOUT = 10.0
 #: GIL switch interval while serving (seconds; Python's default is 0.005)
 SWITCH_INTERVAL = 0.0005
 
-#: a peer fetch (a round id and a step name) is far smaller: a larger request is not decoded on the loop
-_PEER_FETCH_MAX_BYTES = 512
-
 #: requests that move data out of the worker -> audit action name
 OUTBOUND: dict[type, str] = {m.GetObjectsMessage: "get", m.MoveMessage: "move", m.RemoteGetMessage: "remote_get"}
-
-
-async def _receive(ws: ServerConnection) -> Any:
-    """The next message. A fragmented one (veil clients fragment large requests) is assembled in an
-    OwnedFrame, whose main tensor the decoder then uses in place: websockets' own assembly would
-    join the fragments into immutable bytes, and decoding would copy the tensor once more."""
-    first = frame = None
-    pad = 0
-    async for fragment in ws.recv_streaming():  # the library still checks frames and the size limit
-        if first is None:
-            first = fragment
-        elif isinstance(first, str):
-            first += fragment
-        else:
-            if frame is None:
-                pad = frame_pad(first[:5])
-                frame = OwnedFrame(pad)
-                frame += first
-            frame += fragment
-    if frame is None:
-        return first
-    return memoryview(frame)[pad:] if pad else frame
 
 
 def _runs_own_commands(session: Session) -> bool:
@@ -120,7 +87,7 @@ def _ids_of(msg: Any) -> list:
     return ids if isinstance(ids, list) else []
 
 
-class WebsocketServerWorker(InlineLane, BaseWorker):
+class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
     """A worker that serves authenticated network clients.
 
     Args:
@@ -408,133 +375,6 @@ class WebsocketServerWorker(InlineLane, BaseWorker):
             freed = self.monitor.end_session(session.id)
         self._session_ends.post(session.account)
         return freed
-
-    # ------------------------------------------------------------ handshake
-
-    def _release_stale_handshakes(self) -> None:
-        """Frees slots of handshakes that will never become sessions (closed, or past the open timeout)."""
-        now = time.monotonic()
-        for connection, (_, since) in list(self._handshakes.items()):
-            if now - since > OPEN_TIMEOUT or connection.state.name == "CLOSED":
-                self._handshakes.pop(connection, None)
-
-    def _check_handshake(self, connection: ServerConnection, request: Any) -> Any:
-        self._release_stale_handshakes()
-        if len(self.sessions) + len(self._handshakes) >= self.max_connections:
-            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
-        try:
-            session = authenticate(self.tokens, tokens_from_headers(request.headers))
-        except PermissionDeniedError as e:
-            peer = connection.remote_address[0] if connection.remote_address else "?"
-            self.refusals.refused(peer, str(e))
-            return connection.respond(HTTPStatus.UNAUTHORIZED, "access token required\n")
-        self._handshakes[connection] = (session, time.monotonic())
-        return None
-
-    def _add_headers(self, connection: ServerConnection, request: Any, response: Any) -> Any:
-        if response.status_code != HTTPStatus.SWITCHING_PROTOCOLS:
-            # refused after authentication (e.g. no Upgrade header): the slot is free again
-            self._handshakes.pop(connection, None)
-        response.headers[MAX_SIZE_HEADER] = str(self.max_message)
-        return response
-
-    async def _on_connection(self, ws: LaneConnection) -> None:
-        pending = self._handshakes.pop(ws, None)
-        if pending is None:  # released as stale meanwhile: re-authentication would be needed
-            await ws.close(1013, "handshake slot expired")
-            return
-        session = pending[0]
-        self.sessions[session.id] = session
-        self._connections[session.id] = (ws, time.time())
-        loop = asyncio.get_running_loop()
-        closed = asyncio.ensure_future(ws.wait_closed())
-        # requests that arrive while this loop waits for one are served where they are read (LaneConnection)
-        ws.lane = functools.partial(self.lane_request, session=session)
-        try:
-            while True:
-                if ws.backlog():  # pipelined requests: other connections' reads go between them
-                    await asyncio.sleep(0)
-                try:
-                    data = await _receive(ws)
-                except ConnectionClosedOK:
-                    break
-                if isinstance(data, str):
-                    reply = serialize(m.ErrorReply("SerializationError", "text frames are not accepted; send binary"),
-                                      sender=self.id)
-                else:
-                    reply, decoded = ws.take_handoff(data)
-                    if reply is None and decoded is None:  # (the lane did not take it: busy then, or never saw it)
-                        reply, decoded = self.try_inline(data, session)
-                    if reply is None and session.peer_only:
-                        reply = await self._serve_peer_fetch(data, decoded, session, closed)
-                        if reply is HUNG_UP:
-                            break
-                    if reply is None:
-                        reply = await self._run_request(loop, data, session, closed, decoded)
-                    if reply is None:
-                        break
-                if type(reply) is FrameParts:
-                    await _send_fragmented(ws, _part_fragments(reply))
-                elif len(reply) > REPLY_FRAGMENT:
-                    await _send_fragmented(ws, _fragments(reply))
-                else:
-                    await _send_one(ws, reply)
-        except ConnectionClosed:
-            pass  # the client went away (or sent an oversized frame): free its objects below
-        finally:
-            ws.lane = None
-            closed.cancel()
-            self._connections.pop(session.id, None)
-            await loop.run_in_executor(self._executor, self.end_session, session)
-
-    async def _serve_peer_fetch(self, data: Any, decoded: tuple | None, session: Session,
-                                closed: asyncio.Future) -> Any:
-        """A peer session's share fetch, served on the loop (``peer_openings.serve_fetch_on_loop``: no
-        handler thread, no worker lock; it takes only published shares); None: the handler thread serves
-        this request (anything else, a refusal); ``HUNG_UP``: the peer hung up while its fetch waited."""
-        if decoded is None:  # try_inline did not decode it (the worker was busy): a fetch is a few dozen bytes
-            if len(data) > _PEER_FETCH_MAX_BYTES:
-                return None
-            self._local.session = session
-            try:
-                decoded = deserialize(data, self._decode_ctx)
-            except Exception:  # the handler thread answers it with the decoding error
-                return None
-            finally:
-                self._local.session = None
-        msg, _sender, prelude = decoded
-        if type(msg) is not PeerFetchMessage or prelude:
-            return None
-        reply = await serve_fetch_on_loop(self, self.principal_of(session), msg, closed)
-        return reply if reply is None or reply is HUNG_UP else self._reply_bytes(reply)
-
-    async def _run_request(self, loop: asyncio.AbstractEventLoop, data: bytes, session: Session,
-                           closed: asyncio.Future, decoded: tuple | None = None) -> bytes | None:
-        """Runs one request; cancels it if the connection closes first (then returns None)."""
-        token = cancellation.CancelToken(seconds=self.max_command_seconds)
-        work = loop.run_in_executor(self._executor, self.serve_bytes, data, session, token, decoded)
-        await asyncio.wait((work, closed), return_when=asyncio.FIRST_COMPLETED)
-        if not work.done():
-            token.cancel(f"session {session.id} disconnected")
-            await asyncio.wait((work,))  # it stops at its next checkpoint; its objects are freed after
-            log.warning("worker %s: session %s disconnected; its running command was cancelled", self.id, session.id)
-            return None
-        return work.result()
-
-    def disconnect(self, session_id: str, by: str = "owner") -> bool:
-        """Owner: closes one client's connection (its objects are freed); thread-safe. False if not connected."""
-        found = self._connections.get(session_id)
-        if found is None or self._loop is None:
-            return False
-        session = self.sessions.get(session_id)
-        self._audit("disconnect", by, session_id, [], "allowed",
-                    f"owner closed session {session_id} of {session.user if session else '?'}")
-        closing = asyncio.run_coroutine_threadsafe(found[0].close(4000, "disconnected by the data owner"), self._loop)
-        try:
-            closing.result(timeout=5)
-        except Exception:  # a client that does not answer the close is dropped by the close timeout
-            pass
-        return True
 
     # ------------------------------------------------------------ lifecycle
 
