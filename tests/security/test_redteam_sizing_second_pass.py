@@ -66,7 +66,7 @@ import torch
 from veil.messaging import messages as m
 from veil.workers import output_bounds
 
-from server_sessions import quota_worker, session_helpers  # noqa: E402
+from server_sessions import quota_worker, run_command, session_helpers  # noqa: E402
 
 TOKEN = "rt45-sizing-second-pass"
 QUOTA = 64 << 20
@@ -169,6 +169,57 @@ def test_autograd_graph_of_a_loss_is_charged_or_refused(worker):
     assert refused or held_ce <= quota, (
         f"cross_entropy x16: graphs keep {held_ce / 2**20:.0f} MiB of log-softmax alive, uncharged, "
         f"under a {quota >> 20} MiB quota")
+
+
+def test_an_untracked_input_a_graph_saved_stays_charged_after_delete(worker):
+    """Session 45: ``dot(x, w)`` with only ``w`` tracked keeps ``x`` in its graph (for ``w``'s gradient) while the
+    result is a scalar. Deleting ``x`` used to release its charge (only tracked tensors stayed charged): 16 fresh
+    1 MiB ``x`` held 16 MiB under a 4 MiB quota, charged a few hundred bytes. Now a deleted tensor something else
+    still holds stays charged until it is freed, so the quota refuses the fourth; freeing the results frees it all."""
+    quota = 4 << 20
+    worker.monitor.max_session_bytes = quota
+    s = _session(worker)
+    n = 1 << 18  # 1 MiB of float32
+    w = _send(worker, s, torch.ones(n))
+    assert type(_command(worker, s, "Tensor.requires_grad_", w)[0]) is m.OkReply
+    dots, refused = [], False
+    for i in range(16):
+        try:
+            x = _send(worker, s, torch.full((n,), float(i)))
+        except AssertionError:  # the store itself refused the new x
+            refused = True
+            break
+        reply, (rid,) = _command(worker, s, "torch.dot", x, w)
+        if type(reply) is not m.OkReply:
+            refused = _refused_unallocated(reply)
+            break
+        assert _stored(worker, rid).item() == i * n  # (computed from the x it was given)
+        dots.append(rid)
+        assert type(_req(worker, s, m.DeleteMessage([x.id]))) is m.OkReply
+    held = _graph_bytes([_stored(worker, rid) for rid in dots])
+    assert refused and held <= quota, f"{len(dots)} dot products keep {held >> 20} MiB of deleted inputs alive"
+    charged = worker.monitor.session_bytes(s.id)
+    assert type(_req(worker, s, m.DeleteMessage(dots))) is m.OkReply
+    assert worker.monitor.session_bytes(s.id) <= charged - len(dots) * (n * 4)  # the held inputs went with them
+
+
+def test_deleting_more_names_of_one_object_charges_it_once(worker):
+    """An in-place op's result stored under a new id (a raw client may name one) is the same object: deleting
+    that name while the first lives must not add a charge each time (16 rounds used to leave 16 copies charged)."""
+    worker.monitor.max_session_bytes = 4 << 20
+    s = _session(worker)
+    w = _send(worker, s, torch.zeros(1 << 16))  # 256 KiB
+    reply, (tracked,) = _command(worker, s, "Tensor.requires_grad_", w)  # (the same object, a second name)
+    assert type(reply) is m.OkReply
+    base = worker.monitor.session_bytes(s.id)
+    for _ in range(16):
+        reply, (rid,) = run_command(worker, s, "Tensor.add_", w, 1.0)  # (no grad: in place on a leaf)
+        assert type(reply) is m.OkReply, reply
+        assert type(_req(worker, s, m.DeleteMessage([rid]))) is m.OkReply
+    assert worker.monitor.session_bytes(s.id) <= base + (1 << 18)  # at most the one lingering name
+    assert float(_stored(worker, w.id)[0]) == 16.0  # every add_ ran on the one object
+    assert type(_req(worker, s, m.DeleteMessage([w.id, tracked]))) is m.OkReply
+    assert worker.monitor.session_bytes(s.id) == 0  # nothing holds it any more: no charge is left
 
 
 # 2 ---------------------------------------------------------------------------------------------------------------

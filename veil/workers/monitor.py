@@ -476,9 +476,10 @@ class ReferenceMonitor(QuotaRules, OpeningRules):
         if removed is None:
             return False
         if (self.max_session_bytes is not None and principal.isolated and not principal.is_peer
-                and isinstance(removed.obj, _TENSOR) and removed.obj.requires_grad and removed.nbytes):
-            # a tensor in an autograd graph may be kept by a result computed from it: charged until it is
-            # freed (when nothing else holds it, as soon as ``removed`` goes: now)
+                and isinstance(removed.obj, _TENSOR) and removed.nbytes):
+            # a tensor may outlive its name: an autograd graph of a result computed from it saved it (tracked
+            # or not: ``x * w`` keeps ``x`` for ``w``'s gradient), or another id names the same object. It
+            # stays charged until it is freed (when nothing else holds it, as soon as ``removed`` goes: now)
             self._store.linger(self.__key, principal.namespace, removed.nbytes, removed.obj)
         return True
 

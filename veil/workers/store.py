@@ -90,6 +90,8 @@ class ObjectStore:
         self.account_usage: dict[tuple[str, str], int] = {}
         #: ... -> how many (an account holding only empty objects still counts as one)
         self._account_objects: dict[tuple[str, str], int] = {}
+        #: (namespace, id of a deleted object something else still holds) -> the bytes it stays charged
+        self._lingering: dict[tuple[str, int], int] = {}
         # Writes are read-modify-write (usage, hand-offs): in-process workers may handle two
         # requests at once (a dealer's background thread next to the online phase).
         self._lock = threading.RLock()
@@ -217,18 +219,22 @@ class ObjectStore:
 
     def linger(self, key: StoreKey, ns: str, nbytes: int, obj: Any) -> None:
         """Keeps charging ``ns`` the ``nbytes`` of an object it deleted while something else still holds it
-        (an autograd graph saved it: a result computed from it keeps it alive), until it is freed."""
+        (an autograd graph saved it, another id names the same object), until it is freed. Once per object:
+        deleting more names of one object (an in-place op's result stored under a new id) adds nothing."""
         self._check(key)
+        at = (ns, id(obj))  # (an id is unique while the object lives, and the entry goes when it dies)
         with self._lock:
-            if ns not in self._spaces:  # (the session ended meanwhile: nothing to charge)
+            if ns not in self._spaces or at in self._lingering:  # (the session ended meanwhile: nothing to charge)
                 return
+            self._lingering[at] = nbytes
             self.usage[ns] = self.usage.get(ns, 0) + nbytes
-        weakref.finalize(obj, self._unlinger, ns, nbytes)
+        weakref.finalize(obj, self._unlinger, at)
 
-    def _unlinger(self, ns: str, nbytes: int) -> None:
+    def _unlinger(self, at: tuple[str, int]) -> None:
         with self._lock:
-            if ns in self.usage:
-                self.usage[ns] -= nbytes
+            nbytes = self._lingering.pop(at, 0)
+            if at[0] in self.usage:
+                self.usage[at[0]] -= nbytes
 
     def drop_namespace(self, key: StoreKey, ns: str) -> int:
         """Frees every object of ``ns`` (a disconnected session); returns how many."""
@@ -238,6 +244,8 @@ class ObjectStore:
                 return 0
             space = self._spaces.pop(ns, {})
             self.usage.pop(ns, None)
+            for at in [at for at in self._lingering if at[0] == ns]:
+                del self._lingering[at]
             for oid in space:
                 acc = self._hand_offs.get(oid)
                 if acc is not None and acc[0] == ns:
