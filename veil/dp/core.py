@@ -87,6 +87,8 @@ def secure_normal(n: int) -> torch.Tensor:
 def gaussian_noise(shape: Sequence[int], std: float, dtype: torch.dtype = torch.float32, device=None,
                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """N(0, std^2) noise; cryptographic unless a (test) ``generator`` is given."""
+    if not dtype.is_floating_point:  # (complex: real noise would leave the imaginary part exact)
+        raise PrivacyParameterError(f"Gaussian noise is for real floating-point values, not {dtype}")
     shape = torch.Size(shape)
     if std == 0:
         return torch.zeros(shape, dtype=dtype, device=device)
@@ -181,12 +183,19 @@ def privatize(grad_samples: list[Optional[torch.Tensor]], like: Sequence[torch.T
     lot). ``charge`` runs after the value is computed and before it is
     returned: if it raises (budget spent), nothing is released.
     """
-    sums = clipped_sum(grad_samples, max_grad_norm, like)
-    std = noise_multiplier * max_grad_norm
-    out = [((s + gaussian_noise(s.shape, std, s.dtype, s.device, generator)) / divisor).detach() for s in sums]
+    out = noisy_mean(clipped_sum(grad_samples, max_grad_norm, like), max_grad_norm, noise_multiplier, divisor,
+                     generator)
     if charge is not None:
         charge()
     return out
+
+
+def noisy_mean(sums: Sequence[torch.Tensor], max_grad_norm: float, noise_multiplier: float, divisor: float,
+               generator: Optional[torch.Generator] = None) -> list[torch.Tensor]:
+    """``(sum + N(0, (sigma C)^2)) / divisor`` of clipped sums (:func:`privatize`'s last step; a lot summed
+    in chunks, :func:`clipped_sum` per chunk, ends here too)."""
+    std = noise_multiplier * max_grad_norm
+    return [((s + gaussian_noise(s.shape, std, s.dtype, s.device, generator)) / divisor).detach() for s in sums]
 
 
 # -- query mechanisms (OpenDP) ------------------------------------------------------------------

@@ -85,7 +85,7 @@ def check_forward_plan(spec: PlanSpec, n_state: int) -> interpreter.CompiledPlan
 
 def per_sample_gradients(plan: interpreter.CompiledPlan, state: Sequence[torch.Tensor], trainable: Sequence[bool],
                          x: torch.Tensor, y: torch.Tensor, loss: Loss, strict: bool = False,
-                         strategy: Optional[str] = None) -> list[torch.Tensor]:
+                         strategy: Optional[str] = None, size_check: Optional[Callable] = None) -> list[torch.Tensor]:
     """Gradients of ``loss(plan(x_i), y_i)`` w.r.t. the trainable state, one per record.
 
     Computed by the one per-sample engine (:func:`veil.dp.per_sample.record_gradients`).
@@ -96,6 +96,8 @@ def per_sample_gradients(plan: interpreter.CompiledPlan, state: Sequence[torch.T
     Args:
         strategy: ``"vmap"`` or ``"loop"``; by default chosen from the lot size
             and a dry run on a dummy record (:func:`veil.dp.per_sample.choose_strategy`).
+        size_check: sizes each plan op before it runs (``veil.plans.interpreter.run``: a session quota's
+            ``Budget``); given for the dry run, whose one record then says what a record holds.
 
     Returns:
         One tensor ``[B, *param.shape]`` per trainable state tensor, in order.
@@ -107,7 +109,7 @@ def per_sample_gradients(plan: interpreter.CompiledPlan, state: Sequence[torch.T
         full = list(frozen)
         for i, p in zip(train_idx, params):
             full[i] = p
-        out = interpreter.run(plan, [xi.unsqueeze(0)], full)
+        out = interpreter.run(plan, [xi.unsqueeze(0)], full, size_check)
         if not isinstance(out, torch.Tensor):
             raise PrivacyParameterError(f"plan {plan.spec.name!r} must return one tensor (the model output)")
         return loss(out, yi.unsqueeze(0))

@@ -5,7 +5,10 @@
   Poisson-sample the owner's records, per-record gradients of the plan's loss
   (a record the plan fails on, or whose gradient is NaN/inf, contributes
   zero), clip each to the owner's C, sum, add N(0, (sigma C)^2) with the
-  owner's sigma (or more), divide by q n, return one flat tensor.
+  owner's sigma (or more), divide by q n (n: the owner's public nominal count
+  while the count is hidden), return one flat tensor. The owner's data enters
+  only as the named dataset; under a session quota the plan is sized on the dry
+  run and the lot computed in chunks that fit.
 - ``veil.dp.query(x, name, epsilon, delta, mechanism, lower, upper, bins, request_id)``: a noisy
   count, sum, mean or histogram of a tensor on the worker (OpenDP noise); returns
   (value, [epsilon, delta, noise scale]).
@@ -35,7 +38,9 @@ from veil.dp.queries import QUERIES, query_cost
 from veil.dp.worker_owner import dp_settings
 from veil.exceptions import PermissionDeniedError
 from veil.messaging.allowlist import register_worker_function
+from veil.plans.remote import session_budget
 from veil.workers import owner_guard
+from veil.workers.quota import QuotaExceededError
 
 
 def _user(worker: Any) -> str:
@@ -71,6 +76,7 @@ def _sanitized_gradient(worker: Any, plan: Any, dataset: str, params: list, trai
     if not settings.training_enabled:
         raise PermissionDeniedError(f"worker {worker.id!r} does not offer DP training (no --dp-clip/--dp-noise)")
     ds = settings.dataset(dataset)
+    count = _public_count(worker, settings, ds)
     q = _number(sample_rate, "sample_rate")
     if not 0 < q <= settings.max_sample_rate:
         raise PrivacyParameterError(f"sample_rate must be in (0, {settings.max_sample_rate}], got {sample_rate}")
@@ -80,20 +86,27 @@ def _sanitized_gradient(worker: Any, plan: Any, dataset: str, params: list, trai
     if not isinstance(trainable, (list, tuple)) or len(trainable) != len(params) or \
             not all(type(t) is bool for t in trainable):
         raise PrivacyParameterError("trainable must be one bool per parameter")
+    if any(t and (not p.is_floating_point() or p.is_complex()) for p, t in zip(params, trainable)):
+        # (the noise is real: a complex parameter's imaginary part would come back without any)
+        raise PrivacyParameterError("trainable parameters must be real floating-point tensors")
     compiled = check_forward_plan(plan, len(params))
     loss_fn = loss_by_name(loss)
     rid = _request_id(request_id)
     user = _user(worker)
     state = [p.detach() for p in params]
+    like = [p for p, t in zip(state, trainable) if t]
+    budget = session_budget(worker)  # a session quota: the plan's ops are sized (None without one)
     # Dry run on a dummy record of the public shape: a plan that cannot run at
     # all is refused here, in the clear and free, before any owner value is read.
     try:
-        per_sample_gradients(compiled, state, trainable, _dummy(ds.data), _dummy(ds.target), loss_fn, strict=True)
-    except PrivacyParameterError:
+        per_sample_gradients(compiled, state, trainable, _dummy(ds.data), _dummy(ds.target), loss_fn, strict=True,
+                             size_check=budget)
+    except (PrivacyParameterError, QuotaExceededError):
         raise
     except Exception as e:  # noqa: BLE001 - any error on a dummy input is the plan's own fault
         raise PrivacyParameterError(f"the plan fails on a dummy input of the dataset's public shape: "
                                     f"{type(e).__name__}: {e}") from None
+    chunk = _records_per_chunk(worker, budget, like)
     c = settings.max_grad_norm
     with settings.lock:
         # Charge first (before any work on the data): a failure below stays charged.
@@ -102,13 +115,48 @@ def _sanitized_gradient(worker: Any, plan: Any, dataset: str, params: list, trai
         try:
             mask = core.poisson_mask(len(ds.data), q)
             x, y = ds.data[mask], ds.target[mask]
-            like = [p for p, t in zip(state, trainable) if t]
-            samples = per_sample_gradients(compiled, state, trainable, x, y, loss_fn)
-            released = core.privatize(samples, like, c, sigma, q * len(ds.data))
+            sums = [torch.zeros_like(p) for p in like]
+            step = chunk or max(len(x), 1)
+            for at in range(0, len(x), step):  # clipped per record, summed chunk by chunk
+                samples = per_sample_gradients(compiled, state, trainable, x[at:at + step], y[at:at + step], loss_fn)
+                for total, part in zip(sums, core.clipped_sum(samples, c, like)):
+                    total.add_(part)
+                del samples
+            released = core.noisy_mean(sums, c, sigma, q * count)
             flat = torch.cat([g.reshape(-1) for g in released]) if released else torch.zeros(0)
         except Exception as e:  # noqa: BLE001
             raise core.generic_failure(f"DP-SGD on {worker.id}/{dataset}", e) from None
     return flat.detach()
+
+
+def _public_count(worker: Any, settings: Any, ds: Any) -> int:
+    """The record count a release divides by: its noise scale ``sigma C / (q count)`` shows it, so while the
+    owner hides the count it is the owner's public ``nominal_count`` (none: refused, before any charge)."""
+    if not settings.hide_count:
+        return len(ds.data)
+    if settings.nominal_count is None:
+        raise PermissionDeniedError(
+            f"worker {worker.id!r} keeps its record counts private and declared no public count for DP training "
+            "to divide by (the owner's enable_dp(..., nominal_count=N) or --dp-nominal-count N)")
+    return settings.nominal_count
+
+
+#: what one record costs a lot beyond its plan's forward ops, in gradient-sized tensors (its row of the
+#: per-record gradients, and the clipping's scratch)
+_GRADIENT_COPIES = 3
+
+
+def _records_per_chunk(worker: Any, budget: Any, like: list) -> int:
+    """How many records' gradients are computed together (0: the whole lot at once, without a quota). Under
+    a session quota, as many as fit its room, from the dry run's sized ops and the gradients' size (public:
+    never the lot's size, nor the data); refused before any charge when one record does not fit."""
+    if budget is None:
+        return 0
+    per_record = budget.held + _GRADIENT_COPIES * sum(p.numel() * p.element_size() for p in like)
+    monitor = worker.monitor
+    monitor.check_room(budget.principal, per_record, "veil.dp.sanitized_gradient")  # one record must fit
+    room = monitor.max_session_bytes - monitor.session_bytes(budget.principal.namespace)
+    return max(1, room // max(per_record, 1))
 
 
 def _query(worker: Any, x: Any, name: str, epsilon: float, delta: float = 0.0, mechanism: str = "laplace",
@@ -159,3 +207,4 @@ register_worker_function("veil.dp.sanitized_gradient", _sanitized_gradient)
 register_worker_function("veil.dp.query", _query)
 register_worker_function("veil.dp.budget", _budget)
 owner_guard.DP_RELEASES.update({"veil.dp.sanitized_gradient", "veil.dp.query", "veil.dp.budget"})
+owner_guard.DP_DATA_ARGS["veil.dp.query"] = (0, "x")  # the gradient's data is the owner's dataset, named

@@ -55,6 +55,9 @@ class WorkerDP:
         hide_count: the exact record count of the DP datasets is private:
             pointers to them report a first dimension of 0 (unknown) and the
             count is only released through a charged ``dp_count``.
+        nominal_count: with ``hide_count``, the public count DP-SGD releases divide
+            by (``q * nominal_count`` instead of ``q * n``, whose noise scale would
+            reveal ``n``); None: DP training is refused while the count is hidden.
     """
 
     ledger: BudgetLedger
@@ -66,6 +69,7 @@ class WorkerDP:
     datasets: dict[str, DPDataset] = field(default_factory=dict)
     max_bins: int = 10_000
     hide_count: bool = False
+    nominal_count: Optional[int] = None
     # One release at a time: the ledger's accountant state is shared.
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -144,7 +148,7 @@ def enable_dp(worker: Any, datasets: Union[str, Sequence[str], Mapping[str, tupl
               budgets: Optional[Mapping[str, tuple[float, float]]] = None, delta: float = 1e-5,
               accountant: str = "rdp", max_sample_rate: float = 1.0,
               ledger_path: Union[str, Path, None] = None, max_bins: int = 10_000,
-              hide_count: bool = False) -> WorkerDP:
+              hide_count: bool = False, nominal_count: Optional[int] = None) -> WorkerDP:
     """Turns on owner-side differential privacy on ``worker``.
 
     Args:
@@ -166,6 +170,11 @@ def enable_dp(worker: Any, datasets: Union[str, Sequence[str], Mapping[str, tupl
             their pointers report the first dimension as 0 (unknown), and
             the count is released only by a charged DP count. Without it the
             shape a pointer reports reveals the exact count.
+        nominal_count: with ``hide_count``, a public record count (rounded, or a
+            noisy count you publish) that DP training divides its releases by:
+            dividing by the true count would reveal it through the noise scale
+            ``sigma C / (q n)``. Without it DP training is refused while the
+            count is hidden (DP queries still work).
 
     Returns:
         The settings object (``.set_budget(user, eps, delta)``, ``.remaining(user)``).
@@ -180,6 +189,9 @@ def enable_dp(worker: Any, datasets: Union[str, Sequence[str], Mapping[str, tupl
         raise PrivacyParameterError(f"delta must be in (0, 1), got {delta}")
     if type(max_bins) is not int or max_bins < 1:
         raise PrivacyParameterError(f"max_bins must be an integer >= 1, got {max_bins!r}")
+    if nominal_count is not None and (type(nominal_count) is not int or nominal_count < 1 or not hide_count):
+        raise PrivacyParameterError(f"nominal_count must be a positive integer, and only with hide_count "
+                                    f"(got {nominal_count!r})")
     if not 0 < max_sample_rate <= 1:
         raise PrivacyParameterError(f"max_sample_rate must be in (0, 1], got {max_sample_rate}")
     previous = _SETTINGS.get(worker)
@@ -188,7 +200,7 @@ def enable_dp(worker: Any, datasets: Union[str, Sequence[str], Mapping[str, tupl
     settings = WorkerDP(ledger, None if max_grad_norm is None else float(max_grad_norm),
                         None if noise_multiplier is None else float(noise_multiplier), float(delta), accountant,
                         float(max_sample_rate), _datasets(worker, datasets), max_bins=max_bins,
-                        hide_count=bool(hide_count))
+                        hide_count=bool(hide_count), nominal_count=nominal_count)
     for user, (eps, dlt) in (budgets or {}).items():
         settings.set_budget(user, eps, dlt)
     _SETTINGS[worker] = settings

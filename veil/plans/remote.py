@@ -53,7 +53,7 @@ def _plan_nbytes(spec: PlanSpec) -> int:
 register_size_estimator(PlanSpec, _plan_nbytes)
 
 
-def _budget(worker: Any) -> Any:
+def session_budget(worker: Any) -> Any:
     """With a session quota, a run's ops are sized before they run, against one running total
     (veil/workers/output_bounds.py); None without one."""
     monitor = worker.monitor
@@ -63,7 +63,7 @@ def _budget(worker: Any) -> Any:
 
 
 def _run(worker: Any, spec: PlanSpec, inputs: list, state: list) -> Any:
-    return interpreter.run(_compiled(spec), list(inputs), list(state), _budget(worker))
+    return interpreter.run(_compiled(spec), list(inputs), list(state), session_budget(worker))
 
 
 def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, state: list, batch_size: int,
@@ -98,7 +98,7 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
             sized = None  # a plan's sizes follow its inputs' shapes: each batch shape is sized once
             if (xb.shape, yb.shape) not in sized_shapes:
                 sized_shapes.add((xb.shape, yb.shape))
-                sized = _budget(worker)
+                sized = session_budget(worker)
             losses.append(interpreter.run(compiled, [xb, yb, *extra], state, sized))
             if max_batches is not None and len(losses) >= max_batches:
                 break

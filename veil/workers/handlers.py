@@ -234,9 +234,11 @@ def _owner_checks(worker: BaseWorker, principal: Principal, op: Any, purpose: Pu
         for oid, e in found.items():
             if _is_stored_pointer(e.obj):
                 _refuse_deputy(worker, principal, oid, "compute")
-    if any_dp:
+    if any_dp or any_protected and purpose is _DP_RELEASE:
         try:
             owner_guard.check_dp_only(op.name, entries, worker.id)
+            if purpose is _DP_RELEASE:
+                owner_guard.check_dp_data_args(op.name, wire_args, wire_kwargs, found, worker.id)
         except PermissionDeniedError as e:
             monitor.audit(purpose.value, principal, list(found), "refused", f"{op.name}: {e}")
             raise

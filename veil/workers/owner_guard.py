@@ -68,6 +68,10 @@ def _storage(t: torch.Tensor) -> int | None:
 
 #: worker functions that release only differentially private results (DP registers them)
 DP_RELEASES: set[str] = set()
+#: the one argument (position, keyword) through which such a release takes the owner's data, if any: the
+#: privacy accounting holds for that input only. Anywhere else (a plan's state, nested in a list) owner
+#: data would enter every record's computation, or the plan's dry run, uncharged: refused
+DP_DATA_ARGS: dict[str, tuple[int, str]] = {}
 #: worker functions whose result, once the protocol combines it, gives the requester a function of
 #: their inputs (secure aggregation's masked input: the coordinator recovers the sum): the owner's
 #: review policy applies to those inputs as to a .get() (filled by the modules that register them)
@@ -81,6 +85,30 @@ def check_dp_only(op_name: str, entries: list, worker_id: str) -> None:
             f"{op_name} refused: this data on worker {worker_id!r} is under the owner's differential-privacy "
             f"policy and answers only {sorted(DP_RELEASES)}"
         )
+
+
+def check_dp_data_args(op_name: str, wire_args: Any, wire_kwargs: Any, found: dict, worker_id: str) -> None:
+    """A DP release takes protected (owner or DP-only) data only as its data argument (:data:`DP_DATA_ARGS`),
+    named there directly; ``wire_args``/``wire_kwargs``: the command as sent (None: nothing to place it by)."""
+    from veil.messaging.messages import ObjectRef, arg_leaves
+
+    at, keyword = DP_DATA_ARGS.get(op_name, (-1, ""))
+
+    def protected(value: Any) -> bool:
+        return any(type(v) is ObjectRef and v.id in found and found[v.id].protected for v in arg_leaves(value))
+
+    if wire_args is None:  # (a skeleton use: a torch op, never a release; refused should one name data)
+        refused = any(e.protected for e in found.values())
+    else:
+        places = [(i == at and type(a) is ObjectRef, a) for i, a in enumerate(wire_args)]
+        if isinstance(wire_kwargs, dict):
+            places += [(k == keyword and type(v) is ObjectRef, v) for k, v in wire_kwargs.items()]
+        refused = any(not allowed and protected(value) for allowed, value in places)
+    if refused:
+        where = f"its data argument {keyword!r}" if keyword else "none of its arguments"
+        raise PermissionDeniedError(
+            f"{op_name} refused: the owner's data on worker {worker_id!r} may enter this release only as "
+            f"{where} (a plan's state or other parameters are the requester's own)")
 
 
 def protected_storages(entries: list) -> set[int]:

@@ -78,6 +78,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp-delta", type=float, default=1e-5, help="delta at which DP training is accounted")
     p.add_argument("--dp-hide-count", action="store_true",
                    help="pointers to the datasets report 0 records (the exact count stays private; see README)")
+    p.add_argument("--dp-nominal-count", type=int, default=None, metavar="N",
+                   help="with --dp-hide-count: the public record count DP training divides by (a rounded or noisy "
+                        "count you are willing to publish); without it DP training is refused")
     p.add_argument("--dp-max-bins", type=int, default=10_000, metavar="N",
                    help="most bins a DP histogram may ask for (bounds the work a query can cause)")
     p.add_argument("--budget", action="append", default=[], metavar="USER=EPS,DELTA",
@@ -189,7 +192,8 @@ def enable_dp_from_args(worker, args: argparse.Namespace) -> str | None:
     names = [parse_dataset(s)[0] for s in args.dataset] if args.dp_clip is not None else []
     try:
         worker.enable_dp(names, max_grad_norm=args.dp_clip, noise_multiplier=args.dp_noise, budgets=budgets,
-                         delta=args.dp_delta, hide_count=args.dp_hide_count, max_bins=args.dp_max_bins)
+                         delta=args.dp_delta, hide_count=args.dp_hide_count, max_bins=args.dp_max_bins,
+                         nominal_count=args.dp_nominal_count)
     except ValueError as e:  # PrivacyParameterError is a ValueError
         raise SystemExit(f"veil worker: {e}") from None
     training = f"C={args.dp_clip} sigma>={args.dp_noise} on {', '.join(names) or 'no dataset'}" \
