@@ -2,7 +2,16 @@
 
 Every request goes through a real network worker's request path in process (``serve_bytes`` with
 authenticated sessions, see ``server_sessions.py``): a scientist, a second scientist, the owner's admin
-token, a serving client and a peer. Holes are ``xfail(strict=True)`` tests asserting the secure behaviour.
+token, a serving client and a peer.
+
+Five of these tests were holes when a session-45 attacker wrote them (strict xfails then): an approval of an
+encrypted object was keyed by its type name alone (any ciphertext later stored under that id went out); the
+owner's preview looked the id up in every session's namespace (a decoy was shown, the real object released);
+success or ``EncodingOverflowError`` of ``veil.he.op`` with a requester-chosen key was a threshold oracle on
+data under review; hostile Paillier exponents held the worker for seconds; a request flood pushed other
+users' requests off the owner's list. Fixed in ``governance/requests.py`` (digest of the wire encoding, the
+filing session's object, 100 pending requests per user) and ``he/remote.py`` (exponent shifts <= 64, the
+result sized against the quota, owner-derived plaintexts encoded without a value-dependent failure).
 """
 
 from __future__ import annotations
@@ -100,8 +109,6 @@ def _paillier(n, values=(1,), exponent=0):
 # ------------------------------------------------------------------------------------------- holes
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: an approval of a non-tensor (HE ciphertext) covers any object of "
-                                       "that type later stored under the same id (digest = type name)")
 def test_he_approval_cannot_be_swapped_for_another_ciphertext(w):
     pub, priv = sy.he.paillier.keygen(n_length=512)
     enc = send_tensor(w.srv, w.sci, sy.he.paillier.encrypt(torch.zeros(3), pub))
@@ -122,8 +129,6 @@ def test_he_approval_cannot_be_swapped_for_another_ciphertext(w):
     assert reply.error == "ReviewPendingError"
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: the owner's preview looks up the request's object id in every "
-                                       "session's namespace; another session's object under that id is shown")
 def test_owner_preview_shows_the_object_that_the_approval_releases(w):
     x = w.cmd(w.sci, "torch.mul", m.ObjectRef(w.d1), 7.0)  # 7 * d1: the real release
     rid = w.pending_id(w.get(w.sci, x))
@@ -137,8 +142,6 @@ def test_owner_preview_shows_the_object_that_the_approval_releases(w):
     assert preview.startswith("[259, 35, 14]"), f"owner approved after seeing {preview!r}, released 7*d1"
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: success vs EncodingOverflowError of veil.he.op with an "
-                                       "attacker-chosen Paillier modulus is a threshold oracle on review data")
 def test_he_overflow_is_no_oracle_on_review_data(w):
     def probe(t):  # overflow iff max|d1| * 2**252 > n // 3 - 1, n ~ 3 t 2**252 (any odd n is accepted)
         c = send_tensor(w.srv, w.sci, _paillier(3 * (t * 2**252 + 2) | 1, exponent=-63))
@@ -154,8 +157,6 @@ def test_he_overflow_is_no_oracle_on_review_data(w):
     assert lo != max(D1), f"recovered max|d1| = {lo} without any approval"
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: veil.he.op never checks the command deadline; a 1-element add "
-                                       "with exponents +-2048 under a 16384-bit modulus holds the worker ~1.5 s")
 def test_hostile_paillier_exponents_are_bounded_by_the_command_deadline(hook):
     w = W(hook, seconds=0.2)
     n = (1 << 16383) | 12345  # any odd 16384-bit number passes as a modulus (no key needed)
@@ -168,8 +169,6 @@ def test_hostile_paillier_exponents_are_bounded_by_the_command_deadline(hook):
     assert type(reply) is m.ErrorReply and took < 1.0, (reply, took)
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: no per-user cap on pending requests; the owner's list (LIMIT 500, "
-                                       "newest first) no longer shows another user's request after a flood")
 def test_a_request_flood_does_not_hide_other_users_requests(w):
     x = w.cmd(w.sci, "torch.mul", m.ObjectRef(w.d1), 2.0)
     victim = w.pending_id(w.get(w.sci, x))

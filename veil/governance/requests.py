@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from veil.messaging.serde import encode_value
+
 from veil.exceptions import ObjectNotFoundError, PermissionDeniedError
 from veil.governance.state import audit, governance
 from veil.workers.database import equality_filters
@@ -59,15 +61,27 @@ class ReleaseRequest:
         return asdict(self)
 
 
+#: pending requests one user may have at a time: a flood of requests (each get of a derived value files one,
+#: and they stay after the value is freed) pushed other users' requests off the owner's list
+MAX_PENDING_PER_USER = 100
+
+
 def digest(obj: Any) -> str:
-    """SHA-256 of a tensor's dtype, shape and bytes (what was asked for is what is released)."""
+    """SHA-256 of a tensor's dtype, shape and bytes, or of any other object's wire encoding (an encrypted
+    tensor: its ciphertexts), so that what was asked for is what is released. An object without an encoding
+    gets a fresh random digest: no approval ever matches it again (an approval keyed by its type alone
+    released whatever the scientist later stored under the same id)."""
     h = hashlib.sha256()
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
         h.update(str(t.dtype).encode() + repr(tuple(t.shape)).encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    else:
-        h.update(type(obj).__name__.encode())
+        return h.hexdigest()
+    try:
+        encoded = encode_value(obj)
+    except Exception:  # noqa: BLE001 - not encodable: nothing to compare by, so never equal
+        return "unmatchable-" + secrets.token_hex(16)
+    h.update(type(obj).__name__.encode() + b"\0" + encoded)
     return h.hexdigest()
 
 
@@ -131,7 +145,10 @@ class ReviewQueue:
     def preview(self, request_id: str) -> str:
         """The requested value, abbreviated (owner only); notes when the object is gone or changed."""
         req = self.get(request_id)
-        entry = dict(self.worker.monitor.owner_entries()).get(req.object_id)
+        # the object of the session that filed it (ids are per session: another session's object under the same
+        # id is not what the approval would release); in process ("-") there is one namespace
+        entry = next((e for oid, e in self.worker.monitor.owner_entries()
+                      if oid == req.object_id and (req.session == "-" or e.created_by == req.session)), None)
         if entry is None:
             return "(the object is gone: the scientist freed it or disconnected)"
         changed = "" if digest(entry.obj) == req.digest else "  (CHANGED since the request was filed)"
@@ -143,6 +160,12 @@ class ReviewQueue:
         """Files a new pending request for ``entry`` (the caller decided it needs one)."""
         from veil.governance.provenance import GRAPH, ROOT, sources_of
 
+        waiting = db_execute(self.db, "SELECT COUNT(*) FROM release_requests WHERE principal = ? AND state = ?",
+                             (principal, "pending"))[0][0]
+        if waiting >= MAX_PENDING_PER_USER:
+            raise PermissionDeniedError(
+                f"user {principal!r} already has {waiting} release requests pending on worker {self.worker.id!r}: "
+                "wait for the data owner's decisions before asking for more")
         obj = entry.obj
         graph = dict(entry.meta.get(GRAPH) or {})
         req = ReleaseRequest(

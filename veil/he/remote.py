@@ -12,8 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import phe
+import torch
 
 from veil.exceptions import RemoteExecutionError
+from veil.he import _paillier_encoding as enc
 from veil.he import ckks_wire, wire
 from veil.he.ckks import CKKSContext, CKKSTensor
 from veil.he.errors import HEError
@@ -24,7 +26,7 @@ from veil.messaging.allowlist import ALLOWLIST, register_worker_function
 from veil.messaging.messages import ObjectMessage, ObjectRef, StoredObject
 from veil.tensors import remote_ops
 from veil.tensors.handle import RemoteHandle
-from veil.workers import base
+from veil.workers import base, cancellation
 from veil.workers.monitor import register_size_estimator
 
 HE_EXT = 30
@@ -97,17 +99,80 @@ _OPS = {
 }
 
 
+#: the most a Paillier operation may lower an exponent by (base-16 digits): lowering by k raises every
+#: ciphertext to 16^k, so a hostile pair of exponents (+-2048 under a 16384-bit modulus) held the worker for
+#: seconds per element; real tensors differ by tens
+MAX_EXPONENT_SHIFT = 64
+
+
 def _he_op(worker: Any, name: str, a: Any, b: Any, out_id: int) -> None:
     op = _OPS.get(name)
     if op is None:
         raise RemoteExecutionError(f"encrypted operation {name!r} is not supported")
     if not isinstance(a, (PaillierTensor, CKKSTensor)):
         raise RemoteExecutionError(f"{name}: left operand is not a ciphertext")
+    if isinstance(a, PaillierTensor):
+        b = _paillier_operand(worker, name, a, b)
+    cancellation.checkpoint()  # (the deadline, and a disconnect, before the work)
     try:
         result = op(a, b)
     except HEError as e:
         raise RemoteExecutionError(f"encrypted {name} refused: {type(e).__name__}: {e}") from e
     worker.monitor.store_output(out_id, result)
+
+
+def _paillier_operand(worker: Any, name: str, a: PaillierTensor, b: Any) -> Any:
+    """Checks a Paillier op before it runs: the exponents it would bridge, the room its result needs under a
+    session quota, and, for a plaintext computed from the owner's data, encoding that no value can fail
+    (success or ``EncodingOverflowError`` was a threshold oracle on data under review, with a key the
+    requester chose). Returns the plaintext operand to use."""
+    exponents = [a.exponent] + ([b.exponent] if isinstance(b, PaillierTensor) else [0, enc.DEFAULT_FLOAT_EXPONENT])
+    if max(exponents) - min(exponents) > MAX_EXPONENT_SHIFT:
+        raise RemoteExecutionError(f"encrypted {name} refused: exponents {a.exponent} and "
+                                   f"{getattr(b, 'exponent', 'of a plaintext')} are more than "
+                                   f"{MAX_EXPONENT_SHIFT} base-16 digits apart")
+    if isinstance(b, PaillierTensor) or b is None:
+        other = b.shape if isinstance(b, PaillierTensor) else ()
+    else:
+        b = enc.as_tensor(b)
+        other = b.shape
+    count = max(1, a.shape.numel())  # ciphertexts the op makes: neg, sum, dot (its products)
+    if name == "mm" and len(other) == 2:
+        count *= other[-1]  # (each row times each column, then summed)
+    elif name in ("add", "sub", "rsub", "mul"):
+        try:
+            count = torch.broadcast_shapes(tuple(a.shape), tuple(other)).numel()
+        except RuntimeError as e:
+            raise RemoteExecutionError(f"encrypted {name}: shapes do not broadcast: {e}") from None
+    monitor = worker.monitor
+    principal = monitor.current_principal()
+    if principal is not None and monitor.max_session_bytes is not None:
+        per = 2 * a.public_key.n.bit_length() // 8 + 32
+        monitor.check_room(principal, count * per, "veil.he.op")
+    if isinstance(b, torch.Tensor) and monitor.request_reads_owner_data():
+        b = _oblivious_plaintext(name, a, b)
+    return b
+
+
+def _oblivious_plaintext(name: str, a: PaillierTensor, b: torch.Tensor) -> torch.Tensor:
+    """A plaintext from the owner's data, made safe to encode whatever its values: non-finite entries become
+    0, and the op is refused up front, from its dtype and the key alone, when some value of that dtype could
+    overflow the key's plaintext space."""
+    if b.is_complex():
+        raise RemoteExecutionError(f"encrypted {name} refused: complex plaintexts are not supported")
+    adds = name in ("add", "sub", "rsub")
+    if b.is_floating_point():  # encoded at an exponent in [DEFAULT_FLOAT_EXPONENT, 0] (lower for add: a's)
+        b = torch.nan_to_num(b, nan=0.0, posinf=0.0, neginf=0.0)
+        largest, lowest = int(torch.finfo(b.dtype).max), enc.DEFAULT_FLOAT_EXPONENT
+    else:
+        largest, lowest = (1 if b.dtype == torch.bool else int(torch.iinfo(b.dtype).max)), 0
+    if adds:
+        lowest = min(lowest, a.exponent)
+    if largest * enc.BASE ** -lowest > int(a.public_key.max_int):
+        raise RemoteExecutionError(
+            f"encrypted {name} refused: a {str(b.dtype).replace('torch.', '')} plaintext computed from the owner's "
+            f"data could overflow this {a.public_key.n.bit_length()}-bit key (use a larger key or a narrower dtype)")
+    return b
 
 
 register_worker_function("veil.he.op", _he_op, shapes="none")

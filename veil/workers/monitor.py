@@ -454,6 +454,13 @@ class ReferenceMonitor(QuotaRules, OpeningRules):
         current = self._local.request
         return None if current is None else current[0]
 
+    def request_reads_owner_data(self) -> bool:
+        """Whether the worker function now running was given the owner's data or a value computed from it
+        (protected, with provenance, or revealable only to some): it must then not fail or branch on values."""
+        current = self._local.request
+        return current is not None and any(e.protected or e.provenance or e.reveal_to is not None
+                                           for e in current[1])
+
     def running(self, principal: Principal, sources: list, op_name: str) -> "_Running":
         """Context for executing an op: :meth:`store_output` sees who asked and the op's inputs."""
         return _Running(self._local, (principal, sources, op_name))
