@@ -50,7 +50,7 @@ def _raw(cluster, worker, token):
 
 def _owner_pending(model, party_index=0):
     service = service_of(model)
-    return [rid for rid, _ in service._call(service.parties[party_index], "pending")]
+    return [rid for rid, *_ in service._call(service.parties[party_index], "pending")]
 
 
 # ------------------------------------------------------------------ roles

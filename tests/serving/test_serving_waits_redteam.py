@@ -80,7 +80,7 @@ def test_a_hostile_request_id_is_refused_and_changes_nothing(hook, rid):
     protocol.call(victim, party, "submit", "svc", mine, torch.ones(1, 3, dtype=torch.int64))
     with pytest.raises(ServingError, match="request id"):
         protocol.call(thief, party, "fetch", "svc", rid, protocol.MAX_WAIT)
-    assert [r for r, _ in protocol.call(owner, party, "pending", "svc")] == [mine]  # nothing changed
+    assert [r for r, *_ in protocol.call(owner, party, "pending", "svc")] == [mine]  # nothing changed
 
 
 def test_a_wait_ends_within_the_workers_command_limit_with_an_answer(hook):
@@ -120,7 +120,7 @@ def test_queued_input_bytes_are_bounded_per_connection_and_per_service(hook, mon
     with pytest.raises(ServingError, match="busy"):
         protocol.call(victim, party, "submit", "svc", new_id(), rows)
     queued = protocol.call(owner, party, "pending", "svc")
-    assert len(queued) == 5 and all(size == 8 for _, size in queued)
-    rids = [r for r, _ in queued[:3]]  # claimed into a batch: no longer queued, room again
+    assert len(queued) == 5 and all(size == 8 for _, size, _ in queued)
+    rids = [r for r, *_ in queued[:3]]  # claimed into a batch: no longer queued, room again
     assert protocol.call(owner, party, "claim", "svc", rids, new_id()) == [8, 8, 8]
     protocol.call(victim, party, "submit", "svc", new_id(), rows)

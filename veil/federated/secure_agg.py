@@ -37,9 +37,16 @@ else is answered exactly as for a round that does not exist, and the refusal
 is audited: another scientist cannot learn that a round exists, read a share,
 inject one, or end someone else's round.
 
-Security: honest-but-curious coordinator and clients, fewer than t colluding;
-integrity against malicious parties (signatures, consistency checks of
-SecAgg's malicious variant) is out of scope.
+Security: honest-but-curious coordinator and clients, fewer than t colluding.
+Against a lying coordinator, three checks of the malicious variant's kind hold
+on the clients: t must be a majority of U1 (two disjoint groups of t, told
+different dropouts, would hand over both masks of one client); a peer deposits
+shares only under its own authenticated name (at most n senders); and each
+client sends its public key with its deposit, so a masked input is refused when
+the coordinator's key table names a key the client did not send (with its own
+keys in the table the coordinator would know every pair mask). Signatures and
+the consistency round (Bonawitz et al. 2017, sec. 4.3) are not implemented:
+per-client weights and the choice of survivors remain the coordinator's.
 """
 
 from __future__ import annotations
@@ -84,6 +91,7 @@ class _Round:
     ids: list = field(default_factory=list)  # U1, in share order (x = index + 1)
     publics: dict = field(default_factory=dict)
     held: dict = field(default_factory=dict)  # peer id -> (share of its sk, share of its b)
+    deposited_keys: dict = field(default_factory=dict)  # peer id -> the public key it sent with its shares
     masked_with: Optional[list] = None  # U2, once the masked input was sent
     coordinator: str = ""  # the user who advertised the round (owns it)
 
@@ -152,6 +160,10 @@ def _share_keys(worker: Any, tag: int, ids: list, publics: torch.Tensor) -> None
     ids = _id_list(ids, "ids")
     if state.ids or worker.id not in ids or not state.threshold <= len(ids) <= state.n:
         raise RemoteExecutionError("share_keys: a fresh round needs this worker in at least threshold ids")
+    if 2 * state.threshold <= len(ids):  # two disjoint sets of t clients would let a coordinator that tells
+        # them different dropouts collect both a client's self-mask seed and its key (Bonawitz et al. 2017)
+        raise RemoteExecutionError(f"share_keys: the threshold {state.threshold} must be a majority of the "
+                                   f"{len(ids)} clients")
     if not isinstance(publics, torch.Tensor) or publics.shape != (len(ids), 32):
         raise RemoteExecutionError("share_keys: one 32-byte public key per id")
     state.publics = {i: sc.tensor_bytes(row) for i, row in zip(ids, publics)}
@@ -167,24 +179,34 @@ def _share_keys(worker: Any, tag: int, ids: list, publics: torch.Tensor) -> None
             continue
         try:
             peer = worker.resolve_worker(peer_id)
-            worker.send_msg(CommandMessage("veil.secagg.deposit", (tag, state.coordinator, worker.id, *shares),
-                                           {}, [], False), peer)
+            worker.send_msg(CommandMessage("veil.secagg.deposit", (tag, state.coordinator, worker.id, *shares,
+                                                                   sc.bytes_tensor(state.public)), {}, [], False), peer)
         except _FAILURES:
             pass  # that peer is gone: it will lack shares and drop out at masked_input
 
 
 def _deposit(worker: Any, tag: int, coordinator: str, sender: str, sk_share: torch.Tensor,
-             b_share: torch.Tensor) -> None:
+             b_share: torch.Tensor, public: Optional[torch.Tensor] = None) -> None:
     principal = _principal(worker)
     state = _rounds(worker).get((coordinator, tag)) if type(tag) is int and isinstance(coordinator, str) else None
     if principal.isolated and not principal.is_peer:  # a scientist session: only peer workers hand over shares
         raise _refuse(worker, principal, repr(tag), "deposit from a non-peer session")
+    if principal.isolated and sender != principal.user:  # a peer deposits as itself only (its link proved who)
+        raise _refuse(worker, principal, repr(tag), f"deposit by peer {principal.user!r} in the name of {sender!r}")
     if state is None:
         raise RemoteExecutionError(f"no secure-aggregation round {tag!r} on worker {worker.id!r}")
-    if not isinstance(sender, str) or sender in state.held or (state.ids and sender not in state.ids):
+    if not isinstance(sender, str) or sender in state.held or (state.ids and sender not in state.ids) \
+            or len(state.held) >= state.n:
         raise RemoteExecutionError("deposit: unknown or repeated sender for this round")
+    try:
+        key = sc.tensor_bytes(public) if isinstance(public, torch.Tensor) else None
+    except ValueError:
+        key = None
+    if key is None:
+        raise RemoteExecutionError("deposit: the sender's 32-byte public key expected")
     sc.from_tensor(sk_share), sc.from_tensor(b_share)  # validates the format
     state.held[sender] = (sk_share.clone(), b_share.clone())
+    state.deposited_keys[sender] = key
 
 
 def _mask(state: _Round, me: str, others: list, n: int, tag: int) -> torch.Tensor:
@@ -204,6 +226,11 @@ def _masked_input(worker: Any, tag: int, survivors: list, state_tensors: list, w
         raise RemoteExecutionError("masked_input: refused (sent before, or shares missing from a survivor)")
     if type(weight) not in (int, float) or not all(isinstance(t, torch.Tensor) for t in state_tensors):
         raise RemoteExecutionError("masked_input: state tensors and a numeric weight expected")
+    if any(state.deposited_keys.get(v) != state.publics[v] for v in survivors if v != worker.id):
+        # the coordinator's table must carry the keys the clients sent themselves: with its own keys in
+        # the table it would know every pair mask of this client, and so its input
+        raise RemoteExecutionError("masked_input: refused (a public key in the coordinator's table is not the "
+                                   "one its client deposited)")
     loss = 0.0
     if isinstance(losses, torch.Tensor) and losses.numel():
         loss = float(losses.detach().to(torch.float64).mean())

@@ -40,6 +40,8 @@ ones a ``client`` token may send (``websocket_auth.CLIENT_REQUESTS``).
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import threading
 import time
 import weakref
@@ -96,6 +98,14 @@ class _Service:
     held: dict = field(default_factory=dict)  # request id -> its claimed input share (for requeue)
     closed: bool = False
     reason: str = "the model owner stopped the service"
+    #: keys the opaque label ``pending`` shows for each submitting session (its batch group)
+    group_key: bytes = field(default_factory=lambda: secrets.token_bytes(16))
+
+
+def _group(svc: _Service, session: str) -> str:
+    """A label the owner may batch by: equal for one submitting session's requests, unlinkable to the session
+    (and across parties, each keying its own)."""
+    return hashlib.blake2b(session.encode(), key=svc.group_key, digest_size=8).hexdigest()
 
 
 #: worker -> service name -> state (weak: an in-process worker's services go with it)
@@ -179,7 +189,7 @@ def _news(reply: list, known: "frozenset | None") -> bool:
     """Whether a reply is worth answering before the wait ends (anything, or a pending id not known)."""
     if known is None:
         return bool(reply)
-    return any(r not in known for r, _ in reply)
+    return any(r not in known for r, *_ in reply)
 
 
 # ----------------------------------------------------------------- owner actions
@@ -200,13 +210,21 @@ def _open(worker: Any, name: str, user: str, session: str, args: list) -> list:
     return []
 
 
+def _claims_left(worker: Any, user: str) -> bool:
+    """Whether a service of ``user`` on this worker still computes a claimed batch (its session stays tainted
+    until none does: one service's respond must not lift what another's batch needs)."""
+    return any(svc.claimed for svc in _SERVICES.get(worker, {}).values() if svc.owner == user)
+
+
 def _pending(worker: Any, name: str, user: str, session: str, args: list) -> list:
-    """[[request id, batch size], ...]: the owner computes only requests whose parties agree.
+    """[[request id, batch size, batch group], ...]: the owner computes only requests whose parties agree,
+    and batches together only requests of one group (one client session: :func:`_claim`).
 
     ``args`` (after the wait) may name the ids the owner already knows are incomplete: a waiting
     pending answers early only for others (see :func:`_known_ids`), so a request submitted to some
     parties only does not turn the owner's wait into a poll."""
-    return [[r, int(share.shape[0])] for r, (_, share) in _listed(_owned(worker, name, user)).items()]
+    svc = _owned(worker, name, user)
+    return [[r, int(share.shape[0]), _group(svc, sub)] for r, (sub, share) in _listed(svc).items()]
 
 
 def _claim(worker: Any, name: str, user: str, session: str, args: list) -> list:
@@ -219,6 +237,10 @@ def _claim(worker: Any, name: str, user: str, session: str, args: list) -> list:
     if missing:
         raise RequestGoneError(f"worker {worker.id!r} has no pending request {missing[:1]}")
     taken = [listed[r] for r in rids]
+    if len({sub for sub, _ in taken}) > 1:
+        # the owner computes any function of a batch and splits it as it likes: with requests of two clients in
+        # one batch, a client session of its own could be handed another client's input
+        raise ServingError("claim: a batch holds the requests of one client session (see the group pending shows)")
     for r, (sub, share) in zip(rids, taken):
         del svc.pending[(sub, r)]
         svc.claimed[r] = sub
@@ -245,7 +267,7 @@ def _respond(worker: Any, name: str, user: str, session: str, args: list) -> lis
         if sub is not None:
             svc.outputs[(sub, r)] = piece.clone()
     worker.monitor.discard(worker.principal(session), ref.id)  # the owner keeps no handle on output shares
-    if not svc.claimed:
+    if not _claims_left(worker, user):
         worker.monitor.untaint(worker.principal(session))
     _changed()
     return []
@@ -263,7 +285,7 @@ def _fail(worker: Any, name: str, user: str, session: str, args: list) -> list:
             del svc.pending[(sub, r)]
         if sub is not None:
             svc.outputs[(sub, r)] = message
-    if not svc.claimed:
+    if not _claims_left(worker, user):
         worker.monitor.untaint(worker.principal(session))
     _changed()
     return []
@@ -280,7 +302,7 @@ def _requeue(worker: Any, name: str, user: str, session: str, args: list) -> lis
         if sub is not None and share is not None:
             svc.pending[(sub, r)] = share
             svc.pending.move_to_end((sub, r), last=False)
-    if not svc.claimed:
+    if not _claims_left(worker, user):
         worker.monitor.untaint(worker.principal(session))
     _changed()
     return []

@@ -3,7 +3,9 @@
 ``model.share(cluster)`` encodes the model in fixed precision and
 secret-shares it on the cluster's parties (the crypto provider deals the
 multiplication material). ``model.serve(num_requests=...)`` then loops:
-list the requests pending on every party, claim a batch of them (each party
+list the requests pending on every party, claim a batch of them (one client
+connection's requests: each request comes with an opaque label per party of the
+connection that sent it, and the parties refuse a mixed claim; each party
 concatenates its input shares into one object of this session), run the
 model on the shared batch through pointers, and hand each party's output
 share back to the queue for the requesting client. The owner's process holds
@@ -222,23 +224,29 @@ class ModelService:
         started = time.monotonic()
         known = self._known if len(self._known) == len(self.parties) else [[] for _ in self.parties]
         listings = self._call_all("pending", [[wait, k] for k in known])  # one round to every party
+        groups: dict[int, list[str]] = {}
         for listed in listings:  # a request is ready once every party has its share, of one batch size
-            for rid, size in listed:
+            for rid, size, group in listed:
                 sizes.setdefault(rid, []).append(size)
+                groups.setdefault(rid, []).append(group)
         n = len(self.parties)
         complete = {r: s for r, s in sizes.items() if len(s) == n}
         self._waited = wait > 0 and not complete and time.monotonic() - started >= wait / 2
         self._fail_malformed(sizes, complete)
-        self._known = [[r for r, _ in listed if r in self._partial] for listed in listings]
-        rids, rows, full = [], 0, False
+        self._known = [[r for r, *_ in listed if r in self._partial] for listed in listings]
+        rids, rows, full, batch_group = [], 0, False, None
         for r, s in complete.items():  # in queue order, up to max_batch requests and max_rows rows
             if len(set(s)) != 1 or s[0] > self.max_rows:
                 continue  # failed above
+            if batch_group is not None and groups[r] != batch_group:
+                full = True  # one client session per batch (the parties refuse a mixed claim): this one waits
+                continue
             if len(rids) == max_batch or rows + s[0] > self.max_rows:
                 full = True
                 break
             rids.append(r)
             rows += s[0]
+            batch_group = groups[r]
         if not rids or self._lingers(len(rids), full or len(rids) >= max_batch, linger):
             return 0
         try:
