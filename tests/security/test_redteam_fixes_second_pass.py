@@ -3,7 +3,9 @@
 oblivious Paillier operand of ``veil.he.op``. Every request goes through a network worker's authenticated
 request path in process (``server_sessions.py``).
 
-Holes (strict xfails):
+Holes a session-45 attacker found (strict xfails then, fixed the same session: plaintexts from owner data
+encoded at the dtype's default exponent, CKKS ones clamped to a bound the context must encode, the same for
+``encrypt_state``, and a ``veil.plan.run`` result charged what its graph saved, ``output_bounds.KEEPS_GRAPH``):
 - a Paillier product with an owner plaintext gets a *value-dependent* exponent (``paillier._plain_exponent``);
   the new ``MAX_EXPONENT_SHIFT`` check on the next op turns it into a success/failure oracle on review data;
 - CKKS ops on an owner plaintext still fail on its values ("encoded values are too large"): the oblivious
@@ -53,8 +55,6 @@ def _oracle_outcomes(w: W, make_operand, probe) -> list[str]:
 
 # ------------------------------------------------------------------------------------------- HE holes
 
-@pytest.mark.xfail(strict=True, reason="HOLE: Paillier result exponent depends on owner plaintext values; "
-                                       "the <=64 exponent-shift refusal of the next op is an oracle")
 def test_paillier_exponent_of_an_owner_plaintext_is_no_oracle(hook):
     w = W(hook)
     pub, _ = sy.he.paillier.keygen(n_length=512)
@@ -71,8 +71,6 @@ def test_paillier_exponent_of_an_owner_plaintext_is_no_oracle(hook):
     assert outcomes[0] == outcomes[1], f"'any d1 > t' answered by success/failure: {outcomes}"
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: CKKS op on an owner plaintext fails by value "
-                                       "('encoded values are too large'): threshold oracle on review data")
 def test_ckks_op_on_an_owner_plaintext_is_no_oracle(hook):
     from veil.he import ckks_wire
 
@@ -91,8 +89,6 @@ def test_ckks_op_on_an_owner_plaintext_is_no_oracle(hook):
     assert outcomes[0] == outcomes[1], f"'any d1 > t' answered by success/failure: {outcomes}"
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: veil.fl.encrypt_state of owner-derived state overflows a "
-                                       "requester-chosen Paillier key by value: threshold oracle")
 def test_encrypt_state_of_review_data_is_no_oracle(hook):
     w = W(hook)
     pub, _ = sy.he.paillier.keygen(n_length=512)
@@ -135,8 +131,6 @@ class Chain(nn.Module):
         return (self.w * x).exp().exp().exp().exp().sum(0, keepdim=True)
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: veil.plan.run's result keeps the plan's intermediates in its "
-                                       "autograd graph, charged to nobody (40 MiB under a 16 MiB quota)")
 def test_plan_run_graph_intermediates_stay_within_the_quota(hook):
     quota, n = 16 << 20, 1 << 18
     srv = quota_worker(hook, "rt-fx-plan-graph", TOKEN, quota)

@@ -16,7 +16,10 @@ from __future__ import annotations
 import functools
 import os
 import secrets
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Iterator
 
 import gmpy2
 import numpy as np
@@ -76,10 +79,28 @@ def _obfuscators(count: int, kp: _KeyParams) -> list:
     return powmod_list(rs, kp.n, kp.nsq)
 
 
+#: set while an operation's plaintext comes from the owner's data (``veil.he.remote``): its exponent is then the
+#: dtype's default, never one read from its values (a result's exponent is visible in what the op allows next)
+_FIXED_PLAIN_EXPONENT: ContextVar[bool] = ContextVar("veil_he_fixed_plain_exponent", default=False)
+
+
+@contextmanager
+def value_free_encoding() -> Iterator[None]:
+    """Plaintexts in this block are encoded at their dtype's default exponent, whatever their values."""
+    token = _FIXED_PLAIN_EXPONENT.set(True)
+    try:
+        yield
+    finally:
+        _FIXED_PLAIN_EXPONENT.reset(token)
+
+
 def _plain_exponent(t: torch.Tensor) -> int:
-    """Largest exponent (<= 0, >= default) that represents the plaintext ``t`` exactly."""
+    """Largest exponent (<= 0, >= default) that represents the plaintext ``t`` exactly (the default in a
+    :func:`value_free_encoding` block)."""
     if not t.is_floating_point():
         return 0
+    if _FIXED_PLAIN_EXPONENT.get():
+        return enc.DEFAULT_FLOAT_EXPONENT
     x = t.to(torch.float64).numpy()
     for e in range(0, enc.DEFAULT_FLOAT_EXPONENT, -1):
         scaled = np.ldexp(x, -enc.LOG2_BASE * e)

@@ -9,6 +9,7 @@ back to its owner, who decrypts it locally.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import phe
@@ -19,7 +20,7 @@ from veil.he import _paillier_encoding as enc
 from veil.he import ckks_wire, wire
 from veil.he.ckks import CKKSContext, CKKSTensor
 from veil.he.errors import HEError
-from veil.he.paillier import PaillierTensor
+from veil.he.paillier import PaillierTensor, value_free_encoding
 from veil.ids import new_id
 from veil.messaging import serde
 from veil.messaging.allowlist import ALLOWLIST, register_worker_function
@@ -111,17 +112,21 @@ def _he_op(worker: Any, name: str, a: Any, b: Any, out_id: int) -> None:
         raise RemoteExecutionError(f"encrypted operation {name!r} is not supported")
     if not isinstance(a, (PaillierTensor, CKKSTensor)):
         raise RemoteExecutionError(f"{name}: left operand is not a ciphertext")
+    value_free = isinstance(b, torch.Tensor) and worker.monitor.request_reads_owner_data()
     if isinstance(a, PaillierTensor):
-        b = _paillier_operand(worker, name, a, b)
+        b = _paillier_operand(worker, name, a, b, value_free)
+    elif value_free:
+        b = _ckks_plaintext(name, a, b)
     cancellation.checkpoint()  # (the deadline, and a disconnect, before the work)
     try:
-        result = op(a, b)
+        with value_free_encoding() if value_free else contextlib.nullcontext():
+            result = op(a, b)
     except HEError as e:
         raise RemoteExecutionError(f"encrypted {name} refused: {type(e).__name__}: {e}") from e
     worker.monitor.store_output(out_id, result)
 
 
-def _paillier_operand(worker: Any, name: str, a: PaillierTensor, b: Any) -> Any:
+def _paillier_operand(worker: Any, name: str, a: PaillierTensor, b: Any, value_free: bool) -> Any:
     """Checks a Paillier op before it runs: the exponents it would bridge, the room its result needs under a
     session quota, and, for a plaintext computed from the owner's data, encoding that no value can fail
     (success or ``EncodingOverflowError`` was a threshold oracle on data under review, with a key the
@@ -149,7 +154,7 @@ def _paillier_operand(worker: Any, name: str, a: PaillierTensor, b: Any) -> Any:
     if principal is not None and monitor.max_session_bytes is not None:
         per = 2 * a.public_key.n.bit_length() // 8 + 32
         monitor.check_room(principal, count * per, "veil.he.op")
-    if isinstance(b, torch.Tensor) and monitor.request_reads_owner_data():
+    if value_free:
         b = _oblivious_plaintext(name, a, b)
     return b
 
@@ -172,6 +177,27 @@ def _oblivious_plaintext(name: str, a: PaillierTensor, b: torch.Tensor) -> torch
         raise RemoteExecutionError(
             f"encrypted {name} refused: a {str(b.dtype).replace('torch.', '')} plaintext computed from the owner's "
             f"data could overflow this {a.public_key.n.bit_length()}-bit key (use a larger key or a narrower dtype)")
+    return b
+
+
+#: a CKKS plaintext computed from the owner's data is clamped to this magnitude (its non-finite entries become
+#: 0), and the op runs only on a context that encodes it: failure then depends on the context, never on values
+CKKS_PLAIN_BOUND = float(2 ** 24)
+
+
+def _ckks_plaintext(name: str, a: CKKSTensor, b: torch.Tensor) -> torch.Tensor:
+    """A CKKS plaintext from the owner's data, made value-free (``encoded values are too large`` or a NaN
+    was a threshold oracle on data under review)."""
+    if b.is_complex():
+        raise RemoteExecutionError(f"encrypted {name} refused: complex plaintexts are not supported")
+    b = torch.nan_to_num(b.detach().to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    b = b.clamp_(-CKKS_PLAIN_BOUND, CKKS_PLAIN_BOUND)
+    try:  # the bound itself, on one segment (a public value): the context decides, once per op
+        a.segments[0].mul(CKKS_PLAIN_BOUND) if a.segments else None
+    except Exception:  # noqa: BLE001 - TenSEAL's encoding error for this context and level
+        raise RemoteExecutionError(f"encrypted {name} refused: this CKKS context cannot encode plaintexts up to "
+                                   f"{CKKS_PLAIN_BOUND:.0f}, the range a plaintext from the owner's data is "
+                                   "clamped to") from None
     return b
 
 

@@ -118,6 +118,7 @@ def _load_state(worker: Any, state: list, values: list) -> None:
 
 
 register_worker_function("veil.plan.run", _run)
+output_bounds.KEEPS_GRAPH.add("veil.plan.run")  # its result's graph keeps the plan's intermediates
 register_worker_function("veil.plan.fit", _fit)
 register_worker_function("veil.plan.load_state", _load_state, shapes="none")
 _LOAD, _FIT = ALLOWLIST.by_name("veil.plan.load_state").name, ALLOWLIST.by_name("veil.plan.fit").name

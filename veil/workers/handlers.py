@@ -128,13 +128,14 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
     grad_before = _is_grad_enabled()
     # under a quota, what a tracked op's graph keeps beside its inputs and results is charged to it
     saves = output_bounds.GraphSaves() if (grad and monitor.max_session_bytes is not None and principal.isolated
-                                           and not op.worker_function) else None
+                                           and (not op.worker_function or name in output_bounds.KEEPS_GRAPH)) \
+        else None
     graph_hooks = saves.hooks() if saves is not None else _NO_GUARD
     try:
         if grad is not grad_before:
             _set_grad_enabled(grad)
         if op.worker_function:  # it may store outputs itself (monitor.store_output): tell it who asked
-            with monitor.running(principal, entries, name), oblivious_guard or _NO_GUARD:
+            with monitor.running(principal, entries, name), oblivious_guard or _NO_GUARD, graph_hooks:
                 result = op.func(worker, *args, **kwargs)
         elif oblivious_guard is not None:  # secret inputs: no value-dependent shape, failure or Python value
             with oblivious_guard, owner_guard.refuse_writes(name, protected, worker.id), graph_hooks:

@@ -341,6 +341,11 @@ class Budget:
         self.held += check(self.monitor, self.principal, name, func, args, kwargs, self.held)
 
 
+#: worker functions whose results may carry the autograd graph of many ops (a plan's forward run): what
+#: their graphs save is charged to their first result, as for a torch op (filled by the modules)
+KEEPS_GRAPH: set[str] = set()
+
+
 class GraphSaves:
     """What the autograd graph of one command saves beside its inputs and results (``cross_entropy`` keeps
     its log-softmax): recorded while the op runs (``torch.autograd.graph.saved_tensors_hooks``) and charged
