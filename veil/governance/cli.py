@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -41,20 +42,31 @@ def _when(ts: Any) -> str:
     return "-" if not ts else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
+#: control characters (C0, DEL, C1) and Unicode's bidirectional overrides, shown escaped: a scientist's
+#: reason or plan name must not forge lines or hide the real ones on the owner's terminal
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def shown(value: object) -> str:
+    """``value`` as text safe for the owner's terminal: one line, no escape sequences."""
+    return _UNPRINTABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", str(value))
+
+
 def print_request(r: dict) -> None:
     from veil.governance.graphtext import render_graph
 
-    print(f"request  {r['id']}  [{r['state']}]")
-    print(f"user     {r['principal']} (session {r['session']})  filed {_when(r['ts'])}")
-    print(f"object   {r['object_id']}  shape {r['shape']} {r['dtype']}")
-    print(f"reason   {r['reason'] or '(none given)'}")
+    print(f"request  {shown(r['id'])}  [{shown(r['state'])}]")
+    print(f"user     {shown(r['principal'])} (session {shown(r['session'])})  filed {_when(r['ts'])}")
+    print(f"object   {r['object_id']}  shape {shown(r['shape'])} {shown(r['dtype'])}")
+    print(f"reason   {shown(r['reason'] or '(none given)')}")
     if r.get("decided_ts"):
-        print(f"decided  {_when(r['decided_ts'])} by {r['decided_by']}" + (f": {r['message']}" if r['message'] else ""))
+        print(f"decided  {_when(r['decided_ts'])} by {shown(r['decided_by'])}"
+              + (f": {shown(r['message'])}" if r['message'] else ""))
     if "preview" in r:
-        print(f"preview  {r['preview']}")
+        print(f"preview  {shown(r['preview'])}")
     print("computation:")
     for line in render_graph(r["graph"], r["root"]):
-        print(f"  {line}")
+        print(f"  {shown(line)}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,13 +100,14 @@ def run(args: argparse.Namespace) -> int:
         if not found:
             print("no requests" + (f" in state {args.state}" if args.state else ""))
         for r in found:
-            reason = (r["reason"] or "-").replace("\n", " ")[:50]
-            print(f"{r['id']}  {r['state']:<8}  {r['principal']:<12}  {_when(r['ts'])}  "
-                  f"{str(r['shape']):<12} {r['dtype']:<8}  {reason}")
+            reason = shown((r["reason"] or "-").replace("\n", " "))[:50]
+            print(f"{shown(r['id'])}  {shown(r['state']):<8}  {shown(r['principal']):<12}  {_when(r['ts'])}  "
+                  f"{shown(r['shape']):<12} {shown(r['dtype']):<8}  {reason}")
         return 0
     if args.action == "show":
         print_request(found[0])
         return 0
     r = found[0]
-    print(f"{r['id']} {r['state']} for {r['principal']}" + (f": {r['message']}" if r["message"] else ""))
+    print(f"{shown(r['id'])} {shown(r['state'])} for {shown(r['principal'])}"
+          + (f": {shown(r['message'])}" if r["message"] else ""))
     return 0

@@ -79,14 +79,33 @@ def _describe_arg(value: Any) -> str:
     return text if len(text) <= 24 else text[:21] + "..."
 
 
+#: plan ops listed in a request's graph; a longer plan's listing says how many more there are
+MAX_PLAN_STEPS = 200
+#: characters of a plan's name kept in a request's graph (the name is the requester's string)
+MAX_PLAN_NAME = 64
+
+
 def plan_steps(spec: Any) -> list[str]:
-    """A plan's ops, one readable line each (``s5 = torch.nn.functional.linear(s0, s1, s2)``)."""
-    lines = []
-    for op in getattr(spec, "ops", [])[:200]:
+    """A plan's ops, one readable line each (``s5 = torch.nn.functional.linear(s0, s1, s2)``), then what it
+    returns. Of a plan longer than :data:`MAX_PLAN_STEPS`, its first and last ops, and a line saying how many
+    are not shown between them (the owner must never take a part for the whole computation)."""
+    ops = list(getattr(spec, "ops", []))
+
+    def line(op: Any) -> str:
         outs = ", ".join(f"s{s}" for s in op.out_slots if s >= 0) or "_"
         args = ", ".join(_describe_arg(a) for a in op.args)
         kw = ", ".join(f"{k}={_describe_arg(v)}" for k, v in op.kwargs.items())
-        lines.append(f"{outs} = {op.op}({', '.join(x for x in (args, kw) if x)})")
+        return f"{outs} = {op.op}({', '.join(x for x in (args, kw) if x)})"
+
+    if len(ops) <= MAX_PLAN_STEPS:
+        lines = [line(op) for op in ops]
+    else:  # the first and the last ops (those that make the result), and how many are left out between
+        half = MAX_PLAN_STEPS // 2
+        lines = [line(op) for op in ops[:half]]
+        lines.append(f"... {len(ops) - 2 * half} ops not shown (the plan has {len(ops)}): review the plan "
+                     "itself before approving, or deny")
+        lines += [line(op) for op in ops[-half:]]
+    lines.append(f"return {_describe_arg(getattr(spec, 'outputs', None))}")
     return lines
 
 
@@ -133,8 +152,9 @@ def lineage_of(op_name: str, args: tuple, inputs: dict, entries: dict, kwargs: d
     node: dict = {"op": op_name, "inputs": roots, "args": _args_text(args, kwargs or {}, inputs)}
     if op_name in ("veil.plan.run", "veil.plan.fit") and args:
         spec = args[0]
-        node["label"] = f"plan {getattr(spec, 'name', '?')!r}"
+        node["label"] = f"plan {str(getattr(spec, 'name', '?'))[:MAX_PLAN_NAME]!r}"
         node["plan"] = plan_steps(spec)
+        node["plan_ops"] = len(getattr(spec, "ops", []))
     return Lineage(sources, graph, node)
 
 

@@ -132,6 +132,10 @@ class ReviewQueue:
     def pending(self) -> list[ReleaseRequest]:
         return self.list("pending")
 
+    def count(self, state: str) -> int:
+        """How many requests are in ``state`` (without reading them: the console's badge on every page)."""
+        return int(db_execute(self.db, "SELECT COUNT(*) FROM release_requests WHERE state = ?", (state,))[0][0])
+
     def get(self, request_id: str) -> ReleaseRequest:
         found = self._rows("WHERE id = ?", (str(request_id),), 1) if isinstance(request_id, str) else []
         if not found:
@@ -187,7 +191,10 @@ class ReviewQueue:
         return req
 
     def update_reason(self, request_id: str, reason: str) -> None:
-        db_execute(self.db, "UPDATE release_requests SET reason = ? WHERE id = ?", (str(reason)[:2000], request_id))
+        """Gives a request filed without a reason its reason. Once given it stays: the owner decides on what
+        they read, and the record must keep it (a later reason was written over the one the owner saw)."""
+        db_execute(self.db, "UPDATE release_requests SET reason = ? WHERE id = ? AND reason = ''",
+                   (str(reason)[:2000], request_id))
 
     def _decide(self, request_id: str, state: str, by: str, message: str) -> ReleaseRequest:
         with governance(self.worker).lock:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from urllib.parse import parse_qsl
 from typing import Any, Awaitable, Callable
 
 from starlette.applications import Starlette
@@ -24,6 +25,8 @@ from veil.governance.requests import STATES, ReviewQueue
 from veil.governance.state import POLICIES
 
 HERE = Path(__file__).parent
+#: the largest form the console reads (its forms carry a token, an id, a policy or a short message)
+MAX_FORM_BYTES = 16 * 1024
 SECURITY_HEADERS = {
     "content-security-policy": "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:; "
                                "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
@@ -66,7 +69,7 @@ def build_app(worker: Any, allowed_hosts: list[str]) -> Any:
     def render(request: Request, session: ConsoleSession | None, name: str, **ctx: Any) -> Response:
         pending = 0
         if session is not None:
-            pending = len(ReviewQueue(worker).pending())
+            pending = ReviewQueue(worker).count("pending")
         return templates.TemplateResponse(request, name, {"worker": worker, "session": session,
                                                           "pending_count": pending, **ctx})
 
@@ -75,6 +78,28 @@ def build_app(worker: Any, allowed_hosts: list[str]) -> Any:
         if origin is None:  # not a browser form post; the CSRF token still has to match
             return True
         return origin == f"{request.url.scheme}://{request.headers.get('host', '')}"
+
+    async def bounded_form(request: Request) -> "dict | Response":
+        """A posted form, read only once the request is same-origin and at most MAX_FORM_BYTES long (a
+        cross-site page could make the owner's browser post hundreds of MiB, parsed before any check)."""
+        if not same_origin(request):
+            return PlainTextResponse("cross-site request refused\n", status_code=403)
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > MAX_FORM_BYTES):
+            return PlainTextResponse("form too large\n", status_code=413)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_FORM_BYTES:
+                return PlainTextResponse("form too large\n", status_code=413)
+        try:
+            pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=32)
+        except (UnicodeDecodeError, ValueError):
+            return PlainTextResponse("malformed form\n", status_code=400)
+        form: dict = {}
+        for key, value in pairs:
+            form.setdefault(key, value)
+        return form
 
     def page(method_post: bool = False) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
         def deco(fn: Handler) -> Callable[[Request], Awaitable[Response]]:
@@ -85,8 +110,10 @@ def build_app(worker: Any, allowed_hosts: list[str]) -> Any:
                         return PlainTextResponse("log in first\n", status_code=403)
                     return RedirectResponse("/login", status_code=303)
                 if method_post:
-                    form = await request.form()
-                    if not same_origin(request) or not auth.csrf_ok(session, form.get("csrf")):
+                    form = await bounded_form(request)
+                    if isinstance(form, Response):
+                        return form
+                    if not auth.csrf_ok(session, form.get("csrf")):
                         return PlainTextResponse("cross-site request refused\n", status_code=403)
                     request.state.form = form
                 try:
@@ -108,7 +135,9 @@ def build_app(worker: Any, allowed_hosts: list[str]) -> Any:
         return resp
 
     async def login(request: Request) -> Response:
-        form = await request.form()
+        form = await bounded_form(request)
+        if isinstance(form, Response):
+            return form
         cookie = request.cookies.get(LOGIN_COOKIE, "")
         field = form.get("login_csrf", "")
         import hmac

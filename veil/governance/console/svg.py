@@ -41,11 +41,13 @@ def graph_svg(graph: dict, root: str) -> Markup:
         x, y = pos[n["name"]]
         kind = "src" if n["op"] == "dataset" else "inp" if n["op"] == "input" else "root" if n["is_root"] else "op"
         title = n.get("label") if n["op"] in ("dataset", "input") else n["op"].rsplit(".", 1)[-1]
-        if n.get("plan"):
-            title = f"{n.get('label', 'plan')} ({len(n['plan'])} ops)"
+        count = f" ({n.get('plan_ops', len(n['plan']))} ops)" if n.get("plan") else ""  # (never cut off)
+        if count:
+            title = n.get("label", "plan")
         title = str(title or "")
-        if len(title) > 28:
-            title = title[:27] + "\u2026"
+        if len(title) + len(count) > 28:
+            title = title[:27 - len(count)] + "\u2026"
+        title += count
         sub = f"{n['name']}  {n.get('shape', [])} {n.get('dtype', '')}"
         parts.append(f'<g class="node {kind}"><title>{escape(n["op"])} {escape(n.get("args", ""))}</title>'
                      f'<rect x="{x}" y="{y}" width="{_W}" height="{_H}" rx="6"/>'
