@@ -483,10 +483,13 @@ class ReferenceMonitor(QuotaRules, OpeningRules):
         if removed is None:
             return False
         if (self.max_session_bytes is not None and principal.isolated and not principal.is_peer
-                and isinstance(removed.obj, _TENSOR) and removed.nbytes):
-            # a tensor may outlive its name: an autograd graph of a result computed from it saved it (tracked
-            # or not: ``x * w`` keeps ``x`` for ``w``'s gradient), or another id names the same object. It
-            # stays charged until it is freed (when nothing else holds it, as soon as ``removed`` goes: now)
+                and isinstance(removed.obj, _TENSOR) and removed.nbytes
+                and (removed.obj.requires_grad or removed.meta.get("graph_saved"))):
+            # a tensor in an autograd graph may outlive its name: a result computed from it keeps it (tracked,
+            # or saved by a tracked op: ``x * w`` keeps ``x`` for ``w``'s gradient, GraphSaves marks it). It
+            # stays charged until it is freed (when nothing else holds it, as soon as ``removed`` goes: now).
+            # Only then: an exception's traceback cycle holding some other deleted tensor until the next
+            # garbage collection would keep it charged meanwhile.
             self._store.linger(self.__key, principal.namespace, removed.nbytes, removed.obj)
         return True
 

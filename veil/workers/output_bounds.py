@@ -363,6 +363,14 @@ class GraphSaves:
     def hooks(self) -> Any:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, _unpacked)
 
+    def mark_saved_inputs(self, entries: list) -> None:
+        """Marks the stored inputs the graph saved (``meta["graph_saved"]``): deleted, they stay charged while
+        the graph holds them (``ReferenceMonitor.discard``), tracked or not (``x * w`` keeps ``x``)."""
+        for e in entries:
+            obj = e.obj
+            if type(obj) is torch.Tensor and obj.untyped_storage().data_ptr() in self.storages:
+                e.meta["graph_saved"] = True
+
     def extra(self, args: Any, kwargs: dict, result: Any) -> int:
         """Bytes of the saved storages that are neither an input's nor a result's."""
         if not self.storages:
