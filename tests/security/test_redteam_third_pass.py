@@ -1,6 +1,7 @@
 """Red team, third pass over the session-45 fixes (74412d1 serving/secure aggregation, d726714 HE).
 
-HOLE (strict xfails): "a claimed batch holds one client connection's requests" is bypassed by claiming the
+Was a HOLE (strict xfails until fixed the same session: ``dealt.mask_error`` now refuses a mask whose item is
+already bound wider than what the opening protects): "a claimed batch holds one client connection's requests" is bypassed by claiming the
 victim's batch and a colluding client's batch as two claims. The owner's session taint is the *union* of the
 claims' clients (``monitor.taint``), a dealt triple used in a *failing* command is bound to that taint but not
 spent (``handlers._owner_checks`` binds before the op runs; ``spend_dealt`` only after success), and
@@ -132,16 +133,12 @@ def _still_serves(model, cluster, client_for):
         model.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: two claims (victim's, mole's) union the owner's taint; a triple bound "
-                                       "to it by a failing command masks the victim's input, x*1 goes to the mole")
 def test_two_claims_do_not_hand_a_victims_input_to_a_colluding_client(cluster, client_for):
     model, stolen = _steal(cluster, "rt3-two-claims", sequential=False)
     _still_serves(model, cluster, client_for)
     assert stolen is None or not torch.equal(stolen, SECRET), f"mole reconstructed the victim's input {stolen}"
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: a dealt item bound to {mole} (failing command under the mole's claim) "
-                                       "masks the victim's input later; one claim at a time suffices")
 def test_one_claim_at_a_time_does_not_hand_a_victims_input_to_a_colluding_client(cluster, client_for):
     model, stolen = _steal(cluster, "rt3-sequential", sequential=True)
     _still_serves(model, cluster, client_for)

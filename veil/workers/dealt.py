@@ -150,8 +150,8 @@ def sources_of(entry: Entry) -> list[Entry]:
             if other.meta.get("mask") and (sources is None or other.meta.get("field") in sources)]
 
 
-def mask_error(entry: Entry | None) -> str | None:
-    """Why ``entry`` may not mask a protected value in an opening (None: it may)."""
+def mask_error(entry: Entry | None, target: tuple | None = ()) -> str | None:
+    """Why ``entry`` may not mask a value protected for ``target`` in an opening (None: it may)."""
     if entry is None or entry.kind != Kind.DEALER:
         return "is not dealer material"
     if not entry.meta.get("mask"):
@@ -161,4 +161,8 @@ def mask_error(entry: Entry | None) -> str | None:
     item = entry.meta.get("item")
     if item is None or item.bound is None:
         return "belongs to dealt material already used for an unrestricted computation"
+    if item.bound is not UNBOUND and target is not None and not set(item.bound) <= set(target):
+        # bound to a wider audience by an earlier command (even a failed one): a product computed with its item
+        # could then be revealed to someone the opened value is not protected for (red team, third pass)
+        return "belongs to dealt material already bound to a computation revealable to others"
     return None

@@ -75,8 +75,9 @@ class OpeningRules:
         fixed = self._check_fixed(principal, name, found, ids)
         self._local.opened_masks = None
         if protecting:
-            self._local.opened_masks = self._check_masks(principal, name, found, ids)
-            dealt.bind_all(dealt_entries, dealt.strictest(protecting, None))
+            target = dealt.strictest(protecting, None)
+            self._local.opened_masks = self._check_masks(principal, name, found, ids, target)
+            dealt.bind_all(dealt_entries, target)
         elif dealt_entries:  # opened unmasked: the requester may know these items; they never mask a
             dealt.bind_all(dealt_entries, None)  # protected value (bound to the taint, r stayed a "fresh" mask)
         if fixed is not None:  # marked once every check passed (a refused opening consumes nothing)
@@ -111,8 +112,11 @@ class OpeningRules:
             raise self._refuse(PermissionDeniedError(error), "open", principal, ids)
         return entry
 
-    def _check_masks(self, principal: Principal, name: str, found: dict[int, Entry], ids: list) -> list:
-        """The mask tensors of an opening of protected values, in order (each checked, then marked used)."""
+    def _check_masks(self, principal: Principal, name: str, found: dict[int, Entry], ids: list,
+                     target: tuple | None) -> list:
+        """The mask tensors of an opening of protected values, in order (each checked, then marked used);
+        ``target``: what the opened values are protected for (a mask bound wider would let what is computed
+        with its item reach others)."""
         positions = OPENING_MASKS.get(name)
         raw = self._local.opening_refs or ()
         error = None
@@ -135,7 +139,7 @@ class OpeningRules:
                     break
                 for r in refs:
                     entry = found.get(r.id)
-                    why = dealt.mask_error(entry)
+                    why = dealt.mask_error(entry, target)
                     if why is None and id(entry) in seen:
                         why = "appears twice in one opening"
                     if why is not None:
