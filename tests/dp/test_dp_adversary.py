@@ -114,10 +114,10 @@ def test_a_plan_that_cannot_run_is_refused_on_a_dummy_input_before_touching_data
     assert sy.dp.remaining_budget(w) == (float("inf"), 0.5)
 
 
-def _query_worker(hook, name, d=13, **dp):
+def _query_worker(hook, name, d=13, policy=None, **dp):
     w = sy.VirtualWorker(hook, id=name)
     values = torch.rand(50, d) * 10
-    w.load(values, tags=("#table",), private=True)
+    w.load(values, tags=("#table",), private=True, **({"policy": policy} if policy else {}))
     w.enable_dp(budgets={"me": (100.0, 0.5)}, **dp)
     (ptr,) = w.search(["#table"])
     return w, ptr
@@ -185,8 +185,10 @@ def test_replayed_training_step_is_refused(hook):
 
 
 def test_hide_count_keeps_the_record_count_out_of_pointer_shapes(hook):
-    w, ptr = _query_worker(hook, "adv_hide", d=2, hide_count=True)
+    w, ptr = _query_worker(hook, "adv_hide", d=2, policy="dp-only", hide_count=True)
     assert tuple(ptr.shape) == (0, 2)  # the count is not in the shape (reported as 0 records)
+    w3, ptr3 = _query_worker(hook, "adv_hide_private", d=2, hide_count=True)
+    assert tuple(ptr3.shape) == (50, 2)  # merely private data: any result's shape would show it, so no claim
     w2, ptr2 = _query_worker(hook, "adv_show", d=2)
     assert tuple(ptr2.shape) == (50, 2)  # the default: the shape reveals the exact count (documented)
     c = sy.dp.remote_query(ptr, "count", epsilon=1.0)  # the count is released only with noise, charged

@@ -219,4 +219,4 @@ def _mark_dp_only(worker: Any, datasets: Any, hide_count: bool = False) -> None:
         if id(entry.obj) in tensors:
             entry.meta["dp_only"] = True
         if hide_count and (entry.protected or id(entry.obj) in tensors):
-            entry.meta["hide_count"] = True  # read by the shape descriptors (veil.workers.base)
+            entry.meta["hide_count"] = True  # read by the shape descriptors (handlers: DP-only entries only)

@@ -70,7 +70,10 @@ class FixedPointEncoding:
             raise ValueError(f"base must be >= 2, got {self.base}")
         if self.precision_fractional < 0:
             raise ValueError(f"precision_fractional must be >= 0, got {self.precision_fractional}")
-        if self.base**self.precision_fractional >= 2**62:
+        if type(self.base) is not int or type(self.precision_fractional) is not int:
+            raise ValueError("base and precision_fractional must be integers")
+        # (bounded before the power is computed: 3 ** (10 ** 9) is hours of CPU in one C call)
+        if self.precision_fractional * math.log2(self.base) >= 62 or self.base**self.precision_fractional >= 2**62:
             raise ValueError(
                 f"scale {self.base}^{self.precision_fractional} leaves no room in the 64-bit ring"
             )

@@ -99,7 +99,9 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
             if (xb.shape, yb.shape) not in sized_shapes:
                 sized_shapes.add((xb.shape, yb.shape))
                 sized = session_budget(worker)
-            losses.append(interpreter.run(compiled, [xb, yb, *extra], state, sized))
+            loss = interpreter.run(compiled, [xb, yb, *extra], state, sized)
+            # detached at once: a loss returned with its graph would keep every batch's saved inputs alive
+            losses.append(loss.detach() if isinstance(loss, torch.Tensor) else loss)
             if max_batches is not None and len(losses) >= max_batches:
                 break
     if not losses:

@@ -422,7 +422,8 @@ def _describe_entry(oid: int, entry: Entry) -> m.Descriptor:
 
     t = entry.obj
     shape = tuple(t.shape)
-    if entry.meta.get("hide_count") and shape:
+    if entry.meta.get("hide_count") and entry.meta.get("dp_only") and shape:
+        # (only DP-only data refuses every computation: another tensor's count would show in a result's shape)
         shape = (0, *shape[1:])  # record count kept private (enable_dp(hide_count=True)): reported as 0
     return m.Descriptor(oid, shape, DTYPE_NAMES[t.dtype], bool(t.requires_grad), entry.tags, entry.description)
 
