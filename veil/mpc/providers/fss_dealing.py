@@ -85,6 +85,8 @@ def _deal_comparison(worker: Any, spec: Any, party_ids: list, ids: list, count: 
     at most :data:`MESSAGE_BYTES` per party."""
     shape, n_values = check_spec(spec, count)
     n = len(party_ids)
+    if type(party_ids) is not list or len(set(map(repr, party_ids))) != n:
+        raise ProviderError("comparison dealing needs distinct parties (one party must never hold two keys)")
     if n < 2 or not isinstance(ids, list) or len(ids) != n:
         raise ProviderError("comparison dealing needs >= 2 parties and one id list per party")
     per_party = [len(fss.field_shapes(shape, n_values, i < 2)) for i in range(n)]

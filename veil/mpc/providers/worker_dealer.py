@@ -114,6 +114,8 @@ def _deal_scoped(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, 
     uniform_shapes, derived_shapes, derive = bounded_recipe(kind, spec, count)
     xor = xor_fields(kind, spec)  # fields shared by XOR instead of addition
     n = len(party_ids)
+    if type(party_ids) is not list or len(set(map(repr, party_ids))) != n:
+        raise ProviderError("a dealing needs a list of distinct parties (one party must never hold two shares)")
     fields = len(uniform_shapes) + len(derived_shapes)
     if type(ids) is not list or len(ids) != n or any(type(i) is not list or len(i) != count * fields for i in ids):
         raise ProviderError(f"a dealing of {count} {kind!r} items needs {count * fields} ids per party")
