@@ -5,7 +5,6 @@ Refused by the crypto provider before anything is generated or sent (session 45)
 from __future__ import annotations
 
 import pytest
-import torch
 
 import veil as sy
 from veil.ids import new_id
