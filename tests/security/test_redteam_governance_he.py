@@ -169,6 +169,21 @@ def test_hostile_paillier_exponents_are_bounded_by_the_command_deadline(hook):
     assert type(reply) is m.ErrorReply and took < 1.0, (reply, took)
 
 
+def test_a_hostile_modulus_product_stops_at_the_command_deadline(hook):
+    """Session 45: ``mul`` by a requester's plaintext under a hostile 16384-bit modulus is one modular power per
+    ciphertext (~80 ms each here): 256 of them ran 22 s in one uninterruptible list past a 2 s deadline. The
+    command now checks its deadline between ciphertexts."""
+    w = W(hook, seconds=2)
+    n = (1 << 16383) | 12345
+    a = send_tensor(w.srv, w.sci, _paillier(n, [n + 2] * 256, 0))  # full-size ciphertexts (coprime to n)
+    t0 = time.monotonic()
+    reply, _ = w.he_op(w.sci, "mul", a, torch.full((256,), float(2 ** 1000), dtype=torch.float64))
+    took = time.monotonic() - t0
+    w.healthy()
+    assert type(reply) is m.ErrorReply and "CommandTimeoutError" in (reply.error + reply.message), reply
+    assert took < 8.0, took
+
+
 def test_a_request_flood_does_not_hide_other_users_requests(w):
     x = w.cmd(w.sci, "torch.mul", m.ObjectRef(w.d1), 2.0)
     victim = w.pending_id(w.get(w.sci, x))

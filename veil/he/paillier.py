@@ -19,7 +19,7 @@ import secrets
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import gmpy2
 import numpy as np
@@ -82,6 +82,35 @@ def _obfuscators(count: int, kp: _KeyParams) -> list:
 #: set while an operation's plaintext comes from the owner's data (``veil.he.remote``): its exponent is then the
 #: dtype's default, never one read from its values (a result's exponent is visible in what the op allows next)
 _FIXED_PLAIN_EXPONENT: ContextVar[bool] = ContextVar("veil_he_fixed_plain_exponent", default=False)
+
+
+@contextmanager
+def checkpoints(check: Callable[[], None]) -> Iterator[None]:
+    """``check`` runs between pieces of this block's long operations (a worker's command deadline and
+    cancellation: one gmpy2 call on a hostile key can take seconds, and a tensor holds many)."""
+    token = _CHECK.set(check)
+    try:
+        yield
+    finally:
+        _CHECK.reset(token)
+
+
+#: the running command's checkpoint (:func:`checkpoints`), called between pieces of _CHECK_EVERY ciphertexts
+#: under a 2048-bit key (fewer under a larger one: a modular power costs ~ the cube of the key's size)
+_CHECK: ContextVar[Optional[Callable[[], None]]] = ContextVar("veil_he_checkpoint", default=None)
+_CHECK_EVERY = 256
+
+
+def _pieces(values: list, n_bits: int) -> Iterator[list]:
+    """``values`` in pieces, the running command's checkpoint before each."""
+    check = _CHECK.get()
+    if check is None:
+        yield values
+        return
+    step = max(1, int(_CHECK_EVERY * (2048 / max(n_bits, 2048)) ** 3))
+    for at in range(0, len(values), step):
+        check()
+        yield values[at: at + step]
 
 
 @contextmanager
@@ -205,7 +234,8 @@ class PaillierTensor:
         if exponent > self.exponent:
             raise ValueError("can only lower an exponent")
         factor = enc.BASE ** (self.exponent - exponent)
-        flat = powmod_list(list(self._ct.ravel()), factor, self._kp.nsq)
+        flat = [c for piece in _pieces(list(self._ct.ravel()), self._kp.n.bit_length())
+                for c in powmod_list(piece, factor, self._kp.nsq)]
         return _obj_array(flat, self._ct.shape)
 
     def _result_dtype(self, other) -> torch.dtype:
@@ -258,7 +288,8 @@ class PaillierTensor:
         nsq = self._kp.nsq
         cb, mb = np.broadcast_arrays(self._ct, m)
         # gmpy2.powmod inverts the base itself for a negative exponent.
-        flat = [gmpy2.powmod(c, k, nsq) for c, k in zip(cb.ravel(), mb.ravel())]
+        flat = [gmpy2.powmod(c, k, nsq) for piece in _pieces(list(zip(cb.ravel(), mb.ravel())), self._kp.n.bit_length())
+                for c, k in piece]
         return self._like(_obj_array(flat, cb.shape), self.exponent + ep, dtype)
 
     __rmul__ = __mul__

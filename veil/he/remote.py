@@ -20,7 +20,7 @@ from veil.he import _paillier_encoding as enc
 from veil.he import ckks_wire, wire
 from veil.he.ckks import CKKSContext, CKKSTensor
 from veil.he.errors import HEError
-from veil.he.paillier import PaillierTensor, value_free_encoding
+from veil.he.paillier import PaillierTensor, checkpoints, value_free_encoding
 from veil.ids import new_id
 from veil.messaging import serde
 from veil.messaging.allowlist import ALLOWLIST, register_worker_function
@@ -119,7 +119,7 @@ def _he_op(worker: Any, name: str, a: Any, b: Any, out_id: int) -> None:
         b = _ckks_plaintext(name, a, b)
     cancellation.checkpoint()  # (the deadline, and a disconnect, before the work)
     try:
-        with value_free_encoding() if value_free else contextlib.nullcontext():
+        with value_free_encoding() if value_free else contextlib.nullcontext(), checkpoints(cancellation.checkpoint):
             result = op(a, b)
     except HEError as e:
         raise RemoteExecutionError(f"encrypted {name} refused: {type(e).__name__}: {e}") from e
