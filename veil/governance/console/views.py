@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any
 
 import torch
@@ -23,10 +24,14 @@ def on_worker(worker: Any, fn: Any, *args: Any) -> Any:
 
 
 def datasets(worker: Any) -> list[dict]:
+    derived_from: Counter = Counter()  # one pass over the store (a per-dataset pass was O(datasets x objects))
+    for _, x in worker.monitor.owner_entries():
+        if not x.protected:
+            derived_from.update(sources_of(0, x))
     rows = []
     for oid, e in owner_sources(worker):
         t = e.obj
-        derived = sum(1 for x in (e for _, e in worker.monitor.owner_entries()) if not x.protected and oid in sources_of(0, x))
+        derived = derived_from.get(oid, 0)
         rows.append({
             "id": oid, "tags": list(e.tags), "description": e.description,
             "shape": list(t.shape) if isinstance(t, torch.Tensor) else [],
@@ -40,12 +45,17 @@ def datasets(worker: Any) -> list[dict]:
 
 
 def sessions(worker: Any) -> list[dict]:
+    held: dict = {}  # session -> [objects, tensor bytes], in one pass over the store
+    for _, e in worker.monitor.owner_entries():
+        count = held.setdefault(e.created_by, [0, 0])
+        count[0] += 1
+        if isinstance(e.obj, torch.Tensor):
+            count[1] += e.obj.element_size() * e.obj.numel()
     out = []
     for sid, s in list(getattr(worker, "sessions", {}).items()):
-        objs = [e.obj for e in (e for _, e in worker.monitor.owner_entries()) if e.created_by == sid]
-        nbytes = sum(t.element_size() * t.numel() for t in objs if isinstance(t, torch.Tensor))
+        objects, nbytes = held.get(sid, (0, 0))
         out.append({"id": sid, "user": s.user, "roles": sorted({p.role for p in s.principals}),
-                    "principals": [p.name for p in s.principals], "objects": len(objs), "bytes": nbytes,
+                    "principals": [p.name for p in s.principals], "objects": objects, "bytes": nbytes,
                     "since": getattr(worker, "_connections", {}).get(sid, (None, None))[1]})
     return out
 
