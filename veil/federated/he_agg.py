@@ -17,10 +17,10 @@ from typing import Any
 import phe
 import torch
 
-from veil.exceptions import RemoteExecutionError
-from veil.he._paillier_encoding import BASE, DEFAULT_FLOAT_EXPONENT
+from veil.he import value_free
+from veil.he._paillier_encoding import DEFAULT_FLOAT_EXPONENT
 from veil.he.ckks import CKKSContext
-from veil.he.remote import CKKS_PLAIN_BOUND, HEPointer, send_encrypted  # noqa: F401  (registers HE wire types)
+from veil.he.remote import HEPointer, send_encrypted  # noqa: F401  (registers HE wire types)
 from veil.ids import new_id
 from veil.messaging.allowlist import ALLOWLIST, register_worker_function
 from veil.messaging.messages import MoveMessage, ObjectMessage, StoredObject
@@ -34,28 +34,22 @@ def _encrypt_state(worker: Any, state: list, weight: float, key: Any, out_id: in
             isinstance(s, torch.Tensor) and not s.is_complex() for s in state):
         raise TypeError("encrypted aggregation needs real state tensors and a finite weight")
     flat = torch.cat([s.detach().reshape(-1).to(torch.float64) for s in state]) * float(weight)
-    value_free = worker.monitor.request_reads_owner_data()  # (its success must not depend on the data)
-    if value_free:
-        flat = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
+    owner_derived = worker.monitor.request_reads_owner_data()  # (its success must not depend on the data)
+    if owner_derived:
+        flat = value_free.finite(flat)
     if isinstance(key, CKKSContext):
-        if value_free:
-            flat = flat.clamp_(-CKKS_PLAIN_BOUND, CKKS_PLAIN_BOUND)
-            try:  # the bound itself (a public value): the context decides
-                encrypt(torch.tensor([CKKS_PLAIN_BOUND], dtype=torch.float64), protocol="ckks", context=key)
-            except Exception:  # noqa: BLE001
-                raise RemoteExecutionError(f"this CKKS context cannot encrypt values up to {CKKS_PLAIN_BOUND:.0f}, "
-                                           "the range state computed from the owner's data is clamped to") from None
+        if owner_derived:
+            flat = value_free.ckks_clamped(
+                flat, lambda bound: encrypt(torch.tensor([bound], dtype=torch.float64), protocol="ckks", context=key),
+                "encrypted aggregation refused")
         enc = encrypt(flat, protocol="ckks", context=key)
     elif isinstance(key, phe.PaillierPublicKey):
-        if not value_free:
+        if not owner_derived:
             enc = encrypt(flat, protocol="paillier", public_key=key)
         else:  # at a fixed exponent, refused from the dtypes, the weight and the key alone if it could overflow
-            largest = max((int(torch.finfo(s.dtype).max) if s.is_floating_point() else
-                           int(torch.iinfo(s.dtype).max) if s.dtype != torch.bool else 1) for s in state) \
-                if state else 0
-            if largest * (math.ceil(abs(weight)) or 1) * BASE ** -DEFAULT_FLOAT_EXPONENT > int(key.max_int):
-                raise RemoteExecutionError(f"state computed from the owner's data could overflow this "
-                                           f"{key.n.bit_length()}-bit key at weight {weight} (use a larger key)")
+            biggest = max((value_free.largest(s.dtype) for s in state), default=0) * (math.ceil(abs(weight)) or 1)
+            value_free.check_paillier_room(biggest, DEFAULT_FLOAT_EXPONENT, key,
+                                           f"state computed from the owner's data, at weight {weight},")
             enc = encrypt(flat, protocol="paillier", public_key=key, exponent=DEFAULT_FLOAT_EXPONENT)
     else:
         raise TypeError("encrypted aggregation needs a CKKS context or a Paillier public key")

@@ -17,7 +17,7 @@ import torch
 
 from veil.exceptions import RemoteExecutionError
 from veil.he import _paillier_encoding as enc
-from veil.he import ckks_wire, wire
+from veil.he import ckks_wire, value_free, wire
 from veil.he.ckks import CKKSContext, CKKSTensor
 from veil.he.errors import HEError
 from veil.he.paillier import PaillierTensor, checkpoints, value_free_encoding
@@ -160,45 +160,22 @@ def _paillier_operand(worker: Any, name: str, a: PaillierTensor, b: Any, value_f
 
 
 def _oblivious_plaintext(name: str, a: PaillierTensor, b: torch.Tensor) -> torch.Tensor:
-    """A plaintext from the owner's data, made safe to encode whatever its values: non-finite entries become
-    0, and the op is refused up front, from its dtype and the key alone, when some value of that dtype could
-    overflow the key's plaintext space."""
-    if b.is_complex():
-        raise RemoteExecutionError(f"encrypted {name} refused: complex plaintexts are not supported")
-    adds = name in ("add", "sub", "rsub")
-    if b.is_floating_point():  # encoded at an exponent in [DEFAULT_FLOAT_EXPONENT, 0] (lower for add: a's)
-        b = torch.nan_to_num(b, nan=0.0, posinf=0.0, neginf=0.0)
-        largest, lowest = int(torch.finfo(b.dtype).max), enc.DEFAULT_FLOAT_EXPONENT
-    else:
-        largest, lowest = (1 if b.dtype == torch.bool else int(torch.iinfo(b.dtype).max)), 0
-    if adds:
+    """A plaintext from the owner's data, made safe to encode whatever its values (:mod:`veil.he.value_free`):
+    encoded at an exponent in [DEFAULT_FLOAT_EXPONENT, 0] for floats, 0 for integers (lower for an add: a's)."""
+    b = value_free.finite(b, f"encrypted {name} refused")
+    lowest = enc.DEFAULT_FLOAT_EXPONENT if b.is_floating_point() else 0
+    if name in ("add", "sub", "rsub"):
         lowest = min(lowest, a.exponent)
-    if largest * enc.BASE ** -lowest > int(a.public_key.max_int):
-        raise RemoteExecutionError(
-            f"encrypted {name} refused: a {str(b.dtype).replace('torch.', '')} plaintext computed from the owner's "
-            f"data could overflow this {a.public_key.n.bit_length()}-bit key (use a larger key or a narrower dtype)")
+    value_free.check_paillier_room(value_free.largest(b.dtype), lowest, a.public_key,
+                                   f"encrypted {name} refused: a {str(b.dtype).replace('torch.', '')} plaintext "
+                                   "computed from the owner's data")
     return b
-
-
-#: a CKKS plaintext computed from the owner's data is clamped to this magnitude (its non-finite entries become
-#: 0), and the op runs only on a context that encodes it: failure then depends on the context, never on values
-CKKS_PLAIN_BOUND = float(2 ** 24)
 
 
 def _ckks_plaintext(name: str, a: CKKSTensor, b: torch.Tensor) -> torch.Tensor:
-    """A CKKS plaintext from the owner's data, made value-free (``encoded values are too large`` or a NaN
-    was a threshold oracle on data under review)."""
-    if b.is_complex():
-        raise RemoteExecutionError(f"encrypted {name} refused: complex plaintexts are not supported")
-    b = torch.nan_to_num(b.detach().to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    b = b.clamp_(-CKKS_PLAIN_BOUND, CKKS_PLAIN_BOUND)
-    try:  # the bound itself, on one segment (a public value): the context decides, once per op
-        a.segments[0].mul(CKKS_PLAIN_BOUND) if a.segments else None
-    except Exception:  # noqa: BLE001 - TenSEAL's encoding error for this context and level
-        raise RemoteExecutionError(f"encrypted {name} refused: this CKKS context cannot encode plaintexts up to "
-                                   f"{CKKS_PLAIN_BOUND:.0f}, the range a plaintext from the owner's data is "
-                                   "clamped to") from None
-    return b
+    """A CKKS plaintext from the owner's data, clamped; the bound itself is tried on one segment."""
+    return value_free.ckks_clamped(b, lambda bound: a.segments[0].mul(bound) if a.segments else None,
+                                   f"encrypted {name} refused")
 
 
 register_worker_function("veil.he.op", _he_op, shapes="none")
