@@ -132,9 +132,13 @@ class ReviewQueue:
     def pending(self) -> list[ReleaseRequest]:
         return self.list("pending")
 
-    def count(self, state: str) -> int:
-        """How many requests are in ``state`` (without reading them: the console's badge on every page)."""
-        return int(db_execute(self.db, "SELECT COUNT(*) FROM release_requests WHERE state = ?", (state,))[0][0])
+    def count(self, state: str, principal: str | None = None) -> int:
+        """How many requests (of one user) are in ``state``, without reading them (the console's badge on every
+        page, the cap on pending requests per user)."""
+        if principal is None:
+            return int(db_execute(self.db, "SELECT COUNT(*) FROM release_requests WHERE state = ?", (state,))[0][0])
+        return int(db_execute(self.db, "SELECT COUNT(*) FROM release_requests WHERE state = ? AND principal = ?",
+                              (state, principal))[0][0])
 
     def get(self, request_id: str) -> ReleaseRequest:
         found = self._rows("WHERE id = ?", (str(request_id),), 1) if isinstance(request_id, str) else []
@@ -164,8 +168,7 @@ class ReviewQueue:
         """Files a new pending request for ``entry`` (the caller decided it needs one)."""
         from veil.governance.provenance import GRAPH, ROOT, sources_of
 
-        waiting = db_execute(self.db, "SELECT COUNT(*) FROM release_requests WHERE principal = ? AND state = ?",
-                             (principal, "pending"))[0][0]
+        waiting = self.count("pending", principal)
         if waiting >= MAX_PENDING_PER_USER:
             raise PermissionDeniedError(
                 f"user {principal!r} already has {waiting} release requests pending on worker {self.worker.id!r}: "
