@@ -22,6 +22,13 @@ from veil.mpc.errors import ProviderError
 RECORD_HOOKS: list[Callable[[], ContextManager]] = []
 
 
+def check_distinct_parties(party_ids: object, what: str) -> None:
+    """Refuses a dealing that names a party twice: that party would receive two (or every) share of an item,
+    and so the mask hiding another party's value when it is opened."""
+    if type(party_ids) is not list or len(set(map(repr, party_ids))) != len(party_ids):
+        raise ProviderError(f"{what} needs a list of distinct parties (one party must never hold two shares)")
+
+
 class MaterialExhaustedError(ProviderError):
     """Material dealt ahead ran out and the owner asked for no on-demand dealing."""
 

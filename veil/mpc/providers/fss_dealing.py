@@ -33,6 +33,7 @@ import torch
 from veil.messaging import messages as m
 from veil.messaging.allowlist import NO_RESULT, register_worker_function
 from veil.mpc.errors import ProviderError
+from veil.mpc.providers.base import check_distinct_parties
 from veil.mpc.fss import material as fss
 from veil.mpc.prg import SEED_BYTES, expand, new_seed
 from veil.mpc.ring import random_ring
@@ -85,8 +86,7 @@ def _deal_comparison(worker: Any, spec: Any, party_ids: list, ids: list, count: 
     at most :data:`MESSAGE_BYTES` per party."""
     shape, n_values = check_spec(spec, count)
     n = len(party_ids)
-    if type(party_ids) is not list or len(set(map(repr, party_ids))) != n:
-        raise ProviderError("comparison dealing needs distinct parties (one party must never hold two keys)")
+    check_distinct_parties(party_ids, "comparison dealing")
     if n < 2 or not isinstance(ids, list) or len(ids) != n:
         raise ProviderError("comparison dealing needs >= 2 parties and one id list per party")
     per_party = [len(fss.field_shapes(shape, n_values, i < 2)) for i in range(n)]

@@ -66,7 +66,7 @@ from veil.mpc.prg import expand, expand_sum, new_seed, subtract_streams
 from veil.mpc.errors import ProviderError
 from veil.mpc.providers.background import BackgroundDealing, BackgroundDealingError
 from veil.mpc.providers.fss_dealing import DEAL_COMPARISON
-from veil.mpc.providers.base import RECORD_HOOKS, MaterialExhaustedError, Provider
+from veil.mpc.providers.base import RECORD_HOOKS, MaterialExhaustedError, Provider, check_distinct_parties
 from veil.mpc.ring import DTYPE, random_ring
 from veil.mpc.runtime import (DEALER_TAG, DEALT_FIXED, DEALT_FIXED_TAG, DEALT_ITEM_TAG, DEALT_LAYOUTS,
                               DEALT_MASK_TAG, DEALT_SOURCES_TAG, beside)
@@ -114,8 +114,7 @@ def _deal_scoped(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, 
     uniform_shapes, derived_shapes, derive = bounded_recipe(kind, spec, count)
     xor = xor_fields(kind, spec)  # fields shared by XOR instead of addition
     n = len(party_ids)
-    if type(party_ids) is not list or len(set(map(repr, party_ids))) != n:
-        raise ProviderError("a dealing needs a list of distinct parties (one party must never hold two shares)")
+    check_distinct_parties(party_ids, "a dealing")
     fields = len(uniform_shapes) + len(derived_shapes)
     if type(ids) is not list or len(ids) != n or any(type(i) is not list or len(i) != count * fields for i in ids):
         raise ProviderError(f"a dealing of {count} {kind!r} items needs {count * fields} ids per party")
