@@ -185,10 +185,9 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
         return _OK
     if ids is None:
         inputs = {id(e.obj): oid for oid, e in found.items()}
-        if saves is not None and saves.storages:
-            saves.mark_saved_inputs(entries)
         return m.ResultReply(_describe_results(worker, principal, result, inputs, entries, name, lineage, reviewed,
-                                               saves.extra(args, kwargs, result) if saves is not None else 0))
+                                               saves.settle(entries, args, kwargs, result) if saves is not None
+                                               else 0))
     results = [result] if type(result) is _PLAIN_TENSOR else leaves(result)
     if any(isinstance(t, torch.Tensor) and t.is_meta for t in results):
         # a meta tensor has no data; a step's shape-inference branch given one operand on meta must never
@@ -200,9 +199,7 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
         )
     store = monitor.store
     dealt = [] if name in DEALER_OUTPUTS else None
-    extra = saves.extra(args, kwargs, result) if saves is not None else 0
-    if saves is not None and saves.storages:
-        saves.mark_saved_inputs(entries)
+    extra = saves.settle(entries, args, kwargs, result) if saves is not None else 0
     for oid, tensor in zip(ids, results):
         if oid != 0:  # 0: the result is one of the inputs (in-place op), already stored
             stored = store(principal, oid, tensor, sources=entries, op_name=name, extra_nbytes=extra)

@@ -363,18 +363,16 @@ class GraphSaves:
     def hooks(self) -> Any:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, _unpacked)
 
-    def mark_saved_inputs(self, entries: list) -> None:
-        """Marks the stored inputs the graph saved (``meta["graph_saved"]``): deleted, they stay charged while
-        the graph holds them (``ReferenceMonitor.discard``), tracked or not (``x * w`` keeps ``x``)."""
+    def settle(self, entries: list, args: Any, kwargs: dict, result: Any) -> int:
+        """Once the op ran: marks the stored inputs the graph saved (``meta["graph_saved"]``: deleted, they stay
+        charged while the graph holds them, ``ReferenceMonitor.discard``, tracked or not: ``x * w`` keeps ``x``),
+        and returns the bytes of the saved storages that are neither an input's nor a result's."""
+        if not self.storages:
+            return 0
         for e in entries:
             obj = e.obj
             if type(obj) is torch.Tensor and obj.untyped_storage().data_ptr() in self.storages:
                 e.meta["graph_saved"] = True
-
-    def extra(self, args: Any, kwargs: dict, result: Any) -> int:
-        """Bytes of the saved storages that are neither an input's nor a result's."""
-        if not self.storages:
-            return 0
         known = {t.untyped_storage().data_ptr() for t in leaves((args, kwargs, result), torch.Tensor)}
         return sum(n for ptr, n in self.storages.items() if ptr not in known)
 
