@@ -40,3 +40,21 @@ def test_ckks_worker_gets_public_context_only_over_the_wire(hook):
     assert torch.allclose(got, x * x + x, atol=1e-3)
     w = torch.tensor([0.5, 1.0, -1.0, 2.0])
     assert torch.allclose(p.dot(w).get().decrypt(), (x * w).sum(), atol=1e-3)
+
+
+def test_paillier_neg_and_sum_take_any_exponent(hook, paillier_keys):
+    """neg and sum bridge no exponents: a tensor whose exponent drifted far below 0 (products with
+    fractional plaintexts) still negates and sums remotely; adding a plaintext to it is refused."""
+    pub, priv = paillier_keys
+    alice = sy.VirtualWorker(hook, id="he_alice_exp")
+    x = torch.tensor([1.5, -2.0, 3.25], dtype=torch.float64)
+    c = x.encrypt(protocol="paillier", public_key=pub)
+    for _ in range(8):
+        c = c * torch.tensor([0.7, 0.7, 0.7], dtype=torch.float64)
+    assert c.exponent < -70, c.exponent  # more than MAX_EXPONENT_SHIFT digits from 0
+    p = c.send(alice)
+    want = x * 0.7 ** 8
+    assert torch.allclose((-p).get().decrypt(priv), -want, atol=1e-9)
+    assert torch.allclose(p.sum().get().decrypt(priv), want.sum(), atol=1e-9)
+    with pytest.raises(RemoteExecutionError, match="digits apart"):
+        p + 1.0

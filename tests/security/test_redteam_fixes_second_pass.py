@@ -64,7 +64,8 @@ def test_paillier_exponent_of_an_owner_plaintext_is_no_oracle(hook):
         a = send_tensor(w.srv, w.sci, _paillier(pub.n, (1, 1, 1), exponent=-64))
         reply, r = w.he_op(w.sci, "mul", a, m.ObjectRef(half))  # spread [-64, 0, -8]: allowed
         assert type(reply) is m.OkReply, reply
-        return w.he_op(w.sci, "neg", r, None)[0]  # r.exponent = -64 + e(values): refused iff e < 0
+        zero = send_tensor(w.srv, w.sci, _paillier(pub.n, (1, 1, 1), exponent=0))
+        return w.he_op(w.sci, "add", r, m.ObjectRef(zero))[0]  # r.exponent = -64 + e(values): refused iff e < 0
 
     outcomes = _oracle_outcomes(w, lambda f: f, probe)
     w.healthy()

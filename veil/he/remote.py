@@ -131,7 +131,9 @@ def _paillier_operand(worker: Any, name: str, a: PaillierTensor, b: Any, value_f
     session quota, and, for a plaintext computed from the owner's data, encoding that no value can fail
     (success or ``EncodingOverflowError`` was a threshold oracle on data under review, with a key the
     requester chose). Returns the plaintext operand to use."""
-    exponents = [a.exponent] + ([b.exponent] if isinstance(b, PaillierTensor) else [0, enc.DEFAULT_FLOAT_EXPONENT])
+    # (neg and sum, b None, bridge no exponents: theirs is the tensor's own, whatever it is)
+    exponents = [a.exponent] + ([b.exponent] if isinstance(b, PaillierTensor) else
+                                [] if b is None else [0, enc.DEFAULT_FLOAT_EXPONENT])
     if max(exponents) - min(exponents) > MAX_EXPONENT_SHIFT:
         raise RemoteExecutionError(f"encrypted {name} refused: exponents {a.exponent} and "
                                    f"{getattr(b, 'exponent', 'of a plaintext')} are more than "
