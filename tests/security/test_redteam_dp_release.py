@@ -313,15 +313,23 @@ def test_poisoned_plans_give_a_finite_charged_release_not_an_error(hook):
     o.still_serves()
 
 
-def test_dp_data_answers_only_dp_releases_and_errors_stay_value_free(hook):
+def test_dp_data_answers_only_dp_releases_and_errors_stay_value_free(hook, monkeypatch):
     o = Owner(hook, "rt_dp_only")
     assert type(o.req(m.GetObjectsMessage([o.data.id], False))) is m.ErrorReply
     for op, args in (("torch.mul", (o.data, 1.0)), ("veil.plan.run", (o.plan(Ignores(4)), [o.data], [])),
                      ("veil.plan.load_state", ([torch.zeros(40, 3)], [o.data]))):
         reply, _ = o.cmd(op, *args)
         assert type(reply) is m.ErrorReply and "differential-privacy" in reply.message, (op, reply)
-    # a release that fails after the charge says nothing about the data (inf noise scale: charged, refused)
+    # a release that fails after the charge says nothing about the data (a mechanism failing with the
+    # values in its text: charged, refused value-free)
+    from veil.dp import core
+
+    def failing(values, *a, **k):
+        raise RuntimeError(f"mechanism failed on {values}")
+
+    monkeypatch.setattr(core, "_release", failing)
     reply, _ = o.query("sum", eps=1e-6, lo=0.0, hi=1e308)
+    monkeypatch.undo()
     assert type(reply) is m.ErrorReply and reply.error == "DPReleaseError"
     assert "tensor(" not in reply.message and o.spent()[0] == pytest.approx(1e-6)
     o.still_serves()

@@ -21,9 +21,11 @@ Gaussian noise every step, where OpenDP's exact sampler costs ~90 us per
 coordinate (9 s for 1e5 parameters), so :func:`gaussian_noise` draws it by
 Box-Muller from a ChaCha20 keystream keyed with 256 fresh bits from
 ``os.urandom`` per call (a cryptographic source, ~10 ns per coordinate).
-Box-Muller on doubles is not an exact sampler: the residual floating-point
-leakage is the one Opacus' ``secure_mode`` also accepts; the noise is summed
-in float64 and rounded to the parameter dtype.
+Box-Muller on doubles is not an exact sampler, and noise added on floats
+leaks through the low bits of the result (Mironov 2012): so the noisy sum is
+computed in float64, clamped to a public bound and snapped to a power-of-two
+grid set by public values (:func:`snapped_gaussian`), before the division and
+the cast to the parameter dtype (post-processing).
 """
 
 from __future__ import annotations
@@ -75,12 +77,33 @@ def secure_uniform(n: int) -> torch.Tensor:
     return torch.from_numpy(((words >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53)
 
 
+def secure_exponential(n: int) -> torch.Tensor:
+    """``n`` float64 Exp(1) samples, ``-ln u``, as finely spaced in the tail as near 0.
+
+    ``u`` lies on a 2^-53 grid, so ``-ln u`` for tiny ``u`` takes few, widely spaced values (the
+    tail of a Box-Muller radius is coarse). Below ``u = 2^-20`` the sample is ``20 ln 2`` plus a fresh
+    one instead (the exponential is memoryless: the same distribution), so consecutive possible
+    values are at most 2^-33 apart everywhere.
+    """
+    e = -torch.log(secure_uniform(n))
+    tail = torch.nonzero(e > _TAIL_AT).reshape(-1)
+    offset = _TAIL_AT
+    while tail.numel():  # ~n * 2^-20 entries, fewer each pass
+        fresh = -torch.log(secure_uniform(tail.numel()))
+        e[tail] = offset + fresh
+        keep = fresh > _TAIL_AT
+        tail, offset = tail[keep], offset + _TAIL_AT
+    return e
+
+
+_TAIL_AT = 20 * math.log(2)
+
+
 def secure_normal(n: int) -> torch.Tensor:
-    """``n`` float64 standard normals (Box-Muller over :func:`secure_uniform`)."""
+    """``n`` float64 standard normals (Box-Muller: radius ``sqrt(2 E)``, :func:`secure_exponential`)."""
     m = (n + 1) // 2
-    u = secure_uniform(2 * m)
-    radius = torch.sqrt(-2.0 * torch.log(u[:m]))
-    angle = (2.0 * math.pi) * u[m:]
+    radius = torch.sqrt(2.0 * secure_exponential(m))
+    angle = (2.0 * math.pi) * secure_uniform(m)
     return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:n]
 
 
@@ -193,9 +216,57 @@ def privatize(grad_samples: list[Optional[torch.Tensor]], like: Sequence[torch.T
 def noisy_mean(sums: Sequence[torch.Tensor], max_grad_norm: float, noise_multiplier: float, divisor: float,
                generator: Optional[torch.Generator] = None) -> list[torch.Tensor]:
     """``(sum + N(0, (sigma C)^2)) / divisor`` of clipped sums (:func:`privatize`'s last step; a lot summed
-    in chunks, :func:`clipped_sum` per chunk, ends here too)."""
+    in chunks, :func:`clipped_sum` per chunk, ends here too), the noisy sum snapped
+    (:func:`snapped_gaussian`) to a grid set by public values only."""
     std = noise_multiplier * max_grad_norm
-    return [((s + gaussian_noise(s.shape, std, s.dtype, s.device, generator)) / divisor).detach() for s in sums]
+    bound = noise_bound(max_grad_norm, std, divisor)
+    return [(snapped_gaussian(s, std, bound, generator) / divisor).to(s.dtype).detach() for s in sums]
+
+
+def noise_bound(max_grad_norm: float, std: float, expected_lot: float) -> float:
+    """The public clamp of a noisy clipped sum: 4x the expected lot's largest sum and 64 sigma (beyond
+    it only a lot far above its expected size, or a ~64-sigma draw, is clamped)."""
+    return max_grad_norm * (4 * max(float(expected_lot), 1.0) + 64) + 64 * std
+
+
+def snap_grid(std: float, bound: float) -> float:
+    """The power of two a noisy value in ``[-bound, bound]`` is rounded to: at least ``std / 256`` (the
+    Gaussian's density is near constant over a cell) and ``bound * 2^-40`` (>= 2^12 float64 values per
+    cell, so the float rounding of ``s + n`` moves a cell's probability by < 2^-12 of itself)."""
+    return math.ldexp(1.0, math.ceil(math.log2(max(std * 2.0 ** -8, bound * 2.0 ** -40))))
+
+
+def snapped_gaussian(s: torch.Tensor, std: float, bound: float,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``s + N(0, std^2)`` in float64, clamped to ``+-bound`` and rounded to :func:`snap_grid`'s power of two.
+
+    Added on floats and rounded to the sum's type, the noise leaves low bits that depend on ``s``: near a
+    value, the outputs ``s + n`` can take sit on ``s``'s grid, so one release of a sum told 0 from 2^-6
+    (Mironov 2012). Here every output is a multiple of a grid set by public values alone, far coarser
+    than the float64 spacing of anything in range: which outputs are possible no longer depends on ``s``,
+    and each one's probability is the exact Gaussian's over its cell to within 2^-12 of itself (rounding
+    and clamping are post-processing; the rounding moves a value by at most half a cell, ``std / 512``
+    unless the public bound is 2^32 times sigma or more). Mironov's snapping
+    mechanism, for the Gaussian. ``s`` is clamped to ``+-2 bound`` first (one record still moves it by
+    at most C) so that the float64 sum is as exact as the grid needs.
+    """
+    if not s.dtype.is_floating_point:
+        raise PrivacyParameterError(f"Gaussian noise is for real floating-point values, not {s.dtype}")
+    if std == 0:  # (no noise, no privacy to protect: the exact sum, as before)
+        return s.detach().to(torch.float64)
+    grid = snap_grid(std, bound)
+    bound = grid * math.ceil(bound / grid)
+    v = s.detach().to(torch.float64).clamp(-2 * bound, 2 * bound)
+    v = v + _standard_normal(v.shape, v.device, generator).mul_(std)
+    return torch.round(v.clamp_(-bound, bound).div_(grid)).mul_(grid)
+
+
+def _standard_normal(shape: torch.Size, device, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """float64 N(0, 1): cryptographic unless a (test) ``generator`` is given."""
+    if generator is not None:
+        return torch.normal(0.0, 1.0, shape, generator=generator, dtype=torch.float64,
+                            device=generator.device).to(device)
+    return secure_normal(shape.numel()).reshape(shape).to(device)
 
 
 # -- query mechanisms (OpenDP) ------------------------------------------------------------------

@@ -105,18 +105,21 @@ class DPOptimizer:
         return norms
 
     def add_noise(self) -> None:
-        """Stage 2: ``grad = summed clipped gradient + N(0, (sigma*C)^2)``."""
+        """Stage 2: ``grad = summed clipped gradient + N(0, (sigma*C)^2)``, snapped to a public grid
+        (:func:`veil.dp.core.snapped_gaussian`: noise added on floats leaks through low bits)."""
         std = self.noise_multiplier * self.max_grad_norm
+        bound = core.noise_bound(self.max_grad_norm, std, self.expected_batch_size)
         params = self.params
         if self.generator is not None or len({(p.dtype, p.device) for p in params}) != 1:
             for p in params:
-                p.grad = (p.summed_grad + core.gaussian_noise(p.shape, std, p.dtype, p.device, self.generator)).detach()
+                p.grad = core.snapped_gaussian(p.summed_grad, std, bound, self.generator).to(p.dtype).detach()
             return
         # One keystream for the whole model per step (the per-call setup dominates for small tensors).
-        noise = core.gaussian_noise((sum(p.numel() for p in params),), std, params[0].dtype, params[0].device)
+        flat = torch.cat([p.summed_grad.reshape(-1) for p in params])
+        noisy = core.snapped_gaussian(flat, std, bound).to(params[0].dtype)
         offset = 0
         for p in params:
-            p.grad = (p.summed_grad + noise[offset:offset + p.numel()].view_as(p)).detach()
+            p.grad = noisy[offset:offset + p.numel()].view_as(p).detach()
             offset += p.numel()
 
     def scale_grad(self) -> None:

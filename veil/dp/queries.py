@@ -113,7 +113,17 @@ def dp_sum(x: torch.Tensor, lower: float, upper: float, epsilon: float, delta: f
     x = _clamped(x, lower, upper)
     per = max(abs(lower), abs(upper))
     d = x.shape[1:].numel()  # coordinates per record (1 for scalars)
-    return _noisy(x.sum(0), per * d, per * math.sqrt(d), epsilon, delta, mechanism)
+    # Summed in units of m = 2^(e-1) <= per (exact: a power of two), where a record adds less than 2 per
+    # coordinate: in the bounds' own units bounds near 1e308 overflow the float64 sum, an error iff enough
+    # records sit at the bound. The noisy sum times m, saturated at the largest float64, is post-processing.
+    m = math.ldexp(1.0, math.frexp(per)[1] - 1)
+    unit = per / m
+    res = _noisy(x.div(m).sum(0), unit * d, unit * math.sqrt(d), epsilon, delta, mechanism)
+    value = (res.value * m).clamp(-_FLOAT64_MAX, _FLOAT64_MAX)
+    return DPResult(value, res.epsilon, res.delta, res.mechanism, res.noise_scale * m)
+
+
+_FLOAT64_MAX = torch.finfo(torch.float64).max
 
 
 def dp_mean(x: torch.Tensor, lower: float, upper: float, epsilon: float, delta: float = 0.0,
