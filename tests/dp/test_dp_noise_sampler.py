@@ -1,0 +1,51 @@
+"""The DP-SGD noise sampler: Gaussian in distribution, on a public grid, exponential tails exact."""
+
+import math
+
+import pytest
+import torch
+
+from veil.dp import core
+
+
+def test_secure_exponential_is_exp1_including_its_tail():
+    n = 1 << 21
+    e = core.secure_exponential(n)
+    assert e.dtype == torch.float64 and bool((e > 0).all())
+    # mean 1, sd 1/sqrt(n) ~ 7e-4: 8 sd bounds (false failure < 1e-14)
+    assert abs(float(e.mean()) - 1.0) < 8 / math.sqrt(n)
+    for t in (1.0, 5.0, 9.0):  # P(E > t) = e^-t: binomial, 8 sd bounds
+        p = math.exp(-t)
+        assert abs(float((e > t).double().mean()) - p) < 8 * math.sqrt(p / n) + 1 / n
+
+
+def test_the_tail_past_2_to_the_minus_20_is_continued_not_cut():
+    # Values above 20 ln 2 (u < 2^-20) come from a fresh draw shifted by 20 ln 2: some exist in 2^24
+    # draws (expected 16; P(none) = e^-16) and they are not all the same few values.
+    e = core.secure_exponential(1 << 24)
+    tail = e[e > 20 * math.log(2)]
+    assert tail.numel() > 0 and tail.unique().numel() == tail.numel()
+
+
+def test_snapped_gaussian_has_the_stated_sd_and_lies_on_the_public_grid():
+    n, std = 1 << 20, 0.75
+    s = torch.full((n,), 0.3, dtype=torch.float32)
+    bound = core.noise_bound(1.0, std, 16.0)
+    out = core.snapped_gaussian(s, std, bound)
+    grid = core.snap_grid(std, bound)
+    assert std / 256 <= grid <= std / 128 and grid == 2.0 ** round(math.log2(grid))
+    assert bool((torch.remainder(out, grid) == 0).all())  # every output a multiple of the grid
+    z = (out - 0.3) / std
+    # mean 0 (sd 1/sqrt(n) ~ 1e-3), variance 1 (+ grid^2/12, < 1e-5; sd sqrt(2/n) ~ 1.4e-3): 8 sd bounds
+    assert abs(float(z.mean())) < 8 / math.sqrt(n)
+    assert abs(float(z.var()) - 1.0) < 8 * math.sqrt(2 / n)
+    p3 = math.erfc(3 / math.sqrt(2))  # two-sided 3-sigma mass, 0.0027
+    assert abs(float((z.abs() > 3).double().mean()) - p3) < 8 * math.sqrt(p3 / n)
+
+
+def test_snapped_gaussian_clamps_to_the_public_bound_and_keeps_zero_noise_exact():
+    out = core.snapped_gaussian(torch.tensor([1e30, -1e30, 0.0]), 1.0, 1000.0)
+    grid = core.snap_grid(1.0, 1000.0)
+    assert float(out[0]) == pytest.approx(1000.0, abs=grid) and float(out[1]) == pytest.approx(-1000.0, abs=grid)
+    s = torch.tensor([0.1, -2.5], dtype=torch.float32)
+    assert torch.equal(core.snapped_gaussian(s, 0.0, 10.0), s.double())
