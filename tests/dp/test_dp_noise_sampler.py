@@ -25,6 +25,11 @@ def test_the_tail_past_2_to_the_minus_20_is_continued_not_cut():
     e = core.secure_exponential(1 << 24)
     tail = e[e > 20 * math.log(2)]
     assert tail.numel() > 0 and tail.unique().numel() == tail.numel()
+    # -ln u alone would put every tail value at u = (k + 0.5) 2^-53 (to ~2^-15 in those units: exp/log
+    # round-off); continued, u = 2^-20 u' lies off that grid (each value within 0.01 of it w.p. 0.02)
+    u = torch.exp(-tail) * 2.0 ** 53 - 0.5
+    off = (u - u.round()).abs() > 0.01
+    assert bool(off.any()), u
 
 
 def test_snapped_gaussian_has_the_stated_sd_and_lies_on_the_public_grid():
