@@ -1,13 +1,14 @@
 """Command line: ``veil demo``, ``veil worker`` (serve data) and ``veil serve`` (serve a model).
 
-Input errors (bad flags, short tokens, unreadable files, a port in use) print one
-line and exit with status 2; set VEIL_TRACEBACK=1 to see the full traceback.
+Input errors (bad flags, short tokens, unreadable or damaged files, a port in use)
+print one line and exit with status 2; set VEIL_TRACEBACK=1 to see the full traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import sys
 from typing import Callable
 
@@ -107,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(f"veil {args.command}", COMMANDS[args.command][2], args)
 
 
-#: what a command raises for bad input or environment; reported in one line
-INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError, LookupError, OverflowError)
+#: what a command raises for bad input or environment; reported in one line. sqlite3.DatabaseError: a damaged
+#: or truncated state file (veil.workers.database names the file in its message; the file is left untouched)
+INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError, LookupError, OverflowError,
+                                                 sqlite3.DatabaseError)
 
 
 def run_command(prog: str, fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

@@ -73,7 +73,9 @@ class BudgetLedger:
         self.path = str(path)
         # A network worker serves requests from a thread pool: one connection
         # shared behind a (re-entrant) lock; transactions are begun explicitly below.
-        self._db = Database(self.path, timeout=30.0)
+        # synchronous=FULL: each charge is fsynced at commit, before the release it pays for goes out (WAL +
+        # NORMAL could lose the last charges to an OS crash or power cut while their answers were already sent)
+        self._db = Database(self.path, timeout=30.0, synchronous="FULL")
         self._lock = self._db.lock
         with self._lock:
             self._db.executescript(_SCHEMA)

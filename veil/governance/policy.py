@@ -2,14 +2,68 @@
 
 A policy is set on a *source* (an object the owner loaded); everything derived from
 that source inherits it through provenance (:mod:`veil.governance.provenance`).
+
+Run-time changes (:func:`set_policy`: ``worker.set_policy``, the admin message, the console)
+are stored in the worker's owner database (``kv`` namespace ``governance.policy/<worker id>``,
+keyed by the dataset's tags) and restored at the next start by :func:`apply_policy`, which
+``worker.load(..., policy=)`` calls: a dataset gets the stricter of its load-time policy and
+the stored decisions (strictness is the order of ``POLICIES``: open < review < dp-only).
 """
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any
 
 from veil.exceptions import ObjectNotFoundError
-from veil.governance.state import audit, check_policy, governance, policy_of
+from veil.governance.state import POLICIES, audit, check_policy, governance, policy_of
+
+#: open < review < dp-only: dp-only lets nothing un-noised out, approved or not (its DP releases are capped
+#: by the owner's budgets)
+_STRICTNESS = {p: i for i, p in enumerate(POLICIES)}
+
+
+def _namespace(worker: Any) -> str:
+    return f"governance.policy/{worker.id}"  # per worker id: owners' workers sharing one PostgreSQL stay apart
+
+
+def _dataset_key(entry: Any) -> list[str]:
+    """What names a loaded dataset across restarts (object ids are new at every start): its tags, else its
+    description."""
+    tags = sorted({str(t) for t in entry.tags})
+    return tags or [f"description:{entry.description}"]
+
+
+def stored_policy(worker: Any, entry: Any) -> str | None:
+    """The strictest run-time decision stored for this dataset: one recorded for a tag set it still carries
+    all of (a tag added since keeps the decision). None when there is none."""
+    db, namespace, mine = governance(worker).db, _namespace(worker), set(_dataset_key(entry))
+    found = None
+    for key in db.kv_keys(namespace):
+        if not set(json.loads(key)) <= mine:
+            continue
+        raw = db.kv_get(namespace, key)
+        if raw is None:  # removed meanwhile
+            continue
+        # an unreadable record stops the start (ValueError) rather than opening the data
+        policy = check_policy(json.loads(raw).get("policy"))
+        if found is None or _STRICTNESS[policy] > _STRICTNESS[found]:
+            found = policy
+    return found
+
+
+def _store_policy(worker: Any, entry: Any, policy: str, by: str) -> None:
+    """Records the owner's run-time decision (a loosening too: the last decision is what restarts apply)."""
+    value = json.dumps({"policy": policy, "by": by, "ts": time.time()}).encode()
+    governance(worker).db.kv_put(_namespace(worker), json.dumps(_dataset_key(entry)), value)
+
+
+def _owner_entry(worker: Any, oid: int) -> Any:
+    entry = dict(worker.monitor.owner_entries()).get(oid)
+    if entry is None or not entry.protected:
+        raise ObjectNotFoundError(f"worker {worker.id!r} has no owner dataset {oid!r}")
+    return entry
 
 
 def owner_sources(worker: Any) -> list[tuple[int, Any]]:
@@ -17,12 +71,23 @@ def owner_sources(worker: Any) -> list[tuple[int, Any]]:
     return [(oid, e) for oid, e in worker.monitor.owner_entries() if e.protected]
 
 
-def apply_policy(worker: Any, oid: int, policy: str) -> None:
-    """Sets the policy of one loaded object (``dp-only`` also marks it for the DP guard)."""
+def apply_policy(worker: Any, oid: int, policy: str) -> str:
+    """The load-time policy of one loaded object (``worker.load(..., policy=)``, ``veil worker --policy``):
+    the stricter of ``policy`` and the owner's stored run-time decision for the dataset, so a restart (after a
+    crash or not) never reopens what the owner tightened. Returns the policy in force."""
     check_policy(policy)
-    entry = dict(worker.monitor.owner_entries()).get(oid)
-    if entry is None or not entry.protected:
-        raise ObjectNotFoundError(f"worker {worker.id!r} has no owner dataset {oid!r}")
+    entry = _owner_entry(worker, oid)
+    stored = stored_policy(worker, entry)
+    if stored is not None and _STRICTNESS[stored] > _STRICTNESS[policy]:
+        audit(worker, "policy", "owner", "-", [oid], "allowed",
+              f"{policy} -> {stored} (restored: the owner's stored run-time decision is stricter)")
+        policy = stored
+    _set_policy(worker, oid, entry, policy)
+    return policy
+
+
+def _set_policy(worker: Any, oid: int, entry: Any, policy: str) -> None:
+    """Puts ``policy`` in force on one loaded object (``dp-only`` also marks it for the DP guard)."""
     state = governance(worker)
     with state.lock:
         if policy == "review" and not state.tracking:
@@ -71,7 +136,10 @@ def set_policy(worker: Any, name_or_tag: Any, policy: str, by: str = "owner") ->
     if not targets:
         raise ObjectNotFoundError(f"worker {worker.id!r} has no dataset tagged {name_or_tag!r}")
     for oid in targets:
-        before = policy_of(worker, oid)
-        apply_policy(worker, oid, policy)
+        entry = _owner_entry(worker, oid)
+        with governance(worker).lock:  # the stored order is the order in force
+            before = policy_of(worker, oid)
+            _set_policy(worker, oid, entry, policy)  # in force first: a tightening holds even if storing fails
+            _store_policy(worker, entry, policy, by)
         audit(worker, "policy", by, "-", [oid], "allowed", f"{before} -> {policy}")
     return targets

@@ -207,9 +207,13 @@ class ReviewQueue:
         req = self.get(request_id)
         if req.state != "pending":
             raise PermissionDeniedError(f"request {request_id} is already {req.state}")
-        db_execute(self.db, "UPDATE release_requests SET state = ?, message = ?, decided_ts = ?, decided_by = ?"
-                            " WHERE id = ? AND state = 'pending'", (state, str(message)[:2000], time.time(), by,
-                                                                    request_id))
+        # The lock above is this process's only: another process of the owner (same database) may have decided
+        # since the read. The conditional UPDATE is the arbiter: no row back = it lost, so no audit, no success.
+        changed = db_execute(self.db, "UPDATE release_requests SET state = ?, message = ?, decided_ts = ?,"
+                                      " decided_by = ? WHERE id = ? AND state = 'pending' RETURNING id",
+                             (state, str(message)[:2000], time.time(), by, request_id))
+        if not changed:
+            raise PermissionDeniedError(f"request {request_id} is already {self.get(request_id).state}")
         audit(self.worker, "approve" if state == "approved" else "deny", by, "-", [req.object_id],
               "allowed" if state == "approved" else "refused",
               f"{request_id} for {req.principal}" + (f": {message[:200]}" if message else ""))
@@ -224,5 +228,9 @@ class ReviewQueue:
         return self._decide(request_id, "denied", by, message or "denied by the data owner")
 
     def mark_released(self, request_id: str) -> None:
-        db_execute(self.db, "UPDATE release_requests SET state = 'released' WHERE id = ? AND state = 'approved'",
-                   (request_id,))
+        """Uses the approval up (before the value goes out); raises if it was no longer ``approved``: another
+        process of the owner released it first, and an approval lets the value go once."""
+        changed = db_execute(self.db, "UPDATE release_requests SET state = 'released' WHERE id = ?"
+                                      " AND state = 'approved' RETURNING id", (request_id,))
+        if not changed:
+            raise PermissionDeniedError(f"request {request_id} is already {self.get(request_id).state}")

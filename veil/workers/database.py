@@ -73,11 +73,14 @@ class Database:
         timeout: seconds to wait for another process's write lock.
     """
 
-    def __init__(self, location: Union[str, Path], timeout: float = 30.0) -> None:
+    def __init__(self, location: Union[str, Path], timeout: float = 30.0, synchronous: str = "NORMAL") -> None:
         self.location = str(location)
         self.dialect = "postgresql" if is_database_url(self.location) else "sqlite"
         self.lock = threading.RLock()
         self._timeout = timeout
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
+        self._synchronous = synchronous
         self._in_transaction = False
         self._conn = self._connect()
 
@@ -89,12 +92,20 @@ class Database:
 
     def _connect(self) -> Any:
         if self.dialect == "sqlite":
-            conn = sqlite3.connect(self.location, isolation_level=None, timeout=self._timeout,
-                                   check_same_thread=False)
+            try:
+                conn = sqlite3.connect(self.location, isolation_level=None, timeout=self._timeout,
+                                       check_same_thread=False)
+            except sqlite3.DatabaseError as e:
+                raise self._unusable(e) from None
             if self.location != ":memory:":
-                # WAL + NORMAL: a committed row survives a process crash; a power cut may lose the last few.
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
+                try:
+                    # WAL + NORMAL: a committed row survives a process crash; a power cut may lose the last
+                    # few. FULL (the DP ledger) fsyncs every commit: a charge outlives the release it paid for.
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    conn.execute(f"PRAGMA synchronous={self._synchronous}")
+                except sqlite3.DatabaseError as e:
+                    conn.close()
+                    raise self._unusable(e) from None
             return conn
         try:
             import psycopg
@@ -107,6 +118,13 @@ class Database:
         # Wait at most `timeout` for another worker's row lock instead of forever.
         conn.execute(f"SET lock_timeout = {int(self._timeout * 1000)}")
         return conn
+
+    def _unusable(self, error: sqlite3.DatabaseError) -> sqlite3.DatabaseError:
+        """A damaged or truncated state file at open: one line naming the file (``veil`` prints it, exit 2)
+        instead of a traceback. Nothing was written to it: it stays as it was for the owner to inspect."""
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return sqlite3.DatabaseError(f"cannot open the state file {self.location}: {reason} "
+                                     "(left as it is; restore it from a backup or move it aside)")
 
     def _sql(self, sql: str) -> str:
         # psycopg reads % as a placeholder prefix: a literal % (e.g. in LIKE) is doubled first.
@@ -123,7 +141,10 @@ class Database:
         """Creates the tables of ``schema`` (SQLite DDL) if absent."""
         with self.lock:
             if self.dialect == "sqlite":
-                self._conn.executescript(schema)
+                try:
+                    self._conn.executescript(schema)
+                except sqlite3.DatabaseError as e:  # e.g. a file cut short that still opened
+                    raise self._unusable(e) from None
                 return
             # Several worker processes may start at once: CREATE TABLE IF NOT EXISTS races on
             # PostgreSQL's catalog, so creation is serialized by an advisory lock.

@@ -190,6 +190,8 @@ def add_release_requests_table(db: OwnerDB) -> None:
 
 
 def db_execute(db: OwnerDB, sql: str, params: tuple = ()) -> list[tuple]:
-    """Runs one statement under the database lock; returns the rows (``?`` placeholders)."""
+    """Runs one statement under the database lock; returns the rows (``?`` placeholders; none for a statement
+    without a result: psycopg refuses ``fetchall`` there, so INSERT/UPDATE failed on PostgreSQL)."""
     with db._lock:
-        return db._db.execute(sql, params).fetchall()
+        cursor = db._db.execute(sql, params)
+        return cursor.fetchall() if cursor.description is not None else []
