@@ -23,7 +23,7 @@ from veil.messaging.serde import encode_value
 from veil.exceptions import ObjectNotFoundError, PermissionDeniedError
 from veil.governance.state import audit, governance
 from veil.workers.database import equality_filters
-from veil.workers.persistence import db_execute
+from veil.workers.persistence import db_execute, db_update
 
 STATES = ("pending", "approved", "denied", "released")
 _COLUMNS = ("id", "ts", "worker", "principal", "session", "object_id", "reason", "shape", "dtype", "digest",
@@ -209,9 +209,9 @@ class ReviewQueue:
             raise PermissionDeniedError(f"request {request_id} is already {req.state}")
         # The lock above is this process's only: another process of the owner (same database) may have decided
         # since the read. The conditional UPDATE is the arbiter: no row back = it lost, so no audit, no success.
-        changed = db_execute(self.db, "UPDATE release_requests SET state = ?, message = ?, decided_ts = ?,"
-                                      " decided_by = ? WHERE id = ? AND state = 'pending' RETURNING id",
-                             (state, str(message)[:2000], time.time(), by, request_id))
+        changed = db_update(self.db, "UPDATE release_requests SET state = ?, message = ?, decided_ts = ?,"
+                                     " decided_by = ? WHERE id = ? AND state = 'pending'",
+                            (state, str(message)[:2000], time.time(), by, request_id))
         if not changed:
             raise PermissionDeniedError(f"request {request_id} is already {self.get(request_id).state}")
         audit(self.worker, "approve" if state == "approved" else "deny", by, "-", [req.object_id],
@@ -230,7 +230,7 @@ class ReviewQueue:
     def mark_released(self, request_id: str) -> None:
         """Uses the approval up (before the value goes out); raises if it was no longer ``approved``: another
         process of the owner released it first, and an approval lets the value go once."""
-        changed = db_execute(self.db, "UPDATE release_requests SET state = 'released' WHERE id = ?"
-                                      " AND state = 'approved' RETURNING id", (request_id,))
+        changed = db_update(self.db, "UPDATE release_requests SET state = 'released' WHERE id = ?"
+                                     " AND state = 'approved'", (request_id,))
         if not changed:
             raise PermissionDeniedError(f"request {request_id} is already {self.get(request_id).state}")

@@ -189,6 +189,13 @@ def add_release_requests_table(db: OwnerDB) -> None:
         db._db.executescript(RELEASE_REQUESTS_SCHEMA)
 
 
+def db_update(db: OwnerDB, sql: str, params: tuple = ()) -> int:
+    """Runs one UPDATE/DELETE under the database lock; returns how many rows it changed (``rowcount``: the
+    arbiter between processes of one owner; ``RETURNING`` would need SQLite >= 3.35)."""
+    with db._lock:
+        return db._db.execute(sql, params).rowcount
+
+
 def db_execute(db: OwnerDB, sql: str, params: tuple = ()) -> list[tuple]:
     """Runs one statement under the database lock; returns the rows (``?`` placeholders; none for a statement
     without a result: psycopg refuses ``fetchall`` there, so INSERT/UPDATE failed on PostgreSQL)."""
