@@ -22,10 +22,15 @@ def _models(models: Mapping[Any, nn.Module] | Iterable[nn.Module]) -> list[nn.Mo
 
 def add_model(dst_model: nn.Module, src_model: nn.Module) -> nn.Module:
     """Adds ``src_model``'s parameters into ``dst_model`` (in place); returns ``dst_model``."""
+    dst_params, src_params = list(dst_model.named_parameters()), list(src_model.named_parameters())
+    if len(dst_params) != len(src_params):  # (zip alone would skip the ones a model lacks)
+        raise ValueError(f"the models have {len(dst_params)} and {len(src_params)} parameters")
+    pairs = list(zip(dst_params, src_params, strict=True))
+    for (name, dst), (src_name, src) in pairs:  # all checked before any write
+        if name != src_name or dst.shape != src.shape:
+            raise ValueError(f"parameter {name!r} {tuple(dst.shape)} does not match {src_name!r} {tuple(src.shape)}")
     with torch.no_grad():
-        for (name, dst), src in zip(dst_model.named_parameters(), src_model.parameters()):
-            if dst.shape != src.shape:
-                raise ValueError(f"parameter {name!r}: shapes {tuple(dst.shape)} and {tuple(src.shape)} differ")
+        for (_, dst), (_, src) in pairs:
             dst.add_(src)
     return dst_model
 

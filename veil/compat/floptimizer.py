@@ -20,7 +20,8 @@ class Optims:
         for worker in self.workers:
             clone = copy.copy(optim)  # same parameter groups, fresh state below
             clone.state = defaultdict(dict)
-            clone.load_state_dict(optim.state_dict())
+            # deep copy: load_state_dict keeps the given state tensors, so clones would share momentum buffers
+            clone.load_state_dict(copy.deepcopy(optim.state_dict()))
             self.optimizers[_key(worker)] = clone
 
     def get_optim(self, worker: Any) -> Any:

@@ -38,9 +38,13 @@ from veil.dp.core import make_generator
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+#: max_releases searches no further: an answer of MAX_COUNTED means "at least that many"
+MAX_COUNTED = 1 << 24
+
+
 @functools.lru_cache(maxsize=256)
 def max_releases(noise_multiplier: float, sample_rate: float, epsilon: float, delta: float, mechanism: str) -> int:
-    """Largest number of identical steps whose epsilon stays within ``epsilon``.
+    """Largest number of identical steps whose epsilon stays within ``epsilon`` (at most ``MAX_COUNTED``).
 
     Cached: owners repeat the same (sigma, q, budget), and each accountant
     call costs up to a second with PLD.
@@ -50,8 +54,8 @@ def max_releases(noise_multiplier: float, sample_rate: float, epsilon: float, de
     lo, hi = 1, 2
     while epsilon_for(noise_multiplier, sample_rate, hi, delta, mechanism) <= epsilon:
         lo, hi = hi, hi * 2
-        if hi > 1 << 24:
-            return hi
+        if lo >= MAX_COUNTED:  # (hi is unchecked: return the verified lo; past it _check_budget is exact)
+            return lo
     while hi - lo > 1:  # invariant: lo fits, hi does not
         mid = (lo + hi) // 2
         if epsilon_for(noise_multiplier, sample_rate, mid, delta, mechanism) <= epsilon:
@@ -110,12 +114,18 @@ class DPDataOwner:
             done = hist[0][2] if hist else 0
             if done + 1 <= allowed:
                 return
-        else:
-            trial = Accountant.from_state_dict(self.accountant.state_dict())
-            trial.step(sigma, q)
-            if trial.get_epsilon(delta) <= eps:
-                return
-        raise BudgetExceededError(
+            if allowed < MAX_COUNTED:
+                raise self._refusal(sigma, q)
+        # a mixed history, or past what max_releases counts: the exact check of this one release
+        trial = Accountant.from_state_dict(self.accountant.state_dict())
+        trial.step(sigma, q)
+        if trial.get_epsilon(delta) <= eps:
+            return
+        raise self._refusal(sigma, q)
+
+    def _refusal(self, sigma: float, q: float) -> BudgetExceededError:
+        eps, delta = self.budget
+        return BudgetExceededError(
             f"data owner refuses: one more release (sigma={sigma}, q={q}) would exceed its budget "
             f"epsilon={eps}, delta={delta}")
 

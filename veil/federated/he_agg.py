@@ -2,34 +2,67 @@
 
 Each round, every client encrypts n_k/N * (its flattened weights) under the
 coordinator's CKKS context (or Paillier public key) on its own worker; the
-ciphertexts move worker-to-worker to one aggregating client, which adds them
-without being able to decrypt; only the sum comes back to the coordinator,
-which decrypts it. The coordinator never receives an individual update, and no
-worker ever holds the secret key.
+ciphertexts move worker-to-worker to two aggregating clients, which add them
+without being able to decrypt; only the two sums come back to the coordinator,
+which decrypts one of them if both are byte-identical. The coordinator never
+receives an individual update, and no worker ever holds the secret key.
+
+Trust: an aggregating client could return another client's ciphertext instead
+of the sum (the coordinator would decrypt and broadcast that update). So the
+coordinator picks the two aggregators at random (``secrets``) among the
+clients that encrypted, after they did; Paillier and CKKS additions are exact
+and order-independent, so honest sums have the same wire encoding, and a
+difference refuses the round (:class:`EncryptedAggregationError`, nothing
+decrypted). A substituted sum is caught unless both aggregators collude, or
+one aggregator colludes with another client of the round (it sees every
+ciphertext, so the accomplice could hand the other aggregator one forged to
+make both sums equal; closing that needs per-client commitments, not done).
+The coordinator is trusted not to collude with a client. With one client there is nothing to hide: its "sum" is its own update, fetched and
+decrypted alone; a round that several clients trained but only one finished
+is refused (its sum would be that client's update).
+
+A client that fails while encrypting or handing over its ciphertext is
+dropped (the sum is renormalised over the survivors); every ciphertext the
+round made is freed at its end, whatever happened.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
 import phe
 import torch
 
+from veil.exceptions import VeilError
+from veil.federated.pooled import _FAILURES, error_text  # (a client failing so is dropped, as in training)
 from veil.he import value_free
 from veil.he._paillier_encoding import DEFAULT_FLOAT_EXPONENT
-from veil.he.ckks import CKKSContext
+from veil.he.ckks import CKKSContext, CKKSTensor
+from veil.he.paillier import PaillierTensor
 from veil.he.remote import HEPointer, send_encrypted  # noqa: F401  (registers HE wire types)
 from veil.ids import new_id
 from veil.messaging.allowlist import ALLOWLIST, register_worker_function
-from veil.messaging.messages import MoveMessage, ObjectMessage, StoredObject
+from veil.messaging.messages import DeleteMessage, MoveMessage, ObjectMessage, ObjectRef, StoredObject
+from veil.messaging.serde import encode_value
 from veil.tensors import remote_ops
 
 
-def _encrypt_state(worker: Any, state: list, weight: float, key: Any, out_id: int) -> None:
+class EncryptedAggregationError(VeilError):
+    """An encrypted round refused as a whole (the aggregators disagree, or only one client is left):
+    nothing was decrypted."""
+
+
+def _encrypt_state(worker: Any, state: list, weight: float, key: Any, out_id: int | list) -> None:
+    """Stores Enc(weight * flattened state) under ``out_id``, or the same ciphertext under each of a list of
+    two ids (one copy for each aggregating client)."""
     from veil.he import encrypt
 
+    out_ids = out_id if type(out_id) is list else [out_id]
+    if len(out_ids) > 2:
+        raise TypeError("encrypted aggregation stores its ciphertext under one or two ids")
     if type(weight) not in (int, float) or not math.isfinite(weight) or not all(
             isinstance(s, torch.Tensor) and not s.is_complex() for s in state):
         raise TypeError("encrypted aggregation needs real state tensors and a finite weight")
@@ -53,7 +86,8 @@ def _encrypt_state(worker: Any, state: list, weight: float, key: Any, out_id: in
             enc = encrypt(flat, protocol="paillier", public_key=key, exponent=DEFAULT_FLOAT_EXPONENT)
     else:
         raise TypeError("encrypted aggregation needs a CKKS context or a Paillier public key")
-    worker.monitor.store_output(out_id, enc)
+    for oid in out_ids:
+        worker.monitor.store_output(oid, enc)
 
 
 register_worker_function("veil.fl.encrypt_state", _encrypt_state, shapes="none")
@@ -91,32 +125,115 @@ class EncryptedAggregation:
             self._key_ids[worker.id] = oid
         return self._key_ids[worker.id]
 
-    def aggregate(self, state_pointers: dict[str, list], weights: dict[str, float]) -> list[torch.Tensor]:
-        from veil.messaging.messages import ObjectRef
+    def aggregate(self, state_pointers: dict[str, list],
+                  weights: dict[str, float]) -> tuple[list[torch.Tensor] | None, dict[str, str]]:
+        """The weighted sum of the clients' states, divided by the survivors' total weight when some failed.
 
+        Returns ``(state or None if no client finished, {failed client: why})``. Raises
+        :class:`EncryptedAggregationError` (nothing decrypted) when the aggregators' sums differ, one of them
+        fails, or only one client of several is left.
+        """
         ids = list(state_pointers)
-        aggregator = state_pointers[ids[0]][0].location
-        owner = aggregator.hook.local_worker
-        cipher_ids = []
-        for wid in ids:
-            state = state_pointers[wid]
-            location = state[0].location
-            key_id = self._key_on(location)
-            key = ObjectRef(key_id) if key_id else self.public_key
-            out = new_id()
-            remote_ops.call(ALLOWLIST.by_name("veil.fl.encrypt_state"), (state, weights[wid], key, out), {})
-            if location is not aggregator:  # straight to the aggregating client, not through us
-                moved = new_id()
-                owner.send_msg(MoveMessage([out], aggregator.id, [moved]), location)
-                out = moved
-            cipher_ids.append(out)
-        total = HEPointer(aggregator, owner, cipher_ids[0], "he", ())
+        where = {wid: state_pointers[wid][0].location for wid in ids}
+        owner = where[ids[0]].hook.local_worker
+        made: list = []  # (worker, id) of every ciphertext this round makes: all freed in the finally
+        failed: dict[str, str] = {}
+        try:
+            copies = 2 if len(ids) > 1 else 1
+            encrypted: dict[str, list] = {}
+            for wid in ids:
+                outs = [new_id() for _ in range(copies)]
+                made += [(where[wid], o) for o in outs]
+                try:
+                    key_id = self._key_on(where[wid])
+                    key = ObjectRef(key_id) if key_id else self.public_key
+                    remote_ops.call(ALLOWLIST.by_name("veil.fl.encrypt_state"),
+                                    (state_pointers[wid], weights[wid], key, outs), {})
+                    encrypted[wid] = outs
+                except _FAILURES as e:  # dropped, as a client failing to train is
+                    failed[wid] = error_text(e)
+            if not encrypted:
+                return None, failed
+            if copies == 2 and len(encrypted) < 2:
+                raise EncryptedAggregationError("only one client of the round is left: its update alone is not "
+                                                "decrypted; round refused")
+            if copies == 1:  # one client: nothing to hide from the coordinator (the sum is its update)
+                sums = [self._sum(where[ids[0]], owner, encrypted[ids[0]], made)]
+                survivors = ids
+            else:
+                # chosen now, at random: no client knew beforehand that it would add the others' ciphertexts
+                pair = secrets.SystemRandom().sample(list(encrypted), 2)
+                held: dict[str, list] = {a: [] for a in pair}  # aggregator -> the ciphertext ids it adds
+                for wid, outs in encrypted.items():
+                    try:
+                        placed = [self._hand_over(owner, where[wid], cid, where[a], made) if a != wid else cid
+                                  for a, cid in zip(pair, outs)]
+                    except _FAILURES as e:
+                        if wid in pair:
+                            raise EncryptedAggregationError(f"aggregating client {wid!r} failed; round refused, "
+                                                            f"nothing decrypted ({error_text(e)})") from None
+                        failed[wid] = error_text(e)
+                        continue
+                    for a, cid in zip(pair, placed):
+                        held[a].append(cid)
+                survivors = [wid for wid in encrypted if wid not in failed]  # (the pair among them)
+                try:
+                    sums = [self._sum(where[a], owner, held[a], made) for a in pair]
+                except _FAILURES as e:
+                    raise EncryptedAggregationError(f"an aggregating client failed; round refused, nothing "
+                                                    f"decrypted ({error_text(e)})") from None
+                # honest sums are byte-identical (exact, order-independent additions): a difference means one
+                # aggregator returned something else (another client's ciphertext?), so nothing is decrypted
+                if encode_value(sums[0]) != encode_value(sums[1]):
+                    raise EncryptedAggregationError(
+                        f"the aggregating clients {pair[0]!r} and {pair[1]!r} returned different sums; round "
+                        "refused, nothing decrypted")
+            return self._decrypt(sums[0], state_pointers[ids[0]], [weights[w] for w in survivors], failed), failed
+        finally:
+            self._free(owner, made)
+
+    def _hand_over(self, owner: Any, source: Any, cid: int, aggregator: Any, made: list) -> int:
+        """Moves ciphertext ``cid`` straight from its client to an aggregating client (not through us)."""
+        moved = new_id()
+        made.append((aggregator, moved))
+        owner.send_msg(MoveMessage([cid], aggregator.id, [moved]), source)
+        return moved
+
+    def _sum(self, worker: Any, owner: Any, cipher_ids: list, made: list) -> Any:
+        """The aggregating client adds the ciphertexts it holds; returns the sum (a copy, fetched)."""
+        total = cipher_ids[0]
         for cid in cipher_ids[1:]:
-            total = total + HEPointer(aggregator, owner, cid, "he", ())
-        flat = total.get().decrypt(self.context if self.context is not None else self.private_key)
-        out, offset = [], 0
-        for p in state_pointers[ids[0]]:
-            n = int(torch.Size(p.shape).numel())
-            out.append(flat[offset:offset + n].reshape(p.shape).to(p.dtype))
-            offset += n
-        return out
+            out = new_id()
+            made.append((worker, out))
+            remote_ops.call(ALLOWLIST.by_name("veil.he.op"), ("add", ObjectRef(total), ObjectRef(cid), out), {},
+                            location=worker)
+            total = out
+        pointer = HEPointer(worker, owner, total, "he", ())
+        pointer.mark_freed()  # (freed with the others in aggregate's finally)
+        return pointer.fetch(delete=False)[0]
+
+    def _decrypt(self, total: Any, like: list, weights: list, failed: dict) -> list[torch.Tensor]:
+        expected = CKKSTensor if self.context is not None else PaillierTensor
+        if not isinstance(total, expected):
+            raise EncryptedAggregationError(f"the aggregated sum is a {type(total).__name__}, not a "
+                                            f"{expected.__name__}; round refused")
+        flat = total.decrypt(self.context if self.context is not None else self.private_key).reshape(-1)
+        sizes = [int(torch.Size(p.shape).numel()) for p in like]
+        if flat.numel() != sum(sizes) or not torch.isfinite(flat).all():
+            raise EncryptedAggregationError("the decrypted sum has the wrong size or non-finite entries; round "
+                                            "refused")
+        if failed:  # the survivors' weights no longer sum to 1
+            flat = flat / sum(weights)
+        return [part.reshape(p.shape).to(p.dtype) for part, p in zip(flat.split(sizes), like)]
+
+    @staticmethod
+    def _free(owner: Any, made: list) -> None:
+        """Frees the round's ciphertexts, one request per worker (ids already moved or freed are ignored)."""
+        by_worker: dict[int, tuple] = {}
+        for worker, oid in made:
+            by_worker.setdefault(id(worker), (worker, []))[1].append(oid)
+        for worker, oids in by_worker.values():
+            try:
+                owner.send_msg(DeleteMessage(oids), worker)
+            except _FAILURES:  # a client gone holds nothing we can reach
+                pass

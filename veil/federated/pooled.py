@@ -45,6 +45,32 @@ _FAILURES = (VeilError, ConnectionError, OSError)
 #: per round, clients dropped with a warning each; the rest are summed up in one warning
 WARN_EACH = 5
 _REF = m.ObjectRef
+#: characters of a client's error text kept (history, warnings): a hostile client's MBs stay with it
+ERROR_CHARS = 1024
+
+
+def error_text(e: BaseException) -> str:
+    """``"Type: message"`` of a client's failure, cut to ``ERROR_CHARS``."""
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) <= ERROR_CHARS else f"{text[:ERROR_CHARS]}... ({len(text)} characters)"
+
+
+def loss_value(t: Any) -> float:
+    """A client's mean loss: one real floating number, else the reply is refused (RemoteExecutionError)."""
+    if not isinstance(t, torch.Tensor) or t.numel() != 1 or not t.dtype.is_floating_point:
+        raise RemoteExecutionError("the client's mean loss is not one real floating-point number")
+    return float(t)
+
+
+def check_state(state: list, meta: list) -> None:
+    """Refuses (RemoteExecutionError) a client's trained state that must not enter the average: another
+    shape or dtype than the plan's state, or a NaN/inf entry (one bad update must not spoil the model)."""
+    for t, (shape, dtype, _) in zip(state, meta, strict=True):
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise RemoteExecutionError(f"the client returned a {tuple(t.shape)} {t.dtype} state tensor "
+                                       f"for a {shape} {dtype} one")
+        if not torch.isfinite(t).all():
+            raise RemoteExecutionError("the client returned a state tensor with NaN or infinite entries")
 
 
 def client_seed(seed: int | None, round_index: int, client_index: int) -> int | None:
@@ -128,10 +154,9 @@ class PooledTraining:
         objects = reply.objects if type(reply) is m.ObjectsReply and isinstance(reply.objects, list) else None
         if objects is None or len(objects) != wanted or not all(isinstance(t, torch.Tensor) for t in objects):
             raise RemoteExecutionError(f"the client's reply is not the {wanted} tensors asked for")
-        for t, (shape, dtype, _) in zip(objects[1:], self.state_meta):
-            if tuple(t.shape) != shape or t.dtype != dtype:  # one bad update must not spoil the average
-                raise RemoteExecutionError(f"the client returned a {tuple(t.shape)} {t.dtype} state tensor "
-                                           f"for a {shape} {dtype} one")
+        loss_value(objects[0])
+        if not self.hidden:
+            check_state(objects[1:], self.state_meta)
         return objects
 
     # ------------------------------------------------------------ rounds
@@ -157,18 +182,18 @@ class PooledTraining:
                      "aggregator": aggregator}
         for i, result in self.pool.exchange(build):
             if isinstance(result, BaseException):  # the transport could not reach the client
-                out["dropped"][i] = f"{type(result).__name__}: {result}"
+                out["dropped"][i] = error_text(result)
                 self.resend.add(i)
                 continue
             try:
                 stats.bytes_received += sum(len(b) for b in result)
                 objects = self._decode(result, 2 if send_plan_to_all or i in resend else 1)
             except _FAILURES as e:
-                out["dropped"][i] = f"{type(e).__name__}: {e}"
+                out["dropped"][i] = error_text(e)
                 self.resend.add(i)
                 continue
             n = self.pool.num_samples(i)
-            mean_loss = _loss_of(objects[0]) if objects else float("nan")
+            mean_loss = float(objects[0]) if objects else float("nan")  # (a real one-element tensor: _decode)
             if self.hidden:
                 out["ok"].append(i)
                 out["means"][i] = mean_loss
@@ -208,10 +233,6 @@ class PooledTraining:
         failed = sum(1 for _, result in self.pool.exchange(build) if isinstance(result, BaseException))
         if failed:
             warnings.warn(f"could not free the training plan on {failed} clients (unreachable)", stacklevel=3)
-
-
-def _loss_of(t: Any) -> float:
-    return float(t) if isinstance(t, torch.Tensor) and t.numel() == 1 else float("nan")
 
 
 def _batches(n: int, batch_size: int, epochs: int, max_batches: int | None) -> int:

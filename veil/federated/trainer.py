@@ -119,8 +119,9 @@ def train(
         seed: makes the clients' shuffling reproducible (tests, benchmarks): client k of
             the dataset shuffles with ``client_seed(seed, round, k)`` on either dispatch path.
         encrypted_aggregation: a ``federated.he_agg.EncryptedAggregation``: clients
-            encrypt their updates under the coordinator's key, one client adds the
-            ciphertexts, the coordinator decrypts only the sum.
+            encrypt their updates under the coordinator's key, two randomly picked
+            clients add the ciphertexts, the coordinator decrypts only the sum, and only
+            when both sums are identical (else EncryptedAggregationError).
         client_metrics: with secure or encrypted aggregation, also fetch each
             client's mean loss in the clear (opt-in: it is a function of that
             client's data). Otherwise secure aggregation sums the losses masked,
@@ -197,6 +198,7 @@ class _Sequential:
         self.prox_mu, self.trainable = prox_mu, trainable
         self.secure, self.encrypted, self.client_metrics = secure_aggregation, encrypted_aggregation, client_metrics
         self.plans: dict[str, Any] = {}
+        self.state_meta = [(tuple(t.shape), t.dtype, t.requires_grad) for t in plan.state_tensors()]
 
     def round(self, r: int, global_state: list, strategy: Strategy, min_workers: int) -> tuple[list, RoundRecord]:
         updates: list[ClientUpdate] = []
@@ -215,7 +217,8 @@ class _Sequential:
                            max_batches=self.steps_per_round, seed=client_seed(self.seed, r, k))
                 if not hidden:  # load, fit, mean loss and new state: one request
                     mean, state = pp.train_round(global_state, ds.data, ds.targets, **fit)
-                    mean_loss = float(mean)
+                    mean_loss = pooled.loss_value(mean)  # a malformed reply drops this client (VeilError)
+                    pooled.check_state(state, self.state_meta)
                     updates.append(ClientUpdate(wid, state, len(ds), mean_loss))
                     done[wid] = pp
                     continue
@@ -225,15 +228,15 @@ class _Sequential:
                     # A client's own loss is not sent in the clear; secure aggregation sums it masked.
                     mean_loss, loss_ptrs[wid] = float("nan"), losses
                 else:
-                    mean_loss = float(losses.mean().get()) if losses.shape[0] else float("nan")
+                    mean_loss = pooled.loss_value(losses.mean().get()) if losses.shape[0] else float("nan")
                 state = None
                 updates.append(ClientUpdate(wid, state, len(ds), mean_loss))
                 done[wid] = pp
             except (VeilError, ConnectionError, OSError) as e:
-                warnings.warn(f"round {r}: worker {wid!r} dropped out ({type(e).__name__}: {e})", stacklevel=3)
+                errors[wid] = pooled.error_text(e)  # (cut short: a client's error text is its to size)
+                warnings.warn(f"round {r}: worker {wid!r} dropped out ({errors[wid]})", stacklevel=3)
                 self.plans.pop(wid, None)
                 dropped.append(wid)
-                errors[wid] = f"{type(e).__name__}: {e}"
         secure_loss = None
         if self.secure and updates:
             inputs = {u.worker_id: secure_agg.ClientInput(done[u.worker_id].state[0].location, done[u.worker_id].state,
@@ -241,8 +244,11 @@ class _Sequential:
                       for u in updates}
             updates, global_candidate, secure_loss = _secure_round(updates, inputs, dropped, r, self.review_wait)
         elif self.encrypted is not None and updates:
-            global_candidate = _encrypted_round(self.encrypted, updates,
-                                                {u.worker_id: done[u.worker_id].state for u in updates})
+            updates, global_candidate = _encrypted_round(self.encrypted, updates,
+                                                         {u.worker_id: done[u.worker_id].state for u in updates},
+                                                         dropped, errors, r)
+            for wid in dropped:
+                self.plans.pop(wid, None)  # (sent again next round, as after a failed training)
         else:
             global_candidate = None
         if len(updates) < min_workers:
@@ -279,7 +285,9 @@ def _pooled_round(runner: "pooled.PooledTraining", r: int, global_state: list, s
                   for wid, (worker, state, n, losses) in held.items()}
         updates, candidate, secure_loss = _secure_round(updates, inputs, dropped, r, runner.review_wait)
     else:
-        candidate = _encrypted_round(runner.encrypted, updates, {wid: h[1] for wid, h in held.items()})
+        updates, candidate = _encrypted_round(runner.encrypted, updates, {wid: h[1] for wid, h in held.items()},
+                                              dropped, errors, r)
+        runner.resend.update(pool.index_of(wid) for wid in dropped)  # (as after a failed training)
     if len(updates) < min_workers:
         raise RuntimeError(f"round {r}: only {len(updates)} workers finished, {min_workers} required")
     global_state = strategy.apply_secure(candidate, global_state, len(updates))
@@ -289,10 +297,18 @@ def _pooled_round(runner: "pooled.PooledTraining", r: int, global_state: list, s
     return global_state, RoundRecord(r, survivors, train_loss, None, dropped, errors)
 
 
-def _encrypted_round(encrypted_aggregation: Any, updates: list[ClientUpdate], states: dict) -> list:
+def _encrypted_round(encrypted_aggregation: Any, updates: list[ClientUpdate], states: dict, dropped: list,
+                     errors: dict, r: int) -> tuple[list, list | None]:
+    """Encrypted sum of the clients' n_k/N-weighted states; a client failing in it is dropped (the sum is
+    renormalised over the survivors). Returns the surviving updates and their weighted average."""
     total = sum(u.num_samples for u in updates)
-    return encrypted_aggregation.aggregate({u.worker_id: states[u.worker_id] for u in updates},
-                                           {u.worker_id: u.num_samples / total for u in updates})
+    candidate, failed = encrypted_aggregation.aggregate({u.worker_id: states[u.worker_id] for u in updates},
+                                                        {u.worker_id: u.num_samples / total for u in updates})
+    for wid, why in failed.items():
+        warnings.warn(f"round {r}: worker {wid!r} dropped out ({why})", stacklevel=4)
+        dropped.append(wid)
+        errors[wid] = why
+    return [u for u in updates if u.worker_id not in failed], candidate
 
 
 def _secure_round(updates: list[ClientUpdate], inputs: dict, dropped: list,

@@ -112,10 +112,11 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
 def _load_state(worker: Any, state: list, values: list) -> None:
     if len(state) != len(values):
         raise RemoteExecutionError(f"load_state: {len(values)} values for {len(state)} state tensors")
+    for s, v in zip(state, values):  # every shape first: a refused call must leave the state as it was
+        if s.shape != v.shape:
+            raise RemoteExecutionError(f"load_state: shape {tuple(v.shape)} does not fit {tuple(s.shape)}")
     with torch.no_grad():
         for s, v in zip(state, values):
-            if s.shape != v.shape:
-                raise RemoteExecutionError(f"load_state: shape {tuple(v.shape)} does not fit {tuple(s.shape)}")
             s.copy_(v)
 
 
