@@ -73,7 +73,9 @@ class ModelClient:
         batch_input_shape = as_shape(batch_input_shape, "input_shape")
         batch_output_shape = as_shape(batch_output_shape, "output_shape")
         if not isinstance(cluster, Cluster):
-            cluster = Cluster.load(cluster, client_token=token)
+            if not isinstance(cluster, (str, os.PathLike)):
+                raise ServingError(f"cluster must be a Cluster or a cluster file's path, not {type(cluster).__name__}")
+            cluster = Cluster.load(cluster, client_token=token)  # ServingError naming a malformed file
         token = token or cluster.client_token or os.environ.get(CLIENT_TOKEN_ENV)
         if not token:
             raise ServingError("no client token: pass token=..., use the owner's cluster file, "

@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import secrets
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -218,18 +219,47 @@ class Cluster:
     def save(self, path: str | os.PathLike) -> Path:
         """Writes the cluster file for clients (owner-only permissions: it holds a token)."""
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(self.describe(), indent=2))
-        os.replace(tmp, path)  # a client waiting for the file never reads half of it
+        # mkstemp: a fresh name opened O_EXCL (never a planted file or symlink), mode 0o600; fchmod again in
+        # case the umask or platform widened it. os.replace then swaps it in: clients never read half a file.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self.describe(), indent=2))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike, client_token: Optional[str] = None) -> "Cluster":
-        """A client's view of a cluster from :meth:`save`'s file (the token may come separately)."""
-        desc = json.loads(Path(path).read_text())
-        parties = [NetworkWorker(addr, id=wid) for wid, addr in desc["parties"]]
-        cp_id, cp_addr = desc["crypto_provider"]
-        return cls(*parties, crypto_provider=NetworkWorker(cp_addr, id=cp_id),
-                   client_token=client_token or desc.get("client_token"))
+        """A client's view of a cluster from :meth:`save`'s file (the token may come separately).
+
+        Raises:
+            ServingError: The file cannot be read or is not a cluster file (naming the file).
+        """
+        path = Path(path)
+        try:
+            desc = json.loads(path.read_text())
+            if not isinstance(desc, dict):
+                raise TypeError("not a JSON object")
+            pairs = [*desc["parties"], desc["crypto_provider"]]
+            if not (isinstance(desc["parties"], list)
+                    and all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, str) for v in p) for p in pairs)):
+                raise TypeError("parties and crypto_provider must be [id, \"host:port\"] pairs")
+            token = client_token or desc.get("client_token")
+            if token is not None and not isinstance(token, str):
+                raise TypeError("client_token must be a string")
+            parties = [NetworkWorker(addr, id=wid) for wid, addr in desc["parties"]]
+            cp_id, cp_addr = desc["crypto_provider"]
+            cluster = cls(*parties, crypto_provider=NetworkWorker(cp_addr, id=cp_id), client_token=token)
+            for w in cluster.workers:
+                w.port  # noqa: B018 - "HOST:PORT" checked here, not at the first connection
+            return cluster
+        except OSError as e:
+            raise ServingError(f"cannot read cluster file {path}: {e.strerror or e}") from e
+        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError; Cluster's own checks too
+            raise ServingError(f"{path} is not a veil cluster file (Cluster.save): {type(e).__name__}: {e}") from e

@@ -20,6 +20,7 @@ you: the error names the shape the model expects.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Optional
 
@@ -39,7 +40,9 @@ def as_count(value: Any, what: str = "count") -> Optional[int]:
         value = value[0]
     if isinstance(value, (list, tuple)) and len(value) == 1:
         value = value[0]
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or float(value) != int(value):
+    # NaN/Inf first (R's NA_real_, Inf): int() of them raises ValueError/OverflowError, not a ServingError
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+            or float(value) != int(value)):
         raise ServingError(f"{what} must be a whole number, got {value!r}")
     return int(value)
 
@@ -58,7 +61,8 @@ def as_shape(shape: Any, what: str = "shape") -> Optional[tuple]:
     for d in shape:
         if d is None:  # Keras writes an unknown batch size as None: one request
             d = 1
-        if isinstance(d, bool) or not isinstance(d, numbers.Real) or float(d) != int(d) or int(d) < 0:
+        if (isinstance(d, bool) or not isinstance(d, numbers.Real) or not math.isfinite(d)
+                or float(d) != int(d) or int(d) < 0):
             raise ServingError(f"{what} must be whole numbers >= 0, got {list(shape)!r}")
         dims.append(int(d))
     return tuple(dims)
@@ -71,11 +75,16 @@ def as_tensor(x: Any) -> torch.Tensor:
         ServingError: ``x`` is ``None`` or not numeric.
     """
     if isinstance(x, torch.Tensor):
+        if x.is_complex():
+            raise ServingError("complex inputs are not supported: the model takes real numbers")
         return x.detach()
     if x is None:
         raise ServingError("no input given (NULL / None); pass a tensor, numpy array or R array")
     try:
-        return torch.as_tensor(_numpy(x), dtype=torch.float32)
+        arr = _numpy(x)
+        if arr.dtype.kind == "c":  # a float cast would silently drop the imaginary part: another input
+            raise ServingError("complex inputs are not supported: the model takes real numbers")
+        return torch.as_tensor(arr, dtype=torch.float32)
     except (TypeError, ValueError) as e:
         raise ServingError(f"cannot use a {type(x).__name__} as a tensor: {e}") from None
 

@@ -122,6 +122,8 @@ def read_csv(path: Path, target: str | None) -> tuple[torch.Tensor, torch.Tensor
             rows = list(csv.reader(f))
     except OSError as e:
         raise SystemExit(f"veil worker: cannot read dataset {path}: {e.strerror}") from None
+    except (csv.Error, UnicodeDecodeError) as e:  # e.g. a field over csv's 128 KiB limit: one line, no traceback
+        raise SystemExit(f"veil worker: cannot read dataset {path}: {e}") from None
     if len(rows) < 2:
         raise SystemExit(f"veil worker: dataset {path} needs a header row and at least one data row")
     header, body = rows[0], [r for r in rows[1:] if r]
