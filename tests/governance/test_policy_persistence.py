@@ -87,11 +87,11 @@ def test_the_last_decision_counts_and_tags_added_keep_it(start):
     assert policy_of(w4, oid4) == "review"
 
 
-def test_decisions_are_per_worker_and_per_dataset(start):
+def test_decisions_are_per_owner_database_and_per_dataset(start):
     w, _ = start("open")
     w.set_policy("#clinic", "review")
     other, oid = start("open", worker_id=f"gov-persist-other-{time.monotonic_ns()}")
-    assert policy_of(other, oid) == "open"
+    assert policy_of(other, oid) == "review"  # another replica of the owner (same database, another id)
     w2, oid2 = start("open", tags=("#clinic", "#target"))
     assert policy_of(w2, oid2) == "open"
 
@@ -99,7 +99,7 @@ def test_decisions_are_per_worker_and_per_dataset(start):
 def test_an_unreadable_stored_decision_stops_the_load(start):
     w, _ = start("open")
     w.set_policy("#clinic", "review")
-    namespace = f"governance.policy/{w.id}"
+    namespace = "governance.policy"
     (key,) = w.db.kv_keys(namespace)
     w.db.kv_put(namespace, key, b'{"policy": "wide-open"}')
     with pytest.raises(ValueError, match="unknown data policy"):

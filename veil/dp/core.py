@@ -183,6 +183,18 @@ def clipped_sum(grad_samples: list[Optional[torch.Tensor]], max_grad_norm: float
     return clip_and_sum(grad_samples, max_grad_norm, like)[0]
 
 
+#: what a DP-SGD release's parameters may be: real, with room for any lot's clipped sum (a float16 sum
+#: overflows to inf at 65504: finite or not by the record count; complex ones would get real noise only)
+RELEASE_DTYPES = (torch.float32, torch.float64)
+
+
+def check_release_dtypes(params: Sequence[torch.Tensor]) -> None:
+    """Refuses parameters a DP-SGD release cannot noise soundly (before any charge)."""
+    bad = sorted({str(p.dtype) for p in params if p.dtype not in RELEASE_DTYPES})
+    if bad:
+        raise PrivacyParameterError(f"DP-SGD needs float32 or float64 parameters, not {', '.join(bad)}")
+
+
 def check_noise(requested: Optional[float], minimum: float, where: str) -> float:
     """The sigma to use: the owner's minimum unless more was requested; less is refused."""
     if requested is None:

@@ -152,13 +152,13 @@ class DPDataOwner:
         if type(sample_rate) not in (int, float) or not 0 < sample_rate <= 1:
             raise PrivacyParameterError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self._check_budget(sigma, sample_rate)
-        # Charge before computing anything that could be released.
-        self.accountant.step(sigma, sample_rate)
-
         local = copy.deepcopy(model)
         local.load_state_dict(dict(params), strict=False)
         per_sample.validate(local)
         trainable = [(n, p) for n, p in local.named_parameters() if p.requires_grad]
+        core.check_release_dtypes([p for _, p in trainable])  # (refused before the charge)
+        # Charge before computing anything that could be released.
+        self.accountant.step(sigma, sample_rate)
         forward = per_sample.module_record_fn(local, [n for n, _ in trainable])
 
         def one(ps: tuple, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:

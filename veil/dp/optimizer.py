@@ -53,6 +53,7 @@ class DPOptimizer:
             raise PrivacyParameterError(f"max_grad_norm must be > 0, got {max_grad_norm}")
         if not expected_batch_size > 0:
             raise PrivacyParameterError(f"expected_batch_size must be > 0, got {expected_batch_size}")
+        core.check_release_dtypes([p for group in optimizer.param_groups for p in group["params"]])
         self.original_optimizer = optimizer
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)

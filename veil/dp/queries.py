@@ -157,7 +157,13 @@ def dp_histogram(x: torch.Tensor, bins: int, lower: float, upper: float, epsilon
         raise PrivacyParameterError(f"bins must be an integer >= 1, got {bins!r}")
     _check(epsilon, delta, mechanism)
     d = float(x.shape[1:].numel())
-    counts = torch.histc(_clamped(x, lower, upper).flatten(), bins=bins, min=lower, max=upper)
+    # bin = floor((v - lower) / width * bins), the top edge in the last bin, on halves (finite for any finite
+    # bounds: torch.histc dropped every record when upper - lower overflowed, and misbinned near it)
+    v = _clamped(x, lower, upper).flatten()
+    half = upper * 0.5 - lower * 0.5
+    frac = (v * 0.5 - lower * 0.5) / half if half > 0 else (v - lower) / (upper - lower)  # (subnormal bounds)
+    at = (frac * bins).floor_().clamp_(0, bins - 1).to(torch.int64)
+    counts = torch.bincount(at, minlength=bins).to(torch.float64)
     return _noisy(counts, d, d, epsilon, delta, mechanism, integer=(mechanism == "laplace"))
 
 

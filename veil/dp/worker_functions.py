@@ -43,10 +43,6 @@ from veil.workers import owner_guard
 from veil.workers.quota import QuotaExceededError
 
 
-#: what a DP-SGD release's trainable parameters may be: real, with room for any lot's clipped sum
-RELEASE_DTYPES = (torch.float32, torch.float64)
-
-
 def _user(worker: Any) -> str:
     user = worker.requesting_user()
     if not isinstance(user, str) or not user:
@@ -90,10 +86,7 @@ def _sanitized_gradient(worker: Any, plan: Any, dataset: str, params: list, trai
     if not isinstance(trainable, (list, tuple)) or len(trainable) != len(params) or \
             not all(type(t) is bool for t in trainable):
         raise PrivacyParameterError("trainable must be one bool per parameter")
-    if any(t and p.dtype not in RELEASE_DTYPES for p, t in zip(params, trainable)):
-        # (the noise is real: a complex parameter's imaginary part would come back without any; a
-        # half-precision sum of clipped gradients overflows to inf at 65504: finite or not by the count)
-        raise PrivacyParameterError("trainable parameters must be float32 or float64 tensors")
+    core.check_release_dtypes([p for p, t in zip(params, trainable) if t])
     compiled = check_forward_plan(plan, len(params))
     loss_fn = loss_by_name(loss)
     rid = _request_id(request_id)

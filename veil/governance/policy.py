@@ -4,8 +4,8 @@ A policy is set on a *source* (an object the owner loaded); everything derived f
 that source inherits it through provenance (:mod:`veil.governance.provenance`).
 
 Run-time changes (:func:`set_policy`: ``worker.set_policy``, the admin message, the console)
-are stored in the worker's owner database (``kv`` namespace ``governance.policy/<worker id>``,
-keyed by the dataset's tags) and restored at the next start by :func:`apply_policy`, which
+are stored in the worker's owner database (``kv`` namespace ``governance.policy``, shared by one
+owner's replicas, keyed by the dataset's tags) and restored at the next start by :func:`apply_policy`, which
 ``worker.load(..., policy=)`` calls: a dataset gets the stricter of its load-time policy and
 the stored decisions (strictness is the order of ``POLICIES``: open < review < dp-only).
 """
@@ -17,7 +17,8 @@ import time
 from typing import Any
 
 from veil.exceptions import ObjectNotFoundError
-from veil.governance.state import POLICIES, audit, check_policy, governance, policy_of
+from veil.governance.state import DEFAULT_POLICY, POLICIES, audit, check_policy, governance, policy_of
+from veil.workers.persistence import OwnerDB
 
 #: open < review < dp-only: dp-only lets nothing un-noised out, approved or not (its DP releases are capped
 #: by the owner's budgets)
@@ -25,7 +26,10 @@ _STRICTNESS = {p: i for i, p in enumerate(POLICIES)}
 
 
 def _namespace(worker: Any) -> str:
-    return f"governance.policy/{worker.id}"  # per worker id: owners' workers sharing one PostgreSQL stay apart
+    # per owner database, not per worker id: one owner's replicas share a database (docs/scaling.md: one
+    # owner per database) under different ids, and a decision taken on one must hold on all of them
+    del worker
+    return "governance.policy"
 
 
 def _dataset_key(entry: Any) -> list[str]:
@@ -41,16 +45,42 @@ def stored_policy(worker: Any, entry: Any) -> str | None:
     db, namespace, mine = governance(worker).db, _namespace(worker), set(_dataset_key(entry))
     found = None
     for key in db.kv_keys(namespace):
-        if not set(json.loads(key)) <= mine:
+        tags = _json(key, list, key)
+        if not all(type(t) is str for t in tags):
+            raise ValueError(f"stored policy decision {key!r}: its key is not a list of tags")
+        if not set(tags) <= mine:
             continue
         raw = db.kv_get(namespace, key)
         if raw is None:  # removed meanwhile
             continue
-        # an unreadable record stops the start (ValueError) rather than opening the data
-        policy = check_policy(json.loads(raw).get("policy"))
+        # an unreadable record stops the start (ValueError: one line) rather than opening the data
+        policy = check_policy(_json(raw, dict, key).get("policy"))
         if found is None or _STRICTNESS[policy] > _STRICTNESS[found]:
             found = policy
     return found
+
+
+def _json(raw: Any, kind: type, key: str) -> Any:
+    try:
+        value = json.loads(raw)
+    except (ValueError, TypeError):
+        value = None
+    if type(value) is not kind:
+        raise ValueError(f"stored policy decision {key!r} is unreadable (not a JSON {kind.__name__})")
+    return value
+
+
+def restore_policy(worker: Any, oid: int) -> None:
+    """For a dataset loaded without a policy: the owner's stored run-time decision, where it is stricter than
+    the default (a restart of ``worker.load(x)`` must not reopen what the owner tightened)."""
+    if not isinstance(getattr(worker, "db", None), OwnerDB):  # nothing persisted (an in-memory worker)
+        return
+    entry = dict(worker.monitor.owner_entries()).get(oid)
+    if entry is None or not entry.protected:  # (set_policy stores decisions for protected datasets only)
+        return
+    stored = stored_policy(worker, entry)
+    if stored is not None and _STRICTNESS[stored] > _STRICTNESS[DEFAULT_POLICY]:
+        apply_policy(worker, oid, DEFAULT_POLICY)
 
 
 def _store_policy(worker: Any, entry: Any, policy: str, by: str) -> None:

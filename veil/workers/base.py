@@ -120,10 +120,12 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
             allowed_users = ()
         self.monitor.owner_load(oid, obj, tags, description, None if allowed_users is None else tuple(allowed_users),
                                 owner=self.id)
-        if policy is not None:
-            from veil.governance.policy import apply_policy
+        from veil.governance.policy import apply_policy, restore_policy
 
+        if policy is not None:
             apply_policy(self, oid, policy)
+        else:
+            restore_policy(self, oid)
         return oid
 
     def set_policy(self, name_or_tag: Any, policy: str) -> list[int]:
