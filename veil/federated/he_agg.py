@@ -17,13 +17,19 @@ decrypted). A substituted sum is caught unless both aggregators collude, or
 one aggregator colludes with another client of the round (it sees every
 ciphertext, so the accomplice could hand the other aggregator one forged to
 make both sums equal; closing that needs per-client commitments, not done).
-The coordinator is trusted not to collude with a client. With one client there is nothing to hide: its "sum" is its own update, fetched and
-decrypted alone; a round that several clients trained but only one finished
-is refused (its sum would be that client's update).
+The coordinator is trusted not to collude with a client. A federation of one
+has nothing to hide: its "sum" is its own update, fetched and decrypted alone.
+Otherwise a majority (and at least two) of the clients the round started with
+must be in the sum, or nothing is decrypted: clients dropped on purpose, or
+refused by a hostile aggregator, cannot leave one update (or one next to the
+aggregator's own) alone in it.
 
-A client that fails while encrypting or handing over its ciphertext is
-dropped (the sum is renormalised over the survivors); every ciphertext the
-round made is freed at its end, whatever happened.
+A client that fails while encrypting is dropped (the sum is renormalised over
+the survivors); a ciphertext that cannot be handed over refuses the round (its
+sender and the aggregator are equally suspect). Any one client can make the
+two sums differ (two different copies) and so refuse a round: a denial of
+service, not a leak, until clients commit to their ciphertexts. Every
+ciphertext the round made is freed at its end, whatever happened.
 """
 
 from __future__ import annotations
@@ -125,15 +131,23 @@ class EncryptedAggregation:
             self._key_ids[worker.id] = oid
         return self._key_ids[worker.id]
 
-    def aggregate(self, state_pointers: dict[str, list],
-                  weights: dict[str, float]) -> tuple[list[torch.Tensor] | None, dict[str, str]]:
+    def aggregate(self, state_pointers: dict[str, list], weights: dict[str, float],
+                  started: int | None = None) -> tuple[list[torch.Tensor] | None, dict[str, str]]:
         """The weighted sum of the clients' states, divided by the survivors' total weight when some failed.
 
+        ``started``: how many clients the round started with (default: those given). Unless that is one (a
+        federation of one has nothing to hide from its coordinator), a majority of them (and at least two)
+        must be in the sum: clients dropped until one or two are left (failing on purpose, or refused by a
+        hostile aggregator) would otherwise have the coordinator decrypt a lone update, or one an
+        aggregator can subtract its own from.
+
         Returns ``(state or None if no client finished, {failed client: why})``. Raises
-        :class:`EncryptedAggregationError` (nothing decrypted) when the aggregators' sums differ, one of them
-        fails, or only one client of several is left.
+        :class:`EncryptedAggregationError` (nothing decrypted) when the aggregators' sums differ, a
+        ciphertext could not be handed over, an aggregator fails, or too few clients are left.
         """
         ids = list(state_pointers)
+        started = len(ids) if started is None else max(int(started), len(ids))
+        needed = 1 if started == 1 else max(2, started // 2 + 1)
         where = {wid: state_pointers[wid][0].location for wid in ids}
         owner = where[ids[0]].hook.local_worker
         made: list = []  # (worker, id) of every ciphertext this round makes: all freed in the finally
@@ -154,10 +168,10 @@ class EncryptedAggregation:
                     failed[wid] = error_text(e)
             if not encrypted:
                 return None, failed
-            if copies == 2 and len(encrypted) < 2:
-                raise EncryptedAggregationError("only one client of the round is left: its update alone is not "
-                                                "decrypted; round refused")
-            if copies == 1:  # one client: nothing to hide from the coordinator (the sum is its update)
+            if len(encrypted) < needed:
+                raise EncryptedAggregationError(f"only {len(encrypted)} of the {started} clients of the round are "
+                                                f"left ({needed} needed): their sum is not decrypted; round refused")
+            if copies == 1:  # a federation of one: nothing to hide from the coordinator (the sum is its update)
                 sums = [self._sum(where[ids[0]], owner, encrypted[ids[0]], made)]
                 survivors = ids
             else:
@@ -168,15 +182,13 @@ class EncryptedAggregation:
                     try:
                         placed = [self._hand_over(owner, where[wid], cid, where[a], made) if a != wid else cid
                                   for a, cid in zip(pair, outs)]
-                    except _FAILURES as e:
-                        if wid in pair:
-                            raise EncryptedAggregationError(f"aggregating client {wid!r} failed; round refused, "
-                                                            f"nothing decrypted ({error_text(e)})") from None
-                        failed[wid] = error_text(e)
-                        continue
+                    except _FAILURES as e:  # the sender's fault, or an aggregator refusing it to shrink the sum:
+                        raise EncryptedAggregationError(  # no telling which, so nobody is dropped for it
+                            f"client {wid!r}'s ciphertext could not be handed to the aggregating clients; round "
+                            f"refused, nothing decrypted ({error_text(e)})") from None
                     for a, cid in zip(pair, placed):
                         held[a].append(cid)
-                survivors = [wid for wid in encrypted if wid not in failed]  # (the pair among them)
+                survivors = list(encrypted)  # (the pair among them)
                 try:
                     sums = [self._sum(where[a], owner, held[a], made) for a in pair]
                 except _FAILURES as e:
@@ -184,10 +196,10 @@ class EncryptedAggregation:
                                                     f"decrypted ({error_text(e)})") from None
                 # honest sums are byte-identical (exact, order-independent additions): a difference means one
                 # aggregator returned something else (another client's ciphertext?), so nothing is decrypted
-                if encode_value(sums[0]) != encode_value(sums[1]):
-                    raise EncryptedAggregationError(
-                        f"the aggregating clients {pair[0]!r} and {pair[1]!r} returned different sums; round "
-                        "refused, nothing decrypted")
+                if encode_value(sums[0]) != encode_value(sums[1]):  # (an aggregator, or a client that sent
+                    raise EncryptedAggregationError(  # its two copies differently: no telling which)
+                        "the two aggregated sums differ (an aggregating client, or a client whose two copies "
+                        "differ, did not follow the protocol); round refused, nothing decrypted")
             return self._decrypt(sums[0], state_pointers[ids[0]], [weights[w] for w in survivors], failed), failed
         finally:
             self._free(owner, made)

@@ -59,7 +59,10 @@ def loss_value(t: Any) -> float:
     """A client's mean loss: one real floating number, else the reply is refused (RemoteExecutionError)."""
     if not isinstance(t, torch.Tensor) or t.numel() != 1 or not t.dtype.is_floating_point:
         raise RemoteExecutionError("the client's mean loss is not one real floating-point number")
-    return float(t)
+    value = float(t)
+    if not math.isfinite(value):  # (one NaN/inf loss would make the round's weighted loss NaN/inf)
+        raise RemoteExecutionError("the client's mean loss is not finite")
+    return value
 
 
 def check_state(state: list, meta: list) -> None:

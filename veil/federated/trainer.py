@@ -303,7 +303,8 @@ def _encrypted_round(encrypted_aggregation: Any, updates: list[ClientUpdate], st
     renormalised over the survivors). Returns the surviving updates and their weighted average."""
     total = sum(u.num_samples for u in updates)
     candidate, failed = encrypted_aggregation.aggregate({u.worker_id: states[u.worker_id] for u in updates},
-                                                        {u.worker_id: u.num_samples / total for u in updates})
+                                                        {u.worker_id: u.num_samples / total for u in updates},
+                                                        started=len(updates) + len(dropped))
     for wid, why in failed.items():
         warnings.warn(f"round {r}: worker {wid!r} dropped out ({why})", stacklevel=4)
         dropped.append(wid)

@@ -302,16 +302,6 @@ def _h5_weights(h5: Any, layers_group: str, where: str, limit: int) -> dict:
     """Layer name -> [(shape, dtype), ...] of the file's weights, in the layer's variable order."""
     import h5py
 
-    total = 0
-
-    def count(_: str, obj: Any) -> None:
-        nonlocal total
-        if isinstance(obj, h5py.Dataset):
-            total += obj.size * obj.dtype.itemsize
-
-    h5.visititems(count)
-    if total > limit:  # what reading the weights would allocate, against what the file really holds
-        raise _refuse(where, f"the weights declare {total} bytes, more than the file holds")
     out: dict = {}
     if layers_group == "layers":  # .keras: layers/<path>/vars/0, 1, ... with the layer's name as an attribute
         for key, group in h5.get("layers", {}).items():
@@ -327,6 +317,19 @@ def _h5_weights(h5: Any, layers_group: str, where: str, limit: int) -> dict:
             group = root[name]
             names = [n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs.get("weight_names", [])]
             out[name] = [(tuple(group[n].shape), group[n].dtype) for n in names]
+    # what reading the weights allocates against what the file holds: every dataset once, and every layer
+    # variable as Keras reads it (one dataset hard-linked into many layers is read once for each)
+    stored = 0
+
+    def count(_: str, obj: Any) -> None:
+        nonlocal stored
+        if isinstance(obj, h5py.Dataset):
+            stored += obj.size * obj.dtype.itemsize
+
+    h5.visititems(count)
+    total = max(stored, sum(math.prod(shape) * dtype.itemsize for weights in out.values() for shape, dtype in weights))
+    if total > limit:
+        raise _refuse(where, f"the weights declare {total} bytes, more than the file holds")
     return out
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from veil.messaging import serde
 from veil.serving.errors import ModelConversionError
-from veil.serving.keras_convert import MAX_ELEMENTS, ChannelsLastToFirst, load_keras
+from veil.serving.keras_convert import MAX_ELEMENTS, MAX_LAYERS, ChannelsLastToFirst, load_keras
 
 FORMAT = "veil-model/1"
 
@@ -120,8 +120,8 @@ def build(spec: list) -> nn.Sequential:
 
     The layers are built on the ``meta`` device: nothing is allocated for the sizes the file declares
     until :func:`load_model` has checked the file's weights against them."""
-    if not isinstance(spec, list):
-        raise ModelConversionError("model file: 'layers' must be a list")
+    if not isinstance(spec, list) or not 1 <= len(spec) <= MAX_LAYERS:
+        raise ModelConversionError(f"model file: 'layers' must be a list of 1 to {MAX_LAYERS} layers")
     layers = []
     for item in spec:
         if not isinstance(item, (list, tuple)) or len(item) != 2 or item[0] not in LAYERS:
@@ -153,6 +153,11 @@ def _input_shape(value: Any, where: str) -> tuple:
     return shape
 
 
+#: all layers' outputs of one query together (a file of thousands of cheap layers on a big input would make
+#: the load's dry run, and every query, take minutes)
+MAX_TOTAL_ELEMENTS = 2**27
+
+
 def _dry_run(model: nn.Sequential, shape: tuple, where: str, device: str = "cpu") -> None:
     """Runs ``model`` layer by layer on zeros of ``shape`` (shapes only on ``meta``): the architecture must
     take the input and give one tensor of bounded size at every layer, or the file is refused here rather
@@ -160,6 +165,7 @@ def _dry_run(model: nn.Sequential, shape: tuple, where: str, device: str = "cpu"
     try:
         with torch.no_grad():
             x = torch.zeros(shape, device=device)
+            total = 0
             for i, layer in enumerate(model):
                 x = layer(x)
                 if not isinstance(x, torch.Tensor):
@@ -167,6 +173,9 @@ def _dry_run(model: nn.Sequential, shape: tuple, where: str, device: str = "cpu"
                 if x.numel() > MAX_ELEMENTS:
                     raise ModelConversionError(f"layer {i} ({type(layer).__name__}) gives {list(x.shape)}, "
                                                f"over {MAX_ELEMENTS} elements")
+                total += x.numel()
+                if total > MAX_TOTAL_ELEMENTS:  # (each query, and the load's own dry run, pays them all)
+                    raise ModelConversionError(f"the layers' outputs add up to over {MAX_TOTAL_ELEMENTS} elements")
     except ModelConversionError as e:
         raise ModelConversionError(f"{where}: {e}") from e
     except Exception as e:

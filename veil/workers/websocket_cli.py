@@ -127,6 +127,10 @@ def read_csv(path: Path, target: str | None) -> tuple[torch.Tensor, torch.Tensor
     if len(rows) < 2:
         raise SystemExit(f"veil worker: dataset {path} needs a header row and at least one data row")
     header, body = rows[0], [r for r in rows[1:] if r]
+    widths = {len(r) for r in body}
+    if widths != {len(header)}:  # (a short row gave an empty target, a long one lost columns, silently)
+        raise SystemExit(f"veil worker: dataset {path} has rows of {', '.join(map(str, sorted(widths)))} fields "
+                         f"for a header of {len(header)}")
     try:
         values = torch.tensor([[float(v) for v in r] for r in body], dtype=torch.float32)
     except ValueError as e:
