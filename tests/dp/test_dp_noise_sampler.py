@@ -54,3 +54,27 @@ def test_snapped_gaussian_clamps_to_the_public_bound_and_keeps_zero_noise_exact(
     assert float(out[0]) == pytest.approx(1000.0, abs=grid) and float(out[1]) == pytest.approx(-1000.0, abs=grid)
     s = torch.tensor([0.1, -2.5], dtype=torch.float32)
     assert torch.equal(core.snapped_gaussian(s, 0.0, 10.0), s.double())
+
+
+def test_poisson_indices_are_a_bernoulli_lot_in_time_of_the_lot():
+    n, q = 200_000, 0.01
+    idx = core.poisson_indices(n, q)
+    assert idx.dtype == torch.int64 and bool((idx[1:] > idx[:-1]).all()) and int(idx.min()) >= 0
+    assert int(idx.max()) < n
+    # size ~ Binomial(n, q): mean 2000, sd ~44.5; 8 sd (false failure < 1e-14)
+    assert abs(idx.numel() - n * q) < 8 * math.sqrt(n * q * (1 - q))
+    # members spread evenly: each half holds ~half of them (sd ~31.6 per half)
+    assert abs(int((idx < n // 2).sum()) - idx.numel() / 2) < 8 * math.sqrt(idx.numel() / 4)
+    # every record can join: over many tiny lots of 3 records each index shows up (P(miss) ~ e^-300)
+    seen = torch.cat([core.poisson_indices(3, 0.5) for _ in range(600)])
+    assert set(seen.tolist()) == {0, 1, 2}
+    assert torch.equal(core.poisson_indices(5, 1.0), torch.arange(5))
+    # a tiny rate on a huge count draws a handful of uniforms, not one per record
+    calls = []
+    real = core.secure_uniform
+    try:
+        core.secure_uniform = lambda k: (calls.append(k), real(k))[1]
+        core.poisson_indices(10**9, 1e-9)
+    finally:
+        core.secure_uniform = real
+    assert sum(calls) < 100, calls

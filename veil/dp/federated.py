@@ -166,8 +166,9 @@ class DPDataOwner:
 
         like = [p for _, p in trainable]
         try:
-            mask = core.poisson_mask(len(self._data), sample_rate, self._generator)
-            x, y = self._data[mask], self._target[mask]
+            lot = core.poisson_mask(len(self._data), sample_rate, self._generator) if self._generator is not None \
+                else core.poisson_indices(len(self._data), sample_rate)  # (time proportional to the lot)
+            x, y = self._data[lot], self._target[lot]
             dummy = (torch.zeros_like(self._data[0]), torch.zeros_like(self._target[0]))
             strategy = per_sample.choose_strategy(one, like, dummy, lot_size=len(x))
             samples = per_sample.record_gradients(one, like, (x, y), strategy=strategy)

@@ -111,8 +111,8 @@ def _sanitized_gradient(worker: Any, plan: Any, dataset: str, params: list, trai
         settings.ledger.charge_training_step(user, sigma, q, settings.delta, settings.accountant,
                                              reason=f"DP-SGD on {worker.id}/{dataset}", request_id=rid)
         try:
-            mask = core.poisson_mask(len(ds.data), q)
-            x, y = ds.data[mask], ds.target[mask]
+            lot = core.poisson_indices(len(ds.data), q)  # (in time proportional to the lot, not the count)
+            x, y = ds.data[lot], ds.target[lot]
             sums = [torch.zeros_like(p) for p in like]
             step = chunk or max(len(x), 1)
             for at in range(0, len(x), step):  # clipped per record, summed chunk by chunk

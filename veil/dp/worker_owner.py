@@ -204,11 +204,12 @@ def enable_dp(worker: Any, datasets: Union[str, Sequence[str], Mapping[str, tupl
     for user, (eps, dlt) in (budgets or {}).items():
         settings.set_budget(user, eps, dlt)
     _SETTINGS[worker] = settings
-    _mark_dp_only(worker, settings.datasets.values(), settings.hide_count)
+    worker.monitor.hide_dp_counts = settings.hide_count
+    _mark_dp_only(worker, settings.datasets.values())
     return settings
 
 
-def _mark_dp_only(worker: Any, datasets: Any, hide_count: bool = False) -> None:
+def _mark_dp_only(worker: Any, datasets: Any) -> None:
     """Stored tensors of DP datasets answer only DP releases from now on.
 
     Otherwise ``(data * 1)`` through a pointer would hand the data scientist a
@@ -218,5 +219,3 @@ def _mark_dp_only(worker: Any, datasets: Any, hide_count: bool = False) -> None:
     for _, entry in worker.monitor.owner_entries():
         if id(entry.obj) in tensors:
             entry.meta["dp_only"] = True
-        if hide_count and (entry.protected or id(entry.obj) in tensors):
-            entry.meta["hide_count"] = True  # read by the shape descriptors (handlers: DP-only entries only)

@@ -274,8 +274,12 @@ def _owner_checks(worker: BaseWorker, principal: Principal, op: Any, purpose: Pu
             protected = protected | dealer  # worker functions (plans) get copies of them
     if protected:
         if op.worker_function:
-            args = owner_guard.copy_protected_args(args, protected)
-            kwargs = owner_guard.copy_protected_args(kwargs, protected)
+            # A DP release (veil's own, reading its data argument only, where check_dp_data_args allows it)
+            # gets the data itself: a copy before its parameters are checked took time in proportion to the
+            # data, a free oracle for a hidden record count on every refused query.
+            if op.name not in owner_guard.DP_DATA_ARGS:
+                args = owner_guard.copy_protected_args(args, protected)
+                kwargs = owner_guard.copy_protected_args(kwargs, protected)
         else:
             owner_guard.check_writes(op.name, op.func, args, kwargs, protected, worker.id)
     return protected, secret, oblivious_guard, dealer, args, kwargs
@@ -414,12 +418,12 @@ def _handle_delete(worker: BaseWorker, msg: m.DeleteMessage, sender: str) -> Any
     return m.OkReply()
 
 
-def _describe_entry(oid: int, entry: Entry) -> m.Descriptor:
+def _describe_entry(oid: int, entry: Entry, hide_counts: bool) -> m.Descriptor:
     from veil.messaging.serde import DTYPE_NAMES
 
     t = entry.obj
     shape = tuple(t.shape)
-    if entry.meta.get("hide_count") and entry.meta.get("dp_only") and shape:
+    if hide_counts and entry.meta.get("dp_only") and shape:
         # (only DP-only data refuses every computation: another tensor's count would show in a result's shape)
         shape = (0, *shape[1:])  # record count kept private (enable_dp(hide_count=True)): reported as 0
     return m.Descriptor(oid, shape, DTYPE_NAMES[t.dtype], bool(t.requires_grad), entry.tags, entry.description)
@@ -435,7 +439,7 @@ def _handle_search(worker: BaseWorker, msg: m.SearchMessage, sender: str) -> Any
         if isinstance(entry.obj, torch.Tensor) and all(
             q in entry.tags or q == str(oid) or (q and q in (entry.description or "")) for q in msg.query
         ):
-            found.append(_describe_entry(oid, entry))
+            found.append(_describe_entry(oid, entry, worker.monitor.hide_dp_counts))
     return m.DescriptorsReply(found)
 
 
@@ -443,7 +447,8 @@ def _handle_search(worker: BaseWorker, msg: m.SearchMessage, sender: str) -> Any
 def _handle_list(worker: BaseWorker, msg: m.ListObjectsMessage, sender: str) -> Any:
     # Only the sender's own objects: listing others' ids would hand out capabilities.
     principal = worker.principal(sender)
-    mine = [_describe_entry(oid, e) for oid, e in worker.monitor.owned_entries(principal)
+    hide = worker.monitor.hide_dp_counts
+    mine = [_describe_entry(oid, e, hide) for oid, e in worker.monitor.owned_entries(principal)
             if e.created_by == principal.session]
     return m.DescriptorsReply(mine)
 
