@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 import torch
 import torch.nn as nn
 
