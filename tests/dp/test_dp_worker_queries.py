@@ -1,5 +1,6 @@
 """DP queries on data held by a worker: noise scale, charge before release, refusal when spent."""
 
+import math
 
 import pytest
 import torch
@@ -23,8 +24,10 @@ def test_laplace_count_noise_scale_and_charge(hook):
     n = 1500  # noise comes from OS entropy: bounds are ~4.5 standard errors wide
     draws = torch.tensor([float(sy.dp.remote_query(ptr, "count", epsilon=0.5).value) for _ in range(n)])
     assert draws.mean().item() == pytest.approx(200, abs=0.35)  # SE 0.07
-    # Laplace(b = 1/eps): E|X - 200| = b, with standard error b / sqrt(n) (2.6%)
-    assert (draws - 200).abs().mean().item() == pytest.approx(2.0, rel=0.12)
+    # discrete Laplace (counts), scale b = 1/eps, p = e^(-1/b): E|X - 200| = 2p / (1 - p^2) = 1.919 (not b, the
+    # continuous one's), sd of |X| ~2.04, so a standard error of 0.053: 6 of them (false failure ~2e-9)
+    p = math.exp(-0.5)
+    assert (draws - 200).abs().mean().item() == pytest.approx(2 * p / (1 - p * p), abs=6 * 0.053)
     assert sy.dp.remaining_budget(w, spent=True)[0] == pytest.approx(n * 0.5)
 
 

@@ -42,7 +42,7 @@ from typing import Any
 import phe
 import torch
 
-from veil.exceptions import VeilError
+from veil.exceptions import VeilError, register_remote_error
 from veil.federated.pooled import _FAILURES, error_text  # (a client failing so is dropped, as in training)
 from veil.he import value_free
 from veil.he._paillier_encoding import DEFAULT_FLOAT_EXPONENT
@@ -57,8 +57,11 @@ from veil.tensors import remote_ops
 
 
 class EncryptedAggregationError(VeilError):
-    """An encrypted round refused as a whole (the aggregators disagree, or only one client is left):
-    nothing was decrypted."""
+    """An encrypted round refused as a whole (the aggregators' sums differ, a hand-over failed, too few
+    clients are left): nothing was decrypted."""
+
+
+register_remote_error(EncryptedAggregationError)
 
 
 def _encrypt_state(worker: Any, state: list, weight: float, key: Any, out_id: int | list) -> None:
