@@ -4,8 +4,6 @@ the one-client-at-a-time path, and the DP owner's release bound past what max_re
 
 from __future__ import annotations
 
-import itertools
-
 import phe
 import pytest
 import torch
@@ -17,15 +15,10 @@ from veil.federated import he_agg
 from veil.federated import trainer as fl
 from veil.federated.he_agg import EncryptedAggregation, EncryptedAggregationError
 from veil.he.paillier import PaillierTensor
-from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.serde import decode_value, deserialize, encode_value, serialize
 
-_COUNTER = itertools.count()
-
-
-def _uid(prefix: str) -> str:
-    return f"flchk-{prefix}-{next(_COUNTER)}-{new_id() % 10**6}"
+from fl_helpers import honest_fedavg, make_model, make_parts, uid
 
 
 @pytest.fixture(scope="module")
@@ -38,37 +31,9 @@ def ckks():
     return sy.he.ckks.context(poly_modulus_degree=8192, coeff_mod_bit_sizes=[60, 40, 40, 60], global_scale=2**40)
 
 
-def _parts(n: int, rows: int = 8):
-    g = torch.Generator().manual_seed(0)
-    w = torch.tensor([[1.5], [-2.0], [0.5]])
-    out = []
-    for _ in range(n):
-        x = torch.randn(rows, 3, generator=g)
-        out.append((x, x @ w + 0.1 * torch.randn(rows, 1, generator=g)))
-    return out
-
-
-def _model():
-    torch.manual_seed(7)
-    return torch.nn.Linear(3, 1)
-
-
-def _fedavg(parts, lr=0.05):
-    """One round of plain FedAvg, one full-batch step per client."""
-    model = _model()
-    w = [model.weight.detach().clone(), model.bias.detach().clone()]
-    states, weights = [], []
-    for x, y in parts:
-        local = [t.clone().requires_grad_(True) for t in w]
-        grads = torch.autograd.grad(F.mse_loss(x @ local[0].T + local[1], y), local)
-        states.append([(p - lr * g).detach() for p, g in zip(local, grads)])
-        weights.append(len(x))
-    return [sum(s[j] * (n / sum(weights)) for s, n in zip(states, weights)) for j in range(2)]
-
-
 def _train(workers, parts, **kw):
     fed = sy.FederatedDataset([sy.BaseDataset(x, y).send(w) for (x, y), w in zip(parts, workers)])
-    model = _model()
+    model = make_model()
     hist = fl.train(model, fed, rounds=1, lr=0.05, batch_size=8, progress=False, **kw)
     return model, hist
 
@@ -112,11 +77,11 @@ def test_honest_sums_are_byte_identical_whatever_the_order(scheme, paillier, ckk
 
 @pytest.mark.parametrize("scheme", ["paillier", "ckks"])
 def test_encrypted_round_matches_plain(hook, scheme, paillier, ckks):
-    workers = [sy.VirtualWorker(hook, id=_uid("he")) for _ in range(4)]
-    parts = _parts(4)
+    workers = [sy.VirtualWorker(hook, id=uid("he")) for _ in range(4)]
+    parts = make_parts(4)
     agg = _he(paillier) if scheme == "paillier" else EncryptedAggregation(context=ckks)
     model, hist = _train(workers, parts, encrypted_aggregation=agg)
-    ref = _fedavg(parts)
+    ref = honest_fedavg(parts)
     torch.testing.assert_close(model.weight.detach(), ref[0], atol=1e-4, rtol=0)
     torch.testing.assert_close(model.bias.detach(), ref[1], atol=1e-4, rtol=0)
     assert hist.rounds[0].clients == [w.id for w in workers] and not _ciphertexts(workers)
@@ -139,8 +104,8 @@ class Substitutes(sy.VirtualWorker):
 
 
 def test_substituted_sum_is_refused_and_nothing_decrypted(hook, paillier, monkeypatch):
-    bad = Substitutes(hook, id=_uid("subst"))
-    workers = [sy.VirtualWorker(hook, id=_uid("ok")), bad, sy.VirtualWorker(hook, id=_uid("ok"))]
+    bad = Substitutes(hook, id=uid("subst"))
+    workers = [sy.VirtualWorker(hook, id=uid("ok")), bad, sy.VirtualWorker(hook, id=uid("ok"))]
 
     class Picks:  # the coordinator's random pair, made to include the hostile client
         def sample(self, population, k):
@@ -151,7 +116,7 @@ def test_substituted_sum_is_refused_and_nothing_decrypted(hook, paillier, monkey
     real = PaillierTensor.decrypt
     monkeypatch.setattr(PaillierTensor, "decrypt", lambda self, *a, **k: decrypted.append(1) or real(self, *a, **k))
     with pytest.raises(EncryptedAggregationError, match="sums differ"):
-        _train(workers, _parts(3), encrypted_aggregation=_he(paillier))
+        _train(workers, make_parts(3), encrypted_aggregation=_he(paillier))
     assert not decrypted and not _ciphertexts(workers)
 
 
@@ -163,30 +128,30 @@ class DiesAtEncryption(sy.VirtualWorker):
 
 
 def test_client_dropped_at_encryption_renormalises_over_survivors(hook, paillier):
-    workers = [sy.VirtualWorker(hook, id=_uid("ok")), DiesAtEncryption(hook, id=_uid("dies")),
-               sy.VirtualWorker(hook, id=_uid("ok"))]
-    parts = _parts(3)
+    workers = [sy.VirtualWorker(hook, id=uid("ok")), DiesAtEncryption(hook, id=uid("dies")),
+               sy.VirtualWorker(hook, id=uid("ok"))]
+    parts = make_parts(3)
     with pytest.warns(UserWarning, match="dropped out"):
         model, hist = _train(workers, parts, encrypted_aggregation=_he(paillier))
     assert hist.rounds[0].dropped == [workers[1].id] and "went away" in hist.rounds[0].errors[workers[1].id]
-    ref = _fedavg([parts[0], parts[2]])
+    ref = honest_fedavg([parts[0], parts[2]])
     torch.testing.assert_close(model.weight.detach(), ref[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(model.bias.detach(), ref[1], atol=1e-5, rtol=0)
     assert not _ciphertexts(workers)
 
 
 def test_one_survivor_of_several_is_not_decrypted(hook, paillier):
-    workers = [sy.VirtualWorker(hook, id=_uid("ok")), DiesAtEncryption(hook, id=_uid("dies"))]
+    workers = [sy.VirtualWorker(hook, id=uid("ok")), DiesAtEncryption(hook, id=uid("dies"))]
     with pytest.raises(EncryptedAggregationError, match="only 1 of the 2 clients"):
-        _train(workers, _parts(2), encrypted_aggregation=_he(paillier))
+        _train(workers, make_parts(2), encrypted_aggregation=_he(paillier))
     assert not _ciphertexts(workers)
 
 
 def test_a_single_client_federation_needs_no_second_aggregator(hook, paillier):
-    workers = [sy.VirtualWorker(hook, id=_uid("solo"))]
-    parts = _parts(1)
+    workers = [sy.VirtualWorker(hook, id=uid("solo"))]
+    parts = make_parts(1)
     model, _ = _train(workers, parts, encrypted_aggregation=_he(paillier))
-    torch.testing.assert_close(model.weight.detach(), _fedavg(parts)[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.weight.detach(), honest_fedavg(parts)[0], atol=1e-5, rtol=0)
     assert not _ciphertexts(workers)
 
 
@@ -204,13 +169,13 @@ class NonFinite(sy.VirtualWorker):
 
 
 def test_sequential_non_finite_update_is_dropped(hook):
-    workers = [NonFinite(hook, id=_uid("nan")), sy.VirtualWorker(hook, id=_uid("ok")),
-               sy.VirtualWorker(hook, id=_uid("ok"))]
-    parts = _parts(3)
+    workers = [NonFinite(hook, id=uid("nan")), sy.VirtualWorker(hook, id=uid("ok")),
+               sy.VirtualWorker(hook, id=uid("ok"))]
+    parts = make_parts(3)
     with pytest.warns(UserWarning, match="NaN or infinite"):
         model, hist = _train(workers, parts)
     assert hist.rounds[0].dropped == [workers[0].id]
-    torch.testing.assert_close(model.weight.detach(), _fedavg(parts[1:])[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.weight.detach(), honest_fedavg(parts[1:])[0], rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------ owner-side federated DP
@@ -222,7 +187,7 @@ def test_dp_owner_still_answers_within_budget_past_max_releases_count():
 
     sigma, q, eps, delta = 50.0, 1e-4, 0.03, 1e-5
     assert max_releases(sigma, q, eps, delta, "rdp") == MAX_COUNTED
-    x, y = _parts(1, rows=16)[0]
+    x, y = make_parts(1, rows=16)[0]
     owner = DPDataOwner(x, y, max_grad_norm=1.0, noise_multiplier=sigma, budget=(eps, delta), accountant="rdp")
     owner.accountant.step(sigma, q, MAX_COUNTED)
     model = torch.nn.Linear(3, 1)

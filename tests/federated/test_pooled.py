@@ -15,42 +15,19 @@ import torch.nn.functional as F
 
 import veil as sy
 from veil.federated import trainer as fl
-from veil.federated.client_pool import ClientIds, ClientPool, PooledFederatedDataset
+from veil.federated.client_pool import ClientIds
 from veil.federated.pooled import client_seed, derive_ids
 from veil.federated.strategies import ClientUpdate, FedAvg, FedProx, RunningWeightedSum, weighted_average
 
+import fl_helpers
 
-class VirtualPool(ClientPool):
+
+class VirtualPool(fl_helpers.VirtualPool):
     """Clients as VirtualWorkers; ``exchange`` hands each client its requests in chunks, out of order."""
 
     def __init__(self, hook, parts, prefix: str, per_call: int = 3) -> None:
-        self.hook, self.prefix, self.per_call = hook, prefix, per_call
-        self.workers = [sy.VirtualWorker(hook, id=f"{prefix}{i}") for i in range(len(parts))]
-        self.datasets = [sy.BaseDataset(x, y).send(w) for (x, y), w in zip(parts, self.workers)]
+        super().__init__(hook, parts, prefix, per_call)
         self.calls = 0
-
-    def __len__(self):
-        return len(self.workers)
-
-    def client_id(self, i):
-        return self.workers[i].id
-
-    def index_of(self, client_id):
-        ids = [w.id for w in self.workers]
-        return ids.index(client_id) if client_id in ids else None
-
-    def num_samples(self, i):
-        return len(self.datasets[i])
-
-    def data_ids(self, i):
-        return self.datasets[i].data.id_at_location, self.datasets[i].targets.id_at_location
-
-    def example(self):
-        ds = self.datasets[0]
-        return tuple(ds.data.shape[1:]), ds.data.dtype, tuple(ds.targets.shape[1:]), ds.targets.dtype
-
-    def worker(self, i):
-        return self.workers[i]
 
     def exchange(self, build, indices=None):
         order = list(range(len(self))) if indices is None else list(indices)
@@ -60,9 +37,6 @@ class VirtualPool(ClientPool):
             jobs = [(i, build(i)) for i in chunk]
             for i, requests in jobs:
                 yield i, [self.workers[i]._recv_msg(r) for r in requests]
-
-    def federated_dataset(self):
-        return PooledFederatedDataset(self, lambda i: self.datasets[i])
 
 
 def _parts(n: int, seed: int = 0, rows=(6, 9, 12)):

@@ -31,9 +31,6 @@ tests/federated/test_federated_checks.py):
 
 from __future__ import annotations
 
-import itertools
-import warnings
-
 import phe
 import pytest
 import torch
@@ -42,7 +39,6 @@ import torch.nn.functional as F
 import veil as sy
 from veil.exceptions import ConnectionLostError, ReviewPendingError, VeilError
 from veil.federated import trainer as fl
-from veil.federated.client_pool import ClientPool, PooledFederatedDataset
 from veil.federated.he_agg import EncryptedAggregation
 from veil.he.paillier import PaillierTensor
 from veil.ids import new_id
@@ -52,11 +48,8 @@ from veil.messaging.serde import deserialize, serialize
 from veil.plans import training_plan
 from veil.tensors import remote_ops
 
-_COUNTER = itertools.count()
-
-
-def _uid(prefix: str) -> str:
-    return f"rtfl-{prefix}-{next(_COUNTER)}-{new_id() % 10**6}"
+from fl_helpers import (TamperedPool, attempt, honest_fedavg, make_model, make_parts, pooled_with_hostile,
+                        sequential_with_hostile, uid)
 
 
 @pytest.fixture(scope="module")
@@ -64,97 +57,29 @@ def paillier():
     return phe.generate_paillier_keypair(n_length=1024)
 
 
-def _parts(n: int, rows: int = 8, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.tensor([[1.5], [-2.0], [0.5]])
-    out = []
-    for _ in range(n):
-        x = torch.randn(rows, 3, generator=g)
-        out.append((x, x @ w + 0.1 * torch.randn(rows, 1, generator=g)))
-    return out
-
-
-def _model(seed: int = 7):
-    torch.manual_seed(seed)
-    return torch.nn.Linear(3, 1)
-
-
-def _try(fn):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            return fn(), None, caught
-        except Exception as e:  # noqa: BLE001  (the attack's outcome is inspected by the test)
-            return None, e, caught
-
-
-def _honest_fedavg(parts, rounds=1, lr=0.05):
-    """Plain FedAvg with one full-batch step per client and round (batch_size >= rows: shuffling is moot)."""
-    model = _model()
-    w = [model.weight.detach().clone(), model.bias.detach().clone()]
-    for _ in range(rounds):
-        states, weights = [], []
-        for x, y in parts:
-            local = [t.clone().requires_grad_(True) for t in w]
-            grads = torch.autograd.grad(F.mse_loss(x @ local[0].T + local[1], y), local)
-            states.append([(p - lr * g).detach() for p, g in zip(local, grads)])
-            weights.append(len(x))
-        w = [sum(s[j] * (n / sum(weights)) for s, n in zip(states, weights)) for j in range(2)]
-    return w
-
-
 # ------------------------------------------------------------------ hostile clients (one at a time)
 
 
-class HostileClient(sy.VirtualWorker):
-    """Answers ``train_round``'s fetch (mean loss + 2 state tensors) with what ``tamper`` makes of it."""
-
-    tamper = None
-
-    def _recv_msg(self, data):
-        reply = super()._recv_msg(data)
-        if self.tamper is None:
-            return reply
-        msg = deserialize(reply)[0]
-        if type(msg) is m.ObjectsReply and isinstance(msg.objects, list) and len(msg.objects) == 3:
-            return serialize(m.ObjectsReply(self.tamper(list(msg.objects))), sender=self.id)
-        return reply
-
-
-def _sequential_with_hostile(hook, tamper, n_honest=2, rows=8, rounds=1, hostile_first=True, **kw):
-    bad = HostileClient(hook, id=_uid("bad"))
-    bad.tamper = tamper
-    honest = [sy.VirtualWorker(hook, id=_uid("ok")) for _ in range(n_honest)]
-    workers = [bad, *honest] if hostile_first else [*honest, bad]
-    parts = _parts(len(workers), rows)
-    fed = sy.FederatedDataset([sy.BaseDataset(x, y).send(w) for (x, y), w in zip(parts, workers)])
-    model = _model()
-    hist, err, caught = _try(lambda: fl.train(model, fed, rounds=rounds, lr=0.05, batch_size=rows,
-                                              progress=False, **kw))
-    honest_parts = [p for p, w in zip(parts, workers) if w is not bad]
-    return model, hist, err, bad, honest_parts
-
-
 def test_sequential_wrong_shape_update_drops_only_that_client(hook):
-    model, hist, err, bad, honest = _sequential_with_hostile(hook, lambda o: [o[0], torch.zeros(2, 3), o[2]])
+    model, hist, err, bad, honest = sequential_with_hostile(hook, lambda o: [o[0], torch.zeros(2, 3), o[2]])
     assert err is None, f"one client's malformed update stopped the whole training: {err!r}"
     assert hist.rounds[0].dropped == [bad.id]
-    ref = _honest_fedavg(honest)
+    ref = honest_fedavg(honest)
     torch.testing.assert_close(model.weight.detach(), ref[0], rtol=1e-5, atol=1e-6)
 
 
 def test_sequential_wrong_dtype_update_is_refused(hook):
-    model, hist, err, bad, honest = _sequential_with_hostile(hook, lambda o: [o[0], o[1].to(torch.int64), o[2]])
+    model, hist, err, bad, honest = sequential_with_hostile(hook, lambda o: [o[0], o[1].to(torch.int64), o[2]])
     assert err is None or isinstance(err, VeilError), f"unclear failure: {err!r}"
     if err is None:
         assert hist.rounds[0].dropped == [bad.id], "a state tensor of another dtype was averaged in"
-        ref = _honest_fedavg(honest)
+        ref = honest_fedavg(honest)
         torch.testing.assert_close(model.weight.detach(), ref[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("loss", [torch.tensor([1.0, 2.0]), torch.tensor(1 + 2j)], ids=["vector", "complex"])
 def test_sequential_bad_loss_drops_only_that_client(hook, loss):
-    model, hist, err, bad, honest = _sequential_with_hostile(hook, lambda o: [loss, o[1], o[2]])
+    model, hist, err, bad, honest = sequential_with_hostile(hook, lambda o: [loss, o[1], o[2]])
     assert err is None, f"one client's malformed loss stopped the whole training: {err!r}"
     assert hist.rounds[0].dropped == [bad.id]
 
@@ -166,89 +91,25 @@ def test_sequential_bad_loss_drops_only_that_client(hook, loss):
     lambda o: [o[0], [o[1]], o[2]],                      # a nested list
 ], ids=["extra", "missing", "dict", "nested"])
 def test_sequential_reply_with_other_objects_is_dropped(hook, tamper):
-    model, hist, err, bad, honest = _sequential_with_hostile(hook, tamper)
+    model, hist, err, bad, honest = sequential_with_hostile(hook, tamper)
     assert err is None, repr(err)
     assert hist.rounds[0].dropped == [bad.id] and "tensors asked for" in hist.rounds[0].errors[bad.id]
-    ref = _honest_fedavg(honest)
+    ref = honest_fedavg(honest)
     torch.testing.assert_close(model.weight.detach(), ref[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.bias.detach(), ref[1], rtol=1e-5, atol=1e-6)
 
 
-# ------------------------------------------------------------------ hostile clients in a pool
-
-
-class Pool(ClientPool):
-    """Clients as VirtualWorkers; client ``bad`` (if any) gets its last reply rewritten by ``tamper``."""
-
-    def __init__(self, hook, parts, bad=None, tamper=None, per_call=2):
-        prefix = _uid("pool")
-        self.hook, self.per_call, self.bad, self.tamper = hook, per_call, bad, tamper
-        self.workers = [sy.VirtualWorker(hook, id=f"{prefix}-{i}") for i in range(len(parts))]
-        self.datasets = [sy.BaseDataset(x, y).send(w) for (x, y), w in zip(parts, self.workers)]
-
-    def __len__(self):
-        return len(self.workers)
-
-    def client_id(self, i):
-        return self.workers[i].id
-
-    def index_of(self, client_id):
-        ids = [w.id for w in self.workers]
-        return ids.index(client_id) if client_id in ids else None
-
-    def num_samples(self, i):
-        return len(self.datasets[i])
-
-    def data_ids(self, i):
-        return self.datasets[i].data.id_at_location, self.datasets[i].targets.id_at_location
-
-    def example(self):
-        ds = self.datasets[0]
-        return tuple(ds.data.shape[1:]), ds.data.dtype, tuple(ds.targets.shape[1:]), ds.targets.dtype
-
-    def worker(self, i):
-        return self.workers[i]
-
-    def exchange(self, build, indices=None):
-        order = list(range(len(self))) if indices is None else list(indices)
-        for k in range(0, len(order), self.per_call):
-            for i in order[k:k + self.per_call]:
-                replies = [self.workers[i]._recv_msg(r) for r in build(i)]
-                if i == self.bad and self.tamper is not None:
-                    replies = self.tamper(replies)
-                yield i, replies
-
-    def federated_dataset(self):
-        return PooledFederatedDataset(self, lambda i: self.datasets[i])
-
-
-def _objects_tamper(fn):
-    def tamper(replies):
-        msg = deserialize(replies[-1])[0]
-        if type(msg) is m.ObjectsReply:
-            replies = replies[:-1] + [serialize(m.ObjectsReply(fn(list(msg.objects))), sender="x")]
-        return replies
-    return tamper
-
-
-def _pooled(hook, fn, n=3, rows=8, rounds=1, **kw):
-    parts = _parts(n, rows)
-    pool = Pool(hook, parts, bad=1, tamper=_objects_tamper(fn) if fn else None)
-    model = _model()
-    hist, err, caught = _try(lambda: fl.train(model, pool.federated_dataset(), rounds=rounds, lr=0.05,
-                                              batch_size=rows, progress=False, **kw))
-    return model, hist, err, pool, [p for k, p in enumerate(parts) if k != 1], caught
 
 
 def test_pooled_complex_loss_drops_only_that_client(hook):
-    model, hist, err, pool, honest, _ = _pooled(hook, lambda o: [torch.tensor(1 + 2j), *o[1:]])
+    model, hist, err, pool, honest, _ = pooled_with_hostile(hook, lambda o: [torch.tensor(1 + 2j), *o[1:]])
     assert err is None, f"one client's complex loss stopped the whole training: {err!r}"
     assert list(hist.rounds[0].dropped) == [pool.client_id(1)]
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_pooled_non_finite_update_is_refused(hook, value):
-    model, hist, err, pool, honest, _ = _pooled(hook, lambda o: [o[0], torch.full_like(o[1], value), o[2]])
+    model, hist, err, pool, honest, _ = pooled_with_hostile(hook, lambda o: [o[0], torch.full_like(o[1], value), o[2]])
     assert err is None or isinstance(err, VeilError), repr(err)
     assert torch.isfinite(model.weight).all() and torch.isfinite(model.bias).all(), \
         "one client's non-finite update spoiled the global model"
@@ -263,11 +124,11 @@ def test_pooled_non_finite_update_is_refused(hook, value):
     lambda o: [o[0], torch.zeros(10**6), o[2]],          # a huge tensor
 ], ids=["extra", "float64", "int64", "reshaped", "str", "huge"])
 def test_pooled_malformed_update_is_dropped(hook, tamper):
-    model, hist, err, pool, honest, _ = _pooled(hook, tamper)
+    model, hist, err, pool, honest, _ = pooled_with_hostile(hook, tamper)
     assert err is None, repr(err)
     assert list(hist.rounds[0].dropped) == [pool.client_id(1)]
     assert list(hist.rounds[0].clients) == [pool.client_id(0), pool.client_id(2)]
-    ref = _honest_fedavg(honest)
+    ref = honest_fedavg(honest)
     torch.testing.assert_close(model.weight.detach(), ref[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.bias.detach(), ref[1], rtol=1e-5, atol=1e-6)
 
@@ -281,7 +142,7 @@ _BIG = "E" * 2_000_000
 def test_client_error_text_is_bounded(hook, path):
     error = serialize(m.ErrorReply("RemoteExecutionError", _BIG), sender="x")
     if path == "pooled":
-        pool = Pool(hook, _parts(3), bad=1, tamper=lambda replies: [error])
+        pool = TamperedPool(hook, make_parts(3), bad=1, tamper=lambda replies: [error])
         fed, bad_id = pool.federated_dataset(), pool.client_id(1)
     else:
         class Loud(sy.VirtualWorker):
@@ -289,10 +150,10 @@ def test_client_error_text_is_bounded(hook, path):
                 reply = super()._recv_msg(data)
                 return error if type(deserialize(reply)[0]) is m.ObjectsReply else reply
 
-        loud, ok = Loud(hook, id=_uid("loud")), sy.VirtualWorker(hook, id=_uid("ok"))
-        fed = sy.FederatedDataset([sy.BaseDataset(x, y).send(w) for (x, y), w in zip(_parts(2), [ok, loud])])
+        loud, ok = Loud(hook, id=uid("loud")), sy.VirtualWorker(hook, id=uid("ok"))
+        fed = sy.FederatedDataset([sy.BaseDataset(x, y).send(w) for (x, y), w in zip(make_parts(2), [ok, loud])])
         bad_id = loud.id
-    hist, err, caught = _try(lambda: fl.train(_model(), fed, rounds=2, lr=0.05, batch_size=8, progress=False))
+    hist, err, caught = attempt(lambda: fl.train(make_model(), fed, rounds=2, lr=0.05, batch_size=8, progress=False))
     assert err is None, repr(err)
     assert all(bad_id in r.dropped for r in hist.rounds)
     kept = sum(len(r.errors[bad_id]) for r in hist.rounds)
@@ -317,13 +178,13 @@ def test_he_client_failing_at_encryption_is_dropped(hook, paillier):
     import gc
 
     pub, priv = paillier
-    honest = [sy.VirtualWorker(hook, id=_uid("he-ok")) for _ in range(2)]
-    bad = DiesAtEncryption(hook, id=_uid("he-dies"))
+    honest = [sy.VirtualWorker(hook, id=uid("he-ok")) for _ in range(2)]
+    bad = DiesAtEncryption(hook, id=uid("he-dies"))
     workers = [*honest, bad]
-    parts = _parts(3)
+    parts = make_parts(3)
     fed = sy.FederatedDataset([sy.BaseDataset(x, y).send(w) for (x, y), w in zip(parts, workers)])
-    model = _model()
-    hist, err, _ = _try(lambda: fl.train(model, fed, rounds=1, lr=0.05, batch_size=8, progress=False,
+    model = make_model()
+    hist, err, _ = attempt(lambda: fl.train(model, fed, rounds=1, lr=0.05, batch_size=8, progress=False,
                                          encrypted_aggregation=EncryptedAggregation(public_key=pub, private_key=priv)))
     gc.collect()
     left = [type(o).__name__ for w in honest for o in w._objects.values() if isinstance(o, PaillierTensor)]
@@ -363,18 +224,18 @@ class SubstitutingAggregator(sy.VirtualWorker):
 
 def test_he_aggregator_cannot_learn_another_clients_update(hook, paillier):
     pub, priv = paillier
-    agg, victim = SubstitutingAggregator(hook, id=_uid("he-agg")), sy.VirtualWorker(hook, id=_uid("he-victim"))
-    parts = _parts(2)
+    agg, victim = SubstitutingAggregator(hook, id=uid("he-agg")), sy.VirtualWorker(hook, id=uid("he-victim"))
+    parts = make_parts(2)
     fed = sy.FederatedDataset([sy.BaseDataset(x, y).send(w) for (x, y), w in zip(parts, [agg, victim])])
-    model = _model()
-    hist, err, _ = _try(lambda: fl.train(model, fed, rounds=1, lr=0.05, batch_size=8, progress=False,
+    model = make_model()
+    hist, err, _ = attempt(lambda: fl.train(model, fed, rounds=1, lr=0.05, batch_size=8, progress=False,
                                          encrypted_aggregation=EncryptedAggregation(public_key=pub, private_key=priv)))
     assert agg.own and agg.foreign, "harness: the aggregator saw both ciphertexts"
     if err is not None:  # a fix may refuse the round: then with a clear error
         assert isinstance(err, (VeilError, RuntimeError)), repr(err)
         return
     assert agg.substituted
-    victim_alone = _honest_fedavg(parts[1:])  # one full-batch step on the victim's data alone
+    victim_alone = honest_fedavg(parts[1:])  # one full-batch step on the victim's data alone
     leaked = torch.allclose(model.weight.detach(), victim_alone[0] * 0.5, atol=1e-5) and \
         torch.allclose(model.bias.detach(), victim_alone[1] * 0.5, atol=1e-5)
     assert not leaked, "the new global model (sent to every client) is the victim's own update, weighted n_v/N"
@@ -384,12 +245,12 @@ def test_he_under_review_releases_no_single_ciphertext(hook, paillier):
     """A hostile coordinator encrypts one client's trained state under its own key and fetches it, or moves
     it to a worker of its own: both are releases of review data, held for the owner."""
     pub, priv = paillier
-    victim, mine = sy.VirtualWorker(hook, id=_uid("rv-victim")), sy.VirtualWorker(hook, id=_uid("rv-mine"))
-    x, y = _parts(1)[0]
+    victim, mine = sy.VirtualWorker(hook, id=uid("rv-victim")), sy.VirtualWorker(hook, id=uid("rv-mine"))
+    x, y = make_parts(1)[0]
     victim.load(x.clone(), tags=("#x",), policy="review")
     victim.load(y.clone(), tags=("#y",), policy="review")
     px, py = victim.search(["#x"])[0], victim.search(["#y"])[0]
-    plan = training_plan(_model(), F.mse_loss, 0.05, args_shape=[(-1, 3), (-1, 1)])
+    plan = training_plan(make_model(), F.mse_loss, 0.05, args_shape=[(-1, 3), (-1, 1)])
     pp = plan.send(victim)
     pp.fit(px, py, batch_size=8)
     me = hook.local_worker
@@ -408,14 +269,14 @@ def test_he_under_review_releases_no_single_ciphertext(hook, paillier):
     # the whole encrypted round waits too (nothing decrypted)
     fed = sy.FederatedDataset([sy.BaseDataset(px, py)])
     with pytest.raises(ReviewPendingError):
-        fl.train(_model(), fed, rounds=1, lr=0.05, batch_size=8, progress=False,
+        fl.train(make_model(), fed, rounds=1, lr=0.05, batch_size=8, progress=False,
                  encrypted_aggregation=EncryptedAggregation(public_key=pub, private_key=priv))
 
 
 @pytest.mark.parametrize("weight", [float("nan"), float("inf"), "1.0", True, torch.tensor(1.0)])
 def test_he_encrypt_state_refuses_bad_weights(hook, paillier, weight):
     pub, _ = paillier
-    w = sy.VirtualWorker(hook, id=_uid("he-w"))
+    w = sy.VirtualWorker(hook, id=uid("he-w"))
     state = [torch.ones(2, 2).send(w)]
     out = new_id()
     with pytest.raises(VeilError, match="finite weight"):
@@ -431,8 +292,8 @@ def test_he_encrypt_state_refuses_bad_weights(hook, paillier, weight):
 
 @pytest.fixture
 def owner_worker(hook):
-    w = sy.VirtualWorker(hook, id=_uid("owner"))
-    x, y = _parts(1)[0]
+    w = sy.VirtualWorker(hook, id=uid("owner"))
+    x, y = make_parts(1)[0]
     xid = w.load(x.clone(), tags=("#x",), private=True)
     yid = w.load(y.clone(), tags=("#y",), private=True)
     return w, x, y, xid, yid
@@ -441,7 +302,7 @@ def owner_worker(hook):
 def test_plan_worker_functions_never_write_owner_data(hook, owner_worker):
     w, x, y, xid, yid = owner_worker
     px, py = w.search(["#x"])[0], w.search(["#y"])[0]
-    plan = training_plan(_model(), F.mse_loss, 0.5, args_shape=[(-1, 3), (-1, 1)])
+    plan = training_plan(make_model(), F.mse_loss, 0.5, args_shape=[(-1, 3), (-1, 1)])
     pp = plan.send(w)
     # load_state / fit with the owner's tensors in the state position (written in place by both)
     attempts = [
@@ -453,9 +314,9 @@ def test_plan_worker_functions_never_write_owner_data(hook, owner_worker):
                                                                      False, [px, py]), {}),
         lambda: remote_ops.call(ALLOWLIST.by_name("veil.plan.fit"), (pp._handle, px, py, [px, py], 8, 3), {}),
     ]
-    for attempt in attempts:
+    for tried in attempts:
         try:
-            attempt()
+            tried()
         except VeilError:
             pass
     owned = w.monitor.owner_objects()
@@ -466,11 +327,11 @@ def test_plan_worker_functions_never_write_owner_data(hook, owner_worker):
 
 
 def test_load_state_copy_of_review_data_is_held_for_review(hook):
-    w = sy.VirtualWorker(hook, id=_uid("rv"))
+    w = sy.VirtualWorker(hook, id=uid("rv"))
     secret = torch.tensor([[1.5, -2.25, 3.0]])
     w.load(secret.clone(), tags=("#s",), policy="review")
     s = w.search(["#s"])[0]
-    plan = training_plan(_model(), F.mse_loss, 0.1, args_shape=[(-1, 3), (-1, 1)])
+    plan = training_plan(make_model(), F.mse_loss, 0.1, args_shape=[(-1, 3), (-1, 1)])
     pp = plan.send(w)
     remote_ops.call(ALLOWLIST.by_name("veil.plan.load_state"), ([pp.state[0]], [s]), {}, location=w)
     with pytest.raises(ReviewPendingError):
@@ -481,15 +342,15 @@ def test_load_state_copy_of_review_data_is_held_for_review(hook):
 
 def test_dp_only_data_is_refused_to_training_and_encryption(hook, paillier):
     pub, _ = paillier
-    w = sy.VirtualWorker(hook, id=_uid("dponly"))
-    x, y = _parts(1)[0]
+    w = sy.VirtualWorker(hook, id=uid("dponly"))
+    x, y = make_parts(1)[0]
     xid = w.load(x.clone(), tags=("#x",), policy="dp-only")
     yid = w.load(y.clone(), tags=("#y",), policy="dp-only")
     px, py = w.search(["#x"])[0], w.search(["#y"])[0]
     fed = sy.FederatedDataset([sy.BaseDataset(px, py)])
-    model = _model()
+    model = make_model()
     before = [p.detach().clone() for p in model.parameters()]
-    _, err, _ = _try(lambda: fl.train(model, fed, rounds=1, lr=0.05, batch_size=8, progress=False))
+    _, err, _ = attempt(lambda: fl.train(model, fed, rounds=1, lr=0.05, batch_size=8, progress=False))
     assert isinstance(err, RuntimeError) and "0 workers finished" in str(err)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     out = new_id()
@@ -523,10 +384,10 @@ def test_pooled_style_prelude_cannot_run_unlisted_ops(hook, owner_worker, op):
                                     dict(epochs=10_001), dict(epochs=0), dict(max_batches=0),
                                     dict(max_batches=1.5)])
 def test_fit_refuses_unbounded_or_malformed_work(hook, kwargs):
-    w = sy.VirtualWorker(hook, id=_uid("fit"))
-    x, y = _parts(1)[0]
+    w = sy.VirtualWorker(hook, id=uid("fit"))
+    x, y = make_parts(1)[0]
     px, py = x.send(w), y.send(w)
-    pp = training_plan(_model(), F.mse_loss, 0.05, args_shape=[(-1, 3), (-1, 1)]).send(w)
+    pp = training_plan(make_model(), F.mse_loss, 0.05, args_shape=[(-1, 3), (-1, 1)]).send(w)
     before = pp.get_state()
     args = dict(batch_size=4, epochs=1, max_batches=None)
     args.update(kwargs)
@@ -537,8 +398,8 @@ def test_fit_refuses_unbounded_or_malformed_work(hook, kwargs):
 
 
 def test_load_state_refuses_wrong_count_and_shapes(hook):
-    w = sy.VirtualWorker(hook, id=_uid("ls"))
-    pp = training_plan(_model(), F.mse_loss, 0.05, args_shape=[(-1, 3), (-1, 1)]).send(w)
+    w = sy.VirtualWorker(hook, id=uid("ls"))
+    pp = training_plan(make_model(), F.mse_loss, 0.05, args_shape=[(-1, 3), (-1, 1)]).send(w)
     before = pp.get_state()
     for values in ([torch.zeros(1, 3)], [torch.zeros(1, 3), torch.zeros(1), torch.zeros(1)],
                    [torch.zeros(3, 1), torch.zeros(1)], [torch.zeros(10**6), torch.zeros(1)]):
@@ -550,8 +411,8 @@ def test_load_state_refuses_wrong_count_and_shapes(hook):
 
 
 def test_load_state_refusal_changes_nothing(hook):
-    w = sy.VirtualWorker(hook, id=_uid("ls2"))
-    pp = training_plan(_model(), F.mse_loss, 0.05, args_shape=[(-1, 3), (-1, 1)]).send(w)
+    w = sy.VirtualWorker(hook, id=uid("ls2"))
+    pp = training_plan(make_model(), F.mse_loss, 0.05, args_shape=[(-1, 3), (-1, 1)]).send(w)
     before = pp.get_state()
     with pytest.raises(VeilError, match="load_state"):
         pp.load_state([torch.zeros(1, 3), torch.zeros(10**6)])
@@ -573,7 +434,7 @@ def test_dp_owner_refuses_the_release_past_its_budget():
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if epsilon_for(sigma, q, mid, delta, "rdp") <= eps else (lo, mid)
     true_max = lo
-    x, y = _parts(1, rows=16)[0]
+    x, y = make_parts(1, rows=16)[0]
     owner = DPDataOwner(x, y, max_grad_norm=1.0, noise_multiplier=sigma, budget=(eps, delta), accountant="rdp")
     owner.accountant.step(sigma, q, true_max)  # the releases the budget allows, all spent
     assert owner.epsilon(delta) <= eps
@@ -594,7 +455,7 @@ def test_dp_owner_refuses_less_noise_and_bad_rates():
     from veil.dp.errors import PrivacyParameterError
     from veil.dp.federated import DPDataOwner
 
-    x, y = _parts(1, rows=16)[0]
+    x, y = make_parts(1, rows=16)[0]
     owner = DPDataOwner(x, y, max_grad_norm=1.0, noise_multiplier=1.0, budget=(1.0, 1e-5), accountant="rdp")
     model = torch.nn.Linear(3, 1)
     params = {n: p.detach() for n, p in model.named_parameters()}

@@ -44,8 +44,8 @@ from veil.messaging import serde
 from veil.messaging.serde import deserialize, serialize
 from veil.serving.errors import ModelConversionError
 
-from tests.security.test_redteam_federated import (  # noqa: E402  (the harness of the first federated pass)
-    _honest_fedavg, _model, _parts, _pooled, _sequential_with_hostile, _try, _uid)
+from fl_helpers import (attempt, honest_fedavg, make_model, make_parts, pooled_with_hostile, sequential_with_hostile,
+                        uid)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def _pick(monkeypatch, first, second):
 
 def _train(model, workers, parts, **kw):
     fed = sy.FederatedDataset([sy.BaseDataset(x, y).send(w) for (x, y), w in zip(parts, workers)])
-    return _try(lambda: fl.train(model, fed, rounds=1, lr=0.05, batch_size=8, progress=False, **kw))
+    return attempt(lambda: fl.train(model, fed, rounds=1, lr=0.05, batch_size=8, progress=False, **kw))
 
 
 # ================================================================== (a) encrypted aggregation
@@ -90,12 +90,12 @@ class FailsTraining(sy.VirtualWorker):
 
 
 def test_he_single_training_survivor_is_not_decrypted_alone(hook, paillier):
-    victim = sy.VirtualWorker(hook, id=_uid("he5-victim"))
-    gone = [FailsTraining(hook, id=_uid("he5-gone")) for _ in range(2)]
-    parts = _parts(3)
-    model = _model()
+    victim = sy.VirtualWorker(hook, id=uid("he5-victim"))
+    gone = [FailsTraining(hook, id=uid("he5-gone")) for _ in range(2)]
+    parts = make_parts(3)
+    model = make_model()
     hist, err, _ = _train(model, [victim, *gone], parts, encrypted_aggregation=_he(paillier))
-    alone = _honest_fedavg(parts[:1])
+    alone = honest_fedavg(parts[:1])
     leaked = err is None and torch.allclose(model.weight.detach(), alone[0], atol=1e-5) and \
         torch.allclose(model.bias.detach(), alone[1], atol=1e-5)
     assert not leaked, ("3 clients trained, 2 dropped before encrypting: the coordinator decrypted the victim's "
@@ -119,18 +119,18 @@ class RefusesHandOvers(sy.VirtualWorker):
 
 
 def test_he_hostile_aggregator_cannot_shrink_the_round_to_the_pair(hook, paillier, monkeypatch):
-    agg = RefusesHandOvers(hook, id=_uid("he5-agg"))
-    victim = sy.VirtualWorker(hook, id=_uid("he5-victim"))
+    agg = RefusesHandOvers(hook, id=uid("he5-agg"))
+    victim = sy.VirtualWorker(hook, id=uid("he5-victim"))
     agg.accept_from = victim.id
-    others = [sy.VirtualWorker(hook, id=_uid("he5-ok")) for _ in range(3)]
+    others = [sy.VirtualWorker(hook, id=uid("he5-ok")) for _ in range(3)]
     _pick(monkeypatch, agg.id, victim.id)
-    parts = _parts(5)
-    model = _model()
+    parts = make_parts(5)
+    model = make_model()
     hist, err, _ = _train(model, [agg, victim, *others], parts, encrypted_aggregation=_he(paillier))
     if err is not None:  # a fix may refuse the round (too few survivors, or blame the aggregator)
         assert isinstance(err, (VeilError, RuntimeError)), repr(err)
         return
-    pair_only = _honest_fedavg(parts[:2])  # (w_a x_a + w_v x_v) / (w_a + w_v): minus its own x_a, the victim's
+    pair_only = honest_fedavg(parts[:2])  # (w_a x_a + w_v x_v) / (w_a + w_v): minus its own x_a, the victim's
     leaked = torch.allclose(model.weight.detach(), pair_only[0], atol=1e-5) and \
         torch.allclose(model.bias.detach(), pair_only[1], atol=1e-5)
     assert not leaked, (f"3 honest clients dropped ({hist.rounds[0].dropped}); the decrypted sum is the two "
@@ -156,12 +156,12 @@ def test_he_two_faced_client_refuses_the_round_without_blaming_the_aggregators(h
     # honest aggregators. Dropping that client instead needs per-client commitments (a digest of each copy,
     # itself a release under review): left as a documented limit (a denial of service, not a leak). What
     # holds: nothing is decrypted, the model is unchanged, and the error blames nobody by name.
-    honest = [sy.VirtualWorker(hook, id=_uid("he5-h")) for _ in range(3)]
-    bad = TwoFaced(hook, id=_uid("he5-2face"))
+    honest = [sy.VirtualWorker(hook, id=uid("he5-h")) for _ in range(3)]
+    bad = TwoFaced(hook, id=uid("he5-2face"))
     _pick(monkeypatch, honest[0].id, honest[1].id)
-    model = _model()
+    model = make_model()
     before = [p.detach().clone() for p in model.parameters()]
-    hist, err, _ = _train(model, [*honest, bad], _parts(4), encrypted_aggregation=_he(paillier))
+    hist, err, _ = _train(model, [*honest, bad], make_parts(4), encrypted_aggregation=_he(paillier))
     assert bad.sent == 2, "harness: both copies went out"
     assert isinstance(err, EncryptedAggregationError), repr(err)
     assert honest[0].id not in str(err) and honest[1].id not in str(err), str(err)
@@ -193,13 +193,13 @@ _OTHER_KEY = phe.generate_paillier_keypair(n_length=512)[0]
     lambda s: PaillierTensor(_OTHER_KEY, s._ct, s.exponent, s.dtype),  # another public key, same integers
 ], ids=["exponent", "plain-tensor", "other-key"])
 def test_he_aggregator_sum_in_another_encoding_is_refused(hook, paillier, monkeypatch, rewrite):
-    agg = ReturnsOther(hook, id=_uid("he5-other"))
+    agg = ReturnsOther(hook, id=uid("he5-other"))
     agg.rewrite = rewrite
-    honest = [sy.VirtualWorker(hook, id=_uid("he5-h")) for _ in range(2)]
+    honest = [sy.VirtualWorker(hook, id=uid("he5-h")) for _ in range(2)]
     _pick(monkeypatch, agg.id, honest[0].id)
-    model = _model()
+    model = make_model()
     before = [p.detach().clone() for p in model.parameters()]
-    hist, err, _ = _train(model, [agg, *honest], _parts(3), encrypted_aggregation=_he(paillier))
+    hist, err, _ = _train(model, [agg, *honest], make_parts(3), encrypted_aggregation=_he(paillier))
     assert isinstance(err, EncryptedAggregationError), repr(err)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "something was decrypted"
 
@@ -226,10 +226,10 @@ def test_paillier_non_canonical_ciphertext_is_refused(paillier):
 
 
 def test_non_finite_mean_loss_drops_the_client(hook):
-    model, hist, err, bad, honest = _sequential_with_hostile(hook, lambda o: [torch.tensor(float("nan")), o[1], o[2]])
+    model, hist, err, bad, honest = sequential_with_hostile(hook, lambda o: [torch.tensor(float("nan")), o[1], o[2]])
     assert err is None, repr(err)
     assert hist.rounds[0].dropped == [bad.id], f"a NaN loss was averaged in: train_loss {hist.rounds[0].train_loss}"
-    model, hist, err, pool, honest, _ = _pooled(hook, lambda o: [torch.tensor(float("inf")), *o[1:]])
+    model, hist, err, pool, honest, _ = pooled_with_hostile(hook, lambda o: [torch.tensor(float("inf")), *o[1:]])
     assert err is None, repr(err)
     assert list(hist.rounds[0].dropped) == [pool.client_id(1)]
 
@@ -241,10 +241,10 @@ def test_state_of_a_tensor_subclass_or_bool_dtype_is_dropped(hook):
     for tamper in (lambda o: [o[0], o[1].to(torch.bool), o[2]],
                    lambda o: [o[0].reshape(1, 1), o[1], o[2]],          # a 1-element loss of another shape: fine
                    lambda o: [o[0], o[1].as_subclass(Sneaky), o[2]]):   # a subclass travels as a plain tensor
-        model, hist, err, bad, honest = _sequential_with_hostile(hook, tamper)
+        model, hist, err, bad, honest = sequential_with_hostile(hook, tamper)
         assert err is None, repr(err)
         assert torch.isfinite(model.weight).all()
-    model, hist, err, bad, honest = _sequential_with_hostile(hook, lambda o: [o[0], o[1].to(torch.bool), o[2]])
+    model, hist, err, bad, honest = sequential_with_hostile(hook, lambda o: [o[0], o[1].to(torch.bool), o[2]])
     assert hist.rounds[0].dropped == [bad.id]
 
 
