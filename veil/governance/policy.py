@@ -17,8 +17,8 @@ import time
 from typing import Any
 
 from veil.exceptions import ObjectNotFoundError
-from veil.governance.state import DEFAULT_POLICY, POLICIES, audit, check_policy, governance, policy_of
-from veil.workers.persistence import OwnerDB
+from veil.governance.state import (DEFAULT_POLICY, POLICIES, audit, check_policy, governance, has_decisions_store,
+                                   policy_of)
 
 #: open < review < dp-only: dp-only lets nothing un-noised out, approved or not (its DP releases are capped
 #: by the owner's budgets)
@@ -73,7 +73,7 @@ def _json(raw: Any, kind: type, key: str) -> Any:
 def restore_policy(worker: Any, oid: int) -> None:
     """For a dataset loaded without a policy: the owner's stored run-time decision, where it is stricter than
     the default (a restart of ``worker.load(x)`` must not reopen what the owner tightened)."""
-    if not isinstance(getattr(worker, "db", None), OwnerDB):  # nothing persisted (an in-memory worker)
+    if not has_decisions_store(worker):  # (no decision could have been stored: no governance state made)
         return
     entry = dict(worker.monitor.owner_entries()).get(oid)
     if entry is None or not entry.protected:  # (set_policy stores decisions for protected datasets only)

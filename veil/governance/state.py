@@ -65,6 +65,12 @@ def governance(worker: Any) -> Governance:
     return state
 
 
+def has_decisions_store(worker: Any) -> bool:
+    """Whether the worker may hold stored governance decisions: a persistent owner database, or governance
+    state already made in memory (an in-process worker's run-time ``set_policy`` stores there)."""
+    return isinstance(getattr(worker, "db", None), OwnerDB) or _STATE.get(worker) is not None
+
+
 def check_policy(policy: object) -> str:
     if policy not in POLICIES:
         raise ValueError(f"unknown data policy {policy!r}; expected one of {', '.join(POLICIES)}")
