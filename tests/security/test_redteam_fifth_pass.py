@@ -328,7 +328,7 @@ def _zip(path, members):
 def test_keras_hard_linked_weights_are_counted_per_layer(tmp_path):
     import h5py
 
-    from veil.serving.keras_convert import check_keras_file
+    from veil.serving.keras_files import check_keras_file
 
     n, d = 30, 256
     members = _keras_dense_chain(tmp_path, n, d)

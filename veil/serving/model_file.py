@@ -23,7 +23,8 @@ from torch import nn
 
 from veil.messaging import serde
 from veil.serving.errors import ModelConversionError
-from veil.serving.keras_convert import MAX_ELEMENTS, MAX_LAYERS, ChannelsLastToFirst, load_keras
+from veil.serving.keras_convert import ChannelsLastToFirst, load_keras
+from veil.serving.keras_files import MAX_ELEMENTS, MAX_LAYERS
 
 FORMAT = "veil-model/1"
 
