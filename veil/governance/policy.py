@@ -27,7 +27,8 @@ _STRICTNESS = {p: i for i, p in enumerate(POLICIES)}
 
 def _namespace(worker: Any) -> str:
     # per owner database, not per worker id: one owner's replicas share a database (docs/scaling.md: one
-    # owner per database) under different ids, and a decision taken on one must hold on all of them
+    # owner per database) under different ids, and a decision taken on one must hold on all of them (each
+    # reads it at its next load or start)
     del worker
     return "governance.policy"
 
