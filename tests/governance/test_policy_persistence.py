@@ -147,3 +147,49 @@ def test_an_approval_is_used_up_by_one_process_only(location):
             q1.mark_released("req-persist0000001")
     finally:
         [db.close() for db in dbs]
+
+
+# -------------------------------------------------------------- replicas of one owner, both serving
+
+def test_a_serving_replica_takes_the_other_replicas_tightening_and_never_a_loosening(start):
+    from veil.governance.policy import sync_stored_policies
+
+    a, _ = start("open", worker_id=f"gov-replica-a-{time.monotonic_ns()}")
+    b, oid_b = start("open", worker_id=f"gov-replica-b-{time.monotonic_ns()}")
+    assert sync_stored_policies(b) == [] and policy_of(b, oid_b) == "open"  # nothing stored yet
+    a.set_policy("#clinic", "dp-only")
+    assert policy_of(b, oid_b) == "open"  # b serves on with what it loaded...
+    assert sync_stored_policies(b) == [oid_b]  # ...until it rereads the owner's decisions
+    assert policy_of(b, oid_b) == "dp-only" and b.monitor.owner_entries()  # (the DP guard's mark too:)
+    assert dict(b.monitor.owner_entries())[oid_b].meta.get("dp_only") is True
+    a.set_policy("#clinic", "open")  # a loosening on one replica is the owner's to repeat on the others
+    assert sync_stored_policies(b) == [] and policy_of(b, oid_b) == "dp-only"
+
+
+def test_a_network_worker_rereads_the_stored_decisions_while_it_serves(hook, tmp_path, monkeypatch):
+    import threading
+
+    from veil.governance import policy
+
+    monkeypatch.setattr(policy, "SYNC_SECONDS", 0.05)
+    location = str(tmp_path / OwnerDB.FILENAME)
+    tokens = sy.TokenTable()
+    tokens.add("replica-sync-token", "alice")
+    server = sy.WebsocketServerWorker(hook, host="127.0.0.1", port=0, id=f"gov-sync-{time.monotonic_ns()}",
+                                      tokens=tokens, db=OwnerDB(location))
+    oid = server.load(SECRET.clone(), tags=TAGS, private=True, policy="open")
+    thread = threading.Thread(target=server.serve_forever, kwargs={"handle_signals": False}, daemon=True)
+    thread.start()
+    other = sy.VirtualWorker(hook, id=f"gov-sync-other-{time.monotonic_ns()}")
+    other.db = OwnerDB(location)
+    try:
+        other.load(SECRET.clone(), tags=TAGS, private=True, policy="open")
+        other.set_policy("#clinic", "review")
+        deadline = time.monotonic() + 10
+        while policy_of(server, oid) != "review" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert policy_of(server, oid) == "review"
+    finally:
+        server.stop()
+        thread.join(10)
+        other.db.close()

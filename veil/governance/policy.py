@@ -27,8 +27,8 @@ _STRICTNESS = {p: i for i, p in enumerate(POLICIES)}
 
 def _namespace(worker: Any) -> str:
     # per owner database, not per worker id: one owner's replicas share a database (docs/scaling.md: one
-    # owner per database) under different ids, and a decision taken on one must hold on all of them (each
-    # reads it at its next load or start)
+    # owner per database) under different ids, and a decision taken on one must hold on all of them (at each
+    # load, and while serving: sync_stored_policies)
     del worker
     return "governance.policy"
 
@@ -40,25 +40,53 @@ def _dataset_key(entry: Any) -> list[str]:
     return tags or [f"description:{entry.description}"]
 
 
-def stored_policy(worker: Any, entry: Any) -> str | None:
-    """The strictest run-time decision stored for this dataset: one recorded for a tag set it still carries
-    all of (a tag added since keeps the decision). None when there is none."""
-    db, namespace, mine = governance(worker).db, _namespace(worker), set(_dataset_key(entry))
-    found = None
+def stored_decisions(worker: Any) -> list[tuple[set, str]]:
+    """Every stored run-time decision: (the tag set it was recorded for, its policy). An unreadable record
+    raises ValueError (one line): a start stops on it rather than opening the data."""
+    db, namespace = governance(worker).db, _namespace(worker)
+    out = []
     for key in db.kv_keys(namespace):
         tags = _json(key, list, key)
         if not all(type(t) is str for t in tags):
             raise ValueError(f"stored policy decision {key!r}: its key is not a list of tags")
-        if not set(tags) <= mine:
-            continue
         raw = db.kv_get(namespace, key)
-        if raw is None:  # removed meanwhile
-            continue
-        # an unreadable record stops the start (ValueError: one line) rather than opening the data
-        policy = check_policy(_json(raw, dict, key).get("policy"))
-        if found is None or _STRICTNESS[policy] > _STRICTNESS[found]:
+        if raw is not None:  # (None: removed meanwhile)
+            out.append((set(tags), check_policy(_json(raw, dict, key).get("policy"))))
+    return out
+
+
+def stored_policy(worker: Any, entry: Any, decisions: list | None = None) -> str | None:
+    """The strictest run-time decision stored for this dataset: one recorded for a tag set it still carries
+    all of (a tag added since keeps the decision). None when there is none."""
+    mine = set(_dataset_key(entry))
+    found = None
+    for tags, policy in stored_decisions(worker) if decisions is None else decisions:
+        if tags <= mine and (found is None or _STRICTNESS[policy] > _STRICTNESS[found]):
             found = policy
     return found
+
+
+def sync_stored_policies(worker: Any) -> list[int]:
+    """Puts in force every stored decision stricter than the one in force: one owner's replicas share the
+    owner database, so what the owner tightened on one reaches the others while they serve (a network
+    worker runs this every :data:`SYNC_SECONDS`). Only ever tightens. Returns the ids it changed."""
+    decisions = stored_decisions(worker)
+    changed = []
+    if not decisions:
+        return changed
+    for oid, entry in owner_sources(worker):
+        stored = stored_policy(worker, entry, decisions)
+        before = policy_of(worker, oid)
+        if stored is not None and _STRICTNESS[stored] > _STRICTNESS[before]:
+            _set_policy(worker, oid, entry, stored)
+            audit(worker, "policy", "owner", "-", [oid], "allowed",
+                  f"{before} -> {stored} (the owner's stored decision, made on another replica)")
+            changed.append(oid)
+    return changed
+
+
+#: how often a serving network worker rereads the owner's stored decisions (sync_stored_policies)
+SYNC_SECONDS = 1.0
 
 
 def _json(raw: Any, kind: type, key: str) -> Any:

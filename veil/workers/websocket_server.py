@@ -398,10 +398,12 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
         ) as server:
             self.bound_port = next(iter(server.sockets)).getsockname()[1]
             flusher = asyncio.ensure_future(self._flush_refusals())
+            syncer = asyncio.ensure_future(self._sync_policies())
             if on_ready is not None:
                 on_ready(self)
             await self._stop
             flusher.cancel()
+            syncer.cancel()
             for token in list(self._running):
                 token.cancel("the worker is stopping")
         self._executor.shutdown(wait=True)
@@ -419,6 +421,25 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
                 self.refusals.flush_due()
             except Exception:
                 log.exception("worker %s: could not write the audit log", self.id)
+
+    async def _sync_policies(self) -> None:
+        """The owner's stored policy decisions, reread while serving (another replica's tightening), on a
+        handler thread in the worker's turn (the policies change what handlers check)."""
+        from veil.governance import policy
+
+        while True:
+            await asyncio.sleep(policy.SYNC_SECONDS)
+            try:
+                await self._loop.run_in_executor(self._executor, self.sync_policies_now)
+            except Exception:
+                log.exception("worker %s: could not reread the stored policy decisions", self.id)
+
+    def sync_policies_now(self) -> list[int]:
+        """:func:`veil.governance.policy.sync_stored_policies` in the worker's turn."""
+        from veil.governance.policy import sync_stored_policies
+
+        with self._turn:
+            return sync_stored_policies(self)
 
     def serve_forever(self, on_ready: Callable[["WebsocketServerWorker"], None] | None = None,
                       handle_signals: bool = True) -> None:
