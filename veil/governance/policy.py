@@ -43,15 +43,12 @@ def _dataset_key(entry: Any) -> list[str]:
 def stored_decisions(worker: Any) -> list[tuple[set, str]]:
     """Every stored run-time decision: (the tag set it was recorded for, its policy). An unreadable record
     raises ValueError (one line): a start stops on it rather than opening the data."""
-    db, namespace = governance(worker).db, _namespace(worker)
     out = []
-    for key in db.kv_keys(namespace):
+    for key, raw in governance(worker).db.kv_items(_namespace(worker)):
         tags = _json(key, list, key)
         if not all(type(t) is str for t in tags):
             raise ValueError(f"stored policy decision {key!r}: its key is not a list of tags")
-        raw = db.kv_get(namespace, key)
-        if raw is not None:  # (None: removed meanwhile)
-            out.append((set(tags), check_policy(_json(raw, dict, key).get("policy"))))
+        out.append((set(tags), check_policy(_json(raw, dict, key).get("policy"))))
     return out
 
 
@@ -70,11 +67,12 @@ def sync_stored_policies(worker: Any) -> list[int]:
     """Puts in force every stored decision stricter than the one in force: one owner's replicas share the
     owner database, so what the owner tightened on one reaches the others while they serve (a network
     worker runs this every :data:`SYNC_SECONDS`). Only ever tightens. Returns the ids it changed."""
-    decisions = stored_decisions(worker)
-    changed = []
-    if not decisions:
+    changed: list[int] = []
+    sources = owner_sources(worker)
+    if not sources:  # (nothing to tighten: no governance state made, no query)
         return changed
-    for oid, entry in owner_sources(worker):
+    decisions = stored_decisions(worker)
+    for oid, entry in sources if decisions else ():
         stored = stored_policy(worker, entry, decisions)
         before = policy_of(worker, oid)
         if stored is not None and _STRICTNESS[stored] > _STRICTNESS[before]:

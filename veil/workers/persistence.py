@@ -140,6 +140,12 @@ class OwnerDB:
         with self._lock:
             return [r[0] for r in self._db.execute("SELECT key FROM kv WHERE namespace = ? ORDER BY key", (namespace,))]
 
+    def kv_items(self, namespace: str) -> list[tuple[str, bytes]]:
+        """Every (key, value) of ``namespace`` in one query, by key."""
+        with self._lock:
+            return [(r[0], bytes(r[1])) for r in self._db.execute(
+                "SELECT key, value FROM kv WHERE namespace = ? ORDER BY key", (namespace,))]
+
     # ------------------------------------------------------------- ledger
 
     def ledger_append(self, namespace: str, key: str, amount: float, note: str = "") -> None:
