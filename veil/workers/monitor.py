@@ -195,8 +195,8 @@ class ReferenceMonitor(QuotaRules, OpeningRules):
                 "never revealed")
         elif entry.allowed_users is not None and user not in entry.allowed_users:
             error = PermissionDeniedError(
-                f"object {oid} on worker {self.worker_id!r} is private: user {user!r} may not retrieve it "
-                f"(allowed: {list(entry.allowed_users)}); compute on it through pointers instead")
+                f"object {oid} on worker {self.worker_id!r} is private: user {user!r} may not retrieve it; "
+                "compute on it through pointers instead")  # who may is the owner's business, not the refused user's
         elif entry.reveal_to is not None and not self._may_see(principal, entry.reveal_to):
             error = PermissionDeniedError(
                 f"object {oid} on worker {self.worker_id!r} may be revealed only to its designated recipient "
