@@ -43,7 +43,7 @@ import phe
 import torch
 
 from veil.exceptions import VeilError, register_remote_error
-from veil.federated.pooled import _FAILURES, error_text  # (a client failing so is dropped, as in training)
+from veil.federated.pooled import CLIENT_FAILURES, error_text  # (a client failing so is dropped, as in training)
 from veil.he import value_free
 from veil.he._paillier_encoding import DEFAULT_FLOAT_EXPONENT
 from veil.he.ckks import CKKSContext, CKKSTensor
@@ -167,7 +167,7 @@ class EncryptedAggregation:
                     remote_ops.call(ALLOWLIST.by_name("veil.fl.encrypt_state"),
                                     (state_pointers[wid], weights[wid], key, outs), {})
                     encrypted[wid] = outs
-                except _FAILURES as e:  # dropped, as a client failing to train is
+                except CLIENT_FAILURES as e:  # dropped, as a client failing to train is
                     failed[wid] = error_text(e)
             if not encrypted:
                 return None, failed
@@ -185,7 +185,7 @@ class EncryptedAggregation:
                     try:
                         placed = [self._hand_over(owner, where[wid], cid, where[a], made) if a != wid else cid
                                   for a, cid in zip(pair, outs)]
-                    except _FAILURES as e:  # the sender's fault, or an aggregator refusing it to shrink the sum:
+                    except CLIENT_FAILURES as e:  # the sender's fault, or an aggregator refusing it to shrink the sum:
                         raise EncryptedAggregationError(  # no telling which, so nobody is dropped for it
                             f"client {wid!r}'s ciphertext could not be handed to the aggregating clients; round "
                             f"refused, nothing decrypted ({error_text(e)})") from None
@@ -194,7 +194,7 @@ class EncryptedAggregation:
                 survivors = list(encrypted)  # (the pair among them)
                 try:
                     sums = [self._sum(where[a], owner, held[a], made) for a in pair]
-                except _FAILURES as e:
+                except CLIENT_FAILURES as e:
                     raise EncryptedAggregationError(f"an aggregating client failed; round refused, nothing "
                                                     f"decrypted ({error_text(e)})") from None
                 # honest sums are byte-identical (exact, order-independent additions): a difference means one
@@ -250,5 +250,5 @@ class EncryptedAggregation:
         for worker, oids in by_worker.values():
             try:
                 owner.send_msg(DeleteMessage(oids), worker)
-            except _FAILURES:  # a client gone holds nothing we can reach
+            except CLIENT_FAILURES:  # a client gone holds nothing we can reach
                 pass

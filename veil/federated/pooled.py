@@ -41,7 +41,9 @@ from veil.messaging.allowlist import ALLOWLIST
 from veil.messaging.serde import deserialize, serialize
 from veil.tensors.pointer import PointerTensor
 
-_FAILURES = (VeilError, ConnectionError, OSError)
+#: what a client that failed raises at the coordinator (its own error, a lost connection): the client is dropped
+#: from the round, never the round failed (training, secure and encrypted aggregation all catch these)
+CLIENT_FAILURES = (VeilError, ConnectionError, OSError)
 #: per round, clients dropped with a warning each; the rest are summed up in one warning
 WARN_EACH = 5
 _REF = m.ObjectRef
@@ -191,7 +193,7 @@ class PooledTraining:
             try:
                 stats.bytes_received += sum(len(b) for b in result)
                 objects = self._decode(result, 2 if send_plan_to_all or i in resend else 1)
-            except _FAILURES as e:
+            except CLIENT_FAILURES as e:
                 out["dropped"][i] = error_text(e)
                 self.resend.add(i)
                 continue

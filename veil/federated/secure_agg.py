@@ -58,9 +58,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from veil.exceptions import (RemoteExecutionError, RequestDeniedError, ReviewPendingError, VeilError,
+from veil.exceptions import (RemoteExecutionError, RequestDeniedError, ReviewPendingError,
                              register_remote_error)
 from veil.federated import secagg_crypto as sc
+from veil.federated.pooled import CLIENT_FAILURES
 from veil.messaging.allowlist import ALLOWLIST, register_worker_function
 from veil.messaging.messages import CommandMessage
 from veil.mpc.encoding import decode, encode, make_encoding
@@ -69,7 +70,6 @@ from veil.workers import owner_guard
 
 ENCODING = make_encoding(24)
 STAGES = ("advertise", "share_keys", "masked_input", "unmask")
-_FAILURES = (VeilError, ConnectionError, OSError)
 
 
 class SecureAggregationError(RemoteExecutionError):
@@ -181,7 +181,7 @@ def _share_keys(worker: Any, tag: int, ids: list, publics: torch.Tensor) -> None
             peer = worker.resolve_worker(peer_id)
             worker.send_msg(CommandMessage("veil.secagg.deposit", (tag, state.coordinator, worker.id, *shares,
                                                                    sc.bytes_tensor(state.public)), {}, [], False), peer)
-        except _FAILURES:
+        except CLIENT_FAILURES:
             pass  # that peer is gone: it will lack shares and drop out at masked_input
 
 
@@ -357,7 +357,7 @@ def secure_aggregate(inputs: dict[str, ClientInput], tag: int, threshold: Option
                     review.append(e)
                 except RequestDeniedError as e:
                     review.append(e)
-                except _FAILURES:
+                except CLIENT_FAILURES:
                     pass
                 break
         if review:
@@ -415,7 +415,7 @@ def _discard_all(inputs: dict, tag: int) -> None:
     for ci in inputs.values():
         try:
             _call("veil.secagg.discard", (tag,), ci.location)
-        except _FAILURES:
+        except CLIENT_FAILURES:
             pass
 
 

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from veil.exceptions import VeilError
 from veil.federated import pooled, secure_agg
 from veil.federated.client_pool import ClientIds
 from veil.federated.pooled import client_seed
@@ -232,7 +231,7 @@ class _Sequential:
                 state = None
                 updates.append(ClientUpdate(wid, state, len(ds), mean_loss))
                 done[wid] = pp
-            except (VeilError, ConnectionError, OSError) as e:
+            except pooled.CLIENT_FAILURES as e:
                 errors[wid] = pooled.error_text(e)  # (cut short: a client's error text is its to size)
                 warnings.warn(f"round {r}: worker {wid!r} dropped out ({errors[wid]})", stacklevel=3)
                 self.plans.pop(wid, None)
