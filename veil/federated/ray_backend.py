@@ -128,6 +128,10 @@ class ClientHost:
 
     def add_layout(self, prefix: str, n: int, hosts: list) -> None:
         """Client ``prefix + i`` (i < n) lives on ``hosts[i % len(hosts)]``."""
+        clash = [p for p in self.layouts if p.startswith(prefix) or prefix.startswith(p)]
+        if clash:  # "ab" + "10" is "ab1" + "0": ids, routing and shutdown would mix two federations' clients
+            raise ValueError(f"client prefix {prefix!r} overlaps the prefix {clash[0]!r} of a federation on these "
+                             "actors; pick one that neither starts nor is the start of another")
         self.layouts[prefix] = (n, list(hosts))
 
     def actor_of(self, client_id: str) -> Any:
@@ -146,6 +150,10 @@ class ClientHost:
         first client's data/target shapes after the first dimension and dtypes (``example``), and the
         shapes and dtypes of any client that differs from it (``odd``: position -> 4-tuple).
         """
+        taken = [cid for cid in ids if cid in self.clients]
+        if taken:  # another federation's client (overlapping prefixes): its owner data must not be replaced
+            raise ValueError(f"client ids already hosted on this actor: {taken[:3]}; give each federation its "
+                             "own prefix (one that is not a prefix of another's)")
         xids, yids, rows = array("Q"), array("Q"), array("q")
         example, odd = None, {}
         for n, cid in enumerate(ids):
@@ -157,9 +165,12 @@ class ClientHost:
                 raise ValueError(f"client {cid!r}: data has {len(x)} rows but targets {len(y)}")
             xids.append(worker.load(x, tags=(*tags, "#data"), private=True))
             yids.append(worker.load(y, tags=(*tags, "#target"), private=True))
-            rows.append(len(x))
             if dp is not None:  # owner-side DP: this client's data opened to DP queries/training, with budgets
                 worker.enable_dp({"data": (x, y)}, **dp)
+            # a hidden count leaves the client as it does a network worker's search: 0 rows, or the owner's
+            # public nominal count as the client's FedAvg weight
+            hidden = dp is not None and dp.get("hide_count")
+            rows.append((dp.get("nominal_count") or 0) if hidden else len(x))
             meta = (tuple(x.shape[1:]), str(x.dtype), tuple(y.shape[1:]), str(y.dtype))
             if example is None:
                 example = meta
@@ -455,14 +466,16 @@ def federated_clients(datasets: Sequence[tuple] | None = None, *, num_clients: i
         num_clients, make_dataset: ``make_dataset(i)`` runs *inside* the actor and returns client
             ``i``'s ``(data, targets)`` (the coordinator never holds the data: large simulations).
         actors: how many Ray actors to spread the clients over (default: the cluster's CPUs), or
-            the ``.actors`` of an earlier call to host these clients too (client ids must differ:
-            ``prefix``); client i goes to actor ``i % len(actors)``, and each actor keeps its
+            the ``.actors`` of an earlier call to host these clients too (with a ``prefix`` that neither
+            starts nor is the start of another's there: refused otherwise); client i goes to actor
+            ``i % len(actors)``, and each actor keeps its
             clients' state between rounds.
         hook: the registry the handles join (default: the current one).
         address: a Ray cluster (else ``$VEIL_RAY_ADDRESS``, else a local Ray started here).
         tags: tags added to every client's data and targets (``#data`` / ``#target`` always).
         dp: ``worker.enable_dp`` settings applied on every client (owner-side DP on its data,
-            dataset name ``"data"``), e.g. ``{"budgets": {"me": (1.0, 1e-5)}}``.
+            dataset name ``"data"``), e.g. ``{"budgets": {"me": (1.0, 1e-5)}}``; with ``hide_count`` the
+            handles state 0 rows (as a network worker's search) and the ``nominal_count`` as the weight.
         batch: clients created per actor call.
         clients_per_call: clients whose round requests travel in one Ray call when ``fl.train``
             dispatches (default: a quarter of each actor's share, at most 256);
