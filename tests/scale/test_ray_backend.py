@@ -193,3 +193,20 @@ def test_actor_clients_refuse_like_any_worker(hook, actors):
         assert float(clients.data[2].sum().get()) == 2 * 8  # the private data is still there, unchanged
     finally:
         clients.shutdown()
+
+
+def test_a_pointer_chain_through_one_client_to_another_resolves_after_the_handles_are_dropped(hook, actors):
+    """A pointer stored on client 0 to client 1's data (a chain, as PySyft's ``.send`` of a pointer makes) is
+    fetched back and computed on by the coordinator even after it dropped its handle on client 1: the pool
+    names its clients (handles are made on demand and the hook's registry holds them weakly)."""
+    parts = [(torch.full((2, 2), 3.0 * (i + 1)), torch.zeros(2, 1)) for i in range(2)]
+    clients = sy.ray.federated_clients(parts, actors=actors, hook=hook, prefix="chain")
+    try:
+        relay = clients.data[1].send(clients[0])     # client 0 holds a pointer to client 1's data
+        gc.collect()                                 # no handle on client 1 stays referenced here
+        assert "chain1" not in hook.workers
+        inner = relay.get()                          # the pointer client 0 held: to client 1's data
+        assert inner.location.id == "chain1"
+        assert torch.equal((inner * 2).get(), torch.full((2, 2), 12.0))
+    finally:
+        clients.shutdown()

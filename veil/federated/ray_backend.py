@@ -296,6 +296,7 @@ class RayClients(ClientPool):
         self._data_ids, self._target_ids, self._rows = data_ids, target_ids, rows
         self._example, self._odd = example, odd  # odd: the few clients whose shapes differ from the example
         self.clients_per_call, self.calls_in_flight, self.timeout = clients_per_call, calls_in_flight, timeout
+        hook.worker_sources.add(self)  # pointer chains through one client to another reach the other
 
     # ------------------------------------------------------------ the pool
 
@@ -307,6 +308,11 @@ class RayClients(ClientPool):
 
     def index_of(self, client_id: Any) -> int | None:
         return _index(client_id, self.prefix, len(self))
+
+    def handle_for(self, client_id: str) -> RayClientWorker | None:
+        """A handle on the client named ``client_id`` while its actors run (the hook's ``find_worker``)."""
+        index = self.index_of(client_id)
+        return self.worker(index) if index is not None and self.actors else None
 
     def num_samples(self, i: int) -> int:
         return self._rows[i]

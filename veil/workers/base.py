@@ -174,7 +174,7 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
         return self
 
     def resolve_worker(self, worker_id: str) -> "BaseWorker":
-        worker = self.hook.workers.get(worker_id)
+        worker = self.hook.find_worker(worker_id)
         if worker is None:
             raise WorkerNotFoundError(f"worker {self.id!r} does not know how to reach worker {worker_id!r}")
         return worker

@@ -20,9 +20,21 @@ class HookContext:
         # Weak values: a worker that the user drops is not kept alive by the registry.
         self.workers: "weakref.WeakValueDictionary[str, BaseWorker]" = weakref.WeakValueDictionary()
         self._local_worker: "BaseWorker | None" = None
+        # pools that make worker handles on demand (Ray clients: one handle per client only while it is
+        # referenced), asked for an id the registry no longer holds; ``handle_for(worker_id) -> worker | None``
+        self.worker_sources: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
     def register_worker(self, worker: "BaseWorker") -> None:
         self.workers[worker.id] = worker
+
+    def find_worker(self, worker_id: str) -> "BaseWorker | None":
+        """The registered worker, else a handle from a pool that names it (None: nobody here knows it)."""
+        worker = self.workers.get(worker_id)
+        for source in list(self.worker_sources) if worker is None else ():
+            worker = source.handle_for(worker_id)
+            if worker is not None:
+                break
+        return worker
 
     @property
     def local_worker(self) -> "BaseWorker":
