@@ -97,6 +97,19 @@ def _requests(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _users_args(p: argparse.ArgumentParser) -> None:
+    from veil.governance.users_cli import configure
+
+    configure(p)
+
+
+@command("users", "the worker's users: list them, revoke one's tokens at run time, or restore it", _users_args)
+def _users(args: argparse.Namespace) -> int:
+    from veil.governance.users_cli import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     # "@FILE" reads arguments from FILE, one per line: secrets (tokens) stay off the command line, which
     # every local user can read in ps (start_worker, and so Cluster, passes worker arguments this way)

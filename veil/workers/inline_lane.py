@@ -177,6 +177,9 @@ class InlineLane:
         slow_plain, slow_open = session.id in self._slow_sessions, session.id in self._slow_protocol
         if (slow_plain and slow_open) or len(data) > INLINE_MAX_BYTES or not self._turn.try_acquire():
             return None, None
+        if session.revoked:  # revoked while this frame waited: the handler thread refuses it (serve_bytes)
+            self._turn.release()
+            return None, None
         # No CancelToken: nothing that runs inline checks one (worker functions, which do, never run here).
         # The thread CPU clock is a system call (~1 us, and on a busy VM the point where the kernel
         # switches tasks, ~4 us more per request in practice); a request that took less wall time than

@@ -67,6 +67,8 @@ class TokenTable:
 
     def __init__(self) -> None:
         self._entries: list[tuple[bytes, Principal]] = []
+        #: names the owner revoked (veil/governance/revocation.py); replaced whole, so readers need no lock
+        self.revoked: frozenset[str] = frozenset()
 
     def add(self, token: str, name: str, role: str = "scientist") -> None:
         if role not in ROLES:
@@ -84,7 +86,19 @@ class TokenTable:
         for known, principal in self._entries:
             if hmac.compare_digest(known, presented) and found is None:
                 found = principal  # no early exit: timing does not reveal which entry matched
+        if found is not None and found.name in self.revoked:
+            return None  # refused as an unknown token is: the refusal does not say the name exists
         return found
+
+    def principals(self) -> list[Principal]:
+        """Every principal with a token here, once each (never a token)."""
+        return list(dict.fromkeys(p for _, p in self._entries))
+
+    def revoke(self, name: str) -> None:
+        self.revoked = self.revoked | {name}
+
+    def readmit(self, name: str) -> None:
+        self.revoked = self.revoked - {name}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -141,6 +155,8 @@ class Session:
     account: Account = field(default_factory=Account, compare=False, repr=False)
     #: a peer link's session: account tag -> its Principal (made once per tag)
     account_principals: dict = field(default_factory=dict, compare=False, repr=False)
+    #: set when the owner revokes one of its principals: none of its requests runs from then on
+    revoked: bool = field(default=False, compare=False, repr=False)
 
     def claim_user(self, claimed: object) -> str:
         """The identity a get/move acts as: a claimed user must be one this connection proved."""

@@ -117,6 +117,8 @@ class ConnectionServing:
                     data = await _receive(ws)
                 except ConnectionClosedOK:
                     break
+                if session.revoked:  # the owner revoked it (close_sessions_of): pipelined frames never run
+                    break
                 if isinstance(data, str):
                     reply = serialize(m.ErrorReply("SerializationError", "text frames are not accepted; send binary"),
                                       sender=self.id)
@@ -194,3 +196,34 @@ class ConnectionServing:
         except Exception:  # a client that does not answer the close is dropped by the close timeout
             pass
         return True
+
+    def close_sessions_of(self, name: str, reason: str) -> int:
+        """Closes every connection (and handshake in progress) that authenticated as principal ``name``:
+        a revocation (veil/governance/revocation.py). At once, from any thread: its sessions are marked so
+        that no further request of theirs runs (``serve_bytes``, ``try_inline``, the read loop check the
+        mark), their running commands are cancelled at their next checkpoint, and the loop closes the
+        connections, which frees their objects through the session-end path. Returns how many were open."""
+        hit = [s for s in [*self.sessions.values(), *(s for s, _ in list(self._handshakes.values()))]
+               if any(p.name == name for p in s.principals)]
+        for session in hit:
+            session.revoked = True
+        ids = {s.id for s in hit}
+        for token, sid in list(self._running.items()):
+            if sid in ids:
+                token.cancel(reason)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._close_revoked, name, reason)
+        return len(hit)
+
+    def _close_revoked(self, name: str, reason: str) -> None:
+        """On the event loop (where handshakes become sessions, so none slips between): every connection
+        of ``name`` is closed, every handshake of it dropped (``_on_connection`` then refuses it)."""
+        for connection, (session, _) in list(self._handshakes.items()):
+            if any(p.name == name for p in session.principals):
+                session.revoked = True
+                self._handshakes.pop(connection, None)
+        for sid, (ws, _) in list(self._connections.items()):
+            session = self.sessions.get(sid)
+            if session is not None and any(p.name == name for p in session.principals):
+                session.revoked = True
+                asyncio.ensure_future(ws.close(4003, reason))

@@ -152,7 +152,8 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
         # one thread per session in flight (plus the end-of-session cleanups); one request holds the worker
         self._executor = ThreadPoolExecutor(max_workers=max_connections + 4, thread_name_prefix=f"veil-{self.id}")
         self._turn = cancellation.FairLock()
-        self._running: set[cancellation.CancelToken] = set()
+        #: running commands' tokens -> their session id (a revocation cancels its session's)
+        self._running: dict[cancellation.CancelToken, str] = {}
         #: sessions with a full role (check_request passes all their requests) -> their Principal
         self._full_principals: dict[str, Principal] = {}
         self._slow_sessions: set[str] = set()  # sessions whose requests always take a handler thread
@@ -167,6 +168,9 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
         self._stop: asyncio.Future | None = None
         # tells the peers a session used that it ended (veil/workers/accounts.py)
         self._session_ends = SessionEndNotices(self)
+        from veil.governance.revocation import restore_revocations
+
+        restore_revocations(self)  # names the owner revoked stay out across restarts
 
     # ------------------------------------------------------------ peers
 
@@ -195,8 +199,11 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
         ``decoded``: the request as :meth:`serve_inline` already decoded it for this session."""
         token = token if token is not None else cancellation.CancelToken(seconds=self.max_command_seconds)
         with self._turn:
+            if session.revoked:  # revoked while this request waited for its turn: it never runs
+                return serialize(m.ErrorReply("PermissionDeniedError", "access revoked by the data owner"),
+                                 sender=self.id)
             token.start()
-            self._running.add(token)
+            self._running[token] = session.id
             self._local.session = session
             acting = ACTING.set(session.account)  # what it sends peers meanwhile is for this session (accounts.py)
             try:
@@ -208,7 +215,7 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
             finally:
                 self._local.session = None
                 ACTING.reset(acting)
-                self._running.discard(token)
+                self._running.pop(token, None)
 
     def principal(self, sender: str) -> Principal:
         """The authenticated session (the claimed sender is ignored); for a peer's request, with the
@@ -435,11 +442,29 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
                 log.exception("worker %s: could not reread the stored policy decisions", self.id)
 
     def sync_policies_now(self) -> list[int]:
-        """:func:`veil.governance.policy.sync_stored_policies` in the worker's turn."""
+        """:func:`veil.governance.policy.sync_stored_policies` (and the stored revocations) in the worker's turn."""
         from veil.governance.policy import sync_stored_policies
+        from veil.governance.revocation import sync_stored_revocations
 
         with self._turn:
-            return sync_stored_policies(self)
+            changed = sync_stored_policies(self)
+            sync_stored_revocations(self)  # (a revocation or readmission made on another replica)
+            return changed
+
+    # ------------------------------------------------------------ revocation (veil/governance/revocation.py)
+
+    def revoke(self, name: str, by: str = "owner") -> int:
+        """Owner: refuses principal ``name``'s tokens from now on (stored, restored at restart, synced to
+        replicas) and closes its open sessions; returns how many were closed. Not the admin role."""
+        from veil.governance.revocation import revoke
+
+        return revoke(self, name, by)
+
+    def readmit(self, name: str, by: str = "owner") -> None:
+        """Owner: lets a revoked ``name`` in again (``veil users restore NAME``)."""
+        from veil.governance.revocation import readmit
+
+        readmit(self, name, by)
 
     def serve_forever(self, on_ready: Callable[["WebsocketServerWorker"], None] | None = None,
                       handle_signals: bool = True) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote
 from typing import Any, Awaitable, Callable
 
 from starlette.applications import Starlette
@@ -21,6 +21,7 @@ from veil.governance.console.auth import COOKIE, LOGIN_COOKIE, ConsoleAuth, Cons
 from veil.governance.console.svg import budget_svg, graph_svg
 from veil.governance.graphtext import render_graph
 from veil.governance.policy import set_policy
+from veil.governance.revocation import revocable_users
 from veil.governance.requests import STATES, ReviewQueue
 from veil.governance.state import POLICIES
 
@@ -238,7 +239,8 @@ def build_app(worker: Any, allowed_hosts: list[str]) -> Any:
     async def sessions(request: Request, session: ConsoleSession) -> Response:
         rows = await run_in_threadpool(views.on_worker, worker, views.sessions, worker)
         return render(request, session, "sessions.html", rows=rows, nav="sessions",
-                      gone=request.query_params.get("disconnected"))
+                      gone=request.query_params.get("disconnected"), revoked=request.query_params.get("revoked"),
+                      revocable=revocable_users(worker))
 
     @page(method_post=True)
     async def disconnect(request: Request, session: ConsoleSession) -> Response:
@@ -247,6 +249,16 @@ def build_app(worker: Any, allowed_hosts: list[str]) -> Any:
         if close is None or not await run_in_threadpool(close, sid, session.user):
             return render(request, session, "error.html", message=f"no connected session {sid}")
         return RedirectResponse(f"/sessions?disconnected={sid}", status_code=303)
+
+    @page(method_post=True)
+    async def revoke(request: Request, session: ConsoleSession) -> Response:
+        """Revokes a user's tokens and closes its sessions (veil/governance/revocation.py)."""
+        name = str(request.state.form.get("name", ""))
+        revoke_user = getattr(worker, "revoke", None)
+        if revoke_user is None or not name:
+            return PlainTextResponse("no such user\n", status_code=400)
+        await run_in_threadpool(revoke_user, name, session.user)
+        return RedirectResponse(f"/sessions?revoked={quote(name)}", status_code=303)
 
     routes = [
         Route("/", home),
@@ -262,6 +274,7 @@ def build_app(worker: Any, allowed_hosts: list[str]) -> Any:
         Route("/audit", audit),
         Route("/sessions", sessions),
         Route("/sessions/{sid:str}/disconnect", disconnect, methods=["POST"]),
+        Route("/users/revoke", revoke, methods=["POST"]),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
     from starlette.middleware import Middleware

@@ -1,0 +1,131 @@
+"""Run-time revocation of a principal's tokens: ``worker.revoke(name)``, ``veil users revoke NAME``.
+
+A revoked name authenticates nobody: each of its tokens is refused at the handshake exactly like an
+unknown token (``TokenTable.lookup``), and every open session of that name is closed at once
+(``ConnectionServing.close_sessions_of``: no further request of it runs, its objects are freed by the
+session-end path). The decision is stored in the owner database (``kv`` namespace
+``governance.revoked``, key: the name, value ``{"revoked", "by", "ts"}``), like run-time policies: restored
+when a worker starts (a restart with the same ``--user`` keeps the name out) and reread by every replica
+sharing the database once a second (:func:`sync_stored_revocations`). :func:`readmit` stores
+``revoked: false`` rather than deleting the row, so replicas readmit too.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+from veil.exceptions import ObjectNotFoundError, PermissionDeniedError
+
+NAMESPACE = "governance.revoked"
+
+#: one revocation, readmission or sync at a time: a sync between putting a decision in force and storing it
+#: would otherwise undo it from the previous stored row
+_LOCK = threading.RLock()
+
+
+def _audit(worker: Any, action: str, by: str, detail: str) -> None:
+    worker.db.audit(worker.id, action, by, "-", [], "allowed", detail)
+
+
+def _principals(worker: Any, name: str) -> list:
+    return [p for p in worker.tokens.principals() if p.name == name]
+
+
+def revoke(worker: Any, name: str, by: str = "owner") -> int:
+    """Refuses every token of principal ``name`` from now on and closes its open sessions; returns how many
+    sessions were closed. Refused (PermissionDeniedError) for the admin role, ObjectNotFoundError for a
+    name this worker has no token for."""
+    found = _principals(worker, name)
+    if not found:
+        raise ObjectNotFoundError(f"worker {worker.id!r} has no user named {name!r} (see `veil users list`)")
+    if any(p.role == "admin" for p in found):
+        raise PermissionDeniedError(f"{name!r} holds the admin role, which cannot be revoked (restart the worker "
+                                    "with a new --admin-token to replace the owner's token)")
+    with _LOCK:
+        closed = _put_in_force(worker, name)  # in force first: a refusal holds even if storing fails
+        _store(worker, name, True, by)
+    roles = ", ".join(sorted({p.role for p in found}))
+    _audit(worker, "revoke", by, f"revoked {name} ({roles}); {closed} open session(s) closed")
+    return closed
+
+
+def readmit(worker: Any, name: str, by: str = "owner") -> None:
+    """Lets ``name``'s tokens in again (``veil users restore NAME``); ObjectNotFoundError if it is not revoked."""
+    with _LOCK:
+        if name not in worker.tokens.revoked:
+            raise ObjectNotFoundError(f"{name!r} is not revoked on worker {worker.id!r}")
+        _store(worker, name, False, by)  # stored first: if storing fails the name stays out
+        worker.tokens.readmit(name)
+    _audit(worker, "readmit", by, f"readmitted {name}")
+
+
+def users(worker: Any) -> list[dict]:
+    """Each principal with a token here: name, role, revoked (never a token)."""
+    revoked = worker.tokens.revoked
+    return [{"name": p.name, "role": p.role, "revoked": p.name in revoked} for p in worker.tokens.principals()]
+
+
+def revocable_users(worker: Any) -> list[str]:
+    """Names the owner may revoke now (the console's choices): not revoked, holding no admin token."""
+    tokens = getattr(worker, "tokens", None)
+    if tokens is None or not hasattr(tokens, "revoked"):
+        return []
+    admins = {p.name for p in tokens.principals() if p.role == "admin"}
+    return sorted({p.name for p in tokens.principals()} - admins - tokens.revoked)
+
+
+def _put_in_force(worker: Any, name: str) -> int:
+    worker.tokens.revoke(name)
+    close = getattr(worker, "close_sessions_of", None)
+    return close(name, "access revoked by the data owner") if close is not None else 0
+
+
+def _store(worker: Any, name: str, revoked: bool, by: str) -> None:
+    value = json.dumps({"revoked": revoked, "by": by, "ts": time.time()}).encode()
+    worker.db.kv_put(NAMESPACE, name, value)
+
+
+def stored_revocations(worker: Any) -> dict[str, bool]:
+    """name -> revoked, as stored. An unreadable record raises ValueError (one line): a start stops on it
+    rather than letting a revoked name in."""
+    out = {}
+    for key, raw in worker.db.kv_items(NAMESPACE):
+        try:
+            value = json.loads(raw)
+        except (ValueError, TypeError):
+            value = None
+        if type(value) is not dict or type(value.get("revoked")) is not bool:
+            raise ValueError(f"stored revocation {key!r} is unreadable (not a JSON object with 'revoked')")
+        out[key] = value["revoked"]
+    return out
+
+
+def restore_revocations(worker: Any) -> None:
+    """At start: every stored revocation is in force before the first handshake."""
+    for name, revoked in stored_revocations(worker).items():
+        if revoked:
+            worker.tokens.revoke(name)
+
+
+def sync_stored_revocations(worker: Any) -> list[str]:
+    """Puts in force what the owner decided on another replica sharing the database (a serving worker runs
+    this every second with its policy sync): revocations close that name's sessions here too; readmissions
+    let it in again. Returns the names changed."""
+    changed = []
+    with _LOCK:
+        for name, revoked in stored_revocations(worker).items():
+            if revoked == (name in worker.tokens.revoked):
+                continue
+            if revoked:
+                closed = _put_in_force(worker, name)
+                detail = f"revoked {name} (the owner's stored decision, made on another replica); {closed} open " \
+                         "session(s) closed"
+            else:
+                worker.tokens.readmit(name)
+                detail = f"readmitted {name} (the owner's stored decision, made on another replica)"
+            _audit(worker, "revoke" if revoked else "readmit", "owner", detail)
+            changed.append(name)
+    return changed

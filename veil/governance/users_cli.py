@@ -1,0 +1,71 @@
+"""``veil users list|revoke|restore``: the owner's principals on a running worker, from the terminal.
+
+Example::
+
+    veil users list --worker 127.0.0.1:8777 --admin-token $VEIL_ADMIN_TOKEN
+    veil users revoke mallory --worker 127.0.0.1:8777     # refused at every later handshake, sessions closed
+    veil users restore mallory --worker 127.0.0.1:8777    # let the same tokens in again
+
+Errors are one line (no tracebacks); the exit status is 1 for a refused or failed request and 2 for bad
+arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from veil.governance.cli import shown
+from veil.governance.users_wire import ACTIONS
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=ACTIONS)
+    p.add_argument("name", nargs="?", default=None, help="the user (revoke, restore)")
+    p.add_argument("--worker", required=True, metavar="HOST:PORT", help="the worker (ws:// or wss:// optional)")
+    p.add_argument("--admin-token", default=os.environ.get("VEIL_ADMIN_TOKEN"),
+                   help="the owner's admin token (default: $VEIL_ADMIN_TOKEN)")
+    p.add_argument("--cafile", default=None, help="CA bundle / self-signed certificate for wss://")
+
+
+def _fail(text: str, code: int = 1) -> int:
+    print(f"veil users: {text}", file=sys.stderr)
+    return code
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    import veil as sy
+    from veil.exceptions import VeilError
+    from veil.governance.users_wire import AdminUsersMessage
+
+    if not args.admin_token:
+        return _fail("needs --admin-token (or $VEIL_ADMIN_TOKEN)", 2)
+    if args.action != "list" and not args.name:
+        return _fail(f"{args.action} needs a user name (see `veil users list`)", 2)
+    address = args.worker
+    host, _, port = address.split("://")[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return _fail(f"--worker expects HOST:PORT, got {address!r}", 2)
+    try:
+        hook = sy.TorchHook(torch)
+        client = sy.WebsocketClientWorker(hook, id=f"users-cli-{os.getpid()}", host=host, port=int(port),
+                                          token=args.admin_token, secure=address.startswith("wss://"),
+                                          cafile=args.cafile, timeout=30)
+        try:
+            found = hook.local_worker.send_msg(AdminUsersMessage(args.action, args.name), client).objects
+        finally:
+            client.close()
+    except (VeilError, OSError) as e:
+        return _fail(f"{type(e).__name__}: {e}".splitlines()[0])
+    if args.action == "list":
+        for u in found:
+            print(f"{shown(u['name']):<20}  {shown(u['role']):<9}  {'revoked' if u['revoked'] else 'active'}")
+        return 0
+    if args.action == "revoke":
+        print(f"revoked {shown(args.name)}; {found[0]} open session(s) closed")
+    else:
+        print(f"{shown(args.name)} may connect again")
+    return 0
