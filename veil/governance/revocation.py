@@ -15,11 +15,15 @@ from __future__ import annotations
 import json
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from veil.exceptions import ObjectNotFoundError, PermissionDeniedError
 
 NAMESPACE = "governance.revoked"
+
+#: what else a revoked name leaves on a worker, closed when the revocation is put in force: ``fn(worker, name)``
+#: (serving: the services it owns; its sessions' own state goes by SESSION_END_HANDLERS as they close)
+REVOKE_HANDLERS: list[Callable[[Any, str], None]] = []
 
 #: one revocation, readmission or sync at a time: a sync between putting a decision in force and storing it
 #: would otherwise undo it from the previous stored row
@@ -46,7 +50,9 @@ def revoke(worker: Any, name: str, by: str = "owner") -> int:
                                     "with a new --admin-token to replace the owner's token)")
     with _LOCK:
         closed = _put_in_force(worker, name)  # in force first: a refusal holds even if storing fails
+        _unstored(worker).add(name)  # until stored, the sync must not take an older row's "readmitted"
         _store(worker, name, True, by)
+        _unstored(worker).discard(name)
     roles = ", ".join(sorted({p.role for p in found}))
     _audit(worker, "revoke", by, f"revoked {name} ({roles}); {closed} open session(s) closed")
     return closed
@@ -58,6 +64,7 @@ def readmit(worker: Any, name: str, by: str = "owner") -> None:
         if name not in worker.tokens.revoked:
             raise ObjectNotFoundError(f"{name!r} is not revoked on worker {worker.id!r}")
         _store(worker, name, False, by)  # stored first: if storing fails the name stays out
+        _unstored(worker).discard(name)
         worker.tokens.readmit(name)
     _audit(worker, "readmit", by, f"readmitted {name}")
 
@@ -80,7 +87,23 @@ def revocable_users(worker: Any) -> list[str]:
 def _put_in_force(worker: Any, name: str) -> int:
     worker.tokens.revoke(name)
     close = getattr(worker, "close_sessions_of", None)
-    return close(name, "access revoked by the data owner") if close is not None else 0
+    closed = close(name, "access revoked by the data owner") if close is not None else 0
+    for handler in REVOKE_HANDLERS:
+        handler(worker, name)
+    return closed
+
+
+def _unstored(worker: Any) -> set:
+    """Names this worker revoked whose record could not be stored yet (the database was unavailable)."""
+    if not hasattr(worker, "_unstored_revocations"):
+        worker._unstored_revocations = set()
+    return worker._unstored_revocations
+
+
+def _holds_admin(worker: Any, name: str) -> bool:
+    """A stored record never locks out a name that holds the admin role here (a replica where the name is
+    a scientist, or an edited row, could store one; ``revoke`` refuses it)."""
+    return any(p.role == "admin" for p in _principals(worker, name))
 
 
 def _store(worker: Any, name: str, revoked: bool, by: str) -> None:
@@ -106,7 +129,7 @@ def stored_revocations(worker: Any) -> dict[str, bool]:
 def restore_revocations(worker: Any) -> None:
     """At start: every stored revocation is in force before the first handshake."""
     for name, revoked in stored_revocations(worker).items():
-        if revoked:
+        if revoked and not _holds_admin(worker, name):
             worker.tokens.revoke(name)
 
 
@@ -116,8 +139,11 @@ def sync_stored_revocations(worker: Any) -> list[str]:
     let it in again. Returns the names changed."""
     changed = []
     with _LOCK:
+        for name in list(_unstored(worker)):  # a revocation made here while the database was away: store it now
+            _store(worker, name, True, "owner")
+            _unstored(worker).discard(name)
         for name, revoked in stored_revocations(worker).items():
-            if revoked == (name in worker.tokens.revoked):
+            if revoked == (name in worker.tokens.revoked) or (revoked and _holds_admin(worker, name)):
                 continue
             if revoked:
                 closed = _put_in_force(worker, name)

@@ -51,6 +51,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
+from veil.governance.revocation import REVOKE_HANDLERS
 from veil.messaging import messages as m
 from veil.serving.errors import RequestFailedError, RequestGoneError, ServiceClosedError, ServingError
 from veil.workers import cancellation
@@ -325,14 +326,35 @@ SESSION_END_HANDLERS.append(drop_session)
 
 def _close(worker: Any, name: str, user: str, session: str, args: list) -> list:
     svc = _owned(worker, name, user)
-    svc.closed = True
-    if args and isinstance(args[0], str):
-        svc.reason = args[0]
-    for key in list(svc.pending):  # queued but never computed: tell their clients
-        del svc.pending[key]
-        svc.outputs[key] = svc.reason
+    _shut(svc, args[0] if args and isinstance(args[0], str) else svc.reason)
     _changed()
     return []
+
+
+def _shut(svc: _Service, reason: str, claimed_too: bool = False) -> None:
+    """Closes ``svc``: requests queued (and, for an owner who can no longer respond, claimed) are answered
+    with ``reason``. Under _LOCK."""
+    svc.closed, svc.reason = True, reason
+    for key in list(svc.pending):  # queued but never computed: tell their clients
+        del svc.pending[key]
+        svc.outputs[key] = reason
+    for r, sub in list(svc.claimed.items()) if claimed_too else ():
+        del svc.claimed[r]
+        svc.held.pop(r, None)
+        svc.outputs[(sub, r)] = reason
+
+
+def close_services_of(worker: Any, name: str) -> None:
+    """The data owner revoked user ``name`` (veil/governance/revocation.py): its services close, their
+    clients are told at once, and the service names are free for other users."""
+    with _LOCK:
+        for svc in _SERVICES.get(worker, {}).values():
+            if svc.owner == name and not svc.closed:
+                _shut(svc, "the model owner's access was revoked", claimed_too=True)
+    _changed()
+
+
+REVOKE_HANDLERS.append(close_services_of)
 
 
 def _unfetched(worker: Any, name: str, user: str, session: str, args: list) -> list:

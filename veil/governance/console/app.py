@@ -238,8 +238,11 @@ def build_app(worker: Any, allowed_hosts: list[str]) -> Any:
     @page()
     async def sessions(request: Request, session: ConsoleSession) -> Response:
         rows = await run_in_threadpool(views.on_worker, worker, views.sessions, worker)
-        return render(request, session, "sessions.html", rows=rows, nav="sessions",
-                      gone=request.query_params.get("disconnected"), revoked=request.query_params.get("revoked"),
+        # the confirmations show only what really happened: a crafted link must not fake one in the owner's UI
+        gone, revoked = request.query_params.get("disconnected"), request.query_params.get("revoked")
+        gone = gone if gone and gone not in getattr(worker, "sessions", {}) else None
+        revoked = revoked if revoked and revoked in getattr(getattr(worker, "tokens", None), "revoked", ()) else None
+        return render(request, session, "sessions.html", rows=rows, nav="sessions", gone=gone, revoked=revoked,
                       revocable=revocable_users(worker))
 
     @page(method_post=True)
