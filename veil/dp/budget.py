@@ -60,6 +60,24 @@ CREATE TABLE IF NOT EXISTS training (
 # Float sums drift; a charge that fits up to this slack is accepted.
 _SLACK = 1e-12
 
+#: Distinct (noise multiplier, sample rate) pairs one user's training accountant (per training delta) may hold.
+#: Each step recomputes the accountant's epsilon over all of them, under the user's ledger lock: unbounded, a
+#: scientist sending steps of ever new (sigma, q) (each ~0 epsilon) would make every charge take seconds.
+MAX_TRAINING_EVENTS = 16
+
+
+def _merged(acc: Accountant) -> Accountant:
+    """``acc`` with the steps of each (sigma, q) pair in one run (composition does not depend on the order):
+    its history, and the time to compute its epsilon, grow with the distinct pairs, not with alternations."""
+    runs: dict[tuple, int] = {}
+    for s, q, c in acc.history:
+        runs[(s, q)] = runs.get((s, q), 0) + c
+    if len(runs) == len(acc.history):
+        return acc
+    merged = Accountant(acc.mechanism)
+    merged.history = [[s, q, c] for (s, q), c in runs.items()]
+    return merged
+
 
 class BudgetLedger:
     """Per-user (epsilon, delta) budgets and the charges made against them.
@@ -188,6 +206,8 @@ class BudgetLedger:
 
         Raises:
             BudgetExceededError: the step does not fit; nothing is recorded.
+            PrivacyParameterError: a (sigma, q) pair beyond the :data:`MAX_TRAINING_EVENTS` distinct ones the
+                user's accountant at ``delta`` holds; nothing is recorded.
         """
         self._check(0.0, delta)
         with self._db.write_transaction():
@@ -197,7 +217,13 @@ class BudgetLedger:
                                    (user, float(delta))).fetchone()
             acc = Accountant.from_state_dict(json.loads(row[0])) if row else Accountant(mechanism)
             before = float(row[1]) if row else 0.0
+            pairs = {(s, q) for s, q, _c in acc.history}
+            if (noise_multiplier, sample_rate) not in pairs and len(pairs) >= MAX_TRAINING_EVENTS:
+                raise PrivacyParameterError(
+                    f"user {user!r} already trained with {len(pairs)} distinct (noise_multiplier, sample_rate) "
+                    f"pairs at delta={delta:g} (at most {MAX_TRAINING_EVENTS}): continue with one of them")
             acc.step(noise_multiplier, sample_rate)
+            acc = _merged(acc)
             after = max(acc.get_epsilon(delta), before)  # never a negative charge
             left = self._charge_in_transaction(user, after - before, 0.0 if row else float(delta),
                                                f"{reason} (sigma={noise_multiplier:.4g}, q={sample_rate:.4g})")

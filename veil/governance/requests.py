@@ -99,6 +99,13 @@ def preview(obj: Any, limit: int = 12) -> str:
     return f"[{head}{more}]{stats}"
 
 
+def _check_reason(reason: Any) -> None:
+    """A release request's reason is text for the owner: a NUL character is refused (PostgreSQL text cannot
+    hold one, and the owner's tools would cut the text there)."""
+    if "\x00" in str(reason):
+        raise PermissionDeniedError("a release request's reason may not hold a NUL character (\\x00)")
+
+
 class ReviewQueue:
     """The worker's release requests (one instance per call; state lives in the database)."""
 
@@ -173,6 +180,7 @@ class ReviewQueue:
             raise PermissionDeniedError(
                 f"user {principal!r} already has {waiting} release requests pending on worker {self.worker.id!r}: "
                 "wait for the data owner's decisions before asking for more")
+        _check_reason(reason)
         obj = entry.obj
         graph = dict(entry.meta.get(GRAPH) or {})
         req = ReleaseRequest(
@@ -196,6 +204,7 @@ class ReviewQueue:
     def update_reason(self, request_id: str, reason: str) -> None:
         """Gives a request filed without a reason its reason. Once given it stays: the owner decides on what
         they read, and the record must keep it (a later reason was written over the one the owner saw)."""
+        _check_reason(reason)
         db_execute(self.db, "UPDATE release_requests SET reason = ? WHERE id = ? AND reason = ''",
                    (str(reason)[:2000], request_id))
 

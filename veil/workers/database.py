@@ -15,17 +15,31 @@ same SQL on both engines; this adapter hides the three differences that matter:
 A location is a file path (or ``":memory:"``) for SQLite, or a
 ``postgresql://`` URL. Connection URLs may carry a password: use
 :func:`redact` before printing one.
+
+A PostgreSQL server that fails while serving (down, restarting, frozen, cut off)
+raises :class:`OwnerStateUnavailableError`, whose text names no host, port,
+database or role (a scientist's failed request may carry it): the detail goes to
+the owner's log. Every statement has a deadline (see :class:`_Watchdog`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import socket
 import sqlite3
 import threading
+import time
+import weakref
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Callable, Iterator, Sequence, Union
+
+from veil.exceptions import VeilError
+
+log = logging.getLogger(__name__)
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
@@ -36,8 +50,115 @@ def is_database_url(location: Any) -> bool:
 
 
 def redact(location: Any) -> str:
-    """The location with any password replaced by ``***`` (safe to print or log)."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", str(location))
+    """The location with any password replaced by ``***`` (safe to print or log): ``user:password@`` in a URL,
+    a ``password=`` URL parameter, and a ``password=`` keyword of a ``key=value`` conninfo (as in libpq's
+    error lines)."""
+    text = str(location)
+    # the user info ends at the netloc's last '@' (greedy: masking too much is safe)
+    text = re.sub(r"(://[^:/@?#]*:)[^?#]*@", r"\1***@", text)
+    if "://" in text:
+        return re.sub(r"([?&]password=)[^&#\s]*", r"\1***", text, flags=re.I)
+    return re.sub(r"(\bpassword\s*=\s*)('(?:\\.|[^'\\])*'|\S*)", r"\1***", text, flags=re.I)
+
+
+class OwnerStateUnavailableError(VeilError):
+    """The owner's state database (PostgreSQL) failed while serving: down, restarting, frozen or out of reach.
+
+    The text is generic (no URL, host, port, database or role): a scientist's request that needed the
+    state (a DP charge, an audit row) fails with it. The detail goes to the owner's log."""
+
+    value_free = True  # veil's own text, nothing of the owner's data or setup
+
+
+_UNAVAILABLE = "the owner's state database is unavailable: the request was refused, try again later"
+
+# Server-side limits, as multiples of the Database's ``timeout`` (the row-lock wait, lock_timeout): a statement
+# ends on a live server by then (statement_timeout). A server that stopped answering cannot enforce them: see
+# _Watchdog for the client-side deadline.
+_STATEMENT_TIMEOUT_FACTOR = 2
+# libpq connection parameters given when the URL does not set them: a connect attempt gives up after 10 s, and
+# a peer that vanished (packets dropped) is detected by TCP keepalives and the unacknowledged-data timeout.
+_CONNECT_DEFAULTS = {"keepalives": "1", "keepalives_idle": "30", "keepalives_interval": "10",
+                     "keepalives_count": "3", "tcp_user_timeout": "60000"}
+_MAX_CONNECT_TIMEOUT = 10
+
+
+class _Watchdog:
+    """The client-side deadline of every PostgreSQL statement (one daemon thread for all connections).
+
+    A frozen server (host suspended, process stopped) or a partition keeps the TCP connection open: the
+    kernel may still acknowledge what is sent, so keepalives and ``tcp_user_timeout`` need not fire, and the
+    server cannot enforce ``statement_timeout``. psycopg then waits forever, in a thread that holds the
+    Database's lock (a DP release and every later one on that worker). So a statement still running after
+    ``STALL_S`` seconds triggers a liveness check (a fresh connection, ``PROBE_S`` to answer): if the server
+    does not answer, the statement's socket is shut down and psycopg raises at once. A statement on a live
+    server is left to the server's own limits, up to ``hard_s`` (3 x its statement_timeout).
+    """
+
+    STALL_S = 10.0
+    PROBE_S = 5
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.watched: "weakref.WeakSet[Database]" = weakref.WeakSet()
+        self.thread: threading.Thread | None = None
+
+    def watch(self, db: "Database") -> None:
+        with self.lock:
+            self.watched.add(db)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="veil-db-watchdog", daemon=True)
+                self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(0.5)
+            now = time.monotonic()
+            with self.lock:
+                stalled = [(db, db._busy) for db in list(self.watched)
+                           if db._busy is not None and now >= db._busy[2]]
+            for db, busy in stalled:
+                conn, started, _check = busy
+                dead = now - started >= db._hard_s or not _server_answers(db.location, self.PROBE_S)
+                with self.lock:
+                    if db._busy is not busy:  # that statement ended meanwhile
+                        continue
+                    if not dead:
+                        busy[2] = time.monotonic() + self.STALL_S
+                        continue
+                    db._busy = None
+                    _sever(conn)
+                log.warning("owner state database %s: a statement got no answer for %.0f s: connection dropped",
+                            redact(db.location), time.monotonic() - started)
+
+
+_WATCHDOG = _Watchdog()
+
+
+def _server_answers(location: str, timeout: int) -> bool:
+    import psycopg
+
+    try:  # a new session's handshake (the server forks a backend, authenticates) is the answer
+        psycopg.connect(location, connect_timeout=timeout, autocommit=True).close()
+        return True
+    except psycopg.Error as e:  # a refusal with an SQLSTATE (e.g. too many connections) is an answer
+        return getattr(e, "sqlstate", None) is not None
+    except Exception:  # noqa: BLE001 - any other failure to answer counts as no answer
+        return False
+
+
+def _sever(conn: Any) -> None:
+    """Shuts the connection's socket down: psycopg's pending wait returns and reports the connection lost."""
+    try:
+        sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+    except Exception:  # noqa: BLE001 - already closed
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
 
 
 _PG_TYPES = (
@@ -82,7 +203,12 @@ class Database:
             raise ValueError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
         self._synchronous = synchronous
         self._in_transaction = False
+        # PostgreSQL: (connection, started, next liveness check) of the statement in flight (see _Watchdog)
+        self._busy: list | None = None
+        self._hard_s = 3 * _STATEMENT_TIMEOUT_FACTOR * timeout
         self._conn = self._connect()
+        if self.dialect == "postgresql":
+            _WATCHDOG.watch(self)
 
     @property
     def for_update(self) -> str:
@@ -111,13 +237,56 @@ class Database:
             import psycopg
         except ImportError:  # pragma: no cover - psycopg is a dependency
             raise RuntimeError("PostgreSQL owner state needs psycopg: pip install 'psycopg[binary]'") from None
+        from psycopg.conninfo import conninfo_to_dict
+
         try:
-            conn = psycopg.connect(self.location, autocommit=True, connect_timeout=int(self._timeout))
+            given = conninfo_to_dict(self.location)
+        except psycopg.ProgrammingError:
+            raise ConnectionError(f"cannot connect to {redact(self.location)}: not a valid connection URL") from None
+        params = {k: v for k, v in _CONNECT_DEFAULTS.items() if k not in given}
+        if "connect_timeout" not in given:
+            params["connect_timeout"] = str(max(2, min(int(self._timeout), _MAX_CONNECT_TIMEOUT)))
+        try:
+            conn = psycopg.connect(self.location, autocommit=True, **params)
         except psycopg.OperationalError as e:
-            raise ConnectionError(f"cannot connect to {redact(self.location)}: {str(e).strip()}") from None
-        # Wait at most `timeout` for another worker's row lock instead of forever.
-        conn.execute(f"SET lock_timeout = {int(self._timeout * 1000)}")
+            raise ConnectionError(f"cannot connect to {redact(self.location)}: {redact(str(e).strip())}") from None
+        try:
+            # Wait at most `timeout` for another worker's row lock instead of forever, and end any statement
+            # on the server after twice that (a frozen server is the watchdog's: see _Watchdog).
+            self._guarded(conn, lambda: conn.execute(f"SET lock_timeout = {int(self._timeout * 1000)}"))
+            self._guarded(conn, lambda: conn.execute(
+                f"SET statement_timeout = {int(_STATEMENT_TIMEOUT_FACTOR * self._timeout * 1000)}"))
+        except psycopg.Error as e:
+            conn.close()
+            raise ConnectionError(f"cannot connect to {redact(self.location)}: {redact(str(e).strip())}") from None
         return conn
+
+    def _guarded(self, conn: Any, call: Callable[[], Any]) -> Any:
+        """``call()`` (one statement on ``conn``) under the watchdog's deadline."""
+        busy = [conn, time.monotonic(), time.monotonic() + _Watchdog.STALL_S]
+        with _WATCHDOG.lock:
+            self._busy = busy
+        try:
+            return call()
+        finally:
+            with _WATCHDOG.lock:
+                if self._busy is busy:
+                    self._busy = None
+
+    def _pg(self, sql: str, params: Sequence[Any] | None = None) -> Any:
+        """One statement on PostgreSQL; a failed or lost server raises :class:`OwnerStateUnavailableError`
+        (the detail, redacted, to the owner's log only)."""
+        import psycopg
+
+        try:
+            if self._conn.closed and not self._in_transaction:
+                self._conn = self._connect()  # the server restarted: a fresh session is safe between transactions
+            conn = self._conn
+            return self._guarded(conn, lambda: conn.execute(sql, params))
+        except (ConnectionError, psycopg.OperationalError, psycopg.InterfaceError) as e:
+            log.warning("owner state database %s: %s: %s", redact(self.location), type(e).__name__,
+                        redact(str(e).strip()))
+            raise OwnerStateUnavailableError(_UNAVAILABLE) from None
 
     def _unusable(self, error: sqlite3.DatabaseError) -> sqlite3.DatabaseError:
         """A damaged or truncated state file at open: one line naming the file (``veil`` prints it, exit 2)
@@ -133,9 +302,9 @@ class Database:
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """Runs one statement; returns a cursor (``fetchone``, ``fetchall``, iteration)."""
         with self.lock:
-            if self.dialect == "postgresql" and self._conn.closed and not self._in_transaction:
-                self._conn = self._connect()  # the server restarted: a fresh session is safe between transactions
-            return self._conn.execute(self._sql(sql), tuple(params))
+            if self.dialect == "postgresql":
+                return self._pg(self._sql(sql), tuple(params))
+            return self._conn.execute(sql, tuple(params))
 
     def executescript(self, schema: str) -> None:
         """Creates the tables of ``schema`` (SQLite DDL) if absent."""
@@ -149,8 +318,8 @@ class Database:
             # Several worker processes may start at once: CREATE TABLE IF NOT EXISTS races on
             # PostgreSQL's catalog, so creation is serialized by an advisory lock.
             with self.write_transaction():
-                self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (zlib.crc32(schema.encode()),))
-                self._conn.execute(postgres_schema(schema))
+                self._pg("SELECT pg_advisory_xact_lock(%s)", (zlib.crc32(schema.encode()),))
+                self._pg(postgres_schema(schema))
 
     @contextmanager
     def write_transaction(self) -> Iterator["Database"]:
@@ -163,12 +332,17 @@ class Database:
             except BaseException:
                 self._in_transaction = False
                 try:
-                    self._conn.execute("ROLLBACK")
+                    if self.dialect == "sqlite":
+                        self._conn.execute("ROLLBACK")
+                    elif not self._conn.closed:  # (no reconnecting here: a new session has nothing to roll back)
+                        self._guarded(self._conn, lambda: self._conn.execute("ROLLBACK"))
                 except Exception:  # the connection died mid-transaction: the server rolled it back
                     pass
                 raise
-            self._in_transaction = False
-            self._conn.execute("COMMIT")
+            try:  # (still in the transaction: a connection lost before COMMIT must not reconnect and "commit")
+                self._conn.execute("COMMIT") if self.dialect == "sqlite" else self._pg("COMMIT")
+            finally:
+                self._in_transaction = False
 
     def close(self) -> None:
         with self.lock:

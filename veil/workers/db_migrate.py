@@ -7,6 +7,10 @@ PostgreSQL transaction: either everything lands or nothing does. It refuses a
 target whose tables already hold rows (no silent merge of two histories), and
 never modifies the source files. Afterwards start the workers with ``--db URL``
 instead of ``--data-dir``.
+
+A source file that lacks its core tables (not a worker's state file) is refused,
+not copied as zero rows. PostgreSQL text cannot hold NUL characters, which SQLite
+keeps (text a scientist typed in an older version): each is copied as U+FFFD.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import argparse
 import sqlite3
 from pathlib import Path
 
-from veil.workers.database import Database, is_database_url, redact
+from veil.workers.database import Database, OwnerStateUnavailableError, is_database_url, redact
 
 # file -> [(table, columns, identity column or None)]; the schemas are the owners' modules'.
 _TABLES = {
@@ -33,6 +37,8 @@ _TABLES = {
         ("requests", ["user", "request_id"], None),  # DP replay protection
     ],
 }
+# Tables every version of each file has (the others came later: absent, they copy as zero rows).
+_CORE = {"veil-worker.sqlite3": {"audit", "kv", "ledger"}, "veil-dp-budget.sqlite3": {"budgets", "charges"}}
 
 
 def _create_schemas(url: str) -> None:
@@ -66,8 +72,15 @@ def migrate(data_dir: str | Path, url: str) -> dict[str, int]:
     try:
         with db.write_transaction():
             for name in present:
-                source = sqlite3.connect(f"file:{folder / name}?mode=ro", uri=True)
+                # as_uri() percent-encodes '#', '?' and '%' of the path (an f-string URI would cut the path there
+                # and open, or create, another file)
+                source = sqlite3.connect(f"{(folder / name).resolve().as_uri()}?mode=ro", uri=True)
                 try:
+                    tables = {r[0] for r in source.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                    missing = sorted(_CORE[name] - tables)
+                    if missing:
+                        raise ValueError(f"{folder / name} is not a veil worker state file (no table "
+                                         f"{', '.join(missing)}): nothing migrated")
                     for table, columns, identity in _TABLES[name]:
                         counts[table] = _copy_table(source, db, table, columns, identity)
                 finally:
@@ -81,19 +94,28 @@ def _copy_table(source: sqlite3.Connection, db: Database, table: str, columns: l
                 identity: str | None) -> int:
     if db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]:
         raise ValueError(f"table {table!r} in the target database already holds rows: migrate into an empty database")
-    try:
-        rows = source.execute(f"SELECT {', '.join(columns)} FROM {table}").fetchall()
-    except sqlite3.OperationalError:  # a file from a version without this table
-        return 0
     quoted = ", ".join(f'"{c}"' for c in columns)
+    try:
+        # unquoted: SQLite reads a double-quoted name of a missing column as a string literal
+        rows = source.execute(f"SELECT {', '.join(columns)} FROM {table}").fetchall()
+    except sqlite3.OperationalError:  # a file from a version without this (non-core) table
+        return 0
     marks = ", ".join("?" for _ in columns)
     for row in rows:
-        db.execute(f"INSERT INTO {table} ({quoted}) VALUES ({marks})",
-                   tuple(bytes(v) if isinstance(v, memoryview) else v for v in row))
+        db.execute(f"INSERT INTO {table} ({quoted}) VALUES ({marks})", tuple(_value(v) for v in row))
     if identity is not None and rows:  # new rows continue after the copied ids
         db.execute(f"SELECT setval(pg_get_serial_sequence('{table}', '{identity}'), "
                    f"(SELECT MAX({identity}) FROM {table}))")
     return len(rows)
+
+
+def _value(v: object) -> object:
+    """A SQLite value as PostgreSQL takes it: bytes for a BLOB, U+FFFD for each NUL in text."""
+    if isinstance(v, memoryview):
+        return bytes(v)
+    if isinstance(v, str) and "\x00" in v:
+        return v.replace("\x00", "\ufffd")
+    return v
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -104,10 +126,15 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import psycopg
+
     try:
         counts = migrate(args.source, args.target)
-    except (ValueError, ConnectionError) as e:
+    except (ValueError, ConnectionError, OwnerStateUnavailableError) as e:
         raise SystemExit(f"veil db migrate: {e}") from None
+    except (psycopg.Error, sqlite3.Error) as e:  # one line, not a traceback; nothing was committed
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise SystemExit(f"veil db migrate: {type(e).__name__}: {redact(detail)} (nothing migrated)") from None
     print(f"migrated {args.source} -> {redact(args.target)}: "
           + ", ".join(f"{table} {n}" for table, n in counts.items()), flush=True)
     return 0

@@ -94,7 +94,8 @@ def budgets(worker: Any) -> list[dict]:
         return []
     ledger = settings.ledger
     with ledger._lock:
-        users = [tuple(r) for r in ledger._db.execute("SELECT user, epsilon, delta FROM budgets ORDER BY user")]
+        # "user" quoted: unquoted it is PostgreSQL's CURRENT_USER (the database role), not the column
+        users = [tuple(r) for r in ledger._db.execute('SELECT "user", epsilon, delta FROM budgets ORDER BY "user"')]
     out = []
     for user, eps, delta in users:
         spent_eps, spent_delta = ledger.spent(user)
