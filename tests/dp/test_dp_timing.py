@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import veil as sy
 from veil.dp import DPOptimizer, GradSampleModule, core
 from veil.dp.federated import DPDataOwner
+from veil.dp.errors import PrivacyParameterError
 from veil.dp.plan_grads import LOSSES, check_forward_plan, per_sample_gradients, values_may_raise
 
 
@@ -154,3 +155,89 @@ def test_owner_side_release_runs_the_same_ops_for_a_nan_record():
     bad_ops, out = release(*_lot(40, "nan"))
     assert all(torch.isfinite(t).all() for t in out.values())
     assert bad_ops == clean_ops
+
+
+class _Probe(nn.Module):
+    """``lin(x) + 0 * body(x)``: a plan whose one odd op is ``body``."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+        self.body = body
+
+    def forward(self, x):
+        return self.lin(x) + self.body(x) * 0
+
+
+def _set_mask(x):
+    h = x.clone()
+    h[h > 0.5] = 0.0
+    return h.sum()
+
+
+VALUE_SIZED = {  # op -> a body whose result size (or work) follows x's values
+    "Tensor.__getitem__": lambda x: x[x > 0.5].sum(),
+    "Tensor.__setitem__": _set_mask,
+    "torch.nn.functional.one_hot": lambda x: torch.nn.functional.one_hot((x[:, 0] * 5).long()).sum(),
+    "torch.where": lambda x: torch.where(x[:, 0] > 0.5)[0].sum(),
+    "torch.repeat_interleave": lambda x: torch.repeat_interleave(x[:, 0], (x[:, 0] * 9).long()).sum(),
+    "torch.masked_select": lambda x: torch.masked_select(x, x > 0.5).sum(),
+    "torch.nonzero": lambda x: torch.nonzero(x > 0.5).sum(),
+    "torch.unique": lambda x: torch.unique(x).sum(),
+}
+
+
+def _dry_run(body):
+    compiled, state, _ = _plan(lambda: _Probe(body))
+    zeros = torch.zeros(1, 3), torch.zeros(1, 1)
+    return per_sample_gradients(compiled, state, [True] * len(state), *zeros, LOSSES["mse"], strict=True)
+
+
+@pytest.mark.parametrize("op", sorted(VALUE_SIZED))
+def test_the_dry_run_refuses_an_op_whose_result_size_follows_the_values(op):
+    """Records running the same ops is not enough when an op's *output size* is a value (a mask's count,
+    a repeat count, the number of classes seen): every later op's work, so the release's time, follows one
+    record. The dry run (a zero record, before any charge) refuses such an op, naming it; fixed-shape
+    versions of the same computations pass (so the check is about sizes, not op names)."""
+    with pytest.raises(Exception) as info:
+        _dry_run(VALUE_SIZED[op])
+    cause = info.value.__cause__
+    assert isinstance(cause, PrivacyParameterError) and f"uses {op} (" in str(cause), info.value
+    fixed = lambda x: (torch.where(x > 0.5, x, 0).sum() + x[:, torch.tensor([0, 2])].sum()  # noqa: E731
+                       + torch.nn.functional.one_hot((x[:, 0] * 5).long().clamp(0, 4), 5).sum()
+                       + torch.repeat_interleave(x[:, 0], 3).sum() + torch.where(x > 0.5, 1.0, 0.0).sum())
+    assert len(_dry_run(fixed)) == 2
+
+
+class Logits3(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("n", [8, 40])  # record by record, and vmap
+@pytest.mark.parametrize("label", [5.0, -1.0, -100.0])
+def test_a_cross_entropy_label_outside_the_logits_runs_the_same_ops_and_counts_zero(n, label):
+    """The worker's ``cross_entropy`` loss on a label the plan has no logit for used to raise: under vmap
+    the whole lot was redone record by record (its time told whether any record has a rare label). Must
+    hold: the same ATen ops as the clean lot, that record's gradient is zero, the others are unchanged."""
+    compiled, state, _ = _plan(Logits3)
+    x = torch.rand(n, 3, generator=torch.Generator().manual_seed(n))
+    y = (torch.arange(n) % 3).float().unsqueeze(1)
+    bad = y.clone()
+    bad[n // 2, 0] = label
+
+    def grads(target):
+        return traced(lambda: per_sample_gradients(compiled, state, [True] * len(state), x, target,
+                                                   LOSSES["cross_entropy"]))
+
+    clean_ops, clean = grads(y)
+    bad_ops, got = grads(bad)
+    assert bad_ops == clean_ops
+    keep = torch.arange(n) != n // 2
+    for c, g in zip(clean, got):
+        assert torch.equal(g[n // 2], torch.zeros_like(g[n // 2])) and c[n // 2].abs().sum() > 0
+        assert torch.allclose(g[keep], c[keep])

@@ -27,6 +27,7 @@ from veil.dp.core import OWNER_LOG
 from veil.dp.errors import PrivacyParameterError
 from veil.plans import interpreter
 from veil.plans.ops import PlanSpec, SlotRef
+from veil.workers import output_bounds
 
 # A per-record loss: (output [1, ...], target [1, ...]) -> scalar.
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -41,7 +42,14 @@ def _absolute_error(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(out.reshape(1, -1), y.reshape(1).long())
+    # A label outside the output's width (public) would raise, under vmap for the whole lot: every record
+    # computes the loss of a label clamped into range, and one whose label was not in range contributes 0
+    # (the same ops for every record, no branch on the value).
+    logits = out.reshape(1, -1)
+    label = y.reshape(1).long()
+    valid = (label >= 0) & (label < logits.shape[1])
+    loss = F.cross_entropy(logits, label.clamp(0, logits.shape[1] - 1))
+    return torch.where(valid[0], loss, torch.zeros_like(loss))
 
 
 def _bce_with_logits(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -91,7 +99,8 @@ def per_sample_gradients(plan: interpreter.CompiledPlan, state: Sequence[torch.T
     Computed by the one per-sample engine (:func:`veil.dp.per_sample.record_gradients`).
     A record the plan fails on contributes zeros after the same work as any
     other (recomputed on a zero record of the public shape), unless ``strict``
-    (the dry run on a dummy record, whose error may be shown to the requester).
+    (the dry run on a dummy record, whose error may be shown to the requester; it also refuses an op
+    whose result size would follow the values, :func:`_refusing_value_sized`).
 
     Args:
         strategy: ``"vmap"`` or ``"loop"``; by default chosen from the lot size
@@ -104,6 +113,8 @@ def per_sample_gradients(plan: interpreter.CompiledPlan, state: Sequence[torch.T
     """
     train_idx = [i for i, t in enumerate(trainable) if t]
     frozen = [s.detach() for s in state]
+    if strict:  # the dry run: every op is seen with the dtypes and shapes every record will give it
+        size_check = _refusing_value_sized(plan.spec.name, size_check)
 
     def one(params: tuple, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
         full = list(frozen)
@@ -125,11 +136,34 @@ def per_sample_gradients(plan: interpreter.CompiledPlan, state: Sequence[torch.T
                                        on_failure=_log_failure)
 
 
+def _refusing_value_sized(name: str, size_check: Optional[Callable]) -> Callable:
+    """The dry run's check before each op: refuses (PrivacyParameterError, before any charge) an op whose
+    result's size, so the work of every later op and the release's time, would follow a record's values
+    (``nonzero``, ``masked_select``, ``unique``, ``x[mask]``, ``repeat_interleave`` by a tensor, ``one_hot``
+    without ``num_classes``: :func:`veil.workers.output_bounds.value_sized`); then ``size_check``, if any."""
+
+    def check(op: str, func: Callable, args: tuple, kwargs: dict) -> None:
+        why = output_bounds.value_sized(op, func, args, kwargs)
+        if why is not None:
+            raise PrivacyParameterError(
+                f"plan {name!r} uses {op} ({why}): its result's size, so the release's time, would follow "
+                f"the data's values; a DP plan keeps fixed shapes (torch.where(mask, x, 0) for x[mask], "
+                f"one_hot(..., num_classes=), repeat_interleave(..., output_size=))")
+        if size_check is not None:
+            size_check(op, func, args, kwargs)
+
+    return check
+
+
 # Ops that can raise on the *values* of a computed tensor argument (an index out of
-# range, an integer division by zero). _INDEX_FIRST take the indices as their first argument.
+# range, an integer division by zero, an integer to a negative power, a label outside the logits).
+# _ANY_ARGUMENT raise on the values of any of theirs (a probability outside [0, 1]), _INDEX_FIRST take
+# the indices as their first argument.
 _VALUE_RAISING = re.compile(r"getitem|setitem|index|gather|take|scatter|floordiv|floor_divide|__mod__|__rmod__|"
-                            r"remainder|fmod|repeat_interleave")
+                            r"remainder|fmod|repeat_interleave|pow|nll_loss|(?<!binary_)cross_entropy|"
+                            r"multilabel|margin")
 _INDEX_FIRST = re.compile(r"embedding|one_hot|bincount|multinomial")
+_ANY_ARGUMENT = re.compile(r"bernoulli|binary_cross_entropy(?!_with_logits)|__rpow__|poisson|multinomial")
 
 
 def _has_slot(value: object) -> bool:
@@ -144,7 +178,7 @@ def _has_slot(value: object) -> bool:
 
 def _may_raise(op: object) -> bool:
     name = op.op
-    if _INDEX_FIRST.search(name):
+    if _INDEX_FIRST.search(name) or _ANY_ARGUMENT.search(name):
         return _has_slot(op.args) or _has_slot(op.kwargs)
     if _VALUE_RAISING.search(name) or ("div" in name and "rounding_mode" in op.kwargs):
         return _has_slot(op.args[1:]) or _has_slot(op.kwargs)

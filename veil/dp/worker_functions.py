@@ -102,6 +102,8 @@ def _sanitized_gradient(worker: Any, plan: Any, dataset: str, params: list, trai
     except (PrivacyParameterError, QuotaExceededError):
         raise
     except Exception as e:  # noqa: BLE001 - any error on a dummy input is the plan's own fault
+        if isinstance(e.__cause__, PrivacyParameterError):  # refused at one of its ops (a value-sized one)
+            raise e.__cause__ from None
         raise PrivacyParameterError(f"the plan fails on a dummy input of the dataset's public shape: "
                                     f"{type(e).__name__}: {e}") from None
     chunk = _records_per_chunk(worker, budget, like)

@@ -160,6 +160,37 @@ VALUE_BOUNDS: dict[str, Callable[[Any, dict], int]] = {
 }
 
 
+#: ops that index by their second argument: a boolean (or uint8) tensor there is a mask, which selects, or
+#: writes (``x[mask] = v`` runs on meta), as many entries as it holds True values
+MASK_INDEXED = frozenset({"Tensor.__getitem__", "Tensor.__setitem__", "aten.index.Tensor", "torch.index_put",
+                          "Tensor.index_put", "Tensor.index_put_", "aten.index_put.default",
+                          "aten.index_put_.default"})
+
+
+def value_sized(name: str, func: Callable, args: Any, kwargs: dict) -> str | None:
+    """Why the size of ``func(*args, **kwargs)``'s results, or of the work it does, follows its inputs' values
+    (None: their shapes, dtypes and the plain arguments fix it): a mask index (:data:`MASK_INDEXED`), or an
+    op that cannot run on ``meta`` for want of values (``nonzero``, ``masked_select``, ``unique``: the ops
+    :data:`VALUE_BOUNDS` bounds; a size or count given as a tensor, which nothing bounds). An op that fails
+    on meta for bad arguments is not one: it raises the same when it runs. (DP plans: veil/dp/plan_grads.py)"""
+    if name in MASK_INDEXED:  # integer tensor indices give the shape of the indices (x[t] of a 0-dim t
+        # reads its value on the host, so not on meta, but its result has a fixed shape)
+        masks = len(args) > 1 and any(t.dtype in (torch.bool, torch.uint8) for t in leaves(args[1], torch.Tensor))
+        return "a boolean mask index" if masks else None
+    inputs: list = []
+    meta_args = [_on_meta(a, inputs) for a in args]
+    meta_kwargs = {k: _on_meta(v, inputs) for k, v in kwargs.items()}
+    if not inputs:
+        meta_kwargs["device"] = "meta"
+    try:
+        with torch.no_grad():
+            func(*meta_args, **meta_kwargs)
+    except Exception as e:  # noqa: BLE001
+        if isinstance(e, NotImplementedError) or any(w in str(e) for w in _VALUE_WORDS):
+            return "no size from shapes alone"
+    return None
+
+
 def _key_of(value: Any, out: list) -> None:
     tp = type(value)
     if tp is torch.Tensor or tp is torch.nn.Parameter:
