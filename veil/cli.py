@@ -110,10 +110,46 @@ def _users(args: argparse.Namespace) -> int:
     return run(args)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with a safe reader for ``@FILE`` argument files (one argument a line): UTF-8 text of
+    at most :attr:`MAX_ARGS_FILE` bytes, else one ``error:`` line (status 2) instead of a UnicodeDecodeError
+    traceback; a line starting with ``@`` inside a file is an argument, not another file to read (argparse
+    reads those too, so a file naming itself recursed until RecursionError)."""
+
+    MAX_ARGS_FILE = 1 << 20
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """Exactly one line, ``PROG: error: ...``, and exit status 2, like every other input error (the
+        usage argparse prints first is a dozen lines for ``veil worker``; ``-h`` shows it)."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def _read_args_from_files(self, arg_strings: list[str]) -> list[str]:
+        expanded: list[str] = []
+        for arg in arg_strings:
+            if not arg or not self.fromfile_prefix_chars or arg[0] not in self.fromfile_prefix_chars:
+                expanded.append(arg)
+                continue
+            path = arg[1:]
+            try:
+                with open(path, "rb") as f:
+                    data = f.read(self.MAX_ARGS_FILE + 1)
+            except OSError as e:
+                self.error(str(e))
+            if len(data) > self.MAX_ARGS_FILE:
+                self.error(f"argument file {path} is larger than {self.MAX_ARGS_FILE // 2**20} MiB")
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                self.error(f"argument file {path} is not UTF-8 text (one argument a line)")
+            for line in text.splitlines():
+                expanded.extend(self.convert_arg_line_to_args(line))
+        return expanded
+
+
 def main(argv: list[str] | None = None) -> int:
     # "@FILE" reads arguments from FILE, one per line: secrets (tokens) stay off the command line, which
     # every local user can read in ps (start_worker, and so Cluster, passes worker arguments this way)
-    parser = argparse.ArgumentParser(prog="veil", description=__doc__, fromfile_prefix_chars="@")
+    parser = ArgumentParser(prog="veil", description=__doc__, fromfile_prefix_chars="@")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_, configure, _) in COMMANDS.items():
         configure(sub.add_parser(name, help=help_))
@@ -129,18 +165,24 @@ INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError,
 
 def run_command(prog: str, fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Runs a command; input errors become one line on stderr and exit status 2 (no traceback)."""
-    from veil.exceptions import VeilError
+    from veil.exceptions import CommandLineError, VeilError
 
     try:
         return fn(args)
+    except CommandLineError as e:  # exits with status 2 (its code) where nobody catches it
+        print(f"{prog}: error: {_first_line(e)}", file=sys.stderr)
+        raise
     except (VeilError, *INPUT_ERRORS) as e:
         if os.environ.get("VEIL_TRACEBACK") == "1":
             raise
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {_first_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 if __name__ == "__main__":

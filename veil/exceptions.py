@@ -97,6 +97,27 @@ class RequestDeniedError(PermissionDeniedError):
     """The data owner denied the release request (the message carries the owner's words)."""
 
 
+class WorkerStartError(VeilError, RuntimeError):
+    """A worker process (``start_worker``, ``Cluster``, ``veil serve --auto``) exited or stayed silent instead of
+    listening: a port in use, a bad flag. The first line names the worker and the cause (the worker's own
+    error line); the lines after it are the worker's last output. Raised locally only: it never crosses the
+    wire. A RuntimeError too, as the launcher raised before."""
+
+
+class CommandLineError(VeilError, SystemExit):
+    """Bad input to a ``veil`` command (a flag's value, a file it names): ``veil`` prints one line,
+    ``PROG: error: MESSAGE``, and exits with status 2 (the README's promise; scripts tell bad input from a
+    crash by it). A SystemExit, so a caller of the command's functions that does not catch it stops as it did
+    when these were ``SystemExit(message)``; ``str()`` is the message. Raised locally only (never on the wire)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = 2  # the exit status, whoever lets it end the process (nothing else printed for an int)
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 #: Errors a worker may report by name. Anything else is reported as RemoteExecutionError.
 REMOTE_ERRORS: dict[str, type[VeilError]] = {
     cls.__name__: cls

@@ -30,7 +30,7 @@ def _veil_exception_classes() -> list[type]:
 
 CLASSES = _veil_exception_classes()
 #: raised only on the client side (never by a worker): they need not be registered
-LOCAL_ONLY = {"WorkerUnavailableError", "ModelConversionError"}
+LOCAL_ONLY = {"WorkerUnavailableError", "ModelConversionError", "WorkerStartError", "CommandLineError"}
 
 
 def test_there_are_errors_from_every_subsystem():

@@ -2,11 +2,13 @@
 
 Example::
 
-    veil requests list --worker 127.0.0.1:8777 --admin-token $VEIL_ADMIN_TOKEN
+    veil requests list --worker 127.0.0.1:8777
     veil requests show req-1a2b... --worker 127.0.0.1:8777
     veil requests approve req-1a2b... --worker 127.0.0.1:8777
     veil requests deny req-1a2b... --message "too close to raw records" --worker 127.0.0.1:8777
 
+The admin token comes from ``$VEIL_ADMIN_TOKEN`` (or ``--admin-token`` in an ``@FILE`` of
+arguments): never write it on the command line, where every local user sees it in ``ps``.
 Errors are one line (no tracebacks); the exit status is 1 for a refused or failed
 request and 2 for bad arguments.
 """

@@ -2,12 +2,13 @@
 
 Example::
 
-    veil users list --worker 127.0.0.1:8777 --admin-token $VEIL_ADMIN_TOKEN
+    veil users list --worker 127.0.0.1:8777
     veil users revoke mallory --worker 127.0.0.1:8777     # refused at every later handshake, sessions closed
     veil users restore mallory --worker 127.0.0.1:8777    # let the same tokens in again
 
-Errors are one line (no tracebacks); the exit status is 1 for a refused or failed request and 2 for bad
-arguments.
+The admin token comes from ``$VEIL_ADMIN_TOKEN`` (or ``--admin-token`` in an ``@FILE`` of arguments): never
+write it on the command line, where every local user sees it in ``ps``. Errors are one line (no
+tracebacks); the exit status is 1 for a refused or failed request and 2 for bad arguments.
 """
 
 from __future__ import annotations

@@ -185,6 +185,30 @@ def equality_filters(**columns: Any) -> tuple[list[str], list[Any]]:
     return clauses, params
 
 
+def _one_line(error: BaseException) -> str:
+    """A driver error's message, redacted, on one line (psycopg's has a newline before its hint): the CLI
+    prints one line per error."""
+    return redact(" ".join(str(error).split())) or type(error).__name__
+
+
+def _owner_only(path: str) -> None:
+    """Creates the SQLite file ``path`` mode 0600 before sqlite opens it (sqlite would create it, and its -wal
+    and -shm files, which take the main file's mode, from the umask: world-readable under the usual 022), and
+    tightens an existing one this user owns: owner state (audit log, review queue, privacy ledger) is the
+    owner's only."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    except OSError:
+        return  # unreadable, a folder, no such folder: sqlite's own open reports it
+    for name in (path, path + "-wal", path + "-shm", path + "-journal"):
+        try:
+            info = os.stat(name)
+            if info.st_uid == os.geteuid() and info.st_mode & 0o077:
+                os.chmod(name, info.st_mode & 0o700)
+        except OSError:
+            pass
+
+
 class Database:
     """A connection shared by a worker's threads behind a lock (re-entrant, so a
     transaction can call helper queries).
@@ -218,6 +242,8 @@ class Database:
 
     def _connect(self) -> Any:
         if self.dialect == "sqlite":
+            if self.location != ":memory:":
+                _owner_only(self.location)
             try:
                 conn = sqlite3.connect(self.location, isolation_level=None, timeout=self._timeout,
                                        check_same_thread=False)
@@ -249,7 +275,7 @@ class Database:
         try:
             conn = psycopg.connect(self.location, autocommit=True, **params)
         except psycopg.OperationalError as e:
-            raise ConnectionError(f"cannot connect to {redact(self.location)}: {redact(str(e).strip())}") from None
+            raise ConnectionError(f"cannot connect to {redact(self.location)}: {_one_line(e)}") from None
         try:
             # Wait at most `timeout` for another worker's row lock instead of forever, and end any statement
             # on the server after twice that (a frozen server is the watchdog's: see _Watchdog).
@@ -258,7 +284,7 @@ class Database:
                 f"SET statement_timeout = {int(_STATEMENT_TIMEOUT_FACTOR * self._timeout * 1000)}"))
         except psycopg.Error as e:
             conn.close()
-            raise ConnectionError(f"cannot connect to {redact(self.location)}: {redact(str(e).strip())}") from None
+            raise ConnectionError(f"cannot connect to {redact(self.location)}: {_one_line(e)}") from None
         return conn
 
     def _guarded(self, conn: Any, call: Callable[[], Any]) -> Any:

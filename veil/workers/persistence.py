@@ -21,6 +21,7 @@ them land in the same place (the ``worker`` column tells them apart).
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,17 @@ CREATE INDEX IF NOT EXISTS ledger_by_key ON ledger (namespace, key);
 """
 
 
+def private_dir(data_dir: str | Path) -> Path:
+    """``data_dir``, created mode 0700 (the audit log, review queue and privacy ledger are the owner's only);
+    an existing folder this user owns that group or others may enter is tightened to 0700."""
+    folder = Path(data_dir)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.stat()
+    if info.st_uid == os.geteuid() and info.st_mode & 0o077:
+        os.chmod(folder, 0o700)
+    return folder
+
+
 class OwnerDB:
     """The worker's durable state. Thread-safe (one connection behind a lock).
 
@@ -83,9 +95,7 @@ class OwnerDB:
             return cls(db)
         if data_dir is None:
             return cls(":memory:")
-        folder = Path(data_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        return cls(folder / cls.FILENAME)
+        return cls(private_dir(data_dir) / cls.FILENAME)
 
     def close(self) -> None:
         with self._lock:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import ssl
 import sys
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from veil.exceptions import CommandLineError
 from veil.workers.persistence import OwnerDB
 from veil.workers.scheduling import POLICIES, set_policy
 from veil.workers.websocket_auth import TokenTable, new_token
@@ -35,7 +37,7 @@ from veil.workers.websocket_auth import TokenTable, new_token
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--id", required=True, help="the worker's name (clients use the same id)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8777, help="TCP port (0: any free port)")
+    p.add_argument("--port", type=port_number, default=8777, help="TCP port (0: any free port)")
     p.add_argument("--token", default=None,
                    help="data scientists' access token (default: $VEIL_TOKEN, else a new one is printed)")
     p.add_argument("--token-user", default="scientist", help="user name of --token holders (for --allow rules)")
@@ -43,7 +45,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="another data scientist with their own token (repeatable)")
     p.add_argument("--client", action="append", default=[], metavar="NAME=TOKEN",
                    help="a serving client's token: it may only submit queries and fetch its results (repeatable)")
-    p.add_argument("--ping-interval", type=float, default=30.0,
+    p.add_argument("--ping-interval", type=_limit(), default=30.0,
                    help="seconds between keepalive pings; clients silent for twice that are disconnected")
     p.add_argument("--admin-token", default=os.environ.get("VEIL_ADMIN_TOKEN"),
                    help="the owner's token: owner view of the store (default: $VEIL_ADMIN_TOKEN)")
@@ -62,10 +64,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", default=os.environ.get("VEIL_DB"), metavar="postgresql://...",
                    help="keep the audit log, privacy ledger and owner state in PostgreSQL instead of --data-dir "
                         "(shared by all of one owner's worker processes; default: $VEIL_DB)")
-    p.add_argument("--max-message-mb", type=float, default=256, help="largest accepted request, in MiB")
-    p.add_argument("--max-command-seconds", type=float, default=600.0, metavar="S",
+    p.add_argument("--max-message-mb", type=_limit(), default=256, help="largest accepted request, in MiB")
+    p.add_argument("--max-command-seconds", type=_limit(zero_means_none=True), default=600.0, metavar="S",
                    help="per-command time limit; long commands (plan fit) stop past it (0: no limit)")
-    p.add_argument("--max-session-mb", type=float, default=None,
+    p.add_argument("--max-session-mb", type=_limit(), default=None,
                    help="most memory one client session may hold on this worker, in MiB (default: no limit)")
     p.add_argument("--max-memory-mb", type=float, default=None, metavar="MB",
                    help="most memory this worker process may map, in MiB (default: the machine's memory; 0: no "
@@ -89,7 +91,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="data policy of the --dataset files: open (derived results may be fetched), review "
                         "(each release of a derived result waits for the owner's approval) or dp-only; "
                         "NAME=POLICY for one dataset (repeatable; default: open)")
-    p.add_argument("--console-port", type=int, default=None, metavar="PORT",
+    p.add_argument("--console-port", type=port_number, default=None, metavar="PORT",
                    help="serve the owner's web console on this port (admin token login; 0: any free port)")
     p.add_argument("--console-host", default="127.0.0.1", help="interface of the console (default: loopback only)")
     p.add_argument("--cert", default=None, help="TLS certificate (PEM) to serve wss://")
@@ -99,11 +101,46 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "drives it (a local cluster): its woken threads never preempt that process mid-round")
 
 
+#: flags whose value carries a token: an error about one never shows the value (stderr goes to journals and
+#: log collectors other people read)
+TOKEN_FLAGS = ("--user", "--client", "--accept-peer", "--peer-token")
+
+
 def _pair(spec: str, flag: str) -> tuple[str, str]:
     name, sep, value = spec.partition("=")
     if not sep or not name or not value:
-        raise SystemExit(f"veil worker: {flag} expects NAME=VALUE, got {spec!r}")
+        if flag in TOKEN_FLAGS:
+            raise CommandLineError(f"{flag} expects NAME=TOKEN (value not shown)")
+        raise CommandLineError(f"{flag} expects NAME=VALUE, got {spec!r}")
     return name, value
+
+
+def port_number(text: str) -> int:
+    """argparse type of a TCP port flag: an integer from 0 (any free port) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a port number (0-65535), got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expects a port number (0-65535), got {port}")
+    return port
+
+
+def _limit(zero_means_none: bool = False):
+    """argparse type of a limit flag: a finite number > 0 (>= 0 where 0 documents "no limit"); NaN, infinities
+    and negative numbers are refused at start instead of leaving the limit silently broken or off."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects a number, got {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_means_none):
+            allowed = ">= 0 (0: no limit)" if zero_means_none else "> 0"
+            raise argparse.ArgumentTypeError(f"expects a finite number {allowed}, got {text!r}")
+        return value
+
+    return parse
 
 
 def parse_dataset(spec: str) -> tuple[str, Path, str | None]:
@@ -121,24 +158,24 @@ def read_csv(path: Path, target: str | None) -> tuple[torch.Tensor, torch.Tensor
         with open(path, newline="") as f:
             rows = list(csv.reader(f))
     except OSError as e:
-        raise SystemExit(f"veil worker: cannot read dataset {path}: {e.strerror}") from None
+        raise CommandLineError(f"cannot read dataset {path}: {e.strerror}") from None
     except (csv.Error, UnicodeDecodeError) as e:  # e.g. a field over csv's 128 KiB limit: one line, no traceback
-        raise SystemExit(f"veil worker: cannot read dataset {path}: {e}") from None
+        raise CommandLineError(f"cannot read dataset {path}: {e}") from None
     if len(rows) < 2:
-        raise SystemExit(f"veil worker: dataset {path} needs a header row and at least one data row")
+        raise CommandLineError(f"dataset {path} needs a header row and at least one data row")
     header, body = rows[0], [r for r in rows[1:] if r]
     widths = {len(r) for r in body}
     if widths != {len(header)}:  # (a short row gave an empty target, a long one lost columns, silently)
-        raise SystemExit(f"veil worker: dataset {path} has rows of {', '.join(map(str, sorted(widths)))} fields "
-                         f"for a header of {len(header)}")
+        raise CommandLineError(f"dataset {path} has rows of {', '.join(map(str, sorted(widths)))} fields "
+                               f"for a header of {len(header)}")
     try:
         values = torch.tensor([[float(v) for v in r] for r in body], dtype=torch.float32)
     except ValueError as e:
-        raise SystemExit(f"veil worker: dataset {path} has a non-numeric value: {e}") from None
+        raise CommandLineError(f"dataset {path} has a non-numeric value: {e}") from None
     if target is None:
         return values, None, header
     if target not in header:
-        raise SystemExit(f"veil worker: dataset {path} has no column {target!r} (columns: {', '.join(header)})")
+        raise CommandLineError(f"dataset {path} has no column {target!r} (columns: {', '.join(header)})")
     t = header.index(target)
     keep = [i for i in range(len(header)) if i != t]
     return values[:, keep], values[:, t:t + 1], [header[i] for i in keep]
@@ -152,12 +189,12 @@ def parse_policies(specs: list[str], names: list[str]) -> dict[str, str]:
     for spec in specs:
         name, sep, policy = spec.rpartition("=")
         if policy not in POLICIES:
-            raise SystemExit(f"veil worker: --policy expects one of {', '.join(POLICIES)} (or NAME=POLICY), "
-                             f"got {spec!r}")
+            raise CommandLineError(f"--policy expects one of {', '.join(POLICIES)} (or NAME=POLICY), "
+                                   f"got {spec!r}")
         if not sep:
             default = policy
         elif name not in names:
-            raise SystemExit(f"veil worker: --policy {spec!r} names no --dataset (datasets: {', '.join(names)})")
+            raise CommandLineError(f"--policy {spec!r} names no --dataset (datasets: {', '.join(names)})")
         else:
             per_name[name] = policy
     return {n: per_name.get(n, default) for n in names}
@@ -193,7 +230,7 @@ def enable_dp_from_args(worker, args: argparse.Namespace) -> str | None:
         try:
             eps, delta = (float(v) for v in value.split(","))
         except ValueError:
-            raise SystemExit(f"veil worker: --budget expects USER=EPS,DELTA, got {spec!r}") from None
+            raise CommandLineError(f"--budget expects USER=EPS,DELTA, got {spec!r}") from None
         budgets[user] = (eps, delta)
     names = [parse_dataset(s)[0] for s in args.dataset] if args.dp_clip is not None else []
     try:
@@ -201,7 +238,7 @@ def enable_dp_from_args(worker, args: argparse.Namespace) -> str | None:
                          delta=args.dp_delta, hide_count=args.dp_hide_count, max_bins=args.dp_max_bins,
                          nominal_count=args.dp_nominal_count)
     except ValueError as e:  # PrivacyParameterError is a ValueError
-        raise SystemExit(f"veil worker: {e}") from None
+        raise CommandLineError(f"{e}") from None
     training = f"C={args.dp_clip} sigma>={args.dp_noise} on {', '.join(names) or 'no dataset'}" \
         if args.dp_clip is not None else "off"
     hidden = "; record counts hidden" if args.dp_hide_count else ""
@@ -237,7 +274,7 @@ def _peers(args: argparse.Namespace, hook) -> list:
         host, _, port = address.split("://")[-1].rpartition(":")
         token = tokens.get(name) or os.environ.get("VEIL_PEER_TOKEN")
         if not token or not port.isdigit():
-            raise SystemExit(f"veil worker: peer {name!r} needs HOST:PORT and a --peer-token {name}=TOKEN")
+            raise CommandLineError(f"peer {name!r} needs HOST:PORT and a --peer-token {name}=TOKEN")
         peers.append(WebsocketClientWorker(hook, id=name, host=host, port=int(port), token=token,
                                            secure=secure, lazy=True))
     return peers
@@ -245,11 +282,11 @@ def _peers(args: argparse.Namespace, hook) -> list:
 
 def _owner_db(args: argparse.Namespace) -> OwnerDB:
     if args.db and args.data_dir:
-        raise SystemExit("veil worker: choose --db or --data-dir for the owner state, not both")
+        raise CommandLineError("choose --db or --data-dir for the owner state, not both")
     try:
         return OwnerDB.in_dir(args.data_dir, db=args.db)
     except (ValueError, ConnectionError) as e:
-        raise SystemExit(f"veil worker: {e}") from None
+        raise CommandLineError(f"{e}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -265,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
     ssl_context = None
     if args.cert or args.key:
         if not (args.cert and args.key):
-            raise SystemExit("veil worker: TLS needs both --cert and --key")
+            raise CommandLineError("TLS needs both --cert and --key")
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(args.cert, args.key)
     worker = WebsocketServerWorker(
@@ -292,7 +329,7 @@ def run(args: argparse.Namespace) -> int:
     console = None
     if args.console_port is not None:
         if not args.admin_token:
-            raise SystemExit("veil worker: --console-port needs --admin-token (the console's login)")
+            raise CommandLineError("--console-port needs --admin-token (the console's login)")
         from veil.governance.console.server import ConsoleServer
 
         console = ConsoleServer(worker, host=args.console_host, port=args.console_port)
@@ -322,6 +359,8 @@ def run(args: argparse.Namespace) -> int:
 if __name__ == "__main__":  # pragma: no cover - `python -m veil.workers.websocket_cli`
     from veil.cli import run_command
 
-    parser = argparse.ArgumentParser(prog="veil worker", fromfile_prefix_chars="@")  # @FILE: arguments from FILE
+    from veil.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="veil worker", fromfile_prefix_chars="@")  # @FILE: arguments from FILE
     configure(parser)
     sys.exit(run_command("veil worker", run, parser.parse_args()))

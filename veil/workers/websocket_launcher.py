@@ -13,6 +13,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from veil.exceptions import WorkerStartError
+
 
 def free_port() -> int:
     """A TCP port that was free a moment ago, below the kernel's ephemeral range when there is room.
@@ -86,6 +88,15 @@ class WorkerProcess:
             self.proc.wait(5)
 
 
+def _cause(output: list[str], ready_timeout: float) -> str:
+    """The worker's own error line (``veil worker: error: ...``), else its last output line."""
+    lines = [line.strip() for line in output if line.strip()]
+    errors = [line for line in lines if line.startswith("veil worker: error:")]
+    if errors:
+        return errors[-1].removeprefix("veil worker: error:").strip()
+    return lines[-1] if lines else f"no output (waited up to {ready_timeout:g} s)"
+
+
 def start_worker(worker_id: str, args: list[str] = (), port: int = 0, env: dict | None = None,
                  ready_timeout: float = 60.0) -> WorkerProcess:
     """Runs ``veil worker --id worker_id --port port *args`` and waits until it listens.
@@ -133,5 +144,6 @@ def _launch(worker_id: str, args: list[str], port: int, env: dict | None, ready_
             break
     if not wp.port:
         wp.kill()
-        raise RuntimeError(f"veil worker {worker_id!r} did not start:\n" + "\n".join(wp.output[-30:]))
+        raise WorkerStartError(f"veil worker {worker_id!r} did not start: {_cause(wp.output, ready_timeout)}\n"
+                               + "\n".join(wp.output[-30:]))
     return wp

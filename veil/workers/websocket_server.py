@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import sys
 import threading
@@ -53,6 +54,7 @@ from veil.workers import handlers as _handlers
 from veil.workers import skeletons as _skeletons
 from veil.workers.websocket_auth import RefusalLog, Session, TokenTable, check_request, run_session_end_handlers
 from veil.workers.websocket_connections import OPEN_TIMEOUT, ConnectionServing
+from veil.workers.websocket_transport import SERVER_LOGGER
 from veil.workers.reply_frames import REPLY_FRAGMENT
 from veil.workers.inline_lane import InlineLane, _full_rights
 
@@ -141,8 +143,12 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
         self.peers: dict[str, BaseWorker] = {}
         self.bound_port: int | None = None
         self.sessions: dict[str, Session] = {}
-        if max_command_seconds is not None and max_command_seconds < 0:
+        if max_command_seconds is not None and not (max_command_seconds >= 0 and math.isfinite(max_command_seconds)):
             raise ValueError("max_command_seconds must be positive (or 0/None for no limit)")
+        if not (ping_interval > 0 and math.isfinite(ping_interval)):  # NaN: keepalive would never fire
+            raise ValueError(f"ping_interval must be a finite number of seconds > 0, got {ping_interval!r}")
+        if max_message is not None and not max_message > 0:
+            raise ValueError(f"max_message must be a number of bytes > 0, got {max_message!r}")
         self.max_command_seconds = max_command_seconds or None
         # connection -> (session, when its handshake was accepted); released on every path
         self._handshakes: dict[ServerConnection, tuple[Session, float]] = {}
@@ -402,6 +408,7 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
             process_response=self._add_headers, max_size=self.max_message, max_queue=4, compression=None,
             ssl=self.ssl_context, open_timeout=OPEN_TIMEOUT, ping_interval=self.ping_interval,
             ping_timeout=2 * self.ping_interval, close_timeout=2, create_connection=LaneConnection,
+            logger=SERVER_LOGGER,  # never DEBUG: the library's DEBUG records carry tokens (headers) and shares
         ) as server:
             self.bound_port = next(iter(server.sockets)).getsockname()[1]
             flusher = asyncio.ensure_future(self._flush_refusals())

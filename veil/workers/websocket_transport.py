@@ -11,6 +11,7 @@ It needs no event loop, so it works the same from scripts and from Jupyter.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import select
 import socket
@@ -32,6 +33,32 @@ try:
     from websockets.speedups import apply_mask
 except ImportError:  # pragma: no cover - the pure-Python fallback of the same library
     from websockets.utils import apply_mask
+
+
+
+class NoWireLogger(logging.LoggerAdapter):
+    """The logger veil hands the websockets library for every connection it makes or accepts (server, client,
+    peer): never at DEBUG, whatever the owner's logging configuration. The library's DEBUG records dump
+    each handshake header (``Authorization: Bearer <token>``, ``X-Veil-Tokens``) and each frame's bytes
+    (tensor values, SMPC shares); its INFO and higher records (listening, closed, errors) still go through."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.getLogger(name), {})
+
+    def isEnabledFor(self, level: int) -> bool:  # noqa: N802 - logging's name
+        return level > logging.DEBUG and self.logger.isEnabledFor(level)
+
+    def debug(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return msg, kwargs
+
+
+#: for the client side of every connection (WebsocketClientWorker, peers)
+CLIENT_LOGGER = NoWireLogger("websockets.client")
+#: for every connection a veil worker accepts
+SERVER_LOGGER = NoWireLogger("websockets.server")
 
 _READ_CHUNK = 1 << 20
 #: most bytes one read for a frame header takes at the start of a message: a small reply (the usual
@@ -97,7 +124,7 @@ class BlockingConnection:
     def __init__(self, url: str, headers: dict[str, str], ssl_context: "ssl_module.SSLContext | None" = None,
                  open_timeout: float = 10.0, max_size: int | None = None) -> None:
         uri = parse_uri(url)
-        self.protocol = ClientProtocol(uri, max_size=max_size)
+        self.protocol = ClientProtocol(uri, max_size=max_size, logger=CLIENT_LOGGER)
         self.max_size = max_size
         self._buffer = memoryview(bytearray(_READ_CHUNK))
         self._parts: list[bytes] = []  # a message the protocol is assembling (slow path)

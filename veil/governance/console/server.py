@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
+
+
+class _HeldErrors(logging.Filter):
+    """Keeps ERROR records back (their text in ``messages``) while the console starts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            self.messages.append(record.getMessage())
+            return False
+        return True
 
 
 class ConsoleServer:
@@ -28,15 +43,37 @@ class ConsoleServer:
         self._server = uvicorn.Server(config)
         self._server.install_signal_handlers = lambda: None  # the worker owns SIGINT/SIGTERM
         self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            self._server.run()
+        except BaseException as e:  # noqa: BLE001 - reported by start() in one line, not as a thread traceback
+            self._failure = e
 
     def start(self, timeout: float = 20.0) -> "ConsoleServer":
-        self._thread = threading.Thread(target=self._server.run, name="veil-console", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise SystemExit(f"veil worker: the console could not listen on {self.host}:{self.port}")
-            time.sleep(0.02)
+        # uvicorn logs a failed bind (a port in use) as an ERROR line of its own, then ends its thread: held
+        # back here, its text goes into the one line start() raises
+        held = _HeldErrors()
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        uvicorn_log.addFilter(held)
+        try:
+            self._thread = threading.Thread(target=self._run, name="veil-console", daemon=True)
+            self._thread.start()
+            deadline = time.monotonic() + timeout
+            while not self._server.started:
+                if not self._thread.is_alive() or time.monotonic() > deadline:
+                    failure = self._failure
+                    reasons = [*held.messages] + ([str(failure) or type(failure).__name__] if failure is not None
+                                                  and not isinstance(failure, SystemExit) else [])
+                    reason = f": {' '.join(reasons[-1].split())}" if reasons else ""
+                    # an OSError: `veil worker` prints it as one `error:` line (status 2)
+                    raise OSError(f"the console could not listen on {self.host}:{self.port}{reason}")
+                time.sleep(0.02)
+        finally:
+            uvicorn_log.removeFilter(held)
+        for message in held.messages:  # started all the same: the owner still sees them
+            uvicorn_log.error(message)
         sockets = [s for srv in self._server.servers for s in srv.sockets]
         if sockets:
             self.port = sockets[0].getsockname()[1]
