@@ -167,15 +167,18 @@ MASK_INDEXED = frozenset({"Tensor.__getitem__", "Tensor.__setitem__", "aten.inde
                           "aten.index_put_.default"})
 
 
-def value_sized(name: str, func: Callable, args: Any, kwargs: dict) -> str | None:
+def value_sized(name: str, func: Callable, args: Any, kwargs: dict, fixed: frozenset = frozenset()) -> str | None:
     """Why the size of ``func(*args, **kwargs)``'s results, or of the work it does, follows its inputs' values
     (None: their shapes, dtypes and the plain arguments fix it): a mask index (:data:`MASK_INDEXED`), or an
     op that cannot run on ``meta`` for want of values (``nonzero``, ``masked_select``, ``unique``: the ops
     :data:`VALUE_BOUNDS` bounds; a size or count given as a tensor, which nothing bounds). An op that fails
-    on meta for bad arguments is not one: it raises the same when it runs. (DP plans: veil/dp/plan_grads.py)"""
+    on meta for bad arguments is not one: it raises the same when it runs. ``fixed``: ids of tensors that are
+    the same for every record (a plan's constants, its frozen state): a mask among them selects a fixed count.
+    (DP plans: veil/dp/plan_grads.py)"""
     if name in MASK_INDEXED:  # integer tensor indices give the shape of the indices (x[t] of a 0-dim t
         # reads its value on the host, so not on meta, but its result has a fixed shape)
-        masks = len(args) > 1 and any(t.dtype in (torch.bool, torch.uint8) for t in leaves(args[1], torch.Tensor))
+        masks = len(args) > 1 and any(t.dtype in (torch.bool, torch.uint8) and id(t) not in fixed
+                                      for t in leaves(args[1], torch.Tensor))
         return "a boolean mask index" if masks else None
     inputs: list = []
     meta_args = [_on_meta(a, inputs) for a in args]
