@@ -30,7 +30,7 @@ from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.plans.plan import Plan
 
-from test_redteam_dp_timing import Owner, _neighbours, _plan_work, _release_times, _same_time
+from test_redteam_dp_timing import Owner, _neighbours, _plan_work
 
 LOT = LOOP_MAX + 8  # above LOOP_MAX: the lot goes through vmap when the plan looks safe
 
