@@ -141,7 +141,11 @@ class ArgumentParser(argparse.ArgumentParser):
                 text = data.decode("utf-8")
             except UnicodeDecodeError:
                 self.error(f"argument file {path} is not UTF-8 text (one argument a line)")
-            for line in text.splitlines():
+            lines = text.split("\n")  # one argument a line, as start_worker writes them (not splitlines, which
+            if lines[-1] == "":  # also breaks on \x1c, \x85, \u2028...: a value holding one became two arguments)
+                lines.pop()
+            for line in lines:
+                line = line[:-1] if line.endswith("\r") else line
                 expanded.extend(self.convert_arg_line_to_args(line))
         return expanded
 

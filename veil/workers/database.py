@@ -24,6 +24,7 @@ the owner's log. Every statement has a deadline (see :class:`_Watchdog`).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -36,6 +37,7 @@ import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, Union
+from urllib.parse import unquote
 
 from veil.exceptions import VeilError
 
@@ -54,11 +56,17 @@ def redact(location: Any) -> str:
     a ``password=`` URL parameter, and a ``password=`` keyword of a ``key=value`` conninfo (as in libpq's
     error lines)."""
     text = str(location)
-    # the user info ends at the netloc's last '@' (greedy: masking too much is safe)
-    text = re.sub(r"(://[^:/@?#]*:)[^?#]*@", r"\1***@", text)
-    if "://" in text:
-        return re.sub(r"([?&]password=)[^&#\s]*", r"\1***", text, flags=re.I)
-    return re.sub(r"(\bpassword\s*=\s*)('(?:\\.|[^'\\])*'|\S*)", r"\1***", text, flags=re.I)
+    # the user info ends at the netloc's last '@' before a '/' (libpq reads an unencoded '?' or '#' there as part
+    # of the password; greedy: masking too much is safe)
+    text = re.sub(r"(://[^:/@]*:)[^/]*@", r"\1***@", text)
+    if "://" in text:  # query keys are percent-decoded by libpq (%70assword is password)
+        return re.sub(r"([?&])([^=&#]*)=([^&#\s]*)",
+                      lambda g: f"{g[1]}{g[2]}=***" if _SECRET_KEYS.search(unquote(g[2])) else g[0], text)
+    return re.sub(r"(\b(?:ssl)?password\s*=\s*)('(?:\\.|[^'\\])*'|\S*)", r"\1***", text, flags=re.I)
+
+
+#: libpq connection keywords whose value is a secret (the password, the client key's passphrase)
+_SECRET_KEYS = re.compile(r"^\s*(?:ssl)?password\s*$", re.I)
 
 
 class OwnerStateUnavailableError(VeilError):
@@ -197,9 +205,13 @@ def _owner_only(path: str) -> None:
     tightens an existing one this user owns: owner state (audit log, review queue, privacy ledger) is the
     owner's only."""
     try:
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-    except OSError:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise PermissionError(f"state file {path} is a symbolic link: refused (owner state is a plain file)")
         return  # unreadable, a folder, no such folder: sqlite's own open reports it
+    if os.stat(path).st_uid != os.geteuid():
+        raise PermissionError(f"state file {path} belongs to another user: refused (they could read or swap it)")
     for name in (path, path + "-wal", path + "-shm", path + "-journal"):
         try:
             info = os.stat(name)
@@ -309,7 +321,10 @@ class Database:
                 self._conn = self._connect()  # the server restarted: a fresh session is safe between transactions
             conn = self._conn
             return self._guarded(conn, lambda: conn.execute(sql, params))
-        except (ConnectionError, psycopg.OperationalError, psycopg.InterfaceError) as e:
+        except (ConnectionError, psycopg.OperationalError, psycopg.InterfaceError, psycopg.InternalError,
+                psycopg.NotSupportedError, psycopg.errors.InsufficientPrivilege) as e:
+            # (a lost server, or one that takes no writes after a failover: ReadOnlySqlTransaction is an
+            # InternalError; integrity errors stay for the callers that arbitrate with them)
             log.warning("owner state database %s: %s: %s", redact(self.location), type(e).__name__,
                         redact(str(e).strip()))
             raise OwnerStateUnavailableError(_UNAVAILABLE) from None

@@ -61,7 +61,7 @@ def migrate(data_dir: str | Path, url: str) -> dict[str, int]:
         ValueError: not a PostgreSQL URL, no state under ``data_dir``, or target tables not empty.
     """
     if not is_database_url(url):
-        raise ValueError(f"--to expects a postgresql:// URL, got {url!r}")
+        raise ValueError(f"--to expects a postgresql:// URL, got {redact(url)!r}")
     folder = Path(data_dir)
     present = [name for name in _TABLES if (folder / name).is_file()]
     if not present:

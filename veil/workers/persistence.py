@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from veil.workers.database import Database, is_database_url
+from veil.workers.database import Database, is_database_url, redact
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -64,8 +64,10 @@ def private_dir(data_dir: str | Path) -> Path:
     an existing folder this user owns that group or others may enter is tightened to 0700."""
     folder = Path(data_dir)
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = folder.stat()
-    if info.st_uid == os.geteuid() and info.st_mode & 0o077:
+    info = folder.stat()  # (through a symbolic link: the folder it names is what must be ours)
+    if info.st_uid != os.geteuid():  # another local user prepared it: they could read, delete or swap the state
+        raise PermissionError(f"--data-dir {folder} belongs to another user: refused (use a folder of your own)")
+    if info.st_mode & 0o077:
         os.chmod(folder, 0o700)
     return folder
 
@@ -91,7 +93,7 @@ class OwnerDB:
         """The database at URL ``db`` if given, else under ``data_dir`` (created), else in memory."""
         if db is not None:
             if not is_database_url(db):
-                raise ValueError(f"--db expects a postgresql:// URL, got {db!r}")
+                raise ValueError(f"--db expects a postgresql:// URL, got {redact(db)!r}")
             return cls(db)
         if data_dir is None:
             return cls(":memory:")
