@@ -14,26 +14,37 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING, Callable
 
-import dp_accounting
 import numpy as np
-from dp_accounting import pld, rdp
-from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon as _rdp_epsilon
 
 from veil.dp.errors import PrivacyParameterError
 
+if TYPE_CHECKING:
+    import dp_accounting
+
+
+def dp_lib() -> ModuleType:
+    """``dp_accounting``, imported on first use: it pulls in scipy.signal and scipy.stats (~0.8 s, a third of
+    ``import veil``), which every worker process and CLI run paid although most never account."""
+    import dp_accounting
+
+    return dp_accounting
+
+
 # name -> factory of an empty dp_accounting accountant (the extension point).
 ACCOUNTANT_FACTORIES: dict[str, Callable[[], dp_accounting.PrivacyAccountant]] = {
-    "pld": lambda: pld.PLDAccountant(),
-    "rdp": lambda: rdp.RdpAccountant(),
+    "pld": lambda: dp_lib().pld.PLDAccountant(),
+    "rdp": lambda: dp_lib().rdp.RdpAccountant(),
 }
 
 
 def sgm_event(noise_multiplier: float, sample_rate: float, steps: int = 1) -> dp_accounting.DpEvent:
     """The DP event of ``steps`` Poisson-subsampled Gaussian mechanism steps."""
-    event = dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
-    return dp_accounting.SelfComposedDpEvent(event, steps) if steps != 1 else event
+    lib = dp_lib()
+    event = lib.PoissonSampledDpEvent(sample_rate, lib.GaussianDpEvent(noise_multiplier))
+    return lib.SelfComposedDpEvent(event, steps) if steps != 1 else event
 
 
 @functools.lru_cache(maxsize=1024)
@@ -46,7 +57,7 @@ def _rdp_one_step(noise_multiplier: float, sample_rate: float) -> tuple[tuple[fl
     vector in ``_rdp`` (no public getter); epsilon then comes from the library's
     own ``compute_epsilon``, so the result equals ``RdpAccountant.get_epsilon``.
     """
-    acc = rdp.RdpAccountant()
+    acc = dp_lib().rdp.RdpAccountant()
     acc.compose(sgm_event(noise_multiplier, sample_rate))
     return tuple(acc._orders), np.array(acc._rdp, dtype=float)
 
@@ -97,7 +108,7 @@ class Accountant:
 
     def event(self) -> dp_accounting.DpEvent:
         """The whole history as one composed ``dp_accounting`` event."""
-        return dp_accounting.ComposedDpEvent([sgm_event(s, q, c) for s, q, c in self.history])
+        return dp_lib().ComposedDpEvent([sgm_event(s, q, c) for s, q, c in self.history])
 
     def get_epsilon(self, delta: float) -> float:
         """Epsilon of everything recorded so far at the given delta."""
@@ -108,7 +119,7 @@ class Accountant:
         if delta not in self._cache and self.mechanism == "rdp":
             orders = _rdp_one_step(*self.history[0][:2])[0]
             total = sum(c * _rdp_one_step(s, q)[1] for s, q, c in self.history)
-            self._cache[delta] = float(_rdp_epsilon(orders, total, delta)[0])
+            self._cache[delta] = float(dp_lib().rdp.rdp_privacy_accountant.compute_epsilon(orders, total, delta)[0])
         if delta not in self._cache:
             acc = ACCOUNTANT_FACTORIES[self.mechanism]()
             acc.compose(self.event())
@@ -155,7 +166,7 @@ def find_noise_multiplier(
         raise PrivacyParameterError(f"target_delta must be in (0, 1), got {target_delta}")
     _check_step(1.0, sample_rate)
     def search(mech: str, bracket) -> float:
-        return dp_accounting.calibrate_dp_mechanism(
+        return dp_lib().calibrate_dp_mechanism(
             ACCOUNTANT_FACTORIES[mech],
             lambda s: sgm_event(s, sample_rate, steps),
             target_epsilon,
@@ -173,13 +184,13 @@ def find_noise_multiplier(
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)
     try:
-        sigma = search("rdp", dp_accounting.LowerEndpointAndGuess(0.1, 1.0))
+        sigma = search("rdp", dp_lib().LowerEndpointAndGuess(0.1, 1.0))
     finally:
         absl_logger.setLevel(level)
     if mechanism != "rdp":
         lower = max(0.5 * sigma, 0.3)
         if epsilon_for(lower, sample_rate, steps, target_delta, mechanism) > target_epsilon:
-            sigma = search(mechanism, dp_accounting.ExplicitBracketInterval(lower, sigma))
+            sigma = search(mechanism, dp_lib().ExplicitBracketInterval(lower, sigma))
     # Brent returns a point within tol of the optimum, possibly on the wrong
     # side of it; step up until the target is met so the guarantee holds.
     while epsilon_for(sigma, sample_rate, steps, target_delta, mechanism) > target_epsilon:

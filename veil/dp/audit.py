@@ -21,10 +21,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import stats
 
 
 def _clopper_pearson(k: int, n: int, alpha: float) -> tuple[float, float]:
+    from scipy import stats  # here, not at import: scipy.stats costs every veil process ~0.5-3 s at start
+
     lo = 0.0 if k == 0 else float(stats.beta.ppf(alpha / 2, k, n - k + 1))
     hi = 1.0 if k == n else float(stats.beta.ppf(1 - alpha / 2, k + 1, n - k))
     return lo, hi

@@ -32,11 +32,11 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-import dp_accounting
 import numpy as np
 import torch
-from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 from scipy import special
+
+from veil.dp.accountant import dp_lib
 
 from veil.dp.errors import PrivacyParameterError
 from veil.dp import core
@@ -100,7 +100,7 @@ def confident_gnmax(counts: torch.Tensor, threshold: float, sigma1: float, sigma
 # ---- analysis ----------------------------------------------------------------------------
 
 def _epsilon_from_rdp(rdp: np.ndarray, orders: np.ndarray, delta: float) -> float:
-    eps, _ = rdp_lib.compute_epsilon(orders, rdp, delta)
+    eps, _ = dp_lib().rdp.rdp_privacy_accountant.compute_epsilon(orders, rdp, delta)
     return float(eps)
 
 
@@ -161,8 +161,9 @@ def gnmax_epsilon_data_independent(num_queries: int, sigma: float, delta: float,
     GNMax's RDP lambda/sigma^2 is that of a Gaussian event with noise
     multiplier sigma/sqrt(2) (sensitivity sqrt(2)); dp_accounting composes it.
     """
-    acc = rdp_lib.RdpAccountant(list(DEFAULT_ORDERS if orders is None else orders))
-    acc.compose(dp_accounting.GaussianDpEvent(sigma / math.sqrt(2)), num_queries)
+    lib = dp_lib()
+    acc = lib.rdp.RdpAccountant(list(DEFAULT_ORDERS if orders is None else orders))
+    acc.compose(lib.GaussianDpEvent(sigma / math.sqrt(2)), num_queries)
     return float(acc.get_epsilon(delta))
 
 
@@ -175,9 +176,9 @@ def lnmax_epsilon(num_queries: int, gamma: float, delta: float = 0.0) -> float:
     """
     if delta == 0:
         return 2 * gamma * num_queries
-    from dp_accounting import pld
-    acc = pld.PLDAccountant()
-    acc.compose(dp_accounting.LaplaceDpEvent(1 / (2 * gamma)), num_queries)
+    lib = dp_lib()
+    acc = lib.pld.PLDAccountant()
+    acc.compose(lib.LaplaceDpEvent(1 / (2 * gamma)), num_queries)
     return float(min(acc.get_epsilon(delta), 2 * gamma * num_queries))
 
 

@@ -27,10 +27,10 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import dp_accounting
 import torch
 
 from veil.dp import core
+from veil.dp.accountant import dp_lib
 from veil.dp.errors import PrivacyParameterError
 
 
@@ -50,7 +50,7 @@ def gaussian_sigma(sensitivity: float, epsilon: float, delta: float) -> float:
     """Noise std of an (epsilon, delta)-DP Gaussian mechanism for an L2 sensitivity (cached: a search)."""
     # The analytic calibration (dp_accounting) is exact for every epsilon and
     # never noisier than the classic sqrt(2 ln(1.25/delta)) bound.
-    return sensitivity * dp_accounting.get_sigma_gaussian(epsilon, delta)
+    return sensitivity * dp_lib().get_sigma_gaussian(epsilon, delta)
 
 
 def _check(epsilon: float, delta: float, mechanism: str) -> None:
