@@ -89,6 +89,17 @@ def websocket_servers():
             p.stop()
 
 
+@pytest.fixture(scope="session")
+def serving_cluster_pool():
+    """{"cluster": a started serving cluster} that the test modules using tests/serving/serving_helpers.py's
+    ``cluster`` fixture take turns on (that fixture starts it, or replaces it when a module broke it);
+    stopped at the end of the session."""
+    pool: dict = {}
+    yield pool
+    if pool.get("cluster") is not None:
+        pool.pop("cluster").stop()
+
+
 def _make_websocket(hook, name, request):
     servers = request.getfixturevalue("websocket_servers")
     t = WS_TOKENS

@@ -59,12 +59,34 @@ def train_briefly(model: nn.Module, data: dict, steps: int = 60, batch: int = 64
 # ------------------------------------------------------------------ fixtures (imported by the test modules)
 
 
+def _stop_services(cluster: sy.Cluster) -> None:
+    """What :meth:`Cluster.stop` does first: stops the services still shared on ``cluster``."""
+    services, cluster.services = cluster.services, []
+    for service in services:
+        try:
+            service.stop()
+        except Exception:
+            pass
+
+
 @pytest.fixture(scope="module")
-def cluster(hook):
-    """A started cluster (two parties + crypto provider) shared by a test module."""
-    c = new_cluster().start()
+def cluster(hook, serving_cluster_pool):
+    """A started cluster (two parties + crypto provider) shared by a test module.
+
+    Starting one costs three worker processes importing torch, so the modules take turns on one cluster
+    (tests/conftest.py's ``serving_cluster_pool``, stopped at the end of the session): each module's
+    tests share and serve models under their own names, and the services a module leaves are stopped
+    when it ends, as a cluster of its own would have been. A module whose cluster lost a worker process
+    leaves it to be replaced by a fresh one. Tests that kill workers, stop the cluster or change its
+    settings start their own (:func:`new_cluster`).
+    """
+    c = serving_cluster_pool.get("cluster")
+    if c is None or not c._processes or not all(p.alive() for p in c._processes):
+        if c is not None:
+            c.stop()
+        c = serving_cluster_pool["cluster"] = new_cluster().start()
     yield c
-    c.stop()
+    _stop_services(c)
 
 
 @pytest.fixture

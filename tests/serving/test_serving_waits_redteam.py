@@ -35,8 +35,10 @@ def test_one_connection_holds_one_wait_however_many_it_pipelines(cluster, client
         honest = client_for(cluster, (1, 4), (1, 2), name="wait-pipe", timeout=60)
         party = cluster.parties[0]
         frame = serialize(protocol.ServingMessage("fetch", "wait-pipe", [new_id(), protocol.MAX_WAIT]), sender="x")
+        # close_timeout: the party reads this connection's frames in order, so the close frame waits behind the
+        # queued waits; the hang-up below is the same a second later, not after websockets' default 10 s
         with connect(f"ws://{party.host}:{party.port}", additional_headers=handshake_headers(cluster.client_token),
-                     max_size=None, open_timeout=30) as ws:
+                     max_size=None, open_timeout=30, close_timeout=1) as ws:
             for _ in range(FLOOD):  # sent at once, no reply read (the server reads at most a few ahead)
                 ws.send(frame)
             for _ in range(3):  # answered while the flood's waits run one after another

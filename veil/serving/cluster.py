@@ -176,6 +176,8 @@ class Cluster:
         for conn in self._connections.values():
             conn.close()
         self._connections.clear()
+        for proc in self._processes:  # all signalled first: each takes a second or more to exit (its
+            proc.terminate()            # connections, the interpreter's teardown), so they exit together
         for proc in self._processes:
             proc.stop()
         self._processes.clear()
