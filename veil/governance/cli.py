@@ -20,7 +20,7 @@ import os
 import re
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -71,33 +71,42 @@ def print_request(r: dict) -> None:
         print(f"  {shown(line)}")
 
 
-def run(args: argparse.Namespace) -> int:
+def ask_worker(args: argparse.Namespace, msg: object, fail: Callable[[str, int], int]) -> list | int:
+    """Sends one admin message to ``args.worker`` (HOST:PORT, ws:// or wss://) with ``args.admin_token``;
+    the reply's objects, or the exit status after ``fail`` printed one line (2: bad arguments, 1: refused or
+    failed). Shared by ``veil requests`` and ``veil users``."""
     import torch
 
     import veil as sy
     from veil.exceptions import VeilError
-    from veil.governance.wire import AdminRequestsMessage
 
     if not args.admin_token:
-        return _fail("needs --admin-token (or $VEIL_ADMIN_TOKEN)", 2)
-    if args.action != "list" and not args.request_id:
-        return _fail(f"{args.action} needs a request id (see `veil requests list`)", 2)
+        return fail("needs --admin-token (or $VEIL_ADMIN_TOKEN)", 2)
     address = args.worker
-    secure = address.startswith("wss://")
     host, _, port = address.split("://")[-1].rpartition(":")
     if not host or not port.isdigit():
-        return _fail(f"--worker expects HOST:PORT, got {address!r}", 2)
+        return fail(f"--worker expects HOST:PORT, got {address!r}", 2)
     try:
         hook = sy.TorchHook(torch)
-        client = sy.WebsocketClientWorker(hook, id=f"requests-cli-{os.getpid()}", host=host, port=int(port),
-                                          token=args.admin_token, secure=secure, cafile=args.cafile, timeout=30)
+        client = sy.WebsocketClientWorker(hook, id=f"admin-cli-{os.getpid()}", host=host, port=int(port),
+                                          token=args.admin_token, secure=address.startswith("wss://"),
+                                          cafile=args.cafile, timeout=30)
         try:
-            msg = AdminRequestsMessage(args.action, args.request_id, args.message, args.state)
-            found = hook.local_worker.send_msg(msg, client).objects
+            return hook.local_worker.send_msg(msg, client).objects
         finally:
             client.close()
     except (VeilError, OSError) as e:
-        return _fail(f"{type(e).__name__}: {e}".splitlines()[0])
+        return fail(f"{type(e).__name__}: {e}".splitlines()[0], 1)
+
+
+def run(args: argparse.Namespace) -> int:
+    from veil.governance.wire import AdminRequestsMessage
+
+    if args.action != "list" and not args.request_id:
+        return _fail(f"{args.action} needs a request id (see `veil requests list`)", 2)
+    found = ask_worker(args, AdminRequestsMessage(args.action, args.request_id, args.message, args.state), _fail)
+    if isinstance(found, int):
+        return found
     if args.action == "list":
         if not found:
             print("no requests" + (f" in state {args.state}" if args.state else ""))

@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from veil.governance.cli import shown
+from veil.governance.cli import ask_worker, shown
 from veil.governance.users_wire import ACTIONS
 
 
@@ -36,31 +36,13 @@ def _fail(text: str, code: int = 1) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    import veil as sy
-    from veil.exceptions import VeilError
     from veil.governance.users_wire import AdminUsersMessage
 
-    if not args.admin_token:
-        return _fail("needs --admin-token (or $VEIL_ADMIN_TOKEN)", 2)
     if args.action != "list" and not args.name:
         return _fail(f"{args.action} needs a user name (see `veil users list`)", 2)
-    address = args.worker
-    host, _, port = address.split("://")[-1].rpartition(":")
-    if not host or not port.isdigit():
-        return _fail(f"--worker expects HOST:PORT, got {address!r}", 2)
-    try:
-        hook = sy.TorchHook(torch)
-        client = sy.WebsocketClientWorker(hook, id=f"users-cli-{os.getpid()}", host=host, port=int(port),
-                                          token=args.admin_token, secure=address.startswith("wss://"),
-                                          cafile=args.cafile, timeout=30)
-        try:
-            found = hook.local_worker.send_msg(AdminUsersMessage(args.action, args.name), client).objects
-        finally:
-            client.close()
-    except (VeilError, OSError) as e:
-        return _fail(f"{type(e).__name__}: {e}".splitlines()[0])
+    found = ask_worker(args, AdminUsersMessage(args.action, args.name), _fail)
+    if isinstance(found, int):
+        return found
     if args.action == "list":
         for u in found:
             print(f"{shown(u['name']):<20}  {shown(u['role']):<9}  {'revoked' if u['revoked'] else 'active'}")
