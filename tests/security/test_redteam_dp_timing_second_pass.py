@@ -30,7 +30,7 @@ from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.plans.plan import Plan
 
-from test_redteam_dp_timing import Owner, _neighbours, _plan_work
+from test_redteam_dp_timing import Logits3, Owner, _neighbours, _plan_work
 
 LOT = LOOP_MAX + 8  # above LOOP_MAX: the lot goes through vmap when the plan looks safe
 
@@ -165,15 +165,6 @@ def test_a_size_given_as_a_computed_tensor_is_refused_before_any_charge(hook, mo
         assert type(reply) is m.ErrorReply and "follow" in reply.message, reply
         assert len(calls) == 1  # the dry run only
         assert owner.dp.ledger.spent("sci") == (0.0, 0.0)
-
-
-class Logits3(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(3, 3)
-
-    def forward(self, x):
-        return self.lin(x)
 
 
 @pytest.mark.parametrize("bad", [2.7, -1.0, 3.5, 1e30, float("nan")], ids=["fraction", "negative", "above",

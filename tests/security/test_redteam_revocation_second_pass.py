@@ -30,6 +30,7 @@ from veil.workers.websocket_server import WebsocketServerWorker
 from veil.workers.websocket_transport import BlockingConnection
 
 from network_helpers import ADMIN, OTHER, TOKEN
+from test_redteam_revocation import _ask, _sessions_of, _wait
 
 MODEL_OWNER = "redrevoke2-model-owner-token"
 CLIENT = "redrevoke2-client-token"
@@ -77,24 +78,6 @@ def _connect(server, *tokens: str) -> BlockingConnection:
     conn = BlockingConnection(f"ws://127.0.0.1:{server.bound_port}", handshake_headers(tokens[0], tokens[1:]))
     _OPEN.append(conn)
     return conn
-
-
-def _ask(conn: BlockingConnection, msg) -> object:
-    conn.send(serialize(msg, sender="c"))
-    return deserialize(conn.recv(60))[0]
-
-
-def _wait(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def _sessions_of(server, name: str) -> list:
-    return [s for s in list(server.sessions.values()) if any(p.name == name for p in s.principals)]
 
 
 def _handshake_refused(server, token: str) -> bool:
