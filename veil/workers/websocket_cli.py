@@ -238,7 +238,7 @@ def enable_dp_from_args(worker, args: argparse.Namespace) -> str | None:
                          delta=args.dp_delta, hide_count=args.dp_hide_count, max_bins=args.dp_max_bins,
                          nominal_count=args.dp_nominal_count)
     except ValueError as e:  # PrivacyParameterError is a ValueError
-        raise CommandLineError(f"{e}") from None
+        raise CommandLineError(str(e)) from None
     training = f"C={args.dp_clip} sigma>={args.dp_noise} on {', '.join(names) or 'no dataset'}" \
         if args.dp_clip is not None else "off"
     hidden = "; record counts hidden" if args.dp_hide_count else ""
@@ -286,7 +286,7 @@ def _owner_db(args: argparse.Namespace) -> OwnerDB:
     try:
         return OwnerDB.in_dir(args.data_dir, db=args.db)
     except (ValueError, ConnectionError) as e:
-        raise CommandLineError(f"{e}") from None
+        raise CommandLineError(str(e)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -357,9 +357,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m veil.workers.websocket_cli`
-    from veil.cli import run_command
-
-    from veil.cli import ArgumentParser
+    from veil.cli import ArgumentParser, run_command
 
     parser = ArgumentParser(prog="veil worker", fromfile_prefix_chars="@")  # @FILE: arguments from FILE
     configure(parser)

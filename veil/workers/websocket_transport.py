@@ -35,7 +35,6 @@ except ImportError:  # pragma: no cover - the pure-Python fallback of the same l
     from websockets.utils import apply_mask
 
 
-
 class NoWireLogger(logging.LoggerAdapter):
     """The logger veil hands the websockets library for every connection it makes or accepts (server, client,
     peer): never at DEBUG, whatever the owner's logging configuration. The library's DEBUG records dump
