@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import weakref
 from typing import Any, Callable
 
 from veil.exceptions import ObjectNotFoundError, PermissionDeniedError
@@ -28,6 +29,8 @@ REVOKE_HANDLERS: list[Callable[[Any, str], None]] = []
 #: one revocation, readmission or sync at a time: a sync between putting a decision in force and storing it
 #: would otherwise undo it from the previous stored row
 _LOCK = threading.RLock()
+#: worker -> names it revoked whose record is not stored yet (weak: an in-process worker's go with it)
+_UNSTORED: "weakref.WeakKeyDictionary[Any, set]" = weakref.WeakKeyDictionary()
 
 
 def _audit(worker: Any, action: str, by: str, detail: str) -> None:
@@ -95,9 +98,7 @@ def _put_in_force(worker: Any, name: str) -> int:
 
 def _unstored(worker: Any) -> set:
     """Names this worker revoked whose record could not be stored yet (the database was unavailable)."""
-    if not hasattr(worker, "_unstored_revocations"):
-        worker._unstored_revocations = set()
-    return worker._unstored_revocations
+    return _UNSTORED.setdefault(worker, set())
 
 
 def _holds_admin(worker: Any, name: str) -> bool:
