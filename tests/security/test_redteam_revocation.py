@@ -264,6 +264,24 @@ def test_a_replica_closes_a_session_the_owner_revoked_elsewhere(server, hook, tm
     assert rows and "another replica" in rows[0]["detail"]
 
 
+def test_a_damaged_record_does_not_stop_other_revocations_syncing(server, caplog):
+    """A record of "other" is damaged while the worker serves (an edited row); then alice is revoked on
+    another replica. The sync still closes alice's session (before: every sync raised on the damaged row,
+    each second, and no later decision took effect); "other" keeps its state here and is still served; the
+    damaged row is logged once, not every second."""
+    conn, bystander = _connect(server, TOKEN), _connect(server, OTHER)
+    assert _wait(lambda: _sessions_of(server, "alice") and _sessions_of(server, "other"))
+    with caplog.at_level("ERROR", logger="veil.governance.revocation"):
+        server.db.kv_put("governance.revoked", "other", b"not json")
+        server.db.kv_put("governance.revoked", "alice", b'{"revoked": true, "by": "owner", "ts": 0}')
+        assert _wait(lambda: not _sessions_of(server, "alice")), "the sync never put alice's revocation in force"
+        assert _closed(conn)
+        time.sleep(2.5)  # two more syncs
+    assert _ask(bystander, m.ObjectMessage([m.StoredObject(3, torch.ones(1))])) == m.OkReply()
+    damaged = [r for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(damaged) == 1 and "'other'" in damaged[0].getMessage()
+
+
 def test_every_request_path_refuses_a_revoked_session(hook):
     """A frame of a revoked session that reaches the worker before its connection is closed (read by the
     lane, served inline, or waiting for a handler thread): none runs it. Driven directly on a worker that is

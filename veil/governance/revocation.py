@@ -13,6 +13,7 @@ sharing the database once a second (:func:`sync_stored_revocations`). :func:`rea
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import weakref
@@ -21,6 +22,7 @@ from typing import Any, Callable
 from veil.exceptions import ObjectNotFoundError, PermissionDeniedError
 
 NAMESPACE = "governance.revoked"
+log = logging.getLogger(__name__)
 
 #: what else a revoked name leaves on a worker, closed when the revocation is put in force: ``fn(worker, name)``
 #: (serving: the services it owns; its sessions' own state goes by SESSION_END_HANDLERS as they close)
@@ -31,6 +33,8 @@ REVOKE_HANDLERS: list[Callable[[Any, str], None]] = []
 _LOCK = threading.RLock()
 #: worker -> names it revoked whose record is not stored yet (weak: an in-process worker's go with it)
 _UNSTORED: "weakref.WeakKeyDictionary[Any, set]" = weakref.WeakKeyDictionary()
+#: worker -> names whose stored record was unreadable at the last sync (logged once, not every second)
+_DAMAGED: "weakref.WeakKeyDictionary[Any, set]" = weakref.WeakKeyDictionary()
 
 
 def _audit(worker: Any, action: str, by: str, detail: str) -> None:
@@ -101,6 +105,17 @@ def _unstored(worker: Any) -> set:
     return _UNSTORED.setdefault(worker, set())
 
 
+def _report_damaged(worker: Any, names: list[str]) -> None:
+    """Logs each newly unreadable record once (the sync runs every second); the name keeps the state it has
+    here, so a damaged row neither lets a revoked name in nor stops the other names' decisions syncing."""
+    seen = _DAMAGED.setdefault(worker, set())
+    for name in set(names) - seen:
+        log.error("worker %s: stored revocation %r is unreadable; %r keeps its current state here (%s)",
+                  worker.id, name, name, "revoked" if name in worker.tokens.revoked else "admitted")
+    seen.intersection_update(names)
+    seen.update(names)
+
+
 def _holds_admin(worker: Any, name: str) -> bool:
     """A stored record never locks out a name that holds the admin role here (a replica where the name is
     a scientist, or an edited row, could store one; ``revoke`` refuses it)."""
@@ -112,18 +127,27 @@ def _store(worker: Any, name: str, revoked: bool, by: str) -> None:
     worker.db.kv_put(NAMESPACE, name, value)
 
 
-def stored_revocations(worker: Any) -> dict[str, bool]:
-    """name -> revoked, as stored. An unreadable record raises ValueError (one line): a start stops on it
-    rather than letting a revoked name in."""
-    out = {}
+def _records(worker: Any) -> tuple[dict[str, bool], list[str]]:
+    """(name -> revoked for each readable record, names whose record is unreadable)."""
+    out, damaged = {}, []
     for key, raw in worker.db.kv_items(NAMESPACE):
         try:
             value = json.loads(raw)
         except (ValueError, TypeError):
             value = None
         if type(value) is not dict or type(value.get("revoked")) is not bool:
-            raise ValueError(f"stored revocation {key!r} is unreadable (not a JSON object with 'revoked')")
-        out[key] = value["revoked"]
+            damaged.append(key)
+        else:
+            out[key] = value["revoked"]
+    return out, damaged
+
+
+def stored_revocations(worker: Any) -> dict[str, bool]:
+    """name -> revoked, as stored. An unreadable record raises ValueError (one line): a start stops on it
+    rather than letting a revoked name in."""
+    out, damaged = _records(worker)
+    if damaged:
+        raise ValueError(f"stored revocation {damaged[0]!r} is unreadable (not a JSON object with 'revoked')")
     return out
 
 
@@ -143,7 +167,9 @@ def sync_stored_revocations(worker: Any) -> list[str]:
         for name in list(_unstored(worker)):  # a revocation made here while the database was away: store it now
             _store(worker, name, True, "owner")
             _unstored(worker).discard(name)
-        for name, revoked in stored_revocations(worker).items():
+        records, damaged = _records(worker)
+        _report_damaged(worker, damaged)  # the other records still sync; a damaged one changes nothing here
+        for name, revoked in records.items():
             if revoked == (name in worker.tokens.revoked) or (revoked and _holds_admin(worker, name)):
                 continue
             if revoked:
