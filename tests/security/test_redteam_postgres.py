@@ -189,7 +189,7 @@ def test_migrate_from_a_data_dir_whose_name_holds_a_hash_copies_the_ledger_or_re
 def test_migrate_refuses_a_state_file_without_its_tables_instead_of_copying_zero_rows(pg_url, tmp_path, capsys):
     """Attack (data loss): ``veil db migrate --from`` a directory whose ``veil-dp-budget.sqlite3`` is not a
     ledger (an empty SQLite file: a wrong path, a file re-created by a tool). Must hold: the command refuses in
-    one ``veil db migrate:`` line naming the missing tables, and the target stays empty, instead of reporting
+    one ``veil db: error:`` line naming the missing tables, and the target stays empty, instead of reporting
     "migrated ... budgets 0, charges 0" (workers restarted on it would give every scientist a fresh budget)."""
     import sqlite3
 
@@ -198,8 +198,9 @@ def test_migrate_refuses_a_state_file_without_its_tables_instead_of_copying_zero
     sqlite3.connect(tmp_path / LEDGER_FILENAME).close()
     with pytest.raises(SystemExit) as info:
         main(["db", "migrate", "--from", str(tmp_path), "--to", pg_url])
-    assert str(info.value.code).startswith("veil db migrate:") and "budgets" in str(info.value.code), info.value.code
-    assert "\n" not in str(info.value.code)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("veil db: error:") and "budgets" in err, err
+    assert err.count("\n") == 1
     with psycopg.connect(pg_url) as conn:
         assert conn.execute("SELECT COUNT(*) FROM charges").fetchone()[0] == 0
 

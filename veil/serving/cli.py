@@ -23,6 +23,8 @@ import os
 import signal
 import threading
 
+from veil.exceptions import CommandLineError
+
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="saved model: .pt (veil.serving.save_model), .keras or .h5")
@@ -62,14 +64,14 @@ def run(args: argparse.Namespace) -> int:
     from veil.serving.service import ModelService
 
     if bool(args.auto) == bool(args.worker):
-        raise SystemExit("veil serve: give either --auto PORTS or --worker HOST:PORT (three or more)")
+        raise CommandLineError("give either --auto PORTS or --worker HOST:PORT (three or more)")
     model = load_model(args.model)
     if args.auto:
         workers = [NetworkWorker(f"127.0.0.1:{p.strip()}") for p in args.auto.split(",")]
     else:
         workers = [NetworkWorker(a) for a in args.worker]
         if not (args.owner_token and args.client_token):
-            raise SystemExit("veil serve: running workers need --owner-token and --client-token")
+            raise CommandLineError("running workers need --owner-token and --client-token")
     cluster = Cluster(*workers, auto_managed=bool(args.auto), owner_token=args.owner_token,
                       client_token=args.client_token, peer_token=args.peer_token)
     hook = TorchHook(torch)

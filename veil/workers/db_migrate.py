@@ -19,6 +19,7 @@ import argparse
 import sqlite3
 from pathlib import Path
 
+from veil.exceptions import CommandLineError
 from veil.workers.database import Database, OwnerStateUnavailableError, is_database_url, redact
 
 # file -> [(table, columns, identity column or None)]; the schemas are the owners' modules'.
@@ -131,10 +132,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         counts = migrate(args.source, args.target)
     except (ValueError, ConnectionError, OwnerStateUnavailableError) as e:
-        raise SystemExit(f"veil db migrate: {e}") from None
+        raise CommandLineError(str(e)) from None
     except (psycopg.Error, sqlite3.Error) as e:  # one line, not a traceback; nothing was committed
         detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise SystemExit(f"veil db migrate: {type(e).__name__}: {redact(detail)} (nothing migrated)") from None
+        raise CommandLineError(f"{type(e).__name__}: {redact(detail)} (nothing migrated)") from None
     print(f"migrated {args.source} -> {redact(args.target)}: "
           + ", ".join(f"{table} {n}" for table, n in counts.items()), flush=True)
     return 0
