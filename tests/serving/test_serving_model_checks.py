@@ -37,6 +37,25 @@ def test_weight_of_another_dtype_is_named(tmp_path):
         load_model(save_model(model, tmp_path / "m.pt", (1, 4)))
 
 
+def test_a_saved_model_is_private_to_the_owner_and_replaces_a_planted_link(tmp_path):
+    """The file holds the owner's weights in the clear: mode 0600 whatever the umask, and a symlink planted
+    at the path (by another local user, to a file they can read) is replaced, not written through."""
+    model = nn.Sequential(nn.Linear(4, 3))
+    bait = tmp_path / "bait"
+    bait.write_bytes(b"")
+    (tmp_path / "m.pt").symlink_to(bait)
+    old = os.umask(0o022)
+    try:
+        path = save_model(model, tmp_path / "m.pt", (1, 4))
+    finally:
+        os.umask(old)
+    assert not path.is_symlink() and bait.read_bytes() == b""
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert sorted(os.listdir(tmp_path)) == ["bait", "m.pt"]
+    x = torch.randn(2, 4)
+    assert torch.equal(load_model(path)(x), model(x))
+
+
 def test_cluster_file_round_trip_leaves_no_temporary_file(tmp_path):
     cluster = Cluster(NetworkWorker("127.0.0.1:1"), NetworkWorker("127.0.0.1:2"), NetworkWorker("127.0.0.1:3"),
                       client_token="c" * 32)

@@ -13,8 +13,10 @@ records), never from names found in the file.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -77,7 +79,18 @@ def save_model(model: nn.Sequential, path: str | os.PathLike, input_shape: tuple
     path = Path(path)
     saved = {"format": FORMAT, "input_shape": list(input_shape), "layers": architecture(model),
              "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-    path.write_bytes(serde.encode_value(saved))
+    data = serde.encode_value(saved)
+    # the owner's weights in the clear: readable by the owner only (mkstemp: mode 0600, a fresh O_EXCL name),
+    # and the rename replaces a file or symlink planted at ``path`` instead of writing through it
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
 
 
