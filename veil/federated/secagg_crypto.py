@@ -37,6 +37,11 @@ def public_bytes(key: X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw)
 
 
+def public_of(private: bytes) -> bytes:
+    """The public key of a raw 32-byte private key (checks a reconstructed key against the one advertised)."""
+    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(_RAW, serialization.PublicFormat.Raw)
+
+
 def pair_seed(private: bytes, peer_public: bytes, tag: int) -> bytes:
     """The seed both ends of a pair derive: HKDF(X25519(sk_u, pk_v)), bound to the round tag."""
     shared = X25519PrivateKey.from_private_bytes(private).exchange(X25519PublicKey.from_public_bytes(peer_public))

@@ -26,7 +26,20 @@ instead of encrypted through the server. Per round, with ``threshold`` t:
 Any t clients may die at any stage (at least t of U3 must answer); no
 individual update ever leaves a client unmasked, and nothing in the recovery
 path reads a client's state. Round state lives outside the object store (no
-pointer reaches it) and is deleted after ``unmask`` or ``discard``.
+pointer reaches it) and is deleted after ``unmask`` or ``discard`` (the
+coordinator discards it on every client that did not answer ``unmask``, the
+round a success or not), when the session that advertised it ends, or
+``ROUND_TTL_S`` after ``advertise``. Bounds on a client's work and memory: at
+most ``MAX_SECAGG_CLIENTS`` clients per round (Shamir sharing costs n * t
+steps per secret) and ``MAX_LIVE_ROUNDS`` live rounds per network session.
+
+The coordinator takes a client's reply only in the protocol's form (int64
+tensors of the round's shapes, bytes in range): a client answering otherwise
+is left out like one that failed. A wrong but well-formed share fails the
+round rather than giving a wrong sum: each reconstructed key must give the
+public key its client advertised, and the recovered weight sum must equal the
+survivors' weights (a wrong self-mask makes it random). Each client also
+refuses a value so large that the sum of n of them could wrap Z/2^64.
 
 Least privilege (the reference monitor's principal of each request): a round
 belongs to the user who advertised it, the coordinator, and is kept under
@@ -51,6 +64,7 @@ per-client weights and the choice of survivors remain the coordinator's.
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -61,15 +75,24 @@ import torch
 from veil.exceptions import (RemoteExecutionError, RequestDeniedError, ReviewPendingError,
                              register_remote_error)
 from veil.federated import secagg_crypto as sc
-from veil.federated.pooled import CLIENT_FAILURES
+from veil.federated.pooled import CLIENT_FAILURES, error_text
 from veil.messaging.allowlist import ALLOWLIST, register_worker_function
 from veil.messaging.messages import CommandMessage
 from veil.mpc.encoding import decode, encode, make_encoding
 from veil.tensors import remote_ops
 from veil.workers import owner_guard
+from veil.workers.websocket_auth import SESSION_END_HANDLERS
 
 ENCODING = make_encoding(24)
 STAGES = ("advertise", "share_keys", "masked_input", "unmask")
+#: clients of one round: each shares two secrets in n * t Shamir steps (t > n / 2), and the coordinator's
+#: recovery is quadratic too; a round is run on a sample of the clients, not on all of a large pool
+MAX_SECAGG_CLIENTS = 1000
+#: rounds one network session may hold on a worker at once (its coordinator runs one at a time): round state
+#: (keys, seeds, every peer's shares) is outside the object store and its quota
+MAX_LIVE_ROUNDS = 8
+#: seconds after ``advertise`` when a round nobody finished is dropped (its coordinator has gone)
+ROUND_TTL_S = 3600.0
 
 
 class SecureAggregationError(RemoteExecutionError):
@@ -94,6 +117,8 @@ class _Round:
     deposited_keys: dict = field(default_factory=dict)  # peer id -> the public key it sent with its shares
     masked_with: Optional[list] = None  # U2, once the masked input was sent
     coordinator: str = ""  # the user who advertised the round (owns it)
+    session: str = ""  # the namespace (network session) that advertised it: it ends with that session
+    started: float = field(default_factory=time.monotonic)
 
 
 def _rounds(worker: Any) -> dict:
@@ -143,22 +168,37 @@ def _id_list(ids: Any, name: str) -> list:
     return ids
 
 
+def _expire(rounds: dict) -> None:
+    now = time.monotonic()
+    for key in [key for key, state in rounds.items() if now - state.started > ROUND_TTL_S]:
+        del rounds[key]
+
+
 def _advertise(worker: Any, tag: int, n: int, threshold: int) -> torch.Tensor:
     user = _coordinator(worker)
-    if type(tag) is not int or (user, tag) in _rounds(worker):
+    rounds = _rounds(worker)
+    _expire(rounds)
+    if type(tag) is not int or (user, tag) in rounds:
         raise RemoteExecutionError(f"secure-aggregation round {tag!r} is not fresh on worker {worker.id!r}")
-    if type(n) is not int or type(threshold) is not int or not 2 <= threshold <= n:
-        raise RemoteExecutionError(f"need 2 <= threshold <= n, got threshold={threshold!r}, n={n!r}")
+    if type(n) is not int or type(threshold) is not int or not 2 <= threshold <= n <= MAX_SECAGG_CLIENTS:
+        raise RemoteExecutionError(f"need 2 <= threshold <= n <= {MAX_SECAGG_CLIENTS}, got threshold={threshold!r}, "
+                                   f"n={n!r}")
+    principal = _principal(worker)
+    if principal.isolated and sum(state.session == principal.namespace for state in rounds.values()) \
+            >= MAX_LIVE_ROUNDS:  # (in process, the caller is the worker's own process: no sessions, no quota)
+        raise RemoteExecutionError(f"secure aggregation: this session already holds {MAX_LIVE_ROUNDS} live rounds "
+                                   f"on worker {worker.id!r} (discard one first)")
     key = sc.new_private_key()
-    _rounds(worker)[(user, tag)] = _Round(threshold, n, sc.private_bytes(key), sc.public_bytes(key),
-                                          secrets.token_bytes(32), coordinator=user)
-    return sc.bytes_tensor(sc.public_bytes(key))
+    public = sc.public_bytes(key)
+    rounds[(user, tag)] = _Round(threshold, n, sc.private_bytes(key), public, secrets.token_bytes(32),
+                                 coordinator=user, session=principal.namespace)
+    return sc.bytes_tensor(public)
 
 
 def _share_keys(worker: Any, tag: int, ids: list, publics: torch.Tensor) -> None:
     state = _round(worker, tag)
     ids = _id_list(ids, "ids")
-    if state.ids or worker.id not in ids or not state.threshold <= len(ids) <= state.n:
+    if state.ids or worker.id not in ids or not state.threshold <= len(ids) <= min(state.n, MAX_SECAGG_CLIENTS):
         raise RemoteExecutionError("share_keys: a fresh round needs this worker in at least threshold ids")
     if 2 * state.threshold <= len(ids):  # two disjoint sets of t clients would let a coordinator that tells
         # them different dropouts collect both a client's self-mask seed and its key (Bonawitz et al. 2017)
@@ -204,6 +244,9 @@ def _deposit(worker: Any, tag: int, coordinator: str, sender: str, sk_share: tor
         key = None
     if key is None:
         raise RemoteExecutionError("deposit: the sender's 32-byte public key expected")
+    if not all(isinstance(s, torch.Tensor) and s.shape == (1, sc.SHARE_BYTES) for s in (sk_share, b_share)):
+        # one share of each secret (more rows would be held uncharged, and shift this client's unmask rows)
+        raise RemoteExecutionError("deposit: one share row of each secret expected")
     sc.from_tensor(sk_share), sc.from_tensor(b_share)  # validates the format
     state.held[sender] = (sk_share.clone(), b_share.clone())
     state.deposited_keys[sender] = key
@@ -237,6 +280,9 @@ def _masked_input(worker: Any, tag: int, survivors: list, state_tensors: list, w
     flat = torch.cat([s.detach().reshape(-1).to(torch.float64) for s in state_tensors]) * float(weight)
     x = torch.cat([flat, torch.tensor([float(weight), float(weight) * loss], dtype=torch.float64)])
     encoded = encode(x, ENCODING)
+    if bool((encoded.abs() >= (1 << 63) // len(survivors)).any()):  # n of them sum below 2^63: no wrap
+        raise RemoteExecutionError(f"masked_input: refused (a weighted value is past the range a sum over "
+                                   f"{len(survivors)} clients allows)")
     state.masked_with = list(survivors)
     return encoded + _mask(state, worker.id, [v for v in survivors if v != worker.id], encoded.numel(), tag)
 
@@ -270,6 +316,17 @@ register_worker_function("veil.secagg.masked_input", _masked_input)
 owner_guard.REVIEWED_INPUTS.add("veil.secagg.masked_input")
 register_worker_function("veil.secagg.unmask", _unmask)
 register_worker_function("veil.secagg.discard", _discard, shapes="none")
+
+
+def _end_session(worker: Any, session_id: str) -> None:
+    """A closed connection: the rounds it advertised go (a coordinator that reconnects runs a new round)."""
+    rounds = worker.__dict__.get("_secagg_rounds")
+    if rounds:
+        for key in [key for key, state in rounds.items() if state.session == session_id]:
+            del rounds[key]
+
+
+SESSION_END_HANDLERS.append(_end_session)
 
 
 # -- coordinator side -------------------------------------------------------------------------------
@@ -310,6 +367,20 @@ def _fetch(result: Any) -> Any:
     return result.get()
 
 
+def _form(t: Any, shape: tuple, byte_values: bool = False) -> torch.Tensor:
+    """``t`` if it is an int64 tensor of ``shape`` (entries 0-255 if ``byte_values``); else ValueError."""
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or tuple(t.shape) != shape \
+            or (byte_values and bool(((t < 0) | (t > 255)).any())):
+        raise ValueError("malformed secure-aggregation reply")
+    return t
+
+
+def _unmask_form(reply: Any, survivors: int, dropped: int) -> tuple:
+    if not isinstance(reply, (tuple, list)) or len(reply) != 2:
+        raise ValueError("malformed secure-aggregation reply")
+    return (_form(reply[0], (survivors, sc.SHARE_BYTES), True), _form(reply[1], (dropped, sc.SHARE_BYTES), True))
+
+
 def secure_aggregate(inputs: dict[str, ClientInput], tag: int, threshold: Optional[int] = None,
                      before_stage: Optional[Callable[[str], None]] = None, review_wait: float = 0.0) -> SecAggResult:
     """Runs one secure-aggregation round; clients failing at any stage are dropped.
@@ -329,19 +400,24 @@ def secure_aggregate(inputs: dict[str, ClientInput], tag: int, threshold: Option
         review_wait: seconds to wait for owners' approvals of review-policy updates.
 
     Raises:
-        SecureAggregationError: fewer than t clients survived; nothing was recovered.
+        SecureAggregationError: fewer than t clients survived, or their shares were inconsistent (a key not its
+            public key, a weight sum not the survivors'); nothing was recovered.
         ReviewPendingError, RequestDeniedError: an owner has not approved (or denied) its client's update.
     """
     ids = list(inputs)
     n = len(ids)
     t = threshold if threshold is not None else max(2, n // 2 + 1)
-    if not 2 <= t <= n:
-        raise SecureAggregationError(f"secure aggregation needs 2 <= threshold <= clients, got t={t}, n={n}")
+    if not 2 <= t <= n <= MAX_SECAGG_CLIENTS:
+        raise SecureAggregationError(f"secure aggregation needs 2 <= threshold <= clients <= {MAX_SECAGG_CLIENTS}, "
+                                     f"got t={t}, n={n}")
     shapes = [tuple(p.shape) for p in inputs[ids[0]].state]
     length = sum(int(torch.Size(s).numel()) for s in shapes) + 2
     hook = before_stage or (lambda stage: None)
 
-    def stage(name: str, members: list, args_for: Callable[[str], tuple], fetch: bool) -> dict:
+    def stage(name: str, members: list, args_for: Callable[[str], tuple],
+              form: Optional[Callable[[Any], Any]]) -> dict:
+        """Each member's reply in the ``form`` the protocol expects (None: no reply); a member failing, or
+        answering in another form, is left out."""
         hook(name)
         out, review = {}, []
         deadline = time.monotonic() + review_wait
@@ -349,7 +425,7 @@ def secure_aggregate(inputs: dict[str, ClientInput], tag: int, threshold: Option
             while True:
                 try:
                     r = _call(f"veil.secagg.{name}", args_for(wid), inputs[wid].location)
-                    out[wid] = _fetch(r) if fetch else None
+                    reply = _fetch(r) if form is not None else None
                 except ReviewPendingError as e:  # the owner has not approved this update yet
                     if time.monotonic() < deadline:
                         time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
@@ -359,34 +435,46 @@ def secure_aggregate(inputs: dict[str, ClientInput], tag: int, threshold: Option
                     review.append(e)
                 except CLIENT_FAILURES:
                     pass
+                else:
+                    try:
+                        out[wid] = form(reply) if form is not None else None
+                    except ValueError:
+                        pass  # another shape or dtype (a hostile or mismatched client): left out like a failure
                 break
-        if review:
-            _discard_all(inputs, tag)
+        if review:  # (each client's text cut: a client's error text is its to size)
             raise type(review[0])(f"secure aggregation round {tag} needs the data owners' approval: "
-                                  + "; ".join(str(e) for e in review))
+                                  + "; ".join(error_text(e) for e in review))
         if len(out) < t:
-            _discard_all(inputs, tag)
             raise SecureAggregationError(
                 f"secure aggregation round {tag}: {len(out)} clients finished {name}, {t} needed; nothing recovered")
         return out
 
-    publics = stage("advertise", ids, lambda w: (tag, n, t), True)
-    u1 = list(publics)
-    table = torch.stack([publics[w] for w in u1])
-    u2 = list(stage("share_keys", u1, lambda w: (tag, u1, table), False))
-    masked = stage("masked_input", u2, lambda w: (tag, u2, inputs[w].state, float(inputs[w].weight),
-                                                  inputs[w].losses), True)
-    u3 = list(masked)
-    gone = [v for v in u2 if v not in masked]
-    answers = stage("unmask", u3, lambda w: (tag, u3, gone), True)
-    total = _recover(masked, answers, u1, u3, gone, {w: sc.tensor_bytes(publics[w]) for w in u1}, t, length, tag)
+    answers: dict = {}
+    try:
+        publics = stage("advertise", ids, lambda w: (tag, n, t), lambda r: sc.tensor_bytes(_form(r, (32,), True)))
+        u1 = list(publics)
+        table = torch.stack([sc.bytes_tensor(publics[w]) for w in u1])
+        u2 = list(stage("share_keys", u1, lambda w: (tag, u1, table), None))
+        masked = stage("masked_input", u2, lambda w: (tag, u2, inputs[w].state, float(inputs[w].weight),
+                                                      inputs[w].losses), lambda r: _form(r, (length,)))
+        u3 = list(masked)
+        gone = [v for v in u2 if v not in masked]
+        answers = stage("unmask", u3, lambda w: (tag, u3, gone), lambda r: _unmask_form(r, len(u3), len(gone)))
+    finally:  # every client that did not answer unmask still holds the round (its keys, seed, peers' shares)
+        _discard_all({w: inputs[w] for w in ids if w not in answers}, tag)
+    total = _recover(masked, answers, u1, u3, gone, publics, t, length, tag)
     flat = decode(total, ENCODING, dtype=torch.float64)
+    weight_sum = float(flat[-2])
+    if not math.isclose(weight_sum, sum(float(inputs[w].weight) for w in u3), rel_tol=1e-9,
+                        abs_tol=len(u3) * ENCODING.resolution):  # a wrong share or a wrapped sum: never a model
+        raise SecureAggregationError(f"secure aggregation round {tag}: the recovered sum is inconsistent with the "
+                                     "survivors' weights; nothing recovered")
     out, offset = [], 0
     for shape, p in zip(shapes, inputs[ids[0]].state):
         k = int(torch.Size(shape).numel())
         out.append(flat[offset:offset + k].reshape(shape).to(p.dtype))
         offset += k
-    return SecAggResult(u3, [w for w in ids if w not in masked], out, float(flat[-2]), float(flat[-1]))
+    return SecAggResult(u3, [w for w in ids if w not in masked], out, weight_sum, float(flat[-1]))
 
 
 def _recover(masked: dict, answers: dict, u1: list, u3: list, gone: list, publics: dict, t: int, length: int,
@@ -396,7 +484,11 @@ def _recover(masked: dict, answers: dict, u1: list, u3: list, gone: list, public
     x_of = {w: u1.index(w) + 1 for w in u1}
 
     def secret(row: int, which: int) -> bytes:
-        return sc.reconstruct({x_of[r]: sc.from_tensor(answers[r][which][row:row + 1])[0] for r in responders})
+        try:
+            return sc.reconstruct({x_of[r]: sc.from_tensor(answers[r][which][row:row + 1])[0] for r in responders})
+        except OverflowError:  # shares of no 32-byte secret: an answer was wrong
+            raise SecureAggregationError(f"secure aggregation round {tag}: the clients' shares are inconsistent; "
+                                         "nothing recovered") from None
 
     total = torch.zeros(length, dtype=torch.int64)
     for y in masked.values():
@@ -405,6 +497,9 @@ def _recover(masked: dict, answers: dict, u1: list, u3: list, gone: list, public
         total = total - sc.expand(secret(i, 0), length)
     for j, v in enumerate(gone):
         sk_v = secret(j, 1)
+        if sc.public_of(sk_v) != publics[v]:
+            raise SecureAggregationError(f"secure aggregation round {tag}: the shares of a dropped client's key "
+                                         "do not give its public key; nothing recovered")
         for u in u3:
             pair = sc.expand(sc.pair_seed(sk_v, publics[u], tag), length)
             total = total - pair if u < v else total + pair  # u's mask held +pair when u < v
