@@ -1,3 +1,3 @@
-"""``sy.frameworks.torch``: PySyft 0.2 paths (``fl``, ``dp``)."""
+"""``sy.frameworks.torch``: PySyft 0.2 paths (``fl``, ``dp``, ``nn``)."""
 
-from veil.frameworks.torch import dp, fl  # noqa: F401
+from veil.frameworks.torch import dp, fl, nn  # noqa: F401

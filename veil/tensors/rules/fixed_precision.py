@@ -437,3 +437,4 @@ def _inplace(cls, func, args, kwargs):
 # Comparisons, ReLU, max/argmax and max-pooling live in their own rule module.
 from veil.tensors.rules import comparison as _comparison_rules  # noqa: E402,F401
 from veil.tensors.rules import losses as _loss_rules  # noqa: E402,F401
+from veil.tensors.rules import approximations as _approximation_rules  # noqa: E402,F401
