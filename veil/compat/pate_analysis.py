@@ -49,7 +49,7 @@ def log_moment(q: float, eps: float, l: float) -> float:
 
 
 def perform_analysis(teacher_preds: Any, indices: Any, noise_eps: float, delta: float = 1e-5,
-                     moments: int = 8, beta: float = 0.09) -> tuple[float, float]:
+                     moments: int = 8, beta: float = 0.09, num_classes: int = 10) -> tuple[float, float]:
     """PATE analysis of LNMax answers, with PySyft 0.2's signature and return order.
 
     Args:
@@ -59,6 +59,8 @@ def perform_analysis(teacher_preds: Any, indices: Any, noise_eps: float, delta: 
         delta: target delta.
         moments: how many log moments (l = 1..moments) to try.
         beta: accepted for PySyft compatibility (its smooth-sensitivity value was never returned).
+        num_classes: the number of labels (public; 10 by default). Never inferred from the votes: with
+            ``max(vote) + 1`` labels, a vote on an example nobody queried changed the queried answers' epsilon.
 
     Returns:
         (data-dependent epsilon, data-independent epsilon), as PySyft returned them.
@@ -69,14 +71,15 @@ def perform_analysis(teacher_preds: Any, indices: Any, noise_eps: float, delta: 
         raise PrivacyParameterError("teacher_preds must be a non-empty (num_teachers, num_examples) array")
     if noise_eps <= 0 or not 0 < delta < 1 or moments < 1:
         raise PrivacyParameterError("need noise_eps > 0, 0 < delta < 1 and moments >= 1")
-    if preds.min() < 0:
-        raise PrivacyParameterError("teacher labels must be non-negative integers")
+    if type(num_classes) is not int or num_classes < 1:
+        raise PrivacyParameterError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    if preds.min() < 0 or preds.max() >= num_classes:
+        raise PrivacyParameterError(f"teacher labels must be integers in [0, num_classes={num_classes})")
     num_teachers, num_examples = preds.shape
     if idx.size and (idx.min() < 0 or idx.max() >= num_examples):
         raise PrivacyParameterError(f"indices must be example indices in [0, {num_examples})")
-    num_labels = int(preds.max()) + 1
-    counts = np.zeros((num_examples, num_labels), dtype=np.int64)
-    for label in range(num_labels):
+    counts = np.zeros((num_examples, num_classes), dtype=np.int64)
+    for label in range(num_classes):
         counts[:, label] = (preds == label).sum(axis=0)
     orders = np.arange(1, moments + 1, dtype=np.float64)
     eps_answer = 2.0 * noise_eps

@@ -57,13 +57,19 @@ CREATE TABLE IF NOT EXISTS training (
 );
 """
 
-# Float sums drift; a charge that fits up to this slack is accepted.
-_SLACK = 1e-12
+# Float sums drift; a charge that fits up to this fraction of the total is accepted. Relative, never
+# absolute: an absolute 1e-12 let a pure-DP (epsilon, 0) budget pay for Gaussian releases of delta <= 1e-12.
+_SLACK = 1e-9
 
 #: Distinct (noise multiplier, sample rate) pairs one user's training accountant (per training delta) may hold.
 #: Each step recomputes the accountant's epsilon over all of them, under the user's ledger lock: unbounded, a
 #: scientist sending steps of ever new (sigma, q) (each ~0 epsilon) would make every charge take seconds.
 MAX_TRAINING_EVENTS = 16
+
+
+def _fits(spent: float, charge: float, total: float) -> bool:
+    """Whether a charge fits the total up to float drift (so a total of 0 takes no charge above 0)."""
+    return spent + charge <= total * (1 + _SLACK)
 
 
 def _merged(acc: Accountant) -> Accountant:
@@ -177,7 +183,7 @@ class BudgetLedger:
     def _charge_in_transaction(self, user: str, epsilon: float, delta: float, reason: str) -> tuple[float, float]:
         total_eps, total_delta = self._budget(user, lock=True)
         spent_eps, spent_delta = self._spent(user)
-        if spent_eps + epsilon > total_eps + _SLACK or spent_delta + delta > total_delta + _SLACK:
+        if not (_fits(spent_eps, epsilon, total_eps) and _fits(spent_delta, delta, total_delta)):
             raise BudgetExceededError(
                 f"charge of (epsilon={epsilon:.6g}, delta={delta:.3g}) for {reason!r} refused: user {user!r} has "
                 f"(epsilon={total_eps - spent_eps:.6g}, delta={total_delta - spent_delta:.3g}) left "

@@ -321,8 +321,9 @@ def _opendp():
 def _measurement(kind: str, integer: bool, scale: float):
     """An OpenDP vector measurement (built once per kind and scale: construction costs milliseconds)."""
     dp = _opendp()
-    T = int if integer else float
-    atom = dp.atom_domain(T=int) if integer else dp.atom_domain(T=float, nan=False)
+    # i64, not int: OpenDP maps Python's int to i32, which refused a count >= 2^31 after the charge
+    T = "i64" if integer else float
+    atom = dp.atom_domain(T=T) if integer else dp.atom_domain(T=float, nan=False)
     metric = dp.l1_distance(T=T) if kind == "laplace" else dp.l2_distance(T=T)
     space = dp.vector_domain(atom), metric
     return space >> (dp.m.then_laplace(scale=scale) if kind == "laplace" else dp.m.then_gaussian(scale=scale))
@@ -331,21 +332,29 @@ def _measurement(kind: str, integer: bool, scale: float):
 def _release(values: torch.Tensor, scale: float, kind: str, integer: bool) -> torch.Tensor:
     if not (math.isfinite(scale) and scale > 0):
         raise PrivacyParameterError(f"noise scale must be finite and > 0, got {scale}")
-    flat = values.detach().reshape(-1).to(torch.float64)
+    flat = values.detach().reshape(-1)
     if flat.numel() == 0:
         return values.detach().to(torch.float64)
-    if not bool(torch.isfinite(flat).all()):
+    if flat.dtype.is_floating_point and not bool(torch.isfinite(flat).all()):
         raise PrivacyParameterError("a DP release needs finite values before noise (clip to bounds first)")
-    data = [int(v) for v in flat.round().tolist()] if integer else flat.tolist()
+    if integer:  # exact integers (an int64 count is never rounded), clamped into i64 whatever their value
+        ints = flat.round() if flat.dtype.is_floating_point else flat
+        data = [min(max(int(v), _I64_MIN), _I64_MAX) for v in ints.tolist()]
+    else:
+        data = flat.to(torch.float64).tolist()
     noisy = torch.tensor(_measurement(kind, integer, float(scale))(data), dtype=torch.float64)
     return noisy.reshape(values.shape)
+
+
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 
 
 def laplace_mechanism(values: torch.Tensor, scale: float, integer: bool = False) -> torch.Tensor:
     """``values + Lap(scale)`` per coordinate with OpenDP's exact sampler.
 
     ``integer=True`` (counts): the discrete Laplace (two-sided geometric) on
-    integers, epsilon = L1 / scale as for the continuous one.
+    integers, epsilon = L1 / scale as for the continuous one. Pass counts as
+    an integer tensor: a float one is rounded, and float32 holds only 2^24.
     """
     return _release(values, scale, "laplace", integer)
 

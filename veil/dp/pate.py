@@ -211,12 +211,24 @@ def confident_gnmax_epsilon(teacher_preds: torch.Tensor, query_indices: Sequence
 
     Every query pays for the threshold check, a Gaussian on the plurality
     count (sensitivity 1: RDP lambda / (2 sigma1^2), data-independent); the
-    answered ones also pay GNMax(sigma2)'s data-dependent RDP.
+    answered ones also pay GNMax(sigma2)'s data-dependent RDP. ``answered`` holds one bool per query
+    (``labels != -1`` of :func:`confident_gnmax`, not the labels themselves).
     """
+    query_indices, flags = list(query_indices), _flags(answered)
+    if len(flags) != len(query_indices):  # zip truncated silently: the unpaired answers went uncharged
+        raise PrivacyParameterError(f"answered needs one flag per query: {len(flags)} for {len(query_indices)}")
     orders = np.asarray(DEFAULT_ORDERS if orders is None else orders, dtype=np.float64)
     counts = vote_counts(teacher_preds, num_classes).numpy()
     total = len(query_indices) * orders / (2 * sigma1**2)
-    for i, ans in zip(query_indices, answered):
+    for i, ans in zip(query_indices, flags):
         if ans:
             total = total + gnmax_rdp_data_dependent(gnmax_log_q(counts[int(i)], sigma2), sigma2, orders)
     return _epsilon_from_rdp(total, orders, delta)
+
+
+def _flags(answered: Sequence[bool]) -> list:
+    """``answered`` as booleans; labels are refused (as flags, label 0 read as "abstained", paid nothing)."""
+    flags = answered.tolist() if hasattr(answered, "tolist") else list(answered)
+    if any(type(a) is not bool for a in flags):
+        raise PrivacyParameterError("answered must be booleans, one per query (labels != -1, not the labels)")
+    return flags

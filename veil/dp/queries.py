@@ -68,12 +68,11 @@ def _check(epsilon: float, delta: float, mechanism: str) -> None:
 def _noisy(value: torch.Tensor, l1: float, l2: float, epsilon: float, delta: float, mechanism: str,
            integer: bool = False) -> DPResult:
     _check(epsilon, delta, mechanism)
-    value = value.to(torch.float64)
     if mechanism == "laplace":
-        scale = l1 / epsilon
+        scale = l1 / epsilon  # (integer: an int64 value goes to the discrete Laplace as it is, never rounded)
         return DPResult(core.laplace_mechanism(value, scale, integer), epsilon, 0.0, mechanism, scale)
     sigma = gaussian_sigma(l2, epsilon, delta)
-    return DPResult(core.gaussian_mechanism(value, sigma), epsilon, delta, mechanism, sigma)
+    return DPResult(core.gaussian_mechanism(value.to(torch.float64), sigma), epsilon, delta, mechanism, sigma)
 
 
 def _bounds(lower: float, upper: float) -> None:
@@ -97,7 +96,8 @@ def dp_count(x: torch.Tensor, epsilon: float, delta: float = 0.0, mechanism: str
              generator: Optional[torch.Generator] = None) -> DPResult:
     """Noisy number of records (rows of ``x``); sensitivity 1 (geometric noise for Laplace)."""
     _warn_generator(generator)
-    return _noisy(torch.tensor(float(len(x))), 1.0, 1.0, epsilon, delta, mechanism, integer=True)
+    # int64, exact: a float32 count was rounded to float32's grid above 2^24 rows (sensitivity 8 at 6.7e7)
+    return _noisy(torch.tensor(len(x), dtype=torch.int64), 1.0, 1.0, epsilon, delta, mechanism, integer=True)
 
 
 def dp_sum(x: torch.Tensor, lower: float, upper: float, epsilon: float, delta: float = 0.0,
@@ -163,7 +163,7 @@ def dp_histogram(x: torch.Tensor, bins: int, lower: float, upper: float, epsilon
     half = upper * 0.5 - lower * 0.5
     frac = (v * 0.5 - lower * 0.5) / half if half > 0 else (v - lower) / (upper - lower)  # (subnormal bounds)
     at = (frac * bins).floor_().clamp_(0, bins - 1).to(torch.int64)
-    counts = torch.bincount(at, minlength=bins).to(torch.float64)
+    counts = torch.bincount(at, minlength=bins)  # int64: exact for the discrete Laplace
     return _noisy(counts, d, d, epsilon, delta, mechanism, integer=(mechanism == "laplace"))
 
 
@@ -179,6 +179,13 @@ def query_cost(name: str, shape: torch.Size, epsilon: float, delta: float = 0.0,
         _bounds(lower, upper)
     if name == "histogram" and (type(bins) is not int or bins < 1):
         raise PrivacyParameterError(f"bins must be an integer >= 1, got {bins!r}")
+    if name == "mean":  # its sum and count get half each: both halves checked before the charge, not after
+        try:
+            _check(epsilon / 2, delta / 2, mechanism)
+        except PrivacyParameterError:
+            raise PrivacyParameterError(
+                f"a DP mean spends half its epsilon (and delta) on the sum and half on the count: need "
+                f"epsilon >= {2 * core.MIN_EPSILON} (and delta / 2 > 0), got epsilon={epsilon!r}") from None
     if len(shape) == 0:
         raise PrivacyParameterError("a DP query needs records: a tensor with a first (record) dimension")
     return float(epsilon), float(delta) if mechanism == "gaussian" else 0.0
