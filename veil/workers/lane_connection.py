@@ -22,6 +22,9 @@ between queued requests (:meth:`backlog`): a client pipelining thousands of requ
 no longer holds every other session for seconds. While the connection's writes are paused (a client
 that does not read its replies) its reading is paused too: websockets answers pings with pongs
 whatever the write buffer holds, and pings never reach the queue whose backlog pauses reading.
+
+Until its opening request is whole a connection is reported to :attr:`openings` (the worker's
+``OpeningConnections``), which bounds what it may send and how many such connections are kept.
 """
 
 from __future__ import annotations
@@ -45,8 +48,11 @@ LANE_BURST = YIELD_EVERY
 class LaneConnection(ServerConnection):
     """A server connection whose reader-idle binary frames go to :attr:`lane` first."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, openings: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        #: ``OpeningConnections`` told of this connection until its opening request is whole (None: not told)
+        self.openings = openings
+        self._opening = False
         #: ``data -> (reply, decoded)`` (``InlineLane.lane_request`` for this connection's session, which
         #: never raises); set by the reader once the session is being served
         self.lane: Callable[[bytes], tuple] | None = None
@@ -58,6 +64,16 @@ class LaneConnection(ServerConnection):
         super().connection_made(transport)
         frames = self.recv_messages  # its backlog pauses and resumes reading through _sync_reading, as writes do
         frames.pause = frames.resume = self._sync_reading
+        if self.openings is not None:
+            peer = transport.get_extra_info("peername")
+            self._opening = True
+            self.openings.add(self, str(peer[0]) if isinstance(peer, tuple) and peer else "?")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._opening:
+            self._opening = False
+            self.openings.discard(self)
+        super().connection_lost(exc)
 
     def _sync_reading(self) -> None:
         """Reading is paused while the assembler's backlog or the write buffer is over its mark (the
@@ -76,11 +92,16 @@ class LaneConnection(ServerConnection):
         self._sync_reading()
 
     def data_received(self, data: bytes) -> None:
+        if self._opening and not self.openings.received(self, len(data)):
+            return  # (its opening request is too large: dropped)
         self._burst = LANE_BURST
         try:
             super().data_received(data)
         finally:
             self._burst = 0
+        if self._opening and self.request is not None:
+            self._opening = False
+            self.openings.discard(self)
 
     def backlog(self) -> bool:
         """Whether requests are queued for the reader (it then lets other connections' callbacks run

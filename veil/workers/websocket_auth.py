@@ -105,13 +105,21 @@ class TokenTable:
 
 
 def tokens_from_headers(headers) -> list[str]:
-    """The tokens a handshake presents (empty list if none)."""
+    """The tokens a handshake presents (empty list if none). A repeated ``X-Veil-Tokens`` header is one
+    list (HTTP joins repeated fields with commas); a repeated ``Authorization`` is refused as a bad token.
+
+    Raises:
+        PermissionDeniedError: more than one ``Authorization`` header.
+    """
     tokens = []
-    auth = headers.get(AUTH_HEADER, "")
+    auths = headers.get_all(AUTH_HEADER)  # (``get`` raises MultipleValuesError on a repeated header: was a 500)
+    if len(auths) > 1:
+        raise PermissionDeniedError("more than one Authorization header")
+    auth = auths[0] if auths else ""
     if auth.startswith("Bearer "):
         tokens.append(auth[len("Bearer "):].strip())
-    extra = headers.get(EXTRA_TOKENS_HEADER, "")
-    tokens.extend(t.strip() for t in extra.split(",") if t.strip())
+    for extra in headers.get_all(EXTRA_TOKENS_HEADER):
+        tokens.extend(t.strip() for t in extra.split(",") if t.strip())
     return tokens
 
 

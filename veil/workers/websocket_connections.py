@@ -8,6 +8,11 @@ a request the event-loop lane already served (``LaneConnection``), one served in
 (``try_inline``), a peer's share fetch (served on the loop from published shares), else the worker's
 handler thread (``serve_bytes``), cancelled if the connection closes first. Large replies go out as
 fragments from the tensors' memory (``reply_frames``).
+
+What one client may pin is bounded (red team, tests/security/test_redteam_wire_resources.py): a principal
+holds at most ``max_sessions_per_principal`` sessions (the owner's admin token aside), a few slots are
+kept for the admin and peers, a message being received is capped by the session's memory quota, and
+connections that have not sent their whole opening request are few and small (:class:`OpeningConnections`).
 """
 
 from __future__ import annotations
@@ -40,6 +45,19 @@ OPEN_TIMEOUT = 10.0
 #: a peer fetch (a round id and a step name) is far smaller: a larger request is not decoded on the loop
 _PEER_FETCH_MAX_BYTES = 512
 
+#: most bytes a connection may send before its opening request is whole (a veil client's, 8 tokens
+#: included, is under 1 KiB). websockets' own limits (8 KiB a line, 128 lines: module constants read from
+#: environment variables at import, shared by every server and client of the process) let a connection
+#: without a token make the worker hold ~1 MiB until the open timeout
+MAX_OPENING_BYTES = 16 * 1024
+#: connections whose opening request is not whole yet, in all and from one address; past either, the
+#: oldest (of the busiest address) is dropped: a flood of stalled handshakes cannot lock others out
+MAX_OPENING = 512
+MAX_OPENING_PER_ADDRESS = 64
+#: how far a message being received may go past the session's memory quota: a request's envelope, and the
+#: small requests (deletes, gets) of a session whose quota is tiny
+QUOTA_MESSAGE_SLACK = 2**20
+
 
 async def _receive(ws: ServerConnection) -> Any:
     """The next message. A fragmented one (veil clients fragment large requests) is assembled in an
@@ -64,6 +82,59 @@ async def _receive(ws: ServerConnection) -> Any:
 
 
 
+class OpeningConnections:
+    """Connections whose opening request has not arrived whole (``LaneConnection`` reports them): each may
+    send at most :data:`MAX_OPENING_BYTES` before it, and at most ``limit`` of them (``per_address`` from
+    one address) are kept; past that the oldest is dropped. ``on_drop(address, reason)`` audits a drop."""
+
+    def __init__(self, on_drop: Any = None, limit: int = MAX_OPENING, per_address: int = MAX_OPENING_PER_ADDRESS,
+                 max_bytes: int = MAX_OPENING_BYTES) -> None:
+        self.on_drop, self.limit, self.per_address, self.max_bytes = on_drop, limit, per_address, max_bytes
+        self._by_address: dict[str, dict[Any, int]] = {}  # address -> {connection: bytes so far}, oldest first
+        self._address: dict[Any, str] = {}
+
+    def add(self, connection: Any, address: str) -> None:
+        mine = self._by_address.get(address)
+        if mine is not None and len(mine) >= self.per_address:
+            self._drop(next(iter(mine)), "too many unfinished opening handshakes from this address")
+        elif len(self._address) >= self.limit:
+            busiest = max(self._by_address.values(), key=len)
+            self._drop(next(iter(busiest)), "too many unfinished opening handshakes")
+        self._by_address.setdefault(address, {})[connection] = 0
+        self._address[connection] = address
+
+    def received(self, connection: Any, nbytes: int) -> bool:
+        """Counts bytes of an opening request; False: past :data:`MAX_OPENING_BYTES` (dropped)."""
+        address = self._address.get(connection)
+        if address is None:
+            return True
+        mine = self._by_address[address]
+        mine[connection] += nbytes
+        if mine[connection] <= self.max_bytes:
+            return True
+        self._drop(connection, f"opening request over {self.max_bytes >> 10} KiB")
+        return False
+
+    def discard(self, connection: Any) -> None:
+        """The connection's request is whole (or it closed)."""
+        address = self._address.pop(connection, None)
+        if address is not None:
+            mine = self._by_address[address]
+            del mine[connection]
+            if not mine:
+                del self._by_address[address]
+
+    def _drop(self, connection: Any, reason: str) -> None:
+        address = self._address.get(connection, "?")
+        self.discard(connection)
+        connection.transport.abort()
+        if self.on_drop is not None:
+            try:
+                self.on_drop(address, reason)
+            except Exception:  # (the audit log failing must not keep the connection)
+                log.exception("could not audit a dropped opening handshake")
+
+
 class ConnectionServing:
     """The network half of :class:`~veil.workers.websocket_server.WebsocketServerWorker` (a mixin): the
     opening handshake's slots, one loop per connection that reads requests and sends replies, and the
@@ -83,18 +154,55 @@ class ConnectionServing:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
         try:
             session = authenticate(self.tokens, tokens_from_headers(request.headers))
-        except PermissionDeniedError as e:
+        except Exception as e:  # noqa: BLE001  (a malformed request is refused as a bad token: no 500, no traceback)
+            reason = str(e) if isinstance(e, PermissionDeniedError) else f"malformed token headers ({type(e).__name__})"
             peer = connection.remote_address[0] if connection.remote_address else "?"
-            self.refusals.refused(peer, str(e))
+            self.refusals.refused(peer, reason)
             return connection.respond(HTTPStatus.UNAUTHORIZED, "access token required\n")
+        refusal = self._slot_refusal(session)
+        if refusal is not None:
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, refusal)
         self._handshakes[connection] = (session, time.monotonic())
         return None
 
+    def _slot_refusal(self, session: Session) -> str | None:
+        """Why an authenticated ``session`` gets none of the free slots (None: it gets one). The owner's
+        admin token is never refused one; the last ``reserved_slots`` are for it and peers; any other
+        principal holds at most ``max_sessions_per_principal`` (one token cannot lock every other out)."""
+        if session.has_role("admin"):
+            return None
+        if not session.has_role("peer") and \
+                len(self.sessions) + len(self._handshakes) >= self.max_connections - self.reserved_slots:
+            return "too many connections\n"
+        names = {p.name for p in session.principals}
+        held = [*self.sessions.values(), *(s for s, _ in self._handshakes.values())]
+        for name in names:
+            if sum(any(p.name == name for p in s.principals) for s in held) >= self.max_sessions_per_principal:
+                return "too many connections with this token\n"
+        return None
+
+    def _message_limit(self, session: Session) -> int:
+        """The largest message ``session`` may send: ``max_message``, and with a session quota
+        (``--max-session-mb``) at most the quota (plus :data:`QUOTA_MESSAGE_SLACK`): a message being received
+        is memory the session holds (the library closes the connection with 1009 past it; veil clients
+        check the advertised limit first). Not for the owner's admin token, nor peer links (charged per
+        requester account, veil/workers/quota.py)."""
+        quota = self.monitor.max_session_bytes
+        if quota is None or session.has_role("admin") or session.peer_only:
+            return self.max_message
+        return min(self.max_message, quota + QUOTA_MESSAGE_SLACK)
+
     def _add_headers(self, connection: ServerConnection, request: Any, response: Any) -> Any:
+        limit = self.max_message
         if response.status_code != HTTPStatus.SWITCHING_PROTOCOLS:
             # refused after authentication (e.g. no Upgrade header): the slot is free again
             self._handshakes.pop(connection, None)
-        response.headers[MAX_SIZE_HEADER] = str(self.max_message)
+        else:
+            pending = self._handshakes.get(connection)
+            if pending is not None:
+                # set before the 101 goes out: the library checks it as it parses each frame's header
+                limit = connection.protocol.max_message_size = self._message_limit(pending[0])
+        response.headers[MAX_SIZE_HEADER] = str(limit)
         return response
 
     async def _on_connection(self, ws: LaneConnection) -> None:

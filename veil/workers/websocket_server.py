@@ -13,7 +13,9 @@ answer other connections while an operation runs.
 Resources an attacker could pin are bounded: handshake slots are released on
 every path (a request without ``Upgrade`` used to keep its slot forever), and
 refused unauthenticated connections are audited in aggregate (:class:`RefusalLog`),
-not one row each.
+not one row each; one token holds a bounded share of the slots, unfinished
+handshakes are few and small, and a message being received is held to the
+session's memory quota (``websocket_connections``).
 
 Per request the server
 - replaces the envelope's claimed sender with the session id (so ``created_by``
@@ -29,6 +31,7 @@ Per request the server
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import signal
@@ -53,7 +56,7 @@ from veil.workers.persistence import OwnerDB
 from veil.workers import handlers as _handlers
 from veil.workers import skeletons as _skeletons
 from veil.workers.websocket_auth import RefusalLog, Session, TokenTable, check_request, run_session_end_handlers
-from veil.workers.websocket_connections import OPEN_TIMEOUT, ConnectionServing
+from veil.workers.websocket_connections import OPEN_TIMEOUT, ConnectionServing, OpeningConnections
 from veil.workers.websocket_transport import SERVER_LOGGER
 from veil.workers.reply_frames import REPLY_FRAGMENT
 from veil.workers.inline_lane import InlineLane, _full_rights
@@ -102,7 +105,10 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
         max_message: largest request accepted, in bytes; larger ones close that
             connection with code 1009 (clients check the advertised limit first).
         ssl_context: serve TLS (``wss://``) when given.
-        max_connections: further connections are refused with HTTP 503.
+        max_connections: further connections are refused with HTTP 503; the last
+            ``max_connections // 16`` only to the owner's admin token and peers.
+        max_sessions_per_principal: connections one principal (token) may hold at once,
+            the admin's aside (default ``max(4, max_connections // 4)``); further ones get 503.
         max_command_seconds: per-command time limit; long commands check it
             between batches and fail with ``CommandTimeoutError`` (None/0: no limit).
         ping_interval: seconds between keepalive pings; a client that does not
@@ -126,6 +132,7 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_command_seconds: float | None = DEFAULT_MAX_COMMAND_SECONDS,
         ping_interval: float = 30.0,
+        max_sessions_per_principal: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(hook, id=id, **kwargs)
@@ -140,6 +147,13 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
         self.monitor.audit_sink = self._audit_row  # audit rows go to the owner's durable log
         self.max_message, self.ssl_context, self.max_connections = max_message, ssl_context, max_connections
         self.ping_interval = ping_interval
+        if max_sessions_per_principal is None:
+            max_sessions_per_principal = max(4, max_connections // 4)
+        if not max_sessions_per_principal >= 1:
+            raise ValueError(f"max_sessions_per_principal must be at least 1, got {max_sessions_per_principal!r}")
+        self.max_sessions_per_principal = max_sessions_per_principal
+        #: slots only the owner's admin token and peers may take (the others see a full worker before)
+        self.reserved_slots = max_connections // 16
         self.peers: dict[str, BaseWorker] = {}
         self.bound_port: int | None = None
         self.sessions: dict[str, Session] = {}
@@ -403,11 +417,14 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
         if handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._loop.add_signal_handler(sig, self.stop)
+        # connections without a whole opening request yet: few, small, dropped oldest first (unauthenticated)
+        openings = OpeningConnections(on_drop=self.refusals.refused)
         async with serve(
             self._on_connection, self.host, self.port, process_request=self._check_handshake,
             process_response=self._add_headers, max_size=self.max_message, max_queue=4, compression=None,
             ssl=self.ssl_context, open_timeout=OPEN_TIMEOUT, ping_interval=self.ping_interval,
-            ping_timeout=2 * self.ping_interval, close_timeout=2, create_connection=LaneConnection,
+            ping_timeout=2 * self.ping_interval, close_timeout=2,
+            create_connection=functools.partial(LaneConnection, openings=openings),
             logger=SERVER_LOGGER,  # never DEBUG: the library's DEBUG records carry tokens (headers) and shares
         ) as server:
             self.bound_port = next(iter(server.sockets)).getsockname()[1]
