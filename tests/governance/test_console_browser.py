@@ -44,6 +44,16 @@ def _shot(page, name: str) -> None:
         page.screenshot(path=str(Path(folder) / f"{name}.png"))
 
 
+def _post(context, url: str, path: str, form: dict):
+    """A direct POST, with the cookies ``context`` holds for ``url``: sent to loopback with ``url``'s secret
+    ``*.localhost`` name as the Host (Chromium resolves that name itself; Playwright's request API asks
+    this machine's resolver, which may not)."""
+    authority = url.split("://", 1)[1]
+    cookie = "; ".join(f"{c['name']}={c['value']}" for c in context.cookies(url))
+    return context.request.post(f"http://127.0.0.1:{authority.rsplit(':', 1)[1]}{path}", form=form,
+                                headers={"host": authority, **({"cookie": cookie} if cookie else {})})
+
+
 def test_owner_console_end_to_end(spawn, connect, browser, tmp_path):
     wp = spawn("alice", worker_args("review", ["--data-dir", str(tmp_path), "--console-port", "0",
                                                "--budget", "scientist=3.0,1e-5", "--budget", "other=1.0,1e-6"]))
@@ -71,7 +81,7 @@ def test_owner_console_end_to_end(spawn, connect, browser, tmp_path):
         page.goto(url + path)
         assert page.url.endswith("/login")
     anonymous = browser.new_context().new_page()
-    r = anonymous.request.post(f"{url}/requests/{rid}/approve", form={"csrf": "x"})
+    r = _post(anonymous.context, url, f"/requests/{rid}/approve", {"csrf": "x"})
     assert r.status == 403
 
     # ---- log in; the pending request with its op graph and preview
@@ -92,8 +102,8 @@ def test_owner_console_end_to_end(spawn, connect, browser, tmp_path):
     _shot(page, "request")
 
     # ---- a forged approve without the CSRF token is refused, even with the session cookie
-    forged = page.request.post(f"{url}/requests/{rid}/approve", form={"csrf": "wrong"})
-    assert forged.status == 403
+    forged = _post(page.context, url, f"/requests/{rid}/approve", {"csrf": "wrong"})
+    assert forged.status == 403 and "cross-site" in forged.text()  # the session was there; the token was not
     with pytest.raises(ReviewPendingError):
         means.get(delete=False)
 

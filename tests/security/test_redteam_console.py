@@ -30,7 +30,6 @@ testclient = pytest.importorskip("starlette.testclient")
 
 ADMIN = "redteam-console-admin"
 SCIENTIST = "redteam-console-scientist"
-BASE = "http://127.0.0.1:8780"
 DATA = torch.tensor([[1.5, 2.5, 3.5], [101.0, 202.0, 303.0], [7.0, 8.0, 9.0], [4.0, 5.0, 6.0]])
 EVIL = "\"'><script>alert(1)</script><img src=x onerror=alert(2)><svg onload=alert(3)>"
 
@@ -43,8 +42,9 @@ def world(hook, request):
     w.tokens.add(SCIENTIST, "scientist", "scientist")
     w.load(DATA.clone(), tags=("#ward",), description="ward data", policy="review")
     # the real app, with the Host list the server uses on loopback (not started: TestClient drives it)
-    app = ConsoleServer(w, host="127.0.0.1", port=0).app
-    client = testclient.TestClient(app, base_url=BASE, follow_redirects=False)
+    # on its secret *.localhost name, as the owner's browser (sessions exist only there)
+    console = ConsoleServer(w, host="127.0.0.1", port=0)
+    client = testclient.TestClient(console.app, base_url=f"http://{console.host_name}:8780", follow_redirects=False)
     return w, client
 
 
@@ -52,10 +52,14 @@ def _data(w):
     return w.search(["#ward"])[0]
 
 
+def _origin(client) -> str:
+    return str(client.base_url).rstrip("/")
+
+
 def _login(client, token: str = ADMIN):
     page = client.get("/login")
     csrf = page.text.split('name="login_csrf" value="', 1)[1].split('"', 1)[0]
-    return client.post("/login", data={"login_csrf": csrf, "token": token}, headers={"origin": BASE})
+    return client.post("/login", data={"login_csrf": csrf, "token": token}, headers={"origin": _origin(client)})
 
 
 def _csrf(client, path: str = "/requests") -> str:
@@ -133,7 +137,7 @@ def test_cross_origin_get_missing_token_and_foreign_origin_are_refused(world):
     assert client.post(f"/requests/{rid}/approve?csrf={csrf}").status_code == 403
     assert w.release_requests.get(rid).state == "pending"
     assert client.post(f"/requests/{rid}/deny", data={"csrf": csrf, "message": "no"},
-                       headers={"origin": BASE}).status_code == 303
+                       headers={"origin": _origin(client)}).status_code == 303
     assert w.release_requests.get(rid).state == "denied"
 
 

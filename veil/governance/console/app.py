@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from urllib.parse import parse_qsl, quote
@@ -38,6 +39,43 @@ SECURITY_HEADERS = {
 }
 
 Handler = Callable[[Request, ConsoleSession], Awaitable[Response]]
+LOG = logging.getLogger("veil.console")
+
+
+class StaticAssets(StaticFiles):
+    """StaticFiles, with a path the file system cannot take (a NUL byte makes ``os.path.realpath`` raise) or
+    a Windows separator answered as a plain 404."""
+
+    def lookup_path(self, path: str) -> tuple[str, Any]:
+        if "\x00" in path or "\\" in path:
+            return "", None
+        return super().lookup_path(path)
+
+
+class OneLineErrors:
+    """An unexpected exception becomes a plain 500 (inside SecurityHeaders, so it has them) and one log line
+    naming its type: no traceback per request for anyone who can reach the port to flood the log with."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_tracked(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception as e:  # noqa: BLE001 - answered and logged in one line below
+            LOG.error("owner console: %s %s failed (%s)", scope.get("method"), ascii(scope.get("path", ""))[:200],
+                      type(e).__name__)
+            if not started:
+                await PlainTextResponse("internal error\n", status_code=500)(scope, receive, send)
 
 
 class SecurityHeaders:
@@ -60,7 +98,9 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-def build_app(worker: Any, allowed_hosts: list[str]) -> Any:
+def build_app(worker: Any, allowed_hosts: list[str], session_host: str | None = None) -> Any:
+    """``session_host``: the only host name sessions are made and accepted on (ConsoleServer's secret
+    ``*.localhost`` name on loopback); None: any of ``allowed_hosts``."""
     auth = ConsoleAuth(worker)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.globals.update(ago=views.ago, policies=POLICIES, states=STATES)
@@ -73,6 +113,9 @@ def build_app(worker: Any, allowed_hosts: list[str]) -> Any:
             pending = ReviewQueue(worker).count("pending")
         return templates.TemplateResponse(request, name, {"worker": worker, "session": session,
                                                           "pending_count": pending, **ctx})
+
+    def on_session_host(request: Request) -> bool:
+        return session_host is None or (request.url.hostname or "").lower() == session_host
 
     def same_origin(request: Request) -> bool:
         origin = request.headers.get("origin")
@@ -105,7 +148,7 @@ def build_app(worker: Any, allowed_hosts: list[str]) -> Any:
     def page(method_post: bool = False) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
         def deco(fn: Handler) -> Callable[[Request], Awaitable[Response]]:
             async def endpoint(request: Request) -> Response:
-                session = auth.session(request.cookies.get(COOKIE))
+                session = auth.session(request.cookies.get(COOKIE)) if on_session_host(request) else None
                 if session is None:
                     if method_post:
                         return PlainTextResponse("log in first\n", status_code=403)
@@ -129,6 +172,8 @@ def build_app(worker: Any, allowed_hosts: list[str]) -> Any:
     async def login_form(request: Request) -> Response:
         import secrets
 
+        if not on_session_host(request):  # no cookie for a name every port of the host shares
+            return render(request, None, "login.html", wrong_host=True)
         token = secrets.token_urlsafe(24)
         resp = render(request, None, "login.html", login_csrf=token, failed=request.query_params.get("failed"))
         resp.set_cookie(LOGIN_COOKIE, token, httponly=True, samesite="strict", path="/login",
@@ -143,6 +188,8 @@ def build_app(worker: Any, allowed_hosts: list[str]) -> Any:
         field = form.get("login_csrf", "")
         import hmac
 
+        if not on_session_host(request):
+            return PlainTextResponse("log in at the address the worker printed\n", status_code=403)
         if not same_origin(request) or not cookie or not isinstance(field, str) or \
                 not hmac.compare_digest(cookie.encode(), field.encode()):
             return PlainTextResponse("cross-site request refused\n", status_code=403)
@@ -219,8 +266,8 @@ def build_app(worker: Any, allowed_hosts: list[str]) -> Any:
     @page()
     async def budgets(request: Request, session: ConsoleSession) -> Response:
         rows = await run_in_threadpool(views.on_worker, worker, views.budgets, worker)
-        for r in rows:
-            r["svg"] = budget_svg(r["points"], r["epsilon"])
+        for r in rows:  # off the event loop: a long charge history takes a while to go through
+            r["svg"] = await run_in_threadpool(budget_svg, r["points"], r["epsilon"])
         return render(request, session, "budgets.html", rows=rows, nav="budgets")
 
     @page()
@@ -240,7 +287,7 @@ def build_app(worker: Any, allowed_hosts: list[str]) -> Any:
         rows = await run_in_threadpool(views.on_worker, worker, views.sessions, worker)
         # the confirmations show only what really happened: a crafted link must not fake one in the owner's UI
         gone, revoked = request.query_params.get("disconnected"), request.query_params.get("revoked")
-        gone = gone if gone and gone not in getattr(worker, "sessions", {}) else None
+        gone = gone if gone and session.did_disconnect(gone) and gone not in getattr(worker, "sessions", {}) else None
         revoked = revoked if revoked and revoked in getattr(getattr(worker, "tokens", None), "revoked", ()) else None
         return render(request, session, "sessions.html", rows=rows, nav="sessions", gone=gone, revoked=revoked,
                       revocable=revocable_users(worker))
@@ -251,7 +298,8 @@ def build_app(worker: Any, allowed_hosts: list[str]) -> Any:
         close = getattr(worker, "disconnect", None)
         if close is None or not await run_in_threadpool(close, sid, session.user):
             return render(request, session, "error.html", message=f"no connected session {sid}")
-        return RedirectResponse(f"/sessions?disconnected={sid}", status_code=303)
+        session.note_disconnected(sid)
+        return RedirectResponse(f"/sessions?disconnected={quote(sid)}", status_code=303)
 
     @page(method_post=True)
     async def revoke(request: Request, session: ConsoleSession) -> Response:
@@ -278,12 +326,15 @@ def build_app(worker: Any, allowed_hosts: list[str]) -> Any:
         Route("/sessions", sessions),
         Route("/sessions/{sid:str}/disconnect", disconnect, methods=["POST"]),
         Route("/users/revoke", revoke, methods=["POST"]),
-        Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
+        Mount("/static", StaticAssets(directory=str(HERE / "static")), name="static"),
     ]
     from starlette.middleware import Middleware
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-    return Starlette(routes=routes, middleware=[
+    app = Starlette(routes=routes, middleware=[
         Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts),  # no DNS rebinding onto loopback
         Middleware(SecurityHeaders),
+        Middleware(OneLineErrors),
     ])
+    app.state.auth = auth  # ConsoleServer.stop() flushes its count of failed log-ins
+    return app

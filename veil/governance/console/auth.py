@@ -6,7 +6,8 @@
   session (expiry, CSRF token). Every state-changing request is a POST carrying the
   session's CSRF token in a form field, and a cross-origin ``Origin`` is refused.
 - The log-in form itself is protected by a double-submit token (cookie + field).
-- Failed log-ins are audited at most once a minute, with a count.
+- Failed log-ins are audited at most once per ``FAILURE_WINDOW``: the first at once, the rest of the
+  window as one row with their count when it closes (a timer) or when the console stops.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import hmac
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 COOKIE = "veil_console"
 LOGIN_COOKIE = "veil_console_login"
 SESSION_SECONDS = 8 * 3600
+FAILURE_WINDOW = 10.0  # seconds; as the worker port's RefusalLog
+#: how long the Sessions page may confirm a disconnect this console session made
+CONFIRM_SECONDS = 300
 
 
 @dataclass
@@ -28,15 +32,28 @@ class ConsoleSession:
     user: str
     csrf: str
     expires: float
+    #: session id -> when this console session disconnected it (so a link cannot fake a confirmation)
+    disconnected: dict = field(default_factory=dict)
+
+    def note_disconnected(self, sid: str) -> None:
+        self.disconnected[sid] = time.time()
+        while len(self.disconnected) > 16:  # bounded: only the latest few are ever confirmed
+            self.disconnected.pop(next(iter(self.disconnected)))
+
+    def did_disconnect(self, sid: str) -> bool:
+        return time.time() - self.disconnected.get(sid, 0.0) < CONFIRM_SECONDS
 
 
 class ConsoleAuth:
+    failure_window = FAILURE_WINDOW
+
     def __init__(self, worker: Any) -> None:
         self.worker = worker
         self._sessions: dict[str, ConsoleSession] = {}
         self._lock = threading.Lock()
         self._failures = 0
-        self._last_failure_audit = 0.0
+        self._last_failure_audit = float("-inf")
+        self._flush_timer: threading.Timer | None = None
 
     def login(self, token: str) -> tuple[str, ConsoleSession] | None:
         """A new session for a valid admin token; None otherwise (and the failure is counted)."""
@@ -70,11 +87,28 @@ class ConsoleAuth:
     def csrf_ok(session: ConsoleSession, presented: Any) -> bool:
         return isinstance(presented, str) and hmac.compare_digest(session.csrf.encode(), presented.encode())
 
+    def flush_failures(self) -> None:
+        """Writes the failures counted since the last row (the window's timer, and the console's stop)."""
+        with self._lock:
+            timer, self._flush_timer = self._flush_timer, None
+            count, self._failures = self._failures, 0
+            if count:
+                self._last_failure_audit = time.monotonic()
+        if timer is not None and timer is not threading.current_thread():
+            timer.cancel()
+        if count:
+            self._audit("console_login", "?", "refused", f"{count} failed console log-in(s)")
+
     def _failed(self) -> None:
-        now = time.time()
+        now = time.monotonic()
         with self._lock:
             self._failures += 1
-            if now - self._last_failure_audit < 60:
+            elapsed = now - self._last_failure_audit
+            if elapsed < self.failure_window:  # counted; written when the window closes, whatever comes next
+                if self._flush_timer is None:
+                    self._flush_timer = threading.Timer(self.failure_window - elapsed, self.flush_failures)
+                    self._flush_timer.daemon = True
+                    self._flush_timer.start()
                 return
             count, self._failures, self._last_failure_audit = self._failures, 0, now
         self._audit("console_login", "?", "refused", f"{count} failed console log-in(s)")

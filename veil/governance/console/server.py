@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from typing import Any
@@ -23,23 +24,33 @@ class _HeldErrors(logging.Filter):
 
 
 class ConsoleServer:
-    """``start()`` returns once the port is bound (``url`` then names it); ``stop()`` ends it."""
+    """``start()`` returns once the port is bound (``url`` then names it); ``stop()`` ends it.
+
+    On loopback the owner's browser reaches the console by a secret name, ``http://<random>.localhost:PORT``
+    (Chromium and Firefox resolve ``*.localhost`` to loopback), and sessions exist only on that name:
+    loopback is shared with every local user and cookies are not isolated by port, so a cookie of
+    ``127.0.0.1`` would also go to a local user's server on another port of it; one of the secret name
+    goes only where the owner's browser is pointed at that name.
+    """
 
     def __init__(self, worker: Any, host: str = "127.0.0.1", port: int = 8780) -> None:
         import uvicorn
 
         from veil.governance.console.app import build_app
+        from veil.governance.console.connections import BoundedH11Protocol
 
         self.worker, self.host, self.port = worker, host, port
+        self.host_name: str | None = None  # the secret name sessions are bound to (loopback only)
         if host in ("0.0.0.0", "::", ""):  # exposed on purpose on every interface: any Host header
             hosts = ["*"]
         elif host in ("127.0.0.1", "localhost", "::1"):  # loopback: refuse other Host headers (DNS rebinding)
-            hosts = ["127.0.0.1", "localhost", host]
+            self.host_name = f"{secrets.token_hex(16)}.localhost"
+            hosts = [self.host_name, "127.0.0.1", "localhost", host]  # the others only explain where to go
         else:
             hosts = [host]
-        self.app = build_app(worker, hosts)
+        self.app = build_app(worker, hosts, session_host=self.host_name)
         config = uvicorn.Config(self.app, host=host, port=port, log_level="warning", access_log=False,
-                                lifespan="off", server_header=False)
+                                lifespan="off", server_header=False, http=BoundedH11Protocol)
         self._server = uvicorn.Server(config)
         self._server.install_signal_handlers = lambda: None  # the worker owns SIGINT/SIGTERM
         self._thread: threading.Thread | None = None
@@ -81,10 +92,11 @@ class ConsoleServer:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        host = self.host_name or (f"[{self.host}]" if ":" in self.host else self.host)
         return f"http://{host}:{self.port}"
 
     def stop(self) -> None:
         self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(5)
+        self.app.state.auth.flush_failures()  # a burst of failed log-ins just before the stop is audited too

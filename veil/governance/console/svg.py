@@ -57,6 +57,25 @@ def graph_svg(graph: dict, root: str) -> Markup:
     return Markup("".join(parts))
 
 
+#: the most points a budget curve draws: a scientist's charges are unbounded (a budget of 1 allows a million
+#: charges of 1e-6), the owner's page must not be
+MAX_CURVE_POINTS = 300
+
+
+def _downsample(points: list, t0: float, t1: float, buckets: int) -> list:
+    """The last charge in each of ``buckets`` equal time slices (the curve is cumulative, so the last one is
+    the slice's total); a merged point's label says how many charges it stands for."""
+    if len(points) <= buckets:
+        return points
+    last: dict[int, tuple] = {}
+    count: dict[int, int] = {}
+    for t, v, reason in points:
+        b = min(buckets - 1, int((t - t0) / (t1 - t0) * buckets))
+        last[b], count[b] = (t, v, reason), count.get(b, 0) + 1
+    return [(t, v, reason if count[b] == 1 else f"{count[b]} charges, the last {reason}")
+            for b, (t, v, reason) in sorted(last.items())]
+
+
 def budget_svg(points: list, total: float, width: int = 520, height: int = 160) -> Markup:
     """Cumulative epsilon spent over time, with the budget as a dashed line."""
     pad = 34
@@ -65,6 +84,7 @@ def budget_svg(points: list, total: float, width: int = 520, height: int = 160) 
     now = time.time()
     xs = [p[0] for p in points] or [now]
     t0, t1 = min(xs), max(now, min(xs) + 1)
+    points = _downsample(points, t0, t1, MAX_CURVE_POINTS)
     top = max(total, max((p[1] for p in points), default=0)) * 1.1
 
     def sx(t: float) -> float:
