@@ -30,6 +30,13 @@ sender and the aggregator are equally suspect). Any one client can make the
 two sums differ (two different copies) and so refuse a round: a denial of
 service, not a leak, until clients commit to their ciphertexts. Every
 ciphertext the round made is freed at its end, whatever happened.
+
+CKKS trusts the clients' ciphertexts more than Paillier does: a CKKS decryption
+is ``c0 + c1*s``, and a client that crafts its ciphertext puts the secret key
+into the released model (Li & Micciancio 2021). The coordinator refuses a sum
+beyond ``value_bound`` and floods what it releases (:mod:`veil.he.flooding`),
+which stops a gross probe, not one scaled into the model's own range: against
+hostile clients, aggregate with Paillier (its decryption gives no such key).
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ import torch
 
 from veil.exceptions import VeilError, register_remote_error
 from veil.federated.pooled import CLIENT_FAILURES, error_text  # (a client failing so is dropped, as in training)
-from veil.he import value_free
+from veil.he import flooding, value_free
 from veil.he._paillier_encoding import DEFAULT_FLOAT_EXPONENT
 from veil.he.ckks import CKKSContext, CKKSTensor
 from veil.he.paillier import PaillierTensor
@@ -112,6 +119,10 @@ class EncryptedAggregation:
     context: CKKSContext | None = None
     public_key: Any = None
     private_key: Any = None
+    #: CKKS: the largest magnitude of any value of the model (parameters and buffers) the round averages. A
+    #: decrypted average beyond it is refused: it is no honest sum, but a client's crafted ciphertext whose
+    #: decryption would hand it the coordinator's secret key (Li & Micciancio 2021). Raise it for larger models.
+    value_bound: float = 2.0**16
     _key_ids: dict = field(default_factory=dict)  # worker id -> id of the public key material stored there
 
     def __post_init__(self) -> None:
@@ -237,9 +248,22 @@ class EncryptedAggregation:
         if flat.numel() != sum(sizes) or not torch.isfinite(flat).all():
             raise EncryptedAggregationError("the decrypted sum has the wrong size or non-finite entries; round "
                                             "refused")
+        if self.context is not None:
+            flat = self._checked_and_flooded(flat, weights)
         if failed:  # the survivors' weights no longer sum to 1
             flat = flat / sum(weights)
         return [part.reshape(p.shape).to(p.dtype) for part, p in zip(flat.split(sizes), like)]
+
+    def _checked_and_flooded(self, flat: torch.Tensor, weights: list) -> torch.Tensor:
+        """A CKKS decryption as it may leave the coordinator (every client gets it as the next model): refused
+        beyond what honest clients' values can sum to (a client's crafted ciphertext), and flooded
+        (:mod:`veil.he.flooding`: the sum's own noise depends on the secret key)."""
+        if flat.numel() and float(flat.abs().max()) > self.value_bound * sum(abs(w) for w in weights):
+            raise EncryptedAggregationError(f"the decrypted sum exceeds the value bound ({self.value_bound:g} times "
+                                            "the clients' weight): a crafted ciphertext, or raise value_bound; "
+                                            "round refused, nothing released")
+        noise = flooding.gaussian(flat.numel(), flooding.sigma(self.context.global_scale))
+        return flat.to(torch.float64) + torch.from_numpy(noise)
 
     @staticmethod
     def _free(owner: Any, made: list) -> None:

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from veil.he import _wire_checks as chk
-from veil.he import wire
+from veil.he import flooding, wire
 from veil.he.api import encrypt
-from veil.he.errors import ShapeMismatchError, WireFormatError
+from veil.he.ckks import CKKSTensor
+from veil.he.errors import EncodingOverflowError, ShapeMismatchError, WireFormatError
 
 
 @dataclass
@@ -111,20 +112,32 @@ def aggregate_encrypted(
 
 
 def decrypt_update(
-    aggregate: EncryptedUpdate, key: Any = None, *, average: bool = True
+    aggregate: EncryptedUpdate, key: Any = None, *, average: bool = True, bound: float | None = None
 ) -> dict[str, torch.Tensor]:
     """Decrypt an aggregate (key holder only).
+
+    CKKS decryptions come back flooded (:mod:`veil.he.flooding`): a decryption handed out as is gives away
+    the secret key's noise. Flooding hides honest ciphertexts' noise only: a client that crafts its ciphertext
+    can put the key itself in the sum, so pass ``bound`` to refuse sums no honest update reaches.
 
     Args:
         aggregate: output of :func:`aggregate_encrypted`.
         key: Paillier private key, or a CKKS context holding the secret key
             (``None`` uses the CKKS tensors' own context).
         average: divide by the aggregate's total weight (FedAvg); else return the sum.
+        bound: the largest magnitude of an honest client's value: a decrypted sum beyond ``bound`` times the
+            aggregate's weight raises :class:`~veil.he.errors.EncodingOverflowError` (nothing returned).
     """
     out = {}
     for name, t in aggregate.tensors.items():
         plain = t.decrypt(key) if key is not None else t.decrypt()
         plain = plain.to(torch.float64)
+        if bound is not None and plain.numel() and float(plain.abs().max()) > bound * abs(aggregate.weight):
+            raise EncodingOverflowError(f"parameter {name!r}: the decrypted sum exceeds {bound:g} times the "
+                                        "aggregate's weight (a crafted ciphertext?); refused")
+        if isinstance(t, CKKSTensor):
+            noise = flooding.gaussian(plain.numel(), flooding.sigma(t.context.global_scale))
+            plain = plain + torch.from_numpy(noise).reshape(plain.shape)
         if average:
             plain = plain / aggregate.weight
         out[name] = plain.to(aggregate.dtypes.get(name, torch.float32)).reshape(aggregate.shapes[name])

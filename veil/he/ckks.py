@@ -24,6 +24,7 @@ import numpy as np
 import tenseal as ts
 import torch
 
+from veil.he import flooding
 from veil.he.errors import (
     CKKSOperationError,
     DepthExhaustedError,
@@ -298,6 +299,22 @@ class CKKSTensor:
 
     matmul = mm
     __matmul__ = mm
+
+    def sealed(self) -> CKKSTensor:
+        """This tensor as a worker hands out what it computed with the owner's plaintext: each segment's slots
+        past its values zeroed (a dot's or sum's rotate-and-add leaves partial sums there: every weight, not the
+        one number asked for) and a fresh encryption of flooding noise added (new randomness; the computation's
+        own noise drowned, :mod:`veil.he.flooding`). Costs one multiplicative level."""
+        std = flooding.sigma(self.context.global_scale, product=True)
+        out = []
+        with _tenseal_errors("release"):
+            for seg in self.segments:
+                size = seg.size()
+                # plaintexts of `size` values are zero in every other slot (a fresh encryption repeats its
+                # values across the slots instead: only its zeros are added, or the noise could be read back)
+                kept = seg.mul([1.0] * size).add(flooding.gaussian(size, std).tolist())
+                out.append(kept.add(ts.ckks_vector(self.context.raw, [0.0] * size)))
+        return self._like(out)
 
     # ------------------------------------------------------------- decryption
     def send(self, worker):

@@ -341,10 +341,12 @@ class PaillierTensor:
         return self.flatten().matmul(enc.as_tensor(other).reshape(-1))
 
     def obfuscate(self) -> PaillierTensor:
-        """Re-randomize every ciphertext so it cannot be linked to its inputs."""
-        obf = _obfuscators(self.numel(), self._kp)
+        """Re-randomize every ciphertext (times a fresh ``r**n``) so it cannot be linked to its inputs: a product
+        ``c**w`` keeps ``w`` in its randomness (``r**w``), whatever its plaintext says."""
         nsq = self._kp.nsq
-        return self._like(_obj_array([c * o % nsq for c, o in zip(self._ct.ravel(), obf)], self._ct.shape))
+        flat = [c * o % nsq for piece in _pieces(list(self._ct.ravel()), self._kp.n.bit_length())
+                for c, o in zip(piece, _obfuscators(len(piece), self._kp))]
+        return self._like(_obj_array(flat, self._ct.shape))
 
     def ciphertexts(self) -> list[int]:
         """The raw ciphertexts, flat, as Python ints (for interop and the wire format)."""

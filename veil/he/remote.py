@@ -5,11 +5,19 @@ stores the ciphertext (and, for CKKS, the *public* context first, in the same
 message); the returned :class:`HEPointer` supports the scheme's operations,
 each one allowlisted worker function call; ``.get()`` brings the ciphertext
 back to its owner, who decrypts it locally.
+
+A result computed with the data owner's data carries its op graph (what the
+owner reviews) and nothing beyond its plaintext that the worker can help: a
+Paillier product with the owner's plaintext is re-randomized, and a CKKS
+``sum``/``dot``/``mm`` keeps only its result slots, flooded (one more level).
+Its plaintext is another matter: the requester chose the encrypted operand,
+so ``dot(x, w)`` with ``x = (1, 2**64, ...)`` packs every ``w_i`` into it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import Any
 
 import phe
@@ -112,7 +120,9 @@ def _he_op(worker: Any, name: str, a: Any, b: Any, out_id: int) -> None:
         raise RemoteExecutionError(f"encrypted operation {name!r} is not supported")
     if not isinstance(a, (PaillierTensor, CKKSTensor)):
         raise RemoteExecutionError(f"{name}: left operand is not a ciphertext")
-    value_free = isinstance(b, torch.Tensor) and worker.monitor.request_reads_owner_data()
+    owner_data = worker.monitor.request_reads_owner_data()
+    value_free = isinstance(b, torch.Tensor) and owner_data
+    given = b  # (the operand as stored: its lineage; what the op encodes may be a clamped copy)
     if isinstance(a, PaillierTensor):
         b = _paillier_operand(worker, name, a, b, value_free)
     elif value_free:
@@ -121,9 +131,80 @@ def _he_op(worker: Any, name: str, a: Any, b: Any, out_id: int) -> None:
     try:
         with value_free_encoding() if value_free else contextlib.nullcontext(), checkpoints(cancellation.checkpoint):
             result = op(a, b)
+            if owner_data:
+                result = _releasable(name, result, value_free)
     except HEError as e:
         raise RemoteExecutionError(f"encrypted {name} refused: {type(e).__name__}: {e}") from e
-    worker.monitor.store_output(out_id, result)
+    stored = worker.monitor.store_output(out_id, result)
+    if owner_data:
+        _record_lineage(worker, name, a, given, result, stored)
+
+
+#: reductions whose CKKS result keeps, in its other slots, partial sums of what it reduced
+_REDUCTIONS = frozenset({"sum", "dot", "mm"})
+#: ops that raise a Paillier ciphertext to the plaintext operand: ``c**w`` keeps ``w`` in its randomness (``r**w``)
+_PRODUCTS = frozenset({"mul", "dot", "mm"})
+
+
+def _releasable(name: str, result: Any, owner_plaintext: bool) -> Any:
+    """A result computed with the owner's data, as it may leave once approved: a Paillier product with the owner's
+    plaintext re-randomized (other ops leave the randomness the requester chose, or one already fresh), a CKKS
+    reduction with its other slots zeroed and its noise flooded (:meth:`CKKSTensor.sealed`; one level)."""
+    if isinstance(result, PaillierTensor):
+        return result.obfuscate() if owner_plaintext and name in _PRODUCTS else result
+    return result.sealed() if name in _REDUCTIONS else result
+
+
+def key_fingerprint(t: PaillierTensor | CKKSTensor) -> str:
+    """A short public name of the key a ciphertext is under (the same for every ciphertext of that key)."""
+    if isinstance(t, CKKSTensor):
+        return f"CKKS key {t.context.key_id.hex()[:12]}"
+    return f"Paillier key {hashlib.sha256(str(int(t.public_key.n)).encode()).hexdigest()[:12]}"
+
+
+def _plain_text(value: Any) -> str:
+    """A plaintext operand the scientist sent with the command, as the owner's graph shows it."""
+    text = f"tensor{list(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def _record_lineage(worker: Any, name: str, a: Any, b: Any, result: Any, stored: Any) -> None:
+    """Governance (#16): the op graph the owner reviews before ``result`` leaves (the command handler stamps the
+    results it stores, not those a worker function stores itself). Its inputs are found by identity; the owner's
+    own tensor reaches a worker function as a copy, so a source dataset no input accounts for is named from the
+    result's provenance."""
+    from veil.governance import provenance
+    from veil.governance.state import tracking
+
+    if not stored.provenance or not tracking(worker):
+        return
+    by_object, datasets = {}, {}
+    for oid, entry in worker.monitor.owner_entries():
+        if entry.obj is a or entry.obj is b:
+            by_object[id(entry.obj)] = (oid, entry)
+        elif entry.protected and oid in stored.provenance:
+            datasets[oid] = entry
+    entries = dict(by_object[id(x)] for x in (a, b) if id(x) in by_object)
+    covered = frozenset().union(*(provenance.sources_of(oid, e) for oid, e in entries.items()))
+    copied = {oid: e for oid, e in datasets.items() if oid not in covered} if isinstance(b, torch.Tensor) and \
+        id(b) not in by_object else {}
+    entries.update(copied)
+    lineage = provenance.lineage_of("veil.he.op", (), {}, entries)
+    if lineage is None:
+        return
+    for oid, entry in entries.items():  # a ciphertext input's node: its shape (a tensor's is read from it)
+        nid = f"in-{oid:x}"
+        if nid in lineage.graph and not isinstance(entry.obj, torch.Tensor):
+            lineage.graph[nid] = dict(lineage.graph[nid], shape=list(entry.obj.shape),
+                                      label="scientist's ciphertext (not derived from owner data)")
+    b_is_input = b is not None and (id(b) in by_object or bool(copied))
+    operands = ["\u00b7"] + (["\u00b7"] if b_is_input else [] if b is None else [_plain_text(b)])
+    shapes = " and ".join(str(list(x.shape)) for x in (a, b) if hasattr(x, "shape"))
+    lineage.node["args"] = f"{name}({', '.join(operands)}) under {key_fingerprint(a)}"
+    lineage.node["label"] = f"encrypted {name} of {shapes} under {key_fingerprint(a)}"
+    provenance.stamp(stored, lineage, result)
+    root = stored.meta[provenance.GRAPH][stored.meta[provenance.ROOT]]
+    root["shape"] = list(result.shape)
 
 
 def _paillier_operand(worker: Any, name: str, a: PaillierTensor, b: Any, value_free: bool) -> Any:
