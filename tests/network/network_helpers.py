@@ -68,3 +68,16 @@ def get_as(server, session, oid):
 
     reply = deserialize(server.serve_bytes(serialize(m.GetObjectsMessage([oid], False), sender="c"), session))[0]
     return reply.objects[0] if type(reply) is not m.ErrorReply else reply
+
+
+def self_signed_cert(folder) -> tuple:
+    """(cert.pem, key.pem) in ``folder``: a one-day self-signed certificate for localhost and 127.0.0.1 (the
+    openssl command; callers skip without it)."""
+    import subprocess
+    from pathlib import Path
+
+    cert, key = Path(folder) / "cert.pem", Path(folder) / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key

@@ -1,7 +1,6 @@
 """Worker-to-worker moves between network workers, and TLS."""
 
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from veil.messaging import messages as m
 from veil.workers.persistence import OwnerDB
 from veil.workers.websocket_launcher import free_port
 
-from network_helpers import OTHER, PEER, TOKEN, base_args
+from network_helpers import OTHER, PEER, TOKEN, base_args, self_signed_cert
 
 
 def test_move_goes_directly_and_is_audited(peered, connect, hook, tmp_path):
@@ -46,12 +45,7 @@ def test_move_to_unconfigured_worker_is_refused(peered, connect, hook):
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_tls(spawn, connect, tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )
+    cert, key = self_signed_cert(tmp_path)
     wp = spawn("alice", base_args(["--cert", str(cert), "--key", str(key)]))
     assert any("wss://" in line for line in wp.output)
     alice = connect(wp, secure=True, cafile=str(cert))

@@ -16,7 +16,7 @@ from veil.workers.websocket_auth import authenticate, handshake_headers
 from veil.workers.inline_lane import INLINE_BUDGET_SECONDS, INLINE_MAX_COMMANDS, _inline_ok
 from veil.workers.websocket_transport import BlockingConnection
 
-from network_helpers import TOKEN, base_args, in_process_server
+from network_helpers import TOKEN, base_args, in_process_server, self_signed_cert
 
 
 def _sample(name: str, n: int) -> torch.Tensor:
@@ -88,14 +88,7 @@ def test_move_of_a_large_tensor_between_workers_skips_the_client(spawn, connect,
 
 @pytest.mark.skipif(__import__("shutil").which("openssl") is None, reason="needs the openssl command")
 def test_large_transfers_and_inline_ops_over_tls(spawn, connect, tmp_path):
-    import subprocess
-
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )
+    cert, key = self_signed_cert(tmp_path)
     wp = spawn("alice", base_args(["--cert", str(cert), "--key", str(key)]))
     alice = connect(wp, secure=True, cafile=str(cert))
     x = torch.randn(600_000)  # 2.4 MB: directly framed in chunks through TLS, out of band both ways

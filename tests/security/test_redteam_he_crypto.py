@@ -69,17 +69,18 @@ def _seal_ciphertext(version: bytes, parms_id, scale: float, polys: list, k: int
     return struct.pack("<HB2sBHQ", 0xA15E, 16, version, 0, 0, 16 + len(members)) + members
 
 
-def _with_ciphertext(vector_bytes: bytes, ciphertext: bytes) -> bytes:
-    """TenSEAL's CKKSVector protobuf with its ciphertext field (2) replaced."""
+def _with_field(vector_bytes: bytes, number: int, value: bytes) -> bytes:
+    """A protobuf message (TenSEAL's CKKSVector) with its length-delimited field ``number`` replaced by ``value``
+    (field 1: the size, which decrypt() reads as the slot count; field 2: the ciphertext)."""
     out, i = b"", 0
     while i < len(vector_bytes):
         key, j = _read_varint(vector_bytes, i)
         wire_type = key & 7
         if wire_type == 2:
             length, j = _read_varint(vector_bytes, j)
-            value, nxt = vector_bytes[j:j + length], j + length
-            out += _varint(key) + _varint(len(ciphertext if key >> 3 == 2 else value)) + (
-                ciphertext if key >> 3 == 2 else value)
+            old, nxt = vector_bytes[j:j + length], j + length
+            kept = value if key >> 3 == number else old
+            out += _varint(key) + _varint(len(kept)) + kept
         else:
             nxt = _read_varint(vector_bytes, j)[1] if wire_type == 0 else j + (8 if wire_type == 1 else 4)
             out += vector_bytes[i:nxt]
@@ -126,7 +127,7 @@ def _crafted(segment, c1_ntt: list[int]):
     blob = segment.serialize()
     version = _field(blob, 2)[3:5]  # the SEAL header's version bytes, as this TenSEAL writes them
     ct = _seal_ciphertext(version, raw.parms_id(), raw.scale, [0] * (k * N) + c1_ntt, k)
-    return ts.ckks_vector_from(segment.context(), _with_ciphertext(blob, ct))
+    return ts.ckks_vector_from(segment.context(), _with_field(blob, 2, ct))
 
 
 _ZETA = np.exp(1j * np.pi * np.arange(N) / N)
@@ -249,24 +250,6 @@ def test_a_probe_inside_the_honest_range_does_not_give_the_key(hook, coordinator
 # ------------------------------------------------------------------ circuit privacy (encrypted evaluation)
 
 
-def _with_size(vector_bytes: bytes, size: int) -> bytes:
-    """TenSEAL's CKKSVector protobuf with its size field (1) replaced: decrypt() then returns that many slots."""
-    out, i = b"", 0
-    while i < len(vector_bytes):
-        key, j = _read_varint(vector_bytes, i)
-        wire_type = key & 7
-        if wire_type == 2:
-            length, j = _read_varint(vector_bytes, j)
-            value, nxt = vector_bytes[j:j + length], j + length
-            value = _varint(size) if key >> 3 == 1 else value
-            out += _varint(key) + _varint(len(value)) + value
-        else:
-            nxt = _read_varint(vector_bytes, j)[1] if wire_type == 0 else j + (8 if wire_type == 1 else 4)
-            out += vector_bytes[i:nxt]
-        i = nxt
-    return out
-
-
 WEIGHTS = torch.tensor([3.0, -1.5, 7.25, 2.0, 0.5, -4.0])
 
 
@@ -297,7 +280,7 @@ def test_an_approved_encrypted_dot_releases_one_number_not_every_weight(hook):
     assert released.shape == ()
     assert torch.allclose(released.decrypt(ctx).double(), WEIGHTS.double().sum(), atol=1e-4)
     segment = released.segments[0]
-    every_slot = ts.ckks_vector_from(ctx.raw, _with_size(segment.serialize(), 8))  # 8: the rotate-and-add window
+    every_slot = ts.ckks_vector_from(ctx.raw, _with_field(segment.serialize(), 1, _varint(8)))  # 8: the rotate-and-add window
     slots = torch.tensor(every_slot.decrypt(), dtype=torch.float64)
     recovered = slots[:len(WEIGHTS)] - torch.cat([slots[1:len(WEIGHTS)], torch.zeros(1, dtype=slots.dtype)])
     assert not torch.allclose(recovered, WEIGHTS.double(), atol=1e-3), \

@@ -22,7 +22,6 @@ import random
 import shutil
 import socket
 import ssl
-import subprocess
 import threading
 import time
 
@@ -44,7 +43,7 @@ from veil.workers.websocket_auth import handshake_headers
 from veil.workers.websocket_server import WebsocketServerWorker
 from veil.workers.websocket_transport import BlockingConnection, frame_head
 
-from network_helpers import HOSPITAL, OTHER, PEER, TOKEN
+from network_helpers import HOSPITAL, OTHER, PEER, TOKEN, self_signed_cert
 
 CLIENT = "redlane-client-token"
 TEXT, BINARY, CONT, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
@@ -745,10 +744,7 @@ def test_a_client_that_sends_pings_and_never_reads_cannot_make_the_worker_buffer
 def tls(tmp_path):
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl command")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    cert, key = self_signed_cert(tmp_path)
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(str(cert), str(key))
     return server_ctx, ssl.create_default_context(cafile=str(cert))

@@ -51,7 +51,7 @@ from veil.workers.websocket_connections import OPEN_TIMEOUT
 from veil.workers.websocket_server import WebsocketServerWorker
 from veil.workers.websocket_transport import BlockingConnection, frame_head
 
-from network_helpers import ADMIN, OTHER, TOKEN, base_args
+from network_helpers import ADMIN, OTHER, TOKEN, base_args, self_signed_cert
 
 TEXT, BINARY, CONT, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
 
@@ -106,6 +106,19 @@ def _read_head(sock: socket.socket) -> tuple[bytes, bytes]:
     return head, rest
 
 
+def _read_to_close(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (or the socket's timeout)."""
+    data = b""
+    while True:
+        try:
+            got = sock.recv(65536)
+        except OSError:
+            return data
+        if not got:
+            return data
+        data += got
+
+
 def _closed_by_server(sock: socket.socket, timeout: float) -> bool:
     """Whether the server ends this connection (EOF or reset) within ``timeout`` seconds."""
     end = time.monotonic() + timeout
@@ -150,15 +163,7 @@ def test_permessage_deflate_is_never_negotiated_and_a_compressed_frame_inflates_
     bomb = z.compress(bytes(64 << 20)) + z.flush(zlib.Z_SYNC_FLUSH)[:-4]
     assert len(bomb) < 128 << 10
     s.sendall(_frame(0xC0 | BINARY, bomb))  # FIN + RSV1 (a compressed message) + binary
-    data = rest
-    while True:
-        try:
-            got = s.recv(65536)
-        except OSError:
-            break
-        if not got:
-            break
-        data += got
+    data = rest + _read_to_close(s)
     assert data[:1] == b"\x88" and int.from_bytes(data[2:4], "big") == 1002, data[:32]  # close: protocol error
     assert _rss_mb(wp.pid) < before + 32
     assert _served(wp.port)
@@ -486,16 +491,8 @@ def test_pongs_text_frames_and_oversized_control_frames(spawn):
         reason = (1000).to_bytes(2, "big") + b"r" * 4000
         after = serialize(m.ObjectMessage([m.StoredObject(10, torch.ones(2))]))
         conn.sock.sendall(_frame(0x80 | CLOSE, reason) + _frame(0x80 | BINARY, after))
-        s, data = conn.sock, b""
-        s.settimeout(60)
-        while True:
-            try:
-                got = s.recv(65536)
-            except OSError:
-                break
-            if not got:
-                break
-            data += got
+        conn.sock.settimeout(60)
+        data = _read_to_close(conn.sock)
         assert data[:1] == b"\x88" and int.from_bytes(data[2:4], "big") == 1002, data[:32]
         assert b"\x82" not in data[:1]  # no reply to the frame after the close
     finally:
@@ -542,10 +539,7 @@ def test_pipelined_large_gets_that_are_never_read_keep_memory_bounded(spawn):
 def tls_worker(spawn, tmp_path):
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl command")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    cert, key = self_signed_cert(tmp_path)
     wp = spawn("alice", base_args(["--cert", str(cert), "--key", str(key)]))
     return wp, ssl.create_default_context(cafile=str(cert))
 
