@@ -65,6 +65,10 @@ class NetworkWorker:
         return int(port)
 
 
+#: connections one principal may hold on a cluster's worker: all of ``veil worker``'s 64 (see worker_args)
+SERVING_SESSIONS_PER_PRINCIPAL = 64
+
+
 class Cluster:
     """Network workers that jointly hold a model.
 
@@ -122,7 +126,10 @@ class Cluster:
     def worker_args(self, w: NetworkWorker) -> list[str]:
         """``veil worker`` arguments for ``w`` (tokens, roles, peers); used by :meth:`start`."""
         args = ["--host", w.host, f"--token={self.owner_token}", "--token-user", OWNER_USER,
-                f"--ping-interval={self.ping_interval}"]
+                f"--ping-interval={self.ping_interval}",
+                # a serving worker's principals are the model owner (one connection per shared model) and its
+                # clients (one shared token): no per-principal share of the 64 slots (peers keep theirs)
+                f"--max-sessions-per-principal={SERVING_SESSIONS_PER_PRINCIPAL}"]
         if self.auto_managed:  # on this machine, beside the process that drives the rounds (veil.workers.scheduling)
             args += ["--sched", "batch"]
         cp = self.crypto_provider
