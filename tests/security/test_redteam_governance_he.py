@@ -221,10 +221,11 @@ def test_a_tensor_approval_releases_that_value_once(w):
     assert type(out) is m.ObjectsReply and torch.equal(out.objects[0], 3 * torch.tensor(D1))
     assert {r["id"]: r["state"] for r in w.requests()}[rid] == "released"
     assert w.pending_id(w.req(w.sci, m.GetObjectsMessage([y], False))) != rid
-    # the same id twice in one get: nothing goes out twice
+    # the same id twice in one get: nothing goes out twice (refused before the approval is used up)
     z, rid = approved(4.0)
     both = w.req(w.sci, m.GetObjectsMessage([z, z], False))
-    assert type(both) is m.ErrorReply and both.error == "ReviewPendingError", both
+    assert type(both) is m.ErrorReply and both.error == "PermissionDeniedError", both
+    assert {r["id"]: r["state"] for r in w.requests()}[rid] == "approved"
     w.healthy()
 
 

@@ -3,9 +3,11 @@
 Under the ``review`` policy a scientist's ``.get()`` of a value derived from review data files a request; the
 owner approves after reading its op graph (``veil requests show`` / the console, both ``render_graph``) and its
 preview. The README promises nothing leaves "until you have seen how it was computed". These tests look for
-requests whose graph or preview tells the owner something other than what the approval releases (paths that
-store results with partial or no lineage, a graph cut without saying so, worker-function arguments rendered
-anonymously, a preview a single NaN blinds) and for approvals/denials that bind to less than they should.
+values that leave with no request at all (ops writing a non-first argument: batch_norm's running statistics),
+requests whose graph or preview tells the owner something other than what the approval releases (results
+stored with partial or no lineage, a graph cut without saying so, op lines that drop or misplace the dataset,
+a preview that NaNs or integers blind, NaN payloads), and approvals/denials that bind to less than they should
+(a denial re-filed under a new id, an approval used up by a get that released nothing).
 
 Holes are strict xfails asserting the safe behaviour; the defences that held are ordinary tests.
 HE ops (``veil.he.op``) are out of scope here (being fixed separately); ``veil.fl.encrypt_state`` is not.
@@ -93,13 +95,12 @@ class Net:
 # ------------------------------------------------------------------------------------------------------- holes
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: a graph over MAX_NODES drops its first ops (the record selection) "
-                                       "without saying what or how many were cut")
 def test_a_long_chain_does_not_hide_its_first_ops_from_the_owner(owner):
     """Attack: select one record (``x[1, 2]``), then pad the chain with 80 harmless ``+ 0``. ``_trim`` keeps the
     dataset and the last 63 nodes: the owner reads ``d1`` and a run of ``add(..., 0)`` starting from "(earlier
     step)", never the indexing that picked one patient's value. Must hold: the rendered graph either still shows
-    the ``__getitem__`` or says how many steps it leaves out (as a plan listing does: "N ops not shown")."""
+    the ``__getitem__`` or says how many steps it leaves out (as a plan listing does: "N ops not shown"). Fixed:
+    a cut graph keeps the steps nearest the data and a ``cutN = N steps not shown (op xN, ...)`` line."""
     y = _data(owner)[1, 2] * 1
     for _ in range(80):
         y = y + 0
@@ -110,8 +111,6 @@ def test_a_long_chain_does_not_hide_its_first_ops_from_the_owner(owner):
     assert "__getitem__" in text or told, text
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: ops writing a non-first argument (batch_norm's running stats, "
-                                       "embedding(max_norm=)'s weight) from review data escape taint_writes")
 @pytest.mark.parametrize("path", ["functional", "module", "network", "embedding_max_norm"])
 def test_running_statistics_written_from_review_data_wait_for_review(hook, owner, path):
     """Attack: the scientist's own ``running_mean``/``running_var`` buffers (``F.batch_norm(x, rm, rv,
@@ -163,14 +162,13 @@ def test_running_statistics_written_from_review_data_wait_for_review(hook, owner
     assert torch.equal(dict(owner.monitor.owner_entries())[x.id_at_location].obj, SECRET)
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: a denied value is re-filed under a new object id as a fresh pending "
-                                       "request, nothing telling the owner it was denied (retry until a misclick)")
 def test_a_denied_value_cannot_be_refiled_as_a_fresh_request(owner):
     """Attack: the owner denies ``x * 1`` (raw records). The scientist computes the very same value again under a
     new id (``x * 1``, ``x + 0``, ...) and asks again, as often as it likes (100 pending at a time): each is a
     fresh pending request with a new id whose record says nothing of the denial, so the owner is asked the same
     question until one click goes wrong. Must hold: the same user asking for the same bytes (same digest) that
-    the owner denied is refused as denied, or the new request at least names the earlier denial."""
+    the owner denied is refused as denied, or the new request at least names the earlier denial (fixed: refused,
+    ``RequestDeniedError`` naming the earlier request and the owner's message)."""
     rid = _pending((_data(owner) * 1).get)
     owner.release_requests.deny(rid, "row-level data stays here")
     again = _data(owner) + 0  # the same value, a new object id
@@ -186,8 +184,6 @@ def test_a_denied_value_cannot_be_refiled_as_a_fresh_request(owner):
     pytest.fail("the denied value was released")
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: share_own stores the worker's own share with provenance but no graph: "
-                                       "the owner's graph calls it 'not derived from owner data'")
 def test_a_share_of_review_data_is_not_shown_as_the_scientists_own_tensor(hook, owner):
     """Attack: ``fix_precision().share(bob, owner)`` (approved once, as a share). The worker keeps its own share
     (``value - r``; ``r`` goes to bob, the scientist's worker) stored by ``_share_own`` through
@@ -195,7 +191,8 @@ def test_a_share_of_review_data_is_not_shown_as_the_scientists_own_tensor(hook, 
     ``share + 0`` first files one whose graph says ``input: scientist's tensor (not derived from owner data)``:
     the owner is told the opposite of the truth, approves, and the scientist adds bob's ``r``: the records.
     Must hold: both requests' graphs show that the value derives from the dataset (a ``dataset`` node reaching
-    the root, or at least no node claiming it is not derived) and are not empty."""
+    the root through the ``veil.compat.share_own`` step, no node claiming it is not derived) and are not
+    empty."""
     bob, cp = sy.VirtualWorker(hook, id=_uid("rp-bob")), sy.VirtualWorker(hook, id=_uid("rp-cp"))
     fp = _data(owner).fix_precision()
     try:
@@ -217,13 +214,12 @@ def test_a_share_of_review_data_is_not_shown_as_the_scientists_own_tensor(hook, 
     assert r.dtype == torch.int64  # (what the scientist would add to the approved share)
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: veil.fl.encrypt_state stores its ciphertext via store_output with no "
-                                       "op graph: the owner approves an empty computation")
 def test_an_encrypted_state_request_shows_how_it_was_computed(hook):
     """Attack: ``veil.fl.encrypt_state([x * 2], 1.0, my_key, out)`` on review data, then fetch ``out`` (a
     Paillier ciphertext under the scientist's own key: decrypting it gives the values). The request names the
     dataset as its source but its graph is ``{}``: ``veil requests show`` prints "computation:" and nothing.
-    Must hold: the request's graph is not empty and shows the dataset and the encrypt_state step."""
+    Must hold: the request's graph is not empty and shows the dataset and the encrypt_state step (its weight and
+    the key it encrypts under)."""
     w = Net(hook)
     pub, _ = sy.he.paillier.keygen(n_length=512)
     y = w.cmd(w.sci, "torch.mul", m.ObjectRef(w.d), 2.0)
@@ -237,8 +233,6 @@ def test_an_encrypted_state_request_shows_how_it_was_computed(hook):
     assert any("dataset" in line for line in lines) and any("encrypt_state" in line for line in lines), lines
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: a worker function's dataset argument renders as 'tensor[..]' and the "
-                                       "dataset's name lands on another argument (plan(d, mine) reads [tensor, d1])")
 def test_a_plan_run_line_names_which_argument_is_the_dataset(owner):
     """Attack: a plan ``return s0`` run as ``plan(dataset, mine)`` releases the raw records, ``plan(mine,
     dataset)`` the scientist's own tensor. Worker functions get copies of protected arguments
@@ -259,14 +253,34 @@ def test_a_plan_run_line_names_which_argument_is_the_dataset(owner):
     assert re.search(r"\[d1, i\d+\]", run), lines
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: the preview's min/max/mean are nan-blind and absent for integers: "
-                                       "values past the first 12 are invisible to the owner")
+@pytest.mark.parametrize("case", ["seventh", "repeated"])
+def test_the_op_line_shows_the_dataset_where_it_stands(owner, case):
+    """Attack: ``torch.cat([o1, ..., o6, x])`` with six one-row tensors of the scientist and the review data
+    last. ``_args_text`` shows a list holding stored inputs as its first 6 items and, unlike ``_describe_arg``,
+    adds no ", ...": the owner reads ``torch.cat([i1, i2, i3, i4, i5, i6]) -> [8, 3]``, a concatenation of the
+    scientist's own rows, the dataset a loose node above. And ``render_graph`` fills the ``\u00b7`` marks with
+    the node's distinct inputs in order, so ``torch.stack([a, a, x])`` reads ``torch.stack([i1, d1, \u00b7])``:
+    the data shown in a slot it is not in. Must hold: the op line names ``d1`` at its place (or marks the
+    elision). Fixed: each mark names its input's position, and stored inputs are named past the 6th item."""
+    if case == "seventh":
+        own = [torch.zeros(1, 3).send(owner) for _ in range(6)]
+        lines = _shown(owner, _pending(torch.cat(own + [_data(owner)]).get))
+        line = next(line for line in lines if "torch.cat" in line)
+        assert "d1" in line or "..." in line, lines
+    else:
+        a = torch.zeros(2, 3).send(owner)
+        lines = _shown(owner, _pending(torch.stack([a, a, _data(owner)]).get))
+        line = next(line for line in lines if "torch.stack" in line)
+        assert "[i1, i1, d1]" in line, lines
+
+
 @pytest.mark.parametrize("kind", ["float-with-nan", "int"])
 def test_the_preview_shows_the_range_of_values_past_its_head(kind):
     """Attack: a requested value whose first 12 entries are 0 and one entry later holds 10^9 (a record scaled
     up). The preview prints the first 12 values and min/max/mean; one NaN anywhere makes those ``nan``, and an
     integer tensor gets no statistics at all: the owner reads "[0, 0, ... (1000 values)]" and nothing else.
-    Must hold: the preview shows the 10^9 (a NaN-aware max, and statistics for integer tensors too)."""
+    Must hold: the preview shows the 10^9 (fixed: min/max/mean of the finite values and counts of nan/inf/-inf;
+    exact min/max for integer and bool tensors)."""
     if kind == "int":
         t = torch.zeros(1000, dtype=torch.int64)
     else:
@@ -278,8 +292,6 @@ def test_the_preview_shows_the_range_of_values_past_its_head(kind):
     assert "1e+09" in text or "1000000000" in text, text
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: NaN payloads carry review data the preview prints as plain 'nan' "
-                                       "(and a 64-op pad hides the bit packing from the graph)")
 def test_an_all_nan_preview_does_not_hide_data_in_nan_payloads(owner):
     """Attack: reinterpret the data's bits (``x.abs().view(torch.int32) // 1024 + 0x7fc00000``, then
     ``.view(torch.float32)``): every entry becomes a quiet NaN whose 22 payload bits are the top bits of a
@@ -287,7 +299,8 @@ def test_an_all_nan_preview_does_not_hide_data_in_nan_payloads(owner):
     reads "[nan, nan, ...] min nan max nan mean nan" and a chain of ``mul(..., 1)``: nothing, apparently. Once
     approved, the scientist unpacks |records| to 13 significant bits. Must hold: the preview of such a value
     differs from that of canonical NaNs (it shows or flags the payloads), so the owner can tell it carries
-    something (or what goes out holds no payload)."""
+    something (or what goes out holds no payload). Fixed by flagging: the preview counts the NaNs whose payload
+    bits are not canonical (and the sign bits when they differ), "NaN bits can carry data"."""
     x = _data(owner)
     y = (x.abs().view(torch.int32) // 1024 + 0x7FC00000).view(torch.float32)
     for _ in range(70):
@@ -302,8 +315,6 @@ def test_an_all_nan_preview_does_not_hide_data_in_nan_payloads(owner):
     assert not leaks or shown != canonical, shown
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: a batch get with one approved and one pending object uses the approval "
-                                       "up and audits 'release allowed' though nothing went out")
 def test_a_refused_batch_get_neither_uses_up_nor_records_an_approval(hook):
     """Attack/failure: ``GetObjectsMessage([A, B])`` where A is approved and B pending. ``enforce_all`` raises
     early only when two or more are pending; with one, it walks the objects in order, so A's approval is marked
@@ -325,14 +336,13 @@ def test_a_refused_batch_get_neither_uses_up_nor_records_an_approval(hook):
     assert type(got) is m.ObjectsReply and torch.equal(got.objects[0], SECRET * 3), got
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: the CLI's shown() misses the bidi control U+061C and the line/paragraph "
-                                       "separators U+2028/U+2029 in a scientist's reason")
 def test_the_cli_escapes_every_bidi_control_and_line_separator_in_a_reason(owner, capsys):
     """Attack: the reason is the scientist's text, printed by ``veil requests show`` (``print_request``) and
     ``list``. ``shown`` escapes C0/C1 controls and U+200E/F, U+202A-E, U+2066-9, but not U+061C (ARABIC LETTER
     MARK, one of Unicode's Bidi_Control characters) nor U+2028/U+2029 (LINE/PARAGRAPH SEPARATOR: a new line in
     editors and pagers that the owner may read the output in), so a reason can reorder or start a forged
-    "preview" line. Must hold: none of them reaches the owner's terminal raw."""
+    "preview" line. Must hold: none of them reaches the owner's terminal raw (fixed: ``shown`` escapes every
+    character of the Unicode categories Cc, Cf, Zl, Zp and Cs)."""
     from veil.governance.cli import print_request
 
     y = _data(owner) * 1
@@ -365,9 +375,10 @@ def test_a_gradient_of_review_data_waits_for_review_over_the_network_path(hook):
 
 def test_an_approval_is_bound_to_the_user_and_the_value_not_the_object_id(hook):
     """Attack: ``sci`` gets ``d * 2`` approved under id X; another user stores the same value under the same id X
-    in its own session (ids are chosen by the client) and asks, hoping to ride on ``sci``'s approval. Must hold:
-    the other user's get files its own request (the approval is not theirs, and is not used up by them); the
-    approved value then goes out once to ``sci``, and the next get is a new request."""
+    in its own session (ids are chosen by the client) and asks, hoping to ride on ``sci``'s approval, then asks
+    again claiming ``user="sci"`` in the get. Must hold: the other user's get files its own request, the claim
+    is refused (the approval is not theirs, and is not used up by them); the approved value then goes out once
+    to ``sci``, and the next get is a new request."""
     w = Net(hook)
     x = new_id()
     w.cmd(w.sci, "torch.mul", m.ObjectRef(w.d), 2.0, ids=[x])
@@ -375,6 +386,8 @@ def test_an_approval_is_bound_to_the_user_and_the_value_not_the_object_id(hook):
     ReviewQueue(w.srv).approve(rid)
     w.cmd(w.oth, "torch.mul", m.ObjectRef(w.d), 2.0, ids=[x])
     assert w.pending(w.get(w.oth, x)) != rid
+    claimed = request(w.srv, w.oth, m.GetObjectsMessage([x], user="sci"))
+    assert type(claimed) is m.ErrorReply and claimed.error == "PermissionDeniedError", claimed
     assert ReviewQueue(w.srv).get(rid).state == "approved"
     got = request(w.srv, w.sci, m.GetObjectsMessage([x], delete=False))
     assert type(got) is m.ObjectsReply and torch.equal(got.objects[0], SECRET * 2), got
@@ -417,3 +430,17 @@ def test_scientist_strings_in_a_graph_cannot_forge_lines(owner):
     assert lines and not any(bad.search(line) for line in lines), lines
     svg = str(graph_svg(req.graph, req.root))
     assert "plan &#39;ok" in svg and not bad.search(svg.replace("\n", "")), svg
+
+
+def test_an_approved_view_releases_only_the_view_not_its_base(owner):
+    """Attack: ask for a 1-element view ``base[1:, :1]`` of a 6-element derived tensor; the owner approves one
+    value. If the release serialized the view's storage, the scientist would receive the whole base (every
+    record) behind the approved element. Must hold: what arrives holds exactly the approved element (its
+    storage is one float), and the request's digest/preview are of that element."""
+    base = _data(owner) * 1
+    v = base[1:, :1]
+    rid = _pending(lambda: v.get(delete=False))
+    assert owner.release_requests.preview(rid).startswith("[4]")
+    owner.release_requests.approve(rid)
+    got = v.get(delete=False)
+    assert torch.equal(got, torch.tensor([[4.0]])) and got.untyped_storage().nbytes() == 4, got

@@ -78,11 +78,25 @@ def _share_own(worker: Any, oid: int, party_ids: list, share_ids: list) -> None:
     # the requester's own share here is stored as the command handler stores results (its namespace)
     for dest, sid, piece in zip(destinations, share_ids, pieces):
         if dest is None:
-            worker.monitor.store(principal, sid, piece, sources=[entry], op_name=SHARE_OWN)
+            stored = worker.monitor.store(principal, sid, piece, sources=[entry], op_name=SHARE_OWN)
+            _stamp_share(worker, oid, entry, stored, piece, len(pieces))
         else:
             # the share carries the source's capabilities (reveal_to, provenance) like a moved object
             caps = worker.monitor.export_capabilities(principal, entry)
             worker.send_msg(m.ObjectMessage([m.StoredObject(sid, piece, caps)]), dest)
+
+
+def _stamp_share(worker: Any, oid: int, entry: Any, stored: Any, piece: torch.Tensor, parties: int) -> None:
+    """Governance (#16): the share kept here is the value less the others' shares, which the requester may hold:
+    its graph shows the value it was cut from (the command handler stamps only the results it stores)."""
+    from veil.governance import provenance
+    from veil.governance.state import tracking
+
+    if tracking(worker):
+        lineage = provenance.lineage_of(SHARE_OWN, (), {}, {oid: entry})
+        if lineage is not None:
+            lineage.node["args"] = f"\u00b7; the share kept here, of {parties}"
+        provenance.stamp(stored, lineage, piece)
 
 
 register_worker_function(ENCODE, _encode)

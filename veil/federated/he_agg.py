@@ -56,6 +56,7 @@ from veil.he._paillier_encoding import DEFAULT_FLOAT_EXPONENT
 from veil.he.ckks import CKKSContext, CKKSTensor
 from veil.he.paillier import PaillierTensor
 from veil.he.remote import HEPointer, send_encrypted  # noqa: F401  (registers HE wire types)
+from veil.he.remote import key_fingerprint, worker_output_lineage
 from veil.ids import new_id
 from veil.messaging.allowlist import ALLOWLIST, register_worker_function
 from veil.messaging.messages import DeleteMessage, MoveMessage, ObjectMessage, ObjectRef, StoredObject
@@ -102,8 +103,24 @@ def _encrypt_state(worker: Any, state: list, weight: float, key: Any, out_id: in
             enc = encrypt(flat, protocol="paillier", public_key=key, exponent=DEFAULT_FLOAT_EXPONENT)
     else:
         raise TypeError("encrypted aggregation needs a CKKS context or a Paillier public key")
-    for oid in out_ids:
-        worker.monitor.store_output(oid, enc)
+    stored = [worker.monitor.store_output(oid, enc) for oid in out_ids]
+    if owner_derived:
+        _record_lineage(worker, state, weight, enc, stored)
+
+
+def _record_lineage(worker: Any, state: list, weight: float, enc: Any, stored: list) -> None:
+    """Governance (#16): the op graph the owner reviews before a ciphertext of the owner's data leaves."""
+    from veil.governance import provenance
+
+    lineage, _, _ = worker_output_lineage(worker, "veil.fl.encrypt_state", state, stored[0])
+    if lineage is None:
+        return
+    marks = ", ".join("\u00b7" for _ in lineage.node["inputs"])
+    lineage.node["args"] = f"[{marks}] flattened, times {weight!r}, under {key_fingerprint(enc)}"
+    lineage.node["label"] = f"encrypted state of {list(enc.shape)} under {key_fingerprint(enc)}"
+    for entry in stored:
+        provenance.stamp(entry, lineage, enc)
+        entry.meta[provenance.GRAPH][entry.meta[provenance.ROOT]]["shape"] = list(enc.shape)
 
 
 register_worker_function("veil.fl.encrypt_state", _encrypt_state, shapes="none")

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
+import unicodedata
 from typing import Any, Callable
 
 
@@ -44,14 +44,22 @@ def _when(ts: Any) -> str:
     return "-" if not ts else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
-#: control characters (C0, DEL, C1) and Unicode's bidirectional overrides, shown escaped: a scientist's
-#: reason or plan name must not forge lines or hide the real ones on the owner's terminal
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+#: Unicode categories shown escaped: controls (C0, DEL, C1), format characters (bidi controls such as U+202E and
+#: U+061C, zero-width ones, U+FEFF), line/paragraph separators (U+2028/9: a new line in editors and pagers) and
+#: lone surrogates (unprintable): a scientist's reason or plan name must not forge lines or hide the real ones
+_UNPRINTABLE = frozenset(("Cc", "Cf", "Zl", "Zp", "Cs"))
+
+
+def _escaped(c: str) -> str:
+    if unicodedata.category(c) not in _UNPRINTABLE:
+        return c
+    return f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}"
 
 
 def shown(value: object) -> str:
-    """``value`` as text safe for the owner's terminal: one line, no escape sequences."""
-    return _UNPRINTABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", str(value))
+    """``value`` as text safe for the owner's terminal: one line, no escape sequences, no bidi reordering."""
+    text = str(value)
+    return text if text.isprintable() else "".join(map(_escaped, text))
 
 
 def print_request(r: dict) -> None:

@@ -12,25 +12,33 @@ Minimal recording for the review policy (issue #16):
 
 Propagation rules (conservative: a value is never less tainted than what flowed in):
 results of a command derive from all its inputs; an op that writes (in place,
-``out=``, ``inplace=True``), every worker function (plans, DP, aggregation) and
-``backward`` taint what they may have written, and every stored tensor that shares
-storage with it.
+``out=``, ``inplace=True``, or any argument its ATen schema writes: the owner guard's
+table, batch norm's running statistics included), every worker function (plans, DP,
+aggregation) and ``backward`` taint what they may have written, and every stored
+tensor that shares storage with it.
 
 :func:`sources_of` is the seam the release decision reads.
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from veil.governance.graphtext import NOT_SHOWN
+
 GRAPH = "graph"
 ROOT = "graph_root"
-#: a derived object's graph keeps its sources and this many most recent other nodes
+#: nodes a derived object's graph keeps (:func:`_trim` says how many more there were, and which ops)
 MAX_NODES = 64
+#: datasets among them (a value may derive from any number of them: the request lists them all)
+MAX_SOURCES = MAX_NODES // 2
+#: distinct op names a cut graph counts by name (the rest only in its total)
+MAX_NOT_SHOWN_OPS = 8
 
 
 def sources_of(oid: int, entry: Any) -> frozenset:
@@ -63,7 +71,10 @@ def _input_node(oid: int, entry: Any) -> tuple[str, dict]:  # noqa: C901
         return nid, {nid: {"op": "dataset", "label": label, "shape": _shape(entry.obj),
                            "dtype": _dtype_name(entry.obj), "inputs": [], "source": oid}}
     nid = f"in-{oid:x}"
-    return nid, {nid: {"op": "input", "label": "scientist's tensor (not derived from owner data)",
+    # an object with sources but no recorded graph (a share stored by a protocol step) still derives from them
+    label = ("derived from owner data (computation not recorded)" if entry.provenance
+             else "scientist's tensor (not derived from owner data)")
+    return nid, {nid: {"op": "input", "label": label,
                        "shape": _shape(entry.obj), "dtype": _dtype_name(entry.obj), "inputs": []}}
 
 
@@ -75,7 +86,7 @@ def _describe_arg(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         inner = ", ".join(_describe_arg(v) for v in list(value)[:6])
         return f"[{inner}{', ...' if len(value) > 6 else ''}]"
-    text = repr(value)
+    text = repr(value).replace("\u00b7", "\\xb7")  # (a requester's string never reads as an input's mark)
     return text if len(text) <= 24 else text[:21] + "..."
 
 
@@ -118,18 +129,58 @@ class Lineage:
     node: dict  # the command's node, without shape/dtype (filled per result)
 
 
+#: characters of a command's argument text (stored inputs are always named, past this too)
+MAX_ARGS_TEXT = 160
+#: items of a list argument shown before the rest is elided (its stored inputs are always named)
+MAX_LIST_ITEMS = 6
+
+
+def input_mark(position: int) -> str:
+    """Where a command's stored input stands in its argument text: its position among the node's inputs
+    (:func:`~veil.governance.graphtext.render_graph` writes that input's name there)."""
+    return f"\u00b7{position}\u00b7"
+
+
+def _holds(value: Any, inputs: dict) -> bool:
+    if id(value) in inputs:
+        return True
+    return isinstance(value, (list, tuple)) and any(_holds(v, inputs) for v in value)
+
+
 def _args_text(args: tuple, kwargs: dict, inputs: dict) -> str:
-    """The command's arguments, stored inputs shown as ``·`` (they are the graph's edges)."""
+    """The command's arguments, each stored input shown by :func:`input_mark` (they are the graph's edges).
+
+    ``inputs``: object id -> position among the node's inputs. Lists are cut after :data:`MAX_LIST_ITEMS`
+    and the whole text after :data:`MAX_ARGS_TEXT` characters with a "…", but a stored input is named
+    wherever it stands: the owner must see which argument is the data."""
     def one(v: Any) -> str:
         if id(v) in inputs:
-            return "\u00b7"
-        if isinstance(v, (list, tuple)) and any(id(x) in inputs for x in v):
-            return "[" + ", ".join(one(x) for x in list(v)[:6]) + "]"
+            return input_mark(inputs[id(v)])
+        if isinstance(v, (list, tuple)) and _holds(v, inputs):
+            items: list[str] = []
+            for i, x in enumerate(v):
+                if i < MAX_LIST_ITEMS or _holds(x, inputs):
+                    items.append(one(x))
+                elif items[-1] != "\u2026":
+                    items.append("\u2026")
+            return "[" + ", ".join(items) + "]"
         return _describe_arg(v)
 
     parts = [one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()]
     text = ", ".join(parts)
-    return text if len(text) <= 160 else text[:157] + "..."
+    if len(text) <= MAX_ARGS_TEXT:
+        return text
+    kept: list[str] = []
+    for part in parts:  # past the limit, only the stored inputs, in order, between elisions
+        if len(", ".join([*kept, part])) <= MAX_ARGS_TEXT - 3:
+            kept.append(part)
+            continue
+        marks = re.findall("\u00b7\\d+\u00b7", part)
+        if marks:
+            kept.append("\u2026" + ", ".join(marks) + "\u2026")
+        elif not kept or kept[-1] != "\u2026":
+            kept.append("\u2026")
+    return ", ".join(kept)
 
 
 def lineage_of(op_name: str, args: tuple, inputs: dict, entries: dict, kwargs: dict | None = None) -> Lineage | None:
@@ -149,7 +200,9 @@ def lineage_of(op_name: str, args: tuple, inputs: dict, entries: dict, kwargs: d
         roots.append(root)
         for k, v in sub.items():
             graph.setdefault(k, v)
-    node: dict = {"op": op_name, "inputs": roots, "args": _args_text(args, kwargs or {}, inputs)}
+    position = {oid: i for i, oid in enumerate(entries)}
+    at = {obj: position[oid] for obj, oid in inputs.items() if oid in position}
+    node: dict = {"op": op_name, "inputs": roots, "args": _args_text(args, kwargs or {}, at)}
     if op_name in ("veil.plan.run", "veil.plan.fit") and args:
         spec = args[0]
         node["label"] = f"plan {str(getattr(spec, 'name', '?'))[:MAX_PLAN_NAME]!r}"
@@ -158,13 +211,66 @@ def lineage_of(op_name: str, args: tuple, inputs: dict, entries: dict, kwargs: d
     return Lineage(sources, graph, node)
 
 
-def _trim(graph: dict) -> dict:
+def _trim(graph: dict, root: str) -> dict:
+    """``graph`` cut to :data:`MAX_NODES` nodes, saying what it leaves out: its datasets (at most
+    :data:`MAX_SOURCES`), a shortest path from each of them to ``root`` when it fits (else the steps nearest
+    the data: where records are selected), the most recent steps, and one :data:`NOT_SHOWN` node counting the
+    rest by op (it takes their place as an input)."""
     if len(graph) <= MAX_NODES:
         return graph
-    sources = {k: v for k, v in graph.items() if v["op"] == "dataset"}
-    others = [(k, v) for k, v in graph.items() if v["op"] != "dataset"]
-    kept = dict(others[-(MAX_NODES - len(sources)):])
-    return {**sources, **kept}
+    datasets = [k for k, v in graph.items() if v["op"] == "dataset"]
+    markers = [k for k, v in graph.items() if v["op"] == NOT_SHOWN]
+    steps = [k for k, v in graph.items() if v["op"] not in ("dataset", NOT_SHOWN)]
+    sources = datasets[:MAX_SOURCES]
+    room = MAX_NODES - 1 - len(sources)  # (one node says what is not shown)
+    parent: dict = {root: None}
+    queue = [root]
+    for nid in queue:  # breadth first from the root
+        for i in graph[nid].get("inputs", []):
+            if i in graph and i not in parent:
+                parent[i] = nid
+                queue.append(i)
+    path: set = set()
+    for src in sources:
+        nid = parent.get(src)
+        while nid is not None and nid not in path:
+            path.add(nid)
+            nid = parent[nid]
+    on_path = [k for k in steps if k in path]
+    chosen = set(on_path) if len(on_path) <= room * 3 // 4 else set(on_path[:room // 2])
+    chosen.add(root)
+    for k in reversed(steps):  # then the most recent steps
+        if len(chosen) >= room:
+            break
+        chosen.add(k)
+    dropped = [k for k in steps if k not in chosen] + datasets[MAX_SOURCES:]
+    ops: dict = {}
+    count = len(dropped)
+    for k in markers:
+        count += graph[k].get("count", 0)
+        for op, n in graph[k].get("ops", {}).items():
+            ops[op] = ops.get(op, 0) + n
+    for k in dropped:
+        ops[graph[k]["op"]] = ops.get(graph[k]["op"], 0) + 1
+    top = dict(sorted(ops.items(), key=lambda kv: -kv[1])[:MAX_NOT_SHOWN_OPS])
+    cut = f"cut-{secrets.token_hex(4)}"
+    gone = set(dropped) | set(markers)
+    staying = set(sources) | chosen
+    # what the left-out steps read, so that the paths from the data to the root still pass through the marker
+    fed = list(dict.fromkeys(i for k in gone for i in graph[k].get("inputs", []) if i in staying))
+    marker = {"op": NOT_SHOWN, "count": count, "ops": top, "inputs": fed}
+    kept: dict = {}
+    last_input = max((list(graph).index(i) for i in fed), default=-1)
+    if last_input < 0:
+        kept[cut] = marker
+    for at, (k, node) in enumerate(graph.items()):
+        if k in staying:
+            if any(i in gone for i in node.get("inputs", [])):  # (a copy: nodes are shared between graphs)
+                node = {**node, "inputs": [cut if i in gone else i for i in node["inputs"]]}
+            kept[k] = node
+        if at == last_input:  # (after what it reads: insertion order stays topological)
+            kept[cut] = marker
+    return kept
 
 
 def stamp(entry: Any, lineage: Lineage | None, tensor: Any, op_suffix: str = "") -> None:
@@ -179,11 +285,12 @@ def stamp(entry: Any, lineage: Lineage | None, tensor: Any, op_suffix: str = "")
     if op_suffix and entry.meta.get(GRAPH) is not None:  # written in place: keep what it was before
         for k, v in entry.meta[GRAPH].items():
             graph.setdefault(k, v)
-        node["inputs"] = list(dict.fromkeys([entry.meta[ROOT], *node["inputs"]]))
+        if entry.meta[ROOT] not in node["inputs"]:  # (appended: the argument text names inputs by position)
+            node["inputs"] = [*node["inputs"], entry.meta[ROOT]]
     graph[nid] = node
     if not lineage.sources <= entry.provenance:
         entry.provenance = entry.provenance | lineage.sources
-    entry.meta[GRAPH] = _trim(graph)
+    entry.meta[GRAPH] = _trim(graph, nid)
     entry.meta[ROOT] = nid
 
 
@@ -203,8 +310,12 @@ def _tensors(value: Any) -> list:
 
 
 def taint_writes(worker: Any, lineage: Lineage | None, op: Any, args: tuple, kwargs: dict, entries: dict,
-                 sender: str) -> None:
-    """Taints every stored object the command may have written (and what aliases it)."""
+                 sender: str, written_storages: set | None = None) -> None:
+    """Taints every stored object the command may have written (and what aliases it).
+
+    ``written_storages``: the storages a torch op wrote, whatever the argument (the owner guard's schema
+    rules recorded them while it ran: batch norm's running statistics, ``embedding(max_norm=)``'s weight).
+    """
     if lineage is None:
         return
     from veil.workers import owner_guard
@@ -225,7 +336,7 @@ def taint_writes(worker: Any, lineage: Lineage | None, op: Any, args: tuple, kwa
             written.extend(_tensors(args[0]))
         if "out" in kwargs:
             written.extend(_tensors(kwargs["out"]))
-    storages = {s for s in (_storage(t) for t in written) if s is not None}
+    storages = {s for s in (_storage(t) for t in written) if s is not None} | (written_storages or set())
     ids = {id(t) for t in written}
     if not storages and not ids:
         return

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Union
 
-from veil.exceptions import RequestDeniedError, ReviewPendingError
+from veil.exceptions import PermissionDeniedError, RequestDeniedError, ReviewPendingError
 from veil.governance.provenance import sources_of
 from veil.governance.requests import ReviewQueue, digest
 from veil.governance.state import _STATE, audit, governance
@@ -76,13 +76,20 @@ def decide(worker: Any, oid: int, entry: Any, user: str, session: str = "-", rea
                     queue.mark_released(req.id)
                     audit(worker, "release", user, session, [oid], "allowed", f"{req.id} approved by {req.decided_by}")
                 return Allow(req.id)
+        # the owner said no to these bytes for this user: asking again under a new id is the same question
+        denied = queue.denied_for(current, user)
+        if denied is not None:
+            return Denied(denied.id, denied.message)
         # none yet, the last one was used up, or the value changed since: a new request
         return Pending(queue.file(oid, entry, user, session, reason or "").id)
 
 
 def enforce(worker: Any, oid: int, entry: Any, user: str, session: str = "-", purpose: str = "get") -> None:
     """Raises ReviewPendingError / RequestDeniedError unless ``decide`` allows the release."""
-    decision = decide(worker, oid, entry, user, session)
+    _raise_unless_allowed(worker, oid, decide(worker, oid, entry, user, session))
+
+
+def _raise_unless_allowed(worker: Any, oid: int, decision: Decision) -> None:
     if isinstance(decision, Pending):
         raise ReviewPendingError(
             f"object {oid} on worker {worker.id!r} derives from data under the owner's review policy: "
@@ -96,23 +103,29 @@ def enforce(worker: Any, oid: int, entry: Any, user: str, session: str = "-", pu
 
 
 def enforce_all(worker: Any, ids: list, entries: list, user: str, session: str = "-", purpose: str = "get") -> None:
-    """``enforce`` for a batch; approvals are consumed only when every object may go."""
+    """``enforce`` for a batch; approvals are consumed only when every object may go (a batch that releases
+    nothing must not use an approval up nor record a release)."""
     if _STATE.get(worker) is None:
         return
     blocked = [(oid, e) for oid, e in zip(ids, entries) if needs_review(worker, oid, e, user)]
     if not blocked:
         return
-    pending = []
-    for oid, entry in blocked:  # first pass files/looks up every request without using approvals up
-        decision = decide(worker, oid, entry, user, session, consume=False)
-        if isinstance(decision, Denied):
+    if len({oid for oid, _ in blocked}) < len(blocked):  # [A, A]: one approval lets A go once, not twice
+        raise PermissionDeniedError(f"a {purpose} names an object under review more than once: ask for it once")
+    with governance(worker).lock:  # (reentrant) no decision of this process changes between the two passes
+        pending = []
+        for oid, entry in blocked:  # first pass files/looks up every request without using approvals up
+            decision = decide(worker, oid, entry, user, session, consume=False)
+            if isinstance(decision, Denied):
+                _raise_unless_allowed(worker, oid, decision)
+            if isinstance(decision, Pending):
+                pending.append((oid, decision.request_id))
+        if len(pending) == 1:
+            _raise_unless_allowed(worker, pending[0][0], Pending(pending[0][1]))
+        if pending:  # one error naming every request, so the owner can decide them all at once
+            raise ReviewPendingError(
+                f"objects {', '.join(str(oid) for oid, _ in pending)} on worker {worker.id!r} derive from data "
+                f"under the owner's review policy: release requests {', '.join(r for _, r in pending)} are "
+                f"pending the owner's approval (see sy.requests(worker))")
+        for oid, entry in blocked:
             enforce(worker, oid, entry, user, session, purpose)
-        if isinstance(decision, Pending):
-            pending.append((oid, decision.request_id))
-    if len(pending) > 1:  # one error naming every request, so the owner can decide them all at once
-        raise ReviewPendingError(
-            f"objects {', '.join(str(oid) for oid, _ in pending)} on worker {worker.id!r} derive from data under "
-            f"the owner's review policy: release requests {', '.join(r for _, r in pending)} are pending the "
-            f"owner's approval (see sy.requests(worker))")
-    for oid, entry in blocked:
-        enforce(worker, oid, entry, user, session, purpose)

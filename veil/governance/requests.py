@@ -86,17 +86,54 @@ def digest(obj: Any) -> str:
 
 
 def preview(obj: Any, limit: int = 12) -> str:
-    """A few values for the owner's eyes only."""
+    """A few values for the owner's eyes only, and statistics of them all: min/max/mean of the finite values
+    and counts of the others (one NaN must not blind them, nor a value past the head hide behind them)."""
     if not isinstance(obj, torch.Tensor):
         return f"<{type(obj).__name__}>"
     flat = obj.detach().reshape(-1)
     head = ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in flat[:limit].tolist())
     more = f", ... ({flat.numel()} values)" if flat.numel() > limit else ""
-    stats = ""
-    if flat.numel() and obj.is_floating_point():
-        f = flat.float()
-        stats = f"  min {f.min().item():.4g} max {f.max().item():.4g} mean {f.mean().item():.4g}"
-    return f"[{head}{more}]{stats}"
+    return f"[{head}{more}]{_stats(flat)}"
+
+
+def _stats(flat: torch.Tensor) -> str:
+    if not flat.numel():
+        return ""
+    if flat.is_complex():
+        flat = torch.view_as_real(flat).reshape(-1)
+    if not flat.is_floating_point():  # integers and bools: exact min/max
+        flat = flat.to(torch.uint8) if flat.dtype == torch.bool else flat
+        return f"  min {flat.min().item()} max {flat.max().item()} mean {flat.double().mean().item():.4g}"
+    f = flat.double()
+    finite = f[torch.isfinite(f)]
+    out = ""
+    if finite.numel():
+        out = f"  min {finite.min().item():.4g} max {finite.max().item():.4g} mean {finite.mean().item():.4g}"
+    for name, count in (("nan", int(f.isnan().sum())), ("inf", int((f == float("inf")).sum())),
+                        ("-inf", int((f == float("-inf")).sum()))):
+        if count:
+            out += f"  {name} {count}" + (_nan_bits(flat) if name == "nan" else "")
+    return out
+
+
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _nan_bits(flat: torch.Tensor) -> str:
+    """A NaN's sign and payload bits print as plain "nan" but can carry data (a record's bits packed into
+    them): says how many NaNs hold a payload other than the canonical one, and the signs when they differ."""
+    ints = _BITS.get(flat.element_size())
+    if ints is None:
+        return ""
+    bits = flat[flat.isnan()].contiguous().view(ints)
+    canonical = torch.full((1,), float("nan"), dtype=flat.dtype).view(ints)
+    magnitude = torch.iinfo(ints).max
+    payloads = int(((bits & magnitude) != (canonical & magnitude)).sum())
+    negative = int((bits < 0).sum())
+    notes = [f"{payloads} with payload bits"] if payloads else []
+    if 0 < negative < bits.numel():
+        notes.append(f"{negative} with the sign bit")
+    return f" ({', '.join(notes)}: NaN bits can carry data)" if notes else ""
 
 
 def _check_reason(reason: Any) -> None:
@@ -155,6 +192,11 @@ class ReviewQueue:
 
     def latest_for(self, object_id: int, principal: str) -> ReleaseRequest | None:
         found = self._rows("WHERE object_id = ? AND principal = ?", (str(object_id), principal), 1)
+        return found[0] if found else None
+
+    def denied_for(self, value_digest: str, principal: str) -> ReleaseRequest | None:
+        """The user's newest denied request for the same bytes (under any object id), if any."""
+        found = self._rows("WHERE digest = ? AND principal = ? AND state = 'denied'", (value_digest, principal), 1)
         return found[0] if found else None
 
     def preview(self, request_id: str) -> str:

@@ -168,28 +168,35 @@ def _plain_text(value: Any) -> str:
     return text if len(text) <= 24 else text[:21] + "..."
 
 
-def _record_lineage(worker: Any, name: str, a: Any, b: Any, result: Any, stored: Any) -> None:
-    """Governance (#16): the op graph the owner reviews before ``result`` leaves (the command handler stamps the
-    results it stores, not those a worker function stores itself). Its inputs are found by identity; the owner's
-    own tensor reaches a worker function as a copy, so a source dataset no input accounts for is named from the
-    result's provenance."""
+def worker_output_lineage(worker: Any, op_name: str, operands: list, stored: Any) -> tuple[Any, dict, bool]:
+    """Governance (#16): the lineage of a result a worker function stored itself (``store_output``: the command
+    handler stamps only the results it stores), as ``(lineage or None, its input entries, whether datasets were
+    named from provenance)``. Its inputs are found by identity; the owner's own tensor reaches a worker function
+    as a copy, so a source dataset no input accounts for is named from the result's provenance."""
     from veil.governance import provenance
     from veil.governance.state import tracking
 
     if not stored.provenance or not tracking(worker):
-        return
+        return None, {}, False
     by_object, datasets = {}, {}
     for oid, entry in worker.monitor.owner_entries():
-        if entry.obj is a or entry.obj is b:
+        if any(entry.obj is x for x in operands):
             by_object[id(entry.obj)] = (oid, entry)
         elif entry.protected and oid in stored.provenance:
             datasets[oid] = entry
-    entries = dict(by_object[id(x)] for x in (a, b) if id(x) in by_object)
+    entries = dict(by_object[id(x)] for x in operands if id(x) in by_object)
     covered = frozenset().union(*(provenance.sources_of(oid, e) for oid, e in entries.items()))
-    copied = {oid: e for oid, e in datasets.items() if oid not in covered} if isinstance(b, torch.Tensor) and \
-        id(b) not in by_object else {}
+    copied = {oid: e for oid, e in datasets.items() if oid not in covered} if any(
+        isinstance(x, torch.Tensor) and id(x) not in by_object for x in operands) else {}
     entries.update(copied)
-    lineage = provenance.lineage_of("veil.he.op", (), {}, entries)
+    return provenance.lineage_of(op_name, (), {}, entries), entries, bool(copied)
+
+
+def _record_lineage(worker: Any, name: str, a: Any, b: Any, result: Any, stored: Any) -> None:
+    """Governance (#16): the op graph the owner reviews before ``result`` leaves."""
+    from veil.governance import provenance
+
+    lineage, entries, copied = worker_output_lineage(worker, "veil.he.op", [a] if b is None else [a, b], stored)
     if lineage is None:
         return
     for oid, entry in entries.items():  # a ciphertext input's node: its shape (a tensor's is read from it)
@@ -197,7 +204,7 @@ def _record_lineage(worker: Any, name: str, a: Any, b: Any, result: Any, stored:
         if nid in lineage.graph and not isinstance(entry.obj, torch.Tensor):
             lineage.graph[nid] = dict(lineage.graph[nid], shape=list(entry.obj.shape),
                                       label="scientist's ciphertext (not derived from owner data)")
-    b_is_input = b is not None and (id(b) in by_object or bool(copied))
+    b_is_input = b is not None and (any(e.obj is b for e in entries.values()) or copied)
     operands = ["\u00b7"] + (["\u00b7"] if b_is_input else [] if b is None else [_plain_text(b)])
     shapes = " and ".join(str(list(x.shape)) for x in (a, b) if hasattr(x, "shape"))
     lineage.node["args"] = f"{name}({', '.join(operands)}) under {key_fingerprint(a)}"

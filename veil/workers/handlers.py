@@ -108,7 +108,12 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
     protected = dealer = _EMPTY
     secret = False  # an input the requester may not learn: no value-dependent shape, failure or error text
     oblivious_guard = None
+    written = None  # storages a torch op on owner-derived data writes (any argument: provenance taints them)
+    arguments = args, kwargs  # as resolved: worker functions get copies of protected ones below
     if not plain:
+        if (not op.worker_function and name not in owner_guard.REVIEWED_INPUTS and _tracking(worker)
+                and any(e.provenance or e.protected for e in entries)):
+            written = set()
         protected, secret, oblivious_guard, dealer, args, kwargs = _owner_checks(
             worker, principal, op, purpose, args, kwargs, found, entries, wire_args, wire_kwargs)
     if ids is not None:  # checked before the op runs: an in-place op must not write, then have its results refused
@@ -138,10 +143,10 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
             with monitor.running(principal, entries, name), oblivious_guard or _NO_GUARD, graph_hooks:
                 result = op.func(worker, *args, **kwargs)
         elif oblivious_guard is not None:  # secret inputs: no value-dependent shape, failure or Python value
-            with oblivious_guard, owner_guard.refuse_writes(name, protected, worker.id), graph_hooks:
+            with oblivious_guard, owner_guard.refuse_writes(name, protected, worker.id, written), graph_hooks:
                 result = op.func(*args, **kwargs)
-        elif protected:  # schema-checked writes for torch ops (worker functions got copies)
-            with owner_guard.refuse_writes(name, protected, worker.id), graph_hooks:
+        elif protected or written is not None:  # schema-checked writes for torch ops (worker functions got copies)
+            with owner_guard.refuse_writes(name, protected, worker.id, written), graph_hooks:
                 result = op.func(*args, **kwargs)
         elif saves is not None:
             with graph_hooks:
@@ -154,6 +159,8 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
         if purpose is _DP_RELEASE:
             monitor.audit("dp_release", principal, list(found), "refused",
                           f"{name}: {e}" if isinstance(e, VeilError) else f"{name}: {type(e).__name__}")
+        if written:  # what it wrote before failing derives from its inputs all the same
+            _record_lineage(worker, op, arguments, args, kwargs, found, sender, written)
         raise owner_guard.client_error(name, e, protected or ({0} if secret else _reviewed_inputs(worker, entries)),
                                        worker.id) from e
     finally:
@@ -176,11 +183,7 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
         # reviews (entry.meta), and objects the op wrote in place gain its sources; the monitor's
         # Entry.provenance (the one set of source datasets) is recorded by monitor.store either way.
         if entries and not reviewed and _tracking(worker):
-            from veil.governance import provenance
-
-            inputs = {id(e.obj): oid for oid, e in found.items()}
-            lineage = provenance.lineage_of(name, tuple(args), inputs, found, kwargs)
-            provenance.taint_writes(worker, lineage, op, tuple(args), kwargs, found, sender)
+            lineage = _record_lineage(worker, op, arguments, args, kwargs, found, sender, written)
     if op.shapes == NO_RESULT or ids == []:
         return _OK
     if ids is None:
@@ -205,7 +208,9 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
             stored = store(principal, oid, tensor, sources=entries, op_name=name, extra_nbytes=extra)
             extra = 0
             if lineage is not None:  # governance (#16)
-                provenance.stamp(stored, lineage, tensor)
+                from veil.governance.provenance import stamp
+
+                stamp(stored, lineage, tensor)
             elif reviewed:
                 stored.provenance = frozenset()
             if dealt is not None:
@@ -213,6 +218,19 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
     if dealt:  # a dealer's material: which fields are uniform, which belong together
         monitor.group_dealt(principal, op.name, args, dealt)
     return _OK
+
+
+def _record_lineage(worker: BaseWorker, op: Any, arguments: tuple, args: Any, kwargs: dict, found: dict,
+                    sender: str, written: set | None) -> Any:
+    """Governance (#16): the command's lineage (None: nothing derives from owner data), after tainting what it
+    wrote. ``arguments``: (args, kwargs) as resolved, before worker functions got copies of protected ones: the
+    op line names the stored objects where they stand."""
+    from veil.governance import provenance
+
+    inputs = {id(e.obj): oid for oid, e in found.items()}
+    lineage = provenance.lineage_of(op.name, tuple(arguments[0]), inputs, found, arguments[1])
+    provenance.taint_writes(worker, lineage, op, tuple(args), kwargs, found, sender, written)
+    return lineage
 
 
 def _owner_checks(worker: BaseWorker, principal: Principal, op: Any, purpose: Purpose, args: list, kwargs: dict,

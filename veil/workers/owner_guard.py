@@ -26,7 +26,7 @@ import contextlib
 import inspect
 import logging
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -258,39 +258,50 @@ def _storage_key(value: Any) -> int | None:
     return None
 
 
-class _WriteRefusal(TorchDispatchMode):
-    """Refuses every ATen op whose schema writes an argument stored in ``protected``."""
+def written_values(func: Any, args: tuple, kwargs: dict) -> Iterator[tuple[str, Any]]:
+    """(argument name, value) of every tensor (or storage) the ATen op ``func`` writes in this call."""
+    for pos, name, flag_pos in _written_positions(func):
+        value = args[pos] if pos < len(args) else kwargs.get(name)
+        if value is None:
+            continue
+        if flag_pos >= 0:
+            flag_name = func._schema.arguments[flag_pos].name
+            flag = args[flag_pos] if flag_pos < len(args) else kwargs.get(flag_name, True)
+            if flag is False:
+                continue
+        for leaf in value if isinstance(value, (list, tuple)) else (value,):
+            yield name, leaf
 
-    def __init__(self, op_name: str, protected: set[int], worker_id: str) -> None:
+
+class _WriteRefusal(TorchDispatchMode):
+    """Refuses every ATen op whose schema writes an argument stored in ``protected``; adds the storage of
+    every argument written to ``written`` when given (what provenance taints)."""
+
+    def __init__(self, op_name: str, protected: set[int], worker_id: str, written: set[int] | None) -> None:
         super().__init__()
-        self.op_name, self.protected, self.worker_id = op_name, protected, worker_id
+        self.op_name, self.protected, self.worker_id, self.written = op_name, protected, worker_id, written
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        for pos, name, flag_pos in _written_positions(func):
-            value = args[pos] if pos < len(args) else kwargs.get(name)
-            if value is None:
-                continue
-            if flag_pos >= 0:
-                flag_name = func._schema.arguments[flag_pos].name
-                flag = args[flag_pos] if flag_pos < len(args) else kwargs.get(flag_name, True)
-                if flag is False:
-                    continue
-            for leaf in value if isinstance(value, (list, tuple)) else (value,):
-                if _storage_key(leaf) in self.protected:
-                    raise _refuse(f"{self.op_name} ({func._schema.name} writes {name!r})", self.worker_id)
+        for name, leaf in written_values(func, args, kwargs):
+            key = _storage_key(leaf)
+            if key in self.protected:
+                raise _refuse(f"{self.op_name} ({func._schema.name} writes {name!r})", self.worker_id)
+            if self.written is not None and key is not None:
+                self.written.add(key)
         return func(*args, **kwargs)
 
 
 _NO_GUARD = contextlib.nullcontext()
 
 
-def refuse_writes(op_name: str, protected: set[int], worker_id: str) -> contextlib.AbstractContextManager:
-    """A context in which writes into ``protected`` storage are refused (a shared no-op when empty:
-    commands on the client's own data pay nothing)."""
-    if not protected:
+def refuse_writes(op_name: str, protected: set[int], worker_id: str,
+                  written: set[int] | None = None) -> contextlib.AbstractContextManager:
+    """A context in which writes into ``protected`` storage are refused and the storages written are added to
+    ``written`` (a shared no-op when both are absent: commands on the client's own data pay nothing)."""
+    if not protected and written is None:
         return _NO_GUARD
-    return _WriteRefusal(op_name, protected, worker_id)
+    return _WriteRefusal(op_name, protected, worker_id, written)
 
 
 def copy_aliases(result: Any, protected: set[int]) -> Any:
