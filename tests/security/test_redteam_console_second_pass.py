@@ -265,6 +265,22 @@ def test_a_link_cannot_fake_a_disconnect_confirmation(served):
     assert "revoked:" not in owner.get("/sessions", params={"revoked": "mallory"}).text
 
 
+def test_a_reason_cannot_reorder_or_break_what_the_owner_reads(served):
+    """Attack: a scientist's reason carries bidi controls (U+202E, U+061C) and a line separator (U+2028):
+    HTML escaping leaves them raw, and the browser then shows the reason's text reordered. Must hold: the
+    request list and the request page show them escaped (``\\u202e``), as ``veil requests`` prints them."""
+    w, client = served
+    reason = "release the means\u202e sdrocer lla\u061c\u2028approved by the owner"
+    rid = w.search(["#ward"])[0].copy().request(reason=reason)["id"]
+    owner = client()
+    _login(owner)
+    for path in ("/requests", f"/requests/{rid}"):
+        page = owner.get(path)
+        assert page.status_code == 200, path
+        assert not any(c in page.text for c in "\u202e\u061c\u2028"), path
+        assert "\\u202e" in page.text and "\\u2028" in page.text, path
+
+
 def test_budgets_page_stays_bounded_however_many_charges_a_scientist_makes(served):
     """Attack: a scientist with a DP budget makes many tiny releases (epsilon down to MIN_EPSILON = 1e-6,
     so a budget of 1.0 allows a million charges). ``views.budgets`` reads the whole charge history and

@@ -20,6 +20,7 @@ from veil.exceptions import VeilError
 from veil.governance.console import views
 from veil.governance.console.auth import COOKIE, LOGIN_COOKIE, ConsoleAuth, ConsoleSession
 from veil.governance.console.svg import budget_svg, graph_svg
+from veil.governance.cli import shown
 from veil.governance.graphtext import render_graph
 from veil.governance.policy import set_policy
 from veil.governance.revocation import revocable_users
@@ -106,6 +107,9 @@ def build_app(worker: Any, allowed_hosts: list[str], session_host: str | None = 
     templates.env.globals.update(ago=views.ago, policies=POLICIES, states=STATES)
     templates.env.filters["fmt_time"] = lambda ts: "-" if not ts else time.strftime("%Y-%m-%d %H:%M:%S",
                                                                                      time.localtime(ts))
+    # a scientist's text (a request's reason) with bidi, zero-width and line-separator characters escaped as
+    # `veil requests` prints it: HTML escaping alone lets U+202E reorder what the owner reads
+    templates.env.filters["shown"] = shown
 
     def render(request: Request, session: ConsoleSession | None, name: str, **ctx: Any) -> Response:
         pending = 0
