@@ -198,6 +198,8 @@ CREATE TABLE IF NOT EXISTS release_requests (
     decided_by TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS release_requests_by_object ON release_requests (object_id, principal);
+-- a denial holds for the value (governance.release.decide looks it up before filing any request)
+CREATE INDEX IF NOT EXISTS release_requests_by_digest ON release_requests (principal, digest);
 """
 
 
