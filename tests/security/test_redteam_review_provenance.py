@@ -162,26 +162,20 @@ def test_running_statistics_written_from_review_data_wait_for_review(hook, owner
     assert torch.equal(dict(owner.monitor.owner_entries())[x.id_at_location].obj, SECRET)
 
 
-def test_a_denied_value_cannot_be_refiled_as_a_fresh_request(owner):
+def test_a_denied_value_asked_again_is_flagged_to_the_owner(owner):
     """Attack: the owner denies ``x * 1`` (raw records). The scientist computes the very same value again under a
-    new id (``x * 1``, ``x + 0``, ...) and asks again, as often as it likes (100 pending at a time): each is a
-    fresh pending request with a new id whose record says nothing of the denial, so the owner is asked the same
-    question until one click goes wrong. Must hold: the same user asking for the same bytes (same digest) that
-    the owner denied is refused as denied, or the new request at least names the earlier denial (fixed: refused,
-    ``RequestDeniedError`` naming the earlier request and the owner's message)."""
+    new id (``x * 1``, ``x + 0``, ...) and asks again, as often as it likes (100 pending at a time): each was a
+    fresh pending request whose record said nothing of the denial, so the owner was asked the same question
+    until one click went wrong. Must hold: the owner's preview of the new request names the earlier denial.
+    The scientist is answered as for any fresh value (pending): refusing it at once answered "does this value
+    equal the denied one?", an oracle on review data (tests/security/test_redteam_today_second_pass.py)."""
     rid = _pending((_data(owner) * 1).get)
     owner.release_requests.deny(rid, "row-level data stays here")
     again = _data(owner) + 0  # the same value, a new object id
-    try:
+    with pytest.raises(ReviewPendingError) as e:
         again.get()
-    except RequestDeniedError:
-        return
-    except ReviewPendingError as e:
-        new = owner.release_requests.get(e.request_id)
-        assert new.id != rid
-        assert rid in json.dumps(new.to_dict()) or "denied" in json.dumps(new.to_dict()), new.to_dict()
-        return
-    pytest.fail("the denied value was released")
+    assert e.value.request_id != rid
+    assert f"the same bytes as denied request {rid}" in owner.release_requests.preview(e.value.request_id)
 
 
 def test_a_share_of_review_data_is_not_shown_as_the_scientists_own_tensor(hook, owner):

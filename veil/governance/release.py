@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from veil.exceptions import PermissionDeniedError, RequestDeniedError, ReviewPendingError
-from veil.governance.provenance import sources_of
+from veil.governance.provenance import ROOT, sources_of
 from veil.governance.requests import ReviewQueue, digest
 from veil.governance.state import _STATE, audit, governance
 
@@ -64,7 +64,9 @@ def decide(worker: Any, oid: int, entry: Any, user: str, session: str = "-", rea
         queue = ReviewQueue(worker)
         req = queue.latest_for(oid, user)
         current = digest(entry.obj)
-        if req is not None and req.digest == current:
+        # the same request only while the object is as filed: bytes and op graph (an object rewritten in place
+        # to a probe that happens to equal the denied bytes must not answer "denied": that told the probe's value)
+        if req is not None and req.digest == current and req.root == entry.meta.get(ROOT, ""):
             if req.state == "pending":
                 if reason:
                     queue.update_reason(req.id, reason)
@@ -76,11 +78,9 @@ def decide(worker: Any, oid: int, entry: Any, user: str, session: str = "-", rea
                     queue.mark_released(req.id)
                     audit(worker, "release", user, session, [oid], "allowed", f"{req.id} approved by {req.decided_by}")
                 return Allow(req.id)
-        # the owner said no to these bytes for this user: asking again under a new id is the same question
-        denied = queue.denied_for(current, user)
-        if denied is not None:
-            return Denied(denied.id, denied.message)
-        # none yet, the last one was used up, or the value changed since: a new request
+        # none yet (a value whose bytes a denied request of this user already has is filed like any other: a
+        # different answer would tell the scientist whether a fresh value equals the denied one; the owner's
+        # preview flags it instead, ReviewQueue.preview), the last one was used up, or the value changed since: a new request
         return Pending(queue.file(oid, entry, user, session, reason or "").id)
 
 

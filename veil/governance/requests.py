@@ -195,7 +195,9 @@ class ReviewQueue:
         return found[0] if found else None
 
     def denied_for(self, value_digest: str, principal: str) -> ReleaseRequest | None:
-        """The user's newest denied request for the same bytes (under any object id), if any."""
+        """The user's newest denied request for the same bytes (under any object id), if any: the owner's preview
+        flags a request asking again for what was denied (never the scientist's answer: that would be an
+        equality oracle on review data)."""
         found = self._rows("WHERE digest = ? AND principal = ? AND state = 'denied'", (value_digest, principal), 1)
         return found[0] if found else None
 
@@ -209,7 +211,10 @@ class ReviewQueue:
         if entry is None:
             return "(the object is gone: the scientist freed it or disconnected)"
         changed = "" if digest(entry.obj) == req.digest else "  (CHANGED since the request was filed)"
-        return preview(entry.obj) + changed
+        denied = self.denied_for(req.digest, req.principal)
+        again = f"  (the same bytes as denied request {denied.id})" if denied is not None and denied.id != req.id \
+            else ""  # (owner only: the scientist is answered as for any fresh value)
+        return preview(entry.obj) + changed + again
 
     # ----------------------------------------------------------- writing
 
