@@ -608,11 +608,11 @@ def test_unfinished_handshakes_past_the_caps_drop_the_oldest_and_an_oversized_re
     assert dropped == [("10.0.0.1", "too many unfinished opening handshakes from this address")]
     b = [conn() for _ in range(3)]
     for c in b:
-        openings.add(c, "10.0.0.2")  # the 3rd is the 6th in all: the oldest of the busiest address goes
+        openings.add(c, "10.0.1.2")  # another /24, another source; the 3rd is the 6th in all: the busiest loses one
     assert [d[0] for d in dropped] == ["10.0.0.1", "10.0.0.1"]
     assert [c.transport.aborted for c in a] == [True, True, False, False]
     assert openings.received(b[0], 2048) and not openings.received(b[0], 1)
-    assert dropped[-1] == ("10.0.0.2", "opening request over 2 KiB") and b[0].transport.aborted
+    assert dropped[-1] == ("10.0.1.2", "opening request over 2 KiB") and b[0].transport.aborted
     openings.discard(a[3])  # its request is whole: no longer counted
     openings.add(conn(), "10.0.0.3")
     assert len(dropped) == 3

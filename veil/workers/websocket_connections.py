@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import logging
+import secrets
 import time
 from http import HTTPStatus
 from typing import Any
@@ -82,33 +84,53 @@ async def _receive(ws: ServerConnection) -> Any:
 
 
 
+def source_of(address: str) -> str:
+    """The source a connection's address counts as: one host may hold many addresses (every 127.0.0.0/8 one on
+    Linux without privileges, an IPv6 /64), so loopback is one source, IPv6 is grouped by /64 and IPv4 by /24."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return "loopback"
+    prefix = 24 if ip.version == 4 else 64
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
 class OpeningConnections:
     """Connections whose opening request has not arrived whole (``LaneConnection`` reports them): each may
     send at most :data:`MAX_OPENING_BYTES` before it, and at most ``limit`` of them (``per_address`` from
-    one address) are kept; past that the oldest is dropped. ``on_drop(address, reason)`` audits a drop."""
+    one source, :func:`source_of`) are kept; past that the oldest is dropped. ``on_drop(address, reason)``
+    audits a drop."""
 
     def __init__(self, on_drop: Any = None, limit: int = MAX_OPENING, per_address: int = MAX_OPENING_PER_ADDRESS,
                  max_bytes: int = MAX_OPENING_BYTES) -> None:
         self.on_drop, self.limit, self.per_address, self.max_bytes = on_drop, limit, per_address, max_bytes
-        self._by_address: dict[str, dict[Any, int]] = {}  # address -> {connection: bytes so far}, oldest first
-        self._address: dict[Any, str] = {}
+        self._by_address: dict[str, dict[Any, int]] = {}  # source -> {connection: bytes so far}, oldest first
+        self._address: dict[Any, tuple[str, str]] = {}  # connection -> (its source, its own address: audited)
 
     def add(self, connection: Any, address: str) -> None:
-        mine = self._by_address.get(address)
+        source = source_of(address)
+        mine = self._by_address.get(source)
         if mine is not None and len(mine) >= self.per_address:
             self._drop(next(iter(mine)), "too many unfinished opening handshakes from this address")
         elif len(self._address) >= self.limit:
-            busiest = max(self._by_address.values(), key=len)
+            # the busiest source loses its oldest; among equally busy ones (a flood from many sources, one each)
+            # a random one, so a lone client's handshake is not always the one to go
+            most = max(len(held) for held in self._by_address.values())
+            busiest = secrets.choice([held for held in self._by_address.values() if len(held) == most])
             self._drop(next(iter(busiest)), "too many unfinished opening handshakes")
-        self._by_address.setdefault(address, {})[connection] = 0
-        self._address[connection] = address
+        self._by_address.setdefault(source, {})[connection] = 0
+        self._address[connection] = (source, address)
 
     def received(self, connection: Any, nbytes: int) -> bool:
         """Counts bytes of an opening request; False: past :data:`MAX_OPENING_BYTES` (dropped)."""
-        address = self._address.get(connection)
-        if address is None:
+        held = self._address.get(connection)
+        if held is None:
             return True
-        mine = self._by_address[address]
+        mine = self._by_address[held[0]]
         mine[connection] += nbytes
         if mine[connection] <= self.max_bytes:
             return True
@@ -117,15 +139,15 @@ class OpeningConnections:
 
     def discard(self, connection: Any) -> None:
         """The connection's request is whole (or it closed)."""
-        address = self._address.pop(connection, None)
-        if address is not None:
-            mine = self._by_address[address]
+        held = self._address.pop(connection, None)
+        if held is not None:
+            mine = self._by_address[held[0]]
             del mine[connection]
             if not mine:
-                del self._by_address[address]
+                del self._by_address[held[0]]
 
     def _drop(self, connection: Any, reason: str) -> None:
-        address = self._address.get(connection, "?")
+        address = self._address.get(connection, ("?", "?"))[1]
         self.discard(connection)
         connection.transport.abort()
         if self.on_drop is not None:
