@@ -65,8 +65,9 @@ class NetworkWorker:
         return int(port)
 
 
-#: connections one principal may hold on a cluster's worker: all of ``veil worker``'s 64 (see worker_args)
-SERVING_SESSIONS_PER_PRINCIPAL = 64
+#: connections one principal may hold on a cluster's worker (see worker_args): three quarters of ``veil
+#: worker``'s 64, so the clients (one shared token) cannot lock the model owner out, nor the owner them
+SERVING_SESSIONS_PER_PRINCIPAL = 48
 
 
 class Cluster:
@@ -128,7 +129,7 @@ class Cluster:
         args = ["--host", w.host, f"--token={self.owner_token}", "--token-user", OWNER_USER,
                 f"--ping-interval={self.ping_interval}",
                 # a serving worker's principals are the model owner (one connection per shared model) and its
-                # clients (one shared token): no per-principal share of the 64 slots (peers keep theirs)
+                # clients (one shared token): a larger share of the 64 slots each than a data worker gives
                 f"--max-sessions-per-principal={SERVING_SESSIONS_PER_PRINCIPAL}"]
         if self.auto_managed:  # on this machine, beside the process that drives the rounds (veil.workers.scheduling)
             args += ["--sched", "batch"]
