@@ -170,6 +170,32 @@ def test_one_serving_client_cannot_lock_the_model_owner_out_of_a_cluster_worker(
 # ------------------------------------------------------------------------------------------- defences that held
 
 
+def test_unfinished_handshakes_past_the_caps_drop_the_oldest_and_an_oversized_request():
+    """The bookkeeping behind the handshake test, in process: past the per-address cap the oldest
+    connection of that address is dropped, past the global cap the oldest of the busiest address, and a
+    connection whose opening request passes the byte cap is dropped; each drop is audited."""
+    def conn():
+        return _Conn("c")
+
+    dropped = []
+    openings = OpeningConnections(on_drop=lambda address, reason: dropped.append((address, reason)),
+                                  limit=5, per_address=3, max_bytes=2048)
+    a = [conn() for _ in range(4)]
+    for c in a:
+        openings.add(c, "10.0.0.1")
+    assert dropped == [("10.0.0.1", "too many unfinished opening handshakes from this address")]
+    b = [conn() for _ in range(3)]
+    for c in b:
+        openings.add(c, "10.0.1.2")  # another /24, another source; the 3rd is the 6th in all: the busiest loses one
+    assert [d[0] for d in dropped] == ["10.0.0.1", "10.0.0.1"]
+    assert [c.aborted for c in a] == [True, True, False, False]
+    assert openings.received(b[0], 2048) and not openings.received(b[0], 1)
+    assert dropped[-1] == ("10.0.1.2", "opening request over 2 KiB") and b[0].aborted
+    openings.discard(a[3])  # its request is whole: no longer counted
+    openings.add(conn(), "10.0.0.3")
+    assert len(dropped) == 3
+
+
 def test_the_busiest_address_loses_its_oldest_handshake_not_a_lone_client():
     """Attack: one address floods ``MAX_OPENING`` unfinished handshakes after a lone client opened one. Must
     hold: the flooder's own oldest is dropped (its per-address cap), the lone client's handshake is kept, and
