@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from veil.exceptions import PermissionDeniedError, RequestDeniedError, ReviewPendingError
-from veil.governance.provenance import ROOT, sources_of
+from veil.governance.graphtext import render_graph
+from veil.governance.provenance import GRAPH, ROOT, sources_of
 from veil.governance.requests import ReviewQueue, digest
 from veil.governance.state import _STATE, audit, governance
 
@@ -64,9 +65,11 @@ def decide(worker: Any, oid: int, entry: Any, user: str, session: str = "-", rea
         queue = ReviewQueue(worker)
         req = queue.latest_for(oid, user)
         current = digest(entry.obj)
-        # the same request only while the object is as filed: bytes and op graph (an object rewritten in place
-        # to a probe that happens to equal the denied bytes must not answer "denied": that told the probe's value)
-        if req is not None and req.digest == current and req.root == entry.meta.get(ROOT, ""):
+        # the same request only while the object is as filed: its bytes and the computation that made them (an
+        # object rewritten in place to a probe equal to the denied bytes answered "denied", any other probe
+        # "pending": the probe's value; the same computation redone under the same id, after a restart, matches)
+        if req is not None and req.digest == current and computation(req.graph, req.root) == \
+                computation(entry.meta.get(GRAPH) or {}, entry.meta.get(ROOT, "")):
             if req.state == "pending":
                 if reason:
                     queue.update_reason(req.id, reason)
@@ -82,6 +85,12 @@ def decide(worker: Any, oid: int, entry: Any, user: str, session: str = "-", rea
         # different answer would tell the scientist whether a fresh value equals the denied one; the owner's
         # preview flags it instead, ReviewQueue.preview), the last one was used up, or the value changed since: a new request
         return Pending(queue.file(oid, entry, user, session, reason or "").id)
+
+
+def computation(graph: dict, root: str) -> tuple:
+    """An op graph as the owner reads it (node ids are random per command: names come from the order), so the
+    same computation redone compares equal and any other does not."""
+    return tuple(render_graph(graph, root))
 
 
 def enforce(worker: Any, oid: int, entry: Any, user: str, session: str = "-", purpose: str = "get") -> None:
