@@ -140,8 +140,14 @@ def test_four_processes_never_overspend_a_shared_budget(pg_url):
     assert len(history) == round(spent / amount)
 
 
-def test_worker_cli_refuses_an_unreachable_db_without_printing_its_password():
+def test_worker_cli_refuses_an_unreachable_db_without_printing_its_password(monkeypatch):
     from veil.cli import main
+    from veil.workers import memory_policy
+
+    # `veil worker` in this process: not its process-wide settings (an address-space cap the size of the
+    # machine's memory, inherited by every later child: Chromium's reservations then die with SIGTRAP)
+    monkeypatch.setattr(memory_policy, "limit_address_space", lambda mb: None)
+    monkeypatch.setattr(memory_policy, "keep_freed_memory", lambda: True)
 
     with pytest.raises(SystemExit) as err:
         main(["worker", "--id", "x", "--token", "t" * 20, "--db", "postgresql://owner:pw-s3cret@127.0.0.1:1/db"])
