@@ -431,6 +431,7 @@ def test_unfinished_fragmented_requests_stay_within_the_session_quota(spawn):
             c.close()
 
 
+@pytest.mark.slow  # (~7 s, a defence that held; VEIL_SLOW=1)
 def test_endless_tiny_continuation_fragments_keep_memory_flat_and_others_served(spawn):
     """Attack: a scientist starts a binary message and sends continuation frames of 0 and 1 byte without end
     (millions of frames, no FIN). Must hold: another scientist's requests are answered throughout, and the
