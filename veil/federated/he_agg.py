@@ -279,8 +279,7 @@ class EncryptedAggregation:
             raise EncryptedAggregationError(f"the decrypted sum exceeds the value bound ({self.value_bound:g} times "
                                             "the clients' weight): a crafted ciphertext, or raise value_bound; "
                                             "round refused, nothing released")
-        noise = flooding.gaussian(flat.numel(), flooding.sigma(self.context.global_scale))
-        return flat.to(torch.float64) + torch.from_numpy(noise)
+        return flat.to(torch.float64) + flooding.gaussian(flat.numel(), flooding.sigma(self.context.global_scale))
 
     @staticmethod
     def _free(owner: Any, made: list) -> None:

@@ -136,8 +136,7 @@ def decrypt_update(
             raise EncodingOverflowError(f"parameter {name!r}: the decrypted sum exceeds {bound:g} times the "
                                         "aggregate's weight (a crafted ciphertext?); refused")
         if isinstance(t, CKKSTensor):
-            noise = flooding.gaussian(plain.numel(), flooding.sigma(t.context.global_scale))
-            plain = plain + torch.from_numpy(noise).reshape(plain.shape)
+            plain = plain + flooding.gaussian(plain.numel(), flooding.sigma(t.context.global_scale)).reshape(plain.shape)
         if average:
             plain = plain / aggregate.weight
         out[name] = plain.to(aggregate.dtypes.get(name, torch.float32)).reshape(aggregate.shapes[name])

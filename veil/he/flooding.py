@@ -14,10 +14,9 @@ crafted ciphertext's: whoever decrypts must also refuse values no honest ciphert
 
 from __future__ import annotations
 
-import math
-import os
+import torch
 
-import numpy as np
+from veil.dp.core import secure_normal
 
 #: noise of a fresh CKKS encryption, or a sum of a few, at scale 2**40 and 8192 slots: ~1e-9 (2**-30) per value,
 #: ~2e-8 (2**-25.5) the largest of 4096; it scales as 1 / scale. sigma = 2**19 / scale (2**-21 at 2**40): a KL
@@ -34,12 +33,7 @@ def sigma(scale: float, product: bool = False) -> float:
     return 2.0 ** (PRODUCT_LOG2 if product else FRESH_LOG2) / float(scale)
 
 
-def gaussian(count: int, std: float) -> np.ndarray:
-    """``count`` Gaussian samples of standard deviation ``std`` from the operating system's CSPRNG
-    (Box-Muller on 53-bit uniforms): seeding Python's, NumPy's or torch's generators predicts nothing."""
-    if count <= 0:
-        return np.zeros(0)
-    raw = np.frombuffer(os.urandom(16 * count), dtype=np.uint64).reshape(2, count) >> np.uint64(11)
-    u1 = (raw[0].astype(np.float64) + 1.0) * 2.0**-53  # (0, 1]: log(u1) is finite
-    u2 = raw[1].astype(np.float64) * 2.0**-53
-    return std * np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2)
+def gaussian(count: int, std: float) -> torch.Tensor:
+    """``count`` float64 Gaussian samples of standard deviation ``std`` from the DP core's CSPRNG sampler
+    (seeding Python's, NumPy's or torch's generators predicts nothing)."""
+    return secure_normal(count) * std
