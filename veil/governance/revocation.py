@@ -108,12 +108,10 @@ def _unstored(worker: Any) -> set:
 def _report_damaged(worker: Any, names: list[str]) -> None:
     """Logs each newly unreadable record once (the sync runs every second); the name keeps the state it has
     here, so a damaged row neither lets a revoked name in nor stops the other names' decisions syncing."""
-    seen = _DAMAGED.setdefault(worker, set())
-    for name in set(names) - seen:
+    for name in set(names) - _DAMAGED.get(worker, set()):
         log.error("worker %s: stored revocation %r is unreadable; %r keeps its current state here (%s)",
                   worker.id, name, name, "revoked" if name in worker.tokens.revoked else "admitted")
-    seen.intersection_update(names)
-    seen.update(names)
+    _DAMAGED[worker] = set(names)  # (a row mended and damaged again is logged again)
 
 
 def _holds_admin(worker: Any, name: str) -> bool:
