@@ -190,17 +190,9 @@ class GRU(RNNBase):
 
     CELL = GRUCell
 
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs.pop("nonlinearity", None)
-        super().__init__(*args, **kwargs)
-
 
 class LSTM(RNNBase):
     """As ``torch.nn.LSTM``; ``forward(x, (h0, c0))`` returns ``(output, (h_n, c_n))``."""
 
     CELL = LSTMCell
     IS_LSTM = True
-
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs.pop("nonlinearity", None)
-        super().__init__(*args, **kwargs)
