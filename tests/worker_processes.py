@@ -45,11 +45,12 @@ def peer_mesh_args(name: str, ports: dict, token_of) -> list[str]:
 
 
 def spawned_workers() -> Iterator:
-    """Yields ``spawn(id, args, port=0) -> WorkerProcess``; every process is killed afterwards, pass or fail."""
+    """Yields ``spawn(id, args, port=0, **start_worker_options) -> WorkerProcess``; every process is killed
+    afterwards, pass or fail."""
     procs = []
 
-    def start(worker_id: str, args: list[str], port: int = 0):
-        wp = start_worker(worker_id, args, port=port)
+    def start(worker_id: str, args: list[str], port: int = 0, **options):
+        wp = start_worker(worker_id, args, port=port, **options)
         procs.append(wp)
         return wp
 

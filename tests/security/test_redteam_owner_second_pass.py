@@ -47,25 +47,18 @@ def test_a_userinfo_password_holding_a_question_mark_or_hash_is_never_printed(ur
     assert "cannot connect" in str(info.value) and SECRET not in str(info.value), str(info.value)
 
 
-def test_the_client_key_passphrase_is_never_printed():
-    """Attack: the owner authenticates with a client certificate whose key is encrypted and gives libpq the
-    passphrase as ``sslpassword`` (a documented libpq parameter, as secret as ``password``). A local user reads
-    the start-up summary, the worker's log or the unreachable-database error line. Must hold: redact masks it
-    like ``password`` (today ``[?&]password=`` does not match inside ``&sslpassword=``)."""
-    url = f"postgresql://alice@127.0.0.1:1/alice_state?sslmode=prefer&connect_timeout=2&sslpassword={SECRET}"
-    assert conninfo_to_dict(url)["sslpassword"] == SECRET
-    assert SECRET not in redact(url), redact(url)
-    with pytest.raises(ConnectionError) as info:
-        Database(url, timeout=2)
-    assert SECRET not in str(info.value), str(info.value)
-
-
-def test_a_percent_encoded_password_parameter_is_never_printed():
-    """Attack: the URL names the parameter percent-encoded (``?%70assword=...``: libpq decodes parameter names
-    as well as values, so this is the password). A local user reads the unreachable-database error line.
-    Must hold: the password appears in neither ``redact``'s output nor the error."""
-    url = f"postgresql://alice@127.0.0.1:1/alice_state?connect_timeout=2&%70assword={SECRET}"
-    assert conninfo_to_dict(url)["password"] == SECRET
+@pytest.mark.parametrize("query, parameter", [(f"sslmode=prefer&connect_timeout=2&sslpassword={SECRET}", "sslpassword"),
+                                              (f"connect_timeout=2&%70assword={SECRET}", "password")],
+                         ids=["sslpassword", "percent-encoded-name"])
+def test_a_password_parameter_is_never_printed(query, parameter):
+    """Attack: the URL carries a secret as a query parameter redact did not recognise: the client key's
+    passphrase as ``sslpassword`` (a documented libpq parameter, as secret as ``password``; ``[?&]password=``
+    does not match inside ``&sslpassword=``), or the password under a percent-encoded name (``?%70assword=``:
+    libpq decodes parameter names as well as values). A local user reads the start-up summary, the worker's
+    log or the unreachable-database error line. Must hold: the secret appears in neither ``redact``'s output
+    nor the error."""
+    url = f"postgresql://alice@127.0.0.1:1/alice_state?{query}"
+    assert conninfo_to_dict(url)[parameter] == SECRET  # libpq reads it as that parameter
     assert SECRET not in redact(url), redact(url)
     with pytest.raises(ConnectionError) as info:
         Database(url, timeout=2)
@@ -192,15 +185,7 @@ def test_a_worker_argument_reaches_the_worker_as_one_argument_or_is_refused(monk
     assert seen == [args], seen
 
 
-@pytest.fixture
-def worker_procs():
-    procs: list = []
-    yield procs
-    for p in procs:
-        p.kill()
-
-
-def test_a_read_only_state_database_tells_the_scientist_only_that_it_is_unavailable(pg_url, worker_procs):
+def test_a_read_only_state_database_tells_the_scientist_only_that_it_is_unavailable(pg_url, spawn):
     """Attack: the owner's PostgreSQL fails over and the worker's reconnect lands on a server that takes no
     writes (a standby, or a database set read-only during maintenance): a common outage mode. A scientist keeps
     sending DP releases and gets, and reads the error text. Must hold, as for a server that is down: every
@@ -210,10 +195,8 @@ def test_a_read_only_state_database_tells_the_scientist_only_that_it_is_unavaila
 
     import veil as sy
     from tests.security.test_redteam_postgres import _scientist, _worker_args
-    from veil.workers.websocket_launcher import start_worker
 
-    wp = start_worker("alice-ro", _worker_args(pg_url), port=0, ready_timeout=120)
-    worker_procs.append(wp)
+    wp = spawn("alice-ro", _worker_args(pg_url), ready_timeout=120)
     ana = _scientist(wp)
     try:
         (target,) = ana.search(["#boston", "#target"])
