@@ -6,8 +6,12 @@ unknown token (``TokenTable.lookup``), and every open session of that name is cl
 session-end path). The decision is stored in the owner database (``kv`` namespace
 ``governance.revoked``, key: the name, value ``{"revoked", "by", "ts"}``), like run-time policies: restored
 when a worker starts (a restart with the same ``--user`` keeps the name out) and reread by every replica
-sharing the database once a second (:func:`sync_stored_revocations`). :func:`readmit` stores
-``revoked: false`` rather than deleting the row, so replicas readmit too.
+sharing the database once a second (:func:`sync_stored_revocations`, outside the worker's turn: a long
+command does not delay it). :func:`readmit` stores ``revoked: false`` rather than deleting the row, so
+replicas readmit too.
+
+A revoked name that is also one of this worker's peers (``--peer NAME=...``) loses the link this worker
+opened to it as well (:func:`cut_peer_link`): no peer fetch, move or pointer chain reaches it until readmitted.
 """
 
 from __future__ import annotations
@@ -48,9 +52,9 @@ def _principals(worker: Any, name: str) -> list:
 def revoke(worker: Any, name: str, by: str = "owner") -> int:
     """Refuses every token of principal ``name`` from now on and closes its open sessions; returns how many
     sessions were closed. Refused (PermissionDeniedError) for the admin role, ObjectNotFoundError for a
-    name this worker has no token for."""
+    name this worker has neither a token nor a peer link for."""
     found = _principals(worker, name)
-    if not found:
+    if not found and name not in getattr(worker, "peers", {}):  # (a peer reached with --peer only may go too)
         raise ObjectNotFoundError(f"worker {worker.id!r} has no user named {name!r} (see `veil users list`)")
     if any(p.role == "admin" for p in found):
         raise PermissionDeniedError(f"{name!r} holds the admin role, which cannot be revoked (restart the worker "
@@ -60,7 +64,7 @@ def revoke(worker: Any, name: str, by: str = "owner") -> int:
         _unstored(worker).add(name)  # until stored, the sync must not take an older row's "readmitted"
         _store(worker, name, True, by)
         _unstored(worker).discard(name)
-    roles = ", ".join(sorted({p.role for p in found}))
+    roles = ", ".join(sorted({p.role for p in found})) or "peer link"
     _audit(worker, "revoke", by, f"revoked {name} ({roles}); {closed} open session(s) closed")
     return closed
 
@@ -72,7 +76,7 @@ def readmit(worker: Any, name: str, by: str = "owner") -> None:
             raise ObjectNotFoundError(f"{name!r} is not revoked on worker {worker.id!r}")
         _store(worker, name, False, by)  # stored first: if storing fails the name stays out
         _unstored(worker).discard(name)
-        worker.tokens.readmit(name)
+        _readmit_in_force(worker, name)
     _audit(worker, "readmit", by, f"readmitted {name}")
 
 
@@ -95,9 +99,27 @@ def _put_in_force(worker: Any, name: str) -> int:
     worker.tokens.revoke(name)
     close = getattr(worker, "close_sessions_of", None)
     closed = close(name, "access revoked by the data owner") if close is not None else 0
+    cut_peer_link(worker, name)
     for handler in REVOKE_HANDLERS:
         handler(worker, name)
     return closed
+
+
+def _readmit_in_force(worker: Any, name: str) -> None:
+    worker.tokens.readmit(name)
+    admit = getattr(getattr(worker, "peers", {}).get(name), "admit", None)
+    if admit is not None:
+        admit()
+
+
+def cut_peer_link(worker: Any, name: str) -> None:
+    """The link this worker opened to peer ``name`` (``--peer NAME=...``: peer fetches, moves, pointer chains)
+    closes, a request in flight on it included, and refuses every request until ``name`` is readmitted:
+    revoking a peer's token must also stop this worker sending it anything (``resolve_worker`` refuses the
+    name too; this covers a link an object already holds)."""
+    refuse = getattr(getattr(worker, "peers", {}).get(name), "refuse", None)
+    if refuse is not None:
+        refuse("the data owner revoked this peer")
 
 
 def _unstored(worker: Any) -> set:
@@ -175,7 +197,7 @@ def sync_stored_revocations(worker: Any) -> list[str]:
                 detail = f"revoked {name} (the owner's stored decision, made on another replica); {closed} open " \
                          "session(s) closed"
             else:
-                worker.tokens.readmit(name)
+                _readmit_in_force(worker, name)
                 detail = f"readmitted {name} (the owner's stored decision, made on another replica)"
             _audit(worker, "revoke" if revoked else "readmit", "owner", detail)
             changed.append(name)

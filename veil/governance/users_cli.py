@@ -6,6 +6,11 @@ Example::
     veil users revoke mallory --worker 127.0.0.1:8777     # refused at every later handshake, sessions closed
     veil users restore mallory --worker 127.0.0.1:8777    # let the same tokens in again
 
+A revocation is in force when ``revoke`` returns, whatever the worker is running (the worker answers it
+without waiting for its turn): the name's tokens are refused, its connections closed, a command of its that is
+running stops at its next checkpoint and its result is never sent, and the worker's own link to a peer of that
+name is closed. Replicas sharing the owner database follow within about a second.
+
 The admin token comes from ``$VEIL_ADMIN_TOKEN`` (or ``--admin-token`` in an ``@FILE`` of arguments): never
 write it on the command line, where every local user sees it in ``ps``. Errors are one line (no
 tracebacks); the exit status is 1 for a refused or failed request and 2 for bad arguments.

@@ -382,8 +382,25 @@ class Database:
                 raise
             try:  # (still in the transaction: a connection lost before COMMIT must not reconnect and "commit")
                 self._conn.execute("COMMIT") if self.dialect == "sqlite" else self._pg("COMMIT")
+            except BaseException:
+                self._end_failed_commit()
+                raise
             finally:
                 self._in_transaction = False
+
+    def _end_failed_commit(self) -> None:
+        """A COMMIT that raised (disk full, an I/O error at its fsync, a lock, the watchdog severing it) ends
+        the transaction here: SQLite keeps a transaction open after some failed COMMITs, and then every later
+        write of this worker (the next charge's BEGIN) failed, its half-written rows stayed readable on this
+        connection and its write lock held the file against the owner's other processes. Rolled back, what
+        the caller did not get a COMMIT for is not recorded, and the next transaction starts clean.
+        (PostgreSQL ends a transaction whose COMMIT failed itself; a severed connection is dropped.)"""
+        if self.dialect != "sqlite" or not self._conn.in_transaction:
+            return
+        try:
+            self._conn.execute("ROLLBACK")
+        except sqlite3.Error:  # already rolled back by the error itself
+            pass
 
     def close(self) -> None:
         with self.lock:

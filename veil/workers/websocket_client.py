@@ -114,6 +114,8 @@ class WebsocketClientWorker(BaseWorker):
         self._read_upto = 0  # tickets whose replies were read (or lost), in order
         self._early: dict[int, Any] = {}  # replies read ahead of their collect(), by ticket
         self._lost_tickets: set[int] = set()  # tickets whose connection dropped before they were answered
+        #: why this link may not connect (a server's peer link whose name the owner revoked), "" when it may
+        self.refused = ""
         _watch(self)
         if not lazy:
             with self._lock:
@@ -122,6 +124,8 @@ class WebsocketClientWorker(BaseWorker):
     # ----------------------------------------------------------- connection
 
     def _connect(self) -> BlockingConnection:
+        if self.refused:
+            raise PermissionDeniedError(f"the link to worker {self.id!r} is closed: {self.refused}")
         try:
             conn = BlockingConnection(self.url, self._headers, self._ssl, self.connect_timeout, self.max_message)
         except InvalidStatus as e:
@@ -131,6 +135,9 @@ class WebsocketClientWorker(BaseWorker):
             raise ConnectionLostError(f"worker {self.id!r} at {self.url} refused the connection (HTTP {status})") from None
         except (OSError, TimeoutError, InvalidHandshake) as e:
             raise ConnectionLostError(f"cannot reach worker {self.id!r} at {self.url}: {type(e).__name__}: {e}") from None
+        if self.refused:  # refused while this connection was being made: it never carries a request
+            conn.close()
+            raise PermissionDeniedError(f"the link to worker {self.id!r} is closed: {self.refused}")
         header = conn.response.headers.get(MAX_SIZE_HEADER)
         self._server_max = int(header) if header and header.isdigit() else None
         self._conn = conn
@@ -172,6 +179,16 @@ class WebsocketClientWorker(BaseWorker):
             self._drop()
         finally:
             self._lock.release()
+
+    def refuse(self, reason: str) -> None:
+        """Closes the link and keeps it closed (every later request raises PermissionDeniedError naming
+        ``reason``) until :meth:`admit`: a server's peer link to a worker whose name its owner revoked."""
+        self.refused = reason or "refused"
+        self.close()
+
+    def admit(self) -> None:
+        """Lets a refused link connect again (on its next request)."""
+        self.refused = ""
 
     @property
     def connected(self) -> bool:

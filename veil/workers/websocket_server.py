@@ -55,6 +55,7 @@ from veil.workers.monitor import Principal
 from veil.workers.persistence import OwnerDB
 from veil.workers import handlers as _handlers
 from veil.workers import skeletons as _skeletons
+from veil.governance.users_wire import serve_without_turn
 from veil.workers.websocket_auth import RefusalLog, Session, TokenTable, check_request, run_session_end_handlers
 from veil.workers.websocket_connections import OPEN_TIMEOUT, ConnectionServing, OpeningConnections
 from veil.workers.websocket_transport import SERVER_LOGGER
@@ -195,8 +196,13 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
     # ------------------------------------------------------------ peers
 
     def add_peer(self, worker: BaseWorker) -> None:
-        """Lets this worker reach ``worker`` (moves, pointer chains). Only peers are reachable."""
+        """Lets this worker reach ``worker`` (moves, pointer chains). Only peers are reachable; a peer whose
+        name the owner revoked is not (its link refuses every request until readmitted)."""
         self.peers[worker.id] = worker
+        if worker.id in self.tokens.revoked:
+            from veil.governance.revocation import cut_peer_link
+
+            cut_peer_link(self, worker.id)
 
     def resolve_worker(self, worker_id: str) -> BaseWorker:
         peer = self.peers.get(worker_id)
@@ -204,6 +210,9 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
             raise WorkerNotFoundError(
                 f"worker {self.id!r} has no peer {worker_id!r} (the data owner configures peers with --peer)"
             )
+        if worker_id in self.tokens.revoked:
+            raise PermissionDeniedError(f"worker {self.id!r} no longer reaches peer {worker_id!r}: the data owner "
+                                        "revoked it")
         return peer
 
     # ------------------------------------------------------------ requests
@@ -218,6 +227,10 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
 
         ``decoded``: the request as :meth:`serve_inline` already decoded it for this session."""
         token = token if token is not None else cancellation.CancelToken(seconds=self.max_command_seconds)
+        if session.has_role("admin"):  # the owner's users message (a revocation) does not wait for a long command
+            reply = serve_without_turn(self, data, session, decoded)
+            if reply is not None:
+                return reply
         with self._turn:
             if session.revoked:  # revoked while this request waited for its turn: it never runs
                 return serialize(m.ErrorReply("PermissionDeniedError", "access revoked by the data owner"),
@@ -458,22 +471,43 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
         handler thread in the worker's turn (the policies change what handlers check)."""
         from veil.governance import policy
 
-        while True:
-            await asyncio.sleep(policy.SYNC_SECONDS)
-            try:
-                await self._loop.run_in_executor(self._executor, self.sync_policies_now)
-            except Exception:
-                log.exception("worker %s: could not reread the stored policy decisions", self.id)
+        revocations = asyncio.ensure_future(self._sync_revocations(policy.SYNC_SECONDS))
+        try:
+            while True:
+                await asyncio.sleep(policy.SYNC_SECONDS)
+                try:
+                    await self._loop.run_in_executor(self._executor, self._sync_policies_in_turn)
+                except Exception:
+                    log.exception("worker %s: could not reread the stored policy decisions", self.id)
+        finally:
+            revocations.cancel()
 
-    def sync_policies_now(self) -> list[int]:
-        """:func:`veil.governance.policy.sync_stored_policies` (and the stored revocations) in the worker's turn."""
-        from veil.governance.policy import sync_stored_policies
+    async def _sync_revocations(self, every: float) -> None:
+        """The stored revocations, reread on their own schedule and outside the worker's turn: a revocation
+        made on another replica is in force here within ``every`` seconds (plus one database read), however
+        long the command the worker is running (revocation.py has its own lock)."""
         from veil.governance.revocation import sync_stored_revocations
 
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self._loop.run_in_executor(self._executor, sync_stored_revocations, self)
+            except Exception:
+                log.exception("worker %s: could not reread the stored revocations", self.id)
+
+    def _sync_policies_in_turn(self) -> list[int]:
+        from veil.governance.policy import sync_stored_policies
+
         with self._turn:
-            changed = sync_stored_policies(self)
-            sync_stored_revocations(self)  # (a revocation or readmission made on another replica)
-            return changed
+            return sync_stored_policies(self)
+
+    def sync_policies_now(self) -> list[int]:
+        """The stored revocations (a revocation or readmission made on another replica), then
+        :func:`veil.governance.policy.sync_stored_policies` in the worker's turn."""
+        from veil.governance.revocation import sync_stored_revocations
+
+        sync_stored_revocations(self)
+        return self._sync_policies_in_turn()
 
     # ------------------------------------------------------------ revocation (veil/governance/revocation.py)
 

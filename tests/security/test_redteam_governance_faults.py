@@ -1,0 +1,336 @@
+"""Red team: revocation against what is already running, and the ledger's COMMIT under faults.
+
+The first two revocation passes (test_redteam_revocation*.py) cover the revoked session's own request paths
+and what it leaves behind. This pass attacks timing and the other direction of a link: a peer whose token the
+owner revokes while this worker still holds the connection it opened TO that peer, a revocation sent while a
+long command holds the worker's turn (on this worker and on a replica sharing its database), a revoked
+session whose command is running when the revocation comes, two owner sessions revoking and readmitting at
+once, and a DP charge whose COMMIT fails. In-process workers served from threads, driven with raw frames.
+
+Holes found (each test below failed before its fix; checked by running this file against ``git archive HEAD``):
+- a revoked peer kept this worker's outbound link (peer fetches, moves, pointer chains): fixed,
+  revocation.cut_peer_link closes it and WebsocketClientWorker.refuse keeps it closed; resolve_worker refuses.
+- ``veil users revoke`` waited for the worker's turn (a long command delayed it): fixed, users_wire
+  serve_without_turn serves the owner's users message on its handler thread without the turn.
+- a replica put a revocation made elsewhere in force only when its turn was free: fixed, the stored
+  revocations are synced on their own schedule outside the turn (websocket_server._sync_revocations).
+- a DP charge whose COMMIT failed left SQLite's transaction open: every later charge of the worker failed,
+  the uncommitted charge stayed readable and the file's write lock was held against the owner's other
+  processes: fixed, Database.write_transaction rolls back after a failed COMMIT.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import pytest
+import torch
+from websockets.exceptions import InvalidStatus
+
+import veil as sy
+from veil.dp.budget import BudgetLedger
+from veil.exceptions import PermissionDeniedError
+from veil.governance.users_wire import AdminUsersMessage
+from veil.messaging import messages as m
+from veil.messaging.serde import deserialize, serialize
+from veil.workers.persistence import OwnerDB
+from veil.workers.websocket_auth import handshake_headers
+from veil.workers.websocket_client import WebsocketClientWorker
+from veil.workers.websocket_server import WebsocketServerWorker
+from veil.workers.websocket_transport import BlockingConnection
+
+from network_helpers import ADMIN, OTHER, TOKEN
+from test_redteam_revocation import _closed, _sessions_of, _wait
+
+PEER_IN = "redgov-peer-into-alice"  # the token bob's worker presents to alice
+PEER_OUT = "redgov-peer-into-bob"  # the token alice's worker presents to bob
+ADMIN2 = "redgov-second-admin"
+
+_OPEN: list = []
+_SERVERS: list = []
+
+
+def _start(hook, wid: str, tokens: sy.TokenTable, db_path) -> WebsocketServerWorker:
+    w = WebsocketServerWorker(hook, id=wid, port=0, tokens=tokens, db=OwnerDB(str(db_path)))
+    ready = threading.Event()
+    thread = threading.Thread(target=w.serve_forever, daemon=True,
+                              kwargs={"on_ready": lambda _: ready.set(), "handle_signals": False})
+    thread.start()
+    assert ready.wait(30)
+    _SERVERS.append((w, thread))
+    return w
+
+
+def _alice_tokens(bob_id: str) -> sy.TokenTable:
+    tokens = sy.TokenTable()
+    tokens.add(TOKEN, "alice")
+    tokens.add(OTHER, "other")
+    tokens.add(PEER_IN, bob_id, role="peer")
+    tokens.add(ADMIN, "owner", role="admin")
+    tokens.add(ADMIN2, "owner2", role="admin")
+    return tokens
+
+
+@pytest.fixture
+def cleanup():
+    """Closes the test's connections and stops the workers it started."""
+    yield
+    while _OPEN:
+        try:
+            _OPEN.pop().close()
+        except Exception:
+            pass
+    while _SERVERS:
+        w, thread = _SERVERS.pop()
+        w.stop()
+        thread.join(30)
+
+
+@pytest.fixture
+def server(hook, tmp_path, cleanup):
+    """alice's worker on loopback (bob is a peer name in its token table), owner database in tmp_path."""
+    return _start(hook, f"redgov-{time.monotonic_ns()}", _alice_tokens("bob"), tmp_path / OwnerDB.FILENAME)
+
+
+def _connect(server, *tokens: str) -> BlockingConnection:
+    conn = BlockingConnection(f"ws://127.0.0.1:{server.bound_port}", handshake_headers(tokens[0], tokens[1:]))
+    _OPEN.append(conn)
+    return conn
+
+
+def _ask(conn: BlockingConnection, msg, timeout: float = 60) -> object:
+    conn.send(serialize(msg, sender="c"))
+    return deserialize(conn.recv(timeout))[0]
+
+
+def _refused(server, token: str) -> bool:
+    try:
+        _connect(server, token)
+    except InvalidStatus as e:
+        return e.response.status_code == 401
+    return False
+
+
+# --------------------------------------------------------------------------- the link this worker opened
+
+
+def test_a_revoked_peers_link_from_this_worker_is_closed_and_refused(hook, cleanup, tmp_path):
+    """alice's worker has bob as a peer both ways: bob's token gets in (``--accept-peer``) and alice opened a
+    link to bob (``--peer``: her peer fetches, moves and pointer chains go over it). The owner revokes bob.
+    The link alice opened must close (bob sees its session end), neither ``resolve_worker`` nor a link an
+    object already holds may reach bob again, and a readmission opens the way again."""
+    suffix = time.monotonic_ns()
+    alice_id, bob_id = f"alice-{suffix}", f"bob-{suffix}"
+    bob_tokens = sy.TokenTable()
+    bob_tokens.add(PEER_OUT, alice_id, role="peer")
+    bob_tokens.add(ADMIN, "owner", role="admin")
+    bob = _start(hook, bob_id, bob_tokens, tmp_path / "bob.sqlite3")
+    alice = _start(hook, alice_id, _alice_tokens(bob_id), tmp_path / "alice.sqlite3")
+    link = WebsocketClientWorker(hook, id=bob_id, host="127.0.0.1", port=bob.bound_port, token=PEER_OUT, lazy=True)
+    alice.add_peer(link)
+    alice.resolve_worker(bob.id).connect()
+    assert _wait(lambda: _sessions_of(bob, alice.id))
+    alice.revoke(bob.id)
+    assert _wait(lambda: not _sessions_of(bob, alice.id), 10), "the link alice opened to the revoked peer stays open"
+    with pytest.raises(PermissionDeniedError, match="revoked"):
+        alice.resolve_worker(bob.id)
+    with pytest.raises(PermissionDeniedError, match="revoked"):
+        link.send_msg(m.ObjectMessage([m.StoredObject(5, torch.ones(1))]), link)  # a link an object holds
+    assert not _sessions_of(bob, alice.id)
+    alice.readmit(bob.id)
+    alice.resolve_worker(bob.id).connect()
+    assert _wait(lambda: _sessions_of(bob, alice.id))
+    link.close()
+
+
+def test_a_peer_revoked_before_the_link_is_configured_gets_no_link(hook, tmp_path):
+    """A restart: the stored revocation of bob is restored before the ``--peer bob`` link is added; the link is
+    refused from the start (it never connects)."""
+    db = tmp_path / OwnerDB.FILENAME
+    first = WebsocketServerWorker(hook, id=f"redgov-a-{time.monotonic_ns()}", port=0, tokens=_alice_tokens("bob"),
+                                  db=OwnerDB(str(db)))
+    first.revoke("bob")
+    first.db.close()
+    again = WebsocketServerWorker(hook, id=f"redgov-b-{time.monotonic_ns()}", port=0, tokens=_alice_tokens("bob"),
+                                  db=OwnerDB(str(db)))
+    try:
+        link = WebsocketClientWorker(hook, id="bob", host="127.0.0.1", port=9, token=PEER_OUT, lazy=True)
+        assert link.id == "bob"
+        again.add_peer(link)
+        with pytest.raises(PermissionDeniedError, match="revoked"):
+            link.connect()  # (refused before any connection attempt: port 9 would say "cannot reach")
+        with pytest.raises(PermissionDeniedError, match="revoked"):
+            again.resolve_worker("bob")
+    finally:
+        again.db.close()
+
+
+# --------------------------------------------------------------------------- a revocation is prompt
+
+
+def test_a_revocation_does_not_wait_for_a_long_command(server):
+    """A long command holds the worker's turn (here: the test holds it) when the owner runs ``veil users
+    revoke alice``. The revocation is in force when the reply comes, within a second, not when the command
+    ends: alice's open connection is closed and her token refused meanwhile."""
+    victim = _connect(server, TOKEN)
+    admin = _connect(server, ADMIN)
+    assert _wait(lambda: _sessions_of(server, "alice"))
+    server._turn.acquire()
+    try:
+        started = time.monotonic()
+        try:
+            reply = _ask(admin, AdminUsersMessage("revoke", "alice"), timeout=5)
+        except TimeoutError:
+            pytest.fail("the revocation waited for the running command")
+        assert type(reply) is m.ObjectsReply and reply.objects == [1], reply
+        assert time.monotonic() - started < 2
+        assert _refused(server, TOKEN)
+        assert _closed(victim)
+        listed = _ask(admin, AdminUsersMessage("list"), timeout=5)
+        assert {u["name"]: u["revoked"] for u in listed.objects}["alice"] is True
+    finally:
+        server._turn.release()
+    assert _ask(_connect(server, OTHER), m.ObjectMessage([m.StoredObject(1, torch.ones(1))])) == m.OkReply()
+
+
+def test_only_the_owners_users_message_skips_the_turn(server):
+    """What skips the turn is the admin session's users message alone: a scientist's users message waits for
+    the turn like any request, and is then refused (no one revoked); an admin's other message waits too."""
+    scientist = _connect(server, TOKEN)
+    admin = _connect(server, ADMIN)
+    server._turn.acquire()
+    try:
+        scientist.send(serialize(AdminUsersMessage("revoke", "other"), sender="c"))
+        admin.send(serialize(m.ObjectMessage([m.StoredObject(9, torch.ones(1))]), sender="c"))
+        for conn in (scientist, admin):
+            with pytest.raises(TimeoutError):
+                conn.recv(0.5)
+    finally:
+        server._turn.release()
+    refused = deserialize(scientist.recv(30))[0]
+    assert type(refused) is m.ErrorReply and refused.error == "PermissionDeniedError"
+    assert deserialize(admin.recv(30))[0] == m.OkReply()
+    assert "other" not in server.tokens.revoked
+
+
+def test_a_replica_puts_a_revocation_in_force_while_a_long_command_runs(hook, server, tmp_path):
+    """Two replicas share the owner database; a long command holds the serving replica's turn when the owner
+    revokes alice on the other. The serving replica closes alice's session within its sync (about a
+    second), not when the command ends."""
+    victim = _connect(server, TOKEN)
+    assert _wait(lambda: _sessions_of(server, "alice"))
+    elsewhere = WebsocketServerWorker(hook, id=f"redgov-replica-{time.monotonic_ns()}", port=0,
+                                      tokens=_alice_tokens("bob"), db=OwnerDB(str(tmp_path / OwnerDB.FILENAME)))
+    server._turn.acquire()
+    try:
+        elsewhere.revoke("alice")
+        assert _wait(lambda: "alice" in server.tokens.revoked, 5), "the replica waited for the running command"
+        assert _closed(victim)
+        assert _refused(server, TOKEN)
+    finally:
+        server._turn.release()
+        elsewhere.db.close()
+
+
+def test_a_revoked_sessions_running_command_delivers_nothing(server, monkeypatch):
+    """alice's command is running (a handler of hers blocks mid-way) when the owner revokes her: the
+    revocation returns at once, the connection closes, and the command's result never reaches her."""
+    from veil.workers import handlers
+
+    inside, go_on = threading.Event(), threading.Event()
+    real = handlers._run_command
+
+    def slow(*args, **kwargs):
+        inside.set()
+        go_on.wait(30)
+        return real(*args, **kwargs)
+
+    conn = _connect(server, TOKEN)
+    assert _ask(conn, m.ObjectMessage([m.StoredObject(7, torch.tensor([2.0]))])) == m.OkReply()
+    monkeypatch.setattr(handlers, "_run_command", slow)
+    big = torch.zeros(300_000)  # (too large to run inline: a handler thread, with the command token)
+    conn.send(serialize(m.CommandMessage("torch.add", (m.ObjectRef(7), big), {}, [8], False), sender="c"))
+    assert inside.wait(30)
+    admin = _connect(server, ADMIN)
+    try:
+        assert _ask(admin, AdminUsersMessage("revoke", "alice"), timeout=5) == m.ObjectsReply([1])
+    finally:
+        go_on.set()
+    assert _closed(conn)
+    assert _wait(lambda: not _sessions_of(server, "alice"))
+
+
+def test_two_owner_sessions_revoking_and_readmitting_at_once_agree_with_the_store(server):
+    """Two admin sessions (two owners' CLIs) revoke and readmit the same name as fast as they can, in
+    parallel. Every reply is a success or a one-line refusal, and at the end the worker's state, the stored
+    record and a restart agree."""
+    a, b = _connect(server, ADMIN), _connect(server, ADMIN2)
+    errors: list = []
+
+    def flip(conn, actions):
+        for action in actions:
+            reply = _ask(conn, AdminUsersMessage(action, "other"))
+            if type(reply) is m.ErrorReply:
+                if "\n" in reply.message or reply.error != "ObjectNotFoundError":
+                    errors.append(reply)
+
+    threads = [threading.Thread(target=flip, args=(a, ["revoke", "restore"] * 15)),
+               threading.Thread(target=flip, args=(b, ["restore", "revoke"] * 15 + ["revoke"]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    from veil.governance.revocation import stored_revocations
+
+    here = "other" in server.tokens.revoked
+    assert stored_revocations(server).get("other", False) is here
+    assert _refused(server, OTHER) is here
+
+
+# --------------------------------------------------------------------------- the ledger's COMMIT
+
+
+class _FailingCommit:
+    """The ledger's SQLite connection, whose next COMMIT fails as a full disk or an I/O error at its fsync
+    would (SQLite may keep the transaction open after it)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn, self.armed = conn, True
+
+    def execute(self, sql: str, *args):
+        if self.armed and sql.strip().upper() == "COMMIT":
+            self.armed = False
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str):
+        return getattr(self._conn, name)
+
+
+def test_a_charge_whose_commit_fails_is_not_recorded_and_the_ledger_keeps_working(tmp_path):
+    """A DP charge's COMMIT fails: the charge raises (so nothing is released), nothing of it is recorded, here
+    or after a restart; the next charge works on this worker, and another process of the owner sharing the
+    ledger is not locked out by a transaction left open."""
+    path = tmp_path / "ledger.sqlite3"
+    ledger = BudgetLedger(path)
+    ledger.set_budget("alice", 10.0, 1e-5)
+    ledger._db._conn = _FailingCommit(ledger._db._conn)
+    with pytest.raises(sqlite3.OperationalError):
+        ledger.charge("alice", 1.0, 0.0, "query", request_id="request-0001")
+    assert ledger.spent("alice") == (0.0, 0.0), "a charge whose COMMIT failed is still counted here"
+    assert ledger.charge("alice", 2.0, 0.0, "query", request_id="request-0002") == pytest.approx((8.0, 1e-5))
+    other = sqlite3.connect(str(path), timeout=2)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # the owner's other process may write
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    ledger.close()
+    with BudgetLedger(path) as again:
+        assert again.spent("alice") == (2.0, 0.0)
+        assert [r[2] for r in again.history("alice")] == ["query"]
+        # the failed charge's request id was not remembered: its retry is charged once, and answered
+        assert again.charge("alice", 1.0, 0.0, "query", request_id="request-0001") == pytest.approx((7.0, 1e-5))
