@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from veil.compat.encoding_guards import check_room, encode_value_free, encoding_of
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST, NO_RESULT, register_worker_function
@@ -32,18 +33,25 @@ SHARE_OWN = "veil.compat.share_own"
 
 
 def _encode(worker: Any, tensor: torch.Tensor, base: int, precision_fractional: int) -> torch.Tensor:
+    encoding = encoding_of(base, precision_fractional)
     if not isinstance(tensor, torch.Tensor) or tensor.dtype.is_complex:
         raise NotEncodedError("fix_precision() needs a real tensor")
-    return encode(tensor.detach(), FixedPointEncoding(base=int(base), precision_fractional=int(precision_fractional)))
+    check_room(worker, tensor.numel(), 8, ENCODE)
+    if worker.monitor.request_reads_owner_data():  # its success must not depend on the owner's values
+        return encode_value_free(tensor, encoding)
+    return encode(tensor.detach(), encoding)
 
 
 def _decode(worker: Any, tensor: torch.Tensor, base: int, precision_fractional: int, dtype_name: str) -> torch.Tensor:
     from veil.messaging.serde import DTYPES
 
+    encoding = encoding_of(base, precision_fractional)
     dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
-    if tensor.dtype != torch.int64 or dtype is None or not dtype.is_floating_point:
+    if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.int64 or dtype is None \
+            or not dtype.is_floating_point:
         raise NotEncodedError("float_precision() needs int64 encoded values and a float dtype")
-    return decode(tensor, FixedPointEncoding(base=int(base), precision_fractional=int(precision_fractional)), dtype)
+    check_room(worker, tensor.numel(), dtype.itemsize, DECODE)
+    return decode(tensor, encoding, dtype)
 
 
 def _share_own(worker: Any, oid: int, party_ids: list, share_ids: list) -> None:
@@ -69,6 +77,8 @@ def _share_own(worker: Any, oid: int, party_ids: list, share_ids: list) -> None:
         raise NotEncodedError("only int64 (encoded) values can be secret-shared: call fix_precision() first")
     value = value.detach()
     destinations = [None if p == worker.id else worker.resolve_worker(p) for p in party_ids]  # all checks first
+    if worker.id in party_ids:  # the share kept here is the session's: refused before any share is drawn
+        check_room(worker, value.numel(), 8, SHARE_OWN)
     pieces, last = [], value
     for _ in party_ids[:-1]:
         piece = random_ring(tuple(value.shape))  # os.urandom: uniform in Z/2^64

@@ -10,9 +10,13 @@ from importlib import resources
 import torch
 
 _PACKAGE = "veil.datasets"
+#: the files in ``data/``; any other name (``../x``, an absolute path) is refused, never resolved
+_BUNDLED = frozenset({"boston_housing.csv", "pima_diabetes.csv", "mnist_5k.csv.gz"})
 
 
 def _read_text(name: str) -> str:
+    if name not in _BUNDLED:
+        raise ValueError(f"{name!r} is not one of the bundled dataset files ({', '.join(sorted(_BUNDLED))})")
     raw = resources.files(_PACKAGE).joinpath("data", name).read_bytes()
     if name.endswith(".gz"):
         raw = gzip.decompress(raw)
