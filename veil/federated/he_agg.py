@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,11 +141,18 @@ class EncryptedAggregation:
     #: decrypted average beyond it is refused: it is no honest sum, but a client's crafted ciphertext whose
     #: decryption would hand it the coordinator's secret key (Li & Micciancio 2021). Raise it for larger models.
     value_bound: float = 2.0**16
+    #: seconds from a round's first encryption request after which clients not yet asked to encrypt are
+    #: dropped (stalling clients hold a round no longer; one request still waits up to its transport's
+    #: timeout): the round goes on if a majority encrypted, else is refused. None: no limit.
+    round_seconds: float | None = 3600.0
     _key_ids: dict = field(default_factory=dict)  # worker id -> id of the public key material stored there
 
     def __post_init__(self) -> None:
         if (self.context is None) == (self.public_key is None):
             raise ValueError("give either a CKKS context or a Paillier public/private key pair")
+        if self.round_seconds is not None and not (isinstance(self.round_seconds, (int, float)) and
+                                                   math.isfinite(self.round_seconds) and self.round_seconds > 0):
+            raise ValueError("round_seconds must be a positive number of seconds (or None)")
         if self.context is not None and not self.context.has_secret_key:
             raise ValueError("the coordinator's CKKS context must hold the secret key (it decrypts the sum)")
 
@@ -180,13 +188,19 @@ class EncryptedAggregation:
         started = len(ids) if started is None else max(int(started), len(ids))
         needed = 1 if started == 1 else max(2, started // 2 + 1)
         where = {wid: state_pointers[wid][0].location for wid in ids}
+        size = sum(int(torch.Size(p.shape).numel()) for p in state_pointers[ids[0]])  # entries of every sum
         owner = where[ids[0]].hook.local_worker
         made: list = []  # (worker, id) of every ciphertext this round makes: all freed in the finally
         failed: dict[str, str] = {}
+        deadline = None if self.round_seconds is None else time.monotonic() + self.round_seconds
+        late = f"not asked to encrypt: the round ran past round_seconds={self.round_seconds}"
         try:
             copies = 2 if len(ids) > 1 else 1
             encrypted: dict[str, list] = {}
             for wid in ids:
+                if deadline is not None and time.monotonic() > deadline:
+                    failed[wid] = late
+                    continue
                 outs = [new_id() for _ in range(copies)]
                 made += [(where[wid], o) for o in outs]
                 try:
@@ -200,10 +214,12 @@ class EncryptedAggregation:
             if not encrypted:
                 return None, failed
             if len(encrypted) < needed:
+                unasked = sum(why == late for why in failed.values())
                 raise EncryptedAggregationError(f"only {len(encrypted)} of the {started} clients of the round are "
-                                                f"left ({needed} needed): their sum is not decrypted; round refused")
+                                                f"left ({needed} needed): their sum is not decrypted; round refused"
+                                                + (f" ({unasked} {late})" if unasked else ""))
             if copies == 1:  # a federation of one: nothing to hide from the coordinator (the sum is its update)
-                sums = [self._sum(where[ids[0]], owner, encrypted[ids[0]], made)]
+                sums = [self._sum(where[ids[0]], owner, encrypted[ids[0]], made, size)]
                 survivors = ids
             else:
                 # chosen now, at random: no client knew beforehand that it would add the others' ciphertexts
@@ -221,7 +237,7 @@ class EncryptedAggregation:
                         held[a].append(cid)
                 survivors = list(encrypted)  # (the pair among them)
                 try:
-                    sums = [self._sum(where[a], owner, held[a], made) for a in pair]
+                    sums = [self._sum(where[a], owner, held[a], made, size) for a in pair]
                 except CLIENT_FAILURES as e:
                     raise EncryptedAggregationError(f"an aggregating client failed; round refused, nothing "
                                                     f"decrypted ({error_text(e)})") from None
@@ -242,7 +258,7 @@ class EncryptedAggregation:
         owner.send_msg(MoveMessage([cid], aggregator.id, [moved]), source)
         return moved
 
-    def _sum(self, worker: Any, owner: Any, cipher_ids: list, made: list) -> Any:
+    def _sum(self, worker: Any, owner: Any, cipher_ids: list, made: list, size: int) -> Any:
         """The aggregating client adds the ciphertexts it holds; returns the sum (a copy, fetched)."""
         total = cipher_ids[0]
         for cid in cipher_ids[1:]:
@@ -253,7 +269,14 @@ class EncryptedAggregation:
             total = out
         pointer = HEPointer(worker, owner, total, "he", ())
         pointer.mark_freed()  # (freed with the others in aggregate's finally)
-        return pointer.fetch(delete=False)[0]
+        got = pointer.fetch(delete=False)[0]
+        expected = CKKSTensor if self.context is not None else PaillierTensor
+        if type(got) is not expected or tuple(got.shape) != (size,):  # before any comparison or decryption (a
+            raise EncryptedAggregationError(  # decryption per entry: an oversized sum would cost minutes)
+                f"aggregating client {worker.id!r} returned a {type(got).__name__} of shape "
+                f"{tuple(getattr(got, 'shape', ()))[:4]} for a {expected.__name__} of shape ({size},); round refused, "
+                "nothing decrypted")
+        return got
 
     def _decrypt(self, total: Any, like: list, weights: list, failed: dict) -> list[torch.Tensor]:
         expected = CKKSTensor if self.context is not None else PaillierTensor

@@ -49,6 +49,12 @@ WARN_EACH = 5
 _REF = m.ObjectRef
 #: characters of a client's error text kept (history, warnings): a hostile client's MBs stay with it
 ERROR_CHARS = 1024
+#: the most samples a client may state (2^40 rows): a count is the client's own word, and FedAvg weighs its
+#: update by it; past any real dataset it could only make the average that one client's update
+MAX_CLIENT_SAMPLES = 2**40
+#: bytes a client's reply may exceed the model's state by (ids, loss, framing; an error's text): a reply
+#: beyond the state's size plus this is refused before it is decoded
+REPLY_SLACK_BYTES = 1 << 20
 
 
 def error_text(e: BaseException) -> str:
@@ -65,6 +71,21 @@ def loss_value(t: Any) -> float:
     if not math.isfinite(value):  # (one NaN/inf loss would make the round's weighted loss NaN/inf)
         raise RemoteExecutionError("the client's mean loss is not finite")
     return value
+
+
+def client_weight(n: Any) -> int:
+    """A client's sample count as its FedAvg weight: a whole number from 0 to ``MAX_CLIENT_SAMPLES``, else
+    RemoteExecutionError (a negative, NaN or huge count would stop the round, poison or replace the model)."""
+    if type(n) is not int or not 0 <= n <= MAX_CLIENT_SAMPLES:
+        raise RemoteExecutionError(f"the client's sample count {repr(n)[:40]} is not a whole number from 0 to "
+                                   f"{MAX_CLIENT_SAMPLES}")
+    return n
+
+
+def reply_limit(meta: list) -> int:
+    """The most bytes a client's reply to a round may take: its state tensors' size plus ``REPLY_SLACK_BYTES``."""
+    return REPLY_SLACK_BYTES + sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                                   for shape, dtype, _ in meta)
 
 
 def check_state(state: list, meta: list) -> None:
@@ -104,6 +125,7 @@ class PooledTraining:
         self.key = secrets.token_bytes(32)
         self.state_meta = [(tuple(t.shape), t.dtype, t.requires_grad) for t in plan.state_tensors()]
         self.n_slots = len(self.state_meta) + 3  # plan, state..., losses, mean
+        self.reply_limit = reply_limit(self.state_meta)
         self.plan_sent = False
         self.resend: set[int] = set()  # clients whose plan must be stored again (they failed)
         self.op_load = ALLOWLIST.by_name("veil.plan.load_state").name
@@ -146,6 +168,9 @@ class PooledTraining:
         error reply as the local exception, and a RemoteExecutionError for any reply out of protocol."""
         reply = None
         for data in replies:
+            if len(data) > self.reply_limit:  # (decoding it would cost what the client chose)
+                raise RemoteExecutionError(f"the client's reply of {len(data)} bytes exceeds the {self.reply_limit} "
+                                           "bytes a round's reply of this model may take")
             reply, _, _ = deserialize(data, self.owner._decode_ctx)
             if type(reply) is m.ErrorReply:
                 raise error_from_reply(reply.error, reply.message)
@@ -193,11 +218,11 @@ class PooledTraining:
             try:
                 stats.bytes_received += sum(len(b) for b in result)
                 objects = self._decode(result, 2 if send_plan_to_all or i in resend else 1)
+                n = client_weight(self.pool.num_samples(i))
             except CLIENT_FAILURES as e:
                 out["dropped"][i] = error_text(e)
                 self.resend.add(i)
                 continue
-            n = self.pool.num_samples(i)
             mean_loss = float(objects[0]) if objects else float("nan")  # (a real one-element tensor: _decode)
             if self.hidden:
                 out["ok"].append(i)

@@ -37,14 +37,16 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from array import array
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from veil.exceptions import ConnectionLostError, WorkerNotFoundError
+from veil.exceptions import CommandTimeoutError, ConnectionLostError, WorkerNotFoundError
 from veil.federated.client_pool import ClientPool, JobBuilder, PooledFederatedDataset
+from veil.workers import cancellation
 from veil.workers.base import BaseWorker
 
 # A small local Ray: Ray's default object store takes 30% of RAM, far more than a simulation needs.
@@ -105,20 +107,38 @@ class RayClientWorker(BaseWorker):
         try:
             return ray.get(self.actor.recv.remote(self.id, data), timeout=self.timeout)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError,
-                ray.exceptions.GetTimeoutError) as e:
-            raise ConnectionLostError(f"client {self.id!r} (Ray actor) failed: {type(e).__name__}: {e}") from None
+                ray.exceptions.GetTimeoutError) as e:  # (Ray's text is a traceback: its last line is kept)
+            raise ConnectionLostError(f"client {self.id!r} (Ray actor) failed: {type(e).__name__}: "
+                                      f"{_first_line(e)}") from None
 
     def __repr__(self) -> str:
         return f"<RayClientWorker id:{self.id}>"
 
 
-class ClientHost:
-    """The Ray actor: hosts many clients, each an ordinary veil worker with its own store."""
+class _ClientTimeLimit(cancellation.CancelToken):
+    """A hosted client's per-command limit (plan ``fit`` checks it between batches), named as it is set."""
 
-    def __init__(self, threads: int = 1) -> None:
+    def check(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise CommandTimeoutError(f"{self.what} ran past client_seconds={self.seconds:g} (the limit "
+                                      "sy.ray.federated_clients sets on each command of a hosted client)")
+
+
+class ClientHost:
+    """The Ray actor: hosts many clients, each an ordinary veil worker with its own store.
+
+    ``client_seconds``: the most one command of a hosted client may run (its local training stops at the
+    next batch past it, with a one-line CommandTimeoutError): one client's endless training holds neither
+    its actor nor the clients batched with it.
+    """
+
+    def __init__(self, threads: int = 1, client_seconds: float | None = None) -> None:
         import veil  # noqa: F401  (registers every wire type and worker function in this process)
         from veil.workers.registry import HookContext
 
+        if client_seconds is not None and not (isinstance(client_seconds, (int, float)) and client_seconds > 0):
+            raise ValueError("client_seconds must be a positive number of seconds (or None)")
+        self.client_seconds = client_seconds
         torch.set_num_threads(threads)
         self.hook = HookContext()
         self.clients: dict[str, Any] = {}
@@ -195,7 +215,12 @@ class ClientHost:
 
             return serialize(m.ErrorReply("WorkerNotFoundError", f"no client {client_id!r} on this actor"),
                              sender=client_id)
-        return worker._recv_msg(data)
+        if not self.client_seconds:
+            return worker._recv_msg(data)
+        limit = _ClientTimeLimit(f"client {client_id!r}'s command", self.client_seconds)
+        limit.start()
+        with cancellation.running(limit):
+            return worker._recv_msg(data)
 
     def recv_batch(self, jobs: Sequence[tuple[str, Sequence[bytes]]]) -> list[list[bytes]]:
         """Many clients' requests in one call: for each ``(client id, requests)``, the replies, in order.
@@ -464,7 +489,7 @@ def federated_clients(datasets: Sequence[tuple] | None = None, *, num_clients: i
                       hook: Any = None, address: str | None = None, prefix: str = "client",
                       tags: Sequence[str] = (), dp: dict | None = None, threads_per_actor: int = 1,
                       batch: int = 500, clients_per_call: int | None = None, calls_in_flight: int = 2,
-                      timeout: float = 600.0) -> RayClients:
+                      timeout: float = 600.0, client_seconds: float | None = 300.0) -> RayClients:
     """Starts clients in Ray actors, each holding its own data; returns them (a client pool).
 
     Args:
@@ -488,6 +513,9 @@ def federated_clients(datasets: Sequence[tuple] | None = None, *, num_clients: i
         calls_in_flight: such calls queued per actor (2: an actor starts its next batch while the
             coordinator reads the last).
         timeout: seconds without any answer after which an actor's clients count as lost.
+        client_seconds: the most one command of a client may run on the actors we start (its local
+            training is stopped at the next batch past it and the client dropped from that round);
+            None: no limit. (On ``actors`` passed in, the limit they were made with holds.)
 
     Example::
 
@@ -508,7 +536,7 @@ def federated_clients(datasets: Sequence[tuple] | None = None, *, num_clients: i
         cpus = int(ray.cluster_resources().get("CPU", 1))
         n_actors = max(1, min(n, actors or cpus))
         remote_host = ray.remote(ClientHost).options(num_cpus=min(1.0, cpus / n_actors), max_concurrency=1)
-        hosts = [remote_host.remote(threads_per_actor) for _ in range(n_actors)]
+        hosts = [remote_host.remote(threads_per_actor, client_seconds) for _ in range(n_actors)]
     else:
         hosts, n_actors = list(actors), len(actors)
     ray.get([h.add_layout.remote(prefix, n, hosts) for h in hosts])

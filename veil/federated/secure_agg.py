@@ -29,7 +29,10 @@ path reads a client's state. Round state lives outside the object store (no
 pointer reaches it) and is deleted after ``unmask`` or ``discard`` (the
 coordinator discards it on every client that did not answer ``unmask``, the
 round a success or not), when the session that advertised it ends, or
-``ROUND_TTL_S`` after ``advertise``. Bounds on a client's work and memory: at
+``ROUND_TTL_S`` after ``advertise``. A round is never resumed: a coordinator that
+reconnects is a new session, the clients it reached again no longer hold the round
+(answering a second session could give out a second unmask), and the round is
+recovered from the others or fails saying so. Bounds on a client's work and memory: at
 most ``MAX_SECAGG_CLIENTS`` clients per round (Shamir sharing costs n * t
 steps per secret) and ``MAX_LIVE_ROUNDS`` live rounds per network session.
 
@@ -93,6 +96,8 @@ MAX_SECAGG_CLIENTS = 1000
 MAX_LIVE_ROUNDS = 8
 #: seconds after ``advertise`` when a round nobody finished is dropped (its coordinator has gone)
 ROUND_TTL_S = 3600.0
+#: how a client answers for a round it does not hold (or may not show): the coordinator reads it as "gone"
+NO_ROUND = "no secure-aggregation round"
 
 
 class SecureAggregationError(RemoteExecutionError):
@@ -139,7 +144,7 @@ def _principal(worker: Any) -> Any:
 def _refuse(worker: Any, principal: Any, what: str, detail: str) -> RemoteExecutionError:
     """The answer for a round this principal may not touch: the same as for no round at all."""
     worker.monitor.audit("secagg", principal, [], "refused", f"{what}: {detail}")
-    return RemoteExecutionError(f"no secure-aggregation round {what} on worker {worker.id!r}")
+    return RemoteExecutionError(f"{NO_ROUND} {what} on worker {worker.id!r}")
 
 
 def _coordinator(worker: Any) -> str:
@@ -158,7 +163,7 @@ def _round(worker: Any, tag: Any) -> _Round:
         principal = _principal(worker)
         if any(key[1] == tag for key in _rounds(worker)):
             raise _refuse(worker, principal, repr(tag), f"user {user!r} is not the coordinator of this round")
-        raise RemoteExecutionError(f"no secure-aggregation round {tag!r} on worker {worker.id!r}")
+        raise RemoteExecutionError(f"{NO_ROUND} {tag!r} on worker {worker.id!r}")
     return state
 
 
@@ -234,7 +239,7 @@ def _deposit(worker: Any, tag: int, coordinator: str, sender: str, sk_share: tor
     if principal.isolated and sender != principal.user:  # a peer deposits as itself only (its link proved who)
         raise _refuse(worker, principal, repr(tag), f"deposit by peer {principal.user!r} in the name of {sender!r}")
     if state is None:
-        raise RemoteExecutionError(f"no secure-aggregation round {tag!r} on worker {worker.id!r}")
+        raise RemoteExecutionError(f"{NO_ROUND} {tag!r} on worker {worker.id!r}")
     if not isinstance(sender, str) or sender in state.held or (state.ids and sender not in state.ids) \
             or len(state.held) >= state.n:
         raise RemoteExecutionError("deposit: unknown or repeated sender for this round")
@@ -419,7 +424,7 @@ def secure_aggregate(inputs: dict[str, ClientInput], tag: int, threshold: Option
         """Each member's reply in the ``form`` the protocol expects (None: no reply); a member failing, or
         answering in another form, is left out."""
         hook(name)
-        out, review = {}, []
+        out, review, gone = {}, [], 0
         deadline = time.monotonic() + review_wait
         for wid in members:
             while True:
@@ -433,8 +438,8 @@ def secure_aggregate(inputs: dict[str, ClientInput], tag: int, threshold: Option
                     review.append(e)
                 except RequestDeniedError as e:
                     review.append(e)
-                except CLIENT_FAILURES:
-                    pass
+                except CLIENT_FAILURES as e:
+                    gone += str(e).startswith(NO_ROUND)
                 else:
                     try:
                         out[wid] = form(reply) if form is not None else None
@@ -444,9 +449,11 @@ def secure_aggregate(inputs: dict[str, ClientInput], tag: int, threshold: Option
         if review:  # (each client's text cut: a client's error text is its to size)
             raise type(review[0])(f"secure aggregation round {tag} needs the data owners' approval: "
                                   + "; ".join(error_text(e) for e in review))
-        if len(out) < t:
-            raise SecureAggregationError(
-                f"secure aggregation round {tag}: {len(out)} clients finished {name}, {t} needed; nothing recovered")
+        if len(out) < t:  # (a round is not resumed: a client ends it with the session that advertised it)
+            why = (f" ({gone} clients no longer hold the round: a client ends a round when the coordinator's "
+                   "connection that advertised it closes, so after a reconnect start a new round)") if gone else ""
+            raise SecureAggregationError(f"secure aggregation round {tag}: {len(out)} clients finished {name}, {t} "
+                                         f"needed; nothing recovered{why}")
         return out
 
     answers: dict = {}

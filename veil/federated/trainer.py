@@ -132,6 +132,9 @@ def train(
     if secure_aggregation and encrypted_aggregation is not None:
         raise ValueError("choose secure_aggregation or encrypted_aggregation, not both")
     strategy = strategy or FedAvg()
+    if getattr(strategy, "max_update_norm", None) is not None and (secure_aggregation or encrypted_aggregation):
+        raise ValueError("max_update_norm bounds each client's update, which secure and encrypted aggregation "
+                         "keep from the coordinator (it sees only their sum): use one or the other")
     history = TrainingHistory()
     prox_mu = strategy.client_config(0).get("prox_mu", 0.0)
     pool = getattr(federated_dataset, "client_pool", None)
@@ -209,6 +212,7 @@ class _Sequential:
         extra = [g for g, tr in zip(global_state, self.trainable) if tr] if self.prox_mu else []
         for k, (wid, ds) in enumerate(self.federated_dataset.datasets.items()):
             try:
+                n = pooled.client_weight(len(ds))  # (a network client states its row count: checked first)
                 if wid not in self.plans:
                     self.plans[wid] = self.plan.send(ds.location)
                 pp = self.plans[wid]
@@ -218,7 +222,7 @@ class _Sequential:
                     mean, state = pp.train_round(global_state, ds.data, ds.targets, **fit)
                     mean_loss = pooled.loss_value(mean)  # a malformed reply drops this client (VeilError)
                     pooled.check_state(state, self.state_meta)
-                    updates.append(ClientUpdate(wid, state, len(ds), mean_loss))
+                    updates.append(ClientUpdate(wid, state, n, mean_loss))
                     done[wid] = pp
                     continue
                 pp.load_state(global_state)
@@ -229,7 +233,7 @@ class _Sequential:
                 else:
                     mean_loss = pooled.loss_value(losses.mean().get()) if losses.shape[0] else float("nan")
                 state = None
-                updates.append(ClientUpdate(wid, state, len(ds), mean_loss))
+                updates.append(ClientUpdate(wid, state, n, mean_loss))
                 done[wid] = pp
             except pooled.CLIENT_FAILURES as e:
                 errors[wid] = pooled.error_text(e)  # (cut short: a client's error text is its to size)

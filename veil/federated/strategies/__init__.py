@@ -5,6 +5,7 @@ from veil.federated.strategies.base import (
     ClientUpdate,
     RunningWeightedSum,
     Strategy,
+    clip_update,
     server_step,
     weighted_average,
 )
@@ -12,4 +13,4 @@ from veil.federated.strategies.fedavg import FedAvg, FedProx
 
 STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg, "fedprox": FedProx}
 
-__all__ = ["STRATEGIES", "Aggregator", "ClientUpdate", "RunningWeightedSum", "FedAvg", "FedProx", "Strategy", "server_step", "weighted_average"]
+__all__ = ["STRATEGIES", "Aggregator", "ClientUpdate", "RunningWeightedSum", "FedAvg", "FedProx", "Strategy", "clip_update", "server_step", "weighted_average"]

@@ -6,6 +6,7 @@ that they can be tested alone and reused by secure aggregation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,20 @@ def weighted_average(states: list[list[torch.Tensor]], weights: list[float]) -> 
             acc += t.to(torch.float64) * (w / total)
         out.append(acc.to(tensors[0].dtype))
     return out
+
+
+def clip_update(state: list[torch.Tensor], global_state: list[torch.Tensor], bound: float) -> list[torch.Tensor]:
+    """``state`` moved toward ``global_state`` until its update (state - global, L2 norm over every floating
+    tensor) is at most ``bound``: how far one client can pull the model in a round, whatever it returns or
+    weighs (norm bounding against model replacement, Sun et al. 2019). Other tensors (counters) are kept."""
+    deltas = [s.to(torch.float64) - g.to(torch.float64) if s.is_floating_point() else None
+              for s, g in zip(state, global_state, strict=True)]
+    norm = math.sqrt(sum(float((d * d).sum()) for d in deltas if d is not None))
+    if norm <= bound:
+        return state
+    scale = bound / norm
+    return [s if d is None else (g.to(torch.float64) + d * scale).to(s.dtype)
+            for s, g, d in zip(state, global_state, deltas)]
 
 
 class RunningWeightedSum:
