@@ -17,6 +17,9 @@ Holes found (each test below failed before its fix; checked by running this file
 - a DP charge whose COMMIT failed left SQLite's transaction open: every later charge of the worker failed,
   the uncommitted charge stayed readable and the file's write lock was held against the owner's other
   processes: fixed, Database.write_transaction rolls back after a failed COMMIT.
+- a reply finished after revoke() returned still went out (a handler thread's, before the loop closed the
+  connection; an inline one, once revocations stopped waiting for the turn): fixed, the read loop
+  (websocket_connections) and the inline lane (inline_lane.lane_request) send nothing to a revoked session.
 """
 
 from __future__ import annotations
@@ -260,6 +263,55 @@ def test_a_revoked_sessions_running_command_delivers_nothing(server, monkeypatch
         go_on.set()
     assert _closed(conn)
     assert _wait(lambda: not _sessions_of(server, "alice"))
+
+
+def test_a_reply_finished_after_the_revocation_is_not_sent(server, monkeypatch):
+    """alice's command finishes just after the owner revoked her, before the event loop got to closing her
+    connection (here: the close is held back a second). Its result must not go out: nothing is sent to a
+    session once its revocation returned."""
+    from veil.workers import handlers
+
+    inside, go_on = threading.Event(), threading.Event()
+    real = handlers._run_command
+
+    def slow(*args, **kwargs):
+        inside.set()
+        go_on.wait(30)
+        return real(*args, **kwargs)
+
+    real_close = server._close_revoked
+    monkeypatch.setattr(server, "_close_revoked", lambda *a: server._loop.call_later(1.0, real_close, *a))
+    conn = _connect(server, TOKEN)
+    assert _ask(conn, m.ObjectMessage([m.StoredObject(7, torch.tensor([2.0]))])) == m.OkReply()
+    monkeypatch.setattr(handlers, "_run_command", slow)
+    conn.send(serialize(m.CommandMessage("torch.add", (m.ObjectRef(7), torch.zeros(300_000)), {}, [8], False),
+                        sender="c"))
+    assert inside.wait(30)
+    try:
+        assert server.revoke("alice") == 1
+    finally:
+        go_on.set()
+    assert _closed(conn)
+
+
+def test_an_inline_reply_made_while_the_revocation_ran_is_not_sent(server, monkeypatch):
+    """A revocation no longer waits for the worker's turn, so it can land while one of alice's short requests
+    runs inline on the event loop (here: the revocation is made right after her get ran, before its reply is
+    written). The reply, alice's tensor, must not go out after revoke() returned."""
+    real = server.try_inline
+
+    def revoking(data, session):
+        out = real(data, session)
+        if out[0] is not None and session.user == "alice" and not session.revoked and armed:
+            server.revoke("alice")
+        return out
+
+    conn = _connect(server, TOKEN)
+    assert _ask(conn, m.ObjectMessage([m.StoredObject(5, torch.tensor([3.0]))])) == m.OkReply()
+    armed = True
+    monkeypatch.setattr(server, "try_inline", revoking)
+    conn.send(serialize(m.GetObjectsMessage([5], delete=False), sender="c"))
+    assert _closed(conn)
 
 
 def test_two_owner_sessions_revoking_and_readmitting_at_once_agree_with_the_store(server):

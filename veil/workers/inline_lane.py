@@ -154,10 +154,14 @@ class InlineLane:
         """:meth:`try_inline` for a connection's read callback (``lane_connection``): a failure outside its
         own handling is answered with an error, never left to the reader, which would run the request again."""
         try:
-            return self.try_inline(data, session)
+            reply, decoded = self.try_inline(data, session)
         except Exception as e:
             log.exception("worker %s: the inline lane failed on a request of session %s", self.id, session.id)
             return self._error_bytes(e), None
+        if reply is not None and session.revoked:  # revoked while it ran (revoke() takes no turn): no result out
+            return serialize(m.ErrorReply("PermissionDeniedError", "access revoked by the data owner"),
+                             sender=self.id), None
+        return reply, decoded
 
     def try_inline(self, data: bytes, session: Session) -> tuple[bytes | None, tuple | None]:
         """Runs a short request on the event loop thread: ``(reply, None)``; else ``(None, decoded)``.

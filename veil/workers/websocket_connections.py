@@ -264,6 +264,8 @@ class ConnectionServing:
                         reply = await self._run_request(loop, data, session, closed, decoded)
                     if reply is None:
                         break
+                if session.revoked:  # revoked while this reply was made: nothing goes out after revoke() returned
+                    break
                 if type(reply) is FrameParts:
                     await _send_fragmented(ws, _part_fragments(reply))
                 elif len(reply) > REPLY_FRAGMENT:
