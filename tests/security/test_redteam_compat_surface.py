@@ -283,3 +283,43 @@ def test_federated_avg_is_the_torch_mean_and_leaves_every_input_untouched():
     with pytest.raises(ValueError):
         add_model(models[0], torch.nn.Linear(3, 3))
     assert all(torch.equal(v, before[0][k]) for k, v in models[0].state_dict().items())
+
+
+def test_a_search_is_bounded_before_it_holds_the_worker(hook):
+    """Attack: ``grid.search(*terms)`` with a million repeated terms that all match (or thousands of distinct
+    substrings of a description): one uninterruptible pass over the owner's data per term while every other
+    session waits (1e6 terms over 100 datasets held the worker 73 s). Must hold: repeated terms count once,
+    more than ``MAX_TERMS`` distinct terms (or a longer term) are refused with one line, before any matching."""
+    from veil.compat.search_terms import MAX_TERM_CHARS, MAX_TERMS
+
+    srv, s = _worker(hook, "rt-cs-search-cpu")
+    text = "owner data: visits per clinic and month"
+    ids = [srv.load(torch.ones(1), tags=("#data", f"#t{i}"), description=text) for i in range(8)]
+    one = request(srv, s, m.SearchMessage(["#data"])).descriptors
+    assert sorted(d.id for d in one) == sorted(ids)
+    repeated = request(srv, s, m.SearchMessage(["#data"] * 100_000))
+    assert type(repeated) is m.DescriptorsReply and repeated.descriptors == one, repeated
+    distinct = sorted({text[i:j] for i in range(len(text)) for j in range(i + 1, len(text) + 1)})
+    assert len(distinct) > MAX_TERMS
+    for query in (distinct, ["x" * (MAX_TERM_CHARS + 1)]):
+        reply = request(srv, s, m.SearchMessage(query))
+        assert type(reply) is m.ErrorReply and reply.error == "SerializationError", reply
+        assert str(MAX_TERMS) in reply.message and "\n" not in reply.message, reply
+    within = request(srv, s, m.SearchMessage(distinct[:MAX_TERMS])).descriptors
+    assert sorted(d.id for d in within) == sorted(ids)
+    _serving(srv, s)
+
+
+@pytest.mark.xfail(strict=True, reason="HOLE (outside veil/compat, left for the monitor's owner): monitor.store "
+                   "charges a stored object's tensor alone; the tags and description sent with it (PySyft's .tag() / "
+                   ".describe(), what grid search matches) are held uncharged, so a 4 KiB quota kept 15 MB")
+def test_tags_and_descriptions_count_against_the_session_quota(hook):
+    """Attack: ``x.tag(*100_000 tags).describe("d" * 5_000_000).send(worker)`` three times under a 4 KiB quota:
+    each object was charged 256 bytes (its one-element tensor). Must hold: refused by the quota."""
+    srv, s = _worker(hook, "rt-cs-meta-quota", quota=4096)
+    replies = []
+    for _ in range(3):
+        obj = m.StoredObject(new_id(), torch.ones(1), tuple(f"#t{j}" for j in range(100_000)), "d" * 5_000_000)
+        replies.append(request(srv, s, m.ObjectMessage([obj])))
+    assert any(type(r) is m.ErrorReply and r.error == "QuotaExceededError" for r in replies), replies
+    _serving(srv, s)

@@ -449,14 +449,12 @@ def _describe_entry(oid: int, entry: Entry, hide_counts: bool) -> m.Descriptor:
 
 @register_handler(m.SearchMessage)
 def _handle_search(worker: BaseWorker, msg: m.SearchMessage, sender: str) -> Any:
-    if not isinstance(msg.query, list) or not all(isinstance(q, str) for q in msg.query):
-        raise SerializationError("search query must be a list of strings")
+    from veil.compat.search_terms import checked_terms, matches  # (PySyft's terms: tags, ids, descriptions)
+
+    terms = checked_terms(msg.query)  # bounded: the pass below holds every other session's turn
     found = []
     for oid, entry in worker.monitor.owned_entries(worker.principal(sender)):
-        # PySyft 0.2: each term matches a tag, the object's id, or a substring of its description
-        if isinstance(entry.obj, torch.Tensor) and all(
-            q in entry.tags or q == str(oid) or (q and q in (entry.description or "")) for q in msg.query
-        ):
+        if isinstance(entry.obj, torch.Tensor) and matches(terms, oid, entry.tags, entry.description):
             found.append(_describe_entry(oid, entry, worker.monitor.hide_dp_counts))
     return m.DescriptorsReply(found)
 
