@@ -163,7 +163,7 @@ def test_a_size_given_as_a_computed_tensor_is_refused_before_any_charge(hook, mo
         net = module()
         reply, calls = _plan_work(monkeypatch, owner, owner.plan(net), net)
         assert type(reply) is m.ErrorReply and "follow" in reply.message, reply
-        assert len(calls) == 1  # the dry run only
+        assert len(calls) <= 1  # the dry run at most (a factory's size from the record: refused from the plan)
         assert owner.dp.ledger.spent("sci") == (0.0, 0.0)
 
 

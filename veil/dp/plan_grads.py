@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from veil.dp import per_sample
+from veil.dp import per_sample, plan_constants
 from veil.dp.core import OWNER_LOG
 from veil.dp.errors import PrivacyParameterError
 from veil.plans import interpreter
@@ -88,6 +88,7 @@ def check_forward_plan(spec: PlanSpec, n_state: int) -> interpreter.CompiledPlan
     bad = sorted({op.op for op in spec.ops} & _FORBIDDEN)
     if bad:
         raise PrivacyParameterError(f"plan {spec.name!r} is not a forward pass: it uses {', '.join(bad)}")
+    plan_constants.check_plan(spec)
     compiled = spec.__dict__.get("_compiled")  # set by the worker's store validator
     return compiled if compiled is not None else interpreter.compile_plan(spec)
 
@@ -133,8 +134,16 @@ def per_sample_gradients(plan: interpreter.CompiledPlan, state: Sequence[torch.T
         # fails the whole lot (and a redo would time it), so such plans go record by record.
         strategy = "loop" if values_may_raise(plan.spec) else \
             per_sample.choose_strategy(one, params, dummy, lot_size=len(x))
-    return per_sample.record_gradients(one, params, (x, y), strategy=strategy, strict=strict, dummy=dummy,
-                                       on_failure=_log_failure)
+    versions = [t._version for t in frozen]
+    grads = per_sample.record_gradients(one, params, (x, y), strategy=strategy, strict=strict, dummy=dummy,
+                                        on_failure=_log_failure)
+    if strict and [t._version for t in frozen] != versions:
+        # The records share the state tensors: a plan writing into them would let one record's gradient
+        # depend on the records run before it (the clipping bound, so the privacy proof, would not hold).
+        raise PrivacyParameterError(f"plan {plan.spec.name!r} writes into its parameters or buffers in place; "
+                                    f"a DP forward pass must leave them as they are (a BatchNorm in training "
+                                    f"mode updates its running statistics: trace the model after model.eval())")
+    return grads
 
 
 def _fixed_tensors(spec: PlanSpec, frozen: Sequence[torch.Tensor]) -> frozenset:
@@ -154,6 +163,8 @@ def _refusing_value_sized(name: str, size_check: Optional[Callable], fixed: froz
     without ``num_classes``: :func:`veil.workers.output_bounds.value_sized`); then ``size_check``, if any."""
 
     def check(op: str, func: Callable, args: tuple, kwargs: dict) -> None:
+        # (a creation op's tensor size or fill value is the model's own, check_forward_plan saw to that)
+        args, kwargs = plan_constants.public_scalars(op, args, kwargs)
         why = _VALUE_TIMED_WHY if _VALUE_TIMED.search(op) else output_bounds.value_sized(op, func, args, kwargs, fixed)
         if why is not None:
             raise PrivacyParameterError(

@@ -61,7 +61,9 @@ class RemoteDPOwner(RemoteHandle):
 
     def __init__(self, worker: Any, dataset: str, model: nn.Module, example: torch.Tensor, loss: str = "mse") -> None:
         self.worker, self.dataset, self.loss = worker, dataset, loss
-        plan = Plan(model, name=f"dp_{type(model).__name__}").build(example)
+        # Traced on one record: the worker runs the plan on one record at a time, so a size taken from the
+        # batch while tracing (torch.zeros(x.shape[0], 1)) must be that of one record.
+        plan = Plan(model, name=f"dp_{type(model).__name__}").build(example[:1])
         owner = worker.hook.local_worker
         plan_id = new_id()
         owner.send_msg(ObjectMessage([StoredObject(plan_id, plan.spec)]), worker)

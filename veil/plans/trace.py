@@ -56,6 +56,11 @@ class TraceTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default:  # a Python number the plan could not replay
+            raise OperationNotAllowedError(
+                "cannot trace into a plan: a traced tensor's value is read as a Python number (t.item(), "
+                "torch.full(size, t), torch.arange(t)); keep it a tensor: torch.full_like(x, t), "
+                "torch.zeros(size) + t")
         raise RuntimeError(f"{func} reached TraceTensor below the torch-function layer")
 
 
