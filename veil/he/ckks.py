@@ -11,7 +11,8 @@ same shape always do).
 Precision: CKKS is approximate. With the default parameters (scale ``2**40``)
 fresh ciphertexts decrypt to within about ``1e-6`` of the input for values
 of order 1; each multiplication consumes one level of the modulus chain
-(``len(coeff_mod_bit_sizes) - 2`` levels in all).
+(``len(coeff_mod_bit_sizes) - 2`` levels in all: 2 by default). ``context(depth=n)``
+makes a context of ``n`` levels at the same scale (the smallest ring that holds them).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _tenseal_errors(op: str):
         if any(s in msg for s in _DEPTH_MESSAGES):
             raise DepthExhaustedError(
                 f"CKKS {op}: the ciphertext has no multiplicative depth (or scale) left; "
-                "use a context with more coeff_mod_bit_sizes levels, or decrypt and re-encrypt"
+                "use a context with more levels (veil.he.ckks.context(depth=n)), or decrypt and re-encrypt"
             ) from exc
         raise CKKSOperationError(f"CKKS {op} failed: {msg}") from exc
 
@@ -103,11 +104,29 @@ class CKKSContext:
         return f"CKKSContext({kind}, slots={self.slots}, key_id={self.key_id.hex()[:12]})"
 
 
+#: the largest modulus chain (bits) SEAL accepts per ring dimension at 128-bit security
+_MAX_CHAIN_BITS = {8192: 218, 16384: 438, 32768: 881}
+
+
+def depth_parameters(depth: int) -> tuple[int, tuple[int, ...]]:
+    """``(poly_modulus_degree, coeff_mod_bit_sizes)`` of ``depth`` multiplicative levels at scale ``2**40``:
+    the smallest ring whose modulus chain holds them at 128-bit security."""
+    if type(depth) is not int or depth < 1:
+        raise ValueError(f"depth must be a positive number of multiplicative levels, got {depth!r}")
+    bits = (60, *([40] * depth), 60)
+    for degree, most in _MAX_CHAIN_BITS.items():
+        if sum(bits) <= most:
+            return degree, bits
+    raise ValueError(f"{depth} levels at scale 2**40 exceed the largest ring (32768: "
+                     f"{(_MAX_CHAIN_BITS[32768] - 120) // 40} levels); decrypt and re-encrypt between layers")
+
+
 def context(
     poly_modulus_degree: int = 8192,
     coeff_mod_bit_sizes: Sequence[int] = (60, 40, 40, 60),
     global_scale: float = 2**40,
     galois_keys: bool = True,
+    depth: int | None = None,
 ) -> CKKSContext:
     """Create a CKKS context holding a fresh key pair.
 
@@ -117,8 +136,15 @@ def context(
             are the rescaling primes (one per multiplication level).
         global_scale: encoding scale; usually ``2**`` the inner bit size.
         galois_keys: generate rotation keys (needed by ``dot``, ``mm`` and
-            ``sum``; they make the public context tens of MB).
+            ``sum``; they make the public context tens of MB, ~180 MB at 16384).
+        depth: multiplicative levels wanted; sets ``poly_modulus_degree`` and
+            ``coeff_mod_bit_sizes`` (:func:`depth_parameters`). The default chain
+            has 2: two plaintext layers on your own ciphertext, or one on a worker's
+            owner data (whose result is sealed, one more level); two layers on owner
+            data need ``depth=4`` (ring 16384).
     """
+    if depth is not None:
+        poly_modulus_degree, coeff_mod_bit_sizes = depth_parameters(depth)
     with _tenseal_errors("context creation"):
         raw = ts.context(
             ts.SCHEME_TYPE.CKKS,
@@ -163,6 +189,13 @@ class CKKSTensor:
 
     def segment_sizes(self) -> list[int]:
         return [s.size() for s in self.segments]
+
+    def levels_left(self) -> int:
+        """Multiplications (each rescales away one prime) this ciphertext can still take: the fewest of its
+        segments'. Follows from the ops that made it, never from the values."""
+        if not self.segments:
+            return 0
+        return min(s.ciphertext()[0].coeff_modulus_size() for s in self.segments) - 1
 
     def __repr__(self) -> str:
         return f"CKKSTensor(shape={tuple(self.shape)}, segments={len(self.segments)}, {self.context!r})"

@@ -36,6 +36,14 @@ class DepthExhaustedError(HEError, ArithmeticError):
     """A CKKS ciphertext has no multiplicative levels (or scale) left for this operation."""
 
 
+class DepthRequiredError(DepthExhaustedError):
+    """An operation refused before it ran: the CKKS ciphertext has fewer levels left than it needs. Value-free
+    (the levels follow from the ops that made the ciphertext), so the text reaches the requester even when
+    the operand was the owner's data."""
+
+    value_free = True
+
+
 class EncodingOverflowError(HEError, OverflowError):
     """A value does not fit in the plaintext space (too large for the key or the dtype)."""
 
@@ -56,5 +64,6 @@ class CKKSOperationError(HEError, RuntimeError):
 EncodingOverflowError.wire_name = "HEEncodingOverflowError"
 UnsupportedOperationError.wire_name = "HEUnsupportedOperationError"
 for _cls in (HEError, WrongKeyError, KeyMismatchError, MissingSecretKeyError, UnsupportedOperationError,
-             DepthExhaustedError, EncodingOverflowError, ShapeMismatchError, WireFormatError, CKKSOperationError):
+             DepthExhaustedError, DepthRequiredError, EncodingOverflowError, ShapeMismatchError, WireFormatError,
+             CKKSOperationError):
     register_remote_error(_cls)

@@ -27,7 +27,7 @@ from veil.exceptions import RemoteExecutionError
 from veil.he import _paillier_encoding as enc
 from veil.he import ckks_wire, value_free, wire
 from veil.he.ckks import CKKSContext, CKKSTensor
-from veil.he.errors import HEError
+from veil.he.errors import DepthRequiredError, HEError
 from veil.he.paillier import PaillierTensor, checkpoints, value_free_encoding
 from veil.ids import new_id
 from veil.messaging import serde
@@ -121,6 +121,8 @@ def _he_op(worker: Any, name: str, a: Any, b: Any, out_id: int) -> None:
     if not isinstance(a, (PaillierTensor, CKKSTensor)):
         raise RemoteExecutionError(f"{name}: left operand is not a ciphertext")
     owner_data = worker.monitor.request_reads_owner_data()
+    if isinstance(a, CKKSTensor):
+        _check_depth(name, a, owner_data)
     value_free = isinstance(b, torch.Tensor) and owner_data
     given = b  # (the operand as stored: its lineage; what the op encodes may be a clamped copy)
     if isinstance(a, PaillierTensor):
@@ -144,6 +146,22 @@ def _he_op(worker: Any, name: str, a: Any, b: Any, out_id: int) -> None:
 _REDUCTIONS = frozenset({"sum", "dot", "mm"})
 #: ops that raise a Paillier ciphertext to the plaintext operand: ``c**w`` keeps ``w`` in its randomness (``r**w``)
 _PRODUCTS = frozenset({"mul", "dot", "mm"})
+
+
+def _check_depth(name: str, a: CKKSTensor, owner_data: bool) -> None:
+    """Refuses, before any work, a CKKS op its ciphertext has too few levels left for (a product takes one, and
+    sealing a reduction computed on the owner's data another), naming the context that has them. Value-free:
+    the levels follow from the ops that made the ciphertext."""
+    sealing = owner_data and name in _REDUCTIONS
+    needed = (1 if name in _PRODUCTS else 0) + (1 if sealing else 0)
+    left = a.levels_left()
+    if left >= needed:
+        return
+    used = a.context.raw.seal_context().data.key_context_data().chain_index() - 1 - left
+    why = "its product" + (" and sealing a result computed on the owner's data" if sealing else "")
+    raise DepthRequiredError(
+        f"encrypted {name} needs {needed} multiplicative level(s) ({why}) and this ciphertext has {left} left; "
+        f"encrypt under a context with {used + needed}: veil.he.ckks.context(depth={used + needed})")
 
 
 def _releasable(name: str, result: Any, owner_plaintext: bool) -> Any:
