@@ -323,3 +323,22 @@ def test_tags_and_descriptions_count_against_the_session_quota(hook):
         replies.append(request(srv, s, m.ObjectMessage([obj])))
     assert any(type(r) is m.ErrorReply and r.error == "QuotaExceededError" for r in replies), replies
     _serving(srv, s)
+
+
+@pytest.mark.parametrize("role", ["peer", "client"])
+def test_peer_and_client_tokens_reach_no_compat_entry_point(hook, role):
+    """Roles: a peer link may only hand objects over, a serving client only submit and fetch. Neither may
+    encode, decode or share the owner's data, nor search or list the worker."""
+    srv, s = _worker(hook, f"rt-cs-role-{role}")
+    token = f"rt-cs-{role}-token"
+    srv.tokens.add(token, f"rt-{role}", role)
+    other = open_session(srv, token)
+    oid = srv.load(torch.arange(4), tags=("#o",))
+    for msg in (m.CommandMessage(ENCODE, [m.ObjectRef(oid), 2, 16], {}, [new_id()], False),
+                m.CommandMessage(DECODE, [m.ObjectRef(oid), 2, 16, "float32"], {}, [new_id()], False),
+                m.CommandMessage(SHARE_OWN, [oid, [srv.id, "x"], [new_id(), new_id()]], {}, [], False),
+                m.SearchMessage(["#o"]), m.ListObjectsMessage()):
+        reply = request(srv, other, msg)
+        assert type(reply) is m.ErrorReply and reply.error == "PermissionDeniedError", (type(msg).__name__, reply)
+    assert torch.equal(_owner(srv, oid), torch.arange(4))
+    _serving(srv, s)
