@@ -96,7 +96,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "NAME=POLICY for one dataset (repeatable; default: open)")
     p.add_argument("--console-port", type=port_number, default=None, metavar="PORT",
                    help="serve the owner's web console on this port (admin token login; 0: any free port)")
-    p.add_argument("--console-host", default="127.0.0.1", help="interface of the console (default: loopback only)")
+    p.add_argument("--console-host", default="127.0.0.1",
+                   help="interface of the console (default: loopback only; any other needs --cert and --key: "
+                        "the console is then served as https)")
     p.add_argument("--cert", default=None, help="TLS certificate (PEM) to serve wss://")
     p.add_argument("--key", default=None, help="TLS private key (PEM)")
     p.add_argument("--sched", choices=POLICIES, default="normal",
@@ -336,7 +338,8 @@ def run(args: argparse.Namespace) -> int:
             raise CommandLineError("--console-port needs --admin-token (the console's login)")
         from veil.governance.console.server import ConsoleServer
 
-        console = ConsoleServer(worker, host=args.console_host, port=args.console_port)
+        console = ConsoleServer(worker, host=args.console_host, port=args.console_port, certfile=args.cert,
+                                keyfile=args.key)
 
     def ready(w: WebsocketServerWorker) -> None:
         if console is not None:

@@ -10,7 +10,7 @@ from typing import Any, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -136,10 +136,13 @@ def build_app(worker: Any, allowed_hosts: list[str], session_host: str | None = 
         if declared is not None and (not declared.isdigit() or int(declared) > MAX_FORM_BYTES):
             return PlainTextResponse("form too large\n", status_code=413)
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_FORM_BYTES:
-                return PlainTextResponse("form too large\n", status_code=413)
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_FORM_BYTES:
+                    return PlainTextResponse("form too large\n", status_code=413)
+        except ClientDisconnect:  # gone, or closed for sending too slowly (connections.py): no one to answer
+            return PlainTextResponse("request body incomplete\n", status_code=400)
         try:
             pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=32)
         except (UnicodeDecodeError, ValueError):
@@ -269,9 +272,10 @@ def build_app(worker: Any, allowed_hosts: list[str], session_host: str | None = 
 
     @page()
     async def budgets(request: Request, session: ConsoleSession) -> Response:
-        rows = await run_in_threadpool(views.on_worker, worker, views.budgets, worker)
-        for r in rows:  # off the event loop: a long charge history takes a while to go through
-            r["svg"] = await run_in_threadpool(budget_svg, r["points"], r["epsilon"])
+        # the ledger's own lock guards it (not the worker's thread); summed in its database, off the event loop
+        rows = await run_in_threadpool(views.budgets, worker)
+        for r in rows:
+            r["svg"] = budget_svg(r["points"], r["epsilon"], span=r["span"])
         return render(request, session, "budgets.html", rows=rows, nav="budgets")
 
     @page()

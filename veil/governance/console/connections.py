@@ -1,9 +1,17 @@
-"""uvicorn's HTTP protocol with two bounds the console needs: it is a thread of the worker's process and
+"""uvicorn's HTTP protocol with the bounds the console needs: it is a thread of the worker's process and
 shares its file descriptors, and its port is reachable by every local user (loopback is shared).
 
-- at most ``MAX_CONNECTIONS`` open at once: one more is closed as soon as it is accepted;
+- at most ``MAX_CONNECTIONS`` open at once: one more takes the place of the connection that has waited
+  longest on its client (for a request head or body), or, with none waiting, is closed as soon as it is
+  accepted: connections held open by a slow client (anyone on loopback) do not lock the owner out, as one
+  whose request is being answered is never the one closed;
 - a connection that has not sent a whole request head within ``HEAD_SECONDS`` of opening (or of its last
-  response) is closed: idle and half-sent requests (slowloris) do not hold a descriptor for good.
+  response) is closed: idle and half-sent requests (slowloris) do not hold a descriptor for good;
+- a request whose body is not all in ``BODY_SECONDS`` after its head, or that is not answered in full
+  ``REQUEST_SECONDS`` after its head (a client that does not read the answer), is closed: a body trickled a
+  byte at a time does not hold a descriptor for good either;
+- a request (head and body) of more than ``MAX_REQUEST_BYTES`` is closed (the console's forms are a few
+  hundred bytes; ``app.MAX_FORM_BYTES`` answers a too-large form with a 413 before this).
 """
 
 from __future__ import annotations
@@ -11,24 +19,43 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 #: a browser opens about 6 connections per host; the rest of the worker's descriptors stay free
 MAX_CONNECTIONS = 32
 HEAD_SECONDS = 10.0
+BODY_SECONDS = 10.0
+#: longer than a page may take on the worker's thread (views.on_worker waits 60 s)
+REQUEST_SECONDS = 90.0
+MAX_REQUEST_BYTES = 256 * 1024
 
 
 class BoundedH11Protocol(H11Protocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._head_deadline: asyncio.TimerHandle | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._timed_cycle: Any = None  # the request whose body and answer deadlines run
+        self._request_bytes = 0
+        self._waiting_since = 0.0  # (loop time) when its current wait for a head or a request began
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.server_state.connections) >= MAX_CONNECTIONS:
-            transport.abort()  # frees the descriptor now; never counted as a connection
-            return
+            waiting = [c for c in self.server_state.connections
+                       if isinstance(c, BoundedH11Protocol) and c._waits_on_client()]
+            if not waiting:
+                transport.abort()  # frees the descriptor now; never counted as a connection
+                return
+            min(waiting, key=lambda c: c._waiting_since).transport.abort()  # (its connection_lost follows)
         super().connection_made(transport)
         self._await_head()
+
+    def _waits_on_client(self) -> bool:
+        """Whether this connection waits for its client to send (a request head, or a body): not while the
+        console answers a request, nor once it is closing."""
+        if self.transport is None or self.transport.is_closing():
+            return False
+        return self.cycle is None or self.cycle.response_complete or self.conn.their_state is h11.SEND_BODY
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
@@ -36,25 +63,58 @@ class BoundedH11Protocol(H11Protocol):
             super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        self._request_bytes += len(data)  # since the last answer (or the connection) began
         super().data_received(data)
-        if self.cycle is not None and self.scope is not None and not self.cycle.response_complete:
-            self._cancel_deadline()  # a whole head arrived: the request runs as long as it needs
+        if self.transport.is_closing():
+            return
+        if self._request_bytes > MAX_REQUEST_BYTES:
+            self.transport.close()
+            return
+        self._time_new_request()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
+        self._request_bytes = 0
+        if not self.transport.is_closing() and not self._time_new_request():  # (one pipelined behind it)
             self._await_head()  # the next request (keep-alive) has the same deadline
 
+    def _time_new_request(self) -> bool:
+        """Starts the body and answer deadlines of a request whose head just arrived (the head's is over)."""
+        cycle = self.cycle
+        if cycle is None or cycle is self._timed_cycle or cycle.response_complete:
+            return False
+        self._timed_cycle, self._waiting_since = cycle, self.loop.time()
+        self._set_deadline(BODY_SECONDS, self._body_too_late)
+        return True
+
     def _await_head(self) -> None:
+        self._waiting_since = self.loop.time()
+        self._set_deadline(HEAD_SECONDS, self._head_too_late)
+
+    def _set_deadline(self, seconds: float, callback: Any) -> None:
         self._cancel_deadline()
-        self._head_deadline = self.loop.call_later(HEAD_SECONDS, self._head_too_late)
+        self._deadline = self.loop.call_later(seconds, callback)
 
     def _cancel_deadline(self) -> None:
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-            self._head_deadline = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
 
     def _head_too_late(self) -> None:
-        self._head_deadline = None
+        self._deadline = None
         if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+            self.transport.close()
+
+    def _body_too_late(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing() or self.cycle is not self._timed_cycle or self.cycle.response_complete:
+            return
+        if self.conn.their_state is h11.SEND_BODY:
+            self.transport.close()
+        else:  # the body is in: the answer has the rest of the request's time
+            self._set_deadline(max(0.0, REQUEST_SECONDS - BODY_SECONDS), self._answer_too_late)
+
+    def _answer_too_late(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing() and self.cycle is self._timed_cycle and not self.cycle.response_complete:
             self.transport.close()

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import secrets
 import threading
 import time
 from typing import Any
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an interface to listen on) is this machine's loopback only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class _HeldErrors(logging.Filter):
@@ -31,9 +42,13 @@ class ConsoleServer:
     loopback is shared with every local user and cookies are not isolated by port, so a cookie of
     ``127.0.0.1`` would also go to a local user's server on another port of it; one of the secret name
     goes only where the owner's browser is pointed at that name.
+
+    Off loopback (``--console-host``) it serves only https, with the worker's certificate (``--cert``,
+    ``--key``): the admin token and the session cookie (then ``Secure``) never cross a network in clear.
     """
 
-    def __init__(self, worker: Any, host: str = "127.0.0.1", port: int = 8780) -> None:
+    def __init__(self, worker: Any, host: str = "127.0.0.1", port: int = 8780, certfile: str | None = None,
+                 keyfile: str | None = None) -> None:
         import uvicorn
 
         from veil.governance.console.app import build_app
@@ -41,16 +56,23 @@ class ConsoleServer:
 
         self.worker, self.host, self.port = worker, host, port
         self.host_name: str | None = None  # the secret name sessions are bound to (loopback only)
-        if host in ("0.0.0.0", "::", ""):  # exposed on purpose on every interface: any Host header
-            hosts = ["*"]
-        elif host in ("127.0.0.1", "localhost", "::1"):  # loopback: refuse other Host headers (DNS rebinding)
+        self.tls = False
+        if is_loopback(host):  # loopback: refuse other Host headers (DNS rebinding)
             self.host_name = f"{secrets.token_hex(16)}.localhost"
             hosts = [self.host_name, "127.0.0.1", "localhost", host]  # the others only explain where to go
+        elif not (certfile and keyfile):
+            # the admin token is posted at log-in and the session cookie goes with every page: over plain
+            # HTTP anyone on the network path reads them (and then acts as the owner)
+            raise ValueError(f"the console on {host or 'every interface'} (not loopback) needs TLS: give the "
+                             "worker --cert and --key (served as https), or keep it on loopback and reach it "
+                             "through an SSH tunnel")
         else:
-            hosts = [host]
+            self.tls = True
+            hosts = ["*"] if host in ("0.0.0.0", "::", "") else [host]  # every interface: any Host header
         self.app = build_app(worker, hosts, session_host=self.host_name)
+        tls = {"ssl_certfile": certfile, "ssl_keyfile": keyfile} if self.tls else {}
         config = uvicorn.Config(self.app, host=host, port=port, log_level="warning", access_log=False,
-                                lifespan="off", server_header=False, http=BoundedH11Protocol)
+                                lifespan="off", server_header=False, http=BoundedH11Protocol, **tls)
         self._server = uvicorn.Server(config)
         self._server.install_signal_handlers = lambda: None  # the worker owns SIGINT/SIGTERM
         self._thread: threading.Thread | None = None
@@ -93,7 +115,7 @@ class ConsoleServer:
     @property
     def url(self) -> str:
         host = self.host_name or (f"[{self.host}]" if ":" in self.host else self.host)
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     def stop(self) -> None:
         self._server.should_exit = True

@@ -76,14 +76,18 @@ def _downsample(points: list, t0: float, t1: float, buckets: int) -> list:
             for b, (t, v, reason) in sorted(last.items())]
 
 
-def budget_svg(points: list, total: float, width: int = 520, height: int = 160) -> Markup:
-    """Cumulative epsilon spent over time, with the budget as a dashed line."""
+def budget_svg(points: list, total: float, width: int = 520, height: int = 160,
+               span: tuple[float, float] | None = None) -> Markup:
+    """Cumulative epsilon spent over time, with the budget as a dashed line. ``span``: the curve's (first
+    charge, now) when ``points`` are already downsampled (budget_curve.curve); else computed from them."""
     pad = 34
     if total <= 0:
         return Markup("")
-    now = time.time()
-    xs = [p[0] for p in points] or [now]
-    t0, t1 = min(xs), max(now, min(xs) + 1)
+    if span is None:
+        now = time.time()
+        xs = [p[0] for p in points] or [now]
+        span = (min(xs), max(now, min(xs) + 1))
+    t0, t1 = span
     points = _downsample(points, t0, t1, MAX_CURVE_POINTS)
     top = max(total, max((p[1] for p in points), default=0)) * 1.1
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from veil.governance.console.budget_curve import curve
 from veil.governance.policy import owner_sources
 from veil.governance.provenance import sources_of
 from veil.governance.state import governance, policy_of
@@ -85,8 +86,9 @@ def audit_choices(worker: Any) -> dict[str, list[str]]:
             for col in ("principal", "action", "outcome")}
 
 
-def budgets(worker: Any) -> list[dict]:
-    """Each user's DP budget: total, spent, left, and the cumulative epsilon over time."""
+def budgets(worker: Any, now: float | None = None) -> list[dict]:
+    """Each user's DP budget: total, spent, left, and the cumulative epsilon over time (at most
+    ``budget_curve.CURVE_POINTS`` points, summed and bucketed in the ledger's database)."""
     from veil.dp.worker_owner import _SETTINGS
 
     settings = _SETTINGS.get(worker)
@@ -97,15 +99,13 @@ def budgets(worker: Any) -> list[dict]:
         # "user" quoted: unquoted it is PostgreSQL's CURRENT_USER (the database role), not the column
         users = [tuple(r) for r in ledger._db.execute('SELECT "user", epsilon, delta FROM budgets ORDER BY "user"')]
     out = []
+    now = time.time() if now is None else now
     for user, eps, delta in users:
         spent_eps, spent_delta = ledger.spent(user)
-        running, points = 0.0, []
-        for e, _d, reason, at in ledger.history(user):
-            running += e
-            points.append((at, running, reason))
+        start, end, points = curve(ledger, user, now)
         out.append({"user": user, "epsilon": eps, "delta": delta, "spent_epsilon": spent_eps,
                     "spent_delta": spent_delta, "left_epsilon": eps - spent_eps, "left_delta": delta - spent_delta,
-                    "points": points})
+                    "points": points, "span": (start, end)})
     return out
 
 
