@@ -170,6 +170,24 @@ def test_a_peer_revoked_before_the_link_is_configured_gets_no_link(hook, tmp_pat
         again.db.close()
 
 
+def test_a_peer_reached_only_by_its_link_is_listed_and_can_be_revoked(hook, server):
+    """A peer this worker links to (``--peer carol=...``) without accepting a token of carol's: the owner sees
+    it in ``veil users list`` and can revoke it (its link is then refused) and restore it."""
+    link = WebsocketClientWorker(hook, id=f"carol-{time.monotonic_ns()}", host="127.0.0.1", port=9,
+                                 token=PEER_OUT, lazy=True)
+    server.add_peer(link)
+    admin = _connect(server, ADMIN)
+    listed = {u["name"]: (u["role"], u["revoked"]) for u in _ask(admin, AdminUsersMessage("list")).objects}
+    assert listed[link.id] == ("peer", False)
+    assert _ask(admin, AdminUsersMessage("revoke", link.id)) == m.ObjectsReply([0])
+    with pytest.raises(PermissionDeniedError, match="revoked"):
+        link.connect()
+    listed = {u["name"]: u["revoked"] for u in _ask(admin, AdminUsersMessage("list")).objects}
+    assert listed[link.id] is True
+    assert _ask(admin, AdminUsersMessage("restore", link.id)) == m.ObjectsReply([0])
+    assert not link.refused
+
+
 # --------------------------------------------------------------------------- a revocation is prompt
 
 

@@ -81,9 +81,13 @@ def readmit(worker: Any, name: str, by: str = "owner") -> None:
 
 
 def users(worker: Any) -> list[dict]:
-    """Each principal with a token here: name, role, revoked (never a token)."""
+    """Each principal with a token here: name, role, revoked (never a token); then each peer this worker
+    links to (``--peer``) without a token here, as role ``peer`` (it can be revoked too)."""
     revoked = worker.tokens.revoked
-    return [{"name": p.name, "role": p.role, "revoked": p.name in revoked} for p in worker.tokens.principals()]
+    listed = [{"name": p.name, "role": p.role, "revoked": p.name in revoked} for p in worker.tokens.principals()]
+    names = {u["name"] for u in listed}
+    return listed + [{"name": n, "role": "peer", "revoked": n in revoked}
+                     for n in sorted(getattr(worker, "peers", {})) if n not in names]
 
 
 def revocable_users(worker: Any) -> list[str]:
@@ -92,7 +96,8 @@ def revocable_users(worker: Any) -> list[str]:
     if tokens is None or not hasattr(tokens, "revoked"):
         return []
     admins = {p.name for p in tokens.principals() if p.role == "admin"}
-    return sorted({p.name for p in tokens.principals()} - admins - tokens.revoked)
+    names = {p.name for p in tokens.principals()} | set(getattr(worker, "peers", {}))
+    return sorted(names - admins - tokens.revoked)
 
 
 def _put_in_force(worker: Any, name: str) -> int:
