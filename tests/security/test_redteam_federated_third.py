@@ -95,6 +95,15 @@ def test_sequential_client_claiming_1e13_rows_is_dropped(hook):
     _close(model, honest_fedavg([parts[0], parts[2]]))
 
 
+@pytest.mark.parametrize("nominal", [-1, float("nan"), 2**50, 3.5], ids=["negative", "nan", "huge", "float"])
+def test_ray_clients_refuse_a_nominal_count_that_is_no_weight(hook, nominal):
+    """HOLE (fixed: federated_clients checks ``dp["nominal_count"]``, every client's stated weight): a negative
+    count started the clients and then stopped every round; now refused before any actor starts."""
+    dp = {"budgets": {"me": (1.0, 1e-5)}, "hide_count": True, "nominal_count": nominal}
+    with pytest.raises(ValueError, match="nominal_count"):
+        sy.ray.federated_clients(make_parts(2), hook=hook, prefix=uid("nominal"), dp=dp)
+
+
 # ================================================================== model replacement: bounded update norms
 
 
@@ -406,4 +415,30 @@ def test_a_coordinator_that_reconnects_to_one_client_recovers_the_others_sum(hoo
     torch.testing.assert_close(result.total[0], sum(plain[w.id] for k, w in enumerate(workers) if k != 2),
                                atol=1e-5, rtol=0)
     assert not any(w.__dict__.get("_secagg_rounds") for w in workers)
+
+
+@pytest.mark.slow
+def test_a_coordinator_that_reconnects_over_the_network_gets_the_clear_abort(hook, websocket_servers):
+    """The same over three ``veil worker`` processes: the coordinator's connections close before
+    ``masked_input`` (each client ends the round with that session); its next requests reconnect, and the
+    round fails saying the clients no longer hold it. The workers still serve the new sessions."""
+    names = ("alice", "bob", "charlie")
+    coord = {n: sy.WebsocketClientWorker(hook, id=n, host="127.0.0.1", port=websocket_servers[n].port,
+                                         token="test-scientist-token", timeout=60) for n in names}
+    try:
+        inputs = {n: sa.ClientInput(coord[n], [torch.full((4,), 1.0).send(coord[n])], 1.0) for n in names}
+
+        def before(stage):
+            if stage == "masked_input":
+                for w in coord.values():
+                    w.close()
+
+        with pytest.raises(sa.SecureAggregationError) as caught:
+            sa.secure_aggregate(inputs, tag=int(new_id()), before_stage=before)
+        assert "no longer hold" in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
+        for w in coord.values():
+            assert float((torch.ones(2).send(w) * 3).get().sum()) == 6.0
+    finally:
+        for w in coord.values():
+            w.close()
 

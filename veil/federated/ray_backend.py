@@ -46,6 +46,7 @@ import torch
 
 from veil.exceptions import CommandTimeoutError, ConnectionLostError, WorkerNotFoundError
 from veil.federated.client_pool import ClientPool, JobBuilder, PooledFederatedDataset
+from veil.federated.pooled import MAX_CLIENT_SAMPLES
 from veil.workers import cancellation
 from veil.workers.base import BaseWorker
 
@@ -529,6 +530,9 @@ def federated_clients(datasets: Sequence[tuple] | None = None, *, num_clients: i
     n = len(datasets) if datasets is not None else int(num_clients or 0)
     if n <= 0:
         raise ValueError("federated_clients needs at least one client")
+    nominal = (dp or {}).get("nominal_count") or 0
+    if type(nominal) is not int or not 0 <= nominal <= MAX_CLIENT_SAMPLES:  # (every client's FedAvg weight)
+        raise ValueError(f"dp nominal_count must be a whole number from 0 to {MAX_CLIENT_SAMPLES}")
     ray = init(address)
     hook = hook if hook is not None else default_hook_context()
     owns = not isinstance(actors, (list, tuple))

@@ -75,7 +75,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from veil.exceptions import (RemoteExecutionError, RequestDeniedError, ReviewPendingError,
+from veil.exceptions import (ObjectNotFoundError, RemoteExecutionError, RequestDeniedError, ReviewPendingError,
                              register_remote_error)
 from veil.federated import secagg_crypto as sc
 from veil.federated.pooled import CLIENT_FAILURES, error_text
@@ -439,7 +439,7 @@ def secure_aggregate(inputs: dict[str, ClientInput], tag: int, threshold: Option
                 except RequestDeniedError as e:
                     review.append(e)
                 except CLIENT_FAILURES as e:
-                    gone += str(e).startswith(NO_ROUND)
+                    gone += NO_ROUND in str(e) or isinstance(e, ObjectNotFoundError)  # (a session's objects go with it)
                 else:
                     try:
                         out[wid] = form(reply) if form is not None else None
@@ -450,8 +450,9 @@ def secure_aggregate(inputs: dict[str, ClientInput], tag: int, threshold: Option
             raise type(review[0])(f"secure aggregation round {tag} needs the data owners' approval: "
                                   + "; ".join(error_text(e) for e in review))
         if len(out) < t:  # (a round is not resumed: a client ends it with the session that advertised it)
-            why = (f" ({gone} clients no longer hold the round: a client ends a round when the coordinator's "
-                   "connection that advertised it closes, so after a reconnect start a new round)") if gone else ""
+            why = (f" ({gone} clients no longer hold the round or its inputs: a client ends a round, as the "
+                   "session's objects, when the coordinator's connection closes, so after a reconnect start a new "
+                   "round)") if gone else ""
             raise SecureAggregationError(f"secure aggregation round {tag}: {len(out)} clients finished {name}, {t} "
                                          f"needed; nothing recovered{why}")
         return out
