@@ -71,7 +71,7 @@ def _share_own(worker: Any, oid: int, party_ids: list, share_ids: list) -> None:
     principal = worker.principal(worker.requester()).acting_as(user)
     entry = worker.monitor.resolve(principal, oid, Purpose.REVEAL, "secret-shared by its worker (share_own)")
     owner_guard.check_dp_only(SHARE_OWN, [entry], worker.id)
-    _governance_release(worker, [oid], [entry], user, "share")
+    _governance_release(worker, [oid], [entry], user, "share", consume=False)
     value = entry.obj
     if not isinstance(value, torch.Tensor) or value.dtype != torch.int64:
         raise NotEncodedError("only int64 (encoded) values can be secret-shared: call fix_precision() first")
@@ -79,6 +79,7 @@ def _share_own(worker: Any, oid: int, party_ids: list, share_ids: list) -> None:
     destinations = [None if p == worker.id else worker.resolve_worker(p) for p in party_ids]  # all checks first
     if worker.id in party_ids:  # the share kept here is the session's: refused before any share is drawn
         check_room(worker, value.numel(), 8, SHARE_OWN)
+    _governance_release(worker, [oid], [entry], user, "share")  # (the approval used up once every check passed)
     pieces, last = [], value
     for _ in party_ids[:-1]:
         piece = random_ring(tuple(value.shape))  # os.urandom: uniform in Z/2^64
@@ -92,7 +93,9 @@ def _share_own(worker: Any, oid: int, party_ids: list, share_ids: list) -> None:
             _stamp_share(worker, oid, entry, stored, piece, len(pieces))
         else:
             # the share carries the source's capabilities (reveal_to, provenance) like a moved object
-            caps = worker.monitor.export_capabilities(principal, entry)
+            caps = worker.monitor.export_capabilities(
+                principal, entry, f"then veil.compat.share_own on {worker.id!r}: one of {len(pieces)} shares of it "
+                                  f"(the other parties: {', '.join(repr(p) for p in party_ids if p != dest.id)})")
             worker.send_msg(m.ObjectMessage([m.StoredObject(sid, piece, caps)]), dest)
 
 

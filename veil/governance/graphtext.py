@@ -57,7 +57,7 @@ def render_graph(graph: dict, root: str) -> list[str]:
             args = ", ".join(n["input_names"])
         mark = "   <- requested" if n["is_root"] else ""
         lines.append(f"{n['name']} = {n['op']}({args}) -> {shape}{mark}")
-        for step in n.get("plan", []):
+        for step in n.get("plan", []) + n.get("report", []):  # (report: a received object's, received.py)
             lines.append(f"      | {step}")
     return lines
 

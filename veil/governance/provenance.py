@@ -294,6 +294,20 @@ def stamp(entry: Any, lineage: Lineage | None, tensor: Any, op_suffix: str = "")
     entry.meta[ROOT] = nid
 
 
+def stamp_unrecorded(outputs: list, lineage: Lineage | None) -> None:
+    """A worker function's own outputs (``monitor.store_output``) that it gave no op graph: the command's node,
+    saying the function computed them opaquely (each function records its own graph; this is the net for one
+    that does not, so the owner never reads a derived value as the scientist's own or as "not recorded")."""
+    if lineage is None:
+        return
+    for entry in outputs:
+        if entry.provenance and entry.meta.get(GRAPH) is None:
+            opaque = Lineage(lineage.sources, lineage.graph,
+                             dict(lineage.node, op=f"opaque: {lineage.node['op']}",
+                                  label=f"stored by worker function {lineage.node['op']}, its steps not recorded"))
+            stamp(entry, opaque, entry.obj)
+
+
 def _storage(t: Any) -> int | None:
     if not isinstance(t, torch.Tensor):
         return None

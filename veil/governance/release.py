@@ -111,9 +111,11 @@ def _raise_unless_allowed(worker: Any, oid: int, decision: Decision) -> None:
         )
 
 
-def enforce_all(worker: Any, ids: list, entries: list, user: str, session: str = "-", purpose: str = "get") -> None:
+def enforce_all(worker: Any, ids: list, entries: list, user: str, session: str = "-", purpose: str = "get",
+                consume: bool = True) -> None:
     """``enforce`` for a batch; approvals are consumed only when every object may go (a batch that releases
-    nothing must not use an approval up nor record a release)."""
+    nothing must not use an approval up nor record a release). ``consume=False``: the refusals only (a move
+    checks its destination between the two: one it cannot reach releases nothing)."""
     if _STATE.get(worker) is None:
         return
     blocked = [(oid, e) for oid, e in zip(ids, entries) if needs_review(worker, oid, e, user)]
@@ -136,5 +138,7 @@ def enforce_all(worker: Any, ids: list, entries: list, user: str, session: str =
                 f"objects {', '.join(str(oid) for oid, _ in pending)} on worker {worker.id!r} derive from data "
                 f"under the owner's review policy: release requests {', '.join(r for _, r in pending)} are "
                 f"pending the owner's approval (see sy.requests(worker))")
+        if not consume:
+            return
         for oid, entry in blocked:
             enforce(worker, oid, entry, user, session, purpose)

@@ -21,6 +21,7 @@ import torch
 from veil.messaging.serde import encode_value
 
 from veil.exceptions import ObjectNotFoundError, PermissionDeniedError
+from veil.governance.canonical import canonical_floats
 from veil.governance.state import audit, governance
 from veil.workers.database import equality_filters
 from veil.workers.persistence import db_execute, db_update
@@ -70,10 +71,11 @@ def digest(obj: Any) -> str:
     """SHA-256 of a tensor's dtype, shape and bytes, or of any other object's wire encoding (an encrypted
     tensor: its ciphertexts), so that what was asked for is what is released. An object without an encoding
     gets a fresh random digest: no approval ever matches it again (an approval keyed by its type alone
-    released whatever the scientist later stored under the same id)."""
+    released whatever the scientist later stored under the same id). A float tensor's digest is of its released
+    form (:mod:`veil.governance.canonical`: canonical NaNs, positive zeros)."""
     h = hashlib.sha256()
     if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
+        t = canonical_floats(obj).detach().cpu().contiguous()  # (as released: canonical.py)
         h.update(str(t.dtype).encode() + repr(tuple(t.shape)).encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return h.hexdigest()
@@ -133,7 +135,7 @@ def _nan_bits(flat: torch.Tensor) -> str:
     notes = [f"{payloads} with payload bits"] if payloads else []
     if 0 < negative < bits.numel():
         notes.append(f"{negative} with the sign bit")
-    return f" ({', '.join(notes)}: NaN bits can carry data)" if notes else ""
+    return f" ({', '.join(notes)}: NaN bits can carry data; a release clears them)" if notes else ""
 
 
 def _check_reason(reason: Any) -> None:

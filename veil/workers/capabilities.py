@@ -25,13 +25,15 @@ CAP_TAG_LIMIT = 64 * 1024
 __all__ = ["CAP_PREFIX", "CAP_TAG_LIMIT", "DEALER_TAG", "export_tags", "outgoing", "parse_tags"]
 
 
-def export_tags(principal: Any, entry: Entry, worker_id: str) -> tuple:
+def export_tags(principal: Any, entry: Entry, worker_id: str, note: str = "") -> tuple:
     """Tags that carry ``entry``'s capabilities to another worker.
 
     A value never becomes revealable by more parties by moving: ``reveal_to``
     (session ids mean nothing on another worker, so the set travels with the
     mover's user added: the mover passed the reveal check here), ``kind`` share,
-    the DP-only policy, and provenance as ``"worker:id"`` sources.
+    the DP-only policy, and provenance as ``"worker:id"`` sources, with the op graph this worker's owner reviews
+    as lines of text (``note``: one more, what the sender does with it; the receiver shows them as this
+    worker's report, from peers only: :mod:`veil.governance.received`).
     ``allowed_users`` travels in ``StoredObject.allowed_users``. Dealer material
     never moves (refused before).
     """
@@ -46,6 +48,11 @@ def export_tags(principal: Any, entry: Entry, worker_id: str) -> tuple:
     if entry.provenance:
         sources = sorted(p if type(p) is str else f"{worker_id}:{p}" for p in entry.provenance)
         tags.append(CAP_PREFIX + "provenance=" + json.dumps(sources))
+        from veil.governance.received import bounded, reported_lines
+
+        lines = bounded(reported_lines(entry) + ([note] if note else []))
+        if lines:
+            tags.append(CAP_PREFIX + "graph=" + json.dumps(lines))
     return tuple(tags)
 
 
@@ -65,7 +72,7 @@ def _sources(value: str) -> tuple:
 def parse_tags(tags: Any, from_dealer: bool) -> tuple[tuple, dict]:
     """Splits an arriving object's tags into plain tags and the capabilities they carry."""
     caps: dict[str, Any] = {"kind": Kind.CLIENT, "reveal_to": None, "dp_only": False, "provenance": frozenset(),
-                            "item": None, "mask": False, "sources": None}
+                            "item": None, "mask": False, "sources": None, "graph": None}
     plain = []
     for tag in tags:
         if not isinstance(tag, str):
@@ -95,6 +102,11 @@ def parse_tags(tags: Any, from_dealer: bool) -> tuple[tuple, dict]:
                 caps["kind"] = Kind.SHARE  # a client cannot label its objects protocol shares
         elif name == "dp_only" and not value:
             caps["dp_only"] = True
+        elif name == "graph":  # the sender's report of how it was computed (shown from peers only)
+            items = _string_list(value)
+            if items is None:
+                raise PermissionDeniedError("malformed capability tag 'graph' on an arriving object")
+            caps["graph"] = items
         elif name in ("reveal_to", "provenance"):
             items = _string_list(value)
             if items is None:

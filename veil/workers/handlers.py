@@ -140,7 +140,8 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
         if grad is not grad_before:
             _set_grad_enabled(grad)
         if op.worker_function:  # it may store outputs itself (monitor.store_output): tell it who asked
-            with monitor.running(principal, entries, name), oblivious_guard or _NO_GUARD, graph_hooks:
+            running = monitor.running(principal, entries, name)
+            with running, oblivious_guard or _NO_GUARD, graph_hooks:
                 result = op.func(worker, *args, **kwargs)
         elif oblivious_guard is not None:  # secret inputs: no value-dependent shape, failure or Python value
             with oblivious_guard, owner_guard.refuse_writes(name, protected, worker.id, written), graph_hooks:
@@ -184,6 +185,10 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
         # Entry.provenance (the one set of source datasets) is recorded by monitor.store either way.
         if entries and not reviewed and _tracking(worker):
             lineage = _record_lineage(worker, op, arguments, args, kwargs, found, sender, written)
+            if op.worker_function and running.outputs:  # what it stored itself and gave no op graph: the command's
+                from veil.governance.provenance import stamp_unrecorded
+
+                stamp_unrecorded(running.outputs, lineage)
     if op.shapes == NO_RESULT or ids == []:
         return _OK
     if ids is None:
@@ -367,7 +372,12 @@ def _handle_objects(worker: BaseWorker, msg: m.ObjectMessage, sender: str) -> An
         validate = STORE_VALIDATORS.get(type(so.obj))
         if validate is not None:
             validate(so.obj)
-    worker.monitor.store_objects(worker.principal(sender), msg.objects)
+    principal = worker.principal(sender)
+    stored = worker.monitor.store_objects(principal, msg.objects)
+    if _tracking(worker) and any(caps["provenance"] for _, caps in stored):  # governance (#16)
+        from veil.governance.received import record_received
+
+        record_received(worker, principal, stored)
     return m.OkReply()
 
 
@@ -394,10 +404,21 @@ def _handle_get(worker: BaseWorker, msg: m.GetObjectsMessage, sender: str) -> An
             if taken:
                 obj.garbage_collect_data = False
         else:
-            out.append(obj)
+            out.append(_released(oid, entry))
         if taken:
             worker.monitor.discard(principal, oid)
     return m.ObjectsReply(out)
+
+
+def _released(oid: int, entry: Entry) -> Any:
+    """What a get/move lets out: a float derived from owner data with canonical NaNs and zeros (no hidden bits
+    past the owner's review: veil/governance/canonical.py); anything else as stored."""
+    obj = entry.obj
+    if type(obj) is _PLAIN_TENSOR and not entry.provenance and not entry.protected:
+        return obj  # (the scientist's own tensor: no import, no pass over it)
+    from veil.governance.canonical import released
+
+    return released(oid, entry)
 
 
 def _reviewed_inputs(worker: BaseWorker, entries: list) -> set:
@@ -417,13 +438,15 @@ def _tracking(worker: BaseWorker) -> bool:
     return tracking(worker)
 
 
-def _governance_release(worker: BaseWorker, ids: list, entries: list, user: str, purpose: str) -> None:
-    """Governance (#16): objects derived from ``review`` data leave only with the owner's approval."""
+def _governance_release(worker: BaseWorker, ids: list, entries: list, user: str, purpose: str,
+                        consume: bool = True) -> None:
+    """Governance (#16): objects derived from ``review`` data leave only with the owner's approval
+    (``consume=False``: refused unless approved, the approval not used up yet)."""
     from veil.governance.release import enforce_all
 
     current = getattr(worker, "current_session", None)
     session = current() if current is not None else None
-    enforce_all(worker, ids, entries, user, session.id if session is not None else "-", purpose)
+    enforce_all(worker, ids, entries, user, session.id if session is not None else "-", purpose, consume)
 
 
 @register_handler(m.DeleteMessage)
@@ -479,11 +502,14 @@ def _handle_move(worker: BaseWorker, msg: m.MoveMessage, sender: str) -> Any:
     for oid, entry in zip(msg.ids, entries):
         if not isinstance(entry.obj, tuple(STORABLE_TYPES)):
             raise SerializationError(f"object {oid} cannot be moved")
-    _governance_release(worker, msg.ids, entries, principal.user, "move")
+    _governance_release(worker, msg.ids, entries, principal.user, "move", consume=False)
     # Refusals first: whether the destination is reachable must not matter to a refused move.
     destination = worker.resolve_worker(msg.destination)
+    _governance_release(worker, msg.ids, entries, principal.user, "move")  # (approvals used up: it goes now)
     # capabilities travel (reveal_to, share kind, DP-only, provenance): moving never widens who may reveal it
     objects = [worker.monitor.outgoing(principal, new, e) for new, e in zip(msg.new_ids, entries)]
+    for so, oid, entry in zip(objects, msg.ids, entries):
+        so.obj = _released(oid, entry)
     worker.send_msg(m.ObjectMessage(objects), destination)
     for oid in msg.ids:
         worker.monitor.discard(principal, oid)  # owner-protected data is copied, never taken

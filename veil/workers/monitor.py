@@ -408,14 +408,15 @@ class ReferenceMonitor(QuotaRules, OpeningRules):
             raise PermissionDeniedError("only a peer worker ends its own requesters' accounts")
         return self._store.drop_account(self.__key, principal.namespace, principal.account)
 
-    def store_objects(self, principal: Principal, objects: list) -> None:
+    def store_objects(self, principal: Principal, objects: list) -> list:
         """ObjectMessage: client-sent objects; dealt material when a dealer tags it; peer hand-offs.
 
         Capabilities that travelled with an object (:meth:`export_capabilities`) are applied; they
         only ever restrict it, except ``kind`` share/dealer, honoured from dealers / peers only.
+        Returns (entry, capabilities) per object (governance records the received ones' op graph).
         """
         parsed = [(so, *self._import_capabilities(principal, so.tags)) for so in objects]  # all checks first
-        dealt_entries, layout = [], []
+        dealt_entries, layout, stored = [], [], []
         for so, tags, caps in parsed:
             entry = self.store(principal, so.id, so.obj, kind=caps["kind"], reveal_to=caps["reveal_to"],
                                tags=tags, description=so.description, allowed_users=so.allowed_users)
@@ -426,14 +427,16 @@ class ReferenceMonitor(QuotaRules, OpeningRules):
                 entry.provenance = entry.provenance | caps["provenance"]
             if caps["dp_only"]:
                 entry.meta["dp_only"] = True
+            stored.append((entry, caps))
         if dealt_entries:
             dealt.group(dealt_entries, layout)
+        return stored
 
     # ------------------------------------------------------ capabilities on the move
 
-    def export_capabilities(self, principal: Principal, entry: Entry) -> tuple:
+    def export_capabilities(self, principal: Principal, entry: Entry, note: str = "") -> tuple:
         """Tags that carry ``entry``'s capabilities to another worker (:func:`capabilities.export_tags`)."""
-        return capabilities.export_tags(principal, entry, self.worker_id)
+        return capabilities.export_tags(principal, entry, self.worker_id, note)
 
     def outgoing(self, principal: Principal, new_id: int, entry: Entry) -> m.StoredObject:
         """The StoredObject that moves ``entry`` to another worker, its capabilities included."""
@@ -448,8 +451,10 @@ class ReferenceMonitor(QuotaRules, OpeningRules):
         current = self._local.request
         if current is None:
             raise PermissionDeniedError(f"worker {self.worker_id!r}: store_output outside a request")
-        principal, sources, op_name = current
-        return self.store(principal, oid, obj, sources=sources, op_name=op_name)
+        principal, sources, op_name, outputs = current
+        entry = self.store(principal, oid, obj, sources=sources, op_name=op_name)
+        outputs.append(entry)  # (the handler gives any left without an op graph the command's: governance)
+        return entry
 
     def current_principal(self) -> Principal | None:
         """Who asked for the worker function now running (protocol functions check their roles
@@ -466,7 +471,7 @@ class ReferenceMonitor(QuotaRules, OpeningRules):
 
     def running(self, principal: Principal, sources: list, op_name: str) -> "_Running":
         """Context for executing an op: :meth:`store_output` sees who asked and the op's inputs."""
-        return _Running(self._local, (principal, sources, op_name))
+        return _Running(self._local, (principal, sources, op_name, []))
 
     def replace(self, principal: Principal, oid: int, obj: Any, purpose: Purpose = Purpose.HAND_OFF) -> None:
         """Replaces a client object's value (remote_get); owner data is never replaced."""
@@ -552,10 +557,11 @@ class _RequestLocal(threading.local):
 
 
 class _Running:
-    __slots__ = ("_local", "_value", "_previous")
+    __slots__ = ("_local", "_value", "_previous", "outputs")
 
     def __init__(self, local: threading.local, value: tuple) -> None:
         self._local, self._value = local, value
+        self.outputs = value[3]  # what the worker function stored itself (store_output)
 
     def __enter__(self) -> None:
         self._previous = self._local.request
