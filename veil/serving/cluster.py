@@ -18,6 +18,10 @@ Tokens and roles (least privilege, enforced by every worker):
 * the clients' token (``client`` role): accepted by the parties only, and there
   it may only submit queries and fetch its own results (no commands, no
   worker functions, no other serving action; the crypto provider refuses it);
+  every holder of it is one principal, sharing its session slots. Clients that do
+  not trust each other get a token each instead (:meth:`Cluster.issue_client_token`,
+  ``save(path, client=NAME)``): principal ``client/NAME``, made from the cluster's
+  client secret (``veil worker --client-issuer``), with its own few slots;
 * peer tokens (``peer`` role), one per link (from worker, to worker), derived from
   the cluster's peer secret: a worker knows only the tokens of its own links, so
   a party cannot present the crypto provider's token to another party (with one
@@ -80,6 +84,8 @@ class Cluster:
         auto_managed: :meth:`start` launches the worker processes (loopback).
         owner_token: The model owner's token (generated when auto-managed).
         client_token: Clients' token (generated when auto-managed).
+        client_secret: What per-client tokens are made from (:meth:`issue_client_token`; generated when
+            auto-managed; parties started elsewhere take it as ``--client-issuer client=SECRET``).
         peer_token: Worker-to-worker token (generated when auto-managed).
         peer_openings: The parties also peer with each other and Beaver openings go party to party
             (:mod:`veil.workers.peer_openings`); :meth:`connect` enables them on its connections.
@@ -91,7 +97,7 @@ class Cluster:
     def __init__(self, *workers: NetworkWorker, crypto_provider: Optional[NetworkWorker] = None,
                  auto_managed: bool = False, owner_token: Optional[str] = None,
                  client_token: Optional[str] = None, peer_token: Optional[str] = None,
-                 peer_openings: bool = False) -> None:
+                 peer_openings: bool = False, client_secret: Optional[str] = None) -> None:
         everyone = [*workers, *([crypto_provider] if crypto_provider else [])]
         if len(everyone) < 3:
             raise ValueError("a cluster needs at least two parties and a crypto provider (three workers)")
@@ -106,6 +112,7 @@ class Cluster:
         self.owner_token = owner_token or (new(24) if auto_managed else None)
         self.client_token = client_token or (new(24) if auto_managed else None)
         self.peer_token = peer_token or (new(24) if auto_managed else None)
+        self.client_secret = client_secret or (new(32) if auto_managed else None)
         self.peer_openings = peer_openings
         self.ping_interval = 30.0  # auto-managed workers' keepalive (seconds); clients answer pings while idle
         self._processes: list[Any] = []
@@ -141,6 +148,8 @@ class Cluster:
         else:  # clients submit and fetch here; only the crypto provider hands material off
             args += [f"--client={CLIENT_USER}={self.client_token}",
                      f"--accept-peer={cp.id}={self.peer_token_of(cp, w)}"]
+            if self.client_secret:  # per-client tokens (issue_client_token): principal client/NAME each
+                args.append(f"--client-issuer={CLIENT_USER}={self.client_secret}")
             for other in self.parties if self.peer_openings else ():  # opening shares party to party
                 if other is not w:
                     args += ["--peer", f"{other.id}={other.address}",
@@ -218,16 +227,37 @@ class Cluster:
 
     # ------------------------------------------------------------ hand-off to clients
 
-    def describe(self, include_client_token: bool = True) -> dict:
-        """Addresses (and the client token) a client needs; never the owner's token."""
+    def issue_client_token(self, name: str) -> str:
+        """A token for client ``name`` alone: principal ``client/NAME`` at the parties, allowed wherever
+        the client user is, with its own session slots (the shared :attr:`client_token` is one principal for
+        all its holders: one of them could hold every client slot). Issuing needs no restart; the owner
+        revokes one client with ``worker.revoke("client/NAME")``.
+
+        Raises:
+            ServingError: The cluster has no client secret (not auto-managed and none given).
+        """
+        from veil.workers.client_tokens import issue
+
+        if not self.client_secret:
+            raise ServingError("this cluster has no client secret: pass Cluster(..., client_secret=...), the "
+                               "secret its parties were started with (--client-issuer client=SECRET)")
+        try:
+            return issue(self.client_secret, CLIENT_USER, name)
+        except ValueError as e:
+            raise ServingError(str(e)) from None
+
+    def describe(self, include_client_token: bool = True, client: Optional[str] = None) -> dict:
+        """Addresses (and a client token) a client needs; never the owner's token nor the client secret.
+        With ``client``, the token is that client's own (:meth:`issue_client_token`)."""
         desc = {"parties": [[w.id, w.address] for w in self.parties],
                 "crypto_provider": [self.crypto_provider.id, self.crypto_provider.address]}
         if include_client_token:
-            desc["client_token"] = self.client_token
+            desc["client_token"] = self.issue_client_token(client) if client is not None else self.client_token
         return desc
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Writes the cluster file for clients (owner-only permissions: it holds a token)."""
+    def save(self, path: str | os.PathLike, client: Optional[str] = None) -> Path:
+        """Writes the cluster file for clients (owner-only permissions: it holds a token): with ``client``,
+        for that client alone (its own token, :meth:`issue_client_token`), else with the shared one."""
         path = Path(path)
         # mkstemp: a fresh name opened O_EXCL (never a planted file or symlink), mode 0o600; fchmod again in
         # case the umask or platform widened it. os.replace then swaps it in: clients never read half a file.
@@ -235,7 +265,7 @@ class Cluster:
         try:
             os.fchmod(fd, 0o600)
             with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(self.describe(), indent=2))
+                f.write(json.dumps(self.describe(client=client), indent=2))
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)

@@ -23,8 +23,8 @@ batches requests up to that many rows.
 
 Fairness and bounds: one session may hold at most :data:`MAX_PER_SESSION`
 requests (queued, being computed or waiting to be fetched) and :data:`MAX_SESSION_BYTES`
-of queued input shares, the service at most :data:`MAX_PENDING` queued ones
-(:data:`MAX_PENDING_BYTES` in all), and a session's requests and results are
+of queued input shares, a client with its own issued token an eighth of the service's bytes over all its
+sessions, the service at most :data:`MAX_PENDING` queued ones (:data:`MAX_PENDING_BYTES` in all), and a session's requests and results are
 dropped when its connection closes (:func:`drop_session`), so an attacker who
 leaves leaves nothing behind. A request is described to the owner with its
 batch size, so a request whose shares disagree between parties fails alone.
@@ -406,6 +406,10 @@ def _submit(worker: Any, name: str, user: str, session: str, args: list) -> list
     if nbytes + sum(b for sub, b in queued if sub == session) > MAX_SESSION_BYTES:
         raise ServingError(f"this connection's queued requests in service {name!r} would hold more than "
                            f"{MAX_SESSION_BYTES >> 20} MiB; send fewer rows per request, or wait for results")
+    if _issuer_of(worker, user) is not None and nbytes + sum(b for sub, b in queued
+                                                           if _user_of(worker, sub) == user) > _issued_user_bytes():
+        raise ServingError(f"client {user!r} has {_issued_user_bytes() >> 20} MiB of requests queued in service "
+                           f"{name!r}; wait for results")
     if nbytes + sum(b for _, b in queued) > MAX_PENDING_BYTES:
         raise ServingError(f"service {name!r} is busy ({MAX_PENDING_BYTES >> 20} MiB of requests queued); retry later")
     svc.pending[key] = share
@@ -432,9 +436,31 @@ def _fetch(worker: Any, name: str, user: str, session: str, args: list) -> list:
 
 def _client_service(worker: Any, name: str, user: str) -> _Service:
     svc = _service(worker, name)
-    if user not in svc.clients:
+    if user not in svc.clients and _issuer_of(worker, user) not in svc.clients:
         raise ServingError(f"user {user!r} may not query model {name!r}")
     return svc
+
+
+def _issued_user_bytes() -> int:
+    """Most bytes of queued input shares one client with its own issued token may have in a service, over all
+    its sessions: an eighth of the service's, so a few clients cannot fill it for every other."""
+    return max(MAX_SESSION_BYTES, MAX_PENDING_BYTES // 8)
+
+
+def _user_of(worker: Any, session: str) -> str | None:
+    found = getattr(worker, "sessions", {}).get(session)
+    return found.user if found is not None else None
+
+
+def _issuer_of(worker: Any, user: str) -> str | None:
+    """The client user whose issued token (``client_tokens``) ``user`` holds: ``client/alice`` may query
+    where ``client`` may; None for any other user."""
+    current = getattr(worker, "current_session", None)
+    session = current() if current is not None else None
+    for p in session.principals if session is not None else ():
+        if p.name == user and p.issued_by:
+            return p.issued_by
+    return None
 
 
 #: action -> handler(worker, service, user, session, args) -> reply objects

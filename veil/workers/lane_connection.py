@@ -21,7 +21,9 @@ most ``LANE_BURST`` frames, the rest of the read goes to the reader, which yield
 between queued requests (:meth:`backlog`): a client pipelining thousands of requests in one segment
 no longer holds every other session for seconds. While the connection's writes are paused (a client
 that does not read its replies) its reading is paused too: websockets answers pings with pongs
-whatever the write buffer holds, and pings never reach the queue whose backlog pauses reading.
+whatever the write buffer holds, and pings never reach the queue whose backlog pauses reading. The
+backlog is also held to the session's message limit in bytes (websockets counts frames only:
+:meth:`_queue_frame`).
 
 Until its opening request is whole a connection is reported to :attr:`openings` (the worker's
 ``OpeningConnections``), which bounds what it may send and how many such connections are kept.
@@ -39,6 +41,7 @@ from veil.workers.base import YIELD_EVERY
 from veil.workers.reply_frames import ONE_WRITE, _write_frame
 
 _BINARY, _OPEN = Opcode.BINARY, State.OPEN
+_DATA = (Opcode.BINARY, Opcode.TEXT, Opcode.CONT)
 
 #: frames one read callback may serve; the rest of that read goes to the reader (the granularity at
 #: which a batch on a handler thread yields to other sessions)
@@ -76,9 +79,13 @@ class LaneConnection(ServerConnection):
         super().connection_lost(exc)
 
     def _sync_reading(self) -> None:
-        """Reading is paused while the assembler's backlog or the write buffer is over its mark (the
-        library's own flags, set before it calls here; pausing and resuming twice is harmless)."""
-        if self.recv_messages.paused or self.paused:
+        """Reading is paused while the assembler's backlog (in frames, or in bytes past the session's
+        message limit) or the write buffer is over its mark (the library's own flags, set before it calls
+        here; pausing and resuming twice is harmless)."""
+        frames = self.recv_messages
+        if not frames.paused and self._over_budget():
+            frames.paused = True  # (the assembler calls back here as its queue shrinks: looked at again then)
+        if frames.paused or self.paused:
             self.transport.pause_reading()
         else:
             self.transport.resume_reading()
@@ -117,7 +124,7 @@ class LaneConnection(ServerConnection):
         lane = self.lane
         if lane is None or type(event) is not Frame or event.opcode is not _BINARY or not event.fin \
                 or self._burst <= 0 or not self._reader_idle():
-            super().process_event(event)
+            self._queue_frame(event)
             return
         self._burst -= 1
         data = event.data
@@ -127,7 +134,24 @@ class LaneConnection(ServerConnection):
             _write_frame(self.transport, 0x02, True, reply)
             return
         self.handoff = (data, reply, decoded)
+        self._queue_frame(event)
+
+    def _queue_frame(self, event: Any) -> None:
+        """The library queues a frame for the reader; then the queue's bytes are held to the session's message
+        limit: websockets bounds it in frames only (5 of them, each up to that limit), so a session whose reader
+        was busy (a long command, a waiting fetch) had 5 times its memory quota queued. Past it reading pauses
+        until the reader takes frames (:meth:`_sync_reading`)."""
         super().process_event(event)
+        if type(event) is Frame and event.opcode in _DATA and not self.recv_messages.paused and self._over_budget():
+            self.recv_messages.paused = True
+            self.transport.pause_reading()
+
+    def _budget(self) -> int | None:
+        return self.protocol.max_message_size
+
+    def _over_budget(self) -> bool:
+        queue, budget = self.recv_messages.frames.queue, self._budget()
+        return bool(queue) and budget is not None and sum(len(f.data) for f in queue) > budget
 
     def take_handoff(self, data: Any) -> tuple[Any, Any]:
         """``(reply, decoded)`` the lane computed for ``data`` (the message the reader just received);

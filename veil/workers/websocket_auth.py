@@ -35,12 +35,15 @@ from typing import Any, Callable
 
 from veil.exceptions import PermissionDeniedError
 from veil.messaging import messages as m
+from veil.workers import client_tokens
 from veil.workers.accounts import END_ACCOUNT, Account
 
 ROLES = ("scientist", "peer", "admin", "client")
 AUTH_HEADER = "Authorization"
 EXTRA_TOKENS_HEADER = "X-Veil-Tokens"
 MAX_TOKENS_PER_CONNECTION = 8
+#: issued clients (``client_tokens``) listed by :meth:`TokenTable.principals` once they connected
+MAX_LISTED_ISSUED = 10_000
 
 
 def new_token() -> str:
@@ -60,6 +63,9 @@ def new_token() -> str:
 class Principal:
     name: str
     role: str
+    #: a client token an issuer secret made (``client_tokens``): the issuer's name, which the
+    #: principal ``issuer/holder`` stands in for where clients are allowed; "" for a table entry
+    issued_by: str = ""
 
 
 class TokenTable:
@@ -67,6 +73,11 @@ class TokenTable:
 
     def __init__(self) -> None:
         self._entries: list[tuple[bytes, Principal]] = []
+        #: issuer name -> (secret, role) of client tokens checked by their MAC (``client_tokens``)
+        self._issuers: dict[str, tuple[bytes, str]] = {}
+        #: issued principals that presented a valid token, by name (listed and revocable by name); replaced
+        #: whole, so readers on other threads need no lock; only the owner's issued tokens add to it
+        self._issued_seen: dict[str, Principal] = {}
         #: names the owner revoked (veil/governance/revocation.py); replaced whole, so readers need no lock
         self.revoked: frozenset[str] = frozenset()
 
@@ -79,6 +90,16 @@ class TokenTable:
             raise ValueError(f"invalid principal name {name!r}")
         self._entries.append((token.encode(), Principal(name, role)))
 
+    def add_issuer(self, secret: str, name: str, role: str = "client") -> None:
+        """Accepts every token ``client_tokens.issue(secret, name, holder)`` makes, as principal
+        ``name/holder`` of ``role`` (one principal per client: its own session cap, audit name, revocation)."""
+        if role != "client":
+            raise ValueError("only client tokens are issued from a secret")
+        client_tokens.check_secret(secret)
+        if client_tokens.NAME_PATTERN.fullmatch(name or "") is None:
+            raise ValueError(f"invalid client issuer name {name!r} (letters, digits, '_' or '-')")
+        self._issuers[name] = (secret.encode(), role)
+
     def lookup(self, token: str) -> Principal | None:
         """The principal for ``token``, comparing against every entry in constant time."""
         presented = token.encode()
@@ -86,13 +107,19 @@ class TokenTable:
         for known, principal in self._entries:
             if hmac.compare_digest(known, presented) and found is None:
                 found = principal  # no early exit: timing does not reveal which entry matched
+        if found is None and self._issuers:
+            issued = client_tokens.verify({k: v[0] for k, v in self._issuers.items()}, token)
+            if issued is not None:
+                found = Principal(f"{issued[0]}/{issued[1]}", self._issuers[issued[0]][1], issued_by=issued[0])
+                if found.name not in self._issued_seen and len(self._issued_seen) < MAX_LISTED_ISSUED:
+                    self._issued_seen = {**self._issued_seen, found.name: found}
         if found is not None and found.name in self.revoked:
             return None  # refused as an unknown token is: the refusal does not say the name exists
         return found
 
     def principals(self) -> list[Principal]:
-        """Every principal with a token here, once each (never a token)."""
-        return list(dict.fromkeys(p for _, p in self._entries))
+        """Every principal with a token here, and every issued client that connected, once each (never a token)."""
+        return list(dict.fromkeys([*(p for _, p in self._entries), *self._issued_seen.values()]))
 
     def revoke(self, name: str) -> None:
         self.revoked = self.revoked | {name}
@@ -101,7 +128,7 @@ class TokenTable:
         self.revoked = self.revoked - {name}
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) + len(self._issuers)
 
 
 def tokens_from_headers(headers) -> list[str]:

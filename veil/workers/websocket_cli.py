@@ -45,6 +45,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="another data scientist with their own token (repeatable)")
     p.add_argument("--client", action="append", default=[], metavar="NAME=TOKEN",
                    help="a serving client's token: it may only submit queries and fetch its results (repeatable)")
+    p.add_argument("--client-issuer", action="append", default=[], metavar="NAME=SECRET",
+                   help="accept every client token made from SECRET (veil.serving Cluster.issue_client_token): "
+                        "each client is its own principal NAME/HOLDER, with its own session cap (repeatable)")
     p.add_argument("--ping-interval", type=_limit(), default=30.0,
                    help="seconds between keepalive pings; clients silent for twice that are disconnected")
     p.add_argument("--admin-token", default=os.environ.get("VEIL_ADMIN_TOKEN"),
@@ -108,7 +111,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 #: flags whose value carries a token: an error about one never shows the value (stderr goes to journals and
 #: log collectors other people read)
-TOKEN_FLAGS = ("--user", "--client", "--accept-peer", "--peer-token")
+TOKEN_FLAGS = ("--user", "--client", "--accept-peer", "--peer-token", "--client-issuer")
 
 
 def _pair(spec: str, flag: str) -> tuple[str, str]:
@@ -260,6 +263,12 @@ def _token_table(args: argparse.Namespace) -> tuple[TokenTable, str | None]:
         table.add(*reversed(_pair(spec, "--user")), "scientist")
     for spec in args.client:
         table.add(*reversed(_pair(spec, "--client")), "client")
+    for spec in args.client_issuer:
+        name, secret = _pair(spec, "--client-issuer")
+        try:
+            table.add_issuer(secret, name)
+        except ValueError as e:  # (the message never shows the secret)
+            raise CommandLineError(f"--client-issuer: {e}") from None
     for spec in args.accept_peer:
         name, tok = _pair(spec, "--accept-peer")
         table.add(tok, name, "peer")

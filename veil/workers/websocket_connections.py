@@ -9,10 +9,14 @@ a request the event-loop lane already served (``LaneConnection``), one served in
 handler thread (``serve_bytes``), cancelled if the connection closes first. Large replies go out as
 fragments from the tensors' memory (``reply_frames``).
 
-What one client may pin is bounded (red team, tests/security/test_redteam_wire_resources.py): a principal
-holds at most ``max_sessions_per_principal`` sessions (the owner's admin token aside), a few slots are
-kept for the admin and peers, a message being received is capped by the session's memory quota, and
-connections that have not sent their whole opening request are few and small (:class:`OpeningConnections`).
+What one client may pin is bounded (red team, tests/security/test_redteam_wire_resources.py and
+test_redteam_serving_slots.py): a principal holds at most ``max_sessions_per_principal`` sessions (the
+owner's admin token aside), a client with its own issued token (``client_tokens``) at most
+``max_sessions_per_client``, client-role sessions together at most :data:`CLIENT_SLOT_SHARE` of them; a few
+slots are kept for the admin and peers, the last of them for the admin alone; a message being received is
+capped by the session's memory quota, and so are the bytes queued for a session's reader
+(``LaneConnection``); connections that have not sent their whole opening request are few and small
+(:class:`OpeningConnections`).
 """
 
 from __future__ import annotations
@@ -56,6 +60,10 @@ MAX_OPENING_BYTES = 16 * 1024
 #: oldest (of the busiest address) is dropped: a flood of stalled handshakes cannot lock others out
 MAX_OPENING = 512
 MAX_OPENING_PER_ADDRESS = 64
+#: sessions one client holding its own issued token may have at once (a ModelClient needs one per party)
+ISSUED_CLIENT_SESSIONS = 4
+#: the share of a worker's connections that client-role sessions may hold together
+CLIENT_SLOT_SHARE = 0.75
 #: how far a message being received may go past the session's memory quota: a request's envelope, and the
 #: small requests (deletes, gets) of a session whose quota is tiny
 QUOTA_MESSAGE_SLACK = 2**20
@@ -157,6 +165,11 @@ class OpeningConnections:
                 log.exception("could not audit a dropped opening handshake")
 
 
+def _client_only(session: Any) -> bool:
+    """Whether a session's only role is ``client`` (a serving client's connection)."""
+    return session.has_role("client") and not any(session.has_role(r) for r in ("scientist", "admin", "peer"))
+
+
 class ConnectionServing:
     """The network half of :class:`~veil.workers.websocket_server.WebsocketServerWorker` (a mixin): the
     opening handshake's slots, one loop per connection that reads requests and sends replies, and the
@@ -189,17 +202,26 @@ class ConnectionServing:
 
     def _slot_refusal(self, session: Session) -> str | None:
         """Why an authenticated ``session`` gets none of the free slots (None: it gets one). The owner's
-        admin token is never refused one; the last ``reserved_slots`` are for it and peers; any other
-        principal holds at most ``max_sessions_per_principal`` (one token cannot lock every other out)."""
+        admin token is never refused one, and the last of the ``reserved_slots`` are its alone (peers may
+        take the others: hostile peers cannot lock the owner out); any other principal holds at most
+        ``max_sessions_per_principal`` (one token cannot lock every other out), a client an owner issued
+        its own token (``client_tokens``) at most ``max_sessions_per_client``, and client-role sessions
+        together at most :data:`CLIENT_SLOT_SHARE` of the worker (so clients cannot lock out a model owner)."""
         if session.has_role("admin"):
             return None
-        if not session.has_role("peer") and \
-                len(self.sessions) + len(self._handshakes) >= self.max_connections - self.reserved_slots:
-            return "too many connections\n"
-        names = {p.name for p in session.principals}
         held = [*self.sessions.values(), *(s for s, _ in self._handshakes.values())]
-        for name in names:
-            if sum(any(p.name == name for p in s.principals) for s in held) >= self.max_sessions_per_principal:
+        admin_only = max(1, self.reserved_slots // 2) if self.reserved_slots else 0
+        kept = admin_only if session.has_role("peer") else self.reserved_slots
+        if len(held) >= self.max_connections - kept:
+            return "too many connections\n"
+        if _client_only(session) and \
+                sum(_client_only(s) for s in held) >= int(self.max_connections * CLIENT_SLOT_SHARE):
+            return "too many client connections\n"
+        for p in session.principals:
+            cap = self.max_sessions_per_principal
+            if getattr(p, "issued_by", ""):  # (principals made by hand in tests may lack the field)
+                cap = min(cap, getattr(self, "max_sessions_per_client", ISSUED_CLIENT_SESSIONS))
+            if sum(any(q.name == p.name for q in s.principals) for s in held) >= cap:
                 return "too many connections with this token\n"
         return None
 

@@ -57,7 +57,8 @@ from veil.workers import handlers as _handlers
 from veil.workers import skeletons as _skeletons
 from veil.governance.users_wire import serve_without_turn
 from veil.workers.websocket_auth import RefusalLog, Session, TokenTable, check_request, run_session_end_handlers
-from veil.workers.websocket_connections import OPEN_TIMEOUT, ConnectionServing, OpeningConnections
+from veil.workers.websocket_connections import (ISSUED_CLIENT_SESSIONS, OPEN_TIMEOUT, ConnectionServing,
+                                                OpeningConnections)
 from veil.workers.websocket_transport import SERVER_LOGGER
 from veil.workers.reply_frames import REPLY_FRAGMENT
 from veil.workers.inline_lane import InlineLane, _full_rights
@@ -107,9 +108,12 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
             connection with code 1009 (clients check the advertised limit first).
         ssl_context: serve TLS (``wss://``) when given.
         max_connections: further connections are refused with HTTP 503; the last
-            ``max_connections // 16`` only to the owner's admin token and peers.
+            ``max_connections // 16`` only to the owner's admin token and peers, and the
+            last half of those (at least one) to the admin token alone.
         max_sessions_per_principal: connections one principal (token) may hold at once,
             the admin's aside (default ``max(4, max_connections // 4)``); further ones get 503.
+        max_sessions_per_client: connections one client with its own issued token may hold
+            (``TokenTable.add_issuer``); client-role sessions together hold at most 3/4 of the slots.
         max_command_seconds: per-command time limit; long commands check it
             between batches and fail with ``CommandTimeoutError`` (None/0: no limit).
         ping_interval: seconds between keepalive pings; a client that does not
@@ -134,6 +138,7 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
         max_command_seconds: float | None = DEFAULT_MAX_COMMAND_SECONDS,
         ping_interval: float = 30.0,
         max_sessions_per_principal: int | None = None,
+        max_sessions_per_client: int = ISSUED_CLIENT_SESSIONS,
         **kwargs: Any,
     ) -> None:
         super().__init__(hook, id=id, **kwargs)
@@ -153,7 +158,12 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
         if not max_sessions_per_principal >= 1:
             raise ValueError(f"max_sessions_per_principal must be at least 1, got {max_sessions_per_principal!r}")
         self.max_sessions_per_principal = max_sessions_per_principal
-        #: slots only the owner's admin token and peers may take (the others see a full worker before)
+        if not max_sessions_per_client >= 1:
+            raise ValueError(f"max_sessions_per_client must be at least 1, got {max_sessions_per_client!r}")
+        #: sessions of one client with its own issued token (veil/workers/client_tokens.py)
+        self.max_sessions_per_client = max_sessions_per_client
+        #: slots only the owner's admin token and peers may take (the others see a full worker before); the
+        #: last half of them (at least one) the admin's alone
         self.reserved_slots = max_connections // 16
         self.peers: dict[str, BaseWorker] = {}
         self.bound_port: int | None = None

@@ -1,0 +1,401 @@
+"""Red team: who gets a network worker's connection slots, and what a session may pin (serving clusters).
+
+The attackers: a serving client (hostile in the threat model), several of them together, a peer worker,
+and a session that keeps sending while its reader is busy. What must hold: each client has slots of its
+own that another client cannot take, clients together cannot lock the model owner out, hostile peers
+cannot lock the data owner's admin token out, and a busy session has about its message limit queued.
+
+Found here, and fixed (each test asserts the safe behaviour):
+- every serving client of a ``Cluster`` held the one client token, so one client could hold all of its 48
+  slots and lock every other client out. Now the owner issues each client a token of its own
+  (``Cluster.issue_client_token(name)``, ``save(path, client=name)``; parties take ``--client-issuer``):
+  principal ``client/NAME`` with at most 4 sessions, allowed wherever the client user is;
+- clients with tokens of their own (or several ``--client`` tokens) together took every unreserved slot:
+  client-role sessions now hold at most 3/4 of a worker's slots;
+- the reserved slots were shared by the admin token and peers: a hostile peer took them all and the owner's
+  admin token got 503. The last half of them (at least one) are now the admin's alone;
+- a session whose reader was busy (a waiting fetch, a long command) had up to 5 messages of its message
+  limit (quota + 1 MiB) queued, one frame each: reading now pauses once the queue passes the limit in bytes
+  (a session that reads none of its replies already had its reading paused with its writes);
+- one client with its own token filled a service's whole queue through its 4 sessions: such a client now
+  queues at most an eighth of the service's bytes.
+
+Held (regression guards): a client gone mid-request (reset or close) leaves no queued request and no slot.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+import veil as sy
+from veil.messaging import messages as m
+from veil.messaging.serde import deserialize, serialize
+from veil.serving import protocol
+from veil.serving.errors import ServingError
+from veil.serving.protocol import ServingMessage
+from veil.workers.client_tokens import issue
+from veil.workers.websocket_auth import authenticate, handshake_headers
+from veil.workers.websocket_server import WebsocketServerWorker
+from veil.workers.websocket_transport import BlockingConnection, frame_head
+
+SECRET = "serving-slots-issuer-secret-0123456789"
+OWNER, SHARED, ADMIN, PEER = "model-owner-token", "shared-client-token", "admin-token-xyz", "peer-token-xyz"
+
+
+def _table(**extra: str) -> sy.TokenTable:
+    tokens = sy.TokenTable()
+    tokens.add(OWNER, "model-owner", "scientist")
+    tokens.add(SHARED, "client", "client")
+    tokens.add(ADMIN, "owner", "admin")
+    tokens.add(PEER, "cp", "peer")
+    tokens.add_issuer(SECRET, "client")
+    for name, token in extra.items():
+        tokens.add(token, name, "scientist" if name.startswith("sci") else "client")
+    return tokens
+
+
+@pytest.fixture
+def serve(hook):
+    """``serve(tokens, **worker_options) -> worker``: served from a thread, stopped after the test."""
+    started = []
+
+    def start(tokens: sy.TokenTable, **options) -> WebsocketServerWorker:
+        w = WebsocketServerWorker(hook, id=f"slots-{time.monotonic_ns()}", port=0, tokens=tokens, **options)
+        ready = threading.Event()
+        thread = threading.Thread(target=w.serve_forever, daemon=True,
+                                  kwargs={"on_ready": lambda _: ready.set(), "handle_signals": False})
+        thread.start()
+        assert ready.wait(30)
+        started.append((w, thread))
+        return w
+
+    yield start
+    for w, thread in started:
+        w.stop()
+        thread.join(30)
+
+
+@pytest.fixture
+def conns():
+    made: list[BlockingConnection] = []
+    yield made
+    for c in made:
+        try:
+            c.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _connect(w: WebsocketServerWorker, token: str, conns: list) -> BlockingConnection:
+    c = BlockingConnection(f"ws://127.0.0.1:{w.bound_port}", handshake_headers(token), open_timeout=30)
+    conns.append(c)
+    return c
+
+
+def _flood(w, token: str, conns: list, most: int = 80) -> int:
+    """Connections ``token`` gets before the worker refuses one (kept open)."""
+    got = 0
+    for _ in range(most):
+        try:
+            _connect(w, token, conns)
+        except Exception:  # noqa: BLE001  (503: no slot for it)
+            return got
+        got += 1
+    return got
+
+
+def _ask(conn: BlockingConnection, msg) -> object:
+    conn.send(serialize(msg, sender="c"))
+    return deserialize(conn.recv(60))[0]
+
+
+# ------------------------------------------------------------------ slots
+
+def test_each_issued_client_token_is_its_own_principal_with_its_own_slots(serve, conns):
+    """Attack: client alice (her own issued token) opens connections until refused and keeps them. Must hold:
+    she gets at most ``max_sessions_per_client``; client bob (his own token) and the model owner still get
+    sessions; tokens forged from alice's (another holder's name with her MAC, a cut MAC, another issuer)
+    are refused as unknown tokens."""
+    w = serve(_table())
+    alice, bob = issue(SECRET, "client", "alice"), issue(SECRET, "client", "bob")
+    assert _flood(w, alice, conns) == w.max_sessions_per_client == 4
+    _connect(w, bob, conns)
+    _connect(w, OWNER, conns)
+    prefix, issuer, _, mac = alice.split(".")
+    for forged in (f"{prefix}.{issuer}.bob.{mac}", alice[:-2], f"{prefix}.scientist.alice.{mac}",
+                   issue("another-secret-0123456789", "client", "alice")):
+        with pytest.raises(Exception, match="401"):
+            _connect(w, forged, conns)
+
+
+def test_clients_together_cannot_lock_out_the_model_owner(serve, conns):
+    """Attack: four clients (each its own ``--client`` token, so each its own per-principal cap of 4) open
+    connections on a worker of 16 slots until refused. They took all 15 unreserved slots and the model
+    owner (a scientist: no reserved slot) got 503. Must hold: client-role sessions hold at most 3/4 of the
+    slots, so the owner still gets a session (and an issued client's share counts too)."""
+    tokens = _table(c1="client-token-1", c2="client-token-2", c3="client-token-3", c4="client-token-4")
+    w = serve(tokens, max_connections=16)
+    got = sum(_flood(w, t, conns) for t in ("client-token-1", "client-token-2", "client-token-3", "client-token-4"))
+    assert got == 12
+    assert _flood(w, issue(SECRET, "client", "eve"), conns) == 0
+    _connect(w, OWNER, conns)
+
+
+def test_hostile_peers_cannot_take_the_slots_kept_for_the_admin(serve, conns):
+    """Attack: scientists fill every unreserved slot of a 32-slot worker, then a peer (hostile: a compromised
+    worker) opens connections until refused, taking the slots kept for the admin and peers. Must hold: the
+    data owner's admin token still gets a session (the last reserved slot is the admin's alone)."""
+    tokens = _table(sci1="scientist-token-1", sci2="scientist-token-2", sci3="scientist-token-3")
+    w = serve(tokens, max_connections=32)
+    assert sum(_flood(w, t, conns) for t in ("scientist-token-1", "scientist-token-2", "scientist-token-3")) == 24
+    assert _flood(w, OWNER, conns) == 6  # 30: the unreserved slots are full
+    peers = _flood(w, PEER, conns)
+    _connect(w, ADMIN, conns)
+    assert peers == 1  # one of the two reserved slots; the other is the admin's
+
+
+@pytest.mark.parametrize("how", ["rst", "close"])
+def test_a_client_gone_mid_request_leaves_no_slot_and_no_request_behind(serve, conns, how):
+    """Attack: a client with its own token opens its 4 sessions, each submits a request and asks for its
+    result, then the client vanishes (a TCP reset, as kill -9 leaves it, or a plain close). Must hold: its
+    requests leave the service's queue, and its 4 slots come back."""
+    w = serve(_table())
+    owner = _connect(w, OWNER, conns)
+    info = {"input_shape": [1, 4], "output_shape": [1, 2], "max_rows": 4}
+    assert type(_ask(owner, ServingMessage("open", "m", [["client"], info]))) is m.ObjectsReply
+    alice = issue(SECRET, "client", "alice")
+    mine = [_connect(w, alice, []) for _ in range(4)]
+    for i, c in enumerate(mine):
+        assert type(_ask(c, ServingMessage("submit", "m", [i, torch.zeros(1, 4, dtype=torch.int64)]))) \
+            is m.ObjectsReply
+        c.send(serialize(ServingMessage("fetch", "m", [i, 1.0]), sender="c"))  # waiting on the worker
+    pending = _ask(owner, ServingMessage("pending", "m", [0, []]))
+    assert len(pending.objects) == 4
+    for c in mine:
+        if how == "rst":
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            c.sock.close()
+        else:
+            c.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (_ask(owner, ServingMessage("pending", "m", [0, []])).objects
+                                           or len(w.sessions) > 1):
+        time.sleep(0.1)
+    assert _ask(owner, ServingMessage("pending", "m", [0, []])).objects == []
+    assert _flood(w, alice, conns) == 4
+
+
+# ------------------------------------------------------------------ serving clusters
+
+def test_a_cluster_issues_each_client_its_own_token_and_its_parties_accept_it(tmp_path):
+    """A cluster's parties take its client secret (``Cluster.worker_args`` -> ``--client-issuer``), so a token
+    ``issue_client_token`` makes is principal ``client/NAME`` there; the crypto provider takes none. The file
+    ``save(path, client=NAME)`` writes holds that client's token alone: not the shared client token, not
+    the secret, not the owner's token; ``save(path)`` still writes the shared one (the existing API)."""
+    import argparse
+
+    from veil.serving.cluster import Cluster, NetworkWorker
+    from veil.workers import websocket_cli
+
+    cluster = Cluster(*(NetworkWorker(f"127.0.0.1:{7000 + i}") for i in range(3)), auto_managed=True)
+    alice = cluster.issue_client_token("alice")
+    parser = argparse.ArgumentParser(fromfile_prefix_chars="@")
+    websocket_cli.configure(parser)
+    for w in cluster.workers:
+        table, _ = websocket_cli._token_table(parser.parse_args(["--id", w.id, *cluster.worker_args(w)]))
+        found = table.lookup(alice)
+        if w is cluster.crypto_provider:
+            assert found is None
+        else:
+            assert (found.name, found.role, found.issued_by) == ("client/alice", "client", "client")
+            assert table.lookup(cluster.client_token).name == "client"  # the shared token still works
+            assert table.lookup(cluster.issue_client_token("bob")).name == "client/bob"
+    text = cluster.save(tmp_path / "alice.json", client="alice").read_text()
+    assert json.loads(text)["client_token"] == alice
+    for secret in (cluster.client_token, cluster.client_secret, cluster.owner_token, cluster.peer_token):
+        assert secret not in text
+    assert Cluster.load(tmp_path / "alice.json").client_token == alice
+    assert json.loads(cluster.save(tmp_path / "all.json").read_text())["client_token"] == cluster.client_token
+    with pytest.raises(ServingError, match="client secret"):
+        Cluster.load(tmp_path / "all.json").issue_client_token("carol")
+    with pytest.raises(ServingError, match="holder"):
+        cluster.issue_client_token("a.b")
+
+
+def test_an_issued_client_queries_services_open_to_clients_only_and_can_be_revoked_alone(hook):
+    """An issued client (``client/alice``) may query a service open to the client user, as the shared token
+    does, and no service open to other users only; it may send only the client's requests; revoking
+    ``client/alice`` refuses her token and no other client's."""
+    tokens = _table()
+    w = WebsocketServerWorker(hook, id=f"slots-svc-{time.monotonic_ns()}", port=0, tokens=tokens)
+    alice_token = issue(SECRET, "client", "alice")
+
+    def session(token):
+        s = authenticate(tokens, [token])
+        w.sessions[s.id] = s
+        return s
+
+    def ask(s, msg):
+        return deserialize(w.serve_bytes(serialize(msg, sender="c"), s))[0]
+
+    owner, alice, shared = session(OWNER), session(alice_token), session(SHARED)
+    info = {"input_shape": [1, 4], "output_shape": [1, 2], "max_rows": 4}
+    assert type(ask(owner, ServingMessage("open", "m", [["client"], info]))) is m.ObjectsReply
+    assert type(ask(owner, ServingMessage("open", "n", [["someone"], info]))) is m.ObjectsReply
+    assert ask(alice, ServingMessage("info", "m", [])).objects[0]["input_shape"] == [1, 4]
+    assert ask(shared, ServingMessage("info", "m", [])).objects[0]["input_shape"] == [1, 4]
+    refused = ask(alice, ServingMessage("info", "n", []))
+    assert type(refused) is m.ErrorReply and "client/alice" in refused.message
+    assert type(ask(alice, ServingMessage("open", "x", [["client"], info]))) is m.ErrorReply
+    assert type(ask(alice, m.ObjectMessage([m.StoredObject(5, torch.ones(2))]))) is m.ErrorReply
+    assert w.revoke("client/alice") == 1  # (the owner's `veil users revoke client/alice`): her session too
+    assert alice.revoked and not shared.revoked
+    assert tokens.lookup(alice_token) is None
+    assert tokens.lookup(issue(SECRET, "client", "bob")).name == "client/bob"
+    del protocol._SERVICES[w]
+
+
+def test_one_issued_client_cannot_fill_a_services_queue_with_its_sessions(hook, monkeypatch):
+    """Attack: client alice opens her 4 sessions and queues the most each session may (2 requests here; the
+    bounds are small, the checks the 64 MiB / 1 GiB defaults'), filling the service's whole queue (8): client
+    bob's request is then refused as "busy". Must hold: a client with its own token queues at most an
+    eighth of the service's bytes over all its sessions (here one session's share), so bob is served."""
+    share = torch.zeros(1, 4, dtype=torch.int64)
+    monkeypatch.setattr(protocol, "MAX_SESSION_BYTES", 2 * 32)
+    monkeypatch.setattr(protocol, "MAX_PENDING_BYTES", 8 * 32)
+    tokens = _table()
+    w = WebsocketServerWorker(hook, id=f"slots-queue-{time.monotonic_ns()}", port=0, tokens=tokens)
+
+    def session(token):
+        s = authenticate(tokens, [token])
+        w.sessions[s.id] = s
+        return s
+
+    def ask(s, msg):
+        return deserialize(w.serve_bytes(serialize(msg, sender="c"), s))[0]
+
+    owner = session(OWNER)
+    info = {"input_shape": [1, 4], "output_shape": [1, 2], "max_rows": 4}
+    assert type(ask(owner, ServingMessage("open", "m", [["client"], info]))) is m.ObjectsReply
+    alice = [session(issue(SECRET, "client", "alice")) for _ in range(4)]
+    taken = sum(type(ask(s, ServingMessage("submit", "m", [i, share]))) is m.ObjectsReply
+                for s in alice for i in range(2))
+    bob = session(issue(SECRET, "client", "bob"))
+    replies = [ask(bob, ServingMessage("submit", "m", [i, share])) for i in range(2)]
+    assert all(type(r) is m.ObjectsReply for r in replies), replies
+    assert taken == 2
+    del protocol._SERVICES[w]
+
+
+@pytest.fixture
+def serving(hook, serving_cluster_pool):
+    """(the shared serving cluster of tests/serving, serving_helpers) — started here when no module has yet."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serving"))
+    import serving_helpers
+
+    c = serving_cluster_pool.get("cluster")
+    if c is None or not c._processes or not all(p.alive() for p in c._processes):
+        if c is not None:
+            c.stop()
+        c = serving_cluster_pool["cluster"] = serving_helpers.new_cluster().start()
+    yield c, serving_helpers
+    serving_helpers._stop_services(c)
+
+
+@pytest.mark.slow  # (a cluster of three worker processes, unless tests/serving started one)
+def test_a_client_with_its_own_token_queries_a_served_model(serving, tmp_path):
+    """End to end: the owner issues alice a token and a cluster file of her own; a ModelClient with either gets
+    the model's output (vs plain torch), and her principal's cap does not stop her from querying while
+    another client holds every connection it may."""
+    from veil.workers.registry import HookContext
+
+    cluster, helpers = serving
+    model, expected = helpers.served_small_model(cluster, "issued-e2e")
+    alice = sy.ModelClient(hook=HookContext(), timeout=60)
+    bob = sy.ModelClient(hook=HookContext(), timeout=60)
+    hogs = []
+    try:
+        bob_token = cluster.issue_client_token("bob")
+        for _ in range(8):
+            try:
+                hogs.append(BlockingConnection(f"ws://{cluster.parties[0].address}", handshake_headers(bob_token),
+                                               open_timeout=30))
+            except Exception:  # noqa: BLE001  (503: bob has all his slots)
+                break
+        assert len(hogs) == 4
+        alice.connect_to_model((1, 4), (1, 2), cluster.save(tmp_path / "alice.json", client="alice"),
+                               name="issued-e2e")
+        helpers.assert_query_ok(alice, expected)
+        for c in hogs:
+            c.close()
+        bob.connect_to_model((1, 4), (1, 2), cluster, token=bob_token, name="issued-e2e")
+        helpers.assert_query_ok(bob, expected)
+    finally:
+        for c in (alice, bob):
+            c.close()
+        for c in hogs:
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001
+                pass
+        model.stop()
+
+
+# ------------------------------------------------------------------ what a busy session may queue
+
+def _queued_bytes(w: WebsocketServerWorker) -> int:
+    """Bytes of frames queued for the worker's connections' readers (read from the test's thread: retried
+    if the loop changes a queue meanwhile)."""
+    while True:
+        try:
+            return sum(len(f.data) for ws, _ in list(w._connections.values()) for f in list(ws.recv_messages.frames.queue))
+        except RuntimeError:
+            continue
+
+
+def _frame(payload: bytes) -> bytes:
+    """One unfragmented binary frame, as a raw client sends it (masked with the all-zero key; veil's own
+    client would send 1 MiB fragments)."""
+    return frame_head(0x82, len(payload), masked=True) + b"\0\0\0\0" + payload
+
+
+def test_a_busy_session_cannot_queue_past_its_message_limit(serve, conns):
+    """Attack: a client whose session quota is 4 MiB (message limit 5 MiB) sends a fetch that waits a second on
+    the worker (its reader awaits the reply meanwhile), then six messages of almost 5 MiB at once, each one
+    frame. websockets
+    pauses reading past 4 queued frames whatever their size: 5 of them (25 MiB, 5 times the quota) were held.
+    Must hold: the queue holds at most twice the message limit (reading pauses past the limit in bytes), and
+    the session is then served as before (every request answered, in order)."""
+    quota = 4 * 2**20
+    w = serve(_table(), max_session_bytes=quota)
+    owner = _connect(w, OWNER, conns)
+    info = {"input_shape": [1, 4], "output_shape": [1, 2], "max_rows": 4}
+    assert type(_ask(owner, ServingMessage("open", "m", [["client"], info]))) is m.ObjectsReply
+    alice = _connect(w, issue(SECRET, "client", "alice"), conns)
+    limit = quota + 2**20
+    junk = b"\x00" * (limit - 4096)  # not a veil message: each is answered with an error, once read
+    alice.send(serialize(ServingMessage("fetch", "m", [99, 1.0]), sender="c"))
+    frame = _frame(junk)
+    flood = threading.Thread(target=lambda: [alice.sock.sendall(frame) for _ in range(6)], daemon=True)
+    flood.start()
+    peak, end = 0, time.monotonic() + 0.9
+    while time.monotonic() < end:
+        peak = max(peak, _queued_bytes(w))
+        time.sleep(0.005)
+    flood.join(30)
+    assert not flood.is_alive()
+    replies = [deserialize(alice.recv(60))[0] for _ in range(7)]
+    assert replies[0].objects == [] and all(type(r) is m.ErrorReply for r in replies[1:])
+    assert _ask(alice, ServingMessage("info", "m", [])).objects[0]["max_rows"] == 4
+    assert peak > 0, "nothing was queued: the attack did not run"
+    print(f"peak queued {peak / 2**20:.1f} MiB")
+    assert peak <= 2 * limit, f"a busy session had {peak / 2**20:.1f} MiB queued (limit {limit >> 20} MiB)"

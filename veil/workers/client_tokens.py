@@ -1,0 +1,63 @@
+"""Client tokens an owner issues one per client, checked by a worker without a table of them.
+
+A serving cluster used to hand every client the one client token: every client was the same principal,
+so the per-principal session cap could not tell them apart and one client could hold every client slot.
+An owner who gives clients an *issuer secret*'s tokens (``veil worker --client-issuer NAME=SECRET``,
+``Cluster.issue_client_token``) gives each its own principal ``NAME/HOLDER`` (role ``client``): capped
+on its own, audited under its own name, revocable alone (``veil users revoke NAME/HOLDER``), and allowed
+wherever ``NAME`` is (a service open to ``client`` takes ``client/alice``); once it connected, the owner
+lists it (``veil users list``) and may revoke it alone.
+
+A token is ``vc1.NAME.HOLDER.MAC`` with MAC = HMAC-SHA256(secret, "veil-client-token:NAME/HOLDER")
+(url-safe base64): the names are not secret, only the MAC is, and a worker recomputes it; issuing
+more tokens needs no restart.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+
+PREFIX = "vc1"
+#: the names a token may carry (no separator, no comma, nothing a header or a command line would mangle)
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MIN_SECRET_CHARS = 16
+
+
+def _check_name(name: object, what: str) -> str:
+    if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
+        raise ValueError(f"a client token's {what} is 1 to 64 letters, digits, '_' or '-', got {name!r}")
+    return name
+
+
+def check_secret(secret: object) -> bytes:
+    if not isinstance(secret, str) or len(secret) < MIN_SECRET_CHARS:
+        raise ValueError(f"a client issuer secret has at least {MIN_SECRET_CHARS} characters")
+    return secret.encode()
+
+
+def _mac(key: bytes, issuer: str, holder: str) -> str:
+    digest = hmac.new(key, f"veil-client-token:{issuer}/{holder}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def issue(secret: str, issuer: str, holder: str) -> str:
+    """The token of client ``holder`` under issuer ``issuer`` (principal ``issuer/holder``)."""
+    return f"{PREFIX}.{_check_name(issuer, 'issuer')}.{_check_name(holder, 'holder')}." \
+           f"{_mac(check_secret(secret), issuer, holder)}"
+
+
+def verify(keys: dict[str, bytes], token: str) -> tuple[str, str] | None:
+    """``(issuer, holder)`` of a valid issued token (``keys``: issuer name -> secret); None otherwise."""
+    parts = token.split(".")
+    if len(parts) != 4 or parts[0] != PREFIX:
+        return None
+    _, issuer, holder, mac = parts
+    key = keys.get(issuer)
+    if key is None or NAME_PATTERN.fullmatch(holder) is None:
+        return None
+    if not hmac.compare_digest(_mac(key, issuer, holder).encode(), mac.encode()):
+        return None
+    return issuer, holder
