@@ -304,6 +304,30 @@ def test_a_share_with_a_party_it_cannot_reach_uses_no_approval(hook):
     assert ReviewQueue(w.srv).get(rid).state == "approved"
 
 
+def test_the_preview_never_shows_values_an_approval_does_not_release(hook):
+    """Attack (approve one value, release another): the scientist files a request for ``d * 1`` (the records)
+    under id X, then frees X and computes ``d * 0`` under X. The owner's preview showed the zeros now under X,
+    flagged "CHANGED"; the owner approves what they see; the scientist frees X, computes ``d * 1`` again (the
+    filed bytes and computation) and the approval releases the records. Must hold: while the object differs
+    from the filed value, the preview shows none of its values (it says why), and once the filed value is back
+    the preview shows it."""
+    w = Net(hook)
+    x = new_id()
+
+    def under_x(factor):
+        request(w.srv, w.sci, m.DeleteMessage([x]))
+        reply = request(w.srv, w.sci, m.CommandMessage("torch.mul", (m.ObjectRef(w.d), factor), {}, [x], False))
+        assert type(reply) is m.OkReply, reply
+
+    under_x(1.0)
+    rid = w.pending(w.sci, x)
+    under_x(0.0)
+    shown = ReviewQueue(w.srv).preview(rid)
+    assert "CHANGED since the request was filed" in shown and "[" not in shown, shown  # (no values)
+    under_x(1.0)
+    assert ReviewQueue(w.srv).preview(rid).startswith("[1.5, -2.25, 3"), ReviewQueue(w.srv).preview(rid)
+
+
 # ------------------------------------------------------------------------------------- what held
 
 

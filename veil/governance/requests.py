@@ -212,11 +212,14 @@ class ReviewQueue:
                       if oid == req.object_id and (req.session == "-" or e.created_by == req.session)), None)
         if entry is None:
             return "(the object is gone: the scientist freed it or disconnected)"
-        changed = "" if digest(entry.obj) == req.digest else "  (CHANGED since the request was filed)"
         denied = self.denied_for(req.digest, req.principal)
         again = f"  (the same bytes as denied request {denied.id})" if denied is not None and denied.id != req.id \
             else ""  # (owner only: the scientist is answered as for any fresh value)
-        return preview(entry.obj) + changed + again
+        if digest(entry.obj) != req.digest:  # (its values now are not what an approval would release: not shown)
+            return ("(CHANGED since the request was filed: what is under this id now is not what an approval "
+                    "releases, so it is not shown; an approval releases only the filed value, should the scientist "
+                    "compute it again: deny, or wait for a new request)" + again)
+        return preview(entry.obj) + again
 
     # ----------------------------------------------------------- writing
 
