@@ -270,6 +270,54 @@ def test_budgets_page_sums_a_large_ledger_in_the_database(served, monkeypatch):
     assert page.status_code == 200 and "mallory" in page.text and len(page.content) < 400_000
 
 
+def test_the_audit_page_reads_a_bounded_part_of_a_long_log(served, monkeypatch):
+    """Attack: a scientist grows the owner's audit log (every refused command is a row: a million in well
+    under an hour). Each load of the Audit page offered its filter's choices from ``SELECT DISTINCT`` over
+    the whole log, three times (~2.5 s at a million rows on this machine), on the console's event loop and
+    under the owner database's lock, which the worker's own audit writes wait for. Must hold: the choices
+    come from the latest rows (``AUDIT_CHOICE_ROWS``, shortened here to 2,000) and the token table, so the
+    work no longer grows with the log (counted in SQLite VM steps: deterministic); a user only older rows
+    name can still be filtered on, and stays selected."""
+    from veil.governance.state import governance
+
+    monkeypatch.setattr(views, "AUDIT_CHOICE_ROWS", 2_000, raising=False)
+    owner_db = governance(served).db
+    conn = owner_db._db._conn
+
+    def add(rows: int, who: str) -> None:
+        with owner_db._lock:
+            conn.executemany("INSERT INTO audit (ts, worker, action, principal, session, object_ids, outcome, "
+                             "detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             [(time.time(), served.id, "CommandMessage", who, "s-1", "[7]", "refused",
+                               f"refused #{i}") for i in range(rows)])
+            conn.commit()
+
+    def steps() -> int:
+        count = [0]
+        conn.set_progress_handler(lambda: count.__setitem__(0, count[0] + 1), 100)
+        try:
+            choices = views.audit_choices(served)
+        finally:
+            conn.set_progress_handler(None, 0)
+        steps.choices = choices
+        return count[0]
+
+    add(1, "ghost")  # a user only the oldest row names
+    add(4_000, "mallory")
+    short = steps()
+    add(60_000, "mallory")
+    long = steps()
+    assert long < 1.5 * short, f"{long} VM steps for the choices of a 64k-row log, {short} for 4k rows"
+    assert {"mallory", "owner", "scientist"} <= set(steps.choices["principal"]), steps.choices  # (token holders)
+
+    console = ConsoleServer(served, host="127.0.0.1", port=0)
+    owner = _client(console)
+    _login(owner)
+    page = owner.get("/audit", params={"user": "ghost"})
+    assert page.status_code == 200 and "<option selected>ghost</option>" in page.text
+    assert page.text.count("refused #0<") == 1 and "refused #1<" not in page.text
+
+
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7"])
 def test_off_loopback_the_console_is_refused_without_tls(served, host):
     """Attack: the owner serves the console beyond loopback (``--console-host 0.0.0.0``) to reach it from
@@ -329,6 +377,43 @@ def test_off_loopback_the_console_serves_https_with_secure_cookies(served, tmp_p
 
 
 # --------------------------------------------------------------------------------------------- what holds
+
+
+def test_every_recorded_string_is_shown_escaped_as_the_cli_prints_it(served):
+    """Attack: text that reaches the owner's pages from a record, not from a form: an op graph's node
+    arguments and labels (a plan's name, an op's keyword names), the audit log's details and object ids (a
+    refused command's error text). ``veil requests show`` prints every op line through ``shown`` (bidi,
+    zero-width and line-separator characters as ``\\u202e``); the console escaped only the request's
+    reason: the op lines, the graph's boxes and tooltips and every audit cell were HTML-escaped but shown
+    raw, so U+202E could reorder what the owner reads ("sum" that reads as a harmless op). The graph and the
+    audit row are written into the owner's database here, standing for any path a scientist's text finds
+    into them. Must hold: no such character reaches any page raw, and markup stays text."""
+    import json
+
+    from veil.governance.state import audit, governance
+    from veil.workers.persistence import db_execute
+
+    hostile = "mean\u202e)0=mid(mus\u2028<b>x</b>\u200b"
+    rid = (served.search(["#ward"])[0] * 2).request(reason="means")["id"]
+    db = governance(served).db
+    (stored,) = db_execute(db, "SELECT graph FROM release_requests WHERE id = ?", (rid,))[0]
+    graph = json.loads(stored)
+    for nid, node in graph.items():
+        if nid != "__root__":
+            node["args"] = hostile
+            node["label"] = hostile
+    db_execute(db, "UPDATE release_requests SET graph = ? WHERE id = ?", (json.dumps(graph), rid))
+    audit(served, "CommandMessage", "mallory", "s-1", [hostile], "refused", hostile)
+
+    console = ConsoleServer(served, host="127.0.0.1", port=0)
+    owner = _client(console)
+    _login(owner)
+    for path in (f"/requests/{rid}", "/requests", "/audit", "/audit?q=mean"):
+        page = owner.get(path)
+        assert page.status_code == 200, path
+        assert not any(c in page.text for c in "\u202e\u2028\u200b"), path
+        assert "<b>x</b>" not in page.text, path
+    assert "\\u202e" in owner.get(f"/requests/{rid}").text and "\\u2028" in owner.get("/audit").text
 
 
 def test_every_post_route_needs_its_sessions_csrf_token_and_the_same_origin(served):

@@ -285,10 +285,14 @@ def build_app(worker: Any, allowed_hosts: list[str], session_host: str | None = 
         since = time.time() - float(since_min) * 60 if since_min.replace(".", "", 1).isdigit() else None
         filters = {"user": q.get("user", ""), "action": q.get("action", ""), "outcome": q.get("outcome", ""),
                    "since": since_min, "q": q.get("q", "")}
-        rows = views.audit_search(worker, filters["user"], filters["action"], filters["outcome"], since,
-                                  filters["q"])
-        return render(request, session, "audit.html", rows=rows, filters=filters, nav="audit",
-                      choices=views.audit_choices(worker))
+        # off the event loop: a search over a long log takes a while, and the console's other pages go on
+        rows = await run_in_threadpool(views.audit_search, worker, filters["user"], filters["action"],
+                                       filters["outcome"], since, filters["q"])
+        choices = await run_in_threadpool(views.audit_choices, worker)
+        for key, col in (("user", "principal"), ("action", "action"), ("outcome", "outcome")):
+            if filters[key] and filters[key] not in choices[col]:  # (a value only older rows have stays shown)
+                choices[col] = sorted([*choices[col], filters[key]])
+        return render(request, session, "audit.html", rows=rows, filters=filters, nav="audit", choices=choices)
 
     @page()
     async def sessions(request: Request, session: ConsoleSession) -> Response:

@@ -6,6 +6,7 @@ import time
 
 from markupsafe import Markup, escape
 
+from veil.governance.cli import shown
 from veil.governance.graphtext import ordered_nodes
 
 _W, _H, _GX, _GY = 190, 46, 40, 14
@@ -49,10 +50,11 @@ def graph_svg(graph: dict, root: str) -> Markup:
             title = title[:27 - len(count)] + "\u2026"
         title += count
         sub = f"{n['name']}  {n.get('shape', [])} {n.get('dtype', '')}"
-        parts.append(f'<g class="node {kind}"><title>{escape(n["op"])} {escape(n.get("args", ""))}</title>'
-                     f'<rect x="{x}" y="{y}" width="{_W}" height="{_H}" rx="6"/>'
-                     f'<text x="{x + 8}" y="{y + 19}" class="t1">{escape(title)}</text>'
-                     f'<text x="{x + 8}" y="{y + 36}" class="t2">{escape(sub)}</text></g>')
+        # shown(): escaped as `veil requests show` prints them (bidi and line-separator characters included)
+        parts.append(f'<g class="node {kind}"><title>{escape(shown(n["op"]))} {escape(shown(n.get("args", "")))}'
+                     f'</title><rect x="{x}" y="{y}" width="{_W}" height="{_H}" rx="6"/>'
+                     f'<text x="{x + 8}" y="{y + 19}" class="t1">{escape(shown(title))}</text>'
+                     f'<text x="{x + 8}" y="{y + 36}" class="t2">{escape(shown(sub))}</text></g>')
     parts.append("</svg>")
     return Markup("".join(parts))
 
@@ -104,7 +106,7 @@ def budget_svg(points: list, total: float, width: int = 520, height: int = 160,
         path.append(f"{sx(t):.1f},{sy(v):.1f}")
         last = v
     path.append(f"{sx(t1):.1f},{sy(last):.1f}")
-    dots = "".join(f'<circle cx="{sx(t):.1f}" cy="{sy(v):.1f}" r="3"><title>{escape(r)}: '
+    dots = "".join(f'<circle cx="{sx(t):.1f}" cy="{sy(v):.1f}" r="3"><title>{escape(shown(r))}: '
                    f'total {v:.3g}</title></circle>' for t, v, r in points)
     return Markup(
         f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '

@@ -80,10 +80,22 @@ def audit_search(worker: Any, user: str = "", action: str = "", outcome: str = "
     return [dict(zip(names, r)) for r in rows]
 
 
+#: audit rows the filter's choices are read from, newest first: the log grows with every refused command a
+#: scientist sends (a million rows made each load of the page scan it whole, three times, under the lock the
+#: worker's own audit writes wait for)
+AUDIT_CHOICE_ROWS = 20_000
+
+
 def audit_choices(worker: Any) -> dict[str, list[str]]:
+    """The values the audit filter offers: those of the latest rows, and every user holding a token."""
     db = governance(worker).db
-    return {col: [r[0] for r in db_execute(db, f"SELECT DISTINCT {col} FROM audit ORDER BY {col} LIMIT 200")]
-            for col in ("principal", "action", "outcome")}
+    choices = {col: {r[0] for r in db_execute(
+        db, f"SELECT DISTINCT {col} FROM (SELECT {col} FROM audit ORDER BY seq DESC LIMIT ?) AS recent",
+        (AUDIT_CHOICE_ROWS,))} for col in ("principal", "action", "outcome")}
+    tokens = getattr(worker, "tokens", None)
+    if tokens is not None:
+        choices["principal"] |= {p.name for p in tokens.principals()}
+    return {col: sorted(values)[:200] for col, values in choices.items()}
 
 
 def budgets(worker: Any, now: float | None = None) -> list[dict]:
