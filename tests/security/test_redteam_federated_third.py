@@ -104,6 +104,55 @@ def test_ray_clients_refuse_a_nominal_count_that_is_no_weight(hook, nominal):
         sy.ray.federated_clients(make_parts(2), hook=hook, prefix=uid("nominal"), dp=dp)
 
 
+# ================================================================== a client that drops out, then comes back
+
+
+def _fedavg_from(w, parts, lr=0.05):
+    """One plain-torch FedAvg round (a full-batch step per client) from the weights ``w``."""
+    states, weights = [], []
+    for x, y in parts:
+        local = [t.clone().requires_grad_(True) for t in w]
+        grads = torch.autograd.grad(F.mse_loss(x @ local[0].T + local[1], y), local)
+        states.append([(p - lr * g).detach() for p, g in zip(local, grads)])
+        weights.append(len(x))
+    return [sum(st[j] * (n / sum(weights)) for st, n in zip(states, weights)) for j in range(2)]
+
+
+class FailsOnce(TamperedPool):
+    """Client 1's replies in the first exchange are cut at ``step`` (0: the plan request fails, 1: the plan is
+    stored and the round request fails), as if the client had gone for a moment."""
+
+    step = 0
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.exchanges = 0
+        failure = serialize(m.ErrorReply("ConnectionLostError", "gone for a moment"), sender="x")
+        self.tamper = lambda replies: replies[:self.step] + [failure] if self.exchanges == 1 else replies
+
+    def exchange(self, build, indices=None):
+        self.exchanges += 1
+        yield from super().exchange(build, indices)
+
+
+@pytest.mark.parametrize("step", [0, 1], ids=["at-plan", "at-round"])
+@pytest.mark.parametrize("secure", [False, True], ids=["fedavg", "secure"])
+def test_a_client_that_drops_out_once_rejoins_the_next_round(hook, step, secure):
+    """Dropout at each step of a pooled round: the client is left out of round 1 only; in round 2 its plan is
+    stored again and it trains like the others. The model equals plain-torch FedAvg over {0, 2, 3} then all."""
+    parts = make_parts(4)
+    pool = FailsOnce(hook, parts, bad=1)
+    pool.step = step
+    model = make_model()
+    hist, err, _ = attempt(lambda: fl.train(model, pool.federated_dataset(), rounds=2, lr=0.05, batch_size=8,
+                                         progress=False, secure_aggregation=secure))
+    assert err is None, repr(err)
+    assert list(hist.rounds[0].dropped) == [pool.client_id(1)] and not list(hist.rounds[1].dropped)
+    net = make_model()
+    w = _fedavg_from([net.weight.detach(), net.bias.detach()], [parts[0], parts[2], parts[3]])
+    _close(model, _fedavg_from(w, parts))
+
+
 # ================================================================== model replacement: bounded update norms
 
 
@@ -403,6 +452,28 @@ def test_a_coordinator_that_reconnects_to_every_client_gets_a_clear_abort(hook, 
     text = str(caught.value)
     assert "\n" not in text and "no longer hold" in text and "new round" in text, text
     assert not any(w.__dict__.get("_secagg_rounds") for w in workers)
+
+
+def test_fl_train_says_why_when_the_coordinator_reconnected_mid_round(hook, monkeypatch):
+    """``fl.train(secure_aggregation=True)``: the sessions end before ``masked_input``. The training stops
+    with an error that carries the cause (it said only "only 0 workers finished"), and each client's
+    reason is in the error's text, one line."""
+    workers = [sy.VirtualWorker(hook, id=uid("sa3t")) for _ in range(3)]
+    fed = sy.FederatedDataset([sy.BaseDataset(x, y).send(w) for (x, y), w in zip(make_parts(3), workers)])
+    real = sa.secure_aggregate
+
+    def reconnecting(inputs, tag, threshold=None, before_stage=None, **options):
+        def before(name):
+            if name == "masked_input":
+                for w in workers:
+                    _reconnect(w)
+        return real(inputs, tag, threshold, before, **options)
+
+    monkeypatch.setattr(sa, "secure_aggregate", reconnecting)
+    with pytest.raises(RuntimeError) as caught:
+        fl.train(make_model(), fed, rounds=1, lr=0.05, batch_size=8, progress=False, secure_aggregation=True)
+    text = str(caught.value)
+    assert "0 workers finished" in text and "no longer hold" in text and "\n" not in text, text
 
 
 def test_a_coordinator_that_reconnects_to_one_client_recovers_the_others_sum(hook):

@@ -245,7 +245,8 @@ class _Sequential:
             inputs = {u.worker_id: secure_agg.ClientInput(done[u.worker_id].state[0].location, done[u.worker_id].state,
                                                           float(u.num_samples), loss_ptrs.get(u.worker_id))
                       for u in updates}
-            updates, global_candidate, secure_loss = _secure_round(updates, inputs, dropped, r, self.review_wait)
+            updates, global_candidate, secure_loss = _secure_round(updates, inputs, dropped, r, self.review_wait,
+                                                                       errors)
         elif self.encrypted is not None and updates:
             updates, global_candidate = _encrypted_round(self.encrypted, updates,
                                                          {u.worker_id: done[u.worker_id].state for u in updates},
@@ -255,7 +256,7 @@ class _Sequential:
         else:
             global_candidate = None
         if len(updates) < min_workers:
-            raise RuntimeError(f"round {r}: only {len(updates)} workers finished, {min_workers} required")
+            raise RuntimeError(_too_few(r, len(updates), min_workers, errors))
         if global_candidate is not None:
             global_state = strategy.apply_secure(global_candidate, global_state, len(updates))
         else:
@@ -275,7 +276,7 @@ def _pooled_round(runner: "pooled.PooledTraining", r: int, global_state: list, s
     dropped = [pool.client_id(i) for i in sorted(out["dropped"])]  # (dataset order, not completion order)
     errors = {pool.client_id(i): out["dropped"][i] for i in sorted(out["dropped"])}
     if out["finished"] < min_workers:
-        raise RuntimeError(f"round {r}: only {out['finished']} workers finished, {min_workers} required")
+        raise RuntimeError(_too_few(r, out["finished"], min_workers, errors))
     if not runner.hidden:
         global_state = out["aggregator"].result()
         return global_state, RoundRecord(r, ClientIds(pool, out["dropped"]), out["loss_sum"] / out["samples"], None,
@@ -286,13 +287,13 @@ def _pooled_round(runner: "pooled.PooledTraining", r: int, global_state: list, s
     if runner.secure:
         inputs = {wid: secure_agg.ClientInput(worker, state, float(n), losses)
                   for wid, (worker, state, n, losses) in held.items()}
-        updates, candidate, secure_loss = _secure_round(updates, inputs, dropped, r, runner.review_wait)
+        updates, candidate, secure_loss = _secure_round(updates, inputs, dropped, r, runner.review_wait, errors)
     else:
         updates, candidate = _encrypted_round(runner.encrypted, updates, {wid: h[1] for wid, h in held.items()},
                                               dropped, errors, r)
         runner.resend.update(pool.index_of(wid) for wid in dropped)  # (as after a failed training)
     if len(updates) < min_workers:
-        raise RuntimeError(f"round {r}: only {len(updates)} workers finished, {min_workers} required")
+        raise RuntimeError(_too_few(r, len(updates), min_workers, errors))
     global_state = strategy.apply_secure(candidate, global_state, len(updates))
     total = sum(u.num_samples for u in updates)
     train_loss = secure_loss if secure_loss is not None else sum(u.mean_loss * u.num_samples for u in updates) / total
@@ -315,8 +316,17 @@ def _encrypted_round(encrypted_aggregation: Any, updates: list[ClientUpdate], st
     return [u for u in updates if u.worker_id not in failed], candidate
 
 
+def _too_few(r: int, finished: int, min_workers: int, errors: dict) -> str:
+    """The error of a round with fewer than ``min_workers`` clients left, naming one dropped client's reason."""
+    text = f"round {r}: only {finished} workers finished, {min_workers} required"
+    if errors:
+        wid, why = next(reversed(errors.items()))
+        text += f" ({len(errors)} dropped; {wid!r}: {why})"
+    return text
+
+
 def _secure_round(updates: list[ClientUpdate], inputs: dict, dropped: list,
-                  r: int, review_wait: float = 0.0) -> tuple[list, list, float | None]:
+                  r: int, review_wait: float = 0.0, errors: dict | None = None) -> tuple[list, list, float | None]:
     """Secure sum of n_k * state_k, n_k and n_k * loss_k (Bonawitz et al. 2017, with dropout recovery).
 
     Clients that die at any protocol stage are dropped; the survivors'
@@ -327,9 +337,13 @@ def _secure_round(updates: list[ClientUpdate], inputs: dict, dropped: list,
     except secure_agg.SecureAggregationError as e:
         warnings.warn(f"round {r}: secure aggregation failed ({e})", stacklevel=4)
         dropped.extend(u.worker_id for u in updates)
+        if errors is not None:
+            errors.update((u.worker_id, f"secure aggregation failed: {pooled.error_text(e)}") for u in updates)
         return [], [], None
     if result.dropped:
         dropped.extend(result.dropped)
+        if errors is not None:
+            errors.update((wid, "dropped out during secure aggregation") for wid in result.dropped)
         warnings.warn(f"round {r}: secure aggregation completed without {result.dropped}", stacklevel=4)
     survivors = [u for u in updates if u.worker_id in result.survivors]
     mean_loss = result.mean_loss if all(inputs[u.worker_id].losses is not None for u in survivors) else None

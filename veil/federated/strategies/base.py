@@ -45,6 +45,8 @@ def clip_update(state: list[torch.Tensor], global_state: list[torch.Tensor], bou
     deltas = [s.to(torch.float64) - g.to(torch.float64) if s.is_floating_point() else None
               for s, g in zip(state, global_state, strict=True)]
     norm = math.sqrt(sum(float((d * d).sum()) for d in deltas if d is not None))
+    if not math.isfinite(norm):
+        raise ValueError("a client's update has non-finite entries")
     if norm <= bound:
         return state
     scale = bound / norm

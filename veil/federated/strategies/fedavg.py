@@ -28,7 +28,8 @@ class FedAvg(Strategy):
             which makes one round roughly one sequential pass over all data.
         max_update_norm: if set, each client's update (its state minus the global state) is scaled down
             to at most this L2 norm before averaging: one client, whatever it returns or claims to weigh,
-            moves the model at most this far per round (against model replacement). The coordinator must
+            moves the model at most this far (times server_lr) per round, against model replacement
+            (Bagdasaryan et al. 2020; norm bounding as in Sun et al. 2019). The coordinator must
             see each update, so it is refused with secure or encrypted aggregation.
     """
 
