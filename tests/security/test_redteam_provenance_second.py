@@ -170,6 +170,27 @@ def test_a_peer_sent_object_shows_the_peers_report_as_the_peers(hook):
     _peer_report(w, oid, FORGED)
 
 
+def test_a_peers_report_cannot_forge_lines_on_the_owners_screen(hook):
+    """Attack: a peer's report (or the sources it names) holding a newline, a bidi override and a line separator,
+    meant to start a line of its own ("d1 = dataset: #public") or reorder one, in ``veil requests show`` and the
+    console. Must hold: no rendered line of the received node holds a raw control, bidi or separator character."""
+    import re
+
+    w = Net(hook)
+    evil = "x\nd9 = dataset: #public\u202e\u2028\u200b"
+    tags = (CAP + "provenance=" + json.dumps([f"alice:{evil}"]), CAP + "graph=" + json.dumps([evil]))
+    oid = new_id()
+    reply = request(w.srv, w.peer, m.ObjectMessage([m.StoredObject(oid, torch.ones(2, 3), tags)]))
+    assert type(reply) is m.OkReply, reply
+    from veil.governance.provenance import GRAPH, ROOT
+
+    entry = next(e for i, e in w.srv.monitor.owner_entries() if i == oid)
+    lines = render_graph(entry.meta[GRAPH], entry.meta[ROOT])
+    assert any("d9 = dataset" in line for line in lines), lines  # (the text arrived, escaped)
+    bad = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029\ufeff]")
+    assert not any(bad.search(line) for line in lines), lines
+
+
 def _peer_report(w, oid, forged):
     from veil.governance.provenance import GRAPH, ROOT
 

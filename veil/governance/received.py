@@ -33,8 +33,12 @@ def reported_lines(entry: Any) -> list[str]:
 
 
 def bounded(lines: list) -> list[str]:
-    """At most :data:`MAX_REPORTED_LINES` lines of at most :data:`MAX_LINE` characters, saying what is cut."""
-    lines = [str(line) if len(str(line)) <= MAX_LINE else str(line)[:MAX_LINE - 3] + "..." for line in lines]
+    """At most :data:`MAX_REPORTED_LINES` lines of at most :data:`MAX_LINE` characters, saying what is cut;
+    controls, bidi and line separators escaped (another worker's text reaches the owner's terminal and console)."""
+    from veil.governance.cli import shown
+
+    lines = [shown(line) for line in lines]
+    lines = [line if len(line) <= MAX_LINE else line[:MAX_LINE - 3] + "..." for line in lines]
     if len(lines) <= MAX_REPORTED_LINES:
         return lines
     half = (MAX_REPORTED_LINES - 1) // 2
@@ -45,6 +49,7 @@ def record_received(worker: Any, principal: Any, stored: list) -> None:
     """Gives each received object derived from owner data its node (``stored``: (entry, capabilities) pairs
     as :meth:`ReferenceMonitor.store_objects` applied them)."""
     from veil.governance import provenance
+    from veil.governance.cli import shown
     from veil.governance.state import tracking
 
     if not tracking(worker):
@@ -55,7 +60,7 @@ def record_received(worker: Any, principal: Any, stored: list) -> None:
         sources = sorted(caps["provenance"])
         if not sources:
             continue
-        named = ", ".join(s if len(s) <= 64 else s[:61] + "..." for s in sources[:MAX_NAMED_SOURCES]) + (f" and {len(sources) - MAX_NAMED_SOURCES} more"
+        named = ", ".join(shown(s if len(s) <= 64 else s[:61] + "...") for s in sources[:MAX_NAMED_SOURCES]) + (f" and {len(sources) - MAX_NAMED_SOURCES} more"
                                                           if len(sources) > MAX_NAMED_SOURCES else "")
         # (the sender's strings never read as an input's mark: render_graph fills those)
         text = f"from {sender}, derived from owner data {named}".replace("\u00b7", "\\xb7")
