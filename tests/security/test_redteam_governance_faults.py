@@ -255,6 +255,48 @@ def test_a_replica_puts_a_revocation_in_force_while_a_long_command_runs(hook, se
         elsewhere.db.close()
 
 
+def test_a_revocation_is_in_force_while_the_sync_waits_on_a_frozen_database(server, monkeypatch):
+    """The owner database stops answering while the worker's revocation sync reads it (here: the sync's read
+    blocks). The owner revokes alice meanwhile: she is refused and her connection closed at once, before
+    the revocation can be stored; once the database answers again it is stored, and the sync that was
+    waiting (which read alice's older row) does not undo it."""
+    from veil.governance import revocation
+
+    admin = _connect(server, ADMIN)
+    assert _ask(admin, AdminUsersMessage("revoke", "alice")) == m.ObjectsReply([0])
+    assert _ask(admin, AdminUsersMessage("restore", "alice")) == m.ObjectsReply([0])  # (stored: readmitted)
+    victim = _connect(server, TOKEN)
+    assert _wait(lambda: _sessions_of(server, "alice"))
+    frozen, reading = threading.Event(), threading.Event()
+    real = revocation._records
+
+    def stuck(worker):
+        out = real(worker)  # (alice's row says: readmitted)
+        if worker is server and not frozen.is_set():
+            reading.set()
+            frozen.wait(30)
+        return out
+
+    monkeypatch.setattr(revocation, "_records", stuck)
+    sync = threading.Thread(target=revocation.sync_stored_revocations, args=(server,), daemon=True)
+    sync.start()
+    assert reading.wait(30)
+    revoking = threading.Thread(target=server.revoke, args=("alice",), daemon=True)
+    revoking.start()
+    try:
+        assert _wait(lambda: "alice" in server.tokens.revoked, 2), "the revocation waited for the database"
+        assert _closed(victim)
+        assert _refused(server, TOKEN)
+    finally:
+        frozen.set()
+    sync.join(30)
+    revoking.join(30)
+    assert "alice" in server.tokens.revoked
+    assert revocation.stored_revocations(server)["alice"] is True
+    revocation.sync_stored_revocations(server)
+    assert "alice" in server.tokens.revoked
+
+
 def test_a_revoked_sessions_running_command_delivers_nothing(server, monkeypatch):
     """alice's command is running (a handler of hers blocks mid-way) when the owner revokes her: the
     revocation returns at once, the connection closes, and the command's result never reaches her."""
@@ -334,8 +376,9 @@ def test_an_inline_reply_made_while_the_revocation_ran_is_not_sent(server, monke
 
 def test_two_owner_sessions_revoking_and_readmitting_at_once_agree_with_the_store(server):
     """Two admin sessions (two owners' CLIs) revoke and readmit the same name as fast as they can, in
-    parallel. Every reply is a success or a one-line refusal, and at the end the worker's state, the stored
-    record and a restart agree."""
+    parallel, while the replica sync rereads the stored rows. Every reply is a success or a one-line refusal,
+    and at the end the worker's state and the stored record agree (and the token is refused if and only if
+    the name is revoked)."""
     a, b = _connect(server, ADMIN), _connect(server, ADMIN2)
     errors: list = []
 
@@ -346,14 +389,24 @@ def test_two_owner_sessions_revoking_and_readmitting_at_once_agree_with_the_stor
                 if "\n" in reply.message or reply.error != "ObjectNotFoundError":
                     errors.append(reply)
 
+    from veil.governance.revocation import stored_revocations, sync_stored_revocations
+
+    done = threading.Event()
+
+    def syncing():  # (the replica sync, which reads the stored rows the two are writing, runs all along)
+        while not done.is_set():
+            sync_stored_revocations(server)
+
     threads = [threading.Thread(target=flip, args=(a, ["revoke", "restore"] * 15)),
                threading.Thread(target=flip, args=(b, ["restore", "revoke"] * 15 + ["revoke"]))]
-    for t in threads:
+    sync = threading.Thread(target=syncing)
+    for t in [*threads, sync]:
         t.start()
     for t in threads:
         t.join(60)
+    done.set()
+    sync.join(60)
     assert not errors, errors
-    from veil.governance.revocation import stored_revocations
 
     here = "other" in server.tokens.revoked
     assert stored_revocations(server).get("other", False) is here

@@ -32,9 +32,13 @@ log = logging.getLogger(__name__)
 #: (serving: the services it owns; its sessions' own state goes by SESSION_END_HANDLERS as they close)
 REVOKE_HANDLERS: list[Callable[[Any, str], None]] = []
 
-#: one revocation, readmission or sync at a time: a sync between putting a decision in force and storing it
-#: would otherwise undo it from the previous stored row
+#: one store of a decision, readmission or sync at a time: a sync between putting a decision in force and
+#: storing it would otherwise undo it from the previous stored row
 _LOCK = threading.RLock()
+#: held while a decision is put in force here, never across database I/O: a revocation is in force at once
+#: even while a sync (or another decision) waits on a slow or frozen owner database under _LOCK. Taken after
+#: _LOCK where both are held.
+_FORCE = threading.RLock()
 #: worker -> names it revoked whose record is not stored yet (weak: an in-process worker's go with it)
 _UNSTORED: "weakref.WeakKeyDictionary[Any, set]" = weakref.WeakKeyDictionary()
 #: worker -> names whose stored record was unreadable at the last sync (logged once, not every second)
@@ -59,11 +63,13 @@ def revoke(worker: Any, name: str, by: str = "owner") -> int:
     if any(p.role == "admin" for p in found):
         raise PermissionDeniedError(f"{name!r} holds the admin role, which cannot be revoked (restart the worker "
                                     "with a new --admin-token to replace the owner's token)")
+    with _FORCE:  # in force first, without waiting for the database: a refusal holds even if storing fails
+        _unstored(worker).add(name)  # until stored, no sync takes an older row's "readmitted"
+        closed = _put_in_force(worker, name)
     with _LOCK:
-        closed = _put_in_force(worker, name)  # in force first: a refusal holds even if storing fails
-        _unstored(worker).add(name)  # until stored, the sync must not take an older row's "readmitted"
-        _store(worker, name, True, by)
-        _unstored(worker).discard(name)
+        if name in _unstored(worker):  # (else stored since, or readmitted since: that later decision stands)
+            _store(worker, name, True, by)
+            _unstored(worker).discard(name)
     roles = ", ".join(sorted({p.role for p in found})) or "peer link"
     _audit(worker, "revoke", by, f"revoked {name} ({roles}); {closed} open session(s) closed")
     return closed
@@ -75,8 +81,9 @@ def readmit(worker: Any, name: str, by: str = "owner") -> None:
         if name not in worker.tokens.revoked:
             raise ObjectNotFoundError(f"{name!r} is not revoked on worker {worker.id!r}")
         _store(worker, name, False, by)  # stored first: if storing fails the name stays out
-        _unstored(worker).discard(name)
-        _readmit_in_force(worker, name)
+        with _FORCE:
+            _unstored(worker).discard(name)
+            _readmit_in_force(worker, name)
     _audit(worker, "readmit", by, f"readmitted {name}")
 
 
@@ -195,15 +202,17 @@ def sync_stored_revocations(worker: Any) -> list[str]:
         records, damaged = _records(worker)
         _report_damaged(worker, damaged)  # the other records still sync; a damaged one changes nothing here
         for name, revoked in records.items():
-            if revoked == (name in worker.tokens.revoked) or (revoked and _holds_admin(worker, name)):
-                continue
-            if revoked:
-                closed = _put_in_force(worker, name)
-                detail = f"revoked {name} (the owner's stored decision, made on another replica); {closed} open " \
-                         "session(s) closed"
-            else:
-                _readmit_in_force(worker, name)
-                detail = f"readmitted {name} (the owner's stored decision, made on another replica)"
+            with _FORCE:  # (a revocation made here since the read, not stored yet, wins over the row)
+                if revoked == (name in worker.tokens.revoked) or (revoked and _holds_admin(worker, name)) \
+                        or name in _unstored(worker):
+                    continue
+                if revoked:
+                    closed = _put_in_force(worker, name)
+                    detail = f"revoked {name} (the owner's stored decision, made on another replica); {closed} " \
+                             "open session(s) closed"
+                else:
+                    _readmit_in_force(worker, name)
+                    detail = f"readmitted {name} (the owner's stored decision, made on another replica)"
             _audit(worker, "revoke" if revoked else "readmit", "owner", detail)
             changed.append(name)
     return changed
