@@ -349,6 +349,19 @@ def test_the_preview_never_shows_values_an_approval_does_not_release(hook):
     assert ReviewQueue(w.srv).preview(rid).startswith("[1.5, -2.25, 3"), ReviewQueue(w.srv).preview(rid)
 
 
+def test_a_keyword_name_cannot_place_the_dataset_in_an_op_line():
+    """Attack: a keyword argument named like an input's mark (``·0·``) would be filled by ``render_graph`` with the
+    name of the node's first input (the dataset), showing it in an argument it is not in. No allowlisted op takes
+    an unknown keyword today (they raise, so nothing is stored), so this checks the line maker itself. Must
+    hold: a requester's keyword never turns into an input's name."""
+    from veil.governance.provenance import _args_text
+
+    data = torch.ones(1)
+    text = _args_text((1.0,), {"p\u00b70\u00b7": 2.0, "other": data}, {id(data): 0})
+    line = render_graph({"n": {"op": "f", "inputs": ["src"], "args": text}, "src": {"op": "dataset"}}, "n")[0]
+    assert line.count("d1") == 1 and "other=d1)" in line, line
+
+
 # ------------------------------------------------------------------------------------- what held
 
 

@@ -166,7 +166,8 @@ def _args_text(args: tuple, kwargs: dict, inputs: dict) -> str:
             return "[" + ", ".join(items) + "]"
         return _describe_arg(v)
 
-    parts = [one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()]
+    # (a keyword is the requester's string too: it never reads as an input's mark)
+    parts = [one(a) for a in args] + [str(k).replace("\u00b7", "\\xb7") + f"={one(v)}" for k, v in kwargs.items()]
     text = ", ".join(parts)
     if len(text) <= MAX_ARGS_TEXT:
         return text
