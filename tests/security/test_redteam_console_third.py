@@ -379,6 +379,61 @@ def test_off_loopback_the_console_serves_https_with_secure_cookies(served, tmp_p
 # --------------------------------------------------------------------------------------------- what holds
 
 
+def test_the_requests_page_does_not_parse_every_requests_op_graph(hook, monkeypatch):
+    """Attack: a scientist files the most pending requests allowed (100), each on a value computed by a
+    long plan run many times: its stored op graph is ~400 KB of JSON (64 nodes of up to 200 plan steps).
+    The Requests page, the owner's first page, which reloads itself every 5 s, read every listed request
+    whole (``ReviewQueue.list``: up to 500) and parsed each graph, on the console's event loop, only to
+    name the datasets in its "From" column. Must hold: the page's Python memory stays small however big
+    the graphs (40 requests here), and "From" still names the datasets as the graph's source boxes do."""
+    from veil.governance.state import governance
+    from veil.plans.plan import Plan
+    from veil.workers.persistence import db_execute
+    from veil.workers.websocket_auth import TokenTable
+
+    w = sy.VirtualWorker(hook, id="rt-console3-graphs")
+    w.tokens = TokenTable()
+    w.tokens.add(ADMIN, "owner", "admin")
+    w.load(torch.ones(4, 3), tags=("#ward",), description="ward data", policy="review")
+
+    def steps(a):
+        for _ in range(200):
+            a = a + 1.0
+        return a
+
+    plan = Plan(steps, args_shape=[(4, 3)], name="p" * 64)
+    plan.build(torch.zeros(4, 3))
+    run = plan.send(w)
+    y = w.search(["#ward"])[0]
+    for _ in range(70):
+        out = run(y)
+        y = out[0] if isinstance(out, (list, tuple)) else out
+    rid = y.request(reason="the means")["id"]
+    db = governance(w).db
+    columns = [d[0] for d in db._db.execute("SELECT * FROM release_requests LIMIT 0").description]
+    copied = ", ".join("? || id" if c == "id" else c for c in columns)
+    for i in range(39):
+        db_execute(db, f"INSERT INTO release_requests ({', '.join(columns)}) SELECT {copied} FROM release_requests "
+                       "WHERE id = ?", (f"copy{i}-", rid))
+    (size,) = db_execute(db, "SELECT SUM(LENGTH(graph)) FROM release_requests")[0]
+    assert size > 8 << 20  # the graphs: more than 8 MB of JSON in all
+
+    console = ConsoleServer(w, host="127.0.0.1", port=0)
+    owner = _client(console)
+    _login(owner)
+    owner.get("/requests")  # (warm: templates compiled)
+    tracemalloc.start()
+    try:
+        page = owner.get("/requests")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert page.status_code == 200 and page.text.count("the means") == 40
+    assert peak < 4 << 20, f"the Requests page took {peak / 2**20:.1f} MiB of Python memory"
+    labels = [n["label"] for n in w.release_requests.get(rid).graph.values() if n["op"] == "dataset"]
+    assert labels == ["#ward (ward data)"] and page.text.count("<td>#ward (ward data)</td>") == 40
+
+
 def test_every_recorded_string_is_shown_escaped_as_the_cli_prints_it(served):
     """Attack: text that reaches the owner's pages from a record, not from a form: an op graph's node
     arguments and labels (a plan's name, an op's keyword names), the audit log's details and object ids (a

@@ -246,7 +246,7 @@ def build_app(worker: Any, allowed_hosts: list[str], session_host: str | None = 
         state = request.query_params.get("state", "pending")
         if state not in STATES and state != "all":
             state = "pending"
-        rows = ReviewQueue(worker).list(None if state == "all" else state)
+        rows = await run_in_threadpool(views.request_rows, worker, None if state == "all" else state)
         return render(request, session, "requests.html", rows=rows, state=state, nav="requests")
 
     @page()
