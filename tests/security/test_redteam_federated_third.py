@@ -198,13 +198,15 @@ def test_model_replacement_is_bounded_by_the_update_norm(hook, strategy):
     assert float(moved) <= 0.5 + 1e-6
 
 
-def test_update_norm_bound_is_refused_where_the_coordinator_cannot_apply_it(hook):
+def test_update_norm_bound_is_refused_where_the_coordinator_cannot_apply_it(hook, paillier):
     """Secure and encrypted aggregation reveal only the sum: a bound on each update cannot be applied there,
     so asking for one is a clear error, not a silent no-op."""
     pool = TamperedPool(hook, make_parts(3))
-    with pytest.raises(ValueError, match="max_update_norm"):
-        fl.train(make_model(), pool.federated_dataset(), rounds=1, progress=False, secure_aggregation=True,
-                 strategy=FedAvg(max_update_norm=1.0))
+    he = EncryptedAggregation(public_key=paillier[0], private_key=paillier[1])
+    for hidden in ({"secure_aggregation": True}, {"encrypted_aggregation": he}):
+        with pytest.raises(ValueError, match="max_update_norm"):
+            fl.train(make_model(), pool.federated_dataset(), rounds=1, progress=False,
+                     strategy=FedAvg(max_update_norm=1.0), **hidden)
     with pytest.raises(ValueError, match="max_update_norm"):
         FedAvg(max_update_norm=float("nan"))
 
@@ -372,7 +374,7 @@ def test_an_encrypted_sum_of_the_wrong_size_is_refused_before_decryption(hook, p
 class Stalls(sy.VirtualWorker):
     """Takes ``delay`` seconds to answer its encryption request (a client that stalls the round)."""
 
-    delay = 0.6
+    delay = 1.0
 
     def _recv_msg(self, data):
         if b"veil.fl.encrypt_state" in bytes(data):
@@ -388,7 +390,7 @@ def test_an_encrypted_round_has_a_deadline(hook, paillier):
     workers = [Stalls(hook, id=uid("he-slow")) for _ in range(3)]
     parts = make_parts(3)
     fed = sy.FederatedDataset([sy.BaseDataset(x, y).send(w) for (x, y), w in zip(parts, workers)])
-    he = EncryptedAggregation(public_key=paillier[0], private_key=paillier[1], round_seconds=0.3)
+    he = EncryptedAggregation(public_key=paillier[0], private_key=paillier[1], round_seconds=0.6)
     start = time.monotonic()
     hist, err, _ = attempt(lambda: fl.train(make_model(), fed, rounds=1, lr=0.05, batch_size=8, progress=False,
                                          encrypted_aggregation=he))
@@ -405,7 +407,7 @@ def test_an_encrypted_round_past_its_deadline_goes_on_with_a_majority(hook, pail
     workers[2] = Stalls(hook, id=uid("he-slow"))
     parts = make_parts(4)
     fed = sy.FederatedDataset([sy.BaseDataset(x, y).send(w) for (x, y), w in zip(parts, workers)])
-    he = EncryptedAggregation(public_key=paillier[0], private_key=paillier[1], round_seconds=0.3)
+    he = EncryptedAggregation(public_key=paillier[0], private_key=paillier[1], round_seconds=0.6)
     model = make_model()
     hist, err, _ = attempt(lambda: fl.train(model, fed, rounds=1, lr=0.05, batch_size=8, progress=False,
                                          encrypted_aggregation=he))
@@ -485,6 +487,35 @@ def test_a_coordinator_that_reconnects_to_one_client_recovers_the_others_sum(hoo
     assert result.dropped == [workers[2].id]
     torch.testing.assert_close(result.total[0], sum(plain[w.id] for k, w in enumerate(workers) if k != 2),
                                atol=1e-5, rtol=0)
+    assert not any(w.__dict__.get("_secagg_rounds") for w in workers)
+
+
+class StallsAtMaskedInput(sy.VirtualWorker):
+    def _recv_msg(self, data):
+        if b"veil.secagg.masked_input" in bytes(data):
+            time.sleep(1.2)
+        return super()._recv_msg(data)
+
+
+@pytest.mark.parametrize("slow", [1, 2], ids=["too-few-left", "majority-left"])
+def test_a_secure_round_has_a_deadline(hook, slow):
+    """HOLE (fixed: secure_aggregate(round_seconds=...)): clients that stall (each within the transport's
+    timeout) held a secure round as long as they liked. Past the deadline the clients not yet asked before
+    ``unmask`` are left out: with client 1 stalling, two masked inputs are too few (t = 3 of 4) and the round
+    fails saying so; with client 2 stalling, three are left and their sum is exact (plain torch)."""
+    workers = [sy.VirtualWorker(hook, id=uid("sa3d")) for _ in range(4)]
+    workers[slow] = StallsAtMaskedInput(hook, id=uid("sa3slow"))
+    plain = {w.id: torch.full((4,), float(k + 1), dtype=torch.float64) for k, w in enumerate(workers)}
+    inputs = {w.id: sa.ClientInput(w, [plain[w.id].send(w)], 1.0) for w in workers}
+    start = time.monotonic()
+    result, err, _ = attempt(lambda: sa.secure_aggregate(inputs, tag=int(new_id()), round_seconds=0.8))
+    assert time.monotonic() - start < 3.5
+    if slow == 1:
+        assert isinstance(err, sa.SecureAggregationError) and "round_seconds" in str(err), repr(err)
+    else:
+        assert err is None, repr(err)
+        assert result.dropped == [workers[3].id]
+        torch.testing.assert_close(result.total[0], sum(plain[w.id] for w in workers[:3]), atol=1e-5, rtol=0)
     assert not any(w.__dict__.get("_secagg_rounds") for w in workers)
 
 

@@ -387,7 +387,8 @@ def _unmask_form(reply: Any, survivors: int, dropped: int) -> tuple:
 
 
 def secure_aggregate(inputs: dict[str, ClientInput], tag: int, threshold: Optional[int] = None,
-                     before_stage: Optional[Callable[[str], None]] = None, review_wait: float = 0.0) -> SecAggResult:
+                     before_stage: Optional[Callable[[str], None]] = None, review_wait: float = 0.0,
+                     round_seconds: Optional[float] = 3600.0) -> SecAggResult:
     """Runs one secure-aggregation round; clients failing at any stage are dropped.
 
     A client whose state derives from data under its owner's ``review`` policy
@@ -403,6 +404,9 @@ def secure_aggregate(inputs: dict[str, ClientInput], tag: int, threshold: Option
         threshold: t, the clients needed to recover (default: a majority, at least 2).
         before_stage: called with each stage's name before it runs (tests kill clients there).
         review_wait: seconds to wait for owners' approvals of review-policy updates.
+        round_seconds: past this many seconds from the round's start, clients not yet asked at a stage before
+            ``unmask`` are left out of it like clients that failed (stalling clients hold a round no longer;
+            one request still waits up to its transport's timeout). None: no limit.
 
     Raises:
         SecureAggregationError: fewer than t clients survived, or their shares were inconsistent (a key not its
@@ -418,15 +422,21 @@ def secure_aggregate(inputs: dict[str, ClientInput], tag: int, threshold: Option
     shapes = [tuple(p.shape) for p in inputs[ids[0]].state]
     length = sum(int(torch.Size(s).numel()) for s in shapes) + 2
     hook = before_stage or (lambda stage: None)
+    if round_seconds is not None and not (isinstance(round_seconds, (int, float)) and 0 < round_seconds < math.inf):
+        raise ValueError("round_seconds must be a positive number of seconds (or None)")
+    round_end = None if round_seconds is None else time.monotonic() + round_seconds
 
     def stage(name: str, members: list, args_for: Callable[[str], tuple],
               form: Optional[Callable[[Any], Any]]) -> dict:
         """Each member's reply in the ``form`` the protocol expects (None: no reply); a member failing, or
         answering in another form, is left out."""
         hook(name)
-        out, review, gone = {}, [], 0
+        out, review, gone, late = {}, [], 0, 0
         deadline = time.monotonic() + review_wait
         for wid in members:
+            if round_end is not None and name != "unmask" and time.monotonic() > round_end:  # (unmask asks
+                late += 1  # every client whose masked input came: the recovery needs them, and each is one call)
+                continue
             while True:
                 try:
                     r = _call(f"veil.secagg.{name}", args_for(wid), inputs[wid].location)
@@ -453,6 +463,7 @@ def secure_aggregate(inputs: dict[str, ClientInput], tag: int, threshold: Option
             why = (f" ({gone} clients no longer hold the round or its inputs: a client ends a round, as the "
                    "session's objects, when the coordinator's connection closes, so after a reconnect start a new "
                    "round)") if gone else ""
+            why += f" ({late} not asked: the round ran past round_seconds={round_seconds:g})" if late else ""
             raise SecureAggregationError(f"secure aggregation round {tag}: {len(out)} clients finished {name}, {t} "
                                          f"needed; nothing recovered{why}")
         return out

@@ -132,7 +132,8 @@ def train(
     if secure_aggregation and encrypted_aggregation is not None:
         raise ValueError("choose secure_aggregation or encrypted_aggregation, not both")
     strategy = strategy or FedAvg()
-    if getattr(strategy, "max_update_norm", None) is not None and (secure_aggregation or encrypted_aggregation):
+    if getattr(strategy, "max_update_norm", None) is not None and (secure_aggregation or
+                                                                   encrypted_aggregation is not None):
         raise ValueError("max_update_norm bounds each client's update, which secure and encrypted aggregation "
                          "keep from the coordinator (it sees only their sum): use one or the other")
     history = TrainingHistory()
