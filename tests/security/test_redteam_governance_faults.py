@@ -20,6 +20,10 @@ Holes found (each test below failed before its fix; checked by running this file
 - a reply finished after revoke() returned still went out (a handler thread's, before the loop closed the
   connection; an inline one, once revocations stopped waiting for the turn): fixed, the read loop
   (websocket_connections) and the inline lane (inline_lane.lane_request) send nothing to a revoked session.
+- with the owner database frozen, a revocation waited for the sync holding the revocation lock across its
+  read: fixed, revocation._FORCE (never held across I/O) puts it in force first; it is stored afterwards.
+- a cancelled (revoked) peer opening of three or more parties went on fetching from all but one peer for
+  the round's 60 s: fixed, peer_openings._fetch_all hands the command's token to its fetch threads.
 """
 
 from __future__ import annotations
@@ -372,6 +376,37 @@ def test_an_inline_reply_made_while_the_revocation_ran_is_not_sent(server, monke
     monkeypatch.setattr(server, "try_inline", revoking)
     conn.send(serialize(m.GetObjectsMessage([5], delete=False), sender="c"))
     assert _closed(conn)
+
+
+def test_a_cancelled_peer_opening_stops_fetching_from_every_peer(monkeypatch):
+    """alice's peer opening with three parties waits for two peers' shares (each fetched on its own thread)
+    when she is revoked (her command's token is cancelled). Every fetch must stop within a slice: before,
+    only the handler thread's saw the token, the pool thread's went on asking its peer until the round's
+    deadline (60 s) and held the handler thread, and a revoked session's round, that long."""
+    from types import SimpleNamespace
+
+    from veil.exceptions import CommandCancelledError
+    from veil.workers import cancellation, peer_openings
+
+    monkeypatch.setattr(peer_openings, "WAIT_SECONDS", 4.0)
+    asked: list = []
+
+    def nothing_yet(msg, location):
+        asked.append(location)
+        time.sleep(0.01)
+        return m.OkReply()  # (the peer published nothing yet: asked again)
+
+    worker = SimpleNamespace(id="w0", resolve_worker=lambda p: p, send_msg=nothing_yet)
+    msg = peer_openings.PeerOpenMessage(name="beaver_mul", round="r" * 16, parties=["w0", "p1", "p2"])
+    token = cancellation.CancelToken()
+    threading.Timer(0.3, token.cancel, args=("access revoked by the data owner",)).start()
+    started = time.monotonic()
+    with cancellation.running(token), pytest.raises(CommandCancelledError):
+        peer_openings._fetch_all(worker, msg, ["p1", "p2"], [((2,), torch.int64)], {})
+    assert time.monotonic() - started < 2, "a fetch thread went on after the command was cancelled"
+    so_far = len(asked)
+    time.sleep(0.3)
+    assert len(asked) == so_far, "fetches went on after the opening returned"
 
 
 def test_two_owner_sessions_revoking_and_readmitting_at_once_agree_with_the_store(server):

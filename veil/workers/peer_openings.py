@@ -293,6 +293,9 @@ def _fetch_all(worker: Any, msg: PeerOpenMessage, peers: Any, expected: list,
     size = _reply_bytes(expected)
     early = _collect_posted(worker, posted, size)
     first = [early.get(p) for p in names]
+    # the command's token, checked by every fetch thread (a pool thread has none of its own): a command
+    # cancelled (its session revoked or gone, its time up) stops asking all its peers, not only the first
+    token = cancellation.current_token()
 
     def one(k: int) -> list:
         deadline = time.monotonic() + WAIT_SECONDS
@@ -318,7 +321,8 @@ def _fetch_all(worker: Any, msg: PeerOpenMessage, peers: Any, expected: list,
                 return _checked(names[k], msg.round, reply, expected)
             if time.monotonic() >= deadline:
                 raise PeerOpeningError(f"peer {names[k]!r} published nothing for round {msg.round!r} in time")
-            cancellation.check()  # the orchestrator hung up, or the command ran out of time
+            if token is not None:
+                token.check()  # the orchestrator hung up or was revoked, or the command ran out of time
             time.sleep(0.001)  # (a waiting sender on this link takes the lock first)
 
     if len(names) == 1:
