@@ -8,8 +8,20 @@ that the average becomes them); a client hosted in a Ray actor whose training ru
 round's client or aggregator that stalls or hands back a sum of another size; a coordinator whose
 connections to the clients drop and reopen between two secure-aggregation stages.
 
-Every test asserts the SAFE behaviour; those marked HOLE below failed on the code they were written against
-(strict xfail, run to confirm), and pass with the fixes in veil/federated/ (see each test).
+Every test asserts the SAFE behaviour; those whose docstring starts with HOLE failed on the code they were
+written against (run before the fix), and pass with the fixes in veil/federated/:
+
+- a client's sample count is its FedAvg weight only as a whole number from 0 to 2^40 (pooled.client_weight,
+  both dispatch paths), else that client is dropped; federated_clients refuses a dp nominal_count otherwise;
+- FedAvg/FedProx(max_update_norm) clip each client's update before averaging (strategies.clip_update),
+  refused with secure or encrypted aggregation (the coordinator sees only the sum);
+- a pooled reply larger than the model's state plus 1 MiB is refused before it is decoded;
+- Ray-hosted clients run each command under client_seconds (ClientHost: a CancelToken that plan fit checks
+  between batches); a dead actor is reported in one line;
+- encrypted rounds check the fetched sum's type and shape before comparing or decrypting it, and stop asking
+  clients to encrypt past round_seconds (going on with a majority, else refused, nothing decrypted);
+- secure rounds stop asking clients past round_seconds before unmask; a round is never resumed after the
+  coordinator reconnects (a client ends it with the session), and the failure now says so.
 """
 
 from __future__ import annotations
@@ -457,7 +469,8 @@ def test_a_coordinator_that_reconnects_to_every_client_gets_a_clear_abort(hook, 
 
 
 def test_fl_train_says_why_when_the_coordinator_reconnected_mid_round(hook, monkeypatch):
-    """``fl.train(secure_aggregation=True)``: the sessions end before ``masked_input``. The training stops
+    """HOLE (fixed: trainer._too_few, RoundRecord.errors from _secure_round): ``fl.train(secure_aggregation=
+    True)``: the sessions end before ``masked_input``. The training stops
     with an error that carries the cause (it said only "only 0 workers finished"), and each client's
     reason is in the error's text, one line."""
     workers = [sy.VirtualWorker(hook, id=uid("sa3t")) for _ in range(3)]
