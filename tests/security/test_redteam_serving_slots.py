@@ -18,9 +18,12 @@ Found here, and fixed (each test asserts the safe behaviour):
   limit (quota + 1 MiB) queued, one frame each: reading now pauses once the queue passes the limit in bytes
   (a session that reads none of its replies already had its reading paused with its writes);
 - one client with its own token filled a service's whole queue through its 4 sessions: such a client now
-  queues at most an eighth of the service's bytes.
+  queues at most an eighth of the service's bytes;
+- the owner's serving loop took batches in queue order, so a client session that queued many requests first
+  held every later client back for all of its batches: the session served longest ago now goes first.
 
-Held (regression guards): a client gone mid-request (reset or close) leaves no queued request and no slot.
+Held (regression guards): a client gone mid-request (reset, reset mid-frame, close) leaves no queued
+request and no slot.
 """
 
 from __future__ import annotations
@@ -160,11 +163,11 @@ def test_hostile_peers_cannot_take_the_slots_kept_for_the_admin(serve, conns):
     assert peers == 1  # one of the two reserved slots; the other is the admin's
 
 
-@pytest.mark.parametrize("how", ["rst", "close"])
+@pytest.mark.parametrize("how", ["rst", "mid-frame", "close"])
 def test_a_client_gone_mid_request_leaves_no_slot_and_no_request_behind(serve, conns, how):
     """Attack: a client with its own token opens its 4 sessions, each submits a request and asks for its
-    result, then the client vanishes (a TCP reset, as kill -9 leaves it, or a plain close). Must hold: its
-    requests leave the service's queue, and its 4 slots come back."""
+    result, then the client vanishes (a TCP reset, as kill -9 leaves it, also halfway through a 1 MiB frame,
+    or a plain close). Must hold: its requests leave the service's queue, and its 4 slots come back."""
     w = serve(_table())
     owner = _connect(w, OWNER, conns)
     info = {"input_shape": [1, 4], "output_shape": [1, 2], "max_rows": 4}
@@ -178,7 +181,9 @@ def test_a_client_gone_mid_request_leaves_no_slot_and_no_request_behind(serve, c
     pending = _ask(owner, ServingMessage("pending", "m", [0, []]))
     assert len(pending.objects) == 4
     for c in mine:
-        if how == "rst":
+        if how == "mid-frame":
+            c.sock.sendall(frame_head(0x82, 1 << 20, masked=True) + bytes(4 + 100_000))
+        if how != "close":
             c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             c.sock.close()
         else:
@@ -348,6 +353,37 @@ def test_a_client_with_its_own_token_queries_a_served_model(serving, tmp_path):
             except Exception:  # noqa: BLE001
                 pass
         model.stop()
+
+
+def test_a_client_that_queued_first_does_not_hold_back_every_later_client(monkeypatch):
+    """Attack: one client session queues 40 requests before client bob queues one. The owner's loop took batches
+    in queue order (one client session per batch): bob waited for all three of the attacker's batches (with
+    48 sessions of 32 requests, over 60 batches, past a client's timeout). Must hold: the loop takes the
+    session served longest ago next, so bob's request is in the second batch, and every request is served."""
+    from veil.serving.service import ModelService
+
+    queue = [[r, 1, "attacker"] for r in range(1, 41)] + [[100, 1, "bob"]]
+    batches: list = []
+    svc = ModelService.__new__(ModelService)
+    svc.parties, svc._known, svc._partial, svc.partial_timeout, svc.failed_requests = [0, 1], [], {}, 30.0, 0
+    svc.max_rows, svc._linger, svc._requeued, svc.served, svc._waited = 64, (None, 0), frozenset(), 0, False
+    svc._turns, svc._last_turn = 0, {}
+
+    def call_all(action, per_party_args, return_errors=False):
+        assert action == "pending"
+        return [[[r, n, f"{g}@party{i}"] for r, n, g in queue] for i in range(2)]
+
+    def compute(rids):
+        batches.append(rids)
+        queue[:] = [q for q in queue if q[0] not in rids]
+        return True
+
+    monkeypatch.setattr(svc, "_call_all", call_all, raising=False)
+    monkeypatch.setattr(svc, "_compute", compute, raising=False)
+    while queue and len(batches) < 10:
+        svc.step(16)
+    assert sorted(r for b in batches for r in b) == [*range(1, 41), 100]
+    assert batches[1] == [100], batches
 
 
 # ------------------------------------------------------------------ what a busy session may queue

@@ -5,7 +5,9 @@ secret-shares it on the cluster's parties (the crypto provider deals the
 multiplication material). ``model.serve(num_requests=...)`` then loops:
 list the requests pending on every party, claim a batch of them (one client
 connection's requests: each request comes with an opaque label per party of the
-connection that sent it, and the parties refuse a mixed claim; each party
+connection that sent it, and the parties refuse a mixed claim; the connection served
+longest ago goes first, so a client that queued many requests holds others back
+for one batch, not all of its own; each party
 concatenates its input shares into one object of this session), run the
 model on the shared batch through pointers, and hand each party's output
 share back to the queue for the requesting client. The owner's process holds
@@ -54,6 +56,8 @@ DEFAULT_SERVICE = "model"
 IDLE_POLL_START = 0.0005
 #: seconds a partial batch may wait for requests that keep arriving (see ModelService.step)
 BATCH_LINGER = 0.02
+#: batch groups (client sessions) whose last turn the serving loop remembers, past those with requests ready
+MAX_REMEMBERED_GROUPS = 4096
 #: seconds an idle serving loop's ``pending`` waits on each party for a submit (the parties answer
 #: as soon as one arrives: no polling delay; also the most a ``stop`` waits for the loop to notice)
 PENDING_WAIT = 0.2
@@ -95,6 +99,8 @@ class ModelService:
         self._partial: dict[int, float] = {}  # request id -> when first seen on only some parties
         self._known: list[list[int]] = []  # per party: its incomplete ids, not news to its next pending
         self._requeued: frozenset = frozenset()  # the batch last put back after a failed claim
+        self._turns = 0  # batches served; the batch group -> the turn it was last served in (round robin)
+        self._last_turn: dict[tuple, int] = {}
         self.backoffs = 0  # idle rounds the parties answered at once with nothing to compute (the loop slept)
         self._linger: tuple[Optional[float], int] = (None, 0)  # (first seen, ready count) of a partial batch
         self._waited = False  # the last step's parties waited for a submit and none came
@@ -234,11 +240,13 @@ class ModelService:
         self._waited = wait > 0 and not complete and time.monotonic() - started >= wait / 2
         self._fail_malformed(sizes, complete)
         self._known = [[r for r, *_ in listed if r in self._partial] for listed in listings]
-        rids, rows, full, batch_group = [], 0, False, None
+        rids, rows, full = [], 0, False
+        batch_group = self._next_group([tuple(groups[r]) for r, s in complete.items()
+                                        if len(set(s)) == 1 and s[0] <= self.max_rows])
         for r, s in complete.items():  # in queue order, up to max_batch requests and max_rows rows
             if len(set(s)) != 1 or s[0] > self.max_rows:
                 continue  # failed above
-            if batch_group is not None and groups[r] != batch_group:
+            if tuple(groups[r]) != batch_group:
                 full = True  # one client session per batch (the parties refuse a mixed claim): this one waits
                 continue
             if len(rids) == max_batch or rows + s[0] > self.max_rows:
@@ -246,7 +254,6 @@ class ModelService:
                 break
             rids.append(r)
             rows += s[0]
-            batch_group = groups[r]
         if not rids or self._lingers(len(rids), full or len(rids) >= max_batch, linger):
             return 0
         try:
@@ -269,7 +276,21 @@ class ModelService:
             raise
         self.served += len(rids)
         self._requeued = frozenset()
+        self._turns += 1
+        self._last_turn[batch_group] = self._turns
         return len(rids)
+
+    def _next_group(self, ready: list) -> Optional[tuple]:
+        """The client session whose requests make the next batch: of those with ready requests (``ready``: each
+        request's group, in queue order), the one served longest ago (never served first), ties in queue order.
+        In queue order alone, a client that queued many requests first held every later client back for all
+        of its batches; now each waits for at most one batch per other session with requests ready."""
+        if not ready:
+            return None
+        first = {g: i for i, g in reversed(list(enumerate(ready)))}
+        if len(self._last_turn) > MAX_REMEMBERED_GROUPS:  # (sessions that left: forgotten, keeping it bounded)
+            self._last_turn = {g: t for g, t in self._last_turn.items() if g in first}
+        return min(first, key=lambda g: (self._last_turn.get(g, 0), first[g]))
 
     def _lingers(self, ready: int, full: bool, linger: float) -> bool:
         """True to wait one more poll: the batch is partial and grew since the last poll, within ``linger``."""
