@@ -492,3 +492,34 @@ def test_a_charge_whose_commit_fails_is_not_recorded_and_the_ledger_keeps_workin
         assert [r[2] for r in again.history("alice")] == ["query"]
         # the failed charge's request id was not remembered: its retry is charged once, and answered
         assert again.charge("alice", 1.0, 0.0, "query", request_id="request-0001") == pytest.approx((7.0, 1e-5))
+
+
+# --------------------------------------------------------------------------- kill -9
+
+
+@pytest.mark.slow
+def test_a_revocation_reported_done_survives_a_sigkill(spawn, tmp_path):
+    """``veil users revoke other`` is answered, and the worker process is killed (SIGKILL) at once: after a
+    restart with the same arguments (``--user other=...`` still among them) other's token is refused, and
+    the owner's list says revoked."""
+    from network_helpers import base_args
+
+    args = base_args(["--data-dir", str(tmp_path)])
+    wp = spawn("alice", args)
+    admin = BlockingConnection(f"ws://127.0.0.1:{wp.port}", handshake_headers(ADMIN))
+    try:
+        assert _ask(admin, AdminUsersMessage("revoke", "other")) == m.ObjectsReply([0])
+    finally:
+        wp.proc.kill()
+        admin.close()
+    wp.proc.wait(10)
+    again = spawn("alice", args)
+    with pytest.raises(InvalidStatus):
+        BlockingConnection(f"ws://127.0.0.1:{again.port}", handshake_headers(OTHER)).close()
+    admin = BlockingConnection(f"ws://127.0.0.1:{again.port}", handshake_headers(ADMIN))
+    try:
+        listed = {u["name"]: u["revoked"] for u in _ask(admin, AdminUsersMessage("list")).objects}
+    finally:
+        admin.close()
+    assert listed["other"] is True
+
