@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from urllib.parse import parse_qsl, quote
@@ -97,6 +98,15 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+def _minutes(text: str) -> float | None:
+    """The audit filter's "last N minutes", or None (not a plain non-negative number: ``"²"`` passes
+    ``isdigit`` and then failed ``float`` with a 500)."""
+    if not text.isascii() or not text.replace(".", "", 1).isdigit():
+        return None
+    value = float(text)
+    return value if math.isfinite(value) else None
 
 
 def build_app(worker: Any, allowed_hosts: list[str], session_host: str | None = None) -> Any:
@@ -282,7 +292,7 @@ def build_app(worker: Any, allowed_hosts: list[str], session_host: str | None = 
     async def audit(request: Request, session: ConsoleSession) -> Response:
         q = request.query_params
         since_min = q.get("since", "")
-        since = time.time() - float(since_min) * 60 if since_min.replace(".", "", 1).isdigit() else None
+        since = time.time() - _minutes(since_min) * 60 if _minutes(since_min) is not None else None
         filters = {"user": q.get("user", ""), "action": q.get("action", ""), "outcome": q.get("outcome", ""),
                    "since": since_min, "q": q.get("q", "")}
         # off the event loop: a search over a long log takes a while, and the console's other pages go on
