@@ -28,7 +28,11 @@ Holes found (each test below failed before its fix; checked by running this file
 
 from __future__ import annotations
 
+import base64
+import os
+import socket
 import sqlite3
+import struct
 import threading
 import time
 
@@ -299,6 +303,57 @@ def test_a_revocation_is_in_force_while_the_sync_waits_on_a_frozen_database(serv
     assert revocation.stored_revocations(server)["alice"] is True
     revocation.sync_stored_revocations(server)
     assert "alice" in server.tokens.revoked
+
+
+def _raw_websocket(port: int, token: str):
+    """A TCP socket that did a WebSocket handshake by hand, and sends frames without ever answering a close."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                  f"Authorization: Bearer {token}\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 101"), head[:80]
+    return sock
+
+
+def _frame(payload: bytes) -> bytes:
+    mask = os.urandom(4)
+    size = len(payload)
+    header = bytes([0x82, 0x80 | size]) if size < 126 else bytes([0x82, 0x80 | 126]) + struct.pack("!H", size)
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def test_a_revoked_client_that_ignores_the_close_runs_nothing_and_is_cut_off(server, monkeypatch):
+    """alice's client keeps its TCP connection after the revocation: it never answers the close and goes on
+    sending store frames. None of them runs, and the worker drops the connection within its close timeout
+    (seconds), not when the client pleases."""
+    stored: list = []
+    real = server.monitor.store_objects
+    monkeypatch.setattr(server.monitor, "store_objects",
+                        lambda principal, objects: (stored.extend(o.id for o in objects), real(principal, objects))[1])
+    sock = _raw_websocket(server.bound_port, TOKEN)
+    try:
+        assert _wait(lambda: _sessions_of(server, "alice"))
+        assert server.revoke("alice") == 1
+        frame = _frame(serialize(m.ObjectMessage([m.StoredObject(77, torch.ones(1))]), sender="c"))
+        deadline, cut = time.monotonic() + 8, False
+        sock.settimeout(0.05)
+        while time.monotonic() < deadline and not cut:
+            try:
+                sock.sendall(frame)
+                cut = sock.recv(65536) == b""  # (the close frame arrives first; then the end of the stream)
+            except socket.timeout:
+                pass
+            except OSError:  # reset by the worker
+                cut = True
+        assert cut, "the revoked client's connection stayed open while it ignored the close"
+    finally:
+        sock.close()
+    assert 77 not in stored, "a frame of the revoked client ran"
+    assert _wait(lambda: not _sessions_of(server, "alice"))
 
 
 def test_a_revoked_sessions_running_command_delivers_nothing(server, monkeypatch):
