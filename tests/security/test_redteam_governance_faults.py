@@ -464,6 +464,45 @@ def test_a_cancelled_peer_opening_stops_fetching_from_every_peer(monkeypatch):
     assert len(asked) == so_far, "fetches went on after the opening returned"
 
 
+def test_a_dp_query_caught_by_the_revocation_is_charged_once_and_never_answered(server, monkeypatch):
+    """alice's DP count is running (charged, computing) when the owner revokes her. The revocation returns at
+    once; the noisy count never reaches her; the ledger holds exactly the one charge (charged before any
+    release, never refunded), and after a readmission the same request id is refused as a replay rather
+    than charged and answered again."""
+    from veil.dp import worker_functions
+    from veil.dp.worker_owner import enable_dp
+
+    ledger = enable_dp(server, budgets={"alice": (1.0, 1e-5)}).ledger
+    inside, go_on = threading.Event(), threading.Event()
+    real = worker_functions.QUERIES["count"]
+
+    def slow_count(*args, **kwargs):
+        inside.set()
+        go_on.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setitem(worker_functions.QUERIES, "count", slow_count)
+    conn = _connect(server, TOKEN)
+    assert _ask(conn, m.ObjectMessage([m.StoredObject(7, torch.arange(10.0))])) == m.OkReply()
+    query = m.CommandMessage("veil.dp.query", (m.ObjectRef(7), "count", 0.25, 0.0, "laplace", None, None, None,
+                                               "request-revoked-1"), {}, [8, 9])
+    conn.send(serialize(query, sender="c"))
+    assert inside.wait(30)
+    admin = _connect(server, ADMIN)
+    try:
+        assert _ask(admin, AdminUsersMessage("revoke", "alice"), timeout=5) == m.ObjectsReply([1])
+    finally:
+        go_on.set()
+    assert _closed(conn)
+    assert ledger.spent("alice") == pytest.approx((0.25, 0.0))
+    assert _ask(admin, AdminUsersMessage("restore", "alice")) == m.ObjectsReply([0])
+    again = _connect(server, TOKEN)
+    assert _ask(again, m.ObjectMessage([m.StoredObject(7, torch.arange(10.0))])) == m.OkReply()
+    reply = _ask(again, query)
+    assert type(reply) is m.ErrorReply and reply.error == "ReplayedRequestError", reply
+    assert ledger.spent("alice") == pytest.approx((0.25, 0.0))
+
+
 def test_two_owner_sessions_revoking_and_readmitting_at_once_agree_with_the_store(server):
     """Two admin sessions (two owners' CLIs) revoke and readmit the same name as fast as they can, in
     parallel, while the replica sync rereads the stored rows. Every reply is a success or a one-line refusal,
