@@ -174,8 +174,8 @@ def test_a_request_not_answered_in_time_is_closed(served, monkeypatch):
     """Behind the previous test: the whole request is bounded too (``REQUEST_SECONDS`` from its head to the
     end of its answer): a page that is not answered in time, or not read by its client, frees its slot."""
     monkeypatch.setattr(connections, "BODY_SECONDS", 0.2, raising=False)
-    monkeypatch.setattr(connections, "REQUEST_SECONDS", 0.6, raising=False)
-    monkeypatch.setattr(views, "datasets", lambda worker: time.sleep(2.0) or [])
+    monkeypatch.setattr(connections, "REQUEST_SECONDS", 0.5, raising=False)
+    monkeypatch.setattr(views, "datasets", lambda worker: time.sleep(1.5) or [])
     console = ConsoleServer(served, host="127.0.0.1", port=0).start()
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{console.port}", headers={"host": console.host_name},
