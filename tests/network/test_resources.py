@@ -188,7 +188,7 @@ def test_a_result_beyond_the_workers_memory_cap_fails_before_it_is_allocated(spa
     me = alice.hook.local_worker
     before = _peak_rss_mb(wp.pid)
     with pytest.raises(Exception, match="allocate") as info:  # 2 GiB: over the process cap
-        me.send_msg(m.CommandMessage("torch.zeros", ([1 << 28],), {}, [new_id()]), alice)
+        me.send_msg(m.CommandMessage("torch.zeros", ([1 << 29],), {}, [new_id()]), alice)
     assert "\n" not in str(info.value).strip()
     assert _peak_rss_mb(wp.pid) < before + 256  # the 2 GiB were never touched
     x = torch.arange(6.0).send(alice)
