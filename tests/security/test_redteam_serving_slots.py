@@ -11,7 +11,8 @@ Found here, and fixed (each test asserts the safe behaviour):
   (``Cluster.issue_client_token(name)``, ``save(path, client=name)``; parties take ``--client-issuer``):
   principal ``client/NAME`` with at most 4 sessions, allowed wherever the client user is;
 - clients with tokens of their own (or several ``--client`` tokens) together took every unreserved slot:
-  client-role sessions now hold at most 3/4 of a worker's slots;
+  client-role sessions now hold at most 3/4 of a worker's slots, and where clients may have tokens of
+  their own, table tokens (the shared one) half of that, so its holders cannot starve the others;
 - the reserved slots were shared by the admin token and peers: a hostile peer took them all and the owner's
   admin token got 503. The last half of them (at least one) are now the admin's alone;
 - a session whose reader was busy (a waiting fetch, a long command) had up to 5 messages of its message
@@ -121,12 +122,15 @@ def _ask(conn: BlockingConnection, msg) -> object:
 # ------------------------------------------------------------------ slots
 
 def test_each_issued_client_token_is_its_own_principal_with_its_own_slots(serve, conns):
-    """Attack: client alice (her own issued token) opens connections until refused and keeps them. Must hold:
-    she gets at most ``max_sessions_per_client``; client bob (his own token) and the model owner still get
-    sessions; tokens forged from alice's (another holder's name with her MAC, a cut MAC, another issuer)
-    are refused as unknown tokens."""
-    w = serve(_table())
+    """Attack: a holder of the shared client token (every client had it) opens connections until refused, then
+    client alice (her own issued token) does the same, on a worker whose principals may hold 48 sessions (a
+    cluster's party). Must hold: the shared token gets half the client share (24), alice at most
+    ``max_sessions_per_client``; client bob (his own token) and the model owner still get sessions; tokens
+    forged from alice's (another holder's name with her MAC, a cut MAC, another issuer, another secret) are
+    refused as unknown tokens."""
+    w = serve(_table(), max_sessions_per_principal=48)
     alice, bob = issue(SECRET, "client", "alice"), issue(SECRET, "client", "bob")
+    assert _flood(w, SHARED, conns) == 24
     assert _flood(w, alice, conns) == w.max_sessions_per_client == 4
     _connect(w, bob, conns)
     _connect(w, OWNER, conns)
@@ -138,15 +142,15 @@ def test_each_issued_client_token_is_its_own_principal_with_its_own_slots(serve,
 
 
 def test_clients_together_cannot_lock_out_the_model_owner(serve, conns):
-    """Attack: four clients (each its own ``--client`` token, so each its own per-principal cap of 4) open
-    connections on a worker of 16 slots until refused. They took all 15 unreserved slots and the model
-    owner (a scientist: no reserved slot) got 503. Must hold: client-role sessions hold at most 3/4 of the
-    slots, so the owner still gets a session (and an issued client's share counts too)."""
+    """Attack: four clients with table tokens (``--client``, each its own per-principal cap of 4), then clients
+    with issued tokens, open connections on a worker of 16 slots until refused. They took all 15 unreserved
+    slots and the model owner (a scientist: no reserved slot) got 503. Must hold: client-role sessions hold
+    at most 3/4 of the slots (12), table tokens half of that, so the owner still gets a session."""
     tokens = _table(c1="client-token-1", c2="client-token-2", c3="client-token-3", c4="client-token-4")
     w = serve(tokens, max_connections=16)
-    got = sum(_flood(w, t, conns) for t in ("client-token-1", "client-token-2", "client-token-3", "client-token-4"))
-    assert got == 12
-    assert _flood(w, issue(SECRET, "client", "eve"), conns) == 0
+    assert sum(_flood(w, t, conns) for t in ("client-token-1", "client-token-2", "client-token-3",
+                                             "client-token-4")) == 6
+    assert sum(_flood(w, issue(SECRET, "client", name), conns) for name in ("eve", "mallory", "trent")) == 6
     _connect(w, OWNER, conns)
 
 

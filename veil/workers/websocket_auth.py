@@ -127,6 +127,11 @@ class TokenTable:
     def readmit(self, name: str) -> None:
         self.revoked = self.revoked - {name}
 
+    @property
+    def issues_tokens(self) -> bool:
+        """Whether clients may hold tokens of their own here (an issuer secret: :meth:`add_issuer`)."""
+        return bool(self._issuers)
+
     def __len__(self) -> int:
         return len(self._entries) + len(self._issuers)
 

@@ -75,6 +75,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sessions-per-principal", type=int, default=None, metavar="N",
                    help="connections one principal (token) may hold at once (default: 16, a quarter of the "
                         "worker's 64): one token cannot take every slot; the admin token is not limited")
+    p.add_argument("--max-sessions-per-client", type=int, default=4, metavar="N",
+                   help="connections one client with its own issued token (--client-issuer) may hold at once")
     p.add_argument("--max-memory-mb", type=float, default=None, metavar="MB",
                    help="most memory this worker process may map, in MiB (default: the machine's memory; 0: no "
                         "cap): a request for a larger result fails with a one-line error instead of the machine "
@@ -326,6 +328,7 @@ def run(args: argparse.Namespace) -> int:
         ping_interval=args.ping_interval,
         max_session_bytes=None if args.max_session_mb is None else int(args.max_session_mb * 2**20),
         max_sessions_per_principal=args.max_sessions_per_principal,
+        max_sessions_per_client=args.max_sessions_per_client,
     )
     for peer in _peers(args, hook):
         worker.add_peer(peer)

@@ -170,6 +170,11 @@ def _client_only(session: Any) -> bool:
     return session.has_role("client") and not any(session.has_role(r) for r in ("scientist", "admin", "peer"))
 
 
+def _issued(session: Any) -> bool:
+    """Whether a session presented a client token an issuer secret made (``client_tokens``)."""
+    return any(getattr(p, "issued_by", "") for p in session.principals)
+
+
 class ConnectionServing:
     """The network half of :class:`~veil.workers.websocket_server.WebsocketServerWorker` (a mixin): the
     opening handshake's slots, one loop per connection that reads requests and sends replies, and the
@@ -206,7 +211,8 @@ class ConnectionServing:
         take the others: hostile peers cannot lock the owner out); any other principal holds at most
         ``max_sessions_per_principal`` (one token cannot lock every other out), a client an owner issued
         its own token (``client_tokens``) at most ``max_sessions_per_client``, and client-role sessions
-        together at most :data:`CLIENT_SLOT_SHARE` of the worker (so clients cannot lock out a model owner)."""
+        together at most :data:`CLIENT_SLOT_SHARE` of the worker (so clients cannot lock out a model owner),
+        those of table tokens half of that where clients may have tokens of their own."""
         if session.has_role("admin"):
             return None
         held = [*self.sessions.values(), *(s for s, _ in self._handshakes.values())]
@@ -214,9 +220,15 @@ class ConnectionServing:
         kept = admin_only if session.has_role("peer") else self.reserved_slots
         if len(held) >= self.max_connections - kept:
             return "too many connections\n"
-        if _client_only(session) and \
-                sum(_client_only(s) for s in held) >= int(self.max_connections * CLIENT_SLOT_SHARE):
-            return "too many client connections\n"
+        if _client_only(session):
+            share = int(self.max_connections * CLIENT_SLOT_SHARE)
+            if sum(_client_only(s) for s in held) >= share:
+                return "too many client connections\n"
+            if self.tokens.issues_tokens and not _issued(session) and \
+                    sum(_client_only(s) and not _issued(s) for s in held) >= share // 2:
+                # table tokens (a cluster's shared client token) hold half the client share: a holder of the
+                # shared token cannot lock out the clients the owner gave tokens of their own
+                return "too many client connections\n"
         for p in session.principals:
             cap = self.max_sessions_per_principal
             if getattr(p, "issued_by", ""):  # (principals made by hand in tests may lack the field)

@@ -113,7 +113,8 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
         max_sessions_per_principal: connections one principal (token) may hold at once,
             the admin's aside (default ``max(4, max_connections // 4)``); further ones get 503.
         max_sessions_per_client: connections one client with its own issued token may hold
-            (``TokenTable.add_issuer``); client-role sessions together hold at most 3/4 of the slots.
+            (``TokenTable.add_issuer``); client-role sessions together hold at most 3/4 of the slots,
+            and with an issuer, those of table tokens (a shared client token) half of that.
         max_command_seconds: per-command time limit; long commands check it
             between batches and fail with ``CommandTimeoutError`` (None/0: no limit).
         ping_interval: seconds between keepalive pings; a client that does not
