@@ -316,9 +316,6 @@ def test_a_search_is_bounded_before_it_holds_the_worker(hook):
     _serving(srv, s)
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE (outside veil/compat, left for the monitor's owner): monitor.store "
-                   "charges a stored object's tensor alone; the tags and description sent with it (PySyft's .tag() / "
-                   ".describe(), what grid search matches) are held uncharged, so a 4 KiB quota kept 15 MB")
 def test_tags_and_descriptions_count_against_the_session_quota(hook):
     """Attack: ``x.tag(*100_000 tags).describe("d" * 5_000_000).send(worker)`` three times under a 4 KiB quota:
     each object was charged 256 bytes (its one-element tensor). Must hold: refused by the quota."""

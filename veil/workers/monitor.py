@@ -34,7 +34,8 @@ from veil.workers.capabilities import CAP_PREFIX, DEALER_TAG  # noqa: F401  (re-
 from veil.workers.openings import OPENING_MASKS, OpeningRules  # noqa: F401  (re-exported)
 from veil.workers.principals import PURPOSES, Principal, Purpose, PurposeRule  # noqa: F401  (re-exported)
 from veil.workers.quota import (DEFAULT_OBJECT_BYTES, MIN_TENSOR_BYTES, SIZE_ESTIMATORS,  # noqa: F401
-                                QuotaExceededError, QuotaRules, _nbytes, register_size_estimator)
+                                QuotaExceededError, QuotaRules, _nbytes, metadata_nbytes,
+                                register_size_estimator)
 from veil.workers.store import SHARED_NS, Entry, Kind, ObjectStore, StoreKey
 
 __all__ = ["Purpose", "Kind", "Principal", "ReferenceMonitor", "QuotaExceededError", "DEALER_TAG", "Entry",
@@ -419,7 +420,8 @@ class ReferenceMonitor(QuotaRules, OpeningRules):
         dealt_entries, layout, stored = [], [], []
         for so, tags, caps in parsed:
             entry = self.store(principal, so.id, so.obj, kind=caps["kind"], reveal_to=caps["reveal_to"],
-                               tags=tags, description=so.description, allowed_users=so.allowed_users)
+                               tags=tags, description=so.description, allowed_users=so.allowed_users,
+                               extra_nbytes=metadata_nbytes(tags, so.description))
             if caps["kind"] == Kind.DEALER and caps["item"] is not None:
                 dealt_entries.append(entry)
                 layout.append((caps["item"], caps["mask"], caps["sources"]))

@@ -54,6 +54,19 @@ def _nbytes(obj: Any) -> int:
     return max(int(estimate(obj)), DEFAULT_OBJECT_BYTES)
 
 
+def metadata_nbytes(tags: Any, description: Any) -> int:
+    """Bytes a sent object's tags and description hold (PySyft's ``.tag()``/``.describe()``, what search
+    matches): charged with it, or 100,000 tags per one-element tensor would be held for free. A str costs
+    its characters plus the ~49 bytes of a Python string object (charged in characters: an upper bound
+    for ASCII, the common case; a wide character is at most 4)."""
+    total = 0
+    for tag in tags or ():
+        total += 49 + 4 * len(tag) if type(tag) is str else DEFAULT_OBJECT_BYTES
+    if description:
+        total += 49 + 4 * len(description) if type(description) is str else DEFAULT_OBJECT_BYTES
+    return total
+
+
 
 class QuotaRules:
     """The quota's refusals, for the reference monitor."""
