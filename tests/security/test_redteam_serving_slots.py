@@ -23,6 +23,9 @@ Found here, and fixed (each test asserts the safe behaviour):
 - the owner's serving loop took batches in queue order, so a client session that queued many requests first
   held every later client back for all of its batches: the session served longest ago now goes first.
 
+- a model owner whose connection ended (its process killed) left its service open: clients' requests were
+  queued and waited for their whole timeout. The service now closes with the session that opened it.
+
 Held (regression guards): a client gone mid-request (reset, reset mid-frame, close) leaves no queued
 request and no slot.
 """
@@ -198,6 +201,32 @@ def test_a_client_gone_mid_request_leaves_no_slot_and_no_request_behind(serve, c
         time.sleep(0.1)
     assert _ask(owner, ServingMessage("pending", "m", [0, []])).objects == []
     assert _flood(w, alice, conns) == 4
+
+
+def test_clients_hear_at_once_when_the_model_owners_connection_is_gone(serve, conns):
+    """Fault: the model owner's process dies (kill -9: a TCP reset) while a client's request is queued and
+    another client waits on a fetch. The shares of the model were its session's and went with it, but the
+    service stayed open: queued requests were never answered, new ones were accepted, and every client
+    waited for its whole timeout (120 s by default). Must hold: the clients hear at once that the request
+    failed, and a new submit is refused as the service being closed."""
+    w = serve(_table())
+    owner = _connect(w, OWNER, conns)
+    info = {"input_shape": [1, 4], "output_shape": [1, 2], "max_rows": 4}
+    assert type(_ask(owner, ServingMessage("open", "m", [["client"], info]))) is m.ObjectsReply
+    alice = _connect(w, issue(SECRET, "client", "alice"), conns)
+    share = torch.zeros(1, 4, dtype=torch.int64)
+    assert type(_ask(alice, ServingMessage("submit", "m", [1, share]))) is m.ObjectsReply
+    owner.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    owner.sock.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(w.sessions) > 1:
+        time.sleep(0.05)
+    started = time.monotonic()
+    failed = _ask(alice, ServingMessage("fetch", "m", [1, 1.0]))
+    assert type(failed) is m.ErrorReply and "owner's connection closed" in failed.message, failed
+    assert time.monotonic() - started < 0.9  # answered, not waited out
+    refused = _ask(alice, ServingMessage("submit", "m", [2, share]))
+    assert type(refused) is m.ErrorReply and refused.error == "ServiceClosedError", refused
 
 
 # ------------------------------------------------------------------ serving clusters

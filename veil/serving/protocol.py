@@ -101,6 +101,8 @@ class _Service:
     reason: str = "the model owner stopped the service"
     #: keys the opaque label ``pending`` shows for each submitting session (its batch group)
     group_key: bytes = field(default_factory=lambda: secrets.token_bytes(16))
+    #: the owner's session that opened it: it holds the model's shares, which go when it ends
+    opened_by: str = ""
 
 
 def _group(svc: _Service, session: str) -> str:
@@ -207,7 +209,8 @@ def _open(worker: Any, name: str, user: str, session: str, args: list) -> list:
     max_rows = info.get("max_rows", DEFAULT_MAX_ROWS)
     if type(max_rows) is not int or max_rows < 1:
         raise ServingError("a service's max_rows is a positive integer")
-    services[name] = _Service(owner=user, clients=tuple(clients), info={**info, "max_rows": max_rows})
+    services[name] = _Service(owner=user, clients=tuple(clients), info={**info, "max_rows": max_rows},
+                              opened_by=session)
     return []
 
 
@@ -310,7 +313,8 @@ def _requeue(worker: Any, name: str, user: str, session: str, args: list) -> lis
 
 
 def drop_session(worker: Any, session: str) -> None:
-    """A closed connection: its queued requests, requests in flight and unfetched results go."""
+    """A closed connection: its queued requests, requests in flight and unfetched results go; the services
+    it opened as the model owner close (their model shares went with it: a client would wait in vain)."""
     with _LOCK:
         for svc in _SERVICES.get(worker, {}).values():
             for table in (svc.pending, svc.outputs):
@@ -319,6 +323,9 @@ def drop_session(worker: Any, session: str) -> None:
             for r in [r for r, sub in svc.claimed.items() if sub == session]:
                 del svc.claimed[r]  # its output share is discarded when the owner responds
                 svc.held.pop(r, None)
+            if svc.opened_by == session and not svc.closed:  # the model owner's connection (its model shares)
+                _shut(svc, "the model owner's connection closed", claimed_too=True)  # clients hear it now
+    _changed()
 
 
 SESSION_END_HANDLERS.append(drop_session)
