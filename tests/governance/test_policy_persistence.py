@@ -193,3 +193,16 @@ def test_a_network_worker_rereads_the_stored_decisions_while_it_serves(hook, tmp
         server.stop()
         thread.join(10)
         other.db.close()
+
+
+@pytest.mark.parametrize("sql", ["SELECT COUNT(*) FROM release_requests WHERE state = ?",
+                                 "SELECT COUNT(*) FROM release_requests WHERE state = ? AND principal = ?"])
+def test_counting_requests_by_state_reads_an_index_not_every_request(tmp_path, sql):
+    """The console's pending badge (every page) and the cap on a user's pending requests count by state; a
+    scientist's requests each hold up to ~400 KB of op graph, so a count that scans the table slows every page."""
+    db = OwnerDB(str(tmp_path / "owner.sqlite3"))
+    add_release_requests_table(db)
+    add_release_requests_table(db)  # idempotent: a database made before the index gets it on the next open
+    params = ("pending",) if sql.count("?") == 1 else ("pending", "alice")
+    plan = " ".join(str(row[-1]) for row in db_execute(db, "EXPLAIN QUERY PLAN " + sql, params))
+    assert "USING COVERING INDEX release_requests_by_state" in plan, plan

@@ -200,6 +200,9 @@ CREATE TABLE IF NOT EXISTS release_requests (
 CREATE INDEX IF NOT EXISTS release_requests_by_object ON release_requests (object_id, principal);
 -- a denial holds for the value (governance.release.decide looks it up before filing any request)
 CREATE INDEX IF NOT EXISTS release_requests_by_digest ON release_requests (principal, digest);
+-- the pending badge on every console page and the cap on a user's pending requests count by state: without
+-- it each count scanned every request row (~400 KB of op graph each), ~170 ms per page at 500 rows
+CREATE INDEX IF NOT EXISTS release_requests_by_state ON release_requests (state, principal, ts);
 """
 
 
