@@ -24,7 +24,9 @@ Found here, and fixed (each test asserts the safe behaviour):
   held every later client back for all of its batches: the session served longest ago now goes first.
 
 - a model owner whose connection ended (its process killed) left its service open: clients' requests were
-  queued and waited for their whole timeout. The service now closes with the session that opened it.
+  queued and waited for their whole timeout. The service now closes with the session that opened it;
+- an owner opening the service again dropped its clients' computed results and queued requests silently:
+  results now stay fetchable, and queued requests fail at once.
 
 Held (regression guards): a client gone mid-request (reset, reset mid-frame, close) leaves no queued
 request and no slot.
@@ -227,6 +229,31 @@ def test_clients_hear_at_once_when_the_model_owners_connection_is_gone(serve, co
     assert time.monotonic() - started < 0.9  # answered, not waited out
     refused = _ask(alice, ServingMessage("submit", "m", [2, share]))
     assert type(refused) is m.ErrorReply and refused.error == "ServiceClosedError", refused
+
+
+def test_a_service_opened_again_keeps_computed_results_and_fails_the_rest_at_once(serve, conns):
+    """Fault: the model owner shares the model again under the same name (a restarted owner script) while a
+    client has one result computed and one request queued. ``open`` replaced the service: the computed
+    result and the queued request were dropped silently, and the client waited for both until its timeout.
+    Must hold: the computed result is still the client's to fetch (the value the owner responded with), and
+    the queued request fails at once."""
+    w = serve(_table())
+    owner = _connect(w, OWNER, conns)
+    info = {"input_shape": [1, 4], "output_shape": [1, 4], "max_rows": 4}
+    assert type(_ask(owner, ServingMessage("open", "m", [["client"], info]))) is m.ObjectsReply
+    alice = _connect(w, issue(SECRET, "client", "alice"), conns)
+    share = torch.arange(4, dtype=torch.int64).reshape(1, 4)
+    for rid in (1, 2):
+        assert type(_ask(alice, ServingMessage("submit", "m", [rid, share + rid]))) is m.ObjectsReply
+    assert _ask(owner, ServingMessage("claim", "m", [[1], 555])).objects == [1]
+    reply = _ask(owner, ServingMessage("respond", "m", [[1], [1], m.ObjectRef(555)]))
+    assert type(reply) is m.ObjectsReply, reply
+    assert type(_ask(owner, ServingMessage("open", "m", [["client"], info]))) is m.ObjectsReply  # again
+    started = time.monotonic()
+    assert torch.equal(_ask(alice, ServingMessage("fetch", "m", [1, 1.0])).objects[0], share + 1)
+    failed = _ask(alice, ServingMessage("fetch", "m", [2, 1.0]))
+    assert type(failed) is m.ErrorReply and "opened the service again" in failed.message, failed
+    assert time.monotonic() - started < 0.9
 
 
 # ------------------------------------------------------------------ serving clusters

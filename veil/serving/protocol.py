@@ -209,8 +209,12 @@ def _open(worker: Any, name: str, user: str, session: str, args: list) -> list:
     max_rows = info.get("max_rows", DEFAULT_MAX_ROWS)
     if type(max_rows) is not int or max_rows < 1:
         raise ServingError("a service's max_rows is a positive integer")
-    services[name] = _Service(owner=user, clients=tuple(clients), info={**info, "max_rows": max_rows},
-                              opened_by=session)
+    svc = services[name] = _Service(owner=user, clients=tuple(clients), info={**info, "max_rows": max_rows},
+                                    opened_by=session)
+    if old is not None and old.owner == user:  # reopened (a model shared again): its clients hear of their
+        _shut(old, "the model owner opened the service again; submit again", claimed_too=True)  # requests,
+        svc.outputs.update(old.outputs)  # and results already computed stay theirs to fetch
+        _changed()
     return []
 
 
