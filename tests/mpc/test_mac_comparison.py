@@ -229,7 +229,12 @@ def _trial(place: str, v: int, seed: int, op: str) -> str:
     return "harmless" if right else "wrong"
 
 
-@pytest.mark.parametrize("place", PLACES)
+# the two costliest places (~8 s each on 2 cores) run with the slow tests; the other edaBit fields stay
+_SLOW_PLACES = {"edabit_products", "edabit_bits"}
+
+
+@pytest.mark.parametrize("place", [pytest.param(p, marks=pytest.mark.slow) if p in _SLOW_PLACES else p
+                                   for p in PLACES])
 def test_single_bit_errors_are_detected_or_harmless(place):
     """Every bit position of a 128-bit share: no wrong result passes; an error in the low 64 bits
     of a value, of the edaBit, of a triple or of an opening is always caught."""

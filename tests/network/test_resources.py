@@ -225,10 +225,14 @@ def test_refused_connections_are_audited_in_aggregate(spawn, tmp_path):
 
 @pytest.mark.parametrize("argv", [
     ["worker", "--id", "a", "--token", "short"],
-    ["worker", "--id", "a", "--token", "long-enough-token", "--port", "99999"],
-    ["worker", "--id", "a", "--token", "long-enough-token", "--cert", "/nonexistent.pem", "--key", "/x"],
-    ["worker", "--id", "a", "--token", "long-enough-token", "--max-command-seconds", "-1"],
-    ["worker", "--id", "a", "--token", "long-enough-token", "--max-memory-mb", "10"],
+    # each case starts a process (~3 s): two in the default suite, the rest with the slow tests
+    pytest.param(["worker", "--id", "a", "--token", "long-enough-token", "--port", "99999"], marks=pytest.mark.slow),
+    pytest.param(["worker", "--id", "a", "--token", "long-enough-token", "--cert", "/nonexistent.pem", "--key", "/x"],
+                 marks=pytest.mark.slow),
+    pytest.param(["worker", "--id", "a", "--token", "long-enough-token", "--max-command-seconds", "-1"],
+                 marks=pytest.mark.slow),
+    pytest.param(["worker", "--id", "a", "--token", "long-enough-token", "--max-memory-mb", "10"],
+                 marks=pytest.mark.slow),
     ["serve", "/nonexistent-model.pt", "--auto", "1,2,3"],
 ])
 def test_cli_input_errors_are_one_line(argv):

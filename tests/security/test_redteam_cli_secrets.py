@@ -72,7 +72,7 @@ def test_recursive_argument_file_is_a_one_line_error(tmp_path):
     assert out.returncode == 2
 
 
-@pytest.mark.parametrize("kind", ["missing", "directory"])
+@pytest.mark.parametrize("kind", ["missing", pytest.param("directory", marks=pytest.mark.slow)])
 def test_missing_or_directory_argument_file_is_one_line(tmp_path, kind):
     """Defence: ``@FILE`` naming no file or a folder is argparse's one-line error, status 2."""
     path = tmp_path / "nope.args"
@@ -86,7 +86,9 @@ def test_missing_or_directory_argument_file_is_one_line(tmp_path, kind):
 # ------------------------------------------------------------------ secrets echoed in errors
 
 
-@pytest.mark.parametrize("flag", ["--peer-token", "--user", "--client", "--accept-peer"])
+# one flag in the default suite (each case starts a process: ~3 s); the rest with the slow tests
+@pytest.mark.parametrize("flag", [pytest.param("--peer-token", marks=pytest.mark.slow), "--user", pytest.param("--client", marks=pytest.mark.slow),
+                                  pytest.param("--accept-peer", marks=pytest.mark.slow)])
 def test_malformed_token_flag_does_not_echo_the_token(tmp_path, flag):
     """Attack/slip: the owner forgets ``NAME=`` (``--peer-token TOKEN`` or ``--user alice:TOKEN``). The error
     goes to stderr, which for a service lands in the journal / a log collector other people read. Must hold:
@@ -125,7 +127,7 @@ def test_database_password_in_userinfo_is_redacted(tmp_path):
     assert PASSWORD not in out.stdout + out.stderr and "veil:***@" in out.stderr, out.stderr
 
 
-@pytest.mark.parametrize("command", ["worker", "migrate"])
+@pytest.mark.parametrize("command", ["worker", pytest.param("migrate", marks=pytest.mark.slow)])
 def test_unreachable_database_is_a_one_line_error(tmp_path, command):
     """Slip: ``--db``/``--to`` names a server that is down. Must hold: exactly one line on stderr (scripts and
     log collectors read the first line as the whole error; the second line was psycopg's hint)."""
@@ -152,11 +154,11 @@ def test_bad_console_port_is_a_one_line_error(port):
 
 
 @pytest.mark.parametrize("flag,value", [
-    ("--ping-interval", "nan"),           # keepalive never fires: silent clients are never disconnected
-    ("--ping-interval", "-1"),
+    pytest.param("--ping-interval", "nan", marks=pytest.mark.slow),  # keepalive never fires: silent clients are never disconnected
+    pytest.param("--ping-interval", "-1", marks=pytest.mark.slow),
     ("--max-command-seconds", "nan"),     # no command ever times out, though the owner set a limit
-    ("--max-session-mb", "-1"),
-    ("--max-message-mb", "-1"),
+    pytest.param("--max-session-mb", "-1", marks=pytest.mark.slow),
+    pytest.param("--max-message-mb", "-1", marks=pytest.mark.slow),
 ])
 def test_nonsense_limits_are_refused_at_start(flag, value):
     """Slip: a templated config expands a limit to NaN or a negative number. Must hold: the worker refuses
@@ -174,8 +176,8 @@ def test_nonsense_limits_are_refused_at_start(flag, value):
 
 @pytest.mark.parametrize("extra", [
     ["--dataset", "d=/nonexistent/redteam.csv"],
-    ["--budget", "scientist=lots"],
-    ["--policy", "strict"],
+    pytest.param(["--budget", "scientist=lots"], marks=pytest.mark.slow),
+    pytest.param(["--policy", "strict"], marks=pytest.mark.slow),
 ])
 def test_bad_worker_flags_exit_with_status_2(extra):
     """Slip: a missing dataset, a malformed budget or policy. Must hold (README, cli.py docstring): one line
@@ -200,6 +202,7 @@ def test_damaged_state_file_is_one_line_and_left_untouched(tmp_path):
     assert damaged.read_bytes() == before
 
 
+@pytest.mark.slow  # starts a serving cluster (~10 s)
 def test_serve_auto_port_in_use_is_a_one_line_error(tmp_path):
     """Slip: ``veil serve model.pt --auto P1,P2,P3`` where P1 is taken (another service, a previous run). Must
     hold: one line naming the worker and the cause, no traceback (when written cli.INPUT_ERRORS lacked the

@@ -66,6 +66,7 @@ def _deal_raw(local, provider, kind, spec, ids, count, seeded=False):
     local.send_msg(msg, provider)
 
 
+@pytest.mark.slow  # ~8 s: a provider, two parties and several sessions
 def test_a_provider_only_session_cannot_block_other_sessions_dealing_at_the_parties(spawn, connect, hook):
     """Mallory (a token at dave only) deals unclaimed material to alice and bob until their peer namespace for
     dave is full, then leaves. An honest scientist's product through dave must still work."""
@@ -158,6 +159,7 @@ def test_a_party_bounds_expand_material_before_expanding(monkeypatch):
         "no bound on count x shape before allocation")
 
 
+@pytest.mark.slow  # ~8 s: a provider, two parties and several sessions
 def test_material_a_provider_only_session_never_claims_is_not_kept_at_the_parties(spawn, connect, hook):
     """No quota at the parties: mallory (a token at dave only) has dave deal 64 MiB of unclaimed ``zero``
     shares to alice and bob, then leaves. Nothing of it should stay at alice (it is for nobody); before session

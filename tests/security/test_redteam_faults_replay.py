@@ -189,6 +189,7 @@ def _gradient_frame(plan_id: int, model: nn.Module, rid: str, q: float = 0.05) -
     return serialize(msg), out
 
 
+@pytest.mark.slow  # worker processes killed and restarted (~5-8 s)
 def test_sigkill_during_dp_releases_leaves_no_uncharged_answer_and_no_refund(spawn, raws, tmp_path):
     """Queries and DP-SGD steps stream in; the worker is SIGKILLed at some point of a charge or a release.
     After restart: every answered request id is charged exactly once (charge and id in one transaction),
@@ -344,6 +345,7 @@ def test_policy_tightened_at_run_time_survives_a_sigkill(spawn, raws, tmp_path):
 
 # ----------------------------------------------- (5) one user's budget spent at once from two processes
 
+@pytest.mark.slow  # worker processes killed and restarted (~5-8 s)
 def test_two_worker_processes_on_one_ledger_cannot_overspend_a_users_budget(spawn, raws, tmp_path):
     """Two ``veil worker`` processes of one owner share a --data-dir; 12 sessions of the same user (6 on each)
     race for epsilon 1.0 in pieces of 0.3: exactly 3 are answered, and the ledger says 0.9."""
