@@ -23,7 +23,6 @@ from veil.workers.stats import TransportStats
 from veil.workers.monitor import Principal, ReferenceMonitor
 from veil.workers.outbox import MAX_PRELUDE_ITEMS, Outbox
 from veil.workers.skeletons import prepared_use
-from veil.workers.store import Entry
 
 if TYPE_CHECKING:
     from veil.hook import TorchHook
@@ -141,9 +140,10 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
 
         return ReviewQueue(self)
 
-    def _review_release(self, principal: Principal, oid: int, entry: Entry, action: str) -> None:
-        """The owner's review policy for releases the monitor decides alone (openings)."""
-        _handlers._governance_release(self, [oid], [entry], principal.user, action)
+    def _review_release(self, principal: Principal, ids: list, entries: list, action: str, consume: bool) -> None:
+        """The owner's review policy for releases the monitor decides alone (openings; ``consume=False``: the
+        refusals only, the approvals used up by a second call once the values go)."""
+        _handlers._governance_release(self, ids, entries, principal.user, action, consume)
 
     @property
     def _objects(self) -> dict[int, Any]:

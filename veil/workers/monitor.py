@@ -95,8 +95,8 @@ class ReferenceMonitor(QuotaRules, OpeningRules):
         self._local = _RequestLocal()
         self._taints: dict[str, tuple] = {}  # namespace -> reveal_to every new object of it gets
         #: the owner's review policy (veil.governance), asked before an opening reveals a client object
-        #: derived from owner data; the worker installs it: (principal, oid, entry, action) -> None or raise
-        self.release_hook: Callable[[Principal, int, Entry, str], None] | None = None
+        #: derived from owner data; the worker installs it: (principal, ids, entries, action, consume) -> None or raise
+        self.release_hook: Callable[[Principal, list, list, str, bool], None] | None = None
         #: the owner's enable_dp(hide_count=True): every DP-only dataset's record count is described as 0,
         #: whenever it became DP-only (a load or a policy change after enable_dp included)
         self.hide_dp_counts = False

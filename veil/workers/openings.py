@@ -58,7 +58,7 @@ class OpeningRules:
         kwargs = self.resolve_args(principal, kwargs, Purpose.PROTOCOL_STEP, found)
         ids = list(found)
         protecting: list = []  # reveal_to of the values protected for someone else
-        dealt_entries = []
+        dealt_entries, released = [], []
         for oid, entry in found.items():
             if entry.kind == Kind.DEALER:
                 dealt_entries.append(entry)
@@ -70,8 +70,12 @@ class OpeningRules:
                     protecting.append(entry.reveal_to if entry.reveal_to is not None else ())
                 continue
             self._check_release(principal, entry, oid, "open")  # owner data, client objects: as a .get()
-            if self.release_hook is not None:
-                self.release_hook(principal, oid, entry, "open")
+            released.append((oid, entry))
+        # the owner's review, all inputs at once and no approval used up yet: open_step uses them up once the
+        # step ran (one input still pending, or a refused mask or a failed step, used another's approval up)
+        self._local.opening_released = released
+        if released and self.release_hook is not None:
+            self.release_hook(principal, [oid for oid, _ in released], [e for _, e in released], "open", False)
         fixed = self._check_fixed(principal, name, found, ids)
         self._local.opened_masks = None
         if protecting:
@@ -186,8 +190,10 @@ class OpeningRules:
         self._local.opening_refs, self._local.opening_kwrefs = args, kwargs
         try:
             args, kwargs = self.resolve_opening(principal, name, args, kwargs)
+            released = self._local.opening_released  # (set by resolve_opening: what it opens of non-shares)
         finally:
             self._local.opening_refs = self._local.opening_kwrefs = None
+            self._local.opening_released = ()
         masks, self._local.opened_masks = self._local.opened_masks, None
         outputs = run(name, args, kwargs)
         if masks is not None:
@@ -207,6 +213,13 @@ class OpeningRules:
                 raise self._refuse(PermissionDeniedError(
                     f"{name}: every output must have its mask's dtype (ring elements, added mod 2^64)"), "open",
                     principal, [])
+        if released and self.release_hook is not None:  # the approvals of what it opens: used up now
+            self.release_hook(principal, [oid for oid, _ in released], [e for _, e in released], "open", True)
+        if any(t.is_floating_point() or t.is_complex() for t in outputs):  # (ring elements are int64)
+            from veil.governance.canonical import canonical_floats
+
+            # a float leaves as a get's would: canonical NaNs and zeros (veil/governance/canonical.py)
+            outputs = [canonical_floats(t) for t in outputs]
         return outputs
 
     def group_dealt(self, principal: Principal, op_name: str, args: tuple, entries: list) -> None:

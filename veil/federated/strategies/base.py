@@ -42,16 +42,22 @@ def clip_update(state: list[torch.Tensor], global_state: list[torch.Tensor], bou
     """``state`` moved toward ``global_state`` until its update (state - global, L2 norm over every floating
     tensor) is at most ``bound``: how far one client can pull the model in a round, whatever it returns or
     weighs (norm bounding against model replacement, Sun et al. 2019). Other tensors (counters) are kept."""
-    deltas = [s.to(torch.float64) - g.to(torch.float64) if s.is_floating_point() else None
+    # Half the update, scaled by its largest entry: finite for every finite state (a float64 client's 1e200
+    # entries squared to inf, and the ValueError stopped the whole round instead of clipping that client).
+    halves = [s.to(torch.float64) / 2 - g.to(torch.float64) / 2 if s.is_floating_point() else None
               for s, g in zip(state, global_state, strict=True)]
-    norm = math.sqrt(sum(float((d * d).sum()) for d in deltas if d is not None))
-    if not math.isfinite(norm):
+    live = [h for h in halves if h is not None and h.numel()]
+    if any(not bool(torch.isfinite(h).all()) for h in live):
         raise ValueError("a client's update has non-finite entries")
-    if norm <= bound:
+    largest = max((float(h.abs().max()) for h in live), default=0.0)
+    if largest == 0.0:
         return state
-    scale = bound / norm
-    return [s if d is None else (g.to(torch.float64) + d * scale).to(s.dtype)
-            for s, g, d in zip(state, global_state, deltas)]
+    squares = math.fsum(float(((h / largest) ** 2).sum()) for h in live)  # (each term at most 1)
+    if 2 * largest * math.sqrt(squares) <= bound:  # (the norm; inf past float64's range: clipped)
+        return state
+    factor = (bound / largest) / math.sqrt(squares)  # 2 * bound / norm: applied to the halves, never overflows
+    return [s if h is None else (g.to(torch.float64) + h * factor).to(s.dtype)
+            for s, g, h in zip(state, global_state, halves)]
 
 
 class RunningWeightedSum:
