@@ -21,12 +21,13 @@ import hashlib
 from typing import Any
 
 import phe
+import tenseal as ts
 import torch
 
 from veil.exceptions import RemoteExecutionError
 from veil.he import _paillier_encoding as enc
 from veil.he import ckks_wire, value_free, wire
-from veil.he.ckks import CKKSContext, CKKSTensor
+from veil.he.ckks import CKKSContext, CKKSTensor, _tenseal_errors as he_errors
 from veil.he.errors import DepthRequiredError, HEError
 from veil.he.paillier import PaillierTensor, checkpoints, value_free_encoding
 from veil.ids import new_id
@@ -133,6 +134,8 @@ def _he_op(worker: Any, name: str, a: Any, b: Any, out_id: int) -> None:
     try:
         with value_free_encoding() if value_free else contextlib.nullcontext(), checkpoints(cancellation.checkpoint):
             result = op(a, b)
+            if value_free and isinstance(a, CKKSTensor) and name in _PRODUCTS:
+                result = _at_product_level(result, a)
             if owner_data:
                 result = _releasable(name, result, value_free)
     except HEError as e:
@@ -162,6 +165,32 @@ def _check_depth(name: str, a: CKKSTensor, owner_data: bool) -> None:
     raise DepthRequiredError(
         f"encrypted {name} needs {needed} multiplicative level(s) ({why}) and this ciphertext has {left} left; "
         f"encrypt under a context with {used + needed}: veil.he.ckks.context(depth={used + needed})")
+
+
+def _ckks_levels(segment: Any) -> int:
+    return segment.ciphertext()[0].coeff_modulus_size() - 1
+
+
+def _at_product_level(result: CKKSTensor, a: CKKSTensor) -> CKKSTensor:
+    """A CKKS product with the owner's plaintext, every segment at the level a product of ``a`` has (one below
+    ``a``'s lowest). TenSEAL replaces a product that comes out transparent (a plaintext encoding to zeros: the
+    owner's values all 0, or all below ~2**-41) by a fresh encryption of zero at the top level, so the result's
+    levels left, and with them DepthRequiredError or the clamp probe of the next op, said whether the owner's
+    values were zero. Adding and subtracting an encryption of zero at the product's level brings each segment down
+    to it (the same work whatever the values)."""
+    level = min(_ckks_levels(s) for s in a.segments) - 1
+    refs: dict[int, Any] = {}
+    out = []
+    with he_errors("encrypted product"):
+        for seg in result.segments:
+            ref = refs.get(seg.size())
+            if ref is None:
+                ref = ts.ckks_vector(result.context.raw, [0.0] * seg.size())
+                while _ckks_levels(ref) > level:  # (a fresh zero, multiplied by 1 down to the product's level)
+                    ref = ref.mul(1.0)
+                refs[seg.size()] = ref
+            out.append(seg.add(ref).sub(ref))
+    return result._like(out)
 
 
 def _releasable(name: str, result: Any, owner_plaintext: bool) -> Any:

@@ -1,0 +1,174 @@
+"""Red team, second pass: the DP-plan constant-creation check (veil/dp/plan_constants.py) and the CKKS depth check
+(veil/he/remote.py ``_check_depth``), attacked as a hostile data scientist.
+
+Holes found (strict xfails before the fixes, checked by running this file against the previous versions of
+plan_constants.py and he/remote.py):
+
+- the taint walk did not follow aliasing: ``u = w * 1; u.view_as(x).add_(x)`` (or ``u.type_as(x)``, which is
+  ``u`` itself) wrote the record into ``u`` while the walk kept ``u`` public, and ``torch.arange(u.sum().long())``
+  sized every record's work from its values; a training-mode ``F.batch_norm`` writes the record's statistics
+  into its running-mean argument and was not seen as a write at all;
+- a plan writing into a tensor constant (``Tensor.add_(C, x)``) kept the sum of the lot's records in the plan
+  object stored on the worker: every record saw the records before it, and running the plan afterwards on the
+  scientist's own zeros returned the owner's records, with no review;
+- the "writes into its own buffers" refusal compared version counters, and ``buffer.data`` has its own:
+  ``self.seen.data.add_(x.sum(1))`` passed (cross-record dependence);
+- ``DepthRequiredError`` (value-free, past the owner guard) vs success was an oracle on whether the owner's
+  plaintext was zero: TenSEAL replaces a transparent product (a plaintext encoding to all zeros) by a fresh
+  encryption of zero at the top level, so the result kept more levels than any other product.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import veil as sy
+from veil.dp import PrivacyParameterError, RemoteDPOwner
+from veil.dp.plan_grads import check_forward_plan
+from veil.exceptions import ReviewPendingError
+from veil.he import ckks
+from veil.he.errors import DepthRequiredError
+from veil.messaging.allowlist import ALLOWLIST
+from veil.plans.ops import PlanOp, PlanSpec, SlotRef
+from veil.plans.plan import Plan
+
+X, W = SlotRef(0), SlotRef(1)  # the record [1, 3] and a weight [1, 3]
+
+
+def _op(f, args, out, kwargs=None):
+    return PlanOp(ALLOWLIST.by_func(f).name, args, kwargs or {}, [out], True)
+
+
+def _sized_from(write_ops, size_slot):
+    """x -> (x * w).sum(1) * arange(size_slot.sum().long()).sum(): ``write_ops`` (slots 3..9) put the record
+    into ``size_slot`` by aliasing, never by an op the old walk saw reading the record into it."""
+    ops = [_op(torch.mul, (W, 1), 3), *write_ops,
+           _op(torch.sum, (size_slot,), 10), _op(torch.Tensor.long, (SlotRef(10),), 11),
+           _op(torch.arange, (SlotRef(11),), 12), _op(torch.sum, (SlotRef(12),), 13),
+           _op(torch.mul, (X, W), 14), _op(torch.mul, (SlotRef(14), SlotRef(13)), 15)]
+    return PlanSpec("evil", 1, 1, 16, ops, SlotRef(15))
+
+
+ALIASING = {
+    # u.view_as(x) reads the record, so the old walk marked the view and not u, which it is a view of
+    "view_as": ([_op(torch.Tensor.view_as, (SlotRef(3), X), 4), _op(torch.Tensor.add_, (SlotRef(4), X), 4)],
+                SlotRef(3)),
+    # u.type_as(x) is u itself (same dtype)
+    "type_as": ([_op(torch.Tensor.type_as, (SlotRef(3), X), 4), _op(torch.Tensor.mul_, (SlotRef(4), X), 4)],
+                SlotRef(3)),
+    # training-mode batch_norm writes the record's mean into its running_mean argument (slot 5)
+    "batch_norm running stats": ([_op(torch.sum, (SlotRef(3),), 5, {"dim": 0}), _op(torch.add, (SlotRef(5), 1), 6),
+                                  _op(torch.Tensor.view, (X, 1, 1, 3), 7),
+                                  _op(F.batch_norm, (SlotRef(7), SlotRef(5), SlotRef(6), None, None, True, 1.0), 8)],
+                                 SlotRef(5)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ALIASING))
+def test_a_size_written_from_the_record_through_an_alias_is_refused(case):
+    write_ops, size_slot = ALIASING[case]
+    with pytest.raises(PrivacyParameterError, match="computed from the record|writes into"):
+        check_forward_plan(_sized_from(write_ops, size_slot), 1)
+
+
+def _dp_worker(hook, name):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 3, generator=g)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]])
+    w = sy.VirtualWorker(hook, id=name)
+    w.enable_dp({"toy": (x, y)}, budgets={"me": (float("inf"), 0.5)}, max_grad_norm=1e3, noise_multiplier=1e-9)
+    return w, x, y
+
+
+def _release(owner, plan_handle, state, trainable):
+    from veil.dp.remote import _request_id
+    from veil.tensors import remote_ops
+
+    return remote_ops.call(ALLOWLIST.by_name("veil.dp.sanitized_gradient"),
+                           (plan_handle, "toy", state, trainable, "mse", 1.0, None, _request_id()), {},
+                           location=owner.worker).get()
+
+
+def test_a_plan_accumulating_records_in_its_constant_is_refused_and_keeps_none(hook):
+    w, x, _ = _dp_worker(hook, "rt-dpc2-const")
+    C = torch.zeros(1, 3)
+    ops = [_op(torch.Tensor.add_, (C, X), 2), _op(torch.mul, (X, W), 3),
+           _op(torch.add, (SlotRef(3), SlotRef(2)), 4), _op(torch.sum, (SlotRef(4),), 5, {"dim": 1, "keepdim": True})]
+    plan = Plan.from_spec(PlanSpec("acc", 1, 1, 6, ops, SlotRef(5)), [torch.ones(1, 3)], "acc").send(w)
+    owner = RemoteDPOwner(w, "toy", nn.Linear(3, 1), x[:1])
+    with pytest.raises(PrivacyParameterError, match="writes into its parameters or buffers"):
+        _release(owner, plan._handle, [torch.ones(1, 3, requires_grad=True)], [True])
+    assert sy.dp.remaining_budget(w, spent=True) == (0.0, 0.0)
+    mine = torch.zeros(1, 3)
+    # the stored plan on the scientist's own zeros: (0 * 1).sum() + C, C as sent (it held the records' sum)
+    torch.testing.assert_close(plan(mine.send(w)).get(), (mine * 1 + C).sum(1, keepdim=True))
+
+
+class DataWriter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+        self.register_buffer("seen", torch.zeros(1))
+
+    def forward(self, x):
+        self.seen.data.add_(x.sum(1))  # .data has its own version counter: the dry run's check did not see it
+        return self.lin(x) * self.seen
+
+
+def test_a_plan_writing_into_a_buffer_through_data_is_refused_before_any_charge(hook):
+    w, x, _ = _dp_worker(hook, "rt-dpc2-data")
+    model = DataWriter()
+    with pytest.raises(PrivacyParameterError, match="writes into its parameters or buffers"):
+        RemoteDPOwner(w, "toy", model, x[:1]).sanitized_gradient(model, None, None, 1.0)
+    assert sy.dp.remaining_budget(w, spent=True) == (0.0, 0.0)
+
+
+class ResidualNet(nn.Module):
+    """What the alias walk must still accept: in-place ReLU, ``out += identity``, BatchNorm in eval mode and a
+    fill value from a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bn = nn.Linear(3, 3), nn.BatchNorm1d(3)
+        self.head = nn.Linear(3, 1)
+        self.register_buffer("shift", torch.tensor(0.25))
+
+    def forward(self, x):
+        h = self.lin(x)
+        h += x
+        h = F.relu(self.bn(h), inplace=True)
+        return self.head(h) + torch.full_like(x[:, :1], self.shift)
+
+
+def test_a_model_with_inplace_relu_and_residual_adds_still_gives_plain_torchs_gradient(hook):
+    w, x, y = _dp_worker(hook, "rt-dpc2-ok")
+    model = ResidualNet().eval()
+    released = RemoteDPOwner(w, "toy", model, x[:1]).sanitized_gradient(model, None, None, 1.0)
+    model.zero_grad()
+    ((model(x) - y) ** 2).sum(1).mean().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(released[name], p.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def ckks_small():
+    return ckks.context(galois_keys=False)  # (mul needs no rotations)
+
+
+@pytest.mark.parametrize("owner_values", [[0.0, 0.0, 0.0], [1e-13, -1e-13, 0.0], [0.5, -1.0, 2.0]])
+def test_depth_refusal_does_not_say_whether_the_owners_plaintext_was_zero(hook, ckks_small, owner_values):
+    owner = sy.VirtualWorker(hook, id=f"rt-dpc2-ckks-{owner_values[0]}-{owner_values[2]}")
+    owner.load(torch.tensor([owner_values], dtype=torch.float64), tags=("#w",), policy="review")
+    row = torch.tensor([[1.0, 2.0, -1.0]], dtype=torch.float64)
+    prod = sy.he.encrypt(row, protocol="ckks", context=ckks_small).send(owner) * owner.search(["#w"])[0]
+    twice = prod * 2.0  # every product leaves one level fewer: the default chain's 2 are used up here
+    with pytest.raises(DepthRequiredError, match=r"has 0 left"):
+        twice * 2.0
+    with pytest.raises(ReviewPendingError) as pending:
+        twice.get()
+    owner.release_requests.approve(pending.value.request_id)
+    expected = row * torch.tensor([owner_values], dtype=torch.float64) * 2.0
+    torch.testing.assert_close(twice.get().decrypt(), expected, atol=1e-4, rtol=0)
