@@ -10,6 +10,9 @@ its fix (checked by running this file against ``git archive HEAD`` of the commit
 - an opening asked the owner's review one input at a time, using each approval up on the way: a second input
   still pending (or a step that then failed) burned the first approval, recorded as released though nothing
   left;
+- a moved value's op graph travelled as a capability tag JSON-encoded with ``ensure_ascii``: each emoji of a
+  dataset's description took 12 characters, the tag passed the receiver's 64 KiB limit, the receiver refused
+  the object and the approval was used up (recorded as released) though nothing arrived;
 - ``clip_update`` squared a float64 update's entries: finite entries past 1e154 made the norm inf, and its
   ValueError stopped the whole FedAvg round instead of bounding that one client.
 """
@@ -155,6 +158,39 @@ def test_an_opening_of_the_scientists_own_values_is_unchanged(hook):
     assert type(reply) is m.ObjectsReply, reply
     assert torch.equal(reply.objects[0], x - torch.zeros(3)) and torch.equal(reply.objects[1], y - 1)
     assert not w.queue.list()
+
+
+# ------------------------------------------------------------------------------- moves (hole)
+
+
+def test_a_value_from_datasets_described_outside_ascii_moves_with_its_graph(hook):
+    """Failure an owner meets (and a scientist can steer toward): 40 review datasets whose descriptions are
+    emoji (300 each); the scientist sums them and the owner approves moving the sum to another worker. The
+    graph tag (64 lines, 300 characters each) was written with ``ensure_ascii``: 108 KB, past the receiver's
+    64 KiB limit, so the receiver refused the object ("malformed capability tag 'graph'") after the approval
+    was used up. Must hold: the sum arrives (plain torch's value) with the sender's report, whose lines
+    keep the descriptions' characters, and the approval is used up once."""
+    from veil.exceptions import ReviewPendingError
+    from veil.governance.provenance import GRAPH
+
+    u = time.monotonic_ns()
+    owner, other = sy.VirtualWorker(hook, id=f"rs2-own-{u}"), sy.VirtualWorker(hook, id=f"rs2-dst-{u}")
+    other.load(torch.zeros(1), tags=("#o",), policy="review")  # (a worker under review records what it receives)
+    description = "\U0001F637" * 300
+    for i in range(40):
+        owner.load(torch.tensor([float(i)]), tags=(f"#t{i}",), description=description, policy="review")
+    total = owner.search(["#t0"])[0]
+    for i in range(1, 40):
+        total = total + owner.search([f"#t{i}"])[0]
+    with pytest.raises(ReviewPendingError) as pending:
+        total.move(other)
+    owner.release_requests.approve(pending.value.request_id)
+    moved = total.move(other)
+    assert owner.release_requests.get(pending.value.request_id).state == "released"
+    entry = next(e for i, e in other.monitor.owner_entries() if i == moved.id_at_location)
+    report = [line for node in entry.meta[GRAPH].values() for line in node.get("report", [])]
+    assert any("\U0001F637" * 20 in line for line in report), report[:3]
+    assert torch.equal(moved.get(), torch.tensor([float(sum(range(40)))]))
 
 
 # ---------------------------------------------------------------------------------- FedAvg bound (hole)

@@ -47,13 +47,20 @@ def export_tags(principal: Any, entry: Entry, worker_id: str, note: str = "") ->
         tags.append(CAP_PREFIX + "dp_only")
     if entry.provenance:
         sources = sorted(p if type(p) is str else f"{worker_id}:{p}" for p in entry.provenance)
-        tags.append(CAP_PREFIX + "provenance=" + json.dumps(sources))
+        tags.append(CAP_PREFIX + "provenance=" + _listed(sources))
         from veil.governance.received import bounded, reported_lines
 
         lines = bounded(reported_lines(entry) + ([note] if note else []))
         if lines:
-            tags.append(CAP_PREFIX + "graph=" + json.dumps(lines))
+            tags.append(CAP_PREFIX + "graph=" + _listed(lines))
     return tuple(tags)
+
+
+def _listed(items: list) -> str:
+    """A tag's JSON list with its characters as they are: ``ensure_ascii`` wrote each non-ASCII character as
+    6 or 12 (a graph of CJK or emoji dataset descriptions grew past :data:`CAP_TAG_LIMIT`, so every move of a
+    value derived from them was refused by the receiver, its approval used up)."""
+    return json.dumps(items, ensure_ascii=False)
 
 
 def outgoing(principal: Any, new_id: int, entry: Entry, worker_id: str) -> m.StoredObject:

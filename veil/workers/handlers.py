@@ -505,11 +505,11 @@ def _handle_move(worker: BaseWorker, msg: m.MoveMessage, sender: str) -> Any:
     _governance_release(worker, msg.ids, entries, principal.user, "move", consume=False)
     # Refusals first: whether the destination is reachable must not matter to a refused move.
     destination = worker.resolve_worker(msg.destination)
-    _governance_release(worker, msg.ids, entries, principal.user, "move")  # (approvals used up: it goes now)
     # capabilities travel (reveal_to, share kind, DP-only, provenance): moving never widens who may reveal it
     objects = [worker.monitor.outgoing(principal, new, e) for new, e in zip(msg.new_ids, entries)]
     for so, oid, entry in zip(objects, msg.ids, entries):
         so.obj = _released(oid, entry)
+    _governance_release(worker, msg.ids, entries, principal.user, "move")  # (approvals used up: it goes now)
     worker.send_msg(m.ObjectMessage(objects), destination)
     for oid in msg.ids:
         worker.monitor.discard(principal, oid)  # owner-protected data is copied, never taken
