@@ -5,11 +5,16 @@ readmits one (veil/governance/revocation.py). Any other role is refused, audited
 
 A network worker serves this message from the owner's admin session without waiting for the worker's turn
 (:func:`serve_without_turn`): a revocation is in force when ``veil users revoke`` returns, however long the
-command the worker is running (everything a revocation touches has its own lock).
+command the worker is running (everything a revocation touches has its own lock). It does not wait for one of
+the worker's handler threads either (:func:`serve_users_message`, on :func:`owner_executor`): a scientist whose
+long command holds the turn can fill those (each closed session's cleanup waits for the turn on one).
 """
 
 from __future__ import annotations
 
+import asyncio
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -21,6 +26,10 @@ from veil.workers.base import BaseWorker, register_handler
 ACTIONS = ("list", "revoke", "restore")
 #: largest users frame decoded ahead of the worker's turn (a name and an action are a few dozen bytes)
 OFF_TURN_MAX_BYTES = 4096
+#: threads of a worker's owner_executor: the owner's users messages and the revocation sync (one of which may
+#: wait on a frozen owner database)
+OWNER_THREADS = 4
+_EXECUTORS: "weakref.WeakKeyDictionary[Any, ThreadPoolExecutor]" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -55,25 +64,65 @@ def _handle_admin_users(worker: BaseWorker, msg: AdminUsersMessage, sender: str)
     return m.ObjectsReply([0])
 
 
+def owner_executor(worker: Any) -> ThreadPoolExecutor:
+    """Threads for the owner's users messages and the revocation sync, apart from the worker's handler
+    threads (``worker._executor``, which requests waiting for the turn and session cleanups can all hold)."""
+    executor = _EXECUTORS.get(worker)
+    if executor is None:
+        executor = _EXECUTORS.setdefault(worker, ThreadPoolExecutor(
+            max_workers=OWNER_THREADS, thread_name_prefix=f"veil-{worker.id}-owner"))
+    return executor
+
+
+def release_owner_executor(worker: Any) -> None:
+    """A stopping worker's owner threads end (once what they run is done)."""
+    executor = _EXECUTORS.pop(worker, None)
+    if executor is not None:
+        executor.shutdown(wait=True)
+
+
+def _users_request(worker: Any, data: Any, session: Any, decoded: tuple | None) -> tuple[bool, tuple | None]:
+    """``(is a users message of an admin session, decoded)``; decodes ``data`` (a few KiB at most, with the
+    session's rights) when ``decoded`` is None; ``decoded`` stays None where decoding failed."""
+    if not session.has_role("admin") or session.revoked:
+        return False, decoded
+    if decoded is None:
+        if not isinstance(data, (bytes, bytearray)) or len(data) > OFF_TURN_MAX_BYTES:
+            return False, None
+        local = worker._local
+        local.session = session
+        try:
+            decoded = deserialize(data, worker._decode_ctx)
+        except Exception:  # noqa: BLE001 - the handler thread answers it with the decoding error
+            return False, None
+        finally:
+            local.session = None
+    return type(decoded[0]) is AdminUsersMessage and not decoded[2], decoded
+
+
+async def serve_users_message(worker: Any, data: Any, session: Any,
+                              decoded: tuple | None) -> tuple[bytes | None, tuple | None]:
+    """On a network worker's event loop: an admin session's users message, served on
+    :func:`owner_executor` without the turn: ``(reply, decoded)``; ``(None, decoded)`` for any other request,
+    which takes a handler thread (with what was decoded here)."""
+    wanted, decoded = _users_request(worker, data, session, decoded)
+    if not wanted:
+        return None, decoded
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(owner_executor(worker), serve_without_turn, worker, data, session,
+                                      decoded), None
+
+
 def serve_without_turn(worker: Any, data: Any, session: Any, decoded: tuple | None) -> bytes | None:
     """The reply to an admin session's users message, served on this thread while another request may hold
-    the worker's turn (a network server's ``serve_bytes``); None for any other request or session, which
-    waits for the turn as before."""
-    if not session.has_role("admin") or session.revoked:
-        return None
-    if decoded is None and (not isinstance(data, (bytes, bytearray)) or len(data) > OFF_TURN_MAX_BYTES):
+    the worker's turn (:func:`serve_users_message`, and a network server's ``serve_bytes``); None for any
+    other request or session, which waits for the turn as before."""
+    wanted, decoded = _users_request(worker, data, session, decoded)
+    if not wanted:
         return None
     local = worker._local
-    local.session = session  # (decoded with the session's rights, handled as its request)
+    local.session = session  # (handled as the session's request)
     try:
-        if decoded is None:
-            try:
-                decoded = deserialize(data, worker._decode_ctx)
-            except Exception:  # noqa: BLE001 - the handler thread answers it with the decoding error
-                return None
-        msg, sender, prelude = decoded
-        if type(msg) is not AdminUsersMessage or prelude:
-            return None
-        return worker._serve_decoded(msg, sender, prelude)
+        return worker._serve_decoded(*decoded)
     finally:
         local.session = None

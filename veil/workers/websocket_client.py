@@ -135,12 +135,13 @@ class WebsocketClientWorker(BaseWorker):
             raise ConnectionLostError(f"worker {self.id!r} at {self.url} refused the connection (HTTP {status})") from None
         except (OSError, TimeoutError, InvalidHandshake) as e:
             raise ConnectionLostError(f"cannot reach worker {self.id!r} at {self.url}: {type(e).__name__}: {e}") from None
+        self._conn = conn  # published before `refused` is read again: refuse() either sees it or is seen here
         if self.refused:  # refused while this connection was being made: it never carries a request
+            self._conn = None
             conn.close()
             raise PermissionDeniedError(f"the link to worker {self.id!r} is closed: {self.refused}")
         header = conn.response.headers.get(MAX_SIZE_HEADER)
         self._server_max = int(header) if header and header.isdigit() else None
-        self._conn = conn
         # a new connection is a new session: skeleton numbers start over (peers' lazy connections send none)
         self._skeletons = None if self._lazy else ClientSkeletons(conn)
         return conn
@@ -182,9 +183,24 @@ class WebsocketClientWorker(BaseWorker):
 
     def refuse(self, reason: str) -> None:
         """Closes the link and keeps it closed (every later request raises PermissionDeniedError naming
-        ``reason``) until :meth:`admit`: a server's peer link to a worker whose name its owner revoked."""
+        ``reason``) until :meth:`admit`: a server's peer link to a worker whose name its owner revoked.
+
+        Never waits for a thread using the link: that peer may stall a handshake for the whole connect
+        timeout (or a reply for the reply timeout). Its open connection is shut (a request in flight on it
+        fails), and a connection being made is closed by :meth:`_connect` as soon as it is made."""
         self.refused = reason or "refused"
-        self.close()
+        if not self._lock.acquire(blocking=False):
+            conn = self._conn
+            if conn is not None:
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:  # already closed
+                    pass
+            return
+        try:
+            self._drop()
+        finally:
+            self._lock.release()
 
     def admit(self) -> None:
         """Lets a refused link connect again (on its next request)."""

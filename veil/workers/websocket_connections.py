@@ -34,6 +34,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
 from veil.exceptions import PermissionDeniedError
+from veil.governance.users_wire import serve_users_message
 from veil.messaging import messages as m
 from veil.messaging.serde import FrameParts, OwnedFrame, deserialize, frame_pad, serialize
 from veil.workers import cancellation
@@ -294,6 +295,8 @@ class ConnectionServing:
                         reply = await self._serve_peer_fetch(data, decoded, session, closed)
                         if reply is HUNG_UP:
                             break
+                    if reply is None and session.has_role("admin"):  # (a revocation: no turn, no handler thread)
+                        reply, decoded = await serve_users_message(self, data, session, decoded)
                     if reply is None:
                         reply = await self._run_request(loop, data, session, closed, decoded)
                     if reply is None:

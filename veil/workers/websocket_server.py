@@ -55,7 +55,7 @@ from veil.workers.monitor import Principal
 from veil.workers.persistence import OwnerDB
 from veil.workers import handlers as _handlers
 from veil.workers import skeletons as _skeletons
-from veil.governance.users_wire import serve_without_turn
+from veil.governance.users_wire import owner_executor, release_owner_executor, serve_without_turn
 from veil.workers.websocket_auth import RefusalLog, Session, TokenTable, check_request, run_session_end_handlers
 from veil.workers.websocket_connections import (ISSUED_CLIENT_SESSIONS, OPEN_TIMEOUT, ConnectionServing,
                                                 OpeningConnections)
@@ -462,6 +462,7 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
             for token in list(self._running):
                 token.cancel("the worker is stopping")
         self._executor.shutdown(wait=True)
+        release_owner_executor(self)
         self.refusals.flush()
         for peer in self.peers.values():
             close = getattr(peer, "close", None)
@@ -502,7 +503,8 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
         while True:
             await asyncio.sleep(every)
             try:
-                await self._loop.run_in_executor(self._executor, sync_stored_revocations, self)
+                # (not on the handler threads, which requests waiting for the turn can all hold)
+                await self._loop.run_in_executor(owner_executor(self), sync_stored_revocations, self)
             except Exception:
                 log.exception("worker %s: could not reread the stored revocations", self.id)
 

@@ -20,6 +20,7 @@ from starlette.templating import Jinja2Templates
 from veil.exceptions import VeilError
 from veil.governance.console import views
 from veil.governance.console.auth import COOKIE, LOGIN_COOKIE, ConsoleAuth, ConsoleSession
+from veil.governance.console.connections import mark_owner_request
 from veil.governance.console.svg import budget_svg, graph_svg
 from veil.governance.cli import shown
 from veil.governance.graphtext import render_graph
@@ -170,6 +171,7 @@ def build_app(worker: Any, allowed_hosts: list[str], session_host: str | None = 
                     if method_post:
                         return PlainTextResponse("log in first\n", status_code=403)
                     return RedirectResponse("/login", status_code=303)
+                mark_owner_request(request.scope)  # (its connection keeps its slot: connections.py)
                 if method_post:
                     form = await bounded_form(request)
                     if isinstance(form, Response):

@@ -1,10 +1,12 @@
 """uvicorn's HTTP protocol with the bounds the console needs: it is a thread of the worker's process and
 shares its file descriptors, and its port is reachable by every local user (loopback is shared).
 
-- at most ``MAX_CONNECTIONS`` open at once: one more takes the place of the connection that has waited
-  longest on its client (for a request head or body), or, with none waiting, is closed as soon as it is
-  accepted: connections held open by a slow client (anyone on loopback) do not lock the owner out, as one
-  whose request is being answered is never the one closed;
+- at most ``MAX_CONNECTIONS`` open at once: one more takes the place of another, so connections held open by
+  a slow client (anyone on loopback) do not lock the owner out. Never one answering a request of the owner's
+  session (the app marks it: :func:`mark_owner_request`); first those that never carried such a request,
+  oldest first (by when they opened: a client that pipelines requests, or does not read its answers, is
+  always "being answered" and used to be kept for good), then the owner's idle keep-alive connections,
+  longest idle first. With every connection answering the owner, the new one is closed at once;
 - a connection that has not sent a whole request head within ``HEAD_SECONDS`` of opening (or of its last
   response) is closed: idle and half-sent requests (slowloris) do not hold a descriptor for good;
 - a request whose body is not all in ``BODY_SECONDS`` after its head, or that is not answered in full
@@ -26,9 +28,28 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 MAX_CONNECTIONS = 32
 HEAD_SECONDS = 10.0
 BODY_SECONDS = 10.0
-#: longer than a page may take on the worker's thread (views.on_worker waits 60 s)
+#: far longer than any console page should take to answer
 REQUEST_SECONDS = 90.0
 MAX_REQUEST_BYTES = 256 * 1024
+
+
+#: the ASGI scope key of a request's :class:`_RequestMark`
+OWNER_MARK = "veil.console.request"
+
+
+class _RequestMark:
+    __slots__ = ("owner",)
+
+    def __init__(self) -> None:
+        self.owner = False
+
+
+def mark_owner_request(scope: dict) -> None:
+    """The app found the owner's session on this request: its connection is not replaced while it is answered,
+    and is replaced last afterwards (a scope of another server, e.g. a test client's, has no mark)."""
+    mark = scope.get(OWNER_MARK)
+    if mark is not None:
+        mark.owner = True
 
 
 class BoundedH11Protocol(H11Protocol):
@@ -38,24 +59,34 @@ class BoundedH11Protocol(H11Protocol):
         self._timed_cycle: Any = None  # the request whose body and answer deadlines run
         self._request_bytes = 0
         self._waiting_since = 0.0  # (loop time) when its current wait for a head or a request began
+        self._opened_at = 0.0  # (loop time)
+        self._mark = _RequestMark()  # the current request's: the app marks a request of the owner's session
+        self._carried_owner = False  # whether any request on it was the owner's (a logged-in browser's)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.server_state.connections) >= MAX_CONNECTIONS:
-            waiting = [c for c in self.server_state.connections
-                       if isinstance(c, BoundedH11Protocol) and c._waits_on_client()]
-            if not waiting:
+            others = [c for c in self.server_state.connections
+                      if isinstance(c, BoundedH11Protocol) and c._replaceable()]
+            if not others:
                 transport.abort()  # frees the descriptor now; never counted as a connection
                 return
-            min(waiting, key=lambda c: c._waiting_since).transport.abort()  # (its connection_lost follows)
+            min(others, key=BoundedH11Protocol._replace_order).transport.abort()  # (its connection_lost follows)
         super().connection_made(transport)
+        self._opened_at = self.loop.time()
         self._await_head()
 
-    def _waits_on_client(self) -> bool:
-        """Whether this connection waits for its client to send (a request head, or a body): not while the
-        console answers a request, nor once it is closing."""
+    def _replaceable(self) -> bool:
+        """Whether a new connection may take this one's place: not while it answers a request of the owner's
+        session (its body still coming included: bounded by its deadlines), nor once it is closing."""
         if self.transport is None or self.transport.is_closing():
             return False
-        return self.cycle is None or self.cycle.response_complete or self.conn.their_state is h11.SEND_BODY
+        answering = self.cycle is not None and not self.cycle.response_complete
+        return not (answering and self._mark.owner)
+
+    def _replace_order(self) -> tuple:
+        """Which goes first: connections that never carried an owner's request, by age (their own requests,
+        pipelined or unread, do not make them look new), then the owner's, longest idle first."""
+        return (True, self._waiting_since) if self._carried_owner else (False, self._opened_at)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
@@ -73,6 +104,7 @@ class BoundedH11Protocol(H11Protocol):
         self._time_new_request()
 
     def on_response_complete(self) -> None:
+        self._carried_owner |= self._mark.owner
         super().on_response_complete()
         self._request_bytes = 0
         if not self.transport.is_closing() and not self._time_new_request():  # (one pipelined behind it)
@@ -83,6 +115,8 @@ class BoundedH11Protocol(H11Protocol):
         cycle = self.cycle
         if cycle is None or cycle is self._timed_cycle or cycle.response_complete:
             return False
+        self._carried_owner |= self._mark.owner
+        self._mark = cycle.scope[OWNER_MARK] = _RequestMark()  # (the app runs after this: its task is queued)
         self._timed_cycle, self._waiting_since = cycle, self.loop.time()
         self._set_deadline(BODY_SECONDS, self._body_too_late)
         return True

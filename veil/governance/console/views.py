@@ -18,11 +18,12 @@ from veil.workers.persistence import db_execute
 
 
 def on_worker(worker: Any, fn: Any, *args: Any) -> Any:
-    """Runs ``fn`` where the worker handles requests (no race with a command touching the store)."""
-    executor = getattr(worker, "_executor", None)
-    if executor is None:
-        return fn(*args)
-    return executor.submit(fn, *args).result(timeout=60)
+    """Runs a page's ``fn`` on the calling thread (the console's own pool), never on one of the worker's
+    handler threads: a scientist whose long command holds the turn can keep every one of those busy (each
+    closed session's cleanup waits for the turn on one), and the owner's pages then waited 60 s and failed.
+    (Those threads have long stopped serialising anything with commands: the store, the policies and the
+    revocations have locks of their own.)"""
+    return fn(*args)
 
 
 def datasets(worker: Any) -> list[dict]:

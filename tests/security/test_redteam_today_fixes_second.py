@@ -1,0 +1,332 @@
+"""Red team, second pass on today's fixes to revocation and the owner console.
+
+Today's first pass made ``veil users revoke`` skip the worker's turn (users_wire.serve_without_turn), cut a
+revoked peer's link (revocation.cut_peer_link) and let a console connection over the cap take the place of
+one waiting on its client (console/connections.py). This pass attacks those fixes, as a scientist who can
+run a long command and open connections, a hostile peer, and anyone who reaches the console's port:
+
+- the owner's users message skips the turn, but it still needs one of the worker's handler threads; a
+  scientist whose long command holds the turn fills them all (connections opened and closed: each
+  closing session's cleanup waits for the turn on a handler thread), and the revocation waits again;
+- a console connection "being answered" is never the one replaced: a client that pipelines requests (or
+  does not read its answers) is always being answered, so a handful of them lock the owner out again;
+  and the owner's own idle keep-alive connections were the first replaced;
+- a revoked peer that stalls its handshake while this worker connects to it held the revocation (and every
+  other revocation, under the same lock) for the link's connect timeout.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+import veil as sy
+from veil.governance.users_wire import AdminUsersMessage
+from veil.messaging import messages as m
+from veil.messaging.serde import deserialize, serialize
+from veil.workers.persistence import OwnerDB
+from veil.workers.websocket_auth import handshake_headers
+from veil.workers.websocket_server import WebsocketServerWorker
+from veil.workers.websocket_transport import BlockingConnection
+
+from network_helpers import ADMIN, OTHER, TOKEN
+from test_redteam_revocation import _closed, _sessions_of, _wait
+
+_OPEN: list = []
+_SERVERS: list = []
+
+
+@pytest.fixture
+def cleanup():
+    yield
+    while _OPEN:
+        try:
+            _OPEN.pop().close()
+        except Exception:
+            pass
+    while _SERVERS:
+        w, thread = _SERVERS.pop()
+        w.stop()
+        thread.join(30)
+
+
+def _start(hook, tmp_path, **kwargs) -> WebsocketServerWorker:
+    tokens = sy.TokenTable()
+    tokens.add(TOKEN, "alice")
+    tokens.add(OTHER, "mallory")
+    tokens.add(ADMIN, "owner", role="admin")
+    w = WebsocketServerWorker(hook, id=f"rt-fixes2-{time.monotonic_ns()}", port=0, tokens=tokens,
+                              db=OwnerDB(str(tmp_path / OwnerDB.FILENAME)), **kwargs)
+    ready = threading.Event()
+    thread = threading.Thread(target=w.serve_forever, daemon=True,
+                              kwargs={"on_ready": lambda _: ready.set(), "handle_signals": False})
+    thread.start()
+    assert ready.wait(30)
+    _SERVERS.append((w, thread))
+    return w
+
+
+def _connect(server, token: str) -> BlockingConnection:
+    conn = BlockingConnection(f"ws://127.0.0.1:{server.bound_port}", handshake_headers(token, ()))
+    _OPEN.append(conn)
+    return conn
+
+
+def _ask(conn: BlockingConnection, msg, timeout: float = 60) -> object:
+    conn.send(serialize(msg, sender="c"))
+    return deserialize(conn.recv(timeout))[0]
+
+
+# --------------------------------------------------------------------------- revocation: handler threads
+
+
+def test_a_revocation_needs_no_handler_thread_a_scientist_can_exhaust(hook, tmp_path, cleanup):
+    """Attack: mallory's long command holds the worker's turn (here: the test holds it). She then opens and
+    closes connections: each closed session's cleanup (``end_session``) waits for the turn on one of the
+    worker's handler threads (``max_connections + 4`` of them), so after a dozen the pool is full. The
+    owner's ``veil users revoke alice`` skips the turn, but waited for a free handler thread, i.e. for the
+    long command. Must hold: the revocation is in force within a second or two however full the pool is."""
+    server = _start(hook, tmp_path, max_connections=8)
+    victim = _connect(server, TOKEN)
+    assert _wait(lambda: _sessions_of(server, "alice"))
+    server._turn.acquire()
+    try:
+        for _ in range(server.max_connections + 4):
+            conn = _connect(server, OTHER)
+            assert _wait(lambda: _sessions_of(server, "mallory"), 10)
+            conn.close()
+            assert _wait(lambda: not _sessions_of(server, "mallory"), 10)  # (its cleanup took a thread)
+        admin = _connect(server, ADMIN)
+        started = time.monotonic()
+        try:
+            reply = _ask(admin, AdminUsersMessage("revoke", "alice"), timeout=5)
+        except TimeoutError:
+            pytest.fail("the revocation waited for a handler thread, i.e. for the long command")
+        assert reply == m.ObjectsReply([1]) and time.monotonic() - started < 3
+        assert "alice" in server.tokens.revoked
+        assert _closed(victim)
+    finally:
+        server._turn.release()
+    assert _wait(lambda: not server.sessions or all(s.user == "owner" for s in server.sessions.values()), 30)
+
+
+def _exhaust_handler_threads(server) -> None:
+    """With the turn held by the caller: mallory opens and closes connections until every handler thread
+    waits for the turn (each closed session's cleanup takes one)."""
+    for _ in range(server.max_connections + 4):
+        conn = _connect(server, OTHER)
+        assert _wait(lambda: _sessions_of(server, "mallory"), 10)
+        conn.close()
+        assert _wait(lambda: not _sessions_of(server, "mallory"), 10)  # (its cleanup took a thread)
+
+
+def test_the_owners_console_pages_need_no_handler_thread(hook, tmp_path, cleanup):
+    """The same attack against the owner console: its Sessions page (where the revoke form is), Datasets page
+    and policy form ran on one of the worker's handler threads (``views.on_worker``: a single thread once,
+    serialising them with commands; since one of many, serialising nothing), so with the pool full each
+    waited 60 s and failed. Must hold: the pages answer, and the owner revokes alice from the console."""
+    from starlette.testclient import TestClient
+
+    from veil.governance.console.server import ConsoleServer
+
+    server = _start(hook, tmp_path, max_connections=8)
+    oid = server.load(torch.ones(2), tags=("#ward",), policy="review")
+    console = ConsoleServer(server, host="127.0.0.1", port=0)
+    victim = _connect(server, TOKEN)
+    assert _wait(lambda: _sessions_of(server, "alice"))
+    client = TestClient(console.app, base_url=f"http://{console.host_name}:8780", follow_redirects=False)
+    page = client.get("/login")
+    csrf = page.text.split('name="login_csrf" value="', 1)[1].split('"', 1)[0]
+    assert client.post("/login", data={"login_csrf": csrf, "token": ADMIN},
+                       headers={"origin": f"http://{console.host_name}:8780"}).status_code == 303
+    answers: dict = {}
+
+    def owner_clicks() -> None:
+        answers["datasets"] = client.get("/datasets").status_code
+        sessions = client.get("/sessions")
+        answers["sessions"] = sessions.status_code
+        token = sessions.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        origin = {"origin": f"http://{console.host_name}:8780"}
+        answers["policy"] = client.post("/datasets/policy", data={"csrf": token, "id": str(oid), "policy": "open"},
+                                        headers=origin).status_code
+        answers["revoke"] = client.post("/users/revoke", data={"csrf": token, "name": "alice"}, headers=origin).status_code
+
+    server._turn.acquire()
+    try:
+        _exhaust_handler_threads(server)
+        clicking = threading.Thread(target=owner_clicks, daemon=True)
+        clicking.start()
+        clicking.join(8)
+        assert not clicking.is_alive(), f"the owner's console waited for a handler thread (answered: {answers})"
+        assert answers == {"datasets": 200, "sessions": 200, "policy": 303, "revoke": 303}, answers
+        assert "alice" in server.tokens.revoked
+    finally:
+        server._turn.release()
+    assert _closed(victim)
+
+
+# --------------------------------------------------------------------------- console: which slot is replaced
+
+CONSOLE_ADMIN = "rt-fixes2-console-admin"
+
+
+@pytest.fixture
+def console(hook, monkeypatch):
+    """A started console (4 slots) of an in-process worker; stopped after the test."""
+    from veil.governance.console import connections
+    from veil.governance.console.server import ConsoleServer
+
+    monkeypatch.setattr(connections, "MAX_CONNECTIONS", 4)
+    tokens = sy.TokenTable()
+    tokens.add(CONSOLE_ADMIN, "owner", "admin")
+    w = WebsocketServerWorker(hook, id=f"rt-fixes2-console-{time.monotonic_ns()}", port=0, tokens=tokens)
+    served = ConsoleServer(w, host="127.0.0.1", port=0).start()
+    yield served
+    served.stop()
+
+
+def _owner_cookie(console) -> str:
+    import httpx
+
+    from veil.governance.console.auth import COOKIE
+
+    with httpx.Client(base_url=f"http://127.0.0.1:{console.port}", headers={"host": console.host_name},
+                      timeout=10) as owner:
+        page = owner.get("/login")
+        csrf = page.text.split('name="login_csrf" value="', 1)[1].split('"', 1)[0]
+        r = owner.post("/login", data={"login_csrf": csrf, "token": CONSOLE_ADMIN},
+                       headers={"origin": f"http://{console.host_name}"})
+        assert r.status_code == 303, r.text
+        return f"{COOKIE}={owner.cookies.get(COOKIE)}"
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """One whole HTTP response (with a Content-Length) from ``sock``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        got = sock.recv(65536)
+        if not got:
+            raise ConnectionError("closed")
+        data += got
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(
+        b"content-length:")))
+    while len(body) < length:
+        got = sock.recv(65536)
+        if not got:
+            raise ConnectionError("closed")
+        body += got
+    return head
+
+
+def test_clients_that_pipeline_requests_do_not_lock_the_owner_out(console):
+    """Attack: anyone on loopback takes every slot with a connection that pipelines thousands of small
+    requests and reads none of the answers (a 4 KiB receive buffer). Each is always "being answered" (the
+    next request right behind the last, or an answer the client does not read, for up to 90 s each), and a
+    connection being answered was never replaced: the owner's browser was closed at once, for as long as the
+    attacker kept at it. Must hold: the owner still gets the log-in page."""
+    import httpx
+
+    request = f"GET /static/console.css HTTP/1.1\r\nHost: {console.host_name}\r\n\r\n".encode()
+    held = []
+    try:
+        for _ in range(4):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", console.port))
+            s.settimeout(0.2)
+            try:
+                for _ in range(3000):
+                    s.send(request)
+            except (socket.timeout, BlockingIOError):  # (the console stopped reading: its answers are unread)
+                pass
+            held.append(s)
+        time.sleep(0.5)
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{console.port}", headers={"host": console.host_name},
+                              timeout=10) as owner:
+                assert owner.get("/login").status_code == 200
+        except httpx.TransportError as e:
+            pytest.fail(f"the owner was locked out by connections that pipeline requests: {e!r}")
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_the_owners_idle_keep_alive_connection_is_replaced_last(console):
+    """Attack: the owner's browser keeps its connection open between pages (keep-alive). Anyone on loopback
+    then opens as many connections as the console takes, each with a head never finished. The owner's idle
+    connection had waited longest, so it was the first replaced (the browser's next click met a reset).
+    Must hold: the attacker's connections take each other's places; the owner's stays open and answers."""
+    cookie = _owner_cookie(console)
+    page = f"GET /requests HTTP/1.1\r\nHost: {console.host_name}\r\nCookie: {cookie}\r\n\r\n".encode()
+    owner = socket.create_connection(("127.0.0.1", console.port), timeout=10)
+    held = []
+    try:
+        owner.sendall(page)
+        assert _read_response(owner).startswith(b"HTTP/1.1 200 ")
+        time.sleep(0.1)
+        for _ in range(6):
+            s = socket.create_connection(("127.0.0.1", console.port), timeout=5)
+            s.sendall(f"GET /login HTTP/1.1\r\nHost: {console.host_name}\r\n".encode())
+            held.append(s)
+            time.sleep(0.05)
+        try:
+            owner.sendall(page)
+            assert _read_response(owner).startswith(b"HTTP/1.1 200 ")
+        except (ConnectionError, OSError) as e:
+            pytest.fail(f"the owner's idle keep-alive connection was replaced first: {e!r}")
+    finally:
+        owner.close()
+        for s in held:
+            s.close()
+
+
+# --------------------------------------------------------------------------- revocation: a stalling peer
+
+
+def test_a_revoked_peer_that_stalls_its_handshake_does_not_hold_the_revocation(hook, tmp_path, cleanup):
+    """Attack: bob is a peer this worker links to (``--peer bob=...``). As the worker connects to him (a
+    command reaching bob), bob accepts the TCP connection and never answers the WebSocket handshake. The
+    owner revokes bob: cutting the link waited for the connecting thread, i.e. for the link's connect
+    timeout (10 s), under the lock every other revocation takes too. Must hold: the revocation returns at
+    once, and the connection being made never carries a request (the link stays refused)."""
+    from veil.exceptions import PermissionDeniedError
+    from veil.workers.websocket_client import WebsocketClientWorker
+
+    server = _start(hook, tmp_path)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    accepted: list = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True).start()
+    link = WebsocketClientWorker(hook, id=f"bob-{time.monotonic_ns()}", host="127.0.0.1",
+                                 port=listener.getsockname()[1], token=TOKEN, lazy=True)
+    server.add_peer(link)
+    connecting = threading.Thread(target=lambda: pytest.raises(Exception, link.connect), daemon=True)
+    connecting.start()
+    revoking = None
+    try:
+        assert _wait(lambda: accepted, 10)
+        time.sleep(0.2)  # (the handshake request is sent; bob never answers)
+        revoking = threading.Thread(target=server.revoke, args=(link.id,), daemon=True)
+        started = time.monotonic()
+        revoking.start()
+        revoking.join(3)
+        assert not revoking.is_alive(), "the revocation waited for the revoked peer's stalled handshake"
+        assert time.monotonic() - started < 3
+        assert link.id in server.tokens.revoked
+    finally:
+        for s in accepted:
+            s.close()  # (the handshake fails now)
+        listener.close()
+        connecting.join(15)
+        if revoking is not None:
+            revoking.join(15)
+    assert not link.connected
+    with pytest.raises(PermissionDeniedError, match="revoked"):
+        link.connect()
