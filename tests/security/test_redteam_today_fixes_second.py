@@ -34,7 +34,10 @@ from veil.workers.websocket_server import WebsocketServerWorker
 from veil.workers.websocket_transport import BlockingConnection
 
 from network_helpers import ADMIN, OTHER, TOKEN
+from tests.scale import conftest as scale_fixtures
 from test_redteam_revocation import _closed, _sessions_of, _wait
+
+postgres_server, pg_url = scale_fixtures.postgres_server, scale_fixtures.pg_url  # fixtures: a real PostgreSQL
 
 _OPEN: list = []
 _SERVERS: list = []
@@ -330,3 +333,34 @@ def test_a_revoked_peer_that_stalls_its_handshake_does_not_hold_the_revocation(h
     assert not link.connected
     with pytest.raises(PermissionDeniedError, match="revoked"):
         link.connect()
+
+
+# --------------------------------------------------------------------------- console: the budget curve's SQL
+
+
+def test_a_charge_stamped_far_ahead_does_not_break_the_budgets_page_on_postgresql(hook, pg_url):
+    """Attack surface: the Budgets page now buckets charges in the ledger's database, ``CAST(FLOOR((at - t0) /
+    span * 300) AS INTEGER)``, with the span ending now. A replica sharing the ledger whose clock runs
+    ahead (a host set years off) stamps charges past now: their slice number passes PostgreSQL's integer
+    range and the cast raised "integer out of range", so every load of the Budgets page failed (SQLite's cast
+    saturates). Must hold: the page's curve is made, the late charge in its last slice, the total right."""
+    import psycopg
+
+    from veil.dp.worker_owner import enable_dp
+    from veil.governance.console import svg, views
+
+    w = sy.VirtualWorker(hook, id=f"pg-fixes2-budgets-{time.monotonic_ns()}")
+    settings = enable_dp(w, budgets={"ana": (1.0, 1e-5)}, ledger_path=pg_url)
+    try:
+        now = time.time()
+        rows = [("ana", 2.0**-12, 0.0, f"DP count #{i}", now - 10 + i / 40) for i in range(400)]  # (10 s of charges)
+        rows.append(("ana", 2.0**-10, 0.0, "DP mean (a replica's clock, years ahead)", now + 10 * 365 * 86400.0))
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.cursor().executemany('INSERT INTO charges("user", epsilon, delta, reason, at) '
+                                      'VALUES (%s, %s, %s, %s, %s)', rows)
+        (row,) = views.budgets(w, now=now)
+        assert 1 < len(row["points"]) <= svg.MAX_CURVE_POINTS
+        assert row["points"][-1][1] == pytest.approx(400 * 2.0**-12 + 2.0**-10, rel=1e-12)
+        assert "years ahead" in row["points"][-1][2]
+    finally:
+        settings.ledger.close()

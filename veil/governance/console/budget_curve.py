@@ -17,10 +17,12 @@ CURVE_POINTS = 300
 
 def _slice_sql(dialect: str) -> str:
     """Which time slice a charge falls in: ``int((at - t0) / span * buckets)``, as Python computes it (the
-    operand is never negative, so truncation is the floor); past the last slice (a charge at t1) the last."""
-    index = ("CAST(FLOOR((at - ?) / ? * ?) AS INTEGER)" if dialect == "postgresql"
-             else "CAST((at - ?) / ? * ? AS INTEGER)")
-    return f"CASE WHEN {index} > ? THEN ? ELSE {index} END"
+    operand is never negative, so truncation is the floor); past the last slice (a charge at t1) the last.
+    Compared before any cast: a charge stamped far past now (a replica whose clock runs ahead) has a slice
+    number beyond PostgreSQL's integer range, and casting it failed the whole page."""
+    ratio = "(at - ?) / ? * ?"
+    index = f"CAST(FLOOR({ratio}) AS INTEGER)" if dialect == "postgresql" else f"CAST({ratio} AS INTEGER)"
+    return f"CASE WHEN {ratio} >= ? THEN ? ELSE {index} END"
 
 
 def curve(ledger: Any, user: str, now: float, buckets: int = CURVE_POINTS) -> tuple[float, float, list]:
