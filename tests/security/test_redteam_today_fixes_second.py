@@ -117,6 +117,40 @@ def test_a_revocation_needs_no_handler_thread_a_scientist_can_exhaust(hook, tmp_
     assert _wait(lambda: not server.sessions or all(s.user == "owner" for s in server.sessions.values()), 30)
 
 
+def test_revocations_stay_prompt_while_the_owner_database_is_frozen(hook, tmp_path, cleanup, monkeypatch):
+    """Behind the previous test: the owner's users messages now have threads of their own, and with the owner
+    database frozen (here: the revocation sync's read blocks) each revocation, in force at once, holds its
+    thread until it can be stored. The owner retries, or revokes several names: each must still be in force
+    at once (the owner's threads must not run out before the owner does)."""
+    from veil.governance import revocation
+
+    server = _start(hook, tmp_path)
+    names = [f"user{i}" for i in range(6)]
+    for name in names:
+        server.tokens.add(f"rt-fixes2-token-{name}", name)
+    frozen, reading = threading.Event(), threading.Event()
+    real = revocation._records
+
+    def stuck(worker):
+        if worker is server and not frozen.is_set():
+            reading.set()
+            frozen.wait(30)
+        return real(worker)
+
+    monkeypatch.setattr(revocation, "_records", stuck)
+    sync = threading.Thread(target=revocation.sync_stored_revocations, args=(server,), daemon=True)
+    sync.start()
+    assert reading.wait(30)
+    try:
+        for name in names:
+            _connect(server, ADMIN).send(serialize(AdminUsersMessage("revoke", name), sender="c"))
+            assert _wait(lambda: name in server.tokens.revoked, 3), f"the revocation of {name} waited"
+    finally:
+        frozen.set()
+    sync.join(30)
+    assert _wait(lambda: all(revocation.stored_revocations(server).get(n) for n in names), 30)
+
+
 def _exhaust_handler_threads(server) -> None:
     """With the turn held by the caller: mallory opens and closes connections until every handler thread
     waits for the turn (each closed session's cleanup takes one)."""

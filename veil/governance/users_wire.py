@@ -26,9 +26,10 @@ from veil.workers.base import BaseWorker, register_handler
 ACTIONS = ("list", "revoke", "restore")
 #: largest users frame decoded ahead of the worker's turn (a name and an action are a few dozen bytes)
 OFF_TURN_MAX_BYTES = 4096
-#: threads of a worker's owner_executor: the owner's users messages and the revocation sync (one of which may
-#: wait on a frozen owner database)
-OWNER_THREADS = 4
+#: most threads of a worker's owner_executor (made as needed): the owner's users messages and the revocation
+#: sync. With the owner database frozen each revocation holds one until it is stored (it is in force before):
+#: the owner's retries must still find a thread
+OWNER_THREADS = 16
 _EXECUTORS: "weakref.WeakKeyDictionary[Any, ThreadPoolExecutor]" = weakref.WeakKeyDictionary()
 
 
