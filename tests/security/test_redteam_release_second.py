@@ -14,7 +14,10 @@ its fix (checked by running this file against ``git archive HEAD`` of the commit
   dataset's description took 12 characters, the tag passed the receiver's 64 KiB limit, the receiver refused
   the object and the approval was used up (recorded as released) though nothing arrived;
 - ``clip_update`` squared a float64 update's entries: finite entries past 1e154 made the norm inf, and its
-  ValueError stopped the whole FedAvg round instead of bounding that one client.
+  ValueError stopped the whole FedAvg round instead of bounding that one client;
+- a secure or encrypted round whose clients that finished all state 0 samples (every weight is within
+  ``client_weight``'s 0..2^40) divided by the weight sum after the protocol ran: a ZeroDivisionError, not the
+  one-line refusal the other degenerate rounds give.
 """
 
 from __future__ import annotations
@@ -22,12 +25,16 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
+import phe
 import pytest
 import torch
 
 import veil as sy
+from veil.federated import trainer as fl
+from veil.federated.he_agg import EncryptedAggregation
 from veil.federated.strategies import FedAvg
 from veil.federated.strategies.base import ClientUpdate, clip_update
 from veil.governance.requests import ReviewQueue
@@ -36,6 +43,7 @@ from veil.mpc.party import OpenMessage
 from veil.workers.websocket_server import WebsocketServerWorker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fl_helpers import make_model, make_parts  # noqa: E402
 from server_sessions import open_session, request, run_command, send_tensor  # noqa: E402
 
 SECRET = torch.tensor([[1.5, -2.25, 3.0], [4.0, 5.5, -6.75]])
@@ -239,3 +247,26 @@ def test_clip_update_is_plain_torchs_norm_bound_on_ordinary_updates(dtype):
     assert clip_update(s, g, 1e9)[0] is s[0]
     with pytest.raises(ValueError):
         clip_update([s[0] * float("nan"), s[1]], g, 0.5)
+
+
+@pytest.mark.parametrize("aggregation", ["secure", "encrypted"])
+def test_a_round_whose_clients_hold_no_samples_is_refused_in_one_line(hook, aggregation):
+    """Clients that state 0 rows (a valid FedAvg weight: a DP worker hiding its count states 0) and finish
+    training: their weights sum to 0. A secure round ran the protocol and then divided by it (ZeroDivisionError
+    from the mean loss; the average itself 0/0), an encrypted one divided before asking anyone. Must hold: the
+    round is refused with a one-line RuntimeError saying why, and the model keeps its weights (plain torch)."""
+    u = time.monotonic_ns()
+    workers = [sy.VirtualWorker(hook, id=f"rs2-fl{i}-{u}") for i in range(3)]
+    fed = sy.FederatedDataset([sy.BaseDataset(x[:0], y[:0]).send(w) for (x, y), w in zip(make_parts(3), workers)])
+    model = make_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    if aggregation == "secure":
+        options = {"secure_aggregation": True}
+    else:
+        public, private = phe.generate_paillier_keypair(n_length=1024)
+        options = {"encrypted_aggregation": EncryptedAggregation(public_key=public, private_key=private)}
+    with warnings.catch_warnings(), pytest.raises(RuntimeError) as refused:
+        warnings.simplefilter("ignore")
+        fl.train(model, fed, rounds=1, lr=0.05, batch_size=8, progress=False, **options)
+    assert "0 samples" in str(refused.value) and "\n" not in str(refused.value), refused.value
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

@@ -241,6 +241,7 @@ class _Sequential:
                 warnings.warn(f"round {r}: worker {wid!r} dropped out ({errors[wid]})", stacklevel=3)
                 self.plans.pop(wid, None)
                 dropped.append(wid)
+        _weighed(r, updates)  # (before any protocol: an all-zero weight sum has nothing to average)
         secure_loss = None
         if self.secure and updates:
             inputs = {u.worker_id: secure_agg.ClientInput(done[u.worker_id].state[0].location, done[u.worker_id].state,
@@ -258,6 +259,7 @@ class _Sequential:
             global_candidate = None
         if len(updates) < min_workers:
             raise RuntimeError(_too_few(r, len(updates), min_workers, errors))
+        _weighed(r, updates)  # (the survivors of a protocol round)
         if global_candidate is not None:
             global_state = strategy.apply_secure(global_candidate, global_state, len(updates))
         else:
@@ -278,6 +280,8 @@ def _pooled_round(runner: "pooled.PooledTraining", r: int, global_state: list, s
     errors = {pool.client_id(i): out["dropped"][i] for i in sorted(out["dropped"])}
     if out["finished"] < min_workers:
         raise RuntimeError(_too_few(r, out["finished"], min_workers, errors))
+    if out["finished"] and not out["samples"]:
+        raise RuntimeError(_no_samples(r, out["finished"]))
     if not runner.hidden:
         global_state = out["aggregator"].result()
         return global_state, RoundRecord(r, ClientIds(pool, out["dropped"]), out["loss_sum"] / out["samples"], None,
@@ -295,6 +299,7 @@ def _pooled_round(runner: "pooled.PooledTraining", r: int, global_state: list, s
         runner.resend.update(pool.index_of(wid) for wid in dropped)  # (as after a failed training)
     if len(updates) < min_workers:
         raise RuntimeError(_too_few(r, len(updates), min_workers, errors))
+    _weighed(r, updates)  # (the survivors of the protocol round)
     global_state = strategy.apply_secure(candidate, global_state, len(updates))
     total = sum(u.num_samples for u in updates)
     train_loss = secure_loss if secure_loss is not None else sum(u.mean_loss * u.num_samples for u in updates) / total
@@ -324,6 +329,18 @@ def _too_few(r: int, finished: int, min_workers: int, errors: dict) -> str:
         wid, why = next(reversed(errors.items()))
         text += f" ({len(errors)} dropped; {wid!r}: {why})"
     return text
+
+
+def _no_samples(r: int, finished: int) -> str:
+    return (f"round {r}: the {finished} clients that finished hold 0 samples in all: nothing to average (FedAvg "
+            "weighs each client's update by its sample count)")
+
+
+def _weighed(r: int, updates: list[ClientUpdate]) -> None:
+    """Refuses a round whose clients hold no sample at all: their weights sum to 0, and a secure or encrypted
+    round divided by it (ZeroDivisionError after the protocol ran, its average NaN)."""
+    if updates and not sum(u.num_samples for u in updates):
+        raise RuntimeError(_no_samples(r, len(updates)))
 
 
 def _secure_round(updates: list[ClientUpdate], inputs: dict, dropped: list,
