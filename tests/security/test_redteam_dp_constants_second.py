@@ -8,9 +8,11 @@ plan_constants.py and he/remote.py):
   ``u`` itself) wrote the record into ``u`` while the walk kept ``u`` public, and ``torch.arange(u.sum().long())``
   sized every record's work from its values; a training-mode ``F.batch_norm`` writes the record's statistics
   into its running-mean argument and was not seen as a write at all;
-- a plan writing into a tensor constant (``Tensor.add_(C, x)``) kept the sum of the lot's records in the plan
-  object stored on the worker: every record saw the records before it, and running the plan afterwards on the
-  scientist's own zeros returned the owner's records, with no review;
+- a plan writing into a tensor constant (``Tensor.add_(C, x)``, ``out=C``, ``C.data``) kept the sum of the lot's
+  records in the plan object stored on the worker: every record saw the records before it, and running the plan
+  afterwards (``veil.plan.run``, any plan, DP or not) on the scientist's own zeros returned the owner's records,
+  with no review; so did a plan returning a view of its constant, once owner data was added in place into the
+  stored result (both now refused when the plan is stored: veil/plans/aliasing.py, veil/plans/remote.py);
 - the "writes into its own buffers" refusal compared version counters, and ``buffer.data`` has its own:
   ``self.seen.data.add_(x.sum(1))`` passed (cross-record dependence);
 - ``DepthRequiredError`` (value-free, past the owner guard) vs success was an oracle on whether the owner's
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 import veil as sy
 from veil.dp import PrivacyParameterError, RemoteDPOwner
 from veil.dp.plan_grads import check_forward_plan
-from veil.exceptions import ReviewPendingError
+from veil.exceptions import OperationNotAllowedError, ReviewPendingError
 from veil.he import ckks
 from veil.he.errors import DepthRequiredError
 from veil.messaging.allowlist import ALLOWLIST
@@ -92,19 +94,49 @@ def _release(owner, plan_handle, state, trainable):
                            location=owner.worker).get()
 
 
-def test_a_plan_accumulating_records_in_its_constant_is_refused_and_keeps_none(hook):
-    w, x, _ = _dp_worker(hook, "rt-dpc2-const")
+def _accumulating_spec(write):
+    """x -> (x * w + C').sum(1): ``write`` puts the record into the constant C (its result is C', slot 2)."""
+    ops = [write, _op(torch.mul, (X, W), 3), _op(torch.add, (SlotRef(3), SlotRef(2)), 4),
+           _op(torch.sum, (SlotRef(4),), 5, {"dim": 1, "keepdim": True})]
+    return PlanSpec("acc", 1, 1, 6, ops, SlotRef(5))
+
+
+def _constant_writes(C):
+    return {"add_": _op(torch.Tensor.add_, (C, X), 2),
+            "out=": _op(torch.add, (X, 0.0), 2, {"out": C}),
+            # .data of a constant is a view with a version counter of its own
+            "data then copy_": _op(torch.Tensor.copy_, (SlotRef(7), X), 2)}
+
+
+@pytest.mark.parametrize("how", ["add_", "out=", "data then copy_"])
+def test_a_plan_accumulating_records_in_its_constant_is_refused_and_keeps_none(hook, how):
+    w, x, _ = _dp_worker(hook, f"rt-dpc2-const-{how}")
     C = torch.zeros(1, 3)
-    ops = [_op(torch.Tensor.add_, (C, X), 2), _op(torch.mul, (X, W), 3),
-           _op(torch.add, (SlotRef(3), SlotRef(2)), 4), _op(torch.sum, (SlotRef(4),), 5, {"dim": 1, "keepdim": True})]
-    plan = Plan.from_spec(PlanSpec("acc", 1, 1, 6, ops, SlotRef(5)), [torch.ones(1, 3)], "acc").send(w)
-    owner = RemoteDPOwner(w, "toy", nn.Linear(3, 1), x[:1])
+    spec = _accumulating_spec(_constant_writes(C)[how])
+    if how == "data then copy_":
+        spec = PlanSpec("acc", 1, 1, 8, [_op(torch.Tensor.data.__get__, (C,), 7), *spec.ops], SlotRef(5))
     with pytest.raises(PrivacyParameterError, match="writes into its parameters or buffers"):
-        _release(owner, plan._handle, [torch.ones(1, 3, requires_grad=True)], [True])
-    assert sy.dp.remaining_budget(w, spent=True) == (0.0, 0.0)
+        check_forward_plan(spec, 1)  # (the DP check refuses it too, from the plan alone)
+    # the worker refuses to store it: run once on the owner's records, the plan kept them in C, and running it
+    # afterwards on the scientist's own zeros returned them, with no review
+    with pytest.raises(OperationNotAllowedError, match="writes in place into one of its constants"):
+        Plan.from_spec(spec, [torch.ones(1, 3)], "acc").send(w)
+    owner = RemoteDPOwner(w, "toy", nn.Linear(3, 1), x[:1])  # the worker still serves
+    torch.testing.assert_close(owner.sanitized_gradient(nn.Linear(3, 1), None, None, 1.0)["weight"].shape,
+                               torch.Size([1, 3]))
+
+
+def test_a_plan_returning_a_view_of_its_constant_is_refused_when_stored(hook):
+    """Run on the scientist's zeros, the result is a view of C stored as theirs; owner data added into it in place
+    (marked, under review) reached C, and the next run returned C, unmarked: the owner's values."""
+    w = sy.VirtualWorker(hook, id="rt-dpc2-view-out")
+    spec = PlanSpec("alias", 1, 0, 2, [_op(torch.Tensor.view_as, (torch.zeros(1, 3), X), 1)], SlotRef(1))
+    with pytest.raises(OperationNotAllowedError, match="returns one of its constants or a view of one"):
+        Plan.from_spec(spec, [], "alias").send(w)
+    fine = PlanSpec("copy", 1, 0, 3, [_op(torch.Tensor.view_as, (torch.ones(1, 3), X), 1),
+                                      _op(torch.Tensor.clone, (SlotRef(1),), 2)], SlotRef(2))
     mine = torch.zeros(1, 3)
-    # the stored plan on the scientist's own zeros: (0 * 1).sum() + C, C as sent (it held the records' sum)
-    torch.testing.assert_close(plan(mine.send(w)).get(), (mine * 1 + C).sum(1, keepdim=True))
+    torch.testing.assert_close(Plan.from_spec(fine, [], "copy").send(w)(mine.send(w)).get(), torch.ones(1, 3))
 
 
 class DataWriter(nn.Module):

@@ -161,7 +161,8 @@ def _check_depth(name: str, a: CKKSTensor, owner_data: bool) -> None:
     if left >= needed:
         return
     used = a.context.raw.seal_context().data.key_context_data().chain_index() - 1 - left
-    why = "its product" + (" and sealing a result computed on the owner's data" if sealing else "")
+    why = " and ".join((["its product"] if name in _PRODUCTS else []) +
+                       (["sealing a result computed on the owner's data"] if sealing else []))
     raise DepthRequiredError(
         f"encrypted {name} needs {needed} multiplicative level(s) ({why}) and this ciphertext has {left} left; "
         f"encrypt under a context with {used + needed}: veil.he.ckks.context(depth={used + needed})")

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from veil.exceptions import RemoteExecutionError
+from veil.exceptions import OperationNotAllowedError, RemoteExecutionError
 from veil.ids import new_id
 from veil.messaging.allowlist import ALLOWLIST, register_worker_function
 from veil.messaging.messages import GetObjectsMessage, ObjectMessage, ObjectRef, StoredObject
-from veil.plans import interpreter
+from veil.plans import aliasing, interpreter
 from veil.plans.ops import PlanSpec
 from veil.tensors import remote_ops
 from veil.tensors.handle import RemoteHandle, fetch_all
@@ -36,6 +36,18 @@ def _compiled(spec: PlanSpec) -> interpreter.CompiledPlan:
 
 def _validate(spec: PlanSpec) -> None:
     _compiled(spec)  # raises OperationNotAllowedError / SerializationError before storing
+    # A constant is kept with the stored plan and read by every run: written in place on a run over the owner's
+    # data, it would hold the owner's values, unmarked, for the next run on the scientist's own tensor.
+    # The same for a result that may be a constant or a view of one: an in-place write into the stored result
+    # (owner data added to it) would reach the constant.
+    groups = aliasing.alias_groups(spec)
+    op = aliasing.shared_write(spec, groups, state=False)
+    if op is not None:
+        raise OperationNotAllowedError(f"plan {spec.name!r} writes in place into one of its constants ({op}, or "
+                                       f"a view of one); create the tensor in the plan or pass it as state")
+    if aliasing.returns_constant(spec, groups):
+        raise OperationNotAllowedError(f"plan {spec.name!r} returns one of its constants or a view of one; "
+                                       f"return a copy (t.clone())")
 
 
 base.STORABLE_TYPES.append(PlanSpec)
