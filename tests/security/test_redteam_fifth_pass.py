@@ -8,8 +8,8 @@ Every test asserts the SAFE behaviour. Holes this pass found (fixed unless said 
 2. A hostile aggregator refused the others' hand-overs, they were dropped, and the pair's sum was decrypted.
    Fixed: a failed hand-over refuses the round (no telling whose fault), and the majority rule.
 3. A client sending its two copies differently aborts the round, and the error named the honest aggregators.
-   The error now blames nobody by name; dropping that client needs per-client commitments: a documented
-   limit (denial of service, not a leak).
+   Fixed since by per-client commitments (``fl.he_commitments``): that client alone is dropped
+   (tests/security/test_redteam_he_commitments.py).
 4. NaN/inf mean losses were accepted: fixed, ``pooled.loss_value`` requires a finite one.
 5. ``.pt`` files had no layer cap: fixed, ``MAX_LAYERS`` and at most 2^27 output elements over all layers.
 6. Hard-linked Keras weights were counted once: fixed, counted per layer variable as Keras reads them.
@@ -151,21 +151,21 @@ class TwoFaced(sy.VirtualWorker):
         return super().send_msg(msg, location)
 
 
-def test_he_two_faced_client_refuses_the_round_without_blaming_the_aggregators(hook, paillier, monkeypatch):
-    # Found: one non-aggregator client sending two different copies aborts fl.train, and the error named the
-    # honest aggregators. Dropping that client instead needs per-client commitments (a digest of each copy,
-    # itself a release under review): left as a documented limit (a denial of service, not a leak). What
-    # holds: nothing is decrypted, the model is unchanged, and the error blames nobody by name.
+def test_he_two_faced_client_is_dropped_without_blaming_the_aggregators(hook, paillier, monkeypatch):
+    # Found: one non-aggregator client sending two different copies aborted fl.train, and the error named the
+    # honest aggregators. With per-client commitments the copy that does not match is reported, that client
+    # alone is dropped, and the round is FedAvg over the honest clients.
     honest = [sy.VirtualWorker(hook, id=uid("he5-h")) for _ in range(3)]
     bad = TwoFaced(hook, id=uid("he5-2face"))
     _pick(monkeypatch, honest[0].id, honest[1].id)
+    parts = make_parts(4)
     model = make_model()
-    before = [p.detach().clone() for p in model.parameters()]
-    hist, err, _ = _train(model, [*honest, bad], make_parts(4), encrypted_aggregation=_he(paillier))
+    hist, err, _ = _train(model, [*honest, bad], parts, encrypted_aggregation=_he(paillier))
     assert bad.sent == 2, "harness: both copies went out"
-    assert isinstance(err, EncryptedAggregationError), repr(err)
-    assert honest[0].id not in str(err) and honest[1].id not in str(err), str(err)
-    assert all(torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
+    assert err is None and hist.rounds[0].dropped == [bad.id], repr(err)
+    ref = honest_fedavg(parts[:3])
+    assert torch.allclose(model.weight.detach(), ref[0], atol=1e-5) and \
+        torch.allclose(model.bias.detach(), ref[1], atol=1e-5)
 
 
 class ReturnsOther(sy.VirtualWorker):

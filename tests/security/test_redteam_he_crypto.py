@@ -181,7 +181,18 @@ class KeyProbingClient(sy.VirtualWorker):
                     obj.segments = segs
                     obj._probed = True
                     self.crafted += 1
+                    self._commit_to(data, obj)
         return reply
+
+    def _commit_to(self, data, crafted):
+        """Commits to the crafted ciphertext (what a hostile client computes its commitment over)."""
+        from veil.federated import he_commitments
+        from veil.messaging.serde import deserialize
+
+        commit = deserialize(bytes(data))[0].args[-1]
+        if type(commit) is list and len(commit) == 3:  # [round id, client id, digest id]
+            digest = he_commitments.commitment(commit[0], commit[1], crafted)
+            self._objects[commit[2]].copy_(he_commitments.as_tensor(digest))
 
 
 def _recover_secret(released: torch.Tensor, size: float) -> np.ndarray:

@@ -7,29 +7,41 @@ without being able to decrypt; only the two sums come back to the coordinator,
 which decrypts one of them if both are byte-identical. The coordinator never
 receives an individual update, and no worker ever holds the secret key.
 
+Commitments (:mod:`veil.federated.he_commitments`): each client, as it
+encrypts, commits to its ciphertext (SHA-256 of its wire encoding, bound to a
+random round id and its client id); the coordinator fetches every commitment
+before any ciphertext is handed over. Each aggregator checks the copies it was
+handed and reports the clients whose copy is missing or does not match; those
+clients are dropped and both aggregators sum the rest. So one client cannot
+refuse a round (two different copies, a copy that cannot be handed over, an
+old round's ciphertext: it alone is dropped), and an aggregator colluding with
+a client cannot have it hand the other aggregator a ciphertext forged from the
+ones the aggregator saw (the accomplice committed before it saw any).
+
 Trust: an aggregating client could return another client's ciphertext instead
 of the sum (the coordinator would decrypt and broadcast that update). So the
 coordinator picks the two aggregators at random (``secrets``) among the
 clients that encrypted, after they did; Paillier and CKKS additions are exact
-and order-independent, so honest sums have the same wire encoding, and a
-difference refuses the round (:class:`EncryptedAggregationError`, nothing
-decrypted). A substituted sum is caught unless both aggregators collude, or
-one aggregator colludes with another client of the round (it sees every
-ciphertext, so the accomplice could hand the other aggregator one forged to
-make both sums equal; closing that needs per-client commitments, not done).
-The coordinator is trusted not to collude with a client. A federation of one
-has nothing to hide: its "sum" is its own update, fetched and decrypted alone.
-Otherwise a majority (and at least two) of the clients the round started with
-must be in the sum, or nothing is decrypted: clients dropped on purpose, or
-refused by a hostile aggregator, cannot leave one update (or one next to the
-aggregator's own) alone in it.
+and order-independent, so honest sums of the same committed ciphertexts have
+the same wire encoding, and a difference refuses the round
+(:class:`EncryptedAggregationError`, nothing decrypted): a substituted sum is
+caught unless both aggregators collude. The coordinator is trusted not to
+collude with a client. A federation of one has nothing to hide: its "sum" is
+its own update, fetched and decrypted alone (no commitment). Otherwise a
+majority (and at least two) of the clients the round started with must be in
+the sum, or nothing is decrypted: clients dropped on purpose, or reported by a
+hostile aggregator, cannot leave one update alone in it. An aggregator's report
+alone drops a client (no telling whether the client or the aggregator lied), so
+a round where one aggregator reported anyone is decrypted only if at least two
+other clients' updates are in it (it cannot leave its own next to one other).
+A client may still commit to any ciphertext of its choosing (no proof that it
+knows the plaintext): with an aggregator that saw earlier rounds' ciphertexts it
+could combine those (not this round's), and the majority rule bounds what a
+coalition of an aggregator and clients learns, as for dropped clients.
 
-A client that fails while encrypting is dropped (the sum is renormalised over
-the survivors); a ciphertext that cannot be handed over refuses the round (its
-sender and the aggregator are equally suspect). Any one client can make the
-two sums differ (two different copies) and so refuse a round: a denial of
-service, not a leak, until clients commit to their ciphertexts. Every
-ciphertext the round made is freed at its end, whatever happened.
+A client that fails while encrypting or committing is dropped (the sum is
+renormalised over the survivors). Every ciphertext and commitment the round
+made is freed at its end, whatever happened.
 
 CKKS trusts the clients' ciphertexts more than Paillier does: a CKKS decryption
 is ``c0 + c1*s``, and a client that crafts its ciphertext puts the secret key
@@ -44,6 +56,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
+from secrets import token_hex
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +64,7 @@ import phe
 import torch
 
 from veil.exceptions import VeilError, register_remote_error
+from veil.federated import he_commitments
 from veil.federated.pooled import CLIENT_FAILURES, error_text  # (a client failing so is dropped, as in training)
 from veil.he import flooding, value_free
 from veil.he._paillier_encoding import DEFAULT_FLOAT_EXPONENT
@@ -66,21 +80,26 @@ from veil.tensors import remote_ops
 
 
 class EncryptedAggregationError(VeilError):
-    """An encrypted round refused as a whole (the aggregators' sums differ, a hand-over failed, too few
+    """An encrypted round refused as a whole (the aggregators' sums differ, an aggregator failed, too few
     clients are left): nothing was decrypted."""
 
 
 register_remote_error(EncryptedAggregationError)
 
 
-def _encrypt_state(worker: Any, state: list, weight: float, key: Any, out_id: int | list) -> None:
+def _encrypt_state(worker: Any, state: list, weight: float, key: Any, out_id: int | list,
+                   commit: list | None = None) -> None:
     """Stores Enc(weight * flattened state) under ``out_id``, or the same ciphertext under each of a list of
-    two ids (one copy for each aggregating client)."""
+    two ids (one copy for each aggregating client); with ``commit=[round id, client id, digest id]``, also
+    its commitment (:func:`he_commitments.commitment`, a uint8 tensor) under the digest id."""
     from veil.he import encrypt
 
     out_ids = out_id if type(out_id) is list else [out_id]
     if len(out_ids) > 2:
         raise TypeError("encrypted aggregation stores its ciphertext under one or two ids")
+    if commit is not None and not (type(commit) is list and len(commit) == 3 and type(commit[0]) is str
+                                   and type(commit[1]) is str and type(commit[2]) is int):
+        raise TypeError("encrypted aggregation's commit is [round id, client id, digest id]")
     if type(weight) not in (int, float) or not math.isfinite(weight) or not all(
             isinstance(s, torch.Tensor) and not s.is_complex() for s in state):
         raise TypeError("encrypted aggregation needs real state tensors and a finite weight")
@@ -105,12 +124,17 @@ def _encrypt_state(worker: Any, state: list, weight: float, key: Any, out_id: in
     else:
         raise TypeError("encrypted aggregation needs a CKKS context or a Paillier public key")
     stored = [worker.monitor.store_output(oid, enc) for oid in out_ids]
+    digest = None
+    if commit is not None:  # (of the bytes that leave: a digest of a ciphertext under fresh randomness)
+        digest = worker.monitor.store_output(commit[2], he_commitments.as_tensor(
+            he_commitments.commitment(commit[0], commit[1], enc)))
     if owner_derived:
-        _record_lineage(worker, state, weight, enc, stored)
+        _record_lineage(worker, state, weight, enc, stored, digest)
 
 
-def _record_lineage(worker: Any, state: list, weight: float, enc: Any, stored: list) -> None:
-    """Governance (#16): the op graph the owner reviews before a ciphertext of the owner's data leaves."""
+def _record_lineage(worker: Any, state: list, weight: float, enc: Any, stored: list, digest: Any = None) -> None:
+    """Governance (#16): the op graph the owner reviews before a ciphertext of the owner's data (or its
+    commitment) leaves."""
     from veil.governance import provenance
 
     lineage, _, _ = worker_output_lineage(worker, "veil.fl.encrypt_state", state, stored[0])
@@ -122,6 +146,8 @@ def _record_lineage(worker: Any, state: list, weight: float, enc: Any, stored: l
     for entry in stored:
         provenance.stamp(entry, lineage, enc)
         entry.meta[provenance.GRAPH][entry.meta[provenance.ROOT]]["shape"] = list(enc.shape)
+    if digest is not None:
+        provenance.stamp(digest, lineage, digest.obj, " (SHA-256 commitment of it)")
 
 
 register_worker_function("veil.fl.encrypt_state", _encrypt_state, shapes="none")
@@ -180,9 +206,13 @@ class EncryptedAggregation:
         hostile aggregator) would otherwise have the coordinator decrypt a lone update, or one an
         aggregator can subtract its own from.
 
+        A client whose ciphertext could not be handed to an aggregator, or does not match its commitment
+        there, is dropped (in the returned dict); the others are summed.
+
         Returns ``(state or None if no client finished, {failed client: why})``. Raises
-        :class:`EncryptedAggregationError` (nothing decrypted) when the aggregators' sums differ, a
-        ciphertext could not be handed over, an aggregator fails, or too few clients are left.
+        :class:`EncryptedAggregationError` (nothing decrypted) when the aggregators' sums differ, an
+        aggregator fails, too few clients are left, or an aggregator's reports would leave fewer than two
+        other clients' updates in the sum.
         """
         ids = list(state_pointers)
         started = len(ids) if started is None else max(int(started), len(ids))
@@ -190,66 +220,96 @@ class EncryptedAggregation:
         where = {wid: state_pointers[wid][0].location for wid in ids}
         size = sum(int(torch.Size(p.shape).numel()) for p in state_pointers[ids[0]])  # entries of every sum
         owner = where[ids[0]].hook.local_worker
-        made: list = []  # (worker, id) of every ciphertext this round makes: all freed in the finally
+        made: list = []  # (worker, id) of every ciphertext and commitment this round makes: freed in the finally
         failed: dict[str, str] = {}
         deadline = None if self.round_seconds is None else time.monotonic() + self.round_seconds
         late = f"not asked to encrypt: the round ran past round_seconds={self.round_seconds}"
         try:
             copies = 2 if len(ids) > 1 else 1
+            round_id = token_hex(16)  # binds the commitments to this round (no replay of an old one)
             encrypted: dict[str, list] = {}
+            commitments: dict[str, bytes] = {}
             for wid in ids:
                 if deadline is not None and time.monotonic() > deadline:
                     failed[wid] = late
                     continue
                 outs = [new_id() for _ in range(copies)]
-                made += [(where[wid], o) for o in outs]
+                digest_id = new_id()
+                made += [(where[wid], o) for o in [*outs, digest_id]]
                 try:
                     key_id = self._key_on(where[wid])
                     key = ObjectRef(key_id) if key_id else self.public_key
+                    commit = [round_id, wid, digest_id] if copies == 2 else None
                     remote_ops.call(ALLOWLIST.by_name("veil.fl.encrypt_state"),
-                                    (state_pointers[wid], weights[wid], key, outs), {})
+                                    (state_pointers[wid], weights[wid], key, outs, *([commit] if commit else [])), {})
+                    if commit:  # fetched before any ciphertext is handed over: nobody has seen another's yet
+                        commitments[wid] = he_commitments.fetch(owner, where[wid], digest_id)
                     encrypted[wid] = outs
-                except CLIENT_FAILURES as e:  # dropped, as a client failing to train is
+                except (*CLIENT_FAILURES, ValueError) as e:  # dropped, as a client failing to train is
                     failed[wid] = error_text(e)
             if not encrypted:
                 return None, failed
-            if len(encrypted) < needed:
-                unasked = sum(why == late for why in failed.values())
-                raise EncryptedAggregationError(f"only {len(encrypted)} of the {started} clients of the round are "
-                                                f"left ({needed} needed): their sum is not decrypted; round refused"
-                                                + (f" ({unasked} {late})" if unasked else ""))
+            self._enough(len(encrypted), started, needed, failed, late)
             if copies == 1:  # a federation of one: nothing to hide from the coordinator (the sum is its update)
                 sums = [self._sum(where[ids[0]], owner, encrypted[ids[0]], made, size)]
                 survivors = ids
             else:
-                # chosen now, at random: no client knew beforehand that it would add the others' ciphertexts
-                pair = secrets.SystemRandom().sample(list(encrypted), 2)
-                held: dict[str, list] = {a: [] for a in pair}  # aggregator -> the ciphertext ids it adds
-                for wid, outs in encrypted.items():
-                    try:
-                        placed = [self._hand_over(owner, where[wid], cid, where[a], made) if a != wid else cid
-                                  for a, cid in zip(pair, outs)]
-                    except CLIENT_FAILURES as e:  # the sender's fault, or an aggregator refusing it to shrink the sum:
-                        raise EncryptedAggregationError(  # no telling which, so nobody is dropped for it
-                            f"client {wid!r}'s ciphertext could not be handed to the aggregating clients; round "
-                            f"refused, nothing decrypted ({error_text(e)})") from None
-                    for a, cid in zip(pair, placed):
-                        held[a].append(cid)
-                survivors = list(encrypted)  # (the pair among them)
-                try:
-                    sums = [self._sum(where[a], owner, held[a], made, size) for a in pair]
-                except CLIENT_FAILURES as e:
-                    raise EncryptedAggregationError(f"an aggregating client failed; round refused, nothing "
-                                                    f"decrypted ({error_text(e)})") from None
-                # honest sums are byte-identical (exact, order-independent additions): a difference means one
-                # aggregator returned something else (another client's ciphertext?), so nothing is decrypted
-                if encode_value(sums[0]) != encode_value(sums[1]):  # (an aggregator, or a client that sent
-                    raise EncryptedAggregationError(  # its two copies differently: no telling which)
-                        "the two aggregated sums differ (an aggregating client, or a client whose two copies "
-                        "differ, did not follow the protocol); round refused, nothing decrypted")
+                survivors, sums = self._committed_sums(owner, where, encrypted, commitments, round_id, made, size,
+                                                       started, needed, failed)
             return self._decrypt(sums[0], state_pointers[ids[0]], [weights[w] for w in survivors], failed), failed
         finally:
             self._free(owner, made)
+
+    @staticmethod
+    def _enough(left: int, started: int, needed: int, failed: dict, late: str) -> None:
+        if left < needed:
+            unasked = sum(why == late for why in failed.values())
+            raise EncryptedAggregationError(f"only {left} of the {started} clients of the round are left ({needed} "
+                                            "needed): their sum is not decrypted; round refused"
+                                            + (f" ({unasked} {late})" if unasked else ""))
+
+    def _committed_sums(self, owner: Any, where: dict, encrypted: dict, commitments: dict, round_id: str,
+                        made: list, size: int, started: int, needed: int, failed: dict) -> tuple[list, list]:
+        """Hands each client's copies to two aggregators picked now, has both check them against the
+        commitments, drops the clients whose copy failed at either, and returns (survivors, the two sums)."""
+        # chosen now, at random: no client knew beforehand that it would add the others' ciphertexts
+        pair = secrets.SystemRandom().sample(list(encrypted), 2)
+        held: dict[str, dict] = {a: {} for a in pair}  # aggregator -> {client: the ciphertext id it holds}
+        bad: dict[str, dict] = {a: {} for a in pair}  # aggregator -> {client: why its copy there failed}
+        for wid, outs in encrypted.items():
+            for a, cid in zip(pair, outs):
+                try:
+                    held[a][wid] = self._hand_over(owner, where[wid], cid, where[a], made) if a != wid else cid
+                except CLIENT_FAILURES as e:  # the sender's fault, or the aggregator's refusal: see below
+                    bad[a][wid] = f"its ciphertext could not be handed to an aggregating client ({error_text(e)})"
+        for a in pair:
+            try:
+                for wid in he_commitments.mismatches(where[a], round_id, held[a], commitments):
+                    bad[a][wid] = "its ciphertext at an aggregating client does not match its commitment"
+            except (*CLIENT_FAILURES, ValueError) as e:
+                raise EncryptedAggregationError(f"an aggregating client failed checking the commitments; round "
+                                                f"refused, nothing decrypted ({error_text(e)})") from None
+        for a in pair:
+            failed.update({wid: why for wid, why in bad[a].items() if wid not in failed})
+        survivors = [wid for wid in encrypted if wid not in failed]
+        self._enough(len(survivors), started, needed, failed, "")
+        for a in pair:  # an aggregator's word alone drops a client: it must not leave its own update next to one
+            if bad[a] and len([w for w in survivors if w != a]) < 2:
+                raise EncryptedAggregationError(
+                    f"clients dropped on one aggregating client's report would leave fewer than two others' "
+                    f"updates in the sum ({len(survivors)} of {started} left); round refused, nothing decrypted")
+        try:
+            sums = [self._sum(where[a], owner, [held[a][w] for w in survivors], made, size) for a in pair]
+        except CLIENT_FAILURES as e:
+            raise EncryptedAggregationError(f"an aggregating client failed; round refused, nothing "
+                                            f"decrypted ({error_text(e)})") from None
+        # both added the same committed ciphertexts: honest sums are byte-identical (exact, order-independent
+        # additions); a difference means an aggregator returned something else, so nothing is decrypted
+        if encode_value(sums[0]) != encode_value(sums[1]):
+            raise EncryptedAggregationError(
+                "the two aggregated sums differ (an aggregating client did not follow the protocol); round "
+                "refused, nothing decrypted")
+        return survivors, sums
 
     def _hand_over(self, owner: Any, source: Any, cid: int, aggregator: Any, made: list) -> int:
         """Moves ciphertext ``cid`` straight from its client to an aggregating client (not through us)."""

@@ -118,9 +118,11 @@ def train(
         seed: makes the clients' shuffling reproducible (tests, benchmarks): client k of
             the dataset shuffles with ``client_seed(seed, round, k)`` on either dispatch path.
         encrypted_aggregation: a ``federated.he_agg.EncryptedAggregation``: clients
-            encrypt their updates under the coordinator's key, two randomly picked
-            clients add the ciphertexts, the coordinator decrypts only the sum, and only
-            when both sums are identical (else EncryptedAggregationError).
+            encrypt their updates under the coordinator's key and commit to them, two
+            randomly picked clients check the commitments (a client whose copy does
+            not match is dropped) and add the ciphertexts, and the coordinator
+            decrypts only the sum, and only when both sums are identical (else
+            EncryptedAggregationError).
         client_metrics: with secure or encrypted aggregation, also fetch each
             client's mean loss in the clear (opt-in: it is a function of that
             client's data). Otherwise secure aggregation sums the losses masked,

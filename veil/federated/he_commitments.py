@@ -1,0 +1,116 @@
+"""Per-client commitments of an encrypted aggregation round (:mod:`veil.federated.he_agg`).
+
+Each client, right after it encrypts its update, stores SHA-256 of its ciphertext's wire encoding bound to
+the round's random id and its own client id; the coordinator fetches every commitment before any
+ciphertext is handed to an aggregating client. Each aggregator then checks what it was handed against the
+commitments (``veil.fl.check_commitments``) and answers one flag per client.
+
+Why: an aggregator that sees every ciphertext cannot have an accomplice hand the other aggregator one
+forged from them (the accomplice committed before anything was handed over), a ciphertext of an old round
+(or of another client) does not match a commitment to this round's, and a client whose copies differ is
+identified (and dropped) instead of refusing the round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Any
+
+import torch
+
+from veil.exceptions import ObjectNotFoundError, RemoteExecutionError
+from veil.he.ckks import CKKSTensor
+from veil.he.paillier import PaillierTensor
+from veil.messaging.allowlist import ALLOWLIST, register_worker_function
+from veil.messaging.messages import ObjectRef
+from veil.messaging.serde import encode_value
+from veil.tensors import remote_ops
+from veil.tensors.pointer import PointerTensor
+
+DOMAIN = b"veil.fl.he_agg commitment v1"
+DIGEST_BYTES = 32
+MAX_CLIENTS = 100_000  # one check names at most this many ciphertexts (bounded work per request)
+_MAX_ID_CHARS = 256
+
+
+def commitment(round_id: str, client_id: str, ciphertext: Any) -> bytes:
+    """SHA-256 over the domain, the round id, the client id (each length-prefixed: no two (round, client)
+    pairs share an input) and the ciphertext's wire encoding."""
+    h = hashlib.sha256(DOMAIN)
+    for part in (round_id.encode(), client_id.encode()):
+        h.update(len(part).to_bytes(8, "big") + part)
+    h.update(encode_value(ciphertext))
+    return h.digest()
+
+
+def as_tensor(digest: bytes) -> torch.Tensor:
+    return torch.tensor(list(digest), dtype=torch.uint8)
+
+
+def as_bytes(t: Any) -> bytes:
+    """A fetched commitment (its form checked: a client may send anything)."""
+    if type(t) is not torch.Tensor or t.dtype != torch.uint8 or tuple(t.shape) != (DIGEST_BYTES,):
+        raise ValueError(f"a commitment is {DIGEST_BYTES} bytes (uint8), got {type(t).__name__} "
+                         f"{tuple(getattr(t, 'shape', ()))[:4]}")
+    return bytes(t.tolist())
+
+
+def _check_commitments(worker: Any, round_id: str, client_ids: list, ciphertexts: list,
+                       digests: torch.Tensor) -> torch.Tensor:
+    """On an aggregating client: 1 for each client whose ciphertext here is not a ciphertext or does not
+    match its commitment (``digests`` row), else 0. The ciphertexts come as ObjectRefs: the flags derive
+    from them (their provenance, and any review of the owner's data, applies to the flags)."""
+    n = len(client_ids) if type(client_ids) is list else -1
+    if not (type(round_id) is str and 0 < len(round_id) <= _MAX_ID_CHARS and 0 < n <= MAX_CLIENTS
+            and type(ciphertexts) is list and len(ciphertexts) == n
+            and all(type(c) is str and len(c) <= _MAX_ID_CHARS for c in client_ids)
+            and type(digests) is torch.Tensor and digests.dtype == torch.uint8
+            and tuple(digests.shape) == (n, DIGEST_BYTES)):
+        raise RemoteExecutionError("check_commitments: a round id, client ids, ciphertexts and one "
+                                   f"{DIGEST_BYTES}-byte commitment per client expected")
+    flags = torch.zeros(n, dtype=torch.uint8)
+    for k, (client, obj) in enumerate(zip(client_ids, ciphertexts)):
+        ok = type(obj) in (CKKSTensor, PaillierTensor) and hmac.compare_digest(
+            commitment(round_id, client, obj), bytes(digests[k].tolist()))
+        flags[k] = 0 if ok else 1
+    return flags
+
+
+register_worker_function("veil.fl.check_commitments", _check_commitments)
+
+
+def fetch(owner: Any, worker: Any, oid: int) -> bytes:
+    """The commitment a client stored under ``oid`` (removed there)."""
+    return as_bytes(PointerTensor(worker, oid, owner, (DIGEST_BYTES,), torch.uint8, False, mine=True).get())
+
+
+def mismatches(aggregator: Any, round_id: str, held: dict, commitments: dict) -> set:
+    """The clients (of ``held``: client id -> ciphertext id at ``aggregator``) whose ciphertext there is
+    missing or does not match its commitment, as the aggregator reports them."""
+    if not held:
+        return set()
+    try:
+        return _flagged(aggregator, round_id, held, commitments)
+    except ObjectNotFoundError:  # a ciphertext never arrived (its sender's word, or the aggregator's): whose?
+        if len(held) == 1:
+            return set(held)
+    bad = set()
+    for client, cid in held.items():  # one by one: the missing ones are those clients' (other errors raise)
+        try:
+            bad |= _flagged(aggregator, round_id, {client: cid}, commitments)
+        except ObjectNotFoundError:
+            bad.add(client)
+    return bad
+
+
+def _flagged(aggregator: Any, round_id: str, held: dict, commitments: dict) -> set:
+    clients = list(held)
+    digests = torch.stack([as_tensor(commitments[c]) for c in clients])
+    flags = remote_ops.call(ALLOWLIST.by_name("veil.fl.check_commitments"),
+                            (round_id, clients, [ObjectRef(held[c]) for c in clients], digests), {},
+                            location=aggregator).get()
+    if type(flags) is not torch.Tensor or tuple(flags.shape) != (len(clients),):
+        raise ValueError(f"aggregating client {aggregator.id!r} answered the commitment check with "
+                         f"{type(flags).__name__}")
+    return {c for c, bad in zip(clients, flags.tolist()) if bad}
