@@ -293,3 +293,30 @@ def test_commitment_binds_round_client_and_bytes(hook, paillier):
                          {"alice": base, "bob": hc.commitment("r1", "bob", ct)}) == {"bob"}
     with pytest.raises(ValueError):
         hc.as_bytes(torch.zeros(31, dtype=torch.uint8))
+
+
+def test_check_names_one_ciphertext_many_times_encodes_it_once_and_bad_input_is_one_line(hook, paillier,
+                                                                                         monkeypatch):
+    """A requester calling ``veil.fl.check_commitments`` itself: one big ciphertext named under 500 client ids is
+    encoded (the costly part) once, not 500 times; malformed arguments get one line and the worker serves on."""
+    from veil.federated import he_commitments as hc
+    from veil.messaging.allowlist import ALLOWLIST
+    from veil.tensors import remote_ops
+
+    ct = sy.he.encrypt(torch.zeros(64, dtype=torch.float64), protocol="paillier", public_key=paillier[0])
+    w = sy.VirtualWorker(hook, id=uid("hc-many"))
+    hook.local_worker.send_msg(m.ObjectMessage([m.StoredObject(4244, ct)]), w)
+    encodings = []
+    real = hc.encode_value
+    monkeypatch.setattr(hc, "encode_value", lambda v: encodings.append(1) or real(v))
+    clients = {f"c{i}": 4244 for i in range(500)}
+    digests = {c: hc.commitment("r", c, ct) for c in clients}
+    encodings.clear()
+    assert hc.mismatches(w, "r", clients, digests) == set()
+    assert len(encodings) == 1, f"{len(encodings)} encodings of one ciphertext"
+    with pytest.raises(Exception) as err:
+        remote_ops.call(ALLOWLIST.by_name("veil.fl.check_commitments"),
+                        ("r", ["a", "b"], [m.ObjectRef(4244)], torch.zeros(2, 32, dtype=torch.uint8)), {},
+                        location=w).get()
+    assert "check_commitments" in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert hc.mismatches(w, "r", {"c0": 4244}, digests) == set()  # still serving

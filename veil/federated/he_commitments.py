@@ -34,14 +34,19 @@ MAX_CLIENTS = 100_000  # one check names at most this many ciphertexts (bounded 
 _MAX_ID_CHARS = 256
 
 
-def commitment(round_id: str, client_id: str, ciphertext: Any) -> bytes:
+def commitment(round_id: str, client_id: str, ciphertext: Any, encoded: bytes | None = None) -> bytes:
     """SHA-256 over the domain, the round id, the client id (each length-prefixed: no two (round, client)
-    pairs share an input) and the ciphertext's wire encoding."""
+    pairs share an input) and SHA-256 of the ciphertext's wire encoding (``encoded``: that inner digest,
+    computed once per ciphertext however many entries name it)."""
     h = hashlib.sha256(DOMAIN)
     for part in (round_id.encode(), client_id.encode()):
         h.update(len(part).to_bytes(8, "big") + part)
-    h.update(encode_value(ciphertext))
+    h.update(encoded if encoded is not None else _inner(ciphertext))
     return h.digest()
+
+
+def _inner(ciphertext: Any) -> bytes:
+    return hashlib.sha256(encode_value(ciphertext)).digest()
 
 
 def as_tensor(digest: bytes) -> torch.Tensor:
@@ -70,9 +75,14 @@ def _check_commitments(worker: Any, round_id: str, client_ids: list, ciphertexts
         raise RemoteExecutionError("check_commitments: a round id, client ids, ciphertexts and one "
                                    f"{DIGEST_BYTES}-byte commitment per client expected")
     flags = torch.zeros(n, dtype=torch.uint8)
-    for k, (client, obj) in enumerate(zip(client_ids, ciphertexts)):
-        ok = type(obj) in (CKKSTensor, PaillierTensor) and hmac.compare_digest(
-            commitment(round_id, client, obj), bytes(digests[k].tolist()))
+    inner: dict[int, bytes] = {}  # id(ciphertext) -> its encoding's digest: one ciphertext named n times is
+    for k, (client, obj) in enumerate(zip(client_ids, ciphertexts)):  # encoded once (bounded work)
+        if type(obj) not in (CKKSTensor, PaillierTensor):
+            flags[k] = 1
+            continue
+        if id(obj) not in inner:
+            inner[id(obj)] = _inner(obj)
+        ok = hmac.compare_digest(commitment(round_id, client, obj, inner[id(obj)]), bytes(digests[k].tolist()))
         flags[k] = 0 if ok else 1
     return flags
 
