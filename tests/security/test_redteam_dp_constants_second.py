@@ -17,7 +17,10 @@ plan_constants.py and he/remote.py):
   ``self.seen.data.add_(x.sum(1))`` passed (cross-record dependence);
 - ``DepthRequiredError`` (value-free, past the owner guard) vs success was an oracle on whether the owner's
   plaintext was zero: TenSEAL replaces a transparent product (a plaintext encoding to all zeros) by a fresh
-  encryption of zero at the top level, so the result kept more levels than any other product.
+  encryption of zero at the top level, so the result kept more levels than any other product;
+- two CKKS products of one ciphertext with owner values shared its randomness: ``x * w[0] - x * w[1]`` was
+  transparent, and failed (ProtectedDataError vs success), exactly when the two values were equal (now every
+  product with the owner's plaintext is brought to its level and re-randomized: veil/he/remote.py).
 """
 
 from __future__ import annotations
@@ -204,3 +207,24 @@ def test_depth_refusal_does_not_say_whether_the_owners_plaintext_was_zero(hook, 
     owner.release_requests.approve(pending.value.request_id)
     expected = row * torch.tensor([owner_values], dtype=torch.float64) * 2.0
     torch.testing.assert_close(twice.get().decrypt(), expected, atol=1e-4, rtol=0)
+
+
+def test_two_products_with_owner_values_differ_without_saying_whether_the_values_are_equal(hook, ckks_small):
+    """``x * w[0] - x * w[1]``: the products shared x's randomness scaled by the plaintext, so the difference of
+    equal values was transparent and failed (ProtectedDataError), an equality oracle on data under review (and on
+    a guess: ``x * w[0] - x * 0.5``)."""
+    owner = sy.VirtualWorker(hook, id="rt-dpc2-ckks-eq")
+    w = torch.tensor([[0.5, 0.5, 0.25]], dtype=torch.float64)
+    owner.load(w.clone(), tags=("#w",), policy="review")
+    ptr = owner.search(["#w"])[0]
+    x = torch.tensor([[1.5]], dtype=torch.float64)
+    enc = sy.he.encrypt(x, protocol="ckks", context=ckks_small).send(owner)
+    equal = (enc * ptr[:, 0:1]) - (enc * ptr[:, 1:2])
+    unequal = (enc * ptr[:, 0:1]) - (enc * ptr[:, 2:3])
+    guess = (enc * ptr[:, 0:1]) - (enc * torch.tensor([[0.5]], dtype=torch.float64))
+    for diff, expected in ((equal, x * (w[:, 0:1] - w[:, 1:2])), (unequal, x * (w[:, 0:1] - w[:, 2:3])),
+                           (guess, x * (w[:, 0:1] - 0.5))):
+        with pytest.raises(ReviewPendingError) as pending:
+            diff.get()
+        owner.release_requests.approve(pending.value.request_id)
+        torch.testing.assert_close(diff.get().decrypt(), expected, atol=1e-4, rtol=0)

@@ -135,7 +135,7 @@ def _he_op(worker: Any, name: str, a: Any, b: Any, out_id: int) -> None:
         with value_free_encoding() if value_free else contextlib.nullcontext(), checkpoints(cancellation.checkpoint):
             result = op(a, b)
             if value_free and isinstance(a, CKKSTensor) and name in _PRODUCTS:
-                result = _at_product_level(result, a)
+                result = _at_product_level(result, a, fresh=name not in _REDUCTIONS)
             if owner_data:
                 result = _releasable(name, result, value_free)
     except HEError as e:
@@ -172,24 +172,35 @@ def _ckks_levels(segment: Any) -> int:
     return segment.ciphertext()[0].coeff_modulus_size() - 1
 
 
-def _at_product_level(result: CKKSTensor, a: CKKSTensor) -> CKKSTensor:
+def _at_product_level(result: CKKSTensor, a: CKKSTensor, fresh: bool) -> CKKSTensor:
     """A CKKS product with the owner's plaintext, every segment at the level a product of ``a`` has (one below
-    ``a``'s lowest). TenSEAL replaces a product that comes out transparent (a plaintext encoding to zeros: the
-    owner's values all 0, or all below ~2**-41) by a fresh encryption of zero at the top level, so the result's
-    levels left, and with them DepthRequiredError or the clamp probe of the next op, said whether the owner's
-    values were zero. Adding and subtracting an encryption of zero at the product's level brings each segment down
-    to it (the same work whatever the values)."""
+    ``a``'s lowest) and, if ``fresh``, with randomness of its own.
+
+    TenSEAL replaces a product that comes out transparent (a plaintext encoding to zeros: the owner's values all
+    0, or all below ~2**-41) by a fresh encryption of zero at the top level, so the result's levels left, and
+    with them DepthRequiredError or the clamp probe of the next op, said whether the owner's values were zero.
+    And two products of one ciphertext share its randomness, scaled by the plaintext: their difference was
+    transparent, so ``x * w[0] - x * w[1]`` (or ``- x * guess``) failed exactly when the values were equal.
+    Adding an encryption of zero at the product's level brings each segment down to it (the same work whatever
+    the values); a fresh one per segment re-randomizes it (reductions are sealed with fresh noise after this)."""
     level = min(_ckks_levels(s) for s in a.segments) - 1
-    refs: dict[int, Any] = {}
+    shared: dict[int, Any] = {}
+
+    def zero(size: int) -> Any:
+        ref = ts.ckks_vector(result.context.raw, [0.0] * size)
+        while _ckks_levels(ref) > level:  # (multiplied by 1 down to the product's level)
+            ref = ref.mul(1.0)
+        return ref
+
     out = []
     with he_errors("encrypted product"):
         for seg in result.segments:
-            ref = refs.get(seg.size())
+            if fresh:
+                out.append(seg.add(zero(seg.size())))
+                continue
+            ref = shared.get(seg.size())
             if ref is None:
-                ref = ts.ckks_vector(result.context.raw, [0.0] * seg.size())
-                while _ckks_levels(ref) > level:  # (a fresh zero, multiplied by 1 down to the product's level)
-                    ref = ref.mul(1.0)
-                refs[seg.size()] = ref
+                ref = shared[seg.size()] = zero(seg.size())
             out.append(seg.add(ref).sub(ref))
     return result._like(out)
 
