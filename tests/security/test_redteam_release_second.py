@@ -13,6 +13,11 @@ its fix (checked by running this file against ``git archive HEAD`` of the commit
 - a moved value's op graph travelled as a capability tag JSON-encoded with ``ensure_ascii``: each emoji of a
   dataset's description took 12 characters, the tag passed the receiver's 64 KiB limit, the receiver refused
   the object and the approval was used up (recorded as released) though nothing arrived;
+- a release request matched a recomputed object by its bytes and its computation as the owner reads it, and
+  that text leaves values out (a scientist's tensor shows as its shape, a tensor in the command as
+  ``tensor[shape]``): recomputing ``d > t`` under the same id with another ``t`` answered with the same
+  pending request exactly when the bytes were equal, a new one otherwise; an equality oracle on review data
+  (a binary search on ``max(d)``) without any approval. Each graph node now has a key over all its values;
 - ``clip_update`` squared a float64 update's entries: finite entries past 1e154 made the norm inf, and its
   ValueError stopped the whole FedAvg round instead of bounding that one client;
 - a secure or encrypted round whose clients that finished all state 0 samples (every weight is within
@@ -38,6 +43,7 @@ from veil.federated.he_agg import EncryptedAggregation
 from veil.federated.strategies import FedAvg
 from veil.federated.strategies.base import ClientUpdate, clip_update
 from veil.governance.requests import ReviewQueue
+from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.mpc.party import OpenMessage
 from veil.workers.websocket_server import WebsocketServerWorker
@@ -166,6 +172,40 @@ def test_an_opening_of_the_scientists_own_values_is_unchanged(hook):
     assert type(reply) is m.ObjectsReply, reply
     assert torch.equal(reply.objects[0], x - torch.zeros(3)) and torch.equal(reply.objects[1], y - 1)
     assert not w.queue.list()
+
+
+# --------------------------------------------------------------------- request matching (hole)
+
+
+@pytest.mark.parametrize("probe", ["stored", "inline"])
+def test_a_recomputed_probe_gets_a_new_request_whatever_its_bytes(hook, probe):
+    """Attack (equality oracle): under one id X the scientist computes ``d > t`` with ``t`` all 100 (all False)
+    and asks for it: request R, pending. Then it frees X, computes ``d > t'`` under X with another threshold
+    (its own stored tensor, or a tensor written in the command) and asks again. The owner's text for both is
+    ``torch.gt(d1, i1)`` (or ``tensor[2, 3]``): the same computation as read, so R came back exactly when the
+    bytes were equal (every record at most t'), a new request otherwise: a binary search on ``max(d)`` with no
+    approval. Must hold: the answer does not depend on the bytes (here: a new request for every other ``t'``),
+    and the same computation redone (the same ``t'``) still finds its own request."""
+    w = Net(hook)
+    x = new_id()
+
+    def asked(threshold: float) -> str:
+        request(w.srv, w.sci, m.DeleteMessage([x]))
+        t = torch.full((2, 3), threshold)
+        arg = m.ObjectRef(send_tensor(w.srv, w.sci, t)) if probe == "stored" else t
+        reply = request(w.srv, w.sci, m.CommandMessage("torch.gt", (m.ObjectRef(w.d), arg), {}, [x], False))
+        assert type(reply) is m.OkReply, reply
+        got = request(w.srv, w.sci, m.GetObjectsMessage([x]))
+        assert type(got) is m.ErrorReply and got.error == "ReviewPendingError", got
+        return got.message.split("release request ")[1].split()[0]
+
+    assert torch.equal(SECRET > 10.0, SECRET > 100.0) and not torch.equal(SECRET > 5.0, SECRET > 100.0)
+    answers = []
+    for threshold in (10.0, 5.0):  # (plain torch: 10 gives the filed bytes, 5 does not)
+        filed = asked(100.0)
+        answers.append(asked(threshold) == filed)
+    assert answers == [False, False], answers
+    assert asked(7.0) == asked(7.0)  # (the same computation redone: the same request)
 
 
 # ------------------------------------------------------------------------------- moves (hole)

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from veil.governance.computation_key import args_key, content_key, node_key
 from veil.governance.graphtext import NOT_SHOWN
 
 GRAPH = "graph"
@@ -68,14 +69,16 @@ def _input_node(oid: int, entry: Any) -> tuple[str, dict]:  # noqa: C901
         if entry.description and entry.tags:
             label = f"{' '.join(entry.tags)} ({entry.description})"
         nid = f"src-{oid:x}"
-        return nid, {nid: {"op": "dataset", "label": label, "shape": _shape(entry.obj),
-                           "dtype": _dtype_name(entry.obj), "inputs": [], "source": oid}}
+        node = {"op": "dataset", "label": label, "shape": _shape(entry.obj), "dtype": _dtype_name(entry.obj),
+                "inputs": [], "source": oid}
+        return nid, {nid: dict(node, key=node_key(node, {}))}
     nid = f"in-{oid:x}"
     # an object with sources but no recorded graph (a share stored by a protocol step) still derives from them
     label = ("derived from owner data (computation not recorded)" if entry.provenance
              else "scientist's tensor (not derived from owner data)")
-    return nid, {nid: {"op": "input", "label": label,
-                       "shape": _shape(entry.obj), "dtype": _dtype_name(entry.obj), "inputs": []}}
+    node = {"op": "input", "label": label, "shape": _shape(entry.obj), "dtype": _dtype_name(entry.obj),
+            "inputs": [], "content": content_key(entry.obj)}  # (its values are not shown: its key has them)
+    return nid, {nid: dict(node, key=node_key(node, {}))}
 
 
 def _describe_arg(value: Any) -> str:
@@ -203,7 +206,8 @@ def lineage_of(op_name: str, args: tuple, inputs: dict, entries: dict, kwargs: d
             graph.setdefault(k, v)
     position = {oid: i for i, oid in enumerate(entries)}
     at = {obj: position[oid] for obj, oid in inputs.items() if oid in position}
-    node: dict = {"op": op_name, "inputs": roots, "args": _args_text(args, kwargs or {}, at)}
+    node: dict = {"op": op_name, "inputs": roots, "args": _args_text(args, kwargs or {}, at),
+                  "args_key": args_key(args, kwargs or {}, at)}
     if op_name in ("veil.plan.run", "veil.plan.fit") and args:
         spec = args[0]
         node["label"] = f"plan {str(getattr(spec, 'name', '?'))[:MAX_PLAN_NAME]!r}"
@@ -288,6 +292,7 @@ def stamp(entry: Any, lineage: Lineage | None, tensor: Any, op_suffix: str = "")
             graph.setdefault(k, v)
         if entry.meta[ROOT] not in node["inputs"]:  # (appended: the argument text names inputs by position)
             node["inputs"] = [*node["inputs"], entry.meta[ROOT]]
+    node["key"] = node_key(node, graph)  # (the whole computation, values included: computation_key.py)
     graph[nid] = node
     if not lineage.sources <= entry.provenance:
         entry.provenance = entry.provenance | lineage.sources

@@ -50,6 +50,7 @@ def record_received(worker: Any, principal: Any, stored: list) -> None:
     as :meth:`ReferenceMonitor.store_objects` applied them)."""
     from veil.governance import provenance
     from veil.governance.cli import shown
+    from veil.governance.computation_key import content_key
     from veil.governance.state import tracking
 
     if not tracking(worker):
@@ -64,7 +65,7 @@ def record_received(worker: Any, principal: Any, stored: list) -> None:
                                                           if len(sources) > MAX_NAMED_SOURCES else "")
         # (the sender's strings never read as an input's mark: render_graph fills those)
         text = f"from {sender}, derived from owner data {named}".replace("\u00b7", "\\xb7")
-        node = {"op": "veil.received", "inputs": [], "args": text}
+        node = {"op": "veil.received", "inputs": [], "args": text, "content": content_key(entry.obj)}
         report = caps.get("graph")
         if report and trusted:
             # (each line names its sender: the report's d1, t1 are that worker's nodes, not this graph's)

@@ -88,9 +88,10 @@ def decide(worker: Any, oid: int, entry: Any, user: str, session: str = "-", rea
 
 
 def computation(graph: dict, root: str) -> tuple:
-    """An op graph as the owner reads it (node ids are random per command: names come from the order), so the
-    same computation redone compares equal and any other does not."""
-    return tuple(render_graph(graph, root))
+    """An op graph as the owner reads it (node ids are random per command: names come from the order) and its
+    root's key (the values the text leaves out: veil/governance/computation_key.py), so the same computation
+    redone compares equal and any other does not."""
+    return (*render_graph(graph, root), (graph.get(root) or {}).get("key"))
 
 
 def enforce(worker: Any, oid: int, entry: Any, user: str, session: str = "-", purpose: str = "get") -> None:
