@@ -19,8 +19,10 @@ plan_constants.py and he/remote.py):
   plaintext was zero: TenSEAL replaces a transparent product (a plaintext encoding to all zeros) by a fresh
   encryption of zero at the top level, so the result kept more levels than any other product;
 - two CKKS products of one ciphertext with owner values shared its randomness: ``x * w[0] - x * w[1]`` was
-  transparent, and failed (ProtectedDataError vs success), exactly when the two values were equal (now every
-  product with the owner's plaintext is brought to its level and re-randomized: veil/he/remote.py).
+  transparent, and failed (ProtectedDataError vs success), exactly when the two values were equal; a crafted row
+  [s, s] (the requester holds the secret key) made ``mm``'s sum fail exactly when w[0] == -w[1] (now the
+  ciphertext is re-randomized before a product with the owner's plaintext, and the product brought to its
+  level: veil/he/remote.py).
 """
 
 from __future__ import annotations
@@ -228,3 +230,19 @@ def test_two_products_with_owner_values_differ_without_saying_whether_the_values
             diff.get()
         owner.release_requests.approve(pending.value.request_id)
         torch.testing.assert_close(diff.get().decrypt(), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("column", [[0.5, -0.5], [0.5, 0.25]])
+def test_a_crafted_row_of_one_ciphertext_twice_does_not_say_whether_owner_values_cancel(hook, ckks_small, column):
+    """The requester holds the secret key and can shape its ciphertext's randomness: a row [s, s] made ``mm``'s
+    sum s * w[0] + s * w[1] transparent, so it failed exactly when w[0] == -w[1]."""
+    owner = sy.VirtualWorker(hook, id=f"rt-dpc2-ckks-row-{column[1]}")
+    w = torch.tensor([[column[0]], [column[1]]], dtype=torch.float64)
+    owner.load(w.clone(), tags=("#w",), policy="review")
+    one = sy.he.encrypt(torch.tensor([[1.0]], dtype=torch.float64), protocol="ckks", context=ckks_small)
+    crafted = one._like([one.segments[0], one.segments[0].copy()], (1, 2))
+    out = crafted.send(owner).mm(owner.search(["#w"])[0])
+    with pytest.raises(ReviewPendingError) as pending:
+        out.get()
+    owner.release_requests.approve(pending.value.request_id)
+    torch.testing.assert_close(out.get().decrypt(), torch.ones(1, 2, dtype=torch.float64) @ w, atol=1e-3, rtol=0)

@@ -133,9 +133,10 @@ def _he_op(worker: Any, name: str, a: Any, b: Any, out_id: int) -> None:
     cancellation.checkpoint()  # (the deadline, and a disconnect, before the work)
     try:
         with value_free_encoding() if value_free else contextlib.nullcontext(), checkpoints(cancellation.checkpoint):
-            result = op(a, b)
-            if value_free and isinstance(a, CKKSTensor) and name in _PRODUCTS:
-                result = _at_product_level(result, a, fresh=name not in _REDUCTIONS)
+            ckks_product = value_free and isinstance(a, CKKSTensor) and name in _PRODUCTS
+            result = op(_rerandomized(a) if ckks_product else a, b)
+            if ckks_product:
+                result = _at_product_level(result, a)
             if owner_data:
                 result = _releasable(name, result, value_free)
     except HEError as e:
@@ -172,35 +173,33 @@ def _ckks_levels(segment: Any) -> int:
     return segment.ciphertext()[0].coeff_modulus_size() - 1
 
 
-def _at_product_level(result: CKKSTensor, a: CKKSTensor, fresh: bool) -> CKKSTensor:
+def _rerandomized(a: CKKSTensor) -> CKKSTensor:
+    """``a`` with a fresh encryption of zero added to each segment: randomness the requester does not know, at no
+    level. The requester holds the secret key, so it can craft its ciphertext's randomness: two segments alike, or
+    two products of one ciphertext, made the sum (``mm`` of a row [s, s]) or difference of products with the
+    owner's values transparent, a failure exactly when those values cancelled (w[0] == -w[1], w[0] == w[1])."""
+    with he_errors("encrypted product"):
+        return a._like([s.add(ts.ckks_vector(a.context.raw, [0.0] * s.size())) for s in a.segments])
+
+
+def _at_product_level(result: CKKSTensor, a: CKKSTensor) -> CKKSTensor:
     """A CKKS product with the owner's plaintext, every segment at the level a product of ``a`` has (one below
-    ``a``'s lowest) and, if ``fresh``, with randomness of its own.
-
-    TenSEAL replaces a product that comes out transparent (a plaintext encoding to zeros: the owner's values all
-    0, or all below ~2**-41) by a fresh encryption of zero at the top level, so the result's levels left, and
-    with them DepthRequiredError or the clamp probe of the next op, said whether the owner's values were zero.
-    And two products of one ciphertext share its randomness, scaled by the plaintext: their difference was
-    transparent, so ``x * w[0] - x * w[1]`` (or ``- x * guess``) failed exactly when the values were equal.
-    Adding an encryption of zero at the product's level brings each segment down to it (the same work whatever
-    the values); a fresh one per segment re-randomizes it (reductions are sealed with fresh noise after this)."""
+    ``a``'s lowest). TenSEAL replaces a product that comes out transparent (a plaintext encoding to zeros: the
+    owner's values all 0, or all below ~2**-41) by a fresh encryption of zero at the top level, so the result's
+    levels left, and with them DepthRequiredError or the clamp probe of the next op, said whether the owner's
+    values were zero. Adding and subtracting an encryption of zero at the product's level brings each segment
+    down to it (the same work whatever the values)."""
     level = min(_ckks_levels(s) for s in a.segments) - 1
-    shared: dict[int, Any] = {}
-
-    def zero(size: int) -> Any:
-        ref = ts.ckks_vector(result.context.raw, [0.0] * size)
-        while _ckks_levels(ref) > level:  # (multiplied by 1 down to the product's level)
-            ref = ref.mul(1.0)
-        return ref
-
+    refs: dict[int, Any] = {}
     out = []
     with he_errors("encrypted product"):
         for seg in result.segments:
-            if fresh:
-                out.append(seg.add(zero(seg.size())))
-                continue
-            ref = shared.get(seg.size())
+            ref = refs.get(seg.size())
             if ref is None:
-                ref = shared[seg.size()] = zero(seg.size())
+                ref = ts.ckks_vector(result.context.raw, [0.0] * seg.size())
+                while _ckks_levels(ref) > level:  # (a fresh zero, multiplied by 1 down to the product's level)
+                    ref = ref.mul(1.0)
+                refs[seg.size()] = ref
             out.append(seg.add(ref).sub(ref))
     return result._like(out)
 
