@@ -22,6 +22,7 @@ from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.serde import EXT_CODES, deserialize, serialize
 from veil.plans import training_plan
+from veil.workers.auth_throttle import FREE_FAILURES
 from veil.workers.persistence import OwnerDB
 from veil.workers.websocket_auth import handshake_headers
 from veil.workers.websocket_transport import BlockingConnection
@@ -212,8 +213,8 @@ def test_a_result_beyond_the_workers_memory_cap_fails_before_it_is_allocated(spa
 
 def test_refused_connections_are_audited_in_aggregate(spawn, tmp_path):
     wp = spawn("alice", base_args(["--data-dir", str(tmp_path)]))
-    for _ in range(120):
-        assert _http_get(wp.port, handshake_headers("not-a-valid-token")) == 401
+    for i in range(120):  # (past one source's free failures, refused as throttled: audited the same way)
+        assert _http_get(wp.port, handshake_headers("not-a-valid-token")) == (401 if i <= FREE_FAILURES else 429)
     assert wp.stop() == 0
     rows = [r for r in OwnerDB.in_dir(tmp_path).audit_entries() if r["action"] == "connect"]
     assert len(rows) <= 10, len(rows)

@@ -155,15 +155,16 @@ def test_he_two_faced_client_is_dropped_without_blaming_the_aggregators(hook, pa
     # Found: one non-aggregator client sending two different copies aborted fl.train, and the error named the
     # honest aggregators. With per-client commitments the copy that does not match is reported, that client
     # alone is dropped, and the round is FedAvg over the honest clients.
-    honest = [sy.VirtualWorker(hook, id=uid("he5-h")) for _ in range(3)]
+    # (one aggregator reports it: dropped where a majority is left without that aggregator, so 5 clients)
+    honest = [sy.VirtualWorker(hook, id=uid("he5-h")) for _ in range(4)]
     bad = TwoFaced(hook, id=uid("he5-2face"))
     _pick(monkeypatch, honest[0].id, honest[1].id)
-    parts = make_parts(4)
+    parts = make_parts(5)
     model = make_model()
     hist, err, _ = _train(model, [*honest, bad], parts, encrypted_aggregation=_he(paillier))
     assert bad.sent == 2, "harness: both copies went out"
     assert err is None and hist.rounds[0].dropped == [bad.id], repr(err)
-    ref = honest_fedavg(parts[:3])
+    ref = honest_fedavg(parts[:4])
     assert torch.allclose(model.weight.detach(), ref[0], atol=1e-5) and \
         torch.allclose(model.bias.detach(), ref[1], atol=1e-5)
 

@@ -29,15 +29,17 @@ caught unless both aggregators collude. The coordinator is trusted not to
 collude with a client. A federation of one has nothing to hide: its "sum" is
 its own update, fetched and decrypted alone (no commitment). Otherwise a
 majority (and at least two) of the clients the round started with must be in
-the sum, or nothing is decrypted: clients dropped on purpose, or reported by a
-hostile aggregator, cannot leave one update alone in it. An aggregator's report
-alone drops a client (no telling whether the client or the aggregator lied), so
-a round where one aggregator reported anyone is decrypted only if at least two
-other clients' updates are in it (it cannot leave its own next to one other).
-A client may still commit to any ciphertext of its choosing (no proof that it
-knows the plaintext): with an aggregator that saw earlier rounds' ciphertexts it
-could combine those (not this round's), and the majority rule bounds what a
-coalition of an aggregator and clients learns, as for dropped clients.
+the sum, or nothing is decrypted: clients dropped on purpose cannot leave one
+update alone in it. A client reported by both aggregators misbehaved (one
+hostile aggregator cannot make the other report it); one reported by a single
+aggregator may be an honest client that aggregator drops, so the sum must then
+hold that majority without the reporting aggregator's own update: an
+aggregator and one accomplice cannot shrink the sum to a victim's update next
+to theirs. (So a client with one bad copy is dropped from rounds of five or
+more clients; in smaller ones it still refuses the round.) A client may still
+commit to any ciphertext of its choosing (no proof that it knows the
+plaintext): with an aggregator that saw earlier rounds' ciphertexts it could
+combine those (not this round's).
 
 A client that fails while encrypting or committing is dropped (the sum is
 renormalised over the survivors). Every ciphertext and commitment the round
@@ -211,8 +213,8 @@ class EncryptedAggregation:
 
         Returns ``(state or None if no client finished, {failed client: why})``. Raises
         :class:`EncryptedAggregationError` (nothing decrypted) when the aggregators' sums differ, an
-        aggregator fails, too few clients are left, or an aggregator's reports would leave fewer than two
-        other clients' updates in the sum.
+        aggregator fails, too few clients are left, or clients reported by one aggregator alone would leave
+        fewer than that majority besides the reporting aggregator.
         """
         ids = list(state_pointers)
         started = len(ids) if started is None else max(int(started), len(ids))
@@ -293,10 +295,10 @@ class EncryptedAggregation:
             failed.update({wid: why for wid, why in bad[a].items() if wid not in failed})
         survivors = [wid for wid in encrypted if wid not in failed]
         self._enough(len(survivors), started, needed, failed, "")
-        for a in pair:  # an aggregator's word alone drops a client: it must not leave its own update next to one
-            if bad[a] and len([w for w in survivors if w != a]) < 2:
-                raise EncryptedAggregationError(
-                    f"clients dropped on one aggregating client's report would leave fewer than two others' "
+        for a, other in (pair, pair[::-1]):  # a client only one aggregator reports may be an honest one it drops
+            if set(bad[a]) - set(bad[other]) and len([w for w in survivors if w != a]) < needed:
+                raise EncryptedAggregationError(  # (with an accomplice, to leave a victim's update alone with theirs)
+                    f"clients dropped on one aggregating client's word would leave fewer than {needed} other clients' "
                     f"updates in the sum ({len(survivors)} of {started} left); round refused, nothing decrypted")
         try:
             sums = [self._sum(where[a], owner, [held[a][w] for w in survivors], made, size) for a in pair]

@@ -27,6 +27,7 @@ freed when the connection closes.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import secrets
@@ -72,7 +73,10 @@ class TokenTable:
     """Access tokens the data owner issued, each naming a principal and a role."""
 
     def __init__(self) -> None:
+        #: (keyed digest of a token, its principal): lookups compare fixed-length digests, so the time a
+        #: comparison takes says nothing of a token's length either
         self._entries: list[tuple[bytes, Principal]] = []
+        self._digest_key = secrets.token_bytes(32)
         #: issuer name -> (secret, role) of client tokens checked by their MAC (``client_tokens``)
         self._issuers: dict[str, tuple[bytes, str]] = {}
         #: issued principals that presented a valid token, by name (listed and revocable by name); replaced
@@ -88,7 +92,10 @@ class TokenTable:
             raise ValueError(f"the access token for {name!r} is too short (at least 8 characters)")
         if not name or "#" in name:
             raise ValueError(f"invalid principal name {name!r}")
-        self._entries.append((token.encode(), Principal(name, role)))
+        self._entries.append((self._digest(token), Principal(name, role)))
+
+    def _digest(self, token: str) -> bytes:
+        return hmac.new(self._digest_key, token.encode(), hashlib.sha256).digest()
 
     def add_issuer(self, secret: str, name: str, role: str = "client") -> None:
         """Accepts every token ``client_tokens.issue(secret, name, holder)`` makes, as principal
@@ -102,7 +109,7 @@ class TokenTable:
 
     def lookup(self, token: str) -> Principal | None:
         """The principal for ``token``, comparing against every entry in constant time."""
-        presented = token.encode()
+        presented = self._digest(token)
         found = None
         for known, principal in self._entries:
             if hmac.compare_digest(known, presented) and found is None:
@@ -215,12 +222,12 @@ def authenticate(table: TokenTable, tokens: list[str]) -> Session:
         raise PermissionDeniedError("no access token presented")
     if len(tokens) > MAX_TOKENS_PER_CONNECTION:
         raise PermissionDeniedError(f"too many tokens (at most {MAX_TOKENS_PER_CONNECTION})")
-    principals = []
-    for token in tokens:
-        principal = table.lookup(token)
-        if principal is None:
-            raise PermissionDeniedError("unknown access token")
-        principals.append(principal)
+    principals = [table.lookup(token) for token in tokens]  # every one: the time says nothing of which failed
+    unknown = sum(p is None for p in principals)
+    if unknown:
+        refusal = PermissionDeniedError("unknown access token")
+        refusal.failures = unknown  # each unknown token is one guess (auth_throttle counts them)
+        raise refusal
     return Session(tuple(dict.fromkeys(principals)))
 
 

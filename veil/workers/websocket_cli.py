@@ -31,6 +31,7 @@ import torch
 from veil.exceptions import CommandLineError
 from veil.workers.persistence import OwnerDB
 from veil.workers.scheduling import POLICIES, set_policy
+from veil.workers.auth_throttle import FAILURE_WINDOW, FREE_FAILURES, UNGUESSABLE_CHARS, FailureThrottle
 from veil.workers.websocket_auth import TokenTable, new_token
 
 
@@ -77,6 +78,11 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "worker's 64): one token cannot take every slot; the admin token is not limited")
     p.add_argument("--max-sessions-per-client", type=int, default=4, metavar="N",
                    help="connections one client with its own issued token (--client-issuer) may hold at once")
+    p.add_argument("--auth-free-failures", type=int, default=FREE_FAILURES, metavar="N",
+                   help=f"failed authentications (port and console) one source (loopback, an IPv4 /24, an IPv6 /64) "
+                        f"may make in {FAILURE_WINDOW / 60:g} minutes before it is refused for a while, longer with "
+                        f"each further failure (default: {FREE_FAILURES}); a valid token of {UNGUESSABLE_CHARS}+ "
+                        "characters, as generated ones, is never refused")
     p.add_argument("--max-memory-mb", type=float, default=None, metavar="MB",
                    help="most memory this worker process may map, in MiB (default: the machine's memory; 0: no "
                         "cap): a request for a larger result fails with a one-line error instead of the machine "
@@ -330,6 +336,7 @@ def run(args: argparse.Namespace) -> int:
         max_sessions_per_principal=args.max_sessions_per_principal,
         max_sessions_per_client=args.max_sessions_per_client,
     )
+    worker.auth_throttle = FailureThrottle(free=max(0, args.auth_free_failures))
     for peer in _peers(args, hook):
         worker.add_peer(peer)
     tags = [t.strip() for t in args.tags.split(",") if t.strip()]

@@ -132,6 +132,11 @@ class WebsocketClientWorker(BaseWorker):
             status = e.response.status_code
             if status == 401:
                 raise PermissionDeniedError(f"worker {self.id!r} at {self.url} refused the access token") from None
+            if status == 429:  # (auth_throttle: this address failed too often; said whatever the token)
+                wait = e.response.headers.get("Retry-After", "")
+                wait = f"{wait} s" if wait.isdigit() else "a while"
+                raise PermissionDeniedError(f"worker {self.id!r} at {self.url} refused: too many failed "
+                                            f"authentications from this address; try again in {wait}") from None
             raise ConnectionLostError(f"worker {self.id!r} at {self.url} refused the connection (HTTP {status})") from None
         except (OSError, TimeoutError, InvalidHandshake) as e:
             raise ConnectionLostError(f"cannot reach worker {self.id!r} at {self.url}: {type(e).__name__}: {e}") from None

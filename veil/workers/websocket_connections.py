@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import logging
 import secrets
 import time
@@ -38,6 +37,7 @@ from veil.governance.users_wire import serve_users_message
 from veil.messaging import messages as m
 from veil.messaging.serde import FrameParts, OwnedFrame, deserialize, frame_pad, serialize
 from veil.workers import cancellation
+from veil.workers.auth_throttle import Throttled, source_of, unguessable
 from veil.workers.lane_connection import LaneConnection
 from veil.workers.peer_openings import HUNG_UP, PeerFetchMessage, serve_fetch_on_loop
 from veil.workers.reply_frames import REPLY_FRAGMENT, _fragments, _part_fragments, _send_fragmented, _send_one
@@ -91,21 +91,6 @@ async def _receive(ws: ServerConnection) -> Any:
         return first
     return memoryview(frame)[pad:] if pad else frame
 
-
-
-def source_of(address: str) -> str:
-    """The source a connection's address counts as: one host may hold many addresses (every 127.0.0.0/8 one on
-    Linux without privileges, an IPv6 /64), so loopback is one source, IPv6 is grouped by /64 and IPv4 by /24."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if ip.is_loopback:
-        return "loopback"
-    prefix = 24 if ip.version == 4 else 64
-    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
 class OpeningConnections:
@@ -193,11 +178,27 @@ class ConnectionServing:
         self._release_stale_handshakes()
         if len(self.sessions) + len(self._handshakes) >= self.max_connections:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
+        peer = connection.remote_address[0] if connection.remote_address else "?"
+        blocked = self.auth_throttle.blocked_for(peer)
+        session = failure = None
         try:
-            session = authenticate(self.tokens, tokens_from_headers(request.headers))
+            tokens = tokens_from_headers(request.headers)
+            if not blocked or unguessable(tokens):  # (blocked: short tokens are not even looked up, so no
+                session = authenticate(self.tokens, tokens)  # timing can tell a right guess apart either)
         except Exception as e:  # noqa: BLE001  (a malformed request is refused as a bad token: no 500, no traceback)
+            failure = e
+        if blocked and session is None:
+            # one answer whatever the tokens (a right guess is not told apart); generated tokens still get in
+            refusal = Throttled(blocked)
+            self.refusals.refused(peer, str(refusal))
+            response = connection.respond(HTTPStatus.TOO_MANY_REQUESTS, f"{refusal}\n")
+            response.headers["Retry-After"] = str(refusal.seconds)
+            return response
+        if session is None:
+            # each unknown token presented is a guess (no token, or a malformed header, guesses nothing)
+            self.auth_throttle.failed(peer, getattr(failure, "failures", 0))
+            e = failure
             reason = str(e) if isinstance(e, PermissionDeniedError) else f"malformed token headers ({type(e).__name__})"
-            peer = connection.remote_address[0] if connection.remote_address else "?"
             self.refusals.refused(peer, reason)
             return connection.respond(HTTPStatus.UNAUTHORIZED, "access token required\n")
         refusal = self._slot_refusal(session)

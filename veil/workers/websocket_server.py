@@ -49,6 +49,7 @@ from veil.messaging.serde import serialize
 from veil.mpc.material import drop_provider_scope
 from veil.workers import cancellation
 from veil.workers.accounts import ACTING, SEP, SessionEndNotices, frame_sender, split_sender
+from veil.workers.auth_throttle import FailureThrottle
 from veil.workers.base import HANDLERS, BaseWorker
 from veil.workers.lane_connection import LaneConnection
 from veil.workers.monitor import Principal
@@ -196,6 +197,8 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
         self._slow_protocol: set[str] = set()
         self._protocol_strikes: dict[str, int] = {}
         self.refusals = RefusalLog(self.db, self.id)
+        #: failed authentications per source, at this port and the owner console alike (auth_throttle)
+        self.auth_throttle = FailureThrottle()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Future | None = None
         # tells the peers a session used that it ended (veil/workers/accounts.py)

@@ -28,6 +28,7 @@ from veil.governance.policy import set_policy
 from veil.governance.revocation import revocable_users
 from veil.governance.requests import STATES, ReviewQueue
 from veil.governance.state import POLICIES
+from veil.workers.auth_throttle import Throttled
 
 HERE = Path(__file__).parent
 #: the largest form the console reads (its forms carry a token, an id, a policy or a short message)
@@ -213,7 +214,10 @@ def build_app(worker: Any, allowed_hosts: list[str], session_host: str | None = 
                 not hmac.compare_digest(cookie.encode(), field.encode()):
             return PlainTextResponse("cross-site request refused\n", status_code=403)
         token = form.get("token", "")
-        made = auth.login(token if isinstance(token, str) else "")
+        try:
+            made = auth.login(token if isinstance(token, str) else "", request.client.host if request.client else "?")
+        except Throttled as e:
+            return PlainTextResponse(f"{e}\n", status_code=429, headers={"Retry-After": str(e.seconds)})
         if made is None:
             return RedirectResponse("/login?failed=1", status_code=303)
         sid, _ = made

@@ -6,6 +6,8 @@
   session (expiry, CSRF token). Every state-changing request is a POST carrying the
   session's CSRF token in a form field, and a cross-origin ``Origin`` is refused.
 - The log-in form itself is protected by a double-submit token (cookie + field).
+- Failed log-ins count against the client's address with the worker port's (``auth_throttle``): past
+  the free ones, that source is refused for a while whatever it presents (HTTP 429).
 - Failed log-ins are audited at most once per ``FAILURE_WINDOW``: the first at once, the rest of the
   window as one row with their count when it closes (a timer) or when the console stops.
 """
@@ -18,6 +20,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from veil.workers.auth_throttle import FailureThrottle, Throttled, unguessable
 
 COOKIE = "veil_console"
 LOGIN_COOKIE = "veil_console_login"
@@ -54,12 +58,31 @@ class ConsoleAuth:
         self._failures = 0
         self._last_failure_audit = float("-inf")
         self._flush_timer: threading.Timer | None = None
+        #: the worker's (failures at its port and here count together), or the console's own
+        throttle = getattr(worker, "auth_throttle", None)
+        self.throttle = throttle if throttle is not None else FailureThrottle()
 
-    def login(self, token: str) -> tuple[str, ConsoleSession] | None:
-        """A new session for a valid admin token; None otherwise (and the failure is counted)."""
+    def login(self, token: str, source: str = "?") -> tuple[str, ConsoleSession] | None:
+        """A new session for a valid admin token; None otherwise (and the failure is counted against
+        ``source``, the client's address, as at the worker port: ``auth_throttle``).
+
+        Raises:
+            Throttled: ``source`` failed too often (whatever the token, unless it is a valid admin token
+                long enough to be unguessable).
+        """
+        blocked = self.throttle.blocked_for(source)
+        if blocked and not unguessable([token]):  # (not even looked up: no timing tells a right guess apart)
+            self._failed()  # (audited with the failures: the same aggregate rows)
+            raise Throttled(blocked)
         tokens = getattr(self.worker, "tokens", None)
         principal = tokens.lookup(token) if tokens is not None and token else None
-        if principal is None or principal.role != "admin":
+        admitted = principal is not None and principal.role == "admin"
+        if blocked and not admitted:
+            self._failed()
+            raise Throttled(blocked)
+        if not admitted:
+            if token:  # (an empty form guesses nothing)
+                self.throttle.failed(source)
             self._failed()
             return None
         sid = secrets.token_urlsafe(32)
