@@ -398,3 +398,53 @@ def test_a_charge_stamped_far_ahead_does_not_break_the_budgets_page_on_postgresq
         assert "years ahead" in row["points"][-1][2]
     finally:
         settings.ledger.close()
+
+
+# --------------------------------------------------------------------------- console: https off loopback
+
+
+def test_stalled_tls_handshakes_are_counted_and_bounded(console, tmp_path, monkeypatch):
+    """Attack: off loopback the console now serves https only. Anyone on the network opens connections and
+    never starts the TLS handshake. asyncio's TLS hands a connection to the console's protocol only once its
+    handshake is done, so none of these was counted against the console's cap or under its head deadline:
+    each held a descriptor of the worker's process for asyncio's 60 s, however many were opened (enough of
+    them and the worker itself cannot accept a scientist or open a file). Must hold: at most the cap are
+    held, a stalled handshake is closed by the head deadline, and the owner still logs in over https."""
+    import httpx
+
+    from veil.governance.console import connections
+    from veil.governance.console.server import ConsoleServer
+
+    from network_helpers import self_signed_cert
+
+    try:
+        cert, key = self_signed_cert(tmp_path)
+    except (OSError, __import__("subprocess").CalledProcessError):
+        pytest.skip("needs the openssl command")
+    monkeypatch.setattr(connections, "HEAD_SECONDS", 2.0)
+    served = ConsoleServer(console.worker, host="0.0.0.0", port=0, certfile=str(cert), keyfile=str(key)).start()
+    stalled = []
+    try:
+        stalled = [socket.create_connection(("127.0.0.1", served.port), timeout=5) for _ in range(40)]
+        time.sleep(0.5)
+
+        def still_open() -> int:
+            n = 0
+            for s in stalled:
+                s.setblocking(False)
+                try:
+                    n += s.recv(1) != b""
+                except BlockingIOError:
+                    n += 1
+                except OSError:
+                    pass
+            return n
+
+        assert still_open() <= connections.MAX_CONNECTIONS, "stalled TLS handshakes are held beyond the cap"
+        with httpx.Client(base_url=f"https://127.0.0.1:{served.port}", verify=False, timeout=10) as owner:
+            assert owner.get("/login").status_code == 200
+        assert _wait(lambda: still_open() == 0, 5), "a stalled TLS handshake outlived the head deadline"
+    finally:
+        for s in stalled:
+            s.close()
+        served.stop()

@@ -13,12 +13,17 @@ shares its file descriptors, and its port is reachable by every local user (loop
   ``REQUEST_SECONDS`` after its head (a client that does not read the answer), is closed: a body trickled a
   byte at a time does not hold a descriptor for good either;
 - a request (head and body) of more than ``MAX_REQUEST_BYTES`` is closed (the console's forms are a few
-  hundred bytes; ``app.MAX_FORM_BYTES`` answers a too-large form with a 413 before this).
+  hundred bytes; ``app.MAX_FORM_BYTES`` answers a too-large form with a 413 before this);
+- served as https (:func:`tls_protocol`), the TLS handshake runs on a connection already counted, replaceable
+  and under the head deadline: a server's own TLS (asyncio's) hands a connection over only once its
+  handshake is done, and held each one that never finished it, uncounted, for 60 s (anyone on the network
+  could take every descriptor of the worker's process with stalled handshakes).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import Any
 
 import h11
@@ -31,6 +36,13 @@ BODY_SECONDS = 10.0
 #: far longer than any console page should take to answer
 REQUEST_SECONDS = 90.0
 MAX_REQUEST_BYTES = 256 * 1024
+
+
+def tls_protocol(certfile: str, keyfile: str) -> type:
+    """The console's protocol serving https with this certificate and key (loaded here: a bad pair raises)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certfile, keyfile)
+    return type("TLSBoundedH11Protocol", (BoundedH11Protocol,), {"tls": context})
 
 
 #: the ASGI scope key of a request's :class:`_RequestMark`
@@ -53,6 +65,9 @@ def mark_owner_request(scope: dict) -> None:
 
 
 class BoundedH11Protocol(H11Protocol):
+    #: where set (:func:`tls_protocol`), each connection's TLS handshake runs here, under these bounds
+    tls: ssl.SSLContext | None = None
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._deadline: asyncio.TimerHandle | None = None
@@ -62,6 +77,7 @@ class BoundedH11Protocol(H11Protocol):
         self._opened_at = 0.0  # (loop time)
         self._mark = _RequestMark()  # the current request's: the app marks a request of the owner's session
         self._carried_owner = False  # whether any request on it was the owner's (a logged-in browser's)
+        self._handshaking: bytearray | None = None  # while its TLS handshake runs here (tls)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.server_state.connections) >= MAX_CONNECTIONS:
@@ -71,9 +87,36 @@ class BoundedH11Protocol(H11Protocol):
                 transport.abort()  # frees the descriptor now; never counted as a connection
                 return
             min(others, key=BoundedH11Protocol._replace_order).transport.abort()  # (its connection_lost follows)
-        super().connection_made(transport)
         self._opened_at = self.loop.time()
+        if self.tls is not None and not transport.get_extra_info("sslcontext"):
+            # counted, replaceable and under the head deadline while its handshake runs (which closing this
+            # transport ends); the HTTP protocol starts on the TLS transport the handshake makes
+            transport.pause_reading()  # (the client's first bytes are the handshake's: start_tls reads them)
+            self.connections.add(self)
+            self.transport = transport
+            self._await_head()
+            self._tls_task = self.loop.create_task(self._start_tls(transport, self.tls))  # (held: not collected)
+            return
+        super().connection_made(transport)
         self._await_head()
+
+    async def _start_tls(self, transport: asyncio.Transport, context: ssl.SSLContext) -> None:
+        self._handshaking = bytearray()  # what arrives right after the handshake, before start_tls returns
+        try:
+            secured = await self.loop.start_tls(transport, self, context, server_side=True,
+                                                ssl_handshake_timeout=HEAD_SECONDS)
+        except Exception:  # noqa: BLE001 - any failed handshake (start_tls closed the connection)
+            secured = None
+        if secured is None or transport.is_closing():  # failed, or closed by a deadline or a replacement
+            self._cancel_deadline()
+            self.connections.discard(self)
+            if secured is not None:
+                secured.abort()
+            return
+        early, self._handshaking = bytes(self._handshaking), None
+        super().connection_made(secured)  # (the head deadline set at the connection goes on running)
+        if early:
+            self.data_received(early)
 
     def _replaceable(self) -> bool:
         """Whether a new connection may take this one's place: not while it answers a request of the owner's
@@ -94,6 +137,11 @@ class BoundedH11Protocol(H11Protocol):
             super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._handshaking is not None:  # (the TLS transport reads on before start_tls hands it over)
+            self._handshaking += data
+            if len(self._handshaking) > MAX_REQUEST_BYTES:
+                self.transport.close()
+            return
         self._request_bytes += len(data)  # since the last answer (or the connection) began
         super().data_received(data)
         if self.transport.is_closing():

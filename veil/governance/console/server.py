@@ -52,7 +52,7 @@ class ConsoleServer:
         import uvicorn
 
         from veil.governance.console.app import build_app
-        from veil.governance.console.connections import BoundedH11Protocol
+        from veil.governance.console.connections import BoundedH11Protocol, tls_protocol
 
         self.worker, self.host, self.port = worker, host, port
         self.host_name: str | None = None  # the secret name sessions are bound to (loopback only)
@@ -70,9 +70,10 @@ class ConsoleServer:
             self.tls = True
             hosts = ["*"] if host in ("0.0.0.0", "::", "") else [host]  # every interface: any Host header
         self.app = build_app(worker, hosts, session_host=self.host_name)
-        tls = {"ssl_certfile": certfile, "ssl_keyfile": keyfile} if self.tls else {}
+        # https: the handshake runs in the bounded protocol (connections.tls_protocol), not in uvicorn's
+        protocol = tls_protocol(certfile, keyfile) if self.tls else BoundedH11Protocol
         config = uvicorn.Config(self.app, host=host, port=port, log_level="warning", access_log=False,
-                                lifespan="off", server_header=False, http=BoundedH11Protocol, **tls)
+                                lifespan="off", server_header=False, http=protocol)
         self._server = uvicorn.Server(config)
         self._server.install_signal_handlers = lambda: None  # the worker owns SIGINT/SIGTERM
         self._thread: threading.Thread | None = None
