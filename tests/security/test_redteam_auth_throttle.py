@@ -307,3 +307,29 @@ def test_the_owner_sets_the_free_failures_on_the_command_line():
     configure(parser)
     assert parser.parse_args(["--id", "w"]).auth_free_failures == FREE_FAILURES
     assert parser.parse_args(["--id", "w", "--auth-free-failures", "100"]).auth_free_failures == 100
+
+
+def test_a_forwarded_for_header_does_not_give_a_local_guesser_new_sources(console):
+    """Attack: a local user guesses at the running console (uvicorn) with a new ``X-Forwarded-For`` address
+    on each attempt: uvicorn believes forwarding headers from loopback by default, so each guess came from
+    a new "source" and the throttle never held. Must hold: the console counts the connection's own address
+    (there is no proxy in front of it), so the guesser is held after its free failures."""
+    httpx = pytest.importorskip("httpx")
+    w, server, _ = console
+    server.start()
+    try:
+        authority = server.url.split("://", 1)[1]
+        with httpx.Client(base_url="http://127.0.0.1:" + authority.rsplit(":", 1)[1], headers={"host": authority},
+                          follow_redirects=False, timeout=60) as attacker:
+            codes = []
+            for i in range(8):
+                page = attacker.get("/login")
+                csrf = page.text.split('name="login_csrf" value="', 1)[1].split('"', 1)[0]
+                r = attacker.post("/login", data={"login_csrf": csrf, "token": f"guess-{i:04d}-xxxx"},
+                                  headers={"origin": server.url, "x-forwarded-for": f"198.51.{i}.7",
+                                           "x-real-ip": f"198.51.{i}.7", "forwarded": f"for=198.51.{i}.7"})
+                codes.append(r.status_code)
+    finally:
+        server.stop()
+    assert codes == [303] * 4 + [429] * 4, codes
+    assert w.auth_throttle.blocked_for("127.0.0.1") > 0

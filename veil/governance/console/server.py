@@ -72,8 +72,10 @@ class ConsoleServer:
         self.app = build_app(worker, hosts, session_host=self.host_name)
         # https: the handshake runs in the bounded protocol (connections.tls_protocol), not in uvicorn's
         protocol = tls_protocol(certfile, keyfile) if self.tls else BoundedH11Protocol
+        # no proxy headers: nothing proxies the console, and uvicorn believes X-Forwarded-For from loopback by
+        # default, which let any local user pick the address its failed log-ins count against (auth_throttle)
         config = uvicorn.Config(self.app, host=host, port=port, log_level="warning", access_log=False,
-                                lifespan="off", server_header=False, http=protocol)
+                                lifespan="off", server_header=False, http=protocol, proxy_headers=False)
         self._server = uvicorn.Server(config)
         self._server.install_signal_handlers = lambda: None  # the worker owns SIGINT/SIGTERM
         self._thread: threading.Thread | None = None
