@@ -546,6 +546,7 @@ def _summary(reply):
 @pytest.mark.parametrize("token", [TOKEN, HOSPITAL, CLIENT, PEER], ids=["scientist", "named user", "client", "peer"])
 def test_each_role_gets_the_same_answers_and_refusals_through_the_lane_as_through_the_reader(serve, token):
     server = serve()
+    server.refused_requests.burst = 10**6  # one row per refusal and session, compared (refusal_rows.py)
     secret = torch.tensor([3.25, -7.5, 11.0])
     private = server.load(secret.clone(), private=True, allowed_users=("hospital",))
     answers, refusals = {}, {}

@@ -110,6 +110,8 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
     oblivious_guard = None
     written = None  # storages a torch op on owner-derived data writes (any argument: provenance taints them)
     arguments = args, kwargs  # as resolved: worker functions get copies of protected ones below
+    if op.worker_function:
+        output_bounds.hold_copies(0)  # (set by _owner_checks when it copies owner data for this one)
     if not plain:
         if (not op.worker_function and name not in owner_guard.REVIEWED_INPUTS and _tracking(worker)
                 and any(e.provenance or e.protected for e in entries)):
@@ -141,8 +143,11 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
             _set_grad_enabled(grad)
         if op.worker_function:  # it may store outputs itself (monitor.store_output): tell it who asked
             running = monitor.running(principal, entries, name)
-            with running, oblivious_guard or _NO_GUARD, graph_hooks:
-                result = op.func(worker, *args, **kwargs)
+            try:
+                with running, oblivious_guard or _NO_GUARD, graph_hooks:
+                    result = op.func(worker, *args, **kwargs)
+            finally:
+                output_bounds.hold_copies(0)
         elif oblivious_guard is not None:  # secret inputs: no value-dependent shape, failure or Python value
             with oblivious_guard, owner_guard.refuse_writes(name, protected, worker.id, written), graph_hooks:
                 result = op.func(*args, **kwargs)
@@ -301,6 +306,12 @@ def _owner_checks(worker: BaseWorker, principal: Principal, op: Any, purpose: Pu
             # gets the data itself: a copy before its parameters are checked took time in proportion to the
             # data, a free oracle for a hidden record count on every refused query.
             if op.name not in owner_guard.DP_DATA_ARGS:
+                # the copies are owner data held for the requester while it runs: charged to its quota first
+                # (uncharged, a session under a 1 MiB quota had a dataset-sized copy made per request)
+                copied = owner_guard.protected_copy_bytes((args, kwargs), protected)
+                if copied and monitor.max_session_bytes is not None and principal.isolated:
+                    monitor.check_room(principal, copied, op.name)
+                    output_bounds.hold_copies(copied)
                 args = owner_guard.copy_protected_args(args, protected)
                 kwargs = owner_guard.copy_protected_args(kwargs, protected)
         else:

@@ -364,12 +364,26 @@ def check(monitor: Any, principal: Any, name: str, func: Callable, args: Any, kw
     return size
 
 
+class _Copies(threading.local):
+    held = 0  # bytes of owner data copied for the worker function this thread runs (handlers._owner_checks)
+
+
+_COPIES = _Copies()
+
+
+def hold_copies(nbytes: int) -> None:
+    """The owner data copied for the worker function about to run on this thread (0 once it ended): its
+    plan runs size their ops beside it (:class:`Budget`), as the copies live as long as the run."""
+    _COPIES.held = nbytes
+
+
 class Budget:
     """Sizes a plan's ops against one running total: a plan keeps every slot alive until it ends, so each
-    op must fit beside what the earlier ones made (``size_check`` of ``veil.plans.interpreter.run``)."""
+    op must fit beside what the earlier ones made (``size_check`` of ``veil.plans.interpreter.run``), and
+    beside the copies of owner data its worker function was given (:func:`hold_copies`)."""
 
     def __init__(self, monitor: Any, principal: Any) -> None:
-        self.monitor, self.principal, self.held = monitor, principal, 0
+        self.monitor, self.principal, self.held = monitor, principal, _COPIES.held
 
     def __call__(self, name: str, func: Callable, args: Any, kwargs: dict) -> None:
         self.held += check(self.monitor, self.principal, name, func, args, kwargs, self.held)

@@ -309,6 +309,11 @@ def copy_aliases(result: Any, protected: set[int]) -> Any:
     return map_structure(result, lambda t: t.clone() if _storage(t) in protected else t)
 
 
+def protected_copy_bytes(value: Any, protected: set[int]) -> int:
+    """Bytes :func:`copy_protected_args` allocates for ``value`` (each protected tensor leaf, contiguous)."""
+    return sum(t.numel() * t.element_size() for t in leaves(value) if _storage(t) in protected)
+
+
 def copy_protected_args(value: Any, protected: set[int]) -> Any:
     """Worker functions get copies of owner tensors (they only need to read them)."""
     return map_structure(value, lambda t: t.detach().clone() if _storage(t) in protected else t)

@@ -3,8 +3,9 @@
 Three tables:
 
 - ``audit``: every request that moves data out (get, move, remote_get) and every
-  refusal, with who asked (the authenticated principal and session) and the
-  outcome. Never holds tokens or tensor values.
+  refusal (past a burst per user and window, counted in summary rows:
+  refusal_rows.py), with who asked (the authenticated principal and session) and
+  the outcome. Never holds tokens or tensor values. Indexed for the console's filters.
 - ``kv``: a generic ``(namespace, key) -> bytes`` table for owner state (the DP
   privacy-budget ledger keeps its balances here).
 - ``ledger``: an append-only list of ``(namespace, key, amount, note)`` entries
@@ -87,6 +88,7 @@ class OwnerDB:
         self._db = Database(self.path)
         self._lock = self._db.lock
         self._db.executescript(_SCHEMA)
+        add_audit_indexes(self)
 
     @classmethod
     def in_dir(cls, data_dir: str | Path | None, db: str | None = None) -> "OwnerDB":
@@ -173,6 +175,25 @@ class OwnerDB:
                 "SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE namespace = ? AND key = ?", (namespace, key)
             ).fetchone()
         return float(row[0])
+
+
+# ------------------------------------------------- audit indexes (the console's filters)
+# The audit log grows with every request that moves data out and with refusals (in bounded numbers:
+# refusal_rows.py); the console's Audit page filters it by user, action and time, newest first. Without these
+# a filter on a user only old rows name scanned the whole log under the lock the worker's audit writes wait
+# for. ``seq`` is named in each index for PostgreSQL (in SQLite it is the rowid every index ends with).
+
+AUDIT_INDEXES = """
+CREATE INDEX IF NOT EXISTS audit_by_principal ON audit (principal, seq);
+CREATE INDEX IF NOT EXISTS audit_by_action ON audit (action, seq);
+CREATE INDEX IF NOT EXISTS audit_by_ts ON audit (ts);
+"""
+
+
+def add_audit_indexes(db: OwnerDB) -> None:
+    """Migration: the audit log's indexes (every open: a database made before them gets them). Idempotent."""
+    with db._lock:
+        db._db.executescript(AUDIT_INDEXES)
 
 
 # ------------------------------------------------- release requests (governance, issue #16)

@@ -252,6 +252,8 @@ class RefusalLog:
         self._window_start = self._clock()
         self._written = 0
         self._suppressed: dict[str, int] = {}
+        #: other aggregating logs closed on this one's timer and at shutdown (refusal_rows.RefusedRequestLog)
+        self.followers: list = []
 
     def refused(self, source: str, reason: str) -> None:
         self.flush_due()
@@ -268,15 +270,20 @@ class RefusalLog:
     def flush_due(self) -> None:
         """Closes the window if it is over (writes its summary rows)."""
         if self._clock() - self._window_start >= self.window:
-            self.flush()
+            self.flush(followers=False)
+        for follower in self.followers:
+            follower.flush_due()
 
-    def flush(self) -> None:
+    def flush(self, followers: bool = True) -> None:
         with self._lock:
             suppressed, self._suppressed = self._suppressed, {}
             self._window_start, self._written = self._clock(), 0
         for source, n in sorted(suppressed.items()):
             self._db.audit(self._worker_id, "connect", "?", "-", (), "refused",
                            f"{n} more refused connects from {source} (aggregated over {self.window:g} s)")
+        for follower in self.followers if followers else ():
+            follower.flush()
+
 # ------------------------------------------------------------------ least privilege per role
 
 #: roles whose requests are limited only by the worker's own rules (allowlist, owner rules)

@@ -57,6 +57,7 @@ from veil.workers.persistence import OwnerDB
 from veil.workers import handlers as _handlers
 from veil.workers import skeletons as _skeletons
 from veil.governance.users_wire import owner_executor, release_owner_executor, serve_without_turn
+from veil.workers.refusal_rows import RefusedRequestLog
 from veil.workers.websocket_auth import RefusalLog, Session, TokenTable, check_request, run_session_end_handlers
 from veil.workers.websocket_connections import (ISSUED_CLIENT_SESSIONS, OPEN_TIMEOUT, ConnectionServing,
                                                 OpeningConnections)
@@ -199,6 +200,9 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
         self.refusals = RefusalLog(self.db, self.id)
         #: failed authentications per source, at this port and the owner console alike (auth_throttle)
         self.auth_throttle = FailureThrottle()
+        #: refused requests of sessions: aggregated per user past a burst (closed on the connect log's timer)
+        self.refused_requests = RefusedRequestLog(self._write_audit)
+        self.refusals.followers.append(self.refused_requests)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Future | None = None
         # tells the peers a session used that it ended (veil/workers/accounts.py)
@@ -408,6 +412,16 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
             self._audit(action, principal, session, list(ids), "refused", str(e))
 
     def _audit(self, action: str, principal: str, session: str, ids: list, outcome: str, detail: str) -> None:
+        if outcome == "refused":  # a requester controls how many: written in bounded numbers (refusal_rows.py)
+            try:
+                self.refused_requests.refused(action, principal, session, ids, detail)
+            except Exception:  # a full disk must not turn a refusal into an allowed request
+                log.exception("worker %s: could not write the audit log", self.id)
+            return
+        self._write_audit(action, principal, session, ids, outcome, detail)
+
+    def _write_audit(self, action: str, principal: str, session: str, ids: list, outcome: str,
+                     detail: str) -> None:
         try:
             self.db.audit(self.id, action, principal, session, ids, outcome, detail)
         except Exception:  # a full disk must not turn a refusal into an allowed request

@@ -94,8 +94,10 @@ def audit_search(worker: Any, user: str = "", action: str = "", outcome: str = "
     """Audit rows, newest first, filtered (all filters optional; ``text`` searches the detail)."""
     clauses, params = equality_filters(principal=user, action=action, outcome=outcome)
     if since is not None:
-        clauses.append("ts >= ?")
-        params.append(float(since))
+        # the rows since then are those from the first one since then on: a range of seq read newest first
+        # (with ts alone the newest-first scan read the whole log back when fewer than ``limit`` rows matched)
+        clauses.append("ts >= ? AND seq >= (SELECT MIN(+seq) FROM audit WHERE ts >= ?)")  # (+: read from the ts index)
+        params += [float(since), float(since)]
     if text:
         clauses.append("(detail LIKE ? ESCAPE '\\' OR object_ids LIKE ? ESCAPE '\\')")
         like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
