@@ -1,19 +1,32 @@
 """Red team, second pass on today's fixes to revocation and the owner console.
 
 Today's first pass made ``veil users revoke`` skip the worker's turn (users_wire.serve_without_turn), cut a
-revoked peer's link (revocation.cut_peer_link) and let a console connection over the cap take the place of
-one waiting on its client (console/connections.py). This pass attacks those fixes, as a scientist who can
-run a long command and open connections, a hostile peer, and anyone who reaches the console's port:
+revoked peer's link (revocation.cut_peer_link), let a console connection over the cap take the place of one
+waiting on its client (console/connections.py), bucketed the Budgets curve in SQL (budget_curve.py) and
+served the console as https off loopback. This pass attacks those fixes, as a scientist who can run a long
+command and open connections, a hostile peer, and anyone who reaches the console's port.
 
-- the owner's users message skips the turn, but it still needs one of the worker's handler threads; a
-  scientist whose long command holds the turn fills them all (connections opened and closed: each
-  closing session's cleanup waits for the turn on a handler thread), and the revocation waits again;
-- a console connection "being answered" is never the one replaced: a client that pipelines requests (or
-  does not read its answers) is always being answered, so a handful of them lock the owner out again;
-  and the owner's own idle keep-alive connections were the first replaced;
-- a revoked peer that stalls its handshake while this worker connects to it held the revocation (and every
-  other revocation, under the same lock) for the link's connect timeout.
+Holes found (each test failed before its fix; checked by running this file against ``git archive`` of the
+commit before, with PYTHONPATH pointing there):
+- the owner's users message skipped the turn but still needed one of the worker's handler threads; a
+  scientist whose long command holds the turn fills them all (connections opened and closed: each closed
+  session's cleanup waits for the turn on one), and the revocation waited again; so did the replica sync of
+  revocations and every console page (views.on_worker ran on a handler thread): fixed, users_wire.
+  serve_users_message and the sync run on owner threads of their own, console pages on the console's;
+- a console connection "being answered" was never replaced: a client that pipelines requests (or does not
+  read its answers) is always being answered, so a handful locked the owner out again; and the owner's
+  idle keep-alive connections were the first replaced: fixed, only a request of the owner's session is
+  protected, and connections that carried one go last (connections.mark_owner_request);
+- cutting a revoked peer's link waited for a thread connecting to it (a stalled handshake: the connect
+  timeout, under the lock every revocation takes): fixed, WebsocketClientWorker.refuse never waits;
+- on PostgreSQL a charge stamped far past now (a replica's clock) overflowed the slice number's integer cast
+  and failed every Budgets page: fixed, compared before the cast;
+- off loopback, TLS handshakes that never started were uncounted and held a descriptor each for asyncio's
+  60 s: fixed, the handshake runs in the console's bounded protocol (connections.tls_protocol).
+Guards (held already): a revoked session's objects, including a result stored after the revocation, are all
+freed with it; revocations stay prompt with the owner database frozen (the owner threads suffice).
 """
+
 
 from __future__ import annotations
 
@@ -149,6 +162,43 @@ def test_revocations_stay_prompt_while_the_owner_database_is_frozen(hook, tmp_pa
         frozen.set()
     sync.join(30)
     assert _wait(lambda: all(revocation.stored_revocations(server).get(n) for n in names), 30)
+
+
+def test_a_command_storing_objects_when_its_session_is_revoked_leaves_none_behind(hook, tmp_path, cleanup,
+                                                                                 monkeypatch):
+    """The revocation no longer waits for the turn, so it lands while alice's command is storing its results
+    (here: the command is held after it ran, before its result is stored). Once it ends, nothing of hers
+    may survive in the store: the objects she stored before and the result the command stored after the
+    revocation are all freed with her session (none twice: the owner's dataset is untouched)."""
+    from veil.workers import handlers
+
+    server = _start(hook, tmp_path)
+    dataset = server.load(torch.tensor([1.0, 2.0]), tags=("#ward",))
+    inside, go_on = threading.Event(), threading.Event()
+    real = handlers._run_command
+
+    def held(*args, **kwargs):
+        inside.set()
+        go_on.wait(30)
+        return real(*args, **kwargs)  # (stores its result after the revocation)
+
+    conn = _connect(server, TOKEN)
+    assert _ask(conn, m.ObjectMessage([m.StoredObject(7, torch.tensor([2.0]))])) == m.OkReply()
+    (session,) = _sessions_of(server, "alice")
+    assert any(e.created_by == session.id for _, e in server.monitor.owner_entries())  # (what the check sees)
+    monkeypatch.setattr(handlers, "_run_command", held)
+    conn.send(serialize(m.CommandMessage("torch.add", (m.ObjectRef(7), torch.zeros(300_000)), {}, [8], False),
+                        sender="c"))
+    assert inside.wait(30)
+    try:
+        assert _ask(_connect(server, ADMIN), AdminUsersMessage("revoke", "alice"), timeout=5) == m.ObjectsReply([1])
+    finally:
+        go_on.set()
+    assert _closed(conn)
+    assert _wait(lambda: not _sessions_of(server, "alice"))
+    left = [oid for oid, e in server.monitor.owner_entries() if e.created_by == session.id]
+    assert left == [], f"objects of the revoked session survived: {left}"
+    assert torch.equal(dict(server.monitor.owner_entries())[dataset].obj, torch.tensor([1.0, 2.0]))
 
 
 def _exhaust_handler_threads(server) -> None:
