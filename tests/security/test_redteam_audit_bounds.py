@@ -183,3 +183,29 @@ def test_a_plan_on_owner_data_is_sized_beside_its_copy(served):
     assert type(reply) is m.OkReply, reply
     got = request(served, session, m.GetObjectsMessage([spec + 2]))
     assert type(got) is m.ObjectsReply and torch.equal(got.objects[0], data * 2), got
+
+
+def test_the_owners_cap_deletes_the_oldest_request_rows_and_keeps_decisions_and_dp_charges(served):
+    """Attack: allowed requests are one row each (data leaving the worker is never aggregated): a scientist
+    fetching a tiny result of its own in a loop grew the log for as long as the worker served. Must hold: with
+    ``--audit-max-rows`` the oldest such rows go once there are more than the cap, on the audit log's timer;
+    the owner's decisions, release requests, releases and DP charges are never deleted nor counted."""
+    from veil.workers.audit_retention import AuditRetention
+
+    cap = 30
+    served.refusals.followers.append(AuditRetention(served.db, cap))
+    for action in ("approve", "policy", "revoke", "dp_release", "release", "request"):
+        served.db.audit(served.id, action, "owner", "-", [1], "allowed", f"kept {action}")
+    session = open_session(served, TOKEN)
+    oid = send_tensor(served, session, torch.arange(3.0))
+    for _ in range(cap * 3):
+        reply = request(served, session, m.GetObjectsMessage([oid], delete=False))
+        assert type(reply) is m.ObjectsReply and torch.equal(reply.objects[0], torch.arange(3.0)), reply
+    gets = _rows(served, action="get", outcome="allowed")
+    assert len(gets) == cap * 3  # (not aggregated)
+    served.refusals.flush()  # the timer (or the stop)
+    rows = served.db.audit_entries(10**6)
+    kept = [r["detail"] for r in rows if r["detail"].startswith("kept ")]
+    assert len(kept) == 6, kept
+    left = _rows(served, action="get", outcome="allowed")
+    assert len(rows) - 6 == cap and [r["seq"] for r in left] == [r["seq"] for r in gets[-len(left):]]  # the newest

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from veil.exceptions import CommandLineError
+from veil.workers.audit_retention import DEFAULT_MAX_ROWS, AuditRetention
 from veil.workers.persistence import OwnerDB
 from veil.workers.scheduling import POLICIES, set_policy
 from veil.workers.auth_throttle import FAILURE_WINDOW, FREE_FAILURES, UNGUESSABLE_CHARS, FailureThrottle
@@ -83,6 +84,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                         f"may make in {FAILURE_WINDOW / 60:g} minutes before it is refused for a while, longer with "
                         f"each further failure (default: {FREE_FAILURES}); a valid token of {UNGUESSABLE_CHARS}+ "
                         "characters, as generated ones, is never refused")
+    p.add_argument("--audit-max-rows", type=int, default=DEFAULT_MAX_ROWS, metavar="N",
+                   help=f"most audit rows of requests kept (default: {DEFAULT_MAX_ROWS:,}; 0: no cap): past it the "
+                        "oldest are deleted; the owner's decisions, release requests, releases and DP charges never")
     p.add_argument("--max-memory-mb", type=float, default=None, metavar="MB",
                    help="most memory this worker process may map, in MiB (default: the machine's memory; 0: no "
                         "cap): a request for a larger result fails with a one-line error instead of the machine "
@@ -319,6 +323,9 @@ def run(args: argparse.Namespace) -> int:
     if not set_policy(args.sched):
         print(f"veil worker: --sched {args.sched} is not available on this platform; scheduling left normal",
               flush=True)
+    if args.audit_max_rows < 0:
+        raise CommandLineError(f"--audit-max-rows expects a number of rows >= 0 (0: no cap), "
+                               f"got {args.audit_max_rows}")
     hook = sy.TorchHook(torch)
     tokens, generated = _token_table(args)
     ssl_context = None
@@ -337,6 +344,8 @@ def run(args: argparse.Namespace) -> int:
         max_sessions_per_client=args.max_sessions_per_client,
     )
     worker.auth_throttle = FailureThrottle(free=max(0, args.auth_free_failures))
+    if args.audit_max_rows:
+        worker.refusals.followers.append(AuditRetention(worker.db, args.audit_max_rows))
     for peer in _peers(args, hook):
         worker.add_peer(peer)
     tags = [t.strip() for t in args.tags.split(",") if t.strip()]
