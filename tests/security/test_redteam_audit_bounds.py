@@ -188,8 +188,8 @@ def test_a_plan_on_owner_data_is_sized_beside_its_copy(served):
 def test_the_owners_cap_deletes_the_oldest_request_rows_and_keeps_decisions_and_dp_charges(served):
     """Attack: allowed requests are one row each (data leaving the worker is never aggregated): a scientist
     fetching a tiny result of its own in a loop grew the log for as long as the worker served. Must hold: with
-    ``--audit-max-rows`` the oldest such rows go once there are more than the cap, on the audit log's timer;
-    the owner's decisions, release requests, releases and DP charges are never deleted nor counted."""
+    ``--audit-max-rows`` the oldest such rows go once the cap's number of rows came after them, on the audit
+    log's timer; the owner's decisions, release requests, releases and DP charges are never deleted."""
     from veil.workers.audit_retention import AuditRetention
 
     cap = 30
