@@ -7,8 +7,8 @@ show as ``tensor[shape]``. Recomputing ``d > t`` under the same id with another 
 computation, so the answer (the same pending request, or a new one) told whether the new bytes equalled the
 filed ones: an equality oracle on data under review, no approval needed. Each node now carries a key: a hash of
 its op, its full arguments (tensors by their bytes) and its inputs' keys (a scientist's tensor by its bytes, a
-dataset by its id, a received object by its bytes), so two computations that differ anywhere differ in the
-root's key, and the same computation redone (after a restart too) has the same one.
+dataset by its tags, description, shape and dtype, a received object by its bytes), so two computations that
+differ anywhere differ in the root's key, and the same computation redone (after a restart too) has the same one.
 """
 
 from __future__ import annotations
@@ -56,5 +56,10 @@ def args_key(args: tuple, kwargs: dict, positions: dict) -> str:
 def node_key(node: dict, graph: dict) -> str:
     """A node's key from its own op, arguments and content, and its inputs' keys (a Merkle hash of the graph)."""
     inputs = [str(graph.get(i, {}).get("key")) for i in node.get("inputs", [])]
+    # a dataset by what the owner loaded it as (tags, description, shape, dtype), not by its id: a worker that
+    # loads the same files after a restart gives them new ids, and an approval must outlive the restart (other
+    # data under the same name releases nothing unless its result has the approved bytes too)
+    origin = (f"{node.get('label')}|{node.get('shape')}|{node.get('dtype')}" if node.get("op") == "dataset"
+              else str(node.get("source", "")))
     return _hash(str(node.get("op")), str(node.get("args_key", node.get("args", ""))), str(node.get("content", "")),
-                 str(node.get("source", "")), *inputs)
+                 origin, *inputs)
