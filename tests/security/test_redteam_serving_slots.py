@@ -43,6 +43,7 @@ import pytest
 import torch
 
 import veil as sy
+from veil.exceptions import ObjectNotFoundError
 from veil.messaging import messages as m
 from veil.messaging.serde import deserialize, serialize
 from veil.serving import protocol
@@ -324,6 +325,24 @@ def test_an_issued_client_queries_services_open_to_clients_only_and_can_be_revok
     assert tokens.lookup(alice_token) is None
     assert tokens.lookup(issue(SECRET, "client", "bob")).name == "client/bob"
     del protocol._SERVICES[w]
+
+
+def test_a_leaked_issued_token_is_revoked_before_its_holder_ever_connects(hook):
+    """An owner learns that client carol's issued token leaked before carol (or the thief) ever connected: the
+    worker had never seen ``client/carol``, so ``veil users revoke client/carol`` answered "no user named" and
+    the token stayed good. Must hold: the name of any client the worker's issuer would accept can be revoked
+    ahead of use; a name no issuer here gives stays unknown; other issued clients are untouched."""
+    tokens = _table()
+    w = WebsocketServerWorker(hook, id=f"slots-pre-{time.monotonic_ns()}", port=0, tokens=tokens)
+    carol = issue(SECRET, "client", "carol")
+    assert w.revoke("client/carol") == 0  # nobody connected: no session closed, the token refused from now on
+    assert tokens.lookup(carol) is None
+    assert tokens.lookup(issue(SECRET, "client", "dave")).name == "client/dave"
+    for unknown in ("nobody/carol", "client/", "client/a.b"):
+        with pytest.raises(ObjectNotFoundError):
+            w.revoke(unknown)
+    w.readmit("client/carol")
+    assert tokens.lookup(carol).name == "client/carol"
 
 
 def test_one_issued_client_cannot_fill_a_services_queue_with_its_sessions(hook, monkeypatch):

@@ -50,7 +50,11 @@ def _audit(worker: Any, action: str, by: str, detail: str) -> None:
 
 
 def _principals(worker: Any, name: str) -> list:
-    return [p for p in worker.tokens.principals() if p.name == name]
+    found = [p for p in worker.tokens.principals() if p.name == name]
+    issued = getattr(worker.tokens, "issued_principal", None)
+    if not found and issued is not None and issued(name) is not None:  # an issued client not seen yet
+        found = [issued(name)]
+    return found
 
 
 def revoke(worker: Any, name: str, by: str = "owner") -> int:

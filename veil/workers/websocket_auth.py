@@ -124,6 +124,15 @@ class TokenTable:
             return None  # refused as an unknown token is: the refusal does not say the name exists
         return found
 
+    def issued_principal(self, name: str) -> Principal | None:
+        """The principal ``ISSUER/HOLDER`` an issuer configured here would give a client token, whether or not
+        that client ever connected (so the owner can revoke a leaked, unused issued token by name)."""
+        issuer, _, holder = name.partition("/")
+        known = self._issuers.get(issuer)
+        if known is None or client_tokens.NAME_PATTERN.fullmatch(holder) is None:
+            return None
+        return Principal(name, known[1], issued_by=issuer)
+
     def principals(self) -> list[Principal]:
         """Every principal with a token here, and every issued client that connected, once each (never a token)."""
         return list(dict.fromkeys([*(p for _, p in self._entries), *self._issued_seen.values()]))
