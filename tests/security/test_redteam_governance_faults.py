@@ -7,23 +7,13 @@ long command holds the worker's turn (on this worker and on a replica sharing it
 session whose command is running when the revocation comes, two owner sessions revoking and readmitting at
 once, and a DP charge whose COMMIT fails. In-process workers served from threads, driven with raw frames.
 
-Holes found (each test below failed before its fix; checked by running this file against ``git archive HEAD``):
-- a revoked peer kept this worker's outbound link (peer fetches, moves, pointer chains): fixed,
-  revocation.cut_peer_link closes it and WebsocketClientWorker.refuse keeps it closed; resolve_worker refuses.
-- ``veil users revoke`` waited for the worker's turn (a long command delayed it): fixed, users_wire
-  serve_without_turn serves the owner's users message on its handler thread without the turn.
-- a replica put a revocation made elsewhere in force only when its turn was free: fixed, the stored
-  revocations are synced on their own schedule outside the turn (websocket_server._sync_revocations).
-- a DP charge whose COMMIT failed left SQLite's transaction open: every later charge of the worker failed,
-  the uncommitted charge stayed readable and the file's write lock was held against the owner's other
-  processes: fixed, Database.write_transaction rolls back after a failed COMMIT.
-- a reply finished after revoke() returned still went out (a handler thread's, before the loop closed the
-  connection; an inline one, once revocations stopped waiting for the turn): fixed, the read loop
-  (websocket_connections) and the inline lane (inline_lane.lane_request) send nothing to a revoked session.
-- with the owner database frozen, a revocation waited for the sync holding the revocation lock across its
-  read: fixed, revocation._FORCE (never held across I/O) puts it in force first; it is stored afterwards.
-- a cancelled (revoked) peer opening of three or more parties went on fetching from all but one peer for
-  the round's 60 s: fixed, peer_openings._fetch_all hands the command's token to its fetch threads.
+Holes found (each test below failed before its fix; checked against ``git archive HEAD``): a revoked peer kept
+this worker's outbound link (revocation.cut_peer_link, WebsocketClientWorker.refuse, resolve_worker); ``veil users
+revoke`` and a replica's sync waited for the worker's turn (users_wire, websocket_server._sync_revocations); a
+failed COMMIT left SQLite's transaction open, failing every later charge (Database.write_transaction rolls back);
+a reply finished after revoke() returned still went out (the read loop and inline lane check the revoked mark);
+with the database frozen a revocation waited for the sync (revocation._FORCE, never held across I/O); a revoked
+peer opening of 3+ parties kept fetching for 60 s (peer_openings._fetch_all passes the command's token).
 """
 
 from __future__ import annotations
@@ -122,6 +112,21 @@ def _refused(server, token: str) -> bool:
     except InvalidStatus as e:
         return e.response.status_code == 401
     return False
+
+
+def _held(monkeypatch, owner, name: str) -> tuple[threading.Event, threading.Event]:
+    """Replaces ``owner.name`` (a module attribute, or a dict entry) by a wrapper that signals ``inside`` and
+    waits for ``go_on`` before calling the real one: a command caught mid-way."""
+    inside, go_on = threading.Event(), threading.Event()
+    real = owner[name] if isinstance(owner, dict) else getattr(owner, name)
+
+    def held(*args, **kwargs):
+        inside.set()
+        go_on.wait(30)
+        return real(*args, **kwargs)
+
+    (monkeypatch.setitem if isinstance(owner, dict) else monkeypatch.setattr)(owner, name, held)
+    return inside, go_on
 
 
 # --------------------------------------------------------------------------- the link this worker opened
@@ -361,17 +366,9 @@ def test_a_revoked_sessions_running_command_delivers_nothing(server, monkeypatch
     revocation returns at once, the connection closes, and the command's result never reaches her."""
     from veil.workers import handlers
 
-    inside, go_on = threading.Event(), threading.Event()
-    real = handlers._run_command
-
-    def slow(*args, **kwargs):
-        inside.set()
-        go_on.wait(30)
-        return real(*args, **kwargs)
-
     conn = _connect(server, TOKEN)
     assert _ask(conn, m.ObjectMessage([m.StoredObject(7, torch.tensor([2.0]))])) == m.OkReply()
-    monkeypatch.setattr(handlers, "_run_command", slow)
+    inside, go_on = _held(monkeypatch, handlers, "_run_command")
     big = torch.zeros(300_000)  # (too large to run inline: a handler thread, with the command token)
     conn.send(serialize(m.CommandMessage("torch.add", (m.ObjectRef(7), big), {}, [8], False), sender="c"))
     assert inside.wait(30)
@@ -390,19 +387,11 @@ def test_a_reply_finished_after_the_revocation_is_not_sent(server, monkeypatch):
     session once its revocation returned."""
     from veil.workers import handlers
 
-    inside, go_on = threading.Event(), threading.Event()
-    real = handlers._run_command
-
-    def slow(*args, **kwargs):
-        inside.set()
-        go_on.wait(30)
-        return real(*args, **kwargs)
-
     real_close = server._close_revoked
     monkeypatch.setattr(server, "_close_revoked", lambda *a: server._loop.call_later(1.0, real_close, *a))
     conn = _connect(server, TOKEN)
     assert _ask(conn, m.ObjectMessage([m.StoredObject(7, torch.tensor([2.0]))])) == m.OkReply()
-    monkeypatch.setattr(handlers, "_run_command", slow)
+    inside, go_on = _held(monkeypatch, handlers, "_run_command")
     conn.send(serialize(m.CommandMessage("torch.add", (m.ObjectRef(7), torch.zeros(300_000)), {}, [8], False),
                         sender="c"))
     assert inside.wait(30)
@@ -473,15 +462,7 @@ def test_a_dp_query_caught_by_the_revocation_is_charged_once_and_never_answered(
     from veil.dp.worker_owner import enable_dp
 
     ledger = enable_dp(server, budgets={"alice": (1.0, 1e-5)}).ledger
-    inside, go_on = threading.Event(), threading.Event()
-    real = worker_functions.QUERIES["count"]
-
-    def slow_count(*args, **kwargs):
-        inside.set()
-        go_on.wait(30)
-        return real(*args, **kwargs)
-
-    monkeypatch.setitem(worker_functions.QUERIES, "count", slow_count)
+    inside, go_on = _held(monkeypatch, worker_functions.QUERIES, "count")
     conn = _connect(server, TOKEN)
     assert _ask(conn, m.ObjectMessage([m.StoredObject(7, torch.arange(10.0))])) == m.OkReply()
     query = m.CommandMessage("veil.dp.query", (m.ObjectRef(7), "count", 0.25, 0.0, "laplace", None, None, None,
