@@ -29,8 +29,11 @@ def _veil_exception_classes() -> list[type]:
 
 
 CLASSES = _veil_exception_classes()
-#: raised only on the client side (never by a worker): they need not be registered
-LOCAL_ONLY = {"WorkerUnavailableError", "ModelConversionError", "WorkerStartError", "CommandLineError"}
+#: raised only on the client side (never by a worker), or by a worker but never as an error reply of its own
+#: (Throttled is an HTTP 429 at the handshake; ResultOverQuotaError travels as its base QuotaExceededError on
+#: purpose): they need not be registered
+LOCAL_ONLY = {"WorkerUnavailableError", "ModelConversionError", "WorkerStartError", "CommandLineError", "Throttled",
+              "ResultOverQuotaError"}
 
 
 def test_there_are_errors_from_every_subsystem():

@@ -67,9 +67,15 @@ def unguessable(tokens: list[str]) -> bool:
 class Throttled(PermissionDeniedError):
     """An attempt refused because its source failed too often; ``seconds``: until it may try again."""
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = max(1, int(seconds + 0.999))
-        super().__init__(f"too many failed authentications from this address; try again in {self.seconds} s")
+    seconds = 1
+
+    @classmethod
+    def after(cls, seconds: float) -> "Throttled":
+        """The refusal of a source blocked for ``seconds`` more (whole seconds, at least one)."""
+        wait = max(1, int(seconds + 0.999))
+        error = cls(f"too many failed authentications from this address; try again in {wait} s")
+        error.seconds = wait
+        return error
 
 
 class _Record:

@@ -189,7 +189,7 @@ class ConnectionServing:
             failure = e
         if blocked and session is None:
             # one answer whatever the tokens (a right guess is not told apart); generated tokens still get in
-            refusal = Throttled(blocked)
+            refusal = Throttled.after(blocked)
             self.refusals.refused(peer, str(refusal))
             response = connection.respond(HTTPStatus.TOO_MANY_REQUESTS, f"{refusal}\n")
             response.headers["Retry-After"] = str(refusal.seconds)

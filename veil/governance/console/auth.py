@@ -73,13 +73,13 @@ class ConsoleAuth:
         blocked = self.throttle.blocked_for(source)
         if blocked and not unguessable([token]):  # (not even looked up: no timing tells a right guess apart)
             self._failed()  # (audited with the failures: the same aggregate rows)
-            raise Throttled(blocked)
+            raise Throttled.after(blocked)
         tokens = getattr(self.worker, "tokens", None)
         principal = tokens.lookup(token) if tokens is not None and token else None
         admitted = principal is not None and principal.role == "admin"
         if blocked and not admitted:
             self._failed()
-            raise Throttled(blocked)
+            raise Throttled.after(blocked)
         if not admitted:
             if token:  # (an empty form guesses nothing)
                 self.throttle.failed(source)
