@@ -113,10 +113,12 @@ def test_fit_cannot_hold_graphs_of_every_batch_past_the_quota(hook):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         reply, _ = run_command(srv, s, "veil.plan.fit", pid, m.ObjectRef(xid), m.ObjectRef(yid), [m.ObjectRef(w)],
                                1, 4, grad=True)
-    assert len(saved) >= 64  # the hooks saw the batches (same thread)
+    refused = type(reply) is m.ErrorReply and reply.error == "QuotaExceededError"
+    # (4 MiB of owner data no longer fit a 1 MiB quota at all: the fit's copy of it is charged before it runs,
+    # so it may be refused before any batch; a fit that ran must have been seen by the hooks, on this thread)
+    assert refused or len(saved) >= 64, reply
     assert torch.equal(_owner_value(srv, xid), data)
     _intact_and_serving(srv, s, xid, data)
-    refused = type(reply) is m.ErrorReply and "uota" in reply.message
     assert refused or peak[0] <= quota, f"fit held {peak[0] >> 20} MiB of graphs under a {quota >> 20} MiB quota"
 
 
