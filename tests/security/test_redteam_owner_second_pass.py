@@ -138,6 +138,7 @@ def test_a_database_url_veil_refuses_is_not_echoed_with_its_password(tmp_path, u
         assert SECRET not in text, text[-1500:]
 
 
+@pytest.mark.slow  # a 12 s statement on a live PostgreSQL
 def test_a_slow_statement_on_a_live_server_is_not_severed_by_the_watchdog(pg_url):
     """Attack: a scientist makes one of the owner's statements slow on a live server (a long scan, a row lock
     another replica holds) past the watchdog's ``STALL_S`` (10 s), hoping the watchdog takes the live server for

@@ -599,6 +599,7 @@ def _masked(opcode: int, payload: bytes) -> bytes:
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
+@pytest.mark.slow  # waits for the refusal summary window to close (~12 s)
 def test_refusals_made_on_the_loop_are_audited_by_the_handler_thread(hook, sink, tmp_path):
     """A worker "erin" keeping its audit log under --data-dir runs a round with the sink charlie. dave (a peer,
     no reader) parks two fetches before it exists, woken when it is published and refused on the loop; charlie

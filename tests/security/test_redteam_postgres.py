@@ -372,6 +372,7 @@ def _pg_processes(server) -> list[int]:
     return [master] + [int(k) for k in kids.split()]
 
 
+@pytest.mark.slow  # a frozen PostgreSQL until the release gives up (~20-40 s)
 def test_an_unresponsive_database_does_not_hold_a_release_forever(postgres_server, pg_url, workers):
     """Attack (fault): the owner's PostgreSQL stops answering without closing its connections (host frozen,
     network partition that drops packets: here SIGSTOP of the test's own server) while a scientist asks for a

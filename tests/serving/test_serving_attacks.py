@@ -165,6 +165,7 @@ def test_queue_caps_per_client_and_cleanup_on_disconnect(cluster, client_for):
 # ------------------------------------------------------------------ idle clusters and stopping
 
 
+@pytest.mark.slow  # waits out the keepalive (~18 s)
 def test_idle_cluster_stays_usable(hook, client_for):
     cluster = new_cluster()
     # the workers drop a connection that ignores pings for 2 intervals; 3 s (not 1 s) so that a client on a loaded
