@@ -48,26 +48,11 @@ from veil.workers.websocket_transport import BlockingConnection
 
 from network_helpers import ADMIN, OTHER, TOKEN
 from tests.scale import conftest as scale_fixtures
+from test_redteam_governance_faults import _OPEN, _SERVERS, cleanup  # noqa: F401  (cleanup: a fixture)
 from test_redteam_revocation import _closed, _sessions_of, _wait
 
 postgres_server, pg_url = scale_fixtures.postgres_server, scale_fixtures.pg_url  # fixtures: a real PostgreSQL
 
-_OPEN: list = []
-_SERVERS: list = []
-
-
-@pytest.fixture
-def cleanup():
-    yield
-    while _OPEN:
-        try:
-            _OPEN.pop().close()
-        except Exception:
-            pass
-    while _SERVERS:
-        w, thread = _SERVERS.pop()
-        w.stop()
-        thread.join(30)
 
 
 def _start(hook, tmp_path, **kwargs) -> WebsocketServerWorker:
