@@ -52,12 +52,14 @@ def default_exponent(t: torch.Tensor) -> int:
     return DEFAULT_FLOAT_EXPONENT if t.is_floating_point() else 0
 
 
-def encode(t: torch.Tensor, exponent: int) -> np.ndarray:
+def encode(t: torch.Tensor, exponent: int, uniform: bool = False) -> np.ndarray:
     """Encode ``t`` as signed integers at ``exponent``.
 
     Args:
         t: a real (not complex) tensor.
         exponent: the shared base-16 exponent.
+        uniform: take one path whatever the values (the exact one): the fast path's choice said whether the
+            largest value was past ~2**30 (at the default exponent), in the time an owner's plaintext took.
 
     Returns:
         An object-dtype numpy array of Python ints with ``t``'s shape.
@@ -80,10 +82,14 @@ def encode(t: torch.Tensor, exponent: int) -> np.ndarray:
         raise ValueError("cannot encode NaN or infinite values")
     # Scaling by a power of two is exact in binary floating point.
     scaled = np.rint(np.ldexp(x, -LOG2_BASE * exponent))
-    if scaled.size == 0 or np.abs(scaled).max() < _INT64_SAFE:
+    if not uniform and (scaled.size == 0 or np.abs(scaled).max() < _INT64_SAFE):
         return scaled.astype(np.int64).astype(object).reshape(shape)
-    # Very large magnitudes: Python's float -> int conversion is exact at any size.
-    return np.array([int(v) for v in scaled.ravel()], dtype=object).reshape(shape)
+    return _exact_ints(scaled).reshape(shape)
+
+
+def _exact_ints(scaled: np.ndarray) -> np.ndarray:
+    """Whole float64 values as Python ints (the conversion is exact at any size)."""
+    return np.array([int(v) for v in scaled.ravel()], dtype=object)
 
 
 def decode(values: list, exponent: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -119,6 +125,11 @@ def decode(values: list, exponent: int, shape: tuple, dtype: torch.dtype) -> tor
 
 
 def _big_to_float(m: int, scale_bits: int) -> float:
+    """``m * 2**scale_bits`` as a float: +-inf past float64's range (as ``np.ldexp`` gives on the other path),
+    not a bare ``OverflowError`` for some plaintexts only."""
     shift = max(0, abs(m).bit_length() - 64)
     sign = -1 if m < 0 else 1
-    return sign * math.ldexp(float(abs(m) >> shift), scale_bits + shift)
+    try:
+        return sign * math.ldexp(float(abs(m) >> shift), scale_bits + shift)
+    except OverflowError:
+        return sign * math.inf

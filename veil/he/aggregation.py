@@ -12,6 +12,7 @@ alongside in the clear, as they are not secret.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,6 +94,8 @@ def aggregate_encrypted(
         raise ValueError("aggregate_encrypted needs at least one update")
     if weights is not None and len(weights) != len(updates):
         raise ValueError(f"got {len(weights)} weights for {len(updates)} updates")
+    if weights is not None and not all(math.isfinite(float(w)) for w in weights):
+        raise ValueError("aggregation weights must be finite numbers")
     first = updates[0]
     for u in updates[1:]:
         if u.shapes != first.shapes:
@@ -128,6 +131,8 @@ def decrypt_update(
         bound: the largest magnitude of an honest client's value: a decrypted sum beyond ``bound`` times the
             aggregate's weight raises :class:`~veil.he.errors.EncodingOverflowError` (nothing returned).
     """
+    if not math.isfinite(aggregate.weight):  # (a NaN weight made the bound's comparison false: nothing refused)
+        raise ValueError(f"the aggregate's weight is not finite ({aggregate.weight!r}); refused")
     out = {}
     for name, t in aggregate.tensors.items():
         plain = t.decrypt(key) if key is not None else t.decrypt()
@@ -161,6 +166,8 @@ def update_from_wire(d: dict, **options: Any) -> EncryptedUpdate:
     if not isinstance(d, dict) or d.get("he") != "update" or d.get("v") != chk.WIRE_VERSION:
         raise WireFormatError("not an encrypted-update wire dict")
     weight = chk.field(d, "weight", (float, int))
+    if not math.isfinite(weight):
+        raise WireFormatError("an encrypted update's weight must be a finite number")
     tensors, shapes, dtypes = {}, {}, {}
     for p in chk.field(d, "params", list):
         if not isinstance(p, dict):

@@ -26,6 +26,7 @@ import numpy as np
 import phe
 import torch
 
+from veil.he import _oblivious_power as op
 from veil.he import _paillier_encoding as enc
 from veil.he._parallel import powmod_list
 from veil.he.errors import (
@@ -252,16 +253,26 @@ class PaillierTensor:
             e = min(self.exponent, other.exponent)
             out = (self._lowered(e) * other._lowered(e)) % nsq
             return self._like(_as_obj(out), e, self._result_dtype(other))
+        return self._add_plain(other, negate=False)
+
+    __radd__ = __add__
+
+    def _add_plain(self, other, negate: bool) -> PaillierTensor:
+        """``self + other`` (``self - other`` if ``negate``: the encoded integers are negated, where torch's
+        negation of a signed integer tensor turns its minimum into itself)."""
         plain = enc.as_tensor(other)
         dtype = self._result_dtype(other)
         e = min(self.exponent, _plain_exponent(plain))
         m = self._encode_plain(plain, e)
-        n = self._kp.n
-        # g**m = 1 + n*m (mod n**2) for g = n + 1: no exponentiation needed.
-        out = (self._lowered(e) * ((m % n) * n + 1)) % nsq
+        if negate:
+            m = -m
+        n, nsq = self._kp.n, self._kp.nsq
+        # g**m = 1 + n*m (mod n**2) for g = n + 1: no exponentiation needed. From the owner's data, m mod n
+        # plus a multiple of n of one width: the multiplication's operands then have one size whatever m is.
+        wide = np.vectorize(lambda v: op.fixed_width(v, n), otypes=[object]) if _FIXED_PLAIN_EXPONENT.get() else \
+            (lambda v: v % n)
+        out = (self._lowered(e) * (_as_obj(wide(m)) * n + 1)) % nsq
         return self._like(_as_obj(out), e, dtype)
-
-    __radd__ = __add__
 
     def __neg__(self) -> PaillierTensor:
         nsq = self._kp.nsq
@@ -270,7 +281,7 @@ class PaillierTensor:
     def __sub__(self, other) -> PaillierTensor:
         if isinstance(other, PaillierTensor):
             return self + (-other)
-        return self + (-enc.as_tensor(other))
+        return self._add_plain(other, negate=True)
 
     def __rsub__(self, other) -> PaillierTensor:
         return (-self) + other
@@ -287,9 +298,12 @@ class PaillierTensor:
         m = self._encode_plain(plain, ep)
         nsq = self._kp.nsq
         cb, mb = np.broadcast_arrays(self._ct, m)
-        # gmpy2.powmod inverts the base itself for a negative exponent.
-        flat = [gmpy2.powmod(c, k, nsq) for piece in _pieces(list(zip(cb.ravel(), mb.ravel())), self._kp.n.bit_length())
-                for c, k in piece]
+        pieces = _pieces(list(zip(cb.ravel(), mb.ravel())), self._kp.n.bit_length())
+        if _FIXED_PLAIN_EXPONENT.get():  # the owner's plaintext: one exponent width, whatever its values
+            bits, cache = op.exponent_bits(plain.dtype, ep), {}
+            flat = [c for piece in pieces for c in op.powers(piece, bits, nsq, cache)]
+        else:  # (gmpy2.powmod inverts the base itself for a negative exponent)
+            flat = [gmpy2.powmod(c, k, nsq) for piece in pieces for c, k in piece]
         return self._like(_obj_array(flat, cb.shape), self.exponent + ep, dtype)
 
     __rmul__ = __mul__
@@ -305,7 +319,7 @@ class PaillierTensor:
         return out
 
     def _encode_plain(self, plain: torch.Tensor, exponent: int) -> np.ndarray:
-        m = enc.encode(plain, exponent)
+        m = enc.encode(plain, exponent, uniform=_FIXED_PLAIN_EXPONENT.get())
         self._check_range(m)
         return m
 

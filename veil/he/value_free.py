@@ -30,10 +30,14 @@ def finite(t: torch.Tensor, what: str = "refused") -> torch.Tensor:
 
 
 def largest(dtype: torch.dtype) -> int:
-    """The largest magnitude a value of ``dtype`` can have."""
+    """The largest magnitude a value of ``dtype`` can have (a signed integer's is its minimum's, one past its
+    maximum: taking the maximum let -128 alone overflow an int8 that passed the room check)."""
     if dtype.is_floating_point:
         return int(torch.finfo(dtype).max)
-    return 1 if dtype == torch.bool else int(torch.iinfo(dtype).max)
+    if dtype == torch.bool:
+        return 1
+    info = torch.iinfo(dtype)
+    return max(int(info.max), -int(info.min))
 
 
 def check_paillier_room(biggest: int, exponent: int, public_key: Any, what: str) -> None:
