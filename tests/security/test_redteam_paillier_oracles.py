@@ -256,3 +256,57 @@ def test_a_plaintext_past_float64_decrypts_to_inf_not_a_bare_overflow_error():
     t = PaillierTensor(pub, _obj_array([(1 + (v % n) * n) % (n * n) for v in values], (4,)), 0, torch.float64)
     got = t.decrypt(priv)
     assert torch.equal(got, torch.tensor([float("inf"), float("-inf"), 2.0**1000, -3.0], dtype=torch.float64))
+
+
+def _peak_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def _varint(x: int) -> bytes:
+    out = b""
+    while True:
+        low, x = x & 0x7F, x >> 7
+        out += bytes([low | (0x80 if x else 0)])
+        if not x:
+            return out
+
+
+@pytest.fixture(scope="module")
+def small_ckks_ctx():
+    from veil.he import ckks
+
+    return ckks.context(galois_keys=False)
+
+
+def test_a_compressed_ckks_ciphertext_cannot_inflate_past_its_context(small_ckks_ctx):
+    """SEAL ciphertexts travel zstd-compressed: 32 kB of run-length blocks claim 1 GiB. TenSEAL loads the
+    ciphertext as it inflates and stops at the first field its context refuses, so what a received CKKS tensor
+    costs stays bounded by the context (size <= 16 polynomials of its ring), not by the compression ratio."""
+    from veil.he import ckks, ckks_wire
+
+    honest = ckks_wire.tensor_to_wire(ckks.encrypt(torch.ones(4), small_ckks_ctx))
+    blob = honest["segments"][0]
+    head = 2 + blob[1]  # (TenSEAL's message: field 1, its size; field 2, its SEAL ciphertext)
+    assert blob[0] == 0x0A and blob[head] == 0x12
+    length, at, shift = 0, head + 1, 0
+    while True:
+        byte = blob[at]
+        length, at, shift = length | (byte & 0x7F) << shift, at + 1, shift + 7
+        if not byte & 0x80:
+            break
+    assert blob[at:at + 2] == bytes.fromhex("5ea1") and blob[at + 5] == 2  # SEAL magic, zstd
+    blocks = 8192  # run-length blocks of 128 kB: 1 GiB inflated
+    frame = bytes.fromhex("28b52ffd0038") + b"".join(
+        ((131072 << 3) | 2 | (i == blocks - 1)).to_bytes(3, "little") + b"\x00" for i in range(blocks))
+    seal = blob[at:at + 8] + (16 + len(frame)).to_bytes(8, "little") + frame
+    crafted = dict(honest, segments=[blob[:head + 1] + _varint(len(seal)) + seal + blob[at + length:]])
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # (resets the peak below)
+    except OSError:
+        pytest.skip("cannot reset this process's peak memory")
+    before = _peak_mb()
+    with pytest.raises(WireFormatError) as e:
+        ckks_wire.tensor_from_wire(crafted, context=small_ckks_ctx)
+    assert _peak_mb() < before + 256 and "\n" not in str(e.value)
