@@ -17,7 +17,7 @@ Holes found (strict xfails first, then fixed in ``he/value_free.py``, ``he/paill
   key: 4 ms for zeros, 0.37 s for ones, 0.93 s for 2**60). Now every such power uses one exponent width fixed
   by the dtype (``gmpy2.powmod_sec``, time set by operand sizes alone);
 - the encoder took a fast int64 path unless a scaled value passed 2**62: its time said whether the owner's
-  largest value passed ~2**30;
+  largest value passed ~2**30 (in ``veil.he.op`` and in ``encrypt``, which ``veil.fl.encrypt_state`` runs);
 - ``x - w`` negated the plaintext tensor first, and torch's negation keeps a signed dtype's minimum (int8
   -128 stays -128): ``x - int8(-128)`` gave ``x - 128`` (now the encoded integers are negated).
 """
@@ -157,6 +157,25 @@ def test_encoding_the_owners_plaintext_takes_one_path_whatever_its_values(hook, 
             assert type(reply) is m.OkReply, reply
             paths.append((name, list(calls)))
     assert paths[:2] == paths[2:], paths
+
+
+def test_encryption_takes_one_encoding_path_whatever_the_values(keys, monkeypatch):
+    """``encrypt`` (what ``veil.fl.encrypt_state`` runs on the owner's state, at a weight the coordinator
+    picks) took the fast int64 path unless a scaled value passed 2**62: its time said whether the weighted
+    state's largest value passed ~2**30."""
+    from veil.he import _paillier_encoding as enc
+
+    pub, priv = keys
+    calls = []
+    real = enc._exact_ints
+    monkeypatch.setattr(enc, "_exact_ints", lambda scaled: calls.append(scaled.size) or real(scaled))
+    paths = []
+    for data in ([1.0, -2.0, 3.0], [2.0**40, -2.0, 3.0]):
+        calls.clear()
+        t = paillier.encrypt(torch.tensor(data, dtype=torch.float64), pub, exponent=-8)
+        assert torch.equal(t.decrypt(priv), torch.tensor(data, dtype=torch.float64))
+        paths.append(list(calls))
+    assert paths[0] == paths[1], paths
 
 
 # ------------------------------------------------------------------------------------------ what holds

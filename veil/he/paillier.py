@@ -417,13 +417,15 @@ def encrypt(
     if exponent is None:
         exponent = enc.exponent_for_precision(precision) if precision and t.is_floating_point() else enc.default_exponent(t)
     kp = _params(public_key.n)
-    m = enc.encode(t, exponent)
+    # One encoding path and operands of one size whatever the values (a worker encrypts the owner's state,
+    # veil.fl.encrypt_state): its work depends on how many values there are, not on what they are.
+    m = enc.encode(t, exponent, uniform=True)
     flat = list(m.ravel())
     if flat and max(abs(v) for v in flat) > kp.max_int:
         raise EncodingOverflowError("a value is too large for this Paillier key's plaintext space")
     obf = _obfuscators(len(flat), kp)
     n, nsq = kp.n, kp.nsq
-    cts = [((v % n) * n + 1) * o % nsq for v, o in zip(flat, obf)]
+    cts = [(op.fixed_width(v, n) * n + 1) * o % nsq for v, o in zip(flat, obf)]
     return PaillierTensor(public_key, _obj_array(cts, tuple(t.shape)), exponent, t.dtype)
 
 
