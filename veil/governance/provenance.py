@@ -31,6 +31,7 @@ import torch
 
 from veil.governance.computation_key import args_key, content_key, node_key
 from veil.governance.graphtext import NOT_SHOWN
+from veil.workers.source_sets import join_sources
 
 GRAPH = "graph"
 ROOT = "graph_root"
@@ -97,6 +98,8 @@ def _describe_arg(value: Any) -> str:
 MAX_PLAN_STEPS = 200
 #: characters of a plan's name kept in a request's graph (the name is the requester's string)
 MAX_PLAN_NAME = 64
+#: characters of one listed plan op (an op may name any number of arguments: the line says it is cut)
+MAX_PLAN_LINE = 300
 
 
 def plan_steps(spec: Any) -> list[str]:
@@ -109,7 +112,8 @@ def plan_steps(spec: Any) -> list[str]:
         outs = ", ".join(f"s{s}" for s in op.out_slots if s >= 0) or "_"
         args = ", ".join(_describe_arg(a) for a in op.args)
         kw = ", ".join(f"{k}={_describe_arg(v)}" for k, v in op.kwargs.items())
-        return f"{outs} = {op.op}({', '.join(x for x in (args, kw) if x)})"
+        text = f"{outs} = {op.op}({', '.join(x for x in (args, kw) if x)})"
+        return text if len(text) <= MAX_PLAN_LINE else text[:MAX_PLAN_LINE - 12] + "... (cut)"
 
     if len(ops) <= MAX_PLAN_STEPS:
         lines = [line(op) for op in ops]
@@ -295,7 +299,7 @@ def stamp(entry: Any, lineage: Lineage | None, tensor: Any, op_suffix: str = "")
     node["key"] = node_key(node, graph)  # (the whole computation, values included: computation_key.py)
     graph[nid] = node
     if not lineage.sources <= entry.provenance:
-        entry.provenance = entry.provenance | lineage.sources
+        entry.provenance = join_sources(entry.provenance, lineage.sources)
     entry.meta[GRAPH] = _trim(graph, nid)
     entry.meta[ROOT] = nid
 

@@ -10,8 +10,9 @@ already refused to every non-DP op by the DP guard, ``open`` is as before).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Callable, Iterator, Union
 
 from veil.exceptions import PermissionDeniedError, RequestDeniedError, ReviewPendingError
 from veil.governance.graphtext import render_graph
@@ -54,10 +55,11 @@ def needs_review(worker: Any, oid: int, entry: Any, user: str) -> bool:
 
 
 def decide(worker: Any, oid: int, entry: Any, user: str, session: str = "-", reason: str | None = None,
-           consume: bool = True) -> Decision:
+           consume: bool = True, record: bool = True) -> Decision:
     """Allow, or the pending/denied request that stands in the way (filing one when there is none).
 
-    ``consume``: an approval lets the object go once; a get that is allowed uses it up.
+    ``consume``: an approval lets the object go once; a get that is allowed uses it up. ``record=False``: the
+    release's audit row is left to the caller (:func:`releasing`: written once the value went).
     """
     if not needs_review(worker, oid, entry, user):
         return ALLOW
@@ -65,11 +67,16 @@ def decide(worker: Any, oid: int, entry: Any, user: str, session: str = "-", rea
         queue = ReviewQueue(worker)
         req = queue.latest_for(oid, user)
         current = digest(entry.obj)
+        mine = computation(entry.meta.get(GRAPH) or {}, entry.meta.get(ROOT, ""))
         # the same request only while the object is as filed: its bytes and the computation that made them (an
         # object rewritten in place to a probe equal to the denied bytes answered "denied", any other probe
         # "pending": the probe's value; the same computation redone under the same id, after a restart, matches)
-        if req is not None and req.digest == current and computation(req.graph, req.root) == \
-                computation(entry.meta.get(GRAPH) or {}, entry.meta.get(ROOT, "")):
+        if req is None or req.digest != current or computation(req.graph, req.root) != mine:
+            # an approval of exactly this value still stands when a request for other bytes came under the id
+            # since (a restart on other data): it was hidden, lost without any release. Approved ones only: the
+            # value they release is what the answer says, while a pending one would answer "equal or not"
+            req = queue.approved_for(oid, user, current, lambda r: computation(r.graph, r.root) == mine)
+        if req is not None:
             if req.state == "pending":
                 if reason:
                     queue.update_reason(req.id, reason)
@@ -79,12 +86,17 @@ def decide(worker: Any, oid: int, entry: Any, user: str, session: str = "-", rea
             if req.state == "approved":
                 if consume:
                     queue.mark_released(req.id)
-                    audit(worker, "release", user, session, [oid], "allowed", f"{req.id} approved by {req.decided_by}")
+                    if record:
+                        _record_release(worker, oid, req.id, req.decided_by, user, session)
                 return Allow(req.id)
         # none yet (a value whose bytes a denied request of this user already has is filed like any other: a
         # different answer would tell the scientist whether a fresh value equals the denied one; the owner's
         # preview flags it instead, ReviewQueue.preview), the last one was used up, or the value changed since: a new request
         return Pending(queue.file(oid, entry, user, session, reason or "").id)
+
+
+def _record_release(worker: Any, oid: int, request_id: str, decided_by: str, user: str, session: str) -> None:
+    audit(worker, "release", user, session, [oid], "allowed", f"{request_id} approved by {decided_by}")
 
 
 def computation(graph: dict, root: str) -> tuple:
@@ -113,15 +125,16 @@ def _raise_unless_allowed(worker: Any, oid: int, decision: Decision) -> None:
 
 
 def enforce_all(worker: Any, ids: list, entries: list, user: str, session: str = "-", purpose: str = "get",
-                consume: bool = True) -> None:
+                consume: bool = True, record: bool = True) -> list:
     """``enforce`` for a batch; approvals are consumed only when every object may go (a batch that releases
     nothing must not use an approval up nor record a release). ``consume=False``: the refusals only (a move
-    checks its destination between the two: one it cannot reach releases nothing)."""
+    checks its destination between the two: one it cannot reach releases nothing). Returns the approvals used
+    up, (object id, request id) pairs (``record=False``: not audited yet, :func:`releasing`)."""
     if _STATE.get(worker) is None:
-        return
+        return []
     blocked = [(oid, e) for oid, e in zip(ids, entries) if needs_review(worker, oid, e, user)]
     if not blocked:
-        return
+        return []
     if len({oid for oid, _ in blocked}) < len(blocked):  # [A, A]: one approval lets A go once, not twice
         raise PermissionDeniedError(f"a {purpose} names an object under review more than once: ask for it once")
     with governance(worker).lock:  # (reentrant) no decision of this process changes between the two passes
@@ -140,6 +153,40 @@ def enforce_all(worker: Any, ids: list, entries: list, user: str, session: str =
                 f"under the owner's review policy: release requests {', '.join(r for _, r in pending)} are "
                 f"pending the owner's approval (see sy.requests(worker))")
         if not consume:
-            return
+            return []
+        used = []
         for oid, entry in blocked:
-            enforce(worker, oid, entry, user, session, purpose)
+            decision = decide(worker, oid, entry, user, session, record=record)
+            _raise_unless_allowed(worker, oid, decision)
+            if isinstance(decision, Allow) and decision.request_id is not None:
+                used.append((oid, decision.request_id))
+        return used
+
+
+@contextmanager
+def releasing(worker: Any, ids: list, entries: list, user: str, session: str, purpose: str,
+              nothing_left: Callable[[BaseException], bool]) -> Iterator[None]:
+    """Uses the approvals of a release that can still fail after them (a move the destination may refuse).
+
+    The approvals are taken before the values go (a second release racing this one finds them used: no
+    replay) and the release is audited once the block succeeded. When the block fails and ``nothing_left(error)``
+    says nothing can have gone out, they are given back (approved again, nothing recorded): a scientist lost
+    the owner's approval through a release that never happened. Any other failure keeps them used up."""
+    used = enforce_all(worker, ids, entries, user, session, purpose, record=False)
+    try:
+        yield
+    except BaseException as error:
+        if used and nothing_left(error):
+            queue = ReviewQueue(worker)
+            for oid, request_id in used:
+                queue.restore_approval(request_id)
+            raise
+        _record_all(worker, used, user, session)
+        raise
+    _record_all(worker, used, user, session)
+
+
+def _record_all(worker: Any, used: list, user: str, session: str) -> None:
+    queue = ReviewQueue(worker)
+    for oid, request_id in used:
+        _record_release(worker, oid, request_id, queue.get(request_id).decided_by, user, session)

@@ -62,6 +62,10 @@ class ReleaseRequest:
         return asdict(self)
 
 
+#: characters of JSON a request's op graph and sources may take in the owner's database and Requests page (six
+#: chained runs of a plan listing 200 ops of 150 arguments each filed ~750 KB; a usual request: a few KB)
+MAX_REQUEST_GRAPH_CHARS = 256 * 1024
+
 #: pending requests one user may have at a time: a flood of requests (each get of a derived value files one,
 #: and they stay after the value is freed) pushed other users' requests off the owner's list
 MAX_PENDING_PER_USER = 100
@@ -196,6 +200,13 @@ class ReviewQueue:
         found = self._rows("WHERE object_id = ? AND principal = ?", (str(object_id), principal), 1)
         return found[0] if found else None
 
+    def approved_for(self, object_id: int, principal: str, value_digest: str, same: Any) -> ReleaseRequest | None:
+        """The user's newest approved request for this id and these bytes that ``same(request)`` (its
+        computation) accepts, if any (:func:`veil.governance.release.decide`)."""
+        found = self._rows("WHERE object_id = ? AND principal = ? AND digest = ? AND state = 'approved'",
+                           (str(object_id), principal, value_digest), 20)
+        return next((r for r in found if same(r)), None)
+
     def denied_for(self, value_digest: str, principal: str) -> ReleaseRequest | None:
         """The user's newest denied request for the same bytes (under any object id), if any: the owner's preview
         flags a request asking again for what was denied (never the scientist's answer: that would be an
@@ -243,10 +254,16 @@ class ReviewQueue:
             digest=digest(obj), sources=sorted(str(s) for s in sources_of(object_id, entry)), graph=graph,
             root=entry.meta.get(ROOT, ""),
         )
-        stored_graph = dict(graph, __root__=req.root)
+        stored_graph = json.dumps(dict(graph, __root__=req.root))
+        size = len(stored_graph) + len(json.dumps(req.sources))
+        if size > MAX_REQUEST_GRAPH_CHARS:  # (the server audits the refusal against the requester)
+            raise PermissionDeniedError(
+                f"object {object_id} on worker {self.worker.id!r}: the computation behind it is too large for the "
+                f"data owner to review ({size // 1024} KiB of op graph, at most {MAX_REQUEST_GRAPH_CHARS // 1024} "
+                "KiB): compute the value you need in fewer or shorter steps, then ask for that")
         db_execute(self.db, f"INSERT INTO release_requests ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * 16)})", (
             req.id, req.ts, req.worker, req.principal, req.session, str(req.object_id), req.reason,
-            json.dumps(req.shape), req.dtype, req.digest, json.dumps(req.sources), json.dumps(stored_graph),
+            json.dumps(req.shape), req.dtype, req.digest, json.dumps(req.sources), stored_graph,
             req.state, req.message, None, "",
         ))
         audit(self.worker, "request", principal, session, [object_id], "pending",
@@ -295,3 +312,9 @@ class ReviewQueue:
                                      " AND state = 'approved'", (request_id,))
         if not changed:
             raise PermissionDeniedError(f"request {request_id} is already {self.get(request_id).state}")
+
+    def restore_approval(self, request_id: str) -> None:
+        """Gives back an approval :meth:`mark_released` took for a release that failed before anything went out
+        (:func:`veil.governance.release.releasing`); nothing when it is no longer ``released``."""
+        db_update(self.db, "UPDATE release_requests SET state = 'approved' WHERE id = ? AND state = 'released'",
+                  (request_id,))

@@ -15,6 +15,7 @@ from typing import Any
 from veil.exceptions import PermissionDeniedError, VeilError
 from veil.messaging import messages as m
 from veil.mpc.runtime import DEALER_TAG, DEALT_FIXED, DEALT_FIXED_TAG, DEALT_ITEM_TAG, DEALT_MASK_TAG, DEALT_SOURCES_TAG
+from veil.workers.source_sets import MAX_SOURCE_CHARS, join_sources
 from veil.workers.store import Entry, Kind
 
 #: capabilities travel between workers as tags with this prefix
@@ -22,7 +23,7 @@ CAP_PREFIX = "#veil.cap."
 #: bytes one capability tag may hold (a provenance list of many sources stays far below)
 CAP_TAG_LIMIT = 64 * 1024
 
-__all__ = ["CAP_PREFIX", "CAP_TAG_LIMIT", "DEALER_TAG", "export_tags", "outgoing", "parse_tags"]
+__all__ = ["CAP_PREFIX", "CAP_TAG_LIMIT", "DEALER_TAG", "export_tags", "join_sources", "outgoing", "parse_tags"]
 
 
 def export_tags(principal: Any, entry: Entry, worker_id: str, note: str = "") -> tuple:
@@ -121,8 +122,11 @@ def parse_tags(tags: Any, from_dealer: bool) -> tuple[tuple, dict]:
             if name == "reveal_to":  # several tags: the strictest (intersection)
                 caps["reveal_to"] = tuple(sorted(set(items) if caps["reveal_to"] is None
                                                  else set(items) & set(caps["reveal_to"])))
-            else:
-                caps["provenance"] = caps["provenance"] | frozenset(items)
+            elif any(len(i) > MAX_SOURCE_CHARS for i in items):
+                raise PermissionDeniedError(f"capability tag 'provenance' on an arriving object names a source "
+                                            f"longer than {MAX_SOURCE_CHARS} characters")
+            else:  # (bounded: a client may claim any number of sources, veil/workers/source_sets.py)
+                caps["provenance"] = join_sources(caps["provenance"], frozenset(items))
         else:
             raise PermissionDeniedError(f"unknown capability tag {name!r} on an arriving object")
     return tuple(plain), caps

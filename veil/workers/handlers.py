@@ -176,6 +176,8 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
     # a reviewed input's result was released with the approval of its inputs (a masked value): no lineage,
     # and no sources (the monitor would otherwise give it its inputs' and ask for a second approval)
     reviewed = name in owner_guard.REVIEWED_INPUTS
+    if reviewed and entries and _tracking(worker):  # it ran: its inputs' approvals are used up (a failure kept them)
+        _governance_release(worker, list(found), entries, principal.user, name)
     if not plain:  # (a plain command: a compute purpose, no guarded input, no provenance recorded)
         if purpose is _DP_RELEASE:
             monitor.audit("dp_release", principal, list(found), "allowed", name)
@@ -272,8 +274,8 @@ def _owner_checks(worker: BaseWorker, principal: Principal, op: Any, purpose: Pu
         except PermissionDeniedError as e:
             monitor.audit(purpose.value, principal, list(found), "refused", f"{op.name}: {e}")
             raise
-    if entries and op.name in owner_guard.REVIEWED_INPUTS and _tracking(worker):
-        _governance_release(worker, list(found), entries, principal.user, op.name)
+    if entries and op.name in owner_guard.REVIEWED_INPUTS and _tracking(worker):  # (used up once it ran)
+        _governance_release(worker, list(found), entries, principal.user, op.name, consume=False)
     protected = owner_guard.protected_storages(entries) if any_protected else _EMPTY
     secret = False
     oblivious_guard = None
@@ -455,9 +457,23 @@ def _governance_release(worker: BaseWorker, ids: list, entries: list, user: str,
     (``consume=False``: refused unless approved, the approval not used up yet)."""
     from veil.governance.release import enforce_all
 
+    enforce_all(worker, ids, entries, user, _session_id(worker), purpose, consume)
+
+
+def _session_id(worker: BaseWorker) -> str:
     current = getattr(worker, "current_session", None)
     session = current() if current is not None else None
-    enforce_all(worker, ids, entries, user, session.id if session is not None else "-", purpose, consume)
+    return session.id if session is not None else "-"
+
+
+def _governance_releasing(worker: BaseWorker, ids: list, entries: list, user: str, purpose: str, sent: int) -> Any:
+    """Governance (#16): the approvals of a move, used up while it sends ``sent`` objects and given back when the
+    destination refused one alone (it stored nothing: :func:`veil.governance.release.releasing`). A refusal of
+    several may come after it stored the first; a failure to reach it may come after it stored them all."""
+    from veil.governance.release import releasing
+
+    return releasing(worker, ids, entries, user, _session_id(worker), purpose,
+                     lambda error: sent == 1 and getattr(error, "from_reply", False) is True)
 
 
 @register_handler(m.DeleteMessage)
@@ -520,8 +536,8 @@ def _handle_move(worker: BaseWorker, msg: m.MoveMessage, sender: str) -> Any:
     objects = [worker.monitor.outgoing(principal, new, e) for new, e in zip(msg.new_ids, entries)]
     for so, oid, entry in zip(objects, msg.ids, entries):
         so.obj = _released(oid, entry)
-    _governance_release(worker, msg.ids, entries, principal.user, "move")  # (approvals used up: it goes now)
-    worker.send_msg(m.ObjectMessage(objects), destination)
+    with _governance_releasing(worker, msg.ids, entries, principal.user, "move", len(objects)):
+        worker.send_msg(m.ObjectMessage(objects), destination)
     for oid in msg.ids:
         worker.monitor.discard(principal, oid)  # owner-protected data is copied, never taken
     return m.OkReply()

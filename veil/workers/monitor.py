@@ -382,7 +382,7 @@ class ReferenceMonitor(QuotaRules, OpeningRules):
                 if e.reveal_to is not None:
                     restricted = True
                 if e.provenance and not e.provenance <= provenance:
-                    provenance = provenance | e.provenance
+                    provenance = capabilities.join_sources(provenance, e.provenance)
                 if e.kind != _CLIENT:
                     client_sources = False
             if reveal_to is None and restricted:
@@ -426,7 +426,7 @@ class ReferenceMonitor(QuotaRules, OpeningRules):
                 dealt_entries.append(entry)
                 layout.append((caps["item"], caps["mask"], caps["sources"]))
             if caps["provenance"]:  # travelled with the object (sent objects have no sources here)
-                entry.provenance = entry.provenance | caps["provenance"]
+                entry.provenance = capabilities.join_sources(entry.provenance, caps["provenance"])
             if caps["dp_only"]:
                 entry.meta["dp_only"] = True
             stored.append((entry, caps))
