@@ -101,13 +101,29 @@ class BudgetLedger:
         # NORMAL could lose the last charges to an OS crash or power cut while their answers were already sent)
         self._db = Database(self.path, timeout=30.0, synchronous="FULL")
         self._lock = self._db.lock
+        self._reader: Optional[Database] = None
         with self._lock:
             self._db.executescript(_SCHEMA)
+
+    def reader(self) -> Database:
+        """A read-only connection of its own for long reads (the console's Budgets page sums and buckets a
+        whole ledger): they never hold the lock every charge takes. An in-memory ledger has only its own."""
+        with self._lock:
+            if self._reader is None:
+                if self.path == ":memory:":
+                    return self._db
+                reader = Database(self.path, timeout=30.0)
+                reader.execute("PRAGMA query_only = 1" if reader.dialect == "sqlite"
+                               else "SET default_transaction_read_only = on")
+                self._reader = reader
+            return self._reader
 
     def close(self) -> None:
         """Closes the database file."""
         with self._lock:
             self._db.close()
+            if self._reader is not None:
+                self._reader.close()
 
     def __enter__(self) -> "BudgetLedger":
         return self
@@ -132,8 +148,8 @@ class BudgetLedger:
                 (user, float(epsilon), float(delta)),
             )
 
-    def _spent(self, user: str) -> tuple[float, float]:
-        row = self._db.execute(
+    def _spent(self, user: str, db: Optional[Database] = None) -> tuple[float, float]:
+        row = (db or self._db).execute(
             'SELECT COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0) FROM charges WHERE "user" = ?', (user,)
         ).fetchone()
         return float(row[0]), float(row[1])
@@ -154,8 +170,9 @@ class BudgetLedger:
         if self._db.execute('SELECT 1 FROM requests WHERE "user" = ? AND request_id = ?',
                             (user, request_id)).fetchone() is not None:
             raise ReplayedRequestError(
-                f"request {request_id!r} of user {user!r} was already charged and answered; a replayed "
-                "release is refused (send a new request id for a new release)")
+                f"request {request_id!r} of user {user!r} was already charged (and answered, unless the "
+                "owner's database was lost while committing it); a replayed release is refused (send a new "
+                "request id for a new release)")
         self._db.execute('INSERT INTO requests("user", request_id) VALUES (?, ?)', (user, request_id))
 
     def charge(self, user: str, epsilon: float, delta: float, reason: str,

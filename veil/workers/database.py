@@ -79,6 +79,16 @@ class OwnerStateUnavailableError(VeilError):
 
 
 _UNAVAILABLE = "the owner's state database is unavailable: the request was refused, try again later"
+_NOT_RECORDED = ("the owner's state database was lost while committing: the change was not recorded (the "
+                 "database rolled it back), try again later")
+_UNKNOWN_OUTCOME = ("the owner's state database was lost while committing: whether the change was recorded is "
+                    "unknown (nothing was released on it); repeating it is safe (a DP request with the same "
+                    "request id is charged at most once)")
+
+
+class CommitOutcomeUnknownError(OwnerStateUnavailableError):
+    """A PostgreSQL COMMIT whose answer was lost, and whose outcome could not be looked up: the change may or
+    may not be recorded. Never reported as refused (it may have been recorded) nor as done."""
 
 # Server-side limits, as multiples of the Database's ``timeout`` (the row-lock wait, lock_timeout): a statement
 # ends on a live server by then (statement_timeout). A server that stopped answering cannot enforce them: see
@@ -141,6 +151,40 @@ class _Watchdog:
 
 
 _WATCHDOG = _Watchdog()
+
+
+def commit_status(db: "Database", xid: int, backend_pid: int) -> str | None:
+    """What became of transaction ``xid`` (``txid_current()``) whose COMMIT lost its connection: "committed",
+    "aborted", or None when that cannot be told (the server does not answer, or the transaction is still
+    running after ``_Watchdog.PROBE_S``). Asked on a fresh connection; the old backend is ended first if it
+    still holds that very transaction (checked by its xid, so a reused process id is never touched), since
+    an open transaction's outcome is not decided yet."""
+    import psycopg
+
+    try:
+        check = psycopg.connect(db.location, connect_timeout=_Watchdog.PROBE_S, autocommit=True)
+    except Exception:  # noqa: BLE001 - no answer: the outcome cannot be told
+        return None
+    try:
+        def ask() -> str | None:
+            check.execute(f"SET statement_timeout = {_Watchdog.PROBE_S * 1000}")
+            check.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s "
+                          "AND backend_xid::text = %s", (backend_pid, str(xid % 2 ** 32)))
+            deadline = time.monotonic() + _Watchdog.PROBE_S
+            while True:
+                status = check.execute("SELECT txid_status(%s)", (xid,)).fetchone()[0]
+                if status in ("committed", "aborted") or time.monotonic() > deadline:
+                    return status if status in ("committed", "aborted") else None
+                time.sleep(0.05)
+
+        return db._guarded(check, ask)  # (a server freezing now is the watchdog's too)
+    except Exception:  # noqa: BLE001 - lost again: unknown
+        return None
+    finally:
+        try:
+            check.close()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def _server_answers(location: str, timeout: int) -> bool:
@@ -368,7 +412,10 @@ class Database:
         with self.lock:
             self.execute("BEGIN IMMEDIATE" if self.dialect == "sqlite" else "BEGIN")
             self._in_transaction = True
+            xid = None
             try:
+                if self.dialect == "postgresql":  # (named: a COMMIT whose answer is lost is looked up by it)
+                    xid = (self._pg("SELECT txid_current()").fetchone()[0], self._conn.pgconn.backend_pid)
                 yield self
             except BaseException:
                 self._in_transaction = False
@@ -382,11 +429,30 @@ class Database:
                 raise
             try:  # (still in the transaction: a connection lost before COMMIT must not reconnect and "commit")
                 self._conn.execute("COMMIT") if self.dialect == "sqlite" else self._pg("COMMIT")
+            except OwnerStateUnavailableError:  # PostgreSQL: the COMMIT may have been recorded before the loss
+                self._in_transaction = False
+                self._settle_lost_commit(*xid)
             except BaseException:
                 self._end_failed_commit()
                 raise
             finally:
                 self._in_transaction = False
+
+    def _settle_lost_commit(self, xid: int, backend_pid: int) -> None:
+        """A COMMIT whose connection was lost: returns if the transaction was recorded (it did commit), raises
+        OwnerStateUnavailableError if the server rolled it back, CommitOutcomeUnknownError if that cannot be
+        told. A failed COMMIT used to be reported as refused ("try again") even when it had been recorded."""
+        try:
+            self._conn.close()  # (the next statement reconnects)
+        except Exception:  # noqa: BLE001 - already broken
+            pass
+        status = commit_status(self, xid, backend_pid)
+        log.warning("owner state database %s: connection lost during COMMIT; transaction %s: %s",
+                    redact(self.location), xid, status or "outcome unknown")
+        if status == "aborted":
+            raise OwnerStateUnavailableError(_NOT_RECORDED)
+        if status != "committed":
+            raise CommitOutcomeUnknownError(_UNKNOWN_OUTCOME)
 
     def _end_failed_commit(self) -> None:
         """A COMMIT that raised (disk full, an I/O error at its fsync, a lock, the watchdog severing it) ends

@@ -31,6 +31,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -38,6 +39,7 @@ from veil.exceptions import PermissionDeniedError
 from veil.messaging import messages as m
 from veil.workers import client_tokens
 from veil.workers.accounts import END_ACCOUNT, Account
+from veil.workers.auth_throttle import source_of
 
 ROLES = ("scientist", "peer", "admin", "client")
 AUTH_HEADER = "Authorization"
@@ -58,6 +60,15 @@ def new_token() -> str:
         token = secrets.token_urlsafe(32)
         if not token.startswith("-"):
             return token
+
+
+#: character categories refused in a principal's name: controls, format (zero-width, bidi), line separators
+_INVISIBLE = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def _alike(name: str) -> str:
+    """What two names that read the same have in common (case and compatibility forms folded)."""
+    return unicodedata.normalize("NFKC", name).casefold()
 
 
 @dataclass(frozen=True)
@@ -92,7 +103,23 @@ class TokenTable:
             raise ValueError(f"the access token for {name!r} is too short (at least 8 characters)")
         if not name or "#" in name:
             raise ValueError(f"invalid principal name {name!r}")
+        self._check_distinct(name)
         self._entries.append((self._digest(token), Principal(name, role)))
+
+    def _check_distinct(self, name: str) -> None:
+        """Principals are revoked, audited and allowed by name: a name that only case, width or an invisible
+        character tells apart from another's (``Alice``/``alice``, a fullwidth letter, a zero-width space), or
+        that an issuer's clients take (``ISSUER/HOLDER``), would make ``veil users revoke`` act on one where
+        the owner meant the other. Refused here, where the owner names them."""
+        if any(unicodedata.category(c) in _INVISIBLE for c in name):
+            raise ValueError(f"principal name {name!r} has an invisible or control character")
+        issuer = name.partition("/")[0] if "/" in name else None
+        if issuer is not None and _alike(issuer) in {_alike(i) for i in self._issuers}:
+            raise ValueError(f"principal name {name!r} is one the client issuer {issuer!r} gives its clients")
+        for other in {p.name for _, p in self._entries}:
+            if other != name and _alike(other) == _alike(name):
+                raise ValueError(f"principal name {name!r} differs from {other!r} only in case or form: two "
+                                 "principals must not be told apart by that (revocation and audit go by name)")
 
     def _digest(self, token: str) -> bytes:
         return hmac.new(self._digest_key, token.encode(), hashlib.sha256).digest()
@@ -105,6 +132,9 @@ class TokenTable:
         client_tokens.check_secret(secret)
         if client_tokens.NAME_PATTERN.fullmatch(name or "") is None:
             raise ValueError(f"invalid client issuer name {name!r} (letters, digits, '_' or '-')")
+        taken = [p.name for _, p in self._entries if "/" in p.name and _alike(p.name.partition("/")[0]) == _alike(name)]
+        if taken:  # (its clients would share that principal's name: revoking one would revoke the other)
+            raise ValueError(f"client issuer {name!r} would give its clients names like principal {taken[0]!r}'s")
         self._issuers[name] = (secret.encode(), role)
 
     def lookup(self, token: str) -> Principal | None:
@@ -240,6 +270,10 @@ def authenticate(table: TokenTable, tokens: list[str]) -> Session:
     return Session(tuple(dict.fromkeys(principals)))
 
 
+#: the summary key of refused connects past ``RefusalLog.max_sources`` sources in one window
+OTHER_SOURCES = "other sources"
+
+
 class RefusalLog:
     """Audits refused unauthenticated connections in aggregate (no log flooding).
 
@@ -249,7 +283,14 @@ class RefusalLog:
     which the server calls periodically, or :meth:`flush` at shutdown). An
     attacker hammering the port thus adds at most ``burst`` + one row per source
     per window, instead of one row per attempt.
+
+    Sources are counted as :func:`auth_throttle.source_of` groups them (loopback is one, IPv4 /24, IPv6 /64),
+    and at most ``max_sources`` per window get a row of their own; the rest share one ("other sources"): an
+    attacker cycling addresses (every 127.0.0.0/8 one, or a /64's) neither grows the counts without bound
+    nor writes a summary row per address.
     """
+
+    max_sources = 64
 
     def __init__(self, db, worker_id: str, window: float = 10.0, burst: int = 5) -> None:
         import threading
@@ -271,7 +312,10 @@ class RefusalLog:
                 self._written += 1
                 write = True
             else:
-                self._suppressed[source] = self._suppressed.get(source, 0) + 1
+                key = source_of(source)
+                if key not in self._suppressed and len(self._suppressed) >= self.max_sources:
+                    key = OTHER_SOURCES
+                self._suppressed[key] = self._suppressed.get(key, 0) + 1
                 write = False
         if write:
             self._db.audit(self._worker_id, "connect", "?", "-", (), "refused", f"from {source}: {reason}")

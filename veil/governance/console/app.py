@@ -20,7 +20,7 @@ from starlette.templating import Jinja2Templates
 from veil.exceptions import VeilError
 from veil.governance.console import views
 from veil.governance.console.auth import COOKIE, LOGIN_COOKIE, ConsoleAuth, ConsoleSession
-from veil.governance.console.connections import mark_owner_request
+from veil.governance.console.connections import SessionHostMark, mark_owner_request
 from veil.governance.console.svg import budget_svg, graph_svg
 from veil.governance.cli import shown
 from veil.governance.graphtext import render_graph
@@ -361,6 +361,7 @@ def build_app(worker: Any, allowed_hosts: list[str], session_host: str | None = 
 
     app = Starlette(routes=routes, middleware=[
         Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts),  # no DNS rebinding onto loopback
+        *([Middleware(SessionHostMark, session_host=session_host)] if session_host else []),
         Middleware(SecurityHeaders),
         Middleware(OneLineErrors),
     ])

@@ -28,8 +28,8 @@ def _slice_sql(dialect: str) -> str:
 def curve(ledger: Any, user: str, now: float, buckets: int = CURVE_POINTS) -> tuple[float, float, list]:
     """``(t0, t1, points)``: the curve's time span (first charge to now, at least a second) and its points
     ``(time, epsilon spent up to then, label)``, oldest first."""
-    db = ledger._db
-    with ledger._lock:
+    db = ledger.reader()  # (its own connection: summing a big ledger never holds up a charge)
+    with db.lock:
         count, first = db.execute('SELECT COUNT(*), MIN(at) FROM charges WHERE "user" = ?', (user,)).fetchone()
         t0 = now if first is None else float(first)
         t1 = max(now, t0 + 1)

@@ -3,10 +3,13 @@ shares its file descriptors, and its port is reachable by every local user (loop
 
 - at most ``MAX_CONNECTIONS`` open at once: one more takes the place of another, so connections held open by
   a slow client (anyone on loopback) do not lock the owner out. Never one answering a request of the owner's
-  session (the app marks it: :func:`mark_owner_request`); first those that never carried such a request,
-  oldest first (by when they opened: a client that pipelines requests, or does not read its answers, is
-  always "being answered" and used to be kept for good), then the owner's idle keep-alive connections,
-  longest idle first. With every connection answering the owner, the new one is closed at once;
+  session (the app marks it: :func:`mark_owner_request`); first those that never carried such a request nor
+  one sent to the secret host name (:class:`SessionHostMark`), those of the source (``auth_throttle.source_of``)
+  holding the most connections first, then oldest first (by when they opened: a client that pipelines
+  requests, or does not read its answers, is always "being answered" and used to be kept for good); then
+  those that carried a request to the secret name (an owner not logged in yet), then the owner's idle
+  keep-alive connections, longest idle first. With every connection answering the owner, the new one is
+  closed at once;
 - a connection that has not sent a whole request head within ``HEAD_SECONDS`` of opening (or of its last
   response) is closed: idle and half-sent requests (slowloris) do not hold a descriptor for good;
 - a request whose body is not all in ``BODY_SECONDS`` after its head, or that is not answered in full
@@ -24,10 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections import Counter
 from typing import Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from veil.workers.auth_throttle import source_of
 
 #: a browser opens about 6 connections per host; the rest of the worker's descriptors stay free
 MAX_CONNECTIONS = 32
@@ -50,10 +56,11 @@ OWNER_MARK = "veil.console.request"
 
 
 class _RequestMark:
-    __slots__ = ("owner",)
+    __slots__ = ("owner", "session_host")
 
     def __init__(self) -> None:
         self.owner = False
+        self.session_host = False  # sent to the console's secret host name (ConsoleServer.host_name)
 
 
 def mark_owner_request(scope: dict) -> None:
@@ -62,6 +69,33 @@ def mark_owner_request(scope: dict) -> None:
     mark = scope.get(OWNER_MARK)
     if mark is not None:
         mark.owner = True
+
+
+def replaced_first(connections: Any) -> "BoundedH11Protocol | None":
+    """The connection a new one takes the place of when all slots are held (None: every one is answering the
+    owner)."""
+    others = [c for c in connections if isinstance(c, BoundedH11Protocol) and c._replaceable()]
+    if not others:
+        return None
+    per_source = Counter(c._source for c in others)
+    return min(others, key=lambda c: c._replace_order(per_source))
+
+
+class SessionHostMark:
+    """ASGI middleware: a request sent to the console's secret host name (which only the owner was shown) marks
+    its connection, which is then replaced only after every connection that never sent one: an owner who has
+    the log-in page open but has not logged in yet is not pushed out by anyone on loopback reconnecting in a
+    loop (their connections replace each other)."""
+
+    def __init__(self, app: Any, session_host: str) -> None:
+        self.app, self.session_host = app, session_host.lower().encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        mark = scope.get(OWNER_MARK) if scope["type"] == "http" else None
+        if mark is not None:
+            host = next((v for k, v in scope.get("headers", ()) if k == b"host"), b"")
+            mark.session_host = host.lower().rsplit(b":", 1)[0] == self.session_host
+        await self.app(scope, receive, send)
 
 
 class BoundedH11Protocol(H11Protocol):
@@ -77,16 +111,19 @@ class BoundedH11Protocol(H11Protocol):
         self._opened_at = 0.0  # (loop time)
         self._mark = _RequestMark()  # the current request's: the app marks a request of the owner's session
         self._carried_owner = False  # whether any request on it was the owner's (a logged-in browser's)
+        self._carried_session_host = False  # whether any was sent to the secret host name (SessionHostMark)
         self._handshaking: bytearray | None = None  # while its TLS handshake runs here (tls)
+        self._source = "?"  # the client's address as auth_throttle groups them (loopback is one source)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        peer = transport.get_extra_info("peername")
+        self._source = source_of(peer[0]) if isinstance(peer, tuple) and peer else "?"
         if len(self.server_state.connections) >= MAX_CONNECTIONS:
-            others = [c for c in self.server_state.connections
-                      if isinstance(c, BoundedH11Protocol) and c._replaceable()]
-            if not others:
+            victim = replaced_first(self.server_state.connections)
+            if victim is None:
                 transport.abort()  # frees the descriptor now; never counted as a connection
                 return
-            min(others, key=BoundedH11Protocol._replace_order).transport.abort()  # (its connection_lost follows)
+            victim.transport.abort()  # (its connection_lost follows)
         self._opened_at = self.loop.time()
         if self.tls is not None and not transport.get_extra_info("sslcontext"):
             # counted, replaceable and under the head deadline while its handshake runs (which closing this
@@ -126,10 +163,17 @@ class BoundedH11Protocol(H11Protocol):
         answering = self.cycle is not None and not self.cycle.response_complete
         return not (answering and self._mark.owner)
 
-    def _replace_order(self) -> tuple:
-        """Which goes first: connections that never carried an owner's request, by age (their own requests,
-        pipelined or unread, do not make them look new), then the owner's, longest idle first."""
-        return (True, self._waiting_since) if self._carried_owner else (False, self._opened_at)
+    def _replace_order(self, per_source: Counter) -> tuple:
+        """Which goes first: connections that never carried an owner's request nor one to the secret host name,
+        those of the source holding the most connections first (off loopback, an owner not logged in yet is
+        not pushed out by another address's reconnect loop), then by age (their own requests, pipelined or
+        unread, do not make them look new); then those that carried one to the secret name (on loopback, an
+        owner not logged in yet), then the owner's, each longest idle first."""
+        if self._carried_owner or self._mark.owner:
+            return (2, 0, self._waiting_since)
+        if self._carried_session_host or self._mark.session_host:
+            return (1, 0, self._waiting_since)
+        return (0, -per_source[self._source], self._opened_at)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
@@ -153,6 +197,7 @@ class BoundedH11Protocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         self._carried_owner |= self._mark.owner
+        self._carried_session_host |= self._mark.session_host
         super().on_response_complete()
         self._request_bytes = 0
         if not self.transport.is_closing() and not self._time_new_request():  # (one pipelined behind it)
@@ -164,6 +209,7 @@ class BoundedH11Protocol(H11Protocol):
         if cycle is None or cycle is self._timed_cycle or cycle.response_complete:
             return False
         self._carried_owner |= self._mark.owner
+        self._carried_session_host |= self._mark.session_host
         self._mark = cycle.scope[OWNER_MARK] = _RequestMark()  # (the app runs after this: its task is queued)
         self._timed_cycle, self._waiting_since = cycle, self.loop.time()
         self._set_deadline(BODY_SECONDS, self._body_too_late)

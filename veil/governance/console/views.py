@@ -137,13 +137,15 @@ def budgets(worker: Any, now: float | None = None) -> list[dict]:
     if settings is None:
         return []
     ledger = settings.ledger
-    with ledger._lock:
+    reader = ledger.reader()  # never the ledger's own connection and lock, which every charge waits for
+    with reader.lock:
         # "user" quoted: unquoted it is PostgreSQL's CURRENT_USER (the database role), not the column
-        users = [tuple(r) for r in ledger._db.execute('SELECT "user", epsilon, delta FROM budgets ORDER BY "user"')]
+        users = [tuple(r) for r in reader.execute('SELECT "user", epsilon, delta FROM budgets ORDER BY "user"')]
     out = []
     now = time.time() if now is None else now
     for user, eps, delta in users:
-        spent_eps, spent_delta = ledger.spent(user)
+        with reader.lock:
+            spent_eps, spent_delta = ledger._spent(user, reader)
         start, end, points = curve(ledger, user, now)
         out.append({"user": user, "epsilon": eps, "delta": delta, "spent_epsilon": spent_eps,
                     "spent_delta": spent_delta, "left_epsilon": eps - spent_eps, "left_delta": delta - spent_delta,
