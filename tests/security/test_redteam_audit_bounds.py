@@ -111,7 +111,7 @@ def test_the_consoles_audit_filters_read_an_index(tmp_path, monkeypatch, filters
     db = OwnerDB(str(path))  # opened twice: the migration runs again harmlessly
     seen = []  # the console's own query (audit_search), then its plan
     monkeypatch.setattr(views, "governance", lambda worker: SimpleNamespace(db=db))
-    monkeypatch.setattr(views, "db_execute", lambda database, sql, params=(): seen.append((sql, params)) or [])
+    monkeypatch.setattr(views, "db_read", lambda database, sql, params=(): seen.append((sql, params)) or [])
     views.audit_search(object(), **filters)
     (sql, params), = seen
     plan = " ".join(str(row[-1]) for row in db_execute(db, "EXPLAIN QUERY PLAN " + sql, params))

@@ -430,3 +430,44 @@ def test_off_loopback_a_reconnect_loop_from_one_address_replaces_its_own_connect
     newest = _connection("loopback", 9.0)
     assert replaced_first([logged_in, named, newest]) is newest
     assert replaced_first([logged_in, named]) is named
+
+
+def test_an_audit_search_over_a_long_log_never_holds_up_the_workers_audit_rows(hook, tmp_path, monkeypatch):
+    """The owner searches the audit log for a word (the Audit page: a LIKE over every row of a log a scientist
+    grows with refused commands) on the owner database's one connection, under the lock every audit row,
+    filed request and decision waits for. The search is made slow here and the worker audits meanwhile.
+    Must hold: the audit row is written while the search still runs; the search then finds its rows."""
+    from veil.governance.console import views
+    from veil.governance.state import governance
+    from veil.workers.database import Database
+    from veil.workers.persistence import OwnerDB
+
+    worker = sy.VirtualWorker(hook, id=f"rt-govdb-audit-{time.monotonic_ns() % 10**6}")
+    worker.db = OwnerDB(str(tmp_path / OwnerDB.FILENAME))
+    db = governance(worker).db
+    for i in range(50):
+        db.audit(worker.id, "get", "mallory", "s", [i], "refused", f"probe {i}")
+    search = threading.Thread(target=lambda: found.extend(views.audit_search(worker, text="probe")))
+    found: list = []
+    searching, go_on = threading.Event(), threading.Event()
+    real_execute = Database.execute
+
+    def slow_reads(self, sql, params=()):
+        if threading.current_thread() is search and "FROM audit" in sql:
+            searching.set()
+            go_on.wait(10)  # (a LIKE over millions of rows)
+        return real_execute(self, sql, params)
+
+    monkeypatch.setattr(Database, "execute", slow_reads)
+    search.start()
+    try:
+        assert searching.wait(10)
+        written = threading.Thread(target=db.audit, args=(worker.id, "get", "alice", "s", [1], "allowed", "x"))
+        written.start()
+        written.join(3)
+        assert not written.is_alive(), "an audit row waited for the owner's audit search"
+    finally:
+        go_on.set()
+        search.join(30)
+    monkeypatch.setattr(Database, "execute", real_execute)
+    assert len(found) == 50 and {r["principal"] for r in found} == {"mallory"}

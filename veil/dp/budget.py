@@ -26,7 +26,7 @@ from typing import Optional, Union
 
 from veil.dp.accountant import Accountant
 from veil.dp.errors import BudgetExceededError, PrivacyParameterError, ReplayedRequestError, UnknownUserError
-from veil.workers.database import Database
+from veil.workers.database import Database, reader_of
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS budgets (
@@ -110,19 +110,14 @@ class BudgetLedger:
         whole ledger): they never hold the lock every charge takes. An in-memory ledger has only its own."""
         with self._lock:
             if self._reader is None:
-                if self.path == ":memory:":
-                    return self._db
-                reader = Database(self.path, timeout=30.0)
-                reader.execute("PRAGMA query_only = 1" if reader.dialect == "sqlite"
-                               else "SET default_transaction_read_only = on")
-                self._reader = reader
+                self._reader = reader_of(self._db)
             return self._reader
 
     def close(self) -> None:
         """Closes the database file."""
         with self._lock:
             self._db.close()
-            if self._reader is not None:
+            if self._reader not in (None, self._db):
                 self._reader.close()
 
     def __enter__(self) -> "BudgetLedger":

@@ -153,6 +153,15 @@ class _Watchdog:
 _WATCHDOG = _Watchdog()
 
 
+def reader_of(db: "Database") -> "Database":
+    """A read-only connection of its own to ``db``'s database, for long reads (the console's Budgets and Audit
+    pages sum, bucket or search a whole table): they then never hold ``db``'s lock, which every charge and audit
+    row waits for. An in-memory SQLite database has only the one connection: ``db`` itself."""
+    if db.dialect == "sqlite" and db.location == ":memory:":
+        return db
+    return Database(db.location, timeout=db._timeout, read_only=True)
+
+
 def commit_status(db: "Database", xid: int, backend_pid: int) -> str | None:
     """What became of transaction ``xid`` (``txid_current()``) whose COMMIT lost its connection: "committed",
     "aborted", or None when that cannot be told (the server does not answer, or the transaction is still
@@ -272,10 +281,13 @@ class Database:
     Args:
         location: SQLite file path, ``":memory:"``, or a ``postgresql://`` URL.
         timeout: seconds to wait for another process's write lock.
+        read_only: every session of it refuses writes (:func:`reader_of`: long reads of the owner's pages).
     """
 
-    def __init__(self, location: Union[str, Path], timeout: float = 30.0, synchronous: str = "NORMAL") -> None:
+    def __init__(self, location: Union[str, Path], timeout: float = 30.0, synchronous: str = "NORMAL",
+                 read_only: bool = False) -> None:
         self.location = str(location)
+        self.read_only = read_only
         self.dialect = "postgresql" if is_database_url(self.location) else "sqlite"
         self.lock = threading.RLock()
         self._timeout = timeout
@@ -311,6 +323,8 @@ class Database:
                     # few. FULL (the DP ledger) fsyncs every commit: a charge outlives the release it paid for.
                     conn.execute("PRAGMA journal_mode=WAL")
                     conn.execute(f"PRAGMA synchronous={self._synchronous}")
+                    if self.read_only:
+                        conn.execute("PRAGMA query_only = 1")
                 except sqlite3.DatabaseError as e:
                     conn.close()
                     raise self._unusable(e) from None
@@ -338,6 +352,8 @@ class Database:
             self._guarded(conn, lambda: conn.execute(f"SET lock_timeout = {int(self._timeout * 1000)}"))
             self._guarded(conn, lambda: conn.execute(
                 f"SET statement_timeout = {int(_STATEMENT_TIMEOUT_FACTOR * self._timeout * 1000)}"))
+            if self.read_only:  # (every session: a reconnect keeps it)
+                self._guarded(conn, lambda: conn.execute("SET default_transaction_read_only = on"))
         except psycopg.Error as e:
             conn.close()
             raise ConnectionError(f"cannot connect to {redact(self.location)}: {_one_line(e)}") from None

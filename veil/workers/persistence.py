@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from veil.workers.database import Database, is_database_url, redact
+from veil.workers.database import Database, is_database_url, reader_of, redact
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -87,8 +87,17 @@ class OwnerDB:
         self.path = str(path)
         self._db = Database(self.path)
         self._lock = self._db.lock
+        self._reader: Database | None = None
         self._db.executescript(_SCHEMA)
         add_audit_indexes(self)
+
+    def reader(self) -> Database:
+        """A read-only connection of its own for the owner's long reads (the console's audit search scans the
+        whole log): they never hold the lock every audit row, request and decision waits for."""
+        with self._lock:
+            if self._reader is None:
+                self._reader = reader_of(self._db)
+            return self._reader
 
     @classmethod
     def in_dir(cls, data_dir: str | Path | None, db: str | None = None) -> "OwnerDB":
@@ -104,6 +113,8 @@ class OwnerDB:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._reader not in (None, self._db):
+                self._reader.close()
 
     # ------------------------------------------------------------- audit
 
@@ -238,6 +249,13 @@ def db_update(db: OwnerDB, sql: str, params: tuple = ()) -> int:
     arbiter between processes of one owner; ``RETURNING`` would need SQLite >= 3.35)."""
     with db._lock:
         return db._db.execute(sql, params).rowcount
+
+
+def db_read(db: OwnerDB, sql: str, params: tuple = ()) -> list[tuple]:
+    """Runs one query on the database's read-only connection (:meth:`OwnerDB.reader`); returns the rows."""
+    reader = db.reader()
+    with reader.lock:
+        return reader.execute(sql, params).fetchall()
 
 
 def db_execute(db: OwnerDB, sql: str, params: tuple = ()) -> list[tuple]:

@@ -14,7 +14,7 @@ from veil.governance.policy import owner_sources
 from veil.governance.provenance import sources_of
 from veil.governance.state import governance, policy_of
 from veil.workers.database import equality_filters
-from veil.workers.persistence import db_execute
+from veil.workers.persistence import db_read
 
 
 def on_worker(worker: Any, fn: Any, *args: Any) -> Any:
@@ -77,9 +77,9 @@ def request_rows(worker: Any, state: str | None, limit: int = 500) -> list[dict]
     as its graph's source boxes do (``provenance._input_node``), from the worker's store."""
     clauses, params = equality_filters(state=state)
     where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-    rows = db_execute(governance(worker).db,
-                      f"SELECT id, ts, principal, state, shape, dtype, reason, sources FROM release_requests {where}"
-                      f" ORDER BY ts DESC LIMIT ?", (*params, int(limit)))
+    rows = db_read(governance(worker).db,
+                   f"SELECT id, ts, principal, state, shape, dtype, reason, sources FROM release_requests {where}"
+                   f" ORDER BY ts DESC LIMIT ?", (*params, int(limit)))
     labels = on_worker(worker, lambda: {str(oid): _dataset_label(e) for oid, e in owner_sources(worker)})
     out = []
     for rid, ts, principal, st, shape, dtype, reason, sources in rows:
@@ -103,9 +103,10 @@ def audit_search(worker: Any, user: str = "", action: str = "", outcome: str = "
         like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         params += [like, like]
     where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-    rows = db_execute(governance(worker).db,
-                      f"SELECT seq, ts, action, principal, session, object_ids, outcome, detail FROM audit {where}"
-                      f" ORDER BY seq DESC LIMIT ?", (*params, int(limit)))
+    # (on the database's read-only connection: a search of a long log never holds up the worker's audit rows)
+    rows = db_read(governance(worker).db,
+                   f"SELECT seq, ts, action, principal, session, object_ids, outcome, detail FROM audit {where}"
+                   f" ORDER BY seq DESC LIMIT ?", (*params, int(limit)))
     names = ("seq", "ts", "action", "principal", "session", "object_ids", "outcome", "detail")
     return [dict(zip(names, r)) for r in rows]
 
@@ -119,7 +120,7 @@ AUDIT_CHOICE_ROWS = 20_000
 def audit_choices(worker: Any) -> dict[str, list[str]]:
     """The values the audit filter offers: those of the latest rows, and every user holding a token."""
     db = governance(worker).db
-    choices = {col: {r[0] for r in db_execute(
+    choices = {col: {r[0] for r in db_read(
         db, f"SELECT DISTINCT {col} FROM (SELECT {col} FROM audit ORDER BY seq DESC LIMIT ?) AS recent",
         (AUDIT_CHOICE_ROWS,))} for col in ("principal", "action", "outcome")}
     tokens = getattr(worker, "tokens", None)
