@@ -15,9 +15,11 @@ its fix (checked by running this file against ``git archive`` of the commit befo
   move exported them all in one tag); a claimed source could be 64 KiB long;
 - an approval was found only as its object id's newest request: after a restart on other records under the
   same tags, the request filed for those hid it, and the approved value asked for again got a new request;
-- a request's op graph had no bound: six runs of a plan whose 200 ops each name 150 arguments filed a ~750 KB
-  graph (eight runs: 1 MB) into the owner's database and Requests page; a plan's op line is now cut and a
-  graph past its bound is refused in one line (the server audits it against the requester).
+- a request's op graph had no bound: twelve runs of a plan whose 200 ops each name 150 arguments filed a
+  1.5 MB graph into the owner's database and Requests page; a plan's op line is now cut and a
+  graph past its bound is refused in one line (the server audits it against the requester);
+- the owner's ``veil requests list`` reply carried every listed request's graph (500 rows: up to 128 MB), and
+  a scientist's ``sy.requests`` made the worker parse all of its own requests' graphs to show none of them.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ SCI, SCI2 = "rt-rl-sci-token", "rt-rl-sci2-token"
 CAP = "#veil.cap."
 #: the bounds the fixes set (veil.workers.source_sets.MAX_FOREIGN_SOURCES, requests.MAX_REQUEST_GRAPH_CHARS,
 #: provenance.MAX_PLAN_LINE), written here so that this file runs, and fails, on the code before them
-MAX_SOURCES, MAX_GRAPH_CHARS, MAX_PLAN_LINE = 256, 256 * 1024, 300
+MAX_SOURCES, MAX_GRAPH_CHARS, MAX_PLAN_LINE = 256, 512 * 1024, 300
 
 
 def _uid(prefix: str) -> str:
@@ -226,16 +228,16 @@ def _wide_plan(owner):
 
 
 def test_a_request_graph_past_its_bound_is_refused_in_one_line(hook, pair):
-    """Attack (the owner's database and Requests page): six chained runs of the wide plan filed a ~750 KB graph
-    (each op line 600 characters; eight runs: 1 MB; a request per get of each new value). Must hold: the get is
-    refused in one line naming the bound (and is neither pending nor a new request), no request is filed, and the same plan run once (a reviewable graph) files one whose lines are
+    """Attack (the owner's database and Requests page): twelve chained runs of the wide plan filed a 1.5 MB graph
+    (each op line 600 characters; a request per get of each new value, 100 pending per user). Must hold: the
+    get is refused in one line naming the bound (and is neither pending nor a new request), no request is filed, and the same plan run once (a reviewable graph) files one whose lines are
     each bounded; the value then released is plain torch's."""
     from veil.governance.graphtext import render_graph
 
     owner, _ = pair
     plan, x = _wide_plan(owner), owner.search(["#d"])[0]
     y = x
-    for _ in range(6):
+    for _ in range(12):
         y = plan(y)
     with pytest.raises(PermissionDeniedError) as info:
         y.get()
@@ -387,3 +389,23 @@ def test_one_users_request_flood_leaves_room_for_another_user(hook):
     other = open_session(w.srv, SCI2)
     rid = w.pending(w.cmd("torch.mul", m.ObjectRef(w.d), 2.0, session=other), session=other)
     assert w.queue.get(rid).principal == "sci2" and w.queue.count("pending") == MAX_PENDING_PER_USER + 1
+
+
+def test_listing_requests_carries_no_graphs(hook, pair):
+    """Attack (the owner's ``veil requests list`` and a scientist's ``sy.requests``): requests whose graphs are
+    near the bound (three runs of the wide plan, ~180 KB each). The admin list sent every graph (500 rows: up to
+    128 MB), and both lists parsed them all on the worker. Must hold: the list's reply stays small, ``show``
+    still gives the owner the whole graph, and the scientist's list names the request."""
+    from veil.governance.wire import AdminRequestsMessage
+    from veil.messaging.serde import serialize
+
+    owner, _ = pair
+    plan, x = _wide_plan(owner), owner.search(["#d"])[0]
+    rid = _pending(plan(plan(plan(x))).get)
+    assert len(json.dumps(owner.release_requests.get(rid).graph)) > 100_000
+    me = hook.local_worker
+    listed = me.send_msg(AdminRequestsMessage("list"), owner).objects
+    assert [r["id"] for r in listed] == [rid] and len(serialize(m.ObjectsReply(listed))) < 4096
+    (shown,) = me.send_msg(AdminRequestsMessage("show", rid), owner).objects
+    assert shown["graph"] == owner.release_requests.get(rid).graph and shown["root"]
+    assert [r["id"] for r in sy.requests(owner)] == [rid]

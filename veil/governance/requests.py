@@ -62,9 +62,10 @@ class ReleaseRequest:
         return asdict(self)
 
 
-#: characters of JSON a request's op graph and sources may take in the owner's database and Requests page (six
-#: chained runs of a plan listing 200 ops of 150 arguments each filed ~750 KB; a usual request: a few KB)
-MAX_REQUEST_GRAPH_CHARS = 256 * 1024
+#: characters of JSON a request's op graph and sources may take in the owner's database and Requests page (a
+#: 200-step plan run 70 times in a row files ~400 KB, the 64 nodes kept each listing its steps; twelve runs of
+#: one listing 200 ops of 150 arguments each filed 1.5 MB; a usual request: a few KB)
+MAX_REQUEST_GRAPH_CHARS = 512 * 1024
 
 #: pending requests one user may have at a time: a flood of requests (each get of a derived value files one,
 #: and they stay after the value is freed) pushed other users' requests off the owner's list
@@ -158,8 +159,10 @@ class ReviewQueue:
 
     # ----------------------------------------------------------- reading
 
-    def _rows(self, where: str = "", params: tuple = (), limit: int = 500) -> list[ReleaseRequest]:
-        rows = db_execute(self.db, f"SELECT {', '.join(_COLUMNS)} FROM release_requests {where} "
+    def _rows(self, where: str = "", params: tuple = (), limit: int = 500, graphs: bool = True) -> list[ReleaseRequest]:
+        # graphs=False: each row's graph read as {} (a list of 500 requests parsed up to 128 MB of them)
+        columns = ", ".join(c if graphs or c != "graph" else "'{}'" for c in _COLUMNS)
+        rows = db_execute(self.db, f"SELECT {columns} FROM release_requests {where} "
                                    f"ORDER BY ts DESC LIMIT ?", (*params, int(limit)))
         out = []
         for r in rows:
@@ -173,11 +176,13 @@ class ReviewQueue:
             out.append(ReleaseRequest(**d))
         return out
 
-    def list(self, state: str | None = None, principal: str | None = None, limit: int = 500) -> list[ReleaseRequest]:
-        """Requests, newest first, optionally of one state and/or one user."""
+    def list(self, state: str | None = None, principal: str | None = None, limit: int = 500,
+             graphs: bool = True) -> list[ReleaseRequest]:
+        """Requests, newest first, optionally of one state and/or one user (``graphs=False``: without their op
+        graphs, for lists that show none)."""
         clauses, params = equality_filters(state=state, principal=principal)
         where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-        return self._rows(where, tuple(params), limit)
+        return self._rows(where, tuple(params), limit, graphs)
 
     def pending(self) -> list[ReleaseRequest]:
         return self.list("pending")

@@ -100,7 +100,7 @@ def _handle_request_release(worker: BaseWorker, msg: RequestReleaseMessage, send
 @register_handler(ListRequestsMessage)
 def _handle_list_requests(worker: BaseWorker, msg: ListRequestsMessage, sender: str) -> Any:
     user, _ = _user(worker, msg.user, sender)
-    return m.ObjectsReply([r.to_user() for r in ReviewQueue(worker).list(principal=user)])
+    return m.ObjectsReply([r.to_user() for r in ReviewQueue(worker).list(principal=user, graphs=False)])
 
 
 def owner_view(worker: BaseWorker, req: Any, with_preview: bool) -> dict:
@@ -117,7 +117,8 @@ def _handle_admin_requests(worker: BaseWorker, msg: AdminRequestsMessage, sender
     if msg.action == "list":
         if msg.state is not None and msg.state not in STATES:
             raise SerializationError(f"unknown request state {msg.state!r}; expected one of {', '.join(STATES)}")
-        return m.ObjectsReply([owner_view(worker, r, False) for r in queue.list(msg.state)])
+        # (no graphs: `veil requests list` shows none, and 500 of them could make a reply of 128 MB; `show` has it)
+        return m.ObjectsReply([owner_view(worker, r, False) for r in queue.list(msg.state, graphs=False)])
     if not isinstance(msg.request_id, str):
         raise SerializationError("this action needs a request id")
     if msg.action == "show":
