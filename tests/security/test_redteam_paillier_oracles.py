@@ -54,11 +54,12 @@ def keys():
 class Review:
     """A worker holding one owner tensor under review, and a scientist's session."""
 
-    def __init__(self, hook, data: torch.Tensor):
+    def __init__(self, hook, data: torch.Tensor, seconds=None):
         tokens = sy.TokenTable()
         tokens.add(SCI, "sci", "scientist")
         tokens.add(ADM, "owner", "admin")
-        self.srv = WebsocketServerWorker(hook, id=f"rt-po-{new_id() % 10**6}", port=0, tokens=tokens)
+        self.srv = WebsocketServerWorker(hook, id=f"rt-po-{new_id() % 10**6}", port=0, tokens=tokens,
+                                         max_command_seconds=seconds)
         self.data = data.clone()
         self.d = self.srv.load(data, tags=("#d",), policy="review")
         self.sci = open_session(self.srv, SCI)
@@ -176,6 +177,24 @@ def test_encryption_takes_one_encoding_path_whatever_the_values(keys, monkeypatc
         assert torch.equal(t.decrypt(priv), torch.tensor(data, dtype=torch.float64))
         paths.append(list(calls))
     assert paths[0] == paths[1], paths
+
+
+def test_value_free_products_still_stop_at_the_command_deadline(hook):
+    """A value-free power costs the dtype's full width (float64: two ~1058-bit constant-time powers, ~20 ms
+    under an 1100-bit modulus here), so the 256 values between deadline checks ran ~5 s past a 0.5 s
+    deadline; the pieces now shrink with the width."""
+    import time
+
+    torch.broadcast_shapes((1,), (1,))  # (its first call imports sympy: seconds, before the work starts)
+    n = (1 << 1099) | 12345  # any odd number of 1100 bits passes as a modulus (and has room for float64)
+    w = Review(hook, torch.linspace(-3.0, 3.0, 300, dtype=torch.float64), seconds=0.5)
+    a = send_tensor(w.srv, w.sci, _crafted(n, [n + 2] * 300, 0))
+    t0 = time.monotonic()
+    reply, _ = w.he_op("mul", a, m.ObjectRef(w.d))
+    took = time.monotonic() - t0
+    assert type(reply) is m.ErrorReply and "CommandTimeoutError" in (reply.error + reply.message), reply
+    assert took < 2.0, took  # (256 values between checks: ~4 s here; 32 now: ~1 s)
+    w.healthy()
 
 
 # ------------------------------------------------------------------------------------------ what holds

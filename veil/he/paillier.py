@@ -102,13 +102,14 @@ _CHECK: ContextVar[Optional[Callable[[], None]]] = ContextVar("veil_he_checkpoin
 _CHECK_EVERY = 256
 
 
-def _pieces(values: list, n_bits: int) -> Iterator[list]:
-    """``values`` in pieces, the running command's checkpoint before each."""
+def _pieces(values: list, n_bits: int, cost: int = 1) -> Iterator[list]:
+    """``values`` in pieces, the running command's checkpoint before each (``cost``: how many times the usual
+    work each value takes)."""
     check = _CHECK.get()
     if check is None:
         yield values
         return
-    step = max(1, int(_CHECK_EVERY * (2048 / max(n_bits, 2048)) ** 3))
+    step = max(1, int(_CHECK_EVERY * (2048 / max(n_bits, 2048)) ** 3) // max(1, cost))
     for at in range(0, len(values), step):
         check()
         yield values[at: at + step]
@@ -298,12 +299,14 @@ class PaillierTensor:
         m = self._encode_plain(plain, ep)
         nsq = self._kp.nsq
         cb, mb = np.broadcast_arrays(self._ct, m)
-        pieces = _pieces(list(zip(cb.ravel(), mb.ravel())), self._kp.n.bit_length())
+        pairs, n_bits = list(zip(cb.ravel(), mb.ravel())), self._kp.n.bit_length()
         if _FIXED_PLAIN_EXPONENT.get():  # the owner's plaintext: one exponent width, whatever its values
             bits, cache = op.exponent_bits(plain.dtype, ep), {}
+            # (two constant-time powers of bits + 1 bits per value: float64's ~1058 cost ~8 usual ones)
+            pieces = _pieces(pairs, n_bits, cost=(2 * bits) // 256)
             flat = [c for piece in pieces for c in op.powers(piece, bits, nsq, cache)]
         else:  # (gmpy2.powmod inverts the base itself for a negative exponent)
-            flat = [gmpy2.powmod(c, k, nsq) for piece in pieces for c, k in piece]
+            flat = [gmpy2.powmod(c, k, nsq) for piece in _pieces(pairs, n_bits) for c, k in piece]
         return self._like(_obj_array(flat, cb.shape), self.exponent + ep, dtype)
 
     __rmul__ = __mul__
