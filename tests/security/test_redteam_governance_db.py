@@ -471,3 +471,47 @@ def test_an_audit_search_over_a_long_log_never_holds_up_the_workers_audit_rows(h
         search.join(30)
     monkeypatch.setattr(Database, "execute", real_execute)
     assert len(found) == 50 and {r["principal"] for r in found} == {"mallory"}
+
+
+class _LosingStatement(_LosingCommit):
+    """A PostgreSQL connection whose next statement starting with ``prefix`` runs, and then the connection
+    is lost (its backend ended) before the answer comes back."""
+
+    def __init__(self, conn: psycopg.Connection, url: str, prefix: str) -> None:
+        super().__init__(conn, url, ran=True)
+        self._prefix = prefix
+
+    def execute(self, sql, *args, **kwargs):
+        if self.armed and str(sql).lstrip().upper().startswith(self._prefix):
+            self.armed = False
+            self._conn.execute(sql, *args, **kwargs)
+            with psycopg.connect(self._url, autocommit=True) as other:
+                other.execute("SELECT pg_terminate_backend(%s)", (self._conn.pgconn.backend_pid,))
+            raise psycopg.OperationalError("consuming input failed: server closed the connection unexpectedly")
+        return self._conn.execute(sql, *args, **kwargs)
+
+
+def test_a_review_decision_lost_with_its_connection_is_refused_only_if_it_was_not_recorded(pg_url):
+    """The owner approves a release request (the conditional UPDATE that arbitrates between her processes) and
+    the connection to PostgreSQL is lost right after the server ran it: as a lone statement it had committed,
+    yet the console said "refused, try again", and her retry then said "already approved" (a release: the
+    approval used up, the value never sent). Must hold: what is reported agrees with what is stored."""
+    from veil.workers.persistence import OwnerDB, db_update
+
+    db = OwnerDB(pg_url)
+    try:
+        db.kv_put("redteam", "decision", b"pending")
+        db._db._conn = _LosingStatement(db._db._conn, pg_url, "UPDATE")
+        try:
+            changed = db_update(db, "UPDATE kv SET value = ? WHERE namespace = ? AND key = ? AND value = ?",
+                                (b"approved", "redteam", "decision", b"pending"))
+        except OwnerStateUnavailableError as e:
+            reported = f"refused: {e}"
+        else:
+            reported = "recorded" if changed == 1 else f"changed {changed}"
+        with psycopg.connect(pg_url, autocommit=True) as look:  # (what the database holds, on its own session)
+            stored = bytes(look.execute("SELECT value FROM kv WHERE namespace = 'redteam'").fetchone()[0])
+        assert (reported, stored) in {("recorded", b"approved")} or (reported.startswith("refused")
+                                                                     and stored == b"pending"), (reported, stored)
+    finally:
+        db.close()

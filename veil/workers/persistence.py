@@ -246,8 +246,12 @@ def add_release_requests_table(db: OwnerDB) -> None:
 
 def db_update(db: OwnerDB, sql: str, params: tuple = ()) -> int:
     """Runs one UPDATE/DELETE under the database lock; returns how many rows it changed (``rowcount``: the
-    arbiter between processes of one owner; ``RETURNING`` would need SQLite >= 3.35)."""
-    with db._lock:
+    arbiter between processes of one owner; ``RETURNING`` would need SQLite >= 3.35).
+
+    In a transaction of its own: on PostgreSQL only its COMMIT can then be lost with the connection, and
+    ``write_transaction`` looks that one up, so a decision or a release that was recorded is never reported
+    as refused (a lone statement lost with its connection may have been committed, or not: nobody can tell)."""
+    with db._lock, db._db.write_transaction():
         return db._db.execute(sql, params).rowcount
 
 
