@@ -226,9 +226,9 @@ def test_dp_plan_ops_are_sized_against_the_session_quota(hook):
     o = Owner(hook, "rt_dp_quota", quota=1 << 20)
     plan = o.plan(Repeats())
     reply, _ = o.cmd("veil.plan.run", plan, [torch.zeros(1, 3)], [torch.zeros(1)])
-    assert type(reply) is m.ErrorReply and "QuotaExceededError" in reply.message, reply
+    assert type(reply) is m.ErrorReply and reply.error == "QuotaExceededError", reply  # (as itself, not wrapped)
     reply, _ = o.gradient(plan, [torch.zeros(1)], [True], q=0.01, sigma=50.0, rid="rt-quota-0001")
-    assert type(reply) is m.ErrorReply and "Quota" in reply.message, reply
+    assert type(reply) is m.ErrorReply and reply.error == "QuotaExceededError", reply
     o.still_serves()
 
 

@@ -62,6 +62,9 @@ def check_room(worker: Any, numel: int, itemsize: int, op_name: str) -> None:
 def encode_value_free(tensor: torch.Tensor, encoding: FixedPointEncoding) -> torch.Tensor:
     """``round(x * scale)`` as int64, never failing on values: NaN encodes as 0, +-inf and magnitudes past the
     ring's bound as the bound. Equal to :func:`veil.mpc.encoding.encode` wherever that succeeds."""
-    x = torch.nan_to_num(tensor.detach().to(torch.float64), nan=0.0)
+    x = tensor.detach().to(torch.float64)
+    # (NaN by where, not nan_to_num: only data-oblivious ops, so that a value hidden from the requester, which
+    # runs under veil/workers/oblivious.py, is encoded too; it stays hidden, an encoding releases nothing)
+    x = torch.where(x == x, x, torch.zeros_like(x))
     scaled = torch.round(x * encoding.scale)
     return torch.clamp(scaled, -_ENCODED_LIMIT, _ENCODED_LIMIT).to(torch.int64)

@@ -63,7 +63,7 @@ class RemoteDPOwner(RemoteHandle):
         self.worker, self.dataset, self.loss = worker, dataset, loss
         # Traced on one record: the worker runs the plan on one record at a time, so a size taken from the
         # batch while tracing (torch.zeros(x.shape[0], 1)) must be that of one record.
-        plan = Plan(model, name=f"dp_{type(model).__name__}").build(example[:1])
+        plan = Plan(model, name=f"dp_{type(model).__name__}").build(example[:1], fixed_batch=True)
         owner = worker.hook.local_worker
         plan_id = new_id()
         owner.send_msg(ObjectMessage([StoredObject(plan_id, plan.spec)]), worker)

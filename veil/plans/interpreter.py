@@ -12,9 +12,9 @@ from typing import Any, Callable
 
 import torch
 
-from veil.exceptions import OperationNotAllowedError, RemoteExecutionError, SerializationError
+from veil.exceptions import OperationNotAllowedError, RemoteExecutionError, SerializationError, VeilError
 from veil.messaging.allowlist import ALLOWLIST
-from veil.plans.ops import PlanSpec, SlotRef
+from veil.plans.ops import BatchSize, PlanSpec, SlotRef
 from veil.tensors.tree import leaves
 from veil.workers import cancellation
 
@@ -23,10 +23,19 @@ def _has_slots(value: Any) -> bool:
     return bool(leaves(value, SlotRef))
 
 
+def _rows(slots: list) -> int:
+    first = slots[0]
+    if not isinstance(first, torch.Tensor) or first.dim() == 0:
+        raise RemoteExecutionError("the plan's sizes follow the rows of its first input, which has none")
+    return first.shape[0]
+
+
 def _fill(value: Any, slots: list) -> Any:
     tp = type(value)
     if tp is SlotRef:
         return slots[value.slot]
+    if tp is BatchSize:
+        return value.scale * _rows(slots)
     if tp is tuple or tp is list:
         return tp(_fill(v, slots) for v in value)
     if tp is dict:
@@ -57,12 +66,12 @@ class CompiledPlan:
 
 
 _D1, _D2, _D3, _DIRECT, _FLAT, _NESTED = 0, 1, 2, 3, 4, 5
-_CONTAINERS = (tuple, list, dict)
+_NOT_FLAT = (tuple, list, dict, BatchSize)  # (filled by _fill)
 
 
 def _flat_template(args: tuple, kwargs: dict) -> tuple | None:
     """The fill-in form of arguments that are slots or constants, none nested in a container."""
-    if any(type(a) in _CONTAINERS for a in args) or any(type(v) in _CONTAINERS for v in kwargs.values()):
+    if any(type(a) in _NOT_FLAT for a in args) or any(type(v) in _NOT_FLAT for v in kwargs.values()):
         return None
     arg_slots = [(i, a.slot) for i, a in enumerate(args) if type(a) is SlotRef]
     kw_slots = [(k, v.slot) for k, v in kwargs.items() if type(v) is SlotRef]
@@ -79,6 +88,8 @@ def compile_plan(spec: PlanSpec) -> CompiledPlan:
         for ref in leaves((op.args, op.kwargs), SlotRef):
             if ref.slot >= spec.n_slots:
                 raise SerializationError(f"plan {spec.name!r}: {op.op} reads slot {ref.slot} of {spec.n_slots}")
+        if spec.n_inputs == 0 and leaves((op.args, op.kwargs), BatchSize):
+            raise SerializationError(f"plan {spec.name!r}: {op.op} takes a batch size, but the plan has no input")
         direct = None
         if not op.kwargs and op.args and all(type(a) is SlotRef for a in op.args):
             direct = tuple(a.slot for a in op.args)
@@ -94,6 +105,15 @@ def compile_plan(spec: PlanSpec) -> CompiledPlan:
         else:
             steps.append((_NESTED, c.func, None, list(op.out_slots), bool(op.grad_enabled), c))
     return CompiledPlan(spec, compiled, steps)
+
+
+class Refusal(Exception):
+    """Raised by a size check to refuse an op with a value-free error (a quota's) that the caller of run() gets
+    as it is, not wrapped as the plan's failure (which a worker shows as ProtectedDataError on owner data)."""
+
+    def __init__(self, error: VeilError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _sized(func: Callable, name: str, size_check: Callable) -> Callable:
@@ -153,6 +173,8 @@ def run(plan: CompiledPlan, inputs: list, state: list, size_check: Callable | No
                 for slot, t in zip(outs, leaves(result)):
                     if slot >= 0:
                         slots[slot] = t
+    except Refusal as r:
+        raise r.error from None
     except Exception as e:
         raise RemoteExecutionError(f"plan {spec.name!r} failed at {op.name if op else '?'}: "
                                    f"{type(e).__name__}: {e}") from e

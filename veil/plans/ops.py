@@ -23,6 +23,18 @@ class SlotRef:
     slot: int
 
 
+@dataclass(frozen=True)
+class BatchSize:
+    """An op argument that is ``scale`` times the rows of the plan's first input (``x.view(x.shape[0], -1)``,
+    ``torch.zeros(x.size(0), 8)``), filled in when the plan runs: the plan follows the batch it is given
+    (the last, shorter batch of a ``fit`` included) instead of the one it was traced on (veil/plans/batch.py)."""
+
+    scale: int
+
+
+MAX_BATCH_SCALE = 1 << 20
+
+
 @dataclass
 class PlanOp:
     op: str  # allowlist name
@@ -46,6 +58,7 @@ class PlanSpec:
 
 SLOT_EXT = 21
 PLAN_EXT = 20
+BATCH_EXT = 22
 
 
 def _encode_plan(p: PlanSpec) -> bytes:
@@ -81,5 +94,13 @@ def _decode_slot(data: bytes, ctx: serde.DecodeContext) -> SlotRef:
     return SlotRef(value)
 
 
+def _decode_batch(data: bytes, ctx: serde.DecodeContext) -> BatchSize:
+    value = msgpack.unpackb(data)
+    if type(value) is not int or not 1 <= value <= MAX_BATCH_SCALE:
+        raise SerializationError(f"a plan's batch-size argument must be a multiple from 1 to {MAX_BATCH_SCALE}")
+    return BatchSize(value)
+
+
 serde.register_ext(SLOT_EXT, (SlotRef,), lambda s: msgpack.packb(s.slot), _decode_slot)
 serde.register_ext(PLAN_EXT, (PlanSpec,), _encode_plan, _decode_plan)
+serde.register_ext(BATCH_EXT, (BatchSize,), lambda b: msgpack.packb(b.scale), _decode_batch)

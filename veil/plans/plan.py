@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from veil.plans import interpreter
+from veil.plans import batch, interpreter
 from veil.plans.ops import PlanSpec
 from veil.plans.trace import TraceTensor, trace
 from veil.tensors.pointer import PointerTensor
@@ -55,11 +55,14 @@ class Plan:
         self.module = module
         self._step = step  # custom traced body (training plans): step(module_copy, *inputs)
         self._fixed_state: list[torch.Tensor] = []  # state of a plan fetched back with plan_ptr.get()
+        # the inputs that carry the batch (args_shape's -1; None: every tensor with as many rows as the first)
+        self._batched_inputs: tuple | None = None
         subclassed = fn is None and module is None and type(self).forward is not Plan.forward
         self.name = name or getattr(fn, "__name__", None) or type(module if not subclassed else self).__name__
         self.spec: PlanSpec | None = None
         self._compiled: interpreter.CompiledPlan | None = None
         if args_shape is not None:
+            self._batched_inputs = tuple(i for i, shape in enumerate(args_shape) if list(shape[:1]) == [-1])
             self.build(*_examples(args_shape, args_dtype))
 
     # ------------------------------------------------------------- building
@@ -94,25 +97,38 @@ class Plan:
         plan._fixed_state = list(state)
         return plan
 
-    def build(self, *example_args: torch.Tensor) -> "Plan":
-        """Traces the computation once on the given example tensors."""
+    def build(self, *example_args: torch.Tensor, fixed_batch: bool = False) -> "Plan":
+        """Traces the computation on the given example tensors; the plan then runs on any batch size
+        (veil/plans/batch.py: traced again on one more row, sizes taken from the batch follow it), unless
+        ``fixed_batch`` (it will only ever run on its example's batch size: traced once, as it is)."""
         self._adopt_subclass_layers()
-        if self.module is None:
-            self.spec = trace(self.fn, example_args, [], self.name)
-        else:
-            twin = copy.deepcopy(self.module)
-            slots = _module_state(twin)
-            state = [t.detach().clone().requires_grad_(t.requires_grad) for _, _, t in slots]
-
-            def bind(wrapped: list[TraceTensor], *inputs: TraceTensor) -> Any:
-                for (table, name, _), w in zip(slots, wrapped):
-                    table[name] = w
-                body = self._step or (lambda m, *xs: m(*xs))
-                return body(twin, *inputs)
-
-            self.spec = trace(None, example_args, state, self.name, bind_state=bind)
+        spec = self._trace(example_args)
+        rows = None if fixed_batch else batch.rows_of(example_args)
+        if rows is not None and (self._batched_inputs is None or 0 in self._batched_inputs):
+            try:
+                again = self._trace(batch.second_examples(example_args, rows, self._batched_inputs))
+            except Exception:  # noqa: BLE001 - it runs on its example's batch only: another fails at its shapes
+                again = None
+            if again is not None:
+                spec = batch.merge(spec, again, (rows, rows + 1))
+        self.spec = spec
         self._compiled = interpreter.compile_plan(self.spec)
         return self
+
+    def _trace(self, example_args: tuple) -> PlanSpec:
+        if self.module is None:
+            return trace(self.fn, example_args, [], self.name)
+        twin = copy.deepcopy(self.module)
+        slots = _module_state(twin)
+        state = [t.detach().clone().requires_grad_(t.requires_grad) for _, _, t in slots]
+
+        def bind(wrapped: list[TraceTensor], *inputs: TraceTensor) -> Any:
+            for (table, name, _), w in zip(slots, wrapped):
+                table[name] = w
+            body = self._step or (lambda m, *xs: m(*xs))
+            return body(twin, *inputs)
+
+        return trace(None, example_args, state, self.name, bind_state=bind)
 
     # ------------------------------------------------------------- running
 
@@ -217,6 +233,7 @@ def training_plan(model: nn.Module, loss_fn: Callable[..., torch.Tensor], lr: fl
         return loss.detach()
 
     plan = Plan(module=model, name=f"train_{type(model).__name__}", step=step)
+    plan._batched_inputs = (0, 1)  # data and target (FedProx's global parameters are not batches)
     if args_shape is not None:
         examples = _examples(args_shape, args_dtype)
         if prox_mu:

@@ -9,11 +9,13 @@ Worker functions (allowlisted, run with the worker as first argument):
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Any
 
 import torch
 
+from veil.compat.encoding_guards import ResultOverQuotaError
 from veil.exceptions import OperationNotAllowedError, RemoteExecutionError
 from veil.ids import new_id
 from veil.messaging.allowlist import ALLOWLIST, register_worker_function
@@ -25,17 +27,25 @@ from veil.tensors.handle import RemoteHandle, fetch_all
 from veil.tensors.pointer import PointerTensor
 from veil.workers import base, cancellation, output_bounds
 from veil.workers.monitor import register_size_estimator
+from veil.workers.quota import QuotaExceededError
 
 
 def _compiled(spec: PlanSpec) -> interpreter.CompiledPlan:
+    """The compiled plan, checked once: a stored plan when it arrives, a plan sent inline in a command's
+    arguments (never stored) before its first run, by the same checks."""
     compiled = spec.__dict__.get("_compiled")
     if compiled is None:
-        compiled = spec.__dict__["_compiled"] = interpreter.compile_plan(spec)
+        compiled = interpreter.compile_plan(spec)  # raises OperationNotAllowedError / SerializationError
+        _check_constants(spec)
+        spec.__dict__["_compiled"] = compiled
     return compiled
 
 
 def _validate(spec: PlanSpec) -> None:
-    _compiled(spec)  # raises OperationNotAllowedError / SerializationError before storing
+    _compiled(spec)  # before storing
+
+
+def _check_constants(spec: PlanSpec) -> None:
     # A constant is kept with the stored plan and read by every run: written in place on a run over the owner's
     # data, it would hold the owner's values, unmarked, for the next run on the scientist's own tensor.
     # The same for a result that may be a constant or a view of one: an in-place write into the stored result
@@ -65,13 +75,29 @@ def _plan_nbytes(spec: PlanSpec) -> int:
 register_size_estimator(PlanSpec, _plan_nbytes)
 
 
+_HELD = re.compile(r"would hold [0-9.]+ MiB, more than")
+
+
+class _PlanBudget(output_bounds.Budget):
+    """A plan's running size check whose refusal is value-free: it reaches the requester as the quota error it
+    is (one line, no amount held: with a value-sized op earlier in the plan, that would follow the values),
+    not as a ProtectedDataError when the plan reads owner data."""
+
+    def __call__(self, name: str, func: Any, args: Any, kwargs: dict) -> None:
+        try:
+            super().__call__(name, func, args, kwargs)
+        except QuotaExceededError as e:
+            error = ResultOverQuotaError("in a plan: " + _HELD.sub("would hold more than", str(e)))
+            raise interpreter.Refusal(error) from None
+
+
 def session_budget(worker: Any) -> Any:
     """With a session quota, a run's ops are sized before they run, against one running total
     (veil/workers/output_bounds.py); None without one."""
     monitor = worker.monitor
     if monitor.max_session_bytes is None:
         return None
-    return output_bounds.Budget(monitor, worker.principal(worker.requester()))
+    return _PlanBudget(monitor, worker.principal(worker.requester()))
 
 
 def _run(worker: Any, spec: PlanSpec, inputs: list, state: list) -> Any:
