@@ -270,6 +270,9 @@ def test_a_table_principal_named_like_an_issuers_client_is_refused_in_either_ord
     with pytest.raises(ValueError):
         tokens.add("redteam-govdb-token-a", "client/x")
     tokens.add("redteam-govdb-token-c", "client")  # (the issuer's own name as a table principal: allowed)
+    with pytest.raises(ValueError):  # (two issuers whose clients' names read the same)
+        tokens.add_issuer(ISSUER_SECRET, "Client")
+    tokens.add_issuer(ISSUER_SECRET + "-2", "client")  # (the same issuer's secret replaced: allowed)
 
 
 def test_revoking_an_issued_client_and_a_principal_its_holder_name_echoes_acts_on_each_alone(tmp_path):

@@ -88,6 +88,8 @@ class TokenTable:
         #: comparison takes says nothing of a token's length either
         self._entries: list[tuple[bytes, Principal]] = []
         self._digest_key = secrets.token_bytes(32)
+        #: each table name by what it has in common with names that read the same (``_alike``)
+        self._alike_names: dict[str, str] = {}
         #: issuer name -> (secret, role) of client tokens checked by their MAC (``client_tokens``)
         self._issuers: dict[str, tuple[bytes, str]] = {}
         #: issued principals that presented a valid token, by name (listed and revocable by name); replaced
@@ -116,10 +118,10 @@ class TokenTable:
         issuer = name.partition("/")[0] if "/" in name else None
         if issuer is not None and _alike(issuer) in {_alike(i) for i in self._issuers}:
             raise ValueError(f"principal name {name!r} is one the client issuer {issuer!r} gives its clients")
-        for other in {p.name for _, p in self._entries}:
-            if other != name and _alike(other) == _alike(name):
-                raise ValueError(f"principal name {name!r} differs from {other!r} only in case or form: two "
-                                 "principals must not be told apart by that (revocation and audit go by name)")
+        other = self._alike_names.setdefault(_alike(name), name)
+        if other != name:
+            raise ValueError(f"principal name {name!r} differs from {other!r} only in case or form: two "
+                             "principals must not be told apart by that (revocation and audit go by name)")
 
     def _digest(self, token: str) -> bytes:
         return hmac.new(self._digest_key, token.encode(), hashlib.sha256).digest()
@@ -135,6 +137,9 @@ class TokenTable:
         taken = [p.name for _, p in self._entries if "/" in p.name and _alike(p.name.partition("/")[0]) == _alike(name)]
         if taken:  # (its clients would share that principal's name: revoking one would revoke the other)
             raise ValueError(f"client issuer {name!r} would give its clients names like principal {taken[0]!r}'s")
+        alike = [i for i in self._issuers if i != name and _alike(i) == _alike(name)]
+        if alike:
+            raise ValueError(f"client issuer {name!r} differs from issuer {alike[0]!r} only in case or form")
         self._issuers[name] = (secret.encode(), role)
 
     def lookup(self, token: str) -> Principal | None:
