@@ -319,7 +319,13 @@ register_ext(EXT_CODES.TENSOR, (torch.Tensor,), encode_tensor, lambda d, ctx: de
 register_ext(EXT_CODES.REF, (ObjectRef,), lambda r: r.id.to_bytes(8, "little"), _decode_ref)
 register_ext(EXT_CODES.SLICE, (slice,), lambda s: _pack([s.start, s.stop, s.step]), _decode_slice)
 register_ext(EXT_CODES.ELLIPSIS, (type(Ellipsis),), lambda e: b"", lambda d, ctx: Ellipsis)
-register_ext(EXT_CODES.DTYPE, (torch.dtype,), lambda dt: _pack(DTYPE_NAMES[dt]), _decode_dtype)
+def _encode_dtype(dt: torch.dtype) -> bytes:
+    if dt not in DTYPE_NAMES:  # uint16, float8, complex32, ...: not in the wire's dtype table
+        raise SerializationError(f"cannot send dtype {dt}: the wire carries {', '.join(sorted(DTYPES))}")
+    return _pack(DTYPE_NAMES[dt])
+
+
+register_ext(EXT_CODES.DTYPE, (torch.dtype,), _encode_dtype, _decode_dtype)
 register_ext(EXT_CODES.SIZE, (torch.Size,), lambda s: _pack(list(s)), _decode_size)
 register_ext(EXT_CODES.TUPLE, (tuple,), lambda t: _pack(list(t)), lambda d, ctx: tuple(_list_payload(d, ctx)))
 register_ext(EXT_CODES.DEVICE, (torch.device,), lambda dev: _pack(str(dev.type)), _decode_device)

@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
+from veil.exceptions import SerializationError
 from veil.messaging.allowlist import Op
+from veil.messaging.tensor_payload import DTYPE_NAMES, DTYPES
 from veil.tensors.pointer import PointerTensor
 from veil.tensors.tree import leaves
 
@@ -200,6 +202,9 @@ def _run_meta(op: Op, args: tuple, kwargs: dict, tensors: list[torch.Tensor]) ->
         if k is not None:
             specs.append((ALIAS, k))
         else:
+            if leaf.dtype not in DTYPE_NAMES:  # refused here, not at the flush of a later command
+                raise SerializationError(f"{op.name} would make a {leaf.dtype} tensor, which the wire "
+                                         f"does not carry ({', '.join(sorted(DTYPES))})")
             specs.append((NEW, tuple(leaf.shape), leaf.dtype, leaf.requires_grad, leaf.grad_fn is None))
     return Template(result, tuple(specs))
 
