@@ -57,8 +57,12 @@ class ClientPool:
         """A worker handle on client ``i`` (for protocols that talk to clients one by one)."""
         raise NotImplementedError
 
-    def exchange(self, build: JobBuilder, indices: Iterable[int] | None = None) -> Iterator[tuple[int, Any]]:
+    def exchange(self, build: JobBuilder, indices: Iterable[int] | None = None,
+                 deadline: float | None = None) -> Iterator[tuple[int, Any]]:
         """Sends ``build(i)`` to each client ``i`` (default: all), many clients per transport call.
+
+        ``deadline`` (``time.monotonic()``, given only by ``fl.train(round_seconds=)``): past it, nothing more
+        is sent and the exchange ends without the clients not yet reported (the caller drops them).
 
         Yields ``(i, replies)`` as batches complete (in no fixed order): the serialized replies, one per
         request, shorter when a request failed (the client stops at its first error reply); or

@@ -35,11 +35,19 @@ hostile aggregator cannot make the other report it); one reported by a single
 aggregator may be an honest client that aggregator drops, so the sum must then
 hold that majority without the reporting aggregator's own update: an
 aggregator and one accomplice cannot shrink the sum to a victim's update next
-to theirs. (So a client with one bad copy is dropped from rounds of five or
-more clients; in smaller ones it still refuses the round.) A client may still
-commit to any ciphertext of its choosing (no proof that it knows the
-plaintext): with an aggregator that saw earlier rounds' ciphertexts it could
-combine those (not this round's).
+to theirs. So where dropping it is refused so (rounds of fewer than five
+clients, or many one-sided reports), the reporter is handed the other aggregator's copy, which matched there, checks it
+and sums it: one bad copy no longer refuses a small round (the client's
+committed update is summed), while a reporter that rejects a verified copy
+still refuses it. Each aggregator also checks every ciphertext's form (type,
+size, key, Paillier exponent: ``he_commitments.form_of``), so a client cannot
+break the addition or broadcast a one-entry ciphertext into the sum. A client
+may still commit to any ciphertext of that form (no proof that it knows the
+plaintext), but not to one an aggregator saw: this round's were committed to
+before any hand-over, and with Paillier each round has a fresh key pair
+(``fresh_keys``), so an earlier round's ciphertext, scaled or combined, is of
+another form. With CKKS (one context for every round) an aggregator's
+accomplice could still hand in a combination of earlier rounds' ciphertexts.
 
 A client that fails while encrypting or committing is dropped (the sum is
 renormalised over the survivors). Every ciphertext and commitment the round
@@ -173,7 +181,12 @@ class EncryptedAggregation:
     #: dropped (stalling clients hold a round no longer; one request still waits up to its transport's
     #: timeout): the round goes on if a majority encrypted, else is refused. None: no limit.
     round_seconds: float | None = 3600.0
+    #: Paillier: each round encrypts under a fresh key pair of the given key's size (~0.1 s at 2048 bits), so a
+    #: ciphertext an aggregator saw in an earlier round cannot be handed in again, scaled or combined, as a
+    #: client's update (it is under another key: both aggregators flag it). CKKS keeps its one context.
+    fresh_keys: bool = True
     _key_ids: dict = field(default_factory=dict)  # worker id -> id of the public key material stored there
+    _round_keys: Any = field(default=None, repr=False)  # (public, private) of the round under way (fresh_keys)
 
     def __post_init__(self) -> None:
         if (self.context is None) == (self.public_key is None):
@@ -185,7 +198,11 @@ class EncryptedAggregation:
             raise ValueError("the coordinator's CKKS context must hold the secret key (it decrypts the sum)")
 
     def _public(self) -> Any:
-        return self.context.public() if self.context is not None else self.public_key
+        return self.context.public() if self.context is not None else self._keys()[0]
+
+    def _keys(self) -> tuple:
+        """The Paillier (public, private) key pair the round under way uses."""
+        return self._round_keys or (self.public_key, self.private_key)
 
     def _key_on(self, worker: Any) -> int:
         if worker.id not in self._key_ids:
@@ -199,14 +216,16 @@ class EncryptedAggregation:
         return self._key_ids[worker.id]
 
     def aggregate(self, state_pointers: dict[str, list], weights: dict[str, float],
-                  started: int | None = None) -> tuple[list[torch.Tensor] | None, dict[str, str]]:
+                  started: int | None = None, deadline: float | None = None
+                  ) -> tuple[list[torch.Tensor] | None, dict[str, str]]:
         """The weighted sum of the clients' states, divided by the survivors' total weight when some failed.
 
         ``started``: how many clients the round started with (default: those given). Unless that is one (a
         federation of one has nothing to hide from its coordinator), a majority of them (and at least two)
         must be in the sum: clients dropped until one or two are left (failing on purpose, or refused by a
         hostile aggregator) would otherwise have the coordinator decrypt a lone update, or one an
-        aggregator can subtract its own from.
+        aggregator can subtract its own from. ``deadline`` (``time.monotonic()``, from ``fl.train``'s
+        ``round_seconds``): no client is asked to encrypt past it or past ``round_seconds``, whichever comes first.
 
         A client whose ciphertext could not be handed to an aggregator, or does not match its commitment
         there, is dropped (in the returned dict); the others are summed.
@@ -224,8 +243,14 @@ class EncryptedAggregation:
         owner = where[ids[0]].hook.local_worker
         made: list = []  # (worker, id) of every ciphertext and commitment this round makes: freed in the finally
         failed: dict[str, str] = {}
-        deadline = None if self.round_seconds is None else time.monotonic() + self.round_seconds
-        late = f"not asked to encrypt: the round ran past round_seconds={self.round_seconds}"
+        own = None if self.round_seconds is None else time.monotonic() + self.round_seconds
+        if deadline is None or (own is not None and own < deadline):
+            deadline, limit = own, f"round_seconds={self.round_seconds}"
+        else:
+            limit = "fl.train's round_seconds"
+        late = f"not asked to encrypt: the round ran past {limit}"
+        if self.context is None and self.fresh_keys:
+            self._round_keys = phe.generate_paillier_keypair(n_length=self.public_key.n.bit_length())
         try:
             copies = 2 if len(ids) > 1 else 1
             round_id = token_hex(16)  # binds the commitments to this round (no replay of an old one)
@@ -240,7 +265,7 @@ class EncryptedAggregation:
                 made += [(where[wid], o) for o in [*outs, digest_id]]
                 try:
                     key_id = self._key_on(where[wid])
-                    key = ObjectRef(key_id) if key_id else self.public_key
+                    key = ObjectRef(key_id) if key_id else self._keys()[0]
                     commit = [round_id, wid, digest_id] if copies == 2 else None
                     remote_ops.call(ALLOWLIST.by_name("veil.fl.encrypt_state"),
                                     (state_pointers[wid], weights[wid], key, outs, *([commit] if commit else [])), {})
@@ -260,6 +285,7 @@ class EncryptedAggregation:
                                                        started, needed, failed)
             return self._decrypt(sums[0], state_pointers[ids[0]], [weights[w] for w in survivors], failed), failed
         finally:
+            self._round_keys = None
             self._free(owner, made)
 
     @staticmethod
@@ -284,34 +310,90 @@ class EncryptedAggregation:
                     held[a][wid] = self._hand_over(owner, where[wid], cid, where[a], made) if a != wid else cid
                 except CLIENT_FAILURES as e:  # the sender's fault, or the aggregator's refusal: see below
                     bad[a][wid] = f"its ciphertext could not be handed to an aggregating client ({error_text(e)})"
+        form = self._form(size)
         for a in pair:
             try:
-                for wid in he_commitments.mismatches(where[a], round_id, held[a], commitments):
-                    bad[a][wid] = "its ciphertext at an aggregating client does not match its commitment"
+                for wid in he_commitments.mismatches(where[a], round_id, held[a], commitments, form):
+                    bad[a][wid] = "its ciphertext at an aggregating client does not match its commitment or the round"
             except (*CLIENT_FAILURES, ValueError) as e:
                 raise EncryptedAggregationError(f"an aggregating client failed checking the commitments; round "
                                                 f"refused, nothing decrypted ({error_text(e)})") from None
+        everyone = [wid for wid in encrypted if wid not in failed]
+        if self._one_sided_drop_refused(pair, bad, everyone, started, needed):
+            return self._repaired_sums(owner, where, pair, held, bad, round_id, commitments, made, size, everyone,
+                                       started, needed, failed)
         for a in pair:
             failed.update({wid: why for wid, why in bad[a].items() if wid not in failed})
         survivors = [wid for wid in encrypted if wid not in failed]
         self._enough(len(survivors), started, needed, failed, "")
-        for a, other in (pair, pair[::-1]):  # a client only one aggregator reports may be an honest one it drops
-            if set(bad[a]) - set(bad[other]) and len([w for w in survivors if w != a]) < needed:
-                raise EncryptedAggregationError(  # (with an accomplice, to leave a victim's update alone with theirs)
-                    f"clients dropped on one aggregating client's word would leave fewer than {needed} other clients' "
-                    f"updates in the sum ({len(survivors)} of {started} left); round refused, nothing decrypted")
         try:
             sums = [self._sum(where[a], owner, [held[a][w] for w in survivors], made, size) for a in pair]
         except CLIENT_FAILURES as e:
             raise EncryptedAggregationError(f"an aggregating client failed; round refused, nothing "
                                             f"decrypted ({error_text(e)})") from None
+        self._same(sums)
+        return survivors, sums
+
+    @staticmethod
+    def _same(sums: list) -> None:
         # both added the same committed ciphertexts: honest sums are byte-identical (exact, order-independent
         # additions); a difference means an aggregator returned something else, so nothing is decrypted
         if encode_value(sums[0]) != encode_value(sums[1]):
             raise EncryptedAggregationError(
                 "the two aggregated sums differ (an aggregating client did not follow the protocol); round "
                 "refused, nothing decrypted")
+
+    @staticmethod
+    def _one_sided_drop_refused(pair: list, bad: dict, everyone: list, started: int, needed: int) -> bool:
+        """Whether dropping the clients one aggregator alone reports would leave fewer than ``needed`` other
+        clients' updates beside it: its word alone (with an accomplice, to leave a victim's update alone with
+        theirs) must not shrink the sum so far."""
+        survivors = [w for w in everyone if w not in bad[pair[0]] and w not in bad[pair[1]]]
+        return any(set(bad[a]) - set(bad[other]) and len([w for w in survivors if w != a]) < needed
+                   for a, other in (pair, pair[::-1]))
+
+    def _repaired_sums(self, owner: Any, where: dict, pair: list, held: dict, bad: dict, round_id: str,
+                       commitments: dict, made: list, size: int, everyone: list, started: int, needed: int,
+                       failed: dict) -> tuple[list, list]:
+        """Sums in a round too small to drop a client on one aggregator's word: each aggregator adds the copies
+        it verified, hands the other the ones that other reported (they matched here), and adds those it gets
+        once it has checked them itself. Only clients both reported are dropped; so one client's bad copy no
+        longer refuses a small round (its committed update is summed), while an aggregator that reports a copy
+        the other verified again refuses it, as before (nothing decrypted)."""
+        a, b = pair
+        both = set(bad[a]) & set(bad[b])
+        failed.update({wid: bad[a][wid] for wid in both if wid not in failed})
+        survivors = [wid for wid in everyone if wid not in both]
+        self._enough(len(survivors), started, needed, failed, "")
+        form = self._form(size)
+        try:
+            totals = {x: self._add(where[x], [held[x][w] for w in survivors if w not in bad[x]], made) for x in pair}
+            handed: dict = {a: {}, b: {}}  # receiving aggregator -> {client: the copy it was handed}
+            for x, y in (pair, pair[::-1]):
+                for wid in survivors:
+                    if wid in bad[y]:  # (x verified it; moved after x added it)
+                        handed[y][wid] = self._hand_over(owner, where[x], held[x][wid], where[y], made)
+            for y in pair:
+                if handed[y] and he_commitments.mismatches(where[y], round_id, handed[y], commitments, form):
+                    raise EncryptedAggregationError(
+                        "an aggregating client reported a client's copy the other verified; round refused, nothing "
+                        "decrypted")
+                totals[y] = self._add(where[y], [t for t in [totals[y], *handed[y].values()] if t is not None],
+                                      made)
+            sums = [self._fetch_sum(where[x], owner, totals[x], size) for x in pair]
+        except (*CLIENT_FAILURES, ValueError) as e:
+            if isinstance(e, EncryptedAggregationError):
+                raise
+            raise EncryptedAggregationError(f"an aggregating client failed; round refused, nothing "
+                                            f"decrypted ({error_text(e)})") from None
+        self._same(sums)
         return survivors, sums
+
+    def _form(self, size: int) -> list:
+        """The form of every honest ciphertext of a round (``he_commitments.form_of``)."""
+        if self.context is not None:
+            return ["ckks", [size], he_commitments.key_name(self.context.key_id), None]
+        return ["paillier", [size], he_commitments.key_name(self._keys()[0].n), DEFAULT_FLOAT_EXPONENT]
 
     def _hand_over(self, owner: Any, source: Any, cid: int, aggregator: Any, made: list) -> int:
         """Moves ciphertext ``cid`` straight from its client to an aggregating client (not through us)."""
@@ -322,6 +404,13 @@ class EncryptedAggregation:
 
     def _sum(self, worker: Any, owner: Any, cipher_ids: list, made: list, size: int) -> Any:
         """The aggregating client adds the ciphertexts it holds; returns the sum (a copy, fetched)."""
+        return self._fetch_sum(worker, owner, self._add(worker, cipher_ids, made), size)
+
+    @staticmethod
+    def _add(worker: Any, cipher_ids: list, made: list) -> int | None:
+        """Has ``worker`` add the ciphertexts it holds under ``cipher_ids``; the id of their sum (None: none)."""
+        if not cipher_ids:
+            return None
         total = cipher_ids[0]
         for cid in cipher_ids[1:]:
             out = new_id()
@@ -329,6 +418,12 @@ class EncryptedAggregation:
             remote_ops.call(ALLOWLIST.by_name("veil.he.op"), ("add", ObjectRef(total), ObjectRef(cid), out), {},
                             location=worker)
             total = out
+        return total
+
+    def _fetch_sum(self, worker: Any, owner: Any, total: int | None, size: int) -> Any:
+        """The sum ``worker`` holds under ``total`` (a copy), its type and shape checked."""
+        if total is None:
+            raise EncryptedAggregationError(f"aggregating client {worker.id!r} holds nothing to sum; round refused")
         pointer = HEPointer(worker, owner, total, "he", ())
         pointer.mark_freed()  # (freed with the others in aggregate's finally)
         got = pointer.fetch(delete=False)[0]
@@ -345,7 +440,7 @@ class EncryptedAggregation:
         if not isinstance(total, expected):
             raise EncryptedAggregationError(f"the aggregated sum is a {type(total).__name__}, not a "
                                             f"{expected.__name__}; round refused")
-        flat = total.decrypt(self.context if self.context is not None else self.private_key).reshape(-1)
+        flat = total.decrypt(self.context if self.context is not None else self._keys()[1]).reshape(-1)
         sizes = [int(torch.Size(p.shape).numel()) for p in like]
         if flat.numel() != sum(sizes) or not torch.isfinite(flat).all():
             raise EncryptedAggregationError("the decrypted sum has the wrong size or non-finite entries; round "

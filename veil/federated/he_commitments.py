@@ -61,24 +61,50 @@ def as_bytes(t: Any) -> bytes:
     return bytes(t.tolist())
 
 
+def form_of(ciphertext: Any) -> list | None:
+    """``[scheme, shape, key, exponent]`` of a ciphertext (None: not one): what every honest ciphertext of a
+    round shares. A client commits to whatever it encrypted, so a ciphertext under another key, of another size
+    or at another Paillier exponent matched its commitment, then failed the aggregators' addition (one client
+    refused the round) or was broadcast into every entry of the sum."""
+    if type(ciphertext) is PaillierTensor:
+        n = ciphertext.public_key.n
+        return ["paillier", list(ciphertext.shape), key_name(n), ciphertext.exponent]
+    if type(ciphertext) is CKKSTensor:
+        return ["ckks", list(ciphertext.shape), key_name(ciphertext.context.key_id), None]
+    return None
+
+
+def key_name(key: Any) -> str:
+    """A short public name of a Paillier modulus (an int) or a CKKS key id (bytes)."""
+    raw = key if type(key) is bytes else str(int(key)).encode()
+    return hashlib.sha256(raw).hexdigest()[:32]
+
+
+def _valid_form(form: Any) -> bool:
+    return (type(form) is list and len(form) == 4 and form[0] in ("paillier", "ckks") and type(form[1]) is list
+            and len(form[1]) <= 8 and all(type(d) is int for d in form[1]) and type(form[2]) is str
+            and len(form[2]) <= _MAX_ID_CHARS and (form[3] is None or type(form[3]) is int))
+
+
 def _check_commitments(worker: Any, round_id: str, client_ids: list, ciphertexts: list,
-                       digests: torch.Tensor) -> torch.Tensor:
-    """On an aggregating client: 1 for each client whose ciphertext here is not a ciphertext or does not
-    match its commitment (``digests`` row), else 0. The ciphertexts come as ObjectRefs: the flags derive
-    from them (their provenance, and any review of the owner's data, applies to the flags)."""
+                       digests: torch.Tensor, form: list | None = None) -> torch.Tensor:
+    """On an aggregating client: 1 for each client whose ciphertext here is not a ciphertext, is not of the
+    round's ``form`` (:func:`form_of`, when given) or does not match its commitment (``digests`` row), else 0.
+    The ciphertexts come as ObjectRefs: the flags derive from them (their provenance, and any review of the
+    owner's data, applies to the flags)."""
     n = len(client_ids) if type(client_ids) is list else -1
     if not (type(round_id) is str and 0 < len(round_id) <= _MAX_ID_CHARS and 0 < n <= MAX_CLIENTS
             and type(ciphertexts) is list and len(ciphertexts) == n
             and all(type(c) is str and len(c) <= _MAX_ID_CHARS for c in client_ids)
             and type(digests) is torch.Tensor and digests.dtype == torch.uint8
-            and tuple(digests.shape) == (n, DIGEST_BYTES)):
+            and tuple(digests.shape) == (n, DIGEST_BYTES) and (form is None or _valid_form(form))):
         raise RemoteExecutionError("check_commitments: a round id, client ids, ciphertexts and one "
                                    f"{DIGEST_BYTES}-byte commitment per client expected")
     flags = torch.zeros(n, dtype=torch.uint8)
     inner: dict[int, bytes] = {}  # id(ciphertext) -> its encoding's digest: one ciphertext named n times is
     for k, (client, obj) in enumerate(zip(client_ids, ciphertexts)):  # encoded once (bounded work)
-        if type(obj) not in (CKKSTensor, PaillierTensor):
-            flags[k] = 1
+        if type(obj) not in (CKKSTensor, PaillierTensor) or (form is not None and form_of(obj) != form):
+            flags[k] = 1  # (checked first: hashing a ciphertext of any size would cost what its client chose)
             continue
         if id(obj) not in inner:
             inner[id(obj)] = _inner(obj)
@@ -95,30 +121,31 @@ def fetch(owner: Any, worker: Any, oid: int) -> bytes:
     return as_bytes(PointerTensor(worker, oid, owner, (DIGEST_BYTES,), torch.uint8, False, mine=True).get())
 
 
-def mismatches(aggregator: Any, round_id: str, held: dict, commitments: dict) -> set:
+def mismatches(aggregator: Any, round_id: str, held: dict, commitments: dict, form: list | None = None) -> set:
     """The clients (of ``held``: client id -> ciphertext id at ``aggregator``) whose ciphertext there is
-    missing or does not match its commitment, as the aggregator reports them."""
+    missing, not of the round's ``form`` or does not match its commitment, as the aggregator reports them."""
     if not held:
         return set()
     try:
-        return _flagged(aggregator, round_id, held, commitments)
+        return _flagged(aggregator, round_id, held, commitments, form)
     except ObjectNotFoundError:  # a ciphertext never arrived (its sender's word, or the aggregator's): whose?
         if len(held) == 1:
             return set(held)
     bad = set()
     for client, cid in held.items():  # one by one: the missing ones are those clients' (other errors raise)
         try:
-            bad |= _flagged(aggregator, round_id, {client: cid}, commitments)
+            bad |= _flagged(aggregator, round_id, {client: cid}, commitments, form)
         except ObjectNotFoundError:
             bad.add(client)
     return bad
 
 
-def _flagged(aggregator: Any, round_id: str, held: dict, commitments: dict) -> set:
+def _flagged(aggregator: Any, round_id: str, held: dict, commitments: dict, form: list | None) -> set:
     clients = list(held)
     digests = torch.stack([as_tensor(commitments[c]) for c in clients])
     flags = remote_ops.call(ALLOWLIST.by_name("veil.fl.check_commitments"),
-                            (round_id, clients, [ObjectRef(held[c]) for c in clients], digests), {},
+                            (round_id, clients, [ObjectRef(held[c]) for c in clients], digests,
+                             *([form] if form is not None else [])), {},
                             location=aggregator).get()
     if type(flags) is not torch.Tensor or tuple(flags.shape) != (len(clients),):
         raise ValueError(f"aggregating client {aggregator.id!r} answered the commitment check with "

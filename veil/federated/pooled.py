@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
+import time
 import warnings
 from typing import Any
 
@@ -191,8 +192,12 @@ class PooledTraining:
 
     # ------------------------------------------------------------ rounds
 
-    def train_round(self, r: int, global_state: list, strategy: Strategy) -> dict:
-        """Runs round ``r``'s local training on every client; returns what the aggregation needs."""
+    def train_round(self, r: int, global_state: list, strategy: Strategy, deadline: float | None = None,
+                    late: str = "") -> dict:
+        """Runs round ``r``'s local training on every client; returns what the aggregation needs.
+
+        ``deadline`` (``time.monotonic()``): past it, the clients that have not answered are dropped with
+        ``late`` as their error (requests already sent still run on their clients; none more is sent)."""
         send_plan_to_all = not self.plan_sent
         resend, self.resend = self.resend, set()
         values = [t.detach() for t in global_state]
@@ -210,31 +215,46 @@ class PooledTraining:
         # (per client only for secure/encrypted aggregation, whose protocols address every survivor)
         out: dict = {"finished": 0, "ok": [], "means": {}, "dropped": {}, "loss_sum": 0.0, "samples": 0,
                      "aggregator": aggregator}
-        for i, result in self.pool.exchange(build):
-            if isinstance(result, BaseException):  # the transport could not reach the client
-                out["dropped"][i] = error_text(result)
-                self.resend.add(i)
-                continue
-            try:
-                stats.bytes_received += sum(len(b) for b in result)
-                objects = self._decode(result, 2 if send_plan_to_all or i in resend else 1)
-                n = client_weight(self.pool.num_samples(i))
-            except CLIENT_FAILURES as e:
-                out["dropped"][i] = error_text(e)
-                self.resend.add(i)
-                continue
-            mean_loss = float(objects[0]) if objects else float("nan")  # (a real one-element tensor: _decode)
-            if self.hidden:
-                out["ok"].append(i)
-                out["means"][i] = mean_loss
-            else:
-                aggregator.add(ClientUpdate(self.pool.client_id(i), [t.detach() for t in objects[1:]], n, mean_loss))
-            out["finished"] += 1
-            out["loss_sum"] += mean_loss * n
-            out["samples"] += n
+        answered = bytearray(len(self.pool)) if deadline is not None else None  # (one byte a client)
+        replies = self.pool.exchange(build) if deadline is None else self.pool.exchange(build, deadline=deadline)
+        for i, result in replies:
+            if answered is not None:
+                answered[i] = 1
+            self._take(i, result, out, aggregator, 2 if send_plan_to_all or i in resend else 1)
+            if deadline is not None and time.monotonic() > deadline:
+                break  # (closes the exchange: nothing more is sent; what is in flight is not waited for)
+        if answered is not None:
+            for i in (k for k, seen in enumerate(answered) if not seen):  # (the exchange stopped at the deadline)
+                out["dropped"][i] = late
+                self.resend.add(i)  # (its plan may be missing or stale)
         self.plan_sent = True
         _warn_dropped(r, self.pool, out["dropped"])
         return out
+
+    def _take(self, i: int, result: Any, out: dict, aggregator: Any, expected: int) -> None:
+        """Client ``i``'s replies to this round (or the transport's exception): added to the round, or the
+        client dropped."""
+        if isinstance(result, BaseException):  # the transport could not reach the client
+            out["dropped"][i] = error_text(result)
+            self.resend.add(i)
+            return
+        try:
+            self.owner.stats.bytes_received += sum(len(b) for b in result)
+            objects = self._decode(result, expected)
+            n = client_weight(self.pool.num_samples(i))
+        except CLIENT_FAILURES as e:
+            out["dropped"][i] = error_text(e)
+            self.resend.add(i)
+            return
+        mean_loss = float(objects[0]) if objects else float("nan")  # (a real one-element tensor: _decode)
+        if self.hidden:
+            out["ok"].append(i)
+            out["means"][i] = mean_loss
+        else:
+            aggregator.add(ClientUpdate(self.pool.client_id(i), [t.detach() for t in objects[1:]], n, mean_loss))
+        out["finished"] += 1
+        out["loss_sum"] += mean_loss * n
+        out["samples"] += n
 
     def hidden_inputs(self, indices: list[int]) -> dict:
         """worker id -> (worker handle, state pointers, rows, losses pointer) of clients whose trained state
@@ -251,8 +271,10 @@ class PooledTraining:
             out[self.pool.client_id(i)] = (worker, state, n, losses)
         return out
 
-    def clean_up(self) -> None:
-        """Frees what this training stored on the clients (plan, state, losses)."""
+    def clean_up(self, seconds: float | None = None) -> None:
+        """Frees what this training stored on the clients (plan, state, losses); with ``seconds`` (fl.train's
+        round_seconds), waits no longer than that for clients still busy (their objects stay until their
+        actor ends)."""
         if not self.plan_sent:
             return
 
@@ -260,7 +282,15 @@ class PooledTraining:
             plan_id, state_ids, loss_id, mean_id = self._ids(i)
             return [serialize(m.DeleteMessage([plan_id, *state_ids, loss_id, mean_id]), sender=self.owner.id)]
 
-        failed = sum(1 for _, result in self.pool.exchange(build) if isinstance(result, BaseException))
+        if seconds is None:
+            replies = self.pool.exchange(build)
+        else:
+            replies = self.pool.exchange(build, deadline=time.monotonic() + seconds)
+        reached, failed = 0, 0
+        for _, result in replies:
+            reached += 1
+            failed += isinstance(result, BaseException)
+        failed += len(self.pool) - reached
         if failed:
             warnings.warn(f"could not free the training plan on {failed} clients (unreachable)", stacklevel=3)
 

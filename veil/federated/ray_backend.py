@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from veil.exceptions import CommandTimeoutError, ConnectionLostError, WorkerNotFoundError
+from veil.federated import client_memory
 from veil.federated.client_pool import ClientPool, JobBuilder, PooledFederatedDataset
 from veil.federated.pooled import MAX_CLIENT_SAMPLES
 from veil.workers import cancellation
@@ -131,15 +132,21 @@ class ClientHost:
     ``client_seconds``: the most one command of a hosted client may run (its local training stops at the
     next batch past it, with a one-line CommandTimeoutError): one client's endless training holds neither
     its actor nor the clients batched with it.
+
+    ``client_memory_mb``: the most a hosted client's objects (all but its owner's data) may hold after a
+    request; a request that leaves more is answered with a one-line QuotaExceededError and the objects it
+    stored are freed (:mod:`veil.federated.client_memory`). None: no limit.
     """
 
-    def __init__(self, threads: int = 1, client_seconds: float | None = None) -> None:
+    def __init__(self, threads: int = 1, client_seconds: float | None = None,
+                 client_memory_mb: float | None = None) -> None:
         import veil  # noqa: F401  (registers every wire type and worker function in this process)
         from veil.workers.registry import HookContext
 
         if client_seconds is not None and not (isinstance(client_seconds, (int, float)) and client_seconds > 0):
             raise ValueError("client_seconds must be a positive number of seconds (or None)")
         self.client_seconds = client_seconds
+        self.memory = client_memory.MemoryLimit(client_memory_mb)  # (checks the value first)
         torch.set_num_threads(threads)
         self.hook = HookContext()
         self.clients: dict[str, Any] = {}
@@ -216,6 +223,12 @@ class ClientHost:
 
             return serialize(m.ErrorReply("WorkerNotFoundError", f"no client {client_id!r} on this actor"),
                              sender=client_id)
+        if self.memory.nbytes is None:
+            return self._timed(worker, client_id, data)
+        before = self.memory.ids(worker)
+        return self.memory.checked(worker, before, self._timed(worker, client_id, data))
+
+    def _timed(self, worker: Any, client_id: str, data: bytes) -> bytes:
         if not self.client_seconds:
             return worker._recv_msg(data)
         limit = _ClientTimeLimit(f"client {client_id!r}'s command", self.client_seconds)
@@ -361,7 +374,8 @@ class RayClients(ClientPool):
             return known
         return RayClientWorker(self.hook, cid, actor, timeout=self.timeout)
 
-    def exchange(self, build: JobBuilder, indices: Iterable[int] | None = None) -> Iterator[tuple[int, Any]]:
+    def exchange(self, build: JobBuilder, indices: Iterable[int] | None = None,
+                 deadline: float | None = None) -> Iterator[tuple[int, Any]]:
         ray = _ray()
         n_actors = len(self.actors)
         if not n_actors:
@@ -383,6 +397,8 @@ class RayClients(ClientPool):
             if a in dead:  # its remaining clients fail without a call
                 failed.extend((i, dead[a]) for i in queues[a])
                 return
+            if deadline is not None and time.monotonic() > deadline:
+                return  # (fl.train's round_seconds: the clients not asked yet are the caller's to drop)
             chunk = list(islice(queues[a], per_call))
             if chunk:
                 jobs = [(self.client_id(i), build(i)) for i in chunk]
@@ -396,7 +412,10 @@ class RayClients(ClientPool):
                 yield failed.pop()
             if not in_flight:
                 break
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=self.timeout)
+            wait = self.timeout if deadline is None else min(self.timeout, max(0.0, deadline - time.monotonic()))
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=wait)
+            if not ready and wait < self.timeout:
+                return  # past the deadline: what is in flight is not waited for (the caller drops those clients)
             if not ready:  # no actor answered for `timeout` seconds: what is in flight there is lost
                 for a, chunk in in_flight.values():
                     dead[a] = ConnectionLostError(f"client host actor {a} did not answer within {self.timeout:.0f} s")
@@ -490,7 +509,8 @@ def federated_clients(datasets: Sequence[tuple] | None = None, *, num_clients: i
                       hook: Any = None, address: str | None = None, prefix: str = "client",
                       tags: Sequence[str] = (), dp: dict | None = None, threads_per_actor: int = 1,
                       batch: int = 500, clients_per_call: int | None = None, calls_in_flight: int = 2,
-                      timeout: float = 600.0, client_seconds: float | None = 300.0) -> RayClients:
+                      timeout: float = 600.0, client_seconds: float | None = 300.0,
+                      client_memory_mb: float | None = 1024.0) -> RayClients:
     """Starts clients in Ray actors, each holding its own data; returns them (a client pool).
 
     Args:
@@ -517,6 +537,8 @@ def federated_clients(datasets: Sequence[tuple] | None = None, *, num_clients: i
         client_seconds: the most one command of a client may run on the actors we start (its local
             training is stopped at the next batch past it and the client dropped from that round);
             None: no limit. (On ``actors`` passed in, the limit they were made with holds.)
+        client_memory_mb: the most a client's objects (its owner's data aside) may hold after a request on
+            the actors we start; a request leaving more is refused and what it stored freed. None: no limit.
 
     Example::
 
@@ -540,7 +562,7 @@ def federated_clients(datasets: Sequence[tuple] | None = None, *, num_clients: i
         cpus = int(ray.cluster_resources().get("CPU", 1))
         n_actors = max(1, min(n, actors or cpus))
         remote_host = ray.remote(ClientHost).options(num_cpus=min(1.0, cpus / n_actors), max_concurrency=1)
-        hosts = [remote_host.remote(threads_per_actor, client_seconds) for _ in range(n_actors)]
+        hosts = [remote_host.remote(threads_per_actor, client_seconds, client_memory_mb) for _ in range(n_actors)]
     else:
         hosts, n_actors = list(actors), len(actors)
     ray.get([h.add_layout.remote(prefix, n, hosts) for h in hosts])

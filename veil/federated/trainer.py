@@ -15,6 +15,7 @@ in flight, aggregating as they report (``veil/federated/pooled.py``).
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 import warnings
@@ -104,6 +105,7 @@ def train(
     encrypted_aggregation: Any = None,
     client_metrics: bool = False,
     review_wait: float = 0.0,
+    round_seconds: float | None = None,
 ) -> TrainingHistory:
     """Federated training of ``model`` (updated in place) over the datasets' workers.
 
@@ -130,9 +132,16 @@ def train(
         review_wait: with secure aggregation over data under its owner's ``review``
             policy, seconds each round waits for the owners to approve the clients'
             updates (each masked input is a release); then ReviewPendingError.
+        round_seconds: the most one round may take from its start: clients not yet asked to train
+            by then are dropped (with a pool, those that have not answered: one request already sent
+            still runs on its client), and the time left bounds the secure or encrypted aggregation
+            (``secure_aggregate(round_seconds=)``, ``EncryptedAggregation.round_seconds``, whichever is
+            shorter). None: no limit of its own.
     """
     if secure_aggregation and encrypted_aggregation is not None:
         raise ValueError("choose secure_aggregation or encrypted_aggregation, not both")
+    if round_seconds is not None and not (type(round_seconds) in (int, float) and 0 < round_seconds < math.inf):
+        raise ValueError("round_seconds must be a positive number of seconds (or None)")
     strategy = strategy or FedAvg()
     if getattr(strategy, "max_update_norm", None) is not None and (secure_aggregation or
                                                                    encrypted_aggregation is not None):
@@ -161,6 +170,7 @@ def train(
     else:
         runner = _Sequential(federated_dataset, plan, **options)
     runner.review_wait = float(review_wait)  # both runners: seconds a secure round waits for owners' reviews
+    runner.round_seconds = round_seconds
     bar = tqdm(range(1, rounds + 1), desc=f"{strategy.name} rounds", unit="round", disable=not progress)
     try:
         for r in bar:
@@ -176,7 +186,7 @@ def train(
                             eval=f"{record.eval_loss:.3f}" if record.eval_loss is not None else "-")
     finally:
         if pool is not None:
-            runner.clean_up()
+            runner.clean_up(round_seconds)
     _load(model, global_state)
     return history
 
@@ -213,7 +223,12 @@ class _Sequential:
         errors: dict[str, str] = {}
         hidden = self.secure or self.encrypted is not None
         extra = [g for g, tr in zip(global_state, self.trainable) if tr] if self.prox_mu else []
+        deadline = _deadline(self.round_seconds)
         for k, (wid, ds) in enumerate(self.federated_dataset.datasets.items()):
+            if _past(deadline):  # (a stalling client holds the round no longer than round_seconds)
+                errors[wid] = _late(self.round_seconds)
+                dropped.append(wid)
+                continue
             try:
                 n = pooled.client_weight(len(ds))  # (a network client states its row count: checked first)
                 if wid not in self.plans:
@@ -250,11 +265,11 @@ class _Sequential:
                                                           float(u.num_samples), loss_ptrs.get(u.worker_id))
                       for u in updates}
             updates, global_candidate, secure_loss = _secure_round(updates, inputs, dropped, r, self.review_wait,
-                                                                       errors)
+                                                                       errors, deadline)
         elif self.encrypted is not None and updates:
             updates, global_candidate = _encrypted_round(self.encrypted, updates,
                                                          {u.worker_id: done[u.worker_id].state for u in updates},
-                                                         dropped, errors, r)
+                                                         dropped, errors, r, deadline)
             for wid in dropped:
                 self.plans.pop(wid, None)  # (sent again next round, as after a failed training)
         else:
@@ -277,7 +292,8 @@ def _pooled_round(runner: "pooled.PooledTraining", r: int, global_state: list, s
     """A round over a client pool: batched training, then FedAvg/FedProx as the updates arrive, or the
     secure/encrypted aggregation protocol over the clients that trained."""
     pool = runner.pool
-    out = runner.train_round(r, global_state, strategy)
+    deadline = _deadline(runner.round_seconds)
+    out = runner.train_round(r, global_state, strategy, deadline, _late(runner.round_seconds))
     dropped = [pool.client_id(i) for i in sorted(out["dropped"])]  # (dataset order, not completion order)
     errors = {pool.client_id(i): out["dropped"][i] for i in sorted(out["dropped"])}
     if out["finished"] < min_workers:
@@ -294,10 +310,11 @@ def _pooled_round(runner: "pooled.PooledTraining", r: int, global_state: list, s
     if runner.secure:
         inputs = {wid: secure_agg.ClientInput(worker, state, float(n), losses)
                   for wid, (worker, state, n, losses) in held.items()}
-        updates, candidate, secure_loss = _secure_round(updates, inputs, dropped, r, runner.review_wait, errors)
+        updates, candidate, secure_loss = _secure_round(updates, inputs, dropped, r, runner.review_wait, errors,
+                                                        deadline)
     else:
         updates, candidate = _encrypted_round(runner.encrypted, updates, {wid: h[1] for wid, h in held.items()},
-                                              dropped, errors, r)
+                                              dropped, errors, r, deadline)
         runner.resend.update(pool.index_of(wid) for wid in dropped)  # (as after a failed training)
     if len(updates) < min_workers:
         raise RuntimeError(_too_few(r, len(updates), min_workers, errors))
@@ -310,18 +327,30 @@ def _pooled_round(runner: "pooled.PooledTraining", r: int, global_state: list, s
 
 
 def _encrypted_round(encrypted_aggregation: Any, updates: list[ClientUpdate], states: dict, dropped: list,
-                     errors: dict, r: int) -> tuple[list, list | None]:
+                     errors: dict, r: int, deadline: float | None = None) -> tuple[list, list | None]:
     """Encrypted sum of the clients' n_k/N-weighted states; a client failing in it is dropped (the sum is
     renormalised over the survivors). Returns the surviving updates and their weighted average."""
     total = sum(u.num_samples for u in updates)
     candidate, failed = encrypted_aggregation.aggregate({u.worker_id: states[u.worker_id] for u in updates},
                                                         {u.worker_id: u.num_samples / total for u in updates},
-                                                        started=len(updates) + len(dropped))
+                                                        started=len(updates) + len(dropped), deadline=deadline)
     for wid, why in failed.items():
         warnings.warn(f"round {r}: worker {wid!r} dropped out ({why})", stacklevel=4)
         dropped.append(wid)
         errors[wid] = why
     return [u for u in updates if u.worker_id not in failed], candidate
+
+
+def _deadline(round_seconds: float | None) -> float | None:
+    return None if round_seconds is None else time.monotonic() + round_seconds
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() > deadline
+
+
+def _late(round_seconds: float | None) -> str:
+    return f"not asked to train: the round ran past round_seconds={round_seconds:g}" if round_seconds else ""
 
 
 def _too_few(r: int, finished: int, min_workers: int, errors: dict) -> str:
@@ -346,14 +375,17 @@ def _weighed(r: int, updates: list[ClientUpdate]) -> None:
 
 
 def _secure_round(updates: list[ClientUpdate], inputs: dict, dropped: list,
-                  r: int, review_wait: float = 0.0, errors: dict | None = None) -> tuple[list, list, float | None]:
+                  r: int, review_wait: float = 0.0, errors: dict | None = None,
+                  deadline: float | None = None) -> tuple[list, list, float | None]:
     """Secure sum of n_k * state_k, n_k and n_k * loss_k (Bonawitz et al. 2017, with dropout recovery).
 
     Clients that die at any protocol stage are dropped; the survivors'
     weighted average is recovered without any state leaving a client in the clear.
     """
     try:
-        result = secure_agg.secure_aggregate(inputs, secrets.randbits(62), review_wait=review_wait)
+        # (the time left of the round; secure_aggregate's own default limit without one)
+        limit = {} if deadline is None else {"round_seconds": max(deadline - time.monotonic(), 1e-3)}
+        result = secure_agg.secure_aggregate(inputs, secrets.randbits(62), review_wait=review_wait, **limit)
     except secure_agg.SecureAggregationError as e:
         warnings.warn(f"round {r}: secure aggregation failed ({e})", stacklevel=4)
         dropped.extend(u.worker_id for u in updates)
