@@ -195,7 +195,7 @@ def test_a_read_only_state_database_tells_the_scientist_only_that_it_is_unavaila
     import psycopg
 
     import veil as sy
-    from tests.security.test_redteam_postgres import _scientist, _worker_args
+    from tests.security.test_redteam_postgres_replicas import _scientist, _worker_args
 
     wp = spawn("alice-ro", _worker_args(pg_url), ready_timeout=120)
     ana = _scientist(wp)
