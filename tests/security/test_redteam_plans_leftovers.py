@@ -13,7 +13,12 @@ Holes found and fixed:
   session would hold (after a value-sized op, that amount follows the values);
 - ``ptr.fix_prec()`` of a value hidden from the requester (``reveal_to`` another party) was always refused: the
   value-free encoding used ``nan_to_num``, not a data-oblivious op. It is an encoding, not a release: it now runs
-  under the oblivious guard, equals torch's ``round(x * scale)``, and its result stays hidden.
+  under the oblivious guard, equals torch's ``round(x * scale)``, and its result stays hidden;
+- ``fit`` kept every batch's loss as a tensor in a list (~1 KB a batch, uncharged): 10,000 epochs of 1-row batches
+  grew it for as long as the command ran; the count is known up front, so it is now bounded (10,000,000 a call),
+  charged to the quota before the first batch, and kept as one number each;
+- ``fit(max_batches=k)`` stopped only the current epoch: each later epoch ran one more batch (FL rounds with
+  ``steps_per_round`` took more steps than asked).
 """
 
 from __future__ import annotations
@@ -172,6 +177,45 @@ def test_a_hostile_batch_size_argument_is_refused_when_decoded(hook, bad):
     assert type(reply) is m.OkReply, reply
     assert torch.equal(request(srv, s, m.GetObjectsMessage([rid], False, None)).objects[0], torch.zeros(4, 3))
     _serving(srv, s, xid)
+
+
+def test_fit_stops_at_max_batches_across_epochs_as_torch(hook):
+    w = sy.VirtualWorker(hook, id="rt-pl-maxb")
+    x, y = torch.randn(10, 2, 3), torch.randn(10, 1)
+    model, ref = _Flat(), _Flat()
+    ptr = training_plan(model, _sum_over_rows, lr=0.1).build(torch.zeros(4, 2, 3), torch.zeros(4, 1)).send(w)
+    losses = ptr.fit(x.send(w), y.send(w), batch_size=4, epochs=3, shuffle=False, max_batches=2).get()
+    for start in (0, 4):  # two steps in all, not two per epoch
+        ref.zero_grad()
+        _sum_over_rows(ref(x[start:start + 4]), y[start:start + 4]).backward()
+        with torch.no_grad():
+            for p in ref.parameters():
+                p -= 0.1 * p.grad
+    assert losses.shape == (2,), losses
+    for got, want in zip(ptr.get_state(), [p.detach() for p in ref.parameters()]):
+        assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_a_fit_whose_losses_would_outgrow_the_quota_is_refused_before_any_batch(hook):
+    """A fit keeps one loss per batch until it ends: 10,000 epochs of 1-row batches grew a list of tensors at
+    ~1 KB a batch, uncharged, for as long as the command ran."""
+    import time
+
+    secret = torch.randn(64, 1)
+    srv, s, xid = _setup(hook, "rt-pl-fitlosses", 1 << 20, secret, private=True)
+    SUM = ALLOWLIST.by_func(torch.Tensor.sum).name
+    spec = PlanSpec("sum", 2, 0, 3, [PlanOp(SUM, (SlotRef(0),), {}, [2], False)], SlotRef(2))
+    t0 = time.perf_counter()
+    reply, _ = run_command(srv, s, "veil.plan.fit", spec, m.ObjectRef(xid), m.ObjectRef(xid), [], 1, 10_000, False)
+    assert _one_line(reply).error == "QuotaExceededError", reply
+    assert time.perf_counter() - t0 < 2.0
+    # without a quota, one call runs at most MAX_FIT_BATCHES batches
+    srv2, s2, xid2 = _setup(hook, "rt-pl-fitlosses-free", None, torch.zeros(2000, 1), private=True)
+    reply, _ = run_command(srv2, s2, "veil.plan.fit", spec, m.ObjectRef(xid2), m.ObjectRef(xid2), [], 1, 10_000)
+    assert _one_line(reply).error == "OperationNotAllowedError" and "10,000,000" in reply.message, reply
+    assert time.perf_counter() - t0 < 4.0
+    _serving(srv, s, xid, secret)
+    _serving(srv2, s2, xid2, torch.zeros(2000, 1))
 
 
 # ------------------------------------------------------------------ a quota refusal says so

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from veil.compat.encoding_guards import ResultOverQuotaError
+from veil.compat.encoding_guards import ResultOverQuotaError, check_room
 from veil.exceptions import OperationNotAllowedError, RemoteExecutionError
 from veil.ids import new_id
 from veil.messaging.allowlist import ALLOWLIST, register_worker_function
@@ -76,6 +76,8 @@ register_size_estimator(PlanSpec, _plan_nbytes)
 
 
 _HELD = re.compile(r"would hold [0-9.]+ MiB, more than")
+#: batches one fit call may run (its losses are kept: 8 bytes each, at most 80 MB)
+MAX_FIT_BATCHES = 10_000_000
 
 
 class _PlanBudget(output_bounds.Budget):
@@ -118,8 +120,19 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
         raise RemoteExecutionError("fit: max_batches must be a positive integer")
     gen = torch.Generator().manual_seed(seed if type(seed) is int else secrets.randbits(63))
     n = len(data)
-    losses = []
+    # Every batch's loss is kept until the end: their count is known before the first batch, so it is bounded
+    # (and charged to a quota) up front, one number each, rather than found as a list of tensors grown at
+    # ~1 KB a batch by a requester's many tiny batches for as long as the command runs.
+    total = epochs * (n // batch_size if drop_last else -(-n // batch_size))
+    total = total if max_batches is None else min(total, max_batches)
+    if total > MAX_FIT_BATCHES:
+        raise OperationNotAllowedError(f"fit would run more than {MAX_FIT_BATCHES:,} batches in one call: use "
+                                       f"larger batches, fewer epochs or max_batches")
+    check_room(worker, total, 8, "veil.plan.fit")
+    losses, count = None, 0
     for _ in range(epochs):
+        if count >= total:  # (max_batches reached: no further epoch starts)
+            break
         order = torch.randperm(n, generator=gen) if shuffle else None
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
@@ -138,13 +151,17 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
                 sized_shapes.add((xb.shape, yb.shape))
                 sized = session_budget(worker)
             loss = interpreter.run(compiled, [xb, yb, *extra], state, sized)
-            # detached at once: a loss returned with its graph would keep every batch's saved inputs alive
-            losses.append(loss.detach() if isinstance(loss, torch.Tensor) else loss)
-            if max_batches is not None and len(losses) >= max_batches:
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise RemoteExecutionError(f"fit: plan {spec.name!r} must return its batch loss as one number")
+            if losses is None:
+                losses = torch.empty(total, dtype=loss.dtype)
+            # copied at once, without its graph: that would keep every batch's saved inputs alive (and no
+            # .item(): a loss of values hidden from the requester must not become a Python number)
+            losses[count] = loss.detach().reshape(())
+            count += 1
+            if count >= total:
                 break
-    if not losses:
-        return torch.zeros(0)
-    return torch.stack([l.reshape(()) for l in losses]).detach()
+    return torch.zeros(0) if losses is None else losses[:count]
 
 
 def _load_state(worker: Any, state: list, values: list) -> None:
