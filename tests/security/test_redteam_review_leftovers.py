@@ -105,8 +105,9 @@ def pair(hook):
 def test_a_move_the_destination_refuses_keeps_the_approval(hook, pair):
     """Attack/failure: ``d * 3`` approved; the scientist moves it under an id already in use on the destination.
     The approval was used up (``released``, a "release allowed" row) before the destination answered, and the
-    destination stored nothing. Must hold: the approval stands, no release is recorded, nothing arrived, and a
-    move to a free id then delivers plain torch's value and records one release."""
+    destination stored nothing. Must hold: the approval stands, nothing arrived, and a move to a free id then
+    delivers plain torch's value. (The value was sent each time: each send is a release on record, the refusal
+    a row of its own, test_redteam_review_second.py: a destination may keep what it says it refused.)"""
     owner, other = pair
     x = owner.search(["#d"])[0] * 3
     rid = _pending(x.get)
@@ -114,11 +115,11 @@ def test_a_move_the_destination_refuses_keeps_the_approval(hook, pair):
     taken = torch.ones(1).send(other)
     with pytest.raises(PermissionDeniedError, match="already in use"):
         hook.local_worker.send_msg(m.MoveMessage([x.id_at_location], other.id, [taken.id_at_location]), owner)
-    assert owner.release_requests.get(rid).state == "approved" and not _release_rows(owner, rid)
+    assert owner.release_requests.get(rid).state == "approved" and len(_release_rows(owner, rid)) == 1
     assert torch.equal(taken.get(), torch.ones(1))  # (the destination kept what it had)
     moved = x.move(other)
     assert torch.equal(moved.get(), SECRET * 3)
-    assert owner.release_requests.get(rid).state == "released" and len(_release_rows(owner, rid)) == 1
+    assert owner.release_requests.get(rid).state == "released" and len(_release_rows(owner, rid)) == 2
 
 
 def test_a_refused_move_of_several_objects_gives_no_approval_back(hook, pair):

@@ -55,11 +55,11 @@ def needs_review(worker: Any, oid: int, entry: Any, user: str) -> bool:
 
 
 def decide(worker: Any, oid: int, entry: Any, user: str, session: str = "-", reason: str | None = None,
-           consume: bool = True, record: bool = True) -> Decision:
+           consume: bool = True) -> Decision:
     """Allow, or the pending/denied request that stands in the way (filing one when there is none).
 
-    ``consume``: an approval lets the object go once; a get that is allowed uses it up. ``record=False``: the
-    release's audit row is left to the caller (:func:`releasing`: written once the value went).
+    ``consume``: an approval lets the object go once; a get that is allowed uses it up (and the release is on
+    record before the value goes: a worker killed while it is on its way leaves the record).
     """
     if not needs_review(worker, oid, entry, user):
         return ALLOW
@@ -86,17 +86,12 @@ def decide(worker: Any, oid: int, entry: Any, user: str, session: str = "-", rea
             if req.state == "approved":
                 if consume:
                     queue.mark_released(req.id)
-                    if record:
-                        _record_release(worker, oid, req.id, req.decided_by, user, session)
+                    audit(worker, "release", user, session, [oid], "allowed", f"{req.id} approved by {req.decided_by}")
                 return Allow(req.id)
         # none yet (a value whose bytes a denied request of this user already has is filed like any other: a
         # different answer would tell the scientist whether a fresh value equals the denied one; the owner's
         # preview flags it instead, ReviewQueue.preview), the last one was used up, or the value changed since: a new request
         return Pending(queue.file(oid, entry, user, session, reason or "").id)
-
-
-def _record_release(worker: Any, oid: int, request_id: str, decided_by: str, user: str, session: str) -> None:
-    audit(worker, "release", user, session, [oid], "allowed", f"{request_id} approved by {decided_by}")
 
 
 def computation(graph: dict, root: str) -> tuple:
@@ -125,11 +120,11 @@ def _raise_unless_allowed(worker: Any, oid: int, decision: Decision) -> None:
 
 
 def enforce_all(worker: Any, ids: list, entries: list, user: str, session: str = "-", purpose: str = "get",
-                consume: bool = True, record: bool = True) -> list:
+                consume: bool = True) -> list:
     """``enforce`` for a batch; approvals are consumed only when every object may go (a batch that releases
     nothing must not use an approval up nor record a release). ``consume=False``: the refusals only (a move
     checks its destination between the two: one it cannot reach releases nothing). Returns the approvals used
-    up, (object id, request id) pairs (``record=False``: not audited yet, :func:`releasing`)."""
+    up, (object id, request id) pairs."""
     if _STATE.get(worker) is None:
         return []
     blocked = [(oid, e) for oid, e in zip(ids, entries) if needs_review(worker, oid, e, user)]
@@ -156,7 +151,7 @@ def enforce_all(worker: Any, ids: list, entries: list, user: str, session: str =
             return []
         used = []
         for oid, entry in blocked:
-            decision = decide(worker, oid, entry, user, session, record=record)
+            decision = decide(worker, oid, entry, user, session)
             _raise_unless_allowed(worker, oid, decision)
             if isinstance(decision, Allow) and decision.request_id is not None:
                 used.append((oid, decision.request_id))
@@ -168,25 +163,21 @@ def releasing(worker: Any, ids: list, entries: list, user: str, session: str, pu
               nothing_left: Callable[[BaseException], bool]) -> Iterator[None]:
     """Uses the approvals of a release that can still fail after them (a move the destination may refuse).
 
-    The approvals are taken before the values go (a second release racing this one finds them used: no
-    replay) and the release is audited once the block succeeded. When the block fails and ``nothing_left(error)``
-    says nothing can have gone out, they are given back (approved again, nothing recorded): a scientist lost
-    the owner's approval through a release that never happened. Any other failure keeps them used up."""
-    used = enforce_all(worker, ids, entries, user, session, purpose, record=False)
+    The approvals are taken, and the release recorded, before the values go (a second release racing this one
+    finds them used: no replay; a worker killed while they are on their way leaves the record). When the block
+    fails and ``nothing_left(error)`` says the other side stored nothing, they are given back (approved again)
+    with a row that says so: the scientist lost the owner's approval through a release that never happened.
+    That is the other side's word: the value did leave, so its release row stays, and a hostile destination
+    that kept it only gets the same value released again, on record again. Any other failure keeps them used."""
+    used = enforce_all(worker, ids, entries, user, session, purpose)
     try:
         yield
     except BaseException as error:
         if used and nothing_left(error):
             queue = ReviewQueue(worker)
             for oid, request_id in used:
-                queue.restore_approval(request_id)
-            raise
-        _record_all(worker, used, user, session)
+                if queue.restore_approval(request_id):
+                        audit(worker, "release", user, session, [oid], "refused",
+                          f"{request_id}: the {purpose} was refused where it went ({type(error).__name__}: it says "
+                          "it stored nothing); the value was sent, the approval stands again")
         raise
-    _record_all(worker, used, user, session)
-
-
-def _record_all(worker: Any, used: list, user: str, session: str) -> None:
-    queue = ReviewQueue(worker)
-    for oid, request_id in used:
-        _record_release(worker, oid, request_id, queue.get(request_id).decided_by, user, session)

@@ -318,8 +318,8 @@ class ReviewQueue:
         if not changed:
             raise PermissionDeniedError(f"request {request_id} is already {self.get(request_id).state}")
 
-    def restore_approval(self, request_id: str) -> None:
-        """Gives back an approval :meth:`mark_released` took for a release that failed before anything went out
-        (:func:`veil.governance.release.releasing`); nothing when it is no longer ``released``."""
-        db_update(self.db, "UPDATE release_requests SET state = 'approved' WHERE id = ? AND state = 'released'",
-                  (request_id,))
+    def restore_approval(self, request_id: str) -> bool:
+        """Gives back an approval :meth:`mark_released` took for a release the other side refused
+        (:func:`veil.governance.release.releasing`); nothing when it is no longer ``released``. Whether it did."""
+        return db_update(self.db, "UPDATE release_requests SET state = 'approved' WHERE id = ? AND state = "
+                                  "'released'", (request_id,)) > 0

@@ -18,6 +18,9 @@ MAX_FOREIGN_SOURCES = 256
 MAX_SOURCE_CHARS = 200
 #: how a summary of the strings not kept starts (sorts after every "worker:id": summaries go first)
 SUMMARY = "~ "
+#: the largest count a summary says (a client may claim a summary-looking source with any count: the sum of
+#: 190-digit ones made a summary past :data:`MAX_SOURCE_CHARS`, and every receiver refused the value)
+MAX_COUNTED = 10 ** 15
 
 
 def join_sources(a: frozenset, b: frozenset) -> frozenset:
@@ -29,15 +32,16 @@ def join_sources(a: frozenset, b: frozenset) -> frozenset:
     if len(foreign) <= MAX_FOREIGN_SOURCES:
         return joined
     kept = foreign[:MAX_FOREIGN_SOURCES - 1]
-    left_out = sum(_counted(s) for s in foreign[MAX_FOREIGN_SOURCES - 1:])
+    left_out = min(sum(_counted(s) for s in foreign[MAX_FOREIGN_SOURCES - 1:]), MAX_COUNTED)
     summary = f"{SUMMARY}{left_out} more sources named by other workers or clients (not listed)"
     return frozenset([s for s in joined if type(s) is not str] + kept + [summary])
 
 
 def _counted(source: str) -> int:
-    """How many sources a string stands for (a summary: the count it carries)."""
+    """How many sources a string stands for (a summary: the count it carries; ASCII digits only: ``"²"`` is a
+    digit to ``str.isdigit`` that ``int`` refuses, and a join past the bound raised on a client's claim)."""
     if source.startswith(SUMMARY):
         head = source[len(SUMMARY):].split(" ", 1)[0]
-        if head.isdigit():
-            return int(head)
+        if head.isascii() and head.isdigit():
+            return min(int(head), MAX_COUNTED)
     return 1
