@@ -345,7 +345,9 @@ class PaillierTensor:
         if isinstance(other, PaillierTensor):
             raise UnsupportedOperationError("Paillier cannot multiply two ciphertexts (matmul)")
         w = enc.as_tensor(other)
-        if self.ndim == 0 or w.ndim == 0 or w.shape[0] != self.shape[-1]:
+        # (a plaintext of more dimensions would broadcast, not batch as torch.matmul does: K*K*M products
+        # for a (1, K) @ (K, K, M), counted as K by a worker's quota, and not torch's result)
+        if self.ndim == 0 or not 1 <= w.ndim <= 2 or w.shape[0] != self.shape[-1]:
             raise ShapeMismatchError(f"cannot matmul encrypted {tuple(self.shape)} with plain {tuple(w.shape)}")
         if w.ndim == 1:
             return (self * w).sum(-1)

@@ -114,6 +114,12 @@ _OPS = {
 #: seconds per element; real tensors differ by tens
 MAX_EXPONENT_SHIFT = 64
 
+#: the most one Paillier op may build, session quota or not: ciphertexts and, while it runs, a
+#: (ciphertext, plaintext) pair of ~128 bytes each (a (1, N) ciphertext times an (M, 1) plaintext makes N*M of
+#: both before its first deadline check; 2400 x 2400 under a 256-bit key was ~1 GB from a 160 kB request)
+MAX_OP_BYTES = 2**30
+_PAIR_BYTES = 128
+
 
 def _he_op(worker: Any, name: str, a: Any, b: Any, out_id: int) -> None:
     op = _OPS.get(name)
@@ -297,10 +303,14 @@ def _paillier_operand(worker: Any, name: str, a: PaillierTensor, b: Any, value_f
             count = torch.broadcast_shapes(tuple(a.shape), tuple(other)).numel()
         except RuntimeError as e:
             raise RemoteExecutionError(f"encrypted {name}: shapes do not broadcast: {e}") from None
+    per = 2 * a.public_key.n.bit_length() // 8 + 32
+    if count * (per + _PAIR_BYTES) > MAX_OP_BYTES:
+        raise RemoteExecutionError(f"encrypted {name} refused: it would make {count} ciphertexts of "
+                                   f"{a.public_key.n.bit_length()}-bit modulus, past the {MAX_OP_BYTES >> 20} MiB "
+                                   "one op may build (split the operands)")
     monitor = worker.monitor
     principal = monitor.current_principal()
     if principal is not None and monitor.max_session_bytes is not None:
-        per = 2 * a.public_key.n.bit_length() // 8 + 32
         monitor.check_room(principal, count * per, "veil.he.op")
     if value_free:
         b = _oblivious_plaintext(name, a, b)
