@@ -107,7 +107,12 @@ class RayClientWorker(BaseWorker):
     def _recv_msg(self, data: bytes) -> bytes:
         ray = _ray()
         try:
-            return ray.get(self.actor.recv.remote(self.id, data), timeout=self.timeout)
+            # submitting raises a bare Exception for an actor of a Ray since shut down ("Can't find actor")
+            ref = self.actor.recv.remote(self.id, data)
+        except Exception as e:  # noqa: BLE001 - any submit failure means the client is gone
+            raise ConnectionLostError(f"client {self.id!r} (Ray actor) is gone: {_first_line(e)}") from None
+        try:
+            return ray.get(ref, timeout=self.timeout)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError,
                 ray.exceptions.GetTimeoutError) as e:  # (Ray's text is a traceback: its last line is kept)
             raise ConnectionLostError(f"client {self.id!r} (Ray actor) failed: {type(e).__name__}: "
