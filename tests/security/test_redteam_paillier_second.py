@@ -210,3 +210,25 @@ def test_the_correction_cache_is_per_call_and_key(keys):
         with value_free_encoding():
             got = (ct * w).decrypt(sk)
         assert torch.equal(got, 2.0 * w), got
+
+
+def test_a_float64_past_2_to_992_encodes_exactly_not_an_overflow_oracle(hook):
+    """The encoder scaled in float64 first (``ldexp(x, 32)`` at the default exponent): a value past ~2**992
+    became inf and ``int(inf)`` a bare OverflowError, after the room check had passed (a key of ~1100 bits has
+    room for every float64). Success or failure of ``mul`` said whether the owner's data held such a value."""
+    n = (1 << 1099) | 12345  # room for float64's largest value at the default exponent
+    replies = []
+    for data in ([1.0, -2.0], [1e299, -2.0]):
+        review = Review(hook, torch.tensor(data, dtype=torch.float64))
+        a = send_tensor(review.srv, review.sci, _crafted(n, [n + 1, n + 1], (2,)))
+        reply = review.he_op("mul", a, m.ObjectRef(review.d))
+        replies.append((type(reply).__name__, getattr(reply, "error", "")))
+        review.healthy()
+    assert replies[0] == replies[1] == ("OkReply", ""), replies
+    # and the encoding is exact: what torch's float64 holds, times 16**8 (a 1100-bit key decrypts it)
+    from veil.he import _paillier_encoding as enc
+
+    for x in (1e299, -1.7976931348623157e308, 2.0**992, 5e-324, -0.0, 1.5, 2.0**-33, 3 * 2.0**-34):
+        want = round(__import__("fractions").Fraction(x) * 16**8)
+        got = enc.encode(torch.tensor([x], dtype=torch.float64), -8, uniform=True)[0]
+        assert got == want and enc.encode(torch.tensor([x], dtype=torch.float64), -8)[0] == want, (x, got, want)

@@ -80,16 +80,29 @@ def encode(t: torch.Tensor, exponent: int, uniform: bool = False) -> np.ndarray:
     x = t.to(torch.float64).reshape(-1).numpy()
     if not np.isfinite(x).all():
         raise ValueError("cannot encode NaN or infinite values")
-    # Scaling by a power of two is exact in binary floating point.
-    scaled = np.rint(np.ldexp(x, -LOG2_BASE * exponent))
-    if not uniform and (scaled.size == 0 or np.abs(scaled).max() < _INT64_SAFE):
-        return scaled.astype(np.int64).astype(object).reshape(shape)
-    return _exact_ints(scaled).reshape(shape)
+    shift = -LOG2_BASE * exponent
+    if not uniform:
+        with np.errstate(over="ignore"):  # (past float64's range: inf, taken by the exact path below)
+            scaled = np.rint(np.ldexp(x, shift))  # scaling by a power of two is exact in binary floating point
+        if scaled.size == 0 or np.abs(scaled).max() < _INT64_SAFE:
+            return scaled.astype(np.int64).astype(object).reshape(shape)
+    return _exact_ints(_split(x, shift)).reshape(shape)
 
 
-def _exact_ints(scaled: np.ndarray) -> np.ndarray:
-    """Whole float64 values as Python ints (the conversion is exact at any size)."""
-    return np.array([int(v) for v in scaled.ravel()], dtype=object)
+def _split(x: np.ndarray, shift: int) -> np.ndarray:
+    """``rint(x * 2**shift)`` as rows ``(whole, left)``, the value being ``whole * 2**left``: ``whole`` is x's
+    53-bit mantissa scaled down (and rounded as ``np.rint``) where the shift is negative, ``left`` the rest.
+    Scaling x itself in float64 overflowed to inf past ~2**(1024 - shift): a value-dependent OverflowError
+    after a room check that had passed."""
+    mantissa, power = np.frexp(x)  # x = mantissa * 2**power, 0.5 <= |mantissa| < 1
+    total = power.astype(np.int64) - 53 + shift  # x * 2**shift = (mantissa * 2**53) * 2**total
+    whole = np.rint(np.ldexp(np.ldexp(mantissa, 53), np.minimum(total, 0)))  # (exact: a power-of-two scaling)
+    return np.stack([whole, np.maximum(total, 0).astype(np.float64)])
+
+
+def _exact_ints(split: np.ndarray) -> np.ndarray:
+    """:func:`_split`'s rows as Python ints, one path for every value (exact at any size)."""
+    return np.array([int(w) << int(s) for w, s in zip(split[0], split[1])], dtype=object)
 
 
 def decode(values: list, exponent: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
