@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 import torch
 
-from veil.exceptions import OperationNotAllowedError, RemoteExecutionError, SerializationError, VeilError
+from veil.exceptions import (CommandTimeoutError, OperationNotAllowedError, RemoteExecutionError, SerializationError,
+                             VeilError)
 from veil.messaging.allowlist import ALLOWLIST
 from veil.plans.ops import BatchSize, PlanSpec, SlotRef
 from veil.tensors.tree import leaves
@@ -123,6 +124,10 @@ def _sized(func: Callable, name: str, size_check: Callable) -> Callable:
     return call
 
 
+#: ops between two checks of the running command's deadline (a check costs a clock read)
+CHECK_EVERY = 16
+
+
 def run(plan: CompiledPlan, inputs: list, state: list, size_check: Callable | None = None) -> Any:
     """Runs the plan; ``size_check(name, func, args, kwargs)``, if given, before every op (a worker with a
     session quota refuses an op whose result would not fit before it allocates: veil/workers/output_bounds.py)."""
@@ -133,6 +138,8 @@ def run(plan: CompiledPlan, inputs: list, state: list, size_check: Callable | No
             f"got {len(inputs)} and {len(state)}"
         )
     cancellation.check()  # a worker's per-command deadline / disconnect (once per execution: per batch in fit)
+    # ... and every CHECK_EVERY ops within it: one step of thousands of ops must not run far past the deadline
+    token, countdown = cancellation.current_token(), CHECK_EVERY
     slots: list = [None] * spec.n_slots
     slots[: spec.n_inputs] = inputs
     slots[spec.n_inputs : spec.n_inputs + spec.n_state] = state
@@ -143,6 +150,11 @@ def run(plan: CompiledPlan, inputs: list, state: list, size_check: Callable | No
             (kind, _sized(func, op.name, size_check), how, outs, grad, op)
             for kind, func, how, outs, grad, op in plan.steps]
         for kind, func, how, outs, grad_enabled, op in steps:
+            if token is not None:
+                countdown -= 1
+                if not countdown:
+                    countdown = CHECK_EVERY
+                    token.check()
             if grad_enabled is not grad_mode:
                 torch.set_grad_enabled(grad_enabled)
                 grad_mode = grad_enabled
@@ -175,6 +187,8 @@ def run(plan: CompiledPlan, inputs: list, state: list, size_check: Callable | No
                         slots[slot] = t
     except Refusal as r:
         raise r.error from None
+    except CommandTimeoutError:  # (CommandCancelledError too)
+        raise  # the worker's limit, as between batches (not the plan's failure)
     except Exception as e:
         raise RemoteExecutionError(f"plan {spec.name!r} failed at {op.name if op else '?'}: "
                                    f"{type(e).__name__}: {e}") from e
