@@ -19,6 +19,12 @@ import torch
 import veil as sy
 from worker_processes import peer_mesh_args
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # several test processes share the cores (scripts/test.sh): one torch thread each, and in the workers they
+    # start, so that OpenMP threads do not spin against each other
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 WORKER_KINDS = ["virtual", "websocket"]
 
 WS_NAMES = ("alice", "bob", "charlie", "dave")  # dave: the crypto provider of the SMPC tests
