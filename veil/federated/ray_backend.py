@@ -106,8 +106,7 @@ class RayClientWorker(BaseWorker):
 
     def _recv_msg(self, data: bytes) -> bytes:
         ray = _ray()
-        try:
-            # submitting raises a bare Exception for an actor of a Ray since shut down ("Can't find actor")
+        try:  # submitting to an actor of a Ray since shut down raises a bare Exception ("Can't find actor")
             ref = self.actor.recv.remote(self.id, data)
         except Exception as e:  # noqa: BLE001 - any submit failure means the client is gone
             raise ConnectionLostError(f"client {self.id!r} (Ray actor) is gone: {_first_line(e)}") from None
