@@ -232,3 +232,24 @@ def test_a_float64_past_2_to_992_encodes_exactly_not_an_overflow_oracle(hook):
         want = round(__import__("fractions").Fraction(x) * 16**8)
         got = enc.encode(torch.tensor([x], dtype=torch.float64), -8, uniform=True)[0]
         assert got == want and enc.encode(torch.tensor([x], dtype=torch.float64), -8)[0] == want, (x, got, want)
+
+
+@pytest.mark.parametrize("name", ["neg", "add", "add_plain", "sub_owner", "sum"])
+def test_additions_negations_and_sums_check_the_deadline_between_pieces(name):
+    """Only powers checked the command deadline: under a 16384-bit modulus one inversion takes ~1 ms and one
+    multiplication ~0.15 ms, so ``neg`` of a 256 MB frame's 62k ciphertexts ran ~60 s past any deadline
+    (``add``, ``sub`` and ``sum``: ~9 s), and so did the value-free addition of the owner's plaintext."""
+    from veil.he.paillier import checkpoints
+
+    n = (1 << 16383) | 12345
+    ct = _crafted(n, [2 + i % 7 for i in range(300)], (300,), exponent=-8)
+    w = torch.linspace(-1.0, 1.0, 300)
+    ops = {"neg": lambda: -ct, "add": lambda: ct + ct, "add_plain": lambda: ct + w, "sum": lambda: ct.sum()}
+    checks = [0]
+    with checkpoints(lambda: checks.__setitem__(0, checks[0] + 1)):
+        if name == "sub_owner":
+            with value_free_encoding():
+                ct - w
+        else:
+            ops[name]()
+    assert checks[0] >= 2, f"{name}: {checks[0]} deadline checks for 300 values"
