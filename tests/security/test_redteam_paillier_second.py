@@ -253,3 +253,18 @@ def test_additions_negations_and_sums_check_the_deadline_between_pieces(name):
         else:
             ops[name]()
     assert checks[0] >= 2, f"{name}: {checks[0]} deadline checks for 300 values"
+
+
+def test_encryption_checks_the_deadline_between_pieces(keys):
+    """``encrypt`` (what a worker runs on the owner's state for ``veil.fl.encrypt_state``, under the
+    coordinator's key) computed every ``r**n`` in one call: seconds each under a 16384-bit key, none of them
+    between deadline checks. It now takes the running command's checkpoint between pieces."""
+    from veil.he.paillier import checkpoints
+
+    pub, priv = keys
+    x = torch.linspace(-3.0, 3.0, 600)
+    checks = [0]
+    with checkpoints(lambda: checks.__setitem__(0, checks[0] + 1)):
+        ct = paillier.encrypt(x, pub)
+    assert checks[0] >= 2, checks
+    assert torch.allclose(ct.decrypt(priv), x, atol=1e-6)

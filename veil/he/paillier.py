@@ -436,9 +436,10 @@ def encrypt(
     flat = list(m.ravel())
     if flat and max(abs(v) for v in flat) > kp.max_int:
         raise EncodingOverflowError("a value is too large for this Paillier key's plaintext space")
-    obf = _obfuscators(len(flat), kp)
     n, nsq = kp.n, kp.nsq
-    cts = [(op.fixed_width(v, n) * n + 1) * o % nsq for v, o in zip(flat, obf)]
+    # (in pieces, the running command's checkpoint between them: r**n under a 16384-bit key takes seconds)
+    cts = [(op.fixed_width(v, n) * n + 1) * o % nsq for piece in _pieces(flat, n.bit_length())
+           for v, o in zip(piece, _obfuscators(len(piece), kp))]
     return PaillierTensor(public_key, _obj_array(cts, tuple(t.shape)), exponent, t.dtype)
 
 
