@@ -268,3 +268,19 @@ def test_encryption_checks_the_deadline_between_pieces(keys):
         ct = paillier.encrypt(x, pub)
     assert checks[0] >= 2, checks
     assert torch.allclose(ct.decrypt(priv), x, atol=1e-6)
+
+
+def test_encrypting_the_owners_state_stops_at_the_command_deadline(hook):
+    """``veil.fl.encrypt_state`` ran ``encrypt`` with no checkpoint installed, and counted a full-width
+    ``r**n`` as one usual power: under a coordinator's 3072-bit modulus 400 values took ~10 s past a 0.5 s
+    deadline (a 16384-bit one: seconds per value). Paillier work now takes the running command's checkpoint
+    wherever it runs, and a full-width power counts as n_bits / 128 usual ones."""
+    n = (1 << 3071) | 12345
+    review = Review(hook, torch.linspace(-1.0, 1.0, 400), seconds=0.5)
+    t0 = time.monotonic()
+    reply, _ = run_command(review.srv, review.sci, "veil.fl.encrypt_state", [m.ObjectRef(review.d)], 1.0,
+                           phe.PaillierPublicKey(n), new_id(), n=0)
+    took = time.monotonic() - t0
+    assert type(reply) is m.ErrorReply and "CommandTimeoutError" in reply.error + reply.message, reply
+    assert took < 3.0, took
+    review.healthy()

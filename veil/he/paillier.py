@@ -36,6 +36,7 @@ from veil.he.errors import (
     UnsupportedOperationError,
     WrongKeyError,
 )
+from veil.workers import cancellation
 
 PublicKey = phe.PaillierPublicKey
 PrivateKey = phe.PaillierPrivateKey
@@ -108,11 +109,18 @@ _CHECK_EVERY = 256
 _MULS_PER_POWER, _INVERSIONS_PER_POWER = 64, 16
 
 
+def _full_width(n_bits: int) -> int:
+    """The cost of one ``r**n`` (an n-bit exponent) in usual powers (a 128-bit exponent: an owner's float32)."""
+    return max(1, n_bits // 128)
+
+
 def _pieces(values: list, n_bits: int, cost: int = 1, per_power: int = 1) -> Iterator[list]:
     """``values`` in pieces, the running command's checkpoint before each (``cost``: how many times the usual
     work each value takes; ``per_power``: how many values take the usual work of one)."""
     check = _CHECK.get()
-    if check is None:
+    if check is None and cancellation.current_token() is not None:
+        check = cancellation.checkpoint  # (a worker's command outside veil.he.op: veil.fl.encrypt_state had none)
+    if check is None:  # (no command: one piece, every core busy in powmod_list)
         yield values
         return
     step = max(1, int(_CHECK_EVERY * per_power * (2048 / max(n_bits, 2048)) ** 3) // max(1, cost))
@@ -371,7 +379,8 @@ class PaillierTensor:
         """Re-randomize every ciphertext (times a fresh ``r**n``) so it cannot be linked to its inputs: a product
         ``c**w`` keeps ``w`` in its randomness (``r**w``), whatever its plaintext says."""
         nsq = self._kp.nsq
-        flat = [c * o % nsq for piece in _pieces(list(self._ct.ravel()), self._kp.n.bit_length())
+        n_bits = self._kp.n.bit_length()
+        flat = [c * o % nsq for piece in _pieces(list(self._ct.ravel()), n_bits, cost=_full_width(n_bits))
                 for c, o in zip(piece, _obfuscators(len(piece), self._kp))]
         return self._like(_obj_array(flat, self._ct.shape))
 
@@ -438,7 +447,8 @@ def encrypt(
         raise EncodingOverflowError("a value is too large for this Paillier key's plaintext space")
     n, nsq = kp.n, kp.nsq
     # (in pieces, the running command's checkpoint between them: r**n under a 16384-bit key takes seconds)
-    cts = [(op.fixed_width(v, n) * n + 1) * o % nsq for piece in _pieces(flat, n.bit_length())
+    pieces = _pieces(flat, n.bit_length(), cost=_full_width(n.bit_length()))
+    cts = [(op.fixed_width(v, n) * n + 1) * o % nsq for piece in pieces
            for v, o in zip(piece, _obfuscators(len(piece), kp))]
     return PaillierTensor(public_key, _obj_array(cts, tuple(t.shape)), exponent, t.dtype)
 
