@@ -5,7 +5,8 @@ can still cost a worker outside its quota and its command deadline.
 The attacker is a scientist with a session on a worker holding the owner's tensor under review (through
 ``serve_bytes``), or a peer handing a wire dict to anyone who decodes it; keys are the attacker's.
 
-Holes found (strict xfails first, then fixed in ``he/paillier.py``, ``he/paillier_wire.py``, ``he/remote.py``):
+Holes found (strict xfails first, then fixed in ``he/paillier.py``, ``he/paillier_wire.py``, ``he/remote.py``,
+``he/_paillier_encoding.py``):
 
 - ``mm`` with a plaintext of three dimensions passed the shape check (its first dimension matched) and
   broadcast ``(1, K, 1) * (K, K, M)``: K*K*M products where the session quota was charged for K, and a
@@ -14,7 +15,12 @@ Holes found (strict xfails first, then fixed in ``he/paillier.py``, ``he/paillie
   ciphertext times an ``(M, 1)`` plaintext built N*M (ciphertext, plaintext) pairs in memory before the first
   deadline check (a 2 MB request, gigabytes);
 - decoding a received tensor ran one ``gcd`` per ciphertext (~40 us at 2048 bits: a 256 MB frame ~20 s of
-  CPU before any command deadline starts) and had no count bound (a 256-bit key: 4M ciphertexts per frame).
+  CPU before any command deadline starts) and had no count bound (a 256-bit key: 4M ciphertexts per frame);
+- the encoder scaled floats in float64 before converting: a float64 past ~2**992 became inf and a bare
+  OverflowError after the room check passed (``_paillier_encoding.py``): an overflow oracle on the owner's data;
+- only powers checked the deadline: ``neg``, ``add``, ``sub``, ``sum`` (and the value-free addition of the
+  owner's plaintext) ran whole tensors between checks (~60 s for ``neg`` under a 16384-bit modulus), and
+  ``encrypt`` (``veil.fl.encrypt_state``) ran with no checkpoint at all.
 """
 
 from __future__ import annotations
