@@ -25,6 +25,7 @@ from veil.dp.budget import BudgetLedger
 from veil.workers.database import CommitOutcomeUnknownError, OwnerStateUnavailableError
 
 from tests.scale import conftest as scale_fixtures
+from console_slots import started_console
 
 postgres_server, pg_url = scale_fixtures.postgres_server, scale_fixtures.pg_url  # fixtures: a real PostgreSQL
 
@@ -311,17 +312,7 @@ CONSOLE_ADMIN = "redteam-govdb-console-admin"
 @pytest.fixture
 def console(hook, monkeypatch):
     """A started console (4 slots) of an in-process worker on loopback; stopped after the test."""
-    from veil.governance.console import connections
-    from veil.governance.console.server import ConsoleServer
-    from veil.workers.websocket_server import WebsocketServerWorker
-
-    monkeypatch.setattr(connections, "MAX_CONNECTIONS", 4)
-    tokens = sy.TokenTable()
-    tokens.add(CONSOLE_ADMIN, "owner", "admin")
-    w = WebsocketServerWorker(hook, id=f"rt-govdb-console-{time.monotonic_ns()}", port=0, tokens=tokens)
-    served = ConsoleServer(w, host="127.0.0.1", port=0).start()
-    yield served
-    served.stop()
+    yield from started_console(hook, monkeypatch, CONSOLE_ADMIN, "rt-govdb-console")
 
 
 def _response_head(sock) -> bytes:

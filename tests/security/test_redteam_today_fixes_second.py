@@ -50,6 +50,7 @@ from network_helpers import ADMIN, OTHER, TOKEN
 from tests.scale import conftest as scale_fixtures
 from test_redteam_governance_faults import _OPEN, _SERVERS, cleanup  # noqa: F401  (cleanup: a fixture)
 from test_redteam_revocation import _closed, _sessions_of, _wait
+from console_slots import started_console
 
 postgres_server, pg_url = scale_fixtures.postgres_server, scale_fixtures.pg_url  # fixtures: a real PostgreSQL
 
@@ -249,16 +250,7 @@ CONSOLE_ADMIN = "rt-fixes2-console-admin"
 @pytest.fixture
 def console(hook, monkeypatch):
     """A started console (4 slots) of an in-process worker; stopped after the test."""
-    from veil.governance.console import connections
-    from veil.governance.console.server import ConsoleServer
-
-    monkeypatch.setattr(connections, "MAX_CONNECTIONS", 4)
-    tokens = sy.TokenTable()
-    tokens.add(CONSOLE_ADMIN, "owner", "admin")
-    w = WebsocketServerWorker(hook, id=f"rt-fixes2-console-{time.monotonic_ns()}", port=0, tokens=tokens)
-    served = ConsoleServer(w, host="127.0.0.1", port=0).start()
-    yield served
-    served.stop()
+    yield from started_console(hook, monkeypatch, CONSOLE_ADMIN, "rt-fixes2-console")
 
 
 def _owner_cookie(console) -> str:
