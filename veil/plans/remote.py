@@ -78,6 +78,9 @@ register_size_estimator(PlanSpec, _plan_nbytes)
 _HELD = re.compile(r"would hold [0-9.]+ MiB, more than")
 #: batches one fit call may run (its losses are kept: 8 bytes each, at most 80 MB)
 MAX_FIT_BATCHES = 10_000_000
+#: rows a shuffled fit may order (the order of all rows is drawn at once each epoch: 8 bytes a row, 128 MiB,
+#: ~2 s without a deadline check; rows of nothing cost no bytes to send)
+MAX_SHUFFLED_ROWS = 1 << 24
 
 
 class _PlanBudget(output_bounds.Budget):
@@ -128,7 +131,10 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
     if total > MAX_FIT_BATCHES:
         raise OperationNotAllowedError(f"fit would run more than {MAX_FIT_BATCHES:,} batches in one call: use "
                                        f"larger batches, fewer epochs or max_batches")
-    check_room(worker, total, 8, "veil.plan.fit")
+    if shuffle and n > MAX_SHUFFLED_ROWS:
+        raise OperationNotAllowedError(f"fit cannot shuffle more than {MAX_SHUFFLED_ROWS:,} rows (their order is "
+                                       f"drawn at once): pass shuffle=False or fit on parts of the data")
+    check_room(worker, total + (n if shuffle else 0), 8, "veil.plan.fit")  # the losses and the rows' order
     losses, count = None, 0
     for _ in range(epochs):
         if count >= total:  # (max_batches reached: no further epoch starts)
@@ -154,6 +160,8 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise RemoteExecutionError(f"fit: plan {spec.name!r} must return its batch loss as one number")
             if losses is None:
+                if loss.element_size() > 8:  # (charged at 8 bytes each above: complex losses hold more)
+                    check_room(worker, total, loss.element_size(), "veil.plan.fit")
                 losses = torch.empty(total, dtype=loss.dtype)
             # copied at once, without its graph: that would keep every batch's saved inputs alive (and no
             # .item(): a loss of values hidden from the requester must not become a Python number)

@@ -165,7 +165,10 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
         if purpose is _DP_RELEASE:
             monitor.audit("dp_release", principal, list(found), "refused",
                           f"{name}: {e}" if isinstance(e, VeilError) else f"{name}: {type(e).__name__}")
-        if written:  # what it wrote before failing derives from its inputs all the same
+        if written or (op.worker_function and entries and name not in owner_guard.REVIEWED_INPUTS
+                       and _tracking(worker)):
+            # what it wrote before failing derives from its inputs all the same (a worker function, such as a
+            # plan cut at an op or by the deadline, may have written any of them: tainted as on success)
             _record_lineage(worker, op, arguments, args, kwargs, found, sender, written)
         raise owner_guard.client_error(name, e, protected or ({0} if secret else _reviewed_inputs(worker, entries)),
                                        worker.id) from e
