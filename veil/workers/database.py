@@ -162,6 +162,12 @@ def reader_of(db: "Database") -> "Database":
     return Database(db.location, timeout=db._timeout, read_only=True)
 
 
+def _refuse_pragmas(action: int, *_: Any) -> int:
+    """SQLite authorizer of a read-only connection: no PRAGMA (``query_only = 0``), ATTACH or DETACH."""
+    refused = (sqlite3.SQLITE_PRAGMA, sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH)
+    return sqlite3.SQLITE_DENY if action in refused else sqlite3.SQLITE_OK
+
+
 def commit_status(db: "Database", xid: int, backend_pid: int) -> str | None:
     """What became of transaction ``xid`` (``txid_current()``) whose COMMIT lost its connection: "committed",
     "aborted", or None when that cannot be told (the server does not answer, or the transaction is still
@@ -325,6 +331,7 @@ class Database:
                     conn.execute(f"PRAGMA synchronous={self._synchronous}")
                     if self.read_only:
                         conn.execute("PRAGMA query_only = 1")
+                        conn.set_authorizer(_refuse_pragmas)  # (after: query_only = 0 would undo it)
                 except sqlite3.DatabaseError as e:
                     conn.close()
                     raise self._unusable(e) from None
@@ -403,9 +410,38 @@ class Database:
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """Runs one statement; returns a cursor (``fetchone``, ``fetchall``, iteration)."""
         with self.lock:
+            if self.read_only:
+                return self._read(sql, tuple(params))
             if self.dialect == "postgresql":
                 return self._pg(self._sql(sql), tuple(params))
             return self._conn.execute(sql, tuple(params))
+
+    def _read(self, sql: str, params: tuple) -> Any:
+        """A read-only connection's query. On PostgreSQL one query (``BEGIN; SET TRANSACTION READ WRITE;
+        DELETE ...`` in one string got past the session's read-only default), in a ``READ ONLY`` transaction
+        of its own, which it cannot turn writable (``set_config`` of the session default reaches only later
+        transactions). SQLite runs one statement per call, and its authorizer refuses ``PRAGMA query_only = 0``
+        (:func:`_refuse_pragmas`)."""
+        if self.dialect == "sqlite":
+            return self._conn.execute(sql, params)
+        head = sql.strip().rstrip(";").strip()
+        if ";" in head or (head.split(None, 1) or [""])[0].upper() not in ("SELECT", "WITH"):
+            raise ValueError("a read-only database connection runs one SELECT at a time")
+        self._pg("BEGIN READ ONLY")
+        self._in_transaction = True  # (a session lost mid-query must not reconnect and go on outside it)
+        try:
+            rows = self._pg(self._sql(head), params)
+            self._pg("COMMIT")
+            return rows
+        except BaseException:
+            if not self._conn.closed:
+                try:
+                    self._guarded(self._conn, lambda: self._conn.execute("ROLLBACK"))
+                except Exception:  # noqa: BLE001 - lost: the server rolled it back
+                    pass
+            raise
+        finally:
+            self._in_transaction = False
 
     def executescript(self, schema: str) -> None:
         """Creates the tables of ``schema`` (SQLite DDL) if absent."""

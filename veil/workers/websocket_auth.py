@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import unicodedata
 from dataclasses import dataclass, field
@@ -64,11 +65,15 @@ def new_token() -> str:
 
 #: character categories refused in a principal's name: controls, format (zero-width, bidi), line separators
 _INVISIBLE = frozenset({"Cc", "Cf", "Zl", "Zp"})
+#: characters of other categories that are drawn as nothing: the combining grapheme joiner, variation
+#: selectors (Mn), Hangul fillers (Lo), Khmer inherent vowels, Mongolian selectors, the Braille blank
+_BLANK = re.compile("[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u2800\u3164\ufe00-\ufe0f\uffa0"
+                    "\U000e0100-\U000e01ef]")
 
 
 def _alike(name: str) -> str:
-    """What two names that read the same have in common (case and compatibility forms folded)."""
-    return unicodedata.normalize("NFKC", name).casefold()
+    """What two names that read the same have in common (case, compatibility forms and space runs folded)."""
+    return " ".join(unicodedata.normalize("NFKC", name).casefold().split())
 
 
 @dataclass(frozen=True)
@@ -113,10 +118,13 @@ class TokenTable:
         character tells apart from another's (``Alice``/``alice``, a fullwidth letter, a zero-width space), or
         that an issuer's clients take (``ISSUER/HOLDER``), would make ``veil users revoke`` act on one where
         the owner meant the other. Refused here, where the owner names them."""
-        if any(unicodedata.category(c) in _INVISIBLE for c in name):
+        if any(unicodedata.category(c) in _INVISIBLE for c in name) or _BLANK.search(name):
             raise ValueError(f"principal name {name!r} has an invisible or control character")
-        issuer = name.partition("/")[0] if "/" in name else None
-        if issuer is not None and _alike(issuer) in {_alike(i) for i in self._issuers}:
+        if name != name.strip():  # ("alice " read as "alice")
+            raise ValueError(f"principal name {name!r} starts or ends with a space")
+        folded = _alike(name)  # (a fullwidth solidus is a "/" once folded: "client\uff0fx" reads as "client/x")
+        issuer = folded.partition("/")[0] if "/" in folded else None
+        if issuer is not None and issuer in {_alike(i) for i in self._issuers}:
             raise ValueError(f"principal name {name!r} is one the client issuer {issuer!r} gives its clients")
         other = self._alike_names.setdefault(_alike(name), name)
         if other != name:
@@ -134,7 +142,8 @@ class TokenTable:
         client_tokens.check_secret(secret)
         if client_tokens.NAME_PATTERN.fullmatch(name or "") is None:
             raise ValueError(f"invalid client issuer name {name!r} (letters, digits, '_' or '-')")
-        taken = [p.name for _, p in self._entries if "/" in p.name and _alike(p.name.partition("/")[0]) == _alike(name)]
+        taken = [p.name for _, p in self._entries if _alike(p.name).partition("/")[0] == _alike(name)
+                 and "/" in _alike(p.name)]
         if taken:  # (its clients would share that principal's name: revoking one would revoke the other)
             raise ValueError(f"client issuer {name!r} would give its clients names like principal {taken[0]!r}'s")
         alike = [i for i in self._issuers if i != name and _alike(i) == _alike(name)]
