@@ -181,9 +181,10 @@ class EncryptedAggregation:
     #: dropped (stalling clients hold a round no longer; one request still waits up to its transport's
     #: timeout): the round goes on if a majority encrypted, else is refused. None: no limit.
     round_seconds: float | None = 3600.0
-    #: Paillier: each round encrypts under a fresh key pair of the given key's size (~0.1 s at 2048 bits), so a
-    #: ciphertext an aggregator saw in an earlier round cannot be handed in again, scaled or combined, as a
-    #: client's update (it is under another key: both aggregators flag it). CKKS keeps its one context.
+    #: Paillier: each round encrypts under a fresh key pair of the given key's size, rounded up to even bits
+    #: (~0.1 s at 2048 bits), so a ciphertext an aggregator saw in an earlier round cannot be handed in again,
+    #: scaled or combined, as a client's update (it is under another key: both aggregators flag it). CKKS
+    #: keeps its one context.
     fresh_keys: bool = True
     _key_ids: dict = field(default_factory=dict)  # worker id -> id of the public key material stored there
     _round_keys: Any = field(default=None, repr=False)  # (public, private) of the round under way (fresh_keys)
@@ -249,8 +250,9 @@ class EncryptedAggregation:
         else:
             limit = "fl.train's round_seconds"
         late = f"not asked to encrypt: the round ran past {limit}"
-        if self.context is None and self.fresh_keys:
-            self._round_keys = phe.generate_paillier_keypair(n_length=self.public_key.n.bit_length())
+        if self.context is None and self.fresh_keys:  # (phe makes even lengths only: an odd one looped for ever)
+            bits = self.public_key.n.bit_length()
+            self._round_keys = phe.generate_paillier_keypair(n_length=bits + bits % 2)
         try:
             copies = 2 if len(ids) > 1 else 1
             round_id = token_hex(16)  # binds the commitments to this round (no replay of an old one)

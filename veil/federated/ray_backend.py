@@ -137,9 +137,8 @@ class ClientHost:
     next batch past it, with a one-line CommandTimeoutError): one client's endless training holds neither
     its actor nor the clients batched with it.
 
-    ``client_memory_mb``: the most a hosted client's objects (all but its owner's data) may hold after a
-    request; a request that leaves more is answered with a one-line QuotaExceededError and the objects it
-    stored are freed (:mod:`veil.federated.client_memory`). None: no limit.
+    ``client_memory_mb``: the most a hosted client's objects (its owner's data aside) may hold after a request
+    (:mod:`veil.federated.client_memory`: past it, one-line QuotaExceededError, what it stored freed; None: none).
     """
 
     def __init__(self, threads: int = 1, client_seconds: float | None = None,
@@ -227,10 +226,7 @@ class ClientHost:
 
             return serialize(m.ErrorReply("WorkerNotFoundError", f"no client {client_id!r} on this actor"),
                              sender=client_id)
-        if self.memory.nbytes is None:
-            return self._timed(worker, client_id, data)
-        before = self.memory.ids(worker)
-        return self.memory.checked(worker, before, self._timed(worker, client_id, data))
+        return self.memory.serve(worker, lambda: self._timed(worker, client_id, data))
 
     def _timed(self, worker: Any, client_id: str, data: bytes) -> bytes:
         if not self.client_seconds:
@@ -293,6 +289,10 @@ class _HostedWorker(BaseWorker):
     def __init__(self, host: ClientHost, cid: str) -> None:
         super().__init__(host.hook, id=cid)
         self._host = host
+
+    def _recv_msg(self, data: bytes) -> bytes:  # (reached by another client's request: measured after it too)
+        self._host.memory.reached(self)
+        return super()._recv_msg(data)
 
     def resolve_worker(self, worker_id: str) -> BaseWorker:
         local = self._host.clients.get(worker_id) or self.hook.workers.get(worker_id)
