@@ -34,18 +34,15 @@ import phe
 import pytest
 import torch
 
-import veil as sy
 from veil.he import paillier, paillier_wire, value_free
 from veil.he.errors import ShapeMismatchError, WireFormatError
 from veil.he.paillier import PaillierTensor, _obj_array, value_free_encoding
 from veil.ids import new_id
 from veil.messaging import messages as m
-from veil.workers.websocket_server import WebsocketServerWorker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_sessions import open_session, request, run_command, send_tensor  # noqa: E402
-
-SCI = "rt-ps-sci-token"
+from server_sessions import run_command, send_tensor  # noqa: E402
+from test_redteam_paillier_oracles import Review as _OracleReview  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -53,28 +50,11 @@ def keys():
     return paillier.keygen(512)
 
 
-class Review:
+class Review(_OracleReview):
     """A worker holding one owner tensor under review, and a scientist's session (no session quota)."""
 
-    def __init__(self, hook, data: torch.Tensor, seconds=None):
-        tokens = sy.TokenTable()
-        tokens.add(SCI, "sci", "scientist")
-        self.srv = WebsocketServerWorker(hook, id=f"rt-ps-{new_id() % 10**6}", port=0, tokens=tokens,
-                                         max_command_seconds=seconds)
-        self.data = data.clone()
-        self.d = self.srv.load(data, tags=("#d",), policy="review")
-        self.sci = open_session(self.srv, SCI)
-
     def he_op(self, name, a, b):
-        reply, _ = run_command(self.srv, self.sci, "veil.he.op", name, m.ObjectRef(a), b, new_id(), n=0)
-        return reply
-
-    def healthy(self):
-        """The owner's tensor is unchanged and the worker still serves the scientist."""
-        assert torch.equal(self.srv.monitor.owner_objects()[self.d], self.data)
-        x = send_tensor(self.srv, self.sci, torch.tensor([1.0, 2.0]))
-        reply = request(self.srv, self.sci, m.GetObjectsMessage([x]))
-        assert type(reply) is m.ObjectsReply and torch.equal(reply.objects[0], torch.tensor([1.0, 2.0])), reply
+        return super().he_op(name, a, b)[0]
 
 
 def _crafted(n: int, values, shape, exponent: int = 0, dtype=torch.float32) -> PaillierTensor:
