@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -32,21 +31,12 @@ from veil.workers.websocket_server import WebsocketServerWorker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_sessions import open_session, request, run_command, send_tensor  # noqa: E402
+from review_steps import uid as _uid, pending_id as _pending  # noqa: E402
 
 SECRET = torch.tensor([[1.5, -2.25, 3.0], [4.0, 5.5, -6.75]])
 SCI, PEER, ADM = "rt-ps-sci-token", "rt-ps-peer-token", "rt-ps-adm-token"
 CAP = "#veil.cap."
 CANONICAL_NAN = {torch.float32: 0x7FC00000, torch.float64: 0x7FF8000000000000}
-
-
-def _uid(prefix: str) -> str:
-    return f"{prefix}-{time.monotonic_ns()}"
-
-
-def _pending(fn) -> str:
-    with pytest.raises(ReviewPendingError) as info:
-        fn()
-    return info.value.request_id
 
 
 def _approved_get(w, ptr, **kw):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +41,7 @@ from veil.workers.websocket_server import WebsocketServerWorker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_sessions import open_session, request, run_command  # noqa: E402
+from review_steps import uid as _uid, pending_id as _pending, release_rows as _release_rows  # noqa: E402
 
 SECRET = torch.tensor([[1.5, -2.25, 3.0], [4.0, 5.5, -6.75]])
 SCI, SCI2 = "rt-rl-sci-token", "rt-rl-sci2-token"
@@ -49,23 +49,6 @@ CAP = "#veil.cap."
 #: the bounds the fixes set (veil.workers.source_sets.MAX_FOREIGN_SOURCES, requests.MAX_REQUEST_GRAPH_CHARS,
 #: provenance.MAX_PLAN_LINE), written here so that this file runs, and fails, on the code before them
 MAX_SOURCES, MAX_GRAPH_CHARS, MAX_PLAN_LINE = 256, 512 * 1024, 300
-
-
-def _uid(prefix: str) -> str:
-    return f"{prefix}-{time.monotonic_ns()}"
-
-
-def _pending(fn) -> str:
-    with pytest.raises(ReviewPendingError) as info:
-        fn()
-    return info.value.request_id
-
-
-def _release_rows(worker, rid: str) -> list:
-    from veil.governance.state import governance
-
-    return [r for r in governance(worker).db.audit_entries()
-            if r["action"] == "release" and r["outcome"] == "allowed" and rid in r["detail"]]
 
 
 class Net:

@@ -15,17 +15,15 @@ HE ops (``veil.he.op``) are out of scope here (being fixed separately); ``veil.f
 
 from __future__ import annotations
 
-import json
 import re
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import veil as sy
-from veil.exceptions import RequestDeniedError, ReviewPendingError
+from veil.exceptions import ReviewPendingError
 from veil.governance.graphtext import render_graph
 from veil.governance.requests import ReviewQueue, preview
 from veil.ids import new_id
@@ -35,13 +33,10 @@ from veil.workers.websocket_server import WebsocketServerWorker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_sessions import open_session, request, run_command, send_tensor  # noqa: E402
+from review_steps import uid as _uid, pending_id as _pending  # noqa: E402
 
 SECRET = torch.tensor([[1.5, -2.25, 3.0], [4.0, 5.5, -6.75]])
 SCI, OTH, ADM = "rt-rp-sci-token", "rt-rp-oth-token", "rt-rp-adm-token"
-
-
-def _uid(prefix: str) -> str:
-    return f"{prefix}-{time.monotonic_ns()}"
 
 
 @pytest.fixture
@@ -53,12 +48,6 @@ def owner(hook):
 
 def _data(w):
     return w.search(["#clinic"])[0]
-
-
-def _pending(fn) -> str:
-    with pytest.raises(ReviewPendingError) as info:
-        fn()
-    return info.value.request_id
 
 
 def _shown(w, rid: str) -> list[str]:

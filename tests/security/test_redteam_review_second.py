@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_sessions import open_session, request, run_command  # noqa: E402
 
 from tests.scale import conftest as _scale  # noqa: E402
+from review_steps import uid as _uid, pending_id as _pending, release_rows as _release_rows  # noqa: E402
 
 pg_url, postgres_server = _scale.pg_url, _scale.postgres_server  # (fixtures: a real PostgreSQL)
 
@@ -43,23 +43,6 @@ SCI = "rt-rs-sci-token"
 CAP = "#veil.cap."
 #: veil.workers.source_sets' bounds, written here so that this file runs (and fails) on the code before the fix
 MAX_SOURCES, MAX_SOURCE_CHARS = 256, 200
-
-
-def _uid(prefix: str) -> str:
-    return f"{prefix}-{time.monotonic_ns()}"
-
-
-def _pending(fn) -> str:
-    with pytest.raises(ReviewPendingError) as info:
-        fn()
-    return info.value.request_id
-
-
-def _release_rows(worker, rid: str, outcome: str = "allowed") -> list:
-    from veil.governance.state import governance
-
-    return [r for r in governance(worker).db.audit_entries()
-            if r["action"] == "release" and r["outcome"] == outcome and rid in r["detail"]]
 
 
 class KeepsAndRefuses(sy.VirtualWorker):
