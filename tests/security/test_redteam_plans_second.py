@@ -13,7 +13,11 @@ Holes found and fixed:
   check (veil/plans/remote.py: the order is charged with the losses and a shuffled fit takes at most 2**24 rows);
 - fit's losses were charged at 8 bytes each before the first batch, but kept in the loss's dtype: complex128
   losses held twice the charge, and every batch ran before the result was refused at the end (now checked again
-  at the first loss's real size).
+  at the first loss's real size);
+- a fit sized each batch shape once, so a plan growing its state in place (``torch.cat(..., out=state)``) from one
+  batch to the next was sized on the first batch alone: 12 batches under an 8 MiB quota left 384 MiB of state
+  (veil/plans/remote.py: the state's and extra inputs' shapes are part of the sized shape, and their growth since
+  the fit began counts against the quota).
 """
 
 from __future__ import annotations
@@ -213,3 +217,28 @@ def test_fix_prec_of_a_hidden_value_stays_hidden_through_decode_and_ops(hook):
         got = _get(srv, s, rid)
         assert type(got) is m.ErrorReply and got.error == "PermissionDeniedError", (op, got)
     _serving(srv, s, xid)
+
+
+def test_a_fit_growing_its_state_in_place_is_sized_each_time_it_grows(hook):
+    """A fit sized each batch shape once: a plan doubling two state tensors by cat(out=) at every batch was
+    sized on the first batch alone, and 12 batches of a 12-row fit under an 8 MiB quota left 384 MiB of state
+    (4**12 times what was charged); the growth now counts against the quota, and the fit stops in one line."""
+    srv, s, xid = _setup(hook, "rt-pl2-grow", 8 << 20, torch.zeros(12, 1))
+    CAT = ALLOWLIST.by_func(torch.cat).name
+    (_, (a,)), (_, (b,)) = run_command(srv, s, ZEROS, 4), run_command(srv, s, ZEROS, 4)  # (resizable storage)
+    spec = PlanSpec("grow", 2, 2, 7, [PlanOp(CAT, ((SlotRef(2), SlotRef(2)),), {"out": SlotRef(3)}, [4], False),
+                                      PlanOp(CAT, ((SlotRef(3), SlotRef(3)),), {"out": SlotRef(2)}, [5], False),
+                                      PlanOp(SUM, (SlotRef(0),), {}, [6], False)], SlotRef(6))
+    reply, _ = run_command(srv, s, "veil.plan.fit", spec, m.ObjectRef(xid), m.ObjectRef(xid),
+                           [m.ObjectRef(a), m.ObjectRef(b)], 1, 1, False)
+    assert _one_line(reply).error == "QuotaExceededError", reply
+    held = sum(_get(srv, s, oid).objects[0].numel() * 4 for oid in (a, b))
+    assert held <= 8 << 20, held
+    # a fit whose state keeps its shapes runs as before (sized once), equal to torch
+    spec_ok = PlanSpec("ok", 2, 1, 5, [PlanOp(ADD_, (SlotRef(2), 1.0), {}, [3], False),
+                                       PlanOp(SUM, (SlotRef(0),), {}, [4], False)], SlotRef(4))
+    reply, (rid,) = run_command(srv, s, "veil.plan.fit", spec_ok, m.ObjectRef(xid), m.ObjectRef(xid), [m.ObjectRef(a)],
+                                1, 2, False)
+    assert type(reply) is m.OkReply, reply
+    assert torch.equal(_get(srv, s, rid).objects[0], torch.zeros(24))
+    _serving(srv, s, xid, torch.zeros(12, 1))

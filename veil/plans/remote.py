@@ -136,6 +136,8 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
                                        f"drawn at once): pass shuffle=False or fit on parts of the data")
     check_room(worker, total + (n if shuffle else 0), 8, "veil.plan.fit")  # the losses and the rows' order
     losses, count = None, 0
+    kept = [t for t in [*state, *extra] if isinstance(t, torch.Tensor)]  # (kept from one batch to the next)
+    kept_bytes = _storage_bytes(kept)
     for _ in range(epochs):
         if count >= total:  # (max_batches reached: no further epoch starts)
             break
@@ -152,11 +154,20 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
                 xb = data.index_select(0, idx) if type(data) is torch.Tensor else data[idx]
                 yb = target.index_select(0, idx) if type(target) is torch.Tensor else target[idx]
             cancellation.checkpoint()  # deadline, disconnect, and other sessions' turn between batches
-            sized = None  # a plan's sizes follow its inputs' shapes: each batch shape is sized once
-            if (xb.shape, yb.shape) not in sized_shapes:
-                sized_shapes.add((xb.shape, yb.shape))
+            # a plan's sizes follow its inputs' shapes: each batch shape is sized once, its state's and extra
+            # inputs' shapes included (a plan may grow them in place, by out=, from one batch to the next)
+            shapes = (xb.shape, yb.shape, *[t.shape for t in kept])
+            sized = None
+            if shapes not in sized_shapes:
+                if len(sized_shapes) >= 256:  # (shapes changed every batch: sized again, not remembered)
+                    sized_shapes.clear()
+                sized_shapes.add(shapes)
                 sized = session_budget(worker)
+                if sized is not None and kept:  # what they grew by in earlier batches stays, uncharged
+                    sized.held += max(0, _storage_bytes(kept) - kept_bytes)
             loss = interpreter.run(compiled, [xb, yb, *extra], state, sized)
+            if sized is not None and kept:  # (and with this batch's growth, the losses must still fit)
+                check_room(worker, max(0, _storage_bytes(kept) - kept_bytes) + 8 * total, 1, "veil.plan.fit")
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise RemoteExecutionError(f"fit: plan {spec.name!r} must return its batch loss as one number")
             if losses is None:
@@ -170,6 +181,11 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
             if count >= total:
                 break
     return torch.zeros(0) if losses is None else losses[:count]
+
+
+def _storage_bytes(tensors: list) -> int:
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
 
 
 def _load_state(worker: Any, state: list, values: list) -> None:
