@@ -161,3 +161,19 @@ def pooled_with_hostile(hook, fn, n=3, rows=8, rounds=1, **kw):
     hist, err, caught = attempt(lambda: fl.train(model, pool.federated_dataset(), rounds=rounds, lr=0.05,
                                               batch_size=rows, progress=False, **kw))
     return model, hist, err, pool, [p for k, p in enumerate(parts) if k != 1], caught
+
+
+def pick_aggregators(monkeypatch, first, second):
+    """The coordinator's random pair of encrypted-FedAvg aggregators, fixed to ``first`` and ``second`` (each
+    client is picked with probability 2/N a round: over enough rounds an attacker always is)."""
+    from veil.federated import he_agg
+
+    class _Random:
+        def sample(self, population, k):
+            assert first in population and second in population and k == 2
+            return [first, second]
+
+    class _Secrets:
+        SystemRandom = _Random
+
+    monkeypatch.setattr(he_agg, "secrets", _Secrets)

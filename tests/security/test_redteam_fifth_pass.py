@@ -35,7 +35,6 @@ import torch
 
 import veil as sy
 from veil.exceptions import ConnectionLostError, VeilError
-from veil.federated import he_agg
 from veil.federated import trainer as fl
 from veil.federated.he_agg import EncryptedAggregation, EncryptedAggregationError
 from veil.he.paillier import PaillierTensor
@@ -44,6 +43,7 @@ from veil.messaging import serde
 from veil.messaging.serde import deserialize, serialize
 from veil.serving.errors import ModelConversionError
 
+from fl_helpers import pick_aggregators as _pick
 from fl_helpers import (attempt, honest_fedavg, make_model, make_parts, pooled_with_hostile, sequential_with_hostile,
                         uid)
 
@@ -56,20 +56,6 @@ def paillier():
 def _he(paillier):
     pub, priv = paillier
     return EncryptedAggregation(public_key=pub, private_key=priv)
-
-
-def _pick(monkeypatch, first, second):
-    """The coordinator's random choice of aggregators, fixed (an attacker is picked with probability 2/N
-    each round: over enough rounds it always is)."""
-    class _Random:
-        def sample(self, population, k):
-            assert first in population and second in population and k == 2
-            return [first, second]
-
-    class _Secrets:
-        SystemRandom = _Random
-
-    monkeypatch.setattr(he_agg, "secrets", _Secrets)
 
 
 def _train(model, workers, parts, **kw):

@@ -35,7 +35,6 @@ import torch
 
 import veil as sy
 import veil.he
-from veil.federated import he_agg
 from veil.federated import trainer as fl
 from veil.federated.he_agg import EncryptedAggregation, EncryptedAggregationError
 from veil.federated.ray_backend import ClientHost
@@ -44,6 +43,7 @@ from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST
 from veil.messaging.serde import deserialize, serialize
 
+from fl_helpers import pick_aggregators as _pick
 from fl_helpers import TamperedPool, attempt, honest_fedavg, make_model, make_parts, uid
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -61,19 +61,6 @@ def _close(model, ref):
 
 def _fed(workers, parts):
     return sy.FederatedDataset([sy.BaseDataset(x, y).send(w) for (x, y), w in zip(parts, workers)])
-
-
-def _pick(monkeypatch, first, second):
-    """The coordinator's random pair of aggregators, fixed."""
-    class _Random:
-        def sample(self, population, k):
-            assert first in population and second in population and k == 2
-            return [first, second]
-
-    class _Secrets:
-        SystemRandom = _Random
-
-    monkeypatch.setattr(he_agg, "secrets", _Secrets)
 
 
 class Stalls(sy.VirtualWorker):

@@ -34,13 +34,13 @@ import torch
 
 import veil as sy
 from veil.exceptions import ConnectionLostError
-from veil.federated import he_agg
 from veil.federated import trainer as fl
 from veil.federated.he_agg import EncryptedAggregation, EncryptedAggregationError
 from veil.he.paillier import PaillierTensor
 from veil.messaging import messages as m
 from veil.messaging.serde import deserialize, serialize
 
+from fl_helpers import pick_aggregators as _pick
 from fl_helpers import attempt, honest_fedavg, make_model, make_parts, uid
 
 
@@ -51,19 +51,6 @@ def paillier():
 
 def _he(paillier):
     return EncryptedAggregation(public_key=paillier[0], private_key=paillier[1])
-
-
-def _pick(monkeypatch, first, second):
-    """The coordinator's random pair of aggregators, fixed (each client is picked with probability 2/N)."""
-    class _Random:
-        def sample(self, population, k):
-            assert first in population and second in population and k == 2
-            return [first, second]
-
-    class _Secrets:
-        SystemRandom = _Random
-
-    monkeypatch.setattr(he_agg, "secrets", _Secrets)
 
 
 def _train(model, workers, parts, rounds=1, **kw):
