@@ -184,7 +184,8 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
 
 
 def _storage_bytes(tensors: list) -> int:
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors
+                if t.layout is torch.strided}  # (a sparse tensor has no one storage; out= cannot resize it)
     return sum(storages.values())
 
 
