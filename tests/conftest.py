@@ -20,9 +20,8 @@ import veil as sy
 from worker_processes import peer_mesh_args
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # several test processes share the cores (scripts/test.sh): one torch thread each, and in the workers they
-    # start, so that OpenMP threads do not spin against each other
-    os.environ["OMP_NUM_THREADS"] = "1"
+    # several test processes share the cores (scripts/test.sh): one torch thread each, so that their OpenMP
+    # threads do not spin against each other (the workers they start keep torch's default, as in one process)
     torch.set_num_threads(1)
 
 WORKER_KINDS = ["virtual", "websocket"]

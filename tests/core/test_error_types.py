@@ -31,9 +31,10 @@ def _veil_exception_classes() -> list[type]:
 CLASSES = _veil_exception_classes()
 #: raised only on the client side (never by a worker), or by a worker but never as an error reply of its own
 #: (Throttled is an HTTP 429 at the handshake; ResultOverQuotaError travels as its base QuotaExceededError on
-#: purpose): they need not be registered
+#: purpose; a plan's Refusal never leaves the interpreter; BatchDependentPlanError is raised at Plan.build): they
+#: need not be registered
 LOCAL_ONLY = {"WorkerUnavailableError", "ModelConversionError", "WorkerStartError", "CommandLineError", "Throttled",
-              "ResultOverQuotaError"}
+              "ResultOverQuotaError", "Refusal", "BatchDependentPlanError"}
 
 
 def test_there_are_errors_from_every_subsystem():

@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 
+from veil.exceptions import VeilError
 from veil.messaging.allowlist import ALLOWLIST
 from veil.plans.ops import BatchSize, PlanOp, PlanSpec, SlotRef
 
 _FULL = ALLOWLIST.by_func(torch.full).name
 
 
-class BatchDependentPlanError(ValueError):
+class BatchDependentPlanError(VeilError, ValueError):
     """A plan depends on the batch size of its example in a way a worker cannot replay on another batch."""
 
 

@@ -108,9 +108,10 @@ def compile_plan(spec: PlanSpec) -> CompiledPlan:
     return CompiledPlan(spec, compiled, steps)
 
 
-class Refusal(Exception):
+class Refusal(VeilError):
     """Raised by a size check to refuse an op with a value-free error (a quota's) that the caller of run() gets
-    as it is, not wrapped as the plan's failure (which a worker shows as ProtectedDataError on owner data)."""
+    as it is, not wrapped as the plan's failure (which a worker shows as ProtectedDataError on owner data).
+    Control flow inside run(): it never leaves it (run raises ``.error``)."""
 
     def __init__(self, error: VeilError) -> None:
         super().__init__(str(error))
