@@ -244,10 +244,6 @@ def test_a_fit_growing_its_state_in_place_is_sized_each_time_it_grows(hook):
     _serving(srv, s, xid, torch.zeros(12, 1))
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE (monitor, not plans): a stored tensor is charged its size when stored; "
-                   "growing it in place later (out= resizes it: a plan's state, or a direct torch.cat(..., out=t)) "
-                   "is sized per command against that stale usage, never charged to the entry, so repeated calls "
-                   "hold many times the quota; the fix is re-accounting written entries' storage in the monitor")
 def test_state_grown_in_place_across_plan_runs_stays_within_the_quota(hook):
     srv, s, xid = _setup(hook, "rt-pl2-grow-runs", 1 << 20)
     CAT = ALLOWLIST.by_func(torch.cat).name
@@ -263,3 +259,26 @@ def test_state_grown_in_place_across_plan_runs_stays_within_the_quota(hook):
                 break
         held += sum(_get(srv, s, oid).objects[0].numel() * 4 for oid in (a, b))
     assert held <= 1 << 20, f"{held / 2**20:.1f} MiB held under a 1 MiB quota"
+
+
+def test_tensors_grown_in_place_by_direct_commands_stay_within_the_quota(hook):
+    """The same growth without a plan: ``torch.cat((t, t), out=t)`` sent as commands. Each was sized against a
+    usage that never counted the earlier growth (a tensor is charged when stored), so three pairs of tensors
+    doubling each other held several times the quota. Must hold: the growth is charged as it happens, so the commands are refused
+    before the session holds more than the quota, and what is held is what the monitor counts."""
+    srv, s, xid = _setup(hook, "rt-pl2-grow-direct", 1 << 20)
+    CAT = ALLOWLIST.by_func(torch.cat).name
+    made = [run_command(srv, s, ZEROS, 4)[1][0] for _ in range(6)]
+    for a, b in zip(made[::2], made[1::2]):  # a pair doubles each other: b = (a, a), then a = (b, b), ...
+        for i in range(40):
+            src, dst = (a, b) if i % 2 == 0 else (b, a)
+            reply, _ids = run_command(srv, s, CAT, (m.ObjectRef(src), m.ObjectRef(src)), out=m.ObjectRef(dst), n=0)
+            if type(reply) is not m.OkReply:
+                _one_line(reply)
+                break
+        else:
+            raise AssertionError("the growth was never refused")
+    held = sum(_get(srv, s, t).objects[0].untyped_storage().nbytes() for t in made)
+    assert held <= 1 << 20, f"{held / 2**20:.1f} MiB held under a 1 MiB quota"
+    assert srv.monitor.session_bytes(s.principal.namespace) >= held
+    _serving(srv, s, xid)

@@ -175,6 +175,8 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
     finally:
         if grad is not grad_before:
             _set_grad_enabled(grad_before)
+        if monitor.max_session_bytes is not None and found and principal.isolated:
+            monitor.charge_growth(principal, found)  # inputs it resized in place (out=, a plan's state), failed too
     lineage = None
     # a reviewed input's result was released with the approval of its inputs (a masked value): no lineage,
     # and no sources (the monitor would otherwise give it its inputs' and ask for a second approval)

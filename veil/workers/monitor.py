@@ -1,18 +1,16 @@
 """The reference monitor: the only door between a client's message and a worker's objects.
 
-Every client-initiated access names (principal, object ref, purpose) and goes
-through :meth:`ReferenceMonitor.resolve`. The monitor
+Every client-initiated access names (principal, object ref, purpose) and goes through
+:meth:`ReferenceMonitor.resolve`. The monitor
 
-- scopes names to the principal's session (its own namespace, the owner's
-  protected data, hand-offs addressed to it); anything else is *unknown*, and
-  unknown ids and ids of other sessions fail with the same error and text;
-- applies the owner's rules for the purpose: ``allowed_users``, ``reveal_to``,
-  the DP-only policy, dealer material never revealed, owner data never
-  deleted or replaced by clients;
-- records capabilities on every object it stores (``Entry.kind``,
-  ``reveal_to`` and ``provenance``: derived objects inherit the union of their
-  sources' provenance and the strictest ``reveal_to``);
-- charges each session's memory quota (``veil/workers/quota.py``); and
+- scopes names to the principal's session (its own namespace, the owner's protected data, hand-offs
+  addressed to it); anything else is *unknown*, and unknown ids and ids of other sessions fail with the
+  same error and text;
+- applies the owner's rules for the purpose: ``allowed_users``, ``reveal_to``, the DP-only policy, dealer
+  material never revealed, owner data never deleted or replaced by clients;
+- records capabilities on every object it stores (``Entry.kind``, ``reveal_to`` and ``provenance``:
+  derived objects inherit the union of their sources' provenance and the strictest ``reveal_to``);
+- charges each session's memory quota (``veil/workers/quota.py``), growth in place included; and
 - writes the audit row (allowed releases, every refusal and unknown-id probe).
 
 The object store answers only the monitor: it holds the store's key.
@@ -77,12 +75,8 @@ def derived_kind(sources: Iterable[Entry], op_name: str | None, principal: Princ
 
 
 class ReferenceMonitor(QuotaRules, OpeningRules):
-    """One per worker; owns the worker's object store.
-
-    Args:
-        worker_id: the worker's name (in error texts).
-        max_session_bytes: per-session memory quota (None: unlimited).
-    """
+    """One per worker; owns the worker's object store (``worker_id``: the worker's name, in error texts;
+    ``max_session_bytes``: the per-session memory quota, None: unlimited)."""
 
     def __init__(self, worker_id: str, max_session_bytes: int | None = None) -> None:
         self.worker_id = worker_id
@@ -513,6 +507,11 @@ class ReferenceMonitor(QuotaRules, OpeningRules):
         """Frees everything a session stored (disconnect); returns how many objects."""
         self._taints.pop(namespace, None)
         return self._store.drop_namespace(self.__key, namespace)
+
+    def charge_growth(self, principal: Principal, found: dict) -> None:
+        """Charges what a command grew the requester's own tensors among ``found`` (id -> entry) by in place
+        (``out=`` resizes them, a plan grows its state): charged only when stored, they held more unseen."""
+        self._store.charge_growth(self.__key, principal.namespace, found)
 
     def session_bytes(self, namespace: str) -> int:
         return self._store.usage.get(namespace, 0)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import threading
 import weakref
-from types import MappingProxyType
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Iterator
+
+import torch
 
 from veil.exceptions import PermissionDeniedError
 
@@ -149,6 +151,23 @@ class ObjectStore:
                 acc = self._hand_offs[oid] = (ns, account)
                 self.account_usage[acc] = self.account_usage.get(acc, 0) + entry.nbytes
                 self._account_objects[acc] = self._account_objects.get(acc, 0) + 1
+
+    def charge_growth(self, key: StoreKey, ns: str, found: dict) -> None:
+        """``ns``'s tensors among ``found`` (id -> entry) whose storage now passes what they were charged:
+        the difference is charged (``entry.nbytes`` stays at least its storage, so removal subtracts it)."""
+        if key is not self._key:
+            self._check(key)
+        space = self._spaces.get(ns)
+        if not space:
+            return
+        with self._lock:
+            for oid, entry in found.items():
+                obj = entry.obj
+                if isinstance(obj, torch.Tensor) and space.get(oid) is entry and obj.layout == torch.strided:
+                    grown = obj.untyped_storage().nbytes() - entry.nbytes
+                    if grown > 0:
+                        entry.nbytes += grown
+                        self.usage[ns] = self.usage.get(ns, 0) + grown
 
     def _unaccount(self, oid: int, nbytes: int) -> None:
         """``oid`` is no longer an unclaimed hand-off: its requester account no longer holds it (lock held)."""
