@@ -333,6 +333,7 @@ def _same_time(clean: float, marked: float, ta: list, tb: list) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.wall_clock
 @pytest.mark.xfail(strict=True, reason="LIMIT (documented): a plan that makes one record's activations "
                                        "subnormal slows the DP-SGD release (~45 ms per record here): not "
                                        "flushed, not padded")
@@ -351,6 +352,7 @@ def test_subnormal_activations_of_one_record_do_not_show_in_the_release_time(hoo
 
 
 @pytest.mark.slow
+@pytest.mark.wall_clock
 @pytest.mark.xfail(strict=True, reason="LIMIT (documented): log/sqrt of exact zeros (-inf) takes a slow path: "
                                        "one record's zero activations show in the DP-SGD release time even "
                                        "with FTZ/DAZ on")
