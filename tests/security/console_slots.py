@@ -21,3 +21,22 @@ def started_console(hook, monkeypatch, admin_token: str, prefix: str):
     served = ConsoleServer(w, host="127.0.0.1", port=0).start()
     yield served
     served.stop()
+
+
+def response_head(sock) -> bytes:
+    """Reads one whole HTTP response (with a Content-Length) from ``sock``; returns its head."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        got = sock.recv(65536)
+        if not got:
+            raise ConnectionError("closed")
+        data += got
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        got = sock.recv(65536)
+        if not got:
+            raise ConnectionError("closed")
+        body += got
+    return head

@@ -25,7 +25,7 @@ from veil.dp.budget import BudgetLedger
 from veil.workers.database import CommitOutcomeUnknownError, OwnerStateUnavailableError
 
 from tests.scale import conftest as scale_fixtures
-from console_slots import started_console
+from console_slots import response_head as _response_head, started_console
 
 postgres_server, pg_url = scale_fixtures.postgres_server, scale_fixtures.pg_url  # fixtures: a real PostgreSQL
 
@@ -313,25 +313,6 @@ CONSOLE_ADMIN = "redteam-govdb-console-admin"
 def console(hook, monkeypatch):
     """A started console (4 slots) of an in-process worker on loopback; stopped after the test."""
     yield from started_console(hook, monkeypatch, CONSOLE_ADMIN, "rt-govdb-console")
-
-
-def _response_head(sock) -> bytes:
-    """One whole HTTP response (with a Content-Length) from ``sock``; its head."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        got = sock.recv(65536)
-        if not got:
-            raise ConnectionError("closed")
-        data += got
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:")))
-    while len(body) < length:
-        got = sock.recv(65536)
-        if not got:
-            raise ConnectionError("closed")
-        body += got
-    return head
 
 
 def test_a_client_reconnecting_in_a_loop_does_not_push_out_an_owner_who_has_not_logged_in_yet(console):

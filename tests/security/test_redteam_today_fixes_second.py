@@ -50,7 +50,7 @@ from network_helpers import ADMIN, OTHER, TOKEN
 from tests.scale import conftest as scale_fixtures
 from test_redteam_governance_faults import _OPEN, _SERVERS, cleanup  # noqa: F401  (cleanup: a fixture)
 from test_redteam_revocation import _closed, _sessions_of, _wait
-from console_slots import started_console
+from console_slots import response_head as _read_response, started_console
 
 postgres_server, pg_url = scale_fixtures.postgres_server, scale_fixtures.pg_url  # fixtures: a real PostgreSQL
 
@@ -266,25 +266,6 @@ def _owner_cookie(console) -> str:
                        headers={"origin": f"http://{console.host_name}"})
         assert r.status_code == 303, r.text
         return f"{COOKIE}={owner.cookies.get(COOKIE)}"
-
-
-def _read_response(sock: socket.socket) -> bytes:
-    """One whole HTTP response (with a Content-Length) from ``sock``."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        got = sock.recv(65536)
-        if not got:
-            raise ConnectionError("closed")
-        data += got
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(
-        b"content-length:")))
-    while len(body) < length:
-        got = sock.recv(65536)
-        if not got:
-            raise ConnectionError("closed")
-        body += got
-    return head
 
 
 def test_clients_that_pipeline_requests_do_not_lock_the_owner_out(console):
