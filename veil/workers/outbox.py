@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from veil.exceptions import ConnectionLostError, ObjectNotFoundError, error_from_reply
+from veil.exceptions import ConnectionLostError, ObjectNotFoundError, PermissionDeniedError, error_from_reply
 from veil.messaging import messages as m
 from veil.messaging.serde import FrameParts, deserialize, frame_nbytes, serialize
 from veil.messaging.skeleton_frames import SkeletonFramer, serialize_skeleton
@@ -484,9 +484,10 @@ class Outbox:
 
     def flush_deletes(self) -> None:
         """Sends queued deletions and deferred commands now (raises a deferred command's error
-        after every worker got its queue). A worker that cannot be reached and was owed deletions only
-        raises nothing: its objects are beyond reach either way, and the caller (flushing for other
-        workers, or for none in particular) would otherwise hear of a worker it no longer uses."""
+        after every worker got its queue). A worker that cannot be reached (lost, or its link refused: a
+        revoked token) and was owed deletions only raises nothing: its objects are beyond reach either way,
+        and the caller (flushing for other workers, or for none in particular) would otherwise hear of a
+        worker it no longer uses."""
         first_error = None
         for key in list(self._in_flight):  # posted batches: their replies (errors) first
             flight = self._in_flight.get(key)
@@ -506,7 +507,7 @@ class Outbox:
                 # an empty DeleteMessage carries the prelude (send_msg takes it from the queue)
                 try:
                     self.send_msg(m.DeleteMessage([]), pending[0])
-                except ConnectionLostError as e:
+                except (ConnectionLostError, PermissionDeniedError) as e:  # lost, or its link refused/closed
                     if not deletions_only:
                         first_error = first_error or e
                 except Exception as e:
