@@ -122,6 +122,38 @@ def test_a_commit_whose_outcome_cannot_be_looked_up_is_reported_unknown_and_a_re
 # --------------------------------------------------------------------------- the Budgets page and charges
 
 
+def _written_while_a_slow_read_runs(monkeypatch, read, marker: str, write, waited: str):
+    """Runs ``read()`` on a thread whose SQL naming ``marker`` stalls (as over a table of millions of rows)
+    and ``write()`` meanwhile; fails with ``waited`` unless the write finishes within 3 s while the read is
+    still stalled. Returns what the read returned once let go."""
+    from veil.workers.database import Database
+
+    out: list = []
+    page = threading.Thread(target=lambda: out.append(read()))
+    reading, go_on = threading.Event(), threading.Event()
+    real_execute = Database.execute
+
+    def slow_reads(self, sql, params=()):
+        if threading.current_thread() is page and marker in sql:
+            reading.set()
+            go_on.wait(10)
+        return real_execute(self, sql, params)
+
+    monkeypatch.setattr(Database, "execute", slow_reads)
+    page.start()
+    try:
+        assert reading.wait(10)
+        written = threading.Thread(target=write)
+        written.start()
+        written.join(3)
+        assert not written.is_alive(), waited
+    finally:
+        go_on.set()
+        page.join(30)
+    monkeypatch.setattr(Database, "execute", real_execute)
+    return out[0]
+
+
 def test_the_budgets_page_over_a_big_ledger_never_holds_up_a_charge(hook, tmp_path, monkeypatch):
     """The owner opens the Budgets page while a scientist's ledger holds many charges: the page's sums and
     buckets ran under the ledger's lock, the one every DP charge (so every release) of every user waits for.
@@ -129,37 +161,16 @@ def test_the_budgets_page_over_a_big_ledger_never_holds_up_a_charge(hook, tmp_pa
     Must hold: the charge completes while the page is still reading; the page then shows the right sums."""
     from veil.dp.worker_owner import enable_dp
     from veil.governance.console import views
-    from veil.workers.database import Database
 
     worker = sy.VirtualWorker(hook, id=f"rt-govdb-budgets-{time.monotonic_ns() % 10**6}")
     ledger = enable_dp(worker, budgets={"mallory": (100.0, 1e-5), "alice": (10.0, 1e-5)},
                        ledger_path=tmp_path / "ledger.sqlite3").ledger
     for i in range(310):  # more than the curve's points: the grouped query runs too
         ledger.charge("mallory", 0.01, 0.0, f"DP mean #{i}")
-    page = threading.Thread(target=lambda: shown.append(views.budgets(worker)), name="budgets-page")
-    shown: list = []
-    reading, go_on = threading.Event(), threading.Event()
-    real_execute = Database.execute
-
-    def slow_reads(self, sql, params=()):
-        if threading.current_thread() is page and "charges" in sql:
-            reading.set()
-            go_on.wait(10)  # (a long GROUP BY pass)
-        return real_execute(self, sql, params)
-
-    monkeypatch.setattr(Database, "execute", slow_reads)
-    page.start()
-    try:
-        assert reading.wait(10)
-        charged = threading.Thread(target=ledger.charge, args=("alice", 1.0, 0.0, "DP count"))
-        charged.start()
-        charged.join(3)
-        assert not charged.is_alive(), "a DP charge waited for the owner's Budgets page"
-    finally:
-        go_on.set()
-        page.join(30)
-    monkeypatch.setattr(Database, "execute", real_execute)
-    rows = {r["user"]: r for r in shown[0]}
+    shown = _written_while_a_slow_read_runs(  # (the grouped sums: a long GROUP BY pass on a big ledger)
+        monkeypatch, lambda: views.budgets(worker), "charges", lambda: ledger.charge("alice", 1.0, 0.0, "DP count"),
+        "a DP charge waited for the owner's Budgets page")
+    rows = {r["user"]: r for r in shown}
     assert rows["mallory"]["spent_epsilon"] == pytest.approx(3.1)
     assert rows["mallory"]["spent_epsilon"] == pytest.approx(ledger.spent("mallory")[0])
     assert rows["mallory"]["points"][-1][1] == pytest.approx(3.1)
@@ -414,7 +425,6 @@ def test_an_audit_search_over_a_long_log_never_holds_up_the_workers_audit_rows(h
     Must hold: the audit row is written while the search still runs; the search then finds its rows."""
     from veil.governance.console import views
     from veil.governance.state import governance
-    from veil.workers.database import Database
     from veil.workers.persistence import OwnerDB
 
     worker = sy.VirtualWorker(hook, id=f"rt-govdb-audit-{time.monotonic_ns() % 10**6}")
@@ -422,29 +432,10 @@ def test_an_audit_search_over_a_long_log_never_holds_up_the_workers_audit_rows(h
     db = governance(worker).db
     for i in range(50):
         db.audit(worker.id, "get", "mallory", "s", [i], "refused", f"probe {i}")
-    search = threading.Thread(target=lambda: found.extend(views.audit_search(worker, text="probe")))
-    found: list = []
-    searching, go_on = threading.Event(), threading.Event()
-    real_execute = Database.execute
-
-    def slow_reads(self, sql, params=()):
-        if threading.current_thread() is search and "FROM audit" in sql:
-            searching.set()
-            go_on.wait(10)  # (a LIKE over millions of rows)
-        return real_execute(self, sql, params)
-
-    monkeypatch.setattr(Database, "execute", slow_reads)
-    search.start()
-    try:
-        assert searching.wait(10)
-        written = threading.Thread(target=db.audit, args=(worker.id, "get", "alice", "s", [1], "allowed", "x"))
-        written.start()
-        written.join(3)
-        assert not written.is_alive(), "an audit row waited for the owner's audit search"
-    finally:
-        go_on.set()
-        search.join(30)
-    monkeypatch.setattr(Database, "execute", real_execute)
+    found = _written_while_a_slow_read_runs(  # (a LIKE over millions of rows)
+        monkeypatch, lambda: views.audit_search(worker, text="probe"), "FROM audit",
+        lambda: db.audit(worker.id, "get", "alice", "s", [1], "allowed", "x"),
+        "an audit row waited for the owner's audit search")
     assert len(found) == 50 and {r["principal"] for r in found} == {"mallory"}
 
 
