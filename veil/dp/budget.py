@@ -26,7 +26,7 @@ from typing import Optional, Union
 
 from veil.dp.accountant import Accountant
 from veil.dp.errors import BudgetExceededError, PrivacyParameterError, ReplayedRequestError, UnknownUserError
-from veil.workers.database import Database, reader_of
+from veil.workers.database import Database, ReaderSlot
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS budgets (
@@ -101,7 +101,7 @@ class BudgetLedger:
         # NORMAL could lose the last charges to an OS crash or power cut while their answers were already sent)
         self._db = Database(self.path, timeout=30.0, synchronous="FULL")
         self._lock = self._db.lock
-        self._reader: Optional[Database] = None
+        self._reader = ReaderSlot(self._db)
         with self._lock:
             self._db.executescript(_SCHEMA)
 
@@ -109,16 +109,13 @@ class BudgetLedger:
         """A read-only connection of its own for long reads (the console's Budgets page sums and buckets a
         whole ledger): they never hold the lock every charge takes. An in-memory ledger has only its own."""
         with self._lock:
-            if self._reader is None:
-                self._reader = reader_of(self._db)
-            return self._reader
+            return self._reader.get()
 
     def close(self) -> None:
         """Closes the database file."""
         with self._lock:
             self._db.close()
-            if self._reader not in (None, self._db):
-                self._reader.close()
+            self._reader.close()
 
     def __enter__(self) -> "BudgetLedger":
         return self

@@ -162,6 +162,23 @@ def reader_of(db: "Database") -> "Database":
     return Database(db.location, timeout=db._timeout, read_only=True)
 
 
+class ReaderSlot:
+    """``db``'s read-only connection (:func:`reader_of`), opened on first use and closed with ``db``; the
+    owner (OwnerDB, BudgetLedger) calls both under its own lock."""
+
+    def __init__(self, db: "Database") -> None:
+        self._db, self._conn = db, None
+
+    def get(self) -> "Database":
+        if self._conn is None:
+            self._conn = reader_of(self._db)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn not in (None, self._db):
+            self._conn.close()
+
+
 def _refuse_pragmas(action: int, *_: Any) -> int:
     """SQLite authorizer of a read-only connection: no PRAGMA (``query_only = 0``), ATTACH or DETACH."""
     refused = (sqlite3.SQLITE_PRAGMA, sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH)

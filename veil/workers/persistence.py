@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from veil.workers.database import Database, is_database_url, reader_of, redact
+from veil.workers.database import Database, ReaderSlot, is_database_url, redact
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -87,7 +87,7 @@ class OwnerDB:
         self.path = str(path)
         self._db = Database(self.path)
         self._lock = self._db.lock
-        self._reader: Database | None = None
+        self._reader = ReaderSlot(self._db)
         self._db.executescript(_SCHEMA)
         add_audit_indexes(self)
 
@@ -95,9 +95,7 @@ class OwnerDB:
         """A read-only connection of its own for the owner's long reads (the console's audit search scans the
         whole log): they never hold the lock every audit row, request and decision waits for."""
         with self._lock:
-            if self._reader is None:
-                self._reader = reader_of(self._db)
-            return self._reader
+            return self._reader.get()
 
     @classmethod
     def in_dir(cls, data_dir: str | Path | None, db: str | None = None) -> "OwnerDB":
@@ -113,8 +111,7 @@ class OwnerDB:
     def close(self) -> None:
         with self._lock:
             self._db.close()
-            if self._reader not in (None, self._db):
-                self._reader.close()
+            self._reader.close()
 
     # ------------------------------------------------------------- audit
 
