@@ -275,7 +275,7 @@ def test_a_non_finite_weight_does_not_switch_off_the_decryption_bound(keys, weig
     pub, priv = keys
     u = encrypt_update({"w": torch.tensor([1.0, 2.0])}, protocol="paillier", public_key=pub)
     with pytest.raises(EncodingOverflowError):  # (the bound refuses this sum at its honest weight)
-        decrypt_update(u, priv, bound=0.5)
+        decrypt_update(u, priv, bound=0.5, max_weight=1)
     crafted = dict(update_to_wire(u), weight=weight)
     with pytest.raises(WireFormatError):
         update_from_wire(crafted)

@@ -44,10 +44,11 @@ size, key, Paillier exponent: ``he_commitments.form_of``), so a client cannot
 break the addition or broadcast a one-entry ciphertext into the sum. A client
 may still commit to any ciphertext of that form (no proof that it knows the
 plaintext), but not to one an aggregator saw: this round's were committed to
-before any hand-over, and with Paillier each round has a fresh key pair
-(``fresh_keys``), so an earlier round's ciphertext, scaled or combined, is of
-another form. With CKKS (one context for every round) an aggregator's
-accomplice could still hand in a combination of earlier rounds' ciphertexts.
+before any hand-over, and each round has fresh keys (``fresh_keys``: a Paillier
+key pair, or a CKKS context of the given one's parameters), so an earlier
+round's ciphertext, scaled or combined, is of another form. A round's keys live
+in that round alone (:class:`_RoundKeys`): two rounds at once on one
+``EncryptedAggregation`` each use their own, and nothing is left on the clients.
 
 A client that fails while encrypting or committing is dropped (the sum is
 renormalised over the survivors). Every ciphertext and commitment the round
@@ -59,6 +60,14 @@ into the released model (Li & Micciancio 2021). The coordinator refuses a sum
 beyond ``value_bound`` and floods what it releases (:mod:`veil.he.flooding`),
 which stops a gross probe, not one scaled into the model's own range: against
 hostile clients, aggregate with Paillier (its decryption gives no such key).
+With fresh keys, a key so recovered opens that round's ciphertexts only.
+
+A refusal of the sum (beyond ``value_bound``, or non-finite) depends on every
+client's values: a client that crafts its own entry near the limit learns
+whether the others' sum passed a threshold it chose, one bit. A range check of
+each update alone would need its decryption (the coordinator would see it) or
+a proof of range per value; instead the refusal aborts ``fl.train`` with
+nothing released, so that bit costs the whole training run, and is seen.
 """
 
 from __future__ import annotations
@@ -76,12 +85,11 @@ import torch
 from veil.exceptions import VeilError, register_remote_error
 from veil.federated import he_commitments
 from veil.federated.pooled import CLIENT_FAILURES, error_text  # (a client failing so is dropped, as in training)
-from veil.he import flooding, value_free
+from veil.he import ckks, ckks_wire, flooding, value_free
 from veil.he._paillier_encoding import DEFAULT_FLOAT_EXPONENT
 from veil.he.ckks import CKKSContext, CKKSTensor
 from veil.he.paillier import PaillierTensor
-from veil.he.remote import HEPointer, send_encrypted  # noqa: F401  (registers HE wire types)
-from veil.he.remote import key_fingerprint, worker_output_lineage
+from veil.he.remote import HEPointer, key_fingerprint, worker_output_lineage  # (importing it registers HE wire types)
 from veil.ids import new_id
 from veil.messaging.allowlist import ALLOWLIST, register_worker_function
 from veil.messaging.messages import DeleteMessage, MoveMessage, ObjectMessage, ObjectRef, StoredObject
@@ -164,6 +172,16 @@ register_worker_function("veil.fl.encrypt_state", _encrypt_state, shapes="none")
 
 
 @dataclass
+class _RoundKeys:
+    """One round's keys: the private half (a CKKS context with its secret key, or a Paillier private key), the
+    public half the clients encrypt under, and where the public CKKS context is stored for the round."""
+
+    private: Any
+    public: Any
+    stored: dict = field(default_factory=dict)  # worker id -> id of the round's public context there
+
+
+@dataclass
 class EncryptedAggregation:
     """The coordinator's key material: ``EncryptedAggregation(context=ckks_ctx)`` or ``(public_key, private_key)``.
 
@@ -181,13 +199,12 @@ class EncryptedAggregation:
     #: dropped (stalling clients hold a round no longer; one request still waits up to its transport's
     #: timeout): the round goes on if a majority encrypted, else is refused. None: no limit.
     round_seconds: float | None = 3600.0
-    #: Paillier: each round encrypts under a fresh key pair of the given key's size, rounded up to even bits
-    #: (~0.1 s at 2048 bits), so a ciphertext an aggregator saw in an earlier round cannot be handed in again,
-    #: scaled or combined, as a client's update (it is under another key: both aggregators flag it). CKKS
-    #: keeps its one context.
+    #: each round encrypts under fresh keys, so a ciphertext an aggregator saw in an earlier round cannot be
+    #: handed in again, scaled or combined, as a client's update (it is under another key: both aggregators
+    #: flag it). Paillier: a key pair of the given key's size, rounded up to even bits (~0.1 s at 2048 bits).
+    #: CKKS: a context of the given one's ring, modulus chain and scale, without Galois keys (~0.1 s and a
+    #: ~1.9 MB public context to each client a round at ring 8192; ~0.4 s and ~7.9 MB at 16384).
     fresh_keys: bool = True
-    _key_ids: dict = field(default_factory=dict)  # worker id -> id of the public key material stored there
-    _round_keys: Any = field(default=None, repr=False)  # (public, private) of the round under way (fresh_keys)
 
     def __post_init__(self) -> None:
         if (self.context is None) == (self.public_key is None):
@@ -198,23 +215,31 @@ class EncryptedAggregation:
         if self.context is not None and not self.context.has_secret_key:
             raise ValueError("the coordinator's CKKS context must hold the secret key (it decrypts the sum)")
 
-    def _public(self) -> Any:
-        return self.context.public() if self.context is not None else self._keys()[0]
+    def _keys_of_a_new_round(self) -> _RoundKeys:
+        """The keys of a round about to start (fresh ones with ``fresh_keys``)."""
+        if self.context is not None:
+            private = ckks.fresh_like(self.context) if self.fresh_keys else self.context
+            public = private.public()
+            ckks_wire.remember(public)  # (the sums fetched back decode against it, in any process)
+            return _RoundKeys(private, public)
+        if self.fresh_keys:  # (phe makes even lengths only: an odd one looped for ever)
+            bits = self.public_key.n.bit_length()
+            public, private = phe.generate_paillier_keypair(n_length=bits + bits % 2)
+            return _RoundKeys(private, public)
+        return _RoundKeys(self.private_key, self.public_key)
 
-    def _keys(self) -> tuple:
-        """The Paillier (public, private) key pair the round under way uses."""
-        return self._round_keys or (self.public_key, self.private_key)
-
-    def _key_on(self, worker: Any) -> int:
-        if worker.id not in self._key_ids:
+    @staticmethod
+    def _key_on(worker: Any, keys: _RoundKeys, made: list) -> Any:
+        """What an encryption request names as its key: the round's public CKKS context, stored on ``worker``
+        once a round (freed with the round's ciphertexts), or the Paillier public key itself (it is small)."""
+        if not isinstance(keys.public, CKKSContext):
+            return keys.public
+        if worker.id not in keys.stored:
             oid = new_id()
-            material = self._public()
-            if isinstance(material, CKKSContext):
-                worker.hook.local_worker.send_msg(ObjectMessage([StoredObject(oid, material)]), worker)
-            else:  # a Paillier public key is small: it travels with each command instead
-                oid = 0
-            self._key_ids[worker.id] = oid
-        return self._key_ids[worker.id]
+            made.append((worker, oid))
+            worker.hook.local_worker.send_msg(ObjectMessage([StoredObject(oid, keys.public)]), worker)
+            keys.stored[worker.id] = oid
+        return ObjectRef(keys.stored[worker.id])
 
     def aggregate(self, state_pointers: dict[str, list], weights: dict[str, float],
                   started: int | None = None, deadline: float | None = None
@@ -231,12 +256,20 @@ class EncryptedAggregation:
         A client whose ciphertext could not be handed to an aggregator, or does not match its commitment
         there, is dropped (in the returned dict); the others are summed.
 
+        ``weights``: finite and not negative (ValueError otherwise); a client of weight 0 counts for nothing
+        in the sum, as a Flower client reporting ``num_examples=0`` does, but is one of the round's clients.
+        Survivors of total weight 0 refuse the round (their sum has no average).
+
         Returns ``(state or None if no client finished, {failed client: why})``. Raises
         :class:`EncryptedAggregationError` (nothing decrypted) when the aggregators' sums differ, an
         aggregator fails, too few clients are left, or clients reported by one aggregator alone would leave
         fewer than that majority besides the reporting aggregator.
         """
         ids = list(state_pointers)
+        bad = [w for w in ids if type(weights[w]) not in (int, float) or not 0 <= weights[w] < math.inf]
+        if bad:
+            raise ValueError(f"encrypted aggregation weights are finite numbers >= 0; client {bad[0]!r} has "
+                             f"{repr(weights[bad[0]])[:40]}")
         started = len(ids) if started is None else max(int(started), len(ids))
         needed = 1 if started == 1 else max(2, started // 2 + 1)
         where = {wid: state_pointers[wid][0].location for wid in ids}
@@ -250,9 +283,7 @@ class EncryptedAggregation:
         else:
             limit = "fl.train's round_seconds"
         late = f"not asked to encrypt: the round ran past {limit}"
-        if self.context is None and self.fresh_keys:  # (phe makes even lengths only: an odd one looped for ever)
-            bits = self.public_key.n.bit_length()
-            self._round_keys = phe.generate_paillier_keypair(n_length=bits + bits % 2)
+        keys = self._keys_of_a_new_round()  # (this round's alone: never on self, which another round may share)
         try:
             copies = 2 if len(ids) > 1 else 1
             round_id = token_hex(16)  # binds the commitments to this round (no replay of an old one)
@@ -266,8 +297,7 @@ class EncryptedAggregation:
                 digest_id = new_id()
                 made += [(where[wid], o) for o in [*outs, digest_id]]
                 try:
-                    key_id = self._key_on(where[wid])
-                    key = ObjectRef(key_id) if key_id else self._keys()[0]
+                    key = self._key_on(where[wid], keys, made)
                     commit = [round_id, wid, digest_id] if copies == 2 else None
                     remote_ops.call(ALLOWLIST.by_name("veil.fl.encrypt_state"),
                                     (state_pointers[wid], weights[wid], key, outs, *([commit] if commit else [])), {})
@@ -284,10 +314,10 @@ class EncryptedAggregation:
                 survivors = ids
             else:
                 survivors, sums = self._committed_sums(owner, where, encrypted, commitments, round_id, made, size,
-                                                       started, needed, failed)
-            return self._decrypt(sums[0], state_pointers[ids[0]], [weights[w] for w in survivors], failed), failed
+                                                       started, needed, failed, keys)
+            return self._decrypt(sums[0], state_pointers[ids[0]], [weights[w] for w in survivors], failed,
+                                 keys), failed
         finally:
-            self._round_keys = None
             self._free(owner, made)
 
     @staticmethod
@@ -299,7 +329,8 @@ class EncryptedAggregation:
                                             + (f" ({unasked} {late})" if unasked else ""))
 
     def _committed_sums(self, owner: Any, where: dict, encrypted: dict, commitments: dict, round_id: str,
-                        made: list, size: int, started: int, needed: int, failed: dict) -> tuple[list, list]:
+                        made: list, size: int, started: int, needed: int, failed: dict,
+                        keys: _RoundKeys) -> tuple[list, list]:
         """Hands each client's copies to two aggregators picked now, has both check them against the
         commitments, drops the clients whose copy failed at either, and returns (survivors, the two sums)."""
         # chosen now, at random: no client knew beforehand that it would add the others' ciphertexts
@@ -312,7 +343,7 @@ class EncryptedAggregation:
                     held[a][wid] = self._hand_over(owner, where[wid], cid, where[a], made) if a != wid else cid
                 except CLIENT_FAILURES as e:  # the sender's fault, or the aggregator's refusal: see below
                     bad[a][wid] = f"its ciphertext could not be handed to an aggregating client ({error_text(e)})"
-        form = self._form(size)
+        form = self._form(size, keys)
         for a in pair:
             try:
                 for wid in he_commitments.mismatches(where[a], round_id, held[a], commitments, form):
@@ -323,7 +354,7 @@ class EncryptedAggregation:
         everyone = [wid for wid in encrypted if wid not in failed]
         if self._one_sided_drop_refused(pair, bad, everyone, started, needed):
             return self._repaired_sums(owner, where, pair, held, bad, round_id, commitments, made, size, everyone,
-                                       started, needed, failed)
+                                       started, needed, failed, keys)
         for a in pair:
             failed.update({wid: why for wid, why in bad[a].items() if wid not in failed})
         survivors = [wid for wid in encrypted if wid not in failed]
@@ -356,7 +387,7 @@ class EncryptedAggregation:
 
     def _repaired_sums(self, owner: Any, where: dict, pair: list, held: dict, bad: dict, round_id: str,
                        commitments: dict, made: list, size: int, everyone: list, started: int, needed: int,
-                       failed: dict) -> tuple[list, list]:
+                       failed: dict, keys: _RoundKeys) -> tuple[list, list]:
         """Sums in a round too small to drop a client on one aggregator's word: each aggregator adds the copies
         it verified, hands the other the ones that other reported (they matched here), and adds those it gets
         once it has checked them itself. Only clients both reported are dropped; so one client's bad copy no
@@ -367,7 +398,7 @@ class EncryptedAggregation:
         failed.update({wid: bad[a][wid] for wid in both if wid not in failed})
         survivors = [wid for wid in everyone if wid not in both]
         self._enough(len(survivors), started, needed, failed, "")
-        form = self._form(size)
+        form = self._form(size, keys)
         try:
             totals = {x: self._add(where[x], [held[x][w] for w in survivors if w not in bad[x]], made) for x in pair}
             handed: dict = {a: {}, b: {}}  # receiving aggregator -> {client: the copy it was handed}
@@ -391,11 +422,12 @@ class EncryptedAggregation:
         self._same(sums)
         return survivors, sums
 
-    def _form(self, size: int) -> list:
+    @staticmethod
+    def _form(size: int, keys: _RoundKeys) -> list:
         """The form of every honest ciphertext of a round (``he_commitments.form_of``)."""
-        if self.context is not None:
-            return ["ckks", [size], he_commitments.key_name(self.context.key_id), None]
-        return ["paillier", [size], he_commitments.key_name(self._keys()[0].n), DEFAULT_FLOAT_EXPONENT]
+        if isinstance(keys.public, CKKSContext):
+            return ["ckks", [size], he_commitments.key_name(keys.public.key_id), None]
+        return ["paillier", [size], he_commitments.key_name(keys.public.n), DEFAULT_FLOAT_EXPONENT]
 
     def _hand_over(self, owner: Any, source: Any, cid: int, aggregator: Any, made: list) -> int:
         """Moves ciphertext ``cid`` straight from its client to an aggregating client (not through us)."""
@@ -437,12 +469,15 @@ class EncryptedAggregation:
                 "nothing decrypted")
         return got
 
-    def _decrypt(self, total: Any, like: list, weights: list, failed: dict) -> list[torch.Tensor]:
+    def _decrypt(self, total: Any, like: list, weights: list, failed: dict, keys: _RoundKeys) -> list[torch.Tensor]:
         expected = CKKSTensor if self.context is not None else PaillierTensor
         if not isinstance(total, expected):
             raise EncryptedAggregationError(f"the aggregated sum is a {type(total).__name__}, not a "
                                             f"{expected.__name__}; round refused")
-        flat = total.decrypt(self.context if self.context is not None else self._keys()[1]).reshape(-1)
+        if not sum(weights) > 0:  # (their sum divided by 0 was a NaN model)
+            raise EncryptedAggregationError("the clients left in the sum hold no weight (0 samples in all): "
+                                            "nothing to average; round refused, nothing decrypted")
+        flat = total.decrypt(keys.private).reshape(-1)
         sizes = [int(torch.Size(p.shape).numel()) for p in like]
         if flat.numel() != sum(sizes) or not torch.isfinite(flat).all():
             raise EncryptedAggregationError("the decrypted sum has the wrong size or non-finite entries; round "
@@ -457,7 +492,7 @@ class EncryptedAggregation:
         """A CKKS decryption as it may leave the coordinator (every client gets it as the next model): refused
         beyond what honest clients' values can sum to (a client's crafted ciphertext), and flooded
         (:mod:`veil.he.flooding`: the sum's own noise depends on the secret key)."""
-        if flat.numel() and float(flat.abs().max()) > self.value_bound * sum(abs(w) for w in weights):
+        if flat.numel() and float(flat.abs().max()) > self.value_bound * sum(weights):
             raise EncryptedAggregationError(f"the decrypted sum exceeds the value bound ({self.value_bound:g} times "
                                             "the clients' weight): a crafted ciphertext, or raise value_bound; "
                                             "round refused, nothing released")

@@ -96,6 +96,9 @@ def aggregate_encrypted(
         raise ValueError(f"got {len(weights)} weights for {len(updates)} updates")
     if weights is not None and not all(math.isfinite(float(w)) for w in weights):
         raise ValueError("aggregation weights must be finite numbers")
+    # (a negative weight cancels another's in the total the key holder's bound scales with; 0 counts for nothing)
+    if any(float(w) < 0 for w in (weights or ())) or any(not u.weight >= 0 for u in updates):
+        raise ValueError("aggregation weights must not be negative (a client's sample count: 0 counts for nothing)")
     first = updates[0]
     for u in updates[1:]:
         if u.shapes != first.shapes:
@@ -115,7 +118,8 @@ def aggregate_encrypted(
 
 
 def decrypt_update(
-    aggregate: EncryptedUpdate, key: Any = None, *, average: bool = True, bound: float | None = None
+    aggregate: EncryptedUpdate, key: Any = None, *, average: bool = True, bound: float | None = None,
+    max_weight: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Decrypt an aggregate (key holder only).
 
@@ -130,20 +134,36 @@ def decrypt_update(
         average: divide by the aggregate's total weight (FedAvg); else return the sum.
         bound: the largest magnitude of an honest client's value: a decrypted sum beyond ``bound`` times the
             aggregate's weight raises :class:`~veil.he.errors.EncodingOverflowError` (nothing returned).
+        max_weight: with ``bound``, required: the largest total weight you expect (e.g. the number of clients,
+            or the samples they may hold). The aggregate's weight is what its senders wrote; one above
+            ``max_weight`` (1e300 would lift the bound off any sum) raises ValueError, nothing decrypted.
+
+    Weights: finite and not negative; an aggregate of weight 0 has nothing to average (``average=False`` gives
+    its sum).
     """
-    if not math.isfinite(aggregate.weight):  # (a NaN weight made the bound's comparison false: nothing refused)
-        raise ValueError(f"the aggregate's weight is not finite ({aggregate.weight!r}); refused")
+    weight = aggregate.weight
+    if not math.isfinite(weight):  # (a NaN weight made the bound's comparison false: nothing refused)
+        raise ValueError(f"the aggregate's weight is not finite ({weight!r}); refused")
+    if weight < 0 or (weight == 0 and (average or bound is not None)):
+        raise ValueError(f"the aggregate's weight is {weight:g}: nothing to average or bound; refused")
+    if bound is not None:
+        if type(max_weight) not in (int, float) or not (math.isfinite(max_weight) and max_weight > 0):
+            raise ValueError("decrypt_update(bound=) needs max_weight= (a finite, positive ceiling): the "
+                             "aggregate's weight, which the bound scales with, is what its senders claim")
+        if weight > max_weight:
+            raise ValueError(f"the aggregate's weight {weight:g} exceeds max_weight={max_weight:g}; refused, "
+                             "nothing decrypted")
     out = {}
     for name, t in aggregate.tensors.items():
         plain = t.decrypt(key) if key is not None else t.decrypt()
         plain = plain.to(torch.float64)
-        if bound is not None and plain.numel() and float(plain.abs().max()) > bound * abs(aggregate.weight):
+        if bound is not None and plain.numel() and float(plain.abs().max()) > bound * weight:
             raise EncodingOverflowError(f"parameter {name!r}: the decrypted sum exceeds {bound:g} times the "
                                         "aggregate's weight (a crafted ciphertext?); refused")
         if isinstance(t, CKKSTensor):
             plain = plain + flooding.gaussian(plain.numel(), flooding.sigma(t.context.global_scale)).reshape(plain.shape)
         if average:
-            plain = plain / aggregate.weight
+            plain = plain / weight
         out[name] = plain.to(aggregate.dtypes.get(name, torch.float32)).reshape(aggregate.shapes[name])
     return out
 
@@ -166,8 +186,8 @@ def update_from_wire(d: dict, **options: Any) -> EncryptedUpdate:
     if not isinstance(d, dict) or d.get("he") != "update" or d.get("v") != chk.WIRE_VERSION:
         raise WireFormatError("not an encrypted-update wire dict")
     weight = chk.field(d, "weight", (float, int))
-    if not math.isfinite(weight):
-        raise WireFormatError("an encrypted update's weight must be a finite number")
+    if not math.isfinite(weight) or weight < 0:
+        raise WireFormatError("an encrypted update's weight must be a finite number, not negative")
     tensors, shapes, dtypes = {}, {}, {}
     for p in chk.field(d, "params", list):
         if not isinstance(p, dict):

@@ -410,3 +410,21 @@ def encrypt(x, context: CKKSContext) -> CKKSTensor:
             segments.append(ts.ckks_vector(context.raw, flat[off : off + size].tolist()))
             off += size
     return CKKSTensor(context, segments, t.shape, dtype)
+
+
+def fresh_like(ctx: CKKSContext) -> CKKSContext:
+    """A context of ``ctx``'s ring, modulus chain and scale under a new key pair (no Galois keys): what one
+    encrypted-aggregation round uses, so that no ciphertext of another round is under its key."""
+    data = ctx.raw.seal_context().data
+    totals, level = [], data.first_context_data()
+    while level is not None:  # each level drops the chain's last data prime
+        totals.append(level.total_coeff_modulus_bit_count())
+        level = level.next_context_data()
+    rising = totals[::-1]
+    special = data.key_context_data().total_coeff_modulus_bit_count() - totals[0]
+    bits = [rising[0], *(b - a for a, b in zip(rising, rising[1:])), special]
+    degree = data.key_context_data().parms().poly_modulus_degree()
+    fresh = context(degree, bits, ctx.global_scale, galois_keys=False)
+    if fresh.raw.seal_context().data.key_context_data().total_coeff_modulus_bit_count() != totals[0] + special:
+        raise ValueError("could not rebuild the CKKS context's modulus chain for a fresh key pair")
+    return fresh
