@@ -71,11 +71,15 @@ def decide(worker: Any, oid: int, entry: Any, user: str, session: str = "-", rea
         # the same request only while the object is as filed: its bytes and the computation that made them (an
         # object rewritten in place to a probe equal to the denied bytes answered "denied", any other probe
         # "pending": the probe's value; the same computation redone under the same id, after a restart, matches)
-        if req is None or req.digest != current or computation(req.graph, req.root) != mine:
+        same = req is not None and req.digest == current and computation(req.graph, req.root) == mine
+        if not same or req.state in ("pending", "released"):
             # an approval of exactly this value still stands when a request for other bytes came under the id
-            # since (a restart on other data): it was hidden, lost without any release. Approved ones only: the
-            # value they release is what the answer says, while a pending one would answer "equal or not"
-            req = queue.approved_for(oid, user, current, lambda r: computation(r.graph, r.root) == mine)
+            # since (a restart on other data), or a newer one for the same value (a get racing a move filed it
+            # while the move held the approval, which the destination's refusal then gave back): it was hidden,
+            # lost without any release. Approved ones only: the value they release is what the answer says,
+            # while a pending one would answer "equal or not"
+            approved = queue.approved_for(oid, user, current, lambda r: computation(r.graph, r.root) == mine)
+            req = approved if approved is not None or not same else req
         if req is not None:
             if req.state == "pending":
                 if reason:
@@ -168,7 +172,8 @@ def releasing(worker: Any, ids: list, entries: list, user: str, session: str, pu
     fails and ``nothing_left(error)`` says the other side stored nothing, they are given back (approved again)
     with a row that says so: the scientist lost the owner's approval through a release that never happened.
     That is the other side's word: the value did leave, so its release row stays, and a hostile destination
-    that kept it only gets the same value released again, on record again. Any other failure keeps them used."""
+    that kept it only gets the same value released again, on record again; once (``requests.GIVEN_BACK``): refused
+    moves in a loop sent it, and wrote rows the audit cap keeps, without end. Any other failure keeps them used."""
     used = enforce_all(worker, ids, entries, user, session, purpose)
     try:
         yield
@@ -176,8 +181,9 @@ def releasing(worker: Any, ids: list, entries: list, user: str, session: str, pu
         if used and nothing_left(error):
             queue = ReviewQueue(worker)
             for oid, request_id in used:
-                if queue.restore_approval(request_id):
-                        audit(worker, "release", user, session, [oid], "refused",
-                          f"{request_id}: the {purpose} was refused where it went ({type(error).__name__}: it says "
-                          "it stored nothing); the value was sent, the approval stands again")
+                again = queue.restore_approval(request_id)
+                audit(worker, "release", user, session, [oid], "refused",
+                      f"{request_id}: the {purpose} was refused where it went ({type(error).__name__}: it says it "
+                      "stored nothing); the value was sent, " + ("the approval stands again" if again else
+                                                                  "the approval stays used (given back once already)"))
         raise

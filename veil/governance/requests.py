@@ -24,7 +24,7 @@ from veil.exceptions import ObjectNotFoundError, PermissionDeniedError
 from veil.governance.canonical import canonical_floats
 from veil.governance.state import audit, governance
 from veil.workers.database import equality_filters
-from veil.workers.persistence import db_execute, db_update
+from veil.workers.persistence import db_execute, db_update, db_update_then, insert_below_cap
 
 STATES = ("pending", "approved", "denied", "released")
 _COLUMNS = ("id", "ts", "worker", "principal", "session", "object_id", "reason", "shape", "dtype", "digest",
@@ -70,6 +70,13 @@ MAX_REQUEST_GRAPH_CHARS = 512 * 1024
 #: pending requests one user may have at a time: a flood of requests (each get of a derived value files one,
 #: and they stay after the value is freed) pushed other users' requests off the owner's list
 MAX_PENDING_PER_USER = 100
+
+#: the owner database's key-value namespace marking approvals given back once (:meth:`ReviewQueue.restore_approval`):
+#: each refused move sent the value (the destination may have kept it) and wrote two release rows the audit cap
+#: never deletes, so a scientist moving to an id in use, or to a destination that keeps the value and claims a
+#: refusal, in a loop grew the owner's record without end; now the second refusal leaves the approval used (at
+#: most two sends per approval, each on record)
+GIVEN_BACK = "review.given_back"
 
 
 def digest(obj: Any) -> str:
@@ -243,11 +250,9 @@ class ReviewQueue:
         """Files a new pending request for ``entry`` (the caller decided it needs one)."""
         from veil.governance.provenance import GRAPH, ROOT, sources_of
 
-        waiting = self.count("pending", principal)
+        waiting = self.count("pending", principal)  # (refused before the graph is built; counted again below)
         if waiting >= MAX_PENDING_PER_USER:
-            raise PermissionDeniedError(
-                f"user {principal!r} already has {waiting} release requests pending on worker {self.worker.id!r}: "
-                "wait for the data owner's decisions before asking for more")
+            raise self._over_cap(principal, waiting)
         _check_reason(reason)
         obj = entry.obj
         graph = dict(entry.meta.get(GRAPH) or {})
@@ -266,14 +271,26 @@ class ReviewQueue:
                 f"object {object_id} on worker {self.worker.id!r}: the computation behind it is too large for the "
                 f"data owner to review ({size // 1024} KiB of op graph, at most {MAX_REQUEST_GRAPH_CHARS // 1024} "
                 "KiB): compute the value you need in fewer or shorter steps, then ask for that")
-        db_execute(self.db, f"INSERT INTO release_requests ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * 16)})", (
-            req.id, req.ts, req.worker, req.principal, req.session, str(req.object_id), req.reason,
-            json.dumps(req.shape), req.dtype, req.digest, json.dumps(req.sources), stored_graph,
-            req.state, req.message, None, "",
-        ))
+        # the count and the insert in one transaction: two processes of the owner on one database both counted
+        # below the cap, then both filed
+        waiting = insert_below_cap(
+            self.db, f"veil.release_requests.pending:{principal}",
+            "SELECT COUNT(*) FROM release_requests WHERE state = ? AND principal = ?", ("pending", principal),
+            MAX_PENDING_PER_USER,
+            f"INSERT INTO release_requests ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * 16)})", (
+                req.id, req.ts, req.worker, req.principal, req.session, str(req.object_id), req.reason,
+                json.dumps(req.shape), req.dtype, req.digest, json.dumps(req.sources), stored_graph,
+                req.state, req.message, None, ""))
+        if waiting is not None:
+            raise self._over_cap(principal, waiting)
         audit(self.worker, "request", principal, session, [object_id], "pending",
               f"{req.id} shape={req.shape} reason={req.reason[:200]!r}")
         return req
+
+    def _over_cap(self, principal: str, waiting: int) -> PermissionDeniedError:
+        return PermissionDeniedError(
+            f"user {principal!r} already has {waiting} release requests pending on worker {self.worker.id!r}: "
+            "wait for the data owner's decisions before asking for more")
 
     def update_reason(self, request_id: str, reason: str) -> None:
         """Gives a request filed without a reason its reason. Once given it stays: the owner decides on what
@@ -320,6 +337,11 @@ class ReviewQueue:
 
     def restore_approval(self, request_id: str) -> bool:
         """Gives back an approval :meth:`mark_released` took for a release the other side refused
-        (:func:`veil.governance.release.releasing`); nothing when it is no longer ``released``. Whether it did."""
-        return db_update(self.db, "UPDATE release_requests SET state = 'approved' WHERE id = ? AND state = "
-                                  "'released'", (request_id,)) > 0
+        (:func:`veil.governance.release.releasing`), once; nothing when it is no longer ``released`` or was given
+        back before. Whether it did."""
+        # (the mark: a key-value row of the owner's database, so the review queue's table keeps its columns)
+        return db_update_then(
+            self.db, "UPDATE release_requests SET state = 'approved' WHERE id = ? AND state = 'released' AND NOT "
+                     "EXISTS (SELECT 1 FROM kv WHERE namespace = ? AND key = ?)", (request_id, GIVEN_BACK, request_id),
+            "INSERT INTO kv (namespace, key, value, updated) VALUES (?, ?, ?, ?)",
+            (GIVEN_BACK, request_id, b"1", time.time())) > 0

@@ -471,14 +471,15 @@ def _session_id(worker: BaseWorker) -> str:
     return session.id if session is not None else "-"
 
 
-def _governance_releasing(worker: BaseWorker, ids: list, entries: list, user: str, purpose: str, sent: int) -> Any:
-    """Governance (#16): the approvals of a move, used up while it sends ``sent`` objects and given back when the
-    destination refused one alone (it stored nothing: :func:`veil.governance.release.releasing`). A refusal of
-    several may come after it stored the first; a failure to reach it may come after it stored them all."""
+def _governance_releasing(worker: BaseWorker, ids: list, entries: list, user: str, purpose: str) -> Any:
+    """Governance (#16): the approvals of a move, used up while it sends the objects and given back when the
+    destination refused them (its answer: a destination stores an ObjectMessage all or none,
+    ObjectStore.all_or_none; :func:`veil.governance.release.releasing`). A failure to reach it may come after
+    it stored them: that keeps them used."""
     from veil.governance.release import releasing
 
     return releasing(worker, ids, entries, user, _session_id(worker), purpose,
-                     lambda error: sent == 1 and getattr(error, "from_reply", False) is True)
+                     lambda error: getattr(error, "from_reply", False) is True)
 
 
 @register_handler(m.DeleteMessage)
@@ -541,7 +542,7 @@ def _handle_move(worker: BaseWorker, msg: m.MoveMessage, sender: str) -> Any:
     objects = [worker.monitor.outgoing(principal, new, e) for new, e in zip(msg.new_ids, entries)]
     for so, oid, entry in zip(objects, msg.ids, entries):
         so.obj = _released(oid, entry)
-    with _governance_releasing(worker, msg.ids, entries, principal.user, "move", len(objects)):
+    with _governance_releasing(worker, msg.ids, entries, principal.user, "move"):
         worker.send_msg(m.ObjectMessage(objects), destination)
     for oid in msg.ids:
         worker.monitor.discard(principal, oid)  # owner-protected data is copied, never taken

@@ -404,28 +404,27 @@ class ReferenceMonitor(QuotaRules, OpeningRules):
         return self._store.drop_account(self.__key, principal.namespace, principal.account)
 
     def store_objects(self, principal: Principal, objects: list) -> list:
-        """ObjectMessage: client-sent objects; dealt material when a dealer tags it; peer hand-offs.
-
-        Capabilities that travelled with an object (:meth:`export_capabilities`) are applied; they
-        only ever restrict it, except ``kind`` share/dealer, honoured from dealers / peers only.
-        Returns (entry, capabilities) per object (governance records the received ones' op graph).
-        """
+        """ObjectMessage: client-sent objects; dealt material when a dealer tags it; peer hand-offs; all or none
+        (:meth:`ObjectStore.all_or_none`). Capabilities that travelled with an object (:meth:`export_capabilities`)
+        are applied; they only ever restrict it, except ``kind`` share/dealer, honoured from dealers / peers only.
+        Returns (entry, capabilities) per object (governance records the received ones' op graph)."""
         parsed = [(so, *self._import_capabilities(principal, so.tags)) for so in objects]  # all checks first
         dealt_entries, layout, stored = [], [], []
-        for so, tags, caps in parsed:
-            entry = self.store(principal, so.id, so.obj, kind=caps["kind"], reveal_to=caps["reveal_to"],
-                               tags=tags, description=so.description, allowed_users=so.allowed_users,
-                               extra_nbytes=metadata_nbytes(tags, so.description))
-            if caps["kind"] == Kind.DEALER and caps["item"] is not None:
-                dealt_entries.append(entry)
-                layout.append((caps["item"], caps["mask"], caps["sources"]))
-            if caps["provenance"]:  # travelled with the object (sent objects have no sources here)
-                entry.provenance = capabilities.join_sources(entry.provenance, caps["provenance"])
-            if caps["dp_only"]:
-                entry.meta["dp_only"] = True
-            stored.append((entry, caps))
-        if dealt_entries:
-            dealt.group(dealt_entries, layout)
+        with self._store.all_or_none(self.__key, principal.namespace, [so.id for so in objects]):
+            for so, tags, caps in parsed:
+                entry = self.store(principal, so.id, so.obj, kind=caps["kind"], reveal_to=caps["reveal_to"],
+                                   tags=tags, description=so.description, allowed_users=so.allowed_users,
+                                   extra_nbytes=metadata_nbytes(tags, so.description))
+                if caps["kind"] == Kind.DEALER and caps["item"] is not None:
+                    dealt_entries.append(entry)
+                    layout.append((caps["item"], caps["mask"], caps["sources"]))
+                if caps["provenance"]:  # travelled with the object (sent objects have no sources here)
+                    entry.provenance = capabilities.join_sources(entry.provenance, caps["provenance"])
+                if caps["dp_only"]:
+                    entry.meta["dp_only"] = True
+                stored.append((entry, caps))
+            if dealt_entries:
+                dealt.group(dealt_entries, layout)
         return stored
 
     # ------------------------------------------------------ capabilities on the move

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +251,32 @@ def db_update(db: OwnerDB, sql: str, params: tuple = ()) -> int:
     as refused (a lone statement lost with its connection may have been committed, or not: nobody can tell)."""
     with db._lock, db._db.write_transaction():
         return db._db.execute(sql, params).rowcount
+
+
+def db_update_then(db: OwnerDB, sql: str, params: tuple, then_sql: str, then_params: tuple) -> int:
+    """:func:`db_update`, and ``then_sql`` in the same transaction only when ``sql`` changed a row (a change and
+    its mark, kept together); returns how many rows ``sql`` changed."""
+    with db._db.write_transaction():
+        changed = db._db.execute(sql, params).rowcount
+        if changed:
+            db._db.execute(then_sql, then_params)
+        return changed
+
+
+def insert_below_cap(db: OwnerDB, lock_name: str, count_sql: str, count_params: tuple, cap: int,
+                     insert_sql: str, insert_params: tuple) -> int | None:
+    """Runs ``insert_sql`` only while ``count_sql`` counts fewer than ``cap`` rows, the two in one write
+    transaction: SQLite's ``BEGIN IMMEDIATE`` holds the file, and on PostgreSQL a transaction-scoped advisory
+    lock on ``lock_name`` serializes the owner's processes (read committed let two of them both count below the
+    cap, then both insert). Returns the count when it was at the cap (nothing inserted), else None."""
+    with db._db.write_transaction():
+        if db._db.dialect == "postgresql":
+            db._db.execute("SELECT pg_advisory_xact_lock(?)", (zlib.crc32(lock_name.encode()),))
+        (count,), = db._db.execute(count_sql, count_params).fetchall()
+        if int(count) >= cap:
+            return int(count)
+        db._db.execute(insert_sql, insert_params)
+        return None
 
 
 def db_read(db: OwnerDB, sql: str, params: tuple = ()) -> list[tuple]:

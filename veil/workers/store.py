@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Iterator
@@ -151,6 +152,28 @@ class ObjectStore:
                 acc = self._hand_offs[oid] = (ns, account)
                 self.account_usage[acc] = self.account_usage.get(acc, 0) + entry.nbytes
                 self._account_objects[acc] = self._account_objects.get(acc, 0) + 1
+
+    @contextmanager
+    def all_or_none(self, key: StoreKey, ns: str, ids: list) -> Iterator[None]:
+        """Stores a batch (one ObjectMessage) into ``ns`` whole or not at all: its ids are checked free and
+        distinct before the first is stored, and a refusal part-way (the session's quota) removes what the
+        batch stored before it. Under the lock: no other store or claim comes between. (A move's sender gives
+        its approvals back when the destination refuses: it must then hold nothing of the batch.)"""
+        self._check(key)
+        with self._lock:
+            seen: set = set()
+            for oid in ids:
+                if type(oid) is not int:  # (the monitor refuses it in one line)
+                    continue
+                if oid in seen or self.has(key, ns, oid):
+                    raise PermissionDeniedError(f"object id {oid} is already in use on worker {self.worker_id!r}")
+                seen.add(oid)
+            try:
+                yield
+            except BaseException:
+                for oid in seen:  # (each was free before the batch: whatever is there now, the batch put)
+                    self.remove(key, ns, oid)
+                raise
 
     def charge_growth(self, key: StoreKey, ns: str, found: dict) -> None:
         """``ns``'s tensors among ``found`` (id -> entry) whose storage now passes what they were charged:
