@@ -38,7 +38,10 @@ def encoding_of(base: Any, precision_fractional: Any) -> FixedPointEncoding:
     """The encoding named by two plain integers (a stored tensor, even of one element, is refused)."""
     if type(base) is not int or type(precision_fractional) is not int:
         raise EncodingParameterError("base and precision_fractional must be plain integers in the request, not stored objects")
-    return FixedPointEncoding(base=base, precision_fractional=precision_fractional)
+    try:
+        return FixedPointEncoding(base=base, precision_fractional=precision_fractional)
+    except ValueError as e:  # (its text names the two integers only: value-free whatever the tensor holds)
+        raise EncodingParameterError(str(e)) from None
 
 
 class ResultOverQuotaError(QuotaExceededError):

@@ -127,6 +127,55 @@ def plan_steps(spec: Any) -> list[str]:
     return lines
 
 
+class PlanListing(list):
+    """A plan's :func:`plan_steps`, with the bytes it holds (``nbytes``): the quota charges it to every result
+    whose graph lists it (:func:`graph_nbytes`), counted once when it is made."""
+
+    nbytes = 0
+
+
+def _listing(spec: Any) -> PlanListing:
+    """The plan's listing, made once per stored plan and shared by the graphs of all its runs (each run made its
+    own, ~75 KB for a long plan)."""
+    cached = getattr(spec, "__dict__", {}).get("_listing")
+    if cached is None:
+        cached = PlanListing(plan_steps(spec))
+        cached.nbytes = _strings_nbytes(cached)
+        if hasattr(spec, "__dict__"):
+            spec.__dict__["_listing"] = cached
+    return cached
+
+
+#: a node's own dict, its shape list and the fixed-size fields beside its strings (an estimate, rounded up)
+NODE_BYTES = 800
+#: a graph dict's bytes per node (its slot, and the node id's string)
+GRAPH_SLOT_BYTES = 120
+
+
+def _strings_nbytes(values: Any) -> int:
+    return sum(len(v) + 80 for v in values if isinstance(v, str))
+
+
+def _node_nbytes(node: dict) -> int:
+    size = NODE_BYTES + _strings_nbytes(node.values())
+    plan = node.get("plan")
+    if isinstance(plan, list):  # (a listing from a peer's report is a plain list)
+        size += plan.nbytes if isinstance(plan, PlanListing) else _strings_nbytes(plan) + 8 * len(plan)
+    return size
+
+
+def graph_nbytes(lineage: "Lineage | None") -> int:
+    """What one result of ``lineage``'s command holds in ``meta["graph"]``, charged to the requester's quota
+    with it: its own graph dict and node, and every plan listing in the graph. A node shared with other graphs
+    is counted in each (an inherited listing outlives the result that first held it: freed results left their
+    descendants holding uncharged ~75 KB listings); other inherited nodes only by their slot."""
+    if lineage is None:
+        return 0
+    listed = sorted((_node_nbytes(n) for n in lineage.graph.values() if isinstance(n.get("plan"), list)),
+                    reverse=True)[:MAX_NODES - 1]  # (the graph is cut to MAX_NODES: at most so many stay)
+    return _node_nbytes(lineage.node) + GRAPH_SLOT_BYTES * min(len(lineage.graph) + 1, MAX_NODES + 1) + sum(listed)
+
+
 @dataclass
 class Lineage:
     """What a command's results derive from (None-valued when nothing came from owner data)."""
@@ -215,7 +264,7 @@ def lineage_of(op_name: str, args: tuple, inputs: dict, entries: dict, kwargs: d
     if op_name in ("veil.plan.run", "veil.plan.fit") and args:
         spec = args[0]
         node["label"] = f"plan {str(getattr(spec, 'name', '?'))[:MAX_PLAN_NAME]!r}"
-        node["plan"] = plan_steps(spec)
+        node["plan"] = _listing(spec)
         node["plan_ops"] = len(getattr(spec, "ops", []))
     return Lineage(sources, graph, node)
 

@@ -30,7 +30,8 @@ _FRESH = re.compile(
     r"logsigmoid|layer_norm|group_norm|batch_norm|normalize|clamp|clip|where|cat|stack|maximum|minimum|"
     r"reciprocal|floor|ceil|round|trunc|clone|zeros_like|ones_like|full_like|empty_like|full|zeros|ones|arange|"
     r"eye|embedding|mse_loss|l1_loss|smooth_l1_loss|cross_entropy|nll_loss|binary_cross_entropy(?:_with_logits)?|"
-    r"cosine_similarity|(?:adaptive_)?(?:avg|max)_pool[12]d|amax|amin|var|std|square|pow")
+    r"cosine_similarity|(?:adaptive_)?(?:avg|max)_pool[12]d|amax|amin|var|std|square|pow|"
+    r"take|gather|index_select|masked_select")  # (selections copy: their ATen schemas return no alias)
 
 _SIGNATURES: dict[str, Any] = {}
 

@@ -108,6 +108,14 @@ def compile_plan(spec: PlanSpec) -> CompiledPlan:
     return CompiledPlan(spec, compiled, steps)
 
 
+class PlanArgumentError(RemoteExecutionError):
+    """A plan command's own arguments are wrong (how many inputs, a batch size, row counts: what the requester
+    sent and sees, never a value): value-free, so the requester reads what is wrong on owner data too, where
+    any other failure is a ProtectedDataError. Travels as RemoteExecutionError."""
+
+    value_free = True
+
+
 class Refusal(VeilError):
     """Raised by a size check to refuse an op with a value-free error (a quota's) that the caller of run() gets
     as it is, not wrapped as the plan's failure (which a worker shows as ProtectedDataError on owner data).
@@ -134,7 +142,7 @@ def run(plan: CompiledPlan, inputs: list, state: list, size_check: Callable | No
     session quota refuses an op whose result would not fit before it allocates: veil/workers/output_bounds.py)."""
     spec = plan.spec
     if len(inputs) != spec.n_inputs or len(state) != spec.n_state:
-        raise RemoteExecutionError(
+        raise PlanArgumentError(
             f"plan {spec.name!r} takes {spec.n_inputs} inputs and {spec.n_state} state tensors, "
             f"got {len(inputs)} and {len(state)}"
         )

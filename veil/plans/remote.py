@@ -20,7 +20,8 @@ from veil.exceptions import OperationNotAllowedError, RemoteExecutionError
 from veil.ids import new_id
 from veil.messaging.allowlist import ALLOWLIST, register_worker_function
 from veil.messaging.messages import GetObjectsMessage, ObjectMessage, ObjectRef, StoredObject
-from veil.plans import aliasing, interpreter
+from veil.plans import aliasing, interpreter, step_undo
+from veil.plans.interpreter import PlanArgumentError
 from veil.plans.ops import PlanSpec
 from veil.tensors import remote_ops
 from veil.tensors.handle import RemoteHandle, fetch_all
@@ -106,21 +107,30 @@ def session_budget(worker: Any) -> Any:
 
 
 def _run(worker: Any, spec: PlanSpec, inputs: list, state: list) -> Any:
-    return interpreter.run(_compiled(spec), list(inputs), list(state), session_budget(worker))
+    compiled, state = _compiled(spec), list(state)
+    undo = step_undo.writes_state(spec)  # (a run cut part-way leaves its state as before it, not half-written)
+    return step_undo.run_step(lambda: interpreter.run(compiled, list(inputs), state, session_budget(worker)),
+                              state, undo)
 
 
 def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, state: list, batch_size: int,
          epochs: int = 1, shuffle: bool = True, drop_last: bool = False, extra: list | None = None,
          max_batches: int | None = None, seed: int | None = None) -> torch.Tensor:
+    # (errors in the requester's own arguments, shapes included, say what is wrong, on owner data too)
     if type(batch_size) is not int or batch_size < 1 or type(epochs) is not int or not 0 < epochs <= 10_000:
-        raise RemoteExecutionError("fit needs a positive integer batch_size and 1..10000 epochs")
+        raise PlanArgumentError("fit needs a positive integer batch_size and 1..10000 epochs")
+    if not all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in (data, target)):
+        raise PlanArgumentError("fit: data and target must be tensors with rows (at least one dimension)")
     if len(data) != len(target):
-        raise RemoteExecutionError(f"fit: data has {len(data)} rows but target has {len(target)}")
+        # (the counts are not quoted: one of them may be the owner's)
+        raise PlanArgumentError("fit: data and target have different numbers of rows")
+    if not isinstance(state, (list, tuple)) or not isinstance(extra, (list, tuple, type(None))):
+        raise PlanArgumentError("fit: state and extra must be lists")
     compiled = _compiled(spec)
     sized_shapes: set = set()
     state, extra = list(state), list(extra or [])
     if max_batches is not None and (type(max_batches) is not int or max_batches < 1):
-        raise RemoteExecutionError("fit: max_batches must be a positive integer")
+        raise PlanArgumentError("fit: max_batches must be a positive integer")
     gen = torch.Generator().manual_seed(seed if type(seed) is int else secrets.randbits(63))
     n = len(data)
     # Every batch's loss is kept until the end: their count is known before the first batch, so it is bounded
@@ -134,6 +144,9 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
     if shuffle and n > MAX_SHUFFLED_ROWS:
         raise OperationNotAllowedError(f"fit cannot shuffle more than {MAX_SHUFFLED_ROWS:,} rows (their order is "
                                        f"drawn at once): pass shuffle=False or fit on parts of the data")
+    # a step cut part-way (deadline, quota, an op's error) leaves the state as the last whole step left it (its
+    # copy is held for one step at a time, at most the state's own size, which the session is charged already)
+    undo = step_undo.writes_state(spec)
     check_room(worker, total + (n if shuffle else 0), 8, "veil.plan.fit")  # the losses and the rows' order
     losses, count = None, 0
     kept = [t for t in [*state, *extra] if isinstance(t, torch.Tensor)]  # (kept from one batch to the next)
@@ -165,7 +178,8 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
                 sized = session_budget(worker)
                 if sized is not None and kept:  # what they grew by in earlier batches stays, uncharged
                     sized.held += max(0, _storage_bytes(kept) - kept_bytes)
-            loss = interpreter.run(compiled, [xb, yb, *extra], state, sized)
+            loss = step_undo.run_step(lambda: interpreter.run(compiled, [xb, yb, *extra], state, sized), state,
+                                      undo)
             if sized is not None and kept:  # (and with this batch's growth, the losses must still fit)
                 check_room(worker, max(0, _storage_bytes(kept) - kept_bytes) + 8 * total, 1, "veil.plan.fit")
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:

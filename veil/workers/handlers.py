@@ -220,9 +220,10 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
     store = monitor.store
     dealt = [] if name in DEALER_OUTPUTS else None
     extra = saves.settle(entries, args, kwargs, result) if saves is not None else 0
+    graph = _graph_nbytes(lineage)
     for oid, tensor in zip(ids, results):
         if oid != 0:  # 0: the result is one of the inputs (in-place op), already stored
-            stored = store(principal, oid, tensor, sources=entries, op_name=name, extra_nbytes=extra)
+            stored = store(principal, oid, tensor, sources=entries, op_name=name, extra_nbytes=extra + graph)
             extra = 0
             if lineage is not None:  # governance (#16)
                 from veil.governance.provenance import stamp
@@ -235,6 +236,15 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
     if dealt:  # a dealer's material: which fields are uniform, which belong together
         monitor.group_dealt(principal, op.name, args, dealt)
     return _OK
+
+
+def _graph_nbytes(lineage: Any) -> int:
+    """What each result's op graph holds (governance, #16), charged with it (a plan's listing: ~75 KB)."""
+    if lineage is None:
+        return 0
+    from veil.governance.provenance import graph_nbytes
+
+    return graph_nbytes(lineage)
 
 
 def _record_lineage(worker: BaseWorker, op: Any, arguments: tuple, args: Any, kwargs: dict, found: dict,
@@ -357,13 +367,15 @@ def _describe_results(worker: BaseWorker, principal: Principal, result: Any, inp
     from veil.ids import new_id
     from veil.messaging.serde import DTYPE_NAMES
 
+    graph = _graph_nbytes(lineage)
+
     def describe(t: torch.Tensor) -> m.Descriptor:
         nonlocal extra_nbytes
         oid = inputs.get(id(t))
         if oid is None:
             oid = new_id()
             stored = worker.monitor.store(principal, oid, t, sources=entries, op_name=op_name,
-                                          extra_nbytes=extra_nbytes)
+                                          extra_nbytes=extra_nbytes + graph)
             extra_nbytes = 0  # (the first result carries what the graph keeps)
             if lineage is not None:  # governance (#16)
                 from veil.governance.provenance import stamp
