@@ -69,8 +69,9 @@ def perform_analysis(teacher_preds: Any, indices: Any, noise_eps: float, delta: 
     idx = _as_numpy(indices).astype(np.int64).reshape(-1)
     if preds.ndim != 2 or preds.size == 0:
         raise PrivacyParameterError("teacher_preds must be a non-empty (num_teachers, num_examples) array")
-    if noise_eps <= 0 or not 0 < delta < 1 or moments < 1:
-        raise PrivacyParameterError("need noise_eps > 0, 0 < delta < 1 and moments >= 1")
+    # (written so that NaN fails: "noise_eps <= 0" let NaN through, and the analysis returned (nan, nan))
+    if not (math.isfinite(noise_eps) and noise_eps > 0 and 0 < delta < 1) or type(moments) is not int or moments < 1:
+        raise PrivacyParameterError("need a finite noise_eps > 0, 0 < delta < 1 and an integer moments >= 1")
     if type(num_classes) is not int or num_classes < 1:
         raise PrivacyParameterError(f"num_classes must be an integer >= 1, got {num_classes!r}")
     if preds.min() < 0 or preds.max() >= num_classes:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 from types import ModuleType
 from typing import TYPE_CHECKING, Callable
 
@@ -69,6 +70,18 @@ def _check_step(noise_multiplier: float, sample_rate: float) -> None:
         raise PrivacyParameterError(f"sample_rate must be in (0, 1], got {sample_rate}")
 
 
+def _whole_count(count: object) -> int:
+    """A number of steps: a whole number >= 1 (a NaN count was accepted, ``nan < 1`` being False, and composed
+    to an RDP epsilon of 0.0 for the whole history; 1.5 was composed as one and a half steps)."""
+    try:
+        steps = operator.index(count)
+    except TypeError:
+        raise PrivacyParameterError(f"count must be a whole number of steps, got {count!r}") from None
+    if steps < 1:
+        raise PrivacyParameterError(f"count must be >= 1, got {count!r}")
+    return steps
+
+
 class Accountant:
     """Tracks the privacy spent by a sequence of subsampled Gaussian steps.
 
@@ -93,13 +106,22 @@ class Accountant:
     def step(self, noise_multiplier: float, sample_rate: float, count: int = 1) -> None:
         """Records ``count`` steps of the Poisson-subsampled Gaussian mechanism."""
         _check_step(noise_multiplier, sample_rate)
-        if count < 1:
-            raise PrivacyParameterError(f"count must be >= 1, got {count}")
+        count = _whole_count(count)
         if self.history and self.history[-1][:2] == [noise_multiplier, sample_rate]:
             self.history[-1][2] += count
         else:
             self.history.append([noise_multiplier, sample_rate, count])
         self._cache.clear()
+
+    def merge_runs(self) -> None:
+        """Puts the steps of each (sigma, q) pair in one run (composition does not depend on the order): the
+        history, and the time to compute its epsilon, grow with the distinct pairs, not with alternations."""
+        runs: dict[tuple, int] = {}
+        for s, q, c in self.history:
+            runs[(s, q)] = runs.get((s, q), 0) + c
+        if len(runs) != len(self.history):
+            self.history = [[s, q, c] for (s, q), c in runs.items()]
+            self._cache.clear()
 
     @property
     def steps(self) -> int:

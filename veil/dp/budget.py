@@ -72,19 +72,6 @@ def _fits(spent: float, charge: float, total: float) -> bool:
     return spent + charge <= total * (1 + _SLACK)
 
 
-def _merged(acc: Accountant) -> Accountant:
-    """``acc`` with the steps of each (sigma, q) pair in one run (composition does not depend on the order):
-    its history, and the time to compute its epsilon, grow with the distinct pairs, not with alternations."""
-    runs: dict[tuple, int] = {}
-    for s, q, c in acc.history:
-        runs[(s, q)] = runs.get((s, q), 0) + c
-    if len(runs) == len(acc.history):
-        return acc
-    merged = Accountant(acc.mechanism)
-    merged.history = [[s, q, c] for (s, q), c in runs.items()]
-    return merged
-
-
 class BudgetLedger:
     """Per-user (epsilon, delta) budgets and the charges made against them.
 
@@ -238,7 +225,7 @@ class BudgetLedger:
                     f"user {user!r} already trained with {len(pairs)} distinct (noise_multiplier, sample_rate) "
                     f"pairs at delta={delta:g} (at most {MAX_TRAINING_EVENTS}): continue with one of them")
             acc.step(noise_multiplier, sample_rate)
-            acc = _merged(acc)
+            acc.merge_runs()
             after = max(acc.get_epsilon(delta), before)  # never a negative charge
             left = self._charge_in_transaction(user, after - before, 0.0 if row else float(delta),
                                                f"{reason} (sigma={noise_multiplier:.4g}, q={sample_rate:.4g})")

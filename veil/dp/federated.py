@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -30,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from veil.dp.accountant import Accountant, epsilon_for
+from veil.dp.budget import MAX_TRAINING_EVENTS
 from veil.dp.errors import BudgetExceededError, PrivacyParameterError
 from veil.dp import core, per_sample
 from veil.dp.core import make_generator
@@ -95,6 +97,7 @@ class DPDataOwner:
         self.budget = budget
         self.accountant = Accountant(accountant)
         self._generator = generator  # None: cryptographic sampling and noise (veil.dp.core)
+        self._lock = threading.Lock()  # a release's budget check and charge, one thread at a time
 
     def __len__(self) -> int:
         # The record count is treated as public, as in DP-SGD's normalisation.
@@ -122,6 +125,15 @@ class DPDataOwner:
         if trial.get_epsilon(delta) <= eps:
             return
         raise self._refusal(sigma, q)
+
+    def _check_pair(self, sigma: float, q: float) -> None:
+        """Every budget check composes the accountant's runs, one per distinct (sigma, q): at most
+        MAX_TRAINING_EVENTS of them (as the worker ledger), a new pair past that is refused before the charge."""
+        pairs = {(s, r) for s, r, _c in self.accountant.history}
+        if (sigma, q) not in pairs and len(pairs) >= MAX_TRAINING_EVENTS:
+            raise PrivacyParameterError(
+                f"this data owner already released with {len(pairs)} distinct (noise_multiplier, sample_rate) "
+                f"pairs (at most {MAX_TRAINING_EVENTS}): continue with one of them")
 
     def _refusal(self, sigma: float, q: float) -> BudgetExceededError:
         eps, delta = self.budget
@@ -151,14 +163,18 @@ class DPDataOwner:
         sigma = core.check_noise(noise_multiplier, self.noise_multiplier, "this data owner")
         if type(sample_rate) not in (int, float) or not 0 < sample_rate <= 1:
             raise PrivacyParameterError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        self._check_budget(sigma, sample_rate)
         local = copy.deepcopy(model)
         local.load_state_dict(dict(params), strict=False)
         per_sample.validate(local)
         trainable = [(n, p) for n, p in local.named_parameters() if p.requires_grad]
         core.check_release_dtypes([p for _, p in trainable])  # (refused before the charge)
-        # Charge before computing anything that could be released.
-        self.accountant.step(sigma, sample_rate)
+        # Charge before computing anything that could be released; check and charge as one step (two threads
+        # both passed the check of the last release the budget allowed, and both were answered).
+        with self._lock:
+            self._check_pair(sigma, sample_rate)
+            self._check_budget(sigma, sample_rate)
+            self.accountant.step(sigma, sample_rate)
+            self.accountant.merge_runs()  # (alternating pairs: one run each, not one run per release)
         forward = per_sample.module_record_fn(local, [n for n, _ in trainable])
 
         def one(ps: tuple, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:

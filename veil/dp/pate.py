@@ -46,6 +46,48 @@ from veil.dp import core
 DEFAULT_ORDERS: np.ndarray = np.concatenate([np.linspace(1.1, 10.9, 99), np.arange(11, 201), [256, 512, 1024]])
 
 
+# ---- parameter checks of the analysis: a NaN or out-of-range parameter gave epsilon 0.0 or NaN, which passes
+# every ``epsilon > budget`` check, so each is refused in one line before any accounting
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _check_noise(value: object, name: str) -> float:
+    """A noise parameter (sigma, gamma): a finite real number whose square is still > 0."""
+    if not _is_real(value) or not (math.isfinite(value) and value > 0 and float(value) ** 2 > 0):
+        raise PrivacyParameterError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_delta(delta: object) -> float:
+    if not _is_real(delta) or not 0 < delta < 1:
+        raise PrivacyParameterError(f"delta must be a number in (0, 1), got {delta!r}")
+    return float(delta)
+
+
+def _check_queries(num_queries: object) -> int:
+    if isinstance(num_queries, bool) or not isinstance(num_queries, (int, np.integer)) or num_queries < 0:
+        raise PrivacyParameterError(f"num_queries must be an integer >= 0, got {num_queries!r}")
+    return int(num_queries)
+
+
+def _checked_counts(teacher_preds: torch.Tensor, query_indices: Sequence[int], num_classes: int) -> tuple:
+    """Vote counts and the queried example indices, every label and index in range (none quoted: votes are
+    private)."""
+    if type(num_classes) is not int or num_classes < 2:
+        raise PrivacyParameterError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    preds = torch.as_tensor(teacher_preds)
+    if preds.dim() != 2 or preds.is_floating_point() or preds.is_complex() or \
+            (preds.numel() and not bool(((preds >= 0) & (preds < num_classes)).all())):
+        raise PrivacyParameterError(f"teacher_preds must be [teachers, examples] integer labels in "
+                                    f"[0, {num_classes})")
+    indices = [int(i) for i in query_indices]
+    if any(not 0 <= i < preds.shape[1] for i in indices):
+        raise PrivacyParameterError(f"query indices must be example indices in [0, {preds.shape[1]})")
+    return vote_counts(preds, num_classes).numpy(), indices
+
+
 def vote_counts(teacher_preds: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Per-example vote histograms.
 
@@ -111,6 +153,8 @@ def gnmax_log_q(counts: np.ndarray, sigma: float) -> float:
     ``1 - 1/num_classes`` (the bound is only useful below that).
     """
     counts = np.asarray(counts, dtype=np.float64)
+    if counts.size < 2:  # (one label: log(1 - 1/1) is log 0)
+        raise PrivacyParameterError("the GNMax bound needs at least two labels")
     top = int(np.argmax(counts))
     gaps = counts[top] - np.delete(counts, top)
     # Pr[N(0, 2 sigma^2) > g] = Phi(-g / (sqrt(2) sigma)), in logs for tiny q.
@@ -131,10 +175,13 @@ def gnmax_rdp_data_dependent(log_q: float, sigma: float, orders: np.ndarray) -> 
     eps_k = mu_k / sigma^2 holds; it applies to orders lambda <= mu1 when
     ``q e^{eps2} < 1`` and q is below the threshold in its hypothesis.
     """
+    sigma = _check_noise(sigma, "sigma")
     orders = np.asarray(orders, dtype=np.float64)
     data_independent = orders / sigma**2
-    if log_q >= 0:
+    if math.isnan(log_q) or log_q >= 0:
         return data_independent
+    if log_q == -math.inf:  # q = 0: the output is fixed (the limit of the bound; the paper's code returns 0 too)
+        return np.zeros_like(orders)
     mu2 = sigma * math.sqrt(-log_q)
     mu1 = mu2 + 1
     eps1, eps2 = mu1 / sigma**2, mu2 / sigma**2
@@ -151,7 +198,9 @@ def gnmax_rdp_data_dependent(log_q: float, sigma: float, orders: np.ndarray) -> 
     log_s = np.logaddexp(log_1mq + (lam - 1) * log_a, log_q + (lam - 1) * log_b)
     out = data_independent.copy()
     out[applies] = np.minimum(data_independent[applies], log_s / (lam - 1))
-    return out
+    # an order whose bound overflowed to NaN keeps the data-independent one (one NaN order made a total NaN,
+    # and dp_accounting converts a NaN RDP to epsilon 0)
+    return np.where(np.isnan(out), data_independent, out)
 
 
 def gnmax_epsilon_data_independent(num_queries: int, sigma: float, delta: float,
@@ -161,6 +210,9 @@ def gnmax_epsilon_data_independent(num_queries: int, sigma: float, delta: float,
     GNMax's RDP lambda/sigma^2 is that of a Gaussian event with noise
     multiplier sigma/sqrt(2) (sensitivity sqrt(2)); dp_accounting composes it.
     """
+    num_queries, sigma, delta = _check_queries(num_queries), _check_noise(sigma, "sigma"), _check_delta(delta)
+    if num_queries == 0:
+        return 0.0
     lib = dp_lib()
     acc = lib.rdp.RdpAccountant(list(DEFAULT_ORDERS if orders is None else orders))
     acc.compose(lib.GaussianDpEvent(sigma / math.sqrt(2)), num_queries)
@@ -174,8 +226,10 @@ def lnmax_epsilon(num_queries: int, gamma: float, delta: float = 0.0) -> float:
     1/(2 gamma) (scale 1/gamma over sensitivity 2) lets dp_accounting's PLD
     compose them. With ``delta=0`` this is basic composition, ``2 gamma Q``.
     """
-    if delta == 0:
+    num_queries, gamma = _check_queries(num_queries), _check_noise(gamma, "gamma")
+    if delta == 0 or num_queries == 0:
         return 2 * gamma * num_queries
+    delta = _check_delta(delta)
     lib = dp_lib()
     acc = lib.pld.PLDAccountant()
     acc.compose(lib.LaplaceDpEvent(1 / (2 * gamma)), num_queries)
@@ -196,11 +250,12 @@ def gnmax_epsilon_data_dependent(teacher_preds: torch.Tensor, query_indices: Seq
 
     Not DP to release as is (see module docstring).
     """
+    sigma, delta = _check_noise(sigma, "sigma"), _check_delta(delta)
+    counts, indices = _checked_counts(teacher_preds, query_indices, num_classes)
     orders = np.asarray(DEFAULT_ORDERS if orders is None else orders, dtype=np.float64)
-    counts = vote_counts(teacher_preds, num_classes).numpy()
     total = np.zeros_like(orders)
-    for i in query_indices:
-        total += gnmax_rdp_data_dependent(gnmax_log_q(counts[int(i)], sigma), sigma, orders)
+    for i in indices:
+        total += gnmax_rdp_data_dependent(gnmax_log_q(counts[i], sigma), sigma, orders)
     return _epsilon_from_rdp(total, orders, delta)
 
 
@@ -214,15 +269,17 @@ def confident_gnmax_epsilon(teacher_preds: torch.Tensor, query_indices: Sequence
     answered ones also pay GNMax(sigma2)'s data-dependent RDP. ``answered`` holds one bool per query
     (``labels != -1`` of :func:`confident_gnmax`, not the labels themselves).
     """
+    sigma1, sigma2 = _check_noise(sigma1, "sigma1"), _check_noise(sigma2, "sigma2")
+    delta = _check_delta(delta)
     query_indices, flags = list(query_indices), _flags(answered)
     if len(flags) != len(query_indices):  # zip truncated silently: the unpaired answers went uncharged
         raise PrivacyParameterError(f"answered needs one flag per query: {len(flags)} for {len(query_indices)}")
+    counts, indices = _checked_counts(teacher_preds, query_indices, num_classes)
     orders = np.asarray(DEFAULT_ORDERS if orders is None else orders, dtype=np.float64)
-    counts = vote_counts(teacher_preds, num_classes).numpy()
-    total = len(query_indices) * orders / (2 * sigma1**2)
-    for i, ans in zip(query_indices, flags):
+    total = len(indices) * orders / (2 * sigma1**2)
+    for i, ans in zip(indices, flags):
         if ans:
-            total = total + gnmax_rdp_data_dependent(gnmax_log_q(counts[int(i)], sigma2), sigma2, orders)
+            total = total + gnmax_rdp_data_dependent(gnmax_log_q(counts[i], sigma2), sigma2, orders)
     return _epsilon_from_rdp(total, orders, delta)
 
 

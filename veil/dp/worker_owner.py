@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
+from veil.dp.accountant import ACCOUNTANT_FACTORIES
 from veil.dp.budget import BudgetLedger
 from veil.dp.errors import PrivacyParameterError
 from veil.exceptions import PermissionDeniedError
@@ -194,6 +195,8 @@ def enable_dp(worker: Any, datasets: Union[str, Sequence[str], Mapping[str, tupl
                                     f"(got {nominal_count!r})")
     if not 0 < max_sample_rate <= 1:
         raise PrivacyParameterError(f"max_sample_rate must be in (0, 1], got {max_sample_rate}")
+    if accountant not in ACCOUNTANT_FACTORIES:  # (else every training request failed at its charge)
+        raise PrivacyParameterError(f"unknown accountant {accountant!r}; choose one of {sorted(ACCOUNTANT_FACTORIES)}")
     previous = _SETTINGS.get(worker)
     ledger = previous.ledger if previous is not None and ledger_path is None else \
         BudgetLedger(_ledger_path(worker, ledger_path))
