@@ -90,6 +90,14 @@ class CommitOutcomeUnknownError(OwnerStateUnavailableError):
     """A PostgreSQL COMMIT whose answer was lost, and whose outcome could not be looked up: the change may or
     may not be recorded. Never reported as refused (it may have been recorded) nor as done."""
 
+
+class DatabaseClosedError(OwnerStateUnavailableError):
+    """A use of a :class:`Database` (or of its :class:`ReaderSlot`) after ``close()``: refused, never a
+    closed connection used nor a fresh one opened that nobody would close (PostgreSQL reconnected silently)."""
+
+
+_CLOSED = "the owner's state database was closed (the worker is stopping): the request was refused"
+
 # Server-side limits, as multiples of the Database's ``timeout`` (the row-lock wait, lock_timeout): a statement
 # ends on a live server by then (statement_timeout). A server that stopped answering cannot enforce them: see
 # _Watchdog for the client-side deadline.
@@ -167,16 +175,20 @@ class ReaderSlot:
     owner (OwnerDB, BudgetLedger) calls both under its own lock."""
 
     def __init__(self, db: "Database") -> None:
-        self._db, self._conn = db, None
+        self._db, self._conn, self._closed = db, None, False
 
     def get(self) -> "Database":
+        if self._closed:  # (final: a reader handed out before is closed too, and refuses likewise)
+            raise DatabaseClosedError(_CLOSED)
         if self._conn is None:
             self._conn = reader_of(self._db)
         return self._conn
 
     def close(self) -> None:
-        if self._conn not in (None, self._db):
-            self._conn.close()
+        self._closed = True
+        conn, self._conn = self._conn, None
+        if conn not in (None, self._db):
+            conn.close()
 
 
 def _refuse_pragmas(action: int, *_: Any) -> int:
@@ -209,7 +221,8 @@ def commit_status(db: "Database", xid: int, backend_pid: int) -> str | None:
                     return status if status in ("committed", "aborted") else None
                 time.sleep(0.05)
 
-        return db._guarded(check, ask)  # (a server freezing now is the watchdog's too)
+        probe = _LookupWatch(db)  # (watched on its own: db's other statements may run meanwhile)
+        return probe.guarded(check, ask)  # (a server freezing now is the watchdog's too)
     except Exception:  # noqa: BLE001 - lost again: unknown
         return None
     finally:
@@ -217,6 +230,18 @@ def commit_status(db: "Database", xid: int, backend_pid: int) -> str | None:
             check.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+class _LookupWatch:
+    """What the watchdog watches for one commit lookup (:func:`commit_status`): it runs outside the Database's
+    lock, beside that Database's own statements, so it has its own statement in flight (``_busy``)."""
+
+    def __init__(self, db: "Database") -> None:
+        self.location, self._hard_s, self._busy = db.location, db._hard_s, None
+        _WATCHDOG.watch(self)
+
+    def guarded(self, conn: Any, call: Callable[[], Any]) -> Any:
+        return Database._guarded(self, conn, call)  # type: ignore[arg-type]
 
 
 def _server_answers(location: str, timeout: int) -> bool:
@@ -318,6 +343,7 @@ class Database:
             raise ValueError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
         self._synchronous = synchronous
         self._in_transaction = False
+        self._closed = False
         # PostgreSQL: (connection, started, next liveness check) of the statement in flight (see _Watchdog)
         self._busy: list | None = None
         self._hard_s = 3 * _STATEMENT_TIMEOUT_FACTOR * timeout
@@ -427,6 +453,8 @@ class Database:
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """Runs one statement; returns a cursor (``fetchone``, ``fetchall``, iteration)."""
         with self.lock:
+            if self._closed:
+                raise DatabaseClosedError(_CLOSED)
             if self.read_only:
                 return self._read(sql, tuple(params))
             if self.dialect == "postgresql":
@@ -463,6 +491,8 @@ class Database:
     def executescript(self, schema: str) -> None:
         """Creates the tables of ``schema`` (SQLite DDL) if absent."""
         with self.lock:
+            if self._closed:
+                raise DatabaseClosedError(_CLOSED)
             if self.dialect == "sqlite":
                 try:
                     self._conn.executescript(schema)
@@ -477,7 +507,12 @@ class Database:
 
     @contextmanager
     def write_transaction(self) -> Iterator["Database"]:
-        """A transaction that commits on success and rolls back on any exception."""
+        """A transaction that commits on success and rolls back on any exception.
+
+        A PostgreSQL COMMIT whose connection was lost is looked up after the lock is let go (up to ~10 s when
+        the server is really gone): the worker's other charges and audit rows do not wait for it (a caller
+        that holds the lock itself still does)."""
+        lost = None
         with self.lock:
             self.execute("BEGIN IMMEDIATE" if self.dialect == "sqlite" else "BEGIN")
             self._in_transaction = True
@@ -500,21 +535,24 @@ class Database:
                 self._conn.execute("COMMIT") if self.dialect == "sqlite" else self._pg("COMMIT")
             except OwnerStateUnavailableError:  # PostgreSQL: the COMMIT may have been recorded before the loss
                 self._in_transaction = False
-                self._settle_lost_commit(*xid)
+                lost = xid
+                try:
+                    self._conn.close()  # (the next statement, of any thread, reconnects)
+                except Exception:  # noqa: BLE001 - already broken
+                    pass
             except BaseException:
                 self._end_failed_commit()
                 raise
             finally:
                 self._in_transaction = False
+        if lost is not None:
+            self._settle_lost_commit(*lost)
 
     def _settle_lost_commit(self, xid: int, backend_pid: int) -> None:
-        """A COMMIT whose connection was lost: returns if the transaction was recorded (it did commit), raises
-        OwnerStateUnavailableError if the server rolled it back, CommitOutcomeUnknownError if that cannot be
-        told. A failed COMMIT used to be reported as refused ("try again") even when it had been recorded."""
-        try:
-            self._conn.close()  # (the next statement reconnects)
-        except Exception:  # noqa: BLE001 - already broken
-            pass
+        """A COMMIT whose connection was lost (its connection already closed): returns if the transaction was
+        recorded (it did commit), raises OwnerStateUnavailableError if the server rolled it back,
+        CommitOutcomeUnknownError if that cannot be told. A failed COMMIT used to be reported as refused ("try
+        again") even when it had been recorded. Asked on a connection of its own (no lock needed)."""
         status = commit_status(self, xid, backend_pid)
         log.warning("owner state database %s: connection lost during COMMIT; transaction %s: %s",
                     redact(self.location), xid, status or "outcome unknown")
@@ -538,5 +576,7 @@ class Database:
             pass
 
     def close(self) -> None:
+        """Final: every later statement raises :class:`DatabaseClosedError` (PostgreSQL no longer reconnects)."""
         with self.lock:
+            self._closed = True
             self._conn.close()

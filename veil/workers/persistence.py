@@ -248,8 +248,9 @@ def db_update(db: OwnerDB, sql: str, params: tuple = ()) -> int:
 
     In a transaction of its own: on PostgreSQL only its COMMIT can then be lost with the connection, and
     ``write_transaction`` looks that one up, so a decision or a release that was recorded is never reported
-    as refused (a lone statement lost with its connection may have been committed, or not: nobody can tell)."""
-    with db._lock, db._db.write_transaction():
+    as refused (a lone statement lost with its connection may have been committed, or not: nobody can tell).
+    (The transaction takes the database lock itself: held here too, it would be held through that lookup.)"""
+    with db._db.write_transaction():
         return db._db.execute(sql, params).rowcount
 
 

@@ -173,7 +173,7 @@ class TokenTable:
         that client ever connected (so the owner can revoke a leaked, unused issued token by name)."""
         issuer, _, holder = name.partition("/")
         known = self._issuers.get(issuer)
-        if known is None or client_tokens.NAME_PATTERN.fullmatch(holder) is None:
+        if known is None or not client_tokens.is_holder(holder):
             return None
         return Principal(name, known[1], issued_by=issuer)
 

@@ -221,6 +221,7 @@ def build_app(worker: Any, allowed_hosts: list[str], session_host: str | None = 
         if made is None:
             return RedirectResponse("/login?failed=1", status_code=303)
         sid, _ = made
+        mark_owner_request(request.scope)  # (the owner's: her connection and source keep their place)
         resp = RedirectResponse("/requests", status_code=303)
         resp.set_cookie(COOKIE, sid, httponly=True, samesite="strict", path="/", secure=request.url.scheme == "https")
         resp.delete_cookie(LOGIN_COOKIE, path="/login")

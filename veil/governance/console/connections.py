@@ -7,8 +7,9 @@ shares its file descriptors, and its port is reachable by every local user (loop
   one sent to the secret host name (:class:`SessionHostMark`), those of the source (``auth_throttle.source_of``)
   holding the most connections first, then oldest first (by when they opened: a client that pipelines
   requests, or does not read its answers, is always "being answered" and used to be kept for good); then
-  those that carried a request to the secret name (an owner not logged in yet), then the owner's idle
-  keep-alive connections, longest idle first. With every connection answering the owner, the new one is
+  those that carried a request to the secret name (an owner not logged in yet), or come from a source an
+  owner's session was seen from (off loopback: an owner whose session ended, logging in again), then the
+  owner's idle keep-alive connections, longest idle first. With every connection answering the owner, the new one is
   closed at once;
 - a connection that has not sent a whole request head within ``HEAD_SECONDS`` of opening (or of its last
   response) is closed: idle and half-sent requests (slowloris) do not hold a descriptor for good;
@@ -53,6 +54,10 @@ def tls_protocol(certfile: str, keyfile: str) -> type:
 
 #: the ASGI scope key of a request's :class:`_RequestMark`
 OWNER_MARK = "veil.console.request"
+#: the uvicorn ServerState attribute: sources (``source_of``) an owner's session was seen from -> when (loop
+#: time); at most MAX_OWNER_SOURCES, the least recent dropped (only the owner's requests add to it)
+OWNER_SOURCES = "veil_owner_sources"
+MAX_OWNER_SOURCES = 16
 
 
 class _RequestMark:
@@ -78,7 +83,8 @@ def replaced_first(connections: Any) -> "BoundedH11Protocol | None":
     if not others:
         return None
     per_source = Counter(c._source for c in others)
-    return min(others, key=lambda c: c._replace_order(per_source))
+    owner_sources = getattr(getattr(others[0], "server_state", None), OWNER_SOURCES, {})
+    return min(others, key=lambda c: c._replace_order(per_source, owner_sources))
 
 
 class SessionHostMark:
@@ -163,15 +169,17 @@ class BoundedH11Protocol(H11Protocol):
         answering = self.cycle is not None and not self.cycle.response_complete
         return not (answering and self._mark.owner)
 
-    def _replace_order(self, per_source: Counter) -> tuple:
+    def _replace_order(self, per_source: Counter, owner_sources: Any = ()) -> tuple:
         """Which goes first: connections that never carried an owner's request nor one to the secret host name,
         those of the source holding the most connections first (off loopback, an owner not logged in yet is
         not pushed out by another address's reconnect loop), then by age (their own requests, pipelined or
         unread, do not make them look new); then those that carried one to the secret name (on loopback, an
-        owner not logged in yet), then the owner's, each longest idle first."""
+        owner not logged in yet) or come from a source an owner's session was seen from (off loopback, an
+        owner logging in again: a browser's ~6 connections made her source the largest, first replaced by
+        a loop spread over 6 sources), then the owner's, each longest idle first."""
         if self._carried_owner or self._mark.owner:
             return (2, 0, self._waiting_since)
-        if self._carried_session_host or self._mark.session_host:
+        if self._carried_session_host or self._mark.session_host or self._source in owner_sources:
             return (1, 0, self._waiting_since)
         return (0, -per_source[self._source], self._opened_at)
 
@@ -195,7 +203,23 @@ class BoundedH11Protocol(H11Protocol):
             return
         self._time_new_request()
 
+    def _note_owner_source(self) -> None:
+        """Remembers this connection's source once it carried an owner's request (bounded, per server). Never
+        loopback: every local user shares it, and there the secret host name tells the owner apart."""
+        if self._source in ("loopback", "?"):
+            return
+        seen = getattr(self.server_state, OWNER_SOURCES, None)
+        if seen is None:
+            seen = {}
+            setattr(self.server_state, OWNER_SOURCES, seen)
+        seen.pop(self._source, None)
+        seen[self._source] = self.loop.time()
+        while len(seen) > MAX_OWNER_SOURCES:
+            del seen[next(iter(seen))]  # (the least recent: insertion order)
+
     def on_response_complete(self) -> None:
+        if self._mark.owner:
+            self._note_owner_source()
         self._carried_owner |= self._mark.owner
         self._carried_session_host |= self._mark.session_host
         super().on_response_complete()
@@ -208,6 +232,8 @@ class BoundedH11Protocol(H11Protocol):
         cycle = self.cycle
         if cycle is None or cycle is self._timed_cycle or cycle.response_complete:
             return False
+        if self._mark.owner:
+            self._note_owner_source()
         self._carried_owner |= self._mark.owner
         self._carried_session_host |= self._mark.session_host
         self._mark = cycle.scope[OWNER_MARK] = _RequestMark()  # (the app runs after this: its task is queued)
