@@ -27,7 +27,9 @@ Holes found (tests were strict xfail on the code before the fix, now pass):
    check (a PLD composition of the whole history) took longer each time. Fixed: runs of one pair are merged
    (composition does not depend on the order) and a new pair past ``MAX_TRAINING_EVENTS`` is refused before
    the charge, as the worker ledger does.
-6. ``enable_dp(accountant=...)`` took any name; every DP-SGD request then failed at its charge with a
+6. ``DPDataOwner`` took a NaN budget epsilon (one release answered, as max_releases compares with NaN) and an
+   infinite clipping bound or noise multiplier. Fixed: refused when the owner builds it.
+7. ``enable_dp(accountant=...)`` took any name; every DP-SGD request then failed at its charge with a
    ValueError about the owner's typo. Fixed: refused when the owner configures it.
 
 Checks that held (kept as regressions): LNMax's PLD accounting upper-bounds the exact count-vector mechanism
@@ -200,6 +202,18 @@ def test_a_federated_owner_keeps_a_bounded_accountant_whatever_rates_are_asked()
     assert owner.accountant.steps == 8 + len(rates)  # the refused one was not charged
     owner.sanitized_gradient(model, params, _mse, 0.25)  # a known pair
     assert len(owner.accountant.history) == MAX_TRAINING_EVENTS
+
+
+@pytest.mark.parametrize("setting", [{"budget": (NAN, 1e-5)}, {"budget": (1.0, NAN)}, {"max_grad_norm": INF},
+                                     {"noise_multiplier": INF}])
+def test_a_federated_owner_refuses_a_nan_budget_or_an_infinite_clip(setting):
+    """``DPDataOwner(budget=(nan, delta))`` was accepted and answered one release (max_releases compares with
+    NaN), then refused; ``max_grad_norm=inf`` clips nothing (no sensitivity at all). Must hold: refused when
+    the owner builds it, with PrivacyParameterError."""
+    x, y = _data()
+    kwargs = {"max_grad_norm": 1.0, "noise_multiplier": 1.0, **setting}
+    with pytest.raises(PrivacyParameterError):
+        federated.DPDataOwner(x, y, accountant="rdp", **kwargs)
 
 
 def test_an_unknown_training_accountant_is_refused_when_the_owner_configures_it(hook):

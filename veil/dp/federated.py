@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
@@ -87,10 +88,13 @@ class DPDataOwner:
                  generator: Optional[torch.Generator] = None) -> None:
         if len(data) != len(target):
             raise ValueError(f"data has {len(data)} records but target has {len(target)}")
-        if not max_grad_norm > 0:
-            raise PrivacyParameterError(f"max_grad_norm must be > 0, got {max_grad_norm}")
-        if not noise_multiplier > 0:
-            raise PrivacyParameterError(f"a data owner needs noise_multiplier > 0, got {noise_multiplier}")
+        # (finite: an infinite C clips nothing; a NaN budget epsilon let one release through, then refused all)
+        if not 0 < max_grad_norm < math.inf:
+            raise PrivacyParameterError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}")
+        if not 0 < noise_multiplier < math.inf:
+            raise PrivacyParameterError(f"a data owner needs a finite noise_multiplier > 0, got {noise_multiplier}")
+        if budget is not None and not (0 <= budget[0] <= math.inf and 0 < budget[1] < 1):
+            raise PrivacyParameterError(f"budget must be (epsilon >= 0, delta in (0, 1)), got {budget}")
         self._data, self._target = data, target
         self.max_grad_norm = float(max_grad_norm)
         self.noise_multiplier = float(noise_multiplier)
