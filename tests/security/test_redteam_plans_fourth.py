@@ -7,7 +7,8 @@ Holes found and fixed:
 - every run of a plan over data under review stored its whole listing (up to ~75 KB) in the result's op graph,
   uncharged: results of inline plans (or of a freed result's descendants) held many times the session quota
   (veil/governance/provenance.py: ``graph_nbytes`` is charged with each result; a stored plan's listing is made
-  once and shared by all its runs);
+  once and shared by all its runs); the same for the requester's own tensor written in place by such runs (its
+  graph keeps up to 64 listings: what it grows by is charged after the command);
 - a ``fit`` (or a run) cut part-way by the worker's deadline, a quota or an op's error left the requester's model
   half-updated: some parameters one SGD step ahead of the others, gradients left set
   (veil/plans/step_undo.py: the state is put back as the last whole step left it);
@@ -114,6 +115,39 @@ def test_plan_results_op_graphs_count_against_the_session_quota(hook, descendant
     assert refused is not None, "120 listings held under a 256 KiB quota"
     assert _one_line(refused).error == "QuotaExceededError", refused
     assert srv.monitor.session_bytes(s.id) <= quota
+    _serving(srv, s, xid)
+
+
+def _writes_state_plan(name):
+    """The long plan, its sum added into the requester's state in place (the state's graph gains its listing)."""
+    spec = _long_plan(name)
+    spec.n_state, spec.n_slots = 1, 204
+    for op in spec.ops:  # (slot 1 is the state now: the adds move up one)
+        op.args = tuple(SlotRef(a.slot + 1 if a.slot else 0) if isinstance(a, SlotRef) else a for a in op.args)
+        op.out_slots = [o + 1 for o in op.out_slots]
+    spec.ops.append(PlanOp(ADD_, (SlotRef(1), SlotRef(202)), {}, [1], False))
+    spec.ops.append(PlanOp(CLONE, (SlotRef(202),), {}, [203], False))
+    spec.outputs = SlotRef(203)
+    return spec
+
+
+def test_a_state_written_by_many_plans_is_charged_its_graph(hook):
+    """The requester's own tensor written in place by runs of inline plans over data under review: its op graph
+    keeps up to 64 of their listings; they count against the session quota like a result's."""
+    quota = 1 << 18
+    srv, s, xid = _setup(hook, "rt-pl4-graph-inplace", quota, policy="review")
+    state = send_tensor(srv, s, torch.zeros(()))
+    refused = None
+    for i in range(80):
+        reply, (rid,) = run_command(srv, s, "veil.plan.run", _writes_state_plan(f"w{i}"), [m.ObjectRef(xid)],
+                                    [m.ObjectRef(state)])
+        if type(reply) is m.ErrorReply:
+            refused = reply
+            break
+        assert type(request(srv, s, m.DeleteMessage([rid]))) is m.OkReply
+        held = _listings_held(srv)
+        assert held <= srv.monitor.session_bytes(s.id), (i, held, srv.monitor.session_bytes(s.id))
+    assert refused is not None and _one_line(refused).error == "QuotaExceededError", refused
     _serving(srv, s, xid)
 
 

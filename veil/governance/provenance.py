@@ -32,6 +32,7 @@ import torch
 from veil.governance.computation_key import args_key, content_key, node_key
 from veil.governance.graphtext import NOT_SHOWN
 from veil.workers.source_sets import join_sources
+from veil.workers.store import OWED
 
 GRAPH = "graph"
 ROOT = "graph_root"
@@ -156,24 +157,43 @@ def _strings_nbytes(values: Any) -> int:
     return sum(len(v) + 80 for v in values if isinstance(v, str))
 
 
-def _node_nbytes(node: dict) -> int:
+def _node_nbytes(node: dict, listed: set | None = None) -> int:
+    """A node's bytes; its plan listing's too unless its id is in ``listed`` (then added to it: the nodes of
+    one stored plan's runs share its listing, held once)."""
     size = NODE_BYTES + _strings_nbytes(node.values())
     plan = node.get("plan")
-    if isinstance(plan, list):  # (a listing from a peer's report is a plain list)
+    if isinstance(plan, list) and (listed is None or id(plan) not in listed):
+        if listed is not None:
+            listed.add(id(plan))
+        # (a listing from a peer's report is a plain list)
         size += plan.nbytes if isinstance(plan, PlanListing) else _strings_nbytes(plan) + 8 * len(plan)
     return size
 
 
+#: ``entry.meta`` key: what the entry's session was charged for its op graph so far
+CHARGED = "graph_nbytes"
+
+
+def _held_nbytes(graph: dict, own: dict) -> int:
+    """What an entry's (cut) ``graph`` holds, counted as :func:`graph_nbytes` counts it: its slots, its node
+    ``own`` (the one stamped last) and every plan listing."""
+    listed: set = set()
+    return GRAPH_SLOT_BYTES * len(graph) + sum(_node_nbytes(n, listed) for n in graph.values()
+                                               if n is own or isinstance(n.get("plan"), list))
+
+
 def graph_nbytes(lineage: "Lineage | None") -> int:
     """What one result of ``lineage``'s command holds in ``meta["graph"]``, charged to the requester's quota
-    with it: its own graph dict and node, and every plan listing in the graph. A node shared with other graphs
+    with it: its own graph dict and node, and every plan listing in the graph. A listing shared with other graphs
     is counted in each (an inherited listing outlives the result that first held it: freed results left their
     descendants holding uncharged ~75 KB listings); other inherited nodes only by their slot."""
     if lineage is None:
         return 0
-    listed = sorted((_node_nbytes(n) for n in lineage.graph.values() if isinstance(n.get("plan"), list)),
-                    reverse=True)[:MAX_NODES - 1]  # (the graph is cut to MAX_NODES: at most so many stay)
-    return _node_nbytes(lineage.node) + GRAPH_SLOT_BYTES * min(len(lineage.graph) + 1, MAX_NODES + 1) + sum(listed)
+    listed: set = set()
+    own = _node_nbytes(lineage.node, listed)
+    sizes = sorted((_node_nbytes(n, listed) for n in lineage.graph.values() if isinstance(n.get("plan"), list)),
+                   reverse=True)[:MAX_NODES - 1]  # (the graph is cut to MAX_NODES: at most so many stay)
+    return own + GRAPH_SLOT_BYTES * min(len(lineage.graph) + 1, MAX_NODES + 1) + sum(sizes)
 
 
 @dataclass
@@ -331,10 +351,12 @@ def _trim(graph: dict, root: str) -> dict:
     return kept
 
 
-def stamp(entry: Any, lineage: Lineage | None, tensor: Any, op_suffix: str = "") -> None:
-    """Records on ``entry`` that it was computed by the lineage's command."""
+def stamp(entry: Any, lineage: Lineage | None, tensor: Any, op_suffix: str = "") -> int:
+    """Records on ``entry`` that it was computed by the lineage's command. Returns by how many bytes its graph
+    grew past what its session was charged for it (a result is charged :func:`graph_nbytes` when stored; an
+    object written in place gains the command's node, and with a plan's, its listing)."""
     if lineage is None:
-        return
+        return 0
     nid = f"n-{secrets.token_hex(4)}"
     node = dict(lineage.node, shape=_shape(tensor), dtype=_dtype_name(tensor))
     if op_suffix:
@@ -351,6 +373,14 @@ def stamp(entry: Any, lineage: Lineage | None, tensor: Any, op_suffix: str = "")
         entry.provenance = join_sources(entry.provenance, lineage.sources)
     entry.meta[GRAPH] = _trim(graph, nid)
     entry.meta[ROOT] = nid
+    if not op_suffix:  # (a new result: the handler charged it this when it was stored)
+        entry.meta[CHARGED] = graph_nbytes(lineage)
+        return 0
+    held, charged = _held_nbytes(entry.meta[GRAPH], node), entry.meta.get(CHARGED, 0)
+    if held <= charged:
+        return 0
+    entry.meta[CHARGED] = held
+    return held - charged
 
 
 def stamp_unrecorded(outputs: list, lineage: Lineage | None) -> None:
@@ -383,14 +413,16 @@ def _tensors(value: Any) -> list:
 
 
 def taint_writes(worker: Any, lineage: Lineage | None, op: Any, args: tuple, kwargs: dict, entries: dict,
-                 sender: str, written_storages: set | None = None) -> None:
-    """Taints every stored object the command may have written (and what aliases it).
+                 sender: str, written_storages: set | None = None) -> dict:
+    """Taints every stored object the command may have written (and what aliases it). Returns those whose op
+    graph grew past their charge (id -> entry; the growth is owed in ``meta[OWED]``: the handler charges it).
 
     ``written_storages``: the storages a torch op wrote, whatever the argument (the owner guard's schema
     rules recorded them while it ran: batch norm's running statistics, ``embedding(max_norm=)``'s weight).
     """
+    written_entries: dict = {}
     if lineage is None:
-        return
+        return written_entries
     from veil.workers import owner_guard
 
     name = op.name
@@ -412,10 +444,14 @@ def taint_writes(worker: Any, lineage: Lineage | None, op: Any, args: tuple, kwa
     storages = {s for s in (_storage(t) for t in written) if s is not None} | (written_storages or set())
     ids = {id(t) for t in written}
     if not storages and not ids:
-        return
-    for _, entry in list(worker.monitor.owner_entries()):
+        return written_entries
+    for oid, entry in list(worker.monitor.owner_entries()):
         if entry.protected or not isinstance(entry.obj, torch.Tensor):
             continue
         grad = entry.obj.grad if entry.obj.is_leaf else None
         if id(entry.obj) in ids or _storage(entry.obj) in storages or (grad is not None and _storage(grad) in storages):
-            stamp(entry, lineage, entry.obj, op_suffix=" (in place)")
+            grown = stamp(entry, lineage, entry.obj, op_suffix=" (in place)")
+            if grown:  # (its graph now lists the command, a plan's listing with it: charged to its session)
+                entry.meta[OWED] = entry.meta.get(OWED, 0) + grown
+                written_entries[oid] = entry
+    return written_entries

@@ -169,7 +169,7 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
                        and _tracking(worker)):
             # what it wrote before failing derives from its inputs all the same (a worker function, such as a
             # plan cut at an op or by the deadline, may have written any of them: tainted as on success)
-            _record_lineage(worker, op, arguments, args, kwargs, found, sender, written)
+            _record_lineage(worker, op, arguments, args, kwargs, found, sender, written, principal)
         raise owner_guard.client_error(name, e, protected or ({0} if secret else _reviewed_inputs(worker, entries)),
                                        worker.id) from e
     finally:
@@ -196,7 +196,7 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
         # reviews (entry.meta), and objects the op wrote in place gain its sources; the monitor's
         # Entry.provenance (the one set of source datasets) is recorded by monitor.store either way.
         if entries and not reviewed and _tracking(worker):
-            lineage = _record_lineage(worker, op, arguments, args, kwargs, found, sender, written)
+            lineage = _record_lineage(worker, op, arguments, args, kwargs, found, sender, written, principal)
             if op.worker_function and running.outputs:  # what it stored itself and gave no op graph: the command's
                 from veil.governance.provenance import stamp_unrecorded
 
@@ -248,15 +248,17 @@ def _graph_nbytes(lineage: Any) -> int:
 
 
 def _record_lineage(worker: BaseWorker, op: Any, arguments: tuple, args: Any, kwargs: dict, found: dict,
-                    sender: str, written: set | None) -> Any:
+                    sender: str, written: set | None, principal: Principal) -> Any:
     """Governance (#16): the command's lineage (None: nothing derives from owner data), after tainting what it
-    wrote. ``arguments``: (args, kwargs) as resolved, before worker functions got copies of protected ones: the
-    op line names the stored objects where they stand."""
+    wrote (the requester is charged what their op graphs grew by). ``arguments``: (args, kwargs) as resolved,
+    before worker functions got copies of protected ones: the op line names the stored objects where they stand."""
     from veil.governance import provenance
 
     inputs = {id(e.obj): oid for oid, e in found.items()}
     lineage = provenance.lineage_of(op.name, tuple(arguments[0]), inputs, found, arguments[1])
-    provenance.taint_writes(worker, lineage, op, tuple(args), kwargs, found, sender, written)
+    grown = provenance.taint_writes(worker, lineage, op, tuple(args), kwargs, found, sender, written)
+    if grown and principal.isolated:
+        worker.monitor.charge_growth(principal, grown)
     return lineage
 
 

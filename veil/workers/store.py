@@ -21,6 +21,9 @@ from veil.exceptions import PermissionDeniedError
 
 #: the namespace of the data owner's objects and of in-process workers (no sessions)
 SHARED_NS = ""
+#: ``Entry.meta`` key: bytes an object's op graph grew by when a command wrote it in place (governance), charged
+#: to its session by the next :meth:`ObjectStore.charge_growth` that names it
+OWED = "graph_owed"
 _NO_OBJECTS = MappingProxyType({})  # a namespace that holds nothing yet (read-only)
 
 
@@ -185,6 +188,10 @@ class ObjectStore:
             return
         with self._lock:
             for oid, entry in found.items():
+                owed = entry.meta.pop(OWED, 0) if entry.meta else 0  # (its op graph grew: governance)
+                if owed and space.get(oid) is entry:
+                    entry.nbytes += owed
+                    self.usage[ns] = self.usage.get(ns, 0) + owed
                 obj = entry.obj
                 if isinstance(obj, torch.Tensor) and space.get(oid) is entry and obj.layout == torch.strided:
                     grown = obj.untyped_storage().nbytes() - entry.nbytes
