@@ -29,8 +29,9 @@ Holes found (tests were strict xfail on the code before the fix, now pass):
    the charge, as the worker ledger does.
 6. ``DPDataOwner`` took a NaN budget epsilon (one release answered, as max_releases compares with NaN) and an
    infinite clipping bound or noise multiplier. Fixed: refused when the owner builds it.
-7. ``enable_dp(accountant=...)`` took any name; every DP-SGD request then failed at its charge with a
-   ValueError about the owner's typo. Fixed: refused when the owner configures it.
+7. ``enable_dp(accountant=...)`` took any name (every DP-SGD request then failed at its charge with a
+   ValueError about the owner's typo), and an infinite clipping bound or sigma. Fixed: refused when the owner
+   configures it.
 
 Checks that held (kept as regressions): LNMax's PLD accounting upper-bounds the exact count-vector mechanism
 and equals dp_accounting's; the ledger's float drift cannot buy a charge past the total.
@@ -54,6 +55,12 @@ from veil.dp import federated, pate, per_sample
 from veil.dp.accountant import Accountant, epsilon_for
 from veil.dp.budget import MAX_TRAINING_EVENTS, BudgetLedger
 from veil.dp.errors import BudgetExceededError, PrivacyParameterError
+from veil.ids import new_id
+from veil.messaging import messages as m
+
+from server_sessions import open_session, quota_worker, request
+
+TOKEN = "redteam-dp-fresh-scientist-token"
 
 NAN, INF = float("nan"), float("inf")
 PREDS = torch.zeros(5, 4, dtype=torch.long)  # five unanimous teachers, four examples, label 0
@@ -216,12 +223,16 @@ def test_a_federated_owner_refuses_a_nan_budget_or_an_infinite_clip(setting):
         federated.DPDataOwner(x, y, accountant="rdp", **kwargs)
 
 
-def test_an_unknown_training_accountant_is_refused_when_the_owner_configures_it(hook):
-    """``enable_dp(accountant="rpd")`` was accepted; every DP-SGD request then failed at its charge with
-    ValueError (the owner's typo surfaced to each scientist). Must hold: refused at configuration, in one line."""
-    w = sy.VirtualWorker(hook, id="rt_dp_fresh_accountant")
-    with pytest.raises(PrivacyParameterError, match="unknown accountant"):
-        w.enable_dp(max_grad_norm=1.0, noise_multiplier=1.0, accountant="rpd")
+@pytest.mark.parametrize("setting", [{"accountant": "rpd"}, {"max_grad_norm": INF}, {"noise_multiplier": INF}])
+def test_a_worker_owner_refuses_an_unknown_accountant_or_an_infinite_clip(hook, setting):
+    """``enable_dp(accountant="rpd")`` was accepted, and every DP-SGD request then failed at its charge with a
+    ValueError about the owner's typo; ``max_grad_norm=inf`` (``--dp-clip inf``) clips nothing, and an infinite
+    sigma failed every release after its charge. Must hold: refused at configuration, in one line."""
+    w = sy.VirtualWorker(hook, id=f"rt_dp_fresh_config_{sorted(setting)[0]}")
+    kwargs = {"max_grad_norm": 1.0, "noise_multiplier": 1.0, **setting}
+    with pytest.raises(PrivacyParameterError) as info:
+        w.enable_dp(**kwargs)
+    assert "\n" not in str(info.value)
 
 
 # ==================================================================================== defences that held
@@ -242,6 +253,29 @@ def test_lnmax_accounting_bounds_the_exact_count_vector_mechanism(gamma, queries
     assert charged >= exact.get_epsilon(delta) * (1 - 1e-9)
     assert charged == pytest.approx(min(named.get_epsilon(delta), 2 * gamma * queries), rel=1e-9)
     assert charged <= 2 * gamma * queries and pate.lnmax_epsilon(queries, gamma) == 2 * gamma * queries
+
+
+def test_a_query_cannot_store_its_answer_over_the_owners_dataset(hook):
+    """Attack (write by aliasing, replay): a raw ``veil.dp.query`` frame whose return ids name the DP dataset
+    itself (the noisy count would replace the owner's records), or one id twice. Must hold: the dataset is
+    unchanged, the collision with the owner's id is refused before any charge, and a duplicate id costs at
+    most the one charge of a release (never a second)."""
+    srv = quota_worker(hook, "rt_dp_fresh_alias", TOKEN, None)
+    data = torch.rand(6, 2)
+    srv.load(data.clone(), tags=("#c", "#data"), private=True)
+    srv.load(torch.rand(6, 1), tags=("#c", "#target"), private=True)
+    dp = srv.enable_dp("c", budgets={"sci": (5.0, 0.0)}, hide_count=True)
+    session = open_session(srv, TOKEN)
+    (desc,) = request(srv, session, m.SearchMessage(["#c", "#data"])).descriptors
+    assert desc.shape == (0, 2)  # (the count hidden)
+    ref = m.ObjectRef(desc.id)
+    reply = request(srv, session, m.CommandMessage("veil.dp.query", (ref, "count", 1.0), {}, [desc.id, new_id()]))
+    assert type(reply) is m.ErrorReply and dp.ledger.spent("sci") == (0.0, 0.0)
+    rid = new_id()
+    reply = request(srv, session, m.CommandMessage("veil.dp.query", (ref, "count", 1.0), {}, [rid, rid]))
+    assert type(reply) is m.ErrorReply and dp.ledger.spent("sci")[0] <= 1.0
+    stored = [e.obj for _, e in srv.monitor.owner_entries() if "#data" in e.tags]
+    assert len(stored) == 1 and torch.equal(stored[0], data)
 
 
 def test_float_drift_in_the_ledger_buys_no_charge_past_the_total(tmp_path):

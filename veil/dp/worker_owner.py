@@ -15,6 +15,7 @@ elsewhere it lives in memory unless ``ledger_path`` is given.
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -182,10 +183,11 @@ def enable_dp(worker: Any, datasets: Union[str, Sequence[str], Mapping[str, tupl
     """
     if (max_grad_norm is None) != (noise_multiplier is None):
         raise PrivacyParameterError("DP training needs both max_grad_norm and noise_multiplier (or neither)")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise PrivacyParameterError(f"max_grad_norm must be > 0, got {max_grad_norm}")
-    if noise_multiplier is not None and not noise_multiplier > 0:
-        raise PrivacyParameterError(f"the owner's noise_multiplier must be > 0, got {noise_multiplier}")
+    # (finite: C = inf clips nothing, and sigma = inf failed every release after its charge)
+    if max_grad_norm is not None and not 0 < max_grad_norm < math.inf:
+        raise PrivacyParameterError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}")
+    if noise_multiplier is not None and not 0 < noise_multiplier < math.inf:
+        raise PrivacyParameterError(f"the owner's noise_multiplier must be a finite number > 0, got {noise_multiplier}")
     if not 0 < delta < 1:
         raise PrivacyParameterError(f"delta must be in (0, 1), got {delta}")
     if type(max_bins) is not int or max_bins < 1:
