@@ -382,11 +382,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"  peers: {', '.join(worker.peers)}", flush=True)
         print(f"veil worker {w.id!r} listening on {w.url}", flush=True)
 
-    try:
-        worker.serve_forever(on_ready=ready)
-    finally:
+    def stop_console() -> None:  # before the worker closes its database: the console's last audit rows land
         if console is not None:
             console.stop()
+
+    try:
+        worker.serve_forever(on_ready=ready, on_stop=stop_console)
+    finally:
+        stop_console()  # again if serving failed before its own stop (a second stop does nothing)
     print(f"veil worker {args.id!r} stopped", flush=True)
     return 0
 

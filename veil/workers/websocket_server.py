@@ -447,8 +447,9 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
     # ------------------------------------------------------------ lifecycle
 
     async def serve_async(self, on_ready: Callable[["WebsocketServerWorker"], None] | None = None,
-                          handle_signals: bool = False) -> None:
-        """Serves until :meth:`stop` (or SIGINT/SIGTERM when ``handle_signals``)."""
+                          handle_signals: bool = False, on_stop: Callable[[], None] | None = None) -> None:
+        """Serves until :meth:`stop` (or SIGINT/SIGTERM when ``handle_signals``). ``on_stop`` runs before
+        the owner's database closes: what it still writes (the console's last failed log-ins) is kept."""
         self._loop = asyncio.get_running_loop()
         self._stop = self._loop.create_future()
         # A long command is a CPU-bound thread: with Python's default 5 ms GIL switch
@@ -480,6 +481,8 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
                 token.cancel("the worker is stopping")
         self._executor.shutdown(wait=True)
         release_owner_executor(self)
+        if on_stop is not None:
+            on_stop()
         self.refusals.flush()
         for peer in self.peers.values():
             close = getattr(peer, "close", None)
@@ -555,9 +558,9 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
         readmit(self, name, by)
 
     def serve_forever(self, on_ready: Callable[["WebsocketServerWorker"], None] | None = None,
-                      handle_signals: bool = True) -> None:
+                      handle_signals: bool = True, on_stop: Callable[[], None] | None = None) -> None:
         """Blocking :meth:`serve_async` (the ``veil worker`` command)."""
-        asyncio.run(self.serve_async(on_ready, handle_signals))
+        asyncio.run(self.serve_async(on_ready, handle_signals, on_stop))
 
     def start(self) -> None:
         """PySyft's ``server.start()``: serves until stopped (blocking, like :meth:`serve_forever`)."""
