@@ -214,10 +214,15 @@ class ReviewQueue:
 
     def approved_for(self, object_id: int, principal: str, value_digest: str, same: Any) -> ReleaseRequest | None:
         """The user's newest approved request for this id and these bytes that ``same(request)`` (its
-        computation) accepts, if any (:func:`veil.governance.release.decide`)."""
-        found = self._rows("WHERE object_id = ? AND principal = ? AND digest = ? AND state = 'approved'",
+        computation) accepts, if any (:func:`veil.governance.release.decide`), unless the owner denied a request
+        ``same`` accepts for them since: an approval a refused move gave back outlived the owner's later denial of
+        the very request a get racing that move filed, and released the value over it."""
+        found = self._rows("WHERE object_id = ? AND principal = ? AND digest = ? AND state IN ('approved', 'denied')",
                            (str(object_id), principal, value_digest), 20)
-        return next((r for r in found if same(r)), None)
+        denials = [r.decided_ts or 0.0 for r in found if r.state == "denied" and same(r)]
+        latest_denial = max(denials, default=None)
+        return next((r for r in found if r.state == "approved" and same(r)
+                     and (latest_denial is None or (r.decided_ts or 0.0) > latest_denial)), None)
 
     def denied_for(self, value_digest: str, principal: str) -> ReleaseRequest | None:
         """The user's newest denied request for the same bytes (under any object id), if any: the owner's preview

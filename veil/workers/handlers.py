@@ -405,11 +405,14 @@ def _handle_objects(worker: BaseWorker, msg: m.ObjectMessage, sender: str) -> An
         if validate is not None:
             validate(so.obj)
     principal = worker.principal(sender)
-    stored = worker.monitor.store_objects(principal, msg.objects)
-    if _tracking(worker) and any(caps["provenance"] for _, caps in stored):  # governance (#16)
-        from veil.governance.received import record_received
 
-        record_received(worker, principal, stored)
+    def record(stored: list) -> None:  # governance (#16); in the all-or-none scope: a failure keeps nothing stored
+        if _tracking(worker) and any(caps["provenance"] for _, caps in stored):
+            from veil.governance import received
+
+            received.record_received(worker, principal, stored)
+
+    worker.monitor.store_objects(principal, msg.objects, record)
     return m.OkReply()
 
 

@@ -403,11 +403,11 @@ class ReferenceMonitor(QuotaRules, OpeningRules):
             raise PermissionDeniedError("only a peer worker ends its own requesters' accounts")
         return self._store.drop_account(self.__key, principal.namespace, principal.account)
 
-    def store_objects(self, principal: Principal, objects: list) -> list:
-        """ObjectMessage: client-sent objects; dealt material when a dealer tags it; peer hand-offs; all or none
-        (:meth:`ObjectStore.all_or_none`). Capabilities that travelled with an object (:meth:`export_capabilities`)
-        are applied; they only ever restrict it, except ``kind`` share/dealer, honoured from dealers / peers only.
-        Returns (entry, capabilities) per object (governance records the received ones' op graph)."""
+    def store_objects(self, principal: Principal, objects: list, then: Callable[[list], Any] | None = None) -> list:
+        """ObjectMessage: client-sent objects; dealt material when a dealer tags it; peer hand-offs. All or none
+        (:meth:`ObjectStore.all_or_none`), ``then(stored)`` too: the handler's work on them (a mover reads any error
+        as "stored nothing"). Travelled capabilities (:meth:`export_capabilities`) only restrict, except ``kind``
+        share/dealer from dealers / peers. Returns (entry, capabilities) per object (governance records them)."""
         parsed = [(so, *self._import_capabilities(principal, so.tags)) for so in objects]  # all checks first
         dealt_entries, layout, stored = [], [], []
         with self._store.all_or_none(self.__key, principal.namespace, [so.id for so in objects]):
@@ -425,6 +425,8 @@ class ReferenceMonitor(QuotaRules, OpeningRules):
                 stored.append((entry, caps))
             if dealt_entries:
                 dealt.group(dealt_entries, layout)
+            if then is not None:
+                then(stored)
         return stored
 
     # ------------------------------------------------------ capabilities on the move
