@@ -16,7 +16,15 @@ Holes found and fixed:
   its constants was refused as if it returned the constant itself (their ATen schemas return no alias);
 - errors in the requester's own arguments of ``fit`` (batch size, epochs, rows of data and target, how many state
   tensors) and of ``fix_prec`` (a precision past the ring) came back as ProtectedDataError on owner data: they
-  now say what is wrong (their text depends on the request and on shapes only).
+  now say what is wrong (their text depends on the request and on shapes only; the owner's row count is not
+  quoted);
+- ``func2plan`` ran the user's function twice at build (the batch-size check's second trace): a function that
+  reads no size, count or list of the rows, and catches no op's error, cannot differ on another batch, so it is
+  now traced once (veil/plans/trace.py: ``Tracer.read_sizes``); any other is traced twice and checked as before.
+
+Left as it is: a plan's refused-or-not outcome can follow the size of a value-sized intermediate (``nonzero``) of
+private or reviewed data, but the result's shape already tells that size (a direct ``nonzero`` command's
+descriptor does); values hidden from the requester are refused such ops up front (the oblivious guard).
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ import veil as sy
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST
-from veil.plans import interpreter, training_plan
+from veil.plans import func2plan, interpreter, training_plan
+from veil.plans.batch import BatchDependentPlanError
 from veil.plans.ops import PlanOp, PlanSpec, SlotRef
 from veil.workers import cancellation
 
@@ -330,3 +339,72 @@ def test_fix_prec_with_a_precision_past_the_ring_says_so_on_any_value(hook, whos
         messages.add(reply.message)
     assert len(messages) == 1, messages
     _serving(srv, s, xid)
+
+
+# ------------------------------------------------------------------ func2plan runs its body once
+
+def test_func2plan_runs_a_function_that_reads_no_size_once(hook):
+    """PySyft traces a function once: its side effects (a call counter) happen once; the plan still follows
+    any batch size (compared with torch on 5 rows and on 1)."""
+    calls = []
+
+    @func2plan(args_shape=[(-1, 3)])
+    def affine(x):
+        calls.append(1)
+        return torch.relu(x * 2.0 - 1.0).sum(1)
+
+    assert len(calls) == 1, calls
+    for rows in (5, 1):
+        x = torch.randn(rows, 3)
+        assert torch.allclose(affine(x), torch.relu(x * 2.0 - 1.0).sum(1))
+
+
+def test_a_plan_traced_once_fails_loudly_where_its_function_would_have_branched(hook):
+    """An error the function catches did not happen on the example (nothing read a size: traced once): on a
+    batch where the op fails, the plan fails at that op, in one line, never a silently different result (as a
+    plan whose second trace fails keeps its example's batch)."""
+    calls = []
+
+    @func2plan(args_shape=[(-1, 3)])
+    def pairs(x):
+        calls.append(1)
+        try:
+            return x.view(2, 3).sum(0)
+        except RuntimeError:
+            return x.sum(0)
+
+    assert len(calls) == 1
+    x = torch.randn(2, 3)
+    assert torch.allclose(pairs(x), x.sum(0))
+    with pytest.raises(sy.exceptions.RemoteExecutionError, match="failed at Tensor.view"):
+        pairs(torch.randn(3, 3))
+
+
+@pytest.mark.parametrize("how", ["shape", "len", "unbind", "caught"])
+def test_a_function_that_may_depend_on_the_batch_size_is_still_traced_twice(hook, how):
+    """What holds: a function that reads a size, a count, a list as long as the rows, or catches an op's error
+    on its example (which may follow the rows) is traced again on one more row; one that depends on the rows in
+    a way a worker cannot replay is refused, one that can follows the batch."""
+    calls = []
+
+    def body(x):
+        calls.append(1)
+        if how == "shape":
+            return x.sum() / x.shape[0]
+        if how == "len":
+            return x * float(len(x))
+        if how == "unbind":
+            return sum(x.unbind(0))
+        try:  # (fails on the example's 2 rows, not on 3)
+            return x.view(3, 3).sum(0)
+        except RuntimeError:
+            return x.sum(0)
+
+    if how == "shape":
+        plan = func2plan(args_shape=[(-1, 3)])(body)
+        x = torch.randn(5, 3)
+        assert torch.allclose(plan(x), x.sum() / 5)
+    else:
+        with pytest.raises(BatchDependentPlanError):
+            func2plan(args_shape=[(-1, 3)])(body)
+    assert len(calls) == 2, calls

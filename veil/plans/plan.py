@@ -102,8 +102,10 @@ class Plan:
         (veil/plans/batch.py: traced again on one more row, sizes taken from the batch follow it), unless
         ``fixed_batch`` (it will only ever run on its example's batch size: traced once, as it is)."""
         self._adopt_subclass_layers()
-        spec = self._trace(example_args)
-        rows = None if fixed_batch else batch.rows_of(example_args)
+        seen: dict = {}
+        spec = self._trace(example_args, seen)
+        # (a function that read no size cannot depend on the batch's: traced once, its body run once, as PySyft)
+        rows = None if fixed_batch or not seen["sizes"] else batch.rows_of(example_args)
         if rows is not None and (self._batched_inputs is None or 0 in self._batched_inputs):
             try:
                 again = self._trace(batch.second_examples(example_args, rows, self._batched_inputs))
@@ -115,9 +117,9 @@ class Plan:
         self._compiled = interpreter.compile_plan(self.spec)
         return self
 
-    def _trace(self, example_args: tuple) -> PlanSpec:
+    def _trace(self, example_args: tuple, seen: dict | None = None) -> PlanSpec:
         if self.module is None:
-            return trace(self.fn, example_args, [], self.name)
+            return trace(self.fn, example_args, [], self.name, seen=seen)
         twin = copy.deepcopy(self.module)
         slots = _module_state(twin)
         state = [t.detach().clone().requires_grad_(t.requires_grad) for _, _, t in slots]
@@ -128,7 +130,7 @@ class Plan:
             body = self._step or (lambda m, *xs: m(*xs))
             return body(twin, *inputs)
 
-        return trace(None, example_args, state, self.name, bind_state=bind)
+        return trace(None, example_args, state, self.name, bind_state=bind, seen=seen)
 
     # ------------------------------------------------------------- running
 

@@ -27,6 +27,9 @@ _LOCAL = {
     _T.is_contiguous, _T.stride, _T.is_complex,
 }
 
+#: metadata that may follow the batch size (a Python value the function computes from it is baked into the plan)
+_SIZES = {_T.shape.__get__, _T.size, _T.numel, _T.__len__, _T.stride, _T.is_contiguous}
+
 
 class TraceTensor(torch.Tensor):
     """A real tensor in disguise that records what is done to it."""
@@ -48,10 +51,12 @@ class TraceTensor(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        tracer = leaves((args, kwargs), TraceTensor)[0].__dict__["tracer"]
         if func in _LOCAL:
+            if func in _SIZES:
+                tracer.read_sizes = True
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
-        tracer = leaves((args, kwargs), TraceTensor)[0].__dict__["tracer"]
         return tracer.record(func, args, kwargs)
 
     @classmethod
@@ -68,6 +73,10 @@ class Tracer:
     def __init__(self) -> None:
         self.ops: list[PlanOp] = []
         self.n_slots = 0
+        # whether the function saw anything that may follow the batch size: a size, a count, a Python value an
+        # op returned, a list of tensors as long as some size (unbind, split); if not, its op list cannot differ
+        # on another batch and a second trace (veil/plans/batch.py) would only run it again
+        self.read_sizes = False
 
     def new_slot(self) -> int:
         self.n_slots += 1
@@ -87,7 +96,13 @@ class Tracer:
         wire_args, wire_kwargs = map_structure(args, to_slot), map_structure(kwargs, to_slot)
         unwrap = lambda t: t.__dict__["elem"] if type(t) is TraceTensor else t
         real_args, real_kwargs = map_structure(args, unwrap), map_structure(kwargs, unwrap)
-        result = op.func(*real_args, **real_kwargs)
+        try:
+            result = op.func(*real_args, **real_kwargs)
+        except Exception:
+            self.read_sizes = True  # (caught by the function, the error may have decided what it did next)
+            raise
+        if not (result is None or isinstance(result, torch.Tensor)):  # (a number, a list as long as some size)
+            self.read_sizes = True
         by_elem = {id(t.__dict__["elem"]): t for t in leaves((args, kwargs), TraceTensor)}
         out_slots: list[int] = []
 
@@ -106,9 +121,12 @@ class Tracer:
 
 
 def trace(fn: Callable[..., Any], example_args: tuple, state: list[torch.Tensor], name: str,
-          bind_state: Callable[[list[TraceTensor]], Any] | None = None) -> PlanSpec:
-    """Traces ``fn(*args)`` (with ``state`` bound through ``bind_state``) into a PlanSpec."""
+          bind_state: Callable[[list[TraceTensor]], Any] | None = None, seen: dict | None = None) -> PlanSpec:
+    """Traces ``fn(*args)`` (with ``state`` bound through ``bind_state``) into a PlanSpec; ``seen["sizes"]``,
+    if given: whether the function read anything that may follow the batch size (:attr:`Tracer.read_sizes`)."""
     tracer = Tracer()
+    if seen is not None:
+        seen["sizes"] = True  # (until it returns: a trace that raises read them as far as anyone knows)
     inputs = [tracer.wrap(a) for a in example_args]
     state_wrapped = [tracer.wrap(s) for s in state]
     if bind_state is not None:
@@ -118,4 +136,6 @@ def trace(fn: Callable[..., Any], example_args: tuple, state: list[torch.Tensor]
     outputs = map_structure(out, lambda t: SlotRef(t.__dict__["slot"]), leaf=TraceTensor)
     if leaves(outputs, torch.Tensor):
         raise ValueError(f"plan {name!r} returns a tensor that does not come from its inputs or state")
+    if seen is not None:
+        seen["sizes"] = tracer.read_sizes
     return PlanSpec(name, len(inputs), len(state_wrapped), tracer.n_slots, tracer.ops, outputs)
