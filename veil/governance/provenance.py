@@ -189,11 +189,16 @@ def graph_nbytes(lineage: "Lineage | None") -> int:
     descendants holding uncharged ~75 KB listings); other inherited nodes only by their slot."""
     if lineage is None:
         return 0
+    known = lineage.__dict__.get("_nbytes")  # (once per command, not per result)
+    if known is not None:
+        return known
     listed: set = set()
     own = _node_nbytes(lineage.node, listed)
     sizes = sorted((_node_nbytes(n, listed) for n in lineage.graph.values() if isinstance(n.get("plan"), list)),
                    reverse=True)[:MAX_NODES - 1]  # (the graph is cut to MAX_NODES: at most so many stay)
-    return own + GRAPH_SLOT_BYTES * min(len(lineage.graph) + 1, MAX_NODES + 1) + sum(sizes)
+    known = lineage.__dict__["_nbytes"] = own + GRAPH_SLOT_BYTES * min(len(lineage.graph) + 1, MAX_NODES + 1) \
+        + sum(sizes)
+    return known
 
 
 @dataclass
