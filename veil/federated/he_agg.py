@@ -30,10 +30,12 @@ collude with a client. A federation of one has nothing to hide: its "sum" is
 its own update, fetched and decrypted alone (no commitment). Otherwise a
 majority (and at least two) of the clients the round started with must be in
 the sum, or nothing is decrypted: clients dropped on purpose cannot leave one
-update alone in it. A client reported by both aggregators misbehaved (one
+update alone in it. So must a majority of those of positive weight: a client of
+weight 0 (no samples) adds nothing to the sum, so hides no update in it
+(:class:`_Quorum`). A client reported by both aggregators misbehaved (one
 hostile aggregator cannot make the other report it); one reported by a single
 aggregator may be an honest client that aggregator drops, so the sum must then
-hold that majority without the reporting aggregator's own update: an
+hold those majorities without the reporting aggregator's own update: an
 aggregator and one accomplice cannot shrink the sum to a victim's update next
 to theirs. So where dropping it is refused so (rounds of fewer than five
 clients, or many one-sided reports), the reporter is handed the other aggregator's copy, which matched there, checks it
@@ -74,6 +76,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import sys
 import time
 from secrets import token_hex
 from dataclasses import dataclass, field
@@ -181,6 +184,28 @@ class _RoundKeys:
     stored: dict = field(default_factory=dict)  # worker id -> id of the round's public context there
 
 
+@dataclass(frozen=True)
+class _Quorum:
+    """Who must be left in a round's sum for it to be decrypted: a majority (and at least two) of the clients it
+    started with, and of those among them that weigh something: a client of weight 0 adds nothing to the sum,
+    so hides no one's update in it (one dropped before the round counts as weighing something)."""
+
+    started: int
+    needed: int
+    weights: dict
+    weighty_started: int
+    weighty_needed: int
+
+    @classmethod
+    def of(cls, started: int, weights: dict) -> "_Quorum":
+        weighty = sum(w > 0 for w in weights.values()) + started - len(weights)
+        return cls(started, 1 if started == 1 else max(2, started // 2 + 1), weights, weighty,
+                   0 if weighty <= 1 else max(2, weighty // 2 + 1))
+
+    def weighty(self, clients: list) -> list:
+        return [w for w in clients if self.weights[w] > 0]
+
+
 @dataclass
 class EncryptedAggregation:
     """The coordinator's key material: ``EncryptedAggregation(context=ckks_ctx)`` or ``(public_key, private_key)``.
@@ -214,6 +239,10 @@ class EncryptedAggregation:
             raise ValueError("round_seconds must be a positive number of seconds (or None)")
         if self.context is not None and not self.context.has_secret_key:
             raise ValueError("the coordinator's CKKS context must hold the secret key (it decrypts the sum)")
+        # (NaN or inf: `sum > value_bound * weight` never held, and any crafted sum, the key in it, was released)
+        if isinstance(self.value_bound, bool) or not isinstance(self.value_bound, (int, float)) or \
+                not 0 < self.value_bound <= sys.float_info.max:
+            raise ValueError(f"value_bound must be a finite, positive number, not {repr(self.value_bound)[:40]}")
 
     def _keys_of_a_new_round(self) -> _RoundKeys:
         """The keys of a round about to start (fresh ones with ``fresh_keys``)."""
@@ -266,12 +295,12 @@ class EncryptedAggregation:
         fewer than that majority besides the reporting aggregator.
         """
         ids = list(state_pointers)
-        bad = [w for w in ids if type(weights[w]) not in (int, float) or not 0 <= weights[w] < math.inf]
+        bad = [w for w in ids if type(weights[w]) not in (int, float) or not 0 <= weights[w] <= sys.float_info.max]
         if bad:
             raise ValueError(f"encrypted aggregation weights are finite numbers >= 0; client {bad[0]!r} has "
                              f"{repr(weights[bad[0]])[:40]}")
         started = len(ids) if started is None else max(int(started), len(ids))
-        needed = 1 if started == 1 else max(2, started // 2 + 1)
+        quorum = _Quorum.of(started, {w: weights[w] for w in ids})
         where = {wid: state_pointers[wid][0].location for wid in ids}
         size = sum(int(torch.Size(p.shape).numel()) for p in state_pointers[ids[0]])  # entries of every sum
         owner = where[ids[0]].hook.local_worker
@@ -308,28 +337,33 @@ class EncryptedAggregation:
                     failed[wid] = error_text(e)
             if not encrypted:
                 return None, failed
-            self._enough(len(encrypted), started, needed, failed, late)
+            self._enough(list(encrypted), quorum, failed, late)
             if copies == 1:  # a federation of one: nothing to hide from the coordinator (the sum is its update)
                 sums = [self._sum(where[ids[0]], owner, encrypted[ids[0]], made, size)]
                 survivors = ids
             else:
                 survivors, sums = self._committed_sums(owner, where, encrypted, commitments, round_id, made, size,
-                                                       started, needed, failed, keys)
+                                                       quorum, failed, keys)
             return self._decrypt(sums[0], state_pointers[ids[0]], [weights[w] for w in survivors], failed,
                                  keys), failed
         finally:
             self._free(owner, made)
 
     @staticmethod
-    def _enough(left: int, started: int, needed: int, failed: dict, late: str) -> None:
-        if left < needed:
-            unasked = sum(why == late for why in failed.values())
-            raise EncryptedAggregationError(f"only {left} of the {started} clients of the round are left ({needed} "
-                                            "needed): their sum is not decrypted; round refused"
-                                            + (f" ({unasked} {late})" if unasked else ""))
+    def _enough(left: list, quorum: _Quorum, failed: dict, late: str) -> None:
+        unasked = sum(why == late for why in failed.values())
+        why = f" ({unasked} {late})" if unasked else ""
+        if len(left) < quorum.needed:
+            raise EncryptedAggregationError(f"only {len(left)} of the {quorum.started} clients of the round are left "
+                                            f"({quorum.needed} needed): their sum is not decrypted; round refused{why}")
+        if len(quorum.weighty(left)) < quorum.weighty_needed:
+            raise EncryptedAggregationError(
+                f"only {len(quorum.weighty(left))} of the {quorum.weighty_started} clients of the round of positive "
+                f"weight are left ({quorum.weighty_needed} needed; one of weight 0 hides no update): their sum is not "
+                f"decrypted; round refused{why}")
 
     def _committed_sums(self, owner: Any, where: dict, encrypted: dict, commitments: dict, round_id: str,
-                        made: list, size: int, started: int, needed: int, failed: dict,
+                        made: list, size: int, quorum: _Quorum, failed: dict,
                         keys: _RoundKeys) -> tuple[list, list]:
         """Hands each client's copies to two aggregators picked now, has both check them against the
         commitments, drops the clients whose copy failed at either, and returns (survivors, the two sums)."""
@@ -352,13 +386,14 @@ class EncryptedAggregation:
                 raise EncryptedAggregationError(f"an aggregating client failed checking the commitments; round "
                                                 f"refused, nothing decrypted ({error_text(e)})") from None
         everyone = [wid for wid in encrypted if wid not in failed]
-        if self._one_sided_drop_refused(pair, bad, everyone, started, needed):
+        if self._one_sided_drop_refused(pair, bad, everyone, quorum.needed) or \
+                self._one_sided_drop_refused(pair, bad, quorum.weighty(everyone), quorum.weighty_needed):
             return self._repaired_sums(owner, where, pair, held, bad, round_id, commitments, made, size, everyone,
-                                       started, needed, failed, keys)
+                                       quorum, failed, keys)
         for a in pair:
             failed.update({wid: why for wid, why in bad[a].items() if wid not in failed})
         survivors = [wid for wid in encrypted if wid not in failed]
-        self._enough(len(survivors), started, needed, failed, "")
+        self._enough(survivors, quorum, failed, "")
         try:
             sums = [self._sum(where[a], owner, [held[a][w] for w in survivors], made, size) for a in pair]
         except CLIENT_FAILURES as e:
@@ -377,16 +412,16 @@ class EncryptedAggregation:
                 "refused, nothing decrypted")
 
     @staticmethod
-    def _one_sided_drop_refused(pair: list, bad: dict, everyone: list, started: int, needed: int) -> bool:
-        """Whether dropping the clients one aggregator alone reports would leave fewer than ``needed`` other
-        clients' updates beside it: its word alone (with an accomplice, to leave a victim's update alone with
-        theirs) must not shrink the sum so far."""
-        survivors = [w for w in everyone if w not in bad[pair[0]] and w not in bad[pair[1]]]
+    def _one_sided_drop_refused(pair: list, bad: dict, clients: list, needed: int) -> bool:
+        """Whether dropping the clients one aggregator alone reports would leave fewer than ``needed`` of
+        ``clients`` (all, or those of positive weight) beside it: its word alone (with an accomplice, to leave a
+        victim's update alone with theirs) must not shrink the sum so far."""
+        survivors = [w for w in clients if w not in bad[pair[0]] and w not in bad[pair[1]]]
         return any(set(bad[a]) - set(bad[other]) and len([w for w in survivors if w != a]) < needed
                    for a, other in (pair, pair[::-1]))
 
     def _repaired_sums(self, owner: Any, where: dict, pair: list, held: dict, bad: dict, round_id: str,
-                       commitments: dict, made: list, size: int, everyone: list, started: int, needed: int,
+                       commitments: dict, made: list, size: int, everyone: list, quorum: _Quorum,
                        failed: dict, keys: _RoundKeys) -> tuple[list, list]:
         """Sums in a round too small to drop a client on one aggregator's word: each aggregator adds the copies
         it verified, hands the other the ones that other reported (they matched here), and adds those it gets
@@ -397,7 +432,7 @@ class EncryptedAggregation:
         both = set(bad[a]) & set(bad[b])
         failed.update({wid: bad[a][wid] for wid in both if wid not in failed})
         survivors = [wid for wid in everyone if wid not in both]
-        self._enough(len(survivors), started, needed, failed, "")
+        self._enough(survivors, quorum, failed, "")
         form = self._form(size, keys)
         try:
             totals = {x: self._add(where[x], [held[x][w] for w in survivors if w not in bad[x]], made) for x in pair}

@@ -94,7 +94,7 @@ def aggregate_encrypted(
         raise ValueError("aggregate_encrypted needs at least one update")
     if weights is not None and len(weights) != len(updates):
         raise ValueError(f"got {len(weights)} weights for {len(updates)} updates")
-    if weights is not None and not all(math.isfinite(float(w)) for w in weights):
+    if weights is not None and not all(_finite(w) for w in weights):
         raise ValueError("aggregation weights must be finite numbers")
     # (a negative weight cancels another's in the total the key holder's bound scales with; 0 counts for nothing)
     if any(float(w) < 0 for w in (weights or ())) or any(not u.weight >= 0 for u in updates):
@@ -115,6 +115,20 @@ def aggregate_encrypted(
     else:
         weight = float(sum(float(w) * u.weight for w, u in zip(weights, updates)))
     return EncryptedUpdate(total, dict(first.shapes), dict(first.dtypes), weight)
+
+
+def _finite(x: Any) -> bool:
+    """Whether ``x`` is a finite number, an int past float64's range being none (float() of it raised a bare
+    OverflowError)."""
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
+
+
+def _positive(x: Any) -> bool:
+    """A finite number above 0 (bool is no number here)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and _finite(x) and x > 0
 
 
 def decrypt_update(
@@ -139,15 +153,18 @@ def decrypt_update(
             ``max_weight`` (1e300 would lift the bound off any sum) raises ValueError, nothing decrypted.
 
     Weights: finite and not negative; an aggregate of weight 0 has nothing to average (``average=False`` gives
-    its sum).
+    its sum); an average that is not finite (a tiny weight's, 5e-324 say) is refused.
     """
     weight = aggregate.weight
-    if not math.isfinite(weight):  # (a NaN weight made the bound's comparison false: nothing refused)
-        raise ValueError(f"the aggregate's weight is not finite ({weight!r}); refused")
+    if not _finite(weight):  # (a NaN weight made the bound's comparison false: nothing refused)
+        raise ValueError(f"the aggregate's weight is not finite ({repr(weight)[:40]}); refused")
     if weight < 0 or (weight == 0 and (average or bound is not None)):
         raise ValueError(f"the aggregate's weight is {weight:g}: nothing to average or bound; refused")
     if bound is not None:
-        if type(max_weight) not in (int, float) or not (math.isfinite(max_weight) and max_weight > 0):
+        # (NaN or inf: `sum > bound * weight` never held, so a bound read as NaN refused no crafted sum)
+        if not _positive(bound):
+            raise ValueError(f"decrypt_update(bound=) is a finite, positive magnitude, not {repr(bound)[:40]}")
+        if not _positive(max_weight):
             raise ValueError("decrypt_update(bound=) needs max_weight= (a finite, positive ceiling): the "
                              "aggregate's weight, which the bound scales with, is what its senders claim")
         if weight > max_weight:
@@ -164,7 +181,11 @@ def decrypt_update(
             plain = plain + flooding.gaussian(plain.numel(), flooding.sigma(t.context.global_scale)).reshape(plain.shape)
         if average:
             plain = plain / weight
-        out[name] = plain.to(aggregate.dtypes.get(name, torch.float32)).reshape(aggregate.shapes[name])
+        plain = plain.to(aggregate.dtypes.get(name, torch.float32))
+        if average and plain.is_floating_point() and not torch.isfinite(plain).all():  # (as weight 0 is)
+            raise ValueError(f"parameter {name!r}: the average over the aggregate's weight {weight:g} is not "
+                             f"finite in {plain.dtype}; refused")
+        out[name] = plain.reshape(aggregate.shapes[name])
     return out
 
 
@@ -186,7 +207,7 @@ def update_from_wire(d: dict, **options: Any) -> EncryptedUpdate:
     if not isinstance(d, dict) or d.get("he") != "update" or d.get("v") != chk.WIRE_VERSION:
         raise WireFormatError("not an encrypted-update wire dict")
     weight = chk.field(d, "weight", (float, int))
-    if not math.isfinite(weight) or weight < 0:
+    if not _finite(weight) or weight < 0:
         raise WireFormatError("an encrypted update's weight must be a finite number, not negative")
     tensors, shapes, dtypes = {}, {}, {}
     for p in chk.field(d, "params", list):
