@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import veil as sy
-from veil.exceptions import PermissionDeniedError, RemoteExecutionError, RequestDeniedError
+from veil.exceptions import ObjectNotFoundError, PermissionDeniedError, RemoteExecutionError, RequestDeniedError
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.workers.quota import QuotaExceededError
@@ -104,7 +104,7 @@ def test_a_destination_failing_after_the_store_keeps_nothing_of_a_refused_move(h
 # ------------------------------------------------------------------ a claim racing a refused batch
 
 
-def test_a_claim_racing_a_peers_refused_hand_off_gets_nothing(hook):
+def test_a_claim_racing_a_peers_refused_hand_off_gets_nothing(hook, monkeypatch):
     """Race (the read window of all_or_none): a peer hands off two tensors for one requester account, the second
     past the account's quota; while the batch is being stored (the first already in), the scientist names the
     first id (a claim). Must hold: the claim waits for the batch and then finds nothing (the batch was removed),
@@ -113,6 +113,7 @@ def test_a_claim_racing_a_peers_refused_hand_off_gets_nothing(hook):
 
     from veil.messaging.serde import deserialize, serialize
     from veil.workers.monitor import ReferenceMonitor
+    from veil.workers.principals import Purpose
     from veil.workers.websocket_auth import authenticate
 
     srv = quota_worker(hook, _uid("ras-claim"), SCI, 3000)
@@ -121,29 +122,32 @@ def test_a_claim_racing_a_peers_refused_hand_off_gets_nothing(hook):
     srv.sessions[peer.id] = peer
     sci = open_session(srv, SCI)
     account, ids = secrets.token_hex(8), [new_id(), new_id()]
-    check, claims = ReferenceMonitor._check_account, []
+    check, claims, threads = ReferenceMonitor._check_account, [], []
+
+    def claim():
+        try:
+            claims.append(srv.monitor.resolve(srv.principal_of(sci), ids[0], Purpose.REVEAL).obj)
+        except ObjectNotFoundError as e:
+            claims.append(e)
 
     def claim_then_check(self, principal, oid, nbytes):
-        if oid == ids[1]:  # the first is stored: the scientist names it now, from another connection's thread
-            t = threading.Thread(target=lambda: claims.append(
-                request(srv, sci, m.GetObjectsMessage([ids[0]], True))))
+        if oid == ids[1]:  # the first is stored: the scientist names it now, from a thread outside the server's
+            # turn (as the inline lane or a dealer's thread reads the store): it waits on the store's lock
+            t = threading.Thread(target=claim)
             t.start()
-            t.join(0.3)  # (it waits on the store's lock while the batch holds it)
-            claims.append(t)
+            t.join(0.3)
+            threads.append(t)
         return check(self, principal, oid, nbytes)
 
-    ReferenceMonitor._check_account = claim_then_check
-    try:
-        frame = serialize(m.ObjectMessage([m.StoredObject(i, torch.zeros(500)) for i in ids]),
-                          sender=f"dave#{account}")
-        reply = deserialize(srv.serve_bytes(frame, peer))[0]
-    finally:
-        ReferenceMonitor._check_account = check
-    thread = claims.pop(0)
-    thread.join(10)
+    monkeypatch.setattr(ReferenceMonitor, "_check_account", claim_then_check)
+    frame = serialize(m.ObjectMessage([m.StoredObject(i, torch.zeros(500)) for i in ids]), sender=f"dave#{account}")
+    reply = deserialize(srv.serve_bytes(frame, peer))[0]
+    for t in threads:
+        t.join(10)
     assert type(reply) is m.ErrorReply and reply.error == QuotaExceededError.__name__, reply
     (got,) = claims
-    assert type(got) is m.ErrorReply and got.error == "ObjectNotFoundError", got
+    assert isinstance(got, ObjectNotFoundError), got
+    assert request(srv, sci, m.GetObjectsMessage([ids[0]])).error == "ObjectNotFoundError"
     assert srv.monitor._account_state(peer.id, account)[:2] == (False, 0)
     assert srv.monitor.session_bytes(sci.id) == 0
 
