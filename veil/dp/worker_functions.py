@@ -108,7 +108,7 @@ def _sanitized_gradient(worker: Any, plan: Any, dataset: str, params: list, trai
                                     f"{type(e).__name__}: {e}") from None
     chunk = _records_per_chunk(worker, budget, like)
     c = settings.max_grad_norm
-    with settings.lock:
+    with settings.user_lock(user):
         # Charge first (before any work on the data): a failure below stays charged.
         settings.ledger.charge_training_step(user, sigma, q, settings.delta, settings.accountant,
                                              reason=f"DP-SGD on {worker.id}/{dataset}", request_id=rid)
@@ -184,8 +184,9 @@ def _query(worker: Any, x: Any, name: str, epsilon: float, delta: float = 0.0, m
     rid = _request_id(request_id)
     # Validates the mechanism / bounds / delta on the public shape only: nothing is computed yet.
     cost_eps, cost_delta = query_cost(name, x.shape, **kwargs)
-    with settings.lock:
-        settings.ledger.charge(_user(worker), cost_eps, cost_delta, f"DP {name} ({mechanism}) on {worker.id}",
+    user = _user(worker)
+    with settings.user_lock(user):
+        settings.ledger.charge(user, cost_eps, cost_delta, f"DP {name} ({mechanism}) on {worker.id}",
                                request_id=rid)
         try:
             result = query(x.detach(), **kwargs)

@@ -18,9 +18,10 @@ from __future__ import annotations
 import math
 import threading
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -72,8 +73,26 @@ class WorkerDP:
     max_bins: int = 10_000
     hide_count: bool = False
     nominal_count: Optional[int] = None
-    # One release at a time: the ledger's accountant state is shared.
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    #: user -> [lock, releases of theirs in flight] (:meth:`user_lock`; a user's entry goes with their last)
+    _user_locks: dict = field(default_factory=dict, repr=False)
+    _user_locks_guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @contextmanager
+    def user_lock(self, user: str) -> Iterator[None]:
+        """One release of ``user``'s at a time (her accountant state is read, stepped and written back), and
+        other users' not held up by it: a charge whose COMMIT answer was lost is looked up for up to ~10 s
+        (workers/database.py), which one lock of the whole worker made every user's release wait for."""
+        with self._user_locks_guard:
+            held = self._user_locks.setdefault(user, [threading.Lock(), 0])
+            held[1] += 1
+        try:
+            with held[0]:
+                yield
+        finally:
+            with self._user_locks_guard:
+                held[1] -= 1
+                if not held[1]:
+                    del self._user_locks[user]
 
     @property
     def training_enabled(self) -> bool:

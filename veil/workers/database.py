@@ -118,7 +118,10 @@ class _Watchdog:
     Database's lock (a DP release and every later one on that worker). So a statement still running after
     ``STALL_S`` seconds triggers a liveness check (a fresh connection, ``PROBE_S`` to answer): if the server
     does not answer, the statement's socket is shut down and psycopg raises at once. A statement on a live
-    server is left to the server's own limits, up to ``hard_s`` (3 x its statement_timeout).
+    server is left to the server's own limits, up to ``hard_s`` (3 x its statement_timeout). A server is
+    probed once a round however many of its statements stalled (commit lookups run beside the main
+    connection's statement: probed one by one, that statement, which holds every charge's lock, waited 5 s
+    more for each).
     """
 
     STALL_S = 10.0
@@ -143,9 +146,12 @@ class _Watchdog:
             with self.lock:
                 stalled = [(db, db._busy) for db in list(self.watched)
                            if db._busy is not None and now >= db._busy[2]]
+            answers: dict[str, bool] = {}  # (one probe per server a round: many lookups stall at once)
             for db, busy in stalled:
                 conn, started, _check = busy
-                dead = now - started >= db._hard_s or not _server_answers(db.location, self.PROBE_S)
+                if now - started < db._hard_s and db.location not in answers:
+                    answers[db.location] = _server_answers(db.location, self.PROBE_S)
+                dead = now - started >= db._hard_s or not answers[db.location]
                 with self.lock:
                     if db._busy is not busy:  # that statement ended meanwhile
                         continue

@@ -1,0 +1,260 @@
+"""Red team, second pass on the governance-DB third fixes (171467d, bf7b5cc): a lost COMMIT looked up after the
+database lock is let go, close() final, issued holder names in lower case, the console's owner sources.
+
+Attacks, each asserting what must hold:
+
+- the lookup no longer holds the database's lock, but a worker's DP releases still ran under one lock of the
+  whole worker (``WorkerDP.lock``) held through the charge: Alice's release whose COMMIT answer was lost held
+  every other user's release on that worker for the whole lookup (~10 s against a server that is gone), the
+  stall the fix was for. Must hold: Bob's release goes on meanwhile; Alice's is reported unknown, and her
+  repeat of the same request id is refused: charged once. (A network worker's commands also share its turn,
+  which a command keeps through its database statements, a lookup included: not changed here.);
+- many lookups at once (a proxy that drops every COMMIT's answer, then stalls what it lets through): each
+  stalled lookup is a statement the watchdog checks, and it probed the server once per stalled statement,
+  one after another (5 s each). The main connection's stalled statement, which holds the lock of every
+  charge and audit row, waited behind all of them. Must hold: a server is probed once per watchdog round,
+  however many of its statements stalled, and every stalled one is cut in that round;
+- regression guards of what held: a look-alike holder name (fullwidth, the Kelvin sign, the long s, dotless
+  i, a Cyrillic letter) is refused at issue time and at the handshake; a use of a closed database says so in
+  one line without the database's URL or password; a non-owner's requests (a failed log-in, a page asked for
+  without a session) never add their source to the owner sources the console remembers, and the owner's own
+  source, refreshed by her requests, is the last of them to go.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import pytest
+import torch
+
+import veil as sy
+
+from tests.scale import conftest as scale_fixtures
+from tests.security.test_redteam_govdb_third import _CommitAnsweredThenLost
+
+postgres_server, pg_url = scale_fixtures.postgres_server, scale_fixtures.pg_url  # fixtures: a real PostgreSQL
+
+ISSUER_SECRET = "redteam-govdb-third-second-issuer"
+
+
+# --------------------------------------------------------------------------- a lost COMMIT under the DP lock
+
+
+def test_a_lost_commit_on_one_users_dp_release_does_not_hold_up_another_users_release(hook, pg_url, monkeypatch):
+    """Alice's DP count loses its COMMIT's answer and the lookup cannot reach the server (each connect hangs
+    ~3 s). Bob asks for a DP count on the same worker meanwhile. Must hold: Bob's release is answered well
+    before the lookup ends; Alice's is reported unknown in one line, her repeat is refused as already charged,
+    and each is charged exactly once."""
+    from veil.dp.worker_functions import _query
+    from veil.dp.worker_owner import enable_dp
+    from veil.workers.database import CommitOutcomeUnknownError
+
+    w = sy.VirtualWorker(hook, id=f"govdb3-2-dp-{time.monotonic_ns()}")
+    settings = enable_dp(w, budgets={"alice": (10.0, 1e-5), "bob": (10.0, 1e-5)}, ledger_path=pg_url)
+    ledger, x = settings.ledger, torch.arange(20.0)
+    real_connect, looking_up, outcome = psycopg.connect, threading.Event(), {}
+
+    def unreachable_for_the_lookup(*args, **kwargs):
+        if threading.current_thread().name == "alice-release":  # (only the lost commit's lookup)
+            looking_up.set()
+            time.sleep(3.0)
+            raise psycopg.OperationalError("connection timeout expired")
+        return real_connect(*args, **kwargs)
+
+    def release(user: str, request_id: str):
+        w._request.sender = user  # (the requester of this thread's request)
+        try:
+            return _query(w, x, "count", 1.0, request_id=request_id)
+        finally:
+            w._request.sender = None
+
+    def alice_release():
+        try:
+            outcome["answer"] = release("alice", "govdb3-2-alice-1")
+        except Exception as e:  # noqa: BLE001 - reported below
+            outcome["error"] = e
+
+    try:
+        ledger._db._conn = _CommitAnsweredThenLost(ledger._db._conn)
+        monkeypatch.setattr(psycopg, "connect", unreachable_for_the_lookup)
+        alice = threading.Thread(target=alice_release, name="alice-release")
+        alice.start()
+        assert looking_up.wait(10), "the lost commit was never looked up"
+        started = time.monotonic()
+        value, cost = release("bob", "govdb3-2-bob-1")
+        waited = time.monotonic() - started
+        alice.join(20)
+        assert waited < 1.5, f"Bob's release waited {waited:.1f} s for Alice's commit lookup"
+        assert cost[0].item() == pytest.approx(1.0)
+        assert isinstance(outcome.get("error"), CommitOutcomeUnknownError), outcome
+        assert "\n" not in str(outcome["error"])
+        with pytest.raises(Exception, match="already charged"):
+            release("alice", "govdb3-2-alice-1")
+        assert ledger.spent("alice") == pytest.approx((1.0, 0.0))
+        assert ledger.spent("bob") == pytest.approx((1.0, 0.0))
+    finally:
+        ledger.close()
+
+
+def test_a_users_releases_still_run_one_at_a_time(hook):
+    """What the worker's DP lock was for stays: one user's releases do not run at once (her accountant state
+    is read, stepped and written back), while another user's are not held up by them."""
+    from veil.dp.worker_owner import enable_dp
+
+    w = sy.VirtualWorker(hook, id=f"govdb3-2-dp-serial-{time.monotonic_ns()}")
+    settings = enable_dp(w, budgets={"alice": (10.0, 1e-5), "bob": (10.0, 1e-5)})
+    held = threading.Event()
+    entered = {}
+
+    def hold_alice():
+        with settings.user_lock("alice"):
+            held.set()
+            time.sleep(0.5)
+
+    holder = threading.Thread(target=hold_alice)
+    holder.start()
+    assert held.wait(5)
+    for user in ("bob", "alice"):
+        started = time.monotonic()
+        with settings.user_lock(user):
+            entered[user] = time.monotonic() - started
+    holder.join(5)
+    assert entered["bob"] < 0.2 and entered["alice"] > 0.2, entered
+    assert not settings._user_locks, "a lock of a user with no release in flight was kept"
+    settings.ledger.close()
+
+
+# --------------------------------------------------------------------------- many stalled lookups at once
+
+
+class _Stalled:
+    """One statement the watchdog sees stalled (a commit lookup's, or the main connection's): its liveness
+    check is due, its hard limit far off, its connection has no socket left to shut."""
+
+    def __init__(self, location: str) -> None:
+        self.location, self._hard_s = location, 1e9
+        self._busy = [type("Conn", (), {"pgconn": None})(), time.monotonic(), time.monotonic() - 1]
+
+
+def test_a_server_is_probed_once_per_round_however_many_of_its_statements_stalled(monkeypatch):
+    """Nine statements on one server stall at once (eight commit lookups beside the main connection's). Each
+    liveness probe of a server that is gone takes its whole timeout (here 0.5 s). Must hold: the server is
+    probed once, and all nine are cut in that round (not one probe after another: 4.5 s here, 45 s with the
+    real 5 s probe, while the main connection's statement held every charge's lock)."""
+    from veil.workers import database
+
+    location = "postgresql://veil@192.0.2.1:5432/gone"
+    probes = []
+
+    def no_answer(where: str, timeout: int) -> bool:
+        probes.append(where)
+        time.sleep(0.5)
+        return False
+
+    monkeypatch.setattr(database, "_server_answers", no_answer)
+    stalled = [_Stalled(location) for _ in range(9)]
+    for s in stalled:
+        database._WATCHDOG.watch(s)
+    started = time.monotonic()
+    while any(s._busy is not None for s in stalled) and time.monotonic() - started < 10:
+        time.sleep(0.05)
+    took = time.monotonic() - started
+    assert all(s._busy is None for s in stalled), "a stalled statement was never cut"
+    assert probes.count(location) == 1, f"the server was probed {probes.count(location)} times"
+    assert took < 2.5, f"cutting the stalled statements took {took:.1f} s"
+
+
+# --------------------------------------------------------------------------- guards: what held
+
+
+@pytest.mark.parametrize("alike", ["\uff41lice", "\u212aate", "\u017fam", "al\u0131ce", "\u0430lice", "ALICE"],
+                         ids=["fullwidth", "kelvin", "long-s", "dotless-i", "cyrillic", "capitals"])
+def test_look_alike_holder_names_are_refused_at_issue_and_at_the_handshake(alike):
+    """A holder name that only reads like a lower-case ASCII name is refused at issue time in one line, a token
+    of it (made by hand with the issuer's secret) is refused at the handshake, and it is no user the owner
+    could name."""
+    from veil.workers import client_tokens
+
+    with pytest.raises(ValueError) as caught:
+        client_tokens.issue(ISSUER_SECRET, "client", alike)
+    assert "\n" not in str(caught.value)
+    tokens = sy.TokenTable()
+    tokens.add_issuer(ISSUER_SECRET, "client")
+    forged = f"vc1.client.{alike}.{client_tokens._mac(ISSUER_SECRET.encode(), 'client', alike)}"
+    assert tokens.lookup(forged) is None
+    assert tokens.issued_principal(f"client/{alike}") is None
+    assert tokens.lookup(client_tokens.issue(ISSUER_SECRET, "client", "alice")).name == "client/alice"
+
+
+def test_a_closed_postgresql_database_says_so_without_its_url_or_password(pg_url):
+    """The closed database's refusal is what a client may see (an error of its request): one line that names
+    the close, never the URL, its user or its password."""
+    from veil.workers.database import Database, DatabaseClosedError
+
+    db = Database(pg_url)
+    db.close()
+    with pytest.raises(DatabaseClosedError) as caught:
+        db.execute("SELECT 1")
+    text = str(caught.value)
+    assert "closed" in text and "\n" not in text
+    assert "postgresql" not in text and "@" not in text and pg_url.rsplit("/", 1)[-1] not in text
+
+
+class _Loop:
+    time = staticmethod(time.monotonic)
+
+    @staticmethod
+    def call_later(seconds, callback):
+        return type("Handle", (), {"cancel": lambda self: None})()
+
+
+def _connection(source: str, seen: dict):
+    from veil.governance.console import connections
+
+    c = connections.BoundedH11Protocol.__new__(connections.BoundedH11Protocol)
+    c._mark, c._source, c._timed_cycle, c._deadline = connections._RequestMark(), source, None, None
+    c._carried_session_host = c._carried_owner = False
+    c.server_state = type("ServerState", (), {})()
+    c.server_state.veil_owner_sources = seen
+    c.loop = _Loop()
+    return c
+
+
+def _next_request(c) -> None:
+    """A new request head arrived on ``c`` (its previous request's mark is taken into account now)."""
+    c.cycle = type("Cycle", (), {"scope": {}, "response_complete": False})()
+    assert c._time_new_request()
+
+
+def test_only_the_owners_requests_add_a_source_and_hers_is_the_last_to_go():
+    """Requests that were not the owner's (no mark: failed log-ins, pages asked for without a session), from
+    many sources, add none of them; the owner's requests from 17 sources keep the 16 latest, her current
+    one among them."""
+    from veil.governance.console import connections
+
+    seen: dict = {}
+    for i in range(40):
+        stranger = _connection(f"100.64.{i}.0/24", seen)
+        _next_request(stranger)
+        _next_request(stranger)  # (the first request ended unmarked)
+    assert seen == {}
+    current = _connection("203.0.113.0/24", seen)
+    _next_request(current)
+    current._mark.owner = True  # (the app found her session)
+    _next_request(current)
+    for i in range(connections.MAX_OWNER_SOURCES - 1):
+        roaming = _connection(f"198.51.{i}.0/24", seen)
+        _next_request(roaming)
+        roaming._mark.owner = True
+        _next_request(roaming)
+    current._mark.owner = True  # (she goes on from where she is now)
+    _next_request(current)
+    newest = _connection("198.51.200.0/24", seen)
+    _next_request(newest)
+    newest._mark.owner = True
+    _next_request(newest)
+    assert len(seen) == connections.MAX_OWNER_SOURCES
+    assert "203.0.113.0/24" in seen and "198.51.0.0/24" not in seen and "198.51.200.0/24" in seen
