@@ -35,6 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_sessions import open_session, quota_worker, request  # noqa: E402
 from review_steps import uid as _uid, pending_id as _pending, release_rows as _release_rows  # noqa: E402
 
+from tests.scale import conftest as _scale  # noqa: E402
+
+pg_url, postgres_server = _scale.pg_url, _scale.postgres_server  # (fixtures: a real PostgreSQL)
+
 SECRET = torch.tensor([[1.5, -2.25, 3.0], [4.0, 5.5, -6.75]])
 SCI = "rt-ras-sci-token"
 
@@ -190,6 +194,25 @@ def test_a_later_denial_of_the_same_request_voids_a_given_back_approval(hook, ow
     so the denial is no longer the latest), then computes ``d * 3`` again: the fallback to "an approval of exactly
     this value" released plain torch's ``d * 3`` over the owner's denial. Must hold: the denial answers while it
     is the latest; afterwards the value needs a new request (no release, no release row for the old approval)."""
+    _assert_denial_holds(hook, owner)
+
+
+@pytest.mark.slow
+def test_a_later_denial_voids_a_given_back_approval_on_postgres(hook, pg_url):
+    """The same on PostgreSQL (the approved and denied rows read in one query)."""
+    from veil.workers.persistence import OwnerDB
+
+    w = sy.VirtualWorker(hook, id=_uid("ras-pg"))
+    w.db = OwnerDB(pg_url)
+    w.load(SECRET.clone(), tags=("#d",), policy="review")
+    try:
+        _assert_denial_holds(hook, w)
+    finally:
+        w.db.close()
+
+
+def _assert_denial_holds(hook, owner):
+    """The denial holds past a newer request (see the test above)."""
     compute, get, rid, denied = _racing_denial(hook, owner)
     with pytest.raises(RequestDeniedError, match="not this value"):
         get()
