@@ -4,7 +4,8 @@ counting for nothing, survivors of weight 0 refused) and fresh CKKS contexts per
 
 Attackers: an aggregating client that reports an honest client's copy in a round where some clients hold no
 samples; a sender stating a tiny or oversized weight; a key holder's bound that bounds nothing (NaN, inf);
-an accomplice relabelling an earlier round's CKKS ciphertext with this round's key id; many failed CKKS rounds.
+an accomplice relabelling an earlier round's CKKS ciphertext with this round's key id; many failed CKKS rounds;
+a round's registration of its context at the coordinator.
 
 Tests whose docstring starts with HOLE failed on the code before the fix (the file was run against
 ``git archive`` of the parent commit); the others guard what holds (each was checked to fail with the
@@ -18,7 +19,9 @@ defence switched off: ``fresh_keys=False``, a round's ``_free`` skipped). Fixed:
   its ``value_bound``;
 - an int weight past float64's range is refused in one line (``update_from_wire``: WireFormatError;
   ``aggregate_encrypted``, ``decrypt_update(max_weight=)``, ``EncryptedAggregation.aggregate``: ValueError),
-  not a bare OverflowError.
+  not a bare OverflowError;
+- ``ckks_wire.remember``: a round's public context no longer replaces the coordinator's registered secret
+  context of the same key (``fresh_keys=False``: its own ciphertexts on workers no longer decoded after a round).
 """
 
 from __future__ import annotations
@@ -331,3 +334,23 @@ def test_failed_ckks_rounds_leave_no_context_anywhere(hook, ckks_ctx):
     left = [o for w in [*honest, prober, *gone] for o in w._objects.values() if isinstance(o, (CKKSContext,
                                                                                              CKKSTensor))]
     assert not left, left
+
+
+def test_a_round_leaves_the_coordinators_own_ckks_registration_alone(hook):
+    """HOLE: each round registers its public context (``ckks_wire.remember``) so that the sums fetched back
+    decode; with ``fresh_keys=False`` that is the coordinator's own key, and the registration replaced the
+    secret context ``send_encrypted`` had registered, then vanished with the round (a weak entry): the
+    coordinator's own ciphertexts on a worker no longer came back (``ptr.get()``: "a context this process has
+    not received"). Now a registered secret context is kept; the round and the fetch both work."""
+    ckks_ctx = ckks.context(poly_modulus_degree=8192, coeff_mod_bit_sizes=[60, 40, 40, 60], galois_keys=False)
+    x = torch.tensor([0.25, -1.5, 3.0])
+    keeper = sy.VirtualWorker(hook, id=uid("fw2-keep"))
+    ptr = veil.he.remote.send_encrypted(ckks.encrypt(x, ckks_ctx), keeper)
+    workers = [sy.VirtualWorker(hook, id=uid("fw2-c")) for _ in range(3)]
+    values = {w.id: torch.tensor([float(k), -1.0]) for k, w in enumerate(workers, start=1)}
+    he = EncryptedAggregation(context=ckks_ctx, fresh_keys=False)
+    total, failed = he.aggregate(_states(workers, values), {w.id: 1 / 3 for w in workers})
+    assert not failed and torch.allclose(total[0], sum(values.values()) / 3, atol=1e-2), "not what plain torch gives"
+    gc.collect()
+    got, err, _ = attempt(lambda: ptr.get().decrypt())
+    assert err is None and torch.allclose(got, x, atol=1e-2), (got, err)

@@ -35,9 +35,13 @@ _received_lock = threading.Lock()
 
 
 def remember(ctx: CKKSContext) -> None:
-    """Registers a local context so that tensors coming back under it decode against it."""
+    """Registers a local context so that tensors coming back under it decode against it. A public copy does
+    not replace a registered secret context of the same key (an encrypted round's registration, weak, would
+    leave with the round and take the key owner's with it)."""
     with _received_lock:
-        _received[ctx.key_id] = ctx
+        known = _received.get(ctx.key_id)
+        if known is None or ctx.has_secret_key or not known.has_secret_key:
+            _received[ctx.key_id] = ctx
 
 
 def context_to_wire(ctx: CKKSContext) -> dict:
