@@ -243,3 +243,39 @@ def test_an_approval_decided_after_a_denial_still_releases(hook, owner):
     assert second != first
     owner.release_requests.approve(second)
     assert torch.equal(get(), SECRET * 2)
+
+
+# ------------------------------------------------------------------ the given-back mark across `veil db migrate`
+
+
+@pytest.mark.slow
+def test_the_given_back_mark_survives_db_migrate(hook, tmp_path, pg_url):
+    """Guard (replay across a migration): an approval given back once on SQLite, the state migrated to PostgreSQL
+    (``veil db migrate``). Must hold: the approval is still approved there, and once used it is not given back a
+    second time (the mark travelled with the key-value table: without it each migration reset the bound)."""
+    from veil.governance.requests import ReviewQueue
+    from veil.workers.db_migrate import migrate
+    from veil.workers.persistence import OwnerDB
+
+    before = sy.VirtualWorker(hook, id=_uid("ras-mig"))
+    before.db = OwnerDB(str(tmp_path / "veil-worker.sqlite3"))
+    before.load(SECRET.clone(), tags=("#d",), policy="review")
+    x = before.search(["#d"])[0] * 3.0
+    rid = _pending(x.get)
+    before.release_requests.approve(rid)
+    dest = sy.VirtualWorker(hook, id=_uid("ras-mig-dst"))
+    with pytest.raises(PermissionDeniedError, match="already in use"):
+        _send(hook, before, m.MoveMessage([x.id_at_location], dest.id, [torch.ones(1).send(dest).id_at_location]))
+    assert before.release_requests.get(rid).state == "approved"
+    before.db.close()
+    migrate(tmp_path, pg_url)
+    after = sy.VirtualWorker(hook, id=_uid("ras-mig-pg"))
+    after.db = OwnerDB(pg_url)
+    after.load(SECRET.clone(), tags=("#d",), policy="review")
+    try:
+        queue = ReviewQueue(after)
+        assert queue.get(rid).state == "approved"
+        queue.mark_released(rid)
+        assert queue.restore_approval(rid) is False and queue.get(rid).state == "released"
+    finally:
+        after.db.close()
