@@ -57,10 +57,17 @@ def _set(value: Any) -> bool:
     return not (value is False or value is None)  # (a tensor or anything unusual counts as set)
 
 
-def written_args(op: Any) -> list:
+def written_args(op: Any) -> tuple:
     """What an op writes into in place (slots and constant tensors): ``self`` of ``add_``/``+=``/``x[i] =``,
     ``out=``, the input of ``inplace=True``, the running statistics of a training-mode ``batch_norm``, the weight of
-    an ``embedding`` with ``max_norm``."""
+    an ``embedding`` with ``max_norm``. Worked out once per op (a plan's checks walk its ops several times)."""
+    known = op.__dict__.get("_written")
+    if known is None:
+        known = op.__dict__["_written"] = tuple(_written_args(op))
+    return known
+
+
+def _written_args(op: Any) -> list:
     method = op.op.rsplit(".", 1)[-1]
     targets: list = []
     if op.op in _INPLACE_DUNDERS or (method.endswith("_") and not method.startswith("_")):
@@ -112,7 +119,7 @@ def alias_groups(spec: PlanSpec) -> Aliases:
         if _FRESH.fullmatch(op.op.rsplit(".", 1)[-1]) and not written_args(op):
             continue
         source = (op.args[:1], {}) if op.op.startswith("Tensor.") else (op.args, op.kwargs)
-        inputs = leaves(source, SlotRef) + leaves(source, torch.Tensor) + written_args(op)
+        inputs = leaves(source, SlotRef) + leaves(source, torch.Tensor) + list(written_args(op))
         groups.union([key(v) for v in inputs] + [s for s in op.out_slots if s >= 0])
     return groups
 

@@ -51,7 +51,7 @@ def _check_constants(spec: PlanSpec) -> None:
     # data, it would hold the owner's values, unmarked, for the next run on the scientist's own tensor.
     # The same for a result that may be a constant or a view of one: an in-place write into the stored result
     # (owner data added to it) would reach the constant.
-    groups = aliasing.alias_groups(spec)
+    groups = spec.__dict__["_alias_groups"] = aliasing.alias_groups(spec)  # (step_undo reads them too)
     op = aliasing.shared_write(spec, groups, state=False)
     if op is not None:
         raise OperationNotAllowedError(f"plan {spec.name!r} writes in place into one of its constants ({op}, or "

@@ -25,7 +25,7 @@ def writes_state(spec: PlanSpec) -> bool:
     """Whether a step of the plan may change its state tensors or their gradients (decided once per plan)."""
     known = spec.__dict__.get("_writes_state")
     if known is None:
-        groups = aliasing.alias_groups(spec)
+        groups = spec.__dict__.get("_alias_groups") or aliasing.alias_groups(spec)
         known = spec.n_state > 0 and (aliasing.shared_write(spec, groups, state=True) is not None
                                       or any(_GRAD_WRITES.search(op.op) for op in spec.ops))
         spec.__dict__["_writes_state"] = known
