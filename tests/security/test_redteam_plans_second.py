@@ -81,7 +81,7 @@ def _writes_then_fails():
 def _writes_then_runs_long():
     """A training step's shape: state += x first, then thousands of ops (past the worker's deadline)."""
     ops = [PlanOp(ADD_, (SlotRef(2), SlotRef(0)), {}, [3], False),
-           PlanOp(CLONE, (torch.randn(200, 200),), {}, [4], False)]
+           PlanOp(CLONE, (torch.randn(300, 300),), {}, [4], False)]  # ~36 s of products uncut
     ops += [PlanOp(MM, (SlotRef(4), SlotRef(4)), {}, [5], False)] * 20_000
     ops.append(PlanOp(SUM, (SlotRef(0),), {}, [6], False))
     return PlanSpec("slow", 2, 1, 7, ops, SlotRef(6))
@@ -104,7 +104,7 @@ def test_a_plan_that_fails_after_writing_reviewed_data_into_its_state_leaves_the
         reply, _ = run_command(srv, s, "veil.plan.fit", _writes_then_runs_long(), m.ObjectRef(xid),
                                m.ObjectRef(xid), [m.ObjectRef(state)], 4, 1, False)
         assert _one_line(reply).error == "CommandTimeoutError", reply
-        assert time.perf_counter() - t0 < 4.0
+        assert time.perf_counter() - t0 < 10.0  # cut near 0.5 s; the margin is for a loaded 2-core host
         srv.max_command_seconds = None
     got = _get(srv, s, state)
     assert type(got) is m.ErrorReply and got.error == "ReviewPendingError", got
