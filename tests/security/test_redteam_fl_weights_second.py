@@ -5,7 +5,7 @@ counting for nothing, survivors of weight 0 refused) and fresh CKKS contexts per
 Attackers: an aggregating client that reports an honest client's copy in a round where some clients hold no
 samples; a sender stating a tiny or oversized weight; a key holder's bound that bounds nothing (NaN, inf);
 an accomplice relabelling an earlier round's CKKS ciphertext with this round's key id; many failed CKKS rounds;
-a round's registration of its context at the coordinator.
+a round's registration of its context at the coordinator; a client encrypting at a scale of its own.
 
 Tests whose docstring starts with HOLE failed on the code before the fix (the file was run against
 ``git archive`` of the parent commit); the others guard what holds (each was checked to fail with the
@@ -21,7 +21,9 @@ defence switched off: ``fresh_keys=False``, a round's ``_free`` skipped). Fixed:
   ``aggregate_encrypted``, ``decrypt_update(max_weight=)``, ``EncryptedAggregation.aggregate``: ValueError),
   not a bare OverflowError;
 - ``ckks_wire.remember``: a round's public context no longer replaces the coordinator's registered secret
-  context of the same key (``fresh_keys=False``: its own ciphertexts on workers no longer decoded after a round).
+  context of the same key (``fresh_keys=False``: its own ciphertexts on workers no longer decoded after a round);
+- ``he_commitments.form_of``: a CKKS ciphertext's form holds its scale, so one at a scale of its sender's
+  choosing is flagged and its sender dropped (the aggregator's addition failed: one client refused the round).
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ def paillier():
 def ckks_ctx():  # (the smallest ring: each round sends its fresh public context to every client)
     return ckks.context(poly_modulus_degree=4096, coeff_mod_bit_sizes=[40, 20, 40], global_scale=2**20,
                         galois_keys=False)
+
+
+@pytest.fixture(scope="module")
+def precise_ctx():  # (where values are compared: scale 2**40, so flooding stays far below the values)
+    return ckks.context(poly_modulus_degree=8192, coeff_mod_bit_sizes=[60, 40, 40, 60], galois_keys=False)
 
 
 def _one_line(e: BaseException) -> bool:
@@ -336,21 +343,47 @@ def test_failed_ckks_rounds_leave_no_context_anywhere(hook, ckks_ctx):
     assert not left, left
 
 
-def test_a_round_leaves_the_coordinators_own_ckks_registration_alone(hook):
+def test_a_round_leaves_the_coordinators_own_ckks_registration_alone(hook, precise_ctx):
     """HOLE: each round registers its public context (``ckks_wire.remember``) so that the sums fetched back
     decode; with ``fresh_keys=False`` that is the coordinator's own key, and the registration replaced the
     secret context ``send_encrypted`` had registered, then vanished with the round (a weak entry): the
     coordinator's own ciphertexts on a worker no longer came back (``ptr.get()``: "a context this process has
     not received"). Now a registered secret context is kept; the round and the fetch both work."""
-    ckks_ctx = ckks.context(poly_modulus_degree=8192, coeff_mod_bit_sizes=[60, 40, 40, 60], galois_keys=False)
     x = torch.tensor([0.25, -1.5, 3.0])
     keeper = sy.VirtualWorker(hook, id=uid("fw2-keep"))
-    ptr = veil.he.remote.send_encrypted(ckks.encrypt(x, ckks_ctx), keeper)
+    ptr = veil.he.remote.send_encrypted(ckks.encrypt(x, precise_ctx), keeper)
     workers = [sy.VirtualWorker(hook, id=uid("fw2-c")) for _ in range(3)]
     values = {w.id: torch.tensor([float(k), -1.0]) for k, w in enumerate(workers, start=1)}
-    he = EncryptedAggregation(context=ckks_ctx, fresh_keys=False)
+    he = EncryptedAggregation(context=precise_ctx, fresh_keys=False)
     total, failed = he.aggregate(_states(workers, values), {w.id: 1 / 3 for w in workers})
     assert not failed and torch.allclose(total[0], sum(values.values()) / 3, atol=1e-2), "not what plain torch gives"
     gc.collect()
     got, err, _ = attempt(lambda: ptr.get().decrypt())
     assert err is None and torch.allclose(got, x, atol=1e-2), (got, err)
+
+
+def test_a_ciphertext_at_another_scale_drops_only_its_client(hook, precise_ctx, monkeypatch):
+    """HOLE: the aggregators' form check (type, size, key) let through a CKKS ciphertext under the round's key at
+    a scale of its sender's choosing (a fresh context's parameters, encoded at 2**10): it matched its commitment,
+    then the aggregator's addition failed ("scale mismatch"), so one client refused the round and the refusal
+    blamed an aggregating client. Now the form holds the ciphertext's scale: both aggregators flag it, its
+    sender alone is dropped, and the round is FedAvg of the others."""
+    odd = Crafts(hook, id=uid("fw2-scale"))
+
+    def other_scale(encrypt, flat, kw):
+        ctx = kw["context"]
+        segments = [ts.ckks_vector(ctx.raw, flat.tolist(), scale=2.0**10)]
+        return CKKSTensor(ctx, segments, flat.shape, flat.dtype)
+
+    odd.craft = other_scale
+    honest = [sy.VirtualWorker(hook, id=uid("fw2-s")) for _ in range(4)]
+    _pick(monkeypatch, honest[0].id, honest[1].id)
+    workers = [*honest, odd]
+    values = {w.id: torch.tensor([0.5 * k, -1.0]) for k, w in enumerate(workers, start=1)}
+    he = EncryptedAggregation(context=precise_ctx)
+    got, err, _ = attempt(lambda: he.aggregate(_states(workers, values), {w.id: 0.2 for w in workers}))
+    assert err is None, repr(err)
+    total, failed = got
+    assert list(failed) == [odd.id], failed
+    expected = sum(values[w.id] for w in honest) / 4
+    assert torch.allclose(total[0], expected, atol=1e-3), ("not what plain torch gives", total[0], expected)

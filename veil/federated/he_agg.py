@@ -42,7 +42,7 @@ clients, or many one-sided reports), the reporter is handed the other aggregator
 and sums it: one bad copy no longer refuses a small round (the client's
 committed update is summed), while a reporter that rejects a verified copy
 still refuses it. Each aggregator also checks every ciphertext's form (type,
-size, key, Paillier exponent: ``he_commitments.form_of``), so a client cannot
+size, key, Paillier exponent or CKKS scale: ``he_commitments.form_of``), so a client cannot
 break the addition or broadcast a one-entry ciphertext into the sum. A client
 may still commit to any ciphertext of that form (no proof that it knows the
 plaintext), but not to one an aggregator saw: this round's were committed to
@@ -461,7 +461,8 @@ class EncryptedAggregation:
     def _form(size: int, keys: _RoundKeys) -> list:
         """The form of every honest ciphertext of a round (``he_commitments.form_of``)."""
         if isinstance(keys.public, CKKSContext):
-            return ["ckks", [size], he_commitments.key_name(keys.public.key_id), None]
+            return ["ckks", [size], he_commitments.key_name(keys.public.key_id),
+                    he_commitments.ckks_scale_name(keys.public.global_scale) if size else None]
         return ["paillier", [size], he_commitments.key_name(keys.public.n), DEFAULT_FLOAT_EXPONENT]
 
     def _hand_over(self, owner: Any, source: Any, cid: int, aggregator: Any, made: list) -> int:

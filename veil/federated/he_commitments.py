@@ -62,16 +62,27 @@ def as_bytes(t: Any) -> bytes:
 
 
 def form_of(ciphertext: Any) -> list | None:
-    """``[scheme, shape, key, exponent]`` of a ciphertext (None: not one): what every honest ciphertext of a
-    round shares. A client commits to whatever it encrypted, so a ciphertext under another key, of another size
-    or at another Paillier exponent matched its commitment, then failed the aggregators' addition (one client
-    refused the round) or was broadcast into every entry of the sum."""
+    """``[scheme, shape, key, exponent or scale]`` of a ciphertext (None: not one): what every honest ciphertext
+    of a round shares. A client commits to whatever it encrypted, so a ciphertext under another key, of another
+    size, at another Paillier exponent or CKKS scale matched its commitment, then failed the aggregators'
+    addition (one client refused the round) or was broadcast into every entry of the sum."""
     if type(ciphertext) is PaillierTensor:
         n = ciphertext.public_key.n
         return ["paillier", list(ciphertext.shape), key_name(n), ciphertext.exponent]
     if type(ciphertext) is CKKSTensor:
-        return ["ckks", list(ciphertext.shape), key_name(ciphertext.context.key_id), None]
+        return ["ckks", list(ciphertext.shape), key_name(ciphertext.context.key_id), _ckks_scale(ciphertext)]
     return None
+
+
+def ckks_scale_name(scale: float) -> str:
+    """A CKKS scale as a form names it (exact: SEAL adds ciphertexts of one scale only)."""
+    return float(scale).hex()
+
+
+def _ckks_scale(ciphertext: CKKSTensor) -> str | None:
+    """The one scale of all its segments' ciphertexts (None: no segment, or several scales)."""
+    scales = {c.scale for s in ciphertext.segments for c in s.ciphertext()}
+    return ckks_scale_name(scales.pop()) if len(scales) == 1 else None
 
 
 def key_name(key: Any) -> str:
@@ -83,7 +94,8 @@ def key_name(key: Any) -> str:
 def _valid_form(form: Any) -> bool:
     return (type(form) is list and len(form) == 4 and form[0] in ("paillier", "ckks") and type(form[1]) is list
             and len(form[1]) <= 8 and all(type(d) is int for d in form[1]) and type(form[2]) is str
-            and len(form[2]) <= _MAX_ID_CHARS and (form[3] is None or type(form[3]) is int))
+            and len(form[2]) <= _MAX_ID_CHARS and (form[3] is None or type(form[3]) is int
+                                                   or (type(form[3]) is str and len(form[3]) <= _MAX_ID_CHARS)))
 
 
 def _check_commitments(worker: Any, round_id: str, client_ids: list, ciphertexts: list,
