@@ -28,6 +28,7 @@ import torch
 
 from veil.he import _oblivious_power as op
 from veil.he import _paillier_encoding as enc
+from veil.he import _paillier_keygen
 from veil.he._parallel import powmod_list
 from veil.he.errors import (
     EncodingOverflowError,
@@ -42,17 +43,22 @@ PublicKey = phe.PaillierPublicKey
 PrivateKey = phe.PaillierPrivateKey
 
 
-def keygen(n_length: int = 2048) -> tuple[PublicKey, PrivateKey]:
+def keygen(n_length: int = 2048, deadline: float | None = None) -> tuple[PublicKey, PrivateKey]:
     """Generate a Paillier key pair.
 
     Args:
         n_length: bit length of the modulus ``n``; 2048 or more for real use,
             smaller only in tests.
+        deadline: a ``time.monotonic()`` instant to stop at (seconds to minutes at 4096-16384 bits); a worker
+            command's own deadline and cancellation are checked too.
 
     Returns:
         ``(public_key, private_key)`` as ``phe`` objects.
+
+    Raises:
+        CommandTimeoutError: past the deadline.
     """
-    return phe.generate_paillier_keypair(n_length=n_length)
+    return _paillier_keygen.keygen(n_length, deadline)
 
 
 @dataclass(frozen=True)
@@ -114,12 +120,19 @@ def _full_width(n_bits: int) -> int:
     return max(1, n_bits // 128)
 
 
-def _pieces(values: list, n_bits: int, cost: int = 1, per_power: int = 1) -> Iterator[list]:
-    """``values`` in pieces, the running command's checkpoint before each (``cost``: how many times the usual
-    work each value takes; ``per_power``: how many values take the usual work of one)."""
+def running_check() -> Optional[Callable[[], None]]:
+    """The checkpoint of the command running on this thread (:func:`checkpoints`, else a worker command's
+    deadline and turn), or None outside any."""
     check = _CHECK.get()
     if check is None and cancellation.current_token() is not None:
         check = cancellation.checkpoint  # (a worker's command outside veil.he.op: veil.fl.encrypt_state had none)
+    return check
+
+
+def _pieces(values: list, n_bits: int, cost: int = 1, per_power: int = 1) -> Iterator[list]:
+    """``values`` in pieces, the running command's checkpoint before each (``cost``: how many times the usual
+    work each value takes; ``per_power``: how many values take the usual work of one)."""
+    check = running_check()
     if check is None:  # (no command: one piece, every core busy in powmod_list)
         yield values
         return
@@ -468,9 +481,9 @@ def _crt_decrypt(cts: list, priv: PrivateKey) -> list:
 
 
 def _obj_array(values: list, shape) -> np.ndarray:
-    arr = np.empty(len(values), dtype=object)
-    arr[:] = values
-    return arr.reshape(shape)
+    # (fromiter: a slice assignment probes each gmpy2 value as a sequence, ~1.7 us each: 2**20 of them took
+    # longer than decoding their bytes)
+    return np.fromiter(values, dtype=object, count=len(values)).reshape(shape)
 
 
 def _as_obj(x) -> np.ndarray:

@@ -12,21 +12,25 @@ tensor is one ``bytes`` value that msgpack copies without per-element framing.
 
 from __future__ import annotations
 
+from itertools import repeat
+
 import gmpy2
 import numpy as np
 import phe
 
 from veil.he import _wire_checks as chk
 from veil.he.errors import KeyMismatchError, WireFormatError
-from veil.he.paillier import PaillierTensor, _obj_array
+from veil.he.paillier import PaillierTensor, _obj_array, running_check
 
 BACKEND = "paillier"
 MIN_N_BITS = 256  # tests use small keys; anything smaller is not a Paillier key we accept
 MAX_N_BITS = 16384
 MAX_EXPONENT = 4096  # |exponent|; real tensors stay within tens
-#: the most ciphertexts one received tensor may hold: decoding runs before any command deadline (~2 us each
-#: at least), and a 256-bit modulus packs 4M into a 256 MB frame; a 2048-bit one fits 2**19 in that frame
+#: the most ciphertexts one received tensor may hold (~1 us each to decode at least; a 256-bit modulus packs 4M
+#: into a 256 MB frame, a 2048-bit one 2**19): the frame's tensors share its command's deadline besides
 MAX_CIPHERTEXTS = 2**20
+#: ciphertext bytes decoded between two checkpoints of the running command (~1-5 ms of CPU whatever the key)
+DECODE_PIECE_BYTES = 2**18
 
 
 def _int_bytes(v: int) -> bytes:
@@ -95,12 +99,22 @@ def tensor_from_wire(d: dict, public_key: phe.PaillierPublicKey | None = None) -
     n_ = gmpy2.mpz(n)
     cts = []
     product = gmpy2.mpz(1)  # of the ciphertexts mod n: a prime of n divides it iff it divides one of them
-    for i in range(numel):
-        c = gmpy2.mpz(int.from_bytes(raw[i * width : (i + 1) * width], "big"))
-        if not 0 < c < nsq:
-            raise WireFormatError(f"Paillier ciphertext {i} is not a valid element of Z*_(n^2)")
-        product = product * c % n_
-        cts.append(c)
+    # In pieces of DECODE_PIECE_BYTES with the running command's checkpoint between them: a worker decodes a
+    # request inside its turn and deadline (a 256 MB frame of ciphertexts is seconds of CPU), and others run.
+    check = running_check()
+    step = max(1, DECODE_PIECE_BYTES // width) if check is not None else max(1, numel)
+    view = memoryview(raw)
+    for at in range(0, numel, step):
+        if at:
+            check()
+        starts = range(at * width, min(numel, at + step) * width, width)
+        piece = list(map(gmpy2.mpz, map(int.from_bytes, (view[i : i + width] for i in starts), repeat("big"))))
+        if min(piece) <= 0 or max(piece) >= nsq:
+            i = next(i for i, c in enumerate(piece) if not 0 < c < nsq)
+            raise WireFormatError(f"Paillier ciphertext {at + i} is not a valid element of Z*_(n^2)")
+        for c in piece:
+            product = product * c % n_
+        cts += piece
     # A valid ciphertext is a unit modulo n**2: one gcd for the tensor (one each cost ~40 us at 2048 bits,
     # 20 s for a 256 MB frame before any deadline), then, only for a tensor that fails, the one to name.
     if gmpy2.gcd(product, n_) != 1:

@@ -78,12 +78,17 @@ def _ckks_nbytes(t: CKKSTensor) -> int:
     return sum(_ckks_segment_nbytes(t.context, s) for s in t.segments)
 
 
+def ciphertext_bytes(n_bits: int) -> int:
+    """What one Paillier ciphertext under an ``n_bits`` modulus holds in memory: its value (< n^2), gmpy2's
+    object header (48 bytes) and its slot in the tensor's array (measured: 120 bytes at 256 bits, not 96)."""
+    return 2 * n_bits // 8 + 56
+
+
 def _paillier_nbytes(t: PaillierTensor) -> int:
     known = t.__dict__.get(_WIRE_NBYTES)
     if known is not None:
         return known
-    per = 2 * t.public_key.n.bit_length() // 8 + 32  # a ciphertext < n^2, plus its Python int header
-    return max(1, t.shape.numel()) * per
+    return max(1, t.shape.numel()) * ciphertext_bytes(t.public_key.n.bit_length())
 
 
 def _context_nbytes(ctx: CKKSContext) -> int:
@@ -119,6 +124,9 @@ MAX_EXPONENT_SHIFT = 64
 #: both before its first deadline check; 2400 x 2400 under a 256-bit key was ~1 GB from a 160 kB request)
 MAX_OP_BYTES = 2**30
 _PAIR_BYTES = 128
+#: a value-free product's correction cache (``_oblivious_power.powers``): three new ciphertext-sized values per
+#: distinct ciphertext, besides this for their tuple, its key and its dict slot
+_CORRECTION_ENTRY_BYTES = 256
 
 
 def _he_op(worker: Any, name: str, a: Any, b: Any, out_id: int) -> None:
@@ -296,15 +304,18 @@ def _paillier_operand(worker: Any, name: str, a: PaillierTensor, b: Any, value_f
         b = enc.as_tensor(b)
         other = b.shape
     count = max(1, a.shape.numel())  # ciphertexts the op makes: neg, sum, dot (its products)
-    if name == "mm" and len(other) == 2:
-        count *= other[-1]  # (each row times each column, then summed)
+    if name == "mm" and a.ndim:
+        # each row times each column (its products), then summed: an empty inner dimension makes no products
+        # but still a result of rows x columns (each an empty sum), which counting a's numel called nothing
+        rows, inner, cols = a.shape[:-1].numel(), a.shape[-1], other[-1] if len(other) == 2 else 1
+        count = max(1, rows * max(1, inner) * cols)
     elif name in ("add", "sub", "rsub", "mul"):
         try:
             count = torch.broadcast_shapes(tuple(a.shape), tuple(other)).numel()
         except RuntimeError as e:
             raise RemoteExecutionError(f"encrypted {name}: shapes do not broadcast: {e}") from None
-    per = 2 * a.public_key.n.bit_length() // 8 + 32
-    if count * (per + _PAIR_BYTES) > MAX_OP_BYTES:
+    per = ciphertext_bytes(a.public_key.n.bit_length())
+    if _op_bytes(name, count, a, per, value_free) > MAX_OP_BYTES:
         raise RemoteExecutionError(f"encrypted {name} refused: it would make {count} ciphertexts of "
                                    f"{a.public_key.n.bit_length()}-bit modulus, past the {MAX_OP_BYTES >> 20} MiB "
                                    "one op may build (split the operands)")
@@ -315,6 +326,19 @@ def _paillier_operand(worker: Any, name: str, a: PaillierTensor, b: Any, value_f
     if value_free:
         b = _oblivious_plaintext(name, a, b)
     return b
+
+
+def _op_bytes(name: str, count: int, a: PaillierTensor, per: int, value_free: bool) -> int:
+    """The most a Paillier op making ``count`` ciphertexts holds at once: its results and (ciphertext, plaintext)
+    pairs; a value-free product's correction cache (one entry per distinct ciphertext of ``a``); and, where
+    a finished set of ``count`` is copied (a reduction's tree levels, a product's re-randomized copy), twice
+    its ciphertexts."""
+    built = count * (per + _PAIR_BYTES)
+    if value_free and name in _PRODUCTS:
+        built += min(count, max(1, a.shape.numel())) * (3 * per + _CORRECTION_ENTRY_BYTES)
+    if name in ("dot", "mm") or (value_free and name == "mul"):
+        built = max(built, 2 * count * per)
+    return built
 
 
 def _oblivious_plaintext(name: str, a: PaillierTensor, b: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import msgpack
 import torch
 
-from veil.exceptions import SerializationError, VersionMismatchError
+from veil.exceptions import CommandTimeoutError, SerializationError, VersionMismatchError
 from veil.messaging.messages import FIELD_NAMES, MESSAGE_TYPES, CommandMessage, Descriptor, ObjectRef, StoredObject
 from veil.messaging.tensor_payload import (  # noqa: F401  (DTYPES, MAX_DIMS, tensor_spec: re-exported)
     ADOPT_MIN_BYTES, DTYPE_NAMES, DTYPES, MAX_DIMS, _build_tensor, _nbytes, _tensor_raw, decode_tensor,
@@ -550,7 +550,7 @@ def deserialize(data: bytes, ctx: DecodeContext | None = None) -> tuple[Any, str
         if region is not None and region.at != (raw.nbytes if region.parts is None else len(region.parts)):
             left = raw.nbytes - region.at if region.parts is None else sum(p.nbytes for p in region.parts[region.at:])
             raise SerializationError(f"message frame has {left} bytes no field refers to")
-    except SerializationError:
+    except (SerializationError, CommandTimeoutError):  # (a request's deadline or cancellation, met while decoding)
         raise
     except Exception as e:  # msgpack raises many types on hostile input; normalize them
         raise SerializationError(f"malformed message: {type(e).__name__}: {e}") from e

@@ -96,11 +96,13 @@ def outside_turn() -> Iterator[None]:
     if turn is None:
         yield
         return
+    yield_turn, _local.yield_turn = _local.yield_turn, None  # (a checkpoint in the block hands over no turn it lacks)
     turn.release()
     try:
         yield
     finally:
         turn.acquire()
+        _local.yield_turn = yield_turn
 
 
 def check() -> None:
