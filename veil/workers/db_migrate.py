@@ -2,7 +2,7 @@
 
 Copies both files a worker keeps under ``--data-dir`` (``veil-worker.sqlite3``:
 audit log, key-value state, ledger entries; ``veil-dp-budget.sqlite3``: privacy
-budgets, charges, training accountants) row for row, ids included, in one
+budgets, charges and their running totals, training accountants) row for row, ids included, in one
 PostgreSQL transaction: either everything lands or nothing does. It refuses a
 target whose tables already hold rows (no silent merge of two histories), and
 never modifies the source files. Afterwards start the workers with ``--db URL``
@@ -34,6 +34,8 @@ _TABLES = {
     "veil-dp-budget.sqlite3": [
         ("budgets", ["user", "epsilon", "delta"], None),
         ("charges", ["id", "user", "epsilon", "delta", "reason", "at"], "id"),
+        # each user's running total (derived: checked against the copied charges' ids, recomputed if stale)
+        ("charge_totals", ["user", "last_id", "epsilon", "epsilon_error", "delta", "delta_error"], None),
         ("training", ["user", "delta", "state", "epsilon"], None),
         ("requests", ["user", "request_id"], None),  # DP replay protection
     ],

@@ -1,0 +1,107 @@
+"""Each user's running spent total in the budget ledger: a charge costs the same at a user's millionth row as at
+the first.
+
+Summing a user's ``charges`` rows on every charge (under the lock every other user's charge waits for) made one
+charge take time in proportion to that user's rows: a scientist making many tiny charges (DP queries at
+epsilon 1e-6, DP-SGD steps that cost ~0) slowed every charge of the owner's DP service, without bound.
+
+``charge_totals`` keeps, per user, the id of the last charge counted and the compensated (Neumaier) sums of
+epsilon and delta up to it, written in the same transaction as each charge. It is derived data, trusted only
+while its ``last_id`` is the user's newest charge id (one index look-up on ``(user, id)``); otherwise it is
+brought up to date from the rows: the charges after its ``last_id`` are added when rows were only appended since
+(a process of an older version charging the same file), else (an older ledger, ``veil db migrate`` of one, a
+newest charge deleted by hand) all the user's rows are summed again. Compensated sums keep float drift from
+dropping tiny charges (plain summation adds a 1e-16 charge to a spent 1.0 as nothing); sums the database
+recomputes carry their rounding error bound, so drift never favours the spender.
+
+An owner who deletes charge rows other than a user's newest to give budget back must delete that user's
+``charge_totals`` row too (until then the deleted charges still count: never in the spender's favour).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from veil.workers.database import Database
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS charge_totals (
+    "user" TEXT PRIMARY KEY,
+    last_id BIGINT NOT NULL,
+    epsilon REAL NOT NULL,
+    epsilon_error REAL NOT NULL,
+    delta REAL NOT NULL,
+    delta_error REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS charges_by_user_id ON charges ("user", id);
+"""
+
+def _add(total: float, error: float, x: float) -> tuple[float, float]:
+    """Neumaier's compensated summation step: ``total + error`` is the running sum, ``error`` what rounding lost."""
+    t = total + x
+    if math.isinf(t):  # (an owner's infinite budget: inf - inf would turn the error, and the sum, into NaN)
+        return t, 0.0
+    error += (total - t) + x if abs(total) >= abs(x) else (x - t) + total
+    return t, error
+
+
+@dataclass(frozen=True)
+class Total:
+    """A user's charges up to ``last_id`` (None: no charges), summed with their rounding errors."""
+
+    last_id: Optional[int] = None
+    epsilon: float = 0.0
+    epsilon_error: float = 0.0
+    delta: float = 0.0
+    delta_error: float = 0.0
+
+    @property
+    def spent(self) -> tuple[float, float]:
+        return self.epsilon + self.epsilon_error, self.delta + self.delta_error
+
+    def plus(self, charge_id: int, epsilon: float, delta: float) -> "Total":
+        return Total(charge_id, *_add(self.epsilon, self.epsilon_error, epsilon),
+                     *_add(self.delta, self.delta_error, delta))
+
+
+def _from_rows(db: Database, user: str, last_id: int, start: Total = Total()) -> Total:
+    """``start`` plus the user's charges after ``start.last_id`` up to ``last_id``, summed by the database (a
+    first charge on a big ledger of an older version waits for this: summing in Python took ten times longer).
+    The database's plain sum may round each of the n additions down: the sum's error bound (n * 2**-52 of it,
+    twice the textbook bound for positive terms) is added, so a recomputed total is never below the exact one."""
+    n, eps, dlt = db.execute('SELECT COUNT(*), COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0) FROM charges '
+                             'WHERE "user" = ? AND id > ? AND id <= ?', (user, start.last_id or 0, last_id)).fetchone()
+    total = start.plus(last_id, float(eps), float(dlt))
+    rounding = int(n) * 2.0 ** -52
+    return Total(last_id, total.epsilon, total.epsilon_error + float(eps) * rounding,
+                 total.delta, total.delta_error + float(dlt) * rounding)
+
+
+def current(db: Database, user: str, store: bool = False) -> Total:
+    """The user's total over all their charges: the stored one if it is up to date; the stored one plus the
+    charges after it if rows were only appended since (a process of an older version); else summed from all the
+    rows. ``store``: a total brought up to date is written back (outside a charge: a scientist asking for their
+    budget again and again must not make the ledger sum their rows again each time); a charge records its own."""
+    last_id = db.execute('SELECT MAX(id) FROM charges WHERE "user" = ?', (user,)).fetchone()[0]
+    if last_id is None:
+        return Total()
+    row = db.execute('SELECT last_id, epsilon, epsilon_error, delta, delta_error FROM charge_totals '
+                     'WHERE "user" = ?', (user,)).fetchone()
+    stored = None if row is None else Total(int(row[0]), *(float(v) for v in row[1:]))
+    if stored is not None and stored.last_id == int(last_id):
+        return stored
+    total = _from_rows(db, user, int(last_id), stored if stored is not None and stored.last_id < last_id else Total())
+    if store:  # (consistent on its own: the sum up to its last_id; a newer total it may overwrite is caught up)
+        record(db, user, total)
+    return total
+
+
+def record(db: Database, user: str, total: Total) -> None:
+    """Stores ``total`` (in the transaction of the charge ``total.last_id``)."""
+    db.execute('INSERT INTO charge_totals("user", last_id, epsilon, epsilon_error, delta, delta_error) '
+               'VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT("user") DO UPDATE SET last_id = excluded.last_id, '
+               'epsilon = excluded.epsilon, epsilon_error = excluded.epsilon_error, delta = excluded.delta, '
+               'delta_error = excluded.delta_error',
+               (user, total.last_id, total.epsilon, total.epsilon_error, total.delta, total.delta_error))
