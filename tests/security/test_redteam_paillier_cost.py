@@ -193,6 +193,18 @@ def test_a_value_free_product_holds_no_more_than_the_op_bound(hook, monkeypatch,
     review.healthy()
 
 
+def test_a_received_tensor_is_charged_what_it_holds_not_its_wire_bytes(hook):
+    """A received Paillier tensor was charged its wire size: 64 bytes a ciphertext under a 256-bit modulus,
+    where each holds ~120 (its value, gmpy2's header, its array slot): a session quota let ~2x its bytes in."""
+    review = Review(hook, torch.zeros(2))
+    review.srv.monitor.max_session_bytes = 2**30
+    frame, (oid,) = _frame(_crafted(N256, 4096))
+    assert type(deserialize(review.srv.serve_bytes(frame, review.sci))[0]) is m.OkReply
+    held = _held_bytes(review.stored(oid)._ct.ravel())
+    assert review.srv.monitor.session_bytes(review.sci.id) >= held, (review.srv.monitor.session_bytes(review.sci.id),
+                                                                      held)
+
+
 def test_key_generation_stops_at_its_deadline():
     """``keygen`` was one ``next_prime`` per prime: a 6144-bit key took seconds (16384 bits: minutes) and no
     deadline could stop it. Candidates are now drawn one by one with the deadline checked between them."""

@@ -85,10 +85,9 @@ def ciphertext_bytes(n_bits: int) -> int:
 
 
 def _paillier_nbytes(t: PaillierTensor) -> int:
-    known = t.__dict__.get(_WIRE_NBYTES)
-    if known is not None:
-        return known
-    return max(1, t.shape.numel()) * ciphertext_bytes(t.public_key.n.bit_length())
+    held = max(1, t.shape.numel()) * ciphertext_bytes(t.public_key.n.bit_length())
+    # (a received one: what it took on the wire, unless it holds more; a 256-bit ciphertext is 64 bytes there)
+    return max(held, t.__dict__.get(_WIRE_NBYTES) or 0)
 
 
 def _context_nbytes(ctx: CKKSContext) -> int:
