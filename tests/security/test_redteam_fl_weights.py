@@ -25,6 +25,7 @@ refusal stops ``fl.train`` with nothing released (guarded here).
 from __future__ import annotations
 
 import threading
+import time
 
 import phe
 import pytest
@@ -299,3 +300,25 @@ def test_two_rounds_at_once_each_use_their_own_keys(hook, paillier):
         assert torch.allclose(total[0], sum(values[w.id] for w in ws) / 3, atol=1e-5), "not what plain torch gives"
     asked = [k for w in first for k in w.keys]
     assert pub.n not in asked and len(set(asked)) == 1, "the first round's clients got another key mid-round"
+
+
+# ================================================================== a fresh Paillier pair within the round's time
+
+
+def test_a_rounds_fresh_paillier_key_stops_at_the_round_deadline(hook):
+    """HOLE: each Paillier round made its fresh pair with phe, which no deadline stops: at the coordinator's key
+    length of ~19,600 bits that took ~100 s here, all before the first client was asked, whatever
+    ``round_seconds`` said. Now the pair is drawn candidate by candidate under the round's deadline: every client
+    is dropped as late (nothing decrypted) soon after it. (The configured pair is two Mersenne primes,
+    2**9689-1 and 2**9941-1: only its length matters here, and it costs nothing to make.)"""
+    p, q = 2**9689 - 1, 2**9941 - 1
+    public = phe.PaillierPublicKey(p * q)
+    he = EncryptedAggregation(public_key=public, private_key=phe.PaillierPrivateKey(public, p, q), round_seconds=0.3)
+    workers = [sy.VirtualWorker(hook, id=uid("fw-kg")) for _ in range(3)]
+    states = {w.id: [torch.tensor([1.0, 2.0]).send(w)] for w in workers}
+    start = time.monotonic()
+    got, err, _ = attempt(lambda: he.aggregate(states, {w.id: 1.0 for w in workers}))
+    took = time.monotonic() - start
+    assert err is None and got[0] is None, (got, err)  # nothing decrypted: every client dropped as late
+    assert sorted(got[1]) == sorted(states) and all("round_seconds" in e for e in got[1].values()), got
+    assert took < 10.0, f"the round's key took {took:.1f} s"

@@ -85,10 +85,10 @@ from typing import Any
 import phe
 import torch
 
-from veil.exceptions import VeilError, register_remote_error
+from veil.exceptions import CommandTimeoutError, VeilError, register_remote_error
 from veil.federated import he_commitments
 from veil.federated.pooled import CLIENT_FAILURES, error_text  # (a client failing so is dropped, as in training)
-from veil.he import ckks, ckks_wire, flooding, value_free
+from veil.he import ckks, ckks_wire, flooding, paillier, value_free
 from veil.he._paillier_encoding import DEFAULT_FLOAT_EXPONENT
 from veil.he.ckks import CKKSContext, CKKSTensor
 from veil.he.paillier import PaillierTensor
@@ -244,16 +244,16 @@ class EncryptedAggregation:
                 not 0 < self.value_bound <= sys.float_info.max:
             raise ValueError(f"value_bound must be a finite, positive number, not {repr(self.value_bound)[:40]}")
 
-    def _keys_of_a_new_round(self) -> _RoundKeys:
-        """The keys of a round about to start (fresh ones with ``fresh_keys``)."""
+    def _keys_of_a_new_round(self, deadline: float | None = None) -> _RoundKeys:
+        """The keys of a round about to start (fresh ones with ``fresh_keys``; a fresh Paillier pair stops at
+        ``deadline``: seconds to minutes at 4096-16384 bits)."""
         if self.context is not None:
             private = ckks.fresh_like(self.context) if self.fresh_keys else self.context
             public = private.public()
             ckks_wire.remember(public)  # (the sums fetched back decode against it, in any process)
             return _RoundKeys(private, public)
-        if self.fresh_keys:  # (phe makes even lengths only: an odd one looped for ever)
-            bits = self.public_key.n.bit_length()
-            public, private = phe.generate_paillier_keypair(n_length=bits + bits % 2)
+        if self.fresh_keys:
+            public, private = paillier.keygen(self.public_key.n.bit_length(), deadline=deadline)
             return _RoundKeys(private, public)
         return _RoundKeys(self.private_key, self.public_key)
 
@@ -312,7 +312,10 @@ class EncryptedAggregation:
         else:
             limit = "fl.train's round_seconds"
         late = f"not asked to encrypt: the round ran past {limit}"
-        keys = self._keys_of_a_new_round()  # (this round's alone: never on self, which another round may share)
+        try:  # (this round's keys alone: never on self, which another round may share)
+            keys = self._keys_of_a_new_round(deadline)
+        except CommandTimeoutError:  # no client was asked to encrypt in time
+            return None, {wid: late for wid in ids}
         try:
             copies = 2 if len(ids) > 1 else 1
             round_id = token_hex(16)  # binds the commitments to this round (no replay of an old one)
