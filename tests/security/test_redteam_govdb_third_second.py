@@ -7,8 +7,10 @@ Attacks, each asserting what must hold:
   whole worker (``WorkerDP.lock``) held through the charge: Alice's release whose COMMIT answer was lost held
   every other user's release on that worker for the whole lookup (~10 s against a server that is gone), the
   stall the fix was for. Must hold: Bob's release goes on meanwhile; Alice's is reported unknown, and her
-  repeat of the same request id is refused: charged once. (A network worker's commands also share its turn,
-  which a command keeps through its database statements, a lookup included: not changed here.);
+  repeat of the same request id is refused: charged once. On a network worker the release also kept the
+  worker's turn (one command at a time) through its charge: the same stall for every session's command.
+  Must hold there too: Bob's release is answered while Alice's lookup runs, and two sessions of one user
+  releasing at once are both answered (her lock is waited for outside the turn: a wait inside it deadlocked);
 - many lookups at once (a proxy that drops every COMMIT's answer, then stalls what it lets through): each
   stalled lookup is a statement the watchdog checks, and it probed the server once per stalled statement,
   one after another (5 s each). The main connection's stalled statement, which holds the lock of every
@@ -125,6 +127,132 @@ def test_a_users_releases_still_run_one_at_a_time(hook):
     assert entered["bob"] < 0.2 and entered["alice"] > 0.2, entered
     assert not settings._user_locks, "a lock of a user with no release in flight was kept"
     settings.ledger.close()
+
+
+def _lookup_connect_hangs(monkeypatch, looking_up: threading.Event) -> None:
+    """psycopg.connect of a commit lookup (an int connect_timeout: the worker's own connections give a str)
+    hangs ~3 s and fails, as to a server that is gone; every other connect goes through."""
+    real_connect = psycopg.connect
+
+    def connect(*args, **kwargs):
+        if isinstance(kwargs.get("connect_timeout"), int) and not looking_up.is_set():
+            looking_up.set()
+            time.sleep(3.0)
+            raise psycopg.OperationalError("connection timeout expired")
+        return real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(psycopg, "connect", connect)
+
+
+class _NetworkDP:
+    """An in-process network worker with DP on (budgets for alice and bob), and client workers by token."""
+
+    TOKENS = {"alice": "govdb3-2-alice-token", "bob": "govdb3-2-bob-token"}
+
+    def __init__(self, hook, tmp_path, ledger_path) -> None:
+        from veil.dp.worker_owner import enable_dp
+        from veil.workers.persistence import OwnerDB
+        from veil.workers.websocket_server import WebsocketServerWorker
+
+        tokens = sy.TokenTable()
+        for user, token in self.TOKENS.items():
+            tokens.add(token, user)
+        self.worker = WebsocketServerWorker(hook, id=f"govdb3-2-net-{time.monotonic_ns()}", port=0, tokens=tokens,
+                                            db=OwnerDB(str(tmp_path / OwnerDB.FILENAME)))
+        self.settings = enable_dp(self.worker, budgets={"alice": (10.0, 1e-5), "bob": (10.0, 1e-5)},
+                                  ledger_path=ledger_path)
+        ready = threading.Event()
+        self.serving = threading.Thread(target=self.worker.serve_forever, daemon=True,
+                                        kwargs={"on_ready": lambda _: ready.set(), "handle_signals": False})
+        self.serving.start()
+        assert ready.wait(30)
+        self.clients: list = []
+
+    def client(self, user: str):
+        from veil.workers.registry import HookContext
+
+        c = sy.WebsocketClientWorker(HookContext(), id=self.worker.id, host="127.0.0.1",
+                                     port=self.worker.bound_port, token=self.TOKENS[user])
+        self.clients.append(c)
+        return c
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
+        self.worker.stop()
+        self.serving.join(30)
+        self.settings.ledger.close()
+
+
+def test_on_a_network_worker_a_lost_commits_lookup_does_not_hold_up_another_users_release(hook, pg_url, tmp_path,
+                                                                                          monkeypatch):
+    """The same attack over the wire: Alice's and Bob's DP counts on one network worker, Alice's COMMIT answer
+    lost and its lookup hanging. Her command held the worker's turn through its charge. Must hold: Bob's
+    release is answered well before the lookup ends, and Alice's is refused (outcome unknown), charged once."""
+    net = _NetworkDP(hook, tmp_path, pg_url)
+    settings, looking_up, outcome = net.settings, threading.Event(), {}
+    try:
+        alice_x, bob_x = torch.arange(20.0).send(net.client("alice")), torch.arange(20.0).send(net.client("bob"))
+        settings.ledger._db._conn = _CommitAnsweredThenLost(settings.ledger._db._conn)
+        _lookup_connect_hangs(monkeypatch, looking_up)
+
+        def alice_release():
+            try:
+                outcome["answer"] = sy.dp.remote_query(alice_x, "count", epsilon=1.0)
+            except Exception as e:  # noqa: BLE001 - reported below
+                outcome["error"] = e
+
+        alice = threading.Thread(target=alice_release)
+        alice.start()
+        assert looking_up.wait(20), "the lost commit was never looked up"
+        started = time.monotonic()
+        assert sy.dp.remote_query(bob_x, "count", epsilon=1.0).epsilon == pytest.approx(1.0)
+        waited = time.monotonic() - started
+        alice.join(20)
+        assert waited < 1.5, f"Bob's release waited {waited:.1f} s for Alice's commit lookup"
+        assert "error" in outcome and "unknown" in str(outcome["error"]), outcome
+        assert settings.ledger.spent("alice") == pytest.approx((1.0, 0.0))
+        assert settings.ledger.spent("bob") == pytest.approx((1.0, 0.0))
+    finally:
+        net.close()
+
+
+def test_two_sessions_of_one_user_releasing_at_once_on_a_network_worker_are_both_answered(hook, tmp_path,
+                                                                                         monkeypatch):
+    """Alice's first release charges outside the worker's turn (slowly: 1 s); her second session's release
+    takes the turn meanwhile and waits for her lock. Waiting for it while holding the turn, it would keep the
+    first from ever taking the turn back. Must hold: both are answered, each charged."""
+    net = _NetworkDP(hook, tmp_path, str(tmp_path / "ledger.sqlite3"))
+    ledger, charging, results = net.settings.ledger, threading.Event(), []
+    real_charge = ledger.charge
+
+    def slow_first_charge(*args, **kwargs):
+        if not charging.is_set():
+            charging.set()
+            time.sleep(1.0)
+        return real_charge(*args, **kwargs)
+
+    monkeypatch.setattr(ledger, "charge", slow_first_charge)
+    try:
+        xs = [torch.arange(20.0).send(net.client("alice")) for _ in range(2)]
+
+        def release(x):
+            try:
+                results.append(sy.dp.remote_query(x, "count", epsilon=1.0).epsilon)
+            except Exception as e:  # noqa: BLE001 - reported below
+                results.append(e)
+
+        first = threading.Thread(target=release, args=(xs[0],), daemon=True)
+        first.start()
+        assert charging.wait(10)
+        second = threading.Thread(target=release, args=(xs[1],), daemon=True)
+        second.start()
+        first.join(20)
+        second.join(20)
+        assert results == [pytest.approx(1.0)] * 2, results
+        assert ledger.spent("alice") == pytest.approx((2.0, 0.0))
+    finally:
+        net.close()
 
 
 # --------------------------------------------------------------------------- many stalled lookups at once

@@ -40,6 +40,7 @@ from veil.exceptions import PermissionDeniedError
 from veil.messaging.allowlist import register_worker_function
 from veil.plans.remote import session_budget
 from veil.workers import owner_guard
+from veil.workers.cancellation import outside_turn
 from veil.workers.quota import QuotaExceededError
 
 
@@ -110,8 +111,9 @@ def _sanitized_gradient(worker: Any, plan: Any, dataset: str, params: list, trai
     c = settings.max_grad_norm
     with settings.user_lock(user):
         # Charge first (before any work on the data): a failure below stays charged.
-        settings.ledger.charge_training_step(user, sigma, q, settings.delta, settings.accountant,
-                                             reason=f"DP-SGD on {worker.id}/{dataset}", request_id=rid)
+        with outside_turn():  # (the ledger only: see _query)
+            settings.ledger.charge_training_step(user, sigma, q, settings.delta, settings.accountant,
+                                                 reason=f"DP-SGD on {worker.id}/{dataset}", request_id=rid)
         try:
             lot = core.poisson_indices(len(ds.data), q)  # (in time proportional to the lot, not the count)
             x, y = ds.data[lot], ds.target[lot]
@@ -186,8 +188,11 @@ def _query(worker: Any, x: Any, name: str, epsilon: float, delta: float = 0.0, m
     cost_eps, cost_delta = query_cost(name, x.shape, **kwargs)
     user = _user(worker)
     with settings.user_lock(user):
-        settings.ledger.charge(user, cost_eps, cost_delta, f"DP {name} ({mechanism}) on {worker.id}",
-                               request_id=rid)
+        # outside the worker's turn: the charge touches the ledger only, and a COMMIT whose answer was lost is
+        # looked up for up to ~10 s, which held every other session's command (the value is already in hand)
+        with outside_turn():
+            settings.ledger.charge(user, cost_eps, cost_delta, f"DP {name} ({mechanism}) on {worker.id}",
+                                   request_id=rid)
         try:
             result = query(x.detach(), **kwargs)
         except Exception as e:  # noqa: BLE001

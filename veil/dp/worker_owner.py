@@ -29,6 +29,7 @@ from veil.dp.accountant import ACCOUNTANT_FACTORIES
 from veil.dp.budget import BudgetLedger
 from veil.dp.errors import PrivacyParameterError
 from veil.exceptions import PermissionDeniedError
+from veil.workers.cancellation import outside_turn
 from veil.workers.database import is_database_url
 
 LEDGER_FILENAME = "veil-dp-budget.sqlite3"
@@ -81,13 +82,20 @@ class WorkerDP:
     def user_lock(self, user: str) -> Iterator[None]:
         """One release of ``user``'s at a time (her accountant state is read, stepped and written back), and
         other users' not held up by it: a charge whose COMMIT answer was lost is looked up for up to ~10 s
-        (workers/database.py), which one lock of the whole worker made every user's release wait for."""
+        (workers/database.py), which one lock of the whole worker made every user's release wait for. Waited
+        for outside a network worker's turn: the charge runs outside it too (worker_functions), and a holder
+        taking the turn back must not find it held by a command waiting here."""
         with self._user_locks_guard:
             held = self._user_locks.setdefault(user, [threading.Lock(), 0])
             held[1] += 1
         try:
-            with held[0]:
+            if not held[0].acquire(blocking=False):
+                with outside_turn():
+                    held[0].acquire()
+            try:
                 yield
+            finally:
+                held[0].release()
         finally:
             with self._user_locks_guard:
                 held[1] -= 1
