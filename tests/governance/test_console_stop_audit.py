@@ -40,3 +40,26 @@ def test_failed_log_ins_just_before_a_stop_are_in_the_audit_log(spawn, tmp_path)
         db.close()
     counted = sum(int(e["detail"].split()[0]) for e in rows)
     assert counted == 3, rows
+
+
+def test_an_audit_row_the_console_cannot_write_is_logged_not_swallowed(hook, caplog, monkeypatch):
+    """The console must not fall over when the owner's database refuses a row (a full disk, a closed database),
+    but it used to drop the failure silently: the rows lost at shutdown above went unnoticed. Now one warning
+    line names the row (never the token tried) and the console keeps serving."""
+    import logging
+
+    import veil as sy
+    from veil.governance.console.auth import ConsoleAuth
+
+    from veil.governance import state
+
+    def full_disk(*_args, **_kw):
+        raise OSError("No space left on device")
+
+    auth = ConsoleAuth(sy.VirtualWorker(hook, id="console-audit-full"))
+    monkeypatch.setattr(state, "audit", full_disk)
+    with caplog.at_level(logging.WARNING, logger="veil.console"):
+        assert auth.login("not-the-admin-token", "127.0.0.1") is None
+    lines = [r.getMessage() for r in caplog.records if r.name == "veil.console"]
+    assert any("console_login" in line and "not written" in line for line in lines), lines
+    assert not any("not-the-admin-token" in line for line in lines)

@@ -481,14 +481,16 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
                 token.cancel("the worker is stopping")
         self._executor.shutdown(wait=True)
         release_owner_executor(self)
-        if on_stop is not None:
-            on_stop()
-        self.refusals.flush()
-        for peer in self.peers.values():
-            close = getattr(peer, "close", None)
-            if close is not None:
-                close()
-        self.db.close()
+        try:
+            if on_stop is not None:
+                on_stop()
+        finally:  # (the owner's database closes whatever the hook did)
+            self.refusals.flush()
+            for peer in self.peers.values():
+                close = getattr(peer, "close", None)
+                if close is not None:
+                    close()
+            self.db.close()
 
     async def _flush_refusals(self) -> None:
         while True:

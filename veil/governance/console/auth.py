@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import hmac
+import logging
 import secrets
 import threading
 import time
@@ -141,5 +142,6 @@ class ConsoleAuth:
 
         try:
             audit(self.worker, action, principal, "console", (), outcome, detail)
-        except Exception:  # the console must not fall over on a full disk
-            pass
+        except Exception as e:  # the console must not fall over on a full disk; the owner still hears of it
+            logging.getLogger("veil.console").warning("console audit row (%s, %s) not written: %s", action,
+                                                      outcome, type(e).__name__)
