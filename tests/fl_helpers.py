@@ -177,3 +177,36 @@ def pick_aggregators(monkeypatch, first, second):
         SystemRandom = _Random
 
     monkeypatch.setattr(he_agg, "secrets", _Secrets)
+
+
+class CraftsItsCiphertext(sy.VirtualWorker):
+    """A hostile client of an encrypted round: encrypts ``craft(encrypt, flat, kwargs)`` instead of its update
+    (and commits to that: its commitment is its own, so it matches)."""
+
+    craft = None
+
+    def _recv_msg(self, data):
+        if self.craft is None or b"veil.fl.encrypt_state" not in bytes(data):
+            return super()._recv_msg(data)
+        import veil.he
+
+        real = veil.he.encrypt
+        veil.he.encrypt = lambda flat, **kw: self.craft(real, flat, kw)
+        try:
+            return super()._recv_msg(data)
+        finally:
+            veil.he.encrypt = real
+
+
+class RecordsCKKS(sy.VirtualWorker):
+    """An aggregator that keeps the first CKKS ciphertext each client handed it (in ``seen``)."""
+
+    def _recv_msg(self, data):
+        from veil.he.ckks import CKKSTensor
+
+        msg, sender, _ = deserialize(bytes(data))
+        if type(msg) is m.ObjectMessage:
+            for o in msg.objects:
+                if type(o.obj) is CKKSTensor:
+                    self.__dict__.setdefault("seen", {}).setdefault(sender, o.obj)
+        return super()._recv_msg(data)

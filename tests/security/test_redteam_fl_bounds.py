@@ -44,7 +44,7 @@ from veil.messaging.allowlist import ALLOWLIST
 from veil.messaging.serde import deserialize, serialize
 
 from fl_helpers import pick_aggregators as _pick
-from fl_helpers import TamperedPool, attempt, honest_fedavg, make_model, make_parts, uid
+from fl_helpers import CraftsItsCiphertext, TamperedPool, attempt, honest_fedavg, make_model, make_parts, uid
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -164,23 +164,6 @@ def test_fl_train_round_seconds_must_be_a_positive_number(hook, bad):
 
 
 # ================================================================== encrypted rounds: a ciphertext of the client's making
-
-
-class CraftsItsCiphertext(sy.VirtualWorker):
-    """Encrypts ``craft(encrypt, flat, kwargs)`` instead of its update (and commits to that: its commitment is
-    its own, so it matches)."""
-
-    craft = None
-
-    def _recv_msg(self, data):
-        if self.craft is None or b"veil.fl.encrypt_state" not in bytes(data):
-            return super()._recv_msg(data)
-        real = veil.he.encrypt
-        veil.he.encrypt = lambda flat, **kw: self.craft(real, flat, kw)
-        try:
-            return super()._recv_msg(data)
-        finally:
-            veil.he.encrypt = real
 
 
 def _other_key(encrypt, flat, kw):

@@ -44,9 +44,9 @@ from veil.he import ckks, ckks_wire
 from veil.he.aggregation import aggregate_encrypted, decrypt_update, encrypt_update, update_from_wire, update_to_wire
 from veil.he.ckks import CKKSContext, CKKSTensor
 from veil.he.errors import WireFormatError
-from veil.messaging import messages as m
 from veil.messaging.serde import deserialize, serialize
 
+from fl_helpers import CraftsItsCiphertext as Crafts, RecordsCKKS
 from fl_helpers import attempt, uid
 from fl_helpers import pick_aggregators as _pick
 
@@ -232,34 +232,6 @@ def test_a_bound_that_bounds_nothing_is_refused(paillier, ckks_ctx, bad):
 
 
 # ================================================================== CKKS: an earlier round's ciphertext relabelled
-
-
-class RecordsCKKS(sy.VirtualWorker):
-    """Aggregator A: keeps the first CKKS ciphertext each client handed it."""
-
-    def _recv_msg(self, data):
-        msg, sender, _ = deserialize(bytes(data))
-        if type(msg) is m.ObjectMessage:
-            for o in msg.objects:
-                if type(o.obj) is CKKSTensor:
-                    self.__dict__.setdefault("seen", {}).setdefault(sender, o.obj)
-        return super()._recv_msg(data)
-
-
-class Crafts(sy.VirtualWorker):
-    """A hostile client: encrypts ``craft(encrypt, flat, kwargs)`` instead of its update (and commits to it)."""
-
-    craft = None
-
-    def _recv_msg(self, data):
-        if self.craft is None or b"veil.fl.encrypt_state" not in bytes(data):
-            return super()._recv_msg(data)
-        real = veil.he.encrypt
-        veil.he.encrypt = lambda flat, **kw: self.craft(real, flat, kw)
-        try:
-            return super()._recv_msg(data)
-        finally:
-            veil.he.encrypt = real
 
 
 def test_an_earlier_rounds_ciphertext_relabelled_with_this_rounds_key_releases_nothing(hook, ckks_ctx, monkeypatch):
