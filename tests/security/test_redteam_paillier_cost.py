@@ -35,7 +35,6 @@ import phe
 import pytest
 import torch
 
-import veil as sy
 from veil.exceptions import CommandTimeoutError
 from veil.he import _oblivious_power, paillier, paillier_wire, remote
 from veil.he.paillier import PaillierTensor, _obj_array
@@ -43,46 +42,17 @@ from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.serde import deserialize, serialize
 from veil.workers import cancellation
-from veil.workers.websocket_server import WebsocketServerWorker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_sessions import open_session, request, run_command, send_tensor  # noqa: E402
+from server_sessions import open_session, request, send_tensor  # noqa: E402
+from test_redteam_paillier_oracles import SCI, Review  # noqa: E402  (an owner tensor under review, a scientist)
 
-SCI = "rt-pc-sci-token"
 N256 = (1 << 255) | 12345  # any odd 256-bit number passes as a modulus
 
 
 @pytest.fixture(scope="module")
 def keys():
     return paillier.keygen(512)
-
-
-class Review:
-    """A worker holding one owner tensor under review, and a scientist's session."""
-
-    def __init__(self, hook, data: torch.Tensor, seconds=None):
-        tokens = sy.TokenTable()
-        tokens.add(SCI, "sci", "scientist")
-        self.srv = WebsocketServerWorker(hook, id=f"rt-pc-{new_id() % 10**6}", port=0, tokens=tokens,
-                                         max_command_seconds=seconds)
-        self.data = data.clone()
-        self.d = self.srv.load(data, tags=("#d",), policy="review")
-        self.sci = open_session(self.srv, SCI)
-
-    def he_op(self, name, a, b):
-        out = new_id()
-        reply, _ = run_command(self.srv, self.sci, "veil.he.op", name, m.ObjectRef(a), b, out, n=0)
-        return reply, out
-
-    def stored(self, oid):
-        return next((e.obj for i, e in self.srv.monitor.owned_entries(self.srv.principal_of(self.sci)) if i == oid), None)
-
-    def healthy(self):
-        """The owner's tensor is unchanged and the worker still serves the scientist."""
-        assert torch.equal(self.srv.monitor.owner_objects()[self.d], self.data)
-        x = send_tensor(self.srv, self.sci, torch.tensor([1.0, 2.0]))
-        reply = request(self.srv, self.sci, m.GetObjectsMessage([x]))
-        assert type(reply) is m.ObjectsReply and torch.equal(reply.objects[0], torch.tensor([1.0, 2.0])), reply
 
 
 def _crafted(n: int, count: int, shape=None) -> PaillierTensor:

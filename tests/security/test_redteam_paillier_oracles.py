@@ -70,7 +70,9 @@ class Review:
         return reply, out
 
     def stored(self, oid):
-        return next(e.obj for i, e in self.srv.monitor.owned_entries(self.sci.principal) if i == oid)
+        """The scientist's object ``oid`` as the worker holds it (None: not stored)."""
+        return next((e.obj for i, e in self.srv.monitor.owned_entries(self.srv.principal_of(self.sci)) if i == oid),
+                    None)
 
     def healthy(self):
         """The owner's tensor is unchanged and the worker still serves the scientist."""
