@@ -294,3 +294,26 @@ def test_a_rounds_fresh_paillier_key_stops_at_the_round_deadline(hook):
     assert err is None and got[0] is None, (got, err)  # nothing decrypted: every client dropped as late
     assert sorted(got[1]) == sorted(states) and all("round_seconds" in e for e in got[1].values()), got
     assert took < 10.0, f"the round's key took {took:.1f} s"
+
+
+# ================================================================== fixed CKKS keys: rounds at once share one public copy
+
+
+def test_without_fresh_keys_a_finished_round_does_not_take_a_running_rounds_ckks_registration(ckks_ctx):
+    """HOLE: with ``fresh_keys=False`` every round registered a public copy of its own under the one key id (a
+    weak registry entry, replaced by the newest copy). When a round that started later ended first, its copy went
+    and the entry with it: the running round's sums, fetched back over the wire, no longer decoded ("a context
+    this process has not received"). Now the rounds share one public copy that lives with the aggregation."""
+    import gc
+
+    from veil.he import ckks_wire
+
+    he = EncryptedAggregation(context=ckks_ctx, fresh_keys=False)
+    running = he._keys_of_a_new_round()
+    later = he._keys_of_a_new_round()
+    wire = ckks_wire.tensor_to_wire(veil.he.encrypt(torch.tensor([1.5, -2.0]), protocol="ckks",
+                                                    context=running.public))
+    del later  # the later round ended first (its keys freed)
+    gc.collect()
+    back = ckks_wire.tensor_from_wire(wire)  # a running round's sum, decoded against the registered context
+    assert torch.allclose(back.decrypt(ckks_ctx).to(torch.float32), torch.tensor([1.5, -2.0]), atol=1e-3)

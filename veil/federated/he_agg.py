@@ -77,6 +77,7 @@ from __future__ import annotations
 import math
 import secrets
 import sys
+import threading
 import time
 from secrets import token_hex
 from dataclasses import dataclass, field
@@ -226,10 +227,12 @@ class EncryptedAggregation:
     round_seconds: float | None = 3600.0
     #: each round encrypts under fresh keys, so a ciphertext an aggregator saw in an earlier round cannot be
     #: handed in again, scaled or combined, as a client's update (it is under another key: both aggregators
-    #: flag it). Paillier: a key pair of the given key's size, rounded up to even bits (~0.1 s at 2048 bits).
+    #: flag it). Paillier: a key pair of the given key's size, drawn under the round's deadline (~0.1 s at 2048 bits).
     #: CKKS: a context of the given one's ring, modulus chain and scale, without Galois keys (~0.1 s and a
     #: ~1.9 MB public context to each client a round at ring 8192; ~0.4 s and ~7.9 MB at 16384).
     fresh_keys: bool = True
+    _public: CKKSContext | None = field(default=None, init=False, repr=False, compare=False)  # (fixed keys' copy)
+    _public_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if (self.context is None) == (self.public_key is None):
@@ -248,8 +251,15 @@ class EncryptedAggregation:
         """The keys of a round about to start (fresh ones with ``fresh_keys``; a fresh Paillier pair stops at
         ``deadline``: seconds to minutes at 4096-16384 bits)."""
         if self.context is not None:
-            private = ckks.fresh_like(self.context) if self.fresh_keys else self.context
-            public = private.public()
+            if self.fresh_keys:
+                private = ckks.fresh_like(self.context)
+                public = private.public()
+            else:  # one public copy for every round: the registry holds it weakly, so a copy of a round's own
+                private = self.context  # would leave with that round and take a running round's entry with it
+                with self._public_lock:
+                    if self._public is None:
+                        self._public = self.context.public()
+                    public = self._public
             ckks_wire.remember(public)  # (the sums fetched back decode against it, in any process)
             return _RoundKeys(private, public)
         if self.fresh_keys:
