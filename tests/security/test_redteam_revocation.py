@@ -139,7 +139,8 @@ def test_pipelined_frames_behind_a_revocation_never_run(server, monkeypatch):
     stored, served = [], []
     real, real_serve = server.monitor.store_objects, server.serve_bytes
     monkeypatch.setattr(server.monitor, "store_objects",
-                        lambda principal, objects: (stored.extend(o.id for o in objects), real(principal, objects)))
+                        lambda principal, objects, *a: (stored.extend(o.id for o in objects),
+                                                         real(principal, objects, *a)))
     monkeypatch.setattr(server, "serve_bytes", lambda data, session, *a: (served.append(session.revoked),
                                                                           real_serve(data, session, *a))[1])
     conn = _connect(server, TOKEN)
@@ -291,8 +292,8 @@ def test_every_request_path_refuses_a_revoked_session(hook):
     server, _, session = in_process_server(hook, f"redrevoke-paths-{time.monotonic_ns()}")
     stored: list = []
     real = server.monitor.store_objects
-    server.monitor.store_objects = lambda principal, objects: (stored.extend(o.id for o in objects),
-                                                               real(principal, objects))
+    server.monitor.store_objects = lambda principal, objects, *a: (stored.extend(o.id for o in objects),
+                                                                   real(principal, objects, *a))
     assert deserialize(server.serve_bytes(_store(1), session))[0] == m.OkReply()
     assert server.revoke("scientist") == 1 and session.revoked
     assert server.try_inline(_store(2), session) == (None, None)

@@ -29,7 +29,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker", required=True, metavar="HOST:PORT", help="the worker (ws:// or wss:// optional)")
     p.add_argument("--admin-token", default=os.environ.get("VEIL_ADMIN_TOKEN"),
                    help="the owner's admin token (default: $VEIL_ADMIN_TOKEN)")
-    p.add_argument("--state", default=None, choices=("pending", "approved", "denied", "released"),
+    p.add_argument("--state", default=None, choices=("pending", "approved", "denied", "released", "lapsed"),
                    help="list only requests in this state")
     p.add_argument("--message", default="", help="the owner's message (deny: shown to the scientist)")
     p.add_argument("--cafile", default=None, help="CA bundle / self-signed certificate for wss://")

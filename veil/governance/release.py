@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Union
 
 from veil.exceptions import PermissionDeniedError, RequestDeniedError, ReviewPendingError
 from veil.governance.graphtext import render_graph
+from veil.governance.lapses import after_given_back, after_release
 from veil.governance.provenance import GRAPH, ROOT, sources_of
 from veil.governance.requests import ReviewQueue, digest
 from veil.governance.state import _STATE, audit, governance
@@ -72,13 +73,13 @@ def decide(worker: Any, oid: int, entry: Any, user: str, session: str = "-", rea
         # object rewritten in place to a probe equal to the denied bytes answered "denied", any other probe
         # "pending": the probe's value; the same computation redone under the same id, after a restart, matches)
         same = req is not None and req.digest == current and computation(req.graph, req.root) == mine
-        if not same or req.state in ("pending", "released"):
+        if not same or req.state in ("pending", "released", "lapsed"):
             # an approval of exactly this value still stands when a request for other bytes came under the id
             # since (a restart on other data), or a newer one for the same value (a get racing a move filed it
             # while the move held the approval, which the destination's refusal then gave back): it was hidden,
             # lost without any release. Approved ones only: the value they release is what the answer says,
             # while a pending one would answer "equal or not"
-            approved = queue.approved_for(oid, user, current, lambda r: computation(r.graph, r.root) == mine)
+            approved = queue.approved_for(oid, user, current, same_computation(mine))
             req = approved if approved is not None or not same else req
         if req is not None:
             if req.state == "pending":
@@ -91,6 +92,7 @@ def decide(worker: Any, oid: int, entry: Any, user: str, session: str = "-", rea
                 if consume:
                     queue.mark_released(req.id)
                     audit(worker, "release", user, session, [oid], "allowed", f"{req.id} approved by {req.decided_by}")
+                    after_release(queue, req, request_computation)  # (its other open requests: lapses.py)
                 return Allow(req.id)
         # none yet (a value whose bytes a denied request of this user already has is filed like any other: a
         # different answer would tell the scientist whether a fresh value equals the denied one; the owner's
@@ -103,6 +105,16 @@ def computation(graph: dict, root: str) -> tuple:
     root's key (the values the text leaves out: veil/governance/computation_key.py), so the same computation
     redone compares equal and any other does not."""
     return (*render_graph(graph, root), (graph.get(root) or {}).get("key"))
+
+
+def same_computation(key: tuple) -> Callable[[Any], bool]:
+    """Whether a request was filed for the computation whose :func:`computation` is ``key``."""
+    return lambda r: request_computation(r) == key
+
+
+def request_computation(req: Any) -> tuple:
+    """:func:`computation` of the value a request was filed for."""
+    return computation(req.graph, req.root)
 
 
 def enforce(worker: Any, oid: int, entry: Any, user: str, session: str = "-", purpose: str = "get") -> None:
@@ -182,6 +194,8 @@ def releasing(worker: Any, ids: list, entries: list, user: str, session: str, pu
             queue = ReviewQueue(worker)
             for oid, request_id in used:
                 again = queue.restore_approval(request_id)
+                if again and after_given_back(queue, request_id, request_computation):
+                    again = False  # (the owner denied the same value while the move held it: lapses.py)
                 audit(worker, "release", user, session, [oid], "refused",
                       f"{request_id}: the {purpose} was refused where it went ({type(error).__name__}: it says it "
                       "stored nothing); the value was sent, " + ("the approval stands again" if again else

@@ -26,7 +26,7 @@ from veil.governance.state import audit, governance
 from veil.workers.database import equality_filters
 from veil.workers.persistence import db_execute, db_update, db_update_then, insert_below_cap
 
-STATES = ("pending", "approved", "denied", "released")
+STATES = ("pending", "approved", "denied", "released", "lapsed")  # lapsed: veil/governance/lapses.py
 _COLUMNS = ("id", "ts", "worker", "principal", "session", "object_id", "reason", "shape", "dtype", "digest",
             "sources", "graph", "state", "message", "decided_ts", "decided_by")
 
@@ -329,8 +329,15 @@ class ReviewQueue:
         return self._decide(request_id, "approved", by, message)
 
     def deny(self, request_id: str, message: str = "", by: str = "owner") -> ReleaseRequest:
-        """Refuses the release; the scientist's get raises RequestDeniedError with ``message``."""
-        return self._decide(request_id, "denied", by, message or "denied by the data owner")
+        """Refuses the release; the scientist's get raises RequestDeniedError with ``message``. The user's
+        earlier approvals of the same value lapse (``approved_for`` no longer releases them: shown so)."""
+        from veil.governance.lapses import after_denial
+        from veil.governance.release import request_computation
+
+        with governance(self.worker).lock:
+            denied = self._decide_locked(request_id, "denied", by, message or "denied by the data owner")
+            after_denial(self, denied, request_computation)
+        return self.get(request_id)
 
     def mark_released(self, request_id: str) -> None:
         """Uses the approval up (before the value goes out); raises if it was no longer ``approved``: another

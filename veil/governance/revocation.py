@@ -70,12 +70,13 @@ def revoke(worker: Any, name: str, by: str = "owner") -> int:
     with _FORCE:  # in force first, without waiting for the database: a refusal holds even if storing fails
         _unstored(worker).add(name)  # until stored, no sync takes an older row's "readmitted"
         closed = _put_in_force(worker, name)
+    lapsed = 0
     with _LOCK:
         if name in _unstored(worker):  # (else stored since, or readmitted since: that later decision stands)
-            _store(worker, name, True, by)
-            _unstored(worker).discard(name)
+            lapsed = _store_revoked(worker, name, by)
     roles = ", ".join(sorted({p.role for p in found})) or "peer link"
-    _audit(worker, "revoke", by, f"revoked {name} ({roles}); {closed} open session(s) closed")
+    _audit(worker, "revoke", by, f"revoked {name} ({roles}); {closed} open session(s) closed"
+                                 + (f"; {lapsed} open release request(s) lapsed" if lapsed else ""))
     return closed
 
 
@@ -163,6 +164,19 @@ def _store(worker: Any, name: str, revoked: bool, by: str) -> None:
     worker.db.kv_put(NAMESPACE, name, value)
 
 
+def _store_revoked(worker: Any, name: str, by: str) -> int:
+    """Stores ``name``'s revocation and lapses its open release requests (veil/governance/lapses.py: PySyft's
+    request model, a revocation voids outstanding approvals; one given before it matched the same value
+    recomputed under the same id after readmission); both done, the name is no longer unstored (a failure
+    leaves it for the next sync, which does both again). How many requests lapsed. (_LOCK held.)"""
+    from veil.governance.lapses import after_revocation
+
+    _store(worker, name, True, by)
+    lapsed = after_revocation(worker, name)
+    _unstored(worker).discard(name)
+    return lapsed
+
+
 def _records(worker: Any) -> tuple[dict[str, bool], list[str]]:
     """(name -> revoked for each readable record, names whose record is unreadable)."""
     out, damaged = {}, []
@@ -201,8 +215,7 @@ def sync_stored_revocations(worker: Any) -> list[str]:
     changed = []
     with _LOCK:
         for name in list(_unstored(worker)):  # a revocation made here while the database was away: store it now
-            _store(worker, name, True, "owner")
-            _unstored(worker).discard(name)
+            _store_revoked(worker, name, "owner")
         records, damaged = _records(worker)
         _report_damaged(worker, damaged)  # the other records still sync; a damaged one changes nothing here
         for name, revoked in records.items():

@@ -35,6 +35,7 @@ from veil.workers.quota import (DEFAULT_OBJECT_BYTES, MIN_TENSOR_BYTES, SIZE_EST
                                 QuotaExceededError, QuotaRules, _nbytes, metadata_nbytes,
                                 register_size_estimator)
 from veil.workers.store import SHARED_NS, Entry, Kind, ObjectStore, StoreKey
+from veil.workers.store_admission import StoreAdmission
 
 __all__ = ["Purpose", "Kind", "Principal", "ReferenceMonitor", "QuotaExceededError", "DEALER_TAG", "Entry",
            "register_size_estimator"]
@@ -74,7 +75,7 @@ def derived_kind(sources: Iterable[Entry], op_name: str | None, principal: Princ
     return kind
 
 
-class ReferenceMonitor(QuotaRules, OpeningRules):
+class ReferenceMonitor(QuotaRules, OpeningRules, StoreAdmission):
     """One per worker; owns the worker's object store (``worker_id``: the worker's name, in error texts;
     ``max_session_bytes``: the per-session memory quota, None: unlimited)."""
 
@@ -346,7 +347,7 @@ class ReferenceMonitor(QuotaRules, OpeningRules):
             hand_off = principal.isolated and "peer" in principal.roles
         store, key = self._store, self.__key
         space, shared = store.spaces(key, ns)
-        if oid in space or oid in shared:
+        if oid in space or oid in shared:  # (early; put checks again under the store's lock)
             raise self._in_use(oid)
         if type(sources) is not list:
             sources = list(sources)
@@ -362,12 +363,6 @@ class ReferenceMonitor(QuotaRules, OpeningRules):
         else:
             nbytes = _nbytes(obj)
         nbytes += extra_nbytes  # what the op's autograd graph keeps beside it (output_bounds.GraphSaves)
-        if hand_off:
-            self._check_account(principal, oid, nbytes)
-        elif self.max_session_bytes is not None and ns != SHARED_NS:
-            used = store.usage.get(ns, 0)
-            if used + nbytes > self.max_session_bytes:
-                raise self._refuse(self._over_quota(used + nbytes), "store", principal, [oid])
         provenance = _EMPTY
         client_sources = True
         if sources:  # one pass: does any source restrict reveals or carry provenance? (plain client data: no)
@@ -393,7 +388,9 @@ class ReferenceMonitor(QuotaRules, OpeningRules):
                       provenance, nbytes)
         if kind == Kind.DEALER and sources:
             dealt.inherit_fixed(entry, sources)
-        store.put(key, ns, oid, entry, hand_off=hand_off, account=principal.account)
+        with store.locked(key):  # checked and stored in one step (veil/workers/store_admission.py)
+            self.admit_store(principal, oid, nbytes, hand_off)
+            store.put(key, ns, oid, entry, hand_off=hand_off, account=principal.account)
         return entry
 
     def end_account(self, principal: Principal) -> int:

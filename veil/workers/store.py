@@ -24,6 +24,8 @@ SHARED_NS = ""
 #: ``Entry.meta`` key: bytes an object's op graph grew by when a command wrote it in place (governance), charged
 #: to its session by the next :meth:`ObjectStore.charge_growth` that names it
 OWED = "graph_owed"
+#: ``Entry.meta`` key: the part of ``Entry.nbytes`` charged for its op graph (governance), beside its storage
+GRAPH_CHARGED = "graph_nbytes"
 _NO_OBJECTS = MappingProxyType({})  # a namespace that holds nothing yet (read-only)
 
 
@@ -137,13 +139,23 @@ class ObjectStore:
         space = self._spaces.get(ns)
         return (space is not None and oid in space) or oid in self._spaces[SHARED_NS]
 
+    def locked(self, key: StoreKey) -> threading.RLock:
+        """The store's lock, for the monitor's checks and :meth:`put` in one step (``with store.locked(key):``):
+        two stores from threads outside the server's turn (peer hand-offs, worker functions, plan threads, Ray)
+        both passed a quota check made before either put."""
+        self._check(key)
+        return self._lock
+
     def put(self, key: StoreKey, ns: str, oid: int, entry: Entry, hand_off: bool = False, account: str = "") -> None:
-        """Stores ``entry``; a ``hand_off`` waits for the first session that names ``oid``, charged meanwhile
-        to the requester ``account`` its peer named (besides ``ns``'s usage)."""
+        """Stores ``entry`` under an id free in ``ns`` and among the shared objects (checked here, under the
+        lock: a check made before it let two threads both store to one id, the second overwriting the first and
+        its bytes charged twice); a ``hand_off`` waits for the first session that names ``oid``, charged
+        meanwhile to the requester ``account`` its peer named (besides ``ns``'s usage)."""
         if key is not self._key:
             self._check(key)
         with self._lock:
-            if hand_off and self._hand_offs.get(oid, (ns,))[0] != ns:  # another peer's, not claimed yet
+            if self.has(key, ns, oid) or (hand_off and self._hand_offs.get(oid, (ns,))[0] != ns):
+                # (taken, or another peer's hand-off not claimed yet: the monitor's text for a taken id)
                 raise PermissionDeniedError(f"object id {oid} is already in use on worker {self.worker_id!r}")
             entry.created_by = entry.created_by or ns
             space = self._spaces.get(ns)
@@ -194,7 +206,8 @@ class ObjectStore:
                     self.usage[ns] = self.usage.get(ns, 0) + owed
                 obj = entry.obj
                 if isinstance(obj, torch.Tensor) and space.get(oid) is entry and obj.layout == torch.strided:
-                    grown = obj.untyped_storage().nbytes() - entry.nbytes
+                    # (its op graph's charge, governance's meta[GRAPH_CHARGED], is no part of its storage's)
+                    grown = obj.untyped_storage().nbytes() - (entry.nbytes - entry.meta.get(GRAPH_CHARGED, 0))
                     if grown > 0:
                         entry.nbytes += grown
                         self.usage[ns] = self.usage.get(ns, 0) + grown
@@ -228,7 +241,7 @@ class ObjectStore:
         self._check(key)
         with self._lock:
             acc = self._hand_offs.get(oid) if type(oid) is int else None
-            if acc is None or acc[0] == ns:
+            if acc is None or acc[0] == ns or self.has(key, ns, oid):  # (ns stored its own since it looked)
                 return None
             src = acc[0]
             space = self._spaces.get(src, {})

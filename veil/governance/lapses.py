@@ -1,0 +1,89 @@
+"""Requests that stop releasing anything without being used: state ``lapsed``, the reason in their message.
+
+An open request (pending or approved) lapses when
+
+- an approval releases the same value under the same id to the same user (same bytes and computation): a get
+  racing a move filed a second request for it while the move held the approval, which the destination's
+  refusal gave back; used, the approval answered that request too, which otherwise waited on the owner's list,
+  counted against the user's pending cap, and, approved later, released the same bytes again
+  (:func:`after_release`);
+- the owner denies a request for the same value: an earlier approval of it is void
+  (``ReviewQueue.approved_for`` already refused it) and is shown so (:func:`after_denial`);
+- the owner revokes the user (PySyft's request model: revocation voids outstanding approvals): after
+  readmission, the same value recomputed under the same id matched an approval given before the revocation
+  (:func:`after_revocation`).
+
+A lapsed request releases nothing; the same value asked for again files a new request. The owner's own message
+on an approval is kept, the reason appended.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from veil.governance.requests import ReleaseRequest, ReviewQueue
+from veil.governance.state import governance, has_decisions_store
+from veil.workers.persistence import db_update
+
+LAPSED = "lapsed"
+_OPEN = ("pending", "approved")
+#: the change a lapse makes (the owner's message on an approval kept, the reason appended; a pending request gets
+#: the time it lapsed as its decision time)
+_SET = ("UPDATE release_requests SET state = ?, message = CASE WHEN message = '' THEN ? ELSE message || ? END, "
+        "decided_ts = COALESCE(decided_ts, ?) ")
+
+
+def _params(note: str) -> tuple:
+    return LAPSED, note, f" ({note})", time.time()
+
+
+def lapse(queue: ReviewQueue, request_id: str, from_state: str, reason: str) -> bool:
+    """``request_id`` lapses if it is still ``from_state`` (another process may have decided it since);
+    whether it did."""
+    return db_update(queue.db, _SET + "WHERE id = ? AND state = ?",
+                     (*_params(f"lapsed: {reason}"), request_id, from_state)) > 0
+
+
+def _same_value(queue: ReviewQueue, req: ReleaseRequest, states: tuple, key: Callable[[Any], Any]) -> list:
+    """The user's other requests in ``states`` for ``req``'s id, bytes and computation (``key(request)``:
+    ``release.request_computation``)."""
+    marks = ", ".join("?" * len(states))
+    found = queue._rows(f"WHERE object_id = ? AND principal = ? AND digest = ? AND state IN ({marks})",
+                        (str(req.object_id), req.principal, req.digest, *states), 50)
+    mine = key(req)
+    return [r for r in found if r.id != req.id and key(r) == mine]
+
+
+def after_release(queue: ReviewQueue, used: ReleaseRequest, key: Callable[[Any], Any]) -> list[str]:
+    """``used``'s approval released its value: the user's other open requests for it lapse. Their ids."""
+    return [r.id for r in _same_value(queue, used, _OPEN, key)
+            if lapse(queue, r.id, r.state, f"the same value was released under request {used.id}")]
+
+
+def after_denial(queue: ReviewQueue, denied: ReleaseRequest, key: Callable[[Any], Any]) -> list[str]:
+    """The owner denied ``denied``: the user's earlier approvals of the same value lapse. Their ids."""
+    return [r.id for r in _same_value(queue, denied, ("approved",), key)
+            if lapse(queue, r.id, "approved", f"the data owner denied request {denied.id} for the same value")]
+
+
+def after_given_back(queue: ReviewQueue, request_id: str, key: Callable[[Any], Any]) -> bool:
+    """A refused move gave ``request_id``'s approval back: it lapses if the owner denied a request for the same
+    value since it was approved (denied while the move held it). Whether it did."""
+    req = queue.get(request_id)
+    if req.state != "approved":
+        return False
+    since = req.decided_ts or 0.0
+    denials = [r for r in _same_value(queue, req, ("denied",), key) if (r.decided_ts or 0.0) >= since]
+    return bool(denials) and lapse(queue, req.id, "approved",
+                                   f"the data owner denied request {denials[0].id} for the same value")
+
+
+def after_revocation(worker: Any, name: str) -> int:
+    """The owner revoked ``name``: its open requests lapse. How many (0 where no review queue is kept)."""
+    if not has_decisions_store(worker):
+        return 0
+    queue = ReviewQueue(worker)
+    with governance(worker).lock:  # (no release decision of this process in between)
+        return db_update(queue.db, _SET + "WHERE principal = ? AND state IN ('pending', 'approved')",
+                         (*_params("lapsed: the data owner revoked this user's access"), name))
