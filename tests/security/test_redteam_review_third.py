@@ -294,12 +294,8 @@ def test_an_approval_given_back_after_a_denial_shows_lapsed(hook, owner):
 # ------------------------------------------------------------------ revocation
 
 
-def test_revocation_lapses_the_users_open_requests(hook, tmp_path):
-    """Stale approval: on a network worker the scientist's ``d * 3`` is approved and ``d * 5`` pending; the owner
-    revokes the scientist, then readmits them; in a new session they compute ``d * 3`` under the same id. The
-    approval given before the revocation released it. Must hold: both requests are ``lapsed`` (saying the access
-    was revoked), none counts as pending, and the recomputed value needs a new request; approved, it releases
-    plain torch's value."""
+def _review_server(hook, tmp_path):
+    """A network worker (owner database in ``tmp_path``) with review data: (worker, dataset id, queue)."""
     from veil.governance.requests import ReviewQueue
     from veil.workers.persistence import OwnerDB
     from veil.workers.websocket_server import WebsocketServerWorker
@@ -308,8 +304,42 @@ def test_revocation_lapses_the_users_open_requests(hook, tmp_path):
     tokens.add(SCI, "sci", "scientist")
     srv = WebsocketServerWorker(hook, id=_uid("rt3-rev"), port=0, tokens=tokens,
                                 db=OwnerDB(str(tmp_path / OwnerDB.FILENAME)))
-    did = srv.load(SECRET.clone(), tags=("#d",), policy="review")
-    queue = ReviewQueue(srv)
+    return srv, srv.load(SECRET.clone(), tags=("#d",), policy="review"), ReviewQueue(srv)
+
+
+def test_an_approval_a_move_held_through_a_revocation_lapses_when_given_back(hook, tmp_path):
+    """Race (revocation during a move): ``d * 3`` approved; a move takes the approval, the owner revokes the
+    scientist while it is on its way (the revocation finds it used, not open), and the destination refuses. The
+    approval was given back "approved": after readmission it released the value recomputed under the same id.
+    Must hold: it lapses (saying the access was revoked) and the audit row says it stays used."""
+    from veil.governance.release import releasing
+
+    srv, did, queue = _review_server(hook, tmp_path)
+    sci, oid = open_session(srv, SCI), new_id()
+    reply = request(srv, sci, m.CommandMessage("torch.mul", (m.ObjectRef(did), 3.0), {}, [oid], False))
+    assert type(reply) is m.OkReply, reply
+    reply = request(srv, sci, m.GetObjectsMessage([oid]))
+    rid = reply.message.split("release request ")[1].split()[0]
+    queue.approve(rid)
+    entry = dict(srv.monitor.owner_entries())[oid]
+    with pytest.raises(PermissionDeniedError, match="already in use"):
+        with releasing(srv, [oid], [entry], "sci", sci.id, "move", lambda error: True):
+            srv.revoke("sci")
+            raise PermissionDeniedError(f"object id {oid} is already in use on worker 'elsewhere'")
+    req = queue.get(rid)
+    assert req.state == "lapsed" and "revoked" in req.message, req
+    (refused,) = _release_rows(srv, rid, "refused")
+    assert "stays used" in refused["detail"]
+    srv.db.close()
+
+
+def test_revocation_lapses_the_users_open_requests(hook, tmp_path):
+    """Stale approval: on a network worker the scientist's ``d * 3`` is approved and ``d * 5`` pending; the owner
+    revokes the scientist, then readmits them; in a new session they compute ``d * 3`` under the same id. The
+    approval given before the revocation released it. Must hold: both requests are ``lapsed`` (saying the access
+    was revoked), none counts as pending, and the recomputed value needs a new request; approved, it releases
+    plain torch's value."""
+    srv, did, queue = _review_server(hook, tmp_path)
     three, five = new_id(), new_id()
 
     def compute(sess, oid, factor):

@@ -68,11 +68,14 @@ def after_denial(queue: ReviewQueue, denied: ReleaseRequest, key: Callable[[Any]
 
 
 def after_given_back(queue: ReviewQueue, request_id: str, key: Callable[[Any], Any]) -> bool:
-    """A refused move gave ``request_id``'s approval back: it lapses if the owner denied a request for the same
-    value since it was approved (denied while the move held it). Whether it did."""
+    """A refused move gave ``request_id``'s approval back: it lapses if, while the move held it, the owner
+    revoked the user (the revocation found it used, not open) or denied a request for the same value since it
+    was approved. Whether it did."""
     req = queue.get(request_id)
     if req.state != "approved":
         return False
+    if req.principal in getattr(getattr(queue.worker, "tokens", None), "revoked", ()):
+        return lapse(queue, req.id, "approved", "the data owner revoked this user's access")
     since = req.decided_ts or 0.0
     denials = [r for r in _same_value(queue, req, ("denied",), key) if (r.decided_ts or 0.0) >= since]
     return bool(denials) and lapse(queue, req.id, "approved",
