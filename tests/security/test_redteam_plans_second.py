@@ -234,10 +234,12 @@ def test_a_fit_growing_its_state_in_place_is_sized_each_time_it_grows(hook):
     assert _one_line(reply).error == "QuotaExceededError", reply
     held = sum(_get(srv, s, oid).objects[0].numel() * 4 for oid in (a, b))
     assert held <= 8 << 20, held
-    # a fit whose state keeps its shapes runs as before (sized once), equal to torch
+    # a fit whose state keeps its shapes runs as before (sized once), equal to torch (on a new state: the 4 MiB
+    # one left would not fit its step's copy, step_undo's, beside it)
     spec_ok = PlanSpec("ok", 2, 1, 5, [PlanOp(ADD_, (SlotRef(2), 1.0), {}, [3], False),
                                        PlanOp(SUM, (SlotRef(0),), {}, [4], False)], SlotRef(4))
-    reply, (rid,) = run_command(srv, s, "veil.plan.fit", spec_ok, m.ObjectRef(xid), m.ObjectRef(xid), [m.ObjectRef(a)],
+    _, (c,) = run_command(srv, s, ZEROS, 4)
+    reply, (rid,) = run_command(srv, s, "veil.plan.fit", spec_ok, m.ObjectRef(xid), m.ObjectRef(xid), [m.ObjectRef(c)],
                                 1, 2, False)
     assert type(reply) is m.OkReply, reply
     assert torch.equal(_get(srv, s, rid).objects[0], torch.zeros(24))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,7 @@ import torch
 from veil.governance.computation_key import args_key, content_key, node_key
 from veil.governance.graphtext import NOT_SHOWN
 from veil.workers.source_sets import join_sources
-from veil.workers.store import OWED
+from veil.workers.store import GRAPH_CHARGED, OWED
 
 GRAPH = "graph"
 ROOT = "graph_root"
@@ -154,7 +155,8 @@ GRAPH_SLOT_BYTES = 120
 
 
 def _strings_nbytes(values: Any) -> int:
-    return sum(len(v) + 80 for v in values if isinstance(v, str))
+    # (what each string holds in memory, its list slot with it: a character may take 4 bytes, not one)
+    return sum(max(len(v) + 80, sys.getsizeof(v) + 8) for v in values if isinstance(v, str))
 
 
 def _node_nbytes(node: dict, listed: set | None = None) -> int:
@@ -171,22 +173,23 @@ def _node_nbytes(node: dict, listed: set | None = None) -> int:
 
 
 #: ``entry.meta`` key: what the entry's session was charged for its op graph so far
-CHARGED = "graph_nbytes"
+CHARGED = GRAPH_CHARGED  # (the store's growth check leaves it out of the storage's charge)
 
 
-def _held_nbytes(graph: dict, own: dict) -> int:
+def _held_nbytes(graph: dict, own: dict, fresh: frozenset = frozenset()) -> int:
     """What an entry's (cut) ``graph`` holds, counted as :func:`graph_nbytes` counts it: its slots, its node
-    ``own`` (the one stamped last) and every plan listing."""
+    ``own`` (the one stamped last), the nodes made for its command (``fresh``) and every plan listing."""
     listed: set = set()
-    return GRAPH_SLOT_BYTES * len(graph) + sum(_node_nbytes(n, listed) for n in graph.values()
-                                               if n is own or isinstance(n.get("plan"), list))
+    return GRAPH_SLOT_BYTES * len(graph) + sum(_node_nbytes(n, listed) for k, n in graph.items()
+                                               if n is own or k in fresh or isinstance(n.get("plan"), list))
 
 
 def graph_nbytes(lineage: "Lineage | None") -> int:
     """What one result of ``lineage``'s command holds in ``meta["graph"]``, charged to the requester's quota
-    with it: its own graph dict and node, and every plan listing in the graph. A listing shared with other graphs
-    is counted in each (an inherited listing outlives the result that first held it: freed results left their
-    descendants holding uncharged ~75 KB listings); other inherited nodes only by their slot."""
+    with it: its own graph dict and node, the nodes made for its inputs (fresh: ~700 bytes each, up to 63) and
+    every plan listing in the graph. A listing shared with other graphs is counted in each (an inherited listing
+    outlives the result that first held it: freed results left their descendants holding uncharged ~75 KB
+    listings); other inherited nodes only by their slot."""
     if lineage is None:
         return 0
     known = lineage.__dict__.get("_nbytes")  # (once per command, not per result)
@@ -194,7 +197,8 @@ def graph_nbytes(lineage: "Lineage | None") -> int:
         return known
     listed: set = set()
     own = _node_nbytes(lineage.node, listed)
-    sizes = sorted((_node_nbytes(n, listed) for n in lineage.graph.values() if isinstance(n.get("plan"), list)),
+    sizes = sorted((_node_nbytes(n, listed) for k, n in lineage.graph.items()
+                    if k in lineage.fresh or isinstance(n.get("plan"), list)),
                    reverse=True)[:MAX_NODES - 1]  # (the graph is cut to MAX_NODES: at most so many stay)
     known = lineage.__dict__["_nbytes"] = own + GRAPH_SLOT_BYTES * min(len(lineage.graph) + 1, MAX_NODES + 1) \
         + sum(sizes)
@@ -208,6 +212,7 @@ class Lineage:
     sources: frozenset
     graph: dict
     node: dict  # the command's node, without shape/dtype (filled per result)
+    fresh: frozenset = frozenset()  # ids of the graph's nodes made for this command (its inputs' own nodes)
 
 
 #: characters of a command's argument text (stored inputs are always named, past this too)
@@ -277,9 +282,12 @@ def lineage_of(op_name: str, args: tuple, inputs: dict, entries: dict, kwargs: d
         return None
     graph: dict = {}
     roots = []
+    fresh = set()
     for oid, entry in entries.items():
         root, sub = _input_node(oid, entry)
         roots.append(root)
+        if entry.meta.get(GRAPH) is None:  # (a node made here, not one an older graph holds already)
+            fresh.add(root)
         for k, v in sub.items():
             graph.setdefault(k, v)
     position = {oid: i for i, oid in enumerate(entries)}
@@ -291,7 +299,7 @@ def lineage_of(op_name: str, args: tuple, inputs: dict, entries: dict, kwargs: d
         node["label"] = f"plan {str(getattr(spec, 'name', '?'))[:MAX_PLAN_NAME]!r}"
         node["plan"] = _listing(spec)
         node["plan_ops"] = len(getattr(spec, "ops", []))
-    return Lineage(sources, graph, node)
+    return Lineage(sources, graph, node, frozenset(fresh))
 
 
 def _trim(graph: dict, root: str) -> dict:
@@ -381,7 +389,7 @@ def stamp(entry: Any, lineage: Lineage | None, tensor: Any, op_suffix: str = "")
     if not op_suffix:  # (a new result: the handler charged it this when it was stored)
         entry.meta[CHARGED] = graph_nbytes(lineage)
         return 0
-    held, charged = _held_nbytes(entry.meta[GRAPH], node), entry.meta.get(CHARGED, 0)
+    held, charged = _held_nbytes(entry.meta[GRAPH], node, lineage.fresh), entry.meta.get(CHARGED, 0)
     if held <= charged:
         return 0
     entry.meta[CHARGED] = held

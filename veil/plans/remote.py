@@ -96,6 +96,16 @@ class _PlanBudget(output_bounds.Budget):
             error = ResultOverQuotaError("in a plan: " + _HELD.sub("would hold more than", str(e)))
             raise interpreter.Refusal(error) from None
 
+    def reserve(self, nbytes: int) -> None:
+        """Holds ``nbytes`` the worker allocates for the run beside its ops (step_undo's copy of what a step may
+        write), refused as an op that would not fit is, before they are allocated."""
+        if nbytes and self.principal.isolated:
+            try:
+                self.monitor.check_room(self.principal, self.held + nbytes, "a plan step's copy of what it writes")
+            except QuotaExceededError as e:
+                raise ResultOverQuotaError("in a plan: " + _HELD.sub("would hold more than", str(e))) from None
+        self.held += nbytes
+
 
 def session_budget(worker: Any) -> Any:
     """With a session quota, a run's ops are sized before they run, against one running total
@@ -107,10 +117,12 @@ def session_budget(worker: Any) -> Any:
 
 
 def _run(worker: Any, spec: PlanSpec, inputs: list, state: list) -> Any:
-    compiled, state = _compiled(spec), list(state)
-    undo = step_undo.writes_state(spec)  # (a run cut part-way leaves its state as before it, not half-written)
-    return step_undo.run_step(lambda: interpreter.run(compiled, list(inputs), state, session_budget(worker)),
-                              state, undo)
+    compiled, inputs, state = _compiled(spec), list(inputs), list(state)
+    budget = session_budget(worker)
+    # (a run cut part-way leaves what it writes, state and inputs, as before it, not half-written)
+    undo = step_undo.undo_plan(spec) if (len(inputs), len(state)) == (spec.n_inputs, spec.n_state) else None
+    return step_undo.run_step(lambda: interpreter.run(compiled, inputs, state, budget), [*inputs, *state], undo,
+                              budget)
 
 
 def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, state: list, batch_size: int,
@@ -144,9 +156,9 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
     if shuffle and n > MAX_SHUFFLED_ROWS:
         raise OperationNotAllowedError(f"fit cannot shuffle more than {MAX_SHUFFLED_ROWS:,} rows (their order is "
                                        f"drawn at once): pass shuffle=False or fit on parts of the data")
-    # a step cut part-way (deadline, quota, an op's error) leaves the state as the last whole step left it (its
-    # copy is held for one step at a time, at most the state's own size, which the session is charged already)
-    undo = step_undo.writes_state(spec)
+    # a step cut part-way (deadline, quota, an op's error) leaves the state and extra inputs (momentum) as the
+    # last whole step left them (their copy, held one step at a time, is sized with the step's ops)
+    undo = step_undo.undo_plan(spec) if (2 + len(extra), len(state)) == (spec.n_inputs, spec.n_state) else None
     check_room(worker, total + (n if shuffle else 0), 8, "veil.plan.fit")  # the losses and the rows' order
     losses, count = None, 0
     kept = [t for t in [*state, *extra] if isinstance(t, torch.Tensor)]  # (kept from one batch to the next)
@@ -178,8 +190,11 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
                 sized = session_budget(worker)
                 if sized is not None and kept:  # what they grew by in earlier batches stays, uncharged
                     sized.held += max(0, _storage_bytes(kept) - kept_bytes)
-            loss = step_undo.run_step(lambda: interpreter.run(compiled, [xb, yb, *extra], state, sized), state,
-                                      undo)
+            inputs = [xb, yb, *extra]
+            # (the batch's rows are left out of the undo: written in place, a view writes the data, which would be
+            # copied whole before every batch)
+            loss = step_undo.run_step(lambda: interpreter.run(compiled, inputs, state, sized),
+                                      [None, None, *extra, *state], undo, sized)
             if sized is not None and kept:  # (and with this batch's growth, the losses must still fit)
                 check_room(worker, max(0, _storage_bytes(kept) - kept_bytes) + 8 * total, 1, "veil.plan.fit")
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:

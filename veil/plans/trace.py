@@ -46,6 +46,7 @@ class TraceTensor(torch.Tensor):
         pass
 
     def __repr__(self, *args: Any, **kwargs: Any) -> str:
+        self.__dict__["tracer"].read_sizes = True  # (it shows the shape: a function may parse the rows from it)
         return f"TraceTensor(slot={self.__dict__['slot']}, shape={tuple(self.__dict__['elem'].shape)})"
 
     @classmethod
