@@ -220,6 +220,23 @@ def test_the_racing_request_lapses_when_the_approval_is_used(hook, owner, approv
     assert len(_release_rows(owner, rid)) + len(_release_rows(owner, racing)) == 2  # (the refused send + one)
 
 
+def test_a_lapse_that_fails_does_not_fail_the_release(hook, owner, monkeypatch, caplog):
+    """Fault: the database fails while the racing request is being lapsed (after the approval was used and the
+    release recorded). Must hold: the get still returns plain torch's value (the approval is not lost with the
+    value undelivered), and one log line says the lapse failed."""
+    from veil.governance import lapses
+
+    x, rid, racing = _racing_move(hook, owner)
+
+    def fails(*args):
+        raise OSError("disk I/O error")
+
+    monkeypatch.setattr(lapses, "_same_value", fails)
+    assert torch.equal(_get(hook, owner, x), SECRET * 3)
+    assert owner.release_requests.get(rid).state == "released"
+    assert [r for r in caplog.records if "did not lapse" in r.getMessage() and "OSError" in r.getMessage()]
+
+
 def test_a_request_filed_after_a_release_stays_open(hook, owner):
     """Guard (the lapse's bound): ``d * 3`` approved and released; the scientist asks again (a new request for a
     second release). Must hold: that request stays pending, and approved it releases plain torch's value."""

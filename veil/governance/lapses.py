@@ -19,6 +19,8 @@ on an approval is kept, the reason appended.
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
 from typing import Any, Callable
 
@@ -26,6 +28,7 @@ from veil.governance.requests import ReleaseRequest, ReviewQueue
 from veil.governance.state import governance, has_decisions_store
 from veil.workers.persistence import db_update
 
+log = logging.getLogger(__name__)
 LAPSED = "lapsed"
 _OPEN = ("pending", "approved")
 #: the change a lapse makes (the owner's message on an approval kept, the reason appended; a pending request gets
@@ -36,6 +39,23 @@ _SET = ("UPDATE release_requests SET state = ?, message = CASE WHEN message = ''
 
 def _params(note: str) -> tuple:
     return LAPSED, note, f" ({note})", time.time()
+
+
+def _after_the_decision(fn: Callable) -> Callable:
+    """A lapse that follows a decision already recorded (a release on record, a denial made, an approval given
+    back): a failure of it (the database) is logged in one line and answers None, never failing that decision
+    (a get whose approval was used up would lose it with the value undelivered)."""
+
+    @functools.wraps(fn)
+    def run(queue: ReviewQueue, *args: Any) -> Any:
+        try:
+            return fn(queue, *args)
+        except Exception as error:  # noqa: BLE001 - housekeeping after the decision: logged, not raised
+            log.error("worker %s: release requests did not lapse after %s (%s: %s)", queue.worker.id,
+                      fn.__name__, type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "")
+            return None
+
+    return run
 
 
 def lapse(queue: ReviewQueue, request_id: str, from_state: str, reason: str) -> bool:
@@ -55,18 +75,21 @@ def _same_value(queue: ReviewQueue, req: ReleaseRequest, states: tuple, key: Cal
     return [r for r in found if r.id != req.id and key(r) == mine]
 
 
+@_after_the_decision
 def after_release(queue: ReviewQueue, used: ReleaseRequest, key: Callable[[Any], Any]) -> list[str]:
     """``used``'s approval released its value: the user's other open requests for it lapse. Their ids."""
     return [r.id for r in _same_value(queue, used, _OPEN, key)
             if lapse(queue, r.id, r.state, f"the same value was released under request {used.id}")]
 
 
+@_after_the_decision
 def after_denial(queue: ReviewQueue, denied: ReleaseRequest, key: Callable[[Any], Any]) -> list[str]:
     """The owner denied ``denied``: the user's earlier approvals of the same value lapse. Their ids."""
     return [r.id for r in _same_value(queue, denied, ("approved",), key)
             if lapse(queue, r.id, "approved", f"the data owner denied request {denied.id} for the same value")]
 
 
+@_after_the_decision
 def after_given_back(queue: ReviewQueue, request_id: str, key: Callable[[Any], Any]) -> bool:
     """A refused move gave ``request_id``'s approval back: it lapses if, while the move held it, the owner
     revoked the user (the revocation found it used, not open) or denied a request for the same value since it
