@@ -101,7 +101,10 @@ class Accountant:
         self.mechanism = mechanism
         # Runs of identical steps: [noise_multiplier, sample_rate, count].
         self.history: list[list] = []
-        self._cache: dict[float, float] = {}
+        # delta -> (generation, epsilon): an entry counts only while its generation is current (a reader that
+        # composed the history before a step must not leave its lower epsilon behind for later reads)
+        self._cache: dict[float, tuple[int, float]] = {}
+        self._generation = 0
 
     def step(self, noise_multiplier: float, sample_rate: float, count: int = 1) -> None:
         """Records ``count`` steps of the Poisson-subsampled Gaussian mechanism."""
@@ -111,6 +114,11 @@ class Accountant:
             self.history[-1][2] += count
         else:
             self.history.append([noise_multiplier, sample_rate, count])
+        self._changed()
+
+    def _changed(self) -> None:
+        """After the history changed (the generation after the change: see get_epsilon)."""
+        self._generation += 1
         self._cache.clear()
 
     def merge_runs(self) -> None:
@@ -121,7 +129,7 @@ class Accountant:
             runs[(s, q)] = runs.get((s, q), 0) + c
         if len(runs) != len(self.history):
             self.history = [[s, q, c] for (s, q), c in runs.items()]
-            self._cache.clear()
+            self._changed()
 
     @property
     def steps(self) -> int:
@@ -136,17 +144,25 @@ class Accountant:
         """Epsilon of everything recorded so far at the given delta."""
         if not 0 < delta < 1:
             raise PrivacyParameterError(f"delta must be in (0, 1), got {delta}")
-        if not self.history:
+        # a copy of the history read after its generation: another thread's step meanwhile makes the result
+        # one of an older generation, answered to this caller but never cached for the next
+        generation = self._generation
+        history = [list(h) for h in self.history]
+        if not history:
             return 0.0
-        if delta not in self._cache and self.mechanism == "rdp":
-            orders = _rdp_one_step(*self.history[0][:2])[0]
-            total = sum(c * _rdp_one_step(s, q)[1] for s, q, c in self.history)
-            self._cache[delta] = float(dp_lib().rdp.rdp_privacy_accountant.compute_epsilon(orders, total, delta)[0])
-        if delta not in self._cache:
+        cached = self._cache.get(delta)
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        if self.mechanism == "rdp":
+            orders = _rdp_one_step(*history[0][:2])[0]
+            total = sum(c * _rdp_one_step(s, q)[1] for s, q, c in history)
+            epsilon = float(dp_lib().rdp.rdp_privacy_accountant.compute_epsilon(orders, total, delta)[0])
+        else:
             acc = ACCOUNTANT_FACTORIES[self.mechanism]()
-            acc.compose(self.event())
-            self._cache[delta] = float(acc.get_epsilon(delta))
-        return self._cache[delta]
+            acc.compose(dp_lib().ComposedDpEvent([sgm_event(s, q, c) for s, q, c in history]))
+            epsilon = float(acc.get_epsilon(delta))
+        self._cache[delta] = (generation, epsilon)
+        return epsilon
 
     def state_dict(self) -> dict:
         """A plain-data snapshot (for checkpoints or a worker's disk)."""

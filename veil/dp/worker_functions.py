@@ -204,8 +204,9 @@ def _query(worker: Any, x: Any, name: str, epsilon: float, delta: float = 0.0, m
 def _budget(worker: Any) -> torch.Tensor:
     settings = dp_settings(worker)
     user = _user(worker)
-    left = settings.ledger.remaining(user)
-    spent = settings.ledger.spent(user)
+    with outside_turn():  # the ledger only (as a release's charge): a charge holding it held every session
+        left = settings.ledger.remaining(user)
+        spent = settings.ledger.spent(user)
     return torch.tensor([*left, *spent], dtype=torch.float64)
 
 

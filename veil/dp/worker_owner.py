@@ -29,10 +29,14 @@ from veil.dp.accountant import ACCOUNTANT_FACTORIES
 from veil.dp.budget import BudgetLedger
 from veil.dp.errors import PrivacyParameterError
 from veil.exceptions import PermissionDeniedError
+from veil.workers import cancellation
 from veil.workers.cancellation import outside_turn
 from veil.workers.database import is_database_url
 
 LEDGER_FILENAME = "veil-dp-budget.sqlite3"
+
+#: how often a release waiting for its user's lock looks at its deadline and cancellation
+_LOCK_POLL_S = 0.05
 
 
 @dataclass
@@ -90,8 +94,9 @@ class WorkerDP:
             held[1] += 1
         try:
             if not held[0].acquire(blocking=False):
-                with outside_turn():
-                    held[0].acquire()
+                with outside_turn():  # (the command's deadline and cancellation still count while it waits)
+                    while not held[0].acquire(timeout=_LOCK_POLL_S):
+                        cancellation.check()
             try:
                 yield
             finally:
