@@ -96,13 +96,16 @@ def outside_turn() -> Iterator[None]:
     if turn is None:
         yield
         return
-    yield_turn, _local.yield_turn = _local.yield_turn, None  # (a checkpoint in the block hands over no turn it lacks)
+    # The block holds no turn: a checkpoint in it hands over none, and an outside_turn nested in it neither
+    # releases the lock again (another request's by then) nor takes it twice on the way out (a thread waiting
+    # for itself).
+    yield_turn, _local.yield_turn, _local.turn = _local.yield_turn, None, None
     turn.release()
     try:
         yield
     finally:
         turn.acquire()
-        _local.yield_turn = yield_turn
+        _local.yield_turn, _local.turn = yield_turn, turn
 
 
 def check() -> None:
