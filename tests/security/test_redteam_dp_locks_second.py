@@ -14,6 +14,8 @@ Attacks, each asserting what must hold:
   composed the old history, the release stepped and cleared the cache, and the reader then stored the old
   epsilon in the cleared cache: the owner's reported spend stayed below the truth until the next release.
   Must hold: the epsilon read after the release is that of the whole history;
+- the PATE parameter check itself squared sigma with ``**``: a sigma of 1e200 raised a bare OverflowError
+  (no PrivacyParameterError, no line saying what is wrong). Must hold: refused in one line;
 - regression guards: merging runs never lowers epsilon (compared with dp-accounting composing the unmerged,
   alternating history); one user's lock entry goes when her last release ends, whichever way it ends.
 """
@@ -193,3 +195,22 @@ def test_a_users_lock_entry_goes_when_her_release_fails(hook):
     assert float(_query(w, x, "count", 1.0)[1][0]) == pytest.approx(1.0)
     assert time.monotonic() - started < 1.0 and not settings._user_locks
     settings.ledger.close()
+
+
+_HUGE_NOISE_CALLS = {
+    "gnmax_independent": lambda pate, v: pate.gnmax_epsilon_data_independent(3, v, 1e-5),
+    "gnmax_rdp": lambda pate, v: pate.gnmax_rdp_data_dependent(-5.0, v, pate.DEFAULT_ORDERS),
+    "lnmax": lambda pate, v: pate.lnmax_epsilon(3, v, 1e-5),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_HUGE_NOISE_CALLS))
+def test_pate_accounting_refuses_a_noise_whose_square_overflows_in_one_line(case):
+    """sigma / gamma = 1e200: finite and > 0, but its square is not a float. Must hold: PrivacyParameterError
+    naming the parameter, in one line (was a bare OverflowError from the check's own ``** 2``)."""
+    from veil.dp import pate
+    from veil.dp.errors import PrivacyParameterError
+
+    with pytest.raises(PrivacyParameterError) as caught:
+        _HUGE_NOISE_CALLS[case](pate, 1e200)
+    assert "\n" not in str(caught.value) and "finite" in str(caught.value)

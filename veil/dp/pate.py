@@ -54,9 +54,10 @@ def _is_real(value: object) -> bool:
 
 
 def _check_noise(value: object, name: str) -> float:
-    """A noise parameter (sigma, gamma): a finite real number whose square is still > 0."""
-    if not _is_real(value) or not (math.isfinite(value) and value > 0 and float(value) ** 2 > 0):
-        raise PrivacyParameterError(f"{name} must be a finite number > 0, got {value!r}")
+    """A noise parameter (sigma, gamma): a real number whose square is finite and > 0 (multiplied, not
+    ``** 2``: a float's power past the float range raises a bare OverflowError, as the accounting's own would)."""
+    if not _is_real(value) or not (math.isfinite(value) and value > 0 and 0 < float(value) * float(value) < math.inf):
+        raise PrivacyParameterError(f"{name} must be a finite number > 0 whose square is finite, got {value!r}")
     return float(value)
 
 
