@@ -37,7 +37,7 @@ from tests.security.test_redteam_govdb_third_second import _NetworkDP
 
 
 def test_a_release_waiting_for_its_users_lock_stops_at_its_deadline_uncharged(hook, tmp_path):
-    """Alice's lock is held (another release of hers, 3 s); her release on a second session waits for it. The
+    """Alice's lock is held (another release of hers, up to 6 s); her release on a second session waits for it. The
     owner's limit is 0.5 s a command. Must hold: the waiting release fails at about its deadline, says so in
     one line, and is charged nothing (her budget is untouched when the lock comes free)."""
     net = _NetworkDP(hook, tmp_path, str(tmp_path / "ledger.sqlite3"))
@@ -46,7 +46,7 @@ def test_a_release_waiting_for_its_users_lock_stops_at_its_deadline_uncharged(ho
     def hold_alice():
         with settings.user_lock("alice"):
             held.set()
-            release.wait(3)
+            release.wait(6)
 
     holder = threading.Thread(target=hold_alice, daemon=True)
     try:
@@ -61,7 +61,7 @@ def test_a_release_waiting_for_its_users_lock_stops_at_its_deadline_uncharged(ho
         release.set()
         holder.join(10)
         time.sleep(0.3)  # (a waiter that outlived its deadline would charge now)
-        assert waited < 2.5, f"the release waited {waited:.1f} s for the lock, past its 0.5 s limit"
+        assert waited < 3.0, f"the release waited {waited:.1f} s for the lock, past its 0.5 s limit"
         assert "limit" in str(caught.value) and "\n" not in str(caught.value).strip(), caught.value
         assert settings.ledger.spent("alice") == pytest.approx((0.0, 0.0))
         net.worker.max_command_seconds = None
@@ -76,7 +76,7 @@ def test_a_release_waiting_for_its_users_lock_stops_at_its_deadline_uncharged(ho
 
 
 def test_a_budget_query_does_not_hold_the_worker_while_the_ledger_is_busy(hook, tmp_path):
-    """A charge holds the ledger for 2 s (its statement on a stalled server); Alice asks for her remaining
+    """A charge holds the ledger for 3 s (its statement on a stalled server); Alice asks for her remaining
     budget meanwhile, then Bob sends a tensor. Must hold: Bob's command is answered well before the ledger is
     let go, and Alice's query is answered (right) after it."""
     net = _NetworkDP(hook, tmp_path, str(tmp_path / "ledger.sqlite3"))
@@ -86,7 +86,7 @@ def test_a_budget_query_does_not_hold_the_worker_while_the_ledger_is_busy(hook, 
     def busy_ledger():
         with settings.ledger._lock:
             held.set()
-            time.sleep(2.0)
+            time.sleep(3.0)
 
     def alice_budget():
         try:
@@ -107,7 +107,7 @@ def test_a_budget_query_does_not_hold_the_worker_while_the_ledger_is_busy(hook, 
         waited = time.monotonic() - started
         asking.join(10)
         busy.join(10)
-        assert waited < 1.0, f"Bob's command waited {waited:.1f} s behind Alice's budget query"
+        assert waited < 1.5, f"Bob's command waited {waited:.1f} s behind Alice's budget query"
         assert answers["alice"] == pytest.approx((10.0, 1e-5)), answers
         assert torch.equal(y.get(), torch.arange(4.0))
     finally:
