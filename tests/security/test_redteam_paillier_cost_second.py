@@ -3,7 +3,8 @@
 The attacker is a scientist sending a Paillier tensor under a modulus of its own making (so it knows the
 modulus's primes), or code that reaches ``cancellation.outside_turn`` twice on one request thread.
 
-Holes found (strict xfails first, then fixed in ``he/paillier_wire.py`` and ``workers/cancellation.py``):
+Holes found (strict xfails first, then fixed in ``he/paillier_wire.py``, ``he/remote.py`` and
+``workers/cancellation.py``):
 
 - decoding checked the tensor's ciphertexts for units with one gcd of their product, and only when it failed
   looked for the one to name, with one gcd per ciphertext and no checkpoint: a frame whose LAST ciphertext is a
@@ -13,6 +14,10 @@ Holes found (strict xfails first, then fixed in ``he/paillier_wire.py`` and ``wo
 - the checkpoint ran between a tensor's pieces, never before its first: a frame of many tensors of one piece
   each (or of thousands of one-ciphertext tensors, ~72 us each) decoded whole with no check, the pieces fix's
   bypass. Every piece, a tensor's first too, now takes the checkpoint;
+- ``remote.ciphertext_bytes`` counted a ciphertext's bytes, not gmpy2's whole 64-bit limbs nor the spare one a
+  reduction's result keeps: under a modulus of no multiple of 32 bits (2047, 8191) a tensor held a little more
+  than it was charged (568 vs 567 bytes a ciphertext). Now limbs, rounded up, and one spare (unchanged at
+  multiples of 32 bits);
 - ``outside_turn`` nested in ``outside_turn`` released the turn a second time (the inner block's thread no longer
   held it: another request's turn was handed to a waiter, two ran at once) and, leaving, took it twice (the
   outer exit waited for a lock its own thread held: the worker hung for good). The block now marks the thread as
@@ -33,11 +38,13 @@ import torch
 
 from veil.exceptions import CommandTimeoutError
 from veil.he import paillier, paillier_wire
+from veil.messaging import messages as m
 from veil.messaging.serde import deserialize
 from veil.workers import cancellation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_redteam_paillier_cost import N256, _crafted, _frame, _one_line_error  # noqa: E402
+from server_sessions import send_tensor  # noqa: E402
 from test_redteam_paillier_oracles import Review  # noqa: E402  (an owner tensor under review, a scientist)
 
 
@@ -192,3 +199,40 @@ def test_a_peer_reply_decoded_outside_the_turn_checks_the_deadline_but_yields_no
     finally:
         lock.release()
     assert not yielded
+
+
+@pytest.mark.parametrize("bits", [2047, 2048, 4096, 8191, 16384])
+def test_a_large_key_tensor_holds_no_more_than_it_is_charged(bits):
+    """The quota's held-bytes estimate (``remote.ciphertext_bytes``) against what gmpy2 allocates, measured, for a
+    received tensor of full-size ciphertexts and what neg, add and mul make of it under moduli of 2047-16384
+    bits (a modulus of no multiple of 64 bits holds whole 64-bit limbs, one past its square's length after a
+    reduction: a 2047-bit one was charged 567 bytes a ciphertext where each held 568)."""
+    from veil.he import remote
+
+    n = (1 << (bits - 1)) | secrets.randbits(bits - 1) | 1
+    values = [1 + (secrets.randbelow(n - 2) + 1) * n for _ in range(16)]  # (units mod n**2 whatever n's factors)
+    width = ((n * n).bit_length() + 7) // 8
+    d = dict(_wire(n, 16), ct=b"".join(v.to_bytes(width, "big") for v in values))
+    t = paillier_wire.tensor_from_wire(d)
+    for x in (t, -t, t + t, t * torch.arange(16.0)):
+        held = sum(sys.getsizeof(c) + 8 for c in x._ct.ravel())  # (each value and its array slot)
+        assert held <= remote._paillier_nbytes(x), (bits, held, remote._paillier_nbytes(x))
+
+
+def test_a_batched_mm_is_counted_rows_times_inner_times_columns(hook):
+    """A batched ``(64, 64, 1)`` ciphertext (4096 values) times a ``(1, 2048)`` plaintext makes 2**23 products
+    (~2 GB at 256 bits): refused from its shapes before any power; a small batched one gives torch's product."""
+    review = Review(hook, torch.zeros(2), seconds=5)
+    a = send_tensor(review.srv, review.sci, _crafted(N256, 4096, (64, 64, 1)))
+    t0 = time.monotonic()
+    reply, out = review.he_op("mm", a, torch.ones(1, 2048))
+    assert time.monotonic() - t0 < 2.0
+    _one_line_error(reply, "RemoteExecutionError")
+    assert "ciphertexts" in reply.message and review.stored(out) is None, reply
+    pub, priv = paillier.keygen(256)
+    x, w = torch.arange(12.0).reshape(2, 3, 2), torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.25, -1.0]])
+    small = send_tensor(review.srv, review.sci, paillier.encrypt(x, pub))
+    reply, out = review.he_op("mm", small, w)
+    assert type(reply) is m.OkReply, reply
+    assert torch.allclose(review.stored(out).decrypt(priv), x @ w, atol=1e-5)
+    review.healthy()

@@ -79,9 +79,10 @@ def _ckks_nbytes(t: CKKSTensor) -> int:
 
 
 def ciphertext_bytes(n_bits: int) -> int:
-    """What one Paillier ciphertext under an ``n_bits`` modulus holds in memory: its value (< n^2), gmpy2's
-    object header (48 bytes) and its slot in the tensor's array (measured: 120 bytes at 256 bits, not 96)."""
-    return 2 * n_bits // 8 + 56
+    """What one Paillier ciphertext under an ``n_bits`` modulus holds in memory: its value (< n^2) in whole 64-bit
+    limbs and one spare (a reduction's result keeps one more: a 2047-bit modulus's held 568 bytes, charged 567),
+    gmpy2's object header (40 bytes) and its slot in the tensor's array (measured: 120 bytes at 256 bits)."""
+    return 8 * (-(-2 * n_bits // 64) + 1) + 48
 
 
 def _paillier_nbytes(t: PaillierTensor) -> int:
