@@ -86,7 +86,7 @@ from typing import Any
 import phe
 import torch
 
-from veil.exceptions import CommandTimeoutError, VeilError, register_remote_error
+from veil.exceptions import CommandCancelledError, CommandTimeoutError, VeilError, register_remote_error
 from veil.federated import he_commitments
 from veil.federated.pooled import CLIENT_FAILURES, error_text  # (a client failing so is dropped, as in training)
 from veil.he import ckks, ckks_wire, flooding, paillier, value_free
@@ -324,7 +324,9 @@ class EncryptedAggregation:
         late = f"not asked to encrypt: the round ran past {limit}"
         try:  # (this round's keys alone: never on self, which another round may share)
             keys = self._keys_of_a_new_round(deadline)
-        except CommandTimeoutError:  # no client was asked to encrypt in time
+        except CommandTimeoutError as e:  # no client was asked to encrypt in time
+            if isinstance(e, CommandCancelledError):  # (the command running the round was cancelled: not late)
+                raise
             return None, {wid: late for wid in ids}
         try:
             copies = 2 if len(ids) > 1 else 1
