@@ -242,10 +242,15 @@ class BudgetLedger:
 
     def remaining(self, user: str) -> tuple[float, float]:
         """The user's unspent ``(epsilon, delta)``."""
+        return self.remaining_and_spent(user)[0]
+
+    def remaining_and_spent(self, user: str) -> tuple[tuple[float, float], tuple[float, float]]:
+        """The user's unspent and spent ``(epsilon, delta)`` of one read (asked one after the other, a charge
+        landing between them made the two disagree: left + spent above the budget)."""
         with self._lock:
             total_eps, total_delta = self._budget(user)
             spent_eps, spent_delta = self._spent(user)
-        return total_eps - spent_eps, total_delta - spent_delta
+        return (total_eps - spent_eps, total_delta - spent_delta), (spent_eps, spent_delta)
 
     def spent(self, user: str) -> tuple[float, float]:
         """The user's spent ``(epsilon, delta)`` (zero for a user without charges)."""

@@ -70,13 +70,17 @@ def _from_rows(db: Database, user: str, last_id: int, start: Total = Total()) ->
     """``start`` plus the user's charges after ``start.last_id`` up to ``last_id``, summed by the database (a
     first charge on a big ledger of an older version waits for this: summing in Python took ten times longer).
     The database's plain sum may round each of the n additions down: the sum's error bound (n * 2**-52 of it,
-    twice the textbook bound for positive terms) is added, so a recomputed total is never below the exact one."""
-    n, eps, dlt = db.execute('SELECT COUNT(*), COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0) FROM charges '
-                             'WHERE "user" = ? AND id > ? AND id <= ?', (user, start.last_id or 0, last_id)).fetchone()
+    twice the textbook bound) is added, so a recomputed total is never below the exact one. The bound is of the
+    sum of magnitudes: negative rows (an older version's) cancel in the sum but not in its rounding error (rows
+    1, 1000 x 2**-53, -1 sum to 0 where 1.1e-13 was spent, and a bound of the signed sum was 0, or negative)."""
+    n, eps, dlt, eps_abs, dlt_abs = db.execute(
+        'SELECT COUNT(*), COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0), COALESCE(SUM(ABS(epsilon)), 0), '
+        'COALESCE(SUM(ABS(delta)), 0) FROM charges WHERE "user" = ? AND id > ? AND id <= ?',
+        (user, start.last_id or 0, last_id)).fetchone()
     total = start.plus(last_id, float(eps), float(dlt))
     rounding = int(n) * 2.0 ** -52
-    return Total(last_id, total.epsilon, total.epsilon_error + float(eps) * rounding,
-                 total.delta, total.delta_error + float(dlt) * rounding)
+    return Total(last_id, total.epsilon, total.epsilon_error + float(eps_abs) * rounding,
+                 total.delta, total.delta_error + float(dlt_abs) * rounding)
 
 
 def current(db: Database, user: str, store: bool = False) -> Total:

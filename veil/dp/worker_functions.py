@@ -205,8 +205,7 @@ def _budget(worker: Any) -> torch.Tensor:
     settings = dp_settings(worker)
     user = _user(worker)
     with outside_turn():  # the ledger only (as a release's charge): a charge holding it held every session
-        left = settings.ledger.remaining(user)
-        spent = settings.ledger.spent(user)
+        left, spent = settings.ledger.remaining_and_spent(user)  # (one read: a charge between two disagreed)
     return torch.tensor([*left, *spent], dtype=torch.float64)
 
 
