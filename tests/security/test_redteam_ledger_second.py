@@ -8,6 +8,8 @@ Holes found (fixed):
   the *signed* sum: rows an older version wrote with negative epsilon cancel in the sum, not in its rounding
   error, so the sum came out below the exact one with a bound of 0 (rows 1, 1000 x 2**-53, -1: spent 0 where
   1.1e-13 was spent; a budget of 1e-13 then took another 1e-13). The bound is of the sum of magnitudes now.
+- a full re-sum counted ids above 0 only: rows an import numbered from 0 or below (SQLite takes any rowid
+  given) were left out, so a user whose rows were all there had spent nothing.
 - the budget query (``veil.dp.budget``) read remaining and spent under two holds of the ledger: a charge landing
   between them made the answer disagree with the ledger (left + spent above the budget). One read now.
 
@@ -180,3 +182,22 @@ def test_postgres_concurrent_charges_and_re_sums_never_overspend(pg_url):
         older.close()
         for ledger in ledgers:
             ledger.close()
+
+
+def test_rows_numbered_from_zero_or_below_count(tmp_path):
+    """An older file whose charges an import numbered from 0 (or below: SQLite takes any rowid given): the full
+    sum must count them (it summed ids above 0 only: a user whose rows were all at ids <= 0 had spent nothing)."""
+    path = tmp_path / "ledger.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(LEDGER_SCHEMA)
+    old.execute('INSERT INTO budgets("user", epsilon, delta) VALUES (?, ?, ?)', ("mallory", 1.0, 1e-5))
+    old.executemany('INSERT INTO charges(id, "user", epsilon, delta, reason, at) VALUES (?, ?, 0.45, 0, ?, 0)',
+                    [(-1, "mallory", "imported"), (0, "mallory", "imported")])
+    old.commit()
+    old.close()
+    with BudgetLedger(path) as ledger:
+        assert ledger.spent("mallory")[0] == pytest.approx(0.9)
+        with pytest.raises(BudgetExceededError):
+            ledger.charge("mallory", 0.2, 0.0, "does not fit")
+        ledger.charge("mallory", 0.1, 0.0, "fits")
+        assert ledger.remaining("mallory")[0] == pytest.approx(0.0, abs=1e-12)

@@ -76,7 +76,8 @@ def _from_rows(db: Database, user: str, last_id: int, start: Total = Total()) ->
     n, eps, dlt, eps_abs, dlt_abs = db.execute(
         'SELECT COUNT(*), COALESCE(SUM(epsilon), 0), COALESCE(SUM(delta), 0), COALESCE(SUM(ABS(epsilon)), 0), '
         'COALESCE(SUM(ABS(delta)), 0) FROM charges WHERE "user" = ? AND id > ? AND id <= ?',
-        (user, start.last_id or 0, last_id)).fetchone()
+        # (a full sum has no lower bound: rows an import numbered from 0, or below, count too)
+        (user, -2 ** 63 if start.last_id is None else start.last_id, last_id)).fetchone()
     total = start.plus(last_id, float(eps), float(dlt))
     rounding = int(n) * 2.0 ** -52
     return Total(last_id, total.epsilon, total.epsilon_error + float(eps_abs) * rounding,
