@@ -201,3 +201,24 @@ def test_rows_numbered_from_zero_or_below_count(tmp_path):
             ledger.charge("mallory", 0.2, 0.0, "does not fit")
         ledger.charge("mallory", 0.1, 0.0, "fits")
         assert ledger.remaining("mallory")[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_the_consoles_reader_counts_a_stale_total_without_writing(tmp_path):
+    """The console's Budgets page reads with the ledger's read-only connection: on a stale total (rows an older
+    process appended) it must count every row and write nothing (a write there fails on a read-only connection,
+    or would store a total outside the ledger's lock)."""
+    path = tmp_path / "ledger.sqlite3"
+    with BudgetLedger(path) as ledger:
+        ledger.set_budget("mallory", 1.0, 1e-5)
+        ledger.charge("mallory", 0.25, 0.0, "new process")
+        older = Database(path)
+        with older.write_transaction():
+            older.execute('INSERT INTO charges("user", epsilon, delta, reason, at) VALUES (?, 0.5, 0, ?, 0)',
+                          ("mallory", "older process"))
+        older.close()
+        stored = ledger._db.execute("SELECT * FROM charge_totals").fetchall()
+        reader = ledger.reader()
+        with reader.lock:
+            assert ledger._spent("mallory", reader)[0] == pytest.approx(0.75)
+        assert ledger._db.execute("SELECT * FROM charge_totals").fetchall() == stored
+        assert ledger.remaining_and_spent("mallory")[1][0] == pytest.approx(0.75)
