@@ -6,7 +6,7 @@ An open request (pending or approved) lapses when
   racing a move filed a second request for it while the move held the approval, which the destination's
   refusal gave back; used, the approval answered that request too, which otherwise waited on the owner's list,
   counted against the user's pending cap, and, approved later, released the same bytes again
-  (:func:`after_release`);
+  (:func:`use_approval`, in the release's own transaction);
 - the owner denies a request for the same value: an earlier approval of it is void
   (``ReviewQueue.approved_for`` already refused it) and is shown so (:func:`after_denial`);
 - the owner revokes the user (PySyft's request model: revocation voids outstanding approvals): after
@@ -22,11 +22,13 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import weakref
 from typing import Any, Callable
 
-from veil.governance.requests import ReleaseRequest, ReviewQueue
+from veil.governance.requests import GIVEN_BACK, ReleaseRequest, ReviewQueue
+from veil.governance.revocation import REVOKE_HANDLERS
 from veil.governance.state import governance, has_decisions_store
-from veil.workers.persistence import db_update
+from veil.workers.persistence import db_update, db_update_then
 
 log = logging.getLogger(__name__)
 LAPSED = "lapsed"
@@ -42,9 +44,9 @@ def _params(note: str) -> tuple:
 
 
 def _after_the_decision(fn: Callable) -> Callable:
-    """A lapse that follows a decision already recorded (a release on record, a denial made, an approval given
-    back): a failure of it (the database) is logged in one line and answers None, never failing that decision
-    (a get whose approval was used up would lose it with the value undelivered)."""
+    """A lapse that follows a decision already recorded (a denial made, an approval given back): a failure of
+    it (the database) is logged in one line and answers None, never failing that decision. (A release's lapses
+    share its transaction instead, :func:`use_approval`: logged after it, a failure left a twin approval.)"""
 
     @functools.wraps(fn)
     def run(queue: ReviewQueue, *args: Any) -> Any:
@@ -75,11 +77,23 @@ def _same_value(queue: ReviewQueue, req: ReleaseRequest, states: tuple, key: Cal
     return [r for r in found if r.id != req.id and key(r) == mine]
 
 
-@_after_the_decision
-def after_release(queue: ReviewQueue, used: ReleaseRequest, key: Callable[[Any], Any]) -> list[str]:
-    """``used``'s approval released its value: the user's other open requests for it lapse. Their ids."""
-    return [r.id for r in _same_value(queue, used, _OPEN, key)
-            if lapse(queue, r.id, r.state, f"the same value was released under request {used.id}")]
+def use_approval(queue: ReviewQueue, used: ReleaseRequest, key: Callable[[Any], Any]) -> list[str]:
+    """Uses ``used``'s approval up (``mark_released``) and lapses the user's other open requests for its value,
+    in one transaction: a lapse logged as failed after the release left an approved twin that released the value
+    again. A failure (the database) raises with nothing used: the approval stands, nothing lapsed. The ids
+    lapsed."""
+    twins = [r.id for r in _same_value(queue, used, _OPEN, key)]
+    if not twins:
+        queue.mark_released(used.id)
+        return []
+    marks = ", ".join("?" * len(twins))
+    changed = db_update_then(queue.db, "UPDATE release_requests SET state = 'released' WHERE id = ? AND "
+                                       "state = 'approved'", (used.id,),
+                             _SET + f"WHERE id IN ({marks}) AND state IN ('pending', 'approved')",
+                             (*_params(f"lapsed: the same value was released under request {used.id}"), *twins))
+    if not changed:  # (mark_released's refusal: another process of the owner released it first)
+        queue.mark_released(used.id)
+    return twins
 
 
 @_after_the_decision
@@ -91,18 +105,72 @@ def after_denial(queue: ReviewQueue, denied: ReleaseRequest, key: Callable[[Any]
 
 @_after_the_decision
 def after_given_back(queue: ReviewQueue, request_id: str, key: Callable[[Any], Any]) -> bool:
-    """A refused move gave ``request_id``'s approval back: it lapses if, while the move held it, the owner
-    revoked the user (the revocation found it used, not open) or denied a request for the same value since it
-    was approved. Whether it did."""
+    """A refused move gave ``request_id``'s approval back: it lapses if the owner denied a request for the same
+    value since it was approved. Whether it did."""
     req = queue.get(request_id)
     if req.state != "approved":
         return False
-    if req.principal in getattr(getattr(queue.worker, "tokens", None), "revoked", ()):
-        return lapse(queue, req.id, "approved", "the data owner revoked this user's access")
     since = req.decided_ts or 0.0
     denials = [r for r in _same_value(queue, req, ("denied",), key) if (r.decided_ts or 0.0) >= since]
     return bool(denials) and lapse(queue, req.id, "approved",
                                    f"the data owner denied request {denials[0].id} for the same value")
+
+
+#: worker -> name -> how many times this process put a revocation of the name in force (weak: a worker's go
+#: with it)
+_REVOCATIONS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def revocations(worker: Any, name: str) -> int:
+    """How many times ``name`` was revoked on ``worker`` (in this process): a move reads it before it takes its
+    approvals, and gives none back if it changed (:func:`give_back`)."""
+    return _REVOCATIONS.get(worker, {}).get(name, 0)
+
+
+def _count_revocation(worker: Any, name: str) -> None:
+    counts = _REVOCATIONS.setdefault(worker, {})
+    counts[name] = counts.get(name, 0) + 1
+
+
+REVOKE_HANDLERS.append(_count_revocation)
+
+
+def give_back(queue: ReviewQueue, request_id: str, user: str, revoked_before: int,
+              key: Callable[[Any], Any]) -> bool:
+    """A move the destination refused gives ``request_id``'s approval back (``restore_approval``), unless the
+    owner revoked ``user`` while the move held it (``revocations`` is no longer ``revoked_before``: readmitted
+    since too; the revocation found the approval used, not open) or denied the same value since it was approved
+    (:func:`after_given_back`). Fails closed: a revocation is known without the database (the approval stays
+    used, shown lapsed where the database allows), and a denial check that fails takes the approval back. Whether
+    it stands again."""
+    worker = queue.worker
+    with governance(worker).lock:
+        if revocations(worker, user) != revoked_before or user in getattr(getattr(worker, "tokens", None),
+                                                                           "revoked", ()):
+            _lapse_used(queue, request_id)
+            return False
+        if not queue.restore_approval(request_id):
+            return False
+        lapsed = after_given_back(queue, request_id, key)
+        if lapsed is None:  # (the check failed, logged: an approval the owner may have voided does not stand)
+            _take_back(queue, request_id)
+            return False
+        return not lapsed
+
+
+@_after_the_decision
+def _lapse_used(queue: ReviewQueue, request_id: str) -> bool:
+    """The approval a move used, not given back because the user was revoked meanwhile, shows ``lapsed`` (unless
+    it was given back once before: then it released twice and stays ``released``)."""
+    return db_update(queue.db, _SET + "WHERE id = ? AND state = 'released' AND NOT EXISTS "
+                                      "(SELECT 1 FROM kv WHERE namespace = ? AND key = ?)",
+                     (*_params("lapsed: the data owner revoked this user's access"), request_id, GIVEN_BACK,
+                      request_id)) > 0
+
+
+@_after_the_decision
+def _take_back(queue: ReviewQueue, request_id: str) -> None:
+    queue.mark_released(request_id)
 
 
 def after_revocation(worker: Any, name: str) -> int:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Union
 
 from veil.exceptions import PermissionDeniedError, RequestDeniedError, ReviewPendingError
 from veil.governance.graphtext import render_graph
-from veil.governance.lapses import after_given_back, after_release
+from veil.governance.lapses import give_back, revocations, use_approval
 from veil.governance.provenance import GRAPH, ROOT, sources_of
 from veil.governance.requests import ReviewQueue, digest
 from veil.governance.state import _STATE, audit, governance
@@ -90,9 +90,9 @@ def decide(worker: Any, oid: int, entry: Any, user: str, session: str = "-", rea
                 return Denied(req.id, req.message)
             if req.state == "approved":
                 if consume:
-                    queue.mark_released(req.id)
+                    # (its other open requests lapse with it, in one transaction: lapses.py)
+                    use_approval(queue, req, request_computation)
                     audit(worker, "release", user, session, [oid], "allowed", f"{req.id} approved by {req.decided_by}")
-                    after_release(queue, req, request_computation)  # (its other open requests: lapses.py)
                 return Allow(req.id)
         # none yet (a value whose bytes a denied request of this user already has is filed like any other: a
         # different answer would tell the scientist whether a fresh value equals the denied one; the owner's
@@ -186,6 +186,7 @@ def releasing(worker: Any, ids: list, entries: list, user: str, session: str, pu
     That is the other side's word: the value did leave, so its release row stays, and a hostile destination
     that kept it only gets the same value released again, on record again; once (``requests.GIVEN_BACK``): refused
     moves in a loop sent it, and wrote rows the audit cap keeps, without end. Any other failure keeps them used."""
+    revoked_before = revocations(worker, user)  # (read first: a revocation while the move holds them voids them)
     used = enforce_all(worker, ids, entries, user, session, purpose)
     try:
         yield
@@ -193,9 +194,8 @@ def releasing(worker: Any, ids: list, entries: list, user: str, session: str, pu
         if used and nothing_left(error):
             queue = ReviewQueue(worker)
             for oid, request_id in used:
-                again = queue.restore_approval(request_id)
-                if again and after_given_back(queue, request_id, request_computation):
-                    again = False  # (the owner denied the same value while the move held it: lapses.py)
+                # (not when the owner revoked the user or denied the same value while the move held it: lapses.py)
+                again = give_back(queue, request_id, user, revoked_before, request_computation)
                 audit(worker, "release", user, session, [oid], "refused",
                       f"{request_id}: the {purpose} was refused where it went ({type(error).__name__}: it says it "
                       "stored nothing); the value was sent, " + ("the approval stands again" if again else

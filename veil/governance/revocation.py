@@ -85,6 +85,11 @@ def readmit(worker: Any, name: str, by: str = "owner") -> None:
     with _LOCK:
         if name not in worker.tokens.revoked:
             raise ObjectNotFoundError(f"{name!r} is not revoked on worker {worker.id!r}")
+        from veil.governance.lapses import after_revocation
+
+        # its open requests lapse again first (a revocation whose lapse failed left them open, and readmission
+        # ends its retry): if that fails the name stays out
+        after_revocation(worker, name)
         _store(worker, name, False, by)  # stored first: if storing fails the name stays out
         with _FORCE:
             _unstored(worker).discard(name)
