@@ -37,42 +37,21 @@ from veil.workers.quota import QuotaExceededError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_sessions import open_session, quota_worker, request  # noqa: E402
-from review_steps import uid as _uid, pending_id as _pending, release_rows as _release_rows  # noqa: E402
+from review_steps import (  # noqa: E402
+    CallsBack, SECRET, review_owner, KeepsAndRefuses,
+    uid as _uid, pending_id as _pending, release_rows as _release_rows,
+)
 
 from tests.scale import conftest as _scale  # noqa: E402
 
 pg_url, postgres_server = _scale.pg_url, _scale.postgres_server  # (fixtures: a real PostgreSQL)
 
-SECRET = torch.tensor([[1.5, -2.25, 3.0], [4.0, 5.5, -6.75]])
 SCI = "rt-ra-sci-token"
-
-
-class KeepsAndRefuses(sy.VirtualWorker):
-    """A hostile destination: it stores what arrives, then answers that the id was already in use."""
-
-    def _handle(self, msg, sender):
-        reply = super()._handle(msg, sender)
-        if type(msg) is m.ObjectMessage:
-            raise PermissionDeniedError(f"object id {msg.objects[0].id} is already in use on worker {self.id!r}")
-        return reply
-
-
-class CallsBack(sy.VirtualWorker):
-    """A destination that runs ``on_arrival()`` when an ObjectMessage arrives, before handling it."""
-
-    on_arrival = None
-
-    def _handle(self, msg, sender):
-        if type(msg) is m.ObjectMessage and self.on_arrival is not None:
-            self.on_arrival()
-        return super()._handle(msg, sender)
 
 
 @pytest.fixture
 def owner(hook):
-    w = sy.VirtualWorker(hook, id=_uid("ra-own"))
-    w.load(SECRET.clone(), tags=("#d",), policy="review")
-    return w
+    return review_owner(hook, "ra-own")
 
 
 def _approved(owner, factor: float):

@@ -40,36 +40,21 @@ from veil.workers.websocket_auth import authenticate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_sessions import open_session, quota_worker, request  # noqa: E402
-from review_steps import uid as _uid, pending_id as _pending, release_rows as _release_rows  # noqa: E402
+from review_steps import (  # noqa: E402
+    CallsBack, SECRET, review_owner, send as _send,
+    uid as _uid, pending_id as _pending, release_rows as _release_rows,
+)
 
 from tests.scale import conftest as _scale  # noqa: E402
 
 pg_url, postgres_server = _scale.pg_url, _scale.postgres_server  # (fixtures: a real PostgreSQL)
 
-SECRET = torch.tensor([[1.5, -2.25, 3.0], [4.0, 5.5, -6.75]])
 SCI = "rt-rt3-sci-token"
-
-
-class CallsBack(sy.VirtualWorker):
-    """A destination that runs ``on_arrival()`` when an ObjectMessage arrives, before handling it."""
-
-    on_arrival = None
-
-    def _handle(self, msg, sender):
-        if type(msg) is m.ObjectMessage and self.on_arrival is not None:
-            self.on_arrival()
-        return super()._handle(msg, sender)
 
 
 @pytest.fixture
 def owner(hook):
-    w = sy.VirtualWorker(hook, id=_uid("rt3-own"))
-    w.load(SECRET.clone(), tags=("#d",), policy="review")
-    return w
-
-
-def _send(hook, worker, msg):
-    return hook.local_worker.send_msg(msg, worker)
+    return review_owner(hook, "rt3-own")
 
 
 # ------------------------------------------------------------------ two stores racing outside the turn
