@@ -98,6 +98,7 @@ class WorkerDP:
                     while not held[0].acquire(timeout=_LOCK_POLL_S):
                         cancellation.check()
             try:
+                cancellation.check()  # (won just as its deadline passed, or cancelled: nothing charged)
                 yield
             finally:
                 held[0].release()
