@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS charge_totals (
 CREATE INDEX IF NOT EXISTS charges_by_user_id ON charges ("user", id);
 """
 
+
 def _add(total: float, error: float, x: float) -> tuple[float, float]:
     """Neumaier's compensated summation step: ``total + error`` is the running sum, ``error`` what rounding lost."""
     t = total + x
