@@ -50,9 +50,14 @@ def attempt(fn):
 
 def honest_fedavg(parts, rounds=1, lr=0.05):
     """Plain FedAvg with one full-batch step per client and round (batch_size >= rows: shuffling is moot)."""
+    return fedavg_rounds([parts] * rounds, lr)
+
+
+def fedavg_rounds(rounds_parts, lr=0.05):
+    """Plain FedAvg, one full-batch step per client, each round with its own clients (``rounds_parts[r]``)."""
     net = make_model()
     w = [net.weight.detach().clone(), net.bias.detach().clone()]
-    for _ in range(rounds):
+    for parts in rounds_parts:
         states, weights = [], []
         for x, y in parts:
             local = [t.clone().requires_grad_(True) for t in w]
@@ -198,15 +203,24 @@ class CraftsItsCiphertext(sy.VirtualWorker):
             veil.he.encrypt = real
 
 
-class RecordsCKKS(sy.VirtualWorker):
-    """An aggregator that keeps the first CKKS ciphertext each client handed it (in ``seen``)."""
+class RecordsCiphertexts(sy.VirtualWorker):
+    """An aggregator that keeps the first ciphertext each client handed it (in ``seen``), of the type named
+    ``kind`` (by name: importing the HE backends is left to the tests that use them)."""
+
+    kind = ""
 
     def _recv_msg(self, data):
-        from veil.he.ckks import CKKSTensor
-
         msg, sender, _ = deserialize(bytes(data))
         if type(msg) is m.ObjectMessage:
             for o in msg.objects:
-                if type(o.obj) is CKKSTensor:
+                if type(o.obj).__name__ == self.kind:
                     self.__dict__.setdefault("seen", {}).setdefault(sender, o.obj)
         return super()._recv_msg(data)
+
+
+class RecordsCKKS(RecordsCiphertexts):
+    kind = "CKKSTensor"
+
+
+class RecordsPaillier(RecordsCiphertexts):
+    kind = "PaillierTensor"

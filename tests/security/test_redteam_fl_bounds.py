@@ -44,7 +44,8 @@ from veil.messaging.allowlist import ALLOWLIST
 from veil.messaging.serde import deserialize, serialize
 
 from fl_helpers import pick_aggregators as _pick
-from fl_helpers import CraftsItsCiphertext, TamperedPool, attempt, honest_fedavg, make_model, make_parts, uid
+from fl_helpers import CraftsItsCiphertext, RecordsPaillier as Records, TamperedPool, fedavg_rounds
+from fl_helpers import attempt, honest_fedavg, make_model, make_parts, uid
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -411,34 +412,6 @@ def test_ray_clients_bound_memory_and_fl_train_round_seconds(hook):
 # ================================================================== encrypted rounds: an earlier round's ciphertext
 
 
-class Records(sy.VirtualWorker):
-    """Aggregator A: keeps the first ciphertext each client handed it (what it sees of every client's update)."""
-
-    def _recv_msg(self, data):
-        msg, sender, _ = deserialize(bytes(data))
-        if type(msg) is m.ObjectMessage:
-            for o in msg.objects:
-                if type(o.obj) is PaillierTensor:
-                    self.__dict__.setdefault("seen", {}).setdefault(sender, o.obj)
-        return super()._recv_msg(data)
-
-
-def _fedavg_rounds(rounds_parts, lr=0.05):
-    """Plain FedAvg, one full-batch step per client, with each round's own clients."""
-    import torch.nn.functional as F
-
-    net = make_model()
-    w = [net.weight.detach().clone(), net.bias.detach().clone()]
-    for parts in rounds_parts:
-        states = []
-        for x, y in parts:
-            local = [t.clone().requires_grad_(True) for t in w]
-            grads = torch.autograd.grad(F.mse_loss(x @ local[0].T + local[1], y), local)
-            states.append([(p - lr * g).detach() for p, g in zip(local, grads)])
-        w = [sum(s[j] for s in states) / len(states) for j in range(2)]
-    return w
-
-
 def test_an_earlier_rounds_ciphertext_cannot_be_handed_in_scaled(hook, paillier, monkeypatch):
     """HOLE: no proof that a client knows its plaintext: an accomplice of aggregator A handed in, as its round-2
     update, 1000 times the victim's round-1 ciphertext that A had seen (a valid ciphertext under the same key, of
@@ -467,4 +440,4 @@ def test_an_earlier_rounds_ciphertext_cannot_be_handed_in_scaled(hook, paillier,
     assert victim.id in a.seen, "harness: A saw the victim's round-1 ciphertext"
     assert hist.rounds[0].dropped == [] and hist.rounds[1].dropped == [accomplice.id], \
         [r.dropped for r in hist.rounds]
-    assert _close(model, _fedavg_rounds([parts, parts[:4]])), "round 2 is not FedAvg over the honest clients"
+    assert _close(model, fedavg_rounds([parts, parts[:4]])), "round 2 is not FedAvg over the honest clients"

@@ -30,7 +30,6 @@ import time
 import phe
 import pytest
 import torch
-import torch.nn.functional as F
 
 import veil as sy
 import veil.he
@@ -42,7 +41,7 @@ from veil.he.ckks import CKKSContext, CKKSTensor
 from veil.he.errors import EncodingOverflowError, WireFormatError
 from veil.messaging.serde import deserialize
 
-from fl_helpers import CraftsItsCiphertext as Crafts, RecordsCKKS
+from fl_helpers import CraftsItsCiphertext as Crafts, RecordsCKKS, fedavg_rounds
 from fl_helpers import attempt, make_model, make_parts, uid
 from fl_helpers import pick_aggregators as _pick
 
@@ -148,19 +147,6 @@ def test_survivors_that_weigh_nothing_refuse_the_round_instead_of_a_nan_model(ho
 # ================================================================== CKKS: an earlier round's ciphertext
 
 
-def _fedavg(rounds_parts, lr=0.05):
-    net = make_model()
-    w = [net.weight.detach().clone(), net.bias.detach().clone()]
-    for parts in rounds_parts:
-        states = []
-        for x, y in parts:
-            local = [t.clone().requires_grad_(True) for t in w]
-            grads = torch.autograd.grad(F.mse_loss(x @ local[0].T + local[1], y), local)
-            states.append([(p - lr * g).detach() for p, g in zip(local, grads)])
-        w = [sum(s[j] for s in states) / len(states) for j in range(2)]
-    return w
-
-
 def test_an_earlier_rounds_ckks_ciphertext_cannot_be_handed_in(hook, ckks_ctx, monkeypatch):
     """HOLE: CKKS rounds shared one context, so an accomplice of aggregator A handed in, as its round-2 update,
     100 times the victim's round-1 ciphertext that A had seen (under the round's key, of its form, matching the
@@ -188,7 +174,7 @@ def test_an_earlier_rounds_ckks_ciphertext_cannot_be_handed_in(hook, ckks_ctx, m
     assert err is None, repr(err)
     assert victim.id in a.seen, "harness: A saw the victim's round-1 ciphertext"
     assert [r.dropped for r in hist.rounds] == [[], [accomplice.id]], [r.dropped for r in hist.rounds]
-    ref = _fedavg([parts, parts[:4]])
+    ref = fedavg_rounds([parts, parts[:4]])
     assert torch.allclose(model.weight.detach(), ref[0], atol=1e-4), "not what plain torch gives"
     assert torch.allclose(model.bias.detach(), ref[1], atol=1e-4), "not what plain torch gives"
     # no client keeps a round's context, and none ever held a secret key
