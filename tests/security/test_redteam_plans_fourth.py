@@ -29,6 +29,7 @@ descriptor does); values hidden from the requester are refused such ops up front
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -46,38 +47,18 @@ from veil.plans.ops import PlanOp, PlanSpec, SlotRef
 from veil.workers import cancellation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_sessions import open_session, quota_worker, request, run_command, send_tensor  # noqa: E402
+import plan_sessions  # noqa: E402
+from server_sessions import request, run_command, send_tensor  # noqa: E402
 
 TOKEN = "rt-plans-fourth-token"
+SECRET = plan_sessions.SECRET
+_setup = functools.partial(plan_sessions.setup, token=TOKEN)
+_get, _serving, _one_line = plan_sessions.get, plan_sessions.serving, plan_sessions.one_line
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("fresh_size_cache")]
 
 ADD, ADD_ = ALLOWLIST.by_func(torch.add).name, ALLOWLIST.by_func(torch.Tensor.add_).name
 CLONE, SUM = ALLOWLIST.by_func(torch.Tensor.clone).name, ALLOWLIST.by_func(torch.Tensor.sum).name
 MM = ALLOWLIST.by_func(torch.matmul).name
-SECRET = torch.arange(12.0).reshape(4, 3) * 1.5 - 4
-
-
-def _setup(hook, wid, quota=None, secret=SECRET, **load):
-    srv = quota_worker(hook, wid, TOKEN, quota)
-    xid = srv.load(secret.clone(), tags=("#x",), description="secret x", **load)
-    return srv, open_session(srv, TOKEN), xid
-
-
-def _get(srv, s, oid):
-    return request(srv, s, m.GetObjectsMessage([oid], False, None))
-
-
-def _serving(srv, s, xid, expected=SECRET):
-    assert torch.equal(srv.monitor.owner_objects()[xid], expected), "owner data changed"
-    t = send_tensor(srv, s, torch.ones(3))
-    reply, (rid,) = run_command(srv, s, ADD, m.ObjectRef(t), 1.0)
-    assert type(reply) is m.OkReply, reply
-    assert torch.equal(_get(srv, s, rid).objects[0], torch.full((3,), 2.0))
-
-
-def _one_line(reply):
-    assert type(reply) is m.ErrorReply and "\n" not in reply.message, reply
-    return reply
 
 
 # ------------------------------------------------------------------ a result's op graph is charged

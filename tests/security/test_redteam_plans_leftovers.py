@@ -23,6 +23,7 @@ Holes found and fixed:
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -39,34 +40,17 @@ from veil.plans.batch import BatchDependentPlanError
 from veil.plans.ops import BatchSize, PlanOp, PlanSpec, SlotRef
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_sessions import open_session, quota_worker, request, run_command, send_tensor  # noqa: E402
+import plan_sessions  # noqa: E402
+from server_sessions import request, run_command, send_tensor  # noqa: E402
 
 TOKEN = "rt-plans-leftovers-token"
+SECRET = plan_sessions.SECRET
+_setup = functools.partial(plan_sessions.setup, token=TOKEN)
+_get, _serving, _one_line = plan_sessions.get, plan_sessions.serving, plan_sessions.one_line
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("fresh_size_cache")]
 
 ADD, MUL = ALLOWLIST.by_func(torch.add).name, ALLOWLIST.by_func(torch.mul).name
 ADD_, CLONE = ALLOWLIST.by_func(torch.Tensor.add_).name, ALLOWLIST.by_func(torch.Tensor.clone).name
-SECRET = torch.arange(12.0).reshape(4, 3) * 1.5 - 4
-
-
-def _setup(hook, wid, quota=None, secret=SECRET, **load):
-    srv = quota_worker(hook, wid, TOKEN, quota)
-    xid = srv.load(secret.clone(), tags=("#x",), description="secret x", **load)
-    return srv, open_session(srv, TOKEN), xid
-
-
-def _serving(srv, s, xid, expected=SECRET):
-    assert torch.equal(srv.monitor.owner_objects()[xid], expected), "owner data changed"
-    t = send_tensor(srv, s, torch.ones(3))
-    reply, (rid,) = run_command(srv, s, ADD, m.ObjectRef(t), 1.0)
-    assert type(reply) is m.OkReply, reply
-    got = request(srv, s, m.GetObjectsMessage([rid], False, None))
-    assert torch.equal(got.objects[0], torch.full((3,), 2.0)), got
-
-
-def _one_line(reply):
-    assert type(reply) is m.ErrorReply and "\n" not in reply.message, reply
-    return reply
 
 
 # ------------------------------------------------------------------ inline plans take the stored plans' checks

@@ -22,6 +22,7 @@ Holes found and fixed:
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from pathlib import Path
@@ -35,39 +36,19 @@ from veil.messaging.allowlist import ALLOWLIST
 from veil.plans.ops import BatchSize, PlanOp, PlanSpec, SlotRef
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_sessions import open_session, quota_worker, request, run_command, send_tensor  # noqa: E402
+import plan_sessions  # noqa: E402
+from server_sessions import request, run_command, send_tensor  # noqa: E402
 
 TOKEN = "rt-plans-second-token"
+SECRET = plan_sessions.SECRET
+_setup = functools.partial(plan_sessions.setup, token=TOKEN)
+_get, _serving, _one_line = plan_sessions.get, plan_sessions.serving, plan_sessions.one_line
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("fresh_size_cache")]
 
 ADD, ADD_ = ALLOWLIST.by_func(torch.add).name, ALLOWLIST.by_func(torch.Tensor.add_).name
 CLONE, MM = ALLOWLIST.by_func(torch.Tensor.clone).name, ALLOWLIST.by_func(torch.matmul).name
 SUM, TO = ALLOWLIST.by_func(torch.Tensor.sum).name, ALLOWLIST.by_func(torch.Tensor.to).name
 FULL, ZEROS = ALLOWLIST.by_func(torch.full).name, ALLOWLIST.by_func(torch.zeros).name
-SECRET = torch.arange(12.0).reshape(4, 3) * 1.5 - 4
-
-
-def _setup(hook, wid, quota=None, secret=SECRET, **load):
-    srv = quota_worker(hook, wid, TOKEN, quota)
-    xid = srv.load(secret.clone(), tags=("#x",), description="secret x", **load)
-    return srv, open_session(srv, TOKEN), xid
-
-
-def _get(srv, s, oid):
-    return request(srv, s, m.GetObjectsMessage([oid], False, None))
-
-
-def _serving(srv, s, xid, expected=SECRET):
-    assert torch.equal(srv.monitor.owner_objects()[xid], expected), "owner data changed"
-    t = send_tensor(srv, s, torch.ones(3))
-    reply, (rid,) = run_command(srv, s, ADD, m.ObjectRef(t), 1.0)
-    assert type(reply) is m.OkReply, reply
-    assert torch.equal(_get(srv, s, rid).objects[0], torch.full((3,), 2.0))
-
-
-def _one_line(reply):
-    assert type(reply) is m.ErrorReply and "\n" not in reply.message, reply
-    return reply
 
 
 # ------------------------------------------------------------------ a failed plan's writes keep their sources
