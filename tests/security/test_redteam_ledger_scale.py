@@ -57,6 +57,19 @@ def _steps_of_one_charge(ledger: BudgetLedger, user: str, request_id: str) -> in
     return _steps_of(ledger, lambda: ledger.charge(user, 1e-6, 0.0, "DP query", request_id=request_id))
 
 
+def append_as_an_older_version(location, user: str, epsilons, reason: str = "older process") -> None:
+    """Charges of ``epsilon`` each that a worker process of an older version appends to the shared ledger at
+    ``location`` in one transaction: rows only, without the running total."""
+    older = Database(location)
+    try:
+        with older.write_transaction():
+            for epsilon in epsilons:
+                older.execute('INSERT INTO charges("user", epsilon, delta, reason, at) VALUES (?, ?, 0, ?, 0)',
+                              (user, epsilon, reason))
+    finally:
+        older.close()
+
+
 def _ledger_with_rows(n: int) -> BudgetLedger:
     ledger = BudgetLedger(":memory:")
     ledger.set_budget("mallory", 1.0, 1e-6)
@@ -144,11 +157,7 @@ def test_charges_an_older_process_appends_to_a_shared_file_are_counted(tmp_path)
     with BudgetLedger(path) as ledger:
         ledger.set_budget("mallory", 1.0, 1e-5)
         ledger.charge("mallory", 0.25, 0.0, "new process")
-        older = Database(path)
-        with older.write_transaction():
-            older.execute('INSERT INTO charges("user", epsilon, delta, reason, at) VALUES (?, 0.5, 0, ?, 0)',
-                          ("mallory", "older process"))
-        older.close()
+        append_as_an_older_version(path, "mallory", [0.5])
         assert ledger.remaining("mallory")[0] == pytest.approx(0.25)
         with pytest.raises(BudgetExceededError):
             ledger.charge("mallory", 0.3, 0.0, "does not fit any more")
@@ -193,11 +202,7 @@ def test_postgres_ledger_counts_appended_rows_and_migrates_running_totals(pg_url
     with BudgetLedger(pg_url) as ledger:
         assert ledger._db.execute("SELECT COUNT(*) FROM charge_totals").fetchone()[0] == 1
         assert ledger.remaining("mallory")[0] == pytest.approx(0.2)
-        older = Database(pg_url)  # a process of an older version, appending without the running total
-        with older.write_transaction():
-            older.execute('INSERT INTO charges("user", epsilon, delta, reason, at) VALUES (?, 0.15, 0, ?, 0)',
-                          ("mallory", "older process"))
-        older.close()
+        append_as_an_older_version(pg_url, "mallory", [0.15])
         with pytest.raises(BudgetExceededError):
             ledger.charge("mallory", 0.1, 0.0, "does not fit any more")
         ledger.charge("mallory", 0.05, 0.0, "fits")

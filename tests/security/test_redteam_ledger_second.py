@@ -34,6 +34,7 @@ from veil.dp.errors import BudgetExceededError
 from veil.workers.database import Database
 
 from tests.scale import conftest as _postgres
+from tests.security.test_redteam_ledger_scale import append_as_an_older_version
 
 pg_url, postgres_server = _postgres.pg_url, _postgres.postgres_server  # (fixtures: a real PostgreSQL)
 
@@ -71,12 +72,7 @@ def test_a_stale_total_caught_up_over_negative_rows_is_not_below_the_exact_sum(t
     with BudgetLedger(path) as ledger:
         ledger.set_budget("mallory", 2.0, 1e-5)
         ledger.charge("mallory", 0.5, 0.0, "new process")
-        older = Database(path)
-        with older.write_transaction():
-            for e in [1.0] + [2.0 ** -53] * 500 + [-1.0]:
-                older.execute('INSERT INTO charges("user", epsilon, delta, reason, at) VALUES (?, ?, 0, ?, 0)',
-                              ("mallory", e, "older process"))
-        older.close()
+        append_as_an_older_version(path, "mallory", [1.0] + [2.0 ** -53] * 500 + [-1.0])
         exact = _exact_spent(ledger._db, "mallory")
         assert Fraction(ledger.spent("mallory")[0]) >= exact
         assert Fraction(ledger.remaining("mallory")[0]) <= 2 - exact
@@ -211,11 +207,7 @@ def test_the_consoles_reader_counts_a_stale_total_without_writing(tmp_path):
     with BudgetLedger(path) as ledger:
         ledger.set_budget("mallory", 1.0, 1e-5)
         ledger.charge("mallory", 0.25, 0.0, "new process")
-        older = Database(path)
-        with older.write_transaction():
-            older.execute('INSERT INTO charges("user", epsilon, delta, reason, at) VALUES (?, 0.5, 0, ?, 0)',
-                          ("mallory", "older process"))
-        older.close()
+        append_as_an_older_version(path, "mallory", [0.5])
         stored = ledger._db.execute("SELECT * FROM charge_totals").fetchall()
         reader = ledger.reader()
         with reader.lock:
