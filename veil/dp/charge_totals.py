@@ -48,6 +48,15 @@ def _add(total: float, error: float, x: float) -> tuple[float, float]:
     return t, error
 
 
+def _upward(total: float, error: float) -> float:
+    """``total + error``, never below the exact sum of what was added: a compensated sum ends within a few ulps
+    of it, on either side (Higham, Accuracy and Stability of Numerical Algorithms, 2002, sec. 4.3), so a rounded
+    one is raised by 2**-50 of itself (4 ulps; far under the ledger's 1e-9 slack). An error of 0: every addition
+    was exact, and so is the total (an owner's 2.0 stays 2.0)."""
+    s = total + error
+    return s if error == 0 or math.isinf(s) else s + abs(s) * 2.0 ** -50
+
+
 @dataclass(frozen=True)
 class Total:
     """A user's charges up to ``last_id`` (None: no charges), summed with their rounding errors."""
@@ -60,7 +69,7 @@ class Total:
 
     @property
     def spent(self) -> tuple[float, float]:
-        return self.epsilon + self.epsilon_error, self.delta + self.delta_error
+        return _upward(self.epsilon, self.epsilon_error), _upward(self.delta, self.delta_error)
 
     def plus(self, charge_id: int, epsilon: float, delta: float) -> "Total":
         return Total(charge_id, *_add(self.epsilon, self.epsilon_error, epsilon),
