@@ -45,6 +45,7 @@ from veil.workers import cancellation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_sessions import open_session, request, send_tensor  # noqa: E402
+from turn_waiters import TurnTakenAndAwaited  # noqa: E402
 from test_redteam_paillier_oracles import SCI, Review  # noqa: E402  (an owner tensor under review, a scientist)
 
 N256 = (1 << 255) | 12345  # any odd 256-bit number passes as a modulus
@@ -245,39 +246,23 @@ def test_a_checkpoint_outside_the_turn_hands_over_nothing():
     request while another held it, two requests ran at once, and the thread then waited for a turn it would
     never be handed back. Outside its turn a checkpoint yields nothing."""
     lock = cancellation.FairLock()
-    x_holds, x_release, w_in, checked = (threading.Event() for _ in range(4))
-
-    def x():
-        lock.acquire()
-        x_holds.set()
-        x_release.wait(5)
-        lock.release()
-
-    def w():
-        lock.acquire()
-        w_in.set()
-        lock.release()
+    others, checked = TurnTakenAndAwaited(lock), threading.Event()
 
     def ours():
         lock.acquire()
         with cancellation.running(cancellation.CancelToken(), lock.yield_turn, lock):
             with cancellation.outside_turn():
-                threading.Thread(target=x, daemon=True).start()
-                x_holds.wait(5)
-                threading.Thread(target=w, daemon=True).start()
-                t0 = time.monotonic()
-                while not lock._waiters and time.monotonic() - t0 < 5:
-                    time.sleep(0.001)
+                others.start()
                 cancellation.checkpoint()
                 checked.set()
         lock.release()
 
     threading.Thread(target=ours, daemon=True).start()
-    both = w_in.wait(0.5)  # w entered while x still held the lock
+    both = others.waiter_entered(0.5)  # the waiter entered while the holder still held the lock
     returned = checked.wait(0.5)
-    x_release.set()
+    others.release()
     assert not both and returned, (both, returned)
-    assert w_in.wait(5), "the waiting request never ran"
+    assert others.waiter_entered(5), "the waiting request never ran"
 
 
 @pytest.mark.slow

@@ -45,6 +45,7 @@ from veil.workers import cancellation
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_redteam_paillier_cost import N256, _crafted, _frame, _one_line_error  # noqa: E402
 from server_sessions import send_tensor  # noqa: E402
+from turn_waiters import TurnTakenAndAwaited  # noqa: E402
 from test_redteam_paillier_oracles import Review  # noqa: E402  (an owner tensor under review, a scientist)
 
 
@@ -111,33 +112,17 @@ def test_nested_outside_turn_neither_hands_over_a_turn_it_lacks_nor_hangs():
     """A second ``outside_turn`` inside the first released the lock again (another request's, which a waiter then
     got too) and, leaving, acquired it twice: the thread waited for itself for ever."""
     lock = cancellation.FairLock()
-    x_holds, x_release, w_in, left = (threading.Event() for _ in range(4))
-
-    def x():  # another request, which takes the turn while ours is outside it
-        lock.acquire()
-        x_holds.set()
-        x_release.wait(5)
-        lock.release()
-
-    def w():  # a request waiting for the turn
-        lock.acquire()
-        w_in.set()
-        lock.release()
+    others, left = TurnTakenAndAwaited(lock), threading.Event()
 
     def ours():
         lock.acquire()
         with cancellation.running(cancellation.CancelToken(), lock.yield_turn, lock):
             with cancellation.outside_turn():
-                threading.Thread(target=x, daemon=True).start()
-                x_holds.wait(5)
-                threading.Thread(target=w, daemon=True).start()
-                t0 = time.monotonic()
-                while not lock._waiters and time.monotonic() - t0 < 5:
-                    time.sleep(0.001)
+                others.start()
                 with cancellation.outside_turn():
                     pass
-                both = w_in.wait(0.3)  # w entered while x still held the lock
-                x_release.set()
+                both = others.waiter_entered(0.3)  # the waiter entered while the holder still held the lock
+                others.release()
         lock.release()
         left.set()
         results["both"] = both
@@ -145,10 +130,10 @@ def test_nested_outside_turn_neither_hands_over_a_turn_it_lacks_nor_hangs():
     results: dict = {}
     threading.Thread(target=ours, daemon=True).start()
     returned = left.wait(5)
-    x_release.set()
+    others.release()
     assert returned, "the request thread never got its turn back"
     assert not results["both"], "a waiter got the turn while another request held it"
-    assert w_in.wait(5) and not lock._held, "the lock was not free at the end"
+    assert others.waiter_entered(5) and not lock._held, "the lock was not free at the end"
 
 
 # ----------------------------------------------------------------------- attacks that hold (regression guards)
