@@ -29,6 +29,7 @@ from veil.he import flooding
 from veil.he.errors import (
     CKKSOperationError,
     DepthExhaustedError,
+    HEError,
     KeyMismatchError,
     MissingSecretKeyError,
     ShapeMismatchError,
@@ -44,6 +45,8 @@ def _tenseal_errors(op: str):
     """Re-raise TenSEAL's terse errors as veil errors that say what happened."""
     try:
         yield
+    except HEError:
+        raise  # already says what happened (a check inside the block)
     except (ValueError, RuntimeError) as exc:
         msg = str(exc)
         if any(s in msg for s in _DEPTH_MESSAGES):

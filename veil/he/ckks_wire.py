@@ -112,9 +112,27 @@ def tensor_from_wire(d: dict, context: CKKSContext | None = None) -> CKKSTensor:
         with _tenseal_errors("ciphertext deserialization"):
             for b in blobs:
                 segments.append(ts.ckks_vector_from(context.raw, b))
+                _check_loaded(context, segments[-1], len(b))
     except HEError as exc:
         raise WireFormatError(f"invalid CKKS ciphertext bytes: {exc}") from exc
     sizes = [s.size() for s in segments]
     if sum(sizes) != numel or any(sz > context.slots or sz < 1 for sz in sizes):
         raise WireFormatError("CKKS segment sizes do not add up to the tensor's shape")
     return CKKSTensor(context, segments, shape, dtype)
+
+
+def _check_loaded(context: CKKSContext, segment, wire_bytes: int) -> None:
+    """Refuses, as soon as it is loaded, a ciphertext that is not two polynomials (a third, times a plaintext,
+    comes back beside the two that rerandomization and flooding cover), or that held far more than its bytes:
+    SEAL inflates compressed data, so 500 bytes of zeros were 393 kB under an 8192 ring (a tensor of 10 MB was
+    8 GB, charged to the session quota as 10 MB). An honest ciphertext is random below its primes, so its
+    compressed bytes are at least one polynomial's entropy (half of that is the bound: a seeded c1 is 64 bytes)."""
+    raws = segment.ciphertext()
+    if len(raws) != 1 or raws[0].size() != 2:
+        raise WireFormatError("a CKKS ciphertext must be one ciphertext of 2 polynomials")
+    raw = raws[0]
+    level = context.raw.seal_context().data.get_context_data(raw.parms_id())
+    entropy_bytes = raw.poly_modulus_degree() * level.total_coeff_modulus_bit_count() // 8
+    if wire_bytes < entropy_bytes // 2:
+        raise WireFormatError(f"a CKKS ciphertext of {wire_bytes} bytes inflates to {entropy_bytes} bytes or "
+                              "more of random polynomial (a compression bomb)")

@@ -60,10 +60,15 @@ class CKKSOperationError(HEError, RuntimeError):
     """TenSEAL refused a CKKS operation for a reason other than exhausted depth."""
 
 
+class CiphertextRefusedError(HEError, ValueError):
+    """A ciphertext someone else made is not what the computation agreed to take (parameters, level, scale,
+    polynomial count): refused before any work on it."""
+
+
 # MPC has classes of the same names: the HE ones travel under an "HE" prefix.
 EncodingOverflowError.wire_name = "HEEncodingOverflowError"
 UnsupportedOperationError.wire_name = "HEUnsupportedOperationError"
 for _cls in (HEError, WrongKeyError, KeyMismatchError, MissingSecretKeyError, UnsupportedOperationError,
              DepthExhaustedError, DepthRequiredError, EncodingOverflowError, ShapeMismatchError, WireFormatError,
-             CKKSOperationError):
+             CKKSOperationError, CiphertextRefusedError):
     register_remote_error(_cls)

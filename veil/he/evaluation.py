@@ -10,6 +10,16 @@ plaintext vector ``W[j, 0]*B ++ W[j, 1]*B ++ ...`` computes feature ``j``'s
 contribution to every output of every sample at once, so a whole layer costs
 ``d`` plaintext multiplications and additions and no rotations (TenSEAL's
 vector-matrix product needs one rotation per input value).
+
+The batch comes from the data owner, who holds the key and could craft it: :func:`linear_scores` takes only
+fresh ciphertexts under the agreed parameters (:mod:`veil.he.evaluation_checks`), starts its sum from a fresh
+encryption of zero, and returns the scores sealed (:meth:`CKKSTensor.sealed`: slots past ``m * B`` zeroed,
+Gaussian flooding of ``veil.he.flooding.sigma(scale, product=True)``, 2**-16 at scale 2**40, on every score).
+Statistical parameter: the layer's own noise (at most ~2**-23 at scale 2**40 for weights of order 1) moves each
+score's distribution by a KL divergence of at most 2**-15; 2**-40 would need sigma ~2**-3.5, more than the
+scores' precision allows. A fresh encryption of zero makes the released randomness independent of the batch's.
+What the scores themselves give is another matter: ``d`` one-hot rows give ``W``, and rows of ``2**k`` give it
+``k`` bits finer than the flooding (CKKS cannot bound an encrypted input).
 """
 
 from __future__ import annotations
@@ -19,12 +29,15 @@ import tenseal as ts
 
 from veil.he.ckks import CKKSContext, CKKSTensor, _tenseal_errors, context
 from veil.he.errors import ShapeMismatchError
+from veil.he.evaluation_checks import DEFAULT_PARAMETERS, EvaluationParameters, check_batch, check_product, \
+    parameters_of
 
 
 def default_context() -> CKKSContext:
-    """A context for one plaintext-weight layer (one level), no rotation keys needed."""
-    return context(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 40, 40, 60), global_scale=2**40,
-                   galois_keys=False)
+    """A context for one plaintext-weight layer and its sealing (two levels), no rotation keys needed."""
+    p = DEFAULT_PARAMETERS
+    return context(poly_modulus_degree=p.poly_modulus_degree, coeff_mod_bit_sizes=p.coeff_mod_bit_sizes,
+                   global_scale=p.global_scale, galois_keys=False)
 
 
 def train_logistic_regression(x: torch.Tensor, y: torch.Tensor, epochs: int = 300, lr: float = 0.5,
@@ -93,35 +106,48 @@ def encrypt_batch(x: torch.Tensor, ctx: CKKSContext, n_outputs: int) -> CKKSTens
     return CKKSTensor(ctx, segments, (d, n_outputs * b), torch.float32)
 
 
-def linear_scores(enc_x: CKKSTensor, weight: torch.Tensor, bias: torch.Tensor) -> CKKSTensor:
+def linear_scores(enc_x: CKKSTensor, weight: torch.Tensor, bias: torch.Tensor,
+                  parameters: EvaluationParameters = DEFAULT_PARAMETERS) -> CKKSTensor:
     """Encrypted ``x @ weight + bias`` on a batch from :func:`encrypt_batch`.
 
     Args:
-        enc_x: encrypted batch of shape ``[d, m * B]``.
+        enc_x: encrypted batch of shape ``[d, m * B]``, made by someone else.
         weight: plaintext ``[d, m]``.
         bias: plaintext ``[m]``.
+        parameters: the CKKS parameters the evaluation agreed to (two levels at least).
 
     Returns:
-        Encrypted scores of shape ``[m, B]`` in one ciphertext (decrypt, then ``.T``).
+        Encrypted scores of shape ``[m, B]`` in one ciphertext (decrypt, then ``.T``), sealed: every other slot
+        zero and each score flooded (see the module docstring).
+
+    Raises:
+        CiphertextRefusedError: the batch is not fresh ciphertexts under ``parameters``.
+        ShapeMismatchError: the batch does not fit the weights.
     """
     d, mb = enc_x.shape
     weight = weight.to(torch.float64)
     if weight.shape[0] != d or mb % weight.shape[1]:
         raise ShapeMismatchError(f"weights {tuple(weight.shape)} do not fit encrypted batch {tuple(enc_x.shape)}")
+    check_batch(enc_x, d, mb, parameters)
     m = weight.shape[1]
     b = mb // m
-    acc = None
+    terms = 0
     with _tenseal_errors("linear layer"):
+        # fresh randomness first: the data owner's ciphertexts times the weights never sum to a transparent
+        # (0, 0), which SEAL refused (two copies of one ciphertext and rows w1 == -w0: an oracle on the weights)
+        acc = ts.ckks_vector(enc_x.context.raw, [0.0] * mb)
         for j, seg in enumerate(enc_x.segments):
             wj = weight[j]
             if not bool(wj.any()):
                 continue  # e.g. a border pixel the model ignores: skip the multiplication
             term = seg.mul(wj.repeat_interleave(b).tolist())
-            acc = term if acc is None else acc.add_(term) or acc
-        if acc is None:
+            check_product(term, parameters)
+            acc.add_(term)
+            terms += 1
+        if not terms:
             raise ValueError("all weights are zero")
         acc = acc.add(bias.to(torch.float64).repeat_interleave(b).tolist())
-    return CKKSTensor(enc_x.context, [acc], (m, b), torch.float32)
+    return CKKSTensor(enc_x.context, [acc], (m, b), torch.float32).sealed()
 
 
 def encrypted_predict(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -132,7 +158,7 @@ def encrypted_predict(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     out = []
     for i in range(0, x.shape[0], step):
         enc = encrypt_batch(x[i : i + step], ctx, m)
-        out.append(linear_scores(enc, weight, bias).decrypt().T)
+        out.append(linear_scores(enc, weight, bias, parameters_of(ctx)).decrypt().T)
     return torch.cat(out, 0)
 
 
