@@ -103,6 +103,19 @@ def test_a_returned_result_is_flooded_and_still_matches_torch(ctx):
     assert 0.7 * SIGMA < spread < 1.4 * SIGMA, f"flooding of {spread:.3g}, expected {SIGMA:.3g}"
 
 
+def test_the_model_owner_evaluates_an_honest_batch_from_the_wire_under_the_public_context(ctx, model):
+    """The checks refuse no honest batch: the model owner holds only the public context it received, decodes the
+    batch against it, evaluates, and the data owner's decryption of the returned wire tensor matches torch."""
+    w, b = model
+    x = torch.randn(5, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    public = ckks_wire.context_from_wire(ckks_wire.context_to_wire(ctx)).public()
+    assert not public.has_secret_key
+    received = ckks_wire.tensor_from_wire(ckks_wire.tensor_to_wire(ev.encrypt_batch(x, ctx, M)), public)
+    returned = ckks_wire.tensor_to_wire(ev.linear_scores(received, w, b))
+    scores = ckks_wire.tensor_from_wire(returned, ctx).decrypt().T.double()
+    assert torch.allclose(scores, _plain(x, w, b), atol=8 * SIGMA + 1e-5)
+
+
 @pytest.mark.parametrize("second_row", [-1.0, -0.5])
 def test_weight_rows_that_cancel_are_no_error_oracle(ctx, second_row):
     """Attack: the data owner sends one ciphertext as two features' (same bytes twice). If the two weight rows
