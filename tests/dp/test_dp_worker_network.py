@@ -65,10 +65,11 @@ def test_hide_count_and_max_bins_flags(hook, tmp_path):
 
     wp = start_worker("dpflags", ["--token", TOKEN, "--data-dir", str(tmp_path), "--dataset",
                                   f"boston={BOSTON}:target=MEDV", "--budget", "scientist=5,1e-5",
-                                  "--dp-clip", "1.0", "--dp-noise", "1.5", "--dp-hide-count", "--dp-max-bins", "4"])
+                                  "--dp-clip", "1.0", "--dp-noise", "1.5", "--dp-hide-count", "--dp-max-bins", "4",
+                                  "--dp-max-records", "1000"])
     w = None
     try:
-        assert any("record counts hidden" in line for line in wp.output)
+        assert any("record counts hidden (releases over 1000 rows)" in line for line in wp.output)
         w = sy.WebsocketClientWorker(hook, id="dpflags", host="127.0.0.1", port=wp.port, token=TOKEN)
         data, target = w.search(["#boston"])
         assert data.shape[0] == 0 and target.shape[0] == 0 and data.shape[1] == 13

@@ -40,7 +40,7 @@ class Owner:
         self.srv.load(self.x, tags=("#c", "#data"), private=True)
         self.srv.load(self.y, tags=("#c", "#target"), private=True)
         self.dp = self.srv.enable_dp("c", max_grad_norm=C, noise_multiplier=SIGMA, budgets={"sci": budget},
-                                     hide_count=hide_count)
+                                     hide_count=hide_count, max_records=n if hide_count else None)
         self.s = open_session(self.srv, TOKEN)
         reply = self.req(m.SearchMessage(["#c", "#data"]))
         self.data = m.ObjectRef(reply.descriptors[0].id)

@@ -39,7 +39,7 @@ def _owner(hook, name: str, n: int = 37, d: int = 3, quota: int | None = None, *
     g = torch.Generator().manual_seed(1)
     srv.load(torch.rand(n, d, generator=g), tags=("#c", "#data"), private=True, description="c data")
     srv.load(torch.rand(n, 1, generator=g), tags=("#c", "#target"), private=True, description="c target")
-    settings = dict(hide_count=True, budgets={"sci": (50.0, 1e-3)})
+    settings = dict(hide_count=True, max_records=n, budgets={"sci": (50.0, 1e-3)})  # (the bound: veil.dp.padding)
     settings.update(dp)
     ws = srv.enable_dp("c", **settings)
     return srv, open_session(srv, TOKEN), ws

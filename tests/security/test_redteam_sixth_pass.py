@@ -98,7 +98,7 @@ def test_hidden_count_on_restored_and_late_dp_only_data_every_descriptor(hook, t
     srv = WebsocketServerWorker(hook, id=uid("rt6-hide"), port=0, tokens=tokens, db=OwnerDB(tmp_path / "o.db"))
     srv.load(torch.rand(31, 2), tags=("#h6", "#data"), private=True)
     srv.load(torch.rand(31, 1), tags=("#h6", "#target"), private=True)
-    srv.enable_dp("h6", hide_count=True, budgets={"sci": (50.0, 1e-3)})
+    srv.enable_dp("h6", hide_count=True, max_records=100, budgets={"sci": (50.0, 1e-3)})
     srv.load(torch.rand(53, 3), tags=("#late6",), private=True)
     srv.set_policy("#late6", "dp-only")
     again = srv.load(torch.rand(67, 3), tags=("#late6", "#v2"), private=True)  # no policy: restored

@@ -93,15 +93,27 @@ def _warn_generator(generator: Optional[torch.Generator]) -> None:
 
 
 def dp_count(x: torch.Tensor, epsilon: float, delta: float = 0.0, mechanism: str = "laplace",
-             generator: Optional[torch.Generator] = None) -> DPResult:
-    """Noisy number of records (rows of ``x``); sensitivity 1 (geometric noise for Laplace)."""
+             generator: Optional[torch.Generator] = None, present: Optional[torch.Tensor] = None) -> DPResult:
+    """Noisy number of records (rows of ``x``, or its rows marked in ``present``); sensitivity 1 (geometric
+    noise for Laplace)."""
     _warn_generator(generator)
     # int64, exact: a float32 count was rounded to float32's grid above 2^24 rows (sensitivity 8 at 6.7e7)
-    return _noisy(torch.tensor(len(x), dtype=torch.int64), 1.0, 1.0, epsilon, delta, mechanism, integer=True)
+    count = torch.tensor(len(x), dtype=torch.int64) if present is None else present.sum(dtype=torch.int64)
+    return _noisy(count, 1.0, 1.0, epsilon, delta, mechanism, integer=True)
+
+
+def _records_only(values: torch.Tensor, present: Optional[torch.Tensor]) -> torch.Tensor:
+    """``values`` with the rows that are no record (padding, ``present`` False) set to 0: the same work
+    over every row, whichever are records (:mod:`veil.dp.padding`)."""
+    if present is None:
+        return values
+    keep = present.reshape(-1, *([1] * (values.dim() - 1)))
+    return torch.where(keep, values, torch.zeros((), dtype=values.dtype))
 
 
 def dp_sum(x: torch.Tensor, lower: float, upper: float, epsilon: float, delta: float = 0.0,
-           mechanism: str = "laplace", generator: Optional[torch.Generator] = None) -> DPResult:
+           mechanism: str = "laplace", generator: Optional[torch.Generator] = None,
+           present: Optional[torch.Tensor] = None) -> DPResult:
     """Noisy sum of values clipped to ``[lower, upper]``.
 
     Adding or removing one record changes the sum by at most
@@ -110,7 +122,7 @@ def dp_sum(x: torch.Tensor, lower: float, upper: float, epsilon: float, delta: f
     """
     _warn_generator(generator)
     _bounds(lower, upper)
-    x = _clamped(x, lower, upper)
+    x = _records_only(_clamped(x, lower, upper), present)  # (padding rows add 0, after the clamp)
     per = max(abs(lower), abs(upper))
     d = x.shape[1:].numel()  # coordinates per record (1 for scalars)
     # Summed in units of m = 2^(e-1) <= per (exact: a power of two), where a record adds less than 2 per
@@ -127,7 +139,8 @@ _FLOAT64_MAX = torch.finfo(torch.float64).max
 
 
 def dp_mean(x: torch.Tensor, lower: float, upper: float, epsilon: float, delta: float = 0.0,
-            mechanism: str = "laplace", generator: Optional[torch.Generator] = None) -> DPResult:
+            mechanism: str = "laplace", generator: Optional[torch.Generator] = None,
+            present: Optional[torch.Tensor] = None) -> DPResult:
     """Noisy mean of values clipped to ``[lower, upper]``.
 
     Computed as noisy sum / noisy count with the budget split in half between
@@ -136,14 +149,15 @@ def dp_mean(x: torch.Tensor, lower: float, upper: float, epsilon: float, delta: 
     """
     _check(epsilon, delta, mechanism)
     half_e, half_d = epsilon / 2, delta / 2
-    s = dp_sum(x, lower, upper, half_e, half_d, mechanism)
-    c = dp_count(x, half_e, half_d, mechanism)
+    s = dp_sum(x, lower, upper, half_e, half_d, mechanism, present=present)
+    c = dp_count(x, half_e, half_d, mechanism, present=present)
     mean = (s.value / c.value.clamp(min=1.0)).clamp(lower, upper)
     return DPResult(mean, epsilon, delta, mechanism, s.noise_scale)
 
 
 def dp_histogram(x: torch.Tensor, bins: int, lower: float, upper: float, epsilon: float, delta: float = 0.0,
-                 mechanism: str = "laplace", generator: Optional[torch.Generator] = None) -> DPResult:
+                 mechanism: str = "laplace", generator: Optional[torch.Generator] = None,
+                 present: Optional[torch.Tensor] = None) -> DPResult:
     """Noisy counts of ``bins`` equal-width bins over ``[lower, upper]`` of all values of all records.
 
     A record of d values (``x[i]`` has ``d`` entries) adds d to the counts,
@@ -163,7 +177,9 @@ def dp_histogram(x: torch.Tensor, bins: int, lower: float, upper: float, epsilon
     half = upper * 0.5 - lower * 0.5
     frac = (v * 0.5 - lower * 0.5) / half if half > 0 else (v - lower) / (upper - lower)  # (subnormal bounds)
     at = (frac * bins).floor_().clamp_(0, bins - 1).to(torch.int64)
-    counts = torch.bincount(at, minlength=bins)  # int64: exact for the discrete Laplace
+    if present is not None:  # a padding row's values go to one more bin, dropped
+        at = torch.where(present.reshape(-1, 1).expand(len(x), x.shape[1:].numel()).reshape(-1), at, bins)
+    counts = torch.bincount(at, minlength=bins)[:bins]  # int64: exact for the discrete Laplace
     return _noisy(counts, d, d, epsilon, delta, mechanism, integer=(mechanism == "laplace"))
 
 

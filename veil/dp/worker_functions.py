@@ -33,6 +33,7 @@ import torch
 
 from veil.dp import core
 from veil.dp.errors import PrivacyParameterError
+from veil.dp.padding import masked_lot_gradients, release_bound
 from veil.dp.plan_grads import check_forward_plan, loss_by_name, per_sample_gradients
 from veil.dp.queries import QUERIES, query_cost
 from veil.dp.worker_owner import dp_settings
@@ -108,6 +109,9 @@ def _sanitized_gradient(worker: Any, plan: Any, dataset: str, params: list, trai
         raise PrivacyParameterError(f"the plan fails on a dummy input of the dataset's public shape: "
                                     f"{type(e).__name__}: {e}") from None
     chunk = _records_per_chunk(worker, budget, like)
+    # a hidden count: the lot is drawn over the owner's public max_records rows, padding masked (refused
+    # here, free, without a bound): its size, so the release's time, follows the bound, not the count
+    bound = release_bound(worker, settings, ds.data, ds.target, dataset=True)
     c = settings.max_grad_norm
     with settings.user_lock(user):
         # Charge first (before any work on the data): a failure below stays charged.
@@ -115,12 +119,19 @@ def _sanitized_gradient(worker: Any, plan: Any, dataset: str, params: list, trai
             settings.ledger.charge_training_step(user, sigma, q, settings.delta, settings.accountant,
                                                  reason=f"DP-SGD on {worker.id}/{dataset}", request_id=rid)
         try:
-            lot = core.poisson_indices(len(ds.data), q)  # (in time proportional to the lot, not the count)
-            x, y = ds.data[lot], ds.target[lot]
+            if bound is None:
+                lot = core.poisson_indices(len(ds.data), q)  # (in time proportional to the lot, not the count)
+                x, y, present = ds.data[lot], ds.target[lot], None
+            else:
+                data, target = settings.padded.get(ds.data, bound), settings.padded.get(ds.target, bound)
+                lot = core.poisson_indices(bound, q)
+                x, y, present = data.rows[lot], target.rows[lot], lot < data.count
             sums = [torch.zeros_like(p) for p in like]
             step = chunk or max(len(x), 1)
             for at in range(0, len(x), step):  # clipped per record, summed chunk by chunk
                 samples = per_sample_gradients(compiled, state, trainable, x[at:at + step], y[at:at + step], loss_fn)
+                if present is not None:
+                    samples = masked_lot_gradients(samples, present[at:at + step])
                 for total, part in zip(sums, core.clipped_sum(samples, c, like)):
                     total.add_(part)
                 del samples
@@ -187,6 +198,9 @@ def _query(worker: Any, x: Any, name: str, epsilon: float, delta: float = 0.0, m
     # Validates the mechanism / bounds / delta on the public shape only: nothing is computed yet.
     cost_eps, cost_delta = query_cost(name, x.shape, **kwargs)
     user = _user(worker)
+    # a hidden count: a sum, mean or histogram reads the owner's max_records padded rows, padding masked
+    # (refused here, free, without a bound); a count's work never followed the count
+    bound = release_bound(worker, settings, x) if name != "count" else None
     with settings.user_lock(user):
         # outside the worker's turn: the charge touches the ledger only, and a COMMIT whose answer was lost is
         # looked up for up to ~10 s, which held every other session's command (the value is already in hand)
@@ -194,7 +208,11 @@ def _query(worker: Any, x: Any, name: str, epsilon: float, delta: float = 0.0, m
             settings.ledger.charge(user, cost_eps, cost_delta, f"DP {name} ({mechanism}) on {worker.id}",
                                    request_id=rid)
         try:
-            result = query(x.detach(), **kwargs)
+            if bound is None:
+                result = query(x.detach(), **kwargs)
+            else:
+                padded = settings.padded.get(x, bound)
+                result = query(padded.rows, present=padded.present(), **kwargs)
         except Exception as e:  # noqa: BLE001
             raise core.generic_failure(f"DP {name} on {worker.id}", e) from None
     cost = torch.tensor([result.epsilon, result.delta, result.noise_scale], dtype=torch.float64)

@@ -28,6 +28,7 @@ import torch
 from veil.dp.accountant import ACCOUNTANT_FACTORIES
 from veil.dp.budget import BudgetLedger
 from veil.dp.errors import PrivacyParameterError
+from veil.dp.padding import PaddedCache, pad_ahead
 from veil.exceptions import PermissionDeniedError
 from veil.workers import cancellation
 from veil.workers.cancellation import outside_turn
@@ -66,6 +67,10 @@ class WorkerDP:
         nominal_count: with ``hide_count``, the public count DP-SGD releases divide
             by (``q * nominal_count`` instead of ``q * n``, whose noise scale would
             reveal ``n``); None: DP training is refused while the count is hidden.
+        max_records: with ``hide_count``, a public bound on the record count: a release that reads the
+            records (sum, mean, histogram, DP-SGD) computes over this many rows, the records and then
+            masked padding, so its time and memory do not follow the count (:mod:`veil.dp.padding`);
+            None: such releases are refused while the count is hidden (a DP count is still answered).
     """
 
     ledger: BudgetLedger
@@ -78,6 +83,9 @@ class WorkerDP:
     max_bins: int = 10_000
     hide_count: bool = False
     nominal_count: Optional[int] = None
+    max_records: Optional[int] = None
+    #: the padded copies of hidden-count tensors that releases compute over
+    padded: PaddedCache = field(default_factory=PaddedCache, repr=False)
     #: user -> [lock, releases of theirs in flight] (:meth:`user_lock`; a user's entry goes with their last)
     _user_locks: dict = field(default_factory=dict, repr=False)
     _user_locks_guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -183,7 +191,8 @@ def enable_dp(worker: Any, datasets: Union[str, Sequence[str], Mapping[str, tupl
               budgets: Optional[Mapping[str, tuple[float, float]]] = None, delta: float = 1e-5,
               accountant: str = "rdp", max_sample_rate: float = 1.0,
               ledger_path: Union[str, Path, None] = None, max_bins: int = 10_000,
-              hide_count: bool = False, nominal_count: Optional[int] = None) -> WorkerDP:
+              hide_count: bool = False, nominal_count: Optional[int] = None,
+              max_records: Optional[int] = None) -> WorkerDP:
     """Turns on owner-side differential privacy on ``worker``.
 
     Args:
@@ -210,6 +219,12 @@ def enable_dp(worker: Any, datasets: Union[str, Sequence[str], Mapping[str, tupl
             dividing by the true count would reveal it through the noise scale
             ``sigma C / (q n)``. Without it DP training is refused while the
             count is hidden (DP queries still work).
+        max_records: with ``hide_count``, a public upper bound on the record count of the DP-only data
+            (a capacity you are willing to publish): sums, means, histograms and DP training then compute
+            over this many rows, padding masked out, so their time and memory do not reveal the count.
+            Data with more records is refused here (later data: at its releases). Each hidden-count
+            tensor gets a padded copy of ``max_records`` rows. Without it those releases are refused
+            while the count is hidden; a DP count is always answered.
 
     Returns:
         The settings object (``.set_budget(user, eps, delta)``, ``.remaining(user)``).
@@ -228,6 +243,9 @@ def enable_dp(worker: Any, datasets: Union[str, Sequence[str], Mapping[str, tupl
     if nominal_count is not None and (type(nominal_count) is not int or nominal_count < 1 or not hide_count):
         raise PrivacyParameterError(f"nominal_count must be a positive integer, and only with hide_count "
                                     f"(got {nominal_count!r})")
+    if max_records is not None and (type(max_records) is not int or max_records < 1 or not hide_count):
+        raise PrivacyParameterError(f"max_records must be a positive integer, and only with hide_count "
+                                    f"(got {max_records!r})")
     if not 0 < max_sample_rate <= 1:
         raise PrivacyParameterError(f"max_sample_rate must be in (0, 1], got {max_sample_rate}")
     if accountant not in ACCOUNTANT_FACTORIES:  # (else every training request failed at its charge)
@@ -238,12 +256,15 @@ def enable_dp(worker: Any, datasets: Union[str, Sequence[str], Mapping[str, tupl
     settings = WorkerDP(ledger, None if max_grad_norm is None else float(max_grad_norm),
                         None if noise_multiplier is None else float(noise_multiplier), float(delta), accountant,
                         float(max_sample_rate), _datasets(worker, datasets), max_bins=max_bins,
-                        hide_count=bool(hide_count), nominal_count=nominal_count)
+                        hide_count=bool(hide_count), nominal_count=nominal_count, max_records=max_records)
+    # padded now, by the owner, so no release times the copy; refused (before anything changes) past the bound
+    hidden = [e.obj for _, e in worker.monitor.owner_entries() if e.meta.get("dp_only")]
+    pad_ahead(settings, hidden + [t for ds in settings.datasets.values() for t in (ds.data, ds.target)], worker.id)
     for user, (eps, dlt) in (budgets or {}).items():
         settings.set_budget(user, eps, dlt)
+    _mark_dp_only(worker, settings.datasets.values())
     _SETTINGS[worker] = settings
     worker.monitor.hide_dp_counts = settings.hide_count
-    _mark_dp_only(worker, settings.datasets.values())
     return settings
 
 

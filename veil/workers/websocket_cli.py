@@ -101,6 +101,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp-nominal-count", type=int, default=None, metavar="N",
                    help="with --dp-hide-count: the public record count DP training divides by (a rounded or noisy "
                         "count you are willing to publish); without it DP training is refused")
+    p.add_argument("--dp-max-records", type=int, default=None, metavar="N",
+                   help="with --dp-hide-count: a public bound on the record count; sums, means, histograms and "
+                        "DP training compute over N rows so their time does not show the count (without it "
+                        "they are refused; a DP count is answered)")
     p.add_argument("--dp-max-bins", type=int, default=10_000, metavar="N",
                    help="most bins a DP histogram may ask for (bounds the work a query can cause)")
     p.add_argument("--budget", action="append", default=[], metavar="USER=EPS,DELTA",
@@ -256,12 +260,14 @@ def enable_dp_from_args(worker, args: argparse.Namespace) -> str | None:
     try:
         worker.enable_dp(names, max_grad_norm=args.dp_clip, noise_multiplier=args.dp_noise, budgets=budgets,
                          delta=args.dp_delta, hide_count=args.dp_hide_count, max_bins=args.dp_max_bins,
-                         nominal_count=args.dp_nominal_count)
+                         nominal_count=args.dp_nominal_count, max_records=args.dp_max_records)
     except ValueError as e:  # PrivacyParameterError is a ValueError
         raise CommandLineError(str(e)) from None
     training = f"C={args.dp_clip} sigma>={args.dp_noise} on {', '.join(names) or 'no dataset'}" \
         if args.dp_clip is not None else "off"
     hidden = "; record counts hidden" if args.dp_hide_count else ""
+    if args.dp_hide_count and args.dp_max_records is not None:
+        hidden += f" (releases over {args.dp_max_records} rows)"
     return f"  differential privacy: training {training}; budgets for {', '.join(budgets) or 'nobody'}{hidden}"
 
 
