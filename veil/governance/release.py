@@ -11,7 +11,7 @@ already refused to every non-DP op by the DP guard, ``open`` is as before).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Union
 
 from veil.exceptions import PermissionDeniedError, RequestDeniedError, ReviewPendingError
@@ -20,6 +20,7 @@ from veil.governance.lapses import give_back, revocations, use_approval
 from veil.governance.provenance import GRAPH, ROOT, sources_of
 from veil.governance.requests import ReviewQueue, digest
 from veil.governance.state import _STATE, audit, governance
+from veil.workers import cancellation
 
 
 @dataclass(frozen=True)
@@ -56,18 +57,19 @@ def needs_review(worker: Any, oid: int, entry: Any, user: str) -> bool:
 
 
 def decide(worker: Any, oid: int, entry: Any, user: str, session: str = "-", reason: str | None = None,
-           consume: bool = True) -> Decision:
+           consume: bool = True, value_digest: str | None = None) -> Decision:
     """Allow, or the pending/denied request that stands in the way (filing one when there is none).
 
     ``consume``: an approval lets the object go once; a get that is allowed uses it up (and the release is on
-    record before the value goes: a worker killed while it is on its way leaves the record).
+    record before the value goes: a worker killed while it is on its way leaves the record). ``value_digest``:
+    the object's digest, taken in the worker's turn (:func:`snapshot`) when this runs outside it.
     """
     if not needs_review(worker, oid, entry, user):
         return ALLOW
     with governance(worker).lock:
         queue = ReviewQueue(worker)
         req = queue.latest_for(oid, user)
-        current = digest(entry.obj)
+        current = value_digest or digest(entry.obj)
         mine = computation(entry.meta.get(GRAPH) or {}, entry.meta.get(ROOT, ""))
         # the same request only while the object is as filed: its bytes and the computation that made them (an
         # object rewritten in place to a probe equal to the denied bytes answered "denied", any other probe
@@ -97,7 +99,33 @@ def decide(worker: Any, oid: int, entry: Any, user: str, session: str = "-", rea
         # none yet (a value whose bytes a denied request of this user already has is filed like any other: a
         # different answer would tell the scientist whether a fresh value equals the denied one; the owner's
         # preview flags it instead, ReviewQueue.preview), the last one was used up, or the value changed since: a new request
-        return Pending(queue.file(oid, entry, user, session, reason or "").id)
+        return Pending(queue.file(oid, entry, user, session, reason or "", current).id)
+
+
+def snapshot(entry: Any) -> tuple[Any, str]:
+    """What a release decision reads of ``entry`` (its bytes' digest, its op graph and root, its sources), taken in
+    the worker's turn, so the decision's reads and writes can run outside it (:func:`decide_outside_turn`): an
+    in-place write of another request meanwhile changes neither what is filed nor what is approved."""
+    meta = dict(entry.meta)
+    if isinstance(meta.get(GRAPH), dict):
+        meta[GRAPH] = dict(meta[GRAPH])
+    return replace(entry, meta=meta), digest(entry.obj)
+
+
+def decide_outside_turn(worker: Any, oid: int, entry: Any, user: str, session: str = "-",
+                        reason: str | None = None) -> tuple[Decision, Any]:
+    """:func:`decide` (``consume=False``: a filed request or a refusal, nothing released) with its database work
+    outside a network worker's turn, and the request it names (None when allowed). A review request's filing
+    waited there for the owner's database: a COMMIT whose answer was lost is looked up for up to ~10 s, and
+    every other session's command waited with it."""
+    if not needs_review(worker, oid, entry, user):
+        return ALLOW, None
+    frozen, value_digest = snapshot(entry)
+    cancellation.check()  # (past its deadline: nothing filed)
+    with cancellation.outside_turn():
+        decision = decide(worker, oid, frozen, user, session, reason, consume=False, value_digest=value_digest)
+        rid = getattr(decision, "request_id", None)
+        return decision, (ReviewQueue(worker).get(rid) if rid else None)
 
 
 def computation(graph: dict, root: str) -> tuple:
@@ -148,10 +176,36 @@ def enforce_all(worker: Any, ids: list, entries: list, user: str, session: str =
         return []
     if len({oid for oid, _ in blocked}) < len(blocked):  # [A, A]: one approval lets A go once, not twice
         raise PermissionDeniedError(f"a {purpose} names an object under review more than once: ask for it once")
+    # The decisions' reads and writes (requests filed, approvals used up, their audit rows) run outside a network
+    # worker's turn: a COMMIT whose answer was lost is looked up for up to ~10 s, and they held every other
+    # session's command that long. What they read of the objects is taken in the turn (snapshot), and a value
+    # that changed meanwhile is not released (_released_as_approved).
+    frozen = [(oid, *snapshot(entry)) for oid, entry in blocked]
+    cancellation.check()  # (past its deadline or cancelled: nothing filed, nothing used up)
+    with cancellation.outside_turn():
+        used = _decide_all(worker, frozen, user, session, purpose, consume)
+    if used:
+        _released_as_approved(worker, blocked, frozen)
+    return used
+
+
+def _released_as_approved(worker: Any, blocked: list, frozen: list) -> None:
+    """Back in the turn: every object whose approval was used up still holds the bytes approved (another request
+    of the scientist's may have written it in place meanwhile). Fails closed: the approvals stay used, nothing
+    is released."""
+    for (oid, entry), (_, _, approved) in zip(blocked, frozen):
+        if digest(entry.obj) != approved:
+            raise PermissionDeniedError(
+                f"object {oid} on worker {worker.id!r} changed while its release was being recorded: nothing was "
+                "released and its approval is used up (ask for the value again)")
+
+
+def _decide_all(worker: Any, frozen: list, user: str, session: str, purpose: str, consume: bool) -> list:
+    """:func:`enforce_all`'s two passes over the objects as taken in the turn (entry, digest)."""
     with governance(worker).lock:  # (reentrant) no decision of this process changes between the two passes
         pending = []
-        for oid, entry in blocked:  # first pass files/looks up every request without using approvals up
-            decision = decide(worker, oid, entry, user, session, consume=False)
+        for oid, entry, value_digest in frozen:  # first pass files/looks up every request, using no approval up
+            decision = decide(worker, oid, entry, user, session, consume=False, value_digest=value_digest)
             if isinstance(decision, Denied):
                 _raise_unless_allowed(worker, oid, decision)
             if isinstance(decision, Pending):
@@ -166,8 +220,8 @@ def enforce_all(worker: Any, ids: list, entries: list, user: str, session: str =
         if not consume:
             return []
         used = []
-        for oid, entry in blocked:
-            decision = decide(worker, oid, entry, user, session)
+        for oid, entry, value_digest in frozen:
+            decision = decide(worker, oid, entry, user, session, value_digest=value_digest)
             _raise_unless_allowed(worker, oid, decision)
             if isinstance(decision, Allow) and decision.request_id is not None:
                 used.append((oid, decision.request_id))
@@ -192,12 +246,19 @@ def releasing(worker: Any, ids: list, entries: list, user: str, session: str, pu
         yield
     except BaseException as error:
         if used and nothing_left(error):
-            queue = ReviewQueue(worker)
-            for oid, request_id in used:
-                # (not when the owner revoked the user or denied the same value while the move held it: lapses.py)
-                again = give_back(queue, request_id, user, revoked_before, request_computation)
-                audit(worker, "release", user, session, [oid], "refused",
-                      f"{request_id}: the {purpose} was refused where it went ({type(error).__name__}: it says it "
-                      "stored nothing); the value was sent, " + ("the approval stands again" if again else
-                                                                  "the approval stays used (given back once already)"))
+            with cancellation.outside_turn():  # (the database only, as when they were used up)
+                _give_back_all(worker, used, user, session, purpose, revoked_before, error)
         raise
+
+
+def _give_back_all(worker: Any, used: list, user: str, session: str, purpose: str, revoked_before: int,
+                   error: BaseException) -> None:
+    """:func:`releasing`'s approvals given back after the destination said it stored nothing."""
+    queue = ReviewQueue(worker)
+    for oid, request_id in used:
+        # (not when the owner revoked the user or denied the same value while the move held it: lapses.py)
+        again = give_back(queue, request_id, user, revoked_before, request_computation)
+        audit(worker, "release", user, session, [oid], "refused",
+              f"{request_id}: the {purpose} was refused where it went ({type(error).__name__}: it says it "
+              "stored nothing); the value was sent, " + ("the approval stands again" if again else
+                                                          "the approval stays used (given back once already)"))

@@ -251,8 +251,10 @@ class ReviewQueue:
 
     # ----------------------------------------------------------- writing
 
-    def file(self, object_id: int, entry: Any, principal: str, session: str, reason: str = "") -> ReleaseRequest:
-        """Files a new pending request for ``entry`` (the caller decided it needs one)."""
+    def file(self, object_id: int, entry: Any, principal: str, session: str, reason: str = "",
+             value_digest: str | None = None) -> ReleaseRequest:
+        """Files a new pending request for ``entry`` (the caller decided it needs one); ``value_digest``: its
+        bytes' digest, taken in the worker's turn when the filing runs outside it (release.py)."""
         from veil.governance.provenance import GRAPH, ROOT, sources_of
 
         waiting = self.count("pending", principal)  # (refused before the graph is built; counted again below)
@@ -266,7 +268,8 @@ class ReviewQueue:
             session=session, object_id=object_id, reason=str(reason)[:2000],
             shape=list(obj.shape) if isinstance(obj, torch.Tensor) else [],
             dtype=str(obj.dtype).replace("torch.", "") if isinstance(obj, torch.Tensor) else type(obj).__name__,
-            digest=digest(obj), sources=sorted(str(s) for s in sources_of(object_id, entry)), graph=graph,
+            digest=value_digest or digest(obj), sources=sorted(str(s) for s in sources_of(object_id, entry)),
+            graph=graph,
             root=entry.meta.get(ROOT, ""),
         )
         stored_graph = json.dumps(dict(graph, __root__=req.root))

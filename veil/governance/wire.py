@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from veil.exceptions import PermissionDeniedError, SerializationError
 from veil.governance.policy import set_policy
-from veil.governance.release import decide, needs_review
+from veil.governance.release import decide_outside_turn, needs_review
 from veil.governance.requests import STATES, ReviewQueue
 from veil.messaging import messages as m
 from veil.workers.base import BaseWorker, register_handler
@@ -92,9 +92,9 @@ def _handle_request_release(worker: BaseWorker, msg: RequestReleaseMessage, send
                                    "release request filed")
     if not needs_review(worker, msg.id, entry, user):
         return m.ObjectsReply([{"id": None, "state": "not needed", "reason": msg.reason}])
-    decision = decide(worker, msg.id, entry, user, session, reason=msg.reason or None, consume=False)
-    rid = decision.request_id
-    return m.ObjectsReply([ReviewQueue(worker).get(rid).to_user() if rid else {"id": None, "state": "allowed"}])
+    # (filed outside the worker's turn: a lost COMMIT's lookup held every other session's command)
+    _, filed = decide_outside_turn(worker, msg.id, entry, user, session, reason=msg.reason or None)
+    return m.ObjectsReply([filed.to_user() if filed is not None else {"id": None, "state": "allowed"}])
 
 
 @register_handler(ListRequestsMessage)

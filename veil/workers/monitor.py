@@ -35,7 +35,7 @@ from veil.workers.quota import (DEFAULT_OBJECT_BYTES, MIN_TENSOR_BYTES, SIZE_EST
                                 QuotaExceededError, QuotaRules, _nbytes, metadata_nbytes,
                                 register_size_estimator)
 from veil.workers.store import SHARED_NS, Entry, Kind, ObjectStore, StoreKey
-from veil.workers.store_admission import StoreAdmission
+from veil.workers.store_admission import AFTER_LOCK, BATCH_AFTER_LOCK, StoreAdmission, audit_later
 
 __all__ = ["Purpose", "Kind", "Principal", "ReferenceMonitor", "QuotaExceededError", "DEALER_TAG", "Entry",
            "register_size_estimator"]
@@ -107,7 +107,10 @@ class ReferenceMonitor(QuotaRules, OpeningRules, StoreAdmission):
         self.audit_sink(action, principal, list(ids), outcome, detail)
 
     def _refuse(self, error: VeilError, action: str, principal: Principal, ids: list) -> VeilError:
-        self.audit(action, principal, ids, "refused", str(error))
+        if audit_later():  # (under the store's lock: audited once it is let go, store_admission.py)
+            error.audit_row = (self, action, principal, list(ids), str(error))
+        else:
+            self.audit(action, principal, ids, "refused", str(error))
         error.audited = True  # the server does not write a second row
         return error
 
@@ -388,7 +391,7 @@ class ReferenceMonitor(QuotaRules, OpeningRules, StoreAdmission):
                       provenance, nbytes)
         if kind == Kind.DEALER and sources:
             dealt.inherit_fixed(entry, sources)
-        with store.locked(key):  # checked and stored in one step (veil/workers/store_admission.py)
+        with AFTER_LOCK, store.locked(key):  # checked and stored in one step (veil/workers/store_admission.py)
             self.admit_store(principal, oid, nbytes, hand_off)
             store.put(key, ns, oid, entry, hand_off=hand_off, account=principal.account)
         return entry
@@ -407,7 +410,7 @@ class ReferenceMonitor(QuotaRules, OpeningRules, StoreAdmission):
         share/dealer from dealers / peers. Returns (entry, capabilities) per object (governance records them)."""
         parsed = [(so, *self._import_capabilities(principal, so.tags)) for so in objects]  # all checks first
         dealt_entries, layout, stored = [], [], []
-        with self._store.all_or_none(self.__key, principal.namespace, [so.id for so in objects]):
+        with BATCH_AFTER_LOCK, self._store.all_or_none(self.__key, principal.namespace, [so.id for so in objects]):
             for so, tags, caps in parsed:
                 entry = self.store(principal, so.id, so.obj, kind=caps["kind"], reveal_to=caps["reveal_to"],
                                    tags=tags, description=so.description, allowed_users=so.allowed_users,

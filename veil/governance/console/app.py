@@ -21,6 +21,7 @@ from veil.exceptions import VeilError
 from veil.governance.console import views
 from veil.governance.console.auth import COOKIE, LOGIN_COOKIE, ConsoleAuth, ConsoleSession
 from veil.governance.console.connections import SessionHostMark, mark_owner_request
+from veil.governance.console.lifecycle import InFlight, TrackRequests
 from veil.governance.console.svg import budget_svg, graph_svg
 from veil.governance.cli import shown
 from veil.governance.graphtext import render_graph
@@ -279,10 +280,12 @@ def build_app(worker: Any, allowed_hosts: list[str], session_host: str | None = 
         rid, action = request.path_params["rid"], request.path_params["action"]
         message = str(request.state.form.get("message", ""))[:2000]
         queue = ReviewQueue(worker)
+        # (on the console's pool, not its event loop: a decision whose COMMIT answer was lost is looked up for up
+        # to ~10 s, and every page, and the console's stop, waited for it)
         if action == "approve":
-            queue.approve(rid, by=session.user, message=message)
+            await run_in_threadpool(queue.approve, rid, session.user, message)
         elif action == "deny":
-            queue.deny(rid, message, by=session.user)
+            await run_in_threadpool(queue.deny, rid, message, session.user)
         else:
             return PlainTextResponse("unknown action\n", status_code=404)
         return RedirectResponse(f"/requests/{rid}", status_code=303)
@@ -340,6 +343,7 @@ def build_app(worker: Any, allowed_hosts: list[str], session_host: str | None = 
         await run_in_threadpool(revoke_user, name, session.user)
         return RedirectResponse(f"/sessions?revoked={quote(name)}", status_code=303)
 
+    in_flight = InFlight()
     routes = [
         Route("/", home),
         Route("/login", login_form, methods=["GET"]),
@@ -364,7 +368,9 @@ def build_app(worker: Any, allowed_hosts: list[str], session_host: str | None = 
         Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts),  # no DNS rebinding onto loopback
         *([Middleware(SessionHostMark, session_host=session_host)] if session_host else []),
         Middleware(SecurityHeaders),
+        Middleware(TrackRequests, in_flight=in_flight),  # (a stop waits for them: lifecycle.py)
         Middleware(OneLineErrors),
     ])
     app.state.auth = auth  # ConsoleServer.stop() flushes its count of failed log-ins
+    app.state.in_flight = in_flight  # ... and waits for these before the worker closes its database
     return app

@@ -121,7 +121,16 @@ class ConsoleServer:
         return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     def stop(self) -> None:
-        self._server.should_exit = True
+        """Ends the server, and waits for the requests in flight (one may be looking up a lost COMMIT's outcome:
+        lifecycle.py): the worker closes its database after this returns, and a request still running then used
+        the closed database (its decision recorded without its audit row, answered with a 500)."""
+        from veil.governance.console.lifecycle import STOP_WAIT_S
+
+        self._server.should_exit = True  # (no new connection, nor another request on an open one)
+        finished = self.app.state.in_flight.wait_idle(STOP_WAIT_S)
         if self._thread is not None:
-            self._thread.join(5)
+            self._thread.join(STOP_WAIT_S if finished else 5)
+        if not finished:  # (a database that answers nothing past the watchdog's limits: it fails in one line)
+            logging.getLogger(__name__).warning("owner console: a request was still running when the console "
+                                                "stopped (the owner's database did not answer)")
         self.app.state.auth.flush_failures()  # a burst of failed log-ins just before the stop is audited too
