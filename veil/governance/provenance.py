@@ -159,29 +159,36 @@ def _strings_nbytes(values: Any) -> int:
     return sum(max(len(v) + 80, sys.getsizeof(v) + 8) for v in values if isinstance(v, str))
 
 
-def _node_nbytes(node: dict, listed: set | None = None) -> int:
-    """A node's bytes; its plan listing's too unless its id is in ``listed`` (then added to it: the nodes of
-    one stored plan's runs share its listing, held once)."""
-    size = NODE_BYTES + _strings_nbytes(node.values())
+def _listing_nbytes(node: dict, listed: set | None = None) -> int:
+    """The bytes of a node's plan listing, unless its id is in ``listed`` (then added to it: the nodes of one
+    stored plan's runs share its listing, held once); 0 without one."""
     plan = node.get("plan")
-    if isinstance(plan, list) and (listed is None or id(plan) not in listed):
-        if listed is not None:
-            listed.add(id(plan))
-        # (a listing from a peer's report is a plain list)
-        size += plan.nbytes if isinstance(plan, PlanListing) else _strings_nbytes(plan) + 8 * len(plan)
-    return size
+    if not isinstance(plan, list) or (listed is not None and id(plan) in listed):
+        return 0
+    if listed is not None:
+        listed.add(id(plan))
+    # (a listing from a peer's report is a plain list)
+    return plan.nbytes if isinstance(plan, PlanListing) else _strings_nbytes(plan) + 8 * len(plan)
+
+
+def _node_nbytes(node: dict, listed: set | None = None) -> int:
+    """A node's bytes, its plan listing's with them (:func:`_listing_nbytes`)."""
+    return NODE_BYTES + _strings_nbytes(node.values()) + _listing_nbytes(node, listed)
 
 
 #: ``entry.meta`` key: what the entry's session was charged for its op graph so far
 CHARGED = GRAPH_CHARGED  # (the store's growth check leaves it out of the storage's charge)
 
 
-def _held_nbytes(graph: dict, own: dict, fresh: frozenset = frozenset()) -> int:
-    """What an entry's (cut) ``graph`` holds, counted as :func:`graph_nbytes` counts it: its slots, its node
-    ``own`` (the one stamped last), the nodes made for its command (``fresh``) and every plan listing."""
+def _held_nbytes(graph: dict, whole: set, copies: set) -> int:
+    """What an entry's (cut) ``graph`` holds: its slots, the nodes ``whole`` (its own, and those made for its
+    command's inputs where no other object the command writes was charged them), the dicts of ``copies`` (made
+    by the cut for this graph alone: their strings are the originals'), and every plan listing; any other node
+    is held by the graph it came from, charged there."""
     listed: set = set()
-    return GRAPH_SLOT_BYTES * len(graph) + sum(_node_nbytes(n, listed) for k, n in graph.items()
-                                               if n is own or k in fresh or isinstance(n.get("plan"), list))
+    return GRAPH_SLOT_BYTES * len(graph) + sum(
+        _node_nbytes(n, listed) if k in whole else (NODE_BYTES if k in copies else 0) + _listing_nbytes(n, listed)
+        for k, n in graph.items())
 
 
 def graph_nbytes(lineage: "Lineage | None") -> int:
@@ -384,12 +391,19 @@ def stamp(entry: Any, lineage: Lineage | None, tensor: Any, op_suffix: str = "")
     graph[nid] = node
     if not lineage.sources <= entry.provenance:
         entry.provenance = join_sources(entry.provenance, lineage.sources)
-    entry.meta[GRAPH] = _trim(graph, nid)
+    kept = entry.meta[GRAPH] = _trim(graph, nid)
     entry.meta[ROOT] = nid
     if not op_suffix:  # (a new result: the handler charged it this when it was stored)
         entry.meta[CHARGED] = graph_nbytes(lineage)
         return 0
-    held, charged = _held_nbytes(entry.meta[GRAPH], node, lineage.fresh), entry.meta.get(CHARGED, 0)
+    # held alone: its node, and what the cut made for it (the marker, copies of nodes); the nodes made for the
+    # command's inputs are shared by every object it writes: charged once, to the first that keeps each
+    paid = lineage.__dict__.setdefault("_fresh_charged", set())
+    made = {k for k, n in kept.items() if n is not graph.get(k)}
+    whole = {nid, *(k for k in made if k not in graph), *(k for k in lineage.fresh if k in kept and k not in paid)}
+    held = _held_nbytes(kept, whole, made)
+    paid.update(k for k in lineage.fresh if k in kept)
+    charged = entry.meta.get(CHARGED, 0)
     if held <= charged:
         return 0
     entry.meta[CHARGED] = held

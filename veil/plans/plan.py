@@ -19,7 +19,7 @@ from torch import nn
 
 from veil.plans import batch, interpreter
 from veil.plans.ops import PlanSpec
-from veil.plans.trace import TraceTensor, trace
+from veil.plans.trace import TraceTensor, show_warnings, trace
 from veil.tensors.pointer import PointerTensor
 from veil.tensors.tree import leaves
 
@@ -107,12 +107,13 @@ class Plan:
         # (a function that read no size cannot depend on the batch's: traced once, its body run once, as PySyft)
         rows = None if fixed_batch or not seen["sizes"] else batch.rows_of(example_args)
         if rows is not None and (self._batched_inputs is None or 0 in self._batched_inputs):
-            try:
-                again = self._trace(batch.second_examples(example_args, rows, self._batched_inputs))
+            try:  # (its ops' warnings are the first trace's, on one more row: shown once, from the first)
+                again = self._trace(batch.second_examples(example_args, rows, self._batched_inputs), {})
             except Exception:  # noqa: BLE001 - it runs on its example's batch only: another fails at its shapes
                 again = None
             if again is not None:
                 spec = batch.merge(spec, again, (rows, rows + 1))
+        show_warnings(seen["warnings"])  # (under the caller's filters: "error" fails the build, as eager would)
         self.spec = spec
         self._compiled = interpreter.compile_plan(self.spec)
         return self

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import warnings
 from typing import Any
 
 import torch
@@ -116,13 +117,41 @@ def session_budget(worker: Any) -> Any:
     return _PlanBudget(monitor, worker.principal(worker.requester()))
 
 
+_IGNORE_ALL = ("ignore", None, Warning, None, 0)  # (a warnings filter entry: action, message, category, module, line)
+
+
+def _quiet_run(compiled: interpreter.CompiledPlan, inputs: list, state: list, budget: Any) -> Any:
+    """``interpreter.run`` with its ops' warnings dropped: a requester's plan never reaches the owner's process
+    through them (under an "error" filter, a warning that follows the values, such as ``out=`` resized by a
+    ``masked_select``'s count, would fail the run on some data only; under "default", every distinct text, shapes
+    in it, is a line in the owner's log and an entry kept in a registry for as long as the worker runs)."""
+    # (one filter put first and taken out by identity, not catch_warnings: ~1 us, not ~10, per fit batch, and
+    # two threads' runs that overlap cannot leave each other's filter state behind)
+    filters = warnings.filters
+    filters.insert(0, _IGNORE_ALL)
+    try:
+        return interpreter.run(compiled, inputs, state, budget)
+    finally:
+        for i, f in enumerate(filters):
+            if f is _IGNORE_ALL:
+                del filters[i]
+                break
+
+
+def _undo_slots(tensors: list) -> list:
+    """What a step may write and must put back if cut: not the owner data copied for this command (its own
+    copies, seen by no one after a failed run: copied once, by the handler, not again by step_undo)."""
+    copies = output_bounds.own_copies()
+    return [None if id(t) in copies else t for t in tensors] if copies else tensors
+
+
 def _run(worker: Any, spec: PlanSpec, inputs: list, state: list) -> Any:
     compiled, inputs, state = _compiled(spec), list(inputs), list(state)
     budget = session_budget(worker)
     # (a run cut part-way leaves what it writes, state and inputs, as before it, not half-written)
     undo = step_undo.undo_plan(spec) if (len(inputs), len(state)) == (spec.n_inputs, spec.n_state) else None
-    return step_undo.run_step(lambda: interpreter.run(compiled, inputs, state, budget), [*inputs, *state], undo,
-                              budget)
+    return step_undo.run_step(lambda: _quiet_run(compiled, inputs, state, budget), _undo_slots([*inputs, *state]),
+                              undo, budget)
 
 
 def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, state: list, batch_size: int,
@@ -163,6 +192,7 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
     losses, count = None, 0
     kept = [t for t in [*state, *extra] if isinstance(t, torch.Tensor)]  # (kept from one batch to the next)
     kept_bytes = _storage_bytes(kept)
+    undo_slots = [None, None, *_undo_slots([*extra, *state])]
     for _ in range(epochs):
         if count >= total:  # (max_batches reached: no further epoch starts)
             break
@@ -193,8 +223,8 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
             inputs = [xb, yb, *extra]
             # (the batch's rows are left out of the undo: written in place, a view writes the data, which would be
             # copied whole before every batch)
-            loss = step_undo.run_step(lambda: interpreter.run(compiled, inputs, state, sized),
-                                      [None, None, *extra, *state], undo, sized)
+            loss = step_undo.run_step(lambda: _quiet_run(compiled, inputs, state, sized),
+                                      undo_slots, undo, sized)
             if sized is not None and kept:  # (and with this batch's growth, the losses must still fit)
                 check_room(worker, max(0, _storage_bytes(kept) - kept_bytes) + 8 * total, 1, "veil.plan.fit")
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:

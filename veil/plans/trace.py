@@ -9,6 +9,7 @@ allowlisted op over slots. Only allowlisted ops can be traced.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -70,6 +71,19 @@ class TraceTensor(torch.Tensor):
         raise RuntimeError(f"{func} reached TraceTensor below the torch-function layer")
 
 
+#: op warnings kept from one trace to show after it
+MAX_WARNINGS = 64
+
+
+def show_warnings(caught: list) -> None:
+    """Shows the ops' warnings of a finished trace (each text once) under the caller's filters."""
+    shown: set = set()
+    for w in caught:
+        if (str(w.message), w.category) not in shown:
+            shown.add((str(w.message), w.category))
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 class Tracer:
     def __init__(self) -> None:
         self.ops: list[PlanOp] = []
@@ -78,6 +92,9 @@ class Tracer:
         # op returned, a list of tensors as long as some size (unbind, split); if not, its op list cannot differ
         # on another batch and a second trace (veil/plans/batch.py) would only run it again
         self.read_sizes = False
+        # the warnings the ops raised, kept from the function (it could branch on them: a graph that follows
+        # something a plan cannot replay) and shown once the trace is done (:func:`show_warnings`)
+        self.warned: list = []
 
     def new_slot(self) -> int:
         self.n_slots += 1
@@ -98,10 +115,16 @@ class Tracer:
         unwrap = lambda t: t.__dict__["elem"] if type(t) is TraceTensor else t
         real_args, real_kwargs = map_structure(args, unwrap), map_structure(kwargs, unwrap)
         try:
-            result = op.func(*real_args, **real_kwargs)
+            # under a fixed filter state, whatever the function set: a warning is neither seen by it
+            # (catch_warnings(record=True)) nor an exception it could catch (simplefilter("error"))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = op.func(*real_args, **real_kwargs)
         except Exception:
             self.read_sizes = True  # (caught by the function, the error may have decided what it did next)
             raise
+        if caught and len(self.warned) < MAX_WARNINGS:
+            self.warned += caught[:MAX_WARNINGS - len(self.warned)]
         if not (result is None or isinstance(result, torch.Tensor)):  # (a number, a list as long as some size)
             self.read_sizes = True
         by_elem = {id(t.__dict__["elem"]): t for t in leaves((args, kwargs), TraceTensor)}
@@ -124,7 +147,8 @@ class Tracer:
 def trace(fn: Callable[..., Any], example_args: tuple, state: list[torch.Tensor], name: str,
           bind_state: Callable[[list[TraceTensor]], Any] | None = None, seen: dict | None = None) -> PlanSpec:
     """Traces ``fn(*args)`` (with ``state`` bound through ``bind_state``) into a PlanSpec; ``seen["sizes"]``,
-    if given: whether the function read anything that may follow the batch size (:attr:`Tracer.read_sizes`)."""
+    if given: whether the function read anything that may follow the batch size (:attr:`Tracer.read_sizes`),
+    and ``seen["warnings"]`` the warnings its ops raised (without ``seen``: shown when it returns)."""
     tracer = Tracer()
     if seen is not None:
         seen["sizes"] = True  # (until it returns: a trace that raises read them as far as anyone knows)
@@ -138,5 +162,7 @@ def trace(fn: Callable[..., Any], example_args: tuple, state: list[torch.Tensor]
     if leaves(outputs, torch.Tensor):
         raise ValueError(f"plan {name!r} returns a tensor that does not come from its inputs or state")
     if seen is not None:
-        seen["sizes"] = tracer.read_sizes
+        seen["sizes"], seen["warnings"] = tracer.read_sizes, tracer.warned
+    else:
+        show_warnings(tracer.warned)
     return PlanSpec(name, len(inputs), len(state_wrapped), tracer.n_slots, tracer.ops, outputs)

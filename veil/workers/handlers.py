@@ -327,12 +327,14 @@ def _owner_checks(worker: BaseWorker, principal: Principal, op: Any, purpose: Pu
             if op.name not in owner_guard.DP_DATA_ARGS:
                 # the copies are owner data held for the requester while it runs: charged to its quota first
                 # (uncharged, a session under a 1 MiB quota had a dataset-sized copy made per request)
-                copied = owner_guard.protected_copy_bytes((args, kwargs), protected)
+                copied, made = owner_guard.protected_copy_bytes((args, kwargs), protected), []
                 if copied and monitor.max_session_bytes is not None and principal.isolated:
                     monitor.check_room(principal, copied, op.name)
-                    output_bounds.hold_copies(copied)
-                args = owner_guard.copy_protected_args(args, protected)
-                kwargs = owner_guard.copy_protected_args(kwargs, protected)
+                else:
+                    copied = 0
+                args = owner_guard.copy_protected_args(args, protected, made)
+                kwargs = owner_guard.copy_protected_args(kwargs, protected, made)
+                output_bounds.hold_copies(copied, made)  # (a plan step need not copy them again: step_undo)
         else:
             owner_guard.check_writes(op.name, op.func, args, kwargs, protected, worker.id)
     return protected, secret, oblivious_guard, dealer, args, kwargs

@@ -366,15 +366,22 @@ def check(monitor: Any, principal: Any, name: str, func: Callable, args: Any, kw
 
 class _Copies(threading.local):
     held = 0  # bytes of owner data copied for the worker function this thread runs (handlers._owner_checks)
+    made: frozenset = frozenset()  # the ids of those copies (the function's own: nothing else sees them)
 
 
 _COPIES = _Copies()
 
 
-def hold_copies(nbytes: int) -> None:
+def hold_copies(nbytes: int, made: Any = ()) -> None:
     """The owner data copied for the worker function about to run on this thread (0 once it ended): its
-    plan runs size their ops beside it (:class:`Budget`), as the copies live as long as the run."""
-    _COPIES.held = nbytes
+    plan runs size their ops beside it (:class:`Budget`), as the copies live as long as the run; ``made``: the
+    copies (a plan step need not copy them again to put them back: no one sees them after a failed run)."""
+    _COPIES.held, _COPIES.made = nbytes, frozenset(id(t) for t in made)
+
+
+def own_copies() -> frozenset:
+    """The ids of the owner data copies the running worker function was given (:func:`hold_copies`)."""
+    return _COPIES.made
 
 
 class Budget:

@@ -314,9 +314,16 @@ def protected_copy_bytes(value: Any, protected: set[int]) -> int:
     return sum(t.numel() * t.element_size() for t in leaves(value) if _storage(t) in protected)
 
 
-def copy_protected_args(value: Any, protected: set[int]) -> Any:
-    """Worker functions get copies of owner tensors (they only need to read them)."""
-    return map_structure(value, lambda t: t.detach().clone() if _storage(t) in protected else t)
+def copy_protected_args(value: Any, protected: set[int], made: list | None = None) -> Any:
+    """Worker functions get copies of owner tensors (they only need to read them); ``made`` gets the copies."""
+    def copy(t: Any) -> Any:
+        if _storage(t) not in protected:
+            return t
+        t = t.detach().clone()
+        if made is not None:
+            made.append(t)
+        return t
+    return map_structure(value, copy)
 
 
 #: errors about the request itself (policy, names, limits): their text is veil's own, never data
