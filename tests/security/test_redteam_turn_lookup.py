@@ -8,10 +8,11 @@ a strict xfail on the code before its fix (checked by running this file on that 
 - a review request filed by a get (or by a release request message) held the worker's turn through its insert:
   every other client's command waited. Must hold: another client is served within a bound meanwhile, and the
   filing still answers "pending";
-- an approval used up by a get (its release mark) held the turn likewise. Must hold: another client is served
-  meanwhile; the get then returns plain torch's value and the release is on record. The mark now runs outside
-  the turn, so the scientist's own in-place write can come in between: the get must then release nothing (never
-  a value other than the one approved; a guard: before the fix the write waited for the turn);
+- an approval used up by a get or a move (its release mark) held the turn likewise. Must hold: another client
+  is served meanwhile; the get (the peer) then has plain torch's value and the release is on record. The mark
+  now runs outside the turn, so the scientist's own in-place write can come in between: the get must then
+  release nothing (never a value other than the one approved; a guard: before the fix the write waited for the
+  turn);
 - a real connection's get is tried on the event loop first (the inline lane), where no write leaves the turn: a
   get under review filed or marked there. Must hold: it goes to a handler thread;
 - the owner console ran approve/deny on its event loop: a decision in a lookup held every page. Must hold: a page
@@ -167,6 +168,24 @@ def test_an_approvals_release_mark_in_a_lookup_does_not_hold_up_other_clients(ho
     assert type(reply) is m.ObjectsReply, out
     assert torch.equal(reply.objects[0], SECRET * 3.0)
     assert [r for r in srv.db.audit_entries() if r["action"] == "release" and rid in r["detail"]]
+
+
+def test_a_moves_release_mark_in_a_lookup_does_not_hold_up_other_clients(hook, monkeypatch):
+    """The same for a move to a peer: its approval is used up before the value goes. Must hold: another client is
+    served meanwhile, and the peer then holds plain torch's value."""
+    srv, alice, x, rid, mark = _approved_value(hook, monkeypatch)
+    peer = sy.VirtualWorker(hook, id=f"tl-peer-{time.monotonic_ns()}")
+    srv.add_peer(peer)
+    new = new_id()
+    moving, out = _in_thread(lambda: request(srv, alice, m.MoveMessage([x.id], peer.id, [new])))
+    try:
+        assert mark.started.wait(10), "the approval was never used up"
+        _bob_is_served_meanwhile(srv)
+    finally:
+        mark.release()
+        moving.join(20)
+    assert type(out.get("reply")) is m.OkReply, out
+    assert torch.equal(dict(peer.monitor.owner_entries())[new].obj, SECRET * 3.0)
 
 
 def test_a_value_written_in_place_while_its_release_is_marked_is_not_released(hook, monkeypatch):
