@@ -12,6 +12,8 @@ Holes found (each test asserts the safe behaviour; fixed by ``veil.dp.padding``)
   per-record gradients were exactly n, and at any q their number ~ q n. Fixed: the lot is drawn over
   ``max_records`` slots, the padding slots' gradients masked to zero (each record still joins with
   probability q, so the accounting is unchanged).
+Limit (strict xfail, documented): DP-only data added after ``enable_dp`` is padded by its first
+hidden-count release (charged), whose work then follows its count once; ``enable_dp`` again pads it ahead.
 Held (tests that could fail): released values equal plain PyTorch's over the records only (no padding row
 counts, even with a lower bound > 0), a copy made stale by the owner's in-place change is remade, data
 above the bound is refused (the owner at ``enable_dp``; a scientist's release without the figure in the
@@ -28,7 +30,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import veil as sy
-from veil.dp import queries, worker_functions
+from veil.dp import worker_functions
 from veil.dp.errors import PrivacyParameterError
 from veil.dp.remote import RemoteDPOwner
 from veil.exceptions import PermissionDeniedError
@@ -65,25 +67,12 @@ class ShapeTrace(TorchDispatchMode):
         return out
 
 
-def _query_work(monkeypatch, ptr, name: str, **kwargs) -> list:
-    """The ATen ops (with output shapes) the worker's query ran on the data, over one charged release."""
-    traces = []
-    real = queries.QUERIES[name]
-
-    def traced(*args, **kw):
-        t = ShapeTrace()
-        with t:
-            out = real(*args, **kw)
-        traces.append(t.ops)
-        return out
-
-    monkeypatch.setitem(queries.QUERIES, name, traced)
-    try:
+def _query_work(ptr, name: str, **kwargs) -> list:
+    """The ATen ops (with output shapes) of one charged release, the worker's whole path (in process)."""
+    t = ShapeTrace()
+    with t:
         sy.dp.remote_query(ptr, name, **kwargs)
-    finally:
-        monkeypatch.setitem(queries.QUERIES, name, real)
-    assert len(traces) == 1
-    return traces[0]
+    return t.ops
 
 
 QUERY_ARGS = {
@@ -97,15 +86,16 @@ QUERY_ARGS = {
 # ============================================================================================ holes
 
 @pytest.mark.parametrize("name", sorted(QUERY_ARGS))
-def test_a_hidden_count_query_does_the_same_work_whatever_the_count(hook, monkeypatch, name):
+def test_a_hidden_count_query_does_the_same_work_whatever_the_count(hook, name):
     """Attack: the scientist times a charged sum / mean / histogram (any epsilon) on hidden-count data.
-    Must hold: the query runs the same ATen ops on the same sizes for 300 and 3000 records (both under the
-    owner's public bound): nothing it computes is sized by the count. Before the fix every op was sized n."""
+    Must hold: the release runs the same ATen ops on the same sizes for 300 and 3000 records (both under the
+    owner's public bound), over the worker's whole path: nothing it computes is sized by the count. Before
+    the fix the query's ops were sized n."""
     work = {}
     for n in (300, 3000):
         _, ptr, _ = _owner(hook, f"rt-hc-work-{name}-{n}", torch.rand(n, 3))
         assert ptr.shape[0] == 0
-        work[n] = _query_work(monkeypatch, ptr, name, **QUERY_ARGS[name])
+        work[n] = _query_work(ptr, name, **QUERY_ARGS[name])
     assert work[300] == work[3000], [(a, b) for a, b in zip(work[300], work[3000]) if a != b][:3]
 
 
@@ -195,6 +185,25 @@ def test_a_hidden_count_sum_takes_the_same_cpu_time_at_a_thousand_and_a_million_
         torch.set_num_threads(threads)
     small, big = times[1_000], times[1_000_000]
     assert big < 2 * small + 0.003, f"{small * 1e3:.1f} ms at n=1e3, {big * 1e3:.1f} ms at n=1e6"
+
+
+@pytest.mark.xfail(strict=True, reason="LIMIT (documented): DP-only data added after enable_dp is padded by "
+                                       "its first hidden-count release, a copy of its n records (charged)")
+def test_the_first_release_on_data_made_dp_only_later_does_not_copy_its_records(hook):
+    """Attack: the owner loads DP-only data after ``enable_dp``; the scientist times its first (charged)
+    sum. Must hold: the same work for 300 and 3000 records. The padded copy is made there (its n rows
+    copied), so the first release shows the count's size once; later ones do not (checked below). The
+    owner avoids it by calling ``enable_dp`` again after adding DP-only data (it pads everything then)."""
+    first, second = {}, {}
+    for n in (300, 3000):
+        w = sy.VirtualWorker(hook, id=f"rt-hc-late-{n}")
+        w.enable_dp(budgets={"me": (1e6, 0.5)}, hide_count=True, max_records=BOUND)
+        w.load(torch.rand(n, 3), tags=("#late",), private=True, policy="dp-only")
+        (ptr,) = w.search(["#late"])
+        first[n] = _query_work(ptr, "sum", **QUERY_ARGS["sum"])
+        second[n] = _query_work(ptr, "sum", **QUERY_ARGS["sum"])
+    assert second[300] == second[3000]
+    assert first[300] == first[3000]
 
 
 # ============================================================================================ held

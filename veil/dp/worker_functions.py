@@ -208,8 +208,8 @@ def _query(worker: Any, x: Any, name: str, epsilon: float, delta: float = 0.0, m
             settings.ledger.charge(user, cost_eps, cost_delta, f"DP {name} ({mechanism}) on {worker.id}",
                                    request_id=rid)
         try:
-            if bound is None:
-                result = query(x.detach(), **kwargs)
+            if bound is None:  # (a count reads len(x) only: not even a view of x sized by it)
+                result = query(x if name == "count" else x.detach(), **kwargs)
             else:
                 padded = settings.padded.get(x, bound)
                 result = query(padded.rows, present=padded.present(), **kwargs)
