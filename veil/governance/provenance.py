@@ -182,13 +182,13 @@ CHARGED = GRAPH_CHARGED  # (the store's growth check leaves it out of the storag
 
 def _held_nbytes(graph: dict, whole: set, copies: set) -> int:
     """What an entry's (cut) ``graph`` holds: its slots, the nodes ``whole`` (its own, and those made for its
-    command's inputs where no other object the command writes was charged them), the dicts of ``copies`` (made
-    by the cut for this graph alone: their strings are the originals'), and every plan listing; any other node
-    is held by the graph it came from, charged there."""
+    command's inputs where no other object the command writes was charged them), the dicts and input lists of
+    ``copies`` (made by the cut for this graph alone: their strings are the originals'), and every plan
+    listing; any other node is held by the graph it came from, charged there."""
     listed: set = set()
     return GRAPH_SLOT_BYTES * len(graph) + sum(
-        _node_nbytes(n, listed) if k in whole else (NODE_BYTES if k in copies else 0) + _listing_nbytes(n, listed)
-        for k, n in graph.items())
+        _node_nbytes(n, listed) if k in whole else _listing_nbytes(n, listed)
+        + (NODE_BYTES + 8 * len(n.get("inputs", ())) if k in copies else 0) for k, n in graph.items())
 
 
 def graph_nbytes(lineage: "Lineage | None") -> int:
