@@ -292,3 +292,19 @@ def test_charges_and_costs_name_no_count(hook):
         assert len(rows) == 4
         seen[n] = ([(r.epsilon, r.delta, r.noise_scale, tuple(r.value.shape)) for r in costs], rows)
     assert seen[77] == seen[3077]
+
+
+def test_a_padded_copy_goes_with_the_owners_tensor():
+    """The cache holds max_records rows per tensor: it must not outlive the tensor (bounded memory)."""
+    import gc
+
+    from veil.dp.padding import PaddedCache
+
+    cache = PaddedCache()
+    t = torch.rand(5, 2)
+    padded = cache.get(t, 8)
+    assert padded.rows.shape == (8, 2) and padded.count == 5 and torch.equal(padded.rows[:5], t)
+    assert cache.get(t, 8) is padded and len(cache._by_id) == 1
+    del t, padded
+    gc.collect()
+    assert not cache._by_id

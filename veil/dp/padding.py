@@ -42,7 +42,7 @@ class PaddedCache:
 
     def __init__(self) -> None:
         self._by_id: dict[int, tuple[Any, int, int, PaddedRecords]] = {}
-        self._guard = threading.Lock()
+        self._guard = threading.RLock()  # (re-entrant: a tensor's weakref callback may run under it, in GC)
 
     def get(self, x: torch.Tensor, max_records: int) -> PaddedRecords:
         with self._guard:
