@@ -20,12 +20,14 @@ PostgreSQL), so two processes cannot both spend the last of a budget.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Optional, Union
 
-from veil.dp import charge_totals
+from veil.dp import charge_totals, ledger_rows
 from veil.dp.accountant import Accountant
 from veil.dp.errors import BudgetExceededError, PrivacyParameterError, ReplayedRequestError, UnknownUserError
 from veil.workers.database import Database, ReaderSlot
@@ -68,6 +70,10 @@ _SLACK = 1e-9
 #: scientist sending steps of ever new (sigma, q) (each ~0 epsilon) would make every charge take seconds.
 MAX_TRAINING_EVENTS = 16
 
+#: Users whose total a read summed are kept in memory (checked before each use, as a stored one), so asking for
+#: a budget again does not sum the rows again when the total in the database is stale and may not be written.
+_KNOWN_TOTALS = 1024
+
 
 def _fits(spent: float, charge: float, total: float) -> bool:
     """Whether a charge fits the total up to float drift (so a total of 0 takes no charge above 0)."""
@@ -91,9 +97,12 @@ class BudgetLedger:
         self._db = Database(self.path, timeout=30.0, synchronous="FULL")
         self._lock = self._db.lock
         self._reader = ReaderSlot(self._db)
+        self._known: dict[str, charge_totals.Total] = {}  # (see _KNOWN_TOTALS)
+        self._known_lock = threading.Lock()  # (the console's reads run beside the ledger's lock)
         with self._lock:
             self._db.executescript(_SCHEMA)
             self._db.executescript(charge_totals.SCHEMA)  # (after: its index is on charges)
+            ledger_rows.create(self._db)  # (after both: its triggers are on charges, its columns theirs)
 
     def reader(self) -> Database:
         """A read-only connection of its own for long reads (the console's Budgets page sums and buckets a
@@ -132,9 +141,18 @@ class BudgetLedger:
 
     def _spent(self, user: str, db: Optional[Database] = None) -> tuple[float, float]:
         # the user's running total (veil.dp.charge_totals), not a SUM over their rows: with many tiny charges
-        # that SUM made every charge slower, under the lock every other user's charge waits for
-        # (the console's read-only reader only reads; the ledger's own connection stores a total it caught up)
-        return charge_totals.current(db or self._db, user, store=db in (None, self._db)).spent
+        # that SUM made every charge slower, under the lock every other user's charge waits for. A read writes
+        # nothing (a read-only standby answers too): a total it caught up is kept in memory instead.
+        total = charge_totals.current(db or self._db, user, self._known_total(user))
+        with self._known_lock:
+            if user not in self._known and len(self._known) >= _KNOWN_TOTALS:
+                self._known.pop(next(iter(self._known)))
+            self._known[user] = total
+        return total.spent
+
+    def _known_total(self, user: str) -> Optional[charge_totals.Total]:
+        with self._known_lock:
+            return self._known.get(user)
 
     def _budget(self, user: str, lock: bool = False) -> tuple[float, float]:
         # lock=True (inside a charge): the user's row stays locked until commit, so concurrent
@@ -145,8 +163,9 @@ class BudgetLedger:
             raise UnknownUserError(f"no privacy budget for user {user!r}; call set_budget first")
         return float(row[0]), float(row[1])
 
-    def _remember_request(self, user: str, request_id: Optional[str]) -> None:
-        """Replay protection (in the charge's transaction): one charge, one release per request id."""
+    def _refuse_replay(self, user: str, request_id: Optional[str]) -> None:
+        """Replay protection (in the charge's transaction): one charge, one release per request id (within the
+        replay horizon, :mod:`veil.dp.ledger_rows`; the id is stored with its charge)."""
         if request_id is None:
             return
         if self._db.execute('SELECT 1 FROM requests WHERE "user" = ? AND request_id = ?',
@@ -155,7 +174,6 @@ class BudgetLedger:
                 f"request {request_id!r} of user {user!r} was already charged (and answered, unless the "
                 "owner's database was lost while committing it); a replayed release is refused (send a new "
                 "request id for a new release)")
-        self._db.execute('INSERT INTO requests("user", request_id) VALUES (?, ?)', (user, request_id))
 
     def charge(self, user: str, epsilon: float, delta: float, reason: str,
                request_id: Optional[str] = None) -> tuple[float, float]:
@@ -175,13 +193,14 @@ class BudgetLedger:
         self._check(epsilon, delta)
         with self._db.write_transaction():
             self._budget(user, lock=True)  # lock first: replayed ids are checked under the user's lock
-            self._remember_request(user, request_id)
-            left = self._charge_in_transaction(user, epsilon, delta, reason)
+            self._refuse_replay(user, request_id)
+            left = self._charge_in_transaction(user, epsilon, delta, reason, request_id)
         return left
 
-    def _charge_in_transaction(self, user: str, epsilon: float, delta: float, reason: str) -> tuple[float, float]:
+    def _charge_in_transaction(self, user: str, epsilon: float, delta: float, reason: str,
+                               request_id: Optional[str]) -> tuple[float, float]:
         total_eps, total_delta = self._budget(user, lock=True)
-        before = charge_totals.current(self._db, user)
+        before = charge_totals.current(self._db, user, self._known_total(user))
         spent_eps, spent_delta = before.spent
         if not (_fits(spent_eps, epsilon, total_eps) and _fits(spent_delta, delta, total_delta)):
             raise BudgetExceededError(
@@ -192,7 +211,14 @@ class BudgetLedger:
             'INSERT INTO charges("user", epsilon, delta, reason, at) VALUES (?, ?, ?, ?, ?) RETURNING id',
             (user, float(epsilon), float(delta), reason, time.time()),
         ).fetchone()[0]
-        charge_totals.record(self._db, user, before.plus(int(charge_id), float(epsilon), float(delta)))
+        if request_id is not None:
+            self._db.execute('INSERT INTO requests("user", request_id, charge_id) VALUES (?, ?, ?)',
+                             (user, request_id, int(charge_id)))
+        after = before.plus(int(charge_id), float(epsilon), float(delta))
+        # (the stamp read again: an id below a row put back above the ids handed out is stamped as a change; only
+        # this insert can have stamped it, every other change of the user's rows waits for her lock)
+        after = dataclasses.replace(after, edits=ledger_rows.edits(self._db, user))
+        charge_totals.record(self._db, user, ledger_rows.fold_oldest(self._db, user, after))
         return total_eps - spent_eps - epsilon, total_delta - spent_delta - delta
 
     def charge_training_step(self, user: str, noise_multiplier: float, sample_rate: float, delta: float,
@@ -219,7 +245,7 @@ class BudgetLedger:
         self._check(0.0, delta)
         with self._db.write_transaction():
             self._budget(user, lock=True)  # lock first: the training state is read-modify-written too
-            self._remember_request(user, request_id)
+            self._refuse_replay(user, request_id)
             row = self._db.execute('SELECT state, epsilon FROM training WHERE "user" = ? AND delta = ?',
                                    (user, float(delta))).fetchone()
             acc = Accountant.from_state_dict(json.loads(row[0])) if row else Accountant(mechanism)
@@ -233,7 +259,8 @@ class BudgetLedger:
             acc.merge_runs()
             after = max(acc.get_epsilon(delta), before)  # never a negative charge
             left = self._charge_in_transaction(user, after - before, 0.0 if row else float(delta),
-                                               f"{reason} (sigma={noise_multiplier:.4g}, q={sample_rate:.4g})")
+                                               f"{reason} (sigma={noise_multiplier:.4g}, q={sample_rate:.4g})",
+                                               request_id)
             self._db.execute(
                 'INSERT INTO training("user", delta, state, epsilon) VALUES (?, ?, ?, ?) '
                 'ON CONFLICT("user", delta) DO UPDATE SET state = excluded.state, epsilon = excluded.epsilon',

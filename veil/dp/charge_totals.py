@@ -6,16 +6,18 @@ charge take time in proportion to that user's rows: a scientist making many tiny
 epsilon 1e-6, DP-SGD steps that cost ~0) slowed every charge of the owner's DP service, without bound.
 
 ``charge_totals`` keeps, per user, the id of the last charge counted and the compensated (Neumaier) sums of
-epsilon and delta up to it, written in the same transaction as each charge. It is derived data, trusted only
-while its ``last_id`` is the user's newest charge id (one index look-up on ``(user, id)``); otherwise it is
-brought up to date from the rows: the charges after its ``last_id`` are added when rows were only appended since
-(a process of an older version charging the same file), else (an older ledger, ``veil db migrate`` of one, a
-newest charge deleted by hand) all the user's rows are summed again. Compensated sums keep float drift from
-dropping tiny charges (plain summation adds a 1e-16 charge to a spent 1.0 as nothing); sums the database
-recomputes carry their rounding error bound, so drift never favours the spender.
+epsilon and delta up to it, written in the same transaction as each charge, with the user's stamp it was summed
+at (:mod:`veil.dp.ledger_rows`: bumped by triggers on every change of her rows but an append) and her row count.
+It is derived data, trusted only while its ``last_id`` is the user's newest charge id and its stamp hers (two
+index look-ups); otherwise it is brought up to date from the rows: the charges after its ``last_id`` are added
+when rows were only appended since (a process of an older version charging the same file), else (an older
+ledger, ``veil db migrate`` of one, a row deleted, changed or put back below the newest by hand) all the user's
+rows are summed again. Compensated sums keep float drift from dropping tiny charges (plain summation adds a
+1e-16 charge to a spent 1.0 as nothing); sums the database recomputes carry their rounding error bound, so drift
+never favours the spender.
 
-An owner who deletes charge rows other than a user's newest to give budget back must delete that user's
-``charge_totals`` row too (until then the deleted charges still count: never in the spender's favour).
+A read (:func:`current`) writes nothing (a read-only standby answers too): what it summed is kept by the caller
+(``BudgetLedger`` keeps it in memory, checked the same way before each use).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from veil.dp import ledger_rows
 from veil.workers.database import Database
 
 SCHEMA = """
@@ -35,6 +38,7 @@ CREATE TABLE IF NOT EXISTS charge_totals (
     delta REAL NOT NULL,
     delta_error REAL NOT NULL
 );
+-- (later columns, added to older files too: veil.dp.ledger_rows)
 CREATE INDEX IF NOT EXISTS charges_by_user_id ON charges ("user", id);
 """
 
@@ -59,21 +63,26 @@ def _upward(total: float, error: float) -> float:
 
 @dataclass(frozen=True)
 class Total:
-    """A user's charges up to ``last_id`` (None: no charges), summed with their rounding errors."""
+    """A user's charges up to ``last_id`` (None: no charges), summed with their rounding errors, at her stamp
+    ``edits`` (-1: none), over ``row_count`` rows."""
 
     last_id: Optional[int] = None
     epsilon: float = 0.0
     epsilon_error: float = 0.0
     delta: float = 0.0
     delta_error: float = 0.0
+    edits: int = -1
+    row_count: int = 0
 
     @property
     def spent(self) -> tuple[float, float]:
         return _upward(self.epsilon, self.epsilon_error), _upward(self.delta, self.delta_error)
 
     def plus(self, charge_id: int, epsilon: float, delta: float) -> "Total":
-        return Total(charge_id, *_add(self.epsilon, self.epsilon_error, epsilon),
-                     *_add(self.delta, self.delta_error, delta))
+        """With one more charge (its id may be below ``last_id``: a row put back above the ids handed out)."""
+        last = charge_id if self.last_id is None else max(self.last_id, charge_id)
+        return Total(last, *_add(self.epsilon, self.epsilon_error, epsilon),
+                     *_add(self.delta, self.delta_error, delta), self.edits, self.row_count + 1)
 
 
 def _from_rows(db: Database, user: str, last_id: int, start: Total = Total()) -> Total:
@@ -91,32 +100,34 @@ def _from_rows(db: Database, user: str, last_id: int, start: Total = Total()) ->
     total = start.plus(last_id, float(eps), float(dlt))
     rounding = int(n) * 2.0 ** -52
     return Total(last_id, total.epsilon, total.epsilon_error + float(eps_abs) * rounding,
-                 total.delta, total.delta_error + float(dlt_abs) * rounding)
+                 total.delta, total.delta_error + float(dlt_abs) * rounding, start.edits, start.row_count + int(n))
 
 
-def current(db: Database, user: str, store: bool = False) -> Total:
-    """The user's total over all their charges: the stored one if it is up to date; the stored one plus the
-    charges after it if rows were only appended since (a process of an older version); else summed from all the
-    rows. ``store``: a total brought up to date is written back (outside a charge: a scientist asking for their
-    budget again and again must not make the ledger sum their rows again each time); a charge records its own."""
+def current(db: Database, user: str, known: Optional[Total] = None) -> Total:
+    """The user's total over all their charges, without writing: the stored one (or ``known``, one a read summed
+    before) if it is up to date; the newest of them plus the charges after it if rows were only appended since
+    (a process of an older version); else summed from all the rows."""
     last_id = db.execute('SELECT MAX(id) FROM charges WHERE "user" = ?', (user,)).fetchone()[0]
+    stamp = ledger_rows.edits(db, user)  # (read after MAX(id), before any sum: a sum sees every change it counts)
     if last_id is None:
-        return Total()
-    row = db.execute('SELECT last_id, epsilon, epsilon_error, delta, delta_error FROM charge_totals '
-                     'WHERE "user" = ?', (user,)).fetchone()
-    stored = None if row is None else Total(int(row[0]), *(float(v) for v in row[1:]))
-    if stored is not None and stored.last_id == int(last_id):
-        return stored
-    total = _from_rows(db, user, int(last_id), stored if stored is not None and stored.last_id < last_id else Total())
-    if store:  # (consistent on its own: the sum up to its last_id; a newer total it may overwrite is caught up)
-        record(db, user, total)
-    return total
+        return Total(edits=stamp)
+    row = db.execute('SELECT last_id, epsilon, epsilon_error, delta, delta_error, edits, row_count '
+                     'FROM charge_totals WHERE "user" = ?', (user,)).fetchone()
+    stored = None if row is None else Total(int(row[0]), *(float(v) for v in row[1:5]), int(row[5]), int(row[6]))
+    usable = [t for t in (stored, known) if t is not None and t.last_id is not None and t.edits == stamp
+              and t.last_id <= last_id]
+    start = max(usable, key=lambda t: t.last_id, default=None)
+    if start is not None and start.last_id == int(last_id):
+        return start
+    return _from_rows(db, user, int(last_id), start if start is not None else Total(edits=stamp))
 
 
 def record(db: Database, user: str, total: Total) -> None:
     """Stores ``total`` (in the transaction of the charge ``total.last_id``)."""
-    db.execute('INSERT INTO charge_totals("user", last_id, epsilon, epsilon_error, delta, delta_error) '
-               'VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT("user") DO UPDATE SET last_id = excluded.last_id, '
-               'epsilon = excluded.epsilon, epsilon_error = excluded.epsilon_error, delta = excluded.delta, '
-               'delta_error = excluded.delta_error',
-               (user, total.last_id, total.epsilon, total.epsilon_error, total.delta, total.delta_error))
+    db.execute('INSERT INTO charge_totals("user", last_id, epsilon, epsilon_error, delta, delta_error, edits, '
+               'row_count) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT("user") DO UPDATE SET '
+               'last_id = excluded.last_id, epsilon = excluded.epsilon, epsilon_error = excluded.epsilon_error, '
+               'delta = excluded.delta, delta_error = excluded.delta_error, edits = excluded.edits, '
+               'row_count = excluded.row_count',
+               (user, total.last_id, total.epsilon, total.epsilon_error, total.delta, total.delta_error,
+                total.edits, total.row_count))

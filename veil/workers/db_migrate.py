@@ -33,9 +33,13 @@ _TABLES = {
     ],
     "veil-dp-budget.sqlite3": [
         ("budgets", ["user", "epsilon", "delta"], None),
+        # (before the charges, copied in id order: appends, which the stamps' triggers do not count)
+        ("charge_stamps", ["user", "edits"], None),
         ("charges", ["id", "user", "epsilon", "delta", "reason", "at"], "id"),
-        # each user's running total (derived: checked against the copied charges' ids, recomputed if stale)
-        ("charge_totals", ["user", "last_id", "epsilon", "epsilon_error", "delta", "delta_error"], None),
+        # each user's running total (derived: checked against the copied charges' ids and stamps, recomputed if
+        # stale; a file of an older version has no stamps, and its totals are summed again)
+        ("charge_totals", ["user", "last_id", "epsilon", "epsilon_error", "delta", "delta_error", "edits",
+                           "row_count"], None),
         ("training", ["user", "delta", "state", "epsilon"], None),
         ("requests", ["user", "request_id"], None),  # DP replay protection
     ],
@@ -100,7 +104,8 @@ def _copy_table(source: sqlite3.Connection, db: Database, table: str, columns: l
     quoted = ", ".join(f'"{c}"' for c in columns)
     try:
         # unquoted: SQLite reads a double-quoted name of a missing column as a string literal
-        rows = source.execute(f"SELECT {', '.join(columns)} FROM {table}").fetchall()
+        rows = source.execute(f"SELECT {', '.join(columns)} FROM {table}"
+                              + (f" ORDER BY {identity}" if identity else "")).fetchall()
     except sqlite3.OperationalError:  # a file from a version without this (non-core) table
         return 0
     marks = ", ".join("?" for _ in columns)

@@ -1,0 +1,147 @@
+"""A user's rows in the budget ledger: bounded in number, and every change to them but an append seen at once.
+
+Bound: each charge leaves a ``charges`` row and, with a request id, a ``requests`` row. DP-SGD steps of a tiny
+sample rate or queries at epsilon 1e-9 cost ~0, so without a bound a scientist inside her budget grew the owner's
+database without limit. Past :data:`MAX_CHARGE_ROWS` rows, a user's oldest rows are folded into one (the first
+of them, its id kept: its epsilon and delta are their sum, rounded up, never in the spender's favour), leaving
+:data:`KEEP_CHARGE_ROWS`; the replay ids of the folded charges are forgotten with them. The replay horizon is
+thus the user's newest KEEP_CHARGE_ROWS to MAX_CHARGE_ROWS charges: a request id older than that is charged
+again if sent again (a second release, charged as one), never released free. Replay ids without a charge id
+(written before this version, or by a process of an older one) are forgotten at the first fold.
+
+Stamp: the running total (:mod:`veil.dp.charge_totals`) is caught up by adding the rows after its ``last_id``;
+a row put back below that id (a restore, an explicit id on PostgreSQL), an older row raised by hand or a row
+deleted was invisible to it. Triggers on ``charges`` bump the user's ``charge_stamps.edits`` on each update and
+delete, and on each insert below the user's newest id: a total is trusted only at the ``edits`` it was summed
+at (one primary-key look-up). On PostgreSQL the trigger first takes the user's ``budgets`` row lock, which every
+charge holds: a change made beside a charge in flight is stamped after that charge commits, never before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from typing import TYPE_CHECKING
+
+from veil.workers.database import Database
+
+if TYPE_CHECKING:
+    from veil.dp.charge_totals import Total
+
+#: A user's charge rows past which her oldest are folded into one ...
+MAX_CHARGE_ROWS = 10_000
+#: ... leaving this many (folding is then due again after MAX - KEEP more charges: its cost is amortized).
+KEEP_CHARGE_ROWS = 5_000
+
+STAMPS = """
+CREATE TABLE IF NOT EXISTS charge_stamps (
+    "user" TEXT PRIMARY KEY,
+    edits BIGINT NOT NULL
+);
+"""
+
+_BUMP = ('INSERT INTO charge_stamps("user", edits) VALUES ({row}."user", 1) '
+         'ON CONFLICT("user") DO UPDATE SET edits = charge_stamps.edits + 1;')
+
+SQLITE_TRIGGERS = f"""
+CREATE TRIGGER IF NOT EXISTS charges_inserted_below AFTER INSERT ON charges
+WHEN EXISTS (SELECT 1 FROM charges WHERE "user" = NEW."user" AND id > NEW.id)
+BEGIN {_BUMP.format(row="NEW")} END;
+CREATE TRIGGER IF NOT EXISTS charges_updated AFTER UPDATE ON charges
+BEGIN {_BUMP.format(row="OLD")} {_BUMP.format(row="NEW")} END;
+CREATE TRIGGER IF NOT EXISTS charges_deleted AFTER DELETE ON charges
+BEGIN {_BUMP.format(row="OLD")} END;
+"""
+
+_PG_LOCK = 'PERFORM 1 FROM budgets WHERE "user" = {row}."user" FOR UPDATE;'
+
+POSTGRES_TRIGGERS = f"""
+CREATE OR REPLACE FUNCTION veil_charges_changed() RETURNS trigger LANGUAGE plpgsql AS $body$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        {_PG_LOCK.format(row="NEW")}
+        IF EXISTS (SELECT 1 FROM charges WHERE "user" = NEW."user" AND id > NEW.id) THEN
+            {_BUMP.format(row="NEW")}
+        END IF;
+        RETURN NULL;
+    END IF;
+    {_PG_LOCK.format(row="OLD")}
+    {_BUMP.format(row="OLD")}
+    IF TG_OP = 'UPDATE' THEN
+        {_PG_LOCK.format(row="NEW")}
+        {_BUMP.format(row="NEW")}
+    END IF;
+    RETURN NULL;
+END
+$body$;
+DO $body$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'charges_changed' AND tgrelid = 'charges'::regclass) THEN
+        CREATE TRIGGER charges_changed AFTER INSERT OR UPDATE OR DELETE ON charges
+            FOR EACH ROW EXECUTE FUNCTION veil_charges_changed();
+    END IF;
+END
+$body$;
+"""
+
+#: Columns later versions added to tables of older files: (table, column, type and default).
+_ADDED_COLUMNS = (
+    ("charge_totals", "edits", "BIGINT NOT NULL DEFAULT -1"),  # (-1: never a stamp, so summed again once)
+    ("charge_totals", "row_count", "BIGINT NOT NULL DEFAULT 0"),
+    ("requests", "charge_id", "BIGINT"),
+)
+
+
+def create(db: Database) -> None:
+    """The stamps, their triggers and the added columns (after the ledger's tables and ``charge_totals``)."""
+    db.executescript(STAMPS)
+    db.executescript(SQLITE_TRIGGERS if db.dialect == "sqlite" else POSTGRES_TRIGGERS)
+    if _missing_columns(db):  # (nothing written when all are there: a read-only standby still opens)
+        with db.write_transaction():
+            if db.dialect == "postgresql":  # (first: replicas starting at once read, then alter, one at a time;
+                # each holding the read's lock while waiting to alter was a deadlock)
+                db.execute("SELECT pg_advisory_xact_lock(?)", (zlib.crc32(b"veil ledger_rows columns"),))
+            for table, column, kind in _missing_columns(db):
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+
+def _missing_columns(db: Database) -> list[tuple[str, str, str]]:
+    have = {table: {d[0].lower() for d in db.execute(f"SELECT * FROM {table} LIMIT 0").description}
+            for table in {t for t, _c, _k in _ADDED_COLUMNS}}
+    return [(t, c, k) for t, c, k in _ADDED_COLUMNS if c not in have[t]]
+
+
+def edits(db: Database, user: str) -> int:
+    """How many times the user's rows were changed other than by an append (0: never)."""
+    row = db.execute('SELECT edits FROM charge_stamps WHERE "user" = ?', (user,)).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def _sum_upward(values: list[float]) -> float:
+    """The sum of ``values``, correctly rounded and then raised by an ulp if that rounded it down."""
+    total = math.fsum(values)
+    if math.isfinite(total) and math.fsum(values + [-total]) > 0:
+        total = math.nextafter(total, math.inf)
+    return total
+
+
+def fold_oldest(db: Database, user: str, total: "Total") -> "Total":
+    """In the charge's transaction (the user's lock held): folds the user's oldest rows into one when she has
+    more than :data:`MAX_CHARGE_ROWS`, and forgets their replay ids; returns ``total`` with its row count and
+    stamp brought to what is left (its sums stand: they never counted less than the folded rows held)."""
+    if total.row_count <= MAX_CHARGE_ROWS:
+        return total
+    rows = db.execute('SELECT id, epsilon, delta, at FROM charges WHERE "user" = ? ORDER BY id LIMIT ?',
+                      (user, total.row_count - KEEP_CHARGE_ROWS + 1)).fetchall()
+    if len(rows) < 2:
+        return dataclasses.replace(total, row_count=len(rows))
+    first, last = int(rows[0][0]), int(rows[-1][0])
+    db.execute('DELETE FROM charges WHERE "user" = ? AND id > ? AND id <= ?', (user, first, last))
+    db.execute('UPDATE charges SET epsilon = ?, delta = ?, reason = ?, at = ? WHERE id = ?',
+               (_sum_upward([float(r[1]) for r in rows]), _sum_upward([float(r[2]) for r in rows]),
+                f"compacted: the sum of {len(rows)} older rows (the ledger keeps a user's newest "
+                f"{KEEP_CHARGE_ROWS} to {MAX_CHARGE_ROWS} charges one by one)",
+                max(float(r[3]) for r in rows), first))
+    db.execute('DELETE FROM requests WHERE "user" = ? AND (charge_id IS NULL OR charge_id <= ?)', (user, last))
+    return dataclasses.replace(total, row_count=total.row_count - len(rows) + 1, edits=edits(db, user))
