@@ -11,7 +11,12 @@ An open request (pending or approved) lapses when
   (``ReviewQueue.approved_for`` already refused it) and is shown so (:func:`after_denial`);
 - the owner revokes the user (PySyft's request model: revocation voids outstanding approvals): after
   readmission, the same value recomputed under the same id matched an approval given before the revocation
-  (:func:`after_revocation`).
+  (:func:`after_revocation`); an approval a move held through a revocation made in any process of the owner,
+  given back once before or not, lapses when the refused move would give it back (:func:`give_back`);
+- a twin request released the same value while a move held the approval: the refused move does not give it back
+  (give_backs.py);
+- an older version left an approval ``approved`` after the owner denied the same value: it lapses when a process
+  first opens the database (:func:`lapse_voided_approvals`).
 
 A lapsed request releases nothing; the same value asked for again files a new request. The owner's own message
 on an approval is kept, the reason appended.
@@ -25,10 +30,14 @@ import time
 import weakref
 from typing import Any, Callable
 
-from veil.governance.requests import GIVEN_BACK, ReleaseRequest, ReviewQueue
+from veil.exceptions import PermissionDeniedError
+from veil.governance.give_backs import (
+    RESTORED, REVOKED_MEANWHILE, TWIN_RELEASED, RevocationMark, restore_unless_voided, revocation_mark, user_lock,
+)
+from veil.governance.requests import ReleaseRequest, ReviewQueue
 from veil.governance.revocation import REVOKE_HANDLERS
 from veil.governance.state import governance, has_decisions_store
-from veil.workers.persistence import db_update, db_update_then
+from veil.workers.persistence import db_execute, db_update, serialized_write
 
 log = logging.getLogger(__name__)
 LAPSED = "lapsed"
@@ -78,21 +87,20 @@ def _same_value(queue: ReviewQueue, req: ReleaseRequest, states: tuple, key: Cal
 
 
 def use_approval(queue: ReviewQueue, used: ReleaseRequest, key: Callable[[Any], Any]) -> list[str]:
-    """Uses ``used``'s approval up (``mark_released``) and lapses the user's other open requests for its value,
-    in one transaction: a lapse logged as failed after the release left an approved twin that released the value
-    again. A failure (the database) raises with nothing used: the approval stands, nothing lapsed. The ids
-    lapsed."""
-    twins = [r.id for r in _same_value(queue, used, _OPEN, key)]
-    if not twins:
-        queue.mark_released(used.id)
-        return []
-    marks = ", ".join("?" * len(twins))
-    changed = db_update_then(queue.db, "UPDATE release_requests SET state = 'released' WHERE id = ? AND "
-                                       "state = 'approved'", (used.id,),
-                             _SET + f"WHERE id IN ({marks}) AND state IN ('pending', 'approved')",
-                             (*_params(f"lapsed: the same value was released under request {used.id}"), *twins))
-    if not changed:  # (mark_released's refusal: another process of the owner released it first)
-        queue.mark_released(used.id)
+    """Uses ``used``'s approval up and lapses the user's other open requests for its value, in one transaction
+    (a lapse logged as failed after the release left an approved twin that released the value again), which the
+    user's give-backs and revocation lapses serialize with (``give_backs.user_lock``: a twin read before another
+    process gave it back stayed approved). Raises PermissionDeniedError if the approval was no longer
+    ``approved`` (another process of the owner released it first); a failure (the database) raises with nothing
+    used and nothing lapsed. The ids lapsed."""
+    with serialized_write(queue.db, user_lock(used.principal)) as tx:
+        twins = [r.id for r in _same_value(queue, used, _OPEN, key)]
+        if not tx.execute("UPDATE release_requests SET state = 'released' WHERE id = ? AND state = 'approved'",
+                          (used.id,)).rowcount:
+            raise PermissionDeniedError(f"request {used.id} is already {queue.get(used.id).state}")
+        if twins:
+            tx.execute(_SET + f"WHERE id IN ({', '.join('?' * len(twins))}) AND state IN ('pending', 'approved')",
+                       (*_params(f"lapsed: the same value was released under request {used.id}"), *twins))
     return twins
 
 
@@ -116,15 +124,45 @@ def after_given_back(queue: ReviewQueue, request_id: str, key: Callable[[Any], A
                                    f"the data owner denied request {denials[0].id} for the same value")
 
 
+#: approvals a migration lapses per opening of a database (the rest at the next opening)
+MIGRATE_AT_ONCE = 1000
+
+
+def lapse_voided_approvals(worker: Any) -> int:
+    """Migration, when a process first opens the owner database: approvals the owner's later denial of the same
+    value voided that an older version left ``approved`` (before lapses, or a lapse that failed) lapse, as
+    :func:`after_given_back` lapses them now (``ReviewQueue.approved_for`` already refused them: only what they
+    show changes). Failures are logged, never raised (the worker starts). How many lapsed."""
+    from veil.governance.release import request_computation
+
+    queue = ReviewQueue(worker)
+    try:
+        found = db_execute(queue.db, "SELECT a.id FROM release_requests a WHERE a.state = 'approved' AND EXISTS "
+                                     "(SELECT 1 FROM release_requests d WHERE d.state = 'denied' AND d.principal = "
+                                     "a.principal AND d.digest = a.digest AND d.object_id = a.object_id AND "
+                                     "COALESCE(d.decided_ts, 0) >= COALESCE(a.decided_ts, 0)) LIMIT ?",
+                           (MIGRATE_AT_ONCE,))
+    except Exception as error:  # noqa: BLE001 - a migration that cannot run leaves the rows as they are
+        log.error("worker %s: approvals voided by a denial were not checked (%s)", worker.id, type(error).__name__)
+        return 0
+    lapsed = sum(bool(after_given_back(queue, rid, request_computation)) for (rid,) in found)
+    if lapsed:
+        log.info("worker %s: %d approval(s) voided by a later denial now show lapsed", worker.id, lapsed)
+    return lapsed
+
+
 #: worker -> name -> how many times this process put a revocation of the name in force (weak: a worker's go
 #: with it)
 _REVOCATIONS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_REVOKED_NOTE = "lapsed: the data owner revoked this user's access"
 
 
-def revocations(worker: Any, name: str) -> int:
-    """How many times ``name`` was revoked on ``worker`` (in this process): a move reads it before it takes its
-    approvals, and gives none back if it changed (:func:`give_back`)."""
-    return _REVOCATIONS.get(worker, {}).get(name, 0)
+def revocations(worker: Any, name: str) -> RevocationMark:
+    """What a move reads of ``name``'s revocations before it takes its approvals: how many times this process
+    revoked it, and its stored revocation record, which any process of the owner rewrites when it revokes or
+    readmits it (the count alone missed a revoke + readmit made by another process). A move gives no approval back
+    if either changed (:func:`give_back`)."""
+    return revocation_mark(worker, name, _REVOCATIONS.get(worker, {}).get(name, 0))
 
 
 def _count_revocation(worker: Any, name: str) -> None:
@@ -135,21 +173,26 @@ def _count_revocation(worker: Any, name: str) -> None:
 REVOKE_HANDLERS.append(_count_revocation)
 
 
-def give_back(queue: ReviewQueue, request_id: str, user: str, revoked_before: int,
+def give_back(queue: ReviewQueue, request_id: str, user: str, revoked_before: RevocationMark,
               key: Callable[[Any], Any]) -> bool:
-    """A move the destination refused gives ``request_id``'s approval back (``restore_approval``), unless the
-    owner revoked ``user`` while the move held it (``revocations`` is no longer ``revoked_before``: readmitted
-    since too; the revocation found the approval used, not open) or denied the same value since it was approved
-    (:func:`after_given_back`). Fails closed: a revocation is known without the database (the approval stays
-    used, shown lapsed where the database allows), and a denial check that fails takes the approval back. Whether
-    it stands again."""
+    """A move the destination refused gives ``request_id``'s approval back, unless the owner revoked ``user``
+    while the move held it (in any process: readmitted since too; the revocation found the approval used, not
+    open), a twin request released the same value meanwhile (give_backs.py), or the owner denied the same value
+    since it was approved (:func:`after_given_back`). Fails closed: a revocation in this process is known without
+    the database (the approval stays used, shown lapsed where the database allows), and a denial check that fails
+    takes the approval back. Whether it stands again."""
     worker = queue.worker
     with governance(worker).lock:
-        if revocations(worker, user) != revoked_before or user in getattr(getattr(worker, "tokens", None),
-                                                                           "revoked", ()):
-            _lapse_used(queue, request_id)
+        if _REVOCATIONS.get(worker, {}).get(user, 0) != revoked_before.count \
+                or user in getattr(getattr(worker, "tokens", None), "revoked", ()):
+            _lapse_used(queue, request_id, _REVOKED_NOTE)
             return False
-        if not queue.restore_approval(request_id):
+        outcome, twin = restore_unless_voided(queue, request_id, user, revoked_before, key)
+        if outcome == REVOKED_MEANWHILE:
+            _lapse_used(queue, request_id, _REVOKED_NOTE)
+        elif outcome == TWIN_RELEASED:
+            _lapse_used(queue, request_id, f"lapsed: the same value was released under request {twin}")
+        if outcome != RESTORED:
             return False
         lapsed = after_given_back(queue, request_id, key)
         if lapsed is None:  # (the check failed, logged: an approval the owner may have voided does not stand)
@@ -159,13 +202,11 @@ def give_back(queue: ReviewQueue, request_id: str, user: str, revoked_before: in
 
 
 @_after_the_decision
-def _lapse_used(queue: ReviewQueue, request_id: str) -> bool:
-    """The approval a move used, not given back because the user was revoked meanwhile, shows ``lapsed`` (unless
-    it was given back once before: then it released twice and stays ``released``)."""
-    return db_update(queue.db, _SET + "WHERE id = ? AND state = 'released' AND NOT EXISTS "
-                                      "(SELECT 1 FROM kv WHERE namespace = ? AND key = ?)",
-                     (*_params("lapsed: the data owner revoked this user's access"), request_id, GIVEN_BACK,
-                      request_id)) > 0
+def _lapse_used(queue: ReviewQueue, request_id: str, note: str) -> bool:
+    """The approval a move used, not given back because something voided it meanwhile (``note`` says what),
+    shows ``lapsed``, given back once before or not (it showed "released" then: the revocation voided it all the
+    same); the sends made under it stay in the audit log, a ``release`` row each."""
+    return db_update(queue.db, _SET + "WHERE id = ? AND state = 'released'", (*_params(note), request_id)) > 0
 
 
 @_after_the_decision
@@ -178,6 +219,8 @@ def after_revocation(worker: Any, name: str) -> int:
     if not has_decisions_store(worker):
         return 0
     queue = ReviewQueue(worker)
-    with governance(worker).lock:  # (no release decision of this process in between)
-        return db_update(queue.db, _SET + "WHERE principal = ? AND state IN ('pending', 'approved')",
-                         (*_params("lapsed: the data owner revoked this user's access"), name))
+    # (no release decision of this process in between; the user's give-backs and uses in other processes
+    # serialize with it: give_backs.py)
+    with governance(worker).lock, serialized_write(queue.db, user_lock(name)) as tx:
+        return tx.execute(_SET + "WHERE principal = ? AND state IN ('pending', 'approved')",
+                          (*_params(_REVOKED_NOTE), name)).rowcount

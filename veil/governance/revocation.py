@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import threading
 import time
 import weakref
@@ -165,7 +166,9 @@ def _holds_admin(worker: Any, name: str) -> bool:
 
 
 def _store(worker: Any, name: str, revoked: bool, by: str) -> None:
-    value = json.dumps({"revoked": revoked, "by": by, "ts": time.time()}).encode()
+    # (a fresh nonce in each record: a move compares the record before and after, give_backs.py, and a revocation
+    # and readmission within one tick of a coarse clock rewrote the bytes it read)
+    value = json.dumps({"revoked": revoked, "by": by, "ts": time.time(), "nonce": secrets.token_hex(8)}).encode()
     worker.db.kv_put(NAMESPACE, name, value)
 
 

@@ -52,16 +52,22 @@ def governance(worker: Any) -> Governance:
     """The worker's governance state (created on first use, with its requests table)."""
     state = _STATE.get(worker)
     if state is None:
+        opened = False
         with _CREATE:
             state = _STATE.get(worker)
             if state is None:
                 from veil.workers.persistence import add_release_requests_table
 
                 db = getattr(worker, "db", None)
-                if not isinstance(db, OwnerDB):
+                opened = isinstance(db, OwnerDB)
+                if not opened:
                     db = OwnerDB(":memory:")
                 add_release_requests_table(db)
                 state = _STATE[worker] = Governance(db)
+        if opened:  # a database an older version may have written (outside _CREATE: it reads the review queue)
+            from veil.governance.lapses import lapse_voided_approvals
+
+            lapse_voided_approvals(worker)
     return state
 
 

@@ -25,8 +25,9 @@ import json
 import os
 import time
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from veil.workers.database import Database, ReaderSlot, is_database_url, redact
 
@@ -264,19 +265,28 @@ def db_update_then(db: OwnerDB, sql: str, params: tuple, then_sql: str, then_par
         return changed
 
 
-def insert_below_cap(db: OwnerDB, lock_name: str, count_sql: str, count_params: tuple, cap: int,
-                     insert_sql: str, insert_params: tuple) -> int | None:
-    """Runs ``insert_sql`` only while ``count_sql`` counts fewer than ``cap`` rows, the two in one write
-    transaction: SQLite's ``BEGIN IMMEDIATE`` holds the file, and on PostgreSQL a transaction-scoped advisory
-    lock on ``lock_name`` serializes the owner's processes (read committed let two of them both count below the
-    cap, then both insert). Returns the count when it was at the cap (nothing inserted), else None."""
+@contextmanager
+def serialized_write(db: OwnerDB, lock_name: str) -> Iterator[Database]:
+    """A write transaction the owner's processes run one at a time per ``lock_name``: SQLite's ``BEGIN
+    IMMEDIATE`` holds the whole file, and on PostgreSQL a transaction-scoped advisory lock on the name (read
+    committed let two transactions each read before the other wrote). Yields the database to run statements in
+    it; commits at the end, rolls back on an exception."""
     with db._db.write_transaction():
         if db._db.dialect == "postgresql":
             db._db.execute("SELECT pg_advisory_xact_lock(?)", (zlib.crc32(lock_name.encode()),))
-        (count,), = db._db.execute(count_sql, count_params).fetchall()
+        yield db._db
+
+
+def insert_below_cap(db: OwnerDB, lock_name: str, count_sql: str, count_params: tuple, cap: int,
+                     insert_sql: str, insert_params: tuple) -> int | None:
+    """Runs ``insert_sql`` only while ``count_sql`` counts fewer than ``cap`` rows, the two in one
+    :func:`serialized_write` on ``lock_name`` (read committed let two of the owner's processes both count below
+    the cap, then both insert). Returns the count when it was at the cap (nothing inserted), else None."""
+    with serialized_write(db, lock_name) as tx:
+        (count,), = tx.execute(count_sql, count_params).fetchall()
         if int(count) >= cap:
             return int(count)
-        db._db.execute(insert_sql, insert_params)
+        tx.execute(insert_sql, insert_params)
         return None
 
 
