@@ -163,6 +163,10 @@ def test_postgres_reads_on_a_read_only_session_and_counts_rows_put_back(pg_url):
         ledger._db.execute("SET default_transaction_read_only = on")
         assert ledger.remaining("mallory")[0] == pytest.approx(0.125)
         ledger._db.execute("SET default_transaction_read_only = off")
+        # a ledger opened on a read-only session (as on a hot standby) opens and answers
+        standby_url = pg_url + ("&" if "?" in pg_url else "?") + "options=-c%20default_transaction_read_only%3Don"
+        with BudgetLedger(standby_url) as standby:
+            assert standby.remaining_and_spent("mallory")[0][0] == pytest.approx(0.125)
         with pytest.raises(BudgetExceededError):
             ledger.charge("mallory", 0.2, 0.0, "does not fit")
         with psycopg.connect(pg_url, autocommit=True) as owner:

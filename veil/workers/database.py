@@ -505,6 +505,8 @@ class Database:
                 except sqlite3.DatabaseError as e:  # e.g. a file cut short that still opened
                     raise self._unusable(e) from None
                 return
+            if self._pg("SHOW transaction_read_only").fetchone()[0] == "on":
+                return  # a hot standby (or a read-only role): its tables are the primary's; creating is refused
             # Several worker processes may start at once: CREATE TABLE IF NOT EXISTS races on
             # PostgreSQL's catalog, so creation is serialized by an advisory lock.
             with self.write_transaction():
