@@ -285,7 +285,8 @@ class BudgetLedger:
             return self._spent(user)
 
     def history(self, user: str) -> list[tuple[float, float, str, float]]:
-        """The user's charges, oldest first: ``(epsilon, delta, reason, unix time)``."""
+        """The user's charges, oldest first: ``(epsilon, delta, reason, unix time)`` (past
+        :data:`veil.dp.ledger_rows.MAX_CHARGE_ROWS` of them, the oldest are one folded row: their sum)."""
         with self._lock:
             return [tuple(r) for r in self._db.execute(
                 'SELECT epsilon, delta, reason, at FROM charges WHERE "user" = ? ORDER BY id', (user,))]
