@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Union
 
+import torch
+
 from veil.exceptions import PermissionDeniedError, RequestDeniedError, ReviewPendingError
 from veil.governance.graphtext import render_graph
 from veil.governance.lapses import give_back, revocations, use_approval
@@ -181,20 +183,33 @@ def enforce_all(worker: Any, ids: list, entries: list, user: str, session: str =
     # session's command that long. What they read of the objects is taken in the turn (snapshot), and a value
     # that changed meanwhile is not released (_released_as_approved).
     frozen = [(oid, *snapshot(entry)) for oid, entry in blocked]
+    marks = [write_mark(entry.obj) for _, entry in blocked]
     cancellation.check()  # (past its deadline or cancelled: nothing filed, nothing used up)
     with cancellation.outside_turn():
         used = _decide_all(worker, frozen, user, session, purpose, consume)
     if used:
-        _released_as_approved(worker, blocked, frozen)
+        _released_as_approved(worker, blocked, frozen, marks)
     return used
 
 
-def _released_as_approved(worker: Any, blocked: list, frozen: list) -> None:
-    """Back in the turn: every object whose approval was used up still holds the bytes approved (another request
-    of the scientist's may have written it in place meanwhile). Fails closed: the approvals stay used, nothing
-    is released."""
-    for (oid, entry), (_, _, approved) in zip(blocked, frozen):
-        if digest(entry.obj) != approved:
+def write_mark(obj: Any) -> tuple:
+    """What any in-place write changes whatever it writes: the object under the entry, and a tensor's version
+    counter (which its views share, so a write through one counts)."""
+    try:
+        return obj, obj._version if isinstance(obj, torch.Tensor) else None
+    except RuntimeError:  # (an inference tensor keeps no counter: its bytes are compared)
+        return obj, None
+
+
+def _released_as_approved(worker: Any, blocked: list, frozen: list, marks: list) -> None:
+    """Back in the turn: no object whose approval was used up was written since the snapshot (another request
+    of the scientist's may have written it in place meanwhile). Any write counts, not only one that changed the
+    bytes: comparing them answered with the approved value when the write held the same bytes and refused it
+    otherwise, an equality oracle on whatever was written (data under review). Fails closed: the approvals stay
+    used, nothing is released."""
+    for (oid, entry), (_, _, approved), mark in zip(blocked, frozen, marks):
+        obj, version = write_mark(entry.obj)
+        if obj is not mark[0] or version != mark[1] or digest(obj) != approved:
             raise PermissionDeniedError(
                 f"object {oid} on worker {worker.id!r} changed while its release was being recorded: nothing was "
                 "released and its approval is used up (ask for the value again)")

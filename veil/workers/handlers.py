@@ -442,8 +442,8 @@ def _handle_get(worker: BaseWorker, msg: m.GetObjectsMessage, sender: str) -> An
                 obj.garbage_collect_data = False
         else:
             out.append(_released(oid, entry))
-        if taken:
-            worker.monitor.discard(principal, oid)
+        if taken:  # (only the entry released: its release left the turn, and the id may name a new one now)
+            worker.monitor.discard(principal, oid, only=entry)
     return m.ObjectsReply(out)
 
 
@@ -563,8 +563,8 @@ def _handle_move(worker: BaseWorker, msg: m.MoveMessage, sender: str) -> Any:
         so.obj = _released(oid, entry)
     with _governance_releasing(worker, msg.ids, entries, principal.user, "move"):
         worker.send_msg(m.ObjectMessage(objects), destination)
-    for oid in msg.ids:
-        worker.monitor.discard(principal, oid)  # owner-protected data is copied, never taken
+    for oid, entry in zip(msg.ids, entries):  # owner-protected data is copied, never taken; the entry moved only
+        worker.monitor.discard(principal, oid, only=entry)
     return m.OkReply()
 
 

@@ -479,10 +479,10 @@ class ReferenceMonitor(QuotaRules, OpeningRules, StoreAdmission):
                 PURPOSES[purpose].action, principal, [oid])
         entry.obj = obj
 
-    def discard(self, principal: Principal, oid: Any) -> bool:
-        """Deletes a client object of the principal; owner data and unknown ids are left alone."""
+    def discard(self, principal: Principal, oid: Any, only: Entry | None = None) -> bool:
+        """Deletes a client object of the principal; owner data, unknown ids and an entry not ``only`` stay."""
         entry = self._nameable(principal, oid, self._store.spaces(self.__key, principal.namespace)[0])
-        if entry is None or entry.protected:
+        if entry is None or entry.protected or (only is not None and entry is not only):
             return False
         removed = self._store.remove(self.__key, principal.namespace, oid)
         if removed is None:
