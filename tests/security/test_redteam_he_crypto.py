@@ -121,13 +121,15 @@ class _Encoder:
 
 
 def _crafted(segment, c1_ntt: list[int]):
-    """A ciphertext (0, c1) at ``segment``'s level and scale: it decrypts to c1 * s."""
+    """``segment`` plus a ciphertext (0, c1) at its level and scale: it decrypts to its values + c1 * s. (The sum
+    is computed locally, so what is sent is as random as an honest ciphertext: (0, c1) alone compressed to 171
+    bytes, which the wire's compression-bomb bound refuses; an attacker adds it to any encryption it made.)"""
     raw = segment.ciphertext()[0]
     k = raw.coeff_modulus_size()
     blob = segment.serialize()
     version = _field(blob, 2)[3:5]  # the SEAL header's version bytes, as this TenSEAL writes them
     ct = _seal_ciphertext(version, raw.parms_id(), raw.scale, [0] * (k * N) + c1_ntt, k)
-    return ts.ckks_vector_from(segment.context(), _with_field(blob, 2, ct))
+    return segment + ts.ckks_vector_from(segment.context(), _with_field(blob, 2, ct))
 
 
 _ZETA = np.exp(1j * np.pi * np.arange(N) / N)

@@ -23,7 +23,7 @@ import weakref
 
 import tenseal as ts
 
-from veil.he import _wire_checks as chk
+from veil.he import _wire_checks as chk, seal_bytes
 from veil.he.ckks import CKKSContext, CKKSTensor, _tenseal_errors
 from veil.he.errors import HEError, KeyMismatchError, WireFormatError
 
@@ -50,10 +50,12 @@ def context_to_wire(ctx: CKKSContext) -> dict:
 
 
 def context_from_wire(d: dict) -> CKKSContext:
-    """Load a public context and remember it for later tensors with its ``key_id``."""
+    """Load a public context and remember it for later tensors with its ``key_id``. What its keys inflate to is
+    bounded before TenSEAL reads them (:mod:`veil.he.seal_bytes`: 40 kB of zstd held 160 MB of Galois keys)."""
     chk.header(d, BACKEND, "context")
     data = chk.field(d, "data", bytes)
     try:
+        seal_bytes.check_context_bytes(data)
         ctx = CKKSContext.from_bytes(data)
     except HEError as exc:
         raise WireFormatError(f"invalid CKKS context bytes: {exc}") from exc
@@ -111,8 +113,9 @@ def tensor_from_wire(d: dict, context: CKKSContext | None = None) -> CKKSTensor:
     try:
         with _tenseal_errors("ciphertext deserialization"):
             for b in blobs:
+                stored_scale = seal_bytes.check_vector_bytes(b)  # (before TenSEAL loads every ciphertext in it)
                 segments.append(ts.ckks_vector_from(context.raw, b))
-                _check_loaded(context, segments[-1], len(b))
+                _check_loaded(context, segments[-1], len(b), stored_scale)
     except HEError as exc:
         raise WireFormatError(f"invalid CKKS ciphertext bytes: {exc}") from exc
     sizes = [s.size() for s in segments]
@@ -121,16 +124,21 @@ def tensor_from_wire(d: dict, context: CKKSContext | None = None) -> CKKSTensor:
     return CKKSTensor(context, segments, shape, dtype)
 
 
-def _check_loaded(context: CKKSContext, segment, wire_bytes: int) -> None:
+def _check_loaded(context: CKKSContext, segment, wire_bytes: int, stored_scale: float) -> None:
     """Refuses, as soon as it is loaded, a ciphertext that is not two polynomials (a third, times a plaintext,
     comes back beside the two that rerandomization and flooding cover), or that held far more than its bytes:
     SEAL inflates compressed data, so 500 bytes of zeros were 393 kB under an 8192 ring (a tensor of 10 MB was
     8 GB, charged to the session quota as 10 MB). An honest ciphertext is random below its primes, so its
-    compressed bytes are at least one polynomial's entropy (half of that is the bound: a seeded c1 is 64 bytes)."""
+    compressed bytes are at least one polynomial's entropy (half of that is the bound: a seeded c1 is 64 bytes).
+    And one whose scales are not its context's: TenSEAL encodes a plaintext operand at the vector's stored scale
+    (a product with the owner's values at 2**55 held 15 more bits of each than agreed); an honest one keeps the
+    context's through every operation."""
     raws = segment.ciphertext()
     if len(raws) != 1 or raws[0].size() != 2:
         raise WireFormatError("a CKKS ciphertext must be one ciphertext of 2 polynomials")
     raw = raws[0]
+    if stored_scale != context.global_scale or raw.scale != context.global_scale:
+        raise WireFormatError(f"a CKKS ciphertext must be at its context's scale ({context.global_scale:g})")
     level = context.raw.seal_context().data.get_context_data(raw.parms_id())
     entropy_bytes = raw.poly_modulus_degree() * level.total_coeff_modulus_bit_count() // 8
     if wire_bytes < entropy_bytes // 2:

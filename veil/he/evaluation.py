@@ -136,10 +136,15 @@ def linear_scores(enc_x: CKKSTensor, weight: torch.Tensor, bias: torch.Tensor,
         # fresh randomness first: the data owner's ciphertexts times the weights never sum to a transparent
         # (0, 0), which SEAL refused (two copies of one ciphertext and rows w1 == -w0: an oracle on the weights)
         acc = ts.ckks_vector(enc_x.context.raw, [0.0] * mb)
+        ones = [1.0] * mb
         for j, seg in enumerate(enc_x.segments):
             wj = weight[j]
             if not bool(wj.any()):
-                continue  # e.g. a border pixel the model ignores: skip the multiplication
+                # e.g. a border pixel the model ignores: its product would be transparent, so nothing is added,
+                # but the scale is checked on a product with public ones all the same (checked only on the
+                # weights' rows, a refusal said which rows of W are zero) at a product's cost (so is the time)
+                check_product(seg.mul(ones), parameters)
+                continue
             term = seg.mul(wj.repeat_interleave(b).tolist())
             check_product(term, parameters)
             acc.add_(term)

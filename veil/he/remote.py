@@ -28,7 +28,7 @@ from veil.exceptions import RemoteExecutionError
 from veil.he import _paillier_encoding as enc
 from veil.he import ckks_wire, value_free, wire
 from veil.he.ckks import CKKSContext, CKKSTensor, _tenseal_errors as he_errors
-from veil.he.errors import DepthRequiredError, HEError
+from veil.he.errors import CiphertextRefusedError, DepthRequiredError, HEError
 from veil.he.paillier import PaillierTensor, checkpoints, value_free_encoding
 from veil.ids import new_id
 from veil.messaging import serde
@@ -150,6 +150,7 @@ def _he_op(worker: Any, name: str, a: Any, b: Any, out_id: int) -> None:
             ckks_product = value_free and isinstance(a, CKKSTensor) and name in _PRODUCTS
             result = op(_rerandomized(a) if ckks_product else a, b)
             if ckks_product:
+                _check_product_scale(name, result, a)
                 result = _at_product_level(result, a)
             if owner_data:
                 result = _releasable(name, result, value_free)
@@ -194,6 +195,17 @@ def _rerandomized(a: CKKSTensor) -> CKKSTensor:
     owner's values transparent, a failure exactly when those values cancelled (w[0] == -w[1], w[0] == w[1])."""
     with he_errors("encrypted product"):
         return a._like([s.add(ts.ckks_vector(a.context.raw, [0.0] * s.size())) for s in a.segments])
+
+
+def _check_product_scale(name: str, result: CKKSTensor, a: CKKSTensor) -> None:
+    """Refuses a product with the owner's plaintext that TenSEAL encoded at a scale other than the context's: it
+    encodes at the vector's stored scale (not in the ciphertext SEAL reads) and rescales the product back to it,
+    so a stored 2**55 put 15 more bits of each owner value in the result. Metadata only: any segment refuses,
+    whatever the values (the wire refuses such a vector first; this holds for any other way in)."""
+    scale = a.context.global_scale
+    if any(seg.ciphertext()[0].scale != scale for seg in result.segments):
+        raise CiphertextRefusedError(f"encrypted {name}: a ciphertext is stored at a scale other than its "
+                                     f"context's ({scale:g}); encrypt it under the context unchanged")
 
 
 def _at_product_level(result: CKKSTensor, a: CKKSTensor) -> CKKSTensor:
