@@ -4,19 +4,18 @@ With ``enable_dp(hide_count=True)`` the count is private, yet a release that rea
 and memory in proportion to it (a sum over 10^6 records took ~49 ms against ~0.4 ms over 10^3): one timed
 release at any epsilon told the count's order of magnitude. The owner therefore declares ``max_records``, a
 public bound, as OpenDP's bounded-DP transformations take a public dataset size: a hidden-count release
-reads a copy of the data padded with zero rows up to that bound, and masks the padding rows out, so its
-work and memory follow the bound only. (Padding the response time to a wall-clock schedule instead would
-hold only while the machine is idle, and would still let the release's memory and CPU show.)
+reads the records into ``max_records`` slots (a query) or into its lot's slots drawn over them (DP-SGD),
+slots past the records zero rows masked out, so its work and memory follow the bound only. (Padding the
+response time to a wall-clock schedule instead would hold only while the machine is idle, and would still
+let the release's memory and CPU show.)
 
-The padded copy is made once per stored tensor (and again after the owner changes it in place), by
-``enable_dp`` for the data it covers; for DP-only data added later, by its first release, whose time then
-shows the count once. Its memory is the owner's: ``max_records`` rows per hidden-count tensor released on.
+The rows are gathered from the owner's live tensor at each release (one index gather of the bound's size,
+whatever the count): no padded copy is kept, so none goes stale when the owner writes through
+``x.numpy()`` or ``x.data`` (which a copy keyed on the version counter missed), none holds the bound's rows
+per tensor between releases, and DP-only data flagged after ``enable_dp`` needs no first copy.
 """
-
 from __future__ import annotations
 
-import threading
-import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
@@ -27,45 +26,32 @@ from veil.exceptions import PermissionDeniedError
 
 @dataclass(frozen=True)
 class PaddedRecords:
-    """``rows``: the records, then zero rows up to the owner's ``max_records``; ``count``: how many are records."""
+    """``rows``: one row per slot (a record's, or zeros); ``present``: which slots are records (bool)."""
 
     rows: torch.Tensor
-    count: int
-
-    def present(self) -> torch.Tensor:
-        """Which rows are records (bool, one per row): computed over all the rows, whatever the count."""
-        return torch.arange(len(self.rows)) < self.count
+    present: torch.Tensor
 
 
-class PaddedCache:
-    """Padded copies of hidden-count tensors, by tensor (dropped with it; remade when it changes in place)."""
-
-    def __init__(self) -> None:
-        self._by_id: dict[int, tuple[Any, int, int, PaddedRecords]] = {}
-        self._guard = threading.RLock()  # (re-entrant: a tensor's weakref callback may run under it, in GC)
-
-    def get(self, x: torch.Tensor, max_records: int) -> PaddedRecords:
-        with self._guard:
-            held = self._by_id.get(id(x))
-            if held is not None and held[0]() is x and held[1] == x._version and held[2] == max_records:
-                return held[3]
-        padded = _pad(x, max_records)
-        key = id(x)
-
-        def forget(_ref: Any, key: int = key) -> None:
-            with self._guard:
-                if key in self._by_id and self._by_id[key][0]() is None:
-                    del self._by_id[key]
-
-        with self._guard:
-            self._by_id[key] = (weakref.ref(x, forget), x._version, max_records, padded)
-        return padded
+def padded_rows(x: torch.Tensor, slots: torch.Tensor) -> PaddedRecords:
+    """The rows of ``x`` at ``slots`` (indices into ``max_records`` slots, the first ``len(x)`` its records;
+    any other slot: a zero row, masked). The same ops on the same sizes whatever ``len(x)``, 0 and the bound
+    included: a gather of ``len(slots)`` rows, read from the live tensor at each release (no copy kept: a
+    cached copy went stale when the owner wrote through ``x.numpy()`` or ``x.data``, and held the bound's
+    rows per tensor for its whole life)."""
+    n = len(x)
+    slots = slots.to(x.device)
+    present = slots < n
+    zero_row = torch.zeros((1, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    source = x if n else zero_row  # (no record: every slot reads the zero row, masked)
+    with torch.no_grad():  # (not x.detach(): a view sized by the count is work the trace shows)
+        rows = source.index_select(0, slots.clamp(max=max(n - 1, 0)))
+        keep = present.reshape(-1, *([1] * (rows.dim() - 1)))
+        return PaddedRecords(torch.where(keep, rows, zero_row), present)
 
 
-def _pad(x: torch.Tensor, max_records: int) -> PaddedRecords:
-    rows = torch.zeros((max_records, *x.shape[1:]), dtype=x.dtype)
-    rows[:len(x)] = x.detach()
-    return PaddedRecords(rows, len(x))
+def all_slots(x: torch.Tensor, max_records: int) -> PaddedRecords:
+    """``x``'s records then zero rows, ``max_records`` rows in all (a query's input)."""
+    return padded_rows(x, torch.arange(max_records))
 
 
 def check_bound(x: torch.Tensor, max_records: int, worker_id: str) -> None:
@@ -87,8 +73,8 @@ def release_bound(worker: Any, settings: Any, *tensors: torch.Tensor, dataset: b
     """The padded size a release on ``tensors`` computes over (None: their count is not hidden, used as
     they are), checked before the charge: refused when the owner declared no bound, or one exceeds it.
     ``dataset``: a DP training dataset's, hidden whenever the owner hides counts (stored or not).
-    The copy itself (:meth:`PaddedCache.get`) is taken after the charge: made there only for DP-only data
-    added after ``enable_dp``, its time is then paid for."""
+    Refusing data above the bound tells that one public threshold is passed (n > max_records), free: the
+    owner's ``enable_dp`` refuses such data it covers, so only data the owner adds later can meet it."""
     if not settings.hide_count or not dataset and not any(is_hidden(worker, t) for t in tensors):
         return None
     if settings.max_records is None:
@@ -101,19 +87,15 @@ def release_bound(worker: Any, settings: Any, *tensors: torch.Tensor, dataset: b
     return settings.max_records
 
 
-def pad_ahead(settings: Any, tensors: Iterable[torch.Tensor], worker_id: str) -> None:
-    """The owner's ``enable_dp``: checks every hidden-count tensor against the bound and pads it now, so
-    no scientist's release times the copy."""
+def check_ahead(settings: Any, tensors: Iterable[torch.Tensor], worker_id: str) -> None:
+    """The owner's ``enable_dp``: refuses (to the owner, with the figures) hidden-count data above the bound,
+    before anything changes, so no scientist's release meets the refusal."""
     if not settings.hide_count or settings.max_records is None:
         return
     for t in tensors:
-        if isinstance(t, torch.Tensor) and t.dim() > 0:
-            try:
-                check_bound(t, settings.max_records, worker_id)
-            except PermissionDeniedError:
-                raise ValueError(f"worker {worker_id!r} holds DP-only data of {len(t)} records, more than "
-                                 f"max_records={settings.max_records}") from None
-            settings.padded.get(t, settings.max_records)
+        if isinstance(t, torch.Tensor) and t.dim() > 0 and len(t) > settings.max_records:
+            raise ValueError(f"worker {worker_id!r} holds DP-only data of {len(t)} records, more than "
+                             f"max_records={settings.max_records}")
 
 
 def masked_lot_gradients(samples: list, present: torch.Tensor) -> list:

@@ -177,9 +177,10 @@ def dp_histogram(x: torch.Tensor, bins: int, lower: float, upper: float, epsilon
     half = upper * 0.5 - lower * 0.5
     frac = (v * 0.5 - lower * 0.5) / half if half > 0 else (v - lower) / (upper - lower)  # (subnormal bounds)
     at = (frac * bins).floor_().clamp_(0, bins - 1).to(torch.int64)
-    if present is not None:  # a padding row's values go to one more bin, dropped
+    if present is not None:  # a padding row's values go to one more bin, dropped (made whether or not any
+        # row is padding: at exactly max_records records bincount's output was one bin shorter)
         at = torch.where(present.reshape(-1, 1).expand(len(x), x.shape[1:].numel()).reshape(-1), at, bins)
-    counts = torch.bincount(at, minlength=bins)[:bins]  # int64: exact for the discrete Laplace
+    counts = torch.bincount(at, minlength=bins if present is None else bins + 1)[:bins]  # int64: exact
     return _noisy(counts, d, d, epsilon, delta, mechanism, integer=(mechanism == "laplace"))
 
 

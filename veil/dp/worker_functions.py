@@ -33,8 +33,8 @@ import torch
 
 from veil.dp import core
 from veil.dp.errors import PrivacyParameterError
-from veil.dp.padding import masked_lot_gradients, release_bound
-from veil.dp.plan_grads import check_forward_plan, loss_by_name, per_sample_gradients
+from veil.dp.padding import all_slots, masked_lot_gradients, padded_rows, release_bound
+from veil.dp.plan_grads import check_forward_plan, loss_by_name, per_sample_gradients, values_may_raise
 from veil.dp.queries import QUERIES, query_cost
 from veil.dp.worker_owner import dp_settings
 from veil.exceptions import PermissionDeniedError
@@ -112,6 +112,13 @@ def _sanitized_gradient(worker: Any, plan: Any, dataset: str, params: list, trai
     # a hidden count: the lot is drawn over the owner's public max_records rows, padding masked (refused
     # here, free, without a bound): its size, so the release's time, follows the bound, not the count
     bound = release_bound(worker, settings, ds.data, ds.target, dataset=True)
+    if bound is not None and values_may_raise(compiled.spec):
+        # a record the plan raises on is run twice (its attempt, then the dummy record), a zero padding row
+        # once: a plan raising on every real record made the lot's work max_records + (records in the lot)
+        raise PrivacyParameterError(
+            f"plan {compiled.spec.name!r} has ops that may raise on a record's values (indexing, embedding, "
+            "integer division by a value, ...): on data whose record count is hidden a failing record costs "
+            "more work than a padding row, so such plans are refused there")
     c = settings.max_grad_norm
     with settings.user_lock(user):
         # Charge first (before any work on the data): a failure below stays charged.
@@ -122,10 +129,10 @@ def _sanitized_gradient(worker: Any, plan: Any, dataset: str, params: list, trai
             if bound is None:
                 lot = core.poisson_indices(len(ds.data), q)  # (in time proportional to the lot, not the count)
                 x, y, present = ds.data[lot], ds.target[lot], None
-            else:
-                data, target = settings.padded.get(ds.data, bound), settings.padded.get(ds.target, bound)
+            else:  # (the lot's slots read from the live tensors: a gather of the lot's size)
                 lot = core.poisson_indices(bound, q)
-                x, y, present = data.rows[lot], target.rows[lot], lot < data.count
+                data, target = padded_rows(ds.data, lot), padded_rows(ds.target, lot)
+                x, y, present = data.rows, target.rows, data.present
             sums = [torch.zeros_like(p) for p in like]
             step = chunk or max(len(x), 1)
             for at in range(0, len(x), step):  # clipped per record, summed chunk by chunk
@@ -211,8 +218,8 @@ def _query(worker: Any, x: Any, name: str, epsilon: float, delta: float = 0.0, m
             if bound is None:  # (a count reads len(x) only: not even a view of x sized by it)
                 result = query(x if name == "count" else x.detach(), **kwargs)
             else:
-                padded = settings.padded.get(x, bound)
-                result = query(padded.rows, present=padded.present(), **kwargs)
+                padded = all_slots(x, bound)
+                result = query(padded.rows, present=padded.present, **kwargs)
         except Exception as e:  # noqa: BLE001
             raise core.generic_failure(f"DP {name} on {worker.id}", e) from None
     cost = torch.tensor([result.epsilon, result.delta, result.noise_scale], dtype=torch.float64)

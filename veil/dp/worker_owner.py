@@ -28,7 +28,7 @@ import torch
 from veil.dp.accountant import ACCOUNTANT_FACTORIES
 from veil.dp.budget import BudgetLedger
 from veil.dp.errors import PrivacyParameterError
-from veil.dp.padding import PaddedCache, pad_ahead
+from veil.dp.padding import check_ahead
 from veil.exceptions import PermissionDeniedError
 from veil.workers import cancellation
 from veil.workers.cancellation import outside_turn
@@ -84,8 +84,6 @@ class WorkerDP:
     hide_count: bool = False
     nominal_count: Optional[int] = None
     max_records: Optional[int] = None
-    #: the padded copies of hidden-count tensors that releases compute over
-    padded: PaddedCache = field(default_factory=PaddedCache, repr=False)
     #: user -> [lock, releases of theirs in flight] (:meth:`user_lock`; a user's entry goes with their last)
     _user_locks: dict = field(default_factory=dict, repr=False)
     _user_locks_guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -222,8 +220,8 @@ def enable_dp(worker: Any, datasets: Union[str, Sequence[str], Mapping[str, tupl
         max_records: with ``hide_count``, a public upper bound on the record count of the DP-only data
             (a capacity you are willing to publish): sums, means, histograms and DP training then compute
             over this many rows, padding masked out, so their time and memory do not reveal the count.
-            Data with more records is refused here (later data: at its releases). Each hidden-count
-            tensor gets a padded copy of ``max_records`` rows. Without it those releases are refused
+            Data with more records is refused here (later data: at its releases). Each such release
+            gathers ``max_records`` rows (no copy is kept). Without it those releases are refused
             while the count is hidden; a DP count is always answered.
 
     Returns:
@@ -257,9 +255,10 @@ def enable_dp(worker: Any, datasets: Union[str, Sequence[str], Mapping[str, tupl
                         None if noise_multiplier is None else float(noise_multiplier), float(delta), accountant,
                         float(max_sample_rate), _datasets(worker, datasets), max_bins=max_bins,
                         hide_count=bool(hide_count), nominal_count=nominal_count, max_records=max_records)
-    # padded now, by the owner, so no release times the copy; refused (before anything changes) past the bound
-    hidden = [e.obj for _, e in worker.monitor.owner_entries() if e.meta.get("dp_only")]
-    pad_ahead(settings, hidden + [t for ds in settings.datasets.values() for t in (ds.data, ds.target)], worker.id)
+    # refused (before anything changes) past the bound: told to the owner, not to a scientist's release; the
+    # owner's own data only (a client may flag its own object DP-only: one past the bound blocked this call)
+    hidden = [e.obj for _, e in worker.monitor.owner_entries() if e.meta.get("dp_only") and e.protected]
+    check_ahead(settings, hidden + [t for ds in settings.datasets.values() for t in (ds.data, ds.target)], worker.id)
     for user, (eps, dlt) in (budgets or {}).items():
         settings.set_budget(user, eps, dlt)
     _mark_dp_only(worker, settings.datasets.values())
