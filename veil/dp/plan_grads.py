@@ -29,6 +29,7 @@ from veil.plans import interpreter
 from veil.plans.ops import PlanSpec, SlotRef
 from veil.tensors.tree import leaves
 from veil.workers import output_bounds
+from veil.workers.quiet_warnings import DROPPED
 
 # A per-record loss: (output [1, ...], target [1, ...]) -> scalar.
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -129,14 +130,16 @@ def per_sample_gradients(plan: interpreter.CompiledPlan, state: Sequence[torch.T
 
     params = tuple(frozen[i] for i in train_idx)
     dummy = (torch.zeros(x.shape[1:], dtype=x.dtype), torch.zeros(y.shape[1:], dtype=y.dtype))
-    if strategy is None:
-        # A plan that indexes or divides by values may raise on one record; under vmap that
-        # fails the whole lot (and a redo would time it), so such plans go record by record.
-        strategy = "loop" if values_may_raise(plan.spec) else \
-            per_sample.choose_strategy(one, params, dummy, lot_size=len(x))
     versions = [t._version for t in frozen]
-    grads = per_sample.record_gradients(one, params, (x, y), strategy=strategy, strict=strict, dummy=dummy,
-                                        on_failure=_log_failure)
+    # the requester's plan, its warnings dropped (under an owner's "error" filter one failed a record, or the lot)
+    with DROPPED:
+        if strategy is None:
+            # A plan that indexes or divides by values may raise on one record; under vmap that
+            # fails the whole lot (and a redo would time it), so such plans go record by record.
+            strategy = "loop" if values_may_raise(plan.spec) else \
+                per_sample.choose_strategy(one, params, dummy, lot_size=len(x))
+        grads = per_sample.record_gradients(one, params, (x, y), strategy=strategy, strict=strict, dummy=dummy,
+                                            on_failure=_log_failure)
     if strict and [t._version for t in frozen] != versions:
         # The records share the state tensors: a plan writing into them would let one record's gradient
         # depend on the records run before it (the clipping bound, so the privacy proof, would not hold).

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import secrets
-import warnings
 from typing import Any
 
 import torch
@@ -29,6 +28,7 @@ from veil.tensors.handle import RemoteHandle, fetch_all
 from veil.tensors.pointer import PointerTensor
 from veil.workers import base, cancellation, output_bounds
 from veil.workers.monitor import register_size_estimator
+from veil.workers.quiet_warnings import DROPPED
 from veil.workers.quota import QuotaExceededError
 
 
@@ -117,25 +117,11 @@ def session_budget(worker: Any) -> Any:
     return _PlanBudget(monitor, worker.principal(worker.requester()))
 
 
-_IGNORE_ALL = ("ignore", None, Warning, None, 0)  # (a warnings filter entry: action, message, category, module, line)
-
-
 def _quiet_run(compiled: interpreter.CompiledPlan, inputs: list, state: list, budget: Any) -> Any:
-    """``interpreter.run`` with its ops' warnings dropped: a requester's plan never reaches the owner's process
-    through them (under an "error" filter, a warning that follows the values, such as ``out=`` resized by a
-    ``masked_select``'s count, would fail the run on some data only; under "default", every distinct text, shapes
-    in it, is a line in the owner's log and an entry kept in a registry for as long as the worker runs)."""
-    # (one filter put first and taken out by identity, not catch_warnings: ~1 us, not ~10, per fit batch, and
-    # two threads' runs that overlap cannot leave each other's filter state behind)
-    filters = warnings.filters
-    filters.insert(0, _IGNORE_ALL)
-    try:
+    """``interpreter.run`` with its ops' warnings dropped, on this thread only (:mod:`veil.workers.quiet_warnings`):
+    a requester's plan never reaches the owner's process through them."""
+    with DROPPED:
         return interpreter.run(compiled, inputs, state, budget)
-    finally:
-        for i, f in enumerate(filters):
-            if f is _IGNORE_ALL:
-                del filters[i]
-                break
 
 
 def _undo_slots(tensors: list) -> list:

@@ -18,6 +18,7 @@ from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST, NO_RESULT, register_worker_function
 from veil.tensors.tree import leaves, map_structure
 from veil.workers import oblivious, output_bounds, owner_guard
+from veil.workers.quiet_warnings import dropping_warnings
 from veil.workers.accounts import END_ACCOUNT
 from veil.workers.base import STORABLE_TYPES, STORE_VALIDATORS, BaseWorker, register_handler
 from veil.workers.monitor import DEALER_OUTPUTS, PROTOCOL_PREFIXES, Principal, Purpose
@@ -83,6 +84,7 @@ def _run_command(worker: BaseWorker, principal: Principal, sender: str, name: An
                          wire_kwargs)
 
 
+@dropping_warnings  # (the requester's op never reaches the owner's process through a warning)
 def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any, purpose: Purpose, args: list,
                   kwargs: dict, found: dict, ids: Any, grad_enabled: Any, wire_args: Any, wire_kwargs: Any) -> Any:
     """The rest of :func:`_run_command` once the monitor resolved the command's objects (``found``: id ->
