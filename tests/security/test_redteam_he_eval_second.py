@@ -279,3 +279,26 @@ def test_the_seal_walk_bounds_what_it_cannot_read_exactly():
         with pytest.raises(WireFormatError) as refused:
             seal_bytes.inflated_size(broken, 1 << 30)
         _one_line(refused.value)
+
+
+def test_a_worker_refuses_a_context_bomb_in_one_line_and_still_serves(hook, ctx):
+    """The same Galois-key bomb as a stored object sent to a worker (what a scientist's ObjectMessage carries):
+    refused in one line, and the worker then stores and computes on an honest ciphertext with its context."""
+    from veil.ids import new_id
+    from veil.messaging.messages import ObjectMessage, StoredObject
+
+    class CraftedContext(ckks.CKKSContext):
+        def __init__(self, data: bytes):
+            self._data = data
+
+        def serialize(self, secret_key: bool = False) -> bytes:
+            return self._data
+
+    owner = sy.VirtualWorker(hook, id=uid("he-ctx-bomb"))
+    with pytest.raises(Exception) as refused:
+        hook.local_worker.send_msg(ObjectMessage([StoredObject(new_id(), CraftedContext(
+            _context_bomb(ctx, 100, "zstd")))]), owner)
+    assert "compression bomb" in _one_line(refused.value)
+    x = torch.tensor([0.5, -2.0, 3.0], dtype=torch.float64)
+    doubled = (ckks.encrypt(x, ctx).send(owner) * 2.0).get().decrypt(ctx).double()
+    assert torch.allclose(doubled, 2 * x, atol=1e-4)
