@@ -16,9 +16,8 @@ import subprocess
 import sys
 import tempfile
 
-os.environ.setdefault("KERAS_BACKEND", "torch")
+os.environ.setdefault("KERAS_BACKEND", "torch")  # before the owner imports Keras: its models are torch modules
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import veil as sy  # noqa: E402
@@ -50,6 +49,8 @@ def client(cluster_file):
 
 
 def owner():
+    import keras  # only the owner's process needs Keras (a few seconds to import): the client sends numpy arrays
+
     x_train, y_train, _, _ = mnist_channels_last()
     order = np.random.default_rng(0).permutation(len(x_train))  # the bundled rows are sorted by digit
     n = 640 if SHORT else len(x_train)
@@ -68,7 +69,7 @@ def owner():
     model.fit(x_train, y_train, batch_size=32, epochs=1 if SHORT else 3, verbose=0)
     print(f"owner: trained on {n} images")
 
-    hook = sy.KerasHook(keras)  # noqa: F841  (Keras models get share/serve/stop)
+    sy.KerasHook(keras)  # Keras models get share/serve/stop (a global hook: nothing to keep)
     alice, bob, carol = (sy.TFEWorker(host=f"localhost:{free_port()}", auto_managed=True) for _ in range(3))
     cluster = sy.TFECluster(alice, bob, carol)  # carol, the last one, deals the crypto material
     cluster.start()
