@@ -22,7 +22,7 @@ from veil.he import ckks, ckks_wire, evaluation as ev, flooding, seal_bytes
 from veil.he.errors import CiphertextRefusedError, WireFormatError
 
 from fl_helpers import uid
-from test_redteam_he_crypto import _field, _varint
+from test_redteam_he_crypto import _field, _varint, _with_field
 from test_redteam_he_eval import _bigger_stored_scale, _zlib_bomb
 
 ts = pytest.importorskip("tenseal")
@@ -302,3 +302,72 @@ def test_a_worker_refuses_a_context_bomb_in_one_line_and_still_serves(hook, ctx)
     x = torch.tensor([0.5, -2.0, 3.0], dtype=torch.float64)
     doubled = (ckks.encrypt(x, ctx).send(owner) * 2.0).get().decrypt(ctx).double()
     assert torch.allclose(doubled, 2 * x, atol=1e-4)
+
+
+# ------------------------------------------------------------------ 1. the sealing's fresh zero
+
+
+def _key_of_constant(ctx, value: int, tmp_path):
+    """A SEAL secret key, at ``ctx``'s key level, of the constant polynomial ``value`` (NTT words all ``value``):
+    decrypting with value 2 and value 1 and subtracting gives a ciphertext's c1 alone, decoded."""
+    sa = pytest.importorskip("tenseal.sealapi")
+    data = ctx.raw.seal_context().data
+    version = _field(ctx.serialize(), 1)[3:5]
+    words = [value] * (len(data.key_context_data().parms().coeff_modulus()) * ctx.slots * 2)
+    array = struct.pack("<HB2sBHQ", 0xA15E, 16, version, 0, 0, 24 + 8 * len(words)) + struct.pack("<Q", len(words))
+    members = struct.pack("<4Q", *data.key_parms_id()) + struct.pack("<Qd", len(words), 1.0) + array \
+        + struct.pack(f"<{len(words)}Q", *words)
+    path = str(tmp_path / f"key{value}")
+    with open(path, "wb") as f:
+        f.write(struct.pack("<HB2sBHQ", 0xA15E, 16, version, 0, 0, 16 + len(members)) + members)
+    key = sa.SecretKey()
+    key.load(data, path)
+    return key
+
+
+def _c1_decoded(ctx, segment, tmp_path) -> torch.Tensor:
+    sa = pytest.importorskip("tenseal.sealapi")
+    data = ctx.raw.seal_context().data
+    values = []
+    for constant in (1, 2):
+        plain = sa.Plaintext()
+        sa.Decryptor(data, _key_of_constant(ctx, constant, tmp_path)).decrypt(segment.ciphertext()[0], plain)
+        values.append(torch.tensor(sa.CKKSEncoder(data).decode_double(plain), dtype=torch.float64))
+    return values[1] - values[0]
+
+
+@pytest.mark.xfail(strict=True, reason="LIMIT: the fresh encryptions of zero that rerandomize and seal a result are "
+                                       "made with the requester's public key, which nothing checks is an RLWE "
+                                       "sample: pk = (0, p) gives (0, u) with u ternary, so c1 carries the scores "
+                                       "unflooded (a = b/t for small b, t does the same and looks uniform). Needs a "
+                                       "public key whose a is expanded from a hashed seed, or a proof that it is "
+                                       "well formed")
+def test_a_crafted_public_key_leaves_the_scores_c1_unreadable(ctx, tmp_path):
+    """Attack (the sealing, second pass): the data owner sends a public context whose public key is (0, p), p the
+    special prime as a constant polynomial (SEAL loads it: every word is below its prime). Encrypting zero under
+    it gives round((p*u + e)/p) = (0, u): no randomness beyond a ternary u. Its batch is (0, encode(x_j)), so the
+    scores' c1 is x @ W times the encoding, plus the layer's rounding: decrypting with two constant keys (1, 2)
+    and subtracting reads it. Must hold: c1 gives x @ W no finer than the flooding (SIGMA / 4); with an honest
+    public key it is noise of ~1e7."""
+    from test_redteam_he_crypto import _Encoder, _seal_ciphertext
+
+    data = ctx.raw.seal_context().data
+    version = _field(ctx.serialize(), 1)[3:5]
+    primes = [m.value() for m in data.key_context_data().parms().coeff_modulus()]
+    pk1 = [word for q in primes for word in [primes[-1] % q] * ctx.slots * 2]
+    crafted_key = _seal_ciphertext(version, tuple(data.key_parms_id()), 1.0, [0] * len(pk1) + pk1, len(primes))
+    public = ckks_wire.context_from_wire(_context_wire(ctx.serialize() + _message(2, _message(1, crafted_key))))
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64)
+    w = torch.randn(D, M, generator=g, dtype=torch.float64) / 7
+    encoder, segments = _Encoder(), []
+    for j in range(D):
+        honest = ts.ckks_vector(public.raw, x[:, j].repeat(M).tolist())
+        raw = honest.ciphertext()[0]
+        k = raw.coeff_modulus_size()
+        c1 = encoder.ntt(x[:, j].repeat(M).tolist(), raw.scale, k)
+        blob = _seal_ciphertext(version, raw.parms_id(), raw.scale, [0] * (k * ctx.slots * 2) + c1, k)
+        segments.append(ts.ckks_vector_from(public.raw, _with_field(honest.serialize(), 2, blob)))
+    scores = ev.linear_scores(ckks.CKKSTensor(public, segments, (D, M * B), torch.float32), w, torch.zeros(M))
+    read = _c1_decoded(ctx, scores.segments[0], tmp_path)[:M * B].reshape(M, B).T
+    assert (read - x @ w).abs().max() > SIGMA / 4, "the scores' c1 gave x @ W finer than the flooding"
