@@ -267,7 +267,8 @@ def test_data_above_the_bound_is_refused_to_the_owner_and_freely_to_the_scientis
         w.enable_dp("c", max_records=100)  # a bound only means something with hide_count
     w.enable_dp("c", budgets={"me": (10.0, 0.0)}, hide_count=True, max_records=64)
     n = 6173
-    w.load(torch.rand(n, 2), tags=("#late",), private=True, policy="dp-only")  # the owner's later upload
+    w.load(torch.rand(n, 2), tags=("#late",), private=True)  # the owner's later upload, then made DP-only
+    w.set_policy("#late", "dp-only")  # (loaded as DP-only it is refused to the owner: the second pass)
     (late,) = w.search(["#late"])
     with pytest.raises(PermissionDeniedError) as e:
         sy.dp.remote_query(late, "sum", epsilon=1.0, bounds=(0.0, 1.0))

@@ -18,6 +18,9 @@ padded copy):
   Fixed: on hidden-count data a plan whose ops may raise on values (``values_may_raise``) is refused, free.
 - A client may flag its own object DP-only: one above the bound made the owner's next ``enable_dp`` fail
   (the bound check at ``enable_dp`` now covers the owner's own data only).
+- DP-only data loaded after ``enable_dp`` past the bound was stored, and each release on it refused free
+  (n > max_records told to any scientist): ``load(..., policy="dp-only")`` now refuses it to the owner.
+  (Left, documented: data re-flagged DP-only, or grown past the bound, still meets the free refusal.)
 Held (tests that could fail): releases of 0 records and of exactly the bound do the same work as any
 other count; NaN / inf in the records leave no trace in the padding's value or work; DP-SGD at other
 sample rates and under a session quota (chunked lots) computes lots of the bound's size; a Ray-style
@@ -180,9 +183,25 @@ def test_a_scientists_own_dp_only_object_does_not_block_the_owners_enable_dp(hoo
                                                                (CAP_PREFIX + "dp_only",))]), w)
     ws = w.enable_dp("c", budgets={"me": (1.0, 0.0), "bob": (2.0, 0.0)}, hide_count=True, max_records=64)
     assert ws.remaining("bob") == (2.0, 0.0)
-    w.load(torch.rand(65, 2), tags=("#big",), private=True, policy="dp-only")
+    w.load(torch.rand(65, 2), tags=("#big",), private=True)
+    w.set_policy("#big", "dp-only")
     with pytest.raises(ValueError, match="max_records"):
         w.enable_dp("c", hide_count=True, max_records=64)
+
+
+def test_dp_only_data_past_the_bound_is_refused_to_the_owner_at_load_not_to_a_scientist(hook):
+    """Attack: DP-only data the owner loads after ``enable_dp`` with more records than max_records was
+    stored, and every release on it refused, free: a scientist learned n > max_records at no cost. Must
+    hold: the owner's ``load(..., policy="dp-only")`` of such data fails (nothing stored); data within
+    the bound loads and is released."""
+    w = sy.VirtualWorker(hook, id="rt-hc2-late-big")
+    w.enable_dp(budgets={"me": (10.0, 0.0)}, hide_count=True, max_records=64)
+    with pytest.raises(ValueError, match="max_records"):
+        w.load(torch.rand(65, 2), tags=("#big",), private=True, policy="dp-only")
+    assert not w.search(["#big"])
+    w.load(torch.rand(64, 2), tags=("#fits",), private=True, policy="dp-only")
+    (fits,) = w.search(["#fits"])
+    assert sy.dp.remote_query(fits, "sum", epsilon=1.0, bounds=(0.0, 1.0)).value.shape == (2,)
 
 
 # ============================================================================================ held

@@ -72,7 +72,7 @@ def _no_count(text: str, n: int) -> None:
 # ------------------------------------------------------------------------------------------------ holes
 
 def test_dp_only_dataset_loaded_after_enable_dp_hides_its_count(hook):
-    srv, s, _ = _owner(hook, "rt-md-late-load")
+    srv, s, _ = _owner(hook, "rt-md-late-load", max_records=64)  # (past the bound: refused at load)
     srv.load(torch.rand(41, 2), tags=("#late",), private=True, policy="dp-only")  # e.g. the owner's later upload
     (d,) = _find(srv, s, "#late")
     reply, _ = _cmd(srv, s, "torch.mul", m.ObjectRef(d.id), 2)

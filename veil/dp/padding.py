@@ -98,6 +98,20 @@ def check_ahead(settings: Any, tensors: Iterable[torch.Tensor], worker_id: str) 
                              f"max_records={settings.max_records}")
 
 
+def check_owner_load(worker: Any, obj: Any) -> None:
+    """The owner's ``load(..., policy="dp-only")`` after ``enable_dp(hide_count=True, max_records=N)``:
+    data of more than N records is refused to the owner before it is stored (stored, every release on it
+    was refused, free, telling a scientist n > N). A re-flag to DP-only is not refused (a tightening
+    holds): releases on such data are refused as before."""
+    from veil.dp.worker_owner import dp_settings
+
+    try:
+        settings = dp_settings(worker)
+    except PermissionDeniedError:
+        return
+    check_ahead(settings, [obj], worker.id)
+
+
 def masked_lot_gradients(samples: list, present: torch.Tensor) -> list:
     """Per-record gradients with the padding rows' set to zero (they are no record: nothing to clip)."""
     out = []

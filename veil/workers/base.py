@@ -110,6 +110,10 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
         """
         from veil.ids import new_id
 
+        if policy == "dp-only":  # (past a hidden count's public bound: refused here, before it is stored)
+            from veil.dp.padding import check_owner_load
+
+            check_owner_load(self, obj)
         oid = new_id()
         tags = tuple(tags) or tuple(getattr(obj, "tags", ()) or ())
         description = description or getattr(obj, "description", "") or ""
