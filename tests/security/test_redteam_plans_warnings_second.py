@@ -8,6 +8,10 @@ Holes found and fixed (one helper now runs all requester code: veil/workers/quie
 - ... and it lived in whichever list was current when the run began: another thread's ``catch_warnings`` block
   (entered before the run, left during it) put back its saved list without it, and the rest of the plan's ops
   warned under the owner's filters again ("error": a value-dependent warning failed the run, one bit);
+- the tracer's ``catch_warnings`` per op (18acfec) swapped the process's filter list and ``showwarning``: two
+  threads tracing at once (one op inside the other's) left one thread's copy ("always" first) and its recorder to
+  the whole process for good, every later warning appended to a list no one reads; ops are now traced with their
+  warnings kept for this thread only (``quiet_warnings.capturing``);
 - a direct torch command was never quieted: under the owner's "error" filter its warning failed the command
   (on the owner's data or the scientist's own), and under the default action each distinct text (shapes in
   it: ``mse_loss`` of a column against a row, ``out=`` resized) was a line in the owner's log and an entry kept
@@ -32,6 +36,7 @@ from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST
 from veil.plans import interpreter
 from veil.plans.ops import PlanOp, PlanSpec, SlotRef
+from veil.plans.trace import trace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import plan_sessions  # noqa: E402
@@ -113,6 +118,54 @@ def test_a_plans_warnings_stay_dropped_when_another_threads_block_ends_mid_run(h
         reply, _ = _run_plan(srv, s, _selects_into(5), [xid])
     assert type(reply) is m.OkReply, reply
     _serving(srv, s, xid)
+
+
+class _Pausing(torch.Tensor):
+    """An example tensor whose first addition on a thread calls that thread's pause (in the trace's op)."""
+
+    pauses: dict = {}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("__add__", "add"):
+            pause = cls.pauses.pop(threading.get_ident(), None)
+            if pause is not None:
+                pause()
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+def test_two_threads_tracing_at_once_leave_the_processs_warnings_as_they_were():
+    """Two threads trace a plan at once, the second's op starting inside the first's and ending after it: the
+    process's filter list and ``showwarning`` are its own after both (each op's ``catch_warnings`` put back the
+    list and the recorder it saved: the first thread's copy, "always" first, and its recorder stayed for good,
+    every later warning of the process appended to a list no one reads)."""
+    filters, show = warnings.filters, warnings.showwarning
+    before = [f for f in filters]
+    inside = {k: threading.Event() for k in ("a", "b")}
+    go = {k: threading.Event() for k in ("a", "b")}
+
+    def build(key):
+        def pause():
+            inside[key].set()
+            assert go[key].wait(10)
+        _Pausing.pauses[threading.get_ident()] = pause
+        trace(lambda x: x + 1, (torch.zeros(2).as_subclass(_Pausing),), [], f"pausing-{key}")
+
+    threads = {k: threading.Thread(target=build, args=(k,)) for k in ("a", "b")}
+    threads["a"].start()
+    assert inside["a"].wait(10)
+    threads["b"].start()
+    assert inside["b"].wait(10)
+    go["a"].set()
+    threads["a"].join(10)
+    go["b"].set()
+    threads["b"].join(10)
+    after_filters, after_show = warnings.filters, warnings.showwarning
+    warnings.filters, warnings.showwarning = filters, show  # (pytest's own, for the tests after this one)
+    assert after_filters is filters and after_show is show, (after_filters[:2], after_show)
+    assert [f for f in filters if "Requester" not in getattr(f[2], "__name__", "")] == \
+        [f for f in before if "Requester" not in getattr(f[2], "__name__", "")]
 
 
 # ------------------------------------------------------------------ direct torch commands

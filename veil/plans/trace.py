@@ -18,6 +18,7 @@ from veil.exceptions import OperationNotAllowedError
 from veil.messaging.allowlist import ALLOWLIST
 from veil.plans.ops import PlanOp, PlanSpec, SlotRef
 from veil.tensors.tree import leaves, map_structure
+from veil.workers.quiet_warnings import capturing
 
 _T = torch.Tensor
 #: metadata answered from the wrapper itself, not recorded
@@ -76,12 +77,10 @@ MAX_WARNINGS = 64
 
 
 def show_warnings(caught: list) -> None:
-    """Shows the ops' warnings of a finished trace (each text once) under the caller's filters."""
-    shown: set = set()
-    for w in caught:
-        if (str(w.message), w.category) not in shown:
-            shown.add((str(w.message), w.category))
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    """Shows the ops' warnings of a finished trace, ``(text, category)`` each (each once), under the caller's
+    filters, as raised where the build was called."""
+    for text, category in dict.fromkeys(caught):
+        warnings.warn(text, category, stacklevel=3)
 
 
 class Tracer:
@@ -114,11 +113,11 @@ class Tracer:
         wire_args, wire_kwargs = map_structure(args, to_slot), map_structure(kwargs, to_slot)
         unwrap = lambda t: t.__dict__["elem"] if type(t) is TraceTensor else t
         real_args, real_kwargs = map_structure(args, unwrap), map_structure(kwargs, unwrap)
+        caught: list = []
         try:
-            # under a fixed filter state, whatever the function set: a warning is neither seen by it
-            # (catch_warnings(record=True)) nor an exception it could catch (simplefilter("error"))
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
+            # a warning is neither seen by the function (catch_warnings(record=True)) nor an exception it could
+            # catch (simplefilter("error")), whatever filters it set: kept for after the build, this thread's only
+            with capturing(caught):
                 result = op.func(*real_args, **real_kwargs)
         except Exception:
             self.read_sizes = True  # (caught by the function, the error may have decided what it did next)
