@@ -220,9 +220,12 @@ def enable_dp(worker: Any, datasets: Union[str, Sequence[str], Mapping[str, tupl
         max_records: with ``hide_count``, a public upper bound on the record count of the DP-only data
             (a capacity you are willing to publish): sums, means, histograms and DP training then compute
             over this many rows, padding masked out, so their time and memory do not reveal the count.
-            Data with more records is refused here (later data: at its releases). Each such release
-            gathers ``max_records`` rows (no copy is kept). Without it those releases are refused
-            while the count is hidden; a DP count is always answered.
+            Data with more records is refused here (later data: at its load as DP-only, or, re-flagged,
+            at its releases). Each such release gathers ``max_records`` rows and computes over them in
+            float64 (no copy is kept between releases): choose a bound whose rows the worker's memory holds a
+            few times over. DP training there refuses plans whose ops may raise on a record's values
+            (indexing or an embedding by value): a failing record cost more work than a padding row.
+            Without it those releases are refused while the count is hidden; a DP count is always answered.
 
     Returns:
         The settings object (``.set_budget(user, eps, delta)``, ``.remaining(user)``).

@@ -6,7 +6,7 @@ worker`` on the same data dir), where this process's lock and revocation count s
 
 - the user was revoked (readmitted since or not): the stored revocation record (``governance.revoked``, rewritten
   by every revocation and readmission, revocation.py) is no longer what the move read before it took the
-  approval (:func:`revocation_mark`);
+  approval (:func:`revocation_mark`), or says revoked (:func:`says_revoked`);
 - a twin request for the same value (id, user, bytes, computation), filed while the move held the approval, was
   approved and used: the value went out under it, and its use found this approval used, not open, so it did
   not lapse it.
@@ -18,6 +18,7 @@ approval open again and lapses it; one before it is seen.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -53,6 +54,20 @@ def revocation_mark(worker: Any, name: str, count: int) -> RevocationMark:
     return RevocationMark(count, state.db.kv_get(REVOKED, name), True)
 
 
+def says_revoked(record: bytes | None) -> bool:
+    """Whether a stored revocation record keeps the user out (an unreadable one does: fails closed). The
+    record alone, unchanged since the move read it, missed a revocation stored before that read whose lapse ran
+    after the move took the approval (the lapse waits for the user's transaction, or failed and is retried):
+    it found the approval used, not open, and this process had not synced the revocation yet."""
+    if record is None:
+        return False
+    try:
+        value = json.loads(record)
+    except ValueError:
+        return True
+    return type(value) is not dict or value.get("revoked") is not False
+
+
 def user_lock(name: str) -> str:
     """The name one user's uses, give-backs and lapses of approvals serialize on (``serialized_write``)."""
     return f"veil.release_requests.user:{name}"
@@ -61,16 +76,19 @@ def user_lock(name: str) -> str:
 def restore_unless_voided(queue: ReviewQueue, request_id: str, user: str, mark: RevocationMark,
                           key: Callable[[Any], Any]) -> tuple[str, str]:
     """Gives ``request_id``'s approval back (``approved`` again, marked given back once) unless it is no longer
-    ``released`` or was given back before (USED), the user's revocation record changed since ``mark``
-    (REVOKED_MEANWHILE), or a twin released the value meanwhile (TWIN_RELEASED, detail: the twin's id).
-    (outcome, detail)."""
+    ``released`` or was given back before (USED, detail: which, for the owner's audit row), the user's revocation
+    record changed since ``mark`` (REVOKED_MEANWHILE), or a twin released the value meanwhile (TWIN_RELEASED,
+    detail: the twin's id). (outcome, detail)."""
     if not mark.read:
-        return USED, ""
+        return USED, "no dataset was under review when the move began"
     with serialized_write(queue.db, user_lock(user)) as tx:
         req = queue.get(request_id)
-        if req.state != "released" or queue.db.kv_get(GIVEN_BACK, request_id) is not None:
-            return USED, ""
-        if queue.db.kv_get(REVOKED, user) != mark.stored:
+        if req.state != "released":
+            return USED, f"it is {req.state} now"
+        if queue.db.kv_get(GIVEN_BACK, request_id) is not None:
+            return USED, "given back once already"
+        record = queue.db.kv_get(REVOKED, user)
+        if record != mark.stored or says_revoked(record):  # (see says_revoked)
             return REVOKED_MEANWHILE, ""
         twin = _released_twin(queue, req, key)
         if twin is not None:
@@ -84,9 +102,11 @@ def restore_unless_voided(queue: ReviewQueue, request_id: str, user: str, mark: 
 
 def _released_twin(queue: ReviewQueue, req: Any, key: Callable[[Any], Any]) -> str | None:
     """The id of a request of the same value filed after ``req`` was approved and released since (one filed while
-    a move held ``req``: while ``req`` stood approved, a get of the value used it instead of filing), if any."""
+    a move held ``req``: while ``req`` stood approved, a get of the value used it instead of filing), if any.
+    Both times are read from one clock (``persistence.db_clock``: the PostgreSQL server's); one filed at the very
+    time of the approval counts (filed before it, while ``req`` was pending, its release lapsed ``req``)."""
     found = queue._rows("WHERE object_id = ? AND principal = ? AND digest = ? AND state = 'released' AND id != ? "
-                        "AND ts > ?", (str(req.object_id), req.principal, req.digest, req.id,
+                        "AND ts >= ?", (str(req.object_id), req.principal, req.digest, req.id,
                                        req.decided_ts or 0.0), 50)
     mine = key(req)
     return next((r.id for r in found if key(r) == mine), None)

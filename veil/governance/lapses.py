@@ -16,7 +16,8 @@ An open request (pending or approved) lapses when
 - a twin request released the same value while a move held the approval: the refused move does not give it back
   (give_backs.py);
 - an older version left an approval ``approved`` after the owner denied the same value: it lapses when a process
-  first opens the database (:func:`lapse_voided_approvals`).
+  first opens the database (:func:`lapse_voided_approvals`, up to 1,000 per opening), or when it would be used
+  (:func:`use_approval`: nothing released).
 
 A lapsed request releases nothing; the same value asked for again files a new request. The owner's own message
 on an approval is kept, the reason appended.
@@ -91,17 +92,33 @@ def use_approval(queue: ReviewQueue, used: ReleaseRequest, key: Callable[[Any], 
     (a lapse logged as failed after the release left an approved twin that released the value again), which the
     user's give-backs and revocation lapses serialize with (``give_backs.user_lock``: a twin read before another
     process gave it back stayed approved). Raises PermissionDeniedError if the approval was no longer
-    ``approved`` (another process of the owner released it first); a failure (the database) raises with nothing
-    used and nothing lapsed. The ids lapsed."""
+    ``approved`` (another process of the owner released it first), or if the owner denied a request for the same
+    value since it was approved: it lapses instead, nothing released (one left ``approved`` by an older version,
+    past the migration's batch or by a lapse that failed was used when it was the newest request of its id: the
+    decision reads it without ``approved_for``'s denial check); a failure (the database) raises with nothing used
+    and nothing lapsed. The ids lapsed."""
     with serialized_write(queue.db, user_lock(used.principal)) as tx:
-        twins = [r.id for r in _same_value(queue, used, _OPEN, key)]
-        if not tx.execute("UPDATE release_requests SET state = 'released' WHERE id = ? AND state = 'approved'",
-                          (used.id,)).rowcount:
-            raise PermissionDeniedError(f"request {used.id} is already {queue.get(used.id).state}")
-        if twins:
-            tx.execute(_SET + f"WHERE id IN ({', '.join('?' * len(twins))}) AND state IN ('pending', 'approved')",
-                       (*_params(f"lapsed: the same value was released under request {used.id}"), *twins))
-    return twins
+        denial = _denied_since(queue, used, key)
+        if denial is None:
+            twins = [r.id for r in _same_value(queue, used, _OPEN, key)]
+            if not tx.execute("UPDATE release_requests SET state = 'released' WHERE id = ? AND state = 'approved'",
+                              (used.id,)).rowcount:
+                raise PermissionDeniedError(f"request {used.id} is already {queue.get(used.id).state}")
+            if twins:
+                tx.execute(_SET + f"WHERE id IN ({', '.join('?' * len(twins))}) AND state IN ('pending', 'approved')",
+                           (*_params(f"lapsed: the same value was released under request {used.id}"), *twins))
+            return twins
+        tx.execute(_SET + "WHERE id = ? AND state = 'approved'",
+                   (*_params(f"lapsed: the data owner denied request {denial} for the same value"), used.id))
+    raise PermissionDeniedError(f"release request {used.id} lapsed: the data owner denied the same value since it "
+                                "was approved; nothing was released (ask again: a new request is filed)")
+
+
+def _denied_since(queue: ReviewQueue, req: ReleaseRequest, key: Callable[[Any], Any]) -> str | None:
+    """The id of the owner's denial of a request for ``req``'s value (id, user, bytes, computation) decided at or
+    after ``req``'s approval, if any (as ``ReviewQueue.approved_for`` reads it: such an approval is void)."""
+    since = req.decided_ts or 0.0
+    return next((r.id for r in _same_value(queue, req, ("denied",), key) if (r.decided_ts or 0.0) >= since), None)
 
 
 @_after_the_decision
@@ -112,16 +129,17 @@ def after_denial(queue: ReviewQueue, denied: ReleaseRequest, key: Callable[[Any]
 
 
 @_after_the_decision
-def after_given_back(queue: ReviewQueue, request_id: str, key: Callable[[Any], Any]) -> bool:
+def after_given_back(queue: ReviewQueue, request_id: str, key: Callable[[Any], Any]) -> str:
     """A refused move gave ``request_id``'s approval back: it lapses if the owner denied a request for the same
-    value since it was approved. Whether it did."""
+    value since it was approved. The denial's id if it did, else ""."""
     req = queue.get(request_id)
     if req.state != "approved":
-        return False
-    since = req.decided_ts or 0.0
-    denials = [r for r in _same_value(queue, req, ("denied",), key) if (r.decided_ts or 0.0) >= since]
-    return bool(denials) and lapse(queue, req.id, "approved",
-                                   f"the data owner denied request {denials[0].id} for the same value")
+        return ""
+    denial = _denied_since(queue, req, key)
+    if denial is None or not lapse(queue, req.id, "approved", f"the data owner denied request {denial} for the "
+                                                              "same value"):
+        return ""
+    return denial
 
 
 #: approvals a migration lapses per opening of a database (the rest at the next opening)
@@ -155,6 +173,7 @@ def lapse_voided_approvals(worker: Any) -> int:
 #: with it)
 _REVOCATIONS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 _REVOKED_NOTE = "lapsed: the data owner revoked this user's access"
+_REVOKED_WHY = "the data owner revoked the user's access"
 
 
 def revocations(worker: Any, name: str) -> RevocationMark:
@@ -174,31 +193,34 @@ REVOKE_HANDLERS.append(_count_revocation)
 
 
 def give_back(queue: ReviewQueue, request_id: str, user: str, revoked_before: RevocationMark,
-              key: Callable[[Any], Any]) -> bool:
+              key: Callable[[Any], Any]) -> str | None:
     """A move the destination refused gives ``request_id``'s approval back, unless the owner revoked ``user``
     while the move held it (in any process: readmitted since too; the revocation found the approval used, not
     open), a twin request released the same value meanwhile (give_backs.py), or the owner denied the same value
     since it was approved (:func:`after_given_back`). Fails closed: a revocation in this process is known without
     the database (the approval stays used, shown lapsed where the database allows), and a denial check that fails
-    takes the approval back. Whether it stands again."""
+    takes the approval back. None when it stands again, else why it stays used (the owner's audit row says it).
+    """
     worker = queue.worker
     with governance(worker).lock:
         if _REVOCATIONS.get(worker, {}).get(user, 0) != revoked_before.count \
                 or user in getattr(getattr(worker, "tokens", None), "revoked", ()):
             _lapse_used(queue, request_id, _REVOKED_NOTE)
-            return False
-        outcome, twin = restore_unless_voided(queue, request_id, user, revoked_before, key)
+            return _REVOKED_WHY
+        outcome, detail = restore_unless_voided(queue, request_id, user, revoked_before, key)
         if outcome == REVOKED_MEANWHILE:
             _lapse_used(queue, request_id, _REVOKED_NOTE)
-        elif outcome == TWIN_RELEASED:
-            _lapse_used(queue, request_id, f"lapsed: the same value was released under request {twin}")
+            return _REVOKED_WHY
+        if outcome == TWIN_RELEASED:
+            _lapse_used(queue, request_id, f"lapsed: the same value was released under request {detail}")
+            return f"the same value was released under request {detail} while the move held it"
         if outcome != RESTORED:
-            return False
-        lapsed = after_given_back(queue, request_id, key)
-        if lapsed is None:  # (the check failed, logged: an approval the owner may have voided does not stand)
+            return detail
+        denial = after_given_back(queue, request_id, key)
+        if denial is None:  # (the check failed, logged: an approval the owner may have voided does not stand)
             _take_back(queue, request_id)
-            return False
-        return not lapsed
+            return "the check for a later denial of the same value failed"
+        return f"the data owner denied request {denial} for the same value" if denial else None
 
 
 @_after_the_decision

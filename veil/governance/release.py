@@ -10,6 +10,7 @@ already refused to every non-DP op by the DP guard, ``open`` is as before).
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Union
@@ -18,11 +19,13 @@ import torch
 
 from veil.exceptions import PermissionDeniedError, RequestDeniedError, ReviewPendingError
 from veil.governance.graphtext import render_graph
-from veil.governance.lapses import give_back, revocations, use_approval
+from veil.governance.lapses import RevocationMark, give_back, revocations, use_approval
 from veil.governance.provenance import GRAPH, ROOT, sources_of
 from veil.governance.requests import ReviewQueue, digest
 from veil.governance.state import _STATE, audit, governance
 from veil.workers import cancellation
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -266,14 +269,27 @@ def releasing(worker: Any, ids: list, entries: list, user: str, session: str, pu
         raise
 
 
-def _give_back_all(worker: Any, used: list, user: str, session: str, purpose: str, revoked_before: int,
+def _give_back_all(worker: Any, used: list, user: str, session: str, purpose: str, revoked_before: RevocationMark,
                    error: BaseException) -> None:
-    """:func:`releasing`'s approvals given back after the destination said it stored nothing."""
+    """:func:`releasing`'s approvals given back after the destination said it stored nothing, each send's
+    ``refused`` row saying whether its approval stands again and, if not, why (a revocation, a twin's release, a
+    later denial, a second give-back: the owner's audit tells them apart). A give-back the database fails leaves
+    that approval used (fails closed), its row written and the others still given back: the destination's
+    refusal is what the scientist is answered."""
     queue = ReviewQueue(worker)
     for oid, request_id in used:
         # (not when the owner revoked the user or denied the same value while the move held it: lapses.py)
-        again = give_back(queue, request_id, user, revoked_before, request_computation)
-        audit(worker, "release", user, session, [oid], "refused",
-              f"{request_id}: the {purpose} was refused where it went ({type(error).__name__}: it says it "
-              "stored nothing); the value was sent, " + ("the approval stands again" if again else
-                                                          "the approval stays used (given back once already)"))
+        try:
+            why = give_back(queue, request_id, user, revoked_before, request_computation)
+        except Exception as failure:  # noqa: BLE001 - the destination's refusal stays the answer
+            log.error("worker %s: the approval of %s was not given back (%s)", worker.id, request_id,
+                      type(failure).__name__)
+            why = f"its give-back could not be recorded ({type(failure).__name__})"
+        try:
+            audit(worker, "release", user, session, [oid], "refused",
+                  f"{request_id}: the {purpose} was refused where it went ({type(error).__name__}: it says it "
+                  "stored nothing); the value was sent, " + ("the approval stands again" if why is None else
+                                                              f"the approval stays used ({why})"))
+        except Exception as failure:  # noqa: BLE001 - (the database: its "allowed" row is on record)
+            log.error("worker %s: the refused send of %s was not audited (%s)", worker.id, request_id,
+                      type(failure).__name__)

@@ -24,7 +24,7 @@ from veil.exceptions import ObjectNotFoundError, PermissionDeniedError
 from veil.governance.canonical import canonical_floats
 from veil.governance.state import audit, governance
 from veil.workers.database import equality_filters
-from veil.workers.persistence import db_execute, db_update, db_update_then, insert_below_cap
+from veil.workers.persistence import db_clock, db_execute, db_update, db_update_then, insert_below_cap
 
 STATES = ("pending", "approved", "denied", "released", "lapsed")  # lapsed: veil/governance/lapses.py
 _COLUMNS = ("id", "ts", "worker", "principal", "session", "object_id", "reason", "shape", "dtype", "digest",
@@ -264,7 +264,7 @@ class ReviewQueue:
         obj = entry.obj
         graph = dict(entry.meta.get(GRAPH) or {})
         req = ReleaseRequest(
-            id=f"req-{secrets.token_hex(8)}", ts=time.time(), worker=self.worker.id, principal=principal,
+            id=f"req-{secrets.token_hex(8)}", ts=db_clock(self.db), worker=self.worker.id, principal=principal,
             session=session, object_id=object_id, reason=str(reason)[:2000],
             shape=list(obj.shape) if isinstance(obj, torch.Tensor) else [],
             dtype=str(obj.dtype).replace("torch.", "") if isinstance(obj, torch.Tensor) else type(obj).__name__,
@@ -319,7 +319,7 @@ class ReviewQueue:
         # since the read. The conditional UPDATE is the arbiter: no row back = it lost, so no audit, no success.
         changed = db_update(self.db, "UPDATE release_requests SET state = ?, message = ?, decided_ts = ?,"
                                      " decided_by = ? WHERE id = ? AND state = 'pending'",
-                            (state, str(message)[:2000], time.time(), by, request_id))
+                            (state, str(message)[:2000], db_clock(self.db), by, request_id))
         if not changed:
             raise PermissionDeniedError(f"request {request_id} is already {self.get(request_id).state}")
         audit(self.worker, "approve" if state == "approved" else "deny", by, "-", [req.object_id],

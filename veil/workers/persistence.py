@@ -270,11 +270,27 @@ def serialized_write(db: OwnerDB, lock_name: str) -> Iterator[Database]:
     """A write transaction the owner's processes run one at a time per ``lock_name``: SQLite's ``BEGIN
     IMMEDIATE`` holds the whole file, and on PostgreSQL a transaction-scoped advisory lock on the name (read
     committed let two transactions each read before the other wrote). Yields the database to run statements in
-    it; commits at the end, rolls back on an exception."""
+    it; commits at the end, rolls back on an exception. Refused inside another write transaction of the
+    connection (RuntimeError): PostgreSQL's ``BEGIN`` there only warns, and this ``COMMIT`` would end the outer
+    transaction half done."""
+    with db._db.lock:
+        if db._db._in_transaction:
+            raise RuntimeError(f"serialized_write({lock_name!r}) inside another write transaction: refused")
     with db._db.write_transaction():
         if db._db.dialect == "postgresql":
             db._db.execute("SELECT pg_advisory_xact_lock(?)", (zlib.crc32(lock_name.encode()),))
         yield db._db
+
+
+def db_clock(db: OwnerDB) -> float:
+    """Now, in seconds since the epoch, on the clock every process of the owner shares: the PostgreSQL server's
+    (replicas on several hosts each had their own, and a host running behind wrote times that sorted before
+    what another host wrote earlier: give_backs.py's twin check read a twin as older than the approval it
+    followed), the host's for a SQLite file (one host)."""
+    if db._db.dialect != "postgresql":
+        return time.time()
+    with db._lock:
+        return float(db._db.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8").fetchone()[0])
 
 
 def insert_below_cap(db: OwnerDB, lock_name: str, count_sql: str, count_params: tuple, cap: int,
