@@ -11,4 +11,6 @@ bash scripts/setup.sh
 # veil from source again (~0.7 s of CPU a process): compile it once here. Python still checks each .pyc
 # against its source's mtime and size, so an edited file is recompiled, never run stale.
 .venv/bin/python -m compileall -q -j 0 veil examples tests >/dev/null || true  # pytest reports a broken file
-exec .venv/bin/python -m pytest -n "${VEIL_TEST_PROCESSES:-2}" --dist loadfile "$@"
+# pytest itself caches the test modules it rewrites only where bytecode may be written: with the variable set,
+# each xdist process rewrote every test file again (~10 s of CPU each). The caches are gitignored.
+exec env -u PYTHONDONTWRITEBYTECODE .venv/bin/python -m pytest -n "${VEIL_TEST_PROCESSES:-2}" --dist loadfile "$@"
