@@ -23,8 +23,8 @@ padded copy):
   (Left, documented: data re-flagged DP-only, or grown past the bound, still meets the free refusal.)
 Held (tests that could fail): releases of 0 records and of exactly the bound do the same work as any
 other count; NaN / inf in the records leave no trace in the padding's value or work; DP-SGD at other
-sample rates and under a session quota (chunked lots) computes lots of the bound's size; a Ray-style
-client (``enable_dp({"data": (x, y)}, ...)`` on loaded tensors) is padded as a stored dataset.
+sample rates draws lots of the bound's size; a gradient over 5 records in 64 slots is plain PyTorch's
+over the records.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def test_an_owner_change_the_version_counter_misses_is_released_not_a_stale_copy
 
 def _bound_sized_tensors(bound: int) -> int:
     gc.collect()
-    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.dim() and o.shape[0] == bound)
+    return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor) and o.dim() and o.shape[0] == bound)
 
 
 def test_a_hidden_count_tensor_costs_its_owner_no_bound_sized_copy_between_releases(hook):
@@ -239,7 +239,7 @@ def test_a_hidden_count_lot_at_any_sample_rate_is_drawn_over_the_bound(hook, mon
         assert abs(mean - q * bound) < 5 * sd, (n, sizes)
 
 
-def test_a_padded_gradient_masks_nan_records_of_the_padding_and_keeps_the_records(hook, monkeypatch):
+def test_a_padded_gradient_of_a_few_records_is_plain_pytorchs_over_them(hook, monkeypatch):
     """DP-SGD at q = 1 with noise ~1e-9, 5 records, the bound 64: the gradient is the records' clipped sum
     over q * nominal_count (plain PyTorch), the 59 padding slots (filled from the records' rows)
     adding nothing."""
