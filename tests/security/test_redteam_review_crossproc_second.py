@@ -18,7 +18,22 @@ Holes found:
   was lost to the scientist and the send had no "refused" audit row; the other approvals of the move were left
   unchecked;
 - ``serialized_write`` nested in another write transaction on PostgreSQL: ``BEGIN`` there only warns, and its
-  ``COMMIT`` committed the outer transaction's first half (its rollback then undid nothing).
+  ``COMMIT`` committed the outer transaction's first half (its rollback then undid nothing);
+- a revocation stored by another process before the move read the record, its lapse run after the move took
+  the approval: the record had not changed, so the approval came back (the give-back now also refuses a record
+  that says revoked);
+- a release's lapse of the user's other open requests for the value read the 50 newest requests of those bytes:
+  50 newer ones by other computations, which the scientist files at will, hid a twin, left pending for the owner
+  to approve the same value again (it reads ids first, up to the pending cap and more, then one graph at a time).
+
+Each hole's test failed on the code before the fix (a git archive of HEAD with this file copied in, 0cc2061's
+tree; the last two before their own fixes); the SQLite nesting test is a guard (SQLite refused it already).
+
+Checked, held: the revocation record's nonce comes from ``secrets`` (no scientist input reaches it); the give-
+back's transaction takes one advisory key per transaction and none is taken inside another, so a crc32
+collision of two users' keys only serializes them; a use's transaction holds the file well under a second per
+approval used (~3 ms per 512 KiB graph of the same bytes read, up to the pending cap's 100 and the approvals),
+and each use needs an owner's approval.
 """
 
 from __future__ import annotations
@@ -32,11 +47,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from veil.ids import new_id
 from veil.messaging import messages as m
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from review_steps import SECRET, release_rows as _release_rows  # noqa: E402
-from server_sessions import open_session  # noqa: E402
+from server_sessions import open_session, request  # noqa: E402
 from test_redteam_review_crossproc import (  # noqa: E402
     SCI, _approved, _get, _owner_process, _pending, _refused_move, _times_three, owner,
 )
@@ -264,3 +280,36 @@ def test_a_revocation_stored_before_the_move_but_lapsed_during_it_voids_the_appr
     assert req.state == "lapsed" and "revoked" in req.message, req
     assert "revoked" in _refused_detail(srv, rid)
     assert _pending(_get(srv, sci, oid)) != rid
+
+
+# ------------------------------------------------------------------ a twin hidden behind newer requests
+
+
+def test_newer_requests_of_the_same_bytes_do_not_hide_a_twin_from_the_lapse(owner):
+    """Lapse starvation: a move holds the approval of ``d * 3``; a get racing it files a twin request (same
+    value); the move is refused and gives the approval back, the twin still pending. The scientist then files
+    60 newer requests for the same bytes under the same id by other computations (``d * 3 + 0``, ``+ 0`` again,
+    ...) and uses the approval: the use read only the 50 newest requests of those bytes, so the twin stayed
+    pending, for the owner to approve the same value again. Must hold: the use lapses the twin (it names the
+    approval used) and releases plain torch's value once."""
+    from veil.governance.requests import MAX_PENDING_PER_USER
+
+    (srv, did, queue), _ = owner
+    sci, oid, rid = _approved(srv, did, queue)
+    twin = []
+    _refused_move(srv, sci, oid, lambda: twin.append(_pending(_get(srv, sci, oid))))
+    assert queue.get(rid).state == "approved" and queue.get(twin[0]).state == "pending"
+    for k in range(1, min(60, MAX_PENDING_PER_USER - 2) + 1):  # (d * 3 + 0 * k: same bytes, other computation)
+        assert type(request(srv, sci, m.DeleteMessage([oid]))) is m.OkReply
+        tmp = new_id()
+        _times_three(srv, sci, did, tmp)
+        reply = request(srv, sci, m.CommandMessage("torch.add", (m.ObjectRef(tmp), 0.0), {"alpha": float(k)},
+                                                   [oid], False))
+        assert type(reply) is m.OkReply, reply
+        _pending(_get(srv, sci, oid))
+    assert type(request(srv, sci, m.DeleteMessage([oid]))) is m.OkReply
+    _times_three(srv, sci, did, oid)
+    assert torch.equal(_get(srv, sci, oid).objects[0], SECRET * 3)
+    assert queue.get(rid).state == "released"
+    lapsed = queue.get(twin[0])
+    assert lapsed.state == "lapsed" and rid in lapsed.message, lapsed

@@ -35,7 +35,7 @@ from veil.exceptions import PermissionDeniedError
 from veil.governance.give_backs import (
     RESTORED, REVOKED_MEANWHILE, TWIN_RELEASED, RevocationMark, restore_unless_voided, revocation_mark, user_lock,
 )
-from veil.governance.requests import ReleaseRequest, ReviewQueue
+from veil.governance.requests import MAX_PENDING_PER_USER, ReleaseRequest, ReviewQueue
 from veil.governance.revocation import REVOKE_HANDLERS
 from veil.governance.state import governance, has_decisions_store
 from veil.workers.persistence import db_execute, db_update, serialized_write
@@ -77,14 +77,21 @@ def lapse(queue: ReviewQueue, request_id: str, from_state: str, reason: str) -> 
                      (*_params(f"lapsed: {reason}"), request_id, from_state)) > 0
 
 
+#: requests of one user, id and bytes a lapse reads (their graphs one at a time): the user's pending cap and room
+#: for approvals; the 50 newest (graphs and all) let 50 newer requests of the same bytes by other computations,
+#: which the scientist files at will, hide a twin from the lapse
+SAME_BYTES_READ = MAX_PENDING_PER_USER + 100
+
+
 def _same_value(queue: ReviewQueue, req: ReleaseRequest, states: tuple, key: Callable[[Any], Any]) -> list:
     """The user's other requests in ``states`` for ``req``'s id, bytes and computation (``key(request)``:
     ``release.request_computation``)."""
     marks = ", ".join("?" * len(states))
     found = queue._rows(f"WHERE object_id = ? AND principal = ? AND digest = ? AND state IN ({marks})",
-                        (str(req.object_id), req.principal, req.digest, *states), 50)
+                        (str(req.object_id), req.principal, req.digest, *states), SAME_BYTES_READ, graphs=False)
     mine = key(req)
-    return [r for r in found if r.id != req.id and key(r) == mine]
+    same = (queue.get(r.id) for r in found if r.id != req.id)  # (one graph in memory at a time)
+    return [r for r in same if key(r) == mine]
 
 
 def use_approval(queue: ReviewQueue, used: ReleaseRequest, key: Callable[[Any], Any]) -> list[str]:
