@@ -117,8 +117,8 @@ def use_approval(queue: ReviewQueue, used: ReleaseRequest, key: Callable[[Any], 
             return twins
         tx.execute(_SET + "WHERE id = ? AND state = 'approved'",
                    (*_params(f"lapsed: the data owner denied request {denial} for the same value"), used.id))
-    raise PermissionDeniedError(f"release request {used.id} lapsed: the data owner denied the same value since it "
-                                "was approved; nothing was released (ask again: a new request is filed)")
+    raise PermissionDeniedError(f"release request {used.id} is no longer approved: nothing was released (ask again: "
+                                "a new request is filed)")
 
 
 def _denied_since(queue: ReviewQueue, req: ReleaseRequest, key: Callable[[Any], Any]) -> str | None:
