@@ -7,13 +7,16 @@ of them, its id kept: its epsilon and delta are their sum, rounded up, never in 
 :data:`KEEP_CHARGE_ROWS`; the replay ids of the folded charges are forgotten with them. The replay horizon is
 thus the user's newest KEEP_CHARGE_ROWS to MAX_CHARGE_ROWS charges: a request id older than that is charged
 again if sent again (a second release, charged as one), never released free. Replay ids without a charge id
-(written before this version, or by a process of an older one) are forgotten at the first fold.
+(written before this version, by a process of an older one, or copied by an older ``veil db migrate``) are tied
+at a fold to the user's newest charge, and forgotten when that charge is folded (forgotten at once, an older
+process's id charged a moment before was charged again: the horizon cut short).
 
 Stamp: the running total (:mod:`veil.dp.charge_totals`) is caught up by adding the rows after its ``last_id``;
 a row put back below that id (a restore, an explicit id on PostgreSQL), an older row raised by hand or a row
 deleted was invisible to it. Triggers on ``charges`` bump the user's ``charge_stamps.edits`` on each update and
-delete, and on each insert below the user's newest id: a total is trusted only at the ``edits`` it was summed
-at (one primary-key look-up). On PostgreSQL the trigger first takes the user's ``budgets`` row lock, which every
+delete, on each insert below the user's newest id, and (SQLite) on an insert replacing a row (``REPLACE``: its
+delete fires no delete trigger), or (PostgreSQL) for every user on a ``TRUNCATE`` (rows restored after it with
+their old ids were appends): a total is trusted only at the ``edits`` it was summed at (one primary-key look-up). On PostgreSQL the trigger first takes the user's ``budgets`` row lock, which every
 charge holds: a change made beside a charge in flight is stamped after that charge commits, never before it.
 """
 
@@ -52,6 +55,10 @@ CREATE TRIGGER IF NOT EXISTS charges_updated AFTER UPDATE ON charges
 BEGIN {_BUMP.format(row="OLD")} {_BUMP.format(row="NEW")} END;
 CREATE TRIGGER IF NOT EXISTS charges_deleted AFTER DELETE ON charges
 BEGIN {_BUMP.format(row="OLD")} END;
+CREATE TRIGGER IF NOT EXISTS charges_replaced BEFORE INSERT ON charges
+WHEN NEW.id <> -1 AND EXISTS (SELECT 1 FROM charges WHERE id = NEW.id)
+BEGIN INSERT INTO charge_stamps("user", edits) SELECT "user", 1 FROM charges WHERE id = NEW.id
+    ON CONFLICT("user") DO UPDATE SET edits = charge_stamps.edits + 1; END;
 """
 
 _PG_LOCK = 'PERFORM 1 FROM budgets WHERE "user" = {row}."user" FOR UPDATE;'
@@ -80,6 +87,22 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'charges_changed' AND tgrelid = 'charges'::regclass) THEN
         CREATE TRIGGER charges_changed AFTER INSERT OR UPDATE OR DELETE ON charges
             FOR EACH ROW EXECUTE FUNCTION veil_charges_changed();
+    END IF;
+END
+$body$;
+CREATE OR REPLACE FUNCTION veil_charges_truncated() RETURNS trigger LANGUAGE plpgsql AS $body$
+BEGIN
+    UPDATE charge_stamps SET edits = edits + 1;
+    INSERT INTO charge_stamps("user", edits) SELECT "user", 1 FROM budgets ON CONFLICT("user") DO NOTHING;
+    RETURN NULL;
+END
+$body$;
+DO $body$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'charges_truncated' AND tgrelid = 'charges'::regclass)
+    THEN
+        CREATE TRIGGER charges_truncated AFTER TRUNCATE ON charges
+            FOR EACH STATEMENT EXECUTE FUNCTION veil_charges_truncated();
     END IF;
 END
 $body$;
@@ -143,5 +166,8 @@ def fold_oldest(db: Database, user: str, total: "Total") -> "Total":
                 f"compacted: the sum of {len(rows)} older rows (the ledger keeps a user's newest "
                 f"{KEEP_CHARGE_ROWS} to {MAX_CHARGE_ROWS} charges one by one)",
                 max(float(r[3]) for r in rows), first))
-    db.execute('DELETE FROM requests WHERE "user" = ? AND (charge_id IS NULL OR charge_id <= ?)', (user, last))
+    db.execute('DELETE FROM requests WHERE "user" = ? AND charge_id <= ?', (user, last))
+    # (replay ids an older process wrote, or an import, carry no charge id: tied to the newest charge, they stay
+    # until it is folded; forgotten here, an older process's id charged a moment ago was charged again)
+    db.execute('UPDATE requests SET charge_id = ? WHERE "user" = ? AND charge_id IS NULL', (total.last_id, user))
     return dataclasses.replace(total, row_count=total.row_count - len(rows) + 1, edits=edits(db, user))

@@ -41,9 +41,13 @@ _TABLES = {
         ("charge_totals", ["user", "last_id", "epsilon", "epsilon_error", "delta", "delta_error", "edits",
                            "row_count"], None),
         ("training", ["user", "delta", "state", "epsilon"], None),
-        ("requests", ["user", "request_id"], None),  # DP replay protection
+        # DP replay protection (charge_id: the horizon, veil.dp.ledger_rows; without it every id was tied to the
+        # newest charge at the first fold)
+        ("requests", ["user", "request_id", "charge_id"], None),
     ],
 }
+# Columns later versions added to a table (veil.dp.ledger_rows): copied where the source file has them.
+_LATER_COLUMNS = {("charge_totals", "edits"), ("charge_totals", "row_count"), ("requests", "charge_id")}
 # Tables every version of each file has (the others came later: absent, they copy as zero rows).
 _CORE = {"veil-worker.sqlite3": {"audit", "kv", "ledger"}, "veil-dp-budget.sqlite3": {"budgets", "charges"}}
 
@@ -101,6 +105,11 @@ def _copy_table(source: sqlite3.Connection, db: Database, table: str, columns: l
                 identity: str | None) -> int:
     if db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]:
         raise ValueError(f"table {table!r} in the target database already holds rows: migrate into an empty database")
+    # a file of an older version lacks the later columns, which take their defaults (a total's stamp -1: summed
+    # again; a replay id's charge id NULL: tied to the newest charge at a fold); selecting one it lacks failed,
+    # and the whole table (its replay ids) copied as zero rows
+    have = {r[1] for r in source.execute(f"PRAGMA table_info({table})")}
+    columns = [c for c in columns if c in have or (table, c) not in _LATER_COLUMNS]
     quoted = ", ".join(f'"{c}"' for c in columns)
     try:
         # unquoted: SQLite reads a double-quoted name of a missing column as a string literal
