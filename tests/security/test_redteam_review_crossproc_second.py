@@ -313,3 +313,31 @@ def test_newer_requests_of_the_same_bytes_do_not_hide_a_twin_from_the_lapse(owne
     assert queue.get(rid).state == "released"
     lapsed = queue.get(twin[0])
     assert lapsed.state == "lapsed" and rid in lapsed.message, lapsed
+
+
+def test_a_batch_with_a_voided_approval_uses_up_none_of_its_approvals(owner):
+    """Batch: a move of two objects, each approved, the second's approval voided by a later denial of its value
+    (left approved). The check that voided it ran only as each approval was used, after the first was used up:
+    the move failed and the first approval was lost without any release. Must hold: the move is refused pending
+    a new request for the second, the first approval still stands (approved, no release on record), and a get
+    then releases plain torch's value under it."""
+    from veil.exceptions import ReviewPendingError
+    from veil.governance.release import releasing
+
+    (srv, did, queue), _ = owner
+    sci = open_session(srv, SCI)
+    first, second = new_id(), new_id()
+    rids = []
+    for oid in (first, second):
+        _times_three(srv, sci, did, oid)
+        rids.append(_pending(_get(srv, sci, oid)))
+        queue.approve(rids[-1])
+    _voided_by_a_later_denial(Path(srv.db.path), rids[1], "req-olddenial-batch")
+    entries = dict(srv.monitor.owner_entries())
+    with pytest.raises(ReviewPendingError):
+        with releasing(srv, [first, second], [entries[first], entries[second]], "sci", sci.id, "move",
+                       lambda error: True):
+            pass
+    assert queue.get(rids[0]).state == "approved" and not _release_rows(srv, rids[0])
+    assert queue.get(rids[1]).state == "lapsed"
+    assert torch.equal(_get(srv, sci, first).objects[0], SECRET * 3)

@@ -19,7 +19,7 @@ import torch
 
 from veil.exceptions import PermissionDeniedError, RequestDeniedError, ReviewPendingError
 from veil.governance.graphtext import render_graph
-from veil.governance.lapses import RevocationMark, give_back, revocations, use_approval
+from veil.governance.lapses import RevocationMark, after_given_back, give_back, revocations, use_approval
 from veil.governance.provenance import GRAPH, ROOT, sources_of
 from veil.governance.requests import ReviewQueue, digest
 from veil.governance.state import _STATE, audit, governance
@@ -80,13 +80,18 @@ def decide(worker: Any, oid: int, entry: Any, user: str, session: str = "-", rea
         # object rewritten in place to a probe equal to the denied bytes answered "denied", any other probe
         # "pending": the probe's value; the same computation redone under the same id, after a restart, matches)
         same = req is not None and req.digest == current and computation(req.graph, req.root) == mine
-        if not same or req.state in ("pending", "released", "lapsed"):
+        if not same or req.state != "denied":
             # an approval of exactly this value still stands when a request for other bytes came under the id
             # since (a restart on other data), or a newer one for the same value (a get racing a move filed it
             # while the move held the approval, which the destination's refusal then gave back): it was hidden,
             # lost without any release. Approved ones only: the value they release is what the answer says,
-            # while a pending one would answer "equal or not"
+            # while a pending one would answer "equal or not". The newest request, approved, is read through it
+            # too: one the owner's later denial of the same value voided (left approved by an older version or a
+            # lapse that failed) was used; it lapses, and a new request is filed
             approved = queue.approved_for(oid, user, current, same_computation(mine))
+            if approved is None and same and req.state == "approved":
+                after_given_back(queue, req.id, request_computation)  # (shown lapsed; a failure is logged)
+                req = None
             req = approved if approved is not None or not same else req
         if req is not None:
             if req.state == "pending":
@@ -114,7 +119,11 @@ def snapshot(entry: Any) -> tuple[Any, str]:
     meta = dict(entry.meta)
     if isinstance(meta.get(GRAPH), dict):
         meta[GRAPH] = dict(meta[GRAPH])
-    return replace(entry, meta=meta), digest(entry.obj)
+    obj = entry.obj
+    if isinstance(obj, torch.Tensor):  # its shape and dtype as now (a request files them: an in-place t_()
+        # meanwhile filed the shape of another value under this one's digest), no bytes (the digest has them)
+        obj = torch.empty(tuple(obj.shape), dtype=obj.dtype, device="meta")
+    return replace(entry, meta=meta, obj=obj), digest(entry.obj)
 
 
 def decide_outside_turn(worker: Any, oid: int, entry: Any, user: str, session: str = "-",
