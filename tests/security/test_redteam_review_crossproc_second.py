@@ -24,10 +24,12 @@ Holes found:
   that says revoked);
 - a release's lapse of the user's other open requests for the value read the 50 newest requests of those bytes:
   50 newer ones by other computations, which the scientist files at will, hid a twin, left pending for the owner
-  to approve the same value again (it reads ids first, up to the pending cap and more, then one graph at a time).
+  to approve the same value again (it reads ids first, up to the pending cap and more, then one graph at a time);
+- a batch (move) holding one such voided approval used up the others before its use refused it: they were lost
+  without any release (the decision now reads the newest approved request through ``approved_for`` too).
 
 Each hole's test failed on the code before the fix (a git archive of HEAD with this file copied in, 0cc2061's
-tree; the last two before their own fixes); the SQLite nesting test is a guard (SQLite refused it already).
+tree; the last three before their own fixes); the SQLite nesting test is a guard (SQLite refused it already).
 
 Checked, held: the revocation record's nonce comes from ``secrets`` (no scientist input reaches it); the give-
 back's transaction takes one advisory key per transaction and none is taken inside another, so a crc32
