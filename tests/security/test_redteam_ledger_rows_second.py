@@ -13,6 +13,9 @@ Holes found (fixed):
   row without firing the delete trigger: the raised charge was not counted while the total's last_id stood.
 - PostgreSQL ``TRUNCATE charges`` fires no row trigger: rows restored after it with their old ids were appends,
   and a total kept from before counted the old values (a restore of the true, higher, charges was not counted).
+- a user far past the row bound (an older ledger, or an older worker's appends beside the new ones) had all her
+  excess rows folded in one charge, under the lock every charge waits for (a million: ~9 s, ~200 MB); one charge
+  now folds at most ``ledger_rows.FOLD_AT_MOST``.
 
 Held (guarded): two ledgers on one file folding and caching beside each other; pushing one's own replay ids out
 charges the replay again (never free) and leaves another user's ids alone; the in-memory totals stay bounded.
@@ -253,3 +256,31 @@ def test_migrate_keeps_each_replay_ids_charge_and_copies_an_older_file(tmp_path,
         assert target.remaining("mallory")[0] == pytest.approx(0.5)  # (the stale older total is not trusted)
         with pytest.raises(ReplayedRequestError):
             target.charge("mallory", 0.125, 0.0, "replayed", request_id="older-1")
+
+
+def test_a_users_rows_far_past_the_bound_fold_a_bounded_number_per_charge(tmp_path, small_window, monkeypatch):
+    """The HOLE: a worker of an older version (no folding) appended 600 rows for mallory (a million in the
+    field); her next charge on a new worker folded all of them at once, in the transaction every user's charge
+    waits for (a million: ~9 s under SQLite's file lock, ~200 MB read into memory). One charge folds at most
+    FOLD_AT_MOST rows; the rows still come under the bound in a few charges, and spent never drops below the
+    exact sum of what was charged."""
+    monkeypatch.setattr(ledger_rows, "FOLD_AT_MOST", 100, raising=False)  # (50,000 by default)
+    path = tmp_path / "ledger.sqlite3"
+    with BudgetLedger(path) as ledger:
+        ledger.set_budget("mallory", 1.0, 1e-5)
+        ledger.charge("mallory", 0.001, 0.0, "DP query")
+        with sqlite3.connect(path) as older:
+            older.executemany('INSERT INTO charges("user", epsilon, delta, reason, at) VALUES (?, ?, 0, ?, 0)',
+                              [("mallory", 1e-4 + 1e-12 * i, "older process") for i in range(600)])
+        charged = Fraction(0.001) + sum(Fraction(1e-4 + 1e-12 * i) for i in range(600))
+        rows = 601
+        for i in range(8):
+            ledger.charge("mallory", 1e-6, 0.0, "DP query")
+            charged += Fraction(1e-6)
+            now = ledger._db.execute('SELECT COUNT(*) FROM charges').fetchone()[0]
+            assert now >= rows + 1 - 99, (rows, now)  # (one charge row in, at most 100 folded into 1)
+            rows = now
+            assert Fraction(ledger.spent("mallory")[0]) >= charged
+        assert rows <= 40
+        ledger._db.execute("DELETE FROM charge_totals")  # (summed again from the folded rows)
+        assert Fraction(ledger.spent("mallory")[0]) >= charged

@@ -16,7 +16,8 @@ a row put back below that id (a restore, an explicit id on PostgreSQL), an older
 deleted was invisible to it. Triggers on ``charges`` bump the user's ``charge_stamps.edits`` on each update and
 delete, on each insert below the user's newest id, and (SQLite) on an insert replacing a row (``REPLACE``: its
 delete fires no delete trigger), or (PostgreSQL) for every user on a ``TRUNCATE`` (rows restored after it with
-their old ids were appends): a total is trusted only at the ``edits`` it was summed at (one primary-key look-up). On PostgreSQL the trigger first takes the user's ``budgets`` row lock, which every
+their old ids were appends): a total is trusted only at the ``edits`` it was summed at (one primary-key
+look-up). On PostgreSQL the trigger first takes the user's ``budgets`` row lock, which every
 charge holds: a change made beside a charge in flight is stamped after that charge commits, never before it.
 """
 
@@ -36,6 +37,11 @@ if TYPE_CHECKING:
 MAX_CHARGE_ROWS = 10_000
 #: ... leaving this many (folding is then due again after MAX - KEEP more charges: its cost is amortized).
 KEEP_CHARGE_ROWS = 5_000
+#: The most rows one charge folds (~0.5 s, ~10 MB): a user with far more (an older ledger, or rows a worker of an
+#: older version appended beside: it folds nothing) is brought under the bound over several charges. Folding a
+#: million at once held the lock every charge waits for ~9 s (a delete trigger per row; past SQLite's 30 s busy
+#: timeout at a few million, other users' charges failed) and read them all into memory (~200 MB).
+FOLD_AT_MOST = 50_000
 
 STAMPS = """
 CREATE TABLE IF NOT EXISTS charge_stamps (
@@ -55,6 +61,8 @@ CREATE TRIGGER IF NOT EXISTS charges_updated AFTER UPDATE ON charges
 BEGIN {_BUMP.format(row="OLD")} {_BUMP.format(row="NEW")} END;
 CREATE TRIGGER IF NOT EXISTS charges_deleted AFTER DELETE ON charges
 BEGIN {_BUMP.format(row="OLD")} END;
+-- (NEW.id is -1 in a BEFORE trigger when the insert names no id, as every charge: a row numbered -1 by an import
+-- would be stamped at each; a REPLACE naming id -1 goes unseen)
 CREATE TRIGGER IF NOT EXISTS charges_replaced BEFORE INSERT ON charges
 WHEN NEW.id <> -1 AND EXISTS (SELECT 1 FROM charges WHERE id = NEW.id)
 BEGIN INSERT INTO charge_stamps("user", edits) SELECT "user", 1 FROM charges WHERE id = NEW.id
@@ -151,12 +159,13 @@ def _sum_upward(values: list[float]) -> float:
 
 def fold_oldest(db: Database, user: str, total: "Total") -> "Total":
     """In the charge's transaction (the user's lock held): folds the user's oldest rows into one when she has
-    more than :data:`MAX_CHARGE_ROWS`, and forgets their replay ids; returns ``total`` with its row count and
-    stamp brought to what is left (its sums stand: they never counted less than the folded rows held)."""
+    more than :data:`MAX_CHARGE_ROWS` (at most :data:`FOLD_AT_MOST` at a time), and forgets their replay ids;
+    returns ``total`` with its row count and stamp brought to what is left (its sums stand: they never counted
+    less than the folded rows held)."""
     if total.row_count <= MAX_CHARGE_ROWS:
         return total
     rows = db.execute('SELECT id, epsilon, delta, at FROM charges WHERE "user" = ? ORDER BY id LIMIT ?',
-                      (user, total.row_count - KEEP_CHARGE_ROWS + 1)).fetchall()
+                      (user, min(total.row_count - KEEP_CHARGE_ROWS + 1, FOLD_AT_MOST))).fetchall()
     if len(rows) < 2:
         return dataclasses.replace(total, row_count=len(rows))
     first, last = int(rows[0][0]), int(rows[-1][0])
