@@ -92,6 +92,7 @@ def test_replace_raising_the_users_newest_row_counts_at_once():
         ledger.charge("mallory", 0.25, 0.0, "DP query")
         newest = ledger._db.execute('SELECT MAX(id) FROM charges').fetchone()[0]
         assert ledger.spent("mallory")[0] == 0.25  # (the total is known, in memory and stored)
+        assert ledger_rows.edits(ledger._db, "mallory") == 0  # (a charge names no id: it stamps nothing)
         ledger._db.execute('REPLACE INTO charges(id, "user", epsilon, delta, reason, at) VALUES (?, ?, 0.75, 0, ?, 0)',
                            (newest, "mallory", "corrected by the owner"))
         assert ledger.spent("mallory")[0] == pytest.approx(0.75)
