@@ -309,6 +309,7 @@ def test_newer_requests_of_the_same_bytes_do_not_hide_a_twin_from_the_lapse(owne
                                                    [oid], False))
         assert type(reply) is m.OkReply, reply
         _pending(_get(srv, sci, oid))
+    assert queue.count("pending", "sci") >= 60
     assert type(request(srv, sci, m.DeleteMessage([oid]))) is m.OkReply
     _times_three(srv, sci, did, oid)
     assert torch.equal(_get(srv, sci, oid).objects[0], SECRET * 3)
