@@ -35,7 +35,6 @@ import time
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from veil.dp import plan_grads
 from veil.ids import new_id
@@ -43,6 +42,7 @@ from veil.messaging import messages as m
 from veil.plans.plan import Plan
 
 from server_sessions import open_session, quota_worker, request
+from shape_trace import ShapeTrace
 
 TOKEN = "redteam-dp-timing-scientist-token"
 
@@ -72,20 +72,6 @@ class Owner:
         trainable = [True] * len(list(module.parameters())) + [False] * len(list(module.buffers()))
         return self.req(m.CommandMessage("veil.dp.sanitized_gradient", (plan, "c", params, trainable, loss, q,
                                                                          None, None), {}, [new_id()]))
-
-
-class ShapeTrace(TorchDispatchMode):
-    """Every ATen op with the shapes of its tensor outputs: the work an op does follows its sizes."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        self.ops.append((str(func), tuple(tuple(o.shape) for o in outs if isinstance(o, torch.Tensor))))
-        return out
 
 
 def _plan_work(monkeypatch, owner: Owner, plan: m.ObjectRef, module: nn.Module):

@@ -27,7 +27,7 @@ import time
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from shape_trace import ShapeTrace, clipped_gradient_sum
 
 import veil as sy
 from veil.dp import worker_functions
@@ -51,20 +51,6 @@ def _owner(hook, name: str, x: torch.Tensor, y: torch.Tensor | None = None, stor
     ws = w.enable_dp("c" if stored else {"c": (x, y)}, **settings)
     ptr = w.search(["#c", "#data"])[0] if stored else None
     return w, ptr, ws
-
-
-class ShapeTrace(TorchDispatchMode):
-    """Every ATen op with its tensor outputs' shapes: the work an op does follows them."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        self.ops.append((str(func), tuple(tuple(o.shape) for o in outs if isinstance(o, torch.Tensor))))
-        return out
 
 
 def _query_work(ptr, name: str, **kwargs) -> list:
@@ -232,14 +218,7 @@ def test_a_padded_gradient_is_the_clipped_mean_over_the_records_only(hook, monke
         model.fc.bias.fill_(0.7)
     grads, _ = _gradient_lots(hook, monkeypatch, "rt-hc-grad-values", x, y, model, 1.0, sigma=1e-9,
                               budgets={"me": (1e20, 0.5)})
-    total = [torch.zeros_like(p) for p in model.parameters()]
-    for i in range(len(x)):
-        model.zero_grad()
-        nn.functional.mse_loss(model(x[i:i + 1]), y[i:i + 1]).backward()
-        g = [p.grad.detach().clone() for p in model.parameters()]
-        norm = torch.sqrt(sum((t ** 2).sum() for t in g))
-        for acc, t in zip(total, g):
-            acc += t * min(1.0, 1.0 / norm.item())
+    total = clipped_gradient_sum(model, x, y)
     for (name, _), want in zip(model.named_parameters(), total):
         assert torch.allclose(grads[name], want / 100, atol=1e-5), (name, grads[name], want / 100)
 

@@ -38,6 +38,7 @@ import torch.nn as nn
 
 import veil as sy
 from tests.security.test_redteam_hide_count import BOUND, QUERY_ARGS, _gradient_lots, _Lin, _owner, _query_work
+from tests.security.shape_trace import clipped_gradient_sum
 
 # ============================================================================================ holes
 
@@ -251,13 +252,6 @@ def test_a_padded_gradient_of_a_few_records_is_plain_pytorchs_over_them(hook, mo
     grads, seen = _gradient_lots(hook, monkeypatch, "rt-hc2-grad", x, y, model, 1.0, sigma=1e-9,
                                  budgets={"me": (1e20, 0.5)}, max_records=64)
     assert seen == [1, 64]
-    total = [torch.zeros_like(p) for p in model.parameters()]
-    for i in range(len(x)):
-        model.zero_grad()
-        nn.functional.mse_loss(model(x[i:i + 1]), y[i:i + 1]).backward()
-        g = [p.grad.detach().clone() for p in model.parameters()]
-        norm = torch.sqrt(sum((t ** 2).sum() for t in g))
-        for acc, t in zip(total, g):
-            acc += t * min(1.0, 1.0 / norm.item())
+    total = clipped_gradient_sum(model, x, y)
     for (name, _), want in zip(model.named_parameters(), total):
         assert torch.allclose(grads[name], want / 100, atol=1e-5), (name, grads[name], want / 100)
