@@ -43,3 +43,20 @@ def serving(srv: Any, s: Any, xid: int, expected: torch.Tensor = SECRET) -> None
 def one_line(reply: Any) -> Any:
     assert type(reply) is m.ErrorReply and "\n" not in reply.message, reply
     return reply
+
+
+def snapshot_spy(monkeypatch: Any) -> list:
+    """Records the bytes of every copy step_undo takes (values and gradients), one entry per step."""
+    from veil.plans import step_undo
+
+    taken: list = []
+    real = step_undo.snapshot
+
+    def spy(*args, **kwargs):
+        copies = real(*args, **kwargs)
+        taken.append(sum(c.untyped_storage().nbytes() for item in copies for c in item[1::2]
+                         if isinstance(c, torch.Tensor)))
+        return copies
+
+    monkeypatch.setattr(step_undo, "snapshot", spy)
+    return taken

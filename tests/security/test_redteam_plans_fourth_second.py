@@ -37,7 +37,7 @@ import torch
 import veil as sy
 from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST
-from veil.plans import func2plan, interpreter, step_undo
+from veil.plans import func2plan, interpreter
 from veil.plans.batch import BatchDependentPlanError
 from veil.plans.ops import PlanOp, PlanSpec, SlotRef
 from veil.workers import cancellation
@@ -62,21 +62,6 @@ CAT, VIEW = ALLOWLIST.by_func(torch.cat).name, ALLOWLIST.by_func(torch.Tensor.vi
 
 # ------------------------------------------------------------------ the step-undo copy is bounded and charged
 
-def _snapshot_spy(monkeypatch):
-    """Records the bytes of every copy step_undo takes (values and gradients)."""
-    taken = []
-    real = step_undo.snapshot
-
-    def spy(*args, **kwargs):
-        copies = real(*args, **kwargs)
-        taken.append(sum(c.untyped_storage().nbytes() for item in copies for c in item[1::2]
-                         if isinstance(c, torch.Tensor)))
-        return copies
-
-    monkeypatch.setattr(step_undo, "snapshot", spy)
-    return taken
-
-
 def _many_slots_plan(n_state, result=CLONE):
     """One input added in place into the first of ``n_state`` state slots; returns a copy of it (or its sum)."""
     first = 1
@@ -88,7 +73,7 @@ def _many_slots_plan(n_state, result=CLONE):
 def test_one_tensor_as_every_state_slot_is_copied_once_and_within_the_quota(hook, monkeypatch):
     """A 256 KiB tensor passed as all 64 state slots of a plan that writes its state: copied once (not 64 times,
     16 MiB past a 1 MiB quota); the run works and adds as torch does."""
-    taken = _snapshot_spy(monkeypatch)
+    taken = plan_sessions.snapshot_spy(monkeypatch)
     quota = 1 << 20
     srv, s, xid = _setup(hook, "rt-pl4b-dup", quota)
     big = send_tensor(srv, s, torch.zeros(1 << 16))
@@ -104,7 +89,7 @@ def test_one_tensor_as_every_state_slot_is_copied_once_and_within_the_quota(hook
 def test_the_step_undo_copy_counts_against_the_session_quota(hook, monkeypatch):
     """A state of 600 KiB under a 1 MiB quota: its copy would pass the quota beside it; the run is refused with
     the quota's one-line error before copying, and the state is left as it was."""
-    taken = _snapshot_spy(monkeypatch)
+    taken = plan_sessions.snapshot_spy(monkeypatch)
     quota = 1 << 20
     srv, s, xid = _setup(hook, "rt-pl4b-charged", quota)
     state = send_tensor(srv, s, torch.zeros(150_000))

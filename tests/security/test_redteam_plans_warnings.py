@@ -37,7 +37,7 @@ import torch
 
 from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST
-from veil.plans import Plan, step_undo
+from veil.plans import Plan
 from veil.plans.ops import PlanOp, PlanSpec, SlotRef
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -138,21 +138,6 @@ def test_a_plans_warning_under_the_owners_strict_filter_leaves_its_value_as_torc
 
 # ------------------------------------------------------------------ owner data a run writes is copied once
 
-def _snapshot_spy(monkeypatch):
-    """Records the bytes of every copy step_undo takes (values and gradients)."""
-    taken = []
-    real = step_undo.snapshot
-
-    def spy(*args, **kwargs):
-        copies = real(*args, **kwargs)
-        taken.append(sum(c.untyped_storage().nbytes() for item in copies for c in item[1::2]
-                         if isinstance(c, torch.Tensor)))
-        return copies
-
-    monkeypatch.setattr(step_undo, "snapshot", spy)
-    return taken
-
-
 def _adds_into_input(fail=False, state=False):
     """1 added in place into the input (and into the state), then its sum; with ``fail``, a view the input's
     shape cannot take after the writes."""
@@ -168,7 +153,7 @@ def _adds_into_input(fail=False, state=False):
 def test_owner_data_a_run_writes_is_copied_once(hook, monkeypatch):
     """600 KB of owner data under a 1 MiB quota, written in place by the plan: the worker function's copy of it
     fits, a second copy beside it (step_undo's) would not; the run takes the one copy and sums as torch."""
-    taken = _snapshot_spy(monkeypatch)
+    taken = plan_sessions.snapshot_spy(monkeypatch)
     big = torch.arange(150_000.0)
     srv, s, xid = _setup(hook, "rt-plw-once", 1 << 20, secret=big)
     reply, (rid,) = run_command(srv, s, "veil.plan.run", _adds_into_input(), [m.ObjectRef(xid)], [])
