@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from veil.exceptions import ObjectNotFoundError
+from veil.governance.lock_order import governance_lock, turn_and_governance_lock
 from veil.governance.state import (DEFAULT_POLICY, POLICIES, audit, check_policy, governance, has_decisions_store,
                                    policy_of)
 
@@ -63,24 +64,40 @@ def stored_policy(worker: Any, entry: Any, decisions: list | None = None) -> str
     return found
 
 
-def sync_stored_policies(worker: Any) -> list[int]:
+def sync_stored_policies(worker: Any, turn: Any = None) -> list[int]:
     """Puts in force every stored decision stricter than the one in force: one owner's replicas share the
     owner database, so what the owner tightened on one reaches the others while they serve (a network
-    worker runs this every :data:`SYNC_SECONDS`). Only ever tightens. Returns the ids it changed."""
+    worker runs this every :data:`SYNC_SECONDS`, its ``turn`` given: the decisions are read before it is
+    taken, the audit rows written after, and the governance lock is never waited for in it: lock_order.py).
+    Only ever tightens. Returns the ids it changed."""
     changed: list[int] = []
     sources = owner_sources(worker)
     if not sources:  # (nothing to tighten: no governance state made, no query)
         return changed
     decisions = stored_decisions(worker)
-    for oid, entry in sources if decisions else ():
+    if not decisions or not _tighter(worker, sources, decisions):  # (the usual case: no lock, no turn)
+        return changed
+    notes = []
+    with turn_and_governance_lock(worker, turn):
+        for oid, entry, before, stored in _tighter(worker, sources, decisions):
+            _set_policy(worker, oid, entry, stored)
+            notes.append((oid, before, stored))
+    for oid, before, stored in notes:
+        audit(worker, "policy", "owner", "-", [oid], "allowed",
+              f"{before} -> {stored} (the owner's stored decision, made on another replica)")
+        changed.append(oid)
+    return changed
+
+
+def _tighter(worker: Any, sources: list, decisions: list) -> list[tuple[int, Any, str, str]]:
+    """(id, entry, policy in force, stored policy) of each source whose stored decision is stricter."""
+    out = []
+    for oid, entry in sources:
         stored = stored_policy(worker, entry, decisions)
         before = policy_of(worker, oid)
         if stored is not None and _STRICTNESS[stored] > _STRICTNESS[before]:
-            _set_policy(worker, oid, entry, stored)
-            audit(worker, "policy", "owner", "-", [oid], "allowed",
-                  f"{before} -> {stored} (the owner's stored decision, made on another replica)")
-            changed.append(oid)
-    return changed
+            out.append((oid, entry, before, stored))
+    return out
 
 
 #: how often a serving network worker rereads the owner's stored decisions (sync_stored_policies)
@@ -194,7 +211,9 @@ def set_policy(worker: Any, name_or_tag: Any, policy: str, by: str = "owner") ->
         raise ObjectNotFoundError(f"worker {worker.id!r} has no dataset tagged {name_or_tag!r}")
     for oid in targets:
         entry = _owner_entry(worker, oid)
-        with governance(worker).lock:  # the stored order is the order in force
+        # the stored order is the order in force; (in a request's turn, the lock is waited for outside it:
+        # release decisions hold it across the owner's database, lock_order.py)
+        with governance_lock(worker):
             before = policy_of(worker, oid)
             _set_policy(worker, oid, entry, policy)  # in force first: a tightening holds even if storing fails
             _store_policy(worker, entry, policy, by)

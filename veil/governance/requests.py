@@ -22,6 +22,7 @@ from veil.messaging.serde import encode_value
 
 from veil.exceptions import ObjectNotFoundError, PermissionDeniedError
 from veil.governance.canonical import canonical_floats
+from veil.governance.lock_order import governance_lock
 from veil.governance.state import audit, governance
 from veil.workers.database import equality_filters
 from veil.workers.persistence import db_clock, db_execute, db_update, db_update_then, insert_below_cap
@@ -308,7 +309,7 @@ class ReviewQueue:
                    (str(reason)[:2000], request_id))
 
     def _decide(self, request_id: str, state: str, by: str, message: str) -> ReleaseRequest:
-        with governance(self.worker).lock:
+        with governance_lock(self.worker):  # (never waited for in a request's turn: lock_order.py)
             return self._decide_locked(request_id, state, by, message)
 
     def _decide_locked(self, request_id: str, state: str, by: str, message: str) -> ReleaseRequest:
@@ -337,7 +338,7 @@ class ReviewQueue:
         from veil.governance.lapses import after_denial
         from veil.governance.release import request_computation
 
-        with governance(self.worker).lock:
+        with governance_lock(self.worker):
             denied = self._decide_locked(request_id, "denied", by, message or "denied by the data owner")
             after_denial(self, denied, request_computation)
         return self.get(request_id)

@@ -19,6 +19,7 @@ from veil.governance.policy import set_policy
 from veil.governance.release import decide_outside_turn, needs_review
 from veil.governance.requests import STATES, ReviewQueue
 from veil.messaging import messages as m
+from veil.workers import cancellation
 from veil.workers.base import BaseWorker, register_handler
 
 
@@ -123,11 +124,16 @@ def _handle_admin_requests(worker: BaseWorker, msg: AdminRequestsMessage, sender
         raise SerializationError("this action needs a request id")
     if msg.action == "show":
         return m.ObjectsReply([owner_view(worker, queue.get(msg.request_id), True)])
+    # a decision is the owner's database only: outside the worker's turn (a lost COMMIT's lookup, or a release
+    # decision holding the governance lock across one, held every other session's command: lock_order.py)
     if msg.action == "approve":
-        return m.ObjectsReply([owner_view(worker, queue.approve(msg.request_id, by=by, message=str(msg.message)),
-                                          False)])
+        with cancellation.outside_turn():
+            decided = queue.approve(msg.request_id, by=by, message=str(msg.message))
+        return m.ObjectsReply([owner_view(worker, decided, False)])
     if msg.action == "deny":
-        return m.ObjectsReply([owner_view(worker, queue.deny(msg.request_id, str(msg.message), by=by), False)])
+        with cancellation.outside_turn():
+            decided = queue.deny(msg.request_id, str(msg.message), by=by)
+        return m.ObjectsReply([owner_view(worker, decided, False)])
     raise SerializationError(f"unknown requests action {msg.action!r} (list, show, approve, deny)")
 
 

@@ -90,6 +90,9 @@ class OwnerDB:
         self._db = Database(self.path)
         self._lock = self._db.lock
         self._reader = ReaderSlot(self._db)
+        #: weak ``wait()`` methods of the threads writing audit rows into it (audit_writer.py): a read of the
+        #: log waits for the rows handed to them before it
+        self.row_writers: list[Any] = []
         self._db.executescript(_SCHEMA)
         add_audit_indexes(self)
 
@@ -130,6 +133,10 @@ class OwnerDB:
 
     def audit_entries(self, limit: int = 1000) -> list[dict[str, Any]]:
         """The most recent ``limit`` records, oldest first."""
+        for writer in list(self.row_writers):
+            wait = writer()
+            if wait is not None:
+                wait()
         with self._lock:
             rows = self._db.execute(
                 "SELECT seq, ts, worker, action, principal, session, object_ids, outcome, detail"

@@ -34,11 +34,13 @@ class _Suppressed:
 
 class RefusedRequestLog:
     """Aggregates refused requests per user and window (module doc). ``write(action, principal, session,
-    ids, outcome, detail)`` writes one audit row. Thread-safe; :meth:`flush_due` is called with every
-    refusal and periodically by the server (the connect log's timer), :meth:`flush` at shutdown."""
+    ids, outcome, detail)`` writes one audit row (or hands it to a writer thread: audit_writer.py; then
+    ``written()`` waits for the rows handed). Thread-safe; :meth:`flush_due` is called with every refusal and
+    periodically by the server (the connect log's timer), :meth:`flush` at shutdown."""
 
-    def __init__(self, write: Callable[..., None], window: float = 10.0, burst: int = 20) -> None:
-        self._write, self.window, self.burst = write, window, burst
+    def __init__(self, write: Callable[..., None], window: float = 10.0, burst: int = 20,
+                 written: Callable[[], object] | None = None) -> None:
+        self._write, self.window, self.burst, self._written_all = write, window, burst, written
         self._clock = time.monotonic
         self._lock = threading.Lock()
         self._window_start = self._clock()
@@ -70,9 +72,10 @@ class RefusedRequestLog:
     def flush_due(self) -> None:
         """Closes the window if it is over (writes its summary rows)."""
         if self._clock() - self._window_start >= self.window:
-            self.flush()
+            self.flush(wait=False)  # (on a requester's thread or the event loop: never waits for the database)
 
-    def flush(self) -> None:
+    def flush(self, wait: bool = True) -> None:
+        """Writes the window's summary rows; ``wait``: returns once every row handed is on record."""
         with self._lock:
             suppressed, self._suppressed = self._suppressed, {}
             self._window_start, self._written = self._clock(), {}
@@ -84,3 +87,5 @@ class RefusedRequestLog:
             self._write(action, principal, named, list(s.ids), "refused",
                         f"{s.count} more refused {action} requests from {len(sessions)} session(s) "
                         f"(aggregated over {self.window:g} s); last: {s.last}")
+        if wait and self._written_all is not None:
+            self._written_all()

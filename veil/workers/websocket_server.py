@@ -57,7 +57,7 @@ from veil.workers.persistence import OwnerDB
 from veil.workers import handlers as _handlers
 from veil.workers import skeletons as _skeletons
 from veil.governance.users_wire import owner_executor, release_owner_executor, serve_without_turn
-from veil.workers.refusal_rows import RefusedRequestLog
+from veil.workers.audit_writer import refused_request_log
 from veil.workers.websocket_auth import RefusalLog, Session, TokenTable, check_request, run_session_end_handlers
 from veil.workers.websocket_connections import (ISSUED_CLIENT_SESSIONS, OPEN_TIMEOUT, ConnectionServing,
                                                 OpeningConnections)
@@ -200,8 +200,9 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
         self.refusals = RefusalLog(self.db, self.id)
         #: failed authentications per source, at this port and the owner console alike (auth_throttle)
         self.auth_throttle = FailureThrottle()
-        #: refused requests of sessions: aggregated per user past a burst (closed on the connect log's timer)
-        self.refused_requests = RefusedRequestLog(self._write_audit)
+        #: refused requests of sessions: aggregated per user past a burst (closed on the connect log's timer),
+        #: written in order by a thread of their own, off the event loop and the turn (audit_writer.py)
+        self.audit_rows, self.refused_requests = refused_request_log(self.db, self._write_audit_now, self.id)
         self.refusals.followers.append(self.refused_requests)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Future | None = None
@@ -243,7 +244,15 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
                     decoded: tuple | None = None) -> bytes:
         """Handles one request of ``session`` when it is its turn; always returns reply bytes.
 
-        ``decoded``: the request as :meth:`serve_inline` already decoded it for this session."""
+        ``decoded``: the request as :meth:`serve_inline` already decoded it for this session. Its refusal rows are
+        on record before the reply, written once it left the turn (audit_writer.py)."""
+        try:
+            return self._serve_bytes(data, session, token, decoded)
+        finally:
+            self.audit_rows.wait_mine()
+
+    def _serve_bytes(self, data: bytes, session: Session, token: cancellation.CancelToken | None,
+                     decoded: tuple | None) -> bytes:
         token = token if token is not None else cancellation.CancelToken(seconds=self.max_command_seconds)
         if session.has_role("admin"):  # the owner's users message (a revocation) does not wait for a long command
             reply = serve_without_turn(self, data, session, decoded)
@@ -418,10 +427,11 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
             except Exception:  # a full disk must not turn a refusal into an allowed request
                 log.exception("worker %s: could not write the audit log", self.id)
             return
-        self._write_audit(action, principal, session, ids, outcome, detail)
+        self.audit_rows.wait()  # (after the refused rows handed before it: the log keeps its order)
+        self._write_audit_now(action, principal, session, ids, outcome, detail)
 
-    def _write_audit(self, action: str, principal: str, session: str, ids: list, outcome: str,
-                     detail: str) -> None:
+    def _write_audit_now(self, action: str, principal: str, session: str, ids: list, outcome: str,
+                         detail: str) -> None:
         try:
             self.db.audit(self.id, action, principal, session, ids, outcome, detail)
         except Exception:  # a full disk must not turn a refusal into an allowed request
@@ -485,7 +495,7 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
             if on_stop is not None:
                 on_stop()
         finally:  # (the owner's database closes whatever the hook did)
-            self.refusals.flush()
+            self.refusals.flush()  # (and waits for the refused rows still on their way)
             for peer in self.peers.values():
                 close = getattr(peer, "close", None)
                 if close is not None:
@@ -533,8 +543,7 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
     def _sync_policies_in_turn(self) -> list[int]:
         from veil.governance.policy import sync_stored_policies
 
-        with self._turn:
-            return sync_stored_policies(self)
+        return sync_stored_policies(self, turn=self._turn)  # (it reads the database before taking the turn)
 
     def sync_policies_now(self) -> list[int]:
         """The stored revocations (a revocation or readmission made on another replica), then

@@ -1,0 +1,60 @@
+"""The governance lock and a network worker's turn, taken together without one waiting under the other.
+
+Release decisions hold the governance lock across the owner's database outside the turn (release.py
+``_decide_all``: filings, approvals used up, give-backs): a write whose COMMIT answer was lost is looked up for
+up to ~10 s. Code that held the turn while it waited for the lock (the owner's run-time policy change, a stored
+policy decision synced from another replica, a decision by admin message) held every other session's command
+that long. The reverse, holding the lock while waiting for the turn, would hold every release decision and a
+revocation's lapses behind a long command. So neither is held while waiting for the other: the lock is taken
+at once or the turn is handed back until the lock is free, then both are tried again.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from veil.governance.state import governance
+from veil.workers import cancellation
+
+
+def _wait_until_free(lock: Any) -> None:
+    lock.acquire()
+    lock.release()
+
+
+@contextmanager
+def governance_lock(worker: Any) -> Iterator[None]:
+    """The worker's governance lock, for code that may run in the current request's turn: it waits for the
+    lock outside the turn (``cancellation.outside_turn``: a no-op outside a network worker's request) and
+    returns holding both."""
+    lock = governance(worker).lock
+    while not lock.acquire(blocking=False):
+        with cancellation.outside_turn():
+            _wait_until_free(lock)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextmanager
+def turn_and_governance_lock(worker: Any, turn: Any) -> Iterator[None]:
+    """``turn`` (a network worker's ``FairLock``; None: none) and the governance lock, for a thread that holds
+    neither (the server's policy sync)."""
+    lock = governance(worker).lock
+    if turn is None:
+        with lock:
+            yield
+        return
+    while True:
+        turn.acquire()
+        if lock.acquire(blocking=False):
+            break
+        turn.release()
+        _wait_until_free(lock)
+    try:
+        yield
+    finally:
+        lock.release()
+        turn.release()

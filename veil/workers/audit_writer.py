@@ -1,0 +1,101 @@
+"""Refusal audit rows written off the requester's thread, in order, by one thread of the worker's own.
+
+A refused request's row went to the owner's database on the thread that refused it: the event loop for an inline
+request (an over-quota ObjectMessage, a command naming an unknown id), the worker's turn for a request on a handler
+thread (a get under review naming an unknown id). A stalled database statement (a frozen database, or a COMMIT
+whose answer was lost, looked up for up to ~10 s) then held every connection and ping, or every session's
+command, until the watchdog cut it. Now ``refusal_rows.RefusedRequestLog`` (which keeps the rate limits) hands its
+rows to a :class:`RowWriter`: they are written in the order handed, by its thread. A handler thread waits for its
+own rows once it has left the turn (:meth:`RowWriter.wait_mine`), so its reply still goes after its rows are on
+record; the event loop never waits. A row written synchronously (an allowed one: data leaving the worker) waits
+for the rows handed before it (:meth:`RowWriter.wait`), so the log keeps its order.
+
+Bounded: at most :data:`MAX_PENDING` rows wait (past that, whoever hands one waits for room: the rate limits
+make that a database stalled for thousands of users' refusals); the thread ends when idle.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections import deque
+from typing import Any, Callable
+
+from veil.workers.refusal_rows import RefusedRequestLog
+
+log = logging.getLogger(__name__)
+
+#: rows waiting for the database at most (then handing one waits for room)
+MAX_PENDING = 10_000
+#: how long a handler thread (or a synchronous write, or the stop) waits for rows handed before: past a lost
+#: COMMIT's lookup (the watchdog's 10 s stall check and 5 s probe)
+WAIT_S = 20.0
+#: the writer's thread ends after this long without rows (a new row starts it again)
+IDLE_S = 2.0
+
+
+class RowWriter:
+    """Calls ``write(*row)`` for each row handed to :meth:`submit`, in that order, on a thread of its own."""
+
+    def __init__(self, write: Callable[..., None], name: str) -> None:
+        self._write, self._name = write, name
+        self._changed = threading.Condition()
+        self._rows: deque[tuple] = deque()
+        self._submitted = self._written = 0
+        self._thread: threading.Thread | None = None
+        self._mine = threading.local()  # the newest row each thread handed (wait_mine)
+
+    def submit(self, *row: Any) -> None:
+        with self._changed:
+            while len(self._rows) >= MAX_PENDING:
+                self._changed.wait(1.0)
+            self._rows.append(row)
+            self._submitted += 1
+            self._mine.seq = self._submitted
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            self._changed.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                if not self._rows and not self._changed.wait_for(lambda: self._rows, IDLE_S):
+                    self._thread = None  # (under the lock: a row handed after this starts a new thread)
+                    return
+                row = self._rows[0]
+            try:
+                self._write(*row)
+            except Exception:  # noqa: BLE001 - the refusal stood whatever the log did
+                log.exception("%s: could not write an audit row", self._name)
+            with self._changed:
+                self._rows.popleft()
+                self._written += 1
+                self._changed.notify_all()
+
+    def _wait_for(self, seq: int, timeout: float) -> bool:
+        if self._written >= seq or threading.current_thread() is self._thread:
+            return True
+        with self._changed:
+            return self._changed.wait_for(lambda: self._written >= seq, timeout)
+
+    def wait(self, timeout: float = WAIT_S) -> bool:
+        """Waits until every row handed so far is written (or ``timeout``); whether it was."""
+        return self._wait_for(self._submitted, timeout)
+
+    def wait_mine(self, timeout: float = WAIT_S) -> bool:
+        """Waits until the rows this thread handed are written (or ``timeout``); whether they were."""
+        seq = getattr(self._mine, "seq", 0)
+        self._mine.seq = 0
+        return self._wait_for(seq, timeout)
+
+
+def refused_request_log(db: Any, write_now: Callable[..., None], worker_id: str) -> tuple[RowWriter, RefusedRequestLog]:
+    """A network worker's refused requests' log (rate limits: refusal_rows.py) over a :class:`RowWriter` of
+    ``write_now``; reads of ``db``'s log (``OwnerDB.audit_entries``) wait for the rows handed before them."""
+    writer = RowWriter(write_now, f"veil-audit-{worker_id}")
+    writers = getattr(db, "row_writers", None)
+    if writers is not None:  # (those of workers gone are dropped)
+        writers[:] = [w for w in writers if w() is not None] + [weakref.WeakMethod(writer.wait)]
+    return writer, RefusedRequestLog(writer.submit, written=writer.wait)
