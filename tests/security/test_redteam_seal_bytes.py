@@ -165,6 +165,11 @@ def _secret_without_public_key():
                                       save_relin_keys=False)
 
 
+def _public_key_emptied_by_a_later_copy():
+    """protobuf merges a second public member into the first: its empty public key replaces the real one."""
+    return _small_context().serialize(save_secret_key=False, save_galois_keys=False) + _message(2, _message(1, b""))
+
+
 def _secret_asking_for_galois_keys():
     """A secret key whose private member says 'Galois keys generated': TenSEAL generates them on load (80 MB and
     0.5 s of CPU from 260 kB under an 8192 ring; 170 MB under 16384)."""
@@ -177,8 +182,8 @@ def _symmetric_with_secret_key():
                                                                                   save_galois_keys=False)
 
 
-@pytest.mark.parametrize("craft", [_without_public_key, _secret_without_public_key, _secret_asking_for_galois_keys,
-                                   _symmetric_with_secret_key], ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize("craft", [_without_public_key, _public_key_emptied_by_a_later_copy, _secret_without_public_key,
+                                   _secret_asking_for_galois_keys, _symmetric_with_secret_key], ids=lambda f: f.__name__.strip("_"))
 def test_a_context_tenseal_cannot_hold_safely_is_refused_before_it_loads(ctx, craft):
     """Attack (crash, resources): a context with no public key passed every bound and TenSEAL segfaulted when
     veil took its key id (a 100-byte context killed the worker); a secret key with the 'Galois keys generated'
@@ -193,6 +198,9 @@ def test_a_context_tenseal_cannot_hold_safely_is_refused_before_it_loads(ctx, cr
         ckks_wire.context_from_wire({"he": "ckks", "kind": "context", "v": 1, "data": data})
     _one_line(refused.value)
     assert ckks_wire.context_from_wire(ckks_wire.context_to_wire(ctx)).key_id == ctx.key_id
+    merged = ckks_wire.context_to_wire(ctx)
+    merged["data"] += _message(2, b"")  # an empty second public member keeps the key: still loads
+    assert ckks_wire.context_from_wire(merged).key_id == ctx.key_id
 
 
 def test_a_worker_refuses_a_context_without_a_public_key_and_still_serves(hook, ctx):
