@@ -48,6 +48,18 @@ MAX_VALUES = 16
 MESSAGE_BYTES = 64 << 20
 #: largest single item (one party's part): well under a worker's default 256 MB message limit
 MAX_ITEM_BYTES = 192 << 20
+#: most ring elements one received message may expand from seeds (1 GiB of int64, as a dealing request):
+#: the sender names shape and count, and a worker function is not sized before it runs
+MAX_RECEIVED_ELEMENTS = 1 << 27
+
+
+def room_for(worker: Any, nbytes: int, op_name: str) -> None:
+    """Refuses, before it is expanded, material that would not fit the requesting session's quota (the
+    store would refuse it afterwards, once it had filled memory). Duck-typed: mpc imports no workers."""
+    monitor = getattr(worker, "monitor", None)
+    principal = monitor.current_principal() if monitor is not None else None
+    if principal is not None:
+        monitor.check_room(principal, nbytes, op_name)
 
 
 def check_spec(spec: Any, count: Any) -> tuple[tuple, int]:
@@ -152,6 +164,12 @@ def _receive_comparison(worker: Any, shape: Any, n_values: Any, count: Any, seed
     n_add, n_masks = fss.n_additive(n_values), fss.n_masks(n_values)
     n_key = len(fss.field_shapes(shape, n_values, True)) - n_add
     holds_key = bool(keys)
+    elements = count * n_add * max(1, math.prod(shape))  # (an empty shape still costs a loop per field)
+    if elements > MAX_RECEIVED_ELEMENTS:
+        raise ProviderError(f"{count} comparison items of shape {shape} make {elements} ring elements, more than "
+                            f"{MAX_RECEIVED_ELEMENTS} in one message")
+    if seed is not None:
+        room_for(worker, 8 * elements, RECEIVE_COMPARISON)
     if holds_key and len(keys) != count * n_key:
         raise ProviderError(f"expected {count * n_key} DCF key tensors, got {len(keys)}")
     if seed is not None:

@@ -65,7 +65,7 @@ from veil.mpc.fss import material as fss_material
 from veil.mpc.prg import expand, expand_sum, new_seed, subtract_streams
 from veil.mpc.errors import ProviderError
 from veil.mpc.providers.background import BackgroundDealing, BackgroundDealingError
-from veil.mpc.providers.fss_dealing import DEAL_COMPARISON
+from veil.mpc.providers.fss_dealing import DEAL_COMPARISON, room_for
 from veil.mpc.providers.base import RECORD_HOOKS, MaterialExhaustedError, Provider, check_distinct_parties
 from veil.mpc.ring import DTYPE, random_ring
 from veil.mpc.runtime import (DEALER_TAG, DEALT_FIXED, DEALT_FIXED_TAG, DEALT_ITEM_TAG, DEALT_LAYOUTS,
@@ -174,7 +174,7 @@ def bounded_recipe(kind: str, spec: Any, count: Any) -> tuple[list, list, Any]:
     shapes = uniform_shapes + derived_shapes
     if any(int(d) < 0 for shape in shapes for d in shape):
         raise ProviderError(f"a {kind!r} dealing spec has a negative dimension")
-    elements = count * sum(_numel(shape) for shape in shapes)
+    elements = count * sum(max(1, _numel(shape)) for shape in shapes)  # (an empty field is still a loop step)
     if elements > MAX_DEAL_ELEMENTS:
         raise ProviderError(f"a dealing of {count} {kind!r} items would make {elements} ring elements per party, "
                             f"more than {MAX_DEAL_ELEMENTS} in one request")
@@ -254,6 +254,8 @@ def recipe_layout(kind: str, spec: Any, count: int) -> list[tuple[int, Any, Any]
 def _expand_material(worker: Any, seed: torch.Tensor, kind: str, spec: Any, count: int, corrections: list) -> list:
     """Runs on a party: derives its shares from the seed (+ corrections if last)."""
     uniform_shapes, derived_shapes, _ = bounded_recipe(kind, spec, count)
+    # refused by the session's quota before the streams are expanded (not sized before it runs, as a torch op is)
+    room_for(worker, 8 * count * sum(_numel(shape) for shape in uniform_shapes + derived_shapes), EXPAND)
     seed_bytes = bytes(seed.to(torch.uint8).tolist())
     out, c = [], 0
     for k in range(count):

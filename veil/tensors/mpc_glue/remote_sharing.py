@@ -10,17 +10,19 @@ holds one pointer per party.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
 
+from veil.compat.encoding_guards import check_room
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.allowlist import register_worker_function
 from veil.mpc.errors import MPCError
 from veil.mpc.prg import expand, new_seed
 from veil.mpc.providers.base import Provider
-from veil.mpc.providers.worker_dealer import dealer_for
+from veil.mpc.providers.worker_dealer import MAX_DEAL_ELEMENTS, dealer_for
 from veil.mpc.ring import DTYPE, random_ring
 from veil.tensors.mpc_glue.runtime import one_round
 from veil.tensors.pointer import PointerTensor
@@ -31,7 +33,17 @@ _LABEL = "share"
 
 
 def _prg_share(worker: Any, seed: torch.Tensor, shape: list) -> torch.Tensor:
-    """Runs on a party: its share, derived from a seed the data owner sent."""
+    """Runs on a party: its share, derived from a seed the data owner sent.
+
+    The requester names the shape and a worker function is not sized before it runs (output_bounds sizes
+    torch ops only): the share is bounded like a dealing and refused by the session's quota before the
+    stream is expanded, not after it filled memory."""
+    if not isinstance(shape, (list, tuple)) or not all(type(d) is int and d >= 0 for d in shape):
+        raise MPCError("a seeded share needs its shape as a list of whole numbers >= 0")
+    numel = math.prod(shape)
+    if numel > MAX_DEAL_ELEMENTS:
+        raise MPCError(f"a seeded share of {numel} elements is more than {MAX_DEAL_ELEMENTS} in one request")
+    check_room(worker, numel, 8, PRG_SHARE)
     return expand(bytes(seed.to(torch.uint8).tolist()), _LABEL, shape)
 
 
