@@ -182,13 +182,19 @@ def _symmetric_with_secret_key():
                                                                                   save_galois_keys=False)
 
 
-@pytest.mark.parametrize("craft", [_without_public_key, _public_key_emptied_by_a_later_copy, _secret_without_public_key,
+def _bfv_context():
+    """A BFV context (SEAL takes the scheme from the parameters' bytes): veil held it as a CKKS context."""
+    return ts.context(ts.SCHEME_TYPE.BFV, 8192, plain_modulus=1032193).serialize(save_secret_key=False,
+                                                                                save_galois_keys=False)
+
+
+@pytest.mark.parametrize("craft", [_without_public_key, _bfv_context, _public_key_emptied_by_a_later_copy, _secret_without_public_key,
                                    _secret_asking_for_galois_keys, _symmetric_with_secret_key], ids=lambda f: f.__name__.strip("_"))
 def test_a_context_tenseal_cannot_hold_safely_is_refused_before_it_loads(ctx, craft):
     """Attack (crash, resources): a context with no public key passed every bound and TenSEAL segfaulted when
     veil took its key id (a 100-byte context killed the worker); a secret key with the 'Galois keys generated'
-    flag makes TenSEAL generate them on load; a symmetric one with a secret key raised a bare ValueError. A
-    context on the wire is public: Must hold: the reader refuses each in one line (so TenSEAL never loads it),
+    flag makes TenSEAL generate them on load; a symmetric one with a secret key raised a bare ValueError; a BFV
+    one was held as a CKKS context. A context on the wire is public and CKKS. Must hold: the reader refuses each in one line (so TenSEAL never loads it),
     and an honest public context still loads."""
     data = craft()
     with pytest.raises(WireFormatError) as early:

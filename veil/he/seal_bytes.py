@@ -193,6 +193,8 @@ def _declared_ring(parameters: bytes) -> tuple[int, int]:
             parms.load(path)
         except Exception as exc:  # (pybind11 maps SEAL's exceptions to several Python types)
             raise WireFormatError(f"invalid CKKS encryption parameters: {exc}") from None
+    if parms.scheme() != sealapi.SCHEME_TYPE.CKKS:  # (SEAL takes the scheme from the bytes)
+        raise WireFormatError(f"a CKKS context must declare the CKKS scheme, not {parms.scheme().name}")
     return parms.poly_modulus_degree(), len(parms.coeff_modulus())
 
 
