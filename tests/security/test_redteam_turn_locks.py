@@ -14,10 +14,13 @@ strict xfail on the code before its fix (checked by running this file on that co
   snapshot: an in-place ``t_()`` meanwhile filed the shape of another value. Must hold: the request shows the
   shape of the value whose digest it carries;
 - refusal audit rows were written on the calling thread: the event loop for an inline request (an over-quota
-  ObjectMessage, a command naming an unknown id), the turn for a get under review naming an unknown id. A
-  stalled database statement held every connection. Must hold: the loop (the turn) goes on while the row's
-  write hangs, the row is written once the database answers, with the same content, in order, within the
-  rate limits.
+  ObjectMessage, a command naming an unknown id) and for a refused handshake (anyone reaching the port), the
+  turn for a get under review naming an unknown id. A stalled database statement held every connection. Must
+  hold: the loop (the turn) goes on while the row's write hangs, the row is written once the database answers,
+  with the same content, in order, within the rate limits.
+
+Guard: the policy sync waits for the turn (a long command) holding no governance lock, so an owner's decision
+goes on meanwhile (a fix that took the lock before the turn would hold it there).
 """
 
 from __future__ import annotations
@@ -334,3 +337,28 @@ def test_a_get_under_review_naming_an_unknown_id_does_not_write_its_row_in_the_t
     assert type(reply) is m.ErrorReply and reply.error == "ObjectNotFoundError", got
     rows = [e for e in srv.db.audit_entries() if e["action"] == "get" and e["outcome"] == "refused"]
     assert len(rows) == 1 and rows[0]["object_ids"] == [unknown], rows  # (on record before the reply went)
+
+
+def test_a_refused_handshake_does_not_write_its_row_on_the_event_loop(hook, monkeypatch):
+    """Anyone who reaches the port (no token) gets a row per refused handshake, in bounded numbers; the check
+    runs on the event loop (``process_request``). Must hold: it answers 401 while the row's write hangs, and the
+    row is written once the database answers."""
+    from types import SimpleNamespace
+
+    from websockets.datastructures import Headers
+
+    srv, _ = _worker(hook, "tk-connect")
+    audit = _HangOnce(monkeypatch, srv.db, "audit", when=lambda *a, **k: a[1] == "connect" and a[5] == "refused")
+    connection = SimpleNamespace(remote_address=("10.9.8.7", 4321),
+                                 respond=lambda status, text: SimpleNamespace(status=status, headers={}))
+    handshake = SimpleNamespace(headers=Headers({"Authorization": "Bearer not-a-token-of-this-worker"}))
+    try:
+        loop, out = _in_thread(lambda: srv._check_handshake(connection, handshake))
+        loop.join(BOUND_S)
+        assert not loop.is_alive(), "the event loop waited for a refused handshake's audit row"
+        assert out["reply"].status == 401, out
+        assert audit.started.wait(10)
+    finally:
+        audit.release()
+    rows = _refused_rows(srv, "connect")
+    assert len(rows) == 1 and rows[0]["detail"].startswith("from 10.9.8.7: "), rows

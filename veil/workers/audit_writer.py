@@ -1,14 +1,16 @@
 """Refusal audit rows written off the requester's thread, in order, by one thread of the worker's own.
 
 A refused request's row went to the owner's database on the thread that refused it: the event loop for an inline
-request (an over-quota ObjectMessage, a command naming an unknown id), the worker's turn for a request on a handler
-thread (a get under review naming an unknown id). A stalled database statement (a frozen database, or a COMMIT
-whose answer was lost, looked up for up to ~10 s) then held every connection and ping, or every session's
-command, until the watchdog cut it. Now ``refusal_rows.RefusedRequestLog`` (which keeps the rate limits) hands its
-rows to a :class:`RowWriter`: they are written in the order handed, by its thread. A handler thread waits for its
-own rows once it has left the turn (:meth:`RowWriter.wait_mine`), so its reply still goes after its rows are on
-record; the event loop never waits. A row written synchronously (an allowed one: data leaving the worker) waits
-for the rows handed before it (:meth:`RowWriter.wait`), so the log keeps its order.
+request (an over-quota ObjectMessage, a command naming an unknown id) and for a refused handshake, the worker's
+turn for a request on a handler thread (a get under review naming an unknown id). A stalled database statement
+(a frozen database, or a COMMIT whose answer was lost, looked up for up to ~10 s) then held every connection and
+ping, or every session's command, until the watchdog cut it. Now ``refusal_rows.RefusedRequestLog`` and
+``websocket_auth.RefusalLog`` (which keep the rate limits) hand their rows to a :class:`RowWriter`: they are
+written in the order handed, by its thread. A handler thread waits for its own rows once it has left the turn
+(:meth:`RowWriter.wait_mine`), so its reply still goes after its rows are on record; the event loop waits for
+its own at most :data:`LOOP_WAIT_S`, and not at all while the writer is behind (:meth:`RowWriter.wait_mine_briefly`).
+A row written synchronously (an allowed one: data leaving the worker) waits for the rows handed before it
+(:meth:`RowWriter.wait`), so the log keeps its order, as does a read of the log (``OwnerDB.audit_entries``).
 
 Bounded: at most :data:`MAX_PENDING` rows wait (past that, whoever hands one waits for room: the rate limits
 make that a database stalled for thousands of users' refusals); the thread ends when idle.
@@ -31,6 +33,9 @@ MAX_PENDING = 10_000
 #: how long a handler thread (or a synchronous write, or the stop) waits for rows handed before: past a lost
 #: COMMIT's lookup (the watchdog's 10 s stall check and 5 s probe)
 WAIT_S = 20.0
+#: how long the event loop waits for an inline request's rows (a healthy database's write: its reply goes after
+#: them); once a wait runs out, the loop waits for none until the writer has caught up
+LOOP_WAIT_S = 0.05
 #: the writer's thread ends after this long without rows (a new row starts it again)
 IDLE_S = 2.0
 
@@ -44,6 +49,7 @@ class RowWriter:
         self._rows: deque[tuple] = deque()
         self._submitted = self._written = 0
         self._thread: threading.Thread | None = None
+        self._behind = False  # a brief wait ran out: the database is slow (cleared once every row is written)
         self._mine = threading.local()  # the newest row each thread handed (wait_mine)
 
     def submit(self, *row: Any) -> None:
@@ -72,6 +78,8 @@ class RowWriter:
             with self._changed:
                 self._rows.popleft()
                 self._written += 1
+                if self._written == self._submitted:
+                    self._behind = False
                 self._changed.notify_all()
 
     def _wait_for(self, seq: int, timeout: float) -> bool:
@@ -90,12 +98,27 @@ class RowWriter:
         self._mine.seq = 0
         return self._wait_for(seq, timeout)
 
+    def wait_mine_briefly(self) -> None:
+        """:meth:`wait_mine` for the event loop: at most :data:`LOOP_WAIT_S`, and not while the writer is behind
+        (a stalled database costs the loop one such wait, not one per refused request)."""
+        seq = getattr(self._mine, "seq", 0)
+        if seq:
+            self._mine.seq = 0
+            if not self._behind and not self._wait_for(seq, LOOP_WAIT_S):
+                self._behind = True
 
-def refused_request_log(db: Any, write_now: Callable[..., None], worker_id: str) -> tuple[RowWriter, RefusedRequestLog]:
+
+def refused_request_log(db: Any, write_now: Callable[..., None], worker_id: str,
+                        refused_connects: Any) -> tuple[RowWriter, RefusedRequestLog]:
     """A network worker's refused requests' log (rate limits: refusal_rows.py) over a :class:`RowWriter` of
-    ``write_now``; reads of ``db``'s log (``OwnerDB.audit_entries``) wait for the rows handed before them."""
+    ``write_now``, which also writes the rows of ``refused_connects`` (``websocket_auth.RefusalLog``: a refused
+    handshake's row was written on the event loop) and closes its windows with it; reads of ``db``'s log
+    (``OwnerDB.audit_entries``) wait for the rows handed before them."""
     writer = RowWriter(write_now, f"veil-audit-{worker_id}")
     writers = getattr(db, "row_writers", None)
     if writers is not None:  # (those of workers gone are dropped)
         writers[:] = [w for w in writers if w() is not None] + [weakref.WeakMethod(writer.wait)]
-    return writer, RefusedRequestLog(writer.submit, written=writer.wait)
+    requests = RefusedRequestLog(writer.submit, written=writer.wait)
+    refused_connects.write_row = writer.submit
+    refused_connects.followers.append(requests)
+    return writer, requests

@@ -240,6 +240,7 @@ class InlineLane:
                     strikes = strikes_of[session.id] = (strikes or 0) + 1
                     if strikes >= INLINE_STRIKES:
                         slow.add(session.id)
+            self.audit_rows.wait_mine_briefly()  # (its refusal rows: written by a thread of their own)
 
     def _serve_command(self, session: Session, principal: Principal, msg: m.CommandMessage | m.SkeletonCommand,
                        prelude: list) -> bytes:

@@ -318,6 +318,15 @@ class RefusalLog:
         self._suppressed: dict[str, int] = {}
         #: other aggregating logs closed on this one's timer and at shutdown (refusal_rows.RefusedRequestLog)
         self.followers: list = []
+        #: where a row goes, ``(action, principal, session, ids, outcome, detail)``; None: the database, on this
+        #: thread (a network server hands them to its writer thread: the handshake runs on the event loop)
+        self.write_row = None
+
+    def _row(self, detail: str) -> None:
+        if self.write_row is not None:
+            self.write_row("connect", "?", "-", [], "refused", detail)
+        else:
+            self._db.audit(self._worker_id, "connect", "?", "-", (), "refused", detail)
 
     def refused(self, source: str, reason: str) -> None:
         self.flush_due()
@@ -332,7 +341,7 @@ class RefusalLog:
                 self._suppressed[key] = self._suppressed.get(key, 0) + 1
                 write = False
         if write:
-            self._db.audit(self._worker_id, "connect", "?", "-", (), "refused", f"from {source}: {reason}")
+            self._row(f"from {source}: {reason}")
 
     def flush_due(self) -> None:
         """Closes the window if it is over (writes its summary rows)."""
@@ -346,8 +355,7 @@ class RefusalLog:
             suppressed, self._suppressed = self._suppressed, {}
             self._window_start, self._written = self._clock(), 0
         for source, n in sorted(suppressed.items()):
-            self._db.audit(self._worker_id, "connect", "?", "-", (), "refused",
-                           f"{n} more refused connects from {source} (aggregated over {self.window:g} s)")
+            self._row(f"{n} more refused connects from {source} (aggregated over {self.window:g} s)")
         for follower in self.followers if followers else ():
             follower.flush()
 

@@ -200,10 +200,10 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
         self.refusals = RefusalLog(self.db, self.id)
         #: failed authentications per source, at this port and the owner console alike (auth_throttle)
         self.auth_throttle = FailureThrottle()
-        #: refused requests of sessions: aggregated per user past a burst (closed on the connect log's timer),
-        #: written in order by a thread of their own, off the event loop and the turn (audit_writer.py)
-        self.audit_rows, self.refused_requests = refused_request_log(self.db, self._write_audit_now, self.id)
-        self.refusals.followers.append(self.refused_requests)
+        #: refused requests of sessions: aggregated per user past a burst (closed on the connect log's timer);
+        #: theirs and refused connects' rows written in order by a thread of their own (audit_writer.py)
+        self.audit_rows, self.refused_requests = refused_request_log(self.db, self._write_audit_now, self.id,
+                                                                     self.refusals)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Future | None = None
         # tells the peers a session used that it ended (veil/workers/accounts.py)
