@@ -162,8 +162,9 @@ def test_secure_aggregation_equals_plain_average_and_hides_updates(hook):
     total = fl.secure_agg.secure_sum(ptrs, weights, tag=77)
     expected = fl.weighted_average([states[w] for w in weights], list(weights.values()))
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(total, expected))
-    # per client: a public key, one masked vector of 15 + 2 ring elements, 3 seed shares (+ envelopes)
-    assert me.stats.bytes_received < 3 * (32 * 8 + 17 * 8 + 3 * 66 * 8 + 1000)
+    # per client: a public key, one masked vector of 15 + 2 ring elements, 3 seed shares, 3 confirmation tags
+    # of 32 bytes (+ envelopes)
+    assert me.stats.bytes_received < 3 * (32 * 8 + 17 * 8 + 3 * 66 * 8 + 3 * 32 * 8 + 1000)
     assert all(not w.__dict__.get("_secagg_rounds") for w in workers)  # round state deleted after unmasking
 
 

@@ -133,7 +133,10 @@ def test_a_client_never_reveals_both_masks_of_anyone(hook):
         call("unmask", (tag, ids, [ids[1]]), w0).get()
     with pytest.raises(Exception, match="refused"):  # a second masked input for the same round
         call("masked_input", (tag, ids, inputs[w0.id].state, 1.0, None), w0).get()
-    b_shares, sk_shares = sa._fetch(call("unmask", (tag, ids[:2], [ids[2]]), w0))
+    # (the consistency round: t = 2 clients confirm the survivor set w0 unmasks over)
+    tags = {w.id: sa._fetch(call("confirm", (tag, ids[:2]), w)) for w in workers[:2]}
+    b_shares, sk_shares = sa._fetch(call("unmask", (tag, ids[:2], [ids[2]],
+                                                    sa.secagg_confirm.for_client(tags, ids[:2], w0.id)), w0))
     assert b_shares.shape == (2, 66) and sk_shares.shape == (1, 66)
     with pytest.raises(Exception, match="no secure-aggregation round"):  # answered once: the round is gone
         sa._fetch(call("unmask", (tag, ids, []), w0))
@@ -218,7 +221,9 @@ def test_another_scientist_cannot_touch_a_round_over_the_network(hook, websocket
         # the coordinator's round is intact: masked inputs and recovery give the exact sum
         masked = {n: call("masked_input", (tag, ids, [t.send(coord[n]) for t in states[n]], 1.0, None),
                           coord[n]).get() for n in names}
-        answers = {n: sa._fetch(call("unmask", (tag, ids, []), coord[n])) for n in names}
+        tags = {n: sa._fetch(call("confirm", (tag, ids), coord[n])) for n in names}
+        answers = {n: sa._fetch(call("unmask", (tag, ids, [], sa.secagg_confirm.for_client(tags, ids, n)), coord[n]))
+                   for n in names}
         total = sa._recover(masked, answers, ids, ids, [], {n: sa.sc.tensor_bytes(pks[i]) for i, n in enumerate(ids)},
                             2, 10, tag)
         flat = sa.decode(total, sa.ENCODING, dtype=torch.float64)

@@ -205,7 +205,9 @@ def test_replays_reused_tags_and_short_survivor_sets_are_refused(hook):
         sa._fetch(_call("unmask", (tag, ids[1:], [ids[0]]), workers[0]))
     with pytest.raises(Exception, match="refused"):  # survivors and dropped must cover what it masked with
         sa._fetch(_call("unmask", (tag, ids[:2], []), workers[0]))
-    ans = {w.id: sa._fetch(_call("unmask", (tag, ids, []), w)) for w in workers}
+    tags = {w.id: sa._fetch(_call("confirm", (tag, ids), w)) for w in workers}  # (the consistency round)
+    ans = {w.id: sa._fetch(_call("unmask", (tag, ids, [], sa.secagg_confirm.for_client(tags, ids, w.id)), w))
+           for w in workers}
     with pytest.raises(Exception, match="no secure-aggregation round"):  # unmask replayed
         sa._fetch(_call("unmask", (tag, ids[:2], [ids[2]]), workers[0]))
     pubs = {w: sc.tensor_bytes(pks[i]) for i, w in enumerate(ids)}

@@ -22,6 +22,8 @@ instead of encrypted through the server. Per round, with ``threshold`` t:
    round and never for the same client in both lists, so the coordinator can
    never learn both masks of anyone. With t answers the coordinator removes
    the self-masks of U3 and the pair masks the dropped clients left behind.
+   Before it, ``confirm``: every client of U3 confirms U3 once, and unmasks
+   only the set it confirmed, with t of its members' tags (secagg_confirm.py).
 
 Any t clients may die at any stage (at least t of U3 must answer); no
 individual update ever leaves a client unmasked, and nothing in the recovery
@@ -60,9 +62,11 @@ different dropouts, would hand over both masks of one client); a peer deposits
 shares only under its own authenticated name (at most n senders); and each
 client sends its public key with its deposit, so a masked input is refused when
 the coordinator's key table names a key the client did not send (with its own
-keys in the table the coordinator would know every pair mask). Signatures and
-the consistency round (Bonawitz et al. 2017, sec. 4.3) are not implemented:
-per-client weights and the choice of survivors remain the coordinator's.
+keys in the table the coordinator would know every pair mask). The consistency
+round (Bonawitz et al. 2017, sec. 4.3) holds with pairwise MACs instead of
+signatures (``secagg_confirm``): without it, survivor sets told differently to
+each client unmasked one client's input. Per-client weights and the choice of
+survivors remain the coordinator's.
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ import torch
 
 from veil.exceptions import (ObjectNotFoundError, RemoteExecutionError, RequestDeniedError, ReviewPendingError,
                              register_remote_error)
-from veil.federated import secagg_crypto as sc
+from veil.federated import secagg_confirm, secagg_crypto as sc
 from veil.federated.pooled import CLIENT_FAILURES, error_text
 from veil.messaging.allowlist import ALLOWLIST, register_worker_function
 from veil.messaging.messages import CommandMessage
@@ -121,6 +125,7 @@ class _Round:
     held: dict = field(default_factory=dict)  # peer id -> (share of its sk, share of its b)
     deposited_keys: dict = field(default_factory=dict)  # peer id -> the public key it sent with its shares
     masked_with: Optional[list] = None  # U2, once the masked input was sent
+    confirmed: Optional[list] = None  # U3, sorted, once this client confirmed it (secagg_confirm)
     coordinator: str = ""  # the user who advertised the round (owns it)
     session: str = ""  # the namespace (network session) that advertised it: it ends with that session
     started: float = field(default_factory=time.monotonic)
@@ -292,13 +297,18 @@ def _masked_input(worker: Any, tag: int, survivors: list, state_tensors: list, w
     return encoded + _mask(state, worker.id, [v for v in survivors if v != worker.id], encoded.numel(), tag)
 
 
-def _unmask(worker: Any, tag: int, survivors: list, dropped: list) -> tuple:
+def _confirm(worker: Any, tag: int, survivors: list) -> torch.Tensor:
+    return secagg_confirm.confirm(_round(worker, tag), worker.id, tag, _id_list(survivors, "survivors"))
+
+
+def _unmask(worker: Any, tag: int, survivors: list, dropped: list, confirmations: Any = None) -> tuple:
     state = _round(worker, tag)
     survivors, dropped = _id_list(survivors, "survivors"), _id_list(dropped, "dropped")
     masked = state.masked_with
     if masked is None or worker.id not in survivors or set(survivors) & set(dropped) \
             or set(survivors) | set(dropped) != set(masked) or len(survivors) < state.threshold:
         raise RemoteExecutionError("unmask: refused (inconsistent survivor and dropout sets)")
+    secagg_confirm.check(state, worker.id, tag, survivors, confirmations)  # the one U3 t clients confirmed
     del _rounds(worker)[(state.coordinator, tag)]  # answered once: nothing of this round remains to be asked for
     b_rows = [state.held[u][1] for u in survivors]
     sk_rows = [state.held[v][0] for v in dropped]
@@ -319,6 +329,7 @@ register_worker_function("veil.secagg.deposit", _deposit, shapes="none")
 register_worker_function("veil.secagg.masked_input", _masked_input)
 # the coordinator recovers the sum of the masked inputs: on review-policy data each input waits for the owner
 owner_guard.REVIEWED_INPUTS.add("veil.secagg.masked_input")
+register_worker_function("veil.secagg.confirm", _confirm)
 register_worker_function("veil.secagg.unmask", _unmask)
 register_worker_function("veil.secagg.discard", _discard, shapes="none")
 
@@ -434,8 +445,8 @@ def secure_aggregate(inputs: dict[str, ClientInput], tag: int, threshold: Option
         out, review, gone, late = {}, [], 0, 0
         deadline = time.monotonic() + review_wait
         for wid in members:
-            if round_end is not None and name != "unmask" and time.monotonic() > round_end:  # (unmask asks
-                late += 1  # every client whose masked input came: the recovery needs them, and each is one call)
+            if round_end is not None and name not in ("confirm", "unmask") and time.monotonic() > round_end:
+                late += 1  # (confirm and unmask ask every client whose masked input came: the recovery needs them)
                 continue
             while True:
                 try:
@@ -478,7 +489,10 @@ def secure_aggregate(inputs: dict[str, ClientInput], tag: int, threshold: Option
                                                       inputs[w].losses), lambda r: _form(r, (length,)))
         u3 = list(masked)
         gone = [v for v in u2 if v not in masked]
-        answers = stage("unmask", u3, lambda w: (tag, u3, gone), lambda r: _unmask_form(r, len(u3), len(gone)))
+        confirmed = stage("confirm", u3, lambda w: (tag, u3),
+                          lambda r: _form(r, (len(u3), secagg_confirm.TAG_BYTES), True))
+        answers = stage("unmask", u3, lambda w: (tag, u3, gone, secagg_confirm.for_client(confirmed, u3, w)),
+                        lambda r: _unmask_form(r, len(u3), len(gone)))
     finally:  # every client that did not answer unmask still holds the round (its keys, seed, peers' shares)
         _discard_all({w: inputs[w] for w in ids if w not in answers}, tag)
     total = _recover(masked, answers, u1, u3, gone, publics, t, length, tag)
