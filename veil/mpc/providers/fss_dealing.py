@@ -55,10 +55,12 @@ MAX_RECEIVED_ELEMENTS = 1 << 27
 
 def room_for(worker: Any, nbytes: int, op_name: str) -> None:
     """Refuses, before it is expanded, material that would not fit the requesting session's quota (the
-    store would refuse it afterwards, once it had filled memory). Duck-typed: mpc imports no workers."""
+    store would refuse it afterwards, once it had filled memory). A peer's hand-offs are charged per
+    requester account by the store (a link may hold several quotas), so a dealer peer is left to it.
+    Duck-typed: mpc imports no workers."""
     monitor = getattr(worker, "monitor", None)
     principal = monitor.current_principal() if monitor is not None else None
-    if principal is not None:
+    if principal is not None and not principal.is_peer:
         monitor.check_room(principal, nbytes, op_name)
 
 
