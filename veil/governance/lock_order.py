@@ -6,7 +6,11 @@ up to ~10 s. Code that held the turn while it waited for the lock (the owner's r
 policy decision synced from another replica, a decision by admin message) held every other session's command
 that long. The reverse, holding the lock while waiting for the turn, would hold every release decision and a
 revocation's lapses behind a long command. So neither is held while waiting for the other: the lock is taken
-at once or the turn is handed back until the lock is free, then both are tried again.
+at once or the turn is handed back until the lock is free, then both are tried again. Once only: retried for as
+long as the lock was taken meanwhile, release decisions of other sessions coming back to back (outside the
+turn, while other commands queued for it) starved the owner's change for as long as they kept coming. The
+second miss takes the lock outside the turn and keeps it while waiting for the turn: a wait in the turn's queue
+(a long command hands the turn over at its next checkpoint), which release decisions wait for at most, once.
 """
 
 from __future__ import annotations
@@ -29,9 +33,12 @@ def governance_lock(worker: Any) -> Iterator[None]:
     lock outside the turn (``cancellation.outside_turn``: a no-op outside a network worker's request) and
     returns holding both."""
     lock = governance(worker).lock
-    while not lock.acquire(blocking=False):
+    if not lock.acquire(blocking=False):
         with cancellation.outside_turn():
             _wait_until_free(lock)
+        if not lock.acquire(blocking=False):  # (taken again meanwhile: kept this time, see the module doc)
+            with cancellation.outside_turn():
+                lock.acquire()
     try:
         yield
     finally:
@@ -47,12 +54,15 @@ def turn_and_governance_lock(worker: Any, turn: Any) -> Iterator[None]:
         with lock:
             yield
         return
-    while True:
-        turn.acquire()
-        if lock.acquire(blocking=False):
-            break
+    turn.acquire()
+    if not lock.acquire(blocking=False):
         turn.release()
         _wait_until_free(lock)
+        turn.acquire()
+        if not lock.acquire(blocking=False):  # (taken again meanwhile: kept this time, see the module doc)
+            turn.release()
+            lock.acquire()
+            turn.acquire()
     try:
         yield
     finally:

@@ -12,8 +12,10 @@ its own at most :data:`LOOP_WAIT_S`, and not at all while the writer is behind (
 A row written synchronously (an allowed one: data leaving the worker) waits for the rows handed before it
 (:meth:`RowWriter.wait`), so the log keeps its order, as does a read of the log (``OwnerDB.audit_entries``).
 
-Bounded: at most :data:`MAX_PENDING` rows wait (past that, whoever hands one waits for room: the rate limits
-make that a database stalled for thousands of users' refusals); the thread ends when idle.
+Bounded: a queued row is a copy of what the audit table keeps of it (at most 1000 ids, 500 characters); at most
+:data:`MAX_PENDING` rows wait, and past that a row is counted into one summary row per (action, principal) (ids
+up to 1000, the last text), queued once the rows before it are written: handing a row never waits (it blocked
+the event loop while a stalled database held the queue full); the thread ends when idle.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import weakref
 from collections import deque
 from typing import Any, Callable
 
-from veil.workers.refusal_rows import RefusedRequestLog
+from veil.workers.refusal_rows import SUMMARY_IDS, RefusedRequestLog
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,23 @@ WAIT_S = 20.0
 LOOP_WAIT_S = 0.05
 #: the writer's thread ends after this long without rows (a new row starts it again)
 IDLE_S = 2.0
+#: what the audit table keeps of a row (persistence.OwnerDB.audit): a queued row is cut to it when handed
+STORED_IDS, STORED_DETAIL = 1000, 500
+#: (action, principal, outcome) keys counted past a full queue (the rest share one principal)
+OVERFLOW_KEYS = 64
+OTHER_PRINCIPALS = "(other principals)"
+
+
+def _as_stored(action: str, principal: str, session: str, ids: Any, outcome: str, detail: str) -> tuple:
+    """The row as the audit table keeps it: ids that are ints, at most STORED_IDS; detail cut to STORED_DETAIL
+    (a request's id list and text were held while the row waited, up to the whole decoded message each)."""
+    kept = []
+    for oid in ids:
+        if type(oid) is int:
+            kept.append(oid)
+            if len(kept) >= STORED_IDS:
+                break
+    return action, principal, session, kept, outcome, detail[:STORED_DETAIL]
 
 
 class RowWriter:
@@ -51,18 +70,50 @@ class RowWriter:
         self._thread: threading.Thread | None = None
         self._behind = False  # a brief wait ran out: the database is slow (cleared once every row is written)
         self._mine = threading.local()  # the newest row each thread handed (wait_mine)
+        #: rows handed while the queue was full: (action, principal, outcome) -> [count, ids, last detail]
+        self._overflow: dict[tuple, list] = {}
 
     def submit(self, *row: Any) -> None:
+        """Hands ``row`` (action, principal, session, ids, outcome, detail) to the thread; never waits. A copy
+        of what the database keeps of it is queued (the requester's ids and text are not held meanwhile).
+        Past :data:`MAX_PENDING` rows waiting, it is counted into a summary row instead (queued once every row
+        before it is written, so the log keeps its order)."""
+        row = _as_stored(*row)
         with self._changed:
-            while len(self._rows) >= MAX_PENDING:
-                self._changed.wait(1.0)
-            self._rows.append(row)
-            self._submitted += 1
-            self._mine.seq = self._submitted
+            if self._overflow or len(self._rows) >= MAX_PENDING:
+                self._count_over(row)
+                self._behind = True
+            else:
+                self._rows.append(row)
+                self._submitted += 1
+                self._mine.seq = self._submitted
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
             self._changed.notify_all()
+
+    def _count_over(self, row: tuple) -> None:
+        action, principal, _session, ids, outcome, detail = row
+        key = (action, principal, outcome)
+        if key not in self._overflow and len(self._overflow) >= OVERFLOW_KEYS:
+            key = (action, OTHER_PRINCIPALS, outcome)
+        over = self._overflow.setdefault(key, [0, {}, ""])
+        over[0] += 1
+        for oid in ids:
+            if len(over[1]) >= SUMMARY_IDS:
+                break
+            over[1][oid] = None
+        over[2] = detail
+
+    def _queue_overflow(self) -> None:
+        """(under the lock, the queue empty) the counted rows' summaries, then the queue takes rows again."""
+        for (action, principal, outcome), (count, ids, last) in sorted(self._overflow.items()):
+            self._rows.append(_as_stored(
+                action, principal, "-", list(ids), outcome,
+                f"{count} more {outcome} {action} rows not written one by one (the owner's database was behind: "
+                f"{MAX_PENDING} rows waiting); last: {last}"))
+            self._submitted += 1
+        self._overflow.clear()
 
     def _run(self) -> None:
         while True:
@@ -78,6 +129,8 @@ class RowWriter:
             with self._changed:
                 self._rows.popleft()
                 self._written += 1
+                if not self._rows and self._overflow:
+                    self._queue_overflow()
                 if self._written == self._submitted:
                     self._behind = False
                 self._changed.notify_all()
@@ -89,8 +142,12 @@ class RowWriter:
             return self._changed.wait_for(lambda: self._written >= seq, timeout)
 
     def wait(self, timeout: float = WAIT_S) -> bool:
-        """Waits until every row handed so far is written (or ``timeout``); whether it was."""
-        return self._wait_for(self._submitted, timeout)
+        """Waits until every row handed so far is written (or ``timeout``); whether it was. Rows counted past a
+        full queue too (the stop's flush waits for them before the database closes): their summaries are the
+        next rows queued."""
+        with self._changed:
+            seq = self._submitted + len(self._overflow)
+        return self._wait_for(seq, timeout)
 
     def wait_mine(self, timeout: float = WAIT_S) -> bool:
         """Waits until the rows this thread handed are written (or ``timeout``); whether they were."""

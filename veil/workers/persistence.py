@@ -122,7 +122,9 @@ class OwnerDB:
 
     def audit(self, worker: str, action: str, principal: str, session: str, object_ids: list | tuple = (),
               outcome: str = "allowed", detail: str = "") -> None:
-        """Appends one audit record (``outcome`` is "allowed" or "refused")."""
+        """Appends one audit record (``outcome`` is "allowed" or "refused"), after the rows handed to its row
+        writers before it (a governance row, a release's, went before an earlier refusal still queued)."""
+        self._after_handed_rows()
         ids = json.dumps([i for i in object_ids if type(i) is int][:1000])
         with self._lock:
             self._db.execute(
@@ -131,12 +133,19 @@ class OwnerDB:
                 (time.time(), worker, action, principal, session, ids, outcome, detail[:500]),
             )
 
-    def audit_entries(self, limit: int = 1000) -> list[dict[str, Any]]:
-        """The most recent ``limit`` records, oldest first."""
+    def _after_handed_rows(self) -> None:
+        """Waits for the rows handed to the row writers so far (none on a writer's own thread: audit_writer.py;
+        none inside a write transaction, whose lock the writer's row needs)."""
+        if self._db._in_transaction:
+            return
         for writer in list(self.row_writers):
             wait = writer()
             if wait is not None:
                 wait()
+
+    def audit_entries(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """The most recent ``limit`` records, oldest first."""
+        self._after_handed_rows()
         with self._lock:
             rows = self._db.execute(
                 "SELECT seq, ts, worker, action, principal, session, object_ids, outcome, detail"
