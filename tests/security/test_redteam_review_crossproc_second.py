@@ -118,7 +118,7 @@ def test_an_approval_past_the_migrations_batch_releases_nothing_the_owner_denied
     one left ``approved`` is the newest request of its id, so a get used it without the denial check: the value
     the owner denied went out. Must hold: neither releases anything (each shows lapsed, naming its denial), a get
     files a new request, and the audit log has no release of either."""
-    from veil.governance import lapses
+    from veil.governance import lapse_migration
     from veil.workers.persistence import OwnerDB
 
     path = tmp_path / OwnerDB.FILENAME
@@ -127,7 +127,8 @@ def test_an_approval_past_the_migrations_batch_releases_nothing_the_owner_denied
     srv.db.close()
     for i, (_, _, rid) in enumerate(approvals):
         _voided_by_a_later_denial(path, rid, f"req-olddenial{i}")
-    monkeypatch.setattr(lapses, "MIGRATE_AT_ONCE", 1)
+    monkeypatch.setattr(lapse_migration, "CHECK_AT_MOST", 1)
+    monkeypatch.setattr(lapse_migration, "PAGE", 1)
     again, did, queue = _owner_process(hook, path)
     try:
         assert sorted(queue.get(rid).state for _, _, rid in approvals) == ["approved", "lapsed"]

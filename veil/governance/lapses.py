@@ -16,8 +16,9 @@ An open request (pending or approved) lapses when
 - a twin request released the same value while a move held the approval: the refused move does not give it back
   (give_backs.py);
 - an older version left an approval ``approved`` after the owner denied the same value: it lapses when a process
-  first opens the database (:func:`lapse_voided_approvals`, up to 1,000 per opening), or when it would be used
-  (:func:`use_approval`: nothing released).
+  first opens the database (lapse_migration.py: a bounded number per opening, going on from the last checked),
+  or when it would be used (:func:`use_approval`: nothing released); so does a request open when an older
+  version stored a revocation of its user (lapse_migration.py, once per database).
 
 A lapsed request releases nothing; the same value asked for again files a new request. The owner's own message
 on an approval is kept, the reason appended.
@@ -38,7 +39,7 @@ from veil.governance.give_backs import (
 from veil.governance.requests import MAX_PENDING_PER_USER, ReleaseRequest, ReviewQueue
 from veil.governance.revocation import REVOKE_HANDLERS
 from veil.governance.state import governance, has_decisions_store
-from veil.workers.persistence import db_execute, db_update, serialized_write
+from veil.workers.persistence import db_update, serialized_write
 
 log = logging.getLogger(__name__)
 LAPSED = "lapsed"
@@ -147,33 +148,6 @@ def after_given_back(queue: ReviewQueue, request_id: str, key: Callable[[Any], A
                                                               "same value"):
         return ""
     return denial
-
-
-#: approvals a migration lapses per opening of a database (the rest at the next opening)
-MIGRATE_AT_ONCE = 1000
-
-
-def lapse_voided_approvals(worker: Any) -> int:
-    """Migration, when a process first opens the owner database: approvals the owner's later denial of the same
-    value voided that an older version left ``approved`` (before lapses, or a lapse that failed) lapse, as
-    :func:`after_given_back` lapses them now (``ReviewQueue.approved_for`` already refused them: only what they
-    show changes). Failures are logged, never raised (the worker starts). How many lapsed."""
-    from veil.governance.release import request_computation
-
-    queue = ReviewQueue(worker)
-    try:
-        found = db_execute(queue.db, "SELECT a.id FROM release_requests a WHERE a.state = 'approved' AND EXISTS "
-                                     "(SELECT 1 FROM release_requests d WHERE d.state = 'denied' AND d.principal = "
-                                     "a.principal AND d.digest = a.digest AND d.object_id = a.object_id AND "
-                                     "COALESCE(d.decided_ts, 0) >= COALESCE(a.decided_ts, 0)) LIMIT ?",
-                           (MIGRATE_AT_ONCE,))
-    except Exception as error:  # noqa: BLE001 - a migration that cannot run leaves the rows as they are
-        log.error("worker %s: approvals voided by a denial were not checked (%s)", worker.id, type(error).__name__)
-        return 0
-    lapsed = sum(bool(after_given_back(queue, rid, request_computation)) for (rid,) in found)
-    if lapsed:
-        log.info("worker %s: %d approval(s) voided by a later denial now show lapsed", worker.id, lapsed)
-    return lapsed
 
 
 #: worker -> name -> how many times this process put a revocation of the name in force (weak: a worker's go

@@ -13,13 +13,17 @@ the stored decisions (strictness is the order of ``POLICIES``: open < review < d
 from __future__ import annotations
 
 import json
+import threading
 import time
-from typing import Any
+import weakref
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from veil.exceptions import ObjectNotFoundError
 from veil.governance.lock_order import governance_lock, turn_and_governance_lock
 from veil.governance.state import (DEFAULT_POLICY, POLICIES, audit, check_policy, governance, has_decisions_store,
                                    policy_of)
+from veil.workers import cancellation
 
 #: open < review < dp-only: dp-only lets nothing un-noised out, approved or not (its DP releases are capped
 #: by the owner's budgets)
@@ -78,10 +82,12 @@ def sync_stored_policies(worker: Any, turn: Any = None) -> list[int]:
     if not decisions or not _tighter(worker, sources, decisions):  # (the usual case: no lock, no turn)
         return changed
     notes = []
-    with turn_and_governance_lock(worker, turn):
-        for oid, entry, before, stored in _tighter(worker, sources, decisions):
-            _set_policy(worker, oid, entry, stored)
-            notes.append((oid, before, stored))
+    with _one_decision(worker):  # (read again under it: an owner's loosening stored meanwhile is not undone)
+        decisions = stored_decisions(worker)
+        with turn_and_governance_lock(worker, turn):
+            for oid, entry, before, stored in _tighter(worker, sources, decisions):
+                _set_policy(worker, oid, entry, stored)
+                notes.append((oid, before, stored))
     for oid, before, stored in notes:
         audit(worker, "policy", "owner", "-", [oid], "allowed",
               f"{before} -> {stored} (the owner's stored decision, made on another replica)")
@@ -167,12 +173,26 @@ def _set_policy(worker: Any, oid: int, entry: Any, policy: str) -> None:
         if policy == "review" and not state.tracking:
             _start_tracking(worker, oid)
             state.tracking = True
-        state.policies[oid] = policy
+        # the DP guard's mark is set before the policy map changes and cleared after: a check that reads the
+        # two without the turn (an in-process worker) sees the stricter of the old and the new policy, never
+        # review gone and dp-only not yet marked
         if policy == "dp-only":
             entry.meta["dp_only"] = True
-        else:
+            if state.policies.get(oid) != "dp-only":
+                _mark_derived_dp_only(worker, oid)
+        state.policies[oid] = policy
+        if policy != "dp-only":
             entry.meta.pop("dp_only", None)
         entry.meta["policy"] = policy
+
+
+def _mark_derived_dp_only(worker: Any, source: int) -> None:
+    """Values derived from ``source`` before it became dp-only get the DP guard's mark, as if computed after (the
+    guard refuses computing them then): under review they waited for the owner's approval, and with the source
+    no longer under review they were released to anyone asking. (A loosening leaves the marks: fails closed.)"""
+    for _, derived in list(worker.monitor.owner_entries()):
+        if not derived.protected and source in derived.provenance:
+            derived.meta["dp_only"] = True
 
 
 def _start_tracking(worker: Any, source: int) -> None:
@@ -195,8 +215,16 @@ def _start_tracking(worker: Any, source: int) -> None:
         entry.meta[ROOT] = nid
 
 
-def set_policy(worker: Any, name_or_tag: Any, policy: str, by: str = "owner") -> list[int]:
+def set_policy(worker: Any, name_or_tag: Any, policy: str, by: str = "owner", turn: Any = None) -> list[int]:
     """Changes the policy of the owner's objects named by id, by tag (``#boston``) or dataset name.
+
+    ``turn``: the network worker's turn (``FairLock``) when the caller holds none (the console, the owner's own
+    code): the change is put in force in it, so no command runs under a mix of the old and the new policy (a get
+    of data going from review to dp-only passed the DP guard before the change and the review check after it,
+    and released the value). A request's handler (the admin message) runs in its turn already: None.
+    The decision is stored after the turn (and the governance lock) are handed back: a lost COMMIT's lookup
+    (~10 s) held every session's command; one decision at a time is put in force and stored
+    (:func:`_one_decision`), so the stored order stays the order in force.
 
     Returns the ids changed; raises ObjectNotFoundError when nothing matches.
     """
@@ -211,11 +239,33 @@ def set_policy(worker: Any, name_or_tag: Any, policy: str, by: str = "owner") ->
         raise ObjectNotFoundError(f"worker {worker.id!r} has no dataset tagged {name_or_tag!r}")
     for oid in targets:
         entry = _owner_entry(worker, oid)
-        # the stored order is the order in force; (in a request's turn, the lock is waited for outside it:
-        # release decisions hold it across the owner's database, lock_order.py)
-        with governance_lock(worker):
-            before = policy_of(worker, oid)
-            _set_policy(worker, oid, entry, policy)  # in force first: a tightening holds even if storing fails
-            _store_policy(worker, entry, policy, by)
-        audit(worker, "policy", by, "-", [oid], "allowed", f"{before} -> {policy}")
+        with _one_decision(worker):
+            # (in a request's turn, the lock is waited for outside it: release decisions hold it across the
+            # owner's database, lock_order.py)
+            with turn_and_governance_lock(worker, turn) if turn is not None else governance_lock(worker):
+                before = policy_of(worker, oid)
+                _set_policy(worker, oid, entry, policy)  # in force first: a tightening holds even if storing fails
+            with cancellation.outside_turn():
+                _store_policy(worker, entry, policy, by)
+                audit(worker, "policy", by, "-", [oid], "allowed", f"{before} -> {policy}")
     return targets
+
+
+#: worker -> the lock one policy decision holds from putting it in force to storing it (the owner's changes and
+#: the sync of stored ones): never the turn nor the governance lock while storing
+_DECISIONS: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
+_DECISIONS_MADE = threading.Lock()
+
+
+@contextmanager
+def _one_decision(worker: Any) -> Iterator[None]:
+    """The worker's decision lock, waited for outside a request's turn (another decision may be storing)."""
+    with _DECISIONS_MADE:
+        lock = _DECISIONS.setdefault(worker, threading.Lock())
+    if not lock.acquire(blocking=False):
+        with cancellation.outside_turn():
+            lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

@@ -178,11 +178,12 @@ def _raise_unless_allowed(worker: Any, oid: int, decision: Decision) -> None:
 
 
 def enforce_all(worker: Any, ids: list, entries: list, user: str, session: str = "-", purpose: str = "get",
-                consume: bool = True) -> list:
+                consume: bool = True, before_deciding: Callable[[], None] | None = None) -> list:
     """``enforce`` for a batch; approvals are consumed only when every object may go (a batch that releases
     nothing must not use an approval up nor record a release). ``consume=False``: the refusals only (a move
     checks its destination between the two: one it cannot reach releases nothing). Returns the approvals used
-    up, (object id, request id) pairs."""
+    up, (object id, request id) pairs. ``before_deciding()`` runs outside the turn before any decision (only when
+    an object needs review)."""
     if _STATE.get(worker) is None:
         return []
     blocked = [(oid, e) for oid, e in zip(ids, entries) if needs_review(worker, oid, e, user)]
@@ -198,6 +199,8 @@ def enforce_all(worker: Any, ids: list, entries: list, user: str, session: str =
     marks = [write_mark(entry.obj) for _, entry in blocked]
     cancellation.check()  # (past its deadline or cancelled: nothing filed, nothing used up)
     with cancellation.outside_turn():
+        if before_deciding is not None:
+            before_deciding()
         used = _decide_all(worker, frozen, user, session, purpose, consume)
     if used:
         _released_as_approved(worker, blocked, frozen, marks)
@@ -267,8 +270,14 @@ def releasing(worker: Any, ids: list, entries: list, user: str, session: str, pu
     That is the other side's word: the value did leave, so its release row stays, and a hostile destination
     that kept it only gets the same value released again, on record again; once (``requests.GIVEN_BACK``): refused
     moves in a loop sent it, and wrote rows the audit cap keeps, without end. Any other failure keeps them used."""
-    revoked_before = revocations(worker, user)  # (read first: a revocation while the move holds them voids them)
-    used = enforce_all(worker, ids, entries, user, session, purpose)
+    # read before the approvals are taken (a revocation while the move holds them voids them), outside the turn
+    # with the decisions (the stored record is a database read: a frozen database held every session's command
+    # on each move once any dataset was under review); a revocation between the turn and the read lapsed the
+    # still-open approvals, or its record says revoked (give_backs.says_revoked)
+    marks: list[RevocationMark] = []
+    used = enforce_all(worker, ids, entries, user, session, purpose,
+                       before_deciding=lambda: marks.append(revocations(worker, user)))
+    revoked_before = marks[0] if marks else RevocationMark(-1)  # (no approval taken: nothing to give back)
     try:
         yield
     except BaseException as error:

@@ -65,9 +65,10 @@ def governance(worker: Any) -> Governance:
                 add_release_requests_table(db)
                 state = _STATE[worker] = Governance(db)
         if opened:  # a database an older version may have written (outside _CREATE: it reads the review queue)
-            from veil.governance.lapses import lapse_voided_approvals
+            from veil.governance.lapse_migration import lapse_revoked_requests, lapse_voided_approvals
 
             lapse_voided_approvals(worker)
+            lapse_revoked_requests(worker)
     return state
 
 

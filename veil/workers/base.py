@@ -135,7 +135,8 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
         """Owner: changes the data policy of loaded objects (by id, tag or dataset name) at run time."""
         from veil.governance.policy import set_policy
 
-        return set_policy(self, name_or_tag, policy)
+        # (the owner's code holds no turn: the change is put in force in a network worker's, veil/governance/policy.py)
+        return set_policy(self, name_or_tag, policy, turn=getattr(self, "_turn", None))
 
     @property
     def release_requests(self) -> Any:

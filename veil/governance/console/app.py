@@ -256,7 +256,9 @@ def build_app(worker: Any, allowed_hosts: list[str], session_host: str | None = 
         policy = form.get("policy", "")
         if policy not in POLICIES:
             return PlainTextResponse("unknown policy\n", status_code=400)
-        await run_in_threadpool(views.on_worker, worker, set_policy, worker, oid, policy, session.user)
+        # (put in force in the worker's turn: no command runs under a mix of the old and the new policy)
+        await run_in_threadpool(views.on_worker, worker, set_policy, worker, oid, policy, session.user,
+                                views.worker_turn(worker))
         return RedirectResponse(f"/datasets?changed={oid}", status_code=303)
 
     @page()

@@ -26,6 +26,12 @@ def on_worker(worker: Any, fn: Any, *args: Any) -> Any:
     return fn(*args)
 
 
+def worker_turn(worker: Any) -> Any:
+    """A network worker's turn (its commands' ``FairLock``), None for an in-process worker: what a change the
+    commands check (a policy) is put in force in."""
+    return getattr(worker, "_turn", None)
+
+
 def datasets(worker: Any) -> list[dict]:
     derived_from: Counter = Counter()  # one pass over the store (a per-dataset pass was O(datasets x objects))
     for _, x in worker.monitor.owner_entries():
