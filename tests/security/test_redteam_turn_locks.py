@@ -28,81 +28,18 @@ from __future__ import annotations
 import importlib
 import re
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 
-import veil as sy
 from veil.ids import new_id
 from veil.messaging import messages as m
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_sessions import computed, open_session, request  # noqa: E402
-
-SECRET = torch.tensor([[1.5, -2.25, 3.0], [4.0, 5.5, -6.75]])
-TOKENS = {"alice": "turn-locks-alice-token", "bob": "turn-locks-bob-token", "owner": "turn-locks-owner-token"}
-#: how long another client may wait while a write hangs (the hang itself lasts up to 10 s)
-BOUND_S = 1.5
-
-
-class _HangOnce:
-    """Replaces ``owner.name``: its first call (one that ``when`` accepts) waits until :meth:`release`, then runs."""
-
-    def __init__(self, monkeypatch, owner, name: str, when=lambda *a, **k: True) -> None:
-        self.started, self._go, self._armed = threading.Event(), threading.Event(), True
-        real = getattr(owner, name)
-
-        def hung(*args, **kwargs):
-            if self._armed and when(*args, **kwargs):
-                self._armed = False
-                self.started.set()
-                self._go.wait(10)
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(owner, name, hung)
-
-    def release(self) -> None:
-        self._go.set()
-
-
-def _worker(hook, prefix: str):
-    from veil.workers.websocket_server import WebsocketServerWorker
-
-    tokens = sy.TokenTable()
-    tokens.add(TOKENS["alice"], "alice", "scientist")
-    tokens.add(TOKENS["bob"], "bob", "scientist")
-    tokens.add(TOKENS["owner"], "owner", "admin")
-    srv = WebsocketServerWorker(hook, id=f"{prefix}-{time.monotonic_ns()}", port=0, tokens=tokens)
-    return srv, srv.load(SECRET.clone(), tags=("#d",), policy="review")
-
-
-def _in_thread(fn) -> tuple[threading.Thread, dict]:
-    out: dict = {}
-
-    def run():
-        try:
-            out["reply"] = fn()
-        except Exception as e:  # noqa: BLE001 - reported by the test
-            out["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, out
-
-
-def _bob_is_served_meanwhile(srv) -> None:
-    """Bob (another client) stores a tensor and computes on it, each answered within BOUND_S."""
-    bob = open_session(srv, TOKENS["bob"])
-    for msg in (m.ObjectMessage([m.StoredObject(oid := new_id(), torch.ones(3))]),
-                m.CommandMessage("torch.add", (m.ObjectRef(oid), 1.0), {}, [new_id()], False)):
-        started = time.monotonic()
-        t, out = _in_thread(lambda msg=msg: request(srv, bob, msg))
-        t.join(BOUND_S)
-        assert not t.is_alive(), f"bob's {type(msg).__name__} waited over {BOUND_S} s for another request"
-        assert type(out.get("reply")) is m.OkReply, out
-        assert time.monotonic() - started < BOUND_S
+from test_redteam_turn_lookup import (BOUND_S, SECRET, TOKENS, _bob_is_served_meanwhile,  # noqa: E402,F401
+                                      _HangOnce, _in_thread, _worker)  # (one review worker and hang harness)
 
 
 def _rid(reply) -> str:
