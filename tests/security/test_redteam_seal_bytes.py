@@ -11,7 +11,6 @@ Every test asserts the SAFE behaviour; a hole is ``xfail(strict=True)``.
 from __future__ import annotations
 
 import os
-import re
 import struct
 import time
 import zlib
@@ -25,6 +24,7 @@ from veil.he.errors import WireFormatError
 
 from test_redteam_he_crypto import _field, _varint
 from test_redteam_he_eval import _zlib_bomb
+from test_redteam_he_eval_second import _one_line, _peak_mb_during  # noqa: F401
 
 ts = pytest.importorskip("tenseal")
 
@@ -32,26 +32,6 @@ ts = pytest.importorskip("tenseal")
 @pytest.fixture(scope="module")
 def ctx():
     return ev.default_context()
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc)
-    assert text and "\n" not in text, f"not a one-line error: {text!r}"
-    return text
-
-
-def _peak_mb_during(fn) -> float:
-    """The growth of this process's peak resident memory while ``fn`` runs (Linux: the peak is reset first)."""
-    def status(name):
-        return int(re.search(rf"{name}:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pytest.skip("cannot reset the peak resident memory here")
-    before = status("VmRSS")
-    fn()
-    return status("VmHWM") - before
 
 
 def _message(number: int, value: bytes, key: bytes | None = None) -> bytes:
