@@ -51,8 +51,8 @@ def test_dropouts_at_every_stage_recover_the_survivors_sum(hook, stage, kills):
                 w.dead = True
 
     result = secure_aggregate(inputs, tag=1000 + kills, threshold=3, before_stage=before)
-    # a client whose masked input arrived (killed only at unmask) is in the sum: its masks are recovered
-    expected_ids = [w.id for w in workers] if stage == "unmask" else [w.id for w in workers[:-kills]]
+    # a client whose masked input arrived (killed at confirm or unmask) is in the sum: its masks are recovered
+    expected_ids = [w.id for w in workers] if stage in ("confirm", "unmask") else [w.id for w in workers[:-kills]]
     assert sorted(result.survivors) == sorted(expected_ids)
     for got, want in zip(result.total, _plain_sum(states, weights, expected_ids)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

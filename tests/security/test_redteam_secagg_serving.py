@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import veil as sy
+from veil.exceptions import VeilError
 from veil.federated import secagg_crypto as sc
 from veil.federated import secure_agg as sa
 from veil.ids import new_id
@@ -54,6 +55,19 @@ def _decoded(v):
     return sa.decode(v, sa.ENCODING, dtype=torch.float64)[:6]
 
 
+def _confirm_and_unmask(by_id, tag, told):
+    """The consistency round run honestly on each client's own view ``told`` (id -> (survivors, dropped)):
+    each confirms its survivor set, and gets the tags its survivors sent for it (zeros where one sent none),
+    so an attack reaches its own step rather than the missing-confirm refusal. Returns the unmask answers."""
+    confirmed = {i: (s, sa._fetch(_call("confirm", (tag, s), by_id[i]))) for i, (s, _) in told.items()}
+    answers = {}
+    for i, (survivors, dropped) in told.items():
+        rows = [confirmed[v][1][confirmed[v][0].index(i)] if v in confirmed and i in confirmed[v][0]
+                else torch.zeros(32, dtype=torch.int64) for v in survivors]
+        answers[i] = sa._fetch(_call("unmask", (tag, survivors, dropped, torch.stack(rows)), by_id[i]))
+    return answers
+
+
 def _still_aggregates(hook, prefix):
     """An honest round on fresh workers still returns the exact sum."""
     workers, ids, plain, ptrs = _clients(hook, prefix, 3)
@@ -69,9 +83,10 @@ def test_inconsistent_dropout_views_with_a_low_threshold_do_not_reveal_one_updat
     clients 2 and 3 that 1 dropped. Each client answers unmask once and never names one client in both
     lists, yet the coordinator gets b_0 from {0, 1} and sk_1 from {2, 3}: y_0 - PRG(b_0) - PRG(s_01) = x_0."""
     workers, ids, plain, ptrs = _clients(hook, "rt_lowt", 4)
+    by_id = dict(zip(ids, workers))
     c0, c1, c2, c3 = ids
     tag = 9_100_001
-    recovered = None
+    recovered, refusal = None, ""
     try:
         pks = torch.stack([_call("advertise", (tag, 4, 2), w).get() for w in workers])
         for w in workers:
@@ -81,19 +96,19 @@ def test_inconsistent_dropout_views_with_a_low_threshold_do_not_reveal_one_updat
         for w in workers:
             y = _call("masked_input", (tag, views[w.id], ptrs[w.id], 1.0, None), w).get()
             y0 = y if w.id == c0 else y0
-        ans = {c0: sa._fetch(_call("unmask", (tag, [c0, c1], []), workers[0])),
-               c1: sa._fetch(_call("unmask", (tag, [c0, c1], []), workers[1])),
-               c2: sa._fetch(_call("unmask", (tag, [c2, c3], [c1]), workers[2])),
-               c3: sa._fetch(_call("unmask", (tag, [c2, c3], [c1]), workers[3]))}
+        # two groups of t = 2 each confirm their own set: the consistency round cannot tell them apart
+        ans = _confirm_and_unmask(by_id, tag, {c0: ([c0, c1], []), c1: ([c0, c1], []), c2: ([c2, c3], [c1]),
+                                               c3: ([c2, c3], [c1])})
         b0 = sc.reconstruct({1: sc.from_tensor(ans[c0][0][:1])[0], 2: sc.from_tensor(ans[c1][0][:1])[0]})
         sk1 = sc.reconstruct({3: sc.from_tensor(ans[c2][1][:1])[0], 4: sc.from_tensor(ans[c3][1][:1])[0]})
         k = y0.numel()
         recovered = _decoded(y0 - sc.expand(b0, k) - sc.expand(sc.pair_seed(sk1, sc.tensor_bytes(pks[0]), tag), k))
-    except Exception:  # noqa: BLE001  (a refusal at any step is the secure outcome)
-        recovered = None
+    except VeilError as e:
+        refusal = str(e)
     finally:
         _still_aggregates(hook, "rt_lowt_after")
     assert recovered is None or not torch.allclose(recovered, plain[c0], atol=1e-5)
+    assert "must be a majority" in refusal, refusal  # refused by its own check, at share_keys
 
 
 def test_a_forged_public_key_table_does_not_reveal_one_update_at_a_majority_threshold(hook):
@@ -103,7 +118,7 @@ def test_a_forged_public_key_table_does_not_reveal_one_update_at_a_majority_thre
     links, so a key carried with them would let a client check the table."""
     workers, ids, plain, ptrs = _clients(hook, "rt_forge", 3)
     tag = 9_100_002
-    recovered = None
+    recovered, refusal = None, ""
     try:
         pks = torch.stack([_call("advertise", (tag, 3, 2), w).get() for w in workers])
         fake = sc.new_private_key()
@@ -112,16 +127,17 @@ def test_a_forged_public_key_table_does_not_reveal_one_update_at_a_majority_thre
         for w in workers[1:]:
             _call("share_keys", (tag, ids, pks), w)
         y = {w.id: _call("masked_input", (tag, ids, ptrs[w.id], 1.0, None), w).get() for w in workers}
-        ans = {w.id: sa._fetch(_call("unmask", (tag, ids, []), w)) for w in workers}
+        ans = _confirm_and_unmask(dict(zip(ids, workers)), tag, {i: (ids, []) for i in ids})  # honest from here
         b0 = sc.reconstruct({1: sc.from_tensor(ans[ids[0]][0][:1])[0], 2: sc.from_tensor(ans[ids[1]][0][:1])[0]})
         k = y[ids[0]].numel()
         pair = sc.expand(sc.pair_seed(sc.private_bytes(fake), sc.tensor_bytes(pks[0]), tag), k)
         recovered = _decoded(y[ids[0]] - sc.expand(b0, k) - pair - pair)  # 0 < 1, 0 < 2: both pair masks added
-    except Exception:  # noqa: BLE001
-        recovered = None
+    except VeilError as e:
+        refusal = str(e)
     finally:
         _still_aggregates(hook, "rt_forge_after")
     assert recovered is None or not torch.allclose(recovered, plain[ids[0]], atol=1e-5)
+    assert "not the one its client deposited" in refusal, refusal  # refused by its own check, at masked_input
 
 
 # ================================================================== secure aggregation: network roles

@@ -109,7 +109,8 @@ def round_bytes(state: Any) -> int:
     """What a secure-aggregation round is charged: :data:`ROUND_BYTES`, :data:`PEER_BYTES` per peer it may hold,
     and every peer id it holds at its size (``share_keys``, ``deposit`` and ``masked_input`` take ids of any
     length)."""
-    ids = chain(state.ids, state.publics, state.held, state.deposited_keys, state.masked_with or ())
+    ids = chain(state.ids, state.publics, state.held, state.deposited_keys, state.masked_with or (),
+                getattr(state, "confirmed", None) or ())
     return ROUND_BYTES + PEER_BYTES * state.n + sum(sys.getsizeof(i) for i in ids)
 
 

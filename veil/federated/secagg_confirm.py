@@ -32,7 +32,9 @@ def _tag(private: bytes, peer_public: bytes, round_tag: int, survivors: list) ->
     """The MAC of (round, sorted U3) under the pair key of this client and ``peer_public`` (a key of its own,
     not the pair mask's seed)."""
     key = hashlib.sha256(b"veil-secagg-confirm|" + sc.pair_seed(private, peer_public, round_tag)).digest()
-    message = int(round_tag).to_bytes(16, "big", signed=True) + "\0".join(sorted(survivors)).encode()
+    # each id length-prefixed: joined by a separator, ["a\0b", "c"] and ["a", "b\0c"] were one message
+    message = int(round_tag).to_bytes(16, "big", signed=True) + b"".join(
+        len(v.encode()).to_bytes(8, "big") + v.encode() for v in sorted(survivors))
     return hmac.new(key, message, hashlib.sha256).digest()
 
 

@@ -91,7 +91,7 @@ from veil.workers import owner_guard
 from veil.workers.websocket_auth import SESSION_END_HANDLERS
 
 ENCODING = make_encoding(24)
-STAGES = ("advertise", "share_keys", "masked_input", "unmask")
+STAGES = ("advertise", "share_keys", "masked_input", "confirm", "unmask")
 #: clients of one round: each shares two secrets in n * t Shamir steps (t > n / 2), and the coordinator's
 #: recovery is quadratic too; a round is run on a sample of the clients, not on all of a large pool
 MAX_SECAGG_CLIENTS = 1000

@@ -51,6 +51,10 @@ MAX_ITEM_BYTES = 192 << 20
 #: most ring elements one received message may expand from seeds (1 GiB of int64, as a dealing request):
 #: the sender names shape and count, and a worker function is not sized before it runs
 MAX_RECEIVED_ELEMENTS = 1 << 27
+#: most comparison items in one request (and so in one message): each costs the provider a DCF key
+#: generation (~30-50 ms whatever its size) and a party a check per field (~0.1 ms), so an item count alone
+#: made minutes of CPU from one request; an honest dealer asks in requests of at most this many
+MAX_COMPARISON_ITEMS = 256
 
 
 def room_for(worker: Any, nbytes: int, op_name: str) -> None:
@@ -73,8 +77,9 @@ def check_spec(spec: Any, count: Any) -> tuple[tuple, int]:
         raise ProviderError(f"comparison shape must be a tuple of sizes, got {shape!r}")
     if type(n_values) is not int or not 0 <= n_values <= MAX_VALUES:
         raise ProviderError(f"comparison n_values must be an int in [0, {MAX_VALUES}], got {n_values!r}")
-    if type(count) is not int or count < 1:
-        raise ProviderError(f"comparison item count must be a positive int, got {count!r}")
+    if type(count) is not int or not 1 <= count <= MAX_COMPARISON_ITEMS:
+        raise ProviderError(f"comparison item count must be an int in [1, {MAX_COMPARISON_ITEMS}] per request, "
+                            f"got {count!r}")
     return tuple(shape), n_values
 
 
@@ -112,6 +117,11 @@ def _deal_comparison(worker: Any, spec: Any, party_ids: list, ids: list, count: 
             f"one comparison of {math.prod(shape)} entries needs {largest / 2**20:.0f} MiB of material per party "
             f"in one message, over the {MAX_ITEM_BYTES / 2**20:.0f} MiB limit: compare at most "
             f"{max(1, math.prod(shape) * MAX_ITEM_BYTES // largest)} entries at a time")
+    elements = count * max(max(1, sum(math.prod(s) for s in fss.field_shapes(shape, n_values, i < 2)))
+                           for i in range(n))  # (DCF key generation costs per entry too)
+    if elements > MAX_RECEIVED_ELEMENTS:
+        raise ProviderError(f"a dealing of {count} comparison items of shape {shape} makes {elements} ring elements "
+                            f"per party, more than {MAX_RECEIVED_ELEMENTS} in one request")
     parties = [worker.resolve_worker(pid) for pid in party_ids]
     chunk = max(1, MESSAGE_BYTES // max(1, largest))
     for first in range(0, count, chunk):

@@ -65,6 +65,7 @@ from veil.mpc.fss import material as fss_material
 from veil.mpc.prg import expand, expand_sum, new_seed, subtract_streams
 from veil.mpc.errors import ProviderError
 from veil.mpc.providers.background import BackgroundDealing, BackgroundDealingError
+from veil.mpc.providers import fss_dealing
 from veil.mpc.providers.fss_dealing import DEAL_COMPARISON, room_for
 from veil.mpc.providers.base import RECORD_HOOKS, MaterialExhaustedError, Provider, check_distinct_parties
 from veil.mpc.ring import DTYPE, random_ring
@@ -477,6 +478,8 @@ class WorkerDealer(Provider):
                 self._next_batch[key] = min(2 * count, self.max_batch)
             else:
                 count = max(1, min(count, self.max_elements // per_item))
+            if op == DEAL_COMPARISON:  # (the provider refuses more items per request: CPU per item)
+                count = min(count, fss_dealing.MAX_COMPARISON_ITEMS)
         item_bytes = self._bytes_per_item(key, kind, spec, parties)
         ids = [[new_id() for _ in range(count * len(shapes))] for shapes in party_shapes]
         args = (spec, parties, ids, count, self.seeded) if op == DEAL_COMPARISON else (kind, spec, parties, ids, count,
