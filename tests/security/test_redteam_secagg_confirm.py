@@ -180,3 +180,50 @@ def test_honest_bulk_comparison_dealing_is_split_into_bounded_requests(fss_setup
     dealer.on_exhausted = "raise"  # the calls use exactly that material
     for v, x in zip(values, shared):
         torch.testing.assert_close(F.relu(x).get().float_precision(), F.relu(v), atol=2**-15, rtol=0)
+
+
+def test_a_long_comparison_dealing_or_expansion_stops_at_the_commands_deadline(hook, monkeypatch):
+    """A request's items (a DCF key generation each, ~33-55 ms; up to 2^27 expanded elements) ran on past the
+    owner's per-command limit: the steps now check the command's deadline between items."""
+    from veil.exceptions import CommandTimeoutError
+    from veil.mpc.providers import worker_dealer
+    from veil.workers import cancellation
+
+    workers, ids, _ = _workers(hook, 3)
+    made: list = []
+    real_derive = fss_dealing.fss.derive
+
+    def slow_derive(masks, n_values):
+        made.append(n_values)
+        token.deadline = 0.0  # (the deadline passes while the first item's key is made)
+        return real_derive(masks, n_values)
+
+    monkeypatch.setattr(fss_dealing.fss, "derive", slow_derive)
+    per_party = [len(fss_dealing.fss.field_shapes((4,), 0, i < 2)) for i in range(2)]
+    token = cancellation.CancelToken(seconds=60)
+    token.start()
+    with cancellation.running(token), pytest.raises(CommandTimeoutError):
+        fss_dealing._deal_comparison(workers[0], ((4,), 0), ids[1:], [list(range(5 * k)) for k in per_party], 5,
+                                     True)
+    assert len(made) == 1, f"{len(made)} of 5 keys made past the deadline"
+
+    expanded: list = []
+    real_expand = worker_dealer.expand
+
+    def counting_expand(seed, label, shape):
+        expanded.append(label)
+        token.deadline = 0.0
+        return real_expand(seed, label, shape)
+
+    monkeypatch.setattr(worker_dealer, "expand", counting_expand)
+    token = cancellation.CancelToken(seconds=60)
+    token.start()
+    seed = torch.zeros(fss_dealing.SEED_BYTES, dtype=torch.uint8)
+    party = types.SimpleNamespace(id="party")  # (no monitor: no session quota to check)
+    monkeypatch.setattr(worker_dealer, "room_for", lambda *a: None)
+    with cancellation.running(token), pytest.raises(CommandTimeoutError):
+        worker_dealer._expand_material(party, seed, "beaver", ("mul", [4], [4], {}), 5, [])
+    assert 0 < len(expanded) <= 3, f"{len(expanded)} fields expanded past the deadline (3 per item)"
+    # outside a worker's command nothing is checked: an honest expansion gives every item
+    monkeypatch.setattr(worker_dealer, "expand", real_expand)
+    assert len(worker_dealer._expand_material(party, seed, "beaver", ("mul", [4], [4], {}), 2, [])) == 6

@@ -184,6 +184,22 @@ def register_runtime(runtime: PartyRuntime, default: bool = False) -> None:
         register_batch_fetcher(tp, runtime.fetch)
 
 
+_STEP_CHECK: list[Callable[[], None]] = []
+
+
+def set_step_check(check: Callable[[], None]) -> None:
+    """The worker runtime's command check (its deadline and cancellation), called between the items of a long
+    protocol step that runs as a worker function (a comparison dealing, an expansion of dealt material): such a
+    step ran on past the owner's per-command limit. Nothing is checked where none is set."""
+    _STEP_CHECK[:] = [check]
+
+
+def step_check() -> None:
+    """Raises if the worker command running this protocol step is past its deadline or was cancelled."""
+    if _STEP_CHECK:
+        _STEP_CHECK[0]()
+
+
 def runtime_of(handle: Any) -> Optional[PartyRuntime]:
     """The runtime serving ``handle``'s type, or None (a local tensor or a public value)."""
     return _RUNTIMES.get(type(handle))

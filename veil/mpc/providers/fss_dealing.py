@@ -37,7 +37,7 @@ from veil.mpc.providers.base import check_distinct_parties
 from veil.mpc.fss import material as fss
 from veil.mpc.prg import SEED_BYTES, expand, new_seed
 from veil.mpc.ring import random_ring
-from veil.mpc.runtime import DEALT_LAYOUTS
+from veil.mpc.runtime import DEALT_LAYOUTS, step_check
 from veil.mpc.sharing import split
 
 DEAL_COMPARISON = "veil.mpc.deal_comparison"
@@ -139,6 +139,7 @@ def _deal_chunk(worker: Any, parties: list, shape: tuple, n_values: int, ids: li
     shares: list[list] = [[] for _ in parties]  # explicit additive shares (or last party's corrections)
     keys: list[list] = [[], []]
     for k in range(count):
+        step_check()  # (a DCF key generation per entry: a request's items take up to minutes)
         if seeded:
             masks = [_sum(expand(s, _label(k, j), shape) for s in seeds) for j in range(n_masks)]
         else:
@@ -196,6 +197,7 @@ def _receive_comparison(worker: Any, shape: Any, n_values: Any, count: Any, seed
     out: list = []
     fixes = iter(shares)
     for k in range(count):
+        step_check()
         if seed is None:
             item = shares[k * n_add:(k + 1) * n_add]
         else:

@@ -70,7 +70,7 @@ from veil.mpc.providers.fss_dealing import DEAL_COMPARISON, room_for
 from veil.mpc.providers.base import RECORD_HOOKS, MaterialExhaustedError, Provider, check_distinct_parties
 from veil.mpc.ring import DTYPE, random_ring
 from veil.mpc.runtime import (DEALER_TAG, DEALT_FIXED, DEALT_FIXED_TAG, DEALT_ITEM_TAG, DEALT_LAYOUTS,
-                              DEALT_MASK_TAG, DEALT_SOURCES_TAG, beside)
+                              DEALT_MASK_TAG, DEALT_SOURCES_TAG, beside, step_check)
 from veil.mpc.runtime import remote_handle as PointerTensor  # the injected runtime's handle (mpc imports no tensors)
 
 DEAL = "veil.mpc.deal"
@@ -260,6 +260,7 @@ def _expand_material(worker: Any, seed: torch.Tensor, kind: str, spec: Any, coun
     seed_bytes = bytes(seed.to(torch.uint8).tolist())
     out, c = [], 0
     for k in range(count):
+        step_check()  # (up to 2^27 elements expanded per request)
         for j, shape in enumerate(uniform_shapes):
             out.append(expand(seed_bytes, _label(k, j), shape))
         for j, shape in enumerate(derived_shapes):

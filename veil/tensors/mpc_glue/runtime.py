@@ -59,9 +59,10 @@ from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.mpc.errors import PartyFailedError, PartyUnreachableError
 from veil.mpc.party import LIGHT, WIRE_PREFIX, OpenMessage, check_openable, ring_words, run_openable, step_name
-from veil.mpc.runtime import DEALER_TAG, PartyRuntime, register_runtime
+from veil.mpc.runtime import DEALER_TAG, PartyRuntime, register_runtime, set_step_check
 from veil.tensors.pointer import PointerTensor, pointer_meta
 from veil.tensors.remote_ops import _ref
+from veil.workers import cancellation
 from veil.workers.base import register_handler
 from veil.workers.monitor import DEALER_TAG as MONITOR_DEALER_TAG
 from veil.workers.peer_openings import PeerOpenMessage
@@ -456,6 +457,7 @@ def _peer_round_lock(handles: Sequence[PointerTensor]) -> threading.Lock:
 
 RUNTIME = WorkerRuntime()
 register_runtime(RUNTIME, default=True)
+set_step_check(cancellation.check)  # (long dealing steps stop at the command's deadline)
 
 
 @register_handler(OpenMessage)
