@@ -13,7 +13,8 @@ put back a list without it while a run went on: ``catch_warnings`` restores the 
 again when something went before it (checked as each run starts). What stays open: a filter the owner's code
 puts before it on another thread while a command runs (``simplefilter``), or a list another thread's
 ``catch_warnings`` saved after such a change and before any run, put back while a command runs, decides that
-command's warnings until it ends.
+command's warnings until it ends. A warning torch raises once per process (``TORCH_WARN_ONCE``: ``x.T`` of a 3-d
+tensor) is spent by whichever thread raises it first, a requester's run included (a flag inside torch).
 """
 
 from __future__ import annotations
@@ -104,10 +105,13 @@ def _put_first() -> None:
 
 
 def _enter() -> None:
-    _RUNNING.depth += 1
+    """One more level of requester code on this thread, the filter first. Counted only once it is in place: a
+    start that raised (an interrupt, memory) ran no ``__exit__``, and its count left this thread's own warnings,
+    the owner's code it runs next included, dropped for ever once any run put the filter first."""
     filters = warnings.filters
     if not filters or (filters[0] is not _TWINS[0] and filters[0] is not _TWINS[1]):
         _put_first()
+    _RUNNING.depth += 1
 
 
 class _Dropping:
@@ -149,8 +153,8 @@ class capturing:
         self.into, self.outer = into, None
 
     def __enter__(self) -> list:
+        _enter()  # (first: a start that raised leaves this thread's list where its warnings go as it was)
         self.outer, _RUNNING.caught = _RUNNING.caught, self.into
-        _enter()
         return self.into
 
     def __exit__(self, *exc: Any) -> None:
