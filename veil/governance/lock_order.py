@@ -48,8 +48,14 @@ def governance_lock(worker: Any) -> Iterator[None]:
 @contextmanager
 def turn_and_governance_lock(worker: Any, turn: Any) -> Iterator[None]:
     """``turn`` (a network worker's ``FairLock``; None: none) and the governance lock, for a thread that holds
-    neither (the server's policy sync)."""
+    neither (the server's policy sync); in a request's turn already, the governance lock as :func:`governance_lock`
+    takes it (owner code a command runs, a worker function calling ``worker.set_policy``: a FairLock is not
+    re-entrant, and taking it again waited for itself, holding every session's command for ever)."""
     lock = governance(worker).lock
+    if turn is not None and cancellation.running_in(turn):
+        with governance_lock(worker):
+            yield
+        return
     if turn is None:
         with lock:
             yield

@@ -162,7 +162,8 @@ def apply_policy(worker: Any, oid: int, policy: str) -> str:
         audit(worker, "policy", "owner", "-", [oid], "allowed",
               f"{policy} -> {stored} (restored: the owner's stored run-time decision is stricter)")
         policy = stored
-    _set_policy(worker, oid, entry, policy)
+    with governance_lock(worker):  # (owner code a command runs loads in its turn: the lock waited for outside it)
+        _set_policy(worker, oid, entry, policy)
     return policy
 
 

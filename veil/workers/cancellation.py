@@ -108,6 +108,11 @@ def outside_turn() -> Iterator[None]:
         _local.yield_turn, _local.turn = yield_turn, turn
 
 
+def running_in(turn: "FairLock") -> bool:
+    """Whether this thread runs a request in ``turn`` now (holds it: not inside :func:`outside_turn`)."""
+    return _local.turn is turn
+
+
 def check() -> None:
     """Raises if the current command is past its deadline or was cancelled."""
     token = _local.token
