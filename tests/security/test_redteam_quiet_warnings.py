@@ -205,3 +205,26 @@ def test_entering_and_leaving_costs_about_a_microsecond():
     _on_own_thread(lambda: qw.DROPPED.__enter__() or qw.DROPPED.__exit__())
     best = min(runs() for _ in range(5))
     assert best < 5e-6, f"{best * 1e6:.2f} us a run"
+
+
+def test_a_process_forked_inside_a_run_shows_its_own_warnings():
+    """A child forked while its thread ran requester code inherited the count and dropped every warning."""
+    import os
+    import warnings
+
+    from veil.workers import quiet_warnings
+
+    read, write = os.pipe()
+    with quiet_warnings.DROPPED:
+        pid = os.fork()
+        if pid == 0:  # the child: owner code from here on
+            os.close(read)
+            seen = []
+            warnings.showwarning = lambda *a, **k: seen.append(a)  # (the filters as they are: the run's first)
+            warnings.warn(f"the child's own warning {os.getpid()}", UserWarning)
+            os.write(write, b"shown" if seen else b"dropped")
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    assert os.read(read, 16) == b"shown"
+    os.close(read)

@@ -19,6 +19,7 @@ tensor) is spent by whichever thread raises it first, a requester's run included
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from typing import Any, Callable
@@ -31,6 +32,14 @@ class _Running(threading.local):
 
 
 _RUNNING = _Running()
+
+
+def _reset_in_child() -> None:
+    """A process forked from inside a run starts as owner code (it would drop every warning for good)."""
+    _RUNNING.depth, _RUNNING.caught = 0, None
+
+
+os.register_at_fork(after_in_child=_reset_in_child)
 #: warnings kept by one :func:`capturing` block (an op warns a few times at most)
 MAX_CAUGHT = 64
 
