@@ -17,6 +17,11 @@ Holes found, each a strict xfail on the code before its fix (checked by running 
 - owner code loading a dataset in a command's turn (``worker.load(policy=)``) waited for the governance lock in
   it (``_set_policy``'s ``with state.lock``): a release decision holding it across the owner's database held every
   session's command. Must hold: waited for outside the turn (lock_order.governance_lock).
+- a fit of a plan on data under review hands the turn over between batches; the owner tightened the data to
+  dp-only there: the marking ran before the fit's state (and losses) gained the data's sources, the DP guard had
+  passed under review, and the review check no longer applied: the state (the data's column sums) went out
+  un-noised. Must hold: what a command computed or wrote is marked when an input is dp-only when it ends
+  (provenance.Lineage.dp_only).
 
 Attacks that hold (guards): every path above ends, and other sessions are served, while a decision is stored on a
 frozen database; a revocation between a move's record read (outside the turn) and its decision still voids the
@@ -244,3 +249,38 @@ def test_values_derived_from_two_datasets_and_their_views_are_marked_when_one_be
     w.set_policy("#e", "review")
     with pytest.raises(PermissionDeniedError, match="differential-privacy"):
         z.get()
+
+
+def test_a_fit_running_across_the_tightening_leaves_its_state_marked(hook, monkeypatch):
+    """alice fits a plan (``w += x`` per batch) on data under review; between two batches (the fit's checkpoint,
+    where other commands and the owner's change run) the owner tightens the data to dp-only. The fit passed the DP
+    guard under review and goes on; ``w`` gains the data's sources only when it ends, after the marking. Must hold:
+    ``w`` is refused un-noised, as a value computed under review is once its data is dp-only."""
+    from veil.messaging.allowlist import ALLOWLIST
+    from veil.plans.ops import PlanOp, PlanSpec, SlotRef
+    from veil.workers import cancellation
+    from server_sessions import run_command, send_tensor
+
+    srv, did = _server(hook, "gov4b-fit")
+    tid = srv.load(torch.zeros(2, 1), tags=("#t",), policy="open")
+    alice = open_session(srv, TOKENS["alice"])
+    add_, total = ALLOWLIST.by_func(torch.Tensor.add_).name, ALLOWLIST.by_func(torch.Tensor.sum).name
+    spec = PlanSpec("acc", 2, 1, 5, [PlanOp(add_, (SlotRef(2), SlotRef(0)), {}, [3], False),
+                                     PlanOp(total, (SlotRef(3),), {}, [4], False)], SlotRef(4))
+    pid = send_tensor(srv, alice, spec)
+    w = send_tensor(srv, alice, torch.zeros(1, 3))
+    real, changed = cancellation.checkpoint, []
+
+    def the_owner_tightens_between_batches():
+        real()
+        if not changed:  # (as a change waiting for the turn runs when the fit hands it over)
+            changed.append(srv.set_policy("#d", "dp-only"))
+
+    monkeypatch.setattr(cancellation, "checkpoint", the_owner_tightens_between_batches)
+    reply, _ = run_command(srv, alice, "veil.plan.fit", m.ObjectRef(pid), m.ObjectRef(did), m.ObjectRef(tid),
+                           [m.ObjectRef(w)], 1, 1)
+    assert changed == [[did]] and type(reply) is m.OkReply, reply
+    got = request(srv, alice, m.GetObjectsMessage([w], False))
+    if type(got) is m.ObjectsReply:  # (what went out: the data's column sums, un-noised)
+        assert not torch.equal(got.objects[0], SECRET.sum(0, keepdim=True)), "the fit's state went out un-noised"
+    assert type(got) is m.ErrorReply and "differential-privacy" in got.message, got

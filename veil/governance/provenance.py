@@ -220,6 +220,10 @@ class Lineage:
     graph: dict
     node: dict  # the command's node, without shape/dtype (filled per result)
     fresh: frozenset = frozenset()  # ids of the graph's nodes made for this command (its inputs' own nodes)
+    #: an input is dp-only now, though the DP guard let the command (not a DP release) run: the owner tightened a
+    #: source while it ran (a fit hands the turn over between batches). What it computed or wrote is marked as
+    #: the guard would have refused it: a source no longer under review lets the unmarked value out un-noised
+    dp_only: bool = False
 
 
 #: characters of a command's argument text (stored inputs are always named, past this too)
@@ -306,7 +310,10 @@ def lineage_of(op_name: str, args: tuple, inputs: dict, entries: dict, kwargs: d
         node["label"] = f"plan {str(getattr(spec, 'name', '?'))[:MAX_PLAN_NAME]!r}"
         node["plan"] = _listing(spec)
         node["plan_ops"] = len(getattr(spec, "ops", []))
-    return Lineage(sources, graph, node, frozenset(fresh))
+    from veil.workers.owner_guard import DP_RELEASES
+
+    dp_only = op_name not in DP_RELEASES and any(e.meta.get("dp_only") for e in entries.values())
+    return Lineage(sources, graph, node, frozenset(fresh), dp_only)
 
 
 def _trim(graph: dict, root: str) -> dict:
@@ -391,6 +398,8 @@ def stamp(entry: Any, lineage: Lineage | None, tensor: Any, op_suffix: str = "")
     graph[nid] = node
     if not lineage.sources <= entry.provenance:
         entry.provenance = join_sources(entry.provenance, lineage.sources)
+    if lineage.dp_only:
+        entry.meta["dp_only"] = True
     kept = entry.meta[GRAPH] = _trim(graph, nid)
     entry.meta[ROOT] = nid
     if not op_suffix:  # (a new result: the handler charged it this when it was stored)
@@ -420,7 +429,8 @@ def stamp_unrecorded(outputs: list, lineage: Lineage | None) -> None:
         if entry.provenance and entry.meta.get(GRAPH) is None:
             opaque = Lineage(lineage.sources, lineage.graph,
                              dict(lineage.node, op=f"opaque: {lineage.node['op']}",
-                                  label=f"stored by worker function {lineage.node['op']}, its steps not recorded"))
+                                  label=f"stored by worker function {lineage.node['op']}, its steps not recorded"),
+                             dp_only=lineage.dp_only)
             stamp(entry, opaque, entry.obj)
 
 
