@@ -28,6 +28,19 @@ def _wait_until_free(lock: Any) -> None:
 
 
 @contextmanager
+def held_outside_turn(lock: Any) -> Iterator[None]:
+    """``lock``, waited for outside the current request's turn when another thread holds it (a plain wait: for a
+    lock that code outside the turn never holds while waiting for the turn)."""
+    if not lock.acquire(blocking=False):
+        with cancellation.outside_turn():
+            lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextmanager
 def governance_lock(worker: Any) -> Iterator[None]:
     """The worker's governance lock, for code that may run in the current request's turn: it waits for the
     lock outside the turn (``cancellation.outside_turn``: a no-op outside a network worker's request) and

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from veil.exceptions import ObjectNotFoundError
-from veil.governance.lock_order import governance_lock, turn_and_governance_lock
+from veil.governance.lock_order import governance_lock, held_outside_turn, turn_and_governance_lock
 from veil.governance.state import (DEFAULT_POLICY, POLICIES, audit, check_policy, governance, has_decisions_store,
                                    policy_of)
 from veil.workers import cancellation
@@ -263,10 +263,5 @@ def _one_decision(worker: Any) -> Iterator[None]:
     """The worker's decision lock, waited for outside a request's turn (another decision may be storing)."""
     with _DECISIONS_MADE:
         lock = _DECISIONS.setdefault(worker, threading.Lock())
-    if not lock.acquire(blocking=False):
-        with cancellation.outside_turn():
-            lock.acquire()
-    try:
+    with held_outside_turn(lock):
         yield
-    finally:
-        lock.release()
