@@ -446,9 +446,12 @@ def _fetch(worker: Any, name: str, user: str, session: str, args: list) -> list:
 
 
 def _client_service(worker: Any, name: str, user: str) -> _Service:
-    svc = _service(worker, name)
-    if user not in svc.clients and _issuer_of(worker, user) not in svc.clients:
-        raise ServingError(f"user {user!r} may not query model {name!r}")
+    # one answer for a model the client may not query and a name nothing is served under: the names of
+    # other models are not the client's to learn by guessing
+    svc = _SERVICES.get(worker, {}).get(name)
+    if svc is None or (user not in svc.clients and _issuer_of(worker, user) not in svc.clients):
+        raise ServingError(f"user {user!r} may not query model {name!r} on worker {worker.id!r} "
+                           "(no such model, or not for this user)")
     return svc
 
 
@@ -488,6 +491,12 @@ ACTIONS: dict[str, Callable[..., list]] = {
     "submit": _submit,
     "fetch": _fetch,
 }
+#: action -> (fewest, most) arguments, waits included: checked before anything else (the count of a
+#: malformed request tells nothing about which services exist, and extras are refused, not ignored)
+ARGUMENTS: dict[str, tuple[int, int]] = {
+    "open": (2, 2), "pending": (0, 2), "claim": (2, 2), "respond": (3, 3), "fail": (2, 2), "requeue": (1, 1),
+    "close": (0, 1), "unfetched": (0, 0), "info": (0, 0), "submit": (2, 2), "fetch": (1, 2),
+}
 #: the actions a ``client`` token may send (everything else needs the owner's token)
 CLIENT_ACTIONS = frozenset({"info", "submit", "fetch"})
 CLIENT_REQUESTS[ServingMessage] = lambda msg: isinstance(msg.action, str) and msg.action in CLIENT_ACTIONS
@@ -498,8 +507,12 @@ def _handle_serving(worker: Any, msg: ServingMessage, sender: str) -> Any:
     handler = ACTIONS.get(msg.action) if isinstance(msg.action, str) else None
     if handler is None or not isinstance(msg.service, str) or not isinstance(msg.args, (list, tuple)):
         raise ServingError(f"unknown serving action {msg.action!r}")
-    user, session = _who(worker, sender)
     args = list(msg.args)
+    fewest, most = ARGUMENTS[msg.action]
+    if not fewest <= len(args) <= most:
+        counts = str(fewest) if fewest == most else f"{fewest} to {most}"
+        raise ServingError(f"serving action {msg.action!r} takes {counts} arguments, not {len(args)}")
+    user, session = _who(worker, sender)
     wait = _wait_of(msg.action, args)
     known = _known_ids(msg.action, args)
     deadline = time.monotonic() + wait

@@ -1,0 +1,119 @@
+"""Red team, fresh eyes: serving actions sent as raw ServingMessages, and what search/list/users answer.
+
+The attackers: a serving client (or a stranger holding a client token) probing which models a worker
+serves, a model owner or client sending actions with the wrong number of arguments, a scientist sending the
+owner's user management message.
+
+Found here, and fixed (each test asserts the safe behaviour; each failed on the code before):
+- a client told a model it may not query ("may not query model") from a name the worker does not serve
+  ("serves no model named"): a client token listed the names of every other model on the worker by guessing.
+  Both now get one answer;
+- a serving action with too few arguments failed as a bare ``IndexError: list index out of range`` or
+  ``ValueError: not enough values to unpack``, and one with extra arguments ran, the extras ignored: each
+  action now takes a fixed number of arguments and says so in one line (before the service is looked up,
+  so the count check tells nothing about which services exist).
+
+Held (regression guards): users management with any token but the admin's is refused; a search over too
+many distinct terms is refused before it runs (repeated terms count once).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import veil as sy
+from veil.exceptions import PermissionDeniedError, VeilError
+from veil.governance.users_wire import AdminUsersMessage
+from veil.ids import new_id
+from veil.messaging import messages as m
+from veil.serving import protocol
+from veil.serving.errors import ServingError
+
+
+def _workers(hook, *names):
+    tag = new_id() % 10**9
+    return [sy.VirtualWorker(hook, id=f"fs_{name}_{tag}") for name in names]
+
+
+def _served(hook):
+    party, owner, client, stranger = _workers(hook, "party", "owner", "client", "stranger")
+    protocol.call(owner, party, "open", "svc", [client.id], {"input_shape": [1, 3], "max_rows": 4})
+    return party, owner, client, stranger
+
+
+def _error(call):
+    with pytest.raises(VeilError) as caught:
+        call()
+    return caught.value
+
+
+def test_a_client_cannot_tell_an_unknown_model_from_one_it_may_not_query(hook):
+    party, owner, client, stranger = _served(hook)
+    protocol.call(owner, party, "open", "secret-model", ["someone-else"], {"input_shape": [1, 3]})
+    for action, args in (("info", ()), ("submit", (new_id(), torch.zeros(1, 3, dtype=torch.int64))),
+                         ("fetch", (new_id(),))):
+        served = _error(lambda: protocol.call(client, party, action, "secret-model", *args))
+        unknown = _error(lambda: protocol.call(client, party, action, "no-such-model", *args))
+        assert isinstance(served, ServingError) and isinstance(unknown, ServingError)
+        assert str(served).replace("secret-model", "X") == str(unknown).replace("no-such-model", "X")
+    # the client's own model still answers
+    assert protocol.call(client, party, "info", "svc")[0]["max_rows"] == 4
+
+
+@pytest.mark.parametrize("action,args", [
+    ("open", ()), ("open", ([],)), ("claim", ()), ("claim", ([1],)), ("respond", ([1], [1])), ("fail", ([1],)),
+    ("requeue", ()), ("submit", ()), ("submit", (1,)), ("fetch", ()),
+    ("claim", ([1], 5, "extra")), ("unfetched", ("extra",)), ("info", ("extra",)), ("close", ("why", "extra")),
+])
+def test_a_serving_action_with_the_wrong_arguments_gets_one_clear_line(hook, action, args):
+    party, owner, client, _ = _served(hook)
+    sender = client if action in protocol.CLIENT_ACTIONS else owner
+    error = _error(lambda: protocol.call(sender, party, action, "svc", *args))
+    assert isinstance(error, ServingError), f"{type(error).__name__}: {error}"
+    assert "argument" in str(error) and "\n" not in str(error)
+    # the worker still serves: a well-formed request goes through
+    rid = new_id()
+    protocol.call(client, party, "submit", "svc", rid, torch.ones(1, 3, dtype=torch.int64))
+    assert [r[0] for r in protocol.call(owner, party, "pending", "svc")] == [rid]
+
+
+def test_the_argument_count_is_checked_before_the_service_is_looked_up(hook):
+    party, owner, client, _ = _served(hook)
+    served = _error(lambda: protocol.call(client, party, "submit", "svc"))
+    unknown = _error(lambda: protocol.call(client, party, "submit", "no-such-model"))
+    assert str(served) == str(unknown)
+
+
+def test_well_formed_waits_still_count_as_optional_arguments(hook):
+    party, owner, client, _ = _served(hook)
+    rid = new_id()
+    protocol.call(client, party, "submit", "svc", rid, torch.full((1, 3), 5, dtype=torch.int64))
+    assert [r[0] for r in protocol.call(owner, party, "pending", "svc", 0, [])] == [rid]
+    assert protocol.call(client, party, "fetch", "svc", rid, 0) == []
+    protocol.call(owner, party, "claim", "svc", [rid], 4242)
+    owner.send_msg(m.CommandMessage("Tensor.mul", (m.ObjectRef(4242), 3), {}, [4243]), party)
+    protocol.call(owner, party, "respond", "svc", [rid], [1], m.ObjectRef(4243))
+    (answer,) = protocol.call(client, party, "fetch", "svc", rid)
+    assert torch.equal(answer, torch.full((1, 3), 15, dtype=torch.int64))
+
+
+def test_users_management_is_refused_to_anyone_but_the_admin(hook):
+    worker, scientist = _workers(hook, "users_host", "users_sci")
+    for action in ("list", "revoke", "restore", "bogus"):
+        with pytest.raises(PermissionDeniedError, match="admin token"):
+            scientist.send_msg(AdminUsersMessage(action, "alice"), worker)
+
+
+def test_a_search_over_too_many_terms_is_refused_before_it_runs(hook):
+    from veil.compat.search_terms import MAX_TERMS
+
+    worker, scientist = _workers(hook, "terms_host", "terms_sci")
+    with pytest.raises(VeilError, match="at most"):
+        scientist.send_msg(m.SearchMessage([f"#t{i}" for i in range(MAX_TERMS + 1)]), worker)
+    repeated = scientist.send_msg(m.SearchMessage(["#same"] * (10 * MAX_TERMS)), worker).descriptors
+    assert repeated == []
+
+
+def test_every_serving_action_has_an_argument_count():
+    assert set(protocol.ARGUMENTS) == set(protocol.ACTIONS)
