@@ -54,6 +54,7 @@ from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import torch
 
+from veil.exceptions import PermissionDeniedError
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.allowlist import NO_RESULT, register_worker_function
@@ -96,6 +97,11 @@ def _deal(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, count: 
 
 
 def _register_mac_key(worker: Any, key_id: str, alpha: Any) -> None:
+    monitor = getattr(worker, "monitor", None)
+    # a key is a value the requester sends: one named by id could be the owner's data (or derived from it),
+    # which the provider would keep outside the monitor and compute every MAC dealt for the session with
+    if monitor is not None and monitor.request_reads_owner_data():
+        raise PermissionDeniedError("a MAC key is sent as a value; the data owner's objects cannot be one")
     with provider_scope(_requester(worker)):
         register_mac_key(key_id, alpha)
 
