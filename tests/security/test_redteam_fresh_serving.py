@@ -11,7 +11,14 @@ Found here, and fixed (each test asserts the safe behaviour; each failed on the 
 - a serving action with too few arguments failed as a bare ``IndexError: list index out of range`` or
   ``ValueError: not enough values to unpack``, and one with extra arguments ran, the extras ignored: each
   action now takes a fixed number of arguments and says so in one line (before the service is looked up,
-  so the count check tells nothing about which services exist).
+  so the count check tells nothing about which services exist);
+- a claim whose batch the owner's session could not store (an id in use or invalid, its quota) had already
+  moved the requests from the queue to "claimed": they sat there with nothing computing them. The batch is
+  now stored first; a failed claim leaves the queue as it was;
+- a respond with fewer row counts than request ids (``zip`` cut the rest) answered the first request with
+  every row and left the others claimed for ever; negative, float, bool or string counts failed as bare
+  torch/TypeErrors. Respond now takes one non-negative integer count per request id, refused before anything
+  is released.
 
 Held (regression guards): users management with any token but the admin's is refused; a search over too
 many distinct terms is refused before it runs (repeated terms count once).
@@ -117,3 +124,32 @@ def test_a_search_over_too_many_terms_is_refused_before_it_runs(hook):
 
 def test_every_serving_action_has_an_argument_count():
     assert set(protocol.ARGUMENTS) == set(protocol.ACTIONS)
+
+
+def test_a_claim_that_cannot_store_its_batch_leaves_the_requests_queued(hook):
+    party, owner, client, _ = _served(hook)
+    rid = new_id()
+    protocol.call(client, party, "submit", "svc", rid, torch.ones(2, 3, dtype=torch.int64))
+    taken = torch.zeros(1).send(party).id_at_location  # an id the owner's session already holds
+    for bad_id in (0, taken, "x"):
+        with pytest.raises(VeilError):
+            protocol.call(owner, party, "claim", "svc", [rid], bad_id)
+        assert [r[:2] for r in protocol.call(owner, party, "pending", "svc")] == [[rid, 2]]
+    assert protocol.call(owner, party, "claim", "svc", [rid], new_id()) == [2]
+
+
+@pytest.mark.parametrize("sizes", [[2], [1, 1, 0], [3, -1], "2", [1.0, 1.0], [True, True]])
+def test_a_respond_whose_sizes_do_not_name_each_request_is_refused_and_changes_nothing(hook, sizes):
+    party, owner, client, _ = _served(hook)
+    first, second = new_id(), new_id()
+    for rid in (first, second):
+        protocol.call(client, party, "submit", "svc", rid, torch.full((1, 3), 7, dtype=torch.int64))
+    protocol.call(owner, party, "claim", "svc", [first, second], 777)
+    owner.send_msg(m.CommandMessage("Tensor.add", (m.ObjectRef(777), 1), {}, [778]), party)
+    error = _error(lambda: protocol.call(owner, party, "respond", "svc", [first, second], sizes, m.ObjectRef(778)))
+    assert isinstance(error, ServingError) and "\n" not in str(error)
+    assert protocol.call(client, party, "fetch", "svc", first) == []  # nothing half-answered
+    protocol.call(owner, party, "respond", "svc", [first, second], [1, 1], m.ObjectRef(778))
+    for rid in (first, second):
+        (answer,) = protocol.call(client, party, "fetch", "svc", rid)
+        assert torch.equal(answer, torch.full((1, 3), 8, dtype=torch.int64))

@@ -249,15 +249,16 @@ def _claim(worker: Any, name: str, user: str, session: str, args: list) -> list:
         # the owner computes any function of a batch and splits it as it likes: with requests of two clients in
         # one batch, a client session of its own could be handed another client's input
         raise ServingError("claim: a batch holds the requests of one client session (see the group pending shows)")
-    for r, (sub, share) in zip(rids, taken):
-        del svc.pending[(sub, r)]
-        svc.claimed[r] = sub
-        svc.held[r] = share
-    # One object for the whole batch: the owner's model runs once for all of them.
+    # One object for the whole batch: the owner's model runs once for all of them. Stored first: a batch the
+    # owner's session cannot hold (an id in use, its quota) leaves the requests queued, not claimed for nothing
     clients = tuple(sorted({sub for sub, _ in taken}))  # only they may reveal the inputs and what derives from them
     worker.monitor.store(worker.principal(session), oid, torch.cat([share for _, share in taken]), kind=Kind.SHARE,
                          reveal_to=clients)
     worker.monitor.taint(worker.principal(session), clients)
+    for r, (sub, share) in zip(rids, taken):
+        del svc.pending[(sub, r)]
+        svc.claimed[r] = sub
+        svc.held[r] = share
     return [int(share.shape[0]) for _, share in taken]
 
 
@@ -266,6 +267,9 @@ def _respond(worker: Any, name: str, user: str, session: str, args: list) -> lis
     svc = _owned(worker, name, user)
     if type(ref) is not m.ObjectRef:
         raise ServingError("respond expects an object reference to the output share")
+    if (not isinstance(sizes, (list, tuple)) or len(sizes) != len(rids)
+            or not all(type(n) is int and n >= 0 for n in sizes)):  # (zip cut extras: a request stayed claimed)
+        raise ServingError("respond expects one row count (an integer, 0 or more) per request id")
     out = worker.monitor.release_output(worker.principal(session), ref, [svc.claimed.get(r) for r in rids]).obj
     if not isinstance(out, torch.Tensor) or out.dtype != torch.int64 or sum(sizes) != out.shape[0]:
         raise ServingError("the output share does not match the claimed requests")
