@@ -18,7 +18,10 @@ Found here, and fixed (each test asserts the safe behaviour; each failed on the 
 - a respond with fewer row counts than request ids (``zip`` cut the rest) answered the first request with
   every row and left the others claimed for ever; negative, float, bool or string counts failed as bare
   torch/TypeErrors. Respond now takes one non-negative integer count per request id, refused before anything
-  is released.
+  is released;
+- a session that stored a plan (or another object without a shape) could never list its objects again:
+  ListObjectsMessage failed with a bare ``AttributeError: 'PlanSpec' object has no attribute 'shape'``. A
+  listing, as a search, now describes tensors only.
 
 Held (regression guards): users management with any token but the admin's is refused; a search over too
 many distinct terms is refused before it runs (repeated terms count once).
@@ -153,3 +156,15 @@ def test_a_respond_whose_sizes_do_not_name_each_request_is_refused_and_changes_n
     for rid in (first, second):
         (answer,) = protocol.call(client, party, "fetch", "svc", rid)
         assert torch.equal(answer, torch.full((1, 3), 8, dtype=torch.int64))
+
+
+def test_a_stored_plan_does_not_break_the_listing_of_the_sessions_objects(hook):
+    from veil.plans.ops import PlanOp, PlanSpec, SlotRef
+
+    worker, scientist = _workers(hook, "list_host", "list_sci")
+    plan = PlanSpec("ident", 1, 0, 2, [PlanOp("torch.mul", (SlotRef(0), 1.0), {}, [1], False)], SlotRef(1))
+    plan_id, tensor_id = new_id(), new_id()
+    scientist.send_msg(m.ObjectMessage([m.StoredObject(plan_id, plan),
+                                        m.StoredObject(tensor_id, torch.ones(2, 3))]), worker)
+    listed = {d.id: tuple(d.shape) for d in scientist.send_msg(m.ListObjectsMessage(), worker).descriptors}
+    assert listed.get(tensor_id) == (2, 3) and plan_id not in listed

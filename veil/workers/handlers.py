@@ -17,7 +17,7 @@ from veil.exceptions import (ObjectNotFoundError, PermissionDeniedError, RemoteE
 from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST, NO_RESULT, register_worker_function
 from veil.tensors.tree import leaves, map_structure
-from veil.workers import oblivious, output_bounds, owner_guard
+from veil.workers import oblivious, output_bounds, owner_guard, storage_overrun
 from veil.workers.quiet_warnings import dropping_warnings
 from veil.workers.accounts import END_ACCOUNT
 from veil.workers.base import STORABLE_TYPES, STORE_VALIDATORS, BaseWorker, register_handler
@@ -162,6 +162,8 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
         else:
             result = op.func(*args, **kwargs)
     except Exception as e:  # errors on owner data carry no values
+        if found:  # (a failed out= resize: torch kept the new shape of a storage that could not grow)
+            storage_overrun.drop_overruns(monitor, principal, found)
         if isinstance(e, PermissionDeniedError) and oblivious_guard is not None:
             monitor.audit(purpose.value, principal, list(found), "refused", str(e))
         if purpose is _DP_RELEASE:
@@ -542,7 +544,8 @@ def _handle_list(worker: BaseWorker, msg: m.ListObjectsMessage, sender: str) -> 
     principal = worker.principal(sender)
     hide = worker.monitor.hide_dp_counts
     mine = [_describe_entry(oid, e, hide) for oid, e in worker.monitor.owned_entries(principal)
-            if e.created_by == principal.session]
+            if e.created_by == principal.session and isinstance(e.obj, torch.Tensor)]  # (as search: a stored
+    # plan has no shape, and describing it failed every later listing of the session)
     return m.DescriptorsReply(mine)
 
 
