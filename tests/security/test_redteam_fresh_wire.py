@@ -10,7 +10,10 @@ a peer's ``END_ACCOUNT``, ``RemoteGetMessage``, and skeleton result ids, with ev
 * other sessions' state: one session's key id does not reach another's key; an id another session holds
   reads as "not found", word for word as an unknown one;
 * what a session leaves behind: its MAC keys go when it ends;
-* resources: a skeleton use naming 200 000 result ids is refused before it runs, one line.
+* resources: a skeleton use naming 200 000 result ids is refused before it runs, one line;
+* read past memory: a failed `out=` resize of a tensor decoded from a frame (a storage that cannot grow) kept
+  its new shape, and a get of it serialized the worker's heap beyond its 16 bytes (fixed: on a failed command,
+  a resolved tensor spanning past its storage is emptied and its id freed, veil/workers/storage_overrun.py).
 """
 
 import pytest
@@ -138,3 +141,21 @@ def test_a_skeleton_use_with_a_flood_of_result_ids_is_refused_before_it_runs(hoo
     _one_line_error(reply)
     assert torch.equal(get_as(server, scientist, 1), torch.arange(3.0))  # the in-place op never ran
     assert type(get_as(server, scientist, 100)) is m.ErrorReply
+
+
+@pytest.mark.parametrize("shape,lane", [((4,), "inline"), ((2, 2), "thread")])
+def test_a_failed_resize_never_makes_a_tensor_read_past_its_storage(hook, shape, lane):
+    """A tensor received over the wire lives in a storage that cannot grow; ``torch.add(big, 1, out=it)`` fails,
+    but torch sets the new shape before it tries to grow the storage: a get of that object then read ``2^18``
+    floats of the worker's heap from a 16-byte storage (other sessions' and the owner's memory)."""
+    server, scientist, other, *_ = _servers(hook, f"fw-overrun-{len(shape)}")
+    store_as(server, scientist, 1, torch.ones(shape))
+    store_as(server, other, 1, torch.full((4096,), 7.25))
+    grow = serialize(m.CommandMessage("torch.add", (torch.zeros(2**18), 1.0), {"out": R(1)}, [], False), sender="f")
+    reply, decoded = server.try_inline(grow, scientist) if lane == "inline" else (None, None)
+    _one_line_error(deserialize(reply if reply is not None else server.serve_bytes(grow, scientist, decoded=decoded))[0])
+    held = get_as(server, scientist, 1)
+    if type(held) is not m.ErrorReply:  # kept: its own value, nothing beyond it
+        assert held.shape == shape and torch.equal(held, torch.ones(shape)), held.shape
+    store_as(server, scientist, 2, torch.ones(3))  # the worker serves on
+    assert torch.equal(get_as(server, other, 1), torch.full((4096,), 7.25))

@@ -1,0 +1,36 @@
+"""A failed op must not leave a stored tensor that reads past its memory.
+
+``torch.add(big, 1, out=t)`` on a tensor whose storage cannot grow (one decoded from a frame shares the
+frame's buffer) fails, but torch sets ``t``'s new shape before it tries to grow the storage: ``t`` then
+spans more bytes than it owns, and a get of it serialized the worker's heap beyond (other sessions' and
+the owner's memory). On a failed command the handler checks the objects it resolved; such a tensor is
+emptied (every other reference to it included) and its id freed: its shape before the op is gone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def overruns_storage(t: torch.Tensor) -> bool:
+    """Whether the strided tensor ``t`` spans bytes past the end of its storage."""
+    if t.layout is not torch.strided or t.is_meta or t.numel() == 0:
+        return False
+    last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return (last + 1) * t.element_size() > t.untyped_storage().nbytes()
+
+
+def drop_overruns(monitor: Any, principal: Any, found: dict) -> list:
+    """Empties and frees the resolved objects (``found``: id -> entry) a failed op left past their storage;
+    returns their ids."""
+    dropped = []
+    for oid, entry in found.items():
+        obj = entry.obj
+        if isinstance(obj, torch.Tensor) and overruns_storage(obj):
+            with torch.no_grad():
+                obj.set_(obj.untyped_storage(), 0, (0,))
+            monitor.discard(principal, oid, only=entry)
+            dropped.append(oid)
+    return dropped
