@@ -21,7 +21,10 @@ Found here, and fixed (each test asserts the safe behaviour; each failed on the 
   is released;
 - a session that stored a plan (or another object without a shape) could never list its objects again:
   ListObjectsMessage failed with a bare ``AttributeError: 'PlanSpec' object has no attribute 'shape'``. A
-  listing, as a search, now describes tensors only.
+  listing, as a search, now describes tensors only;
+- every ``open`` of a new name kept that service's state for ever (closing, or the owner's session ending,
+  only marked it closed): a scientist opening names in a loop grew the worker's memory without bound. A user
+  now holds at most ``MAX_SERVICES_PER_USER`` services; its closed ones with nothing left to fetch make room.
 
 Held (regression guards): users management with any token but the admin's is refused; a search over too
 many distinct terms is refused before it runs (repeated terms count once).
@@ -168,3 +171,19 @@ def test_a_stored_plan_does_not_break_the_listing_of_the_sessions_objects(hook):
                                         m.StoredObject(tensor_id, torch.ones(2, 3))]), worker)
     listed = {d.id: tuple(d.shape) for d in scientist.send_msg(m.ListObjectsMessage(), worker).descriptors}
     assert listed.get(tensor_id) == (2, 3) and plan_id not in listed
+
+
+def test_a_user_opening_services_in_a_loop_is_bounded_and_closed_ones_make_room(hook):
+    party, owner, client, other = _served(hook)
+    info = {"input_shape": [1, 3]}
+    names = [f"loop-{i}" for i in range(protocol.MAX_SERVICES_PER_USER - 1)]  # "svc" is the first
+    for name in names:
+        protocol.call(owner, party, "open", name, [client.id], info)
+    error = _error(lambda: protocol.call(owner, party, "open", "one-too-many", [client.id], info))
+    assert isinstance(error, ServingError) and "already has" in str(error)
+    assert len(protocol._SERVICES[party]) == protocol.MAX_SERVICES_PER_USER
+    protocol.call(other, party, "open", "another-users", [client.id], info)  # other users are not held back
+    protocol.call(owner, party, "open", "svc", [client.id], info)  # reopening one of its own is fine
+    protocol.call(owner, party, "close", names[0], "done")  # a closed one with nothing to fetch makes room
+    protocol.call(owner, party, "open", "one-more", [client.id], info)
+    assert protocol.call(client, party, "info", "one-more")[0]["input_shape"] == [1, 3]

@@ -73,6 +73,9 @@ MAX_WAIT = 1.0
 WAITABLE = {"pending": 0, "fetch": 1}
 #: rows of one request, and of one batch, unless the owner opens the service with another ``max_rows``
 DEFAULT_MAX_ROWS = 64
+#: most services one user may hold on a worker (closed ones with results left to fetch included): each open
+#: of a new name kept its state for ever, so a scientist opening names in a loop grew the worker's memory
+MAX_SERVICES_PER_USER = 64
 
 
 @dataclass
@@ -206,6 +209,8 @@ def _open(worker: Any, name: str, user: str, session: str, args: list) -> list:
     old = services.get(name)
     if old is not None and not old.closed and old.owner != user:
         raise ServingError(f"service {name!r} on worker {worker.id!r} belongs to another user")
+    if old is None or old.owner != user:
+        _make_room(worker, services, user)
     max_rows = info.get("max_rows", DEFAULT_MAX_ROWS)
     if type(max_rows) is not int or max_rows < 1:
         raise ServingError("a service's max_rows is a positive integer")
@@ -216,6 +221,20 @@ def _open(worker: Any, name: str, user: str, session: str, args: list) -> list:
         svc.outputs.update(old.outputs)  # and results already computed stay theirs to fetch
         _changed()
     return []
+
+
+def _make_room(worker: Any, services: dict, user: str) -> None:
+    """Room for one more service of ``user``: its closed services nobody has anything left to fetch from go
+    first; refused (one line) when it still holds :data:`MAX_SERVICES_PER_USER`."""
+    mine = [(n, svc) for n, svc in services.items() if svc.owner == user]
+    if len(mine) < MAX_SERVICES_PER_USER:
+        return
+    for n, svc in mine:
+        if svc.closed and not svc.outputs and not svc.claimed:
+            del services[n]
+    if sum(1 for svc in services.values() if svc.owner == user) >= MAX_SERVICES_PER_USER:
+        raise ServingError(f"user {user!r} already has {MAX_SERVICES_PER_USER} services on worker {worker.id!r}; "
+                           "close one (and let its clients fetch their results) first")
 
 
 def _claims_left(worker: Any, user: str) -> bool:
