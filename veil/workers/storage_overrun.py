@@ -29,8 +29,11 @@ def drop_overruns(monitor: Any, principal: Any, found: dict) -> list:
     for oid, entry in found.items():
         obj = entry.obj
         if isinstance(obj, torch.Tensor) and overruns_storage(obj):
-            with torch.no_grad():
-                obj.set_(obj.untyped_storage(), 0, (0,))
+            try:
+                with torch.no_grad():
+                    obj.set_(obj.untyped_storage(), 0, (0,))
+            except RuntimeError:  # (a tensor torch will not re-point: its id is freed all the same)
+                pass
             monitor.discard(principal, oid, only=entry)
             dropped.append(oid)
     return dropped
