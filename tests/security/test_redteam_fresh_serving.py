@@ -24,7 +24,9 @@ Found here, and fixed (each test asserts the safe behaviour; each failed on the 
   listing, as a search, now describes tensors only;
 - every ``open`` of a new name kept that service's state for ever (closing, or the owner's session ending,
   only marked it closed): a scientist opening names in a loop grew the worker's memory without bound. A user
-  now holds at most ``MAX_SERVICES_PER_USER`` services; its closed ones with nothing left to fetch make room.
+  now holds at most ``MAX_SERVICES_PER_USER`` services; its closed ones with nothing left to fetch make room;
+- a service opened with a malformed ``input_shape`` (an int, strings, negative or float sizes) was accepted,
+  and every client's submit then failed as a bare TypeError: open now refuses it in one line.
 
 Held (regression guards): users management with any token but the admin's is refused; a search over too
 many distinct terms is refused before it runs (repeated terms count once).
@@ -187,3 +189,12 @@ def test_a_user_opening_services_in_a_loop_is_bounded_and_closed_ones_make_room(
     protocol.call(owner, party, "close", names[0], "done")  # a closed one with nothing to fetch makes room
     protocol.call(owner, party, "open", "one-more", [client.id], info)
     assert protocol.call(client, party, "info", "one-more")[0]["input_shape"] == [1, 3]
+
+
+@pytest.mark.parametrize("shape", [5, "1,3", [1, "3"], [1, -3], [1.0, 3], {"a": 1}])
+def test_a_service_with_a_malformed_input_shape_is_refused_at_open(hook, shape):
+    party, owner, client, _ = _served(hook)
+    error = _error(lambda: protocol.call(owner, party, "open", "bad-shape", [client.id], {"input_shape": shape}))
+    assert isinstance(error, ServingError) and "input_shape" in str(error)
+    with pytest.raises(ServingError, match="may not query"):  # nothing was opened
+        protocol.call(client, party, "info", "bad-shape")

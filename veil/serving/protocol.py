@@ -211,6 +211,9 @@ def _open(worker: Any, name: str, user: str, session: str, args: list) -> list:
         raise ServingError(f"service {name!r} on worker {worker.id!r} belongs to another user")
     if old is None or old.owner != user:
         _make_room(worker, services, user)
+    shape = info.get("input_shape", [])  # (each submit reads it: a malformed one failed them as bare TypeErrors)
+    if not isinstance(shape, (list, tuple)) or not all(type(d) is int and d >= 0 for d in shape):
+        raise ServingError("a service's input_shape is a list of sizes (integers, 0 or more)")
     max_rows = info.get("max_rows", DEFAULT_MAX_ROWS)
     if type(max_rows) is not int or max_rows < 1:
         raise ServingError("a service's max_rows is a positive integer")
