@@ -159,3 +159,20 @@ def test_a_failed_resize_never_makes_a_tensor_read_past_its_storage(hook, shape,
         assert held.shape == shape and torch.equal(held, torch.ones(shape)), held.shape
     store_as(server, scientist, 2, torch.ones(3))  # the worker serves on
     assert torch.equal(get_as(server, other, 1), torch.full((4096,), 7.25))
+
+
+def test_no_tensor_spanning_past_its_storage_is_ever_serialized():
+    """The second line behind the handler's drop: whatever leaves a tensor past its storage (a failed ``out=``
+    resize of a storage that cannot grow), its bytes beyond are never serialized; honest tensors are."""
+    from veil.messaging.serde import deserialize, serialize
+    from veil.exceptions import SerializationError
+
+    t = torch.frombuffer(bytearray(16), dtype=torch.float32)  # (a storage that cannot grow, as a frame's)
+    with pytest.raises(RuntimeError):
+        torch.add(torch.zeros(2**12), 1, out=t)
+    assert t.numel() == 2**12 and t.untyped_storage().nbytes() == 16  # (torch kept the new shape)
+    with pytest.raises(SerializationError, match="past its storage"):  # (torch refuses views of it itself)
+        serialize(m.ObjectsReply([t]))
+    honest = torch.arange(12.0).view(3, 4)
+    for view in (honest, honest.t(), honest[:, ::2], honest[1:], torch.zeros(3).expand(4, 3)):
+        assert torch.equal(deserialize(serialize(m.ObjectsReply([view])))[0].objects[0], view)
