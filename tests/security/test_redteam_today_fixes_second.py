@@ -201,8 +201,11 @@ def test_the_owners_console_pages_need_no_handler_thread(hook, tmp_path, cleanup
     """The same attack against the owner console: its Sessions page (where the revoke form is), Datasets page
     and policy form ran on one of the worker's handler threads (``views.on_worker``: a single thread once,
     serialising them with commands; since one of many, serialising nothing), so with the pool full each
-    waited 60 s and failed. Must hold: the pages answer, and the owner revokes alice from the console."""
+    waited 60 s and failed. Must hold: the pages answer, and the owner revokes alice from the console; a policy
+    change waits for the worker's turn only (it is put in force between commands), never for a handler thread."""
     from starlette.testclient import TestClient
+
+    from veil.governance.state import policy_of
 
     from veil.governance.console.server import ConsoleServer
 
@@ -217,28 +220,45 @@ def test_the_owners_console_pages_need_no_handler_thread(hook, tmp_path, cleanup
     assert client.post("/login", data={"login_csrf": csrf, "token": ADMIN},
                        headers={"origin": f"http://{console.host_name}:8780"}).status_code == 303
     answers: dict = {}
+    origin = {"origin": f"http://{console.host_name}:8780"}
 
     def owner_clicks() -> None:
         answers["datasets"] = client.get("/datasets").status_code
         sessions = client.get("/sessions")
         answers["sessions"] = sessions.status_code
-        token = sessions.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
-        origin = {"origin": f"http://{console.host_name}:8780"}
-        answers["policy"] = client.post("/datasets/policy", data={"csrf": token, "id": str(oid), "policy": "open"},
+        answers["csrf"] = sessions.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        answers["revoke"] = client.post("/users/revoke", data={"csrf": answers["csrf"], "name": "alice"},
                                         headers=origin).status_code
-        answers["revoke"] = client.post("/users/revoke", data={"csrf": token, "name": "alice"}, headers=origin).status_code
+
+    def owner_changes_the_policy() -> None:
+        answers["policy"] = client.post("/datasets/policy", data={"csrf": csrf_token, "id": str(oid),
+                                                                   "policy": "open"}, headers=origin).status_code
 
     server._turn.acquire()
+    held = True
     try:
         _exhaust_handler_threads(server)
         clicking = threading.Thread(target=owner_clicks, daemon=True)
         clicking.start()
         clicking.join(8)
         assert not clicking.is_alive(), f"the owner's console waited for a handler thread (answered: {answers})"
-        assert answers == {"datasets": 200, "sessions": 200, "policy": 303, "revoke": 303}, answers
+        csrf_token = answers.pop("csrf")
+        assert answers == {"datasets": 200, "sessions": 200, "revoke": 303}, answers
         assert "alice" in server.tokens.revoked
-    finally:
+        # A policy change is put in force between commands (in the worker's turn: no command runs under half an
+        # old policy and half a new one), so it waits for the turn -- not for a handler thread.
+        changing = threading.Thread(target=owner_changes_the_policy, daemon=True)
+        changing.start()
+        changing.join(1.0)
+        assert changing.is_alive() and "policy" not in answers, "the policy changed while a command held the turn"
         server._turn.release()
+        held = False
+        changing.join(10)
+        assert not changing.is_alive() and answers.get("policy") == 303, answers
+        assert policy_of(server, oid) == "open"
+    finally:
+        if held:
+            server._turn.release()
     assert _closed(victim)
 
 
