@@ -42,11 +42,12 @@ ADOPT_MIN_BYTES = 1 << 16
 # ------------------------------------------------------------------ tensors
 
 
-def _spans_past_storage(t: torch.Tensor) -> bool:
-    """Whether ``t``'s shape reaches bytes past the end of its storage (a failed ``out=`` resize of a tensor whose
-    storage cannot grow leaves one: the handler drops it, veil/workers/storage_overrun.py; this is the second line,
-    so that no reply ever carries the process's memory beyond a storage). ~0.5 us for a contiguous tensor."""
-    if t.is_meta or t.numel() == 0:
+def spans_past_storage(t: torch.Tensor) -> bool:
+    """Whether the strided tensor ``t``'s shape reaches bytes past the end of its storage (a failed ``out=`` resize
+    of a tensor whose storage cannot grow leaves one: the handler drops it, veil/workers/storage_overrun.py; the
+    serializer refuses it too, so that no reply ever carries the process's memory beyond a storage). ~0.5 us for
+    a contiguous tensor."""
+    if t.layout is not torch.strided or t.is_meta or t.numel() == 0:
         return False
     if t.is_contiguous():
         last = t.storage_offset() + t.numel() - 1
@@ -61,7 +62,7 @@ def _tensor_raw(t: torch.Tensor) -> tuple[list, memoryview]:
         raise SerializationError(f"cannot serialize a {t.layout} tensor (only dense tensors)")
     if t.dtype not in DTYPE_NAMES:
         raise SerializationError(f"cannot serialize dtype {t.dtype}")
-    if _spans_past_storage(t):
+    if spans_past_storage(t):
         raise SerializationError("cannot serialize a tensor whose shape spans past its storage")
     data = t.detach()
     if data.device.type != "cpu":

@@ -13,13 +13,7 @@ from typing import Any
 
 import torch
 
-
-def overruns_storage(t: torch.Tensor) -> bool:
-    """Whether the strided tensor ``t`` spans bytes past the end of its storage."""
-    if t.layout is not torch.strided or t.is_meta or t.numel() == 0:
-        return False
-    last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-    return (last + 1) * t.element_size() > t.untyped_storage().nbytes()
+from veil.messaging.tensor_payload import spans_past_storage
 
 
 def drop_overruns(monitor: Any, principal: Any, found: dict) -> list:
@@ -28,7 +22,7 @@ def drop_overruns(monitor: Any, principal: Any, found: dict) -> list:
     dropped = []
     for oid, entry in found.items():
         obj = entry.obj
-        if isinstance(obj, torch.Tensor) and overruns_storage(obj):
+        if isinstance(obj, torch.Tensor) and spans_past_storage(obj):
             try:
                 with torch.no_grad():
                     obj.set_(obj.untyped_storage(), 0, (0,))
