@@ -167,54 +167,12 @@ def test_rows_handed_while_the_idle_writer_exits_are_all_written(monkeypatch):
 # --------------------------------------------------------------------------- lock order: starvation
 
 
-def test_an_owners_policy_change_in_the_turn_is_not_starved_by_release_decisions(hook):
-    """Release decisions of many sessions (outside the turn) hold the governance lock back to back. The owner's
-    tightening in the turn waited until the lock was free, gave it back, re-entered the turn and tried again:
-    by then another decision held it, for as long as they kept coming. Must hold: it completes within a bound."""
-    from veil.governance.state import governance, policy_of
-    from veil.governance.wire import AdminPolicyMessage
-    from server_sessions import request
+def _starved(srv, action) -> tuple[bool, dict]:
+    """Runs ``action`` in a thread while three release decisions hold the governance lock back to back (each
+    across its database statements, outside the turn) and other sessions' commands take the turn: whether it was
+    still waiting after 3 s, and its outcome once that load stopped."""
+    from veil.governance.state import governance
 
-    srv, _ = _worker(hook, "aw-starve")
-    other = srv.load(__import__("torch").ones(4), tags=("#e",))
-    owner = open_session(srv, TOKENS["owner"])
-    lock, stop = governance(srv).lock, threading.Event()
-
-    def decisions():  # (each holds the lock across its database statements)
-        while not stop.is_set():
-            with lock:
-                time.sleep(0.004)
-
-    def commands():  # (other sessions' commands in the turn)
-        while not stop.is_set():
-            with srv._turn:
-                time.sleep(0.002)
-
-    deciders = [threading.Thread(target=decisions, daemon=True) for _ in range(3)]
-    deciders.append(threading.Thread(target=commands, daemon=True))
-    for t in deciders:
-        t.start()
-    try:
-        changing, out = _in_thread(lambda: request(srv, owner, AdminPolicyMessage("#e", "dp-only")))
-        changing.join(3.0)
-        starved = changing.is_alive()
-    finally:
-        stop.set()
-        for t in deciders:
-            t.join(5)
-    changing.join(10)
-    assert not starved, "the owner's policy change waited as long as release decisions kept coming"
-    assert type(out.get("reply")) is m.ObjectsReply and policy_of(srv, other) == "dp-only", out
-
-
-def test_a_synced_stricter_policy_is_not_starved_by_release_decisions(hook):
-    """The same for the sync of a stricter policy the owner stored on another replica (turn_and_governance_lock)."""
-    from veil.governance import policy
-    from veil.governance.state import governance, policy_of
-
-    srv, _ = _worker(hook, "aw-starve-sync")
-    other = srv.load(__import__("torch").ones(4), tags=("#e",))
-    policy._store_policy(srv, dict(srv.monitor.owner_entries())[other], "dp-only", "owner")
     lock, stop = governance(srv).lock, threading.Event()
 
     def decisions():
@@ -232,13 +190,41 @@ def test_a_synced_stricter_policy_is_not_starved_by_release_decisions(hook):
     for t in busy:
         t.start()
     try:
-        syncing, out = _in_thread(srv.sync_policies_now)
-        syncing.join(3.0)
-        starved = syncing.is_alive()
+        acting, out = _in_thread(action)
+        acting.join(3.0)
+        starved = acting.is_alive()
     finally:
         stop.set()
         for t in busy:
             t.join(5)
-    syncing.join(10)
+    acting.join(10)
+    return starved, out
+
+
+def test_an_owners_policy_change_in_the_turn_is_not_starved_by_release_decisions(hook):
+    """Release decisions of many sessions (outside the turn) hold the governance lock back to back. The owner's
+    tightening in the turn waited until the lock was free, gave it back, re-entered the turn and tried again:
+    by then another decision held it, for as long as they kept coming. Must hold: it completes within a bound."""
+    from veil.governance.state import policy_of
+    from veil.governance.wire import AdminPolicyMessage
+    from server_sessions import request
+
+    srv, _ = _worker(hook, "aw-starve")
+    other = srv.load(__import__("torch").ones(4), tags=("#e",))
+    owner = open_session(srv, TOKENS["owner"])
+    starved, out = _starved(srv, lambda: request(srv, owner, AdminPolicyMessage("#e", "dp-only")))
+    assert not starved, "the owner's policy change waited as long as release decisions kept coming"
+    assert type(out.get("reply")) is m.ObjectsReply and policy_of(srv, other) == "dp-only", out
+
+
+def test_a_synced_stricter_policy_is_not_starved_by_release_decisions(hook):
+    """The same for the sync of a stricter policy the owner stored on another replica (turn_and_governance_lock)."""
+    from veil.governance import policy
+    from veil.governance.state import policy_of
+
+    srv, _ = _worker(hook, "aw-starve-sync")
+    other = srv.load(__import__("torch").ones(4), tags=("#e",))
+    policy._store_policy(srv, dict(srv.monitor.owner_entries())[other], "dp-only", "owner")
+    starved, out = _starved(srv, srv.sync_policies_now)
     assert not starved, "the sync of the owner's stricter policy waited as long as release decisions kept coming"
     assert out.get("reply") == [other] and policy_of(srv, other) == "dp-only", out
