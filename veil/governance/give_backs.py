@@ -91,6 +91,9 @@ def restore_unless_voided(queue: ReviewQueue, request_id: str, user: str, mark: 
         if record != mark.stored or says_revoked(record):  # (see says_revoked)
             return REVOKED_MEANWHILE, ""
         twin = _released_twin(queue, req, key)
+        if twin == _TOO_MANY:
+            return USED, (f"over {TWIN_READ} releases of the same value followed its approval: too many to check "
+                          "for a twin")
         if twin is not None:
             return TWIN_RELEASED, twin
         tx.execute("UPDATE release_requests SET state = 'approved' WHERE id = ? AND state = 'released'",
@@ -107,6 +110,13 @@ def _released_twin(queue: ReviewQueue, req: Any, key: Callable[[Any], Any]) -> s
     time of the approval counts (filed before it, while ``req`` was pending, its release lapsed ``req``)."""
     found = queue._rows("WHERE object_id = ? AND principal = ? AND digest = ? AND state = 'released' AND id != ? "
                         "AND ts >= ?", (str(req.object_id), req.principal, req.digest, req.id,
-                                       req.decided_ts or 0.0), 50)
+                                       req.decided_ts or 0.0), TWIN_READ + 1, graphs=False)
     mine = key(req)
-    return next((r.id for r in found if key(r) == mine), None)
+    twin = next((r.id for r in found[:TWIN_READ] if key(queue.get(r.id)) == mine), None)  # (one graph at a time)
+    return _TOO_MANY if twin is None and len(found) > TWIN_READ else twin
+
+
+#: released requests of the same bytes a give-back reads for a twin (one graph at a time); past them it fails
+#: closed: the 50 newest (graphs and all) let 50 releases of the same bytes by other computations hide the twin
+TWIN_READ = 200
+_TOO_MANY = "\x00too many"

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 from veil.exceptions import ObjectNotFoundError
 from veil.governance.lock_order import governance_lock, held_outside_turn, turn_and_governance_lock
+from veil.governance.moved_marks import record_tightened, sync_moved_marks
 from veil.governance.state import (DEFAULT_POLICY, POLICIES, audit, check_policy, governance, has_decisions_store,
                                    policy_of)
 from veil.workers import cancellation
@@ -73,7 +74,14 @@ def sync_stored_policies(worker: Any, turn: Any = None) -> list[int]:
     owner database, so what the owner tightened on one reaches the others while they serve (a network
     worker runs this every :data:`SYNC_SECONDS`, its ``turn`` given: the decisions are read before it is
     taken, the audit rows written after, and the governance lock is never waited for in it: lock_order.py).
-    Only ever tightens. Returns the ids it changed."""
+    Only ever tightens. Then the values moved here from a source the owner tightened to dp-only on another of
+    its workers get the DP guard's mark (moved_marks.py). Returns the ids of the sources it changed."""
+    changed = _sync_decisions(worker, turn)
+    sync_moved_marks(worker, turn)
+    return changed
+
+
+def _sync_decisions(worker: Any, turn: Any) -> list[int]:
     changed: list[int] = []
     sources = owner_sources(worker)
     if not sources:  # (nothing to tighten: no governance state made, no query)
@@ -84,6 +92,9 @@ def sync_stored_policies(worker: Any, turn: Any = None) -> list[int]:
     notes = []
     with _one_decision(worker):  # (read again under it: an owner's loosening stored meanwhile is not undone)
         decisions = stored_decisions(worker)
+        # (stored before they are put in force: a failure here leaves them for the next sync, not unrecorded)
+        record_tightened(worker, [oid for oid, _, _, stored in _tighter(worker, sources, decisions)
+                                  if stored == "dp-only"])
         with turn_and_governance_lock(worker, turn):
             for oid, entry, before, stored in _tighter(worker, sources, decisions):
                 _set_policy(worker, oid, entry, stored)
@@ -177,11 +188,18 @@ def _set_policy(worker: Any, oid: int, entry: Any, policy: str) -> None:
         # the DP guard's mark is set before the policy map changes and cleared after: a check that reads the
         # two without the turn (an in-process worker) sees the stricter of the old and the new policy, never
         # review gone and dp-only not yet marked
+        marking = policy == "dp-only" and state.policies.get(oid) != "dp-only"
+        if marking:  # (odd until done: a command racing the marking checks its results again, provenance.stamp)
+            state.marking.add(oid)
+            state.tightenings += 1
         if policy == "dp-only":
             entry.meta["dp_only"] = True
-            if state.policies.get(oid) != "dp-only":
+            if marking:
                 _mark_derived_dp_only(worker, oid)
         state.policies[oid] = policy
+        if marking:
+            state.tightenings += 1
+            state.marking.discard(oid)  # (after the policy map: one of the two names it at any time)
         if policy != "dp-only":
             entry.meta.pop("dp_only", None)
         entry.meta["policy"] = policy
@@ -248,6 +266,8 @@ def set_policy(worker: Any, name_or_tag: Any, policy: str, by: str = "owner", tu
                 _set_policy(worker, oid, entry, policy)  # in force first: a tightening holds even if storing fails
             with cancellation.outside_turn():
                 _store_policy(worker, entry, policy, by)
+                if policy == "dp-only":  # (its copies on the owner's other workers; again on a retry: idempotent)
+                    record_tightened(worker, [oid])
                 audit(worker, "policy", by, "-", [oid], "allowed", f"{before} -> {policy}")
     return targets
 

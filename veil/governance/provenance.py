@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 import secrets
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -224,6 +224,11 @@ class Lineage:
     #: source while it ran (a fit hands the turn over between batches). What it computed or wrote is marked as
     #: the guard would have refused it: a source no longer under review lets the unmarked value out un-noised
     dp_only: bool = False
+    #: the worker's governance state and its count of dp-only tightenings when the inputs' marks were read (odd:
+    #: one was marking): a tightening on another thread (an in-process worker runs commands without a turn) that
+    #: scanned the derived values before this command stored its results had missed them (:func:`stamp` checks)
+    state: Any = field(default=None, compare=False, repr=False)
+    tightenings: int = 0
 
 
 #: characters of a command's argument text (stored inputs are always named, past this too)
@@ -400,6 +405,8 @@ def stamp(entry: Any, lineage: Lineage | None, tensor: Any, op_suffix: str = "")
         entry.provenance = join_sources(entry.provenance, lineage.sources)
     if lineage.dp_only:
         entry.meta["dp_only"] = True
+    elif lineage.state is not None and (lineage.tightenings % 2 or lineage.state.tightenings != lineage.tightenings):
+        _marked_if_dp_only(lineage.state, entry)
     kept = entry.meta[GRAPH] = _trim(graph, nid)
     entry.meta[ROOT] = nid
     if not op_suffix:  # (a new result: the handler charged it this when it was stored)
@@ -419,6 +426,15 @@ def stamp(entry: Any, lineage: Lineage | None, tensor: Any, op_suffix: str = "")
     return held - charged
 
 
+def _marked_if_dp_only(state: Any, entry: Any) -> None:
+    """A tightening to dp-only ran while the command did (stored, the entry is seen by any tightening after this):
+    marks the entry if one of its sources is dp-only or being made so. Without the governance lock (a network
+    worker's command never waits for it in its turn: lock_order.py): from its start to its end a tightening names
+    its source in ``state.marking`` or in the policy map."""
+    if any(s in state.marking or state.policies.get(s) == "dp-only" for s in entry.provenance):
+        entry.meta["dp_only"] = True
+
+
 def stamp_unrecorded(outputs: list, lineage: Lineage | None) -> None:
     """A worker function's own outputs (``monitor.store_output``) that it gave no op graph: the command's node,
     saying the function computed them opaquely (each function records its own graph; this is the net for one
@@ -430,8 +446,22 @@ def stamp_unrecorded(outputs: list, lineage: Lineage | None) -> None:
             opaque = Lineage(lineage.sources, lineage.graph,
                              dict(lineage.node, op=f"opaque: {lineage.node['op']}",
                                   label=f"stored by worker function {lineage.node['op']}, its steps not recorded"),
-                             dp_only=lineage.dp_only)
+                             dp_only=lineage.dp_only, state=lineage.state, tightenings=lineage.tightenings)
             stamp(entry, opaque, entry.obj)
+
+
+def _watch_tightenings(worker: Any, lineage: Lineage, op_name: str, entries: dict) -> None:
+    """Before any result is stored: the count of dp-only tightenings, then the inputs' marks read again after it
+    (:attr:`Lineage.tightenings`; a tightening that ended before the count was read is in the marks)."""
+    from veil.governance.state import _STATE
+    from veil.workers.owner_guard import DP_RELEASES
+
+    state = _STATE.get(worker)
+    if state is None:
+        return
+    lineage.state, lineage.tightenings = state, state.tightenings
+    if not lineage.dp_only and op_name not in DP_RELEASES:
+        lineage.dp_only = any(e.meta.get("dp_only") for e in entries.values())
 
 
 def _storage(t: Any) -> int | None:
@@ -460,6 +490,7 @@ def taint_writes(worker: Any, lineage: Lineage | None, op: Any, args: tuple, kwa
     written_entries: dict = {}
     if lineage is None:
         return written_entries
+    _watch_tightenings(worker, lineage, op.name, entries)
     from veil.workers import owner_guard
 
     name = op.name

@@ -33,6 +33,11 @@ class Governance:
     #: provenance is recorded once any dataset has been under review (never switched off again)
     tracking: bool = False
     lock: threading.RLock = field(default_factory=threading.RLock)
+    #: +1 when a tightening to dp-only starts marking derived values, +1 when it is done (odd: marking; read by
+    #: commands racing it on an in-process worker: provenance.stamp)
+    tightenings: int = 0
+    #: sources a tightening to dp-only is marking the derived values of (until the policy map says dp-only)
+    marking: set = field(default_factory=set)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "tracking" and value:  # every way tracking turns on passes here
