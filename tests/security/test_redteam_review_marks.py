@@ -306,3 +306,27 @@ def test_past_the_twin_read_the_approval_stays_used(hook, tmp_path):
         assert queue.get(rid).state == "released"
     finally:
         srv.db.close()
+
+
+def test_the_owner_sees_the_marks_a_tightening_gives_and_a_loosening_keeps(hook):
+    """Visibility (decided: a loosening keeps the marks, fails closed): two values derived under review; the owner
+    tightens ``d`` to dp-only, then loosens it back. Must hold: both audit rows count the marked values, the old
+    values stay refused, and the same computation done again is pending review (plain torch's value once
+    approved): nothing needs clearing."""
+    from veil.governance.requests import ReviewQueue
+    from veil.governance.state import governance
+
+    w = review_owner(hook, "marks-seen")
+    d = w.search(["#d"])[0]
+    old = [d * 3, d.sum(dim=0)]
+    w.set_policy("#d", "dp-only")
+    w.set_policy("#d", "review")
+    rows = [r["detail"] for r in governance(w).db.audit_entries() if r["action"] == "policy"]
+    assert any(r.startswith("review -> dp-only (2 values derived from it marked dp-only") for r in rows), rows
+    assert any(r.startswith("dp-only -> review (2 values derived from it keep their dp-only mark") for r in rows), rows
+    for held in old:
+        with pytest.raises(PermissionDeniedError, match="differential-privacy"):
+            held.get()
+    again = d * 3
+    ReviewQueue(w).approve(pending_id(again.get))
+    assert torch.equal(again.get(), SECRET * 3)

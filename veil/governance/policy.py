@@ -178,8 +178,9 @@ def apply_policy(worker: Any, oid: int, policy: str) -> str:
     return policy
 
 
-def _set_policy(worker: Any, oid: int, entry: Any, policy: str) -> None:
-    """Puts ``policy`` in force on one loaded object (``dp-only`` also marks it for the DP guard)."""
+def _set_policy(worker: Any, oid: int, entry: Any, policy: str) -> int:
+    """Puts ``policy`` in force on one loaded object (``dp-only`` also marks it for the DP guard). How many values
+    derived from it a tightening to dp-only marked, or a loosening from it leaves marked (the owner's audit row)."""
     state = governance(worker)
     with state.lock:
         if policy == "review" and not state.tracking:
@@ -189,13 +190,18 @@ def _set_policy(worker: Any, oid: int, entry: Any, policy: str) -> None:
         # two without the turn (an in-process worker) sees the stricter of the old and the new policy, never
         # review gone and dp-only not yet marked
         marking = policy == "dp-only" and state.policies.get(oid) != "dp-only"
+        loosening = policy != "dp-only" and state.policies.get(oid) == "dp-only"
         if marking:  # (odd until done: a command racing the marking checks its results again, provenance.stamp)
             state.marking.add(oid)
             state.tightenings += 1
+        marks = 0
         if policy == "dp-only":
             entry.meta["dp_only"] = True
             if marking:
-                _mark_derived_dp_only(worker, oid)
+                marks = _mark_derived_dp_only(worker, oid)
+        elif loosening:  # (kept: fails closed; the scientist computes them again, under the new policy)
+            marks = sum(1 for _, d in list(worker.monitor.owner_entries())
+                        if not d.protected and oid in d.provenance and d.meta.get("dp_only"))
         state.policies[oid] = policy
         if marking:
             state.tightenings += 1
@@ -203,15 +209,20 @@ def _set_policy(worker: Any, oid: int, entry: Any, policy: str) -> None:
         if policy != "dp-only":
             entry.meta.pop("dp_only", None)
         entry.meta["policy"] = policy
+        return marks
 
 
 def _mark_derived_dp_only(worker: Any, source: int) -> None:
     """Values derived from ``source`` before it became dp-only get the DP guard's mark, as if computed after (the
     guard refuses computing them then): under review they waited for the owner's approval, and with the source
-    no longer under review they were released to anyone asking. (A loosening leaves the marks: fails closed.)"""
+    no longer under review they were released to anyone asking. (A loosening leaves the marks: fails closed.)
+    How many it marked."""
+    marked = 0
     for _, derived in list(worker.monitor.owner_entries()):
-        if not derived.protected and source in derived.provenance:
+        if not derived.protected and source in derived.provenance and not derived.meta.get("dp_only"):
             derived.meta["dp_only"] = True
+            marked += 1
+    return marked
 
 
 def _start_tracking(worker: Any, source: int) -> None:
@@ -263,13 +274,23 @@ def set_policy(worker: Any, name_or_tag: Any, policy: str, by: str = "owner", tu
             # owner's database, lock_order.py)
             with turn_and_governance_lock(worker, turn) if turn is not None else governance_lock(worker):
                 before = policy_of(worker, oid)
-                _set_policy(worker, oid, entry, policy)  # in force first: a tightening holds even if storing fails
+                marks = _set_policy(worker, oid, entry, policy)  # in force first: a tightening holds if storing fails
             with cancellation.outside_turn():
                 _store_policy(worker, entry, policy, by)
                 if policy == "dp-only":  # (its copies on the owner's other workers; again on a retry: idempotent)
                     record_tightened(worker, [oid])
-                audit(worker, "policy", by, "-", [oid], "allowed", f"{before} -> {policy}")
+                audit(worker, "policy", by, "-", [oid], "allowed", f"{before} -> {policy}{_marks_note(policy, marks)}")
     return targets
+
+
+def _marks_note(policy: str, marks: int) -> str:
+    """What the owner's audit row says of the derived values' dp-only marks (:func:`_set_policy`)."""
+    if not marks:
+        return ""
+    if policy == "dp-only":
+        return f" ({marks} values derived from it marked dp-only)"
+    return (f" ({marks} values derived from it keep their dp-only mark: fails closed; computed again, they are "
+            f"under {policy})")
 
 
 #: worker -> the lock one policy decision holds from putting it in force to storing it (the owner's changes and
