@@ -330,3 +330,20 @@ def test_the_owner_sees_the_marks_a_tightening_gives_and_a_loosening_keeps(hook)
     again = d * 3
     ReviewQueue(w).approve(pending_id(again.get))
     assert torch.equal(again.get(), SECRET * 3)
+
+
+def test_a_copy_moved_out_and_back_is_marked_by_the_tightening_itself(owner_workers):
+    """``d * 3`` approved and moved from a to b, then from b back to a (where it names its source ``"a:id"``, as
+    every moved copy does). The owner tightens ``d`` on a. Must hold: the copy back on a is refused un-noised at
+    once, before any sync (the tightening's own marking knows the name)."""
+    from veil.governance.requests import ReviewQueue
+
+    a, did, b, _ = owner_workers
+    sci_a, sci_b = open_session(a, SCI), open_session(b, SCI)
+    oid = new_id()
+    _command(a, sci_a, "torch.mul", (m.ObjectRef(did), 3.0), oid)
+    ReviewQueue(a).approve(_get(a, sci_a, oid).message.split("release request ")[1].split()[0])
+    back = _moved(b, _moved(a, oid, b, sci_b), a, sci_a)
+    a.set_policy("#d", "dp-only")
+    reply = _get(a, sci_a, back)
+    assert type(reply) is m.ErrorReply and "differential-privacy" in reply.message, reply

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from veil.exceptions import ObjectNotFoundError
 from veil.governance.lock_order import governance_lock, held_outside_turn, turn_and_governance_lock
-from veil.governance.moved_marks import record_tightened, sync_moved_marks
+from veil.governance.moved_marks import record_tightened, source_name, sync_moved_marks
 from veil.governance.state import (DEFAULT_POLICY, POLICIES, audit, check_policy, governance, has_decisions_store,
                                    policy_of)
 from veil.workers import cancellation
@@ -218,8 +218,10 @@ def _mark_derived_dp_only(worker: Any, source: int) -> None:
     no longer under review they were released to anyone asking. (A loosening leaves the marks: fails closed.)
     How many it marked."""
     marked = 0
+    moved = source_name(worker, source)  # (a copy moved out and back names it so: moved_marks.py)
     for _, derived in list(worker.monitor.owner_entries()):
-        if not derived.protected and source in derived.provenance and not derived.meta.get("dp_only"):
+        if not derived.protected and (source in derived.provenance or moved in derived.provenance) \
+                and not derived.meta.get("dp_only"):
             derived.meta["dp_only"] = True
             marked += 1
     return marked
