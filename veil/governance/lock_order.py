@@ -22,8 +22,24 @@ from veil.governance.state import governance
 from veil.workers import cancellation
 
 
+#: how often a command waiting for the lock checks its deadline and cancellation
+CHECK_EVERY_S = 0.05
+
+
+def _acquire(lock: Any) -> None:
+    """``lock.acquire()``, ending with the current command's timeout or cancellation error while it waits (a
+    release decision in a lost COMMIT's lookup held it ~10 s; a frozen database longer: the command waited past
+    its deadline, and past the worker's stop). A plain wait outside a command."""
+    token = cancellation.current_token()
+    if token is None:
+        lock.acquire()
+        return
+    while not lock.acquire(timeout=CHECK_EVERY_S):
+        token.check()
+
+
 def _wait_until_free(lock: Any) -> None:
-    lock.acquire()
+    _acquire(lock)
     lock.release()
 
 
@@ -33,7 +49,7 @@ def held_outside_turn(lock: Any) -> Iterator[None]:
     lock that code outside the turn never holds while waiting for the turn)."""
     if not lock.acquire(blocking=False):
         with cancellation.outside_turn():
-            lock.acquire()
+            _acquire(lock)
     try:
         yield
     finally:
@@ -51,7 +67,7 @@ def governance_lock(worker: Any) -> Iterator[None]:
             _wait_until_free(lock)
         if not lock.acquire(blocking=False):  # (taken again meanwhile: kept this time, see the module doc)
             with cancellation.outside_turn():
-                lock.acquire()
+                _acquire(lock)
     try:
         yield
     finally:

@@ -7,8 +7,8 @@ turn for a request on a handler thread (a get under review naming an unknown id)
 ping, or every session's command, until the watchdog cut it. Now ``refusal_rows.RefusedRequestLog`` and
 ``websocket_auth.RefusalLog`` (which keep the rate limits) hand their rows to a :class:`RowWriter`: they are
 written in the order handed, by its thread. A handler thread waits for its own rows once it has left the turn
-(:meth:`RowWriter.wait_mine`), so its reply still goes after its rows are on record; the event loop waits for
-its own at most :data:`LOOP_WAIT_S`, and not at all while the writer is behind (:meth:`RowWriter.wait_mine_briefly`).
+(:meth:`RowWriter.wait_mine`), so its reply still goes after its rows are on record; so does an inline reply
+(below), not while the writer is behind (a stalled database).
 A row written synchronously (an allowed one: data leaving the worker) waits for the rows handed before it
 (:meth:`RowWriter.wait`), so the log keeps its order, as does a read of the log (``OwnerDB.audit_entries``).
 
@@ -16,10 +16,18 @@ Bounded: a queued row is a copy of what the audit table keeps of it (at most 100
 :data:`MAX_PENDING` rows wait, and past that a row is counted into one summary row per (action, principal) (ids
 up to 1000, the last text), queued once the rows before it are written: handing a row never waits (it blocked
 the event loop while a stalled database held the queue full); the thread ends when idle.
+
+The event loop never waits on the writer (at 50-100 ms a write it waited up to 50 ms per refusal, every connection
+and ping held meanwhile): the connection whose inline request was refused awaits its rows before its reply
+(:meth:`RowWriter.take_mine`, :meth:`RowWriter.written_async`; loop_rows.py). A handler thread whose row was
+counted past the cap waits for the summary it is in. At the stop (SIGTERM runs the same stop) the
+rows still queued after :data:`STOP_FOLD_S` are folded into one summary row per (action, principal), written
+before the database closes (:meth:`RowWriter.finish`): a flood then a stop loses no refusal from the log.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import weakref
@@ -35,9 +43,8 @@ MAX_PENDING = 10_000
 #: how long a handler thread (or a synchronous write, or the stop) waits for rows handed before: past a lost
 #: COMMIT's lookup (the watchdog's 10 s stall check and 5 s probe)
 WAIT_S = 20.0
-#: how long the event loop waits for an inline request's rows (a healthy database's write: its reply goes after
-#: them); once a wait runs out, the loop waits for none until the writer has caught up
-LOOP_WAIT_S = 0.05
+#: how long the stop lets queued rows be written one by one before folding the rest into summary rows
+STOP_FOLD_S = 2.0
 #: the writer's thread ends after this long without rows (a new row starts it again)
 IDLE_S = 2.0
 #: what the audit table keeps of a row (persistence.OwnerDB.audit): a queued row is cut to it when handed
@@ -72,17 +79,23 @@ class RowWriter:
         self._mine = threading.local()  # the newest row each thread handed (wait_mine)
         #: rows handed while the queue was full: (action, principal, outcome) -> [count, ids, last detail]
         self._overflow: dict[tuple, list] = {}
+        self._stopping = False  # (finish: the rows still queued at the stop are folded too)
+        #: connections awaiting their rows on an event loop: (seq, loop, future)
+        self._loop_waiters: set[tuple] = set()
 
-    def submit(self, *row: Any) -> None:
+    def submit(self, *row: Any, stands_for: int = 1) -> None:
         """Hands ``row`` (action, principal, session, ids, outcome, detail) to the thread; never waits. A copy
         of what the database keeps of it is queued (the requester's ids and text are not held meanwhile).
         Past :data:`MAX_PENDING` rows waiting, it is counted into a summary row instead (queued once every row
-        before it is written, so the log keeps its order)."""
-        row = _as_stored(*row)
+        before it is written, so the log keeps its order). ``stands_for``: the refusals the row counts (a window's
+        summary row: its N), kept when it is folded into a summary."""
+        row = _as_stored(*row) + (stands_for,)
         with self._changed:
             if self._overflow or len(self._rows) >= MAX_PENDING:
                 self._count_over(row)
                 self._behind = True
+                # (its summary is queued in the order first counted: at most this many rows from now)
+                self._mine.seq = self._submitted + len(self._overflow)
             else:
                 self._rows.append(row)
                 self._submitted += 1
@@ -93,12 +106,12 @@ class RowWriter:
             self._changed.notify_all()
 
     def _count_over(self, row: tuple) -> None:
-        action, principal, _session, ids, outcome, detail = row
+        action, principal, _session, ids, outcome, detail, stands_for = row
         key = (action, principal, outcome)
         if key not in self._overflow and len(self._overflow) >= OVERFLOW_KEYS:
             key = (action, OTHER_PRINCIPALS, outcome)
         over = self._overflow.setdefault(key, [0, {}, ""])
-        over[0] += 1
+        over[0] += stands_for
         for oid in ids:
             if len(over[1]) >= SUMMARY_IDS:
                 break
@@ -106,12 +119,14 @@ class RowWriter:
         over[2] = detail
 
     def _queue_overflow(self) -> None:
-        """(under the lock, the queue empty) the counted rows' summaries, then the queue takes rows again."""
-        for (action, principal, outcome), (count, ids, last) in sorted(self._overflow.items()):
+        """(under the lock) the counted rows' summaries, in the order first counted (a thread waits for the one it
+        is in: :meth:`submit`), then the queue takes rows again."""
+        why = ("the worker stopped while the owner's database was behind" if self._stopping
+               else f"the owner's database was behind: {MAX_PENDING} rows waiting")
+        for (action, principal, outcome), (count, ids, last) in self._overflow.items():
             self._rows.append(_as_stored(
                 action, principal, "-", list(ids), outcome,
-                f"{count} more {outcome} {action} rows not written one by one (the owner's database was behind: "
-                f"{MAX_PENDING} rows waiting); last: {last}"))
+                f"{count} more {outcome} {action} rows not written one by one ({why}); last: {last}") + (count,))
             self._submitted += 1
         self._overflow.clear()
 
@@ -123,7 +138,7 @@ class RowWriter:
                     return
                 row = self._rows[0]
             try:
-                self._write(*row)
+                self._write(*row[:6])
             except Exception:  # noqa: BLE001 - the refusal stood whatever the log did
                 log.exception("%s: could not write an audit row", self._name)
             with self._changed:
@@ -133,6 +148,8 @@ class RowWriter:
                     self._queue_overflow()
                 if self._written == self._submitted:
                     self._behind = False
+                if self._loop_waiters:
+                    self._wake_loop_waiters()
                 self._changed.notify_all()
 
     def _wait_for(self, seq: int, timeout: float) -> bool:
@@ -155,14 +172,91 @@ class RowWriter:
         self._mine.seq = 0
         return self._wait_for(seq, timeout)
 
-    def wait_mine_briefly(self) -> None:
-        """:meth:`wait_mine` for the event loop: at most :data:`LOOP_WAIT_S`, and not while the writer is behind
-        (a stalled database costs the loop one such wait, not one per refused request)."""
+    def clear_mine(self) -> None:
+        """Forgets the rows this thread handed so far (the event loop: before an inline request runs)."""
+        self._mine.seq = 0
+
+    def take_mine(self) -> int:
+        """(the event loop, which never waits here) the newest row this thread handed, if not yet written (else
+        0): the connection that made it awaits :meth:`written_async` before its reply."""
         seq = getattr(self._mine, "seq", 0)
-        if seq:
-            self._mine.seq = 0
-            if not self._behind and not self._wait_for(seq, LOOP_WAIT_S):
-                self._behind = True
+        self._mine.seq = 0
+        return seq if seq > self._written else 0
+
+    async def written_async(self, seq: int, timeout: float = WAIT_S) -> None:
+        """Awaits (without holding the event loop) until row ``seq`` is written, at most ``timeout`` and not
+        while the writer is behind (a stalled database: then replies go without waiting until it caught up)."""
+        if self._written >= seq or self._behind:
+            return
+        loop = asyncio.get_running_loop()
+        waiter = (seq, loop, loop.create_future())
+        with self._changed:
+            if self._written >= seq:
+                return
+            self._loop_waiters.add(waiter)
+        try:
+            await asyncio.wait_for(waiter[2], timeout)
+        except asyncio.TimeoutError:
+            self._behind = True
+        finally:
+            with self._changed:
+                self._loop_waiters.discard(waiter)
+
+    def _wake_loop_waiters(self) -> None:
+        """(under the lock, on the writer's thread) wakes the connections whose rows are now written."""
+        for waiter in [w for w in self._loop_waiters if w[0] <= self._written]:
+            self._loop_waiters.discard(waiter)
+            try:
+                waiter[1].call_soon_threadsafe(_set_done, waiter[2])
+            except RuntimeError:  # (its loop closed meanwhile)
+                pass
+
+    def finish(self, timeout: float | None = None) -> bool:
+        """The stop, before the database closes: waits :data:`STOP_FOLD_S` for the rows handed so far; then the
+        rows still queued (all but the one being written) are folded into one summary row per (action,
+        principal, outcome), counting every refusal they stood for, and waited for up to ``timeout`` (default
+        :data:`WAIT_S`). What is still not written then is logged with its count (a database that answers
+        nothing). Whether every row is on record."""
+        timeout = WAIT_S if timeout is None else timeout
+        if self.wait(STOP_FOLD_S):
+            return True
+        with self._changed:
+            head = 1 if self._thread is not None and self._rows else 0
+            queued = list(self._rows)[head:]
+            for _ in queued:
+                self._rows.pop()
+            self._submitted -= len(queued)
+            folded = dict(self._overflow)  # (those counted past the cap come after the queued ones)
+            self._overflow.clear()
+            for row in queued:
+                self._count_over(row)
+            for key, (count, ids, last) in folded.items():
+                over = self._overflow.setdefault(key, [0, {}, last])
+                over[0] += count
+                for oid in ids:
+                    if len(over[1]) >= SUMMARY_IDS:
+                        break
+                    over[1][oid] = None
+                over[2] = last
+            self._stopping = True
+            if not self._rows:
+                self._queue_overflow()
+            if self._rows and self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            self._changed.notify_all()
+        if self.wait(timeout):
+            return True
+        with self._changed:
+            lost = sum(row[6] for row in self._rows) + sum(over[0] for over in self._overflow.values())
+        log.error("%s: %d refused requests' audit rows could not be written before the owner's database closed "
+                  "(it did not answer)", self._name, lost)
+        return False
+
+
+def _set_done(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def refused_request_log(db: Any, write_now: Callable[..., None], worker_id: str,
@@ -175,7 +269,7 @@ def refused_request_log(db: Any, write_now: Callable[..., None], worker_id: str,
     writers = getattr(db, "row_writers", None)
     if writers is not None:  # (those of workers gone are dropped)
         writers[:] = [w for w in writers if w() is not None] + [weakref.WeakMethod(writer.wait)]
-    requests = RefusedRequestLog(writer.submit, written=writer.wait)
+    requests = RefusedRequestLog(writer.submit, written=writer.finish)
     refused_connects.write_row = writer.submit
     refused_connects.followers.append(requests)
     return writer, requests

@@ -29,6 +29,7 @@ from veil.workers import handlers as _handlers
 from veil.workers import skeletons as _skeletons
 from veil.workers.accounts import ACTING
 from veil.workers.base import HANDLERS, YIELD_EVERY
+from veil.workers.loop_rows import after_rows
 from veil.workers.monitor import Principal
 from veil.workers.websocket_auth import FULL_ROLES, Session
 
@@ -155,6 +156,7 @@ class InlineLane:
         own handling is answered with an error, never left to the reader, which would run the request again."""
         try:
             reply, decoded = self.try_inline(data, session)
+            reply = after_rows(self.audit_rows, reply)  # (sent once its refusal rows are written: loop_rows.py)
         except Exception as e:
             log.exception("worker %s: the inline lane failed on a request of session %s", self.id, session.id)
             return self._error_bytes(e), None
@@ -184,6 +186,7 @@ class InlineLane:
         if session.revoked:  # revoked while this frame waited: the handler thread refuses it (serve_bytes)
             self._turn.release()
             return None, None
+        self.audit_rows.clear_mine()  # (the rows its reply goes after are its own: not a refused handshake's)
         # No CancelToken: nothing that runs inline checks one (worker functions, which do, never run here).
         # The thread CPU clock is a system call (~1 us, and on a busy VM the point where the kernel
         # switches tasks, ~4 us more per request in practice); a request that took less wall time than
@@ -240,7 +243,6 @@ class InlineLane:
                     strikes = strikes_of[session.id] = (strikes or 0) + 1
                     if strikes >= INLINE_STRIKES:
                         slow.add(session.id)
-            self.audit_rows.wait_mine_briefly()  # (its refusal rows: written by a thread of their own)
 
     def _serve_command(self, session: Session, principal: Principal, msg: m.CommandMessage | m.SkeletonCommand,
                        prelude: list) -> bytes:

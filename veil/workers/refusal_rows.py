@@ -7,7 +7,9 @@ seconds, each user (principal name, so reconnecting starts nothing afresh) gets 
 written in full, as before; the rest are counted per (user, action) and written as one summary row when the
 window closes: "N more refused ACTION requests ...", with every session they came from, the object ids they
 named (up to :data:`SUMMARY_IDS`) and the last refusal's text. Nothing is dropped: every refusal is counted.
-A user thus adds at most ``burst`` + one row per action per window, whatever its request rate.
+A user thus adds at most ``burst`` + one row per action per window, whatever its request rate (and one more per
+:data:`TRACKED_SESSIONS` sessions it refuses from in a window: a summary keeps that many sessions, then it is
+written early and a new one starts, so the sessions are all counted in bounded memory).
 
 Allowed rows (data leaving the worker, releases, DP charges) and the owner's own decisions are never
 aggregated: they are written one each, as they happen.
@@ -23,6 +25,8 @@ from typing import Callable
 SUMMARY_IDS = 1000
 #: sessions a summary row names (the rest are counted)
 SUMMARY_SESSIONS = 8
+#: sessions one summary keeps (to count them; a session a connection): past it the summary is written early
+TRACKED_SESSIONS = 1000
 
 
 class _Suppressed:
@@ -35,8 +39,9 @@ class _Suppressed:
 class RefusedRequestLog:
     """Aggregates refused requests per user and window (module doc). ``write(action, principal, session,
     ids, outcome, detail)`` writes one audit row (or hands it to a writer thread: audit_writer.py; then
-    ``written()`` waits for the rows handed). Thread-safe; :meth:`flush_due` is called with every refusal and
-    periodically by the server (the connect log's timer), :meth:`flush` at shutdown."""
+    ``written()`` waits for the rows handed; a summary row is written with ``stands_for=`` its count).
+    Thread-safe; :meth:`flush_due` is called with every refusal and periodically by the server (the connect
+    log's timer), :meth:`flush` at shutdown."""
 
     def __init__(self, write: Callable[..., None], window: float = 10.0, burst: int = 20,
                  written: Callable[[], object] | None = None) -> None:
@@ -49,6 +54,7 @@ class RefusedRequestLog:
 
     def refused(self, action: str, principal: str, session: str, ids: list, detail: str) -> None:
         self.flush_due()
+        full = None
         with self._lock:
             written = self._written.get(principal, 0)
             if written < self.burst:
@@ -56,6 +62,9 @@ class RefusedRequestLog:
                 summary = None
             else:
                 summary = self._suppressed.get((principal, action))
+                if summary is not None and session not in summary.sessions \
+                        and len(summary.sessions) >= TRACKED_SESSIONS:
+                    full, summary = summary, None  # (written now, its sessions counted; a new one starts)
                 if summary is None:
                     summary = self._suppressed[(principal, action)] = _Suppressed()
                 summary.count += 1
@@ -66,6 +75,8 @@ class RefusedRequestLog:
                     if type(oid) is int:
                         summary.ids[oid] = None
                 summary.last = detail
+        if full is not None:
+            self._write_summary(principal, action, full)
         if summary is None:
             self._write(action, principal, session, ids, "refused", detail)
 
@@ -80,12 +91,15 @@ class RefusedRequestLog:
             suppressed, self._suppressed = self._suppressed, {}
             self._window_start, self._written = self._clock(), {}
         for (principal, action), s in sorted(suppressed.items()):
-            sessions = list(s.sessions)
-            named = ",".join(sessions[:SUMMARY_SESSIONS])
-            if len(sessions) > SUMMARY_SESSIONS:
-                named += f",+{len(sessions) - SUMMARY_SESSIONS}"
-            self._write(action, principal, named, list(s.ids), "refused",
-                        f"{s.count} more refused {action} requests from {len(sessions)} session(s) "
-                        f"(aggregated over {self.window:g} s); last: {s.last}")
+            self._write_summary(principal, action, s)
         if wait and self._written_all is not None:
             self._written_all()
+
+    def _write_summary(self, principal: str, action: str, s: _Suppressed) -> None:
+        sessions = list(s.sessions)
+        named = ",".join(sessions[:SUMMARY_SESSIONS])
+        if len(sessions) > SUMMARY_SESSIONS:
+            named += f",+{len(sessions) - SUMMARY_SESSIONS}"
+        self._write(action, principal, named, list(s.ids), "refused",
+                    f"{s.count} more refused {action} requests from {len(sessions)} session(s) "
+                    f"(aggregated over {self.window:g} s); last: {s.last}", stands_for=s.count)

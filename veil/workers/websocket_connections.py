@@ -39,6 +39,7 @@ from veil.messaging.serde import FrameParts, OwnedFrame, deserialize, frame_pad,
 from veil.workers import cancellation
 from veil.workers.auth_throttle import Throttled, source_of, unguessable
 from veil.workers.lane_connection import LaneConnection
+from veil.workers.loop_rows import AfterRows, after_rows, released
 from veil.workers.peer_openings import HUNG_UP, PeerFetchMessage, serve_fetch_on_loop
 from veil.workers.reply_frames import REPLY_FRAGMENT, _fragments, _part_fragments, _send_fragmented, _send_one
 from veil.workers.websocket_auth import Session, authenticate, tokens_from_headers
@@ -292,6 +293,9 @@ class ConnectionServing:
                     reply, decoded = ws.take_handoff(data)
                     if reply is None and decoded is None:  # (the lane did not take it: busy then, or never saw it)
                         reply, decoded = self.try_inline(data, session)
+                        reply = after_rows(self.audit_rows, reply)
+                    if type(reply) is AfterRows:  # (after its refusal rows: awaited here, not on the loop)
+                        reply = await released(self.audit_rows, reply)
                     if reply is None and session.peer_only:
                         reply = await self._serve_peer_fetch(data, decoded, session, closed)
                         if reply is HUNG_UP:

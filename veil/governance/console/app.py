@@ -21,7 +21,7 @@ from veil.exceptions import VeilError
 from veil.governance.console import views
 from veil.governance.console.auth import COOKIE, LOGIN_COOKIE, ConsoleAuth, ConsoleSession
 from veil.governance.console.connections import SessionHostMark, mark_owner_request
-from veil.governance.console.lifecycle import InFlight, TrackRequests
+from veil.governance.console.lifecycle import ConsoleStopping, InFlight, TrackRequests
 from veil.governance.console.svg import budget_svg, graph_svg
 from veil.governance.cli import shown
 from veil.governance.graphtext import render_graph
@@ -76,6 +76,8 @@ class OneLineErrors:
 
         try:
             await self.app(scope, receive, send_tracked)
+        except ConsoleStopping:  # (a wait for the client cut by the stop: TrackRequests answers it)
+            raise
         except Exception as e:  # noqa: BLE001 - answered and logged in one line below
             LOG.error("owner console: %s %s failed (%s)", scope.get("method"), ascii(scope.get("path", ""))[:200],
                       type(e).__name__)

@@ -127,6 +127,7 @@ class ConsoleServer:
         from veil.governance.console.lifecycle import STOP_WAIT_S
 
         self._server.should_exit = True  # (no new connection, nor another request on an open one)
+        self.app.state.in_flight.cut_client_waits()  # (a slow client's request ends now, answered 503)
         finished = self.app.state.in_flight.wait_idle(STOP_WAIT_S)
         if self._thread is not None:
             self._thread.join(STOP_WAIT_S if finished else 5)
