@@ -20,7 +20,7 @@ padded copy):
   (the bound check at ``enable_dp`` now covers the owner's own data only).
 - DP-only data loaded after ``enable_dp`` past the bound was stored, and each release on it refused free
   (n > max_records told to any scientist): ``load(..., policy="dp-only")`` now refuses it to the owner.
-  (Left, documented: data re-flagged DP-only, or grown past the bound, still meets the free refusal.)
+  (Data re-flagged DP-only, or grown past the bound, is read to the bound: test_redteam_hide_count_bound.py.)
 Held (tests that could fail): releases of 0 records and of exactly the bound do the same work as any
 other count; NaN / inf in the records leave no trace in the padding's value or work; DP-SGD at other
 sample rates draws lots of the bound's size; a gradient over 5 records in 64 slots is plain PyTorch's

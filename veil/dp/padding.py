@@ -13,14 +13,28 @@ The rows are gathered from the owner's live tensor at each release (one index ga
 whatever the count): no padded copy is kept, so none goes stale when the owner writes through
 ``x.numpy()`` or ``x.data`` (which a copy keyed on the version counter missed), none holds the bound's rows
 per tensor between releases, and DP-only data flagged after ``enable_dp`` needs no first copy.
+
+Data past the bound (marked DP-only later, or grown in place after its checks) is released over its first
+``max_records`` records, the rest unread: the same work, reply, charge and error (none) as data within the
+bound, where a refusal told any scientist n > max_records, free. (Removing one of those first records then
+moves the next one in: against adding or removing one record such a release is as private as against
+changing one, up to twice the epsilon for a sum with signed bounds, a histogram or a DP-SGD step.)
+
+Each release holds about :func:`release_bytes` for the bound's rows, uncharged: the owner's bound is
+checked against the worker's memory (:func:`check_memory`) at ``enable_dp`` and at a DP-only load, and
+again before each release's charge (from public figures: the bound, the row's shape and dtype).
 """
 from __future__ import annotations
 
+import functools
+import math
+import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import torch
 
+from veil.dp.errors import PrivacyParameterError
 from veil.exceptions import PermissionDeniedError
 
 
@@ -54,14 +68,6 @@ def all_slots(x: torch.Tensor, max_records: int) -> PaddedRecords:
     return padded_rows(x, torch.arange(max_records))
 
 
-def check_bound(x: torch.Tensor, max_records: int, worker_id: str) -> None:
-    """Refuses data with more records than the owner's public bound (the message states neither number)."""
-    if len(x) > max_records:
-        raise PermissionDeniedError(
-            f"this data on worker {worker_id!r} holds more records than its owner's public bound on the record "
-            "count (max_records): releases on it are refused until the owner raises the bound")
-
-
 def is_hidden(worker: Any, x: Any) -> bool:
     """Whether ``x`` is stored owner data whose record count the owner hides (DP-only, under hide_count)."""
     if not getattr(worker.monitor, "hide_dp_counts", False) or not isinstance(x, torch.Tensor):
@@ -71,10 +77,10 @@ def is_hidden(worker: Any, x: Any) -> bool:
 
 def release_bound(worker: Any, settings: Any, *tensors: torch.Tensor, dataset: bool = False) -> Optional[int]:
     """The padded size a release on ``tensors`` computes over (None: their count is not hidden, used as
-    they are), checked before the charge: refused when the owner declared no bound, or one exceeds it.
-    ``dataset``: a DP training dataset's, hidden whenever the owner hides counts (stored or not).
-    Refusing data above the bound tells that one public threshold is passed (n > max_records), free: the
-    owner's ``enable_dp`` refuses such data it covers, so only data the owner adds later can meet it."""
+    they are), checked before the charge: refused when the owner declared no bound, or the bound's rows
+    of one would not fit the worker's memory (public figures only). ``dataset``: a DP training dataset's,
+    hidden whenever the owner hides counts (stored or not). Data past the bound is not refused (that told
+    n > max_records, free): its first max_records records are read, like any other data's slots."""
     if not settings.hide_count or not dataset and not any(is_hidden(worker, t) for t in tensors):
         return None
     if settings.max_records is None:
@@ -82,34 +88,89 @@ def release_bound(worker: Any, settings: Any, *tensors: torch.Tensor, dataset: b
             f"worker {worker.id!r} keeps its record counts private and declared no public bound on them for "
             "releases to compute over (the owner's enable_dp(..., max_records=N) or --dp-max-records N): "
             "only a DP count is answered")
-    for t in tensors:
-        check_bound(t, settings.max_records, worker.id)
+    try:
+        check_memory(worker, settings.max_records, tensors)
+    except PrivacyParameterError:  # (the owner's row grew wider since: public shape, public bound)
+        raise PermissionDeniedError(
+            f"a release on this data would hold more memory on worker {worker.id!r} than it allows, over its "
+            "owner's public bound on the record count (max_records): refused until the owner lowers the "
+            "bound") from None
     return settings.max_records
 
 
-def check_ahead(settings: Any, tensors: Iterable[torch.Tensor], worker_id: str) -> None:
+#: what one padded slot holds at most during a release, beyond twice its row: its index and mask, and
+#: the query's float64 working copies per value (a histogram's peak measured ~25 + 34 d + 2 row bytes)
+_SLOT_BYTES, _VALUE_BYTES = 32, 32
+
+
+def release_bytes(max_records: int, row_shape: Any = (), dtype: torch.dtype = torch.uint8) -> int:
+    """About the most memory one release over ``max_records`` rows of this shape and dtype holds at once."""
+    values = max(math.prod(row_shape), 1)
+    row = values * dtype.itemsize
+    return max_records * (_SLOT_BYTES + _VALUE_BYTES * values + 2 * row)
+
+
+@functools.lru_cache(maxsize=1)
+def _machine_memory() -> int:
+    """The machine's memory, or the container's limit when lower (cgroup v2); read once."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def memory_limit() -> int:
+    """The most one release may hold: a quarter of the machine's memory (the owner's data, other sessions'
+    objects and the worker's own needs share the rest)."""
+    return _machine_memory() // 4
+
+
+def check_memory(worker: Any, max_records: int, tensors: Iterable[Any]) -> None:
+    """Refuses (PrivacyParameterError, the figures: the owner's or public ones) a bound whose release over
+    the rows of one of ``tensors``, or of one-value rows, would not fit :func:`memory_limit`. (Not the
+    session quota: a DP release's working rows are the worker's, never charged to the asking session.)"""
+    limit = memory_limit()
+    rows = [(t.shape[1:], t.dtype) for t in tensors if isinstance(t, torch.Tensor) and t.dim() > 0]
+    for shape, dtype in [((), torch.uint8), *rows]:
+        need = release_bytes(max_records, shape, dtype)
+        if need > limit:
+            raise PrivacyParameterError(
+                f"max_records={max_records}: a release over that many rows of {tuple(shape)} {dtype} values "
+                f"holds about {need / 2**20:.0f} MiB on worker {worker.id!r}, more than it allows "
+                f"({limit / 2**20:.0f} MiB, a quarter of the machine's memory): choose a lower bound")
+
+
+def check_ahead(worker: Any, settings: Any, tensors: Iterable[torch.Tensor]) -> None:
     """The owner's ``enable_dp``: refuses (to the owner, with the figures) hidden-count data above the bound,
-    before anything changes, so no scientist's release meets the refusal."""
+    and a bound whose releases would not fit the worker's memory, before anything changes, so no
+    scientist's release meets either."""
     if not settings.hide_count or settings.max_records is None:
         return
+    tensors = list(tensors)
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.dim() > 0 and len(t) > settings.max_records:
-            raise ValueError(f"worker {worker_id!r} holds DP-only data of {len(t)} records, more than "
+            raise ValueError(f"worker {worker.id!r} holds DP-only data of {len(t)} records, more than "
                              f"max_records={settings.max_records}")
+    check_memory(worker, settings.max_records, tensors)
 
 
 def check_owner_load(worker: Any, obj: Any) -> None:
     """The owner's ``load(..., policy="dp-only")`` after ``enable_dp(hide_count=True, max_records=N)``:
-    data of more than N records is refused to the owner before it is stored (stored, every release on it
-    was refused, free, telling a scientist n > N). A re-flag to DP-only is not refused (a tightening
-    holds): releases on such data are refused as before."""
+    data of more than N records, or whose N rows a release could not hold, is refused to the owner before
+    it is stored. A re-flag to DP-only is not refused (a tightening holds): its releases read its first N
+    records (or, too wide for the worker's memory, are refused on public figures)."""
     from veil.dp.worker_owner import dp_settings
 
     try:
         settings = dp_settings(worker)
     except PermissionDeniedError:
         return
-    check_ahead(settings, [obj], worker.id)
+    check_ahead(worker, settings, [obj])
 
 
 def masked_lot_gradients(samples: list, present: torch.Tensor) -> list:

@@ -78,8 +78,10 @@ def _loop_grads(fn: RecordFn, params: tuple, batched: Sequence[torch.Tensor], st
                 raise
             if on_failure is not None:
                 on_failure(e)
-            # The failed record then costs what a normal one costs: the same forward
-            # and backward, on the dummy record (known to succeed), then zeroed below.
+            # The failed record then runs a normal one's forward and backward, on the
+            # dummy record (known to succeed), zeroed below: its failed attempt comes on
+            # top, so a lot's time grows with its failing records (on data whose count
+            # is hidden, plans whose ops may raise on values are refused: worker_functions).
             row, ok = _loop_record(fn, leaves, dummy), False
         keep = torch.tensor(ok)  # the same ops for every record: only this flag differs
         rows.append([torch.where(keep, g, torch.zeros_like(g)) for g in row])
@@ -98,8 +100,8 @@ def record_gradients(fn: RecordFn, params: Sequence[torch.Tensor], batched: Sequ
         strict: re-raise a record's failure (the dry run on a dummy record).
         dummy: one record (arguments without batch dim) known to succeed. In the
             loop, a record whose forward or backward raises is recomputed on it
-            and contributes zeros, so a failing record does the same work as a
-            normal one. Without ``dummy`` failures raise.
+            and contributes zeros: a normal record's work after its failed partial
+            attempt (more time per failing record). Without ``dummy`` failures raise.
         on_failure: told about each failure (the owner's log; never the requester).
 
     NaN/inf gradients are returned as they are; :func:`veil.dp.core.clip_and_sum`

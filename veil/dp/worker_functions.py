@@ -110,7 +110,8 @@ def _sanitized_gradient(worker: Any, plan: Any, dataset: str, params: list, trai
                                     f"{type(e).__name__}: {e}") from None
     chunk = _records_per_chunk(worker, budget, like)
     # a hidden count: the lot is drawn over the owner's public max_records rows, padding masked (refused
-    # here, free, without a bound): its size, so the release's time, follows the bound, not the count
+    # here, free, without a bound; records past it unread): its size, so the release's time, follows the
+    # bound, not the count
     bound = release_bound(worker, settings, ds.data, ds.target, dataset=True)
     if bound is not None and values_may_raise(compiled.spec):
         # a record the plan raises on is run twice (its attempt, then the dummy record), a zero padding row
@@ -132,7 +133,9 @@ def _sanitized_gradient(worker: Any, plan: Any, dataset: str, params: list, trai
             else:  # (the lot's slots read from the live tensors: a gather of the lot's size)
                 lot = core.poisson_indices(bound, q)
                 data, target = padded_rows(ds.data, lot), padded_rows(ds.target, lot)
-                x, y, present = data.rows, target.rows, data.present
+                # (a slot is a record when both are: the owner's data grown without its targets, or past
+                # the bound, is read over the pairs it has, never a record paired with a padding target)
+                x, y, present = data.rows, target.rows, data.present & target.present
             sums = [torch.zeros_like(p) for p in like]
             step = chunk or max(len(x), 1)
             for at in range(0, len(x), step):  # clipped per record, summed chunk by chunk

@@ -220,10 +220,11 @@ def enable_dp(worker: Any, datasets: Union[str, Sequence[str], Mapping[str, tupl
         max_records: with ``hide_count``, a public upper bound on the record count of the DP-only data
             (a capacity you are willing to publish): sums, means, histograms and DP training then compute
             over this many rows, padding masked out, so their time and memory do not reveal the count.
-            Data with more records is refused here (later data: at its load as DP-only, or, re-flagged,
-            at its releases). Each such release gathers ``max_records`` rows and computes over them in
-            float64 (no copy is kept between releases): choose a bound whose rows the worker's memory holds a
-            few times over. DP training there refuses plans whose ops may raise on a record's values
+            Data with more records is refused here (later data: at its load as DP-only); data re-flagged
+            DP-only or grown past the bound later is released over its first ``max_records`` records.
+            Each such release gathers ``max_records`` rows and computes over them in float64 (no copy is
+            kept between releases), uncharged: a bound whose release would hold more than a quarter of
+            the machine's memory is refused here, with the figures. DP training there refuses plans whose ops may raise on a record's values
             (indexing or an embedding by value): a failing record cost more work than a padding row.
             Without it those releases are refused while the count is hidden; a DP count is always answered.
 
@@ -261,7 +262,7 @@ def enable_dp(worker: Any, datasets: Union[str, Sequence[str], Mapping[str, tupl
     # refused (before anything changes) past the bound: told to the owner, not to a scientist's release; the
     # owner's own data only (a client may flag its own object DP-only: one past the bound blocked this call)
     hidden = [e.obj for _, e in worker.monitor.owner_entries() if e.meta.get("dp_only") and e.protected]
-    check_ahead(settings, hidden + [t for ds in settings.datasets.values() for t in (ds.data, ds.target)], worker.id)
+    check_ahead(worker, settings, hidden + [t for ds in settings.datasets.values() for t in (ds.data, ds.target)])
     for user, (eps, dlt) in (budgets or {}).items():
         settings.set_budget(user, eps, dlt)
     _mark_dp_only(worker, settings.datasets.values())
