@@ -210,10 +210,13 @@ def test_the_stop_keeps_the_count_of_a_queued_window_summary(hook, monkeypatch):
     for user in ("u1", "u2", "u3"):
         for _ in range(60):  # 20 in full, 40 in the window's summary
             srv.refused_requests.refused("compute", user, f"s-{user}", [9], "probe")
+    for i in range(30):  # refused handshakes: 5 in full, 25 in the connect log's summary
+        srv.refusals.refused(f"203.0.113.{i % 3}:4000", "bad token")
     srv.refusals.flush()
     rows = _stored_refusals(srv)
     for user in ("u1", "u2", "u3"):
         assert _counted([r for r in rows if r[0] == user]) == 60, (user, rows)
+    assert _counted(_stored_refusals(srv, "connect")) == 30, _stored_refusals(srv, "connect")
     srv.db.close()
 
 

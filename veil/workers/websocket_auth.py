@@ -322,9 +322,9 @@ class RefusalLog:
         #: thread (a network server hands them to its writer thread: the handshake runs on the event loop)
         self.write_row = None
 
-    def _row(self, detail: str) -> None:
-        if self.write_row is not None:
-            self.write_row("connect", "?", "-", [], "refused", detail)
+    def _row(self, detail: str, stands_for: int = 1) -> None:
+        if self.write_row is not None:  # (stands_for: the refusals a summary counts, kept if the stop folds it)
+            self.write_row("connect", "?", "-", [], "refused", detail, stands_for=stands_for)
         else:
             self._db.audit(self._worker_id, "connect", "?", "-", (), "refused", detail)
 
@@ -355,7 +355,7 @@ class RefusalLog:
             suppressed, self._suppressed = self._suppressed, {}
             self._window_start, self._written = self._clock(), 0
         for source, n in sorted(suppressed.items()):
-            self._row(f"{n} more refused connects from {source} (aggregated over {self.window:g} s)")
+            self._row(f"{n} more refused connects from {source} (aggregated over {self.window:g} s)", n)
         for follower in self.followers if followers else ():
             follower.flush()
 
