@@ -32,6 +32,7 @@ import torch
 from veil.mpc.party import open_at_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
 from veil.mpc.material import product_shape
+from veil.mpc import ring_gemm
 from veil.mpc.ring import bilinear, meta_result, op_arguments
 
 Shares = Mapping[Hashable, torch.Tensor]
@@ -81,6 +82,10 @@ def _combine(a_i, b_i, c_i, e, f, op: str, first: bool, op_kwargs: dict) -> torc
     # op(e, b_i) + op(e, f) = op(e, b_i + f): party 0 adds the public term with one op fewer (for a
     # matmul or a convolution the sum is an operand's size, much smaller than a second op)
     left = b_i + f if first else b_i
+    if op in ("mm", "matmul") and not op_kwargs:  # both products in one pass of float64 limb GEMMs
+        z_i = ring_gemm.products(c_i, [(e, left), (a_i, f)])
+        if z_i is not None:
+            return z_i
     if fused is not None and not op_kwargs and fused[0](c_i, e, left, a_i, f):
         z_i = fused[1](c_i, e, left)  # c + op(e, left) into one new tensor, then op(a, f) added in place:
         fused[2](z_i, a_i, f)  # no temporaries of the product's size (each cost a pass and page faults)

@@ -1,0 +1,221 @@
+"""Exact matrix products in Z/2^64 through float64 BLAS (22-bit limbs).
+
+torch multiplies int64 matrices with a generic loop: on CPUs without 64-bit vector multiplies (AVX2, no
+AVX-512) a 256^3 int64 GEMM takes ~40 ms on the 2-core AMD EPYC box, against ~0.8 ms for a float64 GEMM
+(MKL) of the same size. A ring product can be had from float64 GEMMs exactly: split every entry into three
+signed 22-bit limbs, ``x = x0 + 2^22 x1 + 2^44 x2 (mod 2^64)`` with ``|x_k| <= 2^21``; a product of two
+limbs is at most 2^42 in size, so a sum of up to :data:`MAX_TERMS` = 2^11 of them stays within 2^53,
+where float64 holds every integer: the GEMM is exact whatever order it adds in. Limb pairs whose weight
+``2^(22 (i + j))`` is a multiple of 2^64 vanish mod 2^64, which leaves six limb products, one per pair
+with ``i + j <= 2``; the three of one weight are one GEMM over the limbs laid side by side
+(``[x0 | x1 | x2] @ [y2; y1; y0]`` and its prefixes), so a product costs three float64 GEMMs of 1, 2
+and 3 times the reduction length, then three conversions back to int64 and two shifted adds (the
+weights' wrap-around is int64's own). The limb split of the Ozaki scheme and of CrypTen's CUDA products
+(float64 blocks of 16 bits) is the same idea.
+
+On hosts whose int64 GEMM is fast (AVX-512's 64-bit multiplies) the limbs lose: :func:`limbs_pay`
+times both once per process on a small product and the faster one serves (``VEIL_RING_GEMM=limbs`` or
+``int64`` pins it). Both give the identical ring result, so the choice never changes a value.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+LIMB_BITS = 22
+_HALF = 1 << (LIMB_BITS - 1)
+_MASK = (1 << LIMB_BITS) - 1
+#: the most limb products one float64 sum may hold and stay exact: (2^21)^2 * 2^11 = 2^53
+MAX_TERMS = 1 << 11
+#: below this many multiply-adds the limbs' extra passes cost more than the int64 loop saves
+MIN_WORK = 1 << 15
+
+
+def split_into(x: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:
+    """Writes the three signed 22-bit limbs of int64 ``x`` (low first) into the float64 tensors ``outs``
+    (views of ``x``'s shape, e.g. slices of one wider buffer): ``x = o0 + 2^22 o1 + 2^44 o2 mod 2^64``."""
+    u = x + _HALF  # balanced limbs: the low 22 bits of u, less 2^21, are in [-2^21, 2^21)
+    scratch = torch.empty_like(u)
+    for out in outs[:2]:
+        torch.sub(torch.bitwise_and(u, _MASK, out=scratch), _HALF, out=out)
+        u.bitwise_right_shift_(LIMB_BITS).add_(_HALF)  # (x - limb) / 2^22, arithmetic shift: exact
+    outs[2].copy_(u.sub_(_HALF))  # the top limb: |u| < 2^20
+
+
+def _limbs_side_by_side(blocks: Sequence[torch.Tensor], reversed_limbs: bool, rows: bool) -> torch.Tensor:
+    """One float64 buffer holding the limbs of ``blocks`` concatenated along the reduction axis.
+
+    Left operands (``rows=False``: blocks ``M x K_b``) give ``[l0 | l1 | l2]``, each ``l_k`` the blocks'
+    k-th limbs side by side (``M x 3K``); right operands (``rows=True``: blocks ``K_b x N``) give
+    ``[l2; l1; l0]`` (``3K x N``), so that a prefix of the left's columns meets a suffix of the right's rows.
+    """
+    total = sum(b.shape[0 if rows else 1] for b in blocks)
+    other = blocks[0].shape[1 if rows else 0]
+    buf = torch.empty((3 * total, other) if rows else (other, 3 * total), dtype=torch.float64)
+    at = 0
+    for b in blocks:
+        k = b.shape[0 if rows else 1]
+        outs = []
+        for limb in range(3):
+            slot = (2 - limb if reversed_limbs else limb) * total + at
+            outs.append(buf[slot:slot + k] if rows else buf[:, slot:slot + k])
+        split_into(b, outs)
+        at += k
+    return buf
+
+
+def sum_of_products(c: Optional[torch.Tensor], pairs: Sequence[tuple]) -> torch.Tensor:
+    """``c + sum_i x_i @ y_i`` in Z/2^64 through the limbs (2-D int64 matrices of matching shapes; ``c``
+    may be None), a new tensor. Reductions longer than ``MAX_TERMS // 3`` in all go in pieces."""
+    out = c
+    for piece in _pieces(pairs, MAX_TERMS // 3):
+        out = _grouped(out, piece)
+    return out
+
+
+def _pieces(pairs: Sequence[tuple], most: int) -> list:
+    """``pairs`` cut along the reduction axis into groups whose summed length is at most ``most``."""
+    groups, group, room = [], [], most
+    for x, y in pairs:
+        at, k = 0, x.shape[1]
+        while at < k:
+            take = min(room, k - at)
+            group.append((x[:, at:at + take], y[at:at + take]))
+            at, room = at + take, room - take
+            if room == 0:
+                groups.append(group)
+                group, room = [], most
+    if group:
+        groups.append(group)
+    return groups
+
+
+def _grouped(c: Optional[torch.Tensor], pairs: Sequence[tuple]) -> torch.Tensor:
+    """``c + sum_i x_i @ y_i`` for a summed reduction length of at most ``MAX_TERMS // 3``."""
+    total = sum(x.shape[1] for x, _ in pairs)
+    left = _limbs_side_by_side([x for x, _ in pairs], reversed_limbs=False, rows=False)
+    right = _limbs_side_by_side([y for _, y in pairs], reversed_limbs=True, rows=True)
+    # weight 1: x0 y0; weight 2^22: x0 y1 + x1 y0; weight 2^44: x0 y2 + x1 y1 + x2 y0
+    out = torch.mm(left[:, :total], right[2 * total:]).to(torch.int64)
+    if c is not None:
+        out += c
+    out.add_(torch.mm(left[:, :2 * total], right[total:]).to(torch.int64), alpha=1 << LIMB_BITS)
+    out.add_(torch.mm(left, right).to(torch.int64), alpha=1 << (2 * LIMB_BITS))
+    return out
+
+
+def products(c: Optional[torch.Tensor], pairs: Sequence[tuple]) -> Optional[torch.Tensor]:
+    """``c + sum_i x_i @ y_i`` in Z/2^64 through the limbs where they apply (2-D int64 CPU matrices of
+    matching shapes, enough work, limbs faster on this host), else None (the caller uses torch)."""
+    if not pairs or (c is not None and not _plain(c)):
+        return None
+    if not all(_plain(x) and _plain(y) and x.dim() == 2 and y.dim() == 2 for x, y in pairs):
+        return None
+    rows, cols, work = pairs[0][0].shape[0], pairs[0][1].shape[1], 0
+    for x, y in pairs:
+        if not (x.shape[0] == rows and y.shape[1] == cols and x.shape[1] == y.shape[0]):
+            return None
+        work += x.numel() * cols
+    if (c is not None and tuple(c.shape) != (rows, cols)) or work < MIN_WORK or not limbs_pay():
+        return None
+    return sum_of_products(c, pairs)
+
+
+def limb_bilinear(fn: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``fn(x, y)`` in Z/2^64 for a bilinear float op ``fn`` (a batched matmul, a convolution) whose
+    sums hold at most :data:`MAX_TERMS` products: six limb products, summed with their weights in int64."""
+    xs = [torch.empty(x.shape, dtype=torch.float64) for _ in range(3)]
+    ys = [torch.empty(y.shape, dtype=torch.float64) for _ in range(3)]
+    split_into(x, xs)
+    split_into(y, ys)
+    out = fn(xs[0], ys[0], **kwargs).to(torch.int64)
+    for weight, terms in ((1 << LIMB_BITS, ((0, 1), (1, 0))), (1 << (2 * LIMB_BITS), ((0, 2), (1, 1), (2, 0)))):
+        for i, j in terms:
+            out.add_(fn(xs[i], ys[j], **kwargs).to(torch.int64), alpha=weight)
+    return out
+
+
+def _plain(t: torch.Tensor) -> bool:
+    return type(t) is torch.Tensor and t.dtype == torch.int64 and t.device.type == "cpu"
+
+
+def fits(terms: int, work: int, grouped: bool = True) -> bool:
+    """Whether a product whose sums hold ``terms`` products (``3 *`` that when grouped) and that does
+    ``work`` multiply-adds goes through the limbs here."""
+    return 0 < terms * (3 if grouped else 1) <= MAX_TERMS and work >= MIN_WORK and limbs_pay()
+
+
+def mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``torch.mm(x, y)`` in Z/2^64."""
+    out = products(None, [(x, y)])
+    return torch.mm(x, y) if out is None else out
+
+
+def addmm(c: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``torch.addmm(c, x, y)`` in Z/2^64 (a new tensor)."""
+    out = products(c, [(x, y)])
+    return torch.addmm(c, x, y) if out is None else out
+
+
+def matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``torch.matmul(x, y)`` in Z/2^64."""
+    if x.dim() == 2 and y.dim() == 2:
+        return mm(x, y)
+    if _plain(x) and _plain(y) and x.dim() >= 1 and y.dim() >= 1 and fits(
+            x.shape[-1], x.numel() * (y.shape[-1] if y.dim() >= 2 else 1), grouped=False):
+        return limb_bilinear(torch.matmul, x, y)
+    return torch.matmul(x, y)
+
+
+def bmm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``torch.bmm(x, y)`` in Z/2^64."""
+    if _plain(x) and _plain(y) and x.dim() == 3 and y.dim() == 3 and fits(
+            x.shape[2], x.numel() * y.shape[2], grouped=False):
+        return limb_bilinear(torch.bmm, x, y)
+    return torch.bmm(x, y)
+
+
+def conv2d(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, dilation=1, groups=1) -> Optional[torch.Tensor]:
+    """``F.conv2d`` in Z/2^64 through the limbs, or None where the limbs do not apply here."""
+    if not (_plain(x) and _plain(w) and x.dim() == 4 and w.dim() == 4) or isinstance(padding, str):
+        return None
+    taps = w.shape[1] * w.shape[2] * w.shape[3]
+    if not fits(taps, x.shape[0] * x.shape[2] * x.shape[3] * w.shape[0] * taps, grouped=False):
+        return None
+    return limb_bilinear(F.conv2d, x, w, bias=None, stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+_choice: Optional[bool] = None
+_choice_lock = threading.Lock()
+
+
+def limbs_pay() -> bool:
+    """Whether float64 limbs beat torch's int64 GEMM on this host (timed once per process, ~5-20 ms)."""
+    global _choice
+    if _choice is None:
+        with _choice_lock:
+            if _choice is None:
+                pinned = os.environ.get("VEIL_RING_GEMM", "").strip().lower()
+                _choice = pinned == "limbs" if pinned in ("limbs", "int64") else _time_both()
+    return _choice
+
+
+def _time_both(n: int = 96) -> bool:
+    g = torch.Generator().manual_seed(0)  # timing data only: no secret is involved
+    x = torch.empty((n, n), dtype=torch.int64).random_(-(1 << 63), None, generator=g)
+
+    def best(f) -> float:
+        runs = []
+        for _ in range(3):
+            start = time.perf_counter()
+            f()
+            runs.append(time.perf_counter() - start)
+        return min(runs)
+
+    return best(lambda: sum_of_products(None, [(x, x)])) < best(lambda: torch.mm(x, x))
