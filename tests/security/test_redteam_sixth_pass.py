@@ -114,7 +114,8 @@ def test_hidden_count_on_restored_and_late_dp_only_data_every_descriptor(hook, t
     assert all(67 not in tuple(x.shape) for x in reply.descriptors), reply.descriptors
     for op in ("torch.mul", "Tensor.reshape"):
         err, _ = _cmd(srv, s, op, m.ObjectRef(d.id), -1 if op == "Tensor.reshape" else 2)
-        assert type(err) is m.ErrorReply and "67" not in err.message, err
+        text = err.message.replace(str(d.id), "<id>").replace(srv.id, "<worker>")  # (random ids hold any digits)
+        assert type(err) is m.ErrorReply and "67" not in text, err
 
 
 # ============================================================ 3a51190: poisson_indices
