@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import threading
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Callable, Iterator, Sequence
@@ -130,6 +131,8 @@ def _zero(spec) -> tuple[list, list, Derive]:
 #: (requester scope, key id) -> SPDZ2k MAC key (0-dim int64, read unsigned: uniform in Z/2^64), held by
 #: the crypto provider's process only (filled by ``register_mac_key``; parties never call a derive).
 MAC_KEYS: dict[tuple, torch.Tensor] = {}
+#: held while MAC_KEYS or FIXED_MASKS is counted, filled or emptied (sessions' requests run on several threads)
+_TABLES_LOCK = threading.Lock()
 
 #: Whose provider-held secrets (MAC keys, fixed masks) a dealing may use and register: the provider
 #: worker sets it to the requesting session around each request (:func:`provider_scope`; None in-process).
@@ -152,10 +155,11 @@ def provider_scope(scope: str | None) -> Iterator[None]:
 def drop_provider_scope(scope: str | None) -> int:
     """Forgets the MAC keys and fixed masks ``scope`` registered (its session ended); returns how many."""
     dropped = 0
-    for table in (MAC_KEYS, FIXED_MASKS):
-        for key in [k for k in table if k[0] == scope]:
-            table.pop(key, None)
-            dropped += 1
+    with _TABLES_LOCK:  # (a dict walked while another thread inserts raises)
+        for table in (MAC_KEYS, FIXED_MASKS):
+            for key in [k for k in table if k[0] == scope]:
+                table.pop(key, None)
+                dropped += 1
     return dropped
 
 #: kinds whose fields are 128-bit (SPDZ2k) elements, each stored as two int64
@@ -178,11 +182,13 @@ def register_mac_key(key_id: str, alpha: torch.Tensor) -> None:
     if (not isinstance(key_id, str) or not 1 <= len(key_id) <= 64 or not isinstance(alpha, torch.Tensor)
             or alpha.dtype != DTYPE or alpha.dim()):
         raise ProviderError("a MAC key is a string id of 1 to 64 characters and a 0-dim int64 tensor")
-    scope = _SCOPE.get()
-    if (scope is not None and (scope, key_id) not in MAC_KEYS
-            and sum(k[0] == scope for k in MAC_KEYS) >= MAX_MAC_KEYS_PER_SCOPE):
-        raise ProviderError(f"this session holds {MAX_MAC_KEYS_PER_SCOPE} MAC keys at the crypto provider already")
-    MAC_KEYS[(scope, key_id)] = alpha.clone()
+    scope, alpha = _SCOPE.get(), alpha.clone()
+    with _TABLES_LOCK:  # the count and the insert as one step: threads of one session cannot both pass the cap
+        if (scope is not None and (scope, key_id) not in MAC_KEYS
+                and sum(k[0] == scope for k in MAC_KEYS) >= MAX_MAC_KEYS_PER_SCOPE):
+            raise ProviderError(f"this session holds {MAX_MAC_KEYS_PER_SCOPE} MAC keys at the crypto provider "
+                                f"already")
+        MAC_KEYS[(scope, key_id)] = alpha
 
 
 def _alpha(key_id: str) -> tuple:
@@ -339,14 +345,14 @@ def _fixed_mask(spec) -> tuple[list, list, Derive]:
     key = (scope, fixed_id)
 
     def derive(u: list, g: torch.Generator) -> list:
-        # once per id: dealt twice, the parties' shares of the first b would no longer match the provider's
-        if key in FIXED_MASKS:
-            raise ProviderError(f"fixed operand {fixed_id!r} was already dealt")
-        held = sum(t.numel() for k, t in FIXED_MASKS.items() if k[0] == scope)
-        if held + math.prod(shape) > MAX_FIXED_ELEMENTS:
-            raise ProviderError(f"this crypto provider keeps at most {MAX_FIXED_ELEMENTS} fixed-mask elements")
-        b = random_ring(shape)  # a key-like secret: the OS's CSPRNG, not the dealer's generator
-        FIXED_MASKS[key] = b
+        with _TABLES_LOCK:  # (checked and kept as one step, as MAC keys are)
+            # once per id: dealt twice, the parties' shares of the first b would no longer match the provider's
+            if key in FIXED_MASKS:
+                raise ProviderError(f"fixed operand {fixed_id!r} was already dealt")
+            held = sum(t.numel() for k, t in FIXED_MASKS.items() if k[0] == scope)
+            if held + math.prod(shape) > MAX_FIXED_ELEMENTS:
+                raise ProviderError(f"this crypto provider keeps at most {MAX_FIXED_ELEMENTS} fixed-mask elements")
+            b = FIXED_MASKS[key] = random_ring(shape)  # a key-like secret: the OS's CSPRNG, not the dealer's
         return [b.clone()]  # dealers correct a derived value in place into the last party's share
 
     return [], [shape], derive

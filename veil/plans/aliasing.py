@@ -33,6 +33,8 @@ _FRESH = re.compile(
     r"cosine_similarity|(?:adaptive_)?(?:avg|max)_pool[12]d|amax|amin|var|std|square|pow|"
     r"take|gather|index_select|masked_select")  # (selections copy: their ATen schemas return no alias)
 
+_GRAD_SETTER, _GRAD_GETTER = "Tensor.grad.__set__", "Tensor.grad.__get__"
+
 _SIGNATURES: dict[str, Any] = {}
 
 
@@ -74,6 +76,8 @@ def _written_args(op: Any) -> list:
         targets.append(op.args[0] if op.args else None)
     if "out" in op.kwargs:
         targets.append(op.kwargs["out"])
+    if op.op == _GRAD_SETTER:  # ``x.grad = v``: what writes x.grad (out=, +=, backward) writes v
+        targets += op.args[1:2]
     bound = _bound(op)
     if _set(bound.get("inplace", op.kwargs.get("inplace"))):
         targets.append(bound.get("input", op.args[0] if op.args else None))
@@ -143,5 +147,16 @@ def shared_write(spec: PlanSpec, groups: Aliases, state: bool = True) -> str | N
         shared.update(groups.find(s) for s in range(spec.n_inputs, spec.n_inputs + spec.n_state))
     for op in spec.ops:
         if any(groups.find(key(v)) in shared for v in written_args(op)):
+            return op.op
+    return None
+
+
+def reads_constant_grad(spec: PlanSpec, groups: Aliases) -> str | None:
+    """The first op reading the gradient of a constant or a view of one, None if none: a constant's ``.grad`` is
+    kept with the stored plan, so ``backward`` in a run over an owner's data left the owner's values there for
+    the next run, on the requester's own tensor, to read."""
+    constants = _constants(spec, groups)
+    for op in spec.ops:
+        if op.op == _GRAD_GETTER and op.args and groups.find(key(op.args[0])) in constants:
             return op.op
     return None

@@ -57,6 +57,9 @@ def _check_constants(spec: PlanSpec) -> None:
     if op is not None:
         raise OperationNotAllowedError(f"plan {spec.name!r} writes in place into one of its constants ({op}, or "
                                        f"a view of one); create the tensor in the plan or pass it as state")
+    if aliasing.reads_constant_grad(spec, groups):
+        raise OperationNotAllowedError(f"plan {spec.name!r} reads the gradient of one of its constants (or of a view "
+                                       f"of one), which one run leaves for the next; pass the tensor as state")
     if aliasing.returns_constant(spec, groups):
         raise OperationNotAllowedError(f"plan {spec.name!r} returns one of its constants or a view of one; "
                                        f"return a copy (t.clone())")
