@@ -16,7 +16,10 @@ on the code before its fix (checked by running this file on that code):
 - a window's summary kept every session a user refused from (one per connection, without bound). Must hold: a
   bounded number kept per summary, and the rows still count every session and refusal;
 - the console's stop waited up to 30 s for a request held open by a slow client (a body trickled in). Must
-  hold: the stop cuts it at once and the client gets one clear line (503).
+  hold: the stop cuts it at once and the client gets one clear line (503);
+- an inline ``get`` (its allowed row is written directly, after the refusal rows handed before it) ran on the
+  event loop while refusal rows waited for a stalled database: the loop waited up to 20 s for the writer. Must
+  hold: the loop does not wait; the get goes to a handler thread and returns the value.
 
 Guards (each checked to fail when the part it guards is taken out): a window summary still queued at the stop
 keeps its count when folded; an inline reply waits for its own rows only (not a refused handshake's handed on the
@@ -377,3 +380,43 @@ def test_an_inline_reply_waits_for_its_own_rows_only(hook, monkeypatch):
     finally:
         go.set()
     assert srv.audit_rows.wait(10)
+
+
+def test_an_inline_get_does_not_wait_on_the_event_loop_for_queued_refusal_rows(hook, monkeypatch):
+    """Attack: refusals queued behind a stalled write of the owner's database, then any client's ``get`` (its
+    allowed row is written directly, after the rows handed before it). The get ran on the event loop and waited
+    there for the writer (up to 20 s: every connection and ping held). Must hold: the loop does not wait; the get
+    goes to a handler thread, which returns the value once the rows are written."""
+    from server_sessions import quota_worker, send_tensor
+    from test_redteam_turn_locks import _HangOnce
+    from veil.workers import audit_writer
+
+    srv = quota_worker(hook, f"as-get-{time.monotonic_ns()}", "as-get-scientist", None)
+    sci = open_session(srv, "as-get-scientist")
+    oid = send_tensor(srv, sci, torch.tensor([1.5, -2.0]))
+    hang = _HangOnce(monkeypatch, srv.db, "audit", when=lambda *a, **k: a[5] == "refused")
+    loop_waits: list = []
+    real_wait = audit_writer.RowWriter._wait_for
+
+    def recorded(self, seq, timeout):
+        if threading.current_thread().name == "as-get-loop":
+            loop_waits.append(timeout)
+            return False  # (would have waited: the test does not)
+        return real_wait(self, seq, timeout)
+
+    monkeypatch.setattr(audit_writer.RowWriter, "_wait_for", recorded)
+    data = serialize(m.GetObjectsMessage([oid]), sender="client")
+    try:
+        srv.refused_requests.refused("compute", "mallory", "s-m", [1], "probe")
+        assert hang.started.wait(10)
+        out: dict = {}
+        loop = threading.Thread(target=lambda: out.update(r=srv.try_inline(data, sci)), name="as-get-loop")
+        loop.start()
+        loop.join(10)
+        assert loop_waits == [], "the event loop waited for the row writer"
+        reply, decoded = out["r"]
+        assert reply is None and decoded is not None  # (a handler thread's)
+    finally:
+        hang.release()
+    got = deserialize(srv.serve_bytes(data, sci, decoded=decoded))[0]
+    assert torch.equal(got.objects[0], torch.tensor([1.5, -2.0]))

@@ -172,6 +172,11 @@ class RowWriter:
         self._mine.seq = 0
         return self._wait_for(seq, timeout)
 
+    def busy(self) -> bool:
+        """Whether rows handed are still waiting (a row written directly now would wait for them: the event
+        loop hands such a request to a handler thread instead)."""
+        return self._written < self._submitted or bool(self._overflow)
+
     def clear_mine(self) -> None:
         """Forgets the rows this thread handed so far (the event loop: before an inline request runs)."""
         self._mine.seq = 0

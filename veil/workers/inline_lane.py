@@ -217,9 +217,10 @@ class InlineLane:
                             and (tp is _SKELETON or _plain_op(msg.op)):  # a skeleton's op: checked when defined
                         return self._serve_command(session, principal, msg, prelude), None
             kind = _inline_kind(msg, decoded[2])
-            if tp is m.GetObjectsMessage and _handlers._tracking(self):
+            if tp is m.GetObjectsMessage and (_handlers._tracking(self) or self.audit_rows.busy()):
                 # a release under the owner's review files or marks it in the owner's database (release.py): on a
-                # handler thread, which waits for that outside the turn (the loop thread would hold everybody)
+                # handler thread, which waits for that outside the turn (the loop thread would hold everybody);
+                # so does a get while refusal rows wait for the database: its allowed row goes after them
                 return None, decoded
             if kind == "protocol":
                 slow, strikes_of = self._slow_protocol, self._protocol_strikes
