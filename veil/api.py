@@ -10,6 +10,7 @@ from veil.ids import new_id
 from veil.messaging.messages import ListObjectsMessage, ObjectMessage, SearchMessage, StoredObject
 from veil.messaging.serde import DTYPES
 from veil.tensors.pointer import PointerTensor
+from veil.workers.listing import every_page
 
 if TYPE_CHECKING:
     from veil.workers.base import BaseWorker
@@ -100,16 +101,17 @@ def search(worker: "BaseWorker", query: list[str] | str) -> list[PointerTensor]:
     if isinstance(query, str):
         query = [query]
     owner = worker.hook.local_worker
-    reply = owner.send_msg(SearchMessage(list(query)), worker)
+    found = every_page(lambda after: owner.send_msg(SearchMessage(list(query), after), worker))
     return [
         PointerTensor(
             location=worker, id_at_location=d.id, owner=owner, shape=d.shape, dtype=DTYPES[d.dtype],
             requires_grad=d.requires_grad, garbage_collect_data=False, tags=d.tags, description=d.description,
         )
-        for d in reply.descriptors
+        for d in found
     ]
 
 
 def list_objects(worker: "BaseWorker") -> list:
     """Descriptors of the objects the local worker created on ``worker`` (network-safe ``_objects``)."""
-    return worker.hook.local_worker.send_msg(ListObjectsMessage(), worker).descriptors
+    local = worker.hook.local_worker
+    return every_page(lambda after: local.send_msg(ListObjectsMessage(after), worker))  # (bounded pages)

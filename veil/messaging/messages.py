@@ -117,6 +117,7 @@ class SearchMessage:
 
     TYPE: ClassVar[int] = 5
     query: list = field(default_factory=list)
+    after: int | None = None  # the page after this object (veil/workers/listing.py); None: the first
 
 
 @dataclass
@@ -140,9 +141,10 @@ class RemoteGetMessage:
 
 @dataclass
 class ListObjectsMessage:
-    """Describe every object the worker holds (owner/debug view)."""
+    """Describe the objects the sender stored on the worker, one bounded page at a time."""
 
     TYPE: ClassVar[int] = 8
+    after: int | None = None  # the page after this object (veil/workers/listing.py); None: the first
 
 
 @dataclass
@@ -198,6 +200,7 @@ class ResultReply:
 class DescriptorsReply:
     TYPE: ClassVar[int] = 104
     descriptors: list = field(default_factory=list)
+    next_after: int | None = None  # more to list: ask again with after=next_after; None: complete
 
 
 MESSAGE_TYPES: dict[int, type] = {

@@ -44,7 +44,6 @@ import hashlib
 import secrets
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -53,6 +52,7 @@ import torch
 
 from veil.governance.revocation import REVOKE_HANDLERS
 from veil.messaging import messages as m
+from veil.serving import names
 from veil.serving.errors import RequestFailedError, RequestGoneError, ServiceClosedError, ServingError
 from veil.workers import cancellation
 from veil.workers.base import register_handler
@@ -114,8 +114,8 @@ def _group(svc: _Service, session: str) -> str:
     return hashlib.blake2b(session.encode(), key=svc.group_key, digest_size=8).hexdigest()
 
 
-#: worker -> service name -> state (weak: an in-process worker's services go with it)
-_SERVICES: "weakref.WeakKeyDictionary[Any, dict[str, _Service]]" = weakref.WeakKeyDictionary()
+#: worker -> (owner user, service name) -> state: each user's names are its own (veil/serving/names.py)
+_SERVICES = names.SERVICES
 _LOCK = threading.Lock()
 #: wakes waiting ``pending``/``fetch`` requests: taken after _LOCK (never the other way round), bumped on every change
 _CHANGED = threading.Condition(threading.Lock())
@@ -156,10 +156,11 @@ def _who(worker: Any, sender: str) -> tuple[str, str]:
     return sender, sender
 
 
-def _service(worker: Any, name: str) -> _Service:
-    svc = _SERVICES.get(worker, {}).get(name)
+def _service(worker: Any, name: str, user: str) -> _Service:
+    """``user``'s own service ``name``: another user's of that name gets the answer of a name nobody holds."""
+    svc = names.owned_by(worker, user, name)
     if svc is None:
-        raise ServingError(f"worker {worker.id!r} serves no model named {name!r}")
+        raise ServingError(f"worker {worker.id!r} serves no model named {name!r} of user {user!r}")
     return svc
 
 
@@ -205,11 +206,11 @@ def _open(worker: Any, name: str, user: str, session: str, args: list) -> list:
     clients, info = args
     if not isinstance(clients, (list, tuple)) or not all(isinstance(c, str) for c in clients) or not isinstance(info, dict):
         raise ServingError("open expects [clients, info]")
-    services = _SERVICES.setdefault(worker, {})
-    old = services.get(name)
-    if old is not None and not old.closed and old.owner != user:
-        raise ServingError(f"service {name!r} on worker {worker.id!r} belongs to another user")
-    if old is None or old.owner != user:
+    if name.startswith(names.QUALIFIED):  # (clients' way of naming the owner too: see names.py)
+        raise ServingError(f"a service name may not start with {names.QUALIFIED!r}")
+    services = names.table(worker)
+    old = services.get((user, name))  # (another user's service of this name is neither seen nor touched)
+    if old is None:
         _make_room(worker, services, user)
     shape = info.get("input_shape", [])  # (each submit reads it: a malformed one failed them as bare TypeErrors)
     if not isinstance(shape, (list, tuple)) or not all(type(d) is int and d >= 0 for d in shape):
@@ -217,9 +218,9 @@ def _open(worker: Any, name: str, user: str, session: str, args: list) -> list:
     max_rows = info.get("max_rows", DEFAULT_MAX_ROWS)
     if type(max_rows) is not int or max_rows < 1:
         raise ServingError("a service's max_rows is a positive integer")
-    svc = services[name] = _Service(owner=user, clients=tuple(clients), info={**info, "max_rows": max_rows},
-                                    opened_by=session)
-    if old is not None and old.owner == user:  # reopened (a model shared again): its clients hear of their
+    svc = services[(user, name)] = _Service(owner=user, clients=tuple(clients), opened_by=session,
+                                            info={**info, "max_rows": max_rows})
+    if old is not None:  # reopened (a model shared again): its clients hear of their
         _shut(old, "the model owner opened the service again; submit again", claimed_too=True)  # requests,
         svc.outputs.update(old.outputs)  # and results already computed stay theirs to fetch
         _changed()
@@ -229,13 +230,13 @@ def _open(worker: Any, name: str, user: str, session: str, args: list) -> list:
 def _make_room(worker: Any, services: dict, user: str) -> None:
     """Room for one more service of ``user``: its closed services nobody has anything left to fetch from go
     first; refused (one line) when it still holds :data:`MAX_SERVICES_PER_USER`."""
-    mine = [(n, svc) for n, svc in services.items() if svc.owner == user]
+    mine = list(names.of_user(worker, user))
     if len(mine) < MAX_SERVICES_PER_USER:
         return
-    for n, svc in mine:
+    for key, svc in mine:
         if svc.closed and not svc.outputs and not svc.claimed:
-            del services[n]
-    if sum(1 for svc in services.values() if svc.owner == user) >= MAX_SERVICES_PER_USER:
+            del services[key]
+    if sum(1 for _ in names.of_user(worker, user)) >= MAX_SERVICES_PER_USER:
         raise ServingError(f"user {user!r} already has {MAX_SERVICES_PER_USER} services on worker {worker.id!r}; "
                            "close one (and let its clients fetch their results) first")
 
@@ -243,7 +244,7 @@ def _make_room(worker: Any, services: dict, user: str) -> None:
 def _claims_left(worker: Any, user: str) -> bool:
     """Whether a service of ``user`` on this worker still computes a claimed batch (its session stays tainted
     until none does: one service's respond must not lift what another's batch needs)."""
-    return any(svc.claimed for svc in _SERVICES.get(worker, {}).values() if svc.owner == user)
+    return any(svc.claimed for _, svc in names.of_user(worker, user))
 
 
 def _pending(worker: Any, name: str, user: str, session: str, args: list) -> list:
@@ -292,14 +293,18 @@ def _respond(worker: Any, name: str, user: str, session: str, args: list) -> lis
     if (not isinstance(sizes, (list, tuple)) or len(sizes) != len(rids)
             or not all(type(n) is int and n >= 0 for n in sizes)):  # (zip cut extras: a request stayed claimed)
         raise ServingError("respond expects one row count (an integer, 0 or more) per request id")
-    out = worker.monitor.release_output(worker.principal(session), ref, [svc.claimed.get(r) for r in rids]).obj
-    if not isinstance(out, torch.Tensor) or out.dtype != torch.int64 or sum(sizes) != out.shape[0]:
-        raise ServingError("the output share does not match the claimed requests")
-    for r, piece in zip(rids, torch.split(out, sizes)):
-        sub = svc.claimed.pop(r, None)
-        svc.held.pop(r, None)
-        if sub is not None:
-            svc.outputs[(sub, r)] = piece.clone()
+    if not rids:  # (audited as a release of the share to nobody: a release row that released nothing)
+        raise ServingError("respond names no request: there is nothing to answer")
+    recipients = [svc.claimed.get(r) for r in rids]
+    if any(recipients):  # (none: every client left meanwhile, drop_session; nothing goes out, no release row)
+        out = worker.monitor.release_output(worker.principal(session), ref, recipients).obj
+        if not isinstance(out, torch.Tensor) or out.dtype != torch.int64 or sum(sizes) != out.shape[0]:
+            raise ServingError("the output share does not match the claimed requests")
+        for r, piece in zip(rids, torch.split(out, sizes)):
+            sub = svc.claimed.pop(r, None)
+            svc.held.pop(r, None)
+            if sub is not None:
+                svc.outputs[(sub, r)] = piece.clone()
     worker.monitor.discard(worker.principal(session), ref.id)  # the owner keeps no handle on output shares
     if not _claims_left(worker, user):
         worker.monitor.untaint(worker.principal(session))
@@ -346,7 +351,7 @@ def drop_session(worker: Any, session: str) -> None:
     """A closed connection: its queued requests, requests in flight and unfetched results go; the services
     it opened as the model owner close (their model shares went with it: a client would wait in vain)."""
     with _LOCK:
-        for svc in _SERVICES.get(worker, {}).values():
+        for svc in names.every(worker):
             for table in (svc.pending, svc.outputs):
                 for key in [key for key in table if key[0] == session]:
                     del table[key]
@@ -382,10 +387,10 @@ def _shut(svc: _Service, reason: str, claimed_too: bool = False) -> None:
 
 
 def close_services_of(worker: Any, name: str) -> None:
-    """The data owner revoked user ``name`` (veil/governance/revocation.py): its services close, their
-    clients are told at once, and the service names are free for other users."""
+    """The data owner revoked user ``name`` (veil/governance/revocation.py): its services close and their
+    clients are told at once (a client's name then finds another user's open service of that name)."""
     with _LOCK:
-        for svc in _SERVICES.get(worker, {}).values():
+        for svc in names.every(worker):
             if svc.owner == name and not svc.closed:
                 _shut(svc, "the model owner's access was revoked", claimed_too=True)
     _changed()
@@ -400,10 +405,7 @@ def _unfetched(worker: Any, name: str, user: str, session: str, args: list) -> l
 
 
 def _owned(worker: Any, name: str, user: str) -> _Service:
-    svc = _service(worker, name)
-    if svc.owner != user:
-        raise ServingError(f"only the owner of service {name!r} may do this")
-    return svc
+    return _service(worker, name, user)  # (only the owner's own names are looked up: see names.py)
 
 
 # ----------------------------------------------------------------- client actions
@@ -458,7 +460,9 @@ def _fetch(worker: Any, name: str, user: str, session: str, args: list) -> list:
     rid = args[0] if args else None
     if type(rid) is not int:  # (an unhashable id failed as a bare TypeError)
         raise ServingError("fetch expects a request id (an integer)")
-    svc = _client_service(worker, name, user)
+    key = (session, rid)  # (of several services of this name it may query: the one that holds this request)
+    svc = _client_service(worker, name, user, lambda s: key in s.outputs or key in s.pending
+                          or s.claimed.get(rid) == session)
     out = svc.outputs.pop((session, rid), None)  # only this session's own request
     if out is None:  # not ready, or another session's: the same answer
         # once closed, another session's request in computation reads as unknown too (not "still
@@ -471,11 +475,13 @@ def _fetch(worker: Any, name: str, user: str, session: str, args: list) -> list:
     return [out]
 
 
-def _client_service(worker: Any, name: str, user: str) -> _Service:
+def _client_service(worker: Any, name: str, user: str,
+                    holds: Callable[[_Service], bool] = lambda s: False) -> _Service:
     # one answer for a model the client may not query and a name nothing is served under: the names of
-    # other models are not the client's to learn by guessing
-    svc = _SERVICES.get(worker, {}).get(name)
-    if svc is None or (user not in svc.clients and _issuer_of(worker, user) not in svc.clients):
+    # other models are not the client's to learn by guessing (which of several it means: names.for_client)
+    issuer = _issuer_of(worker, user)
+    svc = names.for_client(worker, name, lambda s: user in s.clients or issuer in s.clients, holds)
+    if svc is None:
         raise ServingError(f"user {user!r} may not query model {name!r} on worker {worker.id!r} "
                            "(no such model, or not for this user)")
     return svc

@@ -17,7 +17,7 @@ from veil.exceptions import (ObjectNotFoundError, PermissionDeniedError, RemoteE
 from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST, NO_RESULT, register_worker_function
 from veil.tensors.tree import leaves, map_structure
-from veil.workers import oblivious, output_bounds, owner_guard, storage_overrun
+from veil.workers import listing, oblivious, output_bounds, owner_guard, storage_overrun
 from veil.workers.quiet_warnings import dropping_warnings
 from veil.workers.accounts import END_ACCOUNT
 from veil.workers.base import STORABLE_TYPES, STORE_VALIDATORS, BaseWorker, register_handler
@@ -530,12 +530,11 @@ def _describe_entry(oid: int, entry: Entry, hide_counts: bool) -> m.Descriptor:
 def _handle_search(worker: BaseWorker, msg: m.SearchMessage, sender: str) -> Any:
     from veil.compat.search_terms import checked_terms, matches  # (PySyft's terms: tags, ids, descriptions)
 
-    terms = checked_terms(msg.query)  # bounded: the pass below holds every other session's turn
-    found = []
-    for oid, entry in worker.monitor.owned_entries(worker.principal(sender)):
-        if isinstance(entry.obj, torch.Tensor) and matches(terms, oid, entry.tags, entry.description):
-            found.append(_describe_entry(oid, entry, worker.monitor.hide_dp_counts))
-    return m.DescriptorsReply(found)
+    terms = checked_terms(msg.query)  # bounded, as the page below (it holds every other session's turn)
+    hide, owned = worker.monitor.hide_dp_counts, worker.monitor.owned_entries(worker.principal(sender))
+    return m.DescriptorsReply(*listing.page(owned, msg.after, lambda oid, e: isinstance(e.obj, torch.Tensor) and
+                                            matches(terms, oid, e.tags, e.description),
+                                            lambda oid, e: _describe_entry(oid, e, hide)))
 
 
 @register_handler(m.ListObjectsMessage)
@@ -543,10 +542,10 @@ def _handle_list(worker: BaseWorker, msg: m.ListObjectsMessage, sender: str) -> 
     # Only the sender's own objects: listing others' ids would hand out capabilities.
     principal = worker.principal(sender)
     hide = worker.monitor.hide_dp_counts
-    mine = [_describe_entry(oid, e, hide) for oid, e in worker.monitor.owned_entries(principal)
-            if e.created_by == principal.session and isinstance(e.obj, torch.Tensor)]  # (as search: a stored
-    # plan has no shape, and describing it failed every later listing of the session)
-    return m.DescriptorsReply(mine)
+    return m.DescriptorsReply(*listing.page(worker.monitor.owned_entries(principal), msg.after,  # (as search:
+        # tensors only; a stored plan has no shape, and describing it failed every later listing of the session)
+        lambda oid, e: e.created_by == principal.session and isinstance(e.obj, torch.Tensor),
+        lambda oid, e: _describe_entry(oid, e, hide)))
 
 
 @register_handler(m.MoveMessage)

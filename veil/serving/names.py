@@ -1,0 +1,65 @@
+"""Which service a serving action names, on one party worker: each user's service names are its own.
+
+Services are kept per (owner user, name). An owner's actions (``open``, ``pending``, ``claim``, ...) look up
+only the sender's own names, so another user's service of the same name is invisible to it: ``open`` of a
+name another user holds opens the sender's own service, exactly as for a name nobody holds, and
+``pending``/``close``/... on another user's name get the answer of a name nobody holds. (With one name per
+worker, ``open`` answered "belongs to another user" and ``pending`` "only the owner may": a scientist
+listed which names other users served by guessing; and opening a *closed* service's name replaced it, its
+clients' unfetched results gone.) A name is its owner's until the owner's room for new services reclaims it
+(closed, nothing left to fetch): no other user can touch it.
+
+A client names a service by name alone (``ModelClient.connect_to_model(name=...)``): among the services of
+that name it may query, the one holding its request (``fetch``), else the first opened that still serves,
+else the first opened. A second owner opening a name a first owner serves to the same clients therefore
+does not take the first owner's clients from it (first come, as before), nor learns that it exists. A client
+that must reach one owner's service whoever else serves that name names it ``@OWNER/NAME`` (``OWNER``: the
+owner's user, e.g. ``@model-owner/model`` on a ``Cluster``): that finds only that user's service, so a
+scientist who opened the name first (squatting it) does not get the client's queries. No service's own name
+starts with ``@`` (``open`` refuses one, whoever holds what), so a qualified name cannot be squatted either.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable, Iterator, Optional
+
+#: a client's service name of this form names its owner too: ``@OWNER/NAME``
+QUALIFIED = "@"
+
+#: worker -> (owner user, service name) -> its service state (weak: an in-process worker's services go with it)
+SERVICES: "weakref.WeakKeyDictionary[Any, dict[tuple[str, str], Any]]" = weakref.WeakKeyDictionary()
+
+
+def table(worker: Any) -> dict:
+    """The worker's services, (owner, name) -> state (created empty on first use)."""
+    return SERVICES.setdefault(worker, {})
+
+
+def owned_by(worker: Any, user: str, name: str) -> Optional[Any]:
+    """``user``'s own service ``name``, or None (another user's service of that name is not looked at)."""
+    return SERVICES.get(worker, {}).get((user, name))
+
+
+def of_user(worker: Any, user: str) -> Iterator[tuple[tuple[str, str], Any]]:
+    """``user``'s services on the worker, as ((owner, name), state)."""
+    return iter([(key, svc) for key, svc in SERVICES.get(worker, {}).items() if key[0] == user])
+
+
+def for_client(worker: Any, name: str, may_query: Callable[[Any], bool],
+               holds: Callable[[Any], bool] = lambda svc: False) -> Optional[Any]:
+    """The service ``name`` a client means: of those it may query, one that ``holds`` its request, else the
+    first opened still serving, else the first opened; None when it may query none."""
+    owner, _, rest = name[len(QUALIFIED):].partition("/") if name.startswith(QUALIFIED) else (None, "", name)
+    candidates = [svc for (o, n), svc in SERVICES.get(worker, {}).items()
+                  if n == rest and (owner is None or o == owner) and may_query(svc)]
+    for prefer in (holds, lambda svc: not svc.closed, lambda svc: True):
+        for svc in candidates:
+            if prefer(svc):
+                return svc
+    return None
+
+
+def every(worker: Any) -> list:
+    """Every service state of the worker (a copy: callers may change the table meanwhile)."""
+    return list(SERVICES.get(worker, {}).values())
