@@ -14,7 +14,12 @@ Holes found:
 - a give-back read only the 50 newest releases of the same bytes for a twin: 50 releases of the same value by
   other computations (each approved by the owner) hid a twin released while the move held the approval, and the
   approval came back to release the value again (now 200 are read, one graph at a time, and past them the
-  approval stays used).
+  approval stays used);
+- a copy moved out and back to its worker names its source as ``"worker:id"``, which the tightening's own marking
+  (an id match) missed: releasable there until a sync (an in-process worker has none).
+
+Seen to: the owner's audit row of a tightening counts the derived values it marked, of a loosening those that keep
+their mark.
 
 Each hole's test failed on the code before the fix (checked by running them with the fix taken out).
 
