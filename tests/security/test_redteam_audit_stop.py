@@ -19,7 +19,8 @@ on the code before its fix (checked by running this file on that code):
   hold: the stop cuts it at once and the client gets one clear line (503);
 - an inline ``get`` (its allowed row is written directly, after the refusal rows handed before it) ran on the
   event loop while refusal rows waited for a stalled database: the loop waited up to 20 s for the writer. Must
-  hold: the loop does not wait; the get goes to a handler thread and returns the value.
+  hold: the loop does not wait; the get goes to a handler thread and returns the value (an SMPC opening, whose
+  "open" row is an allowed row too, likewise).
 
 Guards (each checked to fail when the part it guards is taken out): a window summary still queued at the stop
 keeps its count when folded; an inline reply waits for its own rows only (not a refused handshake's handed on the
@@ -420,3 +421,26 @@ def test_an_inline_get_does_not_wait_on_the_event_loop_for_queued_refusal_rows(h
         hang.release()
     got = deserialize(srv.serve_bytes(data, sci, decoded=decoded))[0]
     assert torch.equal(got.objects[0], torch.tensor([1.5, -2.0]))
+
+
+def test_an_inline_opening_goes_to_a_handler_thread_while_refusal_rows_wait(hook, monkeypatch):
+    """The same for an SMPC opening (its "open" row is an allowed row, written directly): while rows wait for the
+    database it is not run on the event loop."""
+    from server_sessions import quota_worker
+    from test_redteam_turn_locks import _HangOnce
+    from veil.mpc.party import OPENABLE, OpenMessage
+
+    srv = quota_worker(hook, f"as-open-{time.monotonic_ns()}", "as-open-scientist", None)
+    sci = open_session(srv, "as-open-scientist")
+    opening = serialize(OpenMessage(sorted(OPENABLE)[0], (m.ObjectRef(new_id()),), {}), sender="client")
+    idle_reply, _ = srv.try_inline(opening, sci)
+    assert idle_reply is not None  # (the writer idle: served inline, here refused)
+    assert srv.audit_rows.wait(10)
+    hang = _HangOnce(monkeypatch, srv.db, "audit", when=lambda *a, **k: a[5] == "refused")
+    try:
+        srv.refused_requests.refused("compute", "mallory", "s-m", [1], "probe")
+        assert hang.started.wait(10)
+        reply, decoded = srv.try_inline(opening, sci)
+        assert reply is None and decoded is not None, "an opening ran on the event loop while rows waited"
+    finally:
+        hang.release()

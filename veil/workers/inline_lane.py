@@ -223,6 +223,8 @@ class InlineLane:
                 # so does a get while refusal rows wait for the database: its allowed row goes after them
                 return None, decoded
             if kind == "protocol":
+                if self.audit_rows.busy():  # (an opening's allowed row, as a get's above)
+                    return None, decoded
                 slow, strikes_of = self._slow_protocol, self._protocol_strikes
             if kind is None or session.id in slow:
                 return None, decoded
