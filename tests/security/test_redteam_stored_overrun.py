@@ -1,6 +1,10 @@
 """Red team of tensors spanning past their storage that hide inside stored objects, and of the MAC key cap.
 
 Holes found and fixed:
+- a tensor in a plan's outputs themselves (not a slot) came back as the very constant every run: an in-place write
+  into the stored result (the owner's data under review added to it) reached the constant, and the next run, on
+  the scientist's own zeros, returned the owner's values unreviewed (fixed: ``aliasing.returns_constant`` counts
+  tensors in the outputs; refused when the plan arrives);
 - a stored plan read the gradient of its own constant (a constant the wire marks ``requires_grad``, handed back
   itself by ``type_as``): ``backward`` in a run over data under review left the owner's values in it, kept with
   the plan, and the next run, on the scientist's own zeros, returned them unreviewed (fixed: a plan reading the
@@ -43,8 +47,9 @@ from server_sessions import request, run_command, send_tensor  # noqa: E402
 
 R = m.ObjectRef
 GRAD_SET, GRAD_GET = "Tensor.grad.__set__", "Tensor.grad.__get__"
-ZEROS_LIKE, ADD, CLONE, MUL, SUM, TYPE_AS = (ALLOWLIST.by_func(f).name for f in (
-    torch.zeros_like, torch.add, torch.Tensor.clone, torch.mul, torch.Tensor.sum, torch.Tensor.type_as))
+ZEROS_LIKE, ADD, ADD_, CLONE, MUL, SUM, TYPE_AS = (ALLOWLIST.by_func(f).name for f in (
+    torch.zeros_like, torch.add, torch.Tensor.add_, torch.Tensor.clone, torch.mul, torch.Tensor.sum,
+    torch.Tensor.type_as))
 
 
 def _send(server, session, msg):
@@ -121,6 +126,27 @@ def test_a_stored_plan_never_keeps_the_owners_gradient_for_the_next_run(hook):
             got = plan_sessions.get(srv, s, rid)
             assert type(got) is m.ErrorReply or not torch.equal(got.objects[0], plan_sessions.SECRET), got
     _one_line_error(stored)  # refused when it arrives: it reads a gradient kept with the plan
+    plan_sessions.serving(srv, s, xid)
+
+
+def test_a_constant_in_a_plans_outputs_never_carries_a_write_to_the_next_run(hook):
+    """A tensor in the outputs themselves (not a slot) came back as the very constant every run: the scientist added
+    the owner's data under review into the stored result in place, and the next run, on its own zeros, returned
+    the owner's values unreviewed."""
+    srv, s, xid = plan_sessions.setup(hook, "so-constant-output", token="so-output-token", policy="review")
+    plan = PlanSpec("p", 1, 0, 2, [PlanOp(ADD, (SlotRef(0), 1.0), {}, [1], False)],
+                    [SlotRef(1), torch.zeros(plan_sessions.SECRET.shape)])
+    stored = request(srv, s, m.ObjectMessage([m.StoredObject(10, plan)]))
+    own = send_tensor(srv, s, torch.zeros(plan_sessions.SECRET.shape))
+    for base, ref in ((100, R(10)), (200, plan)):  # stored, or sent inline with the command
+        ids = [base + 1, base + 2]
+        if request(srv, s, m.CommandMessage("veil.plan.run", (ref, [R(own)], []), {}, ids, False)) == m.OkReply():
+            request(srv, s, m.CommandMessage(ADD_, (R(ids[1]), R(xid)), {}, [0], False))
+        ids = [base + 11, base + 12]
+        if request(srv, s, m.CommandMessage("veil.plan.run", (ref, [R(own)], []), {}, ids, False)) == m.OkReply():
+            got = plan_sessions.get(srv, s, ids[1])
+            assert type(got) is m.ErrorReply or not torch.equal(got.objects[0], plan_sessions.SECRET), got
+    _one_line_error(stored)  # refused when it arrives: it returns one of its constants
     plan_sessions.serving(srv, s, xid)
 
 

@@ -135,6 +135,8 @@ def _constants(spec: PlanSpec, groups: Aliases) -> set:
 def returns_constant(spec: PlanSpec, groups: Aliases) -> bool:
     """Whether a result of the plan may be one of its constants or a view of one (stored as the run's result,
     an in-place write into it would reach the constant every later run reads)."""
+    if leaves(spec.outputs, torch.Tensor):  # a tensor in the outputs themselves: the constant, the same every run
+        return True
     constants = _constants(spec, groups)
     return any(groups.find(ref.slot) in constants for ref in leaves(spec.outputs, SlotRef))
 
