@@ -114,6 +114,23 @@ def _context_bomb(ctx, n_indexes: int, compression: str) -> bytes:
     return ctx.serialize() + _message(2, _message(5, blob))
 
 
+def _crafted_conjugation_key(ctx) -> bytes:
+    """SEAL's serialization (uncompressed) of Galois keys holding only the conjugation key (element 2n - 1, index
+    n - 1), each of its parts the ciphertext (0, 16): a key switch with it adds to c1 only phi(c1)'s digits
+    over 2**56 (an all-zero one makes the conjugate transparent, which SEAL refuses)."""
+    version = _field(ctx.serialize(), 1)[3:5]
+    data = ctx.raw.seal_context().data
+    parms_id, parms = tuple(data.key_parms_id()), data.key_context_data().parms()
+    n, k = parms.poly_modulus_degree(), len(parms.coeff_modulus())
+    polys = struct.pack(f"<{k * n}Q", *[0] * (k * n)) + struct.pack(f"<{k * n}Q", *[1 << 4] * (k * n))
+    array = struct.pack("<HB2sBHQ", 0xA15E, 16, version, 0, 0, 24 + len(polys)) + struct.pack("<Q", 2 * k * n)
+    members = struct.pack("<4Q", *parms_id) + b"\x01" + struct.pack("<QQQdQ", 2, n, k, 1.0, 1) + array + polys
+    key = struct.pack("<HB2sBHQ", 0xA15E, 16, version, 0, 0, 16 + len(members)) + members
+    body = struct.pack("<4Q", *parms_id) + struct.pack("<Q", n) + struct.pack("<Q", 0) * (n - 1) \
+        + struct.pack("<Q", k - 1) + key * (k - 1)
+    return _seal(version, 0, body)
+
+
 def _context_wire(data: bytes) -> dict:
     return {"he": "ckks", "kind": "context", "v": 1, "data": data}
 
@@ -339,7 +356,8 @@ def _c1_decoded(ctx, segment, tmp_path) -> torch.Tensor:
 @pytest.mark.xfail(strict=True, reason="LIMIT: the fresh encryptions of zero that rerandomize and seal a result are "
                                        "made with the requester's public key, which nothing checks is an RLWE "
                                        "sample: pk = (0, p) gives (0, u) with u ternary, so c1 carries the scores "
-                                       "unflooded (a = b/t for small b, t does the same and looks uniform). Needs a "
+                                       "unflooded (a = b/t for small b, t does the same and looks uniform; its own "
+                                       "conjugation key (0, 16) keeps the real part's c + conj(c) from mixing it). Needs a "
                                        "public key whose a is expanded from a hashed seed, or a proof that it is "
                                        "well formed")
 def test_a_crafted_public_key_leaves_the_scores_c1_unreadable(ctx, tmp_path):
@@ -356,7 +374,9 @@ def test_a_crafted_public_key_leaves_the_scores_c1_unreadable(ctx, tmp_path):
     primes = [m.value() for m in data.key_context_data().parms().coeff_modulus()]
     pk1 = [word for q in primes for word in [primes[-1] % q] * ctx.slots * 2]
     crafted_key = _seal_ciphertext(version, tuple(data.key_parms_id()), 1.0, [0] * len(pk1) + pk1, len(primes))
-    public = ckks_wire.context_from_wire(_context_wire(ctx.serialize() + _message(2, _message(1, crafted_key))))
+    # (and its own conjugation key: the real part that linear_scores keeps, c + conj(c), then adds ~nothing to c1)
+    public = ckks_wire.context_from_wire(_context_wire(ctx.serialize() + _message(2, _message(1, crafted_key))
+                                                       + _message(2, _message(5, _crafted_conjugation_key(ctx)))))
     g = torch.Generator().manual_seed(21)
     x = torch.randn(B, D, generator=g, dtype=torch.float64)
     w = torch.randn(D, M, generator=g, dtype=torch.float64) / 7
@@ -369,5 +389,6 @@ def test_a_crafted_public_key_leaves_the_scores_c1_unreadable(ctx, tmp_path):
         blob = _seal_ciphertext(version, raw.parms_id(), raw.scale, [0] * (k * ctx.slots * 2) + c1, k)
         segments.append(ts.ckks_vector_from(public.raw, _with_field(honest.serialize(), 2, blob)))
     scores = ev.linear_scores(ckks.CKKSTensor(public, segments, (D, M * B), torch.float32), w, torch.zeros(M))
-    read = _c1_decoded(ctx, scores.segments[0], tmp_path)[:M * B].reshape(M, B).T
+    # (the sealing's mask is 1/2 where it keeps the real part, c + conj(c): the crafted key adds ~0 to c1)
+    read = 2 * _c1_decoded(ctx, scores.segments[0], tmp_path)[:M * B].reshape(M, B).T
     assert (read - x @ w).abs().max() > SIGMA / 4, "the scores' c1 gave x @ W finer than the flooding"

@@ -25,7 +25,7 @@ import numpy as np
 import tenseal as ts
 import torch
 
-from veil.he import flooding
+from veil.he import conjugation, flooding
 from veil.he.errors import (
     CKKSOperationError,
     DepthExhaustedError,
@@ -85,14 +85,22 @@ class CKKSContext:
         return self.raw.global_scale
 
     def public(self) -> CKKSContext:
-        """A copy without the secret key: it can encrypt and compute, not decrypt."""
+        """A copy without the secret key: it can encrypt and compute, not decrypt (with the conjugation key made
+        for this context, :mod:`veil.he.conjugation`)."""
+        with_key = conjugation.public_bytes_with_key(self)
+        if with_key is not None:
+            return CKKSContext.from_bytes(with_key)
         raw = self.raw.copy()
         if raw.is_private():
             raw.make_context_public()
         return CKKSContext(raw)
 
     def serialize(self, secret_key: bool = False) -> bytes:
-        """TenSEAL bytes of this context (public parts only unless ``secret_key``)."""
+        """TenSEAL bytes of this context (public parts only, with a conjugation key made for it, unless
+        ``secret_key``)."""
+        with_key = None if secret_key else conjugation.public_bytes_with_key(self)
+        if with_key is not None:
+            return with_key
         return self.raw.serialize(save_secret_key=secret_key and self.raw.has_secret_key())
 
     @classmethod
@@ -340,15 +348,22 @@ class CKKSTensor:
         """This tensor as a worker hands out what it computed with the owner's plaintext: each segment's slots
         past its values zeroed (a dot's or sum's rotate-and-add leaves partial sums there: every weight, not the
         one number asked for) and a fresh encryption of flooding noise added (new randomness; the computation's
-        own noise drowned, :mod:`veil.he.flooding`). Costs one multiplicative level."""
+        own noise drowned, :mod:`veil.he.flooding`). Where the context has the conjugation key, only the real
+        parts are kept (:mod:`veil.he.conjugation`: a complex input's imaginary parts were a second result, and
+        the real flooding left their noise). Costs one multiplicative level."""
         std = flooding.sigma(self.context.global_scale, product=True)
+        galois = conjugation.keys(self.context)
         out = []
         with _tenseal_errors("release"):
             for seg in self.segments:
                 size = seg.size()
                 # plaintexts of `size` values are zero in every other slot (a fresh encryption repeats its
                 # values across the slots instead: only its zeros are added, or the noise could be read back)
-                kept = seg.mul([1.0] * size).add(flooding.gaussian(size, std).tolist())
+                if galois is None:
+                    kept = seg.mul([1.0] * size)
+                else:  # (half of c + conj(c): the mask's one halved)
+                    kept = conjugation.real_part_doubled(seg.mul([0.5] * size), galois)
+                kept = kept.add(flooding.gaussian(size, std).tolist())
                 out.append(kept.add(ts.ckks_vector(self.context.raw, [0.0] * size)))
         return self._like(out)
 

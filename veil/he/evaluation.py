@@ -13,8 +13,11 @@ vector-matrix product needs one rotation per input value).
 
 The batch comes from the data owner, who holds the key and could craft it: :func:`linear_scores` takes only
 fresh ciphertexts under the agreed parameters (:mod:`veil.he.evaluation_checks`), starts its sum from a fresh
-encryption of zero, and returns the scores sealed (:meth:`CKKSTensor.sealed`: slots past ``m * B`` zeroed,
-Gaussian flooding of ``veil.he.flooding.sigma(scale, product=True)``, 2**-16 at scale 2**40, on every score).
+encryption of zero, and returns the scores sealed (:meth:`CKKSTensor.sealed`: slots past ``m * B`` zeroed, only
+the real parts kept with the context's conjugation key (a batch of ``x + i*y`` gave ``y @ W`` in the imaginary
+parts: a context without that key is refused), Gaussian flooding of ``veil.he.flooding.sigma(scale,
+product=True)``, 2**-16 at scale 2**40, on every score). Its errors and the scores' level do not depend on the
+weights' values (all-zero weights give the bias).
 Statistical parameter: the layer's own noise (at most ~2**-23 at scale 2**40 for weights of order 1) moves each
 score's distribution by a KL divergence of at most 2**-15; 2**-40 would need sigma ~2**-3.5, more than the
 scores' precision allows. A fresh encryption of zero makes the released randomness independent of the batch's.
@@ -28,16 +31,20 @@ import torch
 import tenseal as ts
 
 from veil.he.ckks import CKKSContext, CKKSTensor, _tenseal_errors, context
+from veil.he.conjugation import add_conjugation_key
 from veil.he.errors import ShapeMismatchError
 from veil.he.evaluation_checks import DEFAULT_PARAMETERS, EvaluationParameters, check_batch, check_product, \
     parameters_of
 
 
 def default_context() -> CKKSContext:
-    """A context for one plaintext-weight layer and its sealing (two levels), no rotation keys needed."""
+    """A context for one plaintext-weight layer and its sealing (two levels): no rotation keys, only the
+    conjugation key the model owner keeps the scores' real parts with (:mod:`veil.he.conjugation`)."""
     p = DEFAULT_PARAMETERS
-    return context(poly_modulus_degree=p.poly_modulus_degree, coeff_mod_bit_sizes=p.coeff_mod_bit_sizes,
-                   global_scale=p.global_scale, galois_keys=False)
+    ctx = context(poly_modulus_degree=p.poly_modulus_degree, coeff_mod_bit_sizes=p.coeff_mod_bit_sizes,
+                  global_scale=p.global_scale, galois_keys=False)
+    add_conjugation_key(ctx)
+    return ctx
 
 
 def train_logistic_regression(x: torch.Tensor, y: torch.Tensor, epochs: int = 300, lr: float = 0.5,
@@ -121,7 +128,8 @@ def linear_scores(enc_x: CKKSTensor, weight: torch.Tensor, bias: torch.Tensor,
         zero and each score flooded (see the module docstring).
 
     Raises:
-        CiphertextRefusedError: the batch is not fresh ciphertexts under ``parameters``.
+        CiphertextRefusedError: the batch is not fresh ciphertexts under ``parameters``, or its context has no
+            conjugation key (:func:`default_context` makes it).
         ShapeMismatchError: the batch does not fit the weights.
     """
     d, mb = enc_x.shape
@@ -131,11 +139,12 @@ def linear_scores(enc_x: CKKSTensor, weight: torch.Tensor, bias: torch.Tensor,
     check_batch(enc_x, d, mb, parameters)
     m = weight.shape[1]
     b = mb // m
-    terms = 0
     with _tenseal_errors("linear layer"):
         # fresh randomness first: the data owner's ciphertexts times the weights never sum to a transparent
-        # (0, 0), which SEAL refused (two copies of one ciphertext and rows w1 == -w0: an oracle on the weights)
-        acc = ts.ckks_vector(enc_x.context.raw, [0.0] * mb)
+        # (0, 0), which SEAL refused (two copies of one ciphertext and rows w1 == -w0: an oracle on the weights);
+        # brought to a product's level, so that the scores' level is the same if every weight is zero (then
+        # nothing is added: the scores are the bias; a refusal told the data owner the weights were zero)
+        acc = ts.ckks_vector(enc_x.context.raw, [0.0] * mb).mul(1.0)
         ones = [1.0] * mb
         for j, seg in enumerate(enc_x.segments):
             wj = weight[j]
@@ -148,9 +157,6 @@ def linear_scores(enc_x: CKKSTensor, weight: torch.Tensor, bias: torch.Tensor,
             term = seg.mul(wj.repeat_interleave(b).tolist())
             check_product(term, parameters)
             acc.add_(term)
-            terms += 1
-        if not terms:
-            raise ValueError("all weights are zero")
         acc = acc.add(bias.to(torch.float64).repeat_interleave(b).tolist())
     return CKKSTensor(enc_x.context, [acc], (m, b), torch.float32).sealed()
 

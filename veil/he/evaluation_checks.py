@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import tenseal.sealapi as sealapi
 
+from veil.he import conjugation
 from veil.he.ckks import CKKSContext, CKKSTensor
 from veil.he.errors import CiphertextRefusedError, ShapeMismatchError
 
@@ -57,7 +58,8 @@ def check_batch(enc_x: CKKSTensor, n_features: int, width: int, params: Evaluati
     """Refuses a batch that is not ``n_features`` fresh ciphertexts of ``width`` values under ``params``.
 
     Raises:
-        CiphertextRefusedError: other parameters, scale, level or polynomial count, or a transparent ciphertext.
+        CiphertextRefusedError: other parameters, scale, level or polynomial count, a transparent ciphertext, or
+            a context without the conjugation key.
         ShapeMismatchError: not one ciphertext of ``width`` values per feature.
     """
     ctx = enc_x.context
@@ -68,6 +70,10 @@ def check_batch(enc_x: CKKSTensor, n_features: int, width: int, params: Evaluati
         raise CiphertextRefusedError(
             f"the encrypted batch is not under the agreed CKKS parameters (ring {params.poly_modulus_degree}, "
             f"primes {list(params.coeff_mod_bit_sizes)}, scale {params.global_scale:g})")
+    if conjugation.keys(ctx) is None:
+        raise CiphertextRefusedError(
+            "the encrypted batch's context has no conjugation key (the scores' imaginary parts would be a second "
+            "answer); make the context with veil.he.evaluation.default_context()")
     if len(enc_x.segments) != n_features:
         raise ShapeMismatchError(f"expected one ciphertext per feature ({n_features}), got {len(enc_x.segments)}")
     top = tuple(data.first_parms_id())

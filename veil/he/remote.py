@@ -9,7 +9,8 @@ back to its owner, who decrypts it locally.
 A result computed with the data owner's data carries its op graph (what the
 owner reviews) and nothing beyond its plaintext that the worker can help: a
 Paillier product with the owner's plaintext is re-randomized, and a CKKS
-``sum``/``dot``/``mm`` keeps only its result slots, flooded (one more level).
+``sum``/``dot``/``mm`` keeps only its result slots, flooded (one more level), and only their real parts where
+the context has the conjugation key (any with Galois keys: a complex ``x + i*y`` gave a second dot with ``y``).
 Its plaintext is another matter: the requester chose the encrypted operand,
 so ``dot(x, w)`` with ``x = (1, 2**64, ...)`` packs every ``w_i`` into it.
 """
@@ -24,9 +25,9 @@ import phe
 import tenseal as ts
 import torch
 
-from veil.exceptions import RemoteExecutionError
+from veil.exceptions import RemoteExecutionError, SerializationError
 from veil.he import _paillier_encoding as enc
-from veil.he import ckks_wire, value_free, wire
+from veil.he import ckks_wire, context_memory, value_free, wire
 from veil.he.ckks import CKKSContext, CKKSTensor, _tenseal_errors as he_errors
 from veil.he.errors import CiphertextRefusedError, DepthRequiredError, HEError
 from veil.he.paillier import PaillierTensor, checkpoints, value_free_encoding
@@ -58,7 +59,8 @@ base.STORABLE_TYPES.extend([PaillierTensor, CKKSTensor, CKKSContext])
 
 # ---------------------------------------------------------------- quota (--max-session-mb)
 # Ciphertexts are large (a CKKS vector ~0.3 MB, a public context with Galois keys tens of MB): each
-# stored HE object is charged what it took on the wire, or an estimate for results computed here.
+# stored HE object is charged what it took on the wire, or an estimate for results computed here; a CKKS
+# context what SEAL holds for it.
 _WIRE_NBYTES = "_veil_wire_nbytes"
 _SEGMENT_NBYTES = "_veil_segment_nbytes"
 
@@ -92,9 +94,9 @@ def _paillier_nbytes(t: PaillierTensor) -> int:
 
 
 def _context_nbytes(ctx: CKKSContext) -> int:
-    known = ctx.__dict__.get(_WIRE_NBYTES)
-    # contexts only arrive over the wire; serializing one here would take seconds (Galois keys)
-    return known if known is not None else 64 * 2**20
+    """What SEAL holds for the context (its keys inflated and its tables: several times its wire size,
+    :mod:`veil.he.context_memory`), or its wire size if more."""
+    return max(context_memory.held_bytes(ctx), ctx.__dict__.get(_WIRE_NBYTES) or 0)
 
 
 register_size_estimator(CKKSTensor, _ckks_nbytes)
@@ -443,7 +445,16 @@ def send_encrypted(obj: PaillierTensor | CKKSTensor, worker: Any) -> HEPointer:
     if isinstance(obj, CKKSTensor):
         ckks_wire.remember(obj.context)  # so that .get() decodes against our own (secret) context
         objects.insert(0, StoredObject(new_id(), obj.context.public()))
-    owner.send_msg(ObjectMessage(objects), worker)
+    try:
+        owner.send_msg(ObjectMessage(objects), worker)
+    except SerializationError as e:
+        if isinstance(obj, CKKSTensor) and obj.context.raw.has_galois_keys() and "exceeds worker" in str(e):
+            # (the client's one line for a message past the worker's advertised limit: say what makes it big)
+            raise SerializationError(
+                f"{e}: the CKKS public context sent with it carries Galois keys (rotations for sum, dot and mm; "
+                "~34 MB at ring 8192, ~180 MB at 16384); products need none: veil.he.ckks.context(..., "
+                "galois_keys=False), or veil.he.evaluation.default_context() for encrypted evaluation") from None
+        raise
     kind = "ckks" if isinstance(obj, CKKSTensor) else "paillier"
     return HEPointer(worker, owner, oid, kind, tuple(obj.shape))
 
