@@ -193,10 +193,10 @@ def test_a_long_comparison_dealing_or_expansion_stops_at_the_commands_deadline(h
     made: list = []
     real_derive = fss_dealing.fss.derive
 
-    def slow_derive(masks, n_values):
+    def slow_derive(masks, n_values, **options):  # (options: the between-chunks checkpoint)
         made.append(n_values)
         token.deadline = 0.0  # (the deadline passes while the first item's key is made)
-        return real_derive(masks, n_values)
+        return real_derive(masks, n_values, **options)
 
     monkeypatch.setattr(fss_dealing.fss, "derive", slow_derive)
     per_party = [len(fss_dealing.fss.field_shapes((4,), 0, i < 2)) for i in range(2)]

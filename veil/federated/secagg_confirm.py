@@ -12,6 +12,13 @@ derive them). ``unmask`` then requires the set it confirmed itself, and valid ta
 members of it (itself included). Two different sets confirmed by ``t`` clients each would need ``2t``
 clients; ``t`` is a majority of U1. A key revealed at unmask (a dropped client's) lets the coordinator forge
 tags only towards that dropped client, which is not in U3.
+
+That argument needs one U1 and one t for every client, and the coordinator tells each client its own: told
+apart (each list with a majority threshold of its own), four clients handed over a client's key as dropped,
+and its forged tags then let two others unmask a target that masked with it alone. So each client also sends
+its view (round, n, t, U1 in order: :func:`view_digest`) with its deposit, peer to peer where the coordinator
+cannot change it, and masks only with survivors that shared under its own view (:func:`check_views`): every
+client whose shares or tags bear on a masked input then holds one view, and the argument above holds among them.
 """
 
 from __future__ import annotations
@@ -26,6 +33,21 @@ from veil.exceptions import RemoteExecutionError
 from veil.federated import secagg_crypto as sc
 
 TAG_BYTES = 32
+
+
+def view_digest(tag: int, n: int, threshold: int, ids: list) -> bytes:
+    """What a client was told of a round: its tag, n, t and U1 in share order (each id length-prefixed)."""
+    message = b"veil-secagg-view|" + b"".join(int(v).to_bytes(16, "big", signed=True) for v in (tag, n, threshold))
+    return hashlib.sha256(message + b"".join(len(v.encode()).to_bytes(8, "big") + v.encode() for v in ids)).digest()
+
+
+def check_views(state: Any, me: str, survivors: list) -> None:
+    """Refuses to mask with a survivor that shared its keys under another view of the round than this client's
+    (it sent it with its deposit; :func:`view_digest`)."""
+    mine = state.views.get(me)
+    if mine is None or any(state.views.get(v) != mine for v in survivors):
+        raise RemoteExecutionError("masked_input: refused (a survivor was told another participant list, n or "
+                                   "threshold for this round than this client)")
 
 
 def _tag(private: bytes, peer_public: bytes, round_tag: int, survivors: list) -> bytes:

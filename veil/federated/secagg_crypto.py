@@ -21,8 +21,17 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 PRIME = (1 << 521) - 1
+#: round tags are ints in [0, 2^64): what the wire carries as one integer (the derivations below encode them in
+#: 16 bytes: a tag >= 2^127 overflowed there, after the round had started)
+TAG_LIMIT = 1 << 64
 SHARE_BYTES = 66  # ceil(521 / 8)
 _RAW = serialization.Encoding.Raw
+
+
+def check_round_tag(tag: object) -> None:
+    """Refuses a round tag outside [0, :data:`TAG_LIMIT`), in one line."""
+    if type(tag) is not int or not 0 <= tag < TAG_LIMIT:
+        raise ValueError(f"a secure-aggregation round tag must be an int in [0, 2^64), got {repr(tag)[:40]}")
 
 
 def new_private_key() -> X25519PrivateKey:

@@ -65,7 +65,10 @@ the coordinator's key table names a key the client did not send (with its own
 keys in the table the coordinator would know every pair mask). The consistency
 round (Bonawitz et al. 2017, sec. 4.3) holds with pairwise MACs instead of
 signatures (``secagg_confirm``): without it, survivor sets told differently to
-each client unmasked one client's input. Per-client weights and the choice of
+each client unmasked one client's input. Each client also masks only with
+survivors that shared under its own view of the round (n, t and U1, sent with
+the deposit, peer to peer): told apart, they let forged tags unmask one client.
+Round tags are ints in [0, 2^64). Per-client weights and the choice of
 survivors remain the coordinator's.
 """
 
@@ -124,6 +127,7 @@ class _Round:
     publics: dict = field(default_factory=dict)
     held: dict = field(default_factory=dict)  # peer id -> (share of its sk, share of its b)
     deposited_keys: dict = field(default_factory=dict)  # peer id -> the public key it sent with its shares
+    views: dict = field(default_factory=dict)  # peer id -> the view it shared under (secagg_confirm.view_digest)
     masked_with: Optional[list] = None  # U2, once the masked input was sent
     confirmed: Optional[list] = None  # U3, sorted, once this client confirmed it (secagg_confirm)
     coordinator: str = ""  # the user who advertised the round (owns it)
@@ -188,7 +192,11 @@ def _advertise(worker: Any, tag: int, n: int, threshold: int) -> torch.Tensor:
     user = _coordinator(worker)
     rounds = _rounds(worker)
     _expire(rounds)
-    if type(tag) is not int or (user, tag) in rounds:
+    try:
+        sc.check_round_tag(tag)
+    except ValueError as e:
+        raise RemoteExecutionError(str(e)) from None
+    if (user, tag) in rounds:
         raise RemoteExecutionError(f"secure-aggregation round {tag!r} is not fresh on worker {worker.id!r}")
     if type(n) is not int or type(threshold) is not int or not 2 <= threshold <= n <= MAX_SECAGG_CLIENTS:
         raise RemoteExecutionError(f"need 2 <= threshold <= n <= {MAX_SECAGG_CLIENTS}, got threshold={threshold!r}, "
@@ -220,6 +228,7 @@ def _share_keys(worker: Any, tag: int, ids: list, publics: torch.Tensor) -> None
     if state.publics[worker.id] != state.public:
         raise RemoteExecutionError("share_keys: this worker's public key was not forwarded faithfully")
     state.ids = list(ids)
+    view = state.views[worker.id] = secagg_confirm.view_digest(tag, state.n, state.threshold, state.ids)
     sk_shares = sc.share(state.private, len(ids), state.threshold)
     b_shares = sc.share(state.self_seed, len(ids), state.threshold)
     for peer_id, sk_s, b_s in zip(ids, sk_shares, b_shares):
@@ -230,13 +239,14 @@ def _share_keys(worker: Any, tag: int, ids: list, publics: torch.Tensor) -> None
         try:
             peer = worker.resolve_worker(peer_id)
             worker.send_msg(CommandMessage("veil.secagg.deposit", (tag, state.coordinator, worker.id, *shares,
-                                                                   sc.bytes_tensor(state.public)), {}, [], False), peer)
+                                                                   sc.bytes_tensor(state.public), sc.bytes_tensor(view)),
+                                           {}, [], False), peer)
         except CLIENT_FAILURES:
             pass  # that peer is gone: it will lack shares and drop out at masked_input
 
 
 def _deposit(worker: Any, tag: int, coordinator: str, sender: str, sk_share: torch.Tensor,
-             b_share: torch.Tensor, public: Optional[torch.Tensor] = None) -> None:
+             b_share: torch.Tensor, public: Optional[torch.Tensor] = None, view: Optional[torch.Tensor] = None) -> None:
     principal = _principal(worker)
     state = _rounds(worker).get((coordinator, tag)) if type(tag) is int and isinstance(coordinator, str) else None
     if principal.isolated and not principal.is_peer:  # a scientist session: only peer workers hand over shares
@@ -258,8 +268,13 @@ def _deposit(worker: Any, tag: int, coordinator: str, sender: str, sk_share: tor
         # one share of each secret (more rows would be held uncharged, and shift this client's unmask rows)
         raise RemoteExecutionError("deposit: one share row of each secret expected")
     sc.from_tensor(sk_share), sc.from_tensor(b_share)  # validates the format
+    try:  # (none, or another, refuses masking with this sender: secagg_confirm.check_views)
+        told = sc.tensor_bytes(view) if isinstance(view, torch.Tensor) else None
+    except ValueError:
+        told = None
     state.held[sender] = (sk_share.clone(), b_share.clone())
     state.deposited_keys[sender] = key
+    state.views[sender] = told
 
 
 def _mask(state: _Round, me: str, others: list, n: int, tag: int) -> torch.Tensor:
@@ -284,6 +299,7 @@ def _masked_input(worker: Any, tag: int, survivors: list, state_tensors: list, w
         # the table it would know every pair mask of this client, and so its input
         raise RemoteExecutionError("masked_input: refused (a public key in the coordinator's table is not the "
                                    "one its client deposited)")
+    secagg_confirm.check_views(state, worker.id, survivors)  # one view of (n, t, U1) among everyone masked with
     loss = 0.0
     if isinstance(losses, torch.Tensor) and losses.numel():
         loss = float(losses.detach().to(torch.float64).mean())
@@ -424,6 +440,7 @@ def secure_aggregate(inputs: dict[str, ClientInput], tag: int, threshold: Option
             public key, a weight sum not the survivors'); nothing was recovered.
         ReviewPendingError, RequestDeniedError: an owner has not approved (or denied) its client's update.
     """
+    sc.check_round_tag(tag)
     ids = list(inputs)
     n = len(ids)
     t = threshold if threshold is not None else max(2, n // 2 + 1)

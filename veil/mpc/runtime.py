@@ -185,19 +185,31 @@ def register_runtime(runtime: PartyRuntime, default: bool = False) -> None:
 
 
 _STEP_CHECK: list[Callable[[], None]] = []
+_STEP_CHECKPOINT: list[Callable[[], None]] = []
 
 
-def set_step_check(check: Callable[[], None]) -> None:
+def set_step_check(check: Callable[[], None], checkpoint: Optional[Callable[[], None]] = None) -> None:
     """The worker runtime's command check (its deadline and cancellation), called between the items of a long
     protocol step that runs as a worker function (a comparison dealing, an expansion of dealt material): such a
-    step ran on past the owner's per-command limit. Nothing is checked where none is set."""
+    step ran on past the owner's per-command limit. ``checkpoint``: the check, then a hand-over of the worker's
+    turn to waiting requests, for a step no peer waits on while holding its own turn (a provider's key
+    generation, before it sends anything: it held every other client of its worker for up to ~16 s). A party's
+    step is only checked: the provider waits on it holding its turn, and a request let in meanwhile that called
+    the provider would wait for it forever. Nothing is checked where none is set."""
     _STEP_CHECK[:] = [check]
+    _STEP_CHECKPOINT[:] = [checkpoint or check]
 
 
 def step_check() -> None:
     """Raises if the worker command running this protocol step is past its deadline or was cancelled."""
     if _STEP_CHECK:
         _STEP_CHECK[0]()
+
+
+def step_checkpoint() -> None:
+    """:func:`step_check`, then lets other requests waiting for this worker run first (:func:`set_step_check`)."""
+    if _STEP_CHECKPOINT:
+        _STEP_CHECKPOINT[0]()
 
 
 def runtime_of(handle: Any) -> Optional[PartyRuntime]:

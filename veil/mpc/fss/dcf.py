@@ -19,6 +19,7 @@ seed differs between the two keys. Size per entry: ``16 + n(16 + 8K) + 16 +
 
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NamedTuple, Optional
 
@@ -58,6 +59,10 @@ def _check(n_bits: int) -> None:
 # to stay in cache (16384 measured best on a quiet 2-core box; on a busy one,
 # chunks below torch's parallel grain, 32768 elements / 8, do better).
 CHUNK = 16384
+#: entries per chunk when the caller hands its turn over between chunks (``between``), for payloads of up to
+#: 7 words (fewer entries for wider ones): a worker's dealing step, where a chunk of CHUNK entries held every
+#: other client ~0.4-1.3 s of one quiet core (1-17 words); now ~50 ms, whatever the width
+YIELD_CHUNK = 2048
 
 
 def _bits(v: torch.Tensor, n_bits: int) -> torch.Tensor:
@@ -74,8 +79,8 @@ def _unpack(packed: torch.Tensor, n_bits: int) -> torch.Tensor:
     return (packed.unsqueeze(0) >> torch.arange(n_bits, dtype=DTYPE).view(-1, 1)) & 1
 
 
-def gen(alpha: torch.Tensor, beta: torch.Tensor, n_bits: int,
-        generator: Optional[torch.Generator] = None) -> tuple[DCFKey, DCFKey]:
+def gen(alpha: torch.Tensor, beta: torch.Tensor, n_bits: int, generator: Optional[torch.Generator] = None,
+        between: Optional[Callable[[], None]] = None) -> tuple[DCFKey, DCFKey]:
     """Keys for ``f(x) = beta * [x < alpha]``, entry by entry.
 
     Args:
@@ -84,6 +89,8 @@ def gen(alpha: torch.Tensor, beta: torch.Tensor, n_bits: int,
         n_bits: Input bits ``n`` (1..63).
         generator: Seeds the root seeds reproducibly (tests only); by default
             they come from the OS CSPRNG.
+        between: Called on this thread before each chunk of at most ``YIELD_CHUNK`` entries (a worker
+            step's deadline check and turn hand-over); None: chunks of ``CHUNK``, nothing called.
     """
     _check(n_bits)
     n_entries, k = beta.shape
@@ -93,8 +100,10 @@ def gen(alpha: torch.Tensor, beta: torch.Tensor, n_bits: int,
     vcw = torch.empty((n_bits, n_entries, k), dtype=DTYPE)
     tcw = torch.zeros((2, n_entries), dtype=DTYPE)
     leaf = torch.empty((n_entries, k), dtype=DTYPE)
+    size = CHUNK if between is None else max(256, YIELD_CHUNK // (1 + k // 8))
     _over_chunks(n_entries, lambda lo, hi: _gen_chunk(alpha[lo:hi], beta[lo:hi], n_bits, roots[:, lo:hi],
-                                                       scw[:, lo:hi], vcw[:, lo:hi], tcw[:, lo:hi], leaf[lo:hi]))
+                                                       scw[:, lo:hi], vcw[:, lo:hi], tcw[:, lo:hi], leaf[lo:hi]),
+                 between, size)
     # The keys share their correction tensors (read-only for evaluators): no copy of the bulk.
     return DCFKey(roots[0], scw, vcw, tcw, leaf), DCFKey(roots[1], scw, vcw, tcw, leaf)
 
@@ -154,21 +163,27 @@ def evaluate(b: int, key: DCFKey, x: torch.Tensor, n_bits: int) -> torch.Tensor:
     return out
 
 
-def _over_chunks(n: int, fn: Callable[[int, int], None]) -> None:
-    """Runs ``fn(lo, hi)`` over chunks of ``CHUNK`` entries, on torch's intra-op thread count.
+def _over_chunks(n: int, fn: Callable[[int, int], None], between: Optional[Callable[[], None]] = None,
+                 size: int = CHUNK) -> None:
+    """Runs ``fn(lo, hi)`` over chunks of ``size`` entries, on torch's intra-op thread count.
 
     Chunks write disjoint slices, and torch's small elementwise ops and
     OpenSSL's AES release the GIL, so threads overlap where one chunk's ops are
-    too small for torch to parallelize by itself.
+    too small for torch to parallelize by itself. With ``between``: one chunk per thread at a time,
+    ``between()`` on this thread before each round of them.
     """
-    spans = [(lo, min(lo + CHUNK, n)) for lo in range(0, n, CHUNK)]
+    spans = [(lo, min(lo + size, n)) for lo in range(0, n, size)]
     threads = min(torch.get_num_threads(), len(spans))
-    if threads <= 1:
-        for lo, hi in spans:
-            fn(lo, hi)
-        return
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda span: fn(*span), spans))
+    step = len(spans) if between is None else max(1, threads)
+    with ThreadPoolExecutor(threads) if threads > 1 else contextlib.nullcontext() as pool:
+        for at in range(0, len(spans), max(1, step)):
+            if between is not None:
+                between()
+            if pool is None:
+                for lo, hi in spans[at:at + step]:
+                    fn(lo, hi)
+            else:
+                list(pool.map(lambda span: fn(*span), spans[at:at + step]))
 
 
 def _eval_chunk(b: int, key: DCFKey, x: torch.Tensor, n_bits: int) -> torch.Tensor:

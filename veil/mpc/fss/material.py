@@ -17,7 +17,7 @@ item is, per compared entry:
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -59,13 +59,15 @@ def split_bits(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (r >> DCF_BITS) & 1, r & LOW_MASK
 
 
-def derive(masks: list, n_values: int, generator: Optional[torch.Generator] = None) -> tuple[list, tuple]:
+def derive(masks: list, n_values: int, generator: Optional[torch.Generator] = None,
+           between: Optional[Callable[[], None]] = None) -> tuple[list, tuple]:
     """The derived additive fields and the DCF key pair for given masks.
 
     Args:
         masks: The ``n_masks(n_values)`` uniform masks ``r_0 ..`` (int64 tensors of one shape).
         n_values: Values multiplied by the bit (0: the bit alone).
         generator: Seeds the DCF roots reproducibly (tests only); default OS entropy.
+        between: Called between chunks of the key generation (:func:`veil.mpc.fss.dcf.gen`).
 
     Returns:
         ``([R_hi, r_0 * R_hi, ..], (key_0, key_1))``.
@@ -74,7 +76,7 @@ def derive(masks: list, n_values: int, generator: Optional[torch.Generator] = No
     sign = (1 - 2 * hi).reshape(-1, 1)
     multiplied = masks[:n_values]
     beta = torch.cat([torch.ones_like(sign)] + [r.reshape(-1, 1) for r in multiplied], dim=1) * sign
-    keys = dcf.gen(lo.reshape(-1), beta, DCF_BITS, generator)
+    keys = dcf.gen(lo.reshape(-1), beta, DCF_BITS, generator, between)
     return [hi] + [r * hi for r in multiplied], keys
 
 

@@ -37,7 +37,7 @@ from veil.mpc.providers.base import check_distinct_parties
 from veil.mpc.fss import material as fss
 from veil.mpc.prg import SEED_BYTES, expand, new_seed
 from veil.mpc.ring import random_ring
-from veil.mpc.runtime import DEALT_LAYOUTS, step_check
+from veil.mpc.runtime import DEALT_LAYOUTS, step_check, step_checkpoint
 from veil.mpc.sharing import split
 
 DEAL_COMPARISON = "veil.mpc.deal_comparison"
@@ -51,6 +51,11 @@ MAX_ITEM_BYTES = 192 << 20
 #: most ring elements one received message may expand from seeds (1 GiB of int64, as a dealing request):
 #: the sender names shape and count, and a worker function is not sized before it runs
 MAX_RECEIVED_ELEMENTS = 1 << 27
+#: most ring elements one received message may make a party expand from its seed, or check, as additive
+#: fields: 2^27 took ~2 s of one core in one piece (a party's turn held throughout) and 1 GiB. The keys
+#: dominate an honest message (a key holder's 64 MiB group, or its largest 192 MiB item, holds < 2^20 additive
+#: elements for every n_values), so this leaves it 4x room
+MAX_EXPANDED_ELEMENTS = 1 << 22
 #: most comparison items in one request (and so in one message): each costs the provider a DCF key
 #: generation (~30-50 ms whatever its size) and a party a check per field (~0.1 ms), so an item count alone
 #: made minutes of CPU from one request; an honest dealer asks in requests of at most this many
@@ -139,12 +144,14 @@ def _deal_chunk(worker: Any, parties: list, shape: tuple, n_values: int, ids: li
     shares: list[list] = [[] for _ in parties]  # explicit additive shares (or last party's corrections)
     keys: list[list] = [[], []]
     for k in range(count):
-        step_check()  # (a DCF key generation per entry: a request's items take up to minutes)
+        # a DCF key generation per entry, ~25-80 us: a request's items took up to ~16 s of one core, every
+        # other client of this worker waiting; they are let in between items, and between chunks of an item
+        step_checkpoint()
         if seeded:
             masks = [_sum(expand(s, _label(k, j), shape) for s in seeds) for j in range(n_masks)]
         else:
             masks = [random_ring(shape) for _ in range(n_masks)]
-        derived, key_pair = fss.derive(masks, n_values)
+        derived, key_pair = fss.derive(masks, n_values, between=step_checkpoint)  # (one item: up to ~3 s)
         for b in (0, 1):
             keys[b].extend(key_pair[b])
         if seeded:
@@ -178,9 +185,9 @@ def _receive_comparison(worker: Any, shape: Any, n_values: Any, count: Any, seed
     n_key = len(fss.field_shapes(shape, n_values, True)) - n_add
     holds_key = bool(keys)
     elements = count * n_add * max(1, math.prod(shape))  # (an empty shape still costs a loop per field)
-    if elements > MAX_RECEIVED_ELEMENTS:
-        raise ProviderError(f"{count} comparison items of shape {shape} make {elements} ring elements, more than "
-                            f"{MAX_RECEIVED_ELEMENTS} in one message")
+    if elements > MAX_EXPANDED_ELEMENTS:
+        raise ProviderError(f"{count} comparison items of shape {shape} make {elements} ring elements of additive "
+                            f"fields, more than {MAX_EXPANDED_ELEMENTS} in one message")
     if seed is not None:
         room_for(worker, 8 * elements, RECEIVE_COMPARISON)
     if holds_key and len(keys) != count * n_key:
@@ -197,7 +204,7 @@ def _receive_comparison(worker: Any, shape: Any, n_values: Any, count: Any, seed
     out: list = []
     fixes = iter(shares)
     for k in range(count):
-        step_check()
+        step_check()  # (not a checkpoint: the provider waits on this step holding its turn; see step_checkpoint)
         if seed is None:
             item = shares[k * n_add:(k + 1) * n_add]
         else:

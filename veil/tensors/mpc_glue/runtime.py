@@ -457,7 +457,8 @@ def _peer_round_lock(handles: Sequence[PointerTensor]) -> threading.Lock:
 
 RUNTIME = WorkerRuntime()
 register_runtime(RUNTIME, default=True)
-set_step_check(cancellation.check)  # (long dealing steps stop at the command's deadline)
+# long dealing steps stop at the command's deadline; a provider's key generation lets other clients in meanwhile
+set_step_check(cancellation.check, cancellation.checkpoint)
 
 
 @register_handler(OpenMessage)
