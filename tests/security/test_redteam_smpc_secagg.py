@@ -310,3 +310,21 @@ def test_a_partys_received_material_is_checked_but_never_hands_its_turn_over(mon
     seed = torch.arange(32, dtype=torch.uint8)
     out = fss_dealing._receive_comparison(None, [4], 1, 3, seed, [], [])
     assert len(out) == 3 * fss.n_additive(1) and len(checked) == 3 and not handed
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_keys_made_with_turn_hand_overs_are_the_keys_made_without(threads):
+    """The chunks a dealing hands the turn over between (one per thread at a time) make the same keys."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for k in (1, 17):
+            alpha, beta = random_ring((6000,)) & ((1 << 20) - 1), random_ring((6000, k))
+            plain = dcf.gen(alpha, beta, 20, torch.Generator().manual_seed(5))
+            calls = []
+            chunked = dcf.gen(alpha, beta, 20, torch.Generator().manual_seed(5), between=lambda: calls.append(1))
+            assert len(calls) >= 2
+            for a, b in zip(plain, chunked):
+                assert all(torch.equal(x, y) for x, y in zip(a, b))
+    finally:
+        torch.set_num_threads(before)
