@@ -32,10 +32,10 @@ CLASSES = _veil_exception_classes()
 #: raised only on the client side (never by a worker), or by a worker but never as an error reply of its own
 #: (Throttled is an HTTP 429 at the handshake; ResultOverQuotaError travels as its base QuotaExceededError on
 #: purpose; a plan's Refusal never leaves the interpreter; BatchDependentPlanError is raised at Plan.build;
-#: PlanArgumentError travels as its base RemoteExecutionError, as other plan argument errors did): they need not
-#: be registered
+#: PlanArgumentError travels as its base RemoteExecutionError, as other plan argument errors did; ConsoleStopping
+#: cuts a console request at the stop and is answered as an HTTP 503): they need not be registered
 LOCAL_ONLY = {"WorkerUnavailableError", "ModelConversionError", "WorkerStartError", "CommandLineError", "Throttled",
-              "ResultOverQuotaError", "Refusal", "BatchDependentPlanError", "PlanArgumentError"}
+              "ResultOverQuotaError", "Refusal", "BatchDependentPlanError", "PlanArgumentError", "ConsoleStopping"}
 
 
 def test_there_are_errors_from_every_subsystem():

@@ -16,6 +16,8 @@ import asyncio
 import threading
 from typing import Any
 
+from veil.exceptions import VeilError
+
 #: how long a stop waits for the requests in flight: past a lost COMMIT's lookup (the watchdog's 10 s stall
 #: check and 5 s probe) with room to spare
 STOP_WAIT_S = 30.0
@@ -25,7 +27,7 @@ STOPPING = b"the owner console is stopping: the worker is shutting down\n"
 ANSWER_S = 1.0
 
 
-class ConsoleStopping(Exception):
+class ConsoleStopping(VeilError):
     """A request's wait for its client, cut by the stop."""
 
 
