@@ -84,7 +84,11 @@ def _get_data(t: torch.Tensor) -> torch.Tensor:
 
 
 def _set_requires_grad(t: torch.Tensor, value: bool) -> None:
-    t.requires_grad = bool(value)
+    # a Python bool only: bool() of a tensor computed from protected data would store one bit of it in a
+    # flag every later descriptor shows (torch's own requires_grad_ refuses a tensor the same way)
+    if type(value) is not bool:
+        raise TypeError(f"requires_grad takes True or False, not {type(value).__name__}")
+    t.requires_grad = value
 
 
 def _copy(t: torch.Tensor) -> torch.Tensor:
