@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from veil.mpc import ring, ring_gemm
@@ -143,3 +143,46 @@ def test_beaver_products_through_limbs_open_to_torchs_ring_product(limbs_on, par
     xs, ys = (dict(zip(parties, split(t, len(parties), gen))) for t in (x, y))
     got = reconstruct(beaver_op(xs, ys, op, LocalDealer(seed=7)))
     assert torch.equal(got, {"mm": torch.mm, "matmul": torch.matmul, "bmm": torch.bmm}[op](x, y))
+
+
+M128 = 1 << 128
+
+
+def _pair_of(values):
+    from veil.mpc import ring128
+
+    limbs = [ring128.from_int(v) for v in values]
+    return torch.tensor([a for a, _ in limbs]), torch.tensor([b for _, b in limbs])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(1, 5), st.integers(1, 7), st.integers(1, 4), st.booleans(), st.data())
+def test_ring128_products_through_float_digit_images_match_python(limbs_on, n, k, m, public_first, data):
+    """SPDZ2k's 128-bit products (MAC shares) through float64 digit images, against Python integers."""
+    from veil.mpc import ring128
+
+    value = st.one_of(st.integers(0, M128 - 1), st.sampled_from([0, 1, (1 << 64) - 1, 1 << 64, 1 << 127, M128 - 1]))
+    p_vals = data.draw(st.lists(value, min_size=n * k, max_size=n * k))
+    x_vals = data.draw(st.lists(value, min_size=k * m, max_size=k * m))
+    p = tuple(t.reshape(n, k) for t in _pair_of(p_vals))
+    x = tuple(t.reshape(k, m) for t in _pair_of(x_vals))
+    assert ring128._float_digit_images(ring.BILINEAR_OPS["mm"], p[0], x[0], True, {}) is not None  # the new path
+    if public_first:
+        got, want_of = ring128.bilinear(ring.BILINEAR_OPS["mm"], p, x), (p_vals, x_vals, n, k, m)
+    else:
+        got, want_of = ring128.bilinear(ring.BILINEAR_OPS["mm"], x, p, public_first=False), (p_vals, x_vals, n, k, m)
+    pv, xv, n_, k_, m_ = want_of
+    want = [sum(pv[i * k_ + t] * xv[t * m_ + j] for t in range(k_)) % M128 for i in range(n_) for j in range(m_)]
+    got_ints = [ring128.to_int(a, b) for a, b in zip(got[0].reshape(-1).tolist(), got[1].reshape(-1).tolist())]
+    assert got_ints == want
+
+
+def test_ring128_convolution_through_float_digit_images_matches_int64_digits(limbs_on):
+    from veil.mpc import ring128
+
+    g = torch.Generator().manual_seed(5)
+    x = tuple(torch.empty(2, 3, 7, 7, dtype=torch.int64).random_(INT64_MIN, None, generator=g) for _ in range(2))
+    w = tuple(torch.empty(4, 3, 3, 3, dtype=torch.int64).random_(INT64_MIN, None, generator=g) for _ in range(2))
+    got = ring128.bilinear(ring.BILINEAR_OPS["conv2d"], x, w, padding=1, stride=2)
+    want = ring128.bilinear(F.conv2d, x, w, padding=1, stride=2)  # (no float twin: int64 digit images)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

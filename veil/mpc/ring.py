@@ -139,6 +139,16 @@ BILINEAR_OPS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+def _float_conv2d(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
+    return F.conv2d(x, w, None, stride, padding, dilation, groups)
+
+
+#: ring op -> the same op on float64 operands (exact where every sum stays below 2^53: ring128's digits)
+FLOAT_TWINS: dict[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] = {
+    ring_gemm.matmul: torch.matmul, ring_gemm.mm: torch.mm, ring_gemm.bmm: torch.bmm, conv2d: _float_conv2d,
+}
+
+
 #: the extra arguments each bilinear op takes from a request: a convolution's geometry, small ints only
 #: (a tensor, ``out=`` or an unknown name never reaches the op: ``out=`` wrote a product into a buffer
 #: the requester handed over, and a huge padding would make the op allocate without bound)
