@@ -16,9 +16,15 @@ per tensor between releases, and DP-only data flagged after ``enable_dp`` needs 
 
 Data past the bound (marked DP-only later, or grown in place after its checks) is released over its first
 ``max_records`` records, the rest unread: the same work, reply, charge and error (none) as data within the
-bound, where a refusal told any scientist n > max_records, free. (Removing one of those first records then
-moves the next one in: against adding or removing one record such a release is as private as against
-changing one, up to twice the epsilon for a sum with signed bounds, a histogram or a DP-SGD step.)
+bound, where a refusal told any scientist n > max_records, free. Removing one of those first records then
+moves the next one in, a replaced record, so every release over the bound, whatever the count (charging only
+data past it would tell n > N), is noised for the larger of an added/removed and a replaced record: a sum
+with signed bounds for ``upper - lower`` per value (``veil.dp.queries``; one-signed bounds: unchanged), a
+histogram for two bins moved, and a DP-SGD step charged at ``sigma / 2`` (sensitivity 2C: checked
+numerically to bound the replaced record's Renyi divergence under Poisson sampling; exact at q = 1).
+
+Tensors of a layout other than strided (sparse) are refused: indexing one scans its stored values, work in
+proportion to the count (and the release failed after its charge).
 
 Each release holds about :func:`release_bytes` for the bound's rows, uncharged: the owner's bound is
 checked against the worker's memory (:func:`check_memory`) at ``enable_dp`` and at a DP-only load, and
@@ -88,6 +94,12 @@ def release_bound(worker: Any, settings: Any, *tensors: torch.Tensor, dataset: b
             f"worker {worker.id!r} keeps its record counts private and declared no public bound on them for "
             "releases to compute over (the owner's enable_dp(..., max_records=N) or --dp-max-records N): "
             "only a DP count is answered")
+    for t in tensors:  # (before any read: a sparse tensor's gather scans its values, and then failed)
+        if t.layout is not torch.strided:
+            raise PermissionDeniedError(
+                f"this data on worker {worker.id!r} is stored in the {str(t.layout).replace('torch.', '')} "
+                "layout: releases on data whose record count is hidden read dense (strided) tensors only, "
+                "refused until the owner stores it dense; a DP count is answered")
     try:
         check_memory(worker, settings.max_records, tensors)
     except PrivacyParameterError:  # (the owner's row grew wider since: public shape, public bound)
@@ -110,18 +122,52 @@ def release_bytes(max_records: int, row_shape: Any = (), dtype: torch.dtype = to
     return max_records * (_SLOT_BYTES + _VALUE_BYTES * values + 2 * row)
 
 
+_CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read(4096)
+    except (OSError, ValueError):
+        return ""
+
+
+def _cgroup_places() -> list[tuple[str, str, str]]:
+    """(mount, the process's cgroup path, limit file) for cgroup v2 and v1's memory controller: the roots
+    as a namespaced container sees them, and the paths /proc/self/cgroup names (a systemd service, a pod,
+    a container seen from the host)."""
+    places = [(_CGROUP_ROOT, "/", "memory.max"), (f"{_CGROUP_ROOT}/memory", "/", "memory.limit_in_bytes")]
+    for line in _read("/proc/self/cgroup").splitlines()[:64]:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            places.append((_CGROUP_ROOT, parts[2], "memory.max"))
+        elif "memory" in parts[1].split(","):
+            places.append((f"{_CGROUP_ROOT}/memory", parts[2], "memory.limit_in_bytes"))
+    return places
+
+
+def _cgroup_limit() -> Optional[int]:
+    """The lowest memory limit on the process's cgroups and their ancestors (a parent's limit holds its
+    children too; v2 "max" and v1's unlimited figure are no limit), None when none is readable."""
+    limits = []
+    for mount, path, name in _cgroup_places():
+        parts = [p for p in path.split("/") if p and p not in (".", "..")][:32]
+        for depth in range(len(parts), -1, -1):  # the cgroup itself, then each ancestor up to the mount
+            text = _read("/".join([mount, *parts[:depth], name])).strip()
+            if text.isdigit():
+                limits.append(int(text))
+    return min(limits) if limits else None
+
+
 @functools.lru_cache(maxsize=1)
 def _machine_memory() -> int:
-    """The machine's memory, or the container's limit when lower (cgroup v2); read once."""
+    """The machine's memory, or the container's limit when lower (cgroup v2 or v1); read once."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        if limit.isdigit():
-            total = min(total, int(limit))
-    except OSError:
-        pass
-    return total
+    limit = _cgroup_limit()
+    return total if limit is None else min(total, limit)
 
 
 def memory_limit() -> int:
@@ -153,6 +199,9 @@ def check_ahead(worker: Any, settings: Any, tensors: Iterable[torch.Tensor]) -> 
         return
     tensors = list(tensors)
     for t in tensors:
+        if isinstance(t, torch.Tensor) and t.layout is not torch.strided:
+            raise ValueError(f"worker {worker.id!r}: DP-only data whose record count is hidden must be a dense "
+                             f"tensor (strided layout), got the {t.layout} layout (its releases read it by index)")
         if isinstance(t, torch.Tensor) and t.dim() > 0 and len(t) > settings.max_records:
             raise ValueError(f"worker {worker.id!r} holds DP-only data of {len(t)} records, more than "
                              f"max_records={settings.max_records}")

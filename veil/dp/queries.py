@@ -118,7 +118,9 @@ def dp_sum(x: torch.Tensor, lower: float, upper: float, epsilon: float, delta: f
 
     Adding or removing one record changes the sum by at most
     ``max(|lower|, |upper|)`` per coordinate; for vector records the L1 and L2
-    sensitivities scale with the dimension accordingly.
+    sensitivities scale with the dimension accordingly. With ``present`` (a hidden count's release over the
+    first ``max_records`` records, :mod:`veil.dp.padding`) removing one of them may move the next one in, a
+    replaced record: up to ``upper - lower`` per coordinate, so the noise is for the larger of the two.
     """
     _warn_generator(generator)
     _bounds(lower, upper)
@@ -130,6 +132,8 @@ def dp_sum(x: torch.Tensor, lower: float, upper: float, epsilon: float, delta: f
     # records sit at the bound. The noisy sum times m, saturated at the largest float64, is post-processing.
     m = math.ldexp(1.0, math.frexp(per)[1] - 1)
     unit = per / m
+    if present is not None:  # a replaced record moves a coordinate by up to upper - lower (< 4 units: finite)
+        unit = max(unit, upper / m - lower / m)
     res = _noisy(x.div(m).sum(0), unit * d, unit * math.sqrt(d), epsilon, delta, mechanism)
     value = (res.value * m).clamp(-_FLOAT64_MAX, _FLOAT64_MAX)
     return DPResult(value, res.epsilon, res.delta, res.mechanism, res.noise_scale * m)
@@ -161,7 +165,9 @@ def dp_histogram(x: torch.Tensor, bins: int, lower: float, upper: float, epsilon
     """Noisy counts of ``bins`` equal-width bins over ``[lower, upper]`` of all values of all records.
 
     A record of d values (``x[i]`` has ``d`` entries) adds d to the counts,
-    possibly all to one bin: L1 and L2 sensitivity d (1 for scalar records).
+    possibly all to one bin: L1 and L2 sensitivity d (1 for scalar records). With ``present`` (a hidden
+    count's release over the first ``max_records`` records) a record may be replaced instead, moving d
+    counts from one bin to another: L1 2d, L2 sqrt(2) d.
     Values outside are clipped into the edge bins; NaN goes to the first bin.
     Negative noisy counts are left as they are (unbiased).
     """
@@ -181,7 +187,8 @@ def dp_histogram(x: torch.Tensor, bins: int, lower: float, upper: float, epsilon
         # row is padding: at exactly max_records records bincount's output was one bin shorter)
         at = torch.where(present.reshape(-1, 1).expand(len(x), x.shape[1:].numel()).reshape(-1), at, bins)
     counts = torch.bincount(at, minlength=bins if present is None else bins + 1)[:bins]  # int64: exact
-    return _noisy(counts, d, d, epsilon, delta, mechanism, integer=(mechanism == "laplace"))
+    l1, l2 = (d, d) if present is None else (2 * d, math.sqrt(2) * d)  # (a replaced record: see above)
+    return _noisy(counts, l1, l2, epsilon, delta, mechanism, integer=(mechanism == "laplace"))
 
 
 def query_cost(name: str, shape: torch.Size, epsilon: float, delta: float = 0.0, mechanism: str = "laplace",

@@ -6,7 +6,9 @@
   (a record the plan fails on, or whose gradient is NaN/inf, contributes
   zero), clip each to the owner's C, sum, add N(0, (sigma C)^2) with the
   owner's sigma (or more), divide by q n (n: the owner's public nominal count
-  while the count is hidden), return one flat tensor. The owner's data enters
+  while the count is hidden), return one flat tensor. On a hidden count's
+  bound the step is charged at sigma / 2 (a record may be replaced in the
+  slots: :mod:`veil.dp.padding`). The owner's data enters
   only as the named dataset; under a session quota the plan is sized on the dry
   run and the lot computed in chunks that fit.
 - ``veil.dp.query(x, name, epsilon, delta, mechanism, lower, upper, bins, request_id)``: a noisy
@@ -121,11 +123,15 @@ def _sanitized_gradient(worker: Any, plan: Any, dataset: str, params: list, trai
             "integer division by a value, ...): on data whose record count is hidden a failing record costs "
             "more work than a padding row, so such plans are refused there")
     c = settings.max_grad_norm
+    # a lot drawn over the bound's slots: past the bound, removing one of the first max_records records moves
+    # the next one in, a replaced record whose clipped gradient differs by up to 2C: accounted as sensitivity
+    # 2C at sigma, i.e. sigma / 2 (whatever the count: charging only data past the bound told n > N)
+    accounted, note = (sigma, "") if bound is None else (sigma / 2, ", hidden count: for a replaced record")
     with settings.user_lock(user):
         # Charge first (before any work on the data): a failure below stays charged.
         with outside_turn():  # (the ledger only: see _query)
-            settings.ledger.charge_training_step(user, sigma, q, settings.delta, settings.accountant,
-                                                 reason=f"DP-SGD on {worker.id}/{dataset}", request_id=rid)
+            settings.ledger.charge_training_step(user, accounted, q, settings.delta, settings.accountant,
+                                                 reason=f"DP-SGD on {worker.id}/{dataset}{note}", request_id=rid)
         try:
             if bound is None:
                 lot = core.poisson_indices(len(ds.data), q)  # (in time proportional to the lot, not the count)

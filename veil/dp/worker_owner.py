@@ -221,7 +221,9 @@ def enable_dp(worker: Any, datasets: Union[str, Sequence[str], Mapping[str, tupl
             (a capacity you are willing to publish): sums, means, histograms and DP training then compute
             over this many rows, padding masked out, so their time and memory do not reveal the count.
             Data with more records is refused here (later data: at its load as DP-only); data re-flagged
-            DP-only or grown past the bound later is released over its first ``max_records`` records.
+            DP-only or grown past the bound later is released over its first ``max_records`` records, so
+            every release here is noised for a replaced record too (removing one of the first moves the next
+            in): up to twice the noise of a signed-bounds sum or a histogram, DP-SGD steps charged at sigma / 2.
             Each such release gathers ``max_records`` rows and computes over them in float64 (no copy is
             kept between releases), uncharged: a bound whose release would hold more than a quarter of
             the machine's memory is refused here, with the figures. DP training there refuses plans whose ops may raise on a record's values
