@@ -13,9 +13,16 @@ reviewed values, and DP releases (each one a charge to a privacy budget).
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 
 from veil.workers.persistence import OwnerDB, db_execute, db_update
+
+log = logging.getLogger(__name__)
+
+#: how long the stop waits for a trim under way (past a lost COMMIT's lookup, ~15 s)
+STOP_JOIN_S = 20.0
 
 #: the default cap: ~1 GB of SQLite at ~200 bytes a row
 DEFAULT_MAX_ROWS = 5_000_000
@@ -44,11 +51,30 @@ class AuditRetention:
             raise ValueError(f"the audit log's cap must be a whole number of rows >= 1, got {max_rows!r}")
         self.db, self.max_rows, self.every = db, max_rows, every
         self._last = float("-inf")
+        self._guard = threading.Lock()
+        self._thread: threading.Thread | None = None  # the trim under way (flush_due), if any
 
     def flush_due(self) -> None:
-        if time.monotonic() - self._last >= self.every:
-            self.flush()
+        """(the connect log's timer and each refused handshake: on the event loop, which never waits for the
+        database) the trim, if due, on a thread of its own, one at a time: a DELETE in a write transaction,
+        behind the lock a stalled row write holds, held every connection and ping there."""
+        with self._guard:
+            if time.monotonic() - self._last < self.every or (self._thread is not None and self._thread.is_alive()):
+                return
+            self._last = time.monotonic()
+            self._thread = threading.Thread(target=self._trim, name="veil-audit-trim", daemon=True)
+            self._thread.start()
+
+    def _trim(self) -> None:
+        try:
+            trim_audit(self.db, self.max_rows)
+        except Exception:  # noqa: BLE001 - the next tick tries again
+            log.exception("could not trim the audit log to its cap")
 
     def flush(self) -> None:
+        """(the stop, before the database closes) after the trim under way, if any: the trim, done here."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(STOP_JOIN_S)
         self._last = time.monotonic()
         trim_audit(self.db, self.max_rows)

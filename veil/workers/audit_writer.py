@@ -10,7 +10,9 @@ written in the order handed, by its thread. A handler thread waits for its own r
 (:meth:`RowWriter.wait_mine`), so its reply still goes after its rows are on record; so does an inline reply
 (below), not while the writer is behind (a stalled database).
 A row written synchronously (an allowed one: data leaving the worker) waits for the rows handed before it
-(:meth:`RowWriter.wait`), so the log keeps its order, as does a read of the log (``OwnerDB.audit_entries``).
+(:meth:`RowWriter.wait`), so the log keeps its order, as does a read of the log (``OwnerDB.audit_entries``); on
+the event loop it waits for none (an inline get runs there only while none is queued: rows other threads hand
+meanwhile are concurrent with it and go after it, :meth:`RowWriter.inline_started`).
 
 Bounded: a queued row is a copy of what the audit table keeps of it (at most 1000 ids, 500 characters); at most
 :data:`MAX_PENDING` rows wait, and past that a row is counted into one summary row per (action, principal) (ids
@@ -155,6 +157,8 @@ class RowWriter:
     def _wait_for(self, seq: int, timeout: float) -> bool:
         if self._written >= seq or threading.current_thread() is self._thread:
             return True
+        if getattr(self._mine, "inline", False):  # (the event loop: never waits here, see inline_started)
+            return False
         with self._changed:
             return self._changed.wait_for(lambda: self._written >= seq, timeout)
 
@@ -177,9 +181,19 @@ class RowWriter:
         loop hands such a request to a handler thread instead)."""
         return self._written < self._submitted or bool(self._overflow)
 
-    def clear_mine(self) -> None:
-        """Forgets the rows this thread handed so far (the event loop: before an inline request runs)."""
+    def inline_started(self) -> None:
+        """(the event loop, before an inline request runs) forgets the rows this thread handed so far (its reply
+        goes after its own rows only), and until :meth:`inline_ended` no wait on this thread waits. An inline get
+        or opening (whose allowed row is written directly) is let run on the loop only while no row is queued
+        (:meth:`busy`); a row another thread hands after that look (a batch store's refusal, audited by its
+        handler thread outside the turn) is concurrent with it, and the allowed row went on to wait for it on the
+        loop, behind a stalled write up to :data:`WAIT_S`, twice (``_audit``, ``OwnerDB.audit``). Now the allowed
+        row goes first (both are on record)."""
         self._mine.seq = 0
+        self._mine.inline = True
+
+    def inline_ended(self) -> None:
+        self._mine.inline = False
 
     def take_mine(self) -> int:
         """(the event loop, which never waits here) the newest row this thread handed, if not yet written (else

@@ -186,7 +186,8 @@ class InlineLane:
         if session.revoked:  # revoked while this frame waited: the handler thread refuses it (serve_bytes)
             self._turn.release()
             return None, None
-        self.audit_rows.clear_mine()  # (the rows its reply goes after are its own: not a refused handshake's)
+        # (the rows its reply goes after are its own, not a refused handshake's; it never waits on the row writer)
+        self.audit_rows.inline_started()
         # No CancelToken: nothing that runs inline checks one (worker functions, which do, never run here).
         # The thread CPU clock is a system call (~1 us, and on a busy VM the point where the kernel
         # switches tasks, ~4 us more per request in practice); a request that took less wall time than
@@ -235,6 +236,7 @@ class InlineLane:
             log.exception("worker %s: request of session %s failed outside the handlers", self.id, session.id)
             return serialize(m.ErrorReply(*error_reply_fields(e)), sender=self.id), None
         finally:
+            self.audit_rows.inline_ended()
             self._local.session = None
             ACTING.reset(acting)
             self._turn.release()

@@ -1,0 +1,233 @@
+"""Red team, second pass on the audit writer and the stop (veil/workers/audit_writer.py, loop_rows.py,
+inline_lane.py, refusal_rows.py): the holes today's fixes left. Each a strict xfail on the code before its fix
+(checked by running this file on that code):
+
+- an inline ``get`` (or SMPC opening) goes to a handler thread only when rows are queued at the moment it is
+  looked at; a row handed by another thread after that (a refused batch store is audited by its handler thread
+  outside the turn, while the loop holds it) made the get's allowed row wait on the event loop for the writer,
+  twice (``_audit`` and ``OwnerDB.audit``), up to 20 s each behind a stalled write. Must hold: an inline request
+  never waits on the writer (rows handed concurrently by other threads are concurrent with it: its allowed row
+  goes first); the value is returned and both rows are on record;
+- the owner's audit cap (``--audit-max-rows``, on by default) was trimmed on the event loop (the connect log's
+  timer, and every refused handshake: anyone reaching the port), a DELETE behind the database lock a stalled row
+  write holds. Must hold: the loop's call returns at once, the trim runs on a thread of its own once the
+  database answers, and the stop's trim is done before it returns.
+
+Guards (each checked to fail when the part it guards is taken out): pipelined requests keep their order and each
+reply goes to its own request while gets go to handler threads (checked with the lane's reader-idle check taken
+out); the stop's fold counts every refusal while other threads keep handing rows during it (checked with the fold
+counting one per row).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from veil.ids import new_id
+from veil.messaging import messages as m
+from veil.messaging.serde import deserialize, serialize
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from server_sessions import open_session, quota_worker, send_tensor  # noqa: E402
+from test_redteam_lane import _OPEN, Raw, _bin, _get, _op, _store, _tokens  # noqa: E402
+from test_redteam_turn_lookup import _HangOnce  # noqa: E402
+
+
+def _stored(srv, action: str, outcome: str) -> list[tuple]:
+    """The rows on record now (read straight from the table: no wait for the writer), in log order."""
+    with srv.db._lock:
+        return srv.db._db.execute("SELECT seq, principal, detail FROM audit WHERE action = ? AND outcome = ? "
+                                  "ORDER BY seq", (action, outcome)).fetchall()
+
+
+@pytest.fixture
+def lane_worker(hook):
+    """An in-process worker on loopback served from a thread (the lane red team's), stopped after."""
+    from veil.workers.websocket_server import WebsocketServerWorker
+
+    server = WebsocketServerWorker(hook, id=f"ass-lane-{time.monotonic_ns()}", port=0, tokens=_tokens())
+    ready = threading.Event()
+    thread = threading.Thread(target=server.serve_forever, daemon=True,
+                              kwargs={"on_ready": lambda _: ready.set(), "handle_signals": False})
+    thread.start()
+    assert ready.wait(10)
+    yield server
+    while _OPEN:
+        _OPEN.pop().close()
+    server.stop()
+    thread.join(10)
+
+
+# --------------------------------------------------------------------------- the event loop
+
+
+def test_a_row_handed_by_another_thread_during_an_inline_get_does_not_hold_the_event_loop(hook, monkeypatch):
+    """Attack: the writer is idle when an inline get is looked at, so it runs on the event loop; meanwhile another
+    thread hands a refusal row (here: a refused batch store audited by its handler thread outside the turn) and
+    the owner's database stalls on it. The get's allowed row waited for that row on the loop (every connection
+    and ping held up to 20 s, twice). Must hold: the loop does not wait; the get returns the value; both rows are
+    on record once the database answers."""
+    from veil.workers import audit_writer
+
+    srv = quota_worker(hook, f"ass-race-{time.monotonic_ns()}", "ass-race-scientist", None)
+    sci = open_session(srv, "ass-race-scientist")
+    oid = send_tensor(srv, sci, torch.tensor([3.25, -1.0]))
+    assert srv.audit_rows.wait(10) and not srv.audit_rows.busy()
+    hang = _HangOnce(monkeypatch, srv.db, "audit", when=lambda *a, **k: a[5] == "refused")
+    real_check = srv.monitor._check_release
+
+    def other_thread_hands_a_row(*a, **k):  # (between the lane's look at the writer and the allowed row)
+        t = threading.Thread(target=srv.refused_requests.refused,
+                             args=("ObjectMessage", "mallory", "s-m", [1], "over the session quota"))
+        t.start()
+        t.join(10)
+        assert hang.started.wait(10)
+        return real_check(*a, **k)
+
+    monkeypatch.setattr(srv.monitor, "_check_release", other_thread_hands_a_row)
+    loop_waits: list = []
+    real_wait = audit_writer.RowWriter._wait_for
+
+    def recorded(self, seq, timeout):
+        if threading.current_thread().name != "ass-race-loop":
+            return real_wait(self, seq, timeout)
+        started = time.monotonic()
+        done = real_wait(self, seq, 0.3)  # (the test waits 0.3 s where the loop would have waited `timeout`)
+        if time.monotonic() - started >= 0.25:
+            loop_waits.append(timeout)
+        return done
+
+    monkeypatch.setattr(audit_writer.RowWriter, "_wait_for", recorded)
+    data = serialize(m.GetObjectsMessage([oid]), sender="client")
+    out: dict = {}
+    try:
+        loop = threading.Thread(target=lambda: out.update(r=srv.try_inline(data, sci)), name="ass-race-loop")
+        loop.start()
+        loop.join(10)
+        assert loop_waits == [], f"the event loop waited for the row writer {len(loop_waits)} time(s)"
+        reply, _ = out["r"]
+        assert reply is not None, "not served inline"
+        got = deserialize(reply)[0]
+        assert torch.equal(got.objects[0], torch.tensor([3.25, -1.0])), got
+    finally:
+        hang.release()
+    assert srv.audit_rows.wait(10)
+    assert len(_stored(srv, "get", "allowed")) == 1
+    assert [r[1] for r in _stored(srv, "ObjectMessage", "refused")] == ["mallory"]
+
+
+def test_pipelined_requests_keep_their_order_while_gets_go_to_handler_threads(lane_worker, monkeypatch):
+    """Guard. Attack: while rows are queued a get goes to a handler thread, and a refused inline request's reply
+    waits for its row on its connection: a scientist pipelines get, an in-place add, get, a refused command, get
+    in one segment, hoping the add runs on the loop before the first get's handler thread (a value read after a
+    write it preceded) or a reply overtakes another. Must hold: each request runs once, in order, each reply to
+    its own request."""
+    server = lane_worker
+    c = Raw(server)
+    c.send(_bin(_store(1, torch.tensor([1.0, 2.0]))) + _bin(_store(3, torch.ones(2))))
+    assert c.replies(2) == [m.OkReply()] * 2
+    monkeypatch.setattr(server.audit_rows, "busy", lambda: True)  # (rows wait for the database)
+    refused = serialize(m.CommandMessage("torch.add", (m.ObjectRef(new_id()), 1.0), {}, [new_id()], False),
+                        sender="c")
+    c.send(b"".join(_bin(f) for f in (_get(1), _op("Tensor.add_", [1, 3], 0), _get(1), refused, _get(1))))
+    first, added, second, error, third = c.replies(5)
+    assert torch.equal(first.objects[0], torch.tensor([1.0, 2.0])), first
+    assert added == m.OkReply(), added
+    assert torch.equal(second.objects[0], torch.tensor([2.0, 3.0])), second
+    assert type(error) is m.ErrorReply and error.error == "ObjectNotFoundError", error
+    assert torch.equal(third.objects[0], torch.tensor([2.0, 3.0])), third
+
+
+# --------------------------------------------------------------------------- the stop's fold
+
+
+def test_the_stop_fold_counts_every_refusal_while_other_threads_keep_handing_rows(monkeypatch):
+    """Guard. Attack: refusals keep arriving from several threads (some rows past the cap, some window summaries
+    standing for many) while the stop folds the queue. Must hold: the rows written account for every refusal
+    handed, whenever it came (before, during or after the fold)."""
+    import re
+
+    from veil.workers import audit_writer
+
+    monkeypatch.setattr(audit_writer, "MAX_PENDING", 40)
+    monkeypatch.setattr(audit_writer, "STOP_FOLD_S", 0.05)
+    written: list = []
+
+    def write(*row):
+        time.sleep(0.002)
+        written.append(row)
+
+    writer = audit_writer.RowWriter(write, "ass-fold")
+    handed = [0] * 4
+
+    def refuse(k: int) -> None:
+        for i in range(400):
+            n = 1 + (i % 7 == 0) * 9  # (every seventh a window's summary of 10)
+            detail = f"{n} more refused compute requests" if n > 1 else "probe"
+            writer.submit("compute", f"user{k}", f"s-{k}", [i], "refused", detail, stands_for=n)
+            handed[k] += n
+            if i % 50 == 0:
+                time.sleep(0.01)
+
+    threads = [threading.Thread(target=refuse, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    writer.finish(5.0)
+    for t in threads:
+        t.join(30)
+    assert writer.wait(30)
+
+    def counted(row) -> int:
+        found = re.match(r"(\d+) more ", row[5])
+        return int(found.group(1)) if found else 1
+
+    for k in range(4):
+        assert sum(counted(r) for r in written if r[1] == f"user{k}") == handed[k], k
+
+
+def test_the_audit_cap_trim_does_not_run_on_the_event_loop(hook):
+    """Attack: the owner's audit cap (``--audit-max-rows``, on by default) is trimmed on the connect log's timer,
+    which runs on the event loop, and with every refused handshake (anyone reaching the port): a DELETE in a write
+    transaction, behind the database lock a stalled row write holds (the row writer's statement). The loop waited
+    for it, every connection and ping held. Must hold: the timer's call returns at once; the trim still happens
+    (on a thread of its own) once the database answers; the stop's trim is done before it returns."""
+    from veil.workers.audit_retention import AuditRetention
+
+    srv = quota_worker(hook, f"ass-trim-{time.monotonic_ns()}", "ass-trim-scientist", None)
+    srv.refusals.followers.append(AuditRetention(srv.db, 5, every=0.0))
+    for i in range(20):
+        srv.db.audit(srv.id, "get", "sci", "s", [i], "allowed", "probe")
+    held, release = threading.Event(), threading.Event()
+
+    def stalled_write():  # (the row writer's INSERT, its answer lost)
+        with srv.db._lock:
+            held.set()
+            release.wait(1.5)  # (long enough to see a wait; bounded for the code before the fix)
+
+    stall = threading.Thread(target=stalled_write)
+    stall.start()
+    assert held.wait(10)
+    try:
+        started = time.monotonic()
+        srv.refusals.flush_due()  # (the timer's tick on the event loop)
+        took = time.monotonic() - started
+    finally:
+        release.set()
+        stall.join(10)
+    assert took < 0.5, f"the event loop waited {took:.1f} s for the audit cap's trim"
+    deadline = time.monotonic() + 10
+    while len(_stored(srv, "get", "allowed")) > 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(_stored(srv, "get", "allowed")) == 5
+    for i in range(20):
+        srv.db.audit(srv.id, "get", "sci", "s", [i], "allowed", "probe")
+    srv.refusals.flush()  # (the stop's)
+    assert len(_stored(srv, "get", "allowed")) == 5
+    srv.db.close()
