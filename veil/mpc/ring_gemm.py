@@ -33,8 +33,12 @@ _HALF = 1 << (LIMB_BITS - 1)
 _MASK = (1 << LIMB_BITS) - 1
 #: the most limb products one float64 sum may hold and stay exact: (2^21)^2 * 2^11 = 2^53
 MAX_TERMS = 1 << 11
-#: below this many multiply-adds the limbs' extra passes cost more than the int64 loop saves
-MIN_WORK = 1 << 15
+#: below this many multiply-adds the limbs' extra passes cost more than the int64 loop saves (on the 2-core
+#: AVX2 box the two break even near a 96^3 product: 64^3 0.5 ms int64 against 1.0 ms, 128^3 14 against 3 ms)
+MIN_WORK = 1 << 20
+#: a convolution summing fewer taps (in channels x kernel area) keeps torch's int64 kernel: the float64
+#: convolutions of few channels are slow (1 channel, 3x3, batch 64: 18 ms int64 against 71 ms in limbs)
+MIN_CONV_TAPS = 32
 
 
 def split_into(x: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:
@@ -186,7 +190,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, dilation=1, gr
     if not (_plain(x) and _plain(w) and x.dim() == 4 and w.dim() == 4) or isinstance(padding, str):
         return None
     taps = w.shape[1] * w.shape[2] * w.shape[3]
-    if not fits(taps, x.shape[0] * x.shape[2] * x.shape[3] * w.shape[0] * taps, grouped=False):
+    if taps < MIN_CONV_TAPS or not fits(taps, x.shape[0] * x.shape[2] * x.shape[3] * w.shape[0] * taps, grouped=False):
         return None
     return limb_bilinear(F.conv2d, x, w, bias=None, stride=stride, padding=padding, dilation=dilation, groups=groups)
 
