@@ -11,7 +11,14 @@ inline_lane.py, refusal_rows.py): the holes today's fixes left. Each a strict xf
 - the owner's audit cap (``--audit-max-rows``, on by default) was trimmed on the event loop (the connect log's
   timer, and every refused handshake: anyone reaching the port), a DELETE behind the database lock a stalled row
   write holds. Must hold: the loop's call returns at once, the trim runs on a thread of its own once the
-  database answers, and the stop's trim is done before it returns.
+  database answers, and the stop's trim is done before it returns;
+- a get naming its own tensor's id thousands of times ran on the event loop, one allowed row (a database write)
+  per id: 16,000 ids in one 256 KiB frame held the loop ~5 s on a file database, three times per session before
+  it was marked slow, and a reconnect started afresh. Must hold: a get naming more than ``INLINE_MAX_GET_IDS``
+  ids goes to a handler thread (and returns every value);
+- a get sent to a handler thread because rows were queued took the worker's turn and waited there for them (its
+  allowed row goes after them): up to 20 s behind a stalled write, every other session's command held. Must
+  hold: it waits before it takes the turn; another session's command is served meanwhile.
 
 Guards (each checked to fail when the part it guards is taken out): pipelined requests keep their order and each
 reply goes to its own request while gets go to handler threads (checked with the lane's reader-idle check taken
@@ -231,3 +238,63 @@ def test_the_audit_cap_trim_does_not_run_on_the_event_loop(hook):
     srv.refusals.flush()  # (the stop's)
     assert len(_stored(srv, "get", "allowed")) == 5
     srv.db.close()
+
+
+def test_a_get_naming_many_ids_does_not_run_on_the_event_loop(hook):
+    """Attack: a scientist's get names its own tensor's id thousands of times (delete=False): each is an allowed
+    audit row written directly, one database write each, and the get ran on the event loop (16,000 ids in one
+    256 KiB frame held it ~5 s on a file database, three times before the session was marked slow, and a reconnect
+    started afresh). Must hold: such a get goes to a handler thread, which returns every value."""
+    from veil.workers.inline_lane import INLINE_MAX_GET_IDS
+
+    srv = quota_worker(hook, f"ass-ids-{time.monotonic_ns()}", "ass-ids-scientist", None)
+    sci = open_session(srv, "ass-ids-scientist")
+    x = torch.tensor([0.5, -4.0])
+    oid = send_tensor(srv, sci, x)
+    few = serialize(m.GetObjectsMessage([oid] * INLINE_MAX_GET_IDS, False), sender="client")
+    reply, _ = srv.try_inline(few, sci)
+    assert reply is not None and len(deserialize(reply)[0].objects) == INLINE_MAX_GET_IDS  # (a few: inline still)
+    many = serialize(m.GetObjectsMessage([oid] * (4 * INLINE_MAX_GET_IDS), False), sender="client")
+    reply, decoded = srv.try_inline(many, sci)
+    assert reply is None and decoded is not None, "a get naming many ids ran on the event loop"
+    got = deserialize(srv.serve_bytes(many, sci, decoded=decoded))[0]
+    assert len(got.objects) == 4 * INLINE_MAX_GET_IDS and all(torch.equal(t, x) for t in got.objects)
+
+
+def test_a_get_sent_to_a_handler_thread_while_rows_wait_does_not_hold_the_turn(hook, monkeypatch):
+    """Attack: refusal rows queue behind a stalled write of the owner's database (a flood of refused handshakes
+    from anyone reaching the port keeps the queue long on a slow database); every get then goes to a handler thread
+    (its allowed row goes after those rows), which took the worker's turn and waited there for them, up to 20 s:
+    every other session's command held as long. Must hold: the get waits for the queued rows before it takes the
+    turn; another session's command is served meanwhile; the get returns the value once the rows are written."""
+    from server_sessions import request
+
+    srv = quota_worker(hook, f"ass-turn-{time.monotonic_ns()}", "ass-turn-scientist", None)
+    sci, other = open_session(srv, "ass-turn-scientist"), open_session(srv, "ass-turn-scientist")
+    oid = send_tensor(srv, sci, torch.tensor([7.0, 8.0]))
+    mine = send_tensor(srv, other, torch.tensor([1.0, 2.0]))
+    hang = _HangOnce(monkeypatch, srv.db, "audit", when=lambda *a, **k: a[5] == "refused")
+    data = serialize(m.GetObjectsMessage([oid], False), sender="client")
+    out: dict = {}
+    try:
+        srv.refusals.refused("203.0.113.7:4000", "bad token")  # (its row waits behind the stalled write)
+        assert hang.started.wait(10)
+        reply, decoded = srv.try_inline(data, sci)
+        assert reply is None and decoded is not None  # (rows queued: a handler thread's)
+        getter = threading.Thread(target=lambda: out.update(get=srv.serve_bytes(data, sci, decoded=decoded)))
+        getter.start()
+        time.sleep(0.2)  # (the get is waiting for the rows)
+        served: dict = {}
+        bystander = threading.Thread(target=lambda: served.update(r=request(
+            srv, other, m.CommandMessage("torch.mul", (m.ObjectRef(mine), 2.0), {}, [new_id()], False))))
+        bystander.start()
+        bystander.join(2.0)
+        held = bystander.is_alive()
+    finally:
+        hang.release()
+    getter.join(20)
+    bystander.join(20)
+    assert not held, "another session's command waited for the turn a get held while it waited for the rows"
+    assert type(served["r"]) is m.OkReply, served
+    got = deserialize(out["get"])[0]
+    assert torch.equal(got.objects[0], torch.tensor([7.0, 8.0])), got

@@ -47,11 +47,16 @@ INLINE_STRIKES = 3  # over-budget requests (after the first, which starts the ti
 #: an SMPC opening runs inline only while the shares its request names hold at most this many bytes
 #: (its steps cost about linear time in them: 128 Ki ring elements take well under the CPU budget)
 INLINE_MAX_SHARE_BYTES = 1 << 20
+#: most ids a get may name and still run on the event loop: each is an allowed audit row, one write of the owner's
+#: database (a get naming one id 16,000 times held the loop ~5 s on a file database; a reconnect started afresh)
+INLINE_MAX_GET_IDS = YIELD_EVERY
 #: requests that never wait on another worker or run a long loop (torch ops, store, get, list)
 INLINE_TYPES = frozenset((m.CommandMessage, m.ObjectMessage, m.GetObjectsMessage, m.DeleteMessage, m.SearchMessage,
                           m.ListObjectsMessage))
 
 _OPS_BY_NAME = ALLOWLIST._by_name
+#: requests whose allowed audit row is written directly (data leaving the worker): after the rows queued before it
+_ALLOWED_ROW_REQUESTS = (m.GetObjectsMessage, OpenMessage)
 _UNKNOWN = object()
 _SKELETON = m.SkeletonCommand
 _PREPARED = _skeletons.Skeleton
@@ -218,10 +223,12 @@ class InlineLane:
                             and (tp is _SKELETON or _plain_op(msg.op)):  # a skeleton's op: checked when defined
                         return self._serve_command(session, principal, msg, prelude), None
             kind = _inline_kind(msg, decoded[2])
-            if tp is m.GetObjectsMessage and (_handlers._tracking(self) or self.audit_rows.busy()):
+            if tp is m.GetObjectsMessage and (_handlers._tracking(self) or self.audit_rows.busy()
+                                              or (type(msg.ids) is list and len(msg.ids) > INLINE_MAX_GET_IDS)):
                 # a release under the owner's review files or marks it in the owner's database (release.py): on a
                 # handler thread, which waits for that outside the turn (the loop thread would hold everybody);
-                # so does a get while refusal rows wait for the database: its allowed row goes after them
+                # so does a get while refusal rows wait for the database (its allowed row goes after them), and
+                # one naming many ids (an allowed row, a database write, each)
                 return None, decoded
             if kind == "protocol":
                 if self.audit_rows.busy():  # (an opening's allowed row, as a get's above)
@@ -248,6 +255,13 @@ class InlineLane:
                     strikes = strikes_of[session.id] = (strikes or 0) + 1
                     if strikes >= INLINE_STRIKES:
                         slow.add(session.id)
+
+    def rows_before_turn(self, decoded: tuple | None) -> None:
+        """(a handler thread, before it takes the turn) a get or SMPC opening sent here while refusal rows wait for
+        the owner's database waits for them now: its allowed row goes after them, and it waited for them in the
+        turn (up to 20 s behind a stalled write: every session's command held)."""
+        if decoded is not None and type(decoded[0]) in _ALLOWED_ROW_REQUESTS and self.audit_rows.busy():
+            self.audit_rows.wait()
 
     def _serve_command(self, session: Session, principal: Principal, msg: m.CommandMessage | m.SkeletonCommand,
                        prelude: list) -> bytes:
