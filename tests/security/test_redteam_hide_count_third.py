@@ -16,8 +16,9 @@ Holes found (each test asserts the safe behaviour):
   its stored values (index_select over a sparse tensor scans them: ~1 ms at 30 records, ~330 ms grown to
   2e6). Now a hidden-count tensor of any layout but strided is refused to the owner (load, enable_dp) and
   its releases are refused before any charge, on its layout only.
-Held (tests that could fail): cgroup files saying "max", unlimited v1 figures, garbage or none leave the
-machine's memory; sum replies stay alike for n within and past the bound.
+Held (tests that could fail): cgroup files saying "max", unlimited v1 figures, garbage (a digit int()
+refuses included) or none leave the machine's memory; replies stay alike for n within and past the bound;
+records past the bound never reach a mean; an open count's DP-SGD step is charged at the owner's sigma.
 """
 
 from __future__ import annotations
@@ -171,9 +172,10 @@ def test_the_machine_memory_reads_cgroup_v1_and_nested_v2_limits(monkeypatch, ca
     {},  # no cgroup files at all
     {"/proc/self/cgroup": "0::/\n", "/sys/fs/cgroup/memory.max": "max\n"},
     {"/proc/self/cgroup": "0::/a\n", "/sys/fs/cgroup/a/memory.max": "garbage\n"},
+    {"/proc/self/cgroup": "0::/a\n", "/sys/fs/cgroup/a/memory.max": "\u00b2\n"},  # a digit int() refuses
     {"/proc/self/cgroup": "4:memory:/\n", "/sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n"},
     {"/sys/fs/cgroup/memory.max": f"{64 << 30}\n"},  # above the machine: the machine's
-], ids=["none", "v2_max", "garbage", "v1_unlimited", "above_machine"])
+], ids=["none", "v2_max", "garbage", "unicode_digit", "v1_unlimited", "above_machine"])
 def test_cgroup_files_without_a_lower_limit_leave_the_machines_memory(monkeypatch, files):
     assert _memory_seen(monkeypatch, files) == _MACHINE
 
@@ -182,6 +184,32 @@ def test_the_root_cgroup_v2_limit_still_counts(monkeypatch):
     files = {"/proc/self/cgroup": "0::/\n", "/sys/fs/cgroup/memory.max": f"{1 << 30}\n"}
     assert _memory_seen(monkeypatch, files) == 1 << 30
     assert _memory_seen(monkeypatch, {"/sys/fs/cgroup/memory.max": f"{1 << 30}\n"}) == 1 << 30
+
+
+def test_records_past_the_bound_never_reach_a_mean(hook):
+    """The records past the bound are unread by a mean too (its sum and its count): with them at 1e30,
+    NaN and -inf, the mean at epsilon 1e3 is plain PyTorch's over the first 64 records."""
+    torch.manual_seed(3)
+    first = torch.rand(BOUND, 2)
+    grown = torch.cat([first, torch.tensor([[1e30, float("nan")], [float("-inf"), 1e30]]).repeat(50, 1)])
+    _, ptr = _hidden(hook, "rt-hc4-mean-unread", torch.zeros(10, 2), grown)
+    got = sy.dp.remote_query(ptr, "mean", epsilon=1e3, bounds=(-1.0, 1.0)).value
+    assert torch.allclose(got, first.double().mean(0), atol=0.01), (got, first.mean(0))
+
+
+def test_a_gradient_step_without_a_hidden_count_is_charged_as_before(hook):
+    """The replaced-record charge is for hidden-count releases only: an open count's step costs the
+    accountant's epsilon at the owner's sigma."""
+    sigma, q, delta = 1.0, 0.25, 1e-5
+    want = Accountant("rdp")
+    want.step(sigma, q)
+    w = sy.VirtualWorker(hook, id="rt-hc4-sgd-open")
+    w.load(torch.rand(40, 3), tags=("#c", "#data"), private=True)
+    w.load(torch.rand(40, 1), tags=("#c", "#target"), private=True)
+    w.enable_dp("c", budgets={"me": (1e6, 0.5)}, max_grad_norm=1.0, noise_multiplier=sigma, delta=delta)
+    model = _Lin()
+    RemoteDPOwner(w, "c", model, example=torch.zeros(2, 3), loss="mse").sanitized_gradient(model, None, None, q)
+    assert sy.dp.remaining_budget(w, spent=True)[0] == pytest.approx(want.get_epsilon(delta))
 
 
 # ============================================================================================ sparse

@@ -157,7 +157,7 @@ def _cgroup_limit() -> Optional[int]:
         parts = [p for p in path.split("/") if p and p not in (".", "..")][:32]
         for depth in range(len(parts), -1, -1):  # the cgroup itself, then each ancestor up to the mount
             text = _read("/".join([mount, *parts[:depth], name])).strip()
-            if text.isdigit():
+            if text.isascii() and text.isdigit():  # (str.isdigit passes '²', which int() refuses)
                 limits.append(int(text))
     return min(limits) if limits else None
 
