@@ -18,7 +18,11 @@ inline_lane.py, refusal_rows.py): the holes today's fixes left. Each a strict xf
   ids goes to a handler thread (and returns every value);
 - a get sent to a handler thread because rows were queued took the worker's turn and waited there for them (its
   allowed row goes after them): up to 20 s behind a stalled write, every other session's command held. Must
-  hold: it waits before it takes the turn; another session's command is served meanwhile.
+  hold: it waits before it takes the turn; another session's command is served meanwhile;
+- a window's summary kept its last refusal's text whole until the window closed, and a refused claim of a user
+  echoed the claim whole: a get claiming a user named by 5 MiB of text (up to the 256 MiB message limit) held
+  that much per (user, action) for 10 s and sent it back. Must hold: at most what the audit table keeps of a
+  row's text (500 characters) is held; the refusal names the claim in bounded text.
 
 Guards (each checked to fail when the part it guards is taken out): pipelined requests keep their order and each
 reply goes to its own request while gets go to handler threads (checked with the lane's reader-idle check taken
@@ -298,3 +302,32 @@ def test_a_get_sent_to_a_handler_thread_while_rows_wait_does_not_hold_the_turn(h
     assert type(served["r"]) is m.OkReply, served
     got = deserialize(out["get"])[0]
     assert torch.equal(got.objects[0], torch.tensor([7.0, 8.0])), got
+
+
+# --------------------------------------------------------------------------- a window's summary
+
+
+def test_a_window_summary_does_not_hold_the_requesters_text(hook):
+    """Attack: past its burst a scientist's refusals are counted into the window's summary, which kept the last
+    refusal's text whole until the window closed (10 s): a get claiming a user named by 5 MiB of text (refused:
+    the connection did not prove it) held those 5 MiB there, and the refusal's reply echoed them (up to the
+    256 MiB message limit each). Must hold: the summary keeps at most what the audit table keeps of a row's text;
+    the reply names the claimed user in bounded text; every refusal is still counted."""
+    from veil.workers.audit_writer import STORED_DETAIL
+
+    srv = quota_worker(hook, f"ass-last-{time.monotonic_ns()}", "ass-last-scientist", None)
+    sci = open_session(srv, "ass-last-scientist")
+    oid = send_tensor(srv, sci, torch.ones(2))
+    data = serialize(m.GetObjectsMessage([oid], False, "x" * (5 << 20)), sender="client")
+    for _ in range(srv.refused_requests.burst + 2):
+        reply = deserialize(srv.serve_bytes(data, sci))[0]
+        assert type(reply) is m.ErrorReply and reply.error == "PermissionDeniedError", reply
+    assert len(reply.message) < 1000, f"the refusal echoed {len(reply.message)} characters"
+    held = {key: len(s.last) for key, s in srv.refused_requests._suppressed.items()}
+    assert held and max(held.values()) <= STORED_DETAIL, held
+    assert sum(s.count for s in srv.refused_requests._suppressed.values()) == 2
+    from veil.workers.refusal_rows import RefusedRequestLog
+
+    log = RefusedRequestLog(lambda *row, **_: None, burst=0)  # (any refusal text that quotes the request)
+    log.refused("compute", "mallory", "s-1", [1], "no op named " + "y" * (1 << 20))
+    assert len(log._suppressed["mallory", "compute"].last) <= STORED_DETAIL

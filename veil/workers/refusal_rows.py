@@ -27,6 +27,9 @@ SUMMARY_IDS = 1000
 SUMMARY_SESSIONS = 8
 #: sessions one summary keeps (to count them; a session a connection): past it the summary is written early
 TRACKED_SESSIONS = 1000
+#: what a summary keeps of its last refusal's text (what the audit table keeps of a row's: a refusal's text may
+#: quote the request, up to the message limit, and was held whole until the window closed)
+LAST_DETAIL = 500
 
 
 class _Suppressed:
@@ -74,7 +77,7 @@ class RefusedRequestLog:
                         break
                     if type(oid) is int:
                         summary.ids[oid] = None
-                summary.last = detail
+                summary.last = detail[:LAST_DETAIL]  # (the requester's text, held for the window: bounded)
         if full is not None:
             self._write_summary(principal, action, full)
         if summary is None:

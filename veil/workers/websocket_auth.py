@@ -263,8 +263,10 @@ class Session:
         if claimed is None or claimed == "":
             return self.user
         if not isinstance(claimed, str) or all(p.name != claimed for p in self.principals):
+            shown = ascii(claimed)  # (bounded: the claim is the requester's text, up to the message limit)
+            shown = shown if len(shown) <= 100 else f"{shown[:100]}..."
             raise PermissionDeniedError(
-                f"this connection did not authenticate as user {claimed!r}; present that user's token to act as it"
+                f"this connection did not authenticate as user {shown}; present that user's token to act as it"
             )
         return claimed
 
