@@ -12,8 +12,9 @@
   only as the named dataset; under a session quota the plan is sized on the dry
   run and the lot computed in chunks that fit.
 - ``veil.dp.query(x, name, epsilon, delta, mechanism, lower, upper, bins, request_id)``: a noisy
-  count, sum, mean or histogram of a tensor on the worker (OpenDP noise); returns
-  (value, [epsilon, delta, noise scale]).
+  count, sum, mean or histogram of a tensor on the worker (OpenDP noise; over a
+  hidden count's bound, noised for a replaced record too: :mod:`veil.dp.padding`);
+  returns (value, [epsilon, delta, noise scale]).
 - ``veil.dp.budget()``: the requester's [epsilon left, delta left, epsilon spent, delta spent].
 
 Order of every release: validate the parameters (and dry-run a plan on a zero
