@@ -39,6 +39,14 @@ MIN_WORK = 1 << 20
 #: a convolution summing fewer taps (in channels x kernel area) keeps torch's int64 kernel: the float64
 #: convolutions of few channels are slow (1 channel, 3x3, batch 64: 18 ms int64 against 71 ms in limbs)
 MIN_CONV_TAPS = 32
+#: a product through the limbs has both output sides at least this wide: splitting an operand costs ~15
+#: passes over it, repaid only by reusing each limb across as many rows or columns ((1 x 2^20) @ (2^20 x 1):
+#: 1 s in limbs against 30 ms int64; a dealing of such a product held the provider for a minute)
+MIN_SIDE = 16
+#: the most elements of any one buffer of the limbs' scratch (float64 limbs, float64 products and their
+#: int64 images): products go in tiles or chunks within it, whatever a requester's shapes (a Beaver combine
+#: is not sized before it runs: its result is charged, as the dealt c was, not the limbs beside it)
+SCRATCH_ELEMENTS = 1 << 20
 
 
 def split_into(x: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:
@@ -77,9 +85,10 @@ def _limbs_side_by_side(blocks: Sequence[torch.Tensor], reversed_limbs: bool, ro
 def sum_of_products(c: Optional[torch.Tensor], pairs: Sequence[tuple]) -> torch.Tensor:
     """``c + sum_i x_i @ y_i`` in Z/2^64 through the limbs (2-D int64 matrices of matching shapes; ``c``
     may be None), a new tensor. Reductions longer than ``MAX_TERMS // 3`` in all go in pieces."""
-    out = c
+    shape = (pairs[0][0].shape[0], pairs[0][1].shape[1])
+    out = torch.zeros(shape, dtype=torch.int64) if c is None else torch.empty(shape, dtype=torch.int64).copy_(c)
     for piece in _pieces(pairs, MAX_TERMS // 3):
-        out = _grouped(out, piece)
+        _add_grouped(out, piece)
     return out
 
 
@@ -100,18 +109,27 @@ def _pieces(pairs: Sequence[tuple], most: int) -> list:
     return groups
 
 
-def _grouped(c: Optional[torch.Tensor], pairs: Sequence[tuple]) -> torch.Tensor:
-    """``c + sum_i x_i @ y_i`` for a summed reduction length of at most ``MAX_TERMS // 3``."""
+def _add_grouped(out: torch.Tensor, pairs: Sequence[tuple]) -> None:
+    """``out += sum_i x_i @ y_i`` for a summed reduction length of at most ``MAX_TERMS // 3``, tile by
+    tile: every limb buffer and float64 product within :data:`SCRATCH_ELEMENTS` (a tile's left limbs are
+    split again for each column block, rare: a block is at least 512 columns wide)."""
     total = sum(x.shape[1] for x, _ in pairs)
-    left = _limbs_side_by_side([x for x, _ in pairs], reversed_limbs=False, rows=False)
-    right = _limbs_side_by_side([y for _, y in pairs], reversed_limbs=True, rows=True)
-    # weight 1: x0 y0; weight 2^22: x0 y1 + x1 y0; weight 2^44: x0 y2 + x1 y1 + x2 y0
-    out = torch.mm(left[:, :total], right[2 * total:]).to(torch.int64)
-    if c is not None:
-        out += c
-    out.add_(torch.mm(left[:, :2 * total], right[total:]).to(torch.int64), alpha=1 << LIMB_BITS)
-    out.add_(torch.mm(left, right).to(torch.int64), alpha=1 << (2 * LIMB_BITS))
-    return out
+    rows, cols = out.shape
+    width = max(1, min(cols, SCRATCH_ELEMENTS // (3 * total)))
+    height = max(1, min(rows, SCRATCH_ELEMENTS // max(3 * total, width)))
+    product = torch.empty(height * width, dtype=torch.float64)
+    image = torch.empty(height * width, dtype=torch.int64)
+    for c0 in range(0, cols, width):
+        right = _limbs_side_by_side([y[:, c0:c0 + width] for _, y in pairs], reversed_limbs=True, rows=True)
+        for r0 in range(0, rows, height):
+            left = _limbs_side_by_side([x[r0:r0 + height] for x, _ in pairs], reversed_limbs=False, rows=False)
+            tile = out[r0:r0 + height, c0:c0 + width]
+            f = product[:tile.numel()].view(tile.shape)
+            i = image[:tile.numel()].view(tile.shape)
+            # weight 1: x0 y0; weight 2^22: x0 y1 + x1 y0; weight 2^44: x0 y2 + x1 y1 + x2 y0
+            for shift, skip in ((0, 2 * total), (LIMB_BITS, total), (2 * LIMB_BITS, 0)):
+                torch.mm(left[:, :3 * total - skip], right[skip:], out=f)
+                tile.add_(i.copy_(f), alpha=1 << shift)  # (float64 -> int64 exact: |f| <= 2^53)
 
 
 def products(c: Optional[torch.Tensor], pairs: Sequence[tuple]) -> Optional[torch.Tensor]:
@@ -126,22 +144,57 @@ def products(c: Optional[torch.Tensor], pairs: Sequence[tuple]) -> Optional[torc
         if not (x.shape[0] == rows and y.shape[1] == cols and x.shape[1] == y.shape[0]):
             return None
         work += x.numel() * cols
-    if (c is not None and tuple(c.shape) != (rows, cols)) or work < MIN_WORK or not limbs_pay():
+    if (c is not None and tuple(c.shape) != (rows, cols)) or work < MIN_WORK or min(rows, cols) < MIN_SIDE:
+        return None
+    if not limbs_pay():
         return None
     return sum_of_products(c, pairs)
 
 
-def limb_bilinear(fn: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
+#: the six limb products of a ring product: (weight's shift, left limb, right limb)
+_LIMB_TERMS = ((0, 0, 0), (LIMB_BITS, 0, 1), (LIMB_BITS, 1, 0),
+               (2 * LIMB_BITS, 0, 2), (2 * LIMB_BITS, 1, 1), (2 * LIMB_BITS, 2, 0))
+
+
+def limb_bilinear(fn: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                  into: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
     """``fn(x, y)`` in Z/2^64 for a bilinear float op ``fn`` (a batched matmul, a convolution) whose
-    sums hold at most :data:`MAX_TERMS` products: six limb products, summed with their weights in int64."""
+    sums hold at most :data:`MAX_TERMS` products: six limb products, summed with their weights in int64
+    (written into ``into`` where given: a chunk of a larger result, :func:`_in_chunks`)."""
     xs = [torch.empty(x.shape, dtype=torch.float64) for _ in range(3)]
     ys = [torch.empty(y.shape, dtype=torch.float64) for _ in range(3)]
     split_into(x, xs)
     split_into(y, ys)
-    out = fn(xs[0], ys[0], **kwargs).to(torch.int64)
-    for weight, terms in ((1 << LIMB_BITS, ((0, 1), (1, 0))), (1 << (2 * LIMB_BITS), ((0, 2), (1, 1), (2, 0)))):
-        for i, j in terms:
-            out.add_(fn(xs[i], ys[j], **kwargs).to(torch.int64), alpha=weight)
+    ints = None
+    for shift, i, j in _LIMB_TERMS:
+        image = fn(xs[i], ys[j], **kwargs)
+        if ints is None:
+            ints = torch.empty(image.shape, dtype=torch.int64)
+            into = torch.zeros(image.shape, dtype=torch.int64) if into is None else into.zero_()
+        into.add_(ints.copy_(image), alpha=1 << shift)
+        del image
+    return into
+
+
+def _in_chunks(fn: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor, y_batched: bool,
+               **kwargs) -> Optional[torch.Tensor]:
+    """``fn(x, y)`` through the limbs in chunks along the first dimension (``x``'s, and ``y``'s where
+    ``y_batched``; otherwise all of ``y`` meets each chunk), each chunk's limbs and float64 products
+    within :data:`SCRATCH_ELEMENTS`; None where even one sample's would not fit (torch's int64 op then)."""
+    n = x.shape[0]
+    if n == 0:
+        return None
+    y_one = y[:1] if y_batched else y
+    one = fn(torch.empty((1, *x.shape[1:]), dtype=torch.float64, device="meta"),
+             torch.empty(y_one.shape, dtype=torch.float64, device="meta"), **kwargs)
+    per_sample = 3 * x[0].numel() + (3 * y[0].numel() if y_batched else 0) + 2 * one.numel()
+    room = SCRATCH_ELEMENTS - (0 if y_batched else 3 * y.numel())
+    step = min(n, room // per_sample if per_sample else n)
+    if step < 1:
+        return None
+    out = torch.empty((n, *one.shape[1:]), dtype=torch.int64)
+    for at in range(0, n, step):
+        limb_bilinear(fn, x[at:at + step], y[at:at + step] if y_batched else y, into=out[at:at + step], **kwargs)
     return out
 
 
@@ -168,21 +221,32 @@ def addmm(c: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``torch.matmul(x, y)`` in Z/2^64."""
+    """``torch.matmul(x, y)`` in Z/2^64 (through the limbs for batches of matrices whose first dimension
+    chunks: ``x`` batched against a matrix or a batch of the same or a single one; vectors stay torch's)."""
     if x.dim() == 2 and y.dim() == 2:
         return mm(x, y)
-    if _plain(x) and _plain(y) and x.dim() >= 1 and y.dim() >= 1 and fits(
-            x.shape[-1], x.numel() * (y.shape[-1] if y.dim() >= 2 else 1), grouped=False):
-        return limb_bilinear(torch.matmul, x, y)
-    return torch.matmul(x, y)
+    out = None
+    if _plain(x) and _plain(y) and x.dim() >= 3 and y.dim() >= 2 and _wide(x.shape[-2], y.shape[-1]) and fits(
+            x.shape[-1], x.numel() * y.shape[-1], grouped=False):
+        if y.dim() == 2 or (y.dim() == x.dim() and y.shape[0] == 1):
+            out = _in_chunks(torch.matmul, x, y, y_batched=False)
+        elif y.dim() == x.dim() and y.shape[0] == x.shape[0]:
+            out = _in_chunks(torch.matmul, x, y, y_batched=True)
+    return torch.matmul(x, y) if out is None else out
 
 
 def bmm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``torch.bmm(x, y)`` in Z/2^64."""
-    if _plain(x) and _plain(y) and x.dim() == 3 and y.dim() == 3 and fits(
+    out = None
+    if _plain(x) and _plain(y) and x.dim() == 3 and y.dim() == 3 and _wide(x.shape[1], y.shape[2]) and fits(
             x.shape[2], x.numel() * y.shape[2], grouped=False):
-        return limb_bilinear(torch.bmm, x, y)
-    return torch.bmm(x, y)
+        out = _in_chunks(torch.bmm, x, y, y_batched=True)
+    return torch.bmm(x, y) if out is None else out
+
+
+def _wide(rows: int, cols: int) -> bool:
+    """Whether a product's output sides are both wide enough for its limbs to be reused (:data:`MIN_SIDE`)."""
+    return min(rows, cols) >= MIN_SIDE
 
 
 def conv2d(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, dilation=1, groups=1) -> Optional[torch.Tensor]:
@@ -192,11 +256,22 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, dilation=1, gr
     taps = w.shape[1] * w.shape[2] * w.shape[3]
     if taps < MIN_CONV_TAPS or not fits(taps, x.shape[0] * x.shape[2] * x.shape[3] * w.shape[0] * taps, grouped=False):
         return None
-    return limb_bilinear(F.conv2d, x, w, bias=None, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return _in_chunks(F.conv2d, x, w, y_batched=False, bias=None, stride=stride, padding=padding, dilation=dilation,
+                      groups=groups)
 
 
 _choice: Optional[bool] = None
 _choice_lock = threading.Lock()
+
+
+def _new_lock_in_child() -> None:
+    """A child forked while a thread of its parent was timing has that lock held by no thread of its
+    own: its first product would wait forever. The child times (or reads the pin) itself."""
+    global _choice_lock
+    _choice_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 def limbs_pay() -> bool:
@@ -206,7 +281,13 @@ def limbs_pay() -> bool:
         with _choice_lock:
             if _choice is None:
                 pinned = os.environ.get("VEIL_RING_GEMM", "").strip().lower()
-                _choice = pinned == "limbs" if pinned in ("limbs", "int64") else _time_both()
+                if pinned in ("limbs", "int64"):
+                    _choice = pinned == "limbs"
+                else:
+                    try:
+                        _choice = _time_both()
+                    except Exception:  # noqa: BLE001  (MemoryError...: a protocol step gets torch's int64 ops)
+                        _choice = False
     return _choice
 
 
