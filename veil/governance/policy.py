@@ -21,9 +21,10 @@ from typing import Any, Iterator
 
 from veil.exceptions import ObjectNotFoundError
 from veil.governance.lock_order import governance_lock, held_outside_turn, turn_and_governance_lock
-from veil.governance.moved_marks import record_tightened, source_name, sync_moved_marks
-from veil.governance.state import (DEFAULT_POLICY, POLICIES, audit, check_policy, governance, has_decisions_store,
-                                   policy_of)
+from veil.governance.moved_marks import (SCAN_SHARE, names_tightened, record_loaded, record_tightened, source_name,
+                                         sync_moved_marks)
+from veil.governance.state import (_STATE, DEFAULT_POLICY, POLICIES, audit, check_policy, governance,
+                                   has_decisions_store, policy_of)
 from veil.workers import cancellation
 
 #: open < review < dp-only: dp-only lets nothing un-noised out, approved or not (its DP releases are capped
@@ -83,11 +84,19 @@ def sync_stored_policies(worker: Any, turn: Any = None) -> list[int]:
 
 def _sync_decisions(worker: Any, turn: Any) -> list[int]:
     changed: list[int] = []
-    sources = owner_sources(worker)
-    if not sources:  # (nothing to tighten: no governance state made, no query)
+    made = _STATE.get(worker) is not None  # (none made: no query until a dataset is found)
+    decisions = stored_decisions(worker) if made else []
+    if made and not decisions:
         return changed
-    decisions = stored_decisions(worker)
-    if not decisions or not _tighter(worker, sources, decisions):  # (the usual case: no lock, no turn)
+    key = _decisions_key(decisions) if made else None
+    if _unchanged(worker, key):
+        return changed
+    started = time.monotonic()
+    sources = owner_sources(worker)
+    if sources and not made:
+        decisions = stored_decisions(worker)
+    if not sources or not decisions or not _tighter(worker, sources, decisions):  # (the usual case: no turn)
+        _LAST_READ[worker] = (key, time.monotonic() + (time.monotonic() - started) / SCAN_SHARE)
         return changed
     notes = []
     with _one_decision(worker):  # (read again under it: an owner's loosening stored meanwhile is not undone)
@@ -119,6 +128,22 @@ def _tighter(worker: Any, sources: list, decisions: list) -> list[tuple[int, Any
 
 #: how often a serving network worker rereads the owner's stored decisions (sync_stored_policies)
 SYNC_SECONDS = 1.0
+#: worker -> (the stored decisions its last sync found nothing to tighten for, when it next reads its datasets):
+#: finding them reads every held value (owner_sources), which a scientist holding 10^5 tiny values made 0.25 s of
+#: each second, with the store's lock held; new decisions are read for at once, the same ones at most a
+#: SCAN_SHARE of the time (a dataset the owner tags anew to match one waits that long: a load applies them itself)
+_LAST_READ: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _decisions_key(decisions: list) -> frozenset:
+    return frozenset((frozenset(tags), policy) for tags, policy in decisions)
+
+
+def _unchanged(worker: Any, key: frozenset | None) -> bool:
+    """Whether the last sync found nothing to tighten for these decisions (None: no governance state, no dataset
+    found) and the bound says wait (_LAST_READ)."""
+    last = _LAST_READ.get(worker)
+    return last is not None and time.monotonic() < last[1] and last[0] == key
 
 
 def _json(raw: Any, kind: type, key: str) -> Any:
@@ -139,6 +164,7 @@ def restore_policy(worker: Any, oid: int) -> None:
     entry = dict(worker.monitor.owner_entries()).get(oid)
     if entry is None or not entry.protected:  # (set_policy stores decisions for protected datasets only)
         return
+    record_loaded(worker, oid, _dataset_key(entry))
     stored = stored_policy(worker, entry)
     if stored is not None and _STRICTNESS[stored] > _STRICTNESS[DEFAULT_POLICY]:
         apply_policy(worker, oid, DEFAULT_POLICY)
@@ -168,6 +194,7 @@ def apply_policy(worker: Any, oid: int, policy: str) -> str:
     crash or not) never reopens what the owner tightened. Returns the policy in force."""
     check_policy(policy)
     entry = _owner_entry(worker, oid)
+    record_loaded(worker, oid, _dataset_key(entry))  # (its name for the copies that leave: moved_marks.py)
     stored = stored_policy(worker, entry)
     if stored is not None and _STRICTNESS[stored] > _STRICTNESS[policy]:
         audit(worker, "policy", "owner", "-", [oid], "allowed",
@@ -192,6 +219,7 @@ def _set_policy(worker: Any, oid: int, entry: Any, policy: str) -> int:
         marking = policy == "dp-only" and state.policies.get(oid) != "dp-only"
         loosening = policy != "dp-only" and state.policies.get(oid) == "dp-only"
         if marking:  # (odd until done: a command racing the marking checks its results again, provenance.stamp)
+            state.moved_names[source_name(worker, oid)] = oid  # (before the count: a recheck knows the name)
             state.marking.add(oid)
             state.tightenings += 1
         marks = 0
@@ -218,9 +246,10 @@ def _mark_derived_dp_only(worker: Any, source: int) -> None:
     no longer under review they were released to anyone asking. (A loosening leaves the marks: fails closed.)
     How many it marked."""
     marked = 0
-    moved = source_name(worker, source)  # (a copy moved out and back names it so: moved_marks.py)
+    # (a copy moved out and back names it "worker:id": moved_marks.py; a set cut to its bound may hide the name)
+    moved = frozenset({source_name(worker, source)})
     for _, derived in list(worker.monitor.owner_entries()):
-        if not derived.protected and (source in derived.provenance or moved in derived.provenance) \
+        if not derived.protected and (source in derived.provenance or names_tightened(derived.provenance, moved)) \
                 and not derived.meta.get("dp_only"):
             derived.meta["dp_only"] = True
             marked += 1

@@ -403,10 +403,7 @@ def stamp(entry: Any, lineage: Lineage | None, tensor: Any, op_suffix: str = "")
     graph[nid] = node
     if not lineage.sources <= entry.provenance:
         entry.provenance = join_sources(entry.provenance, lineage.sources)
-    if lineage.dp_only:
-        entry.meta["dp_only"] = True
-    elif lineage.state is not None and (lineage.tightenings % 2 or lineage.state.tightenings != lineage.tightenings):
-        _marked_if_dp_only(lineage.state, entry)
+    _marks(entry, lineage)
     kept = entry.meta[GRAPH] = _trim(graph, nid)
     entry.meta[ROOT] = nid
     if not op_suffix:  # (a new result: the handler charged it this when it was stored)
@@ -426,12 +423,26 @@ def stamp(entry: Any, lineage: Lineage | None, tensor: Any, op_suffix: str = "")
     return held - charged
 
 
+def _marks(entry: Any, lineage: Lineage) -> None:
+    """The DP guard's mark of a result: its inputs' (read after the count), or, where a tightening to dp-only ran
+    meanwhile, its sources'."""
+    if lineage.dp_only:
+        entry.meta["dp_only"] = True
+    elif lineage.state is not None and (lineage.tightenings % 2 or lineage.state.tightenings != lineage.tightenings):
+        _marked_if_dp_only(lineage.state, entry)
+
+
 def _marked_if_dp_only(state: Any, entry: Any) -> None:
     """A tightening to dp-only ran while the command did (stored, the entry is seen by any tightening after this):
     marks the entry if one of its sources is dp-only or being made so. Without the governance lock (a network
     worker's command never waits for it in its turn: lock_order.py): from its start to its end a tightening names
-    its source in ``state.marking`` or in the policy map."""
-    if any(s in state.marking or state.policies.get(s) == "dp-only" for s in entry.provenance):
+    its source in ``state.marking`` or in the policy map. A copy moved out and back names a source ``"worker:id"``
+    (``state.moved_names``), and a source set cut to its bound may have lost the name (moved_marks.names_tightened)."""
+    from veil.governance.moved_marks import names_tightened
+
+    tightened = set(state.marking) | {s for s, p in list(state.policies.items()) if p == "dp-only"}
+    names = frozenset(tightened) | frozenset(n for n, s in list(state.moved_names.items()) if s in tightened)
+    if names and names_tightened(frozenset(entry.provenance), names):
         entry.meta["dp_only"] = True
 
 
@@ -442,7 +453,12 @@ def stamp_unrecorded(outputs: list, lineage: Lineage | None) -> None:
     if lineage is None:
         return
     for entry in outputs:
-        if entry.provenance and entry.meta.get(GRAPH) is None:
+        if entry.provenance and entry.meta.get(GRAPH) is not None:
+            # (its own graph, made from its inputs' marks read without the count: an encrypted product racing a
+            # tightening, which listed the values to mark before it was stored and marked its input after that
+            # read, stored Enc(y) unmarked; the command's marks are read after the count, veil/he/remote.py)
+            _marks(entry, lineage)
+        elif entry.provenance:
             opaque = Lineage(lineage.sources, lineage.graph,
                              dict(lineage.node, op=f"opaque: {lineage.node['op']}",
                                   label=f"stored by worker function {lineage.node['op']}, its steps not recorded"),

@@ -38,6 +38,9 @@ class Governance:
     tightenings: int = 0
     #: sources a tightening to dp-only is marking the derived values of (until the policy map says dp-only)
     marking: set = field(default_factory=set)
+    #: ``"worker:id"`` -> id of each source made dp-only here: how a copy moved out and back names it (the race's
+    #: recheck, provenance.stamp, matches it as the id; moved_marks.source_name)
+    moved_names: dict = field(default_factory=dict)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "tracking" and value:  # every way tracking turns on passes here
