@@ -22,7 +22,7 @@ from veil.exceptions import ConnectionLostError
 from veil.ids import new_id
 from veil.mpc.encoding import decode, encode, make_encoding
 from veil.mpc.sharing import split
-from veil.serving import protocol
+from veil.serving import names, protocol
 from veil.serving.cluster import Cluster
 from veil.serving.errors import ServingError, WorkerUnavailableError
 from veil.serving.inputs import as_shape, as_tensor
@@ -87,6 +87,7 @@ class ModelClient:
         if any(i != infos[0] for i in infos):
             raise ServingError("the cluster's parties describe the service differently")
         self.info = infos[0]
+        self.service = names.pinned(name, self.info)  # (this owner's service from now on, whoever else opens one)
         if list(batch_input_shape[1:]) != self.info["input_shape"][1:]:
             raise ServingError(f"the model takes inputs of shape {self.info['input_shape']}, "
                                f"not {list(batch_input_shape)}")

@@ -16,13 +16,22 @@ does not take the first owner's clients from it (first come, as before), nor lea
 that must reach one owner's service whoever else serves that name names it ``@OWNER/NAME`` (``OWNER``: the
 owner's user, e.g. ``@model-owner/model`` on a ``Cluster``): that finds only that user's service, so a
 scientist who opened the name first (squatting it) does not get the client's queries. No service's own name
-starts with ``@`` (``open`` refuses one, whoever holds what), so a qualified name cannot be squatted either.
+starts with ``@`` (``open`` refuses one, whoever holds what), so a qualified name cannot be squatted either;
+nor one that reads as qualified (``＠alice/model``, `` @alice/model``: :func:`check_own_name`). A qualified
+name splits at its *last* ``/``: principal names may hold ``/`` (``lab/alice``), and split at the first,
+``@lab/alice/model`` found user ``lab``'s service ``alice/model`` (a service whose own name holds ``/``
+is reached by its plain name only). ``ModelClient`` resolves a plain name once, at connect, then pins the
+owner that the parties' ``info`` names (:func:`pinned`): while that owner's service is closed its queries fail
+instead of going to another user's open service of the name.
 """
 
 from __future__ import annotations
 
+import unicodedata
 import weakref
 from typing import Any, Callable, Iterator, Optional
+
+from veil.serving.errors import ServingError
 
 #: a client's service name of this form names its owner too: ``@OWNER/NAME``
 QUALIFIED = "@"
@@ -50,14 +59,34 @@ def for_client(worker: Any, name: str, may_query: Callable[[Any], bool],
                holds: Callable[[Any], bool] = lambda svc: False) -> Optional[Any]:
     """The service ``name`` a client means: of those it may query, one that ``holds`` its request, else the
     first opened still serving, else the first opened; None when it may query none."""
-    owner, _, rest = name[len(QUALIFIED):].partition("/") if name.startswith(QUALIFIED) else (None, "", name)
+    owner, slash, rest = name[len(QUALIFIED):].rpartition("/") if name.startswith(QUALIFIED) else (None, "/", name)
     candidates = [svc for (o, n), svc in SERVICES.get(worker, {}).items()
-                  if n == rest and (owner is None or o == owner) and may_query(svc)]
+                  if slash and n == rest and (owner is None or o == owner) and may_query(svc)]
     for prefer in (holds, lambda svc: not svc.closed, lambda svc: True):
         for svc in candidates:
             if prefer(svc):
                 return svc
     return None
+
+
+def pinned(name: str, info: dict) -> str:
+    """The name a connected client uses from now on: ``name`` pinned to the owner its ``info`` came from
+    (``info["owner"]``), so that while that owner's service is closed (its connection dropped, before it opens
+    again) the client's queries fail instead of going to another user's open service of that name; ``name``
+    itself when already pinned, holding ``/`` (not pinnable: see above), or from a worker that names no owner."""
+    owner = info.get("owner")
+    if name.startswith(QUALIFIED) or "/" in name or not isinstance(owner, str) or not owner:
+        return name
+    return f"{QUALIFIED}{owner}/{name}"
+
+
+def check_own_name(name: str) -> None:
+    """Refuses (one line) a service name that reads as a client's qualified one, ``@OWNER/NAME``: it starts
+    with ``@`` once folded (NFKC: a fullwidth or small ``@``) and its spaces and invisible characters dropped."""
+    folded = "".join(c for c in unicodedata.normalize("NFKC", name) if not c.isspace()
+                     and unicodedata.category(c) not in ("Cc", "Cf", "Zs", "Zl", "Zp"))
+    if folded.startswith(QUALIFIED):
+        raise ServingError(f"a service name may not start with {QUALIFIED!r} (nor read as if it did): {name!r}")
 
 
 def every(worker: Any) -> list:

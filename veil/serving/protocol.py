@@ -206,8 +206,7 @@ def _open(worker: Any, name: str, user: str, session: str, args: list) -> list:
     clients, info = args
     if not isinstance(clients, (list, tuple)) or not all(isinstance(c, str) for c in clients) or not isinstance(info, dict):
         raise ServingError("open expects [clients, info]")
-    if name.startswith(names.QUALIFIED):  # (clients' way of naming the owner too: see names.py)
-        raise ServingError(f"a service name may not start with {names.QUALIFIED!r}")
+    names.check_own_name(name)  # (clients' way of naming the owner too, "@OWNER/NAME": see names.py)
     services = names.table(worker)
     old = services.get((user, name))  # (another user's service of this name is neither seen nor touched)
     if old is None:
@@ -413,7 +412,7 @@ def _owned(worker: Any, name: str, user: str) -> _Service:
 
 def _info(worker: Any, name: str, user: str, session: str, args: list) -> list:
     svc = _client_service(worker, name, user)
-    return [svc.info]
+    return [{**svc.info, "owner": svc.owner}]  # (the client pins it from then on: names.pinned)
 
 
 def _submit(worker: Any, name: str, user: str, session: str, args: list) -> list:

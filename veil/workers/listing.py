@@ -8,12 +8,18 @@ last object looked at (None: the listing is complete), and the next page is aske
 Pages follow the worker's store order (objects stored since come later); ``veil.search`` /
 ``list_objects`` (PySyft's ``worker.search(tags)``, ``worker.list_objects()``) follow the pages themselves,
 so their call shapes and results are unchanged, each page one bounded turn of the worker.
+
+A page finds its cursor among a snapshot of the store's ids at C speed (:func:`visible_after`) and runs the Python
+ownership filter only over what it walks: run over every object to find the cursor, a page cost the whole
+store and listing N objects N^2/1024 filter steps (200 000 tiny tensors: 2 s a page, 206 s in all). A cursor
+the sender may not list (another session's object) reads as a deleted one. The client checks the pages it
+follows (:func:`every_page`): at most MAX_LISTED each, cursors that never come back, a few restarts.
 """
 
 from __future__ import annotations
 
-from operator import itemgetter
-from typing import Any, Callable, Iterable, Optional
+from itertools import islice
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from veil.exceptions import ObjectNotFoundError, register_remote_error
 
@@ -23,6 +29,8 @@ MAX_LISTED = 1024
 MAX_SCANNED = 16384
 #: most pages a client follows, restarts included (a bound on a listing that keeps changing under it)
 MAX_PAGES = 4096
+#: most times a client starts a listing again because its cursor left it (a worker may answer that for ever)
+MAX_RESTARTS = 32
 
 
 @register_remote_error
@@ -30,44 +38,77 @@ class ListingCursorGoneError(ObjectNotFoundError):
     """The object a page's ``after=`` names left the listing (deleted since): list again from the start."""
 
 
-def page(entries: Iterable[tuple[int, Any]], after: Any, keep: Callable[[int, Any], bool],
-         describe: Callable[[int, Any], Any]) -> tuple[list, Optional[int]]:
-    """(descriptors, next_after) of the page of ``entries`` after object ``after`` (None: from the start)."""
+def visible_after(spaces: tuple, after: Any, visible: Callable[[Any], bool]) -> Iterator[tuple[int, Any]]:
+    """The (id, entry) the sender may list (``visible``) of the store's ``spaces`` (its namespace's objects and
+    the shared ones: ``ObjectStore.spaces``), in store order (the shared first), from the one after object
+    ``after`` (None: from the start). ``after`` must be one the sender may list, else it reads as deleted."""
     if after is not None and type(after) is not int:
         raise ObjectNotFoundError("a listing's after= is an object id (an integer) or None")
-    entries = list(entries)
+    own, shared = spaces
+    ids = list(shared) + ([] if own is shared else list(own))  # (C-level, no new objects: a snapshot of ids)
     start = 0
     if after is not None:
-        try:  # (C-level: the listing's own order, so a page never re-sorts the session's objects)
-            start = list(map(itemgetter(0), entries)).index(after) + 1
+        try:  # (C-level: a Python pass, or a snapshot of (id, entry) pairs, cost each page the whole store)
+            start = ids.index(after) + 1
         except ValueError:
+            start = None
+        if start is None or not visible(_entry(spaces, after)):  # (another session's object: as a deleted one)
             raise ListingCursorGoneError(f"object {after} (the listing's after=) is no longer listed: "
-                                         "list again from the start") from None
+                                         "list again from the start")
+    return ((oid, e) for oid, e in ((oid, _entry(spaces, oid)) for oid in islice(ids, start, None))
+            if e is not None and visible(e))
+
+
+def _entry(spaces: tuple, oid: int) -> Any:
+    own, shared = spaces
+    entry = own.get(oid)
+    return shared.get(oid) if entry is None else entry
+
+
+def page(entries: Iterable[tuple[int, Any]], keep: Callable[[int, Any], bool],
+         describe: Callable[[int, Any], Any]) -> tuple[list, Optional[int]]:
+    """(descriptors, next_after) of the page that ``entries`` (those past the cursor: :func:`visible_after`)
+    start: at most MAX_SCANNED looked at, MAX_LISTED described; next_after None when nothing is left."""
+    entries = iter(entries)
     found, last = [], None
-    for oid, entry in entries[start:start + MAX_SCANNED]:
+    for oid, entry in islice(entries, MAX_SCANNED):
         last = oid
         if keep(oid, entry):
             found.append(describe(oid, entry))
             if len(found) == MAX_LISTED:
                 break
-    done = last is None or last == entries[-1][0]
+    done = last is None or next(entries, None) is None  # (one look past the page: more, or the end)
     return found, None if done else last
 
 
 def every_page(ask: Callable[[Optional[int]], Any]) -> list:
     """Every descriptor of a paged listing: ``ask(after)`` answers one page (a DescriptorsReply). A page
-    whose ``after=`` left the listing starts it again (descriptors are listed once, by id)."""
+    whose ``after=`` left the listing starts it again (descriptors are listed once, by id). A worker's page
+    longer than MAX_LISTED, or a cursor it already gave since the last start, ends the listing in one line
+    (a hostile or broken worker kept the client asking MAX_PAGES times, gathering pages of any size)."""
     seen: dict[int, Any] = {}
-    after = None
+    after, cursors, restarts = None, set(), 0
     for _ in range(MAX_PAGES):
         try:
             reply = ask(after)
         except ListingCursorGoneError:
-            after = None
+            restarts += 1
+            if restarts > MAX_RESTARTS:
+                break
+            after, cursors = None, set()
             continue
-        for d in reply.descriptors:
+        page_of = getattr(reply, "descriptors", None)
+        if not isinstance(page_of, list) or len(page_of) > MAX_LISTED or any(
+                type(getattr(d, "id", None)) is not int for d in page_of):
+            raise ObjectNotFoundError(f"the worker answered a malformed listing page (at most {MAX_LISTED} "
+                                      "descriptors, each with an integer id)")
+        for d in page_of:
             seen.setdefault(d.id, d)
         after = reply.next_after
         if after is None:
             return list(seen.values())
-    raise ObjectNotFoundError(f"the listing did not settle within {MAX_PAGES} pages (it keeps changing)")
+        if type(after) is not int or after in cursors:
+            raise ObjectNotFoundError("the worker's listing does not advance (a page cursor came back)")
+        cursors.add(after)
+    raise ObjectNotFoundError(f"the listing did not settle within {MAX_PAGES} pages or {MAX_RESTARTS} "
+                              "restarts (it keeps changing)")

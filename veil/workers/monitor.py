@@ -27,7 +27,7 @@ import torch
 from veil.exceptions import ObjectNotFoundError, PermissionDeniedError, VeilError
 from veil.messaging import messages as m
 from veil.tensors.handle import RemoteHandle
-from veil.workers import capabilities, dealt
+from veil.workers import capabilities, dealt, listing
 from veil.workers.capabilities import CAP_PREFIX, DEALER_TAG  # noqa: F401  (re-exported)
 from veil.workers.openings import OPENING_MASKS, OpeningRules  # noqa: F401  (re-exported)
 from veil.workers.principals import PURPOSES, Principal, Purpose, PurposeRule  # noqa: F401  (re-exported)
@@ -498,11 +498,11 @@ class ReferenceMonitor(QuotaRules, OpeningRules, StoreAdmission):
             self._store.linger(self.__key, principal.namespace, removed.nbytes, removed.obj)
         return True
 
-    def owned_entries(self, principal: Principal) -> Iterator[tuple[int, Entry]]:
-        """What the principal may list/search: the owner's data and its own objects."""
-        for oid, e in self._store.entries(self.__key, principal.namespace):
-            if e.protected or not principal.isolated or e.created_by == principal.namespace:
-                yield oid, e
+    def owned_entries(self, principal: Principal, after: Any = None) -> Iterator[tuple[int, Entry]]:
+        """What the principal may list/search (the owner's data, its own objects), past ``after``: listing.py."""
+        ns, isolated = principal.namespace, principal.isolated
+        return listing.visible_after(self._store.spaces(self.__key, ns), after,
+                                     lambda e: e.protected or not isolated or e.created_by == ns)
 
     def end_session(self, namespace: str) -> int:
         """Frees everything a session stored (disconnect); returns how many objects."""
