@@ -21,7 +21,8 @@ Holes found (each test failed on the code before its fix; checked by running the
   stored dp-only decision covers every name its dataset was loaded under).
 
 Held (guards): a scientist's forged source names mark only its own values and never add a stored name; a copy
-moved twice is marked on the second worker; two tightenings between the count and the check still mark.
+moved twice is marked on the second worker; two tightenings between the count and the check still mark; a
+tightening and a loosening between them leave the result under review.
 """
 
 from __future__ import annotations
@@ -369,3 +370,39 @@ def test_a_copy_moved_from_a_worker_before_its_restart_is_marked(hook, tmp_path)
     finally:
         r.db.close()
         b.db.close()
+
+
+def test_a_tightening_and_a_loosening_between_the_count_and_the_check_leave_review(hook, monkeypatch):
+    """The scientist's ``d * 2`` reads the count, then the owner tightens ``#d`` to dp-only and loosens it back to
+    review on another thread before the result is stamped. Must hold: the result is not released without the
+    owner's approval (pending review, or refused un-noised); once approved it is plain torch's ``d * 2``."""
+    from veil.exceptions import ReviewPendingError
+    from veil.governance import provenance
+
+    w = review_owner(hook, "marks2-loosen")
+    d = w.search(["#d"])[0]
+    real = provenance.taint_writes
+    done = []
+
+    def tighten_and_loosen(worker, lineage, op, *args, **kwargs):
+        out = real(worker, lineage, op, *args, **kwargs)
+        if op.name.endswith("mul") and not done:
+            t = threading.Thread(target=lambda: done.append([w.set_policy("#d", p) for p in ("dp-only", "review")]),
+                                 daemon=True)
+            t.start()
+            t.join(30)
+        return out
+
+    monkeypatch.setattr(provenance, "taint_writes", tighten_and_loosen)
+    z = d * 2
+    monkeypatch.setattr(provenance, "taint_writes", real)
+    assert done
+    with pytest.raises((ReviewPendingError, PermissionDeniedError)) as info:
+        z.get()
+    if isinstance(info.value, ReviewPendingError):
+        from veil.governance.requests import ReviewQueue
+
+        ReviewQueue(w).approve(info.value.request_id)
+        assert torch.equal(z.get(), SECRET * 2)
+    else:
+        assert "differential-privacy" in str(info.value)
