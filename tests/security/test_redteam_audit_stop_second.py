@@ -12,10 +12,13 @@ inline_lane.py, refusal_rows.py): the holes today's fixes left. Each a strict xf
   timer, and every refused handshake: anyone reaching the port), a DELETE behind the database lock a stalled row
   write holds. Must hold: the loop's call returns at once, the trim runs on a thread of its own once the
   database answers, and the stop's trim is done before it returns;
-- a get naming its own tensor's id thousands of times ran on the event loop, one allowed row (a database write)
-  per id: 16,000 ids in one 256 KiB frame held the loop ~5 s on a file database, three times per session before
-  it was marked slow, and a reconnect started afresh. Must hold: a get naming more than ``INLINE_MAX_GET_IDS``
-  ids goes to a handler thread (and returns every value);
+- a get naming many ids ran on the event loop, one allowed row (a database write) per id: 16,000 ids in one
+  256 KiB frame held the loop ~5 s on a file database, three times per session before it was marked slow, and a
+  reconnect started afresh. Must hold: a get naming more than ``INLINE_MAX_GET_IDS`` ids goes to a handler thread
+  (and returns every value);
+- on that thread a get naming its own tensor's id 100,000 times (a 900 KB frame) held the turn ~29 s and wrote
+  100,000 allowed rows, with no checkpoint (the 256 MiB message limit: hours). Must hold: a request naming its
+  objects more than twice over (plus 32) is refused in one line, no allowed row written (get_ids.py);
 - a get sent to a handler thread because rows were queued took the worker's turn and waited there for them (its
   allowed row goes after them): up to 20 s behind a stalled write, every other session's command held. Must
   hold: it waits before it takes the turn; another session's command is served meanwhile;
@@ -244,25 +247,56 @@ def test_the_audit_cap_trim_does_not_run_on_the_event_loop(hook):
     srv.db.close()
 
 
+def _stored_batch(srv, session, n: int) -> tuple[list, list]:
+    """``n`` small tensors stored in one request: (ids, tensors)."""
+    from server_sessions import request
+
+    ids, values = [new_id() for _ in range(n)], [torch.tensor([float(i), -0.5]) for i in range(n)]
+    reply = request(srv, session, m.ObjectMessage([m.StoredObject(i, v) for i, v in zip(ids, values)]))
+    assert type(reply) is m.OkReply, reply
+    return ids, values
+
+
 def test_a_get_naming_many_ids_does_not_run_on_the_event_loop(hook):
-    """Attack: a scientist's get names its own tensor's id thousands of times (delete=False): each is an allowed
-    audit row written directly, one database write each, and the get ran on the event loop (16,000 ids in one
-    256 KiB frame held it ~5 s on a file database, three times before the session was marked slow, and a reconnect
-    started afresh). Must hold: such a get goes to a handler thread, which returns every value."""
+    """Attack: a get naming many ids runs on the event loop, one allowed audit row (a database write) per id:
+    16,000 ids in one 256 KiB frame held the loop ~5 s on a file database, three times before the session was
+    marked slow, and a reconnect started afresh. Must hold: a get naming more than ``INLINE_MAX_GET_IDS`` ids
+    goes to a handler thread (which returns every value); a few ids are still served inline."""
     from veil.workers.inline_lane import INLINE_MAX_GET_IDS
 
     srv = quota_worker(hook, f"ass-ids-{time.monotonic_ns()}", "ass-ids-scientist", None)
     sci = open_session(srv, "ass-ids-scientist")
-    x = torch.tensor([0.5, -4.0])
-    oid = send_tensor(srv, sci, x)
-    few = serialize(m.GetObjectsMessage([oid] * INLINE_MAX_GET_IDS, False), sender="client")
+    ids, values = _stored_batch(srv, sci, 4 * INLINE_MAX_GET_IDS)
+    few = serialize(m.GetObjectsMessage(ids[:INLINE_MAX_GET_IDS], False), sender="client")
     reply, _ = srv.try_inline(few, sci)
     assert reply is not None and len(deserialize(reply)[0].objects) == INLINE_MAX_GET_IDS  # (a few: inline still)
-    many = serialize(m.GetObjectsMessage([oid] * (4 * INLINE_MAX_GET_IDS), False), sender="client")
+    many = serialize(m.GetObjectsMessage(ids, False), sender="client")
     reply, decoded = srv.try_inline(many, sci)
     assert reply is None and decoded is not None, "a get naming many ids ran on the event loop"
     got = deserialize(srv.serve_bytes(many, sci, decoded=decoded))[0]
-    assert len(got.objects) == 4 * INLINE_MAX_GET_IDS and all(torch.equal(t, x) for t in got.objects)
+    assert len(got.objects) == len(values) and all(torch.equal(a, b) for a, b in zip(got.objects, values))
+
+
+def test_a_get_naming_one_id_many_times_is_refused_at_once(hook):
+    """Attack: a get naming its own tensor's id 2,000 times: each copy was resolved and written to the owner's log
+    as an allowed row, in the turn, with no checkpoint (100,000 copies in a 900 KB frame held the turn ~29 s on a
+    file database; the 256 MiB message limit let one request do it for hours). Must hold: refused in one line
+    (no allowed row written, one refusal row each); the worker keeps serving, a get naming an object twice too."""
+    srv = quota_worker(hook, f"ass-dup-{time.monotonic_ns()}", "ass-dup-scientist", None)
+    sci = open_session(srv, "ass-dup-scientist")
+    oid = send_tensor(srv, sci, torch.tensor([2.5, 1.0]))
+    other = send_tensor(srv, sci, torch.tensor([-1.0]))
+    for delete in (False, True):
+        data = serialize(m.GetObjectsMessage([other] + [oid] * 2000, delete), sender="client")
+        reply = deserialize(srv.serve_bytes(data, sci))[0]
+        assert type(reply) is m.ErrorReply and reply.error == "PermissionDeniedError", reply
+        assert "\n" not in reply.message and len(reply.message) < 300, reply.message
+    assert srv.audit_rows.wait(10)
+    assert _stored(srv, "get", "allowed") == []
+    assert len(_stored(srv, "get", "refused")) == 2
+    # (one object named twice, by two handles to it: still served)
+    got = deserialize(srv.serve_bytes(serialize(m.GetObjectsMessage([oid, other, oid], False), sender="c"), sci))[0]
+    assert [t.tolist() for t in got.objects] == [[2.5, 1.0], [-1.0], [2.5, 1.0]], got
 
 
 def test_a_get_sent_to_a_handler_thread_while_rows_wait_does_not_hold_the_turn(hook, monkeypatch):
@@ -331,3 +365,38 @@ def test_a_window_summary_does_not_hold_the_requesters_text(hook):
     log = RefusedRequestLog(lambda *row, **_: None, burst=0)  # (any refusal text that quotes the request)
     log.refused("compute", "mallory", "s-1", [1], "no op named " + "y" * (1 << 20))
     assert len(log._suppressed["mallory", "compute"].last) <= STORED_DETAIL
+
+
+# --------------------------------------------------------------------------- the console's stop
+
+
+def test_a_slow_console_client_is_cut_only_by_the_stop(hook):
+    """Guard: the stop cuts a request waiting for its client (503, one line) and, from then on, gives a client
+    ANSWER_S per wait. Attack: a client that is merely slow (its body trickled over more than ANSWER_S) while
+    the worker serves, hoping for the stop's 503 path (a request ended without its answer). Must hold: outside
+    the stop it is answered as usual."""
+    import socket
+
+    from veil.governance.console.lifecycle import ANSWER_S
+    from veil.governance.console.server import ConsoleServer
+    from test_redteam_turn_lookup import _worker
+
+    srv, _ = _worker(hook, "ass-console")
+    console = ConsoleServer(srv, host="127.0.0.1", port=0).start()
+    body = b"login_csrf=x&token=y"
+    slow = socket.create_connection(("127.0.0.1", console.port), timeout=10)
+    try:
+        slow.sendall((f"POST /login HTTP/1.1\r\nHost: {console.host_name}\r\nContent-Type: application/"
+                      f"x-www-form-urlencoded\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode())
+        time.sleep(ANSWER_S + 0.3)  # (one wait for the client longer than the stop allows)
+        slow.sendall(body[:5])
+        time.sleep(0.1)
+        slow.sendall(body[5:])
+        answer = b""
+        while chunk := slow.recv(4096):
+            answer += chunk
+    finally:
+        slow.close()
+        console.stop()
+    assert answer.startswith(b"HTTP/1.1 ") and not answer.startswith(b"HTTP/1.1 503"), answer[:200]
+    assert b"stopping" not in answer, answer[:300]

@@ -51,6 +51,7 @@ from veil.workers import cancellation
 from veil.workers.accounts import ACTING, SEP, SessionEndNotices, frame_sender, split_sender
 from veil.workers.auth_throttle import FailureThrottle
 from veil.workers.base import HANDLERS, BaseWorker
+from veil.workers.get_ids import named_once
 from veil.workers.lane_connection import LaneConnection
 from veil.workers.monitor import Principal
 from veil.workers.persistence import OwnerDB
@@ -380,6 +381,7 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
             check_request(session, msg)  # least privilege per role (client, peer)
             if action in ("get", "move"):
                 principal = msg.user = session.claim_user(msg.user)
+                named_once(msg.ids)  # (one allowed row per id, in the turn: get_ids.py)
             return super()._handle(msg, session.id)
         except PermissionDeniedError as e:
             self._audit_refusal(e, action or type(msg).__name__, principal, session.id, _ids_of(msg))
