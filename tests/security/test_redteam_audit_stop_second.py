@@ -1,6 +1,6 @@
 """Red team, second pass on the audit writer and the stop (veil/workers/audit_writer.py, loop_rows.py,
-inline_lane.py, refusal_rows.py): the holes today's fixes left. Each a strict xfail on the code before its fix
-(checked by running this file on that code):
+inline_lane.py, refusal_rows.py, audit_retention.py, the console's stop): the holes today's fixes left. Each
+test failed on the code before its fix (checked by running it with the fixed file put back to the commit before):
 
 - an inline ``get`` (or SMPC opening) goes to a handler thread only when rows are queued at the moment it is
   looked at; a row handed by another thread after that (a refused batch store is audited by its handler thread
@@ -30,7 +30,8 @@ inline_lane.py, refusal_rows.py): the holes today's fixes left. Each a strict xf
 Guards (each checked to fail when the part it guards is taken out): pipelined requests keep their order and each
 reply goes to its own request while gets go to handler threads (checked with the lane's reader-idle check taken
 out); the stop's fold counts every refusal while other threads keep handing rows during it (checked with the fold
-counting one per row).
+counting one per row); a slow console client is cut (503) only by the stop (checked with the console stopping from
+the start).
 """
 
 from __future__ import annotations
