@@ -160,6 +160,7 @@ def drop_provider_scope(scope: str | None) -> int:
             for key in [k for k in table if k[0] == scope]:
                 table.pop(key, None)
                 dropped += 1
+        _FIXED_HELD.pop(scope, None)
     return dropped
 
 #: kinds whose fields are 128-bit (SPDZ2k) elements, each stored as two int64
@@ -325,6 +326,13 @@ FIXED_MASKS: dict[tuple, torch.Tensor] = {}
 #: most ring elements of fixed masks one requester scope keeps (a requester cannot fill the provider's
 #: memory beyond this per session, and cannot use up another session's room)
 MAX_FIXED_ELEMENTS = 1 << 25
+#: most fixed masks (ids) one requester scope keeps: by elements alone, one-element masks filled the table with
+#: 2^25 entries in one session (~1.3 KB each here: ~40 GB)
+MAX_FIXED_MASKS_PER_SCOPE = 4096
+#: scope -> (fixed masks, their ring elements) it keeps in FIXED_MASKS, kept as the table fills and empties under
+#: _TABLES_LOCK (the check under the lock is one look-up: summed over every session's masks, each dealing took
+#: longer than the last while every session's registrations and drops waited)
+_FIXED_HELD: dict = {}
 #: kinds whose derived fields are fixed masks: parties mark them (``veil.workers.dealt``) so that they
 #: are opened once, by ``fixed_open``, and never anywhere else
 FIXED_KINDS = frozenset({"fixed_mask"})
@@ -349,10 +357,14 @@ def _fixed_mask(spec) -> tuple[list, list, Derive]:
             # once per id: dealt twice, the parties' shares of the first b would no longer match the provider's
             if key in FIXED_MASKS:
                 raise ProviderError(f"fixed operand {fixed_id!r} was already dealt")
-            held = sum(t.numel() for k, t in FIXED_MASKS.items() if k[0] == scope)
+            count, held = _FIXED_HELD.get(scope, (0, 0))
+            if scope is not None and count >= MAX_FIXED_MASKS_PER_SCOPE:
+                raise ProviderError(f"this session keeps {MAX_FIXED_MASKS_PER_SCOPE} fixed masks at the crypto "
+                                    f"provider already")
             if held + math.prod(shape) > MAX_FIXED_ELEMENTS:
                 raise ProviderError(f"this crypto provider keeps at most {MAX_FIXED_ELEMENTS} fixed-mask elements")
             b = FIXED_MASKS[key] = random_ring(shape)  # a key-like secret: the OS's CSPRNG, not the dealer's
+            _FIXED_HELD[scope] = (count + 1, held + b.numel())
         return [b.clone()]  # dealers correct a derived value in place into the last party's share
 
     return [], [shape], derive

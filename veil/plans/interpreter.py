@@ -135,6 +135,17 @@ def _sized(func: Callable, name: str, size_check: Callable) -> Callable:
 
 #: ops between two checks of the running command's deadline (a check costs a clock read)
 CHECK_EVERY = 16
+#: how many of a plan's first ops ran since a failed command's walk last checked its constants
+#: (veil/workers/storage_overrun.py: only a run reaches them, and only the ops it ran); absent: never walked
+OPS_REACHED = "_ops_reached"
+
+
+def _note_reached(plan: CompiledPlan, last: CompiledOp) -> None:
+    """Notes that the plan's ops ran up to ``last`` (the one that failed, or the last one)."""
+    ops = plan.ops
+    n = len(ops) if last is ops[-1] else next(i for i, c in enumerate(ops) if c is last) + 1
+    spec = plan.spec
+    spec.__dict__[OPS_REACHED] = max(spec.__dict__.get(OPS_REACHED, 0), n)
 
 
 def run(plan: CompiledPlan, inputs: list, state: list, size_check: Callable | None = None) -> Any:
@@ -203,4 +214,6 @@ def run(plan: CompiledPlan, inputs: list, state: list, size_check: Callable | No
                                    f"{type(e).__name__}: {e}") from e
     finally:
         torch.set_grad_enabled(outer_mode)
+        if op is not None and OPS_REACHED in spec.__dict__:  # (absent: the next walk checks every constant)
+            _note_reached(plan, op)
     return _fill(spec.outputs, slots)
