@@ -34,7 +34,8 @@ def limbs_on(monkeypatch):
     monkeypatch.setattr(ring_gemm, "_choice", True)
     monkeypatch.setattr(ring_gemm, "MIN_WORK", 0)
     monkeypatch.setattr(ring_gemm, "MIN_CONV_TAPS", 0)
-    monkeypatch.setattr(ring_gemm, "MIN_SIDE", 1, raising=False)
+    monkeypatch.setattr(ring_gemm, "MIN_OUTPUT", 0, raising=False)
+    monkeypatch.setattr(ring_gemm, "MIN_REUSE", 0, raising=False)
 
 
 class FloatSizes:
@@ -254,3 +255,26 @@ def test_a_child_forked_while_another_thread_times_is_not_stuck(monkeypatch):
         child.kill()
         child.join()
     assert not stuck and queue.get(timeout=5) is False
+
+
+# ------------------------------------------------------------------ SPDZ2k's digit images at their bound
+
+M128 = 1 << 128
+
+
+@pytest.mark.parametrize("op,p_shape,x_shape,n", [("mm", (1, (1 << 19) - 1), ((1 << 19) - 1, 2), (1 << 19) - 1),
+                                                  ("conv2d", (1, 58254, 3, 3), (1, 58254, 3, 3), 58254 * 9)])
+def test_ring128_digit_images_at_the_2_19_bound_stay_exact(limbs_on, op, p_shape, x_shape, n):
+    """Every digit 0xFFFF (the largest column sums) in both limbs: n (2^128 - 1)^2 mod 2^128 in every entry,
+    through the float64 images just below 2^19 products per entry (from 2^19 on, int64 digits serve)."""
+    from veil.mpc import ring128
+
+    fn = ring.BILINEAR_OPS[op]
+    p = (torch.full(p_shape, -1, dtype=torch.int64), torch.full(p_shape, -1, dtype=torch.int64))
+    x = (torch.full(x_shape, -1, dtype=torch.int64), torch.full(x_shape, -1, dtype=torch.int64))
+    assert ring128._float_digit_images(fn, p[0], x[0], True, {}) is not None
+    longer = torch.full((1, 1 << 19), -1, dtype=torch.int64)
+    assert ring128._float_digit_images(ring.BILINEAR_OPS["mm"], longer, longer.t(), True, {}) is None
+    lo, hi = ring128.bilinear(fn, p, x)
+    want = n * (M128 - 1) ** 2 % M128
+    assert {ring128.to_int(a, b) for a, b in zip(lo.reshape(-1).tolist(), hi.reshape(-1).tolist())} == {want}

@@ -39,10 +39,13 @@ MIN_WORK = 1 << 20
 #: a convolution summing fewer taps (in channels x kernel area) keeps torch's int64 kernel: the float64
 #: convolutions of few channels are slow (1 channel, 3x3, batch 64: 18 ms int64 against 71 ms in limbs)
 MIN_CONV_TAPS = 32
-#: a product through the limbs has both output sides at least this wide: splitting an operand costs ~15
-#: passes over it, repaid only by reusing each limb across as many rows or columns ((1 x 2^20) @ (2^20 x 1):
-#: 1 s in limbs against 30 ms int64; a dealing of such a product held the provider for a minute)
-MIN_SIDE = 16
+#: a product through the limbs has an output of at least MIN_OUTPUT entries (each piece of a long reduction
+#: pays ~20 torch calls) and ``rows * cols >= MIN_REUSE * (rows + cols)``: splitting an operand costs ~15
+#: passes over it, repaid only by reusing each limb across the other side's rows or columns. Narrower ones
+#: keep torch's int64 loop: (1 x 2^20) @ (2^20 x 1) took 1 s in limbs against 30 ms, a dealing of such a
+#: product held the provider a minute; within the rule limbs cost at most ~1.5x (64 x 8 outputs) here
+MIN_OUTPUT = 512
+MIN_REUSE = 4
 #: the most elements of any one buffer of the limbs' scratch (float64 limbs, float64 products and their
 #: int64 images): products go in tiles or chunks within it, whatever a requester's shapes (a Beaver combine
 #: is not sized before it runs: its result is charged, as the dealt c was, not the limbs beside it)
@@ -144,7 +147,7 @@ def products(c: Optional[torch.Tensor], pairs: Sequence[tuple]) -> Optional[torc
         if not (x.shape[0] == rows and y.shape[1] == cols and x.shape[1] == y.shape[0]):
             return None
         work += x.numel() * cols
-    if (c is not None and tuple(c.shape) != (rows, cols)) or work < MIN_WORK or min(rows, cols) < MIN_SIDE:
+    if (c is not None and tuple(c.shape) != (rows, cols)) or work < MIN_WORK or not _wide(rows, cols):
         return None
     if not limbs_pay():
         return None
@@ -226,7 +229,7 @@ def matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if x.dim() == 2 and y.dim() == 2:
         return mm(x, y)
     out = None
-    if _plain(x) and _plain(y) and x.dim() >= 3 and y.dim() >= 2 and _wide(x.shape[-2], y.shape[-1]) and fits(
+    if _plain(x) and _plain(y) and x.dim() >= 3 and y.dim() >= 2 and _wide(x.shape[-2], y.shape[-1], True) and fits(
             x.shape[-1], x.numel() * y.shape[-1], grouped=False):
         if y.dim() == 2 or (y.dim() == x.dim() and y.shape[0] == 1):
             out = _in_chunks(torch.matmul, x, y, y_batched=False)
@@ -238,15 +241,16 @@ def matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def bmm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``torch.bmm(x, y)`` in Z/2^64."""
     out = None
-    if _plain(x) and _plain(y) and x.dim() == 3 and y.dim() == 3 and _wide(x.shape[1], y.shape[2]) and fits(
+    if _plain(x) and _plain(y) and x.dim() == 3 and y.dim() == 3 and _wide(x.shape[1], y.shape[2], True) and fits(
             x.shape[2], x.numel() * y.shape[2], grouped=False):
         out = _in_chunks(torch.bmm, x, y, y_batched=True)
     return torch.bmm(x, y) if out is None else out
 
 
-def _wide(rows: int, cols: int) -> bool:
-    """Whether a product's output sides are both wide enough for its limbs to be reused (:data:`MIN_SIDE`)."""
-    return min(rows, cols) >= MIN_SIDE
+def _wide(rows: int, cols: int, batched: bool = False) -> bool:
+    """Whether a product's ``rows x cols`` output (of each matrix of a batch, whose chunks pay the per-call
+    costs once for many: no :data:`MIN_OUTPUT` there) is wide enough for the limbs."""
+    return (batched or rows * cols >= MIN_OUTPUT) and rows * cols >= MIN_REUSE * (rows + cols)
 
 
 def conv2d(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, dilation=1, groups=1) -> Optional[torch.Tensor]:
