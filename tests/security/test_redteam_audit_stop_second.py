@@ -19,6 +19,8 @@ test failed on the code before its fix (checked by running it with the fixed fil
 - on that thread a get naming its own tensor's id 100,000 times (a 900 KB frame) held the turn ~29 s and wrote
   100,000 allowed rows, with no checkpoint (the 256 MiB message limit: hours). Must hold: a request naming its
   objects more than twice over (plus 32) is refused in one line, no allowed row written (get_ids.py);
+- a get naming thousands of distinct objects of its own never looked at its command's deadline or cancellation
+  (one allowed row each, in the turn). Must hold: it ends with the timeout error near its deadline;
 - a get sent to a handler thread because rows were queued took the worker's turn and waited there for them (its
   allowed row goes after them): up to 20 s behind a stalled write, every other session's command held. Must
   hold: it waits before it takes the turn; another session's command is served meanwhile;
@@ -401,3 +403,31 @@ def test_a_slow_console_client_is_cut_only_by_the_stop(hook):
         console.stop()
     assert answer.startswith(b"HTTP/1.1 ") and not answer.startswith(b"HTTP/1.1 503"), answer[:200]
     assert b"stopping" not in answer, answer[:300]
+
+
+def test_a_get_naming_many_objects_keeps_the_commands_deadline(hook, monkeypatch):
+    """Attack: a get naming thousands of distinct objects of its own (stored once each): each is an allowed audit
+    row, a database write, in the worker's turn, and the get never looked at its command's deadline (nor at its
+    cancellation when the client left): at ~0.3 ms a row, 100,000 objects held the turn ~30 s, whatever
+    ``--max-command-seconds`` said. Must hold: it ends with the command's timeout error (one line) near its
+    deadline; the worker keeps serving."""
+    srv = quota_worker(hook, f"ass-dl-{time.monotonic_ns()}", "ass-dl-scientist", None)
+    sci = open_session(srv, "ass-dl-scientist")
+    ids, values = _stored_batch(srv, sci, 600)
+    real = srv.db.audit
+
+    def slow_allowed(*a, **k):  # (a database at ~5 ms a write)
+        if a[5] == "allowed":
+            time.sleep(0.005)
+        return real(*a, **k)
+
+    monkeypatch.setattr(srv.db, "audit", slow_allowed)
+    srv.max_command_seconds = 0.3
+    started = time.monotonic()
+    reply = deserialize(srv.serve_bytes(serialize(m.GetObjectsMessage(ids, False), sender="c"), sci))[0]
+    took = time.monotonic() - started
+    assert type(reply) is m.ErrorReply and reply.error == "CommandTimeoutError", reply
+    assert took < 1.5, f"the get ran {took:.1f} s past a 0.3 s deadline"
+    srv.max_command_seconds = 30
+    got = deserialize(srv.serve_bytes(serialize(m.GetObjectsMessage(ids[:3], False), sender="c"), sci))[0]
+    assert all(torch.equal(a, b) for a, b in zip(got.objects, values[:3]))

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from veil.exceptions import PermissionDeniedError
+from veil.workers import cancellation
 
 #: how many times over a request may name its distinct objects, and repeats allowed on top
 REPEATS_ALLOWED, SPARE_REPEATS = 2, 32
@@ -28,3 +29,20 @@ def named_once(ids: Any) -> None:
     if len(ids) > REPEATS_ALLOWED * distinct + SPARE_REPEATS:
         raise PermissionDeniedError(f"a request names {len(ids)} ids for {distinct} distinct object(s): name each "
                                     "object once (and copy its value)")
+
+
+#: ids a get or move resolves between two looks at its command's deadline and cancellation
+CHECK_EVERY = 32
+
+
+def resolve_each(monitor: Any, principal: Any, ids: list, purpose: Any, detail: str = "") -> list:
+    """``monitor.resolve`` of each id (each an allowed audit row, a database write), looking at the command's
+    deadline and cancellation every :data:`CHECK_EVERY` ids (it never did: 100,000 objects of its own held the
+    turn ~30 s whatever ``--max-command-seconds`` said). No turn is handed over between them: what was resolved
+    is what is released."""
+    entries = []
+    for k, oid in enumerate(ids):
+        if k and k % CHECK_EVERY == 0:
+            cancellation.check()
+        entries.append(monitor.resolve(principal, oid, purpose, detail))
+    return entries

@@ -21,6 +21,7 @@ from veil.workers import listing, oblivious, output_bounds, owner_guard, storage
 from veil.workers.quiet_warnings import dropping_warnings
 from veil.workers.accounts import END_ACCOUNT
 from veil.workers.base import STORABLE_TYPES, STORE_VALIDATORS, BaseWorker, register_handler
+from veil.workers.get_ids import resolve_each
 from veil.workers.monitor import DEALER_OUTPUTS, PROTOCOL_PREFIXES, Principal, Purpose
 from veil.workers.store import Entry, Kind
 
@@ -433,7 +434,7 @@ def _handle_get(worker: BaseWorker, msg: m.GetObjectsMessage, sender: str) -> An
     if not isinstance(msg.ids, list):
         raise SerializationError("GetObjectsMessage.ids must be a list")
     principal = worker.principal(sender).acting_as(_claimed_user(msg, sender))
-    entries = [worker.monitor.resolve(principal, oid, Purpose.REVEAL) for oid in msg.ids]
+    entries = resolve_each(worker.monitor, principal, msg.ids, Purpose.REVEAL)  # (its deadline: get_ids.py)
     _governance_release(worker, msg.ids, entries, principal.user, "get")
     out = []
     for oid, entry in zip(msg.ids, entries):
@@ -554,7 +555,7 @@ def _handle_move(worker: BaseWorker, msg: m.MoveMessage, sender: str) -> Any:
         raise SerializationError("MoveMessage needs lists of ids and new ids of equal length")
     principal = worker.principal(sender).acting_as(_claimed_user(msg, sender))
     detail = f"to {msg.destination}" if isinstance(msg.destination, str) else ""
-    entries = [worker.monitor.resolve(principal, oid, Purpose.MOVE, detail) for oid in msg.ids]
+    entries = resolve_each(worker.monitor, principal, msg.ids, Purpose.MOVE, detail)
     for oid, entry in zip(msg.ids, entries):
         if not isinstance(entry.obj, tuple(STORABLE_TYPES)):
             raise SerializationError(f"object {oid} cannot be moved")
