@@ -25,8 +25,9 @@ imports ``veil.tensors`` or ``veil.workers`` (``tests/mpc/test_layering.py``).
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, ContextManager, Mapping, Optional, Sequence
 
 import torch
 
@@ -186,18 +187,22 @@ def register_runtime(runtime: PartyRuntime, default: bool = False) -> None:
 
 _STEP_CHECK: list[Callable[[], None]] = []
 _STEP_CHECKPOINT: list[Callable[[], None]] = []
+_ONE_AT_A_TIME: list[Callable[[Any], ContextManager]] = []
 
 
-def set_step_check(check: Callable[[], None], checkpoint: Optional[Callable[[], None]] = None) -> None:
+def set_step_check(check: Callable[[], None], checkpoint: Optional[Callable[[], None]] = None,
+                   one_at_a_time: Optional[Callable[[Any], ContextManager]] = None) -> None:
     """The worker runtime's command check (its deadline and cancellation), called between the items of a long
     protocol step that runs as a worker function (a comparison dealing, an expansion of dealt material): such a
     step ran on past the owner's per-command limit. ``checkpoint``: the check, then a hand-over of the worker's
     turn to waiting requests, for a step no peer waits on while holding its own turn (a provider's key
     generation, before it sends anything: it held every other client of its worker for up to ~16 s). A party's
     step is only checked: the provider waits on it holding its turn, and a request let in meanwhile that called
-    the provider would wait for it forever. Nothing is checked where none is set."""
+    the provider would wait for it forever. ``one_at_a_time(worker)``: a context in which at most one such
+    step of ``worker`` runs at once (:func:`one_step_at_a_time`). Nothing is checked where none is set."""
     _STEP_CHECK[:] = [check]
     _STEP_CHECKPOINT[:] = [checkpoint or check]
+    _ONE_AT_A_TIME[:] = [one_at_a_time] if one_at_a_time is not None else []
 
 
 def step_check() -> None:
@@ -210,6 +215,13 @@ def step_checkpoint() -> None:
     """:func:`step_check`, then lets other requests waiting for this worker run first (:func:`set_step_check`)."""
     if _STEP_CHECKPOINT:
         _STEP_CHECKPOINT[0]()
+
+
+def one_step_at_a_time(worker: Any) -> ContextManager:
+    """Runs a step that hands its turn over (:func:`step_checkpoint`) alone among such steps of ``worker``:
+    its material in progress is held until it sends it, so steps that took turns about held theirs all at once
+    (one per session, uncharged). The turn ran them one at a time before they handed it over."""
+    return _ONE_AT_A_TIME[0](worker) if _ONE_AT_A_TIME else contextlib.nullcontext()
 
 
 def runtime_of(handle: Any) -> Optional[PartyRuntime]:

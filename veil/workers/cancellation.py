@@ -108,6 +108,24 @@ def outside_turn() -> Iterator[None]:
         _local.yield_turn, _local.turn = yield_turn, turn
 
 
+@contextmanager
+def one_at_a_time(slot: threading.Lock) -> Iterator[None]:
+    """Holds ``slot`` for the block: a section that hands the turn over (:func:`checkpoint`) yet must run alone
+    on this worker. Waited for outside the turn, its deadline and cancellation checked, so the holder gets its
+    turn back meanwhile. Outside a network worker's request nothing is held (no turn is handed over there)."""
+    if _local.turn is None:
+        yield
+        return
+    if not slot.acquire(blocking=False):
+        with outside_turn():
+            while not slot.acquire(timeout=0.05):
+                check()
+    try:
+        yield
+    finally:
+        slot.release()
+
+
 def running_in(turn: "FairLock") -> bool:
     """Whether this thread runs a request in ``turn`` now (holds it: not inside :func:`outside_turn`)."""
     return _local.turn is turn

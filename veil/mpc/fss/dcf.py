@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 
@@ -59,10 +59,12 @@ def _check(n_bits: int) -> None:
 # to stay in cache (16384 measured best on a quiet 2-core box; on a busy one,
 # chunks below torch's parallel grain, 32768 elements / 8, do better).
 CHUNK = 16384
-#: entries per chunk when the caller hands its turn over between chunks (``between``), for payloads of up to
-#: 7 words (fewer entries for wider ones): a worker's dealing step, where a chunk of CHUNK entries held every
-#: other client ~0.4-1.3 s of one quiet core (1-17 words); now ~50 ms, whatever the width
-YIELD_CHUNK = 2048
+#: key generation between two hand-overs of the caller's turn (``between``), in entries x tree levels for
+#: payloads of up to 7 words (fewer for wider ones): a worker's dealing step, where a chunk of CHUNK entries
+#: held every other client ~0.4-1.3 s of one quiet core (1-17 words); now ~50 ms, whatever the width. The
+#: hand-overs fall between groups of levels of full chunks: chunks of 2048 entries (or 682 at 17 words) made
+#: the keys 1.7-3x slower, torch's per-op overhead on small tensors
+YIELD_ENTRY_LEVELS = 2048 * 62
 
 
 def _bits(v: torch.Tensor, n_bits: int) -> torch.Tensor:
@@ -89,8 +91,8 @@ def gen(alpha: torch.Tensor, beta: torch.Tensor, n_bits: int, generator: Optiona
         n_bits: Input bits ``n`` (1..63).
         generator: Seeds the root seeds reproducibly (tests only); by default
             they come from the OS CSPRNG.
-        between: Called on this thread before each chunk of at most ``YIELD_CHUNK`` entries (a worker
-            step's deadline check and turn hand-over); None: chunks of ``CHUNK``, nothing called.
+        between: Called on this thread after about ``YIELD_ENTRY_LEVELS`` of work (a worker step's deadline
+            check and turn hand-over: between groups of tree levels); None: nothing called. The keys are the same.
     """
     _check(n_bits)
     n_entries, k = beta.shape
@@ -100,15 +102,17 @@ def gen(alpha: torch.Tensor, beta: torch.Tensor, n_bits: int, generator: Optiona
     vcw = torch.empty((n_bits, n_entries, k), dtype=DTYPE)
     tcw = torch.zeros((2, n_entries), dtype=DTYPE)
     leaf = torch.empty((n_entries, k), dtype=DTYPE)
-    size = CHUNK if between is None else max(256, YIELD_CHUNK // (1 + k // 8))
+    per_step = max(1, YIELD_ENTRY_LEVELS // (CHUNK * (1 + k // 8))) if between is not None else 0
     _over_chunks(n_entries, lambda lo, hi: _gen_chunk(alpha[lo:hi], beta[lo:hi], n_bits, roots[:, lo:hi],
-                                                       scw[:, lo:hi], vcw[:, lo:hi], tcw[:, lo:hi], leaf[lo:hi]),
-                 between, size)
+                                                       scw[:, lo:hi], vcw[:, lo:hi], tcw[:, lo:hi], leaf[lo:hi],
+                                                       per_step),
+                 between)
     # The keys share their correction tensors (read-only for evaluators): no copy of the bulk.
     return DCFKey(roots[0], scw, vcw, tcw, leaf), DCFKey(roots[1], scw, vcw, tcw, leaf)
 
 
-def _gen_chunk(alpha, beta, n_bits, roots, scw, vcw, tcw, leaf) -> None:
+def _gen_chunk(alpha, beta, n_bits, roots, scw, vcw, tcw, leaf, per_step: int = 0) -> Iterator[None]:
+    """Fills one chunk's key tensors; pauses (yields) after every ``per_step`` levels (0: runs through)."""
     n_entries, k = beta.shape
     t = torch.zeros((2, n_entries), dtype=DTYPE)
     t[1] = 1
@@ -140,6 +144,8 @@ def _gen_chunk(alpha, beta, n_bits, roots, scw, vcw, tcw, leaf) -> None:
         # s_b <- s_b^Keep ^ t_b s_cw ; t_b <- t_b^Keep ^ t_b t_cw^Keep
         torch.bitwise_xor(child[0], scw[i] & (-t).unsqueeze(-1), out=u[0])
         t = tc[0] ^ (t & t_cws[i, 0])
+        if per_step and (i + 1) % per_step == 0 and i + 1 < n_bits:  # (the leaf goes with the last levels)
+            yield
     keep, lose = t_cws[:, 0], t_cws[:, 1]
     left = (keep ^ lose) & -alpha_bits  # Lose is the left side where alpha's bit is 1
     left ^= keep
@@ -163,27 +169,45 @@ def evaluate(b: int, key: DCFKey, x: torch.Tensor, n_bits: int) -> torch.Tensor:
     return out
 
 
-def _over_chunks(n: int, fn: Callable[[int, int], None], between: Optional[Callable[[], None]] = None,
-                 size: int = CHUNK) -> None:
-    """Runs ``fn(lo, hi)`` over chunks of ``size`` entries, on torch's intra-op thread count.
+def _over_chunks(n: int, fn: Callable[[int, int], Optional[Iterator[None]]],
+                 between: Optional[Callable[[], None]] = None) -> None:
+    """Runs ``fn(lo, hi)`` over chunks of ``CHUNK`` entries, on torch's intra-op thread count.
 
     Chunks write disjoint slices, and torch's small elementwise ops and
     OpenSSL's AES release the GIL, so threads overlap where one chunk's ops are
-    too small for torch to parallelize by itself. With ``between``: one chunk per thread at a time,
-    ``between()`` on this thread before each round of them.
+    too small for torch to parallelize by itself. ``fn`` may return a generator
+    (its chunk's work, paused at each yield): with ``between``, one chunk per
+    thread at a time is advanced step by step, ``between()`` on this thread
+    before each step of them (a generator runs on one pool thread at a time).
     """
-    spans = [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+    spans = [(lo, min(lo + CHUNK, n)) for lo in range(0, n, CHUNK)]
     threads = min(torch.get_num_threads(), len(spans))
     step = len(spans) if between is None else max(1, threads)
     with ThreadPoolExecutor(threads) if threads > 1 else contextlib.nullcontext() as pool:
-        for at in range(0, len(spans), max(1, step)):
-            if between is not None:
+        run = map if pool is None else pool.map
+        for at in range(0, len(spans), max(1, step)):  # (no spans: no entries)
+            if between is None:  # each chunk run through (a generator's steps too)
+                list(run(lambda span: _finish(fn(*span)), spans[at:at + step]))
+                continue
+            running = [g for g in (fn(lo, hi) for lo, hi in spans[at:at + step]) if g is not None]
+            while running:
                 between()
-            if pool is None:
-                for lo, hi in spans[at:at + step]:
-                    fn(lo, hi)
-            else:
-                list(pool.map(lambda span: fn(*span), spans[at:at + step]))
+                more = list(run(_advance, running))
+                running = [g for g, go_on in zip(running, more) if go_on]
+
+
+def _advance(steps: Iterator[None]) -> bool:
+    """Runs one step of a chunk's work; False once it is done."""
+    return next(steps, _DONE) is not _DONE
+
+
+def _finish(steps: Optional[Iterator[None]]) -> None:
+    if steps is not None:
+        for _ in steps:
+            pass
+
+
+_DONE = object()
 
 
 def _eval_chunk(b: int, key: DCFKey, x: torch.Tensor, n_bits: int) -> torch.Tensor:

@@ -37,7 +37,7 @@ from veil.mpc.providers.base import check_distinct_parties
 from veil.mpc.fss import material as fss
 from veil.mpc.prg import SEED_BYTES, expand, new_seed
 from veil.mpc.ring import random_ring
-from veil.mpc.runtime import DEALT_LAYOUTS, step_check, step_checkpoint
+from veil.mpc.runtime import DEALT_LAYOUTS, one_step_at_a_time, step_check, step_checkpoint
 from veil.mpc.sharing import split
 
 DEAL_COMPARISON = "veil.mpc.deal_comparison"
@@ -127,12 +127,13 @@ def _deal_comparison(worker: Any, spec: Any, party_ids: list, ids: list, count: 
     if elements > MAX_RECEIVED_ELEMENTS:
         raise ProviderError(f"a dealing of {count} comparison items of shape {shape} makes {elements} ring elements "
                             f"per party, more than {MAX_RECEIVED_ELEMENTS} in one request")
-    parties = [worker.resolve_worker(pid) for pid in party_ids]
     chunk = max(1, MESSAGE_BYTES // max(1, largest))
-    for first in range(0, count, chunk):
-        c = min(chunk, count - first)
-        chunk_ids = [ids[i][first * per_party[i]:(first + c) * per_party[i]] for i in range(n)]
-        _deal_chunk(worker, parties, shape, n_values, chunk_ids, c, seeded)
+    with one_step_at_a_time(worker):  # (it hands the turn over: other dealings wait, holding nothing)
+        parties = [worker.resolve_worker(pid) for pid in party_ids]  # (after the wait: a peer revoked meanwhile)
+        for first in range(0, count, chunk):
+            c = min(chunk, count - first)
+            chunk_ids = [ids[i][first * per_party[i]:(first + c) * per_party[i]] for i in range(n)]
+            _deal_chunk(worker, parties, shape, n_values, chunk_ids, c, seeded)
 
 
 def _deal_chunk(worker: Any, parties: list, shape: tuple, n_values: int, ids: list, count: int,

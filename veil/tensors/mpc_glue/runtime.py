@@ -455,10 +455,15 @@ def _peer_round_lock(handles: Sequence[PointerTensor]) -> threading.Lock:
         return _PEER_ROUND_LOCKS.setdefault(key, threading.Lock())
 
 
+def _one_dealing_at_a_time(worker: Any) -> Any:
+    """A provider's dealings run one at a time (each holds its material until sent); waited for off the turn."""
+    return cancellation.one_at_a_time(worker.__dict__.setdefault("_veil_dealing_slot", threading.Lock()))
+
+
 RUNTIME = WorkerRuntime()
 register_runtime(RUNTIME, default=True)
 # long dealing steps stop at the command's deadline; a provider's key generation lets other clients in meanwhile
-set_step_check(cancellation.check, cancellation.checkpoint)
+set_step_check(cancellation.check, cancellation.checkpoint, _one_dealing_at_a_time)
 
 
 @register_handler(OpenMessage)
