@@ -15,6 +15,11 @@ Holes found and fixed:
   A session now keeps at most MAX_FIXED_MASKS_PER_SCOPE masks, and what each session holds is tallied as it
   changes, so the check under the lock is one look-up (veil/mpc/material.py).
 
+Left open (strict xfail, not this area's files): a gradient is never charged to the session quota; ``backward``'s
+are sized only against the room left when it runs, and a plan that sets a small stored tensor's gradient and grows
+it through ``out=`` keeps any size there (``store.charge_growth`` charges the resolved tensors' own storages): ten
+runs held six times what the quota leaves (test_a_gradient_grown_by_a_plan_is_charged_to_the_session).
+
 Held (guards): a view of a storage a failing plan step grew, left by the step as the gradient of an input's
 gradient while the step's undo shrank that storage back, is emptied by the handler's walk (never read past its
 storage); the threads of one session racing fixed-mask dealings never pass the cap.
@@ -42,7 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 R = m.ObjectRef
 GRAD_SET, GRAD_GET = "Tensor.grad.__set__", "Tensor.grad.__get__"
-ADD, CLONE, VIEW = (ALLOWLIST.by_func(f).name for f in (torch.add, torch.Tensor.clone, torch.Tensor.view))
+ADD, CLONE, VIEW, ZEROS_LIKE, SUM = (ALLOWLIST.by_func(f).name for f in (
+    torch.add, torch.Tensor.clone, torch.Tensor.view, torch.zeros_like, torch.sum))
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -126,6 +132,31 @@ def test_a_view_left_as_a_gradients_gradient_past_a_shrunk_storage_is_never_read
             assert got.numel() == 0 or (got.numel() <= 4 and torch.equal(got, torch.zeros(got.shape))), got
     assert torch.equal(get_as(server, scientist, 3), torch.zeros(4))  # the undo put the grown input back
     assert torch.equal(get_as(server, scientist, 4), torch.full((64,), 2.0))
+    server.end_session(scientist)
+
+
+@pytest.mark.xfail(strict=True, reason="HOLE: gradients are not charged to the session quota (a plan grows a "
+                   "small tensor's gradient through out= and it keeps that size, uncharged); quota accounting lives "
+                   "in veil/workers/store.py and monitor.py, left to that area")
+def test_a_gradient_grown_by_a_plan_is_charged_to_the_session(hook):
+    server, _, scientist = in_process_server(hook, "so2-grad-quota")
+    quota = server.monitor.max_session_bytes = 2**20
+    assert _send(server, scientist, m.CommandMessage("torch.zeros", (50_000,), {}, [1], False)) == m.OkReply()
+    plan = PlanSpec("grow-grad", 2, 0, 4, [
+        PlanOp(ZEROS_LIKE, (SlotRef(0),), {}, [2], False),
+        PlanOp(GRAD_SET, (SlotRef(0), SlotRef(2)), {}, [], False),
+        PlanOp(ADD, (SlotRef(1), 1.0), {"out": SlotRef(2)}, [3], False),  # the gradient grows to 200 kB
+        PlanOp(SUM, (SlotRef(3),), {}, [3], False),
+    ], SlotRef(3))
+    assert _send(server, scientist, m.ObjectMessage([m.StoredObject(5, plan)])) == m.OkReply()
+    mine = []
+    for i in range(6):
+        store_as(server, scientist, 100 + i, torch.zeros(4, requires_grad=True))
+        mine.append(server.monitor.owner_objects()[100 + i])
+        _send(server, scientist, m.CommandMessage("veil.plan.run", (R(5), [R(100 + i), R(1)], []), {}, [200 + i],
+                                                  False))
+    held = sum(t.grad.untyped_storage().nbytes() for t in mine if t.grad is not None) + 200_000
+    assert held <= quota, held
     server.end_session(scientist)
 
 
