@@ -171,6 +171,21 @@ def test_tiled_sums_of_products_match_torch(limbs_on, monkeypatch, m, k, n, layo
     assert torch.equal(ring_gemm.mm(x, y), x @ y)
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(1, 6), st.integers(1, 6), st.integers(1, 9), st.integers(1, 6), st.integers(1, 1 << 12),
+       st.booleans(), st.integers(0, 1 << 30))
+def test_chunk_bounds_of_batched_products_match_torch(limbs_on, monkeypatch, b, m, k, n, cap, transposed, seed):
+    """Chunks of every size (a cap from one sample's scratch down to none: torch's op) give torch's values."""
+    monkeypatch.setattr(ring_gemm, "SCRATCH_ELEMENTS", cap, raising=False)
+    x, y = full_range(b, m, k, seed=seed), full_range(b, k, n, seed=seed + 1)
+    if transposed:
+        x, y = x.transpose(1, 2).contiguous().transpose(1, 2), y.transpose(1, 2).contiguous().transpose(1, 2)
+    assert torch.equal(ring_gemm.bmm(x, y), torch.bmm(x, y))
+    assert torch.equal(ring_gemm.matmul(x, y[:1]), torch.matmul(x, y[:1]))
+    img, w = full_range(b, 2, m + 2, k + 2, seed=seed + 2), full_range(n, 2, 3, 3, seed=seed + 3)
+    assert torch.equal(ring.conv2d(img, w, 1, 1), F.conv2d(img, w, None, 1, 1))
+
+
 @pytest.mark.parametrize("cap", [1 << 9, 1 << 22])
 @pytest.mark.parametrize("stride,padding,dilation,groups", [(1, 0, 1, 1), (2, 3, 2, 1), ((1, 2), (0, 1), (2, 1), 2),
                                                             (3, 1, 1, 4)])
