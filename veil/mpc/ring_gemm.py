@@ -275,7 +275,8 @@ def _new_lock_in_child() -> None:
     _choice_lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_new_lock_in_child)
+if hasattr(os, "register_at_fork"):  # (POSIX)
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 def limbs_pay() -> bool:
