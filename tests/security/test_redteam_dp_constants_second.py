@@ -36,7 +36,7 @@ import veil as sy
 from veil.dp import PrivacyParameterError, RemoteDPOwner
 from veil.dp.plan_grads import check_forward_plan
 from veil.exceptions import OperationNotAllowedError, ReviewPendingError
-from veil.he import ckks
+from veil.he import ckks, conjugation
 from veil.he.errors import DepthRequiredError
 from veil.messaging.allowlist import ALLOWLIST
 from veil.plans.ops import PlanOp, PlanSpec, SlotRef
@@ -192,7 +192,9 @@ def test_a_model_with_inplace_relu_and_residual_adds_still_gives_plain_torchs_gr
 
 @pytest.fixture(scope="module")
 def ckks_small():
-    return ckks.context(galois_keys=False)  # (mul needs no rotations)
+    ctx = ckks.context(galois_keys=False)  # (mul needs no rotations)
+    conjugation.add_conjugation_key(ctx)  # (an mm on owner data keeps real parts: refused without this key)
+    return ctx
 
 
 @pytest.mark.parametrize("owner_values", [[0.0, 0.0, 0.0], [1e-13, -1e-13, 0.0], [0.5, -1.0, 2.0]])

@@ -27,6 +27,7 @@ import torch
 
 from veil.he import conjugation, flooding
 from veil.he.errors import (
+    CiphertextRefusedError,
     CKKSOperationError,
     DepthExhaustedError,
     HEError,
@@ -347,24 +348,33 @@ class CKKSTensor:
     def sealed(self) -> CKKSTensor:
         """This tensor as a worker hands out what it computed with the owner's plaintext: each segment's slots
         past its values zeroed (a dot's or sum's rotate-and-add leaves partial sums there: every weight, not the
-        one number asked for) and a fresh encryption of flooding noise added (new randomness; the computation's
-        own noise drowned, :mod:`veil.he.flooding`). Where the context has the conjugation key, only the real
-        parts are kept (:mod:`veil.he.conjugation`: a complex input's imaginary parts were a second result, and
-        the real flooding left their noise). Costs one multiplicative level."""
+        one number asked for), a fresh encryption of zero added (new randomness), only the real parts kept with
+        the context's conjugation key (:mod:`veil.he.conjugation`: a complex input's imaginary parts were a second
+        result, and the real flooding left their noise) and flooding noise added (the computation's own noise
+        drowned, :mod:`veil.he.flooding`). Costs one multiplicative level.
+
+        The fresh zero comes before the conjugation: the key holder made that key, and a crafted one adds
+        ``c1 * delta`` to what it decrypts (``c1`` the ciphertext's second polynomial); with the fresh zero that
+        ``c1`` is uniform, not a product of the key holder's own ``c1`` and the owner's values.
+
+        Raises:
+            CiphertextRefusedError: the context has no conjugation key (callers refuse such a context first).
+        """
         std = flooding.sigma(self.context.global_scale, product=True)
         galois = conjugation.keys(self.context)
+        if galois is None:
+            raise CiphertextRefusedError("a result computed with the owner's values is released only under a "
+                                         "context with the conjugation key (veil.he.conjugation)")
         out = []
         with _tenseal_errors("release"):
             for seg in self.segments:
                 size = seg.size()
                 # plaintexts of `size` values are zero in every other slot (a fresh encryption repeats its
-                # values across the slots instead: only its zeros are added, or the noise could be read back)
-                if galois is None:
-                    kept = seg.mul([1.0] * size)
-                else:  # (half of c + conj(c): the mask's one halved)
-                    kept = conjugation.real_part_doubled(seg.mul([0.5] * size), galois)
-                kept = kept.add(flooding.gaussian(size, std).tolist())
-                out.append(kept.add(ts.ckks_vector(self.context.raw, [0.0] * size)))
+                # values across the slots instead: only its zeros are added, or the noise could be read back);
+                # the mask's one is halved: c + conj(c) is twice the real part
+                kept = seg.mul([0.5] * size).add(ts.ckks_vector(self.context.raw, [0.0] * size))
+                kept = conjugation.real_part_doubled(kept, galois)
+                out.append(kept.add(flooding.gaussian(size, std).tolist()))
         return self._like(out)
 
     # ------------------------------------------------------------- decryption

@@ -57,6 +57,7 @@ def context_from_wire(d: dict) -> CKKSContext:
     try:
         seal_bytes.check_context_bytes(data)
         ctx = CKKSContext.from_bytes(data)
+        _check_key_parts(ctx)
     except HEError as exc:
         raise WireFormatError(f"invalid CKKS context bytes: {exc}") from exc
     if ctx.has_secret_key:
@@ -70,6 +71,23 @@ def context_from_wire(d: dict) -> CKKSContext:
             return known
         _received[ctx.key_id] = ctx
     return ctx
+
+
+def _check_key_parts(ctx: CKKSContext) -> None:
+    """Refuses a context whose relinearization or Galois keys hold, at some index, other than one part (a pair of
+    polynomials) per data prime: SEAL loads any number, and a key switch at a level of more primes than the key
+    has parts aborted the process (std::terminate, 'unsigned overflow'): one crafted conjugation key with fewer
+    parts killed a worker sealing a reduction. Metadata only (SEAL's key lists, a few ms)."""
+    parms = ctx.raw.seal_context().data.key_context_data().parms()
+    parts = len(parms.coeff_modulus()) - 1
+    for present, keys, what in ((ctx.raw.has_relin_keys, ctx.raw.relin_keys, "relinearization"),
+                                (ctx.raw.has_galois_keys, ctx.raw.galois_keys, "Galois")):
+        if not present():
+            continue
+        for index in keys().data.data():
+            if index and (len(index) != parts or any(part.data().size() != 2 for part in index)):
+                raise WireFormatError(f"a CKKS context's {what} key must hold {parts} parts of 2 polynomials (one "
+                                      f"per data prime), this one holds {len(index)}")
 
 
 def tensor_to_wire(t: CKKSTensor) -> dict:

@@ -65,10 +65,17 @@ class CiphertextRefusedError(HEError, ValueError):
     polynomial count): refused before any work on it."""
 
 
+class ConjugationKeyRequiredError(CiphertextRefusedError):
+    """A reduction on the owner's data refused before it ran: the ciphertext's context has no conjugation key, so
+    its result could not keep only its real parts. Value-free (the context's keys are the requester's own)."""
+
+    value_free = True
+
+
 # MPC has classes of the same names: the HE ones travel under an "HE" prefix.
 EncodingOverflowError.wire_name = "HEEncodingOverflowError"
 UnsupportedOperationError.wire_name = "HEUnsupportedOperationError"
 for _cls in (HEError, WrongKeyError, KeyMismatchError, MissingSecretKeyError, UnsupportedOperationError,
              DepthExhaustedError, DepthRequiredError, EncodingOverflowError, ShapeMismatchError, WireFormatError,
-             CKKSOperationError, CiphertextRefusedError):
+             CKKSOperationError, CiphertextRefusedError, ConjugationKeyRequiredError):
     register_remote_error(_cls)

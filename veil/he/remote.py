@@ -9,8 +9,9 @@ back to its owner, who decrypts it locally.
 A result computed with the data owner's data carries its op graph (what the
 owner reviews) and nothing beyond its plaintext that the worker can help: a
 Paillier product with the owner's plaintext is re-randomized, and a CKKS
-``sum``/``dot``/``mm`` keeps only its result slots, flooded (one more level), and only their real parts where
-the context has the conjugation key (any with Galois keys: a complex ``x + i*y`` gave a second dot with ``y``).
+``sum``/``dot``/``mm`` keeps only its result slots, flooded (one more level), and only their real parts with
+the context's conjugation key (any with Galois keys: a complex ``x + i*y`` gave a second dot with ``y``); a
+reduction on the owner's data under a context without it is refused (one-value segments need no rotation key).
 Its plaintext is another matter: the requester chose the encrypted operand,
 so ``dot(x, w)`` with ``x = (1, 2**64, ...)`` packs every ``w_i`` into it.
 """
@@ -27,9 +28,9 @@ import torch
 
 from veil.exceptions import RemoteExecutionError, SerializationError
 from veil.he import _paillier_encoding as enc
-from veil.he import ckks_wire, context_memory, value_free, wire
+from veil.he import ckks_wire, conjugation, context_memory, value_free, wire
 from veil.he.ckks import CKKSContext, CKKSTensor, _tenseal_errors as he_errors
-from veil.he.errors import CiphertextRefusedError, DepthRequiredError, HEError
+from veil.he.errors import CiphertextRefusedError, ConjugationKeyRequiredError, DepthRequiredError, HEError
 from veil.he.paillier import PaillierTensor, checkpoints, value_free_encoding
 from veil.ids import new_id
 from veil.messaging import serde
@@ -140,6 +141,7 @@ def _he_op(worker: Any, name: str, a: Any, b: Any, out_id: int) -> None:
     owner_data = worker.monitor.request_reads_owner_data()
     if isinstance(a, CKKSTensor):
         _check_depth(name, a, owner_data)
+        _check_conjugation(name, a, owner_data)
     value_free = isinstance(b, torch.Tensor) and owner_data
     given = b  # (the operand as stored: its lineage; what the op encodes may be a clamped copy)
     if isinstance(a, PaillierTensor):
@@ -184,6 +186,17 @@ def _check_depth(name: str, a: CKKSTensor, owner_data: bool) -> None:
     raise DepthRequiredError(
         f"encrypted {name} needs {needed} multiplicative level(s) ({why}) and this ciphertext has {left} left; "
         f"encrypt under a context with {used + needed}: veil.he.ckks.context(depth={used + needed})")
+
+
+def _check_conjugation(name: str, a: CKKSTensor, owner_data: bool) -> None:
+    """Refuses, before any work, a CKKS reduction on the owner's data whose context has no conjugation key: its
+    sealing could not keep the real parts, and one-value segments (a sum of products, no rotation key needed)
+    of ``x + i*y`` gave ``y . w`` in the released number's imaginary part, a second answer. Metadata only."""
+    if owner_data and name in _REDUCTIONS and conjugation.keys(a.context) is None:
+        raise ConjugationKeyRequiredError(
+            f"encrypted {name} on the owner's data needs the conjugation key in the ciphertext's context (its "
+            "imaginary parts would be a second answer): a context with Galois keys, or "
+            "veil.he.conjugation.add_conjugation_key(ctx) before sending")
 
 
 def _ckks_levels(segment: Any) -> int:
