@@ -13,16 +13,17 @@ Holes found and fixed:
   table entries in one session (~1.3 KB each here: ~40 GB), and each new one summed every session's masks
   under the tables' lock (each dealing slower than the last, every session's key registration and drop waiting).
   A session now keeps at most MAX_FIXED_MASKS_PER_SCOPE masks, and what each session holds is tallied as it
-  changes, so the check under the lock is one look-up (veil/mpc/material.py).
-
-Left open (strict xfail, not this area's files): a gradient is never charged to the session quota; ``backward``'s
-are sized only against the room left when it runs, and a plan that sets a small stored tensor's gradient and grows
-it through ``out=`` keeps any size there (``store.charge_growth`` charges the resolved tensors' own storages): ten
-runs held six times what the quota leaves (test_a_gradient_grown_by_a_plan_is_charged_to_the_session).
+  changes, so the check under the lock is one look-up (veil/mpc/material.py);
+- a gradient was never charged to the session quota: a plan set a 4-element stored tensor's gradient and grew it
+  through ``out=``, and six runs held six times what a 1 MiB quota left. The growth a command leaves in the tensors
+  it names is charged as before, now down their chains of gradients too (veil/workers/store.py, ``charge_growth``;
+  a gradient ``backward`` made is charged once a command names its tensor: before that it is sized only when made,
+  against the room left then, and has its tensor's shape).
 
 Held (guards): a view of a storage a failing plan step grew, left by the step as the gradient of an input's
 gradient while the step's undo shrank that storage back, is emptied by the handler's walk (never read past its
-storage); the threads of one session racing fixed-mask dealings never pass the cap.
+storage); the threads of one session racing fixed-mask dealings never pass the cap; gradients that point at each
+other are charged once and their walk ends.
 """
 
 import sys
@@ -135,10 +136,9 @@ def test_a_view_left_as_a_gradients_gradient_past_a_shrunk_storage_is_never_read
     server.end_session(scientist)
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: gradients are not charged to the session quota (a plan grows a "
-                   "small tensor's gradient through out= and it keeps that size, uncharged); quota accounting lives "
-                   "in veil/workers/store.py and monitor.py, left to that area")
 def test_a_gradient_grown_by_a_plan_is_charged_to_the_session(hook):
+    """A plan sets a 4-element stored tensor's gradient and grows it to 200 kB through ``out=``: charged to the
+    session when the command ends (before: never; six runs held six times what a 1 MiB quota left)."""
     server, _, scientist = in_process_server(hook, "so2-grad-quota")
     quota = server.monitor.max_session_bytes = 2**20
     assert _send(server, scientist, m.CommandMessage("torch.zeros", (50_000,), {}, [1], False)) == m.OkReply()
@@ -158,6 +158,21 @@ def test_a_gradient_grown_by_a_plan_is_charged_to_the_session(hook):
     held = sum(t.grad.untyped_storage().nbytes() for t in mine if t.grad is not None) + 200_000
     assert held <= quota, held
     server.end_session(scientist)
+
+
+def test_gradients_that_point_at_each_other_are_charged_once_and_the_walk_ends():
+    from veil.workers.store import _grad_bytes
+
+    a, b = torch.zeros(4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    a.grad, b.grad = b.detach(), a.detach()  # (distinct objects over each other's storage)
+    c, d = torch.zeros(4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    c.grad = d
+    d.grad = c
+    got = []
+    walker = threading.Thread(target=lambda: got.extend([_grad_bytes(a), _grad_bytes(c)]), daemon=True)
+    walker.start()
+    walker.join(5)
+    assert got == [16, 16]
 
 
 def _deal_fixed(fixed_id: str, shape=(1,)) -> None:

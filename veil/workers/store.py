@@ -70,6 +70,22 @@ class Entry(_WeaklyReferable):
     kind: str = Kind.CLIENT
     provenance: frozenset = frozenset()
     nbytes: int = 0
+    grads_nbytes: int = 0  # the part of ``nbytes`` charged for its chain of gradients (charge_growth)
+
+
+def _grad_bytes(t: torch.Tensor) -> int:
+    """Bytes of the storages down ``t``'s chain of gradients (each once, ``t``'s own not counted)."""
+    storages, visited = {t.untyped_storage().data_ptr()}, {id(t)}
+    total = 0
+    while True:
+        t = t.grad if type(t) in (torch.Tensor, torch.nn.Parameter) and (t.is_leaf or t.retains_grad) else None
+        if t is None or id(t) in visited or t.layout is not torch.strided:  # (a.grad = b, b.grad = a: a cycle)
+            return total
+        visited.add(id(t))
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in storages:
+            storages.add(storage.data_ptr())
+            total += storage.nbytes()
 
 
 class StoreKey:
@@ -206,8 +222,16 @@ class ObjectStore:
                     self.usage[ns] = self.usage.get(ns, 0) + owed
                 obj = entry.obj
                 if isinstance(obj, torch.Tensor) and space.get(oid) is entry and obj.layout == torch.strided:
-                    # (its op graph's charge, governance's meta[GRAPH_CHARGED], is no part of its storage's)
-                    grown = obj.untyped_storage().nbytes() - (entry.nbytes - entry.meta.get(GRAPH_CHARGED, 0))
+                    # (its op graph's charge, governance's meta[GRAPH_CHARGED], is no part of its storage's, nor
+                    # its gradients')
+                    grown = obj.untyped_storage().nbytes() - (entry.nbytes - entry.meta.get(GRAPH_CHARGED, 0)
+                                                              - entry.grads_nbytes)
+                    # its gradients, which a command may have made (backward) or grown (a plan's out= into
+                    # x.grad): held as long as it is, uncharged they held any size beside a small tensor
+                    grads = _grad_bytes(obj) - entry.grads_nbytes
+                    if grads > 0:
+                        entry.grads_nbytes += grads
+                        grown = max(grown, 0) + grads
                     if grown > 0:
                         entry.nbytes += grown
                         self.usage[ns] = self.usage.get(ns, 0) + grown
