@@ -5,6 +5,13 @@ Attackers: the data owner / scientist who holds the CKKS secret key and crafts i
 key of its own making, no Galois keys at all) and its ciphertexts (complex slots, one-value segments); a session
 storing public contexts on a worker under ``--max-session-mb``.
 
+Holes found and fixed (each test failed on 29e4b6c): a reduction on the owner's data under a context without
+the conjugation key (one-value segments need no rotation) gave ``y . w`` in the imaginary part; a Galois key of
+fewer parts than data primes aborted the process at the key switch; the quota counted one key per index. Held
+(regression guards): a crafted conjugation key (shifted by P, or a rotation's key in its place) gives the key
+holder uniform noise, because the model owner's fresh zero is in the c1 it conjugates (without it, the noise
+repeated exactly: a function of the key holder's c1 and W).
+
 Every test asserts the SAFE behaviour; a hole is ``xfail(strict=True)``.
 """
 
