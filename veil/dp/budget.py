@@ -207,6 +207,7 @@ class BudgetLedger:
                 f"charge of (epsilon={epsilon:.6g}, delta={delta:.3g}) for {reason!r} refused: user {user!r} has "
                 f"(epsilon={total_eps - spent_eps:.6g}, delta={total_delta - spent_delta:.3g}) left "
                 f"of (epsilon={total_eps}, delta={total_delta})")
+        ledger_rows.ids_rise(self._db)  # (a fold takes the lowest ids for the oldest charges)
         charge_id = self._db.execute(
             'INSERT INTO charges("user", epsilon, delta, reason, at) VALUES (?, ?, ?, ?, ?) RETURNING id',
             (user, float(epsilon), float(delta), reason, time.time()),
