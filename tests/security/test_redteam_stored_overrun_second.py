@@ -14,6 +14,10 @@ Holes found and fixed:
   under the tables' lock (each dealing slower than the last, every session's key registration and drop waiting).
   A session now keeps at most MAX_FIXED_MASKS_PER_SCOPE masks, and what each session holds is tallied as it
   changes, so the check under the lock is one look-up (veil/mpc/material.py);
+- a chain of gradients could be built one level per command (``b.grad = c`` after ``a.grad = b``): 10^5 levels made
+  every later command naming its root walk 10^5 tensors (after a failure, to empty overruns; under a quota, to
+  charge them). A tensor handed out or set as a gradient gets no gradient of its own and its own is not handed out,
+  and a tensor that has a gradient is set as none: chains stay at most two deep (veil/messaging/allowlist.py);
 - a gradient was never charged to the session quota: a plan set a 4-element stored tensor's gradient and grew it
   through ``out=``, and six runs held six times what a 1 MiB quota left. The growth a command leaves in the tensors
   it names is charged as before, now down their chains of gradients too (veil/workers/store.py, ``charge_growth``;
@@ -21,8 +25,8 @@ Holes found and fixed:
   against the room left then, and has its tensor's shape).
 
 Held (guards): a view of a storage a failing plan step grew, left by the step as the gradient of an input's
-gradient while the step's undo shrank that storage back, is emptied by the handler's walk (never read past its
-storage); the threads of one session racing fixed-mask dealings never pass the cap; gradients that point at each
+gradient while the step's undo shrank that storage back, is never read past its storage (the handler's walk
+emptied it; the step is now refused at that gradient's gradient); the threads of one session racing fixed-mask dealings never pass the cap; gradients that point at each
 other are charged once and their walk ends.
 """
 
@@ -173,6 +177,30 @@ def test_gradients_that_point_at_each_other_are_charged_once_and_the_walk_ends()
     walker.start()
     walker.join(5)
     assert got == [16, 16]
+
+
+def test_a_chain_of_gradients_stays_two_deep(hook, monkeypatch):
+    """Built one level per command (``b.grad = c`` after ``a.grad = b``, or a tensor that has a gradient set as one),
+    a chain of gradients made every later command naming its root walk all of it (a failed one, to empty what lies
+    past its storage; any one under a quota, to charge it): 10^5 levels, 10^5 tensors per command."""
+    server, _, scientist = in_process_server(hook, "so2-chain")
+    for oid in range(1, 6):
+        store_as(server, scientist, oid, torch.zeros(4, requires_grad=True))
+
+    def set_grad(x, v):
+        return _send(server, scientist, m.CommandMessage(GRAD_SET, (R(x), R(v)), {}, [], False))
+
+    assert set_grad(1, 2) == m.OkReply()
+    _one_line_error(set_grad(2, 3))  # down from the root: a gradient gets none of its own
+    assert set_grad(3, 4) == m.OkReply()  # (3 is no gradient)
+    _one_line_error(set_grad(1, 3))  # up from the bottom: a tensor that has a gradient is set as none
+    _one_line_error(set_grad(4, 5))
+    assert _send(server, scientist, m.CommandMessage(GRAD_GET, (R(1),), {}, [20], False)) == m.OkReply()
+    assert torch.equal(get_as(server, scientist, 20), torch.zeros(4))  # (an honest gradient reads as before)
+    checked = _counting_check(monkeypatch)
+    _one_line_error(_send(server, scientist, m.CommandMessage(ADD, (R(1), torch.zeros(3)), {}, [21], False)))
+    assert len(checked) <= 2, len(checked)
+    server.end_session(scientist)
 
 
 def _deal_fixed(fixed_id: str, shape=(1,)) -> None:

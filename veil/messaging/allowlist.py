@@ -70,13 +70,33 @@ unsqueeze_ var view view_as where zero_ lerp_ addmm_ maximum minimum
 NO_RESULT_METHODS = ("backward",)
 
 
+#: set on a tensor handed out or set as a gradient: it gets no gradient of its own and its own is not handed out,
+#: so a chain of gradients is at most two deep (the worker walks the chain of every tensor a failed command names,
+#: and charges it to the quota on every command: built one level per command, a chain 10^5 deep made each later
+#: command naming its root walk 10^5 tensors)
+_GRADIENT = "_veil_gradient"
+
+
+def _has_grad(t: torch.Tensor) -> bool:
+    return (t.is_leaf or t.retains_grad) and t.grad is not None  # (a non-leaf's .grad: torch would warn)
+
+
 def _get_grad(t: torch.Tensor) -> torch.Tensor | None:
-    # non-leaf tensors have no .grad (torch would only warn): answer None quietly
-    return t.grad if t.is_leaf or t.retains_grad else None
+    # non-leaf tensors have no .grad (torch would only warn), nor has a gradient: answer None quietly
+    if not _has_grad(t) or getattr(t, _GRADIENT, False):
+        return None
+    grad = t.grad
+    setattr(grad, _GRADIENT, True)
+    return grad
 
 
 def _set_grad(t: torch.Tensor, value: torch.Tensor | None) -> None:
+    if value is not None:
+        if getattr(t, _GRADIENT, False) or (isinstance(value, torch.Tensor) and _has_grad(value)):
+            raise TypeError("a gradient has no gradient of its own (x.grad = v: x is a gradient, or v has one)")
     t.grad = value
+    if value is not None:
+        setattr(value, _GRADIENT, True)
 
 
 def _get_data(t: torch.Tensor) -> torch.Tensor:
