@@ -26,8 +26,8 @@ Holes found and fixed:
 
 Held (guards): a view of a storage a failing plan step grew, left by the step as the gradient of an input's
 gradient while the step's undo shrank that storage back, is never read past its storage (the handler's walk
-emptied it; the step is now refused at that gradient's gradient); the threads of one session racing fixed-mask dealings never pass the cap; gradients that point at each
-other are charged once and their walk ends.
+emptied it; the step is now refused at that gradient's gradient); the threads of one session racing fixed-mask
+dealings never pass the cap; gradients that point at each other are charged once and their walk ends.
 """
 
 import sys
