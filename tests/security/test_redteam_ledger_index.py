@@ -14,6 +14,9 @@ Holes found (fixed):
   each charge's insert (SQLite's AUTOINCREMENT never goes below the table's largest id).
 - rows summing past the largest float (an owner's unlimited budget, charges of 1e308): the fold's fsum raised
   OverflowError, and every later charge of that user failed. Their sum rounded up is infinity.
+- a ``charge_stamps`` row deleted (or lowered) by hand read as the stamp a total was summed at before: a row the
+  owner raised since was not counted, and the scientist spent it again. Triggers refuse deleting the row of a user
+  with charges or a running total, lowering one, and (PostgreSQL) truncating the table.
 - no index on ``requests("user", charge_id)``: each fold read all the user's replay ids to find the folded ones.
   Made at every open (a fresh ledger, an older file, a PostgreSQL ledger, and the target of ``veil db migrate``).
 
@@ -30,7 +33,7 @@ from fractions import Fraction
 import pytest
 
 from veil.dp import BudgetLedger, ledger_rows
-from veil.dp.errors import ReplayedRequestError
+from veil.dp.errors import BudgetExceededError, ReplayedRequestError
 
 from tests.scale import conftest as _postgres
 
@@ -236,3 +239,55 @@ def test_migrate_target_gets_the_requests_index(tmp_path, pg_url):
     with BudgetLedger(pg_url) as target:
         assert _has_requests_index(target._db)
         _replays_refused(target, "mallory", ["mallory-1"])
+
+
+def _raise_then_reset_the_stamp(ledger: BudgetLedger, owner_execute, refused) -> None:
+    """The owner raises mallory's older charge by 0.5, then tries to delete, lower and (PostgreSQL) truncate her
+    stamp: each is refused, and the raise counts."""
+    ledger.set_budget("mallory", 1.0, 1e-5)
+    ledger.charge("mallory", 0.25, 0.0, "DP query")
+    ledger.charge("mallory", 0.125, 0.0, "DP query")
+    assert ledger.spent("mallory")[0] == 0.375  # (a total summed at stamp 0, stored and kept in memory)
+    first = ledger._db.execute('SELECT MIN(id) FROM charges WHERE "user" = ?', ("mallory",)).fetchone()[0]
+    owner_execute("UPDATE charges SET epsilon = 0.75 WHERE id = %d" % first)
+    for statement in ("DELETE FROM charge_stamps WHERE \"user\" = 'mallory'",
+                      "UPDATE charge_stamps SET edits = 0 WHERE \"user\" = 'mallory'"):
+        with pytest.raises(refused, match="charge_stamps rows are kept"):
+            owner_execute(statement)
+    assert ledger.spent("mallory")[0] == pytest.approx(0.875)
+    with pytest.raises(BudgetExceededError):
+        ledger.charge("mallory", 0.25, 0.0, "spent twice")
+
+
+def test_a_stamp_deleted_or_lowered_by_hand_is_refused(tmp_path):
+    """The HOLE: the owner raised an older charge (stamp 0 -> 1), then deleted the user's charge_stamps row: the
+    stamp read 0 again, the total summed at 0 was trusted, and the raise was spendable. A user without charges or
+    total may still have her row removed; a bump still raises it."""
+    import sqlite3
+
+    path = tmp_path / "ledger.sqlite3"
+    owner = sqlite3.connect(path, isolation_level=None)  # the owner's sqlite3 shell
+    try:
+        with BudgetLedger(path) as ledger:
+            _raise_then_reset_the_stamp(ledger, owner.execute, sqlite3.DatabaseError)
+            ledger.set_budget("bob", 1.0, 1e-5)
+            ledger.charge("bob", 0.25, 0.0, "DP query")
+            owner.execute("UPDATE charges SET epsilon = 0.5 WHERE \"user\" = 'bob'")
+            owner.execute("DELETE FROM charges WHERE \"user\" = 'bob'")
+            owner.execute("DELETE FROM charge_totals WHERE \"user\" = 'bob'")
+            owner.execute("DELETE FROM charge_stamps WHERE \"user\" = 'bob'")  # (nothing left a stamp guards)
+            assert ledger.spent("bob")[0] == 0
+    finally:
+        owner.close()
+
+
+@pytest.mark.slow
+def test_postgres_a_stamp_deleted_lowered_or_truncated_by_hand_is_refused(pg_url):
+    """PostgreSQL: as on SQLite, and TRUNCATE charge_stamps is refused while charges are kept."""
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as owner, BudgetLedger(pg_url) as ledger:
+        _raise_then_reset_the_stamp(ledger, owner.execute, psycopg.Error)
+        with pytest.raises(psycopg.Error, match="charge_stamps rows are kept"):
+            owner.execute("TRUNCATE charge_stamps")
+        assert ledger.spent("mallory")[0] == pytest.approx(0.875)

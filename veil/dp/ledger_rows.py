@@ -76,6 +76,52 @@ BEGIN INSERT INTO charge_stamps("user", edits) SELECT "user", 1 FROM charges WHE
     ON CONFLICT("user") DO UPDATE SET edits = charge_stamps.edits + 1; END;
 """
 
+_KEPT = ("charge_stamps rows are kept while the user has charges or a running total, and never lowered "
+         "(veil.dp.ledger_rows): to give budget back, delete charges rows")
+
+# (a stamp deleted or lowered by hand read as an older one: a total summed at it was trusted again, and a row
+# raised since was not counted)
+SQLITE_STAMPS_KEPT = f"""
+CREATE TRIGGER IF NOT EXISTS charge_stamps_kept BEFORE DELETE ON charge_stamps
+WHEN EXISTS (SELECT 1 FROM charges WHERE "user" = OLD."user")
+    OR EXISTS (SELECT 1 FROM charge_totals WHERE "user" = OLD."user")
+BEGIN SELECT RAISE(ABORT, '{_KEPT}'); END;
+CREATE TRIGGER IF NOT EXISTS charge_stamps_rising BEFORE UPDATE ON charge_stamps
+WHEN NEW.edits < OLD.edits OR NEW."user" IS NOT OLD."user"
+BEGIN SELECT RAISE(ABORT, '{_KEPT}'); END;
+"""
+
+POSTGRES_STAMPS_KEPT = f"""
+CREATE OR REPLACE FUNCTION veil_charge_stamps_kept() RETURNS trigger LANGUAGE plpgsql AS $body$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        IF NEW.edits >= OLD.edits AND NEW."user" = OLD."user" THEN
+            RETURN NEW;
+        END IF;
+    ELSIF TG_OP = 'DELETE' THEN
+        IF NOT EXISTS (SELECT 1 FROM charges WHERE "user" = OLD."user")
+           AND NOT EXISTS (SELECT 1 FROM charge_totals WHERE "user" = OLD."user") THEN
+            RETURN OLD;
+        END IF;
+    ELSIF NOT EXISTS (SELECT 1 FROM charges) AND NOT EXISTS (SELECT 1 FROM charge_totals) THEN
+        RETURN NULL;
+    END IF;
+    RAISE EXCEPTION '{_KEPT}';
+END
+$body$;
+DO $body$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'charge_stamps_kept'
+                   AND tgrelid = 'charge_stamps'::regclass) THEN
+        CREATE TRIGGER charge_stamps_kept BEFORE DELETE OR UPDATE ON charge_stamps
+            FOR EACH ROW EXECUTE FUNCTION veil_charge_stamps_kept();
+        CREATE TRIGGER charge_stamps_not_truncated BEFORE TRUNCATE ON charge_stamps
+            FOR EACH STATEMENT EXECUTE FUNCTION veil_charge_stamps_kept();
+    END IF;
+END
+$body$;
+"""
+
 _PG_LOCK = 'PERFORM 1 FROM budgets WHERE "user" = {row}."user" FOR UPDATE;'
 
 POSTGRES_TRIGGERS = f"""
@@ -154,6 +200,7 @@ def create(db: Database) -> None:
     """The stamps, their triggers and the added columns (after the ledger's tables and ``charge_totals``)."""
     db.executescript(STAMPS)
     db.executescript(SQLITE_TRIGGERS if db.dialect == "sqlite" else POSTGRES_TRIGGERS)
+    db.executescript(SQLITE_STAMPS_KEPT if db.dialect == "sqlite" else POSTGRES_STAMPS_KEPT)
     if _missing_columns(db):  # (nothing written when all are there: a read-only standby still opens)
         with db.write_transaction():
             if db.dialect == "postgresql":  # (first: replicas starting at once read, then alter, one at a time;
