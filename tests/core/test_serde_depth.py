@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from veil.exceptions import SerializationError
 from veil.messaging import messages as m
 from veil.messaging.serde import EXT_CODES, MAX_EXT_DEPTH, decode_value, deserialize, serialize
+from veil.messaging.serde import WIRE_VERSION
 
 
 def nested_tuple_payload(depth: int) -> bytes:
@@ -29,7 +30,7 @@ def nested_tuple_payload(depth: int) -> bytes:
 
 def hostile_command(depth: int) -> bytes:
     """A CommandMessage frame whose only argument is ``depth`` nested tuples."""
-    return msgpack.packb([1, m.CommandMessage.TYPE, "x", [], "torch.add",
+    return msgpack.packb([WIRE_VERSION, m.CommandMessage.TYPE, "x", [], "torch.add",
                           [msgpack.ExtType(EXT_CODES.TUPLE, nested_tuple_payload(depth))], {}, None, False])
 
 
@@ -86,7 +87,7 @@ def test_deep_nesting_does_not_crash_a_process():
             inner = msgpack.packb([])
             for _ in range(depth):
                 inner = msgpack.packb([msgpack.ExtType(7, inner)])
-            return msgpack.packb([1, 1, "x", [], "torch.add", [msgpack.ExtType(7, inner)], {}, None, False])
+            return msgpack.packb([WIRE_VERSION, 1, "x", [], "torch.add", [msgpack.ExtType(7, inner)], {}, None, False])
         for depth in (200, 300, 1000, 20000):
             try:
                 deserialize(hostile_command(depth))
@@ -110,7 +111,7 @@ def test_client_decoding_a_hostile_reply_fails_cleanly():
     hook = sy.TorchHook(torch)
     me = sy.VirtualWorker(hook, id="depth-client")
     hostile = sy.VirtualWorker(hook, id="depth-hostile")
-    reply = msgpack.packb([1, m.ObjectsReply.TYPE, "depth-hostile", [],
+    reply = msgpack.packb([WIRE_VERSION, m.ObjectsReply.TYPE, "depth-hostile", [],
                            [msgpack.ExtType(EXT_CODES.TUPLE, nested_tuple_payload(400))]])
     hostile._recv_msg = lambda data: reply
     with pytest.raises(SerializationError, match="nested deeper"):

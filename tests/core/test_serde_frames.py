@@ -16,7 +16,7 @@ from test_serde import _same, tensors, values
 from veil.exceptions import SerializationError
 from veil.messaging import messages as m
 from veil.messaging.serde import (DTYPES, EXT_CODES, FRAME_MAGIC, MAX_EXT_DEPTH, decode_value, deserialize,
-                                  encode_value, envelope, serialize)
+                                  WIRE_VERSION, encode_value, envelope, serialize)
 
 
 def _frame(header_value, raw: bytes = b"") -> bytes:
@@ -29,7 +29,7 @@ def _oob(dtype: str, shape: list, nbytes: int, rg: bool = False) -> msgpack.ExtT
 
 
 def _reply(objects) -> list:
-    return [1, m.ObjectsReply.TYPE, "w", [], objects]
+    return [WIRE_VERSION, m.ObjectsReply.TYPE, "w", [], objects]
 
 
 # ------------------------------------------------------------ round trips
@@ -104,7 +104,7 @@ def test_decoded_tensors_own_their_memory():
 def test_envelope_reads_the_type_without_building_objects():
     data = serialize(m.CommandMessage("torch.add", (m.ObjectRef(5), torch.ones(2)), {}, [7], False), sender="c")
     env = envelope(data)
-    assert env[:5] == [1, m.CommandMessage.TYPE, "c", [], "torch.add"]
+    assert env[:5] == [WIRE_VERSION, m.CommandMessage.TYPE, "c", [], "torch.add"]
     assert env[5] == [None, None]
 
 

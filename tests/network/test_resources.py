@@ -26,6 +26,7 @@ from veil.workers.auth_throttle import FREE_FAILURES
 from veil.workers.persistence import OwnerDB
 from veil.workers.websocket_auth import handshake_headers
 from veil.workers.websocket_transport import BlockingConnection
+from veil.messaging.serde import WIRE_VERSION
 
 from network_helpers import TOKEN, base_args
 
@@ -77,7 +78,7 @@ def test_deeply_nested_frame_is_refused_and_worker_survives(spawn, connect):
     inner = msgpack.packb([])
     for _ in range(300):
         inner = msgpack.packb([msgpack.ExtType(EXT_CODES.TUPLE, inner)])
-    frame = msgpack.packb([1, 1, "x", [], "torch.add", [msgpack.ExtType(EXT_CODES.TUPLE, inner)], {}, None, False])
+    frame = msgpack.packb([WIRE_VERSION, 1, "x", [], "torch.add", [msgpack.ExtType(EXT_CODES.TUPLE, inner)], {}, None, False])
     conn = BlockingConnection(f"ws://127.0.0.1:{wp.port}", handshake_headers(TOKEN))
     try:
         conn.send(frame)

@@ -17,6 +17,7 @@ from veil.messaging import messages as m
 from veil.messaging.serde import deserialize, serialize
 from veil.workers import skeletons
 from veil.workers.websocket_auth import authenticate
+from veil.messaging.serde import WIRE_VERSION
 
 from network_helpers import TOKEN, base_args, get_as as _get, in_process_server, store_as as _store
 
@@ -188,12 +189,12 @@ def test_malformed_skeleton_frames_get_an_error_and_the_worker_serves_on(hook):
     _store(server, session, 1, torch.ones(2))
     good = _skel(0, [1, 1], [2], define=ADD)
     bad = [
-        msgpack.packb([1, m.SkeletonCommand.TYPE, "c", [], 0, [1, 1]]),  # too few fields
-        msgpack.packb([1, m.SkeletonCommand.TYPE, "c", [], 0, [1, 1], [2], None, 5]),  # too many
-        msgpack.packb([1, m.SkeletonCommand.TYPE, "c", [], "0", [1, 1], [2], None]),
-        msgpack.packb([1, m.SkeletonCommand.TYPE, "c", [], 0, None, [2], None]),
-        msgpack.packb([1, m.SkeletonCommand.TYPE, "c", [], 0, [1, 1], [2], {"op": "x"}]),
-        msgpack.packb([1, m.SkeletonCommand.TYPE, "c", [], 0, [1, 1], [2], [None, None, None, None]]),
+        msgpack.packb([WIRE_VERSION, m.SkeletonCommand.TYPE, "c", [], 0, [1, 1]]),  # too few fields
+        msgpack.packb([WIRE_VERSION, m.SkeletonCommand.TYPE, "c", [], 0, [1, 1], [2], None, 5]),  # too many
+        msgpack.packb([WIRE_VERSION, m.SkeletonCommand.TYPE, "c", [], "0", [1, 1], [2], None]),
+        msgpack.packb([WIRE_VERSION, m.SkeletonCommand.TYPE, "c", [], 0, None, [2], None]),
+        msgpack.packb([WIRE_VERSION, m.SkeletonCommand.TYPE, "c", [], 0, [1, 1], [2], {"op": "x"}]),
+        msgpack.packb([WIRE_VERSION, m.SkeletonCommand.TYPE, "c", [], 0, [1, 1], [2], [None, None, None, None]]),
         good[: len(good) // 2],  # truncated
         b"\xc1\x00\x00\x00\x10" + good,
     ]

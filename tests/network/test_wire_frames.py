@@ -15,6 +15,7 @@ from veil.messaging.serde import DTYPES, EXT_CODES, FRAME_MAGIC, deserialize, se
 from veil.workers.websocket_auth import authenticate, handshake_headers
 from veil.workers.inline_lane import INLINE_BUDGET_SECONDS, INLINE_MAX_COMMANDS, _inline_ok
 from veil.workers.websocket_transport import BlockingConnection
+from veil.messaging.serde import WIRE_VERSION
 
 from network_helpers import TOKEN, base_args, in_process_server, self_signed_cert
 
@@ -47,12 +48,12 @@ def test_hostile_frames_get_error_replies_and_the_worker_serves(spawn, connect):
     conn = BlockingConnection(f"ws://127.0.0.1:{wp.port}", handshake_headers(TOKEN))
     good = serialize(m.ObjectMessage([m.StoredObject(77, torch.arange(4.0))]), sender="me")
     assert good[:1] == FRAME_MAGIC
-    header = msgpack.packb([1, m.ObjectsReply.TYPE, "x", [],
+    header = msgpack.packb([WIRE_VERSION, m.ObjectsReply.TYPE, "x", [],
                             [msgpack.ExtType(EXT_CODES.TENSOR_OOB, msgpack.packb(["float32", [2**30], False, 2**32]))]])
     junk = [
         FRAME_MAGIC, FRAME_MAGIC + b"\xff\xff\xff\x7f", good[:-1], good + b"\x00", good[:12],
         FRAME_MAGIC + len(header).to_bytes(4, "little") + header + b"\x00" * 64,  # claims 4 GB, holds 64 B
-        msgpack.packb([1, 1, "x", [], "torch.add",  # an out-of-band tensor in an unframed command
+        msgpack.packb([WIRE_VERSION, 1, "x", [], "torch.add",  # an out-of-band tensor in an unframed command
                        [msgpack.ExtType(EXT_CODES.TENSOR_OOB, msgpack.packb(["float32", [1], False, 4]))], {}, [5], False]),
     ]
     for frame in junk:

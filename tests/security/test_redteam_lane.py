@@ -39,6 +39,7 @@ from veil.workers.reply_frames import ONE_WRITE
 from veil.workers.websocket_auth import handshake_headers
 from veil.workers.websocket_server import WebsocketServerWorker
 from veil.workers.websocket_transport import BlockingConnection, frame_head
+from veil.messaging.serde import WIRE_VERSION
 
 from network_helpers import HOSPITAL, OTHER, PEER, TOKEN
 
@@ -504,7 +505,7 @@ def test_hostile_payloads_pipelined_get_error_replies_in_place_and_never_fail_th
         b"\x91" * 5000 + b"\x00",  # nesting bomb
         b"\xdd\xff\xff\xff\xff",  # an array of 4G elements, no data
         b"\xc6\x7f\xff\xff\xff",  # a 2 GB bin, no data
-        msgpack.packb([1, 1, "c", [], ["Tensor.add", [{"__ref__": 1}], {}, [3], False]]),
+        msgpack.packb([WIRE_VERSION, 1, "c", [], ["Tensor.add", [{"__ref__": 1}], {}, [3], False]]),
         valid[: len(valid) // 2], valid + b"\x00", bytes([valid[0] ^ 0xFF]) + valid[1:],
         serialize(m.CommandMessage("builtins.eval", ("1",), {}, [4], False), sender="c"),
         serialize(m.CommandMessage("Tensor.add", (m.ObjectRef(2**62),), {}, [5], False), sender="c"),

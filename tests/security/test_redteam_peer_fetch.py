@@ -28,6 +28,7 @@ from veil.messaging import messages as m
 from veil.messaging.serde import deserialize, serialize
 from veil.mpc.truncation import shift_for
 from veil.workers.peer_openings import PeerFetchMessage, PeerOpenMessage
+from veil.messaging.serde import WIRE_VERSION
 
 from network_helpers import TOKEN
 from test_redteam_peer_openings import (  # noqa: F401  (fixtures: cluster and its sink charlie)
@@ -47,7 +48,7 @@ def _raw(proc, token: str, extra: tuple = ()):
 
 
 def _frame(round_id, name="beaver_mask", prelude=()) -> bytes:
-    return msgpack.packb([1, PeerFetchMessage.TYPE, "x", list(prelude), round_id, name], use_bin_type=True)
+    return msgpack.packb([WIRE_VERSION, PeerFetchMessage.TYPE, "x", list(prelude), round_id, name], use_bin_type=True)
 
 
 def _ask(conn, data: bytes):
@@ -157,8 +158,8 @@ def test_malformed_fetch_frames_fail_cleanly_and_consume_nothing(hook, cluster):
         "round a map": _frame({round_id: 1}),
         "step an int": _frame(round_id, 7),
         "step a list": _frame(round_id, ["beaver_mask"]),
-        "too few fields": msgpack.packb([1, PeerFetchMessage.TYPE, "x", [], round_id]),
-        "too many fields": msgpack.packb([1, PeerFetchMessage.TYPE, "x", [], round_id, "beaver_mask", "more"]),
+        "too few fields": msgpack.packb([WIRE_VERSION, PeerFetchMessage.TYPE, "x", [], round_id]),
+        "too many fields": msgpack.packb([WIRE_VERSION, PeerFetchMessage.TYPE, "x", [], round_id, "beaver_mask", "more"]),
         "nested past the decoder's depth": deep,
         "behind a command a peer may not run": _frame(round_id, prelude=[["torch.add", [1, 2], {}, [new_id()],
                                                                           False]]),

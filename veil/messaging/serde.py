@@ -43,7 +43,7 @@ from veil.messaging.tensor_payload import (  # noqa: F401  (DTYPES, MAX_DIMS, te
     ADOPT_MIN_BYTES, DTYPE_NAMES, DTYPES, MAX_DIMS, _build_tensor, _nbytes, _tensor_raw, decode_tensor,
     encode_tensor, tensor_spec)
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: listing and search pages (ListObjectsMessage and SearchMessage carry after=)
 #: first byte of a framed message (header + out-of-band tensor bytes); msgpack never uses 0xC1
 FRAME_MAGIC = b"\xc1"
 #: how deeply ext payloads may nest (a tuple in a tuple in ...). Each level is a
