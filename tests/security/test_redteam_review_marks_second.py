@@ -31,7 +31,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -46,18 +45,7 @@ from veil.workers.capabilities import CAP_PREFIX
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_sessions import open_session, request  # noqa: E402
 from review_steps import SECRET, review_owner, send, uid  # noqa: E402
-
-SCI = "rt-marks2-sci-token"
-
-
-def _server(hook, path, name):
-    """A worker process of the owner (not listening) on the database file ``path``, with a scientist token."""
-    from veil.workers.persistence import OwnerDB
-    from veil.workers.websocket_server import WebsocketServerWorker
-
-    tokens = sy.TokenTable()
-    tokens.add(SCI, "sci", "scientist")
-    return WebsocketServerWorker(hook, id=uid(name), port=0, tokens=tokens, db=OwnerDB(str(path)))
+from test_redteam_review_marks import SCI, _command, _get, _moved, _server  # noqa: E402
 
 
 @pytest.fixture
@@ -73,27 +61,8 @@ def owner_workers(hook, tmp_path):
         srv.db.close()
 
 
-def _command(srv, sess, op, args, oid):
-    reply = request(srv, sess, m.CommandMessage(op, args, {}, [oid], False))
-    assert type(reply) is m.OkReply, reply
-
-
-def _get(srv, sess, oid):
-    return request(srv, sess, m.GetObjectsMessage([oid], False))
-
-
 def _refused_dp(reply):
     return type(reply) is m.ErrorReply and "differential-privacy" in reply.message
-
-
-def _moved(src, oid, dst, sess_dst):
-    """What src's move handler sends for ``oid`` (its capabilities as tags), stored on dst: the new id there."""
-    entry = dict(src.monitor.owner_entries())[oid]
-    new = new_id()
-    sent = src.monitor.outgoing(SimpleNamespace(user="sci"), new, entry)
-    reply = request(dst, sess_dst, m.ObjectMessage([sent]))
-    assert type(reply) is m.OkReply, reply
-    return new
 
 
 def _claimed(srv, sess, t, names):
