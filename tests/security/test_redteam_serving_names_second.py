@@ -45,19 +45,7 @@ from veil.serving import protocol
 from veil.workers import listing
 from veil.workers.principals import Principal
 
-INFO = {"input_shape": [1, 3], "max_rows": 4}
-
-
-def _workers(hook, *names):
-    tag = new_id() % 10**9
-    return [sy.VirtualWorker(hook, id=f"sn2_{name}_{tag}") for name in names]
-
-
-def _error(call) -> str:
-    with pytest.raises(VeilError) as caught:
-        call()
-    assert "\n" not in str(caught.value)
-    return f"{type(caught.value).__name__}: {caught.value}"
+from test_redteam_serving_names import INFO, _error, _workers  # noqa: E402  (one harness for both passes)
 
 
 # ------------------------------------------------------------------ pinned names
