@@ -82,7 +82,7 @@ def test_deep_nesting_does_not_crash_a_process():
         import sys
         import msgpack
         from veil.exceptions import SerializationError
-        from veil.messaging.serde import deserialize
+        from veil.messaging.serde import WIRE_VERSION, deserialize
         def hostile_command(depth):  # a TUPLE ext (code 7) in a TUPLE ext ..., as a command argument
             inner = msgpack.packb([])
             for _ in range(depth):
