@@ -18,6 +18,7 @@ from veil.messaging.allowlist import ALLOWLIST
 from veil.plans.ops import BatchSize, PlanSpec, SlotRef
 from veil.tensors.tree import leaves
 from veil.workers import cancellation
+from veil.workers.value_shapes import ShapeRefused
 
 
 def _has_slots(value: Any) -> bool:
@@ -207,8 +208,8 @@ def run(plan: CompiledPlan, inputs: list, state: list, size_check: Callable | No
                         slots[slot] = t
     except Refusal as r:
         raise r.error from None
-    except CommandTimeoutError:  # (CommandCancelledError too)
-        raise  # the worker's limit, as between batches (not the plan's failure)
+    except (CommandTimeoutError, ShapeRefused):  # (CommandCancelledError too)
+        raise  # the worker's limit, as between batches, or a value-free refusal (not the plan's failure)
     except Exception as e:
         raise RemoteExecutionError(f"plan {spec.name!r} failed at {op.name if op else '?'}: "
                                    f"{type(e).__name__}: {e}") from e

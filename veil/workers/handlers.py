@@ -17,7 +17,7 @@ from veil.exceptions import (ObjectNotFoundError, PermissionDeniedError, RemoteE
 from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST, NO_RESULT, register_worker_function
 from veil.tensors.tree import leaves, map_structure
-from veil.workers import listing, oblivious, output_bounds, owner_guard, storage_overrun
+from veil.workers import listing, oblivious, output_bounds, owner_guard, storage_overrun, value_shapes
 from veil.workers.quiet_warnings import dropping_warnings
 from veil.workers.accounts import END_ACCOUNT
 from veil.workers.base import STORABLE_TYPES, STORE_VALIDATORS, BaseWorker, register_handler
@@ -121,6 +121,9 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
             written = set()
         protected, secret, oblivious_guard, dealer, args, kwargs = _owner_checks(
             worker, principal, op, purpose, args, kwargs, found, entries, wire_args, wire_kwargs)
+        if oblivious_guard is None and (written is not None or name in value_shapes.PLAN_RUNS):
+            # inputs under review decide no result size and no Python value (value_shapes)
+            oblivious_guard = value_shapes.guard(worker, principal.user, name, found, arguments, (args, kwargs))
     if ids is not None:  # checked before the op runs: an in-place op must not write, then have its results refused
         if type(ids) is not list:
             raise RemoteExecutionError(f"{name}: return ids must be a list of object ids, got {type(ids).__name__}")

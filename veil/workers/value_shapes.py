@@ -1,0 +1,133 @@
+"""Values under review decide no result shape and no Python value of a command.
+
+Every command's reply describes its result (shape, dtype), and the scientist
+gets it without review: ``torch.zeros(x[0].long())`` on data under review is a
+descriptor of ``(x[0],)``, ``masked_select(arange(100), arange(100) < x[0])``
+has ``x[0]`` elements, ``x[x > 0]`` as many as positive values. The owner has
+released none of them.
+
+:func:`guard` runs a requester-chosen op (a torch op, a plan's run or fit)
+on inputs derived from owner data under review (a release of them waits for
+the owner's approval) under a TorchDispatchMode that follows those storages
+through the ATen ops of the call, as :mod:`veil.workers.oblivious` does for
+secrets, and refuses before the op runs:
+
+* the value-shaped ops (``VALUE_SHAPED``: ``nonzero``, ``masked_select``,
+  ``unique``, ``repeat_interleave``, ``bincount``, ...) and indexing with a
+  boolean or byte mask (``x[x > 0]``) on such values;
+* such a value turned into a Python value (``.item()``, a tensor used as a
+  size, count or bound: ``zeros(t)``, ``arange(t)``, ``narrow`` or ``topk``
+  by a tensor): every ATen op returning a non-tensor.
+
+Unlike secrets, reviewed values may enter any other op (their owner may
+approve the results; errors on them are value-free already): shapes that
+follow only the shapes of owner data stay as they are. The refusal names the
+op only and depends on which inputs are reviewed, never on values. Whether an
+op with an index or divisor from such values fails (``zeros(12)[x]``) is one
+bit a command, left as it is: honest training indexes by reviewed labels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from veil.exceptions import PermissionDeniedError, register_remote_error
+from veil.workers.oblivious import _key, _touches
+from veil.workers.oblivious_ops import VALUE_SHAPED
+
+#: ATen ops whose result shape follows the values of a boolean/byte index (``x[mask]``)
+_MASK_INDEXED = frozenset({"aten::index", "aten::_unsafe_index"})
+#: value-shaped ATen ops beyond the oblivious table's (a sparse layout's element count follows the values)
+_SHAPED = VALUE_SHAPED | frozenset({"aten::_to_sparse", "aten::to_sparse", "aten::_to_sparse_csr",
+                                    "aten::_to_sparse_csc", "aten::_to_sparse_bsr", "aten::_to_sparse_bsc",
+                                    "aten::dense_to_sparse", "aten::sparse_mask"})
+
+
+@register_remote_error
+class ShapeRefused(PermissionDeniedError):
+    """A command whose result shape or Python value would follow values under review (value-free)."""
+
+    value_free = True
+
+
+class _FollowsReviewed(TorchDispatchMode):
+    """Follows reviewed storages through one command; refuses value-sized results and Python values of them."""
+
+    def __init__(self, op_name: str, reviewed: set[int]) -> None:
+        super().__init__()
+        self.op_name, self.reviewed = op_name, reviewed
+
+    def _refuse(self, what: str) -> ShapeRefused:
+        return ShapeRefused(f"{self.op_name}: {what} would follow the values of data under the owner's review "
+                            "(not released); it is refused whatever the values")
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        reviewed = self.reviewed
+        if not (_touches(args, reviewed) or (kwargs and _touches(tuple(kwargs.values()), reviewed))):
+            return func(*args, **kwargs)
+        name = func._schema.name
+        if name in _SHAPED:
+            raise self._refuse(f"the shape of {name}")
+        if name in _MASK_INDEXED and _masks(args[1] if len(args) > 1 else kwargs.get("indices"), reviewed):
+            raise self._refuse("the shape of an index by a mask")
+        out = func(*args, **kwargs)
+        for r in (out if type(out) in (tuple, list) else (out,)):
+            if isinstance(r, torch.Tensor):
+                k = _key(r)
+                if k is not None:
+                    reviewed.add(k)
+            elif type(r) in (tuple, list):  # e.g. split: a list of tensors
+                for t in r:
+                    k = _key(t) if isinstance(t, torch.Tensor) else None
+                    if k is not None:
+                        reviewed.add(k)
+            elif r is not None:  # .item(), a size, a bound, a branch: the value itself, unreviewed
+                raise self._refuse(f"a Python value ({name})")
+        return out
+
+
+def _masks(indices: Any, reviewed: set) -> bool:
+    """Whether a boolean or byte index among ``indices`` is (or derives from) a reviewed value."""
+    if type(indices) not in (tuple, list):
+        return False
+    return any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) and _key(t) in reviewed
+               for t in indices)
+
+
+#: worker functions that run a requester's plan, op by op, on their arguments (copies of the owner's data)
+PLAN_RUNS = frozenset({"veil.plan.run", "veil.plan.fit"})
+
+
+def guard(worker: Any, user: str, op_name: str, found: dict, resolved: Any = None,
+          passed: Any = None) -> _FollowsReviewed | None:
+    """The context a requester-chosen op runs in when one of its inputs (``found``: id -> entry) could leave
+    ``user``'s hands only with the owner's approval (it derives from a dataset under review); None when none
+    could. A plan gets copies of the owner's tensors: ``resolved`` (the arguments as the monitor resolved them)
+    and ``passed`` (as the plan gets them, the same structure) say which tensor it runs on stands for which."""
+    from veil.governance.release import needs_review
+
+    keys = {k for k in (_key(e.obj) for oid, e in found.items()
+                        if e.provenance and needs_review(worker, oid, e, user)) if k is not None}
+    if keys and passed is not None:
+        keys |= {_key(after) for before, after in zip(_leaves(resolved), _leaves(passed))
+                 if _key(before) in keys and _key(after) is not None}
+    return _FollowsReviewed(op_name, keys) if keys else None
+
+
+def _leaves(value: Any) -> list:
+    """The tensors in ``value`` (lists, tuples, dicts), in a fixed order; other leaves as None."""
+    out: list = []
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if type(v) in (list, tuple):
+            stack.extend(reversed(v))
+        elif type(v) is dict:
+            stack.extend(reversed(list(v.values())))
+        else:
+            out.append(v if isinstance(v, torch.Tensor) else None)
+    return out
