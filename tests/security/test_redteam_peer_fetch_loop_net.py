@@ -48,7 +48,7 @@ import torch
 import veil as sy
 from veil.ids import new_id
 from veil.messaging import messages as m
-from veil.messaging.serde import EXT_CODES, deserialize, serialize
+from veil.messaging.serde import EXT_CODES, WIRE_VERSION, deserialize, serialize
 from veil.mpc.truncation import pack_top_bits, shift_for
 from veil.tensors.pointer import PointerWire
 from veil.workers.peer_openings import PeerFetchMessage, PeerOpenMessage
@@ -241,7 +241,7 @@ def _packed(*fields) -> bytes:
 def _padded_fetch(round_id: str, size: int) -> bytes:
     """A well-formed fetch frame of exactly ``size`` bytes (the sender field, which the worker ignores, pads it)."""
     for pad in range(size):
-        data = _packed(1, PeerFetchMessage.TYPE, "p" * pad, [], round_id, "beaver_mask")
+        data = _packed(WIRE_VERSION, PeerFetchMessage.TYPE, "p" * pad, [], round_id, "beaver_mask")
         if len(data) == size:
             return data
     raise AssertionError(size)
@@ -279,7 +279,7 @@ def test_small_frames_of_a_peer_decoded_on_the_loop_while_the_worker_is_busy(hoo
         thread = _start(hook, cluster["bob"][1], msg, errors, "bob")
         _wait_for(lambda: _fetches_of(round_id) or not thread.is_alive(), "bob published its round")
         pointer = PointerWire("alice", at_alice.id_at_location, (5,), torch.float32, False, True)
-        head = msgpack.packb(1) + msgpack.packb(PeerFetchMessage.TYPE) + msgpack.packb("x") + b"\x90"
+        head = msgpack.packb(WIRE_VERSION) + msgpack.packb(PeerFetchMessage.TYPE) + msgpack.packb("x") + b"\x90"
         nested = b"\x91" * 440 + msgpack.packb(round_id)
         deep_ext = 1
         for _ in range(40):
@@ -289,16 +289,16 @@ def test_small_frames_of_a_peer_decoded_on_the_loop_while_the_worker_is_busy(hoo
             "a frame header claiming 4 GiB": b"\xc1" + struct.pack("<I", 0xFFFFFFFF) + b"\x90",
             "truncated": _frame(round_id)[:-5],
             "a bare int": msgpack.packb(7),
-            "another wire version": _packed(2, PeerFetchMessage.TYPE, "x", [], round_id, "beaver_mask"),
-            "an unknown type": _packed(1, 999, "x", [], round_id, "beaver_mask"),
-            "a type nested 440 deep": b"\x96" + msgpack.packb(1) + b"\x91" * 440 + msgpack.packb(PeerFetchMessage.TYPE)
-            + msgpack.packb("x") + b"\x90" + msgpack.packb(round_id) + msgpack.packb("beaver_mask"),
+            "another wire version": _packed(WIRE_VERSION + 1, PeerFetchMessage.TYPE, "x", [], round_id, "beaver_mask"),
+            "an unknown type": _packed(WIRE_VERSION, 999, "x", [], round_id, "beaver_mask"),
+            "a type nested 440 deep": b"\x96" + msgpack.packb(WIRE_VERSION) + b"\x91" * 440
+            + msgpack.packb(PeerFetchMessage.TYPE) + msgpack.packb("x") + b"\x90" + msgpack.packb(round_id) + msgpack.packb("beaver_mask"),
             "a round nested 440 deep": b"\x96" + head + nested + msgpack.packb("beaver_mask"),
-            "ext types nested 40 deep": _packed(1, PeerFetchMessage.TYPE, "x", [], deep_ext, "beaver_mask"),
-            "a tensor claiming 2^62 elements": _packed(1, PeerFetchMessage.TYPE, "x", [],
+            "ext types nested 40 deep": _packed(WIRE_VERSION, PeerFetchMessage.TYPE, "x", [], deep_ext, "beaver_mask"),
+            "a tensor claiming 2^62 elements": _packed(WIRE_VERSION, PeerFetchMessage.TYPE, "x", [],
                                                        _ext(EXT_CODES.TENSOR, ["int64", [1 << 31, 1 << 31], False,
                                                                               b"\0" * 8]), "beaver_mask"),
-            "an out-of-band tensor outside a frame": _packed(1, PeerFetchMessage.TYPE, "x", [],
+            "an out-of-band tensor outside a frame": _packed(WIRE_VERSION, PeerFetchMessage.TYPE, "x", [],
                                                              _ext(EXT_CODES.TENSOR_OOB, ["int64", [6], False, 48]),
                                                              "beaver_mask"),
             "a command on a pointer to alice": serialize(m.CommandMessage("torch.add", (pointer, 1), {}, [new_id()],

@@ -11,7 +11,7 @@ import torch
 
 from veil.exceptions import SerializationError
 from veil.messaging import messages as m
-from veil.messaging.serde import deserialize, serialize
+from veil.messaging.serde import WIRE_VERSION, deserialize, serialize
 
 MAGIC = b"\xc1"
 
@@ -28,7 +28,7 @@ def _frame(header_fields: list, raw: bytes, header_len: int | None = None) -> by
 
 def _cmd(args: list, ids: list | None = None) -> list:
     """A CommandMessage array [version, type, sender, prelude, op, args, kwargs, return_ids, grad]."""
-    return [1, m.CommandMessage.TYPE, "x", [], "torch.add", args, {}, ids, False]
+    return [WIRE_VERSION, m.CommandMessage.TYPE, "x", [], "torch.add", args, {}, ids, False]
 
 
 HOSTILE = {
