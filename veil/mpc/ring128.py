@@ -201,6 +201,8 @@ def _float_digit_images(fn: Callable, p: torch.Tensor, x: torch.Tensor, public_f
     ones = g(torch.ones(p.shape, dtype=torch.float64), torch.ones(x.shape, dtype=torch.float64))
     if ones.numel() == 0 or not 0 < float(ones.max()) < 1 << 19:
         return None
+    if ones.numel() * float(ones.max()) < ring_gemm.MIN_WORK:  # small products: the int64 digits' fewer calls win
+        return None
     pd = [d.to(torch.float64) for d in digits(p, 16)]
     xd = [d.to(torch.float64) for d in digits(x, 16)]
     terms = []
