@@ -86,18 +86,28 @@ def _zstd(parts: list) -> bytes:
 def _galois_keys_of_zeros(ctx, n_indexes: int) -> list:
     """SEAL's serialization of Galois keys (KSwitchKeys) at ``n_indexes`` rotation indexes, every key a valid
     ciphertext of zeros at the key level: bytes for the headers, ints for the runs of zeros."""
+    return _keys_of_zeros(ctx, n_indexes=n_indexes)
+
+
+def _keys_of_zeros(ctx, layout: dict | None = None, n_indexes: int = 0) -> tuple:
+    """SEAL's serialization of KSwitchKeys with ``layout[index]`` parts of zeros at each index (by default one
+    honest key, ``k - 1`` parts, at each of ``n_indexes`` indexes): the parts (bytes for the headers, ints for
+    the runs of zeros) and SEAL's version bytes."""
     version = _field(ctx.serialize(), 1)[3:5]
     data = ctx.raw.seal_context().data
     parms_id, parms = tuple(data.key_parms_id()), data.key_context_data().parms()
     n, k = parms.poly_modulus_degree(), len(parms.coeff_modulus())
+    if layout is None:
+        layout = {index: k - 1 for index in range(n_indexes)}
     words = 2 * k * n
     array = struct.pack("<HB2sBHQ", 0xA15E, 16, version, 0, 0, 24 + 8 * words) + struct.pack("<Q", words)
     members = struct.pack("<4Q", *parms_id) + b"\x01" + struct.pack("<QQQdQ", 2, n, k, 1.0, 1) + array
     key_head = struct.pack("<HB2sBHQ", 0xA15E, 16, version, 0, 0, 16 + len(members) + 8 * words) + members
-    parts = [struct.pack("<4Q", *parms_id) + struct.pack("<Q", n_indexes)]
-    for _ in range(n_indexes):
-        parts[-1] += struct.pack("<Q", k - 1)
-        for _ in range(k - 1):
+    count = max(layout) + 1 if layout else 0
+    parts = [struct.pack("<4Q", *parms_id) + struct.pack("<Q", count)]
+    for index in range(count):
+        parts[-1] += struct.pack("<Q", layout.get(index, 0))
+        for _ in range(layout.get(index, 0)):
             parts[-1] += key_head
             parts += [8 * words, b""]
     return [p for p in parts if p != b""], version

@@ -29,7 +29,7 @@ from veil.he.errors import ConjugationKeyRequiredError, WireFormatError
 
 from fl_helpers import uid
 from test_redteam_he_crypto import _field, _seal_ciphertext
-from test_redteam_he_eval_second import _context_wire, _message, _seal, _zstd
+from test_redteam_he_eval_second import _context_wire, _keys_of_zeros, _message, _seal, _zstd
 from test_redteam_he_leftovers import _complex_slots, _with_imaginary
 
 ts = pytest.importorskip("tenseal")
@@ -230,21 +230,8 @@ def test_a_remote_dot_of_one_value_segments_without_galois_keys_gives_no_second_
 def _zero_parts(ctx, layout: dict) -> bytes:
     """SEAL's zstd serialization of KSwitchKeys with ``layout[index]`` parts of zeros at each index (RLE blocks:
     a few bytes for each 0.5 MB part)."""
-    version = _field(ctx.serialize(), 1)[3:5]
-    data = ctx.raw.seal_context().data
-    parms_id, parms = tuple(data.key_parms_id()), data.key_context_data().parms()
-    n, k = parms.poly_modulus_degree(), len(parms.coeff_modulus())
-    words = 2 * k * n
-    array = struct.pack("<HB2sBHQ", 0xA15E, 16, version, 0, 0, 24 + 8 * words) + struct.pack("<Q", words)
-    members = struct.pack("<4Q", *parms_id) + b"\x01" + struct.pack("<QQQdQ", 2, n, k, 1.0, 1) + array
-    head = struct.pack("<HB2sBHQ", 0xA15E, 16, version, 0, 0, 16 + len(members) + 8 * words) + members
-    parts = [struct.pack("<4Q", *parms_id) + struct.pack("<Q", max(layout) + 1)]
-    for index in range(max(layout) + 1):
-        parts[-1] += struct.pack("<Q", layout.get(index, 0))
-        for _ in range(layout.get(index, 0)):
-            parts[-1] += head
-            parts += [8 * words, b""]
-    return _seal(version, 2, _zstd([p for p in parts if p != b""]))
+    parts, version = _keys_of_zeros(ctx, layout)
+    return _seal(version, 2, _zstd(parts))
 
 
 @pytest.mark.parametrize("member, layout, padding", [
