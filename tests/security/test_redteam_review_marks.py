@@ -96,6 +96,17 @@ def _moved(a, oid, b, sci_b):
     return new
 
 
+def _approved_copy_on(a, did, b):
+    """``d * 3`` computed under review on a, approved, moved to b: (sessions on a and b, id on a, id on b)."""
+    from veil.governance.requests import ReviewQueue
+
+    sci_a, sci_b = open_session(a, SCI), open_session(b, SCI)
+    oid = new_id()
+    _command(a, sci_a, "torch.mul", (m.ObjectRef(did), 3.0), oid)
+    ReviewQueue(a).approve(_get(a, sci_a, oid).message.split("release request ")[1].split()[0])
+    return sci_a, sci_b, oid, _moved(a, oid, b, sci_b)
+
+
 @pytest.mark.parametrize("tightened_on", ["its-worker", "a-replica"])
 def test_a_copy_moved_to_another_worker_of_the_owner_is_marked_when_its_source_becomes_dp_only(owner_workers,
                                                                                                tightened_on):
@@ -134,16 +145,10 @@ def test_a_copy_moved_to_another_worker_of_the_owner_is_marked_when_its_source_b
 def test_a_copy_on_a_worker_of_another_owner_stays_released(hook, tmp_path):
     """Guard (decided: an approved move is a release): the copy went to a worker with another owner database.
     Must hold: the owner's tightening does not mark it there; its value is plain torch's ``d * 3``."""
-    from veil.governance.requests import ReviewQueue
-
     a, b = _server(hook, tmp_path / "a.db", "marks-a"), _server(hook, tmp_path / "b.db", "marks-b")
     try:
         did = a.load(SECRET.clone(), tags=("#d",), policy="review")
-        sci_a, sci_b = open_session(a, SCI), open_session(b, SCI)
-        oid = new_id()
-        _command(a, sci_a, "torch.mul", (m.ObjectRef(did), 3.0), oid)
-        ReviewQueue(a).approve(_get(a, sci_a, oid).message.split("release request ")[1].split()[0])
-        on_b = _moved(a, oid, b, sci_b)
+        _, sci_b, _, on_b = _approved_copy_on(a, did, b)
         a.set_policy("#d", "dp-only")
         b.sync_policies_now()
         assert torch.equal(_get(b, sci_b, on_b).objects[0], SECRET * 3)
@@ -341,14 +346,9 @@ def test_a_copy_moved_out_and_back_is_marked_by_the_tightening_itself(owner_work
     """``d * 3`` approved and moved from a to b, then from b back to a (where it names its source ``"a:id"``, as
     every moved copy does). The owner tightens ``d`` on a. Must hold: the copy back on a is refused un-noised at
     once, before any sync (the tightening's own marking knows the name)."""
-    from veil.governance.requests import ReviewQueue
-
     a, did, b, _ = owner_workers
-    sci_a, sci_b = open_session(a, SCI), open_session(b, SCI)
-    oid = new_id()
-    _command(a, sci_a, "torch.mul", (m.ObjectRef(did), 3.0), oid)
-    ReviewQueue(a).approve(_get(a, sci_a, oid).message.split("release request ")[1].split()[0])
-    back = _moved(b, _moved(a, oid, b, sci_b), a, sci_a)
+    sci_a, _, _, on_b = _approved_copy_on(a, did, b)
+    back = _moved(b, on_b, a, sci_a)
     a.set_policy("#d", "dp-only")
     reply = _get(a, sci_a, back)
     assert type(reply) is m.ErrorReply and "differential-privacy" in reply.message, reply

@@ -45,7 +45,7 @@ from veil.workers.capabilities import CAP_PREFIX
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_sessions import open_session, request  # noqa: E402
 from review_steps import SECRET, review_owner, send, uid  # noqa: E402
-from test_redteam_review_marks import SCI, _command, _get, _moved, _server  # noqa: E402
+from test_redteam_review_marks import SCI, _approved_copy_on, _command, _get, _moved, _server  # noqa: E402
 
 
 @pytest.fixture
@@ -72,17 +72,6 @@ def _claimed(srv, sess, t, names):
     reply = request(srv, sess, m.ObjectMessage([m.StoredObject(oid, t, (tag,))]))
     assert type(reply) is m.OkReply, reply
     return oid
-
-
-def _approved_copy_on(a, did, b):
-    """``d * 3`` computed under review on a, approved, moved to b: (sessions on a and b, id on a, id on b)."""
-    from veil.governance.requests import ReviewQueue
-
-    sci_a, sci_b = open_session(a, SCI), open_session(b, SCI)
-    oid = new_id()
-    _command(a, sci_a, "torch.mul", (m.ObjectRef(did), 3.0), oid)
-    ReviewQueue(a).approve(_get(a, sci_a, oid).message.split("release request ")[1].split()[0])
-    return sci_a, sci_b, oid, _moved(a, oid, b, sci_b)
 
 
 # ----------------------------------------------------------------- the name pushed out of a bounded source set
@@ -313,7 +302,6 @@ def test_a_copy_moved_from_a_worker_before_its_restart_is_marked(hook, tmp_path)
     (a new process: the dataset loaded again under a new id, the same tags), then the owner tightens ``#d`` to
     dp-only on r. Must hold: b's sync marks the copy (the name it carries is the dataset's from before the
     restart)."""
-    from veil.governance.requests import ReviewQueue
     from veil.workers.persistence import OwnerDB
     from veil.workers.websocket_server import WebsocketServerWorker
 
@@ -325,11 +313,7 @@ def test_a_copy_moved_from_a_worker_before_its_restart_is_marked(hook, tmp_path)
     b = _server(hook, path, "marks2-b")
     try:
         did = r.load(SECRET.clone(), tags=("#d",), policy="review")
-        sci_r, sci_b = open_session(r, SCI), open_session(b, SCI)
-        oid = new_id()
-        _command(r, sci_r, "torch.mul", (m.ObjectRef(did), 3.0), oid)
-        ReviewQueue(r).approve(_get(r, sci_r, oid).message.split("release request ")[1].split()[0])
-        on_b = _moved(r, oid, b, sci_b)
+        _, sci_b, _, on_b = _approved_copy_on(r, did, b)
         r.db.close()
         r = WebsocketServerWorker(hook, id=rid, port=0, tokens=tokens, db=OwnerDB(str(path)))  # (restarted)
         assert r.load(SECRET.clone(), tags=("#d",), policy="review") != did
