@@ -139,12 +139,19 @@ def test_a_client_naming_the_owner_is_not_served_by_a_scientist_who_squats_the_n
 # ------------------------------------------------------------------ respond that names no request
 
 
-def test_an_empty_respond_is_refused_and_audited_as_no_release(hook):
+def _one_claimed_request(hook):
+    """A service "svc" on a party, one client's request submitted and claimed by the owner as object ``oid``:
+    (party, owner, client, request id, oid)."""
     party, owner, client = _workers(hook, "party", "owner", "client")
     protocol.call(owner, party, "open", "svc", [client.id], INFO)
     rid, oid = new_id(), new_id()
     protocol.call(client, party, "submit", "svc", rid, torch.ones(1, 3, dtype=torch.int64))
     protocol.call(owner, party, "claim", "svc", [rid], oid)
+    return party, owner, client, rid, oid
+
+
+def test_an_empty_respond_is_refused_and_audited_as_no_release(hook):
+    party, owner, client, rid, oid = _one_claimed_request(hook)
     before = len(party.monitor.audit_log)
     error = _error(lambda: protocol.call(owner, party, "respond", "svc", [], [], m.ObjectRef(oid)))
     assert "no request" in error
@@ -154,11 +161,7 @@ def test_an_empty_respond_is_refused_and_audited_as_no_release(hook):
 
 
 def test_a_respond_whose_clients_all_left_releases_nothing_and_frees_the_share(hook):
-    party, owner, client = _workers(hook, "party", "owner", "client")
-    protocol.call(owner, party, "open", "svc", [client.id], INFO)
-    rid, oid = new_id(), new_id()
-    protocol.call(client, party, "submit", "svc", rid, torch.ones(1, 3, dtype=torch.int64))
-    protocol.call(owner, party, "claim", "svc", [rid], oid)
+    party, owner, client, rid, oid = _one_claimed_request(hook)
     protocol.drop_session(party, client.id)  # the client disconnected while its request was computed
     before = len(party.monitor.audit_log)
     assert protocol.call(owner, party, "respond", "svc", [rid], [1], m.ObjectRef(oid)) == []
