@@ -192,7 +192,7 @@ def _float_digit_images(fn: Callable, p: torch.Tensor, x: torch.Tensor, public_f
     from veil.mpc.ring import FLOAT_TWINS, ring_gemm  # (ring imports nothing of this module)
 
     twin = FLOAT_TWINS.get(fn)
-    if twin is None or not (_plain(p) and _plain(x)) or not ring_gemm.limbs_pay():
+    if twin is None or not (ring_gemm.is_plain(p) and ring_gemm.is_plain(x)) or not ring_gemm.limbs_pay():
         return None
 
     def g(a, b):
@@ -213,10 +213,6 @@ def _float_digit_images(fn: Callable, p: torch.Tensor, x: torch.Tensor, public_f
             acc = image if acc is None else acc.add_(image)
         terms.append((column, acc.to(DTYPE)))
     return terms
-
-
-def _plain(t: torch.Tensor) -> bool:
-    return type(t) is torch.Tensor and t.dtype == DTYPE and t.device.type == "cpu"
 
 
 def _products_per_entry(f: Callable, p: torch.Tensor, x: torch.Tensor) -> int:

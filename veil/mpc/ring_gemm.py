@@ -138,9 +138,9 @@ def _add_grouped(out: torch.Tensor, pairs: Sequence[tuple]) -> None:
 def products(c: Optional[torch.Tensor], pairs: Sequence[tuple]) -> Optional[torch.Tensor]:
     """``c + sum_i x_i @ y_i`` in Z/2^64 through the limbs where they apply (2-D int64 CPU matrices of
     matching shapes, enough work, limbs faster on this host), else None (the caller uses torch)."""
-    if not pairs or (c is not None and not _plain(c)):
+    if not pairs or (c is not None and not is_plain(c)):
         return None
-    if not all(_plain(x) and _plain(y) and x.dim() == 2 and y.dim() == 2 for x, y in pairs):
+    if not all(is_plain(x) and is_plain(y) and x.dim() == 2 and y.dim() == 2 for x, y in pairs):
         return None
     rows, cols, work = pairs[0][0].shape[0], pairs[0][1].shape[1], 0
     for x, y in pairs:
@@ -201,7 +201,8 @@ def _in_chunks(fn: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor
     return out
 
 
-def _plain(t: torch.Tensor) -> bool:
+def is_plain(t: torch.Tensor) -> bool:
+    """A plain int64 CPU tensor (no subclass, no meta): what the limbs apply to."""
     return type(t) is torch.Tensor and t.dtype == torch.int64 and t.device.type == "cpu"
 
 
@@ -229,7 +230,7 @@ def matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if x.dim() == 2 and y.dim() == 2:
         return mm(x, y)
     out = None
-    if _plain(x) and _plain(y) and x.dim() >= 3 and y.dim() >= 2 and _wide(x.shape[-2], y.shape[-1], True) and fits(
+    if is_plain(x) and is_plain(y) and x.dim() >= 3 and y.dim() >= 2 and _wide(x.shape[-2], y.shape[-1], True) and fits(
             x.shape[-1], x.numel() * y.shape[-1], grouped=False):
         if y.dim() == 2 or (y.dim() == x.dim() and y.shape[0] == 1):
             out = _in_chunks(torch.matmul, x, y, y_batched=False)
@@ -241,7 +242,7 @@ def matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def bmm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``torch.bmm(x, y)`` in Z/2^64."""
     out = None
-    if _plain(x) and _plain(y) and x.dim() == 3 and y.dim() == 3 and _wide(x.shape[1], y.shape[2], True) and fits(
+    if is_plain(x) and is_plain(y) and x.dim() == 3 and y.dim() == 3 and _wide(x.shape[1], y.shape[2], True) and fits(
             x.shape[2], x.numel() * y.shape[2], grouped=False):
         out = _in_chunks(torch.bmm, x, y, y_batched=True)
     return torch.bmm(x, y) if out is None else out
@@ -255,7 +256,7 @@ def _wide(rows: int, cols: int, batched: bool = False) -> bool:
 
 def conv2d(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, dilation=1, groups=1) -> Optional[torch.Tensor]:
     """``F.conv2d`` in Z/2^64 through the limbs, or None where the limbs do not apply here."""
-    if not (_plain(x) and _plain(w) and x.dim() == 4 and w.dim() == 4) or isinstance(padding, str):
+    if not (is_plain(x) and is_plain(w) and x.dim() == 4 and w.dim() == 4) or isinstance(padding, str):
         return None
     taps = w.shape[1] * w.shape[2] * w.shape[3]
     if taps < MIN_CONV_TAPS or not fits(taps, x.shape[0] * x.shape[2] * x.shape[3] * w.shape[0] * taps, grouped=False):
