@@ -70,10 +70,10 @@ def test_another_users_service_name_reads_exactly_as_a_name_nobody_holds(hook):
     party, alice, bob, client = _workers(hook, "party", "alice", "bob", "client")
     protocol.call(alice, party, "open", "model", [client.id], INFO)
     before = len(party.monitor.audit_log)
-    assert protocol.call(bob, party, "open", "model", [bob.id], INFO) == []  # as a free name: opened
+    assert protocol.call(bob, party, "open", "model", [bob.id], INFO) == [bob.id]  # as a free name: opened
     taken_rows = _rows(party, before)
     before = len(party.monitor.audit_log)
-    assert protocol.call(bob, party, "open", "free-name", [bob.id], INFO) == []
+    assert protocol.call(bob, party, "open", "free-name", [bob.id], INFO) == [bob.id]
     assert _rows(party, before) == taken_rows
     protocol.call(bob, party, "close", "model", "done")  # (bob's own, now: names below are alice's or nobody's)
     protocol.call(alice, party, "open", "alices-only", [client.id], INFO)

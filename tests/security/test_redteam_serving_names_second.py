@@ -96,7 +96,8 @@ def test_a_connected_client_is_not_handed_to_a_squatter_while_its_owners_service
     for party in (p1, p2):
         protocol.call(alice, party, "open", "model", [me], info)
     cluster = Cluster(*(NetworkWorker(f"127.0.0.1:{9 + i}", id=w.id) for i, w in enumerate((p1, p2))),
-                      crypto_provider=NetworkWorker("127.0.0.1:11", id=cp.id), client_token="client-token")
+                      crypto_provider=NetworkWorker("127.0.0.1:11", id=cp.id), client_token="client-token",
+                      owner_user=alice.id)
     monkeypatch.setattr(Cluster, "connect", lambda self, hook_, token, workers=None, timeout=0: [p1, p2])
     client = ModelClient(hook=hook).connect_to_model((1, 3), (1, 3), cluster)  # (the plain name: alice's)
     assert client.info["owner"] == alice.id and client.service == f"@{alice.id}/model"

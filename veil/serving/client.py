@@ -26,6 +26,7 @@ from veil.serving import names, protocol
 from veil.serving.cluster import Cluster
 from veil.serving.errors import ServingError, WorkerUnavailableError
 from veil.serving.inputs import as_shape, as_tensor
+from veil.serving.party_replies import checked_info, checked_share
 from veil.serving.service import DEFAULT_SERVICE
 from veil.workers.registry import HookContext
 
@@ -54,7 +55,7 @@ class ModelClient:
 
     def connect_to_model(self, batch_input_shape: tuple, batch_output_shape: tuple,
                          cluster: Cluster | str | os.PathLike, token: Optional[str] = None,
-                         name: str = DEFAULT_SERVICE) -> "ModelClient":
+                         name: str = DEFAULT_SERVICE, owner: Optional[str] = None) -> "ModelClient":
         """Connects to the cluster's parties and checks the model's shapes.
 
         Args:
@@ -64,10 +65,13 @@ class ModelClient:
             cluster: A :class:`Cluster` or the path of a cluster file (``Cluster.save``).
             token: The client token (default: the one in the cluster / file, else
                 ``$VEIL_CLIENT_TOKEN``).
-            name: The service name.
+            name: The service name (``@OWNER/NAME`` names its owner too).
+            owner: The model owner's user (default: the one the cluster / file names for ``name``, else its
+                ``owner_user``). Every query goes to that user's service ``name`` only, from the first: another
+                user who opened ``name`` too (first, to catch queries) gets none.
 
         Raises:
-            ServingError: Shapes differ from the served model's, or no such service.
+            ServingError: Shapes differ from the served model's, no such service, or no owner is known.
             WorkerUnavailableError: A party cannot be reached.
         """
         batch_input_shape = as_shape(batch_input_shape, "input_shape")
@@ -76,18 +80,19 @@ class ModelClient:
             if not isinstance(cluster, (str, os.PathLike)):
                 raise ServingError(f"cluster must be a Cluster or a cluster file's path, not {type(cluster).__name__}")
             cluster = Cluster.load(cluster, client_token=token)  # ServingError naming a malformed file
+        plain = isinstance(name, str) and not name.startswith(names.QUALIFIED)
+        service = names.qualified(name, owner or (cluster.owner_of(name) if plain else None))  # before any query
         token = token or cluster.client_token or os.environ.get(CLIENT_TOKEN_ENV)
         if not token:
             raise ServingError("no client token: pass token=..., use the owner's cluster file, "
                                f"or set {CLIENT_TOKEN_ENV}")
         self.close()
         self.parties = cluster.connect(self.hook, token, cluster.parties, timeout=self.timeout)
-        self.service = name
-        infos = [self._call(w, "info")[0] for w in self.parties]
+        self.service = service  # (pinned before the first query: names.qualified)
+        infos = [checked_info(w.id, self._call(w, "info"), names.owner_of(service)) for w in self.parties]
         if any(i != infos[0] for i in infos):
             raise ServingError("the cluster's parties describe the service differently")
         self.info = infos[0]
-        self.service = names.pinned(name, self.info)  # (this owner's service from now on, whoever else opens one)
         if list(batch_input_shape[1:]) != self.info["input_shape"][1:]:
             raise ServingError(f"the model takes inputs of shape {self.info['input_shape']}, "
                                f"not {list(batch_input_shape)}")
@@ -151,7 +156,7 @@ class ModelClient:
             started = time.monotonic()
             for w, reply in zip(missing, self._call_all("fetch", [[rid, wait]] * len(missing), missing)):  # one round
                 if reply:
-                    got[w.id] = reply[0]
+                    got[w.id] = checked_share(w.id, reply, self.info["output_shape"], got)
             if len(got) == len(self.parties):
                 break
             if time.monotonic() > deadline:

@@ -30,7 +30,10 @@ Tokens and roles (least privilege, enforced by every worker):
   only hand objects off (deal material), never read or name other objects.
 
 The cluster file written by :meth:`Cluster.save` holds addresses and the
-*client* token only, for handing to clients.
+*client* token only, for handing to clients, and the owner of each service
+(:attr:`Cluster.owners`, else :attr:`Cluster.owner_user`): a client pins it
+from its first query (``@OWNER/NAME``), so another user who opened the same
+name first on every party gets none of its queries.
 """
 
 from __future__ import annotations
@@ -89,6 +92,9 @@ class Cluster:
         peer_token: Worker-to-worker token (generated when auto-managed).
         peer_openings: The parties also peer with each other and Beaver openings go party to party
             (:mod:`veil.workers.peer_openings`); :meth:`connect` enables them on its connections.
+        owner_user: The user the parties know the owner's token as (``--token-user``; :meth:`start` gives it):
+            the owner clients pin a service name to when :attr:`owners` does not name one. None: unknown
+            (clients then need ``owner=`` or ``@OWNER/NAME``).
 
     Auto-managed workers run with ``--sched batch`` (:mod:`veil.workers.scheduling`): they share this
     machine's cores with the process that drives them and must not preempt it in the middle of a round.
@@ -97,7 +103,8 @@ class Cluster:
     def __init__(self, *workers: NetworkWorker, crypto_provider: Optional[NetworkWorker] = None,
                  auto_managed: bool = False, owner_token: Optional[str] = None,
                  client_token: Optional[str] = None, peer_token: Optional[str] = None,
-                 peer_openings: bool = False, client_secret: Optional[str] = None) -> None:
+                 peer_openings: bool = False, client_secret: Optional[str] = None,
+                 owner_user: Optional[str] = OWNER_USER) -> None:
         everyone = [*workers, *([crypto_provider] if crypto_provider else [])]
         if len(everyone) < 3:
             raise ValueError("a cluster needs at least two parties and a crypto provider (three workers)")
@@ -114,6 +121,11 @@ class Cluster:
         self.peer_token = peer_token or (new(24) if auto_managed else None)
         self.client_secret = client_secret or (new(32) if auto_managed else None)
         self.peer_openings = peer_openings
+        if owner_user is not None and (not isinstance(owner_user, str) or not owner_user):
+            raise ValueError("owner_user is a user name (a non-empty string) or None")
+        self.owner_user = owner_user
+        #: service name -> the user the parties answered its ``open`` as (ModelService records it; save writes it)
+        self.owners: dict[str, str] = {}
         self.ping_interval = 30.0  # auto-managed workers' keepalive (seconds); clients answer pings while idle
         self._processes: list[Any] = []
         self._connections: dict[str, Any] = {}
@@ -133,7 +145,7 @@ class Cluster:
 
     def worker_args(self, w: NetworkWorker) -> list[str]:
         """``veil worker`` arguments for ``w`` (tokens, roles, peers); used by :meth:`start`."""
-        args = ["--host", w.host, f"--token={self.owner_token}", "--token-user", OWNER_USER,
+        args = ["--host", w.host, f"--token={self.owner_token}", "--token-user", self.owner_user or OWNER_USER,
                 f"--ping-interval={self.ping_interval}",
                 # a serving worker's principals are the model owner (one connection per shared model) and its
                 # clients (one shared token): a larger share of the 64 slots each than a data worker gives
@@ -246,18 +258,24 @@ class Cluster:
         except ValueError as e:
             raise ServingError(str(e)) from None
 
+    def owner_of(self, name: str) -> Optional[str]:
+        """The user whose service ``name`` clients of this cluster query: as recorded, else :attr:`owner_user`."""
+        return self.owners.get(name) or self.owner_user
+
     def describe(self, include_client_token: bool = True, client: Optional[str] = None) -> dict:
-        """Addresses (and a client token) a client needs; never the owner's token nor the client secret.
-        With ``client``, the token is that client's own (:meth:`issue_client_token`)."""
+        """Addresses, service owners (and a client token) a client needs; never the owner's token nor the
+        client secret. With ``client``, the token is that client's own (:meth:`issue_client_token`)."""
         desc = {"parties": [[w.id, w.address] for w in self.parties],
-                "crypto_provider": [self.crypto_provider.id, self.crypto_provider.address]}
+                "crypto_provider": [self.crypto_provider.id, self.crypto_provider.address],
+                "owner": self.owner_user, "services": dict(self.owners)}
         if include_client_token:
             desc["client_token"] = self.issue_client_token(client) if client is not None else self.client_token
         return desc
 
     def save(self, path: str | os.PathLike, client: Optional[str] = None) -> Path:
         """Writes the cluster file for clients (owner-only permissions: it holds a token): with ``client``,
-        for that client alone (its own token, :meth:`issue_client_token`), else with the shared one."""
+        for that client alone (its own token, :meth:`issue_client_token`), else with the shared one. It names
+        each shared service's owner (:attr:`owners`; save after ``model.share``), else :attr:`owner_user`."""
         path = Path(path)
         # mkstemp: a fresh name opened O_EXCL (never a planted file or symlink), mode 0o600; fchmod again in
         # case the umask or platform widened it. os.replace then swaps it in: clients never read half a file.
@@ -293,9 +311,16 @@ class Cluster:
             token = client_token or desc.get("client_token")
             if token is not None and not isinstance(token, str):
                 raise TypeError("client_token must be a string")
+            owner = desc.get("owner", OWNER_USER)  # (a file from before owners were written: Cluster's default)
+            owners = desc.get("services", {})
+            if not (owner is None or (isinstance(owner, str) and owner)) or not isinstance(owners, dict) or not all(
+                    isinstance(v, str) and v for v in owners.values()):
+                raise TypeError("owner and each service's owner must be user names (non-empty strings)")
             parties = [NetworkWorker(addr, id=wid) for wid, addr in desc["parties"]]
             cp_id, cp_addr = desc["crypto_provider"]
-            cluster = cls(*parties, crypto_provider=NetworkWorker(cp_addr, id=cp_id), client_token=token)
+            cluster = cls(*parties, crypto_provider=NetworkWorker(cp_addr, id=cp_id), client_token=token,
+                          owner_user=owner)
+            cluster.owners = dict(owners)
             for w in cluster.workers:
                 w.port  # noqa: B018 - "HOST:PORT" checked here, not at the first connection
             return cluster

@@ -20,13 +20,17 @@ starts with ``@`` (``open`` refuses one, whoever holds what), so a qualified nam
 nor one that reads as qualified (``＠alice/model``, `` @alice/model``: :func:`check_own_name`). A qualified
 name splits at its *last* ``/``: principal names may hold ``/`` (``lab/alice``), and split at the first,
 ``@lab/alice/model`` found user ``lab``'s service ``alice/model`` (a service whose own name holds ``/``
-is reached by its plain name only). ``ModelClient`` resolves a plain name once, at connect, then pins the
-owner that the parties' ``info`` names (:func:`pinned`): while that owner's service is closed its queries fail
-instead of going to another user's open service of the name.
+is reached by its plain name only, or by :func:`qualified`'s escaped form, ``%2F`` for each ``/`` and ``%25`` for
+each ``%`` of the name). ``ModelClient`` pins the owner *before* its first query (:func:`qualified`): the one
+its cluster names (``Cluster.owners``, recorded by the owner's ``ModelService`` from the parties' ``open``
+reply and written by ``Cluster.save``; else the cluster's ``owner_user``, the user the owner's token has),
+or ``owner=``. A plain name sent as is went, at connect, to whichever user opened it first: a scientist who
+opened it on every party before the owner got the client's pin, and so its first and later queries.
 """
 
 from __future__ import annotations
 
+import re
 import unicodedata
 import weakref
 from typing import Any, Callable, Iterator, Optional
@@ -60,6 +64,8 @@ def for_client(worker: Any, name: str, may_query: Callable[[Any], bool],
     """The service ``name`` a client means: of those it may query, one that ``holds`` its request, else the
     first opened still serving, else the first opened; None when it may query none."""
     owner, slash, rest = name[len(QUALIFIED):].rpartition("/") if name.startswith(QUALIFIED) else (None, "/", name)
+    if owner is not None:
+        rest = _ESCAPED.sub(lambda m: "/" if m.group(1) == "2F" else "%", rest)  # (qualified's escapes, one pass)
     candidates = [svc for (o, n), svc in SERVICES.get(worker, {}).items()
                   if slash and n == rest and (owner is None or o == owner) and may_query(svc)]
     for prefer in (holds, lambda svc: not svc.closed, lambda svc: True):
@@ -69,15 +75,33 @@ def for_client(worker: Any, name: str, may_query: Callable[[Any], bool],
     return None
 
 
-def pinned(name: str, info: dict) -> str:
-    """The name a connected client uses from now on: ``name`` pinned to the owner its ``info`` came from
-    (``info["owner"]``), so that while that owner's service is closed (its connection dropped, before it opens
-    again) the client's queries fail instead of going to another user's open service of that name; ``name``
-    itself when already pinned, holding ``/`` (not pinnable: see above), or from a worker that names no owner."""
-    owner = info.get("owner")
-    if name.startswith(QUALIFIED) or "/" in name or not isinstance(owner, str) or not owner:
+#: the escapes of a qualified name's NAME part (its ``/`` and ``%``), decoded in one left-to-right pass
+_ESCAPED = re.compile(r"%(2F|25)")
+
+
+def qualified(name: str, owner: "str | None") -> str:
+    """``name`` of ``owner``'s service, as a client sends it: ``@OWNER/NAME``, the NAME's ``%`` and ``/`` escaped
+    (so the split at the last ``/`` finds exactly this owner); ``name`` itself when already qualified.
+
+    Raises:
+        ServingError: A plain name and no owner (sent as is, it went to whichever user opened it first).
+    """
+    if not isinstance(name, str) or not name:
+        raise ServingError("a service name is a non-empty string")
+    if name.startswith(QUALIFIED):
+        if owner and owner_of(name) != owner:
+            raise ServingError(f"service {name!r} names another owner than owner={owner!r}")
         return name
-    return f"{QUALIFIED}{owner}/{name}"
+    if not isinstance(owner, str) or not owner:
+        raise ServingError(f"no owner is known for service {name!r}: pass owner=... (the model owner's user) or "
+                           f"name it {QUALIFIED}OWNER/{name}, or use the owner's cluster file (Cluster.save); a "
+                           "plain name goes to whichever user opened it first")
+    return f"{QUALIFIED}{owner}/{name.replace('%', '%25').replace('/', '%2F')}"
+
+
+def owner_of(name: str) -> "str | None":
+    """The owner a qualified name names (None for a plain name)."""
+    return name[len(QUALIFIED):].rpartition("/")[0] if name.startswith(QUALIFIED) else None
 
 
 def check_own_name(name: str) -> None:

@@ -223,7 +223,7 @@ def _open(worker: Any, name: str, user: str, session: str, args: list) -> list:
         _shut(old, "the model owner opened the service again; submit again", claimed_too=True)  # requests,
         svc.outputs.update(old.outputs)  # and results already computed stay theirs to fetch
         _changed()
-    return []
+    return [user]  # (whom the parties know the opener as: the owner's cluster file names it, names.qualified)
 
 
 def _make_room(worker: Any, services: dict, user: str) -> None:
@@ -412,7 +412,7 @@ def _owned(worker: Any, name: str, user: str) -> _Service:
 
 def _info(worker: Any, name: str, user: str, session: str, args: list) -> list:
     svc = _client_service(worker, name, user)
-    return [{**svc.info, "owner": svc.owner}]  # (the client pins it from then on: names.pinned)
+    return [{**svc.info, "owner": svc.owner}]  # (the client checks it is the owner it pinned: names.qualified)
 
 
 def _submit(worker: Any, name: str, user: str, session: str, args: list) -> list:

@@ -124,7 +124,10 @@ class ModelService:
         info = {"input_shape": list(self.input_shape), "output_shape": list(self.output_shape),
                 "base": self.encoding.base, "precision_fractional": self.encoding.precision_fractional,
                 "parties": [w.id for w in self.parties], "max_rows": self.max_rows}
-        self._broadcast("open", list(clients), info)
+        opened = self._call_all("open", [[list(clients), info]] * len(self.parties))
+        users = {r[0] if len(r) == 1 and isinstance(r[0], str) and r[0] else None for r in opened}
+        if len(users) == 1 and None not in users:  # (the user every party knows this owner as: clients pin it)
+            cluster.owners[name] = users.pop()
         cluster.services.append(self)  # cluster.stop() stops this service first
 
     def holds_only_pointers(self) -> bool:

@@ -34,7 +34,7 @@ import secrets
 from typing import Any, Optional
 
 from veil.serving.client import ModelClient
-from veil.serving.cluster import Cluster, NetworkWorker
+from veil.serving.cluster import OWNER_USER, Cluster, NetworkWorker
 from veil.serving.errors import ServingError
 
 
@@ -91,17 +91,20 @@ class TFEWorker(NetworkWorker):
         self._client: Optional[ModelClient] = None
 
     def connect_to_model(self, input_shape: Any, output_shape: Any, cluster: Any, token: Optional[str] = None,
-                         name: Optional[str] = None, **_tfe_options: Any) -> "TFEWorker":
+                         name: Optional[str] = None, owner: Optional[str] = None,
+                         **_tfe_options: Any) -> "TFEWorker":
         """Connects this client to the model served on ``cluster`` (PySyft's positional order).
 
         ``input_shape``/``output_shape`` may be tuples, ``torch.Size``, numpy
         arrays or R vectors; ``sess=`` and other TF Encrypted options are ignored.
+        ``owner``: the model owner's user, when the cluster does not name it (``ModelClient``).
         """
         from veil.serving.service import DEFAULT_SERVICE
 
         self.close()
         self._client = ModelClient(timeout=self.timeout)
-        self._client.connect_to_model(input_shape, output_shape, cluster, token=token, name=name or DEFAULT_SERVICE)
+        self._client.connect_to_model(input_shape, output_shape, cluster, token=token, name=name or DEFAULT_SERVICE,
+                                      owner=owner)
         return self
 
     def query_model(self, x: Any) -> Any:
@@ -132,12 +135,13 @@ class TFECluster(Cluster):
 
     def __init__(self, *workers: NetworkWorker, crypto_provider: Optional[NetworkWorker] = None,
                  owner_token: Optional[str] = None, client_token: Optional[str] = None,
-                 peer_token: Optional[str] = None, auto_managed: Optional[bool] = None) -> None:
+                 peer_token: Optional[str] = None, auto_managed: Optional[bool] = None,
+                 owner_user: Optional[str] = OWNER_USER) -> None:
         if any(not w.address for w in [*workers, *([crypto_provider] if crypto_provider else [])]):
             raise ServingError("every cluster worker needs a host, e.g. TFEWorker(host='localhost:4000')")
         auto = all(getattr(w, "auto_managed", False) for w in workers) if auto_managed is None else auto_managed
         super().__init__(*workers, crypto_provider=crypto_provider, auto_managed=False, owner_token=owner_token,
-                         client_token=client_token, peer_token=peer_token)
+                         client_token=client_token, peer_token=peer_token, owner_user=owner_user)
         self.auto_managed = auto
 
     def start(self) -> "TFECluster":
