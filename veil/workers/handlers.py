@@ -121,7 +121,7 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
             written = set()
         protected, secret, oblivious_guard, dealer, args, kwargs = _owner_checks(
             worker, principal, op, purpose, args, kwargs, found, entries, wire_args, wire_kwargs)
-        if oblivious_guard is None and (written is not None or name in value_shapes.PLAN_RUNS):
+        if oblivious_guard is None and (written is not None or value_shapes.followed(name)):
             # inputs under review decide no result size and no Python value (value_shapes)
             oblivious_guard = value_shapes.guard(worker, principal.user, name, found, arguments, (args, kwargs))
     if ids is not None:  # checked before the op runs: an in-place op must not write, then have its results refused

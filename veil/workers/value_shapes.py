@@ -25,6 +25,16 @@ follow only the shapes of owner data stay as they are. The refusal names the
 op only and depends on which inputs are reviewed, never on values. Whether an
 op with an index or divisor from such values fails (``zeros(12)[x]``) is one
 bit a command, left as it is: honest training indexes by reviewed labels.
+
+Three reads the dispatch mode cannot see are refused beside it: a torch
+function that reads a tensor argument's values in Python, with no ATen op
+(``tensordot``'s ``dims.tolist()``: the contracted dims, so the result's
+shape, followed ``dims``), seen by a TorchFunctionMode at each top-level call
+(each op of a plan too); a write through a reviewed mask of more than one
+value (``a[m] = v`` succeeds iff ``v`` broadcasts to ``m.sum()`` rows: an
+equality test of the count); and a reviewed value as a protocol step's public
+parameter (``veil.mpc.mac_digits(limb, width)``: 4 digits for 16, 2 for 32,
+an error else), as :func:`veil.workers.oblivious.protocol_refusal` for shares.
 """
 
 from __future__ import annotations
@@ -32,10 +42,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from veil.exceptions import PermissionDeniedError, register_remote_error
-from veil.workers.oblivious import _key, _touches
+from veil.workers.oblivious import _key, _public_parameters, _touches
 from veil.workers.oblivious_ops import VALUE_SHAPED
 
 #: ATen ops whose result shape follows the values of a boolean/byte index (``x[mask]``)
@@ -44,6 +55,14 @@ _MASK_INDEXED = frozenset({"aten::index", "aten::_unsafe_index"})
 _SHAPED = VALUE_SHAPED | frozenset({"aten::_to_sparse", "aten::to_sparse", "aten::_to_sparse_csr",
                                     "aten::_to_sparse_csc", "aten::_to_sparse_bsr", "aten::_to_sparse_bsc",
                                     "aten::dense_to_sparse", "aten::sparse_mask"})
+#: ATen ops writing ``values`` through ``indices``: with a mask, they succeed iff ``values`` fit its count
+_MASK_WRITES = frozenset({"aten::index_put", "aten::index_put_", "aten::_index_put_impl_"})
+#: torch functions reading a tensor argument's values in Python, never through an ATen op: (position, name)
+_READ_IN_PYTHON = {torch.tensordot: (2, "dims"), torch.Tensor.tolist: (0, "self"), torch.Tensor.numpy: (0, "self"),
+                   torch.Tensor.__array__: (0, "self")}
+_NO_TORCH_FUNCTION = torch._C.DisableTorchFunction
+#: worker functions that are protocol steps (veil's own code): a reviewed value may not be a public parameter
+PROTOCOL_STEPS = "veil.mpc."
 
 
 @register_remote_error
@@ -60,12 +79,20 @@ class _FollowsReviewed(TorchDispatchMode):
         super().__init__()
         self.op_name, self.reviewed = op_name, reviewed
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # nothing compiled runs in a command: no dynamo-disabling wrapper around every op (~30 us each)
+        return False
+
     def _refuse(self, what: str) -> ShapeRefused:
         return ShapeRefused(f"{self.op_name}: {what} would follow the values of data under the owner's review "
                             "(not released); it is refused whatever the values")
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
+        with _NO_TORCH_FUNCTION():  # (its own tensor calls, storage lookups: not through _ReadsInPython, ~3 us each)
+            return self._follow(func, args, kwargs or {})
+
+    def _follow(self, func: Any, args: tuple, kwargs: dict) -> Any:
         reviewed = self.reviewed
         if not (_touches(args, reviewed) or (kwargs and _touches(tuple(kwargs.values()), reviewed))):
             return func(*args, **kwargs)
@@ -74,6 +101,9 @@ class _FollowsReviewed(TorchDispatchMode):
             raise self._refuse(f"the shape of {name}")
         if name in _MASK_INDEXED and _masks(args[1] if len(args) > 1 else kwargs.get("indices"), reviewed):
             raise self._refuse("the shape of an index by a mask")
+        if (name in _MASK_WRITES and len(args) > 2 and isinstance(args[2], torch.Tensor) and args[2].numel() != 1
+                and _masks(args[1], reviewed)):
+            raise self._refuse("whether a write through a mask succeeds")
         out = func(*args, **kwargs)
         for r in (out if type(out) in (tuple, list) else (out,)):
             if isinstance(r, torch.Tensor):
@@ -88,6 +118,53 @@ class _FollowsReviewed(TorchDispatchMode):
             elif r is not None:  # .item(), a size, a bound, a branch: the value itself, unreviewed
                 raise self._refuse(f"a Python value ({name})")
         return out
+
+    def __enter__(self) -> _FollowsReviewed:
+        self._reads = _ReadsInPython(self)
+        self._reads.__enter__()
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._reads.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self._reads.__exit__(*exc)
+
+
+class _ReadsInPython(TorchFunctionMode):
+    """Sees each top-level torch call of the command (nested ones run with it off): refuses those that would read
+    a reviewed tensor's values in Python, where :class:`_FollowsReviewed` sees no ATen op."""
+
+    def __init__(self, follows: _FollowsReviewed) -> None:
+        super().__init__()
+        self.follows = follows
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        where = _READ_IN_PYTHON.get(func)
+        if where is not None:
+            pos, name = where
+            value = args[pos] if len(args) > pos else kwargs.get(name)
+            if _touches((value,), self.follows.reviewed):
+                raise self.follows._refuse(f"a Python value ({getattr(func, '__name__', func)} reads {name!r})")
+        return func(*args, **kwargs)
+
+
+class _Refusing:
+    """A context that refuses on entry (inside the command's try: audited and answered as the op's refusal)."""
+
+    def __init__(self, error: ShapeRefused) -> None:
+        self.error = error
+
+    def __enter__(self) -> None:
+        raise self.error
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
 
 
 def _masks(indices: Any, reviewed: set) -> bool:
@@ -110,12 +187,41 @@ def guard(worker: Any, user: str, op_name: str, found: dict, resolved: Any = Non
     and ``passed`` (as the plan gets them, the same structure) say which tensor it runs on stands for which."""
     from veil.governance.release import needs_review
 
+    if op_name.startswith(PROTOCOL_STEPS):
+        return _public_refusal(worker, user, op_name, found, resolved)
     keys = {k for k in (_key(e.obj) for oid, e in found.items()
                         if e.provenance and needs_review(worker, oid, e, user)) if k is not None}
     if keys and passed is not None:
         keys |= {_key(after) for before, after in zip(_leaves(resolved), _leaves(passed))
                  if _key(before) in keys and _key(after) is not None}
     return _FollowsReviewed(op_name, keys) if keys else None
+
+
+def followed(name: str) -> bool:
+    """Whether worker function ``name`` is checked by :func:`guard` (torch ops on owner-derived data are, always)."""
+    return name in PLAN_RUNS or name.startswith(PROTOCOL_STEPS)
+
+
+def _public_refusal(worker: Any, user: str, op_name: str, found: dict, resolved: Any) -> _Refusing | None:
+    """A refusal when a value under review is one of protocol step ``op_name``'s public parameters (a size, a
+    count, a flag: a Python value its code branches on), else None. Shares in its other arguments may be."""
+    from veil.governance.release import needs_review
+    from veil.messaging.allowlist import ALLOWLIST
+
+    if not any(e.provenance for e in found.values()):  # shares of a client's own values: nothing under review
+        return None
+    args, kwargs = resolved if type(resolved) is tuple and len(resolved) == 2 else ((), {})
+    public = [v for pos, name in _public_parameters(op_name, ALLOWLIST.by_name(op_name).func)
+              for v in ((args[pos],) if pos < len(args) else ()) + ((kwargs[name],) if name in kwargs else ())]
+    tensors = {_key(t) for t in _leaves(public) if t is not None}
+    if not tensors:  # the usual step: public parameters are ints, bools, lists of them
+        return None
+    reviewed = {_key(e.obj) for oid, e in found.items() if e.provenance and needs_review(worker, oid, e, user)}
+    if not tensors & (reviewed - {None}):
+        return None
+    return _Refusing(ShapeRefused(f"{op_name}: a value under the owner's review (not released) cannot be a public "
+                                  "parameter of a protocol step (a size, count or flag); it is refused whatever "
+                                  "the values"))
 
 
 def _leaves(value: Any) -> list:
