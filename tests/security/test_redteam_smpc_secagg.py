@@ -17,8 +17,9 @@ checked by running this file with strict xfail marks there):
    key generations, ~16 s of one quiet core at the element bound, one item up to ~3 s) checked the command's
    deadline between items but held the provider's turn: every other client waited for the whole request.
    Now it hands the turn over between items and between DCF chunks of an item (``runtime.step_checkpoint``;
-   ~50 ms of keys per chunk). A party's steps (``receive_comparison``, ``expand_material``) only check: the
-   provider waits on them holding its own turn.
+   ~50 ms of keys per chunk). A party's steps (``receive_comparison``, ``expand_material``) only checked then
+   (the provider waited on them holding its own turn); since test_redteam_dealing_turn.py the provider deals off
+   its turn and they hand the party's turn over too.
 4. ``test_received_comparison_material_expands_at_most_what_an_honest_message_holds``: one received item
    could make a party expand 2^27 elements (1 GiB, ~2 s in one piece) from a seed; an honest message
    holds under 2^20 (its keys dominate it), so the bound is now 2^22.
@@ -301,15 +302,14 @@ def test_received_comparison_material_expands_at_most_what_an_honest_message_hol
     assert "\n" not in str(info.value)
 
 
-def test_a_partys_received_material_is_checked_but_never_hands_its_turn_over(monkeypatch):
-    """Guard: the provider waits for ``receive_comparison`` holding its own turn, so the party must not let a
-    request in meanwhile (one that called the provider would wait for it, and the party for that request)."""
-    handed, checked = [], []
+def test_a_partys_received_material_is_checked_and_hands_its_turn_over_per_item(monkeypatch):
+    """Guard: ``receive_comparison`` hands the party's turn over between items (the provider no longer waits on
+    it holding its own turn, which made the party only check: test_redteam_dealing_turn.py)."""
+    handed = []
     monkeypatch.setattr(runtime, "_STEP_CHECKPOINT", [lambda: handed.append(1)])
-    monkeypatch.setattr(runtime, "_STEP_CHECK", [lambda: checked.append(1)])
     seed = torch.arange(32, dtype=torch.uint8)
     out = fss_dealing._receive_comparison(None, [4], 1, 3, seed, [], [])
-    assert len(out) == 3 * fss.n_additive(1) and len(checked) == 3 and not handed
+    assert len(out) == 3 * fss.n_additive(1) and len(handed) == 3
 
 
 @pytest.mark.parametrize("threads", [1, 2])

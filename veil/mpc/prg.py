@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -46,13 +46,19 @@ def _encryptor(seed: bytes, label: str):
     return Cipher(algorithms.AES(_key(seed, label)), modes.CTR(bytes(16))).encryptor()
 
 
-def expand(seed: bytes, label: str, shape: Sequence[int]) -> torch.Tensor:
+#: bytes of keystream between two calls of ``expand``'s ``between`` (~10 ms of AES here)
+BETWEEN_BYTES = 16 << 20
+
+
+def expand(seed: bytes, label: str, shape: Sequence[int], between: Callable[[], None] | None = None) -> torch.Tensor:
     """Uniform int64 tensor of ``shape`` derived from ``(seed, label)``.
 
     Args:
         seed: Secret seed (``SEED_BYTES`` bytes).
         label: Distinguishes independent streams derived from one seed.
         shape: Output shape.
+        between: Called after every :data:`BETWEEN_BYTES` of the stream (a party hands its turn over there:
+            one field may be 1 GiB); the stream continues, so the tensor is the same.
 
     Raises:
         ValueError: If the seed is malformed.
@@ -66,6 +72,8 @@ def expand(seed: bytes, label: str, shape: Sequence[int]) -> torch.Tensor:
     out = torch.empty(n + 15, dtype=torch.uint8)  # update_into wants block_size - 1 spare bytes; every
     buf = memoryview(out.numpy())  # byte of the first n is written below (CTR writes exactly its input's length)
     for at in range(0, n, _CHUNK):
+        if between is not None and at and at % BETWEEN_BYTES == 0:
+            between()
         m = min(_CHUNK, n - at)
         encryptor.update_into(_ZEROS[:m], buf[at: at + m + 15])
     return out[:n].view(DTYPE).reshape(shape)

@@ -187,22 +187,25 @@ def register_runtime(runtime: PartyRuntime, default: bool = False) -> None:
 
 _STEP_CHECK: list[Callable[[], None]] = []
 _STEP_CHECKPOINT: list[Callable[[], None]] = []
-_ONE_AT_A_TIME: list[Callable[[Any], ContextManager]] = []
+_ONE_AT_A_TIME: list[Callable[..., ContextManager]] = []
+_OFF_TURN: list[Callable[[], ContextManager]] = []
 
 
 def set_step_check(check: Callable[[], None], checkpoint: Optional[Callable[[], None]] = None,
-                   one_at_a_time: Optional[Callable[[Any], ContextManager]] = None) -> None:
+                   one_at_a_time: Optional[Callable[..., ContextManager]] = None,
+                   off_turn: Optional[Callable[[], ContextManager]] = None) -> None:
     """The worker runtime's command check (its deadline and cancellation), called between the items of a long
     protocol step that runs as a worker function (a comparison dealing, an expansion of dealt material): such a
     step ran on past the owner's per-command limit. ``checkpoint``: the check, then a hand-over of the worker's
-    turn to waiting requests, for a step no peer waits on while holding its own turn (a provider's key
-    generation, before it sends anything: it held every other client of its worker for up to ~16 s). A party's
-    step is only checked: the provider waits on it holding its turn, and a request let in meanwhile that called
-    the provider would wait for it forever. ``one_at_a_time(worker)``: a context in which at most one such
-    step of ``worker`` runs at once (:func:`one_step_at_a_time`). Nothing is checked where none is set."""
+    turn to waiting requests (a party's expansion and checks of received material: 256 items held its turn
+    ~1 s, one field ~2 s). ``one_at_a_time(worker, slot)``: a context in which at most one such step of
+    ``worker`` per ``slot`` runs at once (:func:`one_step_at_a_time`). ``off_turn()``: a context that gives the
+    worker's turn back while a step waits on other workers or computes without its store (:func:`off_turn`).
+    Nothing is checked where none is set."""
     _STEP_CHECK[:] = [check]
     _STEP_CHECKPOINT[:] = [checkpoint or check]
     _ONE_AT_A_TIME[:] = [one_at_a_time] if one_at_a_time is not None else []
+    _OFF_TURN[:] = [off_turn] if off_turn is not None else []
 
 
 def step_check() -> None:
@@ -217,11 +220,22 @@ def step_checkpoint() -> None:
         _STEP_CHECKPOINT[0]()
 
 
-def one_step_at_a_time(worker: Any) -> ContextManager:
-    """Runs a step that hands its turn over (:func:`step_checkpoint`) alone among such steps of ``worker``:
-    its material in progress is held until it sends it, so steps that took turns about held theirs all at once
-    (one per session, uncharged). The turn ran them one at a time before they handed it over."""
-    return _ONE_AT_A_TIME[0](worker) if _ONE_AT_A_TIME else contextlib.nullcontext()
+def one_step_at_a_time(worker: Any, slot: str = "dealing") -> ContextManager:
+    """Runs a step that hands its turn over (:func:`step_checkpoint`, :func:`off_turn`) alone among the steps of
+    ``worker`` with the same ``slot``, in arrival order: its material in progress is held until it sends or
+    stores it, so steps that took turns about held theirs all at once (one per session, uncharged). The turn
+    ran them one at a time before they handed it over. A provider's dealings (``"dealing"``: they wait on the
+    parties) and a party's receiving steps (``"receiving"``: they wait on nobody) take different slots, so a
+    worker that is both never waits for itself through another worker."""
+    return _ONE_AT_A_TIME[0](worker, slot) if _ONE_AT_A_TIME else contextlib.nullcontext()
+
+
+def off_turn() -> ContextManager:
+    """Runs the block without the worker's turn (taken back at its end): a provider's dealing, which never
+    touches the store, generates and sends its material so. It held the turn while it waited on a party, and a
+    request there that waited on the provider (holding that party's turn) then waited for it in turn: both
+    stalled, with every other session of both workers, until a deadline. A no-op outside a worker's request."""
+    return _OFF_TURN[0]() if _OFF_TURN else contextlib.nullcontext()
 
 
 def runtime_of(handle: Any) -> Optional[PartyRuntime]:

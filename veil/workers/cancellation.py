@@ -108,18 +108,61 @@ def outside_turn() -> Iterator[None]:
         _local.yield_turn, _local.turn = yield_turn, turn
 
 
+class ArrivalSlot:
+    """A mutex taken in arrival order (``threading.Lock`` is not fair: a session with several connections
+    could take it again and again while another's step waited), given up by a waiter cancelled meanwhile."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._held = False
+        self._queue: deque[object] = deque()
+
+    def try_take(self) -> bool:
+        with self._cond:
+            if self._held or self._queue:
+                return False
+            self._held = True
+            return True
+
+    def take(self, poll: Callable[[], None], interval: float = 0.05) -> None:
+        """Waits for the slot behind those who came first, calling ``poll`` (which may raise) between waits."""
+        ticket = object()
+        with self._cond:
+            self._queue.append(ticket)
+        try:
+            while True:
+                with self._cond:
+                    if not self._held and self._queue[0] is ticket:
+                        self._queue.popleft()
+                        self._held = True
+                        return
+                    self._cond.wait(interval)
+                poll()
+        except BaseException:
+            with self._cond:
+                if ticket in self._queue:
+                    self._queue.remove(ticket)
+                self._cond.notify_all()
+            raise
+
+    def release(self) -> None:
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
+
 @contextmanager
-def one_at_a_time(slot: threading.Lock) -> Iterator[None]:
+def one_at_a_time(slot: ArrivalSlot) -> Iterator[None]:
     """Holds ``slot`` for the block: a section that hands the turn over (:func:`checkpoint`) yet must run alone
-    on this worker. Waited for outside the turn, its deadline and cancellation checked, so the holder gets its
-    turn back meanwhile. Outside a network worker's request nothing is held (no turn is handed over there)."""
+    on this worker. Waited for outside the turn, in arrival order, its deadline and cancellation checked, so the
+    holder gets its turn back meanwhile. Outside a network worker's request nothing is held (no turn is handed
+    over there)."""
     if _local.turn is None:
         yield
         return
-    if not slot.acquire(blocking=False):
+    if not slot.try_take():
         with outside_turn():
-            while not slot.acquire(timeout=0.05):
-                check()
+            slot.take(check)
     try:
         yield
     finally:

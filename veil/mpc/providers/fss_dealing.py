@@ -37,7 +37,7 @@ from veil.mpc.providers.base import check_distinct_parties
 from veil.mpc.fss import material as fss
 from veil.mpc.prg import SEED_BYTES, expand, new_seed
 from veil.mpc.ring import random_ring
-from veil.mpc.runtime import DEALT_LAYOUTS, one_step_at_a_time, step_check, step_checkpoint
+from veil.mpc.runtime import DEALT_LAYOUTS, off_turn, one_step_at_a_time, step_checkpoint
 from veil.mpc.sharing import split
 
 DEAL_COMPARISON = "veil.mpc.deal_comparison"
@@ -128,7 +128,10 @@ def _deal_comparison(worker: Any, spec: Any, party_ids: list, ids: list, count: 
         raise ProviderError(f"a dealing of {count} comparison items of shape {shape} makes {elements} ring elements "
                             f"per party, more than {MAX_RECEIVED_ELEMENTS} in one request")
     chunk = max(1, MESSAGE_BYTES // max(1, largest))
-    with one_step_at_a_time(worker):  # (it hands the turn over: other dealings wait, holding nothing)
+    # one dealing at a time (other dealings wait, holding nothing), off the turn: it never touches the store, and
+    # holding the turn while a party took its message stalled every session here, and through a request at the
+    # party that waited on this worker, every session there too
+    with one_step_at_a_time(worker), off_turn():
         parties = [worker.resolve_worker(pid) for pid in party_ids]  # (after the wait: a peer revoked meanwhile)
         for first in range(0, count, chunk):
             c = min(chunk, count - first)
@@ -202,20 +205,29 @@ def _receive_comparison(worker: Any, shape: Any, n_values: Any, count: Any, seed
         seed_bytes = bytes(seed.tolist())
     elif len(shares) != count * n_add:
         raise ProviderError(f"expected {count * n_add} comparison shares, got {len(shares)}")
+    with one_step_at_a_time(worker, "receiving"):  # (what it expanded is held until stored: one at a time)
+        return _received_items(shape, n_values, count, seed_bytes if seed is not None else None, shares, keys)
+
+
+def _received_items(shape: tuple, n_values: int, count: int, seed: bytes | None, shares: list, keys: list) -> list:
+    """Every item's fields, expanded and checked, handing the party's turn over between items (256 one-entry
+    items held it ~1 s for a message of a hundred bytes; the provider no longer waits on it holding its own)."""
+    n_add, n_masks = fss.n_additive(n_values), fss.n_masks(n_values)
+    n_key = len(fss.field_shapes(shape, n_values, True)) - n_add
     out: list = []
     fixes = iter(shares)
     for k in range(count):
-        step_check()  # (not a checkpoint: the provider waits on this step holding its turn; see step_checkpoint)
+        step_checkpoint()
         if seed is None:
             item = shares[k * n_add:(k + 1) * n_add]
         else:
-            item = [expand(seed_bytes, _label(k, j), shape) for j in range(n_masks)]
-            item += [next(fixes) if shares else expand(seed_bytes, _label(k, j), shape)
+            item = [expand(seed, _label(k, j), shape) for j in range(n_masks)]
+            item += [next(fixes) if shares else expand(seed, _label(k, j), shape)
                      for j in range(n_masks, n_add)]
-        if holds_key:
+        if keys:
             item = list(item) + keys[k * n_key:(k + 1) * n_key]
         try:
-            fss.check_fields(item, shape, n_values, holds_key)
+            fss.check_fields(item, shape, n_values, bool(keys))
         except ValueError as e:
             raise ProviderError(f"received comparison material is malformed: {e}") from None
         out.extend(item)

@@ -63,7 +63,7 @@ from veil.mpc.material import (FIXED_KINDS, WIDE_KINDS, dealer_generator, derive
                                last_shares_wide, provider_scope, recipe, register_mac_key, split_shares, split_wide,
                                sum_wide, xor_fields)
 from veil.mpc.fss import material as fss_material
-from veil.mpc.prg import expand, expand_sum, new_seed, subtract_streams
+from veil.mpc.prg import SEED_BYTES, expand, expand_sum, new_seed, subtract_streams
 from veil.mpc.errors import ProviderError
 from veil.mpc.providers.background import BackgroundDealing, BackgroundDealingError
 from veil.mpc.providers import fss_dealing
@@ -71,7 +71,8 @@ from veil.mpc.providers.fss_dealing import DEAL_COMPARISON, room_for
 from veil.mpc.providers.base import RECORD_HOOKS, MaterialExhaustedError, Provider, check_distinct_parties
 from veil.mpc.ring import DTYPE, random_ring
 from veil.mpc.runtime import (DEALER_TAG, DEALT_FIXED, DEALT_FIXED_TAG, DEALT_ITEM_TAG, DEALT_LAYOUTS,
-                              DEALT_MASK_TAG, DEALT_SOURCES_TAG, beside, step_check)
+                              DEALT_MASK_TAG, DEALT_SOURCES_TAG, beside, off_turn, one_step_at_a_time,
+                              step_checkpoint)
 from veil.mpc.runtime import remote_handle as PointerTensor  # the injected runtime's handle (mpc imports no tensors)
 
 DEAL = "veil.mpc.deal"
@@ -92,7 +93,10 @@ def _requester(worker: Any) -> str | None:
 
 def _deal(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, count: int, seeded: bool) -> None:
     """Deals on behalf of the requesting session (its MAC keys and fixed masks only); see :func:`_deal_scoped`."""
-    with provider_scope(_requester(worker)):
+    # one dealing at a time, off the turn (it never touches the store): it held the turn while it generated up to
+    # 2^27 elements per party and while each party took its part, and a request at a party that waited on this
+    # worker (holding that party's turn) then stalled both workers, every session of each, until a deadline
+    with provider_scope(_requester(worker)), one_step_at_a_time(worker), off_turn():
         _deal_scoped(worker, kind, spec, party_ids, ids, count, seeded)
 
 
@@ -261,20 +265,30 @@ def recipe_layout(kind: str, spec: Any, count: int) -> list[tuple[int, Any, Any]
 def _expand_material(worker: Any, seed: torch.Tensor, kind: str, spec: Any, count: int, corrections: list) -> list:
     """Runs on a party: derives its shares from the seed (+ corrections if last)."""
     uniform_shapes, derived_shapes, _ = bounded_recipe(kind, spec, count)
+    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.uint8 or tuple(seed.shape) != (SEED_BYTES,):
+        raise ProviderError(f"a dealing seed must be a uint8 tensor of {SEED_BYTES} bytes")
+    if type(corrections) is not list or len(corrections) not in (0, count * len(derived_shapes)) or any(
+            not isinstance(t, torch.Tensor) or t.dtype != DTYPE or tuple(t.shape) != tuple(derived_shapes[i % len(
+                derived_shapes)]) for i, t in enumerate(corrections)):
+        raise ProviderError(f"a dealing's corrections must be none or {count * len(derived_shapes)} int64 tensors "
+                            "of the derived fields' shapes")
     # refused by the session's quota before the streams are expanded (not sized before it runs, as a torch op is)
     room_for(worker, 8 * count * sum(_numel(shape) for shape in uniform_shapes + derived_shapes), EXPAND)
-    seed_bytes = bytes(seed.to(torch.uint8).tolist())
+    seed_bytes = bytes(seed.tolist())
     out, c = [], 0
-    for k in range(count):
-        step_check()  # (up to 2^27 elements expanded per request)
-        for j, shape in enumerate(uniform_shapes):
-            out.append(expand(seed_bytes, _label(k, j), shape))
-        for j, shape in enumerate(derived_shapes):
-            if corrections:
-                out.append(corrections[c])
-                c += 1
-            else:
-                out.append(expand(seed_bytes, _label(k, len(uniform_shapes) + j), shape))
+    # up to 2^27 elements (1 GiB) per request: one request's at a time, handing the turn over between items and
+    # every 16 MiB of a field (it held the party's turn ~2 s in one piece)
+    with one_step_at_a_time(worker, "receiving"):
+        for k in range(count):
+            step_checkpoint()
+            for j, shape in enumerate(uniform_shapes):
+                out.append(expand(seed_bytes, _label(k, j), shape, between=step_checkpoint))
+            for j, shape in enumerate(derived_shapes):
+                if corrections:
+                    out.append(corrections[c])
+                    c += 1
+                else:
+                    out.append(expand(seed_bytes, _label(k, len(uniform_shapes) + j), shape, between=step_checkpoint))
     return out
 
 

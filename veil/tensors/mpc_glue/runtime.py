@@ -41,6 +41,7 @@ on, with fresh dealer masks where a share is not the requester's.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import math
@@ -455,15 +456,23 @@ def _peer_round_lock(handles: Sequence[PointerTensor]) -> threading.Lock:
         return _PEER_ROUND_LOCKS.setdefault(key, threading.Lock())
 
 
-def _one_dealing_at_a_time(worker: Any) -> Any:
-    """A provider's dealings run one at a time (each holds its material until sent); waited for off the turn."""
-    return cancellation.one_at_a_time(worker.__dict__.setdefault("_veil_dealing_slot", threading.Lock()))
+_SLOTS_LOCK = threading.Lock()
+
+
+def _one_dealing_at_a_time(worker: Any, slot: str = "dealing") -> Any:
+    """A provider's dealings run one at a time (each holds its material until sent), and so do a party's
+    receiving steps (each holds what it expanded until stored); waited for off the turn, in arrival order."""
+    if worker is None:
+        return contextlib.nullcontext()
+    with _SLOTS_LOCK:
+        held = worker.__dict__.setdefault(f"_veil_{slot}_slot", cancellation.ArrivalSlot())
+    return cancellation.one_at_a_time(held)
 
 
 RUNTIME = WorkerRuntime()
 register_runtime(RUNTIME, default=True)
-# long dealing steps stop at the command's deadline; a provider's key generation lets other clients in meanwhile
-set_step_check(cancellation.check, cancellation.checkpoint, _one_dealing_at_a_time)
+# long dealing steps stop at the command's deadline and let other clients in meanwhile; a provider deals off its turn
+set_step_check(cancellation.check, cancellation.checkpoint, _one_dealing_at_a_time, cancellation.outside_turn)
 
 
 @register_handler(OpenMessage)
