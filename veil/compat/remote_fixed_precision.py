@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from veil.compat.encoding_guards import check_room, encode_value_free, encoding_of
+from veil.governance import provenance
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST, NO_RESULT, register_worker_function
@@ -69,6 +70,9 @@ def _share_own(worker: Any, oid: int, party_ids: list, share_ids: list) -> None:
     # capabilities) and the owner's review policy apply as to a .get().
     user = worker.requesting_user()
     principal = worker.principal(worker.requester()).acting_as(user)
+    # (before the value's mark is read: an in-process worker runs this beside the owner's tightening to dp-only,
+    # whose scan may list the values before the share kept here is stored: provenance.marked_if_tightened)
+    count = provenance.tightening_count(worker)
     entry = worker.monitor.resolve(principal, oid, Purpose.REVEAL, "secret-shared by its worker (share_own)")
     owner_guard.check_dp_only(SHARE_OWN, [entry], worker.id)
     _governance_release(worker, [oid], [entry], user, "share", consume=False)
@@ -79,6 +83,8 @@ def _share_own(worker: Any, oid: int, party_ids: list, share_ids: list) -> None:
     destinations = [None if p == worker.id else worker.resolve_worker(p) for p in party_ids]  # all checks first
     if worker.id in party_ids:  # the share kept here is the session's: refused before any share is drawn
         check_room(worker, value.numel(), 8, SHARE_OWN)
+    if provenance.marked_if_tightened(worker, count, entry):  # (dp-only since its check: refused, approval kept)
+        owner_guard.check_dp_only(SHARE_OWN, [entry], worker.id)
     _governance_release(worker, [oid], [entry], user, "share")  # (the approval used up once every check passed)
     pieces, last = [], value
     for _ in party_ids[:-1]:
@@ -91,7 +97,9 @@ def _share_own(worker: Any, oid: int, party_ids: list, share_ids: list) -> None:
         if dest is None:
             stored = worker.monitor.store(principal, sid, piece, sources=[entry], op_name=SHARE_OWN)
             _stamp_share(worker, oid, entry, stored, piece, len(pieces))
+            provenance.marked_if_tightened(worker, count, stored)  # (stored: any later tightening's scan sees it)
         else:
+            provenance.marked_if_tightened(worker, count, entry)  # (its capabilities carry the mark)
             # the share carries the source's capabilities (reveal_to, provenance) like a moved object
             caps = worker.monitor.export_capabilities(
                 principal, entry, f"then veil.compat.share_own on {worker.id!r}: one of {len(pieces)} shares of it "

@@ -17,6 +17,11 @@ copies moved out under a name from before their worker restarted; a source set c
 claims of 256 sources sorting first push the real name out) is marked whenever anything was tightened; and the
 scan, which reads every held value, takes at most :data:`SCAN_SHARE` of the worker's time (a new name at once).
 Only the owner adds names (its loads and tightenings); a scientist's claimed sources mark only its own values.
+
+Third pass: every release (get, move, share, an opening) checks the values it lets out that name another worker's
+source against the stored names, read then (:func:`refuse_tightened`): a copy that arrived after the last scan,
+whose next one the bound put off, and a worker no serving loop syncs, released such a copy un-noised. The names of
+one dataset one worker keeps are bounded (:data:`MAX_NAMES_PER_DATASET`, then a wildcard row: fails closed).
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ import time
 import weakref
 from typing import Any
 
+from veil.exceptions import PermissionDeniedError
 from veil.governance.lock_order import governance_lock, turn_and_governance_lock
 from veil.governance.state import _STATE, audit, governance
+from veil.workers import cancellation
 from veil.workers.persistence import OwnerDB
 from veil.workers.source_sets import MAX_FOREIGN_SOURCES, SUMMARY
 
@@ -58,39 +65,91 @@ def record_tightened(worker: Any, oids: list) -> None:
         db.kv_put(NAMESPACE, source_name(worker, oid), value)
 
 
+#: names of one dataset (its key) one worker keeps in :data:`LOADED`: a load stores one, and every start loads anew
+#: (a worker restarted in a loop added a row per dataset each time, which every worker of the owner read every
+#: second, for ever). Past it the older ones give way to one wildcard row (:data:`WILDCARD`), which stands for every
+#: name of that worker no row lists any more: a copy moved out under a forgotten name is still marked (fails
+#: closed; other old copies of that worker, of other datasets, may be marked with it). Only the owner's loads add
+#: rows: no scientist can push a name out
+MAX_NAMES_PER_DATASET = 64
+#: what follows ``"worker:"`` in a wildcard row's name (then the dataset's key)
+WILDCARD = "*"
+
+
+class Names(frozenset):
+    """The stored names a scan matches (a frozenset), with the workers some of whose names of a dp-only dataset a
+    wildcard row stands for (``wild``) and every name the rows of :data:`LOADED` still list (``listed``)."""
+
+    wild: frozenset = frozenset()
+    listed: frozenset = frozenset()
+
+
+def _own_names(worker: Any, rows: list) -> tuple[list, list]:
+    """(names, wildcard names) among ``rows`` that are ``worker``'s (``"worker:id"``: exactly its id before the
+    last colon, an id after it)."""
+    prefix = f"{worker.id}:"
+    names, wild = [], []
+    for name, raw in rows:
+        rest = name[len(prefix):] if name.startswith(prefix) else None
+        if rest is not None and rest.startswith(WILDCARD):
+            wild.append((name, raw))
+        elif rest is not None and rest.isdigit():
+            names.append((name, raw))
+    return names, wild
+
+
 def record_loaded(worker: Any, oid: int, key: list) -> None:
     """Stores the name of a dataset ``worker`` loaded with its key (:data:`LOADED`; a worker with an owner
-    database only: an in-process one has no other worker to reach)."""
+    database only: an in-process one has no other worker to reach); past :data:`MAX_NAMES_PER_DATASET` names of
+    the dataset here, the others give way to its wildcard row (written first: a failure between keeps them)."""
     db = getattr(worker, "db", None)
-    if isinstance(db, OwnerDB):
-        db.kv_put(LOADED, source_name(worker, oid), json.dumps(key).encode())
+    if not isinstance(db, OwnerDB):
+        return
+    value = json.dumps(key).encode()
+    name = source_name(worker, oid)
+    db.kv_put(LOADED, name, value)
+    names, _ = _own_names(worker, db.kv_items(LOADED))
+    older = [n for n, raw in names if raw == value and n != name]
+    if len(older) < MAX_NAMES_PER_DATASET:
+        return
+    db.kv_put(LOADED, f"{worker.id}:{WILDCARD}{value.decode()}", value)
+    for gone in older:
+        db.kv_delete(LOADED, gone)
 
 
-def _stored_names(worker: Any) -> frozenset:
+def _stored_names(worker: Any) -> Names:
     """The stored names, and those of the loaded datasets a stored decision makes dp-only (none read where no
     owner database is kept: an in-process worker without one has only its own governance state's)."""
     db = getattr(worker, "db", None)
     if not isinstance(db, OwnerDB):
         state = _STATE.get(worker)
         if state is None:
-            return frozenset()
+            return Names()
         db = state.db
-    return frozenset(key for key, _ in db.kv_items(NAMESPACE)) | _loaded_dp_only(db)
+    return _loaded_dp_only(db, frozenset(key for key, _ in db.kv_items(NAMESPACE)))
 
 
-def _loaded_dp_only(db: Any) -> frozenset:
-    """Names of loaded datasets (:data:`LOADED`) that a stored dp-only decision covers (its tags all among the
-    dataset's, as policy.stored_policy reads them); unreadable rows are skipped (the decisions' sync names them)."""
+def _loaded_dp_only(db: Any, stored: frozenset) -> Names:
+    """``stored`` and the names of loaded datasets (:data:`LOADED`) that a stored dp-only decision covers (its tags
+    all among the dataset's, as policy.stored_policy reads them); unreadable rows are skipped (the decisions' sync
+    names them). A covered wildcard row puts its worker in ``wild``."""
     dp_only = [set(tags) for tags, policy in (_parsed(k, v) for k, v in db.kv_items(_DECISIONS))
                if policy == "dp-only"]
     if not dp_only:
-        return frozenset()
-    names = []
+        return Names(stored)
+    names, wild, listed = [], set(), []
     for name, raw in db.kv_items(LOADED):
+        worker, _, rest = name.partition(f":{WILDCARD}")
+        if not rest:
+            listed.append(name)
         key, _ = _parsed(raw.decode("utf-8", "replace"), b"{}")
         if any(tags <= set(key) for tags in dp_only):
             names.append(name)
-    return frozenset(names)
+            if rest:
+                wild.add(worker)
+    out = Names(stored | frozenset(names))
+    out.wild, out.listed = frozenset(wild), frozenset(listed)
+    return out
 
 
 def _parsed(key: str, raw: bytes) -> tuple[list, Any]:
@@ -111,6 +170,10 @@ def names_tightened(provenance: frozenset, names: frozenset) -> bool:
     cut out of it and stayed releasable; a summarized set is marked whenever any source was tightened."""
     if not provenance.isdisjoint(names):
         return True
+    wild = getattr(names, "wild", None)
+    if wild and any(type(s) is str and s.rpartition(":")[0] in wild and s.rpartition(":")[2].isdigit()
+                    and s not in names.listed for s in provenance):
+        return True  # (a name a wildcard row stands for: record_loaded)
     return len(provenance) >= MAX_FOREIGN_SOURCES and any(
         type(s) is str and s.startswith(SUMMARY) for s in provenance)
 
@@ -129,6 +192,11 @@ def _unmarked(worker: Any, names: frozenset) -> list:
 SCAN_SHARE = 0.1
 #: worker -> (names of its last scan, when the next may start)
 _LAST_SCAN: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
+#: worker -> (the stored names its last sync read, when): a release reads them again past NAMES_FRESH_S (a worker
+#: no serving loop syncs, or one whose sync is stuck)
+_KNOWN: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
+#: how long a sync's names stand for a release (two sync periods, policy.SYNC_SECONDS)
+NAMES_FRESH_S = 2.0
 
 
 def sync_moved_marks(worker: Any, turn: Any = None) -> list[int]:
@@ -136,6 +204,7 @@ def sync_moved_marks(worker: Any, turn: Any = None) -> list[int]:
     (read before the turn is taken; marked in it, with the governance lock: the order of lock_order.py). The ids
     marked (audited)."""
     names = _stored_names(worker)
+    _KNOWN[worker] = (names, time.monotonic())
     if not names:  # (the usual case: no turn taken)
         return []
     last = _LAST_SCAN.get(worker)
@@ -157,3 +226,34 @@ def sync_moved_marks(worker: Any, turn: Any = None) -> list[int]:
         audit(worker, "policy", "owner", "-", marked, "allowed",
               "dp-only mark: derived from a dataset the owner tightened to dp-only on another worker")
     return marked
+
+
+def refuse_tightened(worker: Any, ids: list, entries: list, purpose: str) -> None:
+    """At every release (get, move, share, an opening: release.enforce_all): a value naming a source of another
+    worker (``"worker:id"``) that the owner tightened to dp-only is marked and refused now, not at the next scan:
+    a copy that arrived after this worker's last scan (moved on from a worker that had not synced yet) waited for
+    the next one, which the scan's bound puts off ten times as long as it took (a scientist holding many values
+    made that seconds), and a worker that does not serve has no sync at all. The stored names are read outside the
+    turn (a database read) unless the worker's sync read them within :data:`NAMES_FRESH_S`, and only for values
+    that name another worker's source."""
+    named = [(oid, e) for oid, e in zip(ids, entries) if not e.meta.get("dp_only") and e.provenance
+             and any(type(s) is str for s in e.provenance)]
+    if not named:
+        return
+    known = _KNOWN.get(worker)
+    if known is not None and time.monotonic() - known[1] < NAMES_FRESH_S:
+        names = known[0]  # (a serving worker's sync read them within the second: no database read per release)
+    else:
+        with cancellation.outside_turn():
+            names = _stored_names(worker)
+    hit = [(oid, e) for oid, e in named if names and names_tightened(frozenset(e.provenance), names)]
+    if not hit:
+        return
+    for _, entry in hit:
+        entry.meta["dp_only"] = True
+    with cancellation.outside_turn():  # (marked in it; the row is a database write)
+        audit(worker, "policy", "owner", "-", [oid for oid, _ in hit], "allowed",
+              f"dp-only mark at a {purpose}: derived from a dataset the owner tightened to dp-only on another worker")
+    raise PermissionDeniedError(
+        f"{purpose} refused: this data on worker {worker.id!r} is under the owner's differential-privacy policy "
+        "and answers only differentially private releases")

@@ -26,6 +26,7 @@ from veil.governance.moved_marks import (SCAN_SHARE, names_tightened, record_loa
 from veil.governance.state import (_STATE, DEFAULT_POLICY, POLICIES, audit, check_policy, governance,
                                    has_decisions_store, policy_of)
 from veil.workers import cancellation
+from veil.workers.principals import Principal
 
 #: open < review < dp-only: dp-only lets nothing un-noised out, approved or not (its DP releases are capped
 #: by the owner's budgets)
@@ -161,8 +162,8 @@ def restore_policy(worker: Any, oid: int) -> None:
     the default (a restart of ``worker.load(x)`` must not reopen what the owner tightened)."""
     if not has_decisions_store(worker):  # (no decision could have been stored: no governance state made)
         return
-    entry = dict(worker.monitor.owner_entries()).get(oid)
-    if entry is None or not entry.protected:  # (set_policy stores decisions for protected datasets only)
+    entry = _loaded(worker, oid)
+    if entry is None:  # (set_policy stores decisions for protected datasets only)
         return
     record_loaded(worker, oid, _dataset_key(entry))
     stored = stored_policy(worker, entry)
@@ -177,15 +178,26 @@ def _store_policy(worker: Any, entry: Any, policy: str, by: str) -> None:
 
 
 def _owner_entry(worker: Any, oid: int) -> Any:
-    entry = dict(worker.monitor.owner_entries()).get(oid)
-    if entry is None or not entry.protected:
+    entry = _loaded(worker, oid)
+    if entry is None:
         raise ObjectNotFoundError(f"worker {worker.id!r} has no owner dataset {oid!r}")
     return entry
 
 
+#: who the owner's actions read the store as: a session of its own, which holds nothing, so they read the owner's
+#: loaded data (the shared objects) and none of the values the sessions hold (a scientist holding 10^5 of them made
+#: every load, policy change and one-second sync read them all, each a dict of the whole store)
+_OWNER_VIEW = Principal("owner", "owner", namespace="\x00veil-owner-view", isolated=True)
+
+
 def owner_sources(worker: Any) -> list[tuple[int, Any]]:
     """(id, entry) of every object the owner loaded (the possible provenance sources)."""
-    return [(oid, e) for oid, e in worker.monitor.owner_entries() if e.protected]
+    return [(oid, e) for oid, e in worker.monitor.owned_entries(_OWNER_VIEW) if e.protected]
+
+
+def _loaded(worker: Any, oid: int) -> Any:
+    """The entry of the dataset ``oid`` the owner loaded; None if there is none."""
+    return next((e for i, e in worker.monitor.owned_entries(_OWNER_VIEW) if i == oid and e.protected), None)
 
 
 def apply_policy(worker: Any, oid: int, policy: str) -> str:

@@ -480,6 +480,28 @@ def _watch_tightenings(worker: Any, lineage: Lineage, op_name: str, entries: dic
         lineage.dp_only = any(e.meta.get("dp_only") for e in entries.values())
 
 
+def tightening_count(worker: Any) -> tuple:
+    """The worker's governance state and its count of dp-only tightenings now: read by a worker function that stores
+    results itself before it reads its inputs' marks (compat ``share_own``), for :func:`marked_if_tightened`."""
+    from veil.governance.state import _STATE
+
+    state = _STATE.get(worker)
+    return state, 0 if state is None else state.tightenings
+
+
+def marked_if_tightened(worker: Any, count: tuple, entry: Any) -> bool:
+    """Marks ``entry`` if a dp-only tightening ran, or runs, since :func:`tightening_count` gave ``count`` and makes
+    one of its sources dp-only (as :func:`stamp` marks a racing command's results): its scan may have listed the
+    values before ``entry`` was stored, or marked an input after it was read. Whether ``entry`` is marked."""
+    from veil.governance.state import _STATE
+
+    state, seen = count
+    now = _STATE.get(worker)
+    if now is not None and (now is not state or seen % 2 or now.tightenings != seen):
+        _marked_if_dp_only(now, entry)
+    return bool(entry.meta.get("dp_only"))
+
+
 def _storage(t: Any) -> int | None:
     if not isinstance(t, torch.Tensor):
         return None

@@ -20,6 +20,7 @@ import torch
 from veil.exceptions import PermissionDeniedError, RequestDeniedError, ReviewPendingError
 from veil.governance.graphtext import render_graph
 from veil.governance.lapses import RevocationMark, after_given_back, give_back, revocations, use_approval
+from veil.governance.moved_marks import refuse_tightened
 from veil.governance.provenance import GRAPH, ROOT, sources_of
 from veil.governance.requests import ReviewQueue, digest
 from veil.governance.state import _STATE, audit, governance
@@ -184,6 +185,7 @@ def enforce_all(worker: Any, ids: list, entries: list, user: str, session: str =
     checks its destination between the two: one it cannot reach releases nothing). Returns the approvals used
     up, (object id, request id) pairs. ``before_deciding()`` runs outside the turn before any decision (only when
     an object needs review)."""
+    refuse_tightened(worker, ids, entries, purpose)  # (a copy the owner's tightening elsewhere reached: moved_marks)
     if _STATE.get(worker) is None:
         return []
     blocked = [(oid, e) for oid, e in zip(ids, entries) if needs_review(worker, oid, e, user)]
