@@ -273,3 +273,22 @@ def test_the_names_of_a_restarted_worker_stay_bounded_and_fail_closed(hook, tmp_
     finally:
         r.db.close()
         b.db.close()
+
+
+def test_loads_do_not_read_every_stored_name(owner_workers, monkeypatch):
+    """Guard (bounded time): an owner loading many datasets. Must hold: 200 loads read the stored names of loaded
+    datasets at most once (each load reading every row is quadratic in the datasets); each name is stored."""
+    from veil.governance import moved_marks
+
+    a, _, _, _ = owner_workers
+    real, reads = a.db.kv_items, []
+
+    def counted(namespace):
+        reads.append(namespace)
+        return real(namespace)
+
+    monkeypatch.setattr(a.db, "kv_items", counted)
+    ids = [a.load(torch.ones(1), tags=(f"#many{i}",)) for i in range(200)]
+    assert reads.count(moved_marks.LOADED) <= 1, reads.count(moved_marks.LOADED)
+    monkeypatch.setattr(a.db, "kv_items", real)
+    assert {f"{a.id}:{i}" for i in ids} <= {k for k, _ in a.db.kv_items(moved_marks.LOADED)}

@@ -107,14 +107,25 @@ def record_loaded(worker: Any, oid: int, key: list) -> None:
         return
     value = json.dumps(key).encode()
     name = source_name(worker, oid)
+    rows = _OWN_ROWS.get(worker)
+    if rows is None:  # (read once per worker: every load reading every row made 10^4 loads 10^8 row reads)
+        rows = {}
+        for known, raw in _own_names(worker, db.kv_items(LOADED))[0]:
+            rows.setdefault(raw, []).append(known)
+        _OWN_ROWS[worker] = rows
     db.kv_put(LOADED, name, value)
-    names, _ = _own_names(worker, db.kv_items(LOADED))
-    older = [n for n, raw in names if raw == value and n != name]
+    older = [n for n in rows.setdefault(value, []) if n != name]
+    rows[value] = [*older, name]
     if len(older) < MAX_NAMES_PER_DATASET:
         return
     db.kv_put(LOADED, f"{worker.id}:{WILDCARD}{value.decode()}", value)
     for gone in older:
         db.kv_delete(LOADED, gone)
+    rows[value] = [name]
+
+
+#: worker -> {dataset key (as stored): its names in :data:`LOADED`}, read from the database at its first load
+_OWN_ROWS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
 def _stored_names(worker: Any) -> Names:
