@@ -7,6 +7,7 @@ import gzip
 import io
 from importlib import resources
 
+import numpy as np
 import torch
 
 _PACKAGE = "veil.datasets"
@@ -78,8 +79,10 @@ def load_mnist_5k(scale: bool = True) -> dict[str, torch.Tensor]:
         ``x_test [1000, 1, 28, 28]``, ``y_test [1000]``. Pixels scaled to [0, 1]
         when ``scale``.
     """
-    text = _read_text("mnist_5k.csv.gz")
-    data = torch.tensor([[int(v) for v in line.split(",")] for line in text.splitlines() if line])
+    # numpy's C parser: ~0.1 s where a Python loop over the 3.9 million values took ~1.5 s of every process
+    # (worker, example, test) that loads the set
+    rows = np.loadtxt(io.StringIO(_read_text("mnist_5k.csv.gz")), delimiter=",", dtype=np.int64, ndmin=2)
+    data = torch.from_numpy(rows)
     x = data[:, :784].reshape(-1, 1, 28, 28).float()
     if scale:
         x = x / 255.0
