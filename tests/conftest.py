@@ -83,15 +83,23 @@ def websocket_servers():
                     errors.append(e)
             if not errors:
                 break
-            for p in procs.values():
-                p.stop()
+            _stop_together(procs.values())
             procs.clear()
             if attempt == 2:
                 raise errors[0]
         yield procs
     finally:
-        for p in procs.values():
-            p.stop()
+        _stop_together(procs.values())
+
+
+def _stop_together(procs) -> None:
+    """Signals every worker first, then waits: each takes ~1.5 s to exit (its connections, the interpreter's
+    teardown), so one after the other cost the sum at the end of every test process."""
+    procs = list(procs)
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.stop()
 
 
 @pytest.fixture(scope="session")
