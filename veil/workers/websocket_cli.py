@@ -30,6 +30,7 @@ import torch
 
 from veil.exceptions import CommandLineError
 from veil.workers.audit_retention import DEFAULT_MAX_ROWS, AuditRetention
+from veil.workers.heap_freeze import freeze_startup_heap
 from veil.workers.persistence import OwnerDB
 from veil.workers.scheduling import POLICIES, set_policy
 from veil.workers.auth_throttle import FAILURE_WINDOW, FREE_FAILURES, UNGUESSABLE_CHARS, FailureThrottle
@@ -376,6 +377,7 @@ def run(args: argparse.Namespace) -> int:
                                 keyfile=args.key)
 
     def ready(w: WebsocketServerWorker) -> None:
+        freeze_startup_heap()  # before the first request: start-up objects never walked again
         if console is not None:
             console.start()
             summary.append(f"  owner console on {console.url} (log in with the admin token)")
