@@ -235,8 +235,10 @@ def _zero_parts(ctx, layout: dict) -> bytes:
 
 
 @pytest.mark.parametrize("member, layout, padding", [
-    (4, {i: 3 for i in range(8)}, 3 << 20),  # relinearization keys at 8 indexes (an honest one has 1)
-    (4, {i: 3 for i in range(12)}, 5 << 20),
+    # Galois keys of zeros at 8 and 12 indexes (relinearization keys at more than one index, as these first were,
+    # are now refused on arrival: test_redteam_he_keys)
+    (5, {i: 3 for i in range(8)}, 3 << 20),
+    (5, {i: 3 for i in range(12)}, 5 << 20),
 ])
 def test_a_context_is_charged_every_key_part_seal_holds(hook, member, layout, padding):
     """Attack: the quota charged a stored context one relinearization key (``has_relin_keys``: one bit) and one

@@ -77,14 +77,23 @@ def _check_key_parts(ctx: CKKSContext) -> None:
     """Refuses a context whose relinearization or Galois keys hold, at some index, other than one part (a pair of
     polynomials) per data prime: SEAL loads any number, and a key switch at a level of more primes than the key
     has parts aborted the process (std::terminate, 'unsigned overflow'): one crafted conjugation key with fewer
-    parts killed a worker sealing a reduction. Metadata only (SEAL's key lists, a few ms)."""
+    parts killed a worker sealing a reduction. And keys at more indexes than an honest context has: one
+    relinearization index (a product relinearizes with the key at index 0 whenever SEAL counts one non-empty
+    index, so keys at index 1 alone segfaulted the worker at the first ciphertext product), at most one Galois
+    index per ring coefficient (SEAL loads up to 131072, empty ones the quota does not see). Metadata only
+    (SEAL's key lists, a few ms)."""
     parms = ctx.raw.seal_context().data.key_context_data().parms()
     parts = len(parms.coeff_modulus()) - 1
-    for present, keys, what in ((ctx.raw.has_relin_keys, ctx.raw.relin_keys, "relinearization"),
-                                (ctx.raw.has_galois_keys, ctx.raw.galois_keys, "Galois")):
+    for present, keys, what, most in ((ctx.raw.has_relin_keys, ctx.raw.relin_keys, "relinearization", 1),
+                                      (ctx.raw.has_galois_keys, ctx.raw.galois_keys, "Galois",
+                                       parms.poly_modulus_degree())):
         if not present():
             continue
-        for index in keys().data.data():
+        indexes = keys().data.data()
+        if len(indexes) > most:
+            raise WireFormatError(f"a CKKS context's {what} keys must span at most {most} index(es), these span "
+                                  f"{len(indexes)}")
+        for index in indexes:
             if index and (len(index) != parts or any(part.data().size() != 2 for part in index)):
                 raise WireFormatError(f"a CKKS context's {what} key must hold {parts} parts of 2 polynomials (one "
                                       f"per data prime), this one holds {len(index)}")
