@@ -369,7 +369,11 @@ def _c1_decoded(ctx, segment, tmp_path) -> torch.Tensor:
                                        "unflooded (a = b/t for small b, t does the same and looks uniform; its own "
                                        "conjugation key (0, 16) keeps the real part's c + conj(c) from mixing it). Needs a "
                                        "public key whose a is expanded from a hashed seed, or a proof that it is "
-                                       "well formed")
+                                       "well formed. Re-checked (he_keys): a pinned a suffices for this hole (u*a + e1 "
+                                       "masks c1; a crafted b = -R*a reads only c0 + R*c1, what an input R times "
+                                       "larger gives: the range LIMIT); the key holder sets b = b' + (a' - a)*s. Not "
+                                       "done: sealapi reads key words one call each (0.2 s a received ring-8192 "
+                                       "context, 0.5 s a created one, seconds at 32768)")
 def test_a_crafted_public_key_leaves_the_scores_c1_unreadable(ctx, tmp_path):
     """Attack (the sealing, second pass): the data owner sends a public context whose public key is (0, p), p the
     special prime as a constant polynomial (SEAL loads it: every word is below its prime). Encrypting zero under

@@ -12,7 +12,10 @@ the first ciphertext product (checked in a subprocess). And Galois keys at up to
 empty ones cost nothing on the wire) were loaded, held and walked in Python, unseen by the quota. Held (guards):
 SEAL refuses a key part of the wrong level, form, width or range; a key of the right shape and crafted values
 (uniform words; the honest one plus P, which adds ``c2`` to what the product decrypts to) breaks only its maker's
-product, and what it shows of a product with the owner's data is the worker's fresh randomness, not the data.
+product, and what it shows of a product with the owner's data is the worker's fresh randomness, not the data; a
+context without relinearization keys makes a product fail in one line. The quota charged a ring-16384 context with
+all its Galois keys 346 MiB for ~250 held (fixed, slow test). The crafted public key stays a LIMIT
+(test_redteam_he_eval_second, its reason re-checked).
 
 Every test asserts the SAFE behaviour; a hole is ``xfail(strict=True)``.
 """
@@ -129,6 +132,22 @@ def test_galois_keys_at_more_indexes_than_the_ring_has_are_refused(bare):
     honest = ckks_wire.context_from_wire(_context_wire(_public_bytes(bare, 5, _kswitch_bytes(bare, {n - 1: key},
                                                                                                count=n))))
     assert conjugation.keys(honest) is not None and honest.key_id == bare.key_id
+
+
+def test_a_product_under_a_context_without_relinearization_keys_is_one_line(hook):
+    """Attack: the scientist's context carries no relinearization keys (TenSEAL relinearizes every product) and it
+    asks the worker for a ciphertext product. Must hold: the op fails in one line that says why, and the worker then
+    multiplies under an honest context."""
+    mine = ckks.context(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 40, 40, 60), galois_keys=False)
+    keyless = ckks.CKKSContext.from_bytes(mine.raw.serialize(save_public_key=True, save_secret_key=False,
+                                                             save_galois_keys=False, save_relin_keys=False))
+    assert keyless.key_id == mine.key_id and not keyless.raw.has_relin_keys()
+    owner = sy.VirtualWorker(hook, id=uid("he-no-relin"))
+    x = torch.tensor([0.5, -2.0], dtype=torch.float64)
+    with pytest.raises(Exception) as refused:
+        (ckks.encrypt(x, keyless).send(owner) * ckks.encrypt(x, keyless).send(owner)).get()
+    assert "Relinearization" in _one_line(refused.value)
+    _honest_product_on(owner, mine)
 
 
 # ------------------------------------------------------------------ 2. keys of the right shape, crafted values
