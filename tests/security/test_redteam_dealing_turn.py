@@ -17,6 +17,11 @@ them, and the provider sends the last two as a peer):
    provider (holding the party's turn) while the provider's dealing waits on that party (holding the provider's)
    waited for each other: both workers stalled for every session, with no deadline to end it (a blocked turn
    checks none).
+5. ``test_a_batch_holds_the_providers_dealing_slot_at_most_an_honest_dealers_request``: with the dealing off the
+   turn, what one request costs bounds an honest session's wait for the provider's dealing slot: 256 one-entry
+   comparison items (16 values) held it ~13-18 s per ~100 kB request, a batch of 2^27 elements per party tens of
+   seconds. Several items now hold at most 64 items and 2^23 elements per party (the honest dealer's default
+   ``max_elements``, now its cap too); one item alone keeps the old bounds.
 
 The party could not hand its turn over while the provider waited on it holding its own (a request let in that
 called the provider would then wait forever: hence the guard in test_redteam_smpc_secagg.py, now replaced). Fixed
@@ -26,7 +31,8 @@ time as before; a party's receiving steps hand the turn over between items and e
 "receiving")``: what it expanded stays bounded to one request's, as the turn kept it), and the slots are taken
 in arrival order (``cancellation.ArrivalSlot``). Each test above failed before (run with strict xfail marks).
 
-Guards (attacks that hold): values are the same with hand-overs; concurrent receiving steps hold their material
+Guards (attacks that hold): the owner's data under review named as a seed, a correction or a received share is
+still held for review in what the party stores; values are the same with hand-overs; concurrent receiving steps hold their material
 one at a time; the slots serve waiters in arrival order and drop a cancelled one; malformed seeds and
 corrections are refused in one line before anything is expanded (a correction of another shape was stored as
 a field).
@@ -251,6 +257,35 @@ def test_a_wait_chain_through_the_provider_and_a_party_resolves(hook, monkeypatc
     dealing.join(30)
     assert type(out.get("bob")) is m.OkReply and type(out.get("deal")) is m.OkReply, out
     assert type(sent.get("A")) is m.OkReply, sent
+
+
+@pytest.mark.parametrize("deal", ["comparison items", "comparison batch", "zero batch"])
+def test_a_batch_holds_the_providers_dealing_slot_at_most_an_honest_dealers_request(hook, monkeypatch, deal):
+    """Every other session's dealing waits for the provider's dealing slot (one dealing at a time), so one
+    request's cost bounds an honest session's wait: 256 one-entry comparison items held it ~13-18 s here (a DCF
+    key generation per item), and a batch of 2^27 elements per party tens of seconds. A batch (several items) may
+    hold what the honest dealer asks for at most; one item alone may still be as large as before."""
+    srv = _worker(hook, "batch")
+    sent: list = []
+    monkeypatch.setattr(srv, "resolve_worker", lambda pid: pid)
+    monkeypatch.setattr(srv, "send_msg", lambda msg, party: sent.append(party) or m.OkReply())
+    mallory = open_session(srv, TOKEN)
+    shape, n_values, count, one = {"comparison items": ((1,), 16, 65, ((1,), 16)),
+                                   "comparison batch": ((16384,), 0, 3, ((1024,), 0)),
+                                   "zero batch": ((1 << 22,), None, 3, ((1 << 24,), None))}[deal]
+
+    def message(shape, count):
+        if n_values is None:
+            ids = [[new_id() for _ in range(count)] for _ in range(2)]
+            return m.CommandMessage(worker_dealer.DEAL, ("zero", (shape,), ["p0", "p1"], ids, count, True), {}, [],
+                                    False)
+        ids = [[new_id() for _ in range(count * len(fss.field_shapes(shape, n_values, i < 2)))] for i in range(2)]
+        return m.CommandMessage(fss_dealing.DEAL_COMPARISON, ((list(shape), n_values), ["p0", "p1"], ids, count,
+                                                              True), {}, [], False)
+
+    reply = request(srv, mallory, message(shape, count))
+    assert type(reply) is m.ErrorReply and "\n" not in reply.message and not sent, reply
+    assert type(request(srv, mallory, message(one[0], 1))) is m.OkReply and sent  # (one item: up to the old bounds)
 
 
 # -- slots ---------------------------------------------------------------------------------------------------

@@ -137,7 +137,7 @@ def test_a_comparison_dealing_of_many_items_is_refused_before_any_key_is_made(ho
     assert "\n" not in str(e.value) and derive_spy == []
     with pytest.raises(ProviderError, match="ring elements per party"):  # few items, each of many entries
         fss_dealing._deal_comparison(workers[0], ((1 << 16,), 0), ids[1:],
-                                     [list(range(200 * k)) for k in per_party], 200, True)
+                                     [list(range(20 * k)) for k in per_party], 20, True)
     assert derive_spy == []
 
 
@@ -210,10 +210,10 @@ def test_a_long_comparison_dealing_or_expansion_stops_at_the_commands_deadline(h
     expanded: list = []
     real_expand = worker_dealer.expand
 
-    def counting_expand(seed, label, shape):
+    def counting_expand(seed, label, shape, **options):  # (options: the hand-overs within a field)
         expanded.append(label)
         token.deadline = 0.0
-        return real_expand(seed, label, shape)
+        return real_expand(seed, label, shape, **options)
 
     monkeypatch.setattr(worker_dealer, "expand", counting_expand)
     token = cancellation.CancelToken(seconds=60)

@@ -196,7 +196,7 @@ def _reconstructed(parties: _Parties, shape, n_values, count):
 
 
 def test_a_comparison_dealing_lets_another_client_in_while_it_runs(hook, monkeypatch):
-    """A scientist's ``deal_comparison`` of 2 items of 2^14 entries, 1 value (~1-2 s of key generation
+    """A scientist's ``deal_comparison`` of 2 items of 16000 entries, 1 value (~1-2 s of key generation
     here) through a real network worker's request path; meanwhile bob stores a tensor and adds to it. Bob
     must be answered within a small share of the dealing's time (its items, and chunks of an item, hand the
     turn over), and the
@@ -218,7 +218,7 @@ def test_a_comparison_dealing_lets_another_client_in_while_it_runs(hook, monkeyp
         last[0] = time.perf_counter()
 
     monkeypatch.setattr(runtime, hook_name, [timed_check])
-    shape, n_values, count = (1 << 14,), 1, 2
+    shape, n_values, count = (16000,), 1, 2  # (a batch of at most fss_dealing.MAX_BATCH_ELEMENTS)
     per_party = [len(fss.field_shapes(shape, n_values, i < 2)) for i in range(2)]
     ids = [[new_id() for _ in range(count * k)] for k in per_party]
     alice = open_session(srv, TOKEN)

@@ -57,9 +57,14 @@ MAX_RECEIVED_ELEMENTS = 1 << 27
 #: elements for every n_values), so this leaves it 4x room
 MAX_EXPANDED_ELEMENTS = 1 << 22
 #: most comparison items in one request (and so in one message): each costs the provider a DCF key
-#: generation (~30-50 ms whatever its size) and a party a check per field (~0.1 ms), so an item count alone
-#: made minutes of CPU from one request; an honest dealer asks in requests of at most this many
-MAX_COMPARISON_ITEMS = 256
+#: generation (~30-70 ms whatever its size) and a party a check per field (~0.1 ms), so an item count alone
+#: made minutes of CPU from one request; an honest dealer asks in requests of at most this many. 256 held the
+#: provider's dealing slot (every other session's dealings wait for it) ~13-18 s per request of ~100 kB
+MAX_COMPARISON_ITEMS = 64
+#: most ring elements per party in a request of *several* items (the honest dealer's default ``max_elements``,
+#: which it never exceeds); one item alone may hold up to the absolute bounds. A batch of the absolute bound
+#: held the dealing slot for tens of seconds per request
+MAX_BATCH_ELEMENTS = 1 << 23
 
 
 def room_for(worker: Any, nbytes: int, op_name: str) -> None:
@@ -124,9 +129,10 @@ def _deal_comparison(worker: Any, spec: Any, party_ids: list, ids: list, count: 
             f"{max(1, math.prod(shape) * MAX_ITEM_BYTES // largest)} entries at a time")
     elements = count * max(max(1, sum(math.prod(s) for s in fss.field_shapes(shape, n_values, i < 2)))
                            for i in range(n))  # (DCF key generation costs per entry too)
-    if elements > MAX_RECEIVED_ELEMENTS:
+    bound = MAX_RECEIVED_ELEMENTS if count == 1 else MAX_BATCH_ELEMENTS
+    if elements > bound:
         raise ProviderError(f"a dealing of {count} comparison items of shape {shape} makes {elements} ring elements "
-                            f"per party, more than {MAX_RECEIVED_ELEMENTS} in one request")
+                            f"per party, more than {bound} in one request")
     chunk = max(1, MESSAGE_BYTES // max(1, largest))
     # one dealing at a time (other dealings wait, holding nothing), off the turn: it never touches the store, and
     # holding the turn while a party took its message stalled every session here, and through a request at the

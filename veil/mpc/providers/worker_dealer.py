@@ -67,7 +67,7 @@ from veil.mpc.prg import SEED_BYTES, expand, expand_sum, new_seed, subtract_stre
 from veil.mpc.errors import ProviderError
 from veil.mpc.providers.background import BackgroundDealing, BackgroundDealingError
 from veil.mpc.providers import fss_dealing
-from veil.mpc.providers.fss_dealing import DEAL_COMPARISON, room_for
+from veil.mpc.providers.fss_dealing import DEAL_COMPARISON, MAX_BATCH_ELEMENTS, room_for
 from veil.mpc.providers.base import RECORD_HOOKS, MaterialExhaustedError, Provider, check_distinct_parties
 from veil.mpc.ring import DTYPE, random_ring
 from veil.mpc.runtime import (DEALER_TAG, DEALT_FIXED, DEALT_FIXED_TAG, DEALT_ITEM_TAG, DEALT_LAYOUTS,
@@ -186,9 +186,10 @@ def bounded_recipe(kind: str, spec: Any, count: Any) -> tuple[list, list, Any]:
     if any(int(d) < 0 for shape in shapes for d in shape):
         raise ProviderError(f"a {kind!r} dealing spec has a negative dimension")
     elements = count * sum(max(1, _numel(shape)) for shape in shapes)  # (an empty field is still a loop step)
-    if elements > MAX_DEAL_ELEMENTS:
+    bound = MAX_DEAL_ELEMENTS if count == 1 else MAX_BATCH_ELEMENTS  # (a batch: the honest dealer's max_elements)
+    if elements > bound:
         raise ProviderError(f"a dealing of {count} {kind!r} items would make {elements} ring elements per party, "
-                            f"more than {MAX_DEAL_ELEMENTS} in one request")
+                            f"more than {bound} in one request")
     return uniform_shapes, derived_shapes, derive
 
 
@@ -329,14 +330,14 @@ class WorkerDealer(Provider):
     """
 
     def __init__(self, worker: Any, owner: Any, seeded: bool = True, max_batch: int = 16,
-                 max_elements: int = 1 << 23, budget_bytes: int = 1 << 30, on_exhausted: str = "deal") -> None:
+                 max_elements: int = MAX_BATCH_ELEMENTS, budget_bytes: int = 1 << 30, on_exhausted: str = "deal") -> None:
         if on_exhausted not in ("deal", "raise"):
             raise ValueError(f"on_exhausted must be 'deal' or 'raise', got {on_exhausted!r}")
         self.worker = worker
         self.owner = owner
         self.seeded = seeded
         self.max_batch = max_batch
-        self.max_elements = max_elements
+        self.max_elements = min(int(max_elements), MAX_BATCH_ELEMENTS)  # (providers refuse larger batches)
         self.budget_bytes = int(budget_bytes)
         self.on_exhausted = on_exhausted
         self._spare: dict[Hashable, deque] = {}
@@ -492,7 +493,8 @@ class WorkerDealer(Provider):
         """Deals items of one key into ``spare``: ``count`` of them (capped by ``max_elements``), or
         the on-demand batch (doubling per request up to ``max_batch``). Returns how many."""
         op, party_shapes = self._shapes(kind, spec, parties)
-        per_item = max(1, max(sum(int(torch.Size(s).numel()) for s in shapes) for shapes in party_shapes))
+        # (as the provider counts: an empty field as one element, so a batch never passes its bound)
+        per_item = max(1, max(sum(max(1, int(torch.Size(s).numel())) for s in shapes) for shapes in party_shapes))
         with self._cond:
             if count is None:
                 count = max(1, min(self._next_batch.get(key, 1), self.max_elements // per_item))
