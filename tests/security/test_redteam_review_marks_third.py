@@ -19,9 +19,14 @@ Holes found (each test failed on the code before its fix; checked by running the
   20000 entries; now they read the owner's loaded data only (policy._OWNER_VIEW);
 - ``governance.source_names`` gained a row per dataset at every start, read by every worker every second, never
   pruned; now at most MAX_NAMES_PER_DATASET per dataset and worker, the older ones folded into one wildcard row
-  that still marks copies under a forgotten name (fails closed).
+  that still marks copies under a forgotten name (fails closed); a load reads the rows once per worker;
+- in process (no turn), a get of a value under review, never approved, passed the monitor's check of its mark,
+  then the owner's tightening to dp-only ran on another thread, and the review check read dp-only (not review):
+  the value went out unapproved and un-noised; now the release checks the mark again, and a source being marked
+  (moved_marks.refuse_tightened).
 
 Held (guards): encrypt_state racing a tightening is marked (the handler's count reaches worker-function outputs);
+a move racing a tightening carries the mark (its capabilities are read after the review check);
 a forged source on an encrypted state marks only the forger's value. Only the owner's loads and tightenings add
 stored names: no scientist can push a real name out of the bounded rows.
 """
@@ -29,6 +34,7 @@ stored names: no scientist can push a real name out of the bounded rows.
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -292,3 +298,39 @@ def test_loads_do_not_read_every_stored_name(owner_workers, monkeypatch):
     assert reads.count(moved_marks.LOADED) <= 1, reads.count(moved_marks.LOADED)
     monkeypatch.setattr(a.db, "kv_items", real)
     assert {f"{a.id}:{i}" for i in ids} <= {k for k, _ in a.db.kv_items(moved_marks.LOADED)}
+
+
+# ----------------------------------------------------------------- a release racing a tightening (in process)
+
+
+@pytest.mark.parametrize("action", ["get", "move"])
+def test_a_release_racing_a_tightening_lets_nothing_out(hook, monkeypatch, action):
+    """In process (no turn): the scientist's get (or move to bob) of ``y = d * 3``, never approved, passes the
+    reference monitor's checks (y unmarked, ``#d`` under review); then the owner's tightening of ``#d`` to dp-only
+    runs on another thread, marks y and puts dp-only in force; then the release's review check reads the policy
+    (no longer review). Must hold: nothing leaves (refused un-noised or pending), the worker still serves."""
+    from veil.governance import release
+
+    w = review_owner(hook, "marks3-get")
+    bob = sy.VirtualWorker(hook, id=uid("marks3-getbob"))
+    y = w.search(["#d"])[0] * 3
+    real, done = release.enforce_all, []
+
+    def tighten_first(*args, **kwargs):
+        if not done:
+            t = threading.Thread(target=lambda: done.append(w.set_policy("#d", "dp-only")), daemon=True)
+            t.start()
+            t.join(30)
+            assert done, "the tightening did not finish"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(release, "enforce_all", tighten_first)
+    leaked = None
+    try:
+        leaked = y.get() if action == "get" else y.move(bob).get()
+    except (PermissionDeniedError, ReviewPendingError) as error:
+        assert isinstance(error, ReviewPendingError) or "differential-privacy" in str(error), error
+    finally:
+        monkeypatch.setattr(release, "enforce_all", real)
+    assert leaked is None, f"{action} released {leaked} un-noised and unapproved"
+    assert torch.equal(torch.ones(2).send(w).get(), torch.ones(2))

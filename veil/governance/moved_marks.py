@@ -18,9 +18,11 @@ claims of 256 sources sorting first push the real name out) is marked whenever a
 scan, which reads every held value, takes at most :data:`SCAN_SHARE` of the worker's time (a new name at once).
 Only the owner adds names (its loads and tightenings); a scientist's claimed sources mark only its own values.
 
-Third pass: every release (get, move, share, an opening) checks the values it lets out that name another worker's
-source against the stored names, read then (:func:`refuse_tightened`): a copy that arrived after the last scan,
-whose next one the bound put off, and a worker no serving loop syncs, released such a copy un-noised. The names of
+Third pass: every release (get, move, share, an opening) checks again, after the monitor's checks, the marks of the
+values it lets out, and those that name another worker's source against the stored names (:func:`refuse_tightened`):
+a copy that arrived after the last scan, whose next one the bound put off, and a worker no serving loop syncs,
+released such a copy un-noised; in process, a tightening between the monitor's check and the review check let an
+unapproved value out. The names of
 one dataset one worker keeps are bounded (:data:`MAX_NAMES_PER_DATASET`, then a wildcard row: fails closed).
 """
 
@@ -239,16 +241,30 @@ def sync_moved_marks(worker: Any, turn: Any = None) -> list[int]:
     return marked
 
 
-def refuse_tightened(worker: Any, ids: list, entries: list, purpose: str) -> None:
-    """At every release (get, move, share, an opening: release.enforce_all): a value naming a source of another
-    worker (``"worker:id"``) that the owner tightened to dp-only is marked and refused now, not at the next scan:
-    a copy that arrived after this worker's last scan (moved on from a worker that had not synced yet) waited for
-    the next one, which the scan's bound puts off ten times as long as it took (a scientist holding many values
-    made that seconds), and a worker that does not serve has no sync at all. The stored names are read outside the
-    turn (a database read) unless the worker's sync read them within :data:`NAMES_FRESH_S`, and only for values
-    that name another worker's source."""
-    named = [(oid, e) for oid, e in zip(ids, entries) if not e.meta.get("dp_only") and e.provenance
-             and any(type(s) is str for s in e.provenance)]
+def refuse_tightened(worker: Any, ids: list, entries: list, purpose: str, user: str = "-", session: str = "-") -> None:
+    """At every release (get, move, share, an opening: release.enforce_all), after the reference monitor's checks:
+
+    - a value marked since them, or derived from a source a tightening to dp-only is marking now, is refused: on an
+      in-process worker (no turn) the owner's tightening on another thread ran between the monitor's check of the
+      mark and the review check, which then read dp-only, not review, and the value went out unapproved;
+    - a value naming a source of another worker (``"worker:id"``) that the owner tightened to dp-only is marked and
+      refused now, not at the next scan: a copy that arrived after this worker's last scan (moved on from a worker
+      that had not synced yet) waited for the next one, which the scan's bound puts off ten times as long as it
+      took (a scientist holding many values made that seconds), and a worker that does not serve has no sync at
+      all. The stored names are read outside the turn (a database read) unless the worker's sync read them within
+      :data:`NAMES_FRESH_S`, and only for values that name another worker's source."""
+    state = _STATE.get(worker)
+    marking = frozenset(state.marking) if state is not None else frozenset()
+    if marking:
+        marking |= frozenset(n for n, s in list(state.moved_names.items()) if s in marking)
+    raced = [oid for oid, e in zip(ids, entries) if e.meta.get("dp_only") or (
+        marking and names_tightened(frozenset(e.provenance or ({oid} if e.protected else ())), marking))]
+    if raced:
+        for oid, e in zip(ids, entries):
+            if oid in raced:
+                e.meta["dp_only"] = True
+        _refuse(worker, raced, purpose, user, session, "a tightening to dp-only ran since the monitor's check")
+    named = [(oid, e) for oid, e in zip(ids, entries) if e.provenance and any(type(s) is str for s in e.provenance)]
     if not named:
         return
     known = _KNOWN.get(worker)
@@ -262,9 +278,14 @@ def refuse_tightened(worker: Any, ids: list, entries: list, purpose: str) -> Non
         return
     for _, entry in hit:
         entry.meta["dp_only"] = True
-    with cancellation.outside_turn():  # (marked in it; the row is a database write)
-        audit(worker, "policy", "owner", "-", [oid for oid, _ in hit], "allowed",
-              f"dp-only mark at a {purpose}: derived from a dataset the owner tightened to dp-only on another worker")
+    _refuse(worker, [oid for oid, _ in hit], purpose, user, session,
+            "derived from a dataset the owner tightened to dp-only on another worker (marked)")
+
+
+def _refuse(worker: Any, ids: list, purpose: str, user: str, session: str, why: str) -> None:
+    """The DP guard's refusal of a release (the monitor's words), audited outside the turn (a database write)."""
+    with cancellation.outside_turn():
+        audit(worker, purpose, user, session, ids, "refused", f"dp-only: {why}")
     raise PermissionDeniedError(
         f"{purpose} refused: this data on worker {worker.id!r} is under the owner's differential-privacy policy "
         "and answers only differentially private releases")

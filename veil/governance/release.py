@@ -185,7 +185,7 @@ def enforce_all(worker: Any, ids: list, entries: list, user: str, session: str =
     checks its destination between the two: one it cannot reach releases nothing). Returns the approvals used
     up, (object id, request id) pairs. ``before_deciding()`` runs outside the turn before any decision (only when
     an object needs review)."""
-    refuse_tightened(worker, ids, entries, purpose)  # (a copy the owner's tightening elsewhere reached: moved_marks)
+    refuse_tightened(worker, ids, entries, purpose, user, session)  # (dp-only since the monitor's check: moved_marks)
     if _STATE.get(worker) is None:
         return []
     blocked = [(oid, e) for oid, e in zip(ids, entries) if needs_review(worker, oid, e, user)]
