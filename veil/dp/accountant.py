@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import operator
 from types import ModuleType
 from typing import TYPE_CHECKING, Callable
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from veil.dp.errors import PrivacyParameterError
+from veil.dp.replace_one import replace_one_epsilon
 
 if TYPE_CHECKING:
     import dp_accounting
@@ -64,10 +66,22 @@ def _rdp_one_step(noise_multiplier: float, sample_rate: float) -> tuple[tuple[fl
 
 
 def _check_step(noise_multiplier: float, sample_rate: float) -> None:
-    if not noise_multiplier > 0:
-        raise PrivacyParameterError(f"noise_multiplier must be > 0 for a private step, got {noise_multiplier}")
+    if not 0 < noise_multiplier < math.inf:  # (inf: no number the PLD or RDP library composes)
+        raise PrivacyParameterError(
+            f"noise_multiplier must be finite and > 0 for a private step, got {noise_multiplier}")
     if not 0 < sample_rate <= 1:
         raise PrivacyParameterError(f"sample_rate must be in (0, 1], got {sample_rate}")
+
+
+#: A larger noise multiplier is accounted at this one (more noise never costs more, so this over-charges a
+#: step whose cost is already ~0): the libraries square sigma, and a scientist's sigma of 1e300 raised an
+#: OverflowError from the ledger's charge
+MAX_ACCOUNTED_NOISE = 1e6
+
+
+def accounted_noise(noise_multiplier: float) -> float:
+    """The noise multiplier a step is accounted at (at most :data:`MAX_ACCOUNTED_NOISE`)."""
+    return min(noise_multiplier, MAX_ACCOUNTED_NOISE)
 
 
 def _whole_count(count: object) -> int:
@@ -101,19 +115,27 @@ class Accountant:
         self.mechanism = mechanism
         # Runs of identical steps: [noise_multiplier, sample_rate, count].
         self.history: list[list] = []
+        # Runs of steps whose neighbouring datasets differ by a replaced record (a hidden count's bounded
+        # slots: veil.dp.replace_one), composed with the history under the replace-one relation
+        self.replaced: list[list] = []
         # delta -> (generation, epsilon): an entry counts only while its generation is current (a reader that
         # composed the history before a step must not leave its lower epsilon behind for later reads)
         self._cache: dict[float, tuple[int, float]] = {}
         self._generation = 0
 
-    def step(self, noise_multiplier: float, sample_rate: float, count: int = 1) -> None:
-        """Records ``count`` steps of the Poisson-subsampled Gaussian mechanism."""
+    def step(self, noise_multiplier: float, sample_rate: float, count: int = 1, replace_one: bool = False) -> None:
+        """Records ``count`` steps of the Poisson-subsampled Gaussian mechanism (``replace_one``: steps whose
+        neighbouring datasets differ by one replaced record, e.g. over a hidden count's slots)."""
         _check_step(noise_multiplier, sample_rate)
+        noise_multiplier = accounted_noise(noise_multiplier)
         count = _whole_count(count)
-        if self.history and self.history[-1][:2] == [noise_multiplier, sample_rate]:
-            self.history[-1][2] += count
+        if type(replace_one) is not bool:
+            raise PrivacyParameterError(f"replace_one must be a bool, got {replace_one!r}")
+        runs = self.replaced if replace_one else self.history
+        if runs and runs[-1][:2] == [noise_multiplier, sample_rate]:
+            runs[-1][2] += count
         else:
-            self.history.append([noise_multiplier, sample_rate, count])
+            runs.append([noise_multiplier, sample_rate, count])
         self._changed()
 
     def _changed(self) -> None:
@@ -124,20 +146,27 @@ class Accountant:
     def merge_runs(self) -> None:
         """Puts the steps of each (sigma, q) pair in one run (composition does not depend on the order): the
         history, and the time to compute its epsilon, grow with the distinct pairs, not with alternations."""
-        runs: dict[tuple, int] = {}
-        for s, q, c in self.history:
-            runs[(s, q)] = runs.get((s, q), 0) + c
-        if len(runs) != len(self.history):
-            self.history = [[s, q, c] for (s, q), c in runs.items()]
-            self._changed()
+        for name in ("history", "replaced"):
+            old = getattr(self, name)
+            runs: dict[tuple, int] = {}
+            for s, q, c in old:
+                runs[(s, q)] = runs.get((s, q), 0) + c
+            if len(runs) != len(old):
+                setattr(self, name, [[s, q, c] for (s, q), c in runs.items()])
+                self._changed()
 
     @property
     def steps(self) -> int:
         """Total number of recorded steps."""
-        return sum(c for _, _, c in self.history)
+        return sum(c for _, _, c in self.history) + sum(c for _, _, c in self.replaced)
+
+    def pairs(self) -> set[tuple[float, float, bool]]:
+        """The distinct (noise multiplier, sample rate, replace-one) runs: what an epsilon's time grows with."""
+        return {(s, q, False) for s, q, _c in self.history} | {(s, q, True) for s, q, _c in self.replaced}
 
     def event(self) -> dp_accounting.DpEvent:
-        """The whole history as one composed ``dp_accounting`` event."""
+        """The add/remove history as one composed ``dp_accounting`` event (replace-one runs are not in it:
+        they are composed under another neighbouring relation, :mod:`veil.dp.replace_one`)."""
         return dp_lib().ComposedDpEvent([sgm_event(s, q, c) for s, q, c in self.history])
 
     def get_epsilon(self, delta: float) -> float:
@@ -148,15 +177,18 @@ class Accountant:
         # one of an older generation, answered to this caller but never cached for the next
         generation = self._generation
         history = [list(h) for h in self.history]
-        if not history:
+        replaced = [list(h) for h in self.replaced]
+        if not history and not replaced:
             return 0.0
         cached = self._cache.get(delta)
         if cached is not None and cached[0] == generation:
             return cached[1]
-        if self.mechanism == "rdp":
-            orders = _rdp_one_step(*history[0][:2])[0]
-            total = sum(c * _rdp_one_step(s, q)[1] for s, q, c in history)
-            epsilon = float(dp_lib().rdp.rdp_privacy_accountant.compute_epsilon(orders, total, delta)[0])
+        if replaced:
+            epsilon = replace_one_epsilon(dp_lib(), history, replaced, delta,
+                                          lambda: _rdp_epsilon([*history, *[[s / 2, q, c] for s, q, c in replaced]],
+                                                               delta))
+        elif self.mechanism == "rdp":
+            epsilon = _rdp_epsilon(history, delta)
         else:
             acc = ACCOUNTANT_FACTORIES[self.mechanism]()
             acc.compose(dp_lib().ComposedDpEvent([sgm_event(s, q, c) for s, q, c in history]))
@@ -166,7 +198,10 @@ class Accountant:
 
     def state_dict(self) -> dict:
         """A plain-data snapshot (for checkpoints or a worker's disk)."""
-        return {"mechanism": self.mechanism, "history": [list(h) for h in self.history]}
+        state = {"mechanism": self.mechanism, "history": [list(h) for h in self.history]}
+        if self.replaced:  # (absent otherwise: a snapshot of add/remove steps reads as before)
+            state["replace_one"] = [list(h) for h in self.replaced]
+        return state
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Accountant":
@@ -174,7 +209,16 @@ class Accountant:
         acc = cls(state["mechanism"])
         for s, q, c in state["history"]:
             acc.step(s, q, c)
+        for s, q, c in state.get("replace_one", ()):
+            acc.step(s, q, c, replace_one=True)
         return acc
+
+
+def _rdp_epsilon(runs: list, delta: float) -> float:
+    """The library's RDP epsilon of add/remove ``runs`` (sigma, q, count), one step's RDP cached per pair."""
+    orders = _rdp_one_step(*runs[0][:2])[0]
+    total = sum(c * _rdp_one_step(s, q)[1] for s, q, c in runs)
+    return float(dp_lib().rdp.rdp_privacy_accountant.compute_epsilon(orders, total, delta)[0])
 
 
 def epsilon_for(noise_multiplier: float, sample_rate: float, steps: int, delta: float, mechanism: str = "pld") -> float:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from veil.dp import charge_totals, ledger_rows
-from veil.dp.accountant import Accountant
+from veil.dp.accountant import Accountant, accounted_noise
 from veil.dp.errors import BudgetExceededError, PrivacyParameterError, ReplayedRequestError, UnknownUserError
 from veil.workers.database import Database, ReaderSlot
 
@@ -224,7 +224,7 @@ class BudgetLedger:
 
     def charge_training_step(self, user: str, noise_multiplier: float, sample_rate: float, delta: float,
                              mechanism: str = "rdp", reason: str = "DP-SGD step",
-                             request_id: Optional[str] = None) -> tuple[float, float]:
+                             request_id: Optional[str] = None, replace_one: bool = False) -> tuple[float, float]:
         """Charges one Poisson-subsampled Gaussian release of a training run.
 
         Training steps are composed with an accountant (far tighter than
@@ -234,6 +234,9 @@ class BudgetLedger:
         ``delta``. The increases add up to the accountant's epsilon of all the
         user's steps, and ``delta`` itself is charged once, with the first
         step; training and any other charges then compose by basic composition.
+        ``replace_one``: the step's neighbouring datasets differ by a replaced
+        record (a hidden count's slots), composed under that relation
+        (:mod:`veil.dp.replace_one`).
 
         Returns:
             The remaining ``(epsilon, delta)`` after the charge.
@@ -251,12 +254,13 @@ class BudgetLedger:
                                    (user, float(delta))).fetchone()
             acc = Accountant.from_state_dict(json.loads(row[0])) if row else Accountant(mechanism)
             before = float(row[1]) if row else 0.0
-            pairs = {(s, q) for s, q, _c in acc.history}
-            if (noise_multiplier, sample_rate) not in pairs and len(pairs) >= MAX_TRAINING_EVENTS:
+            pairs = acc.pairs()
+            run = (accounted_noise(noise_multiplier), sample_rate, replace_one)
+            if run not in pairs and len(pairs) >= MAX_TRAINING_EVENTS:
                 raise PrivacyParameterError(
                     f"user {user!r} already trained with {len(pairs)} distinct (noise_multiplier, sample_rate) "
                     f"pairs at delta={delta:g} (at most {MAX_TRAINING_EVENTS}): continue with one of them")
-            acc.step(noise_multiplier, sample_rate)
+            acc.step(noise_multiplier, sample_rate, replace_one=replace_one)
             acc.merge_runs()
             after = max(acc.get_epsilon(delta), before)  # never a negative charge
             left = self._charge_in_transaction(user, after - before, 0.0 if row else float(delta),

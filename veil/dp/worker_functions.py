@@ -7,8 +7,8 @@
   zero), clip each to the owner's C, sum, add N(0, (sigma C)^2) with the
   owner's sigma (or more), divide by q n (n: the owner's public nominal count
   while the count is hidden), return one flat tensor. On a hidden count's
-  bound the step is charged at sigma / 2 (a record may be replaced in the
-  slots: :mod:`veil.dp.padding`). The owner's data enters
+  bound the step is charged for a replaced record in the slots
+  (:mod:`veil.dp.padding`, :mod:`veil.dp.replace_one`). The owner's data enters
   only as the named dataset; under a session quota the plan is sized on the dry
   run and the lot computed in chunks that fit.
 - ``veil.dp.query(x, name, epsilon, delta, mechanism, lower, upper, bins, request_id)``: a noisy
@@ -125,14 +125,16 @@ def _sanitized_gradient(worker: Any, plan: Any, dataset: str, params: list, trai
             "more work than a padding row, so such plans are refused there")
     c = settings.max_grad_norm
     # a lot drawn over the bound's slots: past the bound, removing one of the first max_records records moves
-    # the next one in, a replaced record whose clipped gradient differs by up to 2C: accounted as sensitivity
-    # 2C at sigma, i.e. sigma / 2 (whatever the count: charging only data past the bound told n > N)
-    accounted, note = (sigma, "") if bound is None else (sigma / 2, ", hidden count: for a replaced record")
+    # the next one in, below it a record becomes a zero padding row: one slot's clipped gradient changes
+    # from x to x' (both of norm <= C), accounted under the replace-one relation (veil.dp.replace_one;
+    # whatever the count: charging only data past the bound told n > N)
+    note = "" if bound is None else ", hidden count: for a replaced record"
     with settings.user_lock(user):
         # Charge first (before any work on the data): a failure below stays charged.
         with outside_turn():  # (the ledger only: see _query)
-            settings.ledger.charge_training_step(user, accounted, q, settings.delta, settings.accountant,
-                                                 reason=f"DP-SGD on {worker.id}/{dataset}{note}", request_id=rid)
+            settings.ledger.charge_training_step(user, sigma, q, settings.delta, settings.accountant,
+                                                 reason=f"DP-SGD on {worker.id}/{dataset}{note}", request_id=rid,
+                                                 replace_one=bound is not None)
         try:
             if bound is None:
                 lot = core.poisson_indices(len(ds.data), q)  # (in time proportional to the lot, not the count)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from veil.dp.bound_note import warn_past_bound
 from veil.exceptions import PermissionDeniedError, SerializationError
 from veil.governance.policy import set_policy
 from veil.governance.release import decide_outside_turn, needs_review
@@ -143,7 +144,9 @@ def _handle_admin_policy(worker: BaseWorker, msg: AdminPolicyMessage, sender: st
     if not isinstance(msg.policy, str) or not isinstance(msg.target, (int, str)):
         raise SerializationError("AdminPolicyMessage needs a target (id, tag or name) and a policy")
     try:
-        return m.ObjectsReply(set_policy(worker, msg.target, msg.policy, by=by))
+        changed = set_policy(worker, msg.target, msg.policy, by=by)
     except ValueError as e:
         raise SerializationError(str(e)) from None
+    warn_past_bound(worker, changed, msg.policy)  # (the owner's log: data past a hidden count's bound)
+    return m.ObjectsReply(changed)
 

@@ -133,10 +133,13 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
 
     def set_policy(self, name_or_tag: Any, policy: str) -> list[int]:
         """Owner: changes the data policy of loaded objects (by id, tag or dataset name) at run time."""
+        from veil.dp.bound_note import warn_past_bound
         from veil.governance.policy import set_policy
 
         # (the owner's code holds no turn: the change is put in force in a network worker's, veil/governance/policy.py)
-        return set_policy(self, name_or_tag, policy, turn=getattr(self, "_turn", None))
+        changed = set_policy(self, name_or_tag, policy, turn=getattr(self, "_turn", None))
+        warn_past_bound(self, changed, policy)  # (data past a hidden count's bound: read over its first N only)
+        return changed
 
     @property
     def release_requests(self) -> Any:

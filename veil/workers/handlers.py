@@ -536,7 +536,7 @@ def _handle_search(worker: BaseWorker, msg: m.SearchMessage, sender: str) -> Any
 
     terms = checked_terms(msg.query)  # bounded, as the page below (it holds every other session's turn)
     hide, owned = worker.monitor.hide_dp_counts, worker.monitor.owned_entries(worker.principal(sender), msg.after)
-    return m.DescriptorsReply(*listing.page(owned, lambda oid, e: isinstance(e.obj, torch.Tensor) and
+    return m.DescriptorsReply(*listing.page(owned, lambda oid, e: listing.pointable(e.obj) and
                                             matches(terms, oid, e.tags, e.description),
                                             lambda oid, e: _describe_entry(oid, e, hide)))
 
@@ -548,7 +548,7 @@ def _handle_list(worker: BaseWorker, msg: m.ListObjectsMessage, sender: str) -> 
     hide = worker.monitor.hide_dp_counts
     return m.DescriptorsReply(*listing.page(worker.monitor.owned_entries(principal, msg.after),  # (as search:
         # tensors only; a stored plan has no shape, and describing it failed every later listing of the session)
-        lambda oid, e: e.created_by == principal.session and isinstance(e.obj, torch.Tensor),
+        lambda oid, e: e.created_by == principal.session and listing.pointable(e.obj),
         lambda oid, e: _describe_entry(oid, e, hide)))
 
 

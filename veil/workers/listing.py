@@ -21,6 +21,8 @@ from __future__ import annotations
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator, Optional
 
+import torch
+
 from veil.exceptions import ObjectNotFoundError, register_remote_error
 
 #: most descriptors one reply carries
@@ -36,6 +38,13 @@ MAX_RESTARTS = 32
 @register_remote_error
 class ListingCursorGoneError(ObjectNotFoundError):
     """The object a page's ``after=`` names left the listing (deleted since): list again from the start."""
+
+
+def pointable(obj: Any) -> bool:
+    """An object a search or listing describes: a tensor a pointer can stand for. A nested one has no shape
+    (its ``.shape`` raised, failing every search or listing that met it, the owner's own included): left out,
+    as a stored plan is."""
+    return isinstance(obj, torch.Tensor) and not obj.is_nested
 
 
 def visible_after(spaces: tuple, after: Any, visible: Callable[[Any], bool]) -> Iterator[tuple[int, Any]]:

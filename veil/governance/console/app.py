@@ -17,6 +17,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from veil.dp.bound_note import warn_past_bound
 from veil.exceptions import VeilError
 from veil.governance.console import views
 from veil.governance.console.auth import COOKIE, LOGIN_COOKIE, ConsoleAuth, ConsoleSession
@@ -259,8 +260,10 @@ def build_app(worker: Any, allowed_hosts: list[str], session_host: str | None = 
         if policy not in POLICIES:
             return PlainTextResponse("unknown policy\n", status_code=400)
         # (put in force in the worker's turn: no command runs under a mix of the old and the new policy)
-        await run_in_threadpool(views.on_worker, worker, set_policy, worker, oid, policy, session.user,
-                                views.worker_turn(worker))
+        changed = await run_in_threadpool(views.on_worker, worker, set_policy, worker, oid, policy, session.user,
+                                          views.worker_turn(worker))
+        # (the owner's log; the datasets page shows it beside the policy)
+        await run_in_threadpool(warn_past_bound, worker, changed, policy)
         return RedirectResponse(f"/datasets?changed={oid}", status_code=303)
 
     @page()

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from veil.dp.bound_note import past_bound_note
 from veil.governance.console.budget_curve import curve
 from veil.governance.policy import owner_sources
 from veil.governance.provenance import sources_of
@@ -49,6 +50,7 @@ def datasets(worker: Any) -> list[dict]:
             "getters": "nobody" if e.allowed_users == () else "anyone holding the id" if e.allowed_users is None
             else ", ".join(e.allowed_users),
             "derived": derived,
+            "bound_note": past_bound_note(worker, t),  # (data past a hidden count's bound: first N read only)
         })
     return rows
 
