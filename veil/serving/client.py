@@ -34,6 +34,9 @@ from veil.workers.registry import HookContext
 POLL_START, POLL_MAX = 0.001, 0.02
 #: where a client finds the client token when neither the cluster nor the call names one
 CLIENT_TOKEN_ENV = "VEIL_CLIENT_TOKEN"
+#: submitted requests whose row count a client remembers until their result (each output share is checked
+#: against it: party_replies.checked_share); past it the oldest are forgotten (then checked party against party)
+MAX_REMEMBERED_ROWS = 4096
 
 
 class ModelClient:
@@ -52,6 +55,7 @@ class ModelClient:
         self.parties: list[Any] = []
         self.service = DEFAULT_SERVICE
         self.info: dict = {}
+        self._rows: dict[int, int] = {}  # request id -> rows submitted (its output shares have as many)
 
     def connect_to_model(self, batch_input_shape: tuple, batch_output_shape: tuple,
                          cluster: Cluster | str | os.PathLike, token: Optional[str] = None,
@@ -139,6 +143,9 @@ class ModelClient:
         shares = split(encode(x.detach().float(), encoding), len(self.parties))
         rid = new_id()
         self._call_all("submit", [[rid, share] for share in shares])  # share i to party i only, one round
+        if len(self._rows) >= MAX_REMEMBERED_ROWS:
+            del self._rows[next(iter(self._rows))]
+        self._rows[rid] = int(x.shape[0])
         return rid
 
     def result(self, rid: int) -> torch.Tensor:
@@ -148,6 +155,7 @@ class ModelClient:
         so the result comes back as soon as it exists, without polling; parties that predate waiting
         fetches answer at once, and the loop then polls with a growing delay."""
         encoding = make_encoding(self.info["precision_fractional"], self.info["base"])
+        rows = self._rows.pop(rid, None)  # (unknown for a request of another connection: parties compared only)
         got: dict[str, torch.Tensor] = {}
         deadline, delay = time.monotonic() + self.timeout, POLL_START
         while len(got) < len(self.parties):
@@ -156,10 +164,12 @@ class ModelClient:
             started = time.monotonic()
             for w, reply in zip(missing, self._call_all("fetch", [[rid, wait]] * len(missing), missing)):  # one round
                 if reply:
-                    got[w.id] = checked_share(w.id, reply, self.info["output_shape"], got)
+                    got[w.id] = checked_share(w.id, reply, self.info["output_shape"], got, rows)
             if len(got) == len(self.parties):
                 break
             if time.monotonic() > deadline:
+                if rows is not None:  # (the caller may ask again)
+                    self._rows[rid] = rows
                 raise TimeoutError(f"no result within {self.timeout:.0f} s (is the model being served?)")
             if got or time.monotonic() - started >= wait / 2:
                 continue  # the parties waited (or some answered): ask again at once
@@ -172,6 +182,7 @@ class ModelClient:
         for w in self.parties:
             w.close()
         self.parties = []
+        self._rows.clear()  # (its requests went with the connections)
 
     def _call_all(self, action: str, per_party_args: list, parties: Optional[list] = None) -> list:
         """``action`` on every party (or ``parties``) at once; one reply list per party."""

@@ -31,7 +31,7 @@ Tokens and roles (least privilege, enforced by every worker):
 
 The cluster file written by :meth:`Cluster.save` holds addresses and the
 *client* token only, for handing to clients, and the owner of each service
-(:attr:`Cluster.owners`, else :attr:`Cluster.owner_user`): a client pins it
+(:attr:`Cluster.owner_user`, else as :attr:`Cluster.owners` records it): a client pins it
 from its first query (``@OWNER/NAME``), so another user who opened the same
 name first on every party gets none of its queries.
 """
@@ -42,15 +42,18 @@ import hashlib
 import json
 import os
 import secrets
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from veil.serving.errors import ServingError, WorkerUnavailableError
+from veil.serving.errors import ServingError, WorkerUnavailableError, quoted
 
 OWNER_USER = "model-owner"
 CLIENT_USER = "client"
+#: largest cluster file :meth:`Cluster.load` reads (one is a few hundred bytes, a few more per service)
+MAX_FILE_BYTES = 1 << 20
 
 
 @dataclass
@@ -265,9 +268,12 @@ class Cluster:
     def describe(self, include_client_token: bool = True, client: Optional[str] = None) -> dict:
         """Addresses, service owners (and a client token) a client needs; never the owner's token nor the
         client secret. With ``client``, the token is that client's own (:meth:`issue_client_token`)."""
+        # only the services whose owner is not owner_user: every client's file listed all the owner's service
+        # names, which the parties tell no client (an unknown name and one it may not query answer alike)
         desc = {"parties": [[w.id, w.address] for w in self.parties],
                 "crypto_provider": [self.crypto_provider.id, self.crypto_provider.address],
-                "owner": self.owner_user, "services": dict(self.owners)}
+                "owner": self.owner_user,
+                "services": {name: user for name, user in self.owners.items() if user != self.owner_user}}
         if include_client_token:
             desc["client_token"] = self.issue_client_token(client) if client is not None else self.client_token
         return desc
@@ -275,7 +281,8 @@ class Cluster:
     def save(self, path: str | os.PathLike, client: Optional[str] = None) -> Path:
         """Writes the cluster file for clients (owner-only permissions: it holds a token): with ``client``,
         for that client alone (its own token, :meth:`issue_client_token`), else with the shared one. It names
-        each shared service's owner (:attr:`owners`; save after ``model.share``), else :attr:`owner_user`."""
+        :attr:`owner_user`, and each shared service whose owner is another user (:attr:`owners`; save after
+        ``model.share``): no other service's name."""
         path = Path(path)
         # mkstemp: a fresh name opened O_EXCL (never a planted file or symlink), mode 0o600; fchmod again in
         # case the umask or platform widened it. os.replace then swaps it in: clients never read half a file.
@@ -301,7 +308,7 @@ class Cluster:
         """
         path = Path(path)
         try:
-            desc = json.loads(path.read_text())
+            desc = json.loads(_read_small_file(path))
             if not isinstance(desc, dict):
                 raise TypeError("not a JSON object")
             pairs = [*desc["parties"], desc["crypto_provider"]]
@@ -325,6 +332,22 @@ class Cluster:
                 w.port  # noqa: B018 - "HOST:PORT" checked here, not at the first connection
             return cluster
         except OSError as e:
-            raise ServingError(f"cannot read cluster file {path}: {e.strerror or e}") from e
-        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError; Cluster's own checks too
-            raise ServingError(f"{path} is not a veil cluster file (Cluster.save): {type(e).__name__}: {e}") from e
+            raise ServingError(f"cannot read cluster file {path}: {quoted(e.strerror or e)}") from e
+        # JSONDecodeError is a ValueError; Cluster's own checks too; RecursionError: JSON nested past Python's depth
+        except (ValueError, KeyError, TypeError, RecursionError) as e:  # (the file's text, quoted bounded)
+            raise ServingError(f"{path} is not a veil cluster file (Cluster.save): {type(e).__name__}: "
+                               f"{quoted(e)}") from None
+
+
+def _read_small_file(path: Path) -> str:
+    """The text of ``path``, a regular file of at most :data:`MAX_FILE_BYTES`: a FIFO (whose open waits for a
+    writer: O_NONBLOCK), a device (``/dev/zero`` never ends) or a huge file is refused before it is read."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # (before fdopen: it refuses a directory, fd left open)
+        os.close(fd)
+        raise OSError("not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
+    return data.decode()  # (a UnicodeDecodeError is a ValueError)

@@ -31,3 +31,14 @@ class WorkerUnavailableError(ServingError):
 
 class ModelConversionError(ServingError):
     """A model (Keras layer, saved file) cannot be turned into a servable torch module."""
+
+
+#: most characters of another's text (a party's reply, a cluster file's field) that an error line quotes
+MAX_QUOTED = 200
+
+
+def quoted(text: object, most: int = MAX_QUOTED) -> str:
+    """``text`` as one error line may quote it: at most ``most`` of its characters, newlines, controls and
+    non-ASCII escaped (a hostile party's or file's text may be a megabyte over many lines)."""
+    text = str(text)
+    return ascii(text[:most])[1:-1] + ("..." if len(text) > most else "")

@@ -50,6 +50,7 @@ from veil.serving.errors import RequestGoneError, ServingError, WorkerUnavailabl
 from veil.serving.fixed_weights import fix_weights
 from veil.serving.fuse import fuse_linear_layers
 from veil.serving.inputs import as_count, as_shape
+from veil.serving.party_replies import agreed_opener
 
 DEFAULT_SERVICE = "model"
 #: seconds of the first idle poll after serving a batch (doubling up to ``poll_interval``)
@@ -125,9 +126,14 @@ class ModelService:
                 "base": self.encoding.base, "precision_fractional": self.encoding.precision_fractional,
                 "parties": [w.id for w in self.parties], "max_rows": self.max_rows}
         opened = self._call_all("open", [[list(clients), info]] * len(self.parties))
-        users = {r[0] if len(r) == 1 and isinstance(r[0], str) and r[0] else None for r in opened}
-        if len(users) == 1 and None not in users:  # (the user every party knows this owner as: clients pin it)
-            cluster.owners[name] = users.pop()
+        try:  # (the user every party knows this owner as: clients pin it; parties that disagree pin nobody)
+            opener = agreed_opener([w.id for w in self.parties], opened)
+        except ServingError:
+            cluster.owners.pop(name, None)
+            self._close("the cluster's parties disagree on who opened the service")
+            raise
+        if opener is not None:
+            cluster.owners[name] = opener
         cluster.services.append(self)  # cluster.stop() stops this service first
 
     def holds_only_pointers(self) -> bool:
