@@ -31,7 +31,9 @@ def _r_env(tmp_path: Path) -> dict:
     env = dict(os.environ)
     env.update({
         "RETICULATE_PYTHON": sys.executable,
-        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p),
+        # (tests/exit_collection: a sitecustomize that spares each R process's Python exit a walk over torch)
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), str(ROOT / "tests" / "exit_collection"),
+                                                  env.get("PYTHONPATH", "")) if p),
         "VEIL_R_PORTS": ",".join(str(free_port()) for _ in range(3)),
         "VEIL_R_CLUSTER_FILE": str(tmp_path / "cluster.json"),
         "VEIL_R_MODEL_FILE": str(tmp_path / "model.keras"),
