@@ -109,11 +109,37 @@ FED_SEEDS, CENTRAL_SEEDS = range(5), range(20)
 CENTRAL_BATCH, CENTRAL_LR, EPOCHS = 8, 0.001, 10
 
 
+def _centralized_mses(xtr, ytr, xte, yte, epochs, seeds):
+    """:func:`_centralized_mse` for every seed at once: the seeds' models stacked and trained together (torch.func's
+    vmap over their parameters; each seed keeps its own initial weights and batch order), ~8x faster than one
+    run after the other (the loop cost ~10 s of the default suite)."""
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    models, gens = [], []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        models.append(nn.Sequential(nn.Linear(13, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 1)))
+        gens.append(torch.Generator().manual_seed(seed))
+    params, _ = stack_module_state(models)
+    shape = models[0]
+    step_grads = vmap(grad(lambda p, xb, yb: F.mse_loss(functional_call(shape, p, (xb,)), yb)))
+    for _ in range(epochs):
+        perms = torch.stack([torch.randperm(len(xtr), generator=g) for g in gens])
+        for i in range(0, len(xtr), 8):
+            idx = perms[:, i:i + 8]
+            grads = step_grads(params, xtr[idx], ytr[idx])
+            params = {k: v - 0.001 * grads[k] for k, v in params.items()}  # SGD, lr 0.001
+    with torch.no_grad():
+        return vmap(lambda p: F.mse_loss(functional_call(shape, p, (xte,)), yte))(params).tolist()
+
+
 @pytest.fixture(scope="module")
 def central_mean_mse(boston):
     """Centralized SGD's mean test MSE over CENTRAL_SEEDS: the same for every case below, computed once."""
     xtr, ytr, xte, yte = boston
-    central = [_centralized_mse(xtr, ytr, xte, yte, EPOCHS, seed) for seed in CENTRAL_SEEDS]
+    central = _centralized_mses(xtr, ytr, xte, yte, EPOCHS, CENTRAL_SEEDS)
+    # the stacked runs are the plain loop's runs: one seed checked against torch.optim.SGD's
+    assert central[3] == pytest.approx(_centralized_mse(xtr, ytr, xte, yte, EPOCHS, 3), rel=1e-4)
     return sum(central) / len(central)
 
 
