@@ -1,4 +1,5 @@
-"""Fixture bodies shared by the test folders that start real ``veil worker`` processes.
+"""Fixture bodies shared by the test folders that start real ``veil worker`` processes, or serve an
+in-process ``WebsocketServerWorker`` from a thread.
 
 Each folder's conftest wraps these with its own tokens (network and governance tests
 use different ones), so the start/stop and connect/close bookkeeping lives once.
@@ -30,6 +31,24 @@ def websocket_sink(handler) -> Iterator[int]:
         yield port
     finally:
         server.shutdown()
+
+
+def serve_in_thread(worker, timeout: float = 30) -> threading.Thread:
+    """Serves the in-process ``worker`` (a ``WebsocketServerWorker``) on loopback from a daemon thread and waits
+    until it listens (``worker.bound_port`` is set); the thread, for :func:`stop_served`. No signal handlers:
+    they can only be installed from the main thread."""
+    ready = threading.Event()
+    thread = threading.Thread(target=worker.serve_forever, daemon=True,
+                              kwargs={"on_ready": lambda _: ready.set(), "handle_signals": False})
+    thread.start()
+    assert ready.wait(timeout), f"worker {worker.id} did not start serving within {timeout} s"
+    return thread
+
+
+def stop_served(worker, thread: threading.Thread, timeout: float = 30) -> None:
+    """Stops a worker :func:`serve_in_thread` started and waits (at most ``timeout`` s) for its thread."""
+    worker.stop()
+    thread.join(timeout)
 
 
 def peer_mesh_args(name: str, ports: dict, token_of) -> list[str]:

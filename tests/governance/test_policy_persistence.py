@@ -167,9 +167,8 @@ def test_a_serving_replica_takes_the_other_replicas_tightening_and_never_a_loose
 
 
 def test_a_network_worker_rereads_the_stored_decisions_while_it_serves(hook, tmp_path, monkeypatch):
-    import threading
-
     from veil.governance import policy
+    from worker_processes import serve_in_thread, stop_served
 
     monkeypatch.setattr(policy, "SYNC_SECONDS", 0.05)
     location = str(tmp_path / OwnerDB.FILENAME)
@@ -178,8 +177,7 @@ def test_a_network_worker_rereads_the_stored_decisions_while_it_serves(hook, tmp
     server = sy.WebsocketServerWorker(hook, host="127.0.0.1", port=0, id=f"gov-sync-{time.monotonic_ns()}",
                                       tokens=tokens, db=OwnerDB(location))
     oid = server.load(SECRET.clone(), tags=TAGS, private=True, policy="open")
-    thread = threading.Thread(target=server.serve_forever, kwargs={"handle_signals": False}, daemon=True)
-    thread.start()
+    thread = serve_in_thread(server)
     other = sy.VirtualWorker(hook, id=f"gov-sync-other-{time.monotonic_ns()}")
     other.db = OwnerDB(location)
     try:
@@ -190,8 +188,7 @@ def test_a_network_worker_rereads_the_stored_decisions_while_it_serves(hook, tmp
             time.sleep(0.02)
         assert policy_of(server, oid) == "review"
     finally:
-        server.stop()
-        thread.join(10)
+        stop_served(server, thread)
         other.db.close()
 
 

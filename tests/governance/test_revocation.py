@@ -6,7 +6,6 @@ In-process workers served from a thread (fast), the CLI as the owner runs it (a 
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -21,6 +20,7 @@ from veil.workers.websocket_server import WebsocketServerWorker
 from veil.workers.websocket_transport import BlockingConnection
 
 from governance_helpers import ADMIN, OTHER, TOKEN, run_cli
+from worker_processes import serve_in_thread
 
 ALICE = "gov-revoke-alice-token"
 
@@ -41,12 +41,7 @@ def serve(hook, tmp_path):
     def start(db_path=None):
         db = OwnerDB(str(db_path or tmp_path / OwnerDB.FILENAME))
         server = WebsocketServerWorker(hook, id=f"gov-revoke-{time.monotonic_ns()}", port=0, tokens=_tokens(), db=db)
-        ready = threading.Event()
-        thread = threading.Thread(target=server.serve_forever, daemon=True,
-                                  kwargs={"on_ready": lambda _: ready.set(), "handle_signals": False})
-        thread.start()
-        assert ready.wait(30)
-        started.append((server, thread))
+        started.append((server, serve_in_thread(server)))
         return server
 
     yield start

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
 
 import pytest
@@ -28,6 +27,7 @@ from veil.workers.websocket_server import WebsocketServerWorker
 from veil.workers.websocket_transport import BlockingConnection
 
 from network_helpers import TOKEN, base_args
+from worker_processes import serve_in_thread, stop_served
 
 
 @pytest.fixture
@@ -36,14 +36,9 @@ def listening(hook):
     tokens = sy.TokenTable()
     tokens.add(TOKEN, "scientist")
     server = WebsocketServerWorker(hook, id=f"lane-{os.getpid()}-{time.monotonic_ns()}", port=0, tokens=tokens)
-    ready = threading.Event()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"on_ready": lambda _: ready.set(),
-                                                                  "handle_signals": False}, daemon=True)
-    thread.start()
-    assert ready.wait(10)
+    thread = serve_in_thread(server)
     yield server
-    server.stop()
-    thread.join(10)
+    stop_served(server, thread)
 
 
 def _connect(port: int) -> BlockingConnection:

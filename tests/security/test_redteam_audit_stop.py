@@ -30,7 +30,6 @@ loop just before); SIGTERM to a real ``veil worker`` runs the stop, so a flood o
 
 from __future__ import annotations
 
-import asyncio
 import re
 import socket
 import sys
@@ -48,6 +47,7 @@ from veil.messaging.serde import deserialize, serialize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_sessions import open_session  # noqa: E402
+from worker_processes import serve_in_thread, stop_served  # noqa: E402
 from test_redteam_turn_locks import TOKENS, _in_thread, _worker  # noqa: E402
 
 
@@ -117,20 +117,12 @@ def test_an_inline_refusal_does_not_wait_for_its_row_on_the_event_loop(hook, mon
     assert len(_stored_refusals(srv)) == 3
 
 
-def _serve_in_thread(srv):
-    ready = threading.Event()
-    t = threading.Thread(target=lambda: asyncio.run(srv.serve_async(on_ready=lambda w: ready.set())), daemon=True)
-    t.start()
-    assert ready.wait(20), "the worker did not start"
-    return t
-
-
 def test_a_refused_inline_request_over_a_connection_is_answered_after_its_row(hook, monkeypatch):
     """The reply to a refused inline request still goes after its row (a client reading the owner's log right
     after the refusal finds it), now awaited by that connection alone while the database takes 300 ms."""
     srv, _ = _worker(hook, "as-conn")
     _slow_refusal_writes(monkeypatch, srv, 0.3)
-    server = _serve_in_thread(srv)
+    server = serve_in_thread(srv)
     client = sy.WebsocketClientWorker(hook, id=srv.id, host="127.0.0.1", port=srv.bound_port,
                                       token=TOKENS["alice"], timeout=30)
     try:
@@ -140,8 +132,7 @@ def test_a_refused_inline_request_over_a_connection_is_answered_after_its_row(ho
             assert len(_stored_refusals(srv)) == n, "the reply went out before its refusal's row"
     finally:
         client.close()
-        srv.stop()
-        server.join(30)
+        stop_served(srv, server)
 
 
 # --------------------------------------------------------------------------- rows past the cap, and the stop

@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_sessions import open_session, quota_worker, send_tensor  # noqa: E402
 from test_redteam_lane import _OPEN, Raw, _bin, _get, _op, _store, _tokens  # noqa: E402
 from test_redteam_turn_lookup import _HangOnce  # noqa: E402
+from worker_processes import serve_in_thread, stop_served  # noqa: E402
 
 
 def _stored(srv, action: str, outcome: str) -> list[tuple]:
@@ -69,16 +70,11 @@ def lane_worker(hook):
     from veil.workers.websocket_server import WebsocketServerWorker
 
     server = WebsocketServerWorker(hook, id=f"ass-lane-{time.monotonic_ns()}", port=0, tokens=_tokens())
-    ready = threading.Event()
-    thread = threading.Thread(target=server.serve_forever, daemon=True,
-                              kwargs={"on_ready": lambda _: ready.set(), "handle_signals": False})
-    thread.start()
-    assert ready.wait(10)
+    thread = serve_in_thread(server)
     yield server
     while _OPEN:
         _OPEN.pop().close()
-    server.stop()
-    thread.join(10)
+    stop_served(server, thread)
 
 
 # --------------------------------------------------------------------------- the event loop

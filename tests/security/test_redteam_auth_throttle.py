@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hmac
 import socket
-import threading
 import time
 
 import pytest
@@ -27,6 +26,8 @@ import veil as sy
 from veil.workers import client_tokens, websocket_auth
 from veil.workers.auth_throttle import FailureThrottle, source_of
 from veil.workers.websocket_server import WebsocketServerWorker
+
+from worker_processes import serve_in_thread, stop_served
 
 testclient = pytest.importorskip("starlette.testclient")
 
@@ -53,14 +54,9 @@ def server(hook):
     tokens.add(STRONG_ADMIN, "owner", "admin")
     w = WebsocketServerWorker(hook, id=f"rt-at-{time.monotonic_ns()}", port=0, tokens=tokens)
     w.auth_throttle = FailureThrottle(free=3, first_block=60.0)
-    ready = threading.Event()
-    thread = threading.Thread(target=w.serve_forever, daemon=True,
-                              kwargs={"on_ready": lambda _: ready.set(), "handle_signals": False})
-    thread.start()
-    assert ready.wait(30)
+    thread = serve_in_thread(w)
     yield w
-    w.stop()
-    thread.join(30)
+    stop_served(w, thread)
 
 
 def _handshake(port: int, *tokens: str, source: str = "127.0.0.1") -> tuple[str, bytes]:

@@ -36,6 +36,7 @@ import veil as sy
 
 from tests.scale import conftest as scale_fixtures
 from tests.security.test_redteam_govdb_third import _CommitAnsweredThenLost
+from worker_processes import serve_in_thread, stop_served
 
 postgres_server, pg_url = scale_fixtures.postgres_server, scale_fixtures.pg_url  # fixtures: a real PostgreSQL
 
@@ -161,11 +162,7 @@ class _NetworkDP:
                                             db=OwnerDB(str(tmp_path / OwnerDB.FILENAME)))
         self.settings = enable_dp(self.worker, budgets={"alice": (10.0, 1e-5), "bob": (10.0, 1e-5)},
                                   ledger_path=ledger_path)
-        ready = threading.Event()
-        self.serving = threading.Thread(target=self.worker.serve_forever, daemon=True,
-                                        kwargs={"on_ready": lambda _: ready.set(), "handle_signals": False})
-        self.serving.start()
-        assert ready.wait(30)
+        self.serving = serve_in_thread(self.worker)
         self.clients: list = []
 
     def client(self, user: str):
@@ -179,8 +176,7 @@ class _NetworkDP:
     def close(self) -> None:
         for c in self.clients:
             c.close()
-        self.worker.stop()
-        self.serving.join(30)
+        stop_served(self.worker, self.serving)
         self.settings.ledger.close()
 
 

@@ -44,6 +44,7 @@ from veil.workers.websocket_transport import BlockingConnection
 
 from network_helpers import ADMIN, OTHER, TOKEN
 from test_redteam_revocation import _closed, _sessions_of, _wait
+from worker_processes import serve_in_thread, stop_served
 
 PEER_IN = "redgov-peer-into-alice"  # the token bob's worker presents to alice
 PEER_OUT = "redgov-peer-into-bob"  # the token alice's worker presents to bob
@@ -55,12 +56,7 @@ _SERVERS: list = []
 
 def _start(hook, wid: str, tokens: sy.TokenTable, db_path) -> WebsocketServerWorker:
     w = WebsocketServerWorker(hook, id=wid, port=0, tokens=tokens, db=OwnerDB(str(db_path)))
-    ready = threading.Event()
-    thread = threading.Thread(target=w.serve_forever, daemon=True,
-                              kwargs={"on_ready": lambda _: ready.set(), "handle_signals": False})
-    thread.start()
-    assert ready.wait(30)
-    _SERVERS.append((w, thread))
+    _SERVERS.append((w, serve_in_thread(w)))
     return w
 
 
@@ -84,9 +80,7 @@ def cleanup():
         except Exception:
             pass
     while _SERVERS:
-        w, thread = _SERVERS.pop()
-        w.stop()
-        thread.join(30)
+        stop_served(*_SERVERS.pop())
 
 
 @pytest.fixture

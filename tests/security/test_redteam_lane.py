@@ -42,6 +42,7 @@ from veil.workers.websocket_transport import BlockingConnection, frame_head
 from veil.messaging.serde import WIRE_VERSION
 
 from network_helpers import HOSPITAL, OTHER, PEER, TOKEN
+from worker_processes import serve_in_thread, stop_served
 
 CLIENT = "redlane-client-token"
 TEXT, BINARY, CONT, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
@@ -67,20 +68,14 @@ def serve(hook):
     def start(**kw):
         server = WebsocketServerWorker(hook, id=f"redlane-{os.getpid()}-{time.monotonic_ns()}", port=0,
                                        tokens=_tokens(), **kw)
-        ready = threading.Event()
-        thread = threading.Thread(target=server.serve_forever, daemon=True,
-                                  kwargs={"on_ready": lambda _: ready.set(), "handle_signals": False})
-        thread.start()
-        assert ready.wait(10)
-        started.append((server, thread))
+        started.append((server, serve_in_thread(server)))
         return server
 
     yield start
     while _OPEN:  # (a client left open would make the stop wait for its close handshake)
         _OPEN.pop().close()
     for server, thread in started:
-        server.stop()
-        thread.join(10)
+        stop_served(server, thread)
 
 
 def _frame(opcode: int, payload: bytes = b"", fin: bool = True) -> bytes:

@@ -28,6 +28,7 @@ from veil.workers.websocket_server import WebsocketServerWorker
 from veil.workers.websocket_transport import BlockingConnection
 
 from network_helpers import ADMIN, OTHER, PEER, TOKEN
+from worker_processes import serve_in_thread, stop_served
 
 CLIENT = "redrevoke-client-token"
 
@@ -47,19 +48,14 @@ def server(hook, tmp_path):
     """An in-process worker on loopback with its owner database in tmp_path (served from a thread)."""
     w = WebsocketServerWorker(hook, id=f"redrevoke-{time.monotonic_ns()}", port=0, tokens=_tokens(),
                               db=OwnerDB(str(tmp_path / OwnerDB.FILENAME)))
-    ready = threading.Event()
-    thread = threading.Thread(target=w.serve_forever, daemon=True,
-                              kwargs={"on_ready": lambda _: ready.set(), "handle_signals": False})
-    thread.start()
-    assert ready.wait(30)
+    thread = serve_in_thread(w)
     yield w
     while _OPEN:
         try:
             _OPEN.pop().close()
         except Exception:
             pass
-    w.stop()
-    thread.join(30)
+    stop_served(w, thread)
 
 
 _OPEN: list = []

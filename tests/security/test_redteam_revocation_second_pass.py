@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
 
 import pytest
@@ -31,6 +30,7 @@ from veil.workers.websocket_transport import BlockingConnection
 
 from network_helpers import ADMIN, OTHER, TOKEN
 from test_redteam_revocation import _ask, _sessions_of, _wait
+from worker_processes import serve_in_thread, stop_served
 
 MODEL_OWNER = "redrevoke2-model-owner-token"
 CLIENT = "redrevoke2-client-token"
@@ -52,12 +52,7 @@ _OPEN: list = []
 def _start(hook, db_path, tokens=None) -> tuple:
     w = WebsocketServerWorker(hook, id=f"redrevoke2-{time.monotonic_ns()}", port=0, tokens=tokens or _tokens(),
                               db=OwnerDB(str(db_path)))
-    ready = threading.Event()
-    thread = threading.Thread(target=w.serve_forever, daemon=True,
-                              kwargs={"on_ready": lambda _: ready.set(), "handle_signals": False})
-    thread.start()
-    assert ready.wait(30)
-    return w, thread
+    return w, serve_in_thread(w)
 
 
 @pytest.fixture
@@ -70,8 +65,7 @@ def server(hook, tmp_path):
             _OPEN.pop().close()
         except Exception:
             pass
-    w.stop()
-    thread.join(30)
+    stop_served(w, thread)
 
 
 def _connect(server, *tokens: str) -> BlockingConnection:
@@ -159,8 +153,7 @@ def test_a_stored_revocation_never_locks_out_the_admin(hook, tmp_path):
         w.sync_policies_now()  # (what the worker runs every second)
         admin_after_sync = w.tokens.lookup(ADMIN)
     finally:
-        w.stop()
-        thread.join(30)
+        stop_served(w, thread)
     restarted = WebsocketServerWorker(hook, id=f"redrevoke2-restart-{time.monotonic_ns()}", port=0,
                                       tokens=_tokens(), db=OwnerDB(str(db_path)))
     try:

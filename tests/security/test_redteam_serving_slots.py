@@ -54,6 +54,8 @@ from veil.workers.websocket_auth import authenticate, handshake_headers
 from veil.workers.websocket_server import WebsocketServerWorker
 from veil.workers.websocket_transport import BlockingConnection, frame_head
 
+from worker_processes import serve_in_thread, stop_served
+
 SECRET = "serving-slots-issuer-secret-0123456789"
 OWNER, SHARED, ADMIN, PEER = "model-owner-token", "shared-client-token", "admin-token-xyz", "peer-token-xyz"
 
@@ -77,18 +79,12 @@ def serve(hook):
 
     def start(tokens: sy.TokenTable, **options) -> WebsocketServerWorker:
         w = WebsocketServerWorker(hook, id=f"slots-{time.monotonic_ns()}", port=0, tokens=tokens, **options)
-        ready = threading.Event()
-        thread = threading.Thread(target=w.serve_forever, daemon=True,
-                                  kwargs={"on_ready": lambda _: ready.set(), "handle_signals": False})
-        thread.start()
-        assert ready.wait(30)
-        started.append((w, thread))
+        started.append((w, serve_in_thread(w)))
         return w
 
     yield start
     for w, thread in started:
-        w.stop()
-        thread.join(30)
+        stop_served(w, thread)
 
 
 @pytest.fixture

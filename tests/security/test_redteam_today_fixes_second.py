@@ -51,6 +51,7 @@ from tests.scale import conftest as scale_fixtures
 from test_redteam_governance_faults import _OPEN, _SERVERS, cleanup  # noqa: F401  (cleanup: a fixture)
 from test_redteam_revocation import _closed, _sessions_of, _wait
 from console_slots import response_head as _read_response, started_console
+from worker_processes import serve_in_thread
 
 postgres_server, pg_url = scale_fixtures.postgres_server, scale_fixtures.pg_url  # fixtures: a real PostgreSQL
 
@@ -63,12 +64,7 @@ def _start(hook, tmp_path, **kwargs) -> WebsocketServerWorker:
     tokens.add(ADMIN, "owner", role="admin")
     w = WebsocketServerWorker(hook, id=f"rt-fixes2-{time.monotonic_ns()}", port=0, tokens=tokens,
                               db=OwnerDB(str(tmp_path / OwnerDB.FILENAME)), **kwargs)
-    ready = threading.Event()
-    thread = threading.Thread(target=w.serve_forever, daemon=True,
-                              kwargs={"on_ready": lambda _: ready.set(), "handle_signals": False})
-    thread.start()
-    assert ready.wait(30)
-    _SERVERS.append((w, thread))
+    _SERVERS.append((w, serve_in_thread(w)))
     return w
 
 

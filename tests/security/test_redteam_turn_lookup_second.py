@@ -29,7 +29,6 @@ from __future__ import annotations
 import importlib
 import re
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from veil.messaging import messages as m
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_sessions import computed, open_session, request  # noqa: E402
 from test_redteam_turn_lookup import SECRET, TOKENS, _HangOnce, _in_thread, _worker  # noqa: E402
+from worker_processes import serve_in_thread, stop_served  # noqa: E402
 
 
 def _approved(hook, prefix: str):
@@ -213,11 +213,7 @@ def test_a_sessions_pipelined_write_waits_for_its_get_outside_the_turn(hook, mon
     from veil.messaging.serde import serialize
 
     srv, did = _worker(hook, "tl2-pipe")
-    ready = threading.Event()
-    serving = threading.Thread(target=srv.serve_forever, daemon=True,
-                               kwargs={"on_ready": lambda _: ready.set(), "handle_signals": False})
-    serving.start()
-    assert ready.wait(10)
+    serving = serve_in_thread(srv)
     raw, mark = None, None
     try:
         raw = lane.Raw(srv, TOKENS["alice"])
@@ -246,5 +242,4 @@ def test_a_sessions_pipelined_write_waits_for_its_get_outside_the_turn(hook, mon
         if raw is not None:
             raw.close()
             lane._OPEN.remove(raw)
-        srv.stop()
-        serving.join(10)
+        stop_served(srv, serving)

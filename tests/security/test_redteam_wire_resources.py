@@ -52,6 +52,7 @@ from veil.workers.websocket_server import WebsocketServerWorker
 from veil.workers.websocket_transport import BlockingConnection, frame_head
 
 from network_helpers import ADMIN, OTHER, TOKEN, base_args, self_signed_cert
+from worker_processes import serve_in_thread, stop_served
 
 TEXT, BINARY, CONT, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
 
@@ -325,15 +326,10 @@ def server(hook):
     tokens.add(TOKEN, "scientist")
     tokens.add(OTHER, "other")
     w = WebsocketServerWorker(hook, id=f"redwireres-{time.monotonic_ns()}", port=0, tokens=tokens)
-    ready = threading.Event()
-    thread = threading.Thread(target=w.serve_forever, daemon=True,
-                              kwargs={"on_ready": lambda _: ready.set(), "handle_signals": False})
-    thread.start()
-    assert ready.wait(30)
+    thread = serve_in_thread(w)
     w.revoke("other")
     yield w
-    w.stop()
-    thread.join(30)
+    stop_served(w, thread)
 
 
 def _refusal(port: int, auth_lines: list[str]) -> tuple[bytes, bytes]:
