@@ -26,6 +26,15 @@ def owner_server():
     wp.kill()
 
 
+@pytest.fixture(scope="module")
+def plain_worker():
+    """One plain worker (base_args) shared by a module's tests that leave it as they found it, each checking it
+    still serves afterwards: a worker process costs seconds of CPU to start (torch)."""
+    wp = start_worker("alice", base_args())
+    yield wp
+    wp.kill()
+
+
 @pytest.fixture
 def peered(spawn, tmp_path):
     """Two workers, alice and bob, peered with each other, each with its own data dir."""

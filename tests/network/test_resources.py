@@ -47,16 +47,16 @@ def _plan_and_data(worker, rows: int = 400):
     return plan.send(worker), torch.randn(rows, 13).send(worker), torch.randn(rows, 1).send(worker)
 
 
-def test_requests_without_upgrade_do_not_leak_handshake_slots(spawn, connect):
-    wp = spawn("alice", base_args())
+def test_requests_without_upgrade_do_not_leak_handshake_slots(plain_worker, connect):
+    wp = plain_worker
     statuses = {_http_get(wp.port, handshake_headers(TOKEN)) for _ in range(80)}  # > 64 slots
     assert 503 not in statuses and all(s >= 400 for s in statuses)
     alice = connect(wp)  # immediately: no waiting for slots to expire
     assert torch.equal((torch.tensor([1.0, 2.0]).send(alice) * 3).get(), torch.tensor([3.0, 6.0]))
 
 
-def test_unencodable_result_is_an_error_reply_not_a_closed_connection(spawn):
-    wp = spawn("alice", base_args())
+def test_unencodable_result_is_an_error_reply_not_a_closed_connection(plain_worker):
+    wp = plain_worker
     conn = BlockingConnection(f"ws://127.0.0.1:{wp.port}", handshake_headers(TOKEN))
     try:
         # a meta tensor (shapes only, no data; its bytes could not be encoded back) is not even stored
@@ -73,8 +73,8 @@ def test_unencodable_result_is_an_error_reply_not_a_closed_connection(spawn):
         conn.close()
 
 
-def test_deeply_nested_frame_is_refused_and_worker_survives(spawn, connect):
-    wp = spawn("alice", base_args())
+def test_deeply_nested_frame_is_refused_and_worker_survives(plain_worker, connect):
+    wp = plain_worker
     inner = msgpack.packb([])
     for _ in range(300):
         inner = msgpack.packb([msgpack.ExtType(EXT_CODES.TUPLE, inner)])

@@ -60,8 +60,8 @@ def test_deletions_owed_to_a_lost_worker_do_not_fail_a_flush_but_its_deferred_co
     assert torch.equal(s.get(), torch.tensor([5.0]))
 
 
-def test_silent_server_times_out(spawn, connect):
-    wp = spawn("alice", base_args())
+def test_silent_server_times_out(plain_worker, connect):
+    wp = plain_worker
     alice = connect(wp, timeout=1.0)
     p = torch.tensor([1.0]).send(alice)
     os.kill(wp.pid, signal.SIGSTOP)
@@ -91,8 +91,8 @@ def test_oversized_messages(spawn, connect):
     assert torch.equal(torch.ones(10).send(alice).get(), torch.ones(10))
 
 
-def test_malformed_truncated_and_text_frames_get_error_replies(spawn):
-    wp = spawn("alice", base_args())
+def test_malformed_truncated_and_text_frames_get_error_replies(plain_worker):
+    wp = plain_worker
     conn = BlockingConnection(f"ws://127.0.0.1:{wp.port}", handshake_headers(TOKEN))
     good = serialize(m.ObjectMessage([m.StoredObject(77, torch.arange(4.0))]), sender="me")
     for junk in (b"", b"\xc1", good[:-3], good[:10], b"\x95" + b"\xff" * 50, serialize(m.OkReply())):
