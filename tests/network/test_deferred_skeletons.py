@@ -21,7 +21,7 @@ from veil.messaging.serde import deserialize, serialize
 from veil.workers import outbox, skeletons
 from veil.workers.websocket_auth import authenticate
 
-from network_helpers import TOKEN, base_args, get_as as _get, in_process_server, store_as as _store
+from network_helpers import TOKEN, get_as as _get, in_process_server, store_as as _store
 
 R = m.ObjectRef
 NEG = ["Tensor.neg", [R(0)], {}, False]
@@ -186,9 +186,9 @@ def _sent_items(conn) -> list:
     return items
 
 
-def test_the_pipelined_loops_weights_equal_the_synchronous_loops_and_plain_pytorch(spawn, connect, monkeypatch):
+def test_the_pipelined_loops_weights_equal_the_synchronous_loops_and_plain_pytorch(plain_worker, connect, monkeypatch):
     monkeypatch.setattr(outbox, "PRELUDE_LIMIT", 16)  # several posted batches
-    wp = spawn("alice", base_args())
+    wp = plain_worker
     alice = connect(wp)
     x, y = torch.randn(32, 13), torch.randn(32, 1)
     local = _train(_mlp(), x, y)
@@ -208,8 +208,8 @@ def test_the_pipelined_loops_weights_equal_the_synchronous_loops_and_plain_pytor
         assert torch.allclose(a, c, atol=1e-6)
 
 
-def test_a_failed_deferred_use_is_raised_at_the_next_synchronization_and_its_definition_made_again(spawn, connect):
-    wp = spawn("alice", base_args())
+def test_a_failed_deferred_use_is_raised_at_the_next_synchronization_and_its_definition_made_again(plain_worker, connect):
+    wp = plain_worker
     alice = connect(wp)
     a, b = torch.ones(2, 3).send(alice), torch.ones(5, 7).send(alice)
     bad = torch.ones(2, 3).send(alice)

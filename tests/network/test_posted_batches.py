@@ -20,8 +20,8 @@ def small_batches(monkeypatch):
     monkeypatch.setattr(outbox, "PRELUDE_LIMIT", 8)  # a batch is posted every 8 deferred commands
 
 
-def test_posted_batches_give_plain_pytorch_results(spawn, connect, small_batches):
-    wp = spawn("alice", base_args())
+def test_posted_batches_give_plain_pytorch_results(plain_worker, connect, small_batches):
+    wp = plain_worker
     alice = connect(wp)
     me = alice.hook.local_worker
     x = torch.randn(4, 3)
@@ -34,8 +34,8 @@ def test_posted_batches_give_plain_pytorch_results(spawn, connect, small_batches
     assert not me._in_flight
 
 
-def test_a_posted_batch_failure_surfaces_at_the_next_request_and_its_results_are_lost(spawn, connect, small_batches):
-    wp = spawn("alice", base_args())
+def test_a_posted_batch_failure_surfaces_at_the_next_request_and_its_results_are_lost(plain_worker, connect, small_batches):
+    wp = plain_worker
     alice = connect(wp)
     me = alice.hook.local_worker
     a, b = torch.ones(2, 3).send(alice), torch.ones(5, 7).send(alice)
@@ -56,8 +56,8 @@ def test_a_posted_batch_failure_surfaces_at_the_next_request_and_its_results_are
         after[-1].get()
 
 
-def test_the_connection_stays_usable_after_posted_batches(spawn, connect, small_batches):
-    wp = spawn("alice", base_args())
+def test_the_connection_stays_usable_after_posted_batches(plain_worker, connect, small_batches):
+    wp = plain_worker
     alice = connect(wp)
     p = torch.zeros(3).send(alice)
     for _ in range(20):

@@ -19,7 +19,7 @@ from veil.workers import skeletons
 from veil.workers.websocket_auth import authenticate
 from veil.messaging.serde import WIRE_VERSION
 
-from network_helpers import TOKEN, base_args, get_as as _get, in_process_server, store_as as _store
+from network_helpers import TOKEN, get_as as _get, in_process_server, store_as as _store
 
 CLIENT_TOKEN = "skeleton-client-token"
 R = m.ObjectRef
@@ -204,8 +204,8 @@ def test_malformed_skeleton_frames_get_an_error_and_the_worker_serves_on(hook):
     assert torch.equal(_get(server, session, 2), torch.full((2,), 2.0))
 
 
-def test_the_client_uses_skeletons_with_plain_pytorch_results(spawn, connect):
-    wp = spawn("alice", base_args())
+def test_the_client_uses_skeletons_with_plain_pytorch_results(plain_worker, connect):
+    wp = plain_worker
     alice = connect(wp)
     alice.pipelining = False  # synchronous commands: the skeleton path
     x, y = torch.randn(8, 13), torch.randn(8, 13)
@@ -226,8 +226,8 @@ def test_the_client_uses_skeletons_with_plain_pytorch_results(spawn, connect):
     assert any(type(s) is m.SkeletonCommand and s.define is not None for s in sent)
 
 
-def test_a_failed_first_use_leaves_the_skeleton_undefined_and_the_next_use_works(spawn, connect):
-    wp = spawn("alice", base_args())
+def test_a_failed_first_use_leaves_the_skeleton_undefined_and_the_next_use_works(plain_worker, connect):
+    wp = plain_worker
     alice = connect(wp)
     alice.pipelining = False
     x = torch.randn(3)

@@ -31,8 +31,8 @@ def _sample(name: str, n: int) -> torch.Tensor:
     return (torch.arange(n) % 100 - 50).to(dtype) if dtype != torch.uint8 else (torch.arange(n) % 256).to(dtype)
 
 
-def test_large_and_small_tensors_of_every_dtype_cross_both_ways(spawn, connect):
-    wp = spawn("alice", base_args())
+def test_large_and_small_tensors_of_every_dtype_cross_both_ways(plain_worker, connect):
+    wp = plain_worker
     alice = connect(wp)
     for name in sorted(DTYPES):
         for n in (3, 70_000):  # inline-sized, and past the client's direct framing threshold
@@ -43,8 +43,8 @@ def test_large_and_small_tensors_of_every_dtype_cross_both_ways(spawn, connect):
     assert torch.allclose((p * 2).get(), p.get() * 2)
 
 
-def test_hostile_frames_get_error_replies_and_the_worker_serves(spawn, connect):
-    wp = spawn("alice", base_args())
+def test_hostile_frames_get_error_replies_and_the_worker_serves(plain_worker, connect):
+    wp = plain_worker
     conn = BlockingConnection(f"ws://127.0.0.1:{wp.port}", handshake_headers(TOKEN))
     good = serialize(m.ObjectMessage([m.StoredObject(77, torch.arange(4.0))]), sender="me")
     assert good[:1] == FRAME_MAGIC
