@@ -195,13 +195,24 @@ def test_cli_lists_revokes_and_restores(serve):
     (("restore", "alice"), 1, "not revoked"),
     (("revoke",), 2, "needs a user name"),
 ])
-def test_cli_errors_are_one_line(serve, args, code, text):
-    """Refusals and bad arguments: one line on stderr, no traceback, exit status 1 (refused) or 2 (usage)."""
+def test_cli_errors_are_one_line(serve, args, code, text, capsys, monkeypatch):
+    """Refusals and bad arguments: one line on stderr, no traceback, exit status 1 (refused) or 2 (usage).
+
+    ``veil.cli.main`` in this process (a ``veil`` process costs seconds of torch import, four times here): its
+    return value or SystemExit code is the process's exit status; the tests around run the real command."""
+    from veil.cli import main
+
     server = serve()
-    done = run_cli("users", *args, "--worker", f"127.0.0.1:{server.bound_port}", "--admin-token", ADMIN)
-    assert done.returncode == code
-    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
-    assert text in done.stderr
+    monkeypatch.setenv("VEIL_ADMIN_TOKEN", "")  # as run_cli: only the flag gives the token
+    capsys.readouterr()
+    try:
+        returncode = main(["users", *args, "--worker", f"127.0.0.1:{server.bound_port}", "--admin-token", ADMIN])
+    except SystemExit as e:
+        returncode = e.code
+    stderr = capsys.readouterr().err
+    assert returncode == code
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+    assert text in stderr
 
 
 def test_cli_without_admin_token_or_worker_address(serve):
