@@ -98,7 +98,7 @@ def test_a_revoked_serving_owners_service_is_closed(server):
     input share being queued for a user who may not connect (the client then waits for an answer that never
     comes); and another scientist may open a service under that name (today: "belongs to another user")."""
     mo = _connect(server, MODEL_OWNER)
-    assert _ask(mo, ServingMessage("open", "m", [["shop"], {"input_shape": [1, 2]}])) == m.ObjectsReply([])
+    assert _ask(mo, ServingMessage("open", "m", [["shop"], {"input_shape": [1, 2]}])) == m.ObjectsReply(["modelowner"])
     shop = _connect(server, CLIENT)
     assert _submit(shop, 1) == m.ObjectsReply([])  # (before the revocation: queued, as it should be)
     assert server.revoke("modelowner") == 1
@@ -111,7 +111,7 @@ def test_a_revoked_serving_owners_service_is_closed(server):
     assert type(fetched) is m.ErrorReply, f"a request queued for the revoked owner still reads as pending: {fetched!r}"
     other = _connect(server, OTHER)
     takeover = _ask(other, ServingMessage("open", "m", [["shop"], {"input_shape": [1, 2]}]))
-    assert takeover == m.ObjectsReply([]), f"the revoked owner's service name stays taken: {takeover!r}"
+    assert takeover == m.ObjectsReply(["other"]), f"the revoked owner's service name stays taken: {takeover!r}"
 
 
 def test_a_revoked_clients_queued_inputs_are_dropped(server):
@@ -119,7 +119,7 @@ def test_a_revoked_clients_queued_inputs_are_dropped(server):
     queued inputs leave with its session (drop_session), so the model owner's ``pending`` no longer lists
     them and a later client session cannot fetch their results."""
     mo = _connect(server, MODEL_OWNER)
-    assert _ask(mo, ServingMessage("open", "m", [["shop"], {"input_shape": [1, 2]}])) == m.ObjectsReply([])
+    assert _ask(mo, ServingMessage("open", "m", [["shop"], {"input_shape": [1, 2]}])) == m.ObjectsReply(["modelowner"])
     shop = _connect(server, CLIENT)
     for rid in (11, 12):
         assert _submit(shop, rid) == m.ObjectsReply([])
