@@ -8,6 +8,17 @@ caller instantiate arbitrary classes.
 
 from __future__ import annotations
 
+import re
+
+#: longest error text a reply carries, or a caller raises from a reply: a requester's text echoed in an error
+#: (an id, a name, an op) could otherwise make every reply and audit row as long as its frame, and a hostile
+#: worker's reply could put a megabyte of lines on a client's terminal
+MAX_REPLY_MESSAGE = 4000
+
+# line breaks, other C0/C1 controls, DEL, zero-width and bidirectional controls: what lets text from the
+# other side print as extra lines, move the cursor (ANSI escapes) or read in another order than it is
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff]")
+
 
 class VeilError(Exception):
     """Base class of every error veil raises on purpose.
@@ -165,11 +176,27 @@ def error_reply_fields(exc: BaseException) -> tuple[str, str]:
     for cls in type(exc).__mro__:
         name = wire_name(cls)
         if REMOTE_ERRORS.get(name) is cls:
-            return name, str(exc)
-    return "RemoteExecutionError", f"{type(exc).__name__}: {exc}"
+            return name, _bounded(str(exc))
+    return "RemoteExecutionError", _bounded(f"{type(exc).__name__}: {exc}")
+
+
+def _bounded(message: str) -> str:
+    # (only cut here: the receiving side escapes what it raises, so an honest worker's text stays as written)
+    return message if len(message) <= MAX_REPLY_MESSAGE else message[:MAX_REPLY_MESSAGE] + "..."
+
+
+def one_line(text: object, most: int = MAX_REPLY_MESSAGE) -> str:
+    """``text`` as one line of at most ``most`` characters (then "..."), its unprintable characters escaped
+    (``\\n``, ``\\x1b``, ``\\u202e``); other non-ASCII text (names, units) is kept as it is."""
+    text = text if type(text) is str else str(text)
+    cut = text[:most]
+    if _UNPRINTABLE.search(cut):
+        cut = _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], cut)
+    return cut[:most] + ("..." if len(text) > most or len(cut) > most else "")
 
 
 def error_from_reply(name: str, message: str) -> VeilError:
-    """Builds the local exception for an error reply (unknown names stay generic)."""
-    cls = REMOTE_ERRORS.get(name, RemoteExecutionError)
-    return cls(message)
+    """Builds the local exception for an error reply (unknown names stay generic): the other side's text
+    is raised as one bounded line (:func:`one_line`), whatever that side sent."""
+    cls = REMOTE_ERRORS.get(name, RemoteExecutionError) if type(name) is str else RemoteExecutionError
+    return cls(one_line(message))
