@@ -35,18 +35,12 @@ from veil.he.errors import WireFormatError
 from fl_helpers import uid
 from test_redteam_he_crypto import _field, _seal_ciphertext
 from test_redteam_he_eval_second import _context_wire, _message, _seal
-from test_redteam_he_leftovers_second import _key_parts
+from test_redteam_he_leftovers_second import _key_parts, _one_line
 
 ts = pytest.importorskip("tenseal")
 sealapi = pytest.importorskip("tenseal.sealapi")
 
 SIGMA = flooding.sigma(2.0**40, product=True)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc)
-    assert text and "\n" not in text, f"not a one-line error: {text!r}"
-    return text
 
 
 @pytest.fixture(scope="module")
