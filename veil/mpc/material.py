@@ -72,13 +72,32 @@ def _shape(s: Sequence[int]) -> Shape:
     return tuple(int(v) for v in s)
 
 
+#: most multiply-adds one product item's derive may cost (``op(a, b)`` at the provider): the element bounds
+#: let one matmul item cost 2^37 (minutes of the provider's CPU, 4x that for a 128-bit kind) while it held
+#: the dealing slot every other session's dealings wait for. An honest item is one product of the
+#: computation (the bench's largest, 256^3, is 2^24); 2^32 is ~2 s of int64 GEMM here (~8 s at 128 bits)
+MAX_PRODUCT_WORK = 1 << 32
+
+
+def product_work(op: str, shape_a: Shape, shape_b: Shape, shape_c: Shape) -> int:
+    """Multiply-adds of ``op(a, b)``: each output entry sums the contracted dimension's products (a matmul's
+    last dimension of ``a``, a convolution's input channels per group times its kernel)."""
+    per_entry = 1 if op == "mul" else math.prod(shape_b[1:]) if op == "conv2d" else (shape_a[-1] if shape_a else 1)
+    return math.prod(shape_c) * per_entry
+
+
 def _product(op, shape_a, shape_b, op_kwargs) -> tuple:
     """A product recipe's parameters from a spec, checked once: ``(op's ring function, its extra
-    arguments, shape a, shape b, shape of op(a, b))``."""
+    arguments, shape a, shape b, shape of op(a, b))``; refused past :data:`MAX_PRODUCT_WORK`."""
     fn = bilinear(op)
     op_kwargs = op_arguments(op, op_kwargs)  # from a request: a convolution's geometry, nothing else
     shape_a, shape_b = _shape(shape_a), _shape(shape_b)
-    return fn, op_kwargs, shape_a, shape_b, product_shape(op, shape_a, shape_b, op_kwargs)
+    shape_c = product_shape(op, shape_a, shape_b, op_kwargs)
+    work = product_work(op, shape_a, shape_b, shape_c)
+    if work > MAX_PRODUCT_WORK:
+        raise ProviderError(f"a {op} item of shapes {shape_a} and {shape_b} costs {work} multiply-adds, more than "
+                            f"{MAX_PRODUCT_WORK} per item at a crypto provider: split the product into smaller ones")
+    return fn, op_kwargs, shape_a, shape_b, shape_c
 
 
 def _beaver(spec) -> tuple[list, list, Derive]:

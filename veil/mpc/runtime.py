@@ -222,11 +222,11 @@ def step_checkpoint() -> None:
 
 def one_step_at_a_time(worker: Any, slot: str = "dealing") -> ContextManager:
     """Runs a step that hands its turn over (:func:`step_checkpoint`, :func:`off_turn`) alone among the steps of
-    ``worker`` with the same ``slot``, in arrival order: its material in progress is held until it sends or
-    stores it, so steps that took turns about held theirs all at once (one per session, uncharged). The turn
-    ran them one at a time before they handed it over. A provider's dealings (``"dealing"``: they wait on the
-    parties) and a party's receiving steps (``"receiving"``: they wait on nobody) take different slots, so a
-    worker that is both never waits for itself through another worker."""
+    ``worker`` with the same ``slot``, users served in turns (each user's steps in arrival order): its material
+    in progress is held until it sends or stores it, so steps that took turns about held theirs all at once (one
+    per session, uncharged). The turn ran them one at a time before they handed it over. A provider's dealings
+    (``"dealing"``: they wait on the parties) and a party's receiving steps (``"receiving"``: they wait on
+    nobody) take different slots, so a worker that is both never waits for itself through another worker."""
     return _ONE_AT_A_TIME[0](worker, slot) if _ONE_AT_A_TIME else contextlib.nullcontext()
 
 

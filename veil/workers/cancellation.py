@@ -109,41 +109,63 @@ def outside_turn() -> Iterator[None]:
 
 
 class ArrivalSlot:
-    """A mutex taken in arrival order (``threading.Lock`` is not fair: a session with several connections
-    could take it again and again while another's step waited), given up by a waiter cancelled meanwhile."""
+    """A mutex taken in turns among requesters, each requester's waiters in arrival order (``threading.Lock``
+    is not fair: a session with several connections could take it again and again while another's step
+    waited; plain arrival order put an honest step behind every waiting request of a requester with K
+    connections), given up by a waiter cancelled meanwhile. Requesters with waiters are served round robin:
+    one that just took the slot goes behind the others waiting, so an honest step waits for at most one step
+    of each other requester (and the one holding the slot)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._held = False
-        self._queue: deque[object] = deque()
+        self._waiting: dict[object, deque[object]] = {}  # requester -> its waiters' tickets, in arrival order
+        self._rotation: deque[object] = deque()  # requesters with waiters, the next to be served first
 
     def try_take(self) -> bool:
         with self._cond:
-            if self._held or self._queue:
+            if self._held or self._rotation:
                 return False
             self._held = True
             return True
 
-    def take(self, poll: Callable[[], None], interval: float = 0.05) -> None:
-        """Waits for the slot behind those who came first, calling ``poll`` (which may raise) between waits."""
+    def take(self, poll: Callable[[], None], interval: float = 0.05, requester: object = None) -> None:
+        """Waits for the slot in ``requester``'s turn behind its own earlier waiters, calling ``poll`` (which
+        may raise) between waits."""
         ticket = object()
         with self._cond:
-            self._queue.append(ticket)
+            mine = self._waiting.get(requester)
+            if mine is None:
+                mine = self._waiting[requester] = deque()
+                self._rotation.append(requester)
+            mine.append(ticket)
         try:
             while True:
                 with self._cond:
-                    if not self._held and self._queue[0] is ticket:
-                        self._queue.popleft()
+                    if not self._held and self._rotation[0] == requester and mine[0] is ticket:
                         self._held = True
+                        self._served(requester, mine)
                         return
                     self._cond.wait(interval)
                 poll()
         except BaseException:
             with self._cond:
-                if ticket in self._queue:
-                    self._queue.remove(ticket)
+                if ticket in mine:
+                    mine.remove(ticket)
+                    if not mine:
+                        self._waiting.pop(requester, None)
+                        self._rotation.remove(requester)
                 self._cond.notify_all()
             raise
+
+    def _served(self, requester: object, mine: deque) -> None:
+        """Takes ``requester``'s first waiter off; it goes behind the other requesters waiting (under _cond)."""
+        mine.popleft()
+        self._rotation.popleft()
+        if mine:
+            self._rotation.append(requester)
+        else:
+            del self._waiting[requester]
 
     def release(self) -> None:
         with self._cond:
@@ -152,17 +174,17 @@ class ArrivalSlot:
 
 
 @contextmanager
-def one_at_a_time(slot: ArrivalSlot) -> Iterator[None]:
+def one_at_a_time(slot: ArrivalSlot, requester: object = None) -> Iterator[None]:
     """Holds ``slot`` for the block: a section that hands the turn over (:func:`checkpoint`) yet must run alone
-    on this worker. Waited for outside the turn, in arrival order, its deadline and cancellation checked, so the
-    holder gets its turn back meanwhile. Outside a network worker's request nothing is held (no turn is handed
-    over there)."""
+    on this worker. Waited for outside the turn, in ``requester``'s turn (:class:`ArrivalSlot`), its deadline
+    and cancellation checked, so the holder gets its turn back meanwhile. Outside a network worker's request
+    nothing is held (no turn is handed over there)."""
     if _local.turn is None:
         yield
         return
     if not slot.try_take():
         with outside_turn():
-            slot.take(check)
+            slot.take(check, requester=requester)
     try:
         yield
     finally:

@@ -461,12 +461,16 @@ _SLOTS_LOCK = threading.Lock()
 
 def _one_dealing_at_a_time(worker: Any, slot: str = "dealing") -> Any:
     """A provider's dealings run one at a time (each holds its material until sent), and so do a party's
-    receiving steps (each holds what it expanded until stored); waited for off the turn, in arrival order."""
+    receiving steps (each holds what it expanded until stored); waited for off the turn, in turns per user
+    (the session's authenticated user: one with K connections no longer puts another's step behind K of its
+    own), each user's in arrival order."""
     if worker is None:
         return contextlib.nullcontext()
     with _SLOTS_LOCK:
         held = worker.__dict__.setdefault(f"_veil_{slot}_slot", cancellation.ArrivalSlot())
-    return cancellation.one_at_a_time(held)
+    current = getattr(worker, "current_session", None)
+    session = current() if current is not None else None
+    return cancellation.one_at_a_time(held, getattr(session, "user", None))
 
 
 RUNTIME = WorkerRuntime()
