@@ -99,6 +99,7 @@ class BudgetLedger:
         self._reader = ReaderSlot(self._db)
         self._known: dict[str, charge_totals.Total] = {}  # (see _KNOWN_TOTALS)
         self._known_lock = threading.Lock()  # (the console's reads run beside the ledger's lock)
+        self._tried_runs: dict[tuple[str, float], set] = {}  # (see _tried)
         with self._lock:
             self._db.executescript(_SCHEMA)
             self._db.executescript(charge_totals.SCHEMA)  # (after: its index is on charges)
@@ -247,30 +248,84 @@ class BudgetLedger:
                 user's accountant at ``delta`` holds; nothing is recorded.
         """
         self._check(0.0, delta)
+        self._compose_ahead(user, noise_multiplier, sample_rate, delta, mechanism, request_id, replace_one)
         with self._db.write_transaction():
             self._budget(user, lock=True)  # lock first: the training state is read-modify-written too
             self._refuse_replay(user, request_id)
-            row = self._db.execute('SELECT state, epsilon FROM training WHERE "user" = ? AND delta = ?',
-                                   (user, float(delta))).fetchone()
-            acc = Accountant.from_state_dict(json.loads(row[0])) if row else Accountant(mechanism)
+            row = self._training_row(user, delta)
+            # (the history composed again, here where it is current: from the caches the composition ahead
+            # filled when it is the history composed there, in full when another process's step came between)
+            acc = self._next_accountant(user, row, noise_multiplier, sample_rate, delta, mechanism, replace_one)
             before = float(row[1]) if row else 0.0
-            pairs = acc.pairs()
-            run = (accounted_noise(noise_multiplier), sample_rate, replace_one)
-            if run not in pairs and len(pairs) >= MAX_TRAINING_EVENTS:
-                raise PrivacyParameterError(
-                    f"user {user!r} already trained with {len(pairs)} distinct (noise_multiplier, sample_rate) "
-                    f"pairs at delta={delta:g} (at most {MAX_TRAINING_EVENTS}): continue with one of them")
-            acc.step(noise_multiplier, sample_rate, replace_one=replace_one)
-            acc.merge_runs()
             after = max(acc.get_epsilon(delta), before)  # never a negative charge
-            left = self._charge_in_transaction(user, after - before, 0.0 if row else float(delta),
-                                               f"{reason} (sigma={noise_multiplier:.4g}, q={sample_rate:.4g})",
-                                               request_id)
+            try:
+                left = self._charge_in_transaction(user, after - before, 0.0 if row else float(delta),
+                                                   f"{reason} (sigma={noise_multiplier:.4g}, q={sample_rate:.4g})",
+                                                   request_id)
+            except BudgetExceededError:
+                self._refused(user, delta, (accounted_noise(noise_multiplier), sample_rate, replace_one))
+                raise
             self._db.execute(
                 'INSERT INTO training("user", delta, state, epsilon) VALUES (?, ?, ?, ?) '
                 'ON CONFLICT("user", delta) DO UPDATE SET state = excluded.state, epsilon = excluded.epsilon',
                 (user, float(delta), json.dumps(acc.state_dict()), after))
         return left
+
+    def _training_row(self, user: str, delta: float) -> Optional[tuple]:
+        return self._db.execute('SELECT state, epsilon FROM training WHERE "user" = ? AND delta = ?',
+                                (user, float(delta))).fetchone()
+
+    def _tried(self, user: str, delta: float) -> frozenset:
+        """The (sigma, q, replace-one) runs of the user's refused steps at ``delta`` (in memory): they count
+        toward MAX_TRAINING_EVENTS, as each composed a new run (a refused step records nothing, so a user out
+        of budget sending steps of ever new pairs made each compose a new PLD, uncapped)."""
+        with self._known_lock:
+            return frozenset(self._tried_runs.get((user, float(delta)), ()))
+
+    def _refused(self, user: str, delta: float, run: tuple) -> None:
+        with self._known_lock:
+            key = (user, float(delta))
+            if key not in self._tried_runs and len(self._tried_runs) >= _KNOWN_TOTALS:
+                self._tried_runs.pop(next(iter(self._tried_runs)))  # (the oldest user's)
+            self._tried_runs.setdefault(key, set()).add(run)
+
+    def _next_accountant(self, user: str, row: Optional[tuple], noise_multiplier: float, sample_rate: float,
+                         delta: float, mechanism: str, replace_one: bool) -> Accountant:
+        """The user's training accountant at ``delta`` (stored ``row``) with the step added; a run past the
+        MAX_TRAINING_EVENTS distinct ones (those refused included) is refused before any composition."""
+        acc = Accountant.from_state_dict(json.loads(row[0])) if row else Accountant(mechanism)
+        pairs = acc.pairs()
+        run = (accounted_noise(noise_multiplier), sample_rate, replace_one)
+        known = pairs | self._tried(user, delta)
+        if run not in known and len(known) >= MAX_TRAINING_EVENTS:
+            raise PrivacyParameterError(
+                f"user {user!r} already trained with {len(known)} distinct (noise_multiplier, sample_rate) "
+                f"pairs at delta={delta:g} (at most {MAX_TRAINING_EVENTS}, refused steps' included): continue "
+                "with one of them")
+        acc.step(noise_multiplier, sample_rate, replace_one=replace_one)
+        acc.merge_runs()
+        return acc
+
+    def _compose_ahead(self, user: str, noise_multiplier: float, sample_rate: float, delta: float, mechanism: str,
+                       request_id: Optional[str], replace_one: bool) -> None:
+        """Composes the step's history before the write transaction, whose lock every user's charge (and, on
+        SQLite, every process's) waits for: the composition (a PLD build, 0.1-0.9 s, for a new (sigma, q)) is
+        kept in the accountants' caches, and the transaction's composition of the same history reads them.
+        Refusals (replay, cap, parameters) are left to the transaction; an add/remove PLD history, which no
+        cache keeps, is composed there only."""
+        with self._lock:
+            self._budget(user)
+            try:
+                self._refuse_replay(user, request_id)
+            except ReplayedRequestError:
+                return
+            row = self._training_row(user, delta)
+        try:
+            acc = self._next_accountant(user, row, noise_multiplier, sample_rate, delta, mechanism, replace_one)
+        except PrivacyParameterError:
+            return
+        if acc.replaced or acc.mechanism == "rdp":
+            acc.get_epsilon(delta)
 
     def remaining(self, user: str) -> tuple[float, float]:
         """The user's unspent ``(epsilon, delta)``."""
