@@ -15,7 +15,8 @@ Holes found (each test failed on a2d8262's code; see the report):
 - The PLD's noise floor (PLD_MIN_NOISE) was checked on the replace-one runs only: an add/remove run of a
   small sigma in the same history (a ledger shared with a worker not hiding its count, or a history
   charged at sigma / 2 before a2d8262) was composed by the PLD (sigma 0.1, q 1: 6.6 s, 200 MiB).
-Held (guards): the charge of a history split past PLD_MAX_RUNS, or mixing both relations, is at least the
+Held (guards): a scientist's policy message on data past the bound is refused before the owner's note is
+logged, and nothing of the count reaches her (the note is the owner's log and console only); the charge of a history split past PLD_MAX_RUNS, or mixing both relations, is at least the
 library's optimistic replace-one estimate of the whole history; a noise multiplier above the clamp is
 charged at least its own cost; the cached composition equals dp_accounting's PLDAccountant exactly.
 """
@@ -26,7 +27,9 @@ import logging
 import threading
 
 import pytest
+import torch
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
+from server_sessions import open_session, quota_worker, request
 
 import veil as sy
 from tests.security.test_redteam_hide_count_rdp import _training_worker
@@ -34,6 +37,8 @@ from veil.dp import replace_one
 from veil.dp.accountant import MAX_ACCOUNTED_NOISE, Accountant, _rdp_epsilon, dp_lib
 from veil.dp.budget import MAX_TRAINING_EVENTS, BudgetLedger
 from veil.dp.errors import BudgetExceededError, PrivacyParameterError
+from veil.governance.wire import AdminPolicyMessage
+from veil.messaging import messages as m
 
 DELTA = 1e-5
 
@@ -191,3 +196,26 @@ def test_a_noise_multiplier_past_the_clamp_is_over_charged(sigma):
     acc = Accountant("rdp")
     acc.step(sigma, 1.0, 5, replace_one=True)
     assert acc.get_epsilon(DELTA) >= _optimistic([(sigma, 1.0, 5)])
+
+
+def test_a_scientist_neither_triggers_nor_reads_the_owners_past_bound_note(hook, caplog):
+    """Attack (the count): the owner's note names the record count past max_records. A scientist sends the
+    owner's policy message on that data. Must hold: refused (PermissionDeniedError) with no note logged and
+    nothing of the count in the reply or a search; the owner's own change logs it."""
+    srv = quota_worker(hook, "rt-hcr2-note", "rt-hcr2-scientist-token", None)
+    x = torch.rand(8, 3)
+    srv.load(x, tags=("#c", "#data"), private=True)
+    srv.load(torch.rand(8, 1), tags=("#c", "#target"), private=True)
+    srv.enable_dp("c", hide_count=True, max_records=8, budgets={"sci": (1.0, 1e-3)})
+    x.data = torch.rand(73, 3)  # (grown past the bound after enable_dp)
+    s = open_session(srv, "rt-hcr2-scientist-token")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="veil.dp.bound_note"):
+        reply = request(srv, s, AdminPolicyMessage("#c", "dp-only"))
+        assert type(reply) is m.ErrorReply and reply.error == "PermissionDeniedError", reply
+        assert "73" not in str(reply.message)
+        found = request(srv, s, m.SearchMessage(["#data"])).descriptors
+        assert [tuple(d.shape) for d in found] == [(0, 3)]
+        assert not [r for r in caplog.records if r.name == "veil.dp.bound_note"]
+        srv.set_policy("#c", "dp-only")
+    assert [r.getMessage() for r in caplog.records if r.name == "veil.dp.bound_note"][0].count("73 records") == 1
