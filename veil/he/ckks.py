@@ -91,10 +91,11 @@ class CKKSContext:
         with_key = conjugation.public_bytes_with_key(self)
         if with_key is not None:
             return CKKSContext.from_bytes(with_key)
-        raw = self.raw.copy()
-        if raw.is_private():
-            raw.make_context_public()
-        return CKKSContext(raw)
+        if not self.raw.is_private():
+            return CKKSContext(self.raw.copy())
+        # (from its own bytes, not TenSEAL's copy: a copy of a context holding its secret key makes new
+        # relinearization keys, so each public copy, each send, carried other keys: ckks_wire holds one set a key)
+        return CKKSContext.from_bytes(self.raw.serialize(save_secret_key=False))
 
     def serialize(self, secret_key: bool = False) -> bytes:
         """TenSEAL bytes of this context (public parts only, with a conjugation key made for it, unless

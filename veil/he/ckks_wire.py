@@ -7,17 +7,22 @@ Context (public parts only; the secret key never goes on the wire)::
 Tensor::
 
     {"he": "ckks", "kind": "tensor", "v": 1, "key_id": <32 bytes>,
-     "shape": [...], "dtype": "float32", "segments": [<tenseal bytes>, ...]}
+     "shape": [...], "dtype": "float32", "segments": [<tenseal bytes>, ...],
+     "keys": <32 bytes, the digest of the received context it was computed under; optional>}
 
 A tensor is loaded against a context: the one passed to
 :func:`tensor_from_wire`, else one this process received with
-:func:`context_from_wire` (looked up by ``key_id``). Contexts learned from
+:func:`context_from_wire` (looked up by ``key_id``; one that names other
+evaluation keys than that context's is refused). Contexts learned from
 the wire are public, so a worker can compute on what it receives but not
-decrypt it.
+decrypt it. While one is held, a context of its ``key_id`` (parameters and
+public key) with other evaluation keys is refused: it would have had every
+later tensor of that key computed under its sender's keys.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import weakref
 
@@ -29,9 +34,37 @@ from veil.he.errors import HEError, KeyMismatchError, WireFormatError
 
 BACKEND = "ckks"
 
-# key_id -> public context received from the wire (weak: dropped with its last user).
+# key_id -> public context received from the wire (weak: dropped with its last user). ``key_id`` hashes the
+# parameters and the public key only: while an entry lives, a context of its key_id with other evaluation keys
+# does not replace it (refused), else any session knowing the public key (a public context is public) had every
+# later tensor of the key arriving without its context (moved, fetched) computed under its own keys.
 _received: weakref.WeakValueDictionary[bytes, CKKSContext] = weakref.WeakValueDictionary()
 _received_lock = threading.Lock()
+
+#: attributes of a public context: SHA-256 of the TenSEAL bytes it arrived as, and of its own serialization (a
+#: local one's, or computed when the received bytes differ from a held context's: TenSEAL writes a context's keys
+#: back as the bytes it made them from, crafted ones aside). They name its evaluation keys; a tensor computed
+#: under a received context carries the first (wire field "keys").
+_WIRE_DIGEST, _OWN_DIGEST = "_veil_wire_digest", "_veil_own_digest"
+
+
+def keys_digest(ctx: CKKSContext) -> bytes | None:
+    """The digest naming ``ctx``'s evaluation keys (None for a context holding its secret key: its key holder's
+    own, never compared)."""
+    return ctx.__dict__.get(_WIRE_DIGEST) or _own_digest(ctx)
+
+
+def _own_digest(ctx: CKKSContext) -> bytes | None:
+    digest = ctx.__dict__.get(_OWN_DIGEST)
+    if digest is None and not ctx.has_secret_key:
+        digest = ctx.__dict__[_OWN_DIGEST] = hashlib.sha256(ctx.serialize()).digest()
+    return digest
+
+
+def _same_keys(known: CKKSContext, digest: bytes) -> bool:
+    """Whether received bytes of SHA-256 ``digest`` are the held ``known``'s: the bytes it arrived as, else its
+    own serialization (what a copy of it sends; seconds for tens of MB of Galois keys, once per held context)."""
+    return keys_digest(known) == digest or _own_digest(known) == digest
 
 
 def remember(ctx: CKKSContext) -> None:
@@ -51,7 +84,9 @@ def context_to_wire(ctx: CKKSContext) -> dict:
 
 def context_from_wire(d: dict) -> CKKSContext:
     """Load a public context and remember it for later tensors with its ``key_id``. What its keys inflate to is
-    bounded before TenSEAL reads them (:mod:`veil.he.seal_bytes`: 40 kB of zstd held 160 MB of Galois keys)."""
+    bounded before TenSEAL reads them (:mod:`veil.he.seal_bytes`: 40 kB of zstd held 160 MB of Galois keys).
+    A held context of the same ``key_id`` is returned if these are its bytes (or its own serialization's), and
+    other evaluation keys are refused in one line."""
     chk.header(d, BACKEND, "context")
     data = chk.field(d, "data", bytes)
     try:
@@ -63,14 +98,27 @@ def context_from_wire(d: dict) -> CKKSContext:
     if ctx.has_secret_key:
         # We never send secret keys; refuse to hold one that arrived anyway.
         ctx = ctx.public()
-    with _received_lock:
-        known = _received.get(ctx.key_id)
-        if known is not None and known.has_secret_key:
+    digest = ctx.__dict__[_WIRE_DIGEST] = hashlib.sha256(data).digest()
+    ctx.__dict__["_veil_wire_nbytes"] = len(data)  # (the quota's wire size: its bytes, not the message's padding)
+    while True:
+        with _received_lock:
+            known = _received.get(ctx.key_id)
+            if known is None:
+                _received[ctx.key_id] = ctx
+                return ctx
+        if known.has_secret_key:
             # The key owner lives in this process (in-process simulation): keep its
             # context, so tensors coming back decode against the secret key.
             return known
-        _received[ctx.key_id] = ctx
-    return ctx
+        same = _same_keys(known, digest)  # (outside the lock: it may serialize the held one)
+        with _received_lock:
+            if _received.get(ctx.key_id) is not known:
+                continue  # (it changed meanwhile: compare again)
+        if not same:
+            raise WireFormatError("this process holds a CKKS context of this public key with other evaluation "
+                                  "keys (relinearization, Galois); send tensors under that one, or use a new key "
+                                  "pair")
+        return known  # (the same keys: one held context)
 
 
 def _check_key_parts(ctx: CKKSContext) -> None:
@@ -100,7 +148,7 @@ def _check_key_parts(ctx: CKKSContext) -> None:
 
 
 def tensor_to_wire(t: CKKSTensor) -> dict:
-    return {
+    out = {
         "he": BACKEND,
         "kind": "tensor",
         "v": chk.WIRE_VERSION,
@@ -109,6 +157,10 @@ def tensor_to_wire(t: CKKSTensor) -> dict:
         "dtype": chk.dtype_name(t.dtype),
         "segments": [s.serialize() for s in t.segments],
     }
+    digest = t.context.__dict__.get(_WIRE_DIGEST)
+    if digest is not None:  # (computed under a received context: a move or a result names the keys it used)
+        out["keys"] = digest
+    return out
 
 
 def tensor_from_wire(d: dict, context: CKKSContext | None = None) -> CKKSTensor:
@@ -127,11 +179,18 @@ def tensor_from_wire(d: dict, context: CKKSContext | None = None) -> CKKSTensor:
     blobs = chk.field(d, "segments", list)
     if len(blobs) > max(numel, 1) or not all(isinstance(b, bytes) for b in blobs):
         raise WireFormatError("CKKS 'segments' must be a list of at most numel byte strings")
+    keys = d.get("keys")
+    if keys is not None and (type(keys) is not bytes or len(keys) != 32):
+        raise WireFormatError("CKKS 'keys' must be the 32-byte digest of the tensor's context")
     if context is None:
         with _received_lock:
             context = _received.get(key_id)
         if context is None:
             raise WireFormatError("CKKS tensor refers to a context this process has not received")
+        if keys is not None and not context.has_secret_key and keys not in (keys_digest(context),
+                                                                             _own_digest(context)):
+            raise KeyMismatchError("the received CKKS tensor was computed under other evaluation keys than the "
+                                   "context this process holds for its public key; send it with its context")
     elif not isinstance(context, CKKSContext):
         raise TypeError("context must be a veil CKKSContext")
     if context.key_id != key_id:

@@ -50,7 +50,9 @@ def _decode(data: bytes, ctx: serde.DecodeContext) -> Any:
         obj = wire.decode(serde.decode_value(data, ctx))
     except HEError as e:
         raise serde.SerializationError(f"invalid encrypted object: {e}") from e
-    if isinstance(obj, (CKKSContext, CKKSTensor, PaillierTensor)):
+    if isinstance(obj, CKKSContext):  # (a held context of the same keys is shared: its first size stays, not
+        obj.__dict__.setdefault(_WIRE_NBYTES, len(data))  # what another session's padded message took)
+    elif isinstance(obj, (CKKSTensor, PaillierTensor)):
         obj.__dict__[_WIRE_NBYTES] = len(data)  # what it took on the wire: the quota's measure (below)
     return obj
 
