@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from veil.exceptions import ObjectNotFoundError
 from veil.governance.lock_order import governance_lock, held_outside_turn, turn_and_governance_lock
-from veil.governance.moved_marks import (SCAN_SHARE, names_tightened, record_loaded, record_tightened, source_name,
+from veil.governance.moved_marks import (SCAN_SHARE, names_tightened, names_written, record_loaded, record_tightened, source_name,
                                          sync_moved_marks)
 from veil.governance.state import (_STATE, DEFAULT_POLICY, POLICIES, audit, check_policy, governance,
                                    has_decisions_store, policy_of)
@@ -174,7 +174,10 @@ def restore_policy(worker: Any, oid: int) -> None:
 def _store_policy(worker: Any, entry: Any, policy: str, by: str) -> None:
     """Records the owner's run-time decision (a loosening too: the last decision is what restarts apply)."""
     value = json.dumps({"policy": policy, "by": by, "ts": time.time()}).encode()
-    governance(worker).db.kv_put(_namespace(worker), json.dumps(_dataset_key(entry)), value)
+    try:
+        governance(worker).db.kv_put(_namespace(worker), json.dumps(_dataset_key(entry)), value)
+    finally:
+        names_written()  # (the names a release keeps are read again: moved_marks._names_now)
 
 
 def _owner_entry(worker: Any, oid: int) -> Any:

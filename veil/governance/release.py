@@ -20,7 +20,7 @@ import torch
 from veil.exceptions import PermissionDeniedError, RequestDeniedError, ReviewPendingError
 from veil.governance.graphtext import render_graph
 from veil.governance.lapses import RevocationMark, after_given_back, give_back, revocations, use_approval
-from veil.governance.moved_marks import refuse_tightened
+from veil.governance.moved_marks import refuse_marked, refuse_tightened
 from veil.governance.provenance import GRAPH, ROOT, sources_of
 from veil.governance.requests import ReviewQueue, digest
 from veil.governance.state import _STATE, audit, governance
@@ -189,6 +189,9 @@ def enforce_all(worker: Any, ids: list, entries: list, user: str, session: str =
     if _STATE.get(worker) is None:
         return []
     blocked = [(oid, e) for oid, e in zip(ids, entries) if needs_review(worker, oid, e, user)]
+    # (the marks again, after the policies the review check read: a tightening marks before it puts dp-only in
+    # force, and one that ran since refuse_tightened made that check read dp-only, not review: moved_marks)
+    refuse_marked(worker, ids, entries, purpose, user, session)
     if not blocked:
         return []
     if len({oid for oid, _ in blocked}) < len(blocked):  # [A, A]: one approval lets A go once, not twice
@@ -203,7 +206,7 @@ def enforce_all(worker: Any, ids: list, entries: list, user: str, session: str =
     with cancellation.outside_turn():
         if before_deciding is not None:
             before_deciding()
-        used = _decide_all(worker, frozen, user, session, purpose, consume)
+        used = _decide_all(worker, frozen, user, session, purpose, consume, blocked)
     if used:
         _released_as_approved(worker, blocked, frozen, marks)
     return used
@@ -232,9 +235,14 @@ def _released_as_approved(worker: Any, blocked: list, frozen: list, marks: list)
                 "released and its approval is used up (ask for the value again)")
 
 
-def _decide_all(worker: Any, frozen: list, user: str, session: str, purpose: str, consume: bool) -> list:
-    """:func:`enforce_all`'s two passes over the objects as taken in the turn (entry, digest)."""
+def _decide_all(worker: Any, frozen: list, user: str, session: str, purpose: str, consume: bool,
+                blocked: list) -> list:
+    """:func:`enforce_all`'s two passes over the objects as taken in the turn (entry, digest); ``blocked``: the
+    (id, entry) they were taken from, whose marks are read again under the lock a tightening holds."""
     with governance(worker).lock:  # (reentrant) no decision of this process changes between the two passes
+        # (out of the turn since the review check: the owner's tightening to dp-only ran meanwhile and each decide
+        # read dp-only, not review: allowed, unapproved; it marks before the policy changes, under this lock)
+        refuse_marked(worker, [oid for oid, _ in blocked], [e for _, e in blocked], purpose, user, session)
         pending = []
         for oid, entry, value_digest in frozen:  # first pass files/looks up every request, using no approval up
             decision = decide(worker, oid, entry, user, session, consume=False, value_digest=value_digest)
