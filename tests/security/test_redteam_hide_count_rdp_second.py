@@ -15,10 +15,13 @@ Holes found (each test failed on a2d8262's code; see the report):
 - The PLD's noise floor (PLD_MIN_NOISE) was checked on the replace-one runs only: an add/remove run of a
   small sigma in the same history (a ledger shared with a worker not hiding its count, or a history
   charged at sigma / 2 before a2d8262) was composed by the PLD (sigma 0.1, q 1: 6.6 s, 200 MiB).
+- The same for a worker with accountant="pld" (add/remove): each step rebuilt its PLDs at the library's
+  1e-4 interval (1-4 s) under the ledger's lock. Its one-step PLDs are kept too (veil.dp.pld_cache).
 Held (guards): a scientist's policy message on data past the bound is refused before the owner's note is
-logged, and nothing of the count reaches her (the note is the owner's log and console only); the charge of a history split past PLD_MAX_RUNS, or mixing both relations, is at least the
-library's optimistic replace-one estimate of the whole history; a noise multiplier above the clamp is
-charged at least its own cost; the cached composition equals dp_accounting's PLDAccountant exactly.
+logged, and nothing of the count reaches her (the note is the owner's log and console only); the charge of
+a history split past PLD_MAX_RUNS, or mixing both relations, is at least the library's optimistic
+replace-one estimate of the whole history; a noise multiplier above the clamp is charged at least its own
+cost; the cached composition equals dp_accounting's PLDAccountant exactly.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from server_sessions import open_session, quota_worker, request
 
 import veil as sy
 from tests.security.test_redteam_hide_count_rdp import _training_worker
-from veil.dp import replace_one
-from veil.dp.accountant import MAX_ACCOUNTED_NOISE, Accountant, _rdp_epsilon, dp_lib
+from veil.dp import pld_cache, replace_one
+from veil.dp.accountant import MAX_ACCOUNTED_NOISE, Accountant, _rdp_epsilon, dp_lib, sgm_event
 from veil.dp.budget import MAX_TRAINING_EVENTS, BudgetLedger
 from veil.dp.errors import BudgetExceededError, PrivacyParameterError
 from veil.governance.wire import AdminPolicyMessage
@@ -174,7 +177,25 @@ def test_the_cached_composition_equals_the_library_accountant():
         want = float(acc.get_epsilon(DELTA))
         assert replace_one._pld_epsilon(lib, runs, DELTA) == want
         assert replace_one._pld_epsilon(lib, runs, DELTA) == want  # (cached)
-    assert replace_one._one_step_pld(1.0, 0.01)._pmf_remove._pessimistic_estimate  # (an upper bound)
+    assert pld_cache.one_step_pld(1.0, 0.01, True, 1e-3)._pmf_remove._pessimistic_estimate  # (an upper bound)
+
+
+@pytest.mark.slow
+def test_the_pld_accountants_add_remove_steps_compose_outside_the_lock_to_the_library_value(tmp_path, monkeypatch):
+    """Attack (starvation, a worker with accountant="pld"): each add/remove step built its PLDs at the
+    library's 1e-4 interval (1-4 s) under the ledger's lock. Must hold: no build under the lock; the charge
+    is exactly dp_accounting's PLDAccountant of the history."""
+    lib = dp_lib()
+    ledger = BudgetLedger(tmp_path / "ledger.db")
+    ledger.set_budget("eve", 1e6, 0.5)
+    builds = _Builds(monkeypatch, lock=ledger._lock)
+    runs = [(1.0371, 0.01), (1.0371, 0.01), (2.0371, 0.5)]
+    for s, q in runs:
+        ledger.charge_training_step("eve", s, q, DELTA, mechanism="pld")
+    assert builds.sigmas and not builds.under_lock, builds.under_lock
+    acc = lib.pld.PLDAccountant()
+    acc.compose(lib.ComposedDpEvent([sgm_event(1.0371, 0.01, 2), sgm_event(2.0371, 0.5, 1)]))
+    assert ledger.spent("eve")[0] == pytest.approx(float(acc.get_epsilon(DELTA)), rel=1e-12)
 
 
 @pytest.mark.slow

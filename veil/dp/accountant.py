@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from veil.dp.errors import PrivacyParameterError
+from veil.dp.pld_cache import composed_epsilon
 from veil.dp.replace_one import replace_one_epsilon
 
 if TYPE_CHECKING:
@@ -36,9 +37,16 @@ def dp_lib() -> ModuleType:
     return dp_accounting
 
 
+def _pld_accountant() -> dp_accounting.PrivacyAccountant:
+    return dp_lib().pld.PLDAccountant()
+
+
+#: PLDAccountant's default discretization (composed from kept one-step PLDs while "pld" is _pld_accountant)
+_PLD_INTERVAL = 1e-4
+
 # name -> factory of an empty dp_accounting accountant (the extension point).
 ACCOUNTANT_FACTORIES: dict[str, Callable[[], dp_accounting.PrivacyAccountant]] = {
-    "pld": lambda: dp_lib().pld.PLDAccountant(),
+    "pld": _pld_accountant,
     "rdp": lambda: dp_lib().rdp.RdpAccountant(),
 }
 
@@ -189,6 +197,9 @@ class Accountant:
                                                                delta))
         elif self.mechanism == "rdp":
             epsilon = _rdp_epsilon(history, delta)
+        elif self.mechanism == "pld" and ACCOUNTANT_FACTORIES["pld"] is _pld_accountant:
+            # (PLDAccountant()'s value, its one-step PLDs kept: each charge rebuilt them, 1-4 s a step)
+            epsilon = composed_epsilon(history, delta, False, _PLD_INTERVAL)
         else:
             acc = ACCOUNTANT_FACTORIES[self.mechanism]()
             acc.compose(dp_lib().ComposedDpEvent([sgm_event(s, q, c) for s, q, c in history]))

@@ -309,10 +309,9 @@ class BudgetLedger:
     def _compose_ahead(self, user: str, noise_multiplier: float, sample_rate: float, delta: float, mechanism: str,
                        request_id: Optional[str], replace_one: bool) -> None:
         """Composes the step's history before the write transaction, whose lock every user's charge (and, on
-        SQLite, every process's) waits for: the composition (a PLD build, 0.1-0.9 s, for a new (sigma, q)) is
-        kept in the accountants' caches, and the transaction's composition of the same history reads them.
-        Refusals (replay, cap, parameters) are left to the transaction; an add/remove PLD history, which no
-        cache keeps, is composed there only."""
+        SQLite, every process's) waits for: the composition (a PLD build, 0.1-4 s, or an RDP one, up to ~2 s,
+        for a new (sigma, q)) is kept in the accountants' caches, and the transaction's composition of the same
+        history reads them. Refusals (replay, cap, parameters) are left to the transaction."""
         with self._lock:
             self._budget(user)
             try:
@@ -324,8 +323,7 @@ class BudgetLedger:
             acc = self._next_accountant(user, row, noise_multiplier, sample_rate, delta, mechanism, replace_one)
         except PrivacyParameterError:
             return
-        if acc.replaced or acc.mechanism == "rdp":
-            acc.get_epsilon(delta)
+        acc.get_epsilon(delta)  # (kept: veil.dp.pld_cache, and the RDP of each (sigma, q) in veil.dp.accountant)
 
     def remaining(self, user: str) -> tuple[float, float]:
         """The user's unspent ``(epsilon, delta)``."""
