@@ -8,16 +8,15 @@ Tensor::
 
     {"he": "ckks", "kind": "tensor", "v": 1, "key_id": <32 bytes>,
      "shape": [...], "dtype": "float32", "segments": [<tenseal bytes>, ...],
-     "keys": <32 bytes, the digest of the received context it was computed under; optional>}
+     "keys": <32 bytes: SHA-256 of its context's public TenSEAL bytes>}
 
 A tensor is loaded against a context: the one passed to
 :func:`tensor_from_wire`, else one this process received with
-:func:`context_from_wire` (looked up by ``key_id``; one that names other
-evaluation keys than that context's is refused). Contexts learned from
-the wire are public, so a worker can compute on what it receives but not
-decrypt it. While one is held, a context of its ``key_id`` (parameters and
-public key) with other evaluation keys is refused: it would have had every
-later tensor of that key computed under its sender's keys.
+:func:`context_from_wire`, looked up by ``key_id`` (parameters and public
+key) and ``keys`` (the digest of its evaluation keys: another session's
+context of the same public key is held beside it, never in its place).
+Contexts learned from the wire are public, so a worker can compute on what
+it receives but not decrypt it.
 """
 
 from __future__ import annotations
@@ -28,53 +27,51 @@ import weakref
 
 import tenseal as ts
 
-from veil.he import _wire_checks as chk, seal_bytes
+from veil.he import _wire_checks as chk, conjugation, seal_bytes
 from veil.he.ckks import CKKSContext, CKKSTensor, _tenseal_errors
 from veil.he.errors import HEError, KeyMismatchError, WireFormatError
 
 BACKEND = "ckks"
 
-# key_id -> public context received from the wire (weak: dropped with its last user). ``key_id`` hashes the
-# parameters and the public key only: while an entry lives, a context of its key_id with other evaluation keys
-# does not replace it (refused), else any session knowing the public key (a public context is public) had every
-# later tensor of the key arriving without its context (moved, fetched) computed under its own keys.
-_received: weakref.WeakValueDictionary[bytes, CKKSContext] = weakref.WeakValueDictionary()
+# (key_id, keys digest) -> public context received from the wire or registered here (weak: dropped with its last
+# user). ``key_id`` hashes the parameters and the public key only; the digest names the evaluation keys too. Keyed
+# by key_id alone, the last context received was every later tensor's of the key that arrived without its own
+# (moved, fetched), so any session knowing a public key (a public context is public) had another session's
+# ciphertexts relinearized and rotated under its own keys.
+_received: weakref.WeakValueDictionary[tuple[bytes, bytes], CKKSContext] = weakref.WeakValueDictionary()
+# key_id -> a local context holding its secret key (its key owner lives in this process)
+_secret: weakref.WeakValueDictionary[bytes, CKKSContext] = weakref.WeakValueDictionary()
 _received_lock = threading.Lock()
 
-#: attributes of a public context: SHA-256 of the TenSEAL bytes it arrived as, and of its own serialization (a
-#: local one's, or computed when the received bytes differ from a held context's: TenSEAL writes a context's keys
-#: back as the bytes it made them from, crafted ones aside). They name its evaluation keys; a tensor computed
-#: under a received context carries the first (wire field "keys").
+#: attributes of a context: SHA-256 of the TenSEAL bytes it arrived as; (state, SHA-256) of its own public bytes
 _WIRE_DIGEST, _OWN_DIGEST = "_veil_wire_digest", "_veil_own_digest"
 
 
-def keys_digest(ctx: CKKSContext) -> bytes | None:
-    """The digest naming ``ctx``'s evaluation keys (None for a context holding its secret key: its key holder's
-    own, never compared)."""
-    return ctx.__dict__.get(_WIRE_DIGEST) or _own_digest(ctx)
-
-
-def _own_digest(ctx: CKKSContext) -> bytes | None:
-    digest = ctx.__dict__.get(_OWN_DIGEST)
-    if digest is None and not ctx.has_secret_key:
-        digest = ctx.__dict__[_OWN_DIGEST] = hashlib.sha256(ctx.serialize()).digest()
-    return digest
-
-
-def _same_keys(known: CKKSContext, digest: bytes) -> bool:
-    """Whether received bytes of SHA-256 ``digest`` are the held ``known``'s: the bytes it arrived as, else its
-    own serialization (what a copy of it sends; seconds for tens of MB of Galois keys, once per held context)."""
-    return keys_digest(known) == digest or _own_digest(known) == digest
+def keys_digest(ctx: CKKSContext) -> bytes:
+    """SHA-256 naming ``ctx``'s evaluation keys: of the bytes it arrived as, else of its public bytes (what it
+    sends: :meth:`CKKSContext.public` is those bytes). Cached; made again if its keys changed since (a
+    conjugation key added: seconds for tens of MB of Galois keys, once)."""
+    wire = ctx.__dict__.get(_WIRE_DIGEST)
+    if wire is not None:
+        return wire
+    state = (conjugation._KEY_BYTES in ctx.__dict__, ctx.raw.has_galois_keys(), ctx.raw.has_relin_keys())
+    known = ctx.__dict__.get(_OWN_DIGEST)
+    if known is None or known[0] != state:
+        known = ctx.__dict__[_OWN_DIGEST] = (state, hashlib.sha256(ctx.serialize(secret_key=False)).digest())
+    return known[1]
 
 
 def remember(ctx: CKKSContext) -> None:
-    """Registers a local context so that tensors coming back under it decode against it. A public copy does
-    not replace a registered secret context of the same key (an encrypted round's registration, weak, would
-    leave with the round and take the key owner's with it)."""
+    """Registers a local context so that tensors coming back under it decode against it: one holding its secret
+    key decodes every tensor of its key_id (a public copy does not replace it: an encrypted round's
+    registration, weak, would leave with the round and take the key owner's with it)."""
+    if ctx.has_secret_key:
+        with _received_lock:
+            _secret[ctx.key_id] = ctx
+        return
+    digest = keys_digest(ctx)
     with _received_lock:
-        known = _received.get(ctx.key_id)
-        if known is None or ctx.has_secret_key or not known.has_secret_key:
-            _received[ctx.key_id] = ctx
+        _received[ctx.key_id, digest] = ctx
 
 
 def context_to_wire(ctx: CKKSContext) -> dict:
@@ -85,8 +82,7 @@ def context_to_wire(ctx: CKKSContext) -> dict:
 def context_from_wire(d: dict) -> CKKSContext:
     """Load a public context and remember it for later tensors with its ``key_id``. What its keys inflate to is
     bounded before TenSEAL reads them (:mod:`veil.he.seal_bytes`: 40 kB of zstd held 160 MB of Galois keys).
-    A held context of the same ``key_id`` is returned if these are its bytes (or its own serialization's), and
-    other evaluation keys are refused in one line."""
+    A held context of these bytes is returned; one of other evaluation keys is held beside it (never replaced)."""
     chk.header(d, BACKEND, "context")
     data = chk.field(d, "data", bytes)
     try:
@@ -100,25 +96,17 @@ def context_from_wire(d: dict) -> CKKSContext:
         ctx = ctx.public()
     digest = ctx.__dict__[_WIRE_DIGEST] = hashlib.sha256(data).digest()
     ctx.__dict__["_veil_wire_nbytes"] = len(data)  # (the quota's wire size: its bytes, not the message's padding)
-    while True:
-        with _received_lock:
-            known = _received.get(ctx.key_id)
-            if known is None:
-                _received[ctx.key_id] = ctx
-                return ctx
-        if known.has_secret_key:
+    with _received_lock:
+        owner = _secret.get(ctx.key_id)
+        if owner is not None:
             # The key owner lives in this process (in-process simulation): keep its
             # context, so tensors coming back decode against the secret key.
-            return known
-        same = _same_keys(known, digest)  # (outside the lock: it may serialize the held one)
-        with _received_lock:
-            if _received.get(ctx.key_id) is not known:
-                continue  # (it changed meanwhile: compare again)
-        if not same:
-            raise WireFormatError("this process holds a CKKS context of this public key with other evaluation "
-                                  "keys (relinearization, Galois); send tensors under that one, or use a new key "
-                                  "pair")
-        return known  # (the same keys: one held context)
+            return owner
+        known = _received.get((ctx.key_id, digest))
+        if known is not None:
+            return known  # (these keys are held: one context)
+        _received[ctx.key_id, digest] = ctx
+    return ctx
 
 
 def _check_key_parts(ctx: CKKSContext) -> None:
@@ -157,9 +145,7 @@ def tensor_to_wire(t: CKKSTensor) -> dict:
         "dtype": chk.dtype_name(t.dtype),
         "segments": [s.serialize() for s in t.segments],
     }
-    digest = t.context.__dict__.get(_WIRE_DIGEST)
-    if digest is not None:  # (computed under a received context: a move or a result names the keys it used)
-        out["keys"] = digest
+    out["keys"] = keys_digest(t.context)  # (a move or a result names the keys it is under)
     return out
 
 
@@ -183,14 +169,7 @@ def tensor_from_wire(d: dict, context: CKKSContext | None = None) -> CKKSTensor:
     if keys is not None and (type(keys) is not bytes or len(keys) != 32):
         raise WireFormatError("CKKS 'keys' must be the 32-byte digest of the tensor's context")
     if context is None:
-        with _received_lock:
-            context = _received.get(key_id)
-        if context is None:
-            raise WireFormatError("CKKS tensor refers to a context this process has not received")
-        if keys is not None and not context.has_secret_key and keys not in (keys_digest(context),
-                                                                             _own_digest(context)):
-            raise KeyMismatchError("the received CKKS tensor was computed under other evaluation keys than the "
-                                   "context this process holds for its public key; send it with its context")
+        context = _registered(key_id, keys)
     elif not isinstance(context, CKKSContext):
         raise TypeError("context must be a veil CKKSContext")
     if context.key_id != key_id:
@@ -208,6 +187,25 @@ def tensor_from_wire(d: dict, context: CKKSContext | None = None) -> CKKSTensor:
     if sum(sizes) != numel or any(sz > context.slots or sz < 1 for sz in sizes):
         raise WireFormatError("CKKS segment sizes do not add up to the tensor's shape")
     return CKKSTensor(context, segments, shape, dtype)
+
+
+def _registered(key_id: bytes, keys: bytes | None) -> CKKSContext:
+    """The context a tensor of ``key_id`` under evaluation keys ``keys`` is loaded under here: its key owner's,
+    else the one received with those keys (a tensor naming none: the only one of its key_id)."""
+    with _received_lock:
+        context = _secret.get(key_id)
+        if context is None and keys is not None:
+            context = _received.get((key_id, keys))
+        elif context is None:
+            held = {id(c): c for (k, _), c in list(_received.items()) if k == key_id}
+            if len(held) > 1:
+                raise WireFormatError("CKKS tensor names no evaluation keys and this process holds several "
+                                      "contexts of its public key")
+            context = next(iter(held.values()), None)
+    if context is None:
+        raise WireFormatError("CKKS tensor refers to a context (public key and evaluation keys) this process has "
+                              "not received")
+    return context
 
 
 def _check_loaded(context: CKKSContext, segment, wire_bytes: int, stored_scale: float) -> None:
