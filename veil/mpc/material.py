@@ -150,8 +150,33 @@ def _zero(spec) -> tuple[list, list, Derive]:
 #: (requester scope, key id) -> SPDZ2k MAC key (0-dim int64, read unsigned: uniform in Z/2^64), held by
 #: the crypto provider's process only (filled by ``register_mac_key``; parties never call a derive).
 MAC_KEYS: dict[tuple, torch.Tensor] = {}
-#: held while MAC_KEYS or FIXED_MASKS is counted, filled or emptied (sessions' requests run on several threads)
+#: held while MAC_KEYS or FIXED_MASKS is counted, filled or emptied (sessions' requests run on several threads):
+#: never across work that grows with a request (a mask is drawn outside it) or with other sessions' keys
 _TABLES_LOCK = threading.Lock()
+
+
+class _ScopeIds:
+    """The ids one scope holds in the tables (and the fixed masks being drawn for it), so that its count and its
+    drop read its own ids only: walking every session's keys under the lock made each registration and each
+    session's end O(all sessions' keys)."""
+
+    __slots__ = ("mac", "fixed", "drawing")
+
+    def __init__(self) -> None:
+        self.mac: set = set()
+        self.fixed: set = set()
+        self.drawing: set = set()
+
+
+#: scope -> its ids (under _TABLES_LOCK)
+_SCOPE_IDS: dict = {}
+
+
+def _ids_of(scope: str | None) -> _ScopeIds:
+    ids = _SCOPE_IDS.get(scope)
+    if ids is None:
+        ids = _SCOPE_IDS[scope] = _ScopeIds()
+    return ids
 
 #: Whose provider-held secrets (MAC keys, fixed masks) a dealing may use and register: the provider
 #: worker sets it to the requesting session around each request (:func:`provider_scope`; None in-process).
@@ -174,11 +199,12 @@ def provider_scope(scope: str | None) -> Iterator[None]:
 def drop_provider_scope(scope: str | None) -> int:
     """Forgets the MAC keys and fixed masks ``scope`` registered (its session ended); returns how many."""
     dropped = 0
-    with _TABLES_LOCK:  # (a dict walked while another thread inserts raises)
-        for table in (MAC_KEYS, FIXED_MASKS):
-            for key in [k for k in table if k[0] == scope]:
-                table.pop(key, None)
-                dropped += 1
+    with _TABLES_LOCK:  # (its own ids only; a mask being drawn for it is not kept when drawn)
+        ids = _SCOPE_IDS.pop(scope, None)
+        if ids is not None:
+            for table, own in ((MAC_KEYS, ids.mac), (FIXED_MASKS, ids.fixed)):
+                for key_id in own:
+                    dropped += table.pop((scope, key_id), None) is not None
         _FIXED_HELD.pop(scope, None)
     return dropped
 
@@ -204,11 +230,14 @@ def register_mac_key(key_id: str, alpha: torch.Tensor) -> None:
         raise ProviderError("a MAC key is a string id of 1 to 64 characters and a 0-dim int64 tensor")
     scope, alpha = _SCOPE.get(), alpha.clone()
     with _TABLES_LOCK:  # the count and the insert as one step: threads of one session cannot both pass the cap
-        if (scope is not None and (scope, key_id) not in MAC_KEYS
-                and sum(k[0] == scope for k in MAC_KEYS) >= MAX_MAC_KEYS_PER_SCOPE):
-            raise ProviderError(f"this session holds {MAX_MAC_KEYS_PER_SCOPE} MAC keys at the crypto provider "
-                                f"already")
+        own = _ids_of(scope).mac
+        if scope is not None and key_id not in own and len(own) >= MAX_MAC_KEYS_PER_SCOPE:
+            own.intersection_update([i for i in own if (scope, i) in MAC_KEYS])  # (ids popped from the table)
+            if len(own) >= MAX_MAC_KEYS_PER_SCOPE:
+                raise ProviderError(f"this session holds {MAX_MAC_KEYS_PER_SCOPE} MAC keys at the crypto provider "
+                                    f"already")
         MAC_KEYS[(scope, key_id)] = alpha
+        own.add(key_id)
 
 
 def _alpha(key_id: str) -> tuple:
@@ -368,22 +397,43 @@ def _fixed_mask(spec) -> tuple[list, list, Derive]:
     if not isinstance(spec, (tuple, list)) or len(spec) != 2:
         raise ProviderError("fixed_mask spec must be (fixed_id, shape)")
     fixed_id, shape = _fixed_id(spec[0]), _shape(spec[1])
-    scope = _SCOPE.get()
-    key = (scope, fixed_id)
 
     def derive(u: list, g: torch.Generator) -> list:
-        with _TABLES_LOCK:  # (checked and kept as one step, as MAC keys are)
+        # (the scope when it derives, as for MAC keys: a recipe checked before the dealing's scope is entered
+        # named every session's masks under None)
+        scope = _SCOPE.get()
+        key, size = (scope, fixed_id), math.prod(shape)
+        with _TABLES_LOCK:  # its id and room reserved as one step (threads of one session cannot both pass)
+            ids = _ids_of(scope)
             # once per id: dealt twice, the parties' shares of the first b would no longer match the provider's
-            if key in FIXED_MASKS:
+            if key in FIXED_MASKS or fixed_id in ids.drawing:
                 raise ProviderError(f"fixed operand {fixed_id!r} was already dealt")
             count, held = _FIXED_HELD.get(scope, (0, 0))
             if scope is not None and count >= MAX_FIXED_MASKS_PER_SCOPE:
                 raise ProviderError(f"this session keeps {MAX_FIXED_MASKS_PER_SCOPE} fixed masks at the crypto "
                                     f"provider already")
-            if held + math.prod(shape) > MAX_FIXED_ELEMENTS:
+            if held + size > MAX_FIXED_ELEMENTS:
                 raise ProviderError(f"this crypto provider keeps at most {MAX_FIXED_ELEMENTS} fixed-mask elements")
-            b = FIXED_MASKS[key] = random_ring(shape)  # a key-like secret: the OS's CSPRNG, not the dealer's
-            _FIXED_HELD[scope] = (count + 1, held + b.numel())
+            _FIXED_HELD[scope] = (count + 1, held + size)
+            ids.drawing.add(fixed_id)
+        # drawn outside the lock (2^25 elements take seconds: every session's key lookups and ends waited)
+        try:
+            b = random_ring(shape)  # a key-like secret: the OS's CSPRNG, not the dealer's
+        except BaseException:
+            with _TABLES_LOCK:  # (the draw failed: its id and room are free again)
+                if _SCOPE_IDS.get(scope) is ids and fixed_id in ids.drawing:
+                    ids.drawing.discard(fixed_id)
+                    count, held = _FIXED_HELD.get(scope, (1, size))
+                    _FIXED_HELD[scope] = (count - 1, held - size)
+            raise
+        with _TABLES_LOCK:
+            kept = _SCOPE_IDS.get(scope) is ids and fixed_id in ids.drawing  # (not: its session ended meanwhile)
+            if kept:
+                ids.drawing.discard(fixed_id)
+                FIXED_MASKS[key] = b
+                ids.fixed.add(fixed_id)
+        if not kept:
+            raise ProviderError("this session ended at the crypto provider while its fixed mask was drawn")
         return [b.clone()]  # dealers correct a derived value in place into the last party's share
 
     return [], [shape], derive
@@ -396,10 +446,9 @@ def _fixed_beaver(spec) -> tuple[list, list, Derive]:
     fixed_id, op, shape_a, shape_b, op_kwargs = spec
     fixed_id = _fixed_id(fixed_id)
     fn, op_kwargs, shape_a, shape_b, shape_c = _product(op, shape_a, shape_b, op_kwargs)
-    key = (_SCOPE.get(), fixed_id)
 
     def derive(u: list, g: torch.Generator) -> list:
-        b = FIXED_MASKS.get(key)
+        b = FIXED_MASKS.get((_SCOPE.get(), fixed_id))  # (the scope when it derives, as in _fixed_mask)
         if b is None or tuple(b.shape) != shape_b:
             raise ProviderError(f"no fixed mask {fixed_id!r} of shape {shape_b} at this crypto provider")
         return [fn(u[0], b, **op_kwargs)]

@@ -509,10 +509,10 @@ class ReferenceMonitor(QuotaRules, OpeningRules, StoreAdmission):
         self._taints.pop(namespace, None)
         return self._store.drop_namespace(self.__key, namespace)
 
-    def charge_growth(self, principal: Principal, found: dict) -> None:
+    def charge_growth(self, principal: Principal, found: dict, gradient: tuple | None = None) -> None:
         """Charges what a command grew the requester's own tensors among ``found`` (id -> entry) by in place
-        (``out=`` resizes them, a plan grows its state): charged only when stored, they held more unseen."""
-        self._store.charge_growth(self.__key, principal.namespace, found)
+        (``out=``, a plan's state), or a ``gradient`` ``backward`` made (veil/workers/grad_charges.py)."""
+        self._store.charge_growth(self.__key, principal.namespace, found, gradient)
 
     def session_bytes(self, namespace: str) -> int:
         return self._store.usage.get(namespace, 0)

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 from veil.tensors.tree import leaves
+from veil.workers import grad_charges
 
 #: signatures whose sizes are remembered (least recently used first out)
 CACHE_SIZE = 4096
@@ -119,18 +120,23 @@ def _getitem_bound(args: Any, kwargs: dict) -> int:
     return _elements(torch.broadcast_shapes(*shapes)) * rest * x.element_size()
 
 
-def _backward_bound(args: Any, kwargs: dict) -> int:
+def _backward_bound(args: Any, kwargs: dict, watch: Callable | None = None) -> int:
     """``backward``: the gradients it creates for the leaves its graph reaches (a leaf that has one already
-    is accumulated in place). Its graph is walked, at most MAX_GRAPH_NODES nodes."""
-    root = args[0].grad_fn if type(args[0]) is torch.Tensor else None
+    is accumulated in place, unless ``create_graph``). Its graph is walked, at most MAX_GRAPH_NODES nodes;
+    ``watch(leaf)`` for each leaf (:func:`check`: its gradients are charged as made, veil/workers/grad_charges.py)."""
+    root = args[0].grad_fn if args and type(args[0]) is torch.Tensor else None
     if root is None:
         return 0  # (no graph: backward raises before allocating)
+    create = kwargs.get("create_graph") is True or (len(args) > 3 and args[3] is True)
     total, seen, todo = 0, {root}, [root]
     while todo:
         node = todo.pop()
         variable = getattr(node, "variable", None)
-        if type(variable) in (torch.Tensor, torch.nn.Parameter) and variable.grad is None:
-            total += _elements(variable.shape) * variable.element_size()
+        if type(variable) in (torch.Tensor, torch.nn.Parameter):
+            if watch is not None:
+                watch(variable)
+            if variable.grad is None or create:
+                total += _elements(variable.shape) * variable.element_size()
         for child, _ in node.next_functions:
             if child is not None and child not in seen:
                 if len(seen) >= MAX_GRAPH_NODES:
@@ -142,6 +148,9 @@ def _backward_bound(args: Any, kwargs: dict) -> int:
 
 #: nodes of an autograd graph ``backward``'s bound walks at most (a deeper graph: refused under a quota)
 MAX_GRAPH_NODES = 100_000
+#: ops sized by their autograd graph, by :func:`check` each time: remembered by the root's signature (a scalar
+#: loss), one ``backward`` over a small graph let every later one run unsized, over any number of leaves
+GRAPH_SIZED = frozenset({"Tensor.backward"})
 
 
 #: op name -> a bound on the bytes of its results from its arguments' shapes alone, for ops whose result
@@ -356,7 +365,10 @@ def check(monitor: Any, principal: Any, name: str, func: Callable, args: Any, kw
     if monitor.max_session_bytes is None or not principal.isolated:
         return 0
     try:
-        size = predicted_bytes(principal.namespace, name, func, args, kwargs)
+        if name in GRAPH_SIZED:  # (never remembered: its size follows the graph, not the root's signature)
+            size = _backward_bound(args, kwargs, lambda leaf: grad_charges.watch(monitor, principal, leaf))
+        else:
+            size = predicted_bytes(principal.namespace, name, func, args, kwargs)
     except Unsizable as e:
         raise monitor.refuse_unsized(principal, name, str(e)) from None
     if size > 0 or pending:

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import torch
 
 from veil.exceptions import PermissionDeniedError
+from veil.workers.grad_charges import CHARGED
 
 #: the namespace of the data owner's objects and of in-process workers (no sessions)
 SHARED_NS = ""
@@ -73,8 +74,10 @@ class Entry(_WeaklyReferable):
     grads_nbytes: int = 0  # the part of ``nbytes`` charged for its chain of gradients (charge_growth)
 
 
-def _grad_bytes(t: torch.Tensor) -> int:
-    """Bytes of the storages down ``t``'s chain of gradients (each once, ``t``'s own not counted)."""
+def _grad_bytes(t: torch.Tensor, charged: Any = frozenset(), ns: str = "") -> int:
+    """Bytes of the storages down ``t``'s chain of gradients (each once, ``t``'s own not counted), but those
+    charged to ``ns`` already as they were made (``charged``: the lingering charges, veil/workers/grad_charges.py);
+    each one counted is marked charged (its hook does not charge it again)."""
     storages, visited = {t.untyped_storage().data_ptr()}, {id(t)}
     total = 0
     while True:
@@ -82,6 +85,9 @@ def _grad_bytes(t: torch.Tensor) -> int:
         if t is None or id(t) in visited or t.layout is not torch.strided:  # (a.grad = b, b.grad = a: a cycle)
             return total
         visited.add(id(t))
+        if (ns, id(t)) in charged:
+            continue
+        setattr(t, CHARGED, True)
         storage = t.untyped_storage()
         if storage.data_ptr() not in storages:
             storages.add(storage.data_ptr())
@@ -206,11 +212,15 @@ class ObjectStore:
                     self.remove(key, ns, oid)
                 raise
 
-    def charge_growth(self, key: StoreKey, ns: str, found: dict) -> None:
+    def charge_growth(self, key: StoreKey, ns: str, found: dict, gradient: tuple | None = None) -> None:
         """``ns``'s tensors among ``found`` (id -> entry) whose storage now passes what they were charged:
-        the difference is charged (``entry.nbytes`` stays at least its storage, so removal subtracts it)."""
+        the difference is charged (``entry.nbytes`` stays at least its storage, so removal subtracts it).
+        ``gradient``: (a gradient ``backward`` made, its bytes), charged to ``ns`` while it lives instead."""
         if key is not self._key:
             self._check(key)
+        if gradient is not None:
+            self.linger(key, ns, gradient[1], gradient[0])
+            return
         space = self._spaces.get(ns)
         if not space:
             return
@@ -228,7 +238,7 @@ class ObjectStore:
                                                               - entry.grads_nbytes)
                     # its gradients, which a command may have made (backward) or grown (a plan's out= into
                     # x.grad): held as long as it is, uncharged they held any size beside a small tensor
-                    grads = _grad_bytes(obj) - entry.grads_nbytes
+                    grads = _grad_bytes(obj, self._lingering, ns) - entry.grads_nbytes
                     if grads > 0:
                         entry.grads_nbytes += grads
                         grown = max(grown, 0) + grads
