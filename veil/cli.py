@@ -166,7 +166,8 @@ def _spare_the_exit_collection() -> None:
     interpreter's exit otherwise walks every object torch allocated again, 1-2 s of a loaded 2-core host in
     every CLI call and worker stop; what is still alive is freed by reference counting as before (Python
     never promised finalizers of objects alive at exit: veil's cleanup is explicit, ``close``/``stop``).
-    Only for ``python -m veil.cli``: a program that calls :func:`main` keeps its collector as it was."""
+    Only for the ``veil`` command and ``python -m veil.cli`` (:func:`entry`): a program that calls :func:`main`
+    keeps its collector as it was."""
     import gc
 
     gc.collect()
@@ -201,8 +202,13 @@ def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-if __name__ == "__main__":
+def entry() -> int:
+    """The installed ``veil`` command (and ``python -m veil.cli``): :func:`main`, with the exit collection spared."""
     import atexit
 
     atexit.register(_spare_the_exit_collection)  # (exit handlers the command registers run before it)
-    sys.exit(main())
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(entry())
