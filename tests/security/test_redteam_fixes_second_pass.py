@@ -178,7 +178,7 @@ def test_linger_survives_session_end_and_never_goes_negative(hook):
     held = _stored(srv, dot)  # something outside the store still holds the graph (and so x)
     srv.monitor.end_session(s.id)
     store = srv.monitor._store
-    assert not [at for at in store._lingering if at[0] == s.id] and s.id not in store.usage
+    assert s.id not in store._lingering and s.id not in store.usage
     del held
     gc.collect()
     assert s.id not in store.usage and all(v >= 0 for v in store.usage.values())

@@ -310,3 +310,38 @@ def test_a_fixed_mask_recipe_made_before_the_scope_is_entered_keeps_sessions_apa
     finally:
         material.drop_provider_scope(victim)
         material.drop_provider_scope(intruder)
+
+
+class _CountingDict(dict):
+    walks: list = []
+
+    def __iter__(self):
+        _CountingDict.walks.append(1)
+        return super().__iter__()
+
+
+def test_a_sessions_end_never_walks_other_sessions_lingering_charges(hook):
+    """Every live gradient ``backward`` made is a lingering charge now: a session's end dropped its own by walking
+    every session's, under the store's lock."""
+    from veil.workers.websocket_auth import authenticate
+
+    from network_helpers import TOKEN
+
+    server, tokens, s = in_process_server(hook, "sl-linger")
+    server.monitor.max_session_bytes = QUOTA
+    other = authenticate(tokens, [TOKEN])
+    server.sessions[other.id] = other
+    root = _cheap_leaf(server, s, 0, N // 8, expand=False)
+    _ok(server, s, "Tensor.backward", (R(root),), [])
+    _ok(server, other, "torch.ones", (8,), [1])
+    _ok(server, other, "Tensor.requires_grad_", (R(1),), [0])
+    _ok(server, other, SUM, (R(1),), [2])
+    _ok(server, other, "Tensor.backward", (R(2),), [])
+    store = server.monitor._store
+    held = server.monitor.session_bytes(s.id)
+    store._lingering = _CountingDict(store._lingering)
+    _CountingDict.walks.clear()
+    server.end_session(other)
+    assert _CountingDict.walks == [] and server.monitor.session_bytes(s.id) == held
+    assert other.id not in store.usage
+    server.end_session(s)

@@ -74,10 +74,10 @@ class Entry(_WeaklyReferable):
     grads_nbytes: int = 0  # the part of ``nbytes`` charged for its chain of gradients (charge_growth)
 
 
-def _grad_bytes(t: torch.Tensor, charged: Any = frozenset(), ns: str = "") -> int:
+def _grad_bytes(t: torch.Tensor, charged: Any = _NO_OBJECTS) -> int:
     """Bytes of the storages down ``t``'s chain of gradients (each once, ``t``'s own not counted), but those
-    charged to ``ns`` already as they were made (``charged``: the lingering charges, veil/workers/grad_charges.py);
-    each one counted is marked charged (its hook does not charge it again)."""
+    charged already as they were made (``charged``: ids of the session's lingering charges,
+    veil/workers/grad_charges.py); each one counted is marked charged (its hook does not charge it again)."""
     storages, visited = {t.untyped_storage().data_ptr()}, {id(t)}
     total = 0
     while True:
@@ -85,7 +85,7 @@ def _grad_bytes(t: torch.Tensor, charged: Any = frozenset(), ns: str = "") -> in
         if t is None or id(t) in visited or t.layout is not torch.strided:  # (a.grad = b, b.grad = a: a cycle)
             return total
         visited.add(id(t))
-        if (ns, id(t)) in charged:
+        if id(t) in charged:
             continue
         setattr(t, CHARGED, True)
         storage = t.untyped_storage()
@@ -120,8 +120,10 @@ class ObjectStore:
         self.account_usage: dict[tuple[str, str], int] = {}
         #: ... -> how many (an account holding only empty objects still counts as one)
         self._account_objects: dict[tuple[str, str], int] = {}
-        #: (namespace, id of a deleted object something else still holds) -> the bytes it stays charged
-        self._lingering: dict[tuple[str, int], int] = {}
+        #: namespace -> {id of a deleted object something else still holds, or of a gradient ``backward`` made:
+        #: the bytes it stays charged}; per namespace, so that a session's end drops its own at once (walking
+        #: every session's, under the lock, cost each end as many steps as all sessions' live gradients)
+        self._lingering: dict[str, dict[int, int]] = {}
         # Writes are read-modify-write (usage, hand-offs): in-process workers may handle two
         # requests at once (a dealer's background thread next to the online phase).
         self._lock = threading.RLock()
@@ -238,7 +240,7 @@ class ObjectStore:
                                                               - entry.grads_nbytes)
                     # its gradients, which a command may have made (backward) or grown (a plan's out= into
                     # x.grad): held as long as it is, uncharged they held any size beside a small tensor
-                    grads = _grad_bytes(obj, self._lingering, ns) - entry.grads_nbytes
+                    grads = _grad_bytes(obj, self._lingering.get(ns, _NO_OBJECTS)) - entry.grads_nbytes
                     if grads > 0:
                         entry.grads_nbytes += grads
                         grown = max(grown, 0) + grads
@@ -320,15 +322,19 @@ class ObjectStore:
         self._check(key)
         at = (ns, id(obj))  # (an id is unique while the object lives, and the entry goes when it dies)
         with self._lock:
-            if ns not in self._spaces or at in self._lingering:  # (the session ended meanwhile: nothing to charge)
+            held = self._lingering.get(ns)
+            if ns not in self._spaces or (held is not None and at[1] in held):  # (the session ended meanwhile)
                 return
-            self._lingering[at] = nbytes
+            if held is None:
+                held = self._lingering[ns] = {}
+            held[at[1]] = nbytes
             self.usage[ns] = self.usage.get(ns, 0) + nbytes
         weakref.finalize(obj, self._unlinger, at)
 
     def _unlinger(self, at: tuple[str, int]) -> None:
         with self._lock:
-            nbytes = self._lingering.pop(at, 0)
+            held = self._lingering.get(at[0])
+            nbytes = held.pop(at[1], 0) if held is not None else 0
             if at[0] in self.usage:
                 self.usage[at[0]] -= nbytes
 
@@ -340,8 +346,7 @@ class ObjectStore:
                 return 0
             space = self._spaces.pop(ns, {})
             self.usage.pop(ns, None)
-            for at in [at for at in self._lingering if at[0] == ns]:
-                del self._lingering[at]
+            self._lingering.pop(ns, None)
             for oid in space:
                 acc = self._hand_offs.get(oid)
                 if acc is not None and acc[0] == ns:
