@@ -16,7 +16,8 @@ Holes found (each test failed on a2d8262's code; see the report):
   small sigma in the same history (a ledger shared with a worker not hiding its count, or a history
   charged at sigma / 2 before a2d8262) was composed by the PLD (sigma 0.1, q 1: 6.6 s, 200 MiB).
 - The same for a worker with accountant="pld" (add/remove): each step rebuilt its PLDs at the library's
-  1e-4 interval (1-4 s) under the ledger's lock. Its one-step PLDs are kept too (veil.dp.pld_cache).
+  1e-4 interval (1-4 s) under the ledger's lock. Its one-step PLDs are kept too (veil.dp.pld_cache), by
+  bytes (64 MiB): up to ~6 MiB each, 32 kept by count could hold hundreds of MiB.
 Held (guards): a scientist's policy message on data past the bound is refused before the owner's note is
 logged, and nothing of the count reaches her (the note is the owner's log and console only); the charge of
 a history split past PLD_MAX_RUNS, or mixing both relations, is at least the library's optimistic
@@ -110,6 +111,24 @@ def test_a_step_composes_no_pld_under_the_ledger_lock(tmp_path, monkeypatch):
     for s, q in runs:
         acc.step(s, q, replace_one=True)
     assert ledger.spent("eve")[0] == pytest.approx(acc.get_epsilon(DELTA), rel=1e-9)
+
+
+def test_the_kept_one_step_plds_stay_within_their_bytes(monkeypatch):
+    """Attack (memory): one-step PLDs are kept between charges, ~80 KiB to ~6 MiB each (more at small sigma);
+    kept by count, a scientist's distinct pairs (16 per user) could hold hundreds of MiB. Must hold: the kept
+    bytes stay within ONE_STEP_BYTES, the most recent kept, and a PLD dropped is built again the same."""
+    from collections import OrderedDict
+
+    monkeypatch.setattr(pld_cache, "_kept", OrderedDict())
+    first = pld_cache.one_step_pld(1.0, 0.01, True, 1e-3)
+    one, want = pld_cache._pld_bytes(first), first.self_compose(3).get_epsilon_for_delta(DELTA)
+    monkeypatch.setattr(pld_cache, "ONE_STEP_BYTES", int(one * 2.5))
+    for i in range(1, 5):
+        pld_cache.one_step_pld(1.0 + i / 100, 0.01, True, 1e-3)
+    assert sum(b for _p, b in pld_cache._kept.values()) <= pld_cache.ONE_STEP_BYTES
+    assert list(pld_cache._kept)[-1] == (1.04, 0.01, True, 1e-3) and len(pld_cache._kept) == 2
+    again = pld_cache.one_step_pld(1.0, 0.01, True, 1e-3)
+    assert again is not first and again.self_compose(3).get_epsilon_for_delta(DELTA) == want
 
 
 def test_a_history_changed_while_composing_is_charged_for_its_new_state(tmp_path, monkeypatch):
