@@ -121,9 +121,9 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
             written = set()
         protected, secret, oblivious_guard, dealer, args, kwargs = _owner_checks(
             worker, principal, op, purpose, args, kwargs, found, entries, wire_args, wire_kwargs)
-        if oblivious_guard is None and (written is not None or value_shapes.followed(name)):
-            # inputs under review decide no result size and no Python value (value_shapes)
-            oblivious_guard = value_shapes.guard(worker, principal.user, name, found, arguments, (args, kwargs))
+        if written is not None or value_shapes.followed(name):  # reviewed inputs: no value-sized result, Python
+            oblivious_guard = value_shapes.guard(  # value or free failure bit (value_shapes; beside a secret guard)
+                worker, principal.user, name, found, arguments, (args, kwargs), oblivious_guard)
     if ids is not None:  # checked before the op runs: an in-place op must not write, then have its results refused
         if type(ids) is not list:
             raise RemoteExecutionError(f"{name}: return ids must be a list of object ids, got {type(ids).__name__}")
@@ -168,8 +168,8 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
     except Exception as e:  # errors on owner data carry no values
         if found:  # (a failed out= resize: torch kept the new shape of a storage that could not grow)
             storage_overrun.drop_overruns(monitor, principal, found)
-        if isinstance(e, PermissionDeniedError) and oblivious_guard is not None:
-            monitor.audit(purpose.value, principal, list(found), "refused", str(e))
+        if oblivious_guard is not None:  # refusals audited; a failure on reviewed values counted (value_shapes)
+            value_shapes.failed(worker, principal, purpose.value, oblivious_guard, list(found), e)
         if purpose is _DP_RELEASE:
             monitor.audit("dp_release", principal, list(found), "refused",
                           f"{name}: {e}" if isinstance(e, VeilError) else f"{name}: {type(e).__name__}")

@@ -23,8 +23,10 @@ Unlike secrets, reviewed values may enter any other op (their owner may
 approve the results; errors on them are value-free already): shapes that
 follow only the shapes of owner data stay as they are. The refusal names the
 op only and depends on which inputs are reviewed, never on values. Whether an
-op with an index or divisor from such values fails (``zeros(12)[x]``) is one
-bit a command, left as it is: honest training indexes by reviewed labels.
+op fails on such values (``zeros(12)[x]``, ``bernoulli(x - c)``) is
+:mod:`veil.workers.failure_budget`'s: refused up front where honest training
+has no use for the argument, else counted against the user's budget on the
+dataset. The guard runs beside a secret input's guard too.
 
 Three reads the dispatch mode cannot see are refused beside it: a torch
 function that reads a tensor argument's values in Python, with no ATen op
@@ -46,6 +48,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from veil.exceptions import PermissionDeniedError, register_remote_error
+from veil.workers import failure_budget
 from veil.workers.oblivious import _key, _public_parameters, _touches
 from veil.workers.oblivious_ops import VALUE_SHAPED
 
@@ -75,9 +78,11 @@ class ShapeRefused(PermissionDeniedError):
 class _FollowsReviewed(TorchDispatchMode):
     """Follows reviewed storages through one command; refuses value-sized results and Python values of them."""
 
-    def __init__(self, op_name: str, reviewed: set[int]) -> None:
+    def __init__(self, op_name: str, reviewed: set[int], sources: frozenset = frozenset()) -> None:
         super().__init__()
         self.op_name, self.reviewed = op_name, reviewed
+        self.sources = sources  # the reviewed datasets its inputs derive from (failure_budget counts on them)
+        self.may_fail = False  # an op whose success may follow reviewed values ran (failure_budget.may_fail)
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -99,6 +104,11 @@ class _FollowsReviewed(TorchDispatchMode):
         name = func._schema.name
         if name in _SHAPED:
             raise self._refuse(f"the shape of {name}")
+        why = failure_budget.refusal(func, args, kwargs, reviewed)
+        if why is not None:
+            raise self._refuse(why)
+        if not self.may_fail:
+            self.may_fail = failure_budget.may_fail(func, args, kwargs, reviewed)
         if name in _MASK_INDEXED and _masks(args[1] if len(args) > 1 else kwargs.get("indices"), reviewed):
             raise self._refuse("the shape of an index by a mask")
         if (name in _MASK_WRITES and len(args) > 2 and isinstance(args[2], torch.Tensor) and args[2].numel() != 1
@@ -180,21 +190,81 @@ PLAN_RUNS = frozenset({"veil.plan.run", "veil.plan.fit"})
 
 
 def guard(worker: Any, user: str, op_name: str, found: dict, resolved: Any = None,
-          passed: Any = None) -> _FollowsReviewed | None:
+          passed: Any = None, outer: Any = None) -> Any:
     """The context a requester-chosen op runs in when one of its inputs (``found``: id -> entry) could leave
-    ``user``'s hands only with the owner's approval (it derives from a dataset under review); None when none
-    could. A plan gets copies of the owner's tensors: ``resolved`` (the arguments as the monitor resolved them)
-    and ``passed`` (as the plan gets them, the same structure) say which tensor it runs on stands for which."""
+    ``user``'s hands only with the owner's approval (it derives from a dataset under review); ``outer`` (the
+    secret inputs' guard, or None) when none could. A plan gets copies of the owner's tensors: ``resolved`` (the
+    arguments as the monitor resolved them) and ``passed`` (as the plan gets them, the same structure) say which
+    tensor it runs on stands for which. A refusal when ``user`` spent its failure budget on one of those datasets."""
     from veil.governance.release import needs_review
 
     if op_name.startswith(PROTOCOL_STEPS):
-        return _public_refusal(worker, user, op_name, found, resolved)
-    keys = {k for k in (_key(e.obj) for oid, e in found.items()
-                        if e.provenance and needs_review(worker, oid, e, user)) if k is not None}
-    if keys and passed is not None:
+        return outer or _public_refusal(worker, user, op_name, found, resolved)
+    under = [(oid, e) for oid, e in found.items() if e.provenance and needs_review(worker, oid, e, user)]
+    keys = {k for k in (_key(e.obj) for oid, e in under) if k is not None}
+    if not keys:
+        return outer
+    if passed is not None:
         keys |= {_key(after) for before, after in zip(_leaves(resolved), _leaves(passed))
                  if _key(before) in keys and _key(after) is not None}
-    return _FollowsReviewed(op_name, keys) if keys else None
+    sources = _reviewed_sources(worker, under)
+    if failure_budget.spent(worker, user, sources):
+        return _Refusing(ShapeRefused(
+            f"{op_name}: commands of {user!r} on data under the owner's review failed on its values "
+            f"{failure_budget.budget(worker)} times; further commands on it are refused until the owner resets "
+            "the count (failure_budget.forgive)"))
+    follows = _FollowsReviewed(op_name, keys, sources)
+    return follows if outer is None else _Both(outer, follows)
+
+
+def _reviewed_sources(worker: Any, under: list) -> frozenset:
+    """The datasets under review among the sources of ``under`` ((id, entry) pairs)."""
+    from veil.governance.provenance import sources_of
+    from veil.governance.state import _STATE
+
+    state = _STATE.get(worker)
+    policies = state.policies if state is not None else {}
+    return frozenset(s for oid, e in under for s in sources_of(oid, e) if policies.get(s) == "review")
+
+
+class _Both:
+    """A secret inputs' guard and the reviewed inputs' (:class:`_FollowsReviewed`), entered together."""
+
+    def __init__(self, outer: Any, follows: _FollowsReviewed) -> None:
+        self.outer, self.follows = outer, follows
+
+    def __enter__(self) -> None:
+        self.outer.__enter__()
+        try:
+            self.follows.__enter__()
+        except BaseException:
+            self.outer.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.follows.__exit__(*exc)
+        finally:
+            self.outer.__exit__(*exc)
+
+
+def failed(worker: Any, principal: Any, action: str, context: Any, ids: list, error: BaseException) -> None:
+    """After a command run in ``context`` (what :func:`guard` or the secret guard gave) failed: a refusal
+    (value-free) is audited; any other failure is counted against its user's failure budget on the reviewed
+    datasets it read when an op whose success may follow their values ran (a deadline or cancellation is not).
+    The failure that spends a budget is audited."""
+    from veil.exceptions import CommandTimeoutError
+
+    if isinstance(error, PermissionDeniedError):
+        worker.monitor.audit(action, principal, ids, "refused", str(error))
+        return
+    follows = context.follows if type(context) is _Both else context
+    if (type(follows) is not _FollowsReviewed or not follows.may_fail or not follows.sources
+            or isinstance(error, CommandTimeoutError)):
+        return
+    for source in failure_budget.charge(worker, principal.user, follows.sources):
+        worker.monitor.audit(action, principal, ids, "refused", f"{follows.op_name}: {principal.user!r} spent the "
+                             f"failure budget on dataset {source!r} under review; further commands are refused")
 
 
 def followed(name: str) -> bool:

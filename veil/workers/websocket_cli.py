@@ -30,6 +30,8 @@ import torch
 
 from veil.exceptions import CommandLineError
 from veil.workers.audit_retention import DEFAULT_MAX_ROWS, AuditRetention
+from veil.workers.failure_budget import DEFAULT_BUDGET
+from veil.workers.failure_budget import set_budget as set_failure_budget
 from veil.workers.heap_freeze import freeze_startup_heap
 from veil.workers.persistence import OwnerDB
 from veil.workers.scheduling import POLICIES, set_policy
@@ -85,6 +87,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                         f"may make in {FAILURE_WINDOW / 60:g} minutes before it is refused for a while, longer with "
                         f"each further failure (default: {FREE_FAILURES}); a valid token of {UNGUESSABLE_CHARS}+ "
                         "characters, as generated ones, is never refused")
+    p.add_argument("--review-failures", type=int, default=DEFAULT_BUDGET, metavar="N",
+                   help="failures on its values a user's commands may have on a dataset under review before the "
+                        f"user's further commands on it are refused (default: {DEFAULT_BUDGET})")
     p.add_argument("--audit-max-rows", type=int, default=DEFAULT_MAX_ROWS, metavar="N",
                    help=f"most audit rows of requests kept (default: {DEFAULT_MAX_ROWS:,}; 0: no cap): past it the "
                         "oldest are deleted; the owner's decisions, release requests, releases and DP charges never")
@@ -351,6 +356,7 @@ def run(args: argparse.Namespace) -> int:
         max_sessions_per_client=args.max_sessions_per_client,
     )
     worker.auth_throttle = FailureThrottle(free=max(0, args.auth_free_failures))
+    set_failure_budget(worker, max(1, args.review_failures))
     if args.audit_max_rows:
         worker.refusals.followers.append(AuditRetention(worker.db, args.audit_max_rows))
     for peer in _peers(args, hook):

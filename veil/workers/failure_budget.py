@@ -1,0 +1,191 @@
+"""Whether a command on values under review fails: no free bit a command.
+
+An op may fail on the values of its arguments (an index out of range, a zero
+integer divisor, a probability outside [0, 1], a singular matrix), and the
+scientist sees whether a command failed without the owner's review. Repeated
+with a shifted threshold (``take(zeros(2), (v < c).long() * 5)``,
+``bernoulli(v - c)``), it is a binary search of a value under review.
+
+:mod:`veil.workers.value_shapes` follows reviewed values through each command's
+ATen ops and asks this module, before each op that touches one:
+
+* :func:`refusal`: ops whose success follows a reviewed *value-dependent*
+  argument that honest training has no use for are refused up front, whatever
+  the values (one line, no bit): a distribution's parameters (``bernoulli``'s
+  probabilities, ``poisson``'s rates, ``normal``'s std; ``bernoulli_(0.5)`` and
+  dropout on reviewed data keep working: their probability is public),
+  matrix decompositions and solvers (``linalg_*``, ``cholesky``, ``inverse``),
+  integer division, remainder and fmod by a reviewed divisor (float division
+  never fails), and torch's own asserts on a reviewed tensor;
+* :func:`may_fail`: the ops honest training needs (targets of ``nll_loss``,
+  indices of ``embedding``, ``gather``, ``index``, ``scatter``; any op not known
+  to be data-oblivious, ``binary_cross_entropy`` for one) run as in plain torch.
+  A command that ran one of them on reviewed values and then failed is
+  *counted* against its user and each reviewed dataset it read
+  (:func:`charge`); past the owner's budget (:data:`DEFAULT_BUDGET` failures,
+  :func:`set_budget`), further commands of that user on that dataset are
+  refused in one line, audited (:func:`spent`), until the owner forgives them
+  (:func:`forgive`) or the worker restarts. Counted per user, not per
+  connection: a new session would otherwise start a fresh budget.
+
+Failures of commands whose reviewed values entered only data-oblivious ops
+(shape mismatches, dtype errors) are not counted: they follow no value.
+What is left: success itself still answers each counted command, so over N
+such commands with at most B failures a user learns at most
+log2(sum_{i<=B} C(N, i)) <= B log2(e N / B) + 1 bits of a dataset (before: N).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+
+from veil.workers.oblivious import _touches
+from veil.workers.oblivious_ops import OBLIVIOUS, VALUE_CHECKED
+
+#: failures of value-dependent commands a user may have on one dataset under review (the owner may change it)
+DEFAULT_BUDGET = 8
+#: (user, dataset) counts one worker keeps; past it, counts below the budget are dropped (spent ones stay)
+MAX_COUNTS = 65_536
+
+#: distribution ops -> arguments whose values make them fail (bernoulli's "self" is its probabilities only in
+#: overloads without a "p": see _distribution_arguments)
+_DISTRIBUTIONS = {
+    "aten::bernoulli": frozenset({"p"}), "aten::bernoulli_": frozenset({"p"}), "aten::poisson": frozenset({"self"}),
+    "aten::binomial": frozenset({"count", "prob"}), "aten::_standard_gamma": frozenset({"self"}),
+    "aten::_sample_dirichlet": frozenset({"self"}), "aten::normal": frozenset({"std"}),
+    "aten::_assert_async": frozenset({"self"}), "aten::_functional_assert_async": frozenset({"self"}),
+}
+#: decompositions and solvers beyond the linalg_ names (they fail on singular, indefinite or NaN matrices)
+_LINALG = frozenset(f"aten::{n}" for n in (
+    "cholesky", "cholesky_solve", "cholesky_inverse", "_cholesky_solve_helper", "inverse", "lu_solve", "_lu_with_info",
+    "lu_unpack", "triangular_solve", "geqrf", "ormqr", "orgqr", "svd", "symeig", "eig", "lstsq", "det", "logdet",
+    "slogdet", "pinverse", "matrix_power", "matrix_exp", "_linalg_check_errors"))
+#: integer division by the argument "other" fails on a zero
+_DIVISIONS = frozenset(f"aten::{n}" for n in ("div", "div_", "floor_divide", "floor_divide_", "remainder",
+                                              "remainder_", "fmod", "fmod_"))
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
+
+
+def refusal(func: Any, args: tuple, kwargs: dict, reviewed: set) -> str | None:
+    """What ATen op ``func`` (touching a reviewed storage) may not do with one, or None: its success would follow
+    a reviewed value-dependent argument honest training does not pass (decided by names and dtypes only)."""
+    name = func._schema.name
+    if name in _DISTRIBUTIONS:
+        for arg in _distribution_arguments(func, name):
+            if _touches((_argument(func, args, kwargs, arg),), reviewed):
+                return f"whether {name} succeeds (its {arg!r})"
+    elif name in _LINALG or (name.startswith(("aten::linalg_", "aten::_linalg_")) and name not in OBLIVIOUS):
+        return f"whether {name} succeeds (a decomposition or solver)"
+    elif name in _DIVISIONS:
+        divisor = _argument(func, args, kwargs, "other")
+        if _touches((divisor,), reviewed) and _integral(func, args, kwargs, divisor):
+            return f"whether {name} succeeds (an integer divisor)"
+    return None
+
+
+def may_fail(func: Any, args: tuple, kwargs: dict, reviewed: set) -> bool:
+    """Whether ATen op ``func`` (touching a reviewed storage) may fail on reviewed values: a reviewed index,
+    target or divisor (``VALUE_CHECKED``), or any op not known to be data-oblivious."""
+    name = func._schema.name
+    if name in OBLIVIOUS:
+        return False
+    checked = VALUE_CHECKED.get(name)
+    if checked is None:
+        return True
+    return any(_touches((_argument(func, args, kwargs, arg),), reviewed) for arg in checked)
+
+
+def _distribution_arguments(func: Any, name: str) -> frozenset:
+    if name == "aten::bernoulli" and func._schema.overload_name in ("", "out"):
+        return frozenset({"self"})  # bernoulli(p): the tensor is the probabilities
+    return _DISTRIBUTIONS[name]
+
+
+def _argument(func: Any, args: tuple, kwargs: dict, name: str) -> Any:
+    for i, a in enumerate(func._schema.arguments):
+        if a.name == name:
+            return args[i] if i < len(args) else kwargs.get(name)
+    return None
+
+
+def _integral(func: Any, args: tuple, kwargs: dict, divisor: Any) -> bool:
+    """Whether the division runs in an integer dtype (a zero divisor raises; in floats it gives inf or NaN)."""
+    name = func._schema.name
+    if name in ("aten::div", "aten::div_") and _argument(func, args, kwargs, "rounding_mode") is None:
+        return False  # true division
+    dividend = _argument(func, args, kwargs, "self")
+    try:
+        dtype = (torch.result_type(dividend, divisor) if isinstance(dividend, torch.Tensor)
+                 else torch.result_type(divisor, dividend))
+    except (TypeError, RuntimeError):
+        return True  # not understood: as if integral (refused)
+    return dtype not in _FLOATING
+
+
+class _Counts:
+    """One worker's failure counts: (user, dataset) -> failures, and the owner's budget."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.budget = DEFAULT_BUDGET
+        self.failures: dict[tuple, int] = {}
+
+
+_WORKERS_LOCK = threading.Lock()
+
+
+def _counts(worker: Any) -> _Counts:
+    counts = worker.__dict__.get("_review_failures")
+    if counts is None:
+        with _WORKERS_LOCK:
+            counts = worker.__dict__.setdefault("_review_failures", _Counts())
+    return counts
+
+
+def set_budget(worker: Any, failures: int) -> None:
+    """The owner's budget: failures of value-dependent commands a user may have on one dataset under review."""
+    if type(failures) is not int or failures < 1:
+        raise ValueError(f"the failure budget must be an int >= 1, got {failures!r}")
+    _counts(worker).budget = failures
+
+
+def budget(worker: Any) -> int:
+    return _counts(worker).budget
+
+
+def forgive(worker: Any, user: str | None = None) -> None:
+    """The owner's reset of ``user``'s counts (everyone's when None)."""
+    counts = _counts(worker)
+    with counts.lock:
+        for key in [k for k in counts.failures if user is None or k[0] == user]:
+            del counts.failures[key]
+
+
+def spent(worker: Any, user: str, sources: frozenset) -> bool:
+    """Whether ``user`` has spent its failure budget on one of the datasets ``sources``."""
+    counts = _counts(worker)
+    if not counts.failures:
+        return False
+    budget = counts.budget
+    return any(counts.failures.get((user, s), 0) >= budget for s in sources)
+
+
+def charge(worker: Any, user: str, sources: frozenset) -> list:
+    """Counts one failure of a value-dependent command of ``user`` on each of ``sources``; the datasets whose
+    budget it has just spent."""
+    counts = _counts(worker)
+    now_spent = []
+    with counts.lock:
+        failures, budget = counts.failures, counts.budget
+        if len(failures) + len(sources) > MAX_COUNTS:  # bounded: counts below the budget go first
+            for key in [k for k, n in failures.items() if n < budget]:
+                del failures[key]
+        for s in sources:
+            n = failures.get((user, s), 0) + 1
+            failures[(user, s)] = n
+            if n == budget:
+                now_spent.append(s)
+    return now_spent
