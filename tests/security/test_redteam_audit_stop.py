@@ -377,8 +377,12 @@ def test_an_inline_reply_waits_for_its_own_rows_only(hook, monkeypatch):
 def test_an_inline_get_does_not_wait_on_the_event_loop_for_queued_refusal_rows(hook, monkeypatch):
     """Attack: refusals queued behind a stalled write of the owner's database, then any client's ``get`` (its
     allowed row is written directly, after the rows handed before it). The get ran on the event loop and waited
-    there for the writer (up to 20 s: every connection and ping held). Must hold: the loop does not wait; the get
-    goes to a handler thread, which returns the value once the rows are written."""
+    there for the writer (up to 20 s: every connection and ping held). Must hold: the loop does not wait; the get's
+    reply (awaited by its connection, off the loop) returns the value once the rows are written. (It went to a
+    handler thread; since test_redteam_audit_turns.py its allowed row is queued after those rows instead.)"""
+    import asyncio
+
+    from veil.workers.loop_rows import AfterRows, released
     from server_sessions import quota_worker, send_tensor
     from test_redteam_turn_locks import _HangOnce
     from veil.workers import audit_writer
@@ -402,15 +406,15 @@ def test_an_inline_get_does_not_wait_on_the_event_loop_for_queued_refusal_rows(h
         srv.refused_requests.refused("compute", "mallory", "s-m", [1], "probe")
         assert hang.started.wait(10)
         out: dict = {}
-        loop = threading.Thread(target=lambda: out.update(r=srv.try_inline(data, sci)), name="as-get-loop")
+        loop = threading.Thread(target=lambda: out.update(r=srv.lane_request(data, sci)), name="as-get-loop")
         loop.start()
         loop.join(10)
         assert loop_waits == [], "the event loop waited for the row writer"
         reply, decoded = out["r"]
-        assert reply is None and decoded is not None  # (a handler thread's)
+        assert decoded is None and type(reply) is AfterRows  # (its reply awaits its rows on the connection)
     finally:
         hang.release()
-    got = deserialize(srv.serve_bytes(data, sci, decoded=decoded))[0]
+    got = deserialize(asyncio.run(released(srv.audit_rows, reply)))[0]
     assert torch.equal(got.objects[0], torch.tensor([1.5, -2.0]))
 
 

@@ -316,8 +316,10 @@ def test_a_get_sent_to_a_handler_thread_while_rows_wait_does_not_hold_the_turn(h
     try:
         srv.refusals.refused("203.0.113.7:4000", "bad token")  # (its row waits behind the stalled write)
         assert hang.started.wait(10)
-        reply, decoded = srv.try_inline(data, sci)
-        assert reply is None and decoded is not None  # (rows queued: a handler thread's)
+        with monkeypatch.context() as patched:  # (a handler thread's: inline, its rows are queued off the loop)
+            patched.setattr(srv.audit_rows, "full", lambda: True)
+            reply, decoded = srv.try_inline(data, sci)
+        assert reply is None and decoded is not None
         getter = threading.Thread(target=lambda: out.update(get=srv.serve_bytes(data, sci, decoded=decoded)))
         getter.start()
         time.sleep(0.2)  # (the get is waiting for the rows)

@@ -11,8 +11,17 @@ written in the order handed, by its thread. A handler thread waits for its own r
 (below), not while the writer is behind (a stalled database).
 A row written synchronously (an allowed one: data leaving the worker) waits for the rows handed before it
 (:meth:`RowWriter.wait`), so the log keeps its order, as does a read of the log (``OwnerDB.audit_entries``); on
-the event loop it waits for none (an inline get runs there only while none is queued: rows other threads hand
+the event loop it waits for none (an inline opening runs there only while none is queued: rows other threads hand
 meanwhile are concurrent with it and go after it, :meth:`RowWriter.inline_started`).
+
+A get's allowed rows (its release is its reply) are queued instead, in order with the refusal rows
+(:func:`rows_held_by_reply`, :meth:`RowWriter.submit_allowed`): they waited for the whole queue in the worker's
+turn (a session flooding refusals made every honest get hold the turn while the writer caught up), and an inline
+get's was a database write on the event loop. Now only the request's reply waits, for its own rows, out of the
+turn (:meth:`RowWriter.settle_mine`) or on its connection (loop_rows.py); a row not written (a database error, or
+none within :data:`WAIT_S`) turns the reply into one error line: no release is answered before its allowed row is
+on record. Allowed rows are never counted into a summary; a thread queues at most :data:`ALLOWED_AHEAD` before it
+waits for them.
 
 Bounded: a queued row is a copy of what the audit table keeps of it (at most 1000 ids, 500 characters); at most
 :data:`MAX_PENDING` rows wait, and past that a row is counted into one summary row per (action, principal) (ids
@@ -24,7 +33,8 @@ and ping held meanwhile): the connection whose inline request was refused awaits
 (:meth:`RowWriter.take_mine`, :meth:`RowWriter.written_async`; loop_rows.py). A handler thread whose row was
 counted past the cap waits for the summary it is in. At the stop (SIGTERM runs the same stop) the
 rows still queued after :data:`STOP_FOLD_S` are folded into one summary row per (action, principal), written
-before the database closes (:meth:`RowWriter.finish`): a flood then a stop loses no refusal from the log.
+before the database closes (:meth:`RowWriter.finish`): a flood then a stop loses no refusal from the log (queued
+allowed rows are kept, one each, ahead of those summaries).
 """
 
 from __future__ import annotations
@@ -34,8 +44,10 @@ import logging
 import threading
 import weakref
 from collections import deque
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
+from veil.exceptions import RemoteExecutionError
 from veil.workers.refusal_rows import SUMMARY_IDS, RefusedRequestLog
 
 log = logging.getLogger(__name__)
@@ -54,6 +66,31 @@ STORED_IDS, STORED_DETAIL = 1000, 500
 #: (action, principal, outcome) keys counted past a full queue (the rest share one principal)
 OVERFLOW_KEYS = 64
 OTHER_PRINCIPALS = "(other principals)"
+#: allowed rows one thread may have queued before it waits for them (a get naming thousands of its objects)
+ALLOWED_AHEAD = 64
+#: what a release whose allowed row is not on record answers instead of its values
+NOT_RECORDED = "the owner's audit log did not record this release (its database failed or did not answer): " \
+    "nothing was released"
+
+_reply_rows = threading.local()
+
+
+@contextmanager
+def rows_held_by_reply() -> Iterator[None]:
+    """Allowed rows audited in the block (a get's: the release is its reply) are queued in order with the refusal
+    rows (:meth:`RowWriter.submit_allowed`) instead of written in the turn after the whole queue; the request's
+    reply waits for them (:meth:`RowWriter.settle_mine`, ``loop_rows.released``) and is an error if one failed."""
+    before = getattr(_reply_rows, "on", False)
+    _reply_rows.on = True
+    try:
+        yield
+    finally:
+        _reply_rows.on = before
+
+
+def held_by_reply() -> bool:
+    """Whether an allowed row audited now goes to the queue (:func:`rows_held_by_reply`)."""
+    return getattr(_reply_rows, "on", False)
 
 
 def _as_stored(action: str, principal: str, session: str, ids: Any, outcome: str, detail: str) -> tuple:
@@ -85,13 +122,56 @@ class RowWriter:
         #: connections awaiting their rows on an event loop: (seq, loop, future)
         self._loop_waiters: set[tuple] = set()
 
+    def submit_allowed(self, *row: Any) -> None:
+        """Queues an allowed row (:func:`rows_held_by_reply`): never counted into a summary, after every row handed
+        before it (the summaries of rows counted past the cap first). The thread's reply waits for it
+        (:meth:`settle_mine`); a handler thread with :data:`ALLOWED_AHEAD` rows queued waits for them first."""
+        mine = self._mine.__dict__.setdefault("tickets", [])
+        if len(mine) >= ALLOWED_AHEAD and not getattr(self._mine, "inline", False):
+            if not self._settle(mine, getattr(self._mine, "seq", 0), WAIT_S):
+                raise RemoteExecutionError(NOT_RECORDED)
+            mine.clear()
+        ticket: list = [None]  # (set by the writer: whether the row is on record)
+        with self._changed:
+            if self._overflow:
+                self._queue_overflow()
+            self._rows.append(_as_stored(*row) + (1, ticket))
+            self._submitted += 1
+            self._mine.seq = self._submitted
+            mine.append(ticket)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            self._changed.notify_all()
+
+    def _settle(self, tickets: list, seq: int, timeout: float) -> bool:
+        self._wait_for(seq, timeout)
+        return all(t[0] is True for t in tickets)
+
+    def settle_mine(self, timeout: float = WAIT_S) -> bool:
+        """(a handler thread, out of the turn, before its reply) :meth:`wait_mine`; whether every allowed row it
+        queued is on record (else its reply must not release anything)."""
+        tickets = self._mine.__dict__.pop("tickets", None)
+        seq = getattr(self._mine, "seq", 0)
+        self._mine.seq = 0
+        return self._settle(tickets, seq, timeout) if tickets else (self._wait_for(seq, timeout) or True)
+
+    def take_allowed(self) -> list | None:
+        """(the event loop) the tickets of the allowed rows this thread queued since :meth:`inline_started`."""
+        return self._mine.__dict__.pop("tickets", None)
+
+    def full(self) -> bool:
+        """Whether refusal rows are being counted past the cap (an inline get then takes a handler thread, which
+        bounds what it queues: the event loop never waits)."""
+        return len(self._rows) >= MAX_PENDING or bool(self._overflow)
+
     def submit(self, *row: Any, stands_for: int = 1) -> None:
         """Hands ``row`` (action, principal, session, ids, outcome, detail) to the thread; never waits. A copy
         of what the database keeps of it is queued (the requester's ids and text are not held meanwhile).
         Past :data:`MAX_PENDING` rows waiting, it is counted into a summary row instead (queued once every row
         before it is written, so the log keeps its order). ``stands_for``: the refusals the row counts (a window's
         summary row: its N), kept when it is folded into a summary."""
-        row = _as_stored(*row) + (stands_for,)
+        row = _as_stored(*row) + (stands_for, None)
         with self._changed:
             if self._overflow or len(self._rows) >= MAX_PENDING:
                 self._count_over(row)
@@ -108,7 +188,7 @@ class RowWriter:
             self._changed.notify_all()
 
     def _count_over(self, row: tuple) -> None:
-        action, principal, _session, ids, outcome, detail, stands_for = row
+        action, principal, _session, ids, outcome, detail, stands_for, _ticket = row
         key = (action, principal, outcome)
         if key not in self._overflow and len(self._overflow) >= OVERFLOW_KEYS:
             key = (action, OTHER_PRINCIPALS, outcome)
@@ -128,7 +208,7 @@ class RowWriter:
         for (action, principal, outcome), (count, ids, last) in self._overflow.items():
             self._rows.append(_as_stored(
                 action, principal, "-", list(ids), outcome,
-                f"{count} more {outcome} {action} rows not written one by one ({why}); last: {last}") + (count,))
+                f"{count} more {outcome} {action} rows not written one by one ({why}); last: {last}") + (count, None))
             self._submitted += 1
         self._overflow.clear()
 
@@ -141,8 +221,13 @@ class RowWriter:
                 row = self._rows[0]
             try:
                 self._write(*row[:6])
+                written = True
             except Exception:  # noqa: BLE001 - the refusal stood whatever the log did
-                log.exception("%s: could not write an audit row", self._name)
+                written = False
+                log.exception("%s: could not write an audit row (%s %s of %s, standing for %d request(s))",
+                              self._name, row[4], row[0], row[1], row[6])
+            if row[7] is not None:
+                row[7][0] = written  # (an allowed row's: its reply releases nothing unless written)
             with self._changed:
                 self._rows.popleft()
                 self._written += 1
@@ -190,6 +275,7 @@ class RowWriter:
         loop, behind a stalled write up to :data:`WAIT_S`, twice (``_audit``, ``OwnerDB.audit``). Now the allowed
         row goes first (both are on record)."""
         self._mine.seq = 0
+        self._mine.__dict__.pop("tickets", None)
         self._mine.inline = True
 
     def inline_ended(self) -> None:
@@ -202,10 +288,11 @@ class RowWriter:
         self._mine.seq = 0
         return seq if seq > self._written else 0
 
-    async def written_async(self, seq: int, timeout: float = WAIT_S) -> None:
+    async def written_async(self, seq: int, timeout: float = WAIT_S, strict: bool = False) -> None:
         """Awaits (without holding the event loop) until row ``seq`` is written, at most ``timeout`` and not
-        while the writer is behind (a stalled database: then replies go without waiting until it caught up)."""
-        if self._written >= seq or self._behind:
+        while the writer is behind (a stalled database: then replies go without waiting until it caught up),
+        unless ``strict`` (a release's allowed row: its reply goes only once it is on record)."""
+        if self._written >= seq or (self._behind and not strict):
             return
         loop = asyncio.get_running_loop()
         waiter = (seq, loop, loop.create_future())
@@ -244,6 +331,9 @@ class RowWriter:
             queued = list(self._rows)[head:]
             for _ in queued:
                 self._rows.pop()
+            allowed = [row for row in queued if row[7] is not None]  # (never folded: written one each, first)
+            queued = [row for row in queued if row[7] is None]
+            self._rows.extend(allowed)
             self._submitted -= len(queued)
             folded = dict(self._overflow)  # (those counted past the cap come after the queued ones)
             self._overflow.clear()

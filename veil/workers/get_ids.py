@@ -15,6 +15,8 @@ from typing import Any
 
 from veil.exceptions import PermissionDeniedError
 from veil.workers import cancellation
+from veil.workers.audit_writer import rows_held_by_reply
+from veil.workers.principals import Purpose
 
 #: how many times over a request may name its distinct objects, and repeats allowed on top
 REPEATS_ALLOWED, SPARE_REPEATS = 2, 32
@@ -39,7 +41,16 @@ def resolve_each(monitor: Any, principal: Any, ids: list, purpose: Any, detail: 
     """``monitor.resolve`` of each id (each an allowed audit row, a database write), looking at the command's
     deadline and cancellation every :data:`CHECK_EVERY` ids (it never did: 100,000 objects of its own held the
     turn ~30 s whatever ``--max-command-seconds`` said). No turn is handed over between them: what was resolved
-    is what is released."""
+    is what is released. A get's allowed rows are queued with the refusal rows (a network worker's reply waits for
+    them out of the turn: audit_writer.rows_held_by_reply); a move's are written as it goes (its value leaves in
+    the turn)."""
+    if purpose is Purpose.REVEAL:
+        with rows_held_by_reply():
+            return _resolved(monitor, principal, ids, purpose, detail)
+    return _resolved(monitor, principal, ids, purpose, detail)
+
+
+def _resolved(monitor: Any, principal: Any, ids: list, purpose: Any, detail: str) -> list:
     entries = []
     for k, oid in enumerate(ids):
         if k and k % CHECK_EVERY == 0:

@@ -28,8 +28,9 @@ from veil.mpc.party import OPENABLE, PARTY_FUNCTIONS, OpenMessage, step_name
 from veil.workers import handlers as _handlers
 from veil.workers import skeletons as _skeletons
 from veil.workers.accounts import ACTING
+from veil.workers.audit_writer import WAIT_S, held_by_reply
 from veil.workers.base import HANDLERS, YIELD_EVERY
-from veil.workers.loop_rows import after_rows
+from veil.workers.loop_rows import after_rows, not_recorded
 from veil.workers.monitor import Principal
 from veil.workers.websocket_auth import FULL_ROLES, Session
 
@@ -56,7 +57,8 @@ INLINE_TYPES = frozenset((m.CommandMessage, m.ObjectMessage, m.GetObjectsMessage
 
 _OPS_BY_NAME = ALLOWLIST._by_name
 #: requests whose allowed audit row is written directly (data leaving the worker): after the rows queued before it
-_ALLOWED_ROW_REQUESTS = (m.GetObjectsMessage, OpenMessage)
+#: (a get's is queued with them instead: its reply waits for it, audit_writer.rows_held_by_reply)
+_ALLOWED_ROW_REQUESTS = (OpenMessage,)
 _UNKNOWN = object()
 _SKELETON = m.SkeletonCommand
 _PREPARED = _skeletons.Skeleton
@@ -153,15 +155,34 @@ class InlineLane:
     _stock_handle: Callable | None = None
 
     def serve_inline(self, data: bytes, session: Session) -> bytes | None:
-        """The fast path: runs a short request on the event loop thread, no thread hop (see :meth:`try_inline`)."""
-        return self.try_inline(data, session)[0]
+        """The fast path: runs a short request on this thread, no thread hop (see :meth:`try_inline`); not on an
+        event loop: a get's reply waits here for its allowed rows (a connection awaits them: :meth:`lane_request`)."""
+        reply = self.try_inline(data, session)[0]
+        tickets = self.audit_rows.take_allowed()
+        if tickets and not self.audit_rows._settle(tickets, self.audit_rows.take_mine(), WAIT_S):
+            return not_recorded(self.id)
+        return reply
+
+    def queue_release_row(self, *row: Any) -> bool:
+        """Queues an allowed row whose release is the request's reply (a get's, ``get_ids.resolve_each``) with the
+        refusal rows, in order: the request waits for it only before its reply, out of the turn, off the loop
+        (:meth:`settled`, ``loop_rows.released``). Whether it did (else the row is written now)."""
+        if not held_by_reply() or self.current_session() is None:  # (in process: no reply waits for it)
+            return False
+        self.audit_rows.submit_allowed(*row)
+        return True
+
+    def settled(self, reply: bytes) -> bytes:
+        """(a handler thread, out of the turn) ``reply`` once the rows it handed are on record; an error instead
+        when one of its allowed rows is not (nothing is released before its row is on record)."""
+        return reply if self.audit_rows.settle_mine() else not_recorded(self.id)
 
     def lane_request(self, data: bytes, session: Session) -> tuple[bytes | None, tuple | None]:
         """:meth:`try_inline` for a connection's read callback (``lane_connection``): a failure outside its
         own handling is answered with an error, never left to the reader, which would run the request again."""
         try:
             reply, decoded = self.try_inline(data, session)
-            reply = after_rows(self.audit_rows, reply)  # (sent once its refusal rows are written: loop_rows.py)
+            reply = after_rows(self.audit_rows, reply, self.id)  # (sent once its rows are written: loop_rows.py)
         except Exception as e:
             log.exception("worker %s: the inline lane failed on a request of session %s", self.id, session.id)
             return self._error_bytes(e), None
@@ -223,12 +244,13 @@ class InlineLane:
                             and (tp is _SKELETON or _plain_op(msg.op)):  # a skeleton's op: checked when defined
                         return self._serve_command(session, principal, msg, prelude), None
             kind = _inline_kind(msg, decoded[2])
-            if tp is m.GetObjectsMessage and (_handlers._tracking(self) or self.audit_rows.busy()
+            if tp is m.GetObjectsMessage and (_handlers._tracking(self) or self.audit_rows.full()
                                               or (type(msg.ids) is list and len(msg.ids) > INLINE_MAX_GET_IDS)):
                 # a release under the owner's review files or marks it in the owner's database (release.py): on a
                 # handler thread, which waits for that outside the turn (the loop thread would hold everybody);
-                # so does a get while refusal rows wait for the database (its allowed row goes after them), and
-                # one naming many ids (an allowed row, a database write, each)
+                # so does one naming many ids (an allowed row each), or while refusal rows are counted past the
+                # writer's cap (the loop never waits for room). Else its allowed rows are queued (the loop writes
+                # none): the connection awaits them before the reply (loop_rows.py)
                 return None, decoded
             if kind == "protocol":
                 if self.audit_rows.busy():  # (an opening's allowed row, as a get's above)

@@ -293,7 +293,7 @@ class ConnectionServing:
                     reply, decoded = ws.take_handoff(data)
                     if reply is None and decoded is None:  # (the lane did not take it: busy then, or never saw it)
                         reply, decoded = self.try_inline(data, session)
-                        reply = after_rows(self.audit_rows, reply)
+                        reply = after_rows(self.audit_rows, reply, self.id)
                     if type(reply) is AfterRows:  # (after its refusal rows: awaited here, not on the loop)
                         reply = await released(self.audit_rows, reply)
                     if reply is None and session.peer_only:

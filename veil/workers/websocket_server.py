@@ -198,13 +198,12 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
         # openings, which are sized before they run inline
         self._slow_protocol: set[str] = set()
         self._protocol_strikes: dict[str, int] = {}
-        self.refusals = RefusalLog(self.db, self.id)
+        self.refusals = refused = RefusalLog(self.db, self.id)
         #: failed authentications per source, at this port and the owner console alike (auth_throttle)
         self.auth_throttle = FailureThrottle()
-        #: refused requests of sessions: aggregated per user past a burst (closed on the connect log's timer);
-        #: theirs and refused connects' rows written in order by a thread of their own (audit_writer.py)
-        self.audit_rows, self.refused_requests = refused_request_log(self.db, self._write_audit_now, self.id,
-                                                                     self.refusals)
+        #: refused requests of sessions: aggregated per user past a burst (closed on the connect log's timer); rows
+        #: of theirs, of refused connects and gets' allowed rows written in order by a thread of its own (audit_writer)
+        self.audit_rows, self.refused_requests = refused_request_log(self.db, self._write_audit_now, self.id, refused)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Future | None = None
         # tells the peers a session used that it ended (veil/workers/accounts.py)
@@ -245,10 +244,10 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
                     decoded: tuple | None = None) -> bytes:
         """Handles one request of ``session`` when it is its turn; always returns reply bytes.
 
-        ``decoded``: the request as :meth:`serve_inline` already decoded it for this session. Its refusal rows are
-        on record before the reply, written once it left the turn (audit_writer.py)."""
+        ``decoded``: the request as :meth:`serve_inline` already decoded it. Its rows are on record before the
+        reply, waited for once it left the turn (a release's allowed row too, or it is an error: audit_writer.py)."""
         try:
-            return self._serve_bytes(data, session, token, decoded)
+            return self.settled(self._serve_bytes(data, session, token, decoded))
         finally:
             self.audit_rows.wait_mine()
 
@@ -429,6 +428,8 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
                 self.refused_requests.refused(action, principal, session, ids, detail)
             except Exception:  # a full disk must not turn a refusal into an allowed request
                 log.exception("worker %s: could not write the audit log", self.id)
+            return
+        if self.queue_release_row(action, principal, session, ids, outcome, detail):  # (a get's: its reply waits)
             return
         self.audit_rows.wait()  # (after the refused rows handed before it: the log keeps its order)
         self._write_audit_now(action, principal, session, ids, outcome, detail)
