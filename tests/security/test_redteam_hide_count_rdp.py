@@ -25,26 +25,12 @@ import pytest
 import torch
 
 import veil as sy
-from tests.security.test_redteam_hide_count import _Lin
+from tests.security.test_redteam_hide_count_third import _training_worker
 from veil.dp.accountant import Accountant
 from veil.dp.errors import PrivacyParameterError
-from veil.dp.remote import RemoteDPOwner
 from veil.governance.console import views
 
 BOUND, SIGMA, DELTA = 64, 1.0, 1e-5
-
-
-def _training_worker(hook, name: str, n: int):
-    """A worker hiding its count (bound 64) with ``n`` records of DP-only training data, and its client."""
-    w = sy.VirtualWorker(hook, id=name)
-    x, y = torch.rand(40, 3), torch.rand(40, 1)
-    w.load(x, tags=("#c", "#data"), private=True)
-    w.load(y, tags=("#c", "#target"), private=True)
-    w.enable_dp("c", budgets={"me": (1e6, 0.5)}, hide_count=True, max_records=BOUND, max_grad_norm=1.0,
-                noise_multiplier=SIGMA, nominal_count=100, delta=DELTA)
-    x.data, y.data = torch.rand(n, 3), torch.rand(n, 1)
-    model = _Lin()
-    return w, model, RemoteDPOwner(w, "c", model, example=torch.zeros(2, 3), loss="mse")
 
 
 def _spent(w) -> float:

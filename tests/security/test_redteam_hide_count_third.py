@@ -103,6 +103,19 @@ def test_a_histogram_past_the_bound_is_noised_for_the_record_that_moves_in(hook,
     assert seen[10] == seen[65]
 
 
+def _training_worker(hook, name: str, n: int, sigma: float = 1.0, delta: float = 1e-5):
+    """A worker hiding its count (bound 64) with ``n`` records of DP-only training data: (worker, model, client)."""
+    w = sy.VirtualWorker(hook, id=name)
+    x, y = torch.rand(40, 3), torch.rand(40, 1)
+    w.load(x, tags=("#c", "#data"), private=True)
+    w.load(y, tags=("#c", "#target"), private=True)
+    w.enable_dp("c", budgets={"me": (1e6, 0.5)}, hide_count=True, max_records=BOUND, max_grad_norm=1.0,
+                noise_multiplier=sigma, nominal_count=100, delta=delta)
+    x.data, y.data = torch.rand(n, 3), torch.rand(n, 1)
+    model = _Lin()
+    return w, model, RemoteDPOwner(w, "c", model, example=torch.zeros(2, 3), loss="mse")
+
+
 def test_a_gradient_step_past_the_bound_is_charged_for_a_record_replaced_in_its_lot(hook):
     """Attack: a DP-SGD step on data grown past the bound: removing one of the first 64 records brings
     record 65 into the slots the lot is drawn from, a replaced record (clipped gradients up to 2C apart),
@@ -114,15 +127,8 @@ def test_a_gradient_step_past_the_bound_is_charged_for_a_record_replaced_in_its_
     want.step(sigma, q)
     spent = {}
     for n in (40, 400):
-        w = sy.VirtualWorker(hook, id=f"rt-hc4-sgd-{n}")
-        x, y = torch.rand(40, 3), torch.rand(40, 1)
-        w.load(x, tags=("#c", "#data"), private=True)
-        w.load(y, tags=("#c", "#target"), private=True)
-        w.enable_dp("c", budgets={"me": (1e6, 0.5)}, hide_count=True, max_records=BOUND, max_grad_norm=1.0,
-                    noise_multiplier=sigma, nominal_count=100, delta=delta)
-        x.data, y.data = torch.rand(n, 3), torch.rand(n, 1)
-        model = _Lin()
-        RemoteDPOwner(w, "c", model, example=torch.zeros(2, 3), loss="mse").sanitized_gradient(model, None, None, q)
+        w, model, client = _training_worker(hook, f"rt-hc4-sgd-{n}", n, sigma=sigma, delta=delta)
+        client.sanitized_gradient(model, None, None, q)
         spent[n] = sy.dp.remaining_budget(w, spent=True)
     assert spent[40] == spent[400]
     assert spent[40][0] > want.get_epsilon(delta) * 1.1, (spent[40], want.get_epsilon(delta))
