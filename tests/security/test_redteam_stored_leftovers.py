@@ -14,15 +14,17 @@ Holes found and fixed:
 - a new fixed mask (up to 2^25 elements from the OS's CSPRNG: seconds) was generated under the provider tables'
   lock: every other session's MAC-key registration, key or mask lookup and session end waited that long;
 - registering a MAC key counted the session's keys by walking every session's keys under that lock, and a session's
-  end walked both tables whole (O(all sessions' keys) per registration and per end).
+  end walked both tables whole (O(all sessions' keys) per registration and per end);
+- a session's end walked every session's lingering charges under the store's lock (each live gradient is one now).
 
 Gradients ``backward`` makes are now charged to the session as they are made (a hook on each leaf its graph
 reaches, registered when ``backward`` is sized; veil/workers/grad_charges.py), for as long as they live, and a
 command naming their tensor does not charge them again; ``backward`` is sized anew each time
 (veil/workers/output_bounds.py). Masks are drawn outside the lock, their id and room reserved under it; each
-session's ids are indexed (veil/mpc/material.py). The fixed-mask recipes read the requester's scope when they
-derive, as MAC keys do, not when the recipe is made: a dealing that checks its recipe before entering the scope
-otherwise names every session's masks under one scope (None), and an intruder's triples used a victim's mask.
+session's ids are indexed (veil/mpc/material.py); lingering charges are kept per session (veil/workers/store.py).
+The fixed-mask recipes read the requester's scope when they derive, as MAC keys do, not when the recipe is made: a
+dealing that checks its recipe before entering the scope otherwise names every session's masks under one scope
+(None), and an intruder's triples used a victim's mask.
 """
 
 import threading
