@@ -15,9 +15,14 @@ Fixed (veil/workers/failure_budget.py, asked by value_shapes' dispatch mode befo
   one line, audited, until the owner forgives (failure_budget.forgive) or the worker restarts.
 Failures of commands whose reviewed values met only data-oblivious ops (a shape mismatch) are not counted.
 
-Each test marked "failed before" was run against HEAD's code before the fix (a git worktree at 8adda05 with this
-file copied in): the binary search recovered the value, bernoulli/integer division answered good and bad values
-differently.
+Also fixed: a secret input (revealable only to another user) switched the review guard off, so ``hidden[x > 0]``
+was sized by the count of positive values under review; both guards run now.
+
+Checked against the code before the fix (a git worktree at 8adda05 with this file copied in): 21 tests failed
+(the binary search recovered the value, bernoulli / integer division answered good and bad values differently,
+nothing was ever refused over the wire or in a plan, the hidden tensor's selection had 4 elements); 5 passed and
+guard what held: honest targets and indices, shape errors, float division and dropout, multinomial (value-shaped,
+refused already), one_hot (refused already as a Python value).
 """
 
 from __future__ import annotations
@@ -284,3 +289,29 @@ def test_the_owner_sets_the_budget_on_the_command_line():
     configure(p)
     assert p.parse_args(["--id", "w"]).review_failures == 8
     assert p.parse_args(["--id", "w", "--review-failures", "3"]).review_failures == 3
+
+
+def test_a_plan_failing_on_reviewed_values_is_counted_too(owner):
+    """A plan (veil.plan.run, one command) whose op fails on reviewed indices: eight failures as the op's own
+    error, then the ninth run is refused in one line."""
+    from veil.plans import func2plan
+
+    x = _find(owner, "#x")
+
+    @func2plan(args_shape=[(5, 3)])
+    def probe(d):
+        return torch.take(torch.zeros(2), (d * 10).long())
+
+    ptr = probe.send(owner)
+    for _ in range(8):
+        assert _fails(owner, lambda: ptr(x))
+    assert "failed on its values 8 times" in _one_line_refusal(owner, lambda: ptr(x))
+
+
+def test_one_hot_of_reviewed_labels_is_refused_and_its_oblivious_form_served(owner):
+    """Held: one_hot reads its classes' minimum and maximum as Python values (value_shapes refuses it whatever the
+    labels, so it tells no bit); the comparison with arange gives the same one-hot rows as plain torch."""
+    y = _find(owner, "#y")
+    _one_line_refusal(owner, lambda: F.one_hot(y, 3).shape)
+    got = (y.unsqueeze(1) == torch.arange(3).send(owner)).long()
+    assert torch.equal(_stored(owner, got), F.one_hot(LABELS, 3))
