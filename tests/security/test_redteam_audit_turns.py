@@ -14,8 +14,9 @@ strict xfail on the code before its fix (checked by running this file on that co
 - a summary row (standing for N refusals) whose write failed was logged without N. Must hold: the log says how many
   refused requests it stood for.
 
-Guards (could fail): an allowed row that could not be written turns the get's reply into one error line with no
-value, on a handler thread and inline alike (a release is never answered before its row is on record).
+Guards (each checked to fail with the part it guards taken out): an allowed row that could not be written turns
+the get's reply into one error line with no value, on a handler thread and inline alike (a release is never
+answered before its row is on record); a get naming many objects has at most ``ALLOWED_AHEAD`` rows queued at once.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import asyncio
 import logging
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -231,3 +233,37 @@ def test_a_failed_summary_row_is_logged_with_its_count(caplog):
         writer.submit("compute", "mallory", "-", [1], "refused", "137 more refused compute requests", stands_for=137)
         assert writer.wait(10)
     assert any("137" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_a_get_naming_many_objects_queues_a_bounded_number_of_rows(hook, monkeypatch):
+    """Guard. Attack: a get naming hundreds of its own objects queues one allowed row each without waiting, hoping
+    to grow the row queue without bound (a database slower than the get). Must hold: one thread has at most
+    ``ALLOWED_AHEAD`` allowed rows queued at once; every value comes back and every row is on record."""
+    from veil.workers import audit_writer
+
+    srv, honest, _ = _two_sessions(hook, "at-ahead")
+    ids, values = [new_id() for _ in range(150)], [torch.tensor([float(i)]) for i in range(150)]
+    reply = request(srv, honest, m.ObjectMessage([m.StoredObject(i, v) for i, v in zip(ids, values)]))
+    assert type(reply) is m.OkReply, reply
+    assert srv.audit_rows.wait(10)
+    monkeypatch.setattr(audit_writer, "ALLOWED_AHEAD", 16)
+    queued: list = []
+    real_submit = audit_writer.RowWriter.submit_allowed
+
+    def counted(self, *row):
+        real_submit(self, *row)
+        with self._changed:
+            queued.append(sum(1 for r in self._rows if r[7] is not None))
+
+    monkeypatch.setattr(audit_writer.RowWriter, "submit_allowed", counted)
+    real_audit = srv.db.audit
+
+    def slower(*a, **k):  # (a database slower than the get: its rows would pile up)
+        time.sleep(0.002)
+        return real_audit(*a, **k)
+
+    monkeypatch.setattr(srv.db, "audit", slower)
+    got = request(srv, honest, m.GetObjectsMessage(ids, False))
+    assert [t.tolist() for t in got.objects] == [v.tolist() for v in values]
+    assert len(queued) == 150 and max(queued) <= 16, max(queued)
+    assert len(_rows(srv, "allowed")) == 150

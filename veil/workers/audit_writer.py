@@ -256,9 +256,11 @@ class RowWriter:
         return self._wait_for(seq, timeout)
 
     def wait_mine(self, timeout: float = WAIT_S) -> bool:
-        """Waits until the rows this thread handed are written (or ``timeout``); whether they were."""
+        """Waits until the rows this thread handed are written (or ``timeout``); whether they were. (Its allowed rows'
+        tickets are dropped: a request that failed before :meth:`settle_mine` leaves none to the thread's next.)"""
         seq = getattr(self._mine, "seq", 0)
         self._mine.seq = 0
+        self._mine.__dict__.pop("tickets", None)
         return self._wait_for(seq, timeout)
 
     def busy(self) -> bool:
