@@ -156,7 +156,7 @@ def test_concurrent_comparison_dealings_hold_their_material_one_at_a_time(hook, 
     while they run."""
     srv, parties = _dealing_worker(hook, monkeypatch, ["b", "c", "d"])
     live, peak, lock = [0], [0], threading.Lock()
-    real_chunk = fss_dealing._deal_chunk
+    real_chunk, real_send = fss_dealing._chunk_messages, fss_dealing.send_each
 
     def counted_chunk(*args, **kwargs):  # material in progress: from the first mask to the last message sent
         with lock:
@@ -164,11 +164,20 @@ def test_concurrent_comparison_dealings_hold_their_material_one_at_a_time(hook, 
             peak[0] = max(peak[0], live[0])
         try:
             return real_chunk(*args, **kwargs)
+        except BaseException:
+            with lock:
+                live[0] -= 1
+            raise
+
+    def counted_send(*args, **kwargs):
+        try:
+            return real_send(*args, **kwargs)
         finally:
             with lock:
                 live[0] -= 1
 
-    monkeypatch.setattr(fss_dealing, "_deal_chunk", counted_chunk)
+    monkeypatch.setattr(fss_dealing, "_chunk_messages", counted_chunk)
+    monkeypatch.setattr(fss_dealing, "send_each", counted_send)
     replies: dict = {}
     threads = []
     for name in (TOKEN, "rt-smpc-secagg2-b", "rt-smpc-secagg2-c"):

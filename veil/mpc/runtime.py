@@ -226,8 +226,33 @@ def one_step_at_a_time(worker: Any, slot: str = "dealing") -> ContextManager:
     in progress is held until it sends or stores it, so steps that took turns about held theirs all at once (one
     per session, uncharged). The turn ran them one at a time before they handed it over. A provider's dealings
     (``"dealing"``: they wait on the parties) and a party's receiving steps (``"receiving"``: they wait on
-    nobody) take different slots, so a worker that is both never waits for itself through another worker."""
-    return _ONE_AT_A_TIME[0](worker, slot) if _ONE_AT_A_TIME else contextlib.nullcontext()
+    nobody) take different slots, so a worker that is both never waits for itself through another worker. The
+    block gets a call that gives the slot up early (a dealing's material made, before it waits on replies)."""
+    return _ONE_AT_A_TIME[0](worker, slot) if _ONE_AT_A_TIME else contextlib.nullcontext(_no_release)
+
+
+def _no_release(*party: Any) -> None:
+    return None
+
+
+_AWAITING_REPLIES: list[Callable[[Any, list], ContextManager]] = []
+
+
+def set_awaiting_replies(awaiting: Callable[[Any, list], ContextManager]) -> None:
+    """The worker runtime's per-party slots of a provider (:func:`awaiting_replies`)."""
+    _AWAITING_REPLIES[:] = [awaiting]
+
+
+def awaiting_replies(worker: Any, party_ids: list) -> ContextManager:
+    """Holds the provider ``worker``'s slots of every party in ``party_ids`` (all at once, in turns per user):
+    a dealing takes them before the dealing slot (:func:`one_step_at_a_time`), which it gives up once its
+    material is made, and waits on the parties' replies holding these alone. The block gets a call that frees
+    one party's slot (by its index in ``party_ids``) once it answered: a party that never answers (a peer link
+    times out after 120 s) holds back the dealings to it, no other, and at most one dealing's material waits
+    on each party. A no-op where no runtime set it (in process: no turn, nothing waits)."""
+    if not _AWAITING_REPLIES:
+        return contextlib.nullcontext(_no_release)
+    return _AWAITING_REPLIES[0](worker, party_ids)
 
 
 def off_turn() -> ContextManager:

@@ -174,21 +174,41 @@ class ArrivalSlot:
 
 
 @contextmanager
-def one_at_a_time(slot: ArrivalSlot, requester: object = None) -> Iterator[None]:
+def one_at_a_time(slot: ArrivalSlot, requester: object = None) -> Iterator[Callable[[], None]]:
     """Holds ``slot`` for the block: a section that hands the turn over (:func:`checkpoint`) yet must run alone
     on this worker. Waited for outside the turn, in ``requester``'s turn (:class:`ArrivalSlot`), its deadline
-    and cancellation checked, so the holder gets its turn back meanwhile. Outside a network worker's request
-    nothing is held (no turn is handed over there)."""
+    and cancellation checked, so the holder gets its turn back meanwhile. The block gets a call that gives the
+    slot up early (a provider's dealing, once its material is made, before it waits on the parties). Outside a
+    network worker's request nothing is held (no turn is handed over there)."""
     if _local.turn is None:
-        yield
+        yield _nothing
         return
     if not slot.try_take():
         with outside_turn():
             slot.take(check, requester=requester)
-    try:
-        yield
-    finally:
+    held = [True]
+    lock = threading.Lock()
+
+    def give_up() -> None:
+        with lock:  # (once: a second release would free the slot of the step that took it next)
+            if not held[0]:
+                return
+            held[0] = False
         slot.release()
+
+    try:
+        yield give_up
+    finally:
+        give_up()
+
+
+def _nothing() -> None:
+    return None
+
+
+def in_request_turn() -> bool:
+    """Whether this thread runs a network worker's request holding its turn (not inside :func:`outside_turn`)."""
+    return _local.turn is not None
 
 
 def running_in(turn: "FairLock") -> bool:

@@ -37,7 +37,8 @@ from veil.mpc.providers.base import check_distinct_parties
 from veil.mpc.fss import material as fss
 from veil.mpc.prg import SEED_BYTES, expand, new_seed
 from veil.mpc.ring import random_ring
-from veil.mpc.runtime import DEALT_LAYOUTS, off_turn, one_step_at_a_time, step_checkpoint
+from veil.mpc.providers.dealing_sends import send_each
+from veil.mpc.runtime import DEALT_LAYOUTS, awaiting_replies, off_turn, one_step_at_a_time, step_checkpoint
 from veil.mpc.sharing import split
 
 DEAL_COMPARISON = "veil.mpc.deal_comparison"
@@ -134,24 +135,25 @@ def _deal_comparison(worker: Any, spec: Any, party_ids: list, ids: list, count: 
         raise ProviderError(f"a dealing of {count} comparison items of shape {shape} makes {elements} ring elements "
                             f"per party, more than {bound} in one request")
     chunk = max(1, MESSAGE_BYTES // max(1, largest))
-    # one dealing at a time (other dealings wait, holding nothing), off the turn: it never touches the store, and
-    # holding the turn while a party took its message stalled every session here, and through a request at the
-    # party that waited on this worker, every session there too
-    with one_step_at_a_time(worker), off_turn():
-        parties = [worker.resolve_worker(pid) for pid in party_ids]  # (after the wait: a peer revoked meanwhile)
-        for first in range(0, count, chunk):
-            c = min(chunk, count - first)
-            chunk_ids = [ids[i][first * per_party[i]:(first + c) * per_party[i]] for i in range(n)]
-            _deal_chunk(worker, parties, shape, n_values, chunk_ids, c, seeded)
+    for first in range(0, count, chunk):
+        c = min(chunk, count - first)
+        chunk_ids = [ids[i][first * per_party[i]:(first + c) * per_party[i]] for i in range(n)]
+        # per message: its parties' slots, then one dealing at a time while it makes the material, which it
+        # gives up before it waits on a party (dealing_sends.py); off the turn: it never touches the store, and
+        # holding the turn while a party took its message stalled every session here, and through a request at
+        # the party that waited on this worker, every session there too
+        with awaiting_replies(worker, party_ids) as answered, one_step_at_a_time(worker) as made, off_turn():
+            parties = [worker.resolve_worker(pid) for pid in party_ids]  # (after the waits: a peer revoked)
+            messages = _chunk_messages(shape, n_values, chunk_ids, c, seeded, n)
+            made()
+            send_each(worker, parties, messages, answered)
 
 
-def _deal_chunk(worker: Any, parties: list, shape: tuple, n_values: int, ids: list, count: int,
-                seeded: bool) -> None:
+def _chunk_messages(shape: tuple, n_values: int, ids: list, count: int, seeded: bool, n: int) -> list:
     """One message per party: ``count`` items, with fresh seeds."""
-    n = len(parties)
-    seeds = [new_seed() for _ in parties] if seeded else None
+    seeds = [new_seed() for _ in range(n)] if seeded else None
     n_masks = fss.n_masks(n_values)
-    shares: list[list] = [[] for _ in parties]  # explicit additive shares (or last party's corrections)
+    shares: list[list] = [[] for _ in range(n)]  # explicit additive shares (or last party's corrections)
     keys: list[list] = [[], []]
     for k in range(count):
         # a DCF key generation per entry, ~25-80 us: a request's items took up to ~16 s of one core, every
@@ -172,10 +174,12 @@ def _deal_chunk(worker: Any, parties: list, shape: tuple, n_values: int, ids: li
         for value in masks + derived:
             for i, share in enumerate(split(value, n)):
                 shares[i].append(share)
-    for i, party in enumerate(parties):
+    messages = []
+    for i in range(n):
         seed = torch.frombuffer(bytearray(seeds[i]), dtype=torch.uint8) if seeded else None
         args = (list(shape), n_values, count, seed, shares[i], keys[i] if i < 2 else [])
-        worker.send_msg(m.CommandMessage(RECEIVE_COMPARISON, args, {}, list(ids[i]), False), party)
+        messages.append(m.CommandMessage(RECEIVE_COMPARISON, args, {}, list(ids[i]), False))
+    return messages
 
 
 def _sum(tensors) -> torch.Tensor:

@@ -69,10 +69,11 @@ from veil.mpc.providers.background import BackgroundDealing, BackgroundDealingEr
 from veil.mpc.providers import fss_dealing
 from veil.mpc.providers.fss_dealing import DEAL_COMPARISON, MAX_BATCH_ELEMENTS, room_for
 from veil.mpc.providers.base import RECORD_HOOKS, MaterialExhaustedError, Provider, check_distinct_parties
+from veil.mpc.providers.dealing_sends import answering, replied, send_each, started_beside, wait_quietly
 from veil.mpc.ring import DTYPE, random_ring
 from veil.mpc.runtime import (DEALER_TAG, DEALT_FIXED, DEALT_FIXED_TAG, DEALT_ITEM_TAG, DEALT_LAYOUTS,
-                              DEALT_MASK_TAG, DEALT_SOURCES_TAG, beside, off_turn, one_step_at_a_time,
-                              step_checkpoint)
+                              DEALT_MASK_TAG, DEALT_SOURCES_TAG, awaiting_replies, off_turn,
+                              one_step_at_a_time, step_checkpoint)
 from veil.mpc.runtime import remote_handle as PointerTensor  # the injected runtime's handle (mpc imports no tensors)
 
 DEAL = "veil.mpc.deal"
@@ -93,11 +94,23 @@ def _requester(worker: Any) -> str | None:
 
 def _deal(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, count: int, seeded: bool) -> None:
     """Deals on behalf of the requesting session (its MAC keys and fixed masks only); see :func:`_deal_scoped`."""
-    # one dealing at a time, off the turn (it never touches the store): it held the turn while it generated up to
-    # 2^27 elements per party and while each party took its part, and a request at a party that waited on this
-    # worker (holding that party's turn) then stalled both workers, every session of each, until a deadline
-    with provider_scope(_requester(worker)), one_step_at_a_time(worker), off_turn():
-        _deal_scoped(worker, kind, spec, party_ids, ids, count, seeded)
+    recipe_parts = _checked_request(kind, spec, party_ids, ids, count)
+    # off the turn (it never touches the store; holding it while a party took its part, that party's requests
+    # waiting on this worker stalled both workers); its parties' slots, then one dealing at a time while it
+    # makes its material, waiting on the parties holding their slots alone (dealing_sends.py)
+    with provider_scope(_requester(worker)), awaiting_replies(worker, party_ids) as answered, \
+            one_step_at_a_time(worker) as made, off_turn():
+        _deal_scoped(worker, kind, spec, party_ids, ids, count, seeded, recipe_parts, made, answered)
+
+
+def _checked_request(kind: str, spec: Any, party_ids: list, ids: list, count: int) -> tuple:
+    """A dealing request's recipe, refused in one line before it waits for anything."""
+    uniform_shapes, derived_shapes, derive = bounded_recipe(kind, spec, count)
+    check_distinct_parties(party_ids, "a dealing")
+    fields, n = len(uniform_shapes) + len(derived_shapes), len(party_ids)
+    if type(ids) is not list or len(ids) != n or any(type(i) is not list or len(i) != count * fields for i in ids):
+        raise ProviderError(f"a dealing of {count} {kind!r} items needs {count * fields} ids per party")
+    return uniform_shapes, derived_shapes, derive
 
 
 def _register_mac_key(worker: Any, key_id: str, alpha: Any) -> None:
@@ -110,7 +123,8 @@ def _register_mac_key(worker: Any, key_id: str, alpha: Any) -> None:
         register_mac_key(key_id, alpha)
 
 
-def _deal_scoped(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, count: int, seeded: bool) -> None:
+def _deal_scoped(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, count: int, seeded: bool,
+                 recipe_parts: tuple, made: Callable[[], None], answered: Callable[[int], None]) -> None:
     """Runs on the provider: generates ``count`` items and sends each party its shares.
 
     Args:
@@ -121,32 +135,33 @@ def _deal_scoped(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, 
         ids: Per party, the ids (``count`` x fields, item-major) to store under.
         count: Number of items.
         seeded: Send seeds + corrections instead of every share.
+        recipe_parts: The kind's checked recipe (:func:`_checked_request`).
+        made: Gives the dealing slot up (the material is made; what is left is waiting on the parties).
+        answered: Frees party ``i``'s slot (its reply came).
     """
-    uniform_shapes, derived_shapes, derive = bounded_recipe(kind, spec, count)
+    uniform_shapes, derived_shapes, derive = recipe_parts
     xor = xor_fields(kind, spec)  # fields shared by XOR instead of addition
     n = len(party_ids)
-    check_distinct_parties(party_ids, "a dealing")
-    fields = len(uniform_shapes) + len(derived_shapes)
-    if type(ids) is not list or len(ids) != n or any(type(i) is not list or len(i) != count * fields for i in ids):
-        raise ProviderError(f"a dealing of {count} {kind!r} items needs {count * fields} ids per party")
     gen = dealer_generator()
-    parties = [worker.resolve_worker(pid) for pid in party_ids]
+    parties = [worker.resolve_worker(pid) for pid in party_ids]  # (after the waits: a peer revoked meanwhile)
     if seeded:
         seeds = [new_seed() for _ in parties]
         # Every party but the last needs only its seed: sending it (the party expands its shares there)
         # runs beside the dealer's own part (the uniform fields' values from all seeds, derive, the last
-        # party's corrections): in-process parties on threads of their own when the material is big.
+        # party's corrections): network parties and big in-process ones on threads of their own (others once
+        # the material is made: started_beside).
         size = count * (sum(map(_numel, uniform_shapes)) + sum(map(_numel, derived_shapes)))
-        wait = beside([_send_seed(worker, parties[i], seeds[i], kind, spec, count, ids[i]) for i in range(n - 1)],
-                      parties[:-1], size)
+        wait = started_beside([replied(_send_seed(worker, parties[i], seeds[i], kind, spec, count, ids[i]),
+                                       answered, i) for i in range(n - 1)], parties[:-1], size)
         try:
-            corrections = _corrections(kind, uniform_shapes, derived_shapes, derive, xor, seeds, count, gen)
-            worker.send_msg(_expand_msg(seeds[-1], kind, spec, count, corrections, ids[-1]), parties[-1])
-        except BaseException:
             try:
-                wait()
-            except Exception:  # noqa: BLE001  (the dealer's own error is the one to raise)
-                pass
+                corrections = _corrections(kind, uniform_shapes, derived_shapes, derive, xor, seeds, count, gen)
+            finally:
+                made()  # (before any wait on a party, failed or not)
+            with answering(answered, n - 1):
+                worker.send_msg(_expand_msg(seeds[-1], kind, spec, count, corrections, ids[-1]), parties[-1])
+        except BaseException:
+            wait_quietly(wait)
             raise
         wait()
         return
@@ -165,9 +180,11 @@ def _deal_scoped(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, 
                                                      (DEALT_MASK_TAG,) if uniform else ())
             + ((DEALT_SOURCES_TAG + ".".join(map(str, src)),) if src else ())
             for k, uniform, src in recipe_layout(kind, spec, count)]
-    for i, party in enumerate(parties):  # never revealable; uniform fields may mask openings
-        objects = [m.StoredObject(oid, t, tag) for oid, t, tag in zip(ids[i], per_party[i], tags)]
-        worker.send_msg(m.ObjectMessage(objects), party)
+    # never revealable; uniform fields may mask openings
+    messages = [m.ObjectMessage([m.StoredObject(oid, t, tag) for oid, t, tag in zip(ids[i], per_party[i], tags)])
+                for i in range(n)]
+    made()
+    send_each(worker, parties, messages, answered)
 
 
 #: most ring elements one dealing request may make per party (1 GiB of int64 or 512 MiB for wide kinds'

@@ -49,7 +49,7 @@ import os
 import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
@@ -60,10 +60,10 @@ from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.mpc.errors import PartyFailedError, PartyUnreachableError
 from veil.mpc.party import LIGHT, WIRE_PREFIX, OpenMessage, check_openable, ring_words, run_openable, step_name
-from veil.mpc.runtime import DEALER_TAG, PartyRuntime, register_runtime, set_step_check
+from veil.mpc.runtime import DEALER_TAG, PartyRuntime, register_runtime, set_awaiting_replies, set_step_check
 from veil.tensors.pointer import PointerTensor, pointer_meta
 from veil.tensors.remote_ops import _ref
-from veil.workers import cancellation
+from veil.workers import cancellation, party_slots
 from veil.workers.base import register_handler
 from veil.workers.monitor import DEALER_TAG as MONITOR_DEALER_TAG
 from veil.workers.peer_openings import PeerOpenMessage
@@ -465,7 +465,7 @@ def _one_dealing_at_a_time(worker: Any, slot: str = "dealing") -> Any:
     (the session's authenticated user: one with K connections no longer puts another's step behind K of its
     own), each user's in arrival order."""
     if worker is None:
-        return contextlib.nullcontext()
+        return contextlib.nullcontext(lambda: None)
     with _SLOTS_LOCK:
         held = worker.__dict__.setdefault(f"_veil_{slot}_slot", cancellation.ArrivalSlot())
     current = getattr(worker, "current_session", None)
@@ -473,10 +473,27 @@ def _one_dealing_at_a_time(worker: Any, slot: str = "dealing") -> Any:
     return cancellation.one_at_a_time(held, getattr(session, "user", None))
 
 
+@contextlib.contextmanager
+def _awaiting_replies(worker: Any, party_ids: list) -> Iterator[Callable[[int], None]]:
+    """A provider's slots of a dealing's parties (:func:`veil.mpc.runtime.awaiting_replies`), keyed by the ids
+    named (distinct: a dealing checks them), taken in turns per user as the dealing slot is."""
+    if worker is None:
+        yield lambda index: None
+        return
+    with _SLOTS_LOCK:
+        slots = worker.__dict__.setdefault("_veil_party_slots", party_slots.PartySlots())
+    current = getattr(worker, "current_session", None)
+    session = current() if current is not None else None
+    keys = [repr(pid) for pid in party_ids]
+    with party_slots.awaiting(slots, keys, getattr(session, "user", None)) as answered:
+        yield lambda index: answered(keys[index])
+
+
 RUNTIME = WorkerRuntime()
 register_runtime(RUNTIME, default=True)
 # long dealing steps stop at the command's deadline and let other clients in meanwhile; a provider deals off its turn
 set_step_check(cancellation.check, cancellation.checkpoint, _one_dealing_at_a_time, cancellation.outside_turn)
+set_awaiting_replies(_awaiting_replies)
 
 
 @register_handler(OpenMessage)
