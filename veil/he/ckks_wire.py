@@ -14,7 +14,8 @@ A tensor is loaded against a context: the one passed to
 :func:`tensor_from_wire`, else one this process received with
 :func:`context_from_wire`, looked up by ``key_id`` (parameters and public
 key) and ``keys`` (the digest of its evaluation keys: another session's
-context of the same public key is held beside it, never in its place).
+context of the same public key is held beside it, never in its place; a
+tensor naming none is refused unless its key owner is in this process).
 Contexts learned from the wire are public, so a worker can compute on what
 it receives but not decrypt it.
 """
@@ -191,17 +192,14 @@ def tensor_from_wire(d: dict, context: CKKSContext | None = None) -> CKKSTensor:
 
 def _registered(key_id: bytes, keys: bytes | None) -> CKKSContext:
     """The context a tensor of ``key_id`` under evaluation keys ``keys`` is loaded under here: its key owner's,
-    else the one received with those keys (a tensor naming none: the only one of its key_id)."""
+    else the one received with those keys. A tensor naming none (every tensor this code sends names them) is
+    refused as one naming keys not held: it was loaded under the only context of its public key, and refused
+    where none or several were held, so a session that knew another's public key only (not the evaluation keys
+    sent with it) learned whether and how many contexts of it were held here, and computed under them."""
     with _received_lock:
         context = _secret.get(key_id)
         if context is None and keys is not None:
             context = _received.get((key_id, keys))
-        elif context is None:
-            held = {id(c): c for (k, _), c in list(_received.items()) if k == key_id}
-            if len(held) > 1:
-                raise WireFormatError("CKKS tensor names no evaluation keys and this process holds several "
-                                      "contexts of its public key")
-            context = next(iter(held.values()), None)
     if context is None:
         raise WireFormatError("CKKS tensor refers to a context (public key and evaluation keys) this process has "
                               "not received")

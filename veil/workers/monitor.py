@@ -392,7 +392,7 @@ class ReferenceMonitor(QuotaRules, OpeningRules, StoreAdmission):
         if kind == Kind.DEALER and sources:
             dealt.inherit_fixed(entry, sources)
         with AFTER_LOCK, store.locked(key):  # checked and stored in one step (veil/workers/store_admission.py)
-            self.admit_store(principal, oid, nbytes, hand_off)
+            self.admit_store(principal, oid, nbytes + store.beside_bytes(key, ns, entry), hand_off)
             store.put(key, ns, oid, entry, hand_off=hand_off, account=principal.account)
         return entry
 

@@ -19,6 +19,7 @@ import torch
 
 from veil.exceptions import PermissionDeniedError
 from veil.workers.grad_charges import CHARGED
+from veil.workers.held_beside import BesideCharges, parts_of
 
 #: the namespace of the data owner's objects and of in-process workers (no sessions)
 SHARED_NS = ""
@@ -72,6 +73,7 @@ class Entry(_WeaklyReferable):
     provenance: frozenset = frozenset()
     nbytes: int = 0
     grads_nbytes: int = 0  # the part of ``nbytes`` charged for its chain of gradients (charge_growth)
+    beside: tuple | None = None  # what it keeps alive, charged once a session (held_beside.parts_of)
 
 
 def _grad_bytes(t: torch.Tensor, charged: Any = _NO_OBJECTS) -> int:
@@ -124,6 +126,7 @@ class ObjectStore:
         #: the bytes it stays charged}; per namespace, so that a session's end drops its own at once (walking
         #: every session's, under the lock, cost each end as many steps as all sessions' live gradients)
         self._lingering: dict[str, dict[int, int]] = {}
+        self._beside = BesideCharges()  # what stored objects keep alive beside them (a CKKS tensor's context)
         # Writes are read-modify-write (usage, hand-offs): in-process workers may handle two
         # requests at once (a dealer's background thread next to the online phase).
         self._lock = threading.RLock()
@@ -186,11 +189,25 @@ class ObjectStore:
             if space is None:
                 space = self._spaces[ns] = {}
             space[oid] = entry
-            self.usage[ns] = self.usage.get(ns, 0) + entry.nbytes
+            self.usage[ns] = self.usage.get(ns, 0) + entry.nbytes + self._beside_change(ns, entry, 1)
             if hand_off:
                 acc = self._hand_offs[oid] = (ns, account)
                 self.account_usage[acc] = self.account_usage.get(acc, 0) + entry.nbytes
                 self._account_objects[acc] = self._account_objects.get(acc, 0) + 1
+
+    def beside_bytes(self, key: StoreKey, ns: str, entry: Entry) -> int:
+        """What storing ``entry`` in ``ns`` would charge beside its own bytes: the parts it keeps alive that
+        ``ns`` is not charged yet (:mod:`veil.workers.held_beside`), for the quota's check before :meth:`put`."""
+        self._check(key)
+        with self._lock:
+            return self._beside_change(ns, entry, 1, apply=False)
+
+    def _beside_change(self, ns: str, entry: Entry, sign: int, apply: bool = True) -> int:
+        if ns == SHARED_NS:  # (sessions are charged; the owner's and in-process objects are not)
+            return 0
+        if entry.beside is None:
+            entry.beside = parts_of(entry.obj)
+        return self._beside.change(ns, entry.beside, sign, apply)
 
     @contextmanager
     def all_or_none(self, key: StoreKey, ns: str, ids: list) -> Iterator[None]:
@@ -286,7 +303,7 @@ class ObjectStore:
                 self._unaccount(oid, 0)
                 return None
             self._unaccount(oid, entry.nbytes)
-            self.usage[src] = self.usage.get(src, 0) - entry.nbytes
+            self.usage[src] = self.usage.get(src, 0) - entry.nbytes + self._beside_change(src, entry, -1)
             entry.created_by = ns
             self.put(key, ns, oid, entry)
             return entry
@@ -298,7 +315,7 @@ class ObjectStore:
             space = self._spaces.get(ns)
             entry = space.pop(oid, None) if space is not None else None
             if entry is not None:
-                self.usage[ns] = self.usage.get(ns, 0) - entry.nbytes
+                self.usage[ns] = self.usage.get(ns, 0) - entry.nbytes + self._beside_change(ns, entry, -1)
                 acc = self._hand_offs.get(oid)
                 if acc is not None and acc[0] == ns:  # (another peer's hand-off may use the same id)
                     self._unaccount(oid, entry.nbytes)
@@ -347,6 +364,7 @@ class ObjectStore:
             space = self._spaces.pop(ns, {})
             self.usage.pop(ns, None)
             self._lingering.pop(ns, None)
+            self._beside.drop(ns)
             for oid in space:
                 acc = self._hand_offs.get(oid)
                 if acc is not None and acc[0] == ns:
