@@ -115,6 +115,21 @@ def test_a_ciphertext_naming_another_sessions_context_is_charged_to_its_own_sess
     assert monitor.session_bytes("b") == 0
 
 
+def test_a_quota_too_small_for_the_context_refuses_an_empty_ciphertext_under_it(hook):
+    """Attack (memory, admission): under a 2 MB session quota, B stores an empty ciphertext naming a context of
+    15 MB held here (another session's). Must hold: refused in one line before it is stored, and B stores on."""
+    from veil.workers.quota import QuotaExceededError
+
+    public = _key_pair().public()
+    ctx, empty = _arrived(public, ckks.encrypt(torch.empty(0), public))
+    assert context_memory.held_bytes(ctx) > 2 << 20
+    tight, b = sy.VirtualWorker(hook, id=uid("he-keys-third-tight"), max_session_bytes=2 << 20), _session("b")
+    with pytest.raises(QuotaExceededError) as refused:
+        tight.monitor.store(b, 1, empty)
+    _one_line(refused.value)
+    assert tight.monitor.session_bytes("b") == 0 and tight.monitor.store(b, 2, torch.ones(3)).nbytes > 0
+
+
 def test_an_honest_session_is_charged_its_context_once(worker):
     """Over-charge guard: a session storing its context and three ciphertexts under it (and a product computed
     there) is charged the context once, not once per ciphertext; deleting everything leaves nothing charged."""
