@@ -19,20 +19,28 @@ ATen ops and asks this module, before each op that touches one:
   never fails), and torch's own asserts on a reviewed tensor;
 * :func:`may_fail`: the ops honest training needs (targets of ``nll_loss``,
   indices of ``embedding``, ``gather``, ``index``, ``scatter``; any op not known
-  to be data-oblivious, ``binary_cross_entropy`` for one) run as in plain torch.
+  to be data-oblivious, ``binary_cross_entropy`` for one; a one-element value
+  ``masked_fill`` / ``index_fill`` / ``index_put`` convert to the destination's
+  other dtype, which fails on overflow: ``converted_value``) run as in plain torch.
   A command that ran one of them on reviewed values and then failed is
   *counted* against its user and each reviewed dataset it read
-  (:func:`charge`); past the owner's budget (:data:`DEFAULT_BUDGET` failures,
+  (:func:`end`); past the owner's budget (:data:`DEFAULT_BUDGET` failures,
   :func:`set_budget`), further commands of that user on that dataset are
   refused in one line, audited (:func:`spent`), until the owner forgives them
   (:func:`forgive`) or the worker restarts. Counted per user, not per
-  connection: a new session would otherwise start a fresh budget.
+  connection: a new session would otherwise start a fresh budget. A running
+  command holds a place in the budget (:func:`begin`, :func:`end`): commands
+  running at once (plan runs and fits give up their turn between steps) could
+  otherwise each fail once past it.
 
 Failures of commands whose reviewed values entered only data-oblivious ops
 (shape mismatches, dtype errors) are not counted: they follow no value.
 What is left: success itself still answers each counted command, so over N
 such commands with at most B failures a user learns at most
 log2(sum_{i<=B} C(N, i)) <= B log2(e N / B) + 1 bits of a dataset (before: N).
+Not counted: a command's time, which can follow reviewed values (a gather from
+a large table is ~60 ms slower by 2^20 spread indices than by equal ones), nor
+a deadline it then meets; protocol steps (``veil.mpc.*``) are not followed.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ from typing import Any
 import torch
 
 from veil.workers.oblivious import _touches
-from veil.workers.oblivious_ops import OBLIVIOUS, VALUE_CHECKED
+from veil.workers.oblivious_ops import OBLIVIOUS, VALUE_CHECKED, converted_value
 
 #: failures of value-dependent commands a user may have on one dataset under review (the owner may change it)
 DEFAULT_BUDGET = 8
@@ -90,6 +98,8 @@ def may_fail(func: Any, args: tuple, kwargs: dict, reviewed: set) -> bool:
     """Whether ATen op ``func`` (touching a reviewed storage) may fail on reviewed values: a reviewed index,
     target or divisor (``VALUE_CHECKED``), or any op not known to be data-oblivious."""
     name = func._schema.name
+    if _touches((converted_value(func, args, kwargs),), reviewed):  # (masked_fill's overflow check)
+        return True
     if name in OBLIVIOUS:
         return False
     checked = VALUE_CHECKED.get(name)
@@ -132,6 +142,9 @@ class _Counts:
         self.lock = threading.Lock()
         self.budget = DEFAULT_BUDGET
         self.failures: dict[tuple, int] = {}
+        #: (user, dataset) -> its commands running now: each holds a place in the budget until it ends (commands
+        #: that give up their turn, long plan runs and fits in several sessions, would each fail once past it)
+        self.running: dict[tuple, int] = {}
 
 
 _WORKERS_LOCK = threading.Lock()
@@ -173,13 +186,34 @@ def spent(worker: Any, user: str, sources: frozenset) -> bool:
     return any(counts.failures.get((user, s), 0) >= budget for s in sources)
 
 
-def charge(worker: Any, user: str, sources: frozenset) -> list:
-    """Counts one failure of a value-dependent command of ``user`` on each of ``sources``; the datasets whose
-    budget it has just spent."""
+def begin(worker: Any, user: str, sources: frozenset) -> bool:
+    """Holds a place for a command of ``user`` on ``sources`` about to run (False, holding none, when its failures
+    and running commands fill the budget on one of them); :func:`end` gives it back."""
+    counts = _counts(worker)
+    with counts.lock:
+        failures, running, budget = counts.failures, counts.running, counts.budget
+        if any(failures.get((user, s), 0) + running.get((user, s), 0) >= budget for s in sources):
+            return False
+        for s in sources:
+            running[(user, s)] = running.get((user, s), 0) + 1
+    return True
+
+
+def end(worker: Any, user: str, sources: frozenset, failed: bool) -> list:
+    """A command :func:`begin` held a place for ended; ``failed``: it failed after an op that may fail on reviewed
+    values, counted on each of ``sources`` at once (under the same lock). The datasets whose budget it spent."""
     counts = _counts(worker)
     now_spent = []
     with counts.lock:
-        failures, budget = counts.failures, counts.budget
+        failures, running, budget = counts.failures, counts.running, counts.budget
+        for s in sources:
+            n = running.get((user, s), 0) - 1
+            if n > 0:
+                running[(user, s)] = n
+            else:
+                running.pop((user, s), None)
+        if not failed:
+            return now_spent
         if len(failures) + len(sources) > MAX_COUNTS:  # bounded: counts below the budget go first
             for key in [k for k, n in failures.items() if n < budget]:
                 del failures[key]

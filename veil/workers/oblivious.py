@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from veil.exceptions import PermissionDeniedError
 from veil.messaging import messages as m
-from veil.workers.oblivious_ops import OBLIVIOUS, VALUE_CHECKED, VALUE_SHAPED
+from veil.workers.oblivious_ops import OBLIVIOUS, VALUE_CHECKED, VALUE_SHAPED, converted_value
 
 
 def _key(t: Any) -> int | None:
@@ -71,6 +71,8 @@ class _Oblivious(TorchDispatchMode):
         if not touched:
             return func(*args, **kwargs)
         name = func._schema.name
+        if _touches((converted_value(func, args, kwargs),), secret):  # (masked_fill's overflow check)
+            raise self._refuse(f"whether {name} succeeds (a value converted to the destination's dtype)")
         if name in OBLIVIOUS:
             pass
         elif name in VALUE_SHAPED:

@@ -13,6 +13,10 @@ Names are ATen schema names without the overload (``aten::add`` covers
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
 
 def _with_inplace(*names: str) -> frozenset:
     return frozenset(n for name in names for n in (f"aten::{name}", f"aten::{name}_"))
@@ -113,3 +117,26 @@ VALUE_SHAPED = _plain(
     "multinomial",
 )
 
+
+#: ATen ops converting a one-element tensor argument to a Scalar of the destination's dtype with torch's overflow
+#: check: ``zeros(1, dtype=int8).masked_fill(m, t)`` fails iff ``t`` is out of int8's range (``a[mask] = t`` is
+#: index_put); data-oblivious in every other argument
+CONVERTED_VALUES = {"aten::masked_fill": "value", "aten::masked_fill_": "value", "aten::index_fill": "value",
+                    "aten::index_fill_": "value", "aten::index_put": "values", "aten::index_put_": "values",
+                    "aten::_index_put_impl_": "values"}
+
+
+def converted_value(func: Any, args: tuple, kwargs: dict) -> Any:
+    """The one-element tensor ATen op ``func`` converts to its destination's other dtype (its success follows that
+    value), or None."""
+    wanted = CONVERTED_VALUES.get(func._schema.name)
+    if wanted is None:
+        return None
+    value = dest = None
+    for i, a in enumerate(func._schema.arguments):
+        if a.name in (wanted, "self"):
+            v = args[i] if i < len(args) else kwargs.get(a.name)
+            value, dest = (v, dest) if a.name == wanted else (value, v)
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        return None
+    return None if isinstance(dest, torch.Tensor) and dest.dtype == value.dtype else value

@@ -83,6 +83,9 @@ class _FollowsReviewed(TorchDispatchMode):
         self.op_name, self.reviewed = op_name, reviewed
         self.sources = sources  # the reviewed datasets its inputs derive from (failure_budget counts on them)
         self.may_fail = False  # an op whose success may follow reviewed values ran (failure_budget.may_fail)
+        self.budget_of: tuple | None = None  # (worker, user): whose failure budget it holds a place in (guard)
+        self.held = False
+        self.newly_spent: list = []  # the datasets whose budget its failure spent (audited by failed())
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -130,19 +133,44 @@ class _FollowsReviewed(TorchDispatchMode):
         return out
 
     def __enter__(self) -> _FollowsReviewed:
-        self._reads = _ReadsInPython(self)
-        self._reads.__enter__()
+        if self.budget_of is not None and self.sources:
+            worker, user = self.budget_of
+            if not failure_budget.begin(worker, user, self.sources):
+                raise _spent_refusal(worker, user, self.op_name)
+            self.held = True
         try:
-            return super().__enter__()
+            self._reads = _ReadsInPython(self)
+            self._reads.__enter__()
+            try:
+                return super().__enter__()
+            except BaseException:
+                self._reads.__exit__(None, None, None)
+                raise
         except BaseException:
-            self._reads.__exit__(None, None, None)
+            self._end(None)
             raise
 
     def __exit__(self, *exc: Any) -> None:
         try:
-            super().__exit__(*exc)
+            try:
+                super().__exit__(*exc)
+            finally:
+                self._reads.__exit__(*exc)
         finally:
-            self._reads.__exit__(*exc)
+            self._end(exc[1] if len(exc) > 1 else None)
+
+    def _end(self, error: BaseException | None) -> None:
+        """Gives back its place in the failure budget; a failure after an op that may fail on reviewed values is
+        counted (a refusal, a deadline or a cancellation is not: they follow no value)."""
+        if not self.held:
+            return
+        from veil.exceptions import CommandTimeoutError
+
+        self.held = False
+        counted = (isinstance(error, Exception) and self.may_fail
+                   and not isinstance(error, (PermissionDeniedError, CommandTimeoutError)))
+        worker, user = self.budget_of
+        self.newly_spent = failure_budget.end(worker, user, self.sources, counted)
 
 
 class _ReadsInPython(TorchFunctionMode):
@@ -209,12 +237,18 @@ def guard(worker: Any, user: str, op_name: str, found: dict, resolved: Any = Non
                  if _key(before) in keys and _key(after) is not None}
     sources = _reviewed_sources(worker, under)
     if failure_budget.spent(worker, user, sources):
-        return _Refusing(ShapeRefused(
-            f"{op_name}: commands of {user!r} on data under the owner's review failed on its values "
-            f"{failure_budget.budget(worker)} times; further commands on it are refused until the owner resets "
-            "the count (failure_budget.forgive)"))
+        return _Refusing(_spent_refusal(worker, user, op_name))
     follows = _FollowsReviewed(op_name, keys, sources)
+    follows.budget_of = (worker, user)
     return follows if outer is None else _Both(outer, follows)
+
+
+def _spent_refusal(worker: Any, user: str, op_name: str) -> ShapeRefused:
+    """The refusal of a command of ``user`` whose failures (and running commands) fill its budget on a dataset."""
+    return ShapeRefused(
+        f"{op_name}: commands of {user!r} on data under the owner's review failed on its values "
+        f"{failure_budget.budget(worker)} times, or would with those running now; further commands on it are "
+        "refused until the owner resets the count (failure_budget.forgive) or the running ones ended")
 
 
 def _reviewed_sources(worker: Any, under: list) -> frozenset:
@@ -250,19 +284,15 @@ class _Both:
 
 def failed(worker: Any, principal: Any, action: str, context: Any, ids: list, error: BaseException) -> None:
     """After a command run in ``context`` (what :func:`guard` or the secret guard gave) failed: a refusal
-    (value-free) is audited; any other failure is counted against its user's failure budget on the reviewed
-    datasets it read when an op whose success may follow their values ran (a deadline or cancellation is not).
-    The failure that spends a budget is audited."""
-    from veil.exceptions import CommandTimeoutError
-
+    (value-free) is audited; so is the failure that spent its user's budget on a dataset (counted as the guard
+    ended, :meth:`_FollowsReviewed._end`)."""
     if isinstance(error, PermissionDeniedError):
         worker.monitor.audit(action, principal, ids, "refused", str(error))
         return
     follows = context.follows if type(context) is _Both else context
-    if (type(follows) is not _FollowsReviewed or not follows.may_fail or not follows.sources
-            or isinstance(error, CommandTimeoutError)):
+    if type(follows) is not _FollowsReviewed:
         return
-    for source in failure_budget.charge(worker, principal.user, follows.sources):
+    for source in follows.newly_spent:  # (counted as the command's guard ended: _FollowsReviewed._end)
         worker.monitor.audit(action, principal, ids, "refused", f"{follows.op_name}: {principal.user!r} spent the "
                              f"failure budget on dataset {source!r} under review; further commands are refused")
 
