@@ -14,14 +14,18 @@ Holes found and fixed:
   runs and fits give up their turn between steps; four sessions a client) each started under the budget and each
   failure was a bit past it. Now a running command holds a place in the budget (failure_budget.begin / end, in the
   review guard's enter and exit, where its failure is also counted).
+* Past MAX_COUNTS (user, dataset) counts every count below the budget was dropped: a user one failure short (or
+  everyone, once a command on many datasets failed) started afresh. Now a user's failures past the table share
+  one count (user, None); nothing counted is forgotten until the owner forgives.
 
 Left, measured: how long a command takes follows reviewed values (take from a 64 MB table by 2^20 indices spread
 iff v < c: ~50-60 ms against ~3-7 ms for the kernel; 0.22 s against 0.28 s a command in-process), so ~15 bits/s
 with no failure and nothing counted; a timeout is that bit again. Too noisy on a shared machine for a test.
 
-Checked against HEAD's code (a git worktree at 5dea86b with this file copied in): the five hole tests failed (the
-searches found VALUE with no refusal; the hidden value's two probes answered ok / failed; the second running
-command was served); the guard test passed.
+Checked against the code before each fix (a git worktree at 5dea86b with this file copied in; the last test
+against 120cab2's failure_budget.py): the six hole tests failed (the searches found VALUE with no refusal; the
+hidden value's two probes answered ok / failed; the second running command was served; alice's two failures were
+forgotten); the guard test passed.
 """
 
 from __future__ import annotations
@@ -201,3 +205,34 @@ def test_a_hidden_value_converted_by_masked_fill_is_refused_whatever_the_values(
     got = torch.zeros(2, dtype=torch.int8).send(owner).masked_fill(hidden > 6, 3)
     assert tuple(got.shape) == (2,)
     owner.flush()
+
+
+def test_a_full_table_of_counts_forgets_no_failure(monkeypatch):
+    """Past MAX_COUNTS (user, dataset) counts, every count below the budget was dropped: a user near the budget
+    (or anyone, once another command counted failures on many datasets) started afresh. Now a user's failures
+    past the table's size share one count per user; nothing counted is forgotten until the owner forgives."""
+    from types import SimpleNamespace
+
+    from veil.workers import failure_budget as fb
+
+    monkeypatch.setattr(fb, "MAX_COUNTS", 3)
+    worker = SimpleNamespace()
+    fb.set_budget(worker, 3)
+
+    def fail(user, *datasets):
+        assert fb.begin(worker, user, frozenset(datasets))
+        return fb.end(worker, user, frozenset(datasets), True)
+
+    fail("alice", "d")
+    fail("alice", "d")
+    fail("bob", "e1", "e2", "e3", "e4")  # a command on many datasets: the table is full
+    assert fb.begin(worker, "alice", frozenset({"d"}))
+    assert fb.end(worker, "alice", frozenset({"d"}), True) == ["d"]
+    assert fb.spent(worker, "alice", frozenset({"d"})) and not fb.begin(worker, "alice", frozenset({"d"}))
+    fail("bob", "e5")
+    fail("bob", "e6")
+    assert fb.spent(worker, "bob", frozenset({"e7"}))  # past the table, bob's further datasets share one count
+    assert not fb.spent(worker, "carol", frozenset({"e7"}))
+    assert len(worker._review_failures.failures) <= 3 + 2  # the table, and one shared count per user
+    fb.forgive(worker, "bob")
+    assert not fb.spent(worker, "bob", frozenset({"e7"}))

@@ -55,7 +55,9 @@ from veil.workers.oblivious_ops import OBLIVIOUS, VALUE_CHECKED, converted_value
 
 #: failures of value-dependent commands a user may have on one dataset under review (the owner may change it)
 DEFAULT_BUDGET = 8
-#: (user, dataset) counts one worker keeps; past it, counts below the budget are dropped (spent ones stay)
+#: (user, dataset) counts one worker keeps; past it, a user's failures on further datasets share one count
+#: (user, None), which refuses that user on every dataset once spent (dropping counts gave near-spent ones a
+#: fresh budget)
 MAX_COUNTS = 65_536
 
 #: distribution ops -> arguments whose values make them fail (bernoulli's "self" is its probabilities only in
@@ -182,8 +184,8 @@ def spent(worker: Any, user: str, sources: frozenset) -> bool:
     counts = _counts(worker)
     if not counts.failures:
         return False
-    budget = counts.budget
-    return any(counts.failures.get((user, s), 0) >= budget for s in sources)
+    budget, failures = counts.budget, counts.failures
+    return failures.get((user, None), 0) >= budget or any(failures.get((user, s), 0) >= budget for s in sources)
 
 
 def begin(worker: Any, user: str, sources: frozenset) -> bool:
@@ -192,7 +194,8 @@ def begin(worker: Any, user: str, sources: frozenset) -> bool:
     counts = _counts(worker)
     with counts.lock:
         failures, running, budget = counts.failures, counts.running, counts.budget
-        if any(failures.get((user, s), 0) + running.get((user, s), 0) >= budget for s in sources):
+        if (failures.get((user, None), 0) >= budget
+                or any(failures.get((user, s), 0) + running.get((user, s), 0) >= budget for s in sources)):
             return False
         for s in sources:
             running[(user, s)] = running.get((user, s), 0) + 1
@@ -214,12 +217,15 @@ def end(worker: Any, user: str, sources: frozenset, failed: bool) -> list:
                 running.pop((user, s), None)
         if not failed:
             return now_spent
-        if len(failures) + len(sources) > MAX_COUNTS:  # bounded: counts below the budget go first
-            for key in [k for k, n in failures.items() if n < budget]:
-                del failures[key]
+        shared = False
         for s in sources:
-            n = failures.get((user, s), 0) + 1
-            failures[(user, s)] = n
+            key = (user, s)
+            if key not in failures and len(failures) >= MAX_COUNTS:  # bounded: one count for the rest
+                if shared:
+                    continue
+                key, shared = (user, None), True
+            n = failures.get(key, 0) + 1
+            failures[key] = n
             if n == budget:
                 now_spent.append(s)
     return now_spent
