@@ -21,6 +21,7 @@ from veil.governance.release import decide_outside_turn, needs_review
 from veil.governance.requests import STATES, ReviewQueue
 from veil.messaging import messages as m
 from veil.workers import cancellation
+from veil.workers.audit_writer import rows_held_by_reply
 from veil.workers.base import BaseWorker, register_handler
 
 
@@ -90,8 +91,9 @@ def _handle_request_release(worker: BaseWorker, msg: RequestReleaseMessage, send
     from veil.workers.monitor import Purpose
 
     # the same rules as .get() (who may name it, who may reveal it), checked by the reference monitor
-    entry = worker.monitor.resolve(worker.principal(sender).acting_as(user), msg.id, Purpose.REVEAL,
-                                   "release request filed")
+    with rows_held_by_reply():  # (its allowed row: nothing leaves, the reply waits for it out of the turn)
+        entry = worker.monitor.resolve(worker.principal(sender).acting_as(user), msg.id, Purpose.REVEAL,
+                                       "release request filed")
     if not needs_review(worker, msg.id, entry, user):
         return m.ObjectsReply([{"id": None, "state": "not needed", "reason": msg.reason}])
     # (filed outside the worker's turn: a lost COMMIT's lookup held every other session's command)

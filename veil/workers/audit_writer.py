@@ -11,8 +11,7 @@ written in the order handed, by its thread. A handler thread waits for its own r
 (below), not while the writer is behind (a stalled database).
 A row written synchronously (an allowed one: data leaving the worker) waits for the rows handed before it
 (:meth:`RowWriter.wait`), so the log keeps its order, as does a read of the log (``OwnerDB.audit_entries``); on
-the event loop it waits for none (an inline opening runs there only while none is queued: rows other threads hand
-meanwhile are concurrent with it and go after it, :meth:`RowWriter.inline_started`).
+the event loop it waits for none (rows other threads hand meanwhile go after its own: :meth:`RowWriter.inline_started`).
 
 A get's allowed rows (its release is its reply) are queued instead, in order with the refusal rows
 (:func:`rows_held_by_reply`, :meth:`RowWriter.submit_allowed`): they waited for the whole queue in the worker's
@@ -21,7 +20,8 @@ get's was a database write on the event loop. Now only the request's reply waits
 turn (:meth:`RowWriter.settle_mine`) or on its connection (loop_rows.py); a row not written (a database error, or
 none within :data:`WAIT_S`) turns the reply into one error line: no release is answered before its allowed row is
 on record. Allowed rows are never counted into a summary; a thread queues at most :data:`ALLOWED_AHEAD` before it
-waits for them.
+waits for them. A star opening's row is queued the same way (its reply is its release); a peer opening's and a
+move's too, waited for before their values leave to other workers, the turn handed over (leaving_rows.py).
 
 Bounded: a queued row is a copy of what the audit table keeps of it (at most 1000 ids, 500 characters); at most
 :data:`MAX_PENDING` rows wait, and past that a row is counted into one summary row per (action, principal) (ids
@@ -156,6 +156,10 @@ class RowWriter:
         self._mine.seq = 0
         return self._settle(tickets, seq, timeout) if tickets else (self._wait_for(seq, timeout) or True)
 
+    def holds_mine(self) -> bool:
+        """Whether this thread queued allowed rows not yet settled (:meth:`settle_mine`)."""
+        return bool(self._mine.__dict__.get("tickets"))
+
     def take_allowed(self) -> list | None:
         """(the event loop) the tickets of the allowed rows this thread queued since :meth:`inline_started`."""
         return self._mine.__dict__.pop("tickets", None)
@@ -270,12 +274,8 @@ class RowWriter:
 
     def inline_started(self) -> None:
         """(the event loop, before an inline request runs) forgets the rows this thread handed so far (its reply
-        goes after its own rows only), and until :meth:`inline_ended` no wait on this thread waits. An inline get
-        or opening (whose allowed row is written directly) is let run on the loop only while no row is queued
-        (:meth:`busy`); a row another thread hands after that look (a batch store's refusal, audited by its
-        handler thread outside the turn) is concurrent with it, and the allowed row went on to wait for it on the
-        loop, behind a stalled write up to :data:`WAIT_S`, twice (``_audit``, ``OwnerDB.audit``). Now the allowed
-        row goes first (both are on record)."""
+        goes after its own rows only), and until :meth:`inline_ended` no wait on this thread waits: an inline get's
+        or opening's allowed rows are queued (:meth:`submit_allowed`), its connection awaits them (loop_rows.py)."""
         self._mine.seq = 0
         self._mine.__dict__.pop("tickets", None)
         self._mine.inline = True

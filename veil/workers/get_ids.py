@@ -42,9 +42,9 @@ def resolve_each(monitor: Any, principal: Any, ids: list, purpose: Any, detail: 
     deadline and cancellation every :data:`CHECK_EVERY` ids (it never did: 100,000 objects of its own held the
     turn ~30 s whatever ``--max-command-seconds`` said). No turn is handed over between them: what was resolved
     is what is released. A get's allowed rows are queued with the refusal rows (a network worker's reply waits for
-    them out of the turn: audit_writer.rows_held_by_reply); a move's are written as it goes (its value leaves in
-    the turn)."""
-    if purpose is Purpose.REVEAL:
+    them out of the turn: audit_writer.rows_held_by_reply); a move's too, waited for out of the turn before it
+    sends (leaving_rows.on_record_before_leaving)."""
+    if purpose is Purpose.REVEAL or purpose is Purpose.MOVE:  # (a move's wait before it sends: leaving_rows.py)
         with rows_held_by_reply():
             return _resolved(monitor, principal, ids, purpose, detail)
     return _resolved(monitor, principal, ids, purpose, detail)

@@ -1,8 +1,7 @@
 """The worker's built-in request handlers: commands, objects, get, delete, search, list, move, remote_get.
 
-Each takes ``(worker, message, sender)`` and reaches stored objects only through the worker's
-reference monitor. ``_run_command`` is one command's body: the batch runner
-(``BaseWorker._run_prelude``) calls it straight for deferred commands.
+Each takes ``(worker, message, sender)`` and reaches stored objects only through the worker's reference monitor.
+``_run_command`` is one command's body: the batch runner (``BaseWorker._run_prelude``) calls it for deferred commands.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from veil.workers.quiet_warnings import dropping_warnings
 from veil.workers.accounts import END_ACCOUNT
 from veil.workers.base import STORABLE_TYPES, STORE_VALIDATORS, BaseWorker, register_handler
 from veil.workers.get_ids import resolve_each
+from veil.workers.leaving_rows import moving, on_record_before_leaving
 from veil.workers.monitor import DEALER_OUTPUTS, PROTOCOL_PREFIXES, Principal, Purpose
 from veil.workers.store import Entry, Kind
 
@@ -563,14 +563,15 @@ def _handle_move(worker: BaseWorker, msg: m.MoveMessage, sender: str) -> Any:
         if not isinstance(entry.obj, tuple(STORABLE_TYPES)):
             raise SerializationError(f"object {oid} cannot be moved")
     _governance_release(worker, msg.ids, entries, principal.user, "move", consume=False)
-    # Refusals first: whether the destination is reachable must not matter to a refused move.
-    destination = worker.resolve_worker(msg.destination)
-    # capabilities travel (reveal_to, share kind, DP-only, provenance): moving never widens who may reveal it
-    objects = [worker.monitor.outgoing(principal, new, e) for new, e in zip(msg.new_ids, entries)]
-    for so, oid, entry in zip(objects, msg.ids, entries):
-        so.obj = _released(oid, entry)
-    with _governance_releasing(worker, msg.ids, entries, principal.user, "move"):
-        worker.send_msg(m.ObjectMessage(objects), destination)
+    destination = worker.resolve_worker(msg.destination)  # (after the refusals: reachability tells a refused none)
+    with moving(worker, entries):
+        on_record_before_leaving(worker)  # (its allowed rows, waited for with the turn handed over)
+        # capabilities travel (reveal_to, share kind, DP-only, provenance: never wider), read once rows are on record
+        objects = [worker.monitor.outgoing(principal, new, e) for new, e in zip(msg.new_ids, entries)]
+        for so, oid, entry in zip(objects, msg.ids, entries):
+            so.obj = _released(oid, entry)
+        with _governance_releasing(worker, msg.ids, entries, principal.user, "move"):
+            worker.send_msg(m.ObjectMessage(objects), destination)
     for oid, entry in zip(msg.ids, entries):  # owner-protected data is copied, never taken; the entry moved only
         worker.monitor.discard(principal, oid, only=entry)
     return m.OkReply()

@@ -56,9 +56,6 @@ INLINE_TYPES = frozenset((m.CommandMessage, m.ObjectMessage, m.GetObjectsMessage
                           m.ListObjectsMessage))
 
 _OPS_BY_NAME = ALLOWLIST._by_name
-#: requests whose allowed audit row is written directly (data leaving the worker): after the rows queued before it
-#: (a get's is queued with them instead: its reply waits for it, audit_writer.rows_held_by_reply)
-_ALLOWED_ROW_REQUESTS = (OpenMessage,)
 _UNKNOWN = object()
 _SKELETON = m.SkeletonCommand
 _PREPARED = _skeletons.Skeleton
@@ -253,7 +250,7 @@ class InlineLane:
                 # none): the connection awaits them before the reply (loop_rows.py)
                 return None, decoded
             if kind == "protocol":
-                if self.audit_rows.busy():  # (an opening's allowed row, as a get's above)
+                if self.audit_rows.full():  # (an opening's allowed row is queued as a get's, above)
                     return None, decoded
                 slow, strikes_of = self._slow_protocol, self._protocol_strikes
             if kind is None or session.id in slow:
@@ -277,13 +274,6 @@ class InlineLane:
                     strikes = strikes_of[session.id] = (strikes or 0) + 1
                     if strikes >= INLINE_STRIKES:
                         slow.add(session.id)
-
-    def rows_before_turn(self, decoded: tuple | None) -> None:
-        """(a handler thread, before it takes the turn) a get or SMPC opening sent here while refusal rows wait for
-        the owner's database waits for them now: its allowed row goes after them, and it waited for them in the
-        turn (up to 20 s behind a stalled write: every session's command held)."""
-        if decoded is not None and type(decoded[0]) in _ALLOWED_ROW_REQUESTS and self.audit_rows.busy():
-            self.audit_rows.wait()
 
     def _serve_command(self, session: Session, principal: Principal, msg: m.CommandMessage | m.SkeletonCommand,
                        prelude: list) -> bytes:

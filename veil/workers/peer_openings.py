@@ -66,7 +66,9 @@ from veil.messaging.serde import frame_nbytes, serialize
 from veil.mpc.party import XOR_LEADING, XOR_OPENABLE, check_openable, run_openable
 from veil.mpc.truncation import pack_top_bits
 from veil.workers import cancellation
+from veil.workers.audit_writer import rows_held_by_reply
 from veil.workers.base import register_handler
+from veil.workers.leaving_rows import on_record_before_leaving
 from veil.workers.peer_rounds import WAIT_SECONDS, PeerOpeningError, PeerRounds, rounds_of
 from veil.workers.store import Kind
 from veil.workers.websocket_auth import SESSION_END_HANDLERS, register_peer_message
@@ -149,7 +151,9 @@ def _handle_peer_open(worker: Any, msg: PeerOpenMessage, sender: str) -> Any:
 
     rnd = None
     try:
-        outputs = worker.monitor.open_step(principal, msg.name, tuple(msg.args), msg.kwargs, run)
+        with rows_held_by_reply():  # (its allowed row: on record before its outputs are published, below)
+            outputs = worker.monitor.open_step(principal, msg.name, tuple(msg.args), msg.kwargs, run)
+        on_record_before_leaving(worker)
         if len(msg.ids) != len(outputs):
             raise PeerOpeningError(f"{msg.name} opens {len(outputs)} values; {len(msg.ids)} ids were given")
         if msg.reveal == "top_bits":
@@ -171,7 +175,8 @@ def _handle_peer_open(worker: Any, msg: PeerOpenMessage, sender: str) -> Any:
     for oid, value in zip(msg.ids, opened):
         # the opened values, as the orchestrator would have sent them in a star opening: public to it
         worker.monitor.store(principal, oid, value, kind=Kind.CLIENT)
-    worker.monitor.audit("peer_open", principal, list(msg.ids), "allowed", f"{msg.name} with {sorted(others)}")
+    with rows_held_by_reply():  # (nothing leaves after it: the reply waits for it, out of the turn)
+        worker.monitor.audit("peer_open", principal, list(msg.ids), "allowed", f"{msg.name} with {sorted(others)}")
     return m.OkReply()
 
 

@@ -258,7 +258,6 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
             reply = serve_without_turn(self, data, session, decoded)
             if reply is not None:
                 return reply
-        self.rows_before_turn(decoded)  # (a get's allowed row waits for queued refusal rows outside the turn)
         with self._turn:
             if session.revoked:  # revoked while this request waited for its turn: it never runs
                 return serialize(m.ErrorReply("PermissionDeniedError", "access revoked by the data owner"),

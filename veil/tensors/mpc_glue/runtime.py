@@ -64,6 +64,7 @@ from veil.mpc.runtime import DEALER_TAG, PartyRuntime, register_runtime, set_awa
 from veil.tensors.pointer import PointerTensor, pointer_meta
 from veil.tensors.remote_ops import _ref
 from veil.workers import cancellation, party_slots
+from veil.workers.audit_writer import rows_held_by_reply
 from veil.workers.base import register_handler
 from veil.workers.monitor import DEALER_TAG as MONITOR_DEALER_TAG
 from veil.workers.peer_openings import PeerOpenMessage
@@ -499,7 +500,8 @@ set_awaiting_replies(_awaiting_replies)
 @register_handler(OpenMessage)
 def _handle_open(worker: Any, msg: OpenMessage, sender: str) -> Any:
     check_openable(msg.name, msg.kwargs)
-    reply = m.ObjectsReply(worker.monitor.open_step(worker.principal(sender), msg.name, tuple(msg.args), msg.kwargs,
-                                                    run_openable))
+    with rows_held_by_reply():  # (its release is its reply: which waits for its allowed row, out of the turn)
+        reply = m.ObjectsReply(worker.monitor.open_step(worker.principal(sender), msg.name, tuple(msg.args),
+                                                        msg.kwargs, run_openable))
     reply.fresh = True  # masked outputs computed for this reply alone: a server may send them from their memory
     return reply
