@@ -70,8 +70,9 @@ _SLACK = 1e-9
 #: scientist sending steps of ever new (sigma, q) (each ~0 epsilon) would make every charge take seconds.
 MAX_TRAINING_EVENTS = 16
 
-#: Users whose total a read summed are kept in memory (checked before each use, as a stored one), so asking for
-#: a budget again does not sum the rows again when the total in the database is stale and may not be written.
+#: Users whose total a read summed are kept in memory (checked before each use at the user's stamp count and nonce,
+#: veil.dp.charge_totals: a restored ledger is not read through them), so asking for a budget again does not sum
+#: the rows again when the total in the database is stale and may not be written.
 _KNOWN_TOTALS = 1024
 
 

@@ -17,11 +17,15 @@ rows are summed again. Compensated sums keep float drift from dropping tiny char
 never favours the spender.
 
 A read (:func:`current`) writes nothing (a read-only standby answers too): what it summed is kept by the caller
-(``BudgetLedger`` keeps it in memory, checked the same way before each use).
+(``BudgetLedger`` keeps it in memory), trusted only at the same stamp count and the same nonce the stamp's last
+bump drew: a count alone came back over other rows after a restore (the restored stamp lower, the owner's next
+change raising it to the same count). A user never changed has stamp 0 in any ledger: her nonce is the ledger's
+generation (:mod:`veil.dp.ledger_generation`), so another ledger put in this one's place is not read through it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -64,7 +68,8 @@ def _upward(total: float, error: float) -> float:
 @dataclass(frozen=True)
 class Total:
     """A user's charges up to ``last_id`` (None: no charges), summed with their rounding errors, at her stamp
-    ``edits`` (-1: none), over ``row_count`` rows."""
+    ``edits`` (-1: none) whose last bump drew ``nonce`` (0: none, or not read: a stored total), over ``row_count``
+    rows."""
 
     last_id: Optional[int] = None
     epsilon: float = 0.0
@@ -73,6 +78,7 @@ class Total:
     delta_error: float = 0.0
     edits: int = -1
     row_count: int = 0
+    nonce: int = 0
 
     @property
     def spent(self) -> tuple[float, float]:
@@ -82,7 +88,7 @@ class Total:
         """With one more charge (its id may be below ``last_id``: a row put back above the ids handed out)."""
         last = charge_id if self.last_id is None else max(self.last_id, charge_id)
         return Total(last, *_add(self.epsilon, self.epsilon_error, epsilon),
-                     *_add(self.delta, self.delta_error, delta), self.edits, self.row_count + 1)
+                     *_add(self.delta, self.delta_error, delta), self.edits, self.row_count + 1, self.nonce)
 
 
 def _from_rows(db: Database, user: str, last_id: int, start: Total = Total()) -> Total:
@@ -100,26 +106,33 @@ def _from_rows(db: Database, user: str, last_id: int, start: Total = Total()) ->
     total = start.plus(last_id, float(eps), float(dlt))
     rounding = int(n) * 2.0 ** -52
     return Total(last_id, total.epsilon, total.epsilon_error + float(eps_abs) * rounding,
-                 total.delta, total.delta_error + float(dlt_abs) * rounding, start.edits, start.row_count + int(n))
+                 total.delta, total.delta_error + float(dlt_abs) * rounding, start.edits, start.row_count + int(n),
+                 start.nonce)
 
 
 def current(db: Database, user: str, known: Optional[Total] = None) -> Total:
     """The user's total over all their charges, without writing: the stored one (or ``known``, one a read summed
     before) if it is up to date; the newest of them plus the charges after it if rows were only appended since
-    (a process of an older version); else summed from all the rows."""
+    (a process of an older version); else summed from all the rows. ``known`` is used only where the stored total
+    is stale or behind, and only at the stamp's count and nonce it was summed at (see the module's doc)."""
     last_id = db.execute('SELECT MAX(id) FROM charges WHERE "user" = ?', (user,)).fetchone()[0]
-    stamp = ledger_rows.edits(db, user)  # (read after MAX(id), before any sum: a sum sees every change it counts)
+    # (read after MAX(id), before any sum: a sum sees every change it counts)
+    stamp, nonce = ledger_rows.stamp(db, user)
     if last_id is None:
-        return Total(edits=stamp)
+        return Total(edits=stamp, nonce=nonce)
     row = db.execute('SELECT last_id, epsilon, epsilon_error, delta, delta_error, edits, row_count '
                      'FROM charge_totals WHERE "user" = ?', (user,)).fetchone()
     stored = None if row is None else Total(int(row[0]), *(float(v) for v in row[1:5]), int(row[5]), int(row[6]))
+    if stored is not None:  # (the database's own, restored with its rows: its stamp's count is enough)
+        stored = dataclasses.replace(stored, nonce=nonce)
+    if known is not None and (nonce == 0 or known.nonce != nonce):
+        known = None
     usable = [t for t in (stored, known) if t is not None and t.last_id is not None and t.edits == stamp
               and t.last_id <= last_id]
-    start = max(usable, key=lambda t: t.last_id, default=None)
-    if start is not None and start.last_id == int(last_id):
+    start = max(usable, key=lambda t: t.last_id, default=Total(edits=stamp, nonce=nonce))  # (stored on a tie)
+    if start.last_id == int(last_id):
         return start
-    return _from_rows(db, user, int(last_id), start if start is not None else Total(edits=stamp))
+    return _from_rows(db, user, int(last_id), start)
 
 
 def record(db: Database, user: str, total: Total) -> None:

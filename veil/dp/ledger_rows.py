@@ -19,10 +19,13 @@ delete fires no delete trigger), or (PostgreSQL) for every user on a ``TRUNCATE`
 their old ids were appends): a total is trusted only at the ``edits`` it was summed at (one primary-key
 look-up). On PostgreSQL the trigger first takes the user's ``budgets`` row lock, which every
 charge holds: a change made beside a charge in flight is stamped after that charge commits, never before it.
-A stamp never goes down: triggers refuse deleting one (while its user has charges or a total), lowering one, or
-(SQLite) inserting one below the user's (``REPLACE INTO charge_stamps`` deletes the row it replaces without a
-trigger), or (PostgreSQL) truncating them. Only the owner's shell, or an import, could try: a scientist reaches
-the ledger through charges, whose triggers only raise stamps, and a charge is one transaction.
+Each bump also draws a random ``nonce`` (0: none drawn yet): a restore (a copy of the SQLite file, a PostgreSQL
+dump) brings an older, lower stamp back, and later changes raise it to the same count over other rows; a total a
+worker keeps in memory is trusted only at the same count and nonce (a stored one is the database's own, restored
+with its rows). A stamp never goes down: triggers refuse deleting one (while its user has charges or a total),
+lowering one, or (SQLite) inserting one below the user's (``REPLACE INTO charge_stamps`` deletes the row it
+replaces without a trigger), or (PostgreSQL) truncating them. Only the owner's shell, or an import, could try: a
+scientist reaches the ledger through charges, whose triggers only raise stamps, and a charge is one transaction.
 
 Order: a fold takes the lowest ids for the oldest charges; on PostgreSQL each charge first brings the id sequence
 above the table's newest id (:func:`ids_rise`: a sequence restarted, or left behind by a restore, handed out ids
@@ -40,6 +43,7 @@ import sys
 import zlib
 from typing import TYPE_CHECKING
 
+from veil.dp import ledger_generation
 from veil.workers.database import Database
 
 if TYPE_CHECKING:
@@ -62,14 +66,18 @@ CREATE TABLE IF NOT EXISTS charge_stamps (
 );
 """
 
-_BUMP = ('INSERT INTO charge_stamps("user", edits) VALUES ({row}."user", 1) '
-         'ON CONFLICT("user") DO UPDATE SET edits = charge_stamps.edits + 1;')
+#: PostgreSQL: a random bigint, the nonce a bump draws (uniqueness, not secrecy: nothing is keyed by it).
+_PG_DRAW = "floor((random() - 0.5) * 1.8e19)::bigint"
+
+_BUMP = ('INSERT INTO charge_stamps("user", edits, nonce) VALUES ({row}."user", 1, ' + _PG_DRAW + ') '
+         'ON CONFLICT("user") DO UPDATE SET edits = charge_stamps.edits + 1, nonce = excluded.nonce;')
 
 _KEPT = ("charge_stamps rows are kept while the user has charges or a running total, and never lowered "
          "(veil.dp.ledger_rows): to give budget back, delete charges rows")
 
-#: In every SQLite trigger's text: an older file's triggers (without it) are made again at open.
-_SQLITE_VERSION = "-- veil charge stamps 2"
+#: In every SQLite trigger's text: an older file's triggers (without it) are made again at open. (It holds the
+#: previous version's mark, so a worker of that version beside this one keeps these triggers.)
+_SQLITE_VERSION = "-- veil charge stamps 2, nonce 3"
 
 
 def _sqlite_bump(user: str) -> str:
@@ -77,7 +85,7 @@ def _sqlite_bump(user: str) -> str:
     an upsert's values, so ``charge_stamps_not_lowered`` would refuse the bump of a stamp above 1."""
     return (f'INSERT INTO charge_stamps("user", edits) SELECT {user}, 0 '
             f'WHERE NOT EXISTS (SELECT 1 FROM charge_stamps WHERE "user" = {user}); '
-            f'UPDATE charge_stamps SET edits = edits + 1 WHERE "user" = {user};')
+            f'UPDATE charge_stamps SET edits = edits + 1, nonce = random() WHERE "user" = {user};')
 
 
 _SQLITE_TRIGGERS = {
@@ -197,8 +205,9 @@ END
 $body$;
 CREATE OR REPLACE FUNCTION veil_charges_truncated() RETURNS trigger LANGUAGE plpgsql AS $body$
 BEGIN
-    UPDATE charge_stamps SET edits = edits + 1;
-    INSERT INTO charge_stamps("user", edits) SELECT "user", 1 FROM budgets ON CONFLICT("user") DO NOTHING;
+    UPDATE charge_stamps SET edits = edits + 1, nonce = {_PG_DRAW};
+    INSERT INTO charge_stamps("user", edits, nonce) SELECT "user", 1, {_PG_DRAW} FROM budgets
+        ON CONFLICT("user") DO NOTHING;
     RETURN NULL;
 END
 $body$;
@@ -232,17 +241,24 @@ _ADDED_COLUMNS = (
     ("charge_totals", "edits", "BIGINT NOT NULL DEFAULT -1"),  # (-1: never a stamp, so summed again once)
     ("charge_totals", "row_count", "BIGINT NOT NULL DEFAULT 0"),
     ("requests", "charge_id", "BIGINT"),
+    ("charge_stamps", "nonce", "BIGINT NOT NULL DEFAULT 0"),  # (0: none drawn, a total in memory not trusted)
 )
 
 
 def create(db: Database) -> None:
-    """The stamps, their triggers and the added columns (after the ledger's tables and ``charge_totals``)."""
+    """The stamps, the added columns and the triggers (after the ledger's tables and ``charge_totals``)."""
     db.executescript(STAMPS)
+    ledger_generation.create(db)
+    _add_missing_columns(db)  # (first: the triggers write charge_stamps.nonce)
     if db.dialect == "sqlite":
         _create_sqlite_triggers(db)
     else:
         db.executescript(POSTGRES_TRIGGERS)
         db.executescript(POSTGRES_STAMPS_KEPT)
+    db.executescript(REQUESTS_BY_CHARGE)  # (an older file, and one `veil db migrate` fills, get it at open)
+
+
+def _add_missing_columns(db: Database) -> None:
     if _missing_columns(db):  # (nothing written when all are there: a read-only standby still opens)
         with db.write_transaction():
             if db.dialect == "postgresql":  # (first: replicas starting at once read, then alter, one at a time;
@@ -250,7 +266,6 @@ def create(db: Database) -> None:
                 db.execute("SELECT pg_advisory_xact_lock(?)", (zlib.crc32(b"veil ledger_rows columns"),))
             for table, column, kind in _missing_columns(db):
                 db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-    db.executescript(REQUESTS_BY_CHARGE)  # (an older file, and one `veil db migrate` fills, get it at open)
 
 
 def ids_rise(db: Database) -> None:
@@ -270,6 +285,19 @@ def edits(db: Database, user: str) -> int:
     """How many times the user's rows were changed other than by an append (0: never)."""
     row = db.execute('SELECT edits FROM charge_stamps WHERE "user" = ?', (user,)).fetchone()
     return 0 if row is None else int(row[0])
+
+
+def stamp(db: Database, user: str) -> tuple[int, int]:
+    """The user's stamp: its count (:func:`edits`) and the nonce its last bump drew; a user never changed: 0 and
+    the ledger's generation (:mod:`veil.dp.ledger_generation`). A nonce of 0: none known (a bump by an older
+    version's trigger, a ledger without a generation)."""
+    count, nonce, generation = db.execute(
+        'SELECT (SELECT edits FROM charge_stamps WHERE "user" = ?), '
+        '(SELECT nonce FROM charge_stamps WHERE "user" = ?), (SELECT generation FROM ledger_generation)',
+        (user, user)).fetchone()
+    if count is None:
+        return 0, int(generation or 0)
+    return int(count), int(nonce)
 
 
 def _sum_upward(values: list[float]) -> float:

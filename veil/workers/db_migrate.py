@@ -33,8 +33,9 @@ _TABLES = {
     ],
     "veil-dp-budget.sqlite3": [
         ("budgets", ["user", "epsilon", "delta"], None),
-        # (before the charges, copied in id order: appends, which the stamps' triggers do not count)
-        ("charge_stamps", ["user", "edits"], None),
+        # (before the charges, copied in id order: appends, which the stamps' triggers do not count; the nonce of
+        # each stamp's last bump with it: the copy is the same history, and a total kept in memory is checked by it)
+        ("charge_stamps", ["user", "edits", "nonce"], None),
         ("charges", ["id", "user", "epsilon", "delta", "reason", "at"], "id"),
         # each user's running total (derived: checked against the copied charges' ids and stamps, recomputed if
         # stale; a file of an older version has no stamps, and its totals are summed again)
@@ -47,7 +48,8 @@ _TABLES = {
     ],
 }
 # Columns later versions added to a table (veil.dp.ledger_rows): copied where the source file has them.
-_LATER_COLUMNS = {("charge_totals", "edits"), ("charge_totals", "row_count"), ("requests", "charge_id")}
+_LATER_COLUMNS = {("charge_totals", "edits"), ("charge_totals", "row_count"), ("requests", "charge_id"),
+                  ("charge_stamps", "nonce")}
 # Tables every version of each file has (the others came later: absent, they copy as zero rows).
 _CORE = {"veil-worker.sqlite3": {"audit", "kv", "ledger"}, "veil-dp-budget.sqlite3": {"budgets", "charges"}}
 
@@ -77,6 +79,8 @@ def migrate(data_dir: str | Path, url: str) -> dict[str, int]:
     present = [name for name in _TABLES if (folder / name).is_file()]
     if not present:
         raise ValueError(f"no veil worker state in {folder} (expected {' or '.join(_TABLES)})")
+    from veil.dp import ledger_generation
+
     _create_schemas(url)
     db = Database(url)
     counts: dict[str, int] = {}
@@ -94,6 +98,8 @@ def migrate(data_dir: str | Path, url: str) -> dict[str, int]:
                                          f"{', '.join(missing)}): nothing migrated")
                     for table, columns, identity in _TABLES[name]:
                         counts[table] = _copy_table(source, db, table, columns, identity)
+                    if name == "veil-dp-budget.sqlite3":  # (another history: a total a served worker kept in
+                        ledger_generation.renew(db)  # memory for a never-changed user is not trusted for it)
                 finally:
                     source.close()
     finally:
