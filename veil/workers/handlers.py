@@ -565,8 +565,7 @@ def _handle_move(worker: BaseWorker, msg: m.MoveMessage, sender: str) -> Any:
     _governance_release(worker, msg.ids, entries, principal.user, "move", consume=False)
     destination = worker.resolve_worker(msg.destination)  # (after the refusals: reachability tells a refused none)
     with moving(worker, entries):
-        on_record_before_leaving(worker)  # (its allowed rows, waited for with the turn handed over)
-        # capabilities travel (reveal_to, share kind, DP-only, provenance: never wider), read once rows are on record
+        on_record_before_leaving(worker)  # its allowed rows, off the turn; then capabilities travel, never wider
         objects = [worker.monitor.outgoing(principal, new, e) for new, e in zip(msg.new_ids, entries)]
         for so, oid, entry in zip(objects, msg.ids, entries):
             so.obj = _released(oid, entry)
