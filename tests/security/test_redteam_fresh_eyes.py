@@ -63,9 +63,9 @@ def expanded(monkeypatch):
     """The element counts each protocol step asked the PRG to expand (the real expansion still runs)."""
     asked = []
 
-    def spy(seed, label, shape):
+    def spy(seed, label, shape, **kwargs):  # (between=: where a party hands its turn over)
         asked.append(int(torch.Size([int(d) for d in shape]).numel()))
-        return prg.expand(seed, label, shape)
+        return prg.expand(seed, label, shape, **kwargs)
 
     for module in (remote_sharing, fss_dealing, worker_dealer):
         monkeypatch.setattr(module, "expand", spy)
