@@ -41,6 +41,7 @@ from veil.exceptions import PermissionDeniedError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from review_steps import uid  # noqa: E402
+from test_redteam_fail_bits import _fails  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -59,18 +60,6 @@ def owner(hook):
 
 def _find(w, tag):
     return w.search(tag)[0]
-
-
-def _fails(owner, make) -> bool:
-    """Whether ``make()`` failed (seen at the next synchronization); a refusal raises."""
-    try:
-        make()
-        owner.flush()
-    except PermissionDeniedError:
-        raise
-    except Exception:
-        return True
-    return False
 
 
 def _search(owner, fails_below) -> int:

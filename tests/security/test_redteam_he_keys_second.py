@@ -50,16 +50,11 @@ from fl_helpers import uid
 from test_redteam_he_crypto import _field, _seal_ciphertext
 from test_redteam_he_eval_second import _context_wire, _seal
 from test_redteam_he_keys import _crafted_relin_parts, _kswitch_bytes, _public_bytes, _relin_parts
+from test_redteam_he_leftovers_second import _one_line
 
 ts = pytest.importorskip("tenseal")
 
 X = torch.tensor([0.5, -2.0, 3.0], dtype=torch.float64)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc)
-    assert text and "\n" not in text, f"not a one-line error: {text!r}"
-    return text
 
 
 def _key_pair():

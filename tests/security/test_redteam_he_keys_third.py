@@ -41,21 +41,9 @@ from veil.messaging.messages import ObjectMessage, StoredObject
 from veil.messaging.serde import deserialize, serialize
 
 from fl_helpers import uid
+from test_redteam_he_keys_second import X, _key_pair, _one_line
 
 ts = pytest.importorskip("tenseal")
-
-X = torch.tensor([0.5, -2.0, 3.0], dtype=torch.float64)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc)
-    assert text and "\n" not in text, f"not a one-line error: {text!r}"
-    return text
-
-
-def _key_pair():
-    return ckks.context(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 40, 40, 60), galois_keys=False)
-
 
 def _arrived(*objs):
     """``objs`` as a worker decodes them from one ObjectMessage (a context first registers it)."""

@@ -42,6 +42,7 @@ from server_sessions import open_session  # noqa: E402
 from review_steps import SECRET, review_owner, uid  # noqa: E402
 from test_redteam_review_marks import SCI, _approved_copy_on, _command, _get, _server  # noqa: E402
 from test_redteam_review_marks_second import _claimed, _refused_dp  # noqa: E402
+from test_redteam_review_marks_third import tighten_before  # noqa: E402
 
 
 @pytest.fixture
@@ -139,17 +140,7 @@ def test_a_tightening_between_the_recheck_and_the_review_check_lets_nothing_out(
 
     w = review_owner(hook, "marks4-get")
     y = w.search(["#d"])[0] * 3
-    real, done = release.needs_review, []
-
-    def tighten_first(*args, **kwargs):
-        if not done:
-            t = threading.Thread(target=lambda: done.append(w.set_policy("#d", "dp-only")), daemon=True)
-            t.start()
-            t.join(30)
-            assert done, "the tightening did not finish"
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(release, "needs_review", tighten_first)
+    done, real = tighten_before(monkeypatch, release, "needs_review", lambda: w.set_policy("#d", "dp-only"))
     leaked = None
     try:
         leaked = y.get()
@@ -174,17 +165,7 @@ def test_a_tightening_while_the_decision_is_out_of_the_turn_lets_nothing_out(own
     sci = open_session(a, SCI)
     y = new_id()
     _command(a, sci, "torch.mul", (m.ObjectRef(did), 3.0), y)
-    real, done = release._decide_all, []
-
-    def tighten_first(*args, **kwargs):
-        if not done:
-            t = threading.Thread(target=lambda: done.append(a.set_policy("#d", "dp-only")), daemon=True)
-            t.start()
-            t.join(30)
-            assert done, "the tightening did not finish"
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(release, "_decide_all", tighten_first)
+    done, real = tighten_before(monkeypatch, release, "_decide_all", lambda: a.set_policy("#d", "dp-only"))
     reply = _get(a, sci, y)
     monkeypatch.setattr(release, "_decide_all", real)
     assert done, "the get made no decision"
@@ -207,18 +188,9 @@ def test_a_tightening_while_the_names_are_read_out_of_the_turn_lets_nothing_out(
     d3, y = new_id(), new_id()
     _command(a, sci, "torch.mul", (m.ObjectRef(did), 3.0), d3)
     _command(a, sci, "torch.add", (m.ObjectRef(d3), m.ObjectRef(zeros)), y)
-    real, done = moved_marks._stored_names, []
-
-    def tighten_first(worker):
-        if not done and worker is a:
-            t = threading.Thread(target=lambda: done.append(a.set_policy("#d", "dp-only")), daemon=True)
-            t.start()
-            t.join(30)
-            assert done, "the tightening did not finish"
-        return real(worker)
-
     monkeypatch.setattr(moved_marks, "_KNOWN", type(moved_marks._KNOWN)())  # (no names kept: they are read)
-    monkeypatch.setattr(moved_marks, "_stored_names", tighten_first)
+    done, real = tighten_before(monkeypatch, moved_marks, "_stored_names", lambda: a.set_policy("#d", "dp-only"),
+                                when=lambda worker: worker is a)
     reply = _get(a, sci, y)
     monkeypatch.setattr(moved_marks, "_stored_names", real)
     assert done, "the get read no names"

@@ -303,6 +303,25 @@ def test_loads_do_not_read_every_stored_name(owner_workers, monkeypatch):
 # ----------------------------------------------------------------- a release racing a tightening (in process)
 
 
+def tighten_before(monkeypatch, module, name: str, tighten, when=lambda *args, **kwargs: True):
+    """Makes ``module.name`` run ``tighten()`` to its end on another thread the first time it is called (with
+    arguments ``when`` accepts): an owner's tightening landing between two steps of a release. Returns the list
+    the tightening's result is appended to, and the real function (to put back)."""
+    real, done = getattr(module, name), []
+
+    def tighten_first(*args, **kwargs):
+        if not done and when(*args, **kwargs):
+            t = threading.Thread(target=lambda: done.append(tighten()), daemon=True)
+            t.start()
+            t.join(30)
+            assert done, "the tightening did not finish"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, tighten_first)
+    return done, real
+
+
+
 @pytest.mark.parametrize("action", ["get", "move"])
 def test_a_release_racing_a_tightening_lets_nothing_out(hook, monkeypatch, action):
     """In process (no turn): the scientist's get (or move to bob) of ``y = d * 3``, never approved, passes the
@@ -314,17 +333,7 @@ def test_a_release_racing_a_tightening_lets_nothing_out(hook, monkeypatch, actio
     w = review_owner(hook, "marks3-get")
     bob = sy.VirtualWorker(hook, id=uid("marks3-getbob"))
     y = w.search(["#d"])[0] * 3
-    real, done = release.enforce_all, []
-
-    def tighten_first(*args, **kwargs):
-        if not done:
-            t = threading.Thread(target=lambda: done.append(w.set_policy("#d", "dp-only")), daemon=True)
-            t.start()
-            t.join(30)
-            assert done, "the tightening did not finish"
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(release, "enforce_all", tighten_first)
+    done, real = tighten_before(monkeypatch, release, "enforce_all", lambda: w.set_policy("#d", "dp-only"))
     leaked = None
     try:
         leaked = y.get() if action == "get" else y.move(bob).get()
