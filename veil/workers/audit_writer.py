@@ -69,8 +69,8 @@ OTHER_PRINCIPALS = "(other principals)"
 #: allowed rows one thread may have queued before it waits for them (a get naming thousands of its objects)
 ALLOWED_AHEAD = 64
 #: what a release whose allowed row is not on record answers instead of its values
-NOT_RECORDED = "the owner's audit log did not record this release (its database failed or did not answer): " \
-    "nothing was released"
+NOT_RECORDED = "the owner's audit log is unavailable (it did not record this release): nothing was released, " \
+    "try again later"
 
 _reply_rows = threading.local()
 
