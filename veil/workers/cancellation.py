@@ -19,7 +19,7 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Hashable, Iterable, Iterator
 
 from veil.exceptions import CommandCancelledError, CommandTimeoutError
 
@@ -108,69 +108,120 @@ def outside_turn() -> Iterator[None]:
         _local.yield_turn, _local.turn = yield_turn, turn
 
 
-class ArrivalSlot:
-    """A mutex taken in turns among requesters, each requester's waiters in arrival order (``threading.Lock``
-    is not fair: a session with several connections could take it again and again while another's step
-    waited; plain arrival order put an honest step behind every waiting request of a requester with K
-    connections), given up by a waiter cancelled meanwhile. Requesters with waiters are served round robin:
-    one that just took the slot goes behind the others waiting, so an honest step waits for at most one step
-    of each other requester (and the one holding the slot)."""
+class FairSlots:
+    """Slots keyed by a name (a party), each waiter taking all of the ones it names at once, all or none.
+
+    Requesters (users) are served in turns, each one's waiters in arrival order, one that was just served
+    behind the others (``threading.Lock`` is not fair: a session with several connections could take it again
+    and again while another's step waited; plain arrival order put an honest step behind every waiting request
+    of a requester with K connections). A waiter whose names are all free takes them unless a waiter ahead of
+    it that could take its own now needs one of them; a waiter that cannot take its own (one of its names is
+    busy) holds nothing back for them, so a dealing queued for a party that never answers keeps no other party
+    from the dealings behind it (:mod:`veil.workers.party_slots`)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._held = False
-        self._waiting: dict[object, deque[object]] = {}  # requester -> its waiters' tickets, in arrival order
+        self._busy: set = set()
+        self._waiting: dict[object, deque[tuple[object, frozenset]]] = {}  # requester -> (ticket, parties)
         self._rotation: deque[object] = deque()  # requesters with waiters, the next to be served first
+        # bumped at every change: a waiter woken with none since its last look (its poll's interval) looks again
+        # at nothing (a queue of hundreds of connections' waiters each walking it every 50 ms was CPU for nothing)
+        self._version = 0
 
-    def try_take(self) -> bool:
+    def _free_for(self, ticket: object, parties: frozenset) -> bool:
+        """Whether ``parties`` may be taken now by ``ticket`` (None: one that has not queued). Under _cond."""
+        if parties & self._busy:
+            return False
+        claimed: set = set()  # parties the waiters ahead that could take theirs now would take
+        for requester in self._rotation:
+            for other, wanted in self._waiting[requester]:
+                if other is ticket:
+                    return not (parties & claimed)
+                if not (wanted & self._busy) and not (wanted & claimed):
+                    claimed |= wanted
+        return not (parties & claimed)
+
+    def try_take(self, parties: Iterable[Hashable]) -> bool:
+        """Takes every one of ``parties`` if that needs no wait."""
+        wanted = frozenset(parties)
         with self._cond:
-            if self._held or self._rotation:
+            if not self._free_for(None, wanted):
                 return False
-            self._held = True
+            self._busy |= wanted
+            self._version += 1
             return True
 
-    def take(self, poll: Callable[[], None], interval: float = 0.05, requester: object = None) -> None:
-        """Waits for the slot in ``requester``'s turn behind its own earlier waiters, calling ``poll`` (which
-        may raise) between waits."""
-        ticket = object()
+    def take(self, parties: Iterable[Hashable], poll: Callable[[], None], interval: float = 0.05,
+             requester: object = None) -> None:
+        """Waits until every one of ``parties`` is free in ``requester``'s turn, then takes them all, calling
+        ``poll`` (which may raise: the waiter then leaves, holding none) between waits."""
+        wanted, ticket = frozenset(parties), object()
         with self._cond:
             mine = self._waiting.get(requester)
             if mine is None:
                 mine = self._waiting[requester] = deque()
                 self._rotation.append(requester)
-            mine.append(ticket)
+            mine.append((ticket, wanted))
+            self._version += 1
+        seen = -1
         try:
             while True:
                 with self._cond:
-                    if not self._held and self._rotation[0] == requester and mine[0] is ticket:
-                        self._held = True
-                        self._served(requester, mine)
-                        return
+                    if seen != self._version:
+                        seen = self._version
+                        if self._free_for(ticket, wanted):
+                            self._busy |= wanted
+                            self._leave(requester, mine, ticket, served=True)
+                            return
                     self._cond.wait(interval)
                 poll()
         except BaseException:
             with self._cond:
-                if ticket in mine:
-                    mine.remove(ticket)
-                    if not mine:
-                        self._waiting.pop(requester, None)
-                        self._rotation.remove(requester)
-                self._cond.notify_all()
+                if any(t is ticket for t, _ in mine):
+                    self._leave(requester, mine, ticket, served=False)
+                self._cond.notify_all()  # (what it would have taken first may be free for others now)
             raise
 
-    def _served(self, requester: object, mine: deque) -> None:
-        """Takes ``requester``'s first waiter off; it goes behind the other requesters waiting (under _cond)."""
-        mine.popleft()
-        self._rotation.popleft()
-        if mine:
-            self._rotation.append(requester)
-        else:
+    def _leave(self, requester: object, mine: deque, ticket: object, served: bool) -> None:
+        """Takes ``ticket`` off its requester's waiters; a requester just served goes behind the others, one
+        whose waiter gave up keeps its place for the rest (under _cond)."""
+        self._version += 1
+        for k, (t, _) in enumerate(mine):
+            if t is ticket:
+                del mine[k]
+                break
+        if not mine:
             del self._waiting[requester]
+            self._rotation.remove(requester)
+        elif served:
+            self._rotation.remove(requester)
+            self._rotation.append(requester)
 
-    def release(self) -> None:
+    def release(self, party: Hashable) -> None:
         with self._cond:
-            self._held = False
+            self._busy.discard(party)
+            self._version += 1
             self._cond.notify_all()
+
+
+class ArrivalSlot(FairSlots):
+    """One mutex taken in turns among requesters (:class:`FairSlots` over a single name): an honest step waits
+    for at most one step of each other requester (and the one holding the slot); a waiter cancelled meanwhile
+    gives its place up."""
+
+    _ONE = ("slot",)
+
+    def try_take(self) -> bool:  # type: ignore[override]
+        return super().try_take(self._ONE)
+
+    def take(self, poll: Callable[[], None], interval: float = 0.05,  # type: ignore[override]
+             requester: object = None) -> None:
+        """Waits for the slot in ``requester``'s turn behind its own earlier waiters, calling ``poll`` (which
+        may raise) between waits."""
+        super().take(self._ONE, poll, interval, requester)
+
+    def release(self) -> None:  # type: ignore[override]
+        super().release(self._ONE[0])
 
 
 @contextmanager
