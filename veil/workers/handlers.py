@@ -133,7 +133,7 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
                 raise RemoteExecutionError(f"{name} returns one tensor but the caller expected {len(ids)}")
     if monitor.max_session_bytes is not None and not op.worker_function:  # refused before it allocates
         try:
-            output_bounds.check(monitor, principal, name, op.func, args, kwargs)
+            output_bounds.check(monitor, principal, name, op.func, args, kwargs, grad=bool(grad_enabled))
         except output_bounds.ArgumentError as e:  # the op's own error, as the except below would give it
             raise owner_guard.client_error(name, e.cause, protected or (
                 {0} if secret else _reviewed_inputs(worker, entries)), worker.id) from None
@@ -209,13 +209,15 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
                 from veil.governance.provenance import stamp_unrecorded
 
                 stamp_unrecorded(running.outputs, lineage)
+    # what its graph saved: carried by its first new result (none: charged while the graph holds it)
+    extra = 0 if saves is None else saves.settle(entries, args, kwargs, result, [] if op.shapes == NO_RESULT
+                                                 else ids, (monitor, principal))
     if op.shapes == NO_RESULT or ids == []:
         return _OK
     if ids is None:
         inputs = {id(e.obj): oid for oid, e in found.items()}
         return m.ResultReply(_describe_results(worker, principal, result, inputs, entries, name, lineage, reviewed,
-                                               saves.settle(entries, args, kwargs, result) if saves is not None
-                                               else 0))
+                                               extra))
     results = [result] if type(result) is _PLAIN_TENSOR else leaves(result)
     if any(isinstance(t, torch.Tensor) and t.is_meta for t in results):
         # a meta tensor has no data; a step's shape-inference branch given one operand on meta must never
@@ -227,7 +229,6 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
         )
     store = monitor.store
     dealt = [] if name in DEALER_OUTPUTS else None
-    extra = saves.settle(entries, args, kwargs, result) if saves is not None else 0
     graph = _graph_nbytes(lineage)
     for oid, tensor in zip(ids, results):
         if oid != 0:  # 0: the result is one of the inputs (in-place op), already stored
@@ -532,13 +533,12 @@ def _describe_entry(oid: int, entry: Entry, hide_counts: bool) -> m.Descriptor:
 
 @register_handler(m.SearchMessage)
 def _handle_search(worker: BaseWorker, msg: m.SearchMessage, sender: str) -> Any:
-    from veil.compat.search_terms import checked_terms, matches  # (PySyft's terms: tags, ids, descriptions)
+    from veil.compat.search_terms import checked_terms, search_page  # (PySyft's terms: tags, ids, descriptions)
 
-    terms = checked_terms(msg.query)  # bounded, as the page below (it holds every other session's turn)
+    terms = checked_terms(msg.query)  # bounded, as the page's matching work (it holds every other session's turn)
     hide, owned = worker.monitor.hide_dp_counts, worker.monitor.owned_entries(worker.principal(sender), msg.after)
-    return m.DescriptorsReply(*listing.page(owned, lambda oid, e: listing.pointable(e.obj) and
-                                            matches(terms, oid, e.tags, e.description),
-                                            lambda oid, e: _describe_entry(oid, e, hide)))
+    return m.DescriptorsReply(*search_page(owned, terms, lambda oid, e: listing.pointable(e.obj),
+                                           lambda oid, e: _describe_entry(oid, e, hide)))
 
 
 @register_handler(m.ListObjectsMessage)

@@ -33,6 +33,9 @@ MAX_SCANNED = 16384
 MAX_PAGES = 4096
 #: most times a client starts a listing again because its cursor left it (a worker may answer that for ever)
 MAX_RESTARTS = 32
+#: most characters of tags and descriptions a client keeps from one listing (a worker answering page after page
+#: of fresh descriptors with long descriptions made the scientist's grid search gather them until out of memory)
+MAX_LISTING_META_CHARS = 64 << 20
 
 
 @register_remote_error
@@ -94,9 +97,10 @@ def every_page(ask: Callable[[Optional[int]], Any]) -> list:
     """Every descriptor of a paged listing: ``ask(after)`` answers one page (a DescriptorsReply). A page
     whose ``after=`` left the listing starts it again (descriptors are listed once, by id). A worker's page
     longer than MAX_LISTED, or a cursor it already gave since the last start, ends the listing in one line
-    (a hostile or broken worker kept the client asking MAX_PAGES times, gathering pages of any size)."""
+    (a hostile or broken worker kept the client asking MAX_PAGES times, gathering pages of any size), as do
+    non-string tags or descriptions and more than MAX_LISTING_META_CHARS characters of them in all."""
     seen: dict[int, Any] = {}
-    after, cursors, restarts = None, set(), 0
+    after, cursors, restarts, meta = None, set(), 0, 0
     for _ in range(MAX_PAGES):
         try:
             reply = ask(after)
@@ -107,12 +111,16 @@ def every_page(ask: Callable[[Optional[int]], Any]) -> list:
             after, cursors = None, set()
             continue
         page_of = getattr(reply, "descriptors", None)
-        if not isinstance(page_of, list) or len(page_of) > MAX_LISTED or any(
-                type(getattr(d, "id", None)) is not int for d in page_of):
+        if not isinstance(page_of, list) or len(page_of) > MAX_LISTED or not all(_well_formed(d) for d in page_of):
             raise ObjectNotFoundError(f"the worker answered a malformed listing page (at most {MAX_LISTED} "
-                                      "descriptors, each with an integer id)")
+                                      "descriptors, each with an integer id, string tags and a string description)")
         for d in page_of:
-            seen.setdefault(d.id, d)
+            if d.id not in seen:
+                meta += len(d.description) + sum(len(t) for t in d.tags)
+                seen[d.id] = d
+        if meta > MAX_LISTING_META_CHARS:
+            raise ObjectNotFoundError(f"the worker's listing holds more than {MAX_LISTING_META_CHARS} characters of "
+                                      "tags and descriptions; search with narrower terms")
         after = reply.next_after
         if after is None:
             return list(seen.values())
@@ -121,3 +129,10 @@ def every_page(ask: Callable[[Optional[int]], Any]) -> list:
         cursors.add(after)
     raise ObjectNotFoundError(f"the listing did not settle within {MAX_PAGES} pages or {MAX_RESTARTS} "
                               "restarts (it keeps changing)")
+
+
+def _well_formed(d: Any) -> bool:
+    """A descriptor a pointer can be made from: an integer id, a tuple of string tags, a string description."""
+    tags = getattr(d, "tags", None)
+    return (type(getattr(d, "id", None)) is int and isinstance(getattr(d, "description", None), str)
+            and isinstance(tags, tuple) and all(isinstance(t, str) for t in tags))

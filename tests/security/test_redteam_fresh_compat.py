@@ -1,0 +1,210 @@
+"""Red team (fresh eyes) of the PySyft 0.2 compatibility surface: grid search as a hostile scientist drives it
+against a network worker (``worker.search``, ``sy.PrivateGridNetwork(...).search``, ``request_search``), as a
+hostile worker answers it to a scientist, and the owner-side and client-side names that must keep the owner's
+rules (``sy.search`` by the owner in process, search results' pointers, ``ptr.move``).
+
+Already covered elsewhere (not repeated): the compat worker functions' oracles, quotas and roles, search term
+bounds and other sessions' objects (test_redteam_compat_surface.py), plans (test_redteam_compat_plans.py), Ray
+and the grid federation (test_redteam_ray_grid_compat.py).
+
+Holes found (strict xfails first, then fixed):
+- a search page's matching work had no bound but the term count: a session's own objects with 2 MB
+  descriptions ending in 63 of the query's terms made each 16 KB search request hold the worker (on its event
+  loop first: the inline lane) for 64 times their size in substring scans, 1.7 s per request for 64 MB of
+  descriptions (no session quota by default). Fixed in veil/compat/search_terms.py: a term is looked for in a
+  description's first 64 Ki characters, and a page ends at a budget of compared characters (the client
+  follows the pages, so results are unchanged).
+- a hostile worker answering a search (or a listing) could keep the client gathering pages of fresh
+  descriptors with large descriptions up to MAX_PAGES x MAX_LISTED of them (4096 pages of any frame size:
+  the scientist's process runs out of memory in ``grid.search``), and hand over descriptions and tags that are
+  not strings. Fixed in veil/workers/listing.py: a listing keeps at most MAX_LISTING_META_CHARS characters of
+  tags and descriptions, and a page whose tags or description are not strings is malformed (one line).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import veil as sy
+from veil.ids import new_id
+from veil.messaging import messages as m
+from veil.messaging.allowlist import ALLOWLIST
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from server_sessions import open_session, quota_worker, request, run_command, send_tensor  # noqa: E402
+
+TOKEN = "rt-fresh-compat-token"
+OTHER = "rt-fresh-compat-other"
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("fresh_size_cache")]
+
+ADD = ALLOWLIST.by_func(torch.add).name
+
+
+def _worker(hook, wid, quota=None):
+    srv = quota_worker(hook, wid, TOKEN, quota)
+    srv.tokens.add(OTHER, "other", "scientist")
+    return srv, open_session(srv, TOKEN)
+
+
+def _serving(srv, s):
+    t = send_tensor(srv, s, torch.ones(3))
+    r, (rid,) = run_command(srv, s, ADD, m.ObjectRef(t), 1.0)
+    assert type(r) is m.OkReply, r
+    got = request(srv, s, m.GetObjectsMessage([rid], False, None))
+    assert torch.equal(got.objects[0], torch.full((3,), 2.0)), got
+
+
+def _store(srv, s, obj, tags=(), description=""):
+    oid = new_id()
+    reply = request(srv, s, m.ObjectMessage([m.StoredObject(oid, obj, tuple(tags), description)]))
+    assert type(reply) is m.OkReply, reply
+    return oid
+
+
+def _all_pages(srv, s, query):
+    """Every descriptor of a search, following its pages as ``veil.search`` does; (ids, pages)."""
+    ids, after, pages = [], None, 0
+    while True:
+        reply = request(srv, s, m.SearchMessage(query, after))
+        assert type(reply) is m.DescriptorsReply, reply
+        ids += [d.id for d in reply.descriptors]
+        pages += 1
+        if reply.next_after is None:
+            return ids, pages
+        after = reply.next_after
+
+
+# ------------------------------------------------------------------------------------------ holes
+
+
+@pytest.mark.parametrize("shape", ["long", "many"])
+def test_one_search_request_holds_the_worker_a_bounded_time(hook, shape):
+    """Attack: objects of the session whose descriptions end in 63 random 256-character terms (32 of 2 MB, or
+    512 of 60 KB); then searches with those 63 terms and one that matches nothing. Every term but the last
+    scans a whole description, for every object: each 16 KB request held the worker ~1.7 s (every other session
+    waiting; on the event loop, every connection). Must hold: one request (one page) is a bounded amount of
+    matching, however long or many the descriptions."""
+    import secrets
+
+    srv, s = _worker(hook, f"rt-fc-search-cpu-{shape}")
+    terms = [secrets.token_hex(128) for _ in range(63)]
+    filler, count = ("ab" * 1_000_000, 32) if shape == "long" else ("ab" * 22_000, 512)
+    description = filler + "".join(terms)
+    for _ in range(count):
+        _store(srv, s, torch.ones(1), (), description)
+    worst = 0.0
+    for _ in range(2):
+        started = time.perf_counter()
+        reply = request(srv, s, m.SearchMessage(terms + ["no-such-term"]))
+        worst = max(worst, time.perf_counter() - started)
+        assert type(reply) is m.DescriptorsReply and reply.descriptors == [], reply
+    assert worst < 0.5, f"one search request held the worker {worst:.2f} s"
+    _serving(srv, s)
+
+
+def test_a_hostile_worker_cannot_make_a_search_gather_unbounded_metadata(hook):
+    """Attack (a worker answering the scientist's ``grid.search``): page after page of fresh descriptors, each
+    with a 16 KiB description, never ending. The client kept asking up to 4096 pages of any frame size (its
+    process runs out of memory). Must hold: the client stops in one line once the listing's tags and
+    descriptions pass a bound, asking far fewer pages than the worker would serve."""
+    from veil.workers.virtual import VirtualWorker
+
+    served = []
+
+    class Flooding(VirtualWorker):
+        def _handle(self, msg, sender):
+            if type(msg) is not m.SearchMessage:
+                return super()._handle(msg, sender)
+            served.append(msg.after)
+            if len(served) > 12:
+                raise RuntimeError("the client is still asking")
+            text = "d" * (16 << 10)
+            return m.DescriptorsReply([m.Descriptor(new_id(), (1,), "float32", False, ("#boston",), text)
+                                       for _ in range(1024)], new_id())
+
+    evil = Flooding(hook, id="rt-fc-flooding")
+    with pytest.raises(sy.exceptions.ObjectNotFoundError) as refused:
+        sy.PrivateGridNetwork(evil).search("#boston")
+    assert len(served) <= 8, f"the client asked {len(served)} pages"
+    assert "\n" not in str(refused.value) and "characters" in str(refused.value), refused.value
+
+
+@pytest.mark.parametrize("field", ["description", "tags"])
+def test_a_hostile_workers_search_reply_gives_no_non_string_metadata(hook, field):
+    """A worker's search reply whose description (or a tag) is not a string (a tensor, a nested list): it rode
+    into the scientist's pointers (``ptr.description``, sent on with the pointer). Must hold: refused in one
+    line, as a malformed page."""
+    from veil.workers.virtual import VirtualWorker
+
+    class Odd(VirtualWorker):
+        def _handle(self, msg, sender):
+            if type(msg) is not m.SearchMessage:
+                return super()._handle(msg, sender)
+            odd = [[1, 2], [3]]
+            d = m.Descriptor(new_id(), (1,), "float32", False, ("#x", odd) if field == "tags" else ("#x",),
+                             odd if field == "description" else "")
+            return m.DescriptorsReply([d], None)
+
+    with pytest.raises(sy.exceptions.ObjectNotFoundError, match="malformed"):
+        sy.search(Odd(hook, id=f"rt-fc-odd-{field}"), "#x")
+
+
+# ------------------------------------------------------------------------- attacks that hold
+
+
+def test_paged_search_finds_exactly_what_one_pass_would(hook, monkeypatch):
+    """The budget only splits a search into pages: followed page by page, a search over many described objects
+    finds exactly the objects a plain Python pass finds (tags, ids, description substrings), none twice."""
+    from veil.compat import search_terms
+
+    monkeypatch.setattr(search_terms, "PAGE_MATCH_BUDGET", 4096, raising=False)
+    srv, s = _worker(hook, "rt-fc-search-pages")
+    stored = {}
+    for i in range(60):
+        tags = ("#data",) + (("#even",) if i % 2 == 0 else ())
+        description = f"row block {i} " + ("visits " * 40 if i % 3 == 0 else "")
+        stored[_store(srv, s, torch.ones(1), tags, description)] = (tags, description)
+    for query in (["#data"], ["#even", "visits"], ["block 1"], ["#even", "block 4"]):
+        expected = sorted(oid for oid, (tags, text) in stored.items()
+                          if all(q in tags or q in text for q in query))
+        ids, pages = _all_pages(srv, s, query)
+        assert sorted(ids) == expected and len(ids) == len(set(ids)), query
+    assert _all_pages(srv, s, ["#data"])[1] > 1, "the budget did not split the search into pages"
+    _serving(srv, s)
+
+
+def test_owner_search_in_process_never_returns_a_scientists_look_alike(hook):
+    """Attack (injection another user trusts): the scientist stores a tensor with the owner's tag and
+    description; the owner's own ``sy.search`` / ``PrivateGridNetwork`` on its worker (in process, as
+    veil/demo.py does) must return the owner's data only, and the other scientist's search must not see it."""
+    srv, s = _worker(hook, "rt-fc-lookalike")
+    owner = srv.load(torch.zeros(3), tags=("#boston", "#data"), description="Boston features", private=True)
+    fake = _store(srv, s, torch.full((3,), 666.0), ("#boston", "#data"), "Boston features")
+    assert [p.id_at_location for p in sy.search(srv, ["#boston", "#data"])] == [owner]
+    grid = sy.PrivateGridNetwork(srv).search("#boston", "Boston features")
+    assert [p.id_at_location for p in grid[srv.id]] == [owner]
+    other = open_session(srv, OTHER)
+    found = request(srv, other, m.SearchMessage(["#boston"])).descriptors
+    assert [d.id for d in found] == [owner], found
+    mine = request(srv, s, m.SearchMessage(["#boston"])).descriptors
+    assert [d.id for d in mine] == [owner, fake], mine  # the owner's data first, then the session's own
+    assert torch.equal(srv.monitor.owner_objects()[owner], torch.zeros(3))
+
+
+def test_search_results_are_pointers_that_never_free_or_leave_the_answering_worker(hook):
+    """Pointers from ``request_search`` / grid search point at the worker that answered, never free what
+    they point to, and ``.get()`` of the owner's private data through them is refused."""
+    owner_w = sy.VirtualWorker(hook, id="rt-fc-owner")
+    oid = owner_w.load(torch.arange(4.0), tags=("#p",), description="private rows", private=True)
+    me = hook.local_worker
+    for ptr in me.request_search(["#p"], location=owner_w) + sy.PrivateGridNetwork(owner_w).search("#p")[owner_w.id]:
+        assert ptr.location is owner_w and ptr.id_at_location == oid and ptr.garbage_collect_data is False
+        with pytest.raises(sy.exceptions.PermissionDeniedError):
+            ptr.get()
+        del ptr
+    assert torch.equal(owner_w.monitor.owner_objects()[oid], torch.arange(4.0))
