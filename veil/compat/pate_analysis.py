@@ -22,7 +22,12 @@ from typing import Any
 
 import numpy as np
 
+from veil.dp.core import MAX_EPSILON
 from veil.dp.errors import PrivacyParameterError
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
 def _as_numpy(a: Any) -> np.ndarray:
@@ -31,21 +36,40 @@ def _as_numpy(a: Any) -> np.ndarray:
     return np.asarray(a)
 
 
+def log_q_noisy_max(counts: np.ndarray, gamma: float) -> float:
+    """log of an upper bound on Pr[the Laplace noisy max differs from the plurality label], in logs: with a
+    large gamma ``exp(gamma * gap)`` overflowed (math range error) and q underflowed to 0 while
+    ``q e^{2 gamma l}`` of the moment is not small."""
+    winner = int(np.argmax(counts))
+    x = gamma * np.delete(counts[winner] - counts, winner).astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):  # (an infinite gamma * gap: a term of 0)
+        logs = np.where(np.isinf(x), -np.inf, np.log(2.0 + x) - math.log(4.0) - x)
+    top = float(logs.max()) if logs.size else -math.inf
+    log_q = top if top == -math.inf else top + math.log(float(np.sum(np.exp(logs - top))))
+    return min(log_q, math.log(1.0 - 1.0 / len(counts)) if len(counts) > 1 else -math.inf)
+
+
 def q_noisy_max(counts: np.ndarray, gamma: float) -> float:
     """Upper bound on Pr[the Laplace noisy max differs from the plurality label]."""
-    winner = int(np.argmax(counts))
-    gaps = np.delete(counts[winner] - counts, winner).astype(np.float64)
-    q = float(np.sum((2.0 + gamma * gaps) / (4.0 * np.exp(gamma * gaps))))
-    return min(q, 1.0 - 1.0 / len(counts))
+    return math.exp(log_q_noisy_max(counts, gamma))
 
 
 def log_moment(q: float, eps: float, l: float) -> float:
     """Bound on the l-th log moment of one eps-DP answer whose error probability is at most q."""
+    return log_moment_of_log_q(math.log(q) if q > 0 else -math.inf, eps, l)
+
+
+def log_moment_of_log_q(log_q: float, eps: float, l: float) -> float:
+    """:func:`log_moment` from ``log q``, in logs (``e^eps`` overflowed for eps > 709)."""
     bound = min(0.5 * eps * eps * l * (l + 1), eps * l)
-    if q >= 0.5 or 1.0 - math.exp(eps) * q <= 0:
+    if log_q >= math.log(0.5) or log_q + eps >= 0:  # (q >= 1/2, or 1 - e^eps q <= 0)
         return bound
-    t = (1 - q) * ((1 - q) / (1 - math.exp(eps) * q)) ** l + q * math.exp(eps * l)
-    return min(bound, math.log(t)) if t > 0 else bound
+    if log_q == -math.inf:  # q = 0: t = 1
+        return min(bound, 0.0)
+    log_1mq = math.log1p(-math.exp(log_q))
+    # t = (1-q) ((1-q) / (1 - e^eps q))^l + q e^{eps l}
+    log_t = np.logaddexp(log_1mq + l * (log_1mq - math.log1p(-math.exp(log_q + eps))), log_q + eps * l)
+    return min(bound, float(log_t))
 
 
 def perform_analysis(teacher_preds: Any, indices: Any, noise_eps: float, delta: float = 1e-5,
@@ -63,15 +87,23 @@ def perform_analysis(teacher_preds: Any, indices: Any, noise_eps: float, delta: 
             ``max(vote) + 1`` labels, a vote on an example nobody queried changed the queried answers' epsilon.
 
     Returns:
-        (data-dependent epsilon, data-independent epsilon), as PySyft returned them.
+        (data-dependent epsilon, data-independent epsilon), as PySyft returned them; both count every answer
+        in ``indices`` (an example asked twice is two answers).
     """
-    preds = _as_numpy(teacher_preds).astype(np.int64)
+    raw = _as_numpy(teacher_preds)
+    if raw.dtype.kind in "fc" and not bool(np.all(np.isfinite(raw) & (raw == np.round(raw.real)))):
+        # (astype truncated 2.7 to a vote for 2; a NaN became -2^63; neither quoted: votes are private)
+        raise PrivacyParameterError("teacher_preds must be integer labels (a vote is not a whole number)")
+    preds = raw.real.astype(np.int64) if raw.dtype.kind == "c" else raw.astype(np.int64)
     idx = _as_numpy(indices).astype(np.int64).reshape(-1)
     if preds.ndim != 2 or preds.size == 0:
         raise PrivacyParameterError("teacher_preds must be a non-empty (num_teachers, num_examples) array")
-    # (written so that NaN fails: "noise_eps <= 0" let NaN through, and the analysis returned (nan, nan))
-    if not (math.isfinite(noise_eps) and noise_eps > 0 and 0 < delta < 1) or type(moments) is not int or moments < 1:
-        raise PrivacyParameterError("need a finite noise_eps > 0, 0 < delta < 1 and an integer moments >= 1")
+    # (written so that NaN fails: "noise_eps <= 0" let NaN through, and the analysis returned (nan, nan); at most
+    # MAX_EPSILON / 2, the most a query may spend: past ~1e308 gamma * gap overflowed to inf and the moments to 0)
+    if not (_real(noise_eps) and 0 < noise_eps <= MAX_EPSILON / 2 and _real(delta) and 0 < delta < 1) \
+            or type(moments) is not int or moments < 1:
+        raise PrivacyParameterError(f"need a noise_eps in (0, {MAX_EPSILON / 2:g}], 0 < delta < 1 and an integer "
+                                    "moments >= 1")
     if type(num_classes) is not int or num_classes < 1:
         raise PrivacyParameterError(f"num_classes must be an integer >= 1, got {num_classes!r}")
     if preds.min() < 0 or preds.max() >= num_classes:
@@ -86,9 +118,11 @@ def perform_analysis(teacher_preds: Any, indices: Any, noise_eps: float, delta: 
     eps_answer = 2.0 * noise_eps
     dependent = np.zeros(moments)
     for i in idx:
-        q = q_noisy_max(counts[i], noise_eps)
-        dependent += np.array([log_moment(q, eps_answer, l) for l in orders])
-    independent = num_examples * np.array([log_moment(1.0, eps_answer, l) for l in orders])
+        log_q = log_q_noisy_max(counts[i], noise_eps)
+        dependent += np.array([log_moment_of_log_q(log_q, eps_answer, l) for l in orders])
+    # every answer in ``indices`` pays, repeated examples included (counting the columns charged fifty answers
+    # about one example as one, and one answer among fifty columns as fifty)
+    independent = idx.size * np.array([log_moment(1.0, eps_answer, l) for l in orders])
     eps_dep = (dependent - math.log(delta)) / orders
     eps_ind = (independent - math.log(delta)) / orders
     if eps_dep.min() == eps_dep[-1] and moments > 1:

@@ -72,20 +72,31 @@ def _check_queries(num_queries: object) -> int:
     return int(num_queries)
 
 
+def _check_orders(orders: object) -> np.ndarray:
+    """The RDP orders of an analysis: a non-empty 1-D list of finite numbers > 1. At order 1 the data-dependent
+    bound divided by ``lambda - 1`` came out -inf, and an infinite order made dp_accounting's conversion
+    return epsilon 0.0 for any votes (which passes every ``epsilon <= budget`` check)."""
+    if orders is None:
+        return DEFAULT_ORDERS
+    try:
+        checked = np.asarray(orders, dtype=np.float64)
+    except (TypeError, ValueError):
+        checked = np.zeros(0)
+    if checked.ndim != 1 or checked.size == 0 or not bool((np.isfinite(checked) & (checked > 1)).all()):
+        raise PrivacyParameterError("orders must be a non-empty list of finite RDP orders > 1")
+    return checked
+
+
 def _checked_counts(teacher_preds: torch.Tensor, query_indices: Sequence[int], num_classes: int) -> tuple:
     """Vote counts and the queried example indices, every label and index in range (none quoted: votes are
     private)."""
     if type(num_classes) is not int or num_classes < 2:
         raise PrivacyParameterError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    preds = torch.as_tensor(teacher_preds)
-    if preds.dim() != 2 or preds.is_floating_point() or preds.is_complex() or \
-            (preds.numel() and not bool(((preds >= 0) & (preds < num_classes)).all())):
-        raise PrivacyParameterError(f"teacher_preds must be [teachers, examples] integer labels in "
-                                    f"[0, {num_classes})")
+    counts = vote_counts(teacher_preds, num_classes)
     indices = [int(i) for i in query_indices]
-    if any(not 0 <= i < preds.shape[1] for i in indices):
-        raise PrivacyParameterError(f"query indices must be example indices in [0, {preds.shape[1]})")
-    return vote_counts(preds, num_classes).numpy(), indices
+    if any(not 0 <= i < counts.shape[0] for i in indices):
+        raise PrivacyParameterError(f"query indices must be example indices in [0, {counts.shape[0]})")
+    return counts.numpy(), indices
 
 
 def vote_counts(teacher_preds: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -97,10 +108,20 @@ def vote_counts(teacher_preds: torch.Tensor, num_classes: int) -> torch.Tensor:
 
     Returns:
         ``[num_examples, num_classes]`` counts (float64).
+
+    Raises:
+        PrivacyParameterError: not a 2-D tensor of integer labels in ``[0, num_classes)`` (the message names
+            the range, never a vote: torch's own error quoted the out-of-range one; float votes are refused,
+            ``.long()`` counted 2.7 as a vote for 2).
     """
-    preds = torch.as_tensor(teacher_preds).long()
-    if preds.dim() != 2:
-        raise ValueError(f"teacher_preds must be [teachers, examples], got shape {tuple(preds.shape)}")
+    if type(num_classes) is not int or num_classes < 1:
+        raise PrivacyParameterError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    preds = torch.as_tensor(teacher_preds)
+    if preds.dim() != 2 or preds.is_floating_point() or preds.is_complex() or \
+            (preds.numel() and not bool(((preds >= 0) & (preds < num_classes)).all())):
+        raise PrivacyParameterError(f"teacher_preds must be [teachers, examples] integer labels in "
+                                    f"[0, {num_classes})")
+    preds = preds.long()
     counts = torch.zeros(preds.shape[1], num_classes, dtype=torch.float64)
     counts.scatter_add_(1, preds.t(), torch.ones(preds.t().shape, dtype=torch.float64))
     return counts
@@ -120,22 +141,28 @@ def lnmax(counts: torch.Tensor, gamma: float, generator: Optional[torch.Generato
 
 
 def gnmax(counts: torch.Tensor, sigma: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """GNMax labels: ``argmax(counts + N(0, sigma^2))`` per row."""
+    """GNMax labels: ``argmax(counts + N(0, sigma^2))`` per row.
+
+    The noise is :func:`veil.dp.core.gaussian_noise` over the OS CSPRNG, whatever ``generator`` is (accepted
+    for the old signature and ignored, as by :func:`lnmax` and the queries: labels noised from a seeded torch
+    generator were the same for the same seed, so whoever knew it removed the noise)."""
     if not sigma > 0:
         raise PrivacyParameterError(f"sigma must be > 0, got {sigma}")
+    del generator
     counts = torch.as_tensor(counts, dtype=torch.float64)
-    return (counts + core.gaussian_noise(counts.shape, sigma, torch.float64, generator=generator)).argmax(-1)
+    return (counts + core.gaussian_noise(counts.shape, sigma, torch.float64)).argmax(-1)
 
 
 def confident_gnmax(counts: torch.Tensor, threshold: float, sigma1: float, sigma2: float,
                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Confident-GNMax labels; -1 where the noisy plurality is below ``threshold``."""
+    """Confident-GNMax labels; -1 where the noisy plurality is below ``threshold`` (noise from the OS CSPRNG;
+    ``generator`` is ignored, as by :func:`gnmax`)."""
     if not (sigma1 > 0 and sigma2 > 0):
         raise PrivacyParameterError(f"sigma1 and sigma2 must be > 0, got {sigma1}, {sigma2}")
+    del generator
     counts = torch.as_tensor(counts, dtype=torch.float64)
-    noisy_max = counts.max(-1).values + core.gaussian_noise(counts.shape[:-1], sigma1, torch.float64,
-                                                            generator=generator)
-    labels = gnmax(counts, sigma2, generator)
+    noisy_max = counts.max(-1).values + core.gaussian_noise(counts.shape[:-1], sigma1, torch.float64)
+    labels = gnmax(counts, sigma2)
     return torch.where(noisy_max >= threshold, labels, torch.full_like(labels, -1))
 
 
@@ -177,8 +204,7 @@ def gnmax_rdp_data_dependent(log_q: float, sigma: float, orders: np.ndarray) -> 
     eps_k = mu_k / sigma^2 holds; it applies to orders lambda <= mu1 when
     ``q e^{eps2} < 1`` and q is below the threshold in its hypothesis.
     """
-    sigma = _check_noise(sigma, "sigma")
-    orders = np.asarray(orders, dtype=np.float64)
+    sigma, orders = _check_noise(sigma, "sigma"), _check_orders(orders)
     data_independent = orders / sigma**2
     if math.isnan(log_q) or log_q >= 0:
         return data_independent
@@ -199,7 +225,8 @@ def gnmax_rdp_data_dependent(log_q: float, sigma: float, orders: np.ndarray) -> 
     lam = orders[applies]
     log_s = np.logaddexp(log_1mq + (lam - 1) * log_a, log_q + (lam - 1) * log_b)
     out = data_independent.copy()
-    out[applies] = np.minimum(data_independent[applies], log_s / (lam - 1))
+    # (at least 0: a bound rounded below 0 is read by dp_accounting as "no privacy loss", epsilon 0)
+    out[applies] = np.maximum(np.minimum(data_independent[applies], log_s / (lam - 1)), 0.0)
     # an order whose bound overflowed to NaN keeps the data-independent one (one NaN order made a total NaN,
     # and dp_accounting converts a NaN RDP to epsilon 0)
     return np.where(np.isnan(out), data_independent, out)
@@ -213,10 +240,11 @@ def gnmax_epsilon_data_independent(num_queries: int, sigma: float, delta: float,
     multiplier sigma/sqrt(2) (sensitivity sqrt(2)); dp_accounting composes it.
     """
     num_queries, sigma, delta = _check_queries(num_queries), _check_noise(sigma, "sigma"), _check_delta(delta)
+    orders = _check_orders(orders)
     if num_queries == 0:
         return 0.0
     lib = dp_lib()
-    acc = lib.rdp.RdpAccountant(list(DEFAULT_ORDERS if orders is None else orders))
+    acc = lib.rdp.RdpAccountant(list(orders))
     acc.compose(lib.GaussianDpEvent(sigma / math.sqrt(2)), num_queries)
     return float(acc.get_epsilon(delta))
 
@@ -254,7 +282,7 @@ def gnmax_epsilon_data_dependent(teacher_preds: torch.Tensor, query_indices: Seq
     """
     sigma, delta = _check_noise(sigma, "sigma"), _check_delta(delta)
     counts, indices = _checked_counts(teacher_preds, query_indices, num_classes)
-    orders = np.asarray(DEFAULT_ORDERS if orders is None else orders, dtype=np.float64)
+    orders = _check_orders(orders)
     total = np.zeros_like(orders)
     for i in indices:
         total += gnmax_rdp_data_dependent(gnmax_log_q(counts[i], sigma), sigma, orders)
@@ -277,7 +305,7 @@ def confident_gnmax_epsilon(teacher_preds: torch.Tensor, query_indices: Sequence
     if len(flags) != len(query_indices):  # zip truncated silently: the unpaired answers went uncharged
         raise PrivacyParameterError(f"answered needs one flag per query: {len(flags)} for {len(query_indices)}")
     counts, indices = _checked_counts(teacher_preds, query_indices, num_classes)
-    orders = np.asarray(DEFAULT_ORDERS if orders is None else orders, dtype=np.float64)
+    orders = _check_orders(orders)
     total = len(indices) * orders / (2 * sigma1**2)
     for i, ans in zip(indices, flags):
         if ans:
