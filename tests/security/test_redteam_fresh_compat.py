@@ -19,6 +19,9 @@ Holes found (strict xfails first, then fixed):
   the scientist's process runs out of memory in ``grid.search``), and hand over descriptions and tags that are
   not strings. Fixed in veil/workers/listing.py: a listing keeps at most MAX_LISTING_META_CHARS characters of
   tags and descriptions, and a page whose tags or description are not strings is malformed (one line).
+- ``x.send(bob, alice).get(sum_results=True)`` (PySyft's MultiPointerTensor) summed whatever the workers
+  answered: a column of n from one and a row of n from the other broadcast to n x n in the scientist's
+  process. Fixed in veil/compat/multi_pointer.py: the answers sum only when they have one shape.
 """
 
 from __future__ import annotations
@@ -152,6 +155,32 @@ def test_a_hostile_workers_search_reply_gives_no_non_string_metadata(hook, field
 
     with pytest.raises(sy.exceptions.ObjectNotFoundError, match="malformed"):
         sy.search(Odd(hook, id=f"rt-fc-odd-{field}"), "#x")
+
+
+def test_two_hostile_workers_cannot_make_a_multi_pointer_sum_square_their_answers(hook):
+    """Attack (workers answering ``x.send(bob, alice).get(sum_results=True)``, PySyft's MultiPointerTensor):
+    one answers a column of n values, the other a row of n: the sum broadcast them to n x n (n = 10^5: 40 GB
+    in the scientist's process from two 400 KB answers). Must hold: copies of one tensor sum only when every
+    answer has one shape; else one line naming the workers, and nothing n x n is made."""
+    from veil.workers.virtual import VirtualWorker
+
+    class Shaped(VirtualWorker):
+        def __init__(self, *args, shape, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.answer_shape = shape
+
+        def _handle(self, msg, sender):
+            if type(msg) is m.GetObjectsMessage:
+                return m.ObjectsReply([torch.ones(self.answer_shape)])
+            return super()._handle(msg, sender)
+
+    n = 3000
+    column, row = Shaped(hook, id="rt-fc-column", shape=(n, 1)), Shaped(hook, id="rt-fc-row", shape=(1, n))
+    with pytest.raises(ValueError) as refused:
+        torch.ones(3).send(column, row).get(sum_results=True)
+    assert "rt-fc-column" in str(refused.value) and "\n" not in str(refused.value), refused.value
+    honest = torch.tensor([1.0, 2.0, 3.0]).send(sy.VirtualWorker(hook, id="rt-fc-a"), sy.VirtualWorker(hook, id="rt-fc-b"))
+    assert torch.equal(honest.get(sum_results=True), torch.tensor([2.0, 4.0, 6.0]))
 
 
 # ------------------------------------------------------------------------- attacks that hold

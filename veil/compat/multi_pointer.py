@@ -45,7 +45,14 @@ class MultiPointer:
 
     def get(self, sum_results: bool = False) -> Any:
         values = [p.get() for p in self.child.values()]
-        return sum(values[1:], values[0]) if sum_results else values
+        if not sum_results:
+            return values
+        # copies of one tensor have one shape: a sum never broadcasts the workers' answers (a column of n from
+        # one and a row of n from another made n x n values here)
+        shapes = {wid: tuple(getattr(v, "shape", ())) for wid, v in zip(self.child, values)}
+        if len(set(shapes.values())) > 1:
+            raise ValueError(f"the workers answered values of different shapes, not copies of one tensor: {shapes}")
+        return sum(values[1:], values[0])
 
     def _map(self, fn: Callable[[Any], Any]) -> "MultiPointer":
         return MultiPointer({wid: fn(p) for wid, p in self.child.items()})
