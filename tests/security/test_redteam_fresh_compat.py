@@ -18,7 +18,8 @@ Holes found (strict xfails first, then fixed):
   descriptors with large descriptions up to MAX_PAGES x MAX_LISTED of them (4096 pages of any frame size:
   the scientist's process runs out of memory in ``grid.search``), and hand over descriptions and tags that are
   not strings. Fixed in veil/workers/listing.py: a listing keeps at most MAX_LISTING_META_CHARS characters of
-  tags and descriptions, and a page whose tags or description are not strings is malformed (one line).
+  tags and descriptions and at most MAX_LISTING_ENTRIES (2^18) descriptors (4096 x 1024 pointers were 3 GB),
+  and a page whose tags or description are not strings is malformed (one line).
 - ``x.send(bob, alice).get(sum_results=True)`` (PySyft's MultiPointerTensor) summed whatever the workers
   answered: a column of n from one and a row of n from the other broadcast to n x n in the scientist's
   process. Fixed in veil/compat/multi_pointer.py: the answers sum only when they have one shape.
@@ -135,6 +136,33 @@ def test_a_hostile_worker_cannot_make_a_search_gather_unbounded_metadata(hook):
         sy.PrivateGridNetwork(evil).search("#boston")
     assert len(served) <= 8, f"the client asked {len(served)} pages"
     assert "\n" not in str(refused.value) and "characters" in str(refused.value), refused.value
+
+
+def test_a_hostile_worker_cannot_make_a_search_gather_millions_of_pointers(hook, monkeypatch):
+    """Attack (a worker answering ``grid.search``): pages of 1024 fresh descriptors with no description, never
+    ending: the client gathered up to 4096 x 1024 of them and made a pointer of each (~800 bytes and 20 us
+    each: 3 GB and 80 s in the scientist's process from 120 MB of small frames). Must hold: a listing stops in
+    one line past MAX_LISTING_ENTRIES descriptors (here lowered to 4096, so that the test is quick)."""
+    from veil.workers import listing
+    from veil.workers.virtual import VirtualWorker
+
+    assert getattr(listing, "MAX_LISTING_ENTRIES", 1 << 30) <= 1 << 18
+    monkeypatch.setattr(listing, "MAX_LISTING_ENTRIES", 4096, raising=False)
+    served = []
+
+    class Endless(VirtualWorker):
+        def _handle(self, msg, sender):
+            if type(msg) is not m.SearchMessage:
+                return super()._handle(msg, sender)
+            served.append(msg.after)
+            if len(served) > 12:
+                raise RuntimeError("the client is still asking")
+            return m.DescriptorsReply([m.Descriptor(new_id(), (1,), "float32", False, (), "") for _ in range(1024)],
+                                      new_id())
+
+    with pytest.raises(sy.exceptions.ObjectNotFoundError) as refused:
+        sy.search(Endless(hook, id="rt-fc-endless"), "#boston")
+    assert len(served) <= 5 and "\n" not in str(refused.value), (len(served), refused.value)
 
 
 @pytest.mark.parametrize("field", ["description", "tags"])

@@ -36,6 +36,9 @@ MAX_RESTARTS = 32
 #: most characters of tags and descriptions a client keeps from one listing (a worker answering page after page
 #: of fresh descriptors with long descriptions made the scientist's grid search gather them until out of memory)
 MAX_LISTING_META_CHARS = 64 << 20
+#: most descriptors a client keeps from one listing (each becomes a pointer, ~800 bytes: a worker answering
+#: page after page of fresh ones had the scientist make 4096 x 1024 of them, 3 GB)
+MAX_LISTING_ENTRIES = 1 << 18
 
 
 @register_remote_error
@@ -98,7 +101,8 @@ def every_page(ask: Callable[[Optional[int]], Any]) -> list:
     whose ``after=`` left the listing starts it again (descriptors are listed once, by id). A worker's page
     longer than MAX_LISTED, or a cursor it already gave since the last start, ends the listing in one line
     (a hostile or broken worker kept the client asking MAX_PAGES times, gathering pages of any size), as do
-    non-string tags or descriptions and more than MAX_LISTING_META_CHARS characters of them in all."""
+    non-string tags or descriptions, more than MAX_LISTING_META_CHARS characters of them in all, or more than
+    MAX_LISTING_ENTRIES descriptors."""
     seen: dict[int, Any] = {}
     after, cursors, restarts, meta = None, set(), 0, 0
     for _ in range(MAX_PAGES):
@@ -118,9 +122,10 @@ def every_page(ask: Callable[[Optional[int]], Any]) -> list:
             if d.id not in seen:
                 meta += len(d.description) + sum(len(t) for t in d.tags)
                 seen[d.id] = d
-        if meta > MAX_LISTING_META_CHARS:
-            raise ObjectNotFoundError(f"the worker's listing holds more than {MAX_LISTING_META_CHARS} characters of "
-                                      "tags and descriptions; search with narrower terms")
+        if meta > MAX_LISTING_META_CHARS or len(seen) > MAX_LISTING_ENTRIES:
+            raise ObjectNotFoundError(f"the worker's listing holds more than {MAX_LISTING_ENTRIES} objects or "
+                                      f"{MAX_LISTING_META_CHARS} characters of tags and descriptions; search with "
+                                      "narrower terms")
         after = reply.next_after
         if after is None:
             return list(seen.values())
