@@ -14,6 +14,8 @@ Holes found (each test was a strict xfail on the code before its fix, and failed
 - ``perform_analysis`` with gamma >= ~50 raised a bare OverflowError (``exp(gamma * gap)``, ``e^{2 gamma}``);
   now computed in logs, and a gamma past ``MAX_EPSILON / 2`` (where gamma * gap overflowed to inf and the
   moments to 0) is refused in one line.
+- The GNMax analyses and ``perform_analysis`` read a fractional query index (1.9) as example 1, and
+  ``perform_analysis`` a vote 2.7 as 2: refused now.
 - ``vote_counts`` quoted an out-of-range (private) vote in its error text (torch's "index 7777 is out of
   bounds") and truncated float votes (2.7 counted as a vote for 2) without a word.
 """
@@ -126,6 +128,21 @@ def test_vote_counts_refuses_bad_votes_without_quoting_them():
     with pytest.raises(PrivacyParameterError) as err:  # (the compat accountant: the same votes)
         perform_analysis(np.array([[2.7, 1.0], [0.0, 1.0]]), [0], 0.1)
     assert "2.7" not in str(err.value)
+
+
+def test_the_analyses_refuse_fractional_query_indices():
+    """Attack (silent rounding): an index 1.9 was read as example 1 (``int()`` / ``astype``), so the analysis
+    priced the answer with another example's votes (here a unanimous one: a far lower data-dependent cost
+    than example 2's split vote). Must hold: refused in one line, by both accountants."""
+    preds = torch.zeros(50, 3, dtype=torch.long)
+    preds[:25, 2] = 1
+    for bad in ([1.9], np.array([1.9]), torch.tensor([1.9])):
+        with pytest.raises(PrivacyParameterError, match="ind"):
+            pate.gnmax_epsilon_data_dependent(preds, bad, 2, 5.0, 1e-5)
+        with pytest.raises(PrivacyParameterError, match="ind"):
+            perform_analysis(preds, bad, 0.1, num_classes=2)
+    assert pate.gnmax_epsilon_data_dependent(preds, torch.tensor([2]), 2, 5.0, 1e-5) == \
+        pate.gnmax_epsilon_data_dependent(preds, [2], 2, 5.0, 1e-5)
 
 
 # ================================================================================ attacks that hold

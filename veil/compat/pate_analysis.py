@@ -36,6 +36,16 @@ def _as_numpy(a: Any) -> np.ndarray:
     return np.asarray(a)
 
 
+def _whole(a: Any, what: str) -> np.ndarray:
+    """``a`` as int64, refused unless every entry is a whole number (none quoted: votes are private). astype
+    truncated a vote 2.7 to 2 and an index 1.9 to example 1, and made a NaN -2^63."""
+    raw = _as_numpy(a)
+    if raw.dtype.kind not in "biuf" or \
+            (raw.dtype.kind == "f" and not bool(np.all(np.isfinite(raw) & (raw == np.round(raw))))):
+        raise PrivacyParameterError(f"{what} must be whole numbers")
+    return raw.astype(np.int64)
+
+
 def log_q_noisy_max(counts: np.ndarray, gamma: float) -> float:
     """log of an upper bound on Pr[the Laplace noisy max differs from the plurality label], in logs: with a
     large gamma ``exp(gamma * gap)`` overflowed (math range error) and q underflowed to 0 while
@@ -90,12 +100,8 @@ def perform_analysis(teacher_preds: Any, indices: Any, noise_eps: float, delta: 
         (data-dependent epsilon, data-independent epsilon), as PySyft returned them; both count every answer
         in ``indices`` (an example asked twice is two answers).
     """
-    raw = _as_numpy(teacher_preds)
-    if raw.dtype.kind in "fc" and not bool(np.all(np.isfinite(raw) & (raw == np.round(raw.real)))):
-        # (astype truncated 2.7 to a vote for 2; a NaN became -2^63; neither quoted: votes are private)
-        raise PrivacyParameterError("teacher_preds must be integer labels (a vote is not a whole number)")
-    preds = raw.real.astype(np.int64) if raw.dtype.kind == "c" else raw.astype(np.int64)
-    idx = _as_numpy(indices).astype(np.int64).reshape(-1)
+    preds = _whole(teacher_preds, "teacher_preds (labels)")
+    idx = _whole(indices, "indices").reshape(-1)
     if preds.ndim != 2 or preds.size == 0:
         raise PrivacyParameterError("teacher_preds must be a non-empty (num_teachers, num_examples) array")
     # (written so that NaN fails: "noise_eps <= 0" let NaN through, and the analysis returned (nan, nan); at most

@@ -30,6 +30,7 @@ RDP is converted to (epsilon, delta) with ``dp_accounting``'s conversion.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Sequence
 
 import numpy as np
@@ -93,7 +94,10 @@ def _checked_counts(teacher_preds: torch.Tensor, query_indices: Sequence[int], n
     if type(num_classes) is not int or num_classes < 2:
         raise PrivacyParameterError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     counts = vote_counts(teacher_preds, num_classes)
-    indices = [int(i) for i in query_indices]
+    try:  # (int() read an index 1.9 as example 1: the analysis priced another example's votes)
+        indices = [operator.index(i) for i in query_indices]
+    except TypeError:
+        raise PrivacyParameterError("query indices must be integers") from None
     if any(not 0 <= i < counts.shape[0] for i in indices):
         raise PrivacyParameterError(f"query indices must be example indices in [0, {counts.shape[0]})")
     return counts.numpy(), indices
