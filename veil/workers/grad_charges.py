@@ -9,7 +9,9 @@ charged yet is charged to the session whose ``backward`` first reached the leaf,
 lives (``ObjectStore.linger``, released when it is freed). Its storage is charged, not its shape: a stolen
 gradient may be a view of a larger buffer, all of it held. Accumulating into a gradient already charged adds
 nothing (no new memory); a command naming the leaf does not charge it again (its walk skips the gradients so
-charged, ``store._grad_bytes``).
+charged, ``store._grad_bytes``). A sparse gradient (``embedding(..., sparse=True)``: one row per index looked
+up) is charged its values and indices, not its dense size (under a quota its ``backward`` is refused anyway:
+``output_bounds._backward_bound``).
 """
 
 from __future__ import annotations
@@ -54,8 +56,17 @@ class _Charge:
 
         try:
             setattr(grad, CHARGED, True)
-            strided = grad.layout is torch.strided
-            held = grad.untyped_storage().nbytes() if strided else grad.numel() * grad.element_size()
-            self.monitor.charge_growth(self.principal, {}, (grad, max(held, MIN_TENSOR_BYTES)))
+            self.monitor.charge_growth(self.principal, {}, (grad, max(held_bytes(grad), MIN_TENSOR_BYTES)))
         except Exception:  # noqa: BLE001 - a failed charge must not break the requester's backward midway
             log.exception("could not charge a gradient to its session")
+
+
+def held_bytes(grad: torch.Tensor) -> int:
+    """The memory ``grad`` holds: its storage (a view's whole buffer); a sparse one's values and indices (one row
+    per index looked up, beyond its dense size when indices repeat), or its dense size, whichever is larger."""
+    if grad.layout is torch.strided:
+        return grad.untyped_storage().nbytes()
+    dense = grad.numel() * grad.element_size()
+    if grad.layout is torch.sparse_coo:
+        return max(dense, grad._values().untyped_storage().nbytes() + grad._indices().untyped_storage().nbytes())
+    return dense

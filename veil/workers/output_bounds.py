@@ -122,21 +122,48 @@ def _getitem_bound(args: Any, kwargs: dict) -> int:
 
 def _backward_bound(args: Any, kwargs: dict, watch: Callable | None = None) -> int:
     """``backward``: the gradients it creates for the leaves its graph reaches (a leaf that has one already
-    is accumulated in place, unless ``create_graph``). Its graph is walked, at most MAX_GRAPH_NODES nodes;
-    ``watch(leaf)`` for each leaf (:func:`check`: its gradients are charged as made, veil/workers/grad_charges.py)."""
-    root = args[0].grad_fn if args and type(args[0]) is torch.Tensor else None
+    is accumulated in place), for its root when it is a leaf itself (``x.backward(g)``) and for the tensors of
+    ``inputs=`` (a non-leaf one gets a gradient too). Its graph is walked, at most MAX_GRAPH_NODES nodes;
+    ``watch(leaf)`` for each leaf (:func:`check`: its gradients are charged as made, veil/workers/grad_charges.py).
+
+    Raises:
+        Unsizable: ``create_graph`` (its graph of gradients saves the intermediate gradients of every op it
+            passes, of no size known before it runs, and torch keeps a leaf and that graph in a reference cycle
+            the collector cannot break), or a sparse gradient (one row per index looked up, however few rows
+            the weight has: ``embedding(..., sparse=True)``).
+    """
+    if kwargs.get("create_graph") is True or (len(args) > 3 and args[3] is True):
+        raise Unsizable("backward(create_graph=True) builds a graph of gradients of unknown size")
+    root = args[0] if args and type(args[0]) in (torch.Tensor, torch.nn.Parameter) else None
     if root is None:
-        return 0  # (no graph: backward raises before allocating)
-    create = kwargs.get("create_graph") is True or (len(args) > 3 and args[3] is True)
-    total, seen, todo = 0, {root}, [root]
+        return 0  # (no tensor: backward raises before allocating)
+    inputs = kwargs.get("inputs", args[4] if len(args) > 4 else None)
+    counted: set = set()  # ids of the tensors whose gradient is counted (each once)
+
+    def add(t: torch.Tensor) -> int:
+        if id(t) in counted or not t.requires_grad or ((t.is_leaf or t.retains_grad) and t.grad is not None):
+            return 0
+        counted.add(id(t))
+        return _elements(t.shape) * t.element_size()
+
+    # a leaf root (torch accumulates into its .grad) and the tensors ``inputs=`` names, leaves or not
+    named = [t for t in [root, *leaves(inputs, torch.Tensor)] if t is not root or t.grad_fn is None]
+    if watch is not None:
+        for t in named:
+            if t.grad_fn is None:
+                watch(t)
+    total = sum(add(t) for t in named)
+    first = root.grad_fn
+    seen, todo = {first}, [first] if first is not None else []
     while todo:
         node = todo.pop()
         variable = getattr(node, "variable", None)
         if type(variable) in (torch.Tensor, torch.nn.Parameter):
             if watch is not None:
                 watch(variable)
-            if variable.grad is None or create:
-                total += _elements(variable.shape) * variable.element_size()
+            total += add(variable)
+        elif getattr(node, "_saved_sparse", False) is True:
+            raise Unsizable("a sparse gradient (embedding sparse=True) of one row per index looked up")
         for child, _ in node.next_functions:
             if child is not None and child not in seen:
                 if len(seen) >= MAX_GRAPH_NODES:
@@ -358,10 +385,11 @@ def predicted_bytes(scope: str, name: str, func: Callable, args: Any, kwargs: di
 
 
 def check(monitor: Any, principal: Any, name: str, func: Callable, args: Any, kwargs: dict,
-          pending: int = 0) -> int:
+          pending: int = 0, grad: bool | None = None) -> int:
     """Refuses (QuotaExceededError) a command that would not fit the session's quota (``pending``: bytes
     the same request already holds uncharged, a plan's earlier results), before its op allocates; returns
-    its size. No quota, or an in-process caller: nothing to do (0)."""
+    its size. ``grad``: whether the op runs with grad tracking (None: as this thread does now). No quota, or
+    an in-process caller: nothing to do (0)."""
     if monitor.max_session_bytes is None or not principal.isolated:
         return 0
     try:
@@ -369,11 +397,25 @@ def check(monitor: Any, principal: Any, name: str, func: Callable, args: Any, kw
             size = _backward_bound(args, kwargs, lambda leaf: grad_charges.watch(monitor, principal, leaf))
         else:
             size = predicted_bytes(principal.namespace, name, func, args, kwargs)
+            size += _saved_old_value(name, args, torch.is_grad_enabled() if grad is None else grad)
     except Unsizable as e:
         raise monitor.refuse_unsized(principal, name, str(e)) from None
     if size > 0 or pending:
         monitor.check_room(principal, size + pending, name)
     return size
+
+
+def _saved_old_value(name: str, args: Any, grad: bool) -> int:
+    """What an in-place op on a tensor autograd tracks may save in its graph beside it: a copy of the value it
+    overwrites (``pow_``, ``clamp_``, ``abs_`` need it for the gradient), as large as the tensor. Its result is
+    its input (sized 0), and without this a session saved a copy per command past its quota
+    (:meth:`GraphSaves.settle` charges what it saves)."""
+    target = args[0] if grad and args and type(args) in (list, tuple) else None
+    if type(target) not in (torch.Tensor, torch.nn.Parameter) or not target.requires_grad or target.is_leaf:
+        return 0
+    from veil.workers.owner_guard import writes_first_argument  # (owner_guard -> store -> grad_charges)
+
+    return _elements(target.shape) * target.element_size() if writes_first_argument(name) else 0
 
 
 class _Copies(threading.local):
@@ -417,23 +459,31 @@ class GraphSaves:
     """What the autograd graph of one command saves beside its inputs and results (``cross_entropy`` keeps
     its log-softmax): recorded while the op runs (``torch.autograd.graph.saved_tensors_hooks``) and charged
     to its first result, since the graph keeps it alive as long as that result. Inputs a graph keeps after
-    the session deleted them stay charged to it (``ObjectStore.linger``)."""
+    the session deleted them stay charged to it (``ObjectStore.linger``). A command that stores no new result
+    (an in-place op: ``y.pow_(2)`` saves y's old value) has them charged while the graph holds them (``settle``)."""
 
     def __init__(self) -> None:
         self.storages: dict[int, int] = {}
+        self.saved: dict[int, torch.Tensor] = {}  # storage -> the first tensor the graph saved of it
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        self.storages[storage.data_ptr()] = storage.nbytes()
+        ptr = storage.data_ptr()
+        self.storages[ptr] = storage.nbytes()
+        self.saved.setdefault(ptr, t)
         return t
 
     def hooks(self) -> Any:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, _unpacked)
 
-    def settle(self, entries: list, args: Any, kwargs: dict, result: Any) -> int:
+    def settle(self, entries: list, args: Any, kwargs: dict, result: Any, ids: Any = None,
+               charge: tuple | None = None) -> int:
         """Once the op ran: marks the stored inputs the graph saved (``meta["graph_saved"]``: deleted, they stay
         charged while the graph holds them, ``ReferenceMonitor.discard``, tracked or not: ``x * w`` keeps ``x``),
-        and returns the bytes of the saved storages that are neither an input's nor a result's."""
+        and returns the bytes of the saved storages that are neither an input's nor a result's, for its first
+        new result to carry. ``charge``: (monitor, principal), to charge them while the graph holds them instead
+        when the command stores no new result (``ids``: its return ids, None to store each result not an input;
+        an in-place op's ``y.pow_(2)`` saves y's old value): 0 is returned then."""
         if not self.storages:
             return 0
         for e in entries:
@@ -441,7 +491,21 @@ class GraphSaves:
             if type(obj) is torch.Tensor and obj.untyped_storage().data_ptr() in self.storages:
                 e.meta["graph_saved"] = True
         known = {t.untyped_storage().data_ptr() for t in leaves((args, kwargs, result), torch.Tensor)}
-        return sum(n for ptr, n in self.storages.items() if ptr not in known)
+        rest = [(self.saved[ptr], n) for ptr, n in self.storages.items() if ptr not in known]
+        if charge is None or _stores_new(entries, result, ids):
+            return sum(n for _, n in rest)
+        for t, nbytes in rest:  # (the tensor the graph saved is freed with it, and the charge then: linger)
+            charge[0].charge_growth(charge[1], {}, (t, nbytes))
+        return 0
+
+
+def _stores_new(entries: list, result: Any, ids: Any) -> bool:
+    """Whether a command storing ``result`` under return ``ids`` stores a new tensor (a result under an id not 0,
+    or with ``ids`` None a result that is none of its inputs)."""
+    if ids is not None:
+        return type(ids) is list and any(type(oid) is int and oid != 0 for oid in ids)
+    inputs = {id(e.obj) for e in entries}
+    return any(id(t) not in inputs for t in leaves(result, torch.Tensor))
 
 
 def _unpacked(t: torch.Tensor) -> torch.Tensor:
