@@ -1,6 +1,7 @@
 """Red team, fresh eyes on PATE and DP queries: teacher-vote aggregation, its analyses, and repeated queries.
 
-Holes found (each test was a strict xfail on the code before its fix, and failed there):
+Holes found (each test failed on the code before its fix: the first four as strict xfails, the large-gamma
+and fractional-index ones run against a copy of the commit before):
 
 - ``perform_analysis`` (PySyft's 2017 LNMax accountant) counted the data-independent epsilon over the
   number of *columns* of ``teacher_preds``, not the answers in ``indices``: fifty noisy answers about one
