@@ -18,9 +18,10 @@ Holes found and fixed:
   it was held here, and computed under it. Now refused in one line whatever is held (every tensor sent names
   its keys).
 
-Left open (strict xfail): a tensor naming a context's digest (of its public bytes, which a session that has the
-public context can compute) loads iff that context is held here: an existence oracle on another session's exact
-context. Closing it needs the registry scoped to the session decoding (decode does not know it).
+Left open here, closed since: a tensor naming a context's digest (of its public bytes, which a session that has
+the public context can compute) loaded iff that context was held here: an existence oracle on another session's
+exact context. The registry is now scoped to the session decoding (``veil.he.context_scope``;
+test_redteam_he_context_scope.py).
 
 Measured, not tests: a context arriving again is loaded again (0.6 s at ring 8192 with Galois keys; its digest
 is 22 ms); looking it up by digest first would save that, but answer held bytes in 22 ms and new ones in 0.6 s,
@@ -35,7 +36,7 @@ import pytest
 import torch
 
 import veil as sy
-from veil.he import ckks, ckks_wire, context_memory
+from veil.he import ckks, ckks_wire, context_memory, context_scope
 from veil.he.errors import HEError, WireFormatError
 from veil.messaging.messages import ObjectMessage, StoredObject
 from veil.messaging.serde import deserialize, serialize
@@ -202,21 +203,28 @@ def test_the_key_owner_in_process_still_decodes_a_tensor_naming_no_keys():
 # ------------------------------------------------------------------ 3. left open
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE: the registry of received contexts is process-wide and decoding does "
-                   "not know the session: a tensor naming a held context's digest loads, one naming an unheld one "
-                   "is refused, so a session with another's public context bytes learns whether it is held here")
 def test_whether_a_context_is_held_is_not_shown_by_a_tensor_naming_its_keys():
     """Attack (side channel: existence): B has A's public context bytes (the round's, public), computes their
     digest and sends a ciphertext naming it without the context, once while A holds its context here and once
-    while A does not. Must hold: the same answer both times."""
+    while A does not. Must hold: the same answer both times. (Each decodes for its network session, as a
+    worker's does: ``context_scope``; through a worker's request path: test_redteam_he_context_scope.py.)"""
+    a, b = _network_session("a"), _network_session("b")
     answers = []
     for a_holds in (True, False):
         mine = _key_pair()
-        held = [ckks_wire.context_from_wire(ckks_wire.context_to_wire(mine))] if a_holds else []
+        with context_scope.decoding_for(a):
+            held = [ckks_wire.context_from_wire(ckks_wire.context_to_wire(mine))] if a_holds else []
         try:
-            ckks_wire.tensor_from_wire(ckks_wire.tensor_to_wire(ckks.encrypt(X, mine.public())))
+            with context_scope.decoding_for(b):
+                ckks_wire.tensor_from_wire(ckks_wire.tensor_to_wire(ckks.encrypt(X, mine.public())))
             answers.append("loaded")
         except HEError as exc:
             answers.append(_one_line(exc))
         del held
     assert answers[0] == answers[1], answers
+
+
+def _network_session(name: str):
+    from veil.workers.websocket_auth import Principal as TokenPrincipal, Session
+
+    return Session((TokenPrincipal(name, "scientist"),))

@@ -16,6 +16,8 @@ A tensor is loaded against a context: the one passed to
 key) and ``keys`` (the digest of its evaluation keys: another session's
 context of the same public key is held beside it, never in its place; a
 tensor naming none is refused unless its key owner is in this process).
+Only a context of the decoding session's scope or the shared one is looked up
+(:mod:`veil.he.context_scope`: another session's is refused as one nobody holds).
 Contexts learned from the wire are public, so a worker can compute on what
 it receives but not decrypt it.
 """
@@ -28,7 +30,7 @@ import weakref
 
 import tenseal as ts
 
-from veil.he import _wire_checks as chk, conjugation, seal_bytes
+from veil.he import _wire_checks as chk, context_scope, conjugation, seal_bytes
 from veil.he.ckks import CKKSContext, CKKSTensor, _tenseal_errors
 from veil.he.errors import HEError, KeyMismatchError, WireFormatError
 
@@ -38,8 +40,9 @@ BACKEND = "ckks"
 # user). ``key_id`` hashes the parameters and the public key only; the digest names the evaluation keys too. Keyed
 # by key_id alone, the last context received was every later tensor's of the key that arrived without its own
 # (moved, fetched), so any session knowing a public key (a public context is public) had another session's
-# ciphertexts relinearized and rotated under its own keys.
-_received: weakref.WeakValueDictionary[tuple[bytes, bytes], CKKSContext] = weakref.WeakValueDictionary()
+# ciphertexts relinearized and rotated under its own keys. Scoped by the session that sent it
+# (:mod:`veil.he.context_scope`): looked up for every session, whether another's context was held was an oracle.
+_received: weakref.WeakValueDictionary[tuple[str, bytes, bytes], CKKSContext] = weakref.WeakValueDictionary()
 # key_id -> a local context holding its secret key (its key owner lives in this process)
 _secret: weakref.WeakValueDictionary[bytes, CKKSContext] = weakref.WeakValueDictionary()
 _received_lock = threading.Lock()
@@ -65,14 +68,15 @@ def keys_digest(ctx: CKKSContext) -> bytes:
 def remember(ctx: CKKSContext) -> None:
     """Registers a local context so that tensors coming back under it decode against it: one holding its secret
     key decodes every tensor of its key_id (a public copy does not replace it: an encrypted round's
-    registration, weak, would leave with the round and take the key owner's with it)."""
+    registration, weak, would leave with the round and take the key owner's with it). Local code's: in the
+    shared scope (every session's tensors may name it: the owner made it available), whatever session runs."""
     if ctx.has_secret_key:
         with _received_lock:
             _secret[ctx.key_id] = ctx
         return
     digest = keys_digest(ctx)
     with _received_lock:
-        _received[ctx.key_id, digest] = ctx
+        _received[context_scope.SHARED, ctx.key_id, digest] = ctx
 
 
 def context_to_wire(ctx: CKKSContext) -> dict:
@@ -83,7 +87,8 @@ def context_to_wire(ctx: CKKSContext) -> dict:
 def context_from_wire(d: dict) -> CKKSContext:
     """Load a public context and remember it for later tensors with its ``key_id``. What its keys inflate to is
     bounded before TenSEAL reads them (:mod:`veil.he.seal_bytes`: 40 kB of zstd held 160 MB of Galois keys).
-    A held context of these bytes is returned; one of other evaluation keys is held beside it (never replaced)."""
+    A context of these bytes the decoding session holds is returned; one of other evaluation keys, or another
+    session's of the same bytes, is held beside it (never replaced, never handed to another session)."""
     chk.header(d, BACKEND, "context")
     data = chk.field(d, "data", bytes)
     try:
@@ -103,10 +108,11 @@ def context_from_wire(d: dict) -> CKKSContext:
             # The key owner lives in this process (in-process simulation): keep its
             # context, so tensors coming back decode against the secret key.
             return owner
-        known = _received.get((ctx.key_id, digest))
+        scope = context_scope.current().name
+        known = _received.get((scope, ctx.key_id, digest))
         if known is not None:
-            return known  # (these keys are held: one context)
-        _received[ctx.key_id, digest] = ctx
+            return known  # (this session holds these keys: one context)
+        _received[scope, ctx.key_id, digest] = ctx
     return ctx
 
 
@@ -195,11 +201,19 @@ def _registered(key_id: bytes, keys: bytes | None) -> CKKSContext:
     else the one received with those keys. A tensor naming none (every tensor this code sends names them) is
     refused as one naming keys not held: it was loaded under the only context of its public key, and refused
     where none or several were held, so a session that knew another's public key only (not the evaluation keys
-    sent with it) learned whether and how many contexts of it were held here, and computed under them."""
+    sent with it) learned whether and how many contexts of it were held here, and computed under them.
+    Looked up in the decoding session's scope and the shared one (:mod:`veil.he.context_scope`): the same
+    lookups, and the same refusal, whether or not another session holds the context named. A key owner in
+    this process (in-process simulation, or the worker's own code) decodes every tensor of its key."""
+    scope = context_scope.current()
     with _received_lock:
         context = _secret.get(key_id)
         if context is None and keys is not None:
-            context = _received.get((key_id, keys))
+            context = _received.get((scope.name, key_id, keys))
+            if context is None:
+                context = _received.get((context_scope.SHARED, key_id, keys))
+            if context is None and scope.sees_all:  # (the owner's and peers' sessions: any session's)
+                context = next((c for (_, k, d), c in list(_received.items()) if k == key_id and d == keys), None)
     if context is None:
         raise WireFormatError("CKKS tensor refers to a context (public key and evaluation keys) this process has "
                               "not received")

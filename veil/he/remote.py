@@ -28,7 +28,7 @@ import torch
 
 from veil.exceptions import RemoteExecutionError, SerializationError
 from veil.he import _paillier_encoding as enc
-from veil.he import ckks_wire, conjugation, context_memory, value_free, wire
+from veil.he import ckks_wire, conjugation, context_memory, context_scope, value_free, wire
 from veil.he.ckks import CKKSContext, CKKSTensor, _tenseal_errors as he_errors
 from veil.he.errors import CiphertextRefusedError, ConjugationKeyRequiredError, DepthRequiredError, HEError
 from veil.he.paillier import PaillierTensor, checkpoints, value_free_encoding
@@ -47,8 +47,10 @@ HE_TYPES = (PaillierTensor, CKKSTensor, CKKSContext, phe.PaillierPublicKey)
 
 
 def _decode(data: bytes, ctx: serde.DecodeContext) -> Any:
+    session = ctx.session() if ctx.session is not None else None  # (whose CKKS contexts it may load under)
     try:
-        obj = wire.decode(serde.decode_value(data, ctx))
+        with context_scope.decoding_for(session):
+            obj = wire.decode(serde.decode_value(data, ctx))
     except HEError as e:
         raise serde.SerializationError(f"invalid encrypted object: {e}") from e
     if isinstance(obj, CKKSContext):  # (a held context of the same keys is shared: its first size stays, not

@@ -76,6 +76,8 @@ class DecodeContext:
     """What decoding needs from the receiving side (to rebuild pointers it will own)."""
 
     make_pointer: Callable[..., Any] | None = None
+    #: the network session the decode is for (None: none; HE decoding scopes received CKKS contexts by it)
+    session: Callable[[], Any] | None = None
 
 
 # ----------------------------------------------------------- ext registry

@@ -87,7 +87,8 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
         self.pipelining = pipelining
         # per destination: (grad epoch, ids of leaf tensors the last backward gave a gradient)
         self._grad_leaves: dict[str, tuple[int, frozenset | None]] = {}
-        self._decode_ctx = DecodeContext(make_pointer=self._make_pointer)
+        self._decode_ctx = DecodeContext(make_pointer=self._make_pointer,
+                                         session=getattr(self, "current_session", None))  # (network workers)
         self.hook.register_worker(self)
         for tensor in data:
             self.load(tensor)
