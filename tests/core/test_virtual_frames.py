@@ -10,7 +10,7 @@ import torch
 
 import veil as sy
 from veil.messaging import messages as m
-from veil.messaging.serde import FrameParts, HandedParts, OwnedFrame, SerializationError, deserialize, serialize
+from veil.messaging.serde import FrameParts, HandedParts, OwnedBuffer, SerializationError, deserialize, serialize
 from veil.messaging.tensor_payload import ADOPT_MIN_BYTES
 from veil.workers.virtual import owned_frame
 
@@ -21,7 +21,7 @@ def test_an_owned_frame_decodes_to_the_sent_tensors_without_sharing_their_memory
     parts = serialize(m.ObjectsReply(tensors), sender="w", parts_over=0)
     assert type(parts) is FrameParts
     frame = owned_frame(parts)
-    assert type(frame.obj) is OwnedFrame
+    assert type(frame.obj) is OwnedBuffer
     got, _, _ = deserialize(frame)
     for t, g in zip(tensors, got.objects):
         assert torch.equal(t, g) and g.dtype == t.dtype

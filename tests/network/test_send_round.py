@@ -95,8 +95,8 @@ def test_an_unreachable_worker_fails_its_request_only(net, hook):
 
 
 def test_large_replies_of_every_alignment_come_back_on_either_path(net, hook):
-    """A large reply is read into a buffer of its own (an OwnedFrame, or a view of one when its tensor bytes
-    need padding to a 16-byte boundary): one trailing size-1 dimension more makes the reply's header a byte
+    """A large reply is read into a buffer of its own (a view of an OwnedBuffer: its tensor bytes
+    padded to a 16-byte boundary): one trailing size-1 dimension more makes the reply's header a byte
     longer, so 16 shapes give every padding, 0 included (whose reply came back as the OwnedFrame itself, which
     the synchronous path took for a text frame: 4033a3a to this fix)."""
     alice, bob, _ = net

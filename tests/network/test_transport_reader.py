@@ -14,7 +14,7 @@ from websockets.server import ServerProtocol
 
 import veil.workers.websocket_transport as transport
 from veil.messaging import messages as m
-from veil.messaging.serde import FrameParts, OwnedFrame, deserialize, serialize
+from veil.messaging.serde import FrameParts, OwnedBuffer, deserialize, serialize
 from veil.workers.websocket_transport import SEND_FRAGMENT, BlockingConnection
 
 
@@ -157,7 +157,7 @@ def test_large_reply_tensors_use_the_received_buffer(monkeypatch, n):
     conn, _ = _connect(monkeypatch, script, 4096)
     got = conn.recv(5)
     buffer = got.obj if isinstance(got, memoryview) else got
-    assert type(buffer) is OwnedFrame
+    assert type(buffer) is OwnedBuffer
     back = deserialize(got)[0].objects
     assert torch.equal(back[0], t) and torch.equal(back[1], torch.arange(5))
     start = torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()
@@ -211,7 +211,7 @@ def test_a_reply_the_caller_sized_comes_back_the_same(monkeypatch, chunk, hint):
         got = conn.recv(5)
     assert bytes(got) == reply
     buffer = got.obj if isinstance(got, memoryview) else got
-    assert type(buffer) is OwnedFrame and len(got) == len(reply)
+    assert type(buffer) is OwnedBuffer and len(got) == len(reply)
     back = deserialize(got)[0].objects
     assert torch.equal(back[0], t) and torch.equal(back[1], torch.ones(3))
     start = torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()
@@ -255,3 +255,18 @@ def test_a_large_messages_payload_is_received_into_the_message_not_the_read_buff
     through_buffer = sum(n for buf, n in fake.reads if buf is conn._buffer.obj)
     assert through_buffer <= transport._HEAD_READ + 4 * transport._FRAGMENT_HEAD_READ
     assert sum(n for _, n in fake.reads) == len(script)  # every byte read once
+
+
+def test_a_reply_much_smaller_than_expected_is_not_kept_in_the_larger_buffer(monkeypatch):
+    """A caller that expected far more (a hint over twice the reply) gets the reply in a buffer of its
+    own length: the expected room is not held while the reply lives; it still decodes in place."""
+    t = torch.arange(20_000, dtype=torch.int64)
+    reply = serialize(m.ObjectsReply([t]), sender="bob")
+    conn, _ = _connect(monkeypatch, _fragmented(reply, [60, 9000]), 4096, max_size=1 << 20)
+    with transport.expect_reply(3 * len(reply)):
+        got = conn.recv(5)
+    assert bytes(got) == reply and type(got.obj) is OwnedBuffer
+    assert len(got.obj) < 2 * len(reply)  # (16 bytes of padding at most beside the reply)
+    back = deserialize(got)[0].objects[0]
+    start = torch.frombuffer(got.obj, dtype=torch.uint8).data_ptr()
+    assert torch.equal(back, t) and start <= back.data_ptr() < start + len(got.obj)

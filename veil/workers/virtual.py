@@ -7,7 +7,7 @@ from typing import Any
 import msgpack
 
 from veil.messaging import messages as m
-from veil.messaging.serde import EXT_CODES, FrameParts, HandedParts, OwnedFrame, envelope, frame_pad
+from veil.messaging.serde import EXT_CODES, FrameParts, HandedParts, envelope, frame_pad, owned_buffer
 from veil.messaging.tensor_payload import ADOPT_MIN_BYTES
 from veil.mpc.party import BORROWS, OpenMessage, step_name
 from veil.workers.base import BaseWorker
@@ -19,7 +19,7 @@ def owned_frame(parts: FrameParts) -> memoryview:
     tensor's bytes in place (serde ``adopt``) instead of copying them a second time."""
     head = bytes(memoryview(parts[0]).cast("B")[:5])
     pad = frame_pad(head)
-    frame = OwnedFrame(pad + parts.nbytes)
+    frame = owned_buffer(pad + parts.nbytes)  # (uninitialized: every byte is written below)
     with memoryview(frame) as view:
         at = pad
         for part in parts:

@@ -27,7 +27,7 @@ from websockets.http11 import Response
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
-from veil.messaging.serde import FrameParts, OwnedFrame, frame_pad
+from veil.messaging.serde import FrameParts, owned_buffer, frame_pad
 
 try:
     from websockets.speedups import apply_mask
@@ -71,7 +71,6 @@ _FRAGMENT_HEAD_READ = 1 << 12
 _MASK_CHUNK = 1 << 18
 #: messages larger than this are sent as fragments of this size
 SEND_FRAGMENT = 1 << 20
-_ZEROS = memoryview(bytes(1 << 20))
 
 _HINT = threading.local()  # the calling thread's expected reply size (expect_reply)
 
@@ -129,7 +128,7 @@ class BlockingConnection:
         self._parts: list[bytes] = []  # a message the protocol is assembling (slow path)
         self._text = False
         self._rbuf = bytearray()  # received bytes not consumed yet; always starts at a frame boundary
-        self._msg: bytearray | None = None  # a fragmented binary message being assembled (fast path)
+        self._msg: Any = None  # a fragmented binary message being assembled (fast path): an OwnedBuffer
         self._size = self._pad = 0  # its payload bytes so far, and where they start in it
         self._direct = False
         self._early: list[Any] = []
@@ -247,8 +246,8 @@ class BlockingConnection:
     def recv(self, timeout: float | None) -> bytes | bytearray | memoryview | str:
         """Blocks until the next whole message arrives (``TimeoutError`` after ``timeout`` s).
 
-        A binary message comes back as a ``bytearray``, or for large ones an ``OwnedFrame`` (or a
-        ``memoryview`` of one) that nothing else references: the decoder uses it in place.
+        A binary message comes back as a ``bytearray``, or for large ones a ``memoryview`` of an
+        ``OwnedBuffer`` that nothing else references: the decoder uses it in place.
         """
         if timeout != self._timeout:  # each settimeout is a system call (ioctl)
             self.sock.settimeout(timeout)
@@ -334,13 +333,17 @@ class BlockingConnection:
                 hint = getattr(_HINT, "nbytes", 0)
                 if hint > n and (self.max_size is None or hint <= self.max_size):
                     room = hint
-            message = OwnedFrame(self._pad + room)
+            message = owned_buffer(self._pad + room)  # (uninitialized: the bytes are received over it)
             start = self._pad
         else:
             start = self._pad + self._size  # the payload so far
-            grow = start + n - len(message)
-            if grow > 0:  # grows in place (realloc); the bytes are received over the zeros next
-                message += _ZEROS[:grow] if grow <= len(_ZEROS) else bytes(grow)
+            if start + n > len(message):  # more fragments than the caller expected: a larger buffer, the
+                room = max(start + n, 2 * len(message))  # payload so far copied (doubling: a message of k
+                if self.max_size is not None:  # fragments is copied O(1) times per byte), never past the limit
+                    room = min(room, self._pad + self.max_size)
+                grown = owned_buffer(room)
+                grown[:start] = message[:start]
+                message = grown
         self._size = size
         with memoryview(message) as view:
             view[start: start + have] = memoryview(buf)[head: head + have]
@@ -356,9 +359,11 @@ class BlockingConnection:
         if b0 & 0x80:
             self._msg = None
             end = self._pad + size
-            if len(message) > end:  # a reply smaller than expected (no copy unless much smaller)
-                del message[end:]
-            return memoryview(message)[self._pad:] if self._pad else message
+            if 2 * end < len(message):  # much smaller than expected: not holding the rest while it lives
+                trimmed = owned_buffer(end)
+                trimmed[:] = message[:end]
+                message = trimmed
+            return memoryview(message)[self._pad: end]
         self._msg = message
         return None
 
