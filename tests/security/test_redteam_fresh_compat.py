@@ -20,6 +20,9 @@ Holes found (strict xfails first, then fixed):
   not strings. Fixed in veil/workers/listing.py: a listing keeps at most MAX_LISTING_META_CHARS characters of
   tags and descriptions and at most MAX_LISTING_ENTRIES (2^18) descriptors (4096 x 1024 pointers were 3 GB),
   and a page whose tags or description are not strings is malformed (one line).
+- the term check deduplicated the whole query before counting it: 5M distinct short terms (a 39 MB frame) held
+  the worker's turn 1.5 s (10 s on a busy box) before the refusal. Fixed in veil/compat/search_terms.py: at
+  most 2^17 items, refused at the first term past the bounds.
 - ``x.send(bob, alice).get(sum_results=True)`` (PySyft's MultiPointerTensor) summed whatever the workers
   answered: a column of n from one and a row of n from the other broadcast to n x n in the scientist's
   process. Fixed in veil/compat/multi_pointer.py: the answers sum only when they have one shape.
@@ -183,6 +186,32 @@ def test_a_hostile_workers_search_reply_gives_no_non_string_metadata(hook, field
 
     with pytest.raises(sy.exceptions.ObjectNotFoundError, match="malformed"):
         sy.search(Odd(hook, id=f"rt-fc-odd-{field}"), "#x")
+
+
+def test_a_query_of_millions_of_distinct_terms_is_refused_before_it_is_deduplicated(hook):
+    """Attack: ``grid.search(*terms)`` with millions of distinct short terms (5M in a 39 MB frame): the term check
+    built a dict of all of them in the worker's turn before counting (1.5 s unloaded, 10 s on a busy box), then
+    refused. Must hold: refused after reading a bounded number of terms (here: hashing at most MAX_TERMS + 1 of
+    them), in one line, and the worker keeps serving."""
+    from veil.compat import search_terms
+    from veil.exceptions import SerializationError
+
+    hashed = []
+
+    class Counted(str):
+        def __hash__(self):
+            hashed.append(1)
+            return str.__hash__(self)
+
+    for query in ([Counted(i) for i in range(200_000)], [Counted(i % 100) for i in range(300_000)]):
+        hashed.clear()
+        with pytest.raises(SerializationError, match=str(search_terms.MAX_TERMS)):
+            search_terms.checked_terms(query)
+        assert len(hashed) <= search_terms.MAX_TERMS + 1, len(hashed)
+    srv, s = _worker(hook, "rt-fc-many-terms")
+    reply = request(srv, s, m.SearchMessage([str(i) for i in range(200_000)]))
+    assert type(reply) is m.ErrorReply and reply.error == "SerializationError" and "\n" not in reply.message, reply
+    _serving(srv, s)
 
 
 def test_two_hostile_workers_cannot_make_a_multi_pointer_sum_square_their_answers(hook):

@@ -23,6 +23,8 @@ from veil.exceptions import SerializationError
 MAX_TERMS = 64
 #: characters per term
 MAX_TERM_CHARS = 256
+#: items one query list may hold, repeats included (each is read; PySyft's queries repeat none)
+MAX_QUERY_ITEMS = 1 << 17
 #: characters of a description a term is looked for in (PySyft's descriptions are a line or a paragraph)
 MATCHED_DESCRIPTION_CHARS = 1 << 16
 #: characters one search page may compare (tags and description prefixes, times the terms): ~10 ms of scans
@@ -32,13 +34,24 @@ _SCANNED_TAGS = 8
 
 
 def checked_terms(query: Any) -> tuple[str, ...]:
-    """The query's distinct terms, in order; refuses anything but a short list of short strings."""
-    if not isinstance(query, list) or not all(isinstance(q, str) for q in query):
+    """The query's distinct terms, in order; refuses anything but a short list of short strings.
+
+    Refused as soon as it is seen to be too long (deduplicating 5M distinct terms first held the turn seconds)."""
+    if not isinstance(query, list):
         raise SerializationError("search query must be a list of strings")
-    terms = tuple(dict.fromkeys(query))
-    if len(terms) > MAX_TERMS or any(len(q) > MAX_TERM_CHARS for q in terms):
-        raise SerializationError(f"a search takes at most {MAX_TERMS} terms of at most {MAX_TERM_CHARS} characters")
-    return terms
+    too_many = SerializationError(f"a search takes at most {MAX_TERMS} terms of at most {MAX_TERM_CHARS} characters")
+    if len(query) > MAX_QUERY_ITEMS:
+        raise too_many
+    terms: dict = {}
+    for q in query:
+        if not isinstance(q, str):
+            raise SerializationError("search query must be a list of strings")
+        if len(q) > MAX_TERM_CHARS:
+            raise too_many
+        terms[q] = None
+        if len(terms) > MAX_TERMS:
+            raise too_many
+    return tuple(terms)
 
 
 def matches(terms: tuple[str, ...], oid: int, tags: tuple, description: str | None) -> bool:
