@@ -390,7 +390,9 @@ def test_malformed_seeds_and_corrections_are_refused_in_one_line(hook, seed, cor
 @pytest.mark.parametrize("door", ["expand seed", "expand correction", "received share"])
 def test_owner_data_under_review_passed_as_dealing_material_still_needs_review(hook, door):
     """Guard (read by another door): a scientist names the owner's data (review policy) as a seed, a correction
-    or a received share; what the party stores from it is still held for the owner's review."""
+    or a received share; what the party stores from it is still held for the owner's review. A seed is read in
+    Python (its bytes): the step is refused up front, as the review guard follows protocol steps
+    (tests/security/test_redteam_review_budget_peer.py)."""
     srv = _worker(hook, "door")
     data = srv.load(torch.arange(32, dtype=torch.uint8) if door == "expand seed"
                     else torch.tensor([11, 22, 33, 44]), tags=("#d",), policy="review")
@@ -404,6 +406,10 @@ def test_owner_data_under_review_passed_as_dealing_material_still_needs_review(h
         ids = [new_id()]
         args = (worker_dealer.EXPAND, (m.ObjectRef(data), "zero", ((4,),), 1, []) if door == "expand seed"
                 else (seed, "zero", ((4,),), 1, [m.ObjectRef(data)]))
-    assert type(request(srv, mallory, m.CommandMessage(*args, {}, ids, False))) is m.OkReply
+    reply = request(srv, mallory, m.CommandMessage(*args, {}, ids, False))
+    if door == "expand seed":
+        assert type(reply) is m.ErrorReply and reply.error == "ShapeRefused" and "review" in reply.message, reply
+        return
+    assert type(reply) is m.OkReply, reply
     got = request(srv, mallory, m.GetObjectsMessage(ids[:1]))
     assert type(got) is m.ErrorReply and got.error == "ReviewPendingError", got

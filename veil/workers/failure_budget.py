@@ -40,7 +40,9 @@ such commands with at most B failures a user learns at most
 log2(sum_{i<=B} C(N, i)) <= B log2(e N / B) + 1 bits of a dataset (before: N).
 Not counted: a command's time, which can follow reviewed values (a gather from
 a large table is ~60 ms slower by 2^20 spread indices than by equal ones), nor
-a deadline it then meets; protocol steps (``veil.mpc.*``) are not followed.
+a deadline it then meets. Protocol steps (``veil.mpc.*``) are followed and
+counted as torch ops are; a peer worker's requests never read reviewed data
+(refused, counted against no one: see :mod:`veil.workers.value_shapes`).
 """
 
 from __future__ import annotations

@@ -64,15 +64,23 @@ class OpeningRules:
                 dealt_entries.append(entry)
                 if entry.reveal_to is not None and not self._may_see(principal, entry.reveal_to):
                     protecting.append(entry.reveal_to)
+                if entry.provenance:  # made from owner data (a dealing's correction naming it): reviewed below
+                    released.append((oid, entry))
                 continue
             if entry.kind == Kind.SHARE:
                 if not self.may_reveal(principal, entry):
                     protecting.append(entry.reveal_to if entry.reveal_to is not None else ())
+                if entry.provenance:  # any step's result is a share: trunc_local(x, 1) of a reviewed x is x
+                    released.append((oid, entry))
                 continue
             self._check_release(principal, entry, oid, "open")  # owner data, client objects: as a .get()
             released.append((oid, entry))
         # the owner's review, all inputs at once and no approval used up yet: open_step uses them up once the
-        # step ran (one input still pending, or a refused mask or a failed step, used another's approval up)
+        # step ran (one input still pending, or a refused mask or a failed step, used another's approval up).
+        # Shares and dealt material deriving from owner data are reviewed as client objects are (share_own's
+        # pieces, client objects with the dataset's sources, always were): a "share" a local step or a torch op
+        # made of a reviewed value, or dealt material holding one, is that value (red team:
+        # test_redteam_review_budget_peer.py); only `review` sources make a difference (open data passes)
         self._local.opening_released = released
         if released and self.release_hook is not None:
             self.release_hook(principal, [oid for oid, _ in released], [e for _, e in released], "open", False)

@@ -37,6 +37,23 @@ value (``a[m] = v`` succeeds iff ``v`` broadcasts to ``m.sum()`` rows: an
 equality test of the count); and a reviewed value as a protocol step's public
 parameter (``veil.mpc.mac_digits(limb, width)``: 4 digits for 16, 2 for 32,
 an error else), as :func:`veil.workers.oblivious.protocol_refusal` for shares.
+
+Protocol steps (``veil.mpc.*`` worker functions, which a scientist may run on
+anything it can name) are followed as torch ops are, past that check: a step on
+a reviewed value computes what plain torch does, its Python reads of the value
+are refused, its failures are counted, and past the budget it is refused. The
+decision on secret sharing: a value under review enters an SMPC computation only
+through ``veil.compat.share_own`` (a release the owner approves) or an opening
+the owner reviews. Every step's result is a "share" (``trunc_local(x, 1)`` of a
+reviewed ``x`` is ``x``), so an opening reviews each input that derives from owner
+data whatever its kind (``OpeningRules.resolve_opening``): steps need not be
+refused on reviewed values, what they compute leaves only on review.
+
+A peer worker's session (a peer token alone) never names reviewed data: its
+requests are deliveries of what it deals (``PEER_COMMANDS``), and one naming a
+value under review is refused whatever the values, counted against no budget
+(a peer's count would be shared by every user whose MPC goes through it, and
+a user going through peers would get a budget per peer).
 """
 
 from __future__ import annotations
@@ -51,6 +68,7 @@ from veil.exceptions import PermissionDeniedError, register_remote_error
 from veil.workers import failure_budget
 from veil.workers.oblivious import _key, _public_parameters, _touches
 from veil.workers.oblivious_ops import VALUE_SHAPED
+from veil.workers.websocket_auth import PEER_COMMANDS
 
 #: ATen ops whose result shape follows the values of a boolean/byte index (``x[mask]``)
 _MASK_INDEXED = frozenset({"aten::index", "aten::_unsafe_index"})
@@ -66,6 +84,7 @@ _READ_IN_PYTHON = {torch.tensordot: (2, "dims"), torch.Tensor.tolist: (0, "self"
 _NO_TORCH_FUNCTION = torch._C.DisableTorchFunction
 #: worker functions that are protocol steps (veil's own code): a reviewed value may not be a public parameter
 PROTOCOL_STEPS = "veil.mpc."
+_PEER_ROLES = frozenset({"peer"})
 
 
 @register_remote_error
@@ -219,19 +238,26 @@ PLAN_RUNS = frozenset({"veil.plan.run", "veil.plan.fit"})
 
 def guard(worker: Any, user: str, op_name: str, found: dict, resolved: Any = None,
           passed: Any = None, outer: Any = None) -> Any:
-    """The context a requester-chosen op runs in when one of its inputs (``found``: id -> entry) could leave
-    ``user``'s hands only with the owner's approval (it derives from a dataset under review); ``outer`` (the
-    secret inputs' guard, or None) when none could. A plan gets copies of the owner's tensors: ``resolved`` (the
-    arguments as the monitor resolved them) and ``passed`` (as the plan gets them, the same structure) say which
-    tensor it runs on stands for which. A refusal when ``user`` spent its failure budget on one of those datasets."""
+    """The context a requester-chosen op (a torch op, a plan, a protocol step) runs in when one of its inputs
+    (``found``: id -> entry) could leave ``user``'s hands only with the owner's approval (it derives from a dataset
+    under review); ``outer`` (the secret inputs' guard, or None) when none could. A plan gets copies of the
+    owner's tensors: ``resolved`` (the arguments as the monitor resolved them) and ``passed`` (as the plan gets
+    them, the same structure) say which tensor it runs on stands for which. A refusal when ``user`` spent its
+    failure budget on one of those datasets, or when a peer worker's session names one."""
     from veil.governance.release import needs_review
 
-    if op_name.startswith(PROTOCOL_STEPS):
-        return outer or _public_refusal(worker, user, op_name, found, resolved)
+    if op_name.startswith(PROTOCOL_STEPS):  # then followed as a torch op is (the module's docstring)
+        refusal = _public_refusal(worker, user, op_name, found, resolved)
+        if refusal is not None:
+            return refusal
     under = [(oid, e) for oid, e in found.items() if e.provenance and needs_review(worker, oid, e, user)]
     keys = {k for k in (_key(e.obj) for oid, e in under) if k is not None}
     if not keys:
         return outer
+    if _peer_asks(worker):
+        return _Refusing(ShapeRefused(
+            f"{op_name}: a peer worker's request may not name data under the owner's review (a peer only hands "
+            "over what it deals); it is refused whatever the values, and counted against no one's failure budget"))
     if passed is not None:
         keys |= {_key(after) for before, after in zip(_leaves(resolved), _leaves(passed))
                  if _key(before) in keys and _key(after) is not None}
@@ -298,8 +324,17 @@ def failed(worker: Any, principal: Any, action: str, context: Any, ids: list, er
 
 
 def followed(name: str) -> bool:
-    """Whether worker function ``name`` is checked by :func:`guard` (torch ops on owner-derived data are, always)."""
-    return name in PLAN_RUNS or name.startswith(PROTOCOL_STEPS)
+    """Whether worker function ``name`` is checked by :func:`guard` (torch ops on owner-derived data are, always):
+    plans, protocol steps, and what peers may run (a peer naming reviewed data is refused there)."""
+    return name in PLAN_RUNS or name.startswith(PROTOCOL_STEPS) or name in PEER_COMMANDS
+
+
+def _peer_asks(worker: Any) -> bool:
+    """Whether the request being handled is a peer worker's (a network session holding a peer token and no
+    scientist or admin token beside it); in-process senders are not sessions."""
+    current = getattr(worker, "current_session", None)
+    session = current() if current is not None else None
+    return session is not None and {p.role for p in session.principals} == _PEER_ROLES
 
 
 def _public_refusal(worker: Any, user: str, op_name: str, found: dict, resolved: Any) -> _Refusing | None:
