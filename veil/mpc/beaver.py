@@ -15,7 +15,9 @@ Cost per product: **1 round**; each party sends its share of ``e`` and ``f``
 that is 2 ring elements per product entry) to each other party. The triple
 itself is dealt offline by the provider. Independent products can share
 their round (:func:`finish_products`, step ``beaver_masks``): a backward
-pass's pairs of gradients do (:mod:`veil.tensors.pending_products`).
+pass's pairs of gradients do (:mod:`veil.tensors.pending_products`). A product whose one triple
+would cost the provider more than its per-item bound is dealt in pieces that open in that same round
+(:func:`deal_product`, :mod:`veil.mpc.product_split`).
 
 Shares are only touched through torch ops (``-``, ``+``, the op itself) and
 opened through :func:`veil.mpc.opening.open_values`, so the same code runs
@@ -25,13 +27,14 @@ on local tensors and on remote pointers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable, Mapping, Sequence
+from typing import Hashable, Mapping, Optional, Sequence
 
 import torch
 
 from veil.mpc.party import open_at_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
 from veil.mpc.material import product_shape
+from veil.mpc.product_split import SplitPlan, plan_split, sliced_operands
 from veil.mpc import ring_gemm
 from veil.mpc.ring import bilinear, meta_result, op_arguments
 
@@ -161,8 +164,7 @@ def beaver_op(x: Shares, y: Shares, op: str, provider: Provider, **op_kwargs) ->
     Returns:
         party -> share of ``op(x, y)`` in Z/2^64 (no fixed-point truncation).
     """
-    triples = deal_triple(x, y, op, provider, **op_kwargs)
-    return finish_products([Product(x, y, op, op_kwargs, triples)])[0]
+    return finish_products([deal_product(x, y, op, provider, **op_kwargs)])[0]
 
 
 @dataclass
@@ -173,7 +175,28 @@ class Product:
     y: Shares
     op: str
     op_kwargs: dict
-    triples: dict  # party -> (a, b, c)
+    triples: Optional[dict]  # party -> (a, b, c); None for a split product
+    #: a product too large for one dealt item (:mod:`veil.mpc.product_split`): its pieces, each dealt its
+    #: own triple and opened in the same round, and the per-block piece counts their results are joined by
+    pieces: Optional[tuple] = None
+
+
+def deal_product(x: Shares, y: Shares, op: str, provider: Provider, **op_kwargs) -> Product:
+    """``op(x, y)`` with its material dealt: one triple, or, past the provider's per-item bound, one per
+    piece of the product (the pieces' operands sliced at each party; their masks open together)."""
+    parties = list(x.keys())
+    if list(y.keys()) != parties:
+        raise ValueError(f"operands are shared among different parties: {parties} vs {list(y.keys())}")
+    plan = plan_split(op, tuple(x[parties[0]].shape), tuple(y[parties[0]].shape), op_kwargs)
+    if plan is None:
+        return Product(x, y, op, dict(op_kwargs), deal_triple(x, y, op, provider, **op_kwargs))
+    return _split_product(x, y, op, dict(op_kwargs), provider, plan)
+
+
+def _split_product(x: Shares, y: Shares, op: str, op_kwargs: dict, provider: Provider, plan: SplitPlan) -> Product:
+    pieces = [Product(xj, yj, op, op_kwargs, deal_triple(xj, yj, op, provider, **op_kwargs))
+              for xj, yj in zip(*sliced_operands(x, y, plan))]
+    return Product(x, y, op, op_kwargs, None, (tuple(pieces), plan.block_sizes))
 
 
 def finish_products(products: Sequence[Product]) -> list[dict]:
@@ -186,6 +209,19 @@ def finish_products(products: Sequence[Product]) -> list[dict]:
     parties = list(products[0].x.keys())
     if any(list(p.x.keys()) != parties or list(p.y.keys()) != parties for p in products):
         raise ValueError("products opened together must be shared among the same parties, in the same order")
+    flat, spans = [], []  # a split product's pieces open beside the others, in the same round
+    for q in products:
+        units = q.pieces[0] if q.pieces is not None else (q,)
+        spans.append((len(flat), len(units)))
+        flat.extend(units)
+    results = _finish_unsplit(flat, parties)
+    return [results[start] if q.pieces is None else
+            {p: run_party("product_join", [results[start + j][p] for j in range(n)], list(q.pieces[1]))
+             for p in parties}
+            for q, (start, n) in zip(products, spans)]
+
+
+def _finish_unsplit(products: Sequence[Product], parties: list) -> list[dict]:
     # e, f where each party uses them: public tensors (a star opening) or, between network workers
     # that open among themselves, handles to the values each party reconstructed (peer openings)
     if len(products) == 1:

@@ -39,6 +39,7 @@ import torch
 
 from veil.mpc import beaver
 from veil.mpc.party import open_at_parties, party_function, run_party
+from veil.mpc.product_split import plan_left_blocks, wire_slices
 from veil.mpc.providers.base import Provider
 from veil.mpc.ring import bilinear
 
@@ -59,8 +60,13 @@ def _keep(b_i: torch.Tensor, f: torch.Tensor, first: bool) -> tuple:
 
 
 @party_function("fixed_mask", openable=True)
-def _mask(x_i: torch.Tensor, a_i: torch.Tensor) -> tuple:
-    """A party's share of ``e = x - a`` (``a`` fresh and uniform)."""
+def _mask(x_i, a_i) -> tuple:
+    """A party's share of ``e = x - a`` (``a`` fresh and uniform); lists: each piece's of a split product."""
+    if type(x_i) is list or type(a_i) is list:
+        if type(x_i) is not list or type(a_i) is not list or len(x_i) != len(a_i) or not x_i or not all(
+                isinstance(t, torch.Tensor) for t in x_i + a_i):
+            raise ValueError("fixed_mask needs a tensor and its mask, or two lists of them of the same length")
+        return tuple(x - a for x, a in zip(x_i, a_i))
     return (x_i - a_i,)
 
 
@@ -116,6 +122,15 @@ def fixed_product(x: Shares, w: FixedOperand, op: str, **op_kwargs) -> dict:
         raise ValueError(f"operands are shared among different parties: {parties} vs {list(w.kept)}")
     bilinear(op)
     shape_x = tuple(x[parties[0]].shape)
+    blocks = plan_left_blocks(op, shape_x, w.shape, op_kwargs)
+    if blocks is not None:  # past the provider's per-item bound: blocks of x, every e opened in this one round
+        sliced = {p: run_party("product_pieces", x[p], None, [wire_slices(b) for b in blocks], []) for p in parties}
+        triples = [w.provider.fixed_operand_triples(w.fixed_id, op, tuple(piece.shape), w.shape, parties, **op_kwargs)
+                   for piece in sliced[parties[0]]]
+        opened = open_at_parties("fixed_mask", {p: (list(sliced[p]), [t[p][0] for t in triples]) for p in parties})
+        return {p: run_party("product_join", [
+            run_party("fixed_combine", t[p][0], t[p][1], opened[p][j], *w.kept[p], op=op, op_kwargs=dict(op_kwargs))
+            for j, t in enumerate(triples)], [1] * len(blocks)) for p in parties}
     triples = w.provider.fixed_operand_triples(w.fixed_id, op, shape_x, w.shape, parties, **op_kwargs)
     opened = open_at_parties("fixed_mask", {p: (x[p], triples[p][0]) for p in parties})
     return {p: run_party("fixed_combine", triples[p][0], triples[p][1], opened[p][0], *w.kept[p], op=op,

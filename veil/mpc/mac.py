@@ -59,6 +59,7 @@ from veil.mpc import ring128 as r128
 from veil.mpc.beaver import check_result_shape
 from veil.mpc.errors import MacCheckError
 from veil.mpc.party import open_parties, party_function, run_party
+from veil.mpc.product_split import plan_split
 from veil.mpc.prg import expand, new_seed
 from veil.mpc.ring import DTYPE, bilinear, op_arguments
 from veil.mpc.truncation import TRUNCATION_BOUND, floor_div_unsigned, shift_for, top_bit
@@ -322,6 +323,9 @@ def beaver(x: Shared, y: Shared, key: MacKey, provider: Any, op: str, shape_x: t
            op_kwargs: Optional[dict] = None) -> dict:
     """Authenticated Beaver product ``op(x, y)`` mod 2^128 (one round)."""
     op_kwargs = dict(op_kwargs or {})
+    plan = plan_split(op, shape_x, shape_y, op_kwargs)  # past the provider's per-item bound: in pieces
+    if plan is not None:
+        return mac_product_split.split_beaver(x, y, key, provider, op, op_kwargs, plan)
     parties = list(x)
     tri = provider.authenticated_triples(key.key_id, op, shape_x, shape_y, parties, **op_kwargs)
     # recipe order: a, b (uniform), then c, mac(a), mac(b), mac(c); each (lo, hi)
@@ -441,3 +445,6 @@ def _shape(item: tuple) -> tuple:
         shapes += [tuple(t.shape) for _, lo, hi in terms for t in (lo, hi) if hasattr(t, "shape")]
         break
     return tuple(torch.broadcast_shapes(*shapes))
+
+
+from veil.mpc import mac_product_split  # noqa: E402  (registers its party functions at every worker; imports this)

@@ -100,6 +100,37 @@ def _product(op, shape_a, shape_b, op_kwargs) -> tuple:
     return fn, op_kwargs, shape_a, shape_b, shape_c
 
 
+#: a dealing request's product items together cost at most this many items at :data:`MAX_PRODUCT_WORK`: the
+#: request holds the dealing slot for all its items, and by ring elements alone (``MAX_BATCH_ELEMENTS``) a
+#: request of 64 convolution items of 2^32 each passed (padding makes an item's work ~2^15 times its elements)
+MAX_REQUEST_PRODUCT_ITEMS = 1
+
+
+def request_work_bound() -> int:
+    """Most multiply-adds of the product items of one dealing request together."""
+    return MAX_REQUEST_PRODUCT_ITEMS * MAX_PRODUCT_WORK
+
+
+def item_product_work(kind: str, spec) -> int:
+    """Multiply-adds of one item's ``op(a, b)`` for a product kind (``beaver``, ``beaver_mac``,
+    ``fixed_beaver``; refused past :data:`MAX_PRODUCT_WORK`), 0 for the other kinds."""
+    if kind not in ("beaver", "beaver_mac", "fixed_beaver"):
+        return 0
+    if not isinstance(spec, (tuple, list)) or len(spec) != (4 if kind == "beaver" else 5):
+        raise ProviderError(f"a {kind} spec must be ([id,] op, shape_a, shape_b, op_kwargs)")
+    op, shape_a, shape_b, op_kwargs = spec[-4:]
+    _, _, shape_a, shape_b, shape_c = _product(op, shape_a, shape_b, op_kwargs)
+    return product_work(op, shape_a, shape_b, shape_c)
+
+
+def check_request_work(kind: str, spec, count: int) -> None:
+    """Refuses a dealing request whose ``count`` product items cost more than :func:`request_work_bound`."""
+    work = count * item_product_work(kind, spec)  # (one item: refused past MAX_PRODUCT_WORK by its recipe)
+    if work > request_work_bound():
+        raise ProviderError(f"a dealing of {count} {kind!r} items would cost {work} multiply-adds, more than "
+                            f"{request_work_bound()} in one request")
+
+
 def _beaver(spec) -> tuple[list, list, Derive]:
     op, shape_a, shape_b, op_kwargs = spec
     fn, op_kwargs, shape_a, shape_b, shape_c = _product(op, shape_a, shape_b, op_kwargs)

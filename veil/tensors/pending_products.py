@@ -26,7 +26,10 @@ from typing import Any
 
 import torch
 
-from veil.mpc.beaver import Product, deal_triple, finish_products
+from veil.mpc.beaver import Product, deal_product, finish_products
+from veil.mpc.material import product_shape
+from veil.mpc.party import run_party
+from veil.mpc.ring import op_arguments
 from veil.mpc.errors import MPCError
 
 #: False: every shared product opens at once (one round each), as before this module
@@ -55,9 +58,14 @@ def defer_product(cls: type, x: Any, y: Any, op: str, **op_kwargs: Any) -> Any:
     """``op(x, y)`` of two shared tensors as a pending result of class ``cls`` (the triple dealt now)."""
     provider = x.crypto_provider
     xs, ys = x.child, y.child  # an operand still pending is finished here: it is an input of this one
-    triples = deal_triple(xs, ys, op, provider, **op_kwargs)
-    out = cls({p: t[2] for p, t in triples.items()}, provider)  # c's shares: the result's shape and parties
-    out._veil_pending = Pending(Product(dict(xs), dict(ys), op, dict(op_kwargs), triples))
+    product = deal_product(dict(xs), dict(ys), op, provider, **op_kwargs)
+    if product.pieces is None:
+        out = cls({p: t[2] for p, t in product.triples.items()}, provider)  # c's shares: the result's shape, parties
+    else:  # a split product (veil/mpc/product_split.py): zeros of its shape stand in until it opens
+        first = next(iter(xs))
+        shape = list(product_shape(op, tuple(xs[first].shape), tuple(ys[first].shape), op_arguments(op, op_kwargs)))
+        out = cls({p: run_party("product_placeholder", xs[p], shape) for p in xs}, provider)
+    out._veil_pending = Pending(product)
     pending = getattr(_LOCAL, "pending", None)
     if pending is None:
         pending = _LOCAL.pending = []

@@ -59,9 +59,9 @@ from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.allowlist import NO_RESULT, register_worker_function
 from veil.mpc.comparison_material import comparison_spec
-from veil.mpc.material import (FIXED_KINDS, WIDE_KINDS, dealer_generator, derived_sources,
-                               last_shares_wide, provider_scope, recipe, register_mac_key, split_shares, split_wide,
-                               sum_wide, xor_fields)
+from veil.mpc.material import (FIXED_KINDS, WIDE_KINDS, check_request_work, dealer_generator, derived_sources,
+                               item_product_work, last_shares_wide, provider_scope, recipe, register_mac_key,
+                               request_work_bound, split_shares, split_wide, sum_wide, xor_fields)
 from veil.mpc.fss import material as fss_material
 from veil.mpc.prg import SEED_BYTES, expand, expand_sum, new_seed, subtract_streams
 from veil.mpc.errors import ProviderError
@@ -207,6 +207,7 @@ def bounded_recipe(kind: str, spec: Any, count: Any) -> tuple[list, list, Any]:
     if elements > bound:
         raise ProviderError(f"a dealing of {count} {kind!r} items would make {elements} ring elements per party, "
                             f"more than {bound} in one request")
+    check_request_work(kind, spec, count)  # (and the items' product work: the dealing slot)
     return uniform_shapes, derived_shapes, derive
 
 
@@ -520,6 +521,8 @@ class WorkerDealer(Provider):
                 count = max(1, min(count, self.max_elements // per_item))
             if op == DEAL_COMPARISON:  # (the provider refuses more items per request: CPU per item)
                 count = min(count, fss_dealing.MAX_COMPARISON_ITEMS)
+            else:  # (and more product work per request: the dealing slot)
+                count = min(count, max(1, request_work_bound() // max(1, item_product_work(kind, spec))))
         item_bytes = self._bytes_per_item(key, kind, spec, parties)
         ids = [[new_id() for _ in range(count * len(shapes))] for shapes in party_shapes]
         args = (spec, parties, ids, count, self.seeded) if op == DEAL_COMPARISON else (kind, spec, parties, ids, count,
