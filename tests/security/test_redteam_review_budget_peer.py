@@ -21,8 +21,9 @@ inputs that were client objects or owner data. Holes found (x: SECRET under revi
 
 Decision (in value_shapes.guard's docstring): a value under review enters secret-shared computation only through
 ``share_own`` (a release the owner approves) or by an opening the owner reviews; steps on reviewed values run
-under the review guard as torch ops do. The 8 tests marked HOLE failed on the code before the fix (run in a git
-worktree of 3fe5e55 with this file copied in); the 2 others guard what held (honest steps and openings).
+under the review guard as torch ops do. The 9 tests marked HOLE failed on the code before the fix (run in a git
+worktree of 3fe5e55 with this file copied in; the peer opening's passed the monitor and failed only for want of
+a configured peer link); the 2 others guard what held (honest steps and openings).
 """
 
 from __future__ import annotations
@@ -250,3 +251,19 @@ def test_a_user_gets_no_more_than_its_budget_through_a_peer(network):
         assert reply.error == "ShapeRefused" and "failed on its values 1 times" in reply.message, reply
     _refused_for_review(_peer_deals_the_value(srv, peer, xid)[0])
     assert _scientist_probe(srv, open_session(srv, "rt-rbp-other"), xid).error == "ProtectedDataError"
+
+
+def test_a_peer_opening_of_a_share_made_of_reviewed_data_waits_for_review(network):
+    """HOLE (the peer-openings door, the same monitor step): a PeerOpenMessage of trunc_mask over trunc_local(x)
+    passed the monitor and went on to exchange x with the other party (here: no peer link); now it stops at the owner's review, in one line,
+    before anything is published."""
+    from veil.workers.peer_openings import PeerOpenMessage, rounds_of
+
+    srv, sci, _, xid = network
+    zeros = send_tensor(srv, sci, torch.zeros(2, 3, dtype=torch.long))
+    _, (share,) = run_command(srv, sci, "veil.mpc.trunc_local", m.ObjectRef(xid), 1, False)
+    msg = PeerOpenMessage("trunc_mask", (m.ObjectRef(share), m.ObjectRef(zeros)), {}, "r" * 32,
+                          [srv.id, "another-party"], [new_id()])
+    reply = request(srv, sci, msg)
+    assert type(reply) is m.ErrorReply and reply.error == "ReviewPendingError" and "\n" not in reply.message, reply
+    assert "-27" not in reply.message and not rounds_of(srv)._open
