@@ -255,8 +255,8 @@ def test_a_user_gets_no_more_than_its_budget_through_a_peer(network):
 
 def test_a_peer_opening_of_a_share_made_of_reviewed_data_waits_for_review(network):
     """HOLE (the peer-openings door, the same monitor step): a PeerOpenMessage of trunc_mask over trunc_local(x)
-    passed the monitor and went on to exchange x with the other party (here: no peer link); now it stops at the owner's review, in one line,
-    before anything is published."""
+    passed the monitor and went on to exchange x with the other party (here: no peer link); now it stops at the
+    owner's review, in one line, before anything is published."""
     from veil.workers.peer_openings import PeerOpenMessage, rounds_of
 
     srv, sci, _, xid = network
