@@ -15,7 +15,21 @@ Holes found:
   charge): 40 ``pow_`` on a 100 000-element tensor held 16 MB under a 1 MiB quota;
 - ``embedding(..., sparse=True)`` gives its weight a sparse gradient of one row per index (values and indices),
   charged as the weight's dense size: a 1 x 1 weight held a 50 000-row gradient (600 kB) charged 256 bytes, one
-  more per leaf.
+  more per leaf;
+- a plan's in-place op on a stored tracked tensor saves the old value in that tensor's graph, but the charge was
+  carried by the plan's result: deleted after each run, 20 runs held 4 MB under a 1 MiB quota;
+- ``fit`` keeps its state and extra tensors across batches: an in-place op on them with grad on made them carry every
+  batch's graph (``pow_`` on a tracked state: 200 batches held 8 MB, charged nothing).
+
+Fixed: ``create_graph`` and sparse gradients are refused under a quota (commands and plan steps alike); ``backward``
+is sized for a leaf root and for ``inputs=``; an in-place op on a tracked tensor is sized for the copy it may save,
+and what a command's graph saves with no new result to carry it (and all a plan's) is charged while the graph holds
+it (veil/workers/output_bounds.py, ``GraphSaves.settle``); a sparse gradient is charged its values and indices
+(veil/workers/grad_charges.py); ``fit`` refuses a tracked state, and a batch that makes one tracked
+(veil/plans/remote.py).
+
+Held (guards): a view keeps its whole base charged after the base is deleted; honest ``backward`` and a ``no_grad``
+in-place update run with torch's values.
 """
 
 import sys
@@ -294,5 +308,70 @@ def test_a_view_keeps_its_base_charged_after_the_base_is_deleted(hook):
     assert deserialize(server.serve_bytes(serialize(m.DeleteMessage([2]), sender="f"), s))[0] == m.OkReply()
     assert server.monitor.session_bytes(s.id) < 4096
     _ok(server, s, "torch.zeros", (200_000,), [3])
+    _still_serves(server, other)
+    server.end_session(s)
+
+
+def _delete(server, session, ids) -> None:
+    assert deserialize(server.serve_bytes(serialize(m.DeleteMessage(ids), sender="f"), session))[0] == m.OkReply()
+
+
+def _tracked(server, s, oid: int, n: int) -> torch.Tensor:
+    """A tracked (non-leaf) ``n``-element tensor under ``oid``: ``x.expand(n) * 1`` of a 1-element leaf."""
+    _ok(server, s, "torch.zeros", (1,), [oid + 1])
+    _ok(server, s, "Tensor.requires_grad_", (R(oid + 1),), [0])
+    _ok(server, s, "Tensor.expand", (R(oid + 1), [n]), [oid + 2])
+    _ok(server, s, MUL, (R(oid + 2), 1.0), [oid])
+    return server.monitor.owner_objects()[oid]
+
+
+def test_a_plans_in_place_op_on_a_stored_tensor_stays_charged_after_its_result_goes(hook):
+    """A plan's ``pow_`` on a stored tracked tensor saves its old value in that tensor's graph, not its result's: the
+    charge stays while that graph holds it (before: carried by the result, deleted each run: 20 runs held 4 MB
+    under a 1 MiB quota)."""
+    from veil.plans.ops import PlanOp, PlanSpec, SlotRef
+
+    server, s, other = _quota_server(hook, "gc-plan-in-place")
+    y = _tracked(server, s, 1, 50_000)
+    plan = PlanSpec("p", 1, 0, 2, [PlanOp("Tensor.pow_", (SlotRef(0), 1.0), {}, [], True),
+                                   PlanOp(SUM, (SlotRef(0),), {}, [1], False)], SlotRef(1))
+    for k in range(20):
+        reply = _send(server, s, "veil.plan.run", (plan, [R(1)], []), [100 + k])
+        if reply == m.OkReply():
+            _delete(server, s, [100 + k])
+        else:
+            assert type(reply) is m.ErrorReply and "\n" not in reply.message, reply
+        assert _saved_bytes(y) <= server.monitor.session_bytes(s.id) <= QUOTA
+    _still_serves(server, other)
+    server.end_session(s)
+
+
+def test_a_fit_never_carries_a_batchs_graph_in_its_state(hook):
+    """``fit`` keeps its state and extra tensors from one batch to the next: an in-place op with grad on made them
+    carry every batch's graph (``pow_`` on a tracked state: 200 batches held 8 MB, charged 0). A tracked state is
+    refused before any batch; an extra buffer a batch makes tracked is refused after it, a leaf again."""
+    from veil.plans.ops import PlanOp, PlanSpec, SlotRef
+
+    server, s, other = _quota_server(hook, "gc-fit")
+    n = 10_000
+    y = _tracked(server, s, 1, n)
+    _ok(server, s, "torch.zeros", (200, 1), [10])
+    _ok(server, s, "torch.zeros", (200,), [11])
+    step = PlanSpec("f", 2, 1, 4, [PlanOp("Tensor.pow_", (SlotRef(2), 1.0), {}, [], True),
+                                   PlanOp(SUM, (SlotRef(0),), {}, [3], True)], SlotRef(3))
+    reply = _send(server, s, "veil.plan.fit", (step, R(10), R(11), [R(1)], 1), [20], {"shuffle": False})
+    assert type(reply) is m.ErrorReply and "leaves" in reply.message and "\n" not in reply.message, reply
+    assert _saved_bytes(y) <= server.monitor.session_bytes(s.id) <= QUOTA
+    _ok(server, s, "torch.ones", (n,), [12])
+    _ok(server, s, "Tensor.requires_grad_", (R(12),), [0])
+    _ok(server, s, "torch.zeros", (n,), [13])  # a buffer without grad, written by each batch with grad on
+    step = PlanSpec("g", 3, 1, 6, [PlanOp(MUL, (SlotRef(3), 2.0), {}, [4], True),
+                                   PlanOp("Tensor.add_", (SlotRef(2), SlotRef(4)), {}, [], True),
+                                   PlanOp(SUM, (SlotRef(0),), {}, [5], True)], SlotRef(5))
+    reply = _send(server, s, "veil.plan.fit", (step, R(10), R(11), [R(12)], 1), [21],
+                  {"shuffle": False, "extra": [R(13)]})
+    assert type(reply) is m.ErrorReply and "grad tracking" in reply.message and "\n" not in reply.message, reply
+    buffer = server.monitor.owner_objects()[13]
+    assert buffer.is_leaf and not buffer.requires_grad and torch.equal(buffer.detach(), torch.full((n,), 2.0))
     _still_serves(server, other)
     server.end_session(s)

@@ -181,6 +181,9 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
     losses, count = None, 0
     kept = [t for t in [*state, *extra] if isinstance(t, torch.Tensor)]  # (kept from one batch to the next)
     kept_bytes = _storage_bytes(kept)
+    if any(t.grad_fn is not None for t in kept):
+        raise PlanArgumentError("fit: state and extra tensors must be leaves (not results of ops autograd "
+                                "tracks): a graph they carry grows from one batch to the next")
     undo_slots = [None, None, *_undo_slots([*extra, *state])]
     for _ in range(epochs):
         if count >= total:  # (max_batches reached: no further epoch starts)
@@ -214,6 +217,13 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
             # copied whole before every batch)
             loss = step_undo.run_step(lambda: _quiet_run(compiled, inputs, state, sized),
                                       undo_slots, undo, sized)
+            if any(t.grad_fn is not None for t in kept):  # (it would carry every batch's graph, all they saved)
+                for t in kept:
+                    if t.grad_fn is not None and t._base is None:
+                        t.detach_()  # (a leaf again, as it was: the batch's graph goes; a view keeps it, and
+                        # it is refused as a fit's state from then on)
+                raise PlanArgumentError("fit: a batch wrote a state or extra tensor with grad tracking on (an "
+                                        "in-place op outside no_grad): each batch's graph would stay with it")
             if sized is not None and kept:  # (and with this batch's growth, the losses must still fit)
                 check_room(worker, max(0, _storage_bytes(kept) - kept_bytes) + 8 * total, 1, "veil.plan.fit")
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
