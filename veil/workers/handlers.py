@@ -554,7 +554,6 @@ def _handle_list(worker: BaseWorker, msg: m.ListObjectsMessage, sender: str) -> 
 
 @register_handler(m.MoveMessage)
 def _handle_move(worker: BaseWorker, msg: m.MoveMessage, sender: str) -> Any:
-    from veil.he.context_scope import carrying_contexts  # (not at load: veil.he imports this package)
     if not isinstance(msg.ids, list) or not isinstance(msg.new_ids, list) or len(msg.ids) != len(msg.new_ids):
         raise SerializationError("MoveMessage needs lists of ids and new ids of equal length")
     principal = worker.principal(sender).acting_as(_claimed_user(msg, sender))
@@ -570,8 +569,8 @@ def _handle_move(worker: BaseWorker, msg: m.MoveMessage, sender: str) -> Any:
         objects = [worker.monitor.outgoing(principal, new, e) for new, e in zip(msg.new_ids, entries)]
         for so, oid, entry in zip(objects, msg.ids, entries):
             so.obj = _released(oid, entry)
-        with _governance_releasing(worker, msg.ids, entries, principal.user, "move"), carrying_contexts():
-            worker.send_msg(m.ObjectMessage(objects), destination)  # (CKKS tensors with their contexts)
+        with _governance_releasing(worker, msg.ids, entries, principal.user, "move"):
+            worker.send_msg(m.ObjectMessage(objects), destination)
     for oid, entry in zip(msg.ids, entries):  # owner-protected data is copied, never taken; the entry moved only
         worker.monitor.discard(principal, oid, only=entry)
     return m.OkReply()
