@@ -156,6 +156,25 @@ def _gradients(x, w):
     return grads, stats
 
 
+def test_peer_openings_split_a_product(connect_websocket, gen, monkeypatch):
+    """Network parties that open among themselves (peer openings): the pieces' masks open party to party in
+    the one round, and the result is torch's."""
+    from veil.tensors.mpc_glue import runtime
+
+    monkeypatch.setattr(runtime, "PEER_MIN_ELEMENTS", 0)
+    parties = [connect_websocket(name) for name in ("alice", "bob", "charlie")]
+    runtime.enable_peer_openings(*parties)
+    monkeypatch.setattr(product_split, "SPLIT_WORK", SMALL)
+    try:
+        for case in ("mm_contracted",):
+            op, sx, sy_, kw = CASES[case]
+            x, y = _ints(sx, gen) >> 24, _ints(sy_, gen) >> 24
+            got, comm = _network_product(parties, connect_websocket("dave"), x, y, op, kw)
+            assert torch.equal(got, bilinear(op)(x, y, **kw)) and comm.rounds == 1
+    finally:
+        runtime.enable_peer_openings(*parties, enabled=False)
+
+
 def test_lazy_gradients_of_a_split_product_open_together(gen, monkeypatch):
     """A backward pass's two gradient products (pending, veil/tensors/pending_products.py), both split: the
     rounds and bytes of the unsplit pass, and torch's gradients."""
