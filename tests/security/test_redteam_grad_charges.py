@@ -375,3 +375,21 @@ def test_a_fit_never_carries_a_batchs_graph_in_its_state(hook):
     assert buffer.is_leaf and not buffer.requires_grad and torch.equal(buffer.detach(), torch.full((n,), 2.0))
     _still_serves(server, other)
     server.end_session(s)
+
+
+def test_an_in_place_op_that_saves_no_copy_is_not_sized_for_one(hook):
+    """``relu_`` on a tracked tensor saves its result (the tensor itself): it runs with little room left, where
+    ``pow_`` (which saves a copy) is refused; the gradient through it is torch's."""
+    server, s, _ = _quota_server(hook, "gc-relu")
+    n = 100_000
+    y = _tracked(server, s, 1, n)
+    _fill(server, s, 10, 50_000)
+    _refused(_send(server, s, "Tensor.pow_", (R(1), 2.0), [0]))
+    _ok(server, s, "Tensor.relu_", (R(1),), [0])
+    _delete(server, s, [10])
+    _ok(server, s, SUM, (R(1),), [11])
+    _ok(server, s, "Tensor.backward", (R(11),), [])
+    x = torch.zeros(1, requires_grad=True)
+    (x.expand(n) * 1).relu_().sum().backward()
+    assert torch.equal(server.monitor.owner_objects()[2].grad, x.grad) and y.grad_fn is not None
+    server.end_session(s)

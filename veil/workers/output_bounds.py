@@ -415,7 +415,16 @@ def _saved_old_value(name: str, args: Any, grad: bool) -> int:
         return 0
     from veil.workers.owner_guard import writes_first_argument  # (owner_guard -> store -> grad_charges)
 
-    return _elements(target.shape) * target.element_size() if writes_first_argument(name) else 0
+    keeps = writes_first_argument(name) and name.rsplit(".", 1)[-1] not in KEEP_NO_OLD_VALUE
+    return _elements(target.shape) * target.element_size() if keeps else 0
+
+
+#: in-place methods whose graph saves no copy of the value they overwrite (their gradient needs none, or their
+#: result, which is the tensor itself): not sized for one (any other in-place op on a tracked tensor is)
+KEEP_NO_OLD_VALUE = frozenset({
+    "add_", "sub_", "addcdiv_", "addcmul_", "lerp_", "neg_", "relu_", "sqrt_", "copy_", "fill_", "zero_",
+    "masked_fill_", "normal_", "uniform_", "detach_", "requires_grad_", "squeeze_", "unsqueeze_", "t_",
+    "transpose_", "__iadd__", "__isub__", "__setitem__", "__set__"})
 
 
 class _Copies(threading.local):
