@@ -90,8 +90,19 @@ _ATTACHED: dict[tuple[type, str], Callable[..., Any]] = {}
 
 
 def register_attachment(cls: type, name: str, func: Callable[..., Any]) -> None:
-    """Adds a verb (e.g. ``fix_precision``) to be attached by TorchHook."""
-    ATTACHMENTS.append((cls, name, func))
+    """Adds a verb (e.g. ``fix_precision``) to be attached by TorchHook.
+
+    Raises:
+        RuntimeError: If torch defines the name, or another function has it: checked before the verb is listed
+            (a refused entry left in the list made every later TorchHook in the process raise).
+    """
+    listed = next((f for c, n, f in ATTACHMENTS if c is cls and n == name), None)
+    if listed is not None and listed is not func:
+        raise RuntimeError(f"{cls.__qualname__}.{name} is already a veil verb; register another name")
+    if listed is None and hasattr(cls, name) and (cls, name) not in _ATTACHED:
+        raise RuntimeError(f"{cls.__qualname__}.{name} exists in torch; veil never replaces native attributes")
+    if listed is None:
+        ATTACHMENTS.append((cls, name, func))
     if _ATTACHED:  # a hook already exists: attach now
         _attach(cls, name, func)
 

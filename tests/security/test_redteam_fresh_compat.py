@@ -23,6 +23,9 @@ Holes found (strict xfails first, then fixed):
 - the term check deduplicated the whole query before counting it: 5M distinct short terms (a 39 MB frame) held
   the worker's turn 1.5 s (10 s on a busy box) before the refusal. Fixed in veil/compat/search_terms.py: at
   most 2^17 items, refused at the first term past the bounds.
+- ``veil.hook.register_attachment`` listed a verb before checking it: one refused for a name torch defines
+  stayed in ``ATTACHMENTS`` and every later ``sy.TorchHook(torch)`` in the process raised; a second function
+  for a veil verb was listed and silently never attached. Fixed in veil/hook.py: checked before listing.
 - ``x.send(bob, alice).get(sum_results=True)`` (PySyft's MultiPointerTensor) summed whatever the workers
   answered: a column of n from one and a row of n from the other broadcast to n x n in the scientist's
   process. Fixed in veil/compat/multi_pointer.py: the answers sum only when they have one shape.
@@ -238,6 +241,27 @@ def test_two_hostile_workers_cannot_make_a_multi_pointer_sum_square_their_answer
     assert "rt-fc-column" in str(refused.value) and "\n" not in str(refused.value), refused.value
     honest = torch.tensor([1.0, 2.0, 3.0]).send(sy.VirtualWorker(hook, id="rt-fc-a"), sy.VirtualWorker(hook, id="rt-fc-b"))
     assert torch.equal(honest.get(sum_results=True), torch.tensor([2.0, 4.0, 6.0]))
+
+
+def test_a_refused_attachment_leaves_the_hook_state_as_it_was(hook, monkeypatch):
+    """Global hook state: an extension's ``register_attachment`` of a name torch defines (``Tensor.add``) was
+    refused, but stayed in ``ATTACHMENTS``: every later ``sy.TorchHook(torch)`` in the process (another
+    notebook session, a worker's next hook) raised. A second function for a verb veil attached was kept in
+    the list and silently never attached. Must hold: both refused in one line, the list unchanged, later hooks
+    made as before, torch's own ``add`` untouched."""
+    import veil.hook as veil_hook
+
+    monkeypatch.setattr(veil_hook, "ATTACHMENTS", list(veil_hook.ATTACHMENTS))
+    before = list(veil_hook.ATTACHMENTS)
+    native_add = torch.Tensor.add
+    for name in ("add", "share"):
+        with pytest.raises(RuntimeError) as refused:
+            veil_hook.register_attachment(torch.Tensor, name, lambda *a, **k: None)
+        assert "\n" not in str(refused.value) and name in str(refused.value)
+    assert veil_hook.ATTACHMENTS == before
+    sy.TorchHook(torch)
+    assert torch.Tensor.add is native_add and torch.Tensor.share is dict(
+        ((c, n), f) for c, n, f in before)[(torch.Tensor, "share")]
 
 
 # ------------------------------------------------------------------------- attacks that hold
