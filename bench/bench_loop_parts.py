@@ -70,7 +70,8 @@ def loop_parts(mode: str, n: int) -> float:
     """CPU seconds per step of ``mode`` (``client`` or ``server``)."""
     import veil as sy
     from veil.messaging import messages as m
-    from veil.messaging.serde import FrameParts, deserialize, serialize
+    from veil.messaging.frames import FrameParts
+    from veil.messaging.serde import deserialize, serialize
     from veil.workers.skeletons import ClientSkeletons
 
     hook = sy.TorchHook(torch)

@@ -321,7 +321,7 @@ def bench_stages(net: sy.WebsocketClientWorker, virtual: sy.VirtualWorker, mb: i
 
 def _owned(data: bytes):
     """A request as the server holds it once received (an aligned OwnedFrame, see websocket_connections._receive)."""
-    from veil.messaging.serde import OwnedFrame, frame_pad
+    from veil.messaging.frames import OwnedFrame, frame_pad
 
     pad = frame_pad(data[:5])
     frame = OwnedFrame(pad)

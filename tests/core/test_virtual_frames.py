@@ -10,7 +10,8 @@ import torch
 
 import veil as sy
 from veil.messaging import messages as m
-from veil.messaging.serde import FrameParts, HandedParts, OwnedBuffer, SerializationError, deserialize, serialize
+from veil.messaging.frames import FrameParts, HandedParts, OwnedBuffer
+from veil.messaging.serde import SerializationError, deserialize, serialize
 from veil.messaging.tensor_payload import ADOPT_MIN_BYTES
 from veil.workers.virtual import owned_frame
 

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 import veil as sy
 from veil.messaging import messages as m
-from veil.messaging.serde import FrameParts, deserialize, serialize
+from veil.messaging.frames import FrameParts
+from veil.messaging.serde import deserialize, serialize
 from veil.mpc.party import open_parties
 from veil.workers.reply_frames import REPLY_FRAGMENT, _part_fragments
 from veil.workers.websocket_server import WebsocketServerWorker

@@ -14,7 +14,8 @@ from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
 from veil.messaging import messages as m
-from veil.messaging.serde import FrameParts, deserialize, serialize
+from veil.messaging.frames import FrameParts
+from veil.messaging.serde import deserialize, serialize
 from veil.workers.reply_frames import REPLY_FRAGMENT, _fragments, _part_fragments, _send_fragmented
 
 

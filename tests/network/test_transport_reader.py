@@ -14,7 +14,8 @@ from websockets.server import ServerProtocol
 
 import veil.workers.websocket_transport as transport
 from veil.messaging import messages as m
-from veil.messaging.serde import FrameParts, OwnedBuffer, deserialize, serialize
+from veil.messaging.frames import FrameParts, OwnedBuffer
+from veil.messaging.serde import deserialize, serialize
 from veil.workers.websocket_transport import SEND_FRAGMENT, BlockingConnection
 
 

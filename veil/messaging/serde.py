@@ -35,18 +35,16 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import msgpack
-import numpy as np
 import torch
 
 from veil.exceptions import CommandTimeoutError, SerializationError, VersionMismatchError
+from veil.messaging.frames import FRAME_MAGIC, OWNED, FrameParts, HandedParts, OwnedFrame, split_frame
 from veil.messaging.messages import FIELD_NAMES, MESSAGE_TYPES, CommandMessage, Descriptor, ObjectRef, StoredObject
 from veil.messaging.tensor_payload import (  # noqa: F401  (DTYPES, MAX_DIMS, tensor_spec: re-exported)
     ADOPT_MIN_BYTES, DTYPE_NAMES, DTYPES, MAX_DIMS, _build_tensor, _nbytes, _tensor_raw, decode_tensor,
     encode_tensor, tensor_spec)
 
 WIRE_VERSION = 2  # 2: listing and search pages (ListObjectsMessage and SearchMessage carry after=)
-#: first byte of a framed message (header + out-of-band tensor bytes); msgpack never uses 0xC1
-FRAME_MAGIC = b"\xc1"
 #: how deeply ext payloads may nest (a tuple in a tuple in ...). Each level is a
 #: nested call into msgpack's C unpacker; a few hundred overflow the C stack
 #: (SIGSEGV) long before Python's recursion limit, so the limit is checked here.
@@ -357,36 +355,6 @@ _ENCODERS = {torch.Size: _ENCODERS.pop(torch.Size), **_ENCODERS}
 # --------------------------------------------------------------- messages
 
 
-class FrameParts(list):
-    """A framed message left in parts: ``[magic + header length + header, tensor bytes...]``, each
-    tensor's bytes still a view of its memory. A network transport writes them straight to the
-    socket, so a large ``.send()`` makes no copy of the tensor at all on the client. ``nbytes``:
-    the whole message's length."""
-
-    __slots__ = ("nbytes",)
-
-
-class HandedParts(FrameParts):
-    """FrameParts handed over in process together with the memory of their tensors: the tensors the
-    parts view are fresh (an opening step's outputs, which nothing else holds) and the sender drops
-    them, so :func:`deserialize` uses each large part in place (as it adopts an :class:`OwnedFrame`'s
-    bytes) and the reply crosses with no copy at all. Only made in process (``VirtualWorker``): bytes
-    from a socket are never one."""
-
-    __slots__ = ()
-
-    @classmethod
-    def of(cls, parts: FrameParts) -> "HandedParts":
-        handed = cls(parts)
-        handed.nbytes = parts.nbytes
-        return handed
-
-
-def frame_nbytes(data: Any) -> int:
-    """The length of a message as bytes or in parts (FrameParts, HandedParts)."""
-    return data.nbytes if isinstance(data, FrameParts) else len(data)
-
-
 class _NativePacker(threading.local):
     packer = None  # this thread's msgpack Packer (packb would build one, with its buffer, per call)
 
@@ -478,57 +446,10 @@ def envelope(data: bytes, ext_hook: Callable[[int, bytes], Any] = _opaque) -> An
 
     Builds no objects and runs no decoder; raises like msgpack on malformed input.
     """
-    header, _ = _split_frame(data)
+    header, _ = split_frame(data)
     return msgpack.unpackb(header, raw=False, strict_map_key=False, ext_hook=ext_hook)
 
 
-def _split_frame(data: bytes) -> tuple[memoryview, memoryview | None]:
-    """``(msgpack header, raw region)``; the raw region is None for a plain (unframed) message."""
-    view = memoryview(data)
-    if not view.nbytes or view[0] != FRAME_MAGIC[0]:
-        return view, None
-    if view.nbytes < 5:
-        raise SerializationError("truncated message frame")
-    n = int.from_bytes(view[1:5], "little")
-    if 5 + n > view.nbytes:
-        raise SerializationError(f"message frame header of {n} bytes exceeds the {view.nbytes}-byte frame")
-    return view[5: 5 + n], view[5 + n:]
-
-
-class OwnedFrame(bytearray):
-    """A received message's buffer that belongs to its decoder alone and is never reused (the
-    network transports make one per large message). :func:`deserialize` lets the out-of-band
-    tensor that fills at least half of its raw region (and ``ADOPT_MIN_BYTES``) use its memory in
-    place instead of copying it; that tensor keeps the whole buffer alive, and decoding the same
-    OwnedFrame twice would give tensors sharing memory."""
-
-    __slots__ = ()
-
-
-class OwnedBuffer(np.ndarray):
-    """An :class:`OwnedFrame` whose bytes start uninitialized (:func:`owned_buffer`): a transport that
-    knows a message's size receives straight into it. ``bytearray(n)`` zero-fills its ``n`` bytes first, a
-    pass over memory the socket then overwrites (~4% of a network party's CPU under peer openings).
-    Decoded from a ``memoryview`` of it, as an OwnedFrame is."""
-
-    __slots__ = ()
-
-
-def owned_buffer(nbytes: int) -> OwnedBuffer:
-    """``nbytes`` uninitialized bytes for one received message (see :class:`OwnedBuffer`)."""
-    return np.empty(nbytes, dtype=np.uint8).view(OwnedBuffer)
-
-
-#: buffers the decoder may use in place (a message received into memory nothing else references)
-_OWNED = (OwnedFrame, OwnedBuffer)
-
-
-def frame_pad(head: bytes) -> int:
-    """Bytes to put in front of a framed message starting with ``head`` (its first 5 bytes or
-    more) so that its raw tensor region starts on a 16-byte boundary; 0 when it cannot tell."""
-    if len(head) < 5 or head[0] != FRAME_MAGIC[0]:
-        return 0
-    return -(5 + int.from_bytes(head[1:5], "little")) % 16
 _COMMAND_FIELDS = len(FIELD_NAMES[CommandMessage])
 
 
@@ -541,7 +462,7 @@ def _short(value: Any, limit: int = 60) -> str:
 def deserialize(data: bytes, ctx: DecodeContext | None = None) -> tuple[Any, str, list[int]]:
     """Decodes bytes into ``(message, sender, prelude)``; any failure is a SerializationError."""
     if type(data) is HandedParts:  # in process, the tensors' memory handed over with them
-        header, raw = _split_frame(data[0])
+        header, raw = split_frame(data[0])
         if raw is None:
             raise SerializationError("handed parts without a message frame")
         region = _OutOfBand(raw, parts=[memoryview(p).cast("B") for p in data[1:]])
@@ -550,8 +471,8 @@ def deserialize(data: bytes, ctx: DecodeContext | None = None) -> tuple[Any, str
             data = b"".join(data)
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise SerializationError(f"expected bytes, got {type(data).__name__}")
-        adopt = type(data) is OwnedFrame or (type(data) is memoryview and type(data.obj) in _OWNED)
-        header, raw = _split_frame(data)
+        adopt = type(data) is OwnedFrame or (type(data) is memoryview and type(data.obj) in OWNED)
+        header, raw = split_frame(data)
         region = _OutOfBand(raw, adopt) if raw is not None else None
     previous = _oob.region
     swap = region is not None or previous is not None  # (a plain message on a clean thread: nothing to set)

@@ -18,7 +18,8 @@ import torch
 
 from veil.exceptions import ConnectionLostError, ObjectNotFoundError, PermissionDeniedError, error_from_reply
 from veil.messaging import messages as m
-from veil.messaging.serde import FrameParts, deserialize, frame_nbytes, serialize
+from veil.messaging.frames import FrameParts, frame_nbytes
+from veil.messaging.serde import deserialize, serialize
 from veil.messaging.skeleton_frames import SkeletonFramer, serialize_skeleton
 
 if TYPE_CHECKING:

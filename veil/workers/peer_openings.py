@@ -62,7 +62,8 @@ import torch
 
 from veil.exceptions import ConnectionLostError, PermissionDeniedError, SerializationError, VeilError
 from veil.messaging import messages as m
-from veil.messaging.serde import frame_nbytes, serialize
+from veil.messaging.frames import frame_nbytes
+from veil.messaging.serde import serialize
 from veil.mpc.party import XOR_LEADING, XOR_OPENABLE, check_openable, run_openable
 from veil.mpc.truncation import pack_top_bits
 from veil.workers import cancellation

@@ -9,7 +9,7 @@ from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 
-from veil.messaging.serde import FrameParts
+from veil.messaging.frames import FrameParts
 from veil.workers.websocket_transport import frame_head
 
 #: replies larger than this go out as a fragmented message of chunks this size (:func:`_send_fragmented`):

@@ -7,7 +7,8 @@ from typing import Any
 import msgpack
 
 from veil.messaging import messages as m
-from veil.messaging.serde import EXT_CODES, FrameParts, HandedParts, envelope, frame_pad, owned_buffer
+from veil.messaging.frames import FrameParts, HandedParts, frame_pad, owned_buffer
+from veil.messaging.serde import EXT_CODES, envelope
 from veil.messaging.tensor_payload import ADOPT_MIN_BYTES
 from veil.mpc.party import BORROWS, OpenMessage, step_name
 from veil.workers.base import BaseWorker

@@ -34,7 +34,7 @@ from veil.workers.base import BaseWorker
 from veil.workers.websocket_admin import AdminLoadMessage, RemoteObjectsView
 from veil.workers.skeletons import ClientSkeletons
 from veil.workers.websocket_auth import handshake_headers
-from veil.messaging.serde import FrameParts, frame_nbytes
+from veil.messaging.frames import FrameParts, frame_nbytes
 from veil.workers.websocket_transport import SEND_FRAGMENT, BlockingConnection
 
 if TYPE_CHECKING:

@@ -35,7 +35,8 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from veil.exceptions import PermissionDeniedError
 from veil.governance.users_wire import serve_users_message
 from veil.messaging import messages as m
-from veil.messaging.serde import FrameParts, OwnedFrame, deserialize, frame_pad, serialize
+from veil.messaging.frames import FrameParts, OwnedFrame, frame_pad
+from veil.messaging.serde import deserialize, serialize
 from veil.workers import cancellation
 from veil.workers.auth_throttle import Throttled, source_of, unguessable
 from veil.workers.lane_connection import LaneConnection

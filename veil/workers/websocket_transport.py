@@ -27,7 +27,7 @@ from websockets.http11 import Response
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
-from veil.messaging.serde import FrameParts, owned_buffer, frame_pad
+from veil.messaging.frames import FrameParts, frame_pad, owned_buffer
 
 try:
     from websockets.speedups import apply_mask
