@@ -393,3 +393,32 @@ def test_an_in_place_op_that_saves_no_copy_is_not_sized_for_one(hook):
     (x.expand(n) * 1).relu_().sum().backward()
     assert torch.equal(server.monitor.owner_objects()[2].grad, x.grad) and y.grad_fn is not None
     server.end_session(s)
+
+
+def test_a_plans_result_is_charged_the_gradient_it_comes_with(hook):
+    """A plan returns ``h = x.expand(50 000)`` after ``h.sum().backward(inputs=[h])``: its 200 kB gradient comes with
+    it, charged with it (before: 256 bytes a run, 8 runs held 1.6 MB under a 1 MiB quota, any number of runs more)."""
+    from veil.plans.ops import PlanOp, PlanSpec, SlotRef
+
+    server, s, other = _quota_server(hook, "gc-plan-result-grad")
+    n = 50_000
+    _ok(server, s, "torch.zeros", (1,), [1])
+    _ok(server, s, "Tensor.requires_grad_", (R(1),), [0])
+    plan = PlanSpec("p", 1, 0, 3, [PlanOp("Tensor.expand", (SlotRef(0), [n]), {}, [1], True),
+                                   PlanOp(SUM, (SlotRef(1),), {}, [2], True),
+                                   PlanOp("Tensor.backward", (SlotRef(2),), {"inputs": [SlotRef(1)]}, [], True)],
+                    SlotRef(1))
+    ran = []
+    for k in range(8):
+        reply = _send(server, s, "veil.plan.run", (plan, [R(1)], []), [100 + k])
+        if reply != m.OkReply():
+            _refused(reply)
+            continue
+        ran.append(100 + k)
+        assert torch.equal(server.monitor.owner_objects()[100 + k].grad, torch.ones(n))
+        assert _held_grads(server, ran) <= server.monitor.session_bytes(s.id) <= QUOTA
+    assert len(ran) >= 2
+    _delete(server, s, ran)
+    assert server.monitor.session_bytes(s.id) < 4096
+    _still_serves(server, other)
+    server.end_session(s)

@@ -76,6 +76,9 @@ class Entry(_WeaklyReferable):
     beside: tuple | None = None  # what it keeps alive, charged once a session (held_beside.parts_of)
 
 
+_GRADDED = (torch.Tensor, torch.nn.Parameter)  # (the types whose chain of gradients _grad_bytes walks)
+
+
 def _grad_bytes(t: torch.Tensor, charged: Any = _NO_OBJECTS) -> int:
     """Bytes of the storages down ``t``'s chain of gradients (each once, ``t``'s own not counted), but those
     charged already as they were made (``charged``: ids of the session's lingering charges,
@@ -189,6 +192,14 @@ class ObjectStore:
             if space is None:
                 space = self._spaces[ns] = {}
             space[oid] = entry
+            obj = entry.obj
+            if (ns != SHARED_NS and type(obj) in _GRADDED and (obj.is_leaf or obj.retains_grad) and obj.grad is not None
+                    and obj.layout is torch.strided):
+                # a plan's result may come with a gradient (``backward(inputs=[result])``), which nothing charged
+                grads = _grad_bytes(obj, self._lingering.get(ns, _NO_OBJECTS)) - entry.grads_nbytes
+                if grads > 0:
+                    entry.grads_nbytes += grads
+                    entry.nbytes += grads
             self.usage[ns] = self.usage.get(ns, 0) + entry.nbytes + self._beside_change(ns, entry, 1)
             if hand_off:
                 acc = self._hand_offs[oid] = (ns, account)
