@@ -19,14 +19,16 @@ Holes found:
 - a plan's in-place op on a stored tracked tensor saves the old value in that tensor's graph, but the charge was
   carried by the plan's result: deleted after each run, 20 runs held 4 MB under a 1 MiB quota;
 - ``fit`` keeps its state and extra tensors across batches: an in-place op on them with grad on made them carry every
-  batch's graph (``pow_`` on a tracked state: 200 batches held 8 MB, charged nothing).
+  batch's graph (``pow_`` on a tracked state: 200 batches held 8 MB, charged nothing);
+- a plan's result came with the gradient ``backward(inputs=[result])`` gave it, uncharged (an expanded view: 256
+  bytes charged a run for 200 kB held, 8 runs held 1.6 MB under a 1 MiB quota).
 
 Fixed: ``create_graph`` and sparse gradients are refused under a quota (commands and plan steps alike); ``backward``
 is sized for a leaf root and for ``inputs=``; an in-place op on a tracked tensor is sized for the copy it may save,
 and what a command's graph saves with no new result to carry it (and all a plan's) is charged while the graph holds
 it (veil/workers/output_bounds.py, ``GraphSaves.settle``); a sparse gradient is charged its values and indices
 (veil/workers/grad_charges.py); ``fit`` refuses a tracked state, and a batch that makes one tracked
-(veil/plans/remote.py).
+(veil/plans/remote.py); a stored object is charged the gradients it comes with (veil/workers/store.py, ``put``).
 
 Held (guards): a view keeps its whole base charged after the base is deleted; honest ``backward`` and a ``no_grad``
 in-place update run with torch's values.
