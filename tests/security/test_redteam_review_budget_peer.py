@@ -267,3 +267,31 @@ def test_a_peer_opening_of_a_share_made_of_reviewed_data_waits_for_review(networ
     reply = request(srv, sci, msg)
     assert type(reply) is m.ErrorReply and reply.error == "ReviewPendingError" and "\n" not in reply.message, reply
     assert "-27" not in reply.message and not rounds_of(srv)._open
+
+
+def test_a_served_output_made_of_reviewed_data_is_not_released_to_clients(hook):
+    """HOLE (the serving output step, a release beside get and openings): a scientist opens a service for a client,
+    claims its request (a share protected for that client), adds the reviewed x and responds: the client fetched
+    x exactly, no review. Refused now in one line, audited; the request stays claimed and an honest response
+    (the batch itself) still reaches the client."""
+    from veil.serving.protocol import ServingMessage
+    from veil.workers.websocket_server import WebsocketServerWorker
+
+    tokens = sy.TokenTable()
+    tokens.add("rt-rbp-serving-owner", "sci", "scientist")
+    tokens.add("rt-rbp-serving-client", "cli", "client")
+    srv = WebsocketServerWorker(hook, id=uid("rbp-serve"), port=0, tokens=tokens)
+    xid = srv.load(X4[:1].clone(), tags=("#x",), policy="review")
+    sci, cli = open_session(srv, "rt-rbp-serving-owner"), open_session(srv, "rt-rbp-serving-client")
+    info = {"input_shape": [1, 3], "max_rows": 4}
+    assert type(request(srv, sci, ServingMessage("open", "m", [["cli"], info]))) is m.ObjectsReply
+    query = torch.tensor([[1, 2, 3]])
+    assert type(request(srv, cli, ServingMessage("submit", "m", [7, query]))) is m.ObjectsReply
+    batch = new_id()
+    assert request(srv, sci, ServingMessage("claim", "m", [[7], batch])).objects == [1]
+    _, (mixed,) = run_command(srv, sci, ALLOWLIST.by_func(torch.add).name, m.ObjectRef(batch), m.ObjectRef(xid))
+    refused = request(srv, sci, ServingMessage("respond", "m", [[7], [1], m.ObjectRef(mixed)]))
+    _refused_for_review(refused)
+    assert request(srv, cli, ServingMessage("fetch", "m", [7])).objects == []  # nothing released
+    assert type(request(srv, sci, ServingMessage("respond", "m", [[7], [1], m.ObjectRef(batch)]))) is m.ObjectsReply
+    assert torch.equal(request(srv, cli, ServingMessage("fetch", "m", [7])).objects[0], query)

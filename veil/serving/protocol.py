@@ -58,6 +58,7 @@ from veil.workers import cancellation
 from veil.workers.base import register_handler
 from veil.workers.websocket_auth import CLIENT_REQUESTS, SESSION_END_HANDLERS
 from veil.workers.monitor import Kind
+from veil.workers.value_shapes import refuse_reviewed_output
 
 #: most requests a service queues before refusing new ones (memory bound per worker)
 MAX_PENDING = 1024
@@ -296,6 +297,7 @@ def _respond(worker: Any, name: str, user: str, session: str, args: list) -> lis
         raise ServingError("respond names no request: there is nothing to answer")
     recipients = [svc.claimed.get(r) for r in rids]
     if any(recipients):  # (none: every client left meanwhile, drop_session; nothing goes out, no release row)
+        refuse_reviewed_output(worker, worker.principal(session), ref)  # (no output of data under review)
         out = worker.monitor.release_output(worker.principal(session), ref, recipients).obj
         if not isinstance(out, torch.Tensor) or out.dtype != torch.int64 or sum(sizes) != out.shape[0]:
             raise ServingError("the output share does not match the claimed requests")

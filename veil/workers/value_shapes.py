@@ -329,6 +329,23 @@ def followed(name: str) -> bool:
     return name in PLAN_RUNS or name.startswith(PROTOCOL_STEPS) or name in PEER_COMMANDS
 
 
+def refuse_reviewed_output(worker: Any, principal: Any, ref: Any) -> None:
+    """A serving output share (``veil.serving``'s respond: it goes to the service's clients, not through a get or
+    an opening) deriving from data under the owner's review is refused, in one line, audited: a service's owner
+    computed ``batch + x`` on a reviewed ``x`` and its client fetched ``x`` (red team:
+    test_redteam_review_budget_peer.py). A model trained on reviewed data is served once the owner released it."""
+    from veil.governance.release import needs_review
+    from veil.workers.principals import Purpose
+
+    oid = getattr(ref, "id", ref)
+    entry = worker.monitor.resolve(principal, oid, Purpose.PROTOCOL_STEP)
+    if entry.provenance and needs_review(worker, oid, entry, principal.user):
+        why = (f"object {oid} derives from data under the owner's review: a serving output of it would release it "
+               "to the service's clients unreviewed (the owner releases the model or the values first)")
+        worker.monitor.audit("release", principal, [oid], "refused", why)
+        raise PermissionDeniedError(why)
+
+
 def _peer_asks(worker: Any) -> bool:
     """Whether the request being handled is a peer worker's (a network session holding a peer token and no
     scientist or admin token beside it); in-process senders are not sessions."""
