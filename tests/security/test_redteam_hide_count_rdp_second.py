@@ -117,16 +117,16 @@ def test_the_kept_one_step_plds_stay_within_their_bytes(monkeypatch):
     """Attack (memory): one-step PLDs are kept between charges, ~80 KiB to ~6 MiB each (more at small sigma);
     kept by count, a scientist's distinct pairs (16 per user) could hold hundreds of MiB. Must hold: the kept
     bytes stay within ONE_STEP_BYTES, the most recent kept, and a PLD dropped is built again the same."""
-    from collections import OrderedDict
+    from veil.workers.user_caches import ScopedCache
 
-    monkeypatch.setattr(pld_cache, "_kept", OrderedDict())
-    first = pld_cache.one_step_pld(1.0, 0.01, True, 1e-3)
+    first = pld_cache._build(1.0, 0.01, True, 1e-3)
     one, want = pld_cache._pld_bytes(first), first.self_compose(3).get_epsilon_for_delta(DELTA)
-    monkeypatch.setattr(pld_cache, "ONE_STEP_BYTES", int(one * 2.5))
+    monkeypatch.setattr(pld_cache, "_kept", ScopedCache(int(one * 2.5), int(one * 2.5)))  # (per user, all users)
+    first = pld_cache.one_step_pld(1.0, 0.01, True, 1e-3)
     for i in range(1, 5):
         pld_cache.one_step_pld(1.0 + i / 100, 0.01, True, 1e-3)
-    assert sum(b for _p, b in pld_cache._kept.values()) <= pld_cache.ONE_STEP_BYTES
-    assert list(pld_cache._kept)[-1] == (1.04, 0.01, True, 1e-3) and len(pld_cache._kept) == 2
+    assert pld_cache._kept.weight() <= int(one * 2.5)
+    assert pld_cache._kept.keys(None) == [(1.03, 0.01, True, 1e-3), (1.04, 0.01, True, 1e-3)]
     again = pld_cache.one_step_pld(1.0, 0.01, True, 1e-3)
     assert again is not first and again.self_compose(3).get_epsilon_for_delta(DELTA) == want
 

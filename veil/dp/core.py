@@ -30,7 +30,6 @@ the cast to the parameter dtype (post-processing).
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -42,6 +41,7 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from veil.dp.errors import DPReleaseError, NoiseTooLowError, PrivacyParameterError
+from veil.workers.user_caches import per_user_cache
 
 #: The owner's log: what a failed release really failed on (never sent to the requester).
 OWNER_LOG = logging.getLogger("veil.dp.owner")
@@ -317,9 +317,9 @@ def _opendp():
     return dp
 
 
-@functools.lru_cache(maxsize=256)
+@per_user_cache(per_user=64, total=1024)  # (per user: a shared one's hit said another user released at that scale)
 def _measurement(kind: str, integer: bool, scale: float):
-    """An OpenDP vector measurement (built once per kind and scale: construction costs milliseconds)."""
+    """An OpenDP vector measurement (built once per user, kind and scale: construction costs milliseconds)."""
     dp = _opendp()
     # i64, not int: OpenDP maps Python's int to i32, which refused a count >= 2^31 after the charge
     T = "i64" if integer else float

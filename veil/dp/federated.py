@@ -22,7 +22,6 @@ credited, so the reported epsilon is conservative.
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import threading
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from veil.dp.budget import MAX_TRAINING_EVENTS
 from veil.dp.errors import BudgetExceededError, PrivacyParameterError
 from veil.dp import core, per_sample
 from veil.dp.core import make_generator
+from veil.workers.user_caches import per_user_cache
 
 # A loss that maps (model output, target) to one loss per sample (reduction="none").
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -45,11 +45,11 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MAX_COUNTED = 1 << 24
 
 
-@functools.lru_cache(maxsize=256)
+@per_user_cache(per_user=64, total=4096)  # (per user, as veil.dp.queries.gaussian_sigma)
 def max_releases(noise_multiplier: float, sample_rate: float, epsilon: float, delta: float, mechanism: str) -> int:
     """Largest number of identical steps whose epsilon stays within ``epsilon`` (at most ``MAX_COUNTED``).
 
-    Cached: owners repeat the same (sigma, q, budget), and each accountant
+    Cached per requesting user: owners repeat the same (sigma, q, budget), and each accountant
     call costs up to a second with PLD.
     """
     if epsilon_for(noise_multiplier, sample_rate, 1, delta, mechanism) > epsilon:

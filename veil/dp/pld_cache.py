@@ -3,28 +3,31 @@
 Every DP-SGD step a ledger charges recomposes the user's whole history (veil.dp.budget): with
 ``dp_accounting``'s ``PLDAccountant`` that rebuilt each run's one-step PLD at every step (0.1-1 s at the
 replace-one 1e-3 interval, 1-4 s at the add/remove accountant's 1e-4), where self-composing a kept one takes
-milliseconds. So the one-step PLDs are kept per (sigma, q, relation, interval) (their bytes bounded), and the composed epsilon per
-history: the ledger composes a step's history before its write transaction, and the transaction's
-composition of the same history is then a lookup. The value is the library's, bit for bit: the same calls in
+milliseconds. So the one-step PLDs are kept per (sigma, q, relation, interval) (their bytes bounded), and
+the composed epsilon per history, each per requesting user (veil/workers/user_caches.py: kept for all users
+at once, another user's charge at the same parameters took a lookup instead of seconds, and one user's fresh
+pairs evicted everyone's PLDs, rebuilt then inside the ledger's write lock): the ledger composes a step's
+history before its write transaction, and the transaction's composition of the same history is then a
+lookup. The value is the library's, bit for bit: the same calls in
 the order ``PLDAccountant`` makes them for a ``ComposedDpEvent`` of ``SelfComposedDpEvent`` runs of
 ``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))`` (PLDs are immutable: composing makes new ones).
 """
 
 from __future__ import annotations
 
-import functools
-import threading
-from collections import OrderedDict
+from veil.workers.user_caches import ScopedCache, current_scope, per_user_cache
 
 #: Bytes of one-step PLDs kept, least recently used dropped first: one is ~80 KiB (sigma 1, q 0.01, replace-one
 #: at 1e-3) to ~6 MiB (sigma 0.3, q 1, add/remove at 1e-4; more below), so a count alone did not bound them
 ONE_STEP_BYTES = 64 << 20
+#: ... of which one user keeps at most this (its own least recently used dropped first; past ONE_STEP_BYTES
+#: the least recently active other users' PLDs go, all of a user's at once)
+USER_BYTES = ONE_STEP_BYTES // 2
 
-#: Composed epsilons kept (floats; per history, relation, interval and delta)
-COMPOSED_EPSILONS = 256
+#: Composed epsilons kept per user (floats; per history, relation, interval and delta), and for all users
+COMPOSED_EPSILONS, ALL_COMPOSED_EPSILONS = 64, 4096
 
-_kept: OrderedDict = OrderedDict()  # (sigma, q, replace_one, interval) -> (PLD, bytes)
-_kept_lock = threading.Lock()
+_kept = ScopedCache(USER_BYTES, ONE_STEP_BYTES)  # user -> (sigma, q, replace_one, interval) -> PLD (bytes)
 
 
 def _pld_bytes(pld) -> int:
@@ -36,17 +39,11 @@ def _pld_bytes(pld) -> int:
 def one_step_pld(noise_multiplier: float, sample_rate: float, replace_one: bool, interval: float):
     """The library's pessimistic PLD of one Poisson-subsampled Gaussian step (kept: ONE_STEP_BYTES)."""
     key = (float(noise_multiplier), float(sample_rate), bool(replace_one), float(interval))
-    with _kept_lock:
-        if key in _kept:
-            _kept.move_to_end(key)
-            return _kept[key][0]
-    pld = _build(*key)  # (outside the lock: two threads may both build one, the same)
-    size = _pld_bytes(pld)
-    with _kept_lock:
-        if size <= ONE_STEP_BYTES and key not in _kept:
-            _kept[key] = (pld, size)
-            while sum(b for _p, b in _kept.values()) > ONE_STEP_BYTES:
-                _kept.popitem(last=False)
+    scope = current_scope()
+    pld = _kept.get(scope, key)
+    if pld is None:
+        pld = _build(*key)  # (outside the cache's lock: two threads may both build one, the same)
+        _kept.put(scope, key, pld, _pld_bytes(pld))
     return pld
 
 
@@ -60,7 +57,7 @@ def _build(noise_multiplier: float, sample_rate: float, replace_one: bool, inter
         neighboring_relation=relation.REPLACE_ONE if replace_one else relation.ADD_OR_REMOVE_ONE)
 
 
-@functools.lru_cache(maxsize=COMPOSED_EPSILONS)
+@per_user_cache(per_user=COMPOSED_EPSILONS, total=ALL_COMPOSED_EPSILONS)
 def _composed(runs: tuple, delta: float, replace_one: bool, interval: float) -> float:
     from dp_accounting.pld import privacy_loss_distribution as pld
 

@@ -35,7 +35,7 @@ _FRESH = re.compile(
 
 _GRAD_SETTER, _GRAD_GETTER = "Tensor.grad.__set__", "Tensor.grad.__get__"
 
-_SIGNATURES: dict[str, Any] = {}
+_SIGNATURES: dict[str, Any] = {}  # (allowlisted op names only: an unknown one raises before it is kept)
 
 
 def _bound(op: Any) -> dict:

@@ -54,6 +54,9 @@ class Account:
 
     tag: str = field(default_factory=lambda: secrets.token_hex(8))
     peers: set = field(default_factory=set)
+    #: the session's users, sorted ``(role, name)`` pairs: the scope of its entries in worker-wide caches
+    #: (veil/workers/user_caches.py)
+    users: tuple = ()
 
 
 #: the account the requests sent from this context are for (set while a network worker handles a session's

@@ -140,6 +140,7 @@ def protocol_refusal(op_name: str, func: Any, args: Any, kwargs: dict, secret: s
     return None
 
 
+#: (keyed by allowlisted protocol steps only: bounded, and never evicted; a first use costs microseconds once)
 _PUBLIC_CACHE: dict[str, tuple] = {}
 
 

@@ -32,7 +32,10 @@ import torch
 from veil.tensors.tree import leaves
 from veil.workers import grad_charges
 
-#: signatures whose sizes are remembered (least recently used first out)
+#: signatures whose sizes are remembered (least recently used first out). Shared by every session, each
+#: entry under its session's key (no session hits another's); what one session can still observe is that its
+#: own entries were evicted by others' new signatures (tens of microseconds each, a coarse count of others'
+#: activity) -- kept: the miss it saves is a meta run, far below a command's own cost and noise
 CACHE_SIZE = 4096
 #: a signature with more items than this, or a string longer than MAX_KEY_STRING, is not kept: sized each time
 MAX_KEY_ITEMS = 64

@@ -165,7 +165,10 @@ def writes_first_argument(op_name: str) -> bool:
     return method in _IN_PLACE_DUNDERS or (method.endswith("_") and not method.endswith("__"))
 
 
-@lru_cache(maxsize=512)
+#: (every session's: keyed by allowlisted functions, ~530 today, so room for all of them: at 512 one user's
+#: commands evicted another's entries, a probe of who used which op; what stays visible is only that some
+#: user called a function since the worker started, tens of microseconds once)
+@lru_cache(maxsize=4096)
 def _signature(func: Callable) -> inspect.Signature | None:
     try:
         return inspect.signature(func)
@@ -227,7 +230,7 @@ UNDECLARED_WRITES: dict[str, tuple[tuple[str, ...], str]] = {
 ALIASING_SETTERS = frozenset({"aten::set_", "aten::set"})
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=4096)  # (torch's ATen overloads, ~2,100: never evicted; first use since start costs microseconds)
 def _written_positions(func: Any) -> tuple[tuple[int, str, int], ...]:
     """(position, name, flag position or -1) of every argument the op may write, from its schema.
 

@@ -258,6 +258,10 @@ class Session:
     #: set when the owner revokes one of its principals: none of its requests runs from then on
     revoked: bool = field(default=False, compare=False, repr=False)
 
+    def __post_init__(self) -> None:
+        # (its entries in worker-wide caches are its users', apart from other users': user_caches.py)
+        self.account.users = tuple(sorted({(str(p.role), str(p.name)) for p in self.principals}))
+
     def claim_user(self, claimed: object) -> str:
         """The identity a get/move acts as: a claimed user must be one this connection proved."""
         if claimed is None or claimed == "":
