@@ -18,12 +18,15 @@ inputs that were client objects or owner data. Holes found (x: SECRET under revi
   wire: the exact values). No honest peer request (a delivery) names owner data: a peer session's request naming
   a value under review is refused whatever the values, and counted against no one's budget, so a requester
   cannot spend the budget other users share through a peer, nor get more than its own by going through peers.
+* the serving output step released a share to a service's clients checking its recipients only: a scientist's
+  service responded with ``batch + x`` and its client fetched x. An output share deriving from data under review
+  is refused now (value_shapes.refuse_reviewed_output).
 
-Decision (in value_shapes.guard's docstring): a value under review enters secret-shared computation only through
+Decision (value_shapes' module docstring): a value under review enters secret-shared computation only through
 ``share_own`` (a release the owner approves) or by an opening the owner reviews; steps on reviewed values run
-under the review guard as torch ops do. The 9 tests marked HOLE failed on the code before the fix (run in a git
-worktree of 3fe5e55 with this file copied in; the peer opening's passed the monitor and failed only for want of
-a configured peer link); the 2 others guard what held (honest steps and openings).
+under the review guard as torch ops do. The 10 tests marked HOLE failed on the code before the fix (run in a git
+worktree of 3fe5e55, the serving one of 2933a6e, with this file copied in; the peer opening's passed the monitor
+and failed only for want of a configured peer link); the 2 others guard what held (honest steps and openings).
 """
 
 from __future__ import annotations
