@@ -94,7 +94,7 @@ def test_subtract_streams_refuses_what_it_cannot_fold_in_place():
 def test_the_dealer_copies_a_derived_field_that_is_a_uniform_one_or_repeats():
     """A derive may return a uniform field itself (the comparison's R) or one tensor twice: corrected
     in place, it would change the uniform value or be corrected twice; each field's shares still add up."""
-    from veil.mpc.providers.worker_dealer import _corrections
+    from veil.mpc.providers.dealing_recipe import _corrections
 
     seeds = [new_seed(), new_seed(), new_seed()]
     shape = (PIECE + 3,)

@@ -20,7 +20,8 @@ from veil.mpc.communicator import communicate
 from veil.mpc.errors import ProviderError
 from veil.mpc.opening import count_openings, reconstruct
 from veil.mpc.providers import LocalDealer
-from veil.mpc.providers.worker_dealer import MAX_BATCH_ELEMENTS, bounded_recipe
+from veil.mpc.providers.dealing_recipe import bounded_recipe
+from veil.mpc.providers.fss_dealing import MAX_BATCH_ELEMENTS
 from veil.mpc.ring import bilinear
 from veil.mpc.sharing import split
 

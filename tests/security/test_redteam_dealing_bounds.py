@@ -10,7 +10,7 @@ as an unclaimed hand-off in the provider's peer namespace (``monitor.store``: ``
 * The material is charged to the provider's peer session at the party, not to the requester, and stays
   there until the peer link drops: a requester that never claims its ids leaves it behind when it goes.
 
-The first is fixed (``worker_dealer.bounded_recipe``: count and size bounded, the ids checked, before
+The first is fixed (``dealing_recipe.bounded_recipe``: count and size bounded, the ids checked, before
 anything is generated or expanded). The second was: a session holding only a token at the crypto provider
 filled every party's memory (no quota) or, with ``--max-session-mb`` at the parties, the provider's peer
 namespace there, after which every other session's dealing through that provider failed (QuotaExceeded),
@@ -107,6 +107,7 @@ def test_the_crypto_provider_bounds_a_dealing_request_before_generating_it(monke
     """In-process spy: a ``zero`` dealing of 2^24 elements x 6 items (768 MiB of material) with ids for none of
     it. The provider must refuse it (count x size over a server-side bound, or ids that do not match
     count x fields) before generating anything; today it generates every item first."""
+    import veil.mpc.providers.dealing_recipe as recipes
     import veil.mpc.providers.worker_dealer as wd
 
     generated = []
@@ -125,13 +126,13 @@ def test_the_crypto_provider_bounds_a_dealing_request_before_generating_it(monke
         def send_msg(self, msg, to):  # pragma: no cover - never reached today
             raise AssertionError("nothing should be sent")
 
-    orig_zero = wd.recipe
+    orig_zero = recipes.recipe
 
     def recipe_spy(kind, spec):  # the derive of "zero" would allocate the full tensor: a 0-size stand-in
         u, d, _ = orig_zero(kind, spec)
         return u, d, lambda uu, g: [torch.empty(0, dtype=torch.int64)]
 
-    monkeypatch.setattr(wd, "recipe", recipe_spy)
+    monkeypatch.setattr(recipes, "recipe", recipe_spy)  # (the recipe _deal takes: bounded_recipe)
     with pytest.raises(Exception) as info:
         _deal(_Provider(), "zero", ((1 << 24,),), ["alice", "bob"], [[], []], 6, False)
     assert not generated and "s43b" not in str(info.value), (

@@ -37,7 +37,7 @@ import torch
 from veil.messaging import messages as m
 from veil.mpc import prg
 from veil.mpc.ring import DTYPE
-from veil.mpc.providers import fss_dealing, worker_dealer
+from veil.mpc.providers import dealing_recipe, fss_dealing, worker_dealer
 from veil.tensors.mpc_glue import remote_sharing
 
 from server_sessions import quota_worker, session_helpers  # noqa: E402
@@ -67,7 +67,7 @@ def expanded(monkeypatch):
         asked.append(int(torch.Size([int(d) for d in shape]).numel()))
         return prg.expand(seed, label, shape, **kwargs)
 
-    for module in (remote_sharing, fss_dealing, worker_dealer):
+    for module in (remote_sharing, fss_dealing, worker_dealer, dealing_recipe):
         monkeypatch.setattr(module, "expand", spy)
     return asked
 

@@ -42,6 +42,8 @@ sent outside it.
 
 Comparison material (masks and FSS keys, which are not a recipe) goes
 through its own pair of worker functions, :mod:`veil.mpc.providers.fss_dealing`.
+A request's bounds, its fields' layout and the seeded corrections are worked out in
+:mod:`veil.mpc.providers.dealing_recipe`.
 """
 
 from __future__ import annotations
@@ -59,13 +61,13 @@ from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.allowlist import NO_RESULT, register_worker_function
 from veil.mpc.comparison_material import comparison_spec
-from veil.mpc.material import (FIXED_KINDS, WIDE_KINDS, check_request_work, dealer_generator, derived_sources,
-                               item_product_work, last_shares_wide, provider_scope, recipe, register_mac_key,
-                               request_work_bound, split_shares, split_wide, sum_wide, xor_fields)
+from veil.mpc.material import (WIDE_KINDS, dealer_generator, item_product_work, provider_scope, recipe,
+                               register_mac_key, request_work_bound, split_shares, split_wide, xor_fields)
 from veil.mpc.fss import material as fss_material
-from veil.mpc.prg import SEED_BYTES, expand, expand_sum, new_seed, subtract_streams
+from veil.mpc.prg import SEED_BYTES, expand, new_seed
 from veil.mpc.errors import ProviderError
 from veil.mpc.providers.background import BackgroundDealing, BackgroundDealingError
+from veil.mpc.providers.dealing_recipe import _corrections, _label, _numel, bounded_recipe, recipe_layout
 from veil.mpc.providers import fss_dealing
 from veil.mpc.providers.fss_dealing import DEAL_COMPARISON, MAX_BATCH_ELEMENTS, room_for
 from veil.mpc.providers.base import RECORD_HOOKS, MaterialExhaustedError, Provider, check_distinct_parties
@@ -79,10 +81,6 @@ from veil.mpc.runtime import remote_handle as PointerTensor  # the injected runt
 DEAL = "veil.mpc.deal"
 MAC_KEY = "veil.mpc.register_mac_key"
 EXPAND = "veil.mpc.expand_material"
-
-
-def _label(k: int, field: int) -> str:
-    return f"{k}/{field}"
 
 
 def _requester(worker: Any) -> str | None:
@@ -187,37 +185,6 @@ def _deal_scoped(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, 
     send_each(worker, parties, messages, answered)
 
 
-#: most ring elements one dealing request may make per party (1 GiB of int64 or 512 MiB for wide kinds'
-#: pairs), checked before anything is generated or expanded: the requester names count and shapes, and
-#: the provider and the parties allocate them (an honest client's requests hold ``max_elements``, 2^23)
-MAX_DEAL_ELEMENTS = 1 << 27
-
-
-def bounded_recipe(kind: str, spec: Any, count: Any) -> tuple[list, list, Any]:
-    """:func:`veil.mpc.material.recipe` of a dealing request for ``count`` items, refused unless
-    ``count`` is a positive int and the items hold at most :data:`MAX_DEAL_ELEMENTS` ring elements."""
-    if type(count) is not int or count < 1:
-        raise ProviderError(f"a dealing needs a positive item count, got {repr(count)[:40]}")
-    uniform_shapes, derived_shapes, derive = recipe(kind, spec)
-    shapes = uniform_shapes + derived_shapes
-    if any(int(d) < 0 for shape in shapes for d in shape):
-        raise ProviderError(f"a {kind!r} dealing spec has a negative dimension")
-    elements = count * sum(max(1, _numel(shape)) for shape in shapes)  # (an empty field is still a loop step)
-    bound = MAX_DEAL_ELEMENTS if count == 1 else MAX_BATCH_ELEMENTS  # (a batch: the honest dealer's max_elements)
-    if elements > bound:
-        raise ProviderError(f"a dealing of {count} {kind!r} items would make {elements} ring elements per party, "
-                            f"more than {bound} in one request")
-    check_request_work(kind, spec, count)  # (and the items' product work: the dealing slot)
-    return uniform_shapes, derived_shapes, derive
-
-
-def _numel(shape: Sequence[int]) -> int:
-    out = 1
-    for d in shape:
-        out *= int(d)
-    return out
-
-
 def _expand_msg(seed: bytes, kind: str, spec: Any, count: int, fix: list, ids: Sequence[int]) -> m.CommandMessage:
     args = (torch.frombuffer(bytearray(seed), dtype=torch.uint8), kind, spec, count, fix)
     return m.CommandMessage(EXPAND, args, {}, list(ids), False)
@@ -227,58 +194,6 @@ def _send_seed(worker: Any, party: Any, seed: bytes, kind: str, spec: Any, count
                ids: Sequence[int]) -> Callable[[], Any]:
     """A party other than the last: its seed sent (it expands its shares there)."""
     return lambda: worker.send_msg(_expand_msg(seed, kind, spec, count, [], ids), party)
-
-
-def _corrections(kind: str, uniform_shapes: list, derived_shapes: list, derive: Any, xor: frozenset,
-                 seeds: list, count: int, gen: torch.Generator) -> list:
-    """The last party's shares of every derived field of ``count`` items: each field's value minus
-    (or XOR) the other parties' streams for it, folded in place (:func:`veil.mpc.prg.subtract_streams`);
-    the uniform fields' values come from every seed's stream in one pass (:func:`expand_sum`)."""
-    n_u = len(uniform_shapes)
-    corrections = []
-    for k in range(count):
-        if kind in WIDE_KINDS:  # 128-bit SPDZ2k fields: sums and corrections with carries
-            uniform = sum_wide([[expand(s, _label(k, j), shape) for s in seeds]
-                                for j, shape in enumerate(uniform_shapes)])
-            values = derive(uniform, gen)
-            others = [[expand(s, _label(k, n_u + j), shape) for s in seeds[:-1]]
-                      for j, shape in enumerate(derived_shapes)]
-            corrections += last_shares_wide(values, others)
-            continue
-        uniform = [expand_sum(seeds, _label(k, j), shape, j in xor) for j, shape in enumerate(uniform_shapes)]
-        values = _own(derive(uniform, gen), derived_shapes, uniform)
-        corrections += [subtract_streams(v, seeds[:-1], _label(k, n_u + j), n_u + j in xor)
-                        for j, v in enumerate(values)]
-    return corrections
-
-
-def _own(values: list, shapes: list, uniform: list) -> list:
-    """The derived values as tensors of their fields' shapes that nothing else holds (they are
-    corrected in place): one that shares memory with another (a derive may return a uniform field
-    itself, or one value twice) or is not contiguous is copied."""
-    seen = {u.untyped_storage().data_ptr() for u in uniform if u.numel()}
-    out = []
-    for v, shape in zip(values, shapes):
-        if tuple(v.shape) != tuple(shape):
-            raise ProviderError(f"a derived field has shape {tuple(v.shape)}, its recipe says {tuple(shape)}")
-        ptr = v.untyped_storage().data_ptr() if v.numel() else None
-        if v.dtype != DTYPE or not v.is_contiguous() or (ptr is not None and ptr in seen) or v._base is not None:
-            v = v.to(DTYPE).contiguous().clone()
-            ptr = v.untyped_storage().data_ptr() if v.numel() else None
-        if ptr is not None:
-            seen.add(ptr)
-        out.append(v)
-    return out
-
-
-def recipe_layout(kind: str, spec: Any, count: int) -> list[tuple[int, Any, Any]]:
-    """``(item index, uniform?, sources)`` of each of ``count`` items' fields, item-major (uniform fields
-    first); a fixed mask's field is marked :data:`DEALT_FIXED` instead of False; ``sources``: a derived
-    field's uniform sources where tracked (:func:`veil.mpc.material.derived_sources`), else None."""
-    uniform_shapes, derived_shapes, _ = recipe(kind, spec)
-    fields = [True] * len(uniform_shapes) + [DEALT_FIXED if kind in FIXED_KINDS else False] * len(derived_shapes)
-    sources = [None] * len(uniform_shapes) + (derived_sources(kind, spec) or [None] * len(derived_shapes))
-    return [(k, uniform, src) for k in range(int(count)) for uniform, src in zip(fields, sources)]
 
 
 def _expand_material(worker: Any, seed: torch.Tensor, kind: str, spec: Any, count: int, corrections: list) -> list:

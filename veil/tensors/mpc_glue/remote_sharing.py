@@ -22,7 +22,8 @@ from veil.messaging.allowlist import register_worker_function
 from veil.mpc.errors import MPCError
 from veil.mpc.prg import expand, new_seed
 from veil.mpc.providers.base import Provider
-from veil.mpc.providers.worker_dealer import MAX_DEAL_ELEMENTS, dealer_for
+from veil.mpc.providers.dealing_recipe import MAX_DEAL_ELEMENTS
+from veil.mpc.providers.worker_dealer import dealer_for
 from veil.mpc.ring import DTYPE, random_ring
 from veil.tensors.mpc_glue.runtime import one_round
 from veil.tensors.pointer import PointerTensor
