@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import veil as sy
-import veil.federated.ray_backend as ray_backend
+import veil.federated.ray_transport as ray_transport
 from veil.exceptions import ConnectionLostError
 
 
@@ -38,14 +38,14 @@ class _ActorOfAGoneRay:
 def fake_ray(monkeypatch):
     import ray
 
-    monkeypatch.setattr(ray_backend, "_ray", lambda: SimpleNamespace(get=lambda ref, timeout: ref,
-                                                                      exceptions=ray.exceptions))
+    monkeypatch.setattr(ray_transport, "_ray", lambda: SimpleNamespace(get=lambda ref, timeout: ref,
+                                                                        exceptions=ray.exceptions))
 
 
 def test_a_client_of_a_ray_that_is_gone_is_a_lost_worker(hook, fake_ray):
     server = sy.VirtualWorker(hook, id="ray-gone-server")
     actor = _ActorOfAGoneRay(server)
-    client = ray_backend.RayClientWorker(hook, id="ray-gone-client", actor=actor)
+    client = ray_transport.RayClientWorker(hook, id="ray-gone-client", actor=actor)
     me = hook.local_worker
     p = torch.tensor([1.5, -2.0]).send(client)
     assert torch.equal((p * 2).get(), torch.tensor([3.0, -4.0]))  # it served while its Ray was up

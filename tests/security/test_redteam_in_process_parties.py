@@ -18,7 +18,7 @@ import torch
 
 import veil as sy
 import veil.mpc.truncation as truncation
-from veil.federated.ray_backend import RayClientWorker
+from veil.federated.ray_transport import RayClientWorker
 from veil.mpc.runtime import runtime_of
 from veil.tensors.pointer import PointerTensor
 
