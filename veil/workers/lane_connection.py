@@ -37,6 +37,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
+from veil.workers import local_socket
 from veil.workers.base import YIELD_EVERY
 from veil.workers.reply_frames import ONE_WRITE, _write_frame
 
@@ -67,10 +68,14 @@ class LaneConnection(ServerConnection):
         super().connection_made(transport)
         frames = self.recv_messages  # its backlog pauses and resumes reading through _sync_reading, as writes do
         frames.pause = frames.resume = self._sync_reading
+        unix = local_socket.is_unix(transport)
+        if unix:
+            local_socket.widen(transport.get_extra_info("socket"))
         if self.openings is not None:
             peer = transport.get_extra_info("peername")
             self._opening = True
-            self.openings.add(self, str(peer[0]) if isinstance(peer, tuple) and peer else "?")
+            self.openings.add(self, local_socket.SOURCE if unix else
+                              str(peer[0]) if isinstance(peer, tuple) and peer else "?")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._opening:

@@ -314,7 +314,7 @@ def _peers(args: argparse.Namespace, hook) -> list:
         if not token or not port.isdigit():
             raise CommandLineError(f"peer {name!r} needs HOST:PORT and a --peer-token {name}=TOKEN")
         peers.append(WebsocketClientWorker(hook, id=name, host=host, port=int(port), token=token,
-                                           secure=secure, lazy=True))
+                                           secure=secure, lazy=True, local_socket=True))
     return peers
 
 

@@ -66,6 +66,8 @@ class WebsocketClientWorker(BaseWorker):
         timeout: seconds to wait for each reply before raising ConnectionLostError.
         connect_timeout: seconds to wait for the connection and handshake.
         lazy: connect on first use instead of now (servers use this for peers).
+        local_socket: on the same host, move to the worker's Unix socket once authenticated over loopback
+            TCP (:mod:`veil.workers.local_socket`; a server's peer links do: SMPC shares between parties).
     """
 
     #: large requests arrive as FrameParts: the transport writes tensor bytes from their memory
@@ -86,6 +88,7 @@ class WebsocketClientWorker(BaseWorker):
         connect_timeout: float = 10.0,
         max_message: int = DEFAULT_CLIENT_MAX_MESSAGE,
         lazy: bool = False,
+        local_socket: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(hook, id=id, **kwargs)
@@ -105,7 +108,7 @@ class WebsocketClientWorker(BaseWorker):
         self._conn: BlockingConnection | None = None
         self._server_max: int | None = None
         self._lock = threading.Lock()  # one request in flight per connection keeps replies in order
-        self._lazy = lazy
+        self._lazy, self._local_socket = lazy, local_socket
         self._lost_while_idle = False
         # Posted requests are numbered (tickets) in the order they were sent; the connection answers them
         # in that order, so the k-th reply read is ticket k's, whichever thread reads it: each poster
@@ -127,7 +130,8 @@ class WebsocketClientWorker(BaseWorker):
         if self.refused:
             raise PermissionDeniedError(f"the link to worker {self.id!r} is closed: {self.refused}")
         try:
-            conn = BlockingConnection(self.url, self._headers, self._ssl, self.connect_timeout, self.max_message)
+            conn = BlockingConnection(self.url, self._headers, self._ssl, self.connect_timeout, self.max_message,
+                                      local=self._local_socket)
         except InvalidStatus as e:
             status = e.response.status_code
             if status == 401:

@@ -37,7 +37,7 @@ from veil.governance.users_wire import serve_users_message
 from veil.messaging import messages as m
 from veil.messaging.frames import FrameParts, OwnedFrame, frame_pad
 from veil.messaging.serde import deserialize, serialize
-from veil.workers import cancellation
+from veil.workers import cancellation, local_socket
 from veil.workers.auth_throttle import Throttled, source_of, unguessable
 from veil.workers.lane_connection import LaneConnection
 from veil.workers.loop_rows import AfterRows, after_rows, released
@@ -180,7 +180,7 @@ class ConnectionServing:
         self._release_stale_handshakes()
         if len(self.sessions) + len(self._handshakes) >= self.max_connections:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
-        peer = connection.remote_address[0] if connection.remote_address else "?"
+        peer = local_socket.source(connection)
         blocked = self.auth_throttle.blocked_for(peer)
         session = failure = None
         try:
@@ -262,6 +262,9 @@ class ConnectionServing:
             if pending is not None:
                 # set before the 101 goes out: the library checks it as it parses each frame's header
                 limit = connection.protocol.max_message_size = self._message_limit(pending[0])
+                name = getattr(self, "local_socket_name", None)
+                if name and local_socket.offered_to(connection, request):  # (authenticated: pending)
+                    response.headers[local_socket.HEADER] = name
         response.headers[MAX_SIZE_HEADER] = str(limit)
         return response
 

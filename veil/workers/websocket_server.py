@@ -47,7 +47,7 @@ from veil.exceptions import PermissionDeniedError, WorkerNotFoundError, error_re
 from veil.messaging import messages as m
 from veil.messaging.serde import serialize
 from veil.mpc.material import drop_provider_scope
-from veil.workers import cancellation
+from veil.workers import cancellation, local_socket
 from veil.workers.accounts import ACTING, SEP, SessionEndNotices, frame_sender, split_sender
 from veil.workers.auth_throttle import FailureThrottle
 from veil.workers.base import HANDLERS, BaseWorker
@@ -474,14 +474,15 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
                 self._loop.add_signal_handler(sig, self.stop)
         # connections without a whole opening request yet: few, small, dropped oldest first (unauthenticated)
         openings = OpeningConnections(on_drop=self.refusals.refused)
-        async with serve(
-            self._on_connection, self.host, self.port, process_request=self._check_handshake,
-            process_response=self._add_headers, max_size=self.max_message, max_queue=4, compression=None,
-            ssl=self.ssl_context, open_timeout=OPEN_TIMEOUT, ping_interval=self.ping_interval,
+        options = dict(
+            process_request=self._check_handshake, process_response=self._add_headers, max_size=self.max_message,
+            max_queue=4, compression=None, open_timeout=OPEN_TIMEOUT, ping_interval=self.ping_interval,
             ping_timeout=2 * self.ping_interval, close_timeout=2,
             create_connection=functools.partial(LaneConnection, openings=openings),
             logger=SERVER_LOGGER,  # never DEBUG: the library's DEBUG records carry tokens (headers) and shares
-        ) as server:
+        )  # the same handler and limits on the TCP port and on the same-host Unix socket beside it
+        async with serve(self._on_connection, self.host, self.port, ssl=self.ssl_context, **options) as server, \
+                local_socket.serving_beside(self, self._on_connection, options):
             self.bound_port = next(iter(server.sockets)).getsockname()[1]
             flusher = asyncio.ensure_future(self._flush_refusals())
             syncer = asyncio.ensure_future(self._sync_policies())

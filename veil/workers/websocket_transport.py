@@ -28,6 +28,7 @@ from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from veil.messaging.frames import FrameParts, frame_pad, owned_buffer
+from veil.workers import local_socket
 
 try:
     from websockets.speedups import apply_mask
@@ -120,9 +121,8 @@ class BlockingConnection:
     _masks, _mask_at = b"", 0  # frame masks not used yet (see _next_mask)
 
     def __init__(self, url: str, headers: dict[str, str], ssl_context: "ssl_module.SSLContext | None" = None,
-                 open_timeout: float = 10.0, max_size: int | None = None) -> None:
+                 open_timeout: float = 10.0, max_size: int | None = None, local: bool = False) -> None:
         uri = parse_uri(url)
-        self.protocol = ClientProtocol(uri, max_size=max_size, logger=CLIENT_LOGGER)
         self.max_size = max_size
         self._buffer = memoryview(bytearray(_READ_CHUNK))
         self._parts: list[bytes] = []  # a message the protocol is assembling (slow path)
@@ -132,9 +132,23 @@ class BlockingConnection:
         self._size = self._pad = 0  # its payload bytes so far, and where they start in it
         self._direct = False
         self._early: list[Any] = []
+        local = local and not uri.secure and local_socket.enabled()
         sock = socket.create_connection((uri.host, uri.port), timeout=open_timeout)
+        self._handshake(uri, sock, {**headers, local_socket.ASK_HEADER: "1"} if local else headers, ssl_context)
+        if local:  # the same session over the worker's Unix socket, if it told one (local_socket.py)
+            self._go_local(uri, headers, open_timeout)
+        # Frames are read here only if the handshake left no frame bytes inside the protocol (veil
+        # servers send nothing first); otherwise every byte goes through the protocol, as it did.
+        reader = getattr(self.protocol, "reader", None)
+        self._direct = reader is not None and getattr(reader, "buffer", b"?") == b"" and not self._early
+
+    def _handshake(self, uri: Any, sock: socket.socket, headers: dict[str, str],
+                   ssl_context: "ssl_module.SSLContext | None") -> None:
+        """The opening handshake on ``sock`` (closed if it fails)."""
+        self.protocol = ClientProtocol(uri, max_size=self.max_size, logger=CLIENT_LOGGER)
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small requests must not wait for Nagle
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small requests must not wait for Nagle
             if uri.secure:
                 context = ssl_context or ssl_module.create_default_context()
                 sock = context.wrap_socket(sock, server_hostname=uri.host)
@@ -148,11 +162,34 @@ class BlockingConnection:
         except BaseException:
             sock.close()
             raise
-        # Frames are read here only if the handshake left no frame bytes inside the protocol (veil
-        # servers send nothing first); otherwise every byte goes through the protocol, as it did.
-        reader = getattr(self.protocol, "reader", None)
-        self._direct = reader is not None and getattr(reader, "buffer", b"?") == b"" and not self._early
 
+    def _go_local(self, uri: Any, headers: dict[str, str], timeout: float) -> None:
+        """Moves to the Unix socket the worker named in its response (authenticating again there) and closes
+        the TCP connection; keeps TCP when there is none, or the worker refuses or breaks the new one."""
+        if self._early:  # (frames already came over TCP: veil workers send none first)
+            return
+        sock = local_socket.connect(self.response.headers.get(local_socket.HEADER), timeout)
+        if sock is None:
+            return
+        tcp = self.protocol, self.sock, self.response, self._timeout
+        try:
+            self._handshake(uri, sock, headers, None)
+            if self._early:
+                raise InvalidHandshake("frames before the first request")
+        except Exception:  # noqa: BLE001  (refused, e.g. a slot taken; or broken: TCP it stays)
+            sock.close()
+            self.protocol, self.sock, self.response, self._timeout = tcp
+            self._early = []
+            return
+        protocol, old = tcp[0], tcp[1]
+        try:  # a clean close of the unused TCP session (the worker ends it as any other)
+            protocol.send_close(1000)
+            for chunk in protocol.data_to_send():
+                if chunk:
+                    old.sendall(chunk)
+        except OSError:
+            pass
+        old.close()
 
     def _flush(self) -> None:
         for chunk in self.protocol.data_to_send():
