@@ -11,7 +11,8 @@ as two parties opening their shares to each other do); printed: the wall time pe
 CPU time it costs both processes together (kernel copies included), the median of 20. A network
 ``mul 1e6``'s peer traffic is ``--exchange 16000000,16000000 0,8000000`` (the masked operands both
 ways, then the truncation's masked product one way): the least CPU any transport over loopback TCP adds
-to the VirtualWorker call.
+to the VirtualWorker call. ``--unix``: the same exchanges over a Unix stream socket pair (what same-host
+peer links use, ``veil.workers.local_socket``, with its 4 MiB buffers), each size after its TCP run.
 """
 
 from __future__ import annotations
@@ -79,44 +80,62 @@ def _exchange_side(sock: socket.socket, send: int, receive: int) -> tuple[list[f
     return times, cpu / EXCHANGES
 
 
-def exchange(a: int, b: int) -> tuple[float, float]:
-    """(median wall s, CPU s of both processes) per exchange of ``a`` bytes one way and ``b`` the other."""
+def _pair(unix: bool) -> tuple[socket.socket, socket.socket]:
+    """Two connected stream sockets: loopback TCP (no Nagle) or a Unix pair with local links' buffers."""
+    if unix:
+        from veil.workers.local_socket import widen
+
+        pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for sock in pair:
+            widen(sock)
+        return pair
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
+    one = socket.create_connection(srv.getsockname())
+    other, _ = srv.accept()
+    srv.close()
+    for sock in (one, other):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return one, other
+
+
+def exchange(a: int, b: int, unix: bool = False) -> tuple[float, float]:
+    """(median wall s, CPU s of both processes) per exchange of ``a`` bytes one way and ``b`` the other."""
+    mine, theirs = _pair(unix)
     reader, writer = os.pipe()
     pid = os.fork()
     if pid == 0:  # the second party: sends b, receives a, reports its CPU through the pipe
-        sock = socket.create_connection(srv.getsockname())
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        os.write(writer, repr(_exchange_side(sock, b, a)[1]).encode())
+        mine.close()
+        os.write(writer, repr(_exchange_side(theirs, b, a)[1]).encode())
         os._exit(0)
-    sock, _ = srv.accept()
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    times, cpu = _exchange_side(sock, a, b)
+    theirs.close()
+    times, cpu = _exchange_side(mine, a, b)
     os.waitpid(pid, 0)
     other = float(os.read(reader, 64))
     for fd in (reader, writer):
         os.close(fd)
-    sock.close()
-    srv.close()
+    mine.close()
     return statistics.median(times), cpu + other
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--exchange", nargs="+", metavar="A,B", help="bytes each way of simultaneous exchanges")
+    ap.add_argument("--unix", action="store_true", help="also over a Unix socket pair (same-host peer links)")
     ap.add_argument("sizes", nargs="*", type=int)
     args = ap.parse_args()
     if args.exchange:
-        total_wall = total_cpu = 0.0
-        for spec in args.exchange:
-            a, b = (int(float(v)) for v in spec.split(","))
-            wall, cpu = exchange(a, b)
-            total_wall, total_cpu = total_wall + wall, total_cpu + cpu
-            print(f"{a:>11} / {b:>11} bytes: {wall * 1e3:.2f} ms, CPU of both processes {cpu * 1e3:.2f} ms")
-        if len(args.exchange) > 1:
-            print(f"all in turn: {total_wall * 1e3:.2f} ms, CPU {total_cpu * 1e3:.2f} ms")
+        for unix in (False, True) if args.unix else (False,):
+            total_wall = total_cpu = 0.0
+            for spec in args.exchange:
+                a, b = (int(float(v)) for v in spec.split(","))
+                wall, cpu = exchange(a, b, unix)
+                total_wall, total_cpu = total_wall + wall, total_cpu + cpu
+                print(f"{'unix' if unix else 'tcp ':4} {a:>11} / {b:>11} bytes: {wall * 1e3:.2f} ms, "
+                      f"CPU of both processes {cpu * 1e3:.2f} ms")
+            if len(args.exchange) > 1:
+                print(f"{'unix' if unix else 'tcp '} all in turn: {total_wall * 1e3:.2f} ms, CPU {total_cpu * 1e3:.2f} ms")
         return
     sizes = args.sizes or [8 << 10, 512 << 10, 1 << 20]
     for n in sizes:
