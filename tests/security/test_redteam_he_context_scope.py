@@ -15,13 +15,11 @@ Holes found and fixed (``veil/he/context_scope.py``, ``veil/he/ckks_wire.py``):
   process; the refusal is the same text and the same work whether or not another session holds it.
 
 Kept working (each a test below): a session's own context, sent in an earlier message; the owner's context used
-by a scientist; a peer's hand-off (a move between workers) of a ciphertext under a context the orchestrating
-session sent the receiver (a peer link is trusted by the owner; the requester's session there is not known to
-the receiver at decode time).
+by a scientist; a peer's hand-off (a move between workers) of a ciphertext under the round's context (the move
+carries it since test_redteam_he_context_second.py, which closed the peer sessions' view of every scope).
 
-Left open (the trust decision above, ``veil/he/context_scope.py``): a requester with a session at a PEER worker
-can still learn, through a move over the peer link, whether a context is held here; the requester's local
-process (in-process ``VirtualWorker``s, no network session) shares one scope, as before.
+Left open: the requester's local process (in-process ``VirtualWorker``s, no network session) shares one scope,
+as before.
 
 Every test asserts the SAFE behaviour.
 """
@@ -193,11 +191,17 @@ def test_the_owners_context_is_available_to_every_scientist(w):
 
 def test_a_peer_hands_over_a_ciphertext_under_a_context_the_orchestrator_sent(w):
     """Kept (secure aggregation's move): the coordinator's session stored the round's public context here; a
-    client worker moves its ciphertext over its peer link (for an account tag). It loads, and the coordinator's
-    session's own later tensors too."""
+    client worker moves its ciphertext over its peer link (for an account tag), the round's public context with
+    it (a move carries its ciphertexts' contexts: test_redteam_he_context_second.py). It loads, and the
+    coordinator's session's own later tensors too."""
+    from veil.he import context_scope
+
     round_keys = _key_pair()
     assert type(w.store(w.a, round_keys.public())) is m.OkReply
-    assert _answer(w.store(w.peer, _naming(round_keys), sender="client-w#0123456789abcdef")) == "loaded"
+    with context_scope.carrying_contexts():  # (what the client worker's move sends)
+        moved = _naming(round_keys)
+        frame = serialize(m.ObjectMessage([m.StoredObject(new_id(), moved)]), sender="client-w#0123456789abcdef")
+    assert _answer(deserialize(w.srv.serve_bytes(frame, w.peer))[0]) == "loaded"
     assert _answer(w.store(w.a, _naming(round_keys))) == "loaded"
 
 

@@ -15,9 +15,12 @@ A tensor is loaded against a context: the one passed to
 :func:`context_from_wire`, looked up by ``key_id`` (parameters and public
 key) and ``keys`` (the digest of its evaluation keys: another session's
 context of the same public key is held beside it, never in its place; a
-tensor naming none is refused unless its key owner is in this process).
+tensor naming none is refused unless its key owner is in this process and
+the decode is for no network session).
 Only a context of the decoding session's scope or the shared one is looked up
 (:mod:`veil.he.context_scope`: another session's is refused as one nobody holds).
+A move to a peer sends a tensor with its context (``"context"``: a context dict,
+:func:`veil.he.context_scope.carrying_contexts`): it is loaded under that one.
 Contexts learned from the wire are public, so a worker can compute on what
 it receives but not decrypt it.
 """
@@ -47,6 +50,8 @@ _received: weakref.WeakValueDictionary[tuple[str, bytes, bytes], CKKSContext] = 
 _secret: weakref.WeakValueDictionary[bytes, CKKSContext] = weakref.WeakValueDictionary()
 _received_lock = threading.Lock()
 
+#: attribute of a received tensor: the bytes of the context it carried (a move's)
+CARRIED_NBYTES = "_veil_carried_nbytes"
 #: attributes of a context: SHA-256 of the TenSEAL bytes it arrived as; (state, SHA-256) of its own public bytes
 _WIRE_DIGEST, _OWN_DIGEST = "_veil_wire_digest", "_veil_own_digest"
 
@@ -67,9 +72,9 @@ def keys_digest(ctx: CKKSContext) -> bytes:
 
 def remember(ctx: CKKSContext) -> None:
     """Registers a local context so that tensors coming back under it decode against it: one holding its secret
-    key decodes every tensor of its key_id (a public copy does not replace it: an encrypted round's
-    registration, weak, would leave with the round and take the key owner's with it). Local code's: in the
-    shared scope (every session's tensors may name it: the owner made it available), whatever session runs."""
+    key decodes every tensor of its key_id, for no network session (a public copy does not replace it: an
+    encrypted round's registration, weak, would leave with the round and take the key owner's with it). Local
+    code's: in the shared scope (every session's tensors may name it: the owner made it available)."""
     if ctx.has_secret_key:
         with _received_lock:
             _secret[ctx.key_id] = ctx
@@ -102,13 +107,14 @@ def context_from_wire(d: dict) -> CKKSContext:
         ctx = ctx.public()
     digest = ctx.__dict__[_WIRE_DIGEST] = hashlib.sha256(data).digest()
     ctx.__dict__["_veil_wire_nbytes"] = len(data)  # (the quota's wire size: its bytes, not the message's padding)
+    scope = context_scope.current()
     with _received_lock:
-        owner = _secret.get(ctx.key_id)
+        owner = _secret.get(ctx.key_id) if scope.key_owner else None  # (never a network session's: an oracle)
         if owner is not None:
             # The key owner lives in this process (in-process simulation): keep its
             # context, so tensors coming back decode against the secret key.
             return owner
-        scope = context_scope.current().name
+        scope = scope.name
         known = _received.get((scope, ctx.key_id, digest))
         if known is not None:
             return known  # (this session holds these keys: one context)
@@ -153,6 +159,8 @@ def tensor_to_wire(t: CKKSTensor) -> dict:
         "segments": [s.serialize() for s in t.segments],
     }
     out["keys"] = keys_digest(t.context)  # (a move or a result names the keys it is under)
+    if context_scope.carrying():  # (a move: the receiving peer session loads it under this, in its own scope)
+        out["context"] = context_to_wire(t.context)
     return out
 
 
@@ -175,7 +183,10 @@ def tensor_from_wire(d: dict, context: CKKSContext | None = None) -> CKKSTensor:
     keys = d.get("keys")
     if keys is not None and (type(keys) is not bytes or len(keys) != 32):
         raise WireFormatError("CKKS 'keys' must be the 32-byte digest of the tensor's context")
-    if context is None:
+    carried = d.get("context")
+    if context is None and carried is not None:
+        context = context_from_wire(carried)  # (registered in this decode's scope: a peer link's, for a move)
+    elif context is None:
         context = _registered(key_id, keys)
     elif not isinstance(context, CKKSContext):
         raise TypeError("context must be a veil CKKSContext")
@@ -193,7 +204,10 @@ def tensor_from_wire(d: dict, context: CKKSContext | None = None) -> CKKSTensor:
     sizes = [s.size() for s in segments]
     if sum(sizes) != numel or any(sz > context.slots or sz < 1 for sz in sizes):
         raise WireFormatError("CKKS segment sizes do not add up to the tensor's shape")
-    return CKKSTensor(context, segments, shape, dtype)
+    out = CKKSTensor(context, segments, shape, dtype)
+    if carried is not None:  # (the quota charges the context it carried as a context, not as ciphertext bytes)
+        out.__dict__[CARRIED_NBYTES] = len(carried["data"])
+    return out
 
 
 def _registered(key_id: bytes, keys: bytes | None) -> CKKSContext:
@@ -204,10 +218,11 @@ def _registered(key_id: bytes, keys: bytes | None) -> CKKSContext:
     sent with it) learned whether and how many contexts of it were held here, and computed under them.
     Looked up in the decoding session's scope and the shared one (:mod:`veil.he.context_scope`): the same
     lookups, and the same refusal, whether or not another session holds the context named. A key owner in
-    this process (in-process simulation, or the worker's own code) decodes every tensor of its key."""
+    this process (in-process simulation, or the worker's own code) decodes every tensor of its key for no
+    network session (``Scope.key_owner``)."""
     scope = context_scope.current()
     with _received_lock:
-        context = _secret.get(key_id)
+        context = _secret.get(key_id) if scope.key_owner else None
         if context is None and keys is not None:
             context = _received.get((scope.name, key_id, keys))
             if context is None:

@@ -9,13 +9,15 @@ a scope, and a decode looks in its own scope and the shared one only.
 Trust, per what decodes (``Scope.sees_all``: loads under a context of any scope):
 
 * no session (a client process, the in-process ``VirtualWorker``, the worker's own code): the shared scope,
-  where local code's :func:`~veil.he.ckks_wire.remember` also puts its contexts (the owner made them available).
+  where local code's :func:`~veil.he.ckks_wire.remember` also puts its contexts (the owner made them available);
+  the only scope where an in-process key owner's secret-holding context serves its key (``Scope.key_owner``).
 * an admin session (the owner): registers in the shared scope (a scientist may use the owner's context) and
   sees all (the owner sees every object here anyway).
-* a peer-only session (another worker the owner linked with a peer token): sees all. A move hands over a
-  ciphertext under a context the orchestrating session sent this worker, and which session that is the peer
-  cannot name at decode time (its frame's account tag is random and read after the body). Left open: a
-  requester at the peer can still learn, through a move, whether a context is held here.
+* a peer-only session (another worker the owner linked with a peer token): its own scope and the shared one,
+  like a scientist's. A move carries the contexts of the ciphertexts it hands over (:func:`carrying_contexts`,
+  around a move's send): the receiver loads each under the context it carried, kept in the peer link's scope.
+  Seeing every scope, a scientist who also held a peer token, or who had an honest peer move a ciphertext
+  naming another session's context, learned whether that context was held here and computed under it.
 * any other session: its own scope and the shared one. Naming a context only another session holds is
   refused as naming one nobody holds: the same text and the same lookups.
 """
@@ -28,6 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from veil.workers import base
+
 #: the scope name of contexts every session may load under (local code's, the owner's)
 SHARED = ""
 
@@ -36,9 +40,13 @@ SHARED = ""
 class Scope:
     name: str  # where a context received in this decode is registered
     sees_all: bool  # whether its tensors load under a context of any scope
+    #: whether an in-process key owner's secret-holding context serves its key's tensors and contexts: for no
+    #: network session only (for every session, a scientist's tensor of that key loaded whatever keys it named,
+    #: an oracle on whose key owner lives here, and its public context was answered with the secret-holding one)
+    key_owner: bool = False
 
 
-_SHARED_SCOPE = Scope(SHARED, False)
+_SHARED_SCOPE = Scope(SHARED, False, key_owner=True)
 _current: contextvars.ContextVar[Scope] = contextvars.ContextVar("veil_he_context_scope", default=_SHARED_SCOPE)
 
 
@@ -54,7 +62,7 @@ def of_session(session: Any) -> Scope:
     if session.has_role("admin"):
         return Scope(SHARED, True)
     if session.peer_only:
-        return Scope("peer:" + session.id, True)
+        return Scope("peer:" + session.id, False)
     return Scope("session:" + session.id, False)
 
 
@@ -67,3 +75,9 @@ def decoding_for(session: Any) -> Iterator[Scope]:
         yield scope
     finally:
         _current.reset(token)
+
+
+#: encodes, meanwhile, each CKKS tensor with its public context (around a move's send to a peer: the receiver's
+#: peer session loads it under that context, in its own scope, not under whatever context another session sent)
+carrying_contexts = base.moving_to_peer
+carrying = base.is_moving_to_peer

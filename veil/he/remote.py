@@ -56,7 +56,8 @@ def _decode(data: bytes, ctx: serde.DecodeContext) -> Any:
     if isinstance(obj, CKKSContext):  # (a held context of the same keys is shared: its first size stays, not
         obj.__dict__.setdefault(_WIRE_NBYTES, len(data))  # what another session's padded message took)
     elif isinstance(obj, (CKKSTensor, PaillierTensor)):
-        obj.__dict__[_WIRE_NBYTES] = len(data)  # what it took on the wire: the quota's measure (below)
+        # what it took on the wire: the quota's measure (below); a context a moved tensor carried is charged apart
+        obj.__dict__[_WIRE_NBYTES] = len(data) - obj.__dict__.pop(ckks_wire.CARRIED_NBYTES, 0)
     return obj
 
 

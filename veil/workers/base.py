@@ -8,6 +8,8 @@ network client worker overrides ``_recv_msg`` to forward the bytes.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import threading
 from typing import TYPE_CHECKING, Any, Callable
@@ -38,6 +40,22 @@ _COMMAND_FIELDS = 5  # a deferred command [op, args, kwargs, return_ids, grad]; 
 STORABLE_TYPES: list[type] = [torch.Tensor]
 #: checks run on an arriving object before it is stored (e.g. a plan's ops vs the allowlist)
 STORE_VALIDATORS: dict[type, Callable[[Any], None]] = {}
+#: set while a worker sends a move's objects to a peer (``veil.he`` sends a CKKS tensor with its context then)
+_moving_to_peer: contextvars.ContextVar[bool] = contextvars.ContextVar("veil_moving_to_peer", default=False)
+
+
+@contextlib.contextmanager
+def moving_to_peer():
+    """Marks what is encoded meanwhile as a move's objects on their way to a peer worker."""
+    token = _moving_to_peer.set(True)
+    try:
+        yield
+    finally:
+        _moving_to_peer.reset(token)
+
+
+def is_moving_to_peer() -> bool:
+    return _moving_to_peer.get()
 #: message type -> handler; extensions add theirs with register_handler
 HANDLERS: dict[type, Handler] = {}
 

@@ -19,7 +19,7 @@ from veil.tensors.tree import leaves, map_structure
 from veil.workers import listing, oblivious, output_bounds, owner_guard, storage_overrun, value_shapes
 from veil.workers.quiet_warnings import dropping_warnings
 from veil.workers.accounts import END_ACCOUNT
-from veil.workers.base import STORABLE_TYPES, STORE_VALIDATORS, BaseWorker, register_handler
+from veil.workers.base import STORABLE_TYPES, STORE_VALIDATORS, BaseWorker, moving_to_peer, register_handler
 from veil.workers.get_ids import resolve_each
 from veil.workers.leaving_rows import moving, on_record_before_leaving
 from veil.workers.monitor import DEALER_OUTPUTS, PROTOCOL_PREFIXES, Principal, Purpose
@@ -569,8 +569,8 @@ def _handle_move(worker: BaseWorker, msg: m.MoveMessage, sender: str) -> Any:
         objects = [worker.monitor.outgoing(principal, new, e) for new, e in zip(msg.new_ids, entries)]
         for so, oid, entry in zip(objects, msg.ids, entries):
             so.obj = _released(oid, entry)
-        with _governance_releasing(worker, msg.ids, entries, principal.user, "move"):
-            worker.send_msg(m.ObjectMessage(objects), destination)
+        with _governance_releasing(worker, msg.ids, entries, principal.user, "move"), moving_to_peer():
+            worker.send_msg(m.ObjectMessage(objects), destination)  # (CKKS tensors with their contexts)
     for oid, entry in zip(msg.ids, entries):  # owner-protected data is copied, never taken; the entry moved only
         worker.monitor.discard(principal, oid, only=entry)
     return m.OkReply()
