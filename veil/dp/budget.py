@@ -22,15 +22,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, TypeVar, Union
 
-from veil.dp import charge_totals, ledger_rows
+from veil.dp import charge_totals, ledger_file, ledger_rows
 from veil.dp.accountant import Accountant, accounted_noise
 from veil.dp.errors import BudgetExceededError, PrivacyParameterError, ReplayedRequestError, UnknownUserError
-from veil.workers.database import Database, ReaderSlot
+from veil.workers.database import Database, DatabaseClosedError, OwnerStateUnavailableError, ReaderSlot
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS budgets (
@@ -65,6 +69,11 @@ CREATE TABLE IF NOT EXISTS training (
 # absolute: an absolute 1e-12 let a pure-DP (epsilon, 0) budget pay for Gaussian releases of delta <= 1e-12.
 _SLACK = 1e-9
 
+_T = TypeVar("_T")
+
+_UNUSABLE = ("the owner's DP budget ledger file put in place of the one in use could not be opened (damaged, or "
+             "read-only): the request was refused")
+
 #: Distinct (noise multiplier, sample rate) pairs one user's training accountant (per training delta) may hold.
 #: Each step recomputes the accountant's epsilon over all of them, under the user's ledger lock: unbounded, a
 #: scientist sending steps of ever new (sigma, q) (each ~0 epsilon) would make every charge take seconds.
@@ -93,28 +102,87 @@ class BudgetLedger:
         self.path = str(path)
         # A network worker serves requests from a thread pool: one connection
         # shared behind a (re-entrant) lock; transactions are begun explicitly below.
-        # synchronous=FULL: each charge is fsynced at commit, before the release it pays for goes out (WAL +
-        # NORMAL could lose the last charges to an OS crash or power cut while their answers were already sent)
-        self._db = Database(self.path, timeout=30.0, synchronous="FULL")
+        self._file = ledger_file.FollowedFile.of(self.path)  # (a restore by mv is followed: veil.dp.ledger_file)
+        self._db = self._file.open(self._open)
         self._lock = self._db.lock
+        self._closed = False
         self._reader = ReaderSlot(self._db)
         self._known: dict[str, charge_totals.Total] = {}  # (see _KNOWN_TOTALS)
         self._known_lock = threading.Lock()  # (the console's reads run beside the ledger's lock)
         self._tried_runs: dict[tuple[str, float], set] = {}  # (see _tried)
         with self._lock:
-            self._db.executescript(_SCHEMA)
-            self._db.executescript(charge_totals.SCHEMA)  # (after: its index is on charges)
-            ledger_rows.create(self._db)  # (after both: its triggers are on charges, its columns theirs)
+            self._make_tables()
+            self._file.settle()
+
+    def _open(self) -> Database:
+        # synchronous=FULL: each charge is fsynced at commit, before the release it pays for goes out (WAL +
+        # NORMAL could lose the last charges to an OS crash or power cut while their answers were already sent)
+        return Database(self.path, timeout=30.0, synchronous="FULL")
+
+    def _make_tables(self) -> None:
+        self._db.executescript(_SCHEMA)
+        self._db.executescript(charge_totals.SCHEMA)  # (after: its index is on charges)
+        ledger_rows.create(self._db)  # (after both: its triggers are on charges, its columns theirs)
+
+    def _follow(self) -> None:
+        """(Under the lock, before each charge and read.) The SQLite file at the path opened again when it, or its
+        log, changed since (a restore by ``mv`` or ``cp``, a log deleted, another process's checkpoint:
+        :mod:`veil.dp.ledger_file`), with its tables, triggers and columns made as at open (an older file's);
+        totals kept in memory are dropped (summed over the other file's rows). Three ``stat`` when nothing did."""
+        if self._closed or not self._file.changed():
+            return
+        self._reader.close()  # (before the old connection: see FollowedFile.reopen)
+        try:
+            db = self._file.reopen(self._db, self._open)
+            db.lock = self._lock  # (the ledger's lock stays the one every caller holds)
+            self._db, self._reader = db, ReaderSlot(db)
+            with self._known_lock:
+                self._known.clear()
+            self._make_tables()
+        except (sqlite3.Error, OSError):  # (a damaged file, another user's, a read-only one: opened again next time)
+            self._file.forget()
+            log.warning("DP budget ledger %s: the file put at its path could not be opened", self.path, exc_info=True)
+            raise OwnerStateUnavailableError(_UNUSABLE) from None
+        self._file.settle()
+
+    def _followed_write(self, body: Callable[[], _T]) -> _T:
+        """``body()`` in a write transaction on the file at the ledger's path as it is now
+        (:mod:`veil.dp.ledger_file`): made again, rolled back first (nothing recorded), when the files changed
+        while it waited for the lock. (The transaction takes the lock itself: a PostgreSQL commit whose answer
+        was lost is looked up after it lets go, never holding up the worker's other charges.)"""
+        for _ in range(ledger_file.CHARGE_TRIES):
+            with self._lock:
+                self._follow()
+                db = self._db
+            try:
+                with db.write_transaction():
+                    if db is not self._db:  # (opened again by another thread meanwhile)
+                        raise ledger_file.FileChanged()
+                    self._file.refuse_if_changed()
+                    result = body()
+            except ledger_file.FileChanged:
+                continue
+            except DatabaseClosedError:
+                if self._closed or db is self._db:
+                    raise
+                continue  # (closed by another thread's reopen before this one's transaction began)
+            with self._lock:
+                if db is self._db:
+                    self._file.settle()  # (its own checkpoint wrote the file)
+            return result
+        raise ledger_file.refused_after_changes()
 
     def reader(self) -> Database:
         """A read-only connection of its own for long reads (the console's Budgets page sums and buckets a
         whole ledger): they never hold the lock every charge takes. An in-memory ledger has only its own."""
         with self._lock:
+            self._follow()
             return self._reader.get()
 
     def close(self) -> None:
         """Closes the database file."""
         with self._lock:
+            self._closed = True
             self._db.close()
             self._reader.close()
 
@@ -134,12 +202,10 @@ class BudgetLedger:
     def set_budget(self, user: str, epsilon: float, delta: float) -> None:
         """Sets (or replaces) the user's total budget; past charges still count."""
         self._check(epsilon, delta)
-        with self._lock:
-            self._db.execute(
-                'INSERT INTO budgets("user", epsilon, delta) VALUES (?, ?, ?) '
-                'ON CONFLICT("user") DO UPDATE SET epsilon = excluded.epsilon, delta = excluded.delta',
-                (user, float(epsilon), float(delta)),
-            )
+        self._followed_write(lambda: self._db.execute(
+            'INSERT INTO budgets("user", epsilon, delta) VALUES (?, ?, ?) '
+            'ON CONFLICT("user") DO UPDATE SET epsilon = excluded.epsilon, delta = excluded.delta',
+            (user, float(epsilon), float(delta))))
 
     def _spent(self, user: str, db: Optional[Database] = None) -> tuple[float, float]:
         # the user's running total (veil.dp.charge_totals), not a SUM over their rows: with many tiny charges
@@ -193,11 +259,13 @@ class BudgetLedger:
             ReplayedRequestError: ``request_id`` was already charged.
         """
         self._check(epsilon, delta)
-        with self._db.write_transaction():
+
+        def charge() -> tuple[float, float]:
             self._budget(user, lock=True)  # lock first: replayed ids are checked under the user's lock
             self._refuse_replay(user, request_id)
-            left = self._charge_in_transaction(user, epsilon, delta, reason, request_id)
-        return left
+            return self._charge_in_transaction(user, epsilon, delta, reason, request_id)
+
+        return self._followed_write(charge)
 
     def _charge_in_transaction(self, user: str, epsilon: float, delta: float, reason: str,
                                request_id: Optional[str]) -> tuple[float, float]:
@@ -250,26 +318,31 @@ class BudgetLedger:
         """
         self._check(0.0, delta)
         self._compose_ahead(user, noise_multiplier, sample_rate, delta, mechanism, request_id, replace_one)
-        with self._db.write_transaction():
-            self._budget(user, lock=True)  # lock first: the training state is read-modify-written too
-            self._refuse_replay(user, request_id)
-            row = self._training_row(user, delta)
-            # (the history composed again, here where it is current: from the caches the composition ahead
-            # filled when it is the history composed there, in full when another process's step came between)
-            acc = self._next_accountant(user, row, noise_multiplier, sample_rate, delta, mechanism, replace_one)
-            before = float(row[1]) if row else 0.0
-            after = max(acc.get_epsilon(delta), before)  # never a negative charge
-            try:
-                left = self._charge_in_transaction(user, after - before, 0.0 if row else float(delta),
-                                                   f"{reason} (sigma={noise_multiplier:.4g}, q={sample_rate:.4g})",
-                                                   request_id)
-            except BudgetExceededError:
-                self._refused(user, delta, (accounted_noise(noise_multiplier), sample_rate, replace_one))
-                raise
-            self._db.execute(
-                'INSERT INTO training("user", delta, state, epsilon) VALUES (?, ?, ?, ?) '
-                'ON CONFLICT("user", delta) DO UPDATE SET state = excluded.state, epsilon = excluded.epsilon',
-                (user, float(delta), json.dumps(acc.state_dict()), after))
+        return self._followed_write(lambda: self._step_in_transaction(
+            user, noise_multiplier, sample_rate, delta, mechanism, reason, request_id, replace_one))
+
+    def _step_in_transaction(self, user: str, noise_multiplier: float, sample_rate: float, delta: float,
+                             mechanism: str, reason: str, request_id: Optional[str],
+                             replace_one: bool) -> tuple[float, float]:
+        self._budget(user, lock=True)  # lock first: the training state is read-modify-written too
+        self._refuse_replay(user, request_id)
+        row = self._training_row(user, delta)
+        # (the history composed again, here where it is current: from the caches the composition ahead
+        # filled when it is the history composed there, in full when another process's step came between)
+        acc = self._next_accountant(user, row, noise_multiplier, sample_rate, delta, mechanism, replace_one)
+        before = float(row[1]) if row else 0.0
+        after = max(acc.get_epsilon(delta), before)  # never a negative charge
+        try:
+            left = self._charge_in_transaction(user, after - before, 0.0 if row else float(delta),
+                                               f"{reason} (sigma={noise_multiplier:.4g}, q={sample_rate:.4g})",
+                                               request_id)
+        except BudgetExceededError:
+            self._refused(user, delta, (accounted_noise(noise_multiplier), sample_rate, replace_one))
+            raise
+        self._db.execute(
+            'INSERT INTO training("user", delta, state, epsilon) VALUES (?, ?, ?, ?) '
+            'ON CONFLICT("user", delta) DO UPDATE SET state = excluded.state, epsilon = excluded.epsilon',
+            (user, float(delta), json.dumps(acc.state_dict()), after))
         return left
 
     def _training_row(self, user: str, delta: float) -> Optional[tuple]:
@@ -314,6 +387,7 @@ class BudgetLedger:
         for a new (sigma, q)) is kept in the accountants' caches, and the transaction's composition of the same
         history reads them. Refusals (replay, cap, parameters) are left to the transaction."""
         with self._lock:
+            self._follow()
             self._budget(user)
             try:
                 self._refuse_replay(user, request_id)
@@ -334,6 +408,7 @@ class BudgetLedger:
         """The user's unspent and spent ``(epsilon, delta)`` of one read (asked one after the other, a charge
         landing between them made the two disagree: left + spent above the budget)."""
         with self._lock:
+            self._follow()
             total_eps, total_delta = self._budget(user)
             spent_eps, spent_delta = self._spent(user)
         return (total_eps - spent_eps, total_delta - spent_delta), (spent_eps, spent_delta)
@@ -341,11 +416,13 @@ class BudgetLedger:
     def spent(self, user: str) -> tuple[float, float]:
         """The user's spent ``(epsilon, delta)`` (zero for a user without charges)."""
         with self._lock:
+            self._follow()
             return self._spent(user)
 
     def history(self, user: str) -> list[tuple[float, float, str, float]]:
         """The user's charges, oldest first: ``(epsilon, delta, reason, unix time)`` (past
         :data:`veil.dp.ledger_rows.MAX_CHARGE_ROWS` of them, the oldest are one folded row: their sum)."""
         with self._lock:
+            self._follow()
             return [tuple(r) for r in self._db.execute(
                 'SELECT epsilon, delta, reason, at FROM charges WHERE "user" = ? ORDER BY id', (user,))]

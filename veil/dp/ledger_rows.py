@@ -22,7 +22,9 @@ charge holds: a change made beside a charge in flight is stamped after that char
 Each bump also draws a random ``nonce`` (0: none drawn yet): a restore (a copy of the SQLite file, a PostgreSQL
 dump) brings an older, lower stamp back, and later changes raise it to the same count over other rows; a total a
 worker keeps in memory is trusted only at the same count and nonce (a stored one is the database's own, restored
-with its rows). A stamp never goes down: triggers refuse deleting one (while its user has charges or a total),
+with its rows). A bump that leaves the nonce (an older worker process's trigger, made again at its start) draws
+one by a trigger on ``charge_stamps`` (``charge_stamps_drawn``, a name older versions never make). A stamp never
+goes down: triggers refuse deleting one (while its user has charges or a total),
 lowering one, or (SQLite) inserting one below the user's (``REPLACE INTO charge_stamps`` deletes the row it
 replaces without a trigger), or (PostgreSQL) truncating them. Only the owner's shell, or an import, could try: a
 scientist reaches the ledger through charges, whose triggers only raise stamps, and a charge is one transaction.
@@ -115,6 +117,10 @@ BEGIN SELECT RAISE(ABORT, '{_KEPT}'); END""",
     "charge_stamps_not_lowered": f"""BEFORE INSERT ON charge_stamps {_SQLITE_VERSION}
 WHEN typeof(NEW.edits) <> 'integer' OR NEW.edits < (SELECT edits FROM charge_stamps WHERE "user" = NEW."user")
 BEGIN SELECT RAISE(ABORT, '{_KEPT}'); END""",
+    # (see POSTGRES_STAMPS_DRAWN: a bump that kept the nonce, an older process's trigger's, draws one here)
+    "charge_stamps_drawn": f"""AFTER UPDATE OF edits ON charge_stamps {_SQLITE_VERSION}
+WHEN NEW.edits IS NOT OLD.edits AND NEW.nonce IS OLD.nonce
+BEGIN UPDATE charge_stamps SET nonce = random() WHERE "user" = NEW."user"; END""",
 }
 
 
@@ -164,6 +170,31 @@ BEGIN
             FOR EACH ROW EXECUTE FUNCTION veil_charge_stamps_kept();
         CREATE TRIGGER charge_stamps_not_truncated BEFORE TRUNCATE ON charge_stamps
             FOR EACH STATEMENT EXECUTE FUNCTION veil_charge_stamps_kept();
+    END IF;
+END
+$body$;
+"""
+
+#: A bump that left the nonce as it was draws one: an older worker process makes ``veil_charges_changed`` (and,
+#: on SQLite, a version before marks its triggers) again at its start, with a bump that raises the count and keeps
+#: the nonce, which is not 0 once a newer bump drew it. A total kept in memory at a count such a bump reached was
+#: trusted again after a restore and another such bump to the same count over other rows. Older versions never
+#: make this trigger nor its function again (names they do not know).
+POSTGRES_STAMPS_DRAWN = f"""
+CREATE OR REPLACE FUNCTION veil_charge_stamps_drawn() RETURNS trigger LANGUAGE plpgsql AS $body$
+BEGIN
+    IF NEW.edits IS DISTINCT FROM OLD.edits AND NEW.nonce IS NOT DISTINCT FROM OLD.nonce THEN
+        NEW.nonce := {_PG_DRAW};
+    END IF;
+    RETURN NEW;
+END
+$body$;
+DO $body$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'charge_stamps_drawn'
+                   AND tgrelid = 'charge_stamps'::regclass) THEN
+        CREATE TRIGGER charge_stamps_drawn BEFORE UPDATE ON charge_stamps
+            FOR EACH ROW EXECUTE FUNCTION veil_charge_stamps_drawn();
     END IF;
 END
 $body$;
@@ -255,6 +286,7 @@ def create(db: Database) -> None:
     else:
         db.executescript(POSTGRES_TRIGGERS)
         db.executescript(POSTGRES_STAMPS_KEPT)
+        db.executescript(POSTGRES_STAMPS_DRAWN)
     db.executescript(REQUESTS_BY_CHARGE)  # (an older file, and one `veil db migrate` fills, get it at open)
 
 
