@@ -29,6 +29,7 @@ from veil.messaging import messages as m
 from veil.tensors.handle import RemoteHandle
 from veil.workers import capabilities, dealt, listing
 from veil.workers.capabilities import CAP_PREFIX, DEALER_TAG  # noqa: F401  (re-exported)
+from veil.workers.no_deputy import NO_DEPUTY, _NoDeputy  # noqa: F401  (re-exported)
 from veil.workers.openings import OPENING_MASKS, OpeningRules  # noqa: F401  (re-exported)
 from veil.workers.principals import PURPOSES, Principal, Purpose, PurposeRule  # noqa: F401  (re-exported)
 from veil.workers.quota import (DEFAULT_OBJECT_BYTES, MIN_TENSOR_BYTES, SIZE_ESTIMATORS,  # noqa: F401
@@ -571,29 +572,3 @@ class _Running:
 
     def __exit__(self, *exc: Any) -> None:
         self._local.request = self._previous
-
-
-class _NoDeputy:
-    """The owner of every pointer a network client sends (in any argument, nested or stored).
-
-    A pointer acts through its owner (``owner.send_msg``); this owner refuses, so a client's
-    pointer can never make the worker act on another worker with the worker's own peer rights
-    (the confused deputy), whatever op, worker function or protocol step it reaches. Its
-    garbage collection never deletes anything there.
-    """
-
-    id = "(a network client's pointer)"
-
-    def schedule_delete(self, location: Any, oid: int) -> None:
-        pass
-
-    def __getattr__(self, name: str) -> Any:  # anything a pointer would do through its owner
-        raise PermissionDeniedError(
-            "a pointer sent by a network client is a pointer to another worker: pointer chains are not "
-            "followed on network workers (the worker would act there with its own peer rights, not "
-            "yours); use a pointer to that worker directly")
-
-
-#: see _NoDeputy (veil.workers.base.BaseWorker._make_pointer uses it for network sessions)
-NO_DEPUTY = _NoDeputy()
-
