@@ -20,7 +20,8 @@ the decode is for no network session).
 Only a context of the decoding session's scope or the shared one is looked up
 (:mod:`veil.he.context_scope`: another session's is refused as one nobody holds).
 A move to a peer sends a tensor with its context (``"context"``: a context dict,
-:func:`veil.he.context_scope.carrying_contexts`): it is loaded under that one.
+:func:`veil.he.context_scope.carrying_contexts`; once per context, the later
+tensors naming its bytes' digest): it is loaded under that one.
 Contexts learned from the wire are public, so a worker can compute on what
 it receives but not decrypt it.
 """
@@ -159,8 +160,14 @@ def tensor_to_wire(t: CKKSTensor) -> dict:
         "segments": [s.serialize() for s in t.segments],
     }
     out["keys"] = keys_digest(t.context)  # (a move or a result names the keys it is under)
-    if context_scope.carrying():  # (a move: the receiving peer session loads it under this, in its own scope)
-        out["context"] = context_to_wire(t.context)
+    carried = context_scope.carried()
+    if carried is not None:  # (a move: the receiving peer session loads it under this, in its own scope)
+        sent = carried.get((BACKEND, id(t.context)))
+        if sent is None:  # (once per context and move: a thousand one-value ciphertexts were 1000 contexts)
+            wire = context_to_wire(t.context)
+            sent = carried[BACKEND, id(t.context)] = (t.context, hashlib.sha256(wire["data"]).digest())
+            out["context"] = wire
+        out["keys"] = sent[1]  # (the bytes carried: the later tensors of the move load under the first's)
     return out
 
 

@@ -77,7 +77,8 @@ def decoding_for(session: Any) -> Iterator[Scope]:
         _current.reset(token)
 
 
-#: encodes, meanwhile, each CKKS tensor with its public context (around a move's send to a peer: the receiver's
-#: peer session loads it under that context, in its own scope, not under whatever context another session sent)
+#: encodes, meanwhile, each CKKS tensor with its public context, once per context (around a move's send to a
+#: peer: the receiver's peer session loads it under that context, in its own scope, not under whatever context
+#: another session sent); :func:`carried` is what that send has carried so far (None outside one)
 carrying_contexts = base.moving_to_peer
-carrying = base.is_moving_to_peer
+carried = base.peer_move_memo

@@ -40,21 +40,23 @@ _COMMAND_FIELDS = 5  # a deferred command [op, args, kwargs, return_ids, grad]; 
 STORABLE_TYPES: list[type] = [torch.Tensor]
 #: checks run on an arriving object before it is stored (e.g. a plan's ops vs the allowlist)
 STORE_VALIDATORS: dict[type, Callable[[Any], None]] = {}
-#: set while a worker sends a move's objects to a peer (``veil.he`` sends a CKKS tensor with its context then)
-_moving_to_peer: contextvars.ContextVar[bool] = contextvars.ContextVar("veil_moving_to_peer", default=False)
+#: while a worker sends a move's objects to a peer: what encoders keep for that send (``veil.he`` sends each CKKS
+#: tensor's context then, once per context)
+_moving_to_peer: contextvars.ContextVar[dict | None] = contextvars.ContextVar("veil_moving_to_peer", default=None)
 
 
 @contextlib.contextmanager
 def moving_to_peer():
     """Marks what is encoded meanwhile as a move's objects on their way to a peer worker."""
-    token = _moving_to_peer.set(True)
+    token = _moving_to_peer.set({})
     try:
         yield
     finally:
         _moving_to_peer.reset(token)
 
 
-def is_moving_to_peer() -> bool:
+def peer_move_memo() -> dict | None:
+    """What encoders keep for the move being sent to a peer now (None: none is)."""
     return _moving_to_peer.get()
 #: message type -> handler; extensions add theirs with register_handler
 HANDLERS: dict[type, Handler] = {}
