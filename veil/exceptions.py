@@ -195,6 +195,13 @@ def one_line(text: object, most: int = MAX_REPLY_MESSAGE) -> str:
     return cut[:most] + ("..." if len(text) > most or len(cut) > most else "")
 
 
+def escaped(text: object) -> str:
+    """``text`` with its unprintable characters escaped as :func:`one_line` escapes them, never cut: what another
+    side chose (a worker's tags, descriptions, ids) printed where it could fake a line or move the cursor."""
+    text = text if type(text) is str else str(text)
+    return _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], text) if _UNPRINTABLE.search(text) else text
+
+
 def error_from_reply(name: str, message: str) -> VeilError:
     """Builds the local exception for an error reply (unknown names stay generic): the other side's text
     is raised as one bounded line (:func:`one_line`), whatever that side sent."""

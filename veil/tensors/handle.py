@@ -29,6 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
+from veil.exceptions import escaped
+
 if TYPE_CHECKING:
     from veil.workers.base import BaseWorker
 
@@ -123,7 +125,7 @@ class RemoteHandle:
         """``[label extra | owner -> location:id]``: one display format for every kind."""
         d = self.__dict__
         extra = f" {extra}" if extra else ""
-        return f"[{label}{extra} | {d['owner'].id} -> {d['location'].id}:{d['id_at_location']}]"
+        return escaped(f"[{label}{extra} | {d['owner'].id} -> {d['location'].id}:{d['id_at_location']}]")
 
 
 def fetch_all(handles: Sequence[RemoteHandle], delete: bool = True, user: str | None = None) -> list:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import torch
 
-from veil.exceptions import RevealError, SerializationError
+from veil.exceptions import RevealError, SerializationError, escaped
 from veil.ids import new_id
 from veil.messaging import serde
 from veil.tensors.handle import RemoteHandle
@@ -122,16 +122,18 @@ class PointerTensor(RemoteHandle, torch.Tensor):
     # ----------------------------------------------------------- lifecycle (__del__: RemoteHandle)
 
     def __repr__(self, *args: Any, **kwargs: Any) -> str:
+        # what a worker chose (tags, description, ids) is printed with its control characters escaped: a newline
+        # or an ANSI escape in a description printed a fake pointer line, or cleared the scientist's screen
         d = self.__dict__
-        head = f"[PointerTensor | {d['owner'].id}:{self.id} -> {d['location'].id}:{d['id_at_location']}]"
+        head = escaped(f"[PointerTensor | {d['owner'].id}:{self.id} -> {d['location'].id}:{d['id_at_location']}]")
         if not d["tags"] and not d["description"]:
             return head
         lines = [head]  # PySyft 0.2's layout for tagged/described pointers
         if d["tags"]:
-            lines.append("\tTags: " + " ".join(d["tags"]))
+            lines.append("\tTags: " + " ".join(escaped(t) for t in d["tags"]))
         lines.append(f"\tShape: {torch.Size(d['_meta'][0])}")
         if d["description"]:
-            lines.append(f"\tDescription: {d['description']}")
+            lines.append(f"\tDescription: {escaped(d['description'])}")
         return "\n".join(lines)
 
     __str__ = __repr__

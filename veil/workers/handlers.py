@@ -535,8 +535,9 @@ def _describe_entry(oid: int, entry: Entry, hide_counts: bool) -> m.Descriptor:
 def _handle_search(worker: BaseWorker, msg: m.SearchMessage, sender: str) -> Any:
     from veil.compat.search_terms import checked_terms, search_page  # (PySyft's terms: tags, ids, descriptions)
 
-    terms = checked_terms(msg.query)  # bounded, as the page's matching work (it holds every other session's turn)
-    hide, owned = worker.monitor.hide_dp_counts, worker.monitor.owned_entries(worker.principal(sender), msg.after)
+    terms, principal = checked_terms(msg.query), worker.principal(sender)  # (bounded, as a page's matching work)
+    hide, owned = worker.monitor.hide_dp_counts, worker.monitor.owned_entries(principal, msg.after, lambda e: (
+        listing.pointable(e.obj) or e.created_by == principal.session))  # (never a cursor: an undescribed other's)
     return m.DescriptorsReply(*search_page(owned, terms, lambda oid, e: listing.pointable(e.obj),
                                            lambda oid, e: _describe_entry(oid, e, hide)))
 
@@ -544,12 +545,11 @@ def _handle_search(worker: BaseWorker, msg: m.SearchMessage, sender: str) -> Any
 @register_handler(m.ListObjectsMessage)
 def _handle_list(worker: BaseWorker, msg: m.ListObjectsMessage, sender: str) -> Any:
     # Only the sender's own objects: listing others' ids would hand out capabilities.
-    principal = worker.principal(sender)
-    hide = worker.monitor.hide_dp_counts
-    return m.DescriptorsReply(*listing.page(worker.monitor.owned_entries(principal, msg.after),  # (as search:
+    principal, hide = worker.principal(sender), worker.monitor.hide_dp_counts
+    mine = worker.monitor.owned_entries(principal, msg.after, lambda e: e.created_by == principal.session)
+    return m.DescriptorsReply(*listing.page(mine, lambda oid, e: listing.pointable(e.obj),  # (as search:
         # tensors only; a stored plan has no shape, and describing it failed every later listing of the session)
-        lambda oid, e: e.created_by == principal.session and listing.pointable(e.obj),
-        lambda oid, e: _describe_entry(oid, e, hide)))
+        lambda oid, e: _describe_entry(oid, e, hide)))  # (a page never walks, nor names, another's object)
 
 
 @register_handler(m.MoveMessage)

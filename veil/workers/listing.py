@@ -12,12 +12,16 @@ so their call shapes and results are unchanged, each page one bounded turn of th
 A page finds its cursor among a snapshot of the store's ids at C speed (:func:`visible_after`) and runs the Python
 ownership filter only over what it walks: run over every object to find the cursor, a page cost the whole
 store and listing N objects N^2/1024 filter steps (200 000 tiny tensors: 2 s a page, 206 s in all). A cursor
-the sender may not list (another session's object) reads as a deleted one. The client checks the pages it
-follows (:func:`every_page`): at most MAX_LISTED each, cursors that never come back, a few restarts.
+the sender may not list (another session's object) reads as a deleted one; the handlers walk only what a
+page may describe or the sender made (an owner's object a page never describes is never its cursor). A page
+also ends at MAX_PAGE_META_CHARS of described tags and descriptions (its reply's size). The client checks the
+pages it follows (:func:`every_page`): at most MAX_LISTED each, cursors that never come back, a few restarts,
+bounded metadata and descriptors, MAX_LISTING_SECONDS in all.
 """
 
 from __future__ import annotations
 
+import time
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -36,6 +40,15 @@ MAX_RESTARTS = 32
 #: most characters of tags and descriptions a client keeps from one listing (a worker answering page after page
 #: of fresh descriptors with long descriptions made the scientist's grid search gather them until out of memory)
 MAX_LISTING_META_CHARS = 64 << 20
+#: characters of tags and descriptions past which a page ends (the next describes the rest): a session's 256
+#: objects with 1 MiB descriptions made each 50-byte request encode a 256 MiB reply (2.5 s of the worker)
+MAX_PAGE_META_CHARS = 1 << 22
+#: characters a tag counts for at least, in both bounds (a reference to it is 8 bytes: 1024 empty tags of each
+#: of a hostile worker's descriptors were kept with nothing counted)
+TAG_CHARS = 8
+#: seconds a client follows one listing's pages (a hostile worker answering each of MAX_PAGES pages just inside
+#: the reply timeout held ``sy.search`` for 136 hours); an honest worker's page is a bounded turn
+MAX_LISTING_SECONDS = 600.0
 #: most descriptors a client keeps from one listing (each becomes a pointer, ~800 bytes: a worker answering
 #: page after page of fresh ones had the scientist make 4096 x 1024 of them, 3 GB)
 MAX_LISTING_ENTRIES = 1 << 18
@@ -83,17 +96,25 @@ def _entry(spaces: tuple, oid: int) -> Any:
 def page(entries: Iterable[tuple[int, Any]], keep: Callable[[int, Any], bool],
          describe: Callable[[int, Any], Any]) -> tuple[list, Optional[int]]:
     """(descriptors, next_after) of the page that ``entries`` (those past the cursor: :func:`visible_after`)
-    start: at most MAX_SCANNED looked at, MAX_LISTED described; next_after None when nothing is left."""
+    start: at most MAX_SCANNED looked at, MAX_LISTED described, MAX_PAGE_META_CHARS of their tags and
+    descriptions (at least one described); next_after None when nothing is left."""
     entries = iter(entries)
-    found, last = [], None
+    found, last, meta = [], None, 0
     for oid, entry in islice(entries, MAX_SCANNED):
         last = oid
         if keep(oid, entry):
             found.append(describe(oid, entry))
-            if len(found) == MAX_LISTED:
+            meta += meta_chars(found[-1])
+            if len(found) == MAX_LISTED or meta >= MAX_PAGE_META_CHARS:
                 break
     done = last is None or next(entries, None) is None  # (one look past the page: more, or the end)
     return found, None if done else last
+
+
+def meta_chars(d: Any) -> int:
+    """What a descriptor's tags and description count toward the bounds: their characters, a tag at least
+    TAG_CHARS."""
+    return len(d.description) + sum(map(len, d.tags)) + TAG_CHARS * len(d.tags)
 
 
 def every_page(ask: Callable[[Optional[int]], Any]) -> list:
@@ -101,11 +122,15 @@ def every_page(ask: Callable[[Optional[int]], Any]) -> list:
     whose ``after=`` left the listing starts it again (descriptors are listed once, by id). A worker's page
     longer than MAX_LISTED, or a cursor it already gave since the last start, ends the listing in one line
     (a hostile or broken worker kept the client asking MAX_PAGES times, gathering pages of any size), as do
-    non-string tags or descriptions, more than MAX_LISTING_META_CHARS characters of them in all, or more than
-    MAX_LISTING_ENTRIES descriptors."""
+    non-string tags or descriptions, more than MAX_LISTING_META_CHARS characters of them in all (a tag counts at
+    least TAG_CHARS), more than MAX_LISTING_ENTRIES descriptors, or pages past MAX_LISTING_SECONDS."""
     seen: dict[int, Any] = {}
     after, cursors, restarts, meta = None, set(), 0, 0
+    deadline = time.monotonic() + MAX_LISTING_SECONDS
     for _ in range(MAX_PAGES):
+        if time.monotonic() > deadline:
+            raise ObjectNotFoundError(f"the worker's listing did not end within {MAX_LISTING_SECONDS:g} s "
+                                      "(a page at a time); search with narrower terms")
         try:
             reply = ask(after)
         except ListingCursorGoneError:
@@ -120,7 +145,7 @@ def every_page(ask: Callable[[Optional[int]], Any]) -> list:
                                       "descriptors, each with an integer id, string tags and a string description)")
         for d in page_of:
             if d.id not in seen:
-                meta += len(d.description) + sum(len(t) for t in d.tags)
+                meta += meta_chars(d)
                 seen[d.id] = d
         if meta > MAX_LISTING_META_CHARS or len(seen) > MAX_LISTING_ENTRIES:
             raise ObjectNotFoundError(f"the worker's listing holds more than {MAX_LISTING_ENTRIES} objects or "

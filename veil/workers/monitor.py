@@ -499,11 +499,11 @@ class ReferenceMonitor(QuotaRules, OpeningRules, StoreAdmission):
             self._store.linger(self.__key, principal.namespace, removed.nbytes, removed.obj)
         return True
 
-    def owned_entries(self, principal: Principal, after: Any = None) -> Iterator[tuple[int, Entry]]:
-        """What the principal may list/search (the owner's data, its own objects), past ``after``: listing.py."""
+    def owned_entries(self, principal: Principal, after: Any = None, listed: Callable | None = None) -> Iterator:
+        """What the principal may list/search and ``listed`` lets a page walk (None: all), past ``after``."""
         ns, isolated = principal.namespace, principal.isolated
-        return listing.visible_after(self._store.spaces(self.__key, ns), after,
-                                     lambda e: e.protected or not isolated or e.created_by == ns)
+        return listing.visible_after(self._store.spaces(self.__key, ns), after, lambda e: (
+            e.protected or not isolated or e.created_by == ns) and (listed is None or listed(e)))
 
     def end_session(self, namespace: str) -> int:
         """Frees everything a session stored (disconnect); returns how many objects."""
