@@ -1,0 +1,164 @@
+"""Red team, second pass: the review guard on protocol steps and peers (57ad6cb, bf85c6f), attacked again.
+
+The fix made every ``veil.mpc.*`` worker function run under the review guard (failures on reviewed values
+counted, refused once the budget is spent, Python reads refused) and made openings review every input deriving
+from owner data. x: SECRET under review, times 4, as int64 (``[[6, -9, 12], [16, 22, -27]]``).
+
+Hole found:
+
+* secure aggregation's worker functions (``veil.secagg.*``) are protocol steps too, run by the scientist on
+  anything it names, but were not followed: ``share_keys(tag, ids, publics)`` reads ``publics`` in Python
+  (``tensor_bytes``: each byte must be in [0, 255], and the worker's own row must equal its key), so publics
+  computed from a reviewed x (the advertised key plus ``1000 * (x[0, 0] > t)``) failed or passed with the
+  value: one bit per request, none counted against the failure budget (a refused share_keys leaves the round
+  fresh: the next probe goes to the same round). Now followed like ``veil.mpc.*`` steps (value_shapes.followed),
+  except ``masked_input``, whose reviewed inputs are released by the owner's approval
+  (``owner_guard.REVIEWED_INPUTS``): a reviewed value read in Python there is refused whatever the values.
+
+Held (regression guards): a split product's new worker functions (``product_pieces``, ``product_join``) keep
+the provenance of a reviewed operand, so an opening of their result waits for the owner's review; a serving
+batch error (``fail``) carries the scientist's text, never a value it names.
+
+The test marked HOLE failed on the code before the fix (strict xfail, run on 450ac77); the others passed there.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import veil as sy
+from veil.exceptions import ReviewPendingError
+from veil.ids import new_id
+from veil.messaging import messages as m
+from veil.mpc.party import OpenMessage
+from veil.workers import failure_budget
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from review_steps import SECRET, review_owner, send, uid  # noqa: E402
+from server_sessions import open_session, request, run_command  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+X4 = (SECRET * 4).long()
+
+
+def _wire(a):
+    if hasattr(a, "id_at_location"):
+        return m.ObjectRef(a.id_at_location)
+    if isinstance(a, m.ObjectRef):
+        return a
+    if type(a) is list:
+        return [_wire(v) for v in a]
+    return a
+
+
+def _step(owner, name: str, *args, n: int = 1) -> list:
+    """Runs worker function ``name`` on ``owner`` now; ObjectRefs to its ``n`` results."""
+    ids = [new_id() for _ in range(n)]
+    send(owner.hook, owner, m.CommandMessage(name, tuple(_wire(a) for a in args), {}, ids))
+    return [m.ObjectRef(i) for i in ids]
+
+
+def _open(owner, name: str, *args) -> list:
+    return send(owner.hook, owner, OpenMessage(name, tuple(_wire(a) for a in args), {})).objects
+
+
+@pytest.fixture
+def reviewed(hook):
+    """``(owner, x4)``: x4 = SECRET * 4 as int64, computed from the reviewed dataset (a pointer)."""
+    owner = review_owner(hook, "rps")
+    return owner, (owner.search("#d")[0] * 4).long()
+
+
+# ------------------------------------------------------------------------------ secure aggregation's steps
+
+
+def _advertised(owner, tag: int) -> torch.Tensor:
+    """This worker's public key for a fresh round ``tag`` (n = 3, threshold 2), as the scientist gets it."""
+    (ref,) = _step(owner, "veil.secagg.advertise", tag, 3, 2)
+    return send(owner.hook, owner, m.GetObjectsMessage([ref.id], False, None)).objects[0]
+
+
+def test_share_keys_is_no_uncounted_oracle_on_reviewed_data(reviewed):
+    """HOLE. Attack: publics = the advertised key + 1000 * (x[0, 0] > t): share_keys failed for t < 6 and passed for
+    t >= 6 (x[0, 0] = 6), as often as asked, the budget (1 failure) never spent. Must hold: refused whatever the
+    values, in one line naming no value, nothing counted, the round left fresh; the scientist's own key table
+    (no reviewed value) then goes through."""
+    owner, x4 = reviewed
+    failure_budget.set_budget(owner, 1)
+    tag = 7_000_001
+    key = _advertised(owner, tag)
+    mine = key.send(owner)
+    ids = [owner.id, uid("absent-a"), uid("absent-b")]  # (deposits to absent peers are skipped: dropouts)
+    texts = set()
+    for t in (0, 5, 6, 30):  # x[0, 0] > t: True, True, False, False
+        publics = mine.expand(3, 32) + (x4[0, 0] > t).long() * 1000
+        with pytest.raises(Exception) as info:
+            _step(owner, "veil.secagg.share_keys", tag, ids, publics, n=0)
+        text = str(info.value)
+        assert type(info.value).__name__ == "ShapeRefused" and "review" in text and "\n" not in text, text
+        texts.add(text.replace(str(publics.id_at_location), "#"))
+    assert len(texts) == 1  # one refusal, whatever the values
+    assert not failure_budget._counts(owner).failures
+    _step(owner, "veil.secagg.share_keys", tag, ids, mine.expand(3, 32) + 0, n=0)  # honest: the round was fresh
+
+
+# ------------------------------------------------------------------------------ held: derivation tracking
+
+
+@pytest.mark.parametrize("step", ["product_pieces", "product_join"])
+def test_a_split_products_worker_functions_keep_a_reviewed_operands_provenance(reviewed, step):
+    """Attack: cut a reviewed x with ``product_pieces`` (a slice of it, stored as a fresh share) or join it with
+    ``product_join`` (a block's pieces summed), then open the result with zero masks: the value, if the new
+    functions dropped x's sources. Holds: the opening waits for the owner's review (no value in the text); once
+    approved it gives plain torch's slice / x exactly, once."""
+    owner, x4 = reviewed
+    zeros = torch.zeros(1, 3, dtype=torch.long).send(owner) if step == "product_pieces" else \
+        torch.zeros(2, 3, dtype=torch.long).send(owner)
+    if step == "product_pieces":
+        (share,) = _step(owner, "veil.mpc.product_pieces", x4, None, [[[0, 1, 1, 1]]], [])
+        expected = X4[1:2]
+    else:
+        (share,) = _step(owner, "veil.mpc.product_join", [x4], [1])
+        expected = X4
+    with pytest.raises(ReviewPendingError) as info:
+        _open(owner, "trunc_mask", share, zeros)
+    assert "\n" not in str(info.value) and "-27" not in str(info.value) and "tensor(" not in str(info.value)
+    owner.release_requests.approve(info.value.request_id)
+    assert torch.equal(_open(owner, "trunc_mask", share, zeros)[0], expected)
+    with pytest.raises(ReviewPendingError):
+        _open(owner, "trunc_mask", share, zeros)
+
+
+def test_a_serving_batch_error_carries_no_value_it_names(hook):
+    """Attack: the service's owner answers its client's request with ``fail`` and, as the message, a reference
+    to the reviewed x (or a share of it): the client reads the message. Holds: the message is the scientist's
+    own text (the reference's repr), never a value of x; the client is told the request failed, in one line."""
+    from veil.serving.protocol import ServingMessage
+    from veil.workers.websocket_server import WebsocketServerWorker
+
+    tokens = sy.TokenTable()
+    tokens.add("rt-rps-serving-owner", "sci", "scientist")
+    tokens.add("rt-rps-serving-client", "cli", "client")
+    srv = WebsocketServerWorker(hook, id=uid("rps-serve"), port=0, tokens=tokens)
+    xid = srv.load(X4[:1].clone(), tags=("#x",), policy="review")
+    sci, cli = open_session(srv, "rt-rps-serving-owner"), open_session(srv, "rt-rps-serving-client")
+    info = {"input_shape": [1, 3], "max_rows": 4}
+    assert type(request(srv, sci, ServingMessage("open", "m", [["cli"], info]))) is m.ObjectsReply
+    assert type(request(srv, cli, ServingMessage("submit", "m", [7, torch.tensor([[1, 2, 3]])]))) is m.ObjectsReply
+    batch = new_id()
+    assert request(srv, sci, ServingMessage("claim", "m", [[7], batch])).objects == [1]
+    _, (copied,) = run_command(srv, sci, "veil.mpc.trunc_local", m.ObjectRef(xid), 1, False)
+    for ref in (m.ObjectRef(xid), m.ObjectRef(copied)):
+        reply = request(srv, sci, ServingMessage("fail", "m", [[7], ref]))
+        assert type(reply) is m.ObjectsReply, reply
+        fetched = request(srv, cli, ServingMessage("fetch", "m", [7]))
+        assert type(fetched) is m.ErrorReply and "\n" not in fetched.message, fetched
+        assert str(ref) in fetched.message and "tensor" not in fetched.message, fetched.message
+        assert type(request(srv, cli, ServingMessage("submit", "m", [7, torch.tensor([[1, 2, 3]])]))) \
+            is m.ObjectsReply
+        assert request(srv, sci, ServingMessage("claim", "m", [[7], new_id()])).objects == [1]
