@@ -23,6 +23,10 @@ Holes found (strict xfails first, then fixed):
   descriptions made every 50-byte search or listing request encode a 256 MiB reply (2.5 s, the whole reply in
   memory). Fixed in veil/workers/listing.py: a page ends once it described MAX_PAGE_META_CHARS characters of
   tags and descriptions (the client follows the pages; results unchanged).
+- one object a session sent could carry any description or tag count (256 MiB in one request): a page
+  describes at least one object whole, so each search request encoded all of it again. Fixed: a scientist's
+  sent object holds at most MAX_OBJECT_META_CHARS (1 Mi) characters of tags and description (listing.py
+  ``check_sent_meta``, called from monitor.store_objects; a peer's carry the owner's as they were).
 - the client counted a tag as its characters only: a hostile worker's descriptors with thousands of empty tags
   each were kept, 8 bytes apiece, with nothing counted. Fixed: a tag counts at least TAG_CHARS characters.
 - the client followed up to 4096 pages whatever they took: a hostile worker answering each page just inside
@@ -124,13 +128,29 @@ def test_one_page_reply_is_bounded_however_long_the_descriptions(hook, kind):
     256 MiB and 2.5 s per request, every time). Must hold: one page's reply stays within a bound of a few MiB,
     and following the pages still finds every object once."""
     srv, s = _worker(hook, f"rt-cs2-reply-{kind}")
-    text = "d" * (1 << 20)
+    text = "d" * ((1 << 20) - 64)  # (just within what one sent object may hold)
     mine = [_store(srv, s, torch.ones(1), ("#big",), text) for _ in range(24)]
     ask = (lambda after: m.SearchMessage(["#big"], after)) if kind == "search" else m.ListObjectsMessage
     raw = srv.serve_bytes(serialize(ask(None), sender="client"), s)
     assert len(raw) <= 8 << 20, f"one page's reply was {len(raw) >> 20} MiB"
     found = [oid for ids, _ in _pages(srv, s, ask) for oid in ids]
     assert found == mine
+
+
+@pytest.mark.parametrize("metadata", ["description", "tags"])
+def test_one_sent_objects_metadata_is_bounded(hook, metadata):
+    """Attack: one object the session sends with a 2 MiB description (or 300 000 one-character tags; a 256 MiB
+    request could hold 256 MiB of them): every page describes at least one object whole, so each 50-byte search
+    made the worker encode all of it again. Must hold: refused in one line when sent (nothing stored), an
+    ordinary description of 64 Ki characters accepted, and the owner's own long description still described."""
+    srv, s = _worker(hook, f"rt-cs2-sent-meta-{metadata}")
+    owner = srv.load(torch.ones(2), tags=("#m",), description="o" * (2 << 20), private=True)
+    tags, text = (("#m",) + ("t",) * 300_000, "") if metadata == "tags" else (("#m",), "d" * (2 << 20))
+    reply = request(srv, s, m.ObjectMessage([m.StoredObject(new_id(), torch.ones(1), tags, text)]))
+    assert type(reply) is m.ErrorReply and reply.error == "SerializationError" and "\n" not in reply.message, reply
+    ordinary = _store(srv, s, torch.ones(1), ("#m",), "d" * (64 << 10))
+    found = [oid for ids, _ in _pages(srv, s, lambda after: m.SearchMessage(["#m"], after)) for oid in ids]
+    assert found == [owner, ordinary], found
 
 
 def test_a_hostile_workers_empty_tags_count_toward_the_listing_bound(hook, monkeypatch):

@@ -317,12 +317,13 @@ def test_a_search_is_bounded_before_it_holds_the_worker(hook):
 
 
 def test_tags_and_descriptions_count_against_the_session_quota(hook):
-    """Attack: ``x.tag(*100_000 tags).describe("d" * 5_000_000).send(worker)`` three times under a 4 KiB quota:
-    each object was charged 256 bytes (its one-element tensor). Must hold: refused by the quota."""
+    """Attack: ``x.tag(*10_000 tags).describe("d" * 800_000).send(worker)`` three times under a 4 KiB quota
+    (within what one sent object's metadata may hold, listing.MAX_OBJECT_META_CHARS): each object was charged
+    256 bytes (its one-element tensor). Must hold: refused by the quota."""
     srv, s = _worker(hook, "rt-cs-meta-quota", quota=4096)
     replies = []
     for _ in range(3):
-        obj = m.StoredObject(new_id(), torch.ones(1), tuple(f"#t{j}" for j in range(100_000)), "d" * 5_000_000)
+        obj = m.StoredObject(new_id(), torch.ones(1), tuple(f"#t{j}" for j in range(10_000)), "d" * 800_000)
         replies.append(request(srv, s, m.ObjectMessage([obj])))
     assert any(type(r) is m.ErrorReply and r.error == "QuotaExceededError" for r in replies), replies
     _serving(srv, s)

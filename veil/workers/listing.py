@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
-from veil.exceptions import ObjectNotFoundError, register_remote_error
+from veil.exceptions import ObjectNotFoundError, SerializationError, register_remote_error
 
 #: most descriptors one reply carries
 MAX_LISTED = 1024
@@ -43,6 +43,9 @@ MAX_LISTING_META_CHARS = 64 << 20
 #: characters of tags and descriptions past which a page ends (the next describes the rest): a session's 256
 #: objects with 1 MiB descriptions made each 50-byte request encode a 256 MiB reply (2.5 s of the worker)
 MAX_PAGE_META_CHARS = 1 << 22
+#: characters of tags and descriptions one object a scientist sends may hold: a page describes at least one
+#: object whole (a session's object with a 200 MB description made every 50-byte search encode 200 MB)
+MAX_OBJECT_META_CHARS = 1 << 20
 #: characters a tag counts for at least, in both bounds (a reference to it is 8 bytes: 1024 empty tags of each
 #: of a hostile worker's descriptors were kept with nothing counted)
 TAG_CHARS = 8
@@ -109,6 +112,16 @@ def page(entries: Iterable[tuple[int, Any]], keep: Callable[[int, Any], bool],
                 break
     done = last is None or next(entries, None) is None  # (one look past the page: more, or the end)
     return found, None if done else last
+
+
+def check_sent_meta(tags: tuple, description: Any) -> None:
+    """Refuses, in one line, a sent object whose tags and description pass MAX_OBJECT_META_CHARS (PySyft's
+    ``.tag()`` and ``.describe()`` are a few words and a paragraph). Counted before any tag is read."""
+    most = MAX_OBJECT_META_CHARS
+    if len(tags) * TAG_CHARS > most or len(description or "") + sum(
+            len(t) if type(t) is str else TAG_CHARS for t in tags) + TAG_CHARS * len(tags) > most:
+        raise SerializationError(f"a sent object's tags and description hold at most {most} characters "
+                                 f"(a tag counts at least {TAG_CHARS})")
 
 
 def meta_chars(d: Any) -> int:

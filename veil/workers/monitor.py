@@ -409,6 +409,8 @@ class ReferenceMonitor(QuotaRules, OpeningRules, StoreAdmission):
         (:meth:`ObjectStore.all_or_none`), ``then(stored)`` too: the handler's work on them (a mover reads any error
         as "stored nothing"). Travelled capabilities (:meth:`export_capabilities`) only restrict, except ``kind``
         share/dealer from dealers / peers. Returns (entry, capabilities) per object (governance records them)."""
+        for so in objects if principal.isolated and not principal.is_peer else ():  # (a peer's carry them as made)
+            listing.check_sent_meta(so.tags, so.description)  # (a page describes each whole: bounded per object)
         parsed = [(so, *self._import_capabilities(principal, so.tags)) for so in objects]  # all checks first
         dealt_entries, layout, stored = [], [], []
         with BATCH_AFTER_LOCK, self._store.all_or_none(self.__key, principal.namespace, [so.id for so in objects]):
