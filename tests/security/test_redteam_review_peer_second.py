@@ -15,11 +15,15 @@ Hole found:
   except ``masked_input``, whose reviewed inputs are released by the owner's approval
   (``owner_guard.REVIEWED_INPUTS``): a reviewed value read in Python there is refused whatever the values.
 
+* (resources, beside the split product's functions) ``veil.mpc.product_placeholder(like, shape)`` made zeros of
+  the requester's shape, up to 2^31 entries (16 GiB), before the session's quota refused them at the store (a
+  worker function is not sized before it runs). Now refused by the quota before they are made, as prg_share is.
+
 Held (regression guards): a split product's new worker functions (``product_pieces``, ``product_join``) keep
 the provenance of a reviewed operand, so an opening of their result waits for the owner's review; a serving
 batch error (``fail``) carries the scientist's text, never a value it names.
 
-The test marked HOLE failed on the code before the fix (strict xfail, run on 450ac77); the others passed there.
+The tests marked HOLE failed on the code before the fix (strict xfail, run on 450ac77); the others passed there.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from veil.workers import failure_budget
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from review_steps import SECRET, review_owner, send, uid  # noqa: E402
-from server_sessions import open_session, request, run_command  # noqa: E402
+from server_sessions import open_session, quota_worker, request, run_command, send_tensor  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -162,3 +166,31 @@ def test_a_serving_batch_error_carries_no_value_it_names(hook):
         assert type(request(srv, cli, ServingMessage("submit", "m", [7, torch.tensor([[1, 2, 3]])]))) \
             is m.ObjectsReply
         assert request(srv, sci, ServingMessage("claim", "m", [[7], new_id()])).objects == [1]
+
+
+# ------------------------------------------------------------------------------ resources
+
+
+def test_a_placeholder_past_the_quota_is_refused_before_it_is_made(hook, monkeypatch):
+    """HOLE: ``product_placeholder(like, [2^22])`` on a session with a 1 MiB quota made 32 MiB of zeros, then the
+    store refused them (2^31 entries: 16 GiB made per request). Must hold: refused in one line by the quota before
+    any such tensor is made; a placeholder within the quota still gives plain torch's zeros."""
+    srv = quota_worker(hook, uid("rps-quota"), "rt-rps-quota", 1 << 20)
+    session = open_session(srv, "rt-rps-quota")
+    like = m.ObjectRef(send_tensor(srv, session, torch.zeros(1, dtype=torch.long)))
+    made, zeros = [], torch.zeros
+
+    def spied(*args, **kwargs):
+        out = zeros(*args, **kwargs)
+        made.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch, "zeros", spied)
+    reply, _ = run_command(srv, session, "veil.mpc.product_placeholder", like, [1 << 22])
+    monkeypatch.undo()
+    assert type(reply) is m.ErrorReply and reply.error == "QuotaExceededError" and "\n" not in reply.message, reply
+    assert max(made, default=0) < 1 << 22, "the zeros were made before the quota refused them"
+    reply, (oid,) = run_command(srv, session, "veil.mpc.product_placeholder", like, [2, 3])
+    assert type(reply) is m.OkReply, reply
+    got = request(srv, session, m.GetObjectsMessage([oid], False, None)).objects[0]
+    assert torch.equal(got, torch.zeros(2, 3, dtype=torch.long))

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from veil.mpc.material import product_shape, product_work
-from veil.mpc.party import party_function, run_party
+from veil.messaging.allowlist import register_worker_function
+from veil.mpc.party import PARTY_FUNCTIONS, WIRE_PREFIX, party_function, run_party
 from veil.mpc.ring import op_arguments
 
 #: the multiply-adds one piece may cost (None: the provider's ``material.MAX_PRODUCT_WORK`` when split)
@@ -255,12 +256,32 @@ def _join(zs: list, block_sizes: list) -> torch.Tensor:
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
 
-@party_function("product_placeholder")
 def _placeholder(like: torch.Tensor, shape: list) -> torch.Tensor:
     """Zeros of a pending split product's shape (its shares until the pieces open)."""
+    _check_placeholder(shape)
+    return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+
+def _check_placeholder(shape: list) -> None:
     if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape) or math.prod(shape) > 1 << 31:
         raise ValueError("product_placeholder needs a shape of at most 2^31 entries")
-    return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+
+def _placeholder_at(worker, like: torch.Tensor, shape: list) -> torch.Tensor:
+    """:func:`_placeholder` at a worker: the requester names the shape and a worker function is not sized before it
+    runs, so the zeros are refused by the session's quota before they are made (2^31 entries were 16 GiB made,
+    then refused at the store; red team: test_redteam_review_peer_second.py), as ``veil.mpc.prg_share`` does."""
+    from veil.compat.encoding_guards import check_room
+
+    _check_placeholder(shape)
+    if isinstance(like, torch.Tensor):
+        check_room(worker, math.prod(shape), like.element_size(), PLACEHOLDER)
+    return _placeholder(like, shape)
+
+
+PLACEHOLDER = WIRE_PREFIX + "product_placeholder"
+PARTY_FUNCTIONS["product_placeholder"] = _placeholder  # (in process: run as it is; at a worker: _placeholder_at)
+register_worker_function(PLACEHOLDER, _placeholder_at)
 
 
 def wire_slices(slices: tuple) -> list:
