@@ -2,8 +2,8 @@
 
 A client that asks, authenticated over loopback TCP, moves to the Unix socket the worker names and is
 the same kind of session there (values compared with torch); the name goes to no one else (no token, a
-wrong token, no ask, TLS); a client told a name that is not a worker's keeps TCP; the Unix socket
-authenticates as the TCP port does and a raw hostile connection there leaves the worker serving.
+wrong token, no ask, TLS); a client told a name that is not a worker's keeps TCP; the Unix socket admits
+only the one-time ticket the port gave (no token) and a raw hostile connection there leaves the worker serving.
 """
 
 from __future__ import annotations
@@ -73,20 +73,29 @@ def test_the_name_goes_only_to_a_loopback_client_that_authenticated_and_asked(li
         assert local_socket.HEADER not in str(getattr(getattr(refused.value, "response", None), "headers", ""))
 
 
-def test_the_unix_socket_authenticates_as_the_port_does(listening):
+def test_the_unix_socket_admits_only_a_ticket_the_port_gave(listening):
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
 
-    def over_unix(token: str):
+    def over_unix(headers: dict):
         return connect("ws://local/", sock=local_socket.connect(listening.local_socket_name, 5),
-                       additional_headers=handshake_headers(token), open_timeout=5)
+                       additional_headers=headers, open_timeout=5)
 
-    for bad in ("t" + "y" * 40, "short"):
+    told = BlockingConnection(f"ws://127.0.0.1:{listening.bound_port}",
+                              {**handshake_headers(TOKEN), local_socket.ASK_HEADER: "1"})
+    ticket = told.response.headers[local_socket.TICKET_HEADER]
+    told.close()
+    # tokens count for nothing there (the right one included): no door for guessing beside the port
+    for bad in (handshake_headers("t" + "y" * 40), handshake_headers(TOKEN), {local_socket.TICKET_HEADER: ticket},
+                {local_socket.TICKET_HEADER: ticket[32:]}):
         with pytest.raises(InvalidStatus) as refused:
             over_unix(bad)
         assert refused.value.response.status_code == 401
-    with over_unix(TOKEN) as ws:
+    with over_unix({local_socket.TICKET_HEADER: ticket[:32]}) as ws:
         assert ws.response.status_code == 101
+        assert ws.response.headers[local_socket.PROOF_HEADER] == ticket[32:]
+    with pytest.raises(InvalidStatus):  # used up
+        over_unix({local_socket.TICKET_HEADER: ticket[:32]})
 
 
 def test_a_hostile_raw_connection_on_the_unix_socket_leaves_the_worker_serving(hook, listening):

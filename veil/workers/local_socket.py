@@ -5,31 +5,47 @@ TCP stack, segmentation and acknowledgements on both sides: ``bench/bench_raw_so
 an SMPC product over peer openings exchanges such shares every round. A worker served without TLS on
 Linux therefore also listens on an abstract Unix socket with a random name and tells it, in its
 handshake response, to a client that authenticated over loopback TCP and asked for it (a server's peer
-links do). The client then opens the same websocket session over the Unix socket (authenticating
-again) and drops the TCP one; if anything fails it keeps TCP.
+links do), with a fresh one-time ticket. The client then opens the same websocket session over the Unix
+socket, presenting half of the ticket instead of its tokens; the worker answers with the other half (it
+proves it issued the ticket) and authenticates the tokens the ticket stands for again (a token revoked
+meanwhile is refused). The client drops the TCP session; if anything fails it keeps TCP.
 
-What this keeps: the websocket protocol, token authentication and every limit are the same on both
-sockets (one handler). No name is ever derived or cached: a client learns it from the worker whose port
-it just authenticated to, and the worker holds the name from start to exit, so nobody else can bind it
-meanwhile (abstract names are listed in /proc/net/unix, like ports: knowing one only lets a process try
-a token, as the port does). Not offered under TLS (the Unix socket would skip what TLS proves) nor off
-Linux (no abstract namespace). ``VEIL_LOCAL_SOCKETS=0`` turns it off on either side.
+What this keeps: the websocket protocol and every limit are the same on both sockets (one handler), and
+tokens go over TCP only. Any local user may connect to an abstract name (listed in /proc/net/unix) or
+bind one a worker released (at its exit or crash, maybe just after it told it to a client): so the Unix
+socket admits only a ticket (no door for guessing tokens beside the port: red team,
+tests/security/test_redteam_local_socket.py), and a client sends there nothing but its half of a ticket
+and takes the session only if the other half comes back (a squatter gets a useless half and no shares).
+The hop waits at most :data:`OPEN_TIMEOUT` (same host: milliseconds). Not offered under TLS (the Unix
+socket would skip what TLS proves) nor off Linux (no abstract namespace). ``VEIL_LOCAL_SOCKETS=0`` turns
+it off on either side.
 """
-
 from __future__ import annotations
 
 import contextlib
+import hmac
 import os
 import re
 import secrets
 import socket
 import sys
+import time
 from typing import Any, AsyncIterator
 
 #: the handshake response header naming the worker's Unix socket (to loopback clients that ask for it)
 HEADER = "X-Veil-Local-Socket"
 #: the request header a client sends to ask for it
 ASK_HEADER = "X-Veil-Local-Ask"
+#: the one-time ticket for the Unix hop: 64 hex digits in the TCP response (the client's half, then the
+#: worker's); the client's half alone in the Unix request
+TICKET_HEADER = "X-Veil-Local-Ticket"
+#: the Unix response's header with the worker's half (it proves the worker that issued the ticket answers)
+PROOF_HEADER = "X-Veil-Local-Proof"
+#: seconds the Unix hop may take before the client keeps TCP (same host: milliseconds; more is a stall)
+OPEN_TIMEOUT = 3.0
+#: seconds a ticket stays valid, and how many a worker holds at once (the oldest goes first)
+TICKET_SECONDS = 10.0
+MAX_TICKETS = 1024
 #: socket buffers of a Unix link (the kernel caps them at net.core.[rw]mem_max): with the default
 #: ~200 KiB a 1 MiB reply frame waits in the event loop's buffer (a copy) and takes many wake-ups
 BUFFER_BYTES = 4 << 20
@@ -37,6 +53,8 @@ BUFFER_BYTES = 4 << 20
 SOURCE = "local"
 
 _NAME = re.compile(r"veil-[0-9a-f]{32}")
+_TICKET = re.compile(r"[0-9a-f]{64}")
+_HALF = re.compile(r"[0-9a-f]{32}")
 
 
 def enabled() -> bool:
@@ -86,11 +104,92 @@ def offered_to(connection: Any, request: Any) -> bool:
     return remote in ("127.0.0.1", "::1", "::ffff:127.0.0.1") or remote.startswith("127.")
 
 
+def one(headers: Any, name: str) -> str | None:
+    """The header's value if it appears exactly once (``get`` raises on a repeated one), else None."""
+    values = headers.get_all(name)
+    return values[0] if len(values) == 1 else None
+
+
+class Tickets:
+    """One-time tickets a worker issued (event-loop thread only): the client's half -> the tokens it stands
+    for, the worker's half, and until when it is valid."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[list[str], str, float]] = {}  # oldest first (same lifetime for all)
+
+    def issue(self, tokens: list[str]) -> str:
+        now = time.monotonic()
+        while self._held and (len(self._held) >= MAX_TICKETS or next(iter(self._held.values()))[2] <= now):
+            del self._held[next(iter(self._held))]
+        mine, theirs = secrets.token_hex(16), secrets.token_hex(16)
+        self._held[mine] = (list(tokens), theirs, now + TICKET_SECONDS)
+        return mine + theirs
+
+    def redeem(self, half: str | None) -> tuple[list[str], str] | None:
+        """The tokens and the worker's half of a valid ticket, which is used up; None for any other string."""
+        held = self._held.pop(half, None) if isinstance(half, str) else None
+        if held is None or held[2] <= time.monotonic():
+            return None
+        return held[0], held[1]
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
+def tokens_for(worker: Any, connection: Any, request: Any, from_headers: Any) -> list[str]:
+    """The tokens a handshake authenticates with: its headers' over TCP; over the Unix socket only those its
+    ticket stands for (tokens sent there count for nothing).
+
+    Raises:
+        PermissionDeniedError: a Unix handshake without a valid ticket (counted as one failed guess).
+    """
+    if not is_unix(getattr(connection, "transport", None)):
+        return from_headers(request.headers)
+    tickets = getattr(worker, "local_tickets", None)
+    held = tickets.redeem(one(request.headers, TICKET_HEADER)) if tickets is not None else None
+    if held is None:
+        from veil.exceptions import PermissionDeniedError
+
+        refusal = PermissionDeniedError("no valid ticket for the worker's local socket")
+        refusal.failures = 1
+        raise refusal
+    connection.veil_local_proof = held[1]
+    return held[0]
+
+
+def answer(worker: Any, connection: Any, request: Any, response: Any, from_headers: Any) -> None:
+    """Headers of an authenticated handshake's 101: over the Unix socket the worker's half of the ticket
+    redeemed; over loopback TCP, to a client that asked, the worker's Unix name and a fresh ticket."""
+    proof = getattr(connection, "veil_local_proof", None)
+    if proof is not None:
+        response.headers[PROOF_HEADER] = proof
+        return
+    name, tickets = getattr(worker, "local_socket_name", None), getattr(worker, "local_tickets", None)
+    if name and tickets is not None and offered_to(connection, request):
+        response.headers[HEADER] = name
+        response.headers[TICKET_HEADER] = tickets.issue(from_headers(request.headers))
+
+
+def hop(headers: Any) -> tuple[str, str] | None:
+    """From a TCP response: the worker's Unix name and its ticket, or None (none, repeated or malformed)."""
+    name, ticket = one(headers, HEADER), one(headers, TICKET_HEADER)
+    if name is None or ticket is None or _NAME.fullmatch(name) is None or _TICKET.fullmatch(ticket) is None:
+        return None
+    return name, ticket
+
+
+def proven(headers: Any, ticket: str) -> bool:
+    """Whether a Unix response carries the worker's half of ``ticket`` (only the worker that issued it can)."""
+    proof = one(headers, PROOF_HEADER)
+    return proof is not None and _HALF.fullmatch(proof) is not None and hmac.compare_digest(proof, ticket[32:])
+
+
 @contextlib.asynccontextmanager
 async def serving_beside(worker: Any, handler: Any, options: dict) -> AsyncIterator[None]:
     """Serves ``handler`` (with the TCP server's ``options``) on a fresh abstract Unix socket while the
-    block runs, and sets ``worker.local_socket_name``; does nothing under TLS or where not :func:`enabled`."""
-    worker.local_socket_name = None
+    block runs, and sets ``worker.local_socket_name`` and ``worker.local_tickets``; does nothing under TLS or
+    where not :func:`enabled`."""
+    worker.local_socket_name = worker.local_tickets = None
     if worker.ssl_context is not None or not enabled():
         yield
         return
@@ -102,11 +201,11 @@ async def serving_beside(worker: Any, handler: Any, options: dict) -> AsyncItera
     except OSError:  # (a sandbox without Unix sockets: TCP only)
         yield
         return
-    worker.local_socket_name = name
+    worker.local_socket_name, worker.local_tickets = name, Tickets()
     try:
         yield
     finally:
-        worker.local_socket_name = None
+        worker.local_socket_name = worker.local_tickets = None
         server.close()
         await server.wait_closed()
 

@@ -184,9 +184,10 @@ class ConnectionServing:
         blocked = self.auth_throttle.blocked_for(peer)
         session = failure = None
         try:
-            tokens = tokens_from_headers(request.headers)
-            if not blocked or unguessable(tokens):  # (blocked: short tokens are not even looked up, so no
-                session = authenticate(self.tokens, tokens)  # timing can tell a right guess apart either)
+            tokens = local_socket.tokens_for(self, connection, request, tokens_from_headers)  # (Unix: a ticket's)
+            if not blocked or unguessable(tokens) or local_socket.is_unix(connection.transport):  # (blocked:
+                session = authenticate(self.tokens, tokens)  # short tokens are not even looked up, so no timing
+                # can tell a right guess apart either; over Unix the tokens came with an unguessable ticket)
         except Exception as e:  # noqa: BLE001  (a malformed request is refused as a bad token: no 500, no traceback)
             failure = e
         if blocked and session is None:
@@ -262,9 +263,7 @@ class ConnectionServing:
             if pending is not None:
                 # set before the 101 goes out: the library checks it as it parses each frame's header
                 limit = connection.protocol.max_message_size = self._message_limit(pending[0])
-                name = getattr(self, "local_socket_name", None)
-                if name and local_socket.offered_to(connection, request):  # (authenticated: pending)
-                    response.headers[local_socket.HEADER] = name
+                local_socket.answer(self, connection, request, response, tokens_from_headers)  # (authenticated)
         response.headers[MAX_SIZE_HEADER] = str(limit)
         return response
 

@@ -136,7 +136,7 @@ class BlockingConnection:
         sock = socket.create_connection((uri.host, uri.port), timeout=open_timeout)
         self._handshake(uri, sock, {**headers, local_socket.ASK_HEADER: "1"} if local else headers, ssl_context)
         if local:  # the same session over the worker's Unix socket, if it told one (local_socket.py)
-            self._go_local(uri, headers, open_timeout)
+            self._go_local(uri, open_timeout)
         # Frames are read here only if the handshake left no frame bytes inside the protocol (veil
         # servers send nothing first); otherwise every byte goes through the protocol, as it did.
         reader = getattr(self.protocol, "reader", None)
@@ -147,7 +147,7 @@ class BlockingConnection:
         """The opening handshake on ``sock`` (closed if it fails)."""
         self.protocol = ClientProtocol(uri, max_size=self.max_size, logger=CLIENT_LOGGER)
         try:
-            if sock.family != socket.AF_UNIX:
+            if getattr(sock, "family", None) != socket.AF_UNIX:  # (test doubles have none)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small requests must not wait for Nagle
             if uri.secure:
                 context = ssl_context or ssl_module.create_default_context()
@@ -163,19 +163,21 @@ class BlockingConnection:
             sock.close()
             raise
 
-    def _go_local(self, uri: Any, headers: dict[str, str], timeout: float) -> None:
-        """Moves to the Unix socket the worker named in its response (authenticating again there) and closes
-        the TCP connection; keeps TCP when there is none, or the worker refuses or breaks the new one."""
-        if self._early:  # (frames already came over TCP: veil workers send none first)
-            return
-        sock = local_socket.connect(self.response.headers.get(local_socket.HEADER), timeout)
+    def _go_local(self, uri: Any, timeout: float) -> None:
+        """Moves to the Unix socket the worker named in its response (with the one-time ticket it gave) and
+        closes the TCP connection; keeps TCP when there is none, or the socket refuses, stalls, breaks or does
+        not prove it is the worker's."""
+        told = None if self._early else local_socket.hop(self.response.headers)  # (veil workers send no frame first)
+        sock = local_socket.connect(told[0], min(timeout, local_socket.OPEN_TIMEOUT)) if told else None
         if sock is None:
             return
         tcp = self.protocol, self.sock, self.response, self._timeout
-        try:
-            self._handshake(uri, sock, headers, None)
+        try:  # only the ticket's first half goes there: the tokens stay on TCP (a squatter learns nothing)
+            self._handshake(uri, sock, {local_socket.TICKET_HEADER: told[1][:32]}, None)
             if self._early:
                 raise InvalidHandshake("frames before the first request")
+            if not local_socket.proven(self.response.headers, told[1]):
+                raise InvalidHandshake("the local socket did not prove it is the worker's")
         except Exception:  # noqa: BLE001  (refused, e.g. a slot taken; or broken: TCP it stays)
             sock.close()
             self.protocol, self.sock, self.response, self._timeout = tcp
