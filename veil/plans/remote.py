@@ -26,7 +26,7 @@ from veil.plans.ops import PlanSpec
 from veil.tensors import remote_ops
 from veil.tensors.handle import RemoteHandle, fetch_all
 from veil.tensors.pointer import PointerTensor
-from veil.workers import base, cancellation, output_bounds
+from veil.workers import base, cancellation, grad_cycles, output_bounds
 from veil.workers.monitor import register_size_estimator
 from veil.workers.quiet_warnings import DROPPED
 from veil.workers.quota import QuotaExceededError
@@ -127,6 +127,15 @@ def _quiet_run(compiled: interpreter.CompiledPlan, inputs: list, state: list, bu
         return interpreter.run(compiled, inputs, state, budget)
 
 
+def _cycle_notes(worker: Any, spec: PlanSpec) -> Any:
+    """Without a quota, a run's size check only remembers the leaves of its ``create_graph`` backward, for its
+    session's end (veil/workers/grad_cycles.py); None when it has none to remember."""
+    principal = worker.principal(worker.requester())
+    if not principal.isolated:
+        return None
+    return grad_cycles.plan_notes(principal.namespace, spec.ops, output_bounds.MAX_GRAPH_NODES)
+
+
 def _undo_slots(tensors: list) -> list:
     """What a step may write and must put back if cut: not the owner data copied for this command (its own
     copies, seen by no one after a failed run: copied once, by the handler, not again by step_undo)."""
@@ -137,10 +146,11 @@ def _undo_slots(tensors: list) -> list:
 def _run(worker: Any, spec: PlanSpec, inputs: list, state: list) -> Any:
     compiled, inputs, state = _compiled(spec), list(inputs), list(state)
     budget = session_budget(worker)
+    notes = _cycle_notes(worker, spec) if budget is None else None
     # (a run cut part-way leaves what it writes, state and inputs, as before it, not half-written)
     undo = step_undo.undo_plan(spec) if (len(inputs), len(state)) == (spec.n_inputs, spec.n_state) else None
-    return step_undo.run_step(lambda: _quiet_run(compiled, inputs, state, budget), _undo_slots([*inputs, *state]),
-                              undo, budget)
+    return step_undo.run_step(lambda: _quiet_run(compiled, inputs, state, budget if notes is None else notes),
+                              _undo_slots([*inputs, *state]), undo, budget)
 
 
 def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, state: list, batch_size: int,
@@ -184,7 +194,13 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
     if any(t.grad_fn is not None for t in kept):
         raise PlanArgumentError("fit: state and extra tensors must be leaves (not results of ops autograd "
                                 "tracks): a graph they carry grows from one batch to the next")
+    # a view (no grad) a batch writes with grad on keeps the batch's graph, which detach_ cannot drop from a view:
+    # the batches write it through an alias of its memory that autograd does not see as a view (dropped after)
+    state, extra = [_unviewed(t) for t in state], [_unviewed(t) for t in extra]
+    aliases = [t for t in [*state, *extra] if isinstance(t, torch.Tensor)]
+    kept_views = [t for t, a in zip(kept, aliases) if a is not t]
     undo_slots = [None, None, *_undo_slots([*extra, *state])]
+    notes = _cycle_notes(worker, spec) if worker.monitor.max_session_bytes is None else None
     for _ in range(epochs):
         if count >= total:  # (max_batches reached: no further epoch starts)
             break
@@ -215,13 +231,14 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
             inputs = [xb, yb, *extra]
             # (the batch's rows are left out of the undo: written in place, a view writes the data, which would be
             # copied whole before every batch)
-            loss = step_undo.run_step(lambda: _quiet_run(compiled, inputs, state, sized),
+            loss = step_undo.run_step(lambda: _quiet_run(compiled, inputs, state, sized if notes is None else notes),
                                       undo_slots, undo, sized)
-            if any(t.grad_fn is not None for t in kept):  # (it would carry every batch's graph, all they saved)
-                for t in kept:
-                    if t.grad_fn is not None and t._base is None:
-                        t.detach_()  # (a leaf again, as it was: the batch's graph goes; a view keeps it, and
-                        # it is refused as a fit's state from then on)
+            for t in kept_views:  # (written through an alias: what saved it must see it changed, as torch would)
+                torch.autograd.graph.increment_version(t)
+            if any(t.grad_fn is not None for t in aliases):  # (it would carry every batch's graph, all they saved)
+                for t in aliases:
+                    if t.grad_fn is not None:
+                        t.detach_()  # (a leaf again, as it was: the batch's graph goes; no view is kept)
                 raise PlanArgumentError("fit: a batch wrote a state or extra tensor with grad tracking on (an "
                                         "in-place op outside no_grad): each batch's graph would stay with it")
             if sized is not None and kept:  # (and with this batch's growth, the losses must still fit)
@@ -239,6 +256,15 @@ def _fit(worker: Any, spec: PlanSpec, data: torch.Tensor, target: torch.Tensor, 
             if count >= total:
                 break
     return torch.zeros(0) if losses is None else losses[:count]
+
+
+def _unviewed(t: Any) -> Any:
+    """``t``, or for a view without grad an alias of its memory that autograd does not see as a view (a batch's
+    graph on it goes with it; ``detach_`` cannot take one from a view)."""
+    if not isinstance(t, torch.Tensor) or t._base is None or t.requires_grad or t.layout is not torch.strided:
+        return t
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), t.size(),
+                                                               t.stride())
 
 
 def _storage_bytes(tensors: list) -> int:

@@ -131,7 +131,7 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
             monitor.check_free(principal, ids)
             if len(ids) > 1 and owner_guard.writes_first_argument(name):  # an in-place op returns its input alone
                 raise RemoteExecutionError(f"{name} returns one tensor but the caller expected {len(ids)}")
-    if monitor.max_session_bytes is not None and not op.worker_function:  # refused before it allocates
+    if (monitor.max_session_bytes is not None or name in output_bounds.GRAPH_SIZED) and not op.worker_function:
         try:
             output_bounds.check(monitor, principal, name, op.func, args, kwargs, grad=bool(grad_enabled))
         except output_bounds.ArgumentError as e:  # the op's own error, as the except below would give it

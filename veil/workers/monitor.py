@@ -35,7 +35,7 @@ from veil.workers.principals import PURPOSES, Principal, Purpose, PurposeRule  #
 from veil.workers.quota import (DEFAULT_OBJECT_BYTES, MIN_TENSOR_BYTES, SIZE_ESTIMATORS,  # noqa: F401
                                 QuotaExceededError, QuotaRules, _nbytes, metadata_nbytes,
                                 register_size_estimator)
-from veil.workers.store import SHARED_NS, Entry, Kind, ObjectStore, StoreKey
+from veil.workers.store import GRADIENT, SHARED_NS, Entry, Kind, ObjectStore, StoreKey
 from veil.workers.store_admission import AFTER_LOCK, BATCH_AFTER_LOCK, StoreAdmission, audit_later
 
 __all__ = ["Purpose", "Kind", "Principal", "ReferenceMonitor", "QuotaExceededError", "DEALER_TAG", "Entry",
@@ -393,6 +393,8 @@ class ReferenceMonitor(QuotaRules, OpeningRules, StoreAdmission):
         if kind == Kind.DEALER and sources:
             dealt.inherit_fixed(entry, sources)
         with AFTER_LOCK, store.locked(key):  # checked and stored in one step (veil/workers/store_admission.py)
+            if ns != SHARED_NS and store.charged_already(key, ns, obj):  # (a gradient, or a tensor under a new id)
+                nbytes = entry.nbytes = MIN_TENSOR_BYTES + extra_nbytes
             self.admit_store(principal, oid, nbytes + store.beside_bytes(key, ns, entry), hand_off)
             store.put(key, ns, oid, entry, hand_off=hand_off, account=principal.account)
         return entry
@@ -492,10 +494,12 @@ class ReferenceMonitor(QuotaRules, OpeningRules, StoreAdmission):
             return False
         if (self.max_session_bytes is not None and principal.isolated and not principal.is_peer
                 and isinstance(removed.obj, _TENSOR) and removed.nbytes
-                and (removed.obj.requires_grad or removed.meta.get("graph_saved"))):
+                and (removed.obj.requires_grad or removed.meta.get("graph_saved") or getattr(removed.obj, GRADIENT, 0)
+                     or self._store.named(self.__key, principal.namespace, removed.obj))):
             # a tensor in an autograd graph may outlive its name: a result computed from it keeps it (tracked,
             # or saved by a tracked op: ``x * w`` keeps ``x`` for ``w``'s gradient, GraphSaves marks it). It
             # stays charged until it is freed (when nothing else holds it, as soon as ``removed`` goes: now).
+            # A gradient (a leaf may hold it) or a tensor another id names (charged once, by this one) too.
             # Only then: an exception's traceback cycle holding some other deleted tensor until the next
             # garbage collection would keep it charged meanwhile.
             self._store.linger(self.__key, principal.namespace, removed.nbytes, removed.obj)

@@ -30,7 +30,8 @@ from typing import Any, Callable
 import torch
 
 from veil.tensors.tree import leaves
-from veil.workers import grad_charges
+from veil.workers import grad_charges, grad_cycles
+from veil.workers.grad_cycles import wants_graph
 
 #: signatures whose sizes are remembered (least recently used first out). Shared by every session, each
 #: entry under its session's key (no session hits another's); what one session can still observe is that its
@@ -135,7 +136,7 @@ def _backward_bound(args: Any, kwargs: dict, watch: Callable | None = None) -> i
             the collector cannot break), or a sparse gradient (one row per index looked up, however few rows
             the weight has: ``embedding(..., sparse=True)``).
     """
-    if kwargs.get("create_graph") is True or (len(args) > 3 and args[3] is True):
+    if wants_graph(args, kwargs):
         raise Unsizable("backward(create_graph=True) builds a graph of gradients of unknown size")
     root = args[0] if args and type(args[0]) in (torch.Tensor, torch.nn.Parameter) else None
     if root is None:
@@ -393,6 +394,8 @@ def check(monitor: Any, principal: Any, name: str, func: Callable, args: Any, kw
     the same request already holds uncharged, a plan's earlier results), before its op allocates; returns
     its size. ``grad``: whether the op runs with grad tracking (None: as this thread does now). No quota, or
     an in-process caller: nothing to do (0)."""
+    if name in GRAPH_SIZED and principal.isolated:  # (with or without a quota: its cycles end with the session)
+        grad_cycles.note(principal.namespace, args, kwargs, MAX_GRAPH_NODES)
     if monitor.max_session_bytes is None or not principal.isolated:
         return 0
     try:

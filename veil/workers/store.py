@@ -29,6 +29,8 @@ OWED = "graph_owed"
 #: ``Entry.meta`` key: the part of ``Entry.nbytes`` charged for its op graph (governance), beside its storage
 GRAPH_CHARGED = "graph_nbytes"
 _NO_OBJECTS = MappingProxyType({})  # a namespace that holds nothing yet (read-only)
+#: on a tensor: it is (or was) some leaf's gradient (veil/messaging/allowlist.py marks those ``.grad`` gives and takes)
+GRADIENT = "_veil_gradient"
 
 
 class Kind:
@@ -79,10 +81,11 @@ class Entry(_WeaklyReferable):
 _GRADDED = (torch.Tensor, torch.nn.Parameter)  # (the types whose chain of gradients _grad_bytes walks)
 
 
-def _grad_bytes(t: torch.Tensor, charged: Any = _NO_OBJECTS) -> int:
+def _grad_bytes(t: torch.Tensor, charged: Any = _NO_OBJECTS, stored: Any = _NO_OBJECTS) -> int:
     """Bytes of the storages down ``t``'s chain of gradients (each once, ``t``'s own not counted), but those
     charged already as they were made (``charged``: ids of the session's lingering charges,
-    veil/workers/grad_charges.py); each one counted is marked charged (its hook does not charge it again)."""
+    veil/workers/grad_charges.py) or as stored objects (``stored``: ids of the session's, ``x.grad = g``); each
+    one counted is marked charged (its hook does not charge it again)."""
     storages, visited = {t.untyped_storage().data_ptr()}, {id(t)}
     total = 0
     while True:
@@ -90,7 +93,7 @@ def _grad_bytes(t: torch.Tensor, charged: Any = _NO_OBJECTS) -> int:
         if t is None or id(t) in visited or t.layout is not torch.strided:  # (a.grad = b, b.grad = a: a cycle)
             return total
         visited.add(id(t))
-        if id(t) in charged:
+        if id(t) in charged or id(t) in stored:
             continue
         setattr(t, CHARGED, True)
         storage = t.untyped_storage()
@@ -130,6 +133,9 @@ class ObjectStore:
         #: every session's, under the lock, cost each end as many steps as all sessions' live gradients)
         self._lingering: dict[str, dict[int, int]] = {}
         self._beside = BesideCharges()  # what stored objects keep alive beside them (a CKKS tensor's context)
+        #: namespace -> {id of a tensor stored there: under how many ids}: one tensor is charged once, by its first
+        #: id (a gradient, an in-place op's result stored under a new id; ``charged_already``)
+        self._stored: dict[str, dict[int, int]] = {}
         # Writes are read-modify-write (usage, hand-offs): in-process workers may handle two
         # requests at once (a dealer's background thread next to the online phase).
         self._lock = threading.RLock()
@@ -193,10 +199,14 @@ class ObjectStore:
                 space = self._spaces[ns] = {}
             space[oid] = entry
             obj = entry.obj
+            if ns != SHARED_NS and isinstance(obj, torch.Tensor):
+                stored = self._stored.setdefault(ns, {})
+                stored[id(obj)] = stored.get(id(obj), 0) + 1
             if (ns != SHARED_NS and type(obj) in _GRADDED and (obj.is_leaf or obj.retains_grad) and obj.grad is not None
                     and obj.layout is torch.strided):
                 # a plan's result may come with a gradient (``backward(inputs=[result])``), which nothing charged
-                grads = _grad_bytes(obj, self._lingering.get(ns, _NO_OBJECTS)) - entry.grads_nbytes
+                grads = _grad_bytes(obj, self._lingering.get(ns, _NO_OBJECTS),
+                                    self._stored.get(ns, _NO_OBJECTS)) - entry.grads_nbytes
                 if grads > 0:
                     entry.grads_nbytes += grads
                     entry.nbytes += grads
@@ -249,7 +259,8 @@ class ObjectStore:
         if key is not self._key:
             self._check(key)
         if gradient is not None:
-            self.linger(key, ns, gradient[1], gradient[0])
+            if id(gradient[0]) not in self._stored.get(ns, _NO_OBJECTS):  # (else its entry charges it: x.grad = g)
+                self.linger(key, ns, gradient[1], gradient[0])
             return
         space = self._spaces.get(ns)
         if not space:
@@ -268,7 +279,8 @@ class ObjectStore:
                                                               - entry.grads_nbytes)
                     # its gradients, which a command may have made (backward) or grown (a plan's out= into
                     # x.grad): held as long as it is, uncharged they held any size beside a small tensor
-                    grads = _grad_bytes(obj, self._lingering.get(ns, _NO_OBJECTS)) - entry.grads_nbytes
+                    grads = _grad_bytes(obj, self._lingering.get(ns, _NO_OBJECTS),
+                                        self._stored.get(ns, _NO_OBJECTS)) - entry.grads_nbytes
                     if grads > 0:
                         entry.grads_nbytes += grads
                         grown = max(grown, 0) + grads
@@ -314,6 +326,7 @@ class ObjectStore:
                 self._unaccount(oid, 0)
                 return None
             self._unaccount(oid, entry.nbytes)
+            self._unstore(src, entry.obj)
             self.usage[src] = self.usage.get(src, 0) - entry.nbytes + self._beside_change(src, entry, -1)
             entry.created_by = ns
             self.put(key, ns, oid, entry)
@@ -326,11 +339,32 @@ class ObjectStore:
             space = self._spaces.get(ns)
             entry = space.pop(oid, None) if space is not None else None
             if entry is not None:
+                self._unstore(ns, entry.obj)
                 self.usage[ns] = self.usage.get(ns, 0) - entry.nbytes + self._beside_change(ns, entry, -1)
                 acc = self._hand_offs.get(oid)
                 if acc is not None and acc[0] == ns:  # (another peer's hand-off may use the same id)
                     self._unaccount(oid, entry.nbytes)
             return entry
+
+    def _unstore(self, ns: str, obj: Any) -> None:
+        """One id of ``ns`` no longer names ``obj`` (lock held)."""
+        stored = self._stored.get(ns)
+        if stored is not None and isinstance(obj, torch.Tensor):
+            left = stored.pop(id(obj), 0) - 1
+            if left > 0:
+                stored[id(obj)] = left
+
+    def charged_already(self, key: StoreKey, ns: str, obj: Any) -> bool:
+        """Whether ``ns`` is charged ``obj`` already, for as long as it lives or as one of its ids names it (a
+        gradient ``backward`` made, a tensor stored under another id): a new id of it is charged its entry only."""
+        self._check(key)
+        return isinstance(obj, torch.Tensor) and (id(obj) in self._stored.get(ns, _NO_OBJECTS)
+                                                  or id(obj) in self._lingering.get(ns, _NO_OBJECTS))
+
+    def named(self, key: StoreKey, ns: str, obj: Any) -> bool:
+        """Whether an id of ``ns`` still names ``obj``."""
+        self._check(key)
+        return id(obj) in self._stored.get(ns, _NO_OBJECTS)
 
     def entries(self, key: StoreKey, ns: str | None) -> Iterator[tuple[int, Entry]]:
         """The entries of ``ns`` plus the shared ones (every entry when ``ns`` is None)."""
@@ -346,12 +380,19 @@ class ObjectStore:
     def linger(self, key: StoreKey, ns: str, nbytes: int, obj: Any) -> None:
         """Keeps charging ``ns`` the ``nbytes`` of an object it deleted while something else still holds it
         (an autograd graph saved it, another id names the same object), until it is freed. Once per object:
-        deleting more names of one object (an in-place op's result stored under a new id) adds nothing."""
+        deleting more names of one object (an in-place op's result stored under a new id) adds nothing, but what
+        the largest of their charges passes the one lingering (its first id, deleted after a later one)."""
         self._check(key)
         at = (ns, id(obj))  # (an id is unique while the object lives, and the entry goes when it dies)
         with self._lock:
             held = self._lingering.get(ns)
-            if ns not in self._spaces or (held is not None and at[1] in held):  # (the session ended meanwhile)
+            if held is not None and at[1] in held:
+                more = nbytes - held[at[1]]
+                if more > 0:
+                    held[at[1]] = nbytes
+                    self.usage[ns] = self.usage.get(ns, 0) + more
+                return
+            if ns not in self._spaces:  # (the session ended meanwhile)
                 return
             if held is None:
                 held = self._lingering[ns] = {}
@@ -375,6 +416,7 @@ class ObjectStore:
             space = self._spaces.pop(ns, {})
             self.usage.pop(ns, None)
             self._lingering.pop(ns, None)
+            self._stored.pop(ns, None)
             self._beside.drop(ns)
             for oid in space:
                 acc = self._hand_offs.get(oid)
