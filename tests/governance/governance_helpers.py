@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import veil as sy
 from veil.workers.websocket_launcher import start_worker
+
+from tests.cli_batch import run_veil
 
 TOKEN = "gov-scientist-token"
 OTHER = "gov-other-token"
@@ -29,7 +30,6 @@ def console_url(wp) -> str:
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "veil.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "VEIL_ADMIN_TOKEN": ""})
-
-
+    """``python -m veil.cli *args``, in the runner this test process shares (tests/cli_batch.py: a fresh
+    process per command imported torch again, ~3 s each); only the flag gives the admin token."""
+    return run_veil(list(args), env={**os.environ, "VEIL_ADMIN_TOKEN": ""}, cwd=os.getcwd(), timeout=timeout)

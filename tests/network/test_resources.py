@@ -6,6 +6,7 @@ log flooding and CLI input errors.
 """
 
 import http.client
+import os
 import subprocess
 import sys
 import textwrap
@@ -29,6 +30,8 @@ from veil.workers.websocket_transport import BlockingConnection
 from veil.messaging.serde import WIRE_VERSION
 
 from network_helpers import TOKEN, base_args
+
+from tests.cli_batch import run_veil
 
 
 def _http_get(port: int, headers: dict) -> int:
@@ -227,18 +230,15 @@ def test_refused_connections_are_audited_in_aggregate(spawn, tmp_path):
 
 @pytest.mark.parametrize("argv", [
     ["worker", "--id", "a", "--token", "short"],
-    # each case starts a process (~3 s): two in the default suite, the rest with the slow tests
-    pytest.param(["worker", "--id", "a", "--token", "long-enough-token", "--port", "99999"], marks=pytest.mark.slow),
-    pytest.param(["worker", "--id", "a", "--token", "long-enough-token", "--cert", "/nonexistent.pem", "--key", "/x"],
-                 marks=pytest.mark.slow),
-    pytest.param(["worker", "--id", "a", "--token", "long-enough-token", "--max-command-seconds", "-1"],
-                 marks=pytest.mark.slow),
-    pytest.param(["worker", "--id", "a", "--token", "long-enough-token", "--max-memory-mb", "10"],
-                 marks=pytest.mark.slow),
+    ["worker", "--id", "a", "--token", "long-enough-token", "--port", "99999"],
+    ["worker", "--id", "a", "--token", "long-enough-token", "--cert", "/nonexistent.pem", "--key", "/x"],
+    ["worker", "--id", "a", "--token", "long-enough-token", "--max-command-seconds", "-1"],
+    ["worker", "--id", "a", "--token", "long-enough-token", "--max-memory-mb", "10"],
     ["serve", "/nonexistent-model.pt", "--auto", "1,2,3"],
 ])
 def test_cli_input_errors_are_one_line(argv):
-    out = subprocess.run([sys.executable, "-m", "veil.cli", *argv], capture_output=True, text=True, timeout=120)
+    # in the shared runner (tests/cli_batch.py): a fresh process per case imported torch again (~3 s)
+    out = run_veil(argv, env=dict(os.environ), cwd=os.getcwd(), timeout=120)
     assert out.returncode != 0
     assert "Traceback" not in out.stderr + out.stdout
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr

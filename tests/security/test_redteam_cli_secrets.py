@@ -24,10 +24,18 @@ import pytest
 
 from veil.workers.websocket_launcher import start_worker
 
+from tests.cli_batch import run_veil
+
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "redteam-cli-scientist-token"
 SECRET = "redteam-cli-SECRET-peer-token-4f1d"
 PASSWORD = "redteam-cli-SECRET-db-password-9c2e"
+
+
+#: ``worker`` and ``db`` commands that fail at start-up run in the one process this test process shares
+#: (tests/cli_batch.py: each a fresh ``python -m veil.cli`` imports torch again, ~3 s); ``serve`` starts a
+#: cluster, in a process of its own
+_SHARED_PROCESS_COMMANDS = ("worker", "db")
 
 
 def _veil(*argv: str, timeout: float = 180, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -35,6 +43,8 @@ def _veil(*argv: str, timeout: float = 180, env: dict | None = None) -> subproce
     full_env = {**os.environ, "VEIL_TRACEBACK": "", **(env or {})}
     for name in ("VEIL_TOKEN", "VEIL_ADMIN_TOKEN", "VEIL_PEER_TOKEN", "VEIL_DB"):
         full_env.pop(name, None)
+    if argv[0] in _SHARED_PROCESS_COMMANDS:
+        return run_veil(list(argv), env=full_env, cwd=ROOT, timeout=timeout)
     return subprocess.run([sys.executable, "-m", "veil.cli", *argv], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -72,7 +82,7 @@ def test_recursive_argument_file_is_a_one_line_error(tmp_path):
     assert out.returncode == 2
 
 
-@pytest.mark.parametrize("kind", ["missing", pytest.param("directory", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", ["missing", "directory"])
 def test_missing_or_directory_argument_file_is_one_line(tmp_path, kind):
     """Defence: ``@FILE`` naming no file or a folder is argparse's one-line error, status 2."""
     path = tmp_path / "nope.args"
@@ -86,9 +96,7 @@ def test_missing_or_directory_argument_file_is_one_line(tmp_path, kind):
 # ------------------------------------------------------------------ secrets echoed in errors
 
 
-# one flag in the default suite (each case starts a process: ~3 s); the rest with the slow tests
-@pytest.mark.parametrize("flag", [pytest.param("--peer-token", marks=pytest.mark.slow), "--user", pytest.param("--client", marks=pytest.mark.slow),
-                                  pytest.param("--accept-peer", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("flag", ["--peer-token", "--user", "--client", "--accept-peer"])
 def test_malformed_token_flag_does_not_echo_the_token(tmp_path, flag):
     """Attack/slip: the owner forgets ``NAME=`` (``--peer-token TOKEN`` or ``--user alice:TOKEN``). The error
     goes to stderr, which for a service lands in the journal / a log collector other people read. Must hold:
@@ -127,7 +135,7 @@ def test_database_password_in_userinfo_is_redacted(tmp_path):
     assert PASSWORD not in out.stdout + out.stderr and "veil:***@" in out.stderr, out.stderr
 
 
-@pytest.mark.parametrize("command", ["worker", pytest.param("migrate", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("command", ["worker", "migrate"])
 def test_unreachable_database_is_a_one_line_error(tmp_path, command):
     """Slip: ``--db``/``--to`` names a server that is down. Must hold: exactly one line on stderr (scripts and
     log collectors read the first line as the whole error; the second line was psycopg's hint)."""
@@ -176,8 +184,8 @@ def test_nonsense_limits_are_refused_at_start(flag, value):
 
 @pytest.mark.parametrize("extra", [
     ["--dataset", "d=/nonexistent/redteam.csv"],
-    pytest.param(["--budget", "scientist=lots"], marks=pytest.mark.slow),
-    pytest.param(["--policy", "strict"], marks=pytest.mark.slow),
+    ["--budget", "scientist=lots"],
+    ["--policy", "strict"],
 ])
 def test_bad_worker_flags_exit_with_status_2(extra):
     """Slip: a missing dataset, a malformed budget or policy. Must hold (README, cli.py docstring): one line

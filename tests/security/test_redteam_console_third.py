@@ -344,19 +344,18 @@ def test_off_loopback_the_console_is_refused_without_tls(served, host):
         assert ConsoleServer(served, host=loopback, port=0).host_name.endswith(".localhost"), loopback
 
 
-@pytest.mark.slow
 def test_veil_worker_refuses_an_off_loopback_console_without_tls_in_one_line(tmp_path):
     """Behind the previous test, from the command line: ``veil worker --console-host 0.0.0.0`` without
-    ``--cert``/``--key`` exits with status 2 and one ``error:`` line (no traceback), the admin token never in it."""
-    import subprocess
-    import sys
+    ``--cert``/``--key`` exits with status 2 and one ``error:`` line (no traceback), the admin token never in it.
+    (In the shared runner, tests/cli_batch.py: no process start of its own, so no longer with the slow tests.)"""
+    import os
+
+    from tests.cli_batch import run_veil
 
     admin = "cli-console3-admin-token"
-    done = subprocess.run([sys.executable, "-m", "veil.cli", "worker", "--id", "rt3", "--port", "0", "--token", TOKEN,
-                           "--admin-token", admin, "--console-port", "0", "--console-host", "0.0.0.0",
-                           "--data-dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120, env={**__import__("os").environ,
-                                                                            "OMP_NUM_THREADS": "1"})
+    done = run_veil(["worker", "--id", "rt3", "--port", "0", "--token", TOKEN, "--admin-token", admin,
+                     "--console-port", "0", "--console-host", "0.0.0.0", "--data-dir", str(tmp_path)],
+                    cwd=os.getcwd(), timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and "error:" in lines[0] and "--cert" in lines[0], done.stderr
     assert admin not in done.stderr + done.stdout and "listening" not in done.stdout

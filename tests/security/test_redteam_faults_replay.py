@@ -427,13 +427,13 @@ def _half_written_ledger(data_dir) -> bytes:
 
 
 def _run_worker_once(args: list[str], timeout: float = 60):
+    """``python -m veil.cli worker ...`` that fails at start-up, in the shared runner (tests/cli_batch.py)."""
     import os
-    import subprocess
-    import sys
 
-    return subprocess.run([sys.executable, "-m", "veil.cli", "worker", "--id", "alice", "--port", "0", *args],
-                          capture_output=True, text=True, timeout=timeout,
-                          env={k: v for k, v in os.environ.items() if k != "VEIL_TRACEBACK"})
+    from tests.cli_batch import run_veil
+
+    return run_veil(["worker", "--id", "alice", "--port", "0", *args], cwd=os.getcwd(), timeout=timeout,
+                    env={k: v for k, v in os.environ.items() if k != "VEIL_TRACEBACK"})
 
 
 def test_half_written_ledger_at_restart_fails_safe(tmp_path):

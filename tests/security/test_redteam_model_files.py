@@ -52,6 +52,8 @@ from veil.messaging import serde
 from veil.serving.errors import ModelConversionError, ServingError
 from veil.serving.model_file import FORMAT, load_model, save_model
 
+from tests.cli_batch import run_veil
+
 ROOT = Path(__file__).resolve().parents[2]
 SENTINEL_CODE = "veil-redteam-ran"
 
@@ -493,9 +495,9 @@ def test_worker_dataset_with_an_oversized_field_is_one_line(tmp_path):
     csv_path = tmp_path / "data.csv"
     csv_path.write_text('a,b\n1,"' + "9" * 200_000 + '"\n')
     env = {**os.environ, "VEIL_TRACEBACK": ""}
-    proc = subprocess.run([sys.executable, "-m", "veil.cli", "worker", "--id", "rt", "--port", "0",
-                           "--max-memory-mb", "0", "--dataset", f"d={csv_path}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    # (in the shared runner, tests/cli_batch.py: as ``python -m veil.cli`` without another import of torch)
+    proc = run_veil(["worker", "--id", "rt", "--port", "0", "--max-memory-mb", "0", "--dataset", f"d={csv_path}"],
+                    cwd=ROOT, env=env, timeout=60)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode in (1, 2), proc.returncode
     assert "Traceback" not in proc.stderr, proc.stderr[-600:]

@@ -18,6 +18,7 @@ from psycopg.conninfo import conninfo_to_dict
 from veil.workers.database import Database, redact
 from veil.workers.persistence import OwnerDB
 
+from tests.cli_batch import run_veil
 from tests.scale.conftest import pg_url, postgres_server  # noqa: F401  (fixtures: a real PostgreSQL)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,20 +66,62 @@ def test_a_password_parameter_is_never_printed(query, parameter):
     assert SECRET not in str(info.value), str(info.value)
 
 
-def test_worker_start_error_line_masks_the_common_password_forms(tmp_path):
+def _cli_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("VEIL_TOKEN", "VEIL_ADMIN_TOKEN", "VEIL_DB")}
+    env["VEIL_TRACEBACK"] = ""
+    return env
+
+
+#: ``veil worker --db URL`` against an unreachable server, the password in the forms below
+UNREACHABLE_WITH_PASSWORD = (f"postgresql://alice:{SECRET}%40x%26y%20z@127.0.0.1:1/db?connect_timeout=2",
+                             f"postgresql://alice:{SECRET}@x@127.0.0.1:1/db?connect_timeout=2",
+                             f"postgresql://alice@127.0.0.1:1/db?connect_timeout=2&password={SECRET}%23")
+#: state URLs copied from other tools' configs, which veil refuses
+REFUSED_URLS = (f"postgresql+psycopg://alice:{SECRET}@db.internal/alice_state",  # SQLAlchemy form
+                f"'postgresql://alice:{SECRET}@db.internal/alice_state'",  # quoted in an env file
+                f"PostgreSQL://alice:{SECRET}@db.internal/alice_state")
+
+
+def _refused_commands(url: str, state: Path) -> list[list[str]]:
+    return [["worker", "--id", "alice", "--port", "0", "--db", url],
+            ["db", "migrate", "--from", str(state), "--to", url]]
+
+
+@pytest.fixture(scope="module")
+def failed_commands(tmp_path_factory) -> dict[tuple[str, ...], subprocess.CompletedProcess]:
+    """Every command below that fails at start-up, run in one shared Python process (tests/cli_batch.py: each a fresh
+    ``python -m veil.cli`` would cost another import of torch), by its arguments."""
+    state = tmp_path_factory.mktemp("second_pass") / "state"
+    state.mkdir()
+    commands = [["worker", "--id", "alice", "--port", "0", "--db", url] for url in UNREACHABLE_WITH_PASSWORD]
+    commands += [argv for url in REFUSED_URLS for argv in _refused_commands(url, state)]
+    return {tuple(argv): run_veil(argv, env=_cli_env(), cwd=ROOT) for argv in commands} | {"state": state}
+
+
+def test_worker_start_error_line_masks_the_common_password_forms(failed_commands):
     """Defence: ``veil worker --db URL`` against an unreachable server, with the password as user info
     holding ``@``, ``&`` and spaces (percent-encoded) and as a ``password=`` parameter. Must hold: one line,
     status 2, and the password is on neither stream."""
-    for url in (f"postgresql://alice:{SECRET}%40x%26y%20z@127.0.0.1:1/db?connect_timeout=2",
-                f"postgresql://alice:{SECRET}@x@127.0.0.1:1/db?connect_timeout=2",
-                f"postgresql://alice@127.0.0.1:1/db?connect_timeout=2&password={SECRET}%23"):
-        env = {k: v for k, v in os.environ.items() if k not in ("VEIL_TOKEN", "VEIL_ADMIN_TOKEN", "VEIL_DB")}
-        env["VEIL_TRACEBACK"] = ""
-        out = subprocess.run([sys.executable, "-m", "veil.cli", "worker", "--id", "alice", "--port", "0",
-                              "--db", url], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    for url in UNREACHABLE_WITH_PASSWORD:
+        out = failed_commands[("worker", "--id", "alice", "--port", "0", "--db", url)]
         text = out.stdout + out.stderr
         assert out.returncode == 2 and "Traceback" not in text, text[-1500:]
+        assert text.strip().count("\n") == 0 and "cannot connect" in text, text[-1500:]
         assert SECRET not in text, text[-1500:]
+
+
+def test_the_batched_cli_runs_report_what_a_veil_process_prints(tmp_path):
+    """The check above runs its commands in one process (tests/cli_batch.py): that process must report
+    a command's own status and streams, so a password printed there would be seen: one real process for
+    comparison, and a missing option (argparse's SystemExit: status 2, one line on stderr)."""
+    url = UNREACHABLE_WITH_PASSWORD[0]
+    argv = ["worker", "--id", "alice", "--port", "0", "--db", url]
+    real = subprocess.run([sys.executable, "-m", "veil.cli", *argv], cwd=ROOT, env=_cli_env(),
+                          capture_output=True, text=True, timeout=180)
+    batched, missing = (run_veil(a, env=_cli_env(), cwd=ROOT) for a in (argv, ["worker"]))
+    assert (batched.returncode, batched.stdout, batched.stderr) == (real.returncode, real.stdout, real.stderr)
+    assert (missing.returncode, missing.stdout) == (2, "")
+    assert missing.stderr == "veil worker: error: the following arguments are required: --id\n"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make files another user owns")
@@ -116,23 +159,16 @@ def test_a_data_dir_another_user_prepared_is_not_used_for_the_owners_state(tmp_p
         db.close()
 
 
-@pytest.mark.parametrize("url", [f"postgresql+psycopg://alice:{SECRET}@db.internal/alice_state",  # SQLAlchemy form
-                                 f"'postgresql://alice:{SECRET}@db.internal/alice_state'",  # quoted in an env file
-                                 f"PostgreSQL://alice:{SECRET}@db.internal/alice_state"])
-def test_a_database_url_veil_refuses_is_not_echoed_with_its_password(tmp_path, url):
+@pytest.mark.parametrize("url", REFUSED_URLS)
+def test_a_database_url_veil_refuses_is_not_echoed_with_its_password(failed_commands, url):
     """Attack: the owner copies the state URL from another tool's config: the SQLAlchemy spelling
     ``postgresql+psycopg://``, a value an env file kept its quotes on (``VEIL_DB='postgresql://...'``), or an
     upper-case scheme. veil refuses it (good), but the one-line error quotes the whole URL: the password lands
     on stderr, i.e. in the journal or log collector other local users read. Must hold: ``veil worker --db``
     and ``veil db migrate --to`` refuse it without printing the password (``redact`` masks every one of these
     forms already; the refusals do not call it)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("VEIL_TOKEN", "VEIL_ADMIN_TOKEN", "VEIL_DB")}
-    env["VEIL_TRACEBACK"] = ""
-    (tmp_path / "state").mkdir()
-    for argv in (["worker", "--id", "alice", "--port", "0", "--db", url],
-                 ["db", "migrate", "--from", str(tmp_path / "state"), "--to", url]):
-        out = subprocess.run([sys.executable, "-m", "veil.cli", *argv], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=180)
+    for argv in _refused_commands(url, failed_commands["state"]):
+        out = failed_commands[tuple(argv)]
         text = out.stdout + out.stderr
         assert out.returncode != 0 and "Traceback" not in text, text[-1500:]
         assert SECRET not in text, text[-1500:]
