@@ -109,7 +109,7 @@ class BudgetLedger:
         self._reader = ReaderSlot(self._db)
         self._known: dict[str, charge_totals.Total] = {}  # (see _KNOWN_TOTALS)
         self._known_lock = threading.Lock()  # (the console's reads run beside the ledger's lock)
-        self._tried_runs: dict[tuple[str, float], set] = {}  # (see _tried)
+        self._tried_runs: dict[str, set] = {}  # user -> runs of her refused steps, at any delta (see _tried)
         with self._lock:
             self._make_tables()
             self._file.settle()
@@ -206,6 +206,8 @@ class BudgetLedger:
             'INSERT INTO budgets("user", epsilon, delta) VALUES (?, ?, ?) '
             'ON CONFLICT("user") DO UPDATE SET epsilon = excluded.epsilon, delta = excluded.delta',
             (user, float(epsilon), float(delta))))
+        with self._known_lock:  # (refused for want of budget: a new budget may take them)
+            self._tried_runs.pop(user, None)
 
     def _spent(self, user: str, db: Optional[Database] = None) -> tuple[float, float]:
         # the user's running total (veil.dp.charge_totals), not a SUM over their rows: with many tiny charges
@@ -350,18 +352,23 @@ class BudgetLedger:
                                 (user, float(delta))).fetchone()
 
     def _tried(self, user: str, delta: float) -> frozenset:
-        """The (sigma, q, replace-one) runs of the user's refused steps at ``delta`` (in memory): they count
-        toward MAX_TRAINING_EVENTS, as each composed a new run (a refused step records nothing, so a user out
-        of budget sending steps of ever new pairs made each compose a new PLD, uncapped)."""
+        """The (sigma, q, replace-one) runs of the user's refused steps, at any delta (in memory): they count
+        toward MAX_TRAINING_EVENTS at every delta, as each composed a new run (a refused step records nothing,
+        so a user out of budget sending steps of ever new pairs made each compose a new PLD, uncapped; counted
+        per delta, a fresh delta each step did the same)."""
         with self._known_lock:
-            return frozenset(self._tried_runs.get((user, float(delta)), ()))
+            return frozenset(self._tried_runs.get(user, ()))
 
     def _refused(self, user: str, delta: float, run: tuple) -> None:
         with self._known_lock:
-            key = (user, float(delta))
-            if key not in self._tried_runs and len(self._tried_runs) >= _KNOWN_TOTALS:
-                self._tried_runs.pop(next(iter(self._tried_runs)))  # (the oldest user's)
-            self._tried_runs.setdefault(key, set()).add(run)
+            runs = self._tried_runs.pop(user, None)
+            if runs is None:
+                runs = set()
+                if len(self._tried_runs) >= _KNOWN_TOTALS:  # (the least recently refused user's: one key a user)
+                    self._tried_runs.pop(next(iter(self._tried_runs)))
+            if len(runs) < MAX_TRAINING_EVENTS:  # (at the cap every fresh run is refused before composing)
+                runs.add(run)
+            self._tried_runs[user] = runs
 
     def _next_accountant(self, user: str, row: Optional[tuple], noise_multiplier: float, sample_rate: float,
                          delta: float, mechanism: str, replace_one: bool) -> Accountant:

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from veil.workers.user_caches import ScopedCache, current_scope, per_user_cache
 
-#: Bytes of one-step PLDs kept, least recently used dropped first: one is ~80 KiB (sigma 1, q 0.01, replace-one
-#: at 1e-3) to ~6 MiB (sigma 0.3, q 1, add/remove at 1e-4; more below), so a count alone did not bound them
-ONE_STEP_BYTES = 64 << 20
-#: ... of which one user keeps at most this (its own least recently used dropped first; past ONE_STEP_BYTES
-#: the least recently active other users' PLDs go, all of a user's at once)
-USER_BYTES = ONE_STEP_BYTES // 2
+#: Bytes of one-step PLDs kept for all users: one is ~80 KiB (sigma 1, q 0.01, replace-one at 1e-3) to ~6 MiB
+#: (sigma 0.3, q 1, add/remove at 1e-4; more below), so a count alone did not bound them
+ONE_STEP_BYTES = 128 << 20
+#: ... of which one user keeps at most this (its own least recently used dropped first), in one of the
+#: ONE_STEP_BYTES // USER_BYTES slots (no other user can drop it: user_caches.py). At half the total, two user
+#: names filled it and dropped every other user's PLDs at will
+USER_BYTES = 8 << 20
 
 #: Composed epsilons kept per user (floats; per history, relation, interval and delta), and for all users
 COMPOSED_EPSILONS, ALL_COMPOSED_EPSILONS = 64, 4096

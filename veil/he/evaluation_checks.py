@@ -9,7 +9,6 @@ Everything here is read from the ciphertexts' metadata, never from their values,
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import tenseal.sealapi as sealapi
@@ -17,6 +16,7 @@ import tenseal.sealapi as sealapi
 from veil.he import conjugation
 from veil.he.ckks import CKKSContext, CKKSTensor
 from veil.he.errors import CiphertextRefusedError, ShapeMismatchError
+from veil.workers.user_caches import per_user_cache
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def parameters_of(ctx: CKKSContext) -> EvaluationParameters:
     return EvaluationParameters(data.poly_modulus_degree(), bits, float(ctx.global_scale))
 
 
-@functools.lru_cache(maxsize=8)
+@per_user_cache(per_user=8, total=512)  # (per user: a shared one's hit said who sent batches of these)
 def _key_parms_id(params: EvaluationParameters) -> tuple[int, ...]:
     """SEAL's hash of the ring and primes these parameters make (an attacker's primes of the same bit sizes
     differ)."""

@@ -13,7 +13,6 @@ plaintext and ciphertext x plaintext work; ciphertext x ciphertext does not.
 
 from __future__ import annotations
 
-import functools
 import os
 import secrets
 from contextlib import contextmanager
@@ -38,6 +37,7 @@ from veil.he.errors import (
     WrongKeyError,
 )
 from veil.workers import cancellation
+from veil.workers.user_caches import per_user_cache
 
 PublicKey = phe.PaillierPublicKey
 PrivateKey = phe.PaillierPrivateKey
@@ -68,7 +68,7 @@ class _KeyParams:
     max_int: gmpy2.mpz
 
 
-@functools.lru_cache(maxsize=64)
+@per_user_cache(per_user=16, total=1024)  # (per user: a shared one's hit said who used this key)
 def _params(n: int) -> _KeyParams:
     n_ = gmpy2.mpz(n)
     # phe's bound: values in (max_int, n - max_int) are treated as overflow.

@@ -63,6 +63,7 @@ from veil.mpc.comparison_material import (GROUP_BITS, GROUP_SUBSETS, ComparisonL
 from veil.mpc.errors import ProviderError
 from veil.mpc.ring import DTYPE, bilinear, op_arguments, random_ring
 from veil.mpc.sharing import split
+from veil.workers.user_caches import per_user_cache
 
 Shape = tuple
 Derive = Callable[[list, torch.Generator], list]
@@ -137,30 +138,30 @@ def _beaver(spec) -> tuple[list, list, Derive]:
     return [shape_a, shape_b], [shape_c], lambda u, g: [fn(u[0], u[1], **op_kwargs)]
 
 
-#: (op, shape a, shape b, op kwargs) -> the product's shape: a meta op costs 0.1-0.5 ms and a dealing asks the
-#: recipe several times (the dealer, every party's expansion, the layout); bounded like party.py's step cache
-_PRODUCT_SHAPES: dict = {}
-
-
 def product_shape(op: str, shape_a: Shape, shape_b: Shape, op_kwargs) -> Shape:
-    """The shape of ``op(a, b)`` for operands of these shapes (cached; computed without allocating)."""
+    """The shape of ``op(a, b)`` for operands of these shapes (cached per requesting user; computed without
+    allocating)."""
+    if op == "mul":  # (elementwise: meta arithmetic would import torch._dynamo, ring.meta_result)
+        return tuple(torch.broadcast_shapes(shape_a, shape_b))
+    items = tuple(op_kwargs.items() if isinstance(op_kwargs, dict) else op_kwargs)
     try:
-        key = (op, shape_a, shape_b, tuple(op_kwargs.items() if isinstance(op_kwargs, dict) else op_kwargs))
-        hash(key)
+        hash((op, shape_a, shape_b, items))
     except TypeError:  # an unhashable kwarg value (a list): not cached
-        key = None
-    shape = _PRODUCT_SHAPES.get(key) if key is not None else None
-    if shape is None and op == "mul":  # (elementwise: meta arithmetic would import torch._dynamo, ring.meta_result)
-        shape = tuple(torch.broadcast_shapes(shape_a, shape_b))
-    if shape is None:
-        meta = bilinear(op)(torch.empty(shape_a, dtype=DTYPE, device="meta"),
-                            torch.empty(shape_b, dtype=DTYPE, device="meta"), **dict(op_kwargs))
-        shape = tuple(meta.shape)
-        if key is not None:
-            if len(_PRODUCT_SHAPES) >= 512:
-                _PRODUCT_SHAPES.clear()
-            _PRODUCT_SHAPES[key] = shape
-    return shape
+        return _meta_product_shape(op, shape_a, shape_b, items)
+    return _kept_product_shape(op, shape_a, shape_b, items)
+
+
+def _meta_product_shape(op: str, shape_a: Shape, shape_b: Shape, items: tuple) -> Shape:
+    meta = bilinear(op)(torch.empty(shape_a, dtype=DTYPE, device="meta"),
+                        torch.empty(shape_b, dtype=DTYPE, device="meta"), **dict(items))
+    return tuple(meta.shape)
+
+
+#: (op, shape a, shape b, op kwargs) -> the product's shape: a meta op costs 0.1-0.5 ms and a dealing asks the
+#: recipe several times (the dealer, every party's expansion, the layout). Kept per requesting user (one dict
+#: for every session said by a hit that another had dealt those shapes, and 512 fresh ones cleared it for all);
+#: at a crypto provider the requester is the peer link, so the users of one peer worker share its entries
+_kept_product_shape = per_user_cache(per_user=256, total=16384)(_meta_product_shape)
 
 
 def _truncation(spec) -> tuple[list, list, Derive]:
