@@ -166,8 +166,9 @@ def test_a_gradient_stored_under_a_new_id_is_charged_once(hook):
     _ok(server, s, "Tensor.backward", (R(2),), [])
     held = server.monitor.session_bytes(s.id)
     _ok(server, s, "Tensor.grad.__get__", (R(1),), [3])
+    _ok(server, s, MUL, (R(3), 2.0), [0], {"out": R(3)})  # (named by a command, written in place: not charged again)
     assert server.monitor.session_bytes(s.id) <= held + 4096
-    assert torch.equal(get_as(server, s, 3), torch.ones(n))
+    assert torch.equal(get_as(server, s, 3), torch.full((n,), 2.0))
     _delete(server, s, [1, 2])
     gc.collect()
     assert server.monitor.session_bytes(s.id) >= n * 4  # (the gradient is alive: its id holds it)
@@ -278,12 +279,13 @@ def test_an_in_place_result_under_a_new_id_is_charged_once(hook):
     _ok(server, s, "torch.zeros", (n,), [1])
     held = server.monitor.session_bytes(s.id)
     _ok(server, s, "Tensor.add_", (R(1), 1.0), [2])
+    _ok(server, s, SUM, (R(2),), [4])  # (a command naming the second id does not charge it again either)
     assert server.monitor.session_bytes(s.id) <= held + 4096
     _ok(server, s, "torch.zeros", (n,), [3])  # (room that the second charge took)
     _delete(server, s, [1])
     assert server.monitor.session_bytes(s.id) >= 2 * n * 4
     assert torch.equal(get_as(server, s, 2), torch.ones(n))
-    _delete(server, s, [2, 3])
+    _delete(server, s, [2, 3, 4])
     gc.collect()
     assert server.monitor.session_bytes(s.id) < 4096, server.monitor.session_bytes(s.id)
     _still_serves(server, other)

@@ -394,6 +394,7 @@ class ReferenceMonitor(QuotaRules, OpeningRules, StoreAdmission):
             dealt.inherit_fixed(entry, sources)
         with AFTER_LOCK, store.locked(key):  # checked and stored in one step (veil/workers/store_admission.py)
             if ns != SHARED_NS and store.charged_already(key, ns, obj):  # (a gradient, or a tensor under a new id)
+                entry.shared = nbytes - extra_nbytes  # (its storage: what it grows by past that is its own)
                 nbytes = entry.nbytes = MIN_TENSOR_BYTES + extra_nbytes
             self.admit_store(principal, oid, nbytes + store.beside_bytes(key, ns, entry), hand_off)
             store.put(key, ns, oid, entry, hand_off=hand_off, account=principal.account)

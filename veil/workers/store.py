@@ -76,6 +76,7 @@ class Entry(_WeaklyReferable):
     nbytes: int = 0
     grads_nbytes: int = 0  # the part of ``nbytes`` charged for its chain of gradients (charge_growth)
     beside: tuple | None = None  # what it keeps alive, charged once a session (held_beside.parts_of)
+    shared: int = 0  # the bytes of its storage charged as another object's (ObjectStore.charged_already), not its
 
 
 _GRADDED = (torch.Tensor, torch.nn.Parameter)  # (the types whose chain of gradients _grad_bytes walks)
@@ -276,7 +277,7 @@ class ObjectStore:
                     # (its op graph's charge, governance's meta[GRAPH_CHARGED], is no part of its storage's, nor
                     # its gradients')
                     grown = obj.untyped_storage().nbytes() - (entry.nbytes - entry.meta.get(GRAPH_CHARGED, 0)
-                                                              - entry.grads_nbytes)
+                                                              - entry.grads_nbytes + entry.shared)
                     # its gradients, which a command may have made (backward) or grown (a plan's out= into
                     # x.grad): held as long as it is, uncharged they held any size beside a small tensor
                     grads = _grad_bytes(obj, self._lingering.get(ns, _NO_OBJECTS),
