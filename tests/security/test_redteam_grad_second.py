@@ -8,6 +8,10 @@ Holes found:
   object (an honest session was refused fetching a pointer to its own 400 kB gradient under 1 MiB), ``x.grad = g``
   of a stored ``g`` charged ``g`` again to ``x`` (refused at the next command), and an in-place op's result stored
   under a new id (``y = x.add_(1)``) charged ``x`` twice;
+- an in-place op on a tracked tensor with its result stored under a new id (``y.pow_(1)`` -> 100): the copy of the
+  old value its graph saved was charged to that id, which on delete went into ``y``'s one lingering charge (once
+  per object): every later round held one more copy, charged nothing (GraphSaves.settle read a new id as a new
+  result);
 - ``fit`` with a view (no grad) among its state or extra tensors, written in place with grad on: refused after
   the batch, but the view kept the batch's graph (``detach_`` cannot drop a view's), uncharged, once per view;
 - without a quota, ``backward(create_graph=True)`` leaves each leaf and its gradient's graph in a reference cycle
@@ -17,8 +21,10 @@ Holes found:
 Fixed: any ``create_graph`` but None/False is refused under a quota (output_bounds/grad_cycles.wants_graph); a
 tensor the session is charged already (a gradient, or one stored under another id) is charged once, and stays
 charged while it lives once an id of it is deleted (veil/workers/store.py ``charged_already``/``named``,
-monitor.discard); ``fit`` writes a view through an alias autograd does not see as a view (veil/plans/remote.py);
-a session's ``create_graph`` leaves drop their gradients when it ends (veil/workers/grad_cycles.py).
+monitor.discard); what an in-place op's graph saves is charged on the saved tensors whatever id its result is
+stored under (output_bounds._stores_new); ``fit`` writes a view through an alias autograd does not see as a view
+(veil/plans/remote.py); a session's ``create_graph`` leaves drop their gradients when it ends
+(veil/workers/grad_cycles.py).
 
 Held (guards): ``lerp_`` with a tracked weight (which saves a copy, though listed among the ops that save none)
 is refused once the room is gone (its result is sized); honest ``backward``s give torch's gradients.
@@ -319,3 +325,23 @@ def test_a_plans_create_graph_without_a_quota_is_freed_when_the_session_ends(hoo
     server.end_session(s)
     gc.collect()
     assert left() is None
+
+
+def test_in_place_ops_stored_under_new_ids_never_hold_past_the_quota(hook):
+    """``y.pow_(1)`` of a tracked 50 000-element ``y``, its result stored under a new id and deleted, 12 times: each
+    saves a copy of y's old value in y's graph, which stays charged (before: charged to the new id, then folded
+    into y's one lingering charge on delete: every round after the first held 200 kB more, charged nothing)."""
+    server, s, other = _quota_server(hook, "gs-pow-ids")
+    y = _tracked(server, s, 1, 50_000)
+    refused = 0
+    for k in range(12):
+        reply = _send(server, s, "Tensor.pow_", (R(1), 1.0), [100 + k])
+        if reply == m.OkReply():
+            _delete(server, s, [100 + k])
+        else:
+            _refused(reply)
+            refused += 1
+        assert _saved_bytes(y) <= server.monitor.session_bytes(s.id) <= QUOTA
+    assert refused >= 6
+    _still_serves(server, other)
+    server.end_session(s)

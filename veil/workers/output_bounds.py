@@ -515,10 +515,11 @@ class GraphSaves:
 
 
 def _stores_new(entries: list, result: Any, ids: Any) -> bool:
-    """Whether a command storing ``result`` under return ``ids`` stores a new tensor (a result under an id not 0,
-    or with ``ids`` None a result that is none of its inputs)."""
-    if ids is not None:
-        return type(ids) is list and any(type(oid) is int and oid != 0 for oid in ids)
+    """Whether a command storing ``result`` under return ``ids`` (None: each result not an input) stores a new
+    tensor: a result under an id not 0 that is none of its inputs (an in-place op's, under a new id, is its input:
+    a charge it carried went into the input's one lingering charge once deleted, every later copy uncharged)."""
+    if ids is not None and not (type(ids) is list and any(type(oid) is int and oid != 0 for oid in ids)):
+        return False
     inputs = {id(e.obj) for e in entries}
     return any(id(t) not in inputs for t in leaves(result, torch.Tensor))
 
