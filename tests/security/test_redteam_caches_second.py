@@ -158,6 +158,36 @@ def test_a_partition_goes_only_after_its_own_user_was_idle():
     assert cache.get(None, "owner", "miss") == "miss"  # (the owner's in-process entries idle as long)
 
 
+def test_a_user_without_a_slot_composes_its_step_once_not_again_under_the_ledger_lock(tmp_path, monkeypatch):
+    """Guard (the slots' price): with every slot held by active users, a new user's entries are not kept in the
+    cache; its DP-SGD step must still compose its history once, before the write transaction, not again inside
+    it (every user's charge waits for that lock), and be charged the library's epsilon."""
+    from veil.dp.budget import BudgetLedger
+
+    monkeypatch.setattr(pld_cache, "_kept", ScopedCache(1 << 30, 1 << 30))  # (one slot each: Alice's)
+    monkeypatch.setattr(pld_cache._composed, "cache", ScopedCache(64, 64))
+    ledger = BudgetLedger(tmp_path / "ledger.db")
+    for user in ("alice", "mallory"):
+        ledger.set_budget(user, 1e6, 0.5)
+    with _As(_session("alice")):
+        ledger.charge_training_step("alice", 2.5, 0.01, 1e-5, replace_one=True)
+    built, under_lock, real = [], [], pld_cache._build
+
+    def counted(*args):
+        built.append(args)
+        if ledger._lock._is_owned():
+            under_lock.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(pld_cache, "_build", counted)
+    sigma = 2.0 + secrets.randbelow(10**6) / 1e7
+    with _As(_session("mallory")):
+        ledger.charge_training_step("mallory", sigma, 0.01, 1e-5, replace_one=True)
+    assert pld_cache._kept.keys(_scope("mallory")) == [] and len(built) == 1 and not under_lock, under_lock
+    want = real(*built[0]).get_epsilon_for_delta(1e-5)  # (one step: its PLD at the ledger's interval)
+    assert ledger.spent("mallory")[0] == pytest.approx(want, rel=1e-9)
+
+
 def test_65536_users_each_filling_their_share_stay_within_the_total():
     """Guard (memory): 65,536 users each filling their share keep at most the total, in at most the slots."""
     cache = _cache(4, 256)

@@ -13,8 +13,8 @@ request hits depends on that user's requests and the time alone. (An earlier rul
 active other users' partitions once all users' together passed the total: two user names filled the kept
 PLDs' total, so one could drop a chosen victim's partition at will, just before its request, and learn from
 its own entries which users had been active since.) The total is kept by a number of *slots*, one share each:
-a user without one while every slot is held by users active within ``idle_seconds`` is not kept (pays its
-misses; what it learns is only that many users were recently active), and the clients of one issuer (client
+a user without one while every slot is held by users active within ``idle_seconds`` is not kept there (what
+it learns is only that many users were recently active; :func:`per_user_cache` keeps its entries per session), and the clients of one issuer (client
 tokens ``NAME/HOLDER``) hold at most a quarter of the slots together. In-process callers (no network session)
 share one scope (``None``, the owner's own process) that always has its slot.
 """
@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Hashable
 
@@ -115,22 +116,23 @@ class ScopedCache:
             part[0].move_to_end(key)
             return found[0]
 
-    def put(self, scope: Hashable, key: Hashable, value: Any, weight: int = 1) -> None:
+    def put(self, scope: Hashable, key: Hashable, value: Any, weight: int = 1) -> bool:
+        """Keeps the entry in the scope's partition; False if it is not kept (too heavy, or no slot free)."""
         if weight > self.per_scope:
-            return
+            return False
         with self._lock:
             now = self._clock()
             self._expire(now)
             part = self._scopes.get(scope)
             if part is None:
                 if not self._admit(scope):
-                    return
+                    return False
                 part = self._scopes[scope] = [OrderedDict(), 0, now]
             part[2] = now
             self._scopes.move_to_end(scope)
             entries = part[0]
             if key in entries:
-                return
+                return True
             entries[key] = (value, weight)
             part[1] += weight
             self._weight += weight
@@ -138,6 +140,7 @@ class ScopedCache:
                 _k, (_v, w) = entries.popitem(last=False)
                 part[1] -= w
                 self._weight -= w
+            return True
 
     def keys(self, scope: Hashable) -> list:
         """The scope's keys, least recently used first."""
@@ -160,25 +163,53 @@ class ScopedCache:
             self._weight = 0
 
 
+class _SessionEntries:
+    """Entries of sessions whose user has no slot, each session's its own (at most ``per_user``, its oldest
+    dropped; gone with the session): without them such a user's DP-SGD charge composed its history again inside
+    the ledger's write lock, which every user's charge waits for. Nothing here is shared between sessions."""
+
+    def __init__(self, per_user: int) -> None:
+        self.per_user = per_user
+        self._of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Account -> OrderedDict
+        self._lock = threading.Lock()
+
+    def get(self, account: Any, key: Hashable) -> Any:
+        with self._lock:
+            entries = self._of.get(account)
+            return _MISSING if entries is None else entries.get(key, _MISSING)
+
+    def put(self, account: Any, key: Hashable, value: Any) -> None:
+        with self._lock:
+            entries = self._of.setdefault(account, OrderedDict())
+            entries[key] = value
+            while len(entries) > self.per_user:
+                entries.popitem(last=False)
+
+
 def per_user_cache(per_user: int, total: int) -> Callable[[Callable], Callable]:
     """``functools.lru_cache`` for a function of hashable arguments, its entries kept per requesting user
-    (:class:`ScopedCache`, one entry weighing 1). The wrapper has ``cache`` and ``cache_clear``."""
+    (:class:`ScopedCache`, one entry weighing 1; a session whose user has no slot keeps its own, apart). The
+    wrapper has ``cache`` and ``cache_clear``."""
 
     def wrap(fn: Callable) -> Callable:
-        cache = ScopedCache(per_user, total)
+        unslotted = _SessionEntries(per_user)
 
         @functools.wraps(fn)
         def cached(*args: Any, **kwargs: Any) -> Any:
+            cache, account = cached.cache, ACTING.get()  # type: ignore[attr-defined]
             scope, key = current_scope(), (args if not kwargs else (*args, _MISSING, *sorted(kwargs.items())))
             found = cache.get(scope, key, _MISSING)
+            if found is _MISSING and account is not None:
+                found = unslotted.get(account, key)
             if found is not _MISSING:
                 return found
             value = fn(*args, **kwargs)
-            cache.put(scope, key, value)
+            if not cache.put(scope, key, value) and account is not None:
+                unslotted.put(account, key, value)
             return value
 
-        cached.cache = cache  # type: ignore[attr-defined]
-        cached.cache_clear = cache.clear  # type: ignore[attr-defined]
+        cached.cache = ScopedCache(per_user, total)  # type: ignore[attr-defined]
+        cached.cache_clear = lambda: cached.cache.clear()  # type: ignore[attr-defined]
         return cached
 
     return wrap
