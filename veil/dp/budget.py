@@ -107,6 +107,9 @@ class BudgetLedger:
         self._lock = self._db.lock
         self._closed = False
         self._reader = ReaderSlot(self._db)
+        # (a reopen takes it, after the ledger's lock, to swap the reader: never while the console reads on it)
+        self._reader_lock = threading.RLock()
+        self._following_reader = ledger_file.FollowingReader(lambda: self._reader.get(), self._reader_lock)
         self._known: dict[str, charge_totals.Total] = {}  # (see _KNOWN_TOTALS)
         self._known_lock = threading.Lock()  # (the console's reads run beside the ledger's lock)
         self._tried_runs: dict[str, set] = {}  # user -> runs of her refused steps, at any delta (see _tried)
@@ -131,18 +134,20 @@ class BudgetLedger:
         totals kept in memory are dropped (summed over the other file's rows). Three ``stat`` when nothing did."""
         if self._closed or not self._file.changed():
             return
-        self._reader.close()  # (before the old connection: see FollowedFile.reopen)
-        try:
-            db = self._file.reopen(self._db, self._open)
-            db.lock = self._lock  # (the ledger's lock stays the one every caller holds)
-            self._db, self._reader = db, ReaderSlot(db)
-            with self._known_lock:
-                self._known.clear()
-            self._make_tables()
-        except (sqlite3.Error, OSError):  # (a damaged file, another user's, a read-only one: opened again next time)
-            self._file.forget()
-            log.warning("DP budget ledger %s: the file put at its path could not be opened", self.path, exc_info=True)
-            raise OwnerStateUnavailableError(_UNUSABLE) from None
+        with self._reader_lock:  # (a console read in progress ends first, on the file it began on)
+            self._reader.close()  # (before the old connection: see FollowedFile.reopen)
+            try:
+                db = self._file.reopen(self._db, self._open)
+                db.lock = self._lock  # (the ledger's lock stays the one every caller holds)
+                self._db, self._reader = db, ReaderSlot(db)
+                with self._known_lock:
+                    self._known.clear()
+                self._make_tables()
+            except (sqlite3.Error, OSError):  # (a damaged file, another user's, a read-only one: opened again next)
+                self._file.forget()
+                log.warning("DP budget ledger %s: the file put at its path could not be opened", self.path,
+                            exc_info=True)
+                raise OwnerStateUnavailableError(_UNUSABLE) from None
         self._file.settle()
 
     def _followed_write(self, body: Callable[[], _T]) -> _T:
@@ -158,7 +163,7 @@ class BudgetLedger:
                 with db.write_transaction():
                     if db is not self._db:  # (opened again by another thread meanwhile)
                         raise ledger_file.FileChanged()
-                    self._file.refuse_if_changed()
+                    seen = self._file.refuse_if_changed()
                     result = body()
             except ledger_file.FileChanged:
                 continue
@@ -167,6 +172,8 @@ class BudgetLedger:
                     raise
                 continue  # (closed by another thread's reopen before this one's transaction began)
             with self._lock:
+                if not self._file.committed_to_them(seen):
+                    continue  # (committed to a file no longer at the path: made again on the one there now)
                 if db is self._db:
                     self._file.settle()  # (its own checkpoint wrote the file)
             return result
@@ -177,7 +184,9 @@ class BudgetLedger:
         whole ledger): they never hold the lock every charge takes. An in-memory ledger has only its own."""
         with self._lock:
             self._follow()
-            return self._reader.get()
+            reader = self._reader.get()  # (refused once the ledger is closed)
+            # (a file ledger's: kept across a reopen, FollowingReader; in memory or PostgreSQL nothing is reopened)
+            return reader if self._file.path is None else self._following_reader
 
     def close(self) -> None:
         """Closes the database file."""

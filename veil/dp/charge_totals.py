@@ -79,6 +79,9 @@ class Total:
     edits: int = -1
     row_count: int = 0
     nonce: int = 0
+    #: Its newest row (``last_id``'s epsilon, delta and time) as read when it was summed; None: not read (a stored
+    #: total, one a charge made). A total in memory is used only while that row is still there as it was.
+    newest: Optional[tuple] = None
 
     @property
     def spent(self) -> tuple[float, float]:
@@ -115,11 +118,13 @@ def current(db: Database, user: str, known: Optional[Total] = None) -> Total:
     before) if it is up to date; the newest of them plus the charges after it if rows were only appended since
     (a process of an older version); else summed from all the rows. ``known`` is used only where the stored total
     is stale or behind, and only at the stamp's count and nonce it was summed at (see the module's doc)."""
-    last_id = db.execute('SELECT MAX(id) FROM charges WHERE "user" = ?', (user,)).fetchone()[0]
-    # (read after MAX(id), before any sum: a sum sees every change it counts)
+    newest = db.execute('SELECT id, epsilon, delta, at FROM charges WHERE "user" = ? ORDER BY id DESC LIMIT 1',
+                        (user,)).fetchone()
+    # (read after the newest id, before any sum: a sum sees every change it counts)
     stamp, nonce = ledger_rows.stamp(db, user)
-    if last_id is None:
+    if newest is None:
         return Total(edits=stamp, nonce=nonce)
+    last_id, newest = newest[0], _row(newest[1:])
     row = db.execute('SELECT last_id, epsilon, epsilon_error, delta, delta_error, edits, row_count '
                      'FROM charge_totals WHERE "user" = ?', (user,)).fetchone()
     stored = None if row is None else Total(int(row[0]), *(float(v) for v in row[1:5]), int(row[5]), int(row[6]))
@@ -130,9 +135,31 @@ def current(db: Database, user: str, known: Optional[Total] = None) -> Total:
     usable = [t for t in (stored, known) if t is not None and t.last_id is not None and t.edits == stamp
               and t.last_id <= last_id]
     start = max(usable, key=lambda t: t.last_id, default=Total(edits=stamp, nonce=nonce))  # (stored on a tie)
+    if start is known and not _still_there(db, user, known, int(last_id), newest):
+        start = max((t for t in usable if t is not known), key=lambda t: t.last_id,
+                    default=Total(edits=stamp, nonce=nonce))
     if start.last_id == int(last_id):
-        return start
-    return _from_rows(db, user, int(last_id), start)
+        return dataclasses.replace(start, newest=newest)
+    return dataclasses.replace(_from_rows(db, user, int(last_id), start), newest=newest)
+
+
+def _row(values) -> tuple:
+    return tuple(float(v) for v in values)
+
+
+def _still_there(db: Database, user: str, known: Total, last_id: int, newest: tuple) -> bool:
+    """Whether the newest row ``known`` summed is still in the database as it was. A PostgreSQL restore
+    (``pg_restore --clean``) under a running worker brings older rows back at the same stamp (appends leave it)
+    and the id sequence back with them: rows appended after it (an older worker's, no running total) took the
+    ids of the rows ``known`` summed, and it was trusted (0.25 read where the rows held 0.875). A row's time
+    tells the two apart (one look-up, only when ``known`` is the total to start from)."""
+    if known.newest is None:
+        return False
+    if known.last_id == last_id:
+        return known.newest == newest
+    row = db.execute('SELECT epsilon, delta, at FROM charges WHERE id = ? AND "user" = ?',
+                     (known.last_id, user)).fetchone()
+    return row is not None and _row(row) == known.newest
 
 
 def record(db: Database, user: str, total: Total) -> None:

@@ -112,10 +112,25 @@ class FollowedFile:
         was written since: three ``stat``."""
         return self.path is not None and self._now() != self.opened
 
-    def refuse_if_changed(self) -> None:
-        """Inside a charge's write transaction: :class:`FileChanged` (rolled back) if the files changed."""
-        if self.changed():
+    def refuse_if_changed(self) -> Optional[tuple]:
+        """Inside a charge's write transaction: :class:`FileChanged` (rolled back) if the files changed; else the
+        files' identities, for :meth:`committed_to_them`."""
+        now = self._now() if self.path is not None else ()
+        if now != (self.opened if self.path is not None else ()):
             raise FileChanged()
+        return self._identities(now)
+
+    @staticmethod
+    def _identities(state: tuple) -> tuple:
+        return tuple(s and s[:2] for s in state)
+
+    def committed_to_them(self, seen: Optional[tuple]) -> bool:
+        """After the commit: whether the path and its log are still the files the transaction checked (``seen``,
+        three ``stat``). A restore landing between that check and the COMMIT (its fsync alone takes
+        milliseconds) left the charge committed to the old, unlinked file and reported as made: its release went
+        out, and the file every other process reads never held it. Identities only: a checkpoint (the
+        database's time and size) moves no charge."""
+        return self.path is None or self._identities(self._now()) == seen
 
     def settle(self) -> None:
         """After the ledger's own write (its checkpoint writes the database): the database's time and size taken
@@ -148,6 +163,22 @@ class FollowedFile:
             log.warning("DP budget ledger %s: another file is at the path, or beside it (a restore): opened it",
                         self.path)
         return self.open(opener)
+
+
+class FollowingReader:
+    """The read-only connection a file ledger hands to its owner's console (the Budgets page asks once, then again
+    for each user's curve), kept across a reopen: each statement runs on the ledger's current reader (``current``),
+    under ``lock``, which a reopen takes before closing the old one. A reader closed by a reopen failed the page
+    once ("the owner's state database was closed"). Statements run under one ``with reader.lock`` read one file."""
+
+    dialect = "sqlite"
+
+    def __init__(self, current: Callable[[], Database], lock) -> None:
+        self._current, self.lock = current, lock
+
+    def execute(self, sql: str, params=()):
+        with self.lock:
+            return self._current().execute(sql, params)
 
 
 def refused_after_changes() -> OwnerStateUnavailableError:
