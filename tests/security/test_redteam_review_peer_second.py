@@ -29,7 +29,8 @@ Held (regression guards): a split product's new worker functions (``product_piec
 the provenance of a reviewed operand, so an opening of their result waits for the owner's review; a serving
 batch error (``fail``) carries the scientist's text, never a value it names.
 
-The tests marked HOLE failed on the code before the fix (strict xfail, run on 450ac77); the others passed there.
+The fixed HOLE tests failed before their fix (share_keys: strict xfail on 450ac77; the placeholder: on 81ed77d, in
+a git worktree); the masked_input one is still a strict xfail; the others passed on 450ac77.
 """
 
 from __future__ import annotations
