@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -54,39 +53,16 @@ def _plaintext_predictions(model_file: Path) -> torch.Tensor:
     return torch.as_tensor(model.predict(x.numpy(), verbose=0))
 
 
-@dataclass
-class _Walkthrough:
-    owner: subprocess.CompletedProcess
-    client: subprocess.CompletedProcess
-    folder: Path
-
-
-#: client.R's R process runs shared_secret.R first, each script in its own environment, while owner.R
-#: trains: one R start and one import of veil (torch) fewer than a third Rscript, and the shared-secret
-#: part costs no wall time (the client only waits for the owner's cluster file then)
-_CLIENT_SCRIPTS = ('for (script in c("shared_secret.R", "client.R")) '
-                   'source(file.path(Sys.getenv("VEIL_R_EXAMPLES"), script), local = new.env())')
-
-
-@pytest.fixture(scope="module")
-def walkthrough(tmp_path_factory) -> _Walkthrough:
-    """owner.R in one Rscript; shared_secret.R then client.R in a second one, as two R sessions would."""
-    folder = tmp_path_factory.mktemp("r_walkthrough")
-    env = {**_r_env(folder), "VEIL_R_EXAMPLES": str(EXAMPLES)}
-    owner = subprocess.Popen(["Rscript", str(EXAMPLES / "owner.R")], cwd=folder, env=env,
+def test_r_owner_and_client_scripts(tmp_path):
+    env = _r_env(tmp_path)
+    owner = subprocess.Popen(["Rscript", str(EXAMPLES / "owner.R")], cwd=tmp_path, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        client = subprocess.run(["Rscript", "-e", _CLIENT_SCRIPTS], cwd=folder, env=env,
+        client = subprocess.run(["Rscript", str(EXAMPLES / "client.R")], cwd=tmp_path, env=env,
                                 capture_output=True, text=True, timeout=900)
         owner_out = owner.communicate(timeout=180)[0]
     finally:
         owner.kill()
-    return _Walkthrough(subprocess.CompletedProcess(owner.args, owner.returncode, owner_out, ""), client, folder)
-
-
-def test_r_owner_and_client_scripts(walkthrough):
-    client, owner, tmp_path = walkthrough.client, walkthrough.owner, walkthrough.folder
-    owner_out = owner.stdout
     assert client.returncode == 0, f"client.R failed:\n{client.stdout[-3000:]}\n{client.stderr[-3000:]}"
     assert owner.returncode == 0, f"owner.R failed:\n{owner_out[-4000:]}"
 
@@ -106,8 +82,10 @@ def test_r_owner_and_client_scripts(walkthrough):
     assert client.stdout.count("the encrypted model says") == 3
 
 
-def test_r_shared_secret_example(walkthrough):
-    done = walkthrough.client  # shared_secret.R ran first in that R process
+def test_r_shared_secret_example(tmp_path):
+    env = _r_env(tmp_path)
+    done = subprocess.run(["Rscript", str(EXAMPLES / "shared_secret.R")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     assert "by hand: 77777 reconstructed: TRUE" in out
