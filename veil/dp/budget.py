@@ -184,7 +184,8 @@ class BudgetLedger:
         whole ledger): they never hold the lock every charge takes. An in-memory ledger has only its own."""
         with self._lock:
             self._follow()
-            reader = self._reader.get()  # (refused once the ledger is closed)
+            with self._reader_lock:  # (the console's FollowingReader opens it too: one connection, never two)
+                reader = self._reader.get()  # (refused once the ledger is closed)
             # (a file ledger's: kept across a reopen, FollowingReader; in memory or PostgreSQL nothing is reopened)
             return reader if self._file.path is None else self._following_reader
 
