@@ -73,12 +73,10 @@ def test_paillier_exponent_of_an_owner_plaintext_is_no_oracle(hook):
 
 
 def test_ckks_op_on_an_owner_plaintext_is_no_oracle(hook):
-    from veil.he import ckks_wire
-
     w = W(hook)
     ctx = sy.he.ckks.context(poly_modulus_degree=8192, coeff_mod_bit_sizes=[60, 40, 40, 60], global_scale=2**40,
                              galois_keys=False)
-    ckks_wire.remember(ctx)  # (as if its public context had arrived first)
+    send_tensor(w.srv, w.sci, ctx.public())  # (its public context arrives first, in the scientist's session)
     a = send_tensor(w.srv, w.sci, sy.he.ckks.encrypt(torch.ones(3), ctx))
 
     def probe(f):
