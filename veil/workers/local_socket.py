@@ -16,14 +16,19 @@ bind one a worker released (at its exit or crash, maybe just after it told it to
 socket admits only a ticket (no door for guessing tokens beside the port: red team,
 tests/security/test_redteam_local_socket.py), and a client sends there nothing but its half of a ticket
 and takes the session only if the other half comes back (a squatter gets a useless half and no shares).
-The hop waits at most :data:`OPEN_TIMEOUT` (same host: milliseconds). Not offered under TLS (the Unix
-socket would skip what TLS proves) nor off Linux (no abstract namespace). ``VEIL_LOCAL_SOCKETS=0`` turns
-it off on either side.
+The hop waits at most :data:`OPEN_TIMEOUT` in all (same host: milliseconds; a squatter trickling its
+answer a byte at a time held it for as long as it liked while the bound was per read), and a client takes a
+name only from a worker it reached over loopback (a remote one steered it to another local worker's socket).
+A holder of tokens keeps at most :data:`MAX_TICKETS_PER_HOLDER` tickets (one client asking in a loop evicted
+everyone else's). Red team, second pass: tests/security/test_redteam_local_socket_second.py. Not offered
+under TLS (the Unix socket would skip what TLS proves) nor off Linux (no abstract namespace).
+``VEIL_LOCAL_SOCKETS=0`` turns it off on either side.
 """
 from __future__ import annotations
 
 import contextlib
 import hmac
+import ipaddress
 import os
 import re
 import secrets
@@ -46,6 +51,8 @@ OPEN_TIMEOUT = 3.0
 #: seconds a ticket stays valid, and how many a worker holds at once (the oldest goes first)
 TICKET_SECONDS = 10.0
 MAX_TICKETS = 1024
+#: tickets one holder (the principals of one authenticated handshake) keeps at once: its concurrent hops
+MAX_TICKETS_PER_HOLDER = 64
 #: socket buffers of a Unix link (the kernel caps them at net.core.[rw]mem_max): with the default
 #: ~200 KiB a 1 MiB reply frame waits in the event loop's buffer (a copy) and takes many wake-ups
 BUFFER_BYTES = 4 << 20
@@ -96,12 +103,31 @@ def source(connection: Any) -> str:
     return connection.remote_address[0] if connection.remote_address else "?"
 
 
+def is_loopback(address: Any) -> bool:
+    """Whether ``address`` (an IP string) is a loopback one (IPv4-mapped IPv6 included)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
 def offered_to(connection: Any, request: Any) -> bool:
     """Whether the worker's name may go in this handshake's response: the client asked, over loopback TCP."""
     if request.headers.get(ASK_HEADER) != "1" or is_unix(getattr(connection, "transport", None)):
         return False
-    remote = connection.remote_address[0] if connection.remote_address else ""
-    return remote in ("127.0.0.1", "::1", "::ffff:127.0.0.1") or remote.startswith("127.")
+    return bool(connection.remote_address) and is_loopback(connection.remote_address[0])
+
+
+def from_loopback(sock: Any) -> bool:
+    """Whether a client's TCP socket reached its worker over loopback: only then may it take a name the worker
+    tells (a worker offers one only there; a remote one naming a local socket steered the client to another
+    local worker, a ticket of its choosing with it)."""
+    try:
+        return is_loopback(sock.getpeername()[0])
+    except (OSError, AttributeError, IndexError, TypeError):
+        return False
 
 
 def one(headers: Any, name: str) -> str | None:
@@ -112,24 +138,50 @@ def one(headers: Any, name: str) -> str | None:
 
 class Tickets:
     """One-time tickets a worker issued (event-loop thread only): the client's half -> the tokens it stands
-    for, the worker's half, and until when it is valid."""
+    for, the worker's half, until when it is valid, and its holder (the principals that asked). A holder keeps
+    at most :data:`MAX_TICKETS_PER_HOLDER` (its own oldest goes first: one client asking in a loop evicted
+    every other's pending ticket, their hops falling back to TCP); past :data:`MAX_TICKETS` in all the busiest
+    holder's oldest goes. Expired tickets go at each issue and each use (their tokens are not held on)."""
 
     def __init__(self) -> None:
-        self._held: dict[str, tuple[list[str], str, float]] = {}  # oldest first (same lifetime for all)
+        self._held: dict[str, tuple[list[str], str, float, Any]] = {}  # oldest first (same lifetime for all)
+        self._by_holder: dict[Any, dict[str, None]] = {}  # holder -> its client halves, oldest first
 
-    def issue(self, tokens: list[str]) -> str:
+    def _drop(self, half: str) -> tuple[list[str], str, float, Any]:
+        held = self._held.pop(half)
+        mine = self._by_holder[held[3]]
+        del mine[half]
+        if not mine:
+            del self._by_holder[held[3]]
+        return held
+
+    def _prune(self, now: float) -> None:
+        while self._held:
+            first = next(iter(self._held))
+            if self._held[first][2] > now:
+                return
+            self._drop(first)
+
+    def issue(self, tokens: list[str], holder: Any = ()) -> str:
         now = time.monotonic()
-        while self._held and (len(self._held) >= MAX_TICKETS or next(iter(self._held.values()))[2] <= now):
-            del self._held[next(iter(self._held))]
-        mine, theirs = secrets.token_hex(16), secrets.token_hex(16)
-        self._held[mine] = (list(tokens), theirs, now + TICKET_SECONDS)
-        return mine + theirs
+        self._prune(now)
+        mine = self._by_holder.get(holder)
+        if mine is not None and len(mine) >= MAX_TICKETS_PER_HOLDER:
+            self._drop(next(iter(mine)))
+        while self._held and len(self._held) >= MAX_TICKETS:
+            busiest = max(self._by_holder.values(), key=len)
+            self._drop(next(iter(busiest)))
+        mine_half, theirs = secrets.token_hex(16), secrets.token_hex(16)
+        self._held[mine_half] = (list(tokens), theirs, now + TICKET_SECONDS, holder)
+        self._by_holder.setdefault(holder, {})[mine_half] = None
+        return mine_half + theirs
 
     def redeem(self, half: str | None) -> tuple[list[str], str] | None:
         """The tokens and the worker's half of a valid ticket, which is used up; None for any other string."""
-        held = self._held.pop(half, None) if isinstance(half, str) else None
-        if held is None or held[2] <= time.monotonic():
+        self._prune(time.monotonic())
+        if not isinstance(half, str) or half not in self._held:
             return None
+        held = self._drop(half)
         return held[0], held[1]
 
     def __len__(self) -> int:
@@ -157,9 +209,10 @@ def tokens_for(worker: Any, connection: Any, request: Any, from_headers: Any) ->
     return held[0]
 
 
-def answer(worker: Any, connection: Any, request: Any, response: Any, from_headers: Any) -> None:
-    """Headers of an authenticated handshake's 101: over the Unix socket the worker's half of the ticket
-    redeemed; over loopback TCP, to a client that asked, the worker's Unix name and a fresh ticket."""
+def answer(worker: Any, connection: Any, request: Any, response: Any, from_headers: Any, session: Any = None) -> None:
+    """Headers of an authenticated ``session``'s 101: over the Unix socket the worker's half of the ticket
+    redeemed; over loopback TCP, to a client that asked, the worker's Unix name and a fresh ticket (held
+    under the session's principals)."""
     proof = getattr(connection, "veil_local_proof", None)
     if proof is not None:
         response.headers[PROOF_HEADER] = proof
@@ -167,7 +220,8 @@ def answer(worker: Any, connection: Any, request: Any, response: Any, from_heade
     name, tickets = getattr(worker, "local_socket_name", None), getattr(worker, "local_tickets", None)
     if name and tickets is not None and offered_to(connection, request):
         response.headers[HEADER] = name
-        response.headers[TICKET_HEADER] = tickets.issue(from_headers(request.headers))
+        holder = tuple(sorted({p.name for p in getattr(session, "principals", ())}))
+        response.headers[TICKET_HEADER] = tickets.issue(from_headers(request.headers), holder)
 
 
 def hop(headers: Any) -> tuple[str, str] | None:

@@ -263,7 +263,7 @@ class ConnectionServing:
             if pending is not None:
                 # set before the 101 goes out: the library checks it as it parses each frame's header
                 limit = connection.protocol.max_message_size = self._message_limit(pending[0])
-                local_socket.answer(self, connection, request, response, tokens_from_headers)  # (authenticated)
+                local_socket.answer(self, connection, request, response, tokens_from_headers, pending[0])
         response.headers[MAX_SIZE_HEADER] = str(limit)
         return response
 

@@ -17,6 +17,7 @@ import select
 import socket
 import ssl as ssl_module
 import threading
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -143,8 +144,8 @@ class BlockingConnection:
         self._direct = reader is not None and getattr(reader, "buffer", b"?") == b"" and not self._early
 
     def _handshake(self, uri: Any, sock: socket.socket, headers: dict[str, str],
-                   ssl_context: "ssl_module.SSLContext | None") -> None:
-        """The opening handshake on ``sock`` (closed if it fails)."""
+                   ssl_context: "ssl_module.SSLContext | None", deadline: float | None = None) -> None:
+        """The opening handshake on ``sock`` (closed if it fails); by ``deadline`` (monotonic) if given."""
         self.protocol = ClientProtocol(uri, max_size=self.max_size, logger=CLIENT_LOGGER)
         try:
             if getattr(sock, "family", None) != socket.AF_UNIX:  # (test doubles have none)
@@ -157,7 +158,7 @@ class BlockingConnection:
             request.headers.update(headers)
             self.protocol.send_request(request)
             self._flush()
-            self.response = self._await_handshake()
+            self.response = self._await_handshake(deadline)
             self._timeout = sock.gettimeout()
         except BaseException:
             sock.close()
@@ -166,14 +167,18 @@ class BlockingConnection:
     def _go_local(self, uri: Any, timeout: float) -> None:
         """Moves to the Unix socket the worker named in its response (with the one-time ticket it gave) and
         closes the TCP connection; keeps TCP when there is none, or the socket refuses, stalls, breaks or does
-        not prove it is the worker's."""
-        told = None if self._early else local_socket.hop(self.response.headers)  # (veil workers send no frame first)
-        sock = local_socket.connect(told[0], min(timeout, local_socket.OPEN_TIMEOUT)) if told else None
+        not prove it is the worker's. Only a worker reached over loopback may name one."""
+        told = None  # (veil workers send no frame first)
+        if not self._early and local_socket.from_loopback(self.sock):
+            told = local_socket.hop(self.response.headers)
+        limit = min(timeout, local_socket.OPEN_TIMEOUT)
+        deadline = time.monotonic() + limit  # the whole hop, not each read (a trickling squatter held it forever)
+        sock = local_socket.connect(told[0], limit) if told else None
         if sock is None:
             return
         tcp = self.protocol, self.sock, self.response, self._timeout
         try:  # only the ticket's first half goes there: the tokens stay on TCP (a squatter learns nothing)
-            self._handshake(uri, sock, {local_socket.TICKET_HEADER: told[1][:32]}, None)
+            self._handshake(uri, sock, {local_socket.TICKET_HEADER: told[1][:32]}, None, deadline)
             if self._early:
                 raise InvalidHandshake("frames before the first request")
             if not local_socket.proven(self.response.headers, told[1]):
@@ -183,6 +188,8 @@ class BlockingConnection:
             self.protocol, self.sock, self.response, self._timeout = tcp
             self._early = []
             return
+        sock.settimeout(tcp[3])  # sends before the first read wait as on TCP, not what the hop's deadline left
+        self._timeout = tcp[3]
         protocol, old = tcp[0], tcp[1]
         try:  # a clean close of the unused TCP session (the worker ends it as any other)
             protocol.send_close(1000)
@@ -210,8 +217,13 @@ class BlockingConnection:
         self._flush()  # pongs and close acknowledgements
         return events
 
-    def _await_handshake(self) -> Response:
+    def _await_handshake(self, deadline: float | None = None) -> Response:
         while True:
+            if deadline is not None:  # each read waits only what is left
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the opening handshake took too long")
+                self.sock.settimeout(left)
             events = self._feed()
             for i, event in enumerate(events):
                 if isinstance(event, Response):
