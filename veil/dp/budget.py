@@ -155,24 +155,33 @@ class BudgetLedger:
         (:mod:`veil.dp.ledger_file`): made again, rolled back first (nothing recorded), when the files changed
         while it waited for the lock. (The transaction takes the lock itself: a PostgreSQL commit whose answer
         was lost is looked up after it lets go, never holding up the worker's other charges.)"""
-        for _ in range(ledger_file.CHARGE_TRIES):
+        moves, pause = 0, ledger_file.WRITTEN_PAUSES_S[0]
+        written_until = time.monotonic() + ledger_file.WRITTEN_WAIT_S
+        while moves < ledger_file.CHARGE_TRIES:
             with self._lock:
                 self._follow()
                 db = self._db
             try:
                 with db.write_transaction():
                     if db is not self._db:  # (opened again by another thread meanwhile)
-                        raise ledger_file.FileChanged()
+                        raise ledger_file.FileChanged(moved=False)
                     seen = self._file.refuse_if_changed()
                     result = body()
-            except ledger_file.FileChanged:
+            except ledger_file.FileChanged as changed:
+                if changed.moved or time.monotonic() > written_until:
+                    moves += 1
+                else:  # (only written, by another worker's checkpoint: tried again once it is done, uncounted)
+                    time.sleep(pause)
+                    pause = min(2 * pause, ledger_file.WRITTEN_PAUSES_S[1])
                 continue
             except DatabaseClosedError:
                 if self._closed or db is self._db:
                     raise
+                moves += 1
                 continue  # (closed by another thread's reopen before this one's transaction began)
             with self._lock:
                 if not self._file.committed_to_them(seen):
+                    moves += 1
                     continue  # (committed to a file no longer at the path: made again on the one there now)
                 if db is self._db:
                     self._file.settle()  # (its own checkpoint wrote the file)

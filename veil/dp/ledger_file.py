@@ -43,6 +43,11 @@ _SWITCHED = ("the owner's DP budget ledger file was replaced again and again dur
              "charge was refused and nothing was recorded, try again")
 #: Tries of one charge whose files changed while it waited for the lock (each rolled back, nothing recorded).
 CHARGE_TRIES = 3
+#: How long a charge whose database was only written meanwhile (its time and size: another worker's checkpoint,
+#: tens of ms of writes) tries again without counting the tries, pausing between them (doubling up to the last).
+#: Counted, two workers' honest charges were refused: a checkpoint of the other outlasted the three tries.
+WRITTEN_WAIT_S = 5.0
+WRITTEN_PAUSES_S = (0.002, 0.05)
 #: Opens in a row that may each find the path renamed under them before one is taken as the path's file.
 _OPEN_TRIES = 5
 
@@ -52,7 +57,11 @@ State = tuple[int, ...]
 class FileChanged(Exception):
     """Inside a charge's write transaction: the ledger's files changed since the check before it (a restore
     while it waited for the lock, or another process's checkpoint): rolled back, the charge is made again on the
-    path's file as it is now."""
+    path's file as it is now. ``moved``: another file is at the path or beside it (else only written)."""
+
+    def __init__(self, moved: bool = True) -> None:
+        super().__init__()
+        self.moved = moved
 
 
 def identity(path: str) -> Optional[Identity]:
@@ -117,7 +126,7 @@ class FollowedFile:
         files' identities, for :meth:`committed_to_them`."""
         now = self._now() if self.path is not None else ()
         if now != (self.opened if self.path is not None else ()):
-            raise FileChanged()
+            raise FileChanged(moved=self._identities(now) != self._identities(self.opened))
         return self._identities(now)
 
     @staticmethod
