@@ -39,124 +39,67 @@ from pathlib import Path
 import torch
 
 from veil.messaging import messages as m
-from veil.messaging.allowlist import ALLOWLIST
-from veil.messaging.serde import deserialize, serialize
+
+from grad_sessions import (MUL, QUOTA, SUM, R, delete, ok, quota_refusal, quota_server, saved_bytes, send,
+                           still_serves, tracked)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "network"))
 from network_helpers import TOKEN, get_as, in_process_server, store_as  # noqa: E402
 
-R = m.ObjectRef
-SUM, MUL = (ALLOWLIST.by_func(f).name for f in (torch.Tensor.sum, torch.mul))
-QUOTA = 2**20
 
 
-def _send(server, session, op, args, ids, kwargs=None):
-    msg = m.CommandMessage(op, args, kwargs or {}, ids, True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # (torch's own warning of create_graph's reference cycle)
-        return deserialize(server.serve_bytes(serialize(msg, sender="f"), session))[0]
-
-
-def _ok(server, session, op, args, ids, kwargs=None):
-    reply = _send(server, session, op, args, ids, kwargs)
-    assert reply == m.OkReply(), reply
-
-
-def _refused(reply) -> None:
-    assert type(reply) is m.ErrorReply and reply.error == "QuotaExceededError", reply
-    assert "\n" not in reply.message
-
-
-def _delete(server, session, ids) -> None:
-    assert deserialize(server.serve_bytes(serialize(m.DeleteMessage(ids), sender="f"), session))[0] == m.OkReply()
-
-
-def _quota_server(hook, name, quota=QUOTA):
-    from veil.workers.websocket_auth import authenticate
-
-    server, tokens, session = in_process_server(hook, name)
-    server.monitor.max_session_bytes = quota
-    other = authenticate(tokens, [TOKEN])
-    server.sessions[other.id] = other
-    return server, session, other
-
-
-def _still_serves(server, other) -> None:
-    _ok(server, other, "torch.ones", (4,), [9001])
-    _ok(server, other, MUL, (R(9001), 3.0), [9002])
-    assert torch.equal(get_as(server, other, 9002), torch.full((4,), 3.0))
-
-
-def _saved_bytes(*tensors) -> int:
-    """Bytes of the distinct storages the autograd graphs of ``tensors`` save (walked node by node)."""
-    storages, seen = {}, set()
-    todo = [t.grad_fn for t in tensors if t is not None and t.grad_fn is not None]
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        for attr in dir(node):
-            if attr.startswith("_saved_"):
-                value = getattr(node, attr)
-                if isinstance(value, torch.Tensor) and value.layout is torch.strided:
-                    storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
-        todo += [child for child, _ in node.next_functions]
-    return sum(storages.values())
-
-
-def _tracked(server, s, oid: int, n: int) -> torch.Tensor:
-    """A tracked (non-leaf) ``n``-element tensor under ``oid``: ``x.expand(n) * 1`` of a 1-element leaf."""
-    _ok(server, s, "torch.zeros", (1,), [oid + 1])
-    _ok(server, s, "Tensor.requires_grad_", (R(oid + 1),), [0])
-    _ok(server, s, "Tensor.expand", (R(oid + 1), [n]), [oid + 2])
-    _ok(server, s, MUL, (R(oid + 2), 1.0), [oid])
-    return server.monitor.owner_objects()[oid]
+def _all_freed_once_deleted(server, s, other, ids) -> None:
+    """Deleting ``ids`` frees what is left of the session's charge; another session is still served."""
+    delete(server, s, ids)
+    gc.collect()
+    assert server.monitor.session_bytes(s.id) < 4096, server.monitor.session_bytes(s.id)
+    still_serves(server, other)
+    server.end_session(s)
 
 
 def test_create_graph_given_as_a_truthy_non_bool_is_refused_under_a_quota(hook):
     """``create_graph=1`` and a stored ``tensor(True)`` are read by torch as True: refused as ``create_graph=True``
     is, and no graph of gradients is built (before: both ran, x.grad had a grad_fn)."""
-    server, s, other = _quota_server(hook, "gs-cg-truthy")
-    _ok(server, s, "torch.ones", (1000,), [1])
-    _ok(server, s, "Tensor.requires_grad_", (R(1),), [0])
-    _ok(server, s, "Tensor.sigmoid", (R(1),), [2])
-    _ok(server, s, SUM, (R(2),), [3])
+    server, s, other = quota_server(hook, "gs-cg-truthy")
+    ok(server, s, "torch.ones", (1000,), [1])
+    ok(server, s, "Tensor.requires_grad_", (R(1),), [0])
+    ok(server, s, "Tensor.sigmoid", (R(1),), [2])
+    ok(server, s, SUM, (R(2),), [3])
     store_as(server, s, 4, torch.tensor(True))
     x = server.monitor.owner_objects()[1]
     for kwargs in ({"create_graph": 1}, {"create_graph": R(4), "retain_graph": True}):
-        reply = _send(server, s, "Tensor.backward", (R(3),), [], kwargs)
+        reply = send(server, s, "Tensor.backward", (R(3),), [], kwargs)
         assert type(reply) is m.ErrorReply and "create_graph" in reply.message and "\n" not in reply.message, reply
         assert x.grad is None or x.grad.grad_fn is None
-    reply = _send(server, s, "Tensor.backward", (R(3), None, True, 1), [])  # positional
+    reply = send(server, s, "Tensor.backward", (R(3), None, True, 1), [])  # positional
     assert type(reply) is m.ErrorReply and "create_graph" in reply.message, reply
-    _ok(server, s, "Tensor.backward", (R(3),), [], {"create_graph": False})  # the honest one still runs
+    ok(server, s, "Tensor.backward", (R(3),), [], {"create_graph": False})  # the honest one still runs
     w = torch.ones(1000, requires_grad=True)
     w.sigmoid().sum().backward()
     assert torch.equal(x.grad, w.grad) and x.grad.grad_fn is None
-    _still_serves(server, other)
+    still_serves(server, other)
     server.end_session(s)
 
 
 def test_lerp_with_a_tracked_weight_never_holds_past_the_quota(hook):
     """Held: ``y.lerp_(end, w)`` with a tracked weight saves a copy of y's old value (``lerp_`` is listed among the
     in-place ops that save none): still refused once the room is gone, what it saved never past the quota."""
-    server, s, other = _quota_server(hook, "gs-lerp")
+    server, s, other = quota_server(hook, "gs-lerp")
     n = 50_000
-    y = _tracked(server, s, 1, n)
-    _ok(server, s, "torch.zeros", (1,), [10])
-    _ok(server, s, "Tensor.requires_grad_", (R(10),), [0])
-    _ok(server, s, "Tensor.expand", (R(10), [n]), [11])  # a tracked weight of n elements costing 256 bytes
-    _ok(server, s, "Tensor.expand", (R(10), [n]), [12])  # (the end)
+    y = tracked(server, s, 1, n)
+    ok(server, s, "torch.zeros", (1,), [10])
+    ok(server, s, "Tensor.requires_grad_", (R(10),), [0])
+    ok(server, s, "Tensor.expand", (R(10), [n]), [11])  # a tracked weight of n elements costing 256 bytes
+    ok(server, s, "Tensor.expand", (R(10), [n]), [12])  # (the end)
     refused = 0
     for _ in range(12):
-        reply = _send(server, s, "Tensor.lerp_", (R(1), R(12), R(11)), [0])
+        reply = send(server, s, "Tensor.lerp_", (R(1), R(12), R(11)), [0])
         if reply != m.OkReply():
-            _refused(reply)
+            quota_refusal(reply)
             refused += 1
-        assert _saved_bytes(y) <= server.monitor.session_bytes(s.id) <= QUOTA
+        assert saved_bytes(y) <= server.monitor.session_bytes(s.id) <= QUOTA
     assert refused >= 6
-    _still_serves(server, other)
+    still_serves(server, other)
     server.end_session(s)
 
 
@@ -164,50 +107,42 @@ def test_a_gradient_stored_under_a_new_id_is_charged_once(hook):
     """``x.grad`` of a 400 kB leaf, fetched as a pointer (``grad.__get__``) under a 1 MiB quota: stored without a
     second charge (before: refused, 1.2 MB charged for 800 kB held). With ``x`` deleted the gradient stays
     charged while its new id holds it; deleting that frees the charge."""
-    server, s, other = _quota_server(hook, "gs-grad-get")
+    server, s, other = quota_server(hook, "gs-grad-get")
     n = 100_000
-    _ok(server, s, "torch.ones", (n,), [1])
-    _ok(server, s, "Tensor.requires_grad_", (R(1),), [0])
-    _ok(server, s, SUM, (R(1),), [2])
-    _ok(server, s, "Tensor.backward", (R(2),), [])
+    ok(server, s, "torch.ones", (n,), [1])
+    ok(server, s, "Tensor.requires_grad_", (R(1),), [0])
+    ok(server, s, SUM, (R(1),), [2])
+    ok(server, s, "Tensor.backward", (R(2),), [])
     held = server.monitor.session_bytes(s.id)
-    _ok(server, s, "Tensor.grad.__get__", (R(1),), [3])
-    _ok(server, s, MUL, (R(3), 2.0), [0], {"out": R(3)})  # (named by a command, written in place: not charged again)
+    ok(server, s, "Tensor.grad.__get__", (R(1),), [3])
+    ok(server, s, MUL, (R(3), 2.0), [0], {"out": R(3)})  # (named by a command, written in place: not charged again)
     assert server.monitor.session_bytes(s.id) <= held + 4096
     assert torch.equal(get_as(server, s, 3), torch.full((n,), 2.0))
-    _delete(server, s, [1, 2])
+    delete(server, s, [1, 2])
     gc.collect()
     assert server.monitor.session_bytes(s.id) >= n * 4  # (the gradient is alive: its id holds it)
-    _delete(server, s, [3])
-    gc.collect()
-    assert server.monitor.session_bytes(s.id) < 4096, server.monitor.session_bytes(s.id)
-    _still_serves(server, other)
-    server.end_session(s)
+    _all_freed_once_deleted(server, s, other, [3])
 
 
 def test_a_stored_tensor_set_as_a_gradient_is_charged_once(hook):
     """``x.grad = g`` of a stored 400 kB ``g``, then a command naming ``x``: ``g`` is not charged again (before:
     1.2 MB charged for 800 kB held, past a 1 MiB quota). Deleted by its id while ``x.grad`` holds it, ``g``
     stays charged; with ``x`` deleted too, everything is freed."""
-    server, s, other = _quota_server(hook, "gs-grad-set")
+    server, s, other = quota_server(hook, "gs-grad-set")
     n = 100_000
-    _ok(server, s, "torch.ones", (n,), [1])
-    _ok(server, s, "Tensor.requires_grad_", (R(1),), [0])
-    _ok(server, s, "torch.full", ((n,), 2.0), [2])
+    ok(server, s, "torch.ones", (n,), [1])
+    ok(server, s, "Tensor.requires_grad_", (R(1),), [0])
+    ok(server, s, "torch.full", ((n,), 2.0), [2])
     held = server.monitor.session_bytes(s.id)
-    _ok(server, s, "Tensor.grad.__set__", (R(1), R(2)), [])
-    _ok(server, s, SUM, (R(1),), [3])  # (a command naming x: its gradients are looked at)
+    ok(server, s, "Tensor.grad.__set__", (R(1), R(2)), [])
+    ok(server, s, SUM, (R(1),), [3])  # (a command naming x: its gradients are looked at)
     assert server.monitor.session_bytes(s.id) <= held + 4096 <= QUOTA
-    _ok(server, s, "Tensor.backward", (R(3),), [])  # accumulates into g in place: torch's values
+    ok(server, s, "Tensor.backward", (R(3),), [])  # accumulates into g in place: torch's values
     assert torch.equal(get_as(server, s, 2), torch.full((n,), 3.0))
-    _delete(server, s, [2, 3])
+    delete(server, s, [2, 3])
     gc.collect()
     assert server.monitor.session_bytes(s.id) >= 2 * n * 4  # (x and the gradient it holds)
-    _delete(server, s, [1])
-    gc.collect()
-    assert server.monitor.session_bytes(s.id) < 4096, server.monitor.session_bytes(s.id)
-    _still_serves(server, other)
-    server.end_session(s)
+    _all_freed_once_deleted(server, s, other, [1])
 
 
 def test_a_fit_view_written_with_grad_keeps_no_graph(hook):
@@ -216,13 +151,13 @@ def test_a_fit_view_written_with_grad_keeps_no_graph(hook):
     batch's graph, 200 kB a view uncharged: six views held 1.2 MB beside the session's charge)."""
     from veil.plans.ops import PlanOp, PlanSpec, SlotRef
 
-    server, s, other = _quota_server(hook, "gs-fit-view")
+    server, s, other = quota_server(hook, "gs-fit-view")
     n = 50_000
-    _ok(server, s, "torch.zeros", (n,), [1])
-    _ok(server, s, "Tensor.requires_grad_", (R(1),), [0])
-    _ok(server, s, "torch.zeros", (2, 1), [2])
-    _ok(server, s, "torch.zeros", (2,), [3])
-    _ok(server, s, "torch.zeros", (8,), [4])  # the base of the views
+    ok(server, s, "torch.zeros", (n,), [1])
+    ok(server, s, "Tensor.requires_grad_", (R(1),), [0])
+    ok(server, s, "torch.zeros", (2, 1), [2])
+    ok(server, s, "torch.zeros", (2,), [3])
+    ok(server, s, "torch.zeros", (8,), [4])  # the base of the views
     step = PlanSpec("v", 3, 1, 8, [PlanOp(MUL, (SlotRef(3), 2.0), {}, [4], True),
                                    PlanOp("Tensor.sigmoid", (SlotRef(4),), {}, [5], True),
                                    PlanOp(SUM, (SlotRef(5),), {}, [6], True),
@@ -230,17 +165,17 @@ def test_a_fit_view_written_with_grad_keeps_no_graph(hook):
                                    PlanOp(SUM, (SlotRef(0),), {}, [7], True)], SlotRef(7))
     views = []
     for k in range(6):
-        _ok(server, s, "Tensor.narrow", (R(4), 0, k, 1), [10 + k])
+        ok(server, s, "Tensor.narrow", (R(4), 0, k, 1), [10 + k])
         views.append(server.monitor.owner_objects()[10 + k])
-        reply = _send(server, s, "veil.plan.fit", (step, R(2), R(3), [R(1)], 2), [20 + k],
+        reply = send(server, s, "veil.plan.fit", (step, R(2), R(3), [R(1)], 2), [20 + k],
                       {"shuffle": False, "extra": [R(10 + k)]})
         assert type(reply) is m.ErrorReply and "grad tracking" in reply.message and "\n" not in reply.message, reply
         assert views[-1].grad_fn is None and not views[-1].requires_grad
-        assert _saved_bytes(*views) <= server.monitor.session_bytes(s.id) <= QUOTA
+        assert saved_bytes(*views) <= server.monitor.session_bytes(s.id) <= QUOTA
     written = torch.zeros(8)  # (the batch's write stays, as a whole tensor's does: torch's value)
     written[:6] = (torch.zeros(n) * 2.0).sigmoid().sum()
     assert torch.equal(get_as(server, s, 4), written)
-    _still_serves(server, other)
+    still_serves(server, other)
     server.end_session(s)
 
 
@@ -256,13 +191,13 @@ def test_create_graph_without_a_quota_is_freed_when_the_session_ends(hook):
         s = authenticate(tokens, [TOKEN])
         server.sessions[s.id] = s
         store_as(server, s, 1, torch.linspace(-1.0, 1.0, 1000))
-        _ok(server, s, "torch.ones", (1000,), [5])
+        ok(server, s, "torch.ones", (1000,), [5])
         for x in (1, 5):
-            _ok(server, s, "Tensor.requires_grad_", (R(x),), [0])
-        _ok(server, s, MUL, (R(1), R(5)), [6])
-        _ok(server, s, "Tensor.sigmoid", (R(6),), [2])
-        _ok(server, s, SUM, (R(2),), [3])
-        _ok(server, s, "Tensor.backward", (R(3),), [], {"create_graph": True})
+            ok(server, s, "Tensor.requires_grad_", (R(x),), [0])
+        ok(server, s, MUL, (R(1), R(5)), [6])
+        ok(server, s, "Tensor.sigmoid", (R(6),), [2])
+        ok(server, s, SUM, (R(2),), [3])
+        ok(server, s, "Tensor.backward", (R(3),), [], {"create_graph": True})
         objects = server.monitor.owner_objects()
         w = torch.linspace(-1.0, 1.0, 1000, requires_grad=True)
         with warnings.catch_warnings():
@@ -271,7 +206,7 @@ def test_create_graph_without_a_quota_is_freed_when_the_session_ends(hook):
         assert torch.allclose(objects[1].grad, w.grad) and objects[1].grad.grad_fn is not None
         left += [weakref.ref(objects[1]), weakref.ref(objects[5])]
         del objects, w
-        _delete(server, s, [5, 6])  # (a leaf the session no longer names)
+        delete(server, s, [5, 6])  # (a leaf the session no longer names)
         server.end_session(s)
     gc.collect()
     assert not [r for r in left if r() is not None]
@@ -280,22 +215,18 @@ def test_create_graph_without_a_quota_is_freed_when_the_session_ends(hook):
 def test_an_in_place_result_under_a_new_id_is_charged_once(hook):
     """``x.add_(1)`` stored under a second id names the same 400 kB tensor: charged once (before: twice, 800 kB);
     with its first id deleted it stays charged while the second names it, and deleting both frees the charge."""
-    server, s, other = _quota_server(hook, "gs-alias")
+    server, s, other = quota_server(hook, "gs-alias")
     n = 100_000
-    _ok(server, s, "torch.zeros", (n,), [1])
+    ok(server, s, "torch.zeros", (n,), [1])
     held = server.monitor.session_bytes(s.id)
-    _ok(server, s, "Tensor.add_", (R(1), 1.0), [2])
-    _ok(server, s, SUM, (R(2),), [4])  # (a command naming the second id does not charge it again either)
+    ok(server, s, "Tensor.add_", (R(1), 1.0), [2])
+    ok(server, s, SUM, (R(2),), [4])  # (a command naming the second id does not charge it again either)
     assert server.monitor.session_bytes(s.id) <= held + 4096
-    _ok(server, s, "torch.zeros", (n,), [3])  # (room that the second charge took)
-    _delete(server, s, [1])
+    ok(server, s, "torch.zeros", (n,), [3])  # (room that the second charge took)
+    delete(server, s, [1])
     assert server.monitor.session_bytes(s.id) >= 2 * n * 4
     assert torch.equal(get_as(server, s, 2), torch.ones(n))
-    _delete(server, s, [2, 3, 4])
-    gc.collect()
-    assert server.monitor.session_bytes(s.id) < 4096, server.monitor.session_bytes(s.id)
-    _still_serves(server, other)
-    server.end_session(s)
+    _all_freed_once_deleted(server, s, other, [2, 3, 4])
 
 
 def test_a_plans_create_graph_without_a_quota_is_freed_when_the_session_ends(hook):
@@ -308,12 +239,12 @@ def test_a_plans_create_graph_without_a_quota_is_freed_when_the_session_ends(hoo
     s = authenticate(tokens, [TOKEN])
     server.sessions[s.id] = s
     store_as(server, s, 1, torch.linspace(-1.0, 1.0, 1000))
-    _ok(server, s, "Tensor.requires_grad_", (R(1),), [0])
+    ok(server, s, "Tensor.requires_grad_", (R(1),), [0])
     plan = PlanSpec("cg", 0, 1, 3, [PlanOp("Tensor.sigmoid", (SlotRef(0),), {}, [1], True),
                                     PlanOp(SUM, (SlotRef(1),), {}, [2], True),
                                     PlanOp("Tensor.backward", (SlotRef(2),), {"create_graph": True}, [], True)],
                     SlotRef(2))
-    _ok(server, s, "veil.plan.run", (plan, [], [R(1)]), [2])
+    ok(server, s, "veil.plan.run", (plan, [], [R(1)]), [2])
     x = server.monitor.owner_objects()[1]
     w = torch.linspace(-1.0, 1.0, 1000, requires_grad=True)
     with warnings.catch_warnings():
@@ -331,17 +262,17 @@ def test_in_place_ops_stored_under_new_ids_never_hold_past_the_quota(hook):
     """``y.pow_(1)`` of a tracked 50 000-element ``y``, its result stored under a new id and deleted, 12 times: each
     saves a copy of y's old value in y's graph, which stays charged (before: charged to the new id, then folded
     into y's one lingering charge on delete: every round after the first held 200 kB more, charged nothing)."""
-    server, s, other = _quota_server(hook, "gs-pow-ids")
-    y = _tracked(server, s, 1, 50_000)
+    server, s, other = quota_server(hook, "gs-pow-ids")
+    y = tracked(server, s, 1, 50_000)
     refused = 0
     for k in range(12):
-        reply = _send(server, s, "Tensor.pow_", (R(1), 1.0), [100 + k])
+        reply = send(server, s, "Tensor.pow_", (R(1), 1.0), [100 + k])
         if reply == m.OkReply():
-            _delete(server, s, [100 + k])
+            delete(server, s, [100 + k])
         else:
-            _refused(reply)
+            quota_refusal(reply)
             refused += 1
-        assert _saved_bytes(y) <= server.monitor.session_bytes(s.id) <= QUOTA
+        assert saved_bytes(y) <= server.monitor.session_bytes(s.id) <= QUOTA
     assert refused >= 6
-    _still_serves(server, other)
+    still_serves(server, other)
     server.end_session(s)
