@@ -9,6 +9,7 @@ from typing import Any
 import veil as sy
 from veil.ids import new_id
 from veil.messaging import messages as m
+from veil.messaging.allowlist import ALLOWLIST
 from veil.messaging.serde import deserialize, serialize
 from veil.workers.websocket_auth import authenticate
 from veil.workers.websocket_server import WebsocketServerWorker
@@ -34,10 +35,10 @@ def request(srv: WebsocketServerWorker, session: Any, msg: Any) -> Any:
     return deserialize(srv.serve_bytes(serialize(msg, sender="client"), session))[0]
 
 
-def send_tensor(srv: WebsocketServerWorker, session: Any, t: Any) -> int:
-    """Stores ``t`` for the session; its id."""
+def send_tensor(srv: WebsocketServerWorker, session: Any, t: Any, tags: tuple = (), description: str = "") -> int:
+    """Stores ``t`` (with ``tags`` and ``description``) for the session; its id."""
     oid = new_id()
-    reply = request(srv, session, m.ObjectMessage([m.StoredObject(oid, t)]))
+    reply = request(srv, session, m.ObjectMessage([m.StoredObject(oid, t, tuple(tags), description)]))
     assert type(reply) is m.OkReply, reply
     return oid
 
@@ -55,6 +56,17 @@ def computed(srv: WebsocketServerWorker, session: Any, op: str, *args: Any, grad
     reply, (rid,) = run_command(srv, session, op, *args, grad=grad, **kwargs)
     assert type(reply) is m.OkReply, (op, reply)
     return m.ObjectRef(rid)
+
+
+def answers_next_command(srv: WebsocketServerWorker, session: Any) -> None:
+    """The worker still runs the session's next command and answers with torch's value."""
+    import torch
+
+    t = send_tensor(srv, session, torch.ones(3))
+    reply, (rid,) = run_command(srv, session, ALLOWLIST.by_func(torch.add).name, m.ObjectRef(t), 1.0)
+    assert type(reply) is m.OkReply, reply
+    got = request(srv, session, m.GetObjectsMessage([rid], False, None))
+    assert torch.equal(got.objects[0], torch.full((3,), 2.0)), got
 
 
 def session_helpers(token: str, grad: bool = False) -> tuple:

@@ -40,7 +40,6 @@ Holes found (strict xfails first, then fixed):
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -52,7 +51,8 @@ from veil.messaging import messages as m
 from veil.messaging.serde import serialize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_sessions import open_session, quota_worker, request  # noqa: E402
+from search_listings import follow_pages, paging_worker  # noqa: E402
+from server_sessions import open_session, quota_worker, request, send_tensor  # noqa: E402
 
 TOKEN = "rt-compat-second-token"
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("fresh_size_cache")]
@@ -61,26 +61,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("fre
 def _worker(hook, wid):
     srv = quota_worker(hook, wid, TOKEN, None)
     return srv, open_session(srv, TOKEN)
-
-
-def _store(srv, s, obj, tags=(), description=""):
-    oid = new_id()
-    reply = request(srv, s, m.ObjectMessage([m.StoredObject(oid, obj, tuple(tags), description)]))
-    assert type(reply) is m.OkReply, reply
-    return oid
-
-
-def _pages(srv, s, ask):
-    """Every page of a listing, followed as the client does: [(descriptor ids, next_after)]."""
-    pages, after = [], None
-    while len(pages) < 1000:
-        reply = request(srv, s, ask(after))
-        assert type(reply) is m.DescriptorsReply, reply
-        pages.append(([d.id for d in reply.descriptors], reply.next_after))
-        if reply.next_after is None:
-            return pages
-        after = reply.next_after
-    raise AssertionError("the listing did not end")
 
 
 def _nested():
@@ -110,9 +90,9 @@ def test_a_page_cursor_never_names_an_object_the_listing_does_not_describe(hook,
         srv, s = _worker(hook, f"rt-cs2-cursor-{kind}-{length}")
         hidden = srv.load(_nested(), tags=("#h",), description="h" * length, private=True)
         shown = srv.load(torch.ones(2), tags=("#v",), description="visible", private=True)
-        mine = [_store(srv, s, torch.ones(1), ("#v",), "mine") for _ in range(3)]
+        mine = [send_tensor(srv, s, torch.ones(1), ("#v",), "mine") for _ in range(3)]
         ask = (lambda after: m.SearchMessage(["#v", "i"], after)) if kind == "search" else m.ListObjectsMessage
-        pages = _pages(srv, s, ask)
+        pages = follow_pages(srv, s, ask)
         named = [oid for ids, cursor in pages for oid in ids + [cursor]]
         assert hidden not in named, "a page cursor handed out the id of an object the listing never describes"
         found = [oid for ids, _ in pages for oid in ids]
@@ -129,11 +109,11 @@ def test_one_page_reply_is_bounded_however_long_the_descriptions(hook, kind):
     and following the pages still finds every object once."""
     srv, s = _worker(hook, f"rt-cs2-reply-{kind}")
     text = "d" * ((1 << 20) - 64)  # (just within what one sent object may hold)
-    mine = [_store(srv, s, torch.ones(1), ("#big",), text) for _ in range(24)]
+    mine = [send_tensor(srv, s, torch.ones(1), ("#big",), text) for _ in range(24)]
     ask = (lambda after: m.SearchMessage(["#big"], after)) if kind == "search" else m.ListObjectsMessage
     raw = srv.serve_bytes(serialize(ask(None), sender="client"), s)
     assert len(raw) <= 8 << 20, f"one page's reply was {len(raw) >> 20} MiB"
-    found = [oid for ids, _ in _pages(srv, s, ask) for oid in ids]
+    found = [oid for ids, _ in follow_pages(srv, s, ask) for oid in ids]
     assert found == mine
 
 
@@ -148,8 +128,8 @@ def test_one_sent_objects_metadata_is_bounded(hook, metadata):
     tags, text = (("#m",) + ("t",) * 300_000, "") if metadata == "tags" else (("#m",), "d" * (2 << 20))
     reply = request(srv, s, m.ObjectMessage([m.StoredObject(new_id(), torch.ones(1), tags, text)]))
     assert type(reply) is m.ErrorReply and reply.error == "SerializationError" and "\n" not in reply.message, reply
-    ordinary = _store(srv, s, torch.ones(1), ("#m",), "d" * (64 << 10))
-    found = [oid for ids, _ in _pages(srv, s, lambda after: m.SearchMessage(["#m"], after)) for oid in ids]
+    ordinary = send_tensor(srv, s, torch.ones(1), ("#m",), "d" * (64 << 10))
+    found = [oid for ids, _ in follow_pages(srv, s, lambda after: m.SearchMessage(["#m"], after)) for oid in ids]
     assert found == [owner, ordinary], found
 
 
@@ -160,24 +140,14 @@ def test_a_hostile_workers_empty_tags_count_toward_the_listing_bound(hook, monke
     bound whatever its length (here lowered to 4 Mi, pages of 256 descriptors: 2 Mi each); the client stops in
     one line within a few pages."""
     from veil.workers import listing
-    from veil.workers.virtual import VirtualWorker
 
     monkeypatch.setattr(listing, "MAX_LISTING_META_CHARS", 4 << 20)
     served = []
     tags = ("",) * 1024
-
-    class EmptyTags(VirtualWorker):
-        def _handle(self, msg, sender):
-            if type(msg) is not m.SearchMessage:
-                return super()._handle(msg, sender)
-            served.append(msg.after)
-            if len(served) > 12:
-                raise RuntimeError("the client is still asking")
-            return m.DescriptorsReply([m.Descriptor(new_id(), (1,), "float32", False, tags, "")
-                                       for _ in range(256)], new_id())
-
+    empty_tags = paging_worker(hook, "rt-cs2-empty-tags", lambda: m.DescriptorsReply(
+        [m.Descriptor(new_id(), (1,), "float32", False, tags, "") for _ in range(256)], new_id()), served)
     with pytest.raises(sy.exceptions.ObjectNotFoundError) as refused:
-        sy.search(EmptyTags(hook, id="rt-cs2-empty-tags"), "#x")
+        sy.search(empty_tags, "#x")
     assert len(served) <= 4 and "\n" not in str(refused.value), (len(served), refused.value)
 
 
@@ -187,24 +157,14 @@ def test_a_hostile_worker_cannot_hold_a_listing_for_hours(hook, monkeypatch):
     136 hours. Must hold: a listing ends in one line once it has run MAX_LISTING_SECONDS (here lowered to
     0.3 s, pages taking 0.05 s): a few pages, not thousands."""
     from veil.workers import listing
-    from veil.workers.virtual import VirtualWorker
 
     bound = getattr(listing, "MAX_LISTING_SECONDS", None)  # (checked last: the attack is seen first)
     monkeypatch.setattr(listing, "MAX_LISTING_SECONDS", 0.3, raising=False)
     served = []
-
-    class Slow(VirtualWorker):
-        def _handle(self, msg, sender):
-            if type(msg) is not m.SearchMessage:
-                return super()._handle(msg, sender)
-            served.append(msg.after)
-            if len(served) > 40:
-                raise RuntimeError("the client is still asking")
-            time.sleep(0.05)
-            return m.DescriptorsReply([m.Descriptor(new_id(), (1,), "float32", False, (), "")], new_id())
-
+    slow = paging_worker(hook, "rt-cs2-slow", lambda: m.DescriptorsReply(
+        [m.Descriptor(new_id(), (1,), "float32", False, (), "")], new_id()), served, most=40, pause=0.05)
     with pytest.raises(sy.exceptions.ObjectNotFoundError) as refused:
-        sy.PrivateGridNetwork(Slow(hook, id="rt-cs2-slow")).search("#x")
+        sy.PrivateGridNetwork(slow).search("#x")
     assert len(served) <= 12 and "\n" not in str(refused.value) and "within" in str(refused.value), (
         len(served), refused.value)
     assert bound is not None and bound <= 1800, bound  # (minutes, whatever the worker does)
@@ -254,7 +214,7 @@ def test_each_term_checked_counts_toward_a_pages_budget(hook, monkeypatch):
     assert reply.descriptors == [] and reply.next_after is not None, reply
     walked = [so.id for so in batch].index(reply.next_after) + 1
     assert walked <= 20, f"one page checked 64 terms against {walked} objects"
-    found = [oid for ids, _ in _pages(srv, s, lambda after: m.SearchMessage(list(tags), after)) for oid in ids]
+    found = [oid for ids, _ in follow_pages(srv, s, lambda after: m.SearchMessage(list(tags), after)) for oid in ids]
     assert found == [so.id for so in batch]
 
 
@@ -267,7 +227,7 @@ def test_a_cursor_the_session_may_not_list_reads_as_a_deleted_one(hook):
     srv, s = _worker(hook, "rt-cs2-cursor-gone")
     hidden = srv.load(_nested(), tags=("#h",), description="hidden", private=True)
     other = open_session(srv, TOKEN)
-    theirs = _store(srv, other, torch.ones(1), ("#t",), "theirs")
+    theirs = send_tensor(srv, other, torch.ones(1), ("#t",), "theirs")
     messages = set()
     for after in (hidden, theirs, new_id()):
         for msg in (m.SearchMessage([], after), m.ListObjectsMessage(after)):
@@ -288,8 +248,8 @@ def test_pages_neither_skip_nor_repeat_objects_removed_and_added_between_them(ho
 
     monkeypatch.setattr(search_terms, "PAGE_MATCH_BUDGET", 2)
     srv, s = _worker(hook, "rt-cs2-churn")
-    gone = [_store(srv, s, torch.ones(1), ("#c",), "gone") for _ in range(4)]  # (store order: gone first)
-    kept = [_store(srv, s, torch.ones(1), ("#c",), "kept") for _ in range(6)]
+    gone = [send_tensor(srv, s, torch.ones(1), ("#c",), "gone") for _ in range(4)]  # (store order: gone first)
+    kept = [send_tensor(srv, s, torch.ones(1), ("#c",), "kept") for _ in range(6)]
     asked = []
 
     def ask(after):
@@ -297,7 +257,7 @@ def test_pages_neither_skip_nor_repeat_objects_removed_and_added_between_them(ho
         if len(asked) == 3:  # between pages: the cursor's object and others leave, one arrives
             assert after in gone, (after, gone)
             assert type(request(srv, s, m.DeleteMessage(gone))) is m.OkReply
-            kept.append(_store(srv, s, torch.ones(1), ("#c",), "new"))
+            kept.append(send_tensor(srv, s, torch.ones(1), ("#c",), "new"))
         reply = request(srv, s, m.SearchMessage(["#c"], after))
         if type(reply) is m.ErrorReply:
             raise error_from_reply(reply.error, reply.message)

@@ -36,31 +36,22 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from veil.ids import new_id
 from veil.messaging import messages as m
-from veil.messaging.allowlist import ALLOWLIST
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_sessions import open_session, quota_worker, request, run_command, send_tensor  # noqa: E402
+from server_sessions import (answers_next_command, open_session, quota_worker, request, run_command,  # noqa: E402
+                             send_tensor)
 
 TOKEN = "rt-compat-surface-token"
 OTHER = "rt-compat-surface-other"
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("fresh_size_cache")]
 
 ENCODE, DECODE, SHARE_OWN = "veil.compat.encode", "veil.compat.decode", "veil.compat.share_own"
-ADD = ALLOWLIST.by_func(torch.add).name
 
 
 def _worker(hook, wid, quota=None):
     srv = quota_worker(hook, wid, TOKEN, quota)
     srv.tokens.add(OTHER, "other", "scientist")
     return srv, open_session(srv, TOKEN)
-
-
-def _serving(srv, s):
-    t = send_tensor(srv, s, torch.ones(3))
-    r, (rid,) = run_command(srv, s, ADD, m.ObjectRef(t), 1.0)
-    assert type(r) is m.OkReply, r
-    got = request(srv, s, m.GetObjectsMessage([rid], False, None))
-    assert torch.equal(got.objects[0], torch.full((3,), 2.0)), got
 
 
 def _outcome(reply) -> tuple:
@@ -87,7 +78,7 @@ def test_encode_success_is_no_oracle_on_review_data(hook):
     outcomes = {oid: _outcome(run_command(srv, s, ENCODE, m.ObjectRef(oid), base, 1)[0])
                 for oid in (small, large, nan)}
     assert len(set(outcomes.values())) == 1, f"the reply tells the data apart: {outcomes}"
-    _serving(srv, s)
+    answers_next_command(srv, s)
 
 
 def test_encode_of_owner_data_matches_torch_in_range_and_clamps_outside(hook):
@@ -124,7 +115,7 @@ def test_public_parameters_are_never_owner_values(hook, op, position):
         outcomes.append(_outcome(reply))
     assert outcomes[0] == outcomes[1], f"the reply tells the owner's values apart: {outcomes}"
     assert outcomes[0][0] == "ErrorReply" and "integer" in outcomes[0][2], outcomes[0]
-    _serving(srv, s)
+    answers_next_command(srv, s)
 
 
 class _Allocations(TorchDispatchMode):
@@ -170,7 +161,7 @@ def test_owner_sized_results_are_refused_before_they_are_computed(hook, op):
     big = [(d, k) for d, k in seen.seen if k >= n and d in (torch.int64, torch.float64)]
     assert not big, f"{op} computed {big} before the quota refused it: {reply}"
     assert reply.error == "QuotaExceededError", reply
-    _serving(srv, s)
+    answers_next_command(srv, s)
 
 
 def test_bundled_loader_reads_only_its_own_files():
@@ -210,7 +201,7 @@ def test_share_own_of_review_data_waits_for_the_owner_and_stores_nothing(hook):
     reply, _ = run_command(srv, s, SHARE_OWN, oid, [srv.id, "nobody-else"], [sid, new_id()], n=0)
     assert type(reply) is m.ErrorReply and reply.error == "ReviewPendingError", reply
     assert type(request(srv, s, m.ObjectMessage([m.StoredObject(sid, torch.ones(1))]))) is m.OkReply
-    _serving(srv, s)
+    answers_next_command(srv, s)
 
 
 def test_share_own_never_writes_over_owner_data_or_follows_a_stored_pointer(hook):
@@ -234,7 +225,7 @@ def test_share_own_never_writes_over_owner_data_or_follows_a_stored_pointer(hook
     reply, _ = run_command(srv, s, SHARE_OWN, pid, [srv.id, "rt-cs-peer"], [new_id(), new_id()], n=0)
     assert type(reply) is m.ErrorReply and reply.error == "PermissionDeniedError", reply
     assert "pointer" in reply.message and "\n" not in reply.message, reply
-    _serving(srv, s)
+    answers_next_command(srv, s)
 
 
 def test_encode_of_a_value_hidden_from_the_requester_tells_nothing(hook):
@@ -250,7 +241,7 @@ def test_encode_of_a_value_hidden_from_the_requester_tells_nothing(hook):
         outcomes.append(_outcome(run_command(srv, s, ENCODE, m.ObjectRef(hid), 2, 16)[0]))
     assert outcomes[0] == outcomes[1], outcomes
     assert "1e+30" not in str(outcomes[0]), outcomes
-    _serving(srv, s)
+    answers_next_command(srv, s)
 
 
 def test_search_finds_no_other_sessions_object_or_hidden_capability(hook):
@@ -313,7 +304,7 @@ def test_a_search_is_bounded_before_it_holds_the_worker(hook):
         assert str(MAX_TERMS) in reply.message and "\n" not in reply.message, reply
     within = request(srv, s, m.SearchMessage(distinct[:MAX_TERMS])).descriptors
     assert sorted(d.id for d in within) == sorted(ids)
-    _serving(srv, s)
+    answers_next_command(srv, s)
 
 
 def test_tags_and_descriptions_count_against_the_session_quota(hook):
@@ -326,7 +317,7 @@ def test_tags_and_descriptions_count_against_the_session_quota(hook):
         obj = m.StoredObject(new_id(), torch.ones(1), tuple(f"#t{j}" for j in range(10_000)), "d" * 800_000)
         replies.append(request(srv, s, m.ObjectMessage([obj])))
     assert any(type(r) is m.ErrorReply and r.error == "QuotaExceededError" for r in replies), replies
-    _serving(srv, s)
+    answers_next_command(srv, s)
 
 
 @pytest.mark.parametrize("role", ["peer", "client"])
@@ -345,4 +336,4 @@ def test_peer_and_client_tokens_reach_no_compat_entry_point(hook, role):
         reply = request(srv, other, msg)
         assert type(reply) is m.ErrorReply and reply.error == "PermissionDeniedError", (type(msg).__name__, reply)
     assert torch.equal(_owner(srv, oid), torch.arange(4))
-    _serving(srv, s)
+    answers_next_command(srv, s)

@@ -43,16 +43,14 @@ import torch
 import veil as sy
 from veil.ids import new_id
 from veil.messaging import messages as m
-from veil.messaging.allowlist import ALLOWLIST
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_sessions import open_session, quota_worker, request, run_command, send_tensor  # noqa: E402
+from search_listings import follow_pages, paging_worker  # noqa: E402
+from server_sessions import answers_next_command, open_session, quota_worker, request, send_tensor  # noqa: E402
 
 TOKEN = "rt-fresh-compat-token"
 OTHER = "rt-fresh-compat-other"
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("fresh_size_cache")]
-
-ADD = ALLOWLIST.by_func(torch.add).name
 
 
 def _worker(hook, wid, quota=None):
@@ -61,32 +59,10 @@ def _worker(hook, wid, quota=None):
     return srv, open_session(srv, TOKEN)
 
 
-def _serving(srv, s):
-    t = send_tensor(srv, s, torch.ones(3))
-    r, (rid,) = run_command(srv, s, ADD, m.ObjectRef(t), 1.0)
-    assert type(r) is m.OkReply, r
-    got = request(srv, s, m.GetObjectsMessage([rid], False, None))
-    assert torch.equal(got.objects[0], torch.full((3,), 2.0)), got
-
-
-def _store(srv, s, obj, tags=(), description=""):
-    oid = new_id()
-    reply = request(srv, s, m.ObjectMessage([m.StoredObject(oid, obj, tuple(tags), description)]))
-    assert type(reply) is m.OkReply, reply
-    return oid
-
-
 def _all_pages(srv, s, query):
     """Every descriptor of a search, following its pages as ``veil.search`` does; (ids, pages)."""
-    ids, after, pages = [], None, 0
-    while True:
-        reply = request(srv, s, m.SearchMessage(query, after))
-        assert type(reply) is m.DescriptorsReply, reply
-        ids += [d.id for d in reply.descriptors]
-        pages += 1
-        if reply.next_after is None:
-            return ids, pages
-        after = reply.next_after
+    pages = follow_pages(srv, s, lambda after: m.SearchMessage(query, after))
+    return [oid for ids, _ in pages for oid in ids], len(pages)
 
 
 # ------------------------------------------------------------------------------------------ holes
@@ -107,7 +83,7 @@ def test_one_search_request_holds_the_worker_a_bounded_time(hook, shape):
     filler, count = ("ab" * 500_000, 32) if shape == "long" else ("ab" * 22_000, 512)
     description = filler + "".join(terms)
     for _ in range(count):
-        _store(srv, s, torch.ones(1), (), description)
+        send_tensor(srv, s, torch.ones(1), (), description)
     worst = 0.0
     for _ in range(2):
         started = time.perf_counter()
@@ -115,7 +91,7 @@ def test_one_search_request_holds_the_worker_a_bounded_time(hook, shape):
         worst = max(worst, time.perf_counter() - started)
         assert type(reply) is m.DescriptorsReply and reply.descriptors == [], reply
     assert worst < 0.5, f"one search request held the worker {worst:.2f} s"
-    _serving(srv, s)
+    answers_next_command(srv, s)
 
 
 def test_a_hostile_worker_cannot_make_a_search_gather_unbounded_metadata(hook):
@@ -123,22 +99,10 @@ def test_a_hostile_worker_cannot_make_a_search_gather_unbounded_metadata(hook):
     with a 16 KiB description, never ending. The client kept asking up to 4096 pages of any frame size (its
     process runs out of memory). Must hold: the client stops in one line once the listing's tags and
     descriptions pass a bound, asking far fewer pages than the worker would serve."""
-    from veil.workers.virtual import VirtualWorker
-
     served = []
-
-    class Flooding(VirtualWorker):
-        def _handle(self, msg, sender):
-            if type(msg) is not m.SearchMessage:
-                return super()._handle(msg, sender)
-            served.append(msg.after)
-            if len(served) > 12:
-                raise RuntimeError("the client is still asking")
-            text = "d" * (16 << 10)
-            return m.DescriptorsReply([m.Descriptor(new_id(), (1,), "float32", False, ("#boston",), text)
-                                       for _ in range(1024)], new_id())
-
-    evil = Flooding(hook, id="rt-fc-flooding")
+    text = "d" * (16 << 10)
+    evil = paging_worker(hook, "rt-fc-flooding", lambda: m.DescriptorsReply(
+        [m.Descriptor(new_id(), (1,), "float32", False, ("#boston",), text) for _ in range(1024)], new_id()), served)
     with pytest.raises(sy.exceptions.ObjectNotFoundError) as refused:
         sy.PrivateGridNetwork(evil).search("#boston")
     assert len(served) <= 8, f"the client asked {len(served)} pages"
@@ -151,24 +115,14 @@ def test_a_hostile_worker_cannot_make_a_search_gather_millions_of_pointers(hook,
     each: 3 GB and 80 s in the scientist's process from 120 MB of small frames). Must hold: a listing stops in
     one line past MAX_LISTING_ENTRIES descriptors (here lowered to 4096, so that the test is quick)."""
     from veil.workers import listing
-    from veil.workers.virtual import VirtualWorker
 
     assert getattr(listing, "MAX_LISTING_ENTRIES", 1 << 30) <= 1 << 18
     monkeypatch.setattr(listing, "MAX_LISTING_ENTRIES", 4096, raising=False)
     served = []
-
-    class Endless(VirtualWorker):
-        def _handle(self, msg, sender):
-            if type(msg) is not m.SearchMessage:
-                return super()._handle(msg, sender)
-            served.append(msg.after)
-            if len(served) > 12:
-                raise RuntimeError("the client is still asking")
-            return m.DescriptorsReply([m.Descriptor(new_id(), (1,), "float32", False, (), "") for _ in range(1024)],
-                                      new_id())
-
+    endless = paging_worker(hook, "rt-fc-endless", lambda: m.DescriptorsReply(
+        [m.Descriptor(new_id(), (1,), "float32", False, (), "") for _ in range(1024)], new_id()), served)
     with pytest.raises(sy.exceptions.ObjectNotFoundError) as refused:
-        sy.search(Endless(hook, id="rt-fc-endless"), "#boston")
+        sy.search(endless, "#boston")
     assert len(served) <= 5 and "\n" not in str(refused.value), (len(served), refused.value)
 
 
@@ -215,7 +169,7 @@ def test_a_query_of_millions_of_distinct_terms_is_refused_before_it_is_deduplica
     srv, s = _worker(hook, "rt-fc-many-terms")
     reply = request(srv, s, m.SearchMessage([str(i) for i in range(200_000)]))
     assert type(reply) is m.ErrorReply and reply.error == "SerializationError" and "\n" not in reply.message, reply
-    _serving(srv, s)
+    answers_next_command(srv, s)
 
 
 def test_two_hostile_workers_cannot_make_a_multi_pointer_sum_square_their_answers(hook):
@@ -279,14 +233,14 @@ def test_paged_search_finds_exactly_what_one_pass_would(hook, monkeypatch):
     for i in range(60):
         tags = ("#data",) + (("#even",) if i % 2 == 0 else ())
         description = f"row block {i} " + ("visits " * 40 if i % 3 == 0 else "")
-        stored[_store(srv, s, torch.ones(1), tags, description)] = (tags, description)
+        stored[send_tensor(srv, s, torch.ones(1), tags, description)] = (tags, description)
     for query in (["#data"], ["#even", "visits"], ["block 1"], ["#even", "block 4"]):
         expected = sorted(oid for oid, (tags, text) in stored.items()
                           if all(q in tags or q in text for q in query))
         ids, pages = _all_pages(srv, s, query)
         assert sorted(ids) == expected and len(ids) == len(set(ids)), query
     assert _all_pages(srv, s, ["#data"])[1] > 1, "the budget did not split the search into pages"
-    _serving(srv, s)
+    answers_next_command(srv, s)
 
 
 def test_owner_search_in_process_never_returns_a_scientists_look_alike(hook):
@@ -295,7 +249,7 @@ def test_owner_search_in_process_never_returns_a_scientists_look_alike(hook):
     veil/demo.py does) must return the owner's data only, and the other scientist's search must not see it."""
     srv, s = _worker(hook, "rt-fc-lookalike")
     owner = srv.load(torch.zeros(3), tags=("#boston", "#data"), description="Boston features", private=True)
-    fake = _store(srv, s, torch.full((3,), 666.0), ("#boston", "#data"), "Boston features")
+    fake = send_tensor(srv, s, torch.full((3,), 666.0), ("#boston", "#data"), "Boston features")
     assert [p.id_at_location for p in sy.search(srv, ["#boston", "#data"])] == [owner]
     grid = sy.PrivateGridNetwork(srv).search("#boston", "Boston features")
     assert [p.id_at_location for p in grid[srv.id]] == [owner]
