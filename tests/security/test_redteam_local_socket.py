@@ -10,10 +10,7 @@ turned off. Values are compared with torch.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
-import os
 import socket
 import threading
 import time
@@ -21,74 +18,31 @@ import time
 import pytest
 import torch
 
-import veil as sy
 from veil.exceptions import PermissionDeniedError
 from veil.workers import local_socket
 from veil.workers.auth_throttle import FailureThrottle
 from veil.workers.websocket_auth import handshake_headers
-from veil.workers.websocket_server import WebsocketServerWorker
 from veil.workers.websocket_transport import BlockingConnection
 
+from local_links import (hostile_worker, link_client, link_server, read_request, served, squat_listener, switch,
+                         works)
 from network_helpers import TOKEN
 from worker_processes import serve_in_thread, stop_served
 
 pytestmark = pytest.mark.skipif(not local_socket.enabled(), reason="Unix links are Linux-only")
 
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-
-def _server(hook, token: str = TOKEN, **kwargs) -> WebsocketServerWorker:
-    tokens = sy.TokenTable()
-    tokens.add(token, "scientist")
-    return WebsocketServerWorker(hook, id=f"unix-rt-{os.getpid()}-{time.monotonic_ns()}", port=0, tokens=tokens,
-                                 **kwargs)
-
 
 @pytest.fixture(scope="module")
 def listening(hook):
-    server = _server(hook)
-    thread = serve_in_thread(server)
-    yield server
-    stop_served(server, thread)
-
-
-def _client(hook, server, **kwargs) -> sy.WebsocketClientWorker:
-    return sy.WebsocketClientWorker(hook, id=server.id, host="127.0.0.1", port=server.bound_port, token=TOKEN,
-                                    local_socket=True, **kwargs)
-
-
-def _works(client) -> None:
-    x = torch.randn(5, 3)
-    assert torch.equal((x.send(client) * 3 + 1).get(), x * 3 + 1)
-
-
-def _read_request(conn: socket.socket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = conn.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def _switch(request: bytes, extra: bytes = b"") -> bytes:
-    """A 101 answer to ``request`` (what any websocket server, a hostile one included, can send)."""
-    key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
-               if line.lower().startswith(b"sec-websocket-key:"))
-    accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
-    return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + accept + b"\r\n" + extra + b"\r\n")
+    with served(link_server(hook)) as server:
+        yield server
 
 
 @contextlib.contextmanager
 def _squatter(answer: bool):
     """A process of another user holding a worker-like abstract name: it records what it is sent, and answers
     101 (``answer``) or stalls."""
-    name = local_socket.new_name()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(local_socket.address(name))
-    listener.listen(8)
+    name, listener = squat_listener(8)
     got: list[bytes] = []
     held: list[socket.socket] = []
 
@@ -101,10 +55,10 @@ def _squatter(answer: bool):
             held.append(conn)
             conn.settimeout(10)
             try:
-                request = _read_request(conn)
+                request = read_request(conn)
                 got.append(request)
                 if answer and request:
-                    conn.sendall(_switch(request))
+                    conn.sendall(switch(request))
                     got.append(conn.recv(65536))
             except OSError:
                 pass
@@ -127,10 +81,10 @@ def test_a_squatter_on_the_told_name_gets_no_token_and_the_link_stays_on_tcp(hoo
     its session for the worker's (shares would go there)."""
     with _squatter(answer=True) as (name, got):
         monkeypatch.setattr(listening, "local_socket_name", name)
-        client = _client(hook, listening)
+        client = link_client(hook, listening)
         try:
             assert client._conn.sock.family == socket.AF_INET
-            _works(client)
+            works(client)
         finally:
             client.close()
     seen = b"".join(got)
@@ -142,7 +96,7 @@ def test_the_unix_socket_gives_a_token_guesser_no_second_allowance(hook):
     """Another local user may connect to the abstract socket: it must not be a door beside the loopback port
     with an allowance of its own (failures counted as 'local', not 'loopback', doubled the guesses)."""
     short = "owner-chosen"
-    server = _server(hook, token=short)
+    server = link_server(hook, ((short, "scientist"),))
     server.auth_throttle = FailureThrottle(free=2)
     thread = serve_in_thread(server)
     try:
@@ -171,37 +125,14 @@ def test_a_stalled_unix_hop_costs_the_link_little_and_it_stays_on_tcp(hook, list
     with _squatter(answer=False) as (name, got):
         monkeypatch.setattr(listening, "local_socket_name", name)
         start = time.monotonic()
-        client = _client(hook, listening, connect_timeout=4)
+        client = link_client(hook, listening, connect_timeout=4)
         took = time.monotonic() - start
         try:
             assert client._conn.sock.family == socket.AF_INET
-            _works(client)
+            works(client)
         finally:
             client.close()
     assert got and took < 2.5, took
-
-
-@contextlib.contextmanager
-def _hostile_worker(extra: bytes):
-    """A TCP 'worker' (a hostile peer) that answers one handshake with ``extra`` header lines."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-
-    def serve():
-        conn, _ = listener.accept()
-        with conn:
-            conn.settimeout(10)
-            conn.sendall(_switch(_read_request(conn), extra))
-            with contextlib.suppress(OSError):
-                conn.recv(1024)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield f"ws://127.0.0.1:{port}"
-    finally:
-        listener.close()
-        thread.join(5)
 
 
 @pytest.mark.parametrize("extra", [
@@ -211,7 +142,7 @@ def _hostile_worker(extra: bytes):
     b"X-Veil-Local-Socket: veil-" + b"0" * 32 + b"/../x\r\n",
 ], ids=["duplicate", "at-sign", "upper-case", "path"])
 def test_an_odd_name_header_from_a_hostile_worker_keeps_the_connection_on_tcp(extra):
-    with _hostile_worker(extra) as url:
+    with hostile_worker(lambda: extra) as url:
         conn = BlockingConnection(url, handshake_headers(TOKEN), open_timeout=5, local=True)
         try:
             assert conn.sock.family == socket.AF_INET
@@ -221,13 +152,13 @@ def test_an_odd_name_header_from_a_hostile_worker_keeps_the_connection_on_tcp(ex
 
 def test_the_move_exceeds_no_session_cap_and_leaves_one_session(hook):
     for cap, family in ((1, socket.AF_INET), (2, socket.AF_UNIX)):
-        server = _server(hook, max_sessions_per_principal=cap)
+        server = link_server(hook, max_sessions_per_principal=cap)
         thread = serve_in_thread(server)
         try:
-            client = _client(hook, server)
+            client = link_client(hook, server)
             try:
                 assert client._conn.sock.family == family
-                _works(client)
+                works(client)
                 deadline = time.monotonic() + 5
                 while len(server.sessions) > 1 and time.monotonic() < deadline:
                     time.sleep(0.02)
@@ -239,7 +170,7 @@ def test_the_move_exceeds_no_session_cap_and_leaves_one_session(hook):
 
 
 def test_a_link_refused_during_the_move_carries_nothing(hook, listening, monkeypatch):
-    client = _client(hook, listening, lazy=True)
+    client = link_client(hook, listening, lazy=True)
     real = local_socket.connect
 
     def refused_meanwhile(*args, **kwargs):
@@ -282,9 +213,9 @@ def test_silent_unix_connections_are_bounded_per_source_and_the_worker_serves(ho
             except OSError:
                 pass
         assert dropped == 8
-        client = _client(hook, listening)
+        client = link_client(hook, listening)
         try:
-            _works(client)
+            works(client)
         finally:
             client.close()
     finally:
@@ -316,7 +247,7 @@ def test_no_unix_socket_under_tls_or_turned_off(case, monkeypatch):
 
 def test_a_token_revoked_during_the_move_gets_no_session_over_unix(hook, monkeypatch):
     """The ticket stands for the tokens, not for a session: they are authenticated again when it is used."""
-    server = _server(hook)
+    server = link_server(hook)
     thread = serve_in_thread(server)
     try:
         real = local_socket.connect
@@ -326,7 +257,7 @@ def test_a_token_revoked_during_the_move_gets_no_session_over_unix(hook, monkeyp
             return real(*args, **kwargs)
 
         monkeypatch.setattr(local_socket, "connect", revoked_meanwhile)
-        client = _client(hook, server, lazy=True)
+        client = link_client(hook, server, lazy=True)
         try:
             with pytest.raises(Exception):
                 client.connect()

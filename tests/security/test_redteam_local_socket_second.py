@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
-import sys
 import threading
 import time
 import tracemalloc
-from pathlib import Path
 
 import pytest
 import torch
@@ -32,11 +29,11 @@ from veil.workers.websocket_auth import handshake_headers
 from veil.workers.websocket_server import WebsocketServerWorker
 from veil.workers.websocket_transport import BlockingConnection
 
+from local_links import (hostile_worker, link_client, link_server, read_request, served, squat_listener, switch,
+                         works)
 from network_helpers import TOKEN
 from worker_processes import serve_in_thread, stop_served
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_redteam_local_socket import _read_request, _switch  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not local_socket.enabled(), reason="Unix links are Linux-only")
 
@@ -45,20 +42,14 @@ ADMIN = "admin-" + "a" * 40
 
 
 def _server(hook, **kwargs) -> WebsocketServerWorker:
-    tokens = sy.TokenTable()
-    tokens.add(TOKEN, "scientist")
-    tokens.add(PEER, "peerw", "peer")
-    tokens.add(ADMIN, "owner", "admin")
-    return WebsocketServerWorker(hook, id=f"unix-rt2-{os.getpid()}-{time.monotonic_ns()}", port=0, tokens=tokens,
-                                 **kwargs)
+    """A worker taking the scientist's, a peer's and an admin's tokens."""
+    return link_server(hook, ((TOKEN, "scientist"), (PEER, "peerw", "peer"), (ADMIN, "owner", "admin")), **kwargs)
 
 
 @pytest.fixture(scope="module")
 def listening(hook):
-    server = _server(hook)
-    thread = serve_in_thread(server)
-    yield server
-    stop_served(server, thread)
+    with served(_server(hook)) as server:
+        yield server
 
 
 def _url(server) -> str:
@@ -82,24 +73,11 @@ def _over_unix(server, half: str):
                    logger=logging.getLogger(_TOOL))  # (the attacker's own tool: its log is not the worker's)
 
 
-def _client(hook, server, token: str = TOKEN, **kwargs) -> sy.WebsocketClientWorker:
-    return sy.WebsocketClientWorker(hook, id=server.id, host="127.0.0.1", port=server.bound_port, token=token,
-                                    local_socket=True, **kwargs)
-
-
-def _works(client) -> None:
-    x = torch.randn(6, 4)
-    assert torch.equal((x.send(client) * 2 - 1).get(), x * 2 - 1)
-
-
 @contextlib.contextmanager
 def _trickler(seconds: float):
     """A squatter on a worker-like name that answers the hop's request one header byte at a time (every 0.1 s,
     for ``seconds``): each read returns well inside the hop's timeout."""
-    name = local_socket.new_name()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(local_socket.address(name))
-    listener.listen(4)
+    name, listener = squat_listener(4)
     done = threading.Event()
 
     def serve():
@@ -107,7 +85,7 @@ def _trickler(seconds: float):
             conn, _ = listener.accept()
             with conn:
                 conn.settimeout(10)
-                head = _switch(_read_request(conn))[:-2]  # (no blank line: more headers keep coming)
+                head = switch(read_request(conn))[:-2]  # (no blank line: more headers keep coming)
                 conn.sendall(head)
                 end = time.monotonic() + seconds
                 while time.monotonic() < end and not done.is_set():
@@ -132,11 +110,11 @@ def test_a_trickling_squatter_holds_the_hop_no_longer_than_its_bound(hook, liste
     with _trickler(seconds=4) as name:
         monkeypatch.setattr(listening, "local_socket_name", name)
         start = time.monotonic()
-        client = _client(hook, listening, connect_timeout=4)
+        client = link_client(hook, listening, connect_timeout=4)
         took = time.monotonic() - start
         try:
             assert client._conn.sock.family == socket.AF_INET
-            _works(client)
+            works(client)
         finally:
             client.close()
     assert took < 2.5, took
@@ -164,30 +142,17 @@ def test_a_worker_off_loopback_names_no_socket_the_client_connects_to(listening,
     reached = []
     real = local_socket.connect
     monkeypatch.setattr(local_socket, "connect", lambda *a, **k: reached.append(a) or real(*a, **k))
-    listener = socket.create_server((address, 0))
-    port = listener.getsockname()[1]
 
-    def serve():
-        conn, _ = listener.accept()
-        with conn:
-            conn.settimeout(10)
-            extra = (f"{local_socket.HEADER}: {listening.local_socket_name}\r\n"
-                     f"{local_socket.TICKET_HEADER}: {_asked(listening)}\r\n").encode()
-            conn.sendall(_switch(_read_request(conn), extra))
-            with contextlib.suppress(OSError):
-                conn.recv(1024)
+    def names_the_workers_socket() -> bytes:
+        return (f"{local_socket.HEADER}: {listening.local_socket_name}\r\n"
+                f"{local_socket.TICKET_HEADER}: {_asked(listening)}\r\n").encode()
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        conn = BlockingConnection(f"ws://{address}:{port}", handshake_headers(TOKEN), open_timeout=5, local=True)
+    with hostile_worker(names_the_workers_socket, host=address) as url:
+        conn = BlockingConnection(url, handshake_headers(TOKEN), open_timeout=5, local=True)
         try:
             assert conn.sock.family == socket.AF_INET
         finally:
             conn.close()
-    finally:
-        listener.close()
-        thread.join(5)
     assert not reached
 
 
@@ -239,10 +204,10 @@ def test_a_flood_of_guessed_tickets_is_throttled_and_honest_hops_still_pass(hook
         assert server.auth_throttle.blocked_for(local_socket.SOURCE) > 0
         assert server.auth_throttle.blocked_for("127.0.0.1") == 0  # (loopback TCP is another source)
         assert {address for address, _ in rows} == {local_socket.SOURCE}
-        client = _client(hook, server)  # a real ticket still gets in from the blocked source
+        client = link_client(hook, server)  # a real ticket still gets in from the blocked source
         try:
             assert client._conn.sock.family == socket.AF_UNIX
-            _works(client)
+            works(client)
         finally:
             client.close()
     finally:
@@ -279,8 +244,8 @@ def test_the_ticket_shows_in_no_log_line_or_audit_row(hook, listening, monkeypat
 
     monkeypatch.setattr(local_socket.Tickets, "issue", issue)
     try:
-        client = _client(hook, listening)  # a move
-        _works(client)
+        client = link_client(hook, listening)  # a move
+        works(client)
         client.close()
         ticket = _asked(listening)
         with pytest.raises(Exception):
@@ -298,7 +263,7 @@ def test_the_ticket_shows_in_no_log_line_or_audit_row(hook, listening, monkeypat
 @pytest.mark.parametrize("token,roles", [(TOKEN, {"scientist"}), (PEER, {"peer"}), (ADMIN, {"admin"})])
 def test_a_ticket_gives_the_unix_session_the_roles_of_its_tokens_and_no_other(hook, listening, token, roles):
     before = set(listening.sessions)
-    client = _client(hook, listening, token)
+    client = link_client(hook, listening, token)
     try:
         assert client._conn.sock.family == socket.AF_UNIX
         deadline = time.monotonic() + 5
@@ -321,11 +286,11 @@ def test_after_a_refused_hop_the_tcp_session_serves_pings_and_large_requests(hoo
     thread = serve_in_thread(server)
     try:
         monkeypatch.setattr(local_socket.Tickets, "redeem", lambda self, half: None)  # every hop refused (401)
-        client = _client(hook, server)
+        client = link_client(hook, server)
         try:
             assert client._conn.sock.family == socket.AF_INET
             time.sleep(1.6)  # pings went out on the TCP session while the client sat idle
-            _works(client)
+            works(client)
             big = torch.randn(600_000)
             assert torch.equal(big.send(client).get(), big)
             assert len(server.sessions) == 1
@@ -345,10 +310,10 @@ def test_turned_off_on_the_server_only_the_client_stays_on_tcp(hook, monkeypatch
         conn = BlockingConnection(_url(server), {**handshake_headers(TOKEN), local_socket.ASK_HEADER: "1"})
         assert local_socket.TICKET_HEADER not in conn.response.headers
         conn.close()
-        client = _client(hook, server)
+        client = link_client(hook, server)
         try:
             assert client._conn.sock.family == socket.AF_INET
-            _works(client)
+            works(client)
         finally:
             client.close()
     finally:
@@ -392,6 +357,6 @@ def test_after_the_move_sends_wait_as_long_as_on_tcp(hook, listening):
         try:
             assert client._conn.sock.family == (socket.AF_UNIX if local else socket.AF_INET)
             assert client._conn.sock.gettimeout() == 8
-            _works(client)
+            works(client)
         finally:
             client.close()
