@@ -29,7 +29,6 @@ Held (guarded): the worker's own checkpoints reopen nothing; another process's c
 
 from __future__ import annotations
 
-import ast
 import os
 import sqlite3
 import subprocess
@@ -44,19 +43,10 @@ from veil.dp import BudgetLedger, ledger_file
 from veil.dp.errors import BudgetExceededError
 from veil.workers.database import OwnerStateUnavailableError
 
+from ledger_files import checkpoint, ledger_with_backup, online_backup, restore_dumped_tables, spent_in_another_process
 from tests.scale import conftest as _postgres
 
 pg_url, postgres_server = _postgres.pg_url, _postgres.postgres_server  # (fixtures: a real PostgreSQL)
-
-
-def _backup(source, target) -> None:
-    """The owner's backup of the live file (SQLite's online backup, as the sqlite3 shell's ``.backup``)."""
-    src, dst = sqlite3.connect(source), sqlite3.connect(target)
-    try:
-        src.backup(dst)
-    finally:
-        src.close()
-        dst.close()
 
 
 def _rows_sum(path, user: str) -> Fraction:
@@ -69,26 +59,11 @@ def _rows_sum(path, user: str) -> Fraction:
         conn.close()
 
 
-def _checkpoint(ledger: BudgetLedger) -> None:
-    """The worker's own checkpoint (its autocheckpoint runs one every ~1000 pages): the log into its file, taken in
-    as the ledger's own write."""
-    ledger._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    ledger._file.settle()
-
-
 @pytest.fixture
 def restored(tmp_path):
     """A served ledger (mallory: 0.375 of 1.0 spent), last night's backup of it, and the worker's log checkpointed
     (a quiet worker's: the ``-wal`` holds nothing of the file it is about to lose)."""
-    path, backup = tmp_path / "veil-dp-budget.sqlite3", tmp_path / "backup.sqlite3"
-    ledger = BudgetLedger(path)
-    ledger.set_budget("mallory", 1.0, 1e-5)
-    for _ in range(3):
-        ledger.charge("mallory", 0.125, 0.0, "DP query")
-    _backup(path, backup)
-    _checkpoint(ledger)
-    yield ledger, path, backup
-    ledger.close()
+    yield from ledger_with_backup(tmp_path)
 
 
 def test_charges_after_a_restore_by_mv_reach_the_restored_file(restored):
@@ -97,7 +72,7 @@ def test_charges_after_a_restore_by_mv_reach_the_restored_file(restored):
     ledger, path, backup = restored
     os.replace(backup, path)  # (the restore)
     ledger.charge("mallory", 0.25, 0.0, "DP query after the restore")
-    _checkpoint(ledger)
+    checkpoint(ledger)
     with BudgetLedger(path) as second:
         assert second.spent("mallory")[0] == ledger.spent("mallory")[0] == 0.625
     assert _rows_sum(path, "mallory") == Fraction(5, 8)
@@ -162,7 +137,7 @@ def test_a_damaged_file_put_in_place_refuses_in_one_line_until_a_ledger_is_back(
         assert "\n" not in str(refused.value) and str(path.parent) not in str(refused.value)
     os.replace(backup, path)
     ledger.charge("mallory", 0.25, 0.0, "DP query")
-    assert _rows_sum_in_another_process(path, "mallory") == Fraction(5, 8)
+    assert spent_in_another_process(path, "mallory") == Fraction(5, 8)
 
 
 def test_a_restore_while_a_charge_waits_for_the_lock_lands_the_charge_in_the_restored_file(restored, monkeypatch):
@@ -197,9 +172,9 @@ def test_a_restore_while_a_charge_waits_for_the_lock_lands_the_charge_in_the_res
     shell.close()
     waiting.join(10)
     assert len(outcome) == 1 and outcome[0] == pytest.approx((0.375, 1e-5)), outcome
-    assert _rows_sum_in_another_process(path, "mallory") == Fraction(5, 8)
+    assert spent_in_another_process(path, "mallory") == Fraction(5, 8)
     ledger.charge("mallory", 0.25, 0.0, "DP query")
-    assert _rows_sum_in_another_process(path, "mallory") == Fraction(7, 8)
+    assert spent_in_another_process(path, "mallory") == Fraction(7, 8)
 
 
 def test_a_charge_whose_files_change_at_every_try_is_refused_in_one_line_with_nothing_recorded(restored, monkeypatch):
@@ -217,9 +192,9 @@ def test_a_charge_whose_files_change_at_every_try_is_refused_in_one_line_with_no
         ledger.charge("mallory", 0.25, 0.0, "DP query", request_id="r-1")
     assert len(tries) == ledger_file.CHARGE_TRIES and "\n" not in str(refused.value)
     monkeypatch.undo()
-    assert _rows_sum_in_another_process(path, "mallory") == Fraction(3, 8)
+    assert spent_in_another_process(path, "mallory") == Fraction(3, 8)
     ledger.charge("mallory", 0.25, 0.0, "DP query", request_id="r-1")
-    assert _rows_sum_in_another_process(path, "mallory") == Fraction(5, 8)
+    assert spent_in_another_process(path, "mallory") == Fraction(5, 8)
 
 
 def test_a_restored_file_without_triggers_gets_them_at_the_reopen(restored):
@@ -240,16 +215,6 @@ def test_a_restored_file_without_triggers_gets_them_at_the_reopen(restored):
     assert ledger.spent("mallory")[0] == pytest.approx(0.75) and ledger.spent("mallory")[0] >= 0.75
 
 
-def _rows_sum_in_another_process(path, user: str) -> Fraction:
-    """The sum of the user's rows as a process started now reads them (a second worker, a restarted one): one of
-    this process would share the worker's open log (SQLite shares it per file within a process)."""
-    code = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
-            "print(repr([r[0] for r in c.execute('SELECT epsilon FROM charges WHERE \"user\" = ?', (sys.argv[2],))]))")
-    out = subprocess.run([sys.executable, "-c", code, str(path), user], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return sum((Fraction(v) for v in ast.literal_eval(out.stdout)), Fraction(0))
-
-
 @pytest.mark.parametrize("removed", [("-wal", "-shm"), ("-wal",), ("-shm",)])
 def test_a_log_deleted_under_the_worker_is_followed(restored, removed):
     """The HOLE: the owner's script deleted the log beside the file (``rm veil-dp-budget.sqlite3-wal -shm``, as
@@ -259,7 +224,7 @@ def test_a_log_deleted_under_the_worker_is_followed(restored, removed):
     for suffix in removed:
         os.unlink(str(path) + suffix)
     ledger.charge("mallory", 0.25, 0.0, "DP query after the log was deleted")
-    assert _rows_sum_in_another_process(path, "mallory") == Fraction(5, 8)
+    assert spent_in_another_process(path, "mallory") == Fraction(5, 8)
     assert ledger.spent("mallory")[0] == 0.625
 
 
@@ -277,7 +242,7 @@ def test_a_copy_written_over_the_file_in_place_is_read(restored):
     assert ledger.spent("mallory")[0] >= 1.0
     with pytest.raises(BudgetExceededError):
         ledger.charge("mallory", 0.5, 0.0, "DP query")
-    assert _rows_sum_in_another_process(path, "mallory") == 1
+    assert spent_in_another_process(path, "mallory") == 1
 
 
 def test_many_charges_and_their_checkpoints_reopen_nothing_and_other_processes_checkpoints_are_read(restored):
@@ -325,11 +290,11 @@ def test_an_older_sqlite_triggers_bump_draws_a_nonce_across_a_restore(tmp_path):
         shell = sqlite3.connect(path, isolation_level=None)
         try:
             shell.execute("UPDATE charges SET epsilon = epsilon WHERE id = 3")  # (a newer bump: a nonce drawn)
-            _backup(path, backup)
+            online_backup(path, backup)
             shell.executescript(older)
             shell.execute("DELETE FROM charges WHERE id = 1")
             assert ledger.spent("mallory")[0] == pytest.approx(0.25)  # (kept in memory)
-            _backup(backup, path)
+            online_backup(backup, path)
             shell.executescript(older)
             shell.execute("DELETE FROM charges WHERE id = 2")
         finally:
@@ -387,15 +352,7 @@ def test_postgres_an_older_processs_bumps_draw_a_nonce_across_a_restore(pg_url):
             owner.execute(_OLDER_FUNCTION)  # (an older worker process starts)
             owner.execute("DELETE FROM charges WHERE id = 1")
             assert ledger.spent("mallory")[0] == pytest.approx(0.25)  # (kept in memory)
-            with owner.transaction():  # (the restore, as pg_restore --clean)
-                owner.execute("ALTER TABLE charge_stamps DISABLE TRIGGER USER")
-                owner.execute("ALTER TABLE charges DISABLE TRIGGER USER")
-                for table in ("charge_totals", "charges", "charge_stamps"):
-                    owner.execute(f"DELETE FROM {table}")
-                for table in ("charge_stamps", "charges", "charge_totals"):
-                    owner.execute(f"INSERT INTO {table} SELECT * FROM dump_{table}")
-                owner.execute("ALTER TABLE charge_stamps ENABLE TRIGGER USER")
-                owner.execute("ALTER TABLE charges ENABLE TRIGGER USER")
+            restore_dumped_tables(owner)  # (the restore, as pg_restore --clean)
             owner.execute("DELETE FROM charges WHERE id = 2")
         assert ledger.spent("mallory")[0] == pytest.approx(0.625)
         with pytest.raises(BudgetExceededError):

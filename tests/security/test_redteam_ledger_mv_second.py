@@ -31,11 +31,9 @@ reopen the file once each (a scientist's charges cannot make every charge reopen
 
 from __future__ import annotations
 
-import ast
 import os
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from fractions import Fraction
@@ -46,49 +44,16 @@ from veil.dp import BudgetLedger, ledger_file
 from veil.dp.errors import BudgetExceededError
 from veil.workers.database import OwnerStateUnavailableError
 
+from ledger_files import ledger_with_backup, rows_in_another_process, spent_in_another_process
 from tests.scale import conftest as _postgres
 
 pg_url, postgres_server = _postgres.pg_url, _postgres.postgres_server  # (fixtures: a real PostgreSQL)
 
 
-def _backup(source, target) -> None:
-    src, dst = sqlite3.connect(source), sqlite3.connect(target)
-    try:
-        src.backup(dst)
-    finally:
-        src.close()
-        dst.close()
-
-
-def _rows_in_another_process(path, user: str) -> list:
-    """The user's (epsilon, request id) rows as a process started now reads them (one of this process would share
-    the worker's open log)."""
-    code = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); print(repr(c.execute("
-            "'SELECT c.epsilon, r.request_id FROM charges c LEFT JOIN requests r ON r.charge_id = c.id "
-            "WHERE c.\"user\" = ? ORDER BY c.id', (sys.argv[2],)).fetchall()))")
-    out = subprocess.run([sys.executable, "-c", code, str(path), user], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return ast.literal_eval(out.stdout)
-
-
-def _spent_in_another_process(path, user: str) -> Fraction:
-    return sum((Fraction(e) for e, _r in _rows_in_another_process(path, user)), Fraction(0))
-
-
 @pytest.fixture
 def restored(tmp_path):
     """A served ledger (mallory: 0.375 of 1.0 spent), a backup of it, the worker's log checkpointed."""
-    path, backup = tmp_path / "veil-dp-budget.sqlite3", tmp_path / "backup.sqlite3"
-    ledger = BudgetLedger(path)
-    ledger.set_budget("mallory", 1.0, 1e-5)
-    ledger.set_budget("bob", 1.0, 1e-5)
-    for _ in range(3):
-        ledger.charge("mallory", 0.125, 0.0, "DP query")
-    _backup(path, backup)
-    ledger._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    ledger._file.settle()
-    yield ledger, path, backup
-    ledger.close()
+    yield from ledger_with_backup(tmp_path, ("bob",))
 
 
 def test_a_restore_between_the_check_and_the_commit_lands_the_charge_in_the_restored_file(restored, monkeypatch):
@@ -110,7 +75,7 @@ def test_a_restore_between_the_check_and_the_commit_lands_the_charge_in_the_rest
 
     monkeypatch.setattr(ledger, "_charge_in_transaction", charge_then_restore)
     assert ledger.charge("mallory", 0.25, 0.0, "DP query", request_id="r-1") == pytest.approx((0.375, 1e-5))
-    assert _rows_in_another_process(path, "mallory") == [(0.125, None)] * 3 + [(0.25, "r-1")]
+    assert rows_in_another_process(path, "mallory") == [(0.125, None)] * 3 + [(0.25, "r-1")]
     assert ledger.spent("mallory")[0] == 0.625
 
 
@@ -132,7 +97,7 @@ def test_a_commit_with_no_restore_is_made_once(restored, monkeypatch):
             ledger.charge("mallory", 0.125, 0.0, "DP query", request_id=f"q-{i}")
     finally:
         shell.close()
-    assert _spent_in_another_process(path, "mallory") == Fraction(6, 8)
+    assert spent_in_another_process(path, "mallory") == Fraction(6, 8)
 
 
 def test_the_consoles_reader_keeps_reading_across_a_reopen(restored):
@@ -211,7 +176,7 @@ def test_a_reopen_racing_other_threads_charges_loses_none_started_after_the_rest
     for t in threads:
         t.join(60)
     assert not errors, errors
-    rows = _rows_in_another_process(path, "bob")
+    rows = rows_in_another_process(path, "bob")
     in_restored = {r for _e, r in rows}
     assert after and set(after) <= in_restored
     assert ledger.spent("bob")[0] == pytest.approx(0.001 * len(rows)) and ledger.spent("bob")[0] >= 0.001 * len(rows)
@@ -238,8 +203,8 @@ def test_another_workers_checkpoint_during_each_try_does_not_refuse_an_honest_ch
     monkeypatch.setattr(ledger._file, "refuse_if_changed", written_by_another_process)
     assert ledger.charge("mallory", 0.25, 0.0, "DP query", request_id="r-1") == pytest.approx((0.375, 1e-5))
     assert len(written) == 5
-    assert _rows_in_another_process(path, "mallory")[-1] == (0.25, "r-1")
-    assert _spent_in_another_process(path, "mallory") == Fraction(5, 8)
+    assert rows_in_another_process(path, "mallory")[-1] == (0.25, "r-1")
+    assert spent_in_another_process(path, "mallory") == Fraction(5, 8)
 
 
 def _schema(path) -> list:
@@ -321,7 +286,7 @@ def test_a_path_taken_by_no_ledger_file_refuses_in_one_line_naming_no_path(resto
         path.unlink() if path.is_symlink() else path.rmdir()
     os.replace(aside, path)
     ledger.charge("mallory", 0.25, 0.0, "DP query")
-    assert _spent_in_another_process(path, "mallory") == Fraction(5, 8)
+    assert spent_in_another_process(path, "mallory") == Fraction(5, 8)
     assert ledger_file.CHARGE_TRIES >= 2
 
 

@@ -34,18 +34,10 @@ import pytest
 from veil.dp import BudgetLedger, ledger_rows
 from veil.dp.errors import BudgetExceededError
 
+from ledger_files import online_backup, restore_dumped_tables
 from tests.scale import conftest as _postgres
 
 pg_url, postgres_server = _postgres.pg_url, _postgres.postgres_server  # (fixtures: a real PostgreSQL)
-
-
-def _copy(source, target) -> None:
-    """The owner's backup or restore of a live SQLite file (SQLite's online backup, as the sqlite3 shell's
-    ``.backup`` / ``.restore``: the running worker's connection sees the restored pages)."""
-    with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
-        src.backup(dst)
-    src.close()
-    dst.close()
 
 
 def _rows_sum(ledger: BudgetLedger, user: str) -> Fraction:
@@ -67,12 +59,12 @@ def test_a_restored_file_is_not_read_through_a_total_kept_in_memory(tmp_path):
     path, backup = tmp_path / "veil-dp-budget.sqlite3", tmp_path / "backup.sqlite3"
     with BudgetLedger(path) as ledger:
         _three_charges(ledger)
-        _copy(path, backup)
+        online_backup(path, backup)
         owner = sqlite3.connect(path, isolation_level=None)
         try:
             owner.execute("DELETE FROM charges WHERE id = 1")
             assert ledger.spent("mallory")[0] == pytest.approx(0.25)  # (kept in memory)
-            _copy(backup, path)
+            online_backup(backup, path)
             owner.execute("DELETE FROM charges WHERE id = 2")
         finally:
             owner.close()
@@ -100,7 +92,7 @@ def test_another_ledger_put_in_place_is_not_read_through_a_total_kept_in_memory(
             ledger.charge("mallory", 0.0625, 0.0, "DP query")
         ledger._db.execute("DELETE FROM charge_totals")  # (derived: the owner may clear it)
         assert ledger.spent("mallory")[0] == pytest.approx(0.1875)  # (kept in memory)
-        _copy(other, path)
+        online_backup(other, path)
         assert ledger.spent("mallory")[0] >= 0.75
         with pytest.raises(BudgetExceededError):
             ledger.charge("mallory", 0.5, 0.0, "DP query")
@@ -112,12 +104,12 @@ def test_charges_after_a_restore_are_counted_from_the_restored_rows(tmp_path):
     path, backup = tmp_path / "veil-dp-budget.sqlite3", tmp_path / "backup.sqlite3"
     with BudgetLedger(path) as ledger:
         _three_charges(ledger)
-        _copy(path, backup)
+        online_backup(path, backup)
         ledger._db.execute("DELETE FROM charges WHERE id = 1")
         for _ in range(4):
             ledger.charge("mallory", 0.03125, 0.0, "DP query")
         assert ledger.spent("mallory")[0] == pytest.approx(0.375)  # (kept in memory)
-        _copy(backup, path)
+        online_backup(backup, path)
         for _ in range(4):
             ledger.charge("mallory", 0.0625, 0.0, "DP query")
             assert ledger.spent("mallory")[0] >= float(_rows_sum(ledger, "mallory"))
@@ -132,10 +124,10 @@ def test_every_stamp_bump_draws_a_new_value(tmp_path):
     path, backup = tmp_path / "veil-dp-budget.sqlite3", tmp_path / "backup.sqlite3"
     with BudgetLedger(path) as ledger:
         _three_charges(ledger)
-        _copy(path, backup)
+        online_backup(path, backup)
         ledger._db.execute("DELETE FROM charges WHERE id = 1")
         first = ledger_rows.stamp(ledger._db, "mallory")
-        _copy(backup, path)
+        online_backup(backup, path)
         assert ledger_rows.stamp(ledger._db, "mallory")[0] == 0
         ledger._db.execute("DELETE FROM charges WHERE id = 2")
         second = ledger_rows.stamp(ledger._db, "mallory")
@@ -156,15 +148,7 @@ def test_postgres_a_restored_dump_is_not_read_through_a_total_kept_in_memory(pg_
                 owner.execute(f"CREATE TABLE dump_{table} AS SELECT * FROM {table}")
             owner.execute("DELETE FROM charges WHERE id = 1")
             assert ledger.spent("mallory")[0] == pytest.approx(0.25)  # (kept in memory)
-            with owner.transaction():  # (the restore: a stamp is never lowered in place, so as pg_restore --clean)
-                owner.execute("ALTER TABLE charge_stamps DISABLE TRIGGER USER")
-                owner.execute("ALTER TABLE charges DISABLE TRIGGER USER")
-                for table in ("charge_totals", "charges", "charge_stamps"):
-                    owner.execute(f"DELETE FROM {table}")
-                for table in ("charge_stamps", "charges", "charge_totals"):
-                    owner.execute(f"INSERT INTO {table} SELECT * FROM dump_{table}")
-                owner.execute("ALTER TABLE charge_stamps ENABLE TRIGGER USER")
-                owner.execute("ALTER TABLE charges ENABLE TRIGGER USER")
+            restore_dumped_tables(owner)  # (the restore: a stamp is never lowered in place, so as pg_restore --clean)
             owner.execute("DELETE FROM charges WHERE id = 2")
         assert ledger.spent("mallory")[0] == pytest.approx(0.625)
         with pytest.raises(BudgetExceededError):
