@@ -39,59 +39,22 @@ from veil.he import ckks, ckks_wire
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.serde import deserialize, serialize
-from veil.workers.websocket_server import WebsocketServerWorker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from he_scopes import REFUSED, SCI_B, X, ScopedWorker, key_pair, naming, store_answer  # noqa: E402
 from server_sessions import open_session, request  # noqa: E402
 
 ts = pytest.importorskip("tenseal")
 
-SCI_A, SCI_B, ADM, PEER = "ctx-scope-sci-a-token", "ctx-scope-sci-b-token", "ctx-scope-adm-token", "ctx-scope-peer-tk"
-X = torch.tensor([0.5, -2.0, 3.0], dtype=torch.float64)
-REFUSED = "refers to a context"
-
-
-class W:
-    """A network worker with two scientist sessions (A, B), the owner's admin session and a peer's."""
-
-    def __init__(self, hook):
-        tokens = sy.TokenTable()
-        for tok, name, role in [(SCI_A, "alice", "scientist"), (SCI_B, "bob", "scientist"), (ADM, "owner", "admin"),
-                                (PEER, "peer-w", "peer")]:
-            tokens.add(tok, name, role)
-        self.srv = WebsocketServerWorker(hook, id=f"ctx-scope-{new_id() % 10**6}", port=0, tokens=tokens)
-        self.a, self.b, self.adm, self.peer = (open_session(self.srv, t) for t in (SCI_A, SCI_B, ADM, PEER))
-
-    def store(self, session, obj, sender="client"):
-        """The reply to storing ``obj`` for ``session`` (``sender``: the frame's, a peer names an account)."""
-        msg = m.ObjectMessage([m.StoredObject(new_id(), obj)])
-        return deserialize(self.srv.serve_bytes(serialize(msg, sender=sender), session))[0]
-
 
 @pytest.fixture
 def w(hook):
-    return W(hook)
-
-
-def _key_pair():
-    return ckks.context(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 40, 40, 60), galois_keys=False)
-
-
-def _naming(ctx):
-    """A ciphertext under ``ctx``'s public keys, sent without its context (it names them by digest)."""
-    return ckks.encrypt(X, ctx.public())
-
-
-def _answer(reply) -> str:
-    if type(reply) is m.OkReply:
-        return "loaded"
-    assert type(reply) is m.ErrorReply and "\n" not in reply.message, reply
-    return reply.message
+    return ScopedWorker(hook)
 
 
 def _healthy(w):
     """The worker still serves B: a context and a tensor under it, in one message."""
-    mine = _key_pair()
+    mine = key_pair()
     reply = deserialize(w.srv.serve_bytes(serialize(m.ObjectMessage(
         [m.StoredObject(new_id(), mine.public()), m.StoredObject(new_id(), ckks.encrypt(X, mine))]),
         sender="client"), w.b))[0]
@@ -107,10 +70,10 @@ def test_a_tensor_naming_another_sessions_context_gets_the_answer_of_one_naming_
     refusal both times (not a load under A's context), and the worker still serves."""
     answers = []
     for a_holds in (True, False):
-        victim = _key_pair()
+        victim = key_pair()
         if a_holds:
             assert type(w.store(w.a, victim.public())) is m.OkReply
-        answers.append(_answer(w.store(w.b, _naming(victim))))
+        answers.append(store_answer(w.store(w.b, naming(victim))))
     assert answers[0] == answers[1], answers
     assert REFUSED in answers[0]
     _healthy(w)
@@ -122,10 +85,10 @@ def test_the_refusal_does_the_same_work_whether_or_not_another_session_holds_the
     loads = []
     real = ckks_wire.ts.ckks_vector_from
     monkeypatch.setattr(ckks_wire.ts, "ckks_vector_from", lambda *a: loads.append(1) or real(*a))
-    victim, stranger = _key_pair(), _key_pair()
+    victim, stranger = key_pair(), key_pair()
     assert type(w.store(w.a, victim.public())) is m.OkReply
     for ctx in (victim, stranger):
-        assert REFUSED in _answer(w.store(w.b, _naming(ctx)))
+        assert REFUSED in store_answer(w.store(w.b, naming(ctx)))
     assert not loads, f"{len(loads)} ciphertext load(s) for a tensor naming a context B does not hold"
 
 
@@ -133,11 +96,11 @@ def test_the_refusal_does_the_same_work_whether_or_not_another_session_holds_the
 def test_the_refusal_takes_as_long_whether_or_not_another_session_holds_the_context(w):
     """Attack (side channel: timing): the same probe, 100 times each way, interleaved. Must hold: the median
     times agree within measurement noise (before: 1.08 ms held, 0.15 ms not, on this 2-core VM)."""
-    victim, stranger = _key_pair(), _key_pair()
+    victim, stranger = key_pair(), key_pair()
     assert type(w.store(w.a, victim.public())) is m.OkReply
     frames = {}
     for name, ctx in (("held", victim), ("unheld", stranger)):
-        frames[name] = serialize(m.ObjectMessage([m.StoredObject(new_id(), _naming(ctx))]), sender="client")
+        frames[name] = serialize(m.ObjectMessage([m.StoredObject(new_id(), naming(ctx))]), sender="client")
     times = {"held": [], "unheld": []}
     for _ in range(100):
         for name, frame in frames.items():
@@ -151,10 +114,10 @@ def test_the_refusal_takes_as_long_whether_or_not_another_session_holds_the_cont
 def test_a_session_loads_tensors_under_the_context_it_sent_earlier(w):
     """Kept: A sends its public context in one message and a ciphertext naming it in a later one; it loads, and
     comes back to A (who remembers its own key, as ``send_encrypted`` does) decrypting to the plain values."""
-    mine = _key_pair()
+    mine = key_pair()
     assert type(w.store(w.a, mine.public())) is m.OkReply
     oid = new_id()
-    reply = request(w.srv, w.a, m.ObjectMessage([m.StoredObject(oid, _naming(mine))]))
+    reply = request(w.srv, w.a, m.ObjectMessage([m.StoredObject(oid, naming(mine))]))
     assert type(reply) is m.OkReply, reply
     ckks_wire.remember(mine)  # (A's client: its secret context decodes what comes back)
     got = request(w.srv, w.a, m.GetObjectsMessage([oid]))
@@ -166,13 +129,13 @@ def test_a_context_b_sent_with_the_bytes_of_as_does_not_give_b_as_context_object
     """Attack (existence, by a copy): B sends the very bytes of A's public context, so its tensors load under
     its own copy; then B's session ends (its copy with it) and B connects again. Must hold: the new session's
     tensor naming those keys is refused, though A still holds them (B was never handed A's context object)."""
-    victim = _key_pair()
+    victim = key_pair()
     assert type(w.store(w.a, victim.public())) is m.OkReply
     assert type(w.store(w.b, victim.public())) is m.OkReply
-    assert _answer(w.store(w.b, _naming(victim))) == "loaded"
+    assert store_answer(w.store(w.b, naming(victim))) == "loaded"
     w.srv.end_session(w.b)
     w.b = open_session(w.srv, SCI_B)
-    assert REFUSED in _answer(w.store(w.b, _naming(victim))), "B's new session loads under A's context"
+    assert REFUSED in store_answer(w.store(w.b, naming(victim))), "B's new session loads under A's context"
 
 
 # ------------------------------------------------------------------ 2. who legitimately uses another's context
@@ -181,12 +144,12 @@ def test_a_context_b_sent_with_the_bytes_of_as_does_not_give_b_as_context_object
 def test_the_owners_context_is_available_to_every_scientist(w):
     """Kept: a context the owner sent (admin session) or registered itself (local code) loads scientists'
     tensors naming it."""
-    sent, local = _key_pair(), _key_pair()
+    sent, local = key_pair(), key_pair()
     assert type(w.store(w.adm, sent.public())) is m.OkReply
     published = local.public()
     ckks_wire.remember(published)  # (the owner's code: published to every session while it keeps it)
     for ctx in (sent, local):
-        assert _answer(w.store(w.b, _naming(ctx))) == "loaded"
+        assert store_answer(w.store(w.b, naming(ctx))) == "loaded"
 
 
 def test_a_peer_hands_over_a_ciphertext_under_a_context_the_orchestrator_sent(w):
@@ -196,13 +159,13 @@ def test_a_peer_hands_over_a_ciphertext_under_a_context_the_orchestrator_sent(w)
     coordinator's session's own later tensors too."""
     from veil.he import context_scope
 
-    round_keys = _key_pair()
+    round_keys = key_pair()
     assert type(w.store(w.a, round_keys.public())) is m.OkReply
     with context_scope.carrying_contexts():  # (what the client worker's move sends)
-        moved = _naming(round_keys)
+        moved = naming(round_keys)
         frame = serialize(m.ObjectMessage([m.StoredObject(new_id(), moved)]), sender="client-w#0123456789abcdef")
-    assert _answer(deserialize(w.srv.serve_bytes(frame, w.peer))[0]) == "loaded"
-    assert _answer(w.store(w.a, _naming(round_keys))) == "loaded"
+    assert store_answer(deserialize(w.srv.serve_bytes(frame, w.peer))[0]) == "loaded"
+    assert store_answer(w.store(w.a, naming(round_keys))) == "loaded"
 
 
 @pytest.mark.slow
@@ -219,7 +182,7 @@ def test_a_ckks_round_over_peered_network_workers_still_sums(hook, websocket_ser
     try:
         states = {n: [torch.randn(3, 2), torch.randn(2)] for n in names}
         pointers = {n: [t.send(workers[n]) for t in states[n]] for n in names}
-        he = EncryptedAggregation(context=_key_pair())
+        he = EncryptedAggregation(context=key_pair())
         total, failed = he.aggregate(pointers, {n: 1.0 for n in names})
         assert not failed, failed
         for i, got in enumerate(total):

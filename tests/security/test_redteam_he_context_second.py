@@ -39,34 +39,14 @@ from veil.he import ckks, ckks_wire, context_memory
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.serde import DecodeContext, deserialize, serialize
-from veil.workers.websocket_server import WebsocketServerWorker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from he_scopes import PEER, REFUSED, X, ScopedWorker, key_pair, naming, store_answer  # noqa: E402
 from server_sessions import open_session, request  # noqa: E402
 
 ts = pytest.importorskip("tenseal")
 
-SCI_A, SCI_B, ADM, PEER = "ctx-two-sci-a-token", "ctx-two-sci-b-token", "ctx-two-adm-token", "ctx-two-peer-tok"
-X = torch.tensor([0.5, -2.0, 3.0], dtype=torch.float64)
-REFUSED = "refers to a context"
 TAGGED = "w1#0123456789abcdef"  # (a peer's frame for one of its requester accounts)
-
-
-class W:
-    """A network worker with two scientist sessions (A, B), the owner's admin session and a peer's."""
-
-    def __init__(self, hook, name="ctx-two"):
-        tokens = sy.TokenTable()
-        for tok, user, role in [(SCI_A, "alice", "scientist"), (SCI_B, "bob", "scientist"), (ADM, "owner", "admin"),
-                                (PEER, "peer-w", "peer")]:
-            tokens.add(tok, user, role)
-        self.srv = WebsocketServerWorker(hook, id=f"{name}-{new_id() % 10**6}", port=0, tokens=tokens)
-        self.a, self.b, self.adm, self.peer = (open_session(self.srv, t) for t in (SCI_A, SCI_B, ADM, PEER))
-
-    def store(self, session, *objs, sender="client"):
-        """The reply to storing ``objs`` for ``session`` (``sender``: the frame's; a peer names an account)."""
-        msg = m.ObjectMessage([m.StoredObject(new_id(), o) for o in objs])
-        return deserialize(self.srv.serve_bytes(serialize(msg, sender=sender), session))[0]
 
 
 class Link(sy.VirtualWorker):
@@ -74,7 +54,7 @@ class Link(sy.VirtualWorker):
 
     frame_parts_over = None
 
-    def __init__(self, hook, to: W):
+    def __init__(self, hook, to: ScopedWorker):
         super().__init__(hook, id=f"ctx-two-link-{new_id() % 10**6}")
         self.to = to
 
@@ -87,23 +67,7 @@ class Link(sy.VirtualWorker):
 
 @pytest.fixture
 def w(hook):
-    return W(hook)
-
-
-def _key_pair(**kw):
-    return ckks.context(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 40, 40, 60), galois_keys=False, **kw)
-
-
-def _naming(ctx):
-    """A ciphertext under ``ctx``'s public keys, sent without its context (it names them by digest)."""
-    return ckks.encrypt(X, ctx.public())
-
-
-def _answer(reply) -> str:
-    if type(reply) is m.OkReply:
-        return "loaded"
-    assert type(reply) is m.ErrorReply and "\n" not in reply.message, reply
-    return reply.message
+    return ScopedWorker(hook, "ctx-two")
 
 
 # ------------------------------------------------------------------ 1. the peer exception
@@ -116,17 +80,17 @@ def test_a_peer_session_gets_the_same_refusal_whether_or_not_another_session_hol
     under A's context while A held it, as peers saw every scope)."""
     answers = []
     for a_holds in (True, False):
-        victim = _key_pair()
+        victim = key_pair()
         if a_holds:
             assert type(w.store(w.a, victim.public())) is m.OkReply
-        answers.append(_answer(w.store(w.peer, _naming(victim), sender=TAGGED)))
+        answers.append(store_answer(w.store(w.peer, naming(victim), sender=TAGGED)))
     assert answers[0] == answers[1], answers
     assert REFUSED in answers[0]
 
 
 def _move_worker(hook, w2):
     """Worker 1 (network, in process) with scientist sessions, linked to ``w2`` as its peer."""
-    w1 = W(hook, "ctx-two-w1")
+    w1 = ScopedWorker(hook, "ctx-two-w1")
     link = Link(hook, w2)
     w1.srv.add_peer(link)
     return w1, link
@@ -148,7 +112,7 @@ def _moved(w1, link, session, ctx_public, tensor):
                                                       m.StoredObject(tid, tensor)]))
     assert type(reply) is m.OkReply, reply
     _forget_worker_1s_registrations(w1)
-    return new, _answer(request(w1.srv, session, m.MoveMessage([tid], link.id, [new])))
+    return new, store_answer(request(w1.srv, session, m.MoveMessage([tid], link.id, [new])))
 
 
 def test_a_move_of_a_ciphertext_under_anothers_public_context_does_not_tell_whether_it_is_held(hook, w):
@@ -159,10 +123,10 @@ def test_a_move_of_a_ciphertext_under_anothers_public_context_does_not_tell_whet
     w1, link = _move_worker(hook, w)
     answers = []
     for a_holds in (True, False):
-        victim = _key_pair()
+        victim = key_pair()
         if a_holds:
             assert type(w.store(w.a, victim.public())) is m.OkReply
-        answers.append(_moved(w1, link, w1.b, victim.public(), _naming(victim))[1])
+        answers.append(_moved(w1, link, w1.b, victim.public(), naming(victim))[1])
     assert answers[0] == answers[1], answers
 
 
@@ -170,7 +134,7 @@ def test_a_moved_ciphertext_still_computes_with_the_receivers_own(hook, w):
     """Kept (secure aggregation's move): the coordinator's session A stores the round's public context at both
     workers and a ciphertext at each; worker 1's moves to worker 2, where A adds the two. Must hold: the sum
     decrypts to plain torch's."""
-    round_keys = _key_pair()
+    round_keys = key_pair()
     own = new_id()
     assert type(request(w.srv, w.a, m.ObjectMessage([m.StoredObject(new_id(), round_keys.public()),
                                                      m.StoredObject(own, ckks.encrypt(2 * X, round_keys))]))) \
@@ -193,12 +157,12 @@ def test_a_later_peer_session_does_not_load_under_a_context_an_earlier_one_carri
     it into the peer link's scope too, and the hand-off keeps it alive; a second peer session (another
     connection with the peer token) names it without carrying it. Must hold: refused, as a context nobody holds
     (a scope is one session's; before: loaded, peer sessions seeing every scope)."""
-    round_keys = _key_pair()
+    round_keys = key_pair()
     assert type(w.store(w.a, round_keys.public())) is m.OkReply
     w1, link = _move_worker(hook, w)
-    assert _moved(w1, link, w1.a, round_keys.public(), _naming(round_keys))[1] == "loaded"
+    assert _moved(w1, link, w1.a, round_keys.public(), naming(round_keys))[1] == "loaded"
     again = open_session(w.srv, PEER)
-    assert REFUSED in _answer(w.store(again, _naming(round_keys), sender=TAGGED))
+    assert REFUSED in store_answer(w.store(again, naming(round_keys), sender=TAGGED))
 
 
 def test_a_move_of_many_ciphertexts_under_one_context_carries_it_once(hook, w):
@@ -206,7 +170,7 @@ def test_a_move_of_many_ciphertexts_under_one_context_carries_it_once(hook, w):
     context. Must hold: the frame holds the context once (else once per ciphertext: 8 x 1.9 MB here, 34 MB each
     with Galois keys, so a move of a thousand tiny ciphertexts made worker 1 build tens of GB), every one loads
     at worker 2, and two of them sum there to plain torch's."""
-    keys = _key_pair()
+    keys = key_pair()
     w1, link = _move_worker(hook, w)
     values = [torch.tensor([float(i)], dtype=torch.float64) for i in range(8)]
     tensors = [ckks.encrypt(v, keys.public()) for v in values]
@@ -214,7 +178,7 @@ def test_a_move_of_many_ciphertexts_under_one_context_carries_it_once(hook, w):
     assert type(request(w1.srv, w1.b, m.ObjectMessage([m.StoredObject(new_id(), keys.public())] + [
         m.StoredObject(i, t) for i, t in zip(ids, tensors)]))) is m.OkReply
     _forget_worker_1s_registrations(w1)
-    assert _answer(request(w1.srv, w1.b, m.MoveMessage(ids, link.id, news))) == "loaded"
+    assert store_answer(request(w1.srv, w1.b, m.MoveMessage(ids, link.id, news))) == "loaded"
     ciphertexts = sum(len(seg.serialize()) for t in tensors for seg in t.segments)
     assert link.sizes[-1] < len(keys.public().serialize()) + ciphertexts + (64 << 10), link.sizes
     out = new_id()
@@ -235,9 +199,9 @@ def test_an_in_process_key_owner_is_no_oracle_to_a_scientist(w):
     ``send_encrypted`` elsewhere, or runs a round's coordinator here); B, who has its public key (public), sends
     a ciphertext of that key naming evaluation keys nobody sent. Must hold: the refusal a stranger key gets
     (before: loaded under the key owner's secret-holding context)."""
-    owner = _key_pair()
+    owner = key_pair()
     ckks_wire.remember(owner)
-    answers = [_answer(w.store(w.b, _naming(ctx))) for ctx in (owner, _key_pair())]
+    answers = [store_answer(w.store(w.b, naming(ctx))) for ctx in (owner, key_pair())]
     assert answers[0] == answers[1], answers
     assert REFUSED in answers[0]
 
@@ -246,12 +210,12 @@ def test_a_scientist_is_not_handed_the_in_process_key_owners_context(w):
     """Attack (confused deputy): B sends the public context of the in-process key owner's key. Must hold: what
     B's decode gets holds no secret key and is charged to B like any context (before: the owner's own context
     object, secret key and all, uncharged beside B's ciphertexts)."""
-    owner = _key_pair()
+    owner = key_pair()
     ckks_wire.remember(owner)
     frame = serialize(m.ObjectMessage([m.StoredObject(new_id(), owner.public())]), sender="client")
     got = deserialize(frame, DecodeContext(session=lambda: w.b))[0].objects[0].obj
     assert not got.has_secret_key
-    assert type(w.store(w.b, owner.public(), _naming(owner))) is m.OkReply
+    assert type(w.store(w.b, owner.public(), naming(owner))) is m.OkReply
     assert w.srv.monitor.session_bytes(w.b.id) >= context_memory.held_bytes(owner.public())
 
 
@@ -262,21 +226,21 @@ def test_a_context_sent_as_a_command_argument_is_scoped_to_its_session(w):
     """Attack (another door into the shared scope): A passes its public context as the key of an encryption
     request (a worker function's argument, not a stored object); B then names it. Must hold: B is refused as
     for a context nobody holds, while A's own later tensor loads (what A sent stays A's)."""
-    victim = _key_pair()
+    victim = key_pair()
     state = request(w.srv, w.a, m.ObjectMessage([m.StoredObject(sid := new_id(), torch.ones(3))]))
     assert type(state) is m.OkReply, state
     reply = request(w.srv, w.a, m.CommandMessage("veil.fl.encrypt_state", ([m.ObjectRef(sid)], 1.0,
                                                                            victim.public(), [new_id()]),
                                                  {}, [], False))
     assert type(reply) is m.OkReply, reply
-    assert REFUSED in _answer(w.store(w.b, _naming(victim)))
-    assert _answer(w.store(w.a, _naming(victim))) == "loaded"  # (its ciphertext keeps A's copy alive)
+    assert REFUSED in store_answer(w.store(w.b, naming(victim)))
+    assert store_answer(w.store(w.a, naming(victim))) == "loaded"  # (its ciphertext keeps A's copy alive)
 
 
 def test_each_session_sending_one_context_is_charged_for_it(w):
     """Attack (scope memory): A and B each send the same public context (each session loads its own copy).
     Must hold: each session is charged at least what SEAL holds for it, not one of them alone."""
-    ctx = _key_pair()
+    ctx = key_pair()
     for session in (w.a, w.b):
         assert type(w.store(session, ctx.public())) is m.OkReply
         assert w.srv.monitor.session_bytes(session.id) >= context_memory.held_bytes(ctx.public())
