@@ -1,5 +1,6 @@
 """Small steps the review-before-release red teams share: ids, a pending request's id, release audit rows, an
-owner holding data under review, and destinations that misbehave when a move arrives."""
+owner holding data under review, destinations that misbehave when a move arrives, and worker-function steps and
+MPC openings run on that owner."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 import veil as sy
 from veil.exceptions import PermissionDeniedError, ReviewPendingError
+from veil.ids import new_id
 from veil.messaging import messages as m
 
 #: the owner's data under review in the move/approval red teams
@@ -67,3 +69,36 @@ class CallsBack(sy.VirtualWorker):
         if type(msg) is m.ObjectMessage and self.on_arrival is not None:
             self.on_arrival()
         return super()._handle(msg, sender)
+
+
+#: x as the scientist computes it from the reviewed SECRET (int64, as the ring holds it)
+X4 = (SECRET * 4).long()
+
+
+class Ref(int):
+    """An object id the step helpers send as an ObjectRef (plain ints are public arguments)."""
+
+
+def as_argument(a):
+    """``a`` as a worker function's argument: a Ref or pointer as an ObjectRef, lists item by item."""
+    if isinstance(a, Ref):
+        return m.ObjectRef(int(a))
+    if hasattr(a, "id_at_location"):
+        return m.ObjectRef(a.id_at_location)
+    if type(a) is list:
+        return [as_argument(v) for v in a]
+    return a
+
+
+def owner_step(owner, name: str, *args, n: int = 1, wrap=m.ObjectRef) -> list:
+    """Runs worker function ``name`` on ``owner`` now (not deferred); ``wrap`` of the ids of its ``n`` results."""
+    ids = [new_id() for _ in range(n)]
+    send(owner.hook, owner, m.CommandMessage(name, tuple(as_argument(a) for a in args), {}, ids))
+    return [wrap(i) for i in ids]
+
+
+def owner_open(owner, name: str, *args) -> list:
+    """The objects an MPC open step ``name`` gives the scientist from ``owner``."""
+    from veil.mpc.party import OpenMessage
+
+    return send(owner.hook, owner, OpenMessage(name, tuple(as_argument(a) for a in args), {})).objects

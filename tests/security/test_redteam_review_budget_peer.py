@@ -31,6 +31,7 @@ and failed only for want of a configured peer link); the 2 others guard what hel
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -46,39 +47,15 @@ from veil.mpc.party import OpenMessage
 from veil.workers import failure_budget
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from review_steps import SECRET, review_owner, send, uid  # noqa: E402
+from review_steps import X4, Ref, as_argument, owner_open, owner_step, review_owner, send, uid  # noqa: E402
 from server_sessions import open_session, request, run_command, send_tensor  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-#: x as the scientist computes it from the reviewed SECRET (int64, as the ring holds it)
-X4 = (SECRET * 4).long()
 _TAKE, _LONG = ALLOWLIST.by_func(torch.take).name, ALLOWLIST.by_func(torch.Tensor.long).name
 
 
-class Ref(int):
-    """An object id the helpers send as an ObjectRef (plain ints are public arguments)."""
-
-
-def _wire(a):
-    if isinstance(a, Ref):
-        return m.ObjectRef(int(a))
-    if hasattr(a, "id_at_location"):
-        return m.ObjectRef(a.id_at_location)
-    if type(a) is list:
-        return [_wire(v) for v in a]
-    return a
-
-
-def _step(owner, name: str, *args, n: int = 1) -> list:
-    """Runs worker function ``name`` on ``owner`` now (not deferred); the ids of its ``n`` results."""
-    ids = [new_id() for _ in range(n)]
-    send(owner.hook, owner, m.CommandMessage(name, tuple(_wire(a) for a in args), {}, ids))
-    return [Ref(i) for i in ids]
-
-
-def _open(owner, name: str, *args) -> list:
-    return send(owner.hook, owner, OpenMessage(name, tuple(_wire(a) for a in args), {})).objects
+_step = functools.partial(owner_step, wrap=Ref)  # (the ids of its results, sent on as ObjectRefs)
 
 
 @pytest.fixture
@@ -97,13 +74,13 @@ def _opened_only_after_review(owner, make_share) -> None:
     approved it gives X4 exactly, once."""
     share, mask = make_share()
     with pytest.raises(ReviewPendingError) as info:
-        _open(owner, "trunc_mask", share, mask)
+        owner_open(owner, "trunc_mask", share, mask)
     text = str(info.value)
     assert "\n" not in text and "review" in text and "-27" not in text
     owner.release_requests.approve(info.value.request_id)
-    assert torch.equal(_open(owner, "trunc_mask", share, mask)[0], X4)  # plain torch's value, through the step
+    assert torch.equal(owner_open(owner, "trunc_mask", share, mask)[0], X4)  # plain torch's value, through the step
     with pytest.raises(ReviewPendingError):  # the approval covered one release
-        _open(owner, "trunc_mask", share, mask)
+        owner_open(owner, "trunc_mask", share, mask)
 
 
 def test_a_local_step_on_a_reviewed_value_opens_only_after_review(reviewed):
@@ -121,7 +98,7 @@ def test_a_share_mixed_with_a_reviewed_value_opens_only_after_review(reviewed, o
         if op == "add":
             return _step(owner, ALLOWLIST.by_func(torch.add).name, zero_share, x4)[0], zeros
         send(owner.hook, owner, m.CommandMessage(ALLOWLIST.by_func(torch.Tensor.add_).name,
-                                                 (_wire(zero_share), _wire(x4)), {}, [0]))
+                                                 (as_argument(zero_share), as_argument(x4)), {}, [0]))
         return zero_share, zeros
 
     _opened_only_after_review(owner, mixed)
@@ -140,9 +117,9 @@ def test_openings_of_shares_of_the_scientists_own_values_are_unchanged(reviewed)
     """Guard: beside data under review, shares of the scientist's own values open as before (no request filed)."""
     owner, _, zeros, zero_share = reviewed
     ones = torch.ones(2, 3, dtype=torch.long).send(owner)
-    assert torch.equal(_open(owner, "trunc_mask", zero_share, ones)[0], torch.ones(2, 3, dtype=torch.long))
+    assert torch.equal(owner_open(owner, "trunc_mask", zero_share, ones)[0], torch.ones(2, 3, dtype=torch.long))
     (step,) = _step(owner, "veil.mpc.trunc_local", ones, 1, False)
-    assert torch.equal(_open(owner, "beaver_mask", step, step, zeros, zeros)[1], torch.ones(2, 3, dtype=torch.long))
+    assert torch.equal(owner_open(owner, "beaver_mask", step, step, zeros, zeros)[1], torch.ones(2, 3, dtype=torch.long))
     assert not owner.release_requests.pending()
 
 

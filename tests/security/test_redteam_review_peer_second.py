@@ -45,38 +45,13 @@ import veil as sy
 from veil.exceptions import ReviewPendingError
 from veil.ids import new_id
 from veil.messaging import messages as m
-from veil.mpc.party import OpenMessage
 from veil.workers import failure_budget
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from review_steps import SECRET, review_owner, send, uid  # noqa: E402
+from review_steps import SECRET, X4, owner_open, owner_step, review_owner, send, uid  # noqa: E402
 from server_sessions import open_session, quota_worker, request, run_command, send_tensor  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-X4 = (SECRET * 4).long()
-
-
-def _wire(a):
-    if hasattr(a, "id_at_location"):
-        return m.ObjectRef(a.id_at_location)
-    if isinstance(a, m.ObjectRef):
-        return a
-    if type(a) is list:
-        return [_wire(v) for v in a]
-    return a
-
-
-def _step(owner, name: str, *args, n: int = 1) -> list:
-    """Runs worker function ``name`` on ``owner`` now; ObjectRefs to its ``n`` results."""
-    ids = [new_id() for _ in range(n)]
-    send(owner.hook, owner, m.CommandMessage(name, tuple(_wire(a) for a in args), {}, ids))
-    return [m.ObjectRef(i) for i in ids]
-
-
-def _open(owner, name: str, *args) -> list:
-    return send(owner.hook, owner, OpenMessage(name, tuple(_wire(a) for a in args), {})).objects
-
 
 @pytest.fixture
 def reviewed(hook):
@@ -90,7 +65,7 @@ def reviewed(hook):
 
 def _advertised(owner, tag: int) -> torch.Tensor:
     """This worker's public key for a fresh round ``tag`` (n = 3, threshold 2), as the scientist gets it."""
-    (ref,) = _step(owner, "veil.secagg.advertise", tag, 3, 2)
+    (ref,) = owner_step(owner, "veil.secagg.advertise", tag, 3, 2)
     return send(owner.hook, owner, m.GetObjectsMessage([ref.id], False, None)).objects[0]
 
 
@@ -109,13 +84,13 @@ def test_share_keys_is_no_uncounted_oracle_on_reviewed_data(reviewed):
     for t in (0, 5, 6, 30):  # x[0, 0] > t: True, True, False, False
         publics = mine.expand(3, 32) + (x4[0, 0] > t).long() * 1000
         with pytest.raises(Exception) as info:
-            _step(owner, "veil.secagg.share_keys", tag, ids, publics, n=0)
+            owner_step(owner, "veil.secagg.share_keys", tag, ids, publics, n=0)
         text = str(info.value)
         assert type(info.value).__name__ == "ShapeRefused" and "review" in text and "\n" not in text, text
         texts.add(text.replace(str(publics.id_at_location), "#"))
     assert len(texts) == 1  # one refusal, whatever the values
     assert not failure_budget._counts(owner).failures
-    _step(owner, "veil.secagg.share_keys", tag, ids, mine.expand(3, 32) + 0, n=0)  # honest: the round was fresh
+    owner_step(owner, "veil.secagg.share_keys", tag, ids, mine.expand(3, 32) + 0, n=0)  # honest: the round was fresh
 
 
 # ------------------------------------------------------------------------------ held: derivation tracking
@@ -131,18 +106,18 @@ def test_a_split_products_worker_functions_keep_a_reviewed_operands_provenance(r
     zeros = torch.zeros(1, 3, dtype=torch.long).send(owner) if step == "product_pieces" else \
         torch.zeros(2, 3, dtype=torch.long).send(owner)
     if step == "product_pieces":
-        (share,) = _step(owner, "veil.mpc.product_pieces", x4, None, [[[0, 1, 1, 1]]], [])
+        (share,) = owner_step(owner, "veil.mpc.product_pieces", x4, None, [[[0, 1, 1, 1]]], [])
         expected = X4[1:2]
     else:
-        (share,) = _step(owner, "veil.mpc.product_join", [x4], [1])
+        (share,) = owner_step(owner, "veil.mpc.product_join", [x4], [1])
         expected = X4
     with pytest.raises(ReviewPendingError) as info:
-        _open(owner, "trunc_mask", share, zeros)
+        owner_open(owner, "trunc_mask", share, zeros)
     assert "\n" not in str(info.value) and "-27" not in str(info.value) and "tensor(" not in str(info.value)
     owner.release_requests.approve(info.value.request_id)
-    assert torch.equal(_open(owner, "trunc_mask", share, zeros)[0], expected)
+    assert torch.equal(owner_open(owner, "trunc_mask", share, zeros)[0], expected)
     with pytest.raises(ReviewPendingError):
-        _open(owner, "trunc_mask", share, zeros)
+        owner_open(owner, "trunc_mask", share, zeros)
 
 
 def test_a_serving_batch_error_carries_no_value_it_names(hook):
