@@ -32,27 +32,10 @@ import secrets
 import pytest
 
 from veil.dp import pld_cache, queries
-from veil.workers.accounts import ACTING
 from veil.workers import user_caches
 from veil.workers.user_caches import ScopedCache, current_scope
-from veil.workers.websocket_auth import Principal, Session
 
-
-def _session(*names: str, role: str = "scientist") -> Session:
-    return Session(tuple(Principal(n, role) for n in names))
-
-
-class _As:
-    """Runs the block as a request of ``session`` (what a network worker sets while it serves one)."""
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-
-    def __enter__(self):
-        self._token = ACTING.set(self.session.account)
-
-    def __exit__(self, *exc):
-        ACTING.reset(self._token)
+from cache_scopes import acting_as, user_session
 
 
 class _Clock:
@@ -98,13 +81,13 @@ def test_many_issued_client_names_cannot_drop_a_scientists_sigmas_nor_take_every
     monkeypatch.setattr(queries.gaussian_sigma, "cache", cache)  # (restored after: cleared below)
     cache.clear()
     try:
-        with _As(_session("alice")):
+        with acting_as(user_session("alice")):
             queries.gaussian_sigma(1.0, 0.5, 1e-5)
         for holder in range(80):
-            with _As(_session(f"shop/c{holder}", role="client")):
+            with acting_as(user_session(f"shop/c{holder}", role="client")):
                 for i in range(cache.per_scope + 1):
                     queries.gaussian_sigma(1.0 + i, 0.5, 1e-5)
-        with _As(_session("bob")):
+        with acting_as(user_session("bob")):
             queries.gaussian_sigma(3.0, 0.5, 1e-5)
         assert cache.keys(_scope("alice")) == [(1.0, 0.5, 1e-5)], "the clients dropped Alice's sigma"
         assert cache.keys(_scope("bob")) == [(3.0, 0.5, 1e-5)], "one issuer's clients took every slot"
@@ -169,7 +152,7 @@ def test_a_user_without_a_slot_composes_its_step_once_not_again_under_the_ledger
     ledger = BudgetLedger(tmp_path / "ledger.db")
     for user in ("alice", "mallory"):
         ledger.set_budget(user, 1e6, 0.5)
-    with _As(_session("alice")):
+    with acting_as(user_session("alice")):
         ledger.charge_training_step("alice", 2.5, 0.01, 1e-5, replace_one=True)
     built, under_lock, real = [], [], pld_cache._build
 
@@ -181,7 +164,7 @@ def test_a_user_without_a_slot_composes_its_step_once_not_again_under_the_ledger
 
     monkeypatch.setattr(pld_cache, "_build", counted)
     sigma = 2.0 + secrets.randbelow(10**6) / 1e7
-    with _As(_session("mallory")):
+    with acting_as(user_session("mallory")):
         ledger.charge_training_step("mallory", sigma, 0.01, 1e-5, replace_one=True)
     assert pld_cache._kept.keys(_scope("mallory")) == [] and len(built) == 1 and not under_lock, under_lock
     want = real(*built[0]).get_epsilon_for_delta(1e-5)  # (one step: its PLD at the ledger's interval)
@@ -207,7 +190,7 @@ def test_a_connection_with_k_tokens_has_at_most_k_scopes():
     scopes = set()
     for mask in range(1, 16):
         held = [n for i, n in enumerate(names) if mask >> i & 1]
-        with _As(_session(*held)):
+        with acting_as(user_session(*held)):
             scope = current_scope()
         assert all(pair[1] in held for pair in scope)
         scopes.add(scope)
@@ -234,15 +217,15 @@ def test_another_sessions_product_shape_does_not_make_mine_a_hit_nor_clear_it(mo
 
     monkeypatch.setattr(material, "bilinear", counted)
     n = 3 + secrets.randbelow(10**6)
-    alice, mallory = _session("alice"), _session("mallory")
-    with _As(alice):
+    alice, mallory = user_session("alice"), user_session("mallory")
+    with acting_as(alice):
         assert material.product_shape("matmul", (2, n), (n, 5), {}) == (2, 5)
-    with _As(mallory):
+    with acting_as(mallory):
         material.product_shape("matmul", (2, n), (n, 5), {})
         assert len(calls) == 2, "Mallory's product hit Alice's kept shape"
         for i in range(600):
             material.product_shape("matmul", (1, i + 1), (i + 1, 1), {})
-    with _As(alice):
+    with acting_as(alice):
         before = len(calls)
         assert material.product_shape("matmul", (2, n), (n, 5), {}) == tuple((torch.empty(2, n) @ torch.empty(n, 5)).shape)
         assert len(calls) == before, "Mallory's shapes cleared Alice's"
@@ -265,14 +248,14 @@ def test_another_users_ckks_parameters_do_not_make_my_check_a_hit(monkeypatch):
 
     monkeypatch.setattr(checks.sealapi, "SEALContext", counted)
     params = checks.EvaluationParameters(8192, (60, 40, 40, 60), 2.0**40)
-    with _As(_session("alice")):
+    with acting_as(user_session("alice")):
         want = checks._key_parms_id(params)
-    with _As(_session("mallory")):
+    with acting_as(user_session("mallory")):
         got = checks._key_parms_id(params)
         assert len(built) == 2 and got == want, "Mallory's check hit Alice's kept context"
         for bits in range(20, 30):  # (the scale is part of the key: each a fresh entry)
             checks._key_parms_id(checks.EvaluationParameters(8192, (60, 40, 40, 60), 2.0**bits))
-    with _As(_session("alice")):
+    with acting_as(user_session("alice")):
         before = len(built)
         checks._key_parms_id(params)
     assert len(built) == before, "Mallory's parameter sets evicted Alice's"
@@ -292,13 +275,13 @@ def test_another_users_paillier_key_does_not_make_mine_a_hit(monkeypatch):
 
     monkeypatch.setattr(paillier, "_KeyParams", counted)
     n = (1 << 255) + 2 * secrets.randbelow(1 << 200) + 1
-    with _As(_session("alice")):
+    with acting_as(user_session("alice")):
         want = paillier._params(n)
-    with _As(_session("mallory")):
+    with acting_as(user_session("mallory")):
         assert paillier._params(n) == want and len(made) == 2, "Mallory's key hit Alice's kept parameters"
         for i in range(70):
             paillier._params(n + 2 * i + 2)
-    with _As(_session("alice")):
+    with acting_as(user_session("alice")):
         before = len(made)
         paillier._params(n)
     assert len(made) == before, "Mallory's moduli evicted Alice's"

@@ -34,26 +34,9 @@ import secrets
 import pytest
 
 from veil.dp import accountant, core, pld_cache, queries
-from veil.workers.accounts import ACTING
 from veil.workers.user_caches import ScopedCache, current_scope
-from veil.workers.websocket_auth import Principal, Session
 
-
-def _session(name: str, role: str = "scientist") -> Session:
-    return Session((Principal(name, role),))
-
-
-class _As:
-    """Runs the block as a request of ``session`` (what a network worker sets while it serves one)."""
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-
-    def __enter__(self):
-        self._token = ACTING.set(self.session.account)
-
-    def __exit__(self, *exc):
-        ACTING.reset(self._token)
+from cache_scopes import acting_as, user_session
 
 
 class _Counted:
@@ -82,15 +65,15 @@ def test_another_users_gaussian_query_does_not_make_mine_a_hit(monkeypatch):
     or not Alice ran it; Alice's own repeat (and her second session's) is still a hit."""
     work = _Counted(monkeypatch, queries, "dp_lib")
     eps = _fresh_epsilon()
-    alice, alice_again, mallory = _session("alice"), _session("alice"), _session("mallory")
-    with _As(alice):
+    alice, alice_again, mallory = user_session("alice"), user_session("alice"), user_session("mallory")
+    with acting_as(alice):
         want = queries.gaussian_sigma(1.0, eps, 1e-5)
     assert work.calls == 1
-    with _As(mallory):
+    with acting_as(mallory):
         got = queries.gaussian_sigma(1.0, eps, 1e-5)
     assert work.calls == 2, "Mallory's query hit Alice's entry: its time says Alice used these parameters"
     assert got == want
-    with _As(alice_again):
+    with acting_as(alice_again):
         queries.gaussian_sigma(1.0, eps, 1e-5)
     assert work.calls == 2, "a user's own repeat must stay cached (the honest path)"
 
@@ -100,16 +83,16 @@ def test_a_user_filling_the_sigma_cache_does_not_evict_another_users_entry(monke
     drops Alice's entry, and every Alice query pays the search again. Must hold: Alice's entry survives."""
     work = _Counted(monkeypatch, queries, "dp_lib")
     eps = _fresh_epsilon()
-    alice, mallory = _session("alice"), _session("mallory")
-    with _As(alice):
+    alice, mallory = user_session("alice"), user_session("mallory")
+    with acting_as(alice):
         queries.gaussian_sigma(1.0, eps, 1e-5)
     monkeypatch.setattr(queries, "dp_lib", lambda: type("Lib", (), {"get_sigma_gaussian": lambda e, d: 1.0}))
-    with _As(mallory):
+    with acting_as(mallory):
         for i in range(2000):
             queries.gaussian_sigma(1.0 + i, eps, 1e-5)
     monkeypatch.undo()
     work = _Counted(monkeypatch, queries, "dp_lib")
-    with _As(alice):
+    with acting_as(alice):
         queries.gaussian_sigma(1.0, eps, 1e-5)
     assert work.calls == 0, "Mallory's queries evicted Alice's cached sigma"
 
@@ -122,9 +105,9 @@ def test_another_users_noise_scale_does_not_make_my_measurement_a_hit(monkeypatc
     release builds its own measurement; the noise is the same mechanism (plain OpenDP, checked by its map)."""
     work = _Counted(monkeypatch, core, "_opendp")
     scale = 1 / _fresh_epsilon()
-    with _As(_session("alice")):
+    with acting_as(user_session("alice")):
         core._measurement("laplace", True, scale)
-    with _As(_session("mallory")):
+    with acting_as(user_session("mallory")):
         built = core._measurement("laplace", True, scale)
     assert work.calls == 2, "Mallory's release reused Alice's measurement: its time says Alice used that scale"
     assert built.map(1) == pytest.approx(1 / scale, rel=1e-9)
@@ -138,9 +121,9 @@ def test_another_users_training_does_not_make_my_rdp_step_a_hit(monkeypatch):
     Mallory's charge computes it; the epsilon equals dp_accounting's RdpAccountant."""
     work = _Counted(monkeypatch, accountant, "sgm_event")
     sigma = 1.0 + _fresh_epsilon()
-    with _As(_session("alice")):
+    with acting_as(user_session("alice")):
         accountant._rdp_epsilon([[sigma, 0.01, 10]], 1e-5)
-    with _As(_session("mallory")):
+    with acting_as(user_session("mallory")):
         eps = accountant._rdp_epsilon([[sigma, 0.01, 10]], 1e-5)
     assert work.calls == 2, "Mallory's RDP step hit Alice's entry"
     lib = accountant.dp_lib().rdp.RdpAccountant()
@@ -158,10 +141,10 @@ def test_another_users_training_does_not_make_my_pld_a_hit(monkeypatch):
     builds = _Counted(monkeypatch, pld_cache, "_build")
     sigma = 2.0 + _fresh_epsilon()
     runs = [[sigma, 0.01, 5]]
-    with _As(_session("alice")):
+    with acting_as(user_session("alice")):
         alice = pld_cache.composed_epsilon(runs, 1e-5, True, 1e-2)
     assert builds.calls == 1
-    with _As(_session("mallory")):
+    with acting_as(user_session("mallory")):
         mine = pld_cache.composed_epsilon(runs, 1e-5, True, 1e-2)
     assert builds.calls == 2, "Mallory's composition reused Alice's kept PLD (or her composed epsilon)"
     want = pld_cache._build(sigma, 0.01, True, 1e-2).self_compose(5).get_epsilon_for_delta(1e-5)
@@ -176,14 +159,14 @@ def test_a_user_filling_the_kept_plds_does_not_evict_another_users(monkeypatch):
     one = pld_cache._pld_bytes(pld_cache._build(2.0, 0.01, True, 1e-2))
     monkeypatch.setattr(pld_cache, "ONE_STEP_BYTES", 4 * one)
     monkeypatch.setattr(pld_cache, "_kept", ScopedCache(2 * one, 4 * one))  # (Mallory's share: two PLDs)
-    alice, mallory = _session("alice"), _session("mallory")
-    with _As(alice):
+    alice, mallory = user_session("alice"), user_session("mallory")
+    with acting_as(alice):
         mine = pld_cache.one_step_pld(2.0, 0.01, True, 1e-2)
-    with _As(mallory):
+    with acting_as(mallory):
         for i in range(1, 7):
             pld_cache.one_step_pld(2.0 + i / 100, 0.01, True, 1e-2)
     builds = _Counted(monkeypatch, pld_cache, "_build")
-    with _As(alice):
+    with acting_as(alice):
         again = pld_cache.one_step_pld(2.0, 0.01, True, 1e-2)
     assert builds.calls == 0 and again is mine, "Mallory's pairs evicted Alice's kept PLD"
     kept = pld_cache._kept
@@ -202,12 +185,12 @@ def test_a_charge_builds_each_new_pld_once_for_its_user(tmp_path, monkeypatch):
     sigma = 2.0 + _fresh_epsilon()
     for user in ("alice", "mallory"):
         ledger.set_budget(user, 1e6, 0.5)
-    with _As(_session("alice")):
+    with acting_as(user_session("alice")):
         ledger.charge_training_step("alice", sigma, 0.01, 1e-5, replace_one=True)
         assert builds.calls == 1
         ledger.charge_training_step("alice", sigma, 0.01, 1e-5, replace_one=True)
         assert builds.calls == 1
-    with _As(_session("mallory")):
+    with acting_as(user_session("mallory")):
         ledger.charge_training_step("mallory", sigma, 0.01, 1e-5, replace_one=True)
         ledger.charge_training_step("mallory", sigma, 0.01, 1e-5, replace_one=True)
     assert builds.calls == 2
