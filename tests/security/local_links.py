@@ -56,6 +56,20 @@ def works(client: Any) -> None:
     assert torch.equal((x.send(client) * 3 + 1).get(), x * 3 + 1)
 
 
+def linked_on(hook: Any, server: WebsocketServerWorker, family: int, **kwargs: Any) -> float:
+    """Links a client (``kwargs``: its own) to ``server``: on ``family``, it computes with torch's values, and is
+    closed; the seconds its connect took."""
+    start = time.monotonic()
+    client = link_client(hook, server, **kwargs)
+    took = time.monotonic() - start
+    try:
+        assert client._conn.sock.family == family
+        works(client)
+    finally:
+        client.close()
+    return took
+
+
 def read_request(conn: socket.socket) -> bytes:
     """A handshake request's bytes, up to its blank line (or what came before the peer closed)."""
     data = b""

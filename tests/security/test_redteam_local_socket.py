@@ -24,8 +24,8 @@ from veil.workers.auth_throttle import FailureThrottle
 from veil.workers.websocket_auth import handshake_headers
 from veil.workers.websocket_transport import BlockingConnection
 
-from local_links import (hostile_worker, link_client, link_server, read_request, served, squat_listener, switch,
-                         works)
+from local_links import (hostile_worker, link_client, link_server, linked_on, read_request, served, squat_listener,
+                         switch, works)
 from network_helpers import TOKEN
 from worker_processes import serve_in_thread, stop_served
 
@@ -81,12 +81,7 @@ def test_a_squatter_on_the_told_name_gets_no_token_and_the_link_stays_on_tcp(hoo
     its session for the worker's (shares would go there)."""
     with _squatter(answer=True) as (name, got):
         monkeypatch.setattr(listening, "local_socket_name", name)
-        client = link_client(hook, listening)
-        try:
-            assert client._conn.sock.family == socket.AF_INET
-            works(client)
-        finally:
-            client.close()
+        linked_on(hook, listening, socket.AF_INET)
     seen = b"".join(got)
     assert seen.startswith(b"GET ")  # (the hop was tried: the test can fail)
     assert TOKEN.encode() not in seen
@@ -124,14 +119,7 @@ def test_a_stalled_unix_hop_costs_the_link_little_and_it_stays_on_tcp(hook, list
     monkeypatch.setattr(local_socket, "OPEN_TIMEOUT", 0.5, raising=False)
     with _squatter(answer=False) as (name, got):
         monkeypatch.setattr(listening, "local_socket_name", name)
-        start = time.monotonic()
-        client = link_client(hook, listening, connect_timeout=4)
-        took = time.monotonic() - start
-        try:
-            assert client._conn.sock.family == socket.AF_INET
-            works(client)
-        finally:
-            client.close()
+        took = linked_on(hook, listening, socket.AF_INET, connect_timeout=4)
     assert got and took < 2.5, took
 
 

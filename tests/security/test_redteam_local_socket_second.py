@@ -29,8 +29,8 @@ from veil.workers.websocket_auth import handshake_headers
 from veil.workers.websocket_server import WebsocketServerWorker
 from veil.workers.websocket_transport import BlockingConnection
 
-from local_links import (hostile_worker, link_client, link_server, read_request, served, squat_listener, switch,
-                         works)
+from local_links import (hostile_worker, link_client, link_server, linked_on, read_request, served, squat_listener,
+                         switch, works)
 from network_helpers import TOKEN
 from worker_processes import serve_in_thread, stop_served
 
@@ -109,14 +109,7 @@ def test_a_trickling_squatter_holds_the_hop_no_longer_than_its_bound(hook, liste
     monkeypatch.setattr(local_socket, "OPEN_TIMEOUT", 0.5)
     with _trickler(seconds=4) as name:
         monkeypatch.setattr(listening, "local_socket_name", name)
-        start = time.monotonic()
-        client = link_client(hook, listening, connect_timeout=4)
-        took = time.monotonic() - start
-        try:
-            assert client._conn.sock.family == socket.AF_INET
-            works(client)
-        finally:
-            client.close()
+        took = linked_on(hook, listening, socket.AF_INET, connect_timeout=4)
     assert took < 2.5, took
 
 
@@ -204,12 +197,7 @@ def test_a_flood_of_guessed_tickets_is_throttled_and_honest_hops_still_pass(hook
         assert server.auth_throttle.blocked_for(local_socket.SOURCE) > 0
         assert server.auth_throttle.blocked_for("127.0.0.1") == 0  # (loopback TCP is another source)
         assert {address for address, _ in rows} == {local_socket.SOURCE}
-        client = link_client(hook, server)  # a real ticket still gets in from the blocked source
-        try:
-            assert client._conn.sock.family == socket.AF_UNIX
-            works(client)
-        finally:
-            client.close()
+        linked_on(hook, server, socket.AF_UNIX)  # a real ticket still gets in from the blocked source
     finally:
         stop_served(server, thread)
 
@@ -310,12 +298,7 @@ def test_turned_off_on_the_server_only_the_client_stays_on_tcp(hook, monkeypatch
         conn = BlockingConnection(_url(server), {**handshake_headers(TOKEN), local_socket.ASK_HEADER: "1"})
         assert local_socket.TICKET_HEADER not in conn.response.headers
         conn.close()
-        client = link_client(hook, server)
-        try:
-            assert client._conn.sock.family == socket.AF_INET
-            works(client)
-        finally:
-            client.close()
+        linked_on(hook, server, socket.AF_INET)
     finally:
         stop_served(server, thread)
 
