@@ -102,3 +102,28 @@ def owner_open(owner, name: str, *args) -> list:
     from veil.mpc.party import OpenMessage
 
     return send(owner.hook, owner, OpenMessage(name, tuple(as_argument(a) for a in args), {})).objects
+
+
+def claimed_service_request(hook, prefix: str) -> tuple:
+    """``(worker, scientist session, client session, id of the reviewed x, query, batch id)``: a network worker in
+    process holding ``X4[:1]`` under review (tag ``#x``), where the scientist opened service ``"m"`` for client
+    ``"cli"`` and claimed its request 7 (``query``) into ``batch``."""
+    from veil.serving.protocol import ServingMessage
+    from veil.workers.websocket_server import WebsocketServerWorker
+
+    from server_sessions import open_session, request
+
+    owner_token, client_token = f"rt-{prefix}-serving-owner", f"rt-{prefix}-serving-client"
+    tokens = sy.TokenTable()
+    tokens.add(owner_token, "sci", "scientist")
+    tokens.add(client_token, "cli", "client")
+    srv = WebsocketServerWorker(hook, id=uid(f"{prefix}-serve"), port=0, tokens=tokens)
+    xid = srv.load(X4[:1].clone(), tags=("#x",), policy="review")
+    sci, cli = open_session(srv, owner_token), open_session(srv, client_token)
+    info = {"input_shape": [1, 3], "max_rows": 4}
+    assert type(request(srv, sci, ServingMessage("open", "m", [["cli"], info]))) is m.ObjectsReply
+    query = torch.tensor([[1, 2, 3]])
+    assert type(request(srv, cli, ServingMessage("submit", "m", [7, query]))) is m.ObjectsReply
+    batch = new_id()
+    assert request(srv, sci, ServingMessage("claim", "m", [[7], batch])).objects == [1]
+    return srv, sci, cli, xid, query, batch

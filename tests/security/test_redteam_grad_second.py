@@ -57,6 +57,21 @@ def _all_freed_once_deleted(server, s, other, ids) -> None:
     server.end_session(s)
 
 
+def _refused_often_never_past_the_quota(server, s, other, y, attempt) -> None:
+    """12 rounds of ``attempt(k)`` (its reply): each runs or is refused in one line, what ``y``'s graph saves
+    never passes the quota, at least 6 are refused, and another session is still served."""
+    refused = 0
+    for k in range(12):
+        reply = attempt(k)
+        if reply != m.OkReply():
+            quota_refusal(reply)
+            refused += 1
+        assert saved_bytes(y) <= server.monitor.session_bytes(s.id) <= QUOTA
+    assert refused >= 6
+    still_serves(server, other)
+    server.end_session(s)
+
+
 def test_create_graph_given_as_a_truthy_non_bool_is_refused_under_a_quota(hook):
     """``create_graph=1`` and a stored ``tensor(True)`` are read by torch as True: refused as ``create_graph=True``
     is, and no graph of gradients is built (before: both ran, x.grad had a grad_fn)."""
@@ -91,16 +106,8 @@ def test_lerp_with_a_tracked_weight_never_holds_past_the_quota(hook):
     ok(server, s, "Tensor.requires_grad_", (R(10),), [0])
     ok(server, s, "Tensor.expand", (R(10), [n]), [11])  # a tracked weight of n elements costing 256 bytes
     ok(server, s, "Tensor.expand", (R(10), [n]), [12])  # (the end)
-    refused = 0
-    for _ in range(12):
-        reply = send(server, s, "Tensor.lerp_", (R(1), R(12), R(11)), [0])
-        if reply != m.OkReply():
-            quota_refusal(reply)
-            refused += 1
-        assert saved_bytes(y) <= server.monitor.session_bytes(s.id) <= QUOTA
-    assert refused >= 6
-    still_serves(server, other)
-    server.end_session(s)
+    _refused_often_never_past_the_quota(server, s, other, y,
+                                        lambda k: send(server, s, "Tensor.lerp_", (R(1), R(12), R(11)), [0]))
 
 
 def test_a_gradient_stored_under_a_new_id_is_charged_once(hook):
@@ -264,15 +271,11 @@ def test_in_place_ops_stored_under_new_ids_never_hold_past_the_quota(hook):
     into y's one lingering charge on delete: every round after the first held 200 kB more, charged nothing)."""
     server, s, other = quota_server(hook, "gs-pow-ids")
     y = tracked(server, s, 1, 50_000)
-    refused = 0
-    for k in range(12):
+
+    def pow_then_delete(k: int):
         reply = send(server, s, "Tensor.pow_", (R(1), 1.0), [100 + k])
         if reply == m.OkReply():
             delete(server, s, [100 + k])
-        else:
-            quota_refusal(reply)
-            refused += 1
-        assert saved_bytes(y) <= server.monitor.session_bytes(s.id) <= QUOTA
-    assert refused >= 6
-    still_serves(server, other)
-    server.end_session(s)
+        return reply
+
+    _refused_often_never_past_the_quota(server, s, other, y, pow_then_delete)

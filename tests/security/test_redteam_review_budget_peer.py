@@ -47,7 +47,8 @@ from veil.mpc.party import OpenMessage
 from veil.workers import failure_budget
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from review_steps import X4, Ref, as_argument, owner_open, owner_step, review_owner, send, uid  # noqa: E402
+from review_steps import (X4, Ref, as_argument, claimed_service_request, owner_open, owner_step,  # noqa: E402
+                          review_owner, send, uid)
 from server_sessions import open_session, request, run_command, send_tensor  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -255,20 +256,8 @@ def test_a_served_output_made_of_reviewed_data_is_not_released_to_clients(hook):
     x exactly, no review. Refused now in one line, audited; the request stays claimed and an honest response
     (the batch itself) still reaches the client."""
     from veil.serving.protocol import ServingMessage
-    from veil.workers.websocket_server import WebsocketServerWorker
 
-    tokens = sy.TokenTable()
-    tokens.add("rt-rbp-serving-owner", "sci", "scientist")
-    tokens.add("rt-rbp-serving-client", "cli", "client")
-    srv = WebsocketServerWorker(hook, id=uid("rbp-serve"), port=0, tokens=tokens)
-    xid = srv.load(X4[:1].clone(), tags=("#x",), policy="review")
-    sci, cli = open_session(srv, "rt-rbp-serving-owner"), open_session(srv, "rt-rbp-serving-client")
-    info = {"input_shape": [1, 3], "max_rows": 4}
-    assert type(request(srv, sci, ServingMessage("open", "m", [["cli"], info]))) is m.ObjectsReply
-    query = torch.tensor([[1, 2, 3]])
-    assert type(request(srv, cli, ServingMessage("submit", "m", [7, query]))) is m.ObjectsReply
-    batch = new_id()
-    assert request(srv, sci, ServingMessage("claim", "m", [[7], batch])).objects == [1]
+    srv, sci, cli, xid, query, batch = claimed_service_request(hook, "rbp")
     _, (mixed,) = run_command(srv, sci, ALLOWLIST.by_func(torch.add).name, m.ObjectRef(batch), m.ObjectRef(xid))
     refused = request(srv, sci, ServingMessage("respond", "m", [[7], [1], m.ObjectRef(mixed)]))
     _refused_for_review(refused)

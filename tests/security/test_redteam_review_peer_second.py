@@ -48,7 +48,8 @@ from veil.messaging import messages as m
 from veil.workers import failure_budget
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from review_steps import SECRET, X4, owner_open, owner_step, review_owner, send, uid  # noqa: E402
+from review_steps import (SECRET, X4, claimed_service_request, owner_open, owner_step, review_owner,  # noqa: E402
+                          send, uid)
 from server_sessions import open_session, quota_worker, request, run_command, send_tensor  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -125,19 +126,8 @@ def test_a_serving_batch_error_carries_no_value_it_names(hook):
     to the reviewed x (or a share of it): the client reads the message. Holds: the message is the scientist's
     own text (the reference's repr), never a value of x; the client is told the request failed, in one line."""
     from veil.serving.protocol import ServingMessage
-    from veil.workers.websocket_server import WebsocketServerWorker
 
-    tokens = sy.TokenTable()
-    tokens.add("rt-rps-serving-owner", "sci", "scientist")
-    tokens.add("rt-rps-serving-client", "cli", "client")
-    srv = WebsocketServerWorker(hook, id=uid("rps-serve"), port=0, tokens=tokens)
-    xid = srv.load(X4[:1].clone(), tags=("#x",), policy="review")
-    sci, cli = open_session(srv, "rt-rps-serving-owner"), open_session(srv, "rt-rps-serving-client")
-    info = {"input_shape": [1, 3], "max_rows": 4}
-    assert type(request(srv, sci, ServingMessage("open", "m", [["cli"], info]))) is m.ObjectsReply
-    assert type(request(srv, cli, ServingMessage("submit", "m", [7, torch.tensor([[1, 2, 3]])]))) is m.ObjectsReply
-    batch = new_id()
-    assert request(srv, sci, ServingMessage("claim", "m", [[7], batch])).objects == [1]
+    srv, sci, cli, xid, _query, _batch = claimed_service_request(hook, "rps")
     _, (copied,) = run_command(srv, sci, "veil.mpc.trunc_local", m.ObjectRef(xid), 1, False)
     for ref in (m.ObjectRef(xid), m.ObjectRef(copied)):
         reply = request(srv, sci, ServingMessage("fail", "m", [[7], ref]))
