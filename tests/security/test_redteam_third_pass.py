@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 import veil as sy
-from veil.he import ckks_wire
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.mpc.beaver import deal_triple
@@ -187,7 +186,7 @@ def test_ckks_ops_on_an_owner_plaintext_are_no_zero_or_threshold_oracle(hook):
     w = W(hook)
     ctx = sy.he.ckks.context(poly_modulus_degree=8192, coeff_mod_bit_sizes=[60, 40, 40, 60], global_scale=2**40,
                              galois_keys=True)
-    ckks_wire.remember(ctx)
+    send_tensor(w.srv, w.sci, ctx.public())  # (its public context arrives first, in the scientist's session)
     a = send_tensor(w.srv, w.sci, sy.he.ckks.encrypt(torch.ones(3), ctx))
     for op in ("mul", "add", "dot"):
         outcomes = _oracle_outcomes(w, lambda f: f, lambda f, op=op: w.he_op(w.sci, op, a, m.ObjectRef(f))[0])

@@ -26,6 +26,7 @@ import logging
 import os
 from typing import Callable, Optional
 
+from veil.exceptions import VeilError
 from veil.workers.database import Database, OwnerStateUnavailableError, is_database_url
 
 log = logging.getLogger(__name__)
@@ -54,13 +55,14 @@ _OPEN_TRIES = 5
 State = tuple[int, ...]
 
 
-class FileChanged(Exception):
+class FileChanged(VeilError):
     """Inside a charge's write transaction: the ledger's files changed since the check before it (a restore
     while it waited for the lock, or another process's checkpoint): rolled back, the charge is made again on the
-    path's file as it is now. ``moved``: another file is at the path or beside it (else only written)."""
+    path's file as it is now. ``moved``: another file is at the path or beside it (else only written). Caught
+    by the charge that raised it: never an error reply."""
 
-    def __init__(self, moved: bool = True) -> None:
-        super().__init__()
+    def __init__(self, message: str = "the ledger's files changed during the charge", moved: bool = True) -> None:
+        super().__init__(message)
         self.moved = moved
 
 

@@ -49,6 +49,7 @@ FSS comparison material (masks and DCF keys) is not a recipe: see
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 import threading
@@ -63,7 +64,6 @@ from veil.mpc.comparison_material import (GROUP_BITS, GROUP_SUBSETS, ComparisonL
 from veil.mpc.errors import ProviderError
 from veil.mpc.ring import DTYPE, bilinear, op_arguments, random_ring
 from veil.mpc.sharing import split
-from veil.workers.user_caches import per_user_cache
 
 Shape = tuple
 Derive = Callable[[list, torch.Generator], list]
@@ -158,10 +158,18 @@ def _meta_product_shape(op: str, shape_a: Shape, shape_b: Shape, items: tuple) -
 
 
 #: (op, shape a, shape b, op kwargs) -> the product's shape: a meta op costs 0.1-0.5 ms and a dealing asks the
-#: recipe several times (the dealer, every party's expansion, the layout). Kept per requesting user (one dict
-#: for every session said by a hit that another had dealt those shapes, and 512 fresh ones cleared it for all);
-#: at a crypto provider the requester is the peer link, so the users of one peer worker share its entries
-_kept_product_shape = per_user_cache(per_user=256, total=16384)(_meta_product_shape)
+#: recipe several times (the dealer, every party's expansion, the layout). In one process of one user a plain
+#: bounded cache; on a worker kept per requesting user (one dict for every session said by a hit that another had
+#: dealt those shapes, and 512 fresh ones cleared it for all), which the workers layer installs with
+#: :func:`keep_product_shapes_with` (veil/workers/user_caches.py: mpc imports no workers code). At a crypto
+#: provider the requester is the peer link, so the users of one peer worker share its entries
+_kept_product_shape = functools.lru_cache(maxsize=512)(_meta_product_shape)
+
+
+def keep_product_shapes_with(cache: Callable[[Callable], Callable]) -> None:
+    """Installs how :func:`product_shape` keeps shapes: ``cache`` wraps the uncached function."""
+    global _kept_product_shape
+    _kept_product_shape = cache(_meta_product_shape)
 
 
 def _truncation(spec) -> tuple[list, list, Derive]:

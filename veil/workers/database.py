@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, Union
 from urllib.parse import unquote
 
-from veil.exceptions import VeilError
+from veil.exceptions import VeilError, register_remote_error
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,10 @@ class DatabaseClosedError(OwnerStateUnavailableError):
 
 
 _CLOSED = "the owner's state database was closed (the worker is stopping): the request was refused"
+
+# a scientist's request that needed the owner's state fails with these: they reach the client by name
+for _cls in (OwnerStateUnavailableError, CommitOutcomeUnknownError, DatabaseClosedError):
+    register_remote_error(_cls)
 
 # Server-side limits, as multiples of the Database's ``timeout`` (the row-lock wait, lock_timeout): a statement
 # ends on a live server by then (statement_timeout). A server that stopped answering cannot enforce them: see

@@ -213,3 +213,13 @@ def per_user_cache(per_user: int, total: int) -> Callable[[Callable], Callable]:
         return cached
 
     return wrap
+
+
+def _install_in_mpc() -> None:
+    """The crypto provider's product shapes (veil/mpc/material.py) kept per requesting user on a worker."""
+    from veil.mpc import material
+
+    material.keep_product_shapes_with(per_user_cache(per_user=256, total=16384))
+
+
+_install_in_mpc()
