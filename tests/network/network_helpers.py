@@ -52,6 +52,23 @@ def in_process_server(hook, worker_id: str):
     return server, tokens, session
 
 
+def listening_server(hook, prefix: str):
+    """Yields an in-process worker with one scientist token (:data:`TOKEN`) serving on loopback from a thread,
+    stopped afterwards (a fixture body: the test may spy on its lane or its sockets)."""
+    import os
+    import time
+
+    from veil.workers.websocket_server import WebsocketServerWorker
+    from worker_processes import serve_in_thread, stop_served
+
+    tokens = sy.TokenTable()
+    tokens.add(TOKEN, "scientist")
+    server = WebsocketServerWorker(hook, id=f"{prefix}-{os.getpid()}-{time.monotonic_ns()}", port=0, tokens=tokens)
+    thread = serve_in_thread(server)
+    yield server
+    stop_served(server, thread)
+
+
 def store_as(server, session, oid, tensor) -> None:
     """Stores ``tensor`` under ``oid`` through ``session``'s request path (an ObjectMessage; asserts OkReply)."""
     from veil.messaging import messages as m

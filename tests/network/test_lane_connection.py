@@ -9,36 +9,27 @@ worker buffer them (flow control still holds) and others keep being served.
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 
 import pytest
 import torch
 
-import veil as sy
 from veil.messaging import messages as m
 from veil.messaging.serde import deserialize, serialize
 from veil.workers.inline_lane import INLINE_MAX_BYTES
 from veil.workers.lane_connection import LaneConnection
 from veil.workers.reply_frames import ONE_WRITE
 from veil.workers.websocket_auth import handshake_headers
-from veil.workers.websocket_server import WebsocketServerWorker
 from veil.workers.websocket_transport import BlockingConnection
 
-from network_helpers import TOKEN, base_args
-from worker_processes import serve_in_thread, stop_served
+from network_helpers import TOKEN, base_args, listening_server
 
 
 @pytest.fixture
 def listening(hook):
     """An in-process worker serving on loopback from a thread (so a test can spy on its lane)."""
-    tokens = sy.TokenTable()
-    tokens.add(TOKEN, "scientist")
-    server = WebsocketServerWorker(hook, id=f"lane-{os.getpid()}-{time.monotonic_ns()}", port=0, tokens=tokens)
-    thread = serve_in_thread(server)
-    yield server
-    stop_served(server, thread)
+    yield from listening_server(hook, "lane")
 
 
 def _connect(port: int) -> BlockingConnection:

@@ -8,9 +8,7 @@ only the one-time ticket the port gave (no token) and a raw hostile connection t
 
 from __future__ import annotations
 
-import os
 import socket
-import time
 
 import pytest
 import torch
@@ -18,23 +16,16 @@ import torch
 import veil as sy
 from veil.workers import local_socket
 from veil.workers.websocket_auth import handshake_headers
-from veil.workers.websocket_server import WebsocketServerWorker
 from veil.workers.websocket_transport import BlockingConnection
 
-from network_helpers import TOKEN
-from worker_processes import serve_in_thread, stop_served
+from network_helpers import TOKEN, listening_server
 
 pytestmark = pytest.mark.skipif(not local_socket.enabled(), reason="Unix links are Linux-only")
 
 
 @pytest.fixture(scope="module")
 def listening(hook):
-    tokens = sy.TokenTable()
-    tokens.add(TOKEN, "scientist")
-    server = WebsocketServerWorker(hook, id=f"local-{os.getpid()}-{time.monotonic_ns()}", port=0, tokens=tokens)
-    thread = serve_in_thread(server)
-    yield server
-    stop_served(server, thread)
+    yield from listening_server(hook, "local")
 
 
 def _client(hook, server, local: bool, token: str = TOKEN) -> sy.WebsocketClientWorker:
