@@ -1,7 +1,8 @@
 """Same-host links over a Unix socket beside a worker's TCP port.
 
-Loopback TCP moves a party's 16 MB share in about twice the time and CPU of a Unix stream socket (the
-TCP stack, segmentation and acknowledgements on both sides: ``bench/bench_raw_socket.py --unix``), and
+Loopback TCP exchanges a party's 16 MB share each way in ~1.4x the time and ~1.3x the CPU of a Unix stream
+socket pair on a quiet host, and swings to ~3x under load (the TCP stack, segmentation and acknowledgements on
+both sides: ``bench/bench_raw_socket.py --unix``, bench/RESULTS.md "Thirty-eighth landing"), and
 an SMPC product over peer openings exchanges such shares every round. A worker served without TLS on
 Linux therefore also listens on an abstract Unix socket with a random name and tells it, in its
 handshake response, to a client that authenticated over loopback TCP and asked for it (a server's peer
