@@ -85,7 +85,6 @@ _READ_IN_PYTHON = {torch.tensordot: (2, "dims"), torch.Tensor.tolist: (0, "self"
 _NO_TORCH_FUNCTION = torch._C.DisableTorchFunction
 #: worker functions that are protocol steps (veil's own code): a reviewed value may not be a public parameter
 PROTOCOL_STEPS = "veil.mpc."
-_PEER_ROLES = frozenset({"peer"})
 
 
 @register_remote_error
@@ -370,7 +369,7 @@ def _peer_asks(worker: Any) -> bool:
     scientist or admin token beside it); in-process senders are not sessions."""
     current = getattr(worker, "current_session", None)
     session = current() if current is not None else None
-    return session is not None and {p.role for p in session.principals} == _PEER_ROLES
+    return session is not None and session.peer_only
 
 
 def _public_refusal(worker: Any, user: str, op_name: str, found: dict, resolved: Any) -> _Refusing | None:
