@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -33,6 +33,22 @@ def wants_graph(args: Any, kwargs: dict) -> bool:
     return value is not None and value is not False
 
 
+def graph_nodes(first: Any, max_nodes: int, past_bound: Callable[[], None] | None = None) -> Iterator[Any]:
+    """The nodes of an autograd graph from ``first`` (its root's ``grad_fn``; None: none), each once, depth
+    first. ``past_bound()`` (it raises) is called before a node past ``max_nodes`` would be added; without it
+    the walk ends once more than ``max_nodes`` nodes were seen."""
+    seen, todo = {first}, [first] if first is not None else []
+    while todo and (past_bound is not None or len(seen) <= max_nodes):
+        node = todo.pop()
+        yield node
+        for child, _ in node.next_functions:
+            if child is not None and child not in seen:
+                if past_bound is not None and len(seen) >= max_nodes:
+                    past_bound()
+                seen.add(child)
+                todo.append(child)
+
+
 def note(namespace: str, args: Any, kwargs: dict, max_nodes: int) -> None:
     """Before ``Tensor.backward(*args, **kwargs)`` runs for session ``namespace``: with ``create_graph``, the
     leaves it may give a gradient (its root, ``inputs=``, and those its graph reaches, ``max_nodes`` nodes at
@@ -41,17 +57,11 @@ def note(namespace: str, args: Any, kwargs: dict, max_nodes: int) -> None:
         return
     root = args[0]
     found = [t for t in leaves((root, kwargs.get("inputs"), args[4:]), torch.Tensor) if t.grad_fn is None]
-    first = root.grad_fn if isinstance(root, torch.Tensor) else None
-    seen, todo = {first}, [first] if first is not None else []
-    while todo and len(seen) <= max_nodes:  # (a deeper graph: torch refuses nothing, the rest is not remembered)
-        node = todo.pop()
+    # (a deeper graph: torch refuses nothing, the rest is not remembered)
+    for node in graph_nodes(root.grad_fn if isinstance(root, torch.Tensor) else None, max_nodes):
         variable = getattr(node, "variable", None)
         if isinstance(variable, torch.Tensor):
             found.append(variable)
-        for child, _ in node.next_functions:
-            if child is not None and child not in seen:
-                seen.add(child)
-                todo.append(child)
     global _registered
     with _lock:
         if not _registered:

@@ -31,7 +31,7 @@ import torch
 
 from veil.tensors.tree import leaves
 from veil.workers import grad_charges, grad_cycles
-from veil.workers.grad_cycles import wants_graph
+from veil.workers.grad_cycles import graph_nodes, wants_graph
 
 #: signatures whose sizes are remembered (least recently used first out). Shared by every session, each
 #: entry under its session's key (no session hits another's); what one session can still observe is that its
@@ -157,10 +157,7 @@ def _backward_bound(args: Any, kwargs: dict, watch: Callable | None = None) -> i
             if t.grad_fn is None:
                 watch(t)
     total = sum(add(t) for t in named)
-    first = root.grad_fn
-    seen, todo = {first}, [first] if first is not None else []
-    while todo:
-        node = todo.pop()
+    for node in graph_nodes(root.grad_fn, MAX_GRAPH_NODES, _too_deep):
         variable = getattr(node, "variable", None)
         if type(variable) in (torch.Tensor, torch.nn.Parameter):
             if watch is not None:
@@ -168,13 +165,11 @@ def _backward_bound(args: Any, kwargs: dict, watch: Callable | None = None) -> i
             total += add(variable)
         elif getattr(node, "_saved_sparse", False) is True:
             raise Unsizable("a sparse gradient (embedding sparse=True) of one row per index looked up")
-        for child, _ in node.next_functions:
-            if child is not None and child not in seen:
-                if len(seen) >= MAX_GRAPH_NODES:
-                    raise Unsizable(f"a graph of more than {MAX_GRAPH_NODES} nodes")
-                seen.add(child)
-                todo.append(child)
     return total
+
+
+def _too_deep() -> None:
+    raise Unsizable(f"a graph of more than {MAX_GRAPH_NODES} nodes")
 
 
 #: nodes of an autograd graph ``backward``'s bound walks at most (a deeper graph: refused under a quota)
