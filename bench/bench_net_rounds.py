@@ -212,6 +212,8 @@ def _party_marks(w: dict, worker: list) -> dict:
     orchestrator (loop resumed, small send), and the publishing peer's side of its fetch (take
     returned, large reply frames written: ``_send_fragmented`` only, not replies of one frame)."""
     out = {k: w[k] for k in PEER_MARKS if k in w}
+    if "prelude_cpu" in w:
+        out["prelude_cpu"] = w["prelude_cpu"]
     if w["fetches"]:
         out["fetch reply"] = w["fetches"][-1][1]
     if "t_done" in w:
@@ -247,7 +249,9 @@ def peer_breakdown(records_orch: list[dict], trace_dir: str, windows: list) -> N
 
     def add(row: str, marks: dict, t0: float) -> None:
         for key, t in marks.items():
-            rows.setdefault(row, {}).setdefault(key.removeprefix("t_"), []).append((t - t0) * 1e3)
+            # (a duration, not a time: ``*_cpu`` keys are thread CPU seconds)
+            rows.setdefault(row, {}).setdefault(key.removeprefix("t_"), []).append(
+                t * 1e3 if key.endswith("_cpu") else (t - t0) * 1e3)
 
     attempts = []
     for rd in rnds:
@@ -259,7 +263,7 @@ def peer_breakdown(records_orch: list[dict], trace_dir: str, windows: list) -> N
         recs = sorted((w for w in worker if w["kind"] == "peer" and rd["t0"] <= w["t_start"] <= rd["t1"]),
                       key=lambda w: w["t_start"])
         for k, w in enumerate(recs):
-            add(f"{w['name']}: party started {('first', 'second')[k] if k < 2 else k + 1}", _party_marks(w, worker),
+            add(f"{w['name']}: party {w.get('worker', '?')}", _party_marks(w, worker),
                 rd["t0"])
             attempts.append(len(w["fetches"]))
         add(f"{rd['what']}: orchestrator", {"round ends": rd["t1"]}, rd["t0"])

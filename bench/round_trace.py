@@ -243,19 +243,23 @@ def _install_peer_path() -> None:
 
     def _run_prelude(self, prelude, sender):
         local.t_prelude0 = now()
+        cpu0 = time.thread_time()
         try:
             return orig_prelude(self, prelude, sender)
         finally:
             local.t_prelude1 = now()
+            local.prelude_cpu = time.thread_time() - cpu0
 
     base.BaseWorker._run_prelude = _run_prelude
 
     def start(a):
         msg = a[1]
         rec = rounds[msg.round] = {"kind": "peer", "round": msg.round, "name": msg.name, "t_start": now(),
+                                   "worker": getattr(a[0], "id", "?"),
                                    "t_thread": getattr(local, "t_thread", 0), "fetches": []}
         if getattr(local, "t_prelude0", 0) >= rec["t_thread"]:
             rec["t_prelude0"], rec["t_prelude1"] = local.t_prelude0, local.t_prelude1
+            rec["prelude_cpu"] = local.prelude_cpu
         local.rec = rec
         RECORDS.append(rec)
 
