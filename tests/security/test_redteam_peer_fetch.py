@@ -47,8 +47,9 @@ def _raw(proc, token: str, extra: tuple = ()):
     return BlockingConnection(f"ws://127.0.0.1:{proc.port}", handshake_headers(token, list(extra)))
 
 
-def _frame(round_id, name="beaver_mask", prelude=()) -> bytes:
-    return msgpack.packb([WIRE_VERSION, PeerFetchMessage.TYPE, "x", list(prelude), round_id, name], use_bin_type=True)
+def _frame(round_id, name="beaver_mask", prelude=(), slots=False, done=()) -> bytes:
+    return msgpack.packb([WIRE_VERSION, PeerFetchMessage.TYPE, "x", list(prelude), round_id, name, slots, list(done)],
+                         use_bin_type=True)
 
 
 def _ask(conn, data: bytes):
@@ -159,7 +160,8 @@ def test_malformed_fetch_frames_fail_cleanly_and_consume_nothing(hook, cluster):
         "step an int": _frame(round_id, 7),
         "step a list": _frame(round_id, ["beaver_mask"]),
         "too few fields": msgpack.packb([WIRE_VERSION, PeerFetchMessage.TYPE, "x", [], round_id]),
-        "too many fields": msgpack.packb([WIRE_VERSION, PeerFetchMessage.TYPE, "x", [], round_id, "beaver_mask", "more"]),
+        "too many fields": msgpack.packb([WIRE_VERSION, PeerFetchMessage.TYPE, "x", [], round_id, "beaver_mask", False,
+                                          [], "more"]),
         "nested past the decoder's depth": deep,
         "behind a command a peer may not run": _frame(round_id, prelude=[["torch.add", [1, 2], {}, [new_id()],
                                                                           False]]),

@@ -241,7 +241,7 @@ def _packed(*fields) -> bytes:
 def _padded_fetch(round_id: str, size: int) -> bytes:
     """A well-formed fetch frame of exactly ``size`` bytes (the sender field, which the worker ignores, pads it)."""
     for pad in range(size):
-        data = _packed(WIRE_VERSION, PeerFetchMessage.TYPE, "p" * pad, [], round_id, "beaver_mask")
+        data = _packed(WIRE_VERSION, PeerFetchMessage.TYPE, "p" * pad, [], round_id, "beaver_mask", False, [])
         if len(data) == size:
             return data
     raise AssertionError(size)
@@ -281,6 +281,7 @@ def test_small_frames_of_a_peer_decoded_on_the_loop_while_the_worker_is_busy(hoo
         pointer = PointerWire("alice", at_alice.id_at_location, (5,), torch.float32, False, True)
         head = msgpack.packb(WIRE_VERSION) + msgpack.packb(PeerFetchMessage.TYPE) + msgpack.packb("x") + b"\x90"
         nested = b"\x91" * 440 + msgpack.packb(round_id)
+        tail = msgpack.packb(False) + msgpack.packb([])  # (the fetch's slots and done fields)
         deep_ext = 1
         for _ in range(40):
             deep_ext = msgpack.ExtType(EXT_CODES.TUPLE, msgpack.packb([deep_ext], use_bin_type=True))
@@ -289,18 +290,21 @@ def test_small_frames_of_a_peer_decoded_on_the_loop_while_the_worker_is_busy(hoo
             "a frame header claiming 4 GiB": b"\xc1" + struct.pack("<I", 0xFFFFFFFF) + b"\x90",
             "truncated": _frame(round_id)[:-5],
             "a bare int": msgpack.packb(7),
-            "another wire version": _packed(WIRE_VERSION + 1, PeerFetchMessage.TYPE, "x", [], round_id, "beaver_mask"),
-            "an unknown type": _packed(WIRE_VERSION, 999, "x", [], round_id, "beaver_mask"),
-            "a type nested 440 deep": b"\x96" + msgpack.packb(WIRE_VERSION) + b"\x91" * 440
-            + msgpack.packb(PeerFetchMessage.TYPE) + msgpack.packb("x") + b"\x90" + msgpack.packb(round_id) + msgpack.packb("beaver_mask"),
-            "a round nested 440 deep": b"\x96" + head + nested + msgpack.packb("beaver_mask"),
-            "ext types nested 40 deep": _packed(WIRE_VERSION, PeerFetchMessage.TYPE, "x", [], deep_ext, "beaver_mask"),
+            "another wire version": _packed(WIRE_VERSION + 1, PeerFetchMessage.TYPE, "x", [], round_id, "beaver_mask", False,
+                                            []),
+            "an unknown type": _packed(WIRE_VERSION, 999, "x", [], round_id, "beaver_mask", False, []),
+            "a type nested 440 deep": b"\x98" + msgpack.packb(WIRE_VERSION) + b"\x91" * 440
+            + msgpack.packb(PeerFetchMessage.TYPE) + msgpack.packb("x") + b"\x90" + msgpack.packb(round_id)
+            + msgpack.packb("beaver_mask") + tail,
+            "a round nested 440 deep": b"\x98" + head + nested + msgpack.packb("beaver_mask") + tail,
+            "ext types nested 40 deep": _packed(WIRE_VERSION, PeerFetchMessage.TYPE, "x", [], deep_ext, "beaver_mask", False,
+                                                []),
             "a tensor claiming 2^62 elements": _packed(WIRE_VERSION, PeerFetchMessage.TYPE, "x", [],
                                                        _ext(EXT_CODES.TENSOR, ["int64", [1 << 31, 1 << 31], False,
-                                                                              b"\0" * 8]), "beaver_mask"),
+                                                                              b"\0" * 8]), "beaver_mask", False, []),
             "an out-of-band tensor outside a frame": _packed(WIRE_VERSION, PeerFetchMessage.TYPE, "x", [],
                                                              _ext(EXT_CODES.TENSOR_OOB, ["int64", [6], False, 48]),
-                                                             "beaver_mask"),
+                                                             "beaver_mask", False, []),
             "a command on a pointer to alice": serialize(m.CommandMessage("torch.add", (pointer, 1), {}, [new_id()],
                                                                           False)),
             "a fetch of a pointer to alice": serialize(PeerFetchMessage(pointer, "beaver_mask")),

@@ -71,6 +71,7 @@ from veil.workers.audit_writer import rows_held_by_reply
 from veil.workers.base import register_handler
 from veil.workers.leaving_rows import on_record_before_leaving
 from veil.workers.peer_rounds import WAIT_SECONDS, PeerOpeningError, PeerRounds, rounds_of
+from veil.workers.share_slots import PeerSlotReply
 from veil.workers.store import Kind
 from veil.workers.websocket_auth import SESSION_END_HANDLERS, register_peer_message
 from veil.workers.websocket_transport import expect_reply
@@ -117,6 +118,10 @@ class PeerFetchMessage:
     TYPE: ClassVar[int] = 42
     round: str = ""
     name: str = ""
+    #: the fetching party can take a share slot reply (a same-host Unix link: ``share_slots.py``)
+    slots: bool = False
+    #: the slots of this connection it finished reading since its last fetch (the publisher may reuse them)
+    done: list = field(default_factory=list)
 
 
 def _check_message(worker: Any, msg: PeerOpenMessage) -> frozenset:
@@ -163,8 +168,12 @@ def _handle_peer_open(worker: Any, msg: PeerOpenMessage, sender: str) -> Any:
             rnd = rounds.open(principal.namespace, msg.round, msg.name, others)
             rounds.publish(rnd, outputs)
             with cancellation.outside_turn():  # the other parties' fetches are served meanwhile
-                received = _fetch_all(worker, msg, others, _layout(outputs), posted)
-                opened = _combine(msg.name, outputs, received)
+                held: list = []
+                try:
+                    opened = _combine(msg.name, outputs, _fetch_all(worker, msg, others, _layout(outputs), posted,
+                                                                    held))
+                finally:
+                    _slots_read(held)
                 rounds.wait_taken(msg.round, rnd)
     finally:
         try:
@@ -191,14 +200,19 @@ def _open_top_bits(worker: Any, msg: PeerOpenMessage, principal: Any, rounds: Pe
     if worker.id == first:
         rnd = rounds.open(principal.namespace, msg.round, msg.name, others)
         with cancellation.outside_turn():
-            opened = _combine(msg.name, outputs, _fetch_all(worker, msg, others, _layout(outputs), posted))
+            held: list = []
+            try:
+                opened = _combine(msg.name, outputs, _fetch_all(worker, msg, others, _layout(outputs), posted, held))
+            finally:
+                _slots_read(held)
             rounds.publish(rnd, [pack_top_bits(opened[0])])
             rounds.wait_taken(msg.round, rnd)
         return rnd, opened
     rnd = rounds.open(principal.namespace, msg.round, msg.name, frozenset({first}))
     rounds.publish(rnd, outputs)
     with cancellation.outside_turn():
-        (bits,) = _fetch_all(worker, msg, {first}, [(((outputs[0].numel() + 7) // 8,), torch.uint8)], posted)
+        # (no slot: the bits are kept, and a slot's bytes are the peer's to change)
+        (bits,) = _fetch_all(worker, msg, {first}, [(((outputs[0].numel() + 7) // 8,), torch.uint8)], posted, None)
         rounds.wait_taken(msg.round, rnd)
     return rnd, bits
 
@@ -209,12 +223,14 @@ def _layout(tensors: list) -> list:
 
 def _combine(name: str, outputs: list, received: list) -> list:
     """The opened values: this party's outputs plus (XOR for XOR shares) every other party's, summed into
-    the first party's received tensors (this party's outputs are published: never written)."""
+    fresh tensors (this party's outputs are published: never written; received ones may be slot views)."""
     if not received:
         return outputs
     n_xor = len(outputs) if name in XOR_OPENABLE else XOR_LEADING.get(name, 0)  # outputs combined by ^
-    totals = received[0]
-    for values in [outputs, *received[1:]]:
+    # into fresh tensors: a received tensor may be a view of a peer's share slot (read once, never written)
+    totals = [torch.bitwise_xor(v, r) if j < n_xor else torch.add(v, r)
+              for j, (v, r) in enumerate(zip(outputs, received[0]))]
+    for values in received[1:]:
         for j, (total, v) in enumerate(zip(totals, values)):
             if j < n_xor:
                 total.bitwise_xor_(v)
@@ -247,6 +263,7 @@ def _post_fetches(worker: Any, msg: PeerOpenMessage, peers: frozenset, posted: d
     and drops them (a share a peer published to this party goes nowhere else; the failure reaches the
     orchestrator up to one slice later)."""
     data = None
+    slots = _takes_slots(worker, msg)
     # every source resolved before anything is posted: an unknown one raises here (as the fetch would) with no
     # send lock held and no reply owed
     for peer, location in [(p, worker.resolve_worker(p)) for p in sorted(peers)]:
@@ -258,8 +275,7 @@ def _post_fetches(worker: Any, msg: PeerOpenMessage, peers: frozenset, posted: d
         ticket = 0
         try:
             if worker.link_idle(location):
-                if data is None:
-                    data = serialize(PeerFetchMessage(msg.round, msg.name), sender=worker.id)
+                data = serialize(_fetch_message(msg, location, slots), sender=worker.id)
                 ticket = location.try_post(data)
         except ConnectionLostError:  # (the link dropped: the fetch after the step reconnects or reports it)
             pass
@@ -286,15 +302,15 @@ def _collect_posted(worker: Any, posted: dict, size: int) -> dict:
 
 
 def _fetch_all(worker: Any, msg: PeerOpenMessage, peers: Any, expected: list,
-               posted: dict) -> list[list[torch.Tensor]]:
+               posted: dict, held: list | None) -> list[list[torch.Tensor]]:
     """Every peer's published tensors of the round (in peer id order), each checked against ``expected``
-    (count, shapes, dtypes, dense and writable: they are summed into); from all peers at once when there
-    are several (each peer link has its own connection and send lock), the first reply of a fetch posted
-    before the step (``posted``, :func:`_post_fetches`) read first. Raises the first failure after every
-    fetch finished."""
+    (count, shapes, dtypes, dense); from all peers at once when there are several (each peer link has its
+    own connection and send lock), the first reply of a fetch posted before the step (``posted``,
+    :func:`_post_fetches`) read first. Raises the first failure after every fetch finished. ``held``: a
+    list to which each share slot read from is added (``share_slots.py``: its views are read once, then
+    :func:`_slots_read`), or None where the values are kept (no slot is asked for)."""
     global _FETCH_POOL
     names = sorted(peers)
-    fetch = PeerFetchMessage(msg.round, msg.name)
     locations = [worker.resolve_worker(p) for p in names]  # configured peers only
     size = _reply_bytes(expected)
     early = _collect_posted(worker, posted, size)
@@ -312,6 +328,7 @@ def _fetch_all(worker: Any, msg: PeerOpenMessage, peers: Any, expected: list,
                     if isinstance(reply, Exception):
                         raise reply
                 else:
+                    fetch = _fetch_message(msg, locations[k], held is not None)
                     with expect_reply(size):  # received into one buffer of this size (its own expectation)
                         reply = worker.send_msg(fetch, locations[k])  # the link is free for others between slices
             except VeilError as e:
@@ -323,6 +340,8 @@ def _fetch_all(worker: Any, msg: PeerOpenMessage, peers: Any, expected: list,
                 # bytes that are no veil reply: say whose they were
                 raise PeerOpeningError(f"peer {names[k]!r} answered round {msg.round!r} with a reply that does "
                                        f"not decode: {e}") from e
+            if type(reply) is PeerSlotReply and held is not None:
+                return _slot_views(names[k], msg.round, locations[k], reply, expected, held)
             if type(reply) is not m.OkReply:
                 return _checked(names[k], msg.round, reply, expected)
             if time.monotonic() >= deadline:
@@ -352,6 +371,43 @@ def _fetch_all(worker: Any, msg: PeerOpenMessage, peers: Any, expected: list,
     if errors:
         raise errors[0]
     return results
+
+
+def _takes_slots(worker: Any, msg: PeerOpenMessage) -> bool:
+    """Whether this party's fetches of the round may be answered in share slots: not where it keeps what it
+    fetches (a top-bits round's other parties keep the bits; a slot's bytes stay the peer's to change)."""
+    return not (msg.reveal == "top_bits" and worker.id != msg.parties[0])
+
+
+def _fetch_message(msg: PeerOpenMessage, location: Any, slots: bool) -> PeerFetchMessage:
+    """The round's fetch to one peer: asking for a slot reply where its link maps slots (with the slots read
+    since the last fetch over it)."""
+    maps = location.share_slots() if slots and callable(getattr(location, "share_slots", None)) else None
+    if maps is None:
+        return PeerFetchMessage(msg.round, msg.name)
+    return PeerFetchMessage(msg.round, msg.name, True, maps.take_done())
+
+
+def _slot_views(peer: str, round_id: str, location: Any, reply: PeerSlotReply, expected: list, held: list) -> list:
+    """The tensors a peer placed in one of its share slots, as views (read once by :func:`_combine`)."""
+    maps = location.share_slots() if callable(getattr(location, "share_slots", None)) else None
+    if maps is None:
+        raise PeerOpeningError(f"peer {peer!r} answered round {round_id!r} with a share slot over a link that "
+                               "maps none")
+    try:
+        views = maps.views(reply, expected)
+    except SerializationError as e:
+        raise PeerOpeningError(f"peer {peer!r} answered round {round_id!r} with a share slot that does not fit: "
+                               f"{e}") from e
+    held.append((maps, reply.slot))
+    return views
+
+
+def _slots_read(held: list) -> None:
+    """Tells each link which of its peer's slots this round read (in the next fetch over it)."""
+    for maps, number in held:
+        maps.done(number)
+    held.clear()
 
 
 #: most characters of a peer's error text passed on (a hostile peer's could be a whole frame long)

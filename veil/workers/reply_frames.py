@@ -10,6 +10,7 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 
 from veil.messaging.frames import FrameParts
+from veil.workers.share_slots import send_with_fd
 from veil.workers.websocket_transport import frame_head
 
 #: replies larger than this go out as a fragmented message of chunks this size (:func:`_send_fragmented`):
@@ -90,3 +91,21 @@ async def _send_one(ws: ServerConnection, data: Any) -> None:
         return
     async with ws.send_context():
         _write_frame(ws.transport, 0x02, True, data)
+
+
+async def send_with_descriptor(ws: ServerConnection, data: bytes, raw: Any, fd: int) -> bool:
+    """A reply of one frame with a file descriptor attached to its first bytes (a share slot's, over a Unix
+    socket: ``share_slots.py``), written on ``raw`` (the connection's socket, duplicated) when nothing is
+    waiting in the transport's buffer, so the frame keeps its place in the stream; False when it could not go
+    (then nothing went)."""
+    if ws.protocol.extensions or ws.send_in_progress is not None:
+        return False
+    async with ws.send_context():
+        transport = ws.transport
+        if transport.get_write_buffer_size():
+            return False
+        frame = b"".join((frame_head(0x82, len(data)), data))
+        sent = send_with_fd(raw, frame, fd)
+        if sent and sent < len(frame):
+            transport.write(frame[sent:])  # (behind the first bytes, which carried the descriptor)
+    return sent > 0

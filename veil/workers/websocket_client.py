@@ -219,6 +219,11 @@ class WebsocketClientWorker(BaseWorker):
     def connected(self) -> bool:
         return self._conn is not None
 
+    def share_slots(self) -> Any:
+        """The share slots the worker handed over the current connection (None off a Unix link)."""
+        conn = self._conn
+        return conn.slot_maps if conn is not None else None
+
     def __del__(self) -> None:
         try:
             self._drop()

@@ -42,7 +42,9 @@ from veil.workers.auth_throttle import Throttled, source_of, unguessable
 from veil.workers.lane_connection import LaneConnection
 from veil.workers.loop_rows import AfterRows, after_rows, released
 from veil.workers.peer_openings import HUNG_UP, PeerFetchMessage, serve_fetch_on_loop
-from veil.workers.reply_frames import REPLY_FRAGMENT, _fragments, _part_fragments, _send_fragmented, _send_one
+from veil.workers.reply_frames import (REPLY_FRAGMENT, _fragments, _part_fragments, _send_fragmented, _send_one,
+                                       send_with_descriptor)
+from veil.workers.share_slots import SlotPool, SlotSend
 from veil.workers.websocket_auth import Session, authenticate, tokens_from_headers
 from veil.workers.websocket_client import MAX_SIZE_HEADER
 
@@ -279,6 +281,7 @@ class ConnectionServing:
         closed = asyncio.ensure_future(ws.wait_closed())
         # requests that arrive while this loop waits for one are served where they are read (LaneConnection)
         ws.lane = functools.partial(self.lane_request, session=session)
+        slots = SlotPool.for_connection(ws.transport) if session.peer_only else None  # (a same-host peer's)
         try:
             while True:
                 if ws.backlog():  # pipelined requests: other connections' reads go between them
@@ -300,7 +303,7 @@ class ConnectionServing:
                     if type(reply) is AfterRows:  # (after its refusal rows: awaited here, not on the loop)
                         reply = await released(self.audit_rows, reply)
                     if reply is None and session.peer_only:
-                        reply = await self._serve_peer_fetch(data, decoded, session, closed)
+                        reply = await self._serve_peer_fetch(data, decoded, session, closed, slots)
                         if reply is HUNG_UP:
                             break
                     if reply is None and session.has_role("admin"):  # (a revocation: no turn, no handler thread)
@@ -311,6 +314,10 @@ class ConnectionServing:
                         break
                 if session.revoked:  # revoked while this reply was made: nothing goes out after revoke() returned
                     break
+                if type(reply) is SlotSend:  # shares in a slot; the bytes reply if it could not go
+                    reply = await self._send_slot(ws, reply, slots)
+                    if reply is None:
+                        continue
                 if type(reply) is FrameParts:
                     await _send_fragmented(ws, _part_fragments(reply))
                 elif len(reply) > REPLY_FRAGMENT:
@@ -322,11 +329,13 @@ class ConnectionServing:
         finally:
             ws.lane = None
             closed.cancel()
+            if slots is not None:
+                slots.close()
             self._connections.pop(session.id, None)
             await loop.run_in_executor(self._executor, self.end_session, session)
 
     async def _serve_peer_fetch(self, data: Any, decoded: tuple | None, session: Session,
-                                closed: asyncio.Future) -> Any:
+                                closed: asyncio.Future, slots: SlotPool | None = None) -> Any:
         """A peer session's share fetch, served on the loop (``peer_openings.serve_fetch_on_loop``: no
         handler thread, no worker lock; it takes only published shares); None: the handler thread serves
         this request (anything else, a refusal); ``HUNG_UP``: the peer hung up while its fetch waited."""
@@ -343,8 +352,29 @@ class ConnectionServing:
         msg, _sender, prelude = decoded
         if type(msg) is not PeerFetchMessage or prelude:
             return None
+        if slots is not None:
+            slots.release(msg.done)
         reply = await serve_fetch_on_loop(self, self.principal_of(session), msg, closed)
-        return reply if reply is None or reply is HUNG_UP else self._reply_bytes(reply)
+        if reply is None or reply is HUNG_UP:
+            return reply
+        if slots is not None and msg.slots is True and type(reply) is m.ObjectsReply:
+            placed = slots.place(reply.objects)
+            if placed is not None:
+                return SlotSend(placed[0], placed[1], reply)
+        return self._reply_bytes(reply)
+
+    async def _send_slot(self, ws: LaneConnection, out: SlotSend, slots: SlotPool) -> Any:
+        """Sends a share slot reply (with the slot's descriptor the first time); None once it went, else the
+        bytes reply to send instead (the slot is free again)."""
+        data = serialize(out.reply, sender=self.id)
+        if out.fd is None:
+            await _send_one(ws, data)
+            return None
+        if await send_with_descriptor(ws, data, slots.raw, out.fd):
+            slots.sent(out.reply)
+            return None
+        slots.unplace(out.reply)
+        return self._reply_bytes(out.fallback)
 
     async def _run_request(self, loop: asyncio.AbstractEventLoop, data: bytes, session: Session,
                            closed: asyncio.Future, decoded: tuple | None = None) -> bytes | None:

@@ -29,7 +29,8 @@ from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from veil.messaging.frames import FrameParts, frame_pad, owned_buffer
-from veil.workers import local_socket
+from veil.workers import local_socket, share_slots
+from veil.workers.share_slots import SlotMaps
 
 try:
     from websockets.speedups import apply_mask
@@ -133,6 +134,8 @@ class BlockingConnection:
         self._size = self._pad = 0  # its payload bytes so far, and where they start in it
         self._direct = False
         self._early: list[Any] = []
+        #: the share slots a peer hands over this connection (a Unix link only: ``share_slots.py``)
+        self.slot_maps: SlotMaps | None = None
         local = local and not uri.secure and local_socket.enabled()
         sock = socket.create_connection((uri.host, uri.port), timeout=open_timeout)
         self._handshake(uri, sock, {**headers, local_socket.ASK_HEADER: "1"} if local else headers, ssl_context)
@@ -199,6 +202,19 @@ class BlockingConnection:
         except OSError:
             pass
         old.close()
+        if share_slots.enabled():
+            self.slot_maps = SlotMaps()
+
+    def _read_into(self, buffer: Any, nbytes: int = 0) -> int:
+        """``sock.recv_into``; on a link that takes share slots, with room for the descriptors a reply brings."""
+        maps = self.slot_maps
+        if maps is None:
+            return self.sock.recv_into(buffer, nbytes)
+        got, ancdata, _, _ = self.sock.recvmsg_into([buffer[:nbytes] if nbytes else buffer], maps.read_size(),
+                                                    socket.MSG_CMSG_CLOEXEC)
+        if ancdata:
+            maps.received(ancdata)
+        return got
 
     def _flush(self) -> None:
         for chunk in self.protocol.data_to_send():
@@ -208,7 +224,7 @@ class BlockingConnection:
     def _feed(self) -> list[Any]:
         # Into one buffer kept for the connection: sock.recv(1 MiB) allocates (and maps) a fresh
         # MiB per call, ~15 us for every small reply; the protocol copies what it is fed anyway.
-        n = self.sock.recv_into(self._buffer)
+        n = self._read_into(self._buffer)
         if n:
             self.protocol.receive_data(self._buffer[:n])
         else:
@@ -323,7 +339,7 @@ class BlockingConnection:
         """Reads until at least ``k`` bytes are buffered: up to ``_HEAD_READ`` at a message's start, and
         inside a fragmented message up to ``_FRAGMENT_HEAD_READ`` (the next fragment's header)."""
         while len(self._rbuf) < k:
-            n = self.sock.recv_into(self._buffer, _HEAD_READ if self._msg is None else _FRAGMENT_HEAD_READ)
+            n = self._read_into(self._buffer, _HEAD_READ if self._msg is None else _FRAGMENT_HEAD_READ)
             if not n:
                 self._eof()
             self._rbuf += self._buffer[:n]
@@ -401,7 +417,7 @@ class BlockingConnection:
             del buf[: head + have]
             rest = view[start + have: start + n]
             while rest:
-                got = self.sock.recv_into(rest)
+                got = self._read_into(rest)
                 if not got:
                     self._msg = message
                     self._eof()
@@ -538,3 +554,5 @@ class BlockingConnection:
             pass
         finally:
             self.sock.close()
+            if self.slot_maps is not None:
+                self.slot_maps.close()
