@@ -242,7 +242,8 @@ class SlotMaps:
 
     def received(self, ancdata: list) -> None:
         """Descriptors that came with a read: each mapped as the next slot if it is a size-sealed memfd of at
-        most MAX_SLOT_BYTES and there is room, else closed (a slot number is used up either way)."""
+        most MAX_SLOT_BYTES and there is room, else closed (a slot number is used up either way). Room: twice
+        MAX_SLOTS (a new slot's descriptor arrives before the reply that drops the one it replaced is read)."""
         for level, kind, data in ancdata:
             if level != socket.SOL_SOCKET or kind != socket.SCM_RIGHTS:
                 continue
@@ -262,7 +263,7 @@ class SlotMaps:
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode) or not 0 < info.st_size <= MAX_SLOT_BYTES \
-                    or fcntl.fcntl(fd, _F_GET_SEALS) & _SIZE_SEALS != _SIZE_SEALS or len(self._maps) >= MAX_SLOTS:
+                    or fcntl.fcntl(fd, _F_GET_SEALS) & _SIZE_SEALS != _SIZE_SEALS or len(self._maps) >= 2 * MAX_SLOTS:
                 return None
             return mmap.mmap(fd, info.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ), info.st_size
         except OSError:  # (not a memfd: no seals to get)
