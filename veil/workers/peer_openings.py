@@ -178,8 +178,10 @@ def _handle_peer_open(worker: Any, msg: PeerOpenMessage, sender: str) -> Any:
     finally:
         try:
             if posted:  # the round failed between the post and its fetches: replies read (in a slice), dropped
+                links = {peer: location for peer, (location, _, _) in posted.items()}
                 with cancellation.outside_turn():
-                    _collect_posted(worker, posted, 0)
+                    for peer, reply in _collect_posted(worker, posted, 0).items():
+                        _slot_unread(links[peer], reply)
         finally:
             rounds.close(msg.round, rnd)
     for oid, value in zip(msg.ids, opened):
@@ -401,6 +403,15 @@ def _slot_views(peer: str, round_id: str, location: Any, reply: PeerSlotReply, e
                                f"{e}") from e
     held.append((maps, reply.slot))
     return views
+
+
+def _slot_unread(location: Any, reply: Any) -> None:
+    """A posted fetch's reply dropped unread: a share slot's is reported done (the peer reuses the slot) and the
+    slots it retired are unmapped."""
+    maps = location.share_slots() if type(reply) is PeerSlotReply and callable(
+        getattr(location, "share_slots", None)) else None
+    if maps is not None:
+        maps.unread(reply)
 
 
 def _slots_read(held: list) -> None:

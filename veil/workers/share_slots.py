@@ -165,8 +165,12 @@ class SlotPool:
                 self._retire(free.pop(0))  # the smallest free slots make room
             if len(self._slots) >= MAX_SLOTS or self._held() + size > MAX_SLOT_BYTES:
                 return None  # (the peer still reads the others)
+            try:
+                slot = _Slot(self._numbers + 1, size)
+            except OSError:  # (out of descriptors or memory: the round's shares were taken; they go as bytes)
+                return None
             self._numbers += 1
-            slot = self._slots[self._numbers] = _Slot(self._numbers, size)
+            self._slots[slot.number] = slot
         view = torch.frombuffer(slot.map, dtype=torch.uint8)
         for t, at in zip(tensors, offsets):
             size = t.numel() * t.element_size()
@@ -194,7 +198,14 @@ class SlotPool:
     def unplace(self, reply: PeerSlotReply) -> None:
         """The reply did not go: its slot is free again, and the retirements it carried are told next time."""
         slot = self._slots.get(reply.slot)
-        if slot is not None:
+        if slot is not None and not slot.sent and slot.number == self._numbers:
+            # its descriptor never went, and the peer numbers slots in the order descriptors arrive: kept, a
+            # later slot's descriptor would arrive under this one's number (the peer then reads another slot's
+            # bytes as this one's); discarded, its number is the next slot's again
+            del self._slots[slot.number]
+            slot.close()
+            self._numbers -= 1
+        elif slot is not None:
             slot.busy = False
         self._retired = reply.drop + self._retired
 
@@ -220,7 +231,7 @@ def send_with_fd(sock: socket.socket, data: bytes, fd: int) -> int:
     (0 when none were, and then the descriptor did not go either)."""
     try:
         return sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
-    except (BlockingIOError, InterruptedError):
+    except OSError:  # (would block, or the peer is gone: the bytes reply goes, or reports the closed connection)
         return 0
 
 
@@ -262,7 +273,10 @@ class SlotMaps:
     def _map(self, fd: int) -> tuple[mmap.mmap, int] | None:
         try:
             info = os.fstat(fd)
+            # (st_blksize: a hugetlbfs memfd's is its huge page size; a hole punched in one after it was mapped
+            # faults with SIGBUS when the huge page pool is empty: only page-sized shmem is mapped)
             if not stat.S_ISREG(info.st_mode) or not 0 < info.st_size <= MAX_SLOT_BYTES \
+                    or info.st_blksize != mmap.PAGESIZE \
                     or fcntl.fcntl(fd, _F_GET_SEALS) & _SIZE_SEALS != _SIZE_SEALS or len(self._maps) >= 2 * MAX_SLOTS:
                 return None
             return mmap.mmap(fd, info.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ), info.st_size
@@ -281,7 +295,11 @@ class SlotMaps:
                                      f"bytes; this connection maps no such slot for {nbytes} bytes")
         with warnings.catch_warnings():  # (read-only memory: read once, never written)
             warnings.simplefilter("ignore", UserWarning)
-            whole = torch.frombuffer(found[0], dtype=torch.uint8)
+            # over a memoryview: torch keeps a reference to the object it is given, not a buffer export, so on
+            # the mmap itself close() (a drop, the link's close, on another thread) would unmap under live views
+            # (SIGSEGV, or reads of whatever is mapped there next); the memoryview's export makes close() fail
+            # (BufferError) and the mapping goes with the last view
+            whole = torch.frombuffer(memoryview(found[0]), dtype=torch.uint8)
         out = []
         for (shape, dtype), at in zip(expected, offsets):
             n = 1
@@ -289,6 +307,17 @@ class SlotMaps:
                 n *= int(d)
             out.append(whole[at: at + n * dtype.itemsize].view(dtype).view(shape))
         return out
+
+    def unread(self, reply: Any) -> None:
+        """A slot reply dropped unread (its round failed after the fetch was posted): its drops are applied and
+        its slot reported done (else the publisher keeps that slot busy, and the retired ones stay mapped, for
+        the connection's life)."""
+        if type(reply) is not PeerSlotReply:
+            return
+        for number in reply.drop[:MAX_SLOTS] if type(reply.drop) is list else ():
+            self.forget(number)
+        if type(reply.slot) is int:
+            self.done(reply.slot)
 
     def done(self, number: int) -> None:
         with self._lock:
