@@ -304,7 +304,7 @@ def _collect_posted(worker: Any, posted: dict, size: int) -> dict:
 
 
 def _fetch_all(worker: Any, msg: PeerOpenMessage, peers: Any, expected: list,
-               posted: dict, held: list | None) -> list[list[torch.Tensor]]:
+               posted: dict, held: list | None = None) -> list[list[torch.Tensor]]:
     """Every peer's published tensors of the round (in peer id order), each checked against ``expected``
     (count, shapes, dtypes, dense); from all peers at once when there are several (each peer link has its
     own connection and send lock), the first reply of a fetch posted before the step (``posted``,
