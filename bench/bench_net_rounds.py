@@ -198,8 +198,8 @@ def breakdown(records_orch: list[dict], trace_dir: str, windows: list, rounds: i
 
 
 #: a party's marks in a peer round (round_trace's peer path), in the order they happen
-PEER_MARKS = ("t_thread", "t_prelude0", "t_prelude1", "t_start", "t_step0", "t_step1", "t_published", "t_fetch0",
-              "t_combined", "t_taken", "t_end", "t_done")
+PEER_MARKS = ("t_thread", "t_prelude0", "t_prelude1", "t_start", "t_step0", "t_step1", "t_on_record",
+              "t_published", "t_fetch0", "t_combined", "t_taken", "t_end", "t_done")
 
 
 def _first_after(records: list, kind: str, pid: str, t: float, until: float = float("inf")) -> dict | None:
@@ -217,9 +217,11 @@ def _party_marks(w: dict, worker: list) -> dict:
     if w["fetches"]:
         out["fetch reply"] = w["fetches"][-1][1]
     if "t_done" in w:
-        back = [t["t1"] for t in worker if t["kind"] == "peer_loop" and t["pid"] == w["pid"]
-                and t["t0"] <= w["t_thread"] and t["t1"] >= w["t_done"]]
+        loops = [t for t in worker if t["kind"] == "peer_loop" and t["pid"] == w["pid"]
+                 and t["t0"] <= w["t_thread"] and t["t1"] >= w["t_done"]]
+        back = [t["t1"] for t in loops]
         if back:
+            out["loop hands the request on"] = max(t["t0"] for t in loops)
             out["loop has the reply"] = min(back)
             send = _first_after(worker, "peer_small_send", w["pid"], min(back))
             if send:

@@ -280,6 +280,9 @@ def _install_peer_path() -> None:
     timed("_fetch_all", lambda a: rounds[a[1].round].__setitem__("t_fetch0", now()),
           lambda a: rounds[a[1].round].__setitem__("t_fetch1", now()))
     timed("_combine", lambda a: None, lambda a: local.rec.__setitem__("t_combined", now()))
+    # the audit rows on record before anything is published (leaving_rows.on_record_before_leaving)
+    timed("on_record_before_leaving", lambda a: None,
+          lambda a: getattr(local, "rec", None) is not None and local.rec.__setitem__("t_on_record", now()))
     orig_expect = po.expect_reply
 
     @contextlib.contextmanager
