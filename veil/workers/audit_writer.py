@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import weakref
 from collections import deque
 from contextlib import contextmanager
@@ -111,6 +112,8 @@ class RowWriter:
     def __init__(self, write: Callable[..., None], name: str) -> None:
         self._write, self._name = write, name
         self._changed = threading.Condition()
+        #: held while a row is written: by the writer's thread, or by a thread waiting for its rows (_wait_for)
+        self._writing = threading.Lock()
         self._rows: deque[tuple] = deque()
         self._submitted = self._written = 0
         self._thread: threading.Thread | None = None
@@ -222,34 +225,60 @@ class RowWriter:
                 if not self._rows and not self._changed.wait_for(lambda: self._rows, IDLE_S):
                     self._thread = None  # (under the lock: a row handed after this starts a new thread)
                     return
-                row = self._rows[0]
-            try:
-                self._write(*row[:6])
-                written = True
-            except Exception:  # noqa: BLE001 - the refusal stood whatever the log did
-                written = False
-                log.exception("%s: could not write an audit row (%s %s of %s, standing for %d request(s))",
-                              self._name, row[4], row[0], row[1], row[6])
-            if row[7] is not None:
-                row[7][0] = written  # (an allowed row's: its reply releases nothing unless written)
-            with self._changed:
-                self._rows.popleft()
-                self._written += 1
-                if not self._rows and self._overflow:
-                    self._queue_overflow()
-                if self._written == self._submitted:
-                    self._behind = False
-                if self._loop_waiters:
-                    self._wake_loop_waiters()
-                self._changed.notify_all()
+            with self._writing:
+                self._write_head()
+
+    def _write_head(self) -> None:
+        """(holding ``_writing``: one row is written at a time, in the order handed) writes the oldest row."""
+        with self._changed:
+            if not self._rows:
+                return
+            row = self._rows[0]
+        try:
+            self._write(*row[:6])
+            written = True
+        except Exception:  # noqa: BLE001 - the refusal stood whatever the log did
+            written = False
+            log.exception("%s: could not write an audit row (%s %s of %s, standing for %d request(s))",
+                          self._name, row[4], row[0], row[1], row[6])
+        if row[7] is not None:
+            row[7][0] = written  # (an allowed row's: its reply releases nothing unless written)
+        with self._changed:
+            self._rows.popleft()
+            self._written += 1
+            if not self._rows and self._overflow:
+                self._queue_overflow()
+            if self._written == self._submitted:
+                self._behind = False
+            if self._loop_waiters:
+                self._wake_loop_waiters()
+            self._changed.notify_all()
 
     def _wait_for(self, seq: int, timeout: float) -> bool:
-        if self._written >= seq or threading.current_thread() is self._thread:
-            return True
-        if getattr(self._mine, "inline", False):  # (the event loop: never waits here, see inline_started)
+        """Waits until row ``seq`` is written. A handler thread writes the rows ahead of it itself while no one
+        else is writing: the writer's thread, woken by the hand-over, gets the interpreter only once the handler
+        thread blocks (a peer opening's row handed before its step was written after it, ~0.5 ms a round)."""
+        mine = self._mine
+        if self._written >= seq or threading.current_thread() is self._thread or getattr(mine, "writing", False):
+            return True  # (the write itself waits for the rows handed before it: not for itself)
+        if getattr(mine, "inline", False):  # (the event loop: never waits here, see inline_started)
             return False
-        with self._changed:
-            return self._changed.wait_for(lambda: self._written >= seq, timeout)
+        deadline = time.monotonic() + timeout
+        while self._written < seq:
+            if self._writing.acquire(blocking=False):
+                mine.writing = True
+                try:
+                    self._write_head()  # (bounded as the writer's own: the database's statement watchdog)
+                finally:
+                    mine.writing = False
+                    self._writing.release()
+                continue
+            with self._changed:  # another thread writes: its row's notify wakes this one
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._changed.wait_for(lambda: self._written >= seq or not self._writing.locked(),
+                                                           left):
+                    return self._written >= seq
+        return True
 
     def wait(self, timeout: float = WAIT_S) -> bool:
         """Waits until every row handed so far is written (or ``timeout``); whether it was. Rows counted past a
