@@ -36,6 +36,22 @@ def install_worker(out_dir: str) -> None:
 
     state: dict = {}  # the request being served (a party serves one request at a time)
 
+    from veil.workers import audit_writer
+
+    orig_log = audit_writer.refused_request_log
+
+    def refused_request_log(db, write_now, *a, **kw):  # each audit row's write, timed (its thread's own)
+        def timed_write(*row):
+            t0 = now()
+            try:
+                return write_now(*row)
+            finally:
+                RECORDS.append({"kind": "audit_write", "t0": t0, "t1": now(), "action": row[0]})
+        return orig_log(db, timed_write, *a, **kw)
+
+    audit_writer.refused_request_log = refused_request_log
+    websocket_server.refused_request_log = refused_request_log
+
     orig_receive = ws_mod._receive
 
     async def _receive(ws):
@@ -281,7 +297,8 @@ def _install_peer_path() -> None:
           lambda a: rounds[a[1].round].__setitem__("t_fetch1", now()))
     timed("_combine", lambda a: None, lambda a: local.rec.__setitem__("t_combined", now()))
     # the audit rows on record before anything is published (leaving_rows.on_record_before_leaving)
-    timed("on_record_before_leaving", lambda a: None,
+    timed("on_record_before_leaving",
+          lambda a: getattr(local, "rec", None) is not None and local.rec.__setitem__("t_on_record0", now()),
           lambda a: getattr(local, "rec", None) is not None and local.rec.__setitem__("t_on_record", now()))
     orig_expect = po.expect_reply
 
