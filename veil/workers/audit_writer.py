@@ -74,6 +74,9 @@ NOT_RECORDED = "the owner's audit log is unavailable (it did not record this rel
     "try again later"
 
 _reply_rows = threading.local()
+#: set while this thread writes a queued row (a writer's thread, or one helping: RowWriter._wait_for): its
+#: ``OwnerDB.audit`` waits for no writer's rows (two workers sharing a database each waited for the other's)
+_row_write = threading.local()
 
 
 @contextmanager
@@ -228,12 +231,15 @@ class RowWriter:
             with self._writing:
                 self._write_head()
 
-    def _write_head(self) -> None:
-        """(holding ``_writing``: one row is written at a time, in the order handed) writes the oldest row."""
+    def _write_head(self) -> bool:
+        """(holding ``_writing``: one row is written at a time, in the order handed) writes the oldest row; whether
+        there was one."""
         with self._changed:
             if not self._rows:
-                return
+                return False
             row = self._rows[0]
+        before = getattr(_row_write, "on", False)
+        _row_write.on = True
         try:
             self._write(*row[:6])
             written = True
@@ -241,6 +247,8 @@ class RowWriter:
             written = False
             log.exception("%s: could not write an audit row (%s %s of %s, standing for %d request(s))",
                           self._name, row[4], row[0], row[1], row[6])
+        finally:
+            _row_write.on = before
         if row[7] is not None:
             row[7][0] = written  # (an allowed row's: its reply releases nothing unless written)
         with self._changed:
@@ -253,32 +261,33 @@ class RowWriter:
             if self._loop_waiters:
                 self._wake_loop_waiters()
             self._changed.notify_all()
+        return True
 
     def _wait_for(self, seq: int, timeout: float) -> bool:
         """Waits until row ``seq`` is written. A handler thread writes the rows ahead of it itself while no one
         else is writing: the writer's thread, woken by the hand-over, gets the interpreter only once the handler
-        thread blocks (a peer opening's row handed before its step was written after it, ~0.5 ms a round)."""
-        mine = self._mine
-        if self._written >= seq or threading.current_thread() is self._thread or getattr(mine, "writing", False):
-            return True  # (the write itself waits for the rows handed before it: not for itself)
-        if getattr(mine, "inline", False):  # (the event loop: never waits here, see inline_started)
+        thread blocks (a peer opening's row handed before its step was written after it, ~0.5 ms a round). It
+        starts no write past ``timeout`` (one under way ends by the database's own limits), and with nothing
+        queued it waits (a row the stop folded into a summary has a number never reached: it spun forever)."""
+        if self._written >= seq or threading.current_thread() is self._thread or getattr(_row_write, "on", False):
+            return True  # (a queued row's write waits for no writer's rows: not for itself, nor another's)
+        if getattr(self._mine, "inline", False):  # (the event loop: never waits here, see inline_started)
             return False
         deadline = time.monotonic() + timeout
-        while self._written < seq:
-            if self._writing.acquire(blocking=False):
-                mine.writing = True
+        while self._written < seq and time.monotonic() < deadline:
+            if self._rows and self._writing.acquire(blocking=False):
                 try:
-                    self._write_head()  # (bounded as the writer's own: the database's statement watchdog)
+                    wrote = self._write_head()
                 finally:
-                    mine.writing = False
                     self._writing.release()
-                continue
-            with self._changed:  # another thread writes: its row's notify wakes this one
+                if wrote:
+                    continue
+            with self._changed:  # another thread writes (its row's notify wakes this one), or nothing is queued
                 left = deadline - time.monotonic()
-                if left <= 0 or not self._changed.wait_for(lambda: self._written >= seq or not self._writing.locked(),
-                                                           left):
-                    return self._written >= seq
-        return True
+                if left <= 0 or not self._changed.wait_for(
+                        lambda: self._written >= seq or (self._rows and not self._writing.locked()), left):
+                    break
+        return self._written >= seq
 
     def wait(self, timeout: float = WAIT_S) -> bool:
         """Waits until every row handed so far is written (or ``timeout``); whether it was. Rows counted past a
