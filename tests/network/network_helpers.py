@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+
 import torch
 
 import veil as sy
@@ -98,3 +101,20 @@ def self_signed_cert(folder) -> tuple:
                     "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
                    check=True, capture_output=True)
     return cert, key
+
+
+@contextlib.contextmanager
+def slot_link():
+    """A share-slot link without workers (``veil.workers.share_slots``): (the publisher's pool on one end of a
+    Unix socket pair, the reader's end, the reader's maps); closed after."""
+    from veil.workers.share_slots import SlotMaps, SlotPool
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.setblocking(False)
+    pool, maps = SlotPool(a), SlotMaps()
+    try:
+        yield pool, b, maps
+    finally:
+        pool.close()
+        maps.close()
+        b.close()

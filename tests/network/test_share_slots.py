@@ -20,6 +20,8 @@ from veil.exceptions import SerializationError
 from veil.workers import share_slots
 from veil.workers.share_slots import MAX_SLOTS, MIN_SLOT_BYTES, PeerSlotReply, SlotMaps, SlotPool, send_with_fd
 
+from network_helpers import slot_link
+
 pytestmark = pytest.mark.skipif(not share_slots.enabled(), reason="share slots need Linux and memfd_create")
 
 N = MIN_SLOT_BYTES // 8 + 3  # int64 entries: just past the smallest reply that takes a slot
@@ -27,14 +29,8 @@ N = MIN_SLOT_BYTES // 8 + 3  # int64 entries: just past the smallest reply that 
 
 @pytest.fixture
 def link():
-    """(publisher's pool on one end of a Unix socket pair, the reader's end and its maps)."""
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    a.setblocking(False)
-    pool, maps = SlotPool(a), SlotMaps()
-    yield pool, b, maps
-    pool.close()
-    maps.close()
-    b.close()
+    with slot_link() as made:
+        yield made
 
 
 def _open_fds() -> int:

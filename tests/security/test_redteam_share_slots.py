@@ -31,23 +31,13 @@ from veil.workers.share_slots import MAX_SLOTS, MIN_SLOT_BYTES, PeerSlotReply, S
 
 from tests.mpc.peer_fixtures import cp, parties  # noqa: F401  (network parties with peer openings, a dealer)
 
+from network_helpers import slot_link  # (tests/security/conftest.py puts tests/network on the path)
+
 pytestmark = pytest.mark.skipif(not share_slots.enabled(), reason="share slots need Linux and memfd_create")
 
 N = MIN_SLOT_BYTES // 8 + 3  # int64 entries: just past the smallest reply that takes a slot
 
 
-@contextlib.contextmanager
-def _link():
-    """(the publisher's pool on one end of a Unix socket pair, the reader's end, the reader's maps)."""
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    a.setblocking(False)
-    pool, maps = SlotPool(a), SlotMaps()
-    try:
-        yield pool, b, maps
-    finally:
-        pool.close()
-        maps.close()
-        b.close()
 
 
 def _receive(reader: socket.socket, maps: SlotMaps) -> None:
@@ -103,7 +93,7 @@ def _sealed_memfd(seals: int, size: int = MIN_SLOT_BYTES, flags: int = 0) -> int
 def test_a_slot_stays_mapped_while_its_views_live_through_a_drop_and_the_links_close():
     """A hostile publisher's drop of the slot a round is summing (a reply to another fetch over the link), or
     the link closed meanwhile: the views still read the slot, and it is unmapped when the last view goes."""
-    with _link() as (pool, reader, maps):
+    with slot_link() as (pool, reader, maps):
         e = torch.randint(-2**62, 2**62, (N,))
         reply = _deliver(pool, reader, maps, [e])
         before = _slot_mappings()
@@ -120,7 +110,7 @@ def test_a_slot_stays_mapped_while_its_views_live_through_a_drop_and_the_links_c
 def test_a_slot_whose_descriptor_could_not_go_does_not_shift_the_readers_numbers():
     """The descriptor of a new slot cannot go (the transport still buffers an earlier reply): the bytes reply
     goes; later slots are numbered as the reader counts their descriptors, and each round reads its own bytes."""
-    with _link() as (pool, reader, maps):
+    with slot_link() as (pool, reader, maps):
         _deliver(pool, reader, maps, [torch.arange(N)], goes=False)
         big = torch.full((4 * N,), 7)
         assert torch.equal(_read(pool, maps, _deliver(pool, reader, maps, [big]), [big])[0], big)
@@ -143,7 +133,7 @@ def test_the_reader_maps_no_hugetlb_memfd(monkeypatch):
         raise OSError("would map")
 
     monkeypatch.setattr(share_slots.mmap, "mmap", refuse)
-    with _link() as (pool, reader, maps):
+    with slot_link() as (pool, reader, maps):
         before = _open_fds()
         assert send_with_fd(pool.raw, b"x", fd) == 1
         os.close(fd)
@@ -156,7 +146,7 @@ def test_the_reader_maps_no_hugetlb_memfd(monkeypatch):
 def test_a_memfd_that_can_still_shrink_is_not_mapped(seals):
     """A memfd the publisher could shrink under the mapping (SIGBUS on read) is closed, and a reply naming it
     fails the round cleanly."""
-    with _link() as (pool, reader, maps):
+    with slot_link() as (pool, reader, maps):
         fd = _sealed_memfd(seals)
         before = _open_fds()
         assert send_with_fd(pool.raw, b"x", fd) == 1
@@ -172,7 +162,7 @@ def test_a_hundred_descriptors_in_one_read_or_to_a_reader_without_slots_leak_non
     """Sealed memfds by the hundred with one write: the reader maps the two one read has room for (each
     mapping keeps a descriptor of its own) and the kernel closes the rest; to a connection that takes no slots
     (a plain read) none stays open either."""
-    with _link() as (pool, reader, maps):
+    with slot_link() as (pool, reader, maps):
         fds = [_sealed_memfd(share_slots._SIZE_SEALS) for _ in range(100)]
         before = _open_fds()
         pool.raw.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
@@ -192,7 +182,7 @@ def test_a_slot_reply_dropped_unread_frees_its_slot_and_applies_its_drops():
         def share_slots(self):
             return maps
 
-    with _link() as (pool, reader, maps):
+    with slot_link() as (pool, reader, maps):
         t = torch.arange(N)
         first = _deliver(pool, reader, maps, [t])
         peer_openings._slot_unread(Link(), first)
@@ -208,7 +198,7 @@ def test_a_slot_reply_dropped_unread_frees_its_slot_and_applies_its_drops():
 def test_no_memfd_to_be_had_answers_with_bytes(monkeypatch):
     """memfd_create failing (the worker out of descriptors): no slot, the bytes reply (the round's shares were
     already taken), and slots again once it works."""
-    with _link() as (pool, reader, maps):
+    with slot_link() as (pool, reader, maps):
         def exhausted(*args):
             raise OSError(24, "Too many open files")
 
@@ -221,7 +211,7 @@ def test_no_memfd_to_be_had_answers_with_bytes(monkeypatch):
 
 def test_a_send_on_a_closed_link_is_no_error():
     """The peer gone before a slot's descriptor goes: nothing went (the bytes reply then reports the close)."""
-    with _link() as (pool, reader, maps):
+    with slot_link() as (pool, reader, maps):
         reply, fd = pool.place([torch.arange(N)])
         reader.close()
         assert send_with_fd(pool.raw, b"r", fd) == 0
