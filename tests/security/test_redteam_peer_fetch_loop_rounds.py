@@ -167,6 +167,9 @@ def test_refusals_made_on_the_loop_are_audited_by_the_handler_thread(hook, sink,
         _wait_for(lambda: all(f.not_yet for f in daves), "dave's fetches parked")
         errors = {}
         thread = _start(hook, sci, msg, errors, "erin")
+        # charlie takes the share only once dave's fetches were answered: the round stays open until then (a
+        # dave between two slices when a quick round ended was told "ended" instead, under load)
+        _wait_for(lambda: all(f.reply is not None for f in daves), "dave's fetches answered")
         charlie = _Fetcher(erin, "charlie", round_id)
         charlie.start()
         for f in (*daves, charlie):
