@@ -285,7 +285,7 @@ class SlotMaps:
 
     def views(self, reply: PeerSlotReply, expected: list) -> list[torch.Tensor]:
         """The tensors ``reply`` placed, as read-only views of the slot (read once, then :meth:`done`)."""
-        for number in reply.drop[:MAX_SLOTS] if type(reply.drop) is list else ():
+        for number in reply.drop[: 2 * MAX_SLOTS] if type(reply.drop) is list else ():
             self.forget(number)
         offsets, nbytes = layout(expected)
         with self._lock:
@@ -314,7 +314,7 @@ class SlotMaps:
         the connection's life)."""
         if type(reply) is not PeerSlotReply:
             return
-        for number in reply.drop[:MAX_SLOTS] if type(reply.drop) is list else ():
+        for number in reply.drop[: 2 * MAX_SLOTS] if type(reply.drop) is list else ():
             self.forget(number)
         if type(reply.slot) is int:
             self.done(reply.slot)
