@@ -70,8 +70,9 @@ def linked_on(hook: Any, server: WebsocketServerWorker, family: int, **kwargs: A
     return took
 
 
-def read_request(conn: socket.socket) -> bytes:
-    """A handshake request's bytes, up to its blank line (or what came before the peer closed)."""
+def read_head(conn: socket.socket) -> bytes:
+    """An HTTP request's or response's bytes up to its blank line (with whatever came in the same reads after
+    it), or what came before the peer closed."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = conn.recv(65536)
@@ -110,7 +111,7 @@ def hostile_worker(extra: Callable[[], bytes], host: str = "127.0.0.1") -> Itera
         conn, _ = listener.accept()
         with conn:
             conn.settimeout(10)
-            conn.sendall(switch(read_request(conn), extra()))
+            conn.sendall(switch(read_head(conn), extra()))
             with contextlib.suppress(OSError):
                 conn.recv(1024)
 

@@ -27,6 +27,7 @@ from veil.workers import client_tokens, websocket_auth
 from veil.workers.auth_throttle import FailureThrottle, source_of
 from veil.workers.websocket_server import WebsocketServerWorker
 
+from local_links import read_head
 from worker_processes import serve_in_thread, stop_served
 
 testclient = pytest.importorskip("starlette.testclient")
@@ -69,13 +70,7 @@ def _handshake(port: int, *tokens: str, source: str = "127.0.0.1") -> tuple[str,
         lines.append("X-Veil-Tokens: " + ",".join(tokens[1:]))
     with socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0)) as s:
         s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-        data = b""
-        while b"\r\n\r\n" not in data:
-            got = s.recv(65536)
-            if not got:
-                break
-            data += got
-        head, _, body = data.partition(b"\r\n\r\n")
+        head, _, body = read_head(s).partition(b"\r\n\r\n")
         if head.startswith(b"HTTP/1.1 101"):
             return "101", b""
         while True:  # (a refusal closes the connection after its body)

@@ -24,7 +24,7 @@ from veil.workers.auth_throttle import FailureThrottle
 from veil.workers.websocket_auth import handshake_headers
 from veil.workers.websocket_transport import BlockingConnection
 
-from local_links import (hostile_worker, link_client, link_server, linked_on, read_request, served, squat_listener,
+from local_links import (hostile_worker, link_client, link_server, linked_on, read_head, served, squat_listener,
                          switch, works)
 from network_helpers import TOKEN
 from worker_processes import serve_in_thread, stop_served
@@ -55,7 +55,7 @@ def _squatter(answer: bool):
             held.append(conn)
             conn.settimeout(10)
             try:
-                request = read_request(conn)
+                request = read_head(conn)
                 got.append(request)
                 if answer and request:
                     conn.sendall(switch(request))

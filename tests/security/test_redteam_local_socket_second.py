@@ -29,7 +29,7 @@ from veil.workers.websocket_auth import handshake_headers
 from veil.workers.websocket_server import WebsocketServerWorker
 from veil.workers.websocket_transport import BlockingConnection
 
-from local_links import (hostile_worker, link_client, link_server, linked_on, read_request, served, squat_listener,
+from local_links import (hostile_worker, link_client, link_server, linked_on, read_head, served, squat_listener,
                          switch, works)
 from network_helpers import TOKEN
 from worker_processes import serve_in_thread, stop_served
@@ -85,7 +85,7 @@ def _trickler(seconds: float):
             conn, _ = listener.accept()
             with conn:
                 conn.settimeout(10)
-                head = switch(read_request(conn))[:-2]  # (no blank line: more headers keep coming)
+                head = switch(read_head(conn))[:-2]  # (no blank line: more headers keep coming)
                 conn.sendall(head)
                 end = time.monotonic() + seconds
                 while time.monotonic() < end and not done.is_set():

@@ -51,6 +51,7 @@ from veil.workers.websocket_connections import OPEN_TIMEOUT
 from veil.workers.websocket_server import WebsocketServerWorker
 from veil.workers.websocket_transport import BlockingConnection, frame_head
 
+from local_links import read_head
 from network_helpers import ADMIN, OTHER, TOKEN, base_args, self_signed_cert
 from worker_processes import serve_in_thread, stop_served
 
@@ -97,13 +98,7 @@ def _upgrade(extra: list[str] = ()) -> bytes:
 
 def _read_head(sock: socket.socket) -> tuple[bytes, bytes]:
     """(response head, bytes that came after it)."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        got = sock.recv(65536)
-        if not got:
-            break
-        buf += got
-    head, _, rest = buf.partition(b"\r\n\r\n")
+    head, _, rest = read_head(sock).partition(b"\r\n\r\n")
     return head, rest
 
 
