@@ -226,6 +226,13 @@ def _party_marks(w: dict, worker: list) -> dict:
             send = _first_after(worker, "peer_small_send", w["pid"], min(back))
             if send:
                 out["reply send"], out["reply sent"] = send["t0"], send["t1"]
+    if w["fetches"]:  # the other party's loop serving this party's fetch (its last one)
+        f0, f1 = w["fetches"][-1]
+        for kind, label in (("peer_serve", "peer serves the fetch"), ("peer_take_on_loop", "peer takes"),
+                            ("peer_place", "peer places"), ("peer_slot_send", "peer sends its slot")):
+            seen = [t for t in worker if t["kind"] == kind and t["pid"] != w["pid"] and f0 <= t["t1"] <= f1]
+            if seen:
+                out[f"{label} from"], out[f"{label} to"] = seen[-1]["t0"], seen[-1]["t1"]
     served = [t for t in worker if t["kind"] == "peer_take" and t["round"] == w["round"] and t["got"]
               and t["pid"] != w["pid"]]
     if served:
@@ -262,8 +269,16 @@ def peer_breakdown(records_orch: list[dict], trace_dir: str, windows: list) -> N
         for k, r in enumerate(sent):
             add(f"{rd['what']}: orchestrator request {k + 1}",
                 {key: r[key] for key in ("t_call", "t_ser1", "t_wire0", "t_wire1", "t_done") if key in r}, rd["t0"])
-        recs = sorted((w for w in worker if w["kind"] == "peer" and rd["t0"] <= w["t_start"] <= rd["t1"]),
-                      key=lambda w: w["t_start"])
+        # a posted round (runtime.POST_PEER_ROUNDS) ends before its parties start: theirs is each party's first
+        # step of the round's name that starts after it began and before the next round of that name does
+        name = rd["what"].split("'")[1]
+        until = min([r["t0"] for r in rnds if r["t0"] > rd["t0"] and r["what"] == rd["what"]]
+                    + [b for a, b in windows if a <= rd["t0"] <= b])
+        firsts: dict = {}
+        for w in sorted((w for w in worker if w["kind"] == "peer" and w["name"] == name
+                         and rd["t0"] <= w["t_start"] <= until), key=lambda w: w["t_start"]):
+            firsts.setdefault(w.get("worker", w["pid"]), w)
+        recs = sorted(firsts.values(), key=lambda w: w["t_start"])
         for k, w in enumerate(recs):
             add(f"{w['name']}: party {w.get('worker', '?')}", _party_marks(w, worker),
                 rd["t0"])

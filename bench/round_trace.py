@@ -356,6 +356,41 @@ def _install_peer_path() -> None:
             RECORDS.append({"kind": "peer_send", "t0": t0, "t1": now()})
 
     websocket_connections._send_fragmented = _send_fragmented
+    # a peer's fetch served on the loop: from its decoding to its reply (slot placed), and a slot reply's send
+    serving = websocket_connections.ConnectionServing
+    for meth, kind in (("_serve_peer_fetch", "peer_serve"), ("_send_slot", "peer_slot_send")):
+        orig_async = getattr(serving, meth)
+
+        async def traced(self, *a, _orig=orig_async, _kind=kind, **kw):
+            t0 = now()
+            try:
+                return await _orig(self, *a, **kw)
+            finally:
+                RECORDS.append({"kind": _kind, "t0": t0, "t1": now()})
+
+        setattr(serving, meth, traced)
+    orig_on_loop = websocket_connections.serve_fetch_on_loop
+
+    async def serve_fetch_on_loop(*a, **kw):
+        t0 = now()
+        try:
+            return await orig_on_loop(*a, **kw)
+        finally:
+            RECORDS.append({"kind": "peer_take_on_loop", "t0": t0, "t1": now()})
+
+    websocket_connections.serve_fetch_on_loop = serve_fetch_on_loop
+    from veil.workers import share_slots
+
+    orig_place = share_slots.SlotPool.place
+
+    def place(self, *a, **kw):
+        t0 = now()
+        try:
+            return orig_place(self, *a, **kw)
+        finally:
+            RECORDS.append({"kind": "peer_place", "t0": t0, "t1": now()})
+
+    share_slots.SlotPool.place = place
 
 
 def install_orchestrator() -> list[dict]:
@@ -421,10 +456,10 @@ def install_orchestrator() -> list[dict]:
     orig_round_send = outbox.Outbox.send_round
     posted: dict[int, dict] = {}
 
-    def send_round(self, requests):
+    def send_round(self, requests, post=None):
         _local.in_round = True
         try:
-            return orig_round_send(self, requests)
+            return orig_round_send(self, requests, post)
         finally:
             _local.in_round = False
 
@@ -444,13 +479,15 @@ def install_orchestrator() -> list[dict]:
         rec = _local.rec
         if rec is not None and getattr(_local, "in_round", False):
             rec.update(to=self.id, t_wire0=now(), n_out=data.nbytes if hasattr(data, "nbytes") else len(data))
-            posted[id(self)] = rec
             _local.rec = None
+            ticket = orig_post(self, data)
+            posted[(id(self), ticket)] = rec  # (a posted round's reply is collected later, by the next round)
+            return ticket
         return orig_post(self, data)
 
     def collect(self, ticket):
         out = orig_collect(self, ticket)
-        rec = posted.pop(id(self), None)
+        rec = posted.pop((id(self), ticket), None)
         if rec is not None:
             rec["t_wire1"], rec["n_in"] = now(), len(out)
             _local.rec = rec

@@ -101,22 +101,35 @@ from hypothesis import strategies as st  # noqa: E402
 from veil.mpc.truncation import TRUNCATION_BOUND  # noqa: E402
 
 
+@pytest.fixture(params=["top bits", "one exchange"])
+def truncation_opening(request, monkeypatch):
+    """Truncation's peer opening: ``c`` to party 0 and its top bits to the others, or (parties on one host,
+    fewer than ``TOP_BITS_MIN_ELEMENTS`` entries: these tests' parties are) ``c`` to every party at once."""
+    from veil.mpc import truncation
+
+    monkeypatch.setattr(truncation, "TOP_BITS_MIN_ELEMENTS", 0 if request.param == "top bits" else 1 << 18)
+    return request.param
+
+
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(values=st.lists(st.integers(-(TRUNCATION_BOUND - 2**20), TRUNCATION_BOUND - 2**20), min_size=1, max_size=40),
        divisor=st.sampled_from([2, 2**16, 2**20, 10, 1000]))
-def test_truncation_top_bits_peer_opening_property(parties, cp, values, divisor):
-    """Truncation over peer openings (party 0 gets c, the others its packed top bits) is floor(x / d) or one
-    more over the whole range, edges included, on 2 and 3 parties."""
+def test_truncation_top_bits_peer_opening_property(parties, cp, truncation_opening, values, divisor):
+    """Truncation over peer openings (party 0 gets c, the others its packed top bits; or every party c) is
+    floor(x / d) or one more over the whole range, edges included, on 2 and 3 parties."""
     edge = TRUNCATION_BOUND - divisor
     values = torch.tensor([max(-edge, min(edge, v)) for v in values] + [edge, -edge, 0, -1])
     _assert_floor_or_next(_truncated(parties, cp, values, divisor), values, divisor)
 
 
-def test_truncation_top_bits_moves_eight_bytes_and_an_eighth_per_entry(hook, parties, cp):
+def test_truncation_top_bits_moves_eight_bytes_and_an_eighth_per_entry(hook, parties, cp, monkeypatch):
     """A peer truncation of 10^4 entries across the range (shapes that do not fill a packed byte): correct,
     nothing through the orchestrator, and the parties after the first are counted 1/64 of the bytes back
     (8 bytes per entry to the first party, one bit per entry from it)."""
+    from veil.mpc import truncation
     from veil.mpc.opening import count_openings
+
+    monkeypatch.setattr(truncation, "TOP_BITS_MIN_ELEMENTS", 0)  # (else these one-host parties open c to all)
 
     gen = torch.Generator().manual_seed(3)
     bound = TRUNCATION_BOUND - 2**16
@@ -133,3 +146,32 @@ def test_truncation_top_bits_moves_eight_bytes_and_an_eighth_per_entry(hook, par
     n = values.numel()
     assert openings.bytes_by_party[first] == (len(parties) - 1) * ((n + 7) // 8)
     assert all(openings.bytes_by_party[p] == 8 * n for p in rest)
+
+
+def test_truncation_on_one_host_opens_c_to_every_party_in_one_exchange(hook, parties, cp, monkeypatch):
+    """Parties on one host (loopback) and fewer than TOP_BITS_MIN_ELEMENTS entries: every party reconstructs
+    c (each counted 8 bytes per entry from every other party) and finishes from it (trunc_finish, party 0
+    alone adding the public terms); correct across the range; across hosts the top bits are used."""
+    from veil.mpc import truncation
+    from veil.mpc.opening import count_openings
+    from veil.tensors.mpc_glue import runtime
+
+    finishes = []
+    real = truncation.run_party
+    monkeypatch.setattr(truncation, "run_party", lambda name, *a, **kw: finishes.append((name, kw.get("first")))
+                        or real(name, *a, **kw))
+    gen = torch.Generator().manual_seed(4)
+    bound = TRUNCATION_BOUND - 2**16
+    values = torch.empty(3_003, dtype=torch.int64).random_(-bound, bound + 1, generator=gen).view(3, 1001)
+    assert runtime.RUNTIME.one_host(parties)
+    x = values.share(*parties, crypto_provider=cp)
+    with count_openings() as openings:
+        z = x.truncate(2**16)
+    _assert_floor_or_next(z.get(), values, 2**16)
+    assert finishes == [("trunc_finish", True)] + [("trunc_finish", False)] * (len(parties) - 1)
+    n = values.numel()
+    assert all(openings.bytes_by_party[p.id] == 8 * n * (len(parties) - 1) for p in parties)
+    finishes.clear()  # a party reached over another address than loopback: the top bits again
+    monkeypatch.setattr(runtime.WorkerRuntime, "one_host", lambda self, where: False)
+    _assert_floor_or_next(values.share(*parties, crypto_provider=cp).truncate(2**16).get(), values, 2**16)
+    assert [name for name, _ in finishes] == ["trunc_finish"] + ["trunc_finish_bits"] * (len(parties) - 1)

@@ -36,7 +36,7 @@ def test_shared_arithmetic_over_network_workers_sends_each_round_from_one_thread
     me = hook.local_worker
     rounds = []
     real = me.send_round
-    monkeypatch.setattr(me, "send_round", lambda requests: rounds.append(len(requests)) or real(requests))
+    monkeypatch.setattr(me, "send_round", lambda requests, post=None: rounds.append(len(requests)) or real(requests, post))
     x, y = torch.randn(6, 5), torch.randn(5, 3)
     sx = x.fix_precision().share(alice, bob, crypto_provider=cp)
     sy_ = y.fix_precision().share(alice, bob, crypto_provider=cp)

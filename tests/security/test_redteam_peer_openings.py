@@ -197,9 +197,9 @@ def _rounds_seen(monkeypatch):
             seen.append((location.id, msg))
         return exchange(self, msg, location, prelude)
 
-    def spy_round(self, requests):  # (a round to network parties: every request from one thread)
+    def spy_round(self, requests, post=None):  # (a round to network parties: every request from one thread)
         seen.extend((location.id, msg) for msg, location in requests if type(msg) is PeerOpenMessage)
-        return send_round(self, requests)
+        return send_round(self, requests, post)
 
     monkeypatch.setattr(outbox.Outbox, "_exchange", spy)
     monkeypatch.setattr(outbox.Outbox, "send_round", spy_round)

@@ -124,6 +124,12 @@ class PartyRuntime(ABC):
         """
         return None
 
+    def one_host(self, parties: Sequence[Any]) -> bool:
+        """True when these parties (:meth:`location` values) run on one host, so bytes between them cost a
+        memory copy, not a network transfer: a protocol may then open a value to every party in one
+        exchange where, across hosts, it sends fewer bytes in two (truncation's top bits)."""
+        return False
+
     def in_process(self, handle: Any) -> bool:
         """True when the party holding ``handle`` lives in this process: a public value reaches it without
         its bytes being copied or sent, so a protocol may give it a whole opened value where a remote

@@ -41,7 +41,11 @@ With peer openings (network parties that open among themselves,
 orchestrator: parties 1.. send their shares of ``c`` to party 0 only, which reconstructs ``c``
 (a masked value, as the orchestrator sees it in the star) and sends each of them the packed top
 bits: per product ``8 + 1/8`` bytes per entry and other party instead of 16 when every party
-reconstructed ``c``, and no party but party 0 learns more than ``c_hi``.
+reconstructed ``c``, and no party but party 0 learns more than ``c_hi``. That is two exchanges one
+after the other; parties on one host (:meth:`~veil.mpc.runtime.PartyRuntime.one_host`, where bytes
+are a memory copy) open values of fewer than :data:`TOP_BITS_MIN_ELEMENTS` entries to every party
+in one exchange instead: ``c`` is masked by the dealt ``r``, which no party knows, so it is as
+uniform to party 1 as to party 0 (the usual "open ``x + r`` to all" of the truncation literature).
 
 Cost: one round, one ring element per entry per party to each other party
 (for 2 parties this is one round more than SecureML's local truncation,
@@ -51,12 +55,13 @@ with probability ``|x| / 2^64`` per entry, i.e. 6% at ``|x| = 2^60``).
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Hashable, Mapping
 
 import torch
 
-from veil.mpc.party import open_parties, open_top_bits_at_parties, party_function, run_party
+from veil.mpc.party import open_at_parties, open_parties, open_top_bits_at_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
 from veil.mpc.ring import meta_result, wrap_int
 from veil.mpc.runtime import runtime_of
@@ -65,6 +70,25 @@ Shares = Mapping[Hashable, torch.Tensor]
 
 #: truncation is exact (to one ulp) for ``|x| <= TRUNCATION_BOUND - divisor``
 TRUNCATION_BOUND = 1 << 62
+#: entries from which parties on one host open ``c`` in two exchanges (shares to party 0, its packed top bits
+#: back) rather than one (every party reconstructs ``c``): below it the second exchange's wake-ups cost
+#: more than the other parties' 8 bytes per entry, which on one host are a memory copy (bench/RESULTS.md,
+#: "Fortieth landing"). Across hosts the top bits are always used: there the bytes are the cost. The
+#: environment variable is for benchmarks.
+TOP_BITS_MIN_ELEMENTS = int(os.environ.get("VEIL_TOP_BITS_MIN_ELEMENTS", str(1 << 18)))
+
+
+def _numel(shape: tuple) -> int:
+    n = 1
+    for k in shape:
+        n *= k
+    return n
+
+
+def _one_host(shares: Shares) -> bool:
+    """True when the parties holding ``shares`` run on one host (:meth:`PartyRuntime.one_host`)."""
+    rt = runtime_of(next(iter(shares.values())))
+    return rt is not None and rt.one_host([rt.location(s) for s in shares.values()])
 
 
 def shift_for(divisor: int) -> int:
@@ -239,6 +263,11 @@ def truncate_with_pairs(shares: Shares, divisor: int, provider: Provider) -> dic
     pairs = provider.truncation_pairs(shape, divisor, parties)
     shift = shift_for(divisor)
     per_party = {p: (shares[p], pairs[p][0], shift if i == 0 else 0) for i, p in enumerate(parties)}
+    if _numel(shape) < TOP_BITS_MIN_ELEMENTS and _one_host(shares):
+        opened = open_at_parties("trunc_mask", per_party)  # every party reconstructs c: one exchange
+        if opened is not None:
+            return {p: run_party("trunc_finish", opened[p][0], pairs[p][1], pairs[p][2], divisor=divisor, first=i == 0)
+                    for i, p in enumerate(parties)}
     opened = open_top_bits_at_parties("trunc_mask", per_party)
     if opened is not None:  # a peer opening: party 0 holds c, the others its packed top bits
         return {p: run_party("trunc_finish", opened[p][0], pairs[p][1], pairs[p][2], divisor=divisor, first=True)

@@ -16,11 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from veil.exceptions import ConnectionLostError, ObjectNotFoundError, PermissionDeniedError, error_from_reply
+from veil.exceptions import (ConnectionLostError, ObjectNotFoundError, PermissionDeniedError, VeilError,
+                             error_from_reply)
 from veil.messaging import messages as m
 from veil.messaging.frames import FrameParts, frame_nbytes
 from veil.messaging.serde import deserialize, serialize
 from veil.messaging.skeleton_frames import SkeletonFramer, serialize_skeleton
+from veil.mpc.errors import PartyFailedError, PartyUnreachableError
 
 if TYPE_CHECKING:
     from veil.workers.base import BaseWorker
@@ -54,8 +56,10 @@ class Outbox:
         # The lock: SMPC rounds send from several threads at once, and a command queued while
         # another thread takes the queue must not be lost.
         self._pending_deletes: dict[int, list] = {}
-        # per destination (id): (prelude, bytes sent) of the batch posted there whose reply is unread
-        self._in_flight: dict[int, tuple[Any, list, int]] = {}
+        # per destination (id): the requests posted there whose replies are unread, oldest first: a batch of
+        # deferred commands (at most one) and posted SMPC peer rounds, each [worker, prelude, bytes sent,
+        # ticket, what] (``what``: None for a batch, the round's description for a round)
+        self._in_flight: dict[int, list[list]] = {}
         # reply bytes known to decode to an OkReply (they differ only by the replying worker's id)
         self._ok_replies: set[bytes] = set()
         self._queue_lock = threading.RLock()  # re-entrant: pointer finalizers may run inside it
@@ -87,11 +91,13 @@ class Outbox:
         with self._send_lock(location):
             return self._exchange(msg, location, self._take_prelude(location))
 
-    def _take_prelude(self, location: "BaseWorker") -> list | None:
-        """What rides on the next request to ``location`` (under its send lock): a posted batch's reply is
-        read first (its error raised, the queue left queued); a queue longer than a worker accepts in
-        front of one request sends its excess first, in requests of their own, answered at once."""
-        if self._in_flight:
+    def _take_prelude(self, location: "BaseWorker", collect: bool = True) -> list | None:
+        """What rides on the next request to ``location`` (under its send lock): the replies of requests
+        posted there are read first (a failure raised, the queue left queued) unless ``collect`` is False
+        (a round's own request: :meth:`send_round` reads them after writing it); a queue longer than a
+        worker accepts in front of one request sends its excess first, in requests of their own,
+        answered at once."""
+        if collect and self._in_flight:
             self._collect(location)
         with self._queue_lock:
             pending = self._pending_deletes.pop(id(location), None)
@@ -105,7 +111,7 @@ class Outbox:
                 raise
         return prelude
 
-    def send_round(self, requests: list) -> tuple[list, list]:
+    def send_round(self, requests: list, post: str | None = None) -> tuple[list, list]:
         """Sends every ``(msg, location)`` request before reading any reply, all from this thread, and
         returns ``(replies, errors)``: the decoded replies in order (None where one failed) and
         ``(position, exception)`` for each failure. For destinations that take a request without
@@ -113,10 +119,23 @@ class Outbox:
         costs one serialization and one socket write after another and then the reads, instead of
         a thread per further party and its hand-offs. Each request is what :meth:`send_msg` sends
         (its destination's queued prelude in front); the destinations' send locks are held for the
-        whole round, taken in one order (two rounds from two threads never wait on each other)."""
+        whole round, taken in one order (two rounds from two threads never wait on each other).
+
+        Rounds posted to a destination earlier have their replies read after this round's request went
+        out (behind them: a worker answers a connection's requests in order), so a worker that finishes
+        one round finds the next one waiting; an earlier round's failure is that destination's error,
+        listed first (this round's replies are then all read, and its own error at that destination
+        dropped: it may follow from the earlier one). A posted batch of deferred commands is read before
+        this round's request is written, as by :meth:`send_msg`: if it failed, the commands queued after
+        it never run (noted lost) and that destination's error is the batch's. ``errors`` are in order of
+        precedence: earlier failures, then this round's by position. ``post`` (the round's description):
+        the replies are not read now but left in flight, read by the next request to each destination
+        (a round whose replies carry nothing: SMPC peer openings); replies are then all None.
+        """
         locks = [self._send_lock(loc) for loc in sorted((loc for _, loc in requests), key=id)]
         replies: list = [None] * len(requests)
         errors: list = []
+        earlier: list = []  # failures of requests posted before this round
         posted = []
         held = []
         try:
@@ -126,9 +145,12 @@ class Outbox:
             for k, (msg, location) in enumerate(requests):
                 prelude = None
                 try:
+                    if any(flight[4] is None for flight in self._in_flight.get(id(location), ())):
+                        # a posted batch first: a failed one's later commands must not ride on this request
+                        self._collect(location)
                     # (a queue's excess goes first, answered at once: never this round's request, which
                     # may wait on the other parties' requests, not sent yet)
-                    prelude = self._take_prelude(location)
+                    prelude = self._take_prelude(location, collect=False)
                     data = serialize(msg, sender=self._frame_sender(location), prelude=prelude,
                                      parts_over=location.frame_parts_over)
                     ticket = location.post(data)
@@ -138,21 +160,27 @@ class Outbox:
                     errors.append((k, e))
                     continue
                 posted.append((k, location, prelude, frame_nbytes(data), ticket))
-            for k, location, prelude, sent, ticket in posted:
-                try:
+            for k, (_, location) in enumerate(requests):
+                if id(location) in self._in_flight:
                     try:
-                        reply_bytes = location.collect(ticket)
-                    except Exception as e:
-                        if prelude:
-                            self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
-                        raise
-                    self.stats.record(sent, len(reply_bytes))
-                    replies[k] = self._read_reply(reply_bytes, location, prelude)
+                        self._collect(location)
+                    except BaseException as e:  # noqa: BLE001
+                        earlier.append((k, e))
+            for k, location, prelude, sent, ticket in posted:
+                if post is not None and not earlier:
+                    self._in_flight.setdefault(id(location), []).append([location, prelude, sent, ticket, post])
+                    continue
+                try:
+                    replies[k] = self._collect_one([location, prelude, sent, ticket, None])
                 except BaseException as e:  # noqa: BLE001
                     errors.append((k, e))
         finally:
             for lock in reversed(held):
                 lock.release()
+        errors.sort(key=lambda item: item[0])
+        if earlier:  # an earlier round's failure comes first (this round may have used its results); returned,
+            failed = {k for k, _ in earlier}  # not raised: a caller taking every party's outcome gets each one
+            errors = earlier + [item for item in errors if item[0] not in failed]
         return replies, errors
 
     def send_skeleton(self, location: "BaseWorker", signature: Any, ids: list, return_ids: list,
@@ -270,7 +298,7 @@ class Outbox:
             except Exception as e:
                 self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
                 raise
-            self._in_flight[id(location)] = (location, prelude, frame_nbytes(data), ticket)
+            self._in_flight.setdefault(id(location), []).append([location, prelude, frame_nbytes(data), ticket, None])
 
     def _requeue(self, location: "BaseWorker", pending: list) -> None:
         """Puts a taken queue back in front of what was queued since (under the queue lock)."""
@@ -282,31 +310,50 @@ class Outbox:
             entry[2] += pending[2]
 
     def _collect(self, location: "BaseWorker") -> None:
-        """Reads the reply to the batch posted to ``location`` (if any) and raises its failure."""
-        flight = self._in_flight.pop(id(location), None)
-        if flight is None or flight[0] is not location:  # (an id reused by a new worker object: nothing posted)
+        """Reads the replies to the requests posted to ``location`` (oldest first) and raises the first failure."""
+        flights = self._in_flight.pop(id(location), None)
+        first = None
+        for flight in flights or ():
+            if flight[0] is not location:  # (an id reused by a new worker object: nothing posted)
+                continue
+            try:
+                self._collect_one(flight)
+            except Exception as e:
+                first = first or e
+        if first is None:
             return
-        _, prelude, sent, ticket = flight
+        # as for a failure inside one request: the commands deferred after it did not run either
+        # (they may use its results); queued deletions still go with the next request
+        with self._queue_lock:
+            entry = self._pending_deletes.get(id(location))
+            later = [item for item in entry[1] if type(item) is not int] if entry else []
+            if later:
+                entry[1][:] = [item for item in entry[1] if type(item) is int]
+                entry[2] = 0
+        if later:
+            self._note_lost(location, later, 0, f"an earlier deferred command failed ({type(first).__name__})")
+        raise first
+
+    def _collect_one(self, flight: list) -> Any:
+        """The decoded reply to one posted request ``[worker, prelude, bytes sent, ticket, what]``; a
+        failure of a posted round (``what``) is raised as the round's own would have been."""
+        location, prelude, sent, ticket, what = flight
         try:
             try:
                 reply_bytes = location.collect(ticket)
             except Exception as e:
-                self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
+                if prelude:
+                    self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
                 raise
             self.stats.record(sent, len(reply_bytes))
-            self._read_reply(reply_bytes, location, prelude)
+            return self._read_reply(reply_bytes, location, prelude)
         except Exception as e:
-            # as for a failure inside one request: the commands deferred after it did not run either
-            # (they may use its results); queued deletions still go with the next request
-            with self._queue_lock:
-                entry = self._pending_deletes.get(id(location))
-                later = [item for item in entry[1] if type(item) is not int] if entry else []
-                if later:
-                    entry[1][:] = [item for item in entry[1] if type(item) is int]
-                    entry[2] = 0
-            if later:
-                self._note_lost(location, later, 0, f"an earlier deferred command failed ({type(e).__name__})")
-            raise
+            if what is None or isinstance(e, PartyFailedError) or (isinstance(e, VeilError)
+                                                                   and not isinstance(e, ConnectionLostError)):
+                raise
+            if isinstance(e, ConnectionLostError):
+                raise PartyUnreachableError(f"party {location.id!r} was lost during {what}: {e}") from e
+            raise PartyFailedError(f"party {location.id!r} failed during {what}: {type(e).__name__}: {e}") from e
 
     def _exchange(self, msg: Any, location: "BaseWorker", prelude: list | None) -> Any:
         try:
@@ -483,6 +530,22 @@ class Outbox:
     def bump_grad_epoch(self, location: "BaseWorker") -> None:
         self._grad_epochs[location.id] = self._grad_epochs.get(location.id, 0) + 1
 
+    def wait_posted(self) -> None:
+        """Reads the reply of every request posted and not read yet (peer rounds, a batch of deferred
+        commands), for every destination, raising the first failure; sends nothing. A timed SMPC call
+        ends with it: a posted round's work is done once its reply came."""
+        first_error = None
+        for key in list(self._in_flight):
+            flights = self._in_flight.get(key)
+            if flights:
+                try:
+                    with self._send_lock(flights[0][0]):
+                        self._collect(flights[0][0])
+                except Exception as e:
+                    first_error = first_error or e
+        if first_error is not None:
+            raise first_error
+
     def flush_deletes(self) -> None:
         """Sends queued deletions and deferred commands now (raises a deferred command's error
         after every worker got its queue). A worker that cannot be reached (lost, or its link refused: a
@@ -490,14 +553,10 @@ class Outbox:
         and the caller (flushing for other workers, or for none in particular) would otherwise hear of a
         worker it no longer uses."""
         first_error = None
-        for key in list(self._in_flight):  # posted batches: their replies (errors) first
-            flight = self._in_flight.get(key)
-            if flight is not None:
-                try:
-                    with self._send_lock(flight[0]):
-                        self._collect(flight[0])
-                except Exception as e:
-                    first_error = first_error or e
+        try:  # posted requests: their replies (errors) first
+            self.wait_posted()
+        except Exception as e:
+            first_error = e
         for key in list(self._pending_deletes):
             pending = self._pending_deletes.get(key)
             if pending and self.hook.workers.get(pending[0].id) is not pending[0]:

@@ -72,6 +72,9 @@ from veil.workers.websocket_client import WebsocketClientWorker
 
 assert DEALER_TAG == MONITOR_DEALER_TAG, "veil.mpc.runtime.DEALER_TAG must match the monitor's"
 
+#: host names of this host (a worker reached at one of them runs here)
+LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+
 #: most requests in flight at once from one orchestrator (one per party connection)
 MAX_CONCURRENT = 16
 
@@ -81,6 +84,12 @@ MAX_CONCURRENT = 16
 #: each way per other party (~1 ms): below ~2^15 elements the star is the faster and cheaper round
 #: (bench/RESULTS.md, "Peer openings for comparisons"). The environment variable is for benchmarks.
 PEER_MIN_ELEMENTS = int(os.environ.get("VEIL_PEER_MIN_ELEMENTS", str(1 << 15)))
+
+#: peer rounds to network workers are posted (``Outbox.send_round(post=...)``): the orchestrator goes on
+#: to its next round without reading the replies, which carry nothing (the opened values stay at the
+#: parties); each party finds the next round's request waiting when it finishes one. A failure is raised
+#: at the next request to that party. ``VEIL_POST_PEER_ROUNDS=0``: every peer round is waited for (benchmarks)
+POST_PEER_ROUNDS = os.environ.get("VEIL_POST_PEER_ROUNDS", "1") != "0"
 
 #: ring elements in a round's largest tensor from which in-process parties run the round on threads of
 #: their own. The size of one tensor, not of all: a round's step makes one pass of torch ops per tensor,
@@ -192,7 +201,7 @@ def _queued_largest(owner: Any, location: Any) -> int:
 
 
 def one_round(requests: Sequence[tuple[Any, Any, Any]], what: str, return_errors: bool = False,
-              elements: int = 0) -> list[Any]:
+              elements: int = 0, post: bool = False) -> list[Any]:
     """Sends every ``(owner, message, location)`` request and returns the replies, in order.
 
     Requests to network workers are all in flight at once; the round ends
@@ -201,10 +210,13 @@ def one_round(requests: Sequence[tuple[Any, Any, Any]], what: str, return_errors
     ``elements``: ring elements of the largest tensor a party's step touches (or a
     deferred step riding on its request, whichever is larger): from
     :data:`PARALLEL_MIN_ELEMENTS` on, in-process parties run at once too
-    (:func:`parallel_in_process`).
+    (:func:`parallel_in_process`). ``post``: a round to network workers whose replies carry nothing
+    is posted (:data:`POST_PEER_ROUNDS`); its replies are then None and a failure is raised at the
+    next request to that party.
     """
     if _one_thread(requests):
-        replies, errors = requests[0][0].send_round([(msg, loc) for _, msg, loc in requests])
+        replies, errors = requests[0][0].send_round([(msg, loc) for _, msg, loc in requests],
+                                                    post=what if post and POST_PEER_ROUNDS else None)
         return _settle(requests, replies, errors, what, return_errors)
     futures = _start(requests, elements)
     replies: list[Any] = [None] * len(requests)
@@ -221,6 +233,7 @@ def one_round(requests: Sequence[tuple[Any, Any, Any]], what: str, return_errors
             replies[k] = fut.result()
         except BaseException as e:  # noqa: BLE001
             errors.append((k, e))
+    errors.sort(key=lambda item: item[0])
     return _settle(requests, replies, errors, what, return_errors)
 
 
@@ -269,9 +282,9 @@ def _settle(requests: Sequence[tuple[Any, Any, Any]], replies: list, errors: lis
             replies[k] = e
         return replies
     if errors:
-        k, e = min(errors, key=lambda item: item[0])
+        k, e = errors[0]  # (in order of precedence: Outbox.send_round lists an earlier posted round's failure first)
         party = getattr(requests[k][2], "id", requests[k][2])
-        if isinstance(e, ConnectionLostError):
+        if isinstance(e, ConnectionLostError) and not isinstance(e, PartyFailedError):  # (not one said already)
             raise PartyUnreachableError(f"party {party!r} was lost during {what}: {e}") from e
         if isinstance(e, VeilError):
             raise e  # the party's own refusal or protocol error, as its own class
@@ -371,8 +384,13 @@ class WorkerRuntime(PartyRuntime):
         # requests in order, so two threads' rounds reaching the parties in opposite orders would each
         # hold one party waiting for the other's share of a round queued behind it.
         with _peer_round_lock(firsts):
-            one_round(requests, f"peer opening {name!r}", elements=elements)
+            one_round(requests, f"peer opening {name!r}", elements=elements, post=True)
         return handles
+
+    def one_host(self, parties: Sequence[Any]) -> bool:
+        # network workers this process reaches over loopback all run on this host
+        return all(type(p) is WebsocketClientWorker and (p.host in LOOPBACK or p.host.startswith("127."))
+                   for p in parties)
 
     def in_process(self, handle: PointerTensor) -> bool:
         # a VirtualWorker: a request of protocol steps that only read it uses an opened value in place
