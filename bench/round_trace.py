@@ -465,21 +465,26 @@ def install_orchestrator() -> list[dict]:
 
     outbox.Outbox.send_round = send_round
 
+    framing: dict[int, dict] = {}  # a round's requests are all serialized, then all posted: by frame
+
     def serialize_in_round(*a, **kw):
-        if getattr(_local, "in_round", False):
-            _local.rec = {"kind": "req", "type": type(a[0]).__name__, "thread": threading.current_thread().name,
-                          "t_call": now()}
-        return serialize(*a, **kw)
+        if not getattr(_local, "in_round", False):
+            return serialize(*a, **kw)
+        _local.rec = rec = {"kind": "req", "type": type(a[0]).__name__, "thread": threading.current_thread().name,
+                            "t_call": now()}
+        out = serialize(*a, **kw)
+        framing[id(out)] = rec
+        _local.rec = None
+        return out
 
     outbox.serialize = serialize_in_round
     client = websocket_client.WebsocketClientWorker
     orig_post, orig_collect = client.post, client.collect
 
     def post(self, data):
-        rec = _local.rec
+        rec = framing.pop(id(data), None)
         if rec is not None and getattr(_local, "in_round", False):
             rec.update(to=self.id, t_wire0=now(), n_out=data.nbytes if hasattr(data, "nbytes") else len(data))
-            _local.rec = None
             ticket = orig_post(self, data)
             posted[(id(self), ticket)] = rec  # (a posted round's reply is collected later, by the next round)
             return ticket

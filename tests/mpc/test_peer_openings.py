@@ -175,3 +175,14 @@ def test_truncation_on_one_host_opens_c_to_every_party_in_one_exchange(hook, par
     monkeypatch.setattr(runtime.WorkerRuntime, "one_host", lambda self, where: False)
     _assert_floor_or_next(values.share(*parties, crypto_provider=cp).truncate(2**16).get(), values, 2**16)
     assert [name for name, _ in finishes] == ["trunc_finish"] + ["trunc_finish_bits"] * (len(parties) - 1)
+
+
+@pytest.mark.parametrize("host, here", [("localhost", True), ("127.0.0.1", True), ("127.8.9.1", True), ("::1", True),
+                                        ("[::1]", True), ("127.example.org", False), ("10.0.0.1", False),
+                                        ("example.com", False), ("", False)])
+def test_only_loopback_addresses_count_as_this_host(host, here):
+    """A worker reached at a loopback address runs on this host (truncation then opens c to every party in one
+    exchange); a host name that merely starts like one does not."""
+    from veil.tensors.mpc_glue.runtime import _loopback
+
+    assert _loopback(host) is here

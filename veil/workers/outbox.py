@@ -142,7 +142,8 @@ class Outbox:
             for lock in locks:
                 lock.acquire()
                 held.append(lock)
-            for k, (msg, location) in enumerate(requests):
+            framed = []  # every request serialized first, then written one after another: the last party's
+            for k, (msg, location) in enumerate(requests):  # request leaves one serialization earlier
                 prelude = None
                 try:
                     if any(flight[4] is None for flight in self._in_flight.get(id(location), ())):
@@ -151,10 +152,17 @@ class Outbox:
                     # (a queue's excess goes first, answered at once: never this round's request, which
                     # may wait on the other parties' requests, not sent yet)
                     prelude = self._take_prelude(location, collect=False)
-                    data = serialize(msg, sender=self._frame_sender(location), prelude=prelude,
-                                     parts_over=location.frame_parts_over)
-                    ticket = location.post(data)
+                    framed.append((k, location, prelude, serialize(msg, sender=self._frame_sender(location),
+                                                                   prelude=prelude,
+                                                                   parts_over=location.frame_parts_over)))
                 except BaseException as e:  # noqa: BLE001  (the requests already posted are read first)
+                    if prelude:
+                        self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
+                    errors.append((k, e))
+            for k, location, prelude, data in framed:
+                try:
+                    ticket = location.post(data)
+                except BaseException as e:  # noqa: BLE001
                     if prelude:
                         self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
                     errors.append((k, e))

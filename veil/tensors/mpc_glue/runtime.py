@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import ipaddress
 import math
 import os
 import secrets
@@ -72,8 +73,6 @@ from veil.workers.websocket_client import WebsocketClientWorker
 
 assert DEALER_TAG == MONITOR_DEALER_TAG, "veil.mpc.runtime.DEALER_TAG must match the monitor's"
 
-#: host names of this host (a worker reached at one of them runs here)
-LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 
 #: most requests in flight at once from one orchestrator (one per party connection)
 MAX_CONCURRENT = 16
@@ -237,6 +236,16 @@ def one_round(requests: Sequence[tuple[Any, Any, Any]], what: str, return_errors
     return _settle(requests, replies, errors, what, return_errors)
 
 
+def _loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1): a worker reached there runs on this host."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:  # another host name
+        return False
+
+
 def _one_thread(requests: Sequence[tuple[Any, Any, Any]]) -> bool:
     """True when one thread sends the whole round (``Outbox.send_round``): several requests of one
     owner, each to a different network worker that takes a request without waiting for its reply."""
@@ -389,8 +398,7 @@ class WorkerRuntime(PartyRuntime):
 
     def one_host(self, parties: Sequence[Any]) -> bool:
         # network workers this process reaches over loopback all run on this host
-        return all(type(p) is WebsocketClientWorker and (p.host in LOOPBACK or p.host.startswith("127."))
-                   for p in parties)
+        return all(type(p) is WebsocketClientWorker and _loopback(p.host) for p in parties)
 
     def in_process(self, handle: PointerTensor) -> bool:
         # a VirtualWorker: a request of protocol steps that only read it uses an opened value in place
