@@ -4,7 +4,9 @@ Pointer finalizers queue deletions, pipelined commands queue themselves (their r
 are named by the caller), and both travel in front of the next request to that worker
 (serde's "prelude", one frame). A failed deferred command is raised at that request,
 naming the op; the ids it and the commands after it would have made are remembered as
-lost, so using one fails here instead of on the worker.
+lost, so using one fails here instead of on the worker. Requests may also be *posted* (written,
+their replies read later: full batches of deferred commands, SMPC peer rounds); ``_in_flight``
+keeps them per destination, oldest first.
 """
 
 from __future__ import annotations

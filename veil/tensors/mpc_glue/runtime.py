@@ -29,7 +29,8 @@ to one worker is still sent under the sender's per-destination lock (one
 request in flight per party), the reference monitor's per-request state is
 per thread, the store has its own lock. A round raises only
 after every party answered or failed, so nothing is left in flight for the
-next query; a lost connection raises :class:`PartyUnreachableError` (an
+next query (except a posted peer round: its replies carry nothing and are read
+behind the next request to each party, :data:`POST_PEER_ROUNDS`); a lost connection raises :class:`PartyUnreachableError` (an
 MPCError and a ConnectionLostError), an unexpected local failure
 :class:`PartyFailedError`; an error a party reported (a refusal, a protocol
 error) is raised as that party's own error class.
