@@ -268,9 +268,10 @@ def test_a_checkpoint_outside_the_turn_hands_over_nothing():
 @pytest.mark.slow
 @pytest.mark.parametrize("bits,count,tensors", [(16384, 16384, 1), (256, 2**20, 2)])
 def test_a_large_key_frame_costs_no_more_than_the_deadline(hook, bits, count, tensors):
-    """A 64 MB frame under a 16384-bit modulus, and 128 MB of 256-bit ciphertexts in two tensors (each ~1-3 s
-    of decode CPU): under a 0.3 s limit each is refused in about that, and the worker serves on."""
-    review = Review(hook, torch.zeros(2), seconds=0.3)
+    """A 64 MB frame under a 16384-bit modulus (~0.2 s of decode CPU here since the per-piece unit checks), and
+    128 MB of 256-bit ciphertexts in two tensors (~1-3 s): under a 0.05 s limit (below either's decode, or the
+    test could pass by finishing in time) each is refused in about that, and the worker serves on."""
+    review = Review(hook, torch.zeros(2), seconds=0.05)
     frame, _ = _frame(*[_crafted((1 << (bits - 1)) | 12345, count)] * tensors)
     t0 = time.process_time()
     reply = deserialize(review.srv.serve_bytes(frame, review.sci))[0]
