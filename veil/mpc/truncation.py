@@ -55,6 +55,7 @@ with probability ``|x| / 2^64`` per entry, i.e. 6% at ``|x| = 2^60``).
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from typing import Hashable, Mapping
@@ -76,13 +77,6 @@ TRUNCATION_BOUND = 1 << 62
 #: "Fortieth landing"). Across hosts the top bits are always used: there the bytes are the cost. The
 #: environment variable is for benchmarks.
 TOP_BITS_MIN_ELEMENTS = int(os.environ.get("VEIL_TOP_BITS_MIN_ELEMENTS", str(1 << 18)))
-
-
-def _numel(shape: tuple) -> int:
-    n = 1
-    for k in shape:
-        n *= k
-    return n
 
 
 def _one_host(shares: Shares) -> bool:
@@ -263,7 +257,7 @@ def truncate_with_pairs(shares: Shares, divisor: int, provider: Provider) -> dic
     pairs = provider.truncation_pairs(shape, divisor, parties)
     shift = shift_for(divisor)
     per_party = {p: (shares[p], pairs[p][0], shift if i == 0 else 0) for i, p in enumerate(parties)}
-    if _numel(shape) < TOP_BITS_MIN_ELEMENTS and _one_host(shares):
+    if math.prod(shape) < TOP_BITS_MIN_ELEMENTS and _one_host(shares):
         opened = open_at_parties("trunc_mask", per_party)  # every party reconstructs c: one exchange
         if opened is not None:
             return {p: run_party("trunc_finish", opened[p][0], pairs[p][1], pairs[p][2], divisor=divisor, first=i == 0)

@@ -30,7 +30,8 @@ request in flight per party), the reference monitor's per-request state is
 per thread, the store has its own lock. A round raises only
 after every party answered or failed, so nothing is left in flight for the
 next query (except a posted peer round: its replies carry nothing and are read
-behind the next request to each party, :data:`POST_PEER_ROUNDS`); a lost connection raises :class:`PartyUnreachableError` (an
+behind the next request to each party, :data:`POST_PEER_ROUNDS`); a lost
+connection raises :class:`PartyUnreachableError` (an
 MPCError and a ConnectionLostError), an unexpected local failure
 :class:`PartyFailedError`; an error a party reported (a refusal, a protocol
 error) is raised as that party's own error class.
@@ -73,7 +74,6 @@ from veil.workers.peer_openings import PeerOpenMessage
 from veil.workers.websocket_client import WebsocketClientWorker
 
 assert DEALER_TAG == MONITOR_DEALER_TAG, "veil.mpc.runtime.DEALER_TAG must match the monitor's"
-
 
 #: most requests in flight at once from one orchestrator (one per party connection)
 MAX_CONCURRENT = 16
