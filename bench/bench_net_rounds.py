@@ -222,6 +222,12 @@ def _party_marks(w: dict, worker: list) -> dict:
         back = [t["t1"] for t in loops]
         if back:
             out["loop hands the request on"] = max(t["t0"] for t in loops)
+            for kind, label in (("loop_data", "request bytes reach the loop"), ("lane_event", "lane looks at it")):
+                seen = [t for t in worker if t["kind"] == kind and t["pid"] == w["pid"]
+                        and t["t0"] <= out["loop hands the request on"]]
+                if seen:
+                    last = max(seen, key=lambda t: t["t0"])
+                    out[f"{label} from"], out[f"{label} to"] = last["t0"], last["t1"]
             out["loop has the reply"] = min(back)
             send = _first_after(worker, "peer_small_send", w["pid"], min(back))
             if send:
@@ -249,7 +255,7 @@ def peer_breakdown(records_orch: list[dict], trace_dir: str, windows: list) -> N
 
     worker = []
     for f in Path(trace_dir).glob("worker-*.json"):
-        worker += [dict(r, pid=f.name) for r in json.loads(f.read_text()) if r.get("kind", "").startswith("peer")]
+        worker += [dict(r, pid=f.name) for r in json.loads(f.read_text()) if r.get("kind", "").startswith(("peer", "loop_data", "lane_event"))]
     rnds = [r for r in records_orch if r.get("kind") == "round" and r["what"].startswith("peer opening")
             and any(a <= r["t0"] <= b for a, b in windows)]
     if not rnds:

@@ -61,6 +61,20 @@ def install_worker(out_dir: str) -> None:
         return data
 
     ws_mod._receive = _receive
+    # a request's bytes reaching the loop (its read callback) and the lane's look at it (decode, inline or not)
+    from veil.workers import lane_connection
+
+    for meth, kind in (("data_received", "loop_data"), ("process_event", "lane_event")):
+        orig_cb = getattr(lane_connection.LaneConnection, meth)
+
+        def traced_cb(self, arg, _orig=orig_cb, _kind=kind):
+            t0 = now()
+            try:
+                return _orig(self, arg)
+            finally:
+                RECORDS.append({"kind": _kind, "t0": t0, "t1": now()})
+
+        setattr(lane_connection.LaneConnection, meth, traced_cb)
 
     def wrap_sync(owner, name, key_start=None, key_end=None, first_only=False):
         orig = getattr(owner, name)
