@@ -70,3 +70,18 @@ class PartyUnreachableError(PartyFailedError, ConnectionLostError):
 
 for _cls in (PartyFailedError, PartyUnreachableError):
     register_remote_error(_cls)
+
+
+def party_error(error: BaseException, party: str, what: str) -> BaseException:
+    """What a round reports for ``party``'s failure ``error`` during ``what``: a party's own refusal or protocol
+    error (a VeilError) as itself, a lost connection as :class:`PartyUnreachableError`, anything else as
+    :class:`PartyFailedError` (both caused by ``error``; one already said is not wrapped twice)."""
+    if isinstance(error, PartyFailedError) or (isinstance(error, VeilError)
+                                               and not isinstance(error, ConnectionLostError)):
+        return error
+    if isinstance(error, ConnectionLostError):
+        wrapped: BaseException = PartyUnreachableError(f"party {party!r} was lost during {what}: {error}")
+    else:
+        wrapped = PartyFailedError(f"party {party!r} failed during {what}: {type(error).__name__}: {error}")
+    wrapped.__cause__ = error
+    return wrapped

@@ -18,13 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from veil.exceptions import (ConnectionLostError, ObjectNotFoundError, PermissionDeniedError, VeilError,
-                             error_from_reply)
+from veil.exceptions import ConnectionLostError, ObjectNotFoundError, PermissionDeniedError, error_from_reply
 from veil.messaging import messages as m
 from veil.messaging.frames import FrameParts, frame_nbytes
 from veil.messaging.serde import deserialize, serialize
 from veil.messaging.skeleton_frames import SkeletonFramer, serialize_skeleton
-from veil.mpc.errors import PartyFailedError, PartyUnreachableError
+from veil.workers.posted_requests import PostedRequests
 
 if TYPE_CHECKING:
     from veil.workers.base import BaseWorker
@@ -41,7 +40,7 @@ MAX_PRELUDE_ITEMS = 65536
 PRELUDE_BYTES_LIMIT = 32 << 20
 
 
-class Outbox:
+class Outbox(PostedRequests):
     """Mixin of BaseWorker: ``send_msg`` and the per-destination queues (needs ``id``, ``hook``,
     ``stats`` and ``_decode_ctx`` from the worker)."""
 
@@ -319,52 +318,6 @@ class Outbox:
             entry[1][:0] = pending[1]
             entry[2] += pending[2]
 
-    def _collect(self, location: "BaseWorker") -> None:
-        """Reads the replies to the requests posted to ``location`` (oldest first) and raises the first failure."""
-        flights = self._in_flight.pop(id(location), None)
-        first = None
-        for flight in flights or ():
-            if flight[0] is not location:  # (an id reused by a new worker object: nothing posted)
-                continue
-            try:
-                self._collect_one(flight)
-            except Exception as e:
-                first = first or e
-        if first is None:
-            return
-        # as for a failure inside one request: the commands deferred after it did not run either
-        # (they may use its results); queued deletions still go with the next request
-        with self._queue_lock:
-            entry = self._pending_deletes.get(id(location))
-            later = [item for item in entry[1] if type(item) is not int] if entry else []
-            if later:
-                entry[1][:] = [item for item in entry[1] if type(item) is int]
-                entry[2] = 0
-        if later:
-            self._note_lost(location, later, 0, f"an earlier deferred command failed ({type(first).__name__})")
-        raise first
-
-    def _collect_one(self, flight: list) -> Any:
-        """The decoded reply to one posted request ``[worker, prelude, bytes sent, ticket, what]``; a
-        failure of a posted round (``what``) is raised as the round's own would have been."""
-        location, prelude, sent, ticket, what = flight
-        try:
-            try:
-                reply_bytes = location.collect(ticket)
-            except Exception as e:
-                if prelude:
-                    self._note_lost(location, prelude, 0, f"{type(e).__name__}: {e}")
-                raise
-            self.stats.record(sent, len(reply_bytes))
-            return self._read_reply(reply_bytes, location, prelude)
-        except Exception as e:
-            if what is None or isinstance(e, PartyFailedError) or (isinstance(e, VeilError)
-                                                                   and not isinstance(e, ConnectionLostError)):
-                raise
-            if isinstance(e, ConnectionLostError):
-                raise PartyUnreachableError(f"party {location.id!r} was lost during {what}: {e}") from e
-            raise PartyFailedError(f"party {location.id!r} failed during {what}: {type(e).__name__}: {e}") from e
-
     def _exchange(self, msg: Any, location: "BaseWorker", prelude: list | None) -> Any:
         try:
             data = serialize(msg, sender=self._frame_sender(location), prelude=prelude,
@@ -539,22 +492,6 @@ class Outbox:
 
     def bump_grad_epoch(self, location: "BaseWorker") -> None:
         self._grad_epochs[location.id] = self._grad_epochs.get(location.id, 0) + 1
-
-    def wait_posted(self) -> None:
-        """Reads the reply of every request posted and not read yet (peer rounds, a batch of deferred
-        commands), for every destination, raising the first failure; sends nothing. A timed SMPC call
-        ends with it: a posted round's work is done once its reply came."""
-        first_error = None
-        for key in list(self._in_flight):
-            flights = self._in_flight.get(key)
-            if flights:
-                try:
-                    with self._send_lock(flights[0][0]):
-                        self._collect(flights[0][0])
-                except Exception as e:
-                    first_error = first_error or e
-        if first_error is not None:
-            raise first_error
 
     def flush_deletes(self) -> None:
         """Sends queued deletions and deferred commands now (raises a deferred command's error

@@ -57,11 +57,10 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from veil.exceptions import ConnectionLostError, VeilError
 from veil.workers.accounts import ACTING
 from veil.ids import new_id
 from veil.messaging import messages as m
-from veil.mpc.errors import PartyFailedError, PartyUnreachableError
+from veil.mpc.errors import PartyFailedError, party_error
 from veil.mpc.party import LIGHT, WIRE_PREFIX, OpenMessage, check_openable, ring_words, run_openable, step_name
 from veil.mpc.runtime import DEALER_TAG, PartyRuntime, register_runtime, set_awaiting_replies, set_step_check
 from veil.tensors.pointer import PointerTensor, pointer_meta
@@ -293,12 +292,10 @@ def _settle(requests: Sequence[tuple[Any, Any, Any]], replies: list, errors: lis
         return replies
     if errors:
         k, e = errors[0]  # (in order of precedence: Outbox.send_round lists an earlier posted round's failure first)
-        party = getattr(requests[k][2], "id", requests[k][2])
-        if isinstance(e, ConnectionLostError) and not isinstance(e, PartyFailedError):  # (not one said already)
-            raise PartyUnreachableError(f"party {party!r} was lost during {what}: {e}") from e
-        if isinstance(e, VeilError):
+        error = party_error(e, getattr(requests[k][2], "id", requests[k][2]), what)
+        if error is e:
             raise e  # the party's own refusal or protocol error, as its own class
-        raise PartyFailedError(f"party {party!r} failed during {what}: {type(e).__name__}: {e}") from e
+        raise error from e
     return replies
 
 
