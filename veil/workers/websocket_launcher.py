@@ -22,6 +22,9 @@ def free_port() -> int:
     A port the OS picks for ``bind(0)`` comes from the ephemeral range, from which every outgoing
     connection also takes its local port: between this check and the worker's own bind, a client
     connection elsewhere (another test's) could take it ("address already in use", seen in CI).
+    A port handed out here is also recorded for every process of this user on this machine
+    (:func:`_reserve`): two test processes (pytest-xdist) picking the same free port within a worker's
+    start-up (seconds of importing torch) made both bind it (seen in CI).
     """
     low = _ephemeral_low()
     for _ in range(200):
@@ -34,6 +37,8 @@ def free_port() -> int:
             except OSError:
                 continue
             port = s.getsockname()[1]
+        if not _reserve(port):  # another process handed it out a moment ago
+            continue
         _GIVEN.add(port)
         return port
     with socket.socket() as s:
@@ -45,6 +50,41 @@ def free_port() -> int:
 _LISTEN_LOW = 20000
 #: ports this process handed out (never twice: two workers of one cluster would race for one)
 _GIVEN: set[int] = set()
+#: how long a port handed out by any process stays reserved: a worker binds it within its start-up
+_RESERVED_FOR_S = 300.0
+
+
+def _reserve(port: int) -> bool:
+    """Records ``port`` in this user's reservation file unless a process reserved it in the last
+    :data:`_RESERVED_FOR_S` seconds; True when it is this caller's. Without a usable file (another
+    user's, a link, no /tmp) only this process's own record (``_GIVEN``) applies."""
+    import fcntl
+
+    path = os.path.join(tempfile.gettempdir(), f"veil-ports-{os.getuid()}")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return True
+    with os.fdopen(fd, "r+") as f:
+        if os.fstat(fd).st_uid != os.getuid():
+            return True
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when the file closes
+        now = time.time()
+        held = {}
+        for line in f.read().split():
+            p, _, t = line.partition("@")
+            try:
+                if now - float(t) < _RESERVED_FOR_S:
+                    held[int(p)] = float(t)
+            except ValueError:
+                continue
+        if port in held:
+            return False
+        held[port] = now
+        f.seek(0)
+        f.truncate()
+        f.write("".join(f"{p}@{t:.3f}\n" for p, t in held.items()))
+        return True
 
 
 def _ephemeral_low() -> int:
