@@ -10,10 +10,11 @@ linear10, batch 1 and 64; the timed call encrypts the input) and one
 encrypted SGD step (forward, MSE backward, update) of a 784-128-128-10 MLP at
 batch 128 and of the same CNN at batch 64. 2 parties, 16 fractional bits, ring Z/2^64 in both frameworks.
 
-Timing: CrypTen, veil over VirtualWorkers and veil over network workers run
-in turn, ``--passes`` times; each keeps its best pass (the shared cores' load
-drifts), and within a pass the best of ``--repeat`` calls after one warm-up
-call. Threads: each CrypTen party process and veil get 1 torch thread by
+Timing: CrypTen, then veil, ``--passes`` times; each keeps its best pass (the
+shared cores' load drifts), and within a pass the best of ``--repeat`` calls
+after one warm-up call. veil over VirtualWorkers and over network workers take
+turns call by call within each workload, so the network column's ratio to the
+virtual one compares calls made in the same minute. Threads: each CrypTen party process and veil get 1 torch thread by
 default (``--crypten-threads``, ``--threads``): on 2 shared cores, 2 threads
 per process stall on every parallel region whenever the other core is busy
 (measured 3-4x slower for both frameworks under load).
@@ -96,7 +97,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import veil as sy  # noqa: E402
 from bench_mpc import _time as _best  # noqa: E402
-from bench_mpc import model_cases, offline_online, op_cases, traffic, virtual_setup  # noqa: E402
+from bench_mpc import dealing_plan, model_cases, online_once, op_cases, traffic, virtual_setup  # noqa: E402
 from veil.mpc.providers.worker_dealer import dealer_for  # noqa: E402
 
 VENV = ROOT / ".bench-venvs" / "crypten"
@@ -286,35 +287,64 @@ def _cases(parties, cp) -> list:
     return out
 
 
-def run_veil(parties, cp, me, cp_local, repeat: int, skip_models: bool, label: str, plain: bool) -> dict:
-    """Times every workload over ``parties``; with ``plain`` also the plain-torch baseline."""
-    n = len(parties)
-    cases = _cases(parties, cp)
-    if not skip_models:
-        cases += [(name, fn, pfn, None) for name, fn, pfn in model_cases(parties, cp)]
-    res = {}
-    for name, fn, pfn, check in cases:
-        try:
-            fn()  # warm-up; it also carries what the previous workload left riding on the next requests
-            out, t = traffic(fn, me, cp_local, n)  # counted: this workload's steady state (a truncation's
-            # finish rides on the next call: the previous call's is counted here, this one's in the next)
-            err = check(out) if check else None
-            t["s"] = _best(fn, repeat)
-            t["online_s"], t["total_s"], t["deal_s"] = offline_online(fn, cp, me, repeat)
-        except Exception as e:  # report the others; the table shows the failure
-            log(f"  [{label}] {name}: FAILED {type(e).__name__}: {e}")
-            t = {"error": f"{type(e).__name__}: {e}", "s": None, "rounds": None}
-            err = None
-        t["max_err"] = err
+class Side:
+    """One way of running veil's workloads: VirtualWorkers in this process, or network workers."""
+
+    def __init__(self, label: str, parties, cp, me, cp_local, skip_models: bool):
+        self.label, self.cp, self.me, self.cp_local, self.n = label, cp, me, cp_local, len(parties)
+        self.cases = _cases(parties, cp)
+        if not skip_models:
+            self.cases += [(name, fn, pfn, None) for name, fn, pfn in model_cases(parties, cp)]
+
+
+def run_veil(sides: list[Side], repeat: int, plain: bool) -> list[dict]:
+    """Times every workload on every side; with ``plain`` also the plain-torch baseline (in the first side's row).
+
+    The sides take turns call by call within each workload (virtual, network, virtual, ...), so the load
+    the shared cores carry at that moment falls on both: the network column's ratio to the virtual one is
+    a same-minute comparison, as in bench_net_rounds.py (run one after the other, minutes apart, it swung as
+    much as the differences it measures: RESULTS "Fortieth landing").
+    """
+    results: list[dict] = [{} for _ in sides]
+    for k, (name, *_rest) in enumerate(sides[0].cases):
+        live = []  # (side index, fn, plan, row) of the sides whose set-up call worked
+        for i, side in enumerate(sides):
+            _, fn, pfn, check = side.cases[k]
+            try:
+                fn()  # warm-up; it also carries what the previous workload left riding on the next requests
+                out, t = traffic(fn, side.me, side.cp_local, side.n)  # counted: this workload's steady state (a
+                # truncation's finish rides on the next call: the previous call's is counted here, this one's next)
+                t["max_err"] = check(out) if check else None
+                live.append((i, fn, dealing_plan(fn, side.cp, side.me), t))
+            except Exception as e:  # report the others; the table shows the failure
+                log(f"  [{side.label}] {name}: FAILED {type(e).__name__}: {e}")
+                t = {"error": f"{type(e).__name__}: {e}", "s": None, "rounds": None, "max_err": None}
+            results[i][name] = t
+        for i, fn, plan, t in live:
+            t["s"] = t["online_s"] = float("inf")
+        for _ in range(repeat):  # turn by turn: one call with fresh dealing, one dealt ahead, on each side
+            for i, fn, plan, t in list(live):
+                side = sides[i]
+                try:
+                    t["s"] = min(t["s"], _best(fn, 1))
+                    online, total, deal = online_once(fn, side.cp, side.me, plan)
+                except Exception as e:
+                    log(f"  [{side.label}] {name}: FAILED {type(e).__name__}: {e}")
+                    t.update(error=f"{type(e).__name__}: {e}", s=None, online_s=None)
+                    live.remove((i, fn, plan, t))
+                    continue
+                if online < t["online_s"]:
+                    t["online_s"], t["total_s"], t["deal_s"] = online, total, deal
         if plain:
-            t["torch_s"] = _best_plain(pfn)
-        res[name] = t
-        if t["s"] is None:
-            continue
-        log(f"  [{label}] {name}: {t['s']:.4f} s (online {t['online_s']:.4f}, dealt ahead + online "
-            f"{t['total_s']:.4f}), {t['rounds']} rounds"
-            + (f", torch {t['torch_s'] * 1e3:.3f} ms" if plain else ""))
-    return res
+            results[0][name]["torch_s"] = _best_plain(sides[0].cases[k][2])
+        for i, side in enumerate(sides):
+            t = results[i][name]
+            if t.get("s") is None:
+                continue
+            log(f"  [{side.label}] {name}: {t['s']:.4f} s (online {t['online_s']:.4f}, dealt ahead + online "
+                f"{t['total_s']:.4f}), {t['rounds']} rounds"
+                + (f", torch {t['torch_s'] * 1e3:.3f} ms" if "torch_s" in t else ""))
+    return results
 
 
 @contextlib.contextmanager
@@ -448,6 +478,9 @@ def main() -> None:
     veil_res = net_res = None
     with contextlib.ExitStack() as stack:
         net = None if args.skip_network else stack.enter_context(network_workers(hook))
+        sides = [Side("veil", parties, cp, me, cp, args.skip_models)]
+        if net is not None:
+            sides.append(Side("veil net", *net, me, None, args.skip_models))
         for p in range(1, args.passes + 1):
             tag = f"pass {p}/{args.passes}"
             for prov in providers if not args.skip_crypten else []:
@@ -458,13 +491,12 @@ def main() -> None:
                 meta["crypten_version"], meta["crypten_torch"] = r["crypten"], r["torch"]
                 crypten_res[prov] = _keep_best(crypten_res[prov], r["results"])
                 log(f"{tag}: CrypTen {prov} done in {time.perf_counter() - t0:.0f} s")
-            log(f"{tag}: veil over VirtualWorkers (+ plain torch) ...")
-            veil_res = _keep_best(veil_res, run_veil(parties, cp, me, cp, args.repeat, args.skip_models, "veil",
-                                                     plain=True))
+            log(f"{tag}: veil over VirtualWorkers (+ plain torch)"
+                + (", and over network workers, call by call in turn ..." if net is not None else " ..."))
+            res = run_veil(sides, args.repeat, plain=True)
+            veil_res = _keep_best(veil_res, res[0])
             if net is not None:
-                log(f"{tag}: veil over network workers ...")
-                net_res = _keep_best(net_res, run_veil(*net, me, None, args.repeat, args.skip_models, "veil net",
-                                                       plain=False))
+                net_res = _keep_best(net_res, res[1])
 
     rows = {}
     for name, v in veil_res.items():

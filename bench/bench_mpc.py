@@ -164,25 +164,31 @@ def offline_online(fn, cp, me, repeat: int) -> tuple[float, float, float]:
     ``on_exhausted="raise"``, so the online time provably includes no dealing
     (openings and local work only). Total = dealing ahead + online.
     """
-    dealer = dealer_for(cp, me)
-    with dealer.record() as plan:
+    plan = dealing_plan(fn, cp, me)
+    return min(online_once(fn, cp, me, plan) for _ in range(repeat))
+
+
+def dealing_plan(fn, cp, me):
+    """What one call of ``fn`` takes from the crypto provider (``fn`` is called once, recorded)."""
+    with dealer_for(cp, me).record() as plan:
         fn()
-    best = (float("inf"),) * 3
+    return plan
+
+
+def online_once(fn, cp, me, plan) -> tuple[float, float, float]:
+    """``(online s, total s, dealing s)`` of one call: ``plan`` dealt ahead, then ``fn`` dealing nothing."""
+    dealer = dealer_for(cp, me)
     saved = dealer.on_exhausted
     try:
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            dealer.deal_ahead(plan)
-            t1 = time.perf_counter()
-            dealer.on_exhausted = "raise"
-            fn()
-            t2 = time.perf_counter()
-            dealer.on_exhausted = saved
-            if t2 - t1 < best[0]:
-                best = (t2 - t1, t2 - t0, t1 - t0)
+        t0 = time.perf_counter()
+        dealer.deal_ahead(plan)
+        t1 = time.perf_counter()
+        dealer.on_exhausted = "raise"
+        fn()
+        t2 = time.perf_counter()
     finally:
         dealer.on_exhausted = saved
-    return best
+    return t2 - t1, t2 - t0, t1 - t0
 
 
 def background_dealing(fn, cp, me, calls: int) -> tuple[float, float, float]:
