@@ -34,6 +34,7 @@ import torch
 from veil.mpc.party import open_at_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
 from veil.mpc.material import product_shape
+from veil.mpc.output_buffers import output_buffer
 from veil.mpc.product_split import SplitPlan, plan_split, sliced_operands
 from veil.mpc import ring_gemm
 from veil.mpc.ring import bilinear, meta_result, op_arguments
@@ -44,14 +45,19 @@ Shares = Mapping[Hashable, torch.Tensor]
 @party_function("beaver_mask", openable=True, light=True, borrows=True)
 def _mask(x_i: torch.Tensor, y_i: torch.Tensor, a_i: torch.Tensor, b_i: torch.Tensor) -> tuple:
     """A party's shares of ``e = x - a`` and ``f = y - b`` (uniformly masked)."""
-    return _minus(x_i, a_i), _minus(y_i, b_i)
+    return _minus(x_i, a_i, 0), _minus(y_i, b_i, 1)
 
 
-def _minus(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+def _minus(x: torch.Tensor, a: torch.Tensor, k: int | None = None) -> torch.Tensor:
     """``x - a`` laid out as the dealt ``a`` (contiguous) where ``x`` is a strided view (a transposed weight):
-    the result is sent, and a strided one would be copied to be."""
+    the result is sent, and a strided one would be copied to be. Output ``k`` of an opening step: into the
+    runner's buffer for it, if it set one (:mod:`veil.mpc.output_buffers`)."""
     if x.is_meta or a.is_meta:  # run_party's shape inference: no meta arithmetic (see ring.meta_result)
         return meta_result(x, a)
+    out = output_buffer(k, a.shape, a.dtype) if k is not None and x.shape == a.shape and x.dtype == a.dtype \
+        else None
+    if out is not None:
+        return torch.sub(x, a, out=out)
     if x.shape == a.shape and not x.is_contiguous() and a.is_contiguous():
         return torch.sub(x, a, out=torch.empty_like(a))
     return x - a

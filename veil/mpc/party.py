@@ -37,6 +37,7 @@ from veil.messaging.allowlist import register_worker_function
 from veil.mpc import wire_ops  # noqa: F401  (allowlists aten ops on shares)
 from veil.mpc.errors import MPCError
 from veil.mpc.opening import record_opening
+from veil.mpc.output_buffers import is_buffer
 from veil.mpc.runtime import PartyRuntime, runtime_of
 
 #: name -> pure party function (explicit registry; see ``party_function``)
@@ -130,13 +131,15 @@ def run_openable(name: str, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         raise MPCError(f"{name} must return tensors")
     # Outputs are the reply's alone (a server sends them from their memory after the handler returns; an
     # in-process worker hands that memory to the caller, who sums into it): one that shares memory with an
-    # argument (a stored share) or with an earlier output is copied.
-    held = {a.untyped_storage().data_ptr() for a in m.arg_leaves((args, kwargs))  # (pytree's walk: ~3x slower)
-            if isinstance(a, torch.Tensor) and a.numel()}
-    own = []
-    for o in outputs:
+    # argument (a stored share) or with an earlier output is copied; output k written into the runner's
+    # buffer k (veil.mpc.output_buffers: disjoint pieces of memory no argument is in) is its own.
+    stored = {a.untyped_storage().data_ptr() for a in m.arg_leaves((args, kwargs))  # (pytree's walk: ~3x slower)
+              if isinstance(a, torch.Tensor) and a.numel()}
+    held, own = set(stored), []
+    for k, o in enumerate(outputs):
         if o.numel():
-            if o.untyped_storage().data_ptr() in held:
+            at = o.untyped_storage().data_ptr()
+            if at in stored or (at in held and not is_buffer(o, k)):
                 o = o.clone()
             held.add(o.untyped_storage().data_ptr())
         own.append(o)

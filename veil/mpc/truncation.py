@@ -62,6 +62,7 @@ from typing import Hashable, Mapping
 
 import torch
 
+from veil.mpc.output_buffers import output_buffer
 from veil.mpc.party import open_at_parties, open_parties, open_top_bits_at_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
 from veil.mpc.ring import meta_result, wrap_int
@@ -128,7 +129,10 @@ def _trunc_mask(x_i: torch.Tensor, r_i: torch.Tensor, shift: int = 0) -> tuple:
         raise ValueError("trunc_mask needs an integer shift")
     if x_i.is_meta or r_i.is_meta:  # shape inference: no meta arithmetic (see ring.meta_result)
         return (meta_result(r_i, x_i),)
-    masked = r_i + x_i  # laid out as the dealt r (contiguous) where x is a strided view: the result is sent
+    out = output_buffer(0, r_i.shape, r_i.dtype) if x_i.shape == r_i.shape and x_i.dtype == r_i.dtype else None
+    # laid out as the dealt r (contiguous) where x is a strided view: the result is sent (or computed where
+    # the runner will send it from: veil.mpc.output_buffers)
+    masked = torch.add(r_i, x_i, out=out) if out is not None else r_i + x_i
     return (masked.add_(shift) if shift else masked,)
 
 

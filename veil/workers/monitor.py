@@ -564,6 +564,7 @@ class _RequestLocal(threading.local):
     opening_refs: Any = None
     opening_kwrefs: Any = None  # (and its keyword arguments, as received)
     opened_masks: Any = None
+    opening_wanted: Any = None  # (OpeningRules.opening_layout)
 
 
 class _Running:

@@ -203,14 +203,21 @@ class OpeningRules:
             self._local.opening_refs = self._local.opening_kwrefs = None
             self._local.opening_released = ()
         masks, self._local.opened_masks = self._local.opened_masks, None
-        outputs = run(name, args, kwargs)
+        layout = OPENED_LAYOUTS.get(name)
+        # a packed output (OPENED_LAYOUTS: the comparison's compacted AND-level words) holds one masked
+        # bit group per mask entry: its size follows from the mask's (a broadcast mask has fewer entries)
+        wanted = None if masks is None else [
+            (layout(j, k, tuple(raw)) if layout is not None else None) or (tuple(k.shape), k.dtype)
+            for j, k in enumerate(masks)]
+        # (opening_layout: a runner writing outputs early; a value derived from owner data is under the owner's
+        # review and dp-only marks, which the release_hook checks again once the step ran)
+        self._local.opening_wanted = (wanted, any(entry.provenance for _, entry in released))
+        try:
+            outputs = run(name, args, kwargs)
+        finally:
+            self._local.opening_wanted = None
         if masks is not None:
             shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in outputs]
-            # a packed output (OPENED_LAYOUTS: the comparison's compacted AND-level words) holds one masked
-            # bit group per mask entry: its size follows from the mask's (a broadcast mask has fewer entries)
-            layout = OPENED_LAYOUTS.get(name)
-            wanted = [(layout(j, k, tuple(raw)) if layout is not None else None) or (tuple(k.shape), k.dtype)
-                      for j, k in enumerate(masks[:len(outputs)])]
             if len(outputs) > len(masks) or any(s != w[0] for s, w in zip(shapes, wanted)):
                 raise self._refuse(PermissionDeniedError(
                     f"{name}: every output must be hidden by a mask of its own shape"), "open", principal, [])
@@ -229,6 +236,15 @@ class OpeningRules:
             # a float leaves as a get's would: canonical NaNs and zeros (veil/governance/canonical.py)
             outputs = [canonical_floats(t) for t in outputs]
         return outputs
+
+    def opening_layout(self) -> tuple | None:
+        """Inside :meth:`open_step`'s ``run``: ``(wanted, derived)``: the (shape, dtype) each output must have
+        to be released, one per mask (``wanted`` None: the opening hides nothing protected, any outputs go),
+        and whether it opens values derived from owner data (the owner's review and dp-only marks are checked
+        again once the step ran: an approval used up, a policy tightened meanwhile); None outside
+        an opening. A runner that writes outputs where a peer can read them before the step returns (a share
+        slot) does so only for outputs of exactly these layouts, and never for values derived from owner data."""
+        return getattr(self._local, "opening_wanted", None)
 
     def group_dealt(self, principal: Principal, op_name: str, args: tuple, entries: list) -> None:
         """Groups what a dealer's worker function just stored into items (which fields are uniform)."""

@@ -64,6 +64,7 @@ from veil.exceptions import ConnectionLostError, PermissionDeniedError, Serializ
 from veil.messaging import messages as m
 from veil.messaging.frames import frame_nbytes
 from veil.messaging.serde import serialize
+from veil.mpc.output_buffers import outputs_into
 from veil.mpc.party import XOR_LEADING, XOR_OPENABLE, check_openable, run_openable
 from veil.mpc.truncation import pack_top_bits
 from veil.workers import cancellation
@@ -71,6 +72,7 @@ from veil.workers.audit_writer import rows_held_by_reply
 from veil.workers.base import register_handler
 from veil.workers.leaving_rows import on_record_before_leaving
 from veil.workers.peer_rounds import WAIT_SECONDS, PeerOpeningError, PeerRounds, rounds_of
+from veil.workers.peer_slot_outputs import into_peer_slot
 from veil.workers.share_slots import PeerSlotReply
 from veil.workers.store import Kind
 from veil.workers.websocket_auth import SESSION_END_HANDLERS, register_peer_message
@@ -150,10 +152,16 @@ def _handle_peer_open(worker: Any, msg: PeerOpenMessage, sender: str) -> Any:
     rounds = rounds_of(worker)
     rounds.check_fresh(msg.round)
     posted: dict = {}
+    reserved: list = []  # (pool, reservation) of the share slot the outputs are computed in, if any
 
     def run(name: str, args: tuple, kwargs: dict) -> list:  # the monitor passed the step's arguments
         _post_fetches(worker, msg, _sources(worker, msg, others), posted)
-        return run_openable(name, args, kwargs)
+        found = into_peer_slot(worker, msg, others, name, args, kwargs)
+        if found is None:
+            return run_openable(name, args, kwargs)
+        reserved.append(found)
+        with outputs_into(found[1].views):
+            return run_openable(name, args, kwargs)
 
     rnd = None
     try:
@@ -184,6 +192,8 @@ def _handle_peer_open(worker: Any, msg: PeerOpenMessage, sender: str) -> Any:
                         _slot_unread(links[peer], reply)
         finally:
             rounds.close(msg.round, rnd)
+            for pool, found in reserved:
+                pool.unreserve(found)
     for oid, value in zip(msg.ids, opened):
         # the opened values, as the orchestrator would have sent them in a star opening: public to it
         worker.monitor.store(principal, oid, value, kind=Kind.CLIENT)

@@ -97,10 +97,11 @@ def layout(shapes_dtypes: list) -> tuple[list[int], int]:
 
 
 class _Slot:
-    __slots__ = ("number", "fd", "map", "nbytes", "busy", "sent")
+    __slots__ = ("number", "fd", "map", "nbytes", "busy", "sent", "pinned")
 
     def __init__(self, number: int, nbytes: int) -> None:
         self.number, self.nbytes, self.busy, self.sent = number, nbytes, False, False
+        self.pinned = False  # a round's outputs are being computed or used in it (:meth:`SlotPool.reserve`)
         self.fd = os.memfd_create("veil-share-slot", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, nbytes)
@@ -118,8 +119,27 @@ class _Slot:
         os.close(self.fd)
 
 
+class Reservation:
+    """A slot a round's outputs are written into where they are computed (:meth:`SlotPool.reserve`)."""
+
+    __slots__ = ("slot", "views", "nbytes", "handed")
+
+    def __init__(self, slot: _Slot, views: list, nbytes: int) -> None:
+        self.slot, self.views, self.nbytes, self.handed = slot, views, nbytes, False
+
+    def holds(self, tensors: list) -> bool:
+        """Whether ``tensors`` are this slot's views, in order (what the round published)."""
+        return len(tensors) == len(self.views) and all(
+            t.data_ptr() == v.data_ptr() and t.shape == v.shape and t.dtype == v.dtype
+            for t, v in zip(tensors, self.views))
+
+
 class SlotPool:
-    """One fetching peer connection's slots on the publishing worker (used on its event loop only).
+    """One fetching peer connection's slots on the publishing worker.
+
+    Used on its event loop (place, release, sent, unplace, close), except :meth:`reserve` and
+    :meth:`unreserve`, which a handler thread calls: the table is changed under a lock, and a slot's memory
+    is written either by the loop (a copy into a slot it just picked) or by the thread that reserved it.
 
     ``raw``: the connection's socket, duplicated, for the writes that carry a descriptor (asyncio's transport
     has no sendmsg); closed with the pool, the connection itself is not."""
@@ -129,6 +149,10 @@ class SlotPool:
         self._slots: dict[int, _Slot] = {}
         self._numbers = 0
         self._retired: list[int] = []  # slots closed here that the peer still maps (told in the next reply)
+        self._reserved: dict[int, Reservation] = {}  # slot number -> its round's outputs, until unreserved
+        self._lock = threading.Lock()
+        self._closed = False
+        self.in_place = 0  # fetches answered from a reserved slot, with no copy (tests, benchmarks)
 
     @classmethod
     def for_connection(cls, transport: Any) -> "SlotPool | None":
@@ -144,40 +168,98 @@ class SlotPool:
         """The peer finished reading these slots (its fetch's ``done``); anything else in it is ignored."""
         if type(done) is not list:
             return
-        for number in done[:MAX_SLOTS]:
-            slot = self._slots.get(number) if type(number) is int else None
-            if slot is not None:
-                slot.busy = False
+        with self._lock:
+            for number in done[:MAX_SLOTS]:
+                slot = self._slots.get(number) if type(number) is int else None
+                if slot is not None:
+                    slot.busy = False
 
-    def place(self, tensors: list) -> tuple[PeerSlotReply, int | None] | None:
-        """Copies ``tensors`` into a free slot: (the reply, the descriptor to send with it if the peer has not
-        got that slot yet), or None (too small to be worth it, too large, or no slot free: reply with bytes).
-        The slot is busy until the peer reports it done, or :meth:`unplace` (the reply could not go)."""
-        offsets, nbytes = layout([(tuple(t.shape), t.dtype) for t in tensors])
+    def reserve(self, shapes_dtypes: list) -> Reservation | None:
+        """A free slot for a round's outputs of these shapes and dtypes, as writable views (the step computes
+        into them, and the peer's fetch is then answered with this slot, no copy); None when there is none to
+        be had or the outputs are too small or too large for a slot. The slot is the peer's to read as soon
+        as anything is written into it: reserve only after the step was allowed and its row is on record.
+        Pinned until :meth:`unreserve`, whatever the peer reports done."""
+        offsets, nbytes = layout(shapes_dtypes)
+        with self._lock:
+            slot = None if self._closed else self._free_slot(nbytes)
+            if slot is None:
+                return None
+            slot.busy = slot.pinned = True
+        # over a memoryview: a close() (the link's, on the loop) then leaves the mapping to these views
+        whole = torch.frombuffer(memoryview(slot.map), dtype=torch.uint8)
+        views = []
+        for (shape, dtype), at in zip(shapes_dtypes, offsets):
+            n = 1
+            for d in shape:
+                n *= int(d)
+            views.append(whole[at: at + n * dtype.itemsize].view(dtype).view(shape))
+        found = Reservation(slot, views, nbytes)
+        with self._lock:
+            self._reserved[slot.number] = found
+        return found
+
+    def unreserve(self, found: Reservation) -> None:
+        """The round that reserved the slot ended: free again once the peer is done with it (at once if the
+        peer was never handed it)."""
+        with self._lock:
+            if self._reserved.get(found.slot.number) is found:
+                del self._reserved[found.slot.number]
+            found.slot.pinned = False
+            if not found.handed:
+                found.slot.busy = False
+
+    def _free_slot(self, nbytes: int) -> _Slot | None:
+        """(under the lock) The smallest free slot of at least ``nbytes``, or a new one (retiring free ones to
+        keep within :data:`MAX_SLOTS` and :data:`MAX_SLOT_BYTES`); None: too small, too large or none free.
+
+        A new slot only while every other slot's descriptor went: the peer numbers slots in the order their
+        descriptors arrive, and a descriptor goes with the first reply that hands its slot over, so the one
+        slot whose descriptor has not gone is always the newest (a reserved one may wait a round for it)."""
         if nbytes < MIN_SLOT_BYTES or nbytes > MAX_SLOT_BYTES:
             return None
-        slot = min((s for s in self._slots.values() if not s.busy and s.nbytes >= nbytes),
-                   key=lambda s: s.nbytes, default=None)
-        if slot is None:
-            size = min(1 << (nbytes - 1).bit_length(), MAX_SLOT_BYTES)  # (the next reply of another size fits)
-            free = sorted((s for s in self._slots.values() if not s.busy), key=lambda s: s.nbytes)
-            while free and (len(self._slots) >= MAX_SLOTS or self._held() + size > MAX_SLOT_BYTES):
-                self._retire(free.pop(0))  # the smallest free slots make room
-            if len(self._slots) >= MAX_SLOTS or self._held() + size > MAX_SLOT_BYTES:
-                return None  # (the peer still reads the others)
-            try:
-                slot = _Slot(self._numbers + 1, size)
-            except OSError:  # (out of descriptors or memory: the round's shares were taken; they go as bytes)
-                return None
-            self._numbers += 1
-            self._slots[slot.number] = slot
-        view = torch.frombuffer(slot.map, dtype=torch.uint8)
-        for t, at in zip(tensors, offsets):
-            size = t.numel() * t.element_size()
-            view[at: at + size].view(t.dtype).copy_(t.reshape(-1))
-        del view
-        slot.busy = True
-        drop, self._retired = self._retired, []
+        free = [s for s in self._slots.values() if not s.busy and not s.pinned]
+        slot = min((s for s in free if s.nbytes >= nbytes), key=lambda s: s.nbytes, default=None)
+        if slot is not None or not all(s.sent for s in self._slots.values()):
+            return slot
+        size = min(1 << (nbytes - 1).bit_length(), MAX_SLOT_BYTES)  # (the next reply of another size fits)
+        free.sort(key=lambda s: s.nbytes)
+        while free and (len(self._slots) >= MAX_SLOTS or self._held() + size > MAX_SLOT_BYTES):
+            self._retire(free.pop(0))  # the smallest free slots make room
+        if len(self._slots) >= MAX_SLOTS or self._held() + size > MAX_SLOT_BYTES:
+            return None  # (the peer still reads the others)
+        try:
+            slot = _Slot(self._numbers + 1, size)
+        except OSError:  # (out of descriptors or memory: the round's shares were taken; they go as bytes)
+            return None
+        self._numbers += 1
+        self._slots[slot.number] = slot
+        return slot
+
+    def place(self, tensors: list) -> tuple[PeerSlotReply, int | None] | None:
+        """The reply for a fetch of ``tensors``: (the reply, the descriptor to send with it if the peer has not
+        got that slot yet), or None (too small to be worth it, too large, or no slot free: reply with bytes).
+        Tensors computed in a slot reserved here go as that slot; any others are copied into a free one. The
+        slot is busy until the peer reports it done, or :meth:`unplace` (the reply could not go)."""
+        offsets, nbytes = layout([(tuple(t.shape), t.dtype) for t in tensors])
+        with self._lock:
+            found = next((r for r in self._reserved.values() if not r.handed and r.holds(tensors)), None)
+            if found is not None:
+                found.handed = True
+                slot = found.slot
+                self.in_place += 1
+            else:
+                slot = self._free_slot(nbytes)
+                if slot is None:
+                    return None
+                slot.busy = True
+            drop, self._retired = self._retired, []
+        if found is None:  # (on the loop, as close(): the mapping cannot go under this copy)
+            view = torch.frombuffer(slot.map, dtype=torch.uint8)
+            for t, at in zip(tensors, offsets):
+                size = t.numel() * t.element_size()
+                view[at: at + size].view(t.dtype).copy_(t.reshape(-1))
+            del view
         return PeerSlotReply(slot.number, nbytes, drop), (None if slot.sent else slot.fd)
 
     def _held(self) -> int:
@@ -191,28 +273,35 @@ class SlotPool:
 
     def sent(self, reply: PeerSlotReply) -> None:
         """The reply (and the slot's descriptor with it) left: the peer has the slot."""
-        slot = self._slots.get(reply.slot)
-        if slot is not None:
-            slot.sent = True
+        with self._lock:
+            slot = self._slots.get(reply.slot)
+            if slot is not None:
+                slot.sent = True
 
     def unplace(self, reply: PeerSlotReply) -> None:
         """The reply did not go: its slot is free again, and the retirements it carried are told next time."""
-        slot = self._slots.get(reply.slot)
-        if slot is not None and not slot.sent and slot.number == self._numbers:
-            # its descriptor never went, and the peer numbers slots in the order descriptors arrive: kept, a
-            # later slot's descriptor would arrive under this one's number (the peer then reads another slot's
-            # bytes as this one's); discarded, its number is the next slot's again
-            del self._slots[slot.number]
-            slot.close()
-            self._numbers -= 1
-        elif slot is not None:
-            slot.busy = False
-        self._retired = reply.drop + self._retired
+        with self._lock:
+            slot = self._slots.get(reply.slot)
+            if slot is not None and not slot.sent and slot.number == self._numbers:
+                # its descriptor never went, and the peer numbers slots in the order descriptors arrive: kept, a
+                # later slot's descriptor would arrive under this one's number (the peer then reads another
+                # slot's bytes as this one's); discarded, its number is the next slot's again (a round's views
+                # of it keep its memory mapped until they go: the bytes reply is sent from them)
+                del self._slots[slot.number]
+                self._reserved.pop(slot.number, None)
+                slot.close()
+                self._numbers -= 1
+            elif slot is not None:
+                slot.busy = False
+            self._retired = reply.drop + self._retired
 
     def close(self) -> None:
-        for slot in self._slots.values():
-            slot.close()
-        self._slots.clear()
+        with self._lock:
+            self._closed = True
+            for slot in self._slots.values():
+                slot.close()  # (a reserved slot's views keep its memory mapped until they go)
+            self._slots.clear()
+            self._reserved.clear()
         self.raw.close()
 
 

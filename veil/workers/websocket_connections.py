@@ -170,6 +170,11 @@ class ConnectionServing:
     opening handshake's slots, one loop per connection that reads requests and sends replies, and the
     owner's disconnect. What a request does is the worker's business (``serve_bytes``, ``try_inline``)."""
 
+    @property
+    def peer_slot_pools(self) -> dict:
+        """Peer worker id -> the share slots of its latest same-host link here (``peer_slot_outputs``)."""
+        pools = self.__dict__.get("_peer_slot_pools")
+        return pools if pools is not None else self.__dict__.setdefault("_peer_slot_pools", {})
 
     def _release_stale_handshakes(self) -> None:
         """Frees slots of handshakes that will never become sessions (closed, or past the open timeout)."""
@@ -282,6 +287,9 @@ class ConnectionServing:
         # requests that arrive while this loop waits for one are served where they are read (LaneConnection)
         ws.lane = functools.partial(self.lane_request, session=session)
         slots = SlotPool.for_connection(ws.transport) if session.peer_only else None  # (a same-host peer's)
+        peer = self.principal_of(session).user if slots is not None else None
+        if slots is not None:  # the peer's latest link: a round writes its outputs for it there (peer_slot_outputs)
+            self.peer_slot_pools[peer] = slots
         try:
             while True:
                 if ws.backlog():  # pipelined requests: other connections' reads go between them
@@ -330,6 +338,8 @@ class ConnectionServing:
             ws.lane = None
             closed.cancel()
             if slots is not None:
+                if self.peer_slot_pools.get(peer) is slots:
+                    del self.peer_slot_pools[peer]
                 slots.close()
             self._connections.pop(session.id, None)
             await loop.run_in_executor(self._executor, self.end_session, session)
