@@ -1,0 +1,151 @@
+"""Reserved share slots (``SlotPool.reserve``): a peer opening's outputs computed where the reader maps them.
+
+What the publisher writes into a reserved slot's views is what the reader's views show after the fetch's
+reply, with no copy (``in_place``); a reserved slot is never handed to another fetch or reused while its
+round runs, even when the reader reports it done; one unreserved before any fetch is free again; at most one
+slot's descriptor is ever unsent (the reader numbers slots in the order descriptors arrive, so a slot made
+for a reservation waits for its own reply instead of shifting the reader's numbers); a pool that closed under
+a reservation leaves its views usable. And the step side: ``run_openable`` returns outputs written into the
+runner's buffers as they are (no copy), and a buffer of another shape is not used.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from veil.mpc.output_buffers import outputs_into
+from veil.mpc.party import run_openable
+from veil.workers import share_slots
+from veil.workers.share_slots import MIN_SLOT_BYTES, SlotMaps, SlotPool, send_with_fd
+
+from network_helpers import slot_link
+
+pytestmark = pytest.mark.skipif(not share_slots.enabled(), reason="share slots need Linux and memfd_create")
+
+N = MIN_SLOT_BYTES // 8 + 3  # int64 entries: just past the smallest reply that takes a slot
+LAYOUT = [((N,), torch.int64), ((2, N), torch.int64)]
+
+
+@pytest.fixture
+def link():
+    with slot_link() as made:
+        yield made
+
+
+def _send(pool: SlotPool, reader, maps: SlotMaps, placed) -> object:
+    """The server's send of a placed reply (descriptor attached the first time) and the reader's receive."""
+    reply, fd = placed
+    if fd is None:
+        pool.raw.send(b"r")
+    else:
+        assert send_with_fd(pool.raw, b"r", fd) == 1
+        pool.sent(reply)
+    buf = bytearray(8)
+    _, ancdata, _, _ = reader.recvmsg_into([buf], maps.read_size())
+    maps.received(ancdata)
+    return reply
+
+
+def _random(shape) -> torch.Tensor:
+    return torch.randint(-2**62, 2**62, shape)
+
+
+def test_a_reserved_slot_goes_to_the_reader_without_a_copy(link):
+    pool, reader, maps = link
+    first = _send(pool, reader, maps, pool.place([_random((N,)), _random((2, N))]))  # a slot the reader maps
+    maps.done(first.slot)
+    pool.release(maps.take_done())
+    found = pool.reserve(LAYOUT)
+    assert found is not None and found.slot.number == first.slot  # (the slot the reader maps already)
+    e, f = _random((N,)), _random((2, N))
+    torch.sub(e, 0, out=found.views[0])  # what a step computing into the buffers writes
+    found.views[1].copy_(f)
+    reply = _send(pool, reader, maps, pool.place(found.views))
+    assert reply.slot == first.slot and pool.in_place == 1
+    seen = maps.views(reply, LAYOUT)
+    assert torch.equal(seen[0], e) and torch.equal(seen[1], f)
+    pool.unreserve(found)
+
+
+def test_a_reserved_slot_is_not_reused_while_its_round_runs_even_when_reported_done(link):
+    pool, reader, maps = link
+    first = _send(pool, reader, maps, pool.place([_random((N,)), _random((2, N))]))
+    maps.done(first.slot)
+    pool.release(maps.take_done())
+    found = pool.reserve(LAYOUT)
+    mine = found.views[0].clone()
+    _send(pool, reader, maps, pool.place(found.views))
+    pool.release([first.slot])  # the reader says done (early, or honestly) while the round still runs
+    other = pool.place([torch.ones(N, dtype=torch.int64), torch.ones(2, N, dtype=torch.int64)])
+    assert other is None or other[0].slot != first.slot  # (a new slot, or bytes: never the pinned one)
+    second = pool.reserve(LAYOUT)
+    assert second is None or second.slot.number != first.slot
+    assert torch.equal(found.views[0], mine)  # the publisher's own outputs, untouched
+    pool.unreserve(found)
+    if second is not None:
+        pool.unreserve(second)
+    again = pool.reserve(LAYOUT)
+    assert again is not None and again.slot.number == first.slot  # released by the reader, unpinned: free again
+
+
+def test_a_slot_unreserved_before_any_fetch_is_free_again(link):
+    pool, reader, maps = link
+    first = _send(pool, reader, maps, pool.place([_random((N,)), _random((2, N))]))
+    maps.done(first.slot)
+    pool.release(maps.take_done())
+    found = pool.reserve(LAYOUT)
+    pool.unreserve(found)  # the round failed before the peer fetched
+    t = [_random((N,)), _random((2, N))]
+    reply = _send(pool, reader, maps, pool.place(t))
+    assert reply.slot == first.slot and pool.in_place == 0  # copied into the freed slot
+    seen = maps.views(reply, LAYOUT)
+    assert torch.equal(seen[0], t[0]) and torch.equal(seen[1], t[1])
+
+
+def test_a_slot_made_for_a_reservation_keeps_the_readers_numbers(link):
+    pool, reader, maps = link
+    found = pool.reserve(LAYOUT)  # no slot yet: a new one, whose descriptor has not gone
+    assert found is not None and not found.slot.sent
+    # another fetch meanwhile: no second unsent slot (its descriptor would arrive first, under this one's number)
+    assert pool.place([_random((N,))]) is None
+    e = _random((N,))
+    found.views[0].copy_(e)
+    found.views[1].zero_()
+    reply = _send(pool, reader, maps, pool.place(found.views))
+    seen = maps.views(reply, LAYOUT)  # the reader mapped it under the number the reply names
+    assert torch.equal(seen[0], e) and not seen[1].any()
+    pool.unreserve(found)
+    later = [_random((N,))]
+    second = _send(pool, reader, maps, pool.place(later))
+    assert second.slot != reply.slot and torch.equal(maps.views(second, [((N,), torch.int64)])[0], later[0])
+
+
+def test_a_pool_closed_under_a_reservation_leaves_its_views_usable(link):
+    pool, _reader, _maps = link
+    found = pool.reserve(LAYOUT)
+    pool.close()  # the link went while a handler computed into the slot
+    found.views[0].fill_(7)  # no crash: the views keep the memory mapped
+    assert int(found.views[0].sum()) == 7 * N
+    assert pool.reserve(LAYOUT) is None
+    pool.unreserve(found)
+
+
+def test_run_openable_keeps_outputs_written_into_the_runners_buffers():
+    x, y, a, b = (_random((4, 5)) for _ in range(4))
+    memory = torch.empty(2 * 20, dtype=torch.int64)  # two buffers in one storage, as a slot's views are
+    buffers = [memory[:20].view(4, 5), memory[20:].view(4, 5)]
+    with outputs_into(buffers):
+        e, f = run_openable("beaver_mask", (x, y, a, b), {})
+    assert e.data_ptr() == buffers[0].data_ptr() and f.data_ptr() == buffers[1].data_ptr()
+    assert torch.equal(e, x - a) and torch.equal(f, y - b)
+    (c,) = run_openable("trunc_mask", (x, a), {"shift": 5})  # no buffers set: a tensor of its own
+    assert torch.equal(c, a + x + 5) and c.untyped_storage().data_ptr() != memory.untyped_storage().data_ptr()
+
+
+def test_a_buffer_of_another_shape_is_not_used():
+    x, r = _random((3, 4)), _random((3, 4))
+    wrong = torch.empty(12, dtype=torch.int64)
+    with outputs_into([wrong]):
+        (c,) = run_openable("trunc_mask", (x, r), {"shift": 0})
+    assert torch.equal(c, r + x) and c.data_ptr() != wrong.data_ptr()
