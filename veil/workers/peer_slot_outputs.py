@@ -8,7 +8,8 @@ it can read a slot's bytes the moment they are written, not only when its fetch 
 is reserved only when everything that decides the release is settled before the step runs:
 
 - the monitor allowed the step, consumed its masks, and its allowed row is on record (the wait, handing the
-  turn over, happens before the step instead of after it);
+  turn over, happens before the step instead of after it; an argument written in place meanwhile, by another
+  connection of the session, refuses the opening: the step would open what the monitor did not check);
 - the outputs will be exactly the masks' layouts (shape and int64 dtype, worked out from the arguments on
   meta tensors), so the check ``open_step`` makes afterwards cannot refuse them;
 - it opens no reviewed value (whose approvals are used up only once the step ran);
@@ -26,6 +27,8 @@ from typing import Any
 
 import torch
 
+from veil.exceptions import PermissionDeniedError
+from veil.messaging import messages as m
 from veil.mpc.party import PARTY_FUNCTIONS
 from veil.workers.leaving_rows import on_record_before_leaving
 
@@ -51,10 +54,21 @@ def into_peer_slot(worker: Any, msg: Any, others: frozenset, name: str, args: tu
     if outputs is None or any(dtype != torch.int64 for _, dtype in outputs) \
             or (wanted is not None and (len(outputs) > len(wanted) or outputs != wanted[:len(outputs)])):
         return None
-    import os
-    if os.environ.get("VEIL_EXP_NOREC") != "1": on_record_before_leaving(worker)  # nothing the peer may read is written before the allowed row is on record
+    # nothing the peer may read is written before the allowed row is on record; the wait hands the turn over, so
+    # the arguments the monitor checked must be as they were when the step runs (red team: another connection
+    # of the session writing owner-derived data into a checked share in place meanwhile)
+    versions = _versions(args, kwargs)
+    on_record_before_leaving(worker)
+    if _versions(args, kwargs) != versions:
+        raise PermissionDeniedError(f"{name}: an argument of the opening was written while its audit row was "
+                                    "recorded; nothing was opened")
     found = pool.reserve(outputs)
     return None if found is None else (pool, found)
+
+
+def _versions(args: tuple, kwargs: dict) -> list:
+    """Each tensor argument's version counter (any in-place write, through any view, moves it)."""
+    return [(id(t), t._version) for t in m.arg_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
 
 
 def _output_layout(name: str, args: tuple, kwargs: dict) -> list | None:

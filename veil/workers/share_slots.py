@@ -12,12 +12,14 @@ writes that slot again.
 
 What each side trusts the other with:
 
-- The publisher writes into a connection's slots only tensors published to that connection's peer, only
-  when that peer's fetch takes them (after the monitor allowed the step and its audit row is on record): the
-  peer, which may keep its mapping as long as it likes, sees nothing the bytes reply would not have sent
-  it. Slots are per connection and never cross to another session. A peer that never reports a slot done
-  only stops getting slots: at most :data:`MAX_SLOTS` holding at most :data:`MAX_SLOT_BYTES` together per
-  connection, then the bytes reply as before.
+- The publisher writes into a connection's slots only tensors published to that connection's peer, when
+  that peer's fetch takes them, or, computed there, a round's outputs for that peer alone
+  (``peer_slot_outputs``: after the monitor allowed the step and its audit row is on record): the peer,
+  which may keep its mapping as long as it likes, sees nothing the bytes reply would not have sent it. A
+  reserved slot is never reused while its round runs, nor after it unless the peer was handed it (a reply
+  may still be made from its memory: it is retired). Slots are per connection and never cross to another
+  session. A peer that never reports a slot done only stops getting slots: at most :data:`MAX_SLOTS` holding
+  at most :data:`MAX_SLOT_BYTES` together per connection, then the bytes reply as before.
 - The fetching party maps only a memfd sealed against shrinking and growing (a file that shrank under the
   mapping would raise SIGBUS on read, killing the worker) of at most :data:`MAX_SLOT_BYTES`, at most
   :data:`MAX_SLOTS` per connection; any other descriptor is closed at once. The publisher can still change a
@@ -187,7 +189,10 @@ class SlotPool:
                 return None
             slot.busy = slot.pinned = True
         # over a memoryview: a close() (the link's, on the loop) then leaves the mapping to these views
-        whole = torch.frombuffer(memoryview(slot.map), dtype=torch.uint8)
+        try:
+            whole = torch.frombuffer(memoryview(slot.map), dtype=torch.uint8)
+        except ValueError:  # (closed just now, the link with it: the outputs are computed as before)
+            return None
         views = []
         for (shape, dtype), at in zip(shapes_dtypes, offsets):
             n = 1
@@ -200,14 +205,23 @@ class SlotPool:
         return found
 
     def unreserve(self, found: Reservation) -> None:
-        """The round that reserved the slot ended: free again once the peer is done with it (at once if the
-        peer was never handed it)."""
+        """The round that reserved the slot ended: free again once the peer is done with it. A slot the peer
+        was never handed is retired instead, never written again: the round's published tensors are its views,
+        and a fetch that took them may still be answered from them (placed after the round ended, sent as
+        bytes); reused, another round's outputs would be written under that reply (red team)."""
         with self._lock:
-            if self._reserved.get(found.slot.number) is found:
-                del self._reserved[found.slot.number]
-            found.slot.pinned = False
-            if not found.handed:
-                found.slot.busy = False
+            slot = found.slot
+            if self._reserved.get(slot.number) is found:
+                del self._reserved[slot.number]
+            slot.pinned = False
+            if found.handed or self._slots.get(slot.number) is not slot:  # (closed or discarded already)
+                return
+            if slot.sent:
+                self._retire(slot)  # (the peer unmaps it when the next reply tells it)
+            elif slot.number == self._numbers:  # its descriptor never went: its number is the next slot's again
+                del self._slots[slot.number]
+                slot.close()
+                self._numbers -= 1
 
     def _free_slot(self, nbytes: int) -> _Slot | None:
         """(under the lock) The smallest free slot of at least ``nbytes``, or a new one (retiring free ones to
