@@ -2,7 +2,8 @@
 
 What the publisher writes into a reserved slot's views is what the reader's views show after the fetch's
 reply, with no copy (``in_place``); a reserved slot is never handed to another fetch or reused while its
-round runs, even when the reader reports it done; one unreserved before any fetch is free again; at most one
+round runs, even when the reader reports it done; one whose round ended before any fetch is retired, never
+written again (a reply may still be made from it); at most one
 slot's descriptor is ever unsent (the reader numbers slots in the order descriptors arrive, so a slot made
 for a reservation waits for its own reply instead of shifting the reader's numbers); a pool that closed under
 a reservation leaves its views usable. And the step side: ``run_openable`` returns outputs written into the
@@ -89,18 +90,22 @@ def test_a_reserved_slot_is_not_reused_while_its_round_runs_even_when_reported_d
     assert again is not None and again.slot.number == first.slot  # released by the reader, unpinned: free again
 
 
-def test_a_slot_unreserved_before_any_fetch_is_free_again(link):
+def test_a_slot_unreserved_before_any_fetch_is_retired_not_written_again(link):
     pool, reader, maps = link
     first = _send(pool, reader, maps, pool.place([_random((N,)), _random((2, N))]))
     maps.done(first.slot)
     pool.release(maps.take_done())
     found = pool.reserve(LAYOUT)
-    pool.unreserve(found)  # the round failed before the peer fetched
+    mine = [_random((N,)), _random((2, N))]
+    for view, value in zip(found.views, mine):
+        view.copy_(value)
+    pool.unreserve(found)  # the round ended before the peer was handed the slot (a reply may still be made from it)
     t = [_random((N,)), _random((2, N))]
     reply = _send(pool, reader, maps, pool.place(t))
-    assert reply.slot == first.slot and pool.in_place == 0  # copied into the freed slot
+    assert reply.slot != first.slot and first.slot in reply.drop and pool.in_place == 0  # a new slot; the old dropped
     seen = maps.views(reply, LAYOUT)
     assert torch.equal(seen[0], t[0]) and torch.equal(seen[1], t[1])
+    assert torch.equal(found.views[0], mine[0]) and torch.equal(found.views[1], mine[1])  # never written again
 
 
 def test_a_slot_made_for_a_reservation_keeps_the_readers_numbers(link):
