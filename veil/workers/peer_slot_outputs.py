@@ -12,7 +12,8 @@ is reserved only when everything that decides the release is settled before the 
   connection of the session, refuses the opening: the step would open what the monitor did not check);
 - the outputs will be exactly the masks' layouts (shape and int64 dtype, worked out from the arguments on
   meta tensors), so the check ``open_step`` makes afterwards cannot refuse them;
-- it opens no reviewed value (whose approvals are used up only once the step ran);
+- it opens no value derived from owner data (the owner's review and dp-only marks are checked again once the
+  step ran: an approval used up, a policy tightened meanwhile);
 - the step is one that writes into the buffers (:data:`INTO_SLOT_STEPS`), and the round has one reader whose
   connection has slots (two parties on one host; a top-bits round's other parties, whose shares go to the
   first party only).
