@@ -95,6 +95,17 @@ def layout(shapes_dtypes: list) -> tuple[list[int], int]:
     return offsets, at
 
 
+def _views(whole: torch.Tensor, shapes_dtypes: list, offsets: list) -> list[torch.Tensor]:
+    """The tensors laid out in a slot's bytes (``whole``, uint8) at ``offsets`` (:func:`layout`)."""
+    out = []
+    for (shape, dtype), at in zip(shapes_dtypes, offsets):
+        n = 1
+        for d in shape:
+            n *= int(d)
+        out.append(whole[at: at + n * dtype.itemsize].view(dtype).view(shape))
+    return out
+
+
 # ------------------------------------------------------------------ the publishing side (server)
 
 
@@ -193,13 +204,7 @@ class SlotPool:
             whole = torch.frombuffer(memoryview(slot.map), dtype=torch.uint8)
         except ValueError:  # (closed just now, the link with it: the outputs are computed as before)
             return None
-        views = []
-        for (shape, dtype), at in zip(shapes_dtypes, offsets):
-            n = 1
-            for d in shape:
-                n *= int(d)
-            views.append(whole[at: at + n * dtype.itemsize].view(dtype).view(shape))
-        found = Reservation(slot, views, nbytes)
+        found = Reservation(slot, _views(whole, shapes_dtypes, offsets), nbytes)
         with self._lock:
             self._reserved[slot.number] = found
         return found
@@ -403,13 +408,7 @@ class SlotMaps:
             # (SIGSEGV, or reads of whatever is mapped there next); the memoryview's export makes close() fail
             # (BufferError) and the mapping goes with the last view
             whole = torch.frombuffer(memoryview(found[0]), dtype=torch.uint8)
-        out = []
-        for (shape, dtype), at in zip(expected, offsets):
-            n = 1
-            for d in shape:
-                n *= int(d)
-            out.append(whole[at: at + n * dtype.itemsize].view(dtype).view(shape))
-        return out
+        return _views(whole, expected, offsets)
 
     def unread(self, reply: Any) -> None:
         """A slot reply dropped unread (its round failed after the fetch was posted): its drops are applied and
