@@ -118,3 +118,23 @@ def slot_link():
         pool.close()
         maps.close()
         b.close()
+
+
+def send_placed(pool, reader: socket.socket, maps, placed: tuple) -> object:
+    """What the server's loop and the reader's transport do with a placed slot reply (``SlotPool.place``'s
+    (reply, descriptor)): sent, with the descriptor the first time, and received with room for descriptors
+    (the reader maps what came); returns the reply."""
+    from veil.workers.share_slots import send_with_fd
+
+    reply, fd = placed
+    payload = b"reply"
+    if fd is None:
+        pool.raw.send(payload)
+    else:
+        assert send_with_fd(pool.raw, payload, fd) == len(payload)
+        pool.sent(reply)
+    buf = bytearray(64)
+    got, ancdata, _, _ = reader.recvmsg_into([buf], maps.read_size(), socket.MSG_CMSG_CLOEXEC)
+    assert bytes(buf[:got]) == payload
+    maps.received(ancdata)
+    return reply

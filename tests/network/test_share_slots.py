@@ -20,7 +20,7 @@ from veil.exceptions import SerializationError
 from veil.workers import share_slots
 from veil.workers.share_slots import MAX_SLOTS, MIN_SLOT_BYTES, PeerSlotReply, SlotMaps, SlotPool, send_with_fd
 
-from network_helpers import slot_link
+from network_helpers import send_placed, slot_link
 
 pytestmark = pytest.mark.skipif(not share_slots.enabled(), reason="share slots need Linux and memfd_create")
 
@@ -38,22 +38,10 @@ def _open_fds() -> int:
 
 
 def _deliver(pool: SlotPool, reader: socket.socket, maps: SlotMaps, tensors: list) -> PeerSlotReply:
-    """What the server and the reader's transport do for one fetch: place, send (with the descriptor the first
-    time), receive with room for descriptors."""
+    """What the server and the reader's transport do for one fetch: place, send, receive."""
     placed = pool.place(tensors)
     assert placed is not None
-    reply, fd = placed
-    payload = b"reply"
-    if fd is None:
-        pool.raw.send(payload)
-    else:
-        assert send_with_fd(pool.raw, payload, fd) == len(payload)
-        pool.sent(reply)
-    buf = bytearray(64)
-    got, ancdata, _, _ = reader.recvmsg_into([buf], maps.read_size(), socket.MSG_CMSG_CLOEXEC)
-    assert bytes(buf[:got]) == payload
-    maps.received(ancdata)
-    return reply
+    return send_placed(pool, reader, maps, placed)
 
 
 def _layout(tensors: list) -> list:

@@ -18,9 +18,9 @@ import torch
 from veil.mpc.output_buffers import outputs_into
 from veil.mpc.party import run_openable
 from veil.workers import share_slots
-from veil.workers.share_slots import MIN_SLOT_BYTES, SlotMaps, SlotPool, send_with_fd
+from veil.workers.share_slots import MIN_SLOT_BYTES
 
-from network_helpers import slot_link
+from network_helpers import send_placed, slot_link
 
 pytestmark = pytest.mark.skipif(not share_slots.enabled(), reason="share slots need Linux and memfd_create")
 
@@ -34,27 +34,13 @@ def link():
         yield made
 
 
-def _send(pool: SlotPool, reader, maps: SlotMaps, placed) -> object:
-    """The server's send of a placed reply (descriptor attached the first time) and the reader's receive."""
-    reply, fd = placed
-    if fd is None:
-        pool.raw.send(b"r")
-    else:
-        assert send_with_fd(pool.raw, b"r", fd) == 1
-        pool.sent(reply)
-    buf = bytearray(8)
-    _, ancdata, _, _ = reader.recvmsg_into([buf], maps.read_size())
-    maps.received(ancdata)
-    return reply
-
-
 def _random(shape) -> torch.Tensor:
     return torch.randint(-2**62, 2**62, shape)
 
 
 def test_a_reserved_slot_goes_to_the_reader_without_a_copy(link):
     pool, reader, maps = link
-    first = _send(pool, reader, maps, pool.place([_random((N,)), _random((2, N))]))  # a slot the reader maps
+    first = send_placed(pool, reader, maps, pool.place([_random((N,)), _random((2, N))]))  # a slot the reader maps
     maps.done(first.slot)
     pool.release(maps.take_done())
     found = pool.reserve(LAYOUT)
@@ -62,7 +48,7 @@ def test_a_reserved_slot_goes_to_the_reader_without_a_copy(link):
     e, f = _random((N,)), _random((2, N))
     torch.sub(e, 0, out=found.views[0])  # what a step computing into the buffers writes
     found.views[1].copy_(f)
-    reply = _send(pool, reader, maps, pool.place(found.views))
+    reply = send_placed(pool, reader, maps, pool.place(found.views))
     assert reply.slot == first.slot and pool.in_place == 1
     seen = maps.views(reply, LAYOUT)
     assert torch.equal(seen[0], e) and torch.equal(seen[1], f)
@@ -71,12 +57,12 @@ def test_a_reserved_slot_goes_to_the_reader_without_a_copy(link):
 
 def test_a_reserved_slot_is_not_reused_while_its_round_runs_even_when_reported_done(link):
     pool, reader, maps = link
-    first = _send(pool, reader, maps, pool.place([_random((N,)), _random((2, N))]))
+    first = send_placed(pool, reader, maps, pool.place([_random((N,)), _random((2, N))]))
     maps.done(first.slot)
     pool.release(maps.take_done())
     found = pool.reserve(LAYOUT)
     mine = found.views[0].clone()
-    _send(pool, reader, maps, pool.place(found.views))
+    send_placed(pool, reader, maps, pool.place(found.views))
     pool.release([first.slot])  # the reader says done (early, or honestly) while the round still runs
     other = pool.place([torch.ones(N, dtype=torch.int64), torch.ones(2, N, dtype=torch.int64)])
     assert other is None or other[0].slot != first.slot  # (a new slot, or bytes: never the pinned one)
@@ -92,7 +78,7 @@ def test_a_reserved_slot_is_not_reused_while_its_round_runs_even_when_reported_d
 
 def test_a_slot_unreserved_before_any_fetch_is_retired_not_written_again(link):
     pool, reader, maps = link
-    first = _send(pool, reader, maps, pool.place([_random((N,)), _random((2, N))]))
+    first = send_placed(pool, reader, maps, pool.place([_random((N,)), _random((2, N))]))
     maps.done(first.slot)
     pool.release(maps.take_done())
     found = pool.reserve(LAYOUT)
@@ -101,7 +87,7 @@ def test_a_slot_unreserved_before_any_fetch_is_retired_not_written_again(link):
         view.copy_(value)
     pool.unreserve(found)  # the round ended before the peer was handed the slot (a reply may still be made from it)
     t = [_random((N,)), _random((2, N))]
-    reply = _send(pool, reader, maps, pool.place(t))
+    reply = send_placed(pool, reader, maps, pool.place(t))
     assert reply.slot != first.slot and first.slot in reply.drop and pool.in_place == 0  # a new slot; the old dropped
     seen = maps.views(reply, LAYOUT)
     assert torch.equal(seen[0], t[0]) and torch.equal(seen[1], t[1])
@@ -117,12 +103,12 @@ def test_a_slot_made_for_a_reservation_keeps_the_readers_numbers(link):
     e = _random((N,))
     found.views[0].copy_(e)
     found.views[1].zero_()
-    reply = _send(pool, reader, maps, pool.place(found.views))
+    reply = send_placed(pool, reader, maps, pool.place(found.views))
     seen = maps.views(reply, LAYOUT)  # the reader mapped it under the number the reply names
     assert torch.equal(seen[0], e) and not seen[1].any()
     pool.unreserve(found)
     later = [_random((N,))]
-    second = _send(pool, reader, maps, pool.place(later))
+    second = send_placed(pool, reader, maps, pool.place(later))
     assert second.slot != reply.slot and torch.equal(maps.views(second, [((N,), torch.int64)])[0], later[0])
 
 

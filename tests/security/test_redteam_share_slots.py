@@ -31,7 +31,7 @@ from veil.workers.share_slots import MAX_SLOTS, MIN_SLOT_BYTES, PeerSlotReply, S
 
 from tests.mpc.peer_fixtures import cp, parties  # noqa: F401  (network parties with peer openings, a dealer)
 
-from network_helpers import slot_link  # (tests/security/conftest.py puts tests/network on the path)
+from network_helpers import send_placed, slot_link  # (tests/security/conftest.py puts tests/network on the path)
 
 pytestmark = pytest.mark.skipif(not share_slots.enabled(), reason="share slots need Linux and memfd_create")
 
@@ -50,17 +50,11 @@ def _deliver(pool: SlotPool, reader: socket.socket, maps: SlotMaps, tensors: lis
              goes: bool = True) -> PeerSlotReply | None:
     """One fetch as the server answers it: placed, then sent (the descriptor the first time) and received; or,
     ``goes`` False, the descriptor could not go (a write still buffered) and the bytes reply went instead."""
-    reply, fd = pool.place(tensors)
+    placed = pool.place(tensors)
     if not goes:
-        pool.unplace(reply)
+        pool.unplace(placed[0])
         return None
-    if fd is None:
-        pool.raw.send(b"r")
-    else:
-        assert send_with_fd(pool.raw, b"r", fd) == 1
-        pool.sent(reply)
-    _receive(reader, maps)
-    return reply
+    return send_placed(pool, reader, maps, placed)
 
 
 def _read(pool: SlotPool, maps: SlotMaps, reply: PeerSlotReply, tensors: list) -> list:

@@ -26,9 +26,9 @@ from veil.mpc.party import run_openable
 from veil.workers import peer_slot_outputs, share_slots
 from veil.workers.peer_openings import PeerOpenMessage
 from veil.workers.peer_slot_outputs import into_peer_slot
-from veil.workers.share_slots import MIN_SLOT_BYTES, PeerSlotReply, SlotMaps, SlotPool, send_with_fd
+from veil.workers.share_slots import MIN_SLOT_BYTES, PeerSlotReply, SlotMaps, SlotPool
 
-from network_helpers import slot_link  # (tests/security/conftest.py puts tests/network on the path)
+from network_helpers import send_placed, slot_link  # (tests/security/conftest.py puts tests/network on the path)
 
 pytestmark = pytest.mark.skipif(not share_slots.enabled(), reason="share slots need Linux and memfd_create")
 
@@ -72,25 +72,10 @@ def _mask_layout(n: int = N, derived: bool = False):
     return [((n,), I64), ((n,), I64)], derived
 
 
-def _receive(reader: socket.socket, maps: SlotMaps) -> None:
-    buf = bytearray(64)
-    _, ancdata, _, _ = reader.recvmsg_into([buf], maps.read_size(), socket.MSG_CMSG_CLOEXEC)
-    maps.received(ancdata)
-
-
 def _deliver(pool: SlotPool, reader: socket.socket, maps: SlotMaps, tensors: list):
     """A fetch as the server's loop answers it: placed (None: the bytes reply goes), sent, received."""
     placed = pool.place(tensors)
-    if placed is None:
-        return None
-    reply, fd = placed
-    if fd is None:
-        pool.raw.send(b"r")
-    else:
-        assert send_with_fd(pool.raw, b"r", fd) == 1
-        pool.sent(reply)
-    _receive(reader, maps)
-    return reply
+    return None if placed is None else send_placed(pool, reader, maps, placed)
 
 
 def _read(pool: SlotPool, maps: SlotMaps, reply: PeerSlotReply, layout: list) -> list:
