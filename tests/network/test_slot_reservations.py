@@ -38,11 +38,17 @@ def _random(shape) -> torch.Tensor:
     return torch.randint(-2**62, 2**62, shape)
 
 
-def test_a_reserved_slot_goes_to_the_reader_without_a_copy(link):
-    pool, reader, maps = link
-    first = send_placed(pool, reader, maps, pool.place([_random((N,)), _random((2, N))]))  # a slot the reader maps
+def _free_mapped_slot(pool, reader, maps):
+    """A slot the reader maps and has reported done (free again): the reply that handed it over."""
+    first = send_placed(pool, reader, maps, pool.place([_random((N,)), _random((2, N))]))
     maps.done(first.slot)
     pool.release(maps.take_done())
+    return first
+
+
+def test_a_reserved_slot_goes_to_the_reader_without_a_copy(link):
+    pool, reader, maps = link
+    first = _free_mapped_slot(pool, reader, maps)
     found = pool.reserve(LAYOUT)
     assert found is not None and found.slot.number == first.slot  # (the slot the reader maps already)
     e, f = _random((N,)), _random((2, N))
@@ -57,9 +63,7 @@ def test_a_reserved_slot_goes_to_the_reader_without_a_copy(link):
 
 def test_a_reserved_slot_is_not_reused_while_its_round_runs_even_when_reported_done(link):
     pool, reader, maps = link
-    first = send_placed(pool, reader, maps, pool.place([_random((N,)), _random((2, N))]))
-    maps.done(first.slot)
-    pool.release(maps.take_done())
+    first = _free_mapped_slot(pool, reader, maps)
     found = pool.reserve(LAYOUT)
     mine = found.views[0].clone()
     send_placed(pool, reader, maps, pool.place(found.views))
@@ -78,9 +82,7 @@ def test_a_reserved_slot_is_not_reused_while_its_round_runs_even_when_reported_d
 
 def test_a_slot_unreserved_before_any_fetch_is_retired_not_written_again(link):
     pool, reader, maps = link
-    first = send_placed(pool, reader, maps, pool.place([_random((N,)), _random((2, N))]))
-    maps.done(first.slot)
-    pool.release(maps.take_done())
+    first = _free_mapped_slot(pool, reader, maps)
     found = pool.reserve(LAYOUT)
     mine = [_random((N,)), _random((2, N))]
     for view, value in zip(found.views, mine):
