@@ -4,6 +4,7 @@ MPC openings run on that owner."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -16,6 +17,12 @@ from veil.messaging import messages as m
 
 #: the owner's data under review in the move/approval red teams
 SECRET = torch.tensor([[1.5, -2.25, 3.0], [4.0, 5.5, -6.75]])
+
+
+def shows_number(text: str, number: str) -> bool:
+    """Whether ``text`` shows ``number`` (say "-27") as a number, not as digits inside a worker's id drawn from the
+    clock (``uid``: "owner-27846...") or a request's random id."""
+    return re.search(rf"(?<![\w-]){re.escape(number)}(?!\d)", text) is not None
 
 
 def uid(prefix: str) -> str:
