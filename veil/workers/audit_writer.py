@@ -22,6 +22,9 @@ none within :data:`WAIT_S`) turns the reply into one error line: no release is a
 on record. Allowed rows are never counted into a summary; a thread queues at most :data:`ALLOWED_AHEAD` before it
 waits for them. A star opening's row is queued the same way (its reply is its release); a peer opening's and a
 move's too, waited for before their values leave to other workers, the turn handed over (leaving_rows.py).
+A handler thread's allowed row wakes no writer thread (the handler writes it when it settles it: a wake-up per
+opening, its thread then contending for the interpreter, cost a network party a tenth of its CPU), and the
+writer's thread waits on a condition of its own (a row written wakes only the threads waiting for rows).
 
 Bounded: a queued row is a copy of what the audit table keeps of it (at most 1000 ids, 500 characters); at most
 :data:`MAX_PENDING` rows wait, and past that a row is counted into one summary row per (action, principal) (ids
@@ -114,7 +117,11 @@ class RowWriter:
 
     def __init__(self, write: Callable[..., None], name: str) -> None:
         self._write, self._name = write, name
-        self._changed = threading.Condition()
+        lock = threading.RLock()
+        #: rows written (or the head free to write): the threads waiting for their rows (_wait_for)
+        self._changed = threading.Condition(lock)
+        #: rows to write: the writer's thread waits on it alone (a row written wakes only those waiting for it)
+        self._queued = threading.Condition(lock)
         #: held while a row is written: by the writer's thread, or by a thread waiting for its rows (_wait_for)
         self._writing = threading.Lock()
         self._rows: deque[tuple] = deque()
@@ -131,7 +138,9 @@ class RowWriter:
     def submit_allowed(self, *row: Any) -> None:
         """Queues an allowed row (:func:`rows_held_by_reply`): never counted into a summary, after every row handed
         before it (the summaries of rows counted past the cap first). The thread's reply waits for it
-        (:meth:`settle_mine`); a handler thread with :data:`ALLOWED_AHEAD` rows queued waits for them first."""
+        (:meth:`settle_mine`); a handler thread with :data:`ALLOWED_AHEAD` rows queued waits for them first.
+        A handler thread's row wakes no writer: it is written when the thread settles it, or by the writer's
+        thread with the next row that wakes it (at the latest after :data:`IDLE_S`)."""
         mine = self._mine.__dict__.setdefault("tickets", [])
         if len(mine) >= ALLOWED_AHEAD and not getattr(self._mine, "inline", False):
             if not self._settle(mine, getattr(self._mine, "seq", 0), WAIT_S):
@@ -148,6 +157,11 @@ class RowWriter:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
+            # only the event loop's rows wake the writer's thread: a handler thread writes its own when it
+            # settles them (_wait_for), and a wake-up per opening (its thread then contending for the
+            # interpreter) cost a network party about a tenth of its CPU in the MLP step
+            if getattr(self._mine, "inline", False):
+                self._queued.notify()
             self._changed.notify_all()
 
     def _settle(self, tickets: list, seq: int, timeout: float) -> bool:
@@ -195,6 +209,7 @@ class RowWriter:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
+            self._queued.notify()
             self._changed.notify_all()
 
     def _count_over(self, row: tuple) -> None:
@@ -225,7 +240,7 @@ class RowWriter:
     def _run(self) -> None:
         while True:
             with self._changed:
-                if not self._rows and not self._changed.wait_for(lambda: self._rows, IDLE_S):
+                if not self._rows and not self._queued.wait_for(lambda: self._rows, IDLE_S):
                     self._thread = None  # (under the lock: a row handed after this starts a new thread)
                     return
             with self._writing:
@@ -393,6 +408,7 @@ class RowWriter:
             if self._rows and self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
+            self._queued.notify()
             self._changed.notify_all()
         if self.wait(timeout):
             return True

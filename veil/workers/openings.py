@@ -43,8 +43,10 @@ class OpeningRules:
     """Openings and dealt items, for the reference monitor (which provides ``resolve_args``, ``audit``,
     ``_refuse``, ``_check_release``, ``may_reveal``, ``_may_see``, ``_local`` and ``_taints``)."""
 
-    def resolve_opening(self, principal: Principal, name: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """Arguments of an openable protocol step (its outputs go back to the requester).
+    def resolve_opening(self, principal: Principal, name: str, args: tuple, kwargs: dict,
+                        peer_round: tuple | None = None) -> tuple[tuple, dict]:
+        """Arguments of an openable protocol step (its outputs go back to the requester; ``peer_round``: the
+        other parties and the ids the opened values will be stored under, for a peer opening's row).
 
         Openings open protocol shares: every referenced object must be a share or
         dealer material, or something the requester may reveal anyway. When a
@@ -97,7 +99,12 @@ class OpeningRules:
             # w - b is as large as b and of its dtype, as any masked output (open_step checks): a broadcast
             # or a float w would open b itself or differences of w, and consume b (red team)
             self._local.opened_masks = [fixed.obj]
-        self.audit("open", principal, ids, "allowed", name)
+        if peer_round is None:
+            self.audit("open", principal, ids, "allowed", name)
+        else:  # (one row for the round: what it opens, with whom, and where the opened values are kept)
+            peers, stored = peer_round
+            self.audit("open", principal, ids + list(stored), "allowed",
+                       f"{name} with {sorted(peers)}, opened values stored as {list(stored)}")
         return args, kwargs
 
     def _check_fixed(self, principal: Principal, name: str, found: dict[int, Entry], ids: list) -> Entry | None:
@@ -190,14 +197,14 @@ class OpeningRules:
         return [e.obj for e in masks]
 
     def open_step(self, principal: Principal, name: str, args: tuple, kwargs: dict,
-                  run: Callable[[str, tuple, dict], list]) -> list:
+                  run: Callable[[str, tuple, dict], list], peer_round: tuple | None = None) -> list:
         """An OpenMessage: resolves the wire-level arguments (keeping the raw refs for the mask check),
         runs the step with ``run`` and returns its outputs, each as large as its mask when masks were
-        required (a broadcast mask would hide only differences)."""
+        required (a broadcast mask would hide only differences). ``peer_round``: see :meth:`resolve_opening`."""
         raw = args
         self._local.opening_refs, self._local.opening_kwrefs = args, kwargs
         try:
-            args, kwargs = self.resolve_opening(principal, name, args, kwargs)
+            args, kwargs = self.resolve_opening(principal, name, args, kwargs, peer_round)
             released = self._local.opening_released  # (set by resolve_opening: what it opens of non-shares)
         finally:
             self._local.opening_refs = self._local.opening_kwrefs = None

@@ -165,8 +165,11 @@ def _handle_peer_open(worker: Any, msg: PeerOpenMessage, sender: str) -> Any:
 
     rnd = None
     try:
-        with rows_held_by_reply():  # (its allowed row: on record before its outputs are published, below)
-            outputs = worker.monitor.open_step(principal, msg.name, tuple(msg.args), msg.kwargs, run)
+        # its allowed row (one for the round, naming the ids the opened values are stored under): on record
+        # before its outputs are published, below
+        with rows_held_by_reply():
+            outputs = worker.monitor.open_step(principal, msg.name, tuple(msg.args), msg.kwargs, run,
+                                               peer_round=(others, msg.ids))
         on_record_before_leaving(worker)
         if len(msg.ids) != len(outputs):
             raise PeerOpeningError(f"{msg.name} opens {len(outputs)} values; {len(msg.ids)} ids were given")
@@ -195,10 +198,9 @@ def _handle_peer_open(worker: Any, msg: PeerOpenMessage, sender: str) -> Any:
             for pool, found in reserved:
                 pool.unreserve(found)
     for oid, value in zip(msg.ids, opened):
-        # the opened values, as the orchestrator would have sent them in a star opening: public to it
+        # the opened values, as the orchestrator would have sent them in a star opening: public to it (the
+        # round's allowed row, on record before anything left, names them)
         worker.monitor.store(principal, oid, value, kind=Kind.CLIENT)
-    with rows_held_by_reply():  # (nothing leaves after it: the reply waits for it, out of the turn)
-        worker.monitor.audit("peer_open", principal, list(msg.ids), "allowed", f"{msg.name} with {sorted(others)}")
     return m.OkReply()
 
 
