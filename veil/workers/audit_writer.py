@@ -295,6 +295,11 @@ class RowWriter:
                     wrote = self._write_head()
                 finally:
                     self._writing.release()
+                    # the write lock is free: a thread that found it held waits for just that (the writer's
+                    # thread, which took it next, is not woken by a handler thread's rows: it waited IDLE_S)
+                    with self._changed:
+                        if self._rows:
+                            self._changed.notify_all()
                 if wrote:
                     continue
             with self._changed:  # another thread writes (its row's notify wakes this one), or nothing is queued

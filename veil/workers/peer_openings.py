@@ -52,8 +52,10 @@ future (:meth:`PeerRounds.take_on_loop`); whatever that path does not serve goes
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -77,6 +79,8 @@ from veil.workers.share_slots import PeerSlotReply
 from veil.workers.store import Kind
 from veil.workers.websocket_auth import SESSION_END_HANDLERS, register_peer_message
 from veil.workers.websocket_transport import expect_reply
+
+log = logging.getLogger(__name__)
 
 #: most parties of one peer opening
 MAX_PARTIES = 16
@@ -138,8 +142,9 @@ def _check_message(worker: Any, msg: PeerOpenMessage) -> frozenset:
         raise PeerOpeningError(f"a peer opening names 2-{MAX_PARTIES} distinct party ids")
     if worker.id not in parties:
         raise PeerOpeningError(f"worker {worker.id!r} is not among the parties {parties}")
-    if not isinstance(msg.ids, list) or not all(type(i) is int and i > 0 for i in msg.ids):
-        raise PeerOpeningError("a peer opening needs positive integer ids for the opened values")
+    if not isinstance(msg.ids, list) or not all(type(i) is int and i > 0 for i in msg.ids) \
+            or len(set(msg.ids)) != len(msg.ids):
+        raise PeerOpeningError("a peer opening needs distinct positive integer ids for the opened values")
     if msg.reveal not in REVEALS or (msg.reveal == "top_bits" and msg.name not in TOP_BITS_STEPS):
         raise PeerOpeningError(f"a peer opening of {msg.name!r} cannot reveal {msg.reveal!r}")
     return frozenset(p for p in parties if p != worker.id)
@@ -147,14 +152,44 @@ def _check_message(worker: Any, msg: PeerOpenMessage) -> frozenset:
 
 @register_handler(PeerOpenMessage)
 def _handle_peer_open(worker: Any, msg: PeerOpenMessage, sender: str) -> Any:
+    left: deque = deque()  # the ids the round's allowed row names (once handed) that hold no opened value yet
+    try:
+        return _peer_open(worker, msg, sender, left)
+    except BaseException as e:
+        if left:  # (its one row claims them: the log must say they hold nothing)
+            _failed_round(worker, msg, sender, left, e)
+        raise
+
+
+def _failed_round(worker: Any, msg: PeerOpenMessage, sender: str, left: deque, error: BaseException) -> None:
+    """The row of a round that failed once its allowed row was handed (a refused step, a wrong id count, a peer's
+    error, a session revoked, a store refused): the ids it named that hold no opened value. A refusal row: as
+    many as a requester can cause are bounded like any other (refusal_rows.py)."""
+    others = sorted(p for p in msg.parties if p != worker.id)
+    try:
+        worker.monitor.audit("open", worker.principal(sender), list(left), "refused",
+                             f"{msg.name} with {others} failed after its allowed row: no opened value stored as "
+                             f"{list(left)} ({type(error).__name__}: {_cut(str(error))})")
+    except Exception:  # noqa: BLE001  (the round's own error is what its requester gets)
+        log.exception("worker %s: could not audit a failed peer opening", worker.id)
+        return
+    if isinstance(error, PermissionDeniedError):
+        error.audited = True  # (the server does not write a second row)
+
+
+def _peer_open(worker: Any, msg: PeerOpenMessage, sender: str, left: deque) -> Any:
     others = _check_message(worker, msg)
     principal = worker.principal(sender)
     rounds = rounds_of(worker)
     rounds.check_fresh(msg.round)
+    # ids taken are refused before the round's allowed row names them and before anything leaves (the store
+    # after the round refused them: its row claimed the ids, its outputs were published)
+    worker.monitor.check_free(principal, msg.ids)
     posted: dict = {}
     reserved: list = []  # (pool, reservation) of the share slot the outputs are computed in, if any
 
     def run(name: str, args: tuple, kwargs: dict) -> list:  # the monitor passed the step's arguments
+        left.extend(msg.ids)  # (its allowed row, naming them, is handed: a failure from here on is recorded)
         _post_fetches(worker, msg, _sources(worker, msg, others), posted)
         found = into_peer_slot(worker, msg, others, name, args, kwargs)
         if found is None:
@@ -201,6 +236,7 @@ def _handle_peer_open(worker: Any, msg: PeerOpenMessage, sender: str) -> Any:
         # the opened values, as the orchestrator would have sent them in a star opening: public to it (the
         # round's allowed row, on record before anything left, names them)
         worker.monitor.store(principal, oid, value, kind=Kind.CLIENT)
+        left.popleft()
     return m.OkReply()
 
 
