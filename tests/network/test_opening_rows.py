@@ -62,8 +62,9 @@ def test_a_peer_round_is_one_allowed_row_per_party_naming_its_peer_and_stored_id
         opens = [r for r in rows if r["action"] == "open" and r["outcome"] == "allowed"]
         assert len(opens) == 1, opens  # one round: one row at each party
         detail, ids = opens[0]["detail"], opens[0]["object_ids"]
-        assert detail.startswith(f"beaver_mask with ['{other}'], opened values stored as "), detail
-        stored = [int(i) for i in detail.rsplit("[", 1)[1].rstrip("]").split(",")]
+        assert detail.startswith("beaver_mask: 2 opened values stored as the row's last 2 ids ["), detail
+        assert detail.endswith(f"], a peer round with ['{other}']"), detail
+        stored = [int(i) for i in detail.split("[", 1)[1].split("]", 1)[0].split(",")]
         assert len(stored) == 2 and ids[-2:] == stored and len(ids) == 6, (ids, stored)  # x, y, a, b; e, f
 
 
@@ -123,3 +124,36 @@ def test_an_allowed_row_never_settled_is_written_anyway(monkeypatch):
     while "orphan" not in [d for d, _ in written] and time.monotonic() < deadline:
         time.sleep(0.02)
     assert "orphan" in [d for d, _ in written], written
+
+
+def test_an_inline_reply_whose_rows_are_on_record_goes_unwrapped_and_one_not_yet_written_waits(monkeypatch):
+    import asyncio
+
+    from veil.workers.loop_rows import AfterRows, after_rows, released
+
+    monkeypatch.setattr(audit_writer, "IDLE_S", 5.0)
+    gate = threading.Event()  # (holds the "pending" row's write until its reply was wrapped)
+
+    def write(*row):
+        if row[5] == "fails":
+            raise RuntimeError("the database refused the row")
+        if row[5] == "pending":
+            gate.wait(10)
+
+    writer = audit_writer.RowWriter(write, f"aw-rows-{time.monotonic_ns()}")
+    for detail, want in (("written", bytes), ("pending", AfterRows), ("fails", AfterRows)):
+        writer.inline_started()
+        try:
+            writer.submit_allowed("open", "alice", "s", [1], "allowed", detail)
+        finally:
+            writer.inline_ended()
+        if detail != "pending":  # (the writer's thread, woken by the loop's row, writes it)
+            writer.wait(5)
+        reply = after_rows(writer, b"the opened values", "w")
+        assert type(reply) is want, (detail, reply)
+        gate.set()
+        sent = asyncio.run(released(writer, reply))
+        if detail == "fails":
+            assert b"the opened values" not in sent and b"audit log is unavailable" in sent, sent
+        else:
+            assert sent == b"the opened values"

@@ -42,6 +42,8 @@ def after_rows(writer: Any, reply: Any, sender: str = "") -> Any:
     if reply is None:
         return reply
     if tickets:
+        if not seq and all(t[0] is True for t in tickets):  # (on record already: the writer's thread wrote them
+            return reply  # while the step ran) sent as any reply, no hand-off to the connection's reader
         return AfterRows(reply, seq, tickets, sender)
     return AfterRows(reply, seq) if seq else reply
 

@@ -101,10 +101,11 @@ class OpeningRules:
             self._local.opened_masks = [fixed.obj]
         if peer_round is None:
             self.audit("open", principal, ids, "allowed", name)
-        else:  # (one row for the round: what it opens, with whom, and where the opened values are kept)
-            peers, stored = peer_round
+        else:  # (one row for the round: what it opens, where the opened values are kept, with whom; the count
+            peers, stored = peer_round  # first: the table keeps 500 characters of the text, and every id)
             self.audit("open", principal, ids + list(stored), "allowed",
-                       f"{name} with {sorted(peers)}, opened values stored as {list(stored)}")
+                       f"{name}: {len(stored)} opened values stored as the row's last {len(stored)} ids "
+                       f"{list(stored)}, a peer round with {sorted(peers)}")
         return args, kwargs
 
     def _check_fixed(self, principal: Principal, name: str, found: dict[int, Entry], ids: list) -> Entry | None:
