@@ -307,6 +307,12 @@ def _install_peer_path() -> None:
                 rec["t_step1"] = now()
 
     po.run_openable = run_openable
+    # inside the step's runner: the monitor passed (t_run), the fetches posted, the share slot reserved (its
+    # allowed row waited for first: peer_slot_outputs.into_peer_slot)
+    timed("_post_fetches", lambda a: getattr(local, "rec", None) is not None and local.rec.__setitem__("t_run", now()),
+          lambda a: getattr(local, "rec", None) is not None and local.rec.__setitem__("t_posted", now()))
+    timed("into_peer_slot", lambda a: None,
+          lambda a: getattr(local, "rec", None) is not None and local.rec.__setitem__("t_slot", now()))
     timed("_fetch_all", lambda a: rounds[a[1].round].__setitem__("t_fetch0", now()),
           lambda a: rounds[a[1].round].__setitem__("t_fetch1", now()))
     timed("_combine", lambda a: None, lambda a: local.rec.__setitem__("t_combined", now()))

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from veil.mpc.output_buffers import outputs_into
 from veil.mpc.party import run_openable
@@ -142,3 +144,20 @@ def test_a_buffer_of_another_shape_is_not_used():
     with outputs_into([wrong]):
         (c,) = run_openable("trunc_mask", (x, r), {"shift": 0})
     assert torch.equal(c, r + x) and c.data_ptr() != wrong.data_ptr()
+
+
+_SHAPES = st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple)
+_DTYPES = st.sampled_from([torch.int64, torch.int32, torch.float32, torch.bool])
+
+
+@settings(max_examples=150, deadline=None)
+@given(name=st.sampled_from(["beaver_mask", "trunc_mask"]), shapes=st.lists(_SHAPES, min_size=4, max_size=4),
+       dtypes=st.lists(_DTYPES, min_size=4, max_size=4), extra=st.sampled_from([(), (3,), (True,), ("3",)]))
+def test_the_slot_steps_layouts_from_their_operands_equal_running_them_on_meta_tensors(name, shapes, dtypes, extra):
+    """peer_slot_outputs reserves a slot only for outputs of the masks' exact layouts: the layouts it reads off
+    the operands must be what the step gives (worked out on meta tensors), also for mismatched or odd arguments."""
+    from veil.workers.peer_slot_outputs import _meta_layout, _output_layout
+
+    tensors = tuple(torch.zeros(s, dtype=d) for s, d in zip(shapes, dtypes))
+    args = (tensors if name == "beaver_mask" else tensors[:2]) + extra
+    assert _output_layout(name, args, {}) == _meta_layout(name, args, {})

@@ -72,8 +72,29 @@ def _versions(args: tuple, kwargs: dict) -> list:
     return [(id(t), t._version) for t in m.arg_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
 
 
+#: the slot steps' outputs, each an operand minus or plus its mask elementwise (beaver._mask, truncation._trunc_mask):
+#: (pairs of argument positions, fewest and most arguments; those past the pairs' are ints: trunc's shift). Their
+#: layouts follow from the operands' without running the step on meta tensors (~0.2 ms a round on each party)
+_ELEMENTWISE_OUTPUTS = {"beaver_mask": (((0, 2), (1, 3)), 4, 4), "trunc_mask": (((0, 1),), 2, 3)}
+
+
 def _output_layout(name: str, args: tuple, kwargs: dict) -> list | None:
-    """The step's outputs' (shape, dtype), from its arguments as meta tensors (no arithmetic); None if it fails."""
+    """The step's outputs' (shape, dtype), from its arguments' (broadcast shape, promoted dtype) or as meta
+    tensors (no arithmetic); None if it fails."""
+    pairs, fewest, most = _ELEMENTWISE_OUTPUTS[name]
+    operands = [(args[i], args[j]) for i, j in pairs] if fewest <= len(args) <= most and not kwargs else []
+    if operands and all(isinstance(x, torch.Tensor) and isinstance(k, torch.Tensor) for x, k in operands) \
+            and all(type(a) is int for a in args[fewest:]):
+        try:  # (torch.broadcast_shapes costs ~30 us: equal shapes, the usual case, need none)
+            return [(tuple(x.shape) if x.shape == k.shape else tuple(torch.broadcast_shapes(x.shape, k.shape)),
+                     torch.promote_types(x.dtype, k.dtype)) for x, k in operands]
+        except RuntimeError:  # (shapes that do not broadcast: the step itself raises when it runs)
+            return None
+    return _meta_layout(name, args, kwargs)
+
+
+def _meta_layout(name: str, args: tuple, kwargs: dict) -> list | None:
+    """The step's outputs' (shape, dtype), running it on its arguments as meta tensors; None if it fails."""
     meta = tuple(torch.empty(a.shape, dtype=a.dtype, device="meta") if isinstance(a, torch.Tensor) else a
                  for a in args)
     try:
