@@ -15,6 +15,10 @@
   notification that came only with the next row written; the helper let the lock go without one, so the row
   waited for the writer's idle timeout (IDLE_S) or the waiter's whole wait (a release answered "not recorded").
   Must hold: it is written once the lock is free.
+
+Found after (lead, from the red team's note; fails on 97fc220): a session revoked after its round's row was on
+record (before the step on the share-slot path; revoke() takes no turn) still published. Must hold: the session
+is checked again just before anything is published.
 """
 
 from __future__ import annotations
@@ -217,3 +221,27 @@ def test_a_thread_that_found_the_write_lock_held_is_woken_when_it_is_let_go(monk
         t.join(JOIN_S)
     assert out == {"first": True, "second": True}, (out, written)
     assert written == ["probe", "first", "second"], written
+
+
+def test_a_round_whose_session_is_revoked_after_its_row_publishes_nothing(hook, monkeypatch):
+    """Attack (lead, from the red team's note): revoke() takes no turn, and a round whose allowed row was on
+    record before its step (the share-slot path) checked the session only then. Revoked between that check and
+    the publish, the outputs still went to the peers. Must hold: nothing is published after the revocation."""
+    from veil.workers.peer_rounds import PeerRounds
+
+    srv, honest, other, ids, mine = _opening_worker(hook, "or-revoked")
+    seen: list = []
+    _with_peer(monkeypatch, srv)
+    _watch_publish(monkeypatch, srv, seen)
+    opened = PeerRounds.open
+
+    def open_then_revoked(self, *a, **k):  # (past the row's wait, before the publish)
+        rnd = opened(self, *a, **k)
+        honest.revoked = True
+        return rnd
+
+    monkeypatch.setattr(PeerRounds, "open", open_then_revoked)
+    got = request(srv, honest, _peer_open(ids))
+    assert not seen, "a revoked session's round published its outputs"
+    assert type(got) is m.ErrorReply and "revoked" in got.message and "\n" not in got.message, got
+    _served_meanwhile(srv, other, mine)

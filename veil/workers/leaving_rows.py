@@ -35,9 +35,17 @@ def on_record_before_leaving(worker: Any) -> None:
         recorded = rows.settle_mine()
     if not recorded:
         raise RemoteExecutionError(NOT_RECORDED)
-    if session.revoked or worker.sessions.get(session.id) is not session:
-        raise PermissionDeniedError("access revoked by the data owner (or the session ended) while its audit rows "
-                                    "were written: nothing was sent")
+    session_still_open(worker, "while its audit rows were written")
+
+
+def session_still_open(worker: Any, meanwhile: str = "meanwhile") -> None:
+    """(just before values leave to another worker: a peer round's publish) raises when the requesting session was
+    revoked or ended since its request was checked (``revoke`` takes no turn: a round whose row was on record
+    before its step, or that waited for a peer's shares, may be past it)."""
+    session = worker.current_session() if callable(getattr(worker, "current_session", None)) else None
+    if session is not None and (session.revoked or worker.sessions.get(session.id) is not session):
+        raise PermissionDeniedError(f"access revoked by the data owner (or the session ended) {meanwhile}: "
+                                    "nothing was sent")
 
 
 @contextmanager

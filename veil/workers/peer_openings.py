@@ -72,7 +72,7 @@ from veil.mpc.truncation import pack_top_bits
 from veil.workers import cancellation
 from veil.workers.audit_writer import rows_held_by_reply
 from veil.workers.base import register_handler
-from veil.workers.leaving_rows import on_record_before_leaving
+from veil.workers.leaving_rows import on_record_before_leaving, session_still_open
 from veil.workers.peer_rounds import WAIT_SECONDS, PeerOpeningError, PeerRounds, rounds_of
 from veil.workers.peer_slot_outputs import into_peer_slot
 from veil.workers.share_slots import PeerSlotReply
@@ -212,6 +212,7 @@ def _peer_open(worker: Any, msg: PeerOpenMessage, sender: str, left: deque) -> A
             rnd, opened = _open_top_bits(worker, msg, principal, rounds, others, outputs, posted)
         else:
             rnd = rounds.open(principal.namespace, msg.round, msg.name, others)
+            session_still_open(worker)
             rounds.publish(rnd, outputs)
             with cancellation.outside_turn():  # the other parties' fetches are served meanwhile
                 held: list = []
@@ -255,10 +256,12 @@ def _open_top_bits(worker: Any, msg: PeerOpenMessage, principal: Any, rounds: Pe
                 opened = _combine(msg.name, outputs, _fetch_all(worker, msg, others, _layout(outputs), posted, held))
             finally:
                 _slots_read(held)
+            session_still_open(worker, "while the other parties' shares came")
             rounds.publish(rnd, [pack_top_bits(opened[0])])
             rounds.wait_taken(msg.round, rnd)
         return rnd, opened
     rnd = rounds.open(principal.namespace, msg.round, msg.name, frozenset({first}))
+    session_still_open(worker)
     rounds.publish(rnd, outputs)
     with cancellation.outside_turn():
         # (no slot: the bits are kept, and a slot's bytes are the peer's to change)
