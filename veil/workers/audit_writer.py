@@ -23,8 +23,9 @@ on record. Allowed rows are never counted into a summary; a thread queues at mos
 waits for them. A star opening's row is queued the same way (its reply is its release); a peer opening's and a
 move's too, waited for before their values leave to other workers, the turn handed over (leaving_rows.py).
 A handler thread's allowed row wakes no writer thread (the handler writes it when it settles it: a wake-up per
-opening, its thread then contending for the interpreter, cost a network party a tenth of its CPU), and the
-writer's thread waits on a condition of its own (a row written wakes only the threads waiting for rows).
+opening, its thread then contending for the interpreter, cost a network party a tenth of its CPU), an inline
+request's wake it once the request ran (:meth:`RowWriter.inline_ended`), and the writer's thread waits on a
+condition of its own (a row written wakes only the threads waiting for rows).
 
 Bounded: a queued row is a copy of what the audit table keeps of it (at most 1000 ids, 500 characters); at most
 :data:`MAX_PENDING` rows wait, and past that a row is counted into one summary row per (action, principal) (ids
@@ -160,8 +161,8 @@ class RowWriter:
             # only the event loop's rows wake the writer's thread: a handler thread writes its own when it
             # settles them (_wait_for), and a wake-up per opening (its thread then contending for the
             # interpreter) cost a network party about a tenth of its CPU in the MLP step
-            if getattr(self._mine, "inline", False):
-                self._queued.notify()
+            if getattr(self._mine, "inline", False):  # (woken once the loop is done with it: inline_ended)
+                self._mine.wake = True
             self._changed.notify_all()
 
     def _settle(self, tickets: list, seq: int, timeout: float) -> bool:
@@ -339,7 +340,13 @@ class RowWriter:
         self._mine.inline = True
 
     def inline_ended(self) -> None:
+        """The inline request ran: the writer's thread is woken for the allowed rows it queued (woken as each was
+        queued, it contended with the loop for the interpreter while the step ran, and seldom wrote the row
+        before the reply was ready)."""
         self._mine.inline = False
+        if self._mine.__dict__.pop("wake", False):
+            with self._changed:
+                self._queued.notify()
 
     def take_mine(self) -> int:
         """(the event loop, which never waits here) the newest row this thread handed, if not yet written (else
@@ -360,11 +367,15 @@ class RowWriter:
             if self._written >= seq:
                 return
             self._loop_waiters.add(waiter)
+        # (a timer on the future itself: asyncio.wait_for wraps it in more futures and callbacks, per inline
+        # opening's reply)
+        timer = loop.call_later(timeout, _set_done, waiter[2])
         try:
-            await asyncio.wait_for(waiter[2], timeout)
-        except asyncio.TimeoutError:
-            self._behind = True
+            await waiter[2]
+            if self._written < seq:  # (the timer, not the writer)
+                self._behind = True
         finally:
+            timer.cancel()
             with self._changed:
                 self._loop_waiters.discard(waiter)
 
