@@ -68,18 +68,20 @@ def test_a_peer_round_is_one_allowed_row_per_party_naming_its_peer_and_stored_id
         assert len(stored) == 2 and ids[-2:] == stored and len(ids) == 6, (ids, stored)  # x, y, a, b; e, f
 
 
-def _writer(written: list) -> audit_writer.RowWriter:
-    return audit_writer.RowWriter(lambda *row: written.append((row[5], threading.current_thread().name)),
-                                  f"aw-rows-{time.monotonic_ns()}")
+def _parked_writer(written: list) -> audit_writer.RowWriter:
+    """A writer whose thread wrote one refusal row and now waits for rows (``written``: (detail, thread name))."""
+    writer = audit_writer.RowWriter(lambda *row: written.append((row[5], threading.current_thread().name)),
+                                    f"aw-rows-{time.monotonic_ns()}")
+    writer.submit("compute", "alice", "-", [], "refused", "first")
+    assert writer.wait(5)
+    time.sleep(0.1)  # (its thread back in its wait: only a wake-up, or IDLE_S, moves it now)
+    return writer
 
 
 def test_a_handler_threads_allowed_row_is_written_by_that_thread_when_it_settles(monkeypatch):
     monkeypatch.setattr(audit_writer, "IDLE_S", 5.0)
     written: list = []
-    writer = _writer(written)
-    writer.submit("compute", "alice", "-", [], "refused", "first")  # (the writer's thread runs, then waits)
-    assert writer.wait(5)
-    time.sleep(0.1)  # (parked)
+    writer = _parked_writer(written)
     writer.submit_allowed("open", "alice", "s", [1], "allowed", "mine")
     time.sleep(0.3)
     assert [d for d, _ in written] == ["first"], "the writer's thread was woken for a handler thread's row"
@@ -90,9 +92,7 @@ def test_a_handler_threads_allowed_row_is_written_by_that_thread_when_it_settles
 def test_the_event_loops_allowed_row_wakes_the_writer(monkeypatch):
     monkeypatch.setattr(audit_writer, "IDLE_S", 5.0)
     written: list = []
-    writer = _writer(written)
-    writer.submit("compute", "alice", "-", [], "refused", "first")
-    assert writer.wait(5)
+    writer = _parked_writer(written)
     writer.inline_started()
     try:
         writer.submit_allowed("open", "alice", "s", [1], "allowed", "inline")
@@ -109,9 +109,7 @@ def test_the_event_loops_allowed_row_wakes_the_writer(monkeypatch):
 def test_an_allowed_row_never_settled_is_written_anyway(monkeypatch):
     monkeypatch.setattr(audit_writer, "IDLE_S", 0.2)
     written: list = []
-    writer = _writer(written)
-    writer.submit("compute", "alice", "-", [], "refused", "first")
-    assert writer.wait(5)
+    writer = _parked_writer(written)
 
     def handler():  # a request that failed before its reply: its tickets dropped, its row still queued
         writer.submit_allowed("open", "alice", "s", [1], "allowed", "orphan")
