@@ -58,8 +58,8 @@ def _minus(x: torch.Tensor, a: torch.Tensor, k: int | None = None) -> torch.Tens
         else None
     if out is not None:
         return torch.sub(x, a, out=out)
-    if x.shape == a.shape and not x.is_contiguous() and a.is_contiguous():
-        return torch.sub(x, a, out=torch.empty_like(a))
+    if x.shape == a.shape and x.dtype == a.dtype and not x.is_contiguous() and a.is_contiguous():
+        return torch.sub(x, a, out=torch.empty_like(a))  # (of another dtype: a's would cut the promoted result)
     return x - a
 
 
