@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from veil.ids import new_id
@@ -223,7 +224,17 @@ def test_a_thread_that_found_the_write_lock_held_is_woken_when_it_is_let_go(monk
     assert written == ["probe", "first", "second"], written
 
 
-def test_a_round_whose_session_is_revoked_after_its_row_publishes_nothing(hook, monkeypatch):
+def _top_bits_open(ids):
+    """A truncation round revealing top bits, in which this worker (``ao-self``) is not the first party: it
+    publishes its share of c to the first party only."""
+    from veil.workers.peer_openings import PeerOpenMessage
+
+    return PeerOpenMessage("trunc_mask", (m.ObjectRef(ids[0]), m.ObjectRef(ids[1])), {},
+                           str(new_id()).rjust(16, "0"), ["ao-peer", "ao-self"], [new_id()], reveal="top_bits")
+
+
+@pytest.mark.parametrize("opening", [_peer_open, _top_bits_open], ids=["round", "top-bits-other-party"])
+def test_a_round_whose_session_is_revoked_after_its_row_publishes_nothing(hook, monkeypatch, opening):
     """Attack (lead, from the red team's note): revoke() takes no turn, and a round whose allowed row was on
     record before its step (the share-slot path) checked the session only then. Revoked between that check and
     the publish, the outputs still went to the peers. Must hold: nothing is published after the revocation."""
@@ -241,7 +252,7 @@ def test_a_round_whose_session_is_revoked_after_its_row_publishes_nothing(hook, 
         return rnd
 
     monkeypatch.setattr(PeerRounds, "open", open_then_revoked)
-    got = request(srv, honest, _peer_open(ids))
+    got = request(srv, honest, opening(ids))
     assert not seen, "a revoked session's round published its outputs"
     assert type(got) is m.ErrorReply and "revoked" in got.message and "\n" not in got.message, got
     _served_meanwhile(srv, other, mine)
