@@ -10,8 +10,8 @@ is reserved only when everything that decides the release is settled before the 
 - the monitor allowed the step, consumed its masks, and its allowed row is on record (the wait, handing the
   turn over, happens before the step instead of after it; an argument written in place meanwhile, by another
   connection of the session, refuses the opening: the step would open what the monitor did not check);
-- the outputs will be exactly the masks' layouts (shape and int64 dtype, worked out from the arguments on
-  meta tensors), so the check ``open_step`` makes afterwards cannot refuse them;
+- the outputs will be exactly the masks' layouts (shape and int64 dtype, worked out from the operands, or
+  from the step run on meta tensors), so the check ``open_step`` makes afterwards cannot refuse them;
 - it opens no value derived from owner data (the owner's review and dp-only marks are checked again once the
   step ran: an approval used up, a policy tightened meanwhile);
 - the step is one that writes into the buffers (:data:`INTO_SLOT_STEPS`), and the round has one reader whose
