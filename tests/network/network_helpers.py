@@ -37,6 +37,18 @@ def start_peered_pair(spawn, data_dir) -> dict:
     return spawn_all(spawn, specs)
 
 
+def stopped_worker_rows(data_dir, worker_proc) -> list[dict]:
+    """The audit log of a ``veil worker`` process with this data dir, read once the process stopped."""
+    from veil.workers.persistence import OwnerDB
+
+    worker_proc.stop()
+    db = OwnerDB.in_dir(data_dir)
+    try:
+        return db.audit_entries()
+    finally:
+        db.close()
+
+
 def tensor_eq(a, b) -> bool:
     return torch.equal(a, b)
 

@@ -8,19 +8,9 @@ from veil.messaging import messages as m
 from veil.mpc.party import OpenMessage
 from veil.tensors.pointer import PointerTensor
 from veil.workers.monitor import QuotaExceededError
-from veil.workers.persistence import OwnerDB
 from veil.workers.websocket_launcher import free_port
 
-from network_helpers import ADMIN, OTHER, PEER, TOKEN, base_args
-
-
-def _rows(tmp_dir, worker_proc):
-    worker_proc.stop()
-    db = OwnerDB.in_dir(tmp_dir)
-    try:
-        return db.audit_entries()
-    finally:
-        db.close()
+from network_helpers import ADMIN, OTHER, PEER, TOKEN, base_args, stopped_worker_rows
 
 
 def test_openings_refuse_private_data_and_are_audited(spawn, connect, hook, tmp_path):
@@ -46,7 +36,7 @@ def test_openings_refuse_private_data_and_are_audited(spawn, connect, hook, tmp_
     assert torch.equal(reply.objects[0], torch.tensor([2, 3]))  # the worker still serves protocol steps
     assert 22 < float(target.mean().get()) < 23  # ...and computations
     alice.close()
-    rows = _rows(tmp_path, wp)
+    rows = stopped_worker_rows(tmp_path, wp)
     opens = [r for r in rows if r["action"] == "open"]
     assert [r["outcome"] for r in opens] == ["refused"] * 3 + ["allowed"]
     assert all(r["principal"] == "scientist" for r in opens)

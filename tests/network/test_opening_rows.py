@@ -15,18 +15,8 @@ import time
 import torch
 
 from veil.workers import audit_writer
-from veil.workers.persistence import OwnerDB
 
-from network_helpers import PEER, base_args
-
-
-def _stopped_rows(data_dir, proc) -> list[dict]:
-    proc.stop()
-    db = OwnerDB.in_dir(data_dir)
-    try:
-        return db.audit_entries()
-    finally:
-        db.close()
+from network_helpers import PEER, base_args, stopped_worker_rows
 
 
 def _mesh(spawn, data_dir) -> dict:
@@ -57,7 +47,7 @@ def test_a_peer_round_is_one_allowed_row_per_party_naming_its_peer_and_stored_id
         enable_peer_openings(alice, bob, enabled=False)
     assert torch.equal(got, a * b)
     for name, other in (("alice", "bob"), ("bob", "alice")):
-        rows = _stopped_rows(tmp_path / name, procs[name])
+        rows = stopped_worker_rows(tmp_path / name, procs[name])
         assert not [r for r in rows if r["action"] == "peer_open"], "a second row for the round"
         opens = [r for r in rows if r["action"] == "open" and r["outcome"] == "allowed"]
         assert len(opens) == 1, opens  # one round: one row at each party
