@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import round_trace  # noqa: E402
-from bench_mpc import model_cases, op_cases, virtual_setup  # noqa: E402
+from bench_mpc import dealing_plan, model_cases, op_cases, virtual_setup  # noqa: E402
 
 import veil as sy  # noqa: E402
 from veil.mpc.communicator import communicate  # noqa: E402
@@ -89,12 +89,6 @@ def network(hook, trace_dir: str | None):
         yield parties, cp, pids
     finally:
         cluster.stop()
-
-
-def plan_of(fn, cp, me):
-    with dealer_for(cp, me).record() as plan:
-        fn()
-    return plan
 
 
 def online_call(fn, cp, me, plan, pids, windows: list | None = None, prof=None):
@@ -326,7 +320,7 @@ def main() -> None:
         for name in names:
             with communicate() as comm:
                 vcases[name]()
-            vplan, nplan = plan_of(vcases[name], vcp, me), plan_of(ncases[name], ncp, me)
+            vplan, nplan = dealing_plan(vcases[name], vcp, me), dealing_plan(ncases[name], ncp, me)
             v, n, windows[name] = [], [], []
             for _ in range(args.calls):
                 v.append(online_call(vcases[name], vcp, me, vplan, []))

@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mpc import model_cases, op_cases, virtual_setup  # noqa: E402
-from bench_net_rounds import online_call, plan_of  # noqa: E402
+from bench_mpc import dealing_plan  # noqa: E402
+from bench_net_rounds import online_call  # noqa: E402
 
 import veil.mpc.party as party  # noqa: E402
 import veil.workers.base as base  # noqa: E402
@@ -86,7 +87,7 @@ def main() -> None:
     cases = {n: (lambda s=s, f=f: f(*s)) for n, s, f, _ in op_cases(parties, cp)}
     cases.update({n: fn for n, fn, _ in model_cases(parties, cp)})
     fn = cases[args.name]
-    plan = plan_of(fn, cp, me)
+    plan = dealing_plan(fn, cp, me)
     for _ in range(5):
         online_call(fn, cp, me, plan, [])
     calls = []
