@@ -13,6 +13,10 @@ from veil.mpc.opening import count_openings
 from veil.mpc.providers import LocalDealer, WorkerDealer
 from veil.tensors.mpc_glue.remote_sharing import local_worker_of
 
+# tests that share plain tensors (``.share``, the hook's) without a worker fixture need the hook installed too
+# (they passed only while an earlier test in the same process had installed it)
+pytestmark = pytest.mark.usefixtures("hook")
+
 
 @pytest.fixture
 def net(hook):

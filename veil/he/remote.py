@@ -36,6 +36,7 @@ from veil.ids import new_id
 from veil.messaging import serde
 from veil.messaging.allowlist import ALLOWLIST, register_worker_function
 from veil.messaging.messages import ObjectMessage, ObjectRef, StoredObject
+from veil.shapes import broadcast_shape
 from veil.tensors import remote_ops
 from veil.tensors.handle import RemoteHandle
 from veil.workers import base, cancellation
@@ -364,7 +365,7 @@ def _paillier_operand(worker: Any, name: str, a: PaillierTensor, b: Any, value_f
         count = max(1, rows * max(1, inner) * cols)
     elif name in ("add", "sub", "rsub", "mul"):
         try:
-            count = torch.broadcast_shapes(tuple(a.shape), tuple(other)).numel()
+            count = broadcast_shape(tuple(a.shape), tuple(other)).numel()
         except RuntimeError as e:
             raise RemoteExecutionError(f"encrypted {name}: shapes do not broadcast: {e}") from None
     per = ciphertext_bytes(a.public_key.n.bit_length())

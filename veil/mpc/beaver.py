@@ -38,6 +38,7 @@ from veil.mpc.output_buffers import output_buffer
 from veil.mpc.product_split import SplitPlan, plan_split, sliced_operands
 from veil.mpc import ring_gemm
 from veil.mpc.ring import bilinear, meta_result, op_arguments
+from veil.shapes import broadcast_shape
 
 Shares = Mapping[Hashable, torch.Tensor]
 
@@ -112,7 +113,7 @@ def check_result_shape(a_i, b_i, c_i, e, f, op: str, op_kwargs: dict) -> None:
     them with the dealt factors could otherwise allocate far more than any of them holds."""
     shape = tuple(c_i.shape)
     if op == "mul":
-        ok = tuple(torch.broadcast_shapes(shape, e.shape, b_i.shape, a_i.shape, f.shape)) == shape
+        ok = tuple(broadcast_shape(shape, e.shape, b_i.shape, a_i.shape, f.shape)) == shape
     else:
         ok = all(product_shape(op, tuple(x.shape), tuple(y.shape), op_kwargs) == shape
                  for x, y in ((e, b_i), (a_i, f), (e, f)))

@@ -63,6 +63,7 @@ from veil.mpc.product_split import plan_split
 from veil.mpc.prg import expand, new_seed
 from veil.mpc.ring import DTYPE, bilinear, op_arguments
 from veil.mpc.truncation import TRUNCATION_BOUND, floor_div_unsigned, shift_for, top_bit
+from veil.shapes import broadcast_shape
 
 #: value bits (the ring of the data) and MAC security parameter: shares and MACs live mod 2^(K_BITS + S_BITS)
 K_BITS = 64
@@ -179,14 +180,14 @@ def _mac_combine(columns: list, terms: list, hi_extra: list) -> tuple:
     if len(columns) != len(terms) or not all(type(c) is int and 0 <= c < 8 for c in columns):
         raise ValueError("mac_combine needs one column index in [0, 8) per term")
     if _meta(*terms, *hi_extra):
-        return _shapes_only(torch.broadcast_shapes(*[tuple(t.shape) for t in list(terms) + list(hi_extra)]), 2)
+        return _shapes_only(broadcast_shape(*[tuple(t.shape) for t in list(terms) + list(hi_extra)]), 2)
     return r128.combine(list(zip(columns, terms)), list(hi_extra))
 
 
 @party_function("mac_add")
 def _mac_add(x_lo, x_hi, xm_lo, xm_hi, y_lo, y_hi, ym_lo, ym_hi, subtract: bool) -> tuple:
     if _meta(x_lo, y_lo):
-        return _shapes_only(torch.broadcast_shapes(tuple(x_lo.shape), tuple(y_lo.shape)), 4)
+        return _shapes_only(broadcast_shape(tuple(x_lo.shape), tuple(y_lo.shape)), 4)
     op = r128.sub if subtract else r128.add
     return op((x_lo, x_hi), (y_lo, y_hi)) + op((xm_lo, xm_hi), (ym_lo, ym_hi))
 
@@ -195,12 +196,12 @@ def _mac_add(x_lo, x_hi, xm_lo, xm_hi, y_lo, y_hi, ym_lo, ym_hi, subtract: bool)
 def _mac_add_public(v_lo, v_hi, m_lo, m_hi, a_lo, a_hi, public: torch.Tensor, first: bool, negate: bool) -> tuple:
     """``(-)x + c``: party 0 adds ``c`` to its value share, every party ``c alpha_i`` to its MAC share."""
     if _meta(v_lo, a_lo, public):
-        return _shapes_only(torch.broadcast_shapes(tuple(v_lo.shape), tuple(public.shape)), 4)
+        return _shapes_only(broadcast_shape(tuple(v_lo.shape), tuple(public.shape)), 4)
     value, mac = (v_lo, v_hi), (m_lo, m_hi)
     if negate:
         value, mac = r128.neg(value), r128.neg(mac)
     c = r128.lift(public)
-    shape = torch.broadcast_shapes(tuple(v_lo.shape), tuple(public.shape))
+    shape = broadcast_shape(tuple(v_lo.shape), tuple(public.shape))
     value = tuple(t.expand(shape) for t in (r128.add(value, c) if first else value))
     mac = r128.add(mac, _alpha_times((a_lo, a_hi), c))
     return tuple(t.expand(shape).clone() for t in value + mac)
@@ -220,7 +221,7 @@ def _mac_public(a_lo, a_hi, public: torch.Tensor, first: bool) -> tuple:
 def _mac_scale(v_lo, v_hi, m_lo, m_hi, public: torch.Tensor) -> tuple:
     """``c * x`` elementwise for a public integer ``c`` (value and MAC, broadcasting)."""
     if _meta(v_lo, public):
-        return _shapes_only(torch.broadcast_shapes(tuple(v_lo.shape), tuple(public.shape)), 4)
+        return _shapes_only(broadcast_shape(tuple(v_lo.shape), tuple(public.shape)), 4)
     c = r128.lift(public)
     return r128.mul((v_lo, v_hi), c) + r128.mul((m_lo, m_hi), c)
 
@@ -269,7 +270,7 @@ def _mac_trunc_finish(c: torch.Tensor, pair: list, alpha: list, divisor: int, fi
     if type(divisor) is not int or divisor <= 1 or not isinstance(first, bool):
         raise ValueError("mac_trunc_finish needs an integer divisor > 1 and a boolean first")
     if _meta(c, *pair):
-        return _shapes_only(torch.broadcast_shapes(tuple(c.shape), tuple(pair[2].shape)), 4)
+        return _shapes_only(broadcast_shape(tuple(c.shape), tuple(pair[2].shape)), 4)
     _, q, g, _, mq, mg = (tuple(pair[2 * i:2 * i + 2]) for i in range(6))
     wrap = r128.lift(1 - top_bit(c))
     public = r128.lift(floor_div_unsigned(c, divisor) - shift_for(divisor) // divisor)
@@ -444,7 +445,7 @@ def _shape(item: tuple) -> tuple:
     for terms in item[2].values():
         shapes += [tuple(t.shape) for _, lo, hi in terms for t in (lo, hi) if hasattr(t, "shape")]
         break
-    return tuple(torch.broadcast_shapes(*shapes))
+    return tuple(broadcast_shape(*shapes))
 
 
 from veil.mpc import mac_product_split  # noqa: E402  (registers its party functions at every worker; imports this)

@@ -64,6 +64,7 @@ from veil.mpc.comparison_material import (GROUP_BITS, GROUP_SUBSETS, ComparisonL
 from veil.mpc.errors import ProviderError
 from veil.mpc.ring import DTYPE, bilinear, op_arguments, random_ring
 from veil.mpc.sharing import split
+from veil.shapes import broadcast_shape
 
 Shape = tuple
 Derive = Callable[[list, torch.Generator], list]
@@ -142,7 +143,7 @@ def product_shape(op: str, shape_a: Shape, shape_b: Shape, op_kwargs) -> Shape:
     """The shape of ``op(a, b)`` for operands of these shapes (cached per requesting user; computed without
     allocating)."""
     if op == "mul":  # (elementwise: meta arithmetic would import torch._dynamo, ring.meta_result)
-        return tuple(torch.broadcast_shapes(shape_a, shape_b))
+        return tuple(broadcast_shape(shape_a, shape_b))
     items = tuple(op_kwargs.items() if isinstance(op_kwargs, dict) else op_kwargs)
     try:
         hash((op, shape_a, shape_b, items))

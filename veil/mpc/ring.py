@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from veil.mpc import ring_gemm
+from veil.shapes import broadcast_shape
 
 RING_BITS = 64
 RING_SIZE = 1 << RING_BITS
@@ -124,7 +125,7 @@ def meta_result(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The meta tensor an elementwise ``x op y`` gives (broadcast shape, promoted dtype), made without
     arithmetic on meta tensors: torch runs that through its Python references, the first of which imports
     ``torch._dynamo`` (~1 s, once per process: the first shared product's shape inference paid it)."""
-    return torch.empty(torch.broadcast_shapes(x.shape, y.shape), dtype=torch.promote_types(x.dtype, y.dtype),
+    return torch.empty(broadcast_shape(x.shape, y.shape), dtype=torch.promote_types(x.dtype, y.dtype),
                        device="meta")
 
 

@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import torch
 
+from veil.shapes import broadcast_shape
 from veil.tensors.tree import leaves
 from veil.workers import grad_charges, grad_cycles
 from veil.workers.grad_cycles import graph_nodes, wants_graph
@@ -82,7 +83,7 @@ def _nonzero_bound(args: Any, kwargs: dict) -> int:
 
 def _broadcast_bound(args: Any, kwargs: dict) -> int:
     ts = _tensors(args, kwargs)
-    return _elements(torch.broadcast_shapes(*(t.shape for t in ts))) * max(t.element_size() for t in ts)
+    return _elements(broadcast_shape(*(t.shape for t in ts))) * max(t.element_size() for t in ts)
 
 
 def _unique_bound(args: Any, kwargs: dict) -> int:
@@ -121,7 +122,7 @@ def _getitem_bound(args: Any, kwargs: dict) -> int:
         elif item is not None:  # (Ellipsis, lists...: not worth modelling next to a mask)
             raise Unsizable("a boolean mask beside this kind of index")
     rest = _elements(x.shape) // max(covered, 1)
-    return _elements(torch.broadcast_shapes(*shapes)) * rest * x.element_size()
+    return _elements(broadcast_shape(*shapes)) * rest * x.element_size()
 
 
 def _backward_bound(args: Any, kwargs: dict, watch: Callable | None = None) -> int:
@@ -301,7 +302,7 @@ def _materialized(name: str, args: Any, kwargs: dict) -> int:
     extra = max(max(0, size - t.untyped_storage().nbytes()) for size, t in zip(logical, ts))
     if len(ts) > 1 and name in BROADCAST_REDUCING:
         try:
-            shape = torch.broadcast_shapes(*(t.shape for t in ts))
+            shape = broadcast_shape(*(t.shape for t in ts))
         except RuntimeError:  # (not broadcastable: a matmul, a convolution...)
             return extra
         extra = max(extra, _elements(shape) * max(t.element_size() for t in ts) - max(logical))

@@ -31,6 +31,7 @@ import torch
 from veil.exceptions import PermissionDeniedError
 from veil.messaging import messages as m
 from veil.mpc.party import PARTY_FUNCTIONS
+from veil.shapes import broadcast_shape
 from veil.workers.leaving_rows import on_record_before_leaving
 
 #: opening steps that write their outputs into the runner's buffers (``output_buffers.output_buffer``)
@@ -85,8 +86,8 @@ def _output_layout(name: str, args: tuple, kwargs: dict) -> list | None:
     operands = [(args[i], args[j]) for i, j in pairs] if fewest <= len(args) <= most and not kwargs else []
     if operands and all(isinstance(x, torch.Tensor) and isinstance(k, torch.Tensor) for x, k in operands) \
             and all(type(a) is int for a in args[fewest:]):
-        try:  # (torch.broadcast_shapes costs ~30 us: equal shapes, the usual case, need none)
-            return [(tuple(x.shape) if x.shape == k.shape else tuple(torch.broadcast_shapes(x.shape, k.shape)),
+        try:
+            return [(tuple(broadcast_shape(x.shape, k.shape)),
                      torch.promote_types(x.dtype, k.dtype)) for x, k in operands]
         except RuntimeError:  # (shapes that do not broadcast: the step itself raises when it runs)
             return None

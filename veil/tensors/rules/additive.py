@@ -14,6 +14,7 @@ import torch
 from veil.mpc.beaver import beaver_op
 from veil.mpc.errors import NotEncodedError, UnsupportedOperationError
 from veil.mpc.ring import conv2d as ring_conv2d
+from veil.shapes import broadcast_shape
 from veil.tensors import pending_products
 from veil.tensors._dispatch import RuleTable
 from veil.tensors.rules.common import INPLACE_TO_OUTOFPLACE, STRUCTURAL_OPS, run_inplace, scalar_value
@@ -75,7 +76,7 @@ def _add_public(cls, x, public):
     because opening a result (``.get()``) frees remote shares, which would
     break ``x`` after ``(x + 3).get()``.
     """
-    shape = torch.broadcast_shapes(tuple(x.shape), tuple(public.shape) if isinstance(public, torch.Tensor) else ())
+    shape = broadcast_shape(tuple(x.shape), tuple(public.shape) if isinstance(public, torch.Tensor) else ())
     x = _broadcast(cls, x, shape)
     first = x.parties[0]
     shares = {p: s + public if p == first else aten.clone.default(s) for p, s in x.child.items()}

@@ -18,6 +18,7 @@ from veil.mpc.encoding import truncate as truncate_plain
 from veil.mpc.errors import UnsupportedOperationError
 from veil.mpc.ring import conv2d as ring_conv2d
 from veil.mpc.ring import pair
+from veil.shapes import broadcast_shape
 from veil.tensors._dispatch import RuleTable
 from veil.tensors.additive import AdditiveSharingTensor
 from veil.tensors.rules.conv_backward import convolution_backward, spread
@@ -214,7 +215,7 @@ PUBLIC_ATTR = "_veil_public"
 def _public_value(const, other) -> Any:
     """The public number ``const`` stands for, where ``other * const`` has ``other``'s shape; else None."""
     value = const.__dict__.get(PUBLIC_ATTR)
-    if value is None or torch.broadcast_shapes(const.shape, other.shape) != other.shape:
+    if value is None or broadcast_shape(const.shape, other.shape) != other.shape:
         return None
     return value
 
