@@ -96,7 +96,9 @@ class VirtualWorker(BaseWorker):
     keep their copy: their tensors are the caller's (a ``.send()`` must not leave the
     worker's stored object sharing memory with the caller's tensor), except a request of
     protocol steps that only read them (:func:`borrows_only`: the opened values of a
-    Beaver product or a truncation, which every party reads and none keeps).
+    Beaver product or a truncation, which every party reads and none keeps) and a dealer's
+    seeded material for its last party (its corrections, which only the dealer held: handed
+    over with their memory, ``Outbox._exchange``).
     """
 
     #: its objects live in the requester's process: a party here may be handed an opened value the

@@ -157,7 +157,8 @@ def _deal_scoped(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, 
             finally:
                 made()  # (before any wait on a party, failed or not)
             with answering(answered, n - 1):
-                worker.send_msg(_expand_msg(seeds[-1], kind, spec, count, corrections, ids[-1]), parties[-1])
+                worker.send_msg(_expand_msg(seeds[-1], kind, spec, count, corrections, ids[-1],
+                                            fresh=kind not in WIDE_KINDS), parties[-1])
         except BaseException:
             wait_quietly(wait)
             raise
@@ -185,9 +186,16 @@ def _deal_scoped(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, 
     send_each(worker, parties, messages, answered)
 
 
-def _expand_msg(seed: bytes, kind: str, spec: Any, count: int, fix: list, ids: Sequence[int]) -> m.CommandMessage:
+def _expand_msg(seed: bytes, kind: str, spec: Any, count: int, fix: list, ids: Sequence[int],
+                fresh: bool = False) -> m.CommandMessage:
+    """``fresh``: ``fix`` holds tensors only this message holds (dropped once sent): an in-process party keeps
+    them without a copy (``Outbox._exchange``). So are a 64-bit recipe's corrections (``dealing_recipe._own``:
+    corrected in place, one storage each); a 128-bit one's are not checked so (one party's would be the
+    derived values themselves), and keep the copy."""
     args = (torch.frombuffer(bytearray(seed), dtype=torch.uint8), kind, spec, count, fix)
-    return m.CommandMessage(EXPAND, args, {}, list(ids), False)
+    msg = m.CommandMessage(EXPAND, args, {}, list(ids), False)
+    msg.fresh = fresh
+    return msg
 
 
 def _send_seed(worker: Any, party: Any, seed: bytes, kind: str, spec: Any, count: int,
