@@ -8,9 +8,8 @@ from veil.messaging import messages as m
 from veil.mpc.party import OpenMessage
 from veil.tensors.pointer import PointerTensor
 from veil.workers.monitor import QuotaExceededError
-from veil.workers.websocket_launcher import free_port
 
-from network_helpers import ADMIN, OTHER, PEER, TOKEN, base_args, stopped_worker_rows
+from network_helpers import ADMIN, OTHER, TOKEN, base_args, stopped_worker_rows
 
 
 def test_openings_refuse_private_data_and_are_audited(spawn, connect, hook, tmp_path):

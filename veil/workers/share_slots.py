@@ -83,27 +83,26 @@ class PeerSlotReply:
     drop: list = field(default_factory=list)
 
 
+def _numel(shape: Any) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
 def layout(shapes_dtypes: list) -> tuple[list[int], int]:
     """Each tensor's byte offset in a slot, and the bytes they span (tensors in order, aligned)."""
     offsets, at = [], 0
     for shape, dtype in shapes_dtypes:
-        n = 1
-        for d in shape:
-            n *= int(d)
         offsets.append(at)
-        at += -(-n * dtype.itemsize // ALIGN) * ALIGN
+        at += -(-_numel(shape) * dtype.itemsize // ALIGN) * ALIGN
     return offsets, at
 
 
 def _views(whole: torch.Tensor, shapes_dtypes: list, offsets: list) -> list[torch.Tensor]:
     """The tensors laid out in a slot's bytes (``whole``, uint8) at ``offsets`` (:func:`layout`)."""
-    out = []
-    for (shape, dtype), at in zip(shapes_dtypes, offsets):
-        n = 1
-        for d in shape:
-            n *= int(d)
-        out.append(whole[at: at + n * dtype.itemsize].view(dtype).view(shape))
-    return out
+    return [whole[at: at + _numel(shape) * dtype.itemsize].view(dtype).view(shape)
+            for (shape, dtype), at in zip(shapes_dtypes, offsets)]
 
 
 # ------------------------------------------------------------------ the publishing side (server)
