@@ -2,7 +2,7 @@
 
 ``torch.broadcast_shapes`` takes 10-20 us a call (it goes through torch's Python references), and veil asks
 for one on hot paths whose operands almost always have equal shapes already: each Beaver combine's shape
-check on a party, each dealt product's shape on the orchestrator (a MLP SGD step asked 40 times, ~1 ms).
+check on a party, each dealt product's shape on the orchestrator (an MLP SGD step asked 40 times, ~1 ms).
 """
 
 from __future__ import annotations

@@ -188,10 +188,10 @@ def _deal_scoped(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, 
 
 def _expand_msg(seed: bytes, kind: str, spec: Any, count: int, fix: list, ids: Sequence[int],
                 fresh: bool = False) -> m.CommandMessage:
-    """``fresh``: ``fix`` holds tensors only this message holds (dropped once sent): an in-process party keeps
-    them without a copy (``Outbox._exchange``). So are a 64-bit recipe's corrections (``dealing_recipe._own``:
-    corrected in place, one storage each); a 128-bit one's are not checked so (one party's would be the
-    derived values themselves), and keep the copy."""
+    """``fresh``: only this message holds the tensors in ``fix`` (the dealer drops them once it is sent), so an
+    in-process party keeps them without a copy (``Outbox._exchange``). A 64-bit recipe's corrections are such
+    tensors (``dealing_recipe._own``: corrected in place, one storage each); a 128-bit recipe's are not checked
+    for it (with one party they are the derived values themselves) and keep the copy."""
     args = (torch.frombuffer(bytearray(seed), dtype=torch.uint8), kind, spec, count, fix)
     msg = m.CommandMessage(EXPAND, args, {}, list(ids), False)
     msg.fresh = fresh
