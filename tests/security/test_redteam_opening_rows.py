@@ -197,6 +197,12 @@ def test_a_thread_that_found_the_write_lock_held_is_woken_when_it_is_let_go(monk
     writer = audit_writer.RowWriter(write, "or-wake")
     writer.submit("compute", "mallory", "-", [], "refused", "probe")
     assert writer.wait(JOIN_S)
+    # the lock is swapped only once the writer's thread is parked: woken by the probe, it may still be waiting on
+    # the old lock (this thread wrote the probe itself), then take it and write the next row beside a thread that
+    # holds the new one (the same row twice: a flake of this test, not of the writer, whose lock never changes)
+    deadline = time.monotonic() + JOIN_S
+    while not writer._queued._waiters and time.monotonic() < deadline:
+        time.sleep(0.001)
     writer._writing = _LateRelease(writer)
     handed, out = threading.Event(), {}
 
