@@ -1,4 +1,4 @@
-"""Broadcast shapes without torch's per-call cost.
+"""Shape arithmetic without torch's per-call cost: a shape's element count, and broadcast shapes.
 
 ``torch.broadcast_shapes`` takes 10-20 us a call (it goes through torch's Python references), and veil asks
 for one on hot paths whose operands almost always have equal shapes already: each Beaver combine's shape
@@ -7,6 +7,7 @@ check on a party, each dealt product's shape on the orchestrator (an MLP SGD ste
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -24,3 +25,8 @@ def broadcast_shape(*shapes: Sequence[int]) -> torch.Size:
         else:
             return torch.Size(key)
     return torch.broadcast_shapes(*shapes)
+
+
+def numel(shape: Sequence[int]) -> int:
+    """The number of elements of a tensor of ``shape`` (each dimension read as an int)."""
+    return math.prod(int(d) for d in shape)

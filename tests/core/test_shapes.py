@@ -43,3 +43,11 @@ def test_broadcast_shape_matches_torch(shapes, as_size, repeat_first):
 def test_unusual_arguments_go_to_torch(shapes):
     """Negative or bool dimensions, ints for shapes, no shapes: exactly what torch answers."""
     assert _ours(*shapes) == _torch(*shapes)
+
+
+@settings(max_examples=200, deadline=None)
+@given(dims)
+def test_numel_is_the_element_count(shape):
+    from veil.shapes import numel
+
+    assert numel(shape) == torch.Size(shape).numel() == torch.empty(shape).numel()

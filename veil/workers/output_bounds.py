@@ -22,14 +22,13 @@ is sized op by op against one running total (:class:`Budget`): its slots stay al
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
 
-from veil.shapes import broadcast_shape
+from veil.shapes import broadcast_shape, numel
 from veil.tensors.tree import leaves
 from veil.workers import grad_charges, grad_cycles
 from veil.workers.grad_cycles import graph_nodes, wants_graph
@@ -72,23 +71,19 @@ def _tensors(args: Any, kwargs: dict) -> list:
     return [t for t in leaves((args, kwargs), torch.Tensor)]
 
 
-def _elements(shape: Any) -> int:
-    return math.prod(int(d) for d in shape)
-
-
 def _nonzero_bound(args: Any, kwargs: dict) -> int:
     x = _tensors(args, kwargs)[0]
-    return _elements(x.shape) * max(x.dim(), 1) * 8
+    return numel(x.shape) * max(x.dim(), 1) * 8
 
 
 def _broadcast_bound(args: Any, kwargs: dict) -> int:
     ts = _tensors(args, kwargs)
-    return _elements(broadcast_shape(*(t.shape for t in ts))) * max(t.element_size() for t in ts)
+    return numel(broadcast_shape(*(t.shape for t in ts))) * max(t.element_size() for t in ts)
 
 
 def _unique_bound(args: Any, kwargs: dict) -> int:
     x = _tensors(args, kwargs)[0]
-    return _elements(x.shape) * (x.element_size() + 16)  # values, inverse indices, counts
+    return numel(x.shape) * (x.element_size() + 16)  # values, inverse indices, counts
 
 
 def _where_bound(args: Any, kwargs: dict) -> int:
@@ -107,7 +102,7 @@ def _getitem_bound(args: Any, kwargs: dict) -> int:
     for item in items:
         if type(item) is torch.Tensor:
             if item.dtype == torch.bool:
-                covered *= _elements(x.shape[d:d + item.dim()])
+                covered *= numel(x.shape[d:d + item.dim()])
                 shapes.append((item.numel(),))
                 d += item.dim()
             else:
@@ -121,8 +116,8 @@ def _getitem_bound(args: Any, kwargs: dict) -> int:
             d += 1
         elif item is not None:  # (Ellipsis, lists...: not worth modelling next to a mask)
             raise Unsizable("a boolean mask beside this kind of index")
-    rest = _elements(x.shape) // max(covered, 1)
-    return _elements(broadcast_shape(*shapes)) * rest * x.element_size()
+    rest = numel(x.shape) // max(covered, 1)
+    return numel(broadcast_shape(*shapes)) * rest * x.element_size()
 
 
 def _backward_bound(args: Any, kwargs: dict, watch: Callable | None = None) -> int:
@@ -149,7 +144,7 @@ def _backward_bound(args: Any, kwargs: dict, watch: Callable | None = None) -> i
         if id(t) in counted or not t.requires_grad or ((t.is_leaf or t.retains_grad) and t.grad is not None):
             return 0
         counted.add(id(t))
-        return _elements(t.shape) * t.element_size()
+        return numel(t.shape) * t.element_size()
 
     # a leaf root (torch accumulates into its .grad) and the tensors ``inputs=`` names, leaves or not
     named = [t for t in [root, *leaves(inputs, torch.Tensor)] if t is not root or t.grad_fn is None]
@@ -298,14 +293,14 @@ def _materialized(name: str, args: Any, kwargs: dict) -> int:
     ts = _tensors(args, kwargs)
     if not ts:
         return 0
-    logical = [_elements(t.shape) * t.element_size() for t in ts]
+    logical = [numel(t.shape) * t.element_size() for t in ts]
     extra = max(max(0, size - t.untyped_storage().nbytes()) for size, t in zip(logical, ts))
     if len(ts) > 1 and name in BROADCAST_REDUCING:
         try:
             shape = broadcast_shape(*(t.shape for t in ts))
         except RuntimeError:  # (not broadcastable: a matmul, a convolution...)
             return extra
-        extra = max(extra, _elements(shape) * max(t.element_size() for t in ts) - max(logical))
+        extra = max(extra, numel(shape) * max(t.element_size() for t in ts) - max(logical))
     return extra
 
 
@@ -418,7 +413,7 @@ def _saved_old_value(name: str, args: Any, grad: bool) -> int:
     from veil.workers.owner_guard import writes_first_argument  # (owner_guard -> store -> grad_charges)
 
     keeps = writes_first_argument(name) and name.rsplit(".", 1)[-1] not in KEEP_NO_OLD_VALUE
-    return _elements(target.shape) * target.element_size() if keeps else 0
+    return numel(target.shape) * target.element_size() if keeps else 0
 
 
 #: in-place methods whose graph saves no copy of the value they overwrite (their gradient needs none, or their

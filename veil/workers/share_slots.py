@@ -46,6 +46,7 @@ import torch
 
 from veil.exceptions import SerializationError
 from veil.messaging import messages as m
+from veil.shapes import numel
 
 #: replies of fewer tensor bytes than this go as bytes (a slot saves copies, not a round trip)
 MIN_SLOT_BYTES = 256 << 10
@@ -83,25 +84,18 @@ class PeerSlotReply:
     drop: list = field(default_factory=list)
 
 
-def _numel(shape: Any) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
-
-
 def layout(shapes_dtypes: list) -> tuple[list[int], int]:
     """Each tensor's byte offset in a slot, and the bytes they span (tensors in order, aligned)."""
     offsets, at = [], 0
     for shape, dtype in shapes_dtypes:
         offsets.append(at)
-        at += -(-_numel(shape) * dtype.itemsize // ALIGN) * ALIGN
+        at += -(-numel(shape) * dtype.itemsize // ALIGN) * ALIGN
     return offsets, at
 
 
 def _views(whole: torch.Tensor, shapes_dtypes: list, offsets: list) -> list[torch.Tensor]:
     """The tensors laid out in a slot's bytes (``whole``, uint8) at ``offsets`` (:func:`layout`)."""
-    return [whole[at: at + _numel(shape) * dtype.itemsize].view(dtype).view(shape)
+    return [whole[at: at + numel(shape) * dtype.itemsize].view(dtype).view(shape)
             for (shape, dtype), at in zip(shapes_dtypes, offsets)]
 
 

@@ -7,7 +7,7 @@ their seeds use them alike.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -18,6 +18,7 @@ from veil.mpc.prg import expand, expand_sum, subtract_streams
 from veil.mpc.providers.fss_dealing import MAX_BATCH_ELEMENTS
 from veil.mpc.ring import DTYPE
 from veil.mpc.runtime import DEALT_FIXED
+from veil.shapes import numel
 
 
 def _label(k: int, field: int) -> str:
@@ -39,7 +40,7 @@ def bounded_recipe(kind: str, spec: Any, count: Any) -> tuple[list, list, Any]:
     shapes = uniform_shapes + derived_shapes
     if any(int(d) < 0 for shape in shapes for d in shape):
         raise ProviderError(f"a {kind!r} dealing spec has a negative dimension")
-    elements = count * sum(max(1, _numel(shape)) for shape in shapes)  # (an empty field is still a loop step)
+    elements = count * sum(max(1, numel(shape)) for shape in shapes)  # (an empty field is still a loop step)
     bound = MAX_DEAL_ELEMENTS if count == 1 else MAX_BATCH_ELEMENTS  # (a batch: the honest dealer's max_elements)
     if elements > bound:
         raise ProviderError(f"a dealing of {count} {kind!r} items would make {elements} ring elements per party, "
@@ -47,12 +48,6 @@ def bounded_recipe(kind: str, spec: Any, count: Any) -> tuple[list, list, Any]:
     check_request_work(kind, spec, count)  # (and the items' product work: the dealing slot)
     return uniform_shapes, derived_shapes, derive
 
-
-def _numel(shape: Sequence[int]) -> int:
-    out = 1
-    for d in shape:
-        out *= int(d)
-    return out
 
 
 def _corrections(kind: str, uniform_shapes: list, derived_shapes: list, derive: Any, xor: frozenset,

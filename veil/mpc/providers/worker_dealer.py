@@ -67,7 +67,7 @@ from veil.mpc.fss import material as fss_material
 from veil.mpc.prg import SEED_BYTES, expand, new_seed
 from veil.mpc.errors import ProviderError
 from veil.mpc.providers.background import BackgroundDealing, BackgroundDealingError
-from veil.mpc.providers.dealing_recipe import _corrections, _label, _numel, bounded_recipe, recipe_layout
+from veil.mpc.providers.dealing_recipe import _corrections, _label, bounded_recipe, recipe_layout
 from veil.mpc.providers import fss_dealing
 from veil.mpc.providers.fss_dealing import DEAL_COMPARISON, MAX_BATCH_ELEMENTS, room_for
 from veil.mpc.providers.base import RECORD_HOOKS, MaterialExhaustedError, Provider, check_distinct_parties
@@ -77,6 +77,7 @@ from veil.mpc.runtime import (DEALER_TAG, DEALT_FIXED, DEALT_FIXED_TAG, DEALT_IT
                               DEALT_MASK_TAG, DEALT_SOURCES_TAG, awaiting_replies, off_turn,
                               one_step_at_a_time, step_checkpoint)
 from veil.mpc.runtime import remote_handle as PointerTensor  # the injected runtime's handle (mpc imports no tensors)
+from veil.shapes import numel
 
 DEAL = "veil.mpc.deal"
 MAC_KEY = "veil.mpc.register_mac_key"
@@ -148,7 +149,7 @@ def _deal_scoped(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, 
         # runs beside the dealer's own part (the uniform fields' values from all seeds, derive, the last
         # party's corrections): network parties and big in-process ones on threads of their own (others once
         # the material is made: started_beside).
-        size = count * (sum(map(_numel, uniform_shapes)) + sum(map(_numel, derived_shapes)))
+        size = count * (sum(map(numel, uniform_shapes)) + sum(map(numel, derived_shapes)))
         wait = started_beside([replied(_send_seed(worker, parties[i], seeds[i], kind, spec, count, ids[i]),
                                        answered, i) for i in range(n - 1)], parties[:-1], size)
         try:
@@ -215,7 +216,7 @@ def _expand_material(worker: Any, seed: torch.Tensor, kind: str, spec: Any, coun
         raise ProviderError(f"a dealing's corrections must be none or {count * len(derived_shapes)} int64 tensors "
                             "of the derived fields' shapes")
     # refused by the session's quota before the streams are expanded (not sized before it runs, as a torch op is)
-    room_for(worker, 8 * count * sum(_numel(shape) for shape in uniform_shapes + derived_shapes), EXPAND)
+    room_for(worker, 8 * count * sum(numel(shape) for shape in uniform_shapes + derived_shapes), EXPAND)
     seed_bytes = bytes(seed.tolist())
     out, c = [], 0
     # up to 2^27 elements (1 GiB) per request: one request's at a time, handing the turn over between items and
