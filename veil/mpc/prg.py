@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from veil.mpc import ring_numpy
 from veil.mpc.ring import DTYPE
 
 SEED_BYTES = 32
@@ -138,6 +139,6 @@ def _fold(flat: torch.Tensor, encryptors: list, xor: bool, subtract: bool, first
             if xor:
                 part.bitwise_xor_(stream)
             elif subtract:
-                part.sub_(stream)
+                ring_numpy.sub_(part, stream)
             else:
-                part.add_(stream)
+                ring_numpy.add_(part, stream)

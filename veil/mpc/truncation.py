@@ -62,6 +62,7 @@ from typing import Hashable, Mapping
 
 import torch
 
+from veil.mpc import ring_numpy
 from veil.mpc.output_buffers import output_buffer
 from veil.mpc.party import open_at_parties, open_parties, open_top_bits_at_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
@@ -176,7 +177,7 @@ def _trunc_finish(c: torch.Tensor, q_i: torch.Tensor, g_i: torch.Tensor, divisor
         end = min(at + _FINISH_PIECE, n)
         sel = scratch[: end - at]
         torch.bitwise_right_shift(flat_c[at:end], 63, out=sel)  # all ones where the top bit is set
-        flat_z[at:end].add_(sel.bitwise_not_().bitwise_and_(flat_g[at:end]))
+        ring_numpy.add_(flat_z[at:end], sel.bitwise_not_().bitwise_and_(flat_g[at:end]))
     return z
 
 
