@@ -192,7 +192,8 @@ def breakdown(records_orch: list[dict], trace_dir: str, windows: list, rounds: i
 
 
 #: a party's marks in a peer round (round_trace's peer path), in the order they happen
-PEER_MARKS = ("t_thread", "t_prelude0", "t_prelude1", "t_start", "t_run", "t_posted", "t_slot", "t_step0", "t_step1",
+PEER_MARKS = ("t_thread", "t_prelude0", "t_prelude1", "t_start", "t_run", "t_posted", "t_slot_record0", "t_slot_record",
+              "t_slot", "t_step0", "t_step1",
               "t_on_record0", "t_on_record",
               "t_published", "t_fetch0", "t_combined", "t_taken", "t_end", "t_done")
 

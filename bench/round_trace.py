@@ -320,6 +320,20 @@ def _install_peer_path() -> None:
     timed("on_record_before_leaving",
           lambda a: getattr(local, "rec", None) is not None and local.rec.__setitem__("t_on_record0", now()),
           lambda a: getattr(local, "rec", None) is not None and local.rec.__setitem__("t_on_record", now()))
+    # the slot path waits for its allowed row inside into_peer_slot, before the step (peer_slot_outputs)
+    from veil.workers import peer_slot_outputs as pso
+    orig_slot_record = pso.on_record_before_leaving
+
+    def slot_record(*a, **kw):
+        rec = getattr(local, "rec", None)
+        t0 = now()
+        try:
+            return orig_slot_record(*a, **kw)
+        finally:
+            if rec is not None:
+                rec["t_slot_record0"], rec["t_slot_record"] = t0, now()
+
+    pso.on_record_before_leaving = slot_record
     orig_expect = po.expect_reply
 
     @contextlib.contextmanager
