@@ -42,20 +42,18 @@ def _operand(other, shape):
 
 def add_(t: torch.Tensor, other) -> torch.Tensor:
     """``t += other`` in place (mod 2^64); returns ``t``."""
-    a = _array(t)
-    b = _operand(other, t.shape) if a is not None else None
-    if b is None:
-        return t.add_(other)
-    np.add(a, b, out=a)
-    return t
+    return _in_place(np.add, torch.Tensor.add_, t, other)
 
 
 def sub_(t: torch.Tensor, other) -> torch.Tensor:
     """``t -= other`` in place (mod 2^64); returns ``t``."""
+    return _in_place(np.subtract, torch.Tensor.sub_, t, other)
+
+
+def _in_place(ufunc, torch_method, t: torch.Tensor, other) -> torch.Tensor:
     a = _array(t)
     b = _operand(other, t.shape) if a is not None else None
     if b is None:
-        return t.sub_(other)
-    np.subtract(a, b, out=a)
+        return torch_method(t, other)
+    ufunc(a, b, out=a)
     return t
-
