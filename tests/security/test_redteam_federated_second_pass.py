@@ -231,7 +231,6 @@ def test_a_completed_round_leaves_no_state_on_clients_it_dropped(hook):
 
     from veil import federated as fl
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from fl_helpers import make_model, make_parts, uid
 
     parts = make_parts(3)
@@ -332,7 +331,6 @@ def test_a_malformed_secure_aggregation_reply_drops_only_that_client(hook, mode)
 
     from veil import federated as fl
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from fl_helpers import honest_fedavg, make_model, make_parts, uid
 
     parts = make_parts(3)
@@ -424,7 +422,6 @@ def test_a_clients_review_refusal_text_is_cut(hook):
     from veil import federated as fl
     from veil.exceptions import RequestDeniedError
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from fl_helpers import make_model, make_parts, uid
 
     parts = make_parts(3)
