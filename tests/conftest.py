@@ -40,6 +40,16 @@ def hook():
     return sy.TorchHook(torch)
 
 
+@pytest.fixture(autouse=True)
+def _keep_default_hook_context(monkeypatch):
+    """A test that makes its own TorchHook (or runs a CLI in this process) makes it the process's default
+    (``sy.local_worker``, serving's and federated training's default hook): put back the one from before the test,
+    so that later tests do not run against it. Asks for no hook: a file that needs one must ask for ``hook``."""
+    from veil.workers import registry
+
+    monkeypatch.setattr(registry, "_default", registry._default)
+
+
 def _make_virtual(hook, name, request):
     return sy.VirtualWorker(hook, id=name)
 
