@@ -86,15 +86,14 @@ def test_average_pooling_backward_matches_torch(hook, case, seed):
     assert torch.allclose(got.float_precision().double(), want, atol=4 * 2.0**-16)
 
 
-def test_the_benchmark_cnn_trains_encrypted_as_in_plaintext(hook):
+def test_the_benchmark_cnn_trains_encrypted_as_in_plaintext(hook, monkeypatch):
     """bench_mpc's MNIST CNN (three conv + average-pool + ReLU blocks, a linear layer), batch 8. The
     gradient that reaches its first layer is ~1e-5 per entry (an MSE loss, divided by 4 at each pool):
     about one ulp at 16 fractional bits, where its first layer's weight gradients come out 20-100% off
     (in plain fixed precision too). With 22 bits they are within ~2%, and training tracks plaintext."""
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "bench"))  # bench/ off the path after
     from bench_mpc import _mnist_cnn
 
     torch.manual_seed(2)
