@@ -257,8 +257,12 @@ def test_a_replica_closes_a_session_the_owner_revoked_elsewhere(server, hook, tm
     assert _closed(conn)
     with pytest.raises(InvalidStatus):
         _connect(server, TOKEN)
-    rows = [r for r in server.db.audit_entries() if r["action"] == "revoke" and r["worker"] == server.id]
-    assert rows and "another replica" in rows[0]["detail"]
+
+    def rows():  # (the sync writes its row after it closed the sessions: the close can be seen first)
+        return [r for r in server.db.audit_entries() if r["action"] == "revoke" and r["worker"] == server.id]
+
+    assert _wait(rows), "the replica's sync closed the session but wrote no revoke row"
+    assert "another replica" in rows()[0]["detail"]
 
 
 def test_a_damaged_record_does_not_stop_other_revocations_syncing(server, caplog):
