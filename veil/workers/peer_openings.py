@@ -69,6 +69,7 @@ from veil.messaging.serde import serialize
 from veil.mpc.output_buffers import outputs_into
 from veil.mpc.party import XOR_LEADING, XOR_OPENABLE, check_openable, run_openable
 from veil.mpc.truncation import pack_top_bits
+from veil.shapes import numel
 from veil.workers import cancellation
 from veil.workers.audit_writer import rows_held_by_reply
 from veil.workers.base import register_handler
@@ -486,13 +487,7 @@ _REPLY_HEADER_ROOM = 4096
 
 def _reply_bytes(expected: list) -> int:
     """About how long a reply holding exactly ``expected`` tensors is (a buffer size, not a check)."""
-    total = _REPLY_HEADER_ROOM
-    for shape, dtype in expected:
-        n = 1
-        for d in shape:
-            n *= d
-        total += n * dtype.itemsize
-    return total
+    return _REPLY_HEADER_ROOM + sum(numel(shape) * dtype.itemsize for shape, dtype in expected)
 
 
 def _checked(peer: str, round_id: str, reply: Any, expected: list) -> list:
