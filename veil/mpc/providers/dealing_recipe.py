@@ -49,7 +49,6 @@ def bounded_recipe(kind: str, spec: Any, count: Any) -> tuple[list, list, Any]:
     return uniform_shapes, derived_shapes, derive
 
 
-
 def _corrections(kind: str, uniform_shapes: list, derived_shapes: list, derive: Any, xor: frozenset,
                  seeds: list, count: int, gen: torch.Generator) -> list:
     """The last party's shares of every derived field of ``count`` items: each field's value minus
