@@ -276,3 +276,40 @@ def test_top_bits_word_tricks_match_the_bytewise_path(values):
         truncation._LITTLE = saved
     assert torch.equal(fast, slow) and torch.equal(fast_bits, slow_bits)
     assert fast_bits.tolist() == [1 if v < 0 else 0 for v in values]
+
+
+@settings(max_examples=80, deadline=None)
+@given(c=st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=30),
+       k=st.integers(0, 62), odd=st.sampled_from([1, 3, 5, 10485, 2**20 + 1]), seed=st.integers(0, 2**31))
+def test_first_party_finish_matches_exact_integers(c, k, odd, seed):
+    """Party 0's finish, ``floor(c/d) - q - K/d + (1 - c_hi) g`` with ``c`` read unsigned, through numpy (the
+    path taken) and through torch (the fallback) against Python integers, for divisors ``2^k m``."""
+    from veil.mpc import truncation
+    from veil.mpc.ring import wrap_int
+
+    d = (1 << k) * odd
+    if not 1 < d <= TRUNCATION_BOUND:
+        return
+    edges = [0, 1, -1, d, -d, d - 1, 2**63 - 1, -(2**63), -(2**63) + d]
+    values = torch.tensor(c + edges, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(seed)
+    q, g = (torch.randint(-(2**63), 2**63 - 1, values.shape, dtype=torch.int64, generator=gen) for _ in range(2))
+    k_over_d = truncation.shift_for(d) // d
+    expected = [wrap_int((v % 2**64) // d - qi - k_over_d + (0 if v < 0 else gi))
+                for v, qi, gi in zip(values.tolist(), q.tolist(), g.tolist())]
+    assert truncation._first_finish_in_numpy(values, q, g, d).tolist() == expected
+    assert truncation._first_finish_in_torch(values, q, g, d).tolist() == expected
+
+
+def test_first_party_finish_in_pieces_matches_torch():
+    """Past one piece (``_FINISH_PIECE`` entries) and with strided shares: numpy's finish and torch's agree."""
+    from veil.mpc import truncation
+
+    gen = torch.Generator().manual_seed(5)
+    n = truncation._FINISH_PIECE * 2 + 17
+    c, q, g = (torch.randint(-(2**63), 2**63 - 1, (n,), dtype=torch.int64, generator=gen) for _ in range(3))
+    for d in (2**16, 3 * 2**10, 7):
+        assert torch.equal(truncation._first_finish_in_numpy(c, q, g, d), truncation._first_finish_in_torch(c, q, g, d))
+    c2, q2, g2 = (t[: 300 * 300].view(300, 300).t() for t in (c, q, g))  # transposed views
+    z = truncation._trunc_finish(c2, q2, g2, divisor=2**16, first=True)
+    assert torch.equal(z, truncation._first_finish_in_torch(c2.contiguous(), q2, g2, 2**16))

@@ -26,7 +26,7 @@ def test_tensor_operands_wrap_like_torch(pairs, which):
     got = x.clone()
     assert mine(got, y) is got  # in place, on the caller's tensor
     assert torch.equal(got, want)
-    assert ring_numpy._array(x) is not None  # (these took numpy's path)
+    assert ring_numpy.array_of(x) is not None  # (these took numpy's path)
 
 
 @settings(max_examples=100, deadline=None)

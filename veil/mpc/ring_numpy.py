@@ -20,7 +20,7 @@ import torch
 from veil.mpc.ring import INT64_MAX, INT64_MIN
 
 
-def _array(t) -> np.ndarray | None:
+def array_of(t) -> np.ndarray | None:
     """``t``'s memory as an int64 ndarray, when ``t`` is a plain CPU int64 tensor numpy can view."""
     if type(t) is not torch.Tensor or t.dtype != torch.int64 or t.device.type != "cpu":
         return None
@@ -36,7 +36,7 @@ def _operand(other, shape):
     if type(other) is int:
         return other if INT64_MIN <= other <= INT64_MAX else None
     if type(other) is torch.Tensor and other.shape == shape:
-        return _array(other)
+        return array_of(other)
     return None
 
 
@@ -51,7 +51,7 @@ def sub_(t: torch.Tensor, other) -> torch.Tensor:
 
 
 def _in_place(ufunc, torch_method, t: torch.Tensor, other) -> torch.Tensor:
-    a = _array(t)
+    a = array_of(t)
     b = _operand(other, t.shape) if a is not None else None
     if b is None:
         return torch_method(t, other)
