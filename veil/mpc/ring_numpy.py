@@ -5,7 +5,9 @@ torch adds integers as ``a + alpha * b`` and multiplies by ``alpha`` lane by lan
 torch's own XOR and 12 us for numpy's add. Where the operands stream from memory the two are alike
 (2^16 entries spread over L3: 42 against 33 us; whole Beaver masks and combines measured no faster), so
 veil uses these only in loops over cache-sized pieces: the seeded expansion's fold of AES streams
-(``veil.mpc.prg``: a mul 1e6 dealing 24.5-25.5 -> 22.5-23.9 ms, minimum of 41) and the truncation finish.
+(``veil.mpc.prg``: a mul 1e6 dealing 24.5-25.5 -> 22.5-23.9 ms, minimum of 41) and the truncation finish's
+torch path. :func:`array_of` also gives :mod:`veil.mpc.truncation` the arrays its numpy finish and unsigned
+division work on.
 
 Plain CPU int64 tensors go to numpy on the same memory; anything else (another dtype, a meta or subclassed
 tensor, an operand that broadcasts) takes torch's path, which gives the same values. numpy's int64 ufuncs
