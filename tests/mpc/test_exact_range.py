@@ -313,3 +313,15 @@ def test_first_party_finish_in_pieces_matches_torch():
     c2, q2, g2 = (t[: 300 * 300].view(300, 300).t() for t in (c, q, g))  # transposed views
     z = truncation._trunc_finish(c2, q2, g2, divisor=2**16, first=True)
     assert torch.equal(z, truncation._first_finish_in_torch(c2.contiguous(), q2, g2, 2**16))
+
+
+@pytest.mark.parametrize("divisor", [1, 2**62 + 1, 2**64, 2**70, 3 * 2**63, 2.0**16])
+def test_first_party_finish_refuses_a_divisor_outside_the_range(divisor):
+    """A requester's divisor past 2^62 (where a uint64 shift by 64 or more would wrap its count and give
+    garbage) or not an integer > 1 is refused in one line, before anything is computed."""
+    from veil.mpc import truncation
+
+    c, q, g = (torch.tensor([5, -5], dtype=torch.int64) for _ in range(3))
+    with pytest.raises(ValueError, match="divisor in \\[2, 2\\^62\\]"):
+        truncation._trunc_finish(c, q, g, divisor=divisor, first=True)
+    assert truncation._trunc_finish(c, q, g, divisor=2**62, first=True).shape == (2,)  # the bound itself is served

@@ -175,8 +175,9 @@ def wrap_correction(r: torch.Tensor, divisor: int) -> torch.Tensor:
 @party_function("trunc_finish", light=True, borrows=True)
 def _trunc_finish(c: torch.Tensor, q_i: torch.Tensor, g_i: torch.Tensor, divisor: int, first: bool) -> torch.Tensor:
     """``z_i = (1 - c_hi) g_i - q_i`` (+ ``floor(c/d) - K/d`` for party 0)."""
-    if type(divisor) is not int or divisor <= 1 or not isinstance(first, bool):
-        raise ValueError("trunc_finish needs an integer divisor > 1 and a boolean first")
+    if type(divisor) is not int or not 1 < divisor <= TRUNCATION_BOUND or not isinstance(first, bool):
+        # (past 2^62 numpy's shift by k >= 64 would wrap the shift count: garbage, not an error)
+        raise ValueError("trunc_finish needs an integer divisor in [2, 2^62] and a boolean first")
     if q_i.is_meta:  # run_party's shape inference: q's shape (meta division costs ~1 ms)
         return torch.empty_like(q_i)
     if c.shape != q_i.shape or g_i.shape != q_i.shape:  # (the pieces below would not broadcast as ops do)
