@@ -110,3 +110,13 @@ def test_floor_div_unsigned_matches_python_on_the_ring_edges(divisor, through, m
     got = floor_div_unsigned(values, divisor)
     expected = [((v % 2**64) // divisor + 2**63) % 2**64 - 2**63 for v in values.tolist()]
     assert got.tolist() == expected
+
+
+@pytest.mark.parametrize("divisor", [0, -4, 2**64, 2**70, 16.0])
+def test_floor_div_unsigned_refuses_a_divisor_outside_the_ring(divisor):
+    """A divisor of 2^64 or more (where numpy would wrap the shift count: a silent wrong quotient), below 1 or not
+    an int is refused in one line; the MAC truncation's finish divides through it."""
+    from veil.mpc.truncation import floor_div_unsigned
+
+    with pytest.raises(ValueError, match="divisor in \\[1, 2\\^64\\)"):
+        floor_div_unsigned(torch.tensor([5, -5]), divisor)

@@ -99,7 +99,12 @@ def floor_div_unsigned(v: torch.Tensor, divisor: int) -> torch.Tensor:
     Through numpy (:func:`_floor_div_into`) where it can view ``v``; else (a meta tensor) with torch's ops:
     for negative (top bit set) ``v``, ``v + 2^64 = (v + s_M) + q_M d`` with ``2^64 = q_M d + s_M``, and
     ``v + s_M`` cannot overflow.
+
+    Raises:
+        ValueError: ``divisor`` outside ``[1, 2^64)`` (a shift by 64 or more would wrap its count in numpy).
     """
+    if type(divisor) is not int or not 0 < divisor < 1 << 64:
+        raise ValueError(f"an unsigned 64-bit division needs an integer divisor in [1, 2^64), got {divisor!r}")
     a = ring_numpy.array_of(v.contiguous())
     if a is not None:
         out = torch.empty(v.shape, dtype=v.dtype)
