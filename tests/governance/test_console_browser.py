@@ -44,6 +44,18 @@ def _shot(page, name: str) -> None:
         page.screenshot(path=str(Path(folder) / f"{name}.png"))
 
 
+def _shown(locator) -> bool:
+    """Whether ``locator``'s element is visible once the page a click navigated to has loaded (``is_visible``
+    alone reads the DOM at once: on a busy machine the new page had committed its URL but not yet its body)."""
+    from playwright.sync_api import TimeoutError as NotShown
+
+    try:
+        locator.wait_for(state="visible", timeout=10_000)
+    except NotShown:  # (not shown within the wait: the caller's assertion fails on the answer below)
+        pass
+    return locator.is_visible()
+
+
 def _post(context, url: str, path: str, form: dict):
     """A direct POST, with the cookies ``context`` holds for ``url``: sent to loopback with ``url``'s secret
     ``*.localhost`` name as the Host (Chromium resolves that name itself; Playwright's request API asks
@@ -76,7 +88,7 @@ def test_owner_console_end_to_end(spawn, connect, browser, tmp_path):
     for token in ("not-the-admin-token", TOKEN):
         page.fill("#token", token)
         page.click("#login")
-        assert page.locator("#login-failed").is_visible() and rid not in page.content()
+        assert _shown(page.locator("#login-failed")) and rid not in page.content()
     for path in ("/datasets", "/audit", f"/requests/{rid}"):
         page.goto(url + path)
         assert page.url.endswith("/login")
@@ -88,7 +100,7 @@ def test_owner_console_end_to_end(spawn, connect, browser, tmp_path):
     page.fill("#token", ADMIN)
     page.click("#login")
     assert page.url.endswith("/requests")
-    assert page.locator(f"a.req:text('{rid}')").is_visible()
+    assert _shown(page.locator(f"a.req:text('{rid}')"))
     assert "Set-Cookie" not in page.content() and ADMIN not in page.url
     cookies = {c["name"]: c for c in page.context.cookies()}
     assert cookies["veil_console"]["httpOnly"] and cookies["veil_console"]["sameSite"] == "Strict"
@@ -144,7 +156,7 @@ def test_owner_console_end_to_end(spawn, connect, browser, tmp_path):
     row = page.locator("tr", has_text="#target")
     row.locator("select").select_option("open")
     row.locator("button").click()
-    assert page.locator("#policy-changed").is_visible()
+    assert _shown(page.locator("#policy-changed"))
     assert page.locator("tr", has_text="#target").locator(".policy").inner_text() == "open"
     assert torch.equal((target * 1).get(), TARGET)
     _shot(page, "datasets")
