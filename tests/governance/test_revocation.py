@@ -276,3 +276,34 @@ def test_console_revoke_is_csrf_guarded_and_closes_the_session(serve):
     assert _handshake_status(server, ALICE)[0] == 401
     assert "cannot be revoked" in web.post("/users/revoke", data={"csrf": csrf, "name": "owner"}).text
     conn.close()
+
+
+def test_an_owner_disconnect_has_ended_the_session_when_it_returns(serve, client):
+    """``disconnect`` (the console's button) returns only after the session's read loop ended it: the page it
+    redirects to must no longer list it (CI at 30e4dab: it still did, and showed no confirmation). Its
+    objects are freed, its next request fails, and the other session keeps computing."""
+    server = serve()
+    end_session = server.end_session
+
+    def slow_end(session):  # the race CI lost, made wide: the loop's finally runs after close() returned
+        time.sleep(0.3)
+        return end_session(session)
+
+    server.end_session = slow_end
+    alice, other = client(server, ALICE), client(server, OTHER)
+    torch.tensor([1.0, 2.0]).send(alice)
+    y = torch.tensor([3.0, 4.0]).send(other)
+    (session,) = _sessions_of(server, "alice")
+    held = [oid for oid, e in server.monitor.owner_entries() if e.created_by == session.id]
+    assert held
+    for _ in range(2):
+        assert server.disconnect(session.id, "owner")
+        assert session.id not in server.sessions
+        assert not {oid for oid, _ in server.monitor.owner_entries()} & set(held)
+        alice.close()
+        alice = client(server, ALICE)
+        torch.tensor([1.0, 2.0]).send(alice)
+        (session,) = _sessions_of(server, "alice")
+        held = [oid for oid, e in server.monitor.owner_entries() if e.created_by == session.id]
+    assert not server.disconnect("session-no-such", "owner")
+    assert torch.equal((y + 1).get(), torch.tensor([4.0, 5.0]))

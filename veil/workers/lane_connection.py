@@ -63,6 +63,8 @@ class LaneConnection(ServerConnection):
         #: ``(data, reply, decoded)`` of the frame the reader gets next: what the lane did with it
         self.handoff: tuple | None = None
         self._burst = 0  # frames the lane may still serve in this read callback
+        #: the task serving this connection's session (its end frees the session's objects); set by the reader
+        self.serving: Any = None
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)

@@ -283,6 +283,7 @@ class ConnectionServing:
         self.sessions[session.id] = session
         self._connections[session.id] = (ws, time.time())
         loop = asyncio.get_running_loop()
+        ws.serving = asyncio.current_task()
         closed = asyncio.ensure_future(ws.wait_closed())
         # requests that arrive while this loop waits for one are served where they are read (LaneConnection)
         ws.lane = functools.partial(self.lane_request, session=session)
@@ -407,12 +408,22 @@ class ConnectionServing:
         session = self.sessions.get(session_id)
         self._audit("disconnect", by, session_id, [], "allowed",
                     f"owner closed session {session_id} of {session.user if session else '?'}")
-        closing = asyncio.run_coroutine_threadsafe(found[0].close(4000, "disconnected by the data owner"), self._loop)
+        closing = asyncio.run_coroutine_threadsafe(self._close_until_ended(found[0]), self._loop)
         try:
-            closing.result(timeout=5)
+            closing.result(timeout=6)
         except Exception:  # a client that does not answer the close is dropped by the close timeout
             pass
         return True
+
+    @staticmethod
+    async def _close_until_ended(ws: Any) -> None:
+        """Closes ``ws``, then waits (5 s at most) until the task serving it has ended its session: the
+        console's page after a disconnect must no longer list it (that task's ``finally`` runs after
+        ``close`` returns)."""
+        await ws.close(4000, "disconnected by the data owner")
+        serving = getattr(ws, "serving", None)
+        if serving is not None:
+            await asyncio.wait((serving,), timeout=5)
 
     def close_sessions_of(self, name: str, reason: str) -> int:
         """Closes every connection (and handshake in progress) that authenticated as principal ``name``:
