@@ -19,11 +19,12 @@ Hole found:
   the requester's shape, up to 2^31 entries (16 GiB), before the session's quota refused them at the store (a
   worker function is not sized before it runs). Now refused by the quota before they are made, as prg_share is.
 
-Left open (strict xfail, a fix in veil/workers/handlers.py, which another session is changing): an approved
+Closed later (was a strict xfail; ``handlers._failure_uses_approval``): an approved
 secure-aggregation masked input (``masked_input``, released by the owner's approval) that fails on its values
 (``|x * weight|`` past the ring's range: the scientist picks the weight) keeps its approval, and the client drops
 out of the round: whether it was summed is a bit of ``max |x|``, asked again with a smaller weight, uncounted, until
-one call passes and uses the approval up (a descending weight scale reads ``max |x|`` to any precision).
+one call passes and uses the approval up (a descending weight scale reads ``max |x|`` to any precision). Now the
+failure uses the approval up as a success does: one range bit per approval.
 
 Held (regression guards): a split product's new worker functions (``product_pieces``, ``product_join``) keep
 the provenance of a reviewed operand, so an opening of their result waits for the owner's review; a serving
@@ -169,8 +170,6 @@ def test_a_placeholder_past_the_quota_is_refused_before_it_is_made(hook, monkeyp
     assert torch.equal(got, torch.zeros(2, 3, dtype=torch.long))
 
 
-@pytest.mark.xfail(strict=True, reason="HOLE (open): a masked_input failing on approved reviewed values keeps the "
-                                       "approval (handlers: 'a failure kept them'); its dropout is a range bit of x")
 def test_a_masked_input_failing_on_its_values_is_no_free_retry(hook):
     """Attack: the owner approves its client's state for one secure aggregation; the scientist aggregates with a
     weight of 1e12 for that client: its masked input fails the range check (|x * w| too large), the client drops
@@ -191,7 +190,8 @@ def test_a_masked_input_failing_on_its_values_is_no_free_retry(hook):
         workers[0].release_requests.approve(r["id"])
     first = inputs[workers[0].id]
     inputs[workers[0].id] = ClientInput(first.location, first.state, 1e12)
-    secure_aggregate(inputs, 42)  # (the client's masked input failed on its values: dropped out of the round)
+    out = secure_aggregate(inputs, 42)  # (the client's masked input failed on its values: dropped out of the round)
+    assert workers[0].id in out.dropped and workers[0].id not in out.survivors
     inputs[workers[0].id] = ClientInput(first.location, first.state, 1.0)
     with pytest.raises(ReviewPendingError):
         secure_aggregate(inputs, 43)

@@ -173,6 +173,8 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
         if purpose is _DP_RELEASE:
             monitor.audit("dp_release", principal, list(found), "refused",
                           f"{name}: {e}" if isinstance(e, VeilError) else f"{name}: {type(e).__name__}")
+        if name in owner_guard.REVIEWED_INPUTS and entries and _tracking(worker):
+            _failure_uses_approval(worker, list(found), entries, principal.user, name)
         if written or (op.worker_function and entries and name not in owner_guard.REVIEWED_INPUTS
                        and _tracking(worker)):
             # what it wrote before failing derives from its inputs all the same (a worker function, such as a
@@ -189,7 +191,7 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
     # a reviewed input's result was released with the approval of its inputs (a masked value): no lineage,
     # and no sources (the monitor would otherwise give it its inputs' and ask for a second approval)
     reviewed = name in owner_guard.REVIEWED_INPUTS
-    if reviewed and entries and _tracking(worker):  # it ran: its inputs' approvals are used up (a failure kept them)
+    if reviewed and entries and _tracking(worker):  # it ran: its inputs' approvals are used up (so does a failure)
         _governance_release(worker, list(found), entries, principal.user, name)
     if not plain:  # (a plain command: a compute purpose, no guarded input, no provenance recorded)
         if purpose is _DP_RELEASE:
@@ -491,6 +493,17 @@ def _governance_release(worker: BaseWorker, ids: list, entries: list, user: str,
     from veil.governance.release import enforce_all
 
     enforce_all(worker, ids, entries, user, _session_id(worker), purpose, consume)
+
+
+def _failure_uses_approval(worker: BaseWorker, ids: list, entries: list, user: str, purpose: str) -> None:
+    """A step releasing reviewed inputs (``owner_guard.REVIEWED_INPUTS``: secure aggregation's masked input) ran on
+    the approved values and failed: the approval is used up as by a success. Its failure may be a bit of them
+    (a masked input whose weighted values leave the range drops out of the round): a free retry would let a
+    requester read them one bit per try with one approval (red team: test_redteam_review_peer_second.py)."""
+    try:
+        _governance_release(worker, ids, entries, user, purpose)
+    except Exception:  # noqa: BLE001  (nothing approved left to use up: the step's own error is the answer)
+        pass
 
 
 def _session_id(worker: BaseWorker) -> str:
