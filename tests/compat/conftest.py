@@ -12,13 +12,9 @@ _n = itertools.count()
 
 
 @pytest.fixture(autouse=True)
-def _restore_default_hook(hook):
-    """Tests that make their own TorchHook (the sandbox) must not change the session's default."""
-    from veil.workers.registry import default_hook_context, set_default_hook_context
-
-    before = default_hook_context()
-    yield
-    set_default_hook_context(before)
+def _hooked(hook):
+    """Every test here runs as PySyft's tutorials do, after ``hook = sy.TorchHook(torch)`` (tests/conftest.py's
+    ``_keep_default_hook_context`` puts the default back after a test that makes its own)."""
 
 
 @pytest.fixture
