@@ -19,12 +19,13 @@ Hole found:
   the requester's shape, up to 2^31 entries (16 GiB), before the session's quota refused them at the store (a
   worker function is not sized before it runs). Now refused by the quota before they are made, as prg_share is.
 
-Closed later (was a strict xfail; ``handlers._failure_uses_approval``): an approved
+Closed later (was a strict xfail; the approval is now used up before the step runs, ``handlers._owner_checks``,
+after its value-free checks, ``owner_guard.REVIEWED_INPUT_CHECKS``): an approved
 secure-aggregation masked input (``masked_input``, released by the owner's approval) that fails on its values
 (``|x * weight|`` past the ring's range: the scientist picks the weight) keeps its approval, and the client drops
 out of the round: whether it was summed is a bit of ``max |x|``, asked again with a smaller weight, uncounted, until
-one call passes and uses the approval up (a descending weight scale reads ``max |x|`` to any precision). Now the
-failure uses the approval up as a success does: one range bit per approval.
+one call passes and uses the approval up (a descending weight scale reads ``max |x|`` to any precision). Now a
+failure has used it up as a success does: one range bit per approval.
 
 Held (regression guards): a split product's new worker functions (``product_pieces``, ``product_join``) keep
 the provenance of a reviewed operand, so an opening of their result waits for the owner's review; a serving

@@ -285,14 +285,17 @@ def _mask(state: _Round, me: str, others: list, n: int, tag: int) -> torch.Tenso
     return total
 
 
-def _masked_input(worker: Any, tag: int, survivors: list, state_tensors: list, weight: float,
-                  losses: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _ready_to_mask(worker: Any, tag: int, survivors: list, state_tensors: Any, weight: Any,
+                   losses: Any = None) -> tuple:
+    """``(round state, survivor ids)`` once a masked input may run: every check of ``masked_input`` that reads no
+    value of its state tensors (the owner's approval of reviewed ones is used up only after these passed)."""
     state = _round(worker, tag)
     survivors = _id_list(survivors, "survivors")
     if state.masked_with is not None or worker.id not in survivors or not set(survivors) <= set(state.ids) \
             or len(survivors) < state.threshold or not all(v in state.held for v in survivors):
         raise RemoteExecutionError("masked_input: refused (sent before, or shares missing from a survivor)")
-    if type(weight) not in (int, float) or not all(isinstance(t, torch.Tensor) for t in state_tensors):
+    if type(weight) not in (int, float) or type(state_tensors) not in (list, tuple) \
+            or not all(isinstance(t, torch.Tensor) for t in state_tensors):
         raise RemoteExecutionError("masked_input: state tensors and a numeric weight expected")
     if any(state.deposited_keys.get(v) != state.publics[v] for v in survivors if v != worker.id):
         # the coordinator's table must carry the keys the clients sent themselves: with its own keys in
@@ -300,6 +303,12 @@ def _masked_input(worker: Any, tag: int, survivors: list, state_tensors: list, w
         raise RemoteExecutionError("masked_input: refused (a public key in the coordinator's table is not the "
                                    "one its client deposited)")
     secagg_confirm.check_views(state, worker.id, survivors)  # one view of (n, t, U1) among everyone masked with
+    return state, survivors
+
+
+def _masked_input(worker: Any, tag: int, survivors: list, state_tensors: list, weight: float,
+                  losses: Optional[torch.Tensor] = None) -> torch.Tensor:
+    state, survivors = _ready_to_mask(worker, tag, survivors, state_tensors, weight)
     loss = 0.0
     if isinstance(losses, torch.Tensor) and losses.numel():
         loss = float(losses.detach().to(torch.float64).mean())
@@ -345,6 +354,7 @@ register_worker_function("veil.secagg.deposit", _deposit, shapes="none")
 register_worker_function("veil.secagg.masked_input", _masked_input)
 # the coordinator recovers the sum of the masked inputs: on review-policy data each input waits for the owner
 owner_guard.REVIEWED_INPUTS.add("veil.secagg.masked_input")
+owner_guard.REVIEWED_INPUT_CHECKS["veil.secagg.masked_input"] = _ready_to_mask
 register_worker_function("veil.secagg.confirm", _confirm)
 register_worker_function("veil.secagg.unmask", _unmask)
 register_worker_function("veil.secagg.discard", _discard, shapes="none")

@@ -173,8 +173,6 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
         if purpose is _DP_RELEASE:
             monitor.audit("dp_release", principal, list(found), "refused",
                           f"{name}: {e}" if isinstance(e, VeilError) else f"{name}: {type(e).__name__}")
-        if name in owner_guard.REVIEWED_INPUTS and entries and _tracking(worker):
-            _failure_uses_approval(worker, list(found), entries, principal.user, name)
         if written or (op.worker_function and entries and name not in owner_guard.REVIEWED_INPUTS
                        and _tracking(worker)):
             # what it wrote before failing derives from its inputs all the same (a worker function, such as a
@@ -190,9 +188,7 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
     lineage = None
     # a reviewed input's result was released with the approval of its inputs (a masked value): no lineage,
     # and no sources (the monitor would otherwise give it its inputs' and ask for a second approval)
-    reviewed = name in owner_guard.REVIEWED_INPUTS
-    if reviewed and entries and _tracking(worker):  # it ran: its inputs' approvals are used up (so does a failure)
-        _governance_release(worker, list(found), entries, principal.user, name)
+    reviewed = name in owner_guard.REVIEWED_INPUTS  # (its inputs' approvals were used up before it ran)
     if not plain:  # (a plain command: a compute purpose, no guarded input, no provenance recorded)
         if purpose is _DP_RELEASE:
             monitor.audit("dp_release", principal, list(found), "allowed", name)
@@ -302,8 +298,21 @@ def _owner_checks(worker: BaseWorker, principal: Principal, op: Any, purpose: Pu
         except PermissionDeniedError as e:
             monitor.audit(purpose.value, principal, list(found), "refused", f"{op.name}: {e}")
             raise
-    if entries and op.name in owner_guard.REVIEWED_INPUTS and _tracking(worker):  # (used up once it ran)
-        _governance_release(worker, list(found), entries, principal.user, op.name, consume=False)
+    if entries and op.name in owner_guard.REVIEWED_INPUTS and _tracking(worker):
+        value_free_checks = owner_guard.REVIEWED_INPUT_CHECKS.get(op.name)
+        if value_free_checks is not None:  # (refused whatever the values: the approval stands)
+            try:
+                with monitor.running(principal, entries, op.name):  # (it checks who asks, as the step does)
+                    value_free_checks(worker, *args, **kwargs)
+            except VeilError:
+                raise
+            except Exception as e:  # (arguments it cannot take: no value of them in the text)
+                raise RemoteExecutionError(f"{op.name}: refused ({type(e).__name__} on its arguments)") from None
+        # used up before the step runs: after it, a use-up that a closed connection, the deadline or a second
+        # session's concurrent step got in the way of left the approval for another try, and the step's
+        # success or failure (a range refusal) was a free bit of the approved values (red team:
+        # test_redteam_session63.py)
+        _governance_release(worker, list(found), entries, principal.user, op.name)
     protected = owner_guard.protected_storages(entries) if any_protected else _EMPTY
     secret = False
     oblivious_guard = None
@@ -493,17 +502,6 @@ def _governance_release(worker: BaseWorker, ids: list, entries: list, user: str,
     from veil.governance.release import enforce_all
 
     enforce_all(worker, ids, entries, user, _session_id(worker), purpose, consume)
-
-
-def _failure_uses_approval(worker: BaseWorker, ids: list, entries: list, user: str, purpose: str) -> None:
-    """A step releasing reviewed inputs (``owner_guard.REVIEWED_INPUTS``: secure aggregation's masked input) ran on
-    the approved values and failed: the approval is used up as by a success. Its failure may be a bit of them
-    (a masked input whose weighted values leave the range drops out of the round): a free retry would let a
-    requester read them one bit per try with one approval (red team: test_redteam_review_peer_second.py)."""
-    try:
-        _governance_release(worker, ids, entries, user, purpose)
-    except Exception:  # noqa: BLE001  (nothing approved left to use up: the step's own error is the answer)
-        pass
 
 
 def _session_id(worker: BaseWorker) -> str:

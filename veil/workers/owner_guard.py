@@ -76,6 +76,10 @@ DP_DATA_ARGS: dict[str, tuple[int, str]] = {}
 #: their inputs (secure aggregation's masked input: the coordinator recovers the sum): the owner's
 #: review policy applies to those inputs as to a .get() (filled by the modules that register them)
 REVIEWED_INPUTS: set[str] = set()
+#: such a step's checks that read no value of its inputs (``(worker, *args, **kwargs)``, raising its refusal): run
+#: before the approval is used up, so that a request refused whatever the values (a round that does not exist)
+#: leaves it standing; a failure after them, of any kind, has used it
+REVIEWED_INPUT_CHECKS: dict[str, Any] = {}
 
 
 def check_dp_only(op_name: str, entries: list, worker_id: str) -> None:
