@@ -425,6 +425,21 @@ class ConnectionServing:
         if serving is not None:
             await asyncio.wait((serving,), timeout=5)
 
+    def wait_sessions_ended(self, name: str, seconds: float = 5.0) -> None:
+        """Waits (``seconds`` at most; from any thread but the loop's) until the tasks serving principal ``name``'s
+        connections have ended their sessions: the console's page after a revocation must no longer list them
+        (:meth:`close_sessions_of` has the loop close them, and their objects are freed after)."""
+        tasks = [ws.serving for sid, (ws, _) in list(self._connections.items())
+                 if getattr(ws, "serving", None) is not None and sid in self.sessions
+                 and any(p.name == name for p in self.sessions[sid].principals)]
+        if not tasks or self._loop is None:
+            return
+        waiting = asyncio.run_coroutine_threadsafe(asyncio.wait(tasks, timeout=seconds), self._loop)
+        try:
+            waiting.result(timeout=seconds + 1)
+        except Exception:  # (past the bound: the page lists what is still closing)
+            pass
+
     def close_sessions_of(self, name: str, reason: str) -> int:
         """Closes every connection (and handshake in progress) that authenticated as principal ``name``:
         a revocation (veil/governance/revocation.py). At once, from any thread: its sessions are marked so

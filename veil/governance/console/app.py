@@ -348,6 +348,9 @@ def build_app(worker: Any, allowed_hosts: list[str], session_host: str | None = 
         if revoke_user is None or not name:
             return PlainTextResponse("no such user\n", status_code=400)
         await run_in_threadpool(revoke_user, name, session.user)
+        ended = getattr(worker, "wait_sessions_ended", None)
+        if ended is not None:  # (the page it redirects to lists no session of theirs, as after a disconnect)
+            await run_in_threadpool(ended, name)
         return RedirectResponse(f"/sessions?revoked={quote(name)}", status_code=303)
 
     in_flight = InFlight()
