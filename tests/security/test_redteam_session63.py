@@ -15,6 +15,15 @@
    serving it (``ws.serving``) to have ended the session. Held (regression guard): a client that floods and never
    answers the close is dropped at close_timeout (2 s); nothing of its session runs after disconnect returned.
 
+3. 24c8fed, the masked input's value-free checks (``owner_guard.REVIEWED_INPUT_CHECKS``) run before the use-up.
+   Hole found (then fixed): they ran on the arguments with the objects in place, before any review, secret or
+   scrubbing check, and their VeilError goes back as is: an owner object sent as the round ``tag`` is printed by
+   ``secure_agg._round`` (``no secure-aggregation round tensor([[...]])``), with no approval (raw review data,
+   data derived from it, a ``private=True`` dataset). Fixed: the checks run on stand-ins, every tensor and stored
+   object an empty tensor (``owner_guard.run_value_free_checks``), so they cannot read a value; and a non-int tag
+   is never printed (``secure_agg._tag_text``). Held (regression guard): y in the other positions, a stray keyword
+   and a multi-element tag are refused in one line with no value and leave the approval standing.
+
 Set-up of the network-worker tests: a ``WebsocketServerWorker`` in process (requests through ``serve_bytes``, the
 path a connection's requests take) holds X (``SECRET`` as in the review red teams) under the ``review`` policy; the
 scientist ``sci`` computes its update ``y = x * 0.5`` and the owner approves one masked input of it. A secure-
@@ -383,3 +392,80 @@ def test_a_client_that_never_answers_the_close_and_floods_runs_nothing_after_dis
     assert [sid for _, sid in starts].count(session.id) > 1, starts  # (the flood was served before the close)
     assert not late, f"{len(late)} requests of the disconnected session started after disconnect returned"
     c.close()
+
+
+# ------------------------------------------- 24c8fed: the masked input's value-free checks before the use-up
+
+def _no_value_in(reply, *values) -> None:
+    """The refusal is one line and holds none of ``values`` (as a tensor's repr prints them)."""
+    assert type(reply) is m.ErrorReply, reply
+    text = str(reply.message)
+    assert "\n" not in text, text
+    leaked = [v for v in values if v in text]
+    assert not leaked, (leaked, text)
+
+
+@pytest.mark.parametrize("what", ["review source", "review derived", "private", "one element, rounds exist"])
+def test_the_value_free_checks_do_not_print_an_owner_tensor_passed_as_the_tag(setup, what):
+    """Attack (no approval needed): the scientist sends ``masked_input`` with an owner object as ``tag`` (raw X
+    under review, its own y derived from X, a ``private=True`` dataset on the same worker, or a one-element value
+    derived from X while rounds exist, so that ``any(key[1] == tag ...)`` does not raise). The value-free checks
+    run first, on the arguments with the objects in place (``_owner_checks``: before the consume=True review check,
+    ``monitor.hides`` and the step's ``client_error`` scrubbing); ``_round`` finds no round for a non-int tag and
+    answers ``no secure-aggregation round tensor([[ 1.5000, -2.2500, ...]])``: a RemoteExecutionError (a
+    VeilError: re-raised as is). Before 24c8fed the review check (consume=False) answered ReviewPendingError
+    first, and the step's own errors on owner data answered ProtectedDataError (details in the owner's log).
+    Must hold: no value of an owner object in the reply (a refusal that reads no value, or the review's)."""
+    srv = setup.srv
+    tag_id = setup.xid
+    if what == "review derived":
+        tag_id = setup.y
+    elif what == "private":
+        tag_id = srv.load(torch.tensor([[7.125, 8.5], [9.25, -1.0]]), tags=("#p",), private=True)
+    elif what == "one element, rounds exist":
+        setup.round()
+        tag_id = new_id()
+        msg = m.CommandMessage(ALLOWLIST.by_func(torch.sum).name, (m.ObjectRef(setup.xid),), {}, [tag_id], False)
+        assert type(deserialize(srv.serve_bytes(serialize(msg, sender="client"), setup.s1))[0]) is m.OkReply
+    reply, _ = setup.command(setup.s1, MASKED, m.ObjectRef(tag_id), [srv.id, "p1"], [m.ObjectRef(setup.y)], 1.0)
+    _no_value_in(reply, "1.5000", "-2.2500", "0.7500", "7.1250", "tensor(5.")
+
+
+def test_hostile_arguments_to_the_value_free_checks_answer_one_line_and_leave_the_approval(setup):
+    """Attack: y (approved once) in every other argument position the value-free checks read: ``survivors`` (y,
+    [y]), ``weight`` (y), ``state_tensors`` not a list (y itself), a keyword the step does not take, and a multi-
+    element tensor as the tag while a round exists (``any(key[1] == tag ...)`` raises RuntimeError, mapped to one
+    line). Held: each is refused with one line and no value, none ran the step, and the approval still lets one
+    masked input go (a refusal that reads no value leaves it standing)."""
+    setup.approve_one()
+    tag = setup.round()
+    srv, y, mine = setup.srv, m.ObjectRef(setup.y), [setup.srv.id, "p1"]
+    hostile = [
+        ((tag, y, [y], 1.0), {}),
+        ((tag, [y], [y], 1.0), {}),
+        ((tag, mine, [y], y), {}),
+        ((tag, mine, y, 1.0), {}),
+        ((tag, mine, [y], 1.0), {"extra": y}),
+        ((y, mine, [y], 1.0), {}),  # (rounds exist, y has 6 elements: RuntimeError)
+    ]
+    for args, kwargs in hostile:
+        msg = m.CommandMessage(MASKED, args, kwargs, [new_id()], False)
+        reply = deserialize(srv.serve_bytes(serialize(msg, sender="client"), setup.s1))[0]
+        _no_value_in(reply, "0.7500", "-1.1250", "3.3750")
+        assert reply.error != "ReviewPendingError", reply
+    assert not srv.release_requests.pending()
+    assert not setup.went_through(tag)
+    assert type(setup.masked_input(tag, 1.0)) is m.OkReply
+    assert setup.went_through(tag)
+    reply = setup.masked_input(setup.round(), 1.0)
+    assert type(reply) is m.ErrorReply and "pending" in str(reply).lower(), reply
+
+
+def test_a_round_tag_that_is_not_an_int_is_never_printed():
+    """Defence in depth behind the stand-ins: the round tag is a requester's argument and may be any value, a stored
+    tensor too; secure aggregation's refusals name an int tag and only the type of anything else."""
+    probe = torch.tensor([[1.625, -2.375]])
+    with pytest.raises(ValueError) as info:
+        sc.check_round_tag(probe)
+    assert "1.625" not in str(info.value) and "Tensor" in str(info.value)
+    assert secure_agg._tag_text(probe) == "(not an int: Tensor)" and secure_agg._tag_text(42) == "42"

@@ -31,7 +31,8 @@ _RAW = serialization.Encoding.Raw
 def check_round_tag(tag: object) -> None:
     """Refuses a round tag outside [0, :data:`TAG_LIMIT`), in one line."""
     if type(tag) is not int or not 0 <= tag < TAG_LIMIT:
-        raise ValueError(f"a secure-aggregation round tag must be an int in [0, 2^64), got {repr(tag)[:40]}")
+        raise ValueError("a secure-aggregation round tag must be an int in [0, 2^64), got "
+                         + (repr(tag)[:40] if type(tag) is int else f"a {type(tag).__name__}"))
 
 
 def new_private_key() -> X25519PrivateKey:

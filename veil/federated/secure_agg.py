@@ -170,10 +170,16 @@ def _round(worker: Any, tag: Any) -> _Round:
     state = _rounds(worker).get((user, tag)) if type(tag) is int else None
     if state is None:
         principal = _principal(worker)
-        if any(key[1] == tag for key in _rounds(worker)):
-            raise _refuse(worker, principal, repr(tag), f"user {user!r} is not the coordinator of this round")
-        raise RemoteExecutionError(f"{NO_ROUND} {tag!r} on worker {worker.id!r}")
+        if type(tag) is int and any(key[1] == tag for key in _rounds(worker)):
+            raise _refuse(worker, principal, _tag_text(tag), f"user {user!r} is not the coordinator of this round")
+        raise RemoteExecutionError(f"{NO_ROUND} {_tag_text(tag)} on worker {worker.id!r}")
     return state
+
+
+def _tag_text(tag: Any) -> str:
+    """A round tag as errors and audit rows name it: an int, or only what it is not (a requester's tag may be any
+    argument, a stored tensor too: never printed)."""
+    return repr(tag) if type(tag) is int else f"(not an int: {type(tag).__name__})"
 
 
 def _id_list(ids: Any, name: str) -> list:
@@ -197,7 +203,7 @@ def _advertise(worker: Any, tag: int, n: int, threshold: int) -> torch.Tensor:
     except ValueError as e:
         raise RemoteExecutionError(str(e)) from None
     if (user, tag) in rounds:
-        raise RemoteExecutionError(f"secure-aggregation round {tag!r} is not fresh on worker {worker.id!r}")
+        raise RemoteExecutionError(f"secure-aggregation round {_tag_text(tag)} is not fresh on worker {worker.id!r}")
     if type(n) is not int or type(threshold) is not int or not 2 <= threshold <= n <= MAX_SECAGG_CLIENTS:
         raise RemoteExecutionError(f"need 2 <= threshold <= n <= {MAX_SECAGG_CLIENTS}, got threshold={threshold!r}, "
                                    f"n={n!r}")
@@ -250,11 +256,12 @@ def _deposit(worker: Any, tag: int, coordinator: str, sender: str, sk_share: tor
     principal = _principal(worker)
     state = _rounds(worker).get((coordinator, tag)) if type(tag) is int and isinstance(coordinator, str) else None
     if principal.isolated and not principal.is_peer:  # a scientist session: only peer workers hand over shares
-        raise _refuse(worker, principal, repr(tag), "deposit from a non-peer session")
+        raise _refuse(worker, principal, _tag_text(tag), "deposit from a non-peer session")
     if principal.isolated and sender != principal.user:  # a peer deposits as itself only (its link proved who)
-        raise _refuse(worker, principal, repr(tag), f"deposit by peer {principal.user!r} in the name of {sender!r}")
+        raise _refuse(worker, principal, _tag_text(tag),
+                      f"deposit by peer {principal.user!r} in the name of {sender!r}")
     if state is None:
-        raise RemoteExecutionError(f"{NO_ROUND} {tag!r} on worker {worker.id!r}")
+        raise RemoteExecutionError(f"{NO_ROUND} {_tag_text(tag)} on worker {worker.id!r}")
     if not isinstance(sender, str) or sender in state.held or (state.ids and sender not in state.ids) \
             or len(state.held) >= state.n:
         raise RemoteExecutionError("deposit: unknown or repeated sender for this round")
@@ -343,9 +350,11 @@ def _unmask(worker: Any, tag: int, survivors: list, dropped: list, confirmations
 
 def _discard(worker: Any, tag: int) -> None:
     user = _coordinator(worker)
-    if _rounds(worker).pop((user, tag), None) is None and any(key[1] == tag for key in _rounds(worker)):
+    if type(tag) is int and _rounds(worker).pop((user, tag), None) is None \
+            and any(key[1] == tag for key in _rounds(worker)):
         # someone else's round: left alone, audited, answered like a missing one (discard is silent)
-        worker.monitor.audit("secagg", _principal(worker), [], "refused", f"discard {tag!r}: not the coordinator")
+        worker.monitor.audit("secagg", _principal(worker), [], "refused",
+                             f"discard {_tag_text(tag)}: not the coordinator")
 
 
 register_worker_function("veil.secagg.advertise", _advertise)

@@ -299,15 +299,8 @@ def _owner_checks(worker: BaseWorker, principal: Principal, op: Any, purpose: Pu
             monitor.audit(purpose.value, principal, list(found), "refused", f"{op.name}: {e}")
             raise
     if entries and op.name in owner_guard.REVIEWED_INPUTS and _tracking(worker):
-        value_free_checks = owner_guard.REVIEWED_INPUT_CHECKS.get(op.name)
-        if value_free_checks is not None:  # (refused whatever the values: the approval stands)
-            try:
-                with monitor.running(principal, entries, op.name):  # (it checks who asks, as the step does)
-                    value_free_checks(worker, *args, **kwargs)
-            except VeilError:
-                raise
-            except Exception as e:  # (arguments it cannot take: no value of them in the text)
-                raise RemoteExecutionError(f"{op.name}: refused ({type(e).__name__} on its arguments)") from None
+        with monitor.running(principal, entries, op.name):  # (refused whatever the values: the approval stands;
+            owner_guard.run_value_free_checks(op.name, worker, args, kwargs, entries)  # it checks who asks)
         # used up before the step runs: after it, a use-up that a closed connection, the deadline or a second
         # session's concurrent step got in the way of left the approval for another try, and the step's
         # success or failure (a range refusal) was a free bit of the approved values (red team:

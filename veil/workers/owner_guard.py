@@ -77,9 +77,36 @@ DP_DATA_ARGS: dict[str, tuple[int, str]] = {}
 #: review policy applies to those inputs as to a .get() (filled by the modules that register them)
 REVIEWED_INPUTS: set[str] = set()
 #: such a step's checks that read no value of its inputs (``(worker, *args, **kwargs)``, raising its refusal): run
-#: before the approval is used up, so that a request refused whatever the values (a round that does not exist)
-#: leaves it standing; a failure after them, of any kind, has used it
+#: before the approval is used up (:func:`run_value_free_checks`), so that a request refused whatever the values (a
+#: round that does not exist) leaves it standing; a failure after them, of any kind, has used it
 REVIEWED_INPUT_CHECKS: dict[str, Any] = {}
+
+
+def run_value_free_checks(name: str, worker: Any, args: list, kwargs: dict, entries: list) -> None:
+    """Runs ``REVIEWED_INPUT_CHECKS[name]`` (if any) on stand-ins: every tensor, and every stored object the command
+    named, replaced by an empty tensor, so that the checks cannot read, print or size a value whatever they do (they
+    run before any review, secret or scrubbing: an owner tensor passed as a round's tag came back printed in the
+    refusal, red team test_redteam_session63.py). A refusal that is not veil's own is one line naming its class."""
+    checks = REVIEWED_INPUT_CHECKS.get(name)
+    if checks is None:
+        return
+    stored = {id(e.obj) for e in entries}
+    try:
+        checks(worker, *_stand_ins(list(args), stored), **_stand_ins(dict(kwargs), stored))
+    except VeilError:
+        raise
+    except Exception as e:  # (arguments it cannot take)
+        raise RemoteExecutionError(f"{name}: refused ({type(e).__name__} on its arguments)") from None
+
+
+def _stand_ins(value: Any, stored: set) -> Any:
+    if isinstance(value, torch.Tensor) or id(value) in stored:
+        return torch.empty(0)
+    if type(value) in (list, tuple):
+        return type(value)(_stand_ins(v, stored) for v in value)
+    if type(value) is dict:
+        return {k: _stand_ins(v, stored) for k, v in value.items()}
+    return value
 
 
 def check_dp_only(op_name: str, entries: list, worker_id: str) -> None:
