@@ -63,7 +63,7 @@ def _share_own(worker: Any, oid: int, party_ids: list, share_ids: list) -> None:
             or len(party_ids) < 2 or len(set(party_ids)) != len(party_ids)
             or not all(isinstance(p, str) for p in party_ids) or not all(type(i) is int for i in share_ids)):
         raise ValueError("share needs at least two distinct party ids and one new id per party")
-    from veil.workers.handlers import _governance_release
+    from veil.workers import review_gate
     from veil.workers.monitor import Purpose
 
     # The parties get what the requester could get: the monitor's release rules (private, DP-only,
@@ -75,7 +75,7 @@ def _share_own(worker: Any, oid: int, party_ids: list, share_ids: list) -> None:
     count = provenance.tightening_count(worker)
     entry = worker.monitor.resolve(principal, oid, Purpose.REVEAL, "secret-shared by its worker (share_own)")
     owner_guard.check_dp_only(SHARE_OWN, [entry], worker.id)
-    _governance_release(worker, [oid], [entry], user, "share", consume=False)
+    review_gate.release(worker, [oid], [entry], user, "share", consume=False)
     value = entry.obj
     if not isinstance(value, torch.Tensor) or value.dtype != torch.int64:
         raise NotEncodedError("only int64 (encoded) values can be secret-shared: call fix_precision() first")
@@ -85,7 +85,7 @@ def _share_own(worker: Any, oid: int, party_ids: list, share_ids: list) -> None:
         check_room(worker, value.numel(), 8, SHARE_OWN)
     if provenance.marked_if_tightened(worker, count, entry):  # (dp-only since its check: refused, approval kept)
         owner_guard.check_dp_only(SHARE_OWN, [entry], worker.id)
-    _governance_release(worker, [oid], [entry], user, "share")  # (the approval used up once every check passed)
+    review_gate.release(worker, [oid], [entry], user, "share")  # (the approval used up once every check passed)
     pieces, last = [], value
     for _ in party_ids[:-1]:
         piece = random_ring(tuple(value.shape))  # os.urandom: uniform in Z/2^64

@@ -20,7 +20,7 @@ from veil.exceptions import SerializationError, WorkerNotFoundError, error_from_
 from veil.messaging import messages as m
 from veil.messaging.serde import DecodeContext, deserialize, serialize
 from veil.compat.workers import PySyftWorkerMethods
-from veil.workers import cancellation
+from veil.workers import cancellation, review_gate
 from veil.workers.stats import TransportStats
 from veil.workers.monitor import Principal, ReferenceMonitor
 from veil.workers.outbox import MAX_PRELUDE_ITEMS, Outbox
@@ -172,7 +172,7 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
     def _review_release(self, principal: Principal, ids: list, entries: list, action: str, consume: bool) -> None:
         """The owner's review policy for releases the monitor decides alone (openings; ``consume=False``: the
         refusals only, the approvals used up by a second call once the values go)."""
-        _handlers._governance_release(self, ids, entries, principal.user, action, consume)
+        review_gate.release(self, ids, entries, principal.user, action, consume)
 
     @property
     def _objects(self) -> dict[int, Any]:

@@ -16,7 +16,7 @@ from veil.exceptions import (ObjectNotFoundError, PermissionDeniedError, RemoteE
 from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST, NO_RESULT, register_worker_function
 from veil.tensors.tree import leaves, map_structure
-from veil.workers import listing, oblivious, output_bounds, owner_guard, storage_overrun, value_shapes
+from veil.workers import listing, oblivious, output_bounds, owner_guard, review_gate, storage_overrun, value_shapes
 from veil.workers.quiet_warnings import dropping_warnings
 from veil.workers.accounts import END_ACCOUNT
 from veil.workers.base import STORABLE_TYPES, STORE_VALIDATORS, BaseWorker, moving_to_peer, register_handler
@@ -305,7 +305,7 @@ def _owner_checks(worker: BaseWorker, principal: Principal, op: Any, purpose: Pu
         # session's concurrent step got in the way of left the approval for another try, and the step's
         # success or failure (a range refusal) was a free bit of the approved values (red team:
         # test_redteam_session63.py)
-        _governance_release(worker, list(found), entries, principal.user, op.name)
+        review_gate.release(worker, list(found), entries, principal.user, op.name)
     protected = owner_guard.protected_storages(entries) if any_protected else _EMPTY
     secret = False
     oblivious_guard = None
@@ -443,7 +443,7 @@ def _handle_get(worker: BaseWorker, msg: m.GetObjectsMessage, sender: str) -> An
         raise SerializationError("GetObjectsMessage.ids must be a list")
     principal = worker.principal(sender).acting_as(_claimed_user(msg, sender))
     entries = resolve_each(worker.monitor, principal, msg.ids, Purpose.REVEAL)  # (its deadline: get_ids.py)
-    _governance_release(worker, msg.ids, entries, principal.user, "get")
+    review_gate.release(worker, msg.ids, entries, principal.user, "get")
     out = []
     for oid, entry in zip(msg.ids, entries):
         obj = entry.obj
@@ -486,32 +486,6 @@ def _tracking(worker: BaseWorker) -> bool:
 
     _tracking = tracking
     return tracking(worker)
-
-
-def _governance_release(worker: BaseWorker, ids: list, entries: list, user: str, purpose: str,
-                        consume: bool = True) -> None:
-    """Governance (#16): objects derived from ``review`` data leave only with the owner's approval
-    (``consume=False``: refused unless approved, the approval not used up yet)."""
-    from veil.governance.release import enforce_all
-
-    enforce_all(worker, ids, entries, user, _session_id(worker), purpose, consume)
-
-
-def _session_id(worker: BaseWorker) -> str:
-    current = getattr(worker, "current_session", None)
-    session = current() if current is not None else None
-    return session.id if session is not None else "-"
-
-
-def _governance_releasing(worker: BaseWorker, ids: list, entries: list, user: str, purpose: str) -> Any:
-    """Governance (#16): the approvals of a move, used up while it sends the objects and given back when the
-    destination refused them (its answer: a destination stores an ObjectMessage all or none,
-    ObjectStore.all_or_none; :func:`veil.governance.release.releasing`). A failure to reach it may come after
-    it stored them: that keeps them used."""
-    from veil.governance.release import releasing
-
-    return releasing(worker, ids, entries, user, _session_id(worker), purpose,
-                     lambda error: getattr(error, "from_reply", False) is True)
 
 
 @register_handler(m.DeleteMessage)
@@ -566,14 +540,14 @@ def _handle_move(worker: BaseWorker, msg: m.MoveMessage, sender: str) -> Any:
     for oid, entry in zip(msg.ids, entries):
         if not isinstance(entry.obj, tuple(STORABLE_TYPES)):
             raise SerializationError(f"object {oid} cannot be moved")
-    _governance_release(worker, msg.ids, entries, principal.user, "move", consume=False)
+    review_gate.release(worker, msg.ids, entries, principal.user, "move", consume=False)
     destination = worker.resolve_worker(msg.destination)  # (after the refusals: reachability tells a refused none)
     with moving(worker, entries):
         on_record_before_leaving(worker)  # its allowed rows, off the turn; then capabilities travel, never wider
         objects = [worker.monitor.outgoing(principal, new, e) for new, e in zip(msg.new_ids, entries)]
         for so, oid, entry in zip(objects, msg.ids, entries):
             so.obj = _released(oid, entry)
-        with _governance_releasing(worker, msg.ids, entries, principal.user, "move"), moving_to_peer():
+        with review_gate.releasing(worker, msg.ids, entries, principal.user, "move"), moving_to_peer():
             worker.send_msg(m.ObjectMessage(objects), destination)  # (CKKS tensors with their contexts)
     for oid, entry in zip(msg.ids, entries):  # owner-protected data is copied, never taken; the entry moved only
         worker.monitor.discard(principal, oid, only=entry)
