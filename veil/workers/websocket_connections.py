@@ -429,9 +429,12 @@ class ConnectionServing:
         """Waits (``seconds`` at most; from any thread but the loop's) until the tasks serving principal ``name``'s
         connections have ended their sessions: the console's page after a revocation must no longer list them
         (:meth:`close_sessions_of` has the loop close them, and their objects are freed after)."""
-        tasks = [ws.serving for sid, (ws, _) in list(self._connections.items())
-                 if getattr(ws, "serving", None) is not None and sid in self.sessions
-                 and any(p.name == name for p in self.sessions[sid].principals)]
+        tasks = []
+        for sid, (ws, _) in list(self._connections.items()):  # (the loop changes both meanwhile: read once each)
+            session = self.sessions.get(sid)
+            if session is not None and getattr(ws, "serving", None) is not None \
+                    and any(p.name == name for p in session.principals):
+                tasks.append(ws.serving)
         if not tasks or self._loop is None:
             return
         waiting = asyncio.run_coroutine_threadsafe(asyncio.wait(tasks, timeout=seconds), self._loop)
