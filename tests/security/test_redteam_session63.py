@@ -469,3 +469,131 @@ def test_a_round_tag_that_is_not_an_int_is_never_printed():
         sc.check_round_tag(probe)
     assert "1.625" not in str(info.value) and "Tensor" in str(info.value)
     assert secure_agg._tag_text(probe) == "(not an int: Tensor)" and secure_agg._tag_text(42) == "42"
+
+
+# ------------------------------------------- session 63, third pass: stored objects, nesting, after the use-up
+
+def _spy_checks(monkeypatch):
+    """Records every argument tree the masked input's value-free checks are called with (then runs them)."""
+    from veil.workers import owner_guard
+
+    seen, checks = [], owner_guard.REVIEWED_INPUT_CHECKS[MASKED]
+
+    def spy(worker, *args, **kwargs):
+        seen.append((args, kwargs))
+        return checks(worker, *args, **kwargs)
+
+    monkeypatch.setitem(owner_guard.REVIEWED_INPUT_CHECKS, MASKED, spy)
+    return seen
+
+
+def _tree_leaves(value):
+    if type(value) in (list, tuple):
+        return [leaf for v in value for leaf in _tree_leaves(v)]
+    if type(value) is dict:
+        return [leaf for v in value.values() for leaf in _tree_leaves(v)]
+    return [value]
+
+
+def test_stored_objects_nested_anywhere_reach_the_value_free_checks_only_as_empty_stand_ins(setup, monkeypatch):
+    """Attack on fd1dbff's stand-ins: y (approved once), the raw X and a stored non-tensor object (a ``PlanSpec``,
+    one of ``base.STORABLE_TYPES``) nested in dicts, tuples and lists in every argument position of the masked
+    input and in its keywords (``losses``, which ``_ready_to_mask`` takes and never checks). Dict keys cannot carry
+    a stored object: an ObjectRef is unhashable (serialize refuses it) and ``resolve_args`` replaces values only.
+    Held: every leaf the checks see is an empty tensor or a wire value of the scientist's (none is a stored object,
+    none has an element); each refusal is one line with no value; none ran the step; the approval still stands."""
+    from veil.plans.ops import PlanOp, PlanSpec, SlotRef
+
+    srv, y, x = setup.srv, m.ObjectRef(setup.y), m.ObjectRef(setup.xid)
+    plan_id = new_id()
+    plan = PlanSpec("ident", 1, 0, 2, [PlanOp(ALLOWLIST.by_func(torch.mul).name, (SlotRef(0), 1.0), {}, [1], False)],
+                    SlotRef(1))
+    reply = request(srv, setup.s1, m.ObjectMessage([m.StoredObject(plan_id, plan, (), "")]))
+    assert type(reply) is m.OkReply, reply
+    p = m.ObjectRef(plan_id)
+    setup.approve_one()
+    tag = setup.round()
+    mine = [srv.id, "p1"]
+    stored = {id(e.obj) for _, e in srv.monitor.owner_entries()}
+    seen = _spy_checks(monkeypatch)
+    hostile = [
+        ((tag, mine, [y], 1.0), {"losses": {"a": (x, [p])}}),  # (its refusal: the keyword is a dict; no value)
+        ((tag, mine, (y, {"k": [x, p]}), 1.0), {}),
+        ((tag, mine, [p], 1.0), {}),  # (a stored plan among the state tensors: see the test below)
+        (({"t": tag, "y": y}, mine, [y], 1.0), {}),
+        ((tag, [srv.id, ("p1", p)], [y], {"w": x}), {}),
+        ((p, mine, [y], 1.0), {}),
+        ((tag, mine, [y], p), {"losses": p}),
+    ]
+    for i, (args, kwargs) in enumerate(hostile[:2] + hostile[3:]):
+        msg = m.CommandMessage(MASKED, args, kwargs, [new_id()], False)
+        reply = deserialize(srv.serve_bytes(serialize(msg, sender="client"), setup.s1))[0]
+        _no_value_in(reply, "0.7500", "-1.1250", "3.3750", "1.5000", "-2.2500", "ident")
+        if i == 0:  # (``losses`` is not checked: the checks pass, then the review asks for X; y's approval unused)
+            assert reply.error == "ReviewPendingError" and str(setup.xid) in str(reply.message), reply
+        else:
+            assert reply.error != "ReviewPendingError", reply
+    assert len(seen) == len(hostile) - 1, seen
+    for args, kwargs in seen:
+        for leaf in _tree_leaves((args, kwargs)):
+            assert id(leaf) not in stored and not any(leaf is e.obj for _, e in srv.monitor.owner_entries())
+            assert not isinstance(leaf, PlanSpec), leaf
+            if isinstance(leaf, torch.Tensor):
+                assert leaf.numel() == 0, leaf
+    assert [r.object_id for r in srv.release_requests.pending()] == [setup.xid]  # (X's, filed by the first; not y's)
+    assert not setup.went_through(tag)
+    assert type(setup.masked_input(tag, 1.0)) is m.OkReply
+    assert setup.went_through(tag)
+
+
+def test_a_stored_non_tensor_among_the_state_tensors_fails_after_the_use_up_in_one_line(setup):
+    """Attack: a stored object that is not a tensor (a ``PlanSpec``) among the state tensors beside y passes the
+    value-free checks as its stand-in (an empty tensor), so the approval is used up and the step's own
+    ``_ready_to_mask`` refuses it on the real arguments. Held: the refusal names no value and reads none (it is the
+    type check, before any value is read: no range bit), the round has no masked input, and the approval is used
+    up as the threat model says (a failure after the value-free checks, of any kind, has used it)."""
+    from veil.plans.ops import PlanOp, PlanSpec, SlotRef
+
+    srv = setup.srv
+    plan_id = new_id()
+    plan = PlanSpec("ident", 1, 0, 2, [PlanOp(ALLOWLIST.by_func(torch.mul).name, (SlotRef(0), 1.0), {}, [1], False)],
+                    SlotRef(1))
+    assert type(request(srv, setup.s1, m.ObjectMessage([m.StoredObject(plan_id, plan, (), "")]))) is m.OkReply
+    setup.approve_one()
+    for weight in (1e11, 1.0):  # (the same answer whatever the range would say)
+        tag = setup.round()
+        reply, _ = setup.command(setup.s1, MASKED, tag, [srv.id, "p1"], [m.ObjectRef(setup.y),
+                                                                        m.ObjectRef(plan_id)], weight)
+        _no_value_in(reply, "0.7500", "-1.1250", "3.3750", "ident")
+        assert not setup.went_through(tag)
+        if weight == 1e11:
+            assert reply.error != "ReviewPendingError", reply
+            first = reply
+        else:
+            assert reply.error == "ReviewPendingError", reply
+    assert first.error == "ProtectedDataError", first  # (as a range refusal answers: the one failure bit)
+
+
+def test_wait_sessions_ended_is_bounded_and_closes_nothing_itself(served):
+    """Attack on 02f7f66: the console's revoke waits (``wait_sessions_ended``) on the tasks serving the revoked
+    user's connections. A scientist that keeps its connection open (here: never revoked, so its task never ends)
+    must not hold the console's thread past the bound, and the wait alone must end no session (only the owner's
+    revoke or disconnect closes one). Unknown names return at once."""
+    srv = served
+    c = SilentClient(srv.bound_port, ALICE)
+    try:
+        oid = new_id()
+        c.send(m.ObjectMessage([m.StoredObject(oid, torch.ones(2), (), "")]))
+        assert type(c.reply()) is m.OkReply
+        (session,) = list(srv.sessions.values())
+        t0 = time.monotonic()
+        srv.wait_sessions_ended("nobody")
+        assert time.monotonic() - t0 < 0.5
+        t0 = time.monotonic()
+        srv.wait_sessions_ended("alice", seconds=0.3)
+        assert time.monotonic() - t0 < 1.5
+        assert session.id in srv.sessions
+        c.send(m.CommandMessage(ALLOWLIST.by_func(torch.add).name, (m.ObjectRef(oid), 1.0), {}, [new_id()], False))
+        assert type(c.reply()) is m.OkReply  # (the session still serves: the wait changed nothing)
+    finally:
+        c.close()
