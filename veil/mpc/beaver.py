@@ -10,6 +10,17 @@ nothing) and each party ``i`` computes locally
 so that ``sum z_i = op(x, y)`` in Z/2^64, because op is bilinear
 [Beaver 1991; SPDZ, Damgard et al. 2012; as in CrypTen's beaver.py].
 
+A matrix product between two parties takes a ``beaver_local`` item instead
+(:mod:`veil.mpc.material`): ``(a, b, d)`` with ``d = a0 @ b1 + a1 @ b0`` shared,
+and party ``i`` computes
+
+    z_i = (e + a_i) @ (f + b_i) + d_i - e[rows of the other party] @ f
+
+(``sum z_i = e f + e b + a f + a0 b0 + a1 b1 + d = x y``): one full product and
+half of ``e @ f`` per party online instead of two full products; the dealer
+computes two products instead of one. Same round, same bytes; ``d_i`` is a
+uniform share as ``c_i`` is.
+
 Cost per product: **1 round**; each party sends its share of ``e`` and ``f``
 (``numel(x) + numel(y)`` ring elements of 8 bytes; for an elementwise product
 that is 2 ring elements per product entry) to each other party. The triple
@@ -26,6 +37,7 @@ on local tensors and on remote pointers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Hashable, Mapping, Optional, Sequence
 
@@ -33,7 +45,7 @@ import torch
 
 from veil.mpc.party import open_at_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
-from veil.mpc.material import product_shape
+from veil.mpc.material import LOCAL_PRODUCT_OPS, product_shape, request_work_bound
 from veil.mpc.output_buffers import output_buffer
 from veil.mpc.product_split import SplitPlan, plan_split, sliced_operands
 from veil.mpc import ring_gemm
@@ -104,6 +116,30 @@ def _combine(a_i, b_i, c_i, e, f, op: str, first: bool, op_kwargs: dict) -> torc
     z_i = fn(e, left, **op_kwargs)
     z_i += fn(a_i, f, **op_kwargs)
     z_i += c_i
+    return z_i
+
+
+#: the most parties a local product's row split may name (it is dealt to two)
+_LOCAL_PARTS = 2
+
+
+@party_function("beaver_combine_local", borrows=True)
+def _combine_local(a_i, b_i, d_i, e, f, part: int, parts: int) -> torch.Tensor:
+    """``z_i = (e + a_i) @ (f + b_i) + d_i - e[rows not this part's] @ f`` (a ``beaver_local`` item's combine)."""
+    if type(part) is not int or type(parts) is not int or not 0 <= part < parts <= _LOCAL_PARTS:
+        raise ValueError(f"beaver_combine_local: part must be an int in [0, parts), parts at most {_LOCAL_PARTS}")
+    if d_i.is_meta:  # run_party's shape inference: the result has d's shape
+        return torch.empty_like(d_i)
+    if not all(t.dim() == 2 for t in (a_i, b_i, d_i, e, f)) or tuple(e.shape) != tuple(a_i.shape) \
+            or tuple(f.shape) != tuple(b_i.shape) or a_i.shape[1] != b_i.shape[0] \
+            or tuple(d_i.shape) != (a_i.shape[0], b_i.shape[1]):
+        raise ValueError("beaver_combine_local: the opened values and the dealt item are not one matrix product's")
+    z_i = ring_gemm.addmm(d_i, e + a_i, f + b_i)
+    rows = e.shape[0]
+    mine = (rows * part // parts, rows * (part + 1) // parts)  # e @ f once over all parties: each its rows
+    for start, stop in ((0, mine[0]), (mine[1], rows)):
+        if stop > start:
+            z_i[start:stop].sub_(ring_gemm.mm(e[start:stop], f))
     return z_i
 
 
@@ -182,10 +218,26 @@ class Product:
     y: Shares
     op: str
     op_kwargs: dict
-    triples: Optional[dict]  # party -> (a, b, c); None for a split product
+    triples: Optional[dict]  # party -> (a, b, c), or (a, b, d) for a local item; None for a split product
     #: a product too large for one dealt item (:mod:`veil.mpc.product_split`): its pieces, each dealt its
     #: own triple and opened in the same round, and the per-block piece counts their results are joined by
     pieces: Optional[tuple] = None
+    #: dealt as a ``beaver_local`` item (two parties' matrix product: ``beaver_combine_local``)
+    local: bool = False
+
+
+def _dealt(x: Shares, y: Shares, op: str, provider: Provider, op_kwargs: dict) -> Product:
+    """One product with its item dealt: a ``beaver_local`` item for a matrix product between two parties where
+    the provider deals them (one product per party online instead of two), else a Beaver triple."""
+    parties = list(x.keys())
+    if op in LOCAL_PRODUCT_OPS and not op_kwargs and len(parties) == 2 and list(y.keys()) == parties:
+        shape_x, shape_y = tuple(x[parties[0]].shape), tuple(y[parties[0]].shape)
+        if len(shape_x) == 2 and len(shape_y) == 2 and shape_x[1] == shape_y[0] \
+                and 2 * math.prod(shape_x) * shape_y[1] <= request_work_bound():  # (its dealing: two products)
+            items = provider.local_triples(op, shape_x, shape_y, parties)
+            if items is not None:
+                return Product(x, y, op, {}, items, local=True)
+    return Product(x, y, op, dict(op_kwargs), deal_triple(x, y, op, provider, **op_kwargs))
 
 
 def deal_product(x: Shares, y: Shares, op: str, provider: Provider, **op_kwargs) -> Product:
@@ -196,13 +248,12 @@ def deal_product(x: Shares, y: Shares, op: str, provider: Provider, **op_kwargs)
         raise ValueError(f"operands are shared among different parties: {parties} vs {list(y.keys())}")
     plan = plan_split(op, tuple(x[parties[0]].shape), tuple(y[parties[0]].shape), op_kwargs)
     if plan is None:
-        return Product(x, y, op, dict(op_kwargs), deal_triple(x, y, op, provider, **op_kwargs))
+        return _dealt(x, y, op, provider, dict(op_kwargs))
     return _split_product(x, y, op, dict(op_kwargs), provider, plan)
 
 
 def _split_product(x: Shares, y: Shares, op: str, op_kwargs: dict, provider: Provider, plan: SplitPlan) -> Product:
-    pieces = [Product(xj, yj, op, op_kwargs, deal_triple(xj, yj, op, provider, **op_kwargs))
-              for xj, yj in zip(*sliced_operands(x, y, plan))]
+    pieces = [_dealt(xj, yj, op, provider, op_kwargs) for xj, yj in zip(*sliced_operands(x, y, plan))]
     return Product(x, y, op, op_kwargs, None, (tuple(pieces), plan.block_sizes))
 
 
@@ -241,8 +292,10 @@ def _finish_unsplit(products: Sequence[Product], parties: list) -> list[dict]:
             [q.x[p] for q in products], [q.y[p] for q in products],
             [q.triples[p][0] for q in products], [q.triples[p][1] for q in products]) for p in parties})
         pairs = {p: [(opened[p][k], opened[p][n + k]) for k in range(n)] for p in parties}
-    return [{p: run_party("beaver_combine", *q.triples[p], *pairs[p][k], op=q.op, first=(i == 0),
-                          op_kwargs=dict(q.op_kwargs)) for i, p in enumerate(parties)}
+    return [{p: run_party("beaver_combine_local", *q.triples[p], *pairs[p][k], part=i, parts=len(parties))
+             if q.local else
+             run_party("beaver_combine", *q.triples[p], *pairs[p][k], op=q.op, first=(i == 0),
+                       op_kwargs=dict(q.op_kwargs)) for i, p in enumerate(parties)}
             for k, q in enumerate(products)]
 
 

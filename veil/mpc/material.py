@@ -8,6 +8,12 @@ one party). Items are returned to protocols as a tuple
 
 * ``beaver`` ``(op, shape_a, shape_b, op_kwargs)``: ``(a, b, c = op(a, b))``
   [Beaver 1991].
+* ``beaver_local`` ``(op, shape_a, shape_b, {})``: a 2-party matrix product's
+  ``(a, b, d)`` with ``d = a0 @ b1 + a1 @ b0`` (the cross terms of the parties'
+  shares: ``c - a0 @ b0 - a1 @ b1``): each party then needs one product
+  ``(e + a_i) @ (f + b_i)`` online instead of two (:mod:`veil.mpc.beaver`). Its
+  derived field follows from the *shares* of the uniform ones
+  (:data:`FROM_SHARES`), not from their values.
 * ``truncation`` ``(shape, divisor)``: ``(r, floor(r / divisor), g)`` with
   ``r`` read unsigned and ``g`` its wrap correction (:mod:`veil.mpc.truncation`).
 * ``zero`` ``(shape,)``: ``(0,)``, fresh random shares of zero (``refresh``).
@@ -62,6 +68,7 @@ import torch
 from veil.mpc.comparison_material import (GROUP_BITS, GROUP_SUBSETS, ComparisonLayout, comparison_recipe,
                                            comparison_sources)
 from veil.mpc.errors import ProviderError
+from veil.mpc import ring_gemm
 from veil.mpc.ring import DTYPE, bilinear, op_arguments, random_ring
 from veil.mpc.sharing import split
 from veil.shapes import broadcast_shape
@@ -116,13 +123,13 @@ def request_work_bound() -> int:
 def item_product_work(kind: str, spec) -> int:
     """Multiply-adds of one item's ``op(a, b)`` for a product kind (``beaver``, ``beaver_mac``,
     ``fixed_beaver``; refused past :data:`MAX_PRODUCT_WORK`), 0 for the other kinds."""
-    if kind not in ("beaver", "beaver_mac", "fixed_beaver"):
+    if kind not in ("beaver", "beaver_local", "beaver_mac", "fixed_beaver"):
         return 0
-    if not isinstance(spec, (tuple, list)) or len(spec) != (4 if kind == "beaver" else 5):
+    if not isinstance(spec, (tuple, list)) or len(spec) != (4 if kind in ("beaver", "beaver_local") else 5):
         raise ProviderError(f"a {kind} spec must be ([id,] op, shape_a, shape_b, op_kwargs)")
     op, shape_a, shape_b, op_kwargs = spec[-4:]
     _, _, shape_a, shape_b, shape_c = _product(op, shape_a, shape_b, op_kwargs)
-    return product_work(op, shape_a, shape_b, shape_c)
+    return product_work(op, shape_a, shape_b, shape_c) * (2 if kind == "beaver_local" else 1)  # (two products)
 
 
 def check_request_work(kind: str, spec, count: int) -> None:
@@ -137,6 +144,29 @@ def _beaver(spec) -> tuple[list, list, Derive]:
     op, shape_a, shape_b, op_kwargs = spec
     fn, op_kwargs, shape_a, shape_b, shape_c = _product(op, shape_a, shape_b, op_kwargs)
     return [shape_a, shape_b], [shape_c], lambda u, g: [fn(u[0], u[1], **op_kwargs)]
+
+
+#: matrix products a ``beaver_local`` item may be dealt for (2-D operands, two parties)
+LOCAL_PRODUCT_OPS = ("mm", "matmul")
+#: kinds whose derive takes every party's shares of the uniform fields (``[[a_0, b_0], [a_1, b_1]]``) instead of
+#: their values: dealers split the uniform fields first (or expand each party's seed), then derive
+FROM_SHARES = frozenset({"beaver_local"})
+
+
+def _beaver_local(spec) -> tuple[list, list, Callable]:
+    op, shape_a, shape_b, op_kwargs = spec
+    fn, op_kwargs, shape_a, shape_b, shape_c = _product(op, shape_a, shape_b, op_kwargs)
+    if op not in LOCAL_PRODUCT_OPS or op_kwargs or len(shape_a) != 2 or len(shape_b) != 2:
+        raise ProviderError("a beaver_local item is a product of two matrices (mm or matmul, 2-D operands)")
+
+    def cross_terms(shares: list) -> list:
+        if len(shares) != 2:
+            raise ProviderError("beaver_local material is dealt to two parties")
+        (a0, b0), (a1, b1) = shares
+        d = ring_gemm.products(None, [(a0, b1), (a1, b0)])  # (None where torch's int64 product serves)
+        return [d if d is not None else torch.addmm(torch.mm(a0, b1), a1, b0)]
+
+    return [shape_a, shape_b], [shape_c], cross_terms
 
 
 def product_shape(op: str, shape_a: Shape, shape_b: Shape, op_kwargs) -> Shape:
@@ -506,7 +536,7 @@ def derived_sources(kind: str, spec) -> list | None:
 
 
 RECIPES: dict[str, Callable] = {
-    "beaver": _beaver, "truncation": _truncation, "beaver_mac": _beaver_mac,
+    "beaver": _beaver, "beaver_local": _beaver_local, "truncation": _truncation, "beaver_mac": _beaver_mac,
     "truncation_mac": _truncation_mac, "zero": _zero, "comparison": comparison_recipe,
     "zero_mac": _zero_mac, "comparison_mac": _comparison_mac,
     "fixed_mask": _fixed_mask, "fixed_beaver": _fixed_beaver,

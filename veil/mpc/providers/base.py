@@ -8,7 +8,7 @@ an in-process dealer, pointers to the parties' workers for a remote one.
 from __future__ import annotations
 
 import abc
-from typing import Callable, ContextManager, Hashable, Mapping, Sequence
+from typing import Callable, ContextManager, Hashable, Mapping, Optional, Sequence
 
 import torch
 
@@ -77,6 +77,13 @@ class Provider(abc.ABC):
         Returns:
             party -> (r_i, q_i, g_i).
         """
+
+    def local_triples(self, op: str, shape_a: Sequence[int], shape_b: Sequence[int],
+                      parties: Sequence[Hashable]) -> Optional[Mapping[Hashable, tuple]]:
+        """Deals a two-party matrix product's ``(a_i, b_i, d_i)`` with ``d = a0 @ b1 + a1 @ b0`` (material kind
+        ``beaver_local``: :func:`veil.mpc.beaver.deal_product` uses it for 2-D ``mm``/``matmul`` between two
+        parties); None where this provider deals none (the product then takes :meth:`beaver_triples`)."""
+        return None
 
     def zero_shares(self, shape: Sequence[int], parties: Sequence[Hashable]) -> Mapping[Hashable, tuple]:
         """Deals fresh additive shares of zero (to re-randomize a sharing).

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from veil.mpc.errors import ProviderError
-from veil.mpc.material import (FIXED_KINDS, WIDE_KINDS, check_request_work, derived_sources, last_shares_wide,
-                               recipe, sum_wide)
+from veil.mpc.material import (FIXED_KINDS, FROM_SHARES, WIDE_KINDS, check_request_work, derived_sources,
+                               last_shares_wide, recipe, sum_wide)
 from veil.mpc.prg import expand, expand_sum, subtract_streams
 from veil.mpc.providers.fss_dealing import MAX_BATCH_ELEMENTS
 from veil.mpc.ring import DTYPE
@@ -65,8 +65,12 @@ def _corrections(kind: str, uniform_shapes: list, derived_shapes: list, derive: 
                       for j, shape in enumerate(derived_shapes)]
             corrections += last_shares_wide(values, others)
             continue
-        uniform = [expand_sum(seeds, _label(k, j), shape, j in xor) for j, shape in enumerate(uniform_shapes)]
-        values = _own(derive(uniform, gen), derived_shapes, uniform)
+        if kind in FROM_SHARES:  # derived from each party's shares: every seed's streams, as the parties expand them
+            shares = [[expand(s, _label(k, j), shape) for j, shape in enumerate(uniform_shapes)] for s in seeds]
+            values = _own(derive(shares), derived_shapes, [u for party in shares for u in party])
+        else:
+            uniform = [expand_sum(seeds, _label(k, j), shape, j in xor) for j, shape in enumerate(uniform_shapes)]
+            values = _own(derive(uniform, gen), derived_shapes, uniform)
         corrections += [subtract_streams(v, seeds[:-1], _label(k, n_u + j), n_u + j in xor)
                         for j, v in enumerate(values)]
     return corrections

@@ -9,7 +9,7 @@ import torch
 
 from veil.mpc.fss import material as fss_material
 from veil.mpc.comparison_material import comparison_spec
-from veil.mpc.material import (WIDE_KINDS, recipe, register_mac_key, split_shares, split_wide,
+from veil.mpc.material import (FROM_SHARES, WIDE_KINDS, recipe, register_mac_key, split_shares, split_wide,
                                xor_fields)
 from veil.mpc.providers.base import Provider
 from veil.mpc.ring import bilinear, random_ring
@@ -49,6 +49,10 @@ class LocalDealer(Provider):
         self.dealt["beaver"] += 1
         triples = zip(self._split(a, parties), self._split(b, parties), self._split(c, parties))
         return dict(zip(parties, triples))
+
+    def local_triples(self, op, shape_a, shape_b, parties):
+        self.dealt["beaver"] += 1
+        return self._deal_recipe("beaver_local", (op, tuple(shape_a), tuple(shape_b), {}), parties)
 
     def truncation_pairs(self, shape, divisor, parties):
         self.dealt["truncation"] += 1
@@ -99,6 +103,11 @@ class LocalDealer(Provider):
     def _deal_recipe(self, kind, spec, parties):
         uniform_shapes, _, derive = recipe(kind, spec)
         xor = xor_fields(kind, spec)
+        if kind in FROM_SHARES:  # the derived fields follow from each party's shares of the uniform ones
+            shares = [self._split(random_ring(s, self._generator), parties) for s in uniform_shapes]
+            derived = derive([[field[i] for field in shares] for i in range(len(parties))])
+            per_field = shares + [self._split(v, parties) for v in derived]
+            return {p: tuple(f[i] for f in per_field) for i, p in enumerate(parties)}
         uniform = [random_ring(s, self._generator) for s in uniform_shapes]
         fields = uniform + derive(uniform, self._generator)
         if kind in WIDE_KINDS:  # 128-bit SPDZ2k fields: split with carries

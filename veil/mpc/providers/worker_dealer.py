@@ -61,7 +61,7 @@ from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.allowlist import NO_RESULT, register_worker_function
 from veil.mpc.comparison_material import comparison_spec
-from veil.mpc.material import (WIDE_KINDS, dealer_generator, item_product_work, provider_scope, recipe,
+from veil.mpc.material import (FROM_SHARES, WIDE_KINDS, dealer_generator, item_product_work, provider_scope, recipe,
                                register_mac_key, request_work_bound, split_shares, split_wide, xor_fields)
 from veil.mpc.fss import material as fss_material
 from veil.mpc.prg import SEED_BYTES, expand, new_seed
@@ -167,6 +167,13 @@ def _deal_scoped(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, 
         return
     per_party: list[list] = [[] for _ in parties]
     for k in range(count):
+        if kind in FROM_SHARES:  # the derived fields follow from each party's shares of the uniform ones
+            shares = [split_shares(random_ring(shape), n, False) for shape in uniform_shapes]
+            derived = derive([[field[i] for field in shares] for i in range(n)])
+            for field_shares in shares + [split_shares(v, n, False) for v in derived]:
+                for i, share in enumerate(field_shares):
+                    per_party[i].append(share)
+            continue
         uniform = [random_ring(shape) for shape in uniform_shapes]
         fields = uniform + derive(uniform, gen)
         if kind in WIDE_KINDS:  # 128-bit SPDZ2k fields: split with carries
@@ -472,6 +479,9 @@ class WorkerDealer(Provider):
     def beaver_triples(self, op, shape_a, shape_b, parties, **op_kwargs):
         spec = (op, tuple(shape_a), tuple(shape_b), dict(sorted(op_kwargs.items())))
         return self._take("beaver", spec, parties)
+
+    def local_triples(self, op, shape_a, shape_b, parties):
+        return self._take("beaver_local", (op, tuple(shape_a), tuple(shape_b), {}), parties)
 
     def truncation_pairs(self, shape, divisor, parties):
         return self._take("truncation", (tuple(shape), int(divisor)), parties)
