@@ -129,3 +129,14 @@ def test_opened_values_of_another_shape_are_refused_before_any_product(e_shape, 
     t = random_ring((3, 3))
     with pytest.raises(ValueError, match="not one matrix product"):
         combine_local(t, t, t, random_ring(e_shape), random_ring(f_shape), part=0, parts=2)
+
+
+def test_a_provider_refuses_a_local_dealing_for_three_parties_before_any_seed_goes_out():
+    """A requester's dealing request names its parties: a local item for three is refused while the request is
+    checked (before the provider sends a seed or expands anything), in one line."""
+    from veil.mpc.providers.worker_dealer import _checked_request
+
+    with pytest.raises(ProviderError, match="two parties, not 3") as info:
+        _checked_request("beaver_local", ("mm", (4, 4), (4, 4), {}), ["p0", "p1", "p2"], [[1, 2, 3]] * 3, 1)
+    assert "\n" not in str(info.value)
+    assert len(_checked_request("beaver_local", ("mm", (4, 4), (4, 4), {}), ["p0", "p1"], [[1, 2, 3]] * 2, 1)[0]) == 2

@@ -7,6 +7,7 @@ from typing import Hashable, Optional, Sequence
 
 import torch
 
+from veil.mpc.errors import ProviderError
 from veil.mpc.fss import material as fss_material
 from veil.mpc.comparison_material import comparison_spec
 from veil.mpc.material import (FROM_SHARES, WIDE_KINDS, recipe, register_mac_key, split_shares, split_wide,
@@ -51,6 +52,8 @@ class LocalDealer(Provider):
         return dict(zip(parties, triples))
 
     def local_triples(self, op, shape_a, shape_b, parties):
+        if len(parties) != 2:
+            raise ProviderError(f"a 'beaver_local' item is dealt to two parties, not {len(parties)}")
         self.dealt["beaver"] += 1
         return self._deal_recipe("beaver_local", (op, tuple(shape_a), tuple(shape_b), {}), parties)
 

@@ -107,6 +107,8 @@ def _checked_request(kind: str, spec: Any, party_ids: list, ids: list, count: in
     uniform_shapes, derived_shapes, derive = bounded_recipe(kind, spec, count)
     check_distinct_parties(party_ids, "a dealing")
     fields, n = len(uniform_shapes) + len(derived_shapes), len(party_ids)
+    if kind in FROM_SHARES and n != 2:  # (before any seed goes out: its derive takes two parties' shares)
+        raise ProviderError(f"a {kind!r} item is dealt to two parties, not {n}")
     if type(ids) is not list or len(ids) != n or any(type(i) is not list or len(i) != count * fields for i in ids):
         raise ProviderError(f"a dealing of {count} {kind!r} items needs {count * fields} ids per party")
     return uniform_shapes, derived_shapes, derive
