@@ -270,6 +270,9 @@ def run_fuzz(target: Target, n_messages: int, seed: int, on_step: Callable[[int]
     scan = _scanner(patterns)
     owner_ids = set(target.owner_ids.values())
     secret_ids = {target.owner_ids[n] for n in SECRET_TENSORS}
+    # the owner's object ids as refusals quote them: the worker drew them at random, and one holding a sentinel's
+    # decimal text (CI at 9a9b167: "...1110581..." in dp_target's own id) is no leak of its value
+    id_texts = sentinel_like_ids(owner_ids)
     report = FuzzReport()
     for i in range(n_messages):
         principal = rng.choice(principals)
@@ -285,7 +288,7 @@ def run_fuzz(target: Target, n_messages: int, seed: int, on_step: Callable[[int]
         except Exception:
             reply = None
         report.replies[type(reply).__name__] += 1
-        hit = scan(raw)  # every reply, every byte: one pass over all sentinel patterns
+        hit = scan(without_ids(raw, id_texts))  # every reply, every byte: one pass over all sentinel patterns
         if hit is not None:
             hole = classify(msg, reply, owner_ids, secret_ids)
             report.leaks.append(Leak(principal, _label(msg), patterns[hit.group(0)], hole,
@@ -293,6 +296,21 @@ def run_fuzz(target: Target, n_messages: int, seed: int, on_step: Callable[[int]
         if on_step is not None:
             on_step(i)
     return report
+
+
+def sentinel_like_ids(ids: set[int]) -> list[bytes]:
+    """The decimal text of those ``ids`` that holds a sentinel's decimal text."""
+    return [str(i).encode() for i in ids if any(d in str(i) for d in _SENTINEL_DECIMALS)]
+
+
+def without_ids(raw: Any, id_texts: list[bytes]) -> Any:
+    """``raw`` with every one of ``id_texts`` blanked out (as is when there is none: the usual case)."""
+    if not id_texts:
+        return raw
+    raw = bytes(raw)
+    for text in id_texts:
+        raw = raw.replace(text, b"#" * len(text))
+    return raw
 
 
 def _scanner(patterns: dict[bytes, str]) -> Callable[[bytes], Any]:

@@ -82,6 +82,20 @@ def test_sentinel_scan_detects_a_plain_copy():
     assert any(p in raw for p in sentinel_patterns())
 
 
+def test_an_owner_id_holding_a_sentinels_digits_is_not_a_leak_but_the_value_still_is():
+    """The worker draws the owner's ids at random: one whose decimal text holds a sentinel's (CI at 9a9b167: dp_target's
+    own id held "1110581") is quoted by every refusal naming it. Blanked before the scan; the value itself is not."""
+    from taint_fuzz import _scanner, sentinel_like_ids, without_ids
+
+    scan = _scanner(sentinel_patterns())
+    oid = 4711110581175276
+    ids = sentinel_like_ids({oid, 123})
+    assert ids == [str(oid).encode()]
+    refusal = f"object {oid} on worker 'alice' is private".encode()
+    assert scan(refusal) is not None and scan(without_ids(refusal, ids)) is None
+    assert scan(without_ids(refusal + b" value 1110581", ids)) is not None
+
+
 @pytest.mark.parametrize("kind", ["virtual", "network"])
 def test_no_leak_through_closed_holes_owner_data_intact_worker_serves(kind, request):
     target, before, report = request.getfixturevalue(f"{kind}_run")
