@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 
 import veil as sy
+from veil.mpc import beaver
 from veil.mpc.beaver import beaver_matmul, beaver_mul
 from veil.mpc.errors import ProviderError
 from veil.mpc.material import recipe
@@ -22,6 +23,12 @@ from veil.mpc.ring import INT64_MAX, INT64_MIN, random_ring
 from veil.mpc.sharing import split
 
 combine_local = PARTY_FUNCTIONS["beaver_combine_local"]
+
+
+@pytest.fixture(autouse=True)
+def _local_items_at_any_size(monkeypatch):
+    """Small products here take local items too (by default only from ``LOCAL_MIN_WORK`` multiply-adds on)."""
+    monkeypatch.setattr(beaver, "LOCAL_MIN_WORK", 0)
 EDGES = [0, 1, -1, INT64_MAX, INT64_MIN, 1 << 62, -(1 << 62), 1 << 32]
 RING = st.one_of(st.sampled_from(EDGES), st.integers(INT64_MIN, INT64_MAX))
 
@@ -69,31 +76,26 @@ def test_every_dealer_deals_the_cross_terms(make, hook):
 
 
 def test_matmul_between_two_parties_takes_local_items_and_matches_torch(hook, monkeypatch):
-    """beaver_matmul on a provider worker: the product goes through beaver_combine_local (one product per party
-    online) and reconstructs to torch's; an elementwise product keeps the Beaver triple."""
+    """beaver_matmul on a provider worker: the product takes a local item (one product per party online) and
+    reconstructs to torch's; an elementwise product keeps the Beaver triple."""
     owner = sy.VirtualWorker(hook, id="lp-mm-owner")
     cp = sy.VirtualWorker(hook, id="lp-mm-cp")
     workers = [sy.VirtualWorker(hook, id=f"lp-mm-{i}") for i in range(2)]
     dealer = WorkerDealer(cp, owner)
-    seen = []
-
-    def counted(name):
-        fn = PARTY_FUNCTIONS[name]
-        return lambda *a, **k: (seen.append(name), fn(*a, **k))[1]
-
-    for name in ("beaver_combine_local", "beaver_combine"):
-        monkeypatch.setitem(PARTY_FUNCTIONS, name, counted(name))
+    kinds = []  # (spied at the dealer: a patched party function would be cached as the step's signature)
+    real_take = dealer._take
+    monkeypatch.setattr(dealer, "_take", lambda kind, *a: kinds.append(kind) or real_take(kind, *a))
     x, y = random_ring((9, 7)), random_ring((7, 5))
     xs = {w.id: s.send(w) for w, s in zip(workers, split(x, 2))}
     ys = {w.id: s.send(w) for w, s in zip(workers, split(y, 2))}
     z = beaver_matmul(xs, ys, dealer)
     assert torch.equal(reconstruct({p: t.get() for p, t in z.items()}), x @ y)
-    assert seen == ["beaver_combine_local"] * 2
-    seen.clear()
+    assert kinds == ["beaver_local"]
+    kinds.clear()
     v = random_ring((9, 7))
     zm = beaver_mul(xs, {w.id: s.send(w) for w, s in zip(workers, split(v, 2))}, dealer)
     assert torch.equal(reconstruct({p: t.get() for p, t in zm.items()}), x * v)
-    assert seen == ["beaver_combine"] * 2
+    assert kinds == ["beaver"]
 
 
 def test_three_parties_keep_beaver_triples():
@@ -140,3 +142,18 @@ def test_a_provider_refuses_a_local_dealing_for_three_parties_before_any_seed_go
         _checked_request("beaver_local", ("mm", (4, 4), (4, 4), {}), ["p0", "p1", "p2"], [[1, 2, 3]] * 3, 1)
     assert "\n" not in str(info.value)
     assert len(_checked_request("beaver_local", ("mm", (4, 4), (4, 4), {}), ["p0", "p1"], [[1, 2, 3]] * 2, 1)[0]) == 2
+
+
+def test_a_small_product_keeps_its_beaver_triple_by_default(monkeypatch):
+    """Below LOCAL_MIN_WORK multiply-adds (a batch-1 model's layers) the local item saves less than its extra
+    passes: the product takes a triple; from it on, a local item. Both match torch."""
+    monkeypatch.undo()
+    dealer, parties = LocalDealer(seed=3), ["p0", "p1"]
+    taken = []
+    real = dealer.local_triples
+    monkeypatch.setattr(dealer, "local_triples", lambda *a: taken.append(a[1:3]) or real(*a))
+    for shape in ((1, 64), (64, 32)), ((64, 128), (128, 128)):
+        x, y = random_ring(shape[0]), random_ring(shape[1])
+        z = beaver_matmul(dict(zip(parties, split(x, 2))), dict(zip(parties, split(y, 2))), dealer)
+        assert torch.equal(reconstruct(z), x @ y)
+    assert beaver.LOCAL_MIN_WORK == 1 << 20 and taken == [((64, 128), (128, 128))]

@@ -45,6 +45,12 @@ from veil.workers.virtual import borrows_only
 from tests.security.test_redteam_borrowed_requests import BIG, _head, _spans, _stored_tensors
 from tests.security.test_redteam_dealt import BATCH, SECRET, SHAPE, _KEPT, _cmd, _open, _ref, _setup
 
+
+@pytest.fixture(autouse=True)
+def _local_items_at_any_size(monkeypatch):
+    """These attacks use small products: let them take local items (by default from ring_gemm.MIN_WORK on)."""
+    monkeypatch.setattr(beaver_module, "LOCAL_MIN_WORK", 0)
+
 combine_local = PARTY_FUNCTIONS["beaver_combine_local"]
 X = m.ObjectRef(BATCH)
 COMBINE = WIRE_PREFIX + "beaver_combine_local"

@@ -226,14 +226,20 @@ class Product:
     local: bool = False
 
 
+#: multiply-adds from which a matrix product takes a local item: below, the half product it saves a party costs
+#: less than its extra elementwise passes and calls (a batch-1 model's layers), and the dealer's second product
+LOCAL_MIN_WORK = ring_gemm.MIN_WORK
+
+
 def _dealt(x: Shares, y: Shares, op: str, provider: Provider, op_kwargs: dict) -> Product:
     """One product with its item dealt: a ``beaver_local`` item for a matrix product between two parties where
     the provider deals them (one product per party online instead of two), else a Beaver triple."""
     parties = list(x.keys())
     if op in LOCAL_PRODUCT_OPS and not op_kwargs and len(parties) == 2 and list(y.keys()) == parties:
         shape_x, shape_y = tuple(x[parties[0]].shape), tuple(y[parties[0]].shape)
+        work = math.prod(shape_x) * shape_y[-1] if len(shape_y) == 2 else 0
         if len(shape_x) == 2 and len(shape_y) == 2 and shape_x[1] == shape_y[0] \
-                and 2 * math.prod(shape_x) * shape_y[1] <= request_work_bound():  # (its dealing: two products)
+                and LOCAL_MIN_WORK <= work and 2 * work <= request_work_bound():  # (its dealing: two products)
             items = provider.local_triples(op, shape_x, shape_y, parties)
             if items is not None:
                 return Product(x, y, op, {}, items, local=True)
