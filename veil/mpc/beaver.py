@@ -10,7 +10,8 @@ nothing) and each party ``i`` computes locally
 so that ``sum z_i = op(x, y)`` in Z/2^64, because op is bilinear
 [Beaver 1991; SPDZ, Damgard et al. 2012; as in CrypTen's beaver.py].
 
-A matrix product between two parties takes a ``beaver_local`` item instead
+A matrix product between two parties (2-D, from :data:`LOCAL_MIN_WORK`
+multiply-adds) takes a ``beaver_local`` item instead
 (:mod:`veil.mpc.material`): ``(a, b, d)`` with ``d = a0 @ b1 + a1 @ b0`` shared,
 and party ``i`` computes
 
