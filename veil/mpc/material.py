@@ -169,6 +169,16 @@ def _beaver_local(spec) -> tuple[list, list, Callable]:
     return [shape_a, shape_b], [shape_c], cross_terms
 
 
+def fields_from_shares(derive: Callable, uniform_shapes: list, n: int, make: Callable[[Shape], torch.Tensor],
+                       split_field: Callable[[torch.Tensor], list]) -> list[list]:
+    """A :data:`FROM_SHARES` item's fields as ``n`` shares each (uniform fields first): the uniform fields made
+    (``make``) and split (``split_field``) first, the derived ones computed from every party's shares, then split.
+    For dealers that split what they make (seeded dealing expands each party's seed instead)."""
+    shares = [split_field(make(shape)) for shape in uniform_shapes]
+    derived = derive([[field[i] for field in shares] for i in range(n)])
+    return shares + [split_field(v) for v in derived]
+
+
 def product_shape(op: str, shape_a: Shape, shape_b: Shape, op_kwargs) -> Shape:
     """The shape of ``op(a, b)`` for operands of these shapes (cached per requesting user; computed without
     allocating)."""

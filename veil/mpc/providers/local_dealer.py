@@ -10,8 +10,8 @@ import torch
 from veil.mpc.errors import ProviderError
 from veil.mpc.fss import material as fss_material
 from veil.mpc.comparison_material import comparison_spec
-from veil.mpc.material import (FROM_SHARES, WIDE_KINDS, recipe, register_mac_key, split_shares, split_wide,
-                               xor_fields)
+from veil.mpc.material import (FROM_SHARES, WIDE_KINDS, fields_from_shares, recipe, register_mac_key, split_shares,
+                               split_wide, xor_fields)
 from veil.mpc.providers.base import Provider
 from veil.mpc.ring import bilinear, random_ring
 from veil.mpc.sharing import split
@@ -107,9 +107,8 @@ class LocalDealer(Provider):
         uniform_shapes, _, derive = recipe(kind, spec)
         xor = xor_fields(kind, spec)
         if kind in FROM_SHARES:  # the derived fields follow from each party's shares of the uniform ones
-            shares = [self._split(random_ring(s, self._generator), parties) for s in uniform_shapes]
-            derived = derive([[field[i] for field in shares] for i in range(len(parties))])
-            per_field = shares + [self._split(v, parties) for v in derived]
+            per_field = fields_from_shares(derive, uniform_shapes, len(parties),
+                                           lambda s: random_ring(s, self._generator), lambda v: self._split(v, parties))
             return {p: tuple(f[i] for f in per_field) for i, p in enumerate(parties)}
         uniform = [random_ring(s, self._generator) for s in uniform_shapes]
         fields = uniform + derive(uniform, self._generator)

@@ -61,8 +61,9 @@ from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.allowlist import NO_RESULT, register_worker_function
 from veil.mpc.comparison_material import comparison_spec
-from veil.mpc.material import (FROM_SHARES, WIDE_KINDS, dealer_generator, item_product_work, provider_scope, recipe,
-                               register_mac_key, request_work_bound, split_shares, split_wide, xor_fields)
+from veil.mpc.material import (FROM_SHARES, WIDE_KINDS, dealer_generator, fields_from_shares, item_product_work,
+                               provider_scope, recipe, register_mac_key, request_work_bound, split_shares,
+                               split_wide, xor_fields)
 from veil.mpc.fss import material as fss_material
 from veil.mpc.prg import SEED_BYTES, expand, new_seed
 from veil.mpc.errors import ProviderError
@@ -170,9 +171,8 @@ def _deal_scoped(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, 
     per_party: list[list] = [[] for _ in parties]
     for k in range(count):
         if kind in FROM_SHARES:  # the derived fields follow from each party's shares of the uniform ones
-            shares = [split_shares(random_ring(shape), n, False) for shape in uniform_shapes]
-            derived = derive([[field[i] for field in shares] for i in range(n)])
-            for field_shares in shares + [split_shares(v, n, False) for v in derived]:
+            for field_shares in fields_from_shares(derive, uniform_shapes, n, random_ring,
+                                                   lambda v: split_shares(v, n, False)):
                 for i, share in enumerate(field_shares):
                     per_party[i].append(share)
             continue
