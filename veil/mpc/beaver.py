@@ -238,9 +238,10 @@ def _dealt(x: Shares, y: Shares, op: str, provider: Provider, op_kwargs: dict) -
     parties = list(x.keys())
     if op in LOCAL_PRODUCT_OPS and not op_kwargs and len(parties) == 2 and list(y.keys()) == parties:
         shape_x, shape_y = tuple(x[parties[0]].shape), tuple(y[parties[0]].shape)
-        work = math.prod(shape_x) * shape_y[-1] if len(shape_y) == 2 else 0
-        if len(shape_x) == 2 and len(shape_y) == 2 and shape_x[1] == shape_y[0] \
-                and LOCAL_MIN_WORK <= work and 2 * work <= request_work_bound():  # (its dealing: two products)
+        matrices = len(shape_x) == len(shape_y) == 2 and shape_x[1] == shape_y[0]
+        work = math.prod(shape_x) * shape_y[1] if matrices else 0
+        # (at the provider it costs two products: material.item_product_work)
+        if matrices and LOCAL_MIN_WORK <= work and 2 * work <= request_work_bound():
             items = provider.local_triples(op, shape_x, shape_y, parties)
             if items is not None:
                 return Product(x, y, op, {}, items, local=True)
