@@ -197,25 +197,24 @@ def _reconstructed(parties: _Parties, shape, n_values, count):
 
 def test_a_comparison_dealing_lets_another_client_in_while_it_runs(hook, monkeypatch):
     """A scientist's ``deal_comparison`` of 2 items of 16000 entries, 1 value (~1-2 s of key generation
-    here) through a real network worker's request path; meanwhile bob stores a tensor and adds to it. Bob
-    must be answered within a small share of the dealing's time (its items, and chunks of an item, hand the
-    turn over), and the
-    dealt material must still compare correctly (reconstructed and evaluated against plain torch)."""
+    here) through a real network worker's request path; meanwhile bob stores a tensor and adds to it. The
+    dealing must offer its turn per chunk and item (to other dealing steps), bob must be answered while it runs
+    (within a few of those offers), and the dealt material must still compare correctly (reconstructed and
+    evaluated against plain torch). Counted in the dealing's offers, not in seconds: a share of the wall time
+    failed under load when one stretch was descheduled."""
     srv = quota_worker(hook, f"ss-deal-{new_id() % 10**9}", TOKEN, None)
     srv.tokens.add("rt-smpc-secagg-bob", "bob", "scientist")
     parties = _Parties()
     monkeypatch.setattr(srv, "resolve_worker", parties.resolve)
     monkeypatch.setattr(srv, "send_msg", parties.send)
-    gaps, last = [], [None]
+    checks, last = [], [None]  # when the dealing offered the turn (monotonic, as bob's requests are timed)
     hook_name = "_STEP_CHECKPOINT" if hasattr(runtime, "_STEP_CHECKPOINT") else "_STEP_CHECK"  # (before the fix)
     real_check = getattr(runtime, hook_name)[0]
 
-    def timed_check():  # the longest stretch the dealing ran between two chances to hand the turn over
-        now = time.perf_counter()
-        if last[0] is not None:
-            gaps.append(now - last[0])
+    def timed_check():  # the dealing's chances to hand the turn over
+        last[0] = time.monotonic()
+        checks.append(last[0])
         real_check()
-        last[0] = time.perf_counter()
 
     monkeypatch.setattr(runtime, hook_name, [timed_check])
     shape, n_values, count = (16000,), 1, 2  # (a batch of at most fss_dealing.MAX_BATCH_ELEMENTS)
@@ -226,33 +225,30 @@ def test_a_comparison_dealing_lets_another_client_in_while_it_runs(hook, monkeyp
                             {}, [], False)
     out: dict = {}
     dealing = threading.Thread(target=lambda: out.setdefault("reply", request(srv, alice, deal)), daemon=True)
-    started = time.monotonic()
     dealing.start()
     while last[0] is None and dealing.is_alive():  # the dealing holds the turn now
         time.sleep(0.005)
     bob = open_session(srv, "rt-smpc-secagg-bob")
-    waited = []
+    windows = []
     for msg in (m.ObjectMessage([m.StoredObject(oid := new_id(), torch.ones(3))]),
                 m.CommandMessage("torch.add", (m.ObjectRef(oid), 1.0), {}, [new_id()], False)):
         t0 = time.monotonic()
         assert type(request(srv, bob, msg)) is m.OkReply
-        waited.append(time.monotonic() - t0)
-    bob_done = time.monotonic() - started
+        windows.append((t0, time.monotonic()))
     dealing.join(60)
     assert type(out.get("reply")) is m.OkReply, out
-    total = time.monotonic() - started
-    assert bob_done < total, "bob was served only after the dealing ended"
-    # (relative to the dealing's own time, so a loaded machine slows both sides alike: the request holds
-    # 16 chunks of keys, and bob waited for all but the first before)
-    assert max(waited) < min(BOUND_S, SHARE * total), \
-        f"bob waited {max(waited):.2f} s of a {total:.2f} s comparison dealing by another client"
-    assert gaps and max(gaps) < min(BOUND_S, SHARE * total), \
-        f"the dealing ran {max(gaps):.2f} s of {total:.2f} s between two turn hand-overs"
+    # the request holds 16 chunks of keys and more hand-overs (items, fields); before the fix bob waited
+    # through all but the first. Bob's answer must come within a few of them, with most still to come.
+    assert len(checks) >= MIN_HAND_OVERS, f"the dealing offered the turn {len(checks)} times"
+    passed = [sum(a <= t <= b for t in checks) for a, b in windows]
+    assert max(passed) <= MAX_PASSED, f"bob waited through {max(passed)} of the dealing's {len(checks)} hand-overs"
     _check_material(_reconstructed(parties, shape, n_values, count), shape, n_values, count)
 
 
-BOUND_S = 1.5
-SHARE = 0.3
+#: the comparison dealing above offers the turn at least this often (16 chunks of keys, and its items);
+#: bob's two requests may wait through a few of those (the one running when each came in, and a chunk)
+MIN_HAND_OVERS = 16
+MAX_PASSED = 4
 EVALUATED = 1024
 
 
