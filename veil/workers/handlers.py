@@ -115,22 +115,19 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
     arguments = args, kwargs  # as resolved: worker functions get copies of protected ones below
     if op.worker_function:
         output_bounds.hold_copies(0)  # (set by _owner_checks when it copies owner data for this one)
+    reviewed = name in owner_guard.REVIEWED_INPUTS  # (its inputs' approvals are used up before it runs)
     if not plain:
-        if (not op.worker_function and name not in owner_guard.REVIEWED_INPUTS and _tracking(worker)
+        if (not op.worker_function and not reviewed and _tracking(worker)
                 and any(e.provenance or e.protected for e in entries)):
             written = set()
+        if reviewed:  # a refusal whatever the values, before _owner_checks uses the approval up
+            _check_return_ids(monitor, principal, name, ids)
         protected, secret, oblivious_guard, dealer, args, kwargs = _owner_checks(
             worker, principal, op, purpose, args, kwargs, found, entries, wire_args, wire_kwargs)
         if written is not None or value_shapes.followed(name):  # reviewed inputs: no value-sized result, Python
             oblivious_guard = value_shapes.guard(  # value or free failure bit (value_shapes; beside a secret guard)
                 worker, principal.user, name, found, arguments, (args, kwargs), oblivious_guard)
-    if ids is not None:  # checked before the op runs: an in-place op must not write, then have its results refused
-        if type(ids) is not list:
-            raise RemoteExecutionError(f"{name}: return ids must be a list of object ids, got {type(ids).__name__}")
-        if ids:
-            monitor.check_free(principal, ids)
-            if len(ids) > 1 and owner_guard.writes_first_argument(name):  # an in-place op returns its input alone
-                raise RemoteExecutionError(f"{name} returns one tensor but the caller expected {len(ids)}")
+    _check_return_ids(monitor, principal, name, ids)
     if (monitor.max_session_bytes is not None or name in output_bounds.GRAPH_SIZED) and not op.worker_function:
         try:
             output_bounds.check(monitor, principal, name, op.func, args, kwargs, grad=bool(grad_enabled))
@@ -188,7 +185,6 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
     lineage = None
     # a reviewed input's result was released with the approval of its inputs (a masked value): no lineage,
     # and no sources (the monitor would otherwise give it its inputs' and ask for a second approval)
-    reviewed = name in owner_guard.REVIEWED_INPUTS  # (its inputs' approvals were used up before it ran)
     if not plain:  # (a plain command: a compute purpose, no guarded input, no provenance recorded)
         if purpose is _DP_RELEASE:
             monitor.audit("dp_release", principal, list(found), "allowed", name)
@@ -267,6 +263,19 @@ def _record_lineage(worker: BaseWorker, op: Any, arguments: tuple, args: Any, kw
     if grown and principal.isolated:
         worker.monitor.charge_growth(principal, grown)
     return lineage
+
+
+def _check_return_ids(monitor: Any, principal: Principal, name: str, ids: Any) -> None:
+    """Refuses return ids that are malformed or taken, before the op runs: an in-place op must not write, then
+    have its results refused, and a reviewed step must not use its approval up, then be refused for them."""
+    if ids is None:
+        return
+    if type(ids) is not list:
+        raise RemoteExecutionError(f"{name}: return ids must be a list of object ids, got {type(ids).__name__}")
+    if ids:
+        monitor.check_free(principal, ids)
+        if len(ids) > 1 and owner_guard.writes_first_argument(name):  # an in-place op returns its input alone
+            raise RemoteExecutionError(f"{name} returns one tensor but the caller expected {len(ids)}")
 
 
 def _owner_checks(worker: BaseWorker, principal: Principal, op: Any, purpose: Purpose, args: list, kwargs: dict,

@@ -1,0 +1,41 @@
+"""A reviewed step (secure aggregation's masked input on review-policy data) refused for its return ids keeps the
+owner's approval: the ids are checked before the approval is used up (``handlers._check_return_ids``), as the
+round's value-free checks are (``owner_guard.run_value_free_checks``). Before, a taken or malformed return id
+was refused only after the approval had gone, and the scientist's next masked input waited for the owner again."""
+
+from __future__ import annotations
+
+import pytest
+
+from veil.messaging import messages as m
+from veil.messaging.serde import deserialize, serialize
+from tests.security.test_redteam_session63 import MASKED, Setup
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture
+def setup(hook):
+    return Setup(hook)
+
+
+def _masked_input(setup: Setup, tag: int, ids) -> object:
+    msg = m.CommandMessage(MASKED, (tag, [setup.srv.id, "p1"], [m.ObjectRef(setup.y)], 1.0), {}, ids, False)
+    return deserialize(setup.srv.serve_bytes(serialize(msg, sender="client"), setup.s1))[0]
+
+
+@pytest.mark.parametrize("ids", ["taken", "negative", "not a list"])
+def test_a_masked_input_refused_for_its_return_ids_leaves_the_approval(setup, ids):
+    setup.approve_one()
+    tag = setup.round()
+    bad = {"taken": [setup.y], "negative": [-5], "not a list": 7}[ids]
+    reply = _masked_input(setup, tag, bad)
+    assert type(reply) is m.ErrorReply, reply
+    assert "pending" not in str(reply).lower() and "review" not in str(reply).lower(), reply
+    assert not setup.went_through(tag)
+    # the approval still stands: the same update goes once on a fresh round, then the next one waits again
+    tag = setup.round()
+    assert type(setup.masked_input(tag, 1.0)) is m.OkReply
+    assert setup.went_through(tag)
+    reply = setup.masked_input(setup.round(), 1.0)
+    assert type(reply) is m.ErrorReply and "pending" in str(reply).lower(), reply
