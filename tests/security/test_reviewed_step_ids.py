@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.serde import deserialize, serialize
 from tests.security.test_redteam_session63 import MASKED, Setup
@@ -24,11 +25,12 @@ def _masked_input(setup: Setup, tag: int, ids) -> object:
     return deserialize(setup.srv.serve_bytes(serialize(msg, sender="client"), setup.s1))[0]
 
 
-@pytest.mark.parametrize("ids", ["taken", "negative", "not a list"])
+@pytest.mark.parametrize("ids", ["taken", "negative", "not a list", "none", "two"])
 def test_a_masked_input_refused_for_its_return_ids_leaves_the_approval(setup, ids):
     setup.approve_one()
     tag = setup.round()
-    bad = {"taken": [setup.y], "negative": [-5], "not a list": 7}[ids]
+    # (none: the masked value would be dropped unstored; two: it returns one tensor; both found by the red team)
+    bad = {"taken": [setup.y], "negative": [-5], "not a list": 7, "none": [], "two": [new_id(), new_id()]}[ids]
     reply = _masked_input(setup, tag, bad)
     assert type(reply) is m.ErrorReply, reply
     assert "pending" not in str(reply).lower() and "review" not in str(reply).lower(), reply

@@ -46,7 +46,7 @@ import torch
 
 from veil.mpc.party import open_at_parties, party_function, run_party
 from veil.mpc.providers.base import Provider
-from veil.mpc.material import LOCAL_PRODUCT_OPS, product_shape, request_work_bound
+from veil.mpc.material import LOCAL_PRODUCT_OPS, MAX_PRODUCT_WORK, product_shape, product_work, request_work_bound
 from veil.mpc.output_buffers import output_buffer
 from veil.mpc.product_split import SplitPlan, plan_split, sliced_operands
 from veil.mpc import ring_gemm
@@ -135,6 +135,7 @@ def _combine_local(a_i, b_i, d_i, e, f, part: int, parts: int) -> torch.Tensor:
             or tuple(f.shape) != tuple(b_i.shape) or a_i.shape[1] != b_i.shape[0] \
             or tuple(d_i.shape) != (a_i.shape[0], b_i.shape[1]):
         raise ValueError("beaver_combine_local: the opened values and the dealt item are not one matrix product's")
+    _check_work("mm", tuple(a_i.shape), tuple(b_i.shape), tuple(d_i.shape))
     z_i = ring_gemm.addmm(d_i, e + a_i, f + b_i)
     rows = e.shape[0]
     mine = (rows * part // parts, rows * (part + 1) // parts)  # e @ f once over all parties: each its rows
@@ -157,6 +158,16 @@ def check_result_shape(a_i, b_i, c_i, e, f, op: str, op_kwargs: dict) -> None:
     if not ok:
         raise ValueError(f"beaver_combine: the {op} of the opened values and the dealt factors does not have "
                          f"the dealt product's shape {list(shape)}")
+    _check_work(op, tuple(e.shape), tuple(f.shape), shape)
+
+
+def _check_work(op: str, shape_a: tuple, shape_b: tuple, shape_c: tuple) -> None:
+    """Refuses a combine costing more multiply-adds than any dealt item (``material.MAX_PRODUCT_WORK``): an
+    honest combine's operands are one item's, and a requester naming stored tensors of its own (views charged
+    their storage) could otherwise ask for an N^3 product in one command (red team, session 64)."""
+    if product_work(op, shape_a, shape_b, shape_c) > MAX_PRODUCT_WORK:
+        raise ValueError(f"beaver_combine: an {op} of shapes {list(shape_a)} and {list(shape_b)} costs more than "
+                         f"{MAX_PRODUCT_WORK} multiply-adds, more than any dealt item")
 
 
 def _same_shape(c, *operands) -> bool:

@@ -121,7 +121,7 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
                 and any(e.provenance or e.protected for e in entries)):
             written = set()
         if reviewed:  # a refusal whatever the values, before _owner_checks uses the approval up
-            _check_return_ids(monitor, principal, name, ids)
+            _check_return_ids(monitor, principal, name, ids, one=True)
         protected, secret, oblivious_guard, dealer, args, kwargs = _owner_checks(
             worker, principal, op, purpose, args, kwargs, found, entries, wire_args, wire_kwargs)
         if written is not None or value_shapes.followed(name):  # reviewed inputs: no value-sized result, Python
@@ -134,6 +134,8 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
         except output_bounds.ArgumentError as e:  # the op's own error, as the except below would give it
             raise owner_guard.client_error(name, e.cause, protected or (
                 {0} if secret else _reviewed_inputs(worker, entries)), worker.id) from None
+    elif monitor.max_session_bytes is not None and name.startswith(PROTOCOL_PREFIXES):
+        output_bounds.check_step_operands(monitor, principal, name, args, kwargs)
     grad = bool(grad_enabled)
     grad_before = _is_grad_enabled()
     # under a quota, what a tracked op's graph keeps beside its inputs and results is charged to it
@@ -265,13 +267,17 @@ def _record_lineage(worker: BaseWorker, op: Any, arguments: tuple, args: Any, kw
     return lineage
 
 
-def _check_return_ids(monitor: Any, principal: Principal, name: str, ids: Any) -> None:
+def _check_return_ids(monitor: Any, principal: Principal, name: str, ids: Any, one: bool = False) -> None:
     """Refuses return ids that are malformed or taken, before the op runs: an in-place op must not write, then
-    have its results refused, and a reviewed step must not use its approval up, then be refused for them."""
+    have its results refused, and a reviewed step must not use its approval up, then be refused for them.
+    ``one``: a reviewed step (its one result, the masked value, is stored: ``[]`` would drop it, two ids are
+    one too many; None stores it under a new id)."""
     if ids is None:
         return
     if type(ids) is not list:
         raise RemoteExecutionError(f"{name}: return ids must be a list of object ids, got {type(ids).__name__}")
+    if one and len(ids) != 1:
+        raise RemoteExecutionError(f"{name} returns one tensor, to be stored: give it one return id, not {len(ids)}")
     if ids:
         monitor.check_free(principal, ids)
         if len(ids) > 1 and owner_guard.writes_first_argument(name):  # an in-place op returns its input alone

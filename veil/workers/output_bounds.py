@@ -304,6 +304,23 @@ def _materialized(name: str, args: Any, kwargs: dict) -> int:
     return extra
 
 
+def check_step_operands(monitor: Any, principal: Any, name: str, args: Any, kwargs: dict) -> None:
+    """Refuses (QuotaExceededError) a protocol step (``veil.mpc.*``, a command or an opening) whose operands
+    stand for more entries than their storage holds past the session's room. A step is not sized on meta
+    (veil's own code: its results and temporaries are its operands' size, a combine's its dealt ``c``'s), but a
+    stored view is charged its storage: ``Tensor.expand`` of one element made an N x N operand for 256 bytes,
+    and a mask, combine or opening on such views built N x N results and an N^3 product before the result
+    was refused (red team, tests/security/test_redteam_session64_mpc.py). Each such operand counts its
+    logical size past its storage, all of them together (a step makes several operand-sized tensors)."""
+    if monitor.max_session_bytes is None or not principal.isolated:
+        return
+    extra = 0
+    for t in _tensors(args, kwargs):
+        extra += max(0, numel(t.shape) * t.element_size() - t.untyped_storage().nbytes())
+    if extra:
+        monitor.check_room(principal, extra, name)
+
+
 def new_bytes(func: Callable, args: Any, kwargs: dict, name: str = "") -> int:
     """Bytes ``func(*args, **kwargs)`` may allocate: the new storage of its results (views and inputs
     returned as they are: 0; an input's storage growth counts), or :data:`VALUE_BOUNDS`' bound for ``name``,

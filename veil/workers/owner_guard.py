@@ -74,7 +74,8 @@ DP_RELEASES: set[str] = set()
 DP_DATA_ARGS: dict[str, tuple[int, str]] = {}
 #: worker functions whose result, once the protocol combines it, gives the requester a function of
 #: their inputs (secure aggregation's masked input: the coordinator recovers the sum): the owner's
-#: review policy applies to those inputs as to a .get() (filled by the modules that register them)
+#: review policy applies to those inputs as to a .get() (filled by the modules that register them). Each
+#: returns one tensor (handlers._check_return_ids refuses another count before the approval is used)
 REVIEWED_INPUTS: set[str] = set()
 #: such a step's checks that read no value of its inputs (``(worker, *args, **kwargs)``, raising its refusal): run
 #: before the approval is used up (:func:`run_value_free_checks`), so that a request refused whatever the values (a
