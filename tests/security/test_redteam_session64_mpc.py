@@ -348,3 +348,27 @@ def test_a_combine_costing_more_than_any_dealt_item_is_refused_before_it_compute
     assert type(reply) is m.ErrorReply and "multiply-adds" in reply.message and "\n" not in reply.message.strip(), reply
     assert seen.most < 32 * 32, f"{step} made a tensor of {seen.most} entries before it was refused"
     answers_next_command(srv, s)
+
+
+def test_a_masked_input_on_an_expanded_view_is_sized_before_it_computes(hook):
+    """The same amplification through another worker function: secure aggregation's ``masked_input`` on a
+    state tensor stored as an N x N ``expand`` view of one element (charged its storage) concatenated, encoded
+    and masked N x N entries before its result was refused. Must hold: refused under the quota before anything
+    of that size is made, in one line, and the worker still serves."""
+    from server_sessions import answers_next_command, computed, send_tensor
+    from tests.security.test_redteam_session63 import MASKED, Setup
+
+    setup = Setup(hook)
+    quota = 1 << 20
+    setup.srv.monitor.max_session_bytes = quota
+    one = m.ObjectRef(send_tensor(setup.srv, setup.s1, torch.ones(1, 1)))
+    big = computed(setup.srv, setup.s1, "Tensor.expand", one, 1024, 1024)  # 8 MiB of float32 entries
+    tag = setup.round()
+    seen = _Largest()
+    with seen:
+        reply, _ = setup.command(setup.s1, MASKED, tag, [setup.srv.id, "p1"], [big], 1.0)
+    assert type(reply) is m.ErrorReply and reply.error == "QuotaExceededError", reply
+    assert "\n" not in reply.message.strip()
+    assert seen.most * 4 <= quota, f"masked_input made a tensor of {seen.most} entries under a 1 MiB quota"
+    assert not setup.went_through(tag)
+    answers_next_command(setup.srv, setup.s1)

@@ -134,7 +134,7 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
         except output_bounds.ArgumentError as e:  # the op's own error, as the except below would give it
             raise owner_guard.client_error(name, e.cause, protected or (
                 {0} if secret else _reviewed_inputs(worker, entries)), worker.id) from None
-    elif monitor.max_session_bytes is not None and name.startswith(PROTOCOL_PREFIXES):
+    elif monitor.max_session_bytes is not None and op.worker_function and name not in output_bounds.SIZED_PER_OP:
         output_bounds.check_step_operands(monitor, principal, name, args, kwargs)
     grad = bool(grad_enabled)
     grad_before = _is_grad_enabled()

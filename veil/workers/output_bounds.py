@@ -304,10 +304,15 @@ def _materialized(name: str, args: Any, kwargs: dict) -> int:
     return extra
 
 
+#: worker functions whose ops are sized one by one as they run (a plan's, against its :class:`Budget`)
+SIZED_PER_OP = frozenset({"veil.plan.run", "veil.plan.fit", "veil.plan.load_state"})
+
+
 def check_step_operands(monitor: Any, principal: Any, name: str, args: Any, kwargs: dict) -> None:
-    """Refuses (QuotaExceededError) a protocol step (``veil.mpc.*``, a command or an opening) whose operands
-    stand for more entries than their storage holds past the session's room. A step is not sized on meta
-    (veil's own code: its results and temporaries are its operands' size, a combine's its dealt ``c``'s), but a
+    """Refuses (QuotaExceededError) a worker function (a protocol step, a command or an opening, a secure
+    aggregation or federated step...) whose operands stand for more entries than their storage holds past the
+    session's room. Worker functions are not sized on meta (veil's own code: a protocol step's results and
+    temporaries are its operands' size, a combine's its dealt ``c``'s; seed expansions check their own), but a
     stored view is charged its storage: ``Tensor.expand`` of one element made an N x N operand for 256 bytes,
     and a mask, combine or opening on such views built N x N results and an N^3 product before the result
     was refused (red team, tests/security/test_redteam_session64_mpc.py). Each such operand counts its
