@@ -10,7 +10,7 @@ Attacks tried (hostile scientist/serving owner at a party or at the crypto provi
   *logical* sizes was allocated and computed in full and only its result refused afterwards; an opening
   (``OpenMessage("beaver_mask", views)``) replied with the views' logical size, past the quota. Fixed: a
   protocol step's operands are charged what they stand for past their storage before it runs
-  (``output_bounds.check_step_operands``, from ``handlers._run_resolved`` and ``OpeningRules.open_step``), and
+  (``output_bounds.check_view_room``, from ``handlers._run_resolved`` and ``OpeningRules.open_step``), and
   a combine costing more multiply-adds than any dealt item is refused (``beaver._check_work``);
 * malformed ``beaver_local`` dealing specs (NaN, nested lists, strings, shapes whose storage overflows, wrong
   arity, ``None``/``out`` kwargs): one line, before any party receives anything, and the provider still deals;
@@ -108,7 +108,7 @@ STEPS = {
 # under --max-session-mb stored one element, expanded it to N x N and ran beaver_combine_local / beaver_combine /
 # beaver_mask on the views: the worker allocated N x N results and temporaries and computed an N^3 product
 # before the result was refused (N = 8192: >1.5 GiB and minutes of CPU per request for a session charged 512
-# bytes). Now output_bounds.check_step_operands charges the views' logical size first.
+# bytes). Now output_bounds.check_view_room charges the views' logical size first.
 @pytest.mark.parametrize("step", list(STEPS))
 def test_a_protocol_step_on_expanded_views_is_sized_before_it_computes(hook, step):
     from server_sessions import answers_next_command, open_session, quota_worker, request, send_tensor, computed

@@ -135,7 +135,7 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
             raise owner_guard.client_error(name, e.cause, protected or (
                 {0} if secret else _reviewed_inputs(worker, entries)), worker.id) from None
     elif monitor.max_session_bytes is not None and op.worker_function and name not in output_bounds.SIZED_PER_OP:
-        output_bounds.check_step_operands(monitor, principal, name, args, kwargs)
+        output_bounds.check_view_room(monitor, principal, name, args, kwargs)
     grad = bool(grad_enabled)
     grad_before = _is_grad_enabled()
     # under a quota, what a tracked op's graph keeps beside its inputs and results is charged to it
@@ -458,6 +458,7 @@ def _handle_get(worker: BaseWorker, msg: m.GetObjectsMessage, sender: str) -> An
         raise SerializationError("GetObjectsMessage.ids must be a list")
     principal = worker.principal(sender).acting_as(_claimed_user(msg, sender))
     entries = resolve_each(worker.monitor, principal, msg.ids, Purpose.REVEAL)  # (its deadline: get_ids.py)
+    output_bounds.check_view_room(worker.monitor, principal, "get", [e.obj for e in entries], {}, transient=True)
     review_gate.release(worker, msg.ids, entries, principal.user, "get")
     out = []
     for oid, entry in zip(msg.ids, entries):
@@ -555,6 +556,7 @@ def _handle_move(worker: BaseWorker, msg: m.MoveMessage, sender: str) -> Any:
     for oid, entry in zip(msg.ids, entries):
         if not isinstance(entry.obj, tuple(STORABLE_TYPES)):
             raise SerializationError(f"object {oid} cannot be moved")
+    output_bounds.check_view_room(worker.monitor, principal, "move", [e.obj for e in entries], {}, transient=True)
     review_gate.release(worker, msg.ids, entries, principal.user, "move", consume=False)
     destination = worker.resolve_worker(msg.destination)  # (after the refusals: reachability tells a refused none)
     with moving(worker, entries):

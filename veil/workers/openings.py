@@ -211,7 +211,7 @@ class OpeningRules:
             self._local.opening_refs = self._local.opening_kwrefs = None
             self._local.opening_released = ()
         masks, self._local.opened_masks = self._local.opened_masks, None
-        output_bounds.check_step_operands(self, principal, name, args, kwargs)  # (expanded views: their size)
+        output_bounds.check_view_room(self, principal, name, args, kwargs, transient=True)  # (views: their size)
         layout = OPENED_LAYOUTS.get(name)
         # a packed output (OPENED_LAYOUTS: the comparison's compacted AND-level words) holds one masked
         # bit group per mask entry: its size follows from the mask's (a broadcast mask has fewer entries)

@@ -308,22 +308,25 @@ def _materialized(name: str, args: Any, kwargs: dict) -> int:
 SIZED_PER_OP = frozenset({"veil.plan.run", "veil.plan.fit", "veil.plan.load_state"})
 
 
-def check_step_operands(monitor: Any, principal: Any, name: str, args: Any, kwargs: dict) -> None:
-    """Refuses (QuotaExceededError) a worker function (a protocol step, a command or an opening, a secure
-    aggregation or federated step...) whose operands stand for more entries than their storage holds past the
-    session's room. Worker functions are not sized on meta (veil's own code: a protocol step's results and
-    temporaries are its operands' size, a combine's its dealt ``c``'s; seed expansions check their own), but a
-    stored view is charged its storage: ``Tensor.expand`` of one element made an N x N operand for 256 bytes,
-    and a mask, combine or opening on such views built N x N results and an N^3 product before the result
-    was refused (red team, tests/security/test_redteam_session64_mpc.py). Each such operand counts its
-    logical size past its storage, all of them together (a step makes several operand-sized tensors)."""
+def check_view_room(monitor: Any, principal: Any, name: str, args: Any, kwargs: dict, transient: bool = False) -> None:
+    """Refuses (QuotaExceededError) what would make more entries of stored views than their storage holds
+    past the session's room: a worker function (a protocol step, a command or an opening, a secure
+    aggregation or federated step...) on them, or a get or move of them (encoded in full). A stored view is
+    charged its storage: ``Tensor.expand`` of one element made an N x N operand for 256 bytes, and a mask,
+    combine or opening on such views built N x N results and an N^3 product before the result was refused, a
+    .get() a 64 MiB reply under a 1 MiB quota (red team, tests/security/test_redteam_session64_mpc.py). Torch
+    ops are sized on meta (:func:`check`, an expanded input's :func:`_materialized`); worker functions are
+    veil's own code, whose results and temporaries are their operands' size (a combine's its dealt ``c``'s; seed
+    expansions check their own). Each view counts its logical size past its storage, all of them together (a
+    step makes several operand-sized tensors), against the session's room, or with ``transient`` (a reply:
+    a get, a move, an opening) against the quota itself (``check_transient``)."""
     if monitor.max_session_bytes is None or not principal.isolated:
         return
     extra = 0
     for t in _tensors(args, kwargs):
         extra += max(0, numel(t.shape) * t.element_size() - t.untyped_storage().nbytes())
     if extra:
-        monitor.check_room(principal, extra, name)
+        (monitor.check_transient if transient else monitor.check_room)(principal, extra, name)
 
 
 def new_bytes(func: Callable, args: Any, kwargs: dict, name: str = "") -> int:
