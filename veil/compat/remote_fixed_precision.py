@@ -26,7 +26,7 @@ from veil.messaging.allowlist import ALLOWLIST, NO_RESULT, register_worker_funct
 from veil.mpc.encoding import FixedPointEncoding, decode, encode, make_encoding
 from veil.mpc.errors import NotEncodedError
 from veil.tensors.pointer import PointerTensor
-from veil.workers import owner_guard
+from veil.workers import output_bounds, owner_guard
 
 ENCODE = "veil.compat.encode"
 DECODE = "veil.compat.decode"
@@ -80,6 +80,8 @@ def _share_own(worker: Any, oid: int, party_ids: list, share_ids: list) -> None:
     if not isinstance(value, torch.Tensor) or value.dtype != torch.int64:
         raise NotEncodedError("only int64 (encoded) values can be secret-shared: call fix_precision() first")
     value = value.detach()
+    # a piece per party is made here whole, whatever the value's storage (a stored expand view: its 8 bytes)
+    output_bounds.check_view_room(worker.monitor, principal, SHARE_OWN, [value] * len(party_ids), {}, transient=True)
     destinations = [None if p == worker.id else worker.resolve_worker(p) for p in party_ids]  # all checks first
     if worker.id in party_ids:  # the share kept here is the session's: refused before any share is drawn
         check_room(worker, value.numel(), 8, SHARE_OWN)

@@ -309,24 +309,43 @@ SIZED_PER_OP = frozenset({"veil.plan.run", "veil.plan.fit", "veil.plan.load_stat
 
 
 def check_view_room(monitor: Any, principal: Any, name: str, args: Any, kwargs: dict, transient: bool = False) -> None:
-    """Refuses (QuotaExceededError) what would make more entries of stored views than their storage holds
-    past the session's room: a worker function (a protocol step, a command or an opening, a secure
-    aggregation or federated step...) on them, or a get or move of them (encoded in full). A stored view is
-    charged its storage: ``Tensor.expand`` of one element made an N x N operand for 256 bytes, and a mask,
-    combine or opening on such views built N x N results and an N^3 product before the result was refused, a
-    .get() a 64 MiB reply under a 1 MiB quota (red team, tests/security/test_redteam_session64_mpc.py). Torch
-    ops are sized on meta (:func:`check`, an expanded input's :func:`_materialized`); worker functions are
+    """Refuses (QuotaExceededError) a worker function (a protocol step, a command or an opening, a secure
+    aggregation or federated step...), or a get or move, that would make more than its tensors' storage holds
+    (:func:`amplified_bytes`) past the session's room, or with ``transient`` (a reply: a get, a move, an opening)
+    past the quota itself (``check_transient``). Torch ops are sized on meta (:func:`check`); worker functions are
     veil's own code, whose results and temporaries are their operands' size (a combine's its dealt ``c``'s; seed
-    expansions check their own). Each view counts its logical size past its storage, all of them together (a
-    step makes several operand-sized tensors), against the session's room, or with ``transient`` (a reply:
-    a get, a move, an opening) against the quota itself (``check_transient``)."""
+    expansions check their own), but what the session is charged is each stored tensor's storage, once: a
+    ``Tensor.expand`` of one element made an N x N operand for 256 bytes, an (N, 1) and a (1, N) operand an
+    N x N mask, one tensor named k times in a list k copies, and the step or reply built them whole before
+    anything was refused (red team, session 64: tests/security/test_redteam_session64_*.py)."""
     if monitor.max_session_bytes is None or not principal.isolated:
         return
-    extra = 0
-    for t in _tensors(args, kwargs):
-        extra += max(0, numel(t.shape) * t.element_size() - t.untyped_storage().nbytes())
+    extra = amplified_bytes(_tensors(args, kwargs))
     if extra:
         (monitor.check_transient if transient else monitor.check_room)(principal, extra, name)
+
+
+def amplified_bytes(tensors: list) -> int:
+    """Bytes ``tensors`` may make beyond the storage they hold, each storage counted once: the sum of their
+    logical sizes past that (an expanded or overlapping view, one tensor named several times), or the
+    broadcast of all of them past the largest (an elementwise step on an (N, 1) and a (1, N) operand),
+    whichever is larger; 0 for tensors of their own storage, slices of one storage, a matrix product's."""
+    if not tensors:
+        return 0
+    logical = [numel(t.shape) * t.element_size() for t in tensors]
+    held = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        held[storage.data_ptr() or id(storage)] = storage.nbytes()
+    extra = sum(logical) - sum(held.values())
+    if len(tensors) > 1:
+        try:
+            shape = broadcast_shape(*(tuple(t.shape) for t in tensors))
+        except (RuntimeError, ValueError):  # (not broadcastable: a matmul, a convolution...)
+            pass
+        else:
+            extra = max(extra, numel(shape) * max(t.element_size() for t in tensors) - max(logical))
+    return max(extra, 0)
 
 
 def new_bytes(func: Callable, args: Any, kwargs: dict, name: str = "") -> int:
