@@ -89,9 +89,9 @@ class QuotaRules:
         return self._refuse(error, "store", principal, [])
 
     def check_transient(self, principal: Principal, nbytes: int, op_name: str) -> None:
-        """Refuses a request that would make ``nbytes`` it does not keep (a reply encoding a stored view whole:
-        veil/workers/output_bounds.py ``check_view_room``) past the session quota itself: what a request makes
-        for its reply alone is bounded like what a session holds, whatever it holds now.
+        """Refuses a request that would make ``nbytes`` it does not keep (a reply encoding stored views whole, a
+        value named again: veil/workers/output_bounds.py ``check_view_room``) past the session quota itself: what
+        a request makes for its reply alone is bounded like what a session holds, whatever it holds now.
 
         Raises:
             QuotaExceededError: ``nbytes`` is more than the quota.
@@ -100,9 +100,9 @@ class QuotaRules:
         if quota is None or principal.namespace == SHARED_NS or nbytes <= quota:
             return
         error = QuotaExceededError(
-            f"{op_name}: worker {self.worker_id!r}: this would encode {nbytes / 2**20:.1f} MiB for views that stand "
-            f"for more entries than their storage holds, more than the owner's limit of {quota / 2**20:.1f} MiB per "
-            "session; make them smaller or ask the owner to raise --max-session-mb")
+            f"{op_name}: worker {self.worker_id!r}: this would make {nbytes / 2**20:.1f} MiB past the storage its "
+            f"tensors hold (views, a tensor named again, a broadcast), more than the owner's limit of "
+            f"{quota / 2**20:.1f} MiB per session; name smaller values or ask the owner to raise --max-session-mb")
         raise self._refuse(error, "store", principal, [])
 
     def check_room(self, principal: Principal, nbytes: int, op_name: str) -> None:
