@@ -58,3 +58,24 @@ def test_a_move_of_an_expanded_view_past_the_room_is_refused_before_it_is_sent(s
     reply = request(srv, s, m.GetObjectsMessage([one.id], False, None))  # still stored, still served
     assert type(reply) is m.ObjectsReply and torch.equal(reply.objects[0], torch.ones(1, 1)), reply
     answers_next_command(srv, s)
+
+
+def test_wrapped_and_sparse_tensors_are_left_to_their_own_sizing(hook):
+    """``amplified_bytes`` reads the storage of dense tensors of their own data only: a pointer (a stored pointer
+    chain, which refuses ``untyped_storage``: a get of one failed under a quota), a fixed-point or shared wrapper
+    (its data is its children's) and a sparse tensor count nothing; plain tensors and parameters count as before."""
+    import veil as sy
+    from veil.workers.output_bounds import amplified_bytes
+
+    bob = sy.VirtualWorker(hook, id=f"rs64-bob-{secrets.token_hex(3)}")
+    pointer = torch.ones(3).send(bob)
+    wrapped = torch.ones(4).fix_precision()
+    assert amplified_bytes([pointer, torch.ones(2)]) == 0
+    assert amplified_bytes([wrapped, wrapped]) == 0
+    assert amplified_bytes([torch.ones(3).to_sparse()] * 2) == 0
+    assert amplified_bytes([torch.ones(1, 1).expand(10, 10)]) == 100 * 4 - 4
+    assert amplified_bytes([torch.nn.Parameter(torch.ones(3))] * 3) == 2 * 3 * 4
+    col, row = torch.ones(8, 1), torch.ones(1, 8)
+    assert amplified_bytes([col, row]) == 64 * 4 - 8 * 4
+    x = torch.ones(6, 6)
+    assert amplified_bytes([x[:3], x[3:], x.t()]) == 36 * 4  # slices of one storage; its transpose is named again

@@ -325,11 +325,17 @@ def check_view_room(monitor: Any, principal: Any, name: str, args: Any, kwargs: 
         (monitor.check_transient if transient else monitor.check_room)(principal, extra, name)
 
 
+_DENSE_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def amplified_bytes(tensors: list) -> int:
     """Bytes ``tensors`` may make beyond the storage they hold, each storage counted once: the sum of their
     logical sizes past that (an expanded or overlapping view, one tensor named several times), or the
     broadcast of all of them past the largest (an elementwise step on an (N, 1) and a (1, N) operand),
     whichever is larger; 0 for tensors of their own storage, slices of one storage, a matrix product's."""
+    # dense tensors of their own data only: a pointer's, a shared or fixed-point wrapper's data is elsewhere
+    # (reading their storage fails: a pointer refuses it), and a sparse tensor has none to read
+    tensors = [t for t in tensors if type(t) in _DENSE_TYPES and t.layout is torch.strided and not t.is_meta]
     if not tensors:
         return 0
     logical = [numel(t.shape) * t.element_size() for t in tensors]
