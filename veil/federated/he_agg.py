@@ -93,8 +93,9 @@ from veil.he import ckks, ckks_wire, flooding, paillier, value_free
 from veil.he._paillier_encoding import DEFAULT_FLOAT_EXPONENT
 from veil.he.ckks import CKKSContext, CKKSTensor
 from veil.he.paillier import PaillierTensor
-from veil.he.remote import HEPointer, key_fingerprint, worker_output_lineage  # (importing it registers HE wire types)
+from veil.he.remote import HEPointer, ciphertext_bytes, key_fingerprint, worker_output_lineage  # (HE wire types)
 from veil.ids import new_id
+from veil.shapes import numel
 from veil.messaging.allowlist import ALLOWLIST, register_worker_function
 from veil.messaging.messages import DeleteMessage, MoveMessage, ObjectMessage, ObjectRef, StoredObject
 from veil.messaging.serde import encode_value
@@ -107,6 +108,9 @@ class EncryptedAggregationError(VeilError):
 
 
 register_remote_error(EncryptedAggregationError)
+
+
+ENCRYPT_STATE = "veil.fl.encrypt_state"
 
 
 def _encrypt_state(worker: Any, state: list, weight: float, key: Any, out_id: int | list,
@@ -125,6 +129,7 @@ def _encrypt_state(worker: Any, state: list, weight: float, key: Any, out_id: in
     if type(weight) not in (int, float) or not math.isfinite(weight) or not all(
             isinstance(s, torch.Tensor) and not s.is_complex() for s in state):
         raise TypeError("encrypted aggregation needs real state tensors and a finite weight")
+    _check_encryption_room(worker, state, key, len(out_ids))
     flat = torch.cat([s.detach().reshape(-1).to(torch.float64) for s in state]) * float(weight)
     owner_derived = worker.monitor.request_reads_owner_data()  # (its success must not depend on the data)
     if owner_derived:
@@ -154,12 +159,33 @@ def _encrypt_state(worker: Any, state: list, weight: float, key: Any, out_id: in
         _record_lineage(worker, state, weight, enc, stored, digest)
 
 
+def _check_encryption_room(worker: Any, state: list, key: Any, copies: int) -> None:
+    """Refuses, before anything is encrypted, ciphertexts that would not fit the session's quota: a Paillier
+    ciphertext per entry (184 bytes at a 512-bit key, 568 at 2048, for a 1-byte bool entry) or a CKKS one per
+    ``slots`` entries, plus the float64 copy, were built whole before ``store_output`` refused them (red team,
+    session 64: ~180-570x what the session held, seconds of CPU). From shapes and the key alone."""
+    monitor = worker.monitor
+    principal = monitor.current_principal()
+    if principal is None or monitor.max_session_bytes is None:
+        return
+    count = sum(numel(s.shape) for s in state)
+    if isinstance(key, phe.PaillierPublicKey):
+        cipher = count * ciphertext_bytes(key.n.bit_length())
+    elif isinstance(key, CKKSContext):  # a fresh ciphertext: two polynomials over the data level's primes
+        parms = key.raw.seal_context().data.key_context_data().parms()
+        per = 2 * parms.poly_modulus_degree() * max(1, len(parms.coeff_modulus()) - 1) * 8
+        cipher = -(-count // key.slots) * per
+    else:
+        return  # (refused below)
+    monitor.check_room(principal, 8 * count + copies * cipher, ENCRYPT_STATE)
+
+
 def _record_lineage(worker: Any, state: list, weight: float, enc: Any, stored: list, digest: Any = None) -> None:
     """Governance (#16): the op graph the owner reviews before a ciphertext of the owner's data (or its
     commitment) leaves."""
     from veil.governance import provenance
 
-    lineage, _, _ = worker_output_lineage(worker, "veil.fl.encrypt_state", state, stored[0])
+    lineage, _, _ = worker_output_lineage(worker, ENCRYPT_STATE, state, stored[0])
     if lineage is None:
         return
     marks = ", ".join("\u00b7" for _ in lineage.node["inputs"])
@@ -172,7 +198,7 @@ def _record_lineage(worker: Any, state: list, weight: float, enc: Any, stored: l
         provenance.stamp(digest, lineage, digest.obj, " (SHA-256 commitment of it)")
 
 
-register_worker_function("veil.fl.encrypt_state", _encrypt_state, shapes="none")
+register_worker_function(ENCRYPT_STATE, _encrypt_state, shapes="none")
 
 
 @dataclass
@@ -343,7 +369,7 @@ class EncryptedAggregation:
                 try:
                     key = self._key_on(where[wid], keys, made)
                     commit = [round_id, wid, digest_id] if copies == 2 else None
-                    remote_ops.call(ALLOWLIST.by_name("veil.fl.encrypt_state"),
+                    remote_ops.call(ALLOWLIST.by_name(ENCRYPT_STATE),
                                     (state_pointers[wid], weights[wid], key, outs, *([commit] if commit else [])), {})
                     if commit:  # fetched before any ciphertext is handed over: nobody has seen another's yet
                         commitments[wid] = he_commitments.fetch(owner, where[wid], digest_id)
