@@ -95,10 +95,10 @@ from veil.he.ckks import CKKSContext, CKKSTensor
 from veil.he.paillier import PaillierTensor
 from veil.he.remote import HEPointer, ciphertext_bytes, key_fingerprint, worker_output_lineage  # (HE wire types)
 from veil.ids import new_id
-from veil.shapes import numel
 from veil.messaging.allowlist import ALLOWLIST, register_worker_function
 from veil.messaging.messages import DeleteMessage, MoveMessage, ObjectMessage, ObjectRef, StoredObject
 from veil.messaging.serde import encode_value
+from veil.shapes import numel
 from veil.tensors import remote_ops
 
 
