@@ -41,3 +41,21 @@ def test_a_masked_input_refused_for_its_return_ids_leaves_the_approval(setup, id
     assert setup.went_through(tag)
     reply = setup.masked_input(setup.round(), 1.0)
     assert type(reply) is m.ErrorReply and "pending" in str(reply).lower(), reply
+
+
+def test_a_masked_input_past_the_room_is_refused_before_its_approval_is_used(setup):
+    """Under a quota, a masked input whose state would not fit the session's room (its float64 copy, encoding and
+    result, from the state's shapes) is refused before the approval is used up, so the same update still goes once
+    the room is there; before, the quota refused its result after the approval was spent (and the step had made
+    ~24x a bool state's bytes)."""
+    setup.approve_one()
+    held = setup.srv.monitor.session_bytes(setup.s1.id)
+    setup.srv.monitor.max_session_bytes = held + 64  # (y has 7 entries: 24 x 9 bytes do not fit)
+    tag = setup.round()
+    reply = setup.masked_input(tag, 1.0)
+    assert type(reply) is m.ErrorReply and reply.error == "QuotaExceededError", reply
+    assert "\n" not in reply.message.strip() and not setup.went_through(tag)
+    setup.srv.monitor.max_session_bytes = None
+    tag = setup.round()
+    assert type(setup.masked_input(tag, 1.0)) is m.OkReply  # the approval stood
+    assert setup.went_through(tag)

@@ -89,6 +89,7 @@ from veil.federated.pooled import CLIENT_FAILURES, error_text
 from veil.messaging.allowlist import ALLOWLIST, register_worker_function
 from veil.messaging.messages import CommandMessage
 from veil.mpc.encoding import decode, encode, make_encoding
+from veil.shapes import numel
 from veil.tensors import remote_ops
 from veil.workers import owner_guard
 from veil.workers.websocket_auth import SESSION_END_HANDLERS
@@ -313,6 +314,15 @@ def _ready_to_mask(worker: Any, tag: int, survivors: list, state_tensors: Any, w
     return state, survivors
 
 
+def _masked_input_bytes(tag: Any, survivors: Any, state_tensors: Any, *args: Any, **kwargs: Any) -> int:
+    """What a masked input makes, from its state's shapes: its float64 copy, the encoded values and the masked
+    result, 8 bytes an entry each (a bool state of Q bytes made ~24 Q before its result met the quota)."""
+    if type(state_tensors) not in (list, tuple):
+        return 0
+    entries = sum(numel(t.shape) for t in state_tensors if isinstance(t, torch.Tensor)) + 2
+    return 3 * 8 * entries
+
+
 def _masked_input(worker: Any, tag: int, survivors: list, state_tensors: list, weight: float,
                   losses: Optional[torch.Tensor] = None) -> torch.Tensor:
     state, survivors = _ready_to_mask(worker, tag, survivors, state_tensors, weight)
@@ -364,6 +374,7 @@ register_worker_function("veil.secagg.masked_input", _masked_input)
 # the coordinator recovers the sum of the masked inputs: on review-policy data each input waits for the owner
 owner_guard.REVIEWED_INPUTS.add("veil.secagg.masked_input")
 owner_guard.REVIEWED_INPUT_CHECKS["veil.secagg.masked_input"] = _ready_to_mask
+owner_guard.REVIEWED_INPUT_BYTES["veil.secagg.masked_input"] = _masked_input_bytes
 register_worker_function("veil.secagg.confirm", _confirm)
 register_worker_function("veil.secagg.unmask", _unmask)
 register_worker_function("veil.secagg.discard", _discard, shapes="none")

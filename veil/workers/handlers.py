@@ -120,8 +120,15 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
         if (not op.worker_function and not reviewed and _tracking(worker)
                 and any(e.provenance or e.protected for e in entries)):
             written = set()
-        if reviewed:  # a refusal whatever the values, before _owner_checks uses the approval up
+        if reviewed:  # refusals whatever the values, before _owner_checks uses the approval up
             _check_return_ids(monitor, principal, name, ids, one=True)
+            sized = owner_guard.REVIEWED_INPUT_BYTES.get(name)
+            if sized is not None and monitor.max_session_bytes is not None:
+                try:
+                    nbytes = int(sized(*args, **kwargs))
+                except Exception:  # (arguments it cannot take: the step refuses them itself, in one line)
+                    nbytes = 0
+                monitor.check_room(principal, nbytes, name)
         protected, secret, oblivious_guard, dealer, args, kwargs = _owner_checks(
             worker, principal, op, purpose, args, kwargs, found, entries, wire_args, wire_kwargs)
         if written is not None or value_shapes.followed(name):  # reviewed inputs: no value-sized result, Python

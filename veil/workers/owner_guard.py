@@ -81,6 +81,10 @@ REVIEWED_INPUTS: set[str] = set()
 #: before the approval is used up (:func:`run_value_free_checks`), so that a request refused whatever the values (a
 #: round that does not exist) leaves it standing; a failure after them, of any kind, has used it
 REVIEWED_INPUT_CHECKS: dict[str, Any] = {}
+#: such a step's bytes made, from its arguments' shapes alone (``(*args, **kwargs) -> int``): checked against the
+#: session's room before the approval is used up (handlers._run_resolved), so that a refusal by the quota leaves
+#: it standing and a step cannot make many times what the session holds before its result is refused
+REVIEWED_INPUT_BYTES: dict[str, Any] = {}
 
 
 def run_value_free_checks(name: str, worker: Any, args: list, kwargs: dict, entries: list) -> None:
