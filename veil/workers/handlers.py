@@ -122,19 +122,14 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
             written = set()
         if reviewed:  # refusals whatever the values, before _owner_checks uses the approval up
             _check_return_ids(monitor, principal, name, ids, one=True)
-            sized = owner_guard.REVIEWED_INPUT_BYTES.get(name)
-            if sized is not None and monitor.max_session_bytes is not None:
-                try:
-                    nbytes = int(sized(*args, **kwargs))
-                except Exception:  # (arguments it cannot take: the step refuses them itself, in one line)
-                    nbytes = 0
-                monitor.check_room(principal, nbytes, name)
+            owner_guard.check_reviewed_room(monitor, principal, name, args, kwargs)
         protected, secret, oblivious_guard, dealer, args, kwargs = _owner_checks(
             worker, principal, op, purpose, args, kwargs, found, entries, wire_args, wire_kwargs)
         if written is not None or value_shapes.followed(name):  # reviewed inputs: no value-sized result, Python
             oblivious_guard = value_shapes.guard(  # value or free failure bit (value_shapes; beside a secret guard)
                 worker, principal.user, name, found, arguments, (args, kwargs), oblivious_guard)
-    _check_return_ids(monitor, principal, name, ids)
+    if plain or not reviewed:  # (a reviewed step's were checked above, before its approval was used)
+        _check_return_ids(monitor, principal, name, ids)
     if (monitor.max_session_bytes is not None or name in output_bounds.GRAPH_SIZED) and not op.worker_function:
         try:
             output_bounds.check(monitor, principal, name, op.func, args, kwargs, grad=bool(grad_enabled))

@@ -104,6 +104,19 @@ def run_value_free_checks(name: str, worker: Any, args: list, kwargs: dict, entr
         raise RemoteExecutionError(f"{name}: refused ({type(e).__name__} on its arguments)") from None
 
 
+def check_reviewed_room(monitor: Any, principal: Any, name: str, args: list, kwargs: dict) -> None:
+    """Refuses, under a quota, a reviewed step whose ``REVIEWED_INPUT_BYTES`` (from its arguments' shapes) do not
+    fit the session's room, before its approval is used up."""
+    sized = REVIEWED_INPUT_BYTES.get(name)
+    if sized is None or monitor.max_session_bytes is None:
+        return
+    try:
+        nbytes = int(sized(*args, **kwargs))
+    except Exception:  # (arguments it cannot take: the step refuses them itself, in one line)
+        nbytes = 0
+    monitor.check_room(principal, nbytes, name)
+
+
 def _stand_ins(value: Any, stored: set) -> Any:
     if isinstance(value, torch.Tensor) or id(value) in stored:
         return torch.empty(0)
