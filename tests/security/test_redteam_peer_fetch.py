@@ -57,6 +57,26 @@ def _ask(conn, data: bytes):
     return deserialize(conn.recv(120))[0]
 
 
+#: "not yet" replies a test's fetcher takes before it gives up (a fetch waits one ``FETCH_SLICE_SECONDS``
+#: slice at the publishing party, then an honest peer asks again: the round may start seconds later)
+MAX_ASKS = 2000
+
+
+def _answers(conn, data: bytes, count: int) -> list:
+    """``count`` answers to ``data`` already sent ``count`` times on ``conn`` (pipelined), each "not yet"
+    asked again at once, as a peer does: the replies that are not "not yet" (OkReply), in arrival order."""
+    answers, asks = [], 0
+    while len(answers) < count:
+        reply = deserialize(conn.recv(120))[0]
+        if type(reply) is m.OkReply:
+            asks += 1
+            assert asks < MAX_ASKS, "the round never came"
+            conn.send(data)
+        else:
+            answers.append(reply)
+    return answers
+
+
 def _bob_round(hook, cluster, values=GOOD):
     """A beaver_mask round at bob with the sink charlie (which answers bob's fetch with ``values``), not yet
     sent: (round id, ids, message). bob's own outputs are x - x = 0."""
@@ -197,10 +217,15 @@ def test_pipelined_fetches_before_the_round_exists_serve_its_share_once(hook, cl
         for _ in range(4):
             as_charlie.send(frame)
         as_dave.send(frame)
-        errors = {}
+        errors, done = {}, {}
+        charlie = threading.Thread(target=lambda: done.update(charlie=_answers(as_charlie, frame, 4)))
+        dave_asks = threading.Thread(target=lambda: done.update(dave=_answers(as_dave, frame, 1)))
+        charlie.start()
+        dave_asks.start()
         thread = _start(hook, cluster["bob"][1], msg, errors, "bob")
-        replies = [deserialize(as_charlie.recv(120))[0] for _ in range(4)]
-        dave = deserialize(as_dave.recv(120))[0]
+        charlie.join(120)
+        dave_asks.join(120)
+        replies, (dave,) = done["charlie"], done["dave"]
     finally:
         as_charlie.close()
         as_dave.close()
@@ -229,7 +254,8 @@ def test_a_flood_of_early_fetches_waits_bounded_and_takes_once(hook, cluster):
     lock = threading.Lock()
 
     def fetch(conn):
-        reply = _ask(conn, _frame(round_id))
+        conn.send(_frame(round_id))
+        (reply,) = _answers(conn, _frame(round_id), 1)
         with lock:
             replies.append(reply)
 
