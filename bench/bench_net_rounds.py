@@ -245,6 +245,23 @@ def _party_marks(w: dict, worker: list) -> dict:
     return out
 
 
+#: a fetching party's waits in a peer round, from the later of its fetch and its peer's publish
+GAP_LABELS = ("peer published -> its fetch answered", "-> the peer's take returned", "-> the peer sent its slot",
+              "fetch answered -> shares summed")
+
+
+def _add_gaps(out: list, marks: list) -> None:
+    """Each party's waits on the other's outputs (two-party rounds with a fetch): ``GAP_LABELS``, in ms."""
+    if len(marks) != 2:
+        return
+    for a, b in ((marks[0], marks[1]), (marks[1], marks[0])):
+        if "fetch reply" in a and "t_published" in b and "t_combined" in a:
+            start = max(b["t_published"], a.get("t_fetch0", 0.0))
+            out.append(tuple((t - start) * 1e3 for t in (a["fetch reply"], a.get("peer takes to", start),
+                                                        a.get("peer sends its slot to", start)))
+                       + ((a["t_combined"] - a["fetch reply"]) * 1e3,))
+
+
 def peer_breakdown(records_orch: list[dict], trace_dir: str, windows: list) -> None:
     """Prints the average peer round's timeline per step and party (ms after the orchestrator's round began)."""
     import json
@@ -264,7 +281,7 @@ def peer_breakdown(records_orch: list[dict], trace_dir: str, windows: list) -> N
             rows.setdefault(row, {}).setdefault(key.removeprefix("t_"), []).append(
                 t * 1e3 if key.endswith("_cpu") else (t - t0) * 1e3)
 
-    attempts = []
+    attempts, gaps = [], {}
     for rd in rnds:
         sent = sorted((r for r in records_orch if r.get("kind") == "req" and rd["t0"] <= r["t_call"] <= rd["t1"]),
                       key=lambda r: r["t_call"])
@@ -281,15 +298,22 @@ def peer_breakdown(records_orch: list[dict], trace_dir: str, windows: list) -> N
                          and rd["t0"] <= w["t_start"] <= until), key=lambda w: w["t_start"]):
             firsts.setdefault(w.get("worker", w["pid"]), w)
         recs = sorted(firsts.values(), key=lambda w: w["t_start"])
-        for k, w in enumerate(recs):
-            add(f"{w['name']}: party {w.get('worker', '?')}", _party_marks(w, worker),
-                rd["t0"])
+        marks = [_party_marks(w, worker) for w in recs]
+        _add_gaps(gaps.setdefault(name, []), marks)
+        for w, party in zip(recs, marks):
+            add(f"{w['name']}: party {w.get('worker', '?')}", party, rd["t0"])
             attempts.append(len(w["fetches"]))
         add(f"{rd['what']}: orchestrator", {"round ends": rd["t1"]}, rd["t0"])
     print(f"\npeer rounds: {len(rnds)}; ms after the orchestrator's round began (mean):")
     for who, row in rows.items():
         print(f"| {who} | " + ", ".join(f"{k} {statistics.mean(v):.2f}" for k, v in row.items()) + " |")
     print(f"| fetch requests per party and round (mean) | {statistics.mean(attempts):.2f} |")
+    print("\nper party and round, ms (median, p25-p75; means above hide a skewed spread):")
+    for name, rows_ in gaps.items():
+        for k, label in enumerate(GAP_LABELS):
+            v = sorted(r[k] for r in rows_)
+            if v:
+                print(f"| {name}: {label} | {v[len(v) // 2]:.2f} | {v[len(v) // 4]:.2f}-{v[3 * len(v) // 4]:.2f} |")
 
 
 def main() -> None:
