@@ -1,4 +1,6 @@
-"""Command line: ``veil demo``, ``veil worker`` (serve data) and ``veil serve`` (serve a model).
+"""Command line: ``veil demo``, ``veil worker`` (serve data), ``veil serve`` (serve a model), ``veil db``
+(owner state in PostgreSQL), ``veil requests`` (the owner's review queue) and ``veil users`` (revoke or
+restore a user).
 
 Input errors (bad flags, short tokens, unreadable or damaged files, a port in use)
 print one line and exit with status 2; set VEIL_TRACEBACK=1 to see the full traceback.
