@@ -55,7 +55,7 @@ from veil.workers.peer_openings import PeerFetchMessage, PeerOpenMessage
 from veil.workers.peer_rounds import MAX_WAITING_PER_PEER
 
 from network_helpers import TOKEN
-from test_redteam_peer_fetch import GOOD, ZEROS, _ask, _bob_round, _frame, _honest_round_opens, _raw, _stored
+from test_redteam_peer_fetch import GOOD, ZEROS, _answer, _ask, _bob_round, _frame, _honest_round_opens, _raw, _stored
 from test_redteam_peer_openings import (  # noqa: F401  (fixtures: cluster and its sink charlie)
     CLIENT, REPLIES, _as, _fetches_of, _peer_token, _start, _stored_before, _unchanged, cluster,
     new_round, sink)
@@ -321,7 +321,7 @@ def test_small_frames_of_a_peer_decoded_on_the_loop_while_the_worker_is_busy(hoo
                 continue
             assert type(reply) is m.ErrorReply, (what, reply)
             assert "\n" not in reply.message and len(reply.message) < 1200, (what, reply.message[:300])
-        share = _ask(conn, _padded_fetch(round_id, 512))
+        share = _answer(conn, _padded_fetch(round_id, 512))  # (asked again on "not yet", as a peer does)
         assert type(share) is m.ObjectsReply and all(torch.equal(t, ZEROS) for t in share.objects), share
         late = {"513 bytes": _padded_fetch(round_id, 513), "another step": _frame(round_id, "trunc_mask"),
                 "freeing the scientist's object first": _frame(round_id, prelude=[stored[1].id_at_location]),

@@ -124,9 +124,22 @@ def _as(hook, proc, token: str, name: str):
                                     token=token, timeout=90)
 
 
+#: how long :func:`_fetch` asks again on "not yet" before it fails (a round's registration or publication that
+#: never comes fails the test; a slow one on a loaded machine does not)
+FETCH_PATIENCE = 120
+
+
 def _fetch(hook, conn, round_id: str, name: str = "beaver_mask") -> list:
-    """Fetches, over ``conn``, what the worker's round ``round_id`` published to that connection's peer."""
-    return list(hook.local_worker.send_msg(PeerFetchMessage(round_id, name), conn).objects)
+    """Fetches, over ``conn``, what the worker's round ``round_id`` published to that connection's peer, asked
+    again while the answer is "not yet" (an OkReply), as a party does: a fetch waits one ``FETCH_SLICE_SECONDS``
+    slice at the worker, and a round started on another thread may be registered and published later than
+    that. A refusal raises (at once, or once the round is registered or published)."""
+    deadline = time.monotonic() + FETCH_PATIENCE
+    while True:
+        reply = hook.local_worker.send_msg(PeerFetchMessage(round_id, name), conn)
+        if type(reply) is not m.OkReply:
+            return list(reply.objects)
+        assert time.monotonic() < deadline, f"round {round_id} was never published at {conn.id}"
 
 
 def _until_ended(hook, proc, round_id: str, name: str = "beaver_mask") -> None:
