@@ -70,19 +70,23 @@ def _worker(hook, name):
 
 
 class _Stretches:
-    """The times between two chances to hand the turn over (the real checkpoint still runs)."""
+    """The step's work between two chances to hand the turn over, in its thread's CPU seconds (a loaded machine
+    descheduling the thread adds wall time the step did not hold the turn for its own work), and when each chance
+    came (``checks``, monotonic, as bob's requests are timed). The real checkpoint still runs."""
 
     def __init__(self, monkeypatch) -> None:
         self.gaps: list[float] = []
+        self.checks: list[float] = []
         self.last: float | None = None
         real = runtime._STEP_CHECKPOINT[0]
 
         def timed() -> None:
-            now = time.perf_counter()
+            self.checks.append(time.monotonic())
+            now = time.thread_time()
             if self.last is not None:
                 self.gaps.append(now - self.last)
             real()
-            self.last = time.perf_counter()
+            self.last = time.thread_time()
 
         monkeypatch.setattr(runtime, "_STEP_CHECKPOINT", [timed])
 
@@ -95,7 +99,7 @@ def _typical(gaps: list, total: float) -> float:
 
 def _bob_while(srv, attacker, msg):
     """Runs ``msg`` for the attacker; once it runs, bob stores a tensor and adds to it. ``(attacker's reply,
-    bob's longest wait, the attack's seconds)``."""
+    the (start, end) of each of bob's requests, the attack's seconds)``."""
     out: dict = {}
     thread = threading.Thread(target=lambda: out.setdefault("reply", request(srv, attacker, msg)), daemon=True)
     started = time.monotonic()
@@ -103,14 +107,25 @@ def _bob_while(srv, attacker, msg):
     while attacker.id not in srv._running.values() and thread.is_alive():
         time.sleep(0.002)
     bob = open_session(srv, BOB)
-    waited = []
+    windows = []
     for bob_msg in (m.ObjectMessage([m.StoredObject(oid := new_id(), torch.ones(3))]),
                     m.CommandMessage("torch.add", (m.ObjectRef(oid), 1.0), {}, [new_id()], False)):
         t0 = time.monotonic()
         assert type(request(srv, bob, bob_msg)) is m.OkReply
-        waited.append(time.monotonic() - t0)
-    thread.join(60)
-    return out.get("reply"), max(waited), time.monotonic() - started
+        windows.append((t0, time.monotonic()))
+    thread.join(120)
+    return out.get("reply"), windows, time.monotonic() - started
+
+
+#: hand-overs one of bob's requests may wait through (the stretch running when it came in, and the next):
+#: counted in the attack's chances to hand the turn over, not in a share of wall time (a descheduled
+#: stretch on a loaded machine is not the step's doing)
+MAX_PASSED = 3
+
+
+def _passed(stretches: "_Stretches", windows: list) -> int:
+    """The most chances to hand the turn over that came while one of bob's requests waited."""
+    return max(sum(a <= t <= b for t in stretches.checks) for a, b in windows)
 
 
 def test_a_hostile_receive_comparison_hands_the_partys_turn_over_between_items(hook, monkeypatch):
@@ -125,13 +140,15 @@ def test_a_hostile_receive_comparison_hands_the_partys_turn_over_between_items(h
     t0 = time.perf_counter()
     frame = serialize(msg, sender="client")
     effort = time.perf_counter() - t0
-    reply, waited, total = _bob_while(srv, mallory, msg)
+    reply, windows, total = _bob_while(srv, mallory, msg)
     assert type(reply) is m.OkReply, reply
     held = _typical(stretches.gaps, total)
     assert len(stretches.gaps) >= count - 1 and held < STRETCH_S, (
         f"a {len(frame)}-byte receive_comparison ({effort * 1e6:.0f} us to encode) held the party's turn "
-        f"{held:.2f} s in one piece ({len(stretches.gaps)} hand-overs)")
-    assert waited < 0.5 * total, f"bob waited {waited:.2f} s of a {total:.2f} s hostile request"
+        f"{held:.2f} s of CPU in one piece ({len(stretches.gaps)} hand-overs)")
+    passed = _passed(stretches, windows)
+    assert passed <= MAX_PASSED, f"bob waited through {passed} of the {len(stretches.checks)} hand-overs of a " \
+        f"{total:.2f} s hostile request"
 
 
 def test_expand_material_hands_the_partys_turn_over_within_a_field(hook, monkeypatch):
@@ -140,12 +157,15 @@ def test_expand_material_hands_the_partys_turn_over_within_a_field(hook, monkeyp
     mallory = open_session(srv, TOKEN)
     seed = torch.arange(32, dtype=torch.uint8)
     msg = m.CommandMessage(worker_dealer.EXPAND, (seed, "zero", ((1 << 24,),), 1, []), {}, [new_id()], False)
-    reply, waited, total = _bob_while(srv, mallory, msg)
+    reply, windows, total = _bob_while(srv, mallory, msg)
     assert type(reply) is m.OkReply, reply
     held = _typical(stretches.gaps, total)
     assert len(stretches.gaps) >= 4 and held < STRETCH_S, \
-        f"expanding one 128 MiB field held the party's turn {held:.2f} s in one piece ({len(stretches.gaps)} hand-overs)"
-    assert waited < 0.5 * total, f"bob waited {waited:.2f} s of {total:.2f} s"
+        f"expanding one 128 MiB field held the party's turn {held:.2f} s of CPU in one piece " \
+        f"({len(stretches.gaps)} hand-overs)"
+    passed = _passed(stretches, windows)
+    assert passed <= MAX_PASSED, \
+        f"bob waited through {passed} of the {len(stretches.checks)} hand-overs of a {total:.2f} s expansion"
 
 
 def test_a_field_expanded_with_hand_overs_is_the_field_expanded_without():
@@ -162,7 +182,7 @@ def test_a_field_expanded_with_hand_overs_is_the_field_expanded_without():
 # -- the provider ------------------------------------------------------------------------------------------
 
 class _SlowParties:
-    """The provider's peers, in process: each message waits until ``go`` (at most 10 s), then is answered Ok."""
+    """The provider's peers, in process: each message waits until ``go`` (at most 120 s), then is answered Ok."""
 
     def __init__(self) -> None:
         self.go = threading.Event()
@@ -174,7 +194,7 @@ class _SlowParties:
 
     def send(self, msg, party):
         self.reached.set()
-        self.go.wait(10)
+        self.go.wait(120)
         self.ids.update(msg.return_ids if hasattr(msg, "return_ids") else [o.id for o in msg.objects])
         return m.OkReply()
 
@@ -208,15 +228,15 @@ def test_the_provider_gives_its_turn_back_while_a_party_takes_its_part(hook, mon
         srv, bob, m.ObjectMessage([m.StoredObject(new_id(), torch.ones(3))]))), daemon=True)
     t0 = time.monotonic()
     store.start()
-    store.join(2)
-    waited = time.monotonic() - t0
+    store.join(120)  # (the parties have not answered: a provider holding its turn meanwhile keeps bob waiting)
+    answered_first, waited = not store.is_alive(), time.monotonic() - t0
     parties.go.set()
     store.join(30)
     dealing.join(30)
     assert type(out.get("deal")) is m.OkReply, out
     dealt = {i for party in (msg.args[2] if deal == "comparison" else msg.args[3]) for i in party}
     assert parties.ids == dealt
-    assert type(out.get("bob")) is m.OkReply and waited < 1.5, \
+    assert type(out.get("bob")) is m.OkReply and answered_first, \
         f"a store at the provider waited {waited:.2f} s for a party to take another session's dealing"
 
 
@@ -253,7 +273,7 @@ def test_a_wait_chain_through_the_provider_and_a_party_resolves(hook, monkeypatc
     msg = _comparison_deal(("A", "B"))
     dealing = threading.Thread(target=lambda: out.setdefault("deal", request(provider, mallory, msg)), daemon=True)
     dealing.start()
-    assert done.wait(10), "a request at the party and a dealing at the provider waited for each other"
+    assert done.wait(120), "a request at the party and a dealing at the provider waited for each other"
     dealing.join(30)
     assert type(out.get("bob")) is m.OkReply and type(out.get("deal")) is m.OkReply, out
     assert type(sent.get("A")) is m.OkReply, sent
