@@ -153,10 +153,12 @@ def _deal_message(shape, n_values, count):
 def test_concurrent_comparison_dealings_hold_their_material_one_at_a_time(hook, monkeypatch):
     """Three scientists' dealings at once on one provider (each 3 items of 2^12 entries): at most one holds
     material in progress at any time, all three are dealt, and a fourth client's store is still answered
-    while they run."""
+    while they run (the first dealing's send is held, its material made, until the store was answered: a
+    dealing holding the provider's turn would keep the store waiting out the hold)."""
     srv, parties = _dealing_worker(hook, monkeypatch, ["b", "c", "d"])
     live, peak, lock = [0], [0], threading.Lock()
     real_chunk, real_send = fss_dealing._chunk_messages, fss_dealing.send_each
+    holding, answered, released = threading.Event(), threading.Event(), []
 
     def counted_chunk(*args, **kwargs):  # material in progress: from the first mask to the last message sent
         with lock:
@@ -171,6 +173,9 @@ def test_concurrent_comparison_dealings_hold_their_material_one_at_a_time(hook, 
 
     def counted_send(*args, **kwargs):
         try:
+            if not holding.is_set():  # the first dealing: held with its material until dave's store is answered
+                holding.set()
+                released.append(answered.wait(120))
             return real_send(*args, **kwargs)
         finally:
             with lock:
@@ -189,17 +194,19 @@ def test_concurrent_comparison_dealings_hold_their_material_one_at_a_time(hook, 
     for t in threads:
         t.start()
         time.sleep(0.05)  # (each arrives while the one before deals)
+    assert holding.wait(120), "no dealing made its material"
     dave = open_session(srv, "rt-smpc-secagg2-d")
     t0 = time.monotonic()
     assert type(request(srv, dave, m.ObjectMessage([m.StoredObject(new_id(), torch.ones(3))]))) is m.OkReply
     dave_waited = time.monotonic() - t0
+    answered.set()
     for t in threads:
         t.join(120)
     total = time.monotonic() - started
     assert all(type(r) is m.OkReply for r in replies.values()) and len(replies) == 3, replies
     assert parties.sent == 3 * 2
     assert peak[0] == 1, f"{peak[0]} dealings held their material in progress at once on one provider"
-    assert dave_waited < 0.5 * total, f"a store waited {dave_waited:.2f} s of {total:.2f} s of dealings"
+    assert released == [True], f"a store waited {dave_waited:.2f} s (of {total:.2f} s) for a dealing to end"
 
 
 def test_a_dealing_cancelled_while_it_waits_for_another_stops_and_leaves_the_provider_serving(hook, monkeypatch):
