@@ -90,7 +90,15 @@ def owner():
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--client":
-        client(sys.argv[2])
-    else:
-        owner()
+    args = sys.argv[1:]
+    if args and (len(args) != 2 or args[0] != "--client"):
+        print(f"usage: python {sys.argv[0]}  (the owner)  |  python {sys.argv[0]} --client CLUSTER_FILE",
+              file=sys.stderr)
+        sys.exit(2)
+    try:
+        if args:
+            client(args[1])
+        else:
+            owner()
+    except sy.serving.ServingError as e:  # a missing or damaged cluster file, a stopped service: one line
+        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")

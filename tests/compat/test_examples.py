@@ -83,3 +83,18 @@ def test_example_runs_in_short_mode(path, example_runs):
     returncode, stdout, stderr = example_runs.result(path)
     assert returncode == 0, f"{path.name} failed:\n{stdout[-2000:]}\n{stderr[-4000:]}"
     assert stdout.strip(), f"{path.name} printed nothing"
+
+
+@pytest.mark.parametrize("args, returncode, says", [
+    (["--client", "/nonexistent/cluster.json"], 1, "cannot read cluster file /nonexistent/cluster.json"),
+    (["--client"], 2, "usage:"),  # ran the owner, ignoring the flag
+])
+def test_keras_serving_client_input_errors_are_one_line(args, returncode, says):
+    path = EXAMPLES[0].parent / "keras_serving.py"
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env["PYTHONPATH"] = os.pathsep.join([str(path.parents[1]), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, str(path), *args], cwd=path.parents[1], env=env, capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    assert proc.returncode == returncode, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert says in proc.stderr
