@@ -25,8 +25,19 @@ def command(name: str, help_: str, configure: Callable[[argparse.ArgumentParser]
     return deco
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of a count flag: a whole number >= 1 (``--epochs 0`` trained nothing and plotted empty curves)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expects a whole number >= 1, got {text!r}")
+    return value
+
+
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=_positive_int, default=10, help="training epochs (and FedAvg rounds)")
     p.add_argument("--out", default="demo-out", help="folder for the training-curve plot")
     p.add_argument("--review", action="store_true",
                    help="only the data-owner review demo: a release request approved, another denied")

@@ -93,7 +93,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--audit-max-rows", type=int, default=DEFAULT_MAX_ROWS, metavar="N",
                    help=f"most audit rows of requests kept (default: {DEFAULT_MAX_ROWS:,}; 0: no cap): past it the "
                         "oldest are deleted; the owner's decisions, release requests, releases and DP charges never")
-    p.add_argument("--max-memory-mb", type=float, default=None, metavar="MB",
+    p.add_argument("--max-memory-mb", type=_limit(zero_means_none=True), default=None, metavar="MB",
                    help="most memory this worker process may map, in MiB (default: the machine's memory; 0: no "
                         "cap): a request for a larger result fails with a one-line error instead of the machine "
                         "running out of memory")
