@@ -35,7 +35,7 @@ import torch
 import veil as sy
 from veil.exceptions import VeilError
 from veil.federated import secagg_crypto as sc
-from veil.federated import secure_agg as sa
+from veil.federated import secagg_client, secure_agg as sa
 from veil.ids import new_id
 from veil.messaging import messages as m
 
@@ -102,7 +102,7 @@ def test_a_scientist_cannot_make_share_keys_share_keys_for_100k_clients(hook, mo
     assert type(advertised) is m.ErrorReply
     # share_keys checks the cap itself (here lowered under a round advertised before)
     assert type(_fn(srv, sess, "advertise", tag + 1, 4, 3)) is m.OkReply
-    monkeypatch.setattr(sa, "MAX_SECAGG_CLIENTS", 3)
+    monkeypatch.setattr(secagg_client, "MAX_SECAGG_CLIENTS", 3)
     ids = [srv.id] + [f"ghost_{i}" for i in range(3)]
     reply = _fn(srv, sess, "share_keys", tag + 1, ids, torch.zeros(4, 32, dtype=torch.int64), ids=[])
     assert type(reply) is m.ErrorReply and "threshold ids" in reply.message and not asked, reply

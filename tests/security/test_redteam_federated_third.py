@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import veil as sy
 from veil.exceptions import VeilError
 from veil.federated import pooled
-from veil.federated import secure_agg as sa
+from veil.federated import secagg_client, secure_agg as sa
 from veil.federated import trainer as fl
 from veil.federated.client_pool import ClientPool, PooledFederatedDataset
 from veil.federated.he_agg import EncryptedAggregation, EncryptedAggregationError
@@ -445,7 +445,7 @@ def _clients(hook, values):
 def _reconnect(worker):
     """What a client does when the coordinator's connection closes: the rounds of that session end."""
     for state in list(worker.__dict__.get("_secagg_rounds", {}).values()):
-        sa._end_session(worker, state.session)
+        secagg_client._end_session(worker, state.session)
 
 
 @pytest.mark.parametrize("stage", ["share_keys", "masked_input", "unmask"])

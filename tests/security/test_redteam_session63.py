@@ -18,10 +18,10 @@
 3. 24c8fed, the masked input's value-free checks (``owner_guard.REVIEWED_INPUT_CHECKS``) run before the use-up.
    Hole found (then fixed): they ran on the arguments with the objects in place, before any review, secret or
    scrubbing check, and their VeilError goes back as is: an owner object sent as the round ``tag`` is printed by
-   ``secure_agg._round`` (``no secure-aggregation round tensor([[...]])``), with no approval (raw review data,
+   ``secagg_client._round`` (``no secure-aggregation round tensor([[...]])``), with no approval (raw review data,
    data derived from it, a ``private=True`` dataset). Fixed: the checks run on stand-ins, every tensor and stored
    object an empty tensor (``owner_guard.run_value_free_checks``), so they cannot read a value; and a non-int tag
-   is never printed (``secure_agg._tag_text``). Held (regression guard): y in the other positions, a stray keyword
+   is never printed (``secagg_client._tag_text``). Held (regression guard): y in the other positions, a stray keyword
    and a multi-element tag are refused in one line with no value and leave the approval standing.
 
 Set-up of the network-worker tests: a ``WebsocketServerWorker`` in process (requests through ``serve_bytes``, the
@@ -46,7 +46,7 @@ import torch
 import veil as sy
 from veil.federated import secagg_confirm
 from veil.federated import secagg_crypto as sc
-from veil.federated import secure_agg
+from veil.federated import secagg_client, secure_agg
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST
@@ -169,13 +169,13 @@ def _cancelled_while_running(monkeypatch):
     """A token cancelled while the masked input computes: what ``_run_request`` does when the scientist's
     connection closes while its command runs (``token.cancel(f"session ... disconnected")``)."""
     token = cancellation.CancelToken(seconds=600.0)
-    encode = secure_agg.encode
+    encode = secagg_client.encode
 
     def closed_while_encoding(*a, **k):
         token.cancel("session disconnected")  # (the close frame arrived while the step ran: it has no checkpoint)
         return encode(*a, **k)
 
-    monkeypatch.setattr(secure_agg, "encode", closed_while_encoding)
+    monkeypatch.setattr(secagg_client, "encode", closed_while_encoding)
     return token
 
 
@@ -214,17 +214,17 @@ def test_a_masked_input_past_the_deadline_uses_the_approval_up(setup, monkeypatc
     Must hold: the first masked input that ran on y used the approval up; the next waits for the owner."""
     setup.approve_one()
     setup.srv.max_command_seconds = 0.05
-    encode = secure_agg.encode
+    encode = secagg_client.encode
 
     def slow_encode(*a, **k):
         time.sleep(0.1)  # (a step the scientist made longer than the owner's limit)
         return encode(*a, **k)
 
-    monkeypatch.setattr(secure_agg, "encode", slow_encode)
+    monkeypatch.setattr(secagg_client, "encode", slow_encode)
     replies = []
     for weight in (1e11, 5e10, 1.0):
         replies.append(setup.masked_input(setup.round(), weight, token=cancellation.CancelToken(seconds=0.05)))
-    monkeypatch.setattr(secure_agg, "encode", encode)
+    monkeypatch.setattr(secagg_client, "encode", encode)
     setup.srv.max_command_seconds = None
     kinds = [r.error if type(r) is m.ErrorReply else "ok" for r in replies]
     # (before: ProtectedDataError for 1e11, CommandTimeoutError for 5e10 and 1.0: the range bit in the reply)
@@ -468,7 +468,7 @@ def test_a_round_tag_that_is_not_an_int_is_never_printed():
     with pytest.raises(ValueError) as info:
         sc.check_round_tag(probe)
     assert "1.625" not in str(info.value) and "Tensor" in str(info.value)
-    assert secure_agg._tag_text(probe) == "(not an int: Tensor)" and secure_agg._tag_text(42) == "42"
+    assert secagg_client._tag_text(probe) == "(not an int: Tensor)" and secagg_client._tag_text(42) == "42"
 
 
 # ------------------------------------------- session 63, third pass: stored objects, nesting, after the use-up

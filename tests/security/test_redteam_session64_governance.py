@@ -1,7 +1,7 @@
 """Red team (session 64): owner governance and secure aggregation, attacked as a hostile scientist / coordinator.
 
 Targets: the approval used up before the masked input runs (``handlers._owner_checks``, after the value-free
-checks on stand-ins), round ownership and the protocol's stage order (``secure_agg._round``, ``_unmask``,
+checks on stand-ins), round ownership and the protocol's stage order (``secagg_client._round``, ``_unmask``,
 ``_discard``), approvals bound to one user and one value, and the owner's disconnect / revoke waits.
 
 Harness: ``test_redteam_session63.Setup`` (a ``WebsocketServerWorker`` in process, requests through

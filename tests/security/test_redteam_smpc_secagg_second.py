@@ -31,7 +31,7 @@ import torch
 import veil as sy
 from veil.exceptions import VeilError
 from veil.federated import secagg_confirm, secagg_crypto as sc
-from veil.federated import secure_agg as sa
+from veil.federated import secagg_client, secure_agg as sa
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.mpc.fss import dcf, material as fss
@@ -73,7 +73,7 @@ def test_a_survivor_whose_deposit_carried_no_view_of_this_round_is_refused(hook,
     for k in "uvw":
         sa._call("veil.secagg.share_keys", (tag, ids, table), workers[k])
     # x's deposit to u arrives by another path than its share_keys: what its view field carried is chosen here
-    x = next(state for key, state in sa._rounds(workers["x"]).items() if key[1] == tag)
+    x = next(state for key, state in secagg_client._rounds(workers["x"]).items() if key[1] == tag)
     view = {"none": None, "malformed": torch.zeros(3, dtype=torch.int64),
             "other_round": sc.bytes_tensor(secagg_confirm.view_digest(tag + 1, 4, 3, ids))}[told]
     shares = sc.share(x.private, 4, 3)
