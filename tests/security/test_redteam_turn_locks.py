@@ -38,7 +38,7 @@ from veil.messaging import messages as m
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_sessions import computed, open_session, request  # noqa: E402
-from test_redteam_turn_lookup import (BOUND_S, SECRET, TOKENS, _bob_is_served_meanwhile,  # noqa: E402,F401
+from test_redteam_turn_lookup import (BOUND_S, HOLD_S, SECRET, TOKENS, _bob_is_served_meanwhile,  # noqa: E402,F401
                                       _HangOnce, _in_thread, _worker)  # (one review worker and hang harness)
 
 
@@ -57,7 +57,7 @@ def _lock_held_by_a_release(hook, monkeypatch, prefix: str, setup=lambda srv, di
     x = computed(srv, alice, "torch.mul", m.ObjectRef(did), 3.0)
     ReviewQueue(srv).approve(_rid(request(srv, alice, m.GetObjectsMessage([x.id], False))))
     prepared = setup(srv, did)
-    mark = _HangOnce(monkeypatch, importlib.import_module("veil.governance.release"), "use_approval")
+    mark = _HangOnce(monkeypatch, importlib.import_module("veil.governance.release"), "use_approval", hold=HOLD_S)
     getting, got = _in_thread(lambda: request(srv, alice, m.GetObjectsMessage([x.id], False)))
     assert mark.started.wait(10), "the approval was never used up"
     return srv, prepared, getting, got, mark
@@ -69,7 +69,7 @@ def _while_the_lock_is_held(srv, mark, getting, got, action) -> dict:
     acting, out = _in_thread(action)
     try:
         time.sleep(0.3)  # (the action is waiting for the lock by now)
-        _bob_is_served_meanwhile(srv)
+        _bob_is_served_meanwhile(srv, mark)
     finally:
         mark.release()
         getting.join(20)
@@ -152,7 +152,7 @@ def test_a_sync_waiting_for_a_long_command_holds_no_governance_lock(hook):
             time.sleep(0.01)
         assert srv._turn._waiters, "the sync never waited for the turn"
         deciding, decided = _in_thread(lambda: ReviewQueue(srv).approve(rid))
-        deciding.join(BOUND_S)
+        deciding.join(HOLD_S)  # (the turn is held until the finally below: a decision waiting for it waits it out)
         assert not deciding.is_alive(), "the owner's decision waited for a sync waiting for a long command"
         assert decided["reply"].state == "approved", decided
     finally:
@@ -210,17 +210,19 @@ def test_an_inline_over_quota_store_does_not_write_its_row_on_the_event_loop(hoo
     srv, _ = _worker(hook, "tk-quota")
     srv.monitor.max_session_bytes = 4096
     alice = open_session(srv, TOKENS["alice"])
-    audit = _HangOnce(monkeypatch, srv.db, "audit", when=lambda *a, **k: a[1] == "store" and a[5] == "refused")
+    audit = _HangOnce(monkeypatch, srv.db, "audit", when=lambda *a, **k: a[1] == "store" and a[5] == "refused",
+                      hold=HOLD_S)
     first, second = new_id(), new_id()
     batch = m.ObjectMessage([m.StoredObject(first, torch.zeros(8)), m.StoredObject(second, torch.zeros(4096))])
     try:
         loop, out = _inline(srv, alice, batch)
-        loop.join(BOUND_S)
-        assert not loop.is_alive(), "the event loop waited for a refusal's audit row"
+        loop.join(HOLD_S)
+        # (answered while the row's write is still held: a loop waiting for it is answered only after it)
+        assert not loop.is_alive() and not audit.ended(), "the event loop waited for a refusal's audit row"
         reply, decoded = out["reply"]
         assert decoded is None and deserialize(reply)[0].error == "QuotaExceededError", out
         assert audit.started.wait(10), "the refusal was never audited"
-        _bob_is_served_meanwhile(srv)
+        _bob_is_served_meanwhile(srv, audit)
     finally:
         audit.release()
     held = {oid for oid, _ in srv.monitor.owner_entries()}
@@ -236,14 +238,16 @@ def test_inline_commands_naming_unknown_ids_keep_their_rows_order_and_rate_limit
 
     srv, _ = _worker(hook, "tk-unknown")
     alice = open_session(srv, TOKENS["alice"])
-    audit = _HangOnce(monkeypatch, srv.db, "audit", when=lambda *a, **k: a[1] == "compute" and a[5] == "refused")
+    audit = _HangOnce(monkeypatch, srv.db, "audit", when=lambda *a, **k: a[1] == "compute" and a[5] == "refused",
+                      hold=HOLD_S)
     unknown = [new_id() for _ in range(22)]
     try:
         for oid in unknown:
             loop, out = _inline(srv, alice, m.CommandMessage("torch.add", (m.ObjectRef(oid), 1.0), {},
                                                              [new_id()], False))
-            loop.join(BOUND_S)
-            assert not loop.is_alive(), "the event loop waited for a refusal's audit row"
+            loop.join(HOLD_S)
+            # (answered while the first row's write is still held: a loop waiting for it is answered only after)
+            assert not loop.is_alive() and not audit.ended(), "the event loop waited for a refusal's audit row"
             reply, decoded = out["reply"]
             assert decoded is None and deserialize(reply)[0].error == "ObjectNotFoundError", out
         assert audit.started.wait(10)
@@ -261,12 +265,13 @@ def test_inline_commands_naming_unknown_ids_keep_their_rows_order_and_rate_limit
 def test_a_get_under_review_naming_an_unknown_id_does_not_write_its_row_in_the_turn(hook, monkeypatch):
     srv, _ = _worker(hook, "tk-get")
     alice = open_session(srv, TOKENS["alice"])
-    audit = _HangOnce(monkeypatch, srv.db, "audit", when=lambda *a, **k: a[1] == "get" and a[5] == "refused")
+    audit = _HangOnce(monkeypatch, srv.db, "audit", when=lambda *a, **k: a[1] == "get" and a[5] == "refused",
+                      hold=HOLD_S)
     unknown = new_id()
     getting, got = _in_thread(lambda: request(srv, alice, m.GetObjectsMessage([unknown], False)))
     try:
         assert audit.started.wait(10), "the refusal was never audited"
-        _bob_is_served_meanwhile(srv)
+        _bob_is_served_meanwhile(srv, audit)
     finally:
         audit.release()
         getting.join(20)
@@ -285,14 +290,17 @@ def test_a_refused_handshake_does_not_write_its_row_on_the_event_loop(hook, monk
     from websockets.datastructures import Headers
 
     srv, _ = _worker(hook, "tk-connect")
-    audit = _HangOnce(monkeypatch, srv.db, "audit", when=lambda *a, **k: a[1] == "connect" and a[5] == "refused")
+    audit = _HangOnce(monkeypatch, srv.db, "audit", when=lambda *a, **k: a[1] == "connect" and a[5] == "refused",
+                      hold=HOLD_S)
     connection = SimpleNamespace(remote_address=("10.9.8.7", 4321),
                                  respond=lambda status, text: SimpleNamespace(status=status, headers={}))
     handshake = SimpleNamespace(headers=Headers({"Authorization": "Bearer not-a-token-of-this-worker"}))
     try:
         loop, out = _in_thread(lambda: srv._check_handshake(connection, handshake))
-        loop.join(BOUND_S)
-        assert not loop.is_alive(), "the event loop waited for a refused handshake's audit row"
+        loop.join(HOLD_S)
+        # (answered while the row's write is still held: a loop waiting for it is answered only after it)
+        assert not loop.is_alive() and not audit.ended(), \
+            "the event loop waited for a refused handshake's audit row"
         assert out["reply"].status == 401, out
         assert audit.started.wait(10)
     finally:
