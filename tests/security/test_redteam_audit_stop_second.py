@@ -124,7 +124,8 @@ def test_a_row_handed_by_another_thread_during_an_inline_get_does_not_hold_the_e
         loop = threading.Thread(target=lambda: out.update(r=srv.try_inline(data, sci)), name="ass-race-loop")
         loop.start()
         loop.join(2 * HOLD_S + 60)
-        assert not loop.is_alive() and loop_waits == [], f"the event loop waited for the row writer {len(loop_waits)} time(s)"
+        assert not loop.is_alive() and loop_waits == [], \
+            f"the event loop waited for the row writer {len(loop_waits)} time(s)"
         reply, _ = out["r"]
         assert reply is not None, "not served inline"
         got = deserialize(reply)[0]

@@ -47,10 +47,11 @@ ISSUER_SECRET = "redteam-govdb-third-second-issuer"
 
 
 def test_a_lost_commit_on_one_users_dp_release_does_not_hold_up_another_users_release(hook, pg_url, monkeypatch):
-    """Alice's DP count loses its COMMIT's answer and the lookup cannot reach the server (each connect hangs
-    ~3 s). Bob asks for a DP count on the same worker meanwhile. Must hold: Bob's release is answered well
-    before the lookup ends; Alice's is reported unknown in one line, her repeat is refused as already charged,
-    and each is charged exactly once."""
+    """Alice's DP count loses its COMMIT's answer and the lookup cannot reach the server (its connect hangs until
+    Bob's release is answered, up to 120 s). Bob asks for a DP count on the same worker meanwhile. Must hold:
+    Bob's release is answered while the lookup still hangs (one waiting for it is answered only after it,
+    whatever the machine's load); Alice's is reported unknown in one line, her repeat is refused as already
+    charged, and each is charged exactly once."""
     from veil.dp.worker_functions import _query
     from veil.dp.worker_owner import enable_dp
     from veil.workers.database import CommitOutcomeUnknownError
@@ -59,11 +60,12 @@ def test_a_lost_commit_on_one_users_dp_release_does_not_hold_up_another_users_re
     settings = enable_dp(w, budgets={"alice": (10.0, 1e-5), "bob": (10.0, 1e-5)}, ledger_path=pg_url)
     ledger, x = settings.ledger, torch.arange(20.0)
     real_connect, looking_up, outcome = psycopg.connect, threading.Event(), {}
+    bob_answered, lookup_let_go = threading.Event(), []
 
     def unreachable_for_the_lookup(*args, **kwargs):
         if threading.current_thread().name == "alice-release":  # (only the lost commit's lookup)
             looking_up.set()
-            time.sleep(3.0)
+            lookup_let_go.append(bob_answered.wait(120))  # (hangs until Bob's release was answered)
             raise psycopg.OperationalError("connection timeout expired")
         return real_connect(*args, **kwargs)
 
@@ -85,12 +87,13 @@ def test_a_lost_commit_on_one_users_dp_release_does_not_hold_up_another_users_re
         monkeypatch.setattr(psycopg, "connect", unreachable_for_the_lookup)
         alice = threading.Thread(target=alice_release, name="alice-release")
         alice.start()
-        assert looking_up.wait(10), "the lost commit was never looked up"
+        assert looking_up.wait(60), "the lost commit was never looked up"
         started = time.monotonic()
         value, cost = release("bob", "govdb3-2-bob-1")
         waited = time.monotonic() - started
-        alice.join(20)
-        assert waited < 1.5, f"Bob's release waited {waited:.1f} s for Alice's commit lookup"
+        bob_answered.set()
+        alice.join(120)
+        assert lookup_let_go and lookup_let_go[0], f"Bob's release waited {waited:.1f} s for Alice's commit lookup"
         assert cost[0].item() == pytest.approx(1.0)
         assert isinstance(outcome.get("error"), CommitOutcomeUnknownError), outcome
         assert "\n" not in str(outcome["error"])
@@ -109,36 +112,48 @@ def test_a_users_releases_still_run_one_at_a_time(hook):
 
     w = sy.VirtualWorker(hook, id=f"govdb3-2-dp-serial-{time.monotonic_ns()}")
     settings = enable_dp(w, budgets={"alice": (10.0, 1e-5), "bob": (10.0, 1e-5)})
-    held = threading.Event()
-    entered = {}
+    held, let_go, order = threading.Event(), threading.Event(), []
 
-    def hold_alice():
+    def hold_alice():  # (until the test lets it go, up to 120 s)
         with settings.user_lock("alice"):
             held.set()
-            time.sleep(0.5)
+            let_go.wait(120)
+            order.append("alice's first release out")
 
     holder = threading.Thread(target=hold_alice)
     holder.start()
-    assert held.wait(5)
-    for user in ("bob", "alice"):
-        started = time.monotonic()
-        with settings.user_lock(user):
-            entered[user] = time.monotonic() - started
-    holder.join(5)
-    assert entered["bob"] < 0.2 and entered["alice"] > 0.2, entered
+    assert held.wait(60)
+    with settings.user_lock("bob"):  # (entered while alice's lock is still held: no wait for it)
+        bob_in_while_held = not let_go.is_set() and holder.is_alive()
+
+    def second_alice():
+        with settings.user_lock("alice"):
+            order.append("alice's second release in")
+
+    second = threading.Thread(target=second_alice)
+    second.start()
+    deadline = time.monotonic() + 60  # (her second release is asking for her lock: then the first lets go)
+    while settings._user_locks.get("alice", [None, 0])[1] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    let_go.set()
+    holder.join(60)
+    second.join(60)
+    assert bob_in_while_held, "bob's release waited for alice's"
+    assert order == ["alice's first release out", "alice's second release in"], order
     assert not settings._user_locks, "a lock of a user with no release in flight was kept"
     settings.ledger.close()
 
 
-def _lookup_connect_hangs(monkeypatch, looking_up: threading.Event) -> None:
+def _lookup_connect_hangs(monkeypatch, looking_up: threading.Event, let_go: threading.Event, let: list) -> None:
     """psycopg.connect of a commit lookup (an int connect_timeout: the worker's own connections give a str)
-    hangs ~3 s and fails, as to a server that is gone; every other connect goes through."""
+    hangs (until ``let_go``) and fails, as to a server that is gone; every other connect goes through."""
     real_connect = psycopg.connect
 
     def connect(*args, **kwargs):
         if isinstance(kwargs.get("connect_timeout"), int) and not looking_up.is_set():
             looking_up.set()
-            time.sleep(3.0)
+            let.append(let_go.wait(120))  # (hangs until ``let_go``, up to 120 s: whether it came is in ``let``)
             raise psycopg.OperationalError("connection timeout expired")
         return real_connect(*args, **kwargs)
 
@@ -184,13 +199,14 @@ def test_on_a_network_worker_a_lost_commits_lookup_does_not_hold_up_another_user
                                                                                           monkeypatch):
     """The same attack over the wire: Alice's and Bob's DP counts on one network worker, Alice's COMMIT answer
     lost and its lookup hanging. Her command held the worker's turn through its charge. Must hold: Bob's
-    release is answered well before the lookup ends, and Alice's is refused (outcome unknown), charged once."""
+    release is answered while the lookup still hangs, and Alice's is refused (outcome unknown), charged once."""
     net = _NetworkDP(hook, tmp_path, pg_url)
     settings, looking_up, outcome = net.settings, threading.Event(), {}
     try:
         alice_x, bob_x = torch.arange(20.0).send(net.client("alice")), torch.arange(20.0).send(net.client("bob"))
         settings.ledger._db._conn = _CommitAnsweredThenLost(settings.ledger._db._conn)
-        _lookup_connect_hangs(monkeypatch, looking_up)
+        bob_answered, lookup_let_go = threading.Event(), []
+        _lookup_connect_hangs(monkeypatch, looking_up, bob_answered, lookup_let_go)
 
         def alice_release():
             try:
@@ -200,12 +216,14 @@ def test_on_a_network_worker_a_lost_commits_lookup_does_not_hold_up_another_user
 
         alice = threading.Thread(target=alice_release)
         alice.start()
-        assert looking_up.wait(20), "the lost commit was never looked up"
+        assert looking_up.wait(60), "the lost commit was never looked up"
         started = time.monotonic()
         assert sy.dp.remote_query(bob_x, "count", epsilon=1.0).epsilon == pytest.approx(1.0)
         waited = time.monotonic() - started
-        alice.join(20)
-        assert waited < 1.5, f"Bob's release waited {waited:.1f} s for Alice's commit lookup"
+        bob_answered.set()
+        alice.join(120)
+        # (answered while the lookup's connect still hung: one waiting for the lookup is answered only after it)
+        assert lookup_let_go and lookup_let_go[0], f"Bob's release waited {waited:.1f} s for Alice's commit lookup"
         assert "error" in outcome and "unknown" in str(outcome["error"]), outcome
         assert settings.ledger.spent("alice") == pytest.approx((1.0, 0.0))
         assert settings.ledger.spent("bob") == pytest.approx((1.0, 0.0))
