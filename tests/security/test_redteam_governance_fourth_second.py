@@ -50,7 +50,9 @@ from test_redteam_governance_fourth import TOKENS as FOURTH, _approved_times_thr
 SECRET = torch.tensor([[1.5, -2.25, 3.0], [4.0, 5.5, -6.75]])
 OTHER = torch.tensor([[0.5, 1.0, -1.0], [2.0, -3.0, 0.25]])
 TOKENS = {"alice": "gov-fourth-second-alice-token", "owner": "gov-fourth-second-owner-token"}
-BOUND_S = 10.0
+#: how long a thread may take at most, and how long the test's blockers (a frozen store, a held lock) hold: whether a
+#: command waited for one is told by event order (answered while it still held), not by the wait's length
+BOUND_S = 120.0
 
 
 def _server(hook, prefix: str):
@@ -103,8 +105,10 @@ def test_owner_code_in_a_commands_turn_changes_a_policy_without_waiting_for_itse
     assert type(reply) is m.ErrorReply and "differential-privacy" in reply.message, reply
 
 
-def _served_within(srv, session, seconds: float) -> bool:
-    """Whether a command of ``session`` (another session, an open dataset) is answered within ``seconds``."""
+def _served_while(srv, session, holding=lambda: True) -> bool:
+    """Whether a command of ``session`` (another session, an open dataset) is answered (within BOUND_S) while
+    ``holding()`` (a blocker the test holds until after this, up to BOUND_S, is still held): one waiting for the
+    blocker is answered only once it let go, however loaded the machine."""
     out: dict = {}
 
     def command():
@@ -113,8 +117,8 @@ def _served_within(srv, session, seconds: float) -> bool:
 
     t = threading.Thread(target=command, daemon=True)
     t.start()
-    t.join(seconds)
-    return not t.is_alive() and type(out.get("reply")) is m.OkReply
+    t.join(BOUND_S)
+    return not t.is_alive() and holding() and type(out.get("reply")) is m.OkReply
 
 
 def test_every_path_ends_while_a_decision_is_stored_on_a_frozen_database(hook, monkeypatch):
@@ -128,24 +132,28 @@ def test_every_path_ends_while_a_decision_is_stored_on_a_frozen_database(hook, m
 
     srv, did = _server(hook, "gov4b-frozen")
     eid = srv.load(OTHER.clone(), tags=("#e",), policy="open")
-    db, frozen, storing = governance(srv).db, threading.Event(), threading.Event()
+    db, frozen, storing, thawed = governance(srv).db, threading.Event(), threading.Event(), threading.Event()
     real = db.kv_put
 
     def kv_put(ns, *args):
         if ns == "governance.policy" and not frozen.is_set():
             storing.set()
             frozen.wait(BOUND_S)
+            thawed.set()  # (let go, or past its hold)
         return real(ns, *args)
+
+    def still_frozen() -> bool:
+        return storing.is_set() and not thawed.is_set()
 
     monkeypatch.setattr(db, "kv_put", kv_put)
     alice = open_session(srv, TOKENS["alice"])
     alice.other, alice.next_id = eid, new_id
-    assert _served_within(srv, alice, BOUND_S)  # (warm: the first command's imports)
+    assert _served_while(srv, alice)  # (warm: the first command's imports)
     owner_code = threading.Thread(target=srv.set_policy, args=("#d", "dp-only"), daemon=True)
     owner_code.start()
     assert storing.wait(BOUND_S)
     assert policy_of(srv, did) == "dp-only"  # (in force before it is stored)
-    assert _served_within(srv, alice, 4.0), "a command waited while a decision was stored"
+    assert _served_while(srv, alice, still_frozen), "a command waited while a decision was stored"
     admin_reply: dict = {}
     owner = open_session(srv, TOKENS["owner"])
     admin = threading.Thread(target=lambda: admin_reply.update(r=request(srv, owner, AdminPolicyMessage(
@@ -155,7 +163,7 @@ def test_every_path_ends_while_a_decision_is_stored_on_a_frozen_database(hook, m
     sync.start()
     time.sleep(0.2)
     assert admin.is_alive() and policy_of(srv, eid) == "open", "two decisions were made at once"
-    assert _served_within(srv, alice, 4.0), "a command waited behind the admin change or the sync"
+    assert _served_while(srv, alice, still_frozen), "a command waited behind the admin change or the sync"
     frozen.set()
     for t in (owner_code, admin, sync):
         t.join(BOUND_S)
@@ -206,7 +214,7 @@ def test_owner_code_loading_a_dataset_in_a_commands_turn_waits_for_the_governanc
     eid = srv.load(OTHER.clone(), tags=("#e",), policy="open")
     alice = open_session(srv, TOKENS["alice"])
     alice.other, alice.next_id = eid, new_id
-    assert _served_within(srv, alice, BOUND_S)  # (warm: the first command's imports)
+    assert _served_while(srv, alice)  # (warm: the first command's imports)
     held, free = threading.Event(), threading.Event()
 
     def a_release_decision():
@@ -220,7 +228,8 @@ def test_owner_code_loading_a_dataset_in_a_commands_turn_waits_for_the_governanc
     t, out = _in_a_commands_turn(srv, lambda: srv.load(SECRET.clone() + 1, tags=("#f",), policy="review"))
     try:
         time.sleep(0.2)
-        assert _served_within(srv, alice, 4.0), "a command waited while owner code in a turn waited for the lock"
+        assert _served_while(srv, alice, lambda: decision.is_alive() and not free.is_set()), \
+            "a command waited while owner code in a turn waited for the lock"
     finally:
         free.set()
     t.join(BOUND_S)
