@@ -200,23 +200,22 @@ def test_a_peer_reached_only_by_its_link_is_listed_and_can_be_revoked(hook, serv
 
 def test_a_revocation_does_not_wait_for_a_long_command(server):
     """A long command holds the worker's turn (here: the test holds it) when the owner runs ``veil users
-    revoke alice``. The revocation is in force when the reply comes, within a second, not when the command
-    ends: alice's open connection is closed and her token refused meanwhile."""
+    revoke alice``. The revocation is in force when the reply comes, not when the command ends: alice's open
+    connection is closed and her token refused meanwhile. (The turn is held until after the checks, up to the
+    reply's 120 s timeout: a revocation waiting for it never answers in time, however loaded the machine.)"""
     victim = _connect(server, TOKEN)
     admin = _connect(server, ADMIN)
     assert _wait(lambda: _sessions_of(server, "alice"))
     server._turn.acquire()
     try:
-        started = time.monotonic()
         try:
-            reply = _ask(admin, AdminUsersMessage("revoke", "alice"), timeout=5)
+            reply = _ask(admin, AdminUsersMessage("revoke", "alice"), timeout=120)
         except TimeoutError:
             pytest.fail("the revocation waited for the running command")
         assert type(reply) is m.ObjectsReply and reply.objects == [1], reply
-        assert time.monotonic() - started < 2
         assert _refused(server, TOKEN)
         assert _closed(victim)
-        listed = _ask(admin, AdminUsersMessage("list"), timeout=5)
+        listed = _ask(admin, AdminUsersMessage("list"), timeout=120)
         assert {u["name"]: u["revoked"] for u in listed.objects}["alice"] is True
     finally:
         server._turn.release()
@@ -426,7 +425,8 @@ def test_a_cancelled_peer_opening_stops_fetching_from_every_peer(monkeypatch):
     from veil.exceptions import CommandCancelledError
     from veil.workers import cancellation, peer_openings
 
-    monkeypatch.setattr(peer_openings, "WAIT_SECONDS", 4.0)
+    # (a fetch that ignores the token asks on until this deadline: the bound below has ~60 s of slack either way)
+    monkeypatch.setattr(peer_openings, "WAIT_SECONDS", 120.0)
     asked: list = []
 
     def nothing_yet(msg, location):
@@ -441,7 +441,7 @@ def test_a_cancelled_peer_opening_stops_fetching_from_every_peer(monkeypatch):
     started = time.monotonic()
     with cancellation.running(token), pytest.raises(CommandCancelledError):
         peer_openings._fetch_all(worker, msg, ["p1", "p2"], [((2,), torch.int64)], {})
-    assert time.monotonic() - started < 2, "a fetch thread went on after the command was cancelled"
+    assert time.monotonic() - started < 60, "a fetch thread went on after the command was cancelled"
     so_far = len(asked)
     time.sleep(0.3)
     assert len(asked) == so_far, "fetches went on after the opening returned"
