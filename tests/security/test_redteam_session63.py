@@ -587,11 +587,11 @@ def test_wait_sessions_ended_is_bounded_and_closes_nothing_itself(served):
         assert type(c.reply()) is m.OkReply
         (session,) = list(srv.sessions.values())
         t0 = time.monotonic()
-        srv.wait_sessions_ended("nobody")
-        assert time.monotonic() - t0 < 0.5
+        srv.wait_sessions_ended("nobody", seconds=60)  # (at once: well under the 60 s a wait would take)
+        assert time.monotonic() - t0 < 30
         t0 = time.monotonic()
-        srv.wait_sessions_ended("alice", seconds=0.3)
-        assert time.monotonic() - t0 < 1.5
+        srv.wait_sessions_ended("alice", seconds=0.3)  # (its bound: the slack is for a loaded machine)
+        assert time.monotonic() - t0 < 5
         assert session.id in srv.sessions
         c.send(m.CommandMessage(ALLOWLIST.by_func(torch.add).name, (m.ObjectRef(oid), 1.0), {}, [new_id()], False))
         assert type(c.reply()) is m.OkReply  # (the session still serves: the wait changed nothing)
