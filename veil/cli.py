@@ -14,6 +14,8 @@ import sqlite3
 import sys
 from typing import Callable
 
+from veil.cli_args import whole_number
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
 
@@ -25,19 +27,8 @@ def command(name: str, help_: str, configure: Callable[[argparse.ArgumentParser]
     return deco
 
 
-def _positive_int(text: str) -> int:
-    """argparse type of a count flag: a whole number >= 1 (``--epochs 0`` trained nothing and plotted empty curves)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expects a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expects a whole number >= 1, got {text!r}")
-    return value
-
-
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=_positive_int, default=10, help="training epochs (and FedAvg rounds)")
+    p.add_argument("--epochs", type=whole_number(1), default=10, help="training epochs (and FedAvg rounds)")
     p.add_argument("--out", default="demo-out", help="folder for the training-curve plot")
     p.add_argument("--review", action="store_true",
                    help="only the data-owner review demo: a release request approved, another denied")
@@ -51,6 +42,9 @@ def _demo(args: argparse.Namespace) -> int:
         return run_review_demo()
     from veil.demo import run_demo
 
+    os.makedirs(args.out, exist_ok=True)  # a folder it cannot write is refused now, not after the training
+    if not os.access(args.out, os.W_OK):
+        raise PermissionError(f"cannot write into the --out folder {args.out!r}")
     return run_demo(epochs=args.epochs, out_dir=args.out)
 
 

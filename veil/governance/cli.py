@@ -36,7 +36,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def _fail(text: str, code: int = 1) -> int:
-    print(f"veil requests: {text}", file=sys.stderr)
+    print(f"veil requests: error: {text}", file=sys.stderr)
     return code
 
 
@@ -96,7 +96,7 @@ def ask_worker(args: argparse.Namespace, msg: object, fail: Callable[[str, int],
         return fail(f"--worker expects HOST:PORT, got {address!r}", 2)
     try:
         hook = sy.TorchHook(torch)
-        client = sy.WebsocketClientWorker(hook, id=f"admin-cli-{os.getpid()}", host=host, port=int(port),
+        client = sy.WebsocketClientWorker(hook, id=f"{host}:{port}", host=host, port=int(port),
                                           token=args.admin_token, secure=address.startswith("wss://"),
                                           cafile=args.cafile, timeout=30)
         try:

@@ -36,7 +36,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def _fail(text: str, code: int = 1) -> int:
-    print(f"veil users: {text}", file=sys.stderr)
+    print(f"veil users: error: {text}", file=sys.stderr)
     return code
 
 

@@ -19,11 +19,11 @@ The model file is the owner's own: ``.pt`` from ``veil.serving.save_model``
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import threading
 
+from veil.cli_args import seconds, whole_number
 from veil.exceptions import CommandLineError
 
 
@@ -39,36 +39,13 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="the clients' token (default: $VEIL_CLIENT_TOKEN; generated with --auto)")
     p.add_argument("--peer-token", default=os.environ.get("VEIL_PEER_TOKEN"), help="worker-to-worker token (--auto)")
     p.add_argument("--cluster-file", default="cluster.json", help="where to write the clients' cluster file")
-    p.add_argument("--num-requests", type=_positive, default=None, help="stop after this many queries (default: never)")
-    p.add_argument("--max-batch", type=_positive, default=16, help="most queries computed together")
-    p.add_argument("--max-batch-rows", type=_positive, default=None, metavar="ROWS",
+    p.add_argument("--num-requests", type=whole_number(1), default=None, help="stop after this many queries (default: never)")
+    p.add_argument("--max-batch", type=whole_number(1), default=16, help="most queries computed together")
+    p.add_argument("--max-batch-rows", type=whole_number(1), default=None, metavar="ROWS",
                    help="most input rows computed together, so also per query: the parties refuse larger "
                         "queries (clients split them) (default: 64)")
-    p.add_argument("--fetch-timeout", type=_seconds, default=30.0,
+    p.add_argument("--fetch-timeout", type=seconds, default=30.0,
                    help="seconds to wait, once done, for clients to fetch their last outputs")
-
-
-def _positive(text: str) -> int:
-    """A count flag: a whole number >= 1 (``--num-requests -3`` served nothing and exited 0, ``--max-batch 0``
-    lifted the batch cap; ``abc`` read "invalid _positive value")."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    """A wait in seconds: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, not {text}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 import ssl
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from veil.cli_args import limit, whole_number
 from veil.exceptions import CommandLineError
 from veil.workers.audit_retention import DEFAULT_MAX_ROWS, AuditRetention
 from veil.workers.failure_budget import DEFAULT_BUDGET
@@ -53,7 +53,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--client-issuer", action="append", default=[], metavar="NAME=SECRET",
                    help="accept every client token made from SECRET (veil.serving Cluster.issue_client_token): "
                         "each client is its own principal NAME/HOLDER, with its own session cap (repeatable)")
-    p.add_argument("--ping-interval", type=_limit(), default=30.0,
+    p.add_argument("--ping-interval", type=limit(), default=30.0,
                    help="seconds between keepalive pings; clients silent for twice that are disconnected")
     p.add_argument("--admin-token", default=os.environ.get("VEIL_ADMIN_TOKEN"),
                    help="the owner's token: owner view of the store (default: $VEIL_ADMIN_TOKEN)")
@@ -72,28 +72,28 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", default=os.environ.get("VEIL_DB"), metavar="postgresql://...",
                    help="keep the audit log, privacy ledger and owner state in PostgreSQL instead of --data-dir "
                         "(shared by all of one owner's worker processes; default: $VEIL_DB)")
-    p.add_argument("--max-message-mb", type=_limit(), default=256, help="largest accepted request, in MiB")
-    p.add_argument("--max-command-seconds", type=_limit(zero_means_none=True), default=600.0, metavar="S",
+    p.add_argument("--max-message-mb", type=limit(), default=256, help="largest accepted request, in MiB")
+    p.add_argument("--max-command-seconds", type=limit(zero_means_none=True), default=600.0, metavar="S",
                    help="per-command time limit; long commands (plan fit) stop past it (0: no limit)")
-    p.add_argument("--max-session-mb", type=_limit(), default=None,
+    p.add_argument("--max-session-mb", type=limit(), default=None,
                    help="most memory one client session may hold on this worker, in MiB (default: no limit)")
     p.add_argument("--max-sessions-per-principal", type=int, default=None, metavar="N",
                    help="connections one principal (token) may hold at once (default: 16, a quarter of the "
                         "worker's 64): one token cannot take every slot; the admin token is not limited")
     p.add_argument("--max-sessions-per-client", type=int, default=4, metavar="N",
                    help="connections one client with its own issued token (--client-issuer) may hold at once")
-    p.add_argument("--auth-free-failures", type=int, default=FREE_FAILURES, metavar="N",
+    p.add_argument("--auth-free-failures", type=whole_number(0), default=FREE_FAILURES, metavar="N",
                    help=f"failed authentications (port and console) one source (loopback, an IPv4 /24, an IPv6 /64) "
                         f"may make in {FAILURE_WINDOW / 60:g} minutes before it is refused for a while, longer with "
                         f"each further failure (default: {FREE_FAILURES}); a valid token of {UNGUESSABLE_CHARS}+ "
                         "characters, as generated ones, is never refused")
-    p.add_argument("--review-failures", type=int, default=DEFAULT_BUDGET, metavar="N",
+    p.add_argument("--review-failures", type=whole_number(1), default=DEFAULT_BUDGET, metavar="N",
                    help="failures on its values a user's commands may have on a dataset under review before the "
                         f"user's further commands on it are refused (default: {DEFAULT_BUDGET})")
     p.add_argument("--audit-max-rows", type=int, default=DEFAULT_MAX_ROWS, metavar="N",
                    help=f"most audit rows of requests kept (default: {DEFAULT_MAX_ROWS:,}; 0: no cap): past it the "
                         "oldest are deleted; the owner's decisions, release requests, releases and DP charges never")
-    p.add_argument("--max-memory-mb", type=_limit(zero_means_none=True), default=None, metavar="MB",
+    p.add_argument("--max-memory-mb", type=limit(zero_means_none=True), default=None, metavar="MB",
                    help="most memory this worker process may map, in MiB (default: the machine's memory; 0: no "
                         "cap): a request for a larger result fails with a one-line error instead of the machine "
                         "running out of memory")
@@ -111,7 +111,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="with --dp-hide-count: a public bound on the record count; sums, means, histograms and "
                         "DP training compute over N rows so their time does not show the count (without it "
                         "they are refused; a DP count is answered)")
-    p.add_argument("--dp-max-bins", type=int, default=10_000, metavar="N",
+    p.add_argument("--dp-max-bins", type=whole_number(1), default=10_000, metavar="N",
                    help="most bins a DP histogram may ask for (bounds the work a query can cause)")
     p.add_argument("--budget", action="append", default=[], metavar="USER=EPS,DELTA",
                    help="privacy budget of data scientist USER (repeatable); kept under --data-dir")
@@ -154,23 +154,6 @@ def port_number(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"expects a port number (0-65535), got {port}")
     return port
-
-
-def _limit(zero_means_none: bool = False):
-    """argparse type of a limit flag: a finite number > 0 (>= 0 where 0 documents "no limit"); NaN, infinities
-    and negative numbers are refused at start instead of leaving the limit silently broken or off."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expects a number, got {text!r}") from None
-        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_means_none):
-            allowed = ">= 0 (0: no limit)" if zero_means_none else "> 0"
-            raise argparse.ArgumentTypeError(f"expects a finite number {allowed}, got {text!r}")
-        return value
-
-    return parse
 
 
 def parse_dataset(spec: str) -> tuple[str, Path, str | None]:
@@ -355,8 +338,8 @@ def run(args: argparse.Namespace) -> int:
         max_sessions_per_principal=args.max_sessions_per_principal,
         max_sessions_per_client=args.max_sessions_per_client,
     )
-    worker.auth_throttle = FailureThrottle(free=max(0, args.auth_free_failures))
-    set_failure_budget(worker, max(1, args.review_failures))
+    worker.auth_throttle = FailureThrottle(free=args.auth_free_failures)
+    set_failure_budget(worker, args.review_failures)
     if args.audit_max_rows:
         worker.refusals.followers.append(AuditRetention(worker.db, args.audit_max_rows))
     for peer in _peers(args, hook):
