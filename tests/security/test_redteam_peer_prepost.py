@@ -58,16 +58,6 @@ def cluster(request, hook, sink):
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _take(hook, conn, round_id: str, name: str = "beaver_mask") -> list:
-    """A peer's fetch asked again while the round answers "not yet" (an OkReply), as a party does."""
-    deadline = time.monotonic() + JOIN
-    while True:
-        reply = hook.local_worker.send_msg(PeerFetchMessage(round_id, name), conn)
-        if type(reply) is not m.OkReply:
-            return list(reply.objects)
-        assert time.monotonic() < deadline, f"round {round_id} never published"
-
-
 def _fetches_of(round_id: str) -> list:
     """The fetches the sink charlie was sent for ``round_id``."""
     return [msg for msg in list(RECEIVED) if type(msg) is PeerFetchMessage and msg.round == round_id]
@@ -166,7 +156,7 @@ def _charlie_round(hook, cluster, party: str, values: list, x: torch.Tensor | No
                     errors, party)
     as_charlie = _as(hook, cluster[party][0], _peer_token("charlie"), "charlie")
     try:  # charlie takes the party's share (its round waits for that)
-        got = _take(hook, as_charlie, round_id)
+        got = _fetch(hook, as_charlie, round_id)
     finally:
         as_charlie.close()
     _join(thread)
@@ -347,7 +337,7 @@ def test_a_step_refused_before_the_post_sends_no_fetch(hook, cluster):
     as_charlie = _as(hook, cluster["alice"][0], _peer_token("charlie"), "charlie")
     try:  # a round alice ran with charlie: its id is used
         t = _start(hook, alice, _beaver((_ref(six),) * 4, used, ["alice", "charlie"], [new_id(), new_id()]), {}, "a")
-        _take(hook, as_charlie, used)
+        _fetch(hook, as_charlie, used)
         _join(t)
     finally:
         as_charlie.close()
@@ -583,7 +573,7 @@ def test_two_sessions_rounds_over_one_link_each_open_their_own_values(hook, clus
         as_charlie = _as(hook, proc, _peer_token("charlie"), "charlie")
         try:  # charlie takes bob's share of each round (each round waits for that)
             for name in rounds:
-                assert all(torch.equal(t, torch.arange(6)) for t in _take(hook, as_charlie, rounds[name][1]))
+                assert all(torch.equal(t, torch.arange(6)) for t in _fetch(hook, as_charlie, rounds[name][1]))
         finally:
             as_charlie.close()
         _join(*(r[3] for r in rounds.values()))
