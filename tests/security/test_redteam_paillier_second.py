@@ -109,9 +109,9 @@ def test_one_op_cannot_build_unbounded_ciphertexts_without_a_quota(hook, power_c
     review = Review(hook, torch.zeros(2400, 1), seconds=5)
     a = send_tensor(review.srv, review.sci, _crafted(n, [2] * 2400, (1, 2400)))
     power_count[0] = 0
-    t0 = time.monotonic()
+    t0 = time.process_time()  # (CPU of this process, the HE pool's too: not a loaded machine's descheduling)
     reply = review.he_op("mul", a, m.ObjectRef(review.d))
-    took = time.monotonic() - t0
+    took = time.process_time() - t0
     _one_line_refusal(reply)  # (its text is in the owner's log: the op read protected data)
     assert power_count[0] == 0 and took < 2.0, (power_count[0], took)
     review.healthy()
@@ -124,10 +124,10 @@ def test_a_received_tensor_of_many_small_ciphertexts_is_refused_before_decoding(
     count = 2**20 + 1
     d = {"he": "paillier", "kind": "tensor", "v": 1, "n": paillier_wire._int_bytes(n), "shape": [count],
          "dtype": "float32", "exponent": 0, "ct": (2).to_bytes(64, "big") * count}
-    t0 = time.monotonic()
+    t0 = time.process_time()  # (CPU: decoding them is ~10 s of it; descheduling adds none)
     with pytest.raises(WireFormatError, match="ciphertexts"):
         paillier_wire.tensor_from_wire(d)
-    assert time.monotonic() - t0 < 1.0
+    assert time.process_time() - t0 < 1.0
 
 
 def test_decoding_checks_units_with_one_gcd_per_tensor(keys, monkeypatch):
@@ -263,10 +263,12 @@ def test_encrypting_the_owners_state_stops_at_the_command_deadline(hook):
     wherever it runs, and a full-width power counts as n_bits / 128 usual ones."""
     n = (1 << 3071) | 12345
     review = Review(hook, torch.linspace(-1.0, 1.0, 400), seconds=0.5)
-    t0 = time.monotonic()
+    # (CPU of this process, the HE pool's threads too: at most the 0.5 s deadline's worth on each core and one
+    # piece past it, however loaded the machine; wall time also counted a loaded machine descheduling it)
+    t0 = time.process_time()
     reply, _ = run_command(review.srv, review.sci, "veil.fl.encrypt_state", [m.ObjectRef(review.d)], 1.0,
                            phe.PaillierPublicKey(n), new_id(), n=0)
-    took = time.monotonic() - t0
+    took = time.process_time() - t0
     assert type(reply) is m.ErrorReply and "CommandTimeoutError" in reply.error + reply.message, reply
     assert took < 3.0, took
     review.healthy()
