@@ -291,9 +291,9 @@ def test_disconnect_and_the_wait_for_unknown_sessions_return_at_once(gov):
     t0 = time.monotonic()
     assert srv.disconnect("no-such-session", "owner") is False
     assert srv.disconnect(gov.s1.id, "owner") is False  # (served in process: no connection to close)
-    srv.wait_sessions_ended("sci")
-    srv.wait_sessions_ended("../../etc")
-    assert time.monotonic() - t0 < 2.0
+    srv.wait_sessions_ended("sci", seconds=60)  # (at once: well under the 60 s a wait would take)
+    srv.wait_sessions_ended("../../etc", seconds=60)
+    assert time.monotonic() - t0 < 30  # (the slack is for a loaded machine; a disconnect that closed waits 6 s)
     assert gov.s1.id in srv.sessions
     gov.still_serves(gov.s1)
 
