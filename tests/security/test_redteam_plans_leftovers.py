@@ -189,15 +189,18 @@ def test_a_fit_whose_losses_would_outgrow_the_quota_is_refused_before_any_batch(
     srv, s, xid = _setup(hook, "rt-pl-fitlosses", 1 << 20, secret, private=True)
     SUM = ALLOWLIST.by_func(torch.Tensor.sum).name
     spec = PlanSpec("sum", 2, 0, 3, [PlanOp(SUM, (SlotRef(0),), {}, [2], False)], SlotRef(2))
-    t0 = time.perf_counter()
+    # (CPU time of this process: the command runs on this thread; wall time also counted its refusal row's write
+    # and a loaded machine descheduling it)
+    t0 = time.process_time()
     reply, _ = run_command(srv, s, "veil.plan.fit", spec, m.ObjectRef(xid), m.ObjectRef(xid), [], 1, 10_000, False)
     assert _one_line(reply).error == "QuotaExceededError", reply
-    assert time.perf_counter() - t0 < 2.0
+    assert time.process_time() - t0 < 2.0
     # without a quota, one call runs at most MAX_FIT_BATCHES batches
     srv2, s2, xid2 = _setup(hook, "rt-pl-fitlosses-free", None, torch.zeros(2000, 1), private=True)
+    t0 = time.process_time()
     reply, _ = run_command(srv2, s2, "veil.plan.fit", spec, m.ObjectRef(xid2), m.ObjectRef(xid2), [], 1, 10_000)
     assert _one_line(reply).error == "OperationNotAllowedError" and "10,000,000" in reply.message, reply
-    assert time.perf_counter() - t0 < 4.0
+    assert time.process_time() - t0 < 2.0
     _serving(srv, s, xid, secret)
     _serving(srv2, s2, xid2, torch.zeros(2000, 1))
 
