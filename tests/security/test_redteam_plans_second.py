@@ -100,11 +100,11 @@ def test_a_shuffled_fit_over_many_empty_rows_is_refused_before_it_draws_their_or
     srv, s, xid = _setup(hook, "rt-pl2-perm")
     empty = send_tensor(srv, s, torch.zeros(1 << 25, 0))
     spec = PlanSpec("sum", 2, 0, 3, [PlanOp(SUM, (SlotRef(0),), {}, [2], False)], SlotRef(2))
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # (CPU of this process: not its refusal row's write or a loaded machine's descheduling)
     reply, _ = run_command(srv, s, "veil.plan.fit", spec, m.ObjectRef(empty), m.ObjectRef(empty), [], 1 << 25, 1,
                            True, False, [], 1)
     assert _one_line(reply).error == "OperationNotAllowedError" and "shuffle" in reply.message, reply
-    assert time.perf_counter() - t0 < 2.0
+    assert time.process_time() - t0 < 0.5  # (the refusal: ~1 ms of CPU; randperm(2**25) alone is ~1.5 s of it)
     # under a quota, the order is charged with the losses: 2**20 rows are 8 MiB, over a 4 MiB quota
     srv2, s2, xid2 = _setup(hook, "rt-pl2-perm-quota", 4 << 20)
     empty2 = send_tensor(srv2, s2, torch.zeros(1 << 20, 0))
