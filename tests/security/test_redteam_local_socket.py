@@ -119,8 +119,10 @@ def test_a_stalled_unix_hop_costs_the_link_little_and_it_stays_on_tcp(hook, list
     monkeypatch.setattr(local_socket, "OPEN_TIMEOUT", 0.5, raising=False)
     with _squatter(answer=False) as (name, got):
         monkeypatch.setattr(listening, "local_socket_name", name)
-        took = linked_on(hook, listening, socket.AF_INET, connect_timeout=4)
-    assert got and took < 2.5, took
+        # (a hop bound only by the 30 s connect timeout takes 30 s; one bound by OPEN_TIMEOUT 0.5 s and the TCP
+        # link: well under 10 s however loaded the machine)
+        took = linked_on(hook, listening, socket.AF_INET, connect_timeout=30)
+    assert got and took < 10, took
 
 
 @pytest.mark.parametrize("extra", [
