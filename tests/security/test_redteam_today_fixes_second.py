@@ -87,7 +87,8 @@ def test_a_revocation_needs_no_handler_thread_a_scientist_can_exhaust(hook, tmp_
     closes connections: each closed session's cleanup (``end_session``) waits for the turn on one of the
     worker's handler threads (``max_connections + 4`` of them), so after a dozen the pool is full. The
     owner's ``veil users revoke alice`` skips the turn, but waited for a free handler thread, i.e. for the
-    long command. Must hold: the revocation is in force within a second or two however full the pool is."""
+    long command. Must hold: the revocation is in force while the long command still holds the turn, however
+    full the pool is."""
     server = _start(hook, tmp_path, max_connections=8)
     victim = _connect(server, TOKEN)
     assert _wait(lambda: _sessions_of(server, "alice"))
@@ -99,12 +100,12 @@ def test_a_revocation_needs_no_handler_thread_a_scientist_can_exhaust(hook, tmp_
             conn.close()
             assert _wait(lambda: not _sessions_of(server, "mallory"), 10)  # (its cleanup took a thread)
         admin = _connect(server, ADMIN)
-        started = time.monotonic()
-        try:
-            reply = _ask(admin, AdminUsersMessage("revoke", "alice"), timeout=5)
+        try:  # (the turn is held until the finally below, up to the reply's 120 s: a revocation waiting for a
+            # handler thread, i.e. for the long command, never answers in time, however loaded the machine)
+            reply = _ask(admin, AdminUsersMessage("revoke", "alice"), timeout=120)
         except TimeoutError:
             pytest.fail("the revocation waited for a handler thread, i.e. for the long command")
-        assert reply == m.ObjectsReply([1]) and time.monotonic() - started < 3
+        assert reply == m.ObjectsReply([1]), reply
         assert "alice" in server.tokens.revoked
         assert _closed(victim)
     finally:
@@ -365,8 +366,10 @@ def test_a_revoked_peer_that_stalls_its_handshake_does_not_hold_the_revocation(h
     listener.listen(4)
     accepted: list = []
     threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True).start()
+    # (its handshake waits up to 120 s: bob's silence lasts until the finally below, so a revocation waiting for
+    # the connecting thread is still waiting after the 60 s it is given, however loaded the machine)
     link = WebsocketClientWorker(hook, id=f"bob-{time.monotonic_ns()}", host="127.0.0.1",
-                                 port=listener.getsockname()[1], token=TOKEN, lazy=True)
+                                 port=listener.getsockname()[1], token=TOKEN, lazy=True, connect_timeout=120)
     server.add_peer(link)
     connecting = threading.Thread(target=lambda: pytest.raises(Exception, link.connect), daemon=True)
     connecting.start()
@@ -375,11 +378,9 @@ def test_a_revoked_peer_that_stalls_its_handshake_does_not_hold_the_revocation(h
         assert _wait(lambda: accepted, 10)
         time.sleep(0.2)  # (the handshake request is sent; bob never answers)
         revoking = threading.Thread(target=server.revoke, args=(link.id,), daemon=True)
-        started = time.monotonic()
         revoking.start()
-        revoking.join(3)
+        revoking.join(60)
         assert not revoking.is_alive(), "the revocation waited for the revoked peer's stalled handshake"
-        assert time.monotonic() - started < 3
         assert link.id in server.tokens.revoked
     finally:
         for s in accepted:
