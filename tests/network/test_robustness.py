@@ -69,7 +69,7 @@ def test_silent_server_times_out(plain_worker, connect):
         t = time.monotonic()
         with pytest.raises(ConnectionLostError, match="did not answer within 1.0 s"):
             (p + 1).get()
-        assert time.monotonic() - t < 3
+        assert time.monotonic() - t < 8  # (its 1 s timeout, with slack for a loaded machine: a hang never ends)
     finally:
         os.kill(wp.pid, signal.SIGCONT)
     assert torch.equal(torch.tensor([3.0]).send(alice).get(), torch.tensor([3.0]))
