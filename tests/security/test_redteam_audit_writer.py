@@ -36,7 +36,7 @@ from veil.messaging import messages as m
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_sessions import open_session  # noqa: E402
-from test_redteam_turn_locks import (BOUND_S, TOKENS, _HangOnce, _in_thread, _inline,  # noqa: E402
+from test_redteam_turn_locks import (HOLD_S, TOKENS, _HangOnce, _in_thread, _inline,  # noqa: E402
                                      _refused_rows, _worker)
 
 
@@ -51,7 +51,7 @@ def test_a_full_row_queue_does_not_hold_the_event_loop_and_counts_the_rows_past_
     monkeypatch.setattr(audit_writer, "MAX_PENDING", 3)
     srv, _ = _worker(hook, "aw-full")
     alice = open_session(srv, TOKENS["alice"])
-    audit = _HangOnce(monkeypatch, srv.db, "audit", when=lambda *a, **k: _compute_refused(a, k))
+    audit = _HangOnce(monkeypatch, srv.db, "audit", when=lambda *a, **k: _compute_refused(a, k), hold=HOLD_S)
     hung = srv.db.audit
 
     def slow_summary(*a, **k):  # (so a wait that returned before the summary was written is seen)
@@ -65,8 +65,9 @@ def test_a_full_row_queue_does_not_hold_the_event_loop_and_counts_the_rows_past_
         for oid in unknown:
             loop, out = _inline(srv, alice, m.CommandMessage("torch.add", (m.ObjectRef(oid), 1.0), {},
                                                              [new_id()], False))
-            loop.join(BOUND_S)
-            assert not loop.is_alive(), "the event loop waited for room in the row queue"
+            loop.join(HOLD_S)
+            # (answered while the first row's write is still held: a loop waiting for room is answered only after)
+            assert not loop.is_alive() and not audit.ended(), "the event loop waited for room in the row queue"
             assert deserialize(out["reply"][0])[0].error == "ObjectNotFoundError", out
         assert audit.started.wait(10)
         assert not srv.audit_rows.wait(0.1)  # (nothing written yet: the first row's write hangs)
