@@ -23,7 +23,7 @@ class TurnTakenAndAwaited:
     def _holder(self) -> None:
         self._lock.acquire()
         self._holds.set()
-        self._release.wait(5)
+        self._release.wait(120)  # (until the test releases it: a 5 s cap let the waiter in on a loaded machine)
         self._lock.release()
 
     def _waiter(self) -> None:
@@ -33,10 +33,10 @@ class TurnTakenAndAwaited:
 
     def start(self) -> None:
         threading.Thread(target=self._holder, daemon=True).start()
-        self._holds.wait(5)
+        self._holds.wait(120)
         threading.Thread(target=self._waiter, daemon=True).start()
         t0 = time.monotonic()
-        while not self._lock._waiters and time.monotonic() - t0 < 5:
+        while not self._lock._waiters and time.monotonic() - t0 < 120:
             time.sleep(0.001)
 
     def waiter_entered(self, timeout: float) -> bool:
