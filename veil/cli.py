@@ -162,9 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     # every local user can read in ps (start_worker, and so Cluster, passes worker arguments this way)
     parser = ArgumentParser(prog="veil", description=__doc__, fromfile_prefix_chars="@")
     sub = parser.add_subparsers(dest="command", required=True)
+    commands = {}
     for name, (help_, configure, _) in COMMANDS.items():
-        configure(sub.add_parser(name, help=help_))
-    args = parser.parse_args(argv)
+        configure(commands.setdefault(name, sub.add_parser(name, help=help_)))
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the command they were given to ("veil demo: error: ..."), not by "veil"
+        commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     return run_command(f"veil {args.command}", COMMANDS[args.command][2], args)
 
 

@@ -74,3 +74,11 @@ def test_admin_commands_errors_say_error_and_name_the_address(argv, capsys, monk
     err = capsys.readouterr().err
     assert err.startswith(f"veil {argv[0]}: error: ") and "'127.0.0.1:1'" in err and "admin-cli" not in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, prog", [(["demo", "--bogus"], "veil demo"), (["worker", "--id", "a", "--zz", "1"], "veil worker")])
+def test_an_unknown_flag_is_named_by_its_command(argv, prog, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and f"{prog}: error: unrecognized arguments: " in err, err
