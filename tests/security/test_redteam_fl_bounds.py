@@ -64,14 +64,41 @@ def _fed(workers, parts):
     return sy.FederatedDataset([sy.BaseDataset(x, y).send(w) for (x, y), w in zip(parts, workers)])
 
 
-class Stalls(sy.VirtualWorker):
-    """Sleeps ``delay`` seconds before each request naming ``marker`` (a client that stalls the round)."""
+#: Every round deadline below: the honest clients' work before it (each trains or encrypts in well under a
+#: second) finishes inside it even on a loaded machine that pauses this process for a second or two.
+ROUND_S = 5.0
+#: A stalling client holds its first request until ROUND_S + PAST_S after it arrived (after the round's start, so
+#: surely past the deadline); the next one (asked after that, past the deadline: a round that ignored it) is held
+#: LATE_S, so a round that waits for it runs far past the bounds below.
+PAST_S, LATE_S = 0.25, 30.0
 
-    delay, marker = 0.8, b"veil.plan.fit"
+
+class Hold:
+    """What a round's stalling clients share: how many requests they held, and when the first was let go."""
+
+    def __init__(self):
+        self.held, self.released = 0, None
+
+    def __call__(self):
+        self.held += 1
+        if self.released is not None:  # (asked after the first hold ended: past the round's deadline)
+            if self.held == 2:
+                time.sleep(LATE_S)
+            return
+        until = time.monotonic() + ROUND_S + PAST_S
+        while (left := until - time.monotonic()) > 0:
+            time.sleep(left)
+        self.released = time.monotonic()
+
+
+class Stalls(sy.VirtualWorker):
+    """Holds each request naming one of ``markers`` (``hold``: see ``Hold``): a client that stalls the round."""
+
+    markers, hold = (b"veil.plan.fit",), None
 
     def _recv_msg(self, data):
-        if self.delay and self.marker in bytes(data):
-            time.sleep(self.delay)
+        if any(mk in bytes(data) for mk in self.markers):
+            self.hold()
         return super()._recv_msg(data)
 
 
@@ -85,29 +112,33 @@ def test_fl_train_round_seconds_drops_the_clients_not_asked_in_time(hook):
     that trained."""
     workers = [sy.VirtualWorker(hook, id=uid("rs-ok")), Stalls(hook, id=uid("rs-slow")),
                sy.VirtualWorker(hook, id=uid("rs-ok")), sy.VirtualWorker(hook, id=uid("rs-ok"))]
+    workers[1].hold = hold = Hold()
     parts = make_parts(4)
     model = make_model()
     start = time.monotonic()
     hist, err, _ = attempt(lambda: fl.train(model, _fed(workers, parts), rounds=1, lr=0.05, batch_size=8,
-                                         progress=False, round_seconds=0.4))
+                                         progress=False, round_seconds=ROUND_S))
     took = time.monotonic() - start
+    assert hold.held == 1, "harness: client 1 was asked to train once and held it past the deadline"
     assert err is None, repr(err)
     assert hist.rounds[0].dropped == [workers[2].id, workers[3].id], hist.rounds[0].dropped
     assert all("round_seconds" in hist.rounds[0].errors[w.id] for w in workers[2:])
-    assert took < 2.5, f"the round took {took:.1f} s"
+    assert took < ROUND_S + PAST_S + 10, f"the round took {took:.1f} s"
     assert _close(model, honest_fedavg(parts[:2])), "not plain FedAvg over the clients that trained"
 
 
 class StallingPool(TamperedPool):
-    """A client pool whose client 1 answers after ``delay`` seconds (one client per transport call)."""
+    """A client pool (one client per transport call) whose client 1 answers the round's exchange (the first)
+    once ``hold`` let it go: past the round's deadline (see ``Hold``)."""
 
-    delay = 0.8
+    hold, exchanges = None, 0
 
     def exchange(self, build, indices=None, deadline=None):
+        self.exchanges += 1
         for i in (range(len(self)) if indices is None else indices):
             replies = [self.workers[i]._recv_msg(r) for r in build(i)]
-            if i == 1:
-                time.sleep(self.delay)
+            if i == 1 and self.exchanges == 1:
+                self.hold()
             yield i, replies
 
 
@@ -116,9 +147,11 @@ def test_fl_train_round_seconds_stops_a_pools_exchange(hook):
     pool's exchange is closed (nothing more is sent) and the clients that did not answer are dropped."""
     parts = make_parts(4)
     pool = StallingPool(hook, parts, per_call=1)
+    pool.hold = hold = Hold()
     model = make_model()
     hist, err, _ = attempt(lambda: fl.train(model, pool.federated_dataset(), rounds=1, lr=0.05, batch_size=8,
-                                         progress=False, round_seconds=0.4))
+                                         progress=False, round_seconds=ROUND_S))
+    assert hold.held == 1, "harness: client 1's answer was held past the deadline"
     assert err is None, repr(err)
     assert list(hist.rounds[0].dropped) == [pool.client_id(2), pool.client_id(3)]
     assert "round_seconds" in hist.rounds[0].errors[pool.client_id(3)]
@@ -130,15 +163,18 @@ def test_fl_train_round_seconds_bounds_secure_aggregation(hook):
     caller wanted: clients answering each protocol step slowly held it for minutes. Now the time left of
     ``round_seconds`` bounds it: the round is refused (nothing recovered) soon after the deadline."""
     workers = [Stalls(hook, id=uid("rs-sa")) for _ in range(4)]
-    for w in workers:
-        w.delay, w.marker = 0.2, b"veil.secagg."
+    hold = Hold()
+    for w in workers:  # (each step before unmask, every client: the first held past the deadline, the next LATE_S)
+        w.hold, w.markers = hold, (b"veil.secagg.advertise", b"veil.secagg.share_keys", b"veil.secagg.masked_input")
     start = time.monotonic()
     hist, err, _ = attempt(lambda: fl.train(make_model(), _fed(workers, make_parts(4)), rounds=1, lr=0.05,
-                                         batch_size=8, progress=False, secure_aggregation=True, round_seconds=0.5))
+                                         batch_size=8, progress=False, secure_aggregation=True,
+                                         round_seconds=ROUND_S))
     took = time.monotonic() - start
     assert isinstance(err, RuntimeError) and "round_seconds" in str(err), repr(err)
     assert "\n" not in str(err)
-    assert took < 2.5, f"the secure round took {took:.1f} s"
+    assert hold.held == 1, f"{hold.held} protocol steps were asked of the stalling clients (one past the deadline)"
+    assert took < ROUND_S + PAST_S + 10, f"the secure round took {took:.1f} s"
 
 
 def test_fl_train_round_seconds_bounds_an_encrypted_round(hook, paillier):
@@ -146,15 +182,18 @@ def test_fl_train_round_seconds_bounds_an_encrypted_round(hook, paillier):
     at all. Now ``fl.train``'s deadline applies too: clients not asked to encrypt in time are dropped, and too few
     left refuses the round (nothing decrypted)."""
     workers = [Stalls(hook, id=uid("rs-he")) for _ in range(3)]
-    for w in workers:
-        w.delay, w.marker = 0.6, b"veil.fl.encrypt_state"
+    hold = Hold()
+    for w in workers:  # (the first encryption asked is held past the deadline; the next one LATE_S)
+        w.hold, w.markers = hold, (b"veil.fl.encrypt_state",)
     he = EncryptedAggregation(public_key=paillier[0], private_key=paillier[1], round_seconds=None)
     start = time.monotonic()
     hist, err, _ = attempt(lambda: fl.train(make_model(), _fed(workers, make_parts(3)), rounds=1, lr=0.05,
-                                         batch_size=8, progress=False, encrypted_aggregation=he, round_seconds=0.3))
+                                         batch_size=8, progress=False, encrypted_aggregation=he,
+                                         round_seconds=ROUND_S))
     took = time.monotonic() - start
     assert isinstance(err, EncryptedAggregationError) and "round_seconds" in str(err), repr(err)
-    assert took < 2.0, f"the encrypted round took {took:.1f} s"
+    assert hold.held == 1, f"{hold.held} clients were asked to encrypt (one past the deadline)"
+    assert took < ROUND_S + PAST_S + 10, f"the encrypted round took {took:.1f} s"
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), "5"])
