@@ -383,14 +383,41 @@ def test_an_encrypted_sum_of_the_wrong_size_is_refused_before_decryption(hook, p
     assert not decrypted, f"decrypted a sum of shape {decrypted}"
 
 
-class Stalls(sy.VirtualWorker):
-    """Takes ``delay`` seconds to answer its encryption request (a client that stalls the round)."""
+#: Every round deadline below: the honest clients' work before it (each encrypts or answers a protocol step in
+#: well under a second) finishes inside it even on a loaded machine that pauses this process for a second or two.
+ROUND_S = 5.0
+#: A stalling client holds its first request until ROUND_S + PAST_S after it arrived (after the round's start, so
+#: surely past the deadline); the next one (asked after that, past the deadline: a round that ignored it) is held
+#: LATE_S, so a round that waits for it runs far past the bounds below.
+PAST_S, LATE_S = 0.25, 30.0
 
-    delay = 1.0
+
+class Hold:
+    """What a round's stalling clients share: how many requests they held, and when the first was let go."""
+
+    def __init__(self):
+        self.held, self.released = 0, None
+
+    def __call__(self):
+        self.held += 1
+        if self.released is not None:  # (asked after the first hold ended: past the round's deadline)
+            if self.held == 2:
+                time.sleep(LATE_S)
+            return
+        until = time.monotonic() + ROUND_S + PAST_S
+        while (left := until - time.monotonic()) > 0:
+            time.sleep(left)
+        self.released = time.monotonic()
+
+
+class Stalls(sy.VirtualWorker):
+    """Holds its encryption request (``hold``: see ``Hold``): a client that stalls the round."""
+
+    marker, hold = b"veil.fl.encrypt_state", None
 
     def _recv_msg(self, data):
-        if b"veil.fl.encrypt_state" in bytes(data):
-            time.sleep(self.delay)
+        if self.marker in bytes(data):
+            self.hold()
         return super()._recv_msg(data)
 
 
@@ -400,15 +427,19 @@ def test_an_encrypted_round_has_a_deadline(hook, paillier):
     deadline the clients not yet asked are dropped, and the round is refused cleanly (nothing decrypted,
     every ciphertext freed) if too few are left."""
     workers = [Stalls(hook, id=uid("he-slow")) for _ in range(3)]
+    hold = Hold()
+    for w in workers:  # (the first encryption asked is held past the deadline; the next one LATE_S)
+        w.hold = hold
     parts = make_parts(3)
     fed = sy.FederatedDataset([sy.BaseDataset(x, y).send(w) for (x, y), w in zip(parts, workers)])
-    he = EncryptedAggregation(public_key=paillier[0], private_key=paillier[1], round_seconds=0.6)
+    he = EncryptedAggregation(public_key=paillier[0], private_key=paillier[1], round_seconds=ROUND_S)
     start = time.monotonic()
     hist, err, _ = attempt(lambda: fl.train(make_model(), fed, rounds=1, lr=0.05, batch_size=8, progress=False,
                                          encrypted_aggregation=he))
     took = time.monotonic() - start
     assert isinstance(err, EncryptedAggregationError) and "round_seconds" in str(err), repr(err)
-    assert took < 3 * Stalls.delay, f"the round took {took:.1f} s"
+    assert hold.held == 1, f"{hold.held} clients were asked to encrypt (one past the deadline)"
+    assert took < ROUND_S + PAST_S + 10, f"the round took {took:.1f} s"
     assert not [o for w in workers for o in w._objects.values() if isinstance(o, PaillierTensor)]
 
 
@@ -417,12 +448,14 @@ def test_an_encrypted_round_past_its_deadline_goes_on_with_a_majority(hook, pail
     that encrypted (a majority) are averaged, renormalised: plain-torch FedAvg over them."""
     workers = [sy.VirtualWorker(hook, id=uid("he-ok")) for _ in range(4)]
     workers[2] = Stalls(hook, id=uid("he-slow"))
+    workers[2].hold = hold = Hold()
     parts = make_parts(4)
     fed = sy.FederatedDataset([sy.BaseDataset(x, y).send(w) for (x, y), w in zip(parts, workers)])
-    he = EncryptedAggregation(public_key=paillier[0], private_key=paillier[1], round_seconds=0.6)
+    he = EncryptedAggregation(public_key=paillier[0], private_key=paillier[1], round_seconds=ROUND_S)
     model = make_model()
     hist, err, _ = attempt(lambda: fl.train(model, fed, rounds=1, lr=0.05, batch_size=8, progress=False,
                                          encrypted_aggregation=he))
+    assert hold.held == 1, "harness: the third client was asked to encrypt and held it past the deadline"
     assert err is None, repr(err)
     assert hist.rounds[0].dropped == [workers[3].id] and "round_seconds" in hist.rounds[0].errors[workers[3].id]
     torch.testing.assert_close(model.weight.detach(), honest_fedavg(parts[:3])[0], atol=1e-5, rtol=0)
@@ -503,11 +536,10 @@ def test_a_coordinator_that_reconnects_to_one_client_recovers_the_others_sum(hoo
     assert not any(w.__dict__.get("_secagg_rounds") for w in workers)
 
 
-class StallsAtMaskedInput(sy.VirtualWorker):
-    def _recv_msg(self, data):
-        if b"veil.secagg.masked_input" in bytes(data):
-            time.sleep(1.2)
-        return super()._recv_msg(data)
+class StallsAtMaskedInput(Stalls):
+    """Holds its masked input (``hold``: see ``Hold``)."""
+
+    marker = b"veil.secagg.masked_input"
 
 
 @pytest.mark.parametrize("slow", [1, 2], ids=["too-few-left", "majority-left"])
@@ -518,11 +550,14 @@ def test_a_secure_round_has_a_deadline(hook, slow):
     fails saying so; with client 2 stalling, three are left and their sum is exact (plain torch)."""
     workers = [sy.VirtualWorker(hook, id=uid("sa3d")) for _ in range(4)]
     workers[slow] = StallsAtMaskedInput(hook, id=uid("sa3slow"))
+    workers[slow].hold = hold = Hold()
     plain = {w.id: torch.full((4,), float(k + 1), dtype=torch.float64) for k, w in enumerate(workers)}
     inputs = {w.id: sa.ClientInput(w, [plain[w.id].send(w)], 1.0) for w in workers}
     start = time.monotonic()
-    result, err, _ = attempt(lambda: sa.secure_aggregate(inputs, tag=int(new_id()), round_seconds=0.8))
-    assert time.monotonic() - start < 3.5
+    result, err, _ = attempt(lambda: sa.secure_aggregate(inputs, tag=int(new_id()), round_seconds=ROUND_S))
+    took = time.monotonic() - start
+    assert hold.held == 1, f"harness: client {slow} was asked for its masked input and held it past the deadline"
+    assert took < ROUND_S + PAST_S + 10, f"the secure round took {took:.1f} s"
     if slow == 1:
         assert isinstance(err, sa.SecureAggregationError) and "round_seconds" in str(err), repr(err)
     else:
