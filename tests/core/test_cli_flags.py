@@ -25,6 +25,9 @@ from veil.cli import main
     (["worker", "--id", "a", "--review-failures", "-1"], "--review-failures"),  # was raised to 1 silently
     (["worker", "--id", "a", "--auth-free-failures", "-2"], "--auth-free-failures"),  # was raised to 0
     (["worker", "--id", "a", "--dp-max-bins", "0"], "--dp-max-bins"),
+    (["worker", "--id", "a", "--audit-max-rows", "-5"], "--audit-max-rows"),
+    (["worker", "--id", "a", "--max-sessions-per-principal", "0"], "--max-sessions-per-principal"),
+    (["worker", "--id", "a", "--max-sessions-per-client", "-1"], "--max-sessions-per-client"),
 ])
 def test_bad_counts_and_times_are_one_line_errors(argv, flag, capsys):
     with pytest.raises(SystemExit) as done:

@@ -77,10 +77,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="per-command time limit; long commands (plan fit) stop past it (0: no limit)")
     p.add_argument("--max-session-mb", type=limit(), default=None,
                    help="most memory one client session may hold on this worker, in MiB (default: no limit)")
-    p.add_argument("--max-sessions-per-principal", type=int, default=None, metavar="N",
+    p.add_argument("--max-sessions-per-principal", type=whole_number(1), default=None, metavar="N",
                    help="connections one principal (token) may hold at once (default: 16, a quarter of the "
                         "worker's 64): one token cannot take every slot; the admin token is not limited")
-    p.add_argument("--max-sessions-per-client", type=int, default=4, metavar="N",
+    p.add_argument("--max-sessions-per-client", type=whole_number(1), default=4, metavar="N",
                    help="connections one client with its own issued token (--client-issuer) may hold at once")
     p.add_argument("--auth-free-failures", type=whole_number(0), default=FREE_FAILURES, metavar="N",
                    help=f"failed authentications (port and console) one source (loopback, an IPv4 /24, an IPv6 /64) "
@@ -90,7 +90,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--review-failures", type=whole_number(1), default=DEFAULT_BUDGET, metavar="N",
                    help="failures on its values a user's commands may have on a dataset under review before the "
                         f"user's further commands on it are refused (default: {DEFAULT_BUDGET})")
-    p.add_argument("--audit-max-rows", type=int, default=DEFAULT_MAX_ROWS, metavar="N",
+    p.add_argument("--audit-max-rows", type=whole_number(0), default=DEFAULT_MAX_ROWS, metavar="N",
                    help=f"most audit rows of requests kept (default: {DEFAULT_MAX_ROWS:,}; 0: no cap): past it the "
                         "oldest are deleted; the owner's decisions, release requests, releases and DP charges never")
     p.add_argument("--max-memory-mb", type=limit(zero_means_none=True), default=None, metavar="MB",
@@ -318,9 +318,6 @@ def run(args: argparse.Namespace) -> int:
     if not set_policy(args.sched):
         print(f"veil worker: --sched {args.sched} is not available on this platform; scheduling left normal",
               flush=True)
-    if args.audit_max_rows < 0:
-        raise CommandLineError(f"--audit-max-rows expects a number of rows >= 0 (0: no cap), "
-                               f"got {args.audit_max_rows}")
     hook = sy.TorchHook(torch)
     tokens, generated = _token_table(args)
     ssl_context = None
