@@ -135,13 +135,14 @@ def test_only_short_requests_take_the_inline_path(hook):
 
 def test_a_session_whose_inline_request_ran_long_goes_back_to_handler_threads(hook):
     server, tokens, session = in_process_server(hook, "inline-srv")
-    big = torch.randn(1500, 1500)
-    assert server.serve_bytes(serialize(m.ObjectMessage([m.StoredObject(1, big)]), sender="c"), session)
+    big, kernel = torch.randn(1, 1, 300, 300), torch.randn(1, 1, 150, 150)  # (operands under INLINE_MAX_OPERAND_BYTES)
+    assert server.serve_bytes(serialize(m.ObjectMessage([m.StoredObject(1, big), m.StoredObject(3, kernel)]),
+                                        sender="c"), session)
     fast = serialize(m.GetObjectsMessage([1], False), sender="c")
     reply = server.serve_inline(fast, session)
     assert torch.equal(deserialize(reply)[0].objects[0], big) and session.id not in server._slow_sessions
-    slow = serialize(m.CommandMessage("torch.matmul", (m.ObjectRef(1), m.ObjectRef(1)), {}, [2], False), sender="c")
-    for _ in range(20):  # a 1500^3 matmul (3.4 GFLOP) takes well over the budget on any machine this runs on
+    slow = serialize(m.CommandMessage("torch.conv2d", (m.ObjectRef(1), m.ObjectRef(3)), {}, [2], False), sender="c")
+    for _ in range(20):  # a 300^2 image by a 150^2 kernel (1 GFLOP) takes well over the budget on any machine
         assert deserialize(server.serve_inline(slow, session))[0] == m.OkReply()
         server.serve_bytes(serialize(m.DeleteMessage([2]), sender="c"), session)
         if session.id in server._slow_sessions:

@@ -48,6 +48,10 @@ INLINE_STRIKES = 3  # over-budget requests (after the first, which starts the ti
 #: an SMPC opening runs inline only while the shares its request names hold at most this many bytes
 #: (its steps cost about linear time in them: 128 Ki ring elements take well under the CPU budget)
 INLINE_MAX_SHARE_BYTES = 1 << 20
+#: a torch op runs inline only while the stored objects it and its deferred commands name hold at most this many
+#: bytes: its work grows with them, and nothing interrupts an op on the loop (a scientist's 4096^2 matmul held every
+#: connection, ping and revocation ~3 s a request, 3 times a session, afresh after each reconnect; red team)
+INLINE_MAX_OPERAND_BYTES = INLINE_MAX_SHARE_BYTES
 #: most ids a get may name and still run on the event loop: each is an allowed audit row, one write of the owner's
 #: database (a get naming one id 16,000 times held the loop ~5 s on a file database; a reconnect started afresh)
 INLINE_MAX_GET_IDS = YIELD_EVERY
@@ -239,6 +243,8 @@ class InlineLane:
                     if (not prelude or (len(prelude) == 1 and type(prelude[0]) is int)
                             or _prelude_within(prelude, _plain_op)) \
                             and (tp is _SKELETON or _plain_op(msg.op)):  # a skeleton's op: checked when defined
+                        if not self._small_operands(principal, decoded):
+                            return None, decoded  # large operands: a handler thread
                         return self._serve_command(session, principal, msg, prelude), None
             kind = _inline_kind(msg, decoded[2])
             if tp is m.GetObjectsMessage and (_handlers._tracking(self) or self.audit_rows.full()
@@ -257,6 +263,8 @@ class InlineLane:
                 return None, decoded
             if kind == "protocol" and not self._small_shares(decoded):
                 return None, decoded  # large shares: a handler thread
+            if kind == "plain" and not self._small_operands(self.principal(decoded[1]), decoded):
+                return None, decoded  # a torch op on large operands: a handler thread
             return self._serve_decoded(*decoded), None
         except Exception as e:
             log.exception("worker %s: request of session %s failed outside the handlers", self.id, session.id)
@@ -311,8 +319,25 @@ class InlineLane:
     def _small_shares(self, decoded: tuple) -> bool:
         """Whether the objects an opening and its deferred steps name hold at most ``INLINE_MAX_SHARE_BYTES``
         (``ReferenceMonitor.stored_bytes``: sizes only; results of the request's own steps count 0)."""
-        msg, sender, prelude = decoded
-        steps = [(item[1], item[2]) if type(item[0]) is not int  # (a skeleton use names its objects by id)
-                 else [m.ObjectRef(i) for i in item[1] if type(i) is int] for item in prelude if type(item) is not int]
-        ids = [r.id for r in m.object_refs((msg.args, msg.kwargs, steps))]
-        return self.monitor.stored_bytes(self.principal(sender), ids) <= INLINE_MAX_SHARE_BYTES
+        return self.monitor.stored_bytes(self.principal(decoded[1]), _named_ids(decoded)) <= INLINE_MAX_SHARE_BYTES
+
+    def _small_operands(self, principal: Principal, decoded: tuple) -> bool:
+        """Whether the torch ops of a plain request (a command, a skeleton use, its deferred commands) name stored
+        objects of at most ``INLINE_MAX_OPERAND_BYTES`` in all (a store, get, delete or list with no deferred
+        command names none)."""
+        msg, prelude = decoded[0], decoded[2] or ()
+        tp = type(msg)
+        if tp is not m.CommandMessage and tp is not _SKELETON and not any(type(item) is not int for item in prelude):
+            return True
+        return self.monitor.stored_bytes(principal, _named_ids(decoded)) <= INLINE_MAX_OPERAND_BYTES
+
+
+def _named_ids(decoded: tuple) -> list:
+    """The object ids a request's own arguments and its deferred commands name (ObjectRefs, skeleton uses' ids)."""
+    msg, _, prelude = decoded
+    steps = [(item[1], item[2]) if type(item[0]) is not int  # (a skeleton use names its objects by id)
+             else [m.ObjectRef(i) for i in item[1] if type(i) is int] for item in prelude or () if type(item) is not int]
+    ids = [r.id for r in m.object_refs((getattr(msg, "args", None), getattr(msg, "kwargs", None), steps))]
+    if type(msg) is _SKELETON and type(msg.ids) is list:
+        ids.extend(i for i in msg.ids if type(i) is int)
+    return ids
