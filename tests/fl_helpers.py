@@ -5,6 +5,7 @@ client pool over in-process VirtualWorkers, and hostile clients whose replies ar
 from __future__ import annotations
 
 import itertools
+import time
 import warnings
 
 import torch
@@ -224,3 +225,31 @@ class RecordsCKKS(RecordsCiphertexts):
 
 class RecordsPaillier(RecordsCiphertexts):
     kind = "PaillierTensor"
+
+
+#: The round deadline of the deadline tests (test_redteam_fl_bounds, test_redteam_federated_third): the honest
+#: clients' work before it (each trains, encrypts or answers a protocol step in well under a second) finishes
+#: inside it even on a loaded machine that pauses the test process for a second or two.
+ROUND_S = 5.0
+#: A stalling client holds its first request until ROUND_S + PAST_S after it arrived (after the round's start, so
+#: surely past the deadline); the next one (asked after that, past the deadline: a round that ignored it) is held
+#: LATE_S, so a round that waits for it runs far past the tests' bounds.
+PAST_S, LATE_S = 0.25, 30.0
+
+
+class Hold:
+    """What a round's stalling clients share: how many requests they held, and when the first was let go."""
+
+    def __init__(self):
+        self.held, self.released = 0, None
+
+    def __call__(self):
+        self.held += 1
+        if self.released is not None:  # (asked after the first hold ended: past the round's deadline)
+            if self.held == 2:
+                time.sleep(LATE_S)
+            return
+        until = time.monotonic() + ROUND_S + PAST_S
+        while (left := until - time.monotonic()) > 0:
+            time.sleep(left)
+        self.released = time.monotonic()

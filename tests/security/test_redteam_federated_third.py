@@ -47,7 +47,8 @@ from veil.messaging import messages as m
 from veil.messaging.serde import deserialize, serialize
 from veil.tensors.pointer import PointerTensor
 
-from fl_helpers import TamperedPool, attempt, honest_fedavg, make_model, make_parts, objects_tamper, uid
+from fl_helpers import (PAST_S, ROUND_S, Hold, TamperedPool, attempt, honest_fedavg, make_model,
+                        make_parts, objects_tamper, uid)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -381,33 +382,6 @@ def test_an_encrypted_sum_of_the_wrong_size_is_refused_before_decryption(hook, p
     assert isinstance(err, EncryptedAggregationError) and "\n" not in str(err), repr(err)
     assert "shape" in str(err)
     assert not decrypted, f"decrypted a sum of shape {decrypted}"
-
-
-#: Every round deadline below: the honest clients' work before it (each encrypts or answers a protocol step in
-#: well under a second) finishes inside it even on a loaded machine that pauses this process for a second or two.
-ROUND_S = 5.0
-#: A stalling client holds its first request until ROUND_S + PAST_S after it arrived (after the round's start, so
-#: surely past the deadline); the next one (asked after that, past the deadline: a round that ignored it) is held
-#: LATE_S, so a round that waits for it runs far past the bounds below.
-PAST_S, LATE_S = 0.25, 30.0
-
-
-class Hold:
-    """What a round's stalling clients share: how many requests they held, and when the first was let go."""
-
-    def __init__(self):
-        self.held, self.released = 0, None
-
-    def __call__(self):
-        self.held += 1
-        if self.released is not None:  # (asked after the first hold ended: past the round's deadline)
-            if self.held == 2:
-                time.sleep(LATE_S)
-            return
-        until = time.monotonic() + ROUND_S + PAST_S
-        while (left := until - time.monotonic()) > 0:
-            time.sleep(left)
-        self.released = time.monotonic()
 
 
 class Stalls(sy.VirtualWorker):

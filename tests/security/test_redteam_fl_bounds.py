@@ -45,7 +45,7 @@ from veil.messaging.serde import deserialize, serialize
 
 from fl_helpers import pick_aggregators as _pick
 from fl_helpers import CraftsItsCiphertext, RecordsPaillier as Records, TamperedPool, fedavg_rounds
-from fl_helpers import attempt, honest_fedavg, make_model, make_parts, uid
+from fl_helpers import PAST_S, ROUND_S, Hold, attempt, honest_fedavg, make_model, make_parts, uid
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -62,33 +62,6 @@ def _close(model, ref):
 
 def _fed(workers, parts):
     return sy.FederatedDataset([sy.BaseDataset(x, y).send(w) for (x, y), w in zip(parts, workers)])
-
-
-#: Every round deadline below: the honest clients' work before it (each trains or encrypts in well under a
-#: second) finishes inside it even on a loaded machine that pauses this process for a second or two.
-ROUND_S = 5.0
-#: A stalling client holds its first request until ROUND_S + PAST_S after it arrived (after the round's start, so
-#: surely past the deadline); the next one (asked after that, past the deadline: a round that ignored it) is held
-#: LATE_S, so a round that waits for it runs far past the bounds below.
-PAST_S, LATE_S = 0.25, 30.0
-
-
-class Hold:
-    """What a round's stalling clients share: how many requests they held, and when the first was let go."""
-
-    def __init__(self):
-        self.held, self.released = 0, None
-
-    def __call__(self):
-        self.held += 1
-        if self.released is not None:  # (asked after the first hold ended: past the round's deadline)
-            if self.held == 2:
-                time.sleep(LATE_S)
-            return
-        until = time.monotonic() + ROUND_S + PAST_S
-        while (left := until - time.monotonic()) > 0:
-            time.sleep(left)
-        self.released = time.monotonic()
 
 
 class Stalls(sy.VirtualWorker):
