@@ -105,13 +105,19 @@ def test_a_share_mixed_with_a_reviewed_value_opens_only_after_review(reviewed, o
     _opened_only_after_review(owner, mixed)
 
 
-def test_dealt_material_made_of_a_reviewed_value_opens_only_after_review(reviewed):
+def test_dealt_material_made_of_a_reviewed_value_is_refused_before_it_is_made(reviewed):
     """HOLE: expand_material's "zero" recipe stores its correction as the dealt field: with x4 as the correction,
-    the dealt field is x4, and an opening masked by it (trunc_mask(zero_share, it)) gave x4."""
-    owner, x4, _, zero_share = reviewed
+    the dealt field is x4, and an opening masked by it (trunc_mask(zero_share, it)) gave x4. Fixed first by reviewing
+    the opening; since session 66 the step itself is refused, whatever the values: every parameter of a ``veil.mpc``
+    worker function that is no party step is public (oblivious._public_parameters), and a value under review is no
+    protocol step's public parameter. Nothing is stored, nothing filed."""
+    owner, x4, _, _ = reviewed
     seed = torch.zeros(32, dtype=torch.uint8)
-    _opened_only_after_review(owner, lambda: (
-        zero_share, _step(owner, "veil.mpc.expand_material", seed, "zero", [[2, 3]], 1, [x4])[0]))
+    with pytest.raises(PermissionDeniedError) as info:
+        _step(owner, "veil.mpc.expand_material", seed, "zero", [[2, 3]], 1, [x4])
+    text = str(info.value)
+    assert "\n" not in text and "public parameter" in text and not shows_number(text, "-27"), text
+    assert not owner.release_requests.pending()
 
 
 def test_openings_of_shares_of_the_scientists_own_values_are_unchanged(reviewed):

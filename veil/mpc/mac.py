@@ -61,6 +61,7 @@ from veil.mpc.errors import MacCheckError
 from veil.mpc.party import open_parties, party_function, run_party
 from veil.mpc.product_split import plan_split
 from veil.mpc.prg import expand, new_seed
+from veil.mpc.prg import seed_bytes as prg_seed_bytes
 from veil.mpc.ring import DTYPE, bilinear, op_arguments
 from veil.mpc.truncation import TRUNCATION_BOUND, floor_div_unsigned, shift_for, top_bit
 from veil.shapes import broadcast_shape
@@ -294,16 +295,25 @@ def _mac_gamma(seed: torch.Tensor, items: list) -> tuple:
     An item is ``[shape, terms]``; its MAC share is ``sum coef * (lo, hi)`` over
     the terms (``lo`` may be 0: a share of ``2^64 hi``).
     """
-    seed_bytes = bytes(seed.to(torch.uint8).tolist())
+    seed_bytes = prg_seed_bytes(seed, "a MAC check's seed")  # (its form alone decides: never its values)
+    if type(items) is not list or not all(
+            type(item) in (list, tuple) and len(item) == 2 and type(item[0]) in (list, tuple)
+            and all(type(d) is int and d >= 0 for d in item[0]) and type(item[1]) in (list, tuple)
+            and all(type(t) in (list, tuple) and len(t) == 3 and type(t[0]) is int for t in item[1])
+            for item in items):
+        # a shape or coefficient is the verifier's public integer: a stored object there (a share the requester
+        # may not reveal) was read as a Python value, and whether the step failed followed it
+        raise ValueError("mac_gamma: each item is [shape, terms]: a shape of whole numbers and terms "
+                         "[coefficient (an integer), lo, hi]")
     outs = []
     for j, (shape, terms) in enumerate(items):
-        shape = tuple(int(s) for s in shape)
+        shape = tuple(shape)
         coeffs = expand(seed_bytes, f"mac/{j}", shape)  # uniform in Z/2^64 = Z/2^s
         total = None
         for coef, lo, hi in terms:
             if not isinstance(lo, torch.Tensor):
                 lo = torch.zeros_like(hi)
-            term = r128.mul(r128.lift(torch.tensor(int(coef), dtype=DTYPE)), (lo, hi)) if coef != 1 else (lo, hi)
+            term = r128.mul(r128.lift(torch.tensor(coef, dtype=DTYPE)), (lo, hi)) if coef != 1 else (lo, hi)
             total = term if total is None else r128.add(total, term)
         total = tuple(t.expand(shape) for t in total)
         outs.append(r128.sum_all(r128.mul(r128.lift_unsigned(coeffs), total)))

@@ -36,6 +36,23 @@ def new_seed() -> bytes:
     return secrets.token_bytes(SEED_BYTES)
 
 
+def seed_bytes(seed: object, what: str = "a PRG seed") -> bytes:
+    """The bytes of a seed sent as a tensor: a uint8 tensor of exactly :data:`SEED_BYTES` entries, checked by its
+    type, dtype and shape alone before any value is read, so that whether a seed is accepted never depends on
+    its values. (``bytes(seed.to(uint8).tolist())`` of a 0-dim tensor holding ``v`` is ``v`` zero bytes: a
+    32 passed, anything else failed, and a share the requester may not reveal, named as the seed of
+    ``veil.mpc.prg_share`` or ``mac_gamma``, was read bit by bit from that failure; red team:
+    test_redteam_session66_protocol_seeds.py.)
+
+    Raises:
+        ValueError: Anything else (the text names the form only, never a value).
+    """
+    if type(seed) is not torch.Tensor or seed.dtype != torch.uint8 or tuple(seed.shape) != (SEED_BYTES,) \
+            or seed.layout is not torch.strided:
+        raise ValueError(f"{what} must be a uint8 tensor of {SEED_BYTES} bytes")
+    return bytes(seed.tolist())
+
+
 def _key(seed: bytes, label: str) -> bytes:
     if not isinstance(seed, (bytes, bytearray)) or len(seed) != SEED_BYTES:
         raise ValueError(f"a PRG seed must be {SEED_BYTES} bytes")

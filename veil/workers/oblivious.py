@@ -121,10 +121,13 @@ def guard(op_name: str, secret_values: list) -> contextlib.AbstractContextManage
     return _Oblivious(op_name, keys)
 
 
-#: parameters of protocol steps that are public values (sizes, counts, flags, divisors), whatever their annotation
+#: parameters of protocol steps that are public values (sizes, counts, flags, divisors, PRG seeds), whatever their
+#: annotation. A seed is the verifier's or dealer's random bytes, never a share: a stored object the requester may
+#: not reveal, named as one, was read as bytes whose count decided success (red team:
+#: test_redteam_session66_protocol_seeds.py)
 PUBLIC_NAMES = frozenset({"shape", "spec", "count", "n_values", "columns", "width", "role", "level", "divisor",
                           "shift", "first", "negate", "op", "op_kwargs", "subtract", "kind", "key_id", "party_ids",
-                          "ids", "seeded"})
+                          "ids", "seeded", "seed"})
 #: annotations of parameters that take shares (tensors, or lists of them); every other annotated one is public
 _SHARE_ANNOTATIONS = frozenset({"", "torch.Tensor", "Tensor", "list", "tuple", "Any", "Sequence", "Optional[torch.Tensor]"})
 
@@ -163,7 +166,11 @@ def _public_parameters(op_name: str, func: Any) -> tuple:
     for i, p in enumerate(params):
         ann = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
         ann = "" if p.annotation is inspect.Parameter.empty else ann
-        if p.name in PUBLIC_NAMES or ann not in _SHARE_ANNOTATIONS:
+        # A veil.mpc worker function that is no party step (a seeded share, a dealing, a MAC key, received
+        # material) computes on nothing but what the requester or dealer sends as values: every parameter is
+        # public, whatever its annotation, so that no such function (today's or a new one) reads a share it
+        # may not reveal as its input (prg_share's seed was one; red team: test_redteam_session66_protocol_seeds)
+        if fn is None or p.name in PUBLIC_NAMES or ann not in _SHARE_ANNOTATIONS:
             out.append((i, p.name))
     _PUBLIC_CACHE[op_name] = cached = tuple(out)
     return cached

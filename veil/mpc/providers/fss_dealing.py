@@ -35,7 +35,8 @@ from veil.messaging.allowlist import NO_RESULT, register_worker_function
 from veil.mpc.errors import ProviderError
 from veil.mpc.providers.base import check_distinct_parties
 from veil.mpc.fss import material as fss
-from veil.mpc.prg import SEED_BYTES, expand, new_seed
+from veil.mpc.prg import SEED_BYTES as _SEED_BYTES, expand, new_seed
+from veil.mpc.prg import seed_bytes as prg_seed_bytes
 from veil.mpc.ring import random_ring
 from veil.mpc.providers.dealing_sends import send_each
 from veil.mpc.runtime import DEALT_LAYOUTS, awaiting_replies, off_turn, one_step_at_a_time, step_checkpoint
@@ -43,6 +44,8 @@ from veil.mpc.sharing import split
 
 DEAL_COMPARISON = "veil.mpc.deal_comparison"
 RECEIVE_COMPARISON = "veil.mpc.receive_comparison"
+#: bytes of a comparison seed (a uint8 tensor of them: prg.seed_bytes)
+SEED_BYTES = _SEED_BYTES
 #: most values multiplied by one comparison bit (argmax uses 2; 0 = the bit alone)
 MAX_VALUES = 16
 #: most tensor bytes of comparison material in one message to one party (items are grouped up to it)
@@ -207,16 +210,17 @@ def _receive_comparison(worker: Any, shape: Any, n_values: Any, count: Any, seed
     if holds_key and len(keys) != count * n_key:
         raise ProviderError(f"expected {count * n_key} DCF key tensors, got {len(keys)}")
     if seed is not None:
-        if not isinstance(seed, torch.Tensor) or seed.dtype != torch.uint8 or tuple(seed.shape) != (SEED_BYTES,):
-            raise ProviderError(f"a comparison seed must be a uint8 tensor of {SEED_BYTES} bytes")
+        try:  # (its form alone, before any value is read: prg.seed_bytes)
+            key = prg_seed_bytes(seed, "a comparison seed")
+        except ValueError as e:
+            raise ProviderError(str(e)) from None
         n_fix = count * (n_add - n_masks)
         if len(shares) not in (0, n_fix):
             raise ProviderError(f"expected 0 or {n_fix} corrections, got {len(shares)}")
-        seed_bytes = bytes(seed.tolist())
     elif len(shares) != count * n_add:
         raise ProviderError(f"expected {count * n_add} comparison shares, got {len(shares)}")
     with one_step_at_a_time(worker, "receiving"):  # (what it expanded is held until stored: one at a time)
-        return _received_items(shape, n_values, count, seed_bytes if seed is not None else None, shares, keys)
+        return _received_items(shape, n_values, count, key if seed is not None else None, shares, keys)
 
 
 def _received_items(shape: tuple, n_values: int, count: int, seed: bytes | None, shares: list, keys: list) -> list:

@@ -65,7 +65,8 @@ from veil.mpc.material import (FROM_SHARES, WIDE_KINDS, dealer_generator, fields
                                provider_scope, recipe, register_mac_key, request_work_bound, split_shares,
                                split_wide, xor_fields)
 from veil.mpc.fss import material as fss_material
-from veil.mpc.prg import SEED_BYTES, expand, new_seed
+from veil.mpc.prg import expand, new_seed
+from veil.mpc.prg import seed_bytes as prg_seed_bytes
 from veil.mpc.errors import ProviderError
 from veil.mpc.providers.background import BackgroundDealing, BackgroundDealingError
 from veil.mpc.providers.dealing_recipe import _corrections, _label, bounded_recipe, recipe_layout
@@ -217,8 +218,10 @@ def _send_seed(worker: Any, party: Any, seed: bytes, kind: str, spec: Any, count
 def _expand_material(worker: Any, seed: torch.Tensor, kind: str, spec: Any, count: int, corrections: list) -> list:
     """Runs on a party: derives its shares from the seed (+ corrections if last)."""
     uniform_shapes, derived_shapes, _ = bounded_recipe(kind, spec, count)
-    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.uint8 or tuple(seed.shape) != (SEED_BYTES,):
-        raise ProviderError(f"a dealing seed must be a uint8 tensor of {SEED_BYTES} bytes")
+    try:  # (its form alone, before any value is read: prg.seed_bytes)
+        seed_bytes = prg_seed_bytes(seed, "a dealing seed")
+    except ValueError as e:
+        raise ProviderError(str(e)) from None
     if type(corrections) is not list or len(corrections) not in (0, count * len(derived_shapes)) or any(
             not isinstance(t, torch.Tensor) or t.dtype != DTYPE or tuple(t.shape) != tuple(derived_shapes[i % len(
                 derived_shapes)]) for i, t in enumerate(corrections)):
@@ -226,7 +229,6 @@ def _expand_material(worker: Any, seed: torch.Tensor, kind: str, spec: Any, coun
                             "of the derived fields' shapes")
     # refused by the session's quota before the streams are expanded (not sized before it runs, as a torch op is)
     room_for(worker, 8 * count * sum(numel(shape) for shape in uniform_shapes + derived_shapes), EXPAND)
-    seed_bytes = bytes(seed.tolist())
     out, c = [], 0
     # up to 2^27 elements (1 GiB) per request: one request's at a time, handing the turn over between items and
     # every 16 MiB of a field (it held the party's turn ~2 s in one piece)

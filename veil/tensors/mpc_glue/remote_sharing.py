@@ -20,7 +20,7 @@ from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.messaging.allowlist import register_worker_function
 from veil.mpc.errors import MPCError
-from veil.mpc.prg import expand, new_seed
+from veil.mpc.prg import expand, new_seed, seed_bytes
 from veil.mpc.providers.base import Provider
 from veil.mpc.providers.dealing_recipe import MAX_DEAL_ELEMENTS
 from veil.mpc.providers.worker_dealer import dealer_for
@@ -41,11 +41,15 @@ def _prg_share(worker: Any, seed: torch.Tensor, shape: list) -> torch.Tensor:
     stream is expanded, not after it filled memory."""
     if not isinstance(shape, (list, tuple)) or not all(type(d) is int and d >= 0 for d in shape):
         raise MPCError("a seeded share needs its shape as a list of whole numbers >= 0")
+    try:  # (its form alone: a seed whose values decided success was an oracle on a share named as the seed)
+        key = seed_bytes(seed, "a seeded share's seed")
+    except ValueError as e:
+        raise MPCError(str(e)) from None
     numel = math.prod(shape)
     if numel > MAX_DEAL_ELEMENTS:
         raise MPCError(f"a seeded share of {numel} elements is more than {MAX_DEAL_ELEMENTS} in one request")
     check_room(worker, numel, 8, PRG_SHARE)
-    return expand(bytes(seed.to(torch.uint8).tolist()), _LABEL, shape)
+    return expand(key, _LABEL, shape)
 
 
 register_worker_function(PRG_SHARE, _prg_share)
