@@ -54,7 +54,7 @@ from veil.messaging import messages as m
 from veil.serving import names
 from veil.serving.errors import RequestFailedError, RequestGoneError, ServiceClosedError, ServingError
 from veil.serving.service_state import (_Service, _client_service, _group, _issuer_of, _listed, _owned,
-                                     _request_ids, _user_of, _who)
+                                     _request_ids, _user_of, _who, checked_open, checked_reason)
 from veil.workers import cancellation
 from veil.workers.base import register_handler
 from veil.workers.websocket_auth import CLIENT_REQUESTS, SESSION_END_HANDLERS
@@ -62,7 +62,7 @@ from veil.workers.monitor import Kind
 from veil.workers.value_shapes import refuse_reviewed_output
 
 #: most requests a service queues before refusing new ones (memory bound per worker)
-MAX_PENDING = 1024
+MAX_PENDING = 1024  # (service_state.MAX_REQUEST_IDS: an owner action may name as many request ids)
 #: most requests one session may have in a service (queued, computing or unfetched)
 MAX_PER_SESSION = 32
 #: most bytes of input shares one session may have queued in a service, and the service in all: a request's
@@ -149,9 +149,7 @@ def _news(reply: list, known: "frozenset | None") -> bool:
 
 
 def _open(worker: Any, name: str, user: str, session: str, args: list) -> list:
-    clients, info = args
-    if not isinstance(clients, (list, tuple)) or not all(isinstance(c, str) for c in clients) or not isinstance(info, dict):
-        raise ServingError("open expects [clients, info]")
+    clients, info = checked_open(name, *args)  # (bounded and plain: kept outside the quota, beyond the session)
     names.check_own_name(name)  # (clients' way of naming the owner too, "@OWNER/NAME": see names.py)
     services = names.table(worker)
     old = services.get((user, name))  # (another user's service of this name is neither seen nor touched)
@@ -163,7 +161,7 @@ def _open(worker: Any, name: str, user: str, session: str, args: list) -> list:
     max_rows = info.get("max_rows", DEFAULT_MAX_ROWS)
     if type(max_rows) is not int or max_rows < 1:
         raise ServingError("a service's max_rows is a positive integer")
-    svc = services[(user, name)] = _Service(owner=user, clients=tuple(clients), opened_by=session,
+    svc = services[(user, name)] = _Service(owner=user, clients=clients, opened_by=session,
                                             info={**info, "max_rows": max_rows})
     if old is not None:  # reopened (a model shared again): its clients hear of their
         _shut(old, "the model owner opened the service again; submit again", claimed_too=True)  # requests,
@@ -259,7 +257,7 @@ def _respond(worker: Any, name: str, user: str, session: str, args: list) -> lis
 
 
 def _fail(worker: Any, name: str, user: str, session: str, args: list) -> list:
-    rids, message = _request_ids(args[0]), str(args[1])
+    rids, message = _request_ids(args[0]), checked_reason(args[1], "a failed request's message")
     svc = _owned(worker, name, user)
     listed = _listed(svc)
     for r in rids:  # the request the owner sees under r: in computation, else the one listed
@@ -314,7 +312,7 @@ SESSION_END_HANDLERS.append(drop_session)
 
 def _close(worker: Any, name: str, user: str, session: str, args: list) -> list:
     svc = _owned(worker, name, user)
-    _shut(svc, args[0] if args and isinstance(args[0], str) else svc.reason)
+    _shut(svc, checked_reason(args[0], "a close reason") if args and type(args[0]) is str else svc.reason)
     _changed()
     return []
 

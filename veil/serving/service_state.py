@@ -60,10 +60,66 @@ def _service(worker: Any, name: str, user: str) -> _Service:
     return svc
 
 
+#: most request ids one owner action names (a batch is at most a service's queue, protocol.MAX_PENDING): a claim,
+#: fail or requeue of millions of ids held the serving lock for as long as they took, every client waiting
+MAX_REQUEST_IDS = 1024
+#: most characters of what an owner stores in a party's serving state with ``open``, ``fail`` and ``close``: a service's
+#: name, its client list and its public description (together), a failed request's message, a close reason. That state
+#: is outside the session's quota and outlives the session (a closed service stays until its owner's room reclaims it):
+#: a description holding a 20 MB tensor, a 20 MB client list or name, was kept for ever, 64 services per user
+MAX_OPEN_CHARS = 256 * 1024
+MAX_REASON_CHARS = 2000
+#: deepest nesting of lists and maps in a service's description (the honest one: a map of lists of integers)
+MAX_INFO_DEPTH = 8
+
+
 def _request_ids(values: Any) -> list[int]:
-    if not isinstance(values, (list, tuple)) or not all(type(v) is int for v in values):
-        raise ServingError("request ids must be a list of integers")
+    if not isinstance(values, (list, tuple)) or len(values) > MAX_REQUEST_IDS or not all(type(v) is int
+                                                                                           for v in values):
+        raise ServingError(f"request ids must be a list of at most {MAX_REQUEST_IDS} integers")
     return list(values)
+
+
+def _plain_chars(value: Any, depth: int = 0) -> int:
+    """Characters of a plain description (strings, numbers, booleans, None, and lists and maps of them): what it
+    holds, each number counted as 8; raises ServingError for anything else (a tensor, an object reference)."""
+    if depth > MAX_INFO_DEPTH:
+        raise ServingError(f"a service's description nests at most {MAX_INFO_DEPTH} levels")
+    if value is None or type(value) in (bool, int, float):
+        return 8
+    if type(value) is str:
+        return len(value)
+    if type(value) in (list, tuple):
+        return 8 + sum(_plain_chars(v, depth + 1) for v in value)
+    if type(value) is dict:
+        if not all(type(k) is str for k in value):
+            raise ServingError("a service's description is a map with text keys")
+        return 8 + sum(len(k) + _plain_chars(v, depth + 1) for k, v in value.items())
+    raise ServingError(f"a service's description holds plain values only (text, numbers, lists, maps), "
+                       f"not {type(value).__name__}")
+
+
+def checked_open(name: str, clients: Any, info: Any) -> tuple:
+    """``(clients, info)`` of an ``open``, checked before anything is stored: a list of user names and a plain
+    description, with the service's name at most :data:`MAX_OPEN_CHARS` characters together (one line each
+    refusal, naming sizes only)."""
+    if not isinstance(clients, (list, tuple)) or not all(type(c) is str for c in clients) or type(info) is not dict:
+        raise ServingError("open expects [clients, info]")
+    size = len(name) + sum(len(c) + 8 for c in clients)
+    if size <= MAX_OPEN_CHARS:  # (the walk is bounded by the frame; cut short once past the bound)
+        size += _plain_chars(info)
+    if size > MAX_OPEN_CHARS:
+        raise ServingError(f"a service's name, clients and description hold at most {MAX_OPEN_CHARS} characters "
+                           f"together (they stay on the party while the service is kept)")
+    return tuple(clients), info
+
+
+def checked_reason(value: Any, what: str) -> str:
+    """An owner's text for clients (a failed request's message, a close reason): a string, at most
+    :data:`MAX_REASON_CHARS` of it kept."""
+    if type(value) is not str:
+        raise ServingError(f"{what} is a text")
+    return value if len(value) <= MAX_REASON_CHARS else value[:MAX_REASON_CHARS] + "..."
 
 
 def _listed(svc: _Service) -> "OrderedDict[int, tuple[str, torch.Tensor]]":
