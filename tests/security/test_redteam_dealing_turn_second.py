@@ -244,12 +244,15 @@ def test_the_work_bound_counts_what_torch_computes(op, a, b, kwargs):
 # -- a hand-over inside a receiving step -----------------------------------------------------------------------
 
 def test_a_tightening_during_a_receiving_steps_hand_over_marks_what_it_stores(hook, monkeypatch):
-    """Guard: mallory names the owner's data (review) as received shares of a 4-item receive_comparison; at the
+    """Guard: mallory names the owner's data (open policy) as received shares of a 4-item receive_comparison; at the
     second hand-over (between items) the owner tightens it to dp-only, in the turn the step handed over. What the
-    step stores after is refused as dp-only, as a value computed after the tightening is (not held for review,
-    which the owner might approve as the value was when the step began)."""
+    step stores after is refused as dp-only, as a value computed after the tightening is (not released as the
+    value's policy was when the step began). (The data is open, beside another dataset under review so that
+    provenance is recorded: data under review is refused at the door since session 66, no parameter of a veil.mpc
+    function that is no party step may be a reviewed value, test_redteam_session66_protocol_seeds.py.)"""
     srv = _worker(hook, "tighten")
-    data = srv.load(torch.tensor([11, 22, 33, 44]), tags=("#d",), policy="review")
+    srv.load(torch.zeros(1), tags=("#other",), policy="review")  # (a dataset under review: provenance recorded)
+    data = srv.load(torch.tensor([11, 22, 33, 44]), tags=("#d",))
     mallory = open_session(srv, TOKEN)
     real, calls, tightened = runtime._STEP_CHECKPOINT[0], [0], threading.Event()
 
