@@ -148,6 +148,27 @@ class ReferenceMonitor(QuotaRules, OpeningRules, StoreAdmission):
                 total += entry.nbytes
         return total
 
+    def stored_size(self, principal: Principal, oid: Any) -> tuple | None:
+        """``(shape or None, extent, bytes)`` of the object ``oid`` names, if ``principal`` may name it now (as
+        :meth:`stored_bytes`: sizes for scheduling, no access, claim or audit; None otherwise). A tensor's shape
+        as it shows it (an expanded view's too), its extent ``prod(max(d, 1))`` and its logical bytes; another
+        object: no shape, its charged bytes for both. (The inline lane sizes ops with it: inline_work.py.)"""
+        entry = self._store.lookup(self.__key, principal.namespace, oid) if type(oid) is int else None
+        if entry is None or (principal.isolated and not entry.protected and entry.created_by != principal.namespace):
+            return None
+        obj = entry.obj
+        if isinstance(obj, _TENSOR):
+            try:
+                shape = tuple(obj.shape)
+                extent = 1
+                for d in shape:
+                    if d > 1:
+                        extent *= d
+                return shape, extent, obj.numel() * obj.element_size()
+            except Exception:  # noqa: BLE001  (a wrapper that cannot tell: its charged bytes)
+                pass
+        return None, max(entry.nbytes, 1), entry.nbytes
+
     def resolve(self, principal: Principal, ref: Any, purpose: Purpose, detail: str = "") -> Entry:
         """The entry ``ref`` (an ObjectRef or id) names, if ``principal`` may use it for ``purpose``.
 
