@@ -5,9 +5,12 @@ opening of small shares; see :func:`_inline_kind`) runs on the asyncio loop when
 holds or waits for the worker, without the hop to a handler thread and back (~2 context switches
 per request on a 2-core box). The hot case, a plain command or skeleton use of a full-rights
 session, skips the generic dispatch (:meth:`InlineLane._serve_command`) but not the reference
-monitor: it still resolves and checks every object the command names. A session whose inline
-requests run past their CPU budget goes back to handler threads for good, so the loop stays
-responsive for everyone else.
+monitor: it still resolves and checks every object the command names. A torch op runs inline only
+while what it may compute, told from its operands' shapes and public arguments before it runs, is
+small (``inline_work.py``: ``outer``, a convolution with a large kernel, ``zeros(n)``, ``unbind`` of a
+long tensor take a handler thread). A principal whose inline requests still run past their CPU budget
+goes back to handler threads for good (counted per user, not per session: a reconnect does not start
+afresh), so the loop stays responsive for everyone else.
 
 :class:`InlineLane` is a mixin of :class:`~veil.workers.websocket_server.WebsocketServerWorker`;
 it uses the server's lock (``_turn``), monitor, session bookkeeping and reply encoding.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from typing import Any, Callable
 
 from veil.exceptions import PermissionDeniedError, error_reply_fields
@@ -30,6 +34,8 @@ from veil.workers import skeletons as _skeletons
 from veil.workers.accounts import ACTING
 from veil.workers.audit_writer import WAIT_S, held_by_reply
 from veil.workers.base import HANDLERS, YIELD_EVERY
+from veil.workers import inline_work
+from veil.workers.inline_work import request_work
 from veil.workers.loop_rows import after_rows, not_recorded
 from veil.workers.monitor import Principal
 from veil.workers.websocket_auth import FULL_ROLES, Session
@@ -44,13 +50,18 @@ INLINE_MAX_BYTES = 256 * 2**10
 #: thousands of small commands would otherwise hold every connection; red-team R1)
 INLINE_MAX_COMMANDS = YIELD_EVERY
 INLINE_BUDGET_SECONDS = 0.005  # CPU time of the loop thread (preemption on a busy box does not count)
-INLINE_STRIKES = 3  # over-budget requests (after the first, which starts the timing) before a session leaves the fast path
+#: over-budget requests (after the first, which starts the timing) before a principal's sessions leave the fast path
+INLINE_STRIKES = 3
+#: principals whose strikes are kept (least recently struck out first: an owner's worker may see many users)
+INLINE_STRUCK_PRINCIPALS = 4096
 #: an SMPC opening runs inline only while the shares its request names hold at most this many bytes
 #: (its steps cost about linear time in them: 128 Ki ring elements take well under the CPU budget)
 INLINE_MAX_SHARE_BYTES = 1 << 20
-#: a torch op runs inline only while the stored objects it and its deferred commands name hold at most this many
-#: bytes: its work grows with them, and nothing interrupts an op on the loop (a scientist's 4096^2 matmul held every
-#: connection, ping and revocation ~3 s a request, 3 times a session, afresh after each reconnect; red team)
+#: a torch op runs inline only while the stored objects it and its deferred commands name show at most this many
+#: bytes (an expanded view counts as many as it shows): its work grows with them, and nothing interrupts an op on the
+#: loop (a scientist's 4096^2 matmul held every connection, ping and revocation ~3 s a request; red team, session 65),
+#: and while its estimated work is at most ``inline_work.INLINE_MAX_WORK`` (session 66: an op whose work is not
+#: bounded by its operands' bytes, such as ``outer``, ``conv2d`` with a large kernel or ``zeros(n)``)
 INLINE_MAX_OPERAND_BYTES = INLINE_MAX_SHARE_BYTES
 #: most ids a get may name and still run on the event loop: each is an allowed audit row, one write of the owner's
 #: database (a get naming one id 16,000 times held the loop ~5 s on a file database; a reconnect started afresh)
@@ -140,6 +151,49 @@ def _skeleton_use(table: dict, msg: m.SkeletonCommand) -> Any:
     return _skeletons.expand(table, msg)
 
 
+def strike_key(session: Session) -> Any:
+    """Whose strikes a session's slow inline requests count toward: its least user ``(role, name)`` (the scope of
+    veil/workers/user_caches.py). Every session of a user shares it, so a reconnect keeps them; a connection
+    presenting several tokens counts toward one of them, each a user whose token it holds, never another's."""
+    users = session.account.users
+    return users[0] if users else session.id
+
+
+class PrincipalStrikes(OrderedDict):
+    """Over-budget inline requests per principal (:func:`strike_key`), for principals whose inline requests are
+    timed: at most ``INLINE_STRUCK_PRINCIPALS``, the least recently struck (or sent to threads) dropped first.
+    Dropping one only forgives it its strikes; no principal's count moves with another's requests. (Used from
+    the event loop thread; a key another thread dropped meanwhile is no error, only forgiven.)"""
+
+    def timing(self, key: Any) -> None:
+        """Times ``key``'s requests from now on (its first request past the budget in wall time)."""
+        if key not in self:
+            self[key] = 0
+            while len(self) > INLINE_STRUCK_PRINCIPALS:
+                self.popitem(last=False)
+
+    def strike(self, key: Any) -> int:
+        """Counts one over-budget request of ``key``; its strikes now."""
+        strikes = self[key] = self.get(key, 0) + 1
+        try:
+            self.move_to_end(key)
+        except KeyError:
+            pass
+        while len(self) > INLINE_STRUCK_PRINCIPALS:
+            self.popitem(last=False)
+        return strikes
+
+    def struck_out(self, key: Any) -> bool:
+        """Whether ``key``'s sessions use handler threads (kept among the most recent while it sends requests)."""
+        if self.get(key, 0) < INLINE_STRIKES:
+            return False
+        try:
+            self.move_to_end(key)
+        except KeyError:
+            pass
+        return True
+
+
 def _full_rights(session: Session) -> bool:
     """Whether ``check_request`` passes every request of ``session`` (a full role among its principals)."""
     for p in session.principals:
@@ -202,12 +256,15 @@ class InlineLane:
         steps name hold at most ``INLINE_MAX_SHARE_BYTES``); otherwise the request takes its handler thread as before,
         with what was decoded here (``decoded``, or None: decoded there). A malformed
         request is answered here (the same error reply the handler thread gives). A
-        session whose inline requests used more than ``INLINE_BUDGET_SECONDS`` of CPU
-        ``INLINE_STRIKES`` times (large torch ops; counted once one of its requests ran
-        past the budget in wall time) uses handler threads from then on, so the loop
-        stays responsive; plain requests and openings are counted apart.
+        principal whose inline requests used more than ``INLINE_BUDGET_SECONDS`` of CPU
+        ``INLINE_STRIKES`` times (torch ops that ran long all the same; counted once one of
+        its requests ran past the budget in wall time, per :func:`strike_key`, across its
+        sessions) uses handler threads from then on, so the loop stays responsive; plain
+        requests and openings are counted apart.
         """
-        slow_plain, slow_open = session.id in self._slow_sessions, session.id in self._slow_protocol
+        key = strike_key(session)
+        slow_plain = session.id in self._slow_sessions or self._strikes.struck_out(key)
+        slow_open = session.id in self._slow_protocol or self._protocol_strikes.struck_out(key)
         if (slow_plain and slow_open) or len(data) > INLINE_MAX_BYTES or not self._turn.try_acquire():
             return None, None
         if session.revoked:  # revoked while this frame waited: the handler thread refuses it (serve_bytes)
@@ -218,10 +275,10 @@ class InlineLane:
         # No CancelToken: nothing that runs inline checks one (worker functions, which do, never run here).
         # The thread CPU clock is a system call (~1 us, and on a busy VM the point where the kernel
         # switches tasks, ~4 us more per request in practice); a request that took less wall time than
-        # the budget used less CPU than it. So a session's requests read it only once one of them ran
+        # the budget used less CPU than it. So a principal's requests read it only once one of them ran
         # past the budget in wall time (then it is in _strikes); from then on every strike is CPU time.
         # Plain requests and openings are counted apart (_strikes/_slow_sessions, _protocol_strikes/_slow_protocol).
-        timed = session.id in self._strikes or session.id in self._protocol_strikes
+        timed = key in self._strikes or key in self._protocol_strikes
         started, wall = (time.thread_time() if timed else 0.0), time.perf_counter()
         slow, strikes_of = self._slow_sessions, self._strikes
         acting = ACTING.set(session.account)  # what it sends peers meanwhile is for this session (accounts.py)
@@ -243,8 +300,8 @@ class InlineLane:
                     if (not prelude or (len(prelude) == 1 and type(prelude[0]) is int)
                             or _prelude_within(prelude, _plain_op)) \
                             and (tp is _SKELETON or _plain_op(msg.op)):  # a skeleton's op: checked when defined
-                        if not self._small_operands(principal, decoded):
-                            return None, decoded  # large operands: a handler thread
+                        if not self._light(principal, decoded, session):
+                            return None, decoded  # large operands, or much work: a handler thread
                         return self._serve_command(session, principal, msg, prelude), None
             kind = _inline_kind(msg, decoded[2])
             if tp is m.GetObjectsMessage and (_handlers._tracking(self) or self.audit_rows.full()
@@ -259,12 +316,13 @@ class InlineLane:
                 if self.audit_rows.full():  # (an opening's allowed row is queued as a get's, above)
                     return None, decoded
                 slow, strikes_of = self._slow_protocol, self._protocol_strikes
-            if kind is None or session.id in slow:
+            if kind is None or (slow_open if kind == "protocol" else slow_plain):
                 return None, decoded
-            if kind == "protocol" and not self._small_shares(decoded):
-                return None, decoded  # large shares: a handler thread
-            if kind == "plain" and not self._small_operands(self.principal(decoded[1]), decoded):
-                return None, decoded  # a torch op on large operands: a handler thread
+            if kind == "protocol" and not (self._small_shares(decoded) and self._light(
+                    self.principal(decoded[1]), decoded, session, protocol=True)):
+                return None, decoded  # large shares, or deferred torch ops of much work: a handler thread
+            if kind == "plain" and not self._light(self.principal(decoded[1]), decoded, session):
+                return None, decoded  # a torch op on large operands, or of much work: a handler thread
             return self._serve_decoded(*decoded), None
         except Exception as e:
             log.exception("worker %s: request of session %s failed outside the handlers", self.id, session.id)
@@ -275,13 +333,10 @@ class InlineLane:
             ACTING.reset(acting)
             self._turn.release()
             if time.perf_counter() - wall > INLINE_BUDGET_SECONDS:
-                strikes = strikes_of.get(session.id)
-                if not timed:  # the first long request (or a preemption): time this session's requests
-                    strikes_of.setdefault(session.id, 0)
-                elif time.thread_time() - started > INLINE_BUDGET_SECONDS:
-                    strikes = strikes_of[session.id] = (strikes or 0) + 1
-                    if strikes >= INLINE_STRIKES:
-                        slow.add(session.id)
+                if not timed:  # the first long request (or a preemption): time this principal's requests
+                    strikes_of.timing(key)
+                elif time.thread_time() - started > INLINE_BUDGET_SECONDS and strikes_of.strike(key) >= INLINE_STRIKES:
+                    slow.add(session.id)  # (its principal's other sessions: struck_out)
 
     def _serve_command(self, session: Session, principal: Principal, msg: m.CommandMessage | m.SkeletonCommand,
                        prelude: list) -> bytes:
@@ -321,15 +376,18 @@ class InlineLane:
         (``ReferenceMonitor.stored_bytes``: sizes only; results of the request's own steps count 0)."""
         return self.monitor.stored_bytes(self.principal(decoded[1]), _named_ids(decoded)) <= INLINE_MAX_SHARE_BYTES
 
-    def _small_operands(self, principal: Principal, decoded: tuple) -> bool:
-        """Whether the torch ops of a plain request (a command, a skeleton use, its deferred commands) name stored
-        objects of at most ``INLINE_MAX_OPERAND_BYTES`` in all (a store, get, delete or list with no deferred
-        command names none)."""
+    def _light(self, principal: Principal, decoded: tuple, session: Session, protocol: bool = False) -> bool:
+        """Whether the torch ops of a request (a command, a skeleton use, its deferred commands) may run on the
+        loop: their estimated work is at most ``INLINE_MAX_WORK`` (``inline_work.request_work``: shapes and public
+        arguments, nothing run) and, but for an opening's (its shares are sized apart), the stored objects they
+        name show at most ``INLINE_MAX_OPERAND_BYTES`` in all. A store, get, delete or list with no deferred
+        command has none."""
         msg, prelude = decoded[0], decoded[2] or ()
         tp = type(msg)
         if tp is not m.CommandMessage and tp is not _SKELETON and not any(type(item) is not int for item in prelude):
             return True
-        return self.monitor.stored_bytes(principal, _named_ids(decoded)) <= INLINE_MAX_OPERAND_BYTES
+        work, nbytes = request_work(decoded, session.skeletons, self.monitor.stored_size, principal)
+        return work <= inline_work.INLINE_MAX_WORK and (protocol or nbytes <= INLINE_MAX_OPERAND_BYTES)
 
 
 def _named_ids(decoded: tuple) -> list:

@@ -64,7 +64,7 @@ from veil.workers.websocket_connections import (ISSUED_CLIENT_SESSIONS, OPEN_TIM
                                                 OpeningConnections)
 from veil.workers.websocket_transport import SERVER_LOGGER
 from veil.workers.reply_frames import REPLY_FRAGMENT
-from veil.workers.inline_lane import InlineLane, _full_rights
+from veil.workers.inline_lane import InlineLane, PrincipalStrikes, _full_rights
 
 if TYPE_CHECKING:
     import ssl
@@ -192,12 +192,13 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
         #: sessions with a full role (check_request passes all their requests) -> their Principal
         self._full_principals: dict[str, Principal] = {}
         self._slow_sessions: set[str] = set()  # sessions whose requests always take a handler thread
-        # over-budget inline requests per session (CPU time), for sessions whose inline requests are timed
-        self._strikes: dict[str, int] = {}
+        # over-budget inline requests per principal (CPU time; inline_lane.strike_key), for principals whose inline
+        # requests are timed: kept across their sessions (a reconnect must not start afresh), bounded
+        self._strikes = PrincipalStrikes()
         # the same for SMPC openings, counted apart: a client's large `.get()` says nothing about its
         # openings, which are sized before they run inline
         self._slow_protocol: set[str] = set()
-        self._protocol_strikes: dict[str, int] = {}
+        self._protocol_strikes = PrincipalStrikes()
         self.refusals = refused = RefusalLog(self.db, self.id)
         #: failed authentications per source, at this port and the owner console alike (auth_throttle)
         self.auth_throttle = FailureThrottle()
@@ -446,10 +447,8 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
         """Frees everything the session created; returns how many objects were freed."""
         self.sessions.pop(session.id, None)
         self._full_principals.pop(session.id, None)
-        self._slow_sessions.discard(session.id)
-        self._strikes.pop(session.id, None)
+        self._slow_sessions.discard(session.id)  # (its principal's strikes stay: inline_lane.PrincipalStrikes)
         self._slow_protocol.discard(session.id)
-        self._protocol_strikes.pop(session.id, None)
         drop_provider_scope(session.id)  # the MAC keys and fixed masks it registered at this crypto provider
         with self._turn:
             run_session_end_handlers(self, session.id)
