@@ -257,7 +257,7 @@ def _respond(worker: Any, name: str, user: str, session: str, args: list) -> lis
 
 
 def _fail(worker: Any, name: str, user: str, session: str, args: list) -> list:
-    rids, message = _request_ids(args[0]), checked_reason(args[1], "a failed request's message")
+    rids, message = _request_ids(args[0]), checked_reason(args[1])
     svc = _owned(worker, name, user)
     listed = _listed(svc)
     for r in rids:  # the request the owner sees under r: in computation, else the one listed
@@ -312,7 +312,7 @@ SESSION_END_HANDLERS.append(drop_session)
 
 def _close(worker: Any, name: str, user: str, session: str, args: list) -> list:
     svc = _owned(worker, name, user)
-    _shut(svc, checked_reason(args[0], "a close reason") if args and type(args[0]) is str else svc.reason)
+    _shut(svc, checked_reason(args[0]) if args and type(args[0]) is str else svc.reason)
     _changed()
     return []
 

@@ -114,12 +114,12 @@ def checked_open(name: str, clients: Any, info: Any) -> tuple:
     return tuple(clients), info
 
 
-def checked_reason(value: Any, what: str) -> str:
-    """An owner's text for clients (a failed request's message, a close reason): a string, at most
+def checked_reason(value: Any) -> str:
+    """An owner's text for clients (a failed request's message, a close reason): its text (another value's
+    ``str``, as the owner sent it: an object reference is its repr, never the object), at most
     :data:`MAX_REASON_CHARS` of it kept."""
-    if type(value) is not str:
-        raise ServingError(f"{what} is a text")
-    return value if len(value) <= MAX_REASON_CHARS else value[:MAX_REASON_CHARS] + "..."
+    text = value if type(value) is str else str(value)
+    return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS] + "..."
 
 
 def _listed(svc: _Service) -> "OrderedDict[int, tuple[str, torch.Tensor]]":
