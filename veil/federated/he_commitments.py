@@ -27,11 +27,13 @@ from veil.messaging.messages import ObjectRef
 from veil.messaging.serde import encode_value
 from veil.tensors import remote_ops
 from veil.tensors.pointer import PointerTensor
+from veil.workers import cancellation
 
 DOMAIN = b"veil.fl.he_agg commitment v1"
 DIGEST_BYTES = 32
 MAX_CLIENTS = 100_000  # one check names at most this many ciphertexts (bounded work per request)
 _MAX_ID_CHARS = 256
+_CHECK_EVERY = 4096  # entries of a check between two of its command's checkpoints
 
 
 def commitment(round_id: str, client_id: str, ciphertext: Any, encoded: bytes | None = None) -> bytes:
@@ -112,17 +114,25 @@ def _check_commitments(worker: Any, round_id: str, client_ids: list, ciphertexts
             and tuple(digests.shape) == (n, DIGEST_BYTES) and (form is None or _valid_form(form))):
         raise RemoteExecutionError("check_commitments: a round id, client ids, ciphertexts and one "
                                    f"{DIGEST_BYTES}-byte commitment per client expected")
-    flags = torch.zeros(n, dtype=torch.uint8)
-    inner: dict[int, bytes] = {}  # id(ciphertext) -> its encoding's digest: one ciphertext named n times is
-    for k, (client, obj) in enumerate(zip(client_ids, ciphertexts)):  # encoded once (bounded work)
-        if type(obj) not in (CKKSTensor, PaillierTensor) or (form is not None and form_of(obj) != form):
-            flags[k] = 1  # (checked first: hashing a ciphertext of any size would cost what its client chose)
-            continue
-        if id(obj) not in inner:
-            inner[id(obj)] = _inner(obj)
-        ok = hmac.compare_digest(commitment(round_id, client, obj, inner[id(obj)]), bytes(digests[k].tolist()))
-        flags[k] = 0 if ok else 1
-    return flags
+    flags = [1] * n
+    # id(object) -> None (not a ciphertext of the round's form) or its encoding's digest: whatever an object costs to
+    # look at (a CKKS form reads every segment's ciphertexts, a copy each; the encoding hashes all its bytes) is paid
+    # once per distinct object, however many entries name it (one 32-segment ciphertext named 10^5 times with a form
+    # held the worker's turn ~50 s); what is left per entry is one short hash
+    verdicts: dict[int, bytes | None] = {}
+    expected = digests.tolist()
+    for k, (client, obj) in enumerate(zip(client_ids, ciphertexts)):
+        if not k % _CHECK_EVERY:
+            cancellation.checkpoint()  # the command's deadline, and other sessions' turn, between slices
+        key = id(obj)
+        if key not in verdicts:
+            ok_form = type(obj) in (CKKSTensor, PaillierTensor) and (form is None or form_of(obj) == form)
+            # (the form first: hashing a ciphertext of any size would cost what its client chose)
+            verdicts[key] = _inner(obj) if ok_form else None
+        inner = verdicts[key]
+        if inner is not None and hmac.compare_digest(commitment(round_id, client, obj, inner), bytes(expected[k])):
+            flags[k] = 0
+    return torch.tensor(flags, dtype=torch.uint8)
 
 
 register_worker_function("veil.fl.check_commitments", _check_commitments)
