@@ -124,10 +124,14 @@ def guard(op_name: str, secret_values: list) -> contextlib.AbstractContextManage
 #: parameters of protocol steps that are public values (sizes, counts, flags, divisors, PRG seeds), whatever their
 #: annotation. A seed is the verifier's or dealer's random bytes, never a share: a stored object the requester may
 #: not reveal, named as one, was read as bytes whose count decided success (red team:
-#: test_redteam_session66_protocol_seeds.py)
+#: test_redteam_session66_protocol_seeds.py). The public constant of the MAC steps (``mac_public``, ``mac_scale``,
+#: ``mac_add_public``: ``public``), a split product's block sizes and slices (``product_join``,
+#: ``mac_product_join``, ``product_pieces``) and an SGD step's integer factors (``sgd_flatten``) are the
+#: orchestrator's public values too, annotated as tensors or lists: honest code sends them inline, never as a
+#: stored object (red team: test_redteam_session66_openings.py)
 PUBLIC_NAMES = frozenset({"shape", "spec", "count", "n_values", "columns", "width", "role", "level", "divisor",
                           "shift", "first", "negate", "op", "op_kwargs", "subtract", "kind", "key_id", "party_ids",
-                          "ids", "seeded", "seed"})
+                          "ids", "seeded", "seed", "public", "block_sizes", "x_slices", "y_slices", "factors"})
 #: annotations of parameters that take shares (tensors, or lists of them); every other annotated one is public
 _SHARE_ANNOTATIONS = frozenset({"", "torch.Tensor", "Tensor", "list", "tuple", "Any", "Sequence", "Optional[torch.Tensor]"})
 
