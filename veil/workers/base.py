@@ -142,6 +142,8 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
             allowed_users = getattr(obj, "allowed_users", None)
         elif private and allowed_users is None:
             allowed_users = ()
+        if isinstance(allowed_users, str):  # one user, as ``sy.private_tensor`` reads it (``tuple("alice")`` named
+            allowed_users = (allowed_users,)  # the users "a", "l", "i", "c" and "e")
         self.monitor.owner_load(oid, obj, tags, description, None if allowed_users is None else tuple(allowed_users),
                                 owner=self.id)
         from veil.governance.policy import apply_policy, restore_policy

@@ -558,7 +558,10 @@ class ReferenceMonitor(QuotaRules, OpeningRules, StoreAdmission):
 
     def owner_load(self, oid: int, obj: Any, tags: tuple, description: str, allowed_users: tuple | None,
                    owner: str) -> Entry:
-        """The data owner's own object: protected, its own provenance."""
+        """The data owner's own object: protected, its own provenance. Its tags and description are text and its
+        allowed users names (every scientist's search, the owner's console and the release rules read them:
+        a tag that was a map failed every search on the worker)."""
+        check_owner_meta(tags, description, allowed_users)
         entry = Entry(obj, tags=tags, description=description, allowed_users=allowed_users, protected=True,
                       created_by=owner, kind=Kind.OWNER, provenance=frozenset({oid}), nbytes=_nbytes(obj))
         self._store.put(self.__key, SHARED_NS, oid, entry)
@@ -576,6 +579,18 @@ class ReferenceMonitor(QuotaRules, OpeningRules, StoreAdmission):
 
     def __len__(self) -> int:
         return len(self._store)
+
+
+def check_owner_meta(tags: Any, description: Any, allowed_users: Any) -> None:
+    """Refuses (TypeError, one line) owner data whose tags or description are not text, or whose allowed users
+    are not user names (None: anyone who may name it)."""
+    if not isinstance(tags, (tuple, list)) or not all(type(t) is str for t in tags):
+        raise TypeError("an owner object's tags must be strings")
+    if type(description) is not str:
+        raise TypeError("an owner object's description must be a string")
+    if allowed_users is not None and (not isinstance(allowed_users, (tuple, list))
+                                      or not all(type(u) is str for u in allowed_users)):
+        raise TypeError("allowed_users must be a list of user names (or None)")
 
 
 class _RequestLocal(threading.local):

@@ -80,10 +80,18 @@ def _handle_admin_objects(worker: BaseWorker, msg: AdminObjectsMessage, sender: 
 @register_handler(AdminLoadMessage)
 def _handle_admin_load(worker: BaseWorker, msg: AdminLoadMessage, sender: str) -> Any:
     _require_admin(worker)
-    if not isinstance(msg.obj, torch.Tensor) or not isinstance(msg.tags, list):
-        raise SerializationError("AdminLoadMessage needs a tensor and a list of tags")
+    # the fields as ``StoredObject`` takes them (serde._decode_stored): text tags and description, a bool, user
+    # names; a tag that was a map failed every scientist's search on the worker, a string of allowed users
+    # named each of its characters
+    if (not isinstance(msg.obj, torch.Tensor) or not isinstance(msg.tags, list)
+            or not all(type(t) is str for t in msg.tags) or type(msg.description) is not str
+            or type(msg.private) is not bool
+            or (msg.allowed_users is not None and not (type(msg.allowed_users) is list
+                                                       and all(type(u) is str for u in msg.allowed_users)))):
+        raise SerializationError("AdminLoadMessage needs a tensor, a list of string tags, a string description, "
+                                 "a bool private and a list of user names (or None) as allowed_users")
     allowed = None if msg.allowed_users is None else tuple(msg.allowed_users)
-    oid = worker.load(msg.obj, tags=tuple(msg.tags), description=msg.description, private=bool(msg.private),
+    oid = worker.load(msg.obj, tags=tuple(msg.tags), description=msg.description, private=msg.private,
                       allowed_users=allowed)
     return m.ObjectsReply([oid])
 

@@ -371,8 +371,9 @@ class WebsocketClientWorker(BaseWorker):
         """Loads owner data on the server (needs the admin token); returns its id."""
         tags = list(tags) or list(getattr(obj, "tags", ()) or ())
         description = description or getattr(obj, "description", "") or ""
-        allowed = None if allowed_users is None else list(allowed_users)
-        msg = AdminLoadMessage(obj, tags, description, private, allowed)
+        allowed = None if allowed_users is None else [allowed_users] if isinstance(allowed_users, str) \
+            else list(allowed_users)  # (one user's name, as sy.private_tensor reads it)
+        msg = AdminLoadMessage(obj, tags, description, bool(private), allowed)
         return self.hook.local_worker.send_msg(msg, self).objects[0]
 
     def __repr__(self) -> str:
