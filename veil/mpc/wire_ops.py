@@ -33,8 +33,8 @@ def _register_share_ops() -> list[str]:
             if "out" in overload.split("_") or overload.endswith("out"):
                 continue
             op = getattr(packet, overload)
-            if classify(op) not in WORKER_CLASSES:  # e.g. view.dtype: not an op on ring elements
-                continue
+            if classify(op) not in WORKER_CLASSES or not _on_tensors(op):  # e.g. view.dtype, mul.int: not an op
+                continue  # on ring elements
             name = f"aten.{packet_name}.{overload}"
             if op is torch.ops.aten.view.default:
                 ALLOWLIST.add(name, _view_of_share, intercepted=op)
@@ -42,6 +42,17 @@ def _register_share_ops() -> list[str]:
                 ALLOWLIST.add(name, op)
             names.append(name)
     return names
+
+
+def _on_tensors(op: torch._ops.OpOverload) -> bool:
+    """Whether an overload takes a tensor and returns one. A packet's Python-number and list overloads
+    (``mul.int``, ``add.str``, ``sum.int``, ``mul.left_t``: a list repeated ``n`` times) compute on no share: a
+    worker never runs them for one (the orchestrator's calls on a remote share arrive with the share), and
+    ``left_t``'s result is as long as a requester's ``n`` says (torch's Python binding cannot fill its generic
+    list today; red team: test_redteam_session66_scalar_ops.py)."""
+    schema = op._schema
+    return any("Tensor" in str(a.type) for a in schema.arguments) and \
+        any("Tensor" in str(r.type) for r in schema.returns)
 
 
 def _view_of_share(share: torch.Tensor, size: list) -> torch.Tensor:

@@ -473,12 +473,12 @@ def _never(args: Any, kwargs: dict, ops: list, size: Callable) -> tuple:
 
 #: ops whose result or work is fixed by public arguments, or has no bound from shapes that is cheap to tell:
 #: never inline (creation ops, einsum, repeat/tile, diag, one_hot, transposed convolutions, backward over a
-#: graph of any size, a Python list times an int)
+#: graph of any size; a Python list times an int is allowlisted no more: veil/mpc/wire_ops.py)
 NEVER = frozenset(
     [f"torch.{n}" for n in "zeros ones full arange rand randn randint randperm eye einsum repeat_interleave tile "
                            "diag conv_transpose2d".split()]
     + ["torch.nn.functional.one_hot", "Tensor.repeat", "Tensor.diag", "Tensor.backward", "aten.repeat.default",
-       "aten.new_zeros.default", "aten.mul.left_t", "aten.mul.right_"])
+       "aten.new_zeros.default"])
 
 _MM = _matmul_rule(0)
 _ADDMM = _matmul_rule(1)
