@@ -3,7 +3,9 @@ compute on a worker, so that neither their outcome nor their memory depends on t
 
 - Public parameters (``base``, ``precision_fractional``) are plain integers from the request, never a stored
   object: ``int(tensor)`` made the owner's value a parameter whose validity decided success.
-- A result is sized, and refused by the session's quota, before it is computed (they are owner-sized).
+- A result is sized, and refused by the session's quota, before it is computed (they are owner-sized), and
+  computed a piece at a time (:func:`piecewise`): what it needs beside the result is bounded, whatever the
+  input's size (a float16 decode of an expanded view needed ~20x its result's bytes at once, an encode ~4x).
 - Values computed from the owner's data are encoded value-free: NaN as 0, anything beyond the ring's bound
   held at it, where ``encode`` would raise. With ``base`` chosen freely, success against
   ``EncodingOverflowError`` was a threshold oracle reading ``max |x|`` of data under review
@@ -13,7 +15,7 @@ compute on a worker, so that neither their outcome nor their memory depends on t
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -71,3 +73,36 @@ def encode_value_free(tensor: torch.Tensor, encoding: FixedPointEncoding) -> tor
     x = torch.where(x == x, x, torch.zeros_like(x))
     scaled = torch.round(x * encoding.scale)
     return torch.clamp(scaled, -_ENCODED_LIMIT, _ENCODED_LIMIT).to(torch.int64)
+
+
+#: elements an encode or decode computes at a time (its temporaries: a few float64/int64 copies of a piece)
+PIECE_ELEMENTS = 1 << 16
+
+
+def piecewise(fn: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``fn(v)`` for an elementwise ``fn`` whose result has ``dtype``, computed a piece of at most
+    :data:`PIECE_ELEMENTS` elements at a time into one result: the result is the only allocation of ``v``'s size
+    (``fn``'s float64 and int64 temporaries of a whole expanded view were ~20x the result the quota sized)."""
+    if v.numel() <= PIECE_ELEMENTS:
+        return fn(v)
+    out = torch.empty(v.shape, dtype=dtype)
+    for src, dst in _pieces(v, out):
+        dst.copy_(fn(src))
+    return out
+
+
+def _pieces(v: torch.Tensor, out: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Views of ``v`` and ``out`` (one shape) that cover them in pieces of at most :data:`PIECE_ELEMENTS` elements:
+    slices along the first dimension, or, when one of its rows is larger, each row's pieces (views: an expanded
+    ``v`` is never materialized)."""
+    if v.numel() <= PIECE_ELEMENTS or v.dim() == 0:
+        yield v, out
+        return
+    row = v[0].numel()
+    if row <= PIECE_ELEMENTS:
+        step = max(1, PIECE_ELEMENTS // max(row, 1))
+        for i in range(0, v.shape[0], step):
+            yield v[i:i + step], out[i:i + step]
+        return
+    for i in range(v.shape[0]):
+        yield from _pieces(v[i], out[i])

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from veil.compat.encoding_guards import check_room, encode_value_free, encoding_of
+from veil.compat.encoding_guards import check_room, encode_value_free, encoding_of, piecewise
 from veil.governance import provenance
 from veil.ids import new_id
 from veil.messaging import messages as m
@@ -38,9 +38,10 @@ def _encode(worker: Any, tensor: torch.Tensor, base: int, precision_fractional: 
     if not isinstance(tensor, torch.Tensor) or tensor.dtype.is_complex:
         raise NotEncodedError("fix_precision() needs a real tensor")
     check_room(worker, tensor.numel(), 8, ENCODE)
+    # (a piece at a time: its temporaries are bounded, the result is what the quota sized)
     if worker.monitor.request_reads_owner_data():  # its success must not depend on the owner's values
-        return encode_value_free(tensor, encoding)
-    return encode(tensor.detach(), encoding)
+        return piecewise(lambda piece: encode_value_free(piece, encoding), tensor.detach(), torch.int64)
+    return piecewise(lambda piece: encode(piece, encoding), tensor.detach(), torch.int64)
 
 
 def _decode(worker: Any, tensor: torch.Tensor, base: int, precision_fractional: int, dtype_name: str) -> torch.Tensor:
@@ -52,7 +53,7 @@ def _decode(worker: Any, tensor: torch.Tensor, base: int, precision_fractional: 
             or not dtype.is_floating_point:
         raise NotEncodedError("float_precision() needs int64 encoded values and a float dtype")
     check_room(worker, tensor.numel(), dtype.itemsize, DECODE)
-    return decode(tensor, encoding, dtype)
+    return piecewise(lambda piece: decode(piece, encoding, dtype), tensor, dtype)
 
 
 def _share_own(worker: Any, oid: int, party_ids: list, share_ids: list) -> None:
