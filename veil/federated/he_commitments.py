@@ -120,7 +120,7 @@ def _check_commitments(worker: Any, round_id: str, client_ids: list, ciphertexts
     # once per distinct object, however many entries name it (one 32-segment ciphertext named 10^5 times with a form
     # held the worker's turn ~50 s); what is left per entry is one short hash
     verdicts: dict[int, bytes | None] = {}
-    expected = digests.tolist()
+    expected = digests.contiguous().numpy().tobytes()  # (n x 32 bytes; a list of 32 ints per entry was ~10x that)
     for k, (client, obj) in enumerate(zip(client_ids, ciphertexts)):
         if not k % _CHECK_EVERY:
             cancellation.checkpoint()  # the command's deadline, and other sessions' turn, between slices
@@ -130,7 +130,8 @@ def _check_commitments(worker: Any, round_id: str, client_ids: list, ciphertexts
             # (the form first: hashing a ciphertext of any size would cost what its client chose)
             verdicts[key] = _inner(obj) if ok_form else None
         inner = verdicts[key]
-        if inner is not None and hmac.compare_digest(commitment(round_id, client, obj, inner), bytes(expected[k])):
+        if inner is not None and hmac.compare_digest(commitment(round_id, client, obj, inner),
+                                                     expected[k * DIGEST_BYTES:(k + 1) * DIGEST_BYTES]):
             flags[k] = 0
     return torch.tensor(flags, dtype=torch.uint8)
 
