@@ -122,11 +122,23 @@ def _fss_select(opened: list, material: list, n_values: int, role: int, first: b
     return (bit, *products)
 
 
+#: most chunks of one value ``fss_chunks`` cuts: it returns a tensor per chunk and value (~600 bytes of host
+#: memory each, whatever it holds), so a chunk size of 1 made one per 8-byte entry and a list naming one value
+#: many times multiplied them (red team: test_redteam_session66_pieces.py). An honest chunk holds
+#: ``chunk_entries`` (at least ~20,000), so even a comparison of 2^27 entries takes fewer than 7,000
+MAX_CHUNKS = 1 << 13
+
+
 @party_function("fss_chunks")
 def _fss_chunks(values: list, size: int) -> tuple:
-    """The values flattened and cut into chunks of ``size`` entries, chunk-major (chunk 0's values first)."""
-    if type(size) is not int or size < 1 or not isinstance(values, list) or not values:
-        raise ValueError("fss_chunks needs a list of tensors and a positive chunk size")
+    """The values flattened and cut into chunks of ``size`` entries, chunk-major (chunk 0's values first): at most
+    :data:`MAX_CHUNKS` chunks of each of at most ``MAX_VALUES + 1`` values (d and the values it multiplies)."""
+    if type(size) is not int or size < 1 or not isinstance(values, list) or not values \
+            or len(values) > fss_dealing.MAX_VALUES + 1 or not all(isinstance(v, torch.Tensor) for v in values):
+        raise ValueError(f"fss_chunks needs a list of 1 to {fss_dealing.MAX_VALUES + 1} tensors and a positive "
+                         "chunk size")
+    if any(-(-v.numel() // size) > MAX_CHUNKS for v in values):
+        raise ValueError(f"fss_chunks cuts a value into at most {MAX_CHUNKS} chunks")
     cut = [v.reshape(-1).split(size) for v in values]
     return tuple(c[k].clone() for k in range(len(cut[0])) for c in cut)
 

@@ -85,6 +85,7 @@ from veil.mpc import ring128 as r128
 from veil.mpc.comparison_material import GROUP_BITS, GROUP_SUBSETS
 from veil.mpc.material import EDABIT_BITS, EDABIT_GROUPS
 from veil.mpc.party import party_function, run_party
+from veil.mpc.providers.fss_dealing import MAX_VALUES
 
 Shared = Mapping[Hashable, tuple]
 
@@ -218,21 +219,28 @@ def _next(lt: list, z: list, last: bool) -> tuple:
     return tuple(t.contiguous() for t in new_lt) + tuple(t.contiguous() for t in eq_z)
 
 
+#: most values multiplied by one comparison bit, as for FSS comparisons (``fss_dealing.MAX_VALUES``; max and
+#: argmax use 2): ``macc_unstack`` returns 4 tensors per value, however few bytes they hold
+MAX_STACKED = MAX_VALUES
+
+
 @party_function("macc_stack")
 def _stack(values: list) -> tuple:
     """The values to multiply by the bit, stacked (the bit is broadcast over them)."""
-    if not isinstance(values, (list, tuple)) or not values:
-        raise ValueError("macc_stack needs a non-empty list of values")
+    if not isinstance(values, (list, tuple)) or not values or len(values) > MAX_STACKED:
+        raise ValueError(f"macc_stack needs a list of 1 to {MAX_STACKED} values")
     _check_limbs(*values)
     return tuple(torch.stack([v[k] for v in values]) for k in range(4))
 
 
 @party_function("macc_unstack")
 def _unstack(z: list) -> tuple:
-    """The products ``v_j * bit`` one by one: 4 limbs each."""
+    """The products ``v_j * bit`` one by one: 4 limbs each (at most :data:`MAX_STACKED` values: the count follows
+    the first dimension, not the bytes; limbs of shape (10^9, 0) made 4 * 10^9 tensors, a worker's memory, from
+    one small request; red team: test_redteam_session66_pieces.py)."""
     _check_limbs(z)
-    if z[0].dim() == 0:
-        raise ValueError("macc_unstack needs stacked products")
+    if z[0].dim() == 0 or not 0 < z[0].shape[0] <= MAX_STACKED:
+        raise ValueError(f"macc_unstack needs stacked products of 1 to {MAX_STACKED} values")
     return tuple(z[k][j].contiguous() for j in range(z[0].shape[0]) for k in range(4))
 
 

@@ -216,6 +216,8 @@ def _pieces(x_i: torch.Tensor, y_i, x_slices: list, y_slices: list) -> tuple:
     if type(x_slices) is not list or type(y_slices) is not list or not (x_slices or y_slices) or (
             y_slices and not isinstance(y_i, torch.Tensor)) or not isinstance(x_i, torch.Tensor):
         raise ValueError("product_pieces needs lists of slices of x and of y (some), and the operands they slice")
+    if len(x_slices) > MAX_PIECES or len(y_slices) > MAX_PIECES:  # a tensor each, however few entries it holds
+        raise ValueError(f"product_pieces: at most {MAX_PIECES} slices of each operand (a split's pieces)")
     views = [_view(x_i, _checked_slices(s)) for s in x_slices] + [_view(y_i, _checked_slices(s)) for s in y_slices]
     room = x_i.numel() + (y_i.numel() if isinstance(y_i, torch.Tensor) else 0)
     if sum(v.numel() for v in views) > room:

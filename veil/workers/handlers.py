@@ -130,6 +130,8 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
                 worker, principal.user, name, found, arguments, (args, kwargs), oblivious_guard)
     if plain or not reviewed:  # (a reviewed step's were checked above, before its approval was used)
         _check_return_ids(monitor, principal, name, ids)
+    if not op.worker_function and name in output_bounds.PIECE_OPS:  # (a tensor per piece: counted before it runs)
+        output_bounds.check_pieces(name, args, kwargs, ids)
     if (monitor.max_session_bytes is not None or name in output_bounds.GRAPH_SIZED) and not op.worker_function:
         try:
             output_bounds.check(monitor, principal, name, op.func, args, kwargs, grad=bool(grad_enabled))

@@ -71,6 +71,18 @@ MAX_COMPARISON_ITEMS = 64
 MAX_BATCH_ELEMENTS = 1 << 23
 
 
+#: what the store charges each stored tensor at least (``veil.workers.quota.MIN_TENSOR_BYTES``; mpc imports no
+#: workers: a test keeps them equal): a dealt field is charged no less before it is made, or items of empty
+#: fields (a shape of (0,)) cost nothing and a request made millions of tensors (red team:
+#: test_redteam_session66_pieces.py)
+MIN_FIELD_BYTES = 256
+
+
+def field_bytes(shape: Any) -> int:
+    """What one int64 field of ``shape`` is charged before it is made (:data:`MIN_FIELD_BYTES` at least)."""
+    return max(8 * math.prod(int(d) for d in shape), MIN_FIELD_BYTES)
+
+
 def room_for(worker: Any, nbytes: int, op_name: str) -> None:
     """Refuses, before it is expanded, material that would not fit the requesting session's quota (the
     store would refuse it afterwards, once it had filled memory). A peer's hand-offs are charged per
@@ -206,7 +218,7 @@ def _receive_comparison(worker: Any, shape: Any, n_values: Any, count: Any, seed
         raise ProviderError(f"{count} comparison items of shape {shape} make {elements} ring elements of additive "
                             f"fields, more than {MAX_EXPANDED_ELEMENTS} in one message")
     if seed is not None:
-        room_for(worker, 8 * elements, RECEIVE_COMPARISON)
+        room_for(worker, count * n_add * field_bytes(shape), RECEIVE_COMPARISON)
     if holds_key and len(keys) != count * n_key:
         raise ProviderError(f"expected {count * n_key} DCF key tensors, got {len(keys)}")
     if seed is not None:

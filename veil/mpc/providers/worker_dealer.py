@@ -228,7 +228,8 @@ def _expand_material(worker: Any, seed: torch.Tensor, kind: str, spec: Any, coun
         raise ProviderError(f"a dealing's corrections must be none or {count * len(derived_shapes)} int64 tensors "
                             "of the derived fields' shapes")
     # refused by the session's quota before the streams are expanded (not sized before it runs, as a torch op is)
-    room_for(worker, 8 * count * sum(numel(shape) for shape in uniform_shapes + derived_shapes), EXPAND)
+    room_for(worker, count * sum(fss_dealing.field_bytes(shape) for shape in uniform_shapes + derived_shapes),
+             EXPAND)
     out, c = [], 0
     # up to 2^27 elements (1 GiB) per request: one request's at a time, handing the turn over between items and
     # every 16 MiB of a field (it held the party's turn ~2 s in one piece)
