@@ -274,14 +274,36 @@ def _storage_bytes(tensors: list) -> int:
 
 
 def _load_state(worker: Any, state: list, values: list) -> None:
+    """Copies ``values`` into the plan's ``state`` tensors, one value each. Each state storage is named once: the
+    work is then at most what the session's own tensors hold, and a checkpoint before each copy keeps the command's
+    deadline and other sessions' turns (one 4 MB tensor named 20000 times, or 20000 views of it, held the worker's
+    turn ~80 s past a 1 s deadline; red team: test_redteam_session66_worker_lists.py). A load cut by its deadline
+    may have loaded some of the state."""
+    if type(state) not in (list, tuple) or type(values) not in (list, tuple) \
+            or not all(isinstance(t, torch.Tensor) for t in (*state, *values)):
+        raise RemoteExecutionError("load_state: lists of state tensors and of values expected")
     if len(state) != len(values):
         raise RemoteExecutionError(f"load_state: {len(values)} values for {len(state)} state tensors")
+    storages: set = set()
     for s, v in zip(state, values):  # every shape first: a refused call must leave the state as it was
         if s.shape != v.shape:
             raise RemoteExecutionError(f"load_state: shape {tuple(v.shape)} does not fit {tuple(s.shape)}")
+        key = _storage_key(s)
+        if key in storages:
+            raise RemoteExecutionError("load_state: a state tensor (or a view of its storage) is named twice")
+        storages.add(key)
     with torch.no_grad():
         for s, v in zip(state, values):
+            cancellation.checkpoint()
             s.copy_(v)
+
+
+def _storage_key(t: torch.Tensor) -> Any:
+    """What identifies ``t``'s storage (its data pointer; the tensor itself for one without data)."""
+    try:
+        return t.untyped_storage().data_ptr() or id(t)
+    except (RuntimeError, NotImplementedError):
+        return id(t)
 
 
 register_worker_function("veil.plan.run", _run)

@@ -364,8 +364,9 @@ def _owner_checks(worker: BaseWorker, principal: Principal, op: Any, purpose: Pu
                     monitor.check_room(principal, copied, op.name)
                 else:
                     copied = 0
-                args = owner_guard.copy_protected_args(args, protected, made)
-                kwargs = owner_guard.copy_protected_args(kwargs, protected, made)
+                memo: dict = {}  # (each distinct tensor copied once, however many times args and kwargs name it)
+                args = owner_guard.copy_protected_args(args, protected, made, memo)
+                kwargs = owner_guard.copy_protected_args(kwargs, protected, made, memo)
                 output_bounds.hold_copies(copied, made)  # (a plan step need not copy them again: step_undo)
         else:
             owner_guard.check_writes(op.name, op.func, args, kwargs, protected, worker.id)

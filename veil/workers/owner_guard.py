@@ -362,19 +362,37 @@ def copy_aliases(result: Any, protected: set[int]) -> Any:
 
 
 def protected_copy_bytes(value: Any, protected: set[int]) -> int:
-    """Bytes :func:`copy_protected_args` allocates for ``value`` (each protected tensor leaf, contiguous)."""
-    return sum(t.numel() * t.element_size() for t in leaves(value) if _storage(t) in protected)
+    """Bytes :func:`copy_protected_args` allocates for ``value`` (each distinct protected tensor leaf once,
+    contiguous)."""
+    seen: set[int] = set()
+    total = 0
+    for t in leaves(value):
+        if id(t) not in seen and _storage(t) in protected:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
 
 
-def copy_protected_args(value: Any, protected: set[int], made: list | None = None) -> Any:
-    """Worker functions get copies of owner tensors (they only need to read them); ``made`` gets the copies."""
+def copy_protected_args(value: Any, protected: set[int], made: list | None = None,
+                        memo: dict | None = None) -> Any:
+    """Worker functions get copies of owner tensors (they only need to read them); ``made`` gets the copies.
+    Each distinct tensor is copied once per request (``memo``: id -> copy, shared by a command's args and
+    kwargs), however many times the arguments name it: a 1 MB dataset named 2000 times in one argument list was
+    copied 2000 times (2 GB, ~12 s holding the worker's turn, past the command's deadline) before the function
+    ran (red team: test_redteam_session66_worker_lists.py)."""
+    memo = {} if memo is None else memo
+
     def copy(t: Any) -> Any:
         if _storage(t) not in protected:
             return t
-        t = t.detach().clone()
+        done = memo.get(id(t))
+        if done is not None and done[0] is t:
+            return done[1]
+        c = t.detach().clone()
+        memo[id(t)] = (t, c)  # (the source kept beside its copy: its id is not reused while the memo lives)
         if made is not None:
-            made.append(t)
-        return t
+            made.append(c)
+        return c
     return map_structure(value, copy)
 
 
