@@ -29,6 +29,9 @@ class Op:
     func: Callable[..., Any]
     shapes: str = INFER
     worker_function: bool = False  # called as func(worker, *args, **kwargs)
+    #: a worker function's parameters that may hold a value the requester may not learn (a share revealable only
+    #: to others, dealt material): every other one is public (veil/workers/oblivious.py, worker_function_refusal)
+    secret_parameters: frozenset = frozenset()
 
 
 TORCH_FUNCTIONS = """
@@ -126,10 +129,11 @@ class Allowlist:
         self._by_name: dict[str, Op] = {}
         self._by_func: dict[Any, Op] = {}
 
-    def add(self, name: str, func: Callable, shapes: str = INFER, worker_function: bool = False, intercepted: Any = None) -> Op:
+    def add(self, name: str, func: Callable, shapes: str = INFER, worker_function: bool = False, intercepted: Any = None,
+            secret_parameters: tuple = ()) -> Op:
         if name in self._by_name:
             raise ValueError(f"op {name!r} is already allowlisted")
-        op = Op(name, func, shapes, worker_function)
+        op = Op(name, func, shapes, worker_function, frozenset(secret_parameters))
         self._by_name[name] = op
         key = func if intercepted is None else intercepted
         try:
@@ -196,6 +200,10 @@ def build_default_allowlist() -> Allowlist:
 ALLOWLIST = build_default_allowlist()
 
 
-def register_worker_function(name: str, func: Callable, shapes: str = WORKER_DESCRIBES) -> Op:
-    """Allowlists a function a worker runs with itself as first argument (protocol steps)."""
-    return ALLOWLIST.add(name, func, shapes, worker_function=True)
+def register_worker_function(name: str, func: Callable, shapes: str = WORKER_DESCRIBES,
+                             secret_parameters: tuple = ()) -> Op:
+    """Allowlists a function a worker runs with itself as first argument (protocol steps). Outside ``veil.mpc``,
+    its parameters are public unless named in ``secret_parameters``: a value the requester may not learn is refused
+    anywhere else before the function runs (such a function must then be value-oblivious: it runs under
+    veil/workers/oblivious.py's guard)."""
+    return ALLOWLIST.add(name, func, shapes, worker_function=True, secret_parameters=secret_parameters)

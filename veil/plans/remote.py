@@ -306,10 +306,11 @@ def _storage_key(t: torch.Tensor) -> Any:
         return id(t)
 
 
-register_worker_function("veil.plan.run", _run)
+# (a plan's tensors may be values the requester may not learn: its ops run under veil/workers/oblivious.py's guard)
+register_worker_function("veil.plan.run", _run, secret_parameters=("inputs", "state"))
 output_bounds.KEEPS_GRAPH.add("veil.plan.run")  # its result's graph keeps the plan's intermediates
-register_worker_function("veil.plan.fit", _fit)
-register_worker_function("veil.plan.load_state", _load_state, shapes="none")
+register_worker_function("veil.plan.fit", _fit, secret_parameters=("data", "target", "state", "extra"))
+register_worker_function("veil.plan.load_state", _load_state, shapes="none", secret_parameters=("state", "values"))
 _LOAD, _FIT = ALLOWLIST.by_name("veil.plan.load_state").name, ALLOWLIST.by_name("veil.plan.fit").name
 _MEAN = ALLOWLIST.by_func(torch.Tensor.mean).name
 

@@ -337,6 +337,12 @@ def _owner_checks(worker: BaseWorker, principal: Principal, op: Any, purpose: Pu
         if hidden:
             secret = True
             if not op.name.startswith(PROTOCOL_PREFIXES):  # plans and torch ops: requester-chosen ops
+                # (another worker function's parameters are public but those it names: it reads them in Python)
+                why = oblivious.worker_function_refusal(op, wire_args, wire_kwargs, set(hidden)) \
+                    if op.worker_function else None
+                if why is not None:
+                    monitor.audit(purpose.value, principal, list(found), "refused", why)
+                    raise PermissionDeniedError(why)
                 oblivious_guard = oblivious.guard(op.name, [found[oid].obj for oid in hidden])
             else:  # protocol steps are veil's, trusted not to branch on shares: only not as public parameters
                 why = oblivious.protocol_refusal(op.name, op.func, wire_args, wire_kwargs, set(hidden))

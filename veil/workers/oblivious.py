@@ -178,3 +178,41 @@ def _public_parameters(op_name: str, func: Any) -> tuple:
             out.append((i, p.name))
     _PUBLIC_CACHE[op_name] = cached = tuple(out)
     return cached
+
+
+def worker_function_refusal(op: Any, args: Any, kwargs: Any, secret: set) -> str | None:
+    """Why worker function ``op`` outside ``veil.mpc`` may not run with the secret objects ``secret`` (ids) where the
+    requester put them (``args``/``kwargs``: the command as sent), or None. Its parameters are public unless it
+    registered them as ``secret_parameters`` (a plan's inputs and state): veil's worker functions read their
+    arguments in Python (``tolist``, ``numpy``, a byte string, a hash, an encoding) where the guard's dispatch mode
+    sees no ATen op, so a secret there could decide their success, error or timing (red team:
+    test_redteam_session66_worker_params.py). Refused by position and name alone, whatever the values."""
+    params = _worker_parameters(op)
+    kwargs = kwargs if type(kwargs) is dict else {}
+    named = [(params[i] if i < len(params) else None, v) for i, v in enumerate(args or ())]
+    named += list(kwargs.items())
+    for name, value in named:
+        if name in op.secret_parameters:
+            continue
+        if any(r.id in secret for r in m.object_refs(value)):
+            shown = name if type(name) is str else "(an extra argument)"
+            return f"{op.name}: a share you may not reveal cannot be its public parameter {shown!r}"
+    return None
+
+
+_WORKER_PARAMS: dict[str, list] = {}
+
+
+def _worker_parameters(op: Any) -> list:
+    """The names of a worker function's parameters after the worker, in order (cached per allowlisted name)."""
+    cached = _WORKER_PARAMS.get(op.name)
+    if cached is None:
+        import inspect
+
+        try:
+            params = list(inspect.signature(op.func).parameters.values())[1:]
+        except (TypeError, ValueError):
+            params = []
+        cached = _WORKER_PARAMS[op.name] = [p.name for p in params
+                                            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return cached
