@@ -123,8 +123,11 @@ def _stamp_share(worker: Any, oid: int, entry: Any, stored: Any, piece: torch.Te
         provenance.stamp(stored, lineage, piece)
 
 
-register_worker_function(ENCODE, _encode)
-register_worker_function(DECODE, _decode)
+# encode and decode take a value the requester may not read (a serving client's, data under review): their outcome
+# and their work depend on no value (one answer for any value, NaN and inf included; the result keeps its
+# restriction), so that parameter is a secret one (oblivious.worker_function_refusal); the others stay public
+register_worker_function(ENCODE, _encode, secret_parameters=("tensor",))
+register_worker_function(DECODE, _decode, secret_parameters=("tensor",))
 register_worker_function(SHARE_OWN, _share_own, shapes=NO_RESULT)
 
 
