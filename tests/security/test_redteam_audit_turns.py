@@ -161,10 +161,13 @@ def test_rows_handed_during_a_get_are_waited_for_outside_the_turn(hook, monkeypa
 def test_an_inline_gets_allowed_row_is_not_written_on_the_event_loop(hook, monkeypatch):
     """Attack: the owner's database is slow but keeps up (nothing queued when the get arrives): an inline get's
     allowed row was one write on the event loop, every connection held per get. Must hold: the loop writes no row;
-    the connection's reply (awaited off the loop) carries the value once the row is on record."""
+    the connection's reply (awaited off the loop) carries the value once the row is on record. (A database whose
+    writes can wait on I/O, a file or PostgreSQL, gives the loop no lock to write with; an in-memory one does:
+    test_loop_rows_written.py.)"""
     from veil.workers.loop_rows import released
 
     srv, honest, _ = _two_sessions(hook, "at-inline")
+    srv.audit_rows.loop_lock = None  # (as OwnerDB.loop_write_lock gives for a file or a PostgreSQL database)
     oid = send_tensor(srv, honest, torch.tensor([3.25, -1.0]))
     assert srv.audit_rows.wait(10) and not srv.audit_rows.busy()
     writers: list = []

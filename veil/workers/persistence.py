@@ -96,6 +96,11 @@ class OwnerDB:
         self._db.executescript(_SCHEMA)
         add_audit_indexes(self)
 
+    def loop_write_lock(self) -> Any:
+        """The lock an event loop may take, never waiting, to write its own audit rows (audit_writer.py); None
+        where a write can wait on I/O (a file's checkpoint, a PostgreSQL server): only an in-memory database."""
+        return self._lock if self.path == ":memory:" else None
+
     def reader(self) -> Database:
         """A read-only connection of its own for the owner's long reads (the console's audit search scans the
         whole log): they never hold the lock every audit row, request and decision waits for."""

@@ -205,6 +205,8 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
         #: refused requests of sessions: aggregated per user past a burst (closed on the connect log's timer); rows
         #: of theirs, of refused connects and gets' allowed rows written in order by a thread of its own (audit_writer)
         self.audit_rows, self.refused_requests = refused_request_log(self.db, self._write_audit_now, self.id, refused)
+        loop_write_lock = getattr(self.db, "loop_write_lock", None)  # (an in-memory database: the loop writes its rows)
+        self.audit_rows.loop_lock = loop_write_lock() if callable(loop_write_lock) else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Future | None = None
         # tells the peers a session used that it ended (veil/workers/accounts.py)
