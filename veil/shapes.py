@@ -30,3 +30,13 @@ def broadcast_shape(*shapes: Sequence[int]) -> torch.Size:
 def numel(shape: Sequence[int]) -> int:
     """The number of elements of a tensor of ``shape`` (each dimension read as an int)."""
     return math.prod(int(d) for d in shape)
+
+
+def extent(shape: Sequence[int]) -> int:
+    """Elements a tensor of ``shape`` stands for, each dimension counted as at least 1 (a (10^9, 0) tensor's
+    ``sum(1)`` still makes 10^9 values: how work is sized, not storage)."""
+    n = 1
+    for d in shape:
+        if d > 1:
+            n *= d
+    return n

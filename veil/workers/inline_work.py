@@ -24,11 +24,12 @@ exactly as it would have here.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from veil.messaging import messages as m
+from veil.shapes import extent as _extent
 
 #: element operations the torch ops of one inline request may do in all (a few ms of one core: 2^22 float
 #: additions, or a 128 x 128 x 256 matrix product); more takes a handler thread
@@ -43,15 +44,6 @@ SORT_FACTOR = 16
 INF = math.inf
 _REF = m.ObjectRef
 _TENSOR = torch.Tensor
-
-
-def _extent(shape: Iterable[int]) -> int:
-    """Elements a tensor of ``shape`` stands for, each dimension counted as at least 1."""
-    n = 1
-    for d in shape:
-        if d > 1:
-            n *= d
-    return n
 
 
 def _broadcast(shapes: list) -> tuple | None:

@@ -26,6 +26,7 @@ import torch
 
 from veil.exceptions import ObjectNotFoundError, PermissionDeniedError, VeilError
 from veil.messaging import messages as m
+from veil.shapes import extent
 from veil.tensors.handle import RemoteHandle
 from veil.workers import capabilities, dealt, listing
 from veil.workers.capabilities import CAP_PREFIX, DEALER_TAG  # noqa: F401  (re-exported)
@@ -160,11 +161,7 @@ class ReferenceMonitor(QuotaRules, OpeningRules, StoreAdmission):
         if isinstance(obj, _TENSOR):
             try:
                 shape = tuple(obj.shape)
-                extent = 1
-                for d in shape:
-                    if d > 1:
-                        extent *= d
-                return shape, extent, obj.numel() * obj.element_size()
+                return shape, extent(shape), obj.numel() * obj.element_size()
             except Exception:  # noqa: BLE001  (a wrapper that cannot tell: its charged bytes)
                 pass
         return None, max(entry.nbytes, 1), entry.nbytes
