@@ -305,12 +305,7 @@ class RowWriter:
                 try:
                     wrote = self._write_head()
                 finally:
-                    self._writing.release()
-                    # the write lock is free: a thread that found it held waits for just that (the writer's
-                    # thread, which took it next, is not woken by a handler thread's rows: it waited IDLE_S)
-                    with self._changed:
-                        if self._rows:
-                            self._changed.notify_all()
+                    self._let_go_of_writing()
                 if wrote:
                     continue
             with self._changed:  # another thread writes (its row's notify wakes this one), or nothing is queued
@@ -379,11 +374,17 @@ class RowWriter:
             finally:
                 lock.release()
         finally:
-            self._writing.release()
-            with self._changed:  # (a thread that found the write lock held waits for just this: _wait_for)
-                if self._rows:
-                    self._changed.notify_all()
+            self._let_go_of_writing()
         return self._written >= seq
+
+    def _let_go_of_writing(self) -> None:
+        """Frees the write lock taken by a thread other than the writer's: a thread that found it held waits for
+        just that (the writer's thread, which took it next, is not woken by a handler thread's or the loop's rows:
+        it waited IDLE_S)."""
+        self._writing.release()
+        with self._changed:
+            if self._rows:
+                self._changed.notify_all()
 
     def take_mine(self) -> int:
         """(the event loop, which never waits here) the newest row this thread handed, if not yet written (else
