@@ -17,7 +17,7 @@ from veil.mpc.material import (FIXED_KINDS, FROM_SHARES, WIDE_KINDS, check_reque
 from veil.mpc.prg import expand, expand_sum, subtract_streams
 from veil.mpc.providers.fss_dealing import MAX_BATCH_ELEMENTS
 from veil.mpc.ring import DTYPE
-from veil.mpc.runtime import DEALT_FIXED
+from veil.mpc.runtime import DEALT_FIXED, step_check
 from veil.shapes import numel
 
 
@@ -57,6 +57,7 @@ def _corrections(kind: str, uniform_shapes: list, derived_shapes: list, derive: 
     n_u = len(uniform_shapes)
     corrections = []
     for k in range(count):
+        step_check()  # a session gone (disconnected, past its deadline) stops here: its items held the dealing slot
         if kind in WIDE_KINDS:  # 128-bit SPDZ2k fields: sums and corrections with carries
             uniform = sum_wide([[expand(s, _label(k, j), shape) for s in seeds]
                                 for j, shape in enumerate(uniform_shapes)])

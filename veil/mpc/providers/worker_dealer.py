@@ -77,7 +77,7 @@ from veil.mpc.providers.dealing_sends import answering, replied, send_each, star
 from veil.mpc.ring import DTYPE, random_ring
 from veil.mpc.runtime import (DEALER_TAG, DEALT_FIXED, DEALT_FIXED_TAG, DEALT_ITEM_TAG, DEALT_LAYOUTS,
                               DEALT_MASK_TAG, DEALT_SOURCES_TAG, awaiting_replies, off_turn,
-                              one_step_at_a_time, step_checkpoint)
+                              one_step_at_a_time, step_check, step_checkpoint)
 from veil.mpc.runtime import remote_handle as PointerTensor  # the injected runtime's handle (mpc imports no tensors)
 from veil.shapes import numel
 
@@ -171,6 +171,7 @@ def _deal_scoped(worker: Any, kind: str, spec: Any, party_ids: list, ids: list, 
         return
     per_party: list[list] = [[] for _ in parties]
     for k in range(count):
+        step_check()  # (as the seeded corrections: a cancelled session's items are made for nobody)
         if kind in FROM_SHARES:  # the derived fields follow from each party's shares of the uniform ones
             for field_shares in fields_from_shares(derive, uniform_shapes, n, random_ring,
                                                    lambda v: split_shares(v, n, False)):
