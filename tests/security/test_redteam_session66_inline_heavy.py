@@ -35,7 +35,7 @@ from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST, Op
 from veil.messaging.serde import deserialize, serialize
 from veil.mpc.party import OpenMessage
-from veil.workers import inline_lane, inline_work
+from veil.workers import inline_lane, inline_work_rules
 from veil.workers.inline_lane import INLINE_STRIKES, PrincipalStrikes, strike_key
 from veil.workers.websocket_auth import authenticate, handshake_headers
 from veil.workers.websocket_server import WebsocketServerWorker
@@ -362,12 +362,12 @@ def test_the_estimate_names_every_op_of_its_tables_and_is_cheap_arithmetic():
     """Every name the rules know is allowlisted (a renamed op would silently fall back to the default rule), and
     ops whose work is fixed by public arguments are in NEVER or have a rule of their own."""
     names = set(ALLOWLIST._by_name)
-    assert set(inline_work.RULES) <= names and inline_work.ELEMENTWISE <= names
+    assert set(inline_work_rules.RULES) <= names and inline_work_rules.ELEMENTWISE <= names
     for name in ("torch.zeros", "torch.ones", "torch.full", "torch.arange", "torch.rand", "torch.randn",
                  "torch.randint", "torch.randperm", "torch.eye", "torch.einsum", "Tensor.backward",
                  "aten.new_zeros.default"):
-        assert inline_work.RULES[name] is inline_work._never, name
+        assert inline_work_rules.RULES[name] is inline_work_rules._never, name
     for name in ("torch.mm", "torch.matmul", "torch.bmm", "torch.conv2d", "torch.kron", "torch.outer",
                  "Tensor.repeat", "torch.tile", "torch.nn.functional.pad", "torch.nn.functional.avg_pool2d",
                  "Tensor.expand", "Tensor.unbind", "Tensor.__getitem__", "torch.nn.functional.embedding"):
-        assert name in inline_work.RULES, name
+        assert name in inline_work_rules.RULES, name
