@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import queue
 import re
 import secrets
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,8 +41,7 @@ MAX_PEER_ACCOUNTS = 256
 PEER_LINK_SESSIONS = 16
 #: the peer command that ends the sender's account at the receiver (registered by veil.workers.handlers)
 END_ACCOUNT = "veil.peer.end_account"
-#: session ends waiting to be told to the peers they used (beyond: the peers keep those hand-offs until
-#: their link to this worker closes)
+#: session ends waiting to be told to one peer past which no new account reaches it (SessionEndNotices.admit)
 ACCOUNT_ENDS_QUEUED = 4096
 
 _TAG = re.compile(r"[0-9a-f]{16}")
@@ -64,11 +63,14 @@ class Account:
 ACTING: contextvars.ContextVar[Account | None] = contextvars.ContextVar("veil_acting_account", default=None)
 
 
-def frame_sender(worker_id: str, peer_id: str) -> str:
-    """The sender field of a frame ``worker_id`` sends peer ``peer_id`` now (the account it is for, if any)."""
+def frame_sender(worker_id: str, peer_id: str, ends: "SessionEndNotices | None" = None) -> str:
+    """The sender field of a frame ``worker_id`` sends peer ``peer_id`` now (the account it is for, if any);
+    ``ends``: the worker's notices, which refuse a new account at a peer they are behind with."""
     account = ACTING.get()
     if account is None:
         return worker_id
+    if ends is not None:
+        ends.admit(account, peer_id)
     account.peers.add(peer_id)
     return worker_id + SEP + account.tag
 
@@ -83,40 +85,60 @@ def split_sender(sender: str) -> tuple[str, str]:
 
 class SessionEndNotices:
     """Tells every peer a session sent frames to that it ended (:data:`END_ACCOUNT` under its account), so
-    that they free what they hold for it unclaimed: queued for one background thread, best effort (a peer
-    that is slow or gone must not hold up the end of a session or the worker's shutdown; if it never hears,
-    it keeps the hand-offs until its link to this worker closes)."""
+    that they free what they hold for it unclaimed: in the background, each peer from a thread of its own (a peer
+    that is slow or gone holds up only the notices to itself, never the end of a session, the worker's shutdown
+    or another peer's notices), and none is dropped: while a peer has :data:`ACCOUNT_ENDS_QUEUED` ends waiting,
+    no new account reaches it (:meth:`admit`). Dropped ends left their hand-offs at the peer until its link
+    closed, and 256 of them filled the link for every session here (red team: test_redteam_session67_session_ends.py)."""
 
     def __init__(self, worker: Any) -> None:
         self.worker = worker
-        self._queue: queue.Queue | None = None
-        self._lock = threading.Lock()
+        self._waiting: dict[str, deque] = {}  # peer id -> accounts whose end it has not been told yet, in order
+        self._cond = threading.Condition()
+
+    def admit(self, account: Account, peer_id: str) -> None:
+        """Refuses the first frame of ``account`` to ``peer_id`` while that peer's ends waiting are at the bound
+        (its end could not be queued: the peer would keep its hand-offs); later frames of an account there go on."""
+        if peer_id in account.peers:
+            return
+        with self._cond:
+            waiting = len(self._waiting.get(peer_id, ()))
+        if waiting >= ACCOUNT_ENDS_QUEUED:
+            from veil.workers.quota import QuotaExceededError
+
+            # (no count: how many other sessions ended is not this requester's to learn)
+            raise QuotaExceededError(f"worker {self.worker.id!r}: peer {peer_id!r} is behind with the session ends "
+                                     "this worker tells it; no new session reaches it until it has caught up")
 
     def post(self, account: Account) -> None:
-        if not account.peers:
-            return
-        with self._lock:
-            if self._queue is None:
-                self._queue = queue.Queue(maxsize=ACCOUNT_ENDS_QUEUED)
-                threading.Thread(target=self._send, args=(self._queue,), daemon=True,
-                                 name=f"veil-{self.worker.id}-account-ends").start()
-        try:
-            self._queue.put_nowait(account)
-        except queue.Full:
-            log.warning("worker %s: too many session ends queued for its peers; one is dropped", self.worker.id)
+        with self._cond:
+            for peer_id in account.peers:
+                if peer_id not in self.worker.peers:  # (only peers are told: one thread each)
+                    continue
+                waiting = self._waiting.get(peer_id)
+                if waiting is None:
+                    waiting = self._waiting[peer_id] = deque()
+                    threading.Thread(target=self._tell, args=(peer_id, waiting), daemon=True,
+                                     name=f"veil-{self.worker.id}-account-ends-{peer_id}"[:60]).start()
+                waiting.append(account)
+            self._cond.notify_all()
 
-    def _send(self, ends: queue.Queue) -> None:
+    def _tell(self, peer_id: str, waiting: deque) -> None:
+        """Tells ``peer_id`` of each end in ``waiting``; one stays counted there until its notice is answered."""
         worker = self.worker
         while True:
-            account = ends.get()
-            for peer_id in sorted(account.peers):
-                peer = worker.peers.get(peer_id)
-                if peer is None:
-                    continue
+            with self._cond:
+                while not waiting:
+                    self._cond.wait()
+                account = waiting[0]
+            peer = worker.peers.get(peer_id)
+            if peer is not None:
                 acting = ACTING.set(account)
                 try:
                     worker.send_msg(m.CommandMessage(END_ACCOUNT, (), {}, [], False), peer)
-                except Exception as e:  # noqa: BLE001  (one peer's failure must not keep the others' hand-offs)
+                except Exception as e:  # noqa: BLE001  (one failure must not keep the other ends from the peer)
                     log.info("worker %s: could not end a session's account at peer %s: %s", worker.id, peer_id, e)
                 finally:
                     ACTING.reset(acting)
+            with self._cond:
+                waiting.popleft()

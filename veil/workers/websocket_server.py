@@ -301,7 +301,7 @@ class WebsocketServerWorker(ConnectionServing, InlineLane, BaseWorker):
 
     def _frame_sender(self, location: Any) -> str:
         """A frame to a peer names the requester account it is for (veil/workers/accounts.py)."""
-        return frame_sender(self.id, location.id)
+        return frame_sender(self.id, location.id, self._session_ends)
 
     @staticmethod
     def principal_of(session: Session) -> Principal:
