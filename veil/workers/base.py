@@ -408,4 +408,8 @@ class BaseWorker(Outbox, PySyftWorkerMethods):  # list_objects, objects_count, a
 
 
 # the built-in handlers register themselves (they import this module, hence last)
-from veil.workers import handlers as _handlers  # noqa: E402
+from veil.workers import handlers as _handlers, stored_object_handlers as _stored_object_handlers  # noqa: E402
+
+#: the built-in handlers' modules: requests that store objects (commands, ObjectMessage), then requests about
+#: objects already stored (get, delete, search, list, move, remote_get)
+_BUILT_IN_HANDLER_MODULES = (_handlers, _stored_object_handlers)

@@ -1,6 +1,7 @@
-"""The worker's built-in request handlers: commands, objects, get, delete, search, list, move, remote_get.
+"""The worker's built-in handlers of requests that store objects: commands (their results) and ObjectMessage.
 
 Each takes ``(worker, message, sender)`` and reaches stored objects only through the worker's reference monitor.
+Requests about objects already stored (get, delete, search, list, move, remote_get): ``stored_object_handlers.py``.
 ``_run_command`` is one command's body: the batch runner (``BaseWorker._run_prelude``) calls it for deferred commands.
 """
 
@@ -11,17 +12,14 @@ from typing import Any
 
 import torch
 
-from veil.exceptions import (ObjectNotFoundError, PermissionDeniedError, RemoteExecutionError, SerializationError,
-                             VeilError)
+from veil.exceptions import PermissionDeniedError, RemoteExecutionError, SerializationError, VeilError
 from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST, NO_RESULT, register_worker_function
 from veil.tensors.tree import leaves, map_structure
-from veil.workers import listing, oblivious, output_bounds, owner_guard, review_gate, storage_overrun, value_shapes
+from veil.workers import oblivious, output_bounds, owner_guard, review_gate, storage_overrun, value_shapes
 from veil.workers.quiet_warnings import dropping_warnings
 from veil.workers.accounts import END_ACCOUNT
-from veil.workers.base import STORABLE_TYPES, STORE_VALIDATORS, BaseWorker, moving_to_peer, register_handler
-from veil.workers.get_ids import resolve_each
-from veil.workers.leaving_rows import moving, on_record_before_leaving
+from veil.workers.base import STORABLE_TYPES, STORE_VALIDATORS, BaseWorker, register_handler
 from veil.workers.monitor import DEALER_OUTPUTS, PROTOCOL_PREFIXES, Principal, Purpose
 from veil.workers.store import Entry, Kind
 
@@ -457,47 +455,6 @@ def _handle_objects(worker: BaseWorker, msg: m.ObjectMessage, sender: str) -> An
     return m.OkReply()
 
 
-def _claimed_user(msg: Any, sender: str) -> str:
-    return msg.user if isinstance(msg.user, str) and msg.user else sender
-
-
-@register_handler(m.GetObjectsMessage)
-def _handle_get(worker: BaseWorker, msg: m.GetObjectsMessage, sender: str) -> Any:
-    from veil.tensors.pointer import PointerTensor, PointerWire
-
-    if not isinstance(msg.ids, list):
-        raise SerializationError("GetObjectsMessage.ids must be a list")
-    principal = worker.principal(sender).acting_as(_claimed_user(msg, sender))
-    entries = resolve_each(worker.monitor, principal, msg.ids, Purpose.REVEAL)  # (its deadline: get_ids.py)
-    output_bounds.check_view_room(worker.monitor, principal, "get", [e.obj for e in entries], {}, transient=True)
-    review_gate.release(worker, msg.ids, entries, principal.user, "get")
-    out = []
-    for oid, entry in zip(msg.ids, entries):
-        obj = entry.obj
-        taken = msg.delete and not entry.protected
-        if isinstance(obj, PointerTensor):
-            # the requester takes over the remote object only when we let go of it
-            out.append(PointerWire.of(obj, garbage_collect_data=taken and obj.garbage_collect_data))
-            if taken:
-                obj.garbage_collect_data = False
-        else:
-            out.append(_released(oid, entry))
-        if taken:  # (only the entry released: its release left the turn, and the id may name a new one now)
-            worker.monitor.discard(principal, oid, only=entry)
-    return m.ObjectsReply(out)
-
-
-def _released(oid: int, entry: Entry) -> Any:
-    """What a get/move lets out: a float derived from owner data with canonical NaNs and zeros (no hidden bits
-    past the owner's review: veil/governance/canonical.py); anything else as stored."""
-    obj = entry.obj
-    if type(obj) is _PLAIN_TENSOR and not entry.provenance and not entry.protected:
-        return obj  # (the scientist's own tensor: no import, no pass over it)
-    from veil.governance.canonical import released
-
-    return released(oid, entry)
-
-
 def _reviewed_inputs(worker: BaseWorker, entries: list) -> set:
     """Non-empty when an input derives from owner data while a ``review`` policy is in force: an error
     text could quote its values, a release the owner has not approved (so it becomes value-free)."""
@@ -513,87 +470,6 @@ def _tracking(worker: BaseWorker) -> bool:
 
     _tracking = tracking
     return tracking(worker)
-
-
-@register_handler(m.DeleteMessage)
-def _handle_delete(worker: BaseWorker, msg: m.DeleteMessage, sender: str) -> Any:
-    if not isinstance(msg.ids, list):
-        raise SerializationError("DeleteMessage.ids must be a list")
-    principal = worker.principal(sender)
-    for oid in msg.ids:
-        worker.monitor.discard(principal, oid)
-    return m.OkReply()
-
-
-def _describe_entry(oid: int, entry: Entry, hide_counts: bool) -> m.Descriptor:
-    from veil.messaging.serde import DTYPE_NAMES
-
-    t = entry.obj
-    shape = tuple(t.shape)
-    if hide_counts and entry.meta.get("dp_only") and shape:
-        # (only DP-only data refuses every computation: another tensor's count would show in a result's shape)
-        shape = (0, *shape[1:])  # record count kept private (enable_dp(hide_count=True)): reported as 0
-    return m.Descriptor(oid, shape, DTYPE_NAMES[t.dtype], bool(t.requires_grad), entry.tags, entry.description)
-
-
-@register_handler(m.SearchMessage)
-def _handle_search(worker: BaseWorker, msg: m.SearchMessage, sender: str) -> Any:
-    from veil.compat.search_terms import checked_terms, search_page  # (PySyft's terms: tags, ids, descriptions)
-
-    terms, principal = checked_terms(msg.query), worker.principal(sender)  # (bounded, as a page's matching work)
-    hide, owned = worker.monitor.hide_dp_counts, worker.monitor.owned_entries(principal, msg.after, lambda e: (
-        listing.pointable(e.obj) or e.created_by == principal.session))  # (never a cursor: an undescribed other's)
-    return m.DescriptorsReply(*search_page(owned, terms, lambda oid, e: listing.pointable(e.obj),
-                                           lambda oid, e: _describe_entry(oid, e, hide)))
-
-
-@register_handler(m.ListObjectsMessage)
-def _handle_list(worker: BaseWorker, msg: m.ListObjectsMessage, sender: str) -> Any:
-    # Only the sender's own objects: listing others' ids would hand out capabilities.
-    principal, hide = worker.principal(sender), worker.monitor.hide_dp_counts
-    mine = worker.monitor.owned_entries(principal, msg.after, lambda e: e.created_by == principal.session)
-    return m.DescriptorsReply(*listing.page(mine, lambda oid, e: listing.pointable(e.obj),  # (as search:
-        # tensors only; a stored plan has no shape, and describing it failed every later listing of the session)
-        lambda oid, e: _describe_entry(oid, e, hide)))  # (a page never walks, nor names, another's object)
-
-
-@register_handler(m.MoveMessage)
-def _handle_move(worker: BaseWorker, msg: m.MoveMessage, sender: str) -> Any:
-    if not isinstance(msg.ids, list) or not isinstance(msg.new_ids, list) or len(msg.ids) != len(msg.new_ids):
-        raise SerializationError("MoveMessage needs lists of ids and new ids of equal length")
-    principal = worker.principal(sender).acting_as(_claimed_user(msg, sender))
-    detail = f"to {msg.destination}" if isinstance(msg.destination, str) else ""
-    entries = resolve_each(worker.monitor, principal, msg.ids, Purpose.MOVE, detail)
-    for oid, entry in zip(msg.ids, entries):
-        if not isinstance(entry.obj, tuple(STORABLE_TYPES)):
-            raise SerializationError(f"object {oid} cannot be moved")
-    output_bounds.check_view_room(worker.monitor, principal, "move", [e.obj for e in entries], {}, transient=True)
-    review_gate.release(worker, msg.ids, entries, principal.user, "move", consume=False)
-    destination = worker.resolve_worker(msg.destination)  # (after the refusals: reachability tells a refused none)
-    with moving(worker, entries):
-        on_record_before_leaving(worker)  # its allowed rows, off the turn; then capabilities travel, never wider
-        objects = [worker.monitor.outgoing(principal, new, e) for new, e in zip(msg.new_ids, entries)]
-        for so, oid, entry in zip(objects, msg.ids, entries):
-            so.obj = _released(oid, entry)
-        with review_gate.releasing(worker, msg.ids, entries, principal.user, "move"), moving_to_peer():
-            worker.send_msg(m.ObjectMessage(objects), destination)  # (CKKS tensors with their contexts)
-    for oid, entry in zip(msg.ids, entries):  # owner-protected data is copied, never taken; the entry moved only
-        worker.monitor.discard(principal, oid, only=entry)
-    return m.OkReply()
-
-
-@register_handler(m.RemoteGetMessage)
-def _handle_remote_get(worker: BaseWorker, msg: m.RemoteGetMessage, sender: str) -> Any:
-    from veil.tensors.pointer import PointerTensor
-
-    principal = worker.principal(sender)
-    entry = worker.monitor.resolve(principal, msg.id, Purpose.HAND_OFF)
-    if not isinstance(entry.obj, PointerTensor):
-        raise ObjectNotFoundError(f"object {msg.id} on worker {worker.id!r} is not a pointer; nothing to remote_get")
-    if principal.isolated:
-        _refuse_deputy(worker, principal, msg.id, "remote_get")
-    worker.monitor.replace(principal, msg.id, entry.obj.get())
-    return m.OkReply()
 
 
 def _end_account(worker: BaseWorker) -> None:
