@@ -100,6 +100,7 @@ from veil.messaging.messages import DeleteMessage, MoveMessage, ObjectMessage, O
 from veil.messaging.serde import encode_value
 from veil.shapes import numel
 from veil.tensors import remote_ops
+from veil.workers import output_bounds
 
 
 class EncryptedAggregationError(VeilError):
@@ -130,6 +131,7 @@ def _encrypt_state(worker: Any, state: list, weight: float, key: Any, out_id: in
             isinstance(s, torch.Tensor) and not s.is_complex() for s in state):
         raise TypeError("encrypted aggregation needs real state tensors and a finite weight")
     _check_encryption_room(worker, state, key, len(out_ids))
+    output_bounds.check_named_again(worker, ENCRYPT_STATE, state, 8)  # (its float64 copies and their concatenation)
     flat = torch.cat([s.detach().reshape(-1).to(torch.float64) for s in state]) * float(weight)
     owner_derived = worker.monitor.request_reads_owner_data()  # (its success must not depend on the data)
     if owner_derived:

@@ -24,7 +24,7 @@ from veil.messaging.allowlist import register_worker_function
 from veil.messaging.messages import CommandMessage
 from veil.mpc.encoding import encode, make_encoding
 from veil.shapes import numel
-from veil.workers import owner_guard
+from veil.workers import output_bounds, owner_guard
 from veil.workers.websocket_auth import SESSION_END_HANDLERS
 
 ENCODING = make_encoding(24)
@@ -249,6 +249,8 @@ def _masked_input_bytes(tag: Any, survivors: Any, state_tensors: Any, *args: Any
 def _masked_input(worker: Any, tag: int, survivors: list, state_tensors: list, weight: float,
                   losses: Optional[torch.Tensor] = None) -> torch.Tensor:
     state, survivors = _ready_to_mask(worker, tag, survivors, state_tensors, weight)
+    # (its float64 copies, encoding and mask: 8 bytes an entry each, three times)
+    output_bounds.check_named_again(worker, "veil.secagg.masked_input", state_tensors, 3 * 8)
     loss = 0.0
     if isinstance(losses, torch.Tensor) and losses.numel():
         loss = float(losses.detach().to(torch.float64).mean())

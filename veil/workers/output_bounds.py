@@ -354,6 +354,36 @@ def amplified_bytes(tensors: list) -> int:
     return max(extra, 0)
 
 
+def entries_past_storage(tensors: list) -> int:
+    """Entries ``tensors`` name past those their storages hold, each storage counted once: one tensor named again,
+    an expanded or overlapping view (0 for distinct tensors of their own storage, or slices of one)."""
+    tensors = [t for t in tensors if type(t) in _DENSE_TYPES and t.layout is torch.strided and not t.is_meta]
+    held: dict = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        key = storage.data_ptr() or id(storage)
+        held[key] = max(held.get(key, 0), storage.nbytes() // t.element_size())
+    return max(0, sum(numel(t.shape) for t in tensors) - sum(held.values()))
+
+
+def check_named_again(worker: Any, name: str, tensors: list, entry_bytes: int) -> None:
+    """Refuses, before it allocates, a worker function that makes ``entry_bytes`` for every entry of ``tensors``
+    (a flattened state) when those past their storage would come to more than the worker's largest message, with
+    or without a quota (which sizes the whole: :func:`check_view_room`): one big tensor named N times, a few bytes
+    per name, made N float64 copies and their concatenation in one call. Honest states name each tensor once."""
+    limit = getattr(worker, "max_message", None)
+    if not limit:  # (an in-process worker: no message to bound by)
+        return
+    past = entries_past_storage(tensors) * entry_bytes
+    if past > limit:
+        from veil.exceptions import RemoteExecutionError
+
+        raise RemoteExecutionError(
+            f"{name}: its tensors would make {past / 2**20:.1f} MiB past the storage they hold (a tensor named "
+            f"again, an expanded view), more than the worker's largest message ({limit / 2**20:.1f} MiB): refused "
+            "before anything is made; name each tensor once")
+
+
 def new_bytes(func: Callable, args: Any, kwargs: dict, name: str = "") -> int:
     """Bytes ``func(*args, **kwargs)`` may allocate: the new storage of its results (views and inputs
     returned as they are: 0; an input's storage growth counts), or :data:`VALUE_BOUNDS`' bound for ``name``,
