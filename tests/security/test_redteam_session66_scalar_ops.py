@@ -4,7 +4,7 @@ Target: ``veil/mpc/wire_ops.py`` allowlists every overload of the aten packets a
 ``add``, ``sub``, ``sum``...). That took in overloads that compute on no tensor at all: ``aten.mul.left_t`` /
 ``aten.mul.right_`` (a Python list repeated ``n`` times, ``n`` the requester's), ``aten.add.str``,
 ``aten.sum.int``, ``aten.mul.int`` and 33 more. The lead: a list of any length built on a handler thread (the inline
-lane sends these ops there, ``inline_work.NEVER``), memory exhaustion of the worker.
+lane sends these ops there, ``inline_work_rules.NEVER``), memory exhaustion of the worker.
 
 What was tried: ``left_t`` / ``right_`` with lists of ints, floats, bools, strings, tensors, nested lists, None,
 tuples, stored objects, and the empty list with ``n = 10^9``. torch 2.13's Python binding cannot convert any element
