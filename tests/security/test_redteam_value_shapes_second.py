@@ -192,9 +192,10 @@ def test_sizes_torch_parses_from_a_reviewed_value_are_refused(reviewed, op):
 
 def test_every_python_read_of_values_in_allowlisted_torch_functions_is_listed():
     """tensordot read dims.tolist() unseen by the dispatch mode: any allowlisted torch function written in Python
-    that reads values by tolist/numpy must be in value_shapes' table (a torch upgrade adding one fails here)."""
+    that reads values by tolist/numpy must be in the guards' table (oblivious.READ_IN_PYTHON, which the review
+    and the secret guards share; a torch upgrade adding one fails here)."""
     from veil.messaging.allowlist import ALLOWLIST
-    from veil.workers.value_shapes import _READ_IN_PYTHON
+    from veil.workers.oblivious import READ_IN_PYTHON as _READ_IN_PYTHON
 
     readers = set()
     for op in ALLOWLIST._by_name.values():

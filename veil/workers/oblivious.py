@@ -19,7 +19,11 @@ output computed from a secret is secret) and refuses, before the op runs:
 * a secret in an argument whose values may make an allowed op fail: indices,
   divisors, targets (``VALUE_CHECKED``);
 * a secret turned into a Python value (``.item()``, ``int(t)``, a tensor used
-  as a size, ``bool(t)``): every op returning a non-tensor from a secret.
+  as a size, ``bool(t)``): every op returning a non-tensor from a secret;
+* a secret read in Python with no ATen op at all (``tensordot``'s
+  ``dims.tolist()``: the contracted dims, so the result's shape or failure,
+  followed a serving client's share; ``tolist``, ``numpy``, ``__array__``),
+  seen by a TorchFunctionMode at each top-level torch call (each op of a plan).
 
 The refusal depends only on the op and on which arguments are secret, never
 on values. Errors of any command on a secret are value-free
@@ -37,6 +41,7 @@ import contextlib
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from veil.exceptions import PermissionDeniedError
@@ -53,12 +58,53 @@ def _key(t: Any) -> int | None:
         return None
 
 
+#: torch functions that read a tensor argument's values in Python, never through an ATen op (a dispatch mode sees
+#: none): (position, name) of that argument. ``tensordot`` turns a tensor ``dims`` into lists with ``.tolist()``
+READ_IN_PYTHON = {torch.tensordot: (2, "dims"), torch.Tensor.tolist: (0, "self"), torch.Tensor.numpy: (0, "self"),
+                  torch.Tensor.__array__: (0, "self")}
+
+
+class ReadsInPython(TorchFunctionMode):
+    """Sees each top-level torch call of a command (nested ones run with it off): refuses, with ``refuse(what)``,
+    those that would read the values of a tensor whose storage is in ``followed`` in Python, where a dispatch mode
+    sees no ATen op."""
+
+    def __init__(self, followed: set, refuse: Any) -> None:
+        super().__init__()
+        self.followed, self.refuse = followed, refuse
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        where = READ_IN_PYTHON.get(func)
+        if where is not None:
+            pos, name = where
+            value = args[pos] if len(args) > pos else kwargs.get(name)
+            if _touches((value,), self.followed):
+                raise self.refuse(f"a Python value ({getattr(func, '__name__', func)} reads {name!r})")
+        return func(*args, **kwargs)
+
+
 class _Oblivious(TorchDispatchMode):
     """Follows secret storages through one command and refuses value-dependent shapes, failures, scalars."""
 
     def __init__(self, op_name: str, secret: set[int]) -> None:
         super().__init__()
         self.op_name, self.secret = op_name, secret
+
+    def __enter__(self) -> _Oblivious:
+        self._reads = ReadsInPython(self.secret, self._refuse)
+        self._reads.__enter__()
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._reads.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self._reads.__exit__(*exc)
 
     def _refuse(self, why: str) -> PermissionDeniedError:
         return PermissionDeniedError(f"{self.op_name}: {why} would depend on the values of a share you may not "

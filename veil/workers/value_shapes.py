@@ -62,12 +62,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from veil.exceptions import PermissionDeniedError, register_remote_error
 from veil.workers import failure_budget
-from veil.workers.oblivious import _key, _public_parameters, _touches
+from veil.workers.oblivious import ReadsInPython, _key, _public_parameters, _touches
 from veil.workers.oblivious_ops import VALUE_SHAPED
 from veil.workers.websocket_auth import PEER_COMMANDS
 
@@ -79,9 +78,6 @@ _SHAPED = VALUE_SHAPED | frozenset({"aten::_to_sparse", "aten::to_sparse", "aten
                                     "aten::dense_to_sparse", "aten::sparse_mask"})
 #: ATen ops writing ``values`` through ``indices``: with a mask, they succeed iff ``values`` fit its count
 _MASK_WRITES = frozenset({"aten::index_put", "aten::index_put_", "aten::_index_put_impl_"})
-#: torch functions reading a tensor argument's values in Python, never through an ATen op: (position, name)
-_READ_IN_PYTHON = {torch.tensordot: (2, "dims"), torch.Tensor.tolist: (0, "self"), torch.Tensor.numpy: (0, "self"),
-                   torch.Tensor.__array__: (0, "self")}
 _NO_TORCH_FUNCTION = torch._C.DisableTorchFunction
 #: worker functions that are protocol steps (veil's own code): a reviewed value may not be a public parameter
 PROTOCOL_STEPS = "veil.mpc."
@@ -116,7 +112,7 @@ class _FollowsReviewed(TorchDispatchMode):
                             "(not released); it is refused whatever the values")
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        with _NO_TORCH_FUNCTION():  # (its own tensor calls, storage lookups: not through _ReadsInPython, ~3 us each)
+        with _NO_TORCH_FUNCTION():  # (its own tensor calls, storage lookups: not through ReadsInPython, ~3 us each)
             return self._follow(func, args, kwargs or {})
 
     def _follow(self, func: Any, args: tuple, kwargs: dict) -> Any:
@@ -158,7 +154,7 @@ class _FollowsReviewed(TorchDispatchMode):
                 raise _spent_refusal(worker, user, self.op_name)
             self.held = True
         try:
-            self._reads = _ReadsInPython(self)
+            self._reads = ReadsInPython(self.reviewed, self._refuse)  # (reads in Python, beside the ATen ops)
             self._reads.__enter__()
             try:
                 return super().__enter__()
@@ -190,25 +186,6 @@ class _FollowsReviewed(TorchDispatchMode):
                    and not isinstance(error, (PermissionDeniedError, CommandTimeoutError)))
         worker, user = self.budget_of
         self.newly_spent = failure_budget.end(worker, user, self.sources, counted)
-
-
-class _ReadsInPython(TorchFunctionMode):
-    """Sees each top-level torch call of the command (nested ones run with it off): refuses those that would read
-    a reviewed tensor's values in Python, where :class:`_FollowsReviewed` sees no ATen op."""
-
-    def __init__(self, follows: _FollowsReviewed) -> None:
-        super().__init__()
-        self.follows = follows
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        where = _READ_IN_PYTHON.get(func)
-        if where is not None:
-            pos, name = where
-            value = args[pos] if len(args) > pos else kwargs.get(name)
-            if _touches((value,), self.follows.reviewed):
-                raise self.follows._refuse(f"a Python value ({getattr(func, '__name__', func)} reads {name!r})")
-        return func(*args, **kwargs)
 
 
 class _Refusing:
