@@ -17,7 +17,7 @@ from veil.exceptions import (CommandTimeoutError, OperationNotAllowedError, Remo
 from veil.messaging.allowlist import ALLOWLIST
 from veil.plans.ops import BatchSize, PlanSpec, SlotRef
 from veil.tensors.tree import leaves
-from veil.workers import cancellation, output_bounds
+from veil.workers import cancellation, output_pieces
 from veil.workers.value_shapes import ShapeRefused
 
 
@@ -98,7 +98,7 @@ def compile_plan(spec: PlanSpec) -> CompiledPlan:
         flat = None if direct is not None else _flat_template(op.args, op.kwargs)
         c = CompiledOp(op.op, entry.func, op.args, op.kwargs, op.out_slots, op.grad_enabled, direct, flat)
         compiled.append(c)
-        func = c.func if op.op not in output_bounds.PIECE_OPS else _pieces_bounded(c.func, op.op, op.out_slots)
+        func = c.func if op.op not in output_pieces.PIECE_OPS else _pieces_bounded(c.func, op.op, op.out_slots)
         if direct is not None:
             # one, two or three slot arguments (nearly every op of a model) read without building a list
             kind = (_D1, _D2, _D3)[len(direct) - 1] if len(direct) <= 3 else _DIRECT
@@ -130,13 +130,13 @@ class Refusal(VeilError):
 
 def _pieces_bounded(func: Callable, name: str, out_slots: Any) -> Callable:
     """``func`` (a split, chunk or unbind: a tensor per piece) refused before it runs when it would return more
-    tensors than the op has result slots (veil/workers/output_bounds.py ``check_pieces``: the count follows a
+    tensors than the op has result slots (veil/workers/output_pieces.py ``check_pieces``: the count follows a
     dimension's length or an argument, not the input's bytes; one small plan made 10^9 empty tensors)."""
     slots = list(out_slots) if type(out_slots) in (list, tuple) else []
 
     def call(*args: Any, **kwargs: Any) -> Any:
         try:
-            output_bounds.check_pieces(name, args, kwargs, slots)
+            output_pieces.check_pieces(name, args, kwargs, slots)
         except RemoteExecutionError as e:
             raise Refusal(PlanArgumentError(f"in a plan: {e}")) from None
         return func(*args, **kwargs)

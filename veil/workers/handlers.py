@@ -16,7 +16,8 @@ from veil.exceptions import PermissionDeniedError, RemoteExecutionError, Seriali
 from veil.messaging import messages as m
 from veil.messaging.allowlist import ALLOWLIST, NO_RESULT, register_worker_function
 from veil.tensors.tree import leaves, map_structure
-from veil.workers import oblivious, output_bounds, owner_guard, review_gate, storage_overrun, value_shapes
+from veil.workers import (oblivious, output_bounds, output_pieces, owner_guard, review_gate, storage_overrun,
+                          value_shapes)
 from veil.workers.quiet_warnings import dropping_warnings
 from veil.workers.accounts import END_ACCOUNT
 from veil.workers.base import STORABLE_TYPES, STORE_VALIDATORS, BaseWorker, register_handler
@@ -128,8 +129,10 @@ def _run_resolved(worker: BaseWorker, principal: Principal, sender: str, op: Any
                 worker, principal.user, name, found, arguments, (args, kwargs), oblivious_guard)
     if plain or not reviewed:  # (a reviewed step's were checked above, before its approval was used)
         _check_return_ids(monitor, principal, name, ids)
-    if not op.worker_function and name in output_bounds.PIECE_OPS:  # (a tensor per piece: counted before it runs)
-        output_bounds.check_pieces(name, args, kwargs, ids)
+    if output_pieces.counted(name):  # (a tensor per piece or list entry: counted before it runs)
+        pieces = output_pieces.check_pieces(name, args, kwargs, ids)
+        if op.worker_function:  # (a torch op's are charged with its sizing below)
+            output_pieces.check_piece_room(monitor, principal, name, pieces)
     if (monitor.max_session_bytes is not None or name in output_bounds.GRAPH_SIZED) and not op.worker_function:
         try:
             output_bounds.check(monitor, principal, name, op.func, args, kwargs, grad=bool(grad_enabled))

@@ -18,7 +18,7 @@ import torch
 from veil.exceptions import PermissionDeniedError
 from veil.messaging import messages as m
 from veil.mpc.runtime import DEALT_LAYOUTS, OPENED_LAYOUTS
-from veil.workers import dealt, oblivious, output_bounds
+from veil.workers import dealt, oblivious, output_bounds, output_pieces
 from veil.workers.principals import Principal, Purpose
 from veil.workers.store import Entry, Kind
 
@@ -224,6 +224,10 @@ class OpeningRules:
         runs the step with ``run`` and returns its outputs, each as large as its mask when masks were
         required (a broadcast mask would hide only differences). ``peer_round``: see :meth:`resolve_opening`."""
         raw = args
+        # a tensor per list entry (beaver_masks, fss_mask...): counted from the request's lists before anything is
+        # resolved or made, and charged (a peer round's outputs are matched with its ids once the rules passed)
+        pieces = output_pieces.check_pieces(name, args, kwargs, None)
+        output_pieces.check_piece_room(self, principal, name, pieces, transient=True)
         self._local.opening_refs, self._local.opening_kwrefs = args, kwargs
         try:
             args, kwargs = self.resolve_opening(principal, name, args, kwargs, peer_round)

@@ -32,6 +32,7 @@ from veil.shapes import broadcast_shape, numel
 from veil.tensors.tree import leaves
 from veil.workers import grad_charges, grad_cycles
 from veil.workers.grad_cycles import graph_nodes, wants_graph
+from veil.workers.output_pieces import PIECE_OPS, pieces
 
 #: signatures whose sizes are remembered (least recently used first out). Shared by every session, each
 #: entry under its session's key (no session hits another's); what one session can still observe is that its
@@ -457,68 +458,6 @@ def predicted_bytes(scope: str, name: str, func: Callable, args: Any, kwargs: di
     if type(size) is str:
         raise Unsizable(size)
     return size
-
-
-#: torch ops that return one tensor per piece (op name -> kind): how many follows a dimension's length or an
-#: argument, not the bytes of the input. ``unbind`` of a (10^9, 0) tensor holds no byte and makes 10^9 tensors
-#: (~600 bytes of host memory and ~1.5 us each: a worker killed by one small request, whatever its quota), as do
-#: ``chunk(10^9)`` of an empty dimension and ``split(1)`` of a long empty one. Counted before they run
-#: (:func:`pieces`): never more than the command's return ids (a plan op's result slots), and under a quota each
-#: charged as the store charges a tensor (red team: test_redteam_session66_pieces.py)
-PIECE_OPS = {"torch.split": "split", "Tensor.split": "split", "aten.split.Tensor": "split",
-             "aten.split_with_sizes.default": "split", "torch.chunk": "chunk", "Tensor.chunk": "chunk",
-             "torch.unbind": "unbind", "Tensor.unbind": "unbind", "aten.unbind.int": "unbind"}
-#: pieces a command may make whose results the worker names (return ids None: described in the reply)
-MAX_PIECES = 1 << 16
-
-
-def pieces(name: str, args: Any, kwargs: dict) -> int | None:
-    """At most how many tensors the :data:`PIECE_OPS` op ``name`` returns for these arguments, from shapes and
-    the public arguments alone (never a value: a tensor given as a size counts as the longest dimension); None
-    for any other op."""
-    kind = PIECE_OPS.get(name)
-    if kind is None:
-        return None
-    args = tuple(args) if type(args) in (list, tuple) else ()
-    kwargs = kwargs if type(kwargs) is dict else {}
-    t = args[0] if args else next((kwargs[k] for k in ("input", "self", "tensor") if k in kwargs), None)
-    if not isinstance(t, torch.Tensor):
-        return 1  # (torch refuses it)
-    given = None
-    if kind != "unbind":
-        given = args[1] if len(args) > 1 else next(
-            (kwargs[k] for k in ("split_size_or_sections", "split_size", "split_sizes", "chunks") if k in kwargs),
-            None)
-    at = 1 if kind == "unbind" else 2
-    dim = args[at] if len(args) > at else kwargs.get("dim", 0)
-    shape = tuple(t.shape)
-    if type(dim) is int and -len(shape) <= dim < len(shape):
-        length = shape[dim]
-    else:  # (a dimension torch refuses, or a name): the longest one bounds it
-        length = max(shape, default=1)
-    if type(given) in (list, tuple):
-        return len(given)
-    if type(given) is int:
-        if kind == "chunk":
-            return max(given, 1)  # (chunk of an empty dimension returns `chunks` empty tensors)
-        return -(-length // given) if given > 0 and length else 1
-    return max(length, 1)
-
-
-def check_pieces(name: str, args: Any, kwargs: dict, ids: Any) -> int:
-    """Refuses, before it runs, a :data:`PIECE_OPS` op that would return more tensors than the command names
-    return ids for (:data:`MAX_PIECES` when the worker names them, ``ids`` None); how many it may return (0
-    for any other op)."""
-    count = pieces(name, args, kwargs)
-    if count is None:
-        return 0
-    most = MAX_PIECES if ids is None else max(len(ids), 1) if type(ids) is list else 1
-    if count > most:
-        from veil.exceptions import RemoteExecutionError
-
-        raise RemoteExecutionError(f"{name} would return {count} tensors, more than the {most} its command names "
-                                   "(one return id each): refused before it runs")
-    return count
 
 
 def check(monitor: Any, principal: Any, name: str, func: Callable, args: Any, kwargs: dict,
