@@ -64,7 +64,7 @@ from veil.mpc.prg import expand, new_seed
 from veil.mpc.prg import seed_bytes as prg_seed_bytes
 from veil.mpc.ring import DTYPE, bilinear, op_arguments
 from veil.mpc.truncation import TRUNCATION_BOUND, floor_div_unsigned, shift_for, top_bit
-from veil.shapes import broadcast_shape
+from veil.shapes import broadcast_shape, numel
 
 #: value bits (the ring of the data) and MAC security parameter: shares and MACs live mod 2^(K_BITS + S_BITS)
 K_BITS = 64
@@ -305,6 +305,8 @@ def _mac_gamma(seed: torch.Tensor, items: list) -> tuple:
         # may not reveal) was read as a Python value, and whether the step failed followed it
         raise ValueError("mac_gamma: each item is [shape, terms]: a shape of whole numbers and terms "
                          "[coefficient (an integer), lo, hi]")
+    for shape, terms in items:  # all sized before anything is drawn
+        _check_gamma_shape(tuple(shape), terms)
     outs = []
     for j, (shape, terms) in enumerate(items):
         shape = tuple(shape)
@@ -321,6 +323,22 @@ def _mac_gamma(seed: torch.Tensor, items: list) -> tuple:
         empty = torch.zeros(0, dtype=DTYPE)
         return empty, empty, empty
     return _pieces((torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])))
+
+
+def _check_gamma_shape(shape: tuple, terms: Any) -> None:
+    """An item's shape is its MAC terms' broadcast shape, as :func:`check` sends it (an opened value's MAC shares
+    have its shape): its coefficients are drawn over it, so a larger one (a list of integers the request writes)
+    would make a party draw and multiply what no stored share paid for (red team: ``[2**31]`` over a 1-entry
+    share drew 16 GiB, whatever the quota)."""
+    tensors = [t for _, lo, hi in terms for t in (lo, hi) if isinstance(t, torch.Tensor)]
+    if not tensors or not all(isinstance(hi, torch.Tensor) for _, _, hi in terms):
+        raise ValueError("mac_gamma: each item needs MAC terms whose hi part is a share")
+    try:
+        fits = broadcast_shape(shape, *(tuple(t.shape) for t in tensors)) == shape
+    except (RuntimeError, ValueError):
+        fits = False
+    if not fits or numel(shape) > max(t.numel() for t in tensors):
+        raise ValueError("mac_gamma: an item's shape must be the broadcast shape of its MAC terms")
 
 
 # ------------------------------------------------------------------ protocols on {party: limbs}
