@@ -103,7 +103,8 @@ def test_encode_of_owner_data_matches_torch_in_range_and_clamps_outside(hook):
 def test_public_parameters_are_never_owner_values(hook, op, position):
     """Attack: ``base`` or ``precision_fractional`` named as a stored object (the owner's review scalar):
     ``int(tensor)`` made the owner's value a parameter whose validity decided success (1.0 refused, 7.0
-    accepted). Must hold: a stored object as a parameter is refused the same way whatever its value."""
+    accepted). Must hold: a stored object as a parameter is refused the same way whatever its value (a reviewed one
+    by the monitor, before the function runs: veil/workers/reviewed_parameters.py)."""
     srv, s = _worker(hook, f"rt-cs-param-{op[-6:]}-{position}")
     mine = send_tensor(srv, s, torch.tensor([1.0]) if op == ENCODE else torch.tensor([65536]))
     outcomes = []
@@ -114,7 +115,8 @@ def test_public_parameters_are_never_owner_values(hook, op, position):
         reply, _ = run_command(srv, s, op, *args)
         outcomes.append(_outcome(reply))
     assert outcomes[0] == outcomes[1], f"the reply tells the owner's values apart: {outcomes}"
-    assert outcomes[0][0] == "ErrorReply" and "integer" in outcomes[0][2], outcomes[0]
+    name = "base" if position == 1 else "precision_fractional"
+    assert outcomes[0][0] == "ErrorReply" and f"cannot be its parameter {name!r}" in outcomes[0][2], outcomes[0]
     answers_next_command(srv, s)
 
 

@@ -50,6 +50,10 @@ reviewed ``x`` is ``x``), so an opening reviews each input that derives from own
 data whatever its kind (``OpeningRules.resolve_opening``): steps need not be
 refused on reviewed values, what they compute leaves only on review.
 
+Every other worker function (``veil.he.op``, ``veil.compat.*``, ``veil.fl.*``, ``veil.plan.load_state``,
+``veil.dp.*``, and any added later) reads its arguments in Python and is not followed: :func:`guard` refuses a
+reviewed value there but in the parameters, and the form, :mod:`veil.workers.reviewed_parameters` names.
+
 A peer worker's session (a peer token alone) never names reviewed data: its
 requests are deliveries of what it deals (``PEER_COMMANDS``), and one naming a
 value under review is refused whatever the values, counted against no budget
@@ -233,6 +237,9 @@ def guard(worker: Any, user: str, op_name: str, found: dict, resolved: Any = Non
         if refusal is not None:
             return refusal
     under = [(oid, e) for oid, e in found.items() if e.provenance and needs_review(worker, oid, e, user)]
+    if _parameters_checked(op_name):  # (another worker function: reviewed values only where it takes them)
+        why = _parameter_refusal(op_name, under, resolved)
+        return outer if why is None else _Refusing(ShapeRefused(why))
     keys = {k for k in (_key(e.obj) for oid, e in under) if k is not None}
     if not keys:
         return outer
@@ -314,7 +321,35 @@ FOLLOWED_PROTOCOLS = ("veil.secagg.",)
 
 def followed(name: str) -> bool:
     """Whether worker function ``name`` is checked by :func:`guard` (torch ops on owner-derived data are, always):
-    plans, protocol steps, and what peers may run (a peer naming reviewed data is refused there)."""
+    plans, protocol steps and what peers may run, followed op by op (a peer naming reviewed data is refused there),
+    and every other worker function but the ``REVIEWED_INPUTS`` steps, whose parameters are checked
+    (:mod:`veil.workers.reviewed_parameters`)."""
+    return _dispatch_followed(name) or _parameters_checked(name)
+
+
+def _parameters_checked(name: str) -> bool:
+    """Whether ``name`` is a worker function that value_shapes does not follow, whose parameters it checks."""
+    checked = _CHECKED.get(name)
+    if checked is None:
+        from veil.messaging.allowlist import ALLOWLIST
+        from veil.workers.owner_guard import REVIEWED_INPUTS
+
+        try:
+            worker_function = ALLOWLIST.by_name(name).worker_function
+        except Exception:  # noqa: BLE001 - (not allowlisted: never run)
+            worker_function = False
+        checked = _CHECKED[name] = (worker_function and not _dispatch_followed(name)
+                                    and name not in REVIEWED_INPUTS)
+    return checked
+
+
+#: (keyed by allowlisted op names only: bounded, and never evicted)
+_CHECKED: dict[str, bool] = {}
+
+
+def _dispatch_followed(name: str) -> bool:
+    """Whether worker function ``name`` runs under :class:`_FollowsReviewed`: plans, protocol steps, what peers may
+    run, and the followed protocols' steps but their ``REVIEWED_INPUTS``."""
     if name in PLAN_RUNS or name.startswith(PROTOCOL_STEPS) or name in PEER_COMMANDS:
         return True
     if not name.startswith(FOLLOWED_PROTOCOLS):
@@ -322,6 +357,17 @@ def followed(name: str) -> bool:
     from veil.workers.owner_guard import REVIEWED_INPUTS
 
     return name not in REVIEWED_INPUTS
+
+
+def _parameter_refusal(op_name: str, under: list, resolved: Any) -> str | None:
+    """The refusal of a worker function that value_shapes does not follow, given the reviewed objects ``under``
+    where a parameter does not take them (:mod:`veil.workers.reviewed_parameters`), else None."""
+    from veil.messaging.allowlist import ALLOWLIST
+    from veil.workers import reviewed_parameters
+    from veil.workers.oblivious import _worker_parameters
+
+    op = ALLOWLIST.by_name(op_name)
+    return reviewed_parameters.refusal(op, _worker_parameters(op), under, resolved)
 
 
 def refuse_reviewed_output(worker: Any, principal: Any, ref: Any) -> None:
