@@ -63,13 +63,21 @@ def _conv2d_unfold(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, 
     (older releases); every op here exists for int64 on CPU.
     """
     stride, padding, dilation = (pair(v) for v in (stride, padding, dilation))
-    x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
-    n, c_in, h, wd = x.shape
+    n, c_in = x.shape[0], x.shape[1]
     c_out, c_per_group, kh, kw = w.shape
     span_h, span_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
-    # patches: (n, c_in, out_h, out_w, span_h, span_w), then keep dilated taps.
-    patches = x.unfold(2, span_h, stride[0]).unfold(3, span_w, stride[1])
-    patches = patches[..., :: dilation[0], :: dilation[1]]
+    padded = n * c_in * (x.shape[2] + 2 * padding[0]) * (x.shape[3] + 2 * padding[1])
+    out_h = (x.shape[2] + 2 * padding[0] - span_h) // stride[0] + 1
+    out_w = (x.shape[3] + 2 * padding[1] - span_w) // stride[1] + 1
+    if padded > x.numel() + n * c_in * max(out_h, 0) * max(out_w, 0) * kh * kw:
+        # the padded input would be larger than the input and its patches: the taps gathered instead (a tiny x
+        # padded by 4096 on each side, stride 4096, made 2^26 entries for 9 outputs: red team, session 67)
+        patches = _gathered_patches(x, (kh, kw), stride, padding, dilation, (out_h, out_w))
+    else:
+        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+        # patches: (n, c_in, out_h, out_w, span_h, span_w), then keep dilated taps.
+        patches = x.unfold(2, span_h, stride[0]).unfold(3, span_w, stride[1])
+        patches = patches[..., :: dilation[0], :: dilation[1]]
     out_h, out_w = patches.shape[2], patches.shape[3]
     if groups == 1:  # one 2-D product (n * positions, taps) @ (taps, c_out): torch's fastest int64 matmul
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(n * out_h * out_w, c_in * kh * kw)
@@ -80,6 +88,22 @@ def _conv2d_unfold(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, 
     kernels = w.reshape(groups, c_out // groups, c_per_group * kh * kw).transpose(1, 2)
     out = ring_gemm.matmul(patches, kernels.unsqueeze(0))  # (n, groups, L, c_out/groups)
     return out.permute(0, 1, 3, 2).reshape(n, c_out, out_h, out_w)
+
+
+def _gathered_patches(x: torch.Tensor, kernel: tuple, stride: tuple, padding: tuple, dilation: tuple,
+                      out: tuple) -> torch.Tensor:
+    """``(n, c_in, out_h, out_w, kh, kw)`` taps of zero-padded ``x``, gathered from ``x`` itself (zero where a tap
+    falls in the padding): as large as the patches, never the padded input."""
+    if out[0] < 1 or out[1] < 1:
+        raise RuntimeError("conv2d: the padded input is smaller than the dilated kernel (output size too small)")
+    index, inside = [], []
+    for size, k, s, p, d, o in zip(x.shape[2:], kernel, stride, padding, dilation, out):
+        at = (torch.arange(o, device=x.device) * s).unsqueeze(1) + torch.arange(k, device=x.device) * d - p
+        inside.append((at >= 0) & (at < size))
+        index.append(at.clamp(0, max(size - 1, 0)))
+    taps = x[:, :, index[0].view(out[0], kernel[0], 1, 1), index[1].view(1, 1, out[1], kernel[1])]
+    taps = taps * (inside[0].view(out[0], kernel[0], 1, 1) & inside[1].view(1, 1, out[1], kernel[1]))
+    return taps.permute(0, 1, 2, 4, 3, 5)
 
 
 def _few_positions(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups) -> bool:
