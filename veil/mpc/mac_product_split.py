@@ -6,6 +6,7 @@ pieces' results and MACs summed (contracted dimension) or concatenated (blocks) 
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from veil.mpc import ring128 as r128
 from veil.mpc.mac import _meta, _open128, _pieces, _shapes_only
 from veil.mpc.party import party_function, run_party
-from veil.mpc.product_split import SplitPlan, sliced_operands
+from veil.mpc.product_split import SplitPlan, check_join, sliced_operands
 from veil.mpc.ring import DTYPE, bilinear
 
 #: limbs of an authenticated share: value (lo, hi), MAC (lo, hi)
@@ -38,11 +39,10 @@ def _masks(xs: list, as_: list, ys: list, bs: list) -> tuple:
 def _join(zs: list, block_sizes: list) -> tuple:
     """A party's authenticated share of the product from its pieces' (4 limbs each): each block's pieces
     summed mod 2^128 (values and MACs), the blocks concatenated along the first dimension."""
-    if type(zs) is not list or type(block_sizes) is not list or not zs or sum(block_sizes) != len(zs) or any(
-            type(n) is not int or n < 1 for n in block_sizes) or any(type(z) is not list or len(z) != LIMBS
-                                                                     for z in zs):
+    check_join(zs, block_sizes, "mac_product_join")
+    if any(type(z) is not list or len(z) != LIMBS for z in zs):
         raise ValueError("mac_product_join needs the pieces' 4 limbs and positive block sizes that add up to them")
-    starts = [sum(block_sizes[:b]) for b in range(len(block_sizes))]
+    starts = [0, *itertools.accumulate(block_sizes)][:-1]  # (linear: a sum per block was quadratic in them)
     if _meta(*zs[0]):
         rows = sum(int(zs[s][0].shape[0]) for s in starts) if len(starts) > 1 else None
         shape = tuple(zs[0][0].shape) if rows is None else (rows, *zs[0][0].shape[1:])

@@ -239,13 +239,21 @@ def sliced_operands(x: dict, y: dict, plan: SplitPlan) -> tuple[list[dict], list
     return xs, ys
 
 
+def check_join(zs: list, block_sizes: list, name: str) -> None:
+    """A join's pieces and block sizes as a split makes them: at most :data:`MAX_PIECES` pieces (the requester
+    writes both lists: empty shares cost the quota nothing, and a join over a million of them, a loop step each,
+    held the party for minutes; red team, session 67), positive block sizes adding up to them."""
+    if type(zs) is not list or type(block_sizes) is not list or not 0 < len(zs) <= MAX_PIECES or any(
+            type(n) is not int or n < 1 for n in block_sizes) or sum(block_sizes) != len(zs):
+        raise ValueError(f"{name} needs the pieces' shares (at most {MAX_PIECES}) and positive block sizes that "
+                         "add up to them")
+
+
 @party_function("product_join")
 def _join(zs: list, block_sizes: list) -> torch.Tensor:
     """A party's share of the product from its pieces' shares: each block's pieces summed, the blocks
     concatenated along the first dimension."""
-    if type(zs) is not list or type(block_sizes) is not list or sum(block_sizes) != len(zs) or not zs or any(
-            type(n) is not int or n < 1 for n in block_sizes):
-        raise ValueError("product_join needs the pieces' shares and positive block sizes that add up to them")
+    check_join(zs, block_sizes, "product_join")
     blocks, k = [], 0
     for n in block_sizes:
         total = zs[k].clone() if not zs[k].is_meta else torch.empty_like(zs[k])
