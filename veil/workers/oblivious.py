@@ -22,7 +22,8 @@ output computed from a secret is secret) and refuses, before the op runs:
   as a size, ``bool(t)``): every op returning a non-tensor from a secret;
 * a secret read in Python with no ATen op at all (``tensordot``'s
   ``dims.tolist()``: the contracted dims, so the result's shape or failure,
-  followed a serving client's share; ``tolist``, ``numpy``, ``__array__``),
+  followed a serving client's share; ``tolist``, ``numpy``, ``__array__``; a
+  secret listed in an index, ``x[([s],)]``, made a fresh index tensor in C++),
   seen by a TorchFunctionMode at each top-level torch call (each op of a plan).
 
 The refusal depends only on the op and on which arguments are secret, never
@@ -62,6 +63,16 @@ def _key(t: Any) -> int | None:
 #: none): (position, name) of that argument. ``tensordot`` turns a tensor ``dims`` into lists with ``.tolist()``
 READ_IN_PYTHON = {torch.tensordot: (2, "dims"), torch.Tensor.tolist: (0, "self"), torch.Tensor.numpy: (0, "self"),
                   torch.Tensor.__array__: (0, "self")}
+#: torch functions whose index (argument 1) turns a list or tuple of tensors in it into a fresh index tensor in C++
+#: (``x[([s],)]``, ``x[..., [s]]``: no ATen op reads ``s``, so its values would make the op fail unseen)
+INDEX_LISTS = frozenset({torch.Tensor.__getitem__, torch.Tensor.__setitem__})
+
+
+def _listed_in_index(index: Any, followed: set) -> bool:
+    """Whether a followed tensor is inside a list or tuple item of ``index`` (a direct tensor item is read through
+    ATen ops the dispatch guards see)."""
+    items = index if type(index) in (tuple, list) else (index,)
+    return any(type(v) in (tuple, list) and _touches((v,), followed) for v in items)
 
 
 class ReadsInPython(TorchFunctionMode):
@@ -81,6 +92,8 @@ class ReadsInPython(TorchFunctionMode):
             value = args[pos] if len(args) > pos else kwargs.get(name)
             if _touches((value,), self.followed):
                 raise self.refuse(f"a Python value ({getattr(func, '__name__', func)} reads {name!r})")
+        elif func in INDEX_LISTS and len(args) > 1 and _listed_in_index(args[1], self.followed):
+            raise self.refuse(f"a Python value ({func.__name__} reads a list in its index)")
         return func(*args, **kwargs)
 
 
