@@ -105,3 +105,46 @@ def test_a_reviewed_value_listed_in_an_index_is_refused_whatever_it_is(hook):
     (kind, _, text), = outcomes
     assert kind == "ErrorReply" and "1.5" not in text, outcomes
     w.still_serves()
+
+
+# ------------------------------------------------------------------ 13e6bf5: a state named again, another argument
+
+def test_a_masked_input_refuses_an_expanded_losses_view_without_a_quota(hook):
+    """Attack (a bypass of 13e6bf5): ``masked_input``'s ``losses`` takes a float64 copy for its mean, but only the
+    state tensors were checked: an ``expand`` view of one element as ``losses`` (a few bytes held) made the worker
+    allocate its whole logical size as float64 in one call. Must hold: refused in one line before anything is made;
+    nothing was masked; the worker serves on."""
+    from server_sessions import answers_next_command, computed, send_tensor
+    from test_redteam_session63 import MASKED, Setup
+    from test_redteam_session64_mpc import _Largest
+
+    limit, entries, named = 1 << 20, 16_384, 64
+    setup = Setup(hook)
+    assert setup.srv.monitor.max_session_bytes is None  # no quota
+    setup.srv.max_message = limit
+    state = [m.ObjectRef(send_tensor(setup.srv, setup.s1, torch.ones(8)))]
+    one = m.ObjectRef(send_tensor(setup.srv, setup.s1, torch.ones(1, 1)))
+    losses = computed(setup.srv, setup.s1, "Tensor.expand", one, named, entries)  # 8 MiB as float64
+    tag = setup.round()
+    seen = _Largest()
+    with seen:
+        reply, _ = setup.command(setup.s1, MASKED, tag, [setup.srv.id, "p1"], state, 1.0, losses)
+    assert type(reply) is m.ErrorReply and "\n" not in reply.message.strip(), reply
+    assert seen.most * 8 <= limit, f"masked_input made a tensor of {seen.most} entries first"
+    assert not setup.went_through(tag)
+    answers_next_command(setup.srv, setup.s1)
+
+
+def test_a_masked_input_with_honest_losses_still_masks(hook):
+    """Guard: a losses tensor of its own storage (the batch's losses) is no named-again entry: the input is masked."""
+    from server_sessions import send_tensor
+    from test_redteam_session63 import MASKED, Setup
+
+    setup = Setup(hook)
+    setup.srv.max_message = 1 << 20
+    state = [m.ObjectRef(send_tensor(setup.srv, setup.s1, torch.ones(8)))]
+    losses = m.ObjectRef(send_tensor(setup.srv, setup.s1, torch.rand(64, 1024)))  # 512 KiB as float64
+    tag = setup.round()
+    reply, _ = setup.command(setup.s1, MASKED, tag, [setup.srv.id, "p1"], state, 1.0, losses)
+    assert type(reply) is m.OkReply, reply
+    assert setup.went_through(tag)

@@ -243,7 +243,8 @@ def _masked_input_bytes(tag: Any, survivors: Any, state_tensors: Any, *args: Any
     if type(state_tensors) not in (list, tuple):
         return 0
     entries = sum(numel(t.shape) for t in state_tensors if isinstance(t, torch.Tensor)) + 2
-    return 3 * 8 * entries
+    losses = args[1] if len(args) > 1 else kwargs.get("losses")
+    return 3 * 8 * entries + (8 * numel(losses.shape) if isinstance(losses, torch.Tensor) else 0)  # (losses' copy)
 
 
 def _masked_input(worker: Any, tag: int, survivors: list, state_tensors: list, weight: float,
@@ -253,6 +254,8 @@ def _masked_input(worker: Any, tag: int, survivors: list, state_tensors: list, w
     output_bounds.check_named_again(worker, "veil.secagg.masked_input", state_tensors, 3 * 8)
     loss = 0.0
     if isinstance(losses, torch.Tensor) and losses.numel():
+        # (its float64 copy for the mean: an expanded view of one element was copied whole)
+        output_bounds.check_named_again(worker, "veil.secagg.masked_input", [losses], 8)
         loss = float(losses.detach().to(torch.float64).mean())
     flat = torch.cat([s.detach().reshape(-1).to(torch.float64) for s in state_tensors]) * float(weight)
     x = torch.cat([flat, torch.tensor([float(weight), float(weight) * loss], dtype=torch.float64)])
