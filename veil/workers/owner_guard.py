@@ -141,6 +141,14 @@ def check_dp_data_args(op_name: str, wire_args: Any, wire_kwargs: Any, found: di
     named there directly; ``wire_args``/``wire_kwargs``: the command as sent (None: nothing to place it by)."""
     from veil.messaging.messages import ObjectRef, arg_leaves
 
+    # a DP release's noise is for one row being one record: DP-only data enters it only as the owner's stored
+    # entry, whose rows are the records; a value carrying the dp-only mark without being that entry (derived
+    # under review before a tightening: x[[0] * n], an expand, a sum over rows; a moved copy) may repeat or mix
+    # records, so one record moves many rows (red team: test_redteam_session67_dp_derived.py)
+    if any(e.kind != Kind.OWNER and e.meta and e.meta.get("dp_only") for e in found.values()):
+        raise PermissionDeniedError(
+            f"{op_name} refused: a DP release on worker {worker_id!r} reads DP-only data only as the owner's stored "
+            "data itself, never a value derived from it or a copy of it (its rows need not be the owner's records)")
     at, keyword = DP_DATA_ARGS.get(op_name, (-1, ""))
 
     def protected(value: Any) -> bool:
