@@ -148,3 +148,42 @@ def test_a_masked_input_with_honest_losses_still_masks(hook):
     reply, _ = setup.command(setup.s1, MASKED, tag, [setup.srv.id, "p1"], state, 1.0, losses)
     assert type(reply) is m.OkReply, reply
     assert setup.went_through(tag)
+
+
+# ------------------------------------------------------------------ 435515d: session-end notices, a cycler's backlog
+
+def test_a_session_cyclers_backlog_at_a_peer_refuses_only_its_own_new_sessions(monkeypatch):
+    """Attack (a denial of service 435515d added): a user whose sessions each reach a slow peer and end fills that
+    peer's backlog of session ends; ``admit`` then refused the first frame of *every* new session to the peer,
+    other users' included, as long as the cycler kept it full. Must hold: the cycler's new sessions are refused
+    there (its ends must be told first), another user's new session reaches the peer, and once the peer caught up
+    the cycler's do again."""
+    from test_redteam_session67_session_ends import CAP, _admitted, _until, _Worker
+    from veil.workers import accounts
+    from veil.workers.accounts import Account, SessionEndNotices
+
+    monkeypatch.setattr(accounts, "ACCOUNT_ENDS_QUEUED", CAP)
+    worker = _Worker()
+    notices = SessionEndNotices(worker)
+    mallory, bob = (("scientist", "mallory"),), (("scientist", "bob"),)
+    for _ in range(CAP + 1):  # (the first one is in flight at the slow peer)
+        ended = Account(users=mallory)
+        ended.peers.add("slow")
+        notices.post(ended)
+
+    assert not _admitted_as(notices, "slow", mallory), "the cycler's own backlog did not hold its new sessions"
+    assert _admitted_as(notices, "slow", bob), "another user's new session was refused by the cycler's backlog"
+    worker.open.set()
+    _until(lambda: len(worker.told_to("slow")) == CAP + 1)
+    _until(lambda: _admitted_as(notices, "slow", mallory))
+    assert _admitted_as(notices, "slow", mallory) and _admitted(notices, "slow")
+
+
+def _admitted_as(notices, pid: str, users: tuple) -> bool:
+    from veil.workers.accounts import Account
+
+    try:
+        notices.admit(Account(users=users), pid)
+    except Exception:  # noqa: BLE001
+        return False
+    return True

@@ -41,7 +41,8 @@ MAX_PEER_ACCOUNTS = 256
 PEER_LINK_SESSIONS = 16
 #: the peer command that ends the sender's account at the receiver (registered by veil.workers.handlers)
 END_ACCOUNT = "veil.peer.end_account"
-#: session ends waiting to be told to one peer past which no new account reaches it (SessionEndNotices.admit)
+#: session ends of one user waiting to be told to one peer past which no new account of that user reaches it
+#: (SessionEndNotices.admit: another user's sessions are not held up by a cycler's backlog)
 ACCOUNT_ENDS_QUEUED = 4096
 
 _TAG = re.compile(r"[0-9a-f]{16}")
@@ -87,22 +88,24 @@ class SessionEndNotices:
     """Tells every peer a session sent frames to that it ended (:data:`END_ACCOUNT` under its account), so
     that they free what they hold for it unclaimed: in the background, each peer from a thread of its own (a peer
     that is slow or gone holds up only the notices to itself, never the end of a session, the worker's shutdown
-    or another peer's notices), and none is dropped: while a peer has :data:`ACCOUNT_ENDS_QUEUED` ends waiting,
-    no new account reaches it (:meth:`admit`). Dropped ends left their hand-offs at the peer until its link
+    or another peer's notices), and none is dropped: while a peer has :data:`ACCOUNT_ENDS_QUEUED` ends of one user
+    waiting, no new account of that user reaches it (:meth:`admit`). Dropped ends left their hand-offs at the peer until its link
     closed, and 256 of them filled the link for every session here (red team: test_redteam_session67_session_ends.py)."""
 
     def __init__(self, worker: Any) -> None:
         self.worker = worker
         self._waiting: dict[str, deque] = {}  # peer id -> accounts whose end it has not been told yet, in order
+        self._of_users: dict[tuple, int] = {}  # (peer id, account users) -> how many of those ends are theirs
         self._cond = threading.Condition()
 
     def admit(self, account: Account, peer_id: str) -> None:
-        """Refuses the first frame of ``account`` to ``peer_id`` while that peer's ends waiting are at the bound
-        (its end could not be queued: the peer would keep its hand-offs); later frames of an account there go on."""
+        """Refuses the first frame of ``account`` to ``peer_id`` while that peer's ends waiting of the account's users
+        are at the bound (its end could not be queued: the peer would keep its hand-offs); later frames of an account
+        there go on. Counted per user: a session cycler's ends refused every other user's new sessions at the peer."""
         if peer_id in account.peers:
             return
         with self._cond:
-            waiting = len(self._waiting.get(peer_id, ()))
+            waiting = self._of_users.get((peer_id, account.users), 0)
         if waiting >= ACCOUNT_ENDS_QUEUED:
             from veil.workers.quota import QuotaExceededError
 
@@ -121,6 +124,8 @@ class SessionEndNotices:
                     threading.Thread(target=self._tell, args=(peer_id, waiting), daemon=True,
                                      name=f"veil-{self.worker.id}-account-ends-{peer_id}"[:60]).start()
                 waiting.append(account)
+                key = (peer_id, account.users)
+                self._of_users[key] = self._of_users.get(key, 0) + 1
             self._cond.notify_all()
 
     def _tell(self, peer_id: str, waiting: deque) -> None:
@@ -142,3 +147,8 @@ class SessionEndNotices:
                     ACTING.reset(acting)
             with self._cond:
                 waiting.popleft()
+                key = (peer_id, account.users)
+                if self._of_users[key] > 1:
+                    self._of_users[key] -= 1
+                else:
+                    del self._of_users[key]
