@@ -94,8 +94,12 @@ def _fss_select(opened: list, material: list, n_values: int, role: int, first: b
         role: 0 or 1 for the DCF key holders, -1 for the other parties.
         first: Whether this party adds the public constants (party 0).
     """
-    if type(n_values) is not int or n_values < 0 or not isinstance(opened, list) or len(opened) != n_masks(n_values):
-        raise ValueError("fss_select needs max(n_values, 1) opened values")
+    if type(n_values) is not int or not 0 <= n_values <= fss_dealing.MAX_VALUES or not isinstance(opened, list) \
+            or len(opened) != n_masks(n_values):
+        # (a tensor per value: as many as any dealt material holds, fss_dealing.MAX_VALUES; red team, session 67:
+        # lists naming one empty share made 72,000 results before the store refused them)
+        raise ValueError(f"fss_select needs n_values in [0, {fss_dealing.MAX_VALUES}] and max(n_values, 1) opened "
+                         "values")
     if role not in (-1, 0, 1) or not isinstance(first, bool):
         raise ValueError("fss_select needs role in (-1, 0, 1) and a boolean first")
     check_fields(material, opened[0].shape, n_values, holds_key=role >= 0)

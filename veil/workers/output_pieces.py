@@ -45,6 +45,10 @@ STEP_PIECES: dict[str, Callable[[tuple, dict], int]] = {
     "cmp_mask_values": lambda a, k: _listed(a, k, 0, "values"),
     "cmp_quad_open_values": lambda a, k: 1 + _listed(a, k, 2, "values"),  # the quad word, then the values
     "cmp_select": lambda a, k: 1 + _listed(a, k, 2, "masks"),  # the bit, then a product per mask
+    # (red team, session 67: an opening of fixed_mask over lists naming one empty share 72,000 times replied
+    # 72,000 tensors; sgd_apply made one per listed parameter before the store refused them)
+    "fixed_mask": lambda a, k: max(_listed(a, k, 0, "x_i"), 1),  # a piece's e per entry (a tensor: one)
+    "sgd_apply": lambda a, k: _listed(a, k, 0, "params"),  # a new share per parameter
 }
 
 
