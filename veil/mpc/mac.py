@@ -175,9 +175,21 @@ def _mac_digits(limb: torch.Tensor, width: int) -> tuple:
     return tuple(r128.digits(limb, width))
 
 
+#: most terms and high parts of one ``mac_combine``: an honest one (``mac_dispatch._public_bilinear``) combines the
+#: products of at most 4 digits of a public operand with 4 of a share, plus at most 2 high parts. The requester
+#: writes the lists: naming one empty share a million times cost the quota nothing and the party a loop step each
+#: (red team, session 67)
+MAX_COMBINE_TERMS = 16
+MAX_COMBINE_HI = 2
+
+
 @party_function("mac_combine")
 def _mac_combine(columns: list, terms: list, hi_extra: list) -> tuple:
     """Recombines exact digit images into a 128-bit share (see :func:`veil.mpc.ring128.combine`)."""
+    if type(columns) is not list or type(terms) is not list or type(hi_extra) is not list or \
+            len(terms) > MAX_COMBINE_TERMS or len(hi_extra) > MAX_COMBINE_HI:
+        raise ValueError(f"mac_combine takes lists of at most {MAX_COMBINE_TERMS} terms and {MAX_COMBINE_HI} high "
+                         "parts")
     if len(columns) != len(terms) or not all(type(c) is int and 0 <= c < 8 for c in columns):
         raise ValueError("mac_combine needs one column index in [0, 8) per term")
     if _meta(*terms, *hi_extra):
