@@ -63,6 +63,7 @@ from veil.mpc.product_split import plan_split
 from veil.mpc.prg import expand, new_seed
 from veil.mpc.prg import seed_bytes as prg_seed_bytes
 from veil.mpc.ring import DTYPE, bilinear, op_arguments
+from veil.mpc.runtime import step_check
 from veil.mpc.truncation import TRUNCATION_BOUND, floor_div_unsigned, shift_for, top_bit
 from veil.shapes import broadcast_shape, numel
 
@@ -321,6 +322,7 @@ def _mac_gamma(seed: torch.Tensor, items: list) -> tuple:
         _check_gamma_shape(tuple(shape), terms)
     outs = []
     for j, (shape, terms) in enumerate(items):
+        step_check()  # (the request lists the items: a cancelled or overdue session's check stops here)
         shape = tuple(shape)
         coeffs = expand(seed_bytes, f"mac/{j}", shape)  # uniform in Z/2^64 = Z/2^s
         total = None
