@@ -97,15 +97,19 @@ class ReadsInPython(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _Oblivious(TorchDispatchMode):
-    """Follows secret storages through one command and refuses value-dependent shapes, failures, scalars."""
+class GuardsPythonReads(TorchDispatchMode):
+    """A dispatch mode entered and left together with :class:`ReadsInPython` over the storages
+    :meth:`_read_followed` names, refusing with the mode's ``_refuse``: the reads no ATen op shows are guarded
+    exactly while its ops are."""
 
-    def __init__(self, op_name: str, secret: set[int]) -> None:
-        super().__init__()
-        self.op_name, self.secret = op_name, secret
+    def _read_followed(self) -> set:
+        raise NotImplementedError
 
-    def __enter__(self) -> _Oblivious:
-        self._reads = ReadsInPython(self.secret, self._refuse)
+    def _refuse(self, why: str) -> Exception:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        self._reads = ReadsInPython(self._read_followed(), self._refuse)
         self._reads.__enter__()
         try:
             return super().__enter__()
@@ -118,6 +122,17 @@ class _Oblivious(TorchDispatchMode):
             super().__exit__(*exc)
         finally:
             self._reads.__exit__(*exc)
+
+
+class _Oblivious(GuardsPythonReads):
+    """Follows secret storages through one command and refuses value-dependent shapes, failures, scalars."""
+
+    def __init__(self, op_name: str, secret: set[int]) -> None:
+        super().__init__()
+        self.op_name, self.secret = op_name, secret
+
+    def _read_followed(self) -> set:
+        return self.secret
 
     def _refuse(self, why: str) -> PermissionDeniedError:
         return PermissionDeniedError(f"{self.op_name}: {why} would depend on the values of a share you may not "

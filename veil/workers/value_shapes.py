@@ -66,11 +66,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from veil.exceptions import PermissionDeniedError, register_remote_error
 from veil.workers import failure_budget
-from veil.workers.oblivious import ReadsInPython, _key, _public_parameters, _touches
+from veil.workers.oblivious import GuardsPythonReads, _key, _public_parameters, _touches
 from veil.workers.oblivious_ops import VALUE_SHAPED
 from veil.workers.websocket_auth import PEER_COMMANDS
 
@@ -94,7 +93,7 @@ class ShapeRefused(PermissionDeniedError):
     value_free = True
 
 
-class _FollowsReviewed(TorchDispatchMode):
+class _FollowsReviewed(GuardsPythonReads):
     """Follows reviewed storages through one command; refuses value-sized results and Python values of them."""
 
     def __init__(self, op_name: str, reviewed: set[int], sources: frozenset = frozenset()) -> None:
@@ -158,25 +157,19 @@ class _FollowsReviewed(TorchDispatchMode):
                 raise _spent_refusal(worker, user, self.op_name)
             self.held = True
         try:
-            self._reads = ReadsInPython(self.reviewed, self._refuse)  # (reads in Python, beside the ATen ops)
-            self._reads.__enter__()
-            try:
-                return super().__enter__()
-            except BaseException:
-                self._reads.__exit__(None, None, None)
-                raise
+            return super().__enter__()  # (with the reads in Python, beside the ATen ops)
         except BaseException:
             self._end(None)
             raise
 
     def __exit__(self, *exc: Any) -> None:
         try:
-            try:
-                super().__exit__(*exc)
-            finally:
-                self._reads.__exit__(*exc)
+            super().__exit__(*exc)
         finally:
             self._end(exc[1] if len(exc) > 1 else None)
+
+    def _read_followed(self) -> set:
+        return self.reviewed
 
     def _end(self, error: BaseException | None) -> None:
         """Gives back its place in the failure budget; a failure after an op that may fail on reviewed values is
