@@ -1,0 +1,67 @@
+"""Red team (session 67, third pass) of the last hour's fixes: bypasses by another spelling, and regressions.
+
+Each test failed on the code before its fix (see the commit that added it)."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+# ------------------------------------------------------------------ d45c2de: session-end notices counted per user
+
+def _admitted_as(notices, pid: str, users: tuple) -> bool:
+    from veil.workers.accounts import Account
+
+    try:
+        notices.admit(Account(users=users), pid)
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def test_a_user_holding_several_tokens_queues_no_more_session_ends_than_one_user(monkeypatch):
+    """Attack (a bypass of d45c2de): the ends waiting at a peer were counted per *set* of users a connection
+    presented. A user holding k tokens (up to 8 per connection: its scientist token, a client token, a second
+    account) got a fresh bound of ends for every combination of them: 2^k - 1 times ACCOUNT_ENDS_QUEUED ends
+    queued at one slow peer (the worker's memory, and every other user's ends waiting behind them in the peer's
+    one queue), its new sessions admitted all along. Must hold: once mallory's ends at the peer are at the bound,
+    no new session presenting mallory's token reaches it, whatever other tokens it presents too; bob's does; once
+    the peer caught up, mallory's do again."""
+    from test_redteam_session67_session_ends import CAP, _until, _Worker
+    from veil.workers import accounts
+    from veil.workers.accounts import Account, SessionEndNotices
+
+    monkeypatch.setattr(accounts, "ACCOUNT_ENDS_QUEUED", CAP)
+    worker = _Worker()
+    notices = SessionEndNotices(worker)
+    mallory = ("scientist", "mallory")
+    held = [("client", "mallory-serving"), ("scientist", "mallory-second"), ("client", "mallory-third")]
+    combos = [tuple(sorted((mallory, *extra))) for r in range(len(held) + 1)
+              for extra in itertools.combinations(held, r)]
+    posted = 0
+    for users in combos:  # each combination of mallory's tokens, cycled until refused (at most CAP + 1 each)
+        for _ in range(CAP + 1):
+            if not _admitted_as(notices, "slow", users):
+                break
+            ended = Account(users=users)
+            ended.peers.add("slow")
+            notices.post(ended)
+            posted += 1
+    assert posted <= CAP + 1, (
+        f"mallory's sessions queued {posted} ends at the slow peer (bound {CAP}) by presenting "
+        f"{len(combos)} combinations of the tokens it holds")
+    for users in combos:
+        assert not _admitted_as(notices, "slow", users), users
+    assert _admitted_as(notices, "slow", (("scientist", "bob"),)), "another user's session was refused"
+    worker.open.set()
+    _until(lambda: len(worker.told_to("slow")) == posted)
+    _until(lambda: _admitted_as(notices, "slow", combos[-1]))
+    assert all(_admitted_as(notices, "slow", users) for users in combos), "the peer caught up, mallory stays refused"
