@@ -65,3 +65,37 @@ def test_a_user_holding_several_tokens_queues_no_more_session_ends_than_one_user
     _until(lambda: len(worker.told_to("slow")) == posted)
     _until(lambda: _admitted_as(notices, "slow", combos[-1]))
     assert all(_admitted_as(notices, "slow", users) for users in combos), "the peer caught up, mallory stays refused"
+
+
+# ------------------------------------------------------------------ 2b67885 / b174334: another step's request-written list
+
+def test_an_fss_join_of_more_chunks_than_any_split_is_refused_before_it_runs(hook):
+    """Attack (the class 2b67885 and b174334 closed for the joins and mac_combine, another step): ``fss_join(chunks,
+    shape)`` (an FSS comparison's last step at each party) concatenates a request-written list: naming one stored
+    empty share N times costs the quota nothing and ~10 bytes an entry on the wire, and made a reshape per entry
+    and a cat of N (one result: output_pieces does not count it), with no cancellation point. Must hold: at most
+    ``comparison.MAX_CHUNKS`` chunks (what ``fss_chunks`` cuts a value into), refused before any op in one line; the
+    worker serves on; an honest join joins."""
+    from server_sessions import answers_next_command, open_session, quota_worker, run_command, send_tensor
+    from test_redteam_session67_join_pieces import _Ops
+    from veil.ids import new_id
+    from veil.messaging import messages as m
+    from veil.mpc import comparison
+
+    import torch
+
+    token = "rt67-third-fss-join-scientist-0123456789abcdef"
+    srv = quota_worker(hook, f"rt67-fssjoin-{new_id() % 10**9}", token, 1 << 20)
+    s = open_session(srv, token)
+    empty = m.ObjectRef(send_tensor(srv, s, torch.zeros(0, dtype=torch.int64)))
+    asked = 3 * comparison.MAX_CHUNKS
+    with _Ops() as ops:
+        reply, _ = run_command(srv, s, "veil.mpc.fss_join", [empty] * asked, [0])
+    assert type(reply) is m.ErrorReply, reply
+    assert "\n" not in reply.message.strip() and "fss_join" in reply.message, reply.message
+    assert ops.count < 100, f"fss_join ran {ops.count} ops before it was refused"
+    answers_next_command(srv, s)
+    # honest: a value cut by fss_chunks into its most chunks is joined back
+    v = torch.arange(comparison.MAX_CHUNKS, dtype=torch.int64).view(4, -1)
+    cut = comparison._fss_chunks([v], 1)
+    assert torch.equal(comparison._fss_join(list(cut), list(v.shape)), v)

@@ -149,10 +149,12 @@ def _fss_chunks(values: list, size: int) -> tuple:
 
 @party_function("fss_join")
 def _fss_join(chunks: list, shape: list) -> torch.Tensor:
-    """The chunks concatenated and reshaped back to ``shape``."""
-    if not isinstance(chunks, list) or not chunks or not isinstance(shape, (list, tuple)) or \
+    """The chunks concatenated and reshaped back to ``shape``: at most :data:`MAX_CHUNKS` (what :func:`_fss_chunks`
+    cuts a value into; the request writes the list: one empty share named a million times cost the quota nothing and
+    the party a reshape each, red team test_redteam_session67_third.py)."""
+    if not isinstance(chunks, list) or not 0 < len(chunks) <= MAX_CHUNKS or not isinstance(shape, (list, tuple)) or \
             not all(type(s) is int and s >= 0 for s in shape):
-        raise ValueError("fss_join needs a list of tensors and a shape")
+        raise ValueError(f"fss_join needs a list of 1 to {MAX_CHUNKS} tensors and a shape")
     return torch.cat([c.reshape(-1) for c in chunks]).reshape(tuple(shape))
 
 
