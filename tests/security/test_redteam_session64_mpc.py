@@ -29,7 +29,6 @@ import secrets
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import veil as sy
 from veil.exceptions import PermissionDeniedError, VeilError
@@ -40,6 +39,7 @@ from veil.mpc.party import PARTY_FUNCTIONS, WIRE_PREFIX
 from veil.mpc.providers.worker_dealer import DEAL
 from veil.mpc.ring import DTYPE, random_ring
 
+from tests.security.aten_watch import LargestMade
 from tests.security.test_redteam_dealt import BATCH, SECRET, SHAPE, _KEPT, _cmd, _open, _ref, _setup
 
 combine_local = PARTY_FUNCTIONS["beaver_combine_local"]
@@ -80,21 +80,6 @@ def _get_refused(owner, party, oid):
 # ------------------------------------------------------------------ protocol steps under the session quota
 
 
-class _Largest(TorchDispatchMode):
-    """The most elements any ATen op produced while active (what a step allocated, whatever its storage)."""
-
-    def __init__(self):
-        super().__init__()
-        self.most = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor) and not t.is_meta:
-                self.most = max(self.most, t.untyped_storage().nbytes() // max(1, t.element_size()))
-        return out
-
-
 STEPS = {
     "beaver_combine_local": ({"part": 0, "parts": 2}, 5, 1),
     "beaver_combine_mm": ({"op": "mm", "first": True, "op_kwargs": {}}, 5, 1),
@@ -123,7 +108,7 @@ def test_a_protocol_step_on_expanded_views_is_sized_before_it_computes(hook, ste
     assert held < 4096  # the views are charged their storage, not their N x N entries
     kwargs, nargs, nout = STEPS[step]
     name = WIRE_PREFIX + ("beaver_combine" if step.startswith("beaver_combine_m") else step)
-    seen = _Largest()
+    seen = LargestMade()
     with seen:
         reply = request(srv, s, m.CommandMessage(name, (big,) * nargs, kwargs, [new_id() for _ in range(nout)],
                                                  False))
@@ -342,7 +327,7 @@ def test_a_combine_costing_more_than_any_dealt_item_is_refused_before_it_compute
     x = m.ObjectRef(send_tensor(srv, s, random_ring((32, 32))))
     kwargs, nargs, nout = STEPS[step]
     name = WIRE_PREFIX + ("beaver_combine" if step.startswith("beaver_combine_m") else step)
-    seen = _Largest()
+    seen = LargestMade()
     with seen:
         reply = request(srv, s, m.CommandMessage(name, (x,) * nargs, kwargs, [new_id() for _ in range(nout)], False))
     assert type(reply) is m.ErrorReply and "multiply-adds" in reply.message and "\n" not in reply.message.strip(), reply
@@ -364,7 +349,7 @@ def test_a_masked_input_on_an_expanded_view_is_sized_before_it_computes(hook):
     one = m.ObjectRef(send_tensor(setup.srv, setup.s1, torch.ones(1, 1)))
     big = computed(setup.srv, setup.s1, "Tensor.expand", one, 1024, 1024)  # 8 MiB of float32 entries
     tag = setup.round()
-    seen = _Largest()
+    seen = LargestMade()
     with seen:
         reply, _ = setup.command(setup.s1, MASKED, tag, [setup.srv.id, "p1"], [big], 1.0)
     assert type(reply) is m.ErrorReply and reply.error == "QuotaExceededError", reply

@@ -39,7 +39,7 @@ from veil.mpc.party import OpenMessage
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_sessions import answers_next_command, computed, open_session, quota_worker, request, send_tensor  # noqa: E402
 
-from tests.security.test_redteam_session64_mpc import _Largest  # noqa: E402
+from aten_watch import LargestMade as _Largest  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -19,12 +19,12 @@ import itertools
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.mpc import ring
 
+from aten_watch import LargestMade  # noqa: E402
 from server_sessions import (answers_next_command, open_session, quota_worker, request, run_command,  # noqa: E402
                              send_tensor)
 
@@ -33,20 +33,6 @@ TOKEN = "rt67-conv-padding-scientist-0123456789abcdef"
 PADDED = 2049 * 2049
 SMALL = 1 << 12
 
-
-class _Largest(TorchDispatchMode):
-    """The most entries of any real tensor ATen ops made while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def test_a_combine_never_makes_the_padded_input(hook):
@@ -57,9 +43,9 @@ def test_a_combine_never_makes_the_padded_input(hook):
     refs = [m.ObjectRef(send_tensor(srv, s, t)) for t in (e, b, torch.zeros(1, 36, 3, 3, dtype=torch.int64))]
     a, b_ref, c = refs
     geometry = {"stride": 1024, "padding": 1024}
-    with _Largest() as made:
+    with LargestMade() as made:
         reply, (rid,) = run_command(srv, s, "veil.mpc.beaver_combine", a, b_ref, c, a, b_ref, "conv2d", True, geometry)
-    assert made.largest < SMALL, f"the combine made a tensor of {made.largest} entries (padded input: {PADDED})"
+    assert made.most < SMALL, f"the combine made a tensor of {made.most} entries (padded input: {PADDED})"
     assert type(reply) is m.OkReply, reply
     # z = c + conv(e, b + f) + conv(a, f) with a = e and f = b: the ring result, computed
     got = request(srv, s, m.GetObjectsMessage([rid], False, None))
@@ -71,9 +57,9 @@ def test_a_combine_never_makes_the_padded_input(hook):
 def test_the_ring_convolution_makes_no_padded_input():
     x = torch.ones(2, 1, 1, 1, dtype=torch.int64)
     w = torch.ones(36, 1, 1, 1, dtype=torch.int64)
-    with _Largest() as made:
+    with LargestMade() as made:
         out = ring.conv2d(x, w, stride=1024, padding=1024)
-    assert made.largest < SMALL, f"ring.conv2d made a tensor of {made.largest} entries"
+    assert made.most < SMALL, f"ring.conv2d made a tensor of {made.most} entries"
     assert torch.equal(out, F.conv2d(x, w, None, 1024, 1024))
 
 

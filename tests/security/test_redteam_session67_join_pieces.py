@@ -14,29 +14,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.mpc import mac_product_split, product_split
 from veil.mpc.product_split import MAX_PIECES
 
+from aten_watch import AtenOps  # noqa: E402
 from server_sessions import answers_next_command, open_session, quota_worker, run_command, send_tensor  # noqa: E402
 
 TOKEN = "rt67-join-pieces-scientist-0123456789abcdef"
 ASKED = 3 * MAX_PIECES
 
-
-class _Ops(TorchDispatchMode):
-    """Counts the ATen ops run while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("step", ["product_join", "mac_product_join"])
@@ -45,7 +34,7 @@ def test_a_join_of_more_pieces_than_any_split_is_refused_before_it_runs(hook, st
     s = open_session(srv, TOKEN)
     empty = m.ObjectRef(send_tensor(srv, s, torch.zeros(0, dtype=torch.int64)))
     piece = empty if step == "product_join" else [empty] * 4
-    with _Ops() as ops:
+    with AtenOps() as ops:
         reply, _ = run_command(srv, s, f"veil.mpc.{step}", [piece] * ASKED, [1] * ASKED,
                                n=1 if step == "product_join" else 4)
     assert type(reply) is m.ErrorReply, reply

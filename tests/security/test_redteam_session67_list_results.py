@@ -19,30 +19,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.mpc import comparison
 from veil.mpc.party import OpenMessage
 
+from aten_watch import AtenOps  # noqa: E402
 from server_sessions import (answers_next_command, open_session, quota_worker, request, run_command,  # noqa: E402
                              send_tensor)
 
 TOKEN = "rt67-list-results-scientist-0123456789abcdef"
 ASKED = 72_000
 
-
-class _Ops(TorchDispatchMode):
-    """Counts the ATen ops run while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _worker(hook, quota):
@@ -60,7 +49,7 @@ def _refused(reply) -> str:
 @pytest.mark.parametrize("quota", [None, 1 << 20])
 def test_a_fixed_mask_opening_replies_no_tensor_per_entry_past_the_bound(hook, quota):
     srv, s, empty = _worker(hook, quota)
-    with _Ops() as ops:
+    with AtenOps() as ops:
         reply = request(srv, s, OpenMessage("fixed_mask", ([empty] * ASKED, [empty] * ASKED), {}))
     assert "would return" in _refused(reply) and "refused before it runs" in reply.message, reply.message
     assert ops.count < 100, f"the opening ran {ops.count} ops before it was refused"
@@ -73,7 +62,7 @@ def test_a_step_of_a_result_per_entry_is_charged_before_it_runs(hook, step):
     args = {"sgd_apply": ([empty] * ASKED, empty),
             "fss_select": ([empty] * ASKED, [empty] * (2 * ASKED + 1), ASKED, -1, True)}[step]
     n = {"sgd_apply": ASKED, "fss_select": ASKED + 1}[step]
-    with _Ops() as ops:
+    with AtenOps() as ops:
         reply, _ = run_command(srv, s, f"veil.mpc.{step}", *args, n=n)
     text = _refused(reply)
     assert step in text, text

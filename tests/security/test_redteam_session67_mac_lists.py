@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from veil.ids import new_id
 from veil.messaging import messages as m
@@ -28,23 +27,13 @@ from veil.mpc import mac, prg
 from veil.mpc.party import OpenMessage
 from veil.workers import cancellation
 
+from aten_watch import AtenOps  # noqa: E402
 from server_sessions import answers_next_command, open_session, quota_worker, run_command, send_tensor  # noqa: E402
 
 TOKEN = "rt67-mac-lists-scientist-0123456789abcdef"
 ASKED = 72_000
 ITEMS = 64
 
-
-class _Ops(TorchDispatchMode):
-    """Counts the ATen ops run while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _worker(hook, quota=1 << 20):
@@ -57,7 +46,7 @@ def _worker(hook, quota=1 << 20):
 def test_a_combine_of_more_terms_than_any_honest_one_is_refused_before_it_runs(hook, listed):
     srv, s, empty = _worker(hook)
     columns, terms, hi = ([0] * ASKED, [empty] * ASKED, [empty]) if listed == "terms" else ([0], [empty], [empty] * ASKED)
-    with _Ops() as ops:
+    with AtenOps() as ops:
         reply, _ = run_command(srv, s, "veil.mpc.mac_combine", columns, terms, hi, n=2)
     assert type(reply) is m.ErrorReply, reply
     assert "\n" not in reply.message.strip() and "mac_combine" in reply.message, reply.message

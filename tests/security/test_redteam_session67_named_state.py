@@ -21,7 +21,7 @@ from veil.ids import new_id
 from veil.messaging import messages as m
 
 from server_sessions import answers_next_command, computed, send_tensor  # noqa: E402
-from test_redteam_session64_mpc import _Largest  # noqa: E402
+from aten_watch import LargestMade as _Largest  # noqa: E402
 from test_redteam_session63 import MASKED, Setup  # noqa: E402
 
 LIMIT = 1 << 20  # the worker's largest message, scaled down

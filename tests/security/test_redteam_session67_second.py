@@ -116,7 +116,7 @@ def test_a_masked_input_refuses_an_expanded_losses_view_without_a_quota(hook):
     nothing was masked; the worker serves on."""
     from server_sessions import answers_next_command, computed, send_tensor
     from test_redteam_session63 import MASKED, Setup
-    from test_redteam_session64_mpc import _Largest
+    from aten_watch import LargestMade as _Largest
 
     limit, entries, named = 1 << 20, 16_384, 64
     setup = Setup(hook)

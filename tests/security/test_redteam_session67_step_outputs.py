@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from veil.ids import new_id
 from veil.messaging import messages as m
 from veil.mpc.party import OpenMessage
 from veil.workers.quota import MIN_TENSOR_BYTES
 
+from aten_watch import TensorsMade  # noqa: E402
 from server_sessions import answers_next_command, open_session, quota_worker, request, send_tensor  # noqa: E402
 
 TOKEN = "rt67-step-outputs-scientist-0123456789abcdef"
@@ -31,18 +31,6 @@ TOKEN = "rt67-step-outputs-scientist-0123456789abcdef"
 ASKED = 72_000
 PER_ENTRY = {"fss_mask": 1, "cmp_mask_values": 1, "beaver_masks": 2, "mac_beaver_masks": 6, "cmp_quad_open_values": 1}
 
-
-class _Made(TorchDispatchMode):
-    """Counts the tensors ATen ops made while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.count += sum(isinstance(t, torch.Tensor) for t in (out if isinstance(out, (tuple, list)) else (out,)))
-        return out
 
 
 def _args(step: str, ref, n: int) -> tuple:
@@ -72,7 +60,7 @@ def _refused(reply, error="RemoteExecutionError") -> str:
 @pytest.mark.parametrize("step", STEPS)
 def test_an_opening_makes_no_tensor_per_entry_past_its_bound(hook, step):
     srv, s, ref = _worker(hook)
-    made = _Made()
+    made = TensorsMade()
     with made:
         reply = request(srv, s, OpenMessage(step, _args(step, ref, ASKED // PER_ENTRY[step]), {}))
     text = _refused(reply)
@@ -84,7 +72,7 @@ def test_an_opening_makes_no_tensor_per_entry_past_its_bound(hook, step):
 @pytest.mark.parametrize("step", ["fss_mask", "beaver_masks"])
 def test_a_command_makes_no_more_tensors_than_its_return_ids(hook, step):
     srv, s, ref = _worker(hook)
-    made = _Made()
+    made = TensorsMade()
     with made:
         reply = request(srv, s, m.CommandMessage("veil.mpc." + step, _args(step, ref, 1000), {}, [new_id()], False))
     text = _refused(reply)

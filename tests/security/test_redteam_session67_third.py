@@ -77,7 +77,7 @@ def test_an_fss_join_of_more_chunks_than_any_split_is_refused_before_it_runs(hoo
     ``comparison.MAX_CHUNKS`` chunks (what ``fss_chunks`` cuts a value into), refused before any op in one line; the
     worker serves on; an honest join joins."""
     from server_sessions import answers_next_command, open_session, quota_worker, run_command, send_tensor
-    from test_redteam_session67_join_pieces import _Ops
+    from aten_watch import AtenOps as _Ops
     from veil.ids import new_id
     from veil.messaging import messages as m
     from veil.mpc import comparison
