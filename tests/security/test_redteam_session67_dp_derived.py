@@ -33,7 +33,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 
 from veil.ids import new_id
 from veil.messaging import messages as m
@@ -42,6 +41,7 @@ from veil.plans.plan import Plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_sessions import open_session, quota_worker, request  # noqa: E402
+from test_redteam_dp_release import IndexesByState  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -164,17 +164,6 @@ def test_rows_mixed_or_reordered_are_no_records_either(hook):
     assert o.spent() == 0.0
     o.still_serves()
 
-
-class IndexesByState(nn.Module):
-    """Indexes the record by a value of its state: the dry run's IndexError quoted the index."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.zeros(1))
-        self.register_buffer("sec", torch.zeros(2, 3))
-
-    def forward(self, inp):
-        return self.w * inp[0][(self.sec[0, 0] * 1e6).long()]
 
 
 def test_a_derived_dp_only_value_is_no_plan_state_of_a_dp_gradient(hook):

@@ -11,20 +11,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_redteam_session67_second import _admitted_as  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 # ------------------------------------------------------------------ d45c2de: session-end notices counted per user
-
-def _admitted_as(notices, pid: str, users: tuple) -> bool:
-    from veil.workers.accounts import Account
-
-    try:
-        notices.admit(Account(users=users), pid)
-    except Exception:  # noqa: BLE001
-        return False
-    return True
 
 
 def test_a_user_holding_several_tokens_queues_no_more_session_ends_than_one_user(monkeypatch):
